@@ -1,0 +1,196 @@
+//! Configuration files of the coordinator and the storage-proxy: TOML → typed,
+//! validated structs with `#[serde(default)]` and unknown keys refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use appproxy_shared::telemetry::LoggingConfig;
+use serde::{Deserialize, Serialize};
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into the schema.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The path given.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+/// Reads and parses a TOML config file.
+pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The coordinator's config file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `[coordinator]`.
+    pub coordinator: CoordinatorSection,
+    /// `[secrets]`.
+    pub secrets: CoordinatorSecrets,
+    /// `[database]`.
+    pub database: DatabaseSection,
+    /// `[redis]`.
+    pub redis: RedisSection,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// Address of the HTTP API.
+    pub bind: SocketAddr,
+    /// URL workers and managers use to reach it.
+    pub advertised_url: String,
+    /// Accept unauthenticated `/v2/conf` (development only).
+    pub allow_unauthorized_configure_request: bool,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 10200)),
+            advertised_url: "http://127.0.0.1:10200".into(),
+            allow_unauthorized_configure_request: false,
+        }
+    }
+}
+
+/// `[secrets]` of the coordinator.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSecrets {
+    /// Shared secret of the API (`X-BackendAI-Token`).
+    pub api_secret: String,
+    /// HS256 key of circuit JWTs.
+    pub jwt_secret: String,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// A `postgres://…` URL; absent → embedded SQLite at `sqlite_path`.
+    pub url: Option<String>,
+    /// The embedded database file.
+    pub sqlite_path: PathBuf,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            sqlite_path: PathBuf::from("appproxy-coordinator.sqlite3"),
+        }
+    }
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://…`; absent → single node, no events.
+    pub url: Option<String>,
+}
+
+/// The storage-proxy's config file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `[storage]`.
+    pub storage: StorageSection,
+    /// `[secrets]`.
+    pub secrets: StorageSecrets,
+    /// `[[volumes]]`.
+    pub volumes: Vec<Volume>,
+    /// `[redis]` (optional: background-task events).
+    pub redis: RedisSection,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// Client-facing API (downloads, tus uploads).
+    pub client_bind: SocketAddr,
+    /// Manager-facing API.
+    pub manager_bind: SocketAddr,
+    /// This node's ID.
+    pub node_id: String,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            client_bind: SocketAddr::from(([127, 0, 0, 1], 6021)),
+            manager_bind: SocketAddr::from(([127, 0, 0, 1], 6022)),
+            node_id: "storage-1".into(),
+        }
+    }
+}
+
+/// `[secrets]` of the storage-proxy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSecrets {
+    /// Manager-facing auth token.
+    pub manager_token: String,
+    /// Key of client session JWTs.
+    pub session_secret: String,
+}
+
+/// One `[[volumes]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Volume name.
+    pub name: String,
+    /// Mount path.
+    pub path: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip() {
+        let text = toml::to_string_pretty(&CoordinatorConfig::default()).expect("toml");
+        assert_eq!(toml::from_str::<CoordinatorConfig>(&text).expect("parse"), CoordinatorConfig::default());
+        let text = toml::to_string_pretty(&StorageConfig::default()).expect("toml");
+        assert_eq!(toml::from_str::<StorageConfig>(&text).expect("parse"), StorageConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<CoordinatorConfig>("[coordinator]\nbnd = \"x\"\n").expect_err("typo");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let ok: CoordinatorConfig =
+            toml::from_str("[database]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n").expect("keys");
+        assert_eq!(ok.database.url.as_deref(), Some("postgres://u@h/db"));
+    }
+}

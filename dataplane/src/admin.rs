@@ -1,0 +1,76 @@
+//! The admin endpoint: `/health` (also `/livez`, `/readyz`) and Prometheus `/metrics`.
+//!
+//! Served by one plain thread with blocking sockets: it is off the data path, answers
+//! a handful of requests per scrape, and must keep answering while the cores are busy.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::SharedMetrics;
+
+/// What `/health` reports.
+pub struct HealthInfo {
+    /// Executor count.
+    pub cores: usize,
+    /// Circuits configured.
+    pub circuits: usize,
+}
+
+/// Binds `addr` and serves on a background thread.
+pub fn spawn(addr: SocketAddr, metrics: Arc<SharedMetrics>, info: HealthInfo) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("appproxy-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = serve_one(stream, &metrics, &info);
+            }
+        })?;
+    Ok(local)
+}
+
+fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.by_ref().take(8192).read_line(&mut line)?;
+    // Skip the rest of the head (bounded).
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.by_ref().take(8192).read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz" | "/") => (
+            "200 OK",
+            "application/json",
+            format!(
+                "{{\"status\":\"ok\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{}}}",
+                env!("CARGO_PKG_VERSION"),
+                info.cores,
+                info.circuits
+            ),
+        ),
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET", _) => ("404 Not Found", "application/json", "{\"error\":\"not found\",\"code\":\"not_found\"}".into()),
+        _ => ("405 Method Not Allowed", "application/json", "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into()),
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+use std::io::Read as _;

@@ -1,0 +1,703 @@
+//! The worker's configuration: TOML file → typed, validated [`Config`].
+//!
+//! Every table has defaults (`#[serde(default)]`), unknown keys are refused (a typo
+//! must not silently become a default), and [`Config::validate`] turns the file into
+//! the resolved form the cores run with, or one clear error naming the key to fix.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use appproxy_shared::model::{Circuit, FrontendMode, IpNet, ProxyProtocol};
+use appproxy_shared::telemetry::LoggingConfig;
+use appproxy_shared::IdVersion;
+use serde::{Deserialize, Serialize};
+
+use crate::http::parse::HeadLimits;
+
+/// The whole worker config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[worker]`: identity, cores and frontends.
+    pub worker: WorkerSection,
+    /// `[limits]`: bounds on what clients may send.
+    pub limits: LimitsSection,
+    /// `[timeouts]`: every timer, in seconds.
+    pub timeouts: TimeoutsSection,
+    /// `[upstream]`: the per-core keep-alive pools.
+    pub upstream: UpstreamSection,
+    /// `[reactor]`: the per-core readiness loop.
+    pub reactor: ReactorSection,
+    /// `[admin]`: `/health` and `/metrics`.
+    pub admin: AdminSection,
+    /// `[logging]`: format and filter, plus the access log switch.
+    pub logging: WorkerLogging,
+    /// `[coordinator]`: present when the worker is managed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<CoordinatorSection>,
+    /// `[secrets]`: used when managed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<toml::Table>,
+    /// `[redis]`: used when managed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<toml::Table>,
+    /// `[[circuits]]`: standalone circuits.
+    pub circuits: Vec<Circuit>,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSection {
+    /// This worker's name towards the coordinator.
+    pub authority: String,
+    /// Advertised host name.
+    pub hostname: Option<String>,
+    /// Port serving `/setup` (managed mode).
+    pub api_port: Option<u16>,
+    /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
+    pub cores: CoreSpec,
+    /// Address frontends listen on.
+    pub bind_host: IpAddr,
+    /// `port` or `wildcard`.
+    pub frontend_mode: FrontendMode,
+    /// Ports circuits may use, inclusive.
+    pub port_range: Option<[u16; 2]>,
+    /// Wildcard domain (wildcard mode).
+    pub wildcard_domain: Option<String>,
+    /// Peers (CIDRs) whose `X-Forwarded-*` headers are trusted.
+    pub trusted_proxies: Vec<String>,
+    /// UUID version of generated request IDs.
+    pub request_id_version: IdVersion,
+    /// Listen backlog of every frontend socket.
+    pub backlog: i32,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        Self {
+            authority: "worker-1".into(),
+            hostname: None,
+            api_port: None,
+            cores: CoreSpec::All,
+            bind_host: IpAddr::from([0, 0, 0, 0]),
+            frontend_mode: FrontendMode::Port,
+            port_range: Some([10205, 10300]),
+            wildcard_domain: None,
+            trusted_proxies: Vec::new(),
+            request_id_version: IdVersion::V4,
+            backlog: 1024,
+        }
+    }
+}
+
+/// Which cores run executors.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CoreSpec {
+    /// Every online CPU.
+    #[default]
+    All,
+    /// The first N online CPUs.
+    Count(usize),
+    /// Exactly these CPUs.
+    List(Vec<usize>),
+}
+
+impl Serialize for CoreSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::All => s.serialize_str("all"),
+            Self::Count(n) => s.serialize_u64(*n as u64),
+            Self::List(cpus) => s.serialize_str(
+                &cpus
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CoreSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(Self::Count(n as usize)),
+            Raw::Text(t) => CoreSpec::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl CoreSpec {
+    /// Parses `all`, a count, or a list like `0-3,6`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(Self::All);
+        }
+        let mut cpus = BTreeSet::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            let bad = || format!("invalid core list {text:?}: expected \"all\", a count or ranges like \"0-3,6\"");
+            if let Some((lo, hi)) = part.split_once('-') {
+                let lo: usize = lo.trim().parse().map_err(|_| bad())?;
+                let hi: usize = hi.trim().parse().map_err(|_| bad())?;
+                if lo > hi {
+                    return Err(bad());
+                }
+                cpus.extend(lo..=hi);
+            } else {
+                cpus.insert(part.parse::<usize>().map_err(|_| bad())?);
+            }
+        }
+        Ok(Self::List(cpus.into_iter().collect()))
+    }
+
+    /// The CPUs to pin executors to, given the online CPUs.
+    pub fn resolve(&self, online: &[usize]) -> Result<Vec<usize>, ConfigError> {
+        match self {
+            Self::All => Ok(online.to_vec()),
+            Self::Count(0) => Err(ConfigError::Cores("cores must be at least 1".into())),
+            Self::Count(n) if *n > online.len() => Err(ConfigError::Cores(format!(
+                "cores = {n} but only {} CPUs are available to this process",
+                online.len()
+            ))),
+            Self::Count(n) => Ok(online[..*n].to_vec()),
+            Self::List(list) if list.is_empty() => {
+                Err(ConfigError::Cores("the core list is empty".into()))
+            }
+            Self::List(list) => {
+                if let Some(bad) = list.iter().find(|c| !online.contains(c)) {
+                    return Err(ConfigError::Cores(format!(
+                        "CPU {bad} is not available to this process (available: {online:?})"
+                    )));
+                }
+                Ok(list.clone())
+            }
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Longest request line (414 past it).
+    pub max_request_line: usize,
+    /// Largest header block (431 past it).
+    pub max_header_bytes: usize,
+    /// Most header fields (431 past it).
+    pub max_headers: usize,
+    /// Largest request body in bytes; 0 is unlimited (413 past it).
+    pub max_body: u64,
+    /// Largest upstream response head (502 past it).
+    pub max_response_head: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let h = HeadLimits::default();
+        Self {
+            max_request_line: h.max_request_line,
+            max_header_bytes: h.max_header_bytes,
+            max_headers: h.max_headers,
+            max_body: 0,
+            max_response_head: 64 * 1024,
+        }
+    }
+}
+
+/// `[timeouts]`, in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsSection {
+    /// A request head must be complete within this (408).
+    pub head_secs: u64,
+    /// An idle keep-alive client is closed after this.
+    pub keepalive_secs: u64,
+    /// Connecting to an app (502 past it).
+    pub upstream_connect_secs: u64,
+    /// The app's response head must arrive within this (504).
+    pub upstream_head_secs: u64,
+    /// Longest silence inside a body transfer, either way.
+    pub body_idle_secs: u64,
+    /// Idle WebSocket / TCP tunnels are closed after this.
+    pub tunnel_idle_secs: u64,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_secs: u64,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        Self {
+            head_secs: 10,
+            keepalive_secs: 75,
+            upstream_connect_secs: 3,
+            upstream_head_secs: 60,
+            body_idle_secs: 3600,
+            tunnel_idle_secs: 3600,
+            drain_secs: 30,
+        }
+    }
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Idle connections kept per upstream address, per core.
+    pub max_idle_per_route: usize,
+    /// An idle pooled connection older than this is closed instead of reused.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            max_idle_per_route: 128,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+/// `[reactor]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReactorSection {
+    /// Longest park in `epoll_wait` when idle, in microseconds.
+    pub park_max_us: u64,
+    /// io_uring buffer memory each executor registers (needs `RLIMIT_MEMLOCK`), KiB.
+    pub io_memory_kib: usize,
+}
+
+impl Default for ReactorSection {
+    fn default() -> Self {
+        Self {
+            park_max_us: 1000,
+            io_memory_kib: 512,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// `host:port` serving `/health` and `/metrics`; absent: no admin endpoint.
+    pub bind: Option<SocketAddr>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 10202))),
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerLogging {
+    /// Format and filter of every log line.
+    #[serde(flatten)]
+    pub common: LoggingConfig,
+    /// One line per request (buffered per core).
+    pub access_log: bool,
+}
+
+impl Default for WorkerLogging {
+    fn default() -> Self {
+        Self {
+            common: LoggingConfig::default(),
+            access_log: true,
+        }
+    }
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// The coordinator's base URL.
+    pub url: Option<String>,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self { url: None }
+    }
+}
+
+/// A config that cannot run, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into the schema.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The path given.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The core selection is not possible here.
+    #[error("[worker] cores: {0}")]
+    Cores(String),
+    /// A circuit is unusable.
+    #[error("circuit {id}: {message}")]
+    Circuit {
+        /// The circuit's ID.
+        id: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Anything else, with the key to fix.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A circuit ready to serve: validated, with upstreams resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedCircuit {
+    /// The circuit as configured or deployed.
+    pub circuit: Circuit,
+    /// The frontend port.
+    pub port: u16,
+    /// Upstream addresses with their weights (zero-weight routes left out).
+    pub upstreams: Vec<(SocketAddr, f64)>,
+    /// Parsed allowlist; empty = everyone.
+    pub allowed: Vec<IpNet>,
+}
+
+/// Everything the cores need, validated.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// The CPUs to run on.
+    pub cpus: Vec<usize>,
+    /// Address frontends listen on.
+    pub bind_host: IpAddr,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// Request head limits.
+    pub head_limits: HeadLimits,
+    /// 0 = unlimited.
+    pub max_body: u64,
+    /// Largest upstream response head.
+    pub max_response_head: usize,
+    /// Timers.
+    pub head_timeout: Duration,
+    /// Idle keep-alive.
+    pub keepalive_timeout: Duration,
+    /// Upstream connect.
+    pub connect_timeout: Duration,
+    /// Upstream response head.
+    pub upstream_head_timeout: Duration,
+    /// Silence inside a body transfer.
+    pub body_idle_timeout: Duration,
+    /// Idle tunnels.
+    pub tunnel_idle_timeout: Duration,
+    /// Drain on SIGTERM.
+    pub drain_timeout: Duration,
+    /// Pool size per upstream, per core.
+    pub max_idle_per_route: usize,
+    /// Pooled connection idle lifetime.
+    pub pool_idle_timeout: Duration,
+    /// Reactor park bound.
+    pub park_max: Duration,
+    /// glommio io memory per executor, bytes.
+    pub io_memory: usize,
+    /// Trusted proxy networks.
+    pub trusted_proxies: Vec<IpNet>,
+    /// UUID version of generated IDs.
+    pub id_version: IdVersion,
+    /// Access log on/off.
+    pub access_log: bool,
+    /// Log format (the access log follows it).
+    pub log_format: appproxy_shared::telemetry::LogFormat,
+    /// The circuits.
+    pub circuits: Vec<ResolvedCircuit>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            worker: WorkerSection::default(),
+            limits: LimitsSection::default(),
+            timeouts: TimeoutsSection::default(),
+            upstream: UpstreamSection::default(),
+            reactor: ReactorSection::default(),
+            admin: AdminSection::default(),
+            logging: WorkerLogging::default(),
+            coordinator: None,
+            secrets: None,
+            redis: None,
+            circuits: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The default config as TOML, for `--print-default-config`.
+    pub fn default_toml() -> String {
+        let mut text = String::from(
+            "# appproxy-worker configuration (defaults).\n# Circuits are added as [[circuits]] tables; see deploy/worker.standalone.toml.\n\n",
+        );
+        text.push_str(&toml::to_string_pretty(&Self::default()).unwrap_or_default());
+        text
+    }
+
+    /// Validates the config against this machine's CPUs and resolves the circuits.
+    pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
+        if self
+            .coordinator
+            .as_ref()
+            .is_some_and(|c| c.url.is_some())
+        {
+            return Err(ConfigError::Invalid(
+                "[coordinator] url is set, but managed mode is not available in this build of the worker; \
+                 remove [coordinator] and list circuits as [[circuits]] (standalone mode)"
+                    .into(),
+            ));
+        }
+        if self.worker.frontend_mode == FrontendMode::Wildcard {
+            return Err(ConfigError::Invalid(
+                "[worker] frontend_mode = \"wildcard\" is not available in this build; use \"port\"".into(),
+            ));
+        }
+        let cpus = self.worker.cores.resolve(online_cpus)?;
+        let l = &self.limits;
+        if l.max_request_line < 64 || l.max_header_bytes < 64 || l.max_headers == 0 || l.max_headers > 128 {
+            return Err(ConfigError::Invalid(
+                "[limits]: max_request_line and max_header_bytes must be at least 64, max_headers 1..=128".into(),
+            ));
+        }
+        let t = &self.timeouts;
+        for (name, v) in [
+            ("head_secs", t.head_secs),
+            ("keepalive_secs", t.keepalive_secs),
+            ("upstream_connect_secs", t.upstream_connect_secs),
+            ("upstream_head_secs", t.upstream_head_secs),
+            ("body_idle_secs", t.body_idle_secs),
+            ("tunnel_idle_secs", t.tunnel_idle_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("[timeouts] {name} must be at least 1")));
+            }
+        }
+        let trusted_proxies = self
+            .worker
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                IpNet::parse(s).ok_or_else(|| {
+                    ConfigError::Invalid(format!("[worker] trusted_proxies: {s:?} is not an IP or CIDR"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ids = HashSet::new();
+        let mut ports = HashSet::new();
+        let mut circuits = Vec::with_capacity(self.circuits.len());
+        for c in &self.circuits {
+            let err = |message: String| ConfigError::Circuit {
+                id: c.id.to_string(),
+                message,
+            };
+            if !ids.insert(c.id) {
+                return Err(err("duplicate circuit id".into()));
+            }
+            if c.protocol != ProxyProtocol::Http {
+                return Err(err(format!(
+                    "protocol {:?} is not available in this build; only \"http\" circuits are served",
+                    c.protocol
+                )));
+            }
+            if c.frontend_mode != FrontendMode::Port {
+                return Err(err("only port-mode circuits are available in this build".into()));
+            }
+            let port = c.port.ok_or_else(|| err("port-mode circuit without a port".into()))?;
+            if let Some([lo, hi]) = self.worker.port_range {
+                if port < lo || port > hi {
+                    return Err(err(format!("port {port} is outside [worker] port_range [{lo}, {hi}]")));
+                }
+            }
+            if !ports.insert(port) {
+                return Err(err(format!("port {port} is used by another circuit")));
+            }
+            let mut upstreams = Vec::new();
+            for r in &c.route_info {
+                if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
+                    return Err(err(format!("route to {}:{} has an invalid traffic_ratio", r.kernel_host, r.kernel_port)));
+                }
+                if r.traffic_ratio == 0.0 {
+                    continue;
+                }
+                let host = if r.kernel_host.is_empty() { "localhost" } else { r.kernel_host.as_str() };
+                let addr = (host, r.kernel_port)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| err(format!("cannot resolve route host {host:?}")))?;
+                upstreams.push((addr, r.traffic_ratio));
+            }
+            let allowed = c
+                .allowed_client_ips
+                .iter()
+                .filter_map(|s| IpNet::parse(s))
+                .collect();
+            circuits.push(ResolvedCircuit {
+                circuit: c.clone(),
+                port,
+                upstreams,
+                allowed,
+            });
+        }
+        let secs = Duration::from_secs;
+        Ok(Runtime {
+            cpus,
+            bind_host: self.worker.bind_host,
+            backlog: self.worker.backlog,
+            head_limits: HeadLimits {
+                max_request_line: l.max_request_line,
+                max_header_bytes: l.max_header_bytes,
+                max_headers: l.max_headers,
+            },
+            max_body: l.max_body,
+            max_response_head: l.max_response_head.max(1024),
+            head_timeout: secs(t.head_secs),
+            keepalive_timeout: secs(t.keepalive_secs),
+            connect_timeout: secs(t.upstream_connect_secs),
+            upstream_head_timeout: secs(t.upstream_head_secs),
+            body_idle_timeout: secs(t.body_idle_secs),
+            tunnel_idle_timeout: secs(t.tunnel_idle_secs),
+            drain_timeout: secs(t.drain_secs),
+            max_idle_per_route: self.upstream.max_idle_per_route,
+            pool_idle_timeout: secs(self.upstream.idle_timeout_secs),
+            park_max: Duration::from_micros(self.reactor.park_max_us.clamp(50, 100_000)),
+            io_memory: self.reactor.io_memory_kib.max(64) * 1024,
+            trusted_proxies,
+            id_version: self.worker.request_id_version,
+            access_log: self.logging.access_log,
+            log_format: self.logging.common.format,
+            circuits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips_and_validates() {
+        let text = Config::default_toml();
+        let parsed = Config::parse(&text).expect("default parses");
+        assert_eq!(parsed, Config::default());
+        let rt = parsed.validate(&[0, 1]).expect("valid");
+        assert_eq!(rt.cpus, vec![0, 1]);
+        assert_eq!(rt.head_timeout, Duration::from_secs(10));
+        assert_eq!(rt.keepalive_timeout, Duration::from_secs(75));
+    }
+
+    #[test]
+    fn core_specs() {
+        assert_eq!(CoreSpec::parse("all"), Ok(CoreSpec::All));
+        assert_eq!(CoreSpec::parse("0-2,5"), Ok(CoreSpec::List(vec![0, 1, 2, 5])));
+        assert!(CoreSpec::parse("3-1").is_err());
+        assert!(CoreSpec::parse("x").is_err());
+        let online = [0, 1];
+        assert_eq!(CoreSpec::Count(1).resolve(&online).expect("one"), vec![0]);
+        assert!(CoreSpec::Count(3).resolve(&online).is_err());
+        assert!(CoreSpec::Count(0).resolve(&online).is_err());
+        assert!(CoreSpec::List(vec![4]).resolve(&online).is_err());
+        let c: Config = Config::parse("[worker]\ncores = 1\n").expect("count");
+        assert_eq!(c.worker.cores, CoreSpec::Count(1));
+        let c: Config = Config::parse("[worker]\ncores = \"0-1\"\n").expect("list");
+        assert_eq!(c.worker.cores, CoreSpec::List(vec![0, 1]));
+    }
+
+    #[test]
+    fn refusals_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[worker]\nnope = 1\n", "unknown field"),
+            ("[timeouts]\nhead_secs = 0\n", "head_secs"),
+            ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
+            ("[coordinator]\nurl = \"http://c\"\n", "managed mode"),
+            (
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\n",
+                "without a port",
+            ),
+            (
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 80\n",
+                "outside [worker] port_range",
+            ),
+            (
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nprotocol = \"tcp\"\n",
+                "not available",
+            ),
+            (
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556667\"\nport = 10205\n",
+                "used by another circuit",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = match Config::parse(text) {
+                Err(e) => e,
+                Ok(c) => c.validate(&[0]).err().map(|e| e.to_string()).unwrap_or_default(),
+            };
+            assert!(msg.contains(want), "{text:?} gave {msg:?}");
+        }
+    }
+
+    #[test]
+    fn circuits_resolve() {
+        let text = r#"
+[[circuits]]
+id = "c0a8f5d2-1111-4222-8333-444455556666"
+app = "jupyter"
+port = 10206
+allowed_client_ips = ["127.0.0.0/8", "not-an-ip"]
+route_info = [
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8888, traffic_ratio = 3.0 },
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8889, traffic_ratio = 0.0 },
+]
+"#;
+        let rt = Config::parse(text).expect("parse").validate(&[0]).expect("valid");
+        let c = &rt.circuits[0];
+        assert_eq!(c.port, 10206);
+        assert_eq!(c.upstreams, vec![("127.0.0.1:8888".parse().expect("addr"), 3.0)]);
+        assert_eq!(c.allowed.len(), 1, "invalid entries are skipped, as the original does");
+    }
+}

@@ -1,0 +1,499 @@
+//! Per-core state: route table, upstream pool, metrics and access log.
+//!
+//! Everything here belongs to one executor thread and is `!Send` on purpose (`Rc`,
+//! `Cell`, `RefCell`): no lock or atomic is touched on the per-request path. Counters
+//! are published to the admin thread by the reactor tick, not per request.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat, Rfc3339};
+use appproxy_shared::RequestId;
+
+use crate::config::{ResolvedCircuit, Runtime};
+use crate::io::TcpConn;
+use crate::reactor::Reactor;
+
+/// A circuit's routes, ready for weighted choice.
+pub struct Route {
+    /// The circuit.
+    pub circuit: ResolvedCircuit,
+    /// Running sums of the weights, for a binary search.
+    cumulative: Vec<f64>,
+}
+
+impl Route {
+    /// Prepares `circuit` for routing.
+    pub fn new(circuit: ResolvedCircuit) -> Self {
+        let mut sum = 0.0;
+        let cumulative = circuit
+            .upstreams
+            .iter()
+            .map(|(_, w)| {
+                sum += w;
+                sum
+            })
+            .collect();
+        Self { circuit, cumulative }
+    }
+
+    /// Picks an upstream by `traffic_ratio`, with `draw` uniform in [0, 1).
+    pub fn pick(&self, draw: f64) -> Option<SocketAddr> {
+        let total = *self.cumulative.last()?;
+        let target = draw * total;
+        let i = self.cumulative.partition_point(|c| *c <= target);
+        self.circuit
+            .upstreams
+            .get(i.min(self.circuit.upstreams.len() - 1))
+            .map(|(a, _)| *a)
+    }
+}
+
+/// The routes of one core, by frontend port. Replaced whole when a deployment
+/// arrives, so a request sees either the old table or the new one.
+#[derive(Default)]
+pub struct RouteTable {
+    /// Port-mode circuits.
+    pub by_port: HashMap<u16, Rc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds a table from resolved circuits.
+    pub fn new(circuits: &[ResolvedCircuit]) -> Self {
+        Self {
+            by_port: circuits
+                .iter()
+                .map(|c| (c.port, Rc::new(Route::new(c.clone()))))
+                .collect(),
+        }
+    }
+}
+
+/// An idle pooled connection.
+struct Idle {
+    /// The connection.
+    conn: TcpConn,
+    /// When it went idle.
+    since: Instant,
+}
+
+/// Per-core keep-alive pool of upstream connections.
+pub struct Pool {
+    /// Idle connections by upstream address, most recent last.
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Cap per address.
+    max_idle: usize,
+    /// Idle lifetime.
+    idle_timeout: std::time::Duration,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(max_idle: usize, idle_timeout: std::time::Duration) -> Self {
+        Self {
+            idle: RefCell::new(HashMap::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// A live idle connection to `addr`, if one is pooled.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(entry) = list.pop() {
+            if entry.since.elapsed() > self.idle_timeout {
+                continue;
+            }
+            // An edge since the connection went idle means the app closed it or sent
+            // something unasked: check with one read, else reuse without a syscall.
+            if entry.conn.has_pending_input() && !entry.conn.probe_idle() {
+                continue;
+            }
+            return Some(entry.conn);
+        }
+        None
+    }
+
+    /// Returns a connection for reuse.
+    pub fn put(&self, addr: SocketAddr, conn: TcpConn) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes idle connections past their lifetime (run from the reactor tick).
+    pub fn evict_expired(&self) {
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain(|e| e.since.elapsed() <= self.idle_timeout);
+        }
+    }
+
+    /// Number of idle connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
+/// Counter names, in the order of [`CoreMetrics::counters`].
+pub const COUNTERS: [&str; 12] = [
+    "requests_1xx",
+    "requests_2xx",
+    "requests_3xx",
+    "requests_4xx",
+    "requests_5xx",
+    "connections_accepted",
+    "connections_active",
+    "upstream_pool_hits",
+    "upstream_pool_misses",
+    "bytes_in",
+    "bytes_out",
+    "proxy_errors",
+];
+
+/// Per-core counters, plain cells.
+#[derive(Default)]
+pub struct CoreMetrics {
+    /// Values, indexed like [`COUNTERS`].
+    pub counters: [Cell<u64>; 12],
+}
+
+/// Indexes into [`CoreMetrics::counters`].
+pub mod counter {
+    /// Accepted connections.
+    pub const ACCEPTED: usize = 5;
+    /// Open client connections.
+    pub const ACTIVE: usize = 6;
+    /// Requests sent on a pooled connection.
+    pub const POOL_HIT: usize = 7;
+    /// Requests that needed a new upstream connection.
+    pub const POOL_MISS: usize = 8;
+    /// Bytes read from clients.
+    pub const BYTES_IN: usize = 9;
+    /// Bytes written to clients.
+    pub const BYTES_OUT: usize = 10;
+    /// Errors the proxy answered itself.
+    pub const PROXY_ERRORS: usize = 11;
+}
+
+impl CoreMetrics {
+    /// Adds `n` to counter `i`.
+    pub fn add(&self, i: usize, n: u64) {
+        let c = &self.counters[i];
+        c.set(c.get().wrapping_add(n));
+    }
+
+    /// Subtracts `n` from counter `i` (gauges).
+    pub fn sub(&self, i: usize, n: u64) {
+        let c = &self.counters[i];
+        c.set(c.get().saturating_sub(n));
+    }
+
+    /// Counts a response status.
+    pub fn status(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.add(class, 1);
+    }
+}
+
+/// The metrics of every core, readable from the admin thread.
+pub struct SharedMetrics {
+    /// One row per core, indexed like [`COUNTERS`].
+    pub cores: Vec<(usize, [AtomicU64; 12])>,
+}
+
+impl SharedMetrics {
+    /// Rows for `cpus`, all zero.
+    pub fn new(cpus: &[usize]) -> Arc<Self> {
+        Arc::new(Self {
+            cores: cpus.iter().map(|c| (*c, Default::default())).collect(),
+        })
+    }
+
+    /// Copies a core's cells into its row.
+    pub fn publish(&self, row: usize, metrics: &CoreMetrics) {
+        if let Some((_, cells)) = self.cores.get(row) {
+            for (dst, src) in cells.iter().zip(metrics.counters.iter()) {
+                dst.store(src.get(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        for (i, name) in COUNTERS.iter().enumerate() {
+            let (metric, extra, kind) = match *name {
+                n if n.starts_with("requests_") => ("appproxy_requests_total", Some(&n[9..]), "counter"),
+                "connections_active" => ("appproxy_connections_active", None, "gauge"),
+                n => (n, None, "counter"),
+            };
+            let metric = if metric.starts_with("appproxy_") {
+                metric.to_owned()
+            } else {
+                format!("appproxy_{metric}_total")
+            };
+            if extra.is_none_or(|e| e == "1xx") {
+                out.push_str(&format!("# TYPE {metric} {kind}\n"));
+            }
+            for (core, cells) in &self.cores {
+                let v = cells[i].load(Ordering::Relaxed);
+                match extra {
+                    Some(class) => out.push_str(&format!("{metric}{{core=\"{core}\",status=\"{class}\"}} {v}\n")),
+                    None => out.push_str(&format!("{metric}{{core=\"{core}\"}} {v}\n")),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One access-log entry.
+pub struct AccessEntry<'a> {
+    /// The request's ID.
+    pub request_id: &'a RequestId,
+    /// The circuit served (absent for errors before routing).
+    pub circuit: Option<&'a uuid::Uuid>,
+    /// Method token.
+    pub method: &'a [u8],
+    /// Path (query left out: it may hold tokens).
+    pub path: &'a [u8],
+    /// Status sent.
+    pub status: u16,
+    /// Request bytes from the client (head and body).
+    pub bytes_in: u64,
+    /// Response bytes to the client (head and body).
+    pub bytes_out: u64,
+    /// The app's address.
+    pub upstream: Option<SocketAddr>,
+    /// When the request head was complete.
+    pub started: Instant,
+}
+
+/// The per-core access log: lines are formatted into a buffer and written in batches
+/// (at 32 KiB or every reactor tick), so logging stays off the hot path's syscalls.
+pub struct AccessLog {
+    /// Pending lines.
+    buf: RefCell<String>,
+    /// Line format.
+    format: LogFormat,
+    /// Off: nothing is formatted.
+    enabled: bool,
+    /// This core's CPU, on every line.
+    core: usize,
+}
+
+const FLUSH_AT: usize = 32 * 1024;
+
+impl AccessLog {
+    /// A log for core `core`.
+    pub fn new(format: LogFormat, enabled: bool, core: usize) -> Self {
+        Self {
+            buf: RefCell::new(String::with_capacity(FLUSH_AT + 1024)),
+            format,
+            enabled,
+            core,
+        }
+    }
+
+    /// Appends one line.
+    pub fn record(&self, e: &AccessEntry<'_>) {
+        if !self.enabled {
+            return;
+        }
+        let duration_us = e.started.elapsed().as_micros() as u64;
+        let ts = Rfc3339(SystemTime::now());
+        let method = String::from_utf8_lossy(e.method);
+        let path = String::from_utf8_lossy(e.path);
+        let path = path.split('?').next().unwrap_or("");
+        let circuit = e.circuit.map(ToString::to_string);
+        let upstream = e.upstream.map(|a| a.to_string());
+        let mut buf = self.buf.borrow_mut();
+        use std::fmt::Write as _;
+        match self.format {
+            LogFormat::Json => {
+                let _ = write!(
+                    buf,
+                    "{{\"timestamp\":\"{ts}\",\"level\":\"INFO\",\"component\":\"worker\",\"target\":\"access\",\"request_id\":\"{}\",\"core\":{},",
+                    e.request_id, self.core
+                );
+                if let Some(c) = &circuit {
+                    let _ = write!(buf, "\"circuit\":\"{c}\",");
+                }
+                buf.push_str("\"method\":\"");
+                push_json_escaped(&mut buf, &method);
+                buf.push_str("\",\"path\":\"");
+                push_json_escaped(&mut buf, path);
+                let _ = write!(
+                    buf,
+                    "\",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},",
+                    e.status, e.bytes_in, e.bytes_out
+                );
+                if let Some(u) = &upstream {
+                    let _ = write!(buf, "\"upstream\":\"{u}\",");
+                }
+                let _ = writeln!(buf, "\"duration_us\":{duration_us}}}");
+            }
+            LogFormat::Logfmt => {
+                let _ = write!(
+                    buf,
+                    "ts={ts} level=info component=worker target=access request_id={} core={}",
+                    e.request_id, self.core
+                );
+                if let Some(c) = &circuit {
+                    let _ = write!(buf, " circuit={c}");
+                }
+                push_logfmt_pair(&mut buf, "method", &method);
+                push_logfmt_pair(&mut buf, "path", path);
+                let _ = write!(
+                    buf,
+                    " status={} bytes_in={} bytes_out={}",
+                    e.status, e.bytes_in, e.bytes_out
+                );
+                if let Some(u) = &upstream {
+                    let _ = write!(buf, " upstream={u}");
+                }
+                let _ = writeln!(buf, " duration_us={duration_us}");
+            }
+        }
+        if buf.len() >= FLUSH_AT {
+            drop(buf);
+            self.flush();
+        }
+    }
+
+    /// Writes the pending lines.
+    pub fn flush(&self) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return;
+        }
+        let _ = std::io::stdout().lock().write_all(buf.as_bytes());
+        buf.clear();
+    }
+}
+
+/// Everything one core owns.
+pub struct Core {
+    /// The CPU this executor is pinned to.
+    pub cpu: usize,
+    /// Row in [`SharedMetrics`].
+    pub row: usize,
+    /// The validated configuration.
+    pub rt: Arc<Runtime>,
+    /// The readiness reactor.
+    pub reactor: Rc<Reactor>,
+    /// The current route table (replaced whole).
+    pub routes: RefCell<Rc<RouteTable>>,
+    /// Upstream keep-alive pool.
+    pub pool: Pool,
+    /// Counters.
+    pub metrics: CoreMetrics,
+    /// Access log.
+    pub access: AccessLog,
+    /// Set on SIGTERM: stop accepting, close after the current request.
+    pub draining: Cell<bool>,
+    /// xorshift state for weighted route choice (no shared RNG, no syscall).
+    rng: Cell<u64>,
+    /// Connection IDs for log spans.
+    next_conn: Cell<u64>,
+}
+
+impl Core {
+    /// Builds the state of core `cpu`.
+    pub fn new(cpu: usize, row: usize, rt: Arc<Runtime>, reactor: Rc<Reactor>) -> Rc<Self> {
+        let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
+        Rc::new(Self {
+            cpu,
+            row,
+            routes: RefCell::new(Rc::new(RouteTable::new(&rt.circuits))),
+            pool: Pool::new(rt.max_idle_per_route, rt.pool_idle_timeout),
+            metrics: CoreMetrics::default(),
+            access: AccessLog::new(rt.log_format, rt.access_log, cpu),
+            draining: Cell::new(false),
+            rng: Cell::new(seed),
+            next_conn: Cell::new(0),
+            rt,
+            reactor,
+        })
+    }
+
+    /// A uniform draw in [0, 1).
+    pub fn draw(&self) -> f64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next connection ID on this core.
+    pub fn next_conn_id(&self) -> u64 {
+        let id = self.next_conn.get() + 1;
+        self.next_conn.set(id);
+        id
+    }
+
+    /// Looks up the circuit of a frontend port.
+    pub fn route_for_port(&self, port: u16) -> Option<Rc<Route>> {
+        self.routes.borrow().by_port.get(&port).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_choice_follows_traffic_ratio() {
+        let text = r#"
+[[circuits]]
+id = "c0a8f5d2-1111-4222-8333-444455556666"
+port = 10206
+route_info = [
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1001, traffic_ratio = 1.0 },
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1002, traffic_ratio = 3.0 },
+]
+"#;
+        let rt = crate::config::Config::parse(text).expect("parse").validate(&[0]).expect("valid");
+        let route = Route::new(rt.circuits[0].clone());
+        let mut counts = [0u32; 2];
+        for i in 0..4000 {
+            let draw = (i as f64 + 0.5) / 4000.0;
+            let addr = route.pick(draw).expect("an upstream");
+            counts[(addr.port() - 1001) as usize] += 1;
+        }
+        assert_eq!(counts, [1000, 3000]);
+        assert_eq!(route.pick(0.0).map(|a| a.port()), Some(1001));
+        assert_eq!(route.pick(0.999_999).map(|a| a.port()), Some(1002));
+    }
+
+    #[test]
+    fn metrics_render_prometheus_text() {
+        let shared = SharedMetrics::new(&[0, 1]);
+        let m = CoreMetrics::default();
+        m.status(200);
+        m.status(502);
+        m.add(counter::ACCEPTED, 3);
+        shared.publish(1, &m);
+        let text = shared.render();
+        assert!(text.contains("appproxy_requests_total{core=\"1\",status=\"2xx\"} 1\n"), "{text}");
+        assert!(text.contains("appproxy_requests_total{core=\"1\",status=\"5xx\"} 1\n"), "{text}");
+        assert!(text.contains("appproxy_connections_accepted_total{core=\"1\"} 3\n"), "{text}");
+        assert!(text.contains("appproxy_requests_total{core=\"0\",status=\"2xx\"} 0\n"), "{text}");
+        assert_eq!(text.matches("# TYPE appproxy_requests_total counter").count(), 1);
+    }
+}

@@ -1,0 +1,274 @@
+//! Writing heads: the request forwarded to the app, the response relayed to the
+//! client, and the proxy's own JSON error responses.
+//!
+//! Header fields are copied byte for byte (name case and order kept, repeats kept),
+//! except the hop-by-hop set, the names listed in `Connection`, the framing headers
+//! (rewritten for the hop they travel) and the request-ID headers (replaced by the
+//! resolved ID under the primary name).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+
+use appproxy_shared::header::header_rank;
+use appproxy_shared::RequestId;
+
+use super::error::reason;
+use super::parse::{name_is, BodyFraming, HeaderField, RequestHead, ResponseHead, Version};
+
+/// Headers that apply to one hop only (RFC 9110 §7.6.1, plus the legacy
+/// `Proxy-Connection` and `Keep-Alive`).
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers describing earlier hops, trusted only from configured proxies.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+];
+
+fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name_is(name, h))
+        || connection_tokens
+            .iter()
+            .any(|t| buf[t.clone()].eq_ignore_ascii_case(name))
+}
+
+/// What the proxy knows about the client hop.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientHop {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The local port the client connected to.
+    pub local_port: u16,
+    /// Whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
+    pub trusted: bool,
+}
+
+/// Appends the request head forwarded to the app.
+pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, id: &RequestId, hop: ClientHop) {
+    out.extend_from_slice(&buf[head.method_raw.clone()]);
+    out.push(b' ');
+    out.extend_from_slice(&buf[head.target.clone()]);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut prior_xff: Option<&[u8]> = None;
+    let mut fwd_proto: Option<&[u8]> = None;
+    let mut fwd_host: Option<&[u8]> = None;
+    for HeaderField { name, value } in &head.headers {
+        let name_b = &buf[name.clone()];
+        let value_b = &buf[value.clone()];
+        if is_hop_by_hop(name_b, buf, &head.connection_tokens)
+            || name_is(name_b, "content-length")
+            || name_is(name_b, "expect")
+            || header_rank(name_b).is_some()
+        {
+            continue;
+        }
+        if FORWARDING.iter().any(|f| name_is(name_b, f)) {
+            if hop.trusted {
+                if name_is(name_b, "x-forwarded-for") {
+                    prior_xff = Some(value_b);
+                    continue;
+                } else if name_is(name_b, "x-forwarded-proto") {
+                    fwd_proto = Some(value_b);
+                    continue;
+                } else if name_is(name_b, "x-forwarded-host") {
+                    fwd_host = Some(value_b);
+                    continue;
+                } else if name_is(name_b, "x-forwarded-port") {
+                    // Kept as sent.
+                } else {
+                    continue;
+                }
+            } else {
+                continue;
+            }
+        }
+        push_field(out, name_b, value_b);
+    }
+    match head.framing {
+        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyFraming::Length(n) if n > 0 || head.has_content_length => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        _ => {}
+    }
+    push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    let ip = hop.peer.ip();
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prior) = prior_xff {
+        out.extend_from_slice(prior);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{ip}\r\n");
+    let proto = fwd_proto.unwrap_or(b"http");
+    push_field(out, b"X-Forwarded-Proto", proto);
+    let host = fwd_host.or(head.host.clone().map(|h| &buf[h]));
+    if let Some(host) = host {
+        push_field(out, b"X-Forwarded-Host", host);
+    }
+    if !hop.trusted {
+        let _ = write!(out, "X-Forwarded-Port: {}\r\n", hop.local_port);
+    }
+    out.extend_from_slice(b"Forwarded: for=");
+    match ip {
+        IpAddr::V4(v4) => {
+            let _ = write!(out, "{v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "\"[{v6}]\"");
+        }
+    }
+    if let Some(host) = host.filter(|h| h.iter().all(|b| b.is_ascii_graphic() && *b != b'"')) {
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(host);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(if proto.iter().all(u8::is_ascii_alphanumeric) { proto } else { b"http" });
+    out.extend_from_slice(b"\r\n");
+    if let Some(upgrade) = &head.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        push_field(out, b"Upgrade", &buf[upgrade.clone()]);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the relayed response body is framed towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFraming {
+    /// No body.
+    Empty,
+    /// `Content-Length: n`, bytes relayed as they come.
+    Length(u64),
+    /// Upstream chunked, relayed verbatim.
+    ChunkedPassThrough,
+    /// Upstream delimited by close, re-chunked for an HTTP/1.1 client.
+    Rechunk,
+    /// Upstream chunked, de-chunked and delimited by close (HTTP/1.0 client).
+    Dechunk,
+    /// Upstream delimited by close, relayed until close (HTTP/1.0 client).
+    UntilClose,
+}
+
+impl ClientFraming {
+    /// Chooses the client framing for an upstream framing and client version.
+    pub fn choose(upstream: BodyFraming, client: Version) -> Self {
+        match (upstream, client) {
+            (BodyFraming::Length(0), _) => Self::Empty,
+            (BodyFraming::Length(n), _) => Self::Length(n),
+            (BodyFraming::Chunked, Version::Http11) => Self::ChunkedPassThrough,
+            (BodyFraming::Chunked, Version::Http10) => Self::Dechunk,
+            (BodyFraming::Eof, Version::Http11) => Self::Rechunk,
+            (BodyFraming::Eof, Version::Http10) => Self::UntilClose,
+        }
+    }
+
+    /// Whether the client connection must close after this response.
+    pub fn closes(self) -> bool {
+        matches!(self, Self::Dechunk | Self::UntilClose)
+    }
+}
+
+/// Appends the response head relayed to the client.
+pub fn client_response(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    framing: ClientFraming,
+    id: &RequestId,
+    client: Version,
+    close: bool,
+) {
+    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(&buf[head.reason.clone()]);
+    out.extend_from_slice(b"\r\n");
+    // Without a body of its own (HEAD, 304) the upstream's Content-Length describes
+    // the representation and is relayed as is.
+    let keep_length = framing == ClientFraming::Empty && head.status >= 200;
+    for HeaderField { name, value } in &head.headers {
+        let name_b = &buf[name.clone()];
+        if is_hop_by_hop(name_b, buf, &head.connection_tokens)
+            || (name_is(name_b, "content-length") && !keep_length)
+            || name_is(name_b, "x-backend-request-id")
+        {
+            continue;
+        }
+        push_field(out, name_b, &buf[value.clone()]);
+    }
+    match framing {
+        ClientFraming::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        ClientFraming::ChunkedPassThrough | ClientFraming::Rechunk => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        ClientFraming::Empty | ClientFraming::Dechunk | ClientFraming::UntilClose => {}
+    }
+    push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    if head.status == 101 {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        if let Some(up) = &head.upgrade {
+            push_field(out, b"Upgrade", &buf[up.clone()]);
+        }
+    } else if close || framing.closes() {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an interim (1xx) response head relayed to the client.
+pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(&buf[head.reason.clone()]);
+    out.extend_from_slice(b"\r\n");
+    for HeaderField { name, value } in &head.headers {
+        let name_b = &buf[name.clone()];
+        if !is_hop_by_hop(name_b, buf, &head.connection_tokens) {
+            push_field(out, name_b, &buf[value.clone()]);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one of the proxy's own error responses: a small JSON body
+/// `{"error","code","request_id"}` with the request-ID header.
+pub fn error_response(out: &mut Vec<u8>, status: u16, code: &str, message: &str, id: &RequestId, close: bool) {
+    let mut body = String::with_capacity(128);
+    body.push_str("{\"error\":\"");
+    appproxy_shared::telemetry::push_json_escaped(&mut body, message);
+    body.push_str("\",\"code\":\"");
+    appproxy_shared::telemetry::push_json_escaped(&mut body, code);
+    let _ = write!(body, "\",\"request_id\":\"{id}\"}}");
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}\r\n",
+        reason(status),
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    out.extend_from_slice(body.as_bytes());
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}

@@ -1,0 +1,210 @@
+//! Typed errors of the HTTP layer and the one place where they become status codes.
+//!
+//! Every error says who is at fault ([`Fault`]): a client error is a 4xx and closes
+//! the connection when framing is in doubt; an upstream error is a 502/504 and discards
+//! the upstream connection; an internal error is a 500.
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something we refuse.
+    Client,
+    /// The app (upstream) failed or misbehaved.
+    Upstream,
+    /// The proxy itself.
+    Internal,
+}
+
+/// Why a request head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request line is longer than the limit.
+    #[error("request line too long")]
+    UriTooLong,
+    /// The header block is larger than the limit.
+    #[error("request header block too large")]
+    HeadersTooLarge,
+    /// More header fields than the limit.
+    #[error("too many request headers")]
+    TooManyHeaders,
+    /// The head is not valid HTTP/1.x (bad token, bare CR, obs-fold, NUL …).
+    #[error("malformed request head: {0}")]
+    Malformed(&'static str),
+    /// Not HTTP/1.0 or HTTP/1.1.
+    #[error("unsupported HTTP version")]
+    UnsupportedVersion,
+    /// A `Content-Length` that is not a number, or several that differ.
+    #[error("invalid Content-Length")]
+    InvalidContentLength,
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndTransferEncoding,
+    /// `Transfer-Encoding` whose last coding is not `chunked` (or chunked twice, or on
+    /// HTTP/1.0).
+    #[error("Transfer-Encoding must end with chunked")]
+    BadTransferEncoding,
+    /// A transfer coding other than `chunked` (we do not decode them).
+    #[error("unsupported transfer coding")]
+    UnsupportedTransferCoding,
+    /// An HTTP/1.1 request without `Host`, or with several.
+    #[error("missing or repeated Host header")]
+    BadHost,
+    /// An `Expect` other than `100-continue`.
+    #[error("unsupported expectation")]
+    ExpectationFailed,
+    /// A malformed chunked body.
+    #[error("malformed chunked body: {0}")]
+    BadChunk(&'static str),
+    /// The body is larger than `max_body`.
+    #[error("request body too large")]
+    BodyTooLarge,
+    /// The head did not arrive within the head timeout.
+    #[error("request head timed out")]
+    HeadTimeout,
+}
+
+/// Why an upstream response was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    /// The head is not valid HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Malformed(&'static str),
+    /// The head is larger than the limit.
+    #[error("response head too large")]
+    HeadTooLarge,
+    /// Bad or conflicting length information.
+    #[error("invalid response framing")]
+    BadFraming,
+    /// A malformed chunked body.
+    #[error("malformed chunked response body: {0}")]
+    BadChunk(&'static str),
+}
+
+/// Everything that can end a proxied request with an error the proxy answers itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client's request was refused.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// No circuit serves this port or host.
+    #[error("no circuit for this address")]
+    UnknownCircuit,
+    /// The circuit has no route to send the request to.
+    #[error("circuit has no healthy route")]
+    NoRoute,
+    /// Connecting to the app failed or timed out.
+    #[error("upstream connect failed: {0}")]
+    UpstreamConnect(std::io::Error),
+    /// The app did not answer the head in time.
+    #[error("upstream response timed out")]
+    UpstreamTimeout,
+    /// The app's response was malformed or the connection broke before a response.
+    #[error("upstream response invalid: {0}")]
+    UpstreamResponse(#[from] ResponseError),
+    /// The app closed or reset the connection before a complete response head.
+    #[error("upstream closed the connection: {0}")]
+    UpstreamClosed(std::io::Error),
+    /// The worker is shutting down.
+    #[error("worker is draining")]
+    Draining,
+}
+
+impl RequestError {
+    /// The status code answered for this error.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::UriTooLong => 414,
+            Self::HeadersTooLarge | Self::TooManyHeaders => 431,
+            Self::UnsupportedVersion => 505,
+            Self::UnsupportedTransferCoding => 501,
+            Self::ExpectationFailed => 417,
+            Self::BodyTooLarge => 413,
+            Self::HeadTimeout => 408,
+            Self::Malformed(_)
+            | Self::InvalidContentLength
+            | Self::LengthAndTransferEncoding
+            | Self::BadTransferEncoding
+            | Self::BadHost
+            | Self::BadChunk(_) => 400,
+        }
+    }
+
+    /// The machine-readable `code` of the JSON error body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::TooManyHeaders => "too_many_headers",
+            Self::Malformed(_) => "malformed_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::InvalidContentLength => "invalid_content_length",
+            Self::LengthAndTransferEncoding => "length_and_transfer_encoding",
+            Self::BadTransferEncoding => "bad_transfer_encoding",
+            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Self::BadHost => "bad_host",
+            Self::ExpectationFailed => "expectation_failed",
+            Self::BadChunk(_) => "bad_chunk",
+            Self::BodyTooLarge => "body_too_large",
+            Self::HeadTimeout => "request_timeout",
+        }
+    }
+}
+
+impl ProxyError {
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::Request(_) | Self::UnknownCircuit => Fault::Client,
+            Self::NoRoute
+            | Self::UpstreamConnect(_)
+            | Self::UpstreamTimeout
+            | Self::UpstreamResponse(_)
+            | Self::UpstreamClosed(_) => Fault::Upstream,
+            Self::Draining => Fault::Internal,
+        }
+    }
+
+    /// Status code and machine-readable code: the one mapping from error to answer.
+    pub fn status_and_code(&self) -> (u16, &'static str) {
+        match self {
+            Self::Request(e) => (e.status(), e.code()),
+            Self::UnknownCircuit => (404, "unknown_circuit"),
+            Self::NoRoute => (502, "no_route"),
+            Self::UpstreamConnect(_) => (502, "upstream_connect_failed"),
+            Self::UpstreamTimeout => (504, "upstream_timeout"),
+            Self::UpstreamResponse(_) => (502, "upstream_invalid_response"),
+            Self::UpstreamClosed(_) => (502, "upstream_closed"),
+            Self::Draining => (503, "draining"),
+        }
+    }
+
+    /// Whether the client connection must be closed after answering (framing is in
+    /// doubt, or the body was not read).
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Self::Request(_))
+    }
+}
+
+/// The reason phrase for the status codes the proxy answers itself.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}

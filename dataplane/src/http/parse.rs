@@ -1,0 +1,473 @@
+//! Parsing request and response heads: bytes in, typed head out, no socket.
+//!
+//! httparse does the tokenizing (it refuses obs-fold, bare CR, NUL and other invalid
+//! bytes); this module adds the limits of DESIGN.md and the message-framing rules of
+//! RFC 9112 §6 that decide where a body ends. Header names and values are kept as
+//! offsets into the caller's buffer, so a parsed head owns no copies of the bytes.
+
+use std::ops::Range;
+
+use super::error::{RequestError, ResponseError};
+
+/// Limits on request heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Longest request line, in bytes (414 past it).
+    pub max_request_line: usize,
+    /// Largest header block after the request line, in bytes (431 past it).
+    pub max_header_bytes: usize,
+    /// Most header fields (431 past it).
+    pub max_headers: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        Self {
+            max_request_line: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// HTTP version of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.0: close by default, no chunked.
+    Http10,
+    /// HTTP/1.1.
+    Http11,
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Exactly this many bytes (0: no body).
+    Length(u64),
+    /// Chunked transfer coding, ending with the last chunk and trailers.
+    Chunked,
+    /// Until the connection closes (responses only).
+    Eof,
+}
+
+/// One header field, as offsets into the head buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderField {
+    /// The name, case as sent.
+    pub name: Range<usize>,
+    /// The value, without surrounding white space.
+    pub value: Range<usize>,
+}
+
+/// Request methods the proxy treats specially; everything else is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET
+    Get,
+    /// HEAD: the response has no body.
+    Head,
+    /// POST
+    Post,
+    /// PUT
+    Put,
+    /// DELETE
+    Delete,
+    /// OPTIONS
+    Options,
+    /// CONNECT: refused (not a forward proxy).
+    Connect,
+    /// Any other token.
+    Other,
+}
+
+impl Method {
+    fn from_token(token: &str) -> Self {
+        match token {
+            "GET" => Self::Get,
+            "HEAD" => Self::Head,
+            "POST" => Self::Post,
+            "PUT" => Self::Put,
+            "DELETE" => Self::Delete,
+            "OPTIONS" => Self::Options,
+            "CONNECT" => Self::Connect,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether a request may be retried safely (RFC 9110 §9.2.2).
+    pub fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Self::Get | Self::Head | Self::Put | Self::Delete | Self::Options
+        )
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The method token.
+    pub method_raw: Range<usize>,
+    /// The request target (path and query, or absolute form).
+    pub target: Range<usize>,
+    /// The version.
+    pub version: Version,
+    /// Every header field, in order, repeats included.
+    pub headers: Vec<HeaderField>,
+    /// Length of the head including the final empty line.
+    pub head_len: usize,
+    /// How the body is delimited.
+    pub framing: BodyFraming,
+    /// Whether the client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+    /// The `Upgrade` value when the request asks for a protocol upgrade.
+    pub upgrade: Option<Range<usize>>,
+    /// The `Host` value.
+    pub host: Option<Range<usize>>,
+    /// Header names listed in `Connection` (hop-by-hop for this message).
+    pub connection_tokens: Vec<Range<usize>>,
+    /// Whether a `Content-Length` header was present.
+    pub has_content_length: bool,
+}
+
+/// A parsed upstream response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase.
+    pub reason: Range<usize>,
+    /// Version.
+    pub version: Version,
+    /// Every header field, in order.
+    pub headers: Vec<HeaderField>,
+    /// Length of the head including the final empty line.
+    pub head_len: usize,
+    /// How the body is delimited.
+    pub framing: BodyFraming,
+    /// Whether the upstream connection may be reused after this response.
+    pub keep_alive: bool,
+    /// Header names listed in `Connection`.
+    pub connection_tokens: Vec<Range<usize>>,
+    /// The `Upgrade` value (on 101).
+    pub upgrade: Option<Range<usize>>,
+}
+
+/// Offset of `part` inside `buf` (both from the same allocation).
+fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Case-insensitive comparison of an ASCII header name.
+pub fn name_is(name: &[u8], want: &str) -> bool {
+    name.eq_ignore_ascii_case(want.as_bytes())
+}
+
+/// Splits a comma-separated list value into trimmed, non-empty elements.
+pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').filter_map(|e| {
+        let e = e.trim_ascii();
+        (!e.is_empty()).then_some(e)
+    })
+}
+
+/// Parses a `Content-Length` value (a list of equal decimal numbers allowed).
+fn parse_content_length(value: &[u8], current: Option<u64>) -> Option<u64> {
+    let mut result = current;
+    let mut any = false;
+    for element in value.split(|b| *b == b',') {
+        let element = element.trim_ascii();
+        if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = element
+            .iter()
+            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        match result {
+            Some(prev) if prev != n => return None,
+            _ => result = Some(n),
+        }
+        any = true;
+    }
+    any.then_some(result).flatten()
+}
+
+/// The header fields every head keeps track of while scanning.
+#[derive(Default)]
+struct Scan {
+    content_length: Option<u64>,
+    bad_content_length: bool,
+    has_content_length: bool,
+    /// Transfer codings in order, across every `Transfer-Encoding` field.
+    te_codings: Vec<Range<usize>>,
+    has_te: bool,
+    conn_close: bool,
+    conn_keep_alive: bool,
+    conn_upgrade: bool,
+    connection_tokens: Vec<Range<usize>>,
+    upgrade: Option<Range<usize>>,
+}
+
+impl Scan {
+    fn header(&mut self, buf: &[u8], field: &HeaderField) {
+        let name = &buf[field.name.clone()];
+        let value = &buf[field.value.clone()];
+        if name_is(name, "content-length") {
+            self.has_content_length = true;
+            match parse_content_length(value, self.content_length) {
+                Some(n) => self.content_length = Some(n),
+                None => self.bad_content_length = true,
+            }
+        } else if name_is(name, "transfer-encoding") {
+            self.has_te = true;
+            for coding in list_elements(value) {
+                self.te_codings.push(offset(buf, coding));
+            }
+        } else if name_is(name, "connection") {
+            for token in list_elements(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.conn_close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.conn_keep_alive = true;
+                } else {
+                    if token.eq_ignore_ascii_case(b"upgrade") {
+                        self.conn_upgrade = true;
+                    }
+                    self.connection_tokens.push(offset(buf, token));
+                }
+            }
+        } else if name_is(name, "upgrade") {
+            self.upgrade = Some(field.value.clone());
+        }
+    }
+
+    /// Whether the codings are exactly one final `chunked` (after any others).
+    fn te_state(&self, buf: &[u8]) -> TeState {
+        let Some(last) = self.te_codings.last() else {
+            return TeState::NotChunked;
+        };
+        let is_chunked = |r: &Range<usize>| buf[r.clone()].eq_ignore_ascii_case(b"chunked");
+        if !is_chunked(last) {
+            return TeState::NotChunked;
+        }
+        let earlier = &self.te_codings[..self.te_codings.len() - 1];
+        if earlier.iter().any(is_chunked) {
+            TeState::ChunkedTwice
+        } else if earlier.is_empty() {
+            TeState::Chunked
+        } else {
+            TeState::ChunkedAfterOthers
+        }
+    }
+}
+
+enum TeState {
+    NotChunked,
+    Chunked,
+    ChunkedTwice,
+    ChunkedAfterOthers,
+}
+
+fn fields(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<HeaderField>) {
+    out.clear();
+    out.extend(parsed.iter().map(|h| HeaderField {
+        name: offset(buf, h.name.as_bytes()),
+        value: offset(buf, h.value.trim_ascii()),
+    }));
+}
+
+/// Parses a request head at the start of `buf`.
+///
+/// `Ok(None)` means the head is not complete yet (read more); errors are final and
+/// answer with [`RequestError::status`].
+pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
+    // The request line: its end must come within the limit.
+    let line_end = match buf.iter().take(limits.max_request_line + 1).position(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        None if buf.len() > limits.max_request_line => return Err(RequestError::UriTooLong),
+        None => return Ok(None),
+    };
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let max = limits.max_headers.min(storage.len());
+    let mut req = httparse::Request::new(&mut storage[..max]);
+    let status = req.parse(buf).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => RequestError::TooManyHeaders,
+        httparse::Error::Version => RequestError::UnsupportedVersion,
+        httparse::Error::HeaderName => RequestError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => RequestError::Malformed("invalid header value"),
+        httparse::Error::NewLine => RequestError::Malformed("invalid line ending"),
+        httparse::Error::Token => RequestError::Malformed("invalid method or target"),
+        httparse::Error::Status => RequestError::Malformed("invalid status"),
+    })?;
+    let head_len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => {
+            if buf.len() - line_end > limits.max_header_bytes {
+                return Err(RequestError::HeadersTooLarge);
+            }
+            return Ok(None);
+        }
+    };
+    if head_len - line_end > limits.max_header_bytes {
+        return Err(RequestError::HeadersTooLarge);
+    }
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(RequestError::Malformed("incomplete request line"));
+    };
+    let version = if version == 1 {
+        Version::Http11
+    } else {
+        Version::Http10
+    };
+    let mut headers = Vec::with_capacity(req.headers.len());
+    fields(buf, req.headers, &mut headers);
+
+    let mut scan = Scan::default();
+    let mut host = None;
+    let mut host_count = 0;
+    let mut expect_continue = false;
+    for field in &headers {
+        scan.header(buf, field);
+        let name = &buf[field.name.clone()];
+        if name_is(name, "host") {
+            host_count += 1;
+            host = Some(field.value.clone());
+        } else if name_is(name, "expect") {
+            if buf[field.value.clone()].eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(RequestError::ExpectationFailed);
+            }
+        }
+    }
+    if host_count > 1 || (version == Version::Http11 && host_count == 0) {
+        return Err(RequestError::BadHost);
+    }
+    if scan.bad_content_length {
+        return Err(RequestError::InvalidContentLength);
+    }
+    let framing = if scan.has_te {
+        if scan.has_content_length {
+            return Err(RequestError::LengthAndTransferEncoding);
+        }
+        if version == Version::Http10 {
+            return Err(RequestError::BadTransferEncoding);
+        }
+        match scan.te_state(buf) {
+            TeState::Chunked => BodyFraming::Chunked,
+            TeState::ChunkedAfterOthers => return Err(RequestError::UnsupportedTransferCoding),
+            TeState::NotChunked | TeState::ChunkedTwice => {
+                return Err(RequestError::BadTransferEncoding)
+            }
+        }
+    } else {
+        BodyFraming::Length(scan.content_length.unwrap_or(0))
+    };
+    let keep_alive = match version {
+        Version::Http11 => !scan.conn_close,
+        Version::Http10 => scan.conn_keep_alive && !scan.conn_close,
+    };
+    let upgrade = if scan.conn_upgrade { scan.upgrade } else { None };
+    Ok(Some(RequestHead {
+        method: Method::from_token(method),
+        method_raw: offset(buf, method.as_bytes()),
+        target: offset(buf, path.as_bytes()),
+        version,
+        headers,
+        head_len,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+        host,
+        connection_tokens: scan.connection_tokens,
+        has_content_length: scan.has_content_length,
+    }))
+}
+
+/// Parses an upstream response head at the start of `buf`, for a request made with
+/// `method`. `Ok(None)`: not complete yet.
+pub fn parse_response(
+    buf: &[u8],
+    method: Method,
+    max_head: usize,
+) -> Result<Option<ResponseHead>, ResponseError> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut storage);
+    let status = resp.parse(buf).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => ResponseError::HeadTooLarge,
+        _ => ResponseError::Malformed("invalid response head"),
+    })?;
+    let head_len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() > max_head => {
+            return Err(ResponseError::HeadTooLarge)
+        }
+        httparse::Status::Partial => return Ok(None),
+    };
+    if head_len > max_head {
+        return Err(ResponseError::HeadTooLarge);
+    }
+    let (Some(code), Some(version)) = (resp.code, resp.version) else {
+        return Err(ResponseError::Malformed("incomplete status line"));
+    };
+    if !(100..=999).contains(&code) {
+        return Err(ResponseError::Malformed("status code out of range"));
+    }
+    let version = if version == 1 {
+        Version::Http11
+    } else {
+        Version::Http10
+    };
+    let reason = offset(buf, resp.reason.unwrap_or("").as_bytes());
+    let mut headers = Vec::with_capacity(resp.headers.len());
+    fields(buf, resp.headers, &mut headers);
+    let mut scan = Scan::default();
+    for field in &headers {
+        scan.header(buf, field);
+    }
+    let bodiless = (100..200).contains(&code) || code == 204 || code == 304 || method == Method::Head;
+    let framing = if bodiless {
+        BodyFraming::Length(0)
+    } else if scan.has_te {
+        if scan.has_content_length {
+            return Err(ResponseError::BadFraming);
+        }
+        match scan.te_state(buf) {
+            TeState::Chunked => BodyFraming::Chunked,
+            // Codings other than a single final `chunked` are not relayed: the proxy
+            // strips `Transfer-Encoding` as hop-by-hop and could not describe them.
+            TeState::ChunkedTwice | TeState::NotChunked | TeState::ChunkedAfterOthers => {
+                return Err(ResponseError::BadFraming)
+            }
+        }
+    } else if scan.bad_content_length {
+        return Err(ResponseError::BadFraming);
+    } else {
+        match scan.content_length {
+            Some(n) => BodyFraming::Length(n),
+            None => BodyFraming::Eof,
+        }
+    };
+    let keep_alive = framing != BodyFraming::Eof
+        && match version {
+            Version::Http11 => !scan.conn_close,
+            Version::Http10 => scan.conn_keep_alive && !scan.conn_close,
+        };
+    Ok(Some(ResponseHead {
+        status: code,
+        reason,
+        version,
+        headers,
+        head_len,
+        framing,
+        keep_alive,
+        connection_tokens: scan.connection_tokens,
+        upgrade: scan.upgrade,
+    }))
+}

@@ -1,0 +1,244 @@
+//! Table-driven tests of request and response parsing and of head encoding.
+
+use super::error::{RequestError, ResponseError};
+use super::parse::{parse_request, parse_response, BodyFraming, HeadLimits, Method, Version};
+
+fn req(input: &[u8]) -> Result<Option<super::parse::RequestHead>, RequestError> {
+    parse_request(input, &HeadLimits::default())
+}
+
+#[test]
+fn request_framing_table() {
+    use BodyFraming::*;
+    let ok: &[(&[u8], BodyFraming, bool)] = &[
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Length(0), true),
+        (b"GET / HTTP/1.1\nHost: a\n\n", Length(0), true),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", Length(5), true),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Length(5), true),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Length(5), true),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Chunked, true),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n", Chunked, true),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Length(0), false),
+        (b"GET / HTTP/1.0\r\n\r\n", Length(0), false),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Length(0), true),
+    ];
+    for (input, framing, keep_alive) in ok {
+        let head = req(input)
+            .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(input)))
+            .expect("complete");
+        assert_eq!(head.framing, *framing, "{:?}", String::from_utf8_lossy(input));
+        assert_eq!(head.keep_alive, *keep_alive, "{:?}", String::from_utf8_lossy(input));
+    }
+}
+
+#[test]
+fn request_refusal_table() {
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(8 * 1024));
+    let long_headers = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(16 * 1024));
+    let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X-A: 1\r\n".repeat(100));
+    let cases: Vec<(&[u8], RequestError, u16)> = vec![
+        (long_line.as_bytes(), RequestError::UriTooLong, 414),
+        (long_headers.as_bytes(), RequestError::HeadersTooLarge, 431),
+        (many_headers.as_bytes(), RequestError::TooManyHeaders, 431),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            RequestError::LengthAndTransferEncoding, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            RequestError::InvalidContentLength, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", RequestError::InvalidContentLength, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", RequestError::InvalidContentLength, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", RequestError::InvalidContentLength, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            RequestError::InvalidContentLength, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", RequestError::BadTransferEncoding, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            RequestError::BadTransferEncoding, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            RequestError::BadTransferEncoding, 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            RequestError::UnsupportedTransferCoding, 501),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", RequestError::BadTransferEncoding, 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n  b\r\n\r\n", RequestError::Malformed("invalid header name"), 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Bare: a\rb\r\n\r\n", RequestError::Malformed("invalid header value"), 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Nul: a\0b\r\n\r\n", RequestError::Malformed("invalid header value"), 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n", RequestError::Malformed("invalid header name"), 400),
+        (b"GET / HTTP/1.1\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n", RequestError::ExpectationFailed, 417),
+        (b"G\0T / HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("invalid method or target"), 400),
+    ];
+    for (input, want, status) in cases {
+        let got = req(input).err();
+        assert_eq!(got, Some(want), "{:?}", String::from_utf8_lossy(&input[..input.len().min(80)]));
+        assert_eq!(want.status(), status);
+    }
+}
+
+#[test]
+fn partial_heads_ask_for_more() {
+    for input in [&b"GET / HTTP/1.1\r\nHost: a\r\n"[..], b"GET / HT", b"", b"GET / HTTP/1.1\r\nHost: a\r\n\r"] {
+        assert_eq!(req(input), Ok(None), "{:?}", String::from_utf8_lossy(input));
+    }
+}
+
+#[test]
+fn request_fields() {
+    let input = b"POST /p?q=1 HTTP/1.1\r\nHost: example\r\nConnection: keep-alive, X-Custom, Upgrade\r\nUpgrade: websocket\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
+    let head = req(input).expect("valid").expect("complete");
+    assert_eq!(head.method, Method::Post);
+    assert_eq!(&input[head.target.clone()], b"/p?q=1");
+    assert_eq!(head.version, Version::Http11);
+    assert_eq!(&input[head.host.clone().expect("host")], b"example");
+    assert!(head.expect_continue);
+    assert_eq!(&input[head.upgrade.clone().expect("upgrade")], b"websocket");
+    let tokens: Vec<&[u8]> = head.connection_tokens.iter().map(|r| &input[r.clone()]).collect();
+    assert_eq!(tokens, vec![&b"X-Custom"[..], b"Upgrade"]);
+    assert_eq!(head.head_len, input.len() - 3);
+}
+
+#[test]
+fn response_framing_table() {
+    use BodyFraming::*;
+    let cases: &[(&[u8], Method, Result<(u16, BodyFraming, bool), ResponseError>)] = &[
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", Method::Get, Ok((200, Length(2), true))),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::Get, Ok((200, Chunked, true))),
+        (b"HTTP/1.1 200 OK\r\n\r\n", Method::Get, Ok((200, Eof, false))),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", Method::Head, Ok((200, Length(0), true))),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", Method::Get, Ok((204, Length(0), true))),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", Method::Get, Ok((304, Length(0), true))),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", Method::Post, Ok((100, Length(0), true))),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", Method::Get, Ok((200, Length(1), false))),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::Get, Ok((200, Length(1), false))),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", Method::Get,
+            Err(ResponseError::BadFraming)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", Method::Get,
+            Err(ResponseError::BadFraming)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", Method::Get, Err(ResponseError::BadFraming)),
+        (b"NOT HTTP\r\n\r\n", Method::Get, Err(ResponseError::Malformed("invalid response head"))),
+        (b"HTTP/1.1 abc OK\r\n\r\n", Method::Get, Err(ResponseError::Malformed("invalid response head"))),
+    ];
+    for (input, method, want) in cases {
+        let got = parse_response(input, *method, 64 * 1024)
+            .map(|h| h.expect("complete"))
+            .map(|h| (h.status, h.framing, h.keep_alive));
+        assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(input));
+    }
+    assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", Method::Get, 1024), Ok(None));
+    let big = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(2000));
+    assert_eq!(parse_response(big.as_bytes(), Method::Get, 1024), Err(ResponseError::HeadTooLarge));
+}
+
+mod encoding {
+    use super::super::encode::{client_response, error_response, upstream_request, ClientFraming, ClientHop};
+    use super::*;
+    use appproxy_shared::RequestId;
+
+    fn hop(trusted: bool) -> ClientHop {
+        ClientHop {
+            peer: "10.1.2.3:5555".parse().expect("addr"),
+            local_port: 8080,
+            trusted,
+        }
+    }
+
+    #[test]
+    fn upstream_request_rewrites_hop_headers() {
+        let input = b"POST /x HTTP/1.1\r\nHost: app.local\r\nconnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nkeep-alive: 5\r\nTE: trailers\r\nX-Keep: a\r\nx-keep: b\r\nX-Request-ID: client-id\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 3, 3\r\nExpect: 100-continue\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let id: RequestId = "rid-1".parse().expect("valid");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, &id, hop(false));
+        let text = String::from_utf8(out).expect("ascii");
+        let want = "POST /x HTTP/1.1\r\nHost: app.local\r\nX-Keep: a\r\nx-keep: b\r\nContent-Length: 3\r\nX-Backend-Request-ID: rid-1\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.local\r\nX-Forwarded-Port: 8080\r\nForwarded: for=10.1.2.3;host=\"app.local\";proto=http\r\n\r\n";
+        assert_eq!(text, want);
+        // From a trusted proxy the chain is extended and its proto kept.
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, &id, hop(true));
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"), "{text}");
+        assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
+        assert!(text.contains(";proto=https\r\n"), "{text}");
+    }
+
+    #[test]
+    fn client_response_rewrites_framing() {
+        let input = b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-Backend-Request-ID: app-said\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n";
+        let head = parse_response(input, Method::Get, 4096).expect("valid").expect("complete");
+        let id: RequestId = "rid-2".parse().expect("valid");
+        let framing = ClientFraming::choose(head.framing, Version::Http11);
+        assert_eq!(framing, ClientFraming::Rechunk);
+        let mut out = Vec::new();
+        client_response(&mut out, input, &head, framing, &id, Version::Http11, false);
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "HTTP/1.1 200 OK\r\nServer: app\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nTransfer-Encoding: chunked\r\nX-Backend-Request-ID: rid-2\r\n\r\n"
+        );
+        assert_eq!(ClientFraming::choose(head.framing, Version::Http10), ClientFraming::UntilClose);
+        assert_eq!(ClientFraming::choose(BodyFraming::Chunked, Version::Http10), ClientFraming::Dechunk);
+    }
+
+    #[test]
+    fn error_bodies_are_json_with_the_id() {
+        let id: RequestId = "rid-3".parse().expect("valid");
+        let mut out = Vec::new();
+        error_response(&mut out, 502, "upstream_connect_failed", "say \"no\"", &id, true);
+        let text = String::from_utf8(out).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(head.contains("X-Backend-Request-ID: rid-3"));
+        assert!(head.contains("Connection: close"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"], "say \"no\"");
+        assert_eq!(v["code"], "upstream_connect_failed");
+        assert_eq!(v["request_id"], "rid-3");
+    }
+}
+
+proptest::proptest! {
+    /// Any input: no panic, and a complete head's offsets lie inside the input.
+    #[test]
+    fn parse_request_never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+        if let Ok(Some(head)) = req(&input) {
+            proptest::prop_assert!(head.head_len <= input.len());
+            for h in &head.headers {
+                proptest::prop_assert!(h.name.end <= head.head_len && h.value.end <= head.head_len);
+            }
+        }
+    }
+
+    /// A well-formed request built from random parts parses back to the same parts.
+    #[test]
+    fn request_round_trip(
+        path in "/[a-zA-Z0-9/_.-]{0,64}",
+        headers in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,20}", "[ -~]{0,40}"), 0..20),
+        len in proptest::option::of(0u64..1_000_000),
+    ) {
+        let mut text = format!("GET {path} HTTP/1.1\r\nHost: h\r\n");
+        let mut sent = vec![];
+        for (n, v) in &headers {
+            let lower = n.to_ascii_lowercase();
+            if ["host", "content-length", "transfer-encoding", "expect", "connection", "upgrade"].contains(&lower.as_str()) {
+                continue;
+            }
+            let v = v.trim();
+            text.push_str(&format!("{n}: {v}\r\n"));
+            sent.push((n.clone(), v.to_owned()));
+        }
+        if let Some(len) = len {
+            text.push_str(&format!("Content-Length: {len}\r\n"));
+        }
+        text.push_str("\r\n");
+        let head = req(text.as_bytes()).expect("valid").expect("complete");
+        let buf = text.as_bytes();
+        proptest::prop_assert_eq!(&buf[head.target.clone()], path.as_bytes());
+        proptest::prop_assert_eq!(head.framing, BodyFraming::Length(len.unwrap_or(0)));
+        let got: Vec<(String, String)> = head.headers.iter().skip(1)
+            .filter(|h| !buf[h.name.clone()].eq_ignore_ascii_case(b"content-length"))
+            .map(|h| (String::from_utf8_lossy(&buf[h.name.clone()]).into_owned(), String::from_utf8_lossy(&buf[h.value.clone()]).into_owned()))
+            .collect();
+        proptest::prop_assert_eq!(got, sent);
+    }
+}

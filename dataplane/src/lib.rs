@@ -1,0 +1,17 @@
+//! `appproxy-dataplane`: the worker.
+//!
+//! One glommio executor per core, each with its own listeners, route table, upstream
+//! pool and readiness reactor; HTTP/1.1 handled by hand; every request carries its
+//! request ID from the client to the app and into every log line.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod core;
+pub mod http;
+pub mod io;
+pub mod preflight;
+pub mod proxy;
+pub mod reactor;
+pub mod relay;
+pub mod worker;

@@ -1,0 +1,73 @@
+//! `appproxy-worker`: the data plane binary.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use appproxy_dataplane::config::Config;
+use appproxy_dataplane::{admin, preflight, worker};
+use clap::Parser;
+
+/// The appproxy worker: per-core HTTP/1.1 proxy with end-to-end request IDs.
+#[derive(Parser, Debug)]
+#[command(name = "appproxy-worker", version, about)]
+struct Args {
+    /// The TOML config file.
+    #[arg(long, short = 'c', required_unless_present = "print_default_config")]
+    config: Option<PathBuf>,
+    /// Print the full default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("appproxy-worker: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn online_cpus() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..n).collect()
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", Config::default_toml());
+        return Ok(());
+    }
+    let path = args.config.context("--config is required")?;
+    let config = Config::load(&path)?;
+    let rt = config.validate(&online_cpus())?;
+    if args.check_config {
+        println!("config ok: {} cores, {} circuits", rt.cpus.len(), rt.circuits.len());
+        return Ok(());
+    }
+    appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
+    preflight::check(rt.cpus.len(), rt.io_memory)?;
+    let cores = rt.cpus.len();
+    let circuits = rt.circuits.len();
+    // Signals are taken before the cores start so none is lost in between.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    let worker = worker::Worker::start(rt)?;
+    if let Some(bind) = config.admin.bind {
+        let addr = admin::spawn(bind, worker.metrics.clone(), admin::HealthInfo { cores, circuits })
+            .with_context(|| format!("cannot serve [admin] on {bind}"))?;
+        tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
+    }
+    tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "draining");
+    }
+    worker.stop();
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,634 @@
+//! One client connection: read a request head, route it, forward it to the app over a
+//! pooled connection, relay the response, repeat (keep-alive and pipelining, in order).
+//!
+//! The request ID is resolved from the head (or generated) and bound with
+//! [`appproxy_shared::scope`] around the handling of that request, so every log line
+//! written meanwhile carries it; it is forwarded to the app and echoed on every
+//! response, the proxy's own errors included.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::header::{self, IdPolicy};
+use appproxy_shared::{scope, RequestId};
+
+use crate::core::{counter, AccessEntry, Core, Route};
+use crate::http::encode::{self, ClientFraming, ClientHop};
+use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
+use crate::io::TcpConn;
+use crate::relay::{self, Mode, ReadBuf, RelayError, RelayOpts};
+
+/// Initial size of each read buffer; heads grow it up to the head limit.
+const BUF_SIZE: usize = 16 * 1024;
+/// Largest body buffer.
+const BODY_BUF_LIMIT: usize = 64 * 1024;
+
+/// What happens after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Read the next request.
+    KeepAlive,
+    /// Close the client connection.
+    Close,
+}
+
+/// The client side of a connection.
+struct Client {
+    /// The socket.
+    conn: TcpConn,
+    /// Bytes read and not yet consumed (the next pipelined request may be here).
+    buf: ReadBuf,
+    /// The hop facts forwarded to the app.
+    hop: ClientHop,
+    /// Largest head, in bytes.
+    head_limit: usize,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: u16) {
+    core.metrics.add(counter::ACCEPTED, 1);
+    core.metrics.add(counter::ACTIVE, 1);
+    let conn_id = core.next_conn_id();
+    let span = tracing::debug_span!("conn", core = core.cpu, conn = conn_id, peer = %peer);
+    let _enter = span.enter();
+    let trusted = core.rt.trusted_proxies.iter().any(|n| n.contains(peer.ip()));
+    let limits = core.rt.head_limits;
+    let mut client = Client {
+        conn,
+        buf: ReadBuf::new(BUF_SIZE),
+        hop: ClientHop {
+            peer,
+            local_port,
+            trusted,
+        },
+        head_limit: limits.max_request_line + limits.max_header_bytes + 4,
+    };
+    let mut upstream_buf = ReadBuf::new(BUF_SIZE);
+    let mut out = Vec::with_capacity(4096);
+    client.conn.set_timeout(core.rt.head_timeout);
+    let mut first = true;
+    loop {
+        let started;
+        let head = match read_head(&core, &mut client, first).await {
+            Ok(Some(head)) => {
+                started = Instant::now();
+                head
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let id = RequestId::generate(core.rt.id_version);
+                let err = ProxyError::Request(e);
+                scope(Some(id), async {
+                    tracing::info!(error = %err, "request refused");
+                })
+                .await;
+                answer_error(&core, &client, &mut out, &err, &id, None, Instant::now(), b"-", b"-", 0).await;
+                break;
+            }
+        };
+        first = false;
+        let id = {
+            let buf = client.buf.filled();
+            let found = header::extract(
+                head.headers
+                    .iter()
+                    .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+            );
+            header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
+                .0
+                .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
+        };
+        let span = tracing::debug_span!("request", request_id = %id);
+        let next = scope(
+            Some(id),
+            handle(&core, &mut client, &mut upstream_buf, &mut out, head, id, started),
+        )
+        .await;
+        drop(span);
+        if next == Next::Close || core.draining.get() {
+            break;
+        }
+        client.conn.set_timeout(core.rt.keepalive_timeout);
+    }
+    core.metrics.sub(counter::ACTIVE, 1);
+}
+
+/// Reads until a complete head is buffered. `Ok(None)`: the client went away (or
+/// stayed idle past the keep-alive timeout) with nothing to answer.
+async fn read_head(
+    core: &Core,
+    client: &mut Client,
+    first: bool,
+) -> Result<Option<RequestHead>, RequestError> {
+    let mut waiting_idle = !first && client.buf.is_empty();
+    client.conn.set_idle(waiting_idle);
+    loop {
+        if let Some(head) = parse::parse_request(client.buf.filled(), &core.rt.head_limits)? {
+            client.conn.set_idle(false);
+            return Ok(Some(head));
+        }
+        match client.buf.fill(&client.conn, client.head_limit).await {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                core.metrics.add(counter::BYTES_IN, n as u64);
+                if waiting_idle {
+                    waiting_idle = false;
+                    client.conn.set_idle(false);
+                    client.conn.set_timeout(core.rt.head_timeout);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return if client.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(RequestError::HeadTimeout)
+                };
+            }
+            Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+                return Err(RequestError::HeadersTooLarge)
+            }
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Sends one of the proxy's own error responses and logs the request.
+#[allow(clippy::too_many_arguments)]
+async fn answer_error(
+    core: &Core,
+    client: &Client,
+    out: &mut Vec<u8>,
+    err: &ProxyError,
+    id: &RequestId,
+    circuit: Option<&uuid::Uuid>,
+    started: Instant,
+    method: &[u8],
+    path: &[u8],
+    bytes_in: u64,
+) {
+    let (status, code) = err.status_and_code();
+    out.clear();
+    encode::error_response(out, status, code, &err.to_string(), id, err.closes_connection());
+    client.conn.set_timeout(core.rt.body_idle_timeout);
+    let _ = client.conn.write_all(out).await;
+    core.metrics.status(status);
+    core.metrics.add(counter::PROXY_ERRORS, 1);
+    core.metrics.add(counter::BYTES_OUT, out.len() as u64);
+    core.access.record(&AccessEntry {
+        request_id: id,
+        circuit,
+        method,
+        path,
+        status,
+        bytes_in,
+        bytes_out: out.len() as u64,
+        upstream: None,
+        started,
+    });
+}
+
+/// Copies of the head's method and path, for logging after the buffer moved on.
+struct LogLine {
+    method: Vec<u8>,
+    path: Vec<u8>,
+}
+
+/// Handles one request whose head is at the start of the client buffer.
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    core: &Rc<Core>,
+    client: &mut Client,
+    ubuf: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    head: RequestHead,
+    id: RequestId,
+    started: Instant,
+) -> Next {
+    let line = {
+        let buf = client.buf.filled();
+        LogLine {
+            method: buf[head.method_raw.clone()].to_vec(),
+            path: buf[head.target.clone()].iter().take(512).copied().collect(),
+        }
+    };
+    let has_body = head.framing != BodyFraming::Length(0);
+    let route = match core.route_for_port(client.hop.local_port) {
+        Some(r) => r,
+        None => {
+            let err = ProxyError::UnknownCircuit;
+            tracing::info!(error = %err, port = client.hop.local_port, "request refused");
+            answer_error(core, client, out, &err, &id, None, started, &line.method, &line.path, head.head_len as u64).await;
+            return if has_body { Next::Close } else { consume_head(client, &head) };
+        }
+    };
+    let circuit_id = route.circuit.circuit.id;
+    if !route.circuit.allowed.is_empty()
+        && !route.circuit.allowed.iter().any(|n| n.contains(client.hop.peer.ip()))
+    {
+        tracing::info!(peer = %client.hop.peer.ip(), "client address not in the circuit's allowlist");
+        // 403 is the contract; the body names no circuit detail.
+        out.clear();
+        encode::error_response(out, 403, "forbidden", "client address not allowed", &id, has_body);
+        client.conn.set_timeout(core.rt.body_idle_timeout);
+        let _ = client.conn.write_all(out).await;
+        core.metrics.status(403);
+        core.access.record(&AccessEntry {
+            request_id: &id,
+            circuit: Some(&circuit_id),
+            method: &line.method,
+            path: &line.path,
+            status: 403,
+            bytes_in: head.head_len as u64,
+            bytes_out: out.len() as u64,
+            upstream: None,
+            started,
+        });
+        return if has_body { Next::Close } else { consume_head(client, &head) };
+    }
+    if head.method == Method::Connect {
+        let err = ProxyError::Request(RequestError::Malformed("CONNECT is not supported"));
+        answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, 0).await;
+        return Next::Close;
+    }
+    if let BodyFraming::Length(n) = head.framing {
+        if core.rt.max_body > 0 && n > core.rt.max_body {
+            let err = ProxyError::Request(RequestError::BodyTooLarge);
+            answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, 0).await;
+            return Next::Close;
+        }
+    }
+    match forward(core, client, ubuf, out, &head, &route, id).await {
+        Ok(done) => {
+            core.metrics.status(done.status);
+            core.metrics.add(counter::BYTES_OUT, done.bytes_out);
+            core.access.record(&AccessEntry {
+                request_id: &id,
+                circuit: Some(&circuit_id),
+                method: &line.method,
+                path: &line.path,
+                status: done.status,
+                bytes_in: done.bytes_in,
+                bytes_out: done.bytes_out,
+                upstream: Some(done.upstream),
+                started,
+            });
+            done.next
+        }
+        Err(Failure::Answer(err, consumed_body)) => {
+            tracing::warn!(error = %err, "request failed");
+            answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, head.head_len as u64).await;
+            if consumed_body && !err.closes_connection() && head.keep_alive {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
+        }
+        Err(Failure::Abort(reason)) => {
+            tracing::info!(reason = %reason, "exchange aborted");
+            core.metrics.add(counter::PROXY_ERRORS, 1);
+            core.access.record(&AccessEntry {
+                request_id: &id,
+                circuit: Some(&circuit_id),
+                method: &line.method,
+                path: &line.path,
+                status: 0,
+                bytes_in: head.head_len as u64,
+                bytes_out: 0,
+                upstream: None,
+                started,
+            });
+            Next::Close
+        }
+    }
+}
+
+fn consume_head(client: &mut Client, head: &RequestHead) -> Next {
+    client.buf.consume(head.head_len);
+    if head.keep_alive {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
+}
+
+/// A completed exchange.
+struct Done {
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    upstream: SocketAddr,
+    next: Next,
+}
+
+/// How an exchange failed.
+enum Failure {
+    /// Nothing was sent to the client yet: answer with this error. The flag says
+    /// whether the request body was fully consumed (so the connection may go on).
+    Answer(ProxyError, bool),
+    /// The response had started (or the client is gone): close without answering.
+    Abort(String),
+}
+
+/// Forwards the request and relays the response.
+async fn forward(
+    core: &Rc<Core>,
+    client: &mut Client,
+    ubuf: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    route: &Route,
+    id: RequestId,
+) -> Result<Done, Failure> {
+    let rt = &core.rt;
+    let addr = route
+        .pick(core.draw())
+        .ok_or(Failure::Answer(ProxyError::NoRoute, false))?;
+    let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
+    let (mut upstream, mut reused) = match core.pool.take(addr) {
+        Some(c) => {
+            core.metrics.add(counter::POOL_HIT, 1);
+            (c, true)
+        }
+        None => {
+            core.metrics.add(counter::POOL_MISS, 1);
+            (connect(core, addr).await?, false)
+        }
+    };
+    if head.expect_continue && head.framing != BodyFraming::Length(0) {
+        client.conn.set_timeout(rt.body_idle_timeout);
+        client
+            .conn
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+    }
+    let opts = RelayOpts {
+        max_payload: rt.max_body,
+        idle: rt.body_idle_timeout,
+        buf_limit: BODY_BUF_LIMIT,
+    };
+    let mut bytes_in = head.head_len as u64;
+    ubuf.consume(usize::MAX);
+    loop {
+        out.clear();
+        encode::upstream_request(out, client.buf.filled(), head, &id, client.hop);
+        let upstream_head_len = out.len() as u64;
+        let send = if retryable {
+            // No body: the head alone, kept in the client buffer until the response
+            // arrived, so a dead pooled connection can be retried.
+            upstream.set_timeout(rt.body_idle_timeout);
+            upstream
+                .write_all(out)
+                .await
+                .map(|()| 0)
+                .map_err(RelayError::Destination)
+        } else {
+            client.buf.consume(head.head_len);
+            let mode = match head.framing {
+                BodyFraming::Length(n) => Mode::Length(n),
+                BodyFraming::Chunked => Mode::Chunked,
+                BodyFraming::Eof => Mode::UntilClose,
+            };
+            relay::relay_body(&client.conn, &mut client.buf, &upstream, out, mode, opts).await
+        };
+        match send {
+            Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
+            Err(RelayError::Destination(e)) if reused && retryable => {
+                tracing::debug!(error = %e, "pooled upstream connection was dead; retrying on a new one");
+                reused = false;
+                upstream = connect(core, addr).await?;
+                continue;
+            }
+            Err(RelayError::Destination(e)) => {
+                return Err(Failure::Answer(ProxyError::UpstreamClosed(e), false));
+            }
+            Err(RelayError::Source(e)) => return Err(Failure::Abort(format!("client body: {e}"))),
+            Err(RelayError::Framing(what)) => {
+                return Err(Failure::Answer(
+                    ProxyError::Request(RequestError::BadChunk(what)),
+                    false,
+                ))
+            }
+            Err(RelayError::TooLarge) => {
+                return Err(Failure::Answer(
+                    ProxyError::Request(RequestError::BodyTooLarge),
+                    false,
+                ))
+            }
+        }
+        match read_response_head(core, &upstream, ubuf, head.method).await {
+            Ok(resp) => {
+                if retryable {
+                    client.buf.consume(head.head_len);
+                }
+                return relay_response(core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in).await;
+            }
+            Err(HeadFailure::Closed(e)) if reused && retryable => {
+                tracing::debug!(error = %e, "pooled upstream connection closed before answering; retrying");
+                reused = false;
+                upstream = connect(core, addr).await?;
+            }
+            Err(f) => {
+                let consumed = !retryable;
+                if retryable {
+                    client.buf.consume(head.head_len);
+                }
+                let err = match f {
+                    HeadFailure::Closed(e) => ProxyError::UpstreamClosed(e),
+                    HeadFailure::Timeout => ProxyError::UpstreamTimeout,
+                    HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
+                };
+                return Err(Failure::Answer(err, consumed || retryable));
+            }
+        }
+    }
+}
+
+async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, Failure> {
+    TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout)
+        .await
+        .map_err(|e| {
+            tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+            Failure::Answer(ProxyError::UpstreamConnect(e), false)
+        })
+}
+
+enum HeadFailure {
+    Closed(io::Error),
+    Timeout,
+    Invalid(ResponseError),
+}
+
+async fn read_response_head(
+    core: &Core,
+    upstream: &TcpConn,
+    ubuf: &mut ReadBuf,
+    method: Method,
+) -> Result<ResponseHead, HeadFailure> {
+    upstream.set_timeout(core.rt.upstream_head_timeout);
+    loop {
+        if let Some(head) = parse::parse_response(ubuf.filled(), method, core.rt.max_response_head)
+            .map_err(HeadFailure::Invalid)?
+        {
+            return Ok(head);
+        }
+        match ubuf.fill(upstream, core.rt.max_response_head + 1024).await {
+            Ok(0) => {
+                return Err(HeadFailure::Closed(io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(HeadFailure::Timeout),
+            Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+                return Err(HeadFailure::Invalid(ResponseError::HeadTooLarge))
+            }
+            Err(e) => return Err(HeadFailure::Closed(e)),
+        }
+    }
+}
+
+/// Relays the response (interim heads, final head, body) and settles both
+/// connections.
+#[allow(clippy::too_many_arguments)]
+async fn relay_response(
+    core: &Rc<Core>,
+    client: &mut Client,
+    upstream: TcpConn,
+    ubuf: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    req: &RequestHead,
+    mut resp: ResponseHead,
+    addr: SocketAddr,
+    id: RequestId,
+    bytes_in: u64,
+) -> Result<Done, Failure> {
+    let rt = &core.rt;
+    let mut bytes_out = 0u64;
+    // Interim responses (100, 103 …) are relayed; 101 ends HTTP on this connection.
+    while (100..200).contains(&resp.status) && resp.status != 101 {
+        out.clear();
+        encode::interim_response(out, ubuf.filled(), &resp);
+        ubuf.consume(resp.head_len);
+        client.conn.set_timeout(rt.body_idle_timeout);
+        client
+            .conn
+            .write_all(out)
+            .await
+            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+        bytes_out += out.len() as u64;
+        resp = match read_response_head(core, &upstream, ubuf, req.method).await {
+            Ok(r) => r,
+            Err(_) => return Err(Failure::Abort("upstream failed after an interim response".into())),
+        };
+    }
+    if resp.status == 101 {
+        if req.upgrade.is_none() {
+            return Err(Failure::Answer(
+                ProxyError::UpstreamResponse(ResponseError::Malformed("101 without an upgrade request")),
+                true,
+            ));
+        }
+        out.clear();
+        encode::client_response(out, ubuf.filled(), &resp, ClientFraming::Empty, &id, req.version, false);
+        ubuf.consume(resp.head_len);
+        return tunnel(core, client, upstream, ubuf, out, addr, bytes_in, bytes_out).await;
+    }
+    let framing = ClientFraming::choose(resp.framing, req.version);
+    let close = !req.keep_alive || core.draining.get();
+    out.clear();
+    encode::client_response(out, ubuf.filled(), &resp, framing, &id, req.version, close);
+    ubuf.consume(resp.head_len);
+    let mode = match framing {
+        ClientFraming::Empty => Mode::Length(0),
+        ClientFraming::Length(n) => Mode::Length(n),
+        ClientFraming::ChunkedPassThrough => Mode::Chunked,
+        ClientFraming::Dechunk => Mode::Dechunk,
+        ClientFraming::Rechunk => Mode::Rechunk,
+        ClientFraming::UntilClose => Mode::UntilClose,
+    };
+    let opts = RelayOpts {
+        max_payload: 0,
+        idle: rt.body_idle_timeout,
+        buf_limit: BODY_BUF_LIMIT,
+    };
+    match relay::relay_body(&upstream, ubuf, &client.conn, out, mode, opts).await {
+        Ok(n) => bytes_out += n,
+        Err(e) => return Err(Failure::Abort(format!("response body: {e}"))),
+    }
+    // Reuse the upstream connection only if the response was fully and exactly read.
+    if resp.keep_alive && ubuf.is_empty() && !matches!(mode, Mode::Rechunk | Mode::UntilClose) {
+        core.pool.put(addr, upstream);
+    }
+    Ok(Done {
+        status: resp.status,
+        bytes_in,
+        bytes_out,
+        upstream: addr,
+        next: if close || framing.closes() {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        },
+    })
+}
+
+/// After a 101: relays bytes both ways until both sides close or the tunnel idles out.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    core: &Rc<Core>,
+    client: &mut Client,
+    upstream: TcpConn,
+    ubuf: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    addr: SocketAddr,
+    bytes_in: u64,
+    mut bytes_out: u64,
+) -> Result<Done, Failure> {
+    let idle = core.rt.tunnel_idle_timeout;
+    // The 101 head plus whatever the app sent right after it.
+    out.extend_from_slice(ubuf.filled());
+    ubuf.consume(usize::MAX);
+    client.conn.set_timeout(idle);
+    client
+        .conn
+        .write_all(out)
+        .await
+        .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+    bytes_out += out.len() as u64;
+    // Bytes the client sent right after its upgrade request.
+    let early = client.buf.filled().to_vec();
+    client.buf.consume(usize::MAX);
+    if !early.is_empty() {
+        upstream.set_timeout(idle);
+        upstream
+            .write_all(&early)
+            .await
+            .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
+    }
+    tracing::info!(upstream = %addr, "upgraded connection established");
+    let started = Instant::now();
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let (up, down) = futures_lite::future::zip(
+        relay::pipe(&client.conn, &upstream, &mut up_buf, idle),
+        relay::pipe(&upstream, &client.conn, &mut down_buf, idle),
+    )
+    .await;
+    let up_bytes = up.unwrap_or(0);
+    let down_bytes = down.unwrap_or(0);
+    tracing::info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_to_app = up_bytes,
+        bytes_to_client = down_bytes,
+        "upgraded connection closed"
+    );
+    Ok(Done {
+        status: 101,
+        bytes_in: bytes_in + up_bytes,
+        bytes_out: bytes_out + down_bytes,
+        upstream: addr,
+        next: Next::Close,
+    })
+}

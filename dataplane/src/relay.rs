@@ -1,0 +1,252 @@
+//! Moving bytes: the connection read buffer and body relaying in every framing.
+//!
+//! Bodies are streamed through one bounded buffer per side, never held whole: a read
+//! is written out before the next read, so a slow reader slows the writer down
+//! (backpressure) and memory stays constant whatever the body size.
+
+use std::io;
+use std::time::Duration;
+
+use crate::http::chunked::ChunkedDecoder;
+use crate::io::TcpConn;
+
+/// A read buffer with a consumed prefix.
+pub struct ReadBuf {
+    /// Storage; `data.len()` is the capacity in use.
+    data: Vec<u8>,
+    /// First unconsumed byte.
+    start: usize,
+    /// End of the bytes read.
+    end: usize,
+}
+
+impl ReadBuf {
+    /// A buffer of `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            data: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The unconsumed bytes.
+    pub fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Whether nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Marks `n` bytes consumed.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more from `conn`, growing up to `limit` bytes of capacity. `Ok(0)` is end
+    /// of stream; a full buffer at `limit` is an `OutOfMemory` error.
+    pub async fn fill(&mut self, conn: &TcpConn, limit: usize) -> io::Result<usize> {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.data.len() < limit {
+                let new_len = (self.data.len() * 2).clamp(1024, limit);
+                self.data.resize(new_len, 0);
+            } else {
+                return Err(io::ErrorKind::OutOfMemory.into());
+            }
+        }
+        let n = conn.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// How a body is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked, validated and relayed verbatim.
+    Chunked,
+    /// Chunked in, payload only out (delimited by close downstream).
+    Dechunk,
+    /// Until the source closes, re-chunked.
+    Rechunk,
+    /// Until the source closes, verbatim.
+    UntilClose,
+}
+
+/// Why a relay stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading the source failed or it closed too early.
+    #[error("source: {0}")]
+    Source(io::Error),
+    /// Writing the destination failed.
+    #[error("destination: {0}")]
+    Destination(io::Error),
+    /// The chunked framing was malformed.
+    #[error("chunked framing: {0}")]
+    Framing(&'static str),
+    /// The body exceeded the limit.
+    #[error("body larger than the limit")]
+    TooLarge,
+}
+
+/// Limits and timers of one relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOpts {
+    /// Payload limit in bytes (0: none).
+    pub max_payload: u64,
+    /// Longest silence on either side.
+    pub idle: Duration,
+    /// Buffer capacity limit for the source buffer.
+    pub buf_limit: usize,
+}
+
+/// Relays one body from `src` (with what is already in `sbuf`) to `dst`.
+///
+/// `prefix` holds bytes to send before the body (a head): it is sent together with
+/// the first body bytes in one write, and emptied. Returns the bytes written to `dst`
+/// (prefix included).
+pub async fn relay_body(
+    src: &TcpConn,
+    sbuf: &mut ReadBuf,
+    dst: &TcpConn,
+    prefix: &mut Vec<u8>,
+    mode: Mode,
+    opts: RelayOpts,
+) -> Result<u64, RelayError> {
+    let mut written = 0u64;
+    let mut payload = 0u64;
+    let mut remaining = match mode {
+        Mode::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut decoder = ChunkedDecoder::new();
+    let mut out = std::mem::take(prefix);
+    loop {
+        let input = sbuf.filled();
+        let mut done = false;
+        let consumed = match mode {
+            Mode::Length(_) => {
+                let take = remaining.min(input.len() as u64) as usize;
+                remaining -= take as u64;
+                payload += take as u64;
+                out.extend_from_slice(&input[..take]);
+                done = remaining == 0;
+                take
+            }
+            Mode::Chunked | Mode::Dechunk => {
+                let mut pos = 0;
+                while pos < input.len() {
+                    let step = decoder.decode(&input[pos..]).map_err(RelayError::Framing)?;
+                    let data = pos + step.data.start..pos + step.data.end;
+                    payload += data.len() as u64;
+                    if mode == Mode::Chunked {
+                        out.extend_from_slice(&input[pos..pos + step.consumed]);
+                    } else {
+                        out.extend_from_slice(&input[data]);
+                    }
+                    pos += step.consumed;
+                    if step.done {
+                        done = true;
+                        break;
+                    }
+                    if step.consumed == 0 {
+                        break;
+                    }
+                }
+                pos
+            }
+            Mode::Rechunk => {
+                if !input.is_empty() {
+                    use std::io::Write as _;
+                    let _ = write!(out, "{:x}\r\n", input.len());
+                    out.extend_from_slice(input);
+                    out.extend_from_slice(b"\r\n");
+                }
+                payload += input.len() as u64;
+                input.len()
+            }
+            Mode::UntilClose => {
+                out.extend_from_slice(input);
+                payload += input.len() as u64;
+                input.len()
+            }
+        };
+        sbuf.consume(consumed);
+        if opts.max_payload > 0 && payload > opts.max_payload {
+            return Err(RelayError::TooLarge);
+        }
+        if !out.is_empty() {
+            dst.set_timeout(opts.idle);
+            dst.write_all(&out).await.map_err(RelayError::Destination)?;
+            written += out.len() as u64;
+            out.clear();
+        }
+        if done {
+            break;
+        }
+        src.set_timeout(opts.idle);
+        let n = sbuf
+            .fill(src, opts.buf_limit)
+            .await
+            .map_err(RelayError::Source)?;
+        if n == 0 {
+            match mode {
+                Mode::Rechunk => {
+                    dst.set_timeout(opts.idle);
+                    dst.write_all(b"0\r\n\r\n")
+                        .await
+                        .map_err(RelayError::Destination)?;
+                    written += 5;
+                    break;
+                }
+                Mode::UntilClose => break,
+                _ => {
+                    return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
+    // Hand the (now empty) allocation back for reuse.
+    *prefix = out;
+    Ok(written)
+}
+
+/// Copies `src` to `dst` until `src` closes, then half-closes `dst`; for tunnels.
+/// Returns the bytes copied.
+pub async fn pipe(src: &TcpConn, dst: &TcpConn, buf: &mut [u8], idle: Duration) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        src.set_timeout(idle);
+        let n = match src.read(buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                src.shutdown_both();
+                dst.shutdown_both();
+                return Err(e);
+            }
+        };
+        dst.set_timeout(idle);
+        if let Err(e) = dst.write_all(&buf[..n]).await {
+            src.shutdown_both();
+            dst.shutdown_both();
+            return Err(e);
+        }
+        total += n as u64;
+    }
+    dst.shutdown_write();
+    Ok(total)
+}

@@ -1,0 +1,269 @@
+//! Starting and stopping the cores.
+//!
+//! One thread per configured CPU runs a pinned glommio executor with its own reactor,
+//! route table, pool, listeners (`SO_REUSEPORT`, so the kernel spreads connections)
+//! and access log. Commands reach a core over a crossbeam channel (the bridge) plus
+//! an eventfd write that wakes its reactor; nothing else is shared between cores.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::Runtime;
+use crate::core::{counter, Core, SharedMetrics};
+use crate::io::Listener;
+use crate::reactor::{Reactor, RemoteWaker};
+
+/// A command for every core.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Stop accepting; finish in-flight requests (up to the drain timeout); exit.
+    Drain,
+}
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A core failed to start (executor, reactor or listener).
+    #[error("core {cpu}: {message}")]
+    Core {
+        /// The CPU.
+        cpu: usize,
+        /// What failed, with what to change.
+        message: String,
+    },
+}
+
+/// The handle to a running worker.
+pub struct Worker {
+    /// Bridge senders and wakers, one per core.
+    cores: Vec<(Sender<Command>, RemoteWaker)>,
+    /// Executor threads.
+    threads: Vec<JoinHandle<()>>,
+    /// Counters of every core.
+    pub metrics: Arc<SharedMetrics>,
+    /// Frontend addresses bound (for logs and tests).
+    pub bound: Vec<SocketAddr>,
+}
+
+/// What a core reports once it is serving (or why it is not).
+type Ready = Result<(usize, RemoteWaker, Vec<SocketAddr>), StartError>;
+
+impl Worker {
+    /// Starts one executor per CPU of `rt` and waits until every core listens.
+    pub fn start(rt: Runtime) -> Result<Self, StartError> {
+        let rt = Arc::new(rt);
+        let metrics = SharedMetrics::new(&rt.cpus);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for (row, &cpu) in rt.cpus.iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            let rt = rt.clone();
+            let metrics = metrics.clone();
+            let ready = ready_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("appproxy-core-{cpu}"))
+                .spawn(move || run_core(cpu, row, rt, metrics, rx, ready))
+                .map_err(|e| StartError::Core {
+                    cpu,
+                    message: format!("cannot start thread: {e}"),
+                })?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut wakers: Vec<Option<RemoteWaker>> = (0..rt.cpus.len()).map(|_| None).collect();
+        let mut bound = Vec::new();
+        let mut failure = None;
+        for _ in 0..rt.cpus.len() {
+            match ready_rx.recv() {
+                Ok(Ok((row, waker, addrs))) => {
+                    wakers[row] = Some(waker);
+                    if row == 0 {
+                        bound = addrs;
+                    }
+                }
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    failure.get_or_insert(StartError::Core {
+                        cpu: 0,
+                        message: "a core exited during start-up".into(),
+                    });
+                    break;
+                }
+            }
+        }
+        let cores: Vec<_> = senders
+            .into_iter()
+            .zip(wakers)
+            .filter_map(|(s, w)| w.map(|w| (s, w)))
+            .collect();
+        let worker = Self {
+            cores,
+            threads,
+            metrics,
+            bound,
+        };
+        if let Some(e) = failure {
+            worker.stop();
+            return Err(e);
+        }
+        Ok(worker)
+    }
+
+    /// Drains every core and waits for them to exit.
+    pub fn stop(self) {
+        for (tx, waker) in &self.cores {
+            let _ = tx.send(Command::Drain);
+            waker.wake();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_core(
+    cpu: usize,
+    row: usize,
+    rt: Arc<Runtime>,
+    metrics: Arc<SharedMetrics>,
+    commands: Receiver<Command>,
+    ready: std::sync::mpsc::Sender<Ready>,
+) {
+    let fail = |message: String| StartError::Core { cpu, message };
+    let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+        .name(&format!("core-{cpu}"))
+        .io_memory(rt.io_memory)
+        .preempt_timer(Duration::from_millis(10))
+        .make()
+    {
+        Ok(ex) => ex,
+        Err(e) => {
+            let _ = ready.send(Err(fail(explain_executor_error(&e.to_string(), rt.io_memory))));
+            return;
+        }
+    };
+    executor.run(async move {
+        let reactor = match Reactor::new(rt.park_max) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready.send(Err(fail(format!("cannot create the epoll reactor: {e}"))));
+                return;
+            }
+        };
+        let core = Core::new(cpu, row, rt.clone(), reactor.clone());
+        let mut accept_tasks = Vec::new();
+        let mut addrs = Vec::new();
+        let ports: Vec<u16> = core.routes.borrow().by_port.keys().copied().collect();
+        for port in ports {
+            let addr = SocketAddr::new(rt.bind_host, port);
+            match Listener::bind(&reactor, addr, rt.backlog) {
+                Ok(l) => {
+                    addrs.push(l.local_addr());
+                    accept_tasks.push(glommio::spawn_local(accept_loop(core.clone(), l)));
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(fail(format!(
+                        "cannot listen on {addr}: {e} (is another process using the port?)"
+                    ))));
+                    return;
+                }
+            }
+        }
+        {
+            let core = core.clone();
+            let metrics = metrics.clone();
+            reactor.on_tick(Box::new(move || {
+                metrics.publish(core.row, &core.metrics);
+                core.access.flush();
+                core.pool.evict_expired();
+            }));
+        }
+        let reactor_task = glommio::spawn_local(reactor.clone().run());
+        let waking = match reactor.waking().remote() {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = ready.send(Err(fail(format!("cannot share the reactor's eventfd: {e}"))));
+                return;
+            }
+        };
+        let _ = ready.send(Ok((row, waking, addrs)));
+        tracing::info!(core = cpu, circuits = core.routes.borrow().by_port.len(), "core serving");
+
+        // The bridge: wait for a wake-up, then take every pending command.
+        let accept_tasks = RefCell::new(accept_tasks);
+        'bridge: loop {
+            reactor.woken().await;
+            while let Ok(cmd) = commands.try_recv() {
+                match cmd {
+                    Command::Drain => break 'bridge,
+                }
+            }
+        }
+        // Drain: stop accepting, close idle connections, let in-flight ones finish.
+        core.draining.set(true);
+        accept_tasks.borrow_mut().clear();
+        reactor.expire_idle();
+        let deadline = Instant::now() + rt.drain_timeout;
+        while core.metrics.counters[counter::ACTIVE].get() > 0 && Instant::now() < deadline {
+            reactor.sleep(Duration::from_millis(5)).await;
+            reactor.expire_idle();
+        }
+        let left = core.metrics.counters[counter::ACTIVE].get();
+        if left > 0 {
+            tracing::warn!(core = cpu, connections = left, "drain timeout: closing connections still open");
+        }
+        tracing::info!(core = cpu, "core stopped");
+        metrics.publish(core.row, &core.metrics);
+        core.access.flush();
+        reactor.stop();
+        let _ = reactor_task.await;
+    });
+}
+
+async fn accept_loop(core: Rc<Core>, listener: Listener) {
+    let port = listener.local_addr().port();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
+                Ok(conn) => {
+                    glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port)).detach();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
+            },
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                tracing::error!(port, error = %e, "accept failed");
+                core.reactor.sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Turns a glommio executor error into a sentence saying what to change.
+fn explain_executor_error(error: &str, io_memory: usize) -> String {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("memlock") || lower.contains("lock") || lower.contains("cannot allocate memory") {
+        format!(
+            "cannot create the executor ({error}): each executor locks {} KiB; raise RLIMIT_MEMLOCK \
+             (ulimit -l, or LimitMEMLOCK=infinity in the systemd unit) or lower [reactor] io_memory_kib",
+            io_memory / 1024
+        )
+    } else if lower.contains("operation not permitted") || lower.contains("function not implemented") {
+        format!(
+            "cannot create the executor ({error}): io_uring is unavailable (Linux >= 5.8 is needed; \
+             container seccomp profiles often block it)"
+        )
+    } else {
+        format!("cannot create the executor: {error}")
+    }
+}

@@ -1,0 +1,22 @@
+//! `appproxy-shared`: what every appproxy component agrees on.
+//!
+//! - [`request_id`]: the validated request-ID value type and its generation;
+//! - [`header`]: which headers carry the ID and the absent/invalid policy;
+//! - [`context`]: the current request ID, bound around futures on any runtime;
+//! - [`telemetry`]: JSON-lines / logfmt logging that stamps `request_id` on every event;
+//! - [`middleware`] (feature `tower`): the request-ID + access-log layer for axum services;
+//! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod context;
+pub mod header;
+#[cfg(feature = "tower")]
+pub mod middleware;
+pub mod model;
+pub mod request_id;
+pub mod telemetry;
+
+pub use context::{current_request_id, inherit, scope, with_request_id, RequestScope};
+pub use header::{IdPolicy, PRIMARY_HEADER};
+pub use request_id::{IdVersion, InvalidRequestId, RequestId};

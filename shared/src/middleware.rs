@@ -1,0 +1,153 @@
+//! The tower middleware of the tokio services: request-ID policy, context binding,
+//! echo, and one access-log line per request.
+//!
+//! For each request it finds the ID ([`crate::header::extract`]), applies the policy,
+//! rewrites the request so handlers see only the primary header with the resolved ID
+//! (an invalid raw value is removed, never forwarded), stores the [`RequestId`] in the
+//! request extensions, binds it around the handler (and everything the handler spawns
+//! with [`crate::context::inherit`]), echoes it on the response when there is one, and
+//! logs `target: "access"` with method, path, status, bytes, duration and request_id.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::context::scope;
+use crate::header::{self, IdPolicy, Origin, INPUT_HEADERS, PRIMARY_HEADER};
+use crate::request_id::{IdVersion, RequestId};
+
+/// Layer that wraps a service in [`RequestIdService`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIdLayer {
+    /// What to do when a request has no usable ID.
+    policy: IdPolicy,
+    /// UUID version of generated IDs.
+    version: IdVersion,
+}
+
+impl RequestIdLayer {
+    /// A layer applying `policy`, generating `version` IDs when it generates.
+    pub fn new(policy: IdPolicy, version: IdVersion) -> Self {
+        Self { policy, version }
+    }
+}
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestIdService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestIdService {
+            inner,
+            policy: self.policy,
+            version: self.version,
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct RequestIdService<S> {
+    /// The wrapped service.
+    inner: S,
+    /// What to do when a request has no usable ID.
+    policy: IdPolicy,
+    /// UUID version of generated IDs.
+    version: IdVersion,
+}
+
+/// The boxed response future (the control plane is not the hot path; one box per
+/// request keeps the types readable).
+pub type ResponseFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for RequestIdService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let extracted = header::extract(
+            req.headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        );
+        let (id, origin) = header::resolve(self.policy, extracted, self.version);
+        normalize_request_headers(&mut req, id);
+        if let Some(id) = id {
+            req.extensions_mut().insert(id);
+        }
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let started = Instant::now();
+        // The service that was made ready is the one that must be called.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(scope(id, async move {
+            if origin == Origin::Replaced {
+                tracing::debug!("invalid request id replaced by a generated one");
+            }
+            let result = inner.call(req).await;
+            let duration_us = started.elapsed().as_micros() as u64;
+            match result {
+                Ok(mut resp) => {
+                    if let Some(id) = id {
+                        if let Ok(value) = HeaderValue::from_bytes(id.as_bytes()) {
+                            resp.headers_mut().insert(PRIMARY_HEADER, value);
+                        }
+                    }
+                    let bytes = resp.body().size_hint().exact();
+                    tracing::info!(
+                        target: "access",
+                        method = %method,
+                        path = %path,
+                        status = resp.status().as_u16(),
+                        bytes = bytes,
+                        duration_us,
+                        "request"
+                    );
+                    Ok(resp)
+                }
+                Err(e) => {
+                    tracing::info!(
+                        target: "access",
+                        method = %method,
+                        path = %path,
+                        status = "error",
+                        duration_us,
+                        "request"
+                    );
+                    Err(e)
+                }
+            }
+        }))
+    }
+}
+
+/// Leaves exactly one request-ID header on the request: the primary one with the
+/// resolved ID, or none.
+fn normalize_request_headers<B>(req: &mut Request<B>, id: Option<RequestId>) {
+    for name in INPUT_HEADERS {
+        req.headers_mut().remove(name);
+    }
+    if let Some(id) = id {
+        if let Ok(value) = HeaderValue::from_bytes(id.as_bytes()) {
+            req.headers_mut().insert(PRIMARY_HEADER, value);
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Telemetry: one `init` for every binary, JSON-lines or logfmt output, and the layer
+//! that stamps the current request ID on every event.
+//!
+//! The formatting layer is written here rather than configured from
+//! `tracing_subscriber::fmt` because the request ID must appear on events that have no
+//! span of their own: it is read from the context ([`crate::context`]) at the moment
+//! the event is emitted, and falls back to a `request_id` field of an enclosing span.
+
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::context::current_request_id;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (`jq 'select(.request_id=="…")'`).
+    #[default]
+    Json,
+    /// `key=value` text (`grep request_id=…`).
+    Logfmt,
+}
+
+/// The `[logging]` table of every component's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `info,appproxy_dataplane=debug`.
+    pub filter: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter directive did not parse.
+    #[error("invalid log filter {filter:?}: {reason}")]
+    Filter {
+        /// The directive as configured.
+        filter: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A global subscriber was already installed.
+    #[error("a global log subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Installs the global subscriber writing to stdout.
+pub fn init(config: &LoggingConfig, component: &'static str) -> Result<(), TelemetryError> {
+    let subscriber = subscriber(config, component, std::io::stdout)?;
+    tracing::subscriber::set_global_default(subscriber)
+        .map_err(|_| TelemetryError::AlreadyInstalled)
+}
+
+/// Builds a subscriber writing to `writer`; tests use it with
+/// `tracing::subscriber::with_default` and an in-memory writer.
+pub fn subscriber<W>(
+    config: &LoggingConfig,
+    component: &'static str,
+    writer: W,
+) -> Result<impl Subscriber + Send + Sync + 'static, TelemetryError>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter {
+        filter: config.filter.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Registry::default()
+        .with(filter)
+        .with(LineLayer::new(config.format, component, writer)))
+}
+
+/// A field value kept from a span or an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    /// Text (also `Debug`-formatted values).
+    Str(String),
+    /// A signed integer.
+    I64(i64),
+    /// An unsigned integer.
+    U64(u64),
+    /// A float.
+    F64(f64),
+    /// A boolean.
+    Bool(bool),
+}
+
+/// The fields recorded on a span, stored in its extensions.
+#[derive(Debug, Default)]
+struct SpanFields(Vec<(&'static str, FieldValue)>);
+
+/// Collects fields into a list, replacing earlier values of the same name.
+struct Collector<'a>(&'a mut Vec<(&'static str, FieldValue)>);
+
+impl Collector<'_> {
+    fn put(&mut self, name: &'static str, value: FieldValue) {
+        if let Some(slot) = self.0.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = value;
+        } else {
+            self.0.push((name, value));
+        }
+    }
+}
+
+impl Visit for Collector<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field.name(), FieldValue::Str(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field.name(), FieldValue::Str(value.to_owned()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field.name(), FieldValue::I64(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field.name(), FieldValue::U64(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field.name(), FieldValue::F64(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field.name(), FieldValue::Bool(value));
+    }
+}
+
+/// The layer that formats and writes one line per event.
+pub struct LineLayer<W> {
+    /// Output format.
+    format: LogFormat,
+    /// The `component` field on every line (`worker`, `coordinator`, …).
+    component: &'static str,
+    /// Where lines go.
+    writer: W,
+}
+
+impl<W> LineLayer<W> {
+    /// A layer writing `format` lines tagged with `component` to `writer`.
+    pub fn new(format: LogFormat, component: &'static str, writer: W) -> Self {
+        Self {
+            format,
+            component,
+            writer,
+        }
+    }
+}
+
+thread_local! {
+    /// Reused line buffer, so formatting an event does not allocate a fresh string.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+impl<S, W> Layer<S> for LineLayer<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'a> MakeWriter<'a> + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = SpanFields::default();
+        attrs.record(&mut Collector(&mut fields.0));
+        span.extensions_mut().insert(fields);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut ext = span.extensions_mut();
+        if let Some(fields) = ext.get_mut::<SpanFields>() {
+            values.record(&mut Collector(&mut fields.0));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Vec::with_capacity(8);
+        // Span fields, root first, so the innermost span and the event win on clashes.
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(sf) = span.extensions().get::<SpanFields>() {
+                    let mut c = Collector(&mut fields);
+                    for (name, value) in &sf.0 {
+                        c.put(name, value.clone());
+                    }
+                }
+            }
+        }
+        event.record(&mut Collector(&mut fields));
+        let span_request_id = take_field(&mut fields, "request_id");
+        let request_id = current_request_id()
+            .map(|id| id.as_str().to_owned())
+            .or(span_request_id.map(|v| match v {
+                FieldValue::Str(s) => s,
+                other => plain(&other),
+            }));
+        let message = take_field(&mut fields, "message");
+        let meta = event.metadata();
+
+        LINE.with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            line.clear();
+            let level = meta.level().as_str();
+            let ts = Rfc3339(SystemTime::now());
+            match self.format {
+                LogFormat::Json => {
+                    let _ = write!(line, "{{\"timestamp\":\"{ts}\",\"level\":\"{level}\"");
+                    push_json_pair(&mut line, "component", self.component);
+                    push_json_pair(&mut line, "target", meta.target());
+                    if let Some(rid) = &request_id {
+                        push_json_pair(&mut line, "request_id", rid);
+                    }
+                    if let Some(m) = &message {
+                        push_json_pair(&mut line, "message", &plain(m));
+                    }
+                    for (name, value) in &fields {
+                        line.push_str(",\"");
+                        push_json_escaped(&mut line, name);
+                        line.push_str("\":");
+                        push_json_value(&mut line, value);
+                    }
+                    line.push_str("}\n");
+                }
+                LogFormat::Logfmt => {
+                    let _ = write!(
+                        line,
+                        "ts={ts} level={} component={}",
+                        level.to_ascii_lowercase(),
+                        self.component
+                    );
+                    push_logfmt_pair(&mut line, "target", meta.target());
+                    if let Some(rid) = &request_id {
+                        push_logfmt_pair(&mut line, "request_id", rid);
+                    }
+                    if let Some(m) = &message {
+                        push_logfmt_pair(&mut line, "msg", &plain(m));
+                    }
+                    for (name, value) in &fields {
+                        push_logfmt_pair(&mut line, name, &plain(value));
+                    }
+                    line.push('\n');
+                }
+            }
+            let mut w = self.writer.make_writer_for(meta);
+            let _ = w.write_all(line.as_bytes());
+        });
+    }
+}
+
+/// Removes and returns the field called `name`.
+fn take_field(fields: &mut Vec<(&'static str, FieldValue)>, name: &str) -> Option<FieldValue> {
+    let pos = fields.iter().position(|(n, _)| *n == name)?;
+    Some(fields.remove(pos).1)
+}
+
+/// A value as plain text.
+fn plain(value: &FieldValue) -> String {
+    match value {
+        FieldValue::Str(s) => s.clone(),
+        FieldValue::I64(v) => v.to_string(),
+        FieldValue::U64(v) => v.to_string(),
+        FieldValue::F64(v) => v.to_string(),
+        FieldValue::Bool(v) => v.to_string(),
+    }
+}
+
+fn push_json_pair(line: &mut String, key: &str, value: &str) {
+    line.push_str(",\"");
+    push_json_escaped(line, key);
+    line.push_str("\":\"");
+    push_json_escaped(line, value);
+    line.push('"');
+}
+
+fn push_json_value(line: &mut String, value: &FieldValue) {
+    match value {
+        FieldValue::Str(s) => {
+            line.push('"');
+            push_json_escaped(line, s);
+            line.push('"');
+        }
+        FieldValue::I64(v) => {
+            let _ = write!(line, "{v}");
+        }
+        FieldValue::U64(v) => {
+            let _ = write!(line, "{v}");
+        }
+        FieldValue::F64(v) if v.is_finite() => {
+            let _ = write!(line, "{v}");
+        }
+        FieldValue::F64(v) => {
+            let _ = write!(line, "\"{v}\"");
+        }
+        FieldValue::Bool(v) => {
+            let _ = write!(line, "{v}");
+        }
+    }
+}
+
+/// Appends `s` escaped for a JSON string body.
+pub fn push_json_escaped(line: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(line, "\\u{:04x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+}
+
+/// Appends ` key=value`, quoting the value when it needs it.
+pub fn push_logfmt_pair(line: &mut String, key: &str, value: &str) {
+    line.push(' ');
+    line.push_str(key);
+    line.push('=');
+    let needs_quotes = value.is_empty()
+        || value
+            .chars()
+            .any(|c| c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control());
+    if !needs_quotes {
+        line.push_str(value);
+        return;
+    }
+    line.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(line, "\\u{:04x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
+}
+
+/// A UTC timestamp printed as RFC 3339 with microseconds.
+#[derive(Clone, Copy)]
+pub struct Rfc3339(pub SystemTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let micros = since.subsec_micros();
+        let days = (secs / 86_400) as i64;
+        let rem = secs % 86_400;
+        let (y, m, d) = civil_from_days(days);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+            rem / 3600,
+            (rem % 3600) / 60,
+            rem % 60
+        )
+    }
+}
+
+/// Converts days since 1970-01-01 to a (year, month, day) civil date (H. Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_755_650_000_123_456);
+        assert_eq!(Rfc3339(t).to_string(), "2025-08-20T00:33:20.123456Z");
+        assert_eq!(Rfc3339(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(Rfc3339(leap).to_string(), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn logfmt_quoting() {
+        let mut s = String::new();
+        push_logfmt_pair(&mut s, "a", "plain");
+        push_logfmt_pair(&mut s, "b", "has space");
+        push_logfmt_pair(&mut s, "c", "");
+        push_logfmt_pair(&mut s, "d", "q\"uote\nline");
+        assert_eq!(s, " a=plain b=\"has space\" c=\"\" d=\"q\\\"uote\\nline\"");
+    }
+}

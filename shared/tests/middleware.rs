@@ -1,0 +1,168 @@
+//! The tower middleware: policy, echo, normalization and access logging, driven with a
+//! real tower service and real `http` types.
+#![cfg(feature = "tower")]
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use appproxy_shared::header::IdPolicy;
+use appproxy_shared::middleware::RequestIdLayer;
+use appproxy_shared::telemetry::{subscriber, LogFormat, LoggingConfig};
+use appproxy_shared::{current_request_id, IdVersion, RequestId};
+use http::{Request, Response};
+use tower::{Layer, Service, ServiceExt};
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("sink").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// What the handler saw: the context ID and the request-ID headers it received.
+#[derive(Debug, Clone)]
+struct Seen {
+    context: Option<RequestId>,
+    headers: Vec<(String, String)>,
+}
+
+/// Runs one request through the layer; returns the response headers, what the handler
+/// saw and the log lines.
+fn run(policy: IdPolicy, headers: &[(&str, &str)]) -> (http::HeaderMap, Seen, Vec<String>) {
+    let sink = Sink::default();
+    let config = LoggingConfig {
+        format: LogFormat::Json,
+        filter: "debug".into(),
+    };
+    let sub = subscriber(&config, "test", sink.clone()).expect("subscriber");
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let handler = tower::service_fn(move |req: Request<String>| {
+        let seen = seen2.clone();
+        async move {
+            tracing::info!("handler ran");
+            let headers = req
+                .headers()
+                .iter()
+                .filter(|(n, _)| n.as_str().contains("request"))
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            *seen.lock().expect("seen") = Some(Seen {
+                context: current_request_id(),
+                headers,
+            });
+            Ok::<_, Infallible>(Response::new("hello".to_owned()))
+        }
+    });
+    let mut svc = RequestIdLayer::new(policy, IdVersion::V4).layer(handler);
+    let mut builder = Request::builder().method("GET").uri("/v2/conf?token=secret");
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    let req = builder.body(String::new()).expect("request");
+    let resp = tracing::subscriber::with_default(sub, || {
+        futures_lite::future::block_on(async {
+            svc.ready().await.expect("ready");
+            svc.call(req).await.expect("infallible")
+        })
+    });
+    let lines = String::from_utf8(sink.0.lock().expect("sink").clone())
+        .expect("utf8")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let seen = seen.lock().expect("seen").clone().expect("handler ran");
+    (resp.headers().clone(), seen, lines)
+}
+
+fn access_line(lines: &[String]) -> serde_json::Value {
+    let line = lines
+        .iter()
+        .find(|l| l.contains("\"target\":\"access\""))
+        .expect("an access line");
+    serde_json::from_str(line).expect("json")
+}
+
+#[test]
+fn absent_is_generated_and_echoed() {
+    let (headers, seen, lines) = run(IdPolicy::GenerateIfMissing, &[]);
+    let echoed = headers
+        .get("x-backend-request-id")
+        .expect("echoed")
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&echoed).is_ok(), "{echoed}");
+    assert_eq!(seen.context.map(|i| i.to_string()), Some(echoed.clone()));
+    assert_eq!(seen.headers, vec![("x-backend-request-id".to_owned(), echoed.clone())]);
+    let access = access_line(&lines);
+    assert_eq!(access["request_id"], echoed.as_str());
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/v2/conf", "the query (which may hold tokens) is not logged");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["bytes"], 5);
+    assert!(access["duration_us"].is_u64());
+    let handler_line = lines.iter().find(|l| l.contains("handler ran")).expect("handler log");
+    assert!(handler_line.contains(&echoed));
+}
+
+#[test]
+fn absent_stays_absent_with_extract_only() {
+    let (headers, seen, lines) = run(IdPolicy::ExtractOnly, &[]);
+    assert!(headers.get("x-backend-request-id").is_none());
+    assert_eq!(seen.context, None);
+    assert!(seen.headers.is_empty());
+    assert!(access_line(&lines).get("request_id").is_none());
+}
+
+#[test]
+fn present_is_preserved() {
+    for policy in [IdPolicy::ExtractOnly, IdPolicy::GenerateIfMissing] {
+        let (headers, seen, lines) = run(policy, &[("X-Backend-Request-ID", "client-id-1")]);
+        assert_eq!(headers["x-backend-request-id"], "client-id-1");
+        assert_eq!(seen.context.map(|i| i.to_string()).as_deref(), Some("client-id-1"));
+        assert_eq!(access_line(&lines)["request_id"], "client-id-1");
+    }
+}
+
+#[test]
+fn alias_is_preserved_under_the_primary_name() {
+    for alias in ["X-BackendAI-RequestID", "X-Request-ID"] {
+        let (headers, seen, _) = run(IdPolicy::ExtractOnly, &[(alias, "alias-id")]);
+        assert_eq!(headers["x-backend-request-id"], "alias-id");
+        assert_eq!(
+            seen.headers,
+            vec![("x-backend-request-id".to_owned(), "alias-id".to_owned())],
+            "only the primary header reaches the handler"
+        );
+    }
+}
+
+#[test]
+fn invalid_is_replaced_and_never_logged_or_forwarded() {
+    let (headers, seen, lines) = run(IdPolicy::GenerateIfMissing, &[("X-Request-ID", "bad value!")]);
+    let echoed = headers["x-backend-request-id"].to_str().expect("ascii").to_owned();
+    assert_ne!(echoed, "bad value!");
+    assert!(uuid::Uuid::parse_str(&echoed).is_ok());
+    assert_eq!(seen.headers, vec![("x-backend-request-id".to_owned(), echoed)]);
+    let all = lines.join("\n");
+    assert!(!all.contains("bad value!"), "{all}");
+    // ExtractOnly treats invalid as absent.
+    let (headers, seen, lines) = run(IdPolicy::ExtractOnly, &[("X-Backend-Request-ID", "%0d%0aInjected")]);
+    assert!(headers.get("x-backend-request-id").is_none());
+    assert!(seen.headers.is_empty());
+    assert!(!lines.join("\n").contains("Injected"));
+}
