@@ -36,7 +36,10 @@ fn extraction(c: &mut Criterion) {
         (b"Host", b"example.com"),
         (b"User-Agent", b"wrk"),
         (b"Accept", b"*/*"),
-        (b"X-Backend-Request-ID", b"550e8400-e29b-41d4-a716-446655440000"),
+        (
+            b"X-Backend-Request-ID",
+            b"550e8400-e29b-41d4-a716-446655440000",
+        ),
     ];
     c.bench_function("request_id/extract_and_resolve", |b| {
         b.iter(|| {

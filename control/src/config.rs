@@ -180,17 +180,26 @@ mod tests {
     #[test]
     fn defaults_round_trip() {
         let text = toml::to_string_pretty(&CoordinatorConfig::default()).expect("toml");
-        assert_eq!(toml::from_str::<CoordinatorConfig>(&text).expect("parse"), CoordinatorConfig::default());
+        assert_eq!(
+            toml::from_str::<CoordinatorConfig>(&text).expect("parse"),
+            CoordinatorConfig::default()
+        );
         let text = toml::to_string_pretty(&StorageConfig::default()).expect("toml");
-        assert_eq!(toml::from_str::<StorageConfig>(&text).expect("parse"), StorageConfig::default());
+        assert_eq!(
+            toml::from_str::<StorageConfig>(&text).expect("parse"),
+            StorageConfig::default()
+        );
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = toml::from_str::<CoordinatorConfig>("[coordinator]\nbnd = \"x\"\n").expect_err("typo");
+        let err =
+            toml::from_str::<CoordinatorConfig>("[coordinator]\nbnd = \"x\"\n").expect_err("typo");
         assert!(err.to_string().contains("unknown field"), "{err}");
-        let ok: CoordinatorConfig =
-            toml::from_str("[database]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n").expect("keys");
+        let ok: CoordinatorConfig = toml::from_str(
+            "[database]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n",
+        )
+        .expect("keys");
         assert_eq!(ok.database.url.as_deref(), Some("postgres://u@h/db"));
     }
 }

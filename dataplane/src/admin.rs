@@ -19,7 +19,11 @@ pub struct HealthInfo {
 }
 
 /// Binds `addr` and serves on a background thread.
-pub fn spawn(addr: SocketAddr, metrics: Arc<SharedMetrics>, info: HealthInfo) -> std::io::Result<SocketAddr> {
+pub fn spawn(
+    addr: SocketAddr,
+    metrics: Arc<SharedMetrics>,
+    info: HealthInfo,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()

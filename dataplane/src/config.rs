@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::http::parse::HeadLimits;
 
 /// The whole worker config file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `[worker]`: identity, cores and frontends.
@@ -146,7 +146,9 @@ impl CoreSpec {
         let mut cpus = BTreeSet::new();
         for part in text.split(',') {
             let part = part.trim();
-            let bad = || format!("invalid core list {text:?}: expected \"all\", a count or ranges like \"0-3,6\"");
+            let bad = || {
+                format!("invalid core list {text:?}: expected \"all\", a count or ranges like \"0-3,6\"")
+            };
             if let Some((lo, hi)) = part.split_once('-') {
                 let lo: usize = lo.trim().parse().map_err(|_| bad())?;
                 let hi: usize = hi.trim().parse().map_err(|_| bad())?;
@@ -324,17 +326,11 @@ impl Default for WorkerLogging {
 }
 
 /// `[coordinator]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorSection {
     /// The coordinator's base URL.
     pub url: Option<String>,
-}
-
-impl Default for CoordinatorSection {
-    fn default() -> Self {
-        Self { url: None }
-    }
 }
 
 /// A config that cannot run, with what to change.
@@ -434,24 +430,6 @@ pub struct Runtime {
     pub circuits: Vec<ResolvedCircuit>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            worker: WorkerSection::default(),
-            limits: LimitsSection::default(),
-            timeouts: TimeoutsSection::default(),
-            upstream: UpstreamSection::default(),
-            reactor: ReactorSection::default(),
-            admin: AdminSection::default(),
-            logging: WorkerLogging::default(),
-            coordinator: None,
-            secrets: None,
-            redis: None,
-            circuits: Vec::new(),
-        }
-    }
-}
-
 impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -481,11 +459,7 @@ impl Config {
 
     /// Validates the config against this machine's CPUs and resolves the circuits.
     pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
-        if self
-            .coordinator
-            .as_ref()
-            .is_some_and(|c| c.url.is_some())
-        {
+        if self.coordinator.as_ref().is_some_and(|c| c.url.is_some()) {
             return Err(ConfigError::Invalid(
                 "[coordinator] url is set, but managed mode is not available in this build of the worker; \
                  remove [coordinator] and list circuits as [[circuits]] (standalone mode)"
@@ -499,7 +473,11 @@ impl Config {
         }
         let cpus = self.worker.cores.resolve(online_cpus)?;
         let l = &self.limits;
-        if l.max_request_line < 64 || l.max_header_bytes < 64 || l.max_headers == 0 || l.max_headers > 128 {
+        if l.max_request_line < 64
+            || l.max_header_bytes < 64
+            || l.max_headers == 0
+            || l.max_headers > 128
+        {
             return Err(ConfigError::Invalid(
                 "[limits]: max_request_line and max_header_bytes must be at least 64, max_headers 1..=128".into(),
             ));
@@ -514,7 +492,9 @@ impl Config {
             ("tunnel_idle_secs", t.tunnel_idle_secs),
         ] {
             if v == 0 {
-                return Err(ConfigError::Invalid(format!("[timeouts] {name} must be at least 1")));
+                return Err(ConfigError::Invalid(format!(
+                    "[timeouts] {name} must be at least 1"
+                )));
             }
         }
         let trusted_proxies = self
@@ -523,7 +503,9 @@ impl Config {
             .iter()
             .map(|s| {
                 IpNet::parse(s).ok_or_else(|| {
-                    ConfigError::Invalid(format!("[worker] trusted_proxies: {s:?} is not an IP or CIDR"))
+                    ConfigError::Invalid(format!(
+                        "[worker] trusted_proxies: {s:?} is not an IP or CIDR"
+                    ))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -545,12 +527,18 @@ impl Config {
                 )));
             }
             if c.frontend_mode != FrontendMode::Port {
-                return Err(err("only port-mode circuits are available in this build".into()));
+                return Err(err(
+                    "only port-mode circuits are available in this build".into()
+                ));
             }
-            let port = c.port.ok_or_else(|| err("port-mode circuit without a port".into()))?;
+            let port = c
+                .port
+                .ok_or_else(|| err("port-mode circuit without a port".into()))?;
             if let Some([lo, hi]) = self.worker.port_range {
                 if port < lo || port > hi {
-                    return Err(err(format!("port {port} is outside [worker] port_range [{lo}, {hi}]")));
+                    return Err(err(format!(
+                        "port {port} is outside [worker] port_range [{lo}, {hi}]"
+                    )));
                 }
             }
             if !ports.insert(port) {
@@ -559,12 +547,19 @@ impl Config {
             let mut upstreams = Vec::new();
             for r in &c.route_info {
                 if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
-                    return Err(err(format!("route to {}:{} has an invalid traffic_ratio", r.kernel_host, r.kernel_port)));
+                    return Err(err(format!(
+                        "route to {}:{} has an invalid traffic_ratio",
+                        r.kernel_host, r.kernel_port
+                    )));
                 }
                 if r.traffic_ratio == 0.0 {
                     continue;
                 }
-                let host = if r.kernel_host.is_empty() { "localhost" } else { r.kernel_host.as_str() };
+                let host = if r.kernel_host.is_empty() {
+                    "localhost"
+                } else {
+                    r.kernel_host.as_str()
+                };
                 let addr = (host, r.kernel_port)
                     .to_socket_addrs()
                     .ok()
@@ -634,7 +629,10 @@ mod tests {
     #[test]
     fn core_specs() {
         assert_eq!(CoreSpec::parse("all"), Ok(CoreSpec::All));
-        assert_eq!(CoreSpec::parse("0-2,5"), Ok(CoreSpec::List(vec![0, 1, 2, 5])));
+        assert_eq!(
+            CoreSpec::parse("0-2,5"),
+            Ok(CoreSpec::List(vec![0, 1, 2, 5]))
+        );
         assert!(CoreSpec::parse("3-1").is_err());
         assert!(CoreSpec::parse("x").is_err());
         let online = [0, 1];
@@ -675,7 +673,11 @@ mod tests {
         for (text, want) in cases {
             let msg = match Config::parse(text) {
                 Err(e) => e,
-                Ok(c) => c.validate(&[0]).err().map(|e| e.to_string()).unwrap_or_default(),
+                Ok(c) => c
+                    .validate(&[0])
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
             };
             assert!(msg.contains(want), "{text:?} gave {msg:?}");
         }
@@ -694,10 +696,20 @@ route_info = [
   { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8889, traffic_ratio = 0.0 },
 ]
 "#;
-        let rt = Config::parse(text).expect("parse").validate(&[0]).expect("valid");
+        let rt = Config::parse(text)
+            .expect("parse")
+            .validate(&[0])
+            .expect("valid");
         let c = &rt.circuits[0];
         assert_eq!(c.port, 10206);
-        assert_eq!(c.upstreams, vec![("127.0.0.1:8888".parse().expect("addr"), 3.0)]);
-        assert_eq!(c.allowed.len(), 1, "invalid entries are skipped, as the original does");
+        assert_eq!(
+            c.upstreams,
+            vec![("127.0.0.1:8888".parse().expect("addr"), 3.0)]
+        );
+        assert_eq!(
+            c.allowed.len(),
+            1,
+            "invalid entries are skipped, as the original does"
+        );
     }
 }

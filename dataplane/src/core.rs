@@ -40,7 +40,10 @@ impl Route {
                 sum
             })
             .collect();
-        Self { circuit, cumulative }
+        Self {
+            circuit,
+            cumulative,
+        }
     }
 
     /// Picks an upstream by `traffic_ratio`, with `draw` uniform in [0, 1).
@@ -236,7 +239,9 @@ impl SharedMetrics {
         let mut out = String::with_capacity(2048);
         for (i, name) in COUNTERS.iter().enumerate() {
             let (metric, extra, kind) = match *name {
-                n if n.starts_with("requests_") => ("appproxy_requests_total", Some(&n[9..]), "counter"),
+                n if n.starts_with("requests_") => {
+                    ("appproxy_requests_total", Some(&n[9..]), "counter")
+                }
                 "connections_active" => ("appproxy_connections_active", None, "gauge"),
                 n => (n, None, "counter"),
             };
@@ -251,7 +256,9 @@ impl SharedMetrics {
             for (core, cells) in &self.cores {
                 let v = cells[i].load(Ordering::Relaxed);
                 match extra {
-                    Some(class) => out.push_str(&format!("{metric}{{core=\"{core}\",status=\"{class}\"}} {v}\n")),
+                    Some(class) => out.push_str(&format!(
+                        "{metric}{{core=\"{core}\",status=\"{class}\"}} {v}\n"
+                    )),
                     None => out.push_str(&format!("{metric}{{core=\"{core}\"}} {v}\n")),
                 }
             }
@@ -468,7 +475,10 @@ route_info = [
   { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1002, traffic_ratio = 3.0 },
 ]
 "#;
-        let rt = crate::config::Config::parse(text).expect("parse").validate(&[0]).expect("valid");
+        let rt = crate::config::Config::parse(text)
+            .expect("parse")
+            .validate(&[0])
+            .expect("valid");
         let route = Route::new(rt.circuits[0].clone());
         let mut counts = [0u32; 2];
         for i in 0..4000 {
@@ -490,10 +500,26 @@ route_info = [
         m.add(counter::ACCEPTED, 3);
         shared.publish(1, &m);
         let text = shared.render();
-        assert!(text.contains("appproxy_requests_total{core=\"1\",status=\"2xx\"} 1\n"), "{text}");
-        assert!(text.contains("appproxy_requests_total{core=\"1\",status=\"5xx\"} 1\n"), "{text}");
-        assert!(text.contains("appproxy_connections_accepted_total{core=\"1\"} 3\n"), "{text}");
-        assert!(text.contains("appproxy_requests_total{core=\"0\",status=\"2xx\"} 0\n"), "{text}");
-        assert_eq!(text.matches("# TYPE appproxy_requests_total counter").count(), 1);
+        assert!(
+            text.contains("appproxy_requests_total{core=\"1\",status=\"2xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_requests_total{core=\"1\",status=\"5xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_connections_accepted_total{core=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_requests_total{core=\"0\",status=\"2xx\"} 0\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE appproxy_requests_total counter")
+                .count(),
+            1
+        );
     }
 }

@@ -44,7 +44,11 @@ fn run() -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let rt = config.validate(&online_cpus())?;
     if args.check_config {
-        println!("config ok: {} cores, {} circuits", rt.cpus.len(), rt.circuits.len());
+        println!(
+            "config ok: {} cores, {} circuits",
+            rt.cpus.len(),
+            rt.circuits.len()
+        );
         return Ok(());
     }
     appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
@@ -59,8 +63,12 @@ fn run() -> anyhow::Result<()> {
     .context("cannot install signal handlers")?;
     let worker = worker::Worker::start(rt)?;
     if let Some(bind) = config.admin.bind {
-        let addr = admin::spawn(bind, worker.metrics.clone(), admin::HealthInfo { cores, circuits })
-            .with_context(|| format!("cannot serve [admin] on {bind}"))?;
+        let addr = admin::spawn(
+            bind,
+            worker.metrics.clone(),
+            admin::HealthInfo { cores, circuits },
+        )
+        .with_context(|| format!("cannot serve [admin] on {bind}"))?;
         tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
     }
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");

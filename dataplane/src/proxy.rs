@@ -54,7 +54,11 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
     let conn_id = core.next_conn_id();
     let span = tracing::debug_span!("conn", core = core.cpu, conn = conn_id, peer = %peer);
     let _enter = span.enter();
-    let trusted = core.rt.trusted_proxies.iter().any(|n| n.contains(peer.ip()));
+    let trusted = core
+        .rt
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
     let mut client = Client {
         conn,
@@ -85,7 +89,17 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
                     tracing::info!(error = %err, "request refused");
                 })
                 .await;
-                answer_error(&core, &client, &mut out, &err, &id, None, Instant::now(), b"-", b"-", 0).await;
+                let line = LogLine {
+                    method: b"-".to_vec(),
+                    path: b"-".to_vec(),
+                };
+                answer(
+                    &core,
+                    &client,
+                    &mut out,
+                    Refusal::from_error(&err, &id, &line, Instant::now()),
+                )
+                .await;
                 break;
             }
         };
@@ -104,7 +118,15 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
         let span = tracing::debug_span!("request", request_id = %id);
         let next = scope(
             Some(id),
-            handle(&core, &mut client, &mut upstream_buf, &mut out, head, id, started),
+            handle(
+                &core,
+                &mut client,
+                &mut upstream_buf,
+                &mut out,
+                head,
+                id,
+                started,
+            ),
         )
         .await;
         drop(span);
@@ -155,38 +177,63 @@ async fn read_head(
     }
 }
 
-/// Sends one of the proxy's own error responses and logs the request.
-#[allow(clippy::too_many_arguments)]
-async fn answer_error(
-    core: &Core,
-    client: &Client,
-    out: &mut Vec<u8>,
-    err: &ProxyError,
-    id: &RequestId,
-    circuit: Option<&uuid::Uuid>,
+/// One of the proxy's own answers, with what its access-log line needs.
+struct Refusal<'a> {
+    /// Status and machine code.
+    status: u16,
+    code: &'static str,
+    /// Human-readable reason (never includes client bytes).
+    message: String,
+    id: &'a RequestId,
+    circuit: Option<&'a uuid::Uuid>,
     started: Instant,
-    method: &[u8],
-    path: &[u8],
+    line: &'a LogLine,
     bytes_in: u64,
-) {
-    let (status, code) = err.status_and_code();
+    /// Whether the connection closes after this answer.
+    close: bool,
+}
+
+impl<'a> Refusal<'a> {
+    fn from_error(
+        err: &ProxyError,
+        id: &'a RequestId,
+        line: &'a LogLine,
+        started: Instant,
+    ) -> Self {
+        let (status, code) = err.status_and_code();
+        Self {
+            status,
+            code,
+            message: err.to_string(),
+            id,
+            circuit: None,
+            started,
+            line,
+            bytes_in: 0,
+            close: err.closes_connection(),
+        }
+    }
+}
+
+/// Sends one of the proxy's own error responses and logs the request.
+async fn answer(core: &Core, client: &Client, out: &mut Vec<u8>, r: Refusal<'_>) {
     out.clear();
-    encode::error_response(out, status, code, &err.to_string(), id, err.closes_connection());
+    encode::error_response(out, r.status, r.code, &r.message, r.id, r.close);
     client.conn.set_timeout(core.rt.body_idle_timeout);
     let _ = client.conn.write_all(out).await;
-    core.metrics.status(status);
+    core.metrics.status(r.status);
     core.metrics.add(counter::PROXY_ERRORS, 1);
     core.metrics.add(counter::BYTES_OUT, out.len() as u64);
     core.access.record(&AccessEntry {
-        request_id: id,
-        circuit,
-        method,
-        path,
-        status,
-        bytes_in,
+        request_id: r.id,
+        circuit: r.circuit,
+        method: &r.line.method,
+        path: &r.line.path,
+        status: r.status,
+        bytes_in: r.bytes_in,
         bytes_out: out.len() as u64,
         upstream: None,
-        started,
+        started: r.started,
     });
 }
 
@@ -220,45 +267,62 @@ async fn handle(
         None => {
             let err = ProxyError::UnknownCircuit;
             tracing::info!(error = %err, port = client.hop.local_port, "request refused");
-            answer_error(core, client, out, &err, &id, None, started, &line.method, &line.path, head.head_len as u64).await;
-            return if has_body { Next::Close } else { consume_head(client, &head) };
+            let next = settle(client, &head, Left::Whole, &err);
+            let mut r = Refusal::from_error(&err, &id, &line, started);
+            r.close = next == Next::Close;
+            answer(core, client, out, r).await;
+            return next;
         }
     };
     let circuit_id = route.circuit.circuit.id;
+    let peer_ip = client.hop.peer.ip();
     if !route.circuit.allowed.is_empty()
-        && !route.circuit.allowed.iter().any(|n| n.contains(client.hop.peer.ip()))
+        && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
     {
-        tracing::info!(peer = %client.hop.peer.ip(), "client address not in the circuit's allowlist");
+        tracing::info!(peer = %peer_ip, "client address not in the circuit's allowlist");
         // 403 is the contract; the body names no circuit detail.
-        out.clear();
-        encode::error_response(out, 403, "forbidden", "client address not allowed", &id, has_body);
-        client.conn.set_timeout(core.rt.body_idle_timeout);
-        let _ = client.conn.write_all(out).await;
-        core.metrics.status(403);
-        core.access.record(&AccessEntry {
-            request_id: &id,
-            circuit: Some(&circuit_id),
-            method: &line.method,
-            path: &line.path,
-            status: 403,
-            bytes_in: head.head_len as u64,
-            bytes_out: out.len() as u64,
-            upstream: None,
-            started,
-        });
-        return if has_body { Next::Close } else { consume_head(client, &head) };
+        let next = if has_body || !head.keep_alive {
+            Next::Close
+        } else {
+            consume_head(client, &head)
+        };
+        answer(
+            core,
+            client,
+            out,
+            Refusal {
+                status: 403,
+                code: "forbidden",
+                message: "client address not allowed".into(),
+                id: &id,
+                circuit: Some(&circuit_id),
+                started,
+                line: &line,
+                bytes_in: head.head_len as u64,
+                close: next == Next::Close,
+            },
+        )
+        .await;
+        return next;
     }
-    if head.method == Method::Connect {
-        let err = ProxyError::Request(RequestError::Malformed("CONNECT is not supported"));
-        answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, 0).await;
-        return Next::Close;
-    }
-    if let BodyFraming::Length(n) = head.framing {
-        if core.rt.max_body > 0 && n > core.rt.max_body {
-            let err = ProxyError::Request(RequestError::BodyTooLarge);
-            answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, 0).await;
-            return Next::Close;
+    let early = if head.method == Method::Connect {
+        Some(ProxyError::Request(RequestError::Malformed(
+            "CONNECT is not supported",
+        )))
+    } else {
+        match head.framing {
+            BodyFraming::Length(n) if core.rt.max_body > 0 && n > core.rt.max_body => {
+                Some(ProxyError::Request(RequestError::BodyTooLarge))
+            }
+            _ => None,
         }
+    };
+    if let Some(err) = early {
+        let mut r = Refusal::from_error(&err, &id, &line, started);
+        r.circuit = Some(&circuit_id);
+        r.close = true;
+        answer(core, client, out, r).await;
+        return Next::Close;
     }
     match forward(core, client, ubuf, out, &head, &route, id).await {
         Ok(done) => {
@@ -277,14 +341,15 @@ async fn handle(
             });
             done.next
         }
-        Err(Failure::Answer(err, consumed_body)) => {
+        Err(Failure::Answer(err, left)) => {
             tracing::warn!(error = %err, "request failed");
-            answer_error(core, client, out, &err, &id, Some(&circuit_id), started, &line.method, &line.path, head.head_len as u64).await;
-            if consumed_body && !err.closes_connection() && head.keep_alive {
-                Next::KeepAlive
-            } else {
-                Next::Close
-            }
+            let next = settle(client, &head, left, &err);
+            let mut r = Refusal::from_error(&err, &id, &line, started);
+            r.circuit = Some(&circuit_id);
+            r.bytes_in = head.head_len as u64;
+            r.close = next == Next::Close;
+            answer(core, client, out, r).await;
+            next
         }
         Err(Failure::Abort(reason)) => {
             tracing::info!(reason = %reason, "exchange aborted");
@@ -302,6 +367,19 @@ async fn handle(
             });
             Next::Close
         }
+    }
+}
+
+/// After a failed exchange: whether the connection can go on, consuming the head
+/// of a bodiless request the exchange left in the buffer.
+fn settle(client: &mut Client, head: &RequestHead, left: Left, err: &ProxyError) -> Next {
+    if err.closes_connection() || !head.keep_alive {
+        return Next::Close;
+    }
+    match left {
+        Left::Whole if head.framing == BodyFraming::Length(0) => consume_head(client, head),
+        Left::Nothing => Next::KeepAlive,
+        _ => Next::Close,
     }
 }
 
@@ -323,11 +401,21 @@ struct Done {
     next: Next,
 }
 
+/// How much of the request the client buffer still holds after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    /// The head (and any body) is untouched.
+    Whole,
+    /// Head and body were consumed.
+    Nothing,
+    /// Part of the body was read: the stream position is lost.
+    Partial,
+}
+
 /// How an exchange failed.
 enum Failure {
-    /// Nothing was sent to the client yet: answer with this error. The flag says
-    /// whether the request body was fully consumed (so the connection may go on).
-    Answer(ProxyError, bool),
+    /// Nothing was sent to the client yet: answer with this error.
+    Answer(ProxyError, Left),
     /// The response had started (or the client is gone): close without answering.
     Abort(String),
 }
@@ -345,7 +433,7 @@ async fn forward(
     let rt = &core.rt;
     let addr = route
         .pick(core.draw())
-        .ok_or(Failure::Answer(ProxyError::NoRoute, false))?;
+        .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
     let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
     let (mut upstream, mut reused) = match core.pool.take(addr) {
         Some(c) => {
@@ -403,19 +491,24 @@ async fn forward(
                 continue;
             }
             Err(RelayError::Destination(e)) => {
-                return Err(Failure::Answer(ProxyError::UpstreamClosed(e), false));
+                let left = if retryable {
+                    Left::Whole
+                } else {
+                    Left::Partial
+                };
+                return Err(Failure::Answer(ProxyError::UpstreamClosed(e), left));
             }
             Err(RelayError::Source(e)) => return Err(Failure::Abort(format!("client body: {e}"))),
             Err(RelayError::Framing(what)) => {
                 return Err(Failure::Answer(
                     ProxyError::Request(RequestError::BadChunk(what)),
-                    false,
+                    Left::Partial,
                 ))
             }
             Err(RelayError::TooLarge) => {
                 return Err(Failure::Answer(
                     ProxyError::Request(RequestError::BodyTooLarge),
-                    false,
+                    Left::Partial,
                 ))
             }
         }
@@ -424,7 +517,10 @@ async fn forward(
                 if retryable {
                     client.buf.consume(head.head_len);
                 }
-                return relay_response(core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in).await;
+                return relay_response(
+                    core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in,
+                )
+                .await;
             }
             Err(HeadFailure::Closed(e)) if reused && retryable => {
                 tracing::debug!(error = %e, "pooled upstream connection closed before answering; retrying");
@@ -432,7 +528,6 @@ async fn forward(
                 upstream = connect(core, addr).await?;
             }
             Err(f) => {
-                let consumed = !retryable;
                 if retryable {
                     client.buf.consume(head.head_len);
                 }
@@ -441,7 +536,7 @@ async fn forward(
                     HeadFailure::Timeout => ProxyError::UpstreamTimeout,
                     HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
                 };
-                return Err(Failure::Answer(err, consumed || retryable));
+                return Err(Failure::Answer(err, Left::Nothing));
             }
         }
     }
@@ -452,7 +547,7 @@ async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, Failure> {
         .await
         .map_err(|e| {
             tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
-            Failure::Answer(ProxyError::UpstreamConnect(e), false)
+            Failure::Answer(ProxyError::UpstreamConnect(e), Left::Whole)
         })
 }
 
@@ -520,18 +615,32 @@ async fn relay_response(
         bytes_out += out.len() as u64;
         resp = match read_response_head(core, &upstream, ubuf, req.method).await {
             Ok(r) => r,
-            Err(_) => return Err(Failure::Abort("upstream failed after an interim response".into())),
+            Err(_) => {
+                return Err(Failure::Abort(
+                    "upstream failed after an interim response".into(),
+                ))
+            }
         };
     }
     if resp.status == 101 {
         if req.upgrade.is_none() {
             return Err(Failure::Answer(
-                ProxyError::UpstreamResponse(ResponseError::Malformed("101 without an upgrade request")),
-                true,
+                ProxyError::UpstreamResponse(ResponseError::Malformed(
+                    "101 without an upgrade request",
+                )),
+                Left::Nothing,
             ));
         }
         out.clear();
-        encode::client_response(out, ubuf.filled(), &resp, ClientFraming::Empty, &id, req.version, false);
+        encode::client_response(
+            out,
+            ubuf.filled(),
+            &resp,
+            ClientFraming::Empty,
+            &id,
+            req.version,
+            false,
+        );
         ubuf.consume(resp.head_len);
         return tunnel(core, client, upstream, ubuf, out, addr, bytes_in, bytes_out).await;
     }

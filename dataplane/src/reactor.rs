@@ -297,8 +297,11 @@ impl Reactor {
             tv_sec: timeout.as_secs() as _,
             tv_nsec: timeout.subsec_nanos() as _,
         };
-        let n = match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(events), Some(&ts))
-        {
+        let n = match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(events),
+            Some(&ts),
+        ) {
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => return 0,
             Err(e) => {

@@ -148,7 +148,10 @@ fn run_core(
     {
         Ok(ex) => ex,
         Err(e) => {
-            let _ = ready.send(Err(fail(explain_executor_error(&e.to_string(), rt.io_memory))));
+            let _ = ready.send(Err(fail(explain_executor_error(
+                &e.to_string(),
+                rt.io_memory,
+            ))));
             return;
         }
     };
@@ -192,21 +195,25 @@ fn run_core(
         let waking = match reactor.waking().remote() {
             Ok(w) => w,
             Err(e) => {
-                let _ = ready.send(Err(fail(format!("cannot share the reactor's eventfd: {e}"))));
+                let _ = ready.send(Err(fail(format!(
+                    "cannot share the reactor's eventfd: {e}"
+                ))));
                 return;
             }
         };
         let _ = ready.send(Ok((row, waking, addrs)));
-        tracing::info!(core = cpu, circuits = core.routes.borrow().by_port.len(), "core serving");
+        tracing::info!(
+            core = cpu,
+            circuits = core.routes.borrow().by_port.len(),
+            "core serving"
+        );
 
         // The bridge: wait for a wake-up, then take every pending command.
         let accept_tasks = RefCell::new(accept_tasks);
-        'bridge: loop {
+        loop {
             reactor.woken().await;
-            while let Ok(cmd) = commands.try_recv() {
-                match cmd {
-                    Command::Drain => break 'bridge,
-                }
+            if commands.try_iter().any(|cmd| matches!(cmd, Command::Drain)) {
+                break;
             }
         }
         // Drain: stop accepting, close idle connections, let in-flight ones finish.
@@ -220,7 +227,11 @@ fn run_core(
         }
         let left = core.metrics.counters[counter::ACTIVE].get();
         if left > 0 {
-            tracing::warn!(core = cpu, connections = left, "drain timeout: closing connections still open");
+            tracing::warn!(
+                core = cpu,
+                connections = left,
+                "drain timeout: closing connections still open"
+            );
         }
         tracing::info!(core = cpu, "core stopped");
         metrics.publish(core.row, &core.metrics);
@@ -236,7 +247,8 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
         match listener.accept().await {
             Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
                 Ok(conn) => {
-                    glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port)).detach();
+                    glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port))
+                        .detach();
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
             },
@@ -252,13 +264,18 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
 /// Turns a glommio executor error into a sentence saying what to change.
 fn explain_executor_error(error: &str, io_memory: usize) -> String {
     let lower = error.to_ascii_lowercase();
-    if lower.contains("memlock") || lower.contains("lock") || lower.contains("cannot allocate memory") {
+    if lower.contains("memlock")
+        || lower.contains("lock")
+        || lower.contains("cannot allocate memory")
+    {
         format!(
             "cannot create the executor ({error}): each executor locks {} KiB; raise RLIMIT_MEMLOCK \
              (ulimit -l, or LimitMEMLOCK=infinity in the systemd unit) or lower [reactor] io_memory_kib",
             io_memory / 1024
         )
-    } else if lower.contains("operation not permitted") || lower.contains("function not implemented") {
+    } else if lower.contains("operation not permitted")
+        || lower.contains("function not implemented")
+    {
         format!(
             "cannot create the executor ({error}): io_uring is unavailable (Linux >= 5.8 is needed; \
              container seccomp profiles often block it)"

@@ -139,7 +139,10 @@ mod tests {
             (&[("x-backendai-requestid", "alias1")], id("alias1")),
             (&[("x-request-id", "alias2")], id("alias2")),
             (
-                &[("x-request-id", "alias2"), ("x-backend-request-id", "primary")],
+                &[
+                    ("x-request-id", "alias2"),
+                    ("x-backend-request-id", "primary"),
+                ],
                 id("primary"),
             ),
             (&[("x-backend-request-id", "bad value")], Extracted::Invalid),

@@ -164,10 +164,7 @@ fn de_ip_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
     Ok(match Option::<Form>::deserialize(d)? {
         None => Vec::new(),
         Some(Form::Text(s)) => split_ip_list(&s),
-        Some(Form::List(items)) => items
-            .iter()
-            .flat_map(|s| split_ip_list(s))
-            .collect(),
+        Some(Form::List(items)) => items.iter().flat_map(|s| split_ip_list(s)).collect(),
     })
 }
 
@@ -208,7 +205,10 @@ impl IpNet {
     /// host bits may be set.
     pub fn parse(s: &str) -> Option<Self> {
         let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a.trim().parse::<IpAddr>().ok()?, Some(p.trim().parse::<u8>().ok()?)),
+            Some((a, p)) => (
+                a.trim().parse::<IpAddr>().ok()?,
+                Some(p.trim().parse::<u8>().ok()?),
+            ),
             None => (s.trim().parse::<IpAddr>().ok()?, None),
         };
         let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -224,11 +224,15 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -402,7 +406,9 @@ mod tests {
         let host = IpNet::parse("192.168.1.1").expect("host");
         assert!(host.contains("192.168.1.1".parse().expect("ip")));
         assert!(!host.contains("192.168.1.2".parse().expect("ip")));
-        assert!(IpNet::parse("0.0.0.0/0").expect("all").contains("8.8.8.8".parse().expect("ip")));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .expect("all")
+            .contains("8.8.8.8".parse().expect("ip")));
         assert!(IpNet::parse("10.0.0.0/33").is_none());
         assert!(IpNet::parse("nonsense").is_none());
         let v6 = IpNet::parse("fd00::/8").expect("v6");
@@ -420,15 +426,19 @@ mod tests {
             request_id: Some(RequestIdText("req-1".into())),
             ..Default::default()
         };
-        let msg = BroadcastMessage::encode(EVENT_CIRCUIT_CREATED, "appproxy-coordinator", &body, &meta)
-            .expect("encode");
+        let msg =
+            BroadcastMessage::encode(EVENT_CIRCUIT_CREATED, "appproxy-coordinator", &body, &meta)
+                .expect("encode");
         let wire = serde_json::to_value(&msg).expect("wire");
         assert!(wire["payload"].is_string());
         assert!(wire["metadata"].is_string());
         let back: BroadcastMessage = serde_json::from_value(wire).expect("decode");
         assert_eq!(back.body::<CircuitsEvent>().expect("body"), body);
         assert_eq!(
-            back.metadata().request_id.and_then(|r| r.validated()).map(|r| r.to_string()),
+            back.metadata()
+                .request_id
+                .and_then(|r| r.validated())
+                .map(|r| r.to_string()),
             Some("req-1".to_owned())
         );
     }

@@ -214,16 +214,31 @@ mod tests {
         let too_long = "a".repeat(129);
         let cases: &[(&[u8], Result<(), InvalidRequestId>)] = &[
             (b"", Err(InvalidRequestId::Empty)),
-            (too_long.as_bytes(), Err(InvalidRequestId::TooLong { len: 129 })),
+            (
+                too_long.as_bytes(),
+                Err(InvalidRequestId::TooLong { len: 129 }),
+            ),
             (long_ok.as_bytes(), Ok(())),
-            (b"abc\r\ndef", Err(InvalidRequestId::InvalidByte { index: 3 })),
+            (
+                b"abc\r\ndef",
+                Err(InvalidRequestId::InvalidByte { index: 3 }),
+            ),
             (b"abc\n", Err(InvalidRequestId::InvalidByte { index: 3 })),
-            (b"has space", Err(InvalidRequestId::InvalidByte { index: 3 })),
-            ("caf\u{e9}".as_bytes(), Err(InvalidRequestId::InvalidByte { index: 3 })),
+            (
+                b"has space",
+                Err(InvalidRequestId::InvalidByte { index: 3 }),
+            ),
+            (
+                "caf\u{e9}".as_bytes(),
+                Err(InvalidRequestId::InvalidByte { index: 3 }),
+            ),
             (b"100%", Err(InvalidRequestId::InvalidByte { index: 3 })),
             (b"a\0b", Err(InvalidRequestId::InvalidByte { index: 1 })),
             (b"a/b", Err(InvalidRequestId::InvalidByte { index: 1 })),
-            (b"\"quoted\"", Err(InvalidRequestId::InvalidByte { index: 0 })),
+            (
+                b"\"quoted\"",
+                Err(InvalidRequestId::InvalidByte { index: 0 }),
+            ),
             (b"550e8400-e29b-41d4-a716-446655440000", Ok(())),
             (b"01ARZ3NDEKTSV4RRFFQ69G5FAV", Ok(())),
             (b"deadbeefcafebabe0123456789abcdef", Ok(())),

@@ -412,7 +412,10 @@ mod tests {
     fn timestamps() {
         let t = UNIX_EPOCH + Duration::from_micros(1_755_650_000_123_456);
         assert_eq!(Rfc3339(t).to_string(), "2025-08-20T00:33:20.123456Z");
-        assert_eq!(Rfc3339(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            Rfc3339(UNIX_EPOCH).to_string(),
+            "1970-01-01T00:00:00.000000Z"
+        );
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(Rfc3339(leap).to_string(), "2000-02-29T00:00:00.000000Z");
     }

@@ -113,12 +113,10 @@ fn nested_scopes_restore_the_outer_id() {
 
 #[test]
 fn background_jobs_get_fresh_ids() {
-    let a = futures_lite::future::block_on(background(IdVersion::V7, async {
-        current_request_id()
-    }));
-    let b = futures_lite::future::block_on(background(IdVersion::V7, async {
-        current_request_id()
-    }));
+    let a =
+        futures_lite::future::block_on(background(IdVersion::V7, async { current_request_id() }));
+    let b =
+        futures_lite::future::block_on(background(IdVersion::V7, async { current_request_id() }));
     assert!(a.is_some() && b.is_some());
     assert_ne!(a, b);
     assert_eq!(current_request_id(), None);

@@ -68,7 +68,9 @@ fn run(policy: IdPolicy, headers: &[(&str, &str)]) -> (http::HeaderMap, Seen, Ve
         }
     });
     let mut svc = RequestIdLayer::new(policy, IdVersion::V4).layer(handler);
-    let mut builder = Request::builder().method("GET").uri("/v2/conf?token=secret");
+    let mut builder = Request::builder()
+        .method("GET")
+        .uri("/v2/conf?token=secret");
     for (n, v) in headers {
         builder = builder.header(*n, *v);
     }
@@ -107,15 +109,24 @@ fn absent_is_generated_and_echoed() {
         .to_owned();
     assert!(uuid::Uuid::parse_str(&echoed).is_ok(), "{echoed}");
     assert_eq!(seen.context.map(|i| i.to_string()), Some(echoed.clone()));
-    assert_eq!(seen.headers, vec![("x-backend-request-id".to_owned(), echoed.clone())]);
+    assert_eq!(
+        seen.headers,
+        vec![("x-backend-request-id".to_owned(), echoed.clone())]
+    );
     let access = access_line(&lines);
     assert_eq!(access["request_id"], echoed.as_str());
     assert_eq!(access["method"], "GET");
-    assert_eq!(access["path"], "/v2/conf", "the query (which may hold tokens) is not logged");
+    assert_eq!(
+        access["path"], "/v2/conf",
+        "the query (which may hold tokens) is not logged"
+    );
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], 5);
     assert!(access["duration_us"].is_u64());
-    let handler_line = lines.iter().find(|l| l.contains("handler ran")).expect("handler log");
+    let handler_line = lines
+        .iter()
+        .find(|l| l.contains("handler ran"))
+        .expect("handler log");
     assert!(handler_line.contains(&echoed));
 }
 
@@ -133,7 +144,10 @@ fn present_is_preserved() {
     for policy in [IdPolicy::ExtractOnly, IdPolicy::GenerateIfMissing] {
         let (headers, seen, lines) = run(policy, &[("X-Backend-Request-ID", "client-id-1")]);
         assert_eq!(headers["x-backend-request-id"], "client-id-1");
-        assert_eq!(seen.context.map(|i| i.to_string()).as_deref(), Some("client-id-1"));
+        assert_eq!(
+            seen.context.map(|i| i.to_string()).as_deref(),
+            Some("client-id-1")
+        );
         assert_eq!(access_line(&lines)["request_id"], "client-id-1");
     }
 }
@@ -153,15 +167,27 @@ fn alias_is_preserved_under_the_primary_name() {
 
 #[test]
 fn invalid_is_replaced_and_never_logged_or_forwarded() {
-    let (headers, seen, lines) = run(IdPolicy::GenerateIfMissing, &[("X-Request-ID", "bad value!")]);
-    let echoed = headers["x-backend-request-id"].to_str().expect("ascii").to_owned();
+    let (headers, seen, lines) = run(
+        IdPolicy::GenerateIfMissing,
+        &[("X-Request-ID", "bad value!")],
+    );
+    let echoed = headers["x-backend-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     assert_ne!(echoed, "bad value!");
     assert!(uuid::Uuid::parse_str(&echoed).is_ok());
-    assert_eq!(seen.headers, vec![("x-backend-request-id".to_owned(), echoed)]);
+    assert_eq!(
+        seen.headers,
+        vec![("x-backend-request-id".to_owned(), echoed)]
+    );
     let all = lines.join("\n");
     assert!(!all.contains("bad value!"), "{all}");
     // ExtractOnly treats invalid as absent.
-    let (headers, seen, lines) = run(IdPolicy::ExtractOnly, &[("X-Backend-Request-ID", "%0d%0aInjected")]);
+    let (headers, seen, lines) = run(
+        IdPolicy::ExtractOnly,
+        &[("X-Backend-Request-ID", "%0d%0aInjected")],
+    );
     assert!(headers.get("x-backend-request-id").is_none());
     assert!(seen.headers.is_empty());
     assert!(!lines.join("\n").contains("Injected"));

@@ -90,7 +90,11 @@ fn logfmt_lines_carry_request_id() {
         tracing::info!("bare");
     });
     assert_eq!(lines.len(), 2);
-    assert!(lines[0].contains(" request_id=req-logfmt-1 "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(" request_id=req-logfmt-1 "),
+        "{}",
+        lines[0]
+    );
     assert!(lines[0].contains(" msg=hello"), "{}", lines[0]);
     assert!(lines[0].contains(" path=\"/a b\""), "{}", lines[0]);
     assert!(!lines[1].contains("request_id="), "{}", lines[1]);
@@ -113,6 +117,8 @@ fn bad_filter_is_a_clear_error() {
         format: LogFormat::Json,
         filter: "info,[[[".into(),
     };
-    let err = subscriber(&config, "test", Sink::default()).err().expect("refused");
+    let err = subscriber(&config, "test", Sink::default())
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("invalid log filter"), "{err}");
 }

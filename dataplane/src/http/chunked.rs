@@ -249,12 +249,19 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: &[(&[u8], Result<Option<(&[u8], usize)>, ChunkError>)] = &[
+        type Case<'a> = (&'a [u8], Result<Option<(&'a [u8], usize)>, ChunkError>);
+        let cases: &[Case<'_>] = &[
             (b"0\r\n\r\n", Ok(Some((b"", 5)))),
             (b"5\r\nhello\r\n0\r\n\r\nNEXT", Ok(Some((b"hello", 15)))),
             (b"5;ext=1\r\nhello\r\n0\r\n\r\n", Ok(Some((b"hello", 21)))),
-            (b"A\r\n0123456789\r\n0\r\n\r\n", Ok(Some((b"0123456789", 20)))),
-            (b"3\r\nabc\r\n0\r\nX-Trailer: v\r\n\r\n", Ok(Some((b"abc", 27)))),
+            (
+                b"A\r\n0123456789\r\n0\r\n\r\n",
+                Ok(Some((b"0123456789", 20))),
+            ),
+            (
+                b"3\r\nabc\r\n0\r\nX-Trailer: v\r\n\r\n",
+                Ok(Some((b"abc", 27))),
+            ),
             (b"5\r\nhel", Ok(None)),
             (b"", Ok(None)),
             (b"x\r\n", Err("chunk size missing")),
@@ -269,7 +276,6 @@ mod tests {
         ];
         for (input, want) in cases {
             let got = decode_all(input);
-            let got = got.map(|o| o.map(|(p, n)| (p, n)));
             let want = want.map(|o| o.map(|(p, n)| (p.to_vec(), n)));
             assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(input));
         }

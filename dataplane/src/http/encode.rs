@@ -60,7 +60,13 @@ pub struct ClientHop {
 }
 
 /// Appends the request head forwarded to the app.
-pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, id: &RequestId, hop: ClientHop) {
+pub fn upstream_request(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    id: &RequestId,
+    hop: ClientHop,
+) {
     out.extend_from_slice(&buf[head.method_raw.clone()]);
     out.push(b' ');
     out.extend_from_slice(&buf[head.target.clone()]);
@@ -139,7 +145,11 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, id: &
         out.push(b'"');
     }
     out.extend_from_slice(b";proto=");
-    out.extend_from_slice(if proto.iter().all(u8::is_ascii_alphanumeric) { proto } else { b"http" });
+    out.extend_from_slice(if proto.iter().all(u8::is_ascii_alphanumeric) {
+        proto
+    } else {
+        b"http"
+    });
     out.extend_from_slice(b"\r\n");
     if let Some(upgrade) = &head.upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
@@ -249,7 +259,14 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
 
 /// Appends one of the proxy's own error responses: a small JSON body
 /// `{"error","code","request_id"}` with the request-ID header.
-pub fn error_response(out: &mut Vec<u8>, status: u16, code: &str, message: &str, id: &RequestId, close: bool) {
+pub fn error_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    code: &str,
+    message: &str,
+    id: &RequestId,
+    close: bool,
+) {
     let mut body = String::with_capacity(128);
     body.push_str("{\"error\":\"");
     appproxy_shared::telemetry::push_json_escaped(&mut body, message);

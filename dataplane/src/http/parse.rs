@@ -287,7 +287,11 @@ fn fields(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<HeaderField
 /// answer with [`RequestError::status`].
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
     // The request line: its end must come within the limit.
-    let line_end = match buf.iter().take(limits.max_request_line + 1).position(|b| *b == b'\n') {
+    let line_end = match buf
+        .iter()
+        .take(limits.max_request_line + 1)
+        .position(|b| *b == b'\n')
+    {
         Some(i) => i + 1,
         None if buf.len() > limits.max_request_line => return Err(RequestError::UriTooLong),
         None => return Ok(None),
@@ -372,7 +376,11 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         Version::Http11 => !scan.conn_close,
         Version::Http10 => scan.conn_keep_alive && !scan.conn_close,
     };
-    let upgrade = if scan.conn_upgrade { scan.upgrade } else { None };
+    let upgrade = if scan.conn_upgrade {
+        scan.upgrade
+    } else {
+        None
+    };
     Ok(Some(RequestHead {
         method: Method::from_token(method),
         method_raw: offset(buf, method.as_bytes()),
@@ -431,7 +439,8 @@ pub fn parse_response(
     for field in &headers {
         scan.header(buf, field);
     }
-    let bodiless = (100..200).contains(&code) || code == 204 || code == 304 || method == Method::Head;
+    let bodiless =
+        (100..200).contains(&code) || code == 204 || code == 304 || method == Method::Head;
     let framing = if bodiless {
         BodyFraming::Length(0)
     } else if scan.has_te {

@@ -13,29 +13,73 @@ fn request_framing_table() {
     let ok: &[(&[u8], BodyFraming, bool)] = &[
         (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Length(0), true),
         (b"GET / HTTP/1.1\nHost: a\n\n", Length(0), true),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", Length(5), true),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Length(5), true),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Length(5), true),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Chunked, true),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n", Chunked, true),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Length(0), false),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            Length(5),
+            true,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            Length(5),
+            true,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            Length(5),
+            true,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Chunked,
+            true,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n",
+            Chunked,
+            true,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Length(0),
+            false,
+        ),
         (b"GET / HTTP/1.0\r\n\r\n", Length(0), false),
-        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Length(0), true),
+        (
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            Length(0),
+            true,
+        ),
     ];
     for (input, framing, keep_alive) in ok {
         let head = req(input)
             .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(input)))
             .expect("complete");
-        assert_eq!(head.framing, *framing, "{:?}", String::from_utf8_lossy(input));
-        assert_eq!(head.keep_alive, *keep_alive, "{:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            head.framing,
+            *framing,
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert_eq!(
+            head.keep_alive,
+            *keep_alive,
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
     }
 }
 
 #[test]
 fn request_refusal_table() {
     let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(8 * 1024));
-    let long_headers = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(16 * 1024));
-    let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X-A: 1\r\n".repeat(100));
+    let long_headers = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(16 * 1024)
+    );
+    let many_headers = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        "X-A: 1\r\n".repeat(100)
+    );
     let cases: Vec<(&[u8], RequestError, u16)> = vec![
         (long_line.as_bytes(), RequestError::UriTooLong, 414),
         (long_headers.as_bytes(), RequestError::HeadersTooLarge, 431),
@@ -69,14 +113,24 @@ fn request_refusal_table() {
     ];
     for (input, want, status) in cases {
         let got = req(input).err();
-        assert_eq!(got, Some(want), "{:?}", String::from_utf8_lossy(&input[..input.len().min(80)]));
+        assert_eq!(
+            got,
+            Some(want),
+            "{:?}",
+            String::from_utf8_lossy(&input[..input.len().min(80)])
+        );
         assert_eq!(want.status(), status);
     }
 }
 
 #[test]
 fn partial_heads_ask_for_more() {
-    for input in [&b"GET / HTTP/1.1\r\nHost: a\r\n"[..], b"GET / HT", b"", b"GET / HTTP/1.1\r\nHost: a\r\n\r"] {
+    for input in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\n"[..],
+        b"GET / HT",
+        b"",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+    ] {
         assert_eq!(req(input), Ok(None), "{:?}", String::from_utf8_lossy(input));
     }
 }
@@ -91,7 +145,11 @@ fn request_fields() {
     assert_eq!(&input[head.host.clone().expect("host")], b"example");
     assert!(head.expect_continue);
     assert_eq!(&input[head.upgrade.clone().expect("upgrade")], b"websocket");
-    let tokens: Vec<&[u8]> = head.connection_tokens.iter().map(|r| &input[r.clone()]).collect();
+    let tokens: Vec<&[u8]> = head
+        .connection_tokens
+        .iter()
+        .map(|r| &input[r.clone()])
+        .collect();
     assert_eq!(tokens, vec![&b"X-Custom"[..], b"Upgrade"]);
     assert_eq!(head.head_len, input.len() - 3);
 }
@@ -99,23 +157,82 @@ fn request_fields() {
 #[test]
 fn response_framing_table() {
     use BodyFraming::*;
-    let cases: &[(&[u8], Method, Result<(u16, BodyFraming, bool), ResponseError>)] = &[
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", Method::Get, Ok((200, Length(2), true))),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::Get, Ok((200, Chunked, true))),
-        (b"HTTP/1.1 200 OK\r\n\r\n", Method::Get, Ok((200, Eof, false))),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", Method::Head, Ok((200, Length(0), true))),
-        (b"HTTP/1.1 204 No Content\r\n\r\n", Method::Get, Ok((204, Length(0), true))),
-        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", Method::Get, Ok((304, Length(0), true))),
-        (b"HTTP/1.1 100 Continue\r\n\r\n", Method::Post, Ok((100, Length(0), true))),
-        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", Method::Get, Ok((200, Length(1), false))),
-        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::Get, Ok((200, Length(1), false))),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", Method::Get,
-            Err(ResponseError::BadFraming)),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", Method::Get,
-            Err(ResponseError::BadFraming)),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", Method::Get, Err(ResponseError::BadFraming)),
-        (b"NOT HTTP\r\n\r\n", Method::Get, Err(ResponseError::Malformed("invalid response head"))),
-        (b"HTTP/1.1 abc OK\r\n\r\n", Method::Get, Err(ResponseError::Malformed("invalid response head"))),
+    type Case<'a> = (
+        &'a [u8],
+        Method,
+        Result<(u16, BodyFraming, bool), ResponseError>,
+    );
+    let cases: &[Case<'_>] = &[
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+            Method::Get,
+            Ok((200, Length(2), true)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+            Ok((200, Chunked, true)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            Method::Get,
+            Ok((200, Eof, false)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+            Method::Head,
+            Ok((200, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            Method::Get,
+            Ok((204, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+            Method::Get,
+            Ok((304, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            Method::Post,
+            Ok((100, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            Method::Get,
+            Ok((200, Length(1), false)),
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+            Method::Get,
+            Ok((200, Length(1), false)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::BadFraming),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::BadFraming),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::BadFraming),
+        ),
+        (
+            b"NOT HTTP\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::Malformed("invalid response head")),
+        ),
+        (
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::Malformed("invalid response head")),
+        ),
     ];
     for (input, method, want) in cases {
         let got = parse_response(input, *method, 64 * 1024)
@@ -123,13 +240,21 @@ fn response_framing_table() {
             .map(|h| (h.status, h.framing, h.keep_alive));
         assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(input));
     }
-    assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", Method::Get, 1024), Ok(None));
+    assert_eq!(
+        parse_response(b"HTTP/1.1 200 OK\r\n", Method::Get, 1024),
+        Ok(None)
+    );
     let big = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(2000));
-    assert_eq!(parse_response(big.as_bytes(), Method::Get, 1024), Err(ResponseError::HeadTooLarge));
+    assert_eq!(
+        parse_response(big.as_bytes(), Method::Get, 1024),
+        Err(ResponseError::HeadTooLarge)
+    );
 }
 
 mod encoding {
-    use super::super::encode::{client_response, error_response, upstream_request, ClientFraming, ClientHop};
+    use super::super::encode::{
+        client_response, error_response, upstream_request, ClientFraming, ClientHop,
+    };
     use super::*;
     use appproxy_shared::RequestId;
 
@@ -157,7 +282,10 @@ mod encoding {
         let mut out = Vec::new();
         upstream_request(&mut out, input, &head, &id, hop(true));
         let text = String::from_utf8(out).expect("ascii");
-        assert!(text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"), "{text}");
+        assert!(
+            text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"),
+            "{text}"
+        );
         assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
         assert!(text.contains(";proto=https\r\n"), "{text}");
     }
@@ -165,7 +293,9 @@ mod encoding {
     #[test]
     fn client_response_rewrites_framing() {
         let input = b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-Backend-Request-ID: app-said\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n";
-        let head = parse_response(input, Method::Get, 4096).expect("valid").expect("complete");
+        let head = parse_response(input, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
         let id: RequestId = "rid-2".parse().expect("valid");
         let framing = ClientFraming::choose(head.framing, Version::Http11);
         assert_eq!(framing, ClientFraming::Rechunk);
@@ -175,15 +305,28 @@ mod encoding {
             String::from_utf8(out).expect("ascii"),
             "HTTP/1.1 200 OK\r\nServer: app\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nTransfer-Encoding: chunked\r\nX-Backend-Request-ID: rid-2\r\n\r\n"
         );
-        assert_eq!(ClientFraming::choose(head.framing, Version::Http10), ClientFraming::UntilClose);
-        assert_eq!(ClientFraming::choose(BodyFraming::Chunked, Version::Http10), ClientFraming::Dechunk);
+        assert_eq!(
+            ClientFraming::choose(head.framing, Version::Http10),
+            ClientFraming::UntilClose
+        );
+        assert_eq!(
+            ClientFraming::choose(BodyFraming::Chunked, Version::Http10),
+            ClientFraming::Dechunk
+        );
     }
 
     #[test]
     fn error_bodies_are_json_with_the_id() {
         let id: RequestId = "rid-3".parse().expect("valid");
         let mut out = Vec::new();
-        error_response(&mut out, 502, "upstream_connect_failed", "say \"no\"", &id, true);
+        error_response(
+            &mut out,
+            502,
+            "upstream_connect_failed",
+            "say \"no\"",
+            &id,
+            true,
+        );
         let text = String::from_utf8(out).expect("ascii");
         let (head, body) = text.split_once("\r\n\r\n").expect("head");
         assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));

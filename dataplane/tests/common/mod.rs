@@ -1,0 +1,653 @@
+//! Test harness: a real upstream app on a thread, the real worker binary in a
+//! throwaway directory on free ports, and a raw-socket client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: u64,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// A test app: answers by path, records every request.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// Released by tests that need the app to wait (SSE, drain).
+    pub gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, c, g, st) = (
+            seen.clone(),
+            connections.clone(),
+            gate.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                c.fetch_add(1, Ordering::Relaxed);
+                let (s, g) = (s.clone(), g.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_app(stream, s, g);
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            connections,
+            gate,
+            stop,
+        }
+    }
+
+    pub fn open_gate(&self) {
+        let (lock, cv) = &*self.gate;
+        *lock.lock().expect("gate") = true;
+        cv.notify_all();
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .expect("seen")
+            .last()
+            .cloned()
+            .expect("a request reached the app")
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("seen").len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn read_line(r: &mut impl BufRead) -> std::io::Result<String> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Reads a chunked body, returning the payload length.
+fn read_chunked(r: &mut impl BufRead) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let line = read_line(r)?;
+        let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| std::io::Error::other("bad chunk size"))?;
+        if size == 0 {
+            loop {
+                let t = read_line(r)?;
+                if t == "\r\n" || t.is_empty() {
+                    return Ok(total);
+                }
+            }
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = r.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n as u64;
+        }
+        total += size;
+        read_line(r)?;
+    }
+}
+
+fn serve_app(
+    stream: TcpStream,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut w = stream;
+    loop {
+        let request_line = read_line(&mut reader)?;
+        if request_line.is_empty() {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("").to_owned();
+        let mut headers = Vec::new();
+        loop {
+            let line = read_line(&mut reader)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = line.trim_end().split_once(':') {
+                headers.push((n.to_owned(), v.trim().to_owned()));
+            }
+        }
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let body_len =
+            if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                read_chunked(&mut reader)?
+            } else {
+                let n: u64 = get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                std::io::copy(&mut (&mut reader).take(n), &mut std::io::sink())?
+            };
+        let record = Seen {
+            method: method.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+            body_len,
+        };
+        seen.lock().expect("seen").push(record.clone());
+        let route = path.split('?').next().unwrap_or("");
+        let query: HashMap<&str, &str> = path
+            .split_once('?')
+            .map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect())
+            .unwrap_or_default();
+        match route {
+            "/bytes" => {
+                // n bytes with Content-Length, streamed in 64 KiB writes.
+                let n: u64 = query.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+                write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n")?;
+                let block = vec![b'x'; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(block.len() as u64) as usize;
+                    w.write_all(&block[..k])?;
+                    left -= k as u64;
+                }
+            }
+            "/chunked" => {
+                w.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n",
+                )?;
+                w.write_all(b"5\r\nhello\r\n")?;
+                w.write_all(b"6\r\n world\r\n")?;
+                w.write_all(b"0\r\nX-Checksum: 42\r\n\r\n")?;
+            }
+            "/sse" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+                let ev = b"data: first\n\n";
+                write!(w, "{:x}\r\n", ev.len())?;
+                w.write_all(ev)?;
+                w.write_all(b"\r\n")?;
+                w.flush()?;
+                // Wait until the test has seen the first event through the proxy.
+                let (lock, cv) = &*gate;
+                let mut open = lock.lock().expect("gate");
+                while !*open {
+                    open = cv.wait(open).expect("gate");
+                }
+                drop(open);
+                let ev = b"data: second\n\n";
+                write!(w, "{:x}\r\n", ev.len())?;
+                w.write_all(ev)?;
+                w.write_all(b"\r\n0\r\n\r\n")?;
+            }
+            "/until-close" => {
+                w.write_all(
+                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of this until close",
+                )?;
+                return Ok(());
+            }
+            "/wait" => {
+                let ms: u64 = query.get("ms").and_then(|v| v.parse().ok()).unwrap_or(500);
+                std::thread::sleep(Duration::from_millis(ms));
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwaited")?;
+            }
+            "/malformed" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc")?;
+                return Ok(());
+            }
+            "/garbage" => {
+                w.write_all(b"this is not http\r\n\r\n")?;
+                return Ok(());
+            }
+            "/close-after" => {
+                // Claims keep-alive, then closes once the response is out.
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")?;
+                w.flush()?;
+                std::thread::sleep(Duration::from_millis(100));
+                return Ok(());
+            }
+            "/status" => {
+                let code: u16 = query
+                    .get("code")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(200);
+                if code == 204 || code == 304 {
+                    write!(w, "HTTP/1.1 {code} X\r\nContent-Length: 7\r\n\r\n")?;
+                } else {
+                    write!(w, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n")?;
+                }
+            }
+            _ => {
+                // Echo: what the app received, as JSON.
+                let mut body = String::from("{");
+                body.push_str(&format!(
+                    "\"method\":{:?},\"path\":{:?},\"body_len\":{body_len}",
+                    method, path
+                ));
+                body.push('}');
+                if method == "HEAD" {
+                    write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n", body.len())?;
+                } else {
+                    write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\nX-Backend-Request-ID: app-should-not-win\r\n\r\n{body}",
+                        body.len()
+                    )?;
+                }
+            }
+        }
+        w.flush()?;
+    }
+}
+
+/// The worker binary, running on a config made for the test.
+pub struct Worker {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+/// Settings the tests vary.
+pub struct WorkerOpts {
+    pub cores: usize,
+    pub upstreams: Vec<SocketAddr>,
+    pub extra: String,
+    pub circuit_extra: String,
+}
+
+impl Default for WorkerOpts {
+    fn default() -> Self {
+        Self {
+            cores: 1,
+            upstreams: Vec::new(),
+            extra: String::new(),
+            circuit_extra: String::new(),
+        }
+    }
+}
+
+impl Worker {
+    pub fn start(opts: WorkerOpts) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routes: Vec<String> = opts
+            .upstreams
+            .iter()
+            .map(|a| {
+                format!(
+                    "{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"{}\", kernel_port = {}, traffic_ratio = 1.0 }}",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect();
+        let config = format!(
+            r#"
+[worker]
+cores = {cores}
+bind_host = "127.0.0.1"
+port_range = [1024, 65535]
+{extra_worker}
+
+[admin]
+bind = "{admin}"
+
+[logging]
+format = "json"
+filter = "debug"
+
+{extra}
+
+[[circuits]]
+id = "c0a8f5d2-1111-4222-8333-444455556666"
+app = "test"
+port = {port}
+open_to_public = true
+route_info = [{routes}]
+{circuit_extra}
+"#,
+            cores = opts.cores,
+            extra_worker = "",
+            extra = opts.extra,
+            circuit_extra = opts.circuit_extra,
+            routes = routes.join(", "),
+        );
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.path().join("worker.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start worker");
+        let w = Self {
+            child: Some(child),
+            port,
+            admin,
+            dir,
+            log,
+        };
+        w.wait_ready();
+        w
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.admin).is_ok()
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("worker did not start; log:\n{}", self.log_text());
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines as JSON (lines that are not JSON are skipped).
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (bounded) until the access log holds a line for `request_id`.
+    pub fn wait_access_line(&self, request_id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self
+                .log_json()
+                .into_iter()
+                .find(|v| v["target"] == "access" && v["request_id"] == request_id)
+            {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access line for {request_id}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn admin_get(&self, path: &str) -> Response {
+        let mut c = Client::connect(self.admin);
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes());
+        c.response()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw-socket HTTP/1.1 client (its own small parser, independent of the worker's).
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            stream,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    pub fn get(&mut self, path: &str, extra: &str) -> Response {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").as_bytes());
+        self.response()
+    }
+
+    /// Reads the head only.
+    pub fn head(&mut self) -> (u16, Vec<(String, String)>) {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        assert!(line.starts_with("HTTP/1."), "not a status line: {line:?}");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h).expect("header line");
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            let (n, v) = h.trim_end().split_once(':').expect("header");
+            headers.push((n.to_owned(), v.trim().to_owned()));
+        }
+        (status, headers)
+    }
+
+    /// Reads one response to a GET (bodies framed by length, chunked or close).
+    pub fn response(&mut self) -> Response {
+        self.response_to("GET")
+    }
+
+    pub fn response_to(&mut self, method: &str) -> Response {
+        loop {
+            let (status, headers) = self.head();
+            if (100..200).contains(&status) && status != 101 {
+                continue;
+            }
+            let resp = Response {
+                status,
+                headers,
+                body: Vec::new(),
+            };
+            let body = if method == "HEAD" || status == 204 || status == 304 || status == 101 {
+                Vec::new()
+            } else if resp.header("transfer-encoding").is_some() {
+                let mut body = Vec::new();
+                loop {
+                    let mut size = String::new();
+                    self.reader.read_line(&mut size).expect("chunk size");
+                    let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                        .expect("hex");
+                    if n == 0 {
+                        loop {
+                            let mut t = String::new();
+                            self.reader.read_line(&mut t).expect("trailer");
+                            if t == "\r\n" || t.is_empty() {
+                                break;
+                            }
+                        }
+                        break;
+                    }
+                    let mut chunk = vec![0; n + 2];
+                    self.reader.read_exact(&mut chunk).expect("chunk");
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                body
+            } else if let Some(n) = resp.header("content-length") {
+                let mut body = vec![0; n.parse().expect("length")];
+                self.reader.read_exact(&mut body).expect("body");
+                body
+            } else {
+                let mut body = Vec::new();
+                self.reader.read_to_end(&mut body).expect("body to close");
+                body
+            };
+            return Response { body, ..resp };
+        }
+    }
+
+    /// True when the server closed the connection (reads end of stream).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+}

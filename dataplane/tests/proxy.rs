@@ -1,0 +1,389 @@
+//! End-to-end behaviour of the worker binary with real sockets and a real app.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{Client, Upstream, Worker, WorkerOpts};
+
+fn worker_for(up: &Upstream) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn request_ids_are_preserved_generated_and_echoed() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+
+    // Present: preserved, forwarded under the primary name, echoed (the app's own
+    // header does not win), logged.
+    let r = c.get("/a?secret=1", "X-Backend-Request-ID: client-id-1\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers_named("x-backend-request-id"), vec!["client-id-1"]);
+    let seen = up.last();
+    assert_eq!(
+        seen.headers_named("x-backend-request-id"),
+        vec!["client-id-1"]
+    );
+    let access = w.wait_access_line("client-id-1");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/a", "the query is not logged");
+    assert_eq!(access["circuit"], "c0a8f5d2-1111-4222-8333-444455556666");
+    assert!(access["duration_us"].is_u64());
+    assert!(access["bytes_out"].as_u64().unwrap_or(0) > 0);
+
+    // Alias: preserved under the primary name; the alias is not forwarded.
+    let r = c.get("/b", "X-Request-ID: alias-id-2\r\n");
+    assert_eq!(r.header("x-backend-request-id"), Some("alias-id-2"));
+    let seen = up.last();
+    assert_eq!(seen.header("x-backend-request-id"), Some("alias-id-2"));
+    assert_eq!(seen.header("x-request-id"), None);
+
+    // Absent: generated (UUID), forwarded and echoed.
+    let r = c.get("/c", "");
+    let id = r.header("x-backend-request-id").expect("echoed").to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(up.last().header("x-backend-request-id"), Some(id.as_str()));
+    w.wait_access_line(&id);
+
+    // Invalid: replaced; the raw value is neither forwarded nor logged.
+    let r = c.get("/d", "X-Backend-Request-ID: evil value;<script>\r\n");
+    let id = r.header("x-backend-request-id").expect("echoed").to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(up.last().header("x-backend-request-id"), Some(id.as_str()));
+    w.wait_access_line(&id);
+    assert!(!w.log_text().contains("evil value"));
+    assert!(!format!("{:?}", up.seen.lock().expect("seen")).contains("evil value"));
+}
+
+#[test]
+fn forwarding_headers_and_hop_by_hop() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    let r = c.get(
+        "/h",
+        "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nX-Repeat: 1\r\nx-repeat: 2\r\nCookie: a=b\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-hop"),
+        None,
+        "names listed in Connection are hop-by-hop"
+    );
+    assert_eq!(seen.header("keep-alive"), None);
+    assert_eq!(seen.header("connection"), None);
+    assert_eq!(
+        seen.headers_named("x-forwarded-for"),
+        vec!["127.0.0.1"],
+        "an untrusted peer's XFF is replaced"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("test"));
+    assert_eq!(
+        seen.header("x-forwarded-port"),
+        Some(w.port.to_string().as_str())
+    );
+    assert!(seen
+        .header("forwarded")
+        .is_some_and(|f| f.contains("for=127.0.0.1")));
+    assert_eq!(seen.headers_named("x-repeat"), vec!["1", "2"]);
+    // Name case is kept as the client sent it.
+    assert!(seen.headers.iter().any(|(n, _)| n == "x-repeat"));
+    assert!(seen.headers.iter().any(|(n, _)| n == "X-Repeat"));
+    assert_eq!(seen.header("cookie"), Some("a=b"));
+}
+
+#[test]
+fn keep_alive_and_pipelining_answer_in_order() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.extend_from_slice(
+            format!("GET /p{i} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: pipe-{i}\r\n\r\n")
+                .as_bytes(),
+        );
+    }
+    c.send(&batch);
+    for i in 0..5 {
+        let r = c.response();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["path"], format!("/p{i}"));
+        assert_eq!(
+            r.header("x-backend-request-id"),
+            Some(format!("pipe-{i}").as_str())
+        );
+    }
+    // The same client connection goes on, and the app saw one pooled connection.
+    for _ in 0..20 {
+        assert_eq!(c.get("/again", "").status, 200);
+    }
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let metrics = w.admin_get("/metrics").text();
+    assert!(
+        metrics.contains("appproxy_upstream_pool_hits_total"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn chunked_both_ways_with_trailers() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: yes\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 12);
+    assert_eq!(up.last().header("transfer-encoding"), Some("chunked"));
+
+    let r = c.get("/chunked", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.text(), "hello world");
+
+    // A close-delimited response reaches an HTTP/1.1 client re-chunked, keep-alive.
+    let r = c.get("/until-close", "");
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.text(), "all of this until close");
+    assert_eq!(c.get("/still-open", "").status, 200);
+}
+
+#[test]
+fn http10_clients_get_close_delimited_or_keep_alive() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /chunked HTTP/1.0\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("transfer-encoding"),
+        None,
+        "HTTP/1.0 cannot take chunked"
+    );
+    assert_eq!(r.text(), "hello world");
+    assert!(c.is_closed());
+
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    c.send(b"GET /y HTTP/1.0\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.json()["path"], "/y");
+    assert!(c.is_closed());
+}
+
+#[test]
+fn bodiless_responses_and_expect_continue() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.response_to("HEAD");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-length").is_some(),
+        "HEAD keeps the representation's length"
+    );
+    for code in [204, 304] {
+        let r = c.get(&format!("/status?code={code}"), "");
+        assert_eq!(r.status, code);
+        assert!(r.body.is_empty());
+    }
+    // Expect: 100-continue: the proxy says 100 before the client sends the body.
+    c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n");
+    let (status, _) = c.head();
+    assert_eq!(status, 100);
+    c.send(b"body");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 4);
+    assert_eq!(up.last().header("expect"), None);
+}
+
+#[test]
+fn server_sent_events_stream_event_by_event() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /sse HTTP/1.1\r\nHost: t\r\n\r\n");
+    let (status, headers) = c.head();
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("content-type") && v == "text/event-stream"));
+    // The first event arrives while the app is still holding the second one back.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("data: first") {
+        let n = c.reader.read(&mut buf).expect("first event");
+        assert!(n > 0, "stream ended before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&got).contains("second"));
+    up.open_gate();
+    while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
+        let n = c.reader.read(&mut buf).expect("rest");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).contains("data: second"));
+}
+
+#[test]
+fn large_bodies_stream_with_bounded_memory() {
+    const SIZE: u64 = 100 << 20;
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    // Upload 100 MiB.
+    c.send(
+        format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes(),
+    );
+    let block = vec![b'u'; 1 << 20];
+    for _ in 0..100 {
+        c.stream.write_all(&block).expect("upload");
+    }
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], SIZE);
+    // Download 100 MiB.
+    c.send(format!("GET /bytes?n={SIZE} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    let (status, headers) = c.head();
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && *v == SIZE.to_string()));
+    let mut left = SIZE;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = c
+            .reader
+            .read(&mut buf[..left.min(1 << 20) as usize])
+            .expect("download");
+        assert!(n > 0);
+        left -= n as u64;
+    }
+    let peak = w.peak_rss_kib();
+    assert!(
+        peak > 0 && peak < 64 * 1024,
+        "worker peak RSS {peak} KiB for 100 MiB each way"
+    );
+    assert_eq!(c.get("/after", "").status, 200);
+}
+
+#[test]
+fn requests_are_served_on_more_than_one_core() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    for i in 0..64 {
+        let mut c = Client::connect(w.addr());
+        assert_eq!(
+            c.get("/spread", &format!("X-Backend-Request-ID: spread-{i}\r\n"))
+                .status,
+            200
+        );
+    }
+    let cores: std::collections::BTreeSet<u64> = (0..64)
+        .map(|i| {
+            w.wait_access_line(&format!("spread-{i}"))["core"]
+                .as_u64()
+                .expect("core")
+        })
+        .collect();
+    assert_eq!(
+        cores.len(),
+        2,
+        "64 connections all landed on one core: {cores:?}"
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits() {
+    let up = Upstream::start();
+    let mut w = worker_for(&up);
+    let mut idle = Client::connect(w.addr());
+    assert_eq!(idle.get("/warm", "").status, 200);
+    let mut busy = Client::connect(w.addr());
+    busy.send(b"GET /wait?ms=700 HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: in-flight\r\n\r\n");
+    // Let the request reach the app before the signal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !up
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|s| s.path.starts_with("/wait"))
+    {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = w.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let r = busy.response();
+    assert_eq!(r.status, 200, "the in-flight request completed");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        idle.is_closed(),
+        "idle keep-alive connections are closed on drain"
+    );
+    assert!(
+        std::net::TcpStream::connect(w.addr()).is_err(),
+        "no longer accepting"
+    );
+}
+
+#[test]
+fn retries_once_when_a_pooled_connection_died() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    // The app claims keep-alive but closes right after answering.
+    assert_eq!(c.get("/close-after", "").status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c.get("/next", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/next");
+}
+
+#[test]
+fn admin_health_and_metrics() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let r = w.admin_get("/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ok");
+    assert_eq!(r.json()["circuits"], 1);
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/m", "").status, 200);
+    // Counters are published by the reactor tick (every 50 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = w.admin_get("/metrics").text();
+        if text.contains("appproxy_requests_total{core=\"0\",status=\"2xx\"} 1") {
+            assert!(
+                text.contains("appproxy_connections_active{core=\"0\"} 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(w.admin_get("/nope").status, 404);
+}
