@@ -106,12 +106,12 @@ impl Pool {
         }
     }
 
-    /// A live idle connection to `addr`, if one is pooled.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpConn> {
+    /// A live idle connection to `addr`, if one is pooled (`now`: the reactor's clock).
+    pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<TcpConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(entry) = list.pop() {
-            if entry.since.elapsed() > self.idle_timeout {
+            if now.saturating_duration_since(entry.since) > self.idle_timeout {
                 continue;
             }
             // An edge since the connection went idle means the app closed it or sent
@@ -125,14 +125,11 @@ impl Pool {
     }
 
     /// Returns a connection for reuse.
-    pub fn put(&self, addr: SocketAddr, conn: TcpConn) {
+    pub fn put(&self, addr: SocketAddr, conn: TcpConn, now: Instant) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < self.max_idle {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            list.push(Idle { conn, since: now });
         }
     }
 

@@ -154,9 +154,10 @@ impl TcpConn {
         self.reg.set_deadline(deadline);
     }
 
-    /// Sets the deadline `timeout` from now.
+    /// Sets the deadline `timeout` from now (the reactor's clock: coarse, no syscall).
     pub fn set_timeout(&self, timeout: Duration) {
-        self.reg.set_deadline(Some(Instant::now() + timeout));
+        self.reg
+            .set_deadline(Some(self.reg.reactor().now() + timeout));
     }
 
     /// Marks the connection as idle between requests (drain closes it at once).

@@ -63,11 +63,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
     let mut client = Client {
         conn,
         buf: ReadBuf::new(BUF_SIZE),
-        hop: ClientHop {
-            peer,
-            local_port,
-            trusted,
-        },
+        hop: ClientHop::new(peer, local_port, trusted),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
     };
     let mut upstream_buf = ReadBuf::new(BUF_SIZE);
@@ -116,7 +112,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
                 .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
         };
         let span = tracing::debug_span!("request", request_id = %id);
-        let next = scope(
+        let fut = scope(
             Some(id),
             handle(
                 &core,
@@ -127,8 +123,8 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
                 id,
                 started,
             ),
-        )
-        .await;
+        );
+        let next = fut.await;
         drop(span);
         if next == Next::Close || core.draining.get() {
             break;
@@ -435,7 +431,7 @@ async fn forward(
         .pick(core.draw())
         .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
     let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
-    let (mut upstream, mut reused) = match core.pool.take(addr) {
+    let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
         Some(c) => {
             core.metrics.add(counter::POOL_HIT, 1);
             (c, true)
@@ -668,7 +664,7 @@ async fn relay_response(
     }
     // Reuse the upstream connection only if the response was fully and exactly read.
     if resp.keep_alive && ubuf.is_empty() && !matches!(mode, Mode::Rechunk | Mode::UntilClose) {
-        core.pool.put(addr, upstream);
+        core.pool.put(addr, upstream, core.reactor.now());
     }
     Ok(Done {
         status: resp.status,

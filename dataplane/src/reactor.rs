@@ -84,6 +84,9 @@ pub struct Reactor {
     last_scan: Cell<Instant>,
     /// Asked to stop (the core is exiting).
     stopped: Cell<bool>,
+    /// The time at the last poll: deadlines are coarse (scanned every
+    /// [`DEADLINE_SCAN`]), so operations read this instead of the clock.
+    now: Cell<Instant>,
     /// Hooks run at every deadline scan (access-log flush, metrics publication).
     tick_hooks: RefCell<Vec<Box<dyn Fn()>>>,
 }
@@ -140,6 +143,7 @@ impl Reactor {
             park_max,
             last_scan: Cell::new(Instant::now()),
             stopped: Cell::new(false),
+            now: Cell::new(Instant::now()),
             tick_hooks: RefCell::new(Vec::new()),
         }))
     }
@@ -210,6 +214,11 @@ impl Reactor {
         self.tick_hooks.borrow_mut().push(hook);
     }
 
+    /// The time of the last poll (at most one park interval old).
+    pub fn now(&self) -> Instant {
+        self.now.get()
+    }
+
     /// Asks the reactor task to return.
     pub fn stop(&self) {
         self.stopped.set(true);
@@ -267,6 +276,7 @@ impl Reactor {
                 empty_polls = 0;
             }
             let now = Instant::now();
+            self.now.set(now);
             self.fire_timers(now);
             if now.duration_since(self.last_scan.get()) >= DEADLINE_SCAN {
                 self.last_scan.set(now);

@@ -48,7 +48,7 @@ fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) ->
             .any(|t| buf[t.clone()].eq_ignore_ascii_case(name))
 }
 
-/// What the proxy knows about the client hop.
+/// What the proxy knows about the client hop; formatted once per connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientHop {
     /// The TCP peer.
@@ -57,6 +57,46 @@ pub struct ClientHop {
     pub local_port: u16,
     /// Whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
     pub trusted: bool,
+    /// The peer IP as text (IPv6 is at most 45 bytes), so requests do not format it.
+    ip_text: [u8; 46],
+    /// Length of `ip_text`.
+    ip_len: u8,
+}
+
+impl ClientHop {
+    /// Facts about a client connection.
+    pub fn new(peer: SocketAddr, local_port: u16, trusted: bool) -> Self {
+        let mut ip_text = [0u8; 46];
+        let mut cursor = std::io::Cursor::new(&mut ip_text[..]);
+        let _ = write!(cursor, "{}", peer.ip());
+        let ip_len = cursor.position() as u8;
+        Self {
+            peer,
+            local_port,
+            trusted,
+            ip_text,
+            ip_len,
+        }
+    }
+
+    fn ip(&self) -> &[u8] {
+        &self.ip_text[..self.ip_len as usize]
+    }
+}
+
+/// Appends the decimal form of `n` (no formatter machinery on the hot path).
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends the request head forwarded to the app.
@@ -109,18 +149,20 @@ pub fn upstream_request(
     match head.framing {
         BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         BodyFraming::Length(n) if n > 0 || head.has_content_length => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_u64(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         _ => {}
     }
     push_field(out, b"X-Backend-Request-ID", id.as_bytes());
-    let ip = hop.peer.ip();
     out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(prior) = prior_xff {
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{ip}\r\n");
+    out.extend_from_slice(hop.ip());
+    out.extend_from_slice(b"\r\n");
     let proto = fwd_proto.unwrap_or(b"http");
     push_field(out, b"X-Forwarded-Proto", proto);
     let host = fwd_host.or(head.host.clone().map(|h| &buf[h]));
@@ -128,15 +170,17 @@ pub fn upstream_request(
         push_field(out, b"X-Forwarded-Host", host);
     }
     if !hop.trusted {
-        let _ = write!(out, "X-Forwarded-Port: {}\r\n", hop.local_port);
+        out.extend_from_slice(b"X-Forwarded-Port: ");
+        push_u64(out, u64::from(hop.local_port));
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Forwarded: for=");
-    match ip {
-        IpAddr::V4(v4) => {
-            let _ = write!(out, "{v4}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "\"[{v6}]\"");
+    match hop.peer.ip() {
+        IpAddr::V4(_) => out.extend_from_slice(hop.ip()),
+        IpAddr::V6(_) => {
+            out.extend_from_slice(b"\"[");
+            out.extend_from_slice(hop.ip());
+            out.extend_from_slice(b"]\"");
         }
     }
     if let Some(host) = host.filter(|h| h.iter().all(|b| b.is_ascii_graphic() && *b != b'"')) {
@@ -204,7 +248,9 @@ pub fn client_response(
     client: Version,
     close: bool,
 ) {
-    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(out, u64::from(head.status));
+    out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     // Without a body of its own (HEAD, 304) the upstream's Content-Length describes
@@ -222,7 +268,9 @@ pub fn client_response(
     }
     match framing {
         ClientFraming::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_u64(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         ClientFraming::ChunkedPassThrough | ClientFraming::Rechunk => {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");

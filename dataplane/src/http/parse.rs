@@ -5,6 +5,7 @@
 //! RFC 9112 §6 that decide where a body ends. Header names and values are kept as
 //! offsets into the caller's buffer, so a parsed head owns no copies of the bytes.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::error::{RequestError, ResponseError};
@@ -286,6 +287,15 @@ fn fields(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<HeaderField
 /// `Ok(None)` means the head is not complete yet (read more); errors are final and
 /// answer with [`RequestError::status`].
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
+    parse_request_reusing(buf, limits, Vec::new())
+}
+
+/// [`parse_request`] storing the header fields in `spare` (a recycled allocation).
+pub fn parse_request_reusing(
+    buf: &[u8],
+    limits: &HeadLimits,
+    spare: Vec<HeaderField>,
+) -> Result<Option<RequestHead>, RequestError> {
     // The request line: its end must come within the limit.
     let line_end = match buf
         .iter()
@@ -296,18 +306,20 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         None if buf.len() > limits.max_request_line => return Err(RequestError::UriTooLong),
         None => return Ok(None),
     };
-    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let max = limits.max_headers.min(storage.len());
-    let mut req = httparse::Request::new(&mut storage[..max]);
-    let status = req.parse(buf).map_err(|e| match e {
-        httparse::Error::TooManyHeaders => RequestError::TooManyHeaders,
-        httparse::Error::Version => RequestError::UnsupportedVersion,
-        httparse::Error::HeaderName => RequestError::Malformed("invalid header name"),
-        httparse::Error::HeaderValue => RequestError::Malformed("invalid header value"),
-        httparse::Error::NewLine => RequestError::Malformed("invalid line ending"),
-        httparse::Error::Token => RequestError::Malformed("invalid method or target"),
-        httparse::Error::Status => RequestError::Malformed("invalid status"),
-    })?;
+    let mut req = httparse::Request::new(&mut []);
+    let status = req
+        .parse_with_uninit_headers(buf, &mut storage[..max])
+        .map_err(|e| match e {
+            httparse::Error::TooManyHeaders => RequestError::TooManyHeaders,
+            httparse::Error::Version => RequestError::UnsupportedVersion,
+            httparse::Error::HeaderName => RequestError::Malformed("invalid header name"),
+            httparse::Error::HeaderValue => RequestError::Malformed("invalid header value"),
+            httparse::Error::NewLine => RequestError::Malformed("invalid line ending"),
+            httparse::Error::Token => RequestError::Malformed("invalid method or target"),
+            httparse::Error::Status => RequestError::Malformed("invalid status"),
+        })?;
     let head_len = match status {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => {
@@ -328,7 +340,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     } else {
         Version::Http10
     };
-    let mut headers = Vec::with_capacity(req.headers.len());
+    let mut headers = spare;
     fields(buf, req.headers, &mut headers);
 
     let mut scan = Scan::default();
@@ -405,12 +417,24 @@ pub fn parse_response(
     method: Method,
     max_head: usize,
 ) -> Result<Option<ResponseHead>, ResponseError> {
-    let mut storage = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut storage);
-    let status = resp.parse(buf).map_err(|e| match e {
-        httparse::Error::TooManyHeaders => ResponseError::HeadTooLarge,
-        _ => ResponseError::Malformed("invalid response head"),
-    })?;
+    parse_response_reusing(buf, method, max_head, Vec::new())
+}
+
+/// [`parse_response`] storing the header fields in `spare` (a recycled allocation).
+pub fn parse_response_reusing(
+    buf: &[u8],
+    method: Method,
+    max_head: usize,
+    spare: Vec<HeaderField>,
+) -> Result<Option<ResponseHead>, ResponseError> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut resp = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut storage)
+        .map_err(|e| match e {
+            httparse::Error::TooManyHeaders => ResponseError::HeadTooLarge,
+            _ => ResponseError::Malformed("invalid response head"),
+        })?;
     let head_len = match status {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial if buf.len() > max_head => {
@@ -433,7 +457,7 @@ pub fn parse_response(
         Version::Http10
     };
     let reason = offset(buf, resp.reason.unwrap_or("").as_bytes());
-    let mut headers = Vec::with_capacity(resp.headers.len());
+    let mut headers = spare;
     fields(buf, resp.headers, &mut headers);
     let mut scan = Scan::default();
     for field in &headers {

@@ -259,11 +259,7 @@ mod encoding {
     use appproxy_shared::RequestId;
 
     fn hop(trusted: bool) -> ClientHop {
-        ClientHop {
-            peer: "10.1.2.3:5555".parse().expect("addr"),
-            local_port: 8080,
-            trusted,
-        }
+        ClientHop::new("10.1.2.3:5555".parse().expect("addr"), 8080, trusted)
     }
 
     #[test]
