@@ -15,3 +15,5 @@ pub mod proxy;
 pub mod reactor;
 pub mod relay;
 pub mod worker;
+
+pub use appproxy_shared::RequestId;

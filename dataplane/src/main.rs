@@ -29,6 +29,24 @@ fn main() {
     }
 }
 
+/// SIGHUP: re-reads the circuits and deploys them to every core under a fresh request
+/// ID. A bad file is logged and the running circuits stay.
+fn reload(path: &std::path::Path, worker: &worker::Worker) {
+    let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
+    appproxy_shared::with_request_id(Some(id), || {
+        match Config::load(path).and_then(|c| c.validate(&online_cpus())) {
+            Ok(rt) => {
+                tracing::info!(
+                    circuits = rt.circuits.len(),
+                    "reloading circuits (other settings need a restart)"
+                );
+                worker.deploy(rt.circuits, id);
+            }
+            Err(e) => tracing::error!(error = %e, "reload refused; the running circuits stay"),
+        }
+    });
+}
+
 fn online_cpus() -> Vec<usize> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..n).collect()
@@ -59,6 +77,7 @@ fn run() -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
     let worker = worker::Worker::start(rt)?;
@@ -72,8 +91,13 @@ fn run() -> anyhow::Result<()> {
         tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
     }
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            reload(&path, &worker);
+            continue;
+        }
         tracing::info!(signal = sig, "draining");
+        break;
     }
     worker.stop();
     tracing::info!("worker stopped");

@@ -6,6 +6,7 @@
 //! an eventfd write that wakes its reactor; nothing else is shared between cores.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,14 +15,25 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::Runtime;
-use crate::core::{counter, Core, SharedMetrics};
+use appproxy_shared::{scope, RequestId};
+use glommio::Task;
+
+use crate::config::{ResolvedCircuit, Runtime};
+use crate::core::{counter, Core, RouteTable, SharedMetrics};
 use crate::io::Listener;
 use crate::reactor::{Reactor, RemoteWaker};
 
 /// A command for every core.
 #[derive(Debug, Clone)]
 pub enum Command {
+    /// Replace the route table with these circuits: listeners for new ports open,
+    /// those of removed ports close; established connections are not cut.
+    Deploy {
+        /// The complete circuit set.
+        circuits: Arc<Vec<ResolvedCircuit>>,
+        /// The request that caused the deployment; every core logs under it.
+        request_id: RequestId,
+    },
     /// Stop accepting; finish in-flight requests (up to the drain timeout); exit.
     Drain,
 }
@@ -119,6 +131,18 @@ impl Worker {
         Ok(worker)
     }
 
+    /// Sends a new circuit set to every core.
+    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) {
+        let circuits = Arc::new(circuits);
+        for (tx, waker) in &self.cores {
+            let _ = tx.send(Command::Deploy {
+                circuits: circuits.clone(),
+                request_id,
+            });
+            waker.wake();
+        }
+    }
+
     /// Drains every core and waits for them to exit.
     pub fn stop(self) {
         for (tx, waker) in &self.cores {
@@ -164,24 +188,16 @@ fn run_core(
             }
         };
         let core = Core::new(cpu, row, rt.clone(), reactor.clone());
-        let mut accept_tasks = Vec::new();
-        let mut addrs = Vec::new();
-        let ports: Vec<u16> = core.routes.borrow().by_port.keys().copied().collect();
-        for port in ports {
-            let addr = SocketAddr::new(rt.bind_host, port);
-            match Listener::bind(&reactor, addr, rt.backlog) {
-                Ok(l) => {
-                    addrs.push(l.local_addr());
-                    accept_tasks.push(glommio::spawn_local(accept_loop(core.clone(), l)));
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(fail(format!(
-                        "cannot listen on {addr}: {e} (is another process using the port?)"
-                    ))));
-                    return;
-                }
-            }
+        let listeners = RefCell::new(HashMap::new());
+        if let Err(e) = reconcile_listeners(&core, &listeners) {
+            let _ = ready.send(Err(fail(e)));
+            return;
         }
+        let addrs: Vec<SocketAddr> = listeners
+            .borrow()
+            .keys()
+            .map(|p| SocketAddr::new(rt.bind_host, *p))
+            .collect();
         {
             let core = core.clone();
             let metrics = metrics.clone();
@@ -209,16 +225,26 @@ fn run_core(
         );
 
         // The bridge: wait for a wake-up, then take every pending command.
-        let accept_tasks = RefCell::new(accept_tasks);
-        loop {
+        'bridge: loop {
             reactor.woken().await;
-            if commands.try_iter().any(|cmd| matches!(cmd, Command::Drain)) {
-                break;
+            for cmd in commands.try_iter() {
+                match cmd {
+                    Command::Deploy {
+                        circuits,
+                        request_id,
+                    } => {
+                        scope(Some(request_id), async {
+                            apply_deployment(&core, &listeners, &circuits);
+                        })
+                        .await;
+                    }
+                    Command::Drain => break 'bridge,
+                }
             }
         }
         // Drain: stop accepting, close idle connections, let in-flight ones finish.
         core.draining.set(true);
-        accept_tasks.borrow_mut().clear();
+        listeners.borrow_mut().clear();
         reactor.expire_idle();
         let deadline = Instant::now() + rt.drain_timeout;
         while core.metrics.counters[counter::ACTIVE].get() > 0 && Instant::now() < deadline {
@@ -239,6 +265,52 @@ fn run_core(
         reactor.stop();
         let _ = reactor_task.await;
     });
+}
+
+/// Swaps in the new route table, then opens and closes listeners to match it.
+fn apply_deployment(
+    core: &Rc<Core>,
+    listeners: &RefCell<HashMap<u16, Task<()>>>,
+    circuits: &[ResolvedCircuit],
+) {
+    let table = RouteTable::new(circuits);
+    let count = table.by_port.len();
+    *core.routes.borrow_mut() = Rc::new(table);
+    match reconcile_listeners(core, listeners) {
+        Ok(()) => tracing::info!(core = core.cpu, circuits = count, "deployment applied"),
+        Err(e) => {
+            tracing::error!(core = core.cpu, error = %e, "deployment applied, but a frontend could not listen")
+        }
+    }
+}
+
+/// Makes the set of listening ports equal to the route table's ports.
+fn reconcile_listeners(
+    core: &Rc<Core>,
+    listeners: &RefCell<HashMap<u16, Task<()>>>,
+) -> Result<(), String> {
+    let wanted: Vec<u16> = core.routes.borrow().by_port.keys().copied().collect();
+    let mut map = listeners.borrow_mut();
+    // Dropping a glommio task cancels it: its listener closes.
+    map.retain(|port, _| wanted.contains(port));
+    let mut first_error = None;
+    for port in wanted {
+        if map.contains_key(&port) {
+            continue;
+        }
+        let addr = SocketAddr::new(core.rt.bind_host, port);
+        match Listener::bind(&core.reactor, addr, core.rt.backlog) {
+            Ok(l) => {
+                map.insert(port, glommio::spawn_local(accept_loop(core.clone(), l)));
+            }
+            Err(e) => {
+                first_error.get_or_insert(format!(
+                    "cannot listen on {addr}: {e} (is another process using the port?)"
+                ));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn accept_loop(core: Rc<Core>, listener: Listener) {

@@ -387,3 +387,62 @@ fn admin_health_and_metrics() {
     }
     assert_eq!(w.admin_get("/nope").status, 404);
 }
+
+#[test]
+fn reload_moves_circuits_without_cutting_connections() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    let mut old = Client::connect(w.addr());
+    assert_eq!(old.get("/before", "").status, 200);
+    let new_port = common::free_port();
+    let old_port = w.port;
+    w.reload(|text| text.replace(&format!("port = {old_port}"), &format!("port = {new_port}")));
+    // Every core applies the deployment, all under the one reload ID.
+    let applied = w.wait_log("deployment applied on both cores", |v| {
+        v["message"] == "deployment applied"
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut applied = applied;
+    while applied.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", w.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+        applied = w
+            .log_json()
+            .into_iter()
+            .filter(|v| v["message"] == "deployment applied")
+            .collect();
+    }
+    let ids: std::collections::BTreeSet<String> = applied
+        .iter()
+        .map(|v| v["request_id"].as_str().expect("request_id").to_owned())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "one ID links the reload and every core: {applied:?}"
+    );
+    let cores: std::collections::BTreeSet<u64> = applied
+        .iter()
+        .map(|v| v["core"].as_u64().expect("core"))
+        .collect();
+    assert_eq!(cores.len(), 2);
+    // The established connection stays open; its port no longer has a circuit.
+    let r = old.get("/after", "");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "unknown_circuit");
+    assert!(r.json()["request_id"].is_string());
+    // The new port serves; the old one no longer accepts.
+    let mut fresh = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], new_port)));
+    assert_eq!(fresh.get("/moved", "").status, 200);
+    assert!(std::net::TcpStream::connect(w.addr()).is_err());
+    // A broken file is refused and the running circuits stay.
+    w.reload(|_| "this is [not toml".into());
+    w.wait_log("refused reload", |v| {
+        v["message"] == "reload refused; the running circuits stay"
+    });
+    assert_eq!(fresh.get("/still", "").status, 200);
+}

@@ -476,6 +476,40 @@ route_info = [{routes}]
         c.response()
     }
 
+    /// Rewrites the config file with `edit` and sends SIGHUP.
+    pub fn reload(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("worker.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, edit(text)).expect("write config");
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) until `pred` holds for some log line.
+    pub fn wait_log(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let hits: Vec<_> = self.log_json().into_iter().filter(|v| pred(v)).collect();
+            if !hits.is_empty() {
+                return hits;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line for {what}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
