@@ -1,1 +1,5 @@
+//! `appproxy-benches`: the throughput harness's report (tables, JSON, Markdown, SVG)
+//! and the criterion micro-benchmarks under `benches/`.
+#![forbid(unsafe_code)]
 
+pub mod report;

@@ -1,0 +1,576 @@
+//! `appproxy-bench`: measures the worker against nginx, HAProxy and a direct
+//! connection on the same upstream, in one run, with interleaved rounds.
+//!
+//! Layout on an N-core machine: the proxies are pinned to the first `--cores` CPUs;
+//! the upstream (nginx `return 200`) and the load generator (wrk) share the others.
+//! Each scenario runs every target once per round, in rotating order, after a warm-up,
+//! and reports medians: req/s, p50/p99/p99.9 latency, CPU seconds per 100k requests
+//! of the proxy process, and ratios against nginx and direct.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use appproxy_benches::report::{self, Row, ScenarioResult};
+use clap::Parser;
+
+/// Throughput benchmark of appproxy-worker against nginx, HAProxy and direct.
+#[derive(Parser, Debug)]
+#[command(name = "appproxy-bench", about)]
+struct Args {
+    /// CPUs given to each proxy (the rest run the upstream and wrk).
+    #[arg(long, default_value_t = 1)]
+    cores: usize,
+    /// Seconds measured per target per round.
+    #[arg(long, default_value_t = 8)]
+    duration: u64,
+    /// Warm-up seconds before each measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Interleaved rounds per scenario.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// wrk connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Scenarios to run (small, 64k, upload, newconn, reqid).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "small,64k,upload,newconn,reqid"
+    )]
+    scenarios: Vec<String>,
+    /// Where the JSON, Markdown and SVG report goes.
+    #[arg(long, default_value = "target/bench-report")]
+    out: PathBuf,
+    /// Use the worker binary as built; do not run cargo build.
+    #[arg(long)]
+    skip_build: bool,
+}
+
+/// A proxy (or none) in front of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Direct,
+    Worker,
+    Nginx,
+    Haproxy,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Worker => "appproxy-worker",
+            Self::Nginx => "nginx",
+            Self::Haproxy => "haproxy",
+        }
+    }
+}
+
+const UPSTREAM_PORT: u16 = 19081;
+const WORKER_PORT: u16 = 19083;
+const NGINX_PORT: u16 = 19082;
+const HAPROXY_PORT: u16 = 19084;
+const WORKER_ADMIN: u16 = 19093;
+
+/// A running server; killed on drop.
+struct Server {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd} >/dev/null 2>&1"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not start listening on port {port}")
+}
+
+fn spawn(
+    name: &'static str,
+    cpus: &[usize],
+    program: &str,
+    args: &[&str],
+    log: &Path,
+) -> anyhow::Result<Server> {
+    let out = std::fs::File::create(log)?;
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(cpu_list(cpus))
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    Ok(Server { name, child })
+}
+
+/// Total CPU seconds (user + system) of a process and its threads/children.
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut pids = vec![pid];
+    // nginx: the master and its workers.
+    if let Ok(out) = Command::new("pgrep")
+        .arg("-P")
+        .arg(pid.to_string())
+        .output()
+    {
+        pids.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok()),
+        );
+    }
+    let ticks = 100.0; // USER_HZ
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            let after = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .sum()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    proxy_cpus: Vec<usize>,
+    load_cpus: Vec<usize>,
+    servers: BTreeMap<Target, Server>,
+    _upstream: Server,
+}
+
+fn nginx_conf(dir: &Path, name: &str, body: &str, workers: usize) -> PathBuf {
+    let path = dir.join(format!("{name}.conf"));
+    let text = format!(
+        "worker_processes {workers};\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  client_body_temp_path {dir}/body-{name};\n  proxy_temp_path {dir}/proxy-{name};\n  client_max_body_size 8m;\n{body}\n}}\n",
+        pid = dir.join(format!("{name}.pid")).display(),
+        err = dir.join(format!("{name}.err")).display(),
+        dir = dir.display(),
+    );
+    let _ = std::fs::write(&path, text);
+    path
+}
+
+fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.cores >= online && online > 1 {
+        bail!(
+            "--cores {} leaves no CPU for the upstream and wrk (this machine has {online})",
+            args.cores
+        );
+    }
+    let proxy_cpus: Vec<usize> = (0..args.cores.max(1)).collect();
+    let load_cpus: Vec<usize> = if online > args.cores {
+        (args.cores..online).collect()
+    } else {
+        vec![0]
+    };
+    let dir = tempfile::tempdir()?;
+    // The upstream: nginx returning a 64-byte body, a 64 KiB file, and accepting uploads.
+    std::fs::write(dir.path().join("64k"), vec![b'x'; 64 * 1024])?;
+    let up_body = format!(
+        "  server {{\n    listen 127.0.0.1:{UPSTREAM_PORT} reuseport backlog=4096;\n    location = / {{ return 200 \"0123456789012345678901234567890123456789012345678901234567890123\"; }}\n    location = /64k {{ root {}; }}\n    location = /upload {{ return 200 \"ok\"; }}\n  }}",
+        dir.path().display()
+    );
+    let up_conf = nginx_conf(dir.path(), "upstream", &up_body, load_cpus.len());
+    let upstream = spawn(
+        "upstream",
+        &load_cpus,
+        "nginx",
+        &[
+            "-c",
+            &up_conf.to_string_lossy(),
+            "-p",
+            &dir.path().to_string_lossy(),
+        ],
+        &dir.path().join("upstream.log"),
+    )?;
+    wait_port(UPSTREAM_PORT, "the upstream nginx")?;
+
+    let mut servers = BTreeMap::new();
+    // appproxy-worker.
+    let worker_conf = dir.path().join("worker.toml");
+    std::fs::write(
+        &worker_conf,
+        format!(
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n",
+            cpus = cpu_list(&proxy_cpus)
+        ),
+    )?;
+    let w = spawn(
+        "appproxy-worker",
+        &proxy_cpus,
+        &worker_bin.to_string_lossy(),
+        &["--config", &worker_conf.to_string_lossy()],
+        &dir.path().join("worker.log"),
+    )?;
+    wait_port(WORKER_PORT, "appproxy-worker")?;
+    servers.insert(Target::Worker, w);
+    // nginx as a reverse proxy with the same request-ID behaviour: keep a client ID,
+    // else generate one; forward it and echo it.
+    if have("nginx") {
+        let body = format!(
+            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}"
+        );
+        let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
+        let s = spawn(
+            "nginx",
+            &proxy_cpus,
+            "nginx",
+            &[
+                "-c",
+                &conf.to_string_lossy(),
+                "-p",
+                &dir.path().to_string_lossy(),
+            ],
+            &dir.path().join("nginx.log"),
+        )?;
+        wait_port(NGINX_PORT, "nginx")?;
+        servers.insert(Target::Nginx, s);
+    }
+    if have("haproxy") {
+        let conf = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\n",
+                n = proxy_cpus.len(),
+                cpus = proxy_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+            ),
+        )?;
+        let s = spawn(
+            "haproxy",
+            &proxy_cpus,
+            "haproxy",
+            &["-f", &conf.to_string_lossy()],
+            &dir.path().join("haproxy.log"),
+        )?;
+        wait_port(HAPROXY_PORT, "haproxy")?;
+        servers.insert(Target::Haproxy, s);
+    }
+    Ok(Setup {
+        dir,
+        proxy_cpus,
+        load_cpus,
+        servers,
+        _upstream: upstream,
+    })
+}
+
+fn port_of(t: Target) -> u16 {
+    match t {
+        Target::Direct => UPSTREAM_PORT,
+        Target::Worker => WORKER_PORT,
+        Target::Nginx => NGINX_PORT,
+        Target::Haproxy => HAPROXY_PORT,
+    }
+}
+
+/// One scenario: what wrk sends.
+struct Scenario {
+    name: &'static str,
+    title: &'static str,
+    path: &'static str,
+    headers: Vec<&'static str>,
+    lua_prelude: &'static str,
+    /// For the request-ID scenario: only the worker, with and without a client ID.
+    reqid: bool,
+}
+
+fn scenario(name: &str) -> Option<Scenario> {
+    let s = |name, title, path, headers: Vec<&'static str>, lua_prelude, reqid| Scenario {
+        name,
+        title,
+        path,
+        headers,
+        lua_prelude,
+        reqid,
+    };
+    Some(match name {
+        "small" => s("small", "small GET, keep-alive (64-byte body)", "/", vec![], "", false),
+        "64k" => s("64k", "64 KiB responses, keep-alive", "/64k", vec![], "", false),
+        "upload" => s("upload", "1 MiB uploads (POST), keep-alive", "/upload", vec![], "wrk.method = \"POST\"\nwrk.body = string.rep(\"u\", 1048576)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n", false),
+        "newconn" => s("newconn", "a new connection per request", "/", vec!["Connection: close"], "", false),
+        "reqid" => s("reqid", "request ID: generated by the worker vs sent by the client", "/", vec![], "", true),
+        _ => return None,
+    })
+}
+
+const LUA_DONE: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH requests=%d duration_us=%d errors=%d p50=%d p99=%d p999=%d\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+/// One wrk run's numbers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+    cpu_per_100k: Option<f64>,
+}
+
+fn run_wrk(
+    setup: &Setup,
+    args: &Args,
+    sc: &Scenario,
+    port: u16,
+    extra_header: Option<&str>,
+    secs: u64,
+    pid: Option<u32>,
+) -> anyhow::Result<Sample> {
+    let script = setup.dir.path().join(format!("{}.lua", sc.name));
+    std::fs::write(&script, format!("{}{}", sc.lua_prelude, LUA_DONE))?;
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(cpu_list(&setup.load_cpus))
+        .arg("wrk")
+        .arg(format!("-t{}", setup.load_cpus.len().max(1)));
+    cmd.arg(format!("-c{}", args.connections))
+        .arg(format!("-d{secs}s"))
+        .arg("-s")
+        .arg(&script);
+    for h in &sc.headers {
+        cmd.arg("-H").arg(h);
+    }
+    if let Some(h) = extra_header {
+        cmd.arg("-H").arg(h);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{}", sc.path));
+    let cpu0 = pid.map(cpu_seconds);
+    let out = cmd.output().context("cannot run wrk")?;
+    let cpu1 = pid.map(cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .with_context(|| format!("wrk printed no result: {text}"))?;
+    let mut kv = BTreeMap::new();
+    for part in line.split_whitespace().skip(1) {
+        if let Some((k, v)) = part.split_once('=') {
+            kv.insert(k, v.parse::<f64>().unwrap_or(0.0));
+        }
+    }
+    let requests = kv.get("requests").copied().unwrap_or(0.0);
+    let duration = kv.get("duration_us").copied().unwrap_or(1.0) / 1e6;
+    let cpu_per_100k = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if requests > 0.0 => Some((b - a) / requests * 100_000.0),
+        _ => None,
+    };
+    Ok(Sample {
+        rps: requests / duration,
+        p50_us: kv.get("p50").copied().unwrap_or(0.0),
+        p99_us: kv.get("p99").copied().unwrap_or(0.0),
+        p999_us: kv.get("p999").copied().unwrap_or(0.0),
+        errors: kv.get("errors").copied().unwrap_or(0.0) as u64,
+        cpu_per_100k,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let root = std::env::current_dir()?;
+    if !args.skip_build {
+        let status = Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "appproxy-dataplane",
+                "--bin",
+                "appproxy-worker",
+            ])
+            .status()
+            .context("cannot run cargo build")?;
+        if !status.success() {
+            bail!("cargo build of appproxy-worker failed");
+        }
+    }
+    let worker_bin = root.join("target/release/appproxy-worker");
+    if !worker_bin.exists() {
+        bail!(
+            "{} not found: run from the workspace root",
+            worker_bin.display()
+        );
+    }
+    let mut missing = Vec::new();
+    for tool in ["wrk", "nginx", "haproxy", "taskset"] {
+        if !have(tool) {
+            missing.push(tool);
+        }
+    }
+    for tool in &missing {
+        let pkg = if *tool == "taskset" {
+            "util-linux"
+        } else {
+            tool
+        };
+        println!("missing: {tool} — install it with `apt-get install {pkg}`; its rows are skipped");
+    }
+    if missing.contains(&"wrk") || missing.contains(&"nginx") || missing.contains(&"taskset") {
+        println!("wrk, nginx (the upstream app) and taskset are needed for any measurement; nothing to run");
+        return Ok(());
+    }
+    let setup = start(&args, &worker_bin)?;
+    println!(
+        "proxies on CPU {}, upstream and wrk on CPU {}; {} s per run after {} s warm-up, {} interleaved rounds, {} connections",
+        cpu_list(&setup.proxy_cpus),
+        cpu_list(&setup.load_cpus),
+        args.duration,
+        args.warmup,
+        args.rounds,
+        args.connections
+    );
+    let mut results = Vec::new();
+    for name in &args.scenarios {
+        let Some(sc) = scenario(name) else {
+            println!("unknown scenario {name:?}: skipped");
+            continue;
+        };
+        // (label, target, extra header)
+        let variants: Vec<(String, Target, Option<&str>)> = if sc.reqid {
+            vec![
+                ("worker, ID generated".into(), Target::Worker, None),
+                (
+                    "worker, ID from client".into(),
+                    Target::Worker,
+                    Some("X-Backend-Request-ID: 0f8fad5b-d9cb-469f-a165-70867728950e"),
+                ),
+            ]
+        } else {
+            let mut v = vec![("direct".to_owned(), Target::Direct, None)];
+            for t in setup.servers.keys() {
+                v.push((t.name().to_owned(), *t, None));
+            }
+            v
+        };
+        let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
+        for round in 0..args.rounds {
+            for k in 0..variants.len() {
+                let i = (k + round) % variants.len();
+                let (label, target, header) = &variants[i];
+                let pid = setup.servers.get(target).map(|s| s.child.id());
+                run_wrk(
+                    &setup,
+                    &args,
+                    &sc,
+                    port_of(*target),
+                    *header,
+                    args.warmup,
+                    None,
+                )?;
+                let s = run_wrk(
+                    &setup,
+                    &args,
+                    &sc,
+                    port_of(*target),
+                    *header,
+                    args.duration,
+                    pid,
+                )?;
+                println!(
+                    "  {:<8} round {} {:<24} {:>10.0} req/s  p99 {:>7.0} µs",
+                    sc.name,
+                    round + 1,
+                    label,
+                    s.rps,
+                    s.p99_us
+                );
+                samples.entry(i).or_default().push(s);
+            }
+        }
+        let rows: Vec<Row> = variants
+            .iter()
+            .enumerate()
+            .map(|(i, (label, _, _))| {
+                let s = samples.remove(&i).unwrap_or_default();
+                let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_per_100k).collect();
+                Row {
+                    label: label.clone(),
+                    rps: median(s.iter().map(|x| x.rps).collect()),
+                    p50_us: median(s.iter().map(|x| x.p50_us).collect()),
+                    p99_us: median(s.iter().map(|x| x.p99_us).collect()),
+                    p999_us: median(s.iter().map(|x| x.p999_us).collect()),
+                    cpu_s_per_100k: (!cpu.is_empty()).then(|| median(cpu)),
+                    errors: s.iter().map(|x| x.errors).sum(),
+                    rounds: s.iter().map(|x| x.rps).collect(),
+                }
+            })
+            .collect();
+        let result = ScenarioResult {
+            name: sc.name.to_owned(),
+            title: sc.title.to_owned(),
+            rows,
+        };
+        println!("\n{}", report::table(&result));
+        results.push(result);
+    }
+    let names: Vec<&str> = setup.servers.values().map(|s| s.name).collect();
+    drop(setup);
+    let meta = format!(
+        "cores per proxy: {}; duration {} s, warm-up {} s, rounds {}, connections {}; targets: direct, {}",
+        args.cores,
+        args.duration,
+        args.warmup,
+        args.rounds,
+        args.connections,
+        names.join(", ")
+    );
+    let dir = root.join(&args.out);
+    report::write(&dir, &meta, &results)?;
+    let mut done = String::new();
+    let _ = write!(
+        done,
+        "report: {}/report.md, results.json and one SVG per scenario",
+        dir.display()
+    );
+    println!("{done}");
+    Ok(())
+}
