@@ -73,6 +73,19 @@ pub struct WorkerSection {
     pub request_id_version: IdVersion,
     /// Listen backlog of every frontend socket.
     pub backlog: i32,
+    /// Under which ID WebSocket messages are logged.
+    pub ws_message_ids: WsMessageIds,
+}
+
+/// Under which ID WebSocket messages are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WsMessageIds {
+    /// The upgrade request's ID (the session ID).
+    #[default]
+    Session,
+    /// `{session_id}-msg-{8 hex}`, one per message.
+    PerMessage,
 }
 
 impl Default for WorkerSection {
@@ -89,6 +102,7 @@ impl Default for WorkerSection {
             trusted_proxies: Vec::new(),
             request_id_version: IdVersion::V4,
             backlog: 1024,
+            ws_message_ids: WsMessageIds::Session,
         }
     }
 }
@@ -424,6 +438,8 @@ pub struct Runtime {
     pub id_version: IdVersion,
     /// Access log on/off.
     pub access_log: bool,
+    /// WebSocket message log IDs.
+    pub ws_message_ids: WsMessageIds,
     /// Log format (the access log follows it).
     pub log_format: appproxy_shared::telemetry::LogFormat,
     /// The circuits.
@@ -520,9 +536,12 @@ impl Config {
             if !ids.insert(c.id) {
                 return Err(err("duplicate circuit id".into()));
             }
-            if c.protocol != ProxyProtocol::Http {
+            if !matches!(
+                c.protocol,
+                ProxyProtocol::Http | ProxyProtocol::Preopen | ProxyProtocol::Tcp
+            ) {
                 return Err(err(format!(
-                    "protocol {:?} is not available in this build; only \"http\" circuits are served",
+                    "protocol {:?} is not available in this build; \"http\", \"preopen\" and \"tcp\" circuits are served",
                     c.protocol
                 )));
             }
@@ -605,6 +624,7 @@ impl Config {
             trusted_proxies,
             id_version: self.worker.request_id_version,
             access_log: self.logging.access_log,
+            ws_message_ids: self.worker.ws_message_ids,
             log_format: self.logging.common.format,
             circuits,
         })
@@ -662,7 +682,7 @@ mod tests {
                 "outside [worker] port_range",
             ),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nprotocol = \"tcp\"\n",
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nprotocol = \"grpc\"\n",
                 "not available",
             ),
             (

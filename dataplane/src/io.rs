@@ -170,6 +170,11 @@ impl TcpConn {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
+    /// Shuts down the read half: pending and later reads see end of stream.
+    pub fn shutdown_read(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Read);
+    }
+
     /// Shuts down both halves: pending reads on either side see end of stream.
     pub fn shutdown_both(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

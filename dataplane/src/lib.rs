@@ -14,6 +14,8 @@ pub mod preflight;
 pub mod proxy;
 pub mod reactor;
 pub mod relay;
+pub mod tcp;
 pub mod worker;
+pub mod ws;
 
 pub use appproxy_shared::RequestId;

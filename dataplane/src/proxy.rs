@@ -431,6 +431,10 @@ async fn forward(
         .pick(core.draw())
         .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
     let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
+    let websocket = head
+        .upgrade
+        .as_ref()
+        .is_some_and(|u| client.buf.filled()[u.clone()].eq_ignore_ascii_case(b"websocket"));
     let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
         Some(c) => {
             core.metrics.add(counter::POOL_HIT, 1);
@@ -514,7 +518,7 @@ async fn forward(
                     client.buf.consume(head.head_len);
                 }
                 return relay_response(
-                    core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in,
+                    core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in, websocket,
                 )
                 .await;
             }
@@ -594,6 +598,7 @@ async fn relay_response(
     addr: SocketAddr,
     id: RequestId,
     bytes_in: u64,
+    websocket: bool,
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
     let mut bytes_out = 0u64;
@@ -637,8 +642,25 @@ async fn relay_response(
             req.version,
             false,
         );
+        let ws_rsv = websocket.then(|| {
+            let buf = ubuf.filled();
+            let ext = resp
+                .headers
+                .iter()
+                .find(|h| parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions"))
+                .map(|h| &buf[h.value.clone()]);
+            crate::ws::allowed_rsv(ext)
+        });
         ubuf.consume(resp.head_len);
-        return tunnel(core, client, upstream, ubuf, out, addr, bytes_in, bytes_out).await;
+        let ends = TunnelEnds {
+            upstream,
+            addr,
+            bytes_in,
+            bytes_out,
+            ws_rsv,
+            session: id,
+        };
+        return tunnel(core, client, ubuf, out, ends).await;
     }
     let framing = ClientFraming::choose(resp.framing, req.version);
     let close = !req.keep_alive || core.draining.get();
@@ -679,22 +701,49 @@ async fn relay_response(
     })
 }
 
-/// After a 101: relays bytes both ways until both sides close or the tunnel idles out.
-#[allow(clippy::too_many_arguments)]
+/// What a tunnel starts with.
+struct TunnelEnds {
+    /// The app's connection, after its 101.
+    upstream: TcpConn,
+    /// The app's address.
+    addr: SocketAddr,
+    /// Bytes read from the client so far.
+    bytes_in: u64,
+    /// Bytes written to the client so far.
+    bytes_out: u64,
+    /// `Some(allowed RSV bits)` for a WebSocket session; `None` relays raw bytes.
+    ws_rsv: Option<u8>,
+    /// The upgrade request's ID: it names the session.
+    session: RequestId,
+}
+
+/// After a 101: relays both ways until both sides close or the tunnel idles out.
+/// WebSocket sessions are relayed frame by frame (inspected, unchanged); anything
+/// else as raw bytes.
 async fn tunnel(
     core: &Rc<Core>,
     client: &mut Client,
-    upstream: TcpConn,
     ubuf: &mut ReadBuf,
     out: &mut Vec<u8>,
-    addr: SocketAddr,
-    bytes_in: u64,
-    mut bytes_out: u64,
+    ends: TunnelEnds,
 ) -> Result<Done, Failure> {
     let idle = core.rt.tunnel_idle_timeout;
-    // The 101 head plus whatever the app sent right after it.
-    out.extend_from_slice(ubuf.filled());
+    let TunnelEnds {
+        upstream,
+        addr,
+        bytes_in,
+        mut bytes_out,
+        ws_rsv,
+        session,
+    } = ends;
+    // What each side sent right behind the handshake.
+    let from_app = ubuf.filled().to_vec();
     ubuf.consume(usize::MAX);
+    let from_client = client.buf.filled().to_vec();
+    client.buf.consume(usize::MAX);
+    if ws_rsv.is_none() {
+        out.extend_from_slice(&from_app);
+    }
     client.conn.set_timeout(idle);
     client
         .conn
@@ -702,33 +751,98 @@ async fn tunnel(
         .await
         .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
     bytes_out += out.len() as u64;
-    // Bytes the client sent right after its upgrade request.
-    let early = client.buf.filled().to_vec();
-    client.buf.consume(usize::MAX);
-    if !early.is_empty() {
-        upstream.set_timeout(idle);
-        upstream
-            .write_all(&early)
-            .await
-            .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
-    }
-    tracing::info!(upstream = %addr, "upgraded connection established");
+    // Drain closes tunnels like idle keep-alive connections.
+    client.conn.set_idle(true);
     let started = Instant::now();
-    let mut up_buf = vec![0u8; 16 * 1024];
-    let mut down_buf = vec![0u8; 16 * 1024];
-    let (up, down) = futures_lite::future::zip(
-        relay::pipe(&client.conn, &upstream, &mut up_buf, idle),
-        relay::pipe(&upstream, &client.conn, &mut down_buf, idle),
-    )
-    .await;
-    let up_bytes = up.unwrap_or(0);
-    let down_bytes = down.unwrap_or(0);
-    tracing::info!(
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_to_app = up_bytes,
-        bytes_to_client = down_bytes,
-        "upgraded connection closed"
-    );
+    let (up_bytes, down_bytes) = match ws_rsv {
+        Some(rsv) => {
+            tracing::info!(upstream = %addr, "websocket session opened");
+            let shared = relay::WsShared::default();
+            let per_message = core.rt.ws_message_ids == crate::config::WsMessageIds::PerMessage;
+            let log = |direction: &'static str| {
+                let shared = &shared;
+                move |count: u32| {
+                    for _ in 0..count {
+                        let seq = shared.seq.get().wrapping_add(1);
+                        shared.seq.set(seq);
+                        if per_message {
+                            let id = session.message_id(seq);
+                            appproxy_shared::with_request_id(Some(id), || {
+                                tracing::debug!(direction, seq, "websocket message")
+                            });
+                        } else {
+                            tracing::debug!(direction, seq, "websocket message");
+                        }
+                    }
+                }
+            };
+            let to_app = log("to_app");
+            let to_client = log("to_client");
+            let (up, down) = futures_lite::future::zip(
+                relay::ws_pipe(
+                    &client.conn,
+                    &upstream,
+                    &from_client,
+                    true,
+                    rsv,
+                    &shared,
+                    idle,
+                    &to_app,
+                ),
+                relay::ws_pipe(
+                    &upstream,
+                    &client.conn,
+                    &from_app,
+                    false,
+                    rsv,
+                    &shared,
+                    idle,
+                    &to_client,
+                ),
+            )
+            .await;
+            tracing::info!(
+                duration_ms = started.elapsed().as_millis() as u64,
+                messages_to_app = up.messages,
+                messages_to_client = down.messages,
+                bytes_to_app = up.bytes,
+                bytes_to_client = down.bytes,
+                close_code = shared
+                    .close
+                    .get()
+                    .or(up.close_seen)
+                    .or(down.close_seen)
+                    .unwrap_or(1006),
+                "websocket session closed"
+            );
+            (up.bytes, down.bytes)
+        }
+        None => {
+            if !from_client.is_empty() {
+                upstream.set_timeout(idle);
+                upstream
+                    .write_all(&from_client)
+                    .await
+                    .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
+            }
+            tracing::info!(upstream = %addr, "upgraded connection established");
+            let mut up_buf = vec![0u8; 16 * 1024];
+            let mut down_buf = vec![0u8; 16 * 1024];
+            let (up, down) = futures_lite::future::zip(
+                relay::pipe(&client.conn, &upstream, &mut up_buf, idle),
+                relay::pipe(&upstream, &client.conn, &mut down_buf, idle),
+            )
+            .await;
+            let (up, down) = (up.unwrap_or(0), down.unwrap_or(0));
+            tracing::info!(
+                duration_ms = started.elapsed().as_millis() as u64,
+                bytes_to_app = up,
+                bytes_to_client = down,
+                "upgraded connection closed"
+            );
+            (up, down)
+        }
+    };
     Ok(Done {
         status: 101,
         bytes_in: bytes_in + up_bytes,

@@ -47,6 +47,11 @@ struct Slot {
     readable: bool,
     /// Same as `readable`, for writes.
     writable: bool,
+    /// The peer closed its side (`EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR` seen): reads no
+    /// longer block, and no further edge will come, so `readable` stays set.
+    read_closed: bool,
+    /// The connection failed or hung up entirely: writes no longer block either.
+    write_closed: bool,
     /// The task waiting to read.
     read_waker: Option<Waker>,
     /// The task waiting to write.
@@ -171,6 +176,8 @@ impl Reactor {
             slot.in_use = true;
             slot.readable = true;
             slot.writable = true;
+            slot.read_closed = false;
+            slot.write_closed = false;
             slot.deadline = None;
             slot.timed_out = false;
             slot.idle = false;
@@ -341,6 +348,12 @@ impl Reactor {
                 continue;
             }
             use epoll::EventFlags as F;
+            if flags.intersects(F::RDHUP | F::HUP | F::ERR) {
+                slot.read_closed = true;
+            }
+            if flags.intersects(F::HUP | F::ERR) {
+                slot.write_closed = true;
+            }
             if flags.intersects(F::IN | F::RDHUP | F::HUP | F::ERR | F::PRI) {
                 slot.readable = true;
                 if let Some(w) = slot.read_waker.take() {
@@ -420,10 +433,11 @@ impl Registration {
     }
 
     /// Records that an operation in `dir` would block (got `EAGAIN` or a short count).
+    /// Once the peer closed that side, nothing blocks any more and the flag stays.
     pub fn clear_ready(&self, dir: Direction) {
         self.with(|s| match dir {
-            Direction::Read => s.readable = false,
-            Direction::Write => s.writable = false,
+            Direction::Read => s.readable = s.read_closed,
+            Direction::Write => s.writable = s.write_closed,
         })
     }
 

@@ -40,6 +40,20 @@ impl ReadBuf {
         self.start == self.end
     }
 
+    /// Appends bytes read elsewhere (grows the buffer if needed).
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.data.len() - self.end < bytes.len() {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.data.len() - self.end < bytes.len() {
+                self.data.resize(self.end + bytes.len(), 0);
+            }
+        }
+        self.data[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
     /// Marks `n` bytes consumed.
     pub fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
@@ -249,4 +263,113 @@ pub async fn pipe(src: &TcpConn, dst: &TcpConn, buf: &mut [u8], idle: Duration) 
     }
     dst.shutdown_write();
     Ok(total)
+}
+
+/// State shared by the two directions of one WebSocket relay.
+#[derive(Default)]
+pub struct WsShared {
+    /// The close code the proxy sends both ways once one direction ended abnormally.
+    pub close: std::cell::Cell<Option<u16>>,
+    /// Message sequence across both directions (for per-message IDs).
+    pub seq: std::cell::Cell<u32>,
+}
+
+/// One direction's totals.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WsStats {
+    /// Complete messages relayed.
+    pub messages: u64,
+    /// Bytes relayed (frames, headers included).
+    pub bytes: u64,
+    /// The close code of a close frame that passed, if one did.
+    pub close_seen: Option<u16>,
+}
+
+/// Relays WebSocket frames from `src` to `dst`, inspecting them
+/// ([`crate::ws::Inspector`]). Frames pass unchanged. A protocol violation, an idle
+/// timeout or a drain ends the relay with a close frame to both peers (this
+/// direction writes one to `dst`; the other direction is woken by shutting down the
+/// read side of `dst` and writes one to its own destination).
+#[allow(clippy::too_many_arguments)]
+pub async fn ws_pipe(
+    src: &TcpConn,
+    dst: &TcpConn,
+    initial: &[u8],
+    from_client: bool,
+    allowed_rsv: u8,
+    shared: &WsShared,
+    idle: Duration,
+    on_messages: &dyn Fn(u32),
+) -> WsStats {
+    let mut inspector = crate::ws::Inspector::new(from_client, allowed_rsv);
+    let mut buf = ReadBuf::new(16 * 1024);
+    buf.push(initial);
+    let mut stats = WsStats::default();
+    let end_code = loop {
+        if buf.is_empty() {
+            src.set_timeout(idle);
+            match buf.fill(src, 16 * 1024).await {
+                Ok(0) => break None,
+                Ok(_) => {}
+                Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
+            }
+        }
+        match inspector.feed(buf.filled()) {
+            Ok(feed) => {
+                if feed.consumed > 0 {
+                    dst.set_timeout(idle);
+                    if dst.write_all(&buf.filled()[..feed.consumed]).await.is_err() {
+                        break Some(crate::ws::close_code::GOING_AWAY);
+                    }
+                    stats.bytes += feed.consumed as u64;
+                    stats.messages += u64::from(feed.messages);
+                    if feed.messages > 0 {
+                        on_messages(feed.messages);
+                    }
+                    if feed.close.is_some() {
+                        stats.close_seen = feed.close;
+                    }
+                    buf.consume(feed.consumed);
+                }
+                if !buf.is_empty() {
+                    // An incomplete header or control frame: read more behind it.
+                    src.set_timeout(idle);
+                    match buf.fill(src, 16 * 1024).await {
+                        Ok(0) => break None,
+                        Ok(_) => {}
+                        Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
+                    }
+                }
+            }
+            Err(v) => {
+                tracing::info!(
+                    code = v.code,
+                    reason = v.reason,
+                    from_client,
+                    "websocket protocol violation"
+                );
+                break Some(v.code);
+            }
+        }
+    };
+    if let Some(code) = end_code {
+        if shared.close.get().is_none() {
+            shared.close.set(Some(code));
+        }
+    }
+    // A WebSocket session ends with either of its connections: wake the other
+    // direction, whose reads from our destination now see end of stream.
+    dst.shutdown_read();
+    if let Some(code) = shared.close.get() {
+        dst.set_timeout(Duration::from_secs(5));
+        let _ = if from_client {
+            let key = (uuid::Uuid::new_v4().as_u128() as u32).to_ne_bytes();
+            dst.write_all(&crate::ws::close_frame_to_app(code, key))
+                .await
+        } else {
+            dst.write_all(&crate::ws::close_frame_to_client(code)).await
+        };
+    }
+    dst.shutdown_write();
+    stats
 }

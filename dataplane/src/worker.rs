@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use appproxy_shared::model::ProxyProtocol;
 use appproxy_shared::{scope, RequestId};
 use glommio::Task;
 
@@ -319,8 +320,16 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
         match listener.accept().await {
             Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
                 Ok(conn) => {
-                    glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port))
-                        .detach();
+                    let tcp = core
+                        .route_for_port(port)
+                        .is_some_and(|r| r.circuit.circuit.protocol == ProxyProtocol::Tcp);
+                    if tcp {
+                        glommio::spawn_local(crate::tcp::serve(core.clone(), conn, peer, port))
+                            .detach();
+                    } else {
+                        glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port))
+                            .detach();
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
             },

@@ -116,6 +116,40 @@ fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
     bail!("{what} did not start listening on port {port}")
 }
 
+/// Processes to kill if the harness itself is interrupted.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// On SIGINT/SIGTERM: kill every server started, then exit.
+fn kill_children_on_signal() -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            if let Ok(pids) = CHILDREN.lock() {
+                for pid in pids.iter() {
+                    let _ = Command::new("kill").arg(pid.to_string()).status();
+                }
+            }
+            eprintln!("interrupted (signal {sig}); servers stopped");
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// Fails when a port the harness needs is taken (a stale server would skew results).
+fn ensure_free(port: u16) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .with_context(|| {
+            format!(
+                "port {port} is in use: stop whatever listens there (a stale benchmark server?)"
+            )
+        })
+}
+
 fn spawn(
     name: &'static str,
     cpus: &[usize],
@@ -133,6 +167,9 @@ fn spawn(
         .stderr(Stdio::from(out))
         .spawn()
         .with_context(|| format!("cannot start {program}"))?;
+    if let Ok(mut pids) = CHILDREN.lock() {
+        pids.push(child.id());
+    }
     Ok(Server { name, child })
 }
 
@@ -458,6 +495,16 @@ fn main() -> anyhow::Result<()> {
         println!("wrk, nginx (the upstream app) and taskset are needed for any measurement; nothing to run");
         return Ok(());
     }
+    for port in [
+        UPSTREAM_PORT,
+        WORKER_PORT,
+        NGINX_PORT,
+        HAPROXY_PORT,
+        WORKER_ADMIN,
+    ] {
+        ensure_free(port)?;
+    }
+    kill_children_on_signal()?;
     let setup = start(&args, &worker_bin)?;
     println!(
         "proxies on CPU {}, upstream and wrk on CPU {}; {} s per run after {} s warm-up, {} interleaved rounds, {} connections",

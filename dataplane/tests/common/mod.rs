@@ -322,6 +322,8 @@ pub struct WorkerOpts {
     pub upstreams: Vec<SocketAddr>,
     pub extra: String,
     pub circuit_extra: String,
+    /// Lines added to the `[worker]` table.
+    pub worker_extra: String,
 }
 
 impl Default for WorkerOpts {
@@ -331,6 +333,7 @@ impl Default for WorkerOpts {
             upstreams: Vec::new(),
             extra: String::new(),
             circuit_extra: String::new(),
+            worker_extra: String::new(),
         }
     }
 }
@@ -377,7 +380,7 @@ route_info = [{routes}]
 {circuit_extra}
 "#,
             cores = opts.cores,
-            extra_worker = "",
+            extra_worker = opts.worker_extra,
             extra = opts.extra,
             circuit_extra = opts.circuit_extra,
             routes = routes.join(", "),

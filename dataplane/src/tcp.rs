@@ -1,0 +1,72 @@
+//! Raw TCP circuits (`protocol = "tcp"`: VNC, RDP, SSH): bytes relayed both ways with
+//! half-close, the circuit's IP allowlist applied to the direct peer, and one log
+//! line per connection (bytes each way, duration) under a generated request ID.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::{scope, RequestId};
+
+use crate::core::{counter, Core};
+use crate::io::TcpConn;
+use crate::relay;
+
+/// Serves one accepted connection of a TCP circuit.
+pub async fn serve(core: Rc<Core>, client: TcpConn, peer: SocketAddr, local_port: u16) {
+    core.metrics.add(counter::ACCEPTED, 1);
+    core.metrics.add(counter::ACTIVE, 1);
+    let id = RequestId::generate(core.rt.id_version);
+    scope(Some(id), relay_connection(&core, client, peer, local_port)).await;
+    core.metrics.sub(counter::ACTIVE, 1);
+}
+
+async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, local_port: u16) {
+    let Some(route) = core.route_for_port(local_port) else {
+        tracing::info!(
+            port = local_port,
+            "tcp connection for a removed circuit: closed"
+        );
+        return;
+    };
+    let circuit = route.circuit.circuit.id;
+    if !route.circuit.allowed.is_empty()
+        && !route.circuit.allowed.iter().any(|n| n.contains(peer.ip()))
+    {
+        tracing::info!(%circuit, peer = %peer.ip(), "tcp peer not in the circuit's allowlist: closed");
+        return;
+    }
+    let Some(addr) = route.pick(core.draw()) else {
+        tracing::warn!(%circuit, "tcp circuit has no route: closed");
+        return;
+    };
+    let upstream = match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%circuit, upstream = %addr, error = %e, "tcp upstream connect failed: closed");
+            return;
+        }
+    };
+    client.set_idle(true);
+    let started = Instant::now();
+    let idle = core.rt.tunnel_idle_timeout;
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let (up, down) = futures_lite::future::zip(
+        relay::pipe(&client, &upstream, &mut up_buf, idle),
+        relay::pipe(&upstream, &client, &mut down_buf, idle),
+    )
+    .await;
+    let (up, down) = (up.unwrap_or(0), down.unwrap_or(0));
+    core.metrics.add(counter::BYTES_IN, up);
+    core.metrics.add(counter::BYTES_OUT, down);
+    tracing::info!(
+        %circuit,
+        peer = %peer,
+        upstream = %addr,
+        bytes_to_app = up,
+        bytes_to_client = down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "tcp connection closed"
+    );
+}
