@@ -65,8 +65,10 @@ pub struct WorkerSection {
     pub frontend_mode: FrontendMode,
     /// Ports circuits may use, inclusive.
     pub port_range: Option<[u16; 2]>,
-    /// Wildcard domain (wildcard mode).
+    /// Wildcard domain (wildcard mode), such as `.apps.example.com`.
     pub wildcard_domain: Option<String>,
+    /// The shared port wildcard-mode circuits are served on.
+    pub wildcard_traffic_port: Option<u16>,
     /// Peers (CIDRs) whose `X-Forwarded-*` headers are trusted.
     pub trusted_proxies: Vec<String>,
     /// UUID version of generated request IDs.
@@ -99,6 +101,7 @@ impl Default for WorkerSection {
             frontend_mode: FrontendMode::Port,
             port_range: Some([10205, 10300]),
             wildcard_domain: None,
+            wildcard_traffic_port: None,
             trusted_proxies: Vec::new(),
             request_id_version: IdVersion::V4,
             backlog: 1024,
@@ -387,12 +390,57 @@ pub enum ConfigError {
 pub struct ResolvedCircuit {
     /// The circuit as configured or deployed.
     pub circuit: Circuit,
-    /// The frontend port.
-    pub port: u16,
+    /// Where clients reach it.
+    pub frontend: Frontend,
     /// Upstream addresses with their weights (zero-weight routes left out).
     pub upstreams: Vec<(SocketAddr, f64)>,
     /// Parsed allowlist; empty = everyone.
     pub allowed: Vec<IpNet>,
+}
+
+/// Where clients reach a circuit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frontend {
+    /// A port of its own.
+    Port(u16),
+    /// `Host: <subdomain><wildcard domain>` on the wildcard port.
+    Subdomain(String),
+}
+
+/// The wildcard frontend of a wildcard-mode worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wildcard {
+    /// The domain with its leading dot, lowercase (`.apps.example.com`).
+    pub domain: String,
+    /// The shared port.
+    pub port: u16,
+}
+
+impl Wildcard {
+    /// The subdomain named by a `Host` value, if it is under this domain.
+    pub fn subdomain<'h>(&self, host: &'h [u8]) -> Option<std::borrow::Cow<'h, str>> {
+        let host = std::str::from_utf8(host).ok()?;
+        if host.starts_with('[') {
+            return None;
+        }
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.len() <= self.domain.len() {
+            return None;
+        }
+        let (sub, dom) = name.split_at(name.len() - self.domain.len());
+        if !dom.eq_ignore_ascii_case(&self.domain) {
+            return None;
+        }
+        Some(if sub.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(sub.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(sub)
+        })
+    }
 }
 
 /// Everything the cores need, validated.
@@ -442,6 +490,8 @@ pub struct Runtime {
     pub ws_message_ids: WsMessageIds,
     /// Log format (the access log follows it).
     pub log_format: appproxy_shared::telemetry::LogFormat,
+    /// The wildcard frontend (wildcard mode).
+    pub wildcard: Option<Wildcard>,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
 }
@@ -482,11 +532,33 @@ impl Config {
                     .into(),
             ));
         }
-        if self.worker.frontend_mode == FrontendMode::Wildcard {
-            return Err(ConfigError::Invalid(
-                "[worker] frontend_mode = \"wildcard\" is not available in this build; use \"port\"".into(),
-            ));
-        }
+        let wildcard = match self.worker.frontend_mode {
+            FrontendMode::Port => None,
+            FrontendMode::Wildcard => {
+                let (Some(domain), Some(port)) = (
+                    &self.worker.wildcard_domain,
+                    self.worker.wildcard_traffic_port,
+                ) else {
+                    return Err(ConfigError::Invalid(
+                        "[worker] frontend_mode = \"wildcard\" needs wildcard_domain (like \".apps.example.com\") and wildcard_traffic_port".into(),
+                    ));
+                };
+                let domain = domain.trim().trim_start_matches('.').to_ascii_lowercase();
+                if domain.is_empty()
+                    || !domain
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "[worker] wildcard_domain {domain:?} is not a domain name"
+                    )));
+                }
+                Some(Wildcard {
+                    domain: format!(".{domain}"),
+                    port,
+                })
+            }
+        };
         let cpus = self.worker.cores.resolve(online_cpus)?;
         let l = &self.limits;
         if l.max_request_line < 64
@@ -527,6 +599,7 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         let mut ids = HashSet::new();
         let mut ports = HashSet::new();
+        let mut subdomains = HashSet::new();
         let mut circuits = Vec::with_capacity(self.circuits.len());
         for c in &self.circuits {
             let err = |message: String| ConfigError::Circuit {
@@ -545,24 +618,53 @@ impl Config {
                     c.protocol
                 )));
             }
-            if c.frontend_mode != FrontendMode::Port {
-                return Err(err(
-                    "only port-mode circuits are available in this build".into()
-                ));
+            if c.frontend_mode != self.worker.frontend_mode {
+                return Err(err(format!(
+                    "frontend_mode {:?} differs from the worker's ([worker] frontend_mode = {:?})",
+                    c.frontend_mode, self.worker.frontend_mode
+                )));
             }
-            let port = c
-                .port
-                .ok_or_else(|| err("port-mode circuit without a port".into()))?;
-            if let Some([lo, hi]) = self.worker.port_range {
-                if port < lo || port > hi {
-                    return Err(err(format!(
-                        "port {port} is outside [worker] port_range [{lo}, {hi}]"
-                    )));
+            let frontend = match c.frontend_mode {
+                FrontendMode::Port => {
+                    let port = c
+                        .port
+                        .ok_or_else(|| err("port-mode circuit without a port".into()))?;
+                    if let Some([lo, hi]) = self.worker.port_range {
+                        if port < lo || port > hi {
+                            return Err(err(format!(
+                                "port {port} is outside [worker] port_range [{lo}, {hi}]"
+                            )));
+                        }
+                    }
+                    if !ports.insert(port) {
+                        return Err(err(format!("port {port} is used by another circuit")));
+                    }
+                    Frontend::Port(port)
                 }
-            }
-            if !ports.insert(port) {
-                return Err(err(format!("port {port} is used by another circuit")));
-            }
+                FrontendMode::Wildcard => {
+                    if c.protocol == ProxyProtocol::Tcp {
+                        return Err(err(
+                            "tcp circuits need a port of their own (port mode)".into()
+                        ));
+                    }
+                    let sub = c
+                        .subdomain
+                        .as_deref()
+                        .map(|s| s.trim().to_ascii_lowercase())
+                        .filter(|s| {
+                            !s.is_empty()
+                                && s.bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                        })
+                        .ok_or_else(|| {
+                            err("wildcard-mode circuit without a valid subdomain".into())
+                        })?;
+                    if !subdomains.insert(sub.clone()) {
+                        return Err(err(format!("subdomain {sub:?} is used by another circuit")));
+                    }
+                    Frontend::Subdomain(sub)
+                }
+            };
             let mut upstreams = Vec::new();
             for r in &c.route_info {
                 if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
@@ -593,7 +695,7 @@ impl Config {
                 .collect();
             circuits.push(ResolvedCircuit {
                 circuit: c.clone(),
-                port,
+                frontend,
                 upstreams,
                 allowed,
             });
@@ -625,6 +727,7 @@ impl Config {
             id_version: self.worker.request_id_version,
             access_log: self.logging.access_log,
             ws_message_ids: self.worker.ws_message_ids,
+            wildcard,
             log_format: self.logging.common.format,
             circuits,
         })
@@ -704,6 +807,33 @@ mod tests {
     }
 
     #[test]
+    fn wildcard_hosts() {
+        let w = Wildcard {
+            domain: ".apps.example.com".into(),
+            port: 443,
+        };
+        let cases: &[(&str, Option<&str>)] = &[
+            ("jupyter-1.apps.example.com", Some("jupyter-1")),
+            ("Jupyter-1.Apps.Example.com:8443", Some("jupyter-1")),
+            ("a.b.apps.example.com.", Some("a.b")),
+            ("apps.example.com", None),
+            (".apps.example.com", None),
+            ("jupyter.other.com", None),
+            ("[::1]:443", None),
+            ("x.apps.example.com:notaport", None),
+        ];
+        for (host, want) in cases {
+            assert_eq!(w.subdomain(host.as_bytes()).as_deref(), *want, "{host}");
+        }
+        let c = Config::parse("[worker]\nfrontend_mode = \"wildcard\"\n").expect("parse");
+        assert!(c
+            .validate(&[0])
+            .expect_err("needs domain")
+            .to_string()
+            .contains("wildcard_domain"));
+    }
+
+    #[test]
     fn circuits_resolve() {
         let text = r#"
 [[circuits]]
@@ -721,7 +851,7 @@ route_info = [
             .validate(&[0])
             .expect("valid");
         let c = &rt.circuits[0];
-        assert_eq!(c.port, 10206);
+        assert_eq!(c.frontend, Frontend::Port(10206));
         assert_eq!(
             c.upstreams,
             vec![("127.0.0.1:8888".parse().expect("addr"), 3.0)]

@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat, Rfc3339};
 use appproxy_shared::RequestId;
 
-use crate::config::{ResolvedCircuit, Runtime};
+use crate::config::{Frontend, ResolvedCircuit, Runtime, Wildcard};
 use crate::io::TcpConn;
 use crate::reactor::Reactor;
 
@@ -58,23 +58,65 @@ impl Route {
     }
 }
 
-/// The routes of one core, by frontend port. Replaced whole when a deployment
-/// arrives, so a request sees either the old table or the new one.
+/// The routes of one core, by frontend port or subdomain. Replaced whole when a
+/// deployment arrives, so a request sees either the old table or the new one.
 #[derive(Default)]
 pub struct RouteTable {
     /// Port-mode circuits.
     pub by_port: HashMap<u16, Rc<Route>>,
+    /// Wildcard-mode circuits, by lowercase subdomain.
+    pub by_subdomain: HashMap<String, Rc<Route>>,
+    /// The wildcard frontend, in wildcard mode.
+    pub wildcard: Option<Wildcard>,
 }
 
 impl RouteTable {
     /// Builds a table from resolved circuits.
-    pub fn new(circuits: &[ResolvedCircuit]) -> Self {
-        Self {
-            by_port: circuits
-                .iter()
-                .map(|c| (c.port, Rc::new(Route::new(c.clone()))))
-                .collect(),
+    pub fn new(circuits: &[ResolvedCircuit], wildcard: Option<Wildcard>) -> Self {
+        let mut table = Self {
+            wildcard,
+            ..Self::default()
+        };
+        for c in circuits {
+            let route = Rc::new(Route::new(c.clone()));
+            match &c.frontend {
+                Frontend::Port(p) => {
+                    table.by_port.insert(*p, route);
+                }
+                Frontend::Subdomain(s) => {
+                    table.by_subdomain.insert(s.clone(), route);
+                }
+            }
         }
+        table
+    }
+
+    /// The ports this table needs listeners on.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+        ports.extend(self.wildcard.as_ref().map(|w| w.port));
+        ports
+    }
+
+    /// The circuit for a connection to `local_port` carrying `host`.
+    pub fn lookup(&self, local_port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
+        match &self.wildcard {
+            Some(w) if w.port == local_port => {
+                let sub = w.subdomain(host?)?;
+                self.by_subdomain.get(sub.as_ref()).cloned()
+            }
+            _ => self.by_port.get(&local_port).cloned(),
+        }
+    }
+
+    /// Number of circuits.
+    pub fn len(&self) -> usize {
+        self.by_port.len() + self.by_subdomain.len()
+    }
+
+    /// Whether there are no circuits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -422,7 +464,7 @@ impl Core {
         Rc::new(Self {
             cpu,
             row,
-            routes: RefCell::new(Rc::new(RouteTable::new(&rt.circuits))),
+            routes: RefCell::new(Rc::new(RouteTable::new(&rt.circuits, rt.wildcard.clone()))),
             pool: Pool::new(rt.max_idle_per_route, rt.pool_idle_timeout),
             metrics: CoreMetrics::default(),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
@@ -451,9 +493,14 @@ impl Core {
         id
     }
 
-    /// Looks up the circuit of a frontend port.
+    /// Looks up the circuit of a frontend port (port mode).
     pub fn route_for_port(&self, port: u16) -> Option<Rc<Route>> {
         self.routes.borrow().by_port.get(&port).cloned()
+    }
+
+    /// Looks up the circuit of an HTTP request by port or `Host`.
+    pub fn route_for(&self, port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
+        self.routes.borrow().lookup(port, host)
     }
 }
 

@@ -258,7 +258,8 @@ async fn handle(
         }
     };
     let has_body = head.framing != BodyFraming::Length(0);
-    let route = match core.route_for_port(client.hop.local_port) {
+    let host = head.host.clone().map(|h| &client.buf.filled()[h]);
+    let route = match core.route_for(client.hop.local_port, host) {
         Some(r) => r,
         None => {
             let err = ProxyError::UnknownCircuit;

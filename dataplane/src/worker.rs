@@ -221,7 +221,7 @@ fn run_core(
         let _ = ready.send(Ok((row, waking, addrs)));
         tracing::info!(
             core = cpu,
-            circuits = core.routes.borrow().by_port.len(),
+            circuits = core.routes.borrow().len(),
             "core serving"
         );
 
@@ -274,8 +274,8 @@ fn apply_deployment(
     listeners: &RefCell<HashMap<u16, Task<()>>>,
     circuits: &[ResolvedCircuit],
 ) {
-    let table = RouteTable::new(circuits);
-    let count = table.by_port.len();
+    let table = RouteTable::new(circuits, core.rt.wildcard.clone());
+    let count = table.len();
     *core.routes.borrow_mut() = Rc::new(table);
     match reconcile_listeners(core, listeners) {
         Ok(()) => tracing::info!(core = core.cpu, circuits = count, "deployment applied"),
@@ -290,7 +290,7 @@ fn reconcile_listeners(
     core: &Rc<Core>,
     listeners: &RefCell<HashMap<u16, Task<()>>>,
 ) -> Result<(), String> {
-    let wanted: Vec<u16> = core.routes.borrow().by_port.keys().copied().collect();
+    let wanted: Vec<u16> = core.routes.borrow().ports();
     let mut map = listeners.borrow_mut();
     // Dropping a glommio task cancels it: its listener closes.
     map.retain(|port, _| wanted.contains(port));

@@ -446,3 +446,46 @@ fn reload_moves_circuits_without_cutting_connections() {
     });
     assert_eq!(fresh.get("/still", "").status, 200);
 }
+
+#[test]
+fn wildcard_mode_routes_by_host() {
+    let a = Upstream::start();
+    let b = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![a.addr],
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: format!(
+            "frontend_mode = \"wildcard\"\nsubdomain = \"alpha\"\n\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nfrontend_mode = \"wildcard\"\nsubdomain = \"beta\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+            b.addr.port()
+        ),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /one HTTP/1.1\r\nHost: alpha.apps.test\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    c.send(
+        format!(
+            "GET /two HTTP/1.1\r\nHost: BETA.apps.test:{}\r\n\r\n",
+            w.port
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.response().status, 200);
+    assert_eq!(a.last().path, "/one");
+    assert_eq!(b.last().path, "/two");
+    assert_eq!(
+        b.last().header("host").map(str::to_owned),
+        Some(format!("BETA.apps.test:{}", w.port))
+    );
+    for host in ["gamma.apps.test", "alpha.elsewhere.test", "apps.test"] {
+        c.send(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 404, "{host}");
+        assert_eq!(r.json()["code"], "unknown_circuit");
+        assert!(
+            !r.text().contains("alpha") && !r.text().contains("beta"),
+            "nothing about circuits leaks"
+        );
+    }
+    assert_eq!(a.count() + b.count(), 2);
+}

@@ -380,7 +380,7 @@ route_info = [{routes}]
 {circuit_extra}
 "#,
             cores = opts.cores,
-            extra_worker = opts.worker_extra,
+            extra_worker = opts.worker_extra.replace("{PORT}", &port.to_string()),
             extra = opts.extra,
             circuit_extra = opts.circuit_extra,
             routes = routes.join(", "),
