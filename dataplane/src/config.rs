@@ -37,9 +37,8 @@ pub struct Config {
     /// `[coordinator]`: present when the worker is managed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<CoordinatorSection>,
-    /// `[secrets]`: used when managed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub secrets: Option<toml::Table>,
+    /// `[secrets]`: JWT and permit keys.
+    pub secrets: SecretsSection,
     /// `[redis]`: used when managed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<toml::Table>,
@@ -55,8 +54,11 @@ pub struct WorkerSection {
     pub authority: String,
     /// Advertised host name.
     pub hostname: Option<String>,
-    /// Port serving `/setup` (managed mode).
+    /// Port serving `/setup`.
     pub api_port: Option<u16>,
+    /// Clients reach the worker over TLS (a terminator in front): `https` redirects
+    /// and `Secure` cookies.
+    pub tls_advertised: bool,
     /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
     pub cores: CoreSpec,
     /// Address frontends listen on.
@@ -96,6 +98,7 @@ impl Default for WorkerSection {
             authority: "worker-1".into(),
             hostname: None,
             api_port: None,
+            tls_advertised: false,
             cores: CoreSpec::All,
             bind_host: IpAddr::from([0, 0, 0, 0]),
             frontend_mode: FrontendMode::Port,
@@ -342,6 +345,23 @@ impl Default for WorkerLogging {
     }
 }
 
+/// `[secrets]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsSection {
+    /// Shared secret towards the coordinator (managed mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_secret: Option<String>,
+    /// HS256 key of `/setup` tokens and inference bearer tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// HMAC key of the `appproxy_permit` cookie.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permit_secret: Option<String>,
+    /// Digest of the permit HMAC.
+    pub permit_digest: crate::auth::PermitDigest,
+}
+
 /// `[coordinator]`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -492,6 +512,14 @@ pub struct Runtime {
     pub log_format: appproxy_shared::telemetry::LogFormat,
     /// The wildcard frontend (wildcard mode).
     pub wildcard: Option<Wildcard>,
+    /// Keys for access control.
+    pub secrets: SecretsSection,
+    /// Port serving `/setup` (absent: no API port).
+    pub api_port: Option<u16>,
+    /// Host name put in `/setup` redirects.
+    pub advertised_host: String,
+    /// Whether clients reach the worker over TLS (a TLS terminator in front).
+    pub tls_advertised: bool,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
 }
@@ -665,6 +693,21 @@ impl Config {
                     Frontend::Subdomain(sub)
                 }
             };
+            if !c.open_to_public {
+                let (key, what) = match c.app_mode {
+                    appproxy_shared::model::AppMode::Interactive => {
+                        (&self.secrets.permit_secret, "permit_secret")
+                    }
+                    appproxy_shared::model::AppMode::Inference => {
+                        (&self.secrets.jwt_secret, "jwt_secret")
+                    }
+                };
+                if c.protocol != ProxyProtocol::Tcp && key.is_none() {
+                    return Err(err(format!(
+                        "not open_to_public, but [secrets] {what} is not set: set it, or open_to_public = true"
+                    )));
+                }
+            }
             let mut upstreams = Vec::new();
             for r in &c.route_info {
                 if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
@@ -728,6 +771,14 @@ impl Config {
             access_log: self.logging.access_log,
             ws_message_ids: self.worker.ws_message_ids,
             wildcard,
+            secrets: self.secrets.clone(),
+            api_port: self.worker.api_port,
+            advertised_host: self
+                .worker
+                .hostname
+                .clone()
+                .unwrap_or_else(|| self.worker.bind_host.to_string()),
+            tls_advertised: self.worker.tls_advertised,
             log_format: self.logging.common.format,
             circuits,
         })
@@ -777,19 +828,23 @@ mod tests {
             ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
             ("[coordinator]\nurl = \"http://c\"\n", "managed mode"),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\n",
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n",
+                "[secrets] permit_secret is not set",
+            ),
+            (
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\n",
                 "without a port",
             ),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 80\n",
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 80\n",
                 "outside [worker] port_range",
             ),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nprotocol = \"grpc\"\n",
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 10205\nprotocol = \"grpc\"\n",
                 "not available",
             ),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556667\"\nport = 10205\n",
+                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 10205\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556667\"\nopen_to_public = true\nport = 10205\n",
                 "used by another circuit",
             ),
         ];
@@ -838,6 +893,7 @@ mod tests {
         let text = r#"
 [[circuits]]
 id = "c0a8f5d2-1111-4222-8333-444455556666"
+open_to_public = true
 app = "jupyter"
 port = 10206
 allowed_client_ips = ["127.0.0.0/8", "not-an-ip"]

@@ -513,6 +513,7 @@ mod tests {
         let text = r#"
 [[circuits]]
 id = "c0a8f5d2-1111-4222-8333-444455556666"
+open_to_public = true
 port = 10206
 route_info = [
   { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1001, traffic_ratio = 1.0 },

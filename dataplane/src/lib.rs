@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod api;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod http;

@@ -272,7 +272,19 @@ async fn handle(
         }
     };
     let circuit_id = route.circuit.circuit.id;
-    let peer_ip = client.hop.peer.ip();
+    let peer_ip = match client_ip(client, &head) {
+        Ok(ip) => ip,
+        Err(()) => {
+            let err = ProxyError::Request(RequestError::Malformed(
+                "X-Forwarded-For from a trusted proxy must hold exactly one address",
+            ));
+            let mut r = Refusal::from_error(&err, &id, &line, started);
+            r.circuit = Some(&circuit_id);
+            r.close = true;
+            answer(core, client, out, r).await;
+            return Next::Close;
+        }
+    };
     if !route.circuit.allowed.is_empty()
         && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
     {
@@ -291,6 +303,36 @@ async fn handle(
                 status: 403,
                 code: "forbidden",
                 message: "client address not allowed".into(),
+                id: &id,
+                circuit: Some(&circuit_id),
+                started,
+                line: &line,
+                bytes_in: head.head_len as u64,
+                close: next == Next::Close,
+            },
+        )
+        .await;
+        return next;
+    }
+    if let Err(refusal) = check_credentials(core, client.buf.filled(), &head, &route) {
+        tracing::info!(
+            code = refusal.code,
+            reason = refusal.message,
+            "credentials refused"
+        );
+        let next = if has_body || !head.keep_alive {
+            Next::Close
+        } else {
+            consume_head(client, &head)
+        };
+        answer(
+            core,
+            client,
+            out,
+            Refusal {
+                status: refusal.status,
+                code: refusal.code,
+                message: refusal.message.into(),
                 id: &id,
                 circuit: Some(&circuit_id),
                 started,
@@ -363,6 +405,73 @@ async fn handle(
                 started,
             });
             Next::Close
+        }
+    }
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the one
+/// address of its single `X-Forwarded-For` (anything else from a trusted proxy is
+/// refused, as the original's strict one-hop rule does).
+fn client_ip(client: &Client, head: &RequestHead) -> Result<std::net::IpAddr, ()> {
+    let peer = client.hop.peer.ip();
+    if !client.hop.trusted {
+        return Ok(peer);
+    }
+    let buf = client.buf.filled();
+    let mut xff = head
+        .headers
+        .iter()
+        .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-for"))
+        .map(|h| &buf[h.value.clone()]);
+    match (xff.next(), xff.next()) {
+        (None, _) => Ok(peer),
+        (Some(v), None) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or(()),
+        _ => Err(()),
+    }
+}
+
+/// The circuit's credential check (skipped for `open_to_public` and `OPTIONS`):
+/// the permit cookie for interactive apps, a bearer JWT for inference.
+fn check_credentials(
+    core: &Core,
+    buf: &[u8],
+    head: &RequestHead,
+    route: &Route,
+) -> Result<(), crate::auth::Refused> {
+    let circuit = &route.circuit.circuit;
+    if circuit.open_to_public || head.method == Method::Options {
+        return Ok(());
+    }
+    let secrets = &core.rt.secrets;
+    // Validation refuses non-public circuits without their key; be safe anyway.
+    const NO_KEY: crate::auth::Refused = crate::auth::Refused {
+        status: 401,
+        code: "E20006",
+        message: "no key configured for this circuit",
+    };
+    let values = |name: &'static str| {
+        head.headers
+            .iter()
+            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+            .map(|h| &buf[h.value.clone()])
+    };
+    match circuit.app_mode {
+        appproxy_shared::model::AppMode::Interactive => {
+            let key = secrets.permit_secret.as_deref().ok_or(NO_KEY)?;
+            let cookies: Vec<&[u8]> = values("cookie").collect();
+            crate::auth::check_permit(
+                &cookies,
+                key,
+                circuit.user_id.as_ref(),
+                secrets.permit_digest,
+            )
+        }
+        appproxy_shared::model::AppMode::Inference => {
+            let key = secrets.jwt_secret.as_deref().ok_or(NO_KEY)?;
+            crate::auth::check_bearer(values("authorization").next(), key, &circuit.id)
         }
     }
 }

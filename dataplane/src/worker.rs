@@ -290,7 +290,8 @@ fn reconcile_listeners(
     core: &Rc<Core>,
     listeners: &RefCell<HashMap<u16, Task<()>>>,
 ) -> Result<(), String> {
-    let wanted: Vec<u16> = core.routes.borrow().ports();
+    let mut wanted: Vec<u16> = core.routes.borrow().ports();
+    wanted.extend(core.rt.api_port);
     let mut map = listeners.borrow_mut();
     // Dropping a glommio task cancels it: its listener closes.
     map.retain(|port, _| wanted.contains(port));
@@ -319,6 +320,9 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
+                Ok(conn) if Some(port) == core.rt.api_port => {
+                    glommio::spawn_local(crate::api::serve(core.clone(), conn, peer)).detach();
+                }
                 Ok(conn) => {
                     let tcp = core
                         .route_for_port(port)

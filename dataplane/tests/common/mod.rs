@@ -311,6 +311,8 @@ fn serve_app(
 pub struct Worker {
     pub child: Option<Child>,
     pub port: u16,
+    /// A second free port, substituted for `{AUX_PORT}` in the config.
+    pub aux_port: u16,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
@@ -342,6 +344,7 @@ impl Worker {
     pub fn start(opts: WorkerOpts) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        let aux_port = free_port();
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let routes: Vec<String> = opts
             .upstreams
@@ -375,15 +378,23 @@ filter = "debug"
 id = "c0a8f5d2-1111-4222-8333-444455556666"
 app = "test"
 port = {port}
-open_to_public = true
+{open_to_public}
 route_info = [{routes}]
 {circuit_extra}
 "#,
             cores = opts.cores,
-            extra_worker = opts.worker_extra.replace("{PORT}", &port.to_string()),
+            extra_worker = opts
+                .worker_extra
+                .replace("{PORT}", &port.to_string())
+                .replace("{AUX_PORT}", &aux_port.to_string()),
             extra = opts.extra,
             circuit_extra = opts.circuit_extra,
             routes = routes.join(", "),
+            open_to_public = if opts.circuit_extra.contains("open_to_public") {
+                ""
+            } else {
+                "open_to_public = true"
+            },
         );
         let path = dir.path().join("worker.toml");
         std::fs::write(&path, config).expect("write config");
@@ -400,6 +411,7 @@ route_info = [{routes}]
         let w = Self {
             child: Some(child),
             port,
+            aux_port,
             admin,
             dir,
             log,

@@ -1,0 +1,264 @@
+//! The worker API port (`[worker] api_port`): `GET /setup?token=…`, which validates
+//! the coordinator's HS256 token, sets the `appproxy_permit` cookie exactly as the
+//! original computes it and redirects to the circuit; plus `GET /status`.
+//!
+//! One request per connection (`Connection: close`): these are browser redirects, not
+//! a hot path.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use appproxy_shared::header::{self, IdPolicy};
+use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
+use appproxy_shared::{scope, RequestId};
+
+use crate::core::{Core, Route};
+use crate::http::encode;
+use crate::http::parse::{self, Method};
+use crate::io::TcpConn;
+use crate::relay::ReadBuf;
+
+/// Serves one API connection.
+pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
+    let mut buf = ReadBuf::new(8 * 1024);
+    let limit = core.rt.head_limits.max_request_line + core.rt.head_limits.max_header_bytes + 4;
+    conn.set_timeout(core.rt.head_timeout);
+    let head = loop {
+        match parse::parse_request(buf.filled(), &core.rt.head_limits) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(e) => {
+                let id = RequestId::generate(core.rt.id_version);
+                let mut out = Vec::new();
+                encode::error_response(&mut out, e.status(), e.code(), &e.to_string(), &id, true);
+                let _ = conn.write_all(&out).await;
+                return;
+            }
+        }
+        match buf.fill(&conn, limit).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    };
+    let bytes = buf.filled();
+    let found = header::extract(
+        head.headers
+            .iter()
+            .map(|h| (&bytes[h.name.clone()], &bytes[h.value.clone()])),
+    );
+    let id = header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
+        .0
+        .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
+    let out = scope(Some(id), async { respond(&core, bytes, &head, &id) }).await;
+    conn.set_timeout(core.rt.body_idle_timeout);
+    let _ = conn.write_all(&out).await;
+}
+
+/// A response of the API port.
+struct Answer {
+    status: u16,
+    extra_headers: String,
+    content_type: &'static str,
+    body: String,
+}
+
+fn json_error(status: u16, code: &str, message: &str, id: &RequestId) -> Answer {
+    let mut body = String::from("{\"error\":\"");
+    appproxy_shared::telemetry::push_json_escaped(&mut body, message);
+    let _ = write!(body, "\",\"code\":\"{code}\",\"request_id\":\"{id}\"}}");
+    Answer {
+        status,
+        extra_headers: String::new(),
+        content_type: "application/json",
+        body,
+    }
+}
+
+fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -> Vec<u8> {
+    let target = String::from_utf8_lossy(&buf[head.target.clone()]).into_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let answer = match (head.method, path) {
+        (Method::Get, "/setup") => setup(core, query, id),
+        (Method::Get, "/status") => Answer {
+            status: 200,
+            extra_headers: String::new(),
+            content_type: "application/json",
+            body: "{\"api_version\":\"v2\"}".into(),
+        },
+        (Method::Get, _) => json_error(404, "not_found", "no such endpoint", id),
+        _ => json_error(405, "method_not_allowed", "method not allowed", id),
+    };
+    tracing::info!(path, status = answer.status, "api request");
+    let mut out = String::with_capacity(512 + answer.body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\nAccess-Control-Allow-Origin: *\r\nAccess-Control-Allow-Headers: *\r\nAccess-Control-Expose-Headers: *\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n{}",
+        answer.status,
+        reason(answer.status),
+        answer.content_type,
+        answer.body.len(),
+        answer.extra_headers,
+        answer.body
+    );
+    out.into_bytes()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        302 => "Found",
+        s => crate::http::error::reason(s),
+    }
+}
+
+/// Percent-decodes a query value (tokens are URL-safe, but clients may escape them).
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn find_circuit(core: &Core, circuit: &uuid::Uuid) -> Option<Rc<Route>> {
+    let table = core.routes.borrow();
+    table
+        .by_port
+        .values()
+        .chain(table.by_subdomain.values())
+        .find(|r| r.circuit.circuit.id == *circuit)
+        .cloned()
+}
+
+fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
+    let token = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .map(|(_, v)| percent_decode(v));
+    let Some(token) = token else {
+        return json_error(400, "E20006", "token missing", id);
+    };
+    let Some(secret) = core.rt.secrets.jwt_secret.as_deref() else {
+        return json_error(503, "E20006", "no jwt_secret configured on this worker", id);
+    };
+    let claims = match crate::auth::verify_hs256(token.as_bytes(), secret) {
+        Ok(c) => c,
+        Err(r) => return json_error(r.status, r.code, r.message, id),
+    };
+    let circuit_id = claims
+        .get("circuit")
+        .and_then(|v| v.as_str())
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    let Some(route) = circuit_id.and_then(|c| find_circuit(core, &c)) else {
+        return json_error(404, "unknown_circuit", "no such circuit on this worker", id);
+    };
+    let circuit = &route.circuit.circuit;
+    if circuit.app_mode == AppMode::Inference {
+        return json_error(400, "E20011", "Not supported for inference apps", id);
+    }
+    let redirect = claims
+        .get("redirect")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let scheme = if core.rt.tls_advertised {
+        "https"
+    } else {
+        "http"
+    };
+    let (host, port) = match (&route.circuit.frontend, &core.rt.wildcard) {
+        (crate::config::Frontend::Subdomain(sub), Some(w)) => {
+            (format!("{sub}{}", w.domain), w.port)
+        }
+        (crate::config::Frontend::Port(p), _) => (core.rt.advertised_host.clone(), *p),
+        (crate::config::Frontend::Subdomain(_), None) => {
+            return json_error(
+                500,
+                "internal",
+                "wildcard circuit without a wildcard frontend",
+                id,
+            )
+        }
+    };
+    match circuit.protocol {
+        ProxyProtocol::Http | ProxyProtocol::Preopen => {
+            let path = if redirect.starts_with('/') {
+                redirect.to_owned()
+            } else {
+                format!("/{redirect}")
+            };
+            let location = format!("{scheme}://{host}:{port}{path}");
+            let mut extra = String::new();
+            if location.bytes().all(|b| b.is_ascii_graphic()) {
+                let _ = write!(extra, "Location: {location}\r\n");
+            } else {
+                return json_error(400, "E20006", "redirect is not a valid path", id);
+            }
+            if let (Some(permit_secret), Some(user)) =
+                (&core.rt.secrets.permit_secret, &circuit.user_id)
+            {
+                let value =
+                    crate::auth::permit_value(permit_secret, user, core.rt.secrets.permit_digest);
+                let _ = write!(extra, "Set-Cookie: appproxy_permit=\"{value}\"; HttpOnly; Max-Age=604800; Path=/; SameSite=Lax");
+                if core.rt.tls_advertised {
+                    extra.push_str("; Secure");
+                }
+                if circuit.frontend_mode == FrontendMode::Wildcard {
+                    if let Some(w) = &core.rt.wildcard {
+                        let _ = write!(extra, "; Domain={}", w.domain);
+                    }
+                }
+                extra.push_str("\r\n");
+            }
+            Answer {
+                status: 302,
+                extra_headers: extra,
+                content_type: "application/json",
+                body: "{}".into(),
+            }
+        }
+        ProxyProtocol::Tcp => {
+            let url = format!(
+                "http://localhost:45678/start?directTCP=true&auth={token}&proto=tcp&gateway=tcp://{host}:{port}"
+            );
+            if redirect.is_empty() {
+                let mut body = String::from("{\"redirect\":\"");
+                appproxy_shared::telemetry::push_json_escaped(&mut body, &url);
+                body.push_str("\",\"redirectURI\":\"");
+                appproxy_shared::telemetry::push_json_escaped(&mut body, &url);
+                body.push_str("\"}");
+                Answer {
+                    status: 200,
+                    extra_headers: String::new(),
+                    content_type: "application/json",
+                    body,
+                }
+            } else {
+                Answer {
+                    status: 302,
+                    extra_headers: format!("Location: {url}\r\n"),
+                    content_type: "application/json",
+                    body: "{}".into(),
+                }
+            }
+        }
+        _ => json_error(400, "E20002", "unsupported protocol", id),
+    }
+}

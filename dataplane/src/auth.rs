@@ -1,0 +1,306 @@
+//! Access control compatible with the original platform: the `appproxy_permit` cookie
+//! of interactive circuits, bearer JWTs of inference circuits, and the `/setup` token.
+//!
+//! JWTs are HS256 only (the platform signs nothing else); the signature is checked in
+//! constant time before any claim is read.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+
+/// Digest of the permit HMAC (`permit_digest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PermitDigest {
+    /// SHA-224.
+    Sha224,
+    /// SHA-256 (the default).
+    #[default]
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+/// An access refusal, with the original platform's error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refused {
+    /// HTTP status (401, 403 or 400).
+    pub status: u16,
+    /// `E2000x` code.
+    pub code: &'static str,
+    /// What was wrong (never echoes the credential).
+    pub message: &'static str,
+}
+
+const fn refused(status: u16, code: &'static str, message: &'static str) -> Refused {
+    Refused {
+        status,
+        code,
+        message,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+/// HMAC of `msg` under `secret` with digest `$d`, as lowercase hex. (HMAC accepts
+/// keys of any length, so key setup cannot fail.)
+macro_rules! hmac_hex {
+    ($d:ty, $secret:expr, $msg:expr) => {{
+        let mut mac =
+            <Hmac<$d> as Mac>::new_from_slice($secret).expect("HMAC takes any key length");
+        mac.update($msg);
+        hex(&mac.finalize().into_bytes())
+    }};
+}
+
+/// The permit cookie value of `user_id`: standard base64 of the lowercase hex HMAC.
+pub fn permit_value(secret: &str, user_id: &uuid::Uuid, digest: PermitDigest) -> String {
+    let user = user_id.hyphenated().to_string();
+    let hex = match digest {
+        PermitDigest::Sha224 => hmac_hex!(sha2::Sha224, secret.as_bytes(), user.as_bytes()),
+        PermitDigest::Sha256 => hmac_hex!(sha2::Sha256, secret.as_bytes(), user.as_bytes()),
+        PermitDigest::Sha384 => hmac_hex!(sha2::Sha384, secret.as_bytes(), user.as_bytes()),
+        PermitDigest::Sha512 => hmac_hex!(sha2::Sha512, secret.as_bytes(), user.as_bytes()),
+    };
+    STANDARD.encode(hex.as_bytes())
+}
+
+/// The value of cookie `name` in a `Cookie` header value, unquoted.
+pub fn cookie<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    header.split(|b| *b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+        if k != name.as_bytes() {
+            return None;
+        }
+        Some(match v {
+            [b'"', inner @ .., b'"'] => inner,
+            v => v,
+        })
+    })
+}
+
+/// Checks the permit cookie of an interactive circuit owned by `user_id`.
+pub fn check_permit(
+    cookie_headers: &[&[u8]],
+    secret: &str,
+    user_id: Option<&uuid::Uuid>,
+    digest: PermitDigest,
+) -> Result<(), Refused> {
+    let value = cookie_headers
+        .iter()
+        .find_map(|h| cookie(h, "appproxy_permit"))
+        .ok_or(refused(401, "E20004", "permit cookie missing"))?;
+    let user = user_id.ok_or(refused(401, "E20005", "permit does not match"))?;
+    let want = permit_value(secret, user, digest);
+    if constant_time_eq(value, want.as_bytes()) {
+        Ok(())
+    } else {
+        Err(refused(401, "E20005", "permit does not match"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Verifies an HS256 JWT and returns its claims. `exp`, when present, is enforced.
+pub fn verify_hs256(
+    token: &[u8],
+    secret: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, Refused> {
+    const BAD: Refused = refused(401, "E20006", "invalid token");
+    let token = std::str::from_utf8(token).map_err(|_| BAD)?;
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(BAD);
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| BAD)?).map_err(|_| BAD)?;
+    if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
+        return Err(BAD);
+    }
+    let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| BAD)?;
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
+    mac.verify_slice(&signature).map_err(|_| BAD)?;
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| BAD)?).map_err(|_| BAD)?;
+    if let Some(exp) = claims.get("exp") {
+        let exp = exp.as_f64().ok_or(BAD)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if now >= exp {
+            return Err(refused(401, "E20008", "token expired"));
+        }
+    }
+    Ok(claims)
+}
+
+/// Signs claims as an HS256 JWT (for tests and tools).
+pub fn sign_hs256(claims: &serde_json::Value, secret: &str) -> String {
+    let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let p = URL_SAFE_NO_PAD.encode(claims.to_string().as_bytes());
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(format!("{h}.{p}").as_bytes());
+    let s = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{h}.{p}.{s}")
+}
+
+/// Checks the bearer JWT of an inference circuit: `Authorization: Bearer <jwt>` or
+/// `BackendAI <jwt>`, whose `id` claim names the circuit.
+pub fn check_bearer(
+    authorization: Option<&[u8]>,
+    secret: &str,
+    circuit: &uuid::Uuid,
+) -> Result<(), Refused> {
+    let value = authorization.ok_or(refused(401, "E20006", "authorization missing"))?;
+    let token = value
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.strip_prefix(b"BackendAI "))
+        .ok_or(refused(401, "E20006", "unsupported authorization scheme"))?;
+    let claims = verify_hs256(token.trim_ascii(), secret)?;
+    let id = claims.get("id").and_then(|v| v.as_str()).unwrap_or("");
+    if uuid::Uuid::parse_str(id).ok().as_ref() == Some(circuit) {
+        Ok(())
+    } else {
+        Err(refused(401, "E20009", "token is not for this circuit"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permit_matches_the_reference_example() {
+        let user = uuid::Uuid::parse_str("3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b").expect("uuid");
+        assert_eq!(
+            permit_value("PERMIT_HASH_SECRET", &user, PermitDigest::Sha256),
+            "YmZkY2NmYTQ5ZWNjODMwYmIyZTBmOTRiYTFjNGEzYzdkYzAwOGUyZjY3ODY4NTQzNDA5MTlkNzE1YjlmZTg1YQ=="
+        );
+        assert_ne!(
+            permit_value("PERMIT_HASH_SECRET", &user, PermitDigest::Sha512),
+            permit_value("PERMIT_HASH_SECRET", &user, PermitDigest::Sha256)
+        );
+    }
+
+    #[test]
+    fn cookies_quoted_and_plain() {
+        assert_eq!(
+            cookie(b"a=1; appproxy_permit=\"abc==\"; b=2", "appproxy_permit"),
+            Some(&b"abc=="[..])
+        );
+        assert_eq!(
+            cookie(b"appproxy_permit=abc==", "appproxy_permit"),
+            Some(&b"abc=="[..])
+        );
+        assert_eq!(cookie(b"xappproxy_permit=abc", "appproxy_permit"), None);
+        let user = uuid::Uuid::new_v4();
+        let good = format!(
+            "appproxy_permit=\"{}\"",
+            permit_value("s", &user, PermitDigest::Sha256)
+        );
+        assert_eq!(
+            check_permit(&[good.as_bytes()], "s", Some(&user), PermitDigest::Sha256),
+            Ok(())
+        );
+        assert_eq!(
+            check_permit(&[], "s", Some(&user), PermitDigest::Sha256)
+                .expect_err("missing")
+                .code,
+            "E20004"
+        );
+        assert_eq!(
+            check_permit(
+                &[b"appproxy_permit=nope"],
+                "s",
+                Some(&user),
+                PermitDigest::Sha256
+            )
+            .expect_err("bad")
+            .code,
+            "E20005"
+        );
+    }
+
+    #[test]
+    fn jwt_checks() {
+        let circuit = uuid::Uuid::new_v4();
+        let good = sign_hs256(&serde_json::json!({"id": circuit.to_string()}), "k");
+        assert_eq!(
+            check_bearer(Some(format!("Bearer {good}").as_bytes()), "k", &circuit),
+            Ok(())
+        );
+        assert_eq!(
+            check_bearer(Some(format!("BackendAI {good}").as_bytes()), "k", &circuit),
+            Ok(())
+        );
+        let code = |auth: Option<&str>| {
+            check_bearer(auth.map(str::as_bytes), "k", &circuit)
+                .expect_err("refused")
+                .code
+        };
+        assert_eq!(code(None), "E20006");
+        assert_eq!(
+            code(Some(&format!("bearer {good}"))),
+            "E20006",
+            "the scheme is case-sensitive"
+        );
+        assert_eq!(
+            code(Some(&format!(
+                "Bearer {}",
+                sign_hs256(&serde_json::json!({"id": circuit.to_string()}), "other")
+            ))),
+            "E20006"
+        );
+        assert_eq!(
+            code(Some(&format!(
+                "Bearer {}",
+                sign_hs256(
+                    &serde_json::json!({"id": uuid::Uuid::new_v4().to_string()}),
+                    "k"
+                )
+            ))),
+            "E20009"
+        );
+        assert_eq!(
+            code(Some(&format!(
+                "Bearer {}",
+                sign_hs256(
+                    &serde_json::json!({"id": circuit.to_string(), "exp": 1}),
+                    "k"
+                )
+            ))),
+            "E20008"
+        );
+        assert_eq!(code(Some("Bearer not.a.jwt")), "E20006");
+        // alg=none is refused even with a valid-looking body.
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(format!("{{\"id\":\"{circuit}\"}}").as_bytes())
+        );
+        assert_eq!(code(Some(&format!("Bearer {none}"))), "E20006");
+    }
+}
