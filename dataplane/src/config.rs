@@ -279,6 +279,13 @@ pub struct UpstreamSection {
     pub max_idle_per_route: usize,
     /// An idle pooled connection older than this is closed instead of reused.
     pub idle_timeout_secs: u64,
+    /// Consecutive failures that take an upstream out of rotation (passive health).
+    pub failure_threshold: u32,
+    /// How long an unhealthy upstream stays out.
+    pub unhealthy_secs: u64,
+    /// Active probe: every this many seconds, each core tries a TCP connect to its
+    /// unhealthy upstreams and brings back those that answer; 0 turns it off.
+    pub probe_interval_secs: u64,
 }
 
 impl Default for UpstreamSection {
@@ -286,6 +293,9 @@ impl Default for UpstreamSection {
         Self {
             max_idle_per_route: 128,
             idle_timeout_secs: 60,
+            failure_threshold: 3,
+            unhealthy_secs: 10,
+            probe_interval_secs: 2,
         }
     }
 }
@@ -496,6 +506,12 @@ pub struct Runtime {
     pub max_idle_per_route: usize,
     /// Pooled connection idle lifetime.
     pub pool_idle_timeout: Duration,
+    /// Passive health threshold.
+    pub failure_threshold: u32,
+    /// Passive health back-off.
+    pub unhealthy_backoff: Duration,
+    /// Active probe interval (`None`: off).
+    pub probe_interval: Option<Duration>,
     /// Reactor park bound.
     pub park_max: Duration,
     /// glommio io memory per executor, bytes.
@@ -764,6 +780,10 @@ impl Config {
             drain_timeout: secs(t.drain_secs),
             max_idle_per_route: self.upstream.max_idle_per_route,
             pool_idle_timeout: secs(self.upstream.idle_timeout_secs),
+            failure_threshold: self.upstream.failure_threshold.max(1),
+            unhealthy_backoff: secs(self.upstream.unhealthy_secs),
+            probe_interval: (self.upstream.probe_interval_secs > 0)
+                .then(|| secs(self.upstream.probe_interval_secs)),
             park_max: Duration::from_micros(self.reactor.park_max_us.clamp(50, 100_000)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,

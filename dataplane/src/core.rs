@@ -20,41 +20,98 @@ use crate::config::{Frontend, ResolvedCircuit, Runtime, Wildcard};
 use crate::io::TcpConn;
 use crate::reactor::Reactor;
 
-/// A circuit's routes, ready for weighted choice.
+/// Passive health of one upstream of a route, on one core.
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    /// Failures in a row (connect errors, broken or missing response heads).
+    failures: u32,
+    /// Excluded from choice until then.
+    unhealthy_until: Option<Instant>,
+}
+
+/// How passive health judges upstreams.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    /// Consecutive failures that mark an upstream unhealthy.
+    pub threshold: u32,
+    /// How long it stays out of rotation (an active probe may bring it back sooner).
+    pub backoff: std::time::Duration,
+}
+
+/// A circuit's routes, ready for weighted choice among the healthy ones.
 pub struct Route {
     /// The circuit.
     pub circuit: ResolvedCircuit,
-    /// Running sums of the weights, for a binary search.
-    cumulative: Vec<f64>,
+    /// Per-upstream passive health, indexed like `circuit.upstreams`.
+    health: RefCell<Vec<Health>>,
 }
 
 impl Route {
     /// Prepares `circuit` for routing.
     pub fn new(circuit: ResolvedCircuit) -> Self {
-        let mut sum = 0.0;
-        let cumulative = circuit
-            .upstreams
-            .iter()
-            .map(|(_, w)| {
-                sum += w;
-                sum
-            })
-            .collect();
-        Self {
-            circuit,
-            cumulative,
-        }
+        let health = RefCell::new(vec![Health::default(); circuit.upstreams.len()]);
+        Self { circuit, health }
     }
 
-    /// Picks an upstream by `traffic_ratio`, with `draw` uniform in [0, 1).
-    pub fn pick(&self, draw: f64) -> Option<SocketAddr> {
-        let total = *self.cumulative.last()?;
-        let target = draw * total;
-        let i = self.cumulative.partition_point(|c| *c <= target);
+    /// Picks an upstream by `traffic_ratio` among the healthy ones (all of them when
+    /// none is healthy: better a try than a certain failure), skipping `exclude`.
+    /// `draw` is uniform in [0, 1).
+    pub fn pick(&self, draw: f64, now: Instant, exclude: Option<SocketAddr>) -> Option<SocketAddr> {
+        let health = self.health.borrow();
+        let ups = &self.circuit.upstreams;
+        let usable = |i: usize| Some(ups[i].0) != exclude;
+        let healthy = |i: usize| usable(i) && health[i].unhealthy_until.is_none_or(|t| t <= now);
+        let any_healthy = (0..ups.len()).any(healthy);
+        let eligible = |i: usize| if any_healthy { healthy(i) } else { usable(i) };
+        let total: f64 = (0..ups.len())
+            .filter(|i| eligible(*i))
+            .map(|i| ups[i].1)
+            .sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut target = draw * total;
+        let mut last = None;
+        for i in (0..ups.len()).filter(|i| eligible(*i)) {
+            last = Some(ups[i].0);
+            if target < ups[i].1 {
+                return last;
+            }
+            target -= ups[i].1;
+        }
+        last
+    }
+
+    /// Records the outcome of an exchange with `addr`; returns true when this failure
+    /// just marked it unhealthy.
+    pub fn record(&self, addr: SocketAddr, ok: bool, now: Instant, policy: HealthPolicy) -> bool {
+        let Some(i) = self.circuit.upstreams.iter().position(|(a, _)| *a == addr) else {
+            return false;
+        };
+        let mut health = self.health.borrow_mut();
+        let h = &mut health[i];
+        if ok {
+            *h = Health::default();
+            return false;
+        }
+        h.failures = h.failures.saturating_add(1);
+        if h.failures >= policy.threshold && h.unhealthy_until.is_none_or(|t| t <= now) {
+            h.unhealthy_until = Some(now + policy.backoff);
+            return true;
+        }
+        false
+    }
+
+    /// Upstreams currently out of rotation.
+    pub fn unhealthy(&self, now: Instant) -> Vec<SocketAddr> {
+        let health = self.health.borrow();
         self.circuit
             .upstreams
-            .get(i.min(self.circuit.upstreams.len() - 1))
-            .map(|(a, _)| *a)
+            .iter()
+            .zip(health.iter())
+            .filter(|(_, h)| h.unhealthy_until.is_some_and(|t| t > now))
+            .map(|((a, _), _)| *a)
+            .collect()
     }
 }
 
@@ -493,6 +550,14 @@ impl Core {
         id
     }
 
+    /// How passive health judges upstreams.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            threshold: self.rt.failure_threshold,
+            backoff: self.rt.unhealthy_backoff,
+        }
+    }
+
     /// Looks up the circuit of a frontend port (port mode).
     pub fn route_for_port(&self, port: u16) -> Option<Rc<Route>> {
         self.routes.borrow().by_port.get(&port).cloned()
@@ -525,15 +590,44 @@ route_info = [
             .validate(&[0])
             .expect("valid");
         let route = Route::new(rt.circuits[0].clone());
+        let now = Instant::now();
         let mut counts = [0u32; 2];
         for i in 0..4000 {
             let draw = (i as f64 + 0.5) / 4000.0;
-            let addr = route.pick(draw).expect("an upstream");
+            let addr = route.pick(draw, now, None).expect("an upstream");
             counts[(addr.port() - 1001) as usize] += 1;
         }
         assert_eq!(counts, [1000, 3000]);
-        assert_eq!(route.pick(0.0).map(|a| a.port()), Some(1001));
-        assert_eq!(route.pick(0.999_999).map(|a| a.port()), Some(1002));
+        assert_eq!(route.pick(0.0, now, None).map(|a| a.port()), Some(1001));
+        assert_eq!(
+            route.pick(0.999_999, now, None).map(|a| a.port()),
+            Some(1002)
+        );
+        // Passive health: three failures take 1002 out of rotation for the back-off.
+        let policy = HealthPolicy {
+            threshold: 3,
+            backoff: std::time::Duration::from_secs(10),
+        };
+        let b: SocketAddr = "127.0.0.1:1002".parse().expect("addr");
+        assert!(!route.record(b, false, now, policy));
+        assert!(!route.record(b, false, now, policy));
+        assert!(route.record(b, false, now, policy));
+        assert_eq!(route.unhealthy(now), vec![b]);
+        for i in 0..100 {
+            assert_eq!(
+                route.pick(i as f64 / 100.0, now, None).map(|a| a.port()),
+                Some(1001)
+            );
+        }
+        let later = now + std::time::Duration::from_secs(11);
+        assert!(route.unhealthy(later).is_empty());
+        // Excluding the only healthy one still offers the other (fail open).
+        assert_eq!(
+            route.pick(0.5, now, Some("127.0.0.1:1001".parse().expect("addr"))),
+            Some(b)
+        );
+        route.record(b, true, now, policy);
+        assert!(route.unhealthy(now).is_empty());
     }
 
     #[test]

@@ -537,8 +537,8 @@ async fn forward(
     id: RequestId,
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
-    let addr = route
-        .pick(core.draw())
+    let mut addr = route
+        .pick(core.draw(), core.reactor.now(), None)
         .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
     let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
     let websocket = head
@@ -552,7 +552,9 @@ async fn forward(
         }
         None => {
             core.metrics.add(counter::POOL_MISS, 1);
-            (connect(core, addr).await?, false)
+            let (conn, used) = connect_route(core, route, addr).await?;
+            addr = used;
+            (conn, false)
         }
     };
     if head.expect_continue && head.framing != BodyFraming::Length(0) {
@@ -622,7 +624,12 @@ async fn forward(
                 ))
             }
         }
-        match read_response_head(core, &upstream, ubuf, head.method).await {
+        let outcome = read_response_head(core, &upstream, ubuf, head.method).await;
+        let retrying = matches!(outcome, Err(HeadFailure::Closed(_))) && reused && retryable;
+        if !retrying {
+            note_health(core, route, addr, outcome.is_ok());
+        }
+        match outcome {
             Ok(resp) => {
                 if retryable {
                     client.buf.consume(head.head_len);
@@ -647,6 +654,39 @@ async fn forward(
                     HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
                 };
                 return Err(Failure::Answer(err, Left::Nothing));
+            }
+        }
+    }
+}
+
+/// Records an exchange's outcome in the route's passive health.
+fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool) {
+    let policy = core.health_policy();
+    if route.record(addr, ok, core.reactor.now(), policy) {
+        tracing::warn!(upstream = %addr, failures = policy.threshold, backoff_secs = policy.backoff.as_secs(), "upstream marked unhealthy");
+    }
+}
+
+/// Connects to `addr`; when that fails, records it and tries one other upstream of
+/// the route (connect failures are safe to retry: nothing was sent).
+async fn connect_route(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<(TcpConn, SocketAddr), Failure> {
+    match connect(core, addr).await {
+        Ok(c) => Ok((c, addr)),
+        Err(first) => {
+            note_health(core, route, addr, false);
+            match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
+                Some(alt) if alt != addr => {
+                    let c = connect(core, alt).await;
+                    if c.is_err() {
+                        note_health(core, route, alt, false);
+                    }
+                    c.map(|c| (c, alt))
+                }
+                _ => Err(first),
             }
         }
     }

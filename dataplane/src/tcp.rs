@@ -36,17 +36,35 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         tracing::info!(%circuit, peer = %peer.ip(), "tcp peer not in the circuit's allowlist: closed");
         return;
     }
-    let Some(addr) = route.pick(core.draw()) else {
+    let Some(mut addr) = route.pick(core.draw(), core.reactor.now(), None) else {
         tracing::warn!(%circuit, "tcp circuit has no route: closed");
         return;
     };
     let upstream = match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%circuit, upstream = %addr, error = %e, "tcp upstream connect failed: closed");
-            return;
+            tracing::warn!(%circuit, upstream = %addr, error = %e, "tcp upstream connect failed");
+            route.record(addr, false, core.reactor.now(), core.health_policy());
+            let alt = route.pick(core.draw(), core.reactor.now(), Some(addr));
+            match alt {
+                Some(alt) if alt != addr => {
+                    match TcpConn::connect(&core.reactor, alt, core.rt.connect_timeout).await {
+                        Ok(c) => {
+                            addr = alt;
+                            c
+                        }
+                        Err(e) => {
+                            tracing::warn!(%circuit, upstream = %alt, error = %e, "tcp upstream connect failed: closed");
+                            route.record(alt, false, core.reactor.now(), core.health_policy());
+                            return;
+                        }
+                    }
+                }
+                _ => return,
+            }
         }
     };
+    route.record(addr, true, core.reactor.now(), core.health_policy());
     client.set_idle(true);
     let started = Instant::now();
     let idle = core.rt.tunnel_idle_timeout;

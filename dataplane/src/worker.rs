@@ -209,6 +209,9 @@ fn run_core(
             }));
         }
         let reactor_task = glommio::spawn_local(reactor.clone().run());
+        let _probe_task = rt
+            .probe_interval
+            .map(|every| glommio::spawn_local(probe_loop(core.clone(), every)));
         let waking = match reactor.waking().remote() {
             Ok(w) => w,
             Err(e) => {
@@ -341,6 +344,34 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                 // Out of descriptors or memory: back off instead of spinning.
                 tracing::error!(port, error = %e, "accept failed");
                 core.reactor.sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The active probe: brings unhealthy upstreams back as soon as they accept a TCP
+/// connection again, instead of waiting out the whole back-off.
+async fn probe_loop(core: Rc<Core>, every: Duration) {
+    loop {
+        core.reactor.sleep(every).await;
+        let routes: Vec<Rc<crate::core::Route>> = {
+            let table = core.routes.borrow();
+            table
+                .by_port
+                .values()
+                .chain(table.by_subdomain.values())
+                .cloned()
+                .collect()
+        };
+        for route in routes {
+            for addr in route.unhealthy(core.reactor.now()) {
+                if crate::io::TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout)
+                    .await
+                    .is_ok()
+                {
+                    route.record(addr, true, core.reactor.now(), core.health_policy());
+                    tracing::info!(upstream = %addr, "upstream answers the probe again: back in rotation");
+                }
             }
         }
     }

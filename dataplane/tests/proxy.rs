@@ -489,3 +489,37 @@ fn wildcard_mode_routes_by_host() {
     }
     assert_eq!(a.count() + b.count(), 2);
 }
+
+#[test]
+fn dead_routes_leave_rotation_and_requests_still_succeed() {
+    let up = Upstream::start();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr, dead],
+        extra: "[upstream]\nprobe_interval_secs = 0\nunhealthy_secs = 60\n".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    for i in 0..40 {
+        // A refused connect is retried on the other route: the client never sees it.
+        let r = c.get("/", &format!("X-Backend-Request-ID: health-{i}\r\n"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    // With half of the weight on the dead route, three failures come quickly.
+    let marked = w.wait_log("unhealthy mark", |v| {
+        v["message"] == "upstream marked unhealthy"
+    });
+    assert_eq!(marked[0]["upstream"], dead.to_string());
+    let connect_failures = w
+        .log_json()
+        .iter()
+        .filter(|v| v["message"] == "upstream connect failed")
+        .count();
+    assert_eq!(
+        connect_failures, 3,
+        "out of rotation after the third failure"
+    );
+}
