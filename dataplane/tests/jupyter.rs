@@ -1,0 +1,201 @@
+//! A real interactive app end to end: `jupyter_server` (from PyPI, installed into a
+//! virtualenv under the target directory on first run) behind the worker; its REST
+//! API and a kernel WebSocket (`execute_request` → `execute_result`) driven through
+//! the proxy.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, Worker, WorkerOpts};
+use tungstenite::Message;
+
+const TOKEN: &str = "appproxy-e2e-token";
+
+/// The virtualenv with jupyter_server and ipykernel, created once.
+fn jupyter_venv() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jupyter-venv");
+    let server = venv.join("bin/jupyter-server");
+    if server.exists() {
+        return venv;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(Path::new(env!("CARGO_TARGET_TMPDIR")).join("jupyter-venv.lock"));
+    drop(lock);
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 -m venv failed: this test needs Python 3 with venv (apt-get install python3-venv)"
+    );
+    let ok = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "jupyter_server", "ipykernel"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "pip install jupyter_server ipykernel failed (PyPI must be reachable)"
+    );
+    venv
+}
+
+struct Jupyter {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Jupyter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_jupyter(venv: &Path) -> Jupyter {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.path().join("jupyter.log")).expect("log");
+    let mut child = Command::new(venv.join("bin/jupyter-server"))
+        .arg("--no-browser")
+        .arg(format!("--port={port}"))
+        .arg("--ServerApp.ip=127.0.0.1")
+        .arg(format!("--IdentityProvider.token={TOKEN}"))
+        .arg(format!("--ServerApp.root_dir={}", dir.path().display()))
+        .arg("--ServerApp.port_retries=0")
+        .arg("--allow-root")
+        .env("JUPYTER_RUNTIME_DIR", dir.path().join("runtime"))
+        .env("JUPYTER_DATA_DIR", dir.path().join("data"))
+        .env("JUPYTER_CONFIG_DIR", dir.path().join("config"))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                venv.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start jupyter_server");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(addr).is_err() {
+        let exited = child.try_wait().ok().flatten().is_some();
+        assert!(
+            !exited && Instant::now() < deadline,
+            "jupyter_server did not start: {}",
+            std::fs::read_to_string(dir.path().join("jupyter.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Jupyter {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn jupyter_rest_and_kernel_websocket_through_the_worker() {
+    let venv = jupyter_venv();
+    let jupyter = start_jupyter(&venv);
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![jupyter.addr],
+        ..Default::default()
+    });
+    let auth = format!("Authorization: token {TOKEN}\r\n");
+    let mut c = Client::connect(w.addr());
+    // REST: version, then start a kernel.
+    // jupyter_server refuses Host names that are not local: send the real one.
+    c.send(
+        format!(
+            "GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Backend-Request-ID: jupyter-rest-1\r\n{auth}\r\n",
+            w.port
+        )
+        .as_bytes(),
+    );
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["started"].is_string(), "{}", r.text());
+    assert_eq!(r.header("x-backend-request-id"), Some("jupyter-rest-1"));
+    let body = r#"{"name":"python3"}"#;
+    c.send(
+        format!(
+            "POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            w.port,
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let r = c.response();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let kernel = r.json()["id"].as_str().expect("kernel id").to_owned();
+
+    // The kernel's WebSocket, through the worker.
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!(
+        "ws://127.0.0.1:{}/api/kernels/{kernel}/channels?token={TOKEN}",
+        w.port
+    )
+    .into_client_request()
+    .expect("request");
+    req.headers_mut().insert(
+        "X-Backend-Request-ID",
+        "jupyter-ws-1".parse().expect("value"),
+    );
+    let stream = TcpStream::connect(w.addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let (mut ws, resp) = tungstenite::client(req, stream).expect("kernel websocket handshake");
+    assert_eq!(resp.status(), 101);
+    let msg_id = uuid::Uuid::new_v4().to_string();
+    let execute = serde_json::json!({
+        "header": {"msg_id": msg_id, "username": "e2e", "session": uuid::Uuid::new_v4().to_string(),
+                   "msg_type": "execute_request", "version": "5.3", "date": "2026-11-22T00:00:00Z"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": "6 * 7", "silent": false, "store_history": false,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true}
+    });
+    ws.send(Message::Text(execute.to_string().into()))
+        .expect("execute_request");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        assert!(Instant::now() < deadline, "no execute_result");
+        let Message::Text(text) = ws.read().expect("kernel message") else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        if v["msg_type"] == "execute_result" && v["parent_header"]["msg_id"] == msg_id.as_str() {
+            break v;
+        }
+    };
+    assert_eq!(result["content"]["data"]["text/plain"], "42");
+    let _ = ws.close(None);
+    // Shut the kernel down through the proxy as well.
+    let mut c = Client::connect(w.addr());
+    c.send(
+        format!(
+            "DELETE /api/kernels/{kernel} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{auth}\r\n",
+            w.port
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.response().status, 204);
+    // The session was logged under the upgrade request's ID.
+    let opened = w.wait_log("websocket open", |v| {
+        v["message"] == "websocket session opened"
+    });
+    assert_eq!(opened[0]["request_id"], "jupyter-ws-1");
+}
