@@ -38,6 +38,34 @@ pub struct ScenarioResult {
     pub rows: Vec<Row>,
 }
 
+/// Proxy memory with idle WebSocket sessions.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRow {
+    /// Target name.
+    pub label: String,
+    /// Sessions held open.
+    pub sessions: usize,
+    /// Proxy RSS before, KiB.
+    pub rss_before_kib: u64,
+    /// Proxy RSS with the sessions open, KiB.
+    pub rss_after_kib: u64,
+    /// (after − before) / sessions.
+    pub kib_per_session: f64,
+}
+
+/// The idle-session memory table.
+pub fn memory_table(rows: &[MemoryRow]) -> String {
+    let mut out = String::from("### ws-idle — proxy memory per idle WebSocket session\n\n| target | sessions | RSS before | RSS with sessions | KiB per session |\n|---|---:|---:|---:|---:|\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} KiB | {} KiB | {:.2} |",
+            r.label, r.sessions, r.rss_before_kib, r.rss_after_kib, r.kib_per_session
+        );
+    }
+    out
+}
+
 fn ratio(row: &Row, base: Option<&Row>) -> String {
     match base {
         Some(b) if b.rps > 0.0 => format!("{:.2}×", row.rps / b.rps),
@@ -129,9 +157,15 @@ fn escape(t: &str) -> String {
 }
 
 /// Writes `results.json`, `report.md` and `<scenario>.svg` into `dir`.
-pub fn write(dir: &Path, meta: &str, results: &[ScenarioResult]) -> std::io::Result<()> {
+pub fn write(
+    dir: &Path,
+    meta: &str,
+    results: &[ScenarioResult],
+    memory: &[MemoryRow],
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let json = serde_json::json!({ "meta": meta, "scenarios": results });
+    let json =
+        serde_json::json!({ "meta": meta, "scenarios": results, "idle_websocket_memory": memory });
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_string_pretty(&json).unwrap_or_default(),
@@ -141,6 +175,9 @@ pub fn write(dir: &Path, meta: &str, results: &[ScenarioResult]) -> std::io::Res
         md.push_str(&table(r));
         let _ = writeln!(md, "\n![{}]({}.svg)\n", r.name, r.name);
         std::fs::write(dir.join(format!("{}.svg", r.name)), svg(r))?;
+    }
+    if !memory.is_empty() {
+        md.push_str(&memory_table(memory));
     }
     std::fs::write(dir.join("report.md"), md)
 }
@@ -180,7 +217,14 @@ mod tests {
     #[test]
     fn writes_every_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write(dir.path(), "meta", &[sample()]).expect("write");
+        let mem = MemoryRow {
+            label: "appproxy-worker".into(),
+            sessions: 10,
+            rss_before_kib: 100,
+            rss_after_kib: 150,
+            kib_per_session: 5.0,
+        };
+        write(dir.path(), "meta", &[sample()], &[mem]).expect("write");
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("results.json")).expect("json"),
         )

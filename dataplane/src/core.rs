@@ -508,6 +508,10 @@ pub struct Core {
     pub access: AccessLog,
     /// Set on SIGTERM: stop accepting, close after the current request.
     pub draining: Cell<bool>,
+    /// Read buffer shared by every tunnel on this core: a tunnel borrows it only
+    /// between a readiness edge and the end of the synchronous forward, so idle
+    /// sessions hold no buffer.
+    pub scratch: RefCell<Vec<u8>>,
     /// xorshift state for weighted route choice (no shared RNG, no syscall).
     rng: Cell<u64>,
     /// Connection IDs for log spans.
@@ -526,6 +530,7 @@ impl Core {
             metrics: CoreMetrics::default(),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
+            scratch: RefCell::new(vec![0; 64 * 1024]),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
             rt,

@@ -118,6 +118,58 @@ impl TcpConn {
         .await
     }
 
+    /// Waits until a read may make progress (data, end of stream or an error), without
+    /// holding a buffer meanwhile: idle connections then cost no buffer memory.
+    pub async fn readable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.reg.poll_ready(cx, Direction::Read)).await
+    }
+
+    /// Reads what is there now; `WouldBlock` when nothing is.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.reg.is_ready(Direction::Read) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        loop {
+            match (&self.stream).read(buf) {
+                Ok(n) => {
+                    if n > 0 && n < buf.len() {
+                        self.reg.clear_ready(Direction::Read);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reg.clear_ready(Direction::Read);
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        if !self.reg.is_ready(Direction::Write) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        loop {
+            match (&self.stream).write(buf) {
+                Ok(n) => {
+                    if n < buf.len() {
+                        self.reg.clear_ready(Direction::Write);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reg.clear_ready(Direction::Write);
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Writes all of `buf`.
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {

@@ -51,21 +51,29 @@ pub fn check(cores: usize, io_memory: usize) -> Result<Report, PreflightError> {
             });
         }
     }
+    // Two descriptors per proxied connection: raise the limit as far as allowed
+    // (privileged: to 1M; otherwise the soft limit up to the hard one).
     let files = getrlimit(Resource::Nofile);
     let mut nofile = files.current;
-    if let (Some(cur), Some(max)) = (files.current, files.maximum) {
-        if cur < max {
-            let target = max.min(1 << 20);
-            if setrlimit(
-                Resource::Nofile,
-                Rlimit {
-                    current: Some(target),
-                    maximum: files.maximum,
-                },
-            )
-            .is_ok()
+    let wide = Rlimit {
+        current: Some(1 << 20),
+        maximum: Some(files.maximum.map_or(1 << 20, |m| m.max(1 << 20))),
+    };
+    if files.current.is_some_and(|c| c < 1 << 20) {
+        if setrlimit(Resource::Nofile, wide).is_ok() {
+            nofile = Some(1 << 20);
+        } else if let (Some(cur), Some(max)) = (files.current, files.maximum) {
+            if cur < max
+                && setrlimit(
+                    Resource::Nofile,
+                    Rlimit {
+                        current: Some(max),
+                        maximum: Some(max),
+                    },
+                )
+                .is_ok()
             {
-                nofile = Some(target);
+                nofile = Some(max);
             }
         }
     }

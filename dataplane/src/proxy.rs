@@ -894,6 +894,9 @@ async fn tunnel(
     if ws_rsv.is_none() {
         out.extend_from_slice(&from_app);
     }
+    // The HTTP buffers are done with: a long-lived tunnel should not keep them.
+    *ubuf = ReadBuf::new(0);
+    client.buf = ReadBuf::new(0);
     client.conn.set_timeout(idle);
     client
         .conn
@@ -901,6 +904,7 @@ async fn tunnel(
         .await
         .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
     bytes_out += out.len() as u64;
+    *out = Vec::new();
     // Drain closes tunnels like idle keep-alive connections.
     client.conn.set_idle(true);
     let started = Instant::now();
@@ -932,22 +936,24 @@ async fn tunnel(
                 relay::ws_pipe(
                     &client.conn,
                     &upstream,
-                    &from_client,
+                    from_client,
                     true,
                     rsv,
                     &shared,
                     idle,
                     &to_app,
+                    &core.scratch,
                 ),
                 relay::ws_pipe(
                     &upstream,
                     &client.conn,
-                    &from_app,
+                    from_app,
                     false,
                     rsv,
                     &shared,
                     idle,
                     &to_client,
+                    &core.scratch,
                 ),
             )
             .await;

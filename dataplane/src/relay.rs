@@ -290,67 +290,96 @@ pub struct WsStats {
 /// timeout or a drain ends the relay with a close frame to both peers (this
 /// direction writes one to `dst`; the other direction is woken by shutting down the
 /// read side of `dst` and writes one to its own destination).
+///
+/// No buffer is held while the session is idle: bytes are read into the core's
+/// `scratch` buffer, forwarded from there, and only what the destination does not
+/// take at once (backpressure) or an incomplete frame header is copied aside.
 #[allow(clippy::too_many_arguments)]
 pub async fn ws_pipe(
     src: &TcpConn,
     dst: &TcpConn,
-    initial: &[u8],
+    initial: Vec<u8>,
     from_client: bool,
     allowed_rsv: u8,
     shared: &WsShared,
     idle: Duration,
     on_messages: &dyn Fn(u32),
+    scratch: &std::cell::RefCell<Vec<u8>>,
 ) -> WsStats {
     let mut inspector = crate::ws::Inspector::new(from_client, allowed_rsv);
-    let mut buf = ReadBuf::new(16 * 1024);
-    buf.push(initial);
     let mut stats = WsStats::default();
-    let end_code = loop {
-        if buf.is_empty() {
+    // Read but not yet forwardable: an incomplete header or control frame.
+    let mut carry = initial;
+    let mut first = true;
+    let end_code = 'relay: loop {
+        if !(first && !carry.is_empty()) {
             src.set_timeout(idle);
-            match buf.fill(src, 16 * 1024).await {
-                Ok(0) => break None,
-                Ok(_) => {}
-                Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
+            if src.readable().await.is_err() {
+                break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
-        match inspector.feed(buf.filled()) {
-            Ok(feed) => {
-                if feed.consumed > 0 {
-                    dst.set_timeout(idle);
-                    if dst.write_all(&buf.filled()[..feed.consumed]).await.is_err() {
-                        break Some(crate::ws::close_code::GOING_AWAY);
-                    }
-                    stats.bytes += feed.consumed as u64;
-                    stats.messages += u64::from(feed.messages);
-                    if feed.messages > 0 {
-                        on_messages(feed.messages);
-                    }
-                    if feed.close.is_some() {
-                        stats.close_seen = feed.close;
-                    }
-                    buf.consume(feed.consumed);
+        first = false;
+        let mut pending = Vec::new();
+        let mut eof = false;
+        {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                break Some(crate::ws::close_code::GOING_AWAY);
+            };
+            let buf = &mut scratch[..];
+            let c = carry.len().min(buf.len());
+            buf[..c].copy_from_slice(&carry[..c]);
+            carry.clear();
+            let n = match src.try_read(&mut buf[c..]) {
+                Ok(0) => {
+                    eof = true;
+                    0
                 }
-                if !buf.is_empty() {
-                    // An incomplete header or control frame: read more behind it.
-                    src.set_timeout(idle);
-                    match buf.fill(src, 16 * 1024).await {
-                        Ok(0) => break None,
-                        Ok(_) => {}
-                        Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
-                    }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => break 'relay Some(crate::ws::close_code::GOING_AWAY),
+            };
+            let total = c + n;
+            let feed = match inspector.feed(&buf[..total]) {
+                Ok(f) => f,
+                Err(v) => {
+                    tracing::info!(
+                        code = v.code,
+                        reason = v.reason,
+                        from_client,
+                        "websocket protocol violation"
+                    );
+                    break 'relay Some(v.code);
+                }
+            };
+            let mut written = 0;
+            while written < feed.consumed {
+                match dst.try_write(&buf[written..feed.consumed]) {
+                    Ok(k) => written += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break 'relay Some(crate::ws::close_code::GOING_AWAY),
                 }
             }
-            Err(v) => {
-                tracing::info!(
-                    code = v.code,
-                    reason = v.reason,
-                    from_client,
-                    "websocket protocol violation"
-                );
-                break Some(v.code);
+            pending.extend_from_slice(&buf[written..feed.consumed]);
+            carry.extend_from_slice(&buf[feed.consumed..total]);
+            stats.bytes += feed.consumed as u64;
+            stats.messages += u64::from(feed.messages);
+            if feed.messages > 0 {
+                on_messages(feed.messages);
+            }
+            if feed.close.is_some() {
+                stats.close_seen = feed.close;
             }
         }
+        if !pending.is_empty() {
+            dst.set_timeout(idle);
+            if dst.write_all(&pending).await.is_err() {
+                break Some(crate::ws::close_code::GOING_AWAY);
+            }
+        }
+        if eof {
+            break None;
+        }
+        carry.shrink_to(256);
     };
     if let Some(code) = end_code {
         if shared.close.get().is_none() {

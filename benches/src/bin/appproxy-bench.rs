@@ -36,11 +36,11 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Scenarios to run (small, 64k, upload, newconn, reqid).
+    /// Scenarios to run (small, 64k, upload, newconn, reqid, ws, ws-idle).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "small,64k,upload,newconn,reqid"
+        default_value = "small,64k,upload,newconn,reqid,ws,ws-idle"
     )]
     scenarios: Vec<String>,
     /// Where the JSON, Markdown and SVG report goes.
@@ -49,6 +49,38 @@ struct Args {
     /// Use the worker binary as built; do not run cargo build.
     #[arg(long)]
     skip_build: bool,
+    /// Idle WebSocket sessions held for the memory scenario (each costs the proxy two
+    /// descriptors: 9,000 fits a 20,000-descriptor hard limit; use 10,000 where the
+    /// limit allows).
+    #[arg(long, default_value_t = 9_000)]
+    idle_sessions: usize,
+    /// Internal: the harness runs its WebSocket tools as pinned subprocesses.
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+/// The harness's own load tools (run as subprocesses so they can be pinned).
+#[derive(clap::Subcommand, Debug)]
+enum Tool {
+    /// A WebSocket echo app.
+    #[command(hide = true)]
+    WsEcho { port: u16 },
+    /// A WebSocket app that only holds sessions.
+    #[command(hide = true)]
+    WsIdleApp { port: u16 },
+    /// WebSocket echo load.
+    #[command(hide = true)]
+    WsLoad {
+        addr: std::net::SocketAddr,
+        conns: usize,
+        secs: u64,
+    },
+    /// Holds idle WebSocket sessions until stdin closes.
+    #[command(hide = true)]
+    WsIdleClient {
+        addr: std::net::SocketAddr,
+        n: usize,
+    },
 }
 
 /// A proxy (or none) in front of the upstream.
@@ -76,6 +108,15 @@ const WORKER_PORT: u16 = 19083;
 const NGINX_PORT: u16 = 19082;
 const HAPROXY_PORT: u16 = 19084;
 const WORKER_ADMIN: u16 = 19093;
+/// WebSocket echo app, and each proxy's frontend for it.
+const WS_APP_PORT: u16 = 19085;
+const WS_WORKER_PORT: u16 = 19086;
+const WS_NGINX_PORT: u16 = 19087;
+const WS_HAPROXY_PORT: u16 = 19088;
+/// Idle-session app, and the proxies' frontends for it.
+const IDLE_APP_PORT: u16 = 19089;
+const IDLE_WORKER_PORT: u16 = 19090;
+const IDLE_NGINX_PORT: u16 = 19091;
 
 /// A running server; killed on drop.
 struct Server {
@@ -207,6 +248,8 @@ struct Setup {
     load_cpus: Vec<usize>,
     servers: BTreeMap<Target, Server>,
     _upstream: Server,
+    /// The WebSocket apps.
+    _apps: Vec<Server>,
 }
 
 fn nginx_conf(dir: &Path, name: &str, body: &str, workers: usize) -> PathBuf {
@@ -257,13 +300,31 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     )?;
     wait_port(UPSTREAM_PORT, "the upstream nginx")?;
 
+    let me = std::env::current_exe()?;
+    let me = me.to_string_lossy().into_owned();
+    let ws_app = spawn(
+        "ws-echo",
+        &load_cpus,
+        &me,
+        &["ws-echo", &WS_APP_PORT.to_string()],
+        &dir.path().join("ws-echo.log"),
+    )?;
+    let idle_app = spawn(
+        "ws-idle-app",
+        &load_cpus,
+        &me,
+        &["ws-idle-app", &IDLE_APP_PORT.to_string()],
+        &dir.path().join("ws-idle.log"),
+    )?;
+    wait_port(WS_APP_PORT, "the WebSocket echo app")?;
+    wait_port(IDLE_APP_PORT, "the idle-session app")?;
     let mut servers = BTreeMap::new();
     // appproxy-worker.
     let worker_conf = dir.path().join("worker.toml");
     std::fs::write(
         &worker_conf,
         format!(
-            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n",
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n",
             cpus = cpu_list(&proxy_cpus)
         ),
     )?;
@@ -280,7 +341,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     // else generate one; forward it and echo it.
     if have("nginx") {
         let body = format!(
-            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}"
+            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}"
         );
         let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
         let s = spawn(
@@ -303,7 +364,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         std::fs::write(
             &conf,
             format!(
-                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\n",
+                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\nfrontend ws\n  bind 127.0.0.1:{WS_HAPROXY_PORT}\n  timeout tunnel 1h\n  default_backend ws\nbackend ws\n  timeout tunnel 1h\n  server app 127.0.0.1:{WS_APP_PORT}\n",
                 n = proxy_cpus.len(),
                 cpus = proxy_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             ),
@@ -324,6 +385,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         load_cpus,
         servers,
         _upstream: upstream,
+        _apps: vec![ws_app, idle_app],
     })
 }
 
@@ -443,6 +505,200 @@ fn run_wrk(
     })
 }
 
+fn ws_port_of(t: Target) -> u16 {
+    match t {
+        Target::Direct => WS_APP_PORT,
+        Target::Worker => WS_WORKER_PORT,
+        Target::Nginx => WS_NGINX_PORT,
+        Target::Haproxy => WS_HAPROXY_PORT,
+    }
+}
+
+/// Runs the harness's own WebSocket echo load client, pinned to the load CPUs.
+fn run_ws_load(
+    setup: &Setup,
+    args: &Args,
+    port: u16,
+    secs: u64,
+    pid: Option<u32>,
+) -> anyhow::Result<Sample> {
+    let me = std::env::current_exe()?;
+    let cpu0 = pid.map(cpu_seconds);
+    let out = Command::new("taskset")
+        .arg("-c")
+        .arg(cpu_list(&setup.load_cpus))
+        .arg(&me)
+        .args([
+            "ws-load",
+            &format!("127.0.0.1:{port}"),
+            &args.connections.to_string(),
+            &secs.to_string(),
+        ])
+        .output()
+        .context("cannot run the WebSocket load client")?;
+    let cpu1 = pid.map(cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .with_context(|| format!("the load client printed no result: {text}"))?;
+    let kv: BTreeMap<&str, f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k, v.parse().unwrap_or(0.0)))
+        .collect();
+    let messages = kv.get("requests").copied().unwrap_or(0.0);
+    let duration = kv.get("duration_us").copied().unwrap_or(1.0) / 1e6;
+    Ok(Sample {
+        rps: messages / duration,
+        p50_us: kv.get("p50").copied().unwrap_or(0.0),
+        p99_us: kv.get("p99").copied().unwrap_or(0.0),
+        p999_us: kv.get("p999").copied().unwrap_or(0.0),
+        errors: kv.get("errors").copied().unwrap_or(0.0) as u64,
+        cpu_per_100k: match (cpu0, cpu1) {
+            (Some(a), Some(b)) if messages > 0.0 => Some((b - a) / messages * 100_000.0),
+            _ => None,
+        },
+    })
+}
+
+/// WebSocket echo messages/s (64-byte text, one in flight per session).
+fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
+    let mut targets = vec![Target::Direct];
+    targets.extend(setup.servers.keys().copied());
+    let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = targets[i];
+            let pid = setup.servers.get(&t).map(|s| s.child.id());
+            run_ws_load(setup, args, ws_port_of(t), args.warmup, None)?;
+            let s = run_ws_load(setup, args, ws_port_of(t), args.duration, pid)?;
+            println!(
+                "  ws       round {} {:<24} {:>10.0} msg/s  p99 {:>7.0} µs",
+                round + 1,
+                t.name(),
+                s.rps,
+                s.p99_us
+            );
+            samples.entry(i).or_default().push(s);
+        }
+    }
+    let rows = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| row(t.name().to_owned(), samples.remove(&i).unwrap_or_default()))
+        .collect();
+    Ok(ScenarioResult {
+        name: "ws".into(),
+        title: "WebSocket echo, messages/s (64-byte text, one in flight per session)".into(),
+        rows,
+    })
+}
+
+/// Resident memory of a process and its children, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let mut pids = vec![pid];
+    if let Ok(out) = Command::new("pgrep")
+        .arg("-P")
+        .arg(pid.to_string())
+        .output()
+    {
+        pids.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok()),
+        );
+    }
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Idle WebSocket sessions: proxy RSS per session.
+fn ws_idle_scenario(setup: &Setup, args: &Args) -> anyhow::Result<Vec<report::MemoryRow>> {
+    let me = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for (t, port) in [
+        (Target::Worker, IDLE_WORKER_PORT),
+        (Target::Nginx, IDLE_NGINX_PORT),
+    ] {
+        let Some(server) = setup.servers.get(&t) else {
+            continue;
+        };
+        let pid = server.child.id();
+        let before = rss_kib(pid);
+        let mut client = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu_list(&setup.load_cpus))
+            .arg(&me)
+            .args([
+                "ws-idle-client",
+                &format!("127.0.0.1:{port}"),
+                &args.idle_sessions.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the idle-session client")?;
+        let mut line = String::new();
+        if let Some(out) = client.stdout.as_mut() {
+            use std::io::BufRead as _;
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        if !line.starts_with("READY") {
+            let _ = client.kill();
+            let _ = client.wait();
+            println!(
+                "  ws-idle  {:<24} could not open {} sessions; skipped",
+                t.name(),
+                args.idle_sessions
+            );
+            continue;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let after = rss_kib(pid);
+        drop(client.stdin.take());
+        let _ = client.wait();
+        let per = (after.saturating_sub(before)) as f64 / args.idle_sessions as f64;
+        println!(
+            "  ws-idle  {:<24} RSS {before} KiB -> {after} KiB: {per:.2} KiB per session",
+            t.name()
+        );
+        rows.push(report::MemoryRow {
+            label: t.name().to_owned(),
+            sessions: args.idle_sessions,
+            rss_before_kib: before,
+            rss_after_kib: after,
+            kib_per_session: per,
+        });
+        // Let the sessions close before the next target.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    Ok(rows)
+}
+
+fn row(label: String, s: Vec<Sample>) -> Row {
+    let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_per_100k).collect();
+    Row {
+        label,
+        rps: median(s.iter().map(|x| x.rps).collect()),
+        p50_us: median(s.iter().map(|x| x.p50_us).collect()),
+        p99_us: median(s.iter().map(|x| x.p99_us).collect()),
+        p999_us: median(s.iter().map(|x| x.p999_us).collect()),
+        cpu_s_per_100k: (!cpu.is_empty()).then(|| median(cpu)),
+        errors: s.iter().map(|x| x.errors).sum(),
+        rounds: s.iter().map(|x| x.rps).collect(),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -453,6 +709,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match args.tool {
+        Some(Tool::WsEcho { port }) => return Ok(appproxy_benches::ws::echo_app(port)?),
+        Some(Tool::WsIdleApp { port }) => return Ok(appproxy_benches::ws::idle_app(port)?),
+        Some(Tool::WsLoad { addr, conns, secs }) => {
+            return Ok(appproxy_benches::ws::echo_load(addr, conns, secs)?)
+        }
+        Some(Tool::WsIdleClient { addr, n }) => {
+            return Ok(appproxy_benches::ws::idle_client(addr, n)?)
+        }
+        None => {}
+    }
+    appproxy_benches::ws::raise_nofile();
     let root = std::env::current_dir()?;
     if !args.skip_build {
         let status = Command::new("cargo")
@@ -516,7 +784,20 @@ fn main() -> anyhow::Result<()> {
         args.connections
     );
     let mut results = Vec::new();
+    let mut memory = Vec::new();
     for name in &args.scenarios {
+        if name == "ws" {
+            let result = ws_echo_scenario(&setup, &args)?;
+            println!("\n{}", report::table(&result));
+            results.push(result);
+            continue;
+        }
+        if name == "ws-idle" {
+            let rows = ws_idle_scenario(&setup, &args)?;
+            println!("\n{}", report::memory_table(&rows));
+            memory = rows;
+            continue;
+        }
         let Some(sc) = scenario(name) else {
             println!("unknown scenario {name:?}: skipped");
             continue;
@@ -611,7 +892,7 @@ fn main() -> anyhow::Result<()> {
         names.join(", ")
     );
     let dir = root.join(&args.out);
-    report::write(&dir, &meta, &results)?;
+    report::write(&dir, &meta, &results, &memory)?;
     let mut done = String::new();
     let _ = write!(
         done,
