@@ -312,7 +312,7 @@ pub async fn ws_pipe(
     let mut carry = initial;
     let mut first = true;
     let end_code = 'relay: loop {
-        if !(first && !carry.is_empty()) {
+        if !first || carry.is_empty() {
             src.set_timeout(idle);
             if src.readable().await.is_err() {
                 break Some(crate::ws::close_code::GOING_AWAY);
