@@ -61,6 +61,7 @@ struct Args {
 
 /// The harness's own load tools (run as subprocesses so they can be pinned).
 #[derive(clap::Subcommand, Debug)]
+#[allow(clippy::enum_variant_names)] // the subcommand names are ws-echo, ws-load …
 enum Tool {
     /// A WebSocket echo app.
     #[command(hide = true)]
