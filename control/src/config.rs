@@ -141,6 +141,14 @@ pub struct StorageSection {
     pub manager_bind: SocketAddr,
     /// This node's ID.
     pub node_id: String,
+    /// Lifetime of upload and download session tokens.
+    pub session_expire_secs: u64,
+    /// Largest upload accepted, bytes.
+    pub max_upload_size: u64,
+    /// Staging files untouched this long are removed by the cleanup job.
+    pub upload_expire_secs: u64,
+    /// How often the cleanup job runs.
+    pub cleanup_interval_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -149,6 +157,10 @@ impl Default for StorageSection {
             client_bind: SocketAddr::from(([127, 0, 0, 1], 6021)),
             manager_bind: SocketAddr::from(([127, 0, 0, 1], 6022)),
             node_id: "storage-1".into(),
+            session_expire_secs: 3600,
+            max_upload_size: 1 << 30,
+            upload_expire_secs: 24 * 3600,
+            cleanup_interval_secs: 300,
         }
     }
 }

@@ -4,9 +4,7 @@
 //! JWTs are HS256 only (the platform signs nothing else); the signature is checked in
 //! constant time before any claim is read.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -119,53 +117,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Verifies an HS256 JWT and returns its claims. `exp`, when present, is enforced.
+/// Verifies an HS256 JWT and returns its claims; `exp`, when present, is enforced.
 pub fn verify_hs256(
     token: &[u8],
     secret: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>, Refused> {
-    const BAD: Refused = refused(401, "E20006", "invalid token");
-    let token = std::str::from_utf8(token).map_err(|_| BAD)?;
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(BAD);
-    };
-    let header: serde_json::Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| BAD)?).map_err(|_| BAD)?;
-    if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
-        return Err(BAD);
-    }
-    let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| BAD)?;
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes any key length");
-    mac.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
-    mac.verify_slice(&signature).map_err(|_| BAD)?;
-    let claims: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| BAD)?).map_err(|_| BAD)?;
-    if let Some(exp) = claims.get("exp") {
-        let exp = exp.as_f64().ok_or(BAD)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        if now >= exp {
-            return Err(refused(401, "E20008", "token expired"));
-        }
-    }
-    Ok(claims)
+    use appproxy_shared::jwt::JwtError;
+    appproxy_shared::jwt::verify_hs256(token, secret).map_err(|e| match e {
+        JwtError::Expired => refused(401, "E20008", "token expired"),
+        JwtError::Malformed | JwtError::BadSignature => refused(401, "E20006", "invalid token"),
+    })
 }
 
-/// Signs claims as an HS256 JWT (for tests and tools).
-pub fn sign_hs256(claims: &serde_json::Value, secret: &str) -> String {
-    let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let p = URL_SAFE_NO_PAD.encode(claims.to_string().as_bytes());
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes any key length");
-    mac.update(format!("{h}.{p}").as_bytes());
-    let s = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-    format!("{h}.{p}.{s}")
-}
+pub use appproxy_shared::jwt::sign_hs256;
 
 /// Checks the bearer JWT of an inference circuit: `Authorization: Bearer <jwt>` or
 /// `BackendAI <jwt>`, whose `id` claim names the circuit.
@@ -191,6 +155,7 @@ pub fn check_bearer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     #[test]
     fn permit_matches_the_reference_example() {

@@ -108,6 +108,18 @@ where
     tokio::spawn(inherit(fut))
 }
 
+/// Runs blocking work on tokio's blocking pool; the closure runs with the caller's
+/// ID bound (a blocking thread has no task to carry it otherwise).
+#[cfg(feature = "tokio")]
+pub fn spawn_blocking<F, R>(f: F) -> tokio::task::JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let id = current_request_id();
+    tokio::task::spawn_blocking(move || with_request_id(id, f))
+}
+
 /// Spawns a background job on the current tokio runtime under a fresh ID.
 #[cfg(feature = "tokio")]
 pub fn spawn_background<F>(version: IdVersion, fut: F) -> tokio::task::JoinHandle<F::Output>

@@ -5,12 +5,14 @@
 //! - [`context`]: the current request ID, bound around futures on any runtime;
 //! - [`telemetry`]: JSON-lines / logfmt logging that stamps `request_id` on every event;
 //! - [`middleware`] (feature `tower`): the request-ID + access-log layer for axum services;
+//! - [`jwt`]: HS256 tokens (setup, inference, storage sessions);
 //! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod context;
 pub mod header;
+pub mod jwt;
 #[cfg(feature = "tower")]
 pub mod middleware;
 pub mod model;

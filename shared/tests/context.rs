@@ -41,6 +41,9 @@ fn tokio_multi_thread_isolation_and_inheritance() {
                     current_request_id()
                 });
                 assert_eq!(child.await.expect("child"), Some(id));
+                // Blocking work sees the ID too.
+                let blocking = appproxy_shared::context::spawn_blocking(current_request_id);
+                assert_eq!(blocking.await.expect("blocking"), Some(id));
                 // A task spawned without the helper does not inherit.
                 let bare = tokio::spawn(async { current_request_id() });
                 assert_eq!(bare.await.expect("bare"), None);

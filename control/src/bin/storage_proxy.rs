@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use appproxy_control::config::{load, StorageConfig};
 use clap::Parser;
 
@@ -17,16 +18,47 @@ struct Args {
     print_default_config: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("appproxy-storage-proxy: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", toml::to_string_pretty(&StorageConfig::default())?);
         return Ok(());
     }
-    let path = args.config.unwrap_or_default();
-    let _config: StorageConfig = load(&path)?;
-    anyhow::bail!(
-        "{}: config is valid, but the storage-proxy service is not available in this build",
-        path.display()
-    )
+    let path = args.config.context("--config is required")?;
+    let config: StorageConfig = load(&path)?;
+    if config.volumes.is_empty() {
+        anyhow::bail!(
+            "{}: no [[volumes]]: add at least one (name, path)",
+            path.display()
+        );
+    }
+    if config.secrets.manager_token.is_empty() || config.secrets.session_secret.is_empty() {
+        anyhow::bail!(
+            "{}: [secrets] manager_token and session_secret must be set",
+            path.display()
+        );
+    }
+    appproxy_shared::telemetry::init(&config.logging, "storage-proxy")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            tracing::info!("shutting down");
+        };
+        appproxy_control::storage::serve(&config, shutdown).await
+    })?;
+    Ok(())
 }

@@ -1,0 +1,458 @@
+//! The manager-facing API (`X-BackendAI-Storage-Auth-Token`): volumes, vfolders,
+//! files, and the session tokens of uploads and downloads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{Request, State as Extract};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::volume::resolve;
+use super::{ApiError, State};
+
+/// The manager-facing router.
+pub fn router(state: Arc<State>) -> Router {
+    let authed = Router::new()
+        .route("/volumes", get(volumes))
+        .route("/folder/create", post(create))
+        .route("/folder/delete", post(delete_folder))
+        .route("/folder/clone", post(clone_folder))
+        .route("/folder/usage", post(usage))
+        .route("/folder/file/list", post(list))
+        .route("/folder/file/mkdir", post(mkdir))
+        .route("/folder/file/rename", post(rename))
+        .route("/folder/file/move", post(move_file))
+        .route("/folder/file/delete", post(delete_files))
+        .route("/folder/file/upload", post(upload_token))
+        .route("/folder/file/download", post(download_token))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(status))
+        .route("/status", get(status))
+        .route("/health", get(status))
+        .route("/livez", get(status))
+        .route("/readyz", get(status))
+        .merge(authed)
+        .with_state(state)
+}
+
+async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    match req.headers().get("x-backendai-storage-auth-token") {
+        None => ApiError::MissingToken.into_response(),
+        Some(v)
+            if v.as_bytes() != state.manager_token.as_bytes() || state.manager_token.is_empty() =>
+        {
+            ApiError::InvalidToken.into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+async fn status() -> Json<Value> {
+    Json(
+        json!({"status": "ok", "type": "manager-facing", "storage-proxy": env!("CARGO_PKG_VERSION")}),
+    )
+}
+
+async fn volumes(Extract(state): Extract<Arc<State>>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .volumes
+        .names()
+        .into_iter()
+        .map(|n| json!({"name": n, "backend": "vfs", "capabilities": ["vfolder"]}))
+        .collect();
+    Json(json!({"volumes": list}))
+}
+
+#[derive(Deserialize)]
+struct FolderReq {
+    volume: String,
+    vfid: String,
+}
+
+async fn create(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<FolderReq>,
+) -> Result<StatusCode, ApiError> {
+    let dir = state.volumes.folder(&r.volume, &r.vfid)?;
+    tokio::fs::create_dir_all(&dir).await?;
+    tracing::info!(vfid = %r.vfid, "vfolder created");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a background job under the current request's ID; every task it spawns
+/// inherits it, and its done/failed events carry it in their metadata.
+fn bgtask<F>(name: &'static str, job: F) -> Json<Value>
+where
+    F: std::future::Future<Output = Result<u64, std::io::Error>> + Send + 'static,
+{
+    let id = uuid::Uuid::new_v4();
+    appproxy_shared::context::spawn(async move {
+        tracing::info!(bgtask_id = %id, task = name, "bgtask started");
+        match job.await {
+            Ok(n) => tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done"),
+            Err(e) => tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed"),
+        }
+    });
+    Json(json!({"bgtask_id": id}))
+}
+
+async fn delete_folder(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<FolderReq>,
+) -> Result<Response, ApiError> {
+    let dir = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let body = bgtask("delete_vfolder", async move {
+        tokio::fs::remove_dir_all(&dir).await?;
+        Ok(1)
+    });
+    Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
+#[derive(Deserialize)]
+struct CloneReq {
+    src_volume: String,
+    src_vfid: String,
+    dst_volume: Option<String>,
+    dst_vfid: String,
+}
+
+/// Copies a tree; each directory level is copied by a task of its own, all under the
+/// initiating request's ID.
+fn copy_tree(
+    src: PathBuf,
+    dst: PathBuf,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<u64>> + Send>> {
+    Box::pin(async move {
+        tokio::fs::create_dir_all(&dst).await?;
+        let mut entries = tokio::fs::read_dir(&src).await?;
+        let mut count = 0;
+        let mut subdirs = Vec::new();
+        while let Some(e) = entries.next_entry().await? {
+            let ty = e.file_type().await?;
+            let to = dst.join(e.file_name());
+            if ty.is_dir() {
+                subdirs.push(appproxy_shared::context::spawn(copy_tree(e.path(), to)));
+            } else if ty.is_file() {
+                tokio::fs::copy(e.path(), &to).await?;
+                count += 1;
+            }
+            // Symlinks are not followed or copied: they could point anywhere.
+        }
+        for t in subdirs {
+            count += t.await.map_err(std::io::Error::other)??;
+        }
+        tracing::debug!(dir = %dst.display(), "directory cloned");
+        Ok(count)
+    })
+}
+
+async fn clone_folder(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<CloneReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dst_volume = r.dst_volume.unwrap_or_else(|| r.src_volume.clone());
+    if dst_volume != r.src_volume {
+        return Err(ApiError::Params(
+            "cross-volume clone is not supported".into(),
+        ));
+    }
+    let src = state.volumes.existing_folder(&r.src_volume, &r.src_vfid)?;
+    let dst = state.volumes.folder(&dst_volume, &r.dst_vfid)?;
+    if dst.exists() {
+        return Err(ApiError::Params("destination vfolder exists".into()));
+    }
+    Ok(bgtask("clone_vfolder", copy_tree(src, dst)))
+}
+
+async fn usage(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let (files, bytes) = appproxy_shared::context::spawn_blocking(move || du(&dir))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
+}
+
+fn du(dir: &Path) -> (u64, u64) {
+    let mut stack = vec![dir.to_path_buf()];
+    let (mut files, mut bytes) = (0, 0);
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                if e.file_name() != ".upload" {
+                    stack.push(e.path());
+                }
+            } else {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+    }
+    (files, bytes)
+}
+
+#[derive(Deserialize)]
+struct PathReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "dot")]
+    relpath: String,
+}
+
+fn dot() -> String {
+    ".".into()
+}
+
+fn iso(t: std::io::Result<std::time::SystemTime>) -> String {
+    t.map(|t| appproxy_shared::telemetry::Rfc3339(t).to_string())
+        .unwrap_or_default()
+}
+
+async fn list(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<PathReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let dir = resolve(&root, &r.relpath)?;
+    let mut entries = tokio::fs::read_dir(&dir).await?;
+    let mut items = Vec::new();
+    while let Some(e) = entries.next_entry().await? {
+        if dir == root && e.file_name() == ".upload" {
+            continue;
+        }
+        let meta = tokio::fs::symlink_metadata(e.path()).await?;
+        let (ty, target) = if meta.is_symlink() {
+            (
+                "SYMLINK",
+                tokio::fs::read_link(e.path())
+                    .await
+                    .ok()
+                    .map(|p| p.display().to_string()),
+            )
+        } else if meta.is_dir() {
+            ("DIRECTORY", None)
+        } else {
+            ("FILE", None)
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        items.push(json!({
+            "name": e.file_name().to_string_lossy(),
+            "type": ty,
+            "stat": {"mode": meta.mode(), "size": meta.len(), "created": iso(meta.created()), "modified": iso(meta.modified())},
+            "symlink_target": target,
+        }));
+    }
+    items.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Ok(Json(json!({"items": items})))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct MkdirReq {
+    volume: String,
+    vfid: String,
+    relpath: OneOrMany,
+    #[serde(default)]
+    parents: bool,
+    #[serde(default)]
+    exist_ok: bool,
+}
+
+async fn mkdir(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<MkdirReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let paths = match r.relpath {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    };
+    if paths.len() > 50 {
+        return Err(ApiError::Params("at most 50 paths".into()));
+    }
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for p in paths {
+        let result = match resolve(&root, &p) {
+            Err(e) => Err(e.to_string()),
+            Ok(path) => {
+                let made = if r.parents {
+                    tokio::fs::create_dir_all(&path).await
+                } else {
+                    tokio::fs::create_dir(&path).await
+                };
+                match made {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && r.exist_ok => Ok(()),
+                    other => other.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(()) => ok.push(json!({"msg": null, "item": p})),
+            Err(msg) => failed.push(json!({"msg": msg, "item": p})),
+        }
+    }
+    let status = match (ok.is_empty(), failed.is_empty()) {
+        (_, true) => StatusCode::OK,
+        (false, false) => StatusCode::MULTI_STATUS,
+        (true, false) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    Ok((
+        status,
+        Json(json!({"results": {"success": ok, "failed": failed}})).into_response(),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct RenameReq {
+    volume: String,
+    vfid: String,
+    relpath: String,
+    new_name: String,
+}
+
+async fn rename(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<RenameReq>,
+) -> Result<StatusCode, ApiError> {
+    if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name == ".." || r.new_name == "."
+    {
+        return Err(ApiError::Params("new_name must be a plain name".into()));
+    }
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let from = resolve(&root, &r.relpath)?;
+    let to = from.with_file_name(&r.new_name);
+    resolve(
+        &root,
+        to.strip_prefix(&root)
+            .map_err(|_| ApiError::Params("bad path".into()))?
+            .to_string_lossy()
+            .as_ref(),
+    )?;
+    tokio::fs::rename(&from, &to).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct MoveReq {
+    volume: String,
+    vfid: String,
+    src_relpath: String,
+    dst_relpath: String,
+}
+
+async fn move_file(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<MoveReq>,
+) -> Result<StatusCode, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let from = resolve(&root, &r.src_relpath)?;
+    let to = resolve(&root, &r.dst_relpath)?;
+    tokio::fs::rename(&from, &to).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DeleteReq {
+    volume: String,
+    vfid: String,
+    relpaths: Vec<String>,
+    #[serde(default)]
+    recursive: bool,
+}
+
+async fn delete_files(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<DeleteReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    // Resolve every path first: one bad path and nothing is touched.
+    let paths = r
+        .relpaths
+        .iter()
+        .map(|p| resolve(&root, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if paths.iter().any(|p| p == &root) {
+        return Err(ApiError::Params(
+            "refusing to delete the vfolder root".into(),
+        ));
+    }
+    for p in paths {
+        let meta = tokio::fs::symlink_metadata(&p).await?;
+        if meta.is_dir() {
+            if r.recursive {
+                tokio::fs::remove_dir_all(&p).await?;
+            } else {
+                tokio::fs::remove_dir(&p).await?;
+            }
+        } else {
+            tokio::fs::remove_file(&p).await?;
+        }
+    }
+    Ok(Json(json!({"status": "ok"})))
+}
+
+#[derive(Deserialize)]
+struct UploadReq {
+    volume: String,
+    vfid: String,
+    relpath: String,
+    size: u64,
+}
+
+async fn upload_token(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<UploadReq>,
+) -> Result<Json<Value>, ApiError> {
+    if r.size > state.max_upload_size {
+        return Err(ApiError::TooLarge);
+    }
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    resolve(&root, &r.relpath)?;
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    let staging = root.join(".upload");
+    tokio::fs::create_dir_all(&staging).await?;
+    tokio::fs::File::create(staging.join(&session)).await?;
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
+        &state.session_secret,
+    );
+    tracing::info!(session = %session, size = r.size, "upload session created");
+    Ok(Json(json!({"token": token})))
+}
+
+async fn download_token(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<PathReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    resolve(&root, &r.relpath)?;
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "exp": exp}),
+        &state.session_secret,
+    );
+    Ok(Json(json!({"token": token})))
+}

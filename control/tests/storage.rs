@@ -1,0 +1,580 @@
+//! The storage-proxy binary end to end: manager API, tus uploads, ranged downloads,
+//! traversal refusals, background jobs under the initiating request's ID, cleanup
+//! under its own IDs, and streaming with bounded memory.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "manager-secret";
+const VFID: &str = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/5d6c8c1e9a4d4e6f8b7a1c2d3e4f5a6b";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+struct Proxy {
+    child: Child,
+    manager: SocketAddr,
+    client: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    fn start(extra_storage: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, c) = (free_port(), free_port());
+        let config = format!(
+            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n",
+            dir.path().join("vol").display()
+        );
+        std::fs::write(dir.path().join("storage.toml"), config).expect("config");
+        let log = std::fs::File::create(dir.path().join("storage.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
+            .arg("--config")
+            .arg(dir.path().join("storage.toml"))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start storage-proxy");
+        let p = Self {
+            child,
+            manager: ([127, 0, 0, 1], m).into(),
+            client: ([127, 0, 0, 1], c).into(),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(p.manager).is_err() || TcpStream::connect(p.client).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "storage-proxy did not start: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("storage.log")).unwrap_or_default()
+    }
+
+    fn log_json(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn manager(&self, path: &str, body: serde_json::Value, request_id: Option<&str>) -> Resp {
+        let mut headers = vec![
+            ("X-BackendAI-Storage-Auth-Token", TOKEN),
+            ("Content-Type", "application/json"),
+        ];
+        if let Some(id) = request_id {
+            headers.push(("X-Backend-Request-ID", id));
+        }
+        request(
+            self.manager,
+            "POST",
+            path,
+            &headers,
+            body.to_string().as_bytes(),
+        )
+    }
+
+    fn vfolder_path(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/5d/6c/8c1e9a4d4e6f8b7a1c2d3e4f5a6b")
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One request on its own connection (`Connection: close`), read to the end.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("head");
+    s.write_all(body).expect("body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("response");
+    parse(&raw, method == "HEAD")
+}
+
+fn parse(raw: &[u8], head_only: bool) -> Resp {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head end");
+    let text = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
+    if chunked && !head_only {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size");
+            let n =
+                usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("ascii").trim(), 16)
+                    .expect("hex");
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 4 + n..];
+        }
+        body = out;
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn create_folder(p: &Proxy) {
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn manager_auth_and_request_ids() {
+    let p = Proxy::start("");
+    let r = request(p.manager, "GET", "/status", &[], b"");
+    assert_eq!(r.status, 200);
+    let generated = r
+        .header("x-backend-request-id")
+        .expect("generated and echoed")
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok());
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-Backend-Request-ID", "mgr-1")],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["title"], "Forbidden (missing auth token)");
+    assert_eq!(r.header("x-backend-request-id"), Some("mgr-1"));
+    assert_eq!(r.json()["request_id"], "mgr-1");
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-BackendAI-Storage-Auth-Token", "wrong")],
+        b"",
+    );
+    assert_eq!(r.json()["title"], "Forbidden (invalid auth token)");
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-BackendAI-Storage-Auth-Token", TOKEN)],
+        b"",
+    );
+    assert_eq!(r.json()["volumes"][0]["name"], "local");
+    // Direct client calls with no header get a generated ID too.
+    let r = request(p.client, "GET", "/", &[], b"");
+    assert!(r.header("x-backend-request-id").is_some());
+}
+
+#[test]
+fn tus_upload_resume_and_ranged_download() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let r = p.manager("/folder/file/upload", serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin", "size": data.len()}), None);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let url = format!("/upload?token={token}");
+    let r = request(p.client, "OPTIONS", "/upload", &[], b"");
+    assert_eq!(r.header("tus-resumable"), Some("1.0.0"));
+    let r = request(p.client, "HEAD", &url, &[], b"");
+    assert_eq!((r.status, r.header("upload-offset")), (200, Some("0")));
+    // First part, then an interruption: the file is not visible yet.
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+        &data[..40_000],
+    );
+    assert_eq!((r.status, r.header("upload-offset")), (204, Some("40000")));
+    assert!(
+        !p.vfolder_path().join("dir/data.bin").exists(),
+        "a partial upload is never visible"
+    );
+    let r = request(p.client, "HEAD", &url, &[], b"");
+    assert_eq!(r.header("upload-offset"), Some("40000"));
+    // A wrong offset is refused.
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "10")],
+        &data[10..20],
+    );
+    assert_eq!(r.status, 409);
+    let r = request(p.client, "PATCH", &url, &[], &data[40_000..]);
+    assert_eq!(r.status, 400, "Upload-Offset is required");
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "40000")],
+        &data[40_000..],
+    );
+    assert_eq!((r.status, r.header("upload-offset")), (204, Some("100000")));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("dir/data.bin")).expect("complete file"),
+        data
+    );
+    // A forged or expired token is refused.
+    let r = request(p.client, "HEAD", "/upload?token=not-a-token", &[], b"");
+    assert_eq!(r.status, 401);
+
+    let r = p.manager(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin"}),
+        None,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, data);
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert!(r
+        .header("content-disposition")
+        .is_some_and(|v| v.contains("data.bin")));
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[("Range", "bytes=100-199")],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 100-199/100000"));
+    assert_eq!(r.body, &data[100..200]);
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[("Range", "bytes=200000-")],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    // The listing shows the file, not the staging area.
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    let listing = r.json();
+    let names: Vec<&str> = listing["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["dir"]);
+}
+
+#[test]
+fn path_escapes_are_refused_and_touch_nothing() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let outside = p.dir.path().join("vol/outside-marker");
+    for (path, body) in [
+        (
+            "/folder/file/list",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "../.."}),
+        ),
+        (
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "/etc/passwd"}),
+        ),
+        (
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "../../outside-marker", "size": 1}),
+        ),
+        (
+            "/folder/file/delete",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["ok.txt", "../x"]}),
+        ),
+        (
+            "/folder/create",
+            serde_json::json!({"volume": "local", "vfid": "user:../../etc"}),
+        ),
+        (
+            "/folder/file/rename",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "a", "new_name": "../b"}),
+        ),
+    ] {
+        let r = p.manager(path, body, None);
+        assert_eq!(
+            r.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = p.manager(
+        "/folder/file/mkdir",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": ["good", "../bad"]}),
+        None,
+    );
+    assert_eq!(r.status, 207);
+    assert!(p.vfolder_path().join("good").is_dir());
+    assert!(!outside.exists());
+    // A symlink inside the folder that points outside is not followed.
+    std::os::unix::fs::symlink(p.dir.path(), p.vfolder_path().join("escape")).expect("symlink");
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "escape"}),
+        None,
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn clone_runs_under_the_initiating_request_id() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    for d in ["a/b/c", "d"] {
+        std::fs::create_dir_all(p.vfolder_path().join(d)).expect("tree");
+    }
+    for f in ["a/1.txt", "a/b/2.txt", "a/b/c/3.txt", "d/4.txt", "5.txt"] {
+        std::fs::write(p.vfolder_path().join(f), f).expect("file");
+    }
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000beef";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_volume": null, "dst_vfid": dst}),
+        Some("clone-req-1"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-backend-request-id"), Some("clone-req-1"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let done: Vec<_> = p
+            .log_json()
+            .into_iter()
+            .filter(|v| v["message"] == "bgtask done")
+            .collect();
+        if !done.is_empty() {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(done[0]["items"], 5);
+    let job_lines: Vec<_> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| {
+            ["bgtask started", "bgtask done", "directory cloned"]
+                .contains(&v["message"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert!(job_lines.len() >= 6, "{job_lines:?}");
+    assert!(
+        job_lines.iter().all(|v| v["request_id"] == "clone-req-1"),
+        "{job_lines:?}"
+    );
+    let cloned = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
+    assert_eq!(
+        std::fs::read_to_string(cloned.join("a/b/c/3.txt")).expect("cloned"),
+        "a/b/c/3.txt"
+    );
+}
+
+#[test]
+fn cleanup_removes_expired_uploads_under_its_own_ids() {
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 10}),
+        Some("upload-req"),
+    );
+    assert_eq!(r.status, 200);
+    let staging = p.vfolder_path().join(".upload");
+    assert_eq!(std::fs::read_dir(&staging).expect("staging").count(), 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&staging).expect("staging").count() > 0 {
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let removed: Vec<_> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "expired upload removed")
+        .collect();
+    let id = removed[0]["request_id"]
+        .as_str()
+        .expect("cleanup has an ID")
+        .to_owned();
+    assert_ne!(id, "upload-req");
+    let passes: std::collections::HashSet<String> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "expired-upload cleanup pass")
+        .filter_map(|v| v["request_id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(passes.contains(&id));
+    let count = p
+        .log_json()
+        .iter()
+        .filter(|v| v["message"] == "expired-upload cleanup pass")
+        .count();
+    assert_eq!(passes.len(), count, "each pass has an ID of its own");
+}
+
+#[test]
+fn concurrent_patches_are_refused_and_large_files_stream() {
+    const SIZE: usize = 256 << 20;
+    let p = Proxy::start("max_upload_size = 1073741824\n");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin", "size": SIZE}),
+        None,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    // A PATCH in flight holds the upload: a second one gets 409.
+    let mut slow = TcpStream::connect(p.client).expect("connect");
+    write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: {SIZE}\r\n\r\n").expect("head");
+    let block = vec![7u8; 1 << 20];
+    slow.write_all(&block).expect("first MiB");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = request(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}"),
+        &[("Upload-Offset", "0")],
+        b"x",
+    );
+    assert_eq!(r.status, 409);
+    for _ in 1..(SIZE >> 20) {
+        slow.write_all(&block).expect("upload");
+    }
+    let mut raw = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = slow.read(&mut buf).expect("response");
+        assert!(n > 0);
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    // Download it back and check the memory of the process.
+    let r = p.manager(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin"}),
+        None,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    write!(
+        s,
+        "GET /download?token={token} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .expect("get");
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = s.read(&mut buf).expect("download");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert!(total > SIZE, "head and body: {total}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).expect("status");
+    let peak: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB for 256 MiB each way");
+}
