@@ -578,3 +578,146 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
         .expect("VmHWM");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB for 256 MiB each way");
 }
+
+#[test]
+fn directory_downloads_are_valid_zip_archives() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::create_dir_all(p.vfolder_path().join("models/sub")).expect("tree");
+    std::fs::write(p.vfolder_path().join("models/a.txt"), "alpha").expect("file");
+    std::fs::write(
+        p.vfolder_path().join("models/sub/b.bin"),
+        vec![9u8; 200_000],
+    )
+    .expect("file");
+    std::fs::write(p.vfolder_path().join("models/sub/üñí.txt"), "unicode").expect("file");
+    let r = p.manager(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "models"}),
+        None,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400, "a directory needs archive=true");
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}&archive=true"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/zip"));
+    let zip = p.dir.path().join("out.zip");
+    std::fs::write(&zip, &r.body).expect("zip");
+    // An independent reader (Python's zipfile) checks every CRC and lists the names.
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))")
+        .arg(&zip)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("a.txt|sub/b.bin|sub/üñí.txt"));
+    assert_eq!(lines.next(), Some("200000"));
+}
+
+#[test]
+fn quota_is_enforced_and_delete_async_keeps_the_request_id() {
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 1000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    std::fs::write(p.vfolder_path().join("used.bin"), vec![0u8; 600]).expect("file");
+    let qs =
+        serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"});
+    let r = p.manager("/quota-scope", qs.clone(), None);
+    assert_eq!(
+        (
+            r.json()["used_bytes"].as_u64(),
+            r.json()["limit_bytes"].as_u64()
+        ),
+        (Some(600), Some(1000))
+    );
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 500}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["type"],
+        "https://api.backend.ai/probs/storage/quota-exceeded"
+    );
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 300}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let mut raise = qs.clone();
+    raise["options"] = serde_json::json!({"limit_bytes": 10_000});
+    let r = request(
+        p.manager,
+        "PATCH",
+        "/quota-scope",
+        &[
+            ("X-BackendAI-Storage-Auth-Token", TOKEN),
+            ("Content-Type", "application/json"),
+        ],
+        raise.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 204);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 500}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+
+    std::fs::create_dir_all(p.vfolder_path().join("tree/deep")).expect("tree");
+    std::fs::write(p.vfolder_path().join("tree/deep/x"), "x").expect("file");
+    let r = p.manager(
+        "/folder/file/delete-async",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["tree"], "recursive": true}),
+        Some("delete-req-1"),
+    );
+    assert_eq!(r.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.vfolder_path().join("tree").exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<_> = p
+            .log_json()
+            .into_iter()
+            .filter(|v| v["task"] == "delete_files")
+            .collect();
+        if lines.iter().any(|v| v["message"] == "bgtask done") {
+            assert!(
+                lines.iter().all(|v| v["request_id"] == "delete-req-1"),
+                "{lines:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -124,9 +124,27 @@ async fn download(
         .await
         .map_err(|_| ApiError::NotFound)?;
     if meta.is_dir() {
-        return Err(ApiError::Params(
-            "directory downloads (zip archives) are not available in this build".into(),
-        ));
+        let archive = q.get("archive").is_some_and(|v| v == "true")
+            || c.get("archive").and_then(|v| v.as_bool()) == Some(true);
+        if !archive {
+            return Err(ApiError::Params(
+                "a directory: add archive=true for a zip".into(),
+            ));
+        }
+        let name = format!(
+            "{}.zip",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "archive".into())
+        );
+        tracing::info!(dir = %path.display(), "archive download");
+        let mut resp = Response::new(Body::from_stream(super::zip::stream_dir(path)));
+        resp.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/zip"));
+        if let Ok(v) = HeaderValue::from_str(&disposition(&name)) {
+            resp.headers_mut().insert("content-disposition", v);
+        }
+        return Ok(resp);
     }
     let len = meta.len();
     let name = path

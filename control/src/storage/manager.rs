@@ -29,6 +29,12 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/folder/file/rename", post(rename))
         .route("/folder/file/move", post(move_file))
         .route("/folder/file/delete", post(delete_files))
+        .route("/folder/file/delete-async", post(delete_files_async))
+        .route(
+            "/quota-scope",
+            get(quota_get).post(quota_get).patch(quota_patch),
+        )
+        .route("/quota-scope/quota", axum::routing::delete(quota_delete))
         .route("/folder/file/upload", post(upload_token))
         .route("/folder/file/download", post(download_token))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
@@ -76,13 +82,85 @@ struct FolderReq {
     vfid: String,
 }
 
+#[derive(Deserialize)]
+struct CreateReq {
+    volume: String,
+    vfid: String,
+    #[serde(default)]
+    options: Option<CreateOptions>,
+}
+
+#[derive(Deserialize)]
+struct CreateOptions {
+    #[serde(default)]
+    initial_max_size_for_quota_scope: Option<u64>,
+}
+
 async fn create(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<FolderReq>,
+    Json(r): Json<CreateReq>,
 ) -> Result<StatusCode, ApiError> {
     let dir = state.volumes.folder(&r.volume, &r.vfid)?;
     tokio::fs::create_dir_all(&dir).await?;
+    if let Some(limit) = r.options.and_then(|o| o.initial_max_size_for_quota_scope) {
+        let scope = state.volumes.scope_of(&r.volume, &r.vfid)?;
+        if super::quota::limit(&scope).is_none() {
+            super::quota::set_limit(&scope, Some(limit))?;
+        }
+    }
     tracing::info!(vfid = %r.vfid, "vfolder created");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct QuotaReq {
+    volume: String,
+    qsid: String,
+    #[serde(default)]
+    options: Option<QuotaOptions>,
+}
+
+#[derive(Deserialize)]
+struct QuotaOptions {
+    limit_bytes: u64,
+}
+
+async fn quota_get(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<QuotaReq>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
+    let used = appproxy_shared::context::spawn_blocking({
+        let scope = scope.clone();
+        move || super::quota::usage(&scope)
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    Ok(Json(
+        json!({"used_bytes": used, "limit_bytes": super::quota::limit(&scope)}),
+    ))
+}
+
+async fn quota_patch(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<QuotaReq>,
+) -> Result<StatusCode, ApiError> {
+    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
+    let limit = r
+        .options
+        .ok_or_else(|| ApiError::Params("options.limit_bytes is required".into()))?
+        .limit_bytes;
+    super::quota::set_limit(&scope, Some(limit))?;
+    tracing::info!(qsid = %r.qsid, limit, "quota set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn quota_delete(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<QuotaReq>,
+) -> Result<StatusCode, ApiError> {
+    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
+    super::quota::set_limit(&scope, None)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -413,6 +491,41 @@ async fn delete_files(
     Ok(Json(json!({"status": "ok"})))
 }
 
+async fn delete_files_async(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<DeleteReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let paths = r
+        .relpaths
+        .iter()
+        .map(|p| resolve(&root, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if paths.iter().any(|p| p == &root) {
+        return Err(ApiError::Params(
+            "refusing to delete the vfolder root".into(),
+        ));
+    }
+    let recursive = r.recursive;
+    let body = bgtask("delete_files", async move {
+        let mut n = 0;
+        for p in paths {
+            let meta = tokio::fs::symlink_metadata(&p).await?;
+            if meta.is_dir() && recursive {
+                tokio::fs::remove_dir_all(&p).await?;
+            } else if meta.is_dir() {
+                tokio::fs::remove_dir(&p).await?;
+            } else {
+                tokio::fs::remove_file(&p).await?;
+            }
+            tracing::debug!(path = %p.display(), "deleted");
+            n += 1;
+        }
+        Ok(n)
+    });
+    Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
 #[derive(Deserialize)]
 struct UploadReq {
     volume: String,
@@ -430,6 +543,14 @@ async fn upload_token(
     }
     let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
     resolve(&root, &r.relpath)?;
+    let scope = state.volumes.scope_of(&r.volume, &r.vfid)?;
+    let size = r.size;
+    {
+        let state = state.clone();
+        appproxy_shared::context::spawn_blocking(move || super::quota::check(&state, &scope, size))
+            .await
+            .map_err(std::io::Error::other)??;
+    }
     let session = uuid::Uuid::new_v4().simple().to_string();
     let staging = root.join(".upload");
     tokio::fs::create_dir_all(&staging).await?;

@@ -7,7 +7,9 @@
 
 pub mod client;
 pub mod manager;
+pub mod quota;
 pub mod volume;
+pub mod zip;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -40,6 +42,8 @@ pub struct State {
     pub upload_expire: Duration,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
+    /// Last measured usage per quota scope directory (refreshed by the sync job).
+    pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
 }
 
 /// An API refusal, mapped to a status in one place.
@@ -69,6 +73,14 @@ pub enum ApiError {
     /// Too large.
     #[error("upload larger than the limit")]
     TooLarge,
+    /// The quota scope would pass its limit.
+    #[error("quota exceeded: {used} of {limit} bytes used")]
+    QuotaExceeded {
+        /// Bytes used now.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A filesystem error.
     #[error("filesystem error: {0}")]
     Io(#[from] std::io::Error),
@@ -85,6 +97,7 @@ impl ApiError {
             Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
             }
@@ -128,6 +141,7 @@ pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         uploading: Mutex::new(HashSet::new()),
+        usage: Mutex::new(std::collections::HashMap::new()),
     }))
 }
 
@@ -176,15 +190,27 @@ pub async fn serve(
 async fn cleanup_loop(state: Arc<State>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        let state = state.clone();
+        let st = state.clone();
         appproxy_shared::context::spawn_background(IdVersion::V4, async move {
             let removed = appproxy_shared::context::spawn_blocking({
-                let state = state.clone();
-                move || remove_expired_uploads(&state)
+                let st = st.clone();
+                move || remove_expired_uploads(&st)
             })
             .await
             .unwrap_or(0);
             tracing::info!(removed, "expired-upload cleanup pass");
+        })
+        .await
+        .ok();
+        let st = state.clone();
+        appproxy_shared::context::spawn_background(IdVersion::V4, async move {
+            let scopes = appproxy_shared::context::spawn_blocking({
+                let st = st.clone();
+                move || quota::sync(&st)
+            })
+            .await
+            .unwrap_or(0);
+            tracing::info!(scopes, "quota usage sync pass");
         })
         .await
         .ok();

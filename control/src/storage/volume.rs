@@ -53,6 +53,14 @@ impl Vfid {
         Ok(Self { scope, folder })
     }
 
+    /// The quota scope's directory under a volume root.
+    pub fn scope_dir(&self, root: &Path) -> PathBuf {
+        match &self.scope {
+            Some((kind, id)) => root.join(format!("{kind}-{}", id.simple())),
+            None => root.join("legacy"),
+        }
+    }
+
     /// The folder's directory under a volume root.
     pub fn dir(&self, root: &Path) -> PathBuf {
         let hex = self.folder.simple().to_string();
@@ -103,6 +111,23 @@ impl Volumes {
     /// The directory of a vfolder (which may not exist yet).
     pub fn folder(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
         Ok(Vfid::parse(vfid)?.dir(self.root(volume)?))
+    }
+
+    /// The directory of a quota scope named `user:<uuid>` or `project:<uuid>`.
+    pub fn scope(&self, volume: &str, qsid: &str) -> Result<PathBuf, PathError> {
+        let root = self.root(volume)?;
+        let bad = || PathError::InvalidVfid(qsid.chars().take(100).collect());
+        let (kind, id) = qsid.split_once(':').ok_or_else(bad)?;
+        if kind != "user" && kind != "project" {
+            return Err(bad());
+        }
+        let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
+        Ok(root.join(format!("{kind}-{}", id.simple())))
+    }
+
+    /// The scope directory of a vfolder.
+    pub fn scope_of(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
+        Ok(Vfid::parse(vfid)?.scope_dir(self.root(volume)?))
     }
 
     /// The directory of an existing vfolder.
