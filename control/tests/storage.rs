@@ -33,10 +33,14 @@ impl Drop for Proxy {
 
 impl Proxy {
     fn start(extra_storage: &str) -> Self {
+        Self::start_with(extra_storage, "")
+    }
+
+    fn start_with(extra_storage: &str, extra_tables: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (m, c) = (free_port(), free_port());
         let config = format!(
-            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n",
+            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
             dir.path().join("vol").display()
         );
         std::fs::write(dir.path().join("storage.toml"), config).expect("config");
@@ -720,4 +724,139 @@ fn quota_is_enforced_and_delete_async_keeps_the_request_id() {
         assert!(Instant::now() < deadline, "{}", p.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A throwaway redis-server on a free port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Redis {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (apt-get install redis-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Redis {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn bgtask_events_carry_the_initiating_request_id() {
+    let redis = start_redis();
+    let url = format!("redis://127.0.0.1:{}/", redis.port);
+    let p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
+    create_folder(&p);
+    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let mut sub = conn.as_pubsub();
+    sub.subscribe("events_all").expect("subscribe");
+    sub.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000cafe";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        Some("evt-req-1"),
+    );
+    assert_eq!(r.status, 200);
+    let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
+    let mut names = Vec::new();
+    loop {
+        let msg = sub.get_message().expect("an event");
+        let text: String = msg.get_payload().expect("text");
+        let envelope: serde_json::Value = serde_json::from_str(&text).expect("envelope");
+        let payload: serde_json::Value =
+            serde_json::from_str(envelope["payload"].as_str().expect("payload is JSON text"))
+                .expect("json");
+        let meta: serde_json::Value = serde_json::from_str(
+            envelope["metadata"]
+                .as_str()
+                .expect("metadata is JSON text"),
+        )
+        .expect("json");
+        assert_eq!(envelope["source"], "storage-proxy");
+        assert_eq!(payload["task_id"], task.as_str());
+        assert_eq!(meta["request_id"], "evt-req-1");
+        let name = envelope["name"].as_str().expect("name").to_owned();
+        names.push(name.clone());
+        if name == "bgtask_done" {
+            break;
+        }
+    }
+    assert_eq!(names, vec!["bgtask_updated", "bgtask_done"]);
+}
+
+#[test]
+fn expired_session_tokens_are_refused() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let expired = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "download", "volume": "local", "vfid": VFID, "relpath": "x", "exp": 1}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={expired}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let upload = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "upload", "volume": "local", "vfid": VFID, "relpath": "x", "size": 1, "session": "0123456789abcdef0123456789abcdef", "exp": 1}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={upload}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    // A download token is not an upload token.
+    let download = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "download", "volume": "local", "vfid": VFID, "relpath": "x", "size": 1, "session": "0123456789abcdef0123456789abcdef"}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={download}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
 }

@@ -166,16 +166,39 @@ async fn quota_delete(
 
 /// Starts a background job under the current request's ID; every task it spawns
 /// inherits it, and its done/failed events carry it in their metadata.
-fn bgtask<F>(name: &'static str, job: F) -> Json<Value>
+fn bgtask<F>(state: &Arc<State>, name: &'static str, job: F) -> Json<Value>
 where
     F: std::future::Future<Output = Result<u64, std::io::Error>> + Send + 'static,
 {
     let id = uuid::Uuid::new_v4();
+    let state = state.clone();
     appproxy_shared::context::spawn(async move {
         tracing::info!(bgtask_id = %id, task = name, "bgtask started");
+        super::emit(
+            &state,
+            "bgtask_updated",
+            json!({"task_id": id, "message": format!("{name} started")}),
+        )
+        .await;
         match job.await {
-            Ok(n) => tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done"),
-            Err(e) => tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed"),
+            Ok(n) => {
+                tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done");
+                super::emit(
+                    &state,
+                    "bgtask_done",
+                    json!({"task_id": id, "message": format!("{name}: {n} items")}),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed");
+                super::emit(
+                    &state,
+                    "bgtask_failed",
+                    json!({"task_id": id, "message": e.to_string()}),
+                )
+                .await;
+            }
         }
     });
     Json(json!({"bgtask_id": id}))
@@ -186,7 +209,7 @@ async fn delete_folder(
     Json(r): Json<FolderReq>,
 ) -> Result<Response, ApiError> {
     let dir = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let body = bgtask("delete_vfolder", async move {
+    let body = bgtask(&state, "delete_vfolder", async move {
         tokio::fs::remove_dir_all(&dir).await?;
         Ok(1)
     });
@@ -246,7 +269,7 @@ async fn clone_folder(
     if dst.exists() {
         return Err(ApiError::Params("destination vfolder exists".into()));
     }
-    Ok(bgtask("clone_vfolder", copy_tree(src, dst)))
+    Ok(bgtask(&state, "clone_vfolder", copy_tree(src, dst)))
 }
 
 async fn usage(
@@ -507,7 +530,7 @@ async fn delete_files_async(
         ));
     }
     let recursive = r.recursive;
-    let body = bgtask("delete_files", async move {
+    let body = bgtask(&state, "delete_files", async move {
         let mut n = 0;
         for p in paths {
             let meta = tokio::fs::symlink_metadata(&p).await?;

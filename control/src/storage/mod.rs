@@ -42,6 +42,8 @@ pub struct State {
     pub upload_expire: Duration,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
+    /// Where bgtask events go (`[redis] url`), if anywhere.
+    pub events: Option<redis::aio::ConnectionManager>,
     /// Last measured usage per quota scope directory (refreshed by the sync job).
     pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
 }
@@ -126,8 +128,45 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Builds the state from the config.
+/// The channel bgtask events are broadcast on.
+pub const EVENT_CHANNEL: &str = "events_all";
+
+/// Broadcasts an event in the platform's envelope, with the current request ID in
+/// its metadata. Without `[redis]` there is no event bus and nothing is sent.
+pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
+    use appproxy_shared::model::{BroadcastMessage, EventMetadata};
+    let Some(conn) = &state.events else { return };
+    let meta = EventMetadata {
+        request_id: appproxy_shared::current_request_id().map(Into::into),
+        ..Default::default()
+    };
+    let Ok(msg) = BroadcastMessage::encode(name, "storage-proxy", &payload, &meta) else {
+        return;
+    };
+    let Ok(text) = serde_json::to_string(&msg) else {
+        return;
+    };
+    let mut conn = conn.clone();
+    if let Err(e) = redis::cmd("PUBLISH")
+        .arg(EVENT_CHANNEL)
+        .arg(text)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        tracing::warn!(event = name, error = %e, "event not published");
+    }
+}
+
+/// Builds the state from the config (without an event bus).
 pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
+    state_with_events(config, None)
+}
+
+/// Builds the state from the config and an event-bus connection.
+pub fn state_with_events(
+    config: &StorageConfig,
+    events: Option<redis::aio::ConnectionManager>,
+) -> std::io::Result<Arc<State>> {
     let volumes: Vec<(String, PathBuf)> = config
         .volumes
         .iter()
@@ -141,6 +180,7 @@ pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         uploading: Mutex::new(HashSet::new()),
+        events,
         usage: Mutex::new(std::collections::HashMap::new()),
     }))
 }
@@ -150,7 +190,18 @@ pub async fn serve(
     config: &StorageConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let state = state(config)?;
+    let events = match &config.redis.url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+            let conn = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}"))?;
+            Some(conn)
+        }
+        None => None,
+    };
+    let state = state_with_events(config, events)?;
     let layer = RequestIdLayer::new(IdPolicy::GenerateIfMissing, IdVersion::V4);
     let manager_app = manager::router(state.clone()).layer(layer);
     let client_app = client::router(state.clone()).layer(layer);
