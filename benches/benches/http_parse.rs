@@ -35,7 +35,7 @@ fn parsing(c: &mut Criterion) {
     g.bench_function("encode_upstream_request", |b| {
         b.iter(|| {
             out.clear();
-            upstream_request(&mut out, REQUEST, &head, &id, hop);
+            upstream_request(&mut out, REQUEST, &head, Some(&id), hop);
             black_box(out.len())
         })
     });

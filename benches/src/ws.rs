@@ -253,3 +253,112 @@ pub fn idle_client(addr: SocketAddr, n: usize) -> std::io::Result<()> {
     let _ = std::io::stdin().read_line(&mut sink);
     Ok(())
 }
+
+/// An SSE app: every request gets an endless `text/event-stream`, one 100-byte event
+/// per write, as fast as the connection takes them.
+pub fn sse_app(port: u16) -> std::io::Result<()> {
+    raise_nofile();
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let mut reader = BufReader::new(match stream.try_clone() {
+                Ok(s) => s,
+                Err(_) => return,
+            });
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let mut w = &stream;
+            if w
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .is_err()
+            {
+                return;
+            }
+            let event = format!("data: {}\n\n", "e".repeat(92));
+            let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+            while w.write_all(chunk.as_bytes()).is_ok() {}
+        });
+    }
+    Ok(())
+}
+
+/// SSE load: `conns` clients each read one endless event stream for `secs`; prints
+/// `BENCH requests=<events> …` (latency is not measured for streams: zeros).
+pub fn sse_load(addr: SocketAddr, conns: usize, secs: u64) -> std::io::Result<()> {
+    raise_nofile();
+    let stop = Arc::new(AtomicBool::new(false));
+    let events = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for _ in 0..conns {
+        let (stop, events, errors) = (stop.clone(), events.clone(), errors.clone());
+        threads.push(std::thread::spawn(move || {
+            let Ok(mut s) = TcpStream::connect(addr) else {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            if s.write_all(
+                b"GET /events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+            )
+            .is_err()
+            {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut tail: Vec<u8> = Vec::new();
+            let needle = b"data: ";
+            while !stop.load(Ordering::Relaxed) {
+                let n = match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        continue
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                };
+                // Count event starts; `tail` (the previous read's last bytes plus this
+                // read's first ones, each shorter than the needle) catches the ones
+                // split across two reads, and cannot hold one wholly inside either.
+                tail.extend_from_slice(&buf[..n.min(needle.len() - 1)]);
+                let mut count = tail.windows(needle.len()).filter(|w| w == needle).count() as u64;
+                count += buf[..n]
+                    .windows(needle.len())
+                    .filter(|w| w == needle)
+                    .count() as u64;
+                events.fetch_add(count, Ordering::Relaxed);
+                let keep = n.min(needle.len() - 1);
+                tail.clear();
+                tail.extend_from_slice(&buf[n - keep..n]);
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "BENCH requests={} duration_us={} errors={} p50=0 p99=0 p999=0",
+        events.load(Ordering::Relaxed),
+        elapsed.as_micros(),
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

@@ -79,6 +79,9 @@ pub struct WorkerSection {
     pub backlog: i32,
     /// Under which ID WebSocket messages are logged.
     pub ws_message_ids: WsMessageIds,
+    /// Request-ID handling (extract or generate, forward, echo). Turning it off
+    /// exists only to measure its cost: proxy errors then carry the ID `-`.
+    pub request_ids: bool,
 }
 
 /// Under which ID WebSocket messages are logged.
@@ -109,6 +112,7 @@ impl Default for WorkerSection {
             request_id_version: IdVersion::V4,
             backlog: 1024,
             ws_message_ids: WsMessageIds::Session,
+            request_ids: true,
         }
     }
 }
@@ -524,6 +528,8 @@ pub struct Runtime {
     pub access_log: bool,
     /// WebSocket message log IDs.
     pub ws_message_ids: WsMessageIds,
+    /// Request-ID handling on (off only for measurement).
+    pub request_ids: bool,
     /// Log format (the access log follows it).
     pub log_format: appproxy_shared::telemetry::LogFormat,
     /// The wildcard frontend (wildcard mode).
@@ -790,6 +796,7 @@ impl Config {
             id_version: self.worker.request_id_version,
             access_log: self.logging.access_log,
             ws_message_ids: self.worker.ws_message_ids,
+            request_ids: self.worker.request_ids,
             wildcard,
             secrets: self.secrets.clone(),
             api_port: self.worker.api_port,

@@ -100,7 +100,9 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
             }
         };
         first = false;
-        let id = {
+        let id = if !core.rt.request_ids {
+            RequestId::parse(b"-").unwrap_or_else(|_| RequestId::generate(core.rt.id_version))
+        } else {
             let buf = client.buf.filled();
             let found = header::extract(
                 head.headers
@@ -132,6 +134,12 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
         client.conn.set_timeout(core.rt.keepalive_timeout);
     }
     core.metrics.sub(counter::ACTIVE, 1);
+}
+
+/// The ID to forward and echo: always, unless request IDs are turned off for
+/// measuring their cost (`[worker] request_ids = false`).
+fn forwarded_id<'a>(core: &Core, id: &'a RequestId) -> Option<&'a RequestId> {
+    core.rt.request_ids.then_some(id)
 }
 
 /// Reads until a complete head is buffered. `Ok(None)`: the client went away (or
@@ -574,7 +582,13 @@ async fn forward(
     ubuf.consume(usize::MAX);
     loop {
         out.clear();
-        encode::upstream_request(out, client.buf.filled(), head, &id, client.hop);
+        encode::upstream_request(
+            out,
+            client.buf.filled(),
+            head,
+            forwarded_id(core, &id),
+            client.hop,
+        );
         let upstream_head_len = out.len() as u64;
         let send = if retryable {
             // No body: the head alone, kept in the client buffer until the response
@@ -788,7 +802,7 @@ async fn relay_response(
             ubuf.filled(),
             &resp,
             ClientFraming::Empty,
-            &id,
+            forwarded_id(core, &id),
             req.version,
             false,
         );
@@ -815,7 +829,15 @@ async fn relay_response(
     let framing = ClientFraming::choose(resp.framing, req.version);
     let close = !req.keep_alive || core.draining.get();
     out.clear();
-    encode::client_response(out, ubuf.filled(), &resp, framing, &id, req.version, close);
+    encode::client_response(
+        out,
+        ubuf.filled(),
+        &resp,
+        framing,
+        forwarded_id(core, &id),
+        req.version,
+        close,
+    );
     ubuf.consume(resp.head_len);
     let mode = match framing {
         ClientFraming::Empty => Mode::Length(0),

@@ -30,7 +30,7 @@ fn request_head_inputs() {
         !inputs.is_empty(),
         "the seed corpus is part of the repository"
     );
-    let id = "fuzz-replay".parse().expect("valid");
+    let id: appproxy_dataplane::RequestId = "fuzz-replay".parse().expect("valid");
     for data in inputs {
         if let Ok(Some(head)) = parse_request(&data, &HeadLimits::default()) {
             let mut out = Vec::new();
@@ -38,7 +38,7 @@ fn request_head_inputs() {
                 &mut out,
                 &data,
                 &head,
-                &id,
+                Some(&id),
                 ClientHop::new("127.0.0.1:1".parse().expect("addr"), 80, false),
             );
             assert!(out.ends_with(b"\r\n\r\n"));

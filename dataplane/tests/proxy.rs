@@ -523,3 +523,18 @@ fn dead_routes_leave_rotation_and_requests_still_succeed() {
         "out of rotation after the third failure"
     );
 }
+
+#[test]
+fn request_ids_can_be_turned_off_for_measurement() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: "request_ids = false".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/off", "X-Backend-Request-ID: client-sent\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-backend-request-id"), None, "no echo");
+    assert_eq!(up.last().header("x-backend-request-id"), None, "nothing forwarded");
+}

@@ -36,11 +36,11 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Scenarios to run (small, 64k, upload, newconn, reqid, ws, ws-idle).
+    /// Scenarios to run (small, 64k, upload, newconn, reqid, sse, ws, ws-idle).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "small,64k,upload,newconn,reqid,ws,ws-idle"
+        default_value = "small,64k,upload,newconn,reqid,sse,ws,ws-idle"
     )]
     scenarios: Vec<String>,
     /// Where the JSON, Markdown and SVG report goes.
@@ -82,6 +82,16 @@ enum Tool {
         addr: std::net::SocketAddr,
         n: usize,
     },
+    /// An endless server-sent-events app.
+    #[command(hide = true)]
+    SseApp { port: u16 },
+    /// Server-sent-events load.
+    #[command(hide = true)]
+    SseLoad {
+        addr: std::net::SocketAddr,
+        conns: usize,
+        secs: u64,
+    },
 }
 
 /// A proxy (or none) in front of the upstream.
@@ -91,6 +101,8 @@ enum Target {
     Worker,
     Nginx,
     Haproxy,
+    /// The worker with request-ID handling turned off (the request-ID scenario only).
+    WorkerNoIds,
 }
 
 impl Target {
@@ -100,6 +112,7 @@ impl Target {
             Self::Worker => "appproxy-worker",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
+            Self::WorkerNoIds => "appproxy-worker, IDs off",
         }
     }
 }
@@ -109,6 +122,8 @@ const WORKER_PORT: u16 = 19083;
 const NGINX_PORT: u16 = 19082;
 const HAPROXY_PORT: u16 = 19084;
 const WORKER_ADMIN: u16 = 19093;
+const WORKER_NOIDS_PORT: u16 = 19095;
+const WORKER_NOIDS_ADMIN: u16 = 19096;
 /// WebSocket echo app, and each proxy's frontend for it.
 const WS_APP_PORT: u16 = 19085;
 const WS_WORKER_PORT: u16 = 19086;
@@ -118,6 +133,11 @@ const WS_HAPROXY_PORT: u16 = 19088;
 const IDLE_APP_PORT: u16 = 19089;
 const IDLE_WORKER_PORT: u16 = 19090;
 const IDLE_NGINX_PORT: u16 = 19091;
+/// Server-sent-events app, and each proxy's frontend for it.
+const SSE_APP_PORT: u16 = 19098;
+const SSE_WORKER_PORT: u16 = 19097;
+const SSE_NGINX_PORT: u16 = 19099;
+const SSE_HAPROXY_PORT: u16 = 19100;
 
 /// A running server; killed on drop.
 struct Server {
@@ -317,7 +337,15 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         &["ws-idle-app", &IDLE_APP_PORT.to_string()],
         &dir.path().join("ws-idle.log"),
     )?;
+    let sse_app = spawn(
+        "sse-app",
+        &load_cpus,
+        &me,
+        &["sse-app", &SSE_APP_PORT.to_string()],
+        &dir.path().join("sse.log"),
+    )?;
     wait_port(WS_APP_PORT, "the WebSocket echo app")?;
+    wait_port(SSE_APP_PORT, "the SSE app")?;
     wait_port(IDLE_APP_PORT, "the idle-session app")?;
     let mut servers = BTreeMap::new();
     // appproxy-worker.
@@ -325,7 +353,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     std::fs::write(
         &worker_conf,
         format!(
-            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n",
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n",
             cpus = cpu_list(&proxy_cpus)
         ),
     )?;
@@ -338,11 +366,38 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     )?;
     wait_port(WORKER_PORT, "appproxy-worker")?;
     servers.insert(Target::Worker, w);
+    // The same worker with request-ID handling off, for the request-ID scenario.
+    let noids_conf = dir.path().join("worker-noids.toml");
+    let text = std::fs::read_to_string(&worker_conf)?
+        .replace("[worker]\n", "[worker]\nrequest_ids = false\n")
+        .replace(
+            &format!("port = {WORKER_PORT}\n"),
+            &format!("port = {WORKER_NOIDS_PORT}\n"),
+        )
+        .replace(
+            &format!("127.0.0.1:{WORKER_ADMIN}"),
+            &format!("127.0.0.1:{WORKER_NOIDS_ADMIN}"),
+        );
+    let text = text
+        .split("\n[[circuits]]")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n[[circuits]]");
+    std::fs::write(&noids_conf, text)?;
+    let w = spawn(
+        "appproxy-worker (IDs off)",
+        &proxy_cpus,
+        &worker_bin.to_string_lossy(),
+        &["--config", &noids_conf.to_string_lossy()],
+        &dir.path().join("worker-noids.log"),
+    )?;
+    wait_port(WORKER_NOIDS_PORT, "appproxy-worker (IDs off)")?;
+    servers.insert(Target::WorkerNoIds, w);
     // nginx as a reverse proxy with the same request-ID behaviour: keep a client ID,
     // else generate one; forward it and echo it.
     if have("nginx") {
         let body = format!(
-            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}"
+            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}"
         );
         let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
         let s = spawn(
@@ -365,7 +420,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         std::fs::write(
             &conf,
             format!(
-                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\nfrontend ws\n  bind 127.0.0.1:{WS_HAPROXY_PORT}\n  timeout tunnel 1h\n  default_backend ws\nbackend ws\n  timeout tunnel 1h\n  server app 127.0.0.1:{WS_APP_PORT}\n",
+                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\nfrontend ws\n  bind 127.0.0.1:{WS_HAPROXY_PORT}\n  timeout tunnel 1h\n  default_backend ws\nbackend ws\n  timeout tunnel 1h\n  server app 127.0.0.1:{WS_APP_PORT}\nfrontend sse\n  bind 127.0.0.1:{SSE_HAPROXY_PORT}\n  default_backend sse\nbackend sse\n  server app 127.0.0.1:{SSE_APP_PORT}\n",
                 n = proxy_cpus.len(),
                 cpus = proxy_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
             ),
@@ -386,7 +441,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         load_cpus,
         servers,
         _upstream: upstream,
-        _apps: vec![ws_app, idle_app],
+        _apps: vec![ws_app, idle_app, sse_app],
     })
 }
 
@@ -396,6 +451,7 @@ fn port_of(t: Target) -> u16 {
         Target::Worker => WORKER_PORT,
         Target::Nginx => NGINX_PORT,
         Target::Haproxy => HAPROXY_PORT,
+        Target::WorkerNoIds => WORKER_NOIDS_PORT,
     }
 }
 
@@ -512,11 +568,25 @@ fn ws_port_of(t: Target) -> u16 {
         Target::Worker => WS_WORKER_PORT,
         Target::Nginx => WS_NGINX_PORT,
         Target::Haproxy => WS_HAPROXY_PORT,
+        Target::WorkerNoIds => WS_WORKER_PORT,
     }
 }
 
 /// Runs the harness's own WebSocket echo load client, pinned to the load CPUs.
 fn run_ws_load(
+    setup: &Setup,
+    args: &Args,
+    port: u16,
+    secs: u64,
+    pid: Option<u32>,
+) -> anyhow::Result<Sample> {
+    run_tool_load("ws-load", setup, args, port, secs, pid)
+}
+
+/// Runs one of the harness's own load clients (`ws-load`, `sse-load`), pinned to the
+/// load CPUs.
+fn run_tool_load(
+    tool: &str,
     setup: &Setup,
     args: &Args,
     port: u16,
@@ -530,7 +600,7 @@ fn run_ws_load(
         .arg(cpu_list(&setup.load_cpus))
         .arg(&me)
         .args([
-            "ws-load",
+            tool,
             &format!("127.0.0.1:{port}"),
             &args.connections.to_string(),
             &secs.to_string(),
@@ -567,7 +637,13 @@ fn run_ws_load(
 /// WebSocket echo messages/s (64-byte text, one in flight per session).
 fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
     let mut targets = vec![Target::Direct];
-    targets.extend(setup.servers.keys().copied());
+    targets.extend(
+        setup
+            .servers
+            .keys()
+            .copied()
+            .filter(|t| *t != Target::WorkerNoIds),
+    );
     let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
     for round in 0..args.rounds {
         for k in 0..targets.len() {
@@ -594,6 +670,53 @@ fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult
     Ok(ScenarioResult {
         name: "ws".into(),
         title: "WebSocket echo, messages/s (64-byte text, one in flight per session)".into(),
+        rows,
+    })
+}
+
+fn sse_port_of(t: Target) -> u16 {
+    match t {
+        Target::Direct => SSE_APP_PORT,
+        Target::Worker | Target::WorkerNoIds => SSE_WORKER_PORT,
+        Target::Nginx => SSE_NGINX_PORT,
+        Target::Haproxy => SSE_HAPROXY_PORT,
+    }
+}
+
+/// Server-sent events relayed per second (one endless stream per connection).
+fn sse_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
+    let mut targets = vec![Target::Direct];
+    targets.extend(
+        setup
+            .servers
+            .keys()
+            .copied()
+            .filter(|t| *t != Target::WorkerNoIds),
+    );
+    let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = targets[i];
+            let pid = setup.servers.get(&t).map(|s| s.child.id());
+            let s = run_tool_load("sse-load", setup, args, sse_port_of(t), args.duration, pid)?;
+            println!(
+                "  sse      round {} {:<24} {:>10.0} events/s",
+                round + 1,
+                t.name(),
+                s.rps
+            );
+            samples.entry(i).or_default().push(s);
+        }
+    }
+    let rows = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| row(t.name().to_owned(), samples.remove(&i).unwrap_or_default()))
+        .collect();
+    Ok(ScenarioResult {
+        name: "sse".into(),
+        title: "server-sent events relayed per second (100-byte events, one stream per connection; latency not measured)".into(),
         rows,
     })
 }
@@ -719,6 +842,10 @@ fn main() -> anyhow::Result<()> {
         Some(Tool::WsIdleClient { addr, n }) => {
             return Ok(appproxy_benches::ws::idle_client(addr, n)?)
         }
+        Some(Tool::SseApp { port }) => return Ok(appproxy_benches::ws::sse_app(port)?),
+        Some(Tool::SseLoad { addr, conns, secs }) => {
+            return Ok(appproxy_benches::ws::sse_load(addr, conns, secs)?)
+        }
         None => {}
     }
     appproxy_benches::ws::raise_nofile();
@@ -793,6 +920,12 @@ fn main() -> anyhow::Result<()> {
             results.push(result);
             continue;
         }
+        if name == "sse" {
+            let result = sse_scenario(&setup, &args)?;
+            println!("\n{}", report::table(&result));
+            results.push(result);
+            continue;
+        }
         if name == "ws-idle" {
             let rows = ws_idle_scenario(&setup, &args)?;
             println!("\n{}", report::memory_table(&rows));
@@ -812,10 +945,11 @@ fn main() -> anyhow::Result<()> {
                     Target::Worker,
                     Some("X-Backend-Request-ID: 0f8fad5b-d9cb-469f-a165-70867728950e"),
                 ),
+                ("worker, request IDs off".into(), Target::WorkerNoIds, None),
             ]
         } else {
             let mut v = vec![("direct".to_owned(), Target::Direct, None)];
-            for t in setup.servers.keys() {
+            for t in setup.servers.keys().filter(|t| **t != Target::WorkerNoIds) {
                 v.push((t.name().to_owned(), *t, None));
             }
             v

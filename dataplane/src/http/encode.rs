@@ -99,12 +99,13 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// Appends the request head forwarded to the app.
+/// Appends the request head forwarded to the app (`id`: the request ID to forward;
+/// `None` only when request IDs are turned off for measurement).
 pub fn upstream_request(
     out: &mut Vec<u8>,
     buf: &[u8],
     head: &RequestHead,
-    id: &RequestId,
+    id: Option<&RequestId>,
     hop: ClientHop,
 ) {
     out.extend_from_slice(&buf[head.method_raw.clone()]);
@@ -155,7 +156,9 @@ pub fn upstream_request(
         }
         _ => {}
     }
-    push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    if let Some(id) = id {
+        push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(prior) = prior_xff {
         out.extend_from_slice(prior);
@@ -244,7 +247,7 @@ pub fn client_response(
     buf: &[u8],
     head: &ResponseHead,
     framing: ClientFraming,
-    id: &RequestId,
+    id: Option<&RequestId>,
     client: Version,
     close: bool,
 ) {
@@ -277,7 +280,9 @@ pub fn client_response(
         }
         ClientFraming::Empty | ClientFraming::Dechunk | ClientFraming::UntilClose => {}
     }
-    push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    if let Some(id) = id {
+        push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    }
     if head.status == 101 {
         out.extend_from_slice(b"Connection: upgrade\r\n");
         if let Some(up) = &head.upgrade {

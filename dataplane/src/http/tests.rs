@@ -268,7 +268,7 @@ mod encoding {
         let head = req(input).expect("valid").expect("complete");
         let id: RequestId = "rid-1".parse().expect("valid");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, &id, hop(false));
+        upstream_request(&mut out, input, &head, Some(&id), hop(false));
         let text = String::from_utf8(out).expect("ascii");
         let want = "POST /x HTTP/1.1\r\nHost: app.local\r\nX-Keep: a\r\nx-keep: b\r\nContent-Length: 3\r\nX-Backend-Request-ID: rid-1\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.local\r\nX-Forwarded-Port: 8080\r\nForwarded: for=10.1.2.3;host=\"app.local\";proto=http\r\n\r\n";
         assert_eq!(text, want);
@@ -276,7 +276,7 @@ mod encoding {
         let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, &id, hop(true));
+        upstream_request(&mut out, input, &head, Some(&id), hop(true));
         let text = String::from_utf8(out).expect("ascii");
         assert!(
             text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"),
@@ -296,7 +296,15 @@ mod encoding {
         let framing = ClientFraming::choose(head.framing, Version::Http11);
         assert_eq!(framing, ClientFraming::Rechunk);
         let mut out = Vec::new();
-        client_response(&mut out, input, &head, framing, &id, Version::Http11, false);
+        client_response(
+            &mut out,
+            input,
+            &head,
+            framing,
+            Some(&id),
+            Version::Http11,
+            false,
+        );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
             "HTTP/1.1 200 OK\r\nServer: app\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nTransfer-Encoding: chunked\r\nX-Backend-Request-ID: rid-2\r\n\r\n"
