@@ -293,63 +293,40 @@ async fn handle(
             return Next::Close;
         }
     };
-    if !route.circuit.allowed.is_empty()
+    // Access control: the allowlist (403), then credentials (401). Nothing about the
+    // circuit is in the answer.
+    let refusal = if !route.circuit.allowed.is_empty()
         && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
     {
         tracing::info!(peer = %peer_ip, "client address not in the circuit's allowlist");
-        // 403 is the contract; the body names no circuit detail.
+        Some(crate::auth::Refused {
+            status: 403,
+            code: "forbidden",
+            message: "client address not allowed",
+        })
+    } else {
+        check_credentials(core, client.buf.filled(), &head, &route)
+            .err()
+            .inspect(|r| tracing::info!(code = r.code, reason = r.message, "credentials refused"))
+    };
+    if let Some(refusal) = refusal {
         let next = if has_body || !head.keep_alive {
             Next::Close
         } else {
             consume_head(client, &head)
         };
-        answer(
-            core,
-            client,
-            out,
-            Refusal {
-                status: 403,
-                code: "forbidden",
-                message: "client address not allowed".into(),
-                id: &id,
-                circuit: Some(&circuit_id),
-                started,
-                line: &line,
-                bytes_in: head.head_len as u64,
-                close: next == Next::Close,
-            },
-        )
-        .await;
-        return next;
-    }
-    if let Err(refusal) = check_credentials(core, client.buf.filled(), &head, &route) {
-        tracing::info!(
-            code = refusal.code,
-            reason = refusal.message,
-            "credentials refused"
-        );
-        let next = if has_body || !head.keep_alive {
-            Next::Close
-        } else {
-            consume_head(client, &head)
+        let answer_to = Refusal {
+            status: refusal.status,
+            code: refusal.code,
+            message: refusal.message.into(),
+            id: &id,
+            circuit: Some(&circuit_id),
+            started,
+            line: &line,
+            bytes_in: head.head_len as u64,
+            close: next == Next::Close,
         };
-        answer(
-            core,
-            client,
-            out,
-            Refusal {
-                status: refusal.status,
-                code: refusal.code,
-                message: refusal.message.into(),
-                id: &id,
-                circuit: Some(&circuit_id),
-                started,
-                line: &line,
-                bytes_in: head.head_len as u64,
-                close: next == Next::Close,
-            },
-        )
-        .await;
+        answer(core, client, out, answer_to).await;
         return next;
     }
     let early = if head.method == Method::Connect {

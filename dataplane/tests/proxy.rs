@@ -536,5 +536,9 @@ fn request_ids_can_be_turned_off_for_measurement() {
     let r = c.get("/off", "X-Backend-Request-ID: client-sent\r\n");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-backend-request-id"), None, "no echo");
-    assert_eq!(up.last().header("x-backend-request-id"), None, "nothing forwarded");
+    assert_eq!(
+        up.last().header("x-backend-request-id"),
+        None,
+        "nothing forwarded"
+    );
 }

@@ -572,17 +572,6 @@ fn ws_port_of(t: Target) -> u16 {
     }
 }
 
-/// Runs the harness's own WebSocket echo load client, pinned to the load CPUs.
-fn run_ws_load(
-    setup: &Setup,
-    args: &Args,
-    port: u16,
-    secs: u64,
-    pid: Option<u32>,
-) -> anyhow::Result<Sample> {
-    run_tool_load("ws-load", setup, args, port, secs, pid)
-}
-
 /// Runs one of the harness's own load clients (`ws-load`, `sse-load`), pinned to the
 /// load CPUs.
 fn run_tool_load(
@@ -636,6 +625,29 @@ fn run_tool_load(
 
 /// WebSocket echo messages/s (64-byte text, one in flight per session).
 fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
+    tool_scenario(
+        setup,
+        args,
+        (
+            "ws",
+            "WebSocket echo, messages/s (64-byte text, one in flight per session)",
+        ),
+        "ws-load",
+        ws_port_of,
+        true,
+    )
+}
+
+/// Runs one of the harness's own load clients against every target, in interleaved
+/// rounds (optionally after a warm-up run), and takes the medians.
+fn tool_scenario(
+    setup: &Setup,
+    args: &Args,
+    (name, title): (&str, &str),
+    tool: &str,
+    port_of: fn(Target) -> u16,
+    warm_up: bool,
+) -> anyhow::Result<ScenarioResult> {
     let mut targets = vec![Target::Direct];
     targets.extend(
         setup
@@ -650,10 +662,12 @@ fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult
             let i = (k + round) % targets.len();
             let t = targets[i];
             let pid = setup.servers.get(&t).map(|s| s.child.id());
-            run_ws_load(setup, args, ws_port_of(t), args.warmup, None)?;
-            let s = run_ws_load(setup, args, ws_port_of(t), args.duration, pid)?;
+            if warm_up {
+                run_tool_load(tool, setup, args, port_of(t), args.warmup, None)?;
+            }
+            let s = run_tool_load(tool, setup, args, port_of(t), args.duration, pid)?;
             println!(
-                "  ws       round {} {:<24} {:>10.0} msg/s  p99 {:>7.0} µs",
+                "  {name:<8} round {} {:<24} {:>10.0} /s  p99 {:>7.0} µs",
                 round + 1,
                 t.name(),
                 s.rps,
@@ -668,8 +682,8 @@ fn ws_echo_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult
         .map(|(i, t)| row(t.name().to_owned(), samples.remove(&i).unwrap_or_default()))
         .collect();
     Ok(ScenarioResult {
-        name: "ws".into(),
-        title: "WebSocket echo, messages/s (64-byte text, one in flight per session)".into(),
+        name: name.into(),
+        title: title.into(),
         rows,
     })
 }
@@ -685,40 +699,14 @@ fn sse_port_of(t: Target) -> u16 {
 
 /// Server-sent events relayed per second (one endless stream per connection).
 fn sse_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
-    let mut targets = vec![Target::Direct];
-    targets.extend(
-        setup
-            .servers
-            .keys()
-            .copied()
-            .filter(|t| *t != Target::WorkerNoIds),
-    );
-    let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
-    for round in 0..args.rounds {
-        for k in 0..targets.len() {
-            let i = (k + round) % targets.len();
-            let t = targets[i];
-            let pid = setup.servers.get(&t).map(|s| s.child.id());
-            let s = run_tool_load("sse-load", setup, args, sse_port_of(t), args.duration, pid)?;
-            println!(
-                "  sse      round {} {:<24} {:>10.0} events/s",
-                round + 1,
-                t.name(),
-                s.rps
-            );
-            samples.entry(i).or_default().push(s);
-        }
-    }
-    let rows = targets
-        .iter()
-        .enumerate()
-        .map(|(i, t)| row(t.name().to_owned(), samples.remove(&i).unwrap_or_default()))
-        .collect();
-    Ok(ScenarioResult {
-        name: "sse".into(),
-        title: "server-sent events relayed per second (100-byte events, one stream per connection; latency not measured)".into(),
-        rows,
-    })
+    tool_scenario(
+        setup,
+        args,
+        ("sse", "server-sent events relayed per second (100-byte events, one stream per connection; latency not measured)"),
+        "sse-load",
+        sse_port_of,
+        false,
+    )
 }
 
 /// Resident memory of a process and its children, KiB.

@@ -284,27 +284,7 @@ async fn usage(
 }
 
 fn du(dir: &Path) -> (u64, u64) {
-    let mut stack = vec![dir.to_path_buf()];
-    let (mut files, mut bytes) = (0, 0);
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(meta) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                if e.file_name() != ".upload" {
-                    stack.push(e.path());
-                }
-            } else {
-                files += 1;
-                bytes += meta.len();
-            }
-        }
-    }
-    (files, bytes)
+    super::quota::walk(dir, |name| name != ".upload")
 }
 
 #[derive(Deserialize)]
@@ -483,12 +463,9 @@ struct DeleteReq {
     recursive: bool,
 }
 
-async fn delete_files(
-    Extract(state): Extract<Arc<State>>,
-    Json(r): Json<DeleteReq>,
-) -> Result<Json<Value>, ApiError> {
+/// Resolves every path of a delete first: one bad path and nothing is touched.
+fn deletion_targets(state: &State, r: &DeleteReq) -> Result<Vec<PathBuf>, ApiError> {
     let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    // Resolve every path first: one bad path and nothing is touched.
     let paths = r
         .relpaths
         .iter()
@@ -499,18 +476,33 @@ async fn delete_files(
             "refusing to delete the vfolder root".into(),
         ));
     }
+    Ok(paths)
+}
+
+/// Deletes files and directories (a non-empty directory only when `recursive`).
+async fn delete_paths(paths: Vec<PathBuf>, recursive: bool) -> std::io::Result<u64> {
+    let mut n = 0;
     for p in paths {
         let meta = tokio::fs::symlink_metadata(&p).await?;
-        if meta.is_dir() {
-            if r.recursive {
-                tokio::fs::remove_dir_all(&p).await?;
-            } else {
-                tokio::fs::remove_dir(&p).await?;
-            }
+        if meta.is_dir() && recursive {
+            tokio::fs::remove_dir_all(&p).await?;
+        } else if meta.is_dir() {
+            tokio::fs::remove_dir(&p).await?;
         } else {
             tokio::fs::remove_file(&p).await?;
         }
+        tracing::debug!(path = %p.display(), "deleted");
+        n += 1;
     }
+    Ok(n)
+}
+
+async fn delete_files(
+    Extract(state): Extract<Arc<State>>,
+    Json(r): Json<DeleteReq>,
+) -> Result<Json<Value>, ApiError> {
+    let paths = deletion_targets(&state, &r)?;
+    delete_paths(paths, r.recursive).await?;
     Ok(Json(json!({"status": "ok"})))
 }
 
@@ -518,34 +510,8 @@ async fn delete_files_async(
     Extract(state): Extract<Arc<State>>,
     Json(r): Json<DeleteReq>,
 ) -> Result<Response, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let paths = r
-        .relpaths
-        .iter()
-        .map(|p| resolve(&root, p))
-        .collect::<Result<Vec<_>, _>>()?;
-    if paths.iter().any(|p| p == &root) {
-        return Err(ApiError::Params(
-            "refusing to delete the vfolder root".into(),
-        ));
-    }
-    let recursive = r.recursive;
-    let body = bgtask(&state, "delete_files", async move {
-        let mut n = 0;
-        for p in paths {
-            let meta = tokio::fs::symlink_metadata(&p).await?;
-            if meta.is_dir() && recursive {
-                tokio::fs::remove_dir_all(&p).await?;
-            } else if meta.is_dir() {
-                tokio::fs::remove_dir(&p).await?;
-            } else {
-                tokio::fs::remove_file(&p).await?;
-            }
-            tracing::debug!(path = %p.display(), "deleted");
-            n += 1;
-        }
-        Ok(n)
-    });
+    let paths = deletion_targets(&state, &r)?;
+    let body = bgtask(&state, "delete_files", delete_paths(paths, r.recursive));
     Ok((StatusCode::ACCEPTED, body).into_response())
 }
 

@@ -32,10 +32,11 @@ pub fn set_limit(scope: &Path, limit: Option<u64>) -> std::io::Result<()> {
     }
 }
 
-/// Bytes used under the scope (staging files of uploads in progress included).
-pub fn usage(scope: &Path) -> u64 {
-    let mut stack = vec![scope.to_path_buf()];
-    let mut bytes = 0;
+/// Files and bytes under `dir` (symlinks not followed), descending only into
+/// directories whose name `descend` accepts.
+pub fn walk(dir: &Path, descend: impl Fn(&std::ffi::OsStr) -> bool) -> (u64, u64) {
+    let mut stack = vec![dir.to_path_buf()];
+    let (mut files, mut bytes) = (0, 0);
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
@@ -45,13 +46,23 @@ pub fn usage(scope: &Path) -> u64 {
                 continue;
             };
             if meta.is_dir() {
-                stack.push(e.path());
-            } else if !(d == scope && e.file_name() == QUOTA_FILE) {
+                if descend(&e.file_name()) {
+                    stack.push(e.path());
+                }
+            } else {
+                files += 1;
                 bytes += meta.len();
             }
         }
     }
-    bytes
+    (files, bytes)
+}
+
+/// Bytes used under the scope (staging files of uploads in progress included; the
+/// `.quota` file itself not).
+pub fn usage(scope: &Path) -> u64 {
+    let own = std::fs::metadata(scope.join(QUOTA_FILE)).map_or(0, |m| m.len());
+    walk(scope, |_| true).1.saturating_sub(own)
 }
 
 /// Refuses `add` more bytes in the scope when that would pass its limit.
