@@ -149,7 +149,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         // SIGTERM first: an nginx master stops its workers on it; SIGKILL would
         // orphan them, still listening.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
