@@ -98,6 +98,13 @@ impl Proxy {
         )
     }
 
+    /// A session token from the manager API (`/folder/file/upload` or `download`).
+    fn token(&self, path: &str, body: serde_json::Value) -> String {
+        let r = self.manager(path, body, None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token").to_owned()
+    }
+
     fn vfolder_path(&self) -> std::path::PathBuf {
         self.dir
             .path()
@@ -252,8 +259,7 @@ fn tus_upload_resume_and_ranged_download() {
     let p = Proxy::start("");
     create_folder(&p);
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let r = p.manager("/folder/file/upload", serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin", "size": data.len()}), None);
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = p.token("/folder/file/upload", serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin", "size": data.len()}));
     let url = format!("/upload?token={token}");
     let r = request(p.client, "OPTIONS", "/upload", &[], b"");
     assert_eq!(r.header("tus-resumable"), Some("1.0.0"));
@@ -301,12 +307,10 @@ fn tus_upload_resume_and_ranged_download() {
     let r = request(p.client, "HEAD", "/upload?token=not-a-token", &[], b"");
     assert_eq!(r.status, 401);
 
-    let r = p.manager(
+    let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin"}),
-        None,
     );
-    let token = r.json()["token"].as_str().expect("token").to_owned();
     let r = request(
         p.client,
         "GET",
@@ -513,12 +517,10 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
     const SIZE: usize = 256 << 20;
     let p = Proxy::start("max_upload_size = 1073741824\n");
     create_folder(&p);
-    let r = p.manager(
+    let token = p.token(
         "/folder/file/upload",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin", "size": SIZE}),
-        None,
     );
-    let token = r.json()["token"].as_str().expect("token").to_owned();
     // A PATCH in flight holds the upload: a second one gets 409.
     let mut slow = TcpStream::connect(p.client).expect("connect");
     write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: {SIZE}\r\n\r\n").expect("head");
@@ -551,12 +553,10 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
         String::from_utf8_lossy(&raw)
     );
     // Download it back and check the memory of the process.
-    let r = p.manager(
+    let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin"}),
-        None,
     );
-    let token = r.json()["token"].as_str().expect("token").to_owned();
     let mut s = TcpStream::connect(p.client).expect("connect");
     write!(
         s,
@@ -595,12 +595,10 @@ fn directory_downloads_are_valid_zip_archives() {
     )
     .expect("file");
     std::fs::write(p.vfolder_path().join("models/sub/üñí.txt"), "unicode").expect("file");
-    let r = p.manager(
+    let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "models"}),
-        None,
     );
-    let token = r.json()["token"].as_str().expect("token").to_owned();
     let r = request(
         p.client,
         "GET",
