@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use appproxy_control::config::{load, CoordinatorConfig};
 use clap::Parser;
 
@@ -17,17 +18,41 @@ struct Args {
     print_default_config: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("appproxy-coordinator: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", toml::to_string_pretty(&CoordinatorConfig::default())?);
         return Ok(());
     }
-    let path = args.config.unwrap_or_default();
-    let _config: CoordinatorConfig = load(&path)?;
-    anyhow::bail!(
-        "{}: config is valid, but the coordinator service is not available in this build; \
-         run appproxy-worker standalone with [[circuits]]",
-        path.display()
-    )
+    let path = args.config.context("--config is required")?;
+    let config: CoordinatorConfig = load(&path)?;
+    if config.secrets.api_secret.is_empty() || config.secrets.jwt_secret.is_empty() {
+        anyhow::bail!(
+            "{}: [secrets] api_secret and jwt_secret must be set",
+            path.display()
+        );
+    }
+    appproxy_shared::telemetry::init(&config.logging, "coordinator")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            tracing::info!("shutting down");
+        };
+        appproxy_control::coordinator::serve(&config, shutdown).await
+    })?;
+    Ok(())
 }

@@ -1,0 +1,315 @@
+//! The coordinator binary on its embedded SQLite store: a manager-like client creates
+//! circuits; the manager's request ID is stored as `origin_request_id` (NULL when
+//! absent, never generated) and echoed only when present; state survives a restart.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "api-secret";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+struct Coordinator {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &std::path::Path, port: u16) -> Coordinator {
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n",
+        dir.join("coordinator.sqlite3").display()
+    );
+    std::fs::write(dir.join("coordinator.toml"), config).expect("config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coordinator.log"))
+        .expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(dir.join("coordinator.toml"))
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start coordinator");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Coordinator { child, addr }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    s.write_all(format!("{head}\r\n{body}").as_bytes())
+        .expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let text = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    }
+}
+
+const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
+const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+fn setup(c: &Coordinator) -> String {
+    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["available_slots"], 4);
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+fn origin_of(dir: &std::path::Path, circuit: &str) -> Option<String> {
+    let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+    db.query_row(
+        "SELECT origin_request_id FROM circuits WHERE id = ?1",
+        [circuit],
+        |r| r.get(0),
+    )
+    .expect("row")
+}
+
+fn circuit_of(setup_url: &str) -> String {
+    let token = setup_url.split("token=").nth(1).expect("token");
+    let claims =
+        appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt-key").expect("setup token");
+    claims["circuit"].as_str().expect("circuit").to_owned()
+}
+
+#[test]
+fn origin_request_ids_are_stored_never_generated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let c = start(dir.path(), port);
+    let token = setup(&c);
+    let q = format!(
+        "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&redirect=/lab"
+    );
+
+    // With the manager's ID: stored, echoed, and on the log line.
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[
+            ("Accept", "application/json"),
+            ("X-Backend-Request-ID", "mgr-req-1"),
+        ],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-backend-request-id"), Some("mgr-req-1"));
+    let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+    assert!(
+        url.starts_with("http://proxy1.test:10201/setup?token="),
+        "{url}"
+    );
+    let first = circuit_of(&url);
+    assert_eq!(origin_of(dir.path(), &first).as_deref(), Some("mgr-req-1"));
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("circuit created") && l.contains("\"request_id\":\"mgr-req-1\"")),
+        "{log}"
+    );
+
+    // An alias works too; without any ID the column is NULL and nothing is echoed.
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[
+            ("Accept", "application/json"),
+            ("X-BackendAI-RequestID", "alias-req"),
+        ],
+        "",
+    );
+    assert_eq!(
+        origin_of(
+            dir.path(),
+            &circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+        )
+        .as_deref(),
+        Some("alias-req")
+    );
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(
+        r.header("x-backend-request-id"),
+        None,
+        "the coordinator never generates an ID"
+    );
+    let third = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    assert_eq!(origin_of(dir.path(), &third), None);
+    // An invalid ID is treated as absent.
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[("Accept", "text/html"), ("X-Backend-Request-ID", "bad id!")],
+        "",
+    );
+    assert_eq!(r.status, 308, "non-JSON clients get a redirect");
+    assert_eq!(r.header("x-backend-request-id"), None);
+    // The port range [10205, 10208] is now full.
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(r.status, 503);
+
+    // Circuits read back in the wire shape; a restart keeps everything.
+    let r = request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "");
+    assert_eq!(r.json()["port"], 10205);
+    assert_eq!(r.json()["route_info"][0]["kernel_port"], 30512);
+    drop(c);
+    let c = start(dir.path(), port);
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    let worker = r.json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker")
+        .to_owned();
+    assert_eq!(r.json()["workers"][0]["occupied_slots"], 4);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["circuits"].as_array().expect("list").len(), 4);
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{first}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["success"], true);
+    assert_eq!(
+        request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "").status,
+        404
+    );
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port());
+    let token = setup(&c);
+    for (method, path, headers, body, status) in [
+        ("GET", "/api/worker", vec![], "", 401),
+        (
+            "GET",
+            "/api/worker",
+            vec![("X-BackendAI-Token", "wrong")],
+            "",
+            401,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"frontend_mode":"port"}"#,
+            400,
+        ),
+        ("PUT", "/api/worker", vec![AUTH], "not json", 400),
+        ("POST", "/v2/conf", vec![], "{}", 401),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":1,"session":{}}"#,
+            400,
+        ),
+    ] {
+        let r = request(c.addr, method, path, &headers, body);
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let wrong_session = format!("/v2/proxy/auth?token={token}&session_id=00000000-0000-4000-8000-000000000000&app=a&protocol=http");
+    let r = request(c.addr, "GET", &wrong_session, &[], "");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["title"], "E20007: Session ID mismatch");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=a&protocol=gopher"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400);
+    let db = rusqlite::Connection::open(dir.path().join("coordinator.sqlite3")).expect("db");
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM circuits", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 0, "refused requests write nothing");
+}
