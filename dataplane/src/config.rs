@@ -377,11 +377,25 @@ pub struct SecretsSection {
 }
 
 /// `[coordinator]`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorSection {
-    /// The coordinator's base URL.
+    /// The coordinator's base URL (`http://host:port`); set: managed mode.
     pub url: Option<String>,
+    /// How often the control agent fetches this worker's circuits.
+    pub poll_interval_ms: u64,
+    /// How often it heartbeats.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            poll_interval_ms: 500,
+            heartbeat_secs: 10,
+        }
+    }
 }
 
 /// A config that cannot run, with what to change.
@@ -573,85 +587,14 @@ impl Config {
         text
     }
 
-    /// Validates the config against this machine's CPUs and resolves the circuits.
-    pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
-        if self.coordinator.as_ref().is_some_and(|c| c.url.is_some()) {
-            return Err(ConfigError::Invalid(
-                "[coordinator] url is set, but managed mode is not available in this build of the worker; \
-                 remove [coordinator] and list circuits as [[circuits]] (standalone mode)"
-                    .into(),
-            ));
-        }
-        let wildcard = match self.worker.frontend_mode {
-            FrontendMode::Port => None,
-            FrontendMode::Wildcard => {
-                let (Some(domain), Some(port)) = (
-                    &self.worker.wildcard_domain,
-                    self.worker.wildcard_traffic_port,
-                ) else {
-                    return Err(ConfigError::Invalid(
-                        "[worker] frontend_mode = \"wildcard\" needs wildcard_domain (like \".apps.example.com\") and wildcard_traffic_port".into(),
-                    ));
-                };
-                let domain = domain.trim().trim_start_matches('.').to_ascii_lowercase();
-                if domain.is_empty()
-                    || !domain
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-                {
-                    return Err(ConfigError::Invalid(format!(
-                        "[worker] wildcard_domain {domain:?} is not a domain name"
-                    )));
-                }
-                Some(Wildcard {
-                    domain: format!(".{domain}"),
-                    port,
-                })
-            }
-        };
-        let cpus = self.worker.cores.resolve(online_cpus)?;
-        let l = &self.limits;
-        if l.max_request_line < 64
-            || l.max_header_bytes < 64
-            || l.max_headers == 0
-            || l.max_headers > 128
-        {
-            return Err(ConfigError::Invalid(
-                "[limits]: max_request_line and max_header_bytes must be at least 64, max_headers 1..=128".into(),
-            ));
-        }
-        let t = &self.timeouts;
-        for (name, v) in [
-            ("head_secs", t.head_secs),
-            ("keepalive_secs", t.keepalive_secs),
-            ("upstream_connect_secs", t.upstream_connect_secs),
-            ("upstream_head_secs", t.upstream_head_secs),
-            ("body_idle_secs", t.body_idle_secs),
-            ("tunnel_idle_secs", t.tunnel_idle_secs),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "[timeouts] {name} must be at least 1"
-                )));
-            }
-        }
-        let trusted_proxies = self
-            .worker
-            .trusted_proxies
-            .iter()
-            .map(|s| {
-                IpNet::parse(s).ok_or_else(|| {
-                    ConfigError::Invalid(format!(
-                        "[worker] trusted_proxies: {s:?} is not an IP or CIDR"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Validates circuits (from the file or from the coordinator) against this
+    /// worker's settings and resolves their upstreams.
+    pub fn resolve_circuits(&self, list: &[Circuit]) -> Result<Vec<ResolvedCircuit>, ConfigError> {
         let mut ids = HashSet::new();
         let mut ports = HashSet::new();
         let mut subdomains = HashSet::new();
         let mut circuits = Vec::with_capacity(self.circuits.len());
-        for c in &self.circuits {
+        for c in list {
             let err = |message: String| ConfigError::Circuit {
                 id: c.id.to_string(),
                 message,
@@ -765,6 +708,82 @@ impl Config {
                 allowed,
             });
         }
+        Ok(circuits)
+    }
+
+    /// Validates the config against this machine's CPUs and resolves the circuits.
+    pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
+        if self.coordinator.as_ref().is_some_and(|c| c.url.is_some()) && !self.circuits.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[coordinator] url is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
+            ));
+        }
+        let wildcard = match self.worker.frontend_mode {
+            FrontendMode::Port => None,
+            FrontendMode::Wildcard => {
+                let (Some(domain), Some(port)) = (
+                    &self.worker.wildcard_domain,
+                    self.worker.wildcard_traffic_port,
+                ) else {
+                    return Err(ConfigError::Invalid(
+                        "[worker] frontend_mode = \"wildcard\" needs wildcard_domain (like \".apps.example.com\") and wildcard_traffic_port".into(),
+                    ));
+                };
+                let domain = domain.trim().trim_start_matches('.').to_ascii_lowercase();
+                if domain.is_empty()
+                    || !domain
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "[worker] wildcard_domain {domain:?} is not a domain name"
+                    )));
+                }
+                Some(Wildcard {
+                    domain: format!(".{domain}"),
+                    port,
+                })
+            }
+        };
+        let cpus = self.worker.cores.resolve(online_cpus)?;
+        let l = &self.limits;
+        if l.max_request_line < 64
+            || l.max_header_bytes < 64
+            || l.max_headers == 0
+            || l.max_headers > 128
+        {
+            return Err(ConfigError::Invalid(
+                "[limits]: max_request_line and max_header_bytes must be at least 64, max_headers 1..=128".into(),
+            ));
+        }
+        let t = &self.timeouts;
+        for (name, v) in [
+            ("head_secs", t.head_secs),
+            ("keepalive_secs", t.keepalive_secs),
+            ("upstream_connect_secs", t.upstream_connect_secs),
+            ("upstream_head_secs", t.upstream_head_secs),
+            ("body_idle_secs", t.body_idle_secs),
+            ("tunnel_idle_secs", t.tunnel_idle_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "[timeouts] {name} must be at least 1"
+                )));
+            }
+        }
+        let trusted_proxies = self
+            .worker
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                IpNet::parse(s).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "[worker] trusted_proxies: {s:?} is not an IP or CIDR"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let circuits = self.resolve_circuits(&self.circuits)?;
         let secs = Duration::from_secs;
         Ok(Runtime {
             cpus,
@@ -853,7 +872,10 @@ mod tests {
             ("[worker]\nnope = 1\n", "unknown field"),
             ("[timeouts]\nhead_secs = 0\n", "head_secs"),
             ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
-            ("[coordinator]\nurl = \"http://c\"\n", "managed mode"),
+            (
+                "[coordinator]\nurl = \"http://c\"\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nopen_to_public = true\n",
+                "managed mode",
+            ),
             (
                 "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n",
                 "[secrets] permit_secret is not set",

@@ -81,6 +81,7 @@ fn run() -> anyhow::Result<()> {
     ])
     .context("cannot install signal handlers")?;
     let worker = worker::Worker::start(rt)?;
+    appproxy_dataplane::agent::spawn(config.clone(), worker.deployer())?;
     if let Some(bind) = config.admin.bind {
         let addr = admin::spawn(
             bind,

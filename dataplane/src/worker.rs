@@ -52,10 +52,31 @@ pub enum StartError {
     },
 }
 
+/// Sends deployments to every core; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Deployer {
+    /// Bridge senders and wakers, one per core.
+    cores: Arc<Vec<(Sender<Command>, RemoteWaker)>>,
+}
+
+impl Deployer {
+    /// Sends a new circuit set to every core.
+    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) {
+        let circuits = Arc::new(circuits);
+        for (tx, waker) in self.cores.iter() {
+            let _ = tx.send(Command::Deploy {
+                circuits: circuits.clone(),
+                request_id,
+            });
+            waker.wake();
+        }
+    }
+}
+
 /// The handle to a running worker.
 pub struct Worker {
     /// Bridge senders and wakers, one per core.
-    cores: Vec<(Sender<Command>, RemoteWaker)>,
+    cores: Arc<Vec<(Sender<Command>, RemoteWaker)>>,
     /// Executor threads.
     threads: Vec<JoinHandle<()>>,
     /// Counters of every core.
@@ -114,11 +135,13 @@ impl Worker {
                 }
             }
         }
-        let cores: Vec<_> = senders
-            .into_iter()
-            .zip(wakers)
-            .filter_map(|(s, w)| w.map(|w| (s, w)))
-            .collect();
+        let cores: Arc<Vec<_>> = Arc::new(
+            senders
+                .into_iter()
+                .zip(wakers)
+                .filter_map(|(s, w)| w.map(|w| (s, w)))
+                .collect(),
+        );
         let worker = Self {
             cores,
             threads,
@@ -134,19 +157,19 @@ impl Worker {
 
     /// Sends a new circuit set to every core.
     pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) {
-        let circuits = Arc::new(circuits);
-        for (tx, waker) in &self.cores {
-            let _ = tx.send(Command::Deploy {
-                circuits: circuits.clone(),
-                request_id,
-            });
-            waker.wake();
+        self.deployer().deploy(circuits, request_id);
+    }
+
+    /// A handle for deploying from other threads (the control agent).
+    pub fn deployer(&self) -> Deployer {
+        Deployer {
+            cores: self.cores.clone(),
         }
     }
 
     /// Drains every core and waits for them to exit.
     pub fn stop(self) {
-        for (tx, waker) in &self.cores {
+        for (tx, waker) in self.cores.iter() {
             let _ = tx.send(Command::Drain);
             waker.wake();
         }

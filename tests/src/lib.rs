@@ -1,1 +1,1 @@
-
+//! Cross-component end-to-end tests live in `tests/tests/`.

@@ -402,7 +402,17 @@ async fn worker_circuits(
 ) -> Result<Json<Value>, ApiError> {
     let st = state.clone();
     let circuits = blocking(move || st.store.circuits_of(&id)).await?;
-    Ok(Json(json!({"circuits": circuits})))
+    // Each circuit in the wire shape, plus the ID of the request that created it so the
+    // worker can deploy it under that ID (other consumers ignore the extra field).
+    let list: Vec<Value> = circuits
+        .into_iter()
+        .map(|(c, origin)| {
+            let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+            v["origin_request_id"] = json!(origin);
+            v
+        })
+        .collect();
+    Ok(Json(json!({"circuits": list})))
 }
 
 async fn get_circuit(

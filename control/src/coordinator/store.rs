@@ -219,15 +219,22 @@ impl Store {
         })
     }
 
-    /// The circuits of a worker.
-    pub fn circuits_of(&self, worker: &uuid::Uuid) -> Result<Vec<Circuit>, StoreError> {
+    /// The circuits of a worker, each with its `origin_request_id`.
+    pub fn circuits_of(
+        &self,
+        worker: &uuid::Uuid,
+    ) -> Result<Vec<(Circuit, Option<String>)>, StoreError> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT body FROM circuits WHERE worker = ?1 ORDER BY created_at")?;
-            let rows = st.query_map(params![worker.to_string()], |r| r.get::<_, String>(0))?;
+            let mut st = c.prepare(
+                "SELECT body, origin_request_id FROM circuits WHERE worker = ?1 ORDER BY created_at",
+            )?;
+            let rows = st.query_map(params![worker.to_string()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
             let mut out = Vec::new();
-            for b in rows {
-                out.push(serde_json::from_str(&b?)?);
+            for row in rows {
+                let (b, origin) = row?;
+                out.push((serde_json::from_str(&b)?, origin));
             }
             Ok(out)
         })
