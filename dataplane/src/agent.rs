@@ -154,29 +154,97 @@ async fn run(config: Config, client: Client, deployer: Deployer) {
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(coordinator.heartbeat_secs.max(1)));
     let mut last: Option<String> = None;
+    // Redis events (when `[redis] url` is set) trigger a fetch at once, under the
+    // event's request ID; the poll keeps running as the safety net.
+    let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<Option<RequestId>>();
+    if let Some(url) = config
+        .redis
+        .as_ref()
+        .and_then(|t| t.get("url"))
+        .and_then(|v| v.as_str())
+    {
+        tokio::spawn(subscribe(url.to_owned(), w.authority.clone(), event_tx));
+    }
+    let circuits_path = format!("/api/worker/{worker_id}/circuits");
     loop {
-        tokio::select! {
-            _ = poll.tick() => {
-                match client.call("GET", &format!("/api/worker/{worker_id}/circuits"), None).await {
-                    Ok(v) => apply(&config, &deployer, &v, &mut last),
-                    Err(e) => tracing::warn!(error = %e, "circuit fetch failed"),
-                }
-            }
+        let preferred = tokio::select! {
+            _ = poll.tick() => None,
+            Some(event_id) = event_rx.recv() => Some(event_id),
             _ = heartbeat.tick() => {
                 if let Err(e) = client.call("PATCH", &format!("/api/worker/{worker_id}"), None).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
+                continue;
             }
+        };
+        match client.call("GET", &circuits_path, None).await {
+            Ok(v) => apply(&config, &deployer, &v, &mut last, preferred.flatten()),
+            Err(e) => tracing::warn!(error = %e, "circuit fetch failed"),
         }
     }
 }
 
-/// Deploys the fetched set when it differs from the last one deployed.
+/// Listens on the coordinator's broadcast channel; every circuit event for this
+/// worker (and every (re)connection, which may have missed some) asks for a fetch.
+async fn subscribe(
+    url: String,
+    authority: String,
+    tx: tokio::sync::mpsc::UnboundedSender<Option<RequestId>>,
+) {
+    use appproxy_shared::model::{BroadcastMessage, BROADCAST_CHANNEL};
+    use futures_lite::StreamExt as _;
+    loop {
+        let subscribed = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(BROADCAST_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "event subscription failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!("subscribed to circuit events");
+        if tx.send(None).is_err() {
+            return;
+        }
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
+                continue;
+            };
+            let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
+                continue;
+            };
+            if body["target_worker_authority"].as_str() != Some(authority.as_str()) {
+                continue;
+            }
+            let id = envelope.metadata().request_id.and_then(|r| r.validated());
+            tracing::info!(event = %envelope.name, "circuit event received");
+            if tx.send(id).is_err() {
+                return;
+            }
+        }
+        tracing::warn!("event subscription dropped; reconnecting");
+    }
+}
+
+/// Deploys the fetched set when it differs from the last one deployed; under
+/// `preferred` (an event's request ID) when given.
 fn apply(
     config: &Config,
     deployer: &Deployer,
     answer: &serde_json::Value,
     last: &mut Option<String>,
+    preferred: Option<RequestId>,
 ) {
     let Some(list) = answer["circuits"].as_array() else {
         tracing::warn!("circuit list answer has no circuits");
@@ -215,8 +283,9 @@ fn apply(
         .iter()
         .filter(|(c, _)| !previous.contains(c))
         .collect();
-    let id = match new.as_slice() {
-        [(_, origin)] => *origin,
+    let id = match (preferred, new.as_slice()) {
+        (Some(id), _) => id,
+        (None, [(_, origin)]) => *origin,
         _ => RequestId::generate(IdVersion::V4),
     };
     appproxy_shared::with_request_id(Some(id), || match config.resolve_circuits(&circuits) {

@@ -37,6 +37,37 @@ pub struct State {
     pub allow_unauthorized_configure_request: bool,
     /// Our URL, for `/status`.
     pub advertised_url: String,
+    /// Where circuit events go (`[redis] url`), if anywhere.
+    pub events: Option<redis::aio::ConnectionManager>,
+}
+
+/// Broadcasts a circuit event on `events_all-appproxy` in the platform's envelope,
+/// with the request ID that caused it in the metadata.
+async fn publish(state: &State, name: &str, body: Value, request_id: Option<String>) {
+    use appproxy_shared::model::{
+        BroadcastMessage, EventMetadata, RequestIdText, BROADCAST_CHANNEL,
+    };
+    let Some(conn) = &state.events else { return };
+    let meta = EventMetadata {
+        request_id: request_id.map(RequestIdText),
+        ..Default::default()
+    };
+    let Ok(msg) = BroadcastMessage::encode(name, "appproxy-coordinator", &body, &meta) else {
+        return;
+    };
+    let Ok(text) = serde_json::to_string(&msg) else {
+        return;
+    };
+    let mut conn = conn.clone();
+    match redis::cmd("PUBLISH")
+        .arg(BROADCAST_CHANNEL)
+        .arg(text)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        Ok(_) => tracing::info!(event = name, "event published"),
+        Err(e) => tracing::warn!(event = name, error = %e, "event not published"),
+    }
 }
 
 /// An API refusal.
@@ -303,6 +334,13 @@ async fn proxy_auth(
     let origin2 = origin.clone();
     blocking(move || st.store.insert_circuit(&stored, origin2.as_deref(), &now)).await?;
     tracing::info!(circuit = %circuit.id, worker = %worker_id, port, origin_request_id = origin.as_deref().unwrap_or(""), "circuit created");
+    publish(
+        &state,
+        appproxy_shared::model::EVENT_CIRCUIT_CREATED,
+        json!({"target_worker_authority": worker["authority"], "circuits": [circuit]}),
+        origin.clone(),
+    )
+    .await;
     let setup = appproxy_shared::jwt::sign_hs256(
         &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
         &state.jwt_secret,
@@ -433,10 +471,28 @@ async fn delete_circuit(
     Path(id): Path<uuid::Uuid>,
 ) -> Result<Json<Value>, ApiError> {
     let st = state.clone();
+    let found = blocking(move || st.store.circuit(&id)).await?;
+    let st = state.clone();
     if !blocking(move || st.store.delete_circuit(&id)).await? {
         return Err(ApiError::NotFound("No such circuit."));
     }
     tracing::info!(circuit = %id, "circuit deleted");
+    if let Some((circuit, _)) = found {
+        let st = state.clone();
+        let workers = blocking(move || st.store.workers()).await?;
+        let authority = workers
+            .iter()
+            .find(|w| Some(w.0) == circuit.worker)
+            .map(|w| w.1["authority"].clone())
+            .unwrap_or(Value::Null);
+        publish(
+            &state,
+            appproxy_shared::model::EVENT_CIRCUIT_REMOVED,
+            json!({"target_worker_authority": authority, "circuits": [circuit]}),
+            appproxy_shared::current_request_id().map(|i| i.to_string()),
+        )
+        .await;
+    }
     Ok(Json(json!({"success": true})))
 }
 
@@ -450,6 +506,18 @@ pub async fn serve(
     }
     let path = config.database.sqlite_path.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await??;
+    let events = match &config.redis.url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+            Some(
+                redis::aio::ConnectionManager::new(client)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}"))?,
+            )
+        }
+        None => None,
+    };
     let state = Arc::new(State {
         store,
         api_secret: config.secrets.api_secret.clone(),
@@ -458,6 +526,7 @@ pub async fn serve(
             .coordinator
             .allow_unauthorized_configure_request,
         advertised_url: config.coordinator.advertised_url.clone(),
+        events,
     });
     let listener = tokio::net::TcpListener::bind(config.coordinator.bind).await?;
     let addr = listener.local_addr()?;
