@@ -7,4 +7,5 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod service;
 pub mod storage;

@@ -46,18 +46,7 @@ fn run() -> anyhow::Result<()> {
         );
     }
     appproxy_shared::telemetry::init(&config.logging, "storage-proxy")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-            }
-            tracing::info!("shutting down");
-        };
+    appproxy_control::service::run(|shutdown| async move {
         appproxy_control::storage::serve(&config, shutdown).await
     })?;
     Ok(())

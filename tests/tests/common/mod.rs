@@ -1,0 +1,259 @@
+//! The manager → coordinator → control agent → every core → app flow, shared by the
+//! end-to-end tests. The coordinator (embedded SQLite) and the worker (glommio cores
+//! plus the control agent) run in the test process on real sockets; a manager-like
+//! client creates a circuit with `X-Backend-Request-ID: R`; the worker deploys it on
+//! every core under R; a client request reaches the app through the new port.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("sink").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn http(addr: SocketAddr, req: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// Runs the whole flow; `redis_url` turns the event path on, `poll_ms` is the agent's
+/// poll interval, `ready_log` a log line to wait for before the manager's call.
+/// Returns the captured log lines.
+pub fn manager_call_to_app_request(
+    redis_url: Option<&str>,
+    poll_ms: u64,
+    ready_log: Option<&str>,
+) -> String {
+    let redis_table = redis_url
+        .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
+        .unwrap_or_default();
+    let sink = Sink::default();
+    let sub = appproxy_shared::telemetry::subscriber(
+        &appproxy_shared::telemetry::LoggingConfig {
+            format: appproxy_shared::telemetry::LogFormat::Json,
+            filter: "info".into(),
+        },
+        "e2e",
+        sink.clone(),
+    )
+    .expect("subscriber");
+    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The app: answers 200 and keeps the request-ID header it got.
+    let app = TcpListener::bind("127.0.0.1:0").expect("app");
+    let app_addr = app.local_addr().expect("addr");
+    let seen_ids = Arc::new(Mutex::new(Vec::new()));
+    let seen = seen_ids.clone();
+    std::thread::spawn(move || {
+        for mut s in app.incoming().flatten() {
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("x-backend-request-id:"))
+            {
+                seen.lock().expect("seen").push(
+                    line.split_once(':')
+                        .map(|x| x.1.trim().to_owned())
+                        .unwrap_or_default(),
+                );
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nfrom-app",
+            );
+        }
+    });
+
+    // The coordinator.
+    let coord_port = free_port();
+    let coord: appproxy_control::config::CoordinatorConfig = toml::from_str(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n{redis_table}",
+        dir.path().join("c.sqlite3").display()
+    ))
+    .expect("coordinator config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let coord_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async move {
+            let _ = appproxy_control::coordinator::serve(&coord, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        });
+    });
+    let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(coord_addr).is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The worker, managed.
+    let circuit_port = free_port();
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(2);
+    let text = format!(
+        "[worker]\nauthority = \"w1\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[admin]\nbind = \"127.0.0.1:{}\"\n[coordinator]\nurl = \"http://127.0.0.1:{coord_port}\"\npoll_interval_ms = {poll_ms}\n{redis_table}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        free_port(),
+        free_port()
+    );
+    let config = appproxy_dataplane::config::Config::parse(&text).expect("worker config");
+    let online: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let rt = config.validate(&online).expect("valid");
+    let worker = appproxy_dataplane::worker::Worker::start(rt).expect("worker");
+    appproxy_dataplane::agent::spawn(config, worker.deployer()).expect("agent");
+
+    if let Some(line) = ready_log {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&sink.0.lock().expect("sink")).contains(line) {
+            assert!(Instant::now() < deadline, "no {line:?} in the logs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // Wait for the registration, then act as the manager.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
+        if body.contains("\"authority\":\"w1\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker did not register: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let user = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{},"session":{{"id":"{session}","user_uuid":"{user}","group_id":"{user}","access_key":"AK","domain_name":"default"}}}}"#,
+        app_addr.port()
+    );
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let started = Instant::now();
+    let (status, head, body) = http(
+        coord_addr,
+        &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("x-backend-request-id: manager-r-1"));
+
+    // Routable on the circuit's port once every core has the deployment.
+    let circuit_addr = SocketAddr::from(([127, 0, 0, 1], circuit_port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(circuit_addr).is_err() {
+        assert!(Instant::now() < deadline, "circuit never became routable");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let latency = started.elapsed();
+    let path = if redis_url.is_some() {
+        "a Redis event".to_owned()
+    } else {
+        format!("polling every {poll_ms} ms")
+    };
+    eprintln!("deployment latency (API call -> routable, through {path}): {latency:?}");
+    let cookie = appproxy_dataplane::auth::permit_value(
+        "permit",
+        &user.parse().expect("uuid"),
+        appproxy_dataplane::auth::PermitDigest::Sha256,
+    );
+    let (status, _, body) = http(
+        circuit_addr,
+        &format!("GET /lab HTTP/1.1\r\nHost: t\r\nCookie: appproxy_permit=\"{cookie}\"\r\nX-Backend-Request-ID: client-1\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!((status, body.as_str()), (200, "from-app"));
+    assert!(seen_ids
+        .lock()
+        .expect("seen")
+        .contains(&"client-1".to_owned()));
+
+    // Every core logged the deployment under the manager's ID.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
+        let applied: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| {
+                v["message"] == "deployment applied" && v["circuits"] == 1
+            })
+            .collect();
+        if applied.len() >= cores {
+            assert!(
+                applied.iter().all(|v| v["request_id"] == "manager-R-1"),
+                "{applied:?}"
+            );
+            let coordinator_line = logs.lines().any(|l| {
+                l.contains("circuit created") && l.contains("\"request_id\":\"manager-R-1\"")
+            });
+            assert!(
+                coordinator_line,
+                "the coordinator logged the creation under the same ID"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every core applied the deployment:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    worker.stop();
+    let _ = stop_tx.send(());
+    let _ = coord_thread.join();
+    let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
+    logs
+}
