@@ -66,6 +66,18 @@ pub struct CoordinatorSection {
     pub advertised_url: String,
     /// Accept unauthenticated `/v2/conf` (development only).
     pub allow_unauthorized_configure_request: bool,
+    /// How long a circuit creation waits for the worker's acknowledgement before
+    /// answering 503 `E10001` (the original's 15 s); 0 = do not wait. Only when events
+    /// flow (Redis, or a worker embedded in this process).
+    pub worker_ack_timeout_secs: f64,
+    /// A worker without a heartbeat for this long is marked `LOST`.
+    pub worker_heartbeat_timeout_secs: u64,
+    /// Interactive HTTP circuits idle (no request) for this long are removed.
+    pub unused_circuit_collection_timeout_secs: u64,
+    /// Period of the worker-lost check.
+    pub check_worker_lost_interval_secs: u64,
+    /// Period of the idle-circuit collection.
+    pub check_unused_circuit_interval_secs: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -74,6 +86,11 @@ impl Default for CoordinatorSection {
             bind: SocketAddr::from(([127, 0, 0, 1], 10200)),
             advertised_url: "http://127.0.0.1:10200".into(),
             allow_unauthorized_configure_request: false,
+            worker_ack_timeout_secs: 15.0,
+            worker_heartbeat_timeout_secs: 30,
+            unused_circuit_collection_timeout_secs: 3600,
+            check_worker_lost_interval_secs: 15,
+            check_unused_circuit_interval_secs: 10,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The coordinator binary on its embedded SQLite store: a manager-like client creates
 //! circuits; the manager's request ID is stored as `origin_request_id` (NULL when
 //! absent, never generated) and echoed only when present; state survives a restart.
+//! Every scenario runs on both engines: embedded SQLite and a throwaway PostgreSQL.
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,10 +31,45 @@ impl Drop for Coordinator {
     }
 }
 
-fn start(dir: &std::path::Path, port: u16) -> Coordinator {
+/// The engine under test.
+enum Db {
+    Sqlite,
+    Postgres(common::pg::Pg),
+}
+
+impl Db {
+    fn section(&self, dir: &std::path::Path) -> String {
+        match self {
+            Db::Sqlite => format!(
+                "sqlite_path = \"{}\"",
+                dir.join("coordinator.sqlite3").display()
+            ),
+            Db::Postgres(pg) => format!("url = \"{}\"", pg.url()),
+        }
+    }
+
+    /// One value straight from the circuits table (empty for NULL).
+    fn query(&self, dir: &std::path::Path, sql: &str) -> String {
+        match self {
+            Db::Sqlite => {
+                let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+                db.query_row(sql, [], |r| r.get::<_, Option<rusqlite::types::Value>>(0))
+                    .map(|v| match v {
+                        Some(rusqlite::types::Value::Text(t)) => t,
+                        Some(rusqlite::types::Value::Integer(n)) => n.to_string(),
+                        _ => String::new(),
+                    })
+                    .expect("row")
+            }
+            Db::Postgres(pg) => pg.psql("appproxy", sql),
+        }
+    }
+}
+
+fn start(dir: &std::path::Path, port: u16, db: &Db) -> Coordinator {
     let config = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n",
-        dir.join("coordinator.sqlite3").display()
+        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
+        db.section(dir)
     );
     std::fs::write(dir.join("coordinator.toml"), config).expect("config");
     let log = std::fs::OpenOptions::new()
@@ -127,14 +165,12 @@ fn setup(c: &Coordinator) -> String {
     r.json()["token"].as_str().expect("token").to_owned()
 }
 
-fn origin_of(dir: &std::path::Path, circuit: &str) -> Option<String> {
-    let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
-    db.query_row(
-        "SELECT origin_request_id FROM circuits WHERE id = ?1",
-        [circuit],
-        |r| r.get(0),
-    )
-    .expect("row")
+fn origin_of(db: &Db, dir: &std::path::Path, circuit: &str) -> Option<String> {
+    let v = db.query(
+        dir,
+        &format!("SELECT origin_request_id FROM circuits WHERE id = '{circuit}'"),
+    );
+    (!v.is_empty()).then_some(v)
 }
 
 fn circuit_of(setup_url: &str) -> String {
@@ -145,10 +181,19 @@ fn circuit_of(setup_url: &str) -> String {
 }
 
 #[test]
-fn origin_request_ids_are_stored_never_generated() {
+fn origin_request_ids_are_stored_never_generated_sqlite() {
+    origin_request_ids_are_stored_never_generated(Db::Sqlite);
+}
+
+#[test]
+fn origin_request_ids_are_stored_never_generated_postgresql() {
+    origin_request_ids_are_stored_never_generated(Db::Postgres(common::pg::Pg::start()));
+}
+
+fn origin_request_ids_are_stored_never_generated(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let c = start(dir.path(), port);
+    let c = start(dir.path(), port, &db);
     let token = setup(&c);
     let q = format!(
         "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&redirect=/lab"
@@ -173,7 +218,10 @@ fn origin_request_ids_are_stored_never_generated() {
         "{url}"
     );
     let first = circuit_of(&url);
-    assert_eq!(origin_of(dir.path(), &first).as_deref(), Some("mgr-req-1"));
+    assert_eq!(
+        origin_of(&db, dir.path(), &first).as_deref(),
+        Some("mgr-req-1")
+    );
     let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
     assert!(
         log.lines()
@@ -181,7 +229,16 @@ fn origin_request_ids_are_stored_never_generated() {
         "{log}"
     );
 
+    // The same session and app again: the circuit is reused.
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(r.json()["reuse"], true);
+    assert_eq!(
+        circuit_of(r.json()["redirect_url"].as_str().expect("url")),
+        first
+    );
+
     // An alias works too; without any ID the column is NULL and nothing is echoed.
+    let q = format!("{q}&no_reuse=true");
     let r = request(
         c.addr,
         "GET",
@@ -194,6 +251,7 @@ fn origin_request_ids_are_stored_never_generated() {
     );
     assert_eq!(
         origin_of(
+            &db,
             dir.path(),
             &circuit_of(r.json()["redirect_url"].as_str().expect("url"))
         )
@@ -207,7 +265,7 @@ fn origin_request_ids_are_stored_never_generated() {
         "the coordinator never generates an ID"
     );
     let third = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
-    assert_eq!(origin_of(dir.path(), &third), None);
+    assert_eq!(origin_of(&db, dir.path(), &third), None);
     // An invalid ID is treated as absent.
     let r = request(
         c.addr,
@@ -227,7 +285,7 @@ fn origin_request_ids_are_stored_never_generated() {
     assert_eq!(r.json()["port"], 10205);
     assert_eq!(r.json()["route_info"][0]["kernel_port"], 30512);
     drop(c);
-    let c = start(dir.path(), port);
+    let c = start(dir.path(), port, &db);
     let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
     let worker = r.json()["workers"][0]["id"]
         .as_str()
@@ -257,9 +315,18 @@ fn origin_request_ids_are_stored_never_generated() {
 }
 
 #[test]
-fn bad_requests_get_json_errors_and_write_nothing() {
+fn bad_requests_get_json_errors_and_write_nothing_sqlite() {
+    bad_requests_get_json_errors_and_write_nothing(Db::Sqlite);
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_write_nothing_postgresql() {
+    bad_requests_get_json_errors_and_write_nothing(Db::Postgres(common::pg::Pg::start()));
+}
+
+fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start(dir.path(), free_port());
+    let c = start(dir.path(), free_port(), &db);
     let token = setup(&c);
     for (method, path, headers, body, status) in [
         ("GET", "/api/worker", vec![], "", 401),
@@ -286,6 +353,44 @@ fn bad_requests_get_json_errors_and_write_nothing() {
             r#"{"kernel_host":"h","kernel_port":1,"session":{}}"#,
             400,
         ),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":70000,"session":{"id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"A","domain_name":"d"}}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":1,"session":{"id":"not-a-uuid","user_uuid":"x","group_id":"y","access_key":"A","domain_name":"d"}}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"authority":"w9","frontend_mode":"port","hostname":"h","api_port":1,"port_range":[20,10]}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"authority":"w9","frontend_mode":"wildcard","hostname":"h","api_port":1}"#,
+            400,
+        ),
+        ("GET", "/api/circuit/not-a-uuid", vec![AUTH], "", 400),
+        (
+            "DELETE",
+            "/api/circuit/_/bulk",
+            vec![AUTH],
+            r#"{"circuit_ids":["x"]}"#,
+            400,
+        ),
+        ("GET", "/v2/proxy/auth?app=a", vec![], "", 400),
+        ("POST", "/v2/proxy/auth", vec![], "{", 400),
     ] {
         let r = request(c.addr, method, path, &headers, body);
         assert_eq!(
@@ -294,7 +399,21 @@ fn bad_requests_get_json_errors_and_write_nothing() {
             "{method} {path} {body}: {}",
             String::from_utf8_lossy(&r.body)
         );
+        assert!(
+            r.json()["error_code"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("appproxy_coordinator_")),
+            "{method} {path}: errors are JSON with an error code"
+        );
     }
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=a&protocol=http&allowed_client_ips=10.0.0.0/8,bogus"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     let wrong_session = format!("/v2/proxy/auth?token={token}&session_id=00000000-0000-4000-8000-000000000000&app=a&protocol=http");
     let r = request(c.addr, "GET", &wrong_session, &[], "");
     assert_eq!(r.status, 401);
@@ -307,9 +426,11 @@ fn bad_requests_get_json_errors_and_write_nothing() {
         "",
     );
     assert_eq!(r.status, 400);
-    let db = rusqlite::Connection::open(dir.path().join("coordinator.sqlite3")).expect("db");
-    let n: i64 = db
-        .query_row("SELECT count(*) FROM circuits", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(n, 0, "refused requests write nothing");
+    for table in ["circuits", "tokens"] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            if table == "tokens" { "1" } else { "0" },
+            "refused requests write nothing to {table}"
+        );
+    }
 }

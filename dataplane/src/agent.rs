@@ -1,15 +1,32 @@
 //! The control agent (managed mode): a thread running a tokio current-thread runtime
-//! that registers this worker with the coordinator, heartbeats, and fetches its circuit
-//! set — at start and every `poll_interval_ms` — deploying each change to every core
-//! over the bridge under a fresh request ID, so one ID links the fetch and every core's
-//! "deployment applied" line.
+//! that registers this worker with its coordinator, heartbeats, and keeps every core's
+//! route table equal to the coordinator's circuit set for this worker:
 //!
-//! Polling stands in for the Redis subscription of the full design: a fetch of the
-//! whole set after each poll also covers what a dropped subscription would lose.
+//! - it fetches the whole set at start, every `poll_interval_ms`, on every circuit
+//!   event and after every (re)subscription — a dropped subscription loses nothing;
+//! - each change goes to every core over the bridge under the request ID that caused
+//!   it (the event's, or the creating request's `origin_request_id`), so one ID links
+//!   the manager's call, the coordinator, Redis and every core's "deployment applied";
+//! - once every core applied a set, the circuits an event announced are acknowledged
+//!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for;
+//! - the cores' per-circuit request counts become last-access marks (Redis keys of
+//!   the original), one batch per flush interval.
+//!
+//! The coordinator is either remote ([`Link::Remote`]: HTTP API, Redis events when
+//! `[redis] url` is set) or in this process ([`Link::Embedded`], single-node mode: no
+//! HTTP, no Redis — the coordinator's events feed the bridge directly).
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use appproxy_control::coordinator::access::AccessMark;
+use appproxy_control::coordinator::events::EventKind;
+use appproxy_control::coordinator::State as Coordinator;
+use appproxy_shared::model::Circuit;
 use appproxy_shared::{IdVersion, RequestId};
+use crossbeam_channel::Receiver;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::config::Config;
@@ -30,10 +47,16 @@ pub enum AgentError {
     /// A non-2xx status.
     #[error("coordinator answered {0}: {1}")]
     Status(u16, String),
+    /// The embedded coordinator could not start.
+    #[error("embedded coordinator: {0}")]
+    Embedded(String),
+    /// The embedded coordinator's store failed.
+    #[error("embedded coordinator store: {0}")]
+    Store(#[from] appproxy_control::coordinator::store::StoreError),
 }
 
 /// A minimal JSON-over-HTTP/1.1 client for the coordinator's API.
-struct Client {
+pub struct Client {
     /// `host:port`.
     authority: String,
     /// The shared API secret.
@@ -96,13 +119,48 @@ impl Client {
     }
 }
 
-/// Starts the agent thread. Returns an error only for a config that cannot work.
-pub fn spawn(config: Config, deployer: Deployer) -> Result<(), AgentError> {
+/// The coordinator this agent follows.
+#[derive(Clone)]
+pub enum Link {
+    /// Over HTTP, with Redis events and acknowledgements when `[redis] url` is set.
+    Remote(Arc<Client>),
+    /// In this process (single-node mode).
+    Embedded(Arc<Coordinator>),
+}
+
+/// One reason to look at the circuit set again.
+#[derive(Debug, Default)]
+struct Wake {
+    /// The request that caused it (an event's metadata).
+    request_id: Option<RequestId>,
+    /// Circuits announced as created: acknowledged once every core has them.
+    created: Vec<uuid::Uuid>,
+}
+
+/// Starts the agent thread when the worker is managed. With `embedded` (a
+/// coordinator config), the coordinator is started inside it first; its address is
+/// returned once it listens. Errors are configs or ports that cannot work.
+pub fn spawn(
+    config: Config,
+    embedded: Option<appproxy_control::config::CoordinatorConfig>,
+    deployer: Deployer,
+    marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
+) -> Result<Option<SocketAddr>, AgentError> {
     let coordinator = config.coordinator.clone().unwrap_or_default();
-    let Some(url) = coordinator.url.clone() else {
-        return Ok(());
+    let remote = match (&coordinator.url, &embedded) {
+        (Some(url), None) => Some(Client::new(
+            url,
+            config.secrets.api_secret.clone().unwrap_or_default(),
+        )?),
+        (None, Some(_)) => None,
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(AgentError::Embedded(
+                "[coordinator] url and embedded are both set".into(),
+            ))
+        }
     };
-    let client = Client::new(&url, config.secrets.api_secret.clone().unwrap_or_default())?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<SocketAddr>, AgentError>>();
     std::thread::Builder::new()
         .name("appproxy-agent".into())
         .spawn(move || {
@@ -112,16 +170,104 @@ pub fn spawn(config: Config, deployer: Deployer) -> Result<(), AgentError> {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!(error = %e, "control agent cannot start its runtime");
+                    let _ = ready_tx.send(Err(AgentError::Io(e)));
                     return;
                 }
             };
-            rt.block_on(run(config, client, deployer));
+            rt.block_on(async move {
+                let (link, addr) = match (remote, embedded) {
+                    (Some(client), _) => (Link::Remote(Arc::new(client)), None),
+                    (None, Some(cc)) => {
+                        match appproxy_control::coordinator::Coordinator::bind(&cc).await {
+                            Ok(c) => {
+                                let state = c.state.clone();
+                                let addr = c.addr;
+                                tokio::spawn(async move {
+                                    if let Err(e) = c.run(std::future::pending()).await {
+                                        tracing::error!(error = %e, "embedded coordinator stopped");
+                                    }
+                                });
+                                (Link::Embedded(state), Some(addr))
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(AgentError::Embedded(format!("{e:#}"))));
+                                return;
+                            }
+                        }
+                    }
+                    (None, None) => return,
+                };
+                let _ = ready_tx.send(Ok(addr));
+                run(config, link, deployer, marks).await;
+            });
         })?;
-    Ok(())
+    ready_rx
+        .recv()
+        .map_err(|_| AgentError::Embedded("the agent thread exited during start-up".into()))?
 }
 
-async fn run(config: Config, client: Client, deployer: Deployer) {
+impl Link {
+    async fn register(&self, body: &serde_json::Value) -> Result<String, AgentError> {
+        match self {
+            Link::Remote(c) => c.call("PUT", "/api/worker", Some(body)).await?["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or(AgentError::Response),
+            Link::Embedded(state) => Ok(state.register_local_worker(body).await?.to_string()),
+        }
+    }
+
+    async fn heartbeat(&self, id: &str) -> Result<(), AgentError> {
+        match self {
+            Link::Remote(c) => c
+                .call("PATCH", &format!("/api/worker/{id}"), None)
+                .await
+                .map(|_| ()),
+            Link::Embedded(state) => {
+                let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
+                state.local_heartbeat(id).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// This worker's circuits, each with the ID of the request that created it.
+    async fn circuits(&self, id: &str) -> Result<Vec<(Circuit, Option<RequestId>)>, AgentError> {
+        let origin = |s: Option<&str>| s.and_then(|s| RequestId::parse(s.as_bytes()).ok());
+        match self {
+            Link::Remote(c) => {
+                let answer = c
+                    .call("GET", &format!("/api/worker/{id}/circuits"), None)
+                    .await?;
+                let list = answer["circuits"].as_array().ok_or(AgentError::Response)?;
+                let mut out = Vec::with_capacity(list.len());
+                for c in list {
+                    match serde_json::from_value::<Circuit>(c.clone()) {
+                        Ok(circuit) => out.push((circuit, origin(c["origin_request_id"].as_str()))),
+                        Err(e) => tracing::warn!(error = %e, "unreadable circuit skipped"),
+                    }
+                }
+                Ok(out)
+            }
+            Link::Embedded(state) => {
+                let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
+                Ok(state
+                    .local_circuits(id)
+                    .await?
+                    .into_iter()
+                    .map(|(c, o)| (c, origin(o.as_deref())))
+                    .collect())
+            }
+        }
+    }
+}
+
+async fn run(
+    config: Config,
+    link: Link,
+    deployer: Deployer,
+    marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
+) {
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let w = &config.worker;
     let registration = serde_json::json!({
@@ -139,59 +285,265 @@ async fn run(config: Config, client: Client, deployer: Deployer) {
         "filtered_apps_only": false,
     });
     let worker_id = loop {
-        match client.call("PUT", "/api/worker", Some(&registration)).await {
-            Ok(v) => match v["id"].as_str() {
-                Some(id) => break id.to_owned(),
-                None => tracing::warn!("coordinator registration answer has no id"),
-            },
+        match link.register(&registration).await {
+            Ok(id) => break id,
             Err(e) => tracing::warn!(error = %e, "worker registration failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     tracing::info!(worker_id = %worker_id, "registered with the coordinator");
-    let mut poll =
-        tokio::time::interval(Duration::from_millis(coordinator.poll_interval_ms.max(50)));
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_secs(coordinator.heartbeat_secs.max(1)));
-    let mut last: Option<String> = None;
-    // Redis events (when `[redis] url` is set) trigger a fetch at once, under the
-    // event's request ID; the poll keeps running as the safety net.
-    let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<Option<RequestId>>();
-    if let Some(url) = config
+    let redis_url = config
         .redis
         .as_ref()
         .and_then(|t| t.get("url"))
         .and_then(|v| v.as_str())
-    {
-        tokio::spawn(subscribe(url.to_owned(), w.authority.clone(), event_tx));
+        .map(str::to_owned);
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Wake>();
+    match (&link, &redis_url) {
+        (Link::Embedded(state), _) => {
+            tokio::spawn(follow_local(state.clone(), w.authority.clone(), wake_tx));
+        }
+        (Link::Remote(_), Some(url)) => {
+            tokio::spawn(subscribe(url.clone(), w.authority.clone(), wake_tx));
+        }
+        (Link::Remote(_), None) => {}
     }
-    let circuits_path = format!("/api/worker/{worker_id}/circuits");
+    let mut redis = RedisLink::new(redis_url.as_deref());
+    let mut poll =
+        tokio::time::interval(Duration::from_millis(coordinator.poll_interval_ms.max(50)));
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_secs(coordinator.heartbeat_secs.max(1)));
+    let mut flush = tokio::time::interval(Duration::from_millis(
+        coordinator.access_flush_ms.clamp(100, 60_000),
+    ));
+    let apply_timeout = Duration::from_millis(coordinator.apply_timeout_ms.max(100));
+    let mut state = Deployed::default();
     loop {
-        let preferred = tokio::select! {
-            _ = poll.tick() => None,
-            Some(event_id) = event_rx.recv() => Some(event_id),
+        let wake = tokio::select! {
+            _ = poll.tick() => Wake::default(),
+            Some(wake) = wake_rx.recv() => wake,
             _ = heartbeat.tick() => {
-                if let Err(e) = client.call("PATCH", &format!("/api/worker/{worker_id}"), None).await {
+                if let Err(e) = link.heartbeat(&worker_id).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
                 continue;
             }
+            _ = flush.tick() => {
+                if let Some(rx) = &marks {
+                    write_marks(&link, &mut redis, &state, rx).await;
+                }
+                continue;
+            }
         };
-        match client.call("GET", &circuits_path, None).await {
-            Ok(v) => apply(&config, &deployer, &v, &mut last, preferred.flatten()),
-            Err(e) => tracing::warn!(error = %e, "circuit fetch failed"),
+        let fetched = match link.circuits(&worker_id).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "circuit fetch failed");
+                continue;
+            }
+        };
+        let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
+        if wake.created.is_empty() {
+            continue;
+        }
+        // Acknowledge what the event announced once every core has it (it may have
+        // arrived with an earlier poll: the acknowledgement is still owed).
+        if let Some(applied) = applied {
+            let done = tokio::task::spawn_blocking(move || applied.wait(apply_timeout))
+                .await
+                .unwrap_or(false);
+            if !done {
+                tracing::warn!("not every core applied the deployment in time; not acknowledging");
+                continue;
+            }
+        }
+        let present: Vec<Circuit> = state
+            .circuits
+            .iter()
+            .filter(|c| wake.created.contains(&c.id))
+            .cloned()
+            .collect();
+        if !present.is_empty() {
+            appproxy_shared::scope(
+                wake.request_id,
+                acknowledge(&link, &mut redis, &w.authority, present),
+            )
+            .await;
+        }
+    }
+}
+
+/// What this worker has deployed.
+#[derive(Default)]
+struct Deployed {
+    /// The set, sorted by ID.
+    circuits: Vec<Circuit>,
+    /// Its sessions by circuit, for the sessions' last-access marks.
+    sessions: HashMap<uuid::Uuid, Vec<uuid::Uuid>>,
+}
+
+/// A lazily (re)connected Redis connection for acknowledgements and marks.
+struct RedisLink {
+    url: Option<String>,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl RedisLink {
+    fn new(url: Option<&str>) -> Self {
+        Self {
+            url: url.map(str::to_owned),
+            conn: None,
+        }
+    }
+
+    async fn get(&mut self) -> Option<&mut redis::aio::MultiplexedConnection> {
+        if self.conn.is_none() {
+            let url = self.url.as_deref()?;
+            let connected = async {
+                let client = redis::Client::open(url)?;
+                client.get_multiplexed_async_connection().await
+            };
+            match tokio::time::timeout(Duration::from_secs(3), connected).await {
+                Ok(Ok(c)) => self.conn = Some(c),
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis unreachable"),
+                Err(_) => tracing::warn!("redis unreachable: timed out"),
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// Forgets a connection that failed, so the next use reconnects.
+    fn failed(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Tells the coordinator that every core has these circuits.
+async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circuits: Vec<Circuit>) {
+    use appproxy_shared::model::{
+        BroadcastMessage, CircuitsEvent, EventMetadata, BROADCAST_CHANNEL,
+        EVENT_WORKER_CIRCUIT_ADDED,
+    };
+    let n = circuits.len();
+    match link {
+        Link::Embedded(state) => state.acknowledge(circuits.iter().map(|c| c.id)),
+        Link::Remote(_) => {
+            let body = CircuitsEvent {
+                target_worker_authority: authority.to_owned(),
+                circuits,
+            };
+            let meta = EventMetadata {
+                request_id: appproxy_shared::current_request_id().map(Into::into),
+                ..Default::default()
+            };
+            let Ok(msg) = BroadcastMessage::encode(
+                EVENT_WORKER_CIRCUIT_ADDED,
+                "appproxy-worker",
+                &body,
+                &meta,
+            ) else {
+                return;
+            };
+            let Ok(text) = serde_json::to_string(&msg) else {
+                return;
+            };
+            let Some(conn) = redis.get().await else {
+                tracing::warn!("acknowledgement not sent: redis unreachable");
+                return;
+            };
+            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                .arg(BROADCAST_CHANNEL)
+                .arg(text)
+                .query_async(conn)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "acknowledgement not sent");
+                redis.failed();
+                return;
+            }
+        }
+    }
+    tracing::info!(circuits = n, "deployment acknowledged");
+}
+
+/// Gathers the cores' counts and writes them as last-access marks.
+async fn write_marks(
+    link: &Link,
+    redis: &mut RedisLink,
+    state: &Deployed,
+    rx: &Receiver<Vec<(uuid::Uuid, u64)>>,
+) {
+    let mut counts: HashMap<uuid::Uuid, u64> = HashMap::new();
+    for batch in rx.try_iter() {
+        for (id, n) in batch {
+            *counts.entry(id).or_insert(0) += n;
+        }
+    }
+    if counts.is_empty() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let marks: Vec<AccessMark> = counts
+        .into_iter()
+        .map(|(circuit, requests)| AccessMark {
+            circuit,
+            sessions: state.sessions.get(&circuit).cloned().unwrap_or_default(),
+            requests,
+            last_access: now,
+        })
+        .collect();
+    match link {
+        Link::Embedded(coordinator) => coordinator.record_access(&marks).await,
+        Link::Remote(_) => {
+            let Some(conn) = redis.get().await else {
+                return;
+            };
+            let mut pipe = redis::pipe();
+            appproxy_control::coordinator::access::add_marks(&mut pipe, &marks);
+            if let Err(e) = pipe.query_async::<()>(conn).await {
+                tracing::warn!(error = %e, "last-access marks not written");
+                redis.failed();
+            }
+        }
+    }
+}
+
+/// Follows the embedded coordinator's events for this worker.
+async fn follow_local(
+    state: Arc<Coordinator>,
+    authority: String,
+    tx: tokio::sync::mpsc::UnboundedSender<Wake>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = state.subscribe();
+    loop {
+        let wake = match events.recv().await {
+            Ok(e) if e.authority == authority => Wake {
+                request_id: e.request_id,
+                created: if e.kind == EventKind::Created {
+                    e.circuits.iter().map(|c| c.id).collect()
+                } else {
+                    Vec::new()
+                },
+            },
+            Ok(_) => continue,
+            // Missed some: look at the whole set again.
+            Err(RecvError::Lagged(_)) => Wake::default(),
+            Err(RecvError::Closed) => return,
+        };
+        if tx.send(wake).is_err() {
+            return;
         }
     }
 }
 
 /// Listens on the coordinator's broadcast channel; every circuit event for this
 /// worker (and every (re)connection, which may have missed some) asks for a fetch.
-async fn subscribe(
-    url: String,
-    authority: String,
-    tx: tokio::sync::mpsc::UnboundedSender<Option<RequestId>>,
-) {
-    use appproxy_shared::model::{BroadcastMessage, BROADCAST_CHANNEL};
+async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::UnboundedSender<Wake>) {
+    use appproxy_shared::model::{BroadcastMessage, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED};
     use futures_lite::StreamExt as _;
     loop {
         let subscribed = async {
@@ -210,7 +562,7 @@ async fn subscribe(
             }
         };
         tracing::info!("subscribed to circuit events");
-        if tx.send(None).is_err() {
+        if tx.send(Wake::default()).is_err() {
             return;
         }
         let mut messages = pubsub.on_message();
@@ -221,15 +573,36 @@ async fn subscribe(
             let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
                 continue;
             };
+            if envelope.source != "appproxy-coordinator" {
+                continue;
+            }
             let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
                 continue;
             };
             if body["target_worker_authority"].as_str() != Some(authority.as_str()) {
                 continue;
             }
-            let id = envelope.metadata().request_id.and_then(|r| r.validated());
-            tracing::info!(event = %envelope.name, "circuit event received");
-            if tx.send(id).is_err() {
+            let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
+            let created = if envelope.name == EVENT_CIRCUIT_CREATED {
+                body["circuits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            appproxy_shared::with_request_id(request_id, || {
+                tracing::info!(event = %envelope.name, "circuit event received");
+            });
+            if tx
+                .send(Wake {
+                    request_id,
+                    created,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -237,55 +610,31 @@ async fn subscribe(
     }
 }
 
-/// Deploys the fetched set when it differs from the last one deployed; under
-/// `preferred` (an event's request ID) when given.
+/// Deploys the fetched set when it differs from the one deployed, under `preferred`
+/// (an event's request ID) when given. Returns the deployment in flight, if any.
 fn apply(
     config: &Config,
     deployer: &Deployer,
-    answer: &serde_json::Value,
-    last: &mut Option<String>,
+    fetched: Vec<(Circuit, Option<RequestId>)>,
+    state: &mut Deployed,
     preferred: Option<RequestId>,
-) {
-    let Some(list) = answer["circuits"].as_array() else {
-        tracing::warn!("circuit list answer has no circuits");
-        return;
-    };
-    let mut circuits: Vec<appproxy_shared::model::Circuit> = Vec::with_capacity(list.len());
-    let mut origins = Vec::new();
-    for c in list {
-        match serde_json::from_value::<appproxy_shared::model::Circuit>(c.clone()) {
-            Ok(circuit) => {
-                if let Some(origin) = c["origin_request_id"]
-                    .as_str()
-                    .and_then(|s| RequestId::parse(s.as_bytes()).ok())
-                {
-                    origins.push((circuit.id, origin));
-                }
-                circuits.push(circuit);
-            }
-            Err(e) => tracing::warn!(error = %e, "unreadable circuit skipped"),
-        }
-    }
+) -> Option<crate::worker::Applied> {
+    let mut circuits: Vec<Circuit> = fetched.iter().map(|(c, _)| c.clone()).collect();
     circuits.sort_by_key(|c| c.id);
-    let key = serde_json::to_string(&circuits).unwrap_or_default();
-    if last.as_deref() == Some(key.as_str()) {
-        return;
+    if circuits == state.circuits {
+        return None;
     }
     // One new circuit: deploy under the ID of the request that created it, so the
     // manager's call, the coordinator and every core share one ID. Otherwise a fresh
     // ID for this deployment.
-    let previous: Vec<uuid::Uuid> = last
-        .as_deref()
-        .and_then(|l| serde_json::from_str::<Vec<appproxy_shared::model::Circuit>>(l).ok())
-        .map(|v| v.into_iter().map(|c| c.id).collect())
-        .unwrap_or_default();
-    let new: Vec<&(uuid::Uuid, RequestId)> = origins
+    let new: Vec<RequestId> = fetched
         .iter()
-        .filter(|(c, _)| !previous.contains(c))
+        .filter(|(c, _)| !state.circuits.iter().any(|d| d.id == c.id))
+        .filter_map(|(_, origin)| *origin)
         .collect();
     let id = match (preferred, new.as_slice()) {
         (Some(id), _) => id,
-        (None, [(_, origin)]) => *origin,
+        (None, [origin]) => *origin,
         _ => RequestId::generate(IdVersion::V4),
     };
     appproxy_shared::with_request_id(Some(id), || match config.resolve_circuits(&circuits) {
@@ -294,9 +643,17 @@ fn apply(
                 circuits = resolved.len(),
                 "deploying the coordinator's circuits"
             );
-            deployer.deploy(resolved, id);
-            *last = Some(key);
+            let applied = deployer.deploy(resolved, id);
+            state.sessions = circuits
+                .iter()
+                .map(|c| (c.id, c.session_ids.clone()))
+                .collect();
+            state.circuits = circuits;
+            Some(applied)
         }
-        Err(e) => tracing::error!(error = %e, "circuit set refused; the running circuits stay"),
-    });
+        Err(e) => {
+            tracing::error!(error = %e, "circuit set refused; the running circuits stay");
+            None
+        }
+    })
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use appproxy_shared::model::{Circuit, FrontendMode, IpNet, ProxyProtocol};
@@ -386,6 +386,16 @@ pub struct CoordinatorSection {
     pub poll_interval_ms: u64,
     /// How often it heartbeats.
     pub heartbeat_secs: u64,
+    /// Single-node mode: a coordinator config file (relative to this file's folder)
+    /// run inside this process; the agent then talks to it directly, without HTTP or
+    /// Redis, and `url` is not needed.
+    pub embedded: Option<PathBuf>,
+    /// How long the agent waits for every core to apply a deployment before it
+    /// stops waiting (and does not acknowledge).
+    pub apply_timeout_ms: u64,
+    /// How often cores hand their per-circuit request counts to the agent, which
+    /// writes them as last-access marks (Redis, or the embedded coordinator).
+    pub access_flush_ms: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -394,6 +404,9 @@ impl Default for CoordinatorSection {
             url: None,
             poll_interval_ms: 500,
             heartbeat_secs: 10,
+            embedded: None,
+            apply_timeout_ms: 5_000,
+            access_flush_ms: 1_000,
         }
     }
 }
@@ -558,6 +571,9 @@ pub struct Runtime {
     pub tls_advertised: bool,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
+    /// Count requests per circuit and hand them to the control agent every
+    /// this often (managed mode); `None`: nobody reads them, so nothing is counted.
+    pub access_flush: Option<Duration>,
 }
 
 impl Config {
@@ -711,11 +727,27 @@ impl Config {
         Ok(circuits)
     }
 
+    /// Whether circuits come from a coordinator (remote or embedded).
+    pub fn managed(&self) -> bool {
+        self.coordinator
+            .as_ref()
+            .is_some_and(|c| c.url.is_some() || c.embedded.is_some())
+    }
+
     /// Validates the config against this machine's CPUs and resolves the circuits.
     pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
-        if self.coordinator.as_ref().is_some_and(|c| c.url.is_some()) && !self.circuits.is_empty() {
+        if self.managed() && !self.circuits.is_empty() {
             return Err(ConfigError::Invalid(
-                "[coordinator] url is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
+                "[coordinator] url or embedded is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
+            ));
+        }
+        if self
+            .coordinator
+            .as_ref()
+            .is_some_and(|c| c.url.is_some() && c.embedded.is_some())
+        {
+            return Err(ConfigError::Invalid(
+                "[coordinator] url (a remote coordinator) and embedded (one in this process) are both set: keep one".into(),
             ));
         }
         let wildcard = match self.worker.frontend_mode {
@@ -827,6 +859,14 @@ impl Config {
             tls_advertised: self.worker.tls_advertised,
             log_format: self.logging.common.format,
             circuits,
+            access_flush: self.managed().then(|| {
+                Duration::from_millis(
+                    self.coordinator
+                        .as_ref()
+                        .map_or(1_000, |c| c.access_flush_ms)
+                        .clamp(100, 60_000),
+                )
+            }),
         })
     }
 }

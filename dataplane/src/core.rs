@@ -512,6 +512,9 @@ pub struct Core {
     /// between a readiness edge and the end of the synchronous forward, so idle
     /// sessions hold no buffer.
     pub scratch: RefCell<Vec<u8>>,
+    /// Requests per circuit since the last hand-off to the control agent
+    /// (managed mode only): the last-access marks, batched per core.
+    pub access_marks: RefCell<HashMap<uuid::Uuid, u64>>,
     /// xorshift state for weighted route choice (no shared RNG, no syscall).
     rng: Cell<u64>,
     /// Connection IDs for log spans.
@@ -519,6 +522,19 @@ pub struct Core {
 }
 
 impl Core {
+    /// Counts a request (or a tunnel) for `circuit`'s last-access marks; nothing
+    /// when nobody reads them.
+    pub fn mark_access(&self, circuit: uuid::Uuid) {
+        if self.rt.access_flush.is_some() {
+            *self.access_marks.borrow_mut().entry(circuit).or_insert(0) += 1;
+        }
+    }
+
+    /// Takes the counts gathered since the last call.
+    pub fn take_access_marks(&self) -> Vec<(uuid::Uuid, u64)> {
+        self.access_marks.borrow_mut().drain().collect()
+    }
+
     /// Builds the state of core `cpu`.
     pub fn new(cpu: usize, row: usize, rt: Arc<Runtime>, reactor: Rc<Reactor>) -> Rc<Self> {
         let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
@@ -530,6 +546,7 @@ impl Core {
             metrics: CoreMetrics::default(),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
+            access_marks: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; 64 * 1024]),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),

@@ -1,6 +1,6 @@
 //! `appproxy-worker`: the data plane binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use appproxy_dataplane::config::Config;
@@ -80,8 +80,43 @@ fn run() -> anyhow::Result<()> {
         signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
+    let embedded = match config
+        .coordinator
+        .as_ref()
+        .and_then(|c| c.embedded.as_ref())
+    {
+        Some(file) => {
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let cc: appproxy_control::config::CoordinatorConfig =
+                appproxy_control::config::load(&file)?;
+            if cc.secrets.api_secret.is_empty() || cc.secrets.jwt_secret.is_empty() {
+                anyhow::bail!(
+                    "{}: [secrets] api_secret and jwt_secret must be set",
+                    file.display()
+                );
+            }
+            if config.secrets.jwt_secret.as_deref() != Some(cc.secrets.jwt_secret.as_str()) {
+                anyhow::bail!(
+                    "{} and {}: [secrets] jwt_secret must be the same in both (the worker checks the coordinator's /setup tokens)",
+                    path.display(),
+                    file.display()
+                );
+            }
+            Some(cc)
+        }
+        None => None,
+    };
     let worker = worker::Worker::start(rt)?;
-    appproxy_dataplane::agent::spawn(config.clone(), worker.deployer())?;
+    let coordinator = appproxy_dataplane::agent::spawn(
+        config.clone(),
+        embedded.clone(),
+        worker.deployer(),
+        worker.access_marks(),
+    )?;
+    if let (Some(addr), Some(cc)) = (coordinator, &embedded) {
+        tracing::info!(coordinator = %addr, store = %cc.database.sqlite_path.display(), "single node: coordinator running in this process");
+        print_single_node_help(addr, &config, cc);
+    }
     if let Some(bind) = config.admin.bind {
         let addr = admin::spawn(
             bind,
@@ -103,4 +138,23 @@ fn run() -> anyhow::Result<()> {
     worker.stop();
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// What to do next with a single node: create a circuit as the manager would and send
+/// a traced request through it.
+fn print_single_node_help(
+    addr: std::net::SocketAddr,
+    config: &appproxy_dataplane::config::Config,
+    cc: &appproxy_control::config::CoordinatorConfig,
+) {
+    let api = config.worker.api_port.unwrap_or(0);
+    eprintln!(
+        "\nappproxy single node: coordinator http://{addr} (SQLite {}), worker API port {api}.\n\
+         Create a circuit and send a traced request (one ID, R, from the manager's call to the app):\n\n  \
+         deploy/demo-circuit.sh http://{addr} {}\n\n\
+         (the script calls POST /v2/conf and GET /v2/proxy/auth with X-Backend-Request-ID: R, follows the\n\
+         worker's /setup redirect, then requests the app with the same ID; grep R in this log.)\n",
+        cc.database.sqlite_path.display(),
+        cc.secrets.api_secret,
+    );
 }

@@ -329,6 +329,7 @@ async fn handle(
         answer(core, client, out, answer_to).await;
         return next;
     }
+    core.mark_access(circuit_id);
     let early = if head.method == Method::Connect {
         Some(ProxyError::Request(RequestError::Malformed(
             "CONNECT is not supported",

@@ -36,6 +36,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         tracing::info!(%circuit, peer = %peer.ip(), "tcp peer not in the circuit's allowlist: closed");
         return;
     }
+    core.mark_access(circuit);
     let Some(mut addr) = route.pick(core.draw(), core.reactor.now(), None) else {
         tracing::warn!(%circuit, "tcp circuit has no route: closed");
         return;

@@ -5,7 +5,7 @@
 //! and access log. Commands reach a core over a crossbeam channel (the bridge) plus
 //! an eventfd write that wakes its reactor; nothing else is shared between cores.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -34,6 +34,9 @@ pub enum Command {
         circuits: Arc<Vec<ResolvedCircuit>>,
         /// The request that caused the deployment; every core logs under it.
         request_id: RequestId,
+        /// Told this core's row once the table is in place (the agent's
+        /// acknowledgement waits for every core).
+        applied: Sender<usize>,
     },
     /// Stop accepting; finish in-flight requests (up to the drain timeout); exit.
     Drain,
@@ -60,16 +63,38 @@ pub struct Deployer {
 }
 
 impl Deployer {
-    /// Sends a new circuit set to every core.
-    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) {
+    /// Sends a new circuit set to every core; the answer tells when all applied it.
+    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) -> Applied {
         let circuits = Arc::new(circuits);
+        let (applied, rx) = crossbeam_channel::unbounded();
         for (tx, waker) in self.cores.iter() {
             let _ = tx.send(Command::Deploy {
                 circuits: circuits.clone(),
                 request_id,
+                applied: applied.clone(),
             });
             waker.wake();
         }
+        Applied {
+            rx,
+            cores: self.cores.len(),
+        }
+    }
+}
+
+/// A deployment on its way to the cores.
+pub struct Applied {
+    /// Each core sends its row once the new table is in place.
+    rx: Receiver<usize>,
+    /// How many cores were sent the deployment.
+    cores: usize,
+}
+
+impl Applied {
+    /// Blocks until every core applied the deployment (true) or `timeout` passed.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        (0..self.cores).all(|_| self.rx.recv_deadline(deadline).is_ok())
     }
 }
 
@@ -83,6 +108,8 @@ pub struct Worker {
     pub metrics: Arc<SharedMetrics>,
     /// Frontend addresses bound (for logs and tests).
     pub bound: Vec<SocketAddr>,
+    /// Receiving end of the cores' request counts (managed mode).
+    access_marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
 }
 
 /// What a core reports once it is serving (or why it is not).
@@ -94,6 +121,13 @@ impl Worker {
         let rt = Arc::new(rt);
         let metrics = SharedMetrics::new(&rt.cpus);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
+        let (marks_tx, marks_rx) = match rt.access_flush {
+            Some(_) => {
+                let (tx, rx) = crossbeam_channel::bounded(1024);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         for (row, &cpu) in rt.cpus.iter().enumerate() {
@@ -102,9 +136,10 @@ impl Worker {
             let rt = rt.clone();
             let metrics = metrics.clone();
             let ready = ready_tx.clone();
+            let marks = marks_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
-                .spawn(move || run_core(cpu, row, rt, metrics, rx, ready))
+                .spawn(move || run_core(cpu, row, rt, metrics, rx, ready, marks))
                 .map_err(|e| StartError::Core {
                     cpu,
                     message: format!("cannot start thread: {e}"),
@@ -147,6 +182,7 @@ impl Worker {
             threads,
             metrics,
             bound,
+            access_marks: marks_rx,
         };
         if let Some(e) = failure {
             worker.stop();
@@ -156,8 +192,15 @@ impl Worker {
     }
 
     /// Sends a new circuit set to every core.
-    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) {
-        self.deployer().deploy(circuits, request_id);
+    pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) -> Applied {
+        self.deployer().deploy(circuits, request_id)
+    }
+
+    /// Per-core request counts by circuit, handed over every `access_flush`
+    /// (managed mode; `None` otherwise). The control agent turns them into
+    /// last-access marks.
+    pub fn access_marks(&self) -> Option<Receiver<Vec<(uuid::Uuid, u64)>>> {
+        self.access_marks.clone()
     }
 
     /// A handle for deploying from other threads (the control agent).
@@ -186,6 +229,7 @@ fn run_core(
     metrics: Arc<SharedMetrics>,
     commands: Receiver<Command>,
     ready: std::sync::mpsc::Sender<Ready>,
+    marks: Option<Sender<Vec<(uuid::Uuid, u64)>>>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -225,10 +269,24 @@ fn run_core(
         {
             let core = core.clone();
             let metrics = metrics.clone();
+            let flush_every = rt.access_flush;
+            let last_flush = Cell::new(Instant::now());
             reactor.on_tick(Box::new(move || {
                 metrics.publish(core.row, &core.metrics);
                 core.access.flush();
                 core.pool.evict_expired();
+                // Last-access marks: one hand-off per interval, never a call per request;
+                // if the agent is behind (channel full) the counts wait for the next one.
+                if let (Some(every), Some(tx)) = (flush_every, &marks) {
+                    let now = core.reactor.now();
+                    if now.duration_since(last_flush.get()) >= every
+                        && !core.access_marks.borrow().is_empty()
+                        && !tx.is_full()
+                    {
+                        last_flush.set(now);
+                        let _ = tx.try_send(core.take_access_marks());
+                    }
+                }
             }));
         }
         let reactor_task = glommio::spawn_local(reactor.clone().run());
@@ -259,11 +317,13 @@ fn run_core(
                     Command::Deploy {
                         circuits,
                         request_id,
+                        applied,
                     } => {
                         scope(Some(request_id), async {
                             apply_deployment(&core, &listeners, &circuits);
                         })
                         .await;
+                        let _ = applied.send(row);
                     }
                     Command::Drain => break 'bridge,
                 }

@@ -1,82 +1,195 @@
-//! The coordinator (single node, embedded SQLite): the manager-facing `/v2/conf` and
-//! `/v2/proxy/auth`, the worker registry, and circuit reads and deletes.
+//! The coordinator: the manager-facing `/v2/conf` and `/v2/proxy/auth`, the worker
+//! registry, circuits and slots, health and metrics; circuit events to workers (Redis
+//! or, in single-node mode, an in-process bus) with acknowledgement; leader jobs.
 //!
 //! Request IDs follow DESIGN.md's coordinator column: the manager's ID (or an alias) is
 //! used and echoed when present, **never generated**; it is stored as the circuit's
-//! `origin_request_id` (NULL when absent) and is on every log line of the request.
+//! `origin_request_id` (NULL when absent), put in the metadata of every event the
+//! request causes and is on every log line of the request. Background jobs run each
+//! pass under an ID of their own.
 
+pub mod access;
+mod api;
+pub mod events;
+mod jobs;
+pub mod placement;
+mod proxy;
 pub mod store;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use appproxy_shared::header::IdPolicy;
 use appproxy_shared::middleware::RequestIdLayer;
-use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 use appproxy_shared::IdVersion;
-use axum::extract::{Path, Query, Request, State as Extract};
+use axum::extract::{FromRequest, FromRequestParts, Request, State as Extract};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::config::CoordinatorConfig;
-use store::{Store, StoreError};
+use access::{AccessMark, Marks};
+use events::{AckHub, CircuitEvent, EventKind, LocalBus};
+use store::{CircuitRow, Store, StoreError};
 
-/// Shared state of the API.
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Circuits created.
+    pub circuits_created: AtomicU64,
+    /// Circuits removed (API, bulk, idle collection, failed acknowledgement).
+    pub circuits_removed: AtomicU64,
+    /// Creations answered 503 because the worker did not acknowledge.
+    pub ack_timeouts: AtomicU64,
+    /// Events published to Redis.
+    pub events_published: AtomicU64,
+    /// Events Redis refused.
+    pub events_failed: AtomicU64,
+    /// Workers marked `LOST` by the heartbeat check.
+    pub workers_lost: AtomicU64,
+    /// Circuits removed for idleness.
+    pub circuits_collected: AtomicU64,
+}
+
+/// Shared state of the API, the jobs and an embedded worker.
 pub struct State {
     /// The store.
     pub store: Store,
-    /// The shared API secret.
-    pub api_secret: String,
-    /// Key of `/setup` tokens.
-    pub jwt_secret: String,
-    /// Accept `/v2/conf` without a token.
-    pub allow_unauthorized_configure_request: bool,
-    /// Our URL, for `/status`.
-    pub advertised_url: String,
-    /// Where circuit events go (`[redis] url`), if anywhere.
-    pub events: Option<redis::aio::ConnectionManager>,
+    /// The `[coordinator]` and `[secrets]` settings.
+    pub config: CoordinatorConfig,
+    /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
+    pub redis: Option<redis::aio::ConnectionManager>,
+    /// The in-process event bus (single-node mode).
+    pub local: LocalBus,
+    /// Waiters for workers' acknowledgements.
+    pub acks: Arc<AckHub>,
+    /// Last-access marks: Redis, or memory fed by an embedded worker.
+    pub marks: Marks,
+    /// `/metrics` counters.
+    pub metrics: Metrics,
+    /// This process's node ID, for leadership.
+    pub node_id: uuid::Uuid,
 }
 
-/// Broadcasts a circuit event on `events_all-appproxy` in the platform's envelope,
-/// with the request ID that caused it in the metadata.
-async fn publish(state: &State, name: &str, body: Value, request_id: Option<String>) {
-    use appproxy_shared::model::{
-        BroadcastMessage, EventMetadata, RequestIdText, BROADCAST_CHANNEL,
-    };
-    let Some(conn) = &state.events else { return };
-    let meta = EventMetadata {
-        request_id: request_id.map(RequestIdText),
-        ..Default::default()
-    };
-    let Ok(msg) = BroadcastMessage::encode(name, "appproxy-coordinator", &body, &meta) else {
-        return;
-    };
-    let Ok(text) = serde_json::to_string(&msg) else {
-        return;
-    };
-    let mut conn = conn.clone();
-    match redis::cmd("PUBLISH")
-        .arg(BROADCAST_CHANNEL)
-        .arg(text)
-        .query_async::<i64>(&mut conn)
-        .await
-    {
-        Ok(_) => tracing::info!(event = name, "event published"),
-        Err(e) => tracing::warn!(event = name, error = %e, "event not published"),
+impl State {
+    /// Sends `event` to workers: on the in-process bus and on Redis. Returns whether
+    /// anyone can acknowledge it (an embedded worker listens, or Redis took it).
+    async fn publish(&self, event: CircuitEvent) -> bool {
+        let local = self.local.send(event.clone()).is_ok();
+        let remote = match &self.redis {
+            Some(conn) => {
+                let ok = events::publish_redis(conn, &event).await;
+                let counter = if ok {
+                    &self.metrics.events_published
+                } else {
+                    &self.metrics.events_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                ok
+            }
+            None => false,
+        };
+        local || remote
+    }
+
+    /// Whether creations wait for an acknowledgement.
+    fn acks_expected(&self) -> bool {
+        self.config.coordinator.worker_ack_timeout_secs > 0.0
+            && (self.redis.is_some() || self.local.receiver_count() > 0)
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.config
+                .coordinator
+                .worker_ack_timeout_secs
+                .clamp(0.0, 3600.0),
+        )
+    }
+
+    /// Removes a circuit and tells its worker, under the current request ID.
+    async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
+        let found = self.store.circuit(id).await?;
+        if !self.store.delete_circuit(id).await? {
+            return Ok(false);
+        }
+        self.marks.forget(id);
+        self.metrics
+            .circuits_removed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(circuit = %id, "circuit deleted");
+        if let Some((circuit, _)) = found {
+            let authority = self.authority_of(circuit.worker).await?;
+            self.publish(CircuitEvent {
+                kind: EventKind::Removed,
+                authority,
+                circuits: vec![circuit],
+                request_id: appproxy_shared::current_request_id(),
+            })
+            .await;
+        }
+        Ok(true)
+    }
+
+    async fn authority_of(&self, worker: Option<uuid::Uuid>) -> Result<String, ApiError> {
+        let Some(worker) = worker else {
+            return Ok(String::new());
+        };
+        Ok(self
+            .store
+            .worker(worker)
+            .await?
+            .and_then(|w| w.body["authority"].as_str().map(str::to_owned))
+            .unwrap_or_default())
+    }
+
+    // ---- the embedded worker's side (single-node mode) ----
+
+    /// Registers (or re-registers) an embedded worker; returns its ID.
+    pub async fn register_local_worker(&self, body: &Value) -> Result<uuid::Uuid, StoreError> {
+        self.store.upsert_worker(body).await
+    }
+
+    /// An embedded worker's heartbeat.
+    pub async fn local_heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.store.heartbeat(id).await
+    }
+
+    /// An embedded worker's circuit set.
+    pub async fn local_circuits(&self, id: uuid::Uuid) -> Result<Vec<CircuitRow>, StoreError> {
+        self.store.circuits(Some(id)).await
+    }
+
+    /// The in-process events, for an embedded worker.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CircuitEvent> {
+        self.local.subscribe()
+    }
+
+    /// An embedded worker acknowledges deployed circuits.
+    pub fn acknowledge(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        self.acks.resolve(circuits);
+    }
+
+    /// An embedded worker's last-access marks.
+    pub async fn record_access(&self, marks: &[AccessMark]) {
+        self.marks.record(marks).await;
     }
 }
 
-/// An API refusal.
+/// An API refusal; the variant decides the status and error code, in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// No or a wrong secret.
     #[error("Unauthorized access")]
     Unauthorized,
-    /// A bad request.
+    /// A bad request: the caller's fault.
     #[error("{0}")]
     BadRequest(String),
     /// Nothing there.
@@ -86,9 +199,15 @@ pub enum ApiError {
     #[error("E20007: Session ID mismatch")]
     SessionMismatch,
     /// No worker can take the circuit.
-    #[error("no worker with a free slot for this circuit")]
+    #[error("E10002: No proxy worker can serve this circuit")]
     NoWorker,
-    /// The store failed.
+    /// The worker did not acknowledge the deployment in time.
+    #[error("E10001: Proxy worker not responding")]
+    WorkerNotResponding {
+        /// The worker's authority.
+        authority: String,
+    },
+    /// The store failed: our fault.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -102,6 +221,10 @@ impl IntoResponse for ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "object-not-found"),
             Self::NoWorker => (StatusCode::SERVICE_UNAVAILABLE, "no-available-worker"),
+            Self::WorkerNotResponding { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "worker-not-responding")
+            }
+            Self::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal-error"),
         };
         if status.is_server_error() {
@@ -109,45 +232,60 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(error = %self, "request refused");
         }
-        let body = json!({
+        let mut body = json!({
             "type": format!("https://api.backend.ai/probs/{code}"),
             "title": self.to_string(),
-            "error_code": format!("appproxy_coordinator_{code}"),
+            "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
             "msg": self.to_string(),
         });
+        if let Self::WorkerNotResponding { authority } = &self {
+            body["data"] = json!({"worker": authority});
+        }
         (status, Json(body)).into_response()
     }
 }
 
-fn now() -> String {
-    appproxy_shared::telemetry::Rfc3339(std::time::SystemTime::now()).to_string()
+/// A JSON body; anything unreadable is a 400 in the API's error shape.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
 }
 
-async fn blocking<R: Send + 'static>(
-    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
-) -> Result<R, ApiError> {
-    appproxy_shared::context::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::BadRequest("internal task failed".into()))?
-        .map_err(ApiError::from)
+/// Query parameters; bad ones are a 400 in the API's error shape.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Params(q.0))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
 }
 
-/// Builds the API router.
-pub fn router(state: Arc<State>) -> Router {
-    let authed = Router::new()
-        .route("/api/worker", get(list_workers).put(register_worker))
-        .route("/api/worker/{id}", axum::routing::patch(heartbeat))
-        .route("/api/worker/{id}/circuits", get(worker_circuits))
-        .route("/api/circuit/{id}", get(get_circuit).delete(delete_circuit))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/status", get(status))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/v2/conf", post(conf))
-        .route("/v2/proxy/auth", get(proxy_auth))
-        .merge(authed)
-        .with_state(state)
-        .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+/// A path parameter; a malformed one (not a UUID) is a 400 in the API's error shape.
+pub struct Id<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Id(p.0))
+            .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))
+    }
 }
 
 fn secret_ok(headers: &HeaderMap, secret: &str) -> bool {
@@ -164,375 +302,151 @@ fn secret_ok(headers: &HeaderMap, secret: &str) -> bool {
 }
 
 async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    if secret_ok(req.headers(), &state.api_secret) {
+    if secret_ok(req.headers(), &state.config.secrets.api_secret) {
         next.run(req).await
     } else {
         ApiError::Unauthorized.into_response()
     }
 }
 
-async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
-    Json(json!({"api_version": "v2", "advertise_address": state.advertised_url}))
-}
-
-async fn conf(
-    Extract(state): Extract<Arc<State>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Result<Json<Value>, ApiError> {
-    if !state.allow_unauthorized_configure_request
-        && headers
-            .get("x-backendai-token")
-            .and_then(|v| v.to_str().ok())
-            != Some(state.api_secret.as_str())
-    {
-        return Err(ApiError::Unauthorized);
-    }
-    let session = &body["session"];
-    if session["id"].as_str().is_none() || session["access_key"].as_str().is_none() {
-        return Err(ApiError::BadRequest("Not meant for inference apps".into()));
-    }
-    if body["kernel_host"].as_str().is_none() || body["kernel_port"].as_u64().is_none() {
-        return Err(ApiError::BadRequest(
-            "kernel_host and kernel_port are required".into(),
-        ));
-    }
-    let id = uuid::Uuid::new_v4();
-    let st = state.clone();
-    blocking(move || st.store.insert_token(&id, &body)).await?;
-    Ok(Json(json!({"token": id})))
-}
-
-#[derive(Deserialize)]
-struct AuthQuery {
-    token: uuid::Uuid,
-    session_id: uuid::Uuid,
-    app: String,
-    protocol: String,
-    #[serde(default)]
-    open_to_public: Option<String>,
-    #[serde(default)]
-    allowed_client_ips: Option<String>,
-    #[serde(default)]
-    redirect: String,
-    #[serde(default)]
-    port: Option<u16>,
-}
-
-/// The worker with the most free ports that serves this protocol, and a port on it.
-fn place(
-    workers: &[store::WorkerRow],
-    used: impl Fn(&uuid::Uuid) -> Vec<u16>,
-    preferred: Option<u16>,
-) -> Option<(uuid::Uuid, Value, u16)> {
-    let mut best: Option<(usize, uuid::Uuid, Value, u16)> = None;
-    for (id, body, status, _, _) in workers {
-        if status != "ALIVE" || body["frontend_mode"] != "port" {
-            continue;
-        }
-        let (Some(lo), Some(hi)) = (
-            body["port_range"][0].as_u64(),
-            body["port_range"][1].as_u64(),
-        ) else {
-            continue;
-        };
-        let taken = used(id);
-        let free: Vec<u16> = (lo as u16..=hi as u16)
-            .filter(|p| !taken.contains(p))
-            .collect();
-        let Some(first) = free.first().copied() else {
-            continue;
-        };
-        let port = preferred.filter(|p| free.contains(p)).unwrap_or(first);
-        if best.as_ref().is_none_or(|b| free.len() > b.0) {
-            best = Some((free.len(), *id, body.clone(), port));
-        }
-    }
-    best.map(|(_, id, body, port)| (id, body, port))
-}
-
-async fn proxy_auth(
-    Extract(state): Extract<Arc<State>>,
-    headers: HeaderMap,
-    Query(q): Query<AuthQuery>,
-) -> Result<Response, ApiError> {
-    let st = state.clone();
-    let token = blocking(move || st.store.token(&q.token))
-        .await?
-        .ok_or(ApiError::NotFound("no such token"))?;
-    if token["session"]["id"].as_str() != Some(q.session_id.to_string().as_str()) {
-        return Err(ApiError::SessionMismatch);
-    }
-    let protocol = match q.protocol.as_str() {
-        "http" | "preopen" => ProxyProtocol::Http,
-        "tcp" | "vnc" | "rdp" => ProxyProtocol::Tcp,
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "unsupported protocol {other:?}"
-            )))
-        }
-    };
-    let st = state.clone();
-    let workers = blocking(move || st.store.workers()).await?;
-    let st = state.clone();
-    let preferred = q.port;
-    let placed = blocking(move || {
-        let used = |w: &uuid::Uuid| st.store.used_ports(w).unwrap_or_default();
-        Ok(place(&workers, used, preferred))
-    })
-    .await?
-    .ok_or(ApiError::NoWorker)?;
-    let (worker_id, worker, port) = placed;
-    let now = now();
-    let circuit = Circuit {
-        id: uuid::Uuid::new_v4(),
-        app: Some(q.app.clone()),
-        protocol,
-        worker: Some(worker_id),
-        app_mode: AppMode::Interactive,
-        frontend_mode: FrontendMode::Port,
-        envs: Default::default(),
-        arguments: None,
-        open_to_public: q
-            .open_to_public
-            .as_deref()
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
-        allowed_client_ips: q
-            .allowed_client_ips
-            .as_deref()
-            .map(|s| {
-                s.split(',')
-                    .map(|p| p.trim().to_owned())
-                    .filter(|p| !p.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default(),
-        port: Some(port),
-        subdomain: None,
-        user_id: token["session"]["user_uuid"]
-            .as_str()
-            .and_then(|s| uuid::Uuid::parse_str(s).ok()),
-        endpoint_id: None,
-        runtime_variant: None,
-        route_info: vec![RouteInfo {
-            route_id: None,
-            session_id: q.session_id,
-            session_name: None,
-            kernel_host: token["kernel_host"].as_str().unwrap_or_default().to_owned(),
-            kernel_port: token["kernel_port"].as_u64().unwrap_or(0) as u16,
-            protocol,
-            traffic_ratio: 1.0,
-        }],
-        session_ids: vec![q.session_id],
-        created_at: Some(now.clone()),
-        updated_at: Some(now.clone()),
-    };
-    // The manager's ID, or NULL: the coordinator never makes one up.
-    let origin = appproxy_shared::current_request_id().map(|id| id.to_string());
-    let st = state.clone();
-    let stored = circuit.clone();
-    let origin2 = origin.clone();
-    blocking(move || st.store.insert_circuit(&stored, origin2.as_deref(), &now)).await?;
-    tracing::info!(circuit = %circuit.id, worker = %worker_id, port, origin_request_id = origin.as_deref().unwrap_or(""), "circuit created");
-    publish(
-        &state,
-        appproxy_shared::model::EVENT_CIRCUIT_CREATED,
-        json!({"target_worker_authority": worker["authority"], "circuits": [circuit]}),
-        origin.clone(),
-    )
-    .await;
-    let setup = appproxy_shared::jwt::sign_hs256(
-        &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
-        &state.jwt_secret,
-    );
-    let host = worker["hostname"].as_str().unwrap_or("localhost");
-    let api_port = worker["api_port"].as_u64().unwrap_or(80);
-    let url = format!("http://{host}:{api_port}/setup?token={setup}");
-    let wants_json = headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json"));
-    if wants_json {
-        Ok((
-            StatusCode::OK,
-            Json(json!({"redirect_url": url, "reuse": false})),
+/// Builds the API router.
+pub fn router(state: Arc<State>) -> Router {
+    let authed = Router::new()
+        .route(
+            "/api/worker",
+            get(api::list_workers).put(api::register_worker),
         )
-            .into_response())
-    } else {
-        Ok((StatusCode::PERMANENT_REDIRECT, [("location", url)]).into_response())
-    }
+        .route(
+            "/api/worker/{id}",
+            get(api::get_worker)
+                .patch(api::heartbeat)
+                .delete(api::deregister_worker),
+        )
+        .route("/api/worker/{id}/circuits", get(api::worker_circuits))
+        .route("/api/circuit/_/bulk", delete(api::bulk_delete))
+        .route(
+            "/api/circuit/{id}",
+            get(api::get_circuit).delete(api::delete_circuit),
+        )
+        .route("/api/circuit/{id}/statistics", get(api::circuit_statistics))
+        .route("/api/slots", get(api::slots))
+        .route("/health/status", get(api::health_status))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/status", get(api::status))
+        .route("/health", get(api::live))
+        .route("/livez", get(api::live))
+        .route("/health/livez", get(api::live))
+        .route("/readyz", get(api::ready))
+        .route("/health/readyz", get(api::ready))
+        .route("/metrics", get(api::metrics))
+        .route("/v2/conf", post(proxy::conf))
+        .route(
+            "/v2/proxy/auth",
+            get(proxy::proxy_auth_get).post(proxy::proxy_auth_post),
+        )
+        .merge(authed)
+        .with_state(state)
+        .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
 }
 
-async fn register_worker(
-    Extract(state): Extract<Arc<State>>,
-    Json(body): Json<Value>,
-) -> Result<Json<Value>, ApiError> {
-    let authority = body["authority"]
-        .as_str()
-        .ok_or_else(|| ApiError::BadRequest("authority is required".into()))?
-        .to_owned();
-    if body["frontend_mode"] != "port" && body["frontend_mode"] != "wildcard" {
-        return Err(ApiError::BadRequest(
-            "frontend_mode must be port or wildcard".into(),
-        ));
-    }
-    let st = state.clone();
-    let b = body.clone();
-    let id = blocking(move || st.store.upsert_worker(&authority, &b, &now())).await?;
-    tracing::info!(worker = %id, authority = body["authority"].as_str().unwrap_or(""), "worker registered");
-    worker_response(&state, id).await
+/// A coordinator bound to its port, not yet serving.
+pub struct Coordinator {
+    /// Shared state; an embedded worker talks to it directly.
+    pub state: Arc<State>,
+    /// The API's address.
+    pub addr: SocketAddr,
+    listener: tokio::net::TcpListener,
 }
 
-async fn worker_response(state: &Arc<State>, id: uuid::Uuid) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    let workers = blocking(move || st.store.workers()).await?;
-    let (_, body, status, created, updated) = workers
-        .into_iter()
-        .find(|w| w.0 == id)
-        .ok_or(ApiError::NotFound("no such worker"))?;
-    let st = state.clone();
-    let used = blocking(move || st.store.used_ports(&id)).await?;
-    let total = match (
-        body["port_range"][0].as_u64(),
-        body["port_range"][1].as_u64(),
-    ) {
-        (Some(lo), Some(hi)) if hi >= lo => (hi - lo + 1) as i64,
-        _ => -1,
-    };
-    let mut out = body;
-    out["id"] = json!(id);
-    out["status"] = json!(status);
-    out["created_at"] = json!(created);
-    out["updated_at"] = json!(updated);
-    out["occupied_slots"] = json!(used.len());
-    out["available_slots"] = json!(if total < 0 {
-        -1
-    } else {
-        total - used.len() as i64
-    });
-    Ok(Json(out))
-}
-
-async fn heartbeat(
-    Extract(state): Extract<Arc<State>>,
-    Path(id): Path<uuid::Uuid>,
-) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    if !blocking(move || st.store.heartbeat(&id, &now())).await? {
-        return Err(ApiError::NotFound("no such worker"));
-    }
-    worker_response(&state, id).await
-}
-
-async fn list_workers(Extract(state): Extract<Arc<State>>) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    let workers = blocking(move || st.store.workers()).await?;
-    let mut out = Vec::new();
-    for (id, ..) in workers {
-        out.push(worker_response(&state, id).await?.0);
-    }
-    Ok(Json(json!({"workers": out})))
-}
-
-async fn worker_circuits(
-    Extract(state): Extract<Arc<State>>,
-    Path(id): Path<uuid::Uuid>,
-) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    let circuits = blocking(move || st.store.circuits_of(&id)).await?;
-    // Each circuit in the wire shape, plus the ID of the request that created it so the
-    // worker can deploy it under that ID (other consumers ignore the extra field).
-    let list: Vec<Value> = circuits
-        .into_iter()
-        .map(|(c, origin)| {
-            let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
-            v["origin_request_id"] = json!(origin);
-            v
+impl Coordinator {
+    /// Opens the store (migrating it), connects to Redis when configured and binds
+    /// the API port.
+    pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Self> {
+        let store = Store::open(config.database.url.as_deref(), &config.database.sqlite_path)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
+        let redis = match &config.redis.url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Duration::from_secs(5))
+                    .set_response_timeout(Duration::from_secs(5));
+                Some(
+                    redis::aio::ConnectionManager::new_with_config(client, cfg)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}")
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let marks = match &redis {
+            Some(conn) => Marks::Redis(conn.clone()),
+            None => Marks::Memory(Default::default()),
+        };
+        let (local, _) = tokio::sync::broadcast::channel(1024);
+        let state = Arc::new(State {
+            store,
+            config: config.clone(),
+            redis,
+            local,
+            acks: Arc::default(),
+            marks,
+            metrics: Metrics::default(),
+            node_id: uuid::Uuid::new_v4(),
+        });
+        let listener = tokio::net::TcpListener::bind(config.coordinator.bind)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind [coordinator] bind {}: {e}",
+                    config.coordinator.bind
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            state,
+            addr,
+            listener,
         })
-        .collect();
-    Ok(Json(json!({"circuits": list})))
-}
-
-async fn get_circuit(
-    Extract(state): Extract<Arc<State>>,
-    Path(id): Path<uuid::Uuid>,
-) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    let (circuit, _) = blocking(move || st.store.circuit(&id))
-        .await?
-        .ok_or(ApiError::NotFound("No such circuit."))?;
-    Ok(Json(
-        serde_json::to_value(circuit).map_err(StoreError::from)?,
-    ))
-}
-
-async fn delete_circuit(
-    Extract(state): Extract<Arc<State>>,
-    Path(id): Path<uuid::Uuid>,
-) -> Result<Json<Value>, ApiError> {
-    let st = state.clone();
-    let found = blocking(move || st.store.circuit(&id)).await?;
-    let st = state.clone();
-    if !blocking(move || st.store.delete_circuit(&id)).await? {
-        return Err(ApiError::NotFound("No such circuit."));
     }
-    tracing::info!(circuit = %id, "circuit deleted");
-    if let Some((circuit, _)) = found {
-        let st = state.clone();
-        let workers = blocking(move || st.store.workers()).await?;
-        let authority = workers
-            .iter()
-            .find(|w| Some(w.0) == circuit.worker)
-            .map(|w| w.1["authority"].clone())
-            .unwrap_or(Value::Null);
-        publish(
-            &state,
-            appproxy_shared::model::EVENT_CIRCUIT_REMOVED,
-            json!({"target_worker_authority": authority, "circuits": [circuit]}),
-            appproxy_shared::current_request_id().map(|i| i.to_string()),
-        )
-        .await;
+
+    /// Serves the API and runs the jobs until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            state,
+            addr,
+            listener,
+        } = self;
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(url) = &state.config.redis.url {
+            tasks.spawn(events::listen_acks(url.clone(), state.acks.clone()));
+        }
+        tasks.spawn(jobs::worker_lost(state.clone()));
+        tasks.spawn(jobs::idle_circuits(state.clone()));
+        tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
+        let served = axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        tasks.abort_all();
+        served?;
+        Ok(())
     }
-    Ok(Json(json!({"success": true})))
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Binds and serves until `shutdown` resolves.
 pub async fn serve(
     config: &CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<std::net::SocketAddr> {
-    if config.database.url.is_some() {
-        anyhow::bail!("[database] url (PostgreSQL) is not available in this build; remove it to use the embedded SQLite store");
-    }
-    let path = config.database.sqlite_path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path)).await??;
-    let events = match &config.redis.url {
-        Some(url) => {
-            let client = redis::Client::open(url.as_str())
-                .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
-            Some(
-                redis::aio::ConnectionManager::new(client)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}"))?,
-            )
-        }
-        None => None,
-    };
-    let state = Arc::new(State {
-        store,
-        api_secret: config.secrets.api_secret.clone(),
-        jwt_secret: config.secrets.jwt_secret.clone(),
-        allow_unauthorized_configure_request: config
-            .coordinator
-            .allow_unauthorized_configure_request,
-        advertised_url: config.coordinator.advertised_url.clone(),
-        events,
-    });
-    let listener = tokio::net::TcpListener::bind(config.coordinator.bind).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "coordinator serving");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+) -> anyhow::Result<SocketAddr> {
+    let coordinator = Coordinator::bind(config).await?;
+    let addr = coordinator.addr;
+    coordinator.run(shutdown).await?;
     Ok(addr)
 }

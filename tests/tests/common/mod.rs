@@ -5,6 +5,11 @@
 //! every core under R; a client request reaches the app through the new port.
 #![allow(dead_code)]
 
+#[path = "../../../control/tests/common/pg.rs"]
+pub mod pg;
+#[path = "../../../control/tests/common/redis.rs"]
+pub mod redis;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -54,14 +59,38 @@ fn http(addr: SocketAddr, req: &str) -> (u16, String, String) {
     (status, head.to_owned(), body.to_owned())
 }
 
-/// Runs the whole flow; `redis_url` turns the event path on, `poll_ms` is the agent's
-/// poll interval, `ready_log` a log line to wait for before the manager's call.
-/// Returns the captured log lines.
-pub fn manager_call_to_app_request(
-    redis_url: Option<&str>,
-    poll_ms: u64,
-    ready_log: Option<&str>,
-) -> String {
+/// How the flow is wired.
+#[derive(Default)]
+pub struct Flow<'a> {
+    /// Redis for events, acknowledgements and last-access marks.
+    pub redis_url: Option<&'a str>,
+    /// PostgreSQL for the coordinator's store (else SQLite).
+    pub postgres_url: Option<&'a str>,
+    /// The agent's poll interval.
+    pub poll_ms: u64,
+    /// A log line to wait for before the manager's call.
+    pub ready_log: Option<&'a str>,
+    /// Single node: the coordinator runs inside the worker process.
+    pub embedded: bool,
+}
+
+/// What the flow observed.
+pub struct Observed {
+    /// Every captured log line.
+    pub logs: String,
+    /// The manager's call, from sending it to the answer.
+    pub api_call: Duration,
+}
+
+/// Runs the whole flow. Returns the captured log lines.
+pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
+    let Flow {
+        redis_url,
+        postgres_url,
+        poll_ms,
+        ready_log,
+        embedded,
+    } = flow;
     let redis_table = redis_url
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
@@ -106,28 +135,38 @@ pub fn manager_call_to_app_request(
 
     // The coordinator.
     let coord_port = free_port();
-    let coord: appproxy_control::config::CoordinatorConfig = toml::from_str(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n{redis_table}",
-        dir.path().join("c.sqlite3").display()
-    ))
-    .expect("coordinator config");
+    let database = match postgres_url {
+        Some(url) => format!("url = \"{url}\""),
+        None => format!(
+            "sqlite_path = \"{}\"",
+            dir.path().join("c.sqlite3").display()
+        ),
+    };
+    let coord_text = format!(
+        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis_table}"
+    );
+    let coord: appproxy_control::config::CoordinatorConfig =
+        toml::from_str(&coord_text).expect("coordinator config");
+    let embedded_config = embedded.then(|| coord.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coord_thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            let _ = appproxy_control::coordinator::serve(&coord, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        });
+    let coord_thread = (!embedded).then(|| {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("rt");
+            rt.block_on(async move {
+                let _ = appproxy_control::coordinator::serve(&coord, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+        })
     });
     let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(coord_addr).is_err() {
+    while !embedded && TcpStream::connect(coord_addr).is_err() {
         assert!(Instant::now() < deadline, "coordinator did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -137,8 +176,20 @@ pub fn manager_call_to_app_request(
     let cores = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(2);
+    // Single node: the worker runs the coordinator itself (the file name is only
+    // checked for presence here; the test hands the parsed config over directly).
+    let coordinator_link = if embedded {
+        "embedded = \"coordinator.toml\"".to_owned()
+    } else {
+        format!("url = \"http://127.0.0.1:{coord_port}\"")
+    };
+    let worker_redis = if embedded {
+        String::new()
+    } else {
+        redis_table.clone()
+    };
     let text = format!(
-        "[worker]\nauthority = \"w1\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[admin]\nbind = \"127.0.0.1:{}\"\n[coordinator]\nurl = \"http://127.0.0.1:{coord_port}\"\npoll_interval_ms = {poll_ms}\n{redis_table}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        "[worker]\nauthority = \"w1\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[admin]\nbind = \"127.0.0.1:{}\"\n[coordinator]\n{coordinator_link}\npoll_interval_ms = {poll_ms}\naccess_flush_ms = 100\n{worker_redis}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
         free_port(),
         free_port()
     );
@@ -147,7 +198,14 @@ pub fn manager_call_to_app_request(
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let rt = config.validate(&online).expect("valid");
     let worker = appproxy_dataplane::worker::Worker::start(rt).expect("worker");
-    appproxy_dataplane::agent::spawn(config, worker.deployer()).expect("agent");
+    let embedded_addr = appproxy_dataplane::agent::spawn(
+        config,
+        embedded_config,
+        worker.deployer(),
+        worker.access_marks(),
+    )
+    .expect("agent");
+    assert_eq!(embedded_addr, embedded.then_some(coord_addr));
 
     if let Some(line) = ready_log {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -186,10 +244,22 @@ pub fn manager_call_to_app_request(
         coord_addr,
         &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\nConnection: close\r\n\r\n"),
     );
+    let api_call = started.elapsed();
     assert_eq!(status, 200, "{body}");
     assert!(head
         .to_ascii_lowercase()
         .contains("x-backend-request-id: manager-r-1"));
+    let circuit_id = {
+        let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+            .as_str()
+            .expect("redirect_url")
+            .to_owned();
+        let token = url.split("token=").nth(1).expect("token").to_owned();
+        appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt").expect("setup token")["circuit"]
+            .as_str()
+            .expect("circuit")
+            .to_owned()
+    };
 
     // Routable on the circuit's port once every core has the deployment.
     let circuit_addr = SocketAddr::from(([127, 0, 0, 1], circuit_port));
@@ -199,12 +269,14 @@ pub fn manager_call_to_app_request(
         std::thread::sleep(Duration::from_millis(1));
     }
     let latency = started.elapsed();
-    let path = if redis_url.is_some() {
+    let path = if embedded {
+        "the in-process bus".to_owned()
+    } else if redis_url.is_some() {
         "a Redis event".to_owned()
     } else {
         format!("polling every {poll_ms} ms")
     };
-    eprintln!("deployment latency (API call -> routable, through {path}): {latency:?}");
+    eprintln!("deployment latency (API call -> routable, through {path}): {latency:?}; the call itself took {api_call:?}");
     let cookie = appproxy_dataplane::auth::permit_value(
         "permit",
         &user.parse().expect("uuid"),
@@ -251,9 +323,29 @@ pub fn manager_call_to_app_request(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The request reached the coordinator as a last-access mark and a request count.
+    if embedded || redis_url.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _, body) = http(coord_addr, &format!("GET /api/circuit/{circuit_id}/statistics HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"));
+            assert_eq!(status, 200, "{body}");
+            let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+            if stats["requests"] == 1 {
+                assert!(stats["ttl"].as_i64().is_some_and(|t| t > 3500), "{stats}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no request count reached the coordinator: {stats}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     worker.stop();
     let _ = stop_tx.send(());
-    let _ = coord_thread.join();
+    if let Some(t) = coord_thread {
+        let _ = t.join();
+    }
     let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
-    logs
+    Observed { logs, api_call }
 }

@@ -1,0 +1,488 @@
+//! Handlers of the worker registry, circuits, slots, health and metrics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use appproxy_shared::model::{AppMode, ProxyProtocol};
+use axum::extract::State as Extract;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::placement::port_range;
+use super::store::{StoreError, WorkerRow};
+use super::{access, ApiError, Body, Id, Params, State};
+
+pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
+    Json(json!({"api_version": "v2", "advertise_address": state.config.coordinator.advertised_url}))
+}
+
+pub(super) async fn live() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the store and (if configured) Redis answer.
+pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
+    let store = state.store.ping().await;
+    let redis = match &state.redis {
+        Some(conn) => {
+            let mut conn = conn.clone();
+            Some(redis::cmd("PING").query_async::<String>(&mut conn).await)
+        }
+        None => None,
+    };
+    let ok = store.is_ok() && redis.as_ref().is_none_or(|r| r.is_ok());
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "store": store.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string()),
+        "redis": redis.map(|r| r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus text: counters, plus workers and circuits by state.
+pub(super) async fn metrics(Extract(state): Extract<Arc<State>>) -> Result<Response, ApiError> {
+    use std::fmt::Write as _;
+    let m = &state.metrics;
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "appproxy_coordinator_circuits_created_total",
+            "Circuits created.",
+            &m.circuits_created,
+        ),
+        (
+            "appproxy_coordinator_circuits_removed_total",
+            "Circuits removed.",
+            &m.circuits_removed,
+        ),
+        (
+            "appproxy_coordinator_worker_ack_timeouts_total",
+            "Creations answered 503 for a missing acknowledgement.",
+            &m.ack_timeouts,
+        ),
+        (
+            "appproxy_coordinator_events_published_total",
+            "Events published to Redis.",
+            &m.events_published,
+        ),
+        (
+            "appproxy_coordinator_events_failed_total",
+            "Events Redis refused.",
+            &m.events_failed,
+        ),
+        (
+            "appproxy_coordinator_workers_lost_total",
+            "Workers marked LOST by the heartbeat check.",
+            &m.workers_lost,
+        ),
+        (
+            "appproxy_coordinator_circuits_collected_total",
+            "Idle circuits removed.",
+            &m.circuits_collected,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP appproxy_coordinator_workers Workers by status.\n# TYPE appproxy_coordinator_workers gauge");
+    for status in ["ALIVE", "LOST", "TERMINATED"] {
+        let n = workers.iter().filter(|w| w.status == status).count();
+        let _ = writeln!(
+            out,
+            "appproxy_coordinator_workers{{status=\"{status}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {}", circuits.len());
+    Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
+}
+
+pub(super) async fn register_worker(
+    Extract(state): Extract<Arc<State>>,
+    Body(body): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    validate_worker(&body)?;
+    let id = state.store.upsert_worker(&body).await?;
+    tracing::info!(worker = %id, authority = body["authority"].as_str().unwrap_or(""), "worker registered");
+    worker_response(&state, id).await.map(Json)
+}
+
+/// The registration fields the coordinator relies on, checked before anything is written.
+fn validate_worker(body: &Value) -> Result<(), ApiError> {
+    let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
+    match body["authority"].as_str() {
+        Some(a) if !a.is_empty() && a.len() <= 255 => {}
+        _ => return bad("authority is required (1-255 characters)"),
+    }
+    match body["frontend_mode"].as_str() {
+        Some("port") => {
+            if port_range(body).is_none() {
+                return bad("a port worker needs port_range [low, high] with low <= high");
+            }
+        }
+        Some("wildcard") => {
+            if !body["wildcard_domain"].is_string() {
+                return bad("a wildcard worker needs wildcard_domain");
+            }
+        }
+        _ => return bad("frontend_mode must be port or wildcard"),
+    }
+    if !body["hostname"].is_string() {
+        return bad("hostname is required");
+    }
+    if body["api_port"]
+        .as_u64()
+        .is_none_or(|p| p == 0 || p > 65535)
+    {
+        return bad("api_port must be a port number");
+    }
+    for f in body["app_filters"].as_array().into_iter().flatten() {
+        if !f["key"].is_string() || f["value"].is_null() {
+            return bad("app_filters entries need key and value");
+        }
+    }
+    Ok(())
+}
+
+/// The wire's `WorkerResponseModel`: registration fields, status, times, slot counts
+/// and the slot list.
+pub(super) async fn worker_response(state: &State, id: uuid::Uuid) -> Result<Value, ApiError> {
+    let worker = state
+        .store
+        .worker(id)
+        .await?
+        .ok_or(ApiError::NotFound("No such worker."))?;
+    let circuits = state.store.circuits(Some(id)).await?;
+    Ok(describe_worker(
+        &worker,
+        &circuits.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+    ))
+}
+
+fn describe_worker(w: &WorkerRow, circuits: &[&appproxy_shared::model::Circuit]) -> Value {
+    let mut out = w.body.clone();
+    let slots = slot_list(w, circuits, false);
+    let occupied = circuits.len();
+    out["id"] = json!(w.id);
+    out["status"] = json!(w.status);
+    out["nodes"] = json!(w.nodes);
+    out["created_at"] = json!(w.created_at);
+    out["updated_at"] = json!(w.updated_at);
+    out["occupied_slots"] = json!(occupied);
+    out["available_slots"] = json!(match port_range(&w.body) {
+        Some((lo, hi)) if w.body["frontend_mode"] == "port" =>
+            i64::from(hi - lo) + 1 - occupied as i64,
+        _ => -1,
+    });
+    out["slots"] = json!(slots);
+    out
+}
+
+/// Every port of a port worker (free ones too unless `in_use_only`); the occupied
+/// subdomains of a wildcard worker.
+fn slot_list(
+    w: &WorkerRow,
+    circuits: &[&appproxy_shared::model::Circuit],
+    in_use_only: bool,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    if w.body["frontend_mode"] == "port" {
+        let Some((lo, hi)) = port_range(&w.body) else {
+            return out;
+        };
+        for port in lo..=hi {
+            let circuit = circuits.iter().find(|c| c.port == Some(port));
+            if in_use_only && circuit.is_none() {
+                continue;
+            }
+            out.push(
+                json!({"frontend_mode": "port", "in_use": circuit.is_some(), "port": port,
+                "subdomain": null, "circuit_id": circuit.map(|c| c.id)}),
+            );
+        }
+    } else {
+        for c in circuits.iter().filter(|c| c.subdomain.is_some()) {
+            out.push(
+                json!({"frontend_mode": "wildcard", "in_use": true, "port": null,
+                "subdomain": c.subdomain, "circuit_id": c.id}),
+            );
+        }
+    }
+    out
+}
+
+pub(super) async fn get_worker(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    worker_response(&state, id).await.map(Json)
+}
+
+pub(super) async fn heartbeat(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.store.heartbeat(id).await? {
+        return Err(ApiError::NotFound("No such worker."));
+    }
+    if let Some(conn) = &state.redis {
+        // As the original: `proxy-worker.last_seen` {authority: epoch}, 2-day TTL.
+        let authority = state.authority_of(Some(id)).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mut conn = conn.clone();
+        let written: redis::RedisResult<()> = redis::pipe()
+            .cmd("HSET")
+            .arg("proxy-worker.last_seen")
+            .arg(authority)
+            .arg(format!("{now:.6}"))
+            .ignore()
+            .cmd("EXPIRE")
+            .arg("proxy-worker.last_seen")
+            .arg(access::LAST_ACCESS_TTL_SECS)
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "proxy-worker.last_seen not written");
+        }
+    }
+    worker_response(&state, id).await.map(Json)
+}
+
+pub(super) async fn deregister_worker(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.store.deregister_worker(id).await? {
+        return Err(ApiError::NotFound("No such worker."));
+    }
+    tracing::info!(worker = %id, "worker deregistered");
+    Ok(Json(json!({"success": true})))
+}
+
+pub(super) async fn list_workers(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let out: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            let mine: Vec<_> = circuits
+                .iter()
+                .map(|(c, _)| c)
+                .filter(|c| c.worker == Some(w.id))
+                .collect();
+            describe_worker(w, &mine)
+        })
+        .collect();
+    Ok(Json(json!({"workers": out})))
+}
+
+/// A circuit in the wire shape plus the ID of the request that created it, so a
+/// worker can deploy it under that ID (other consumers ignore the extra field).
+pub(super) fn circuit_with_origin(
+    c: &appproxy_shared::model::Circuit,
+    origin: Option<&str>,
+) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+    v["origin_request_id"] = json!(origin);
+    v
+}
+
+pub(super) async fn worker_circuits(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let circuits = state.store.circuits(Some(id)).await?;
+    let list: Vec<Value> = circuits
+        .iter()
+        .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
+        .collect();
+    Ok(Json(json!({"circuits": list})))
+}
+
+pub(super) async fn get_circuit(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let (circuit, _) = state
+        .store
+        .circuit(id)
+        .await?
+        .ok_or(ApiError::NotFound("E00002: No such circuit."))?;
+    Ok(Json(
+        serde_json::to_value(circuit).map_err(StoreError::from)?,
+    ))
+}
+
+/// The circuit plus `requests`, `last_access` (milliseconds; the creation time when
+/// never accessed) and `ttl` (seconds left before idle collection; null for inference).
+pub(super) async fn circuit_statistics(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let (circuit, _) = state
+        .store
+        .circuit(id)
+        .await?
+        .ok_or(ApiError::NotFound("E00002: No such circuit."))?;
+    let (last, requests) = state.marks.of(id).await;
+    let created = circuit
+        .created_at
+        .as_deref()
+        .and_then(access::parse_rfc3339)
+        .unwrap_or(0.0);
+    let last = last.unwrap_or(created);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let ttl = (circuit.app_mode == AppMode::Interactive).then(|| {
+        state
+            .config
+            .coordinator
+            .unused_circuit_collection_timeout_secs as i64
+            - (now - last).max(0.0) as i64
+    });
+    let mut v = serde_json::to_value(&circuit).map_err(StoreError::from)?;
+    v["requests"] = json!(requests.unwrap_or(0));
+    v["last_access"] = json!((last * 1000.0) as i64);
+    v["ttl"] = json!(ttl);
+    Ok(Json(v))
+}
+
+pub(super) async fn delete_circuit(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.remove_circuit(id).await? {
+        return Err(ApiError::NotFound("E00002: No such circuit."));
+    }
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct BulkQuery {
+    #[serde(default)]
+    circuit_ids: Option<String>,
+}
+
+/// `DELETE /api/circuit/_/bulk`: `{"circuit_ids": [...]}`, or `?circuit_ids=a,b`.
+/// Every ID is checked before anything is removed; unknown ones are skipped.
+pub(super) async fn bulk_delete(
+    Extract(state): Extract<Arc<State>>,
+    Params(q): Params<BulkQuery>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let ids: Vec<uuid::Uuid> = if body.is_empty() {
+        q.circuit_ids
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| uuid::Uuid::parse_str(s.trim()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::BadRequest(format!("circuit_ids: {e}")))?
+    } else {
+        #[derive(Deserialize)]
+        struct B {
+            circuit_ids: Vec<uuid::Uuid>,
+        }
+        serde_json::from_slice::<B>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+            .circuit_ids
+    };
+    for id in ids {
+        state.remove_circuit(id).await?;
+    }
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct SlotsQuery {
+    #[serde(default)]
+    wsproxy_host: Option<String>,
+    #[serde(default)]
+    in_use: Option<String>,
+}
+
+/// `GET /api/slots?wsproxy_host=<authority>&in_use=true`.
+pub(super) async fn slots(
+    Extract(state): Extract<Arc<State>>,
+    Params(q): Params<SlotsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let in_use_only = !matches!(q.in_use.as_deref(), Some("false" | "False" | "0"));
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let mut out = Vec::new();
+    for w in workers.iter().filter(|w| {
+        q.wsproxy_host
+            .as_deref()
+            .is_none_or(|h| w.body["authority"] == h)
+    }) {
+        let mine: Vec<_> = circuits
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| c.worker == Some(w.id))
+            .collect();
+        out.extend(slot_list(w, &mine, in_use_only));
+    }
+    Ok(Json(json!({"slots": out})))
+}
+
+pub(super) async fn health_status(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let list: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            let mine: Vec<_> = circuits
+                .iter()
+                .map(|(c, _)| c)
+                .filter(|c| c.worker == Some(w.id))
+                .collect();
+            let d = describe_worker(w, &mine);
+            json!({"authority": d["authority"], "available_slots": d["available_slots"],
+                "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})
+        })
+        .collect();
+    Ok(Json(json!({
+        "coordinator_version": env!("CARGO_PKG_VERSION"),
+        "appproxy_api_version": "v2",
+        "store": state.store.engine(),
+        "workers": list,
+    })))
+}
+
+/// The protocol of a new circuit and of its route, from the query's protocol.
+pub(super) fn protocols(name: &str) -> Result<(ProxyProtocol, ProxyProtocol), ApiError> {
+    Ok(match name {
+        "http" => (ProxyProtocol::Http, ProxyProtocol::Http),
+        "preopen" => (ProxyProtocol::Http, ProxyProtocol::Preopen),
+        "grpc" => (ProxyProtocol::Grpc, ProxyProtocol::Grpc),
+        "h2" | "http2" => (ProxyProtocol::Http2, ProxyProtocol::Http2),
+        "tcp" | "vnc" | "rdp" => (ProxyProtocol::Tcp, ProxyProtocol::Tcp),
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "unsupported protocol {other:?}"
+            )))
+        }
+    })
+}

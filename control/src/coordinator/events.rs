@@ -1,0 +1,205 @@
+//! Circuit events leaving the coordinator and acknowledgements coming back.
+//!
+//! An event goes to two places: Redis (`PUBLISH events_all-appproxy`, the platform's
+//! envelope, the causing request's ID in `metadata.request_id`) when `[redis] url` is
+//! set, and the in-process [`LocalBus`] that a worker embedded in the same process
+//! (single-node mode) listens on — that path feeds the worker's bridge directly.
+//!
+//! Acknowledgements (`appproxy_worker_circuit_added_event`) resolve waiters in the
+//! [`AckHub`]; they arrive from Redis (a listener task) or straight from an embedded
+//! worker.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use appproxy_shared::model::{
+    BroadcastMessage, Circuit, EventMetadata, RequestIdText, RouteInfo, BROADCAST_CHANNEL,
+    EVENT_WORKER_CIRCUIT_ADDED,
+};
+use appproxy_shared::RequestId;
+use serde_json::json;
+use tokio::sync::{broadcast, oneshot};
+
+/// What an event is about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// Circuits created on the worker.
+    Created,
+    /// Circuits removed from the worker.
+    Removed,
+    /// A circuit's routes replaced.
+    RouteUpdated,
+}
+
+impl EventKind {
+    /// The platform's event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created => appproxy_shared::model::EVENT_CIRCUIT_CREATED,
+            Self::Removed => appproxy_shared::model::EVENT_CIRCUIT_REMOVED,
+            Self::RouteUpdated => appproxy_shared::model::EVENT_CIRCUIT_ROUTE_UPDATED,
+        }
+    }
+}
+
+/// One circuit event, as both transports carry it.
+#[derive(Debug, Clone)]
+pub struct CircuitEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The worker it is for.
+    pub authority: String,
+    /// The circuits concerned (one for a route update).
+    pub circuits: Vec<Circuit>,
+    /// The request that caused it, if any.
+    pub request_id: Option<RequestId>,
+}
+
+impl CircuitEvent {
+    /// The event body in the wire's shape.
+    pub fn body(&self) -> serde_json::Value {
+        match self.kind {
+            EventKind::RouteUpdated => {
+                let circuit = self.circuits.first();
+                let routes: Vec<RouteInfo> =
+                    circuit.map(|c| c.route_info.clone()).unwrap_or_default();
+                json!({"target_worker_authority": self.authority, "circuit": circuit, "routes": routes})
+            }
+            _ => json!({"target_worker_authority": self.authority, "circuits": self.circuits}),
+        }
+    }
+}
+
+/// The in-process event channel of single-node mode. Lagging receivers re-fetch.
+pub type LocalBus = broadcast::Sender<CircuitEvent>;
+
+/// Waiters for workers' acknowledgements, by circuit ID.
+#[derive(Default)]
+pub struct AckHub {
+    /// Every waiter of a circuit is told once; entries leave on ack or timeout.
+    waiters: Mutex<HashMap<uuid::Uuid, Vec<oneshot::Sender<()>>>>,
+}
+
+impl AckHub {
+    /// Registers interest in `circuit`'s acknowledgement. Call before publishing.
+    pub fn expect(&self, circuit: uuid::Uuid) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().entry(circuit).or_default().push(tx);
+        rx
+    }
+
+    /// Waits up to `timeout` for an acknowledgement; false on timeout.
+    pub async fn wait(
+        &self,
+        circuit: uuid::Uuid,
+        rx: oneshot::Receiver<()>,
+        timeout: Duration,
+    ) -> bool {
+        let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
+        if !acked {
+            self.lock().remove(&circuit);
+        }
+        acked
+    }
+
+    /// A worker acknowledged these circuits.
+    pub fn resolve(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        let mut waiters = self.lock();
+        for id in circuits {
+            for tx in waiters.remove(&id).unwrap_or_default() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<oneshot::Sender<()>>>> {
+        // Senders only: a panic elsewhere cannot leave the map inconsistent.
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
+/// worker's periodic fetch repairs a lost event.
+pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
+    let meta = EventMetadata {
+        request_id: event.request_id.map(RequestIdText::from),
+        ..Default::default()
+    };
+    let Ok(msg) = BroadcastMessage::encode(
+        event.kind.name(),
+        "appproxy-coordinator",
+        &event.body(),
+        &meta,
+    ) else {
+        return false;
+    };
+    let Ok(text) = serde_json::to_string(&msg) else {
+        return false;
+    };
+    let mut conn = conn.clone();
+    match redis::cmd("PUBLISH")
+        .arg(BROADCAST_CHANNEL)
+        .arg(text)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(event = event.kind.name(), worker = %event.authority, "event published");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(event = event.kind.name(), error = %e, "event not published");
+            false
+        }
+    }
+}
+
+/// Listens for workers' acknowledgements on Redis, reconnecting forever.
+pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
+    use futures_util::StreamExt as _;
+    loop {
+        let subscribed = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(BROADCAST_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "acknowledgement subscription failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
+                continue;
+            };
+            if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
+                continue;
+            }
+            let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
+                continue;
+            };
+            let ids: Vec<uuid::Uuid> = body["circuits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
+                .collect();
+            let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
+            appproxy_shared::with_request_id(request_id, || {
+                tracing::debug!(circuits = ids.len(), "worker acknowledged");
+            });
+            acks.resolve(ids);
+        }
+        tracing::warn!("acknowledgement subscription dropped; reconnecting");
+    }
+}

@@ -1,0 +1,142 @@
+//! Leader jobs: worker-lost detection and idle-circuit collection. Each pass runs
+//! under a request ID of its own, so everything a pass does (status changes, removals,
+//! the events it publishes) is found by one ID.
+//!
+//! With Redis, one coordinator of a cluster leads at a time: the key
+//! `leader:appproxy:coordinator` holds the leader's node ID for 30 s and is renewed
+//! each pass. Without Redis the coordinator is alone and leads.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use appproxy_shared::model::{AppMode, ProxyProtocol};
+use appproxy_shared::{IdVersion, RequestId};
+
+use super::{access, State};
+
+const LEADER_KEY: &str = "leader:appproxy:coordinator";
+const LEASE_MS: u64 = 30_000;
+
+/// Takes or renews the lease; true when this node leads.
+async fn lead(state: &State) -> bool {
+    let Some(conn) = &state.redis else {
+        return true;
+    };
+    let mut conn = conn.clone();
+    let me = state.node_id.to_string();
+    // Renew if ours, else take it if free — one atomic script.
+    const SCRIPT: &str = "local v = redis.call('GET', KEYS[1])
+         if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+         if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+         return 0";
+    let led = redis::cmd("EVAL")
+        .arg(SCRIPT)
+        .arg(1)
+        .arg(LEADER_KEY)
+        .arg(&me)
+        .arg(LEASE_MS)
+        .query_async::<i64>(&mut conn)
+        .await;
+    match led {
+        Ok(v) => v == 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "leadership check failed; skipping this pass");
+            false
+        }
+    }
+}
+
+fn ticker(period_secs: u64) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(period_secs.max(1)),
+        Duration::from_secs(period_secs.max(1)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Marks workers whose heartbeat is older than the timeout as `LOST`.
+pub(super) async fn worker_lost(state: Arc<State>) {
+    let mut tick = ticker(state.config.coordinator.check_worker_lost_interval_secs);
+    loop {
+        tick.tick().await;
+        let id = RequestId::generate(IdVersion::V4);
+        appproxy_shared::scope(Some(id), worker_lost_pass(&state)).await;
+    }
+}
+
+async fn worker_lost_pass(state: &State) {
+    if !lead(state).await {
+        return;
+    }
+    match state
+        .store
+        .mark_lost(state.config.coordinator.worker_heartbeat_timeout_secs)
+        .await
+    {
+        Ok(lost) => {
+            for (id, authority) in &lost {
+                state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = %id, %authority, reason = "heartbeat timeout", "worker lost");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "worker-lost check failed"),
+    }
+}
+
+/// Removes interactive HTTP circuits not accessed for the collection timeout.
+pub(super) async fn idle_circuits(state: Arc<State>) {
+    let mut tick = ticker(state.config.coordinator.check_unused_circuit_interval_secs);
+    loop {
+        tick.tick().await;
+        let id = RequestId::generate(IdVersion::V4);
+        appproxy_shared::scope(Some(id), idle_pass(&state)).await;
+    }
+}
+
+async fn idle_pass(state: &State) {
+    if !lead(state).await {
+        return;
+    }
+    let circuits = match state.store.circuits(None).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "idle-circuit check failed");
+            return;
+        }
+    };
+    let timeout = state
+        .config
+        .coordinator
+        .unused_circuit_collection_timeout_secs as f64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    for (c, _) in circuits {
+        if c.app_mode != AppMode::Interactive || c.protocol != ProxyProtocol::Http {
+            continue;
+        }
+        let created = c
+            .created_at
+            .as_deref()
+            .and_then(access::parse_rfc3339)
+            .unwrap_or(now);
+        let last = state.marks.of(c.id).await.0.unwrap_or(created).max(created);
+        if now - last <= timeout {
+            continue;
+        }
+        tracing::info!(circuit = %c.id, idle_secs = (now - last) as u64, "idle circuit collected");
+        match state.remove_circuit(c.id).await {
+            Ok(true) => {
+                state
+                    .metrics
+                    .circuits_collected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(circuit = %c.id, error = %e, "idle circuit not removed"),
+        }
+    }
+}

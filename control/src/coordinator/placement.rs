@@ -1,0 +1,338 @@
+//! Choosing a worker and a slot for a new circuit — pure functions over stored rows.
+//!
+//! Eligible workers are `ALIVE`, accept the circuit's traffic (`accepted_traffics`),
+//! can carry its protocol (TCP needs a port of its own) and, when
+//! `filtered_apps_only`, have an app filter matching the session or endpoint. Among
+//! them: a matching filter first, then wildcard workers, then the most free ports.
+
+use appproxy_shared::model::{AppMode, ProxyProtocol};
+use serde_json::Value;
+
+use super::store::WorkerRow;
+
+/// What the new circuit needs.
+pub struct Request<'a> {
+    /// Interactive or inference.
+    pub app_mode: AppMode,
+    /// The circuit's protocol.
+    pub protocol: ProxyProtocol,
+    /// Properties filters compare against: `session.id`, `session.user_uuid`,
+    /// `session.project_id`, `session.access_key`, `session.domain_name`,
+    /// `endpoint.id`, `endpoint.runtime_variant`, `endpoint.existing_url`.
+    pub properties: &'a [(String, String)],
+    /// A port the caller would like (port workers).
+    pub preferred_port: Option<u16>,
+    /// A subdomain the caller would like (wildcard workers), already one DNS label.
+    pub preferred_subdomain: Option<&'a str>,
+    /// The subdomain to use when none is preferred.
+    pub default_subdomain: &'a str,
+}
+
+/// Where a circuit goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The worker.
+    pub worker: uuid::Uuid,
+    /// Its port (port workers).
+    pub port: Option<u16>,
+    /// Its subdomain (wildcard workers).
+    pub subdomain: Option<String>,
+}
+
+/// Slots in use on one worker.
+#[derive(Debug, Default, Clone)]
+pub struct Used {
+    /// Ports taken.
+    pub ports: Vec<u16>,
+    /// Subdomains taken.
+    pub subdomains: Vec<String>,
+}
+
+fn filter_matches(worker: &Value, properties: &[(String, String)]) -> bool {
+    worker["app_filters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| {
+            let value = super::store::filter_value(&f["value"]);
+            properties.iter().any(|(k, v)| {
+                f["key"].as_str() == Some(k.as_str()) && value.as_deref() == Some(v.as_str())
+            })
+        })
+}
+
+fn accepts(worker: &Value, mode: AppMode) -> bool {
+    let wanted = match mode {
+        AppMode::Interactive => "interactive",
+        AppMode::Inference => "inference",
+    };
+    match worker["accepted_traffics"].as_array() {
+        Some(list) => list.iter().any(|t| t == wanted),
+        None => true,
+    }
+}
+
+/// The port range of a port worker.
+pub fn port_range(worker: &Value) -> Option<(u16, u16)> {
+    let lo = u16::try_from(worker["port_range"][0].as_u64()?).ok()?;
+    let hi = u16::try_from(worker["port_range"][1].as_u64()?).ok()?;
+    (hi >= lo).then_some((lo, hi))
+}
+
+/// Picks a worker and a slot, or `None` when no worker can take the circuit.
+/// `used` gives the slots in use on a worker; `suffix` makes collision suffixes.
+pub fn place(
+    workers: &[WorkerRow],
+    used: impl Fn(&uuid::Uuid) -> Used,
+    req: &Request<'_>,
+    mut suffix: impl FnMut() -> String,
+) -> Option<Placement> {
+    // (filter match, wildcard, free ports) — larger is better.
+    let mut best: Option<((bool, bool, i64), Placement)> = None;
+    for w in workers {
+        let body = &w.body;
+        if w.status != "ALIVE" || !accepts(body, req.app_mode) {
+            continue;
+        }
+        let matched = filter_matches(body, req.properties);
+        if body["filtered_apps_only"].as_bool().unwrap_or(false) && !matched {
+            continue;
+        }
+        let taken = used(&w.id);
+        let wildcard = body["frontend_mode"] == "wildcard";
+        let (rank, placement) = if wildcard {
+            if req.protocol == ProxyProtocol::Tcp || body["wildcard_domain"].as_str().is_none() {
+                continue;
+            }
+            let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
+            let mut subdomain = base.to_owned();
+            while taken.subdomains.contains(&subdomain) {
+                subdomain = with_suffix(base, &suffix());
+            }
+            (
+                (matched, true, i64::MAX),
+                Placement {
+                    worker: w.id,
+                    port: None,
+                    subdomain: Some(subdomain),
+                },
+            )
+        } else {
+            let Some((lo, hi)) = port_range(body) else {
+                continue;
+            };
+            let free = (lo..=hi).filter(|p| !taken.ports.contains(p));
+            let count = free.clone().count() as i64;
+            let port = req
+                .preferred_port
+                .filter(|p| (lo..=hi).contains(p) && !taken.ports.contains(p))
+                .or_else(|| free.clone().next());
+            let Some(port) = port else { continue };
+            (
+                (matched, false, count),
+                Placement {
+                    worker: w.id,
+                    port: Some(port),
+                    subdomain: None,
+                },
+            )
+        };
+        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+            best = Some((rank, placement));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// `name` as one DNS label: lowercase, characters outside `[a-z0-9-]` become `-`,
+/// no leading or trailing `-`, at most 63 characters; empty becomes `app`.
+pub fn dns_label(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out.truncate(63);
+    let trimmed = out.trim_matches('-');
+    if trimmed.is_empty() {
+        "app".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// `base-xxxxxxxx`, still one label of at most 63 characters.
+pub fn with_suffix(base: &str, suffix: &str) -> String {
+    let keep = 63usize.saturating_sub(suffix.len() + 1);
+    let head: String = base.chars().take(keep).collect();
+    format!("{}-{suffix}", head.trim_end_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn worker(authority: &str, body: Value) -> WorkerRow {
+        let mut b = body;
+        b["authority"] = json!(authority);
+        WorkerRow {
+            id: uuid::Uuid::new_v4(),
+            body: b,
+            status: "ALIVE".into(),
+            nodes: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn req<'a>(props: &'a [(String, String)]) -> Request<'a> {
+        Request {
+            app_mode: AppMode::Interactive,
+            protocol: ProxyProtocol::Http,
+            properties: props,
+            preferred_port: None,
+            preferred_subdomain: None,
+            default_subdomain: "jupyter-5d6c",
+        }
+    }
+
+    #[test]
+    fn most_free_ports_wins_and_preferred_port_is_honoured() {
+        let a = worker(
+            "a",
+            json!({"frontend_mode": "port", "port_range": [10, 11]}),
+        );
+        let b = worker(
+            "b",
+            json!({"frontend_mode": "port", "port_range": [20, 29]}),
+        );
+        let ws = [a, b.clone()];
+        let p = place(&ws, |_| Used::default(), &req(&[]), || "x".into()).expect("placed");
+        assert_eq!((p.worker, p.port), (b.id, Some(20)));
+        let mut r = req(&[]);
+        r.preferred_port = Some(25);
+        let used = |w: &uuid::Uuid| Used {
+            ports: if *w == b.id { vec![20, 21] } else { vec![] },
+            ..Default::default()
+        };
+        assert_eq!(
+            place(&ws, used, &r, || "x".into()).expect("placed").port,
+            Some(25)
+        );
+    }
+
+    #[test]
+    fn wildcard_first_with_collision_suffix_and_never_for_tcp() {
+        let p = worker(
+            "p",
+            json!({"frontend_mode": "port", "port_range": [20, 29]}),
+        );
+        let w = worker(
+            "w",
+            json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}),
+        );
+        let ws = [p.clone(), w.clone()];
+        let used = |_: &uuid::Uuid| Used {
+            subdomains: vec!["jupyter-5d6c".into()],
+            ..Default::default()
+        };
+        let got = place(&ws, used, &req(&[]), || "0a1b2c3d".into()).expect("placed");
+        assert_eq!(
+            (got.worker, got.subdomain.as_deref()),
+            (w.id, Some("jupyter-5d6c-0a1b2c3d"))
+        );
+        let mut tcp = req(&[]);
+        tcp.protocol = ProxyProtocol::Tcp;
+        assert_eq!(
+            place(&ws, |_| Used::default(), &tcp, || "x".into())
+                .expect("placed")
+                .worker,
+            p.id
+        );
+    }
+
+    #[test]
+    fn filters_restrict_and_prefer() {
+        let only = worker(
+            "only",
+            json!({"frontend_mode": "port", "port_range": [1, 100], "filtered_apps_only": true,
+            "app_filters": [{"key": "session.domain_name", "value": "research"}]}),
+        );
+        let pref = worker(
+            "pref",
+            json!({"frontend_mode": "port", "port_range": [200, 201],
+            "app_filters": [{"key": "session.access_key", "value": "AK"}]}),
+        );
+        let plain = worker(
+            "plain",
+            json!({"frontend_mode": "port", "port_range": [300, 350]}),
+        );
+        let ws = [only.clone(), pref.clone(), plain.clone()];
+        let none: Vec<(String, String)> = vec![];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&none), || "x".into())
+                .expect("placed")
+                .worker,
+            plain.id
+        );
+        let ak = vec![("session.access_key".to_owned(), "AK".to_owned())];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&ak), || "x".into())
+                .expect("placed")
+                .worker,
+            pref.id
+        );
+        let research = vec![("session.domain_name".to_owned(), "research".to_owned())];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&research), || "x".into())
+                .expect("placed")
+                .worker,
+            only.id
+        );
+    }
+
+    #[test]
+    fn traffic_status_and_full_workers_are_skipped() {
+        let mut lost = worker(
+            "lost",
+            json!({"frontend_mode": "port", "port_range": [1, 9]}),
+        );
+        lost.status = "LOST".into();
+        let inference_only = worker(
+            "inf",
+            json!({"frontend_mode": "port", "port_range": [1, 9], "accepted_traffics": ["inference"]}),
+        );
+        let full = worker(
+            "full",
+            json!({"frontend_mode": "port", "port_range": [5, 5]}),
+        );
+        let ws = [lost, inference_only, full];
+        assert_eq!(
+            place(
+                &ws,
+                |_| Used {
+                    ports: vec![5],
+                    ..Default::default()
+                },
+                &req(&[]),
+                || "x".into()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert_eq!(dns_label("Llama_Svc v2"), "llama-svc-v2");
+        assert_eq!(dns_label("--"), "app");
+        assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
+        assert_eq!(with_suffix(&"b".repeat(63), "12345678").len(), 63);
+    }
+}

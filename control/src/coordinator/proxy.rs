@@ -1,0 +1,415 @@
+//! `/v2/conf` (the manager registers a kernel's address and gets a token) and
+//! `/v2/proxy/auth` (GET as the original, POST as the proposals draw it): reuse or
+//! create a circuit, tell its worker, wait for the acknowledgement, and answer with the
+//! worker's `/setup` URL (JSON or a 308 redirect).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, RouteInfo};
+use axum::extract::State as Extract;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::events::{CircuitEvent, EventKind};
+use super::placement::{self, Placement, Used};
+use super::store::StoreError;
+use super::{api, ApiError, Body, Params, State};
+
+/// The `/v2/conf` body, checked whole before anything is stored.
+fn validate_conf(body: &Value) -> Result<(), ApiError> {
+    let session = &body["session"];
+    if session["id"].as_str().is_none() || session["access_key"].as_str().is_none() {
+        return Err(ApiError::BadRequest("Not meant for inference apps".into()));
+    }
+    let is_uuid = |v: &Value| v.as_str().is_some_and(|s| uuid::Uuid::parse_str(s).is_ok());
+    let group = if session["group_id"].is_null() {
+        &session["project_id"]
+    } else {
+        &session["group_id"]
+    };
+    if !is_uuid(&session["id"]) || !is_uuid(&session["user_uuid"]) || !is_uuid(group) {
+        return Err(ApiError::BadRequest(
+            "session.id, session.user_uuid and session.group_id (or project_id) must be UUIDs"
+                .into(),
+        ));
+    }
+    if session["domain_name"].as_str().is_none() {
+        return Err(ApiError::BadRequest(
+            "session.domain_name is required".into(),
+        ));
+    }
+    if body["kernel_host"]
+        .as_str()
+        .is_none_or(|h| h.is_empty() || h.len() > 255)
+        || body["kernel_port"]
+            .as_u64()
+            .is_none_or(|p| p == 0 || p > 65535)
+    {
+        return Err(ApiError::BadRequest(
+            "kernel_host and kernel_port (1-65535) are required".into(),
+        ));
+    }
+    if !(body["login_session_token"].is_null()
+        || body["login_session_token"]
+            .as_str()
+            .is_some_and(|t| t.len() <= 127))
+    {
+        return Err(ApiError::BadRequest(
+            "login_session_token must be null or a string of at most 127 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn conf(
+    Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
+    Body(body): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    if !state
+        .config
+        .coordinator
+        .allow_unauthorized_configure_request
+        && headers
+            .get("x-backendai-token")
+            .and_then(|v| v.to_str().ok())
+            != Some(state.config.secrets.api_secret.as_str())
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    validate_conf(&body)?;
+    let id = uuid::Uuid::new_v4();
+    state.store.insert_token(id, &body).await?;
+    Ok(Json(json!({"token": id})))
+}
+
+/// The parameters of `/v2/proxy/auth`.
+#[derive(Deserialize)]
+pub(super) struct AuthQuery {
+    token: uuid::Uuid,
+    session_id: uuid::Uuid,
+    app: String,
+    protocol: String,
+    #[serde(default)]
+    open_to_public: Option<Flag>,
+    #[serde(default)]
+    allowed_client_ips: Option<String>,
+    #[serde(default)]
+    redirect: String,
+    #[serde(default)]
+    no_reuse: Option<Flag>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    subdomain: Option<String>,
+    #[serde(default)]
+    args: Option<String>,
+}
+
+/// A boolean from a query string (`true`/`1`) or a JSON body.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum Flag {
+    Bool(bool),
+    Text(#[serde(deserialize_with = "flag_text")] bool),
+}
+
+fn flag_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(matches!(
+        s.to_ascii_lowercase().as_str(),
+        "true" | "1" | "yes"
+    ))
+}
+
+impl Flag {
+    fn get(f: Option<Flag>) -> bool {
+        matches!(f, Some(Flag::Bool(true) | Flag::Text(true)))
+    }
+}
+
+pub(super) async fn proxy_auth_get(
+    state: Extract<Arc<State>>,
+    headers: HeaderMap,
+    Params(q): Params<AuthQuery>,
+) -> Result<Response, ApiError> {
+    proxy_auth(state, headers, q).await
+}
+
+/// POST takes the same fields as a JSON body, or as the query when there is no body.
+pub(super) async fn proxy_auth_post(
+    state: Extract<Arc<State>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q: AuthQuery = if body.is_empty() {
+        axum::extract::Query::try_from_uri(&uri)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?
+            .0
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
+    proxy_auth(state, headers, q).await
+}
+
+fn split_ips(s: Option<&str>) -> Vec<String> {
+    s.map(|s| {
+        s.split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+async fn proxy_auth(
+    Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
+    q: AuthQuery,
+) -> Result<Response, ApiError> {
+    let token = state
+        .store
+        .token(q.token)
+        .await?
+        .ok_or(ApiError::NotFound("E00001: No such token."))?;
+    if token["session"]["id"].as_str() != Some(q.session_id.to_string().as_str()) {
+        return Err(ApiError::SessionMismatch);
+    }
+    let (protocol, route_protocol) = api::protocols(&q.protocol)?;
+    let allowed = split_ips(q.allowed_client_ips.as_deref());
+    for ip in &allowed {
+        if appproxy_shared::model::IpNet::parse(ip).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "allowed_client_ips: {ip:?} is not an IP or CIDR"
+            )));
+        }
+    }
+    let open_to_public = Flag::get(q.open_to_public);
+    let subdomain = q.subdomain.as_deref().map(placement::dns_label);
+    // Reuse, as the original: the same session, app, openness and allowlist.
+    let reused = if Flag::get(q.no_reuse) {
+        None
+    } else {
+        state
+            .store
+            .circuits(None)
+            .await?
+            .into_iter()
+            .map(|(c, _)| c)
+            .find(|c| {
+                c.session_ids.contains(&q.session_id)
+                    && c.app.as_deref() == Some(q.app.as_str())
+                    && c.open_to_public == open_to_public
+                    && c.allowed_client_ips == allowed
+                    && c.app_mode == AppMode::Interactive
+            })
+    };
+    let (circuit, reuse) = match reused {
+        Some(c) => {
+            tracing::info!(circuit = %c.id, "circuit reused");
+            (c, true)
+        }
+        None => {
+            let session = &token["session"];
+            let mut properties: Vec<(String, String)> = Vec::new();
+            for (key, field) in [
+                ("id", "id"),
+                ("user_uuid", "user_uuid"),
+                ("project_id", "group_id"),
+                ("project_id", "project_id"),
+                ("access_key", "access_key"),
+                ("domain_name", "domain_name"),
+            ] {
+                if let Some(v) = session[field].as_str() {
+                    properties.push((format!("session.{key}"), v.to_owned()));
+                }
+            }
+            let default_subdomain = placement::dns_label(&format!(
+                "{}-{}",
+                q.app,
+                &q.session_id.simple().to_string()[..8]
+            ));
+            let request = placement::Request {
+                app_mode: AppMode::Interactive,
+                protocol,
+                properties: &properties,
+                preferred_port: q.port,
+                preferred_subdomain: subdomain.as_deref(),
+                default_subdomain: &default_subdomain,
+            };
+            let route = RouteInfo {
+                route_id: None,
+                session_id: q.session_id,
+                session_name: None,
+                kernel_host: token["kernel_host"].as_str().unwrap_or_default().to_owned(),
+                kernel_port: token["kernel_port"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0),
+                protocol: route_protocol,
+                traffic_ratio: 1.0,
+            };
+            let template = Circuit {
+                id: uuid::Uuid::nil(),
+                app: Some(q.app.clone()),
+                protocol,
+                worker: None,
+                app_mode: AppMode::Interactive,
+                frontend_mode: FrontendMode::Port,
+                envs: Default::default(),
+                arguments: q.args.clone(),
+                open_to_public,
+                allowed_client_ips: allowed,
+                port: None,
+                subdomain: None,
+                user_id: token["session"]["user_uuid"]
+                    .as_str()
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+                endpoint_id: None,
+                runtime_variant: None,
+                route_info: vec![route],
+                session_ids: vec![q.session_id],
+                created_at: None,
+                updated_at: None,
+            };
+            (create_circuit(&state, template, &request).await?, false)
+        }
+    };
+    let worker = state
+        .store
+        .worker(circuit.worker.unwrap_or_default())
+        .await?
+        .ok_or(ApiError::NoWorker)?;
+    let setup = appproxy_shared::jwt::sign_hs256(
+        &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
+        &state.config.secrets.jwt_secret,
+    );
+    let scheme = if worker.body["tls_advertised"].as_bool().unwrap_or(false) {
+        "https"
+    } else {
+        "http"
+    };
+    let host = worker.body["hostname"].as_str().unwrap_or("localhost");
+    let api_port = worker.body["api_port"].as_u64().unwrap_or(80);
+    let url = format!("{scheme}://{host}:{api_port}/setup?token={setup}");
+    let wants_json = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    if wants_json {
+        Ok((
+            StatusCode::OK,
+            Json(json!({"redirect_url": url, "reuse": reuse})),
+        )
+            .into_response())
+    } else {
+        Ok((StatusCode::PERMANENT_REDIRECT, [("location", url)]).into_response())
+    }
+}
+
+/// Places, stores and announces a circuit built from `template`, then waits for the
+/// worker's acknowledgement when events flow. A slot raced by a concurrent creation
+/// is placed again; an unacknowledged circuit is removed again (nothing is left
+/// half-done) and answered with 503 `E10001`.
+pub(super) async fn create_circuit(
+    state: &State,
+    template: Circuit,
+    request: &placement::Request<'_>,
+) -> Result<Circuit, ApiError> {
+    // The manager's ID, or NULL: the coordinator never makes one up.
+    let origin = appproxy_shared::current_request_id();
+    let mut attempt = 0;
+    let (circuit, authority) = loop {
+        attempt += 1;
+        let workers = state.store.workers().await?;
+        let circuits = state.store.circuits(None).await?;
+        let used = |w: &uuid::Uuid| {
+            let mut u = Used::default();
+            for (c, _) in circuits.iter().filter(|(c, _)| c.worker == Some(*w)) {
+                u.ports.extend(c.port);
+                u.subdomains.extend(c.subdomain.clone());
+            }
+            u
+        };
+        let Placement {
+            worker,
+            port,
+            subdomain,
+        } = placement::place(&workers, used, request, || {
+            uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+        })
+        .ok_or(ApiError::NoWorker)?;
+        let now = super::store::now();
+        let mut circuit = template.clone();
+        circuit.id = uuid::Uuid::new_v4();
+        circuit.worker = Some(worker);
+        circuit.port = port;
+        circuit.frontend_mode = if subdomain.is_some() {
+            FrontendMode::Wildcard
+        } else {
+            FrontendMode::Port
+        };
+        circuit.subdomain = subdomain;
+        circuit.created_at = Some(now.clone());
+        circuit.updated_at = Some(now);
+        match state
+            .store
+            .insert_circuit(&circuit, origin.as_ref().map(|i| i.as_str()))
+            .await
+        {
+            Ok(()) => {
+                let authority = workers
+                    .iter()
+                    .find(|w| w.id == worker)
+                    .and_then(|w| w.body["authority"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                break (circuit, authority);
+            }
+            Err(StoreError::Conflict(why)) if attempt < 8 => {
+                tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    state
+        .metrics
+        .circuits_created
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        circuit = %circuit.id, worker = %authority, port = circuit.port, subdomain = circuit.subdomain.as_deref(),
+        origin_request_id = origin.as_ref().map(|i| i.as_str()).unwrap_or(""), "circuit created"
+    );
+    let ack = state.acks_expected().then(|| state.acks.expect(circuit.id));
+    let delivered = state
+        .publish(CircuitEvent {
+            kind: EventKind::Created,
+            authority: authority.clone(),
+            circuits: vec![circuit.clone()],
+            request_id: origin,
+        })
+        .await;
+    if let Some(rx) = ack {
+        let acked = if delivered {
+            state.acks.wait(circuit.id, rx, state.ack_timeout()).await
+        } else {
+            // Nobody got the event, so nobody will answer: drop the waiter now.
+            state.acks.resolve([circuit.id]);
+            false
+        };
+        if !acked {
+            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
+            state.remove_circuit(circuit.id).await?;
+            return Err(ApiError::WorkerNotResponding { authority });
+        }
+        tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
+    }
+    Ok(circuit)
+}

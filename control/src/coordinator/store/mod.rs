@@ -1,0 +1,261 @@
+//! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
+//! request that created them), worker app filters and `/v2/conf` tokens, behind one
+//! async interface over two engines:
+//!
+//! - [`postgres`]: PostgreSQL through a `deadpool-postgres` pool, on the original
+//!   platform's schema (native enums, typed columns) plus `origin_request_id`;
+//! - [`sqlite`]: embedded SQLite for single-node use, the default when no PostgreSQL URL
+//!   is set; its calls run on tokio's blocking pool.
+//!
+//! Both apply versioned migrations at open; the store test suite runs against both.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use appproxy_shared::model::Circuit;
+
+/// A worker as stored: its ID, registration body (the wire's `WorkerRequestModel`
+/// fields, `app_filters` included), status and times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    /// The worker's ID.
+    pub id: uuid::Uuid,
+    /// The registration fields, as JSON in the wire's shape.
+    pub body: serde_json::Value,
+    /// `ALIVE | LOST | TERMINATED`.
+    pub status: String,
+    /// HA node count: registrations minus deregistrations.
+    pub nodes: i64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; the last registration or heartbeat.
+    pub updated_at: String,
+}
+
+/// A circuit and the ID of the request that created it (NULL when the manager sent none).
+pub type CircuitRow = (Circuit, Option<String>);
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no.
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("database pool: {0}")]
+    Pool(String),
+    /// A unique key is taken (a port or subdomain raced by another creation).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A stored value did not parse.
+    #[error("stored data: {0}")]
+    Data(String),
+    /// The blocking task running a SQLite call died.
+    #[error("database task failed")]
+    Task,
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Data(e.to_string())
+    }
+}
+
+/// The store, whichever engine backs it. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    /// Embedded SQLite.
+    Sqlite(Arc<sqlite::SqliteStore>),
+    /// PostgreSQL.
+    Postgres(postgres::PgStore),
+}
+
+/// Runs a SQLite call on the blocking pool, keeping the caller's request ID.
+async fn on_sqlite<R: Send + 'static>(
+    store: &Arc<sqlite::SqliteStore>,
+    f: impl FnOnce(&sqlite::SqliteStore) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    let store = store.clone();
+    appproxy_shared::context::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|_| StoreError::Task)?
+}
+
+macro_rules! dispatch {
+    ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {
+        match $self {
+            Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
+            Store::Postgres($p) => $pg.await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the configured engine and migrates it: PostgreSQL when `url` is set,
+    /// else SQLite at `sqlite_path`.
+    pub async fn open(
+        url: Option<&str>,
+        sqlite_path: &std::path::Path,
+    ) -> Result<Self, StoreError> {
+        match url {
+            Some(url) => Ok(Self::Postgres(postgres::PgStore::open(url).await?)),
+            None => {
+                let path = sqlite_path.to_owned();
+                let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+                    .await
+                    .map_err(|_| StoreError::Task)??;
+                Ok(Self::Sqlite(Arc::new(store)))
+            }
+        }
+    }
+
+    /// Which engine, for logs and `/status`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgresql",
+        }
+    }
+
+    /// Inserts or updates a worker by authority (status back to `ALIVE`, one more HA
+    /// node); new app filters are added, existing ones kept. Returns its ID.
+    pub async fn upsert_worker(&self, body: &serde_json::Value) -> Result<uuid::Uuid, StoreError> {
+        let body = body.clone();
+        dispatch!(self, |s| s.upsert_worker(&body), |p| p.upsert_worker(&body))
+    }
+
+    /// Marks a heartbeat (status `ALIVE`); false when there is no such worker.
+    pub async fn heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.heartbeat(&id), |p| p.heartbeat(&id))
+    }
+
+    /// One HA node fewer; at none the worker is `LOST`. False when there is no such worker.
+    pub async fn deregister_worker(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.deregister_worker(&id), |p| p
+            .deregister_worker(&id))
+    }
+
+    /// Marks `ALIVE` workers whose last heartbeat is older than `timeout_secs` as
+    /// `LOST`; returns their IDs and authorities.
+    pub async fn mark_lost(
+        &self,
+        timeout_secs: u64,
+    ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        dispatch!(self, |s| s.mark_lost(timeout_secs), |p| p
+            .mark_lost(timeout_secs))
+    }
+
+    /// Every worker, by authority.
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        dispatch!(self, |s| s.workers(), |p| p.workers())
+    }
+
+    /// One worker.
+    pub async fn worker(&self, id: uuid::Uuid) -> Result<Option<WorkerRow>, StoreError> {
+        Ok(self.workers().await?.into_iter().find(|w| w.id == id))
+    }
+
+    /// Stores a circuit with the ID of the request that created it (or none).
+    /// [`StoreError::Conflict`] when its port or subdomain on that worker is taken.
+    pub async fn insert_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let circuit = circuit.clone();
+        let origin = origin_request_id.map(str::to_owned);
+        dispatch!(
+            self,
+            |s| s.insert_circuit(&circuit, origin.as_deref()),
+            |p| p.insert_circuit(&circuit, origin.as_deref())
+        )
+    }
+
+    /// Replaces a circuit's routes; false when there is no such circuit.
+    pub async fn update_routes(
+        &self,
+        id: uuid::Uuid,
+        routes: &[appproxy_shared::model::RouteInfo],
+    ) -> Result<bool, StoreError> {
+        let routes = routes.to_vec();
+        dispatch!(self, |s| s.update_routes(&id, &routes), |p| p
+            .update_routes(&id, &routes))
+    }
+
+    /// A circuit and its origin request ID.
+    pub async fn circuit(&self, id: uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuit(&id), |p| p.circuit(&id))
+    }
+
+    /// The circuits of one worker (`Some`) or of all (`None`), oldest first.
+    pub async fn circuits(
+        &self,
+        worker: Option<uuid::Uuid>,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuits(worker.as_ref()), |p| p
+            .circuits(worker.as_ref()))
+    }
+
+    /// Deletes a circuit; false when there was none.
+    pub async fn delete_circuit(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.delete_circuit(&id), |p| p.delete_circuit(&id))
+    }
+
+    /// Stores a `/v2/conf` token.
+    pub async fn insert_token(
+        &self,
+        id: uuid::Uuid,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let body = body.clone();
+        dispatch!(self, |s| s.insert_token(&id, &body), |p| p
+            .insert_token(&id, &body))
+    }
+
+    /// A `/v2/conf` token.
+    pub async fn token(&self, id: uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
+        dispatch!(self, |s| s.token(&id), |p| p.token(&id))
+    }
+
+    /// A cheap round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, |s| s.ping(), |p| p.ping())
+    }
+}
+
+/// Now, as the wire writes times.
+pub(crate) fn now() -> String {
+    appproxy_shared::telemetry::Rfc3339(std::time::SystemTime::now()).to_string()
+}
+
+/// A filter value as the stored string (values compare as strings).
+pub(crate) fn filter_value(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// App filters are only ever added: the union of the stored and the new ones, as
+/// `[{key, value}]` with string values, sorted.
+pub(crate) fn merge_filters(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    let mut all: Vec<(String, String)> = Vec::new();
+    for f in old.as_array().into_iter().chain(new.as_array()).flatten() {
+        if let (Some(k), Some(v)) = (f["key"].as_str(), filter_value(&f["value"])) {
+            all.push((k.to_owned(), v));
+        }
+    }
+    all.sort();
+    all.dedup();
+    serde_json::Value::Array(
+        all.into_iter()
+            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+            .collect(),
+    )
+}

@@ -1,0 +1,360 @@
+//! The embedded SQLite engine: one connection behind a mutex (SQLite serialises
+//! writers anyway), WAL journal, foreign keys on, migrations counted in
+//! `PRAGMA user_version`. Workers and circuits keep their wire JSON in `body`, with
+//! the columns that queries and unique keys need beside it. Calls are synchronous;
+//! [`super::Store`] runs them on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use appproxy_shared::model::{Circuit, RouteInfo};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{now, CircuitRow, StoreError, WorkerRow};
+
+/// Migrations, applied in order; the database records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    authority TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ALIVE',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE circuits (
+    id TEXT PRIMARY KEY,
+    worker TEXT NOT NULL REFERENCES workers(id),
+    port INTEGER,
+    subdomain TEXT,
+    body TEXT NOT NULL,
+    origin_request_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX circuits_worker_port ON circuits(worker, port) WHERE port IS NOT NULL;
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+",
+    "
+ALTER TABLE workers ADD COLUMN nodes INTEGER NOT NULL DEFAULT 1;
+CREATE UNIQUE INDEX circuits_worker_subdomain ON circuits(worker, subdomain) WHERE subdomain IS NOT NULL;
+",
+];
+
+/// The embedded store.
+pub struct SqliteStore {
+    /// One connection; SQLite serialises writers anyway.
+    conn: Mutex<Connection>,
+}
+
+fn conflict_or(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            StoreError::Conflict(msg.clone().unwrap_or_else(|| "unique key taken".into()))
+        }
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn parse_id(s: &str) -> Result<uuid::Uuid, StoreError> {
+    uuid::Uuid::parse_str(s).map_err(|e| StoreError::Data(format!("id {s:?}: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(engine = "sqlite", migration = i + 1, "store migrated");
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (its own
+        // transactions roll back), so a poisoned lock is taken over.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    pub(super) fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    pub(super) fn upsert_worker(&self, body: &serde_json::Value) -> Result<uuid::Uuid, StoreError> {
+        let authority = body["authority"].as_str().unwrap_or_default().to_owned();
+        let now = now();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let existing: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT id, body FROM workers WHERE authority = ?1",
+                    params![authority],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let id = match existing {
+                Some((id, old)) => {
+                    // As the original: every field updated but `accepted_traffics`;
+                    // app filters only ever added.
+                    let old: serde_json::Value = serde_json::from_str(&old)?;
+                    let mut new = body.clone();
+                    new["accepted_traffics"] = old["accepted_traffics"].clone();
+                    new["app_filters"] = super::merge_filters(&old["app_filters"], &body["app_filters"]);
+                    tx.execute(
+                        "UPDATE workers SET body = ?1, status = 'ALIVE', nodes = nodes + 1, updated_at = ?2 WHERE id = ?3",
+                        params![new.to_string(), now, id],
+                    )?;
+                    id
+                }
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let mut new = body.clone();
+                    new["app_filters"] = super::merge_filters(&serde_json::Value::Null, &body["app_filters"]);
+                    tx.execute(
+                        "INSERT INTO workers (id, authority, body, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+                        params![id, authority, new.to_string(), now],
+                    )?;
+                    id
+                }
+            };
+            tx.commit()?;
+            parse_id(&id)
+        })
+    }
+
+    pub(super) fn heartbeat(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        let now = now();
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE workers SET updated_at = ?1, status = 'ALIVE' WHERE id = ?2",
+                params![now, id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn deregister_worker(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        let now = now();
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE workers SET nodes = MAX(nodes - 1, 0),
+                    status = CASE WHEN nodes - 1 <= 0 THEN 'LOST' ELSE status END,
+                    updated_at = ?1 WHERE id = ?2",
+                params![now, id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn mark_lost(
+        &self,
+        timeout_secs: u64,
+    ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        let cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(timeout_secs),
+        )
+        .to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut lost = Vec::new();
+            {
+                let mut st = tx.prepare(
+                    "SELECT id, authority FROM workers WHERE status = 'ALIVE' AND updated_at < ?1",
+                )?;
+                let rows = st.query_map(params![cutoff], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (id, authority) = row?;
+                    lost.push((parse_id(&id)?, authority));
+                }
+            }
+            for (id, _) in &lost {
+                tx.execute(
+                    "UPDATE workers SET status = 'LOST' WHERE id = ?1",
+                    params![id.to_string()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(lost)
+        })
+    }
+
+    pub(super) fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, body, status, nodes, created_at, updated_at FROM workers ORDER BY authority",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, body, status, nodes, created_at, updated_at) = row?;
+                out.push(WorkerRow {
+                    id: parse_id(&id)?,
+                    body: serde_json::from_str(&body)?,
+                    status,
+                    nodes,
+                    created_at,
+                    updated_at,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn insert_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        // The store stamps the times, as PostgreSQL's `now()` does.
+        let now = now();
+        let mut circuit = circuit.clone();
+        circuit.created_at = Some(now.clone());
+        circuit.updated_at = Some(now.clone());
+        let circuit = &circuit;
+        let body = serde_json::to_string(circuit)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![
+                    circuit.id.to_string(),
+                    circuit.worker.map(|w| w.to_string()).unwrap_or_default(),
+                    circuit.port.map(i64::from),
+                    circuit.subdomain,
+                    body,
+                    origin_request_id,
+                    now
+                ],
+            )
+            .map_err(conflict_or)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn update_routes(
+        &self,
+        id: &uuid::Uuid,
+        routes: &[RouteInfo],
+    ) -> Result<bool, StoreError> {
+        let Some((mut circuit, _)) = self.circuit(id)? else {
+            return Ok(false);
+        };
+        let now = now();
+        circuit.route_info = routes.to_vec();
+        circuit.session_ids = routes.iter().map(|r| r.session_id).collect();
+        circuit.updated_at = Some(now.clone());
+        let body = serde_json::to_string(&circuit)?;
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE circuits SET body = ?1, updated_at = ?2 WHERE id = ?3",
+                params![body, now, id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn circuit(&self, id: &uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let row: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT body, origin_request_id FROM circuits WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                Some((body, origin)) => Ok(Some((serde_json::from_str(&body)?, origin))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub(super) fn circuits(
+        &self,
+        worker: Option<&uuid::Uuid>,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT body, origin_request_id FROM circuits
+                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
+            )?;
+            let rows = st.query_map(params![worker.map(|w| w.to_string())], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (b, origin) = row?;
+                out.push((serde_json::from_str(&b)?, origin));
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM circuits WHERE id = ?1",
+                params![id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn insert_token(
+        &self,
+        id: &uuid::Uuid,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, body) VALUES (?1, ?2)",
+                params![id.to_string(), body.to_string()],
+            )
+            .map_err(conflict_or)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn token(&self, id: &uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
+        self.with(|c| {
+            let body: Option<String> = c
+                .query_row(
+                    "SELECT body FROM tokens WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(match body {
+                Some(b) => Some(serde_json::from_str(&b)?),
+                None => None,
+            })
+        })
+    }
+}

@@ -1,0 +1,4 @@
+//! Test harness shared by the control-plane tests (and, by path, the end-to-end
+//! tests): throwaway PostgreSQL and Redis servers from the installed binaries.
+pub mod pg;
+pub mod redis;
