@@ -67,8 +67,13 @@ impl Db {
 }
 
 fn start(dir: &std::path::Path, port: u16, db: &Db) -> Coordinator {
+    start_with(dir, port, db, "")
+}
+
+/// `extra`: more `[coordinator]` keys, then any further tables.
+fn start_with(dir: &std::path::Path, port: u16, db: &Db, extra: &str) -> Coordinator {
     let config = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
+        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
         db.section(dir)
     );
     std::fs::write(dir.join("coordinator.toml"), config).expect("config");
@@ -433,4 +438,127 @@ fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
             "refused requests write nothing to {table}"
         );
     }
+}
+
+fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("coordinator.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// With Redis configured but no worker listening, a creation waits for the
+/// acknowledgement, answers 503 `E10001` naming the worker, and leaves nothing behind.
+#[test]
+fn unacknowledged_creation_is_503_and_withdrawn() {
+    let redis = common::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        &format!("worker_ack_timeout_secs = 0.3\n[redis]\nurl = \"{}\"", redis.url()),
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json"), ("X-Backend-Request-ID", "mgr-503")],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["msg"], "E10001: Proxy worker not responding");
+    assert_eq!(r.json()["data"]["worker"], "worker-1");
+    assert_eq!(Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"), "0");
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(text.contains("appproxy_coordinator_worker_ack_timeouts_total 1"), "{text}");
+    assert!(text.contains("appproxy_coordinator_events_published_total 2"), "created, then removed: {text}");
+    // Both events carry the manager's ID, on the same log lines as the refusal.
+    let lines = log_lines(dir.path());
+    assert!(lines.iter().any(|l| l["message"] == "worker did not acknowledge; circuit withdrawn" && l["request_id"] == "mgr-503"));
+}
+
+/// Leader jobs: a silent worker is marked LOST and an idle circuit is removed, each
+/// pass under a generated request ID of its own that is on every line the pass logs.
+#[test]
+fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        "worker_heartbeat_timeout_secs = 1\nunused_circuit_collection_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1\ncheck_unused_circuit_interval_secs = 1",
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let gone = request(c.addr, "GET", &format!("/api/circuit/{circuit}"), &[AUTH], "").status == 404;
+        let workers = request(c.addr, "GET", "/api/worker", &[AUTH], "").json();
+        if gone && workers["workers"][0]["status"] == "LOST" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs did not run: {workers}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lines = log_lines(dir.path());
+    let collected = lines.iter().find(|l| l["message"] == "idle circuit collected").expect("collection logged");
+    let lost = lines.iter().find(|l| l["message"] == "worker lost").expect("loss logged");
+    let (a, b) = (collected["request_id"].as_str().expect("id"), lost["request_id"].as_str().expect("id"));
+    assert_ne!(a, b, "each pass has its own ID");
+    assert!(
+        lines.iter().any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
+        "the removal is logged under the pass's ID"
+    );
+    let metrics = String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    assert!(metrics.contains("appproxy_coordinator_circuits_collected_total 1"), "{metrics}");
+    assert!(metrics.contains("appproxy_coordinator_workers{status=\"LOST\"} 1"), "{metrics}");
+}
+
+/// Slots, statistics, bulk delete, readiness and the health status, on one worker.
+#[test]
+fn slots_statistics_and_bulk_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &Db::Sqlite);
+    let token = setup(&c);
+    let mut circuits = Vec::new();
+    for port in [10207, 10205] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true&port={port}"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    let r = request(c.addr, "GET", "/api/slots?wsproxy_host=worker-1", &[AUTH], "");
+    let ports: Vec<u64> = r.json()["slots"].as_array().expect("slots").iter().map(|s| s["port"].as_u64().expect("port")).collect();
+    assert_eq!(ports, vec![10205, 10207], "occupied slots only, preferred ports honoured");
+    let r = request(c.addr, "GET", "/api/slots?in_use=false", &[AUTH], "");
+    assert_eq!(r.json()["slots"].as_array().expect("slots").len(), 4);
+    let r = request(c.addr, "GET", &format!("/api/circuit/{}/statistics", circuits[0]), &[AUTH], "");
+    assert_eq!(r.json()["requests"], 0);
+    assert!(r.json()["last_access"].as_i64().is_some_and(|ms| ms > 1_700_000_000_000));
+    assert!(r.json()["ttl"].as_i64().is_some_and(|t| t > 3500 && t <= 3600));
+    let r = request(c.addr, "GET", "/health/status", &[AUTH], "");
+    assert_eq!(r.json()["workers"][0]["occupied_slots"], 2);
+    assert_eq!(r.json()["workers"][0]["available_slots"], 2);
+    assert_eq!(request(c.addr, "GET", "/readyz", &[], "").json()["status"], "ok");
+    let r = request(c.addr, "DELETE", &format!("/api/circuit/_/bulk?circuit_ids={},{}", circuits[0], circuits[1]), &[AUTH], "");
+    assert_eq!(r.json()["success"], true);
+    let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
+    assert_eq!(r.json()["slots"], serde_json::json!([]));
 }
