@@ -458,27 +458,45 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
         dir.path(),
         free_port(),
         &Db::Sqlite,
-        &format!("worker_ack_timeout_secs = 0.3\n[redis]\nurl = \"{}\"", redis.url()),
+        &format!(
+            "worker_ack_timeout_secs = 0.3\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
     );
     let token = setup(&c);
     let r = request(
         c.addr,
         "GET",
         &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
-        &[("Accept", "application/json"), ("X-Backend-Request-ID", "mgr-503")],
+        &[
+            ("Accept", "application/json"),
+            ("X-Backend-Request-ID", "mgr-503"),
+        ],
         "",
     );
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["msg"], "E10001: Proxy worker not responding");
     assert_eq!(r.json()["data"]["worker"], "worker-1");
-    assert_eq!(Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"), "0");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
     let r = request(c.addr, "GET", "/metrics", &[], "");
     let text = String::from_utf8_lossy(&r.body).into_owned();
-    assert!(text.contains("appproxy_coordinator_worker_ack_timeouts_total 1"), "{text}");
-    assert!(text.contains("appproxy_coordinator_events_published_total 2"), "created, then removed: {text}");
+    assert!(
+        text.contains("appproxy_coordinator_worker_ack_timeouts_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_coordinator_events_published_total 2"),
+        "created, then removed: {text}"
+    );
     // Both events carry the manager's ID, on the same log lines as the refusal.
     let lines = log_lines(dir.path());
-    assert!(lines.iter().any(|l| l["message"] == "worker did not acknowledge; circuit withdrawn" && l["request_id"] == "mgr-503"));
+    assert!(lines.iter().any(
+        |l| l["message"] == "worker did not acknowledge; circuit withdrawn"
+            && l["request_id"] == "mgr-503"
+    ));
 }
 
 /// Leader jobs: a silent worker is marked LOST and an idle circuit is removed, each
@@ -504,7 +522,15 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
     let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let gone = request(c.addr, "GET", &format!("/api/circuit/{circuit}"), &[AUTH], "").status == 404;
+        let gone = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .status
+            == 404;
         let workers = request(c.addr, "GET", "/api/worker", &[AUTH], "").json();
         if gone && workers["workers"][0]["status"] == "LOST" {
             break;
@@ -513,17 +539,35 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let lines = log_lines(dir.path());
-    let collected = lines.iter().find(|l| l["message"] == "idle circuit collected").expect("collection logged");
-    let lost = lines.iter().find(|l| l["message"] == "worker lost").expect("loss logged");
-    let (a, b) = (collected["request_id"].as_str().expect("id"), lost["request_id"].as_str().expect("id"));
+    let collected = lines
+        .iter()
+        .find(|l| l["message"] == "idle circuit collected")
+        .expect("collection logged");
+    let lost = lines
+        .iter()
+        .find(|l| l["message"] == "worker lost")
+        .expect("loss logged");
+    let (a, b) = (
+        collected["request_id"].as_str().expect("id"),
+        lost["request_id"].as_str().expect("id"),
+    );
     assert_ne!(a, b, "each pass has its own ID");
     assert!(
-        lines.iter().any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
+        lines
+            .iter()
+            .any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
         "the removal is logged under the pass's ID"
     );
-    let metrics = String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
-    assert!(metrics.contains("appproxy_coordinator_circuits_collected_total 1"), "{metrics}");
-    assert!(metrics.contains("appproxy_coordinator_workers{status=\"LOST\"} 1"), "{metrics}");
+    let metrics =
+        String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    assert!(
+        metrics.contains("appproxy_coordinator_circuits_collected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("appproxy_coordinator_workers{status=\"LOST\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Slots, statistics, bulk delete, readiness and the health status, on one worker.
@@ -544,20 +588,57 @@ fn slots_statistics_and_bulk_delete() {
         assert_eq!(r.status, 200);
         circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
     }
-    let r = request(c.addr, "GET", "/api/slots?wsproxy_host=worker-1", &[AUTH], "");
-    let ports: Vec<u64> = r.json()["slots"].as_array().expect("slots").iter().map(|s| s["port"].as_u64().expect("port")).collect();
-    assert_eq!(ports, vec![10205, 10207], "occupied slots only, preferred ports honoured");
+    let r = request(
+        c.addr,
+        "GET",
+        "/api/slots?wsproxy_host=worker-1",
+        &[AUTH],
+        "",
+    );
+    let ports: Vec<u64> = r.json()["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|s| s["port"].as_u64().expect("port"))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![10205, 10207],
+        "occupied slots only, preferred ports honoured"
+    );
     let r = request(c.addr, "GET", "/api/slots?in_use=false", &[AUTH], "");
     assert_eq!(r.json()["slots"].as_array().expect("slots").len(), 4);
-    let r = request(c.addr, "GET", &format!("/api/circuit/{}/statistics", circuits[0]), &[AUTH], "");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{}/statistics", circuits[0]),
+        &[AUTH],
+        "",
+    );
     assert_eq!(r.json()["requests"], 0);
-    assert!(r.json()["last_access"].as_i64().is_some_and(|ms| ms > 1_700_000_000_000));
-    assert!(r.json()["ttl"].as_i64().is_some_and(|t| t > 3500 && t <= 3600));
+    assert!(r.json()["last_access"]
+        .as_i64()
+        .is_some_and(|ms| ms > 1_700_000_000_000));
+    assert!(r.json()["ttl"]
+        .as_i64()
+        .is_some_and(|t| t > 3500 && t <= 3600));
     let r = request(c.addr, "GET", "/health/status", &[AUTH], "");
     assert_eq!(r.json()["workers"][0]["occupied_slots"], 2);
     assert_eq!(r.json()["workers"][0]["available_slots"], 2);
-    assert_eq!(request(c.addr, "GET", "/readyz", &[], "").json()["status"], "ok");
-    let r = request(c.addr, "DELETE", &format!("/api/circuit/_/bulk?circuit_ids={},{}", circuits[0], circuits[1]), &[AUTH], "");
+    assert_eq!(
+        request(c.addr, "GET", "/readyz", &[], "").json()["status"],
+        "ok"
+    );
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!(
+            "/api/circuit/_/bulk?circuit_ids={},{}",
+            circuits[0], circuits[1]
+        ),
+        &[AUTH],
+        "",
+    );
     assert_eq!(r.json()["success"], true);
     let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
     assert_eq!(r.json()["slots"], serde_json::json!([]));

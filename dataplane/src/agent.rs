@@ -451,11 +451,13 @@ async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circui
                 tracing::warn!("acknowledgement not sent: redis unreachable");
                 return;
             };
-            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                .arg(BROADCAST_CHANNEL)
-                .arg(text)
-                .query_async(conn)
-                .await;
+            let sent: redis::RedisResult<i64> = appproxy_control::coordinator::bounded(
+                redis::cmd("PUBLISH")
+                    .arg(BROADCAST_CHANNEL)
+                    .arg(text)
+                    .query_async(conn),
+            )
+            .await;
             if let Err(e) = sent {
                 tracing::warn!(error = %e, "acknowledgement not sent");
                 redis.failed();
@@ -503,7 +505,9 @@ async fn write_marks(
             };
             let mut pipe = redis::pipe();
             appproxy_control::coordinator::access::add_marks(&mut pipe, &marks);
-            if let Err(e) = pipe.query_async::<()>(conn).await {
+            if let Err(e) =
+                appproxy_control::coordinator::bounded(pipe.query_async::<()>(conn)).await
+            {
                 tracing::warn!(error = %e, "last-access marks not written");
                 redis.failed();
             }

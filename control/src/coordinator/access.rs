@@ -76,7 +76,7 @@ impl Marks {
     pub async fn record(&self, marks: &[AccessMark]) {
         match self {
             Self::Redis(conn) => {
-                if let Err(e) = write_redis(&mut conn.clone(), marks).await {
+                if let Err(e) = super::bounded(write_redis(&mut conn.clone(), marks)).await {
                     tracing::warn!(error = %e, "last-access marks not written");
                 }
             }
@@ -96,13 +96,15 @@ impl Marks {
         match self {
             Self::Redis(conn) => {
                 let mut conn = conn.clone();
-                let got: redis::RedisResult<(Option<String>, Option<u64>)> = redis::pipe()
-                    .cmd("GET")
-                    .arg(format!("circuit.{circuit}.last_access"))
-                    .cmd("GET")
-                    .arg(format!("circuit.{circuit}.requests"))
-                    .query_async(&mut conn)
-                    .await;
+                let got: redis::RedisResult<(Option<String>, Option<u64>)> = super::bounded(
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(format!("circuit.{circuit}.last_access"))
+                        .cmd("GET")
+                        .arg(format!("circuit.{circuit}.requests"))
+                        .query_async(&mut conn),
+                )
+                .await;
                 match got {
                     Ok((last, requests)) => (last.and_then(|s| s.parse().ok()), requests),
                     Err(e) => {

@@ -29,7 +29,7 @@ pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
     let redis = match &state.redis {
         Some(conn) => {
             let mut conn = conn.clone();
-            Some(redis::cmd("PING").query_async::<String>(&mut conn).await)
+            Some(super::bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await)
         }
         None => None,
     };
@@ -245,18 +245,20 @@ pub(super) async fn heartbeat(
             .unwrap_or_default()
             .as_secs_f64();
         let mut conn = conn.clone();
-        let written: redis::RedisResult<()> = redis::pipe()
-            .cmd("HSET")
-            .arg("proxy-worker.last_seen")
-            .arg(authority)
-            .arg(format!("{now:.6}"))
-            .ignore()
-            .cmd("EXPIRE")
-            .arg("proxy-worker.last_seen")
-            .arg(access::LAST_ACCESS_TTL_SECS)
-            .ignore()
-            .query_async(&mut conn)
-            .await;
+        let written: redis::RedisResult<()> = super::bounded(
+            redis::pipe()
+                .cmd("HSET")
+                .arg("proxy-worker.last_seen")
+                .arg(authority)
+                .arg(format!("{now:.6}"))
+                .ignore()
+                .cmd("EXPIRE")
+                .arg("proxy-worker.last_seen")
+                .arg(access::LAST_ACCESS_TTL_SECS)
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await;
         if let Err(e) = written {
             tracing::warn!(error = %e, "proxy-worker.last_seen not written");
         }

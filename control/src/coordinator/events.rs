@@ -138,11 +138,13 @@ pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &Circuit
         return false;
     };
     let mut conn = conn.clone();
-    match redis::cmd("PUBLISH")
-        .arg(BROADCAST_CHANNEL)
-        .arg(text)
-        .query_async::<i64>(&mut conn)
-        .await
+    match super::bounded(
+        redis::cmd("PUBLISH")
+            .arg(BROADCAST_CHANNEL)
+            .arg(text)
+            .query_async::<i64>(&mut conn),
+    )
+    .await
     {
         Ok(_) => {
             tracing::info!(event = event.kind.name(), worker = %event.authority, "event published");

@@ -30,14 +30,16 @@ async fn lead(state: &State) -> bool {
          if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
          if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
          return 0";
-    let led = redis::cmd("EVAL")
-        .arg(SCRIPT)
-        .arg(1)
-        .arg(LEADER_KEY)
-        .arg(&me)
-        .arg(LEASE_MS)
-        .query_async::<i64>(&mut conn)
-        .await;
+    let led = super::bounded(
+        redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg(LEADER_KEY)
+            .arg(&me)
+            .arg(LEASE_MS)
+            .query_async::<i64>(&mut conn),
+    )
+    .await;
     match led {
         Ok(v) => v == 1,
         Err(e) => {

@@ -39,6 +39,19 @@ use access::{AccessMark, Marks};
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
 use store::{CircuitRow, Store, StoreError};
 
+/// Every Redis call the coordinator makes is bounded by this: an outage costs a call
+/// at most this long (then the caller's fallback applies), never a hang.
+pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(REDIS_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
+}
+
 /// Counters for `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
@@ -370,9 +383,12 @@ impl Coordinator {
             Some(url) => {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+                // Reconnects quickly after an outage; calls are bounded anyway.
                 let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_secs(5))
-                    .set_response_timeout(Duration::from_secs(5));
+                    .set_connection_timeout(REDIS_CALL_TIMEOUT)
+                    .set_response_timeout(REDIS_CALL_TIMEOUT)
+                    .set_number_of_retries(1)
+                    .set_max_delay(500);
                 Some(
                     redis::aio::ConnectionManager::new_with_config(client, cfg)
                         .await
