@@ -121,11 +121,12 @@ pub fn place(
             let Some((lo, hi)) = port_range(body) else {
                 continue;
             };
-            let free = (lo..=hi).filter(|p| !taken.ports.contains(p));
+            let taken_ports: std::collections::HashSet<u16> = taken.ports.iter().copied().collect();
+            let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
             let count = free.clone().count() as i64;
             let port = req
                 .preferred_port
-                .filter(|p| (lo..=hi).contains(p) && !taken.ports.contains(p))
+                .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
                 .or_else(|| free.clone().next());
             let Some(port) = port else { continue };
             (

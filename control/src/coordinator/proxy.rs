@@ -198,13 +198,12 @@ async fn proxy_auth(
     } else {
         state
             .store
-            .circuits(None)
+            .circuits_of_session(q.session_id)
             .await?
             .into_iter()
             .map(|(c, _)| c)
             .find(|c| {
-                c.session_ids.contains(&q.session_id)
-                    && c.app.as_deref() == Some(q.app.as_str())
+                c.app.as_deref() == Some(q.app.as_str())
                     && c.open_to_public == open_to_public
                     && c.allowed_client_ips == allowed
                     && c.app_mode == AppMode::Interactive
@@ -328,12 +327,12 @@ pub(super) async fn create_circuit(
     let (circuit, authority) = loop {
         attempt += 1;
         let workers = state.store.workers().await?;
-        let circuits = state.store.circuits(None).await?;
+        let slots = state.store.used_slots().await?;
         let used = |w: &uuid::Uuid| {
             let mut u = Used::default();
-            for (c, _) in circuits.iter().filter(|(c, _)| c.worker == Some(*w)) {
-                u.ports.extend(c.port);
-                u.subdomains.extend(c.subdomain.clone());
+            for (_, port, sub) in slots.iter().filter(|(worker, _, _)| worker == w) {
+                u.ports.extend(*port);
+                u.subdomains.extend(sub.clone());
             }
             u
         };

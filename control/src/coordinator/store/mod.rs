@@ -34,6 +34,9 @@ pub struct WorkerRow {
     pub updated_at: String,
 }
 
+/// A slot in use: the worker, and the circuit's port or subdomain.
+pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
+
 /// A circuit and the ID of the request that created it (NULL when the manager sent none).
 pub type CircuitRow = (Circuit, Option<String>);
 
@@ -199,6 +202,21 @@ impl Store {
     ) -> Result<Vec<CircuitRow>, StoreError> {
         dispatch!(self, |s| s.circuits(worker.as_ref()), |p| p
             .circuits(worker.as_ref()))
+    }
+
+    /// Every slot in use: (worker, port, subdomain) of each circuit — what placement
+    /// needs, without reading whole rows.
+    pub async fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
+        dispatch!(self, |s| s.used_slots(), |p| p.used_slots())
+    }
+
+    /// The circuits routing to `session`, oldest first (for reuse).
+    pub async fn circuits_of_session(
+        &self,
+        session: uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuits_of_session(&session), |p| p
+            .circuits_of_session(&session))
     }
 
     /// Deletes a circuit; false when there was none.

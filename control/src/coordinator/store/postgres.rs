@@ -15,7 +15,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{json, Value};
 use tokio_postgres::{NoTls, Row};
 
-use super::{CircuitRow, StoreError, WorkerRow};
+use super::{CircuitRow, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order.
 const MIGRATIONS: &[&str] = &["
@@ -590,6 +590,39 @@ impl PgStore {
                      WHERE $1::uuid IS NULL OR worker = $1 ORDER BY created_at, id"
                 ),
                 &[&worker],
+            )
+            .await?;
+        rows.iter().map(circuit_of).collect()
+    }
+
+    pub(super) async fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT worker, port, subdomain FROM circuits", &[])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let port: Option<i32> = r.try_get(1)?;
+                Ok((
+                    r.try_get(0)?,
+                    port.and_then(|p| u16::try_from(p).ok()),
+                    r.try_get(2)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(super) async fn circuits_of_session(
+        &self,
+        session: &uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE $1 = ANY(session_ids) ORDER BY created_at, id"),
+                &[session],
             )
             .await?;
         rows.iter().map(circuit_of).collect()

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use appproxy_shared::model::{Circuit, RouteInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, CircuitRow, StoreError, WorkerRow};
+use super::{now, CircuitRow, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order; the database records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -307,6 +307,47 @@ impl SqliteStore {
                  WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
             )?;
             let rows = st.query_map(params![worker.map(|w| w.to_string())], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (b, origin) = row?;
+                out.push((serde_json::from_str(&b)?, origin));
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT worker, port, subdomain FROM circuits")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (w, port, sub) = row?;
+                out.push((parse_id(&w)?, port.and_then(|p| u16::try_from(p).ok()), sub));
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn circuits_of_session(
+        &self,
+        session: &uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT body, origin_request_id FROM circuits
+                 WHERE EXISTS (SELECT 1 FROM json_each(circuits.body, '$.session_ids') WHERE value = ?1)
+                 ORDER BY created_at, rowid",
+            )?;
+            let rows = st.query_map(params![session.to_string()], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
             })?;
             let mut out = Vec::new();
