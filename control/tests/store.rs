@@ -123,9 +123,19 @@ async fn suite(store: Store) {
     let mut slots = store.used_slots().await.expect("slots");
     slots.sort();
     assert_eq!(slots, vec![(w, Some(10205), None), (w, Some(10206), None)]);
-    let of_session = store.circuits_of_session(c2.session_ids[0]).await.expect("by session");
-    assert_eq!(of_session.iter().map(|(c, _)| c.id).collect::<Vec<_>>(), vec![c2.id]);
-    assert!(store.circuits_of_session(uuid::Uuid::new_v4()).await.expect("by session").is_empty());
+    let of_session = store
+        .circuits_of_session(c2.session_ids[0])
+        .await
+        .expect("by session");
+    assert_eq!(
+        of_session.iter().map(|(c, _)| c.id).collect::<Vec<_>>(),
+        vec![c2.id]
+    );
+    assert!(store
+        .circuits_of_session(uuid::Uuid::new_v4())
+        .await
+        .expect("by session")
+        .is_empty());
 
     // A taken port on the same worker is a conflict and writes nothing; another
     // worker may use it.

@@ -135,6 +135,27 @@ struct Wake {
     request_id: Option<RequestId>,
     /// Circuits announced as created: acknowledged once every core has them.
     created: Vec<uuid::Uuid>,
+    /// What the event changed, when it says (then no fetch is needed); `None` for a
+    /// poll, a (re)subscription or a missed event: fetch the whole set.
+    delta: Option<Delta>,
+}
+
+/// A change an event carries.
+#[derive(Debug)]
+enum Delta {
+    /// Circuits created or updated, with the ID of the request that caused it.
+    Upsert(Vec<Circuit>, Option<RequestId>),
+    /// Circuits removed.
+    Remove(Vec<uuid::Uuid>),
+}
+
+impl Delta {
+    fn of(kind: &EventKind, circuits: Vec<Circuit>, request_id: Option<RequestId>) -> Self {
+        match kind {
+            EventKind::Removed => Delta::Remove(circuits.iter().map(|c| c.id).collect()),
+            EventKind::Created | EventKind::RouteUpdated => Delta::Upsert(circuits, request_id),
+        }
+    }
 }
 
 /// Starts the agent thread when the worker is managed. With `embedded` (a
@@ -319,7 +340,7 @@ async fn run(
     let apply_timeout = Duration::from_millis(coordinator.apply_timeout_ms.max(100));
     let mut state = Deployed::default();
     loop {
-        let wake = tokio::select! {
+        let mut wake = tokio::select! {
             _ = poll.tick() => Wake::default(),
             Some(wake) = wake_rx.recv() => wake,
             _ = heartbeat.tick() => {
@@ -335,12 +356,38 @@ async fn run(
                 continue;
             }
         };
-        let fetched = match link.circuits(&worker_id).await {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::warn!(error = %e, "circuit fetch failed");
-                continue;
+        // Events that queued up meanwhile are served by the same fetch and deployment:
+        // under a burst of creations the agent deploys once per batch, not per event.
+        let mut batched = 1;
+        let mut deltas: Option<Vec<Delta>> = wake.delta.take().map(|d| vec![d]);
+        while let Ok(more) = wake_rx.try_recv() {
+            batched += 1;
+            if more.request_id != wake.request_id {
+                wake.request_id = None;
             }
+            wake.created.extend(more.created);
+            deltas = match (deltas, more.delta) {
+                (Some(mut list), Some(d)) => {
+                    list.push(d);
+                    Some(list)
+                }
+                _ => None,
+            };
+        }
+        if batched > 1 {
+            tracing::debug!(events = batched, "events batched into one deployment");
+        }
+        // Events that say what changed are applied to the deployed set as they are;
+        // anything else (poll, resubscription, missed events) fetches the whole set.
+        let fetched = match deltas {
+            Some(deltas) => with_deltas(&state, deltas),
+            None => match link.circuits(&worker_id).await {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!(error = %e, "circuit fetch failed");
+                    continue;
+                }
+            },
         };
         let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
         if wake.created.is_empty() {
@@ -532,6 +579,7 @@ async fn follow_local(
                 } else {
                     Vec::new()
                 },
+                delta: Some(Delta::of(&e.kind, e.circuits, e.request_id)),
             },
             Ok(_) => continue,
             // Missed some: look at the whole set again.
@@ -587,6 +635,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                 continue;
             }
             let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
+            let delta = event_delta(&envelope.name, &body, request_id);
             let created = if envelope.name == EVENT_CIRCUIT_CREATED {
                 body["circuits"]
                     .as_array()
@@ -604,6 +653,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                 .send(Wake {
                     request_id,
                     created,
+                    delta,
                 })
                 .is_err()
             {
@@ -612,6 +662,51 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
         }
         tracing::warn!("event subscription dropped; reconnecting");
     }
+}
+
+/// The change a Redis event's body describes; `None` when it cannot be read (the
+/// agent then fetches the whole set).
+fn event_delta(
+    name: &str,
+    body: &serde_json::Value,
+    request_id: Option<RequestId>,
+) -> Option<Delta> {
+    use appproxy_shared::model::{
+        EVENT_CIRCUIT_CREATED, EVENT_CIRCUIT_REMOVED, EVENT_CIRCUIT_ROUTE_UPDATED,
+    };
+    let kind = match name {
+        EVENT_CIRCUIT_CREATED => EventKind::Created,
+        EVENT_CIRCUIT_REMOVED => EventKind::Removed,
+        EVENT_CIRCUIT_ROUTE_UPDATED => EventKind::RouteUpdated,
+        _ => return None,
+    };
+    let circuits: Vec<Circuit> = if kind == EventKind::RouteUpdated {
+        let mut circuit: Circuit = serde_json::from_value(body["circuit"].clone()).ok()?;
+        circuit.route_info = serde_json::from_value(body["routes"].clone()).ok()?;
+        circuit.session_ids = circuit.route_info.iter().map(|r| r.session_id).collect();
+        vec![circuit]
+    } else {
+        serde_json::from_value(body["circuits"].clone()).ok()?
+    };
+    Some(Delta::of(&kind, circuits, request_id))
+}
+
+/// The deployed set with `deltas` applied, in order.
+fn with_deltas(state: &Deployed, deltas: Vec<Delta>) -> Vec<(Circuit, Option<RequestId>)> {
+    let mut set: Vec<(Circuit, Option<RequestId>)> =
+        state.circuits.iter().map(|c| (c.clone(), None)).collect();
+    for d in deltas {
+        match d {
+            Delta::Upsert(circuits, origin) => {
+                for c in circuits {
+                    set.retain(|(d, _)| d.id != c.id);
+                    set.push((c, origin));
+                }
+            }
+            Delta::Remove(ids) => set.retain(|(c, _)| !ids.contains(&c.id)),
+        }
+    }
+    set
 }
 
 /// Deploys the fetched set when it differs from the one deployed, under `preferred`
@@ -631,16 +726,23 @@ fn apply(
     // One new circuit: deploy under the ID of the request that created it, so the
     // manager's call, the coordinator and every core share one ID. Otherwise a fresh
     // ID for this deployment.
-    let new: Vec<RequestId> = fetched
+    let new: Vec<(uuid::Uuid, RequestId)> = fetched
         .iter()
         .filter(|(c, _)| !state.circuits.iter().any(|d| d.id == c.id))
-        .filter_map(|(_, origin)| *origin)
+        .filter_map(|(c, origin)| origin.map(|o| (c.id, o)))
         .collect();
     let id = match (preferred, new.as_slice()) {
         (Some(id), _) => id,
-        (None, [origin]) => *origin,
+        (None, [(_, origin)]) => *origin,
         _ => RequestId::generate(IdVersion::V4),
     };
+    // A batch deploys under its own ID: each creating request's ID gets a line
+    // naming it, so either ID finds the other.
+    for (circuit, origin) in new.iter().filter(|(_, o)| *o != id) {
+        appproxy_shared::with_request_id(Some(*origin), || {
+            tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
+        });
+    }
     appproxy_shared::with_request_id(Some(id), || match config.resolve_circuits(&circuits) {
         Ok(resolved) => {
             tracing::info!(

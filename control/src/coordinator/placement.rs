@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::store::WorkerRow;
 
 /// What the new circuit needs.
+#[derive(Clone)]
 pub struct Request<'a> {
     /// Interactive or inference.
     pub app_mode: AppMode,
@@ -26,6 +27,10 @@ pub struct Request<'a> {
     pub preferred_subdomain: Option<&'a str>,
     /// The subdomain to use when none is preferred.
     pub default_subdomain: &'a str,
+    /// `None`: the lowest free port. `Some(n)`: the free port at `n` modulo their
+    /// count — a creation that lost a race for a port spreads out on its retry
+    /// instead of colliding with the other creations again.
+    pub spread: Option<u64>,
 }
 
 /// Where a circuit goes.
@@ -127,7 +132,10 @@ pub fn place(
             let port = req
                 .preferred_port
                 .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
-                .or_else(|| free.clone().next());
+                .or_else(|| match req.spread {
+                    Some(n) if count > 0 => free.clone().nth((n % count as u64) as usize),
+                    _ => free.clone().next(),
+                });
             let Some(port) = port else { continue };
             (
                 (matched, false, count),
@@ -201,6 +209,7 @@ mod tests {
             preferred_port: None,
             preferred_subdomain: None,
             default_subdomain: "jupyter-5d6c",
+            spread: None,
         }
     }
 

@@ -241,6 +241,7 @@ async fn proxy_auth(
                 preferred_port: q.port,
                 preferred_subdomain: subdomain.as_deref(),
                 default_subdomain: &default_subdomain,
+                spread: None,
             };
             let route = RouteInfo {
                 route_id: None,
@@ -326,6 +327,10 @@ pub(super) async fn create_circuit(
     let mut attempt = 0;
     let (circuit, authority) = loop {
         attempt += 1;
+        let mut attempt_request = request.clone();
+        if attempt > 1 {
+            attempt_request.spread = Some(uuid::Uuid::new_v4().as_u64_pair().0);
+        }
         let workers = state.store.workers().await?;
         let slots = state.store.used_slots().await?;
         let used = |w: &uuid::Uuid| {
@@ -340,7 +345,7 @@ pub(super) async fn create_circuit(
             worker,
             port,
             subdomain,
-        } = placement::place(&workers, used, request, || {
+        } = placement::place(&workers, used, &attempt_request, || {
             uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
         })
         .ok_or(ApiError::NoWorker)?;
@@ -371,7 +376,7 @@ pub(super) async fn create_circuit(
                     .to_owned();
                 break (circuit, authority);
             }
-            Err(StoreError::Conflict(why)) if attempt < 8 => {
+            Err(StoreError::Conflict(why)) if attempt < 16 => {
                 tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
             }
             Err(e) => return Err(e.into()),
