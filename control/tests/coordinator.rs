@@ -643,3 +643,290 @@ fn slots_statistics_and_bulk_delete() {
     let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
     assert_eq!(r.json()["slots"], serde_json::json!([]));
 }
+
+fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
+    let id = deployment
+        .map(|d| format!(r#""deployment_id":"{d}","#))
+        .unwrap_or_default();
+    format!(
+        r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
+    )
+}
+
+/// `/v2/endpoints`: create (wildcard subdomain from the service name, collision
+/// suffix), sync, routes registered / unregistered / replaced, health check, API token,
+/// idempotent delete — on both engines.
+fn endpoints_lifecycle(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let e2 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62";
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH, ("X-Backend-Request-ID", "mgr-ep-1")],
+        &endpoint_body("Llama Svc", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"success": true, "endpoint": "http://llama-svc.apps.test", "health_check_enabled": true})
+    );
+    // Sync: the same answer, no second circuit.
+    let again = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH],
+        &endpoint_body("Llama Svc", None),
+    );
+    assert_eq!(again.json()["endpoint"], "http://llama-svc.apps.test");
+    // The same service name elsewhere gets a suffixed label.
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{}]}}"#,
+            endpoint_body("llama-svc", Some(e2))
+        ),
+    );
+    let url = r.json()["endpoints"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    assert!(
+        url.starts_with("http://llama-svc-")
+            && url.ends_with(".apps.test")
+            && url.len() == "http://llama-svc-".len() + 8 + ".apps.test".len(),
+        "{url}"
+    );
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!("SELECT origin_request_id FROM circuits WHERE endpoint_id = '{e1}'")
+        ),
+        "mgr-ep-1"
+    );
+
+    // Routes.
+    let route = |id: &str, port: u16| {
+        format!(
+            r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{id}","kernel_host":"10.0.1.7","kernel_port":{port}}}"#
+        )
+    };
+    let (r1, r2) = (
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61",
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62",
+    );
+    let body = format!(
+        r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{},{}]}},{{"deployment_id":"00000000-0000-4000-8000-000000000000","routes":[]}}]}}"#,
+        route(r1, 8000),
+        route(r2, 8001)
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["registered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    assert_eq!(r.json()["endpoints"][1]["success"], false);
+    assert_eq!(
+        r.json()["endpoints"][1]["error"],
+        "No circuit registered for this endpoint yet."
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["already_registered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/unregister",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","route_ids":["{r1}","{r2}","{r2}"]}}]}}"#
+        ),
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["unregistered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["already_absent_route_ids"],
+        serde_json::json!([r2])
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
+            route(r2, 9000)
+        ),
+    );
+    assert_eq!(r.json()["endpoints"][0]["success"], true);
+    let circuit_id = request(c.addr, "GET", "/api/slots", &[AUTH], "").json()["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .find(|s| s["subdomain"] == "llama-svc")
+        .expect("slot")["circuit_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{circuit_id}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["route_info"][0]["kernel_port"], 9000);
+    assert_eq!(r.json()["route_info"][0]["traffic_ratio"], 1.0);
+    assert_eq!(r.json()["app_mode"], "inference");
+    assert_eq!(r.json()["runtime_variant"], "vllm");
+
+    // Health check and token.
+    assert_eq!(
+        request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            "{}"
+        )
+        .status,
+        400
+    );
+    let r = request(
+        c.addr,
+        "PUT",
+        &format!("/v2/endpoints/{e1}/health-check"),
+        &[AUTH],
+        r#"{"health_check":null}"#,
+    );
+    assert_eq!(r.json()["success"], true);
+    assert_eq!(
+        request(
+            c.addr,
+            "PUT",
+            "/v2/endpoints/00000000-0000-4000-8000-000000000000/health-check",
+            &[AUTH],
+            r#"{"health_check":null}"#
+        )
+        .status,
+        404
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}/token"),
+        &[AUTH],
+        r#"{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","exp":"2099-01-01T00:00:00Z"}"#,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let claims = appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt-key").expect("valid");
+    assert_eq!(claims["id"], circuit_id.as_str());
+    assert_eq!(claims["app_url"], "http://llama-svc.apps.test");
+    assert_eq!(claims["exp"], 4_070_908_800i64);
+    assert!(claims.get("route_info").is_none() && claims["created_at"].is_f64());
+    assert_eq!(
+        request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e1}/token"),
+            &[AUTH],
+            r#"{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","exp":"soon"}"#
+        )
+        .status,
+        400
+    );
+
+    // Bad bodies write nothing.
+    let before = db.query(dir.path(), "SELECT count(*) FROM endpoints");
+    for bad in [
+        "{}",
+        r#"{"service_name":"x"}"#,
+        "not json",
+        &endpoint_body("", None),
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a63",
+            &[AUTH],
+            bad,
+        );
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    assert_eq!(
+        db.query(dir.path(), "SELECT count(*) FROM endpoints"),
+        before
+    );
+
+    // Delete: idempotent; bulk reports per item.
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+    let r = request(
+        c.addr,
+        "DELETE",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(r#"{{"endpoints":[{{"deployment_id":"{e2}"}}]}}"#),
+    );
+    assert_eq!(r.json()["endpoints"][0]["success"], true);
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "0");
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM endpoints"), "0");
+}
+
+#[test]
+fn endpoints_lifecycle_sqlite() {
+    endpoints_lifecycle(Db::Sqlite);
+}
+
+#[test]
+fn endpoints_lifecycle_postgresql() {
+    endpoints_lifecycle(Db::Postgres(common::pg::Pg::start()));
+}

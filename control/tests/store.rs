@@ -270,7 +270,7 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "1"
+        "2"
     );
 }
 

@@ -10,6 +10,7 @@
 
 pub mod access;
 mod api;
+mod endpoints;
 pub mod events;
 mod jobs;
 pub mod placement;
@@ -344,6 +345,28 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/circuit/{id}/statistics", get(api::circuit_statistics))
         .route("/api/slots", get(api::slots))
         .route("/health/status", get(api::health_status))
+        .route(
+            "/v2/endpoints/bulk",
+            post(endpoints::create_bulk).delete(endpoints::delete_bulk),
+        )
+        .route("/v2/endpoints/bulk/routes", post(endpoints::replace_routes))
+        .route(
+            "/v2/endpoints/bulk/routes/register",
+            post(endpoints::register_routes),
+        )
+        .route(
+            "/v2/endpoints/bulk/routes/unregister",
+            post(endpoints::unregister_routes),
+        )
+        .route(
+            "/v2/endpoints/{id}",
+            post(endpoints::create).delete(endpoints::delete),
+        )
+        .route(
+            "/v2/endpoints/{id}/health-check",
+            axum::routing::put(endpoints::health_check),
+        )
+        .route("/v2/endpoints/{id}/token", post(endpoints::token))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/status", get(api::status))

@@ -224,6 +224,42 @@ impl Store {
         dispatch!(self, |s| s.delete_circuit(&id), |p| p.delete_circuit(&id))
     }
 
+    /// Creates or updates a model-serving endpoint's row.
+    pub async fn upsert_endpoint(
+        &self,
+        id: uuid::Uuid,
+        health_check_enabled: bool,
+        health_check_config: Option<serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        dispatch!(
+            self,
+            |s| s.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref()),
+            |p| p.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref())
+        )
+    }
+
+    /// An endpoint's health-check settings: (enabled, config); `None` when unknown.
+    pub async fn endpoint(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<(bool, Option<serde_json::Value>)>, StoreError> {
+        dispatch!(self, |s| s.endpoint(&id), |p| p.endpoint(&id))
+    }
+
+    /// Deletes an endpoint's row; false when there was none.
+    pub async fn delete_endpoint(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.delete_endpoint(&id), |p| p.delete_endpoint(&id))
+    }
+
+    /// The circuit serving an endpoint, if any.
+    pub async fn circuit_of_endpoint(
+        &self,
+        endpoint: uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuit_of_endpoint(&endpoint), |p| p
+            .circuit_of_endpoint(&endpoint))
+    }
+
     /// Stores a `/v2/conf` token.
     pub async fn insert_token(
         &self,

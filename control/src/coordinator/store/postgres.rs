@@ -18,7 +18,8 @@ use tokio_postgres::{NoTls, Row};
 use super::{CircuitRow, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TYPE proxyprotocol AS ENUM ('HTTP', 'GRPC', 'HTTP2', 'TCP');
 CREATE TYPE appmode AS ENUM ('INTERACTIVE', 'INFERENCE');
 CREATE TYPE frontendmode AS ENUM ('WILDCARD_DOMAIN', 'PORT');
@@ -94,7 +95,11 @@ CREATE TABLE endpoints (
     created_at timestamptz NULL DEFAULT now(),
     updated_at timestamptz NULL DEFAULT now()
 );
-"];
+",
+    "
+CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
+",
+];
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -626,6 +631,68 @@ impl PgStore {
             )
             .await?;
         rows.iter().map(circuit_of).collect()
+    }
+
+    pub(super) async fn upsert_endpoint(
+        &self,
+        id: &uuid::Uuid,
+        enabled: bool,
+        config: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO endpoints (id, health_check_enabled, health_check_config) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET health_check_enabled = $2, health_check_config = $3, updated_at = now()",
+                &[id, &enabled, &config],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn endpoint(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<(bool, Option<Value>)>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT health_check_enabled, health_check_config FROM endpoints WHERE id = $1",
+                &[id],
+            )
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        // The original may have written the config as a JSON string inside JSONB.
+        let config: Option<Value> = match r.try_get::<_, Option<Value>>(1)? {
+            Some(Value::String(text)) => Some(serde_json::from_str(&text)?),
+            other => other,
+        };
+        Ok(Some((r.try_get(0)?, config)))
+    }
+
+    pub(super) async fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .execute("DELETE FROM endpoints WHERE id = $1", &[id])
+            .await?
+            == 1)
+    }
+
+    pub(super) async fn circuit_of_endpoint(
+        &self,
+        endpoint: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE endpoint_id = $1"),
+                &[endpoint],
+            )
+            .await?;
+        row.as_ref().map(circuit_of).transpose()
     }
 
     pub(super) async fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {

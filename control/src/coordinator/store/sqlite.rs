@@ -43,6 +43,18 @@ CREATE TABLE tokens (
 ALTER TABLE workers ADD COLUMN nodes INTEGER NOT NULL DEFAULT 1;
 CREATE UNIQUE INDEX circuits_worker_subdomain ON circuits(worker, subdomain) WHERE subdomain IS NOT NULL;
 ",
+    "
+CREATE TABLE endpoints (
+    id TEXT PRIMARY KEY,
+    health_check_enabled INTEGER NOT NULL DEFAULT 0,
+    health_check_config TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+ALTER TABLE circuits ADD COLUMN endpoint_id TEXT;
+UPDATE circuits SET endpoint_id = json_extract(body, '$.endpoint_id');
+CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
+",
 ];
 
 /// The embedded store.
@@ -243,8 +255,8 @@ impl SqliteStore {
         let body = serde_json::to_string(circuit)?;
         self.with(|c| {
             c.execute(
-                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
                 params![
                     circuit.id.to_string(),
                     circuit.worker.map(|w| w.to_string()).unwrap_or_default(),
@@ -252,7 +264,8 @@ impl SqliteStore {
                     circuit.subdomain,
                     body,
                     origin_request_id,
-                    now
+                    now,
+                    circuit.endpoint_id.map(|e| e.to_string())
                 ],
             )
             .map_err(conflict_or)?;
@@ -356,6 +369,74 @@ impl SqliteStore {
                 out.push((serde_json::from_str(&b)?, origin));
             }
             Ok(out)
+        })
+    }
+
+    pub(super) fn upsert_endpoint(
+        &self,
+        id: &uuid::Uuid,
+        enabled: bool,
+        config: Option<&serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        let now = now();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO endpoints (id, health_check_enabled, health_check_config, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (id) DO UPDATE SET health_check_enabled = ?2, health_check_config = ?3, updated_at = ?4",
+                params![id.to_string(), enabled, config.map(|v| v.to_string()), now],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn endpoint(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<(bool, Option<serde_json::Value>)>, StoreError> {
+        self.with(|c| {
+            let row: Option<(bool, Option<String>)> = c
+                .query_row(
+                    "SELECT health_check_enabled, health_check_config FROM endpoints WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                Some((enabled, config)) => Ok(Some((
+                    enabled,
+                    config.map(|t| serde_json::from_str(&t)).transpose()?,
+                ))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub(super) fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM endpoints WHERE id = ?1",
+                params![id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn circuit_of_endpoint(
+        &self,
+        endpoint: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let row: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT body, origin_request_id FROM circuits WHERE endpoint_id = ?1",
+                    params![endpoint.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                Some((body, origin)) => Ok(Some((serde_json::from_str(&body)?, origin))),
+                None => Ok(None),
+            }
         })
     }
 
