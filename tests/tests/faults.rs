@@ -9,7 +9,7 @@ mod common;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{http, Sink};
+use common::{http, start_coordinator, start_worker, Sink};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 const PORTS: u16 = 16;
@@ -28,57 +28,6 @@ fn free_range() -> u16 {
         }
     }
     panic!("no free port range");
-}
-
-struct CoordinatorThread {
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
-    let config: appproxy_control::config::CoordinatorConfig = toml::from_str(text).expect("config");
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            if let Err(e) = appproxy_control::coordinator::serve(&config, async {
-                let _ = stop_rx.await;
-            })
-            .await
-            {
-                panic!("coordinator: {e:#}");
-            }
-        });
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    CoordinatorThread { stop, thread }
-}
-
-impl CoordinatorThread {
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
-fn start_worker(text: &str) -> appproxy_dataplane::worker::Worker {
-    let config = appproxy_dataplane::config::Config::parse(text).expect("worker config");
-    let online: Vec<usize> =
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
-    let worker =
-        appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
-            .expect("worker");
-    appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
-        .expect("agent");
-    worker
 }
 
 fn count(sink: &Sink, needle: &str) -> usize {

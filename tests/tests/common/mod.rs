@@ -349,3 +349,58 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
     Observed { logs, api_call }
 }
+
+/// A coordinator on its own runtime thread.
+pub struct CoordinatorThread {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts a coordinator from a config text; returns once `addr` accepts.
+pub fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
+    let config: appproxy_control::config::CoordinatorConfig = toml::from_str(text).expect("config");
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async move {
+            if let Err(e) = appproxy_control::coordinator::serve(&config, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            {
+                panic!("coordinator: {e:#}");
+            }
+        });
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    CoordinatorThread { stop, thread }
+}
+
+impl CoordinatorThread {
+    /// Stops it and waits.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts a worker and its control agent (remote coordinator).
+pub fn start_worker(text: &str) -> appproxy_dataplane::worker::Worker {
+    let config = appproxy_dataplane::config::Config::parse(text).expect("worker config");
+    let online: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let worker =
+        appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
+            .expect("worker");
+    appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
+        .expect("agent");
+    worker
+}
