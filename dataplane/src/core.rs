@@ -515,6 +515,10 @@ pub struct Core {
     /// Requests per circuit since the last hand-off to the control agent
     /// (managed mode only): the last-access marks, batched per core.
     pub access_marks: RefCell<HashMap<uuid::Uuid, u64>>,
+    /// Open tunnels (WebSocket, TCP) per circuit: while one is open the circuit is
+    /// marked accessed at every hand-off, as the original marks an open WebSocket
+    /// every 1.5 s — an idle-looking circuit with a live session is not collected.
+    pub open_tunnels: RefCell<HashMap<uuid::Uuid, u32>>,
     /// xorshift state for weighted route choice (no shared RNG, no syscall).
     rng: Cell<u64>,
     /// Connection IDs for log spans.
@@ -530,9 +534,34 @@ impl Core {
         }
     }
 
-    /// Takes the counts gathered since the last call.
+    /// Takes the counts gathered since the last call, plus a zero count (a last-access
+    /// mark alone) for every circuit with an open tunnel.
     pub fn take_access_marks(&self) -> Vec<(uuid::Uuid, u64)> {
-        self.access_marks.borrow_mut().drain().collect()
+        let mut marks = self.access_marks.borrow_mut();
+        for id in self.open_tunnels.borrow().keys() {
+            marks.entry(*id).or_insert(0);
+        }
+        marks.drain().collect()
+    }
+
+    /// Whether a hand-off has anything to say.
+    pub fn has_access_marks(&self) -> bool {
+        !self.access_marks.borrow().is_empty() || !self.open_tunnels.borrow().is_empty()
+    }
+
+    /// Counts a tunnel of `circuit` as open until the guard drops.
+    pub fn tunnel_open(self: &Rc<Self>, circuit: uuid::Uuid) -> TunnelGuard {
+        if self.rt.access_flush.is_none() {
+            return TunnelGuard {
+                core: None,
+                circuit,
+            };
+        }
+        *self.open_tunnels.borrow_mut().entry(circuit).or_insert(0) += 1;
+        TunnelGuard {
+            core: Some(self.clone()),
+            circuit,
+        }
     }
 
     /// Builds the state of core `cpu`.
@@ -547,6 +576,7 @@ impl Core {
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
             access_marks: RefCell::new(HashMap::new()),
+            open_tunnels: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; 64 * 1024]),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
@@ -588,6 +618,28 @@ impl Core {
     /// Looks up the circuit of an HTTP request by port or `Host`.
     pub fn route_for(&self, port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
         self.routes.borrow().lookup(port, host)
+    }
+}
+
+/// An open tunnel, counted in [`Core::open_tunnels`] while it lives.
+pub struct TunnelGuard {
+    /// `None` when nobody reads access marks.
+    core: Option<Rc<Core>>,
+    /// The tunnel's circuit.
+    circuit: uuid::Uuid,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        if let Some(core) = &self.core {
+            let mut open = core.open_tunnels.borrow_mut();
+            if let Some(n) = open.get_mut(&self.circuit) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.circuit);
+                }
+            }
+        }
     }
 }
 

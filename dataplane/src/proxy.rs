@@ -627,7 +627,18 @@ async fn forward(
                     client.buf.consume(head.head_len);
                 }
                 return relay_response(
-                    core, client, upstream, ubuf, out, head, resp, addr, id, bytes_in, websocket,
+                    core,
+                    client,
+                    upstream,
+                    ubuf,
+                    out,
+                    head,
+                    resp,
+                    addr,
+                    id,
+                    bytes_in,
+                    websocket,
+                    route.circuit.circuit.id,
                 )
                 .await;
             }
@@ -741,6 +752,7 @@ async fn relay_response(
     id: RequestId,
     bytes_in: u64,
     websocket: bool,
+    circuit: uuid::Uuid,
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
     let mut bytes_out = 0u64;
@@ -802,6 +814,7 @@ async fn relay_response(
             ws_rsv,
             session: id,
         };
+        let _open = core.tunnel_open(circuit);
         return tunnel(core, client, ubuf, out, ends).await;
     }
     let framing = ClientFraming::choose(resp.framing, req.version);

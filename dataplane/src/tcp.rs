@@ -37,6 +37,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         return;
     }
     core.mark_access(circuit);
+    let _open = core.tunnel_open(circuit);
     let Some(mut addr) = route.pick(core.draw(), core.reactor.now(), None) else {
         tracing::warn!(%circuit, "tcp circuit has no route: closed");
         return;

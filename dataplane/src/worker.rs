@@ -280,7 +280,7 @@ fn run_core(
                 if let (Some(every), Some(tx)) = (flush_every, &marks) {
                     let now = core.reactor.now();
                     if now.duration_since(last_flush.get()) >= every
-                        && !core.access_marks.borrow().is_empty()
+                        && core.has_access_marks()
                         && !tx.is_full()
                     {
                         last_flush.set(now);

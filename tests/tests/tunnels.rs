@@ -1,0 +1,117 @@
+//! A circuit with an open tunnel and no new requests is still in use: the cores mark
+//! it accessed at every hand-off while the tunnel lives (the original marks an open
+//! WebSocket every 1.5 s), so idle collection leaves it alone. Single node, a TCP
+//! circuit held open.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::http;
+
+fn stats(coord: SocketAddr, circuit: &str) -> serde_json::Value {
+    let (status, _, body) = http(coord, &format!("GET /api/circuit/{circuit}/statistics HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+#[test]
+fn open_tunnels_keep_marking_last_access() {
+    // The app: a TCP echo server.
+    let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let echo_port = echo.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord_port = common::free_port();
+    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
+    let cc: appproxy_control::config::CoordinatorConfig = toml::from_str(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
+        dir.path().join("c.sqlite3").display()
+    ))
+    .expect("coordinator config");
+    let port = common::free_port();
+    let config = appproxy_dataplane::config::Config::parse(&format!(
+        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nembedded = \"c.toml\"\naccess_flush_ms = 100\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        common::free_port()
+    ))
+    .expect("worker config");
+    let online: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let worker =
+        appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
+            .expect("worker");
+    appproxy_dataplane::agent::spawn(config, Some(cc), worker.deployer(), worker.access_marks())
+        .expect("agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
+        assert!(Instant::now() < deadline, "worker did not register");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{echo_port},"session":{{"id":"{session}","user_uuid":"{session}","group_id":"{session}","access_key":"AK","domain_name":"default"}}}}"#
+    );
+    let (_, _, body) = http(coord, &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()));
+    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{body}");
+    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let setup = url.split("token=").nth(1).expect("token");
+    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
+        ["circuit"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // One connection, held open: one request counted, last access moving on.
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    conn.write_all(b"ping").expect("write");
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"ping");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let s = stats(coord, &circuit);
+        if s["requests"] == 1 {
+            break s["last_access"].as_i64().expect("ms");
+        }
+        assert!(Instant::now() < deadline, "no mark: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats(coord, &circuit);
+        if s["last_access"].as_i64().expect("ms") > first {
+            assert_eq!(s["requests"], 1, "marks alone, no new requests");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "last access did not move while the tunnel was open: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conn);
+    worker.stop();
+}
