@@ -2,6 +2,8 @@
 //! traversal refusals, background jobs under the initiating request's ID, cleanup
 //! under its own IDs, and streaming with bounded memory.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -724,55 +726,10 @@ fn quota_is_enforced_and_delete_async_keeps_the_request_id() {
     }
 }
 
-/// A throwaway redis-server on a free port, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Redis {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (apt-get install redis-server)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
 #[test]
 fn bgtask_events_carry_the_initiating_request_id() {
-    let redis = start_redis();
-    let url = format!("redis://127.0.0.1:{}/", redis.port);
+    let redis = common::redis::Redis::start();
+    let url = redis.url();
     let p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
     create_folder(&p);
     std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");

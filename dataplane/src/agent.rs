@@ -595,44 +595,22 @@ async fn follow_local(
 /// Listens on the coordinator's broadcast channel; every circuit event for this
 /// worker (and every (re)connection, which may have missed some) asks for a fetch.
 async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::UnboundedSender<Wake>) {
-    use appproxy_shared::model::{BroadcastMessage, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED};
-    use futures_lite::StreamExt as _;
-    loop {
-        let subscribed = async {
-            let client = redis::Client::open(url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(BROADCAST_CHANNEL).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        }
-        .await;
-        let mut pubsub = match subscribed {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "event subscription failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        tracing::info!("subscribed to circuit events");
-        if tx.send(Wake::default()).is_err() {
-            return;
-        }
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            let Ok(text) = msg.get_payload::<String>() else {
-                continue;
-            };
-            let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
-                continue;
-            };
+    use appproxy_shared::model::EVENT_CIRCUIT_CREATED;
+    appproxy_control::coordinator::events::follow_broadcast(
+        &url,
+        || {
+            tracing::info!("subscribed to circuit events");
+            tx.send(Wake::default()).is_ok()
+        },
+        |envelope| {
             if envelope.source != "appproxy-coordinator" {
-                continue;
+                return true;
             }
             let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
-                continue;
+                return true;
             };
             if body["target_worker_authority"].as_str() != Some(authority.as_str()) {
-                continue;
+                return true;
             }
             let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
             let delta = event_delta(&envelope.name, &body, request_id);
@@ -649,19 +627,15 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
             appproxy_shared::with_request_id(request_id, || {
                 tracing::info!(event = %envelope.name, "circuit event received");
             });
-            if tx
-                .send(Wake {
-                    request_id,
-                    created,
-                    delta,
-                })
-                .is_err()
-            {
-                return;
-            }
-        }
-        tracing::warn!("event subscription dropped; reconnecting");
-    }
+            tx.send(Wake {
+                request_id,
+                created,
+                delta,
+            })
+            .is_ok()
+        },
+    )
+    .await;
 }
 
 /// The change a Redis event's body describes; `None` when it cannot be read (the

@@ -102,17 +102,7 @@ fn converges(coord: SocketAddr, base: u16, what: &str) -> Vec<u16> {
 
 #[test]
 fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
-    let sink = Sink::default();
-    let sub = appproxy_shared::telemetry::subscriber(
-        &appproxy_shared::telemetry::LoggingConfig {
-            format: appproxy_shared::telemetry::LogFormat::Json,
-            filter: "info".into(),
-        },
-        "e2e",
-        sink.clone(),
-    )
-    .expect("subscriber");
-    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    let sink = common::capture_logs();
     let mut redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
     let coord_port = common::free_port();

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::placement::port_range;
-use super::store::{StoreError, WorkerRow};
+use super::store::{CircuitRow, StoreError, WorkerRow};
 use super::{access, ApiError, Body, Id, Params, State};
 
 pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
@@ -190,6 +190,18 @@ fn describe_worker(w: &WorkerRow, circuits: &[&appproxy_shared::model::Circuit])
     out
 }
 
+/// The circuits of `worker` among `circuits`.
+fn circuits_on(
+    circuits: &[CircuitRow],
+    worker: uuid::Uuid,
+) -> Vec<&appproxy_shared::model::Circuit> {
+    circuits
+        .iter()
+        .map(|(c, _)| c)
+        .filter(|c| c.worker == Some(worker))
+        .collect()
+}
+
 /// Every port of a port worker (free ones too unless `in_use_only`); the occupied
 /// subdomains of a wildcard worker.
 fn slot_list(
@@ -285,11 +297,7 @@ pub(super) async fn list_workers(
     let out: Vec<Value> = workers
         .iter()
         .map(|w| {
-            let mine: Vec<_> = circuits
-                .iter()
-                .map(|(c, _)| c)
-                .filter(|c| c.worker == Some(w.id))
-                .collect();
+            let mine = circuits_on(&circuits, w.id);
             describe_worker(w, &mine)
         })
         .collect();
@@ -437,11 +445,7 @@ pub(super) async fn slots(
             .as_deref()
             .is_none_or(|h| w.body["authority"] == h)
     }) {
-        let mine: Vec<_> = circuits
-            .iter()
-            .map(|(c, _)| c)
-            .filter(|c| c.worker == Some(w.id))
-            .collect();
+        let mine = circuits_on(&circuits, w.id);
         out.extend(slot_list(w, &mine, in_use_only));
     }
     Ok(Json(json!({"slots": out})))
@@ -455,11 +459,7 @@ pub(super) async fn health_status(
     let list: Vec<Value> = workers
         .iter()
         .map(|w| {
-            let mine: Vec<_> = circuits
-                .iter()
-                .map(|(c, _)| c)
-                .filter(|c| c.worker == Some(w.id))
-                .collect();
+            let mine = circuits_on(&circuits, w.id);
             let d = describe_worker(w, &mine);
             json!({"authority": d["authority"], "available_slots": d["available_slots"],
                 "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})

@@ -157,12 +157,19 @@ pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &Circuit
     }
 }
 
-/// Listens for workers' acknowledgements on Redis, reconnecting forever.
-pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
+/// Follows the broadcast channel `events_all-appproxy` on Redis, reconnecting forever
+/// (a second between tries): `on_subscribed` runs after every (re)subscription — what
+/// was published meanwhile is lost to pub/sub, so callers resynchronise there — and
+/// `on_message` gets every readable envelope. Either returning false ends it.
+pub async fn follow_broadcast(
+    url: &str,
+    mut on_subscribed: impl FnMut() -> bool,
+    mut on_message: impl FnMut(BroadcastMessage) -> bool,
+) {
     use futures_util::StreamExt as _;
     loop {
         let subscribed = async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = redis::Client::open(url)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(BROADCAST_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -171,11 +178,14 @@ pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
         let mut pubsub = match subscribed {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "acknowledgement subscription failed; retrying");
+                tracing::warn!(error = %e, "event subscription failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        if !on_subscribed() {
+            return;
+        }
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
             let Ok(text) = msg.get_payload::<String>() else {
@@ -184,11 +194,25 @@ pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
             let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
                 continue;
             };
+            if !on_message(envelope) {
+                return;
+            }
+        }
+        tracing::warn!("event subscription dropped; reconnecting");
+    }
+}
+
+/// Listens for workers' acknowledgements on Redis, reconnecting forever.
+pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
+    follow_broadcast(
+        &url,
+        || true,
+        |envelope| {
             if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
-                continue;
+                return true;
             }
             let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
-                continue;
+                return true;
             };
             let ids: Vec<uuid::Uuid> = body["circuits"]
                 .as_array()
@@ -201,7 +225,8 @@ pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
                 tracing::debug!(circuits = ids.len(), "worker acknowledged");
             });
             acks.resolve(ids);
-        }
-        tracing::warn!("acknowledgement subscription dropped; reconnecting");
-    }
+            true
+        },
+    )
+    .await;
 }

@@ -42,6 +42,22 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
     }
 }
 
+/// Sends every log line of this test process (JSON, `info`) to the returned sink.
+pub fn capture_logs() -> Sink {
+    let sink = Sink::default();
+    let sub = appproxy_shared::telemetry::subscriber(
+        &appproxy_shared::telemetry::LoggingConfig {
+            format: appproxy_shared::telemetry::LogFormat::Json,
+            filter: "info".into(),
+        },
+        "e2e",
+        sink.clone(),
+    )
+    .expect("subscriber");
+    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    sink
+}
+
 pub fn http(addr: SocketAddr, req: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -94,17 +110,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     let redis_table = redis_url
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
-    let sink = Sink::default();
-    let sub = appproxy_shared::telemetry::subscriber(
-        &appproxy_shared::telemetry::LoggingConfig {
-            format: appproxy_shared::telemetry::LogFormat::Json,
-            filter: "info".into(),
-        },
-        "e2e",
-        sink.clone(),
-    )
-    .expect("subscriber");
-    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    let sink = capture_logs();
     let dir = tempfile::tempdir().expect("tempdir");
 
     // The app: answers 200 and keeps the request-ID header it got.

@@ -295,11 +295,20 @@ impl SqliteStore {
     }
 
     pub(super) fn circuit(&self, id: &uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        self.one_circuit("id", id)
+    }
+
+    /// The circuit whose `column` (a unique key) is `key`.
+    fn one_circuit(
+        &self,
+        column: &str,
+        key: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
         self.with(|c| {
             let row: Option<(String, Option<String>)> = c
                 .query_row(
-                    "SELECT body, origin_request_id FROM circuits WHERE id = ?1",
-                    params![id.to_string()],
+                    &format!("SELECT body, origin_request_id FROM circuits WHERE {column} = ?1"),
+                    params![key.to_string()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -425,19 +434,7 @@ impl SqliteStore {
         &self,
         endpoint: &uuid::Uuid,
     ) -> Result<Option<CircuitRow>, StoreError> {
-        self.with(|c| {
-            let row: Option<(String, Option<String>)> = c
-                .query_row(
-                    "SELECT body, origin_request_id FROM circuits WHERE endpoint_id = ?1",
-                    params![endpoint.to_string()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            match row {
-                Some((body, origin)) => Ok(Some((serde_json::from_str(&body)?, origin))),
-                None => Ok(None),
-            }
-        })
+        self.one_circuit("endpoint_id", endpoint)
     }
 
     pub(super) fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
