@@ -78,6 +78,9 @@ pub struct CoordinatorSection {
     pub check_worker_lost_interval_secs: u64,
     /// Period of the idle-circuit collection.
     pub check_unused_circuit_interval_secs: u64,
+    /// Who may read `/metrics`: IPv4 addresses or CIDRs (others get 403), as the
+    /// original.
+    pub metric_access_allowed_hosts: Vec<String>,
 }
 
 impl Default for CoordinatorSection {
@@ -91,6 +94,7 @@ impl Default for CoordinatorSection {
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,
             check_unused_circuit_interval_secs: 10,
+            metric_access_allowed_hosts: vec!["127.0.0.1".into()],
         }
     }
 }

@@ -217,6 +217,7 @@ fn origin_request_ids_are_stored_never_generated(db: Db) {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("x-backend-request-id"), Some("mgr-req-1"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
     assert!(
         url.starts_with("http://proxy1.test:10201/setup?token="),
@@ -629,6 +630,30 @@ fn slots_statistics_and_bulk_delete() {
         request(c.addr, "GET", "/readyz", &[], "").json()["status"],
         "ok"
     );
+    // The v1 routes older managers use, and the deprecated `/add`.
+    let r = request(c.addr, "GET", "/v1/api/worker", &[AUTH], "");
+    assert_eq!(r.json()[0]["authority"], "worker-1");
+    assert_eq!(r.json()[0]["total_slots"], 4);
+    assert_eq!(r.json()[0]["ports_in_use"], 2);
+    assert_eq!(r.json()[0]["endpoint"], "http://proxy1.test:10201");
+    let r = request(c.addr, "GET", "/v1/api/slots", &[AUTH], "");
+    assert_eq!(r.json().as_array().expect("rows").len(), 2);
+    assert_eq!(r.json()[0]["worker__authority"], "worker-1");
+    assert_eq!(r.json()[0]["circuit__envs"], "{}");
+    assert_eq!(r.json()[0]["wsproxy_version"], "v2");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/{token}/{SESSION}/add?app=jupyter&protocol=http"),
+        &[],
+        "",
+    );
+    assert_eq!(r.json()["code"], 200);
+    assert_eq!(
+        r.json()["url"],
+        format!("http://127.0.0.1:10200/v2/proxy/auth?app=jupyter&protocol=http&token={token}&session_id={SESSION}")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     let r = request(
         c.addr,
         "DELETE",
@@ -808,6 +833,52 @@ fn endpoints_lifecycle(db: Db) {
     assert_eq!(r.json()["app_mode"], "inference");
     assert_eq!(r.json()["runtime_variant"], "vllm");
 
+    // An existing URL keeps its worker and subdomain; an unknown one is refused.
+    let e3 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a64";
+    let kept = endpoint_body("other-name", None).replace(
+        r#""existing_url":null"#,
+        r#""existing_url":"http://kept.apps.test""#,
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e3}"),
+        &[AUTH],
+        &kept,
+    );
+    assert_eq!(
+        r.json()["endpoint"],
+        "http://kept.apps.test",
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let lost = endpoint_body("x", None).replace(
+        r#""existing_url":null"#,
+        r#""existing_url":"http://a.elsewhere.test""#,
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a65",
+            &[AUTH],
+            &lost
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e3}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+
     // Health check and token.
     assert_eq!(
         request(
@@ -929,4 +1000,26 @@ fn endpoints_lifecycle_sqlite() {
 #[test]
 fn endpoints_lifecycle_postgresql() {
     endpoints_lifecycle(Db::Postgres(common::pg::Pg::start()));
+}
+
+/// `/metrics` answers only the hosts in `metric_access_allowed_hosts`.
+#[test]
+fn metrics_are_limited_to_allowed_hosts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        "metric_access_allowed_hosts = [\"10.0.0.0/8\"]",
+    );
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error_code"], "appproxy_coordinator_forbidden");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &Db::Sqlite);
+    assert_eq!(
+        request(c.addr, "GET", "/metrics", &[], "").status,
+        200,
+        "loopback is allowed by default"
+    );
 }

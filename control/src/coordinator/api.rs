@@ -48,7 +48,26 @@ pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
 }
 
 /// Prometheus text: counters, plus workers and circuits by state.
-pub(super) async fn metrics(Extract(state): Extract<Arc<State>>) -> Result<Response, ApiError> {
+pub(super) async fn metrics(
+    Extract(state): Extract<Arc<State>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Result<Response, ApiError> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        v4 => Some(v4),
+    };
+    let allowed = ip.is_some_and(|ip| {
+        state
+            .config
+            .coordinator
+            .metric_access_allowed_hosts
+            .iter()
+            .filter_map(|h| appproxy_shared::model::IpNet::parse(h))
+            .any(|net| net.contains(ip))
+    });
+    if !allowed {
+        return Err(ApiError::Forbidden);
+    }
     use std::fmt::Write as _;
     let m = &state.metrics;
     let workers = state.store.workers().await?;
@@ -487,4 +506,64 @@ pub(super) fn protocols(name: &str) -> Result<(ProxyProtocol, ProxyProtocol), Ap
             )))
         }
     })
+}
+
+/// `GET /v1/api/worker` (older managers): one summary per worker.
+pub(super) async fn v1_workers(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let out: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            let b = &w.body;
+            let range = port_range(b);
+            let tls = b["tls_listen"].as_bool().unwrap_or(false) || b["tls_advertised"].as_bool().unwrap_or(false);
+            json!({
+                "authority": b["authority"],
+                "endpoint": format!("{}://{}:{}", if tls { "https" } else { "http" }, b["hostname"].as_str().unwrap_or(""), b["api_port"]),
+                "total_slots": range.map_or(-1, |(lo, hi)| i64::from(hi - lo) + 1),
+                "ports_in_use": circuits_on(&circuits, w.id).len(),
+                "min_range": range.map(|r| r.0),
+                "max_range": range.map(|r| r.1),
+                "wildcard_domain": b["wildcard_domain"],
+                "created": w.created_at,
+                "updated": w.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+/// `GET /v1/api/slots` (older managers): one row per circuit, flattened.
+pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let out: Vec<Value> = circuits
+        .iter()
+        .map(|(c, _)| {
+            let authority = workers
+                .iter()
+                .find(|w| Some(w.id) == c.worker)
+                .map(|w| w.body["authority"].clone())
+                .unwrap_or(Value::Null);
+            json!({
+                "rel": c.id,
+                "port": c.port,
+                "subdomain": c.subdomain,
+                "wsproxy_version": "v2",
+                "worker__authority": authority,
+                "circuit__app": c.app,
+                "circuit__session_id": c.session_ids.first(),
+                "circuit__open_to_public": c.open_to_public,
+                "circuit__allowed_client_ips": (!c.allowed_client_ips.is_empty()).then(|| c.allowed_client_ips.join(",")),
+                "circuit__envs": serde_json::to_string(&c.envs).unwrap_or_else(|_| "{}".into()),
+                "circuit__arguments": c.arguments,
+                "circuit__created": c.created_at,
+                "circuit__modified": c.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
 }

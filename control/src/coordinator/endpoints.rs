@@ -95,10 +95,7 @@ async fn create_one(
         ));
     }
     let enabled = health_enabled(&e.health_check);
-    state
-        .store
-        .upsert_endpoint(id, enabled, e.health_check.clone())
-        .await?;
+    let health_check = e.health_check.clone();
     let circuit = match state.store.circuit_of_endpoint(id).await? {
         Some((c, _)) => c,
         None => {
@@ -125,15 +122,31 @@ async fn create_one(
             if let Some(v) = &e.tags.endpoint.existing_url {
                 properties.push(("endpoint.existing_url".into(), v.clone()));
             }
-            let label = placement::dns_label(&e.service_name);
+            let mut label = placement::dns_label(&e.service_name);
+            let mut preferred_port = None;
+            let mut only_worker = None;
+            if let Some(url) = &e.tags.endpoint.existing_url {
+                let existing =
+                    existing_slot(&state.store.workers().await?, url).ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "existing_url {url:?} is not served by any registered worker"
+                        ))
+                    })?;
+                only_worker = Some(existing.0);
+                match existing.1 {
+                    Slot::Subdomain(s) => label = s,
+                    Slot::Port(p) => preferred_port = Some(p),
+                }
+            }
             let request = placement::Request {
                 app_mode: AppMode::Inference,
                 protocol: ProxyProtocol::Http,
                 properties: &properties,
-                preferred_port: None,
+                preferred_port,
                 preferred_subdomain: Some(&label),
                 default_subdomain: &label,
                 spread: None,
+                only_worker,
             };
             let template = Circuit {
                 id: uuid::Uuid::nil(),
@@ -159,12 +172,47 @@ async fn create_one(
             super::proxy::create_circuit(state, template, &request).await?
         }
     };
+    // Written once the circuit stands: a refused creation leaves no endpoint row.
+    state
+        .store
+        .upsert_endpoint(id, enabled, health_check)
+        .await?;
     let worker = state
         .store
         .worker(circuit.worker.unwrap_or_default())
         .await?
         .ok_or(ApiError::NoWorker)?;
     Ok((endpoint_url(&worker.body, &circuit), enabled))
+}
+
+/// Where an `existing_url` lives.
+enum Slot {
+    Subdomain(String),
+    Port(u16),
+}
+
+/// The worker and slot of an endpoint's `existing_url`: a wildcard worker by its
+/// domain (the subdomain kept), a port worker by hostname and a port in its range.
+fn existing_slot(workers: &[super::store::WorkerRow], url: &str) -> Option<(uuid::Uuid, Slot)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok()),
+        None => (authority, None),
+    };
+    let host = host.to_ascii_lowercase();
+    workers.iter().find_map(|w| {
+        let b = &w.body;
+        if let Some(domain) = b["wildcard_domain"].as_str() {
+            let sub = host.strip_suffix(&domain.to_ascii_lowercase())?;
+            return (!sub.is_empty() && !sub.contains('.'))
+                .then(|| (w.id, Slot::Subdomain(sub.to_owned())));
+        }
+        let (lo, hi) = placement::port_range(b)?;
+        let port = port?;
+        (b["hostname"].as_str() == Some(host.as_str()) && (lo..=hi).contains(&port))
+            .then_some((w.id, Slot::Port(port)))
+    })
 }
 
 pub(super) async fn create(

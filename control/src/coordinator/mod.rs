@@ -209,6 +209,9 @@ pub enum ApiError {
     /// Nothing there.
     #[error("{0}")]
     NotFound(&'static str),
+    /// The caller may not read this (metrics from a host not allowed).
+    #[error("Forbidden")]
+    Forbidden,
     /// The token's session is not this session.
     #[error("E20007: Session ID mismatch")]
     SessionMismatch,
@@ -233,6 +236,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "object-not-found"),
             Self::NoWorker => (StatusCode::SERVICE_UNAVAILABLE, "no-available-worker"),
             Self::WorkerNotResponding { .. } => {
@@ -344,6 +348,9 @@ pub fn router(state: Arc<State>) -> Router {
         )
         .route("/api/circuit/{id}/statistics", get(api::circuit_statistics))
         .route("/api/slots", get(api::slots))
+        .route("/v1/api/worker", get(api::v1_workers))
+        .route("/v1/api/slots", get(api::v1_slots))
+        .route("/v1/api/circuit/{id}", delete(api::delete_circuit))
         .route("/health/status", get(api::health_status))
         .route(
             "/v2/endpoints/bulk",
@@ -377,6 +384,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/health/readyz", get(api::ready))
         .route("/metrics", get(api::metrics))
         .route("/v2/conf", post(proxy::conf))
+        .route("/v2/proxy/{token}/{session_id}/add", get(proxy::proxy_add))
         .route(
             "/v2/proxy/auth",
             get(proxy::proxy_auth_get).post(proxy::proxy_auth_post),
@@ -470,9 +478,12 @@ impl Coordinator {
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
-        let served = axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         tasks.abort_all();
         served?;
         Ok(())

@@ -31,6 +31,8 @@ pub struct Request<'a> {
     /// count — a creation that lost a race for a port spreads out on its retry
     /// instead of colliding with the other creations again.
     pub spread: Option<u64>,
+    /// Only this worker (an endpoint keeping its `existing_url`).
+    pub only_worker: Option<uuid::Uuid>,
 }
 
 /// Where a circuit goes.
@@ -96,7 +98,10 @@ pub fn place(
     let mut best: Option<((bool, bool, i64), Placement)> = None;
     for w in workers {
         let body = &w.body;
-        if w.status != "ALIVE" || !accepts(body, req.app_mode) {
+        if w.status != "ALIVE"
+            || !accepts(body, req.app_mode)
+            || req.only_worker.is_some_and(|only| only != w.id)
+        {
             continue;
         }
         let matched = filter_matches(body, req.properties);
@@ -210,6 +215,7 @@ mod tests {
             preferred_subdomain: None,
             default_subdomain: "jupyter-5d6c",
             spread: None,
+            only_worker: None,
         }
     }
 

@@ -242,6 +242,7 @@ async fn proxy_auth(
                 preferred_subdomain: subdomain.as_deref(),
                 default_subdomain: &default_subdomain,
                 spread: None,
+                only_worker: None,
             };
             let route = RouteInfo {
                 route_id: None,
@@ -290,27 +291,57 @@ async fn proxy_auth(
         &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
         &state.config.secrets.jwt_secret,
     );
-    let scheme = if worker.body["tls_advertised"].as_bool().unwrap_or(false) {
-        "https"
-    } else {
-        "http"
-    };
+    let tls = worker.body["tls_listen"].as_bool().unwrap_or(false)
+        || worker.body["tls_advertised"].as_bool().unwrap_or(false);
+    let scheme = if tls { "https" } else { "http" };
     let host = worker.body["hostname"].as_str().unwrap_or("localhost");
-    let api_port = worker.body["api_port"].as_u64().unwrap_or(80);
-    let url = format!("{scheme}://{host}:{api_port}/setup?token={setup}");
+    let url = match worker.body["api_port"].as_u64().unwrap_or(80) {
+        80 if !tls => format!("{scheme}://{host}/setup?token={setup}"),
+        443 if tls => format!("{scheme}://{host}/setup?token={setup}"),
+        port => format!("{scheme}://{host}:{port}/setup?token={setup}"),
+    };
     let wants_json = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json"));
     if wants_json {
+        // As the original: `reuse` is reported false for TCP circuits.
+        let reuse = reuse && circuit.protocol != appproxy_shared::model::ProxyProtocol::Tcp;
         Ok((
             StatusCode::OK,
+            [
+                ("access-control-allow-origin", "*"),
+                ("access-control-expose-headers", "*"),
+            ],
             Json(json!({"redirect_url": url, "reuse": reuse})),
         )
             .into_response())
     } else {
         Ok((StatusCode::PERMANENT_REDIRECT, [("location", url)]).into_response())
     }
+}
+
+/// `GET /v2/proxy/{token}/{session_id}/add` (deprecated): where to call
+/// `/v2/proxy/auth` with the same query.
+pub(super) async fn proxy_add(
+    Extract(state): Extract<Arc<State>>,
+    super::Id((token, session_id)): super::Id<(uuid::Uuid, uuid::Uuid)>,
+    uri: axum::http::Uri,
+) -> Response {
+    let query = uri.query().map(|q| format!("{q}&")).unwrap_or_default();
+    let base = state
+        .config
+        .coordinator
+        .advertised_url
+        .trim_end_matches('/');
+    (
+        [
+            ("access-control-allow-origin", "*"),
+            ("access-control-expose-headers", "*"),
+        ],
+        Json(json!({"code": 200, "url": format!("{base}/v2/proxy/auth?{query}token={token}&session_id={session_id}")})),
+    )
+        .into_response()
 }
 
 /// Places, stores and announces a circuit built from `template`, then waits for the
