@@ -117,6 +117,8 @@ pub struct DatabaseSection {
     pub url: Option<String>,
     /// The embedded database file.
     pub sqlite_path: PathBuf,
+    /// PostgreSQL connections kept by the pool.
+    pub pool_size: usize,
 }
 
 impl Default for DatabaseSection {
@@ -124,6 +126,7 @@ impl Default for DatabaseSection {
         Self {
             url: None,
             sqlite_path: PathBuf::from("appproxy-coordinator.sqlite3"),
+            pool_size: 16,
         }
     }
 }

@@ -407,9 +407,13 @@ impl Coordinator {
     /// Opens the store (migrating it), connects to Redis when configured and binds
     /// the API port.
     pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Self> {
-        let store = Store::open(config.database.url.as_deref(), &config.database.sqlite_path)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
+        let store = Store::open_with(
+            config.database.url.as_deref(),
+            &config.database.sqlite_path,
+            config.database.pool_size,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
         let redis = match &config.redis.url {
             Some(url) => {
                 let client = redis::Client::open(url.as_str())

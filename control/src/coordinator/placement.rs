@@ -351,4 +351,64 @@ mod tests {
         assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
         assert_eq!(with_suffix(&"b".repeat(63), "12345678").len(), 63);
     }
+
+    proptest::proptest! {
+        /// Whatever the workers and their slots: a placement is on an eligible worker,
+        /// inside its range, on a free port or subdomain — never a double booking.
+        #[test]
+        fn placements_are_free_and_eligible(
+            specs in proptest::collection::vec((0u16..40, 0u16..6, proptest::bool::ANY, proptest::bool::ANY), 1..5),
+            taken in proptest::collection::vec((0usize..5, 0u16..50), 0..40),
+            preferred in proptest::option::of(0u16..50),
+            spread in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let workers: Vec<WorkerRow> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, (lo, width, alive, wildcard))| {
+                    let mut w = if *wildcard {
+                        worker(&format!("w{i}"), json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}))
+                    } else {
+                        worker(&format!("w{i}"), json!({"frontend_mode": "port", "port_range": [lo, lo + width]}))
+                    };
+                    if !alive {
+                        w.status = "LOST".into();
+                    }
+                    w
+                })
+                .collect();
+            let used = |id: &uuid::Uuid| {
+                let i = workers.iter().position(|w| w.id == *id).unwrap_or(usize::MAX);
+                let ports: Vec<u16> = taken.iter().filter(|(w, _)| *w == i).map(|(_, p)| *p).collect();
+                Used { subdomains: ports.iter().map(|p| format!("jupyter-5d6c-{p}")).chain(["jupyter-5d6c".to_owned()]).collect(), ports }
+            };
+            let mut r = req(&[]);
+            r.preferred_port = preferred;
+            r.spread = spread;
+            let mut n = 0;
+            let placed = place(&workers, used, &r, || { n += 1; format!("s{n}") });
+            if let Some(p) = placed {
+                let w = workers.iter().find(|w| w.id == p.worker).expect("a known worker");
+                proptest::prop_assert_eq!(&w.status, "ALIVE");
+                let u = used(&w.id);
+                match (p.port, &p.subdomain) {
+                    (Some(port), None) => {
+                        let (lo, hi) = port_range(&w.body).expect("a port worker");
+                        proptest::prop_assert!((lo..=hi).contains(&port));
+                        proptest::prop_assert!(!u.ports.contains(&port));
+                    }
+                    (None, Some(sub)) => proptest::prop_assert!(!u.subdomains.contains(sub)),
+                    other => proptest::prop_assert!(false, "a port xor a subdomain: {other:?}"),
+                }
+            } else {
+                // Nothing placed: no alive wildcard worker and no alive port worker with a free port.
+                for w in workers.iter().filter(|w| w.status == "ALIVE") {
+                    proptest::prop_assert!(w.body["frontend_mode"] != "wildcard");
+                    let (lo, hi) = port_range(&w.body).expect("a port worker");
+                    let u = used(&w.id);
+                    proptest::prop_assert!((lo..=hi).all(|p| u.ports.contains(&p)));
+                }
+            }
+        }
+    }
 }

@@ -105,8 +105,19 @@ impl Store {
         url: Option<&str>,
         sqlite_path: &std::path::Path,
     ) -> Result<Self, StoreError> {
+        Self::open_with(url, sqlite_path, 16).await
+    }
+
+    /// [`Store::open`] with a PostgreSQL pool of `pool_size` connections.
+    pub async fn open_with(
+        url: Option<&str>,
+        sqlite_path: &std::path::Path,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
         match url {
-            Some(url) => Ok(Self::Postgres(postgres::PgStore::open(url).await?)),
+            Some(url) => Ok(Self::Postgres(
+                postgres::PgStore::open(url, pool_size).await?,
+            )),
             None => {
                 let path = sqlite_path.to_owned();
                 let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))

@@ -232,7 +232,7 @@ fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
 
 impl PgStore {
     /// Connects to `url` (`postgres://user:pass@host:port/db`) and migrates.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Pool(format!("[database] url: {e}")))?;
@@ -244,7 +244,7 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(16)
+            .max_size(pool_size.clamp(1, 1024))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(std::time::Duration::from_secs(10)))
             .create_timeout(Some(std::time::Duration::from_secs(10)))
