@@ -14,8 +14,6 @@ use crate::core::SharedMetrics;
 pub struct HealthInfo {
     /// Executor count.
     pub cores: usize,
-    /// Circuits configured.
-    pub circuits: usize,
 }
 
 /// Binds `addr` and serves on a background thread.
@@ -61,7 +59,7 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
                 "{{\"status\":\"ok\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{}}}",
                 env!("CARGO_PKG_VERSION"),
                 info.cores,
-                info.circuits
+                metrics.circuits.load(std::sync::atomic::Ordering::Relaxed)
             ),
         ),
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),

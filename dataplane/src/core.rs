@@ -311,6 +311,8 @@ impl CoreMetrics {
 pub struct SharedMetrics {
     /// One row per core, indexed like [`COUNTERS`].
     pub cores: Vec<(usize, [AtomicU64; 12])>,
+    /// Circuits in the route tables now (every core has the same set; core 0 writes).
+    pub circuits: AtomicU64,
 }
 
 impl SharedMetrics {
@@ -318,6 +320,7 @@ impl SharedMetrics {
     pub fn new(cpus: &[usize]) -> Arc<Self> {
         Arc::new(Self {
             cores: cpus.iter().map(|c| (*c, Default::default())).collect(),
+            circuits: AtomicU64::new(0),
         })
     }
 
@@ -359,6 +362,10 @@ impl SharedMetrics {
                 }
             }
         }
+        out.push_str(&format!(
+            "# TYPE appproxy_circuits gauge\nappproxy_circuits {}\n",
+            self.circuits.load(Ordering::Relaxed)
+        ));
         out
     }
 }

@@ -120,6 +120,10 @@ impl Worker {
     pub fn start(rt: Runtime) -> Result<Self, StartError> {
         let rt = Arc::new(rt);
         let metrics = SharedMetrics::new(&rt.cpus);
+        metrics.circuits.store(
+            rt.circuits.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
         let (marks_tx, marks_rx) = match rt.access_flush {
             Some(_) => {
@@ -319,6 +323,13 @@ fn run_core(
                         request_id,
                         applied,
                     } => {
+                        // Counted before the "deployment applied" line, so whoever
+                        // reads that line sees the count too.
+                        if row == 0 {
+                            metrics
+                                .circuits
+                                .store(circuits.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
                         scope(Some(request_id), async {
                             apply_deployment(&core, &listeners, &circuits);
                         })

@@ -329,6 +329,24 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The worker's admin endpoint counts the deployed circuit.
+    let admin = appproxy_dataplane::admin::spawn(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        worker.metrics.clone(),
+        appproxy_dataplane::admin::HealthInfo { cores },
+    )
+    .expect("admin");
+    let (_, _, health) = http(
+        admin,
+        "GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(health.contains("\"circuits\":1"), "{health}");
+    let (_, _, metrics) = http(
+        admin,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(metrics.contains("appproxy_circuits 1"), "{metrics}");
+
     // The request reached the coordinator as a last-access mark and a request count.
     if embedded || redis_url.is_some() {
         let deadline = Instant::now() + Duration::from_secs(10);
