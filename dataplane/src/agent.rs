@@ -166,7 +166,7 @@ pub fn spawn(
     embedded: Option<appproxy_control::config::CoordinatorConfig>,
     deployer: Deployer,
     marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
-) -> Result<Option<SocketAddr>, AgentError> {
+) -> Result<Agent, AgentError> {
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let remote = match (&coordinator.url, &embedded) {
         (Some(url), None) => Some(Client::new(
@@ -174,13 +174,21 @@ pub fn spawn(
             config.secrets.api_secret.clone().unwrap_or_default(),
         )?),
         (None, Some(_)) => None,
-        (None, None) => return Ok(None),
+        (None, None) => {
+            return Ok(Agent {
+                coordinator: None,
+                stop: None,
+                done: None,
+            })
+        }
         (Some(_), Some(_)) => {
             return Err(AgentError::Embedded(
                 "[coordinator] url and embedded are both set".into(),
             ))
         }
     };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<SocketAddr>, AgentError>>();
     std::thread::Builder::new()
         .name("appproxy-agent".into())
@@ -219,12 +227,41 @@ pub fn spawn(
                     (None, None) => return,
                 };
                 let _ = ready_tx.send(Ok(addr));
-                run(config, link, deployer, marks).await;
+                run(config, link, deployer, marks, stop_rx).await;
+                let _ = done_tx.send(());
             });
         })?;
-    ready_rx
+    let coordinator = ready_rx
         .recv()
-        .map_err(|_| AgentError::Embedded("the agent thread exited during start-up".into()))?
+        .map_err(|_| AgentError::Embedded("the agent thread exited during start-up".into()))??;
+    Ok(Agent {
+        coordinator,
+        stop: Some(stop_tx),
+        done: Some(done_rx),
+    })
+}
+
+/// The running agent.
+pub struct Agent {
+    /// The embedded coordinator's API address (single-node mode).
+    pub coordinator: Option<SocketAddr>,
+    /// Asks the agent to deregister and stop (dropping it does not).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Told once the agent has stopped.
+    done: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Agent {
+    /// Deregisters this worker from the coordinator (one HA node fewer; at none it is
+    /// `LOST`, so no new circuit is placed here) and stops; waits at most 5 s.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(Duration::from_secs(5));
+        }
+    }
 }
 
 impl Link {
@@ -247,6 +284,20 @@ impl Link {
             Link::Embedded(state) => {
                 let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
                 state.local_heartbeat(id).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn deregister(&self, id: &str) -> Result<(), AgentError> {
+        match self {
+            Link::Remote(c) => c
+                .call("DELETE", &format!("/api/worker/{id}"), None)
+                .await
+                .map(|_| ()),
+            Link::Embedded(state) => {
+                let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
+                state.store.deregister_worker(id).await?;
                 Ok(())
             }
         }
@@ -288,7 +339,15 @@ async fn run(
     link: Link,
     deployer: Deployer,
     marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
+    stop: tokio::sync::oneshot::Receiver<()>,
 ) {
+    // A dropped handle is not a stop request: only an explicit one is.
+    let stopped = async {
+        if stop.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let w = &config.worker;
     let registration = serde_json::json!({
@@ -341,6 +400,14 @@ async fn run(
     let mut state = Deployed::default();
     loop {
         let mut wake = tokio::select! {
+            _ = &mut stopped => {
+                match tokio::time::timeout(Duration::from_secs(3), link.deregister(&worker_id)).await {
+                    Ok(Ok(())) => tracing::info!(worker_id = %worker_id, "deregistered from the coordinator"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
+                    Err(_) => tracing::warn!("deregistration timed out"),
+                }
+                return;
+            }
             _ = poll.tick() => Wake::default(),
             Some(wake) = wake_rx.recv() => wake,
             _ = heartbeat.tick() => {

@@ -107,13 +107,13 @@ fn run() -> anyhow::Result<()> {
         None => None,
     };
     let worker = worker::Worker::start(rt)?;
-    let coordinator = appproxy_dataplane::agent::spawn(
+    let agent = appproxy_dataplane::agent::spawn(
         config.clone(),
         embedded.clone(),
         worker.deployer(),
         worker.access_marks(),
     )?;
-    if let (Some(addr), Some(cc)) = (coordinator, &embedded) {
+    if let (Some(addr), Some(cc)) = (agent.coordinator, &embedded) {
         tracing::info!(coordinator = %addr, store = %cc.database.sqlite_path.display(), "single node: coordinator running in this process");
         print_single_node_help(addr, &config, cc);
     }
@@ -131,6 +131,8 @@ fn run() -> anyhow::Result<()> {
         tracing::info!(signal = sig, "draining");
         break;
     }
+    // Leave the coordinator first, so no new circuit is placed on a draining worker.
+    agent.stop();
     worker.stop();
     tracing::info!("worker stopped");
     Ok(())

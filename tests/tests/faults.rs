@@ -197,13 +197,14 @@ fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
     assert_eq!(converges(coord, base, "after the worker restart"), stored);
     worker.stop();
     coordinator.stop();
-    // The worker's re-registration reused its row: one worker, one more HA node.
+    // The worker deregistered when it stopped and registered again on the same row.
     assert_eq!(
         pg.psql(
             "appproxy",
-            "SELECT count(*) || ' ' || max(nodes) FROM workers"
+            "SELECT count(*) || ' ' || max(nodes) || ' ' || max(status) FROM workers"
         ),
-        "1 2"
+        "1 0 LOST",
+        "stopped last: deregistered"
     );
     // Nothing half-written: every stored circuit has its ID from the manager.
     assert_eq!(

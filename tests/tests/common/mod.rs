@@ -204,14 +204,14 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let rt = config.validate(&online).expect("valid");
     let worker = appproxy_dataplane::worker::Worker::start(rt).expect("worker");
-    let embedded_addr = appproxy_dataplane::agent::spawn(
+    let agent = appproxy_dataplane::agent::spawn(
         config,
         embedded_config,
         worker.deployer(),
         worker.access_marks(),
     )
     .expect("agent");
-    assert_eq!(embedded_addr, embedded.then_some(coord_addr));
+    assert_eq!(agent.coordinator, embedded.then_some(coord_addr));
 
     if let Some(line) = ready_log {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -365,6 +365,15 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // Draining leaves the coordinator first: the worker is no longer offered circuits.
+    let remote = !embedded;
+    agent.stop();
+    if remote {
+        let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["workers"][0]["status"], "LOST", "{body}");
+        assert_eq!(v["workers"][0]["nodes"], 0);
+    }
     worker.stop();
     let _ = stop_tx.send(());
     if let Some(t) = coord_thread {
@@ -416,15 +425,32 @@ impl CoordinatorThread {
     }
 }
 
+/// A worker and its control agent (remote coordinator), as the worker process runs them.
+pub struct RunningWorker {
+    /// The cores.
+    pub worker: appproxy_dataplane::worker::Worker,
+    /// The agent.
+    pub agent: appproxy_dataplane::agent::Agent,
+}
+
+impl RunningWorker {
+    /// Stops as the process does on SIGTERM: deregister, then drain.
+    pub fn stop(self) {
+        self.agent.stop();
+        self.worker.stop();
+    }
+}
+
 /// Starts a worker and its control agent (remote coordinator).
-pub fn start_worker(text: &str) -> appproxy_dataplane::worker::Worker {
+pub fn start_worker(text: &str) -> RunningWorker {
     let config = appproxy_dataplane::config::Config::parse(text).expect("worker config");
     let online: Vec<usize> =
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let worker =
         appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
             .expect("worker");
-    appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
-        .expect("agent");
-    worker
+    let agent =
+        appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
+            .expect("agent");
+    RunningWorker { worker, agent }
 }
