@@ -61,25 +61,7 @@ fn run() -> anyhow::Result<()> {
     let path = args.config.context("--config is required")?;
     let config = Config::load(&path)?;
     let rt = config.validate(&online_cpus())?;
-    if args.check_config {
-        println!(
-            "config ok: {} cores, {} circuits",
-            rt.cpus.len(),
-            rt.circuits.len()
-        );
-        return Ok(());
-    }
-    appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
-    preflight::check(rt.cpus.len(), rt.io_memory)?;
-    let cores = rt.cpus.len();
-    let circuits = rt.circuits.len();
-    // Signals are taken before the cores start so none is lost in between.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("cannot install signal handlers")?;
+    // The embedded coordinator's config is checked with the worker's.
     let embedded = match config
         .coordinator
         .as_ref()
@@ -106,6 +88,30 @@ fn run() -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.check_config {
+        println!(
+            "config ok: {} cores, {} circuits{}",
+            rt.cpus.len(),
+            rt.circuits.len(),
+            if embedded.is_some() {
+                ", embedded coordinator"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+    appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
+    preflight::check(rt.cpus.len(), rt.io_memory)?;
+    let cores = rt.cpus.len();
+    let circuits = rt.circuits.len();
+    // Signals are taken before the cores start so none is lost in between.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
     let worker = worker::Worker::start(rt)?;
     let agent = appproxy_dataplane::agent::spawn(
         config.clone(),
