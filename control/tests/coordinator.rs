@@ -420,6 +420,24 @@ fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
         "",
     );
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    // Longer than the column: a 400 on both engines, not a database error.
+    let long = "a".repeat(300);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={long}&protocol=http"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let worker = format!(
+        r#"{{"authority":"w9","frontend_mode":"port","hostname":"{}","api_port":1,"port_range":[1,2]}}"#,
+        "h".repeat(1100)
+    );
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], &worker).status,
+        400
+    );
     let wrong_session = format!("/v2/proxy/auth?token={token}&session_id=00000000-0000-4000-8000-000000000000&app=a&protocol=http");
     let r = request(c.addr, "GET", &wrong_session, &[], "");
     assert_eq!(r.status, 401);

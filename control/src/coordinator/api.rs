@@ -161,6 +161,13 @@ fn validate_worker(body: &Value) -> Result<(), ApiError> {
     if !body["hostname"].is_string() {
         return bad("hostname is required");
     }
+    super::fits("hostname", body["hostname"].as_str(), 1024)?;
+    super::fits("wildcard_domain", body["wildcard_domain"].as_str(), 1024)?;
+    super::fits(
+        "traefik_last_used_marker_path",
+        body["traefik_last_used_marker_path"].as_str(),
+        1024,
+    )?;
     if body["api_port"]
         .as_u64()
         .is_none_or(|p| p == 0 || p > 65535)
@@ -171,6 +178,12 @@ fn validate_worker(body: &Value) -> Result<(), ApiError> {
         if !f["key"].is_string() || f["value"].is_null() {
             return bad("app_filters entries need key and value");
         }
+        super::fits("app_filters key", f["key"].as_str(), 96)?;
+        super::fits(
+            "app_filters value",
+            super::store::filter_value(&f["value"]).as_deref(),
+            1024,
+        )?;
     }
     Ok(())
 }

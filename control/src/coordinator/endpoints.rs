@@ -89,6 +89,12 @@ async fn create_one(
     id: uuid::Uuid,
     e: CreateEndpoint,
 ) -> Result<(String, bool), ApiError> {
+    super::fits("service_name", Some(&e.service_name), 255)?;
+    super::fits(
+        "tags.endpoint.runtime_variant",
+        Some(&e.tags.endpoint.runtime_variant),
+        64,
+    )?;
     if e.service_name.trim().is_empty() {
         return Err(ApiError::BadRequest(
             "service_name must not be empty".into(),

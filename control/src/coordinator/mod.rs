@@ -197,6 +197,17 @@ impl State {
     }
 }
 
+/// Refuses a text longer than its column (the original schema's sizes), so an
+/// over-long value is a 400, never a database error.
+pub(crate) fn fits(name: &str, value: Option<&str>, max: usize) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v.chars().count() > max => Err(ApiError::BadRequest(format!(
+            "{name} is longer than {max} characters"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// An API refusal; the variant decides the status and error code, in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

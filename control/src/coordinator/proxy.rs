@@ -190,6 +190,10 @@ async fn proxy_auth(
             )));
         }
     }
+    super::fits("app", Some(&q.app), 255)?;
+    super::fits("args", q.args.as_deref(), 1000)?;
+    super::fits("allowed_client_ips", Some(&allowed.join(",")), 255)?;
+    super::fits("redirect", Some(&q.redirect), 2048)?;
     let open_to_public = Flag::get(q.open_to_public);
     let subdomain = q.subdomain.as_deref().map(placement::dns_label);
     // Reuse, as the original: the same session, app, openness and allowlist.
