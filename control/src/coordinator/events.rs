@@ -82,25 +82,17 @@ pub struct AckHub {
 }
 
 impl AckHub {
-    /// Registers interest in `circuit`'s acknowledgement. Call before publishing.
-    pub fn expect(&self, circuit: uuid::Uuid) -> oneshot::Receiver<()> {
+    /// Registers interest in `circuit`'s acknowledgement. Call before publishing. The
+    /// waiter leaves the hub when dropped, however the request ends (acknowledged,
+    /// timed out, or the caller gone): no entry outlives its request.
+    pub fn expect(&self, circuit: uuid::Uuid) -> Waiter<'_> {
         let (tx, rx) = oneshot::channel();
         self.lock().entry(circuit).or_default().push(tx);
-        rx
-    }
-
-    /// Waits up to `timeout` for an acknowledgement; false on timeout.
-    pub async fn wait(
-        &self,
-        circuit: uuid::Uuid,
-        rx: oneshot::Receiver<()>,
-        timeout: Duration,
-    ) -> bool {
-        let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
-        if !acked {
-            self.lock().remove(&circuit);
+        Waiter {
+            hub: self,
+            circuit,
+            rx,
         }
-        acked
     }
 
     /// A worker acknowledged these circuits.
@@ -116,6 +108,37 @@ impl AckHub {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<oneshot::Sender<()>>>> {
         // Senders only: a panic elsewhere cannot leave the map inconsistent.
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waiters not yet answered (for tests and metrics).
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// One creation waiting for its acknowledgement.
+pub struct Waiter<'a> {
+    /// Where the waiter is registered.
+    hub: &'a AckHub,
+    /// The circuit awaited.
+    circuit: uuid::Uuid,
+    /// Told by [`AckHub::resolve`].
+    rx: oneshot::Receiver<()>,
+}
+
+impl Waiter<'_> {
+    /// Waits up to `timeout`; false on timeout.
+    pub async fn wait(mut self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, &mut self.rx).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.hub.lock().remove(&self.circuit);
     }
 }
 
@@ -229,4 +252,31 @@ pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiters_leave_on_ack_timeout_and_cancellation() {
+        let hub = AckHub::default();
+        let (a, b, c) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let waiter = hub.expect(a);
+        hub.resolve([a]);
+        assert!(waiter.wait(Duration::from_secs(5)).await);
+        assert!(!hub.expect(b).wait(Duration::from_millis(1)).await);
+        let waiting = hub.expect(c).wait(Duration::from_secs(60));
+        // The caller gives up: the future is dropped before it completes.
+        assert!(tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .is_err());
+        // Or before it ever ran.
+        drop(hub.expect(a).wait(Duration::from_secs(60)));
+        assert_eq!(hub.pending(), 0);
+    }
 }

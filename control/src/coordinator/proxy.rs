@@ -434,14 +434,9 @@ pub(super) async fn create_circuit(
             request_id: origin,
         })
         .await;
-    if let Some(rx) = ack {
-        let acked = if delivered {
-            state.acks.wait(circuit.id, rx, state.ack_timeout()).await
-        } else {
-            // Nobody got the event, so nobody will answer: drop the waiter now.
-            state.acks.resolve([circuit.id]);
-            false
-        };
+    if let Some(waiter) = ack {
+        // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
+        let acked = delivered && waiter.wait(state.ack_timeout()).await;
         if !acked {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
