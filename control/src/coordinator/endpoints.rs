@@ -175,7 +175,9 @@ async fn create_one(
                 created_at: None,
                 updated_at: None,
             };
-            super::proxy::create_circuit(state, template, &request).await?
+            super::proxy::create_circuit(state, template, &request)
+                .await?
+                .0
         }
     };
     // Written once the circuit stands: a refused creation leaves no endpoint row.

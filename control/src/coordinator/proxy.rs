@@ -213,10 +213,16 @@ async fn proxy_auth(
                     && c.app_mode == AppMode::Interactive
             })
     };
-    let (circuit, reuse) = match reused {
+    let (circuit, reuse, worker) = match reused {
         Some(c) => {
             tracing::info!(circuit = %c.id, "circuit reused");
-            (c, true)
+            let worker = state
+                .store
+                .worker(c.worker.unwrap_or_default())
+                .await?
+                .ok_or(ApiError::NoWorker)?
+                .body;
+            (c, true, worker)
         }
         None => {
             let session = &token["session"];
@@ -283,23 +289,19 @@ async fn proxy_auth(
                 created_at: None,
                 updated_at: None,
             };
-            (create_circuit(&state, template, &request).await?, false)
+            let (circuit, worker) = create_circuit(&state, template, &request).await?;
+            (circuit, false, worker)
         }
     };
-    let worker = state
-        .store
-        .worker(circuit.worker.unwrap_or_default())
-        .await?
-        .ok_or(ApiError::NoWorker)?;
     let setup = appproxy_shared::jwt::sign_hs256(
         &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
         &state.config.secrets.jwt_secret,
     );
-    let tls = worker.body["tls_listen"].as_bool().unwrap_or(false)
-        || worker.body["tls_advertised"].as_bool().unwrap_or(false);
+    let tls = worker["tls_listen"].as_bool().unwrap_or(false)
+        || worker["tls_advertised"].as_bool().unwrap_or(false);
     let scheme = if tls { "https" } else { "http" };
-    let host = worker.body["hostname"].as_str().unwrap_or("localhost");
-    let url = match worker.body["api_port"].as_u64().unwrap_or(80) {
+    let host = worker["hostname"].as_str().unwrap_or("localhost");
+    let url = match worker["api_port"].as_u64().unwrap_or(80) {
         80 if !tls => format!("{scheme}://{host}/setup?token={setup}"),
         443 if tls => format!("{scheme}://{host}/setup?token={setup}"),
         port => format!("{scheme}://{host}:{port}/setup?token={setup}"),
@@ -356,11 +358,11 @@ pub(super) async fn create_circuit(
     state: &State,
     template: Circuit,
     request: &placement::Request<'_>,
-) -> Result<Circuit, ApiError> {
+) -> Result<(Circuit, Value), ApiError> {
     // The manager's ID, or NULL: the coordinator never makes one up.
     let origin = appproxy_shared::current_request_id();
     let mut attempt = 0;
-    let (circuit, authority) = loop {
+    let (circuit, worker_body) = loop {
         attempt += 1;
         let mut attempt_request = request.clone();
         if attempt > 1 {
@@ -403,13 +405,12 @@ pub(super) async fn create_circuit(
             .await
         {
             Ok(()) => {
-                let authority = workers
-                    .iter()
+                let body = workers
+                    .into_iter()
                     .find(|w| w.id == worker)
-                    .and_then(|w| w.body["authority"].as_str())
-                    .unwrap_or_default()
-                    .to_owned();
-                break (circuit, authority);
+                    .map(|w| w.body)
+                    .unwrap_or_default();
+                break (circuit, body);
             }
             Err(StoreError::Conflict(why)) if attempt < 16 => {
                 tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
@@ -417,6 +418,10 @@ pub(super) async fn create_circuit(
             Err(e) => return Err(e.into()),
         }
     };
+    let authority = worker_body["authority"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     state
         .metrics
         .circuits_created
@@ -445,5 +450,5 @@ pub(super) async fn create_circuit(
         }
         tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
     }
-    Ok(circuit)
+    Ok((circuit, worker_body))
 }

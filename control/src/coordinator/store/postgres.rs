@@ -509,46 +509,44 @@ impl PgStore {
         let allowed =
             (!circuit.allowed_client_ips.is_empty()).then(|| circuit.allowed_client_ips.join(","));
         let port = circuit.port.map(i32::from);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
-                subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
-                endpoint_id, runtime_variant, session_ids, route_info, origin_request_id)
-             VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
-                $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-            &[
-                &circuit.id,
-                &circuit.app,
-                &protocol_name(circuit.protocol),
-                &worker,
-                &app_mode_name(circuit.app_mode),
-                &frontend_name(circuit.frontend_mode),
-                &port,
-                &circuit.subdomain,
-                &envs,
-                &circuit.arguments,
-                &circuit.open_to_public,
-                &allowed,
-                &circuit.user_id,
-                &circuit.endpoint_id,
-                &circuit.runtime_variant,
-                &circuit.session_ids,
-                &routes,
-                &origin_request_id,
-            ],
-        )
-        .await
-        .map_err(conflict_or)?;
-        // The original keeps a slot count on the worker row; so do we.
-        tx.execute(
-            "UPDATE workers SET occupied_slots = occupied_slots + 1,
-                available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots - 1 END
-             WHERE id = $1",
-            &[&worker],
-        )
-        .await?;
-        tx.commit().await?;
+        // One statement, one round trip: the row and the worker's slot count (the
+        // original keeps one on the worker row) change together or not at all.
+        self.client()
+            .await?
+            .execute(
+                "WITH created AS (
+                    INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
+                        subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
+                        endpoint_id, runtime_variant, session_ids, route_info, origin_request_id)
+                    VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
+                        $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+                    RETURNING worker)
+                 UPDATE workers SET occupied_slots = occupied_slots + 1,
+                    available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots - 1 END
+                 FROM created WHERE workers.id = created.worker",
+                &[
+                    &circuit.id,
+                    &circuit.app,
+                    &protocol_name(circuit.protocol),
+                    &worker,
+                    &app_mode_name(circuit.app_mode),
+                    &frontend_name(circuit.frontend_mode),
+                    &port,
+                    &circuit.subdomain,
+                    &envs,
+                    &circuit.arguments,
+                    &circuit.open_to_public,
+                    &allowed,
+                    &circuit.user_id,
+                    &circuit.endpoint_id,
+                    &circuit.runtime_variant,
+                    &circuit.session_ids,
+                    &routes,
+                    &origin_request_id,
+                ],
+            )
+            .await
+            .map_err(conflict_or)?;
         Ok(())
     }
 
