@@ -324,16 +324,25 @@ pub(super) async fn deregister_worker(
 pub(super) async fn list_workers(
     Extract(state): Extract<Arc<State>>,
 ) -> Result<Json<Value>, ApiError> {
-    let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
-    let out: Vec<Value> = workers
-        .iter()
-        .map(|w| {
-            let mine = circuits_on(&circuits, w.id);
-            describe_worker(w, &mine)
-        })
+    let out: Vec<Value> = described_workers(&state)
+        .await?
+        .into_iter()
+        .map(|(_, d)| d)
         .collect();
     Ok(Json(json!({"workers": out})))
+}
+
+/// Every worker with its `WorkerResponseModel`.
+async fn described_workers(state: &State) -> Result<Vec<(WorkerRow, Value)>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    Ok(workers
+        .into_iter()
+        .map(|w| {
+            let d = describe_worker(&w, &circuits_on(&circuits, w.id));
+            (w, d)
+        })
+        .collect())
 }
 
 /// A circuit in the wire shape plus the ID of the request that created it, so a
@@ -486,13 +495,10 @@ pub(super) async fn slots(
 pub(super) async fn health_status(
     Extract(state): Extract<Arc<State>>,
 ) -> Result<Json<Value>, ApiError> {
-    let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
-    let list: Vec<Value> = workers
-        .iter()
-        .map(|w| {
-            let mine = circuits_on(&circuits, w.id);
-            let d = describe_worker(w, &mine);
+    let list: Vec<Value> = described_workers(&state)
+        .await?
+        .into_iter()
+        .map(|(w, d)| {
             json!({"authority": d["authority"], "available_slots": d["available_slots"],
                 "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})
         })
