@@ -598,10 +598,7 @@ async fn write_marks(
     if counts.is_empty() {
         return;
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let now = appproxy_shared::jwt::now_epoch();
     let marks: Vec<AccessMark> = counts
         .into_iter()
         .map(|(circuit, requests)| AccessMark {

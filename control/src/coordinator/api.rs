@@ -284,10 +284,7 @@ pub(super) async fn heartbeat(
     if let Some(conn) = &state.redis {
         // As the original: `proxy-worker.last_seen` {authority: epoch}, 2-day TTL.
         let authority = state.authority_of(Some(id)).await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let now = appproxy_shared::jwt::now_epoch();
         let mut conn = conn.clone();
         let written: redis::RedisResult<()> = super::bounded(
             redis::pipe()
@@ -400,10 +397,7 @@ pub(super) async fn circuit_statistics(
         .and_then(access::parse_rfc3339)
         .unwrap_or(0.0);
     let last = last.unwrap_or(created);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let now = appproxy_shared::jwt::now_epoch();
     let ttl = (circuit.app_mode == AppMode::Interactive).then(|| {
         state
             .config

@@ -112,10 +112,7 @@ async fn idle_pass(state: &State) {
         .config
         .coordinator
         .unused_circuit_collection_timeout_secs as f64;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let now = appproxy_shared::jwt::now_epoch();
     for (c, _) in circuits {
         if c.app_mode != AppMode::Interactive || c.protocol != ProxyProtocol::Http {
             continue;
