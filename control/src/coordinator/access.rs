@@ -123,6 +123,38 @@ impl Marks {
         }
     }
 
+    /// The last access (Unix seconds) of each circuit, in order, in one call; an
+    /// error when the marks cannot be read — a caller deciding on idleness must not
+    /// take "unreadable" for "never accessed".
+    pub async fn last_access_of(
+        &self,
+        circuits: &[uuid::Uuid],
+    ) -> redis::RedisResult<Vec<Option<f64>>> {
+        match self {
+            Self::Redis(_) if circuits.is_empty() => Ok(Vec::new()),
+            Self::Redis(conn) => {
+                let mut conn = conn.clone();
+                let keys: Vec<String> = circuits
+                    .iter()
+                    .map(|c| format!("circuit.{c}.last_access"))
+                    .collect();
+                let got: Vec<Option<String>> =
+                    super::bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
+                Ok(got
+                    .into_iter()
+                    .map(|v| v.and_then(|s| s.parse().ok()))
+                    .collect())
+            }
+            Self::Memory(map) => {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(circuits
+                    .iter()
+                    .map(|c| map.get(c).map(|(last, _)| *last))
+                    .collect())
+            }
+        }
+    }
+
     /// Forgets a removed circuit (memory only; Redis keys expire).
     pub fn forget(&self, circuit: uuid::Uuid) {
         if let Self::Memory(map) = self {

@@ -113,16 +113,28 @@ async fn idle_pass(state: &State) {
         .coordinator
         .unused_circuit_collection_timeout_secs as f64;
     let now = appproxy_shared::jwt::now_epoch();
-    for (c, _) in circuits {
-        if c.app_mode != AppMode::Interactive || c.protocol != ProxyProtocol::Http {
-            continue;
+    let candidates: Vec<_> = circuits
+        .into_iter()
+        .map(|(c, _)| c)
+        .filter(|c| c.app_mode == AppMode::Interactive && c.protocol == ProxyProtocol::Http)
+        .collect();
+    let ids: Vec<uuid::Uuid> = candidates.iter().map(|c| c.id).collect();
+    // One read for every candidate; unreadable marks skip the pass rather than make
+    // every circuit look idle.
+    let marks = match state.marks.last_access_of(&ids).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "last-access marks unreadable; idle-circuit check skipped");
+            return;
         }
+    };
+    for (c, mark) in candidates.into_iter().zip(marks) {
         let created = c
             .created_at
             .as_deref()
             .and_then(access::parse_rfc3339)
             .unwrap_or(now);
-        let last = state.marks.of(c.id).await.0.unwrap_or(created).max(created);
+        let last = mark.unwrap_or(created).max(created);
         if now - last <= timeout {
             continue;
         }
