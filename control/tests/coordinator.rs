@@ -105,6 +105,28 @@ fn request(
     common::http::request(addr, method, path, &all, body.as_bytes())
 }
 
+/// Each scenario runs on both engines, as `<scenario>_sqlite` and
+/// `<scenario>_postgresql` (a throwaway server per test).
+macro_rules! on_both_engines {
+    ($($scenario:ident => $sqlite:ident, $postgresql:ident;)*) => {$(
+        #[test]
+        fn $sqlite() {
+            $scenario(Db::Sqlite);
+        }
+
+        #[test]
+        fn $postgresql() {
+            $scenario(Db::Postgres(common::pg::Pg::start()));
+        }
+    )*};
+}
+
+on_both_engines! {
+    origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
+    bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
+    endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
+}
+
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
@@ -134,16 +156,6 @@ fn circuit_of(setup_url: &str) -> String {
     let claims =
         appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt-key").expect("setup token");
     claims["circuit"].as_str().expect("circuit").to_owned()
-}
-
-#[test]
-fn origin_request_ids_are_stored_never_generated_sqlite() {
-    origin_request_ids_are_stored_never_generated(Db::Sqlite);
-}
-
-#[test]
-fn origin_request_ids_are_stored_never_generated_postgresql() {
-    origin_request_ids_are_stored_never_generated(Db::Postgres(common::pg::Pg::start()));
 }
 
 fn origin_request_ids_are_stored_never_generated(db: Db) {
@@ -269,16 +281,6 @@ fn origin_request_ids_are_stored_never_generated(db: Db) {
         request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "").status,
         404
     );
-}
-
-#[test]
-fn bad_requests_get_json_errors_and_write_nothing_sqlite() {
-    bad_requests_get_json_errors_and_write_nothing(Db::Sqlite);
-}
-
-#[test]
-fn bad_requests_get_json_errors_and_write_nothing_postgresql() {
-    bad_requests_get_json_errors_and_write_nothing(Db::Postgres(common::pg::Pg::start()));
 }
 
 fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
@@ -961,16 +963,6 @@ fn endpoints_lifecycle(db: Db) {
     assert_eq!(db.query(dir.path(), "SELECT count(*) FROM endpoints"), "0");
 }
 
-#[test]
-fn endpoints_lifecycle_sqlite() {
-    endpoints_lifecycle(Db::Sqlite);
-}
-
-#[test]
-fn endpoints_lifecycle_postgresql() {
-    endpoints_lifecycle(Db::Postgres(common::pg::Pg::start()));
-}
-
 /// `/metrics` answers only the hosts in `metric_access_allowed_hosts`.
 #[test]
 fn metrics_are_limited_to_allowed_hosts() {
@@ -991,4 +983,76 @@ fn metrics_are_limited_to_allowed_hosts() {
         200,
         "loopback is allowed by default"
     );
+}
+
+/// Idle collection reads the workers' last-access marks from Redis: a circuit with a
+/// fresh mark stays, one without goes; with Redis unreachable the pass is skipped
+/// instead of taking every circuit for idle.
+#[test]
+fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
+    let mut redis = common::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 1\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let create = || {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+    };
+    let (kept, idle) = (create(), create());
+    let exists =
+        |id: &str| request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").status == 200;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while exists(&idle) {
+        assert!(
+            Instant::now() < deadline,
+            "the idle circuit was never collected"
+        );
+        let now = appproxy_shared::jwt::now_epoch();
+        let _: () = redis::cmd("SET")
+            .arg(format!("circuit.{kept}.last_access"))
+            .arg(format!("{now:.6}"))
+            .query(&mut conn)
+            .expect("mark");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exists(&kept), "a circuit with a fresh mark is kept");
+    // Redis goes away: no more marks can be read, and nothing is collected for it.
+    redis.stop();
+    let lines = |needle: &str| {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == needle)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // (With Redis down the leadership check fails first; either way the pass stops.)
+    let skipped = || {
+        lines("leadership check failed; skipping this pass")
+            + lines("last-access marks unreadable; idle-circuit check skipped")
+    };
+    while skipped() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the pass did not notice the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exists(&kept), "an outage does not make circuits idle");
 }
