@@ -2,6 +2,8 @@
 //!
 //! Served by one plain thread with blocking sockets: it is off the data path, answers
 //! a handful of requests per scrape, and must keep answering while the cores are busy.
+//! `/health` answers 503 naming the cores that hold waiting work without turning (see
+//! [`crate::liveness`]), so an operator's health check catches a stuck core.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,11 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::SharedMetrics;
+use crate::liveness::Liveness;
 
 /// What `/health` reports.
 pub struct HealthInfo {
     /// Executor count.
     pub cores: usize,
+    /// The cores' liveness.
+    pub liveness: Arc<Liveness>,
 }
 
 /// Binds `addr` and serves on a background thread.
@@ -52,19 +57,40 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz" | "/") => (
-            "200 OK",
+        ("GET", "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz" | "/") => {
+            let stalled = info.liveness.check();
+            let (status, word) = if stalled.is_empty() {
+                ("200 OK", "ok")
+            } else {
+                ("503 Service Unavailable", "stalled")
+            };
+            (
+                status,
+                "application/json",
+                format!(
+                    "{{\"status\":\"{word}\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{},\"stalled_cores\":{:?}}}",
+                    env!("CARGO_PKG_VERSION"),
+                    info.cores,
+                    metrics.circuits.load(std::sync::atomic::Ordering::Relaxed),
+                    stalled
+                ),
+            )
+        }
+        ("GET", "/metrics") => {
+            let mut text = metrics.render();
+            info.liveness.render(&mut text);
+            ("200 OK", "text/plain; version=0.0.4", text)
+        }
+        ("GET", _) => (
+            "404 Not Found",
             "application/json",
-            format!(
-                "{{\"status\":\"ok\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{}}}",
-                env!("CARGO_PKG_VERSION"),
-                info.cores,
-                metrics.circuits.load(std::sync::atomic::Ordering::Relaxed)
-            ),
+            "{\"error\":\"not found\",\"code\":\"not_found\"}".into(),
         ),
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        ("GET", _) => ("404 Not Found", "application/json", "{\"error\":\"not found\",\"code\":\"not_found\"}".into()),
-        _ => ("405 Method Not Allowed", "application/json", "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into()),
+        _ => (
+            "405 Method Not Allowed",
+            "application/json",
+            "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into(),
+        ),
     };
     let mut stream = stream;
     write!(

@@ -308,8 +308,12 @@ impl Default for UpstreamSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReactorSection {
-    /// Longest park in `epoll_wait` when idle, in microseconds.
+    /// Longest single park in `epoll_wait` when idle, in microseconds; 0 (the default)
+    /// parks until the next deadline or I/O, so an idle worker makes no wake-ups.
     pub park_max_us: u64,
+    /// Empty zero-timeout polls in a row (with every other task run in between) before
+    /// the reactor parks: it spins only while work keeps arriving.
+    pub spin_polls: u32,
     /// io_uring buffer memory each executor registers (needs `RLIMIT_MEMLOCK`), KiB.
     pub io_memory_kib: usize,
 }
@@ -317,7 +321,8 @@ pub struct ReactorSection {
 impl Default for ReactorSection {
     fn default() -> Self {
         Self {
-            park_max_us: 1000,
+            park_max_us: 0,
+            spin_polls: 32,
             io_memory_kib: 512,
         }
     }
@@ -329,12 +334,17 @@ impl Default for ReactorSection {
 pub struct AdminSection {
     /// `host:port` serving `/health` and `/metrics`; absent: no admin endpoint.
     pub bind: Option<SocketAddr>,
+    /// A core holding waiting work without a reactor turn for longer than this is
+    /// stalled: `/health` answers 503, `/metrics` shows it, and the watchdog (which
+    /// checks this often) logs it and kicks the core awake. Milliseconds.
+    pub core_stall_ms: u64,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 10202))),
+            core_stall_ms: 2000,
         }
     }
 }
@@ -543,8 +553,10 @@ pub struct Runtime {
     pub unhealthy_backoff: Duration,
     /// Active probe interval (`None`: off).
     pub probe_interval: Option<Duration>,
-    /// Reactor park bound.
-    pub park_max: Duration,
+    /// How the reactor spins and parks.
+    pub park: crate::reactor::ParkPolicy,
+    /// How long a core may hold waiting work without a turn before it is stalled.
+    pub core_stall: Duration,
     /// glommio io memory per executor, bytes.
     pub io_memory: usize,
     /// Trusted proxy networks.
@@ -841,7 +853,12 @@ impl Config {
             unhealthy_backoff: secs(self.upstream.unhealthy_secs),
             probe_interval: (self.upstream.probe_interval_secs > 0)
                 .then(|| secs(self.upstream.probe_interval_secs)),
-            park_max: Duration::from_micros(self.reactor.park_max_us.clamp(50, 100_000)),
+            park: crate::reactor::ParkPolicy {
+                spin_polls: self.reactor.spin_polls.min(100_000),
+                park_max: (self.reactor.park_max_us > 0)
+                    .then(|| Duration::from_micros(self.reactor.park_max_us.max(50))),
+            },
+            core_stall: Duration::from_millis(self.admin.core_stall_ms.max(100)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,
             id_version: self.worker.request_id_version,

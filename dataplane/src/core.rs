@@ -240,6 +240,18 @@ impl Pool {
         }
     }
 
+    /// When the oldest idle connection outlives its lifetime (`None`: pool empty), so
+    /// an idle core parks until then instead of ticking.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let idle = self.idle.borrow();
+        let oldest = idle
+            .values()
+            .flat_map(|l| l.first())
+            .map(|e| e.since)
+            .min()?;
+        Some(oldest + self.idle_timeout)
+    }
+
     /// Number of idle connections.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum()

@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod io;
+pub mod liveness;
 pub mod preflight;
 pub mod proxy;
 pub mod reactor;

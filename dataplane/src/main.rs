@@ -124,8 +124,15 @@ fn run() -> anyhow::Result<()> {
         print_single_node_help(addr, &config, cc);
     }
     if let Some(bind) = config.admin.bind {
-        let addr = admin::spawn(bind, worker.metrics.clone(), admin::HealthInfo { cores })
-            .with_context(|| format!("cannot serve [admin] on {bind}"))?;
+        let addr = admin::spawn(
+            bind,
+            worker.metrics.clone(),
+            admin::HealthInfo {
+                cores,
+                liveness: worker.liveness.clone(),
+            },
+        )
+        .with_context(|| format!("cannot serve [admin] on {bind}"))?;
         tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
     }
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");

@@ -6,13 +6,25 @@
 //! the reference machine that halves throughput (33k req/s against nginx's 67k). Here
 //! every socket is registered once, edge-triggered; connection tasks try the syscall
 //! first and wait on their slot only on `EAGAIN`; the reactor task polls with a zero
-//! timeout while there is work and, after a run of empty polls, parks in `epoll_wait`
-//! for at most `park_max` (an eventfd in the same set wakes it for bridge messages).
-//! See `docs/dataplane.md` for the design and its measurements.
+//! timeout while work keeps arriving and, after a run of empty polls with no other task
+//! runnable, parks in `epoll_wait` until the next deadline (an eventfd in the same set
+//! wakes it for bridge messages). See `docs/dataplane.md` for the design and its
+//! measurements.
+//!
+//! **The one place a core sleeps.** The reactor task never returns `Pending` without
+//! waking itself, so glommio always has it runnable and never parks in its own ring
+//! (which has none of the core's wake-up sources armed; see "Lost wake-ups" in the
+//! docs). The core thread therefore sleeps only inside this task's `epoll_wait`, and
+//! only when a wake-up is armed for every way work can arrive: socket readiness and
+//! the bridge's eventfd are in the epoll set, and the wait's timeout is the earliest of
+//! the sleepers, the slot deadlines and the tick hooks' next due time. Tasks woken by
+//! other tasks (not by the reactor) are seen through a per-thread poll counter bumped
+//! by every task spawned with [`spawn`]: the reactor parks only after a yield during
+//! which no other task ran, i.e. when the executor's queue held nothing but itself.
 //!
 //! The reactor also keeps the core's timers: a coarse per-slot deadline (scanned every
-//! [`DEADLINE_SCAN`]) for I/O timeouts, which costs one field write per operation, and a
-//! small ordered map of sleepers for everything else.
+//! [`DEADLINE_SCAN`] while any is set) for I/O timeouts, which costs one field write per
+//! operation, and a small ordered map of sleepers for everything else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -20,17 +32,47 @@ use std::future::Future;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
+use crate::liveness::CoreLiveness;
+
 /// How often slot deadlines are checked. I/O timeouts fire up to this much late.
 pub const DEADLINE_SCAN: Duration = Duration::from_millis(50);
 
-/// Empty zero-timeout polls in a row before the reactor starts to park.
-const SPIN_POLLS: u32 = 32;
+thread_local! {
+    /// Polls of tasks spawned with [`spawn`] on this thread (wrapping).
+    static TASK_POLLS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn task_polls() -> u64 {
+    TASK_POLLS.with(Cell::get)
+}
+
+/// Spawns a task on this core's executor whose polls the reactor can see: every task
+/// of a core must be spawned this way (or be the reactor itself), so the reactor knows
+/// when the executor has nothing else to run and may sleep.
+pub fn spawn<F>(fut: F) -> glommio::Task<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    glommio::spawn_local(counted(fut))
+}
+
+/// Wraps `fut` so that each poll bumps this thread's task-poll counter.
+pub async fn counted<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        TASK_POLLS.with(|p| p.set(p.get().wrapping_add(1)));
+        fut.as_mut().poll(cx)
+    })
+    .await
+}
 
 /// Token of the wake-up eventfd in the epoll set.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -83,8 +125,19 @@ pub struct Reactor {
     woken: Cell<bool>,
     /// The task waiting for a wake-up (the core's bridge receiver).
     wake_waker: RefCell<Option<Waker>>,
-    /// Longest park while idle.
-    park_max: Duration,
+    /// Empty zero-timeout polls in a row before the reactor may park.
+    spin_polls: u32,
+    /// Longest single park (`None`: until the next deadline or I/O).
+    park_max: Option<Duration>,
+    /// The earliest slot deadline set since the last scan (a lower bound on the
+    /// next one that can fire).
+    earliest_deadline: Cell<Option<Instant>>,
+    /// When the tick hooks next need to run (`None`: not until there is activity).
+    next_tick: Cell<Option<Instant>>,
+    /// Events were handled since the last tick: one more tick is due to publish them.
+    active: Cell<bool>,
+    /// What this core publishes for the admin thread.
+    liveness: Arc<CoreLiveness>,
     /// When slot deadlines were last scanned.
     last_scan: Cell<Instant>,
     /// Asked to stop (the core is exiting).
@@ -92,8 +145,31 @@ pub struct Reactor {
     /// The time at the last poll: deadlines are coarse (scanned every
     /// [`DEADLINE_SCAN`]), so operations read this instead of the clock.
     now: Cell<Instant>,
-    /// Hooks run at every deadline scan (access-log flush, metrics publication).
-    tick_hooks: RefCell<Vec<Box<dyn Fn()>>>,
+    /// Hooks run at every tick (access-log flush, metrics publication); each says
+    /// when it next needs one.
+    tick_hooks: RefCell<Vec<TickHook>>,
+}
+
+/// A tick hook: runs at `now`, returns when it needs to run again (`None`: only
+/// after new activity).
+pub type TickHook = Box<dyn Fn(Instant) -> Option<Instant>>;
+
+/// How the reactor spins and parks.
+#[derive(Debug, Clone, Copy)]
+pub struct ParkPolicy {
+    /// Empty zero-timeout polls in a row before it may park.
+    pub spin_polls: u32,
+    /// Longest single park (`None`: until the next deadline or I/O).
+    pub park_max: Option<Duration>,
+}
+
+impl Default for ParkPolicy {
+    fn default() -> Self {
+        Self {
+            spin_polls: 32,
+            park_max: None,
+        }
+    }
 }
 
 /// A handle other threads use to wake the reactor.
@@ -127,7 +203,7 @@ impl Waking {
 
 impl Reactor {
     /// Creates the reactor for this core.
-    pub fn new(park_max: Duration) -> std::io::Result<Rc<Self>> {
+    pub fn new(policy: ParkPolicy, liveness: Arc<CoreLiveness>) -> std::io::Result<Rc<Self>> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake_fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         epoll::add(
@@ -136,6 +212,7 @@ impl Reactor {
             epoll::EventData::new_u64(WAKE_TOKEN),
             epoll::EventFlags::IN | epoll::EventFlags::ET,
         )?;
+        liveness.attach(epoll.try_clone()?, wake_fd.try_clone()?);
         Ok(Rc::new(Self {
             epoll,
             wake_fd: Rc::new(wake_fd),
@@ -145,7 +222,12 @@ impl Reactor {
             timer_seq: Cell::new(0),
             woken: Cell::new(false),
             wake_waker: RefCell::new(None),
-            park_max,
+            spin_polls: policy.spin_polls,
+            park_max: policy.park_max,
+            earliest_deadline: Cell::new(None),
+            next_tick: Cell::new(None),
+            active: Cell::new(false),
+            liveness,
             last_scan: Cell::new(Instant::now()),
             stopped: Cell::new(false),
             now: Cell::new(Instant::now()),
@@ -216,8 +298,9 @@ impl Reactor {
         self.slots.borrow().len() - self.free.borrow().len()
     }
 
-    /// Adds a hook run at every deadline scan (every [`DEADLINE_SCAN`]).
-    pub fn on_tick(&self, hook: Box<dyn Fn()>) {
+    /// Adds a hook run at every tick: every [`DEADLINE_SCAN`] while the core is busy,
+    /// once more after activity stops, and whenever a hook asked for one.
+    pub fn on_tick(&self, hook: TickHook) {
         self.tick_hooks.borrow_mut().push(hook);
     }
 
@@ -266,58 +349,105 @@ impl Reactor {
         self.sleep_until(Instant::now() + duration)
     }
 
-    /// The reactor task: run it once per core with `glommio::spawn_local`.
+    /// The reactor task: run it once per core with `glommio::spawn_local` (not
+    /// [`spawn`]: its own polls must not count as other work).
     pub async fn run(self: Rc<Self>) {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
         let mut empty_polls = 0u32;
+        let mut polls_at_yield = task_polls();
         while !self.stopped.get() {
-            let timeout = if empty_polls < SPIN_POLLS {
-                Duration::ZERO
+            // Another task ran while we yielded: it may have woken more tasks, which
+            // are queued behind us, so this turn must not block.
+            let others_ran = task_polls() != polls_at_yield;
+            let timeout = if others_ran || empty_polls < self.spin_polls {
+                Some(Duration::ZERO)
             } else {
-                self.park_timeout()
+                let now = Instant::now();
+                let timeout = self.park_timeout(now);
+                self.liveness.parking(now, timeout);
+                timeout
             };
             let ready = self.poll_once(&mut events, timeout);
             if ready == 0 {
                 empty_polls = empty_polls.saturating_add(1);
             } else {
                 empty_polls = 0;
+                self.active.set(true);
             }
             let now = Instant::now();
             self.now.set(now);
             self.fire_timers(now);
-            if now.duration_since(self.last_scan.get()) >= DEADLINE_SCAN {
-                self.last_scan.set(now);
-                self.scan_deadlines(now);
-                for hook in self.tick_hooks.borrow().iter() {
-                    hook();
-                }
+            if self.tick_due(now) {
+                self.tick(now);
             }
+            self.liveness.turned(now);
             // Let the tasks just woken run before the next poll.
+            polls_at_yield = task_polls();
             futures_lite::future::yield_now().await;
         }
     }
 
-    fn park_timeout(&self) -> Duration {
-        let now = Instant::now();
-        let mut timeout = self.park_max;
-        if let Some(((at, _), _)) = self.timers.borrow().first_key_value() {
-            timeout = timeout.min(at.saturating_duration_since(now));
-        }
+    /// Whether the deadline scan and tick hooks are due at `now`.
+    fn tick_due(&self, now: Instant) -> bool {
         let scan_at = self.last_scan.get() + DEADLINE_SCAN;
-        timeout.min(scan_at.saturating_duration_since(now))
+        if now >= scan_at && (self.active.get() || self.earliest_deadline.get().is_some()) {
+            return true;
+        }
+        self.next_tick.get().is_some_and(|at| now >= at)
     }
 
-    /// One `epoll_wait`; wakes the tasks whose descriptors became ready.
-    fn poll_once(&self, events: &mut Vec<epoll::Event>, timeout: Duration) -> usize {
+    /// Scans slot deadlines and runs the tick hooks.
+    fn tick(&self, now: Instant) {
+        self.last_scan.set(now);
+        self.active.set(false);
+        self.scan_deadlines(now);
+        let mut next: Option<Instant> = None;
+        for hook in self.tick_hooks.borrow().iter() {
+            if let Some(at) = hook(now) {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        self.next_tick.set(next);
+    }
+
+    /// How long the next park may last: until the earliest sleeper, slot deadline
+    /// (scan granularity), or tick a hook asked for; `None` when nothing is due.
+    fn park_timeout(&self, now: Instant) -> Option<Duration> {
+        let mut due: Option<Instant> = self
+            .timers
+            .borrow()
+            .first_key_value()
+            .map(|((at, _), _)| *at);
+        let mut earliest = |at: Instant| due = Some(due.map_or(at, |d| d.min(at)));
+        let scan_floor = self.last_scan.get() + DEADLINE_SCAN;
+        if self.active.get() {
+            earliest(scan_floor);
+        }
+        if let Some(d) = self.earliest_deadline.get() {
+            earliest(d.max(scan_floor));
+        }
+        if let Some(t) = self.next_tick.get() {
+            earliest(t);
+        }
+        let timeout = due.map(|at| at.saturating_duration_since(now));
+        match (timeout, self.park_max) {
+            (Some(t), Some(max)) => Some(t.min(max)),
+            (t, max) => t.or(max),
+        }
+    }
+
+    /// One `epoll_wait` (`timeout` `None`: until an event); wakes the tasks whose
+    /// descriptors became ready.
+    fn poll_once(&self, events: &mut Vec<epoll::Event>, timeout: Option<Duration>) -> usize {
         events.clear();
-        let ts = rustix::event::Timespec {
-            tv_sec: timeout.as_secs() as _,
-            tv_nsec: timeout.subsec_nanos() as _,
-        };
+        let ts = timeout.map(|t| rustix::event::Timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as _,
+            tv_nsec: t.subsec_nanos() as _,
+        });
         let n = match epoll::wait(
             &self.epoll,
             rustix::buffer::spare_capacity(events),
-            Some(&ts),
+            ts.as_ref(),
         ) {
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => return 0,
@@ -381,13 +511,22 @@ impl Reactor {
     }
 
     fn scan_deadlines(&self, now: Instant) {
+        if self.earliest_deadline.get().is_none_or(|d| d > now) {
+            return;
+        }
         let mut slots = self.slots.borrow_mut();
-        for slot in slots.iter_mut() {
-            if slot.in_use && !slot.timed_out && slot.deadline.is_some_and(|d| d <= now) {
-                slot.timed_out = true;
-                wake_both(slot);
+        let mut earliest: Option<Instant> = None;
+        for slot in slots.iter_mut().filter(|s| s.in_use && !s.timed_out) {
+            match slot.deadline {
+                Some(d) if d <= now => {
+                    slot.timed_out = true;
+                    wake_both(slot);
+                }
+                Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
+                None => {}
             }
         }
+        self.earliest_deadline.set(earliest);
     }
 }
 
@@ -472,7 +611,13 @@ impl Registration {
         self.with(|s| {
             s.deadline = deadline;
             s.timed_out = false;
-        })
+        });
+        if let Some(d) = deadline {
+            let earliest = &self.reactor.earliest_deadline;
+            if earliest.get().is_none_or(|e| d < e) {
+                earliest.set(Some(d));
+            }
+        }
     }
 
     /// Marks the descriptor as an idle client connection (drain closes it at once).

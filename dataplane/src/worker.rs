@@ -22,7 +22,25 @@ use glommio::Task;
 use crate::config::{ResolvedCircuit, Runtime};
 use crate::core::{counter, Core, RouteTable, SharedMetrics};
 use crate::io::Listener;
-use crate::reactor::{Reactor, RemoteWaker};
+use crate::liveness::{CoreLiveness, Liveness};
+use crate::reactor::{counted, spawn, Reactor, RemoteWaker, DEADLINE_SCAN};
+
+/// glommio's preemption timer, set so long that it never fires.
+///
+/// glommio 0.9's scheduler parks in its io_uring (`io_cqring_wait`) whenever
+/// `run_task_queues` reports that it ran nothing, and it reports that not only when no
+/// task is runnable but also when the preemption timer has already fired at the moment
+/// it looks (the thread was descheduled for longer than the timer between arming it and
+/// checking it, as on a loaded machine). That park arms neither the core's epoll set
+/// nor any of its deadlines, so the runnable reactor task is left behind until a signal
+/// or a foreign wake interrupts the ring wait: the lost wake-up behind the 14-minute
+/// stall and the core that never drained. With this timer no completion ever lands in
+/// glommio's latency ring (the core issues no I/O through glommio and receives no
+/// foreign wakes except the watchdog's kick), so `run_task_queues` never returns
+/// "nothing ran" while the reactor task exists, and glommio never parks; the core
+/// sleeps only in the reactor's `epoll_wait`. Preemption itself is not needed: the
+/// data plane's tasks are cooperative and there is one task queue.
+const NO_PREEMPTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A command for every core.
 #[derive(Debug, Clone)]
@@ -110,6 +128,12 @@ pub struct Worker {
     pub bound: Vec<SocketAddr>,
     /// Receiving end of the cores' request counts (managed mode).
     access_marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
+    /// Every core's liveness (for `/health`, `/metrics` and the watchdog).
+    pub liveness: Arc<Liveness>,
+    /// Closed (every sender dropped) once every core thread has exited.
+    exited: Receiver<()>,
+    /// The drain timeout (how long `stop` waits, plus a margin).
+    drain_timeout: Duration,
 }
 
 /// What a core reports once it is serving (or why it is not).
@@ -132,6 +156,8 @@ impl Worker {
             }
             None => (None, None),
         };
+        let liveness = Liveness::new(&rt.cpus, rt.core_stall);
+        let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         for (row, &cpu) in rt.cpus.iter().enumerate() {
@@ -141,9 +167,14 @@ impl Worker {
             let metrics = metrics.clone();
             let ready = ready_tx.clone();
             let marks = marks_tx.clone();
+            let live = liveness.cores[row].clone();
+            let exit_tx = exit_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
-                .spawn(move || run_core(cpu, row, rt, metrics, rx, ready, marks))
+                .spawn(move || {
+                    run_core(cpu, row, rt, metrics, rx, ready, marks, live);
+                    drop(exit_tx);
+                })
                 .map_err(|e| StartError::Core {
                     cpu,
                     message: format!("cannot start thread: {e}"),
@@ -151,6 +182,7 @@ impl Worker {
             threads.push(thread);
         }
         drop(ready_tx);
+        drop(exit_tx);
         let mut wakers: Vec<Option<RemoteWaker>> = (0..rt.cpus.len()).map(|_| None).collect();
         let mut bound = Vec::new();
         let mut failure = None;
@@ -187,10 +219,16 @@ impl Worker {
             metrics,
             bound,
             access_marks: marks_rx,
+            liveness,
+            exited,
+            drain_timeout: rt.drain_timeout,
         };
         if let Some(e) = failure {
             worker.stop();
             return Err(e);
+        }
+        if let Err(e) = worker.liveness.spawn_watchdog() {
+            tracing::warn!(error = %e, "cannot start the core watchdog; /health still checks the cores");
         }
         Ok(worker)
     }
@@ -214,11 +252,39 @@ impl Worker {
         }
     }
 
-    /// Drains every core and waits for them to exit.
+    /// Drains every core and waits for them to exit: at most the drain timeout plus
+    /// a margin. A core still running then is kicked (in case it sleeps where it should
+    /// not) and given one more margin; one that still has not exited is reported and
+    /// left to the process exit.
     pub fn stop(self) {
         for (tx, waker) in self.cores.iter() {
             let _ = tx.send(Command::Drain);
             waker.wake();
+        }
+        let margin = Duration::from_secs(2);
+        let deadline = Instant::now() + self.drain_timeout + margin;
+        let all_exited = |until: Instant| {
+            matches!(
+                self.exited.recv_deadline(until),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            )
+        };
+        if !all_exited(deadline) {
+            for core in &self.liveness.cores {
+                core.kick();
+            }
+            if !all_exited(Instant::now() + margin) {
+                let running: Vec<usize> = self
+                    .liveness
+                    .cores
+                    .iter()
+                    .zip(&self.threads)
+                    .filter(|(_, t)| !t.is_finished())
+                    .map(|(c, _)| c.cpu)
+                    .collect();
+                tracing::error!(cores = ?running, "cores did not finish draining in time; exiting without them");
+                return;
+            }
         }
         for t in self.threads {
             let _ = t.join();
@@ -226,6 +292,7 @@ impl Worker {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_core(
     cpu: usize,
     row: usize,
@@ -234,12 +301,13 @@ fn run_core(
     commands: Receiver<Command>,
     ready: std::sync::mpsc::Sender<Ready>,
     marks: Option<Sender<Vec<(uuid::Uuid, u64)>>>,
+    live: Arc<CoreLiveness>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
         .name(&format!("core-{cpu}"))
         .io_memory(rt.io_memory)
-        .preempt_timer(Duration::from_millis(10))
+        .preempt_timer(NO_PREEMPTION)
         .make()
     {
         Ok(ex) => ex,
@@ -251,8 +319,9 @@ fn run_core(
             return;
         }
     };
-    executor.run(async move {
-        let reactor = match Reactor::new(rt.park_max) {
+    // The main task counts as work for the reactor's park decision, like every task.
+    executor.run(counted(async move {
+        let reactor = match Reactor::new(rt.park, live.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let _ = ready.send(Err(fail(format!("cannot create the epoll reactor: {e}"))));
@@ -275,28 +344,43 @@ fn run_core(
             let metrics = metrics.clone();
             let flush_every = rt.access_flush;
             let last_flush = Cell::new(Instant::now());
-            reactor.on_tick(Box::new(move || {
+            reactor.on_tick(Box::new(move |now| {
                 metrics.publish(core.row, &core.metrics);
                 core.access.flush();
                 core.pool.evict_expired();
                 // Last-access marks: one hand-off per interval, never a call per request;
                 // if the agent is behind (channel full) the counts wait for the next one.
+                let mut next = core.pool.next_expiry();
                 if let (Some(every), Some(tx)) = (flush_every, &marks) {
-                    let now = core.reactor.now();
-                    if now.duration_since(last_flush.get()) >= every
-                        && core.has_access_marks()
-                        && !tx.is_full()
-                    {
-                        last_flush.set(now);
-                        let _ = tx.try_send(core.take_access_marks());
+                    if core.has_access_marks() {
+                        if now.duration_since(last_flush.get()) >= every && !tx.is_full() {
+                            last_flush.set(now);
+                            let _ = tx.try_send(core.take_access_marks());
+                        } else {
+                            // Counts are waiting: come back when the interval is over
+                            // (or, with the agent behind, one interval from now).
+                            let at = (last_flush.get() + every).max(now + DEADLINE_SCAN);
+                            next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                        }
                     }
                 }
+                next
             }));
+        }
+        {
+            // The kick task: parked forever; a foreign wake of it (the watchdog's kick)
+            // interrupts glommio's ring sleep should the core ever get there.
+            let live = live.clone();
+            glommio::spawn_local(std::future::poll_fn(move |cx| {
+                live.set_kick(cx.waker());
+                std::task::Poll::<()>::Pending
+            }))
+            .detach();
         }
         let reactor_task = glommio::spawn_local(reactor.clone().run());
         let _probe_task = rt
             .probe_interval
-            .map(|every| glommio::spawn_local(probe_loop(core.clone(), every)));
+            .map(|every| spawn(probe_loop(core.clone(), every)));
         let waking = match reactor.waking().remote() {
             Ok(w) => w,
             Err(e) => {
@@ -362,7 +446,7 @@ fn run_core(
         core.access.flush();
         reactor.stop();
         let _ = reactor_task.await;
-    });
+    }));
 }
 
 /// Swaps in the new route table, then opens and closes listeners to match it.
@@ -400,7 +484,7 @@ fn reconcile_listeners(
         let addr = SocketAddr::new(core.rt.bind_host, port);
         match Listener::bind(&core.reactor, addr, core.rt.backlog) {
             Ok(l) => {
-                map.insert(port, glommio::spawn_local(accept_loop(core.clone(), l)));
+                map.insert(port, spawn(accept_loop(core.clone(), l)));
             }
             Err(e) => {
                 first_error.get_or_insert(format!(
@@ -418,18 +502,16 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
         match listener.accept().await {
             Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
                 Ok(conn) if Some(port) == core.rt.api_port => {
-                    glommio::spawn_local(crate::api::serve(core.clone(), conn, peer)).detach();
+                    spawn(crate::api::serve(core.clone(), conn, peer)).detach();
                 }
                 Ok(conn) => {
                     let tcp = core
                         .route_for_port(port)
                         .is_some_and(|r| r.circuit.circuit.protocol == ProxyProtocol::Tcp);
                     if tcp {
-                        glommio::spawn_local(crate::tcp::serve(core.clone(), conn, peer, port))
-                            .detach();
+                        spawn(crate::tcp::serve(core.clone(), conn, peer, port)).detach();
                     } else {
-                        glommio::spawn_local(crate::proxy::serve(core.clone(), conn, peer, port))
-                            .detach();
+                        spawn(crate::proxy::serve(core.clone(), conn, peer, port)).detach();
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),

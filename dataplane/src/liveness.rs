@@ -1,0 +1,268 @@
+//! Core liveness: each core publishes when it last completed a reactor turn and
+//! whether it is parked; the admin thread reads it to tell a stuck core from an idle
+//! one, reports it on `/health` and `/metrics`, and kicks it awake.
+//!
+//! A core is *stalled* when it has not turned for longer than the stall bound while
+//! work is waiting for it: it is not parked at all (a turn takes microseconds, so a
+//! long gap means the thread sleeps somewhere it should not, or one task hogs it), or
+//! it is parked but its epoll set already holds events, or its park overran its own
+//! deadline. An idle core parked in `epoll_wait` with nothing ready is never stalled,
+//! however long it sleeps.
+//!
+//! The kick wakes both places a core thread can sleep: the reactor's eventfd (its
+//! `epoll_wait`) and glommio's ring (a foreign wake of a task parked for this purpose,
+//! which writes glommio's own eventfd). See `docs/dataplane.md`, "Lost wake-ups".
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+/// `parked_until` value: the core is running (not inside `epoll_wait`).
+const RUNNING: u64 = 0;
+/// `parked_until` value: parked with no deadline (only I/O or the bridge wakes it).
+const PARKED_FOREVER: u64 = u64::MAX;
+
+/// What one core publishes; written by the core (relaxed stores, once per turn),
+/// read by the admin thread.
+pub struct CoreLiveness {
+    /// The CPU the core is pinned to.
+    pub cpu: usize,
+    /// The worker's clock origin (shared by every core).
+    base: Instant,
+    /// Reactor turns completed.
+    turns: AtomicU64,
+    /// When the last turn completed, in milliseconds since `base`.
+    last_turn_ms: AtomicU64,
+    /// [`RUNNING`], [`PARKED_FOREVER`], or the park's deadline in ms since `base` (+1).
+    parked_until: AtomicU64,
+    /// A duplicate of the core's epoll descriptor: polled (never waited on) to see
+    /// whether events are pending.
+    epoll: Mutex<Option<OwnedFd>>,
+    /// A duplicate of the reactor's wake eventfd.
+    wake_fd: Mutex<Option<OwnedFd>>,
+    /// The waker of the core's kick task (wakes glommio's ring sleep).
+    kick: Mutex<Option<Waker>>,
+}
+
+impl CoreLiveness {
+    fn new(cpu: usize, base: Instant) -> Self {
+        Self {
+            cpu,
+            base,
+            turns: AtomicU64::new(0),
+            last_turn_ms: AtomicU64::new(0),
+            parked_until: AtomicU64::new(RUNNING),
+            epoll: Mutex::new(None),
+            wake_fd: Mutex::new(None),
+            kick: Mutex::new(None),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// Called by the core once its reactor exists.
+    pub fn attach(&self, epoll: OwnedFd, wake_fd: OwnedFd) {
+        *lock(&self.epoll) = Some(epoll);
+        *lock(&self.wake_fd) = Some(wake_fd);
+    }
+
+    /// Records a completed turn at `now` (the core is running).
+    pub fn turned(&self, now: Instant) {
+        self.turns.fetch_add(1, Ordering::Relaxed);
+        self.last_turn_ms.store(self.ms(now), Ordering::Relaxed);
+        self.parked_until.store(RUNNING, Ordering::Relaxed);
+    }
+
+    /// Records that the core is about to block in `epoll_wait` for at most `timeout`
+    /// (`None`: until I/O or the bridge).
+    pub fn parking(&self, now: Instant, timeout: Option<Duration>) {
+        let until = match timeout {
+            None => PARKED_FOREVER,
+            Some(t) => self.ms(now + t).saturating_add(1),
+        };
+        self.parked_until.store(until, Ordering::Relaxed);
+    }
+
+    /// Stores the waker of the core's kick task.
+    pub fn set_kick(&self, waker: &Waker) {
+        let mut slot = lock(&self.kick);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    /// Turns completed so far.
+    pub fn turns(&self) -> u64 {
+        self.turns.load(Ordering::Relaxed)
+    }
+
+    /// How long ago the last turn completed.
+    pub fn since_last_turn(&self, now: Instant) -> Duration {
+        Duration::from_millis(
+            self.ms(now)
+                .saturating_sub(self.last_turn_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Whether work is waiting that the core has not taken for longer than `bound`.
+    pub fn stalled(&self, now: Instant, bound: Duration) -> bool {
+        if self.since_last_turn(now) <= bound {
+            return false;
+        }
+        match self.parked_until.load(Ordering::Relaxed) {
+            RUNNING => true,
+            until => {
+                let overran = until != PARKED_FOREVER
+                    && self.ms(now) > until.saturating_add(bound.as_millis() as u64);
+                overran || self.events_pending()
+            }
+        }
+    }
+
+    /// Whether the core's epoll set holds events (a zero-timeout `poll`, which does not
+    /// consume them).
+    fn events_pending(&self) -> bool {
+        let guard = lock(&self.epoll);
+        let Some(fd) = guard.as_ref() else {
+            return false;
+        };
+        let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+        matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(n) if n > 0)
+    }
+
+    /// Wakes the core wherever it sleeps: its `epoll_wait` and glommio's ring.
+    pub fn kick(&self) {
+        if let Some(fd) = lock(&self.wake_fd).as_ref() {
+            let _ = rustix::io::write(fd.as_fd(), &1u64.to_ne_bytes());
+        }
+        if let Some(w) = lock(&self.kick).as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Every core's liveness, plus the stall bound and the stalls seen.
+pub struct Liveness {
+    /// One entry per core, in row order.
+    pub cores: Vec<Arc<CoreLiveness>>,
+    /// How long a core may hold waiting work before it counts as stalled.
+    pub bound: Duration,
+    /// Stalls detected (each kicked).
+    stalls: AtomicU64,
+}
+
+impl Liveness {
+    /// Entries for `cpus`, sharing one clock origin.
+    pub fn new(cpus: &[usize], bound: Duration) -> Arc<Self> {
+        let base = Instant::now();
+        Arc::new(Self {
+            cores: cpus
+                .iter()
+                .map(|&c| Arc::new(CoreLiveness::new(c, base)))
+                .collect(),
+            bound,
+            stalls: AtomicU64::new(0),
+        })
+    }
+
+    /// Stalls detected since start.
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+
+    /// The CPUs of the cores stalled now. A core that looks stalled is re-checked
+    /// after a short pause (it may have been woken a moment ago): only one that made
+    /// no turn in between counts. Each stalled core is logged, counted and kicked.
+    pub fn check(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let suspects: Vec<(&Arc<CoreLiveness>, u64)> = self
+            .cores
+            .iter()
+            .filter(|c| c.stalled(now, self.bound))
+            .map(|c| (c, c.turns()))
+            .collect();
+        if suspects.is_empty() {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for (core, turns) in suspects {
+            if core.turns() == turns && core.stalled(now, self.bound) {
+                self.stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    core = core.cpu,
+                    since_last_turn_ms = core.since_last_turn(now).as_millis() as u64,
+                    "core stalled with work waiting: kicking it awake"
+                );
+                core.kick();
+                stalled.push(core.cpu);
+            }
+        }
+        stalled
+    }
+
+    /// Prometheus families for the cores' liveness.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let now = Instant::now();
+        out.push_str(
+            "# HELP appproxy_core_last_turn_age_seconds Time since the core last completed a reactor turn (large and harmless while idle).\n\
+             # TYPE appproxy_core_last_turn_age_seconds gauge\n",
+        );
+        for c in &self.cores {
+            let _ = writeln!(
+                out,
+                "appproxy_core_last_turn_age_seconds{{core=\"{}\"}} {:.3}",
+                c.cpu,
+                c.since_last_turn(now).as_secs_f64()
+            );
+        }
+        out.push_str(
+            "# HELP appproxy_core_stalled Whether the core holds waiting work it has not taken within the stall bound.\n\
+             # TYPE appproxy_core_stalled gauge\n",
+        );
+        for c in &self.cores {
+            let _ = writeln!(
+                out,
+                "appproxy_core_stalled{{core=\"{}\"}} {}",
+                c.cpu,
+                u8::from(c.stalled(now, self.bound))
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP appproxy_core_stalls_total Stalled cores detected (and kicked) since start.\n\
+             # TYPE appproxy_core_stalls_total counter\n\
+             appproxy_core_stalls_total {}\n",
+            self.stalls()
+        );
+    }
+
+    /// Watches the cores every `bound` on its own thread, so a stalled core is
+    /// kicked even when nobody asks `/health`.
+    pub fn spawn_watchdog(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = Arc::downgrade(self);
+        let every = self.bound.max(Duration::from_millis(100));
+        std::thread::Builder::new()
+            .name("appproxy-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                match me.upgrade() {
+                    Some(l) => {
+                        l.check();
+                    }
+                    None => return,
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
