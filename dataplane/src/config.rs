@@ -314,6 +314,10 @@ pub struct ReactorSection {
     /// Empty zero-timeout polls in a row (with every other task run in between) before
     /// the reactor parks: it spins only while work keeps arriving.
     pub spin_polls: u32,
+    /// glommio's preemption timer in microseconds; 0 (the default) means never. Any
+    /// other value brings back glommio's park hazard (a core asleep with work
+    /// waiting, until the watchdog kicks it): for diagnosis and tests only.
+    pub glommio_preempt_us: u64,
     /// io_uring buffer memory each executor registers (needs `RLIMIT_MEMLOCK`), KiB.
     pub io_memory_kib: usize,
 }
@@ -323,6 +327,7 @@ impl Default for ReactorSection {
         Self {
             park_max_us: 0,
             spin_polls: 32,
+            glommio_preempt_us: 0,
             io_memory_kib: 512,
         }
     }
@@ -557,6 +562,8 @@ pub struct Runtime {
     pub park: crate::reactor::ParkPolicy,
     /// How long a core may hold waiting work without a turn before it is stalled.
     pub core_stall: Duration,
+    /// glommio's preemption timer (`None`: never; see `worker::NO_PREEMPTION`).
+    pub glommio_preempt: Option<Duration>,
     /// glommio io memory per executor, bytes.
     pub io_memory: usize,
     /// Trusted proxy networks.
@@ -859,6 +866,8 @@ impl Config {
                     .then(|| Duration::from_micros(self.reactor.park_max_us.max(50))),
             },
             core_stall: Duration::from_millis(self.admin.core_stall_ms.max(100)),
+            glommio_preempt: (self.reactor.glommio_preempt_us > 0)
+                .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,
             id_version: self.worker.request_id_version,

@@ -40,7 +40,7 @@ use crate::reactor::{counted, spawn, Reactor, RemoteWaker, DEADLINE_SCAN};
 /// "nothing ran" while the reactor task exists, and glommio never parks; the core
 /// sleeps only in the reactor's `epoll_wait`. Preemption itself is not needed: the
 /// data plane's tasks are cooperative and there is one task queue.
-const NO_PREEMPTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub const NO_PREEMPTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A command for every core.
 #[derive(Debug, Clone)]
@@ -307,7 +307,7 @@ fn run_core(
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
         .name(&format!("core-{cpu}"))
         .io_memory(rt.io_memory)
-        .preempt_timer(NO_PREEMPTION)
+        .preempt_timer(rt.glommio_preempt.unwrap_or(NO_PREEMPTION))
         .make()
     {
         Ok(ex) => ex,

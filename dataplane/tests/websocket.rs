@@ -7,81 +7,15 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
 use std::time::Duration;
 
+use common::ws::{echo_app, EchoApp};
 use common::{Worker, WorkerOpts};
-use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
-
-/// A WebSocket echo app; records the close codes it receives.
-struct EchoApp {
-    addr: SocketAddr,
-    closes: Arc<Mutex<Vec<u16>>>,
-}
-
-fn echo_app() -> EchoApp {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let closes = Arc::new(Mutex::new(Vec::new()));
-    let c = closes.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let c = c.clone();
-            std::thread::spawn(move || {
-                let callback =
-                    |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                        if req.uri().path() == "/refuse" {
-                            let mut e = ErrorResponse::new(Some("no".into()));
-                            *e.status_mut() = tungstenite::http::StatusCode::FORBIDDEN;
-                            return Err(e);
-                        }
-                        let wants_chat = req
-                            .headers()
-                            .get("sec-websocket-protocol")
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|v| v.split(',').any(|p| p.trim() == "chat"));
-                        if wants_chat {
-                            resp.headers_mut()
-                                .insert("sec-websocket-protocol", "chat".parse().expect("value"));
-                        }
-                        Ok(resp)
-                    };
-                let Ok(mut ws) = tungstenite::accept_hdr(stream, callback) else {
-                    return;
-                };
-                loop {
-                    match ws.read() {
-                        Ok(Message::Text(t)) => {
-                            if ws.send(Message::Text(t)).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(Message::Binary(b)) => {
-                            if ws.send(Message::Binary(b)).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(Message::Close(frame)) => {
-                            c.lock()
-                                .expect("closes")
-                                .push(frame.map_or(1005, |f| u16::from(f.code)));
-                            let _ = ws.flush();
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-            });
-        }
-    });
-    EchoApp { addr, closes }
-}
 
 fn worker_for(app: &EchoApp, extra_worker: &str) -> Worker {
     Worker::start(WorkerOpts {

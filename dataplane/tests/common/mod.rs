@@ -2,6 +2,8 @@
 //! throwaway directory on free ports, and a raw-socket client.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -326,6 +328,8 @@ pub struct WorkerOpts {
     pub circuit_extra: String,
     /// Lines added to the `[worker]` table.
     pub worker_extra: String,
+    /// Lines added to the `[admin]` table.
+    pub admin_extra: String,
 }
 
 impl Default for WorkerOpts {
@@ -336,6 +340,7 @@ impl Default for WorkerOpts {
             extra: String::new(),
             circuit_extra: String::new(),
             worker_extra: String::new(),
+            admin_extra: String::new(),
         }
     }
 }
@@ -367,6 +372,7 @@ port_range = [1024, 65535]
 
 [admin]
 bind = "{admin}"
+{admin_extra}
 
 [logging]
 format = "json"
@@ -388,6 +394,7 @@ route_info = [{routes}]
                 .replace("{PORT}", &port.to_string())
                 .replace("{AUX_PORT}", &aux_port.to_string()),
             extra = opts.extra,
+            admin_extra = opts.admin_extra,
             circuit_extra = opts.circuit_extra,
             routes = routes.join(", "),
             open_to_public = if opts.circuit_extra.contains("open_to_public") {

@@ -1,0 +1,369 @@
+//! Liveness of the worker's cores: no core sleeps while work waits for it.
+//!
+//! - the glommio hazard behind the stalled cores, reproduced on demand: an executor
+//!   whose preemption timer has fired when the scheduler looks parks in its ring with
+//!   a runnable task, and only a foreign wake (the watchdog's kick) gets it going —
+//!   which is why the worker runs glommio with a preemption timer that never fires;
+//! - bursts of connections, WebSocket sessions and idle gaps against a 1-core worker,
+//!   with and without a CPU hog on its core: after every burst a fresh request is
+//!   answered, `/health` stays ok and the watchdog never had to kick a core;
+//! - `SIGTERM` ends the worker, in a loop, with traffic and idle connections.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+/// Where this process's thread named `name` sleeps in the kernel (its `wchan`).
+fn wchan(name: &str) -> String {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return String::new();
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            return std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+        }
+    }
+    String::new()
+}
+
+/// One executor shaped like a worker core (a task that is never `Pending` without
+/// waking itself, plus a parked kick task), with a preemption timer so short that it
+/// has often fired by the time the scheduler checks it: the state a loaded machine
+/// produces now and then with a timer of any length (the worker used 10 ms).
+struct Hazard {
+    turns: Arc<AtomicU64>,
+    kick: Arc<Mutex<Option<Waker>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    name: String,
+}
+
+impl Hazard {
+    fn start(n: usize) -> Self {
+        let turns = Arc::new(AtomicU64::new(0));
+        let kick: Arc<Mutex<Option<Waker>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = format!("glommio-hazard{n}");
+        let thread = {
+            let (turns, kick, stop) = (turns.clone(), kick.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                        .preempt_timer(Duration::from_micros(50))
+                        .make()
+                        .expect("executor");
+                    ex.run(async move {
+                        let k = kick.clone();
+                        glommio::spawn_local(std::future::poll_fn(move |cx| {
+                            *k.lock().unwrap() = Some(cx.waker().clone());
+                            std::task::Poll::<()>::Pending
+                        }))
+                        .detach();
+                        while !stop.load(Ordering::Relaxed) {
+                            turns.fetch_add(1, Ordering::Relaxed);
+                            futures_lite::future::yield_now().await;
+                        }
+                    });
+                })
+                .expect("thread")
+        };
+        Self {
+            turns,
+            kick,
+            stop,
+            thread,
+            name,
+        }
+    }
+
+    /// Waits until the thread sleeps in glommio's ring while its task is runnable
+    /// (no turn across 100 ms); returns the turns made by then.
+    fn wait_asleep_in_ring(&self, within: Duration) -> Option<u64> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let before = self.turns.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+            if self.turns.load(Ordering::Relaxed) == before
+                && wchan(&self.name).contains("io_cqring_wait")
+            {
+                return Some(before);
+            }
+        }
+        None
+    }
+
+    fn kick(&self) -> bool {
+        match self.kick.lock().unwrap().as_ref() {
+            Some(w) => {
+                w.wake_by_ref();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[test]
+fn glommio_parks_with_a_runnable_task_once_its_preemption_timer_fired() {
+    // An executor may fall asleep before its kick task ever ran (then nothing can wake
+    // it: that is the hazard too, but the test needs the kick); such a one is left
+    // asleep and another started.
+    for attempt in 0..20 {
+        let h = Hazard::start(attempt);
+        let Some(before) = h.wait_asleep_in_ring(Duration::from_secs(20)) else {
+            panic!("the executor never parked with its task runnable");
+        };
+        if before == 0 || h.kick.lock().unwrap().is_none() {
+            h.stop.store(true, Ordering::Relaxed);
+            continue;
+        }
+        // Still asleep a while later: nothing but a kick wakes it.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(h.turns.load(Ordering::Relaxed), before, "woke up by itself");
+        // The watchdog's kick: a foreign wake of a task parked on the executor. The
+        // executor may fall asleep again at once; each kick gets it further.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h.turns.load(Ordering::Relaxed) == before {
+            assert!(h.kick(), "kick waker");
+            assert!(
+                Instant::now() < deadline,
+                "the kick did not wake the executor"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h.stop.store(true, Ordering::Relaxed);
+        while !h.thread.is_finished() {
+            assert!(h.kick(), "kick waker");
+            assert!(
+                Instant::now() < deadline,
+                "the kick did not wake the executor"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h.thread.join().expect("executor thread");
+        return;
+    }
+    panic!("every executor fell asleep before its kick task ran");
+}
+
+/// A busy loop pinned to one CPU, until dropped.
+struct CpuHog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHog {
+    fn on(cpu: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Building an executor with a fixed placement pins this thread.
+            let _pin = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+                .make()
+                .expect("pinned executor");
+            let mut x = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One WebSocket session through the worker: `messages` echoes, then a close.
+fn ws_session(port: u16, messages: usize) {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
+    for i in 0..messages {
+        ws.send(Message::Text(format!("m{i}").into()))
+            .expect("send");
+        loop {
+            match ws.read().expect("echo") {
+                Message::Text(t) => {
+                    assert_eq!(t.as_str(), format!("m{i}"));
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+    let _ = ws.close(None);
+    while ws.read().is_ok() {}
+}
+
+/// Bursts of keep-alive requests, WebSocket sessions, connections opened and closed
+/// without a request, then an idle gap; after every burst a fresh request must be
+/// answered (a stalled core would leave it in the listen backlog).
+fn bursts_and_idle_gaps(hog: bool) {
+    let up = common::Upstream::start();
+    let app = common::ws::echo_app();
+    let ws_port = common::free_port();
+    let w = common::Worker::start(common::WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: format!(
+            r#"[[circuits]]
+id = "c0a8f5d2-1111-4222-8333-777788889999"
+app = "ws"
+port = {ws_port}
+open_to_public = true
+route_info = [{{ session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = {}, traffic_ratio = 1.0 }}]
+"#,
+            app.addr.port()
+        ),
+        ..Default::default()
+    });
+    let _hog = hog.then(|| CpuHog::on(0));
+    let addr = w.addr();
+    for round in 0..25u64 {
+        let mut threads = Vec::new();
+        for t in 0..12 {
+            threads.push(std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                for i in 0..(4 + t % 5) {
+                    let r = c.get(&format!("/burst/{round}/{t}/{i}"), "");
+                    assert_eq!(r.status, 200);
+                }
+            }));
+        }
+        for _ in 0..3 {
+            threads.push(std::thread::spawn(move || ws_session(ws_port, 5)));
+        }
+        for _ in 0..6 {
+            // Accepted, then closed with nothing sent.
+            drop(std::net::TcpStream::connect(addr).expect("connect"));
+        }
+        for t in threads {
+            t.join().expect("burst client");
+        }
+        // An idle gap long enough for the core to park.
+        std::thread::sleep(Duration::from_millis(20 + (round * 37) % 280));
+        let mut fresh = common::Client::connect(addr);
+        let r = fresh.get(&format!("/fresh/{round}"), "Connection: close\r\n");
+        assert_eq!(r.status, 200, "round {round}");
+    }
+    let health = w.admin_get("/health");
+    assert_eq!(health.status, 200, "{}", health.text());
+    let metrics = w.admin_get("/metrics").text();
+    assert!(
+        metrics.contains("\nappproxy_core_stalls_total 0\n"),
+        "the watchdog had to kick a core:\n{metrics}"
+    );
+}
+
+#[test]
+fn bursts_and_idle_gaps_never_stall_a_core() {
+    bursts_and_idle_gaps(false);
+}
+
+#[test]
+fn bursts_and_idle_gaps_never_stall_a_core_sharing_its_cpu_with_a_hog() {
+    bursts_and_idle_gaps(true);
+}
+
+#[test]
+fn sigterm_ends_the_worker_every_time() {
+    let up = common::Upstream::start();
+    for round in 0..8 {
+        let mut w = common::Worker::start(common::WorkerOpts {
+            cores: 1 + round % 2,
+            upstreams: vec![up.addr],
+            extra: "[timeouts]\ndrain_secs = 2\n".into(),
+            ..Default::default()
+        });
+        // Traffic, an idle keep-alive connection and an idle gap before the signal.
+        let mut idle = common::Client::connect(w.addr());
+        assert_eq!(idle.get("/a", "").status, 200);
+        std::thread::sleep(Duration::from_millis(50 * round as u64));
+        let started = Instant::now();
+        let status = w.terminate();
+        assert!(
+            status.success(),
+            "round {round}: {status:?}\n{}",
+            w.log_text()
+        );
+        // drain_secs plus the stop margins (2 s, then 2 s after a kick); the
+        // terminate helper itself gives up after 30 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(2 + 4 + 2),
+            "round {round}: took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            idle.is_closed(),
+            "the idle connection was closed by the drain"
+        );
+    }
+}
+
+/// The safety net, end to end: with glommio's preemption timer brought back (short,
+/// so the hazard shows within seconds), cores fall asleep with work waiting; the
+/// watchdog sees it, counts it and kicks them, so every request is still answered.
+#[test]
+fn a_core_asleep_in_glommio_is_seen_counted_and_kicked() {
+    let up = common::Upstream::start();
+    let w = common::Worker::start(common::WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[reactor]\nglommio_preempt_us = 50\n".into(),
+        admin_extra: "core_stall_ms = 100".into(),
+        ..Default::default()
+    });
+    let addr = w.addr();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stalls = 0u64;
+    let mut round = 0;
+    while stalls == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no stall seen in {round} rounds; log:\n{}",
+            w.log_text()
+        );
+        let mut threads = Vec::new();
+        for t in 0..4 {
+            threads.push(std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                for i in 0..50 {
+                    assert_eq!(c.get(&format!("/r/{round}/{t}/{i}"), "").status, 200);
+                }
+            }));
+        }
+        for t in threads {
+            t.join().expect("client");
+        }
+        let metrics = w.admin_get("/metrics").text();
+        stalls = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("appproxy_core_stalls_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("stall counter");
+        round += 1;
+    }
+    assert!(
+        w.log_text().contains("core stalled with work waiting"),
+        "the stall was logged"
+    );
+}
