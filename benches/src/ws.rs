@@ -149,9 +149,15 @@ pub fn idle_app(port: u16) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a load client waits for any one answer before it counts an error and
+/// gives up on that session: a target that stops answering never hangs the harness.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
+
 fn client_handshake(addr: SocketAddr) -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
-    let stream = TcpStream::connect(addr)?;
+    let stream = TcpStream::connect_timeout(&addr, ANSWER_DEADLINE)?;
     stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(ANSWER_DEADLINE))?;
+    stream.set_write_timeout(Some(ANSWER_DEADLINE))?;
     let mut w = &stream;
     write!(
         w,

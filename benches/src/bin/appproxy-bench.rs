@@ -545,7 +545,7 @@ fn run_wrk(
     }
     cmd.arg(format!("http://127.0.0.1:{port}{}", sc.path));
     let cpu0 = pid.map(cpu_seconds);
-    let out = cmd.output().context("cannot run wrk")?;
+    let out = output_within(&mut cmd, secs, "wrk")?;
     let cpu1 = pid.map(cpu_seconds);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -574,6 +574,56 @@ fn run_wrk(
     })
 }
 
+/// Runs a load client for a `secs`-second run and collects its output, killing it if
+/// it is still running well after the run should have ended: a target that stops
+/// answering fails its round with a clear message instead of hanging the harness.
+fn output_within(cmd: &mut Command, secs: u64, what: &str) -> anyhow::Result<std::process::Output> {
+    use std::io::Read as _;
+    let limit = Duration::from_secs(secs + 30);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    // Drain the pipes on threads so a chatty client cannot block on a full pipe.
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "{what} was still running {}s after its {secs}s run: the target stopped answering",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
+}
+
 fn ws_port_of(t: Target) -> u16 {
     match t {
         Target::Direct => WS_APP_PORT,
@@ -596,8 +646,8 @@ fn run_tool_load(
 ) -> anyhow::Result<Sample> {
     let me = std::env::current_exe()?;
     let cpu0 = pid.map(cpu_seconds);
-    let out = Command::new("taskset")
-        .arg("-c")
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
         .arg(cpu_list(&setup.load_cpus))
         .arg(&me)
         .args([
@@ -605,9 +655,8 @@ fn run_tool_load(
             &format!("127.0.0.1:{port}"),
             &args.connections.to_string(),
             &secs.to_string(),
-        ])
-        .output()
-        .context("cannot run the WebSocket load client")?;
+        ]);
+    let out = output_within(&mut cmd, secs, tool)?;
     let cpu1 = pid.map(cpu_seconds);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -674,10 +723,24 @@ fn tool_scenario(
             let i = (k + round) % targets.len();
             let t = targets[i];
             let pid = setup.servers.get(&t).map(|s| s.child.id());
-            if warm_up {
-                run_tool_load(tool, setup, args, port_of(t), args.warmup, None)?;
-            }
-            let s = run_tool_load(tool, setup, args, port_of(t), args.duration, pid)?;
+            let run = || -> anyhow::Result<Sample> {
+                if warm_up {
+                    run_tool_load(tool, setup, args, port_of(t), args.warmup, None)?;
+                }
+                run_tool_load(tool, setup, args, port_of(t), args.duration, pid)
+            };
+            let s = match run() {
+                Ok(s) => s,
+                Err(e) => {
+                    println!(
+                        "  {name:<8} round {} {:<24} FAILED: {e:#}",
+                        round + 1,
+                        t.name()
+                    );
+                    failed_round(&mut samples, i);
+                    continue;
+                }
+            };
             println!(
                 "  {name:<8} round {} {:<24} {:>10.0} /s  p99 {:>7.0} µs",
                 round + 1,
@@ -807,6 +870,19 @@ fn ws_idle_scenario(setup: &Setup, args: &Args) -> anyhow::Result<Vec<report::Me
         std::thread::sleep(Duration::from_secs(2));
     }
     Ok(rows)
+}
+
+/// Records a round that failed (the target stopped answering): no throughput, one
+/// error, so the report shows it.
+fn failed_round(samples: &mut BTreeMap<usize, Vec<Sample>>, i: usize) {
+    samples.entry(i).or_default().push(Sample {
+        rps: 0.0,
+        p50_us: 0.0,
+        p99_us: 0.0,
+        p999_us: 0.0,
+        errors: 1,
+        cpu_per_100k: None,
+    });
 }
 
 fn row(label: String, s: Vec<Sample>) -> Row {
@@ -960,24 +1036,39 @@ fn main() -> anyhow::Result<()> {
                 let i = (k + round) % variants.len();
                 let (label, target, header) = &variants[i];
                 let pid = setup.servers.get(target).map(|s| s.child.id());
-                run_wrk(
-                    &setup,
-                    &args,
-                    &sc,
-                    port_of(*target),
-                    *header,
-                    args.warmup,
-                    None,
-                )?;
-                let s = run_wrk(
-                    &setup,
-                    &args,
-                    &sc,
-                    port_of(*target),
-                    *header,
-                    args.duration,
-                    pid,
-                )?;
+                let run = || -> anyhow::Result<Sample> {
+                    run_wrk(
+                        &setup,
+                        &args,
+                        &sc,
+                        port_of(*target),
+                        *header,
+                        args.warmup,
+                        None,
+                    )?;
+                    run_wrk(
+                        &setup,
+                        &args,
+                        &sc,
+                        port_of(*target),
+                        *header,
+                        args.duration,
+                        pid,
+                    )
+                };
+                let s = match run() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        println!(
+                            "  {:<8} round {} {:<24} FAILED: {e:#}",
+                            sc.name,
+                            round + 1,
+                            label
+                        );
+                        failed_round(&mut samples, i);
+                        continue;
+                    }
+                };
                 println!(
                     "  {:<8} round {} {:<24} {:>10.0} req/s  p99 {:>7.0} µs",
                     sc.name,
