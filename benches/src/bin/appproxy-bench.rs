@@ -36,11 +36,12 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Scenarios to run (small, 64k, upload, newconn, reqid, sse, ws, ws-idle).
+    /// Scenarios to run (small, 64k, upload, newconn, reqid, sse, ws, ws-idle, idle,
+    /// contention).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "small,64k,upload,newconn,reqid,sse,ws,ws-idle"
+        default_value = "small,64k,upload,newconn,reqid,sse,ws,ws-idle,idle,contention"
     )]
     scenarios: Vec<String>,
     /// Where the JSON, Markdown and SVG report goes.
@@ -92,6 +93,9 @@ enum Tool {
         conns: usize,
         secs: u64,
     },
+    /// Spins on the CPU until killed (the contention scenario's hog).
+    #[command(hide = true)]
+    CpuHog,
 }
 
 /// A proxy (or none) in front of the upstream.
@@ -476,6 +480,8 @@ struct Scenario {
     lua_prelude: &'static str,
     /// For the request-ID scenario: only the worker, with and without a client ID.
     reqid: bool,
+    /// A CPU-bound process shares the proxy's CPUs during each measurement.
+    hog: bool,
 }
 
 fn scenario(name: &str) -> Option<Scenario> {
@@ -486,8 +492,13 @@ fn scenario(name: &str) -> Option<Scenario> {
         headers,
         lua_prelude,
         reqid,
+        hog: false,
     };
     Some(match name {
+        "contention" => Scenario {
+            hog: true,
+            ..s("contention", "small GET, keep-alive, a CPU-bound process on the proxy's CPUs", "/", vec![], "", false)
+        },
         "small" => s("small", "small GET, keep-alive (64-byte body)", "/", vec![], "", false),
         "64k" => s("64k", "64 KiB responses, keep-alive", "/64k", vec![], "", false),
         "upload" => s("upload", "1 MiB uploads (POST), keep-alive", "/upload", vec![], "wrk.method = \"POST\"\nwrk.body = string.rep(\"u\", 1048576)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n", false),
@@ -784,6 +795,53 @@ fn sse_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
     )
 }
 
+/// A CPU-bound process pinned to the proxy's CPUs; killed on drop.
+struct CpuHog(Child);
+
+impl CpuHog {
+    fn start(setup: &Setup) -> anyhow::Result<Self> {
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu_list(&setup.proxy_cpus))
+            .arg(std::env::current_exe()?)
+            .arg("cpu-hog")
+            .spawn()
+            .context("cannot start the CPU hog")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU seconds each proxy uses with no traffic at all, over the same window (at least
+/// 10 s), scaled to 10 s: an idle proxy should not wake up periodically.
+fn idle_scenario(setup: &Setup, args: &Args) -> String {
+    let window = Duration::from_secs(args.duration.max(10));
+    // Let any connection state from earlier scenarios expire first.
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<(Target, u32, f64)> = setup
+        .servers
+        .iter()
+        .map(|(t, s)| (*t, s.child.id(), cpu_seconds(s.child.id())))
+        .collect();
+    std::thread::sleep(window);
+    let mut out = format!(
+        "### idle — CPU seconds per 10 s with no traffic ({} proxy CPUs, {} s window)\n\n| target | CPU s / 10 s |\n|---|---:|\n",
+        setup.proxy_cpus.len(),
+        window.as_secs()
+    );
+    for (t, pid, cpu0) in before {
+        let used = (cpu_seconds(pid) - cpu0) * 10.0 / window.as_secs_f64();
+        let _ = writeln!(out, "| {} | {used:.3} |", t.name());
+    }
+    out
+}
+
 /// Resident memory of a process and its children, KiB.
 fn rss_kib(pid: u32) -> u64 {
     let mut pids = vec![pid];
@@ -922,6 +980,12 @@ fn main() -> anyhow::Result<()> {
         Some(Tool::SseLoad { addr, conns, secs }) => {
             return Ok(appproxy_benches::ws::sse_load(addr, conns, secs)?)
         }
+        Some(Tool::CpuHog) => {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
         None => {}
     }
     appproxy_benches::ws::raise_nofile();
@@ -989,6 +1053,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     let mut memory = Vec::new();
+    let mut extra_tables: Vec<String> = Vec::new();
     for name in &args.scenarios {
         if name == "ws" {
             let result = ws_echo_scenario(&setup, &args)?;
@@ -1000,6 +1065,12 @@ fn main() -> anyhow::Result<()> {
             let result = sse_scenario(&setup, &args)?;
             println!("\n{}", report::table(&result));
             results.push(result);
+            continue;
+        }
+        if name == "idle" {
+            let table = idle_scenario(&setup, &args);
+            println!("\n{table}");
+            extra_tables.push(table);
             continue;
         }
         if name == "ws-idle" {
@@ -1056,7 +1127,10 @@ fn main() -> anyhow::Result<()> {
                         pid,
                     )
                 };
-                let s = match run() {
+                let hog = if sc.hog { Some(CpuHog::start(&setup)?) } else { None };
+                let result = run();
+                drop(hog);
+                let s = match result {
                     Ok(s) => s,
                     Err(e) => {
                         println!(
@@ -1119,6 +1193,15 @@ fn main() -> anyhow::Result<()> {
     );
     let dir = root.join(&args.out);
     report::write(&dir, &meta, &results, &memory)?;
+    if !extra_tables.is_empty() {
+        use std::io::Write as _;
+        let mut md = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("report.md"))?;
+        for t in &extra_tables {
+            writeln!(md, "\n{t}")?;
+        }
+    }
     let mut done = String::new();
     let _ = write!(
         done,
