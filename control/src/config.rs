@@ -34,9 +34,9 @@ pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError>
         path: path.display().to_string(),
         cause,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    appproxy_shared::config::from_toml(&text).map_err(|message| ConfigError::Parse {
         path: path.display().to_string(),
-        message: e.to_string(),
+        message,
     })
 }
 

@@ -610,7 +610,7 @@ impl Config {
 
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        appproxy_shared::config::from_toml(text)
     }
 
     /// The default config as TOML, for `--print-default-config`.
@@ -900,6 +900,61 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The common mistakes, each refused with the file, the key path and the fix.
+    #[test]
+    fn config_mistakes_name_the_file_the_key_and_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let circuit = |extra: &str| {
+            format!(
+                "[worker]\ncores = 1\nport_range = [10205, 10300]\n\n[[circuits]]\nid = \"00000000-0000-4000-8000-000000000001\"\napp = \"demo\"\nport = 10205\nroute_info = [{{ session_id = \"00000000-0000-4000-8000-0000000000aa\", kernel_host = \"127.0.0.1\", kernel_port = 8080 }}]\n{extra}"
+            )
+        };
+        let cases: Vec<(&str, String, Vec<&str>)> = vec![
+            (
+                "unknown key",
+                "[worker]\nbnd_host = \"0.0.0.0\"\n".into(),
+                vec!["worker.bnd_host", "line 2", "did you mean `bind_host`?"],
+            ),
+            (
+                "wrong type",
+                "[timeouts]\nhead_secs = \"ten\"\n".into(),
+                vec!["timeouts.head_secs", "line 2", "expected"],
+            ),
+            (
+                "bad route UUID",
+                circuit("").replace("{ session_id", "{ route_id = \"not-a-uuid\", session_id"),
+                vec!["circuits[0].route_info[0].route_id", "UUID"],
+            ),
+            (
+                "missing required key",
+                "[[circuits]]\napp = \"demo\"\n".into(),
+                vec!["circuits[0]", "missing field `id`"],
+            ),
+            (
+                "port outside the range",
+                circuit("").replace("port = 10205", "port = 9000"),
+                vec!["outside [worker] port_range"],
+            ),
+        ];
+        for (what, text, wants) in cases {
+            let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
+            std::fs::write(&path, text).expect("write");
+            let err = Config::load(&path)
+                .and_then(|c| c.validate(&[0]).map(|_| c))
+                .expect_err(what)
+                .to_string();
+            for want in wants {
+                assert!(err.contains(want), "{what}: {err:?} lacks {want:?}");
+            }
+        }
+        let missing = dir.path().join("absent.toml");
+        let err = Config::load(&missing).expect_err("unreadable").to_string();
+        assert!(
+            err.contains("absent.toml") && err.contains("cannot read"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn default_config_round_trips_and_validates() {

@@ -1,5 +1,6 @@
 //! `appproxy-shared`: what every appproxy component agrees on.
 //!
+//! - [`config`]: TOML config files read with errors that name the key path and the fix;
 //! - [`request_id`]: the validated request-ID value type and its generation;
 //! - [`header`]: which headers carry the ID and the absent/invalid policy;
 //! - [`context`]: the current request ID, bound around futures on any runtime;
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod context;
 pub mod header;
 pub mod jwt;

@@ -176,19 +176,39 @@ fn split_ip_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Older rows hold `route_info` as a JSON *string*; accept both forms.
+/// Older rows hold `route_info` as a JSON *string*; accept both forms. A visitor, not
+/// an untagged enum, so an error inside a route keeps its message and its path
+/// (`route_info[0].route_id: invalid UUID …`).
 fn de_routes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RouteInfo>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        List(Vec<RouteInfo>),
-        Text(String),
+    struct Routes;
+    impl<'de> serde::de::Visitor<'de> for Routes {
+        type Value = Vec<RouteInfo>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of routes, or a JSON string holding one")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::<RouteInfo>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            serde_json::from_str(text).map_err(E::custom)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(Routes)
+        }
     }
-    match Option::<Form>::deserialize(d)? {
-        None => Ok(Vec::new()),
-        Some(Form::List(routes)) => Ok(routes),
-        Some(Form::Text(text)) => serde_json::from_str(&text).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_option(Routes)
 }
 
 /// A parsed allowlist entry: a network and prefix length.

@@ -1127,7 +1127,11 @@ fn main() -> anyhow::Result<()> {
                         pid,
                     )
                 };
-                let hog = if sc.hog { Some(CpuHog::start(&setup)?) } else { None };
+                let hog = if sc.hog {
+                    Some(CpuHog::start(&setup)?)
+                } else {
+                    None
+                };
                 let result = run();
                 drop(hog);
                 let s = match result {

@@ -1,0 +1,160 @@
+//! Reading TOML config files with errors that say what to fix: the key path
+//! (`circuits[3].route_info[0].route_id`), the line and column, what was expected and,
+//! for a misspelt key, the closest known one ("did you mean `bind`?").
+//!
+//! Every binary parses its file through [`from_toml`], so the coordinator, the
+//! storage-proxy and the worker word their refusals the same way.
+
+use serde::de::DeserializeOwned;
+
+/// Parses `text` into `T`; the error names the key path, its position and the fix.
+pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| describe(text, "", &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        describe(text, &path, e.inner())
+    })
+}
+
+/// One sentence (plus a suggestion) for a TOML error at `path`.
+fn describe(text: &str, path: &str, e: &toml::de::Error) -> String {
+    let mut out = String::new();
+    if !path.is_empty() {
+        out.push_str(path);
+    }
+    if let Some(span) = e.span() {
+        let (line, col) = line_col(text, span.start);
+        if out.is_empty() {
+            out = format!("line {line}, column {col}");
+        } else {
+            out.push_str(&format!(" (line {line}, column {col})"));
+        }
+    }
+    let message = e.message().trim();
+    if out.is_empty() {
+        out = message.to_owned();
+    } else {
+        out = format!("{out}: {message}");
+    }
+    if let Some(hint) = did_you_mean(message) {
+        out.push_str(&format!("; did you mean `{hint}`?"));
+    }
+    out
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"),
+/// the expected name closest to `x`, when it is close enough to be a typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (given, expected) = rest.split_once('`')?;
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (edit_distance(given, cand), cand))
+        .min()?;
+    (best.0 <= (given.len() / 3).max(2)).then(|| best.1.to_owned())
+}
+
+/// Levenshtein distance (names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct File {
+        server: Server,
+        #[serde(default)]
+        items: Vec<Item>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Server {
+        bind: String,
+        #[serde(default)]
+        port: u16,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Item {
+        id: uuid::Uuid,
+    }
+
+    #[test]
+    fn errors_name_the_key_the_place_and_the_fix() {
+        let id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+        let cases: &[(&str, String, &[&str])] = &[
+            (
+                "misspelt key",
+                "[server]\nbnd = \"x\"\n".into(),
+                &["server", "unknown field `bnd`", "did you mean `bind`?"],
+            ),
+            (
+                "wrong type",
+                "[server]\nbind = \"x\"\nport = \"80\"\n".into(),
+                &["server.port", "line 3", "u16"],
+            ),
+            (
+                "out of range",
+                "[server]\nbind = \"x\"\nport = 70000\n".into(),
+                &["server.port", "line 3"],
+            ),
+            (
+                "missing key",
+                "[server]\nport = 1\n".into(),
+                &["server", "missing field `bind`"],
+            ),
+            (
+                "bad UUID in a list",
+                format!(
+                    "[server]\nbind = \"x\"\n[[items]]\nid = \"{id}\"\n[[items]]\nid = \"nope\"\n"
+                ),
+                &["items[1].id", "line 6", "UUID"],
+            ),
+            ("not TOML", "[server\nbind = 1\n".into(), &["line 1"]),
+        ];
+        for (what, text, wants) in cases {
+            let err = from_toml::<File>(text).expect_err(what);
+            for want in *wants {
+                assert!(err.contains(want), "{what}: {err:?} lacks {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_suggestion_for_a_name_unlike_any_key() {
+        let err = from_toml::<File>("[server]\nbind = \"x\"\nzzzzzzzz = 1\n").expect_err("unknown");
+        assert!(!err.contains("did you mean"), "{err}");
+    }
+}
