@@ -419,8 +419,11 @@ fn client_ip(client: &Client, head: &RequestHead) -> Result<std::net::IpAddr, ()
     }
 }
 
-/// The circuit's credential check (skipped for `open_to_public` and `OPTIONS`):
-/// the permit cookie for interactive apps, a bearer JWT for inference.
+/// The circuit's credential check: the permit cookie for interactive apps, a bearer
+/// JWT for inference. Skipped only for `open_to_public` circuits and for a genuine
+/// CORS preflight ([`crate::auth::is_cors_preflight`]); every other request, whatever
+/// its method, path or `Upgrade`, needs the credential before any byte of it reaches
+/// the app.
 fn check_credentials(
     core: &Core,
     buf: &[u8],
@@ -428,7 +431,18 @@ fn check_credentials(
     route: &Route,
 ) -> Result<(), crate::auth::Refused> {
     let circuit = &route.circuit.circuit;
-    if circuit.open_to_public || head.method == Method::Options {
+    if circuit.open_to_public {
+        return Ok(());
+    }
+    if head.method == Method::Options
+        && head.framing == BodyFraming::Length(0)
+        && head.upgrade.is_none()
+        && crate::auth::is_cors_preflight(
+            head.headers
+                .iter()
+                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+        )
+    {
         return Ok(());
     }
     let secrets = &core.rt.secrets;
