@@ -749,9 +749,13 @@ impl Core {
         if failed > 0 {
             tracing::info!(core = self.cpu, port, failed, "accepting again");
         }
+        let open = gate.open.get();
         if let Some(guard) = CountGuard::take(&gate.open, gate.cap) {
-            let refused = gate.refused_in_burst.replace(0);
-            if refused > 0 {
+            // The burst ends once the core is clearly below the cap again (a tenth of
+            // it free), not at every connection that slips in between refusals.
+            let refused = gate.refused_in_burst.get();
+            if refused > 0 && open + gate.cap / 10 < gate.cap {
+                gate.refused_in_burst.set(0);
                 tracing::info!(
                     core = self.cpu,
                     refused,
