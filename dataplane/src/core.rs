@@ -682,6 +682,9 @@ pub struct ConnGate {
     refused_in_burst: Cell<u64>,
     /// Failed accepts since the last successful one.
     failed_in_burst: Cell<u64>,
+    /// Upstream connects that failed for a local reason since the last one that
+    /// worked.
+    local_in_burst: Cell<u64>,
 }
 
 /// Descriptors left aside for everything that is not a client connection or its
@@ -714,6 +717,7 @@ impl ConnGate {
             cap,
             refused_in_burst: Cell::new(0),
             failed_in_burst: Cell::new(0),
+            local_in_burst: Cell::new(0),
         }
     }
 
@@ -793,6 +797,34 @@ impl Core {
             let _ = std::io::Write::write(&mut &*stream, answer.as_bytes());
         }
         None
+    }
+
+    /// Records an upstream connect that failed for a local reason (counted, logged
+    /// once per burst).
+    pub fn local_connect_failure(&self, upstream: SocketAddr, error: &std::io::Error) {
+        self.metrics.add(counter::LOCAL_ERRORS, 1);
+        let n = self.conns.local_in_burst.get() + 1;
+        self.conns.local_in_burst.set(n);
+        if n == 1 {
+            tracing::error!(
+                core = self.cpu,
+                upstream = %upstream,
+                error = %error,
+                "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+            );
+        }
+    }
+
+    /// Records an upstream connect that worked (ends a burst of local failures).
+    pub fn connect_succeeded(&self) {
+        let n = self.conns.local_in_burst.replace(0);
+        if n > 0 {
+            tracing::info!(
+                core = self.cpu,
+                failed = n,
+                "upstream connects work again after local resource failures"
+            );
+        }
     }
 
     /// Records a failed accept on `port` (counted, logged once per burst) and

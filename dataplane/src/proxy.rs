@@ -758,17 +758,17 @@ impl From<ConnectError> for Failure {
 async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
     let Some(slot) = core.pool.reserve(addr) else {
         core.metrics.add(counter::UPSTREAM_LIMIT, 1);
-        tracing::info!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
+        tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
         return Err(ConnectError::Busy);
     };
     match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
         Ok(mut conn) => {
             conn.count_in(slot);
+            core.connect_succeeded();
             Ok(conn)
         }
         Err(e) if crate::core::is_local_error(&e) => {
-            core.metrics.add(counter::LOCAL_ERRORS, 1);
-            tracing::error!(upstream = %addr, error = %e, "cannot connect upstream: the proxy is out of local resources (not counted against the upstream)");
+            core.local_connect_failure(addr, &e);
             Err(ConnectError::Local(e))
         }
         Err(e) => {

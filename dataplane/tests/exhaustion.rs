@@ -355,6 +355,14 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
         0,
         "a local EMFILE is not the app's failure"
     );
+    assert_eq!(
+        log_count(
+            &w,
+            "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+        ),
+        1,
+        "one line per burst of local failures"
+    );
     // The last descriptor taken by an idle client: the process is at its limit.
     let _last = TcpStream::connect(w.addr()).expect("connect");
     eventually("the worker holds every descriptor it may", || {
@@ -379,4 +387,7 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
         c.get("/ok", "").status == 200
     });
     assert_eq!(log_count(&w, "upstream marked unhealthy"), 0);
+    w.wait_log("end of the local failures", |v| {
+        v["message"] == "upstream connects work again after local resource failures"
+    });
 }
