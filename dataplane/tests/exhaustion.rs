@@ -391,3 +391,49 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
         v["message"] == "upstream connects work again after local resource failures"
     });
 }
+
+#[test]
+fn the_issue_scenario_300_slow_posts_under_512_descriptors_with_default_limits() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        nofile: Some(512),
+        ..Default::default()
+    });
+    // The default cap, derived from the 512 descriptors: (512 - 128) / 2 on one core.
+    let derived = w.wait_log("derived cap", |v| {
+        v["message"]
+            == "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
+    });
+    assert_eq!(derived[0]["nofile"], 512);
+    let cap = derived[0]["cap"].as_u64().expect("cap");
+    assert_eq!(cap, 192);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        let _ = s.write_all(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nx");
+        slow.push(s);
+    }
+    // Every admitted slow POST holds its app connection; the rest were refused.
+    eventually("the admitted slow POSTs reached the app", || {
+        up.connections.load(std::sync::atomic::Ordering::Relaxed) as u64 == cap
+    });
+    eventually("the others were refused and counted", || {
+        metric(&w, "appproxy_connections_refused_total") == 300 - cap
+    });
+    // The process did not run out: no failed accept, no failed connect, and the
+    // admin endpoint answers; a new client gets the cap's 503, not a 502.
+    assert_eq!(log_count(&w, "accept failed"), 0, "{}", w.log_text());
+    assert_eq!(metric(&w, "appproxy_local_resource_errors_total"), 0);
+    assert_eq!(w.admin_get("/health").status, 200);
+    let mut c = Client::connect(w.addr());
+    assert_json_error(&c.response(), 503, "connection_limit");
+    // Once the slow clients go, the worker serves at once.
+    drop(slow);
+    let mut c = None;
+    eventually("a new connection is admitted", || {
+        c = admitted(&w);
+        c.is_some()
+    });
+    assert_eq!(c.expect("admitted").get("/ok", "").status, 200);
+}

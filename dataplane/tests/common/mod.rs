@@ -326,6 +326,9 @@ pub struct WorkerOpts {
     pub circuit_extra: String,
     /// Lines added to the `[worker]` table.
     pub worker_extra: String,
+    /// Run the worker under this descriptor limit (soft and hard, set by
+    /// `prlimit(1)` before it starts).
+    pub nofile: Option<u64>,
 }
 
 impl Default for WorkerOpts {
@@ -336,6 +339,7 @@ impl Default for WorkerOpts {
             extra: String::new(),
             circuit_extra: String::new(),
             worker_extra: String::new(),
+            nofile: None,
         }
     }
 }
@@ -401,7 +405,17 @@ route_info = [{routes}]
         let log = dir.path().join("worker.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+        let mut command = match opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_appproxy-worker"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_appproxy-worker")),
+        };
+        let child = command
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::from(out))
