@@ -157,7 +157,9 @@ pub fn check_bearer(
 /// (browsers send preflights without cookies or `Authorization`): exactly one
 /// non-empty `Origin`, exactly one `Access-Control-Request-Method` naming a method
 /// token, and nothing that could carry more than a head: no `Upgrade`, no
-/// `Connection: upgrade`, no `Transfer-Encoding`, no `Content-Length` other than 0.
+/// `Connection: upgrade`, no `Transfer-Encoding`, no `Content-Length` other than 0,
+/// and no method override (`X-HTTP-Method-Override` and kin, which some frameworks
+/// honour and no browser sends on a preflight).
 /// The caller also checks the method and that the parsed framing has no body.
 pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> bool {
     let is = |name: &[u8], want: &str| name.eq_ignore_ascii_case(want.as_bytes());
@@ -179,7 +181,12 @@ pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>
                 return false;
             }
             methods += 1;
-        } else if is(name, "upgrade") || is(name, "transfer-encoding") {
+        } else if is(name, "upgrade")
+            || is(name, "transfer-encoding")
+            || is(name, "x-http-method-override")
+            || is(name, "x-http-method")
+            || is(name, "x-method-override")
+        {
             return false;
         } else if is(name, "content-length") {
             if value != b"0" {
@@ -340,5 +347,7 @@ mod tests {
         assert!(!check(&[o, m, ("Transfer-Encoding", "chunked")]));
         assert!(!check(&[o, m, ("Content-Length", "5")]));
         assert!(!check(&[o, m, ("Content-Length", "00")]));
+        assert!(!check(&[o, m, ("X-HTTP-Method-Override", "DELETE")]));
+        assert!(!check(&[o, m, ("X-Method-Override", "DELETE")]));
     }
 }

@@ -251,6 +251,11 @@ fn hostile_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
             false,
         ),
         (
+            "preflight headers with a method override",
+            format!("OPTIONS /api/x HTTP/1.1\r\nHost: t\r\n{pf}X-HTTP-Method-Override: DELETE\r\n\r\n"),
+            false,
+        ),
+        (
             "HTTP/1.0 OPTIONS",
             "OPTIONS / HTTP/1.0\r\n\r\n".into(),
             true,
