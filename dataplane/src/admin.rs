@@ -4,6 +4,10 @@
 //! a handful of requests per scrape, and must keep answering while the cores are busy.
 //! `/health` answers 503 naming the cores that hold waiting work without turning (see
 //! [`crate::liveness`]), so an operator's health check catches a stuck core.
+//! It keeps a small reserve of descriptors, so that it still answers when the process
+//! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
+//! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
+//! the reserve is refilled once a descriptor is free again.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -29,20 +33,72 @@ pub fn spawn(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
+    let mut reserve = Reserve::default();
+    reserve.refill();
     std::thread::Builder::new()
         .name("appproxy-admin".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = serve_one(stream, &metrics, &info);
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = serve_one(stream, &metrics, &info);
+                    reserve.refill();
+                }
+                Err(e) if crate::core::is_out_of_descriptors(&e) => {
+                    if !reserve.release_one() {
+                        // Nothing left to give back: wait for descriptors to free up.
+                        std::thread::sleep(Duration::from_millis(20));
+                        reserve.refill();
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         })?;
     Ok(local)
 }
 
+/// Descriptors held back for the admin thread (`/dev/null`, opened read-only).
+#[derive(Default)]
+struct Reserve {
+    held: Vec<std::fs::File>,
+    /// Whether the reserve was used since it was last full (for one log line).
+    used: bool,
+}
+
+/// How many descriptors the reserve holds: the admin thread needs one per request;
+/// the others cover a core taking a released one first.
+const RESERVE: usize = 4;
+
+impl Reserve {
+    /// Tops the reserve up as far as descriptors allow.
+    fn refill(&mut self) {
+        while self.held.len() < RESERVE {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.held.push(f),
+                Err(_) => return,
+            }
+        }
+        if std::mem::take(&mut self.used) {
+            tracing::info!("admin descriptor reserve refilled");
+        }
+    }
+
+    /// Closes one reserved descriptor so that the next accept can succeed.
+    fn release_one(&mut self) -> bool {
+        if !self.used {
+            self.used = true;
+            tracing::warn!(
+                "process at its descriptor limit: admin endpoint answering from its reserve"
+            );
+        }
+        self.held.pop().is_some()
+    }
+}
+
 fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    // Reads through a reference: no second descriptor for the reader.
+    let mut reader = BufReader::new(&stream);
     let mut line = String::new();
     reader.by_ref().take(8192).read_line(&mut line)?;
     // Skip the rest of the head (bounded).
@@ -92,7 +148,7 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
             "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into(),
         ),
     };
-    let mut stream = stream;
+    let mut stream = &stream;
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -152,6 +152,57 @@ pub fn check_bearer(
     }
 }
 
+/// Whether the header fields of an `OPTIONS` request make it a genuine CORS
+/// preflight, the one request a private circuit lets through without credentials
+/// (browsers send preflights without cookies or `Authorization`): exactly one
+/// non-empty `Origin`, exactly one `Access-Control-Request-Method` naming a method
+/// token, and nothing that could carry more than a head: no `Upgrade`, no
+/// `Connection: upgrade`, no `Transfer-Encoding`, no `Content-Length` other than 0,
+/// and no method override (`X-HTTP-Method-Override` and kin, which some frameworks
+/// honour and no browser sends on a preflight).
+/// The caller also checks the method and that the parsed framing has no body.
+pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> bool {
+    let is = |name: &[u8], want: &str| name.eq_ignore_ascii_case(want.as_bytes());
+    let token = |v: &[u8]| {
+        !v.is_empty()
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+    };
+    let (mut origins, mut methods) = (0u32, 0u32);
+    for (name, value) in headers {
+        let value = value.trim_ascii();
+        if is(name, "origin") {
+            if value.is_empty() {
+                return false;
+            }
+            origins += 1;
+        } else if is(name, "access-control-request-method") {
+            if !token(value) {
+                return false;
+            }
+            methods += 1;
+        } else if is(name, "upgrade")
+            || is(name, "transfer-encoding")
+            || is(name, "x-http-method-override")
+            || is(name, "x-http-method")
+            || is(name, "x-method-override")
+        {
+            return false;
+        } else if is(name, "content-length") {
+            if value != b"0" {
+                return false;
+            }
+        } else if is(name, "connection")
+            && value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        {
+            return false;
+        }
+    }
+    origins == 1 && methods == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +318,36 @@ mod tests {
             URL_SAFE_NO_PAD.encode(format!("{{\"id\":\"{circuit}\"}}").as_bytes())
         );
         assert_eq!(code(Some(&format!("Bearer {none}"))), "E20006");
+    }
+
+    #[test]
+    fn only_genuine_preflights() {
+        let check = |fields: &[(&str, &str)]| {
+            is_cors_preflight(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+        };
+        let o = ("Origin", "https://a.example");
+        let m = ("Access-Control-Request-Method", "PUT");
+        assert!(check(&[o, m]));
+        assert!(check(&[
+            o,
+            m,
+            ("Content-Length", "0"),
+            ("Access-Control-Request-Headers", "x-a")
+        ]));
+        assert!(!check(&[]));
+        assert!(!check(&[o]));
+        assert!(!check(&[m]));
+        assert!(!check(&[("Origin", ""), m]));
+        assert!(!check(&[o, ("Access-Control-Request-Method", "")]));
+        assert!(!check(&[o, ("Access-Control-Request-Method", "P T")]));
+        assert!(!check(&[o, o, m]));
+        assert!(!check(&[o, m, m]));
+        assert!(!check(&[o, m, ("Upgrade", "websocket")]));
+        assert!(!check(&[o, m, ("Connection", "keep-alive, Upgrade")]));
+        assert!(!check(&[o, m, ("Transfer-Encoding", "chunked")]));
+        assert!(!check(&[o, m, ("Content-Length", "5")]));
+        assert!(!check(&[o, m, ("Content-Length", "00")]));
+        assert!(!check(&[o, m, ("X-HTTP-Method-Override", "DELETE")]));
+        assert!(!check(&[o, m, ("X-Method-Override", "DELETE")]));
     }
 }

@@ -226,6 +226,15 @@ pub struct LimitsSection {
     pub max_body: u64,
     /// Largest upstream response head (502 past it).
     pub max_response_head: usize,
+    /// Client connections one core serves at once (every frontend and the API
+    /// port); past it new connections are refused (closed, with a 503 on HTTP
+    /// frontends), counted in `appproxy_connections_refused_total`. 0 derives it
+    /// from the descriptor limit: (RLIMIT_NOFILE - 128) / 2 / cores.
+    pub max_connections_per_core: usize,
+    /// Lowest average rate, in bytes per second, at which a client must send a
+    /// request body; a body that falls below it (after the first `body_idle_secs`
+    /// of waiting are used up) gets 408. 0 turns the floor off.
+    pub min_body_rate: u64,
 }
 
 impl Default for LimitsSection {
@@ -237,6 +246,8 @@ impl Default for LimitsSection {
             max_headers: h.max_headers,
             max_body: 0,
             max_response_head: 64 * 1024,
+            max_connections_per_core: 0,
+            min_body_rate: 500,
         }
     }
 }
@@ -253,7 +264,8 @@ pub struct TimeoutsSection {
     pub upstream_connect_secs: u64,
     /// The app's response head must arrive within this (504).
     pub upstream_head_secs: u64,
-    /// Longest silence inside a body transfer, either way.
+    /// Longest silence inside a body transfer, either way (a stalled request body
+    /// gets 408).
     pub body_idle_secs: u64,
     /// Idle WebSocket / TCP tunnels are closed after this.
     pub tunnel_idle_secs: u64,
@@ -268,7 +280,7 @@ impl Default for TimeoutsSection {
             keepalive_secs: 75,
             upstream_connect_secs: 3,
             upstream_head_secs: 60,
-            body_idle_secs: 3600,
+            body_idle_secs: 60,
             tunnel_idle_secs: 3600,
             drain_secs: 30,
         }
@@ -290,6 +302,9 @@ pub struct UpstreamSection {
     /// Active probe: every this many seconds, each core tries a TCP connect to its
     /// unhealthy upstreams and brings back those that answer; 0 turns it off.
     pub probe_interval_secs: u64,
+    /// Connections (in use and pooled) one core keeps open to one upstream address;
+    /// a request that would need another gets 503 `upstream_connection_limit`.
+    pub max_connections_per_route: usize,
 }
 
 impl Default for UpstreamSection {
@@ -300,6 +315,7 @@ impl Default for UpstreamSection {
             failure_threshold: 3,
             unhealthy_secs: 10,
             probe_interval_secs: 2,
+            max_connections_per_route: 10_240,
         }
     }
 }
@@ -544,6 +560,12 @@ pub struct Runtime {
     pub upstream_head_timeout: Duration,
     /// Silence inside a body transfer.
     pub body_idle_timeout: Duration,
+    /// Lowest average request-body rate, bytes per second (0: off).
+    pub min_body_rate: u64,
+    /// Client connections per core (0: derived from the descriptor limit).
+    pub max_connections_per_core: usize,
+    /// Open connections per upstream address, per core.
+    pub max_upstream_conns: usize,
     /// Idle tunnels.
     pub tunnel_idle_timeout: Duration,
     /// Drain on SIGTERM.
@@ -807,6 +829,11 @@ impl Config {
                 "[limits]: max_request_line and max_header_bytes must be at least 64, max_headers 1..=128".into(),
             ));
         }
+        if self.upstream.max_connections_per_route == 0 {
+            return Err(ConfigError::Invalid(
+                "[upstream] max_connections_per_route must be at least 1".into(),
+            ));
+        }
         let t = &self.timeouts;
         for (name, v) in [
             ("head_secs", t.head_secs),
@@ -852,6 +879,9 @@ impl Config {
             connect_timeout: secs(t.upstream_connect_secs),
             upstream_head_timeout: secs(t.upstream_head_secs),
             body_idle_timeout: secs(t.body_idle_secs),
+            min_body_rate: l.min_body_rate,
+            max_connections_per_core: l.max_connections_per_core,
+            max_upstream_conns: self.upstream.max_connections_per_route,
             tunnel_idle_timeout: secs(t.tunnel_idle_secs),
             drain_timeout: secs(t.drain_secs),
             max_idle_per_route: self.upstream.max_idle_per_route,
@@ -965,6 +995,17 @@ mod tests {
         assert_eq!(rt.cpus, vec![0, 1]);
         assert_eq!(rt.head_timeout, Duration::from_secs(10));
         assert_eq!(rt.keepalive_timeout, Duration::from_secs(75));
+        // The resource bounds are on by default and shown by --print-default-config.
+        assert!(rt.body_idle_timeout <= Duration::from_secs(60));
+        assert!(rt.min_body_rate > 0);
+        for key in [
+            "max_connections_per_core = 0",
+            "min_body_rate = 500",
+            "max_connections_per_route = 10240",
+            "body_idle_secs = 60",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
     }
 
     #[test]

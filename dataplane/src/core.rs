@@ -17,7 +17,7 @@ use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat,
 use appproxy_shared::RequestId;
 
 use crate::config::{Frontend, ResolvedCircuit, Runtime, Wildcard};
-use crate::io::TcpConn;
+use crate::io::{CountGuard, TcpConn};
 use crate::reactor::Reactor;
 
 /// Passive health of one upstream of a route, on one core.
@@ -193,16 +193,31 @@ pub struct Pool {
     max_idle: usize,
     /// Idle lifetime.
     idle_timeout: std::time::Duration,
+    /// Open connections (in use and idle) per upstream address; each connection
+    /// holds one unit ([`CountGuard`]) until it closes.
+    open: RefCell<HashMap<SocketAddr, Rc<Cell<usize>>>>,
+    /// Cap on `open` per address.
+    max_open: usize,
 }
 
 impl Pool {
     /// An empty pool.
-    pub fn new(max_idle: usize, idle_timeout: std::time::Duration) -> Self {
+    pub fn new(max_idle: usize, idle_timeout: std::time::Duration, max_open: usize) -> Self {
         Self {
             idle: RefCell::new(HashMap::new()),
             max_idle,
             idle_timeout,
+            open: RefCell::new(HashMap::new()),
+            max_open: max_open.max(1),
         }
+    }
+
+    /// One unit of `addr`'s open-connection count for a new connection, or `None`
+    /// when the upstream already has `max_open` connections on this core (pool
+    /// misses only: a pooled connection already holds its unit).
+    pub fn reserve(&self, addr: SocketAddr) -> Option<CountGuard> {
+        let mut open = self.open.borrow_mut();
+        CountGuard::take(open.entry(addr).or_default(), self.max_open)
     }
 
     /// A live idle connection to `addr`, if one is pooled (`now`: the reactor's clock).
@@ -238,6 +253,10 @@ impl Pool {
         for list in idle.values_mut() {
             list.retain(|e| e.since.elapsed() <= self.idle_timeout);
         }
+        // Forget counts of upstreams with no connection left (routes come and go).
+        self.open
+            .borrow_mut()
+            .retain(|_, n| n.get() > 0 || Rc::strong_count(n) > 1);
     }
 
     /// When the oldest idle connection outlives its lifetime (`None`: pool empty), so
@@ -258,8 +277,11 @@ impl Pool {
     }
 }
 
+/// How many counters there are.
+pub const N_COUNTERS: usize = 16;
+
 /// Counter names, in the order of [`CoreMetrics::counters`].
-pub const COUNTERS: [&str; 12] = [
+pub const COUNTERS: [&str; N_COUNTERS] = [
     "requests_1xx",
     "requests_2xx",
     "requests_3xx",
@@ -272,13 +294,17 @@ pub const COUNTERS: [&str; 12] = [
     "bytes_in",
     "bytes_out",
     "proxy_errors",
+    "connections_refused",
+    "accept_errors",
+    "local_resource_errors",
+    "upstream_connection_limit",
 ];
 
 /// Per-core counters, plain cells.
 #[derive(Default)]
 pub struct CoreMetrics {
     /// Values, indexed like [`COUNTERS`].
-    pub counters: [Cell<u64>; 12],
+    pub counters: [Cell<u64>; N_COUNTERS],
 }
 
 /// Indexes into [`CoreMetrics::counters`].
@@ -297,6 +323,15 @@ pub mod counter {
     pub const BYTES_OUT: usize = 10;
     /// Errors the proxy answered itself.
     pub const PROXY_ERRORS: usize = 11;
+    /// Connections closed at accept because the core was at its connection cap.
+    pub const CONN_REFUSED: usize = 12;
+    /// Failed accepts (out of descriptors or memory).
+    pub const ACCEPT_ERRORS: usize = 13;
+    /// Upstream connects that failed for a local reason (`EMFILE`, `ENFILE`, no
+    /// memory or ports): answered 503, never counted against the upstream.
+    pub const LOCAL_ERRORS: usize = 14;
+    /// Requests refused because their upstream was at its connection cap.
+    pub const UPSTREAM_LIMIT: usize = 15;
 }
 
 impl CoreMetrics {
@@ -322,7 +357,7 @@ impl CoreMetrics {
 /// The metrics of every core, readable from the admin thread.
 pub struct SharedMetrics {
     /// One row per core, indexed like [`COUNTERS`].
-    pub cores: Vec<(usize, [AtomicU64; 12])>,
+    pub cores: Vec<(usize, [AtomicU64; N_COUNTERS])>,
     /// Circuits in the route tables now (every core has the same set; core 0 writes).
     pub circuits: AtomicU64,
 }
@@ -538,6 +573,8 @@ pub struct Core {
     /// marked accessed at every hand-off, as the original marks an open WebSocket
     /// every 1.5 s — an idle-looking circuit with a live session is not collected.
     pub open_tunnels: RefCell<HashMap<uuid::Uuid, u32>>,
+    /// Open client connections on this core and their cap ([`Core::admit`]).
+    pub conns: ConnGate,
     /// xorshift state for weighted route choice (no shared RNG, no syscall).
     rng: Cell<u64>,
     /// Connection IDs for log spans.
@@ -590,7 +627,12 @@ impl Core {
             cpu,
             row,
             routes: RefCell::new(Rc::new(RouteTable::new(&rt.circuits, rt.wildcard.clone()))),
-            pool: Pool::new(rt.max_idle_per_route, rt.pool_idle_timeout),
+            pool: Pool::new(
+                rt.max_idle_per_route,
+                rt.pool_idle_timeout,
+                rt.max_upstream_conns,
+            ),
+            conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu),
             metrics: CoreMetrics::default(),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
@@ -638,6 +680,205 @@ impl Core {
     pub fn route_for(&self, port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
         self.routes.borrow().lookup(port, host)
     }
+}
+
+/// The per-core connection cap: how many client connections are open, how many may
+/// be, and the state of the current refusal or accept-failure burst (one log line
+/// per burst, not per connection).
+pub struct ConnGate {
+    /// Open client connections (every frontend and the API port).
+    open: Rc<Cell<usize>>,
+    /// The cap.
+    pub cap: usize,
+    /// Connections refused since the cap was last left.
+    refused_in_burst: Cell<u64>,
+    /// Failed accepts since the last successful one.
+    failed_in_burst: Cell<u64>,
+    /// Upstream connects that failed for a local reason since the last one that
+    /// worked.
+    local_in_burst: Cell<u64>,
+}
+
+/// Descriptors left aside for everything that is not a client connection or its
+/// upstream connection (listeners, pooled connections, the admin thread, logs).
+const DESCRIPTOR_HEADROOM: u64 = 128;
+
+impl ConnGate {
+    /// The gate of one of `cores` cores; `cap` 0 derives the cap from the descriptor
+    /// limit: each proxied connection costs two descriptors, the limit is shared by
+    /// every core, and [`DESCRIPTOR_HEADROOM`] stays free.
+    fn new(cap: usize, cores: usize, cpu: usize) -> Self {
+        let cap = if cap > 0 {
+            cap
+        } else {
+            let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(1 << 20);
+            let per_core = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / 2 / cores.max(1) as u64;
+            let cap = per_core.clamp(16, 1 << 20) as usize;
+            tracing::info!(
+                core = cpu,
+                cap,
+                nofile,
+                "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
+            );
+            cap
+        };
+        Self {
+            open: Rc::new(Cell::new(0)),
+            cap,
+            refused_in_burst: Cell::new(0),
+            failed_in_burst: Cell::new(0),
+            local_in_burst: Cell::new(0),
+        }
+    }
+
+    /// Open client connections now.
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+}
+
+/// The proxy's answer to a connection refused at the cap (HTTP frontends only).
+const REFUSED_HEAD: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\n";
+
+impl Core {
+    /// Decides whether a just-accepted connection on `port` may be served: below the
+    /// cap it is registered with the reactor and holds a unit of the open count for
+    /// its life; at the cap it is refused — counted, logged once per burst, sent a
+    /// best-effort 503 JSON when the frontend speaks HTTP — and closed (`None`).
+    pub fn admit(
+        &self,
+        stream: std::net::TcpStream,
+        port: u16,
+    ) -> Option<std::io::Result<TcpConn>> {
+        let guard = self.admission(&stream, port)?;
+        Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
+            conn.count_in(guard);
+            conn
+        }))
+    }
+
+    fn admission(&self, stream: &std::net::TcpStream, port: u16) -> Option<CountGuard> {
+        let gate = &self.conns;
+        let failed = gate.failed_in_burst.replace(0);
+        if failed > 0 {
+            tracing::info!(core = self.cpu, port, failed, "accepting again");
+        }
+        let open = gate.open.get();
+        if let Some(guard) = CountGuard::take(&gate.open, gate.cap) {
+            // The burst ends once the core is clearly below the cap again (a tenth of
+            // it free), not at every connection that slips in between refusals.
+            let refused = gate.refused_in_burst.get();
+            if refused > 0 && open + gate.cap / 10 < gate.cap {
+                gate.refused_in_burst.set(0);
+                tracing::info!(
+                    core = self.cpu,
+                    refused,
+                    cap = gate.cap,
+                    "connection cap: accepting again after refusing connections"
+                );
+            }
+            return Some(guard);
+        }
+        self.metrics.add(counter::CONN_REFUSED, 1);
+        let refused = gate.refused_in_burst.get() + 1;
+        gate.refused_in_burst.set(refused);
+        if refused == 1 {
+            tracing::warn!(
+                core = self.cpu,
+                port,
+                cap = gate.cap,
+                "connection cap reached: refusing new connections until some close ([limits] max_connections_per_core)"
+            );
+        }
+        let raw_tcp = self.route_for_port(port).is_some_and(|r| {
+            r.circuit.circuit.protocol == appproxy_shared::model::ProxyProtocol::Tcp
+        });
+        if !raw_tcp {
+            let id = RequestId::generate(self.rt.id_version);
+            let body = format!(
+                "{{\"error\":\"too many connections on this worker, retry later\",\"code\":\"connection_limit\",\"request_id\":\"{id}\"}}"
+            );
+            let answer = format!(
+                "{REFUSED_HEAD}{}: {id}\r\nContent-Length: {}\r\n\r\n{body}",
+                appproxy_shared::header::PRIMARY_HEADER,
+                body.len()
+            );
+            // One non-blocking write into an empty send buffer; never waited on.
+            let _ = std::io::Write::write(&mut &*stream, answer.as_bytes());
+        }
+        None
+    }
+
+    /// Records an upstream connect that failed for a local reason (counted, logged
+    /// once per burst).
+    pub fn local_connect_failure(&self, upstream: SocketAddr, error: &std::io::Error) {
+        self.metrics.add(counter::LOCAL_ERRORS, 1);
+        let n = self.conns.local_in_burst.get() + 1;
+        self.conns.local_in_burst.set(n);
+        if n == 1 {
+            tracing::error!(
+                core = self.cpu,
+                upstream = %upstream,
+                error = %error,
+                "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+            );
+        }
+    }
+
+    /// Records an upstream connect that worked (ends a burst of local failures).
+    pub fn connect_succeeded(&self) {
+        let n = self.conns.local_in_burst.replace(0);
+        if n > 0 {
+            tracing::info!(
+                core = self.cpu,
+                failed = n,
+                "upstream connects work again after local resource failures"
+            );
+        }
+    }
+
+    /// Records a failed accept on `port` (counted, logged once per burst) and
+    /// returns how long the accept loop backs off before trying again.
+    pub fn accept_failed(&self, port: u16, error: &std::io::Error) -> std::time::Duration {
+        self.metrics.add(counter::ACCEPT_ERRORS, 1);
+        let failed = self.conns.failed_in_burst.get() + 1;
+        self.conns.failed_in_burst.set(failed);
+        if failed == 1 {
+            let hint = if is_out_of_descriptors(error) {
+                "out of file descriptors: raise LimitNOFILE or lower [limits] max_connections_per_core"
+            } else {
+                "backing off"
+            };
+            tracing::error!(core = self.cpu, port, error = %error, hint, "accept failed");
+        }
+        std::time::Duration::from_millis(50)
+    }
+}
+
+/// Whether an error is the process (`EMFILE`) or the system (`ENFILE`) running out
+/// of file descriptors.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || code == Some(rustix::io::Errno::NFILE.raw_os_error())
+}
+
+/// Whether a failed connect was this host's fault rather than the upstream's:
+/// descriptors, memory or local ports exhausted. Such failures are never counted
+/// against the upstream's health.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    is_out_of_descriptors(e)
+        || [
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ADDRNOTAVAIL,
+            Errno::NOSPC,
+        ]
+        .iter()
+        .any(|c| e.raw_os_error() == Some(c.raw_os_error()))
 }
 
 /// An open tunnel, counted in [`Core::open_tunnels`] while it lives.

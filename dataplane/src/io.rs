@@ -5,6 +5,7 @@
 //! bytes. A short read or write is taken as "drained" (edge-triggered epoll reports the
 //! next arrival), which saves the `EAGAIN` round trip.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,19 +19,115 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::reactor::{Direction, Reactor, Registration};
 
+/// One unit of a per-core count (open client connections, open connections to one
+/// upstream): taken when the connection opens, given back when this guard drops.
+pub struct CountGuard(Rc<Cell<usize>>);
+
+impl CountGuard {
+    /// Takes one unit of `count`, unless it is already at `cap`.
+    pub fn take(count: &Rc<Cell<usize>>, cap: usize) -> Option<Self> {
+        let n = count.get();
+        if n >= cap {
+            return None;
+        }
+        count.set(n + 1);
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+/// A minimum average read rate (the slow-body guard), as a bucket of waiting time:
+/// it starts full (`cap`), every byte read adds `1 / rate` seconds (up to `cap`), and
+/// time spent waiting for the peer drains it; an empty bucket times the read out. Time
+/// the proxy spends elsewhere (writing to the app) is not counted: each wait starts
+/// at [`TcpConn::set_timeout`].
+#[derive(Debug, Clone, Copy)]
+struct ReadFloor {
+    /// Bytes per second the peer must keep up on average.
+    rate: u64,
+    /// Largest budget (and the budget at the start).
+    cap: Duration,
+    /// Waiting time left.
+    budget: Duration,
+    /// When the current wait started.
+    since: Instant,
+    /// Whether the current deadline is the floor's (the budget was shorter than the
+    /// idle timeout), not the idle timeout's.
+    binding: bool,
+}
+
 /// A TCP connection registered with the core's reactor.
 pub struct TcpConn {
     /// Dropped before `stream`, so the slot is released before the descriptor closes.
     reg: Registration,
     /// The socket, in non-blocking mode.
     stream: TcpStream,
+    /// The read-rate floor, while a request body is read from this peer.
+    floor: Cell<Option<ReadFloor>>,
+    /// The count this connection is part of (route cap), released with it.
+    counted: Option<CountGuard>,
 }
 
 impl TcpConn {
     /// Registers an already non-blocking stream.
     pub fn new(reactor: &Rc<Reactor>, stream: TcpStream) -> io::Result<Self> {
         let reg = reactor.register(stream.as_fd())?;
-        Ok(Self { reg, stream })
+        Ok(Self {
+            reg,
+            stream,
+            floor: Cell::new(None),
+            counted: None,
+        })
+    }
+
+    /// Makes this connection count in `guard`'s count until it closes.
+    pub fn count_in(&mut self, guard: CountGuard) {
+        self.counted = Some(guard);
+    }
+
+    /// Arms the read-rate floor: from now on, reads must keep up `rate` bytes per
+    /// second on average, with at most `cap` of waiting banked ([`ReadFloor`]). A
+    /// read it cuts fails with `TimedOut` and [`TcpConn::floor_cut`] is true.
+    /// `rate` 0 leaves only the idle timeout.
+    pub fn arm_read_floor(&self, rate: u64, cap: Duration) {
+        self.floor.set((rate > 0).then(|| ReadFloor {
+            rate,
+            cap,
+            budget: cap,
+            since: self.reg.reactor().now(),
+            binding: false,
+        }));
+    }
+
+    /// Disarms the read-rate floor.
+    pub fn disarm_read_floor(&self) {
+        self.floor.set(None);
+    }
+
+    /// Whether the last timeout was the read-rate floor's rather than the idle
+    /// timeout's.
+    pub fn floor_cut(&self) -> bool {
+        self.floor.get().is_some_and(|f| f.binding)
+    }
+
+    /// Books a completed read of `n` bytes against the floor.
+    fn book_read(&self, n: usize) {
+        if let Some(mut f) = self.floor.get() {
+            let now = self.reg.reactor().now();
+            let earned = Duration::from_secs_f64(n as f64 / f.rate as f64);
+            f.budget = (f
+                .budget
+                .saturating_sub(now.saturating_duration_since(f.since))
+                + earned)
+                .min(f.cap);
+            f.since = now;
+            self.floor.set(Some(f));
+        }
     }
 
     /// Connects to `addr`, failing after `timeout`.
@@ -79,6 +176,7 @@ impl TcpConn {
                     if n > 0 && n < buf.len() {
                         self.reg.clear_ready(Direction::Read);
                     }
+                    self.book_read(n);
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -206,10 +304,18 @@ impl TcpConn {
         self.reg.set_deadline(deadline);
     }
 
-    /// Sets the deadline `timeout` from now (the reactor's clock: coarse, no syscall).
+    /// Sets the deadline `timeout` from now (the reactor's clock: coarse, no syscall),
+    /// or sooner when the read-rate floor's budget is shorter.
     pub fn set_timeout(&self, timeout: Duration) {
-        self.reg
-            .set_deadline(Some(self.reg.reactor().now() + timeout));
+        let now = self.reg.reactor().now();
+        let mut timeout = timeout;
+        if let Some(mut f) = self.floor.get() {
+            f.since = now;
+            f.binding = f.budget < timeout;
+            timeout = timeout.min(f.budget);
+            self.floor.set(Some(f));
+        }
+        self.reg.set_deadline(Some(now + timeout));
     }
 
     /// Marks the connection as idle between requests (drain closes it at once).

@@ -419,8 +419,11 @@ fn client_ip(client: &Client, head: &RequestHead) -> Result<std::net::IpAddr, ()
     }
 }
 
-/// The circuit's credential check (skipped for `open_to_public` and `OPTIONS`):
-/// the permit cookie for interactive apps, a bearer JWT for inference.
+/// The circuit's credential check: the permit cookie for interactive apps, a bearer
+/// JWT for inference. Skipped only for `open_to_public` circuits and for a genuine
+/// CORS preflight ([`crate::auth::is_cors_preflight`]); every other request, whatever
+/// its method, path or `Upgrade`, needs the credential before any byte of it reaches
+/// the app.
 fn check_credentials(
     core: &Core,
     buf: &[u8],
@@ -428,7 +431,18 @@ fn check_credentials(
     route: &Route,
 ) -> Result<(), crate::auth::Refused> {
     let circuit = &route.circuit.circuit;
-    if circuit.open_to_public || head.method == Method::Options {
+    if circuit.open_to_public {
+        return Ok(());
+    }
+    if head.method == Method::Options
+        && head.framing == BodyFraming::Length(0)
+        && head.upgrade.is_none()
+        && crate::auth::is_cors_preflight(
+            head.headers
+                .iter()
+                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+        )
+    {
         return Ok(());
     }
     let secrets = &core.rt.secrets;
@@ -526,11 +540,24 @@ async fn forward(
     let mut addr = route
         .pick(core.draw(), core.reactor.now(), None)
         .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
-    let retryable = head.method.is_idempotent() && head.framing == BodyFraming::Length(0);
+    let has_body = head.framing != BodyFraming::Length(0);
+    let retryable = head.method.is_idempotent() && !has_body;
     let websocket = head
         .upgrade
         .as_ref()
         .is_some_and(|u| client.buf.filled()[u.clone()].eq_ignore_ascii_case(b"websocket"));
+    if has_body {
+        // From here the body is timed: the idle timeout per wait, and the minimum
+        // average rate over the whole body. No upstream connection is held until the
+        // first body bytes are in.
+        client
+            .conn
+            .arm_read_floor(rt.min_body_rate, rt.body_idle_timeout);
+        if let Err(f) = await_body(core, client, head).await {
+            client.conn.disarm_read_floor();
+            return Err(f);
+        }
+    }
     let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
         Some(c) => {
             core.metrics.add(counter::POOL_HIT, 1);
@@ -538,19 +565,18 @@ async fn forward(
         }
         None => {
             core.metrics.add(counter::POOL_MISS, 1);
-            let (conn, used) = connect_route(core, route, addr).await?;
-            addr = used;
-            (conn, false)
+            match connect_route(core, route, addr).await {
+                Ok((conn, used)) => {
+                    addr = used;
+                    (conn, false)
+                }
+                Err(f) => {
+                    client.conn.disarm_read_floor();
+                    return Err(f);
+                }
+            }
         }
     };
-    if head.expect_continue && head.framing != BodyFraming::Length(0) {
-        client.conn.set_timeout(rt.body_idle_timeout);
-        client
-            .conn
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
-    }
     let opts = RelayOpts {
         max_payload: rt.max_body,
         idle: rt.body_idle_timeout,
@@ -586,6 +612,10 @@ async fn forward(
             };
             relay::relay_body(&client.conn, &mut client.buf, &upstream, out, mode, opts).await
         };
+        let floor_cut = has_body && client.conn.floor_cut();
+        if has_body {
+            client.conn.disarm_read_floor();
+        }
         match send {
             Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
             Err(RelayError::Destination(e)) if reused && retryable => {
@@ -602,7 +632,7 @@ async fn forward(
                 };
                 return Err(Failure::Answer(ProxyError::UpstreamClosed(e), left));
             }
-            Err(RelayError::Source(e)) => return Err(Failure::Abort(format!("client body: {e}"))),
+            Err(RelayError::Source(e)) => return Err(body_read_failure(e, floor_cut)),
             Err(RelayError::Framing(what)) => {
                 return Err(Failure::Answer(
                     ProxyError::Request(RequestError::BadChunk(what)),
@@ -671,7 +701,10 @@ fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool) {
 }
 
 /// Connects to `addr`; when that fails, records it and tries one other upstream of
-/// the route (connect failures are safe to retry: nothing was sent).
+/// the route (connect failures are safe to retry: nothing was sent). An upstream at
+/// its connection cap is skipped the same way, without counting against its health;
+/// a local failure (out of descriptors …) is answered at once: it is nobody's health
+/// and another upstream would fail the same way.
 async fn connect_route(
     core: &Core,
     route: &Route,
@@ -679,29 +712,113 @@ async fn connect_route(
 ) -> Result<(TcpConn, SocketAddr), Failure> {
     match connect(core, addr).await {
         Ok(c) => Ok((c, addr)),
+        Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
         Err(first) => {
-            note_health(core, route, addr, false);
+            if matches!(first, ConnectError::Upstream(_)) {
+                note_health(core, route, addr, false);
+            }
             match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
-                Some(alt) if alt != addr => {
-                    let c = connect(core, alt).await;
-                    if c.is_err() {
-                        note_health(core, route, alt, false);
+                Some(alt) if alt != addr => match connect(core, alt).await {
+                    Ok(c) => Ok((c, alt)),
+                    Err(e) => {
+                        if matches!(e, ConnectError::Upstream(_)) {
+                            note_health(core, route, alt, false);
+                        }
+                        Err(e.into())
                     }
-                    c.map(|c| (c, alt))
-                }
-                _ => Err(first),
+                },
+                _ => Err(first.into()),
             }
         }
     }
 }
 
-async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, Failure> {
-    TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout)
-        .await
-        .map_err(|e| {
+/// Why no upstream connection was opened.
+enum ConnectError {
+    /// The upstream already has the most connections this core may open to it.
+    Busy,
+    /// A local failure: descriptors, memory or ports of this host ran out.
+    Local(io::Error),
+    /// The upstream refused, was unreachable or did not answer in time.
+    Upstream(io::Error),
+}
+
+impl From<ConnectError> for Failure {
+    fn from(e: ConnectError) -> Self {
+        let err = match e {
+            ConnectError::Busy => ProxyError::UpstreamBusy,
+            ConnectError::Local(e) => ProxyError::LocalResources(e),
+            ConnectError::Upstream(e) => ProxyError::UpstreamConnect(e),
+        };
+        Failure::Answer(err, Left::Whole)
+    }
+}
+
+/// Opens a new connection to `addr`, counted in its per-core cap until it closes.
+async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
+    let Some(slot) = core.pool.reserve(addr) else {
+        core.metrics.add(counter::UPSTREAM_LIMIT, 1);
+        tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
+        return Err(ConnectError::Busy);
+    };
+    match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
+        Ok(mut conn) => {
+            conn.count_in(slot);
+            core.connect_succeeded();
+            Ok(conn)
+        }
+        Err(e) if crate::core::is_local_error(&e) => {
+            core.local_connect_failure(addr, &e);
+            Err(ConnectError::Local(e))
+        }
+        Err(e) => {
             tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
-            Failure::Answer(ProxyError::UpstreamConnect(e), Left::Whole)
-        })
+            Err(ConnectError::Upstream(e))
+        }
+    }
+}
+
+/// Waits until the first bytes of the request body are buffered, sending
+/// `100 Continue` first when the client waits for it, so that an upstream connection
+/// is opened only once a body is really coming. The body timers (armed by the
+/// caller) apply.
+async fn await_body(core: &Core, client: &mut Client, head: &RequestHead) -> Result<(), Failure> {
+    if client.buf.filled().len() > head.head_len {
+        return Ok(());
+    }
+    if head.expect_continue {
+        client.conn.set_timeout(core.rt.body_idle_timeout);
+        client
+            .conn
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+    }
+    tracing::debug!("waiting for the request body before connecting upstream");
+    let limit = BODY_BUF_LIMIT.max(client.head_limit);
+    while client.buf.filled().len() <= head.head_len {
+        client.conn.set_timeout(core.rt.body_idle_timeout);
+        match client.buf.fill(&client.conn, limit).await {
+            Ok(0) => return Err(Failure::Abort("client closed before its body".into())),
+            Ok(n) => core.metrics.add(counter::BYTES_IN, n as u64),
+            Err(e) => return Err(body_read_failure(e, client.conn.floor_cut())),
+        }
+    }
+    Ok(())
+}
+
+/// A failed read of the request body: a timeout is answered with 408 (stalled, or
+/// below the minimum rate when `floor_cut`), anything else ends the exchange.
+fn body_read_failure(e: io::Error, floor_cut: bool) -> Failure {
+    if e.kind() != io::ErrorKind::TimedOut {
+        return Failure::Abort(format!("client body: {e}"));
+    }
+    let err = if floor_cut {
+        RequestError::BodyTooSlow
+    } else {
+        RequestError::BodyTimeout
+    };
+    Failure::Answer(ProxyError::Request(err), Left::Partial)
 }
 
 enum HeadFailure {

@@ -500,11 +500,12 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
     let port = listener.local_addr().port();
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => match crate::io::TcpConn::new(&core.reactor, stream) {
-                Ok(conn) if Some(port) == core.rt.api_port => {
+            Ok((stream, peer)) => match core.admit(stream, port) {
+                None => {}
+                Some(Ok(conn)) if Some(port) == core.rt.api_port => {
                     spawn(crate::api::serve(core.clone(), conn, peer)).detach();
                 }
-                Ok(conn) => {
+                Some(Ok(conn)) => {
                     let tcp = core
                         .route_for_port(port)
                         .is_some_and(|r| r.circuit.circuit.protocol == ProxyProtocol::Tcp);
@@ -514,12 +515,13 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                         spawn(crate::proxy::serve(core.clone(), conn, peer, port)).detach();
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot register an accepted connection")
+                }
             },
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
-                tracing::error!(port, error = %e, "accept failed");
-                core.reactor.sleep(Duration::from_millis(50)).await;
+                core.reactor.sleep(core.accept_failed(port, &e)).await;
             }
         }
     }

@@ -52,9 +52,12 @@ fn interactive_circuits_need_the_permit_from_setup() {
         "E20005",
     );
     assert_eq!(up.count(), 0, "refused requests never reach the app");
-    // OPTIONS is let through (CORS preflight), as the original does.
-    c.send(b"OPTIONS /lab HTTP/1.1\r\nHost: t\r\n\r\n");
+    // A genuine CORS preflight is let through (browsers send it without the cookie);
+    // an OPTIONS that is not one needs the permit like any other request.
+    c.send(b"OPTIONS /lab HTTP/1.1\r\nHost: t\r\nOrigin: http://proxy.test\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
     assert_eq!(c.response().status, 200);
+    c.send(b"OPTIONS /lab HTTP/1.1\r\nHost: t\r\n\r\n");
+    refused(&c.response(), 401, "E20004");
 
     // /setup with the coordinator's token: a redirect and the cookie.
     let token = sign_hs256(

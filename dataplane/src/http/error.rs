@@ -61,6 +61,12 @@ pub enum RequestError {
     /// The head did not arrive within the head timeout.
     #[error("request head timed out")]
     HeadTimeout,
+    /// The request body stalled past the body idle timeout.
+    #[error("request body timed out")]
+    BodyTimeout,
+    /// The request body arrived slower than the minimum rate.
+    #[error("request body too slow")]
+    BodyTooSlow,
 }
 
 /// Why an upstream response was refused.
@@ -107,6 +113,13 @@ pub enum ProxyError {
     /// The worker is shutting down.
     #[error("worker is draining")]
     Draining,
+    /// The proxy itself is out of descriptors, memory or local ports (never the
+    /// upstream's fault).
+    #[error("the proxy is out of local resources: {0}")]
+    LocalResources(std::io::Error),
+    /// The upstream already has as many connections from this core as allowed.
+    #[error("upstream connection limit reached")]
+    UpstreamBusy,
 }
 
 impl RequestError {
@@ -119,7 +132,7 @@ impl RequestError {
             Self::UnsupportedTransferCoding => 501,
             Self::ExpectationFailed => 417,
             Self::BodyTooLarge => 413,
-            Self::HeadTimeout => 408,
+            Self::HeadTimeout | Self::BodyTimeout | Self::BodyTooSlow => 408,
             Self::Malformed(_)
             | Self::InvalidContentLength
             | Self::LengthAndTransferEncoding
@@ -146,6 +159,8 @@ impl RequestError {
             Self::BadChunk(_) => "bad_chunk",
             Self::BodyTooLarge => "body_too_large",
             Self::HeadTimeout => "request_timeout",
+            Self::BodyTimeout => "request_body_timeout",
+            Self::BodyTooSlow => "request_body_too_slow",
         }
     }
 }
@@ -160,7 +175,7 @@ impl ProxyError {
             | Self::UpstreamTimeout
             | Self::UpstreamResponse(_)
             | Self::UpstreamClosed(_) => Fault::Upstream,
-            Self::Draining => Fault::Internal,
+            Self::Draining | Self::LocalResources(_) | Self::UpstreamBusy => Fault::Internal,
         }
     }
 
@@ -175,6 +190,11 @@ impl ProxyError {
             Self::UpstreamResponse(_) => (502, "upstream_invalid_response"),
             Self::UpstreamClosed(_) => (502, "upstream_closed"),
             Self::Draining => (503, "draining"),
+            Self::LocalResources(e) if crate::core::is_out_of_descriptors(e) => {
+                (503, "out_of_descriptors")
+            }
+            Self::LocalResources(_) => (503, "local_resources_exhausted"),
+            Self::UpstreamBusy => (503, "upstream_connection_limit"),
         }
     }
 

@@ -330,6 +330,9 @@ pub struct WorkerOpts {
     pub worker_extra: String,
     /// Lines added to the `[admin]` table.
     pub admin_extra: String,
+    /// Run the worker under this descriptor limit (soft and hard, set by
+    /// `prlimit(1)` before it starts).
+    pub nofile: Option<u64>,
 }
 
 impl Default for WorkerOpts {
@@ -341,6 +344,7 @@ impl Default for WorkerOpts {
             circuit_extra: String::new(),
             worker_extra: String::new(),
             admin_extra: String::new(),
+            nofile: None,
         }
     }
 }
@@ -408,7 +412,17 @@ route_info = [{routes}]
         let log = dir.path().join("worker.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+        let mut command = match opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_appproxy-worker"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_appproxy-worker")),
+        };
+        let child = command
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::from(out))

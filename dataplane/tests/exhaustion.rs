@@ -1,0 +1,439 @@
+//! Hostile suite, class "resource exhaustion": slow and stalled request bodies are
+//! cut with 408 and hold no upstream connection before their first byte; the
+//! connection cap per core refuses (503, counted, logged once per burst); the cap per
+//! upstream answers 503 instead of opening more; and under a real, low descriptor
+//! limit (`RLIMIT_NOFILE` of the worker process lowered with `prlimit(2)`), a local
+//! `EMFILE` is a 503 `out_of_descriptors` that never marks a healthy app unhealthy,
+//! while the admin `/health` still answers from its descriptor reserve.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{Client, Upstream, Worker, WorkerOpts};
+
+fn assert_json_error(r: &common::Response, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(
+        Some(body["request_id"].as_str().unwrap_or("")),
+        r.header("x-backend-request-id")
+    );
+}
+
+/// Polls `pred` (bounded: a hang guard, not a timing assertion).
+fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pred() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A counter's value on core 0, from the admin `/metrics`.
+fn metric(w: &Worker, name: &str) -> u64 {
+    let text = w.admin_get("/metrics").text();
+    let prefix = format!("{name}{{core=\"0\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn log_count(w: &Worker, message: &str) -> usize {
+    w.log_json()
+        .iter()
+        .filter(|v| v["message"] == message)
+        .count()
+}
+
+/// Whether a connection is waiting in `app`'s accept queue (non-blocking check).
+fn pending_connection(app: &TcpListener) -> Option<TcpStream> {
+    app.set_nonblocking(true).expect("nonblocking");
+    let got = match app.accept() {
+        Ok((s, _)) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept: {e}"),
+    };
+    app.set_nonblocking(false).expect("blocking");
+    got
+}
+
+/// Accepts the next connection at `app` (bounded: a hang guard).
+fn accept_within(app: &TcpListener, what: &str) -> TcpStream {
+    let mut got = None;
+    eventually(what, || {
+        got = pending_connection(app);
+        got.is_some()
+    });
+    got.expect("accepted")
+}
+
+/// A new client connection the worker admitted: refused ones get the 503 at once,
+/// before they send anything; an admitted one stays silent until it asks.
+fn admitted(w: &Worker) -> Option<Client> {
+    let c = Client::connect(w.addr());
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    match c.stream.peek(&mut b) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            Some(c)
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn bodies_are_timed_and_open_no_upstream_connection_before_their_first_byte() {
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.local_addr().expect("addr")],
+        extra: "[timeouts]\nbody_idle_secs = 2\n[limits]\nmin_body_rate = 1000\n".into(),
+        ..Default::default()
+    });
+
+    // Expect: 100-continue: the proxy invites the body before any upstream
+    // connection exists, and connects once the body is in.
+    let mut c = Client::connect(w.addr());
+    c.send(
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let mut line = String::new();
+    c.reader.read_line(&mut line).expect("interim");
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    c.reader.read_line(&mut line).expect("interim end");
+    assert!(
+        pending_connection(&app).is_none(),
+        "no upstream connection before the body"
+    );
+    c.send(b"hello");
+    let upstream = accept_within(&app, "the body opens the upstream connection");
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(upstream.try_clone().expect("clone"));
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        reader.read_line(&mut l).expect("request head at the app");
+        head.push_str(&l);
+        if l == "\r\n" || l.is_empty() {
+            break;
+        }
+    }
+    assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("expect:"), "{head}");
+    let mut body = [0u8; 5];
+    reader.read_exact(&mut body).expect("body at the app");
+    assert_eq!(&body, b"hello");
+    (&upstream)
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        .expect("answer");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+
+    // A stalled body: 408 after the idle timeout, and the app never saw a connection.
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n");
+    let r = c.response();
+    assert_json_error(&r, 408, "request_body_timeout");
+    assert!(c.is_closed());
+    assert!(
+        pending_connection(&app).is_none(),
+        "a body that never started held no upstream connection"
+    );
+
+    // A trickling body (one byte every 300 ms, each wait far inside the idle
+    // timeout): cut by the minimum rate, 408, and the app's connection is closed.
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /trickle HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nx");
+    let upstream = accept_within(&app, "the first byte opens the connection");
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a trickling body was never cut"
+        );
+        let _ = c.stream.write_all(b"x");
+        let mut buf = [0u8; 4096];
+        match c.stream.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("client read: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(
+        text.contains("\"code\":\"request_body_too_slow\""),
+        "{text}"
+    );
+    // The app's side of the cut request is closed, not left half-sent.
+    let mut rest = Vec::new();
+    assert!((&upstream).read_to_end(&mut rest).is_ok());
+}
+
+#[test]
+fn connection_cap_refuses_counts_and_logs_once_per_burst() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 2\n".into(),
+        ..Default::default()
+    });
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(w.addr());
+        assert_eq!(c.get("/hold", "").status, 200);
+        held.push(c);
+    }
+    for _ in 0..3 {
+        let mut c = Client::connect(w.addr());
+        let r = c.response();
+        assert_json_error(&r, 503, "connection_limit");
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.is_closed());
+    }
+    eventually("the refusals are counted in /metrics", || {
+        metric(&w, "appproxy_connections_refused_total") == 3
+    });
+    let burst = "connection cap reached: refusing new connections until some close ([limits] max_connections_per_core)";
+    w.wait_log("cap log line", |v| v["message"] == burst);
+    assert_eq!(
+        log_count(&w, burst),
+        1,
+        "one line per burst, not per refusal"
+    );
+    // The held connections still work; once one closes, a new one is served.
+    assert_eq!(held[0].get("/still", "").status, 200);
+    drop(held.pop());
+    let mut c = None;
+    eventually("a new connection is admitted after one closed", || {
+        c = admitted(&w);
+        c.is_some()
+    });
+    assert_eq!(c.expect("admitted").get("/again", "").status, 200);
+    w.wait_log("end of burst", |v| {
+        v["message"] == "connection cap: accepting again after refusing connections"
+    });
+}
+
+#[test]
+fn upstream_connection_cap_answers_503_instead_of_opening_more() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[upstream]\nmax_connections_per_route = 1\n".into(),
+        ..Default::default()
+    });
+    // A holds the only allowed connection with an unfinished body.
+    let mut a = Client::connect(w.addr());
+    a.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nx");
+    eventually("A's upstream connection is open", || {
+        up.connections.load(std::sync::atomic::Ordering::Relaxed) == 1
+    });
+    let mut b = Client::connect(w.addr());
+    assert_json_error(&b.get("/busy", ""), 503, "upstream_connection_limit");
+    a.send(b"123456789");
+    assert_eq!(a.response().status, 200);
+    // Once A's exchange ended, its pooled connection serves B.
+    assert_eq!(b.get("/free", "").status, 200);
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+    eventually("the refusal is counted", || {
+        metric(&w, "appproxy_upstream_connection_limit_total") == 1
+    });
+}
+
+/// The worker's open descriptors: (count, highest number).
+fn open_fds(pid: u32) -> (u64, u64) {
+    let mut count = 0;
+    let mut max = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .flatten()
+    {
+        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+            count += 1;
+            max = max.max(n);
+        }
+    }
+    (count, max)
+}
+
+#[test]
+fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        // An explicit cap far above what the descriptors allow, so that the process
+        // really runs out; bodies may idle for the length of the test.
+        extra: "[limits]\nmax_connections_per_core = 100000\n[timeouts]\nbody_idle_secs = 300\n"
+            .into(),
+        ..Default::default()
+    });
+    let pid = w.pid();
+    // Let the start-up probes' connections close, so that the count is stable.
+    let mut last = open_fds(pid).0;
+    let mut same = 0;
+    eventually("the descriptor count settles", || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds(pid).0;
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        same >= 3
+    });
+    // Lower the worker's descriptor limit (soft and hard) to a little above what it
+    // uses now.
+    let (_, max) = open_fds(pid);
+    let limit = max + 1 + 24;
+    rustix::process::prlimit(
+        rustix::process::Pid::from_raw(pid as i32),
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .expect("prlimit on the worker");
+    // Use the descriptors up until one is left: slow POSTs take two each (client and
+    // app connection, opened by their first body byte), a POST whose body has not
+    // started takes one. The admin thread, blocked in accept(2), holds one more that
+    // /proc does not list (the kernel reserves the number before waiting).
+    let mut held = Vec::new();
+    loop {
+        let (used, _) = open_fds(pid);
+        let free = limit - used - 1;
+        if free <= 1 {
+            break;
+        }
+        let mut c = Client::connect(w.addr());
+        if free >= 3 {
+            let app_conns = up.connections.load(std::sync::atomic::Ordering::Relaxed);
+            c.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nx");
+            eventually("the slow POST's app connection is open", || {
+                up.connections.load(std::sync::atomic::Ordering::Relaxed) == app_conns + 1
+            });
+        } else {
+            c.send(b"POST /stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n");
+            eventually("the stalled POST is accepted", || {
+                open_fds(pid).0 == used + 1
+            });
+        }
+        held.push(c);
+    }
+    // One descriptor left: the client is accepted, its app connection cannot be
+    // opened. More times than the failure threshold (3).
+    for _ in 0..5 {
+        let mut c = Client::connect(w.addr());
+        c.send(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx");
+        let r = c.response();
+        assert_json_error(&r, 503, "out_of_descriptors");
+        assert!(c.is_closed());
+    }
+    assert_eq!(
+        log_count(&w, "upstream marked unhealthy"),
+        0,
+        "a local EMFILE is not the app's failure"
+    );
+    assert_eq!(
+        log_count(
+            &w,
+            "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+        ),
+        1,
+        "one line per burst of local failures"
+    );
+    // The last descriptor taken by an idle client: the process is at its limit.
+    let _last = TcpStream::connect(w.addr()).expect("connect");
+    eventually("the worker holds every descriptor it may", || {
+        open_fds(pid).0 == limit - 1
+    });
+    // At the limit: the admin thread answers (its pending accept holds a descriptor,
+    // it needs no second one per request, and it keeps a reserve for when a core
+    // takes the one it freed).
+    for _ in 0..3 {
+        let r = w.admin_get("/health");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["status"], "ok");
+    }
+    eventually("the local failures are counted in /metrics", || {
+        metric(&w, "appproxy_local_resource_errors_total") == 5
+    });
+    // Descriptors back: the same app serves at once (it was never taken out).
+    drop(held);
+    drop(_last);
+    eventually("the app serves again", || {
+        let mut c = Client::connect(w.addr());
+        c.get("/ok", "").status == 200
+    });
+    assert_eq!(log_count(&w, "upstream marked unhealthy"), 0);
+    w.wait_log("end of the local failures", |v| {
+        v["message"] == "upstream connects work again after local resource failures"
+    });
+}
+
+#[test]
+fn the_issue_scenario_300_slow_posts_under_512_descriptors_with_default_limits() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        nofile: Some(512),
+        ..Default::default()
+    });
+    // The default cap, derived from the 512 descriptors: (512 - 128) / 2 on one core.
+    let derived = w.wait_log("derived cap", |v| {
+        v["message"]
+            == "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
+    });
+    assert_eq!(derived[0]["nofile"], 512);
+    let cap = derived[0]["cap"].as_u64().expect("cap");
+    assert_eq!(cap, 192);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        let _ = s.write_all(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nx");
+        slow.push(s);
+    }
+    // Every admitted slow POST holds its app connection; the rest were refused.
+    eventually("the admitted slow POSTs reached the app", || {
+        up.connections.load(std::sync::atomic::Ordering::Relaxed) as u64 == cap
+    });
+    eventually("the others were refused and counted", || {
+        metric(&w, "appproxy_connections_refused_total") == 300 - cap
+    });
+    // The process did not run out: no failed accept, no failed connect, and the
+    // admin endpoint answers; a new client gets the cap's 503, not a 502.
+    assert_eq!(log_count(&w, "accept failed"), 0, "{}", w.log_text());
+    assert_eq!(metric(&w, "appproxy_local_resource_errors_total"), 0);
+    assert_eq!(w.admin_get("/health").status, 200);
+    let mut c = Client::connect(w.addr());
+    assert_json_error(&c.response(), 503, "connection_limit");
+    // Once the slow clients go, the worker serves at once.
+    drop(slow);
+    let mut c = None;
+    eventually("a new connection is admitted", || {
+        c = admitted(&w);
+        c.is_some()
+    });
+    assert_eq!(c.expect("admitted").get("/ok", "").status, 200);
+}
