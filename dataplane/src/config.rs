@@ -359,6 +359,12 @@ pub struct AdminSection {
     /// stalled: `/health` answers 503, `/metrics` shows it, and the watchdog (which
     /// checks this often) logs it and kicks the core awake. Milliseconds.
     pub core_stall_ms: u64,
+    /// Per-circuit request counts and duration histograms on `/metrics` (opt-in: a
+    /// label per circuit).
+    pub per_circuit_metrics: bool,
+    /// Most circuits with their own series per core; busier ones past this are
+    /// summed under `circuit="other"`, so the series count stays bounded.
+    pub per_circuit_metrics_max: usize,
 }
 
 impl Default for AdminSection {
@@ -366,6 +372,8 @@ impl Default for AdminSection {
         Self {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 10202))),
             core_stall_ms: 2000,
+            per_circuit_metrics: false,
+            per_circuit_metrics_max: 200,
         }
     }
 }
@@ -584,6 +592,8 @@ pub struct Runtime {
     pub park: crate::reactor::ParkPolicy,
     /// How long a core may hold waiting work without a turn before it is stalled.
     pub core_stall: Duration,
+    /// Per-circuit metrics (opt-in, bounded).
+    pub per_circuit_metrics: crate::metrics::PerCircuit,
     /// glommio's preemption timer (`None`: never; see `worker::NO_PREEMPTION`).
     pub glommio_preempt: Option<Duration>,
     /// glommio io memory per executor, bytes.
@@ -896,6 +906,10 @@ impl Config {
                     .then(|| Duration::from_micros(self.reactor.park_max_us.max(50))),
             },
             core_stall: Duration::from_millis(self.admin.core_stall_ms.max(100)),
+            per_circuit_metrics: crate::metrics::PerCircuit {
+                enabled: self.admin.per_circuit_metrics,
+                max: self.admin.per_circuit_metrics_max.min(10_000),
+            },
             glommio_preempt: (self.reactor.glommio_preempt_us > 0)
                 .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -277,145 +276,7 @@ impl Pool {
     }
 }
 
-/// How many counters there are.
-pub const N_COUNTERS: usize = 16;
-
-/// Counter names, in the order of [`CoreMetrics::counters`].
-pub const COUNTERS: [&str; N_COUNTERS] = [
-    "requests_1xx",
-    "requests_2xx",
-    "requests_3xx",
-    "requests_4xx",
-    "requests_5xx",
-    "connections_accepted",
-    "connections_active",
-    "upstream_pool_hits",
-    "upstream_pool_misses",
-    "bytes_in",
-    "bytes_out",
-    "proxy_errors",
-    "connections_refused",
-    "accept_errors",
-    "local_resource_errors",
-    "upstream_connection_limit",
-];
-
-/// Per-core counters, plain cells.
-#[derive(Default)]
-pub struct CoreMetrics {
-    /// Values, indexed like [`COUNTERS`].
-    pub counters: [Cell<u64>; N_COUNTERS],
-}
-
-/// Indexes into [`CoreMetrics::counters`].
-pub mod counter {
-    /// Accepted connections.
-    pub const ACCEPTED: usize = 5;
-    /// Open client connections.
-    pub const ACTIVE: usize = 6;
-    /// Requests sent on a pooled connection.
-    pub const POOL_HIT: usize = 7;
-    /// Requests that needed a new upstream connection.
-    pub const POOL_MISS: usize = 8;
-    /// Bytes read from clients.
-    pub const BYTES_IN: usize = 9;
-    /// Bytes written to clients.
-    pub const BYTES_OUT: usize = 10;
-    /// Errors the proxy answered itself.
-    pub const PROXY_ERRORS: usize = 11;
-    /// Connections closed at accept because the core was at its connection cap.
-    pub const CONN_REFUSED: usize = 12;
-    /// Failed accepts (out of descriptors or memory).
-    pub const ACCEPT_ERRORS: usize = 13;
-    /// Upstream connects that failed for a local reason (`EMFILE`, `ENFILE`, no
-    /// memory or ports): answered 503, never counted against the upstream.
-    pub const LOCAL_ERRORS: usize = 14;
-    /// Requests refused because their upstream was at its connection cap.
-    pub const UPSTREAM_LIMIT: usize = 15;
-}
-
-impl CoreMetrics {
-    /// Adds `n` to counter `i`.
-    pub fn add(&self, i: usize, n: u64) {
-        let c = &self.counters[i];
-        c.set(c.get().wrapping_add(n));
-    }
-
-    /// Subtracts `n` from counter `i` (gauges).
-    pub fn sub(&self, i: usize, n: u64) {
-        let c = &self.counters[i];
-        c.set(c.get().saturating_sub(n));
-    }
-
-    /// Counts a response status.
-    pub fn status(&self, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.add(class, 1);
-    }
-}
-
-/// The metrics of every core, readable from the admin thread.
-pub struct SharedMetrics {
-    /// One row per core, indexed like [`COUNTERS`].
-    pub cores: Vec<(usize, [AtomicU64; N_COUNTERS])>,
-    /// Circuits in the route tables now (every core has the same set; core 0 writes).
-    pub circuits: AtomicU64,
-}
-
-impl SharedMetrics {
-    /// Rows for `cpus`, all zero.
-    pub fn new(cpus: &[usize]) -> Arc<Self> {
-        Arc::new(Self {
-            cores: cpus.iter().map(|c| (*c, Default::default())).collect(),
-            circuits: AtomicU64::new(0),
-        })
-    }
-
-    /// Copies a core's cells into its row.
-    pub fn publish(&self, row: usize, metrics: &CoreMetrics) {
-        if let Some((_, cells)) = self.cores.get(row) {
-            for (dst, src) in cells.iter().zip(metrics.counters.iter()) {
-                dst.store(src.get(), Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        for (i, name) in COUNTERS.iter().enumerate() {
-            let (metric, extra, kind) = match *name {
-                n if n.starts_with("requests_") => {
-                    ("appproxy_requests_total", Some(&n[9..]), "counter")
-                }
-                "connections_active" => ("appproxy_connections_active", None, "gauge"),
-                n => (n, None, "counter"),
-            };
-            let metric = if metric.starts_with("appproxy_") {
-                metric.to_owned()
-            } else {
-                format!("appproxy_{metric}_total")
-            };
-            if extra.is_none_or(|e| e == "1xx") {
-                out.push_str(&format!("# TYPE {metric} {kind}\n"));
-            }
-            for (core, cells) in &self.cores {
-                let v = cells[i].load(Ordering::Relaxed);
-                match extra {
-                    Some(class) => out.push_str(&format!(
-                        "{metric}{{core=\"{core}\",status=\"{class}\"}} {v}\n"
-                    )),
-                    None => out.push_str(&format!("{metric}{{core=\"{core}\"}} {v}\n")),
-                }
-            }
-        }
-        out.push_str(&format!(
-            "# TYPE appproxy_circuits gauge\nappproxy_circuits {}\n",
-            self.circuits.load(Ordering::Relaxed)
-        ));
-        out
-    }
-}
+pub use crate::metrics::{counter, CoreMetrics, SharedMetrics};
 
 /// One access-log entry.
 pub struct AccessEntry<'a> {
@@ -605,19 +466,28 @@ impl Core {
         !self.access_marks.borrow().is_empty() || !self.open_tunnels.borrow().is_empty()
     }
 
-    /// Counts a tunnel of `circuit` as open until the guard drops.
+    /// Counts a tunnel of `circuit` as open until the guard drops (metrics, and the
+    /// last-access marks when somebody reads them).
     pub fn tunnel_open(self: &Rc<Self>, circuit: uuid::Uuid) -> TunnelGuard {
-        if self.rt.access_flush.is_none() {
-            return TunnelGuard {
-                core: None,
-                circuit,
-            };
+        self.metrics.add(counter::TUNNELS_ACTIVE, 1);
+        self.metrics.add(counter::TUNNELS_OPENED, 1);
+        let marks = self.rt.access_flush.is_some();
+        if marks {
+            *self.open_tunnels.borrow_mut().entry(circuit).or_insert(0) += 1;
         }
-        *self.open_tunnels.borrow_mut().entry(circuit).or_insert(0) += 1;
         TunnelGuard {
-            core: Some(self.clone()),
+            core: self.clone(),
+            marks,
             circuit,
         }
+    }
+
+    /// Records a finished exchange: metrics (duration, per-circuit row) and the
+    /// access line.
+    pub fn record(&self, e: &AccessEntry<'_>) {
+        self.metrics
+            .request_done(e.circuit, e.status, e.started.elapsed());
+        self.access.record(e);
     }
 
     /// Builds the state of core `cpu`.
@@ -633,7 +503,7 @@ impl Core {
                 rt.max_upstream_conns,
             ),
             conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu),
-            metrics: CoreMetrics::default(),
+            metrics: CoreMetrics::new(rt.per_circuit_metrics),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
             access_marks: RefCell::new(HashMap::new()),
@@ -883,15 +753,19 @@ pub fn is_local_error(e: &std::io::Error) -> bool {
 
 /// An open tunnel, counted in [`Core::open_tunnels`] while it lives.
 pub struct TunnelGuard {
-    /// `None` when nobody reads access marks.
-    core: Option<Rc<Core>>,
+    /// The core counting it.
+    core: Rc<Core>,
+    /// Whether it counts for last-access marks.
+    marks: bool,
     /// The tunnel's circuit.
     circuit: uuid::Uuid,
 }
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        if let Some(core) = &self.core {
+        self.core.metrics.sub(counter::TUNNELS_ACTIVE, 1);
+        if self.marks {
+            let core = &self.core;
             let mut open = core.open_tunnels.borrow_mut();
             if let Some(n) = open.get_mut(&self.circuit) {
                 *n -= 1;

@@ -14,6 +14,7 @@ pub mod core;
 pub mod http;
 pub mod io;
 pub mod liveness;
+pub mod metrics;
 pub mod preflight;
 pub mod proxy;
 pub mod reactor;

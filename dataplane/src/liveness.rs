@@ -37,6 +37,10 @@ pub struct CoreLiveness {
     last_turn_ms: AtomicU64,
     /// [`RUNNING`], [`PARKED_FOREVER`], or the park's deadline in ms since `base` (+1).
     parked_until: AtomicU64,
+    /// Time spent parked in `epoll_wait`, microseconds (busy ratio = 1 − its rate).
+    parked_us: AtomicU64,
+    /// When the current park began, µs since `base` (0: not parked).
+    park_started_us: AtomicU64,
     /// A duplicate of the core's epoll descriptor: polled (never waited on) to see
     /// whether events are pending.
     epoll: Mutex<Option<OwnedFd>>,
@@ -54,6 +58,8 @@ impl CoreLiveness {
             turns: AtomicU64::new(0),
             last_turn_ms: AtomicU64::new(0),
             parked_until: AtomicU64::new(RUNNING),
+            parked_us: AtomicU64::new(0),
+            park_started_us: AtomicU64::new(0),
             epoll: Mutex::new(None),
             wake_fd: Mutex::new(None),
             kick: Mutex::new(None),
@@ -74,7 +80,12 @@ impl CoreLiveness {
     pub fn turned(&self, now: Instant) {
         self.turns.fetch_add(1, Ordering::Relaxed);
         self.last_turn_ms.store(self.ms(now), Ordering::Relaxed);
-        self.parked_until.store(RUNNING, Ordering::Relaxed);
+        if self.parked_until.swap(RUNNING, Ordering::Relaxed) != RUNNING {
+            let started = self.park_started_us.swap(0, Ordering::Relaxed);
+            let now_us = now.saturating_duration_since(self.base).as_micros() as u64;
+            self.parked_us
+                .fetch_add(now_us.saturating_sub(started), Ordering::Relaxed);
+        }
     }
 
     /// Records that the core is about to block in `epoll_wait` for at most `timeout`
@@ -84,6 +95,10 @@ impl CoreLiveness {
             None => PARKED_FOREVER,
             Some(t) => self.ms(now + t).saturating_add(1),
         };
+        self.park_started_us.store(
+            now.saturating_duration_since(self.base).as_micros() as u64,
+            Ordering::Relaxed,
+        );
         self.parked_until.store(until, Ordering::Relaxed);
     }
 
@@ -93,6 +108,17 @@ impl CoreLiveness {
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());
         }
+    }
+
+    /// Time spent parked so far, the park in progress included.
+    pub fn parked(&self, now: Instant) -> Duration {
+        let mut us = self.parked_us.load(Ordering::Relaxed);
+        let started = self.park_started_us.load(Ordering::Relaxed);
+        if started != 0 && self.parked_until.load(Ordering::Relaxed) != RUNNING {
+            let now_us = now.saturating_duration_since(self.base).as_micros() as u64;
+            us += now_us.saturating_sub(started);
+        }
+        Duration::from_micros(us)
     }
 
     /// Turns completed so far.
@@ -232,6 +258,18 @@ impl Liveness {
                 "appproxy_core_stalled{{core=\"{}\"}} {}",
                 c.cpu,
                 u8::from(c.stalled(now, self.bound))
+            );
+        }
+        out.push_str(
+            "# HELP appproxy_core_parked_seconds_total Time the core slept in epoll_wait with nothing to do (busy ratio = 1 - rate of this).\n\
+             # TYPE appproxy_core_parked_seconds_total counter\n",
+        );
+        for c in &self.cores {
+            let _ = writeln!(
+                out,
+                "appproxy_core_parked_seconds_total{{core=\"{}\"}} {:.6}",
+                c.cpu,
+                c.parked(now).as_secs_f64()
             );
         }
         let _ = write!(

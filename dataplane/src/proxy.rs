@@ -227,8 +227,9 @@ async fn answer(core: &Core, client: &Client, out: &mut Vec<u8>, r: Refusal<'_>)
     let _ = client.conn.write_all(out).await;
     core.metrics.status(r.status);
     core.metrics.add(counter::PROXY_ERRORS, 1);
+    core.metrics.error_code(r.code);
     core.metrics.add(counter::BYTES_OUT, out.len() as u64);
-    core.access.record(&AccessEntry {
+    core.record(&AccessEntry {
         request_id: r.id,
         circuit: r.circuit,
         method: &r.line.method,
@@ -353,7 +354,7 @@ async fn handle(
         Ok(done) => {
             core.metrics.status(done.status);
             core.metrics.add(counter::BYTES_OUT, done.bytes_out);
-            core.access.record(&AccessEntry {
+            core.record(&AccessEntry {
                 request_id: &id,
                 circuit: Some(&circuit_id),
                 method: &line.method,
@@ -379,7 +380,7 @@ async fn handle(
         Err(Failure::Abort(reason)) => {
             tracing::info!(reason = %reason, "exchange aborted");
             core.metrics.add(counter::PROXY_ERRORS, 1);
-            core.access.record(&AccessEntry {
+            core.record(&AccessEntry {
                 request_id: &id,
                 circuit: Some(&circuit_id),
                 method: &line.method,
@@ -646,7 +647,11 @@ async fn forward(
                 ))
             }
         }
+        let sent = Instant::now();
         let outcome = read_response_head(core, &upstream, ubuf, head.method).await;
+        if outcome.is_ok() {
+            core.metrics.upstream_head.observe(sent.elapsed());
+        }
         let retrying = matches!(outcome, Err(HeadFailure::Closed(_))) && reused && retryable;
         if !retrying {
             note_health(core, route, addr, outcome.is_ok());

@@ -1,0 +1,632 @@
+//! The worker's metrics: what each core counts (plain cells, no locks, no atomics on
+//! the hot path), what it publishes to the admin thread at its reactor tick, and the
+//! Prometheus text the admin thread renders from that (`# HELP` and `# TYPE` on every
+//! family, names per the Prometheus naming guide).
+//!
+//! - counters and gauges: one [`Counter`] enum, each with its name, kind, help and
+//!   label, so names are never kept in step with indices by hand;
+//! - histograms with fixed buckets: request duration (head complete → response sent)
+//!   and upstream response-head duration, per core, merged (summed) at scrape;
+//! - proxy-made errors by code;
+//! - per circuit, when `[admin] per_circuit_metrics` opts in: requests by status class
+//!   and a duration histogram, for at most `per_circuit_metrics_max` circuits per core
+//!   (the rest are summed under `circuit="other"`), so cardinality stays bounded.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    /// Responses with a 1xx status (final, i.e. 101).
+    Requests1xx,
+    /// Responses with a 2xx status.
+    Requests2xx,
+    /// Responses with a 3xx status.
+    Requests3xx,
+    /// Responses with a 4xx status.
+    Requests4xx,
+    /// Responses with a 5xx status.
+    Requests5xx,
+    /// Accepted client connections.
+    Accepted,
+    /// Open client connections (gauge).
+    Active,
+    /// Requests sent on a pooled upstream connection.
+    PoolHit,
+    /// Requests that needed a new upstream connection.
+    PoolMiss,
+    /// Bytes read from clients.
+    BytesIn,
+    /// Bytes written to clients.
+    BytesOut,
+    /// Responses the proxy made itself (errors).
+    ProxyErrors,
+    /// Connections closed at accept: the core was at its connection cap.
+    ConnRefused,
+    /// Failed accepts (out of descriptors or memory).
+    AcceptErrors,
+    /// Upstream connects that failed for a local reason.
+    LocalErrors,
+    /// Requests refused because their upstream was at its connection cap.
+    UpstreamLimit,
+    /// Open WebSocket and TCP tunnels (gauge).
+    TunnelsActive,
+    /// Tunnels opened.
+    TunnelsOpened,
+}
+
+/// Number of counters.
+pub const N_COUNTERS: usize = 18;
+
+/// Prometheus kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// How a counter is exposed: family name, kind, help, and an extra label.
+struct Spec {
+    family: &'static str,
+    kind: Kind,
+    help: &'static str,
+    label: Option<(&'static str, &'static str)>,
+}
+
+const REQUESTS_HELP: &str = "Responses sent to clients, by status class.";
+
+/// Exposition of every counter, indexed like [`Counter`].
+const SPECS: [Spec; N_COUNTERS] = [
+    spec_class("1xx"),
+    spec_class("2xx"),
+    spec_class("3xx"),
+    spec_class("4xx"),
+    spec_class("5xx"),
+    spec("appproxy_connections_accepted_total", Kind::Counter, "Client connections accepted."),
+    spec("appproxy_connections_active", Kind::Gauge, "Client connections open now."),
+    spec("appproxy_upstream_pool_hits_total", Kind::Counter, "Requests sent on a pooled upstream connection."),
+    spec("appproxy_upstream_pool_misses_total", Kind::Counter, "Requests that needed a new upstream connection."),
+    spec("appproxy_bytes_in_total", Kind::Counter, "Bytes read from clients."),
+    spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
+    spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
+    spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
+    spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
+    spec("appproxy_local_resource_errors_total", Kind::Counter, "Upstream connects that failed for a local reason (EMFILE, ENFILE, no memory or ports); never counted against the upstream."),
+    spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
+    spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
+    spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
+];
+
+const fn spec(family: &'static str, kind: Kind, help: &'static str) -> Spec {
+    Spec {
+        family,
+        kind,
+        help,
+        label: None,
+    }
+}
+
+const fn spec_class(class: &'static str) -> Spec {
+    Spec {
+        family: "appproxy_requests_total",
+        kind: Kind::Counter,
+        help: REQUESTS_HELP,
+        label: Some(("status", class)),
+    }
+}
+
+/// Index constants, for code that addresses counters by number.
+pub mod counter {
+    use super::Counter;
+    /// Accepted connections.
+    pub const ACCEPTED: usize = Counter::Accepted as usize;
+    /// Open client connections.
+    pub const ACTIVE: usize = Counter::Active as usize;
+    /// Requests sent on a pooled connection.
+    pub const POOL_HIT: usize = Counter::PoolHit as usize;
+    /// Requests that needed a new upstream connection.
+    pub const POOL_MISS: usize = Counter::PoolMiss as usize;
+    /// Bytes read from clients.
+    pub const BYTES_IN: usize = Counter::BytesIn as usize;
+    /// Bytes written to clients.
+    pub const BYTES_OUT: usize = Counter::BytesOut as usize;
+    /// Errors the proxy answered itself.
+    pub const PROXY_ERRORS: usize = Counter::ProxyErrors as usize;
+    /// Connections closed at accept because the core was at its connection cap.
+    pub const CONN_REFUSED: usize = Counter::ConnRefused as usize;
+    /// Failed accepts (out of descriptors or memory).
+    pub const ACCEPT_ERRORS: usize = Counter::AcceptErrors as usize;
+    /// Upstream connects that failed for a local reason.
+    pub const LOCAL_ERRORS: usize = Counter::LocalErrors as usize;
+    /// Requests refused because their upstream was at its connection cap.
+    pub const UPSTREAM_LIMIT: usize = Counter::UpstreamLimit as usize;
+    /// Open tunnels.
+    pub const TUNNELS_ACTIVE: usize = Counter::TunnelsActive as usize;
+    /// Tunnels opened.
+    pub const TUNNELS_OPENED: usize = Counter::TunnelsOpened as usize;
+}
+
+/// Upper bounds of the histogram buckets, in microseconds (then `+Inf`).
+pub const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+const N_BUCKETS: usize = BUCKETS_US.len() + 1;
+
+/// A per-core histogram: plain cells.
+#[derive(Default, Clone)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative; the last is `+Inf`).
+    buckets: [Cell<u64>; N_BUCKETS],
+    /// Sum of observations, microseconds.
+    sum_us: Cell<u64>,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = BUCKETS_US.partition_point(|b| *b < us);
+        let c = &self.buckets[i];
+        c.set(c.get().wrapping_add(1));
+        self.sum_us.set(self.sum_us.get().wrapping_add(us));
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].get()),
+            sum_us: self.sum_us.get(),
+        }
+    }
+}
+
+/// A published histogram (copied at the tick; merged at scrape).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative).
+    pub buckets: [u64; N_BUCKETS],
+    /// Sum, microseconds.
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn render(&self, out: &mut String, family: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            cumulative += n;
+            let le = BUCKETS_US
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{family}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{family}_sum{braces} {}", self.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{family}_count{braces} {cumulative}");
+    }
+}
+
+/// One circuit's numbers on one core.
+#[derive(Default, Clone)]
+struct CircuitStats {
+    /// Responses by status class (1xx..5xx).
+    classes: [u64; 5],
+    /// Request durations.
+    duration: HistogramSnapshot,
+}
+
+impl CircuitStats {
+    fn record(&mut self, status: u16, d: Duration) {
+        if status >= 100 {
+            self.classes[status_class(status)] += 1;
+        }
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = BUCKETS_US.partition_point(|b| *b < us);
+        self.duration.buckets[i] += 1;
+        self.duration.sum_us = self.duration.sum_us.wrapping_add(us);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.classes.iter_mut().zip(other.classes.iter()) {
+            *a += b;
+        }
+        self.duration.merge(&other.duration);
+    }
+}
+
+fn status_class(status: u16) -> usize {
+    (status / 100).clamp(1, 5) as usize - 1
+}
+
+/// The key of a circuit's row: its ID, or everything past the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum CircuitKey {
+    Id(uuid::Uuid),
+    Other,
+}
+
+/// Per-circuit metrics: off unless the operator opts in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerCircuit {
+    /// On or off.
+    pub enabled: bool,
+    /// Most circuits with their own rows per core; the rest are summed as "other".
+    pub max: usize,
+}
+
+/// One core's metrics: plain cells, touched only by that core.
+pub struct CoreMetrics {
+    /// Values, indexed like [`Counter`].
+    pub counters: [Cell<u64>; N_COUNTERS],
+    /// Request durations (head complete → response sent).
+    pub request_duration: Histogram,
+    /// Upstream response-head durations (request sent → head read).
+    pub upstream_head: Histogram,
+    /// Proxy-made errors by code.
+    errors: RefCell<Vec<(&'static str, u64)>>,
+    /// Per-circuit numbers (empty unless enabled).
+    circuits: RefCell<HashMap<CircuitKey, CircuitStats>>,
+    /// The per-circuit setting.
+    per_circuit: PerCircuit,
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        Self::new(PerCircuit::default())
+    }
+}
+
+impl CoreMetrics {
+    /// Zeroed metrics.
+    pub fn new(per_circuit: PerCircuit) -> Self {
+        Self {
+            counters: Default::default(),
+            request_duration: Histogram::default(),
+            upstream_head: Histogram::default(),
+            errors: RefCell::new(Vec::new()),
+            circuits: RefCell::new(HashMap::new()),
+            per_circuit,
+        }
+    }
+
+    /// Adds `n` to counter `i`.
+    pub fn add(&self, i: usize, n: u64) {
+        let c = &self.counters[i];
+        c.set(c.get().wrapping_add(n));
+    }
+
+    /// Subtracts `n` from counter `i` (gauges).
+    pub fn sub(&self, i: usize, n: u64) {
+        let c = &self.counters[i];
+        c.set(c.get().saturating_sub(n));
+    }
+
+    /// Counts a response status.
+    pub fn status(&self, status: u16) {
+        self.add(status_class(status), 1);
+    }
+
+    /// Counts a proxy-made error by its code.
+    pub fn error_code(&self, code: &'static str) {
+        let mut errors = self.errors.borrow_mut();
+        match errors.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, n)) => *n += 1,
+            None => errors.push((code, 1)),
+        }
+    }
+
+    /// Records a finished request: its duration, and its circuit's row when
+    /// per-circuit metrics are on (`status` 0: aborted, no class counted).
+    pub fn request_done(&self, circuit: Option<&uuid::Uuid>, status: u16, d: Duration) {
+        self.request_duration.observe(d);
+        if !self.per_circuit.enabled {
+            return;
+        }
+        let Some(id) = circuit else { return };
+        let mut circuits = self.circuits.borrow_mut();
+        let key = if circuits.contains_key(&CircuitKey::Id(*id))
+            || circuits.len() < self.per_circuit.max
+        {
+            CircuitKey::Id(*id)
+        } else {
+            CircuitKey::Other
+        };
+        circuits.entry(key).or_default().record(status, d);
+    }
+}
+
+/// What one core published.
+struct CoreRow {
+    cpu: usize,
+    counters: [AtomicU64; N_COUNTERS],
+    /// Histograms, error codes and circuits: copied at the tick, read at scrape.
+    detail: Mutex<Detail>,
+}
+
+#[derive(Default, Clone)]
+struct Detail {
+    request_duration: HistogramSnapshot,
+    upstream_head: HistogramSnapshot,
+    errors: Vec<(&'static str, u64)>,
+    circuits: HashMap<CircuitKey, CircuitStats>,
+}
+
+/// The metrics of every core, readable from the admin thread.
+pub struct SharedMetrics {
+    /// One row per core.
+    rows: Vec<CoreRow>,
+    /// Circuits in the route tables now (every core has the same set; core 0 writes).
+    pub circuits: AtomicU64,
+}
+
+impl SharedMetrics {
+    /// Rows for `cpus`, all zero.
+    pub fn new(cpus: &[usize]) -> Arc<Self> {
+        Arc::new(Self {
+            rows: cpus
+                .iter()
+                .map(|&cpu| CoreRow {
+                    cpu,
+                    counters: Default::default(),
+                    detail: Mutex::new(Detail::default()),
+                })
+                .collect(),
+            circuits: AtomicU64::new(0),
+        })
+    }
+
+    /// Copies a core's metrics into its row (at the reactor tick).
+    pub fn publish(&self, row: usize, m: &CoreMetrics) {
+        let Some(r) = self.rows.get(row) else { return };
+        for (dst, src) in r.counters.iter().zip(m.counters.iter()) {
+            dst.store(src.get(), Ordering::Relaxed);
+        }
+        let mut d = lock(&r.detail);
+        d.request_duration = m.request_duration.snapshot();
+        d.upstream_head = m.upstream_head.snapshot();
+        d.errors.clone_from(&m.errors.borrow());
+        if m.per_circuit.enabled {
+            d.circuits.clone_from(&m.circuits.borrow());
+        }
+    }
+
+    /// A counter's value on every core, summed.
+    pub fn total(&self, c: Counter) -> u64 {
+        self.rows
+            .iter()
+            .map(|r| r.counters[c as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let mut last_family = "";
+        for (i, s) in SPECS.iter().enumerate() {
+            if s.family != last_family {
+                let kind = match s.kind {
+                    Kind::Counter => "counter",
+                    Kind::Gauge => "gauge",
+                };
+                let _ = writeln!(out, "# HELP {} {}", s.family, s.help);
+                let _ = writeln!(out, "# TYPE {} {kind}", s.family);
+                last_family = s.family;
+            }
+            for r in &self.rows {
+                let v = r.counters[i].load(Ordering::Relaxed);
+                match s.label {
+                    Some((k, val)) => {
+                        let _ =
+                            writeln!(out, "{}{{core=\"{}\",{k}=\"{val}\"}} {v}", s.family, r.cpu);
+                    }
+                    None => {
+                        let _ = writeln!(out, "{}{{core=\"{}\"}} {v}", s.family, r.cpu);
+                    }
+                }
+            }
+        }
+        let details: Vec<Detail> = self.rows.iter().map(|r| lock(&r.detail).clone()).collect();
+        let mut merged = Detail::default();
+        let mut errors: HashMap<&'static str, u64> = HashMap::new();
+        for d in &details {
+            merged.request_duration.merge(&d.request_duration);
+            merged.upstream_head.merge(&d.upstream_head);
+            for (code, n) in &d.errors {
+                *errors.entry(code).or_default() += n;
+            }
+            for (k, c) in &d.circuits {
+                merged.circuits.entry(*k).or_default().merge(c);
+            }
+        }
+        out.push_str(
+            "# HELP appproxy_request_duration_seconds Time from a request's complete head to its response sent, every core.\n\
+             # TYPE appproxy_request_duration_seconds histogram\n",
+        );
+        merged
+            .request_duration
+            .render(&mut out, "appproxy_request_duration_seconds", "");
+        out.push_str(
+            "# HELP appproxy_upstream_response_head_duration_seconds Time from a request sent to the app to its response head read, every core.\n\
+             # TYPE appproxy_upstream_response_head_duration_seconds histogram\n",
+        );
+        merged.upstream_head.render(
+            &mut out,
+            "appproxy_upstream_response_head_duration_seconds",
+            "",
+        );
+        out.push_str(
+            "# HELP appproxy_proxy_errors_by_code_total Responses the proxy made itself, by error code.\n\
+             # TYPE appproxy_proxy_errors_by_code_total counter\n",
+        );
+        let mut codes: Vec<_> = errors.into_iter().collect();
+        codes.sort_unstable();
+        for (code, n) in codes {
+            let _ = writeln!(
+                out,
+                "appproxy_proxy_errors_by_code_total{{code=\"{code}\"}} {n}"
+            );
+        }
+        if !merged.circuits.is_empty() {
+            let mut rows: Vec<_> = merged.circuits.into_iter().collect();
+            rows.sort_unstable_by_key(|(k, _)| *k);
+            let label = |k: &CircuitKey| match k {
+                CircuitKey::Id(id) => id.to_string(),
+                CircuitKey::Other => "other".into(),
+            };
+            out.push_str(
+                "# HELP appproxy_circuit_requests_total Responses per circuit and status class ([admin] per_circuit_metrics).\n\
+                 # TYPE appproxy_circuit_requests_total counter\n",
+            );
+            for (k, c) in &rows {
+                for (i, n) in c.classes.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "appproxy_circuit_requests_total{{circuit=\"{}\",status=\"{}xx\"}} {n}",
+                        label(k),
+                        i + 1
+                    );
+                }
+            }
+            out.push_str(
+                "# HELP appproxy_circuit_request_duration_seconds Request durations per circuit ([admin] per_circuit_metrics).\n\
+                 # TYPE appproxy_circuit_request_duration_seconds histogram\n",
+            );
+            for (k, c) in &rows {
+                c.duration.render(
+                    &mut out,
+                    "appproxy_circuit_request_duration_seconds",
+                    &format!("circuit=\"{}\"", label(k)),
+                );
+            }
+        }
+        let _ = write!(
+            out,
+            "# HELP appproxy_circuits Circuits deployed now.\n# TYPE appproxy_circuits gauge\nappproxy_circuits {}\n",
+            self.circuits.load(Ordering::Relaxed)
+        );
+        render_process(&mut out);
+        out
+    }
+}
+
+/// Process metrics: resident memory and descriptors against their limit.
+fn render_process(out: &mut String) {
+    let page = 4096u64;
+    if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+    {
+        let _ = write!(
+            out,
+            "# HELP appproxy_process_resident_memory_bytes Resident memory of the worker process.\n\
+             # TYPE appproxy_process_resident_memory_bytes gauge\n\
+             appproxy_process_resident_memory_bytes {}\n",
+            rss_pages * page
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = write!(
+            out,
+            "# HELP appproxy_process_open_fds Open descriptors of the worker process.\n\
+             # TYPE appproxy_process_open_fds gauge\n\
+             appproxy_process_open_fds {}\n",
+            fds.count()
+        );
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = limit.current {
+        let _ = write!(
+            out,
+            "# HELP appproxy_process_max_fds The worker's descriptor limit (soft).\n\
+             # TYPE appproxy_process_max_fds gauge\n\
+             appproxy_process_max_fds {max}\n"
+        );
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_type_and_histograms_add_up() {
+        let shared = SharedMetrics::new(&[0, 1]);
+        let a = CoreMetrics::new(PerCircuit {
+            enabled: true,
+            max: 1,
+        });
+        let b = CoreMetrics::default();
+        let (c1, c2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for ms in [0u64, 1, 3, 70, 20_000] {
+            a.request_done(Some(&c1), 200, Duration::from_millis(ms));
+        }
+        a.request_done(Some(&c2), 503, Duration::from_millis(2));
+        b.request_done(None, 404, Duration::from_micros(10));
+        a.error_code("upstream_unreachable");
+        b.error_code("upstream_unreachable");
+        shared.publish(0, &a);
+        shared.publish(1, &b);
+        let text = shared.render();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = line.split(['{', ' ']).next().unwrap_or("");
+            let base = family
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# HELP {base} "))
+                    && text.contains(&format!("# TYPE {base} ")),
+                "{base} lacks HELP/TYPE"
+            );
+        }
+        assert!(
+            text.contains("appproxy_request_duration_seconds_count 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("appproxy_request_duration_seconds_bucket{le=\"+Inf\"} 7\n"));
+        assert!(
+            text.contains("appproxy_request_duration_seconds_bucket{le=\"0.0005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_proxy_errors_by_code_total{code=\"upstream_unreachable\"} 2")
+        );
+        // The cap of one circuit: the second is summed as "other".
+        assert!(text.contains(&format!(
+            "appproxy_circuit_requests_total{{circuit=\"{c1}\",status=\"2xx\"}} 5"
+        )));
+        assert!(
+            text.contains("appproxy_circuit_requests_total{circuit=\"other\",status=\"5xx\"} 1")
+        );
+        assert!(!text.contains(&c2.to_string()));
+    }
+}
