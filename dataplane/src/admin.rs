@@ -23,6 +23,8 @@ pub struct HealthInfo {
     pub cores: usize,
     /// The cores' liveness.
     pub liveness: Arc<Liveness>,
+    /// What the cores publish for `/circuits`.
+    pub board: Arc<crate::introspect::Board>,
 }
 
 /// Binds `addr` and serves on a background thread.
@@ -137,6 +139,16 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
             info.liveness.render(&mut text);
             ("200 OK", "text/plain; version=0.0.4", text)
         }
+        ("GET", "/circuits") => (
+            "200 OK",
+            "application/json",
+            info.board.circuits().to_string(),
+        ),
+        ("GET", "/connections") => (
+            "200 OK",
+            "application/json",
+            crate::introspect::connections(metrics, &info.liveness).to_string(),
+        ),
         ("GET", _) => (
             "404 Not Found",
             "application/json",

@@ -90,15 +90,30 @@ impl Route {
         let mut health = self.health.borrow_mut();
         let h = &mut health[i];
         if ok {
+            if h.unhealthy_until.is_some() {
+                crate::introspect::health_changed();
+            }
             *h = Health::default();
             return false;
         }
         h.failures = h.failures.saturating_add(1);
         if h.failures >= policy.threshold && h.unhealthy_until.is_none_or(|t| t <= now) {
             h.unhealthy_until = Some(now + policy.backoff);
+            crate::introspect::health_changed();
             return true;
         }
         false
+    }
+
+    /// Upstreams out of rotation with the time they come back.
+    pub fn out_of_rotation(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
+        let health = self.health.borrow();
+        self.circuit
+            .upstreams
+            .iter()
+            .zip(health.iter())
+            .filter_map(|((a, _), h)| h.unhealthy_until.filter(|t| *t > now).map(|t| (*a, t)))
+            .collect()
     }
 
     /// Upstreams currently out of rotation.
@@ -531,6 +546,22 @@ impl Core {
         let id = self.next_conn.get() + 1;
         self.next_conn.set(id);
         id
+    }
+
+    /// Every upstream out of rotation on this core: circuit, address, until when.
+    pub fn out_of_rotation(&self, now: Instant) -> Vec<crate::introspect::Unhealthy> {
+        let table = self.routes.borrow();
+        table
+            .by_port
+            .values()
+            .chain(table.by_subdomain.values())
+            .flat_map(|r| {
+                let id = r.circuit.circuit.id;
+                r.out_of_rotation(now)
+                    .into_iter()
+                    .map(move |(addr, until)| (id, addr, until))
+            })
+            .collect()
     }
 
     /// How passive health judges upstreams.

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod introspect;
 pub mod io;
 pub mod liveness;
 pub mod metrics;

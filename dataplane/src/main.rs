@@ -130,6 +130,7 @@ fn run() -> anyhow::Result<()> {
             admin::HealthInfo {
                 cores,
                 liveness: worker.liveness.clone(),
+                board: worker.board.clone(),
             },
         )
         .with_context(|| format!("cannot serve [admin] on {bind}"))?;

@@ -415,6 +415,13 @@ impl SharedMetrics {
         }
     }
 
+    /// A counter's value on core `row` (as last published).
+    pub fn get(&self, row: usize, c: Counter) -> u64 {
+        self.rows
+            .get(row)
+            .map_or(0, |r| r.counters[c as usize].load(Ordering::Relaxed))
+    }
+
     /// A counter's value on every core, summed.
     pub fn total(&self, c: Counter) -> u64 {
         self.rows

@@ -21,6 +21,7 @@ use glommio::Task;
 
 use crate::config::{ResolvedCircuit, Runtime};
 use crate::core::{counter, Core, RouteTable, SharedMetrics};
+use crate::introspect::Board;
 use crate::io::Listener;
 use crate::liveness::{CoreLiveness, Liveness};
 use crate::reactor::{counted, spawn, Reactor, RemoteWaker, DEADLINE_SCAN};
@@ -130,6 +131,8 @@ pub struct Worker {
     access_marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
     /// Every core's liveness (for `/health`, `/metrics` and the watchdog).
     pub liveness: Arc<Liveness>,
+    /// What the cores publish for admin introspection (`/circuits`).
+    pub board: Arc<Board>,
     /// Closed (every sender dropped) once every core thread has exited.
     exited: Receiver<()>,
     /// The drain timeout (how long `stop` waits, plus a margin).
@@ -157,6 +160,7 @@ impl Worker {
             None => (None, None),
         };
         let liveness = Liveness::new(&rt.cpus, rt.core_stall);
+        let board = Board::new(&rt.cpus, rt.circuits.clone());
         let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -168,11 +172,12 @@ impl Worker {
             let ready = ready_tx.clone();
             let marks = marks_tx.clone();
             let live = liveness.cores[row].clone();
+            let board = board.clone();
             let exit_tx = exit_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
                 .spawn(move || {
-                    run_core(cpu, row, rt, metrics, rx, ready, marks, live);
+                    run_core(cpu, row, rt, metrics, rx, ready, marks, live, board);
                     drop(exit_tx);
                 })
                 .map_err(|e| StartError::Core {
@@ -220,6 +225,7 @@ impl Worker {
             bound,
             access_marks: marks_rx,
             liveness,
+            board,
             exited,
             drain_timeout: rt.drain_timeout,
         };
@@ -302,6 +308,7 @@ fn run_core(
     ready: std::sync::mpsc::Sender<Ready>,
     marks: Option<Sender<Vec<(uuid::Uuid, u64)>>>,
     live: Arc<CoreLiveness>,
+    board: Arc<Board>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -344,8 +351,12 @@ fn run_core(
             let metrics = metrics.clone();
             let flush_every = rt.access_flush;
             let last_flush = Cell::new(Instant::now());
+            let board = board.clone();
             reactor.on_tick(Box::new(move |now| {
                 metrics.publish(core.row, &core.metrics);
+                if crate::introspect::take_health_changed() {
+                    board.publish_unhealthy(core.row, core.out_of_rotation(now));
+                }
                 core.access.flush();
                 core.pool.evict_expired();
                 // Last-access marks: one hand-off per interval, never a call per request;
@@ -413,6 +424,7 @@ fn run_core(
                             metrics
                                 .circuits
                                 .store(circuits.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            board.deployed(circuits.clone(), request_id);
                         }
                         scope(Some(request_id), async {
                             apply_deployment(&core, &listeners, &circuits);

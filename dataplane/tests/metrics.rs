@@ -169,3 +169,43 @@ fn the_dashboard_queries_only_exported_metrics() {
         }
     }
 }
+
+/// `/circuits` shows what is deployed and which routes are out of rotation on which
+/// core; `/connections` summarises each core.
+#[test]
+fn admin_introspection_shows_circuits_route_health_and_cores() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![dead],
+        ..Default::default()
+    });
+    let circuits = w.admin_get("/circuits").json();
+    assert_eq!(circuits["count"], 1, "{circuits}");
+    assert!(circuits["deployment_request_id"].is_null(), "from the file");
+    let route = &circuits["circuits"][0]["routes"][0];
+    assert_eq!(route["upstream"], dead.to_string());
+    assert_eq!(route["health"], "healthy");
+    // Refused connects take the only upstream out of rotation.
+    for _ in 0..4 {
+        let r = Client::connect(w.addr()).get("/", "Connection: close\r\n");
+        assert_eq!(r.status, 502);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let circuits = w.admin_get("/circuits").json();
+        let route = &circuits["circuits"][0]["routes"][0];
+        if route["health"] == "unhealthy" {
+            assert_eq!(route["unhealthy_on_cores"], serde_json::json!([0]));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never shown unhealthy: {circuits}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conns = w.admin_get("/connections").json();
+    assert_eq!(conns["cores"][0]["core"], 0, "{conns}");
+    assert_eq!(conns["cores"][0]["stalled"], false);
+    assert!(conns["cores"][0]["connections_accepted"].as_u64() >= Some(4));
+}

@@ -336,6 +336,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         appproxy_dataplane::admin::HealthInfo {
             cores,
             liveness: worker.liveness.clone(),
+            board: worker.board.clone(),
         },
     )
     .expect("admin");
