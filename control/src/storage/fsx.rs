@@ -76,13 +76,17 @@ pub fn open_dir(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<OwnedFd>
 
 /// Opens the child directory `name` of `dir` without following a symlink.
 pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat2(
-        dir,
-        name,
-        DIR | OFlags::NOFOLLOW,
-        Mode::empty(),
-        STRICT,
-    )?)
+    match rustix::fs::openat2(dir, name, DIR | OFlags::NOFOLLOW, Mode::empty(), STRICT) {
+        Ok(fd) => Ok(fd),
+        // `O_DIRECTORY | O_NOFOLLOW` on a symlink says ENOTDIR: report the link.
+        Err(rustix::io::Errno::NOTDIR)
+            if rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Symlink) =>
+        {
+            Err(rustix::io::Errno::LOOP.into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Opens the regular file `name` of `dir` for reading without following a symlink
