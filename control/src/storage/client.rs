@@ -39,6 +39,7 @@ pub fn router(state: Arc<State>) -> Router {
             get(|| async { axum::Json(json!({"status": "ok", "type": "client-facing", "storage-proxy": env!("CARGO_PKG_VERSION")})) }),
         )
         .route("/download", get(download))
+        .route("/download-archive", get(download_archive))
         .route("/upload", axum::routing::options(tus_options).head(tus_head).patch(tus_patch))
         .with_state(state)
 }
@@ -232,6 +233,7 @@ async fn download(
         Ok((fd, st, at_root))
     })
     .await?;
+    super::Metrics::add(&state.metrics.downloads, 1);
     match FileType::from_raw_mode(st.st_mode) {
         FileType::Directory => {
             let archive = q.get("archive").is_some_and(|v| v == "true")
@@ -315,6 +317,81 @@ async fn download(
         h.insert("cache-control", HeaderValue::from_static("no-store"));
     }
     tracing::info!(bytes = count, partial = range.is_some(), "download");
+    Ok(resp)
+}
+
+/// `GET /download-archive?token=…`: a zip of the files and directories the token
+/// lists (from `/folder/file/archive-download-token`), each resolved beneath the
+/// vfolder by the kernel.
+async fn download_archive(
+    Extract(state): Extract<Arc<State>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let token = q.get("token").ok_or(ApiError::Session)?;
+    let c = appproxy_shared::jwt::verify_hs256(token.as_bytes(), &state.session_secret)
+        .map_err(|_| ApiError::Session)?;
+    if c.get("operation").and_then(|v| v.as_str()) != Some("download") {
+        return Err(ApiError::Session);
+    }
+    let root = state
+        .volumes
+        .open_folder(claim(&c, "volume")?, claim(&c, "virtual_folder_id")?)?;
+    let files: Vec<Vec<std::ffi::OsString>> = c
+        .get("files")
+        .and_then(|v| v.as_array())
+        .ok_or(ApiError::Session)?
+        .iter()
+        .map(|f| {
+            f.as_str()
+                .ok_or(ApiError::Session)
+                .and_then(|f| Ok(fsx::components(f)?))
+        })
+        .collect::<Result<_, _>>()?;
+    let filename = c
+        .get("filename")
+        .and_then(|v| v.as_str())
+        .map_or_else(|| "archive.zip".to_owned(), str::to_owned);
+    let items = blocking(move || {
+        let mut items = Vec::new();
+        for parts in files {
+            let fd = fsx::open(
+                root.as_fd(),
+                &parts,
+                OFlags::RDONLY | OFlags::NONBLOCK,
+                fsx::BENEATH,
+            )
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    ApiError::NotFound
+                } else {
+                    e.into()
+                }
+            })?;
+            let mut name = fsx::join(&parts)
+                .to_string_lossy()
+                .into_owned()
+                .into_bytes();
+            match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+                FileType::Directory => {
+                    name.push(b'/');
+                    items.push(super::zip::Item::Dir(fd, name));
+                }
+                FileType::RegularFile => {
+                    items.push(super::zip::Item::File(std::fs::File::from(fd), name))
+                }
+                _ => return Err(ApiError::NotFound),
+            }
+        }
+        Ok(items)
+    })
+    .await?;
+    super::Metrics::add(&state.metrics.downloads, 1);
+    let mut resp = Response::new(Body::from_stream(super::zip::stream_items(items, false)));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/zip"));
+    if let Ok(v) = HeaderValue::from_str(&disposition(&filename)) {
+        resp.headers_mut().insert("content-disposition", v);
+    }
     Ok(resp)
 }
 
@@ -522,6 +599,7 @@ async fn tus_patch(
         written += chunk.len() as u64;
     }
     file.flush().await?;
+    super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
         file.sync_all().await?;
         drop(file);
@@ -532,6 +610,7 @@ async fn tus_patch(
             Ok(s.id)
         })
         .await?;
+        super::Metrics::add(&state.metrics.uploads_completed, 1);
         tracing::info!(session = %id, bytes = written, "upload complete");
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();

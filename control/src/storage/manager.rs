@@ -28,7 +28,19 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/folder/create", post(create))
         .route("/folder/delete", post(delete_folder))
         .route("/folder/clone", post(clone_folder))
-        .route("/folder/usage", post(usage))
+        .route("/folder/usage", get(usage).post(usage))
+        .route("/folder/used-bytes", get(used_bytes))
+        .route("/folder/fs-usage", get(fs_usage))
+        .route("/folder/mount", get(mount))
+        .route("/folder/metadata", get(metadata).post(metadata))
+        .route("/folder/file/fetch", post(fetch))
+        .route(
+            "/folder/file/archive-download-token",
+            post(archive_download_token),
+        )
+        .route("/volume/hwinfo", get(hwinfo))
+        .route("/volume/performance-metric", get(performance_metric))
+        .route("/volume/quota", get(volume_quota).patch(volume_quota))
         .route("/folder/file/list", post(list))
         .route("/folder/file/mkdir", post(mkdir))
         .route("/folder/file/rename", post(rename))
@@ -49,6 +61,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/health", get(status))
         .route("/livez", get(status))
         .route("/readyz", get(status))
+        .route("/metrics", get(metrics))
         .merge(authed)
         .with_state(state)
 }
@@ -741,4 +754,228 @@ async fn download_token(
         &state.session_secret,
     );
     Ok(Json(json!({"token": token})))
+}
+
+async fn used_bytes(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (_, bytes) = blocking(move || Ok(fsx::usage(dir.as_fd(), &|n| n != ".upload"))).await?;
+    Ok(Json(json!({"used_bytes": bytes})))
+}
+
+#[derive(Deserialize)]
+struct VolumeReq {
+    volume: String,
+}
+
+/// Capacity and use of the filesystem holding the volume.
+async fn fs_usage(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    let st = rustix::fs::fstatvfs(state.volumes.root_fd(&r.volume)?)?;
+    let capacity = st.f_blocks.saturating_mul(st.f_frsize);
+    let free = st.f_bfree.saturating_mul(st.f_frsize);
+    Ok(Json(
+        json!({"capacity_bytes": capacity, "used_bytes": capacity.saturating_sub(free)}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct MountReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "dot")]
+    subpath: String,
+}
+
+/// The host path of a vfolder (or an existing directory beneath it), for mounting.
+async fn mount(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<MountReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.subpath)?;
+    let check = parts.clone();
+    // The subpath must be a directory beneath the vfolder with no symlink on the way:
+    // the path handed out is followed by someone else later.
+    blocking(move || Ok(fsx::open(root.as_fd(), &check, fsx::DIR, fsx::STRICT)?)).await?;
+    let base = state.volumes.folder(&r.volume, &r.vfid)?;
+    let path = if parts.is_empty() {
+        base
+    } else {
+        base.join(fsx::join(&parts))
+    };
+    Ok(Json(json!({"path": path.display().to_string()})))
+}
+
+/// Folder metadata is accepted and acknowledged, as the original does.
+async fn metadata(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.vfid)?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+/// Streams a file to the manager (internal use, e.g. task logs).
+async fn fetch(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<PathReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    let file = blocking(move || {
+        let fd = fsx::open(
+            root.as_fd(),
+            &parts,
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            fsx::BENEATH,
+        )
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ApiError::NotFound
+            } else {
+                e.into()
+            }
+        })?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+            return Err(ApiError::NotFound);
+        }
+        Ok(std::fs::File::from(fd))
+    })
+    .await?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct ArchiveReq {
+    volume: String,
+    #[serde(alias = "vfid")]
+    virtual_folder_id: String,
+    files: Vec<String>,
+    #[serde(default)]
+    filename: Option<String>,
+}
+
+/// A token for `GET /download-archive`: a zip of the listed files and directories.
+async fn archive_download_token(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<ArchiveReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.virtual_folder_id)?;
+    if r.files.is_empty() || r.files.len() > 10_000 {
+        return Err(ApiError::Params("files: 1 to 10000 paths".into()));
+    }
+    for f in &r.files {
+        if fsx::components(f)?.is_empty() {
+            return Err(ApiError::Params("files: the vfolder itself".into()));
+        }
+    }
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
+        &state.session_secret,
+    );
+    Ok(Json(json!({"token": token})))
+}
+
+/// The vfs backend reports itself healthy, as the original's does.
+async fn hwinfo(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(
+        json!({"status": "healthy", "status_info": null, "metadata": {}}),
+    ))
+}
+
+/// The vfs backend has no performance counters: every figure is -1 (unknown).
+async fn performance_metric(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(json!({"metric": {
+        "iops_read": -1, "iops_write": -1, "io_bytes_read": -1,
+        "io_bytes_write": -1, "io_usec_read": -1, "io_usec_write": -1,
+    }})))
+}
+
+/// Per-vfolder quota is deprecated in the original (quota scopes replace it).
+async fn volume_quota() -> ApiError {
+    ApiError::Params("per-vfolder quota is a deprecated API: use /quota-scope".into())
+}
+
+/// Prometheus text exposition of the storage-proxy's counters.
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &state.metrics;
+    let mut out = String::new();
+    for (name, help, kind, value) in [
+        (
+            "storage_proxy_upload_bytes_total",
+            "Bytes written by tus PATCHes.",
+            "counter",
+            m.upload_bytes.load(Relaxed),
+        ),
+        (
+            "storage_proxy_uploads_completed_total",
+            "Uploads moved into place.",
+            "counter",
+            m.uploads_completed.load(Relaxed),
+        ),
+        (
+            "storage_proxy_downloads_total",
+            "File and archive downloads started.",
+            "counter",
+            m.downloads.load(Relaxed),
+        ),
+        (
+            "storage_proxy_escapes_refused_total",
+            "Requests refused for leaving their vfolder.",
+            "counter",
+            super::ESCAPES_REFUSED.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_refused_total",
+            "Sessions, PATCHes and clones refused by a quota.",
+            "counter",
+            m.quota_refused.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_reserved_bytes",
+            "Bytes reserved by upload sessions and clones.",
+            "gauge",
+            state.reservations.all(),
+        ),
+        (
+            "storage_proxy_uploads_in_progress",
+            "PATCHes in progress.",
+            "gauge",
+            state.uploading.lock().map_or(0, |s| s.len() as u64),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let mut resp = out.into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
 }

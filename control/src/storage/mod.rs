@@ -49,6 +49,32 @@ pub struct State {
     pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
     /// Quota reservations of upload sessions and clones.
     pub reservations: quota::Reservations,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// Requests refused because a path left (or tried to leave) its vfolder (counted
+/// where the refusal becomes a response).
+pub static ESCAPES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counters exported at `/metrics` (Prometheus text format).
+#[derive(Default)]
+pub struct Metrics {
+    /// Bytes written to staging files by tus PATCHes.
+    pub upload_bytes: std::sync::atomic::AtomicU64,
+    /// Uploads moved into place.
+    pub uploads_completed: std::sync::atomic::AtomicU64,
+    /// File downloads started (whole or ranged) and archives streamed.
+    pub downloads: std::sync::atomic::AtomicU64,
+    /// Sessions, PATCHes and clones refused by a quota.
+    pub quota_refused: std::sync::atomic::AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// An API refusal, mapped to a status in one place.
@@ -153,6 +179,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status_and_kind();
+        if matches!(self, Self::Path(PathError::Escape)) {
+            Metrics::add(&ESCAPES_REFUSED, 1);
+        }
         if status.is_server_error() || matches!(self, Self::Io(_)) {
             tracing::warn!(error = %self, "request failed");
         } else {
@@ -292,6 +321,7 @@ pub fn state_with_events(
         events,
         usage: Mutex::new(std::collections::HashMap::new()),
         reservations: quota::Reservations::default(),
+        metrics: Metrics::default(),
     }))
 }
 

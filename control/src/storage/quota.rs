@@ -128,6 +128,12 @@ impl Reservations {
         before - held.len()
     }
 
+    /// Bytes reserved in every scope now.
+    pub fn all(&self) -> u64 {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.values().map(|h| h.bytes).sum()
+    }
+
     /// Bytes reserved in a scope now.
     pub fn total(&self, scope: &Path) -> u64 {
         self.reserved(scope, "")
@@ -158,6 +164,7 @@ pub fn reserve(
     let used = committed.saturating_add(r.reserved(key, holder));
     if used.saturating_add(bytes) > limit {
         r.release(holder);
+        super::Metrics::add(&state.metrics.quota_refused, 1);
         return Err(ApiError::QuotaExceeded { used, limit });
     }
     let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
