@@ -19,6 +19,9 @@ const CANARY: &[u8] = b"OUTSIDE-CANARY-must-never-be-served";
 /// The outside canary directory (next to the volume, not in it), with a secret, a
 /// victim for deletes and a subdirectory.
 fn canary(p: &Proxy) -> PathBuf {
+    // Short files are stored in zips, never deflated: the canary's bytes show as they
+    // are in any archive that includes it.
+    assert!(CANARY.len() < 64);
     let out = p.dir.path().join("outside");
     std::fs::create_dir_all(out.join("sub")).expect("outside");
     std::fs::write(out.join("secret.txt"), CANARY).expect("secret");

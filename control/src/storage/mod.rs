@@ -474,7 +474,10 @@ pub fn remove_expired_uploads(state: &State) -> usize {
             }
         }
     }
-    let idle = state.reservations.expire(state.upload_expire);
+    // A clone releases its own reservation when it ends; a session mid-PATCH is busy.
+    let idle = state.reservations.expire(state.upload_expire, |holder| {
+        holder.starts_with("clone-") || state.uploading.lock().is_ok_and(|set| set.contains(holder))
+    });
     if idle > 0 {
         tracing::info!(released = idle, "idle quota reservations released");
     }

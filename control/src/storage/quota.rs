@@ -120,11 +120,12 @@ impl Reservations {
         }
     }
 
-    /// Releases reservations not used for longer than `idle`; returns how many.
-    pub fn expire(&self, idle: std::time::Duration) -> usize {
+    /// Releases reservations not used for longer than `idle`, except those `busy`
+    /// says are in use (a PATCH in progress); returns how many.
+    pub fn expire(&self, idle: std::time::Duration, busy: impl Fn(&str) -> bool) -> usize {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let before = held.len();
-        held.retain(|_, h| h.touched.elapsed() <= idle);
+        held.retain(|k, h| h.touched.elapsed() <= idle || busy(k));
         before - held.len()
     }
 
