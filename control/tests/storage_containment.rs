@@ -223,6 +223,8 @@ fn a_symlinked_staging_directory_is_never_written_through() {
     std::os::unix::fs::symlink(&out, vf.join(".upload")).expect("link");
     let r = p.upload("x.bin", b"data");
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.upload(".upload/0123456789abcdef0123456789abcdef", b"data");
+    assert_eq!(r.status, 400, "the staging area is never a destination");
     assert_eq!(
         r.json()["code"],
         "invalid-api-params",

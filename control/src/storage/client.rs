@@ -453,6 +453,11 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
     if destination.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
+    if destination[0] == ".upload" {
+        return Err(ApiError::Params(
+            "the staging area is not a destination".into(),
+        ));
+    }
     let staging = super::manager::staging_dir(root.as_fd(), false).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ApiError::NotFound

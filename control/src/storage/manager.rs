@@ -694,8 +694,14 @@ async fn upload_token(
         return Err(ApiError::TooLarge);
     }
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    if fsx::components(&r.relpath)?.is_empty() {
+    let parts = fsx::components(&r.relpath)?;
+    if parts.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
+    }
+    if parts[0] == ".upload" {
+        return Err(ApiError::Params(
+            "the staging area is not a destination".into(),
+        ));
     }
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
