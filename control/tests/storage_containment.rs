@@ -210,6 +210,20 @@ fn archives_never_include_files_through_a_swapped_directory() {
     let r = p.download(".", "&archive=true", &[]);
     assert_eq!(r.status, 200);
     assert!(!contains(&r.body, CANARY));
+    // Listed as the link it is, never followed.
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    let listing = r.json();
+    let link = listing["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["name"] == "static-link"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(link["type"], "SYMLINK", "{listing}");
+    assert_eq!(link["symlink_target"], out.display().to_string());
 }
 
 #[test]
