@@ -610,8 +610,8 @@ async fn tus_patch(
         drop(file);
         let st = state.clone();
         let id = blocking(move || {
-            complete(&s)?;
-            st.reservations.release(&s.id);
+            st.reservations
+                .commit(&s.scope_key, &s.id, || complete(&s))?;
             Ok(s.id)
         })
         .await?;

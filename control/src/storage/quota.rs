@@ -2,8 +2,10 @@
 //! `<scope>/.quota`, enforced as a reservation. An upload session reserves its whole
 //! size when it is created (refused with 413 when committed bytes plus every
 //! reservation of the scope would pass the limit); every PATCH checks again against
-//! the current limit; completion and expiry release it. A clone reserves the
-//! source's size in the destination scope while it copies. Check-and-reserve runs
+//! the current limit; completion (the rename and the release in one step under the
+//! scope's lock) and expiry release it. A clone reserves the source's size in the
+//! destination scope while it copies (conservatively: copied bytes count twice until
+//! it ends). Check-and-reserve runs
 //! under the scope's lock, so concurrent sessions never oversubscribe the limit.
 //! Scope directories are opened by descriptor from the volume root (no symlink
 //! followed); usage walks never follow a symlink.
@@ -110,6 +112,22 @@ impl Reservations {
             .filter(|(k, h)| h.scope == scope && k.as_str() != except)
             .map(|(_, h)| h.bytes)
             .sum()
+    }
+
+    /// Runs `commit` (the rename that puts a holder's bytes in place) and releases
+    /// the holder's reservation in the same step under the scope's lock, so a
+    /// concurrent check never counts those bytes twice (as committed and reserved).
+    pub fn commit<T>(
+        &self,
+        scope: &Path,
+        holder: &str,
+        commit: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let lock = self.lock_of(scope);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let done = commit()?;
+        self.release(holder);
+        Ok(done)
     }
 
     /// Releases a holder's reservation.
