@@ -241,6 +241,12 @@ fn downloads_carry_validators_and_honour_preconditions() {
     // If-Match: a stale tag fails the precondition.
     let r = p.download("doc.bin", "", &[("If-Match", &etag)]);
     assert_eq!(r.status, 412);
+    assert_eq!(r.json()["code"], "precondition-failed");
+    assert!(r.json()["request_id"].is_string());
+    let r = p.download("doc.bin", "", &[("Range", "bytes=20000-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */10000"));
+    assert_eq!(r.json()["code"], "range-not-satisfiable");
     let r = p.download("doc.bin", "", &[("If-Match", &new_etag)]);
     assert_eq!(r.status, 200);
     let r = p.download(

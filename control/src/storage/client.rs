@@ -267,7 +267,11 @@ async fn download(
             return Ok(resp);
         }
         Conditional::Failed => {
-            let mut resp = StatusCode::PRECONDITION_FAILED.into_response();
+            let mut resp = ApiError::Rejected {
+                status: StatusCode::PRECONDITION_FAILED,
+                message: "a precondition (If-Match or If-Unmodified-Since) failed".into(),
+            }
+            .into_response();
             validators(resp.headers_mut(), &tag, modified);
             return Ok(resp);
         }
@@ -276,7 +280,11 @@ async fn download(
         Some(v) => match parse_range(v, len) {
             Ok(r) => r,
             Err(()) => {
-                let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+                let mut resp = ApiError::Rejected {
+                    status: StatusCode::RANGE_NOT_SATISFIABLE,
+                    message: format!("range not satisfiable for {len} bytes"),
+                }
+                .into_response();
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     resp.headers_mut().insert("content-range", v);
                 }

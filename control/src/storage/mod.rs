@@ -164,6 +164,12 @@ impl ApiError {
             Self::Rejected { status, .. } if *status == StatusCode::METHOD_NOT_ALLOWED => {
                 (*status, "method-not-allowed")
             }
+            Self::Rejected { status, .. } if *status == StatusCode::PRECONDITION_FAILED => {
+                (*status, "precondition-failed")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE => {
+                (*status, "range-not-satisfiable")
+            }
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
