@@ -3,7 +3,8 @@
 //! requests run (uploads' final PATCH, downloads, deletes, archives, the `.upload`
 //! staging directory, the expired-upload cleanup), and random API-call sequences run
 //! against concurrent swaps. Nothing outside the volume may be read, written or
-//! deleted.
+//! deleted. Also the durability fence of an upload's completing rename (traced with
+//! strace attached to the running proxy).
 
 mod common;
 mod storage_common;
@@ -457,4 +458,80 @@ fn random_api_sequences_with_concurrent_swaps_never_touch_the_outside() {
     // The list of the vfolder root never shows the staging area.
     let r = request(p.manager, "GET", "/status", &[], b"");
     assert_eq!(r.status, 200);
+}
+
+/// The completing rename of an upload comes after an `fsync` of the staged file and
+/// of the staging directory, and is followed by an `fsync` of the destination
+/// directory: the system calls are traced with strace attached to the running proxy.
+#[test]
+fn the_completing_rename_is_fenced_by_fsyncs() {
+    use std::io::BufRead as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let trace = p.dir.path().join("trace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg("-p")
+        .arg(p.child.id().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (needed to observe fsync) is installed");
+    // Wait (bounded) for strace to say it attached before uploading.
+    let stderr = strace.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("strace attached to the proxy");
+    let r = p.upload("d/e/synced.bin", b"durable bytes");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // The syscalls happened before the 204 went out; read the trace until they are
+    // all written (bounded), then stop strace (the proxy is detached, not killed).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        if (text.contains("synced.bin") && text.contains("/d/e>) = 0")) || Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = strace.kill();
+    let _ = strace.wait();
+    let lines: Vec<&str> = text.lines().collect();
+    let find = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let rename = find(&|l| l.contains("rename") && l.contains("synced.bin") && l.contains("= 0"))
+        .unwrap_or_else(|| panic!("no rename in the trace:\n{text}"));
+    let staged_sync = find(&|l| {
+        (l.contains("fsync(") || l.contains("fdatasync("))
+            && l.contains("/.upload/")
+            && l.contains("= 0")
+    })
+    .unwrap_or_else(|| panic!("no fsync of the staged file:\n{text}"));
+    let dir_sync = find(&|l| l.contains("fsync(") && l.contains("/.upload>)") && l.contains("= 0"))
+        .unwrap_or_else(|| panic!("no fsync of the staging directory:\n{text}"));
+    let dest_sync = lines
+        .iter()
+        .skip(rename)
+        .position(|l| l.contains("fsync(") && l.contains("/d/e>)") && l.contains("= 0"));
+    assert!(staged_sync < rename && dir_sync < rename, "{text}");
+    assert!(
+        dest_sync.is_some(),
+        "no fsync of the destination after the rename:\n{text}"
+    );
 }
