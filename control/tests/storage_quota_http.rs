@@ -1,7 +1,7 @@
 //! The storage-proxy's quota as a reservation (concurrent sessions never pass the
-//! limit; a lowered limit stops a PATCH; clones check the destination), HTTP caching
-//! and resumable-download validators (RFC 9110), and extractor rejections as the
-//! product's JSON error with the request ID.
+//! limit; a lowered limit stops a PATCH; expiry releases; clones check the
+//! destination), HTTP caching and resumable-download validators (RFC 9110), and
+//! extractor rejections as the product's JSON error with the request ID.
 
 mod common;
 mod storage_common;
@@ -322,4 +322,28 @@ fn extractor_rejections_are_json_errors_with_the_request_id() {
     let r = request(p.client, "DELETE", "/upload", &[], b"");
     assert_eq!(r.status, 405);
     assert!(r.json()["request_id"].is_string());
+}
+
+#[test]
+fn an_expired_session_releases_its_reservation() {
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_with_limit(&p, 1_000);
+    assert_eq!(upload_token(&p, "a.bin", 800).status, 200);
+    assert_eq!(
+        upload_token(&p, "b.bin", 800).status,
+        413,
+        "a's bytes are held"
+    );
+    let qs = serde_json::json!({"volume": "local", "qsid": QSID});
+    assert_eq!(
+        p.manager_method("GET", "/quota-scope", qs.clone()).json()["reserved_bytes"],
+        800
+    );
+    // The cleanup removes a's idle staging file and releases what it held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while p.manager_method("GET", "/quota-scope", qs.clone()).json()["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(upload_token(&p, "b.bin", 800).status, 200);
 }
