@@ -134,7 +134,13 @@ fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
         .path()
         .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e")
         .exists());
-    // Into a scope with room it goes through.
+    // Into a scope with exactly enough room it goes through, and then the scope is
+    // full: its bytes were reserved while copying and are committed after.
+    let other_qs = serde_json::json!({"volume": "local", "qsid": "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e", "options": {"limit_bytes": 600}});
+    assert_eq!(
+        p.manager("/quota-scope", other_qs.clone(), None).status,
+        200
+    );
     let other = "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e/0000000000000000000000000000c10e";
     let r = p.manager(
         "/folder/clone",
@@ -142,6 +148,25 @@ fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
         None,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let q = p
+            .manager_method("GET", "/quota-scope", other_qs.clone())
+            .json();
+        if q["reserved_bytes"] == 0 {
+            assert_eq!(q["used_bytes"], 600, "{q}");
+            break;
+        }
+        assert_eq!(q["reserved_bytes"], 600, "{q}");
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": other, "relpath": "one-more.bin", "size": 1}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[test]

@@ -218,15 +218,15 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
 }
 
 /// Files and bytes under `dir` (symlinks not followed), descending only into
-/// directories whose name `descend` accepts.
-pub fn usage(dir: BorrowedFd<'_>, descend: &dyn Fn(&OsStr) -> bool) -> (u64, u64) {
+/// directories `descend` accepts.
+pub fn usage(dir: BorrowedFd<'_>, descend: &dyn Fn(&Entry) -> bool) -> (u64, u64) {
     let (mut files, mut bytes) = (0, 0);
     let Ok(list) = entries(dir) else {
         return (0, 0);
     };
     for e in list {
         if e.kind() == FileType::Directory {
-            if descend(&e.name) {
+            if descend(&e) {
                 if let Ok(sub) = child_dir(dir, &e.name) {
                     let (f, b) = usage(sub.as_fd(), descend);
                     files += f;

@@ -347,16 +347,26 @@ async fn clone_folder(
     }
     // The destination scope must have room for the source: reserved while copying.
     let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;
+    let key2 = key.clone();
     let holder = format!("clone-{}", uuid::Uuid::new_v4().simple());
     let dst = {
         let (st, holder, volume) = (state.clone(), holder.clone(), dst_volume.clone());
         blocking(move || {
-            let size = fsx::usage(src.as_fd(), &|n| n != ".upload").1;
+            let size = fsx::usage(src.as_fd(), &|e| e.name != ".upload").1;
             let root = st.volumes.root_fd(&volume)?;
             let scope = fsx::mkdirs(root, &dst_parts[..1], fsx::STRICT)?;
             quota::reserve(&st, &key, scope.as_fd(), &holder, size)?;
-            let dst = fsx::mkdirs(root, &dst_parts, fsx::STRICT)?;
-            Ok((src, dst))
+            let dst = match fsx::mkdirs(root, &dst_parts, fsx::STRICT) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    st.reservations.release(&holder);
+                    return Err(e.into());
+                }
+            };
+            // Its bytes are held by the reservation until the copy ends.
+            let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
+            st.reservations.pend(id);
+            Ok((src, dst, id))
         })
         .await?
     };
@@ -365,11 +375,15 @@ async fn clone_folder(
         &state,
         "clone_vfolder",
         job(move || {
-            let (src, dst) = dst;
+            let (src, dst, id) = dst;
             let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[".upload"], &mut || {
                 tracing::debug!("directory cloned");
             });
-            st.reservations.release(&holder);
+            // Counted as committed and released in one step under the scope's lock.
+            let _ = st.reservations.commit(&key2, &holder, || {
+                st.reservations.unpend(id);
+                Ok(())
+            });
             copied
         }),
     ))
@@ -380,7 +394,8 @@ async fn usage(
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
     let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (files, bytes) = blocking(move || Ok(fsx::usage(dir.as_fd(), &|n| n != ".upload"))).await?;
+    let (files, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
     Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
 }
 
@@ -767,7 +782,8 @@ async fn used_bytes(
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
     let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (_, bytes) = blocking(move || Ok(fsx::usage(dir.as_fd(), &|n| n != ".upload"))).await?;
+    let (_, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
     Ok(Json(json!({"used_bytes": bytes})))
 }
 

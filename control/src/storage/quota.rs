@@ -4,13 +4,13 @@
 //! reservation of the scope would pass the limit); every PATCH checks again against
 //! the current limit; completion (the rename and the release in one step under the
 //! scope's lock) and expiry release it. A clone reserves the source's size in the
-//! destination scope while it copies (conservatively: copied bytes count twice until
-//! it ends). Check-and-reserve runs
+//! destination scope while it copies; its destination directory is left out of
+//! committed bytes until the copy ends and the reservation is released, in one step. Check-and-reserve runs
 //! under the scope's lock, so concurrent sessions never oversubscribe the limit.
 //! Scope directories are opened by descriptor from the volume root (no symlink
 //! followed); usage walks never follow a symlink.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -77,13 +77,17 @@ pub fn usage(scope: BorrowedFd<'_>) -> u64 {
     fsx::usage(scope, &|_| true).1.saturating_sub(own)
 }
 
-/// Bytes committed under the scope: everything but staging areas and `.quota`.
-pub fn committed(scope: BorrowedFd<'_>) -> u64 {
+/// Bytes committed under the scope: everything but staging areas, `.quota`, and
+/// the directories in `pending` (`(dev, ino)` of clone destinations being filled,
+/// whose bytes their reservation already holds).
+pub fn committed(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
     let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_or(0, |s| s.st_size as u64);
-    fsx::usage(scope, &|name| name != STAGING)
-        .1
-        .saturating_sub(own)
+    fsx::usage(scope, &|e| {
+        e.name != STAGING && !pending.contains(&(e.stat.st_dev, e.stat.st_ino))
+    })
+    .1
+    .saturating_sub(own)
 }
 
 /// One reservation.
@@ -98,6 +102,9 @@ struct Held {
 pub struct Reservations {
     held: Mutex<HashMap<String, Held>>,
     locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Clone destinations being filled (`(dev, ino)`), left out of committed bytes
+    /// while their reservation holds them.
+    pending: Mutex<HashSet<(u64, u64)>>,
 }
 
 impl Reservations {
@@ -128,6 +135,26 @@ impl Reservations {
         let done = commit()?;
         self.release(holder);
         Ok(done)
+    }
+
+    /// Leaves a directory (a clone destination being filled) out of committed bytes
+    /// until `unpend`.
+    pub fn pend(&self, dir: (u64, u64)) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.insert(dir);
+    }
+
+    /// Counts a directory's bytes as committed again.
+    pub fn unpend(&self, dir: (u64, u64)) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(&dir);
+    }
+
+    fn pending(&self) -> HashSet<(u64, u64)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Releases a holder's reservation.
@@ -176,7 +203,7 @@ pub fn reserve(
         r.release(holder);
         return Ok(());
     };
-    let committed = committed(scope);
+    let committed = committed(scope, &r.pending());
     if let Ok(mut cache) = state.usage.lock() {
         cache.insert(key.to_path_buf(), committed);
     }
@@ -216,7 +243,7 @@ pub fn sync(state: &State) -> usize {
             let Ok(fd) = fsx::child_dir(root, &s.name) else {
                 continue;
             };
-            let used = committed(fd.as_fd());
+            let used = committed(fd.as_fd(), &state.reservations.pending());
             if let Ok(mut cache) = state.usage.lock() {
                 cache.insert(path.join(&s.name), used);
             }
