@@ -1,7 +1,8 @@
 //! The original storage-proxy's remaining manager routes (usage by GET, used bytes,
 //! filesystem usage, mount path, metadata, fetch, archive-download tokens and the
 //! client's `/download-archive`, hardware info, performance metric, the deprecated
-//! per-vfolder quota) and the Prometheus `/metrics`.
+//! per-vfolder quota), `mode` on folder creation, 410 for deleting a vfolder that is
+//! gone, and the Prometheus `/metrics`.
 
 mod common;
 mod storage_common;
@@ -191,4 +192,31 @@ fn fetch_archive_tokens_and_metrics() {
     assert!(value("storage_proxy_downloads_total") >= 1);
     assert!(value("storage_proxy_escapes_refused_total") >= 2);
     assert_eq!(value("storage_proxy_quota_reserved_bytes"), 0);
+}
+
+#[test]
+fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        body(serde_json::json!({"mode": 0o750})),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let mode = std::fs::metadata(p.vfolder_path())
+        .expect("vfolder")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o750);
+    let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
+    assert_eq!(r.status, 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while p.vfolder_path().exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
+    assert_eq!(r.status, 410, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["request_id"].is_string());
 }

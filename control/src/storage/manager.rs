@@ -104,6 +104,9 @@ struct FolderReq {
 struct CreateReq {
     volume: String,
     vfid: String,
+    /// Permission bits of the vfolder's directory (the original's default 0o755).
+    #[serde(default)]
+    mode: Option<u32>,
     #[serde(default)]
     options: Option<CreateOptions>,
 }
@@ -121,11 +124,15 @@ async fn create(
     let parts = Vfid::parse(&r.vfid)?.parts();
     state.volumes.root_fd(&r.volume)?;
     let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
+    let mode = r.mode;
     let st = state.clone();
     blocking(move || {
         let root = st.volumes.root_fd(&r.volume)?;
         // The volume's own levels are never symlinks: STRICT all the way.
-        fsx::mkdirs(root, &parts, fsx::STRICT)?;
+        let dir = fsx::mkdirs(root, &parts, fsx::STRICT)?;
+        if let Some(mode) = mode {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777))?;
+        }
         if let Some(limit) = limit {
             let scope = fsx::child_dir(root, &parts[0])?;
             if quota::limit(scope.as_fd()).is_none() {
@@ -304,7 +311,16 @@ async fn delete_folder(
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Response, ApiError> {
     let mut parts = Vfid::parse(&r.vfid)?.parts();
-    state.volumes.open_folder(&r.volume, &r.vfid)?;
+    // A vfolder that is not there (any more) is gone, as the original answers.
+    match state.volumes.open_folder(&r.volume, &r.vfid) {
+        Err(PathError::NoFolder) => {
+            return Err(ApiError::Rejected {
+                status: StatusCode::GONE,
+                message: "vfolder not found (already deleted)".into(),
+            })
+        }
+        other => drop(other?),
+    }
     let name = parts.pop().ok_or(PathError::NoFolder)?;
     let parent = fsx::open(
         state.volumes.root_fd(&r.volume)?,

@@ -170,6 +170,9 @@ impl ApiError {
             Self::Rejected { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE => {
                 (*status, "range-not-satisfiable")
             }
+            Self::Rejected { status, .. } if *status == StatusCode::GONE => {
+                (*status, "vfolder-not-found")
+            }
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
