@@ -205,16 +205,19 @@ async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let c = claims(&state, &q, "download")?;
-    let root = state
-        .volumes
-        .open_folder(claim(&c, "volume")?, claim(&c, "vfid")?)?;
+    let (volume, vfid) = (
+        claim(&c, "volume")?.to_owned(),
+        claim(&c, "vfid")?.to_owned(),
+    );
     let parts = fsx::components(claim(&c, "relpath")?)?;
     let name = parts
         .last()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "archive".into());
     // One resolution by the kernel; everything after works on this descriptor.
+    let st = state.clone();
     let (fd, st, at_root) = blocking(move || {
+        let root = st.volumes.open_folder(&volume, &vfid)?;
         let fd = fsx::open(
             root.as_fd(),
             &parts,
@@ -502,8 +505,13 @@ async fn tus_head(
     Extract(state): Extract<Arc<State>>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let s = session(&state, &q)?;
-    let offset = staged(&s)?;
+    let st = state.clone();
+    let (s, offset) = blocking(move || {
+        let s = session(&st, &q)?;
+        let offset = staged(&s)?;
+        Ok((s, offset))
+    })
+    .await?;
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     tus_headers(h);
@@ -549,7 +557,10 @@ async fn tus_patch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let s = session(&state, &q)?;
+    let s = {
+        let st = state.clone();
+        blocking(move || session(&st, &q)).await?
+    };
     let offset: u64 = headers
         .get("upload-offset")
         .and_then(|v| v.to_str().ok())
