@@ -3,120 +3,15 @@
 //! under its own IDs, and streaming with bounded memory.
 
 mod common;
+mod storage_common;
 
-use common::http::{free_port, request, Resp};
+use common::http::request;
+use storage_common::{create_folder, Proxy, TOKEN, VFID};
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const TOKEN: &str = "manager-secret";
-const VFID: &str = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/5d6c8c1e9a4d4e6f8b7a1c2d3e4f5a6b";
-
-struct Proxy {
-    child: Child,
-    manager: SocketAddr,
-    client: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proxy {
-    fn start(extra_storage: &str) -> Self {
-        Self::start_with(extra_storage, "")
-    }
-
-    fn start_with(extra_storage: &str, extra_tables: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (m, c) = (free_port(), free_port());
-        let config = format!(
-            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
-            dir.path().join("vol").display()
-        );
-        std::fs::write(dir.path().join("storage.toml"), config).expect("config");
-        let log = std::fs::File::create(dir.path().join("storage.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
-            .arg("--config")
-            .arg(dir.path().join("storage.toml"))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start storage-proxy");
-        let p = Self {
-            child,
-            manager: ([127, 0, 0, 1], m).into(),
-            client: ([127, 0, 0, 1], c).into(),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(p.manager).is_err() || TcpStream::connect(p.client).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "storage-proxy did not start: {}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("storage.log")).unwrap_or_default()
-    }
-
-    fn log_json(&self) -> Vec<serde_json::Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn manager(&self, path: &str, body: serde_json::Value, request_id: Option<&str>) -> Resp {
-        let mut headers = vec![
-            ("X-BackendAI-Storage-Auth-Token", TOKEN),
-            ("Content-Type", "application/json"),
-        ];
-        if let Some(id) = request_id {
-            headers.push(("X-Backend-Request-ID", id));
-        }
-        request(
-            self.manager,
-            "POST",
-            path,
-            &headers,
-            body.to_string().as_bytes(),
-        )
-    }
-
-    /// A session token from the manager API (`/folder/file/upload` or `download`).
-    fn token(&self, path: &str, body: serde_json::Value) -> String {
-        let r = self.manager(path, body, None);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["token"].as_str().expect("token").to_owned()
-    }
-
-    fn vfolder_path(&self) -> std::path::PathBuf {
-        self.dir
-            .path()
-            .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/5d/6c/8c1e9a4d4e6f8b7a1c2d3e4f5a6b")
-    }
-}
-
-fn create_folder(p: &Proxy) {
-    let r = p.manager(
-        "/folder/create",
-        serde_json::json!({"volume": "local", "vfid": VFID}),
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-}
 
 #[test]
 fn manager_auth_and_request_ids() {

@@ -3,13 +3,22 @@
 //! from the session token alone. Bodies stream with constant memory; an upload is
 //! written to a staging file and renamed into place when complete, so a partial upload
 //! is never visible at its destination.
+//!
+//! A download opens its path once, by the kernel's resolution beneath the vfolder,
+//! and serves that descriptor, with a strong `ETag` (inode, size, mtime),
+//! `Last-Modified` and the RFC 9110 preconditions (`If-Match`,
+//! `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since`, `If-Range`). An
+//! upload writes only through descriptors of `.upload` (never a symlink), checks the
+//! quota reservation on every PATCH, and syncs the file and directories around the
+//! completing `renameat`.
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Query, State as Extract};
+use axum::extract::State as Extract;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,8 +27,9 @@ use futures_util::StreamExt as _;
 use serde_json::json;
 use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
 
-use super::volume::resolve;
-use super::{ApiError, State};
+use rustix::fs::{AtFlags, FileType, OFlags};
+
+use super::{blocking, fsx, quota, ApiError, ApiQuery, State};
 
 /// The client-facing router.
 pub fn router(state: Arc<State>) -> Router {
@@ -29,6 +39,7 @@ pub fn router(state: Arc<State>) -> Router {
             get(|| async { axum::Json(json!({"status": "ok", "type": "client-facing", "storage-proxy": env!("CARGO_PKG_VERSION")})) }),
         )
         .route("/download", get(download))
+        .route("/download-archive", get(download_archive))
         .route("/upload", axum::routing::options(tus_options).head(tus_head).patch(tus_patch))
         .with_state(state)
 }
@@ -110,52 +121,173 @@ fn disposition(name: &str) -> String {
     format!("attachment;filename=\"{ascii}\"; filename*=UTF-8''{pct}")
 }
 
+/// The strong validator of a file: inode, size and modification time.
+fn etag(st: &rustix::fs::Stat) -> String {
+    format!(
+        "\"{:x}-{:x}-{:x}.{:x}\"",
+        st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec
+    )
+}
+
+/// What the conditional headers of a GET ask for (RFC 9110 §13.2.2).
+#[derive(Debug, PartialEq, Eq)]
+enum Conditional {
+    /// Serve; `range` says whether a `Range` header may be honoured.
+    Serve { range: bool },
+    /// 304 Not Modified.
+    NotModified,
+    /// 412 Precondition Failed.
+    Failed,
+}
+
+fn tags(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+fn strong_eq(a: &str, b: &str) -> bool {
+    !a.starts_with("W/") && !b.starts_with("W/") && a == b
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn date(v: &str) -> Option<i64> {
+    let t = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
+/// Evaluates the preconditions in RFC 9110's order against the current validators.
+fn evaluate(h: &HeaderMap, tag: &str, mtime: i64) -> Conditional {
+    if let Some(v) = header(h, "if-match") {
+        if !(v.trim() == "*" || tags(v).any(|t| strong_eq(t, tag))) {
+            return Conditional::Failed;
+        }
+    } else if let Some(d) = header(h, "if-unmodified-since").and_then(date) {
+        if mtime > d {
+            return Conditional::Failed;
+        }
+    }
+    if let Some(v) = header(h, "if-none-match") {
+        if v.trim() == "*" || tags(v).any(|t| weak_eq(t, tag)) {
+            return Conditional::NotModified;
+        }
+    } else if let Some(d) = header(h, "if-modified-since").and_then(date) {
+        if mtime <= d {
+            return Conditional::NotModified;
+        }
+    }
+    let range = match header(h, "if-range").map(str::trim) {
+        None => true,
+        Some(v) if v.starts_with('"') || v.starts_with("W/") => strong_eq(v, tag),
+        // A date matches only when it is exactly the last modification time.
+        Some(v) => date(v) == Some(mtime),
+    };
+    Conditional::Serve { range }
+}
+
+fn validators(h: &mut HeaderMap, tag: &str, modified: std::time::SystemTime) {
+    if let Ok(v) = HeaderValue::from_str(tag) {
+        h.insert("etag", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
+        h.insert("last-modified", v);
+    }
+}
+
 async fn download(
     Extract(state): Extract<Arc<State>>,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let c = claims(&state, &q, "download")?;
-    let root = state
-        .volumes
-        .existing_folder(claim(&c, "volume")?, claim(&c, "vfid")?)?;
-    let path = resolve(&root, claim(&c, "relpath")?)?;
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|_| ApiError::NotFound)?;
-    if meta.is_dir() {
-        let archive = q.get("archive").is_some_and(|v| v == "true")
-            || c.get("archive").and_then(|v| v.as_bool()) == Some(true);
-        if !archive {
-            return Err(ApiError::Params(
-                "a directory: add archive=true for a zip".into(),
-            ));
-        }
-        let name = format!(
-            "{}.zip",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "archive".into())
-        );
-        tracing::info!(dir = %path.display(), "archive download");
-        let mut resp = Response::new(Body::from_stream(super::zip::stream_dir(path)));
-        resp.headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/zip"));
-        if let Ok(v) = HeaderValue::from_str(&disposition(&name)) {
-            resp.headers_mut().insert("content-disposition", v);
-        }
-        return Ok(resp);
-    }
-    let len = meta.len();
-    let name = path
-        .file_name()
+    let (volume, vfid) = (
+        claim(&c, "volume")?.to_owned(),
+        claim(&c, "vfid")?.to_owned(),
+    );
+    let parts = fsx::components(claim(&c, "relpath")?)?;
+    let name = parts
+        .last()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let range = match headers.get("range").and_then(|v| v.to_str().ok()) {
+        .unwrap_or_else(|| "archive".into());
+    // One resolution by the kernel; everything after works on this descriptor.
+    let st = state.clone();
+    let (fd, st, at_root) = blocking(move || {
+        let root = st.volumes.open_folder(&volume, &vfid)?;
+        let fd = fsx::open(
+            root.as_fd(),
+            &parts,
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            fsx::BENEATH,
+        )
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ApiError::NotFound
+            } else {
+                e.into()
+            }
+        })?;
+        let (st, r) = (rustix::fs::fstat(&fd)?, rustix::fs::fstat(&root)?);
+        let at_root = (st.st_dev, st.st_ino) == (r.st_dev, r.st_ino);
+        Ok((fd, st, at_root))
+    })
+    .await?;
+    super::Metrics::add(&state.metrics.downloads, 1);
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            let archive = q.get("archive").is_some_and(|v| v == "true")
+                || c.get("archive").and_then(|v| v.as_bool()) == Some(true);
+            if !archive {
+                return Err(ApiError::Params(
+                    "a directory: add archive=true for a zip".into(),
+                ));
+            }
+            tracing::info!(dir = %name, "archive download");
+            let mut resp = Response::new(Body::from_stream(super::zip::stream_dir(fd, at_root)));
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/zip"));
+            if let Ok(v) = HeaderValue::from_str(&disposition(&format!("{name}.zip"))) {
+                resp.headers_mut().insert("content-disposition", v);
+            }
+            return Ok(resp);
+        }
+        FileType::RegularFile => {}
+        _ => return Err(ApiError::NotFound),
+    }
+    let len = st.st_size as u64;
+    let tag = etag(&st);
+    let modified =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+    let range_ok = match evaluate(&headers, &tag, st.st_mtime) {
+        Conditional::Serve { range } => range,
+        Conditional::NotModified => {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            validators(resp.headers_mut(), &tag, modified);
+            return Ok(resp);
+        }
+        Conditional::Failed => {
+            let mut resp = ApiError::Rejected {
+                status: StatusCode::PRECONDITION_FAILED,
+                message: "a precondition (If-Match or If-Unmodified-Since) failed".into(),
+            }
+            .into_response();
+            validators(resp.headers_mut(), &tag, modified);
+            return Ok(resp);
+        }
+    };
+    let range = match header(&headers, "range").filter(|_| range_ok) {
         Some(v) => match parse_range(v, len) {
             Ok(r) => r,
             Err(()) => {
-                let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+                let mut resp = ApiError::Rejected {
+                    status: StatusCode::RANGE_NOT_SATISFIABLE,
+                    message: format!("range not satisfiable for {len} bytes"),
+                }
+                .into_response();
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     resp.headers_mut().insert("content-range", v);
                 }
@@ -164,7 +296,7 @@ async fn download(
         },
         None => None,
     };
-    let mut file = tokio::fs::File::open(&path).await?;
+    let mut file = tokio::fs::File::from_std(std::fs::File::from(fd));
     let (status, start, count) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, len),
@@ -183,6 +315,7 @@ async fn download(
     );
     h.insert("accept-ranges", HeaderValue::from_static("bytes"));
     h.insert("content-length", HeaderValue::from(count));
+    validators(h, &tag, modified);
     if let Ok(v) = HeaderValue::from_str(&disposition(&name)) {
         h.insert("content-disposition", v);
     }
@@ -195,6 +328,81 @@ async fn download(
         h.insert("cache-control", HeaderValue::from_static("no-store"));
     }
     tracing::info!(bytes = count, partial = range.is_some(), "download");
+    Ok(resp)
+}
+
+/// `GET /download-archive?token=…`: a zip of the files and directories the token
+/// lists (from `/folder/file/archive-download-token`), each resolved beneath the
+/// vfolder by the kernel.
+async fn download_archive(
+    Extract(state): Extract<Arc<State>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let token = q.get("token").ok_or(ApiError::Session)?;
+    let c = appproxy_shared::jwt::verify_hs256(token.as_bytes(), &state.session_secret)
+        .map_err(|_| ApiError::Session)?;
+    if c.get("operation").and_then(|v| v.as_str()) != Some("download") {
+        return Err(ApiError::Session);
+    }
+    let root = state
+        .volumes
+        .open_folder(claim(&c, "volume")?, claim(&c, "virtual_folder_id")?)?;
+    let files: Vec<Vec<std::ffi::OsString>> = c
+        .get("files")
+        .and_then(|v| v.as_array())
+        .ok_or(ApiError::Session)?
+        .iter()
+        .map(|f| {
+            f.as_str()
+                .ok_or(ApiError::Session)
+                .and_then(|f| Ok(fsx::components(f)?))
+        })
+        .collect::<Result<_, _>>()?;
+    let filename = c
+        .get("filename")
+        .and_then(|v| v.as_str())
+        .map_or_else(|| "archive.zip".to_owned(), str::to_owned);
+    let items = blocking(move || {
+        let mut items = Vec::new();
+        for parts in files {
+            let fd = fsx::open(
+                root.as_fd(),
+                &parts,
+                OFlags::RDONLY | OFlags::NONBLOCK,
+                fsx::BENEATH,
+            )
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    ApiError::NotFound
+                } else {
+                    e.into()
+                }
+            })?;
+            let mut name = fsx::join(&parts)
+                .to_string_lossy()
+                .into_owned()
+                .into_bytes();
+            match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+                FileType::Directory => {
+                    name.push(b'/');
+                    items.push(super::zip::Item::Dir(fd, name));
+                }
+                FileType::RegularFile => {
+                    items.push(super::zip::Item::File(std::fs::File::from(fd), name))
+                }
+                _ => return Err(ApiError::NotFound),
+            }
+        }
+        Ok(items)
+    })
+    .await?;
+    super::Metrics::add(&state.metrics.downloads, 1);
+    let mut resp = Response::new(Body::from_stream(super::zip::stream_items(items, false)));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/zip"));
+    if let Ok(v) = HeaderValue::from_str(&disposition(&filename)) {
+        resp.headers_mut().insert("content-disposition", v);
+    }
     Ok(resp)
 }
 
@@ -226,19 +434,23 @@ async fn tus_options(Extract(state): Extract<Arc<State>>) -> Response {
     resp
 }
 
-/// The staging file, destination and size of an upload session.
+/// An upload session: the vfolder and its staging directory (both descriptors),
+/// the destination's components, the size, and the quota scope.
 struct Session {
     id: String,
-    staging: std::path::PathBuf,
-    destination: std::path::PathBuf,
+    root: OwnedFd,
+    staging: OwnedFd,
+    destination: Vec<std::ffi::OsString>,
     size: u64,
+    volume: String,
+    scope_name: String,
+    scope_key: std::path::PathBuf,
 }
 
 fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiError> {
     let c = claims(state, q, "upload")?;
-    let root = state
-        .volumes
-        .existing_folder(claim(&c, "volume")?, claim(&c, "vfid")?)?;
+    let (volume, vfid) = (claim(&c, "volume")?, claim(&c, "vfid")?);
+    let root = state.volumes.open_folder(volume, vfid)?;
     let id = claim(&c, "session")?.to_owned();
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::Session);
@@ -248,26 +460,58 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         Some(d) => format!("{d}/{relpath}"),
         None => relpath.to_owned(),
     };
+    let destination = fsx::components(&relpath)?;
+    if destination.is_empty() {
+        return Err(ApiError::Params("relpath names the vfolder itself".into()));
+    }
+    if destination[0] == ".upload" {
+        return Err(ApiError::Params(
+            "the staging area is not a destination".into(),
+        ));
+    }
+    let staging = super::manager::staging_dir(root.as_fd(), false).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApiError::NotFound
+        } else {
+            e.into()
+        }
+    })?;
     Ok(Session {
-        staging: root.join(".upload").join(&id),
-        destination: resolve(&root, &relpath)?,
+        staging,
+        root,
+        destination,
         size: c
             .get("size")
             .and_then(|v| v.as_u64())
             .ok_or(ApiError::Session)?,
+        volume: volume.to_owned(),
+        scope_name: super::volume::Vfid::parse(vfid)?.scope_name(),
+        scope_key: state.volumes.scope_of(volume, vfid)?,
         id,
     })
 }
 
+/// The size of a session's staging file (a regular file, not followed).
+fn staged(s: &Session) -> Result<u64, ApiError> {
+    match rustix::fs::statat(&s.staging, s.id.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
+            Ok(st.st_size as u64)
+        }
+        _ => Err(ApiError::NotFound),
+    }
+}
+
 async fn tus_head(
     Extract(state): Extract<Arc<State>>,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let s = session(&state, &q)?;
-    let offset = tokio::fs::metadata(&s.staging)
-        .await
-        .map_err(|_| ApiError::NotFound)?
-        .len();
+    let st = state.clone();
+    let (s, offset) = blocking(move || {
+        let s = session(&st, &q)?;
+        let offset = staged(&s)?;
+        Ok((s, offset))
+    })
+    .await?;
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     tus_headers(h);
@@ -291,13 +535,32 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// Moves a complete staging file into place: the file and the staging directory
+/// are synced first, the destination's missing parents are created beneath the
+/// vfolder by the kernel's resolution, the rename is one `renameat` between two
+/// descriptors, and the destination directory is synced after it.
+fn complete(s: &Session) -> Result<(), ApiError> {
+    fsx::sync(s.staging.as_fd())?;
+    let (name, dirs) = s
+        .destination
+        .split_last()
+        .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
+    let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
+    rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;
+    fsx::sync(parent.as_fd())?;
+    Ok(())
+}
+
 async fn tus_patch(
     Extract(state): Extract<Arc<State>>,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let s = session(&state, &q)?;
+    let s = {
+        let st = state.clone();
+        blocking(move || session(&st, &q)).await?
+    };
     let offset: u64 = headers
         .get("upload-offset")
         .and_then(|v| v.to_str().ok())
@@ -318,19 +581,35 @@ async fn tus_patch(
             id: s.id.clone(),
         }
     };
-    let current = tokio::fs::metadata(&s.staging)
-        .await
-        .map_err(|_| ApiError::NotFound)?
-        .len();
-    if current != offset {
-        return Err(ApiError::Conflict(
-            "Upload-Offset does not match the server's offset",
-        ));
-    }
-    let mut file = tokio::fs::OpenOptions::new()
-        .append(true)
-        .open(&s.staging)
-        .await?;
+    // The staging file (never through a symlink), its offset, and the quota: the
+    // session's reservation must still fit the scope's current limit.
+    let (s, file) = {
+        let st = state.clone();
+        blocking(move || {
+            let fd = rustix::fs::openat2(
+                &s.staging,
+                s.id.as_str(),
+                OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+                fsx::STRICT,
+            )
+            .map_err(|_| ApiError::NotFound)?;
+            let current = rustix::fs::fstat(&fd)?;
+            if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
+                return Err(ApiError::NotFound);
+            }
+            if current.st_size as u64 != offset {
+                return Err(ApiError::Conflict(
+                    "Upload-Offset does not match the server's offset",
+                ));
+            }
+            let scope = st.volumes.open_scope(&s.volume, &s.scope_name)?;
+            quota::reserve(&st, &s.scope_key, scope.as_fd(), &s.id, s.size)?;
+            Ok((s, std::fs::File::from(fd)))
+        })
+        .await?
+    };
+    let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
     let mut stream = body.into_data_stream();
     // An interrupted body keeps what arrived: the client resumes from HEAD's offset.
@@ -344,13 +623,19 @@ async fn tus_patch(
         written += chunk.len() as u64;
     }
     file.flush().await?;
-    drop(file);
+    super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
-        if let Some(parent) = s.destination.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::rename(&s.staging, &s.destination).await?;
-        tracing::info!(session = %s.id, bytes = written, "upload complete");
+        file.sync_all().await?;
+        drop(file);
+        let st = state.clone();
+        let id = blocking(move || {
+            st.reservations
+                .commit(&s.scope_key, &s.id, || complete(&s))?;
+            Ok(s.id)
+        })
+        .await?;
+        super::Metrics::add(&state.metrics.uploads_completed, 1);
+        tracing::info!(session = %id, bytes = written, "upload complete");
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     tus_headers(resp.headers_mut());

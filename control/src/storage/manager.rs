@@ -1,7 +1,10 @@
 //! The manager-facing API (`X-BackendAI-Storage-Auth-Token`): volumes, vfolders,
-//! files, and the session tokens of uploads and downloads.
+//! files, and the session tokens of uploads and downloads. Every path is resolved by
+//! the kernel beneath the vfolder's descriptor and every change is an `*at` call on
+//! a parent descriptor (see `fsx`).
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use axum::extract::{Request, State as Extract};
@@ -13,8 +16,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::volume::resolve;
-use super::{ApiError, State};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use super::volume::{PathError, Vfid, Volumes};
+use super::{blocking, fsx, quota, ApiError, ApiJson, State};
 
 /// The manager-facing router.
 pub fn router(state: Arc<State>) -> Router {
@@ -23,7 +28,19 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/folder/create", post(create))
         .route("/folder/delete", post(delete_folder))
         .route("/folder/clone", post(clone_folder))
-        .route("/folder/usage", post(usage))
+        .route("/folder/usage", get(usage).post(usage))
+        .route("/folder/used-bytes", get(used_bytes))
+        .route("/folder/fs-usage", get(fs_usage))
+        .route("/folder/mount", get(mount))
+        .route("/folder/metadata", get(metadata).post(metadata))
+        .route("/folder/file/fetch", post(fetch))
+        .route(
+            "/folder/file/archive-download-token",
+            post(archive_download_token),
+        )
+        .route("/volume/hwinfo", get(hwinfo))
+        .route("/volume/performance-metric", get(performance_metric))
+        .route("/volume/quota", get(volume_quota).patch(volume_quota))
         .route("/folder/file/list", post(list))
         .route("/folder/file/mkdir", post(mkdir))
         .route("/folder/file/rename", post(rename))
@@ -32,7 +49,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/folder/file/delete-async", post(delete_files_async))
         .route(
             "/quota-scope",
-            get(quota_get).post(quota_get).patch(quota_patch),
+            get(quota_get).post(quota_create).patch(quota_patch),
         )
         .route("/quota-scope/quota", axum::routing::delete(quota_delete))
         .route("/folder/file/upload", post(upload_token))
@@ -44,6 +61,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/health", get(status))
         .route("/livez", get(status))
         .route("/readyz", get(status))
+        .route("/metrics", get(metrics))
         .merge(authed)
         .with_state(state)
 }
@@ -86,6 +104,9 @@ struct FolderReq {
 struct CreateReq {
     volume: String,
     vfid: String,
+    /// Permission bits of the vfolder's directory (the original's default 0o755).
+    #[serde(default)]
+    mode: Option<u32>,
     #[serde(default)]
     options: Option<CreateOptions>,
 }
@@ -98,16 +119,29 @@ struct CreateOptions {
 
 async fn create(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<CreateReq>,
+    ApiJson(r): ApiJson<CreateReq>,
 ) -> Result<StatusCode, ApiError> {
-    let dir = state.volumes.folder(&r.volume, &r.vfid)?;
-    tokio::fs::create_dir_all(&dir).await?;
-    if let Some(limit) = r.options.and_then(|o| o.initial_max_size_for_quota_scope) {
-        let scope = state.volumes.scope_of(&r.volume, &r.vfid)?;
-        if super::quota::limit(&scope).is_none() {
-            super::quota::set_limit(&scope, Some(limit))?;
+    let parts = Vfid::parse(&r.vfid)?.parts();
+    state.volumes.root_fd(&r.volume)?;
+    let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
+    let mode = r.mode;
+    let st = state.clone();
+    blocking(move || {
+        let root = st.volumes.root_fd(&r.volume)?;
+        // The volume's own levels are never symlinks: STRICT all the way.
+        let dir = fsx::mkdirs(root, &parts, fsx::STRICT)?;
+        if let Some(mode) = mode {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777))?;
         }
-    }
+        if let Some(limit) = limit {
+            let scope = fsx::child_dir(root, &parts[0])?;
+            if quota::limit(scope.as_fd()).is_none() {
+                quota::set_limit(scope.as_fd(), Some(limit))?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
     tracing::info!(vfid = %r.vfid, "vfolder created");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -125,42 +159,100 @@ struct QuotaOptions {
     limit_bytes: u64,
 }
 
+/// The usage, limit and reservations of an existing scope.
+async fn quota_state(
+    state: &Arc<State>,
+    volume: String,
+    qsid: &str,
+) -> Result<Json<Value>, ApiError> {
+    let name = Volumes::scope_name(qsid)?;
+    let key = state.volumes.scope(&volume, qsid)?;
+    let st = state.clone();
+    let (used, limit) = blocking(move || {
+        let scope = match st.volumes.open_scope(&volume, &name) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        Ok((quota::usage(scope.as_fd()), quota::limit(scope.as_fd())))
+    })
+    .await?;
+    Ok(Json(json!({
+        "used_bytes": used,
+        "limit_bytes": limit,
+        "reserved_bytes": state.reservations.total(&key),
+    })))
+}
+
+/// `GET /quota-scope`: 404 when the scope does not exist (as the original).
 async fn quota_get(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<QuotaReq>,
+    ApiJson(r): ApiJson<QuotaReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
-    let used = appproxy_shared::context::spawn_blocking({
-        let scope = scope.clone();
-        move || super::quota::usage(&scope)
+    quota_state(&state, r.volume, &r.qsid).await
+}
+
+/// `POST /quota-scope`: creates the scope if missing, sets its limit when `options`
+/// has one, and answers with its state.
+async fn quota_create(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<QuotaReq>,
+) -> Result<Json<Value>, ApiError> {
+    let name = Volumes::scope_name(&r.qsid)?;
+    let limit = r.options.map(|o| o.limit_bytes);
+    let (st, volume) = (state.clone(), r.volume.clone());
+    blocking(move || {
+        let root = st.volumes.root_fd(&volume)?;
+        let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
+        if limit.is_some() {
+            quota::set_limit(scope.as_fd(), limit)?;
+        }
+        Ok(())
     })
-    .await
-    .map_err(std::io::Error::other)?;
-    Ok(Json(
-        json!({"used_bytes": used, "limit_bytes": super::quota::limit(&scope)}),
-    ))
+    .await?;
+    if limit.is_some() {
+        tracing::info!(qsid = %r.qsid, limit, "quota set");
+    }
+    quota_state(&state, r.volume, &r.qsid).await
 }
 
 async fn quota_patch(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<QuotaReq>,
+    ApiJson(r): ApiJson<QuotaReq>,
 ) -> Result<StatusCode, ApiError> {
-    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
+    let name = Volumes::scope_name(&r.qsid)?;
     let limit = r
         .options
         .ok_or_else(|| ApiError::Params("options.limit_bytes is required".into()))?
         .limit_bytes;
-    super::quota::set_limit(&scope, Some(limit))?;
+    let st = state.clone();
+    let volume = r.volume.clone();
+    blocking(move || {
+        let root = st.volumes.root_fd(&volume)?;
+        let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
+        quota::set_limit(scope.as_fd(), Some(limit))?;
+        Ok(())
+    })
+    .await?;
     tracing::info!(qsid = %r.qsid, limit, "quota set");
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn quota_delete(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<QuotaReq>,
+    ApiJson(r): ApiJson<QuotaReq>,
 ) -> Result<StatusCode, ApiError> {
-    let scope = state.volumes.scope(&r.volume, &r.qsid)?;
-    super::quota::set_limit(&scope, None)?;
+    let name = Volumes::scope_name(&r.qsid)?;
+    let st = state.clone();
+    blocking(move || {
+        match st.volumes.open_scope(&r.volume, &name) {
+            Ok(scope) => quota::set_limit(scope.as_fd(), None)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -204,15 +296,43 @@ where
     Json(json!({"bgtask_id": id}))
 }
 
+/// Runs blocking work for a background job (under the job's request ID).
+async fn job<F>(f: F) -> std::io::Result<u64>
+where
+    F: FnOnce() -> std::io::Result<u64> + Send + 'static,
+{
+    appproxy_shared::context::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 async fn delete_folder(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<FolderReq>,
+    ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Response, ApiError> {
-    let dir = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let body = bgtask(&state, "delete_vfolder", async move {
-        tokio::fs::remove_dir_all(&dir).await?;
-        Ok(1)
-    });
+    let mut parts = Vfid::parse(&r.vfid)?.parts();
+    // A vfolder that is not there (any more) is gone, as the original answers.
+    match state.volumes.open_folder(&r.volume, &r.vfid) {
+        Err(PathError::NoFolder) => {
+            return Err(ApiError::Rejected {
+                status: StatusCode::GONE,
+                message: "vfolder not found (already deleted)".into(),
+            })
+        }
+        other => drop(other?),
+    }
+    let name = parts.pop().ok_or(PathError::NoFolder)?;
+    let parent = fsx::open(
+        state.volumes.root_fd(&r.volume)?,
+        &parts,
+        fsx::DIR,
+        fsx::STRICT,
+    )?;
+    let body = bgtask(
+        &state,
+        "delete_vfolder",
+        job(move || fsx::remove_tree(parent.as_fd(), &name)),
+    );
     Ok((StatusCode::ACCEPTED, body).into_response())
 }
 
@@ -224,39 +344,9 @@ struct CloneReq {
     dst_vfid: String,
 }
 
-/// Copies a tree; each directory level is copied by a task of its own, all under the
-/// initiating request's ID.
-fn copy_tree(
-    src: PathBuf,
-    dst: PathBuf,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<u64>> + Send>> {
-    Box::pin(async move {
-        tokio::fs::create_dir_all(&dst).await?;
-        let mut entries = tokio::fs::read_dir(&src).await?;
-        let mut count = 0;
-        let mut subdirs = Vec::new();
-        while let Some(e) = entries.next_entry().await? {
-            let ty = e.file_type().await?;
-            let to = dst.join(e.file_name());
-            if ty.is_dir() {
-                subdirs.push(appproxy_shared::context::spawn(copy_tree(e.path(), to)));
-            } else if ty.is_file() {
-                tokio::fs::copy(e.path(), &to).await?;
-                count += 1;
-            }
-            // Symlinks are not followed or copied: they could point anywhere.
-        }
-        for t in subdirs {
-            count += t.await.map_err(std::io::Error::other)??;
-        }
-        tracing::debug!(dir = %dst.display(), "directory cloned");
-        Ok(count)
-    })
-}
-
 async fn clone_folder(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<CloneReq>,
+    ApiJson(r): ApiJson<CloneReq>,
 ) -> Result<Json<Value>, ApiError> {
     let dst_volume = r.dst_volume.unwrap_or_else(|| r.src_volume.clone());
     if dst_volume != r.src_volume {
@@ -264,27 +354,65 @@ async fn clone_folder(
             "cross-volume clone is not supported".into(),
         ));
     }
-    let src = state.volumes.existing_folder(&r.src_volume, &r.src_vfid)?;
-    let dst = state.volumes.folder(&dst_volume, &r.dst_vfid)?;
-    if dst.exists() {
-        return Err(ApiError::Params("destination vfolder exists".into()));
+    let src = state.volumes.open_folder(&r.src_volume, &r.src_vfid)?;
+    let dst_parts = Vfid::parse(&r.dst_vfid)?.parts();
+    match state.volumes.open_folder(&dst_volume, &r.dst_vfid) {
+        Ok(_) => return Err(ApiError::Params("destination vfolder exists".into())),
+        Err(PathError::NoFolder) => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(bgtask(&state, "clone_vfolder", copy_tree(src, dst)))
+    // The destination scope must have room for the source: reserved while copying.
+    let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;
+    let key2 = key.clone();
+    let holder = format!("clone-{}", uuid::Uuid::new_v4().simple());
+    let dst = {
+        let (st, holder, volume) = (state.clone(), holder.clone(), dst_volume.clone());
+        blocking(move || {
+            let size = fsx::usage(src.as_fd(), &|e| e.name != ".upload").1;
+            let root = st.volumes.root_fd(&volume)?;
+            let scope = fsx::mkdirs(root, &dst_parts[..1], fsx::STRICT)?;
+            quota::reserve(&st, &key, scope.as_fd(), &holder, size)?;
+            let dst = match fsx::mkdirs(root, &dst_parts, fsx::STRICT) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    st.reservations.release(&holder);
+                    return Err(e.into());
+                }
+            };
+            // Its bytes are held by the reservation until the copy ends.
+            let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
+            st.reservations.pend(id);
+            Ok((src, dst, id))
+        })
+        .await?
+    };
+    let st = state.clone();
+    Ok(bgtask(
+        &state,
+        "clone_vfolder",
+        job(move || {
+            let (src, dst, id) = dst;
+            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[".upload"], &mut || {
+                tracing::debug!("directory cloned");
+            });
+            // Counted as committed and released in one step under the scope's lock.
+            let _ = st.reservations.commit(&key2, &holder, || {
+                st.reservations.unpend(id);
+                Ok(())
+            });
+            copied
+        }),
+    ))
 }
 
 async fn usage(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<FolderReq>,
+    ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let dir = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let (files, bytes) = appproxy_shared::context::spawn_blocking(move || du(&dir))
-        .await
-        .map_err(std::io::Error::other)?;
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (files, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
     Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
-}
-
-fn du(dir: &Path) -> (u64, u64) {
-    super::quota::walk(dir, |name| name != ".upload")
 }
 
 #[derive(Deserialize)]
@@ -299,46 +427,61 @@ fn dot() -> String {
     ".".into()
 }
 
-fn iso(t: std::io::Result<std::time::SystemTime>) -> String {
-    t.map(|t| appproxy_shared::telemetry::Rfc3339(t).to_string())
-        .unwrap_or_default()
+fn iso(sec: i64, nsec: u32) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(sec.max(0) as u64, nsec);
+    appproxy_shared::telemetry::Rfc3339(t).to_string()
 }
 
 async fn list(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<PathReq>,
+    ApiJson(r): ApiJson<PathReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let dir = resolve(&root, &r.relpath)?;
-    let mut entries = tokio::fs::read_dir(&dir).await?;
-    let mut items = Vec::new();
-    while let Some(e) = entries.next_entry().await? {
-        if dir == root && e.file_name() == ".upload" {
-            continue;
-        }
-        let meta = tokio::fs::symlink_metadata(e.path()).await?;
-        let (ty, target) = if meta.is_symlink() {
-            (
-                "SYMLINK",
-                tokio::fs::read_link(e.path())
-                    .await
-                    .ok()
-                    .map(|p| p.display().to_string()),
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    let items = blocking(move || {
+        let dir = fsx::open_dir(root.as_fd(), &parts)?;
+        let (a, b) = (rustix::fs::fstat(&root)?, rustix::fs::fstat(&dir)?);
+        let at_root = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
+        let mut items = Vec::new();
+        for e in fsx::entries(dir.as_fd())? {
+            if at_root && e.name == ".upload" {
+                continue;
+            }
+            let (ty, target) = match e.kind() {
+                FileType::Symlink => (
+                    "SYMLINK",
+                    rustix::fs::readlinkat(&dir, e.name.as_os_str(), Vec::new())
+                        .ok()
+                        .map(|p| p.to_string_lossy().into_owned()),
+                ),
+                FileType::Directory => ("DIRECTORY", None),
+                _ => ("FILE", None),
+            };
+            let created = rustix::fs::statx(
+                &dir,
+                e.name.as_os_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+                rustix::fs::StatxFlags::BTIME,
             )
-        } else if meta.is_dir() {
-            ("DIRECTORY", None)
-        } else {
-            ("FILE", None)
-        };
-        use std::os::unix::fs::MetadataExt as _;
-        items.push(json!({
-            "name": e.file_name().to_string_lossy(),
-            "type": ty,
-            "stat": {"mode": meta.mode(), "size": meta.len(), "created": iso(meta.created()), "modified": iso(meta.modified())},
-            "symlink_target": target,
-        }));
-    }
-    items.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            .ok()
+            .filter(|x| x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+            .map(|x| iso(x.stx_btime.tv_sec, x.stx_btime.tv_nsec))
+            .unwrap_or_default();
+            items.push(json!({
+                "name": e.name.to_string_lossy(),
+                "type": ty,
+                "stat": {
+                    "mode": e.stat.st_mode,
+                    "size": e.stat.st_size,
+                    "created": created,
+                    "modified": iso(e.stat.st_mtime, e.stat.st_mtime_nsec as u32),
+                },
+                "symlink_target": target,
+            }));
+        }
+        Ok(items)
+    })
+    .await?;
     Ok(Json(json!({"items": items})))
 }
 
@@ -360,11 +503,32 @@ struct MkdirReq {
     exist_ok: bool,
 }
 
+fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
+    let parts = fsx::components(p).map_err(|e| e.to_string())?;
+    let exists = || std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+    let made = if parents {
+        match fsx::open_dir(root, &parts) {
+            Ok(_) => Err(exists()),
+            Err(_) => fsx::mkdirs(root, &parts, fsx::BENEATH).map(drop),
+        }
+    } else {
+        fsx::parent(root, &parts).and_then(|p| {
+            rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755))
+                .map_err(Into::into)
+        })
+    };
+    match made {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
+        Err(e) => Err(ApiError::from(e).to_string()),
+        Ok(()) => Ok(()),
+    }
+}
+
 async fn mkdir(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<MkdirReq>,
+    ApiJson(r): ApiJson<MkdirReq>,
 ) -> Result<Response, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let paths = match r.relpath {
         OneOrMany::One(p) => vec![p],
         OneOrMany::Many(v) => v,
@@ -372,27 +536,18 @@ async fn mkdir(
     if paths.len() > 50 {
         return Err(ApiError::Params("at most 50 paths".into()));
     }
-    let (mut ok, mut failed) = (Vec::new(), Vec::new());
-    for p in paths {
-        let result = match resolve(&root, &p) {
-            Err(e) => Err(e.to_string()),
-            Ok(path) => {
-                let made = if r.parents {
-                    tokio::fs::create_dir_all(&path).await
-                } else {
-                    tokio::fs::create_dir(&path).await
-                };
-                match made {
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && r.exist_ok => Ok(()),
-                    other => other.map_err(|e| e.to_string()),
-                }
+    let (parents, exist_ok) = (r.parents, r.exist_ok);
+    let (ok, failed) = blocking(move || {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for p in paths {
+            match make_dir(root.as_fd(), &p, parents, exist_ok) {
+                Ok(()) => ok.push(json!({"msg": null, "item": p})),
+                Err(msg) => failed.push(json!({"msg": msg, "item": p})),
             }
-        };
-        match result {
-            Ok(()) => ok.push(json!({"msg": null, "item": p})),
-            Err(msg) => failed.push(json!({"msg": msg, "item": p})),
         }
-    }
+        Ok((ok, failed))
+    })
+    .await?;
     let status = match (ok.is_empty(), failed.is_empty()) {
         (_, true) => StatusCode::OK,
         (false, false) => StatusCode::MULTI_STATUS,
@@ -415,23 +570,24 @@ struct RenameReq {
 
 async fn rename(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<RenameReq>,
+    ApiJson(r): ApiJson<RenameReq>,
 ) -> Result<StatusCode, ApiError> {
-    if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name == ".." || r.new_name == "."
+    if r.new_name.is_empty()
+        || r.new_name.contains('/')
+        || r.new_name.contains('\0')
+        || r.new_name == ".."
+        || r.new_name == "."
     {
         return Err(ApiError::Params("new_name must be a plain name".into()));
     }
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let from = resolve(&root, &r.relpath)?;
-    let to = from.with_file_name(&r.new_name);
-    resolve(
-        &root,
-        to.strip_prefix(&root)
-            .map_err(|_| ApiError::Params("bad path".into()))?
-            .to_string_lossy()
-            .as_ref(),
-    )?;
-    tokio::fs::rename(&from, &to).await?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    blocking(move || {
+        let p = fsx::parent(root.as_fd(), &parts)?;
+        rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str())?;
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -445,12 +601,25 @@ struct MoveReq {
 
 async fn move_file(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<MoveReq>,
+    ApiJson(r): ApiJson<MoveReq>,
 ) -> Result<StatusCode, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    let from = resolve(&root, &r.src_relpath)?;
-    let to = resolve(&root, &r.dst_relpath)?;
-    tokio::fs::rename(&from, &to).await?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (src, dst) = (
+        fsx::components(&r.src_relpath)?,
+        fsx::components(&r.dst_relpath)?,
+    );
+    blocking(move || {
+        let from = fsx::parent(root.as_fd(), &src)?;
+        let to = fsx::parent(root.as_fd(), &dst)?;
+        rustix::fs::renameat(
+            &from.dir,
+            from.name.as_os_str(),
+            &to.dir,
+            to.name.as_os_str(),
+        )?;
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -463,15 +632,14 @@ struct DeleteReq {
     recursive: bool,
 }
 
-/// Resolves every path of a delete first: one bad path and nothing is touched.
-fn deletion_targets(state: &State, r: &DeleteReq) -> Result<Vec<PathBuf>, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
+/// Parses every path of a delete first: one bad path and nothing is touched.
+fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
     let paths = r
         .relpaths
         .iter()
-        .map(|p| resolve(&root, p))
+        .map(|p| fsx::components(p))
         .collect::<Result<Vec<_>, _>>()?;
-    if paths.iter().any(|p| p == &root) {
+    if paths.iter().any(Vec::is_empty) {
         return Err(ApiError::Params(
             "refusing to delete the vfolder root".into(),
         ));
@@ -479,19 +647,23 @@ fn deletion_targets(state: &State, r: &DeleteReq) -> Result<Vec<PathBuf>, ApiErr
     Ok(paths)
 }
 
-/// Deletes files and directories (a non-empty directory only when `recursive`).
-async fn delete_paths(paths: Vec<PathBuf>, recursive: bool) -> std::io::Result<u64> {
+/// Deletes files and directories (a non-empty directory only when `recursive`);
+/// each from its parent's descriptor, a symlink as the link itself.
+fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> std::io::Result<u64> {
     let mut n = 0;
-    for p in paths {
-        let meta = tokio::fs::symlink_metadata(&p).await?;
-        if meta.is_dir() && recursive {
-            tokio::fs::remove_dir_all(&p).await?;
-        } else if meta.is_dir() {
-            tokio::fs::remove_dir(&p).await?;
+    for parts in paths {
+        let p = fsx::parent(root.as_fd(), &parts)?;
+        let stat = rustix::fs::statat(&p.dir, p.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+            if recursive {
+                fsx::remove_tree(p.dir.as_fd(), &p.name)?;
+            } else {
+                rustix::fs::unlinkat(&p.dir, p.name.as_os_str(), AtFlags::REMOVEDIR)?;
+            }
         } else {
-            tokio::fs::remove_file(&p).await?;
+            rustix::fs::unlinkat(&p.dir, p.name.as_os_str(), AtFlags::empty())?;
         }
-        tracing::debug!(path = %p.display(), "deleted");
+        tracing::debug!(path = %fsx::join(&parts).display(), "deleted");
         n += 1;
     }
     Ok(n)
@@ -499,19 +671,26 @@ async fn delete_paths(paths: Vec<PathBuf>, recursive: bool) -> std::io::Result<u
 
 async fn delete_files(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<DeleteReq>,
+    ApiJson(r): ApiJson<DeleteReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let paths = deletion_targets(&state, &r)?;
-    delete_paths(paths, r.recursive).await?;
+    let paths = deletion_targets(&r)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    blocking(move || Ok(delete_paths(root, paths, r.recursive)?)).await?;
     Ok(Json(json!({"status": "ok"})))
 }
 
 async fn delete_files_async(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<DeleteReq>,
+    ApiJson(r): ApiJson<DeleteReq>,
 ) -> Result<Response, ApiError> {
-    let paths = deletion_targets(&state, &r)?;
-    let body = bgtask(&state, "delete_files", delete_paths(paths, r.recursive));
+    let paths = deletion_targets(&r)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let recursive = r.recursive;
+    let body = bgtask(
+        &state,
+        "delete_files",
+        job(move || delete_paths(root, paths, recursive)),
+    );
     Ok((StatusCode::ACCEPTED, body).into_response())
 }
 
@@ -523,27 +702,69 @@ struct UploadReq {
     size: u64,
 }
 
+/// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a
+/// symlink is refused, never followed.
+pub fn staging_dir(root: BorrowedFd<'_>, create: bool) -> std::io::Result<OwnedFd> {
+    match fsx::child_dir(root, std::ffi::OsStr::new(".upload")) {
+        Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
+            match rustix::fs::mkdirat(root, ".upload", Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            fsx::child_dir(root, std::ffi::OsStr::new(".upload"))
+        }
+        other => other,
+    }
+}
+
 async fn upload_token(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<UploadReq>,
+    ApiJson(r): ApiJson<UploadReq>,
 ) -> Result<Json<Value>, ApiError> {
     if r.size > state.max_upload_size {
         return Err(ApiError::TooLarge);
     }
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    resolve(&root, &r.relpath)?;
-    let scope = state.volumes.scope_of(&r.volume, &r.vfid)?;
-    let size = r.size;
-    {
-        let state = state.clone();
-        appproxy_shared::context::spawn_blocking(move || super::quota::check(&state, &scope, size))
-            .await
-            .map_err(std::io::Error::other)??;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    if parts.is_empty() {
+        return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
+    if parts[0] == ".upload" {
+        return Err(ApiError::Params(
+            "the staging area is not a destination".into(),
+        ));
+    }
+    let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
+    let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();
-    let staging = root.join(".upload");
-    tokio::fs::create_dir_all(&staging).await?;
-    tokio::fs::File::create(staging.join(&session)).await?;
+    {
+        let (st, session, volume, size) =
+            (state.clone(), session.clone(), r.volume.clone(), r.size);
+        blocking(move || {
+            let scope = st.volumes.open_scope(&volume, &scope_name)?;
+            quota::reserve(&st, &key, scope.as_fd(), &session, size)?;
+            let created = staging_dir(root.as_fd(), true).and_then(|staging| {
+                rustix::fs::openat2(
+                    &staging,
+                    session.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                    fsx::STRICT,
+                )
+                .map_err(Into::into)
+            });
+            if let Err(e) = created {
+                st.reservations.release(&session);
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await?;
+    }
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
@@ -555,14 +776,244 @@ async fn upload_token(
 
 async fn download_token(
     Extract(state): Extract<Arc<State>>,
-    Json(r): Json<PathReq>,
+    ApiJson(r): ApiJson<PathReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let root = state.volumes.existing_folder(&r.volume, &r.vfid)?;
-    resolve(&root, &r.relpath)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    // Refused now when it resolves out of the vfolder; a missing file is a 404 later.
+    match fsx::open(root.as_fd(), &parts, OFlags::PATH, fsx::BENEATH) {
+        Err(e) if fsx::is_escape(&e) => return Err(PathError::Escape.into()),
+        _ => {}
+    }
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "exp": exp}),
         &state.session_secret,
     );
     Ok(Json(json!({"token": token})))
+}
+
+async fn used_bytes(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (_, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
+    Ok(Json(json!({"used_bytes": bytes})))
+}
+
+#[derive(Deserialize)]
+struct VolumeReq {
+    volume: String,
+}
+
+/// Capacity and use of the filesystem holding the volume.
+async fn fs_usage(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    let st = rustix::fs::fstatvfs(state.volumes.root_fd(&r.volume)?)?;
+    let capacity = st.f_blocks.saturating_mul(st.f_frsize);
+    let free = st.f_bfree.saturating_mul(st.f_frsize);
+    Ok(Json(
+        json!({"capacity_bytes": capacity, "used_bytes": capacity.saturating_sub(free)}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct MountReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "dot")]
+    subpath: String,
+}
+
+/// The host path of a vfolder (or an existing directory beneath it), for mounting.
+async fn mount(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<MountReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.subpath)?;
+    let check = parts.clone();
+    // The subpath must be a directory beneath the vfolder with no symlink on the way:
+    // the path handed out is followed by someone else later.
+    blocking(move || Ok(fsx::open(root.as_fd(), &check, fsx::DIR, fsx::STRICT)?)).await?;
+    let base = state.volumes.folder(&r.volume, &r.vfid)?;
+    let path = if parts.is_empty() {
+        base
+    } else {
+        base.join(fsx::join(&parts))
+    };
+    Ok(Json(json!({"path": path.display().to_string()})))
+}
+
+/// Folder metadata is accepted and acknowledged, as the original does.
+async fn metadata(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.vfid)?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+/// Streams a file to the manager (internal use, e.g. task logs).
+async fn fetch(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<PathReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    let file = blocking(move || {
+        let fd = fsx::open(
+            root.as_fd(),
+            &parts,
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            fsx::BENEATH,
+        )
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ApiError::NotFound
+            } else {
+                e.into()
+            }
+        })?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+            return Err(ApiError::NotFound);
+        }
+        Ok(std::fs::File::from(fd))
+    })
+    .await?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct ArchiveReq {
+    volume: String,
+    #[serde(alias = "vfid")]
+    virtual_folder_id: String,
+    files: Vec<String>,
+    #[serde(default)]
+    filename: Option<String>,
+}
+
+/// A token for `GET /download-archive`: a zip of the listed files and directories.
+async fn archive_download_token(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<ArchiveReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.virtual_folder_id)?;
+    if r.files.is_empty() || r.files.len() > 10_000 {
+        return Err(ApiError::Params("files: 1 to 10000 paths".into()));
+    }
+    for f in &r.files {
+        if fsx::components(f)?.is_empty() {
+            return Err(ApiError::Params("files: the vfolder itself".into()));
+        }
+    }
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
+        &state.session_secret,
+    );
+    Ok(Json(json!({"token": token})))
+}
+
+/// The vfs backend reports itself healthy, as the original's does.
+async fn hwinfo(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(
+        json!({"status": "healthy", "status_info": null, "metadata": {}}),
+    ))
+}
+
+/// The vfs backend has no performance counters: every figure is -1 (unknown).
+async fn performance_metric(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(json!({"metric": {
+        "iops_read": -1, "iops_write": -1, "io_bytes_read": -1,
+        "io_bytes_write": -1, "io_usec_read": -1, "io_usec_write": -1,
+    }})))
+}
+
+/// Per-vfolder quota is deprecated in the original (quota scopes replace it).
+async fn volume_quota() -> ApiError {
+    ApiError::Params("per-vfolder quota is a deprecated API: use /quota-scope".into())
+}
+
+/// Prometheus text exposition of the storage-proxy's counters.
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &state.metrics;
+    let mut out = String::new();
+    for (name, help, kind, value) in [
+        (
+            "storage_proxy_upload_bytes_total",
+            "Bytes written by tus PATCHes.",
+            "counter",
+            m.upload_bytes.load(Relaxed),
+        ),
+        (
+            "storage_proxy_uploads_completed_total",
+            "Uploads moved into place.",
+            "counter",
+            m.uploads_completed.load(Relaxed),
+        ),
+        (
+            "storage_proxy_downloads_total",
+            "File and archive downloads started.",
+            "counter",
+            m.downloads.load(Relaxed),
+        ),
+        (
+            "storage_proxy_escapes_refused_total",
+            "Requests refused for leaving their vfolder.",
+            "counter",
+            super::ESCAPES_REFUSED.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_refused_total",
+            "Sessions, PATCHes and clones refused by a quota.",
+            "counter",
+            m.quota_refused.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_reserved_bytes",
+            "Bytes reserved by upload sessions and clones.",
+            "gauge",
+            state.reservations.all(),
+        ),
+        (
+            "storage_proxy_uploads_in_progress",
+            "PATCHes in progress.",
+            "gauge",
+            state.uploading.lock().map_or(0, |s| s.len() as u64),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let mut resp = out.into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
 }

@@ -6,6 +6,7 @@
 //! the tasks they spawn; the periodic upload cleanup runs each pass under its own ID.
 
 pub mod client;
+pub mod fsx;
 pub mod manager;
 pub mod quota;
 pub mod volume;
@@ -46,6 +47,34 @@ pub struct State {
     pub events: Option<redis::aio::ConnectionManager>,
     /// Last measured usage per quota scope directory (refreshed by the sync job).
     pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
+    /// Quota reservations of upload sessions and clones.
+    pub reservations: quota::Reservations,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// Requests refused because a path left (or tried to leave) its vfolder (counted
+/// where the refusal becomes a response).
+pub static ESCAPES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counters exported at `/metrics` (Prometheus text format).
+#[derive(Default)]
+pub struct Metrics {
+    /// Bytes written to staging files by tus PATCHes.
+    pub upload_bytes: std::sync::atomic::AtomicU64,
+    /// Uploads moved into place.
+    pub uploads_completed: std::sync::atomic::AtomicU64,
+    /// File downloads started (whole or ranged) and archives streamed.
+    pub downloads: std::sync::atomic::AtomicU64,
+    /// Sessions, PATCHes and clones refused by a quota.
+    pub quota_refused: std::sync::atomic::AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// An API refusal, mapped to a status in one place.
@@ -83,9 +112,35 @@ pub enum ApiError {
         /// The limit.
         limit: u64,
     },
+    /// A request the extractors refused (bad JSON, wrong type, too large, no route).
+    #[error("{message}")]
+    Rejected {
+        /// The status the rejection carries.
+        status: StatusCode,
+        /// What was wrong.
+        message: String,
+    },
     /// A filesystem error.
     #[error("filesystem error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ApiError {
+    /// The kernel refusing to resolve beneath a vfolder is an escape (400), not a
+    /// filesystem fault.
+    fn from(e: std::io::Error) -> Self {
+        if fsx::is_escape(&e) {
+            Self::Path(PathError::Escape)
+        } else {
+            Self::Io(e)
+        }
+    }
+}
+
+impl From<rustix::io::Errno> for ApiError {
+    fn from(e: rustix::io::Errno) -> Self {
+        std::io::Error::from(e).into()
+    }
 }
 
 impl ApiError {
@@ -100,6 +155,25 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
+            Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
+                (*status, "too-large")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::NOT_FOUND => {
+                (*status, "not-found")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::METHOD_NOT_ALLOWED => {
+                (*status, "method-not-allowed")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::PRECONDITION_FAILED => {
+                (*status, "precondition-failed")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE => {
+                (*status, "range-not-satisfiable")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::GONE => {
+                (*status, "vfolder-not-found")
+            }
+            Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
             }
@@ -114,18 +188,91 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status_and_kind();
+        if matches!(self, Self::Path(PathError::Escape)) {
+            Metrics::add(&ESCAPES_REFUSED, 1);
+        }
         if status.is_server_error() || matches!(self, Self::Io(_)) {
             tracing::warn!(error = %self, "request failed");
         } else {
             tracing::info!(error = %self, "request refused");
         }
+        let title = self.to_string();
         let body = serde_json::json!({
             "type": format!("https://api.backend.ai/probs/storage/{kind}"),
-            "title": self.to_string(),
+            "title": title,
+            "error": title,
+            "code": kind,
             "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
         });
         (status, axum::Json(body)).into_response()
     }
+}
+
+/// A JSON body whose rejections (bad JSON, wrong type, missing content type, too
+/// large) are the product's JSON error with the request ID.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::Rejected {
+                status: e.status(),
+                message: e.body_text(),
+            }),
+        }
+    }
+}
+
+/// Query parameters whose rejections are the product's JSON error.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::Rejected {
+                status: e.status(),
+                message: e.body_text(),
+            }),
+        }
+    }
+}
+
+/// The answer to a route that does not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+    }
+}
+
+/// The answer to a method a route does not take.
+pub async fn no_method() -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed".into(),
+    }
+}
+
+/// Runs blocking filesystem work on the blocking pool under the caller's request ID.
+pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    appproxy_shared::context::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
 }
 
 /// The channel bgtask events are broadcast on.
@@ -182,6 +329,8 @@ pub fn state_with_events(
         uploading: Mutex::new(HashSet::new()),
         events,
         usage: Mutex::new(std::collections::HashMap::new()),
+        reservations: quota::Reservations::default(),
+        metrics: Metrics::default(),
     }))
 }
 
@@ -203,8 +352,14 @@ pub async fn serve(
     };
     let state = state_with_events(config, events)?;
     let layer = RequestIdLayer::new(IdPolicy::GenerateIfMissing, IdVersion::V4);
-    let manager_app = manager::router(state.clone()).layer(layer);
-    let client_app = client::router(state.clone()).layer(layer);
+    let manager_app = manager::router(state.clone())
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(layer);
+    let client_app = client::router(state.clone())
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(layer);
     let manager = tokio::net::TcpListener::bind(config.storage.manager_bind).await?;
     let client = tokio::net::TcpListener::bind(config.storage.client_bind).await?;
     let addrs = (manager.local_addr()?, client.local_addr()?);
@@ -268,42 +423,72 @@ async fn cleanup_loop(state: Arc<State>, every: Duration) {
     }
 }
 
-/// One cleanup pass (blocking); returns how many staging files were removed.
+/// One cleanup pass (blocking); returns how many staging files were removed. The
+/// walk goes by descriptor from each volume root and never follows a symlink: a
+/// `.upload` replaced by a link is skipped, not entered.
 pub fn remove_expired_uploads(state: &State) -> usize {
+    use rustix::fs::FileType;
+    use std::os::fd::AsFd as _;
     let mut removed = 0;
     for name in state.volumes.names() {
-        let Ok(root) = state.volumes.root(name) else {
+        let Ok(root) = state.volumes.root_fd(name) else {
             continue;
         };
-        // Staging lives in `<folder>/.upload/<session>`; walk the scope/xx/yy/rest levels.
-        let mut stack = vec![(root.to_path_buf(), 0)];
+        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`.
+        let mut stack = vec![(fsx::open(root, &[], fsx::DIR, fsx::STRICT), 0)];
         while let Some((dir, depth)) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
+            let Ok(dir) = dir else { continue };
+            let Ok(list) = fsx::entries(dir.as_fd()) else {
                 continue;
             };
-            for e in entries.flatten() {
-                let path = e.path();
-                if depth == 4 && e.file_name() == ".upload" {
-                    let Ok(files) = std::fs::read_dir(&path) else {
+            for e in list {
+                if depth == 4 && e.name == ".upload" {
+                    let staging = match fsx::child_dir(dir.as_fd(), &e.name) {
+                        Ok(fd) => fd,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "staging area is not a directory: skipped");
+                            continue;
+                        }
+                    };
+                    let Ok(files) = fsx::entries(staging.as_fd()) else {
                         continue;
                     };
-                    for f in files.flatten() {
-                        let old = f
-                            .metadata()
-                            .and_then(|m| m.modified())
-                            .ok()
-                            .and_then(|t| t.elapsed().ok())
-                            .is_some_and(|age| age > state.upload_expire);
-                        if old && std::fs::remove_file(f.path()).is_ok() {
-                            tracing::info!(session = %f.file_name().to_string_lossy(), "expired upload removed");
+                    for f in files {
+                        if f.kind() != FileType::RegularFile {
+                            continue;
+                        }
+                        let mtime = std::time::UNIX_EPOCH
+                            + Duration::new(
+                                f.stat.st_mtime.max(0) as u64,
+                                f.stat.st_mtime_nsec as u32,
+                            );
+                        let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
+                        if old
+                            && rustix::fs::unlinkat(
+                                staging.as_fd(),
+                                f.name.as_os_str(),
+                                rustix::fs::AtFlags::empty(),
+                            )
+                            .is_ok()
+                        {
+                            let session = f.name.to_string_lossy();
+                            state.reservations.release(&session);
+                            tracing::info!(session = %session, "expired upload removed");
                             removed += 1;
                         }
                     }
-                } else if depth < 4 && e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((path, depth + 1));
+                } else if depth < 4 && e.kind() == FileType::Directory {
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1));
                 }
             }
         }
+    }
+    // A clone releases its own reservation when it ends; a session mid-PATCH is busy.
+    let idle = state.reservations.expire(state.upload_expire, |holder| {
+        holder.starts_with("clone-") || state.uploading.lock().is_ok_and(|set| set.contains(holder))
+    });
+    if idle > 0 {
+        tracing::info!(released = idle, "idle quota reservations released");
     }
     removed
 }

@@ -1,9 +1,14 @@
-//! Volumes, vfolder IDs and safe paths: every client- or manager-supplied path is
-//! resolved under its vfolder root and refused if it could leave it (`..`, absolute
-//! paths, symlinks pointing outside), before anything is touched.
+//! Volumes and vfolder IDs: each volume keeps a directory descriptor of its root, and
+//! vfolders and quota scopes are opened from it by the kernel (see `fsx`), never by
+//! joining and checking strings.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::fsx;
 
 /// A path or ID that was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,7 +20,7 @@ pub enum PathError {
     #[error("invalid vfid {0:?}")]
     InvalidVfid(String),
     /// The path would leave the vfolder.
-    #[error("path escapes the vfolder")]
+    #[error("path escapes the vfolder (or follows a symlink out of it)")]
     Escape,
     /// The vfolder does not exist.
     #[error("no such vfolder")]
@@ -53,33 +58,39 @@ impl Vfid {
         Ok(Self { scope, folder })
     }
 
-    /// The quota scope's directory under a volume root.
-    pub fn scope_dir(&self, root: &Path) -> PathBuf {
+    /// The quota scope's directory name (`user-<hex>`, `project-<hex>` or `legacy`).
+    pub fn scope_name(&self) -> String {
         match &self.scope {
-            Some((kind, id)) => root.join(format!("{kind}-{}", id.simple())),
-            None => root.join("legacy"),
+            Some((kind, id)) => format!("{kind}-{}", id.simple()),
+            None => "legacy".into(),
         }
     }
 
-    /// The folder's directory under a volume root.
-    pub fn dir(&self, root: &Path) -> PathBuf {
+    /// The folder's directory below a volume root, as components.
+    pub fn parts(&self) -> Vec<OsString> {
         let hex = self.folder.simple().to_string();
-        let scope = match &self.scope {
-            Some((kind, id)) => format!("{kind}-{}", id.simple()),
-            None => "legacy".into(),
-        };
-        root.join(scope)
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(&hex[4..])
+        vec![
+            self.scope_name().into(),
+            hex[0..2].into(),
+            hex[2..4].into(),
+            hex[4..].into(),
+        ]
     }
+}
+
+/// One configured volume: its canonical root and a directory descriptor of it that
+/// every path under the volume is resolved from.
+#[derive(Debug, Clone)]
+struct Volume {
+    path: PathBuf,
+    fd: Arc<OwnedFd>,
 }
 
 /// The configured volumes.
 #[derive(Debug, Clone, Default)]
 pub struct Volumes {
-    /// Name → root directory (canonical).
-    roots: HashMap<String, PathBuf>,
+    /// Name → root.
+    roots: HashMap<String, Volume>,
 }
 
 impl Volumes {
@@ -88,7 +99,15 @@ impl Volumes {
         let mut roots = HashMap::new();
         for (name, path) in list {
             std::fs::create_dir_all(path)?;
-            roots.insert(name.clone(), std::fs::canonicalize(path)?);
+            let path = std::fs::canonicalize(path)?;
+            let fd = rustix::fs::open(&path, fsx::DIR, rustix::fs::Mode::empty())?;
+            roots.insert(
+                name.clone(),
+                Volume {
+                    path,
+                    fd: Arc::new(fd),
+                },
+            );
         }
         Ok(Self { roots })
     }
@@ -100,77 +119,68 @@ impl Volumes {
         v
     }
 
-    /// A volume's root.
-    pub fn root(&self, volume: &str) -> Result<&Path, PathError> {
+    fn get(&self, volume: &str) -> Result<&Volume, PathError> {
         self.roots
             .get(volume)
-            .map(PathBuf::as_path)
             .ok_or_else(|| PathError::UnknownVolume(volume.chars().take(100).collect()))
     }
 
-    /// The directory of a vfolder (which may not exist yet).
-    pub fn folder(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
-        Ok(Vfid::parse(vfid)?.dir(self.root(volume)?))
+    /// A volume's root.
+    pub fn root(&self, volume: &str) -> Result<&Path, PathError> {
+        Ok(&self.get(volume)?.path)
     }
 
-    /// The directory of a quota scope named `user:<uuid>` or `project:<uuid>`.
-    pub fn scope(&self, volume: &str, qsid: &str) -> Result<PathBuf, PathError> {
-        let root = self.root(volume)?;
+    /// A descriptor of a volume's root.
+    pub fn root_fd(&self, volume: &str) -> Result<BorrowedFd<'_>, PathError> {
+        Ok(self.get(volume)?.fd.as_fd())
+    }
+
+    /// The directory of a vfolder (which may not exist yet), for keys and logs.
+    pub fn folder(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
+        let v = Vfid::parse(vfid)?;
+        Ok(self.root(volume)?.join(fsx::join(&v.parts())))
+    }
+
+    /// Parses a quota scope named `user:<uuid>` or `project:<uuid>` into its
+    /// directory name.
+    pub fn scope_name(qsid: &str) -> Result<String, PathError> {
         let bad = || PathError::InvalidVfid(qsid.chars().take(100).collect());
         let (kind, id) = qsid.split_once(':').ok_or_else(bad)?;
         if kind != "user" && kind != "project" {
             return Err(bad());
         }
         let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
-        Ok(root.join(format!("{kind}-{}", id.simple())))
+        Ok(format!("{kind}-{}", id.simple()))
     }
 
-    /// The scope directory of a vfolder.
+    /// The directory of a quota scope named `user:<uuid>` or `project:<uuid>` (a
+    /// key for caches and reservations).
+    pub fn scope(&self, volume: &str, qsid: &str) -> Result<PathBuf, PathError> {
+        Ok(self.root(volume)?.join(Self::scope_name(qsid)?))
+    }
+
+    /// The scope directory of a vfolder (a key for caches and reservations).
     pub fn scope_of(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
-        Ok(Vfid::parse(vfid)?.scope_dir(self.root(volume)?))
+        Ok(self.root(volume)?.join(Vfid::parse(vfid)?.scope_name()))
     }
 
-    /// The directory of an existing vfolder.
-    pub fn existing_folder(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
-        let dir = self.folder(volume, vfid)?;
-        if dir.is_dir() {
-            Ok(dir)
-        } else {
-            Err(PathError::NoFolder)
-        }
+    /// Opens a scope directory by its directory name, no symlink followed.
+    pub fn open_scope(&self, volume: &str, name: &str) -> std::io::Result<OwnedFd> {
+        let root = self.root_fd(volume).map_err(std::io::Error::other)?;
+        fsx::open(root, &[name.into()], fsx::DIR, fsx::STRICT)
     }
-}
 
-/// Resolves `relpath` under `root`, refusing anything that could leave it: absolute
-/// paths, `..`, and existing symlinks (anywhere on the path) that point outside.
-pub fn resolve(root: &Path, relpath: &str) -> Result<PathBuf, PathError> {
-    let rel = Path::new(relpath);
-    let mut out = root.to_path_buf();
-    for c in rel.components() {
-        match c {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
-                return Err(PathError::Escape)
+    /// Opens an existing vfolder's directory (no symlink followed on the way).
+    pub fn open_folder(&self, volume: &str, vfid: &str) -> Result<OwnedFd, PathError> {
+        let parts = Vfid::parse(vfid)?.parts();
+        fsx::open(self.root_fd(volume)?, &parts, fsx::DIR, fsx::STRICT).map_err(|e| {
+            if fsx::is_escape(&e) {
+                PathError::Escape
+            } else {
+                PathError::NoFolder
             }
-        }
+        })
     }
-    // The deepest existing ancestor must canonicalize inside the root (symlinks).
-    let mut probe = out.as_path();
-    loop {
-        if probe.exists() || probe.symlink_metadata().is_ok() {
-            let real = std::fs::canonicalize(probe).map_err(|_| PathError::Escape)?;
-            if !real.starts_with(root) {
-                return Err(PathError::Escape);
-            }
-            break;
-        }
-        match probe.parent() {
-            Some(p) if p.starts_with(root) => probe = p,
-            _ => break,
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -198,26 +208,38 @@ mod tests {
 
     #[test]
     fn traversal_is_refused() {
+        use rustix::fs::OFlags;
         let dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(dir.path()).expect("canon");
         std::fs::create_dir_all(root.join("sub")).expect("mkdir");
-        assert_eq!(
-            resolve(&root, "sub/a.txt").expect("inside"),
-            root.join("sub/a.txt")
-        );
-        assert_eq!(
-            resolve(&root, "./sub/./b").expect("inside"),
-            root.join("sub/b")
-        );
+        std::fs::write(root.join("sub/a.txt"), "a").expect("file");
+        let fd = rustix::fs::open(&root, fsx::DIR, rustix::fs::Mode::empty()).expect("open");
+        let open = |rel: &str| {
+            fsx::open(
+                fd.as_fd(),
+                &fsx::components(rel).map_err(|_| ())?,
+                OFlags::RDONLY,
+                fsx::BENEATH,
+            )
+            .map_err(|e| assert!(fsx::is_escape(&e), "{rel}: {e}"))
+        };
+        assert!(open("sub/a.txt").is_ok());
+        assert!(open("./sub/./a.txt").is_ok());
         for bad in ["../x", "sub/../../x", "/etc/passwd"] {
-            assert_eq!(resolve(&root, bad), Err(PathError::Escape), "{bad}");
+            assert!(fsx::components(bad).is_err(), "{bad}");
         }
         let outside = tempfile::tempdir().expect("outside");
+        std::fs::write(outside.path().join("file"), "x").expect("file");
         std::os::unix::fs::symlink(outside.path(), root.join("link")).expect("symlink");
-        assert_eq!(resolve(&root, "link/file"), Err(PathError::Escape));
-        std::os::unix::fs::symlink(root.join("sub"), root.join("inner")).expect("symlink");
+        assert!(open("link/file").is_err());
+        std::os::unix::fs::symlink(root.join("sub"), root.join("abs")).expect("symlink");
         assert!(
-            resolve(&root, "inner/file").is_ok(),
+            open("abs/a.txt").is_err(),
+            "an absolute link is never followed"
+        );
+        std::os::unix::fs::symlink("sub", root.join("inner")).expect("symlink");
+        assert!(
+            open("inner/a.txt").is_ok(),
             "a symlink inside the folder is fine"
         );
     }

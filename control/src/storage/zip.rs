@@ -1,33 +1,114 @@
-//! A streaming zip writer for directory downloads: entries are stored (no
-//! compression; models and data sets rarely compress) with data descriptors, so the
-//! archive is produced in one pass with constant memory and no seeking. Limits of the
-//! classic format apply (entries and offsets below 4 GiB); past them the stream ends
-//! with an error rather than writing a corrupt archive.
+//! A streaming zip writer for directory and multi-file downloads: entries carry data
+//! descriptors, so the archive is produced in one pass with constant memory and no
+//! seeking. Each file's first 64 KiB decide its method: deflated when a trial
+//! compression of them saves at least 10 % (text, CSV, JSON, logs), stored otherwise
+//! (models, images, archives: already compressed or incompressible, where deflate
+//! only costs CPU). Zip64 is used where the classic format ends: for an entry of
+//! 4 GiB or more (its size is known from `fstat` before it is streamed), for an
+//! entry whose header starts past 4 GiB (central directory), and for the end
+//! records when the directory, its offset or the entry count overflow. Empty
+//! directories are kept as directory entries.
+//!
+//! The walk goes by descriptor from each directory being archived: every
+//! subdirectory and file is opened with `O_NOFOLLOW` beneath its parent, so a
+//! symlink (even one swapped in while the archive streams) is never entered or read.
 
-use std::path::{Path, PathBuf};
+use std::io::Read as _;
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use axum::body::Bytes;
-use tokio::io::AsyncReadExt as _;
+use miniz_oxide::deflate::core::{
+    compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush, TDEFLStatus,
+};
+use rustix::fs::FileType;
 use tokio::sync::mpsc;
 
+use super::fsx;
+
+/// Where the classic format's 32-bit fields end.
 const LIMIT: u64 = u32::MAX as u64;
+
+/// One thing to archive.
+pub enum Item {
+    /// A directory (walked) and the name prefix of its entries (empty or ending `/`).
+    Dir(OwnedFd, Vec<u8>),
+    /// A regular file and its entry name.
+    File(std::fs::File, Vec<u8>),
+}
 
 /// One entry of the central directory.
 struct Entry {
     name: Vec<u8>,
     crc: u32,
-    size: u32,
-    offset: u32,
+    size: u64,
+    csize: u64,
+    offset: u64,
     mode: u32,
+    zip64: bool,
+    deflate: bool,
 }
 
-/// Streams a zip of every regular file under `root` (symlinks are not followed).
-pub fn stream_dir(root: PathBuf) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+/// Raw deflate (no zlib header) at a fast level.
+fn compressor() -> CompressorOxide {
+    CompressorOxide::new(create_comp_flags_from_zip_params(1, -15, 0))
+}
+
+/// Whether deflating pays for data that starts with `sample`.
+fn compresses(sample: &[u8]) -> bool {
+    if sample.len() < 64 {
+        return false;
+    }
+    let mut out = Vec::new();
+    deflate_into(&mut compressor(), sample, TDEFLFlush::Finish, &mut out).is_ok()
+        && out.len() * 10 < sample.len() * 9
+}
+
+/// Feeds `input` to the compressor and appends what it produces to `out`; with
+/// `Finish`, until the stream is complete.
+fn deflate_into(
+    c: &mut CompressorOxide,
+    mut input: &[u8],
+    flush: TDEFLFlush,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let (status, used, produced) = compress(c, input, &mut buf, flush);
+        out.extend_from_slice(&buf[..produced]);
+        input = &input[used..];
+        match status {
+            TDEFLStatus::Done => return Ok(()),
+            TDEFLStatus::Okay
+                if flush != TDEFLFlush::Finish && input.is_empty() && produced < buf.len() =>
+            {
+                return Ok(())
+            }
+            TDEFLStatus::Okay => {}
+            _ => return Err(std::io::Error::other("deflate failed")),
+        }
+    }
+}
+
+/// Streams a zip of every regular file and empty directory under `root` (symlinks
+/// are not followed); with `skip_staging`, the top-level `.upload` is left out.
+pub fn stream_dir(
+    root: OwnedFd,
+    skip_staging: bool,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    stream_items(vec![Item::Dir(root, Vec::new())], skip_staging)
+}
+
+/// Streams a zip of the given files and directories.
+pub fn stream_items(
+    items: Vec<Item>,
+    skip_staging: bool,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
-    appproxy_shared::context::spawn(async move {
-        if let Err(e) = write_archive(&root, &tx).await {
+    appproxy_shared::context::spawn_blocking(move || {
+        let mut w = Writer::new(&tx, LIMIT);
+        if let Err(e) = w.archive(items, skip_staging) {
             tracing::warn!(error = %e, "archive stream failed");
-            let _ = tx.send(Err(e)).await;
+            let _ = tx.blocking_send(Err(e));
         }
     });
     futures_util::stream::unfold(rx, |mut rx| async move {
@@ -35,132 +116,371 @@ pub fn stream_dir(root: PathBuf) -> impl futures_util::Stream<Item = std::io::Re
     })
 }
 
-async fn send(
-    tx: &mpsc::Sender<std::io::Result<Bytes>>,
-    bytes: Vec<u8>,
-    offset: &mut u64,
-) -> std::io::Result<()> {
-    *offset += bytes.len() as u64;
-    tx.send(Ok(Bytes::from(bytes)))
-        .await
-        .map_err(|_| std::io::Error::other("client went away"))
+struct Writer<'a> {
+    tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
+    offset: u64,
+    entries: Vec<Entry>,
+    buf: Vec<u8>,
+    /// Entries at least this large use zip64 (the classic limit; lower in tests).
+    zip64_from: u64,
 }
 
-fn too_big() -> std::io::Error {
-    std::io::Error::other("archive larger than 4 GiB: download files one by one")
+impl<'a> Writer<'a> {
+    fn new(tx: &'a mpsc::Sender<std::io::Result<Bytes>>, zip64_from: u64) -> Self {
+        Self {
+            tx,
+            offset: 0,
+            entries: Vec::new(),
+            buf: vec![0u8; 64 * 1024],
+            zip64_from,
+        }
+    }
+
+    fn send(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        self.offset += bytes.len() as u64;
+        self.tx
+            .blocking_send(Ok(Bytes::from(bytes)))
+            .map_err(|_| std::io::Error::other("client went away"))
+    }
+
+    fn local_header(&mut self, name: &[u8], zip64: bool, deflate: bool) -> std::io::Result<()> {
+        let mut h = Vec::with_capacity(50 + name.len());
+        h.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        h.extend_from_slice(&(if zip64 { 45u16 } else { 20 }).to_le_bytes()); // version needed
+        h.extend_from_slice(&0x0808u16.to_le_bytes()); // data descriptor + UTF-8 names
+        h.extend_from_slice(&(if deflate { 8u16 } else { 0 }).to_le_bytes()); // method
+        h.extend_from_slice(&0u16.to_le_bytes()); // time
+        h.extend_from_slice(&0x21u16.to_le_bytes()); // date: 1980-01-01
+        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the descriptor
+        let sizes = if zip64 { u32::MAX } else { 0 };
+        h.extend_from_slice(&sizes.to_le_bytes());
+        h.extend_from_slice(&sizes.to_le_bytes());
+        h.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        h.extend_from_slice(&(if zip64 { 20u16 } else { 0 }).to_le_bytes());
+        h.extend_from_slice(name);
+        if zip64 {
+            h.extend_from_slice(&1u16.to_le_bytes());
+            h.extend_from_slice(&16u16.to_le_bytes());
+            h.extend_from_slice(&[0u8; 16]); // sizes: in the descriptor
+        }
+        self.send(h)
+    }
+
+    fn descriptor(&mut self, crc: u32, csize: u64, size: u64, zip64: bool) -> std::io::Result<()> {
+        let mut d = Vec::with_capacity(24);
+        d.extend_from_slice(&0x0807_4b50u32.to_le_bytes());
+        d.extend_from_slice(&crc.to_le_bytes());
+        if zip64 {
+            d.extend_from_slice(&csize.to_le_bytes());
+            d.extend_from_slice(&size.to_le_bytes());
+        } else {
+            d.extend_from_slice(&(csize as u32).to_le_bytes());
+            d.extend_from_slice(&(size as u32).to_le_bytes());
+        }
+        self.send(d)
+    }
+
+    fn empty_dir(&mut self, name: Vec<u8>) -> std::io::Result<()> {
+        let offset = self.offset;
+        self.local_header(&name, false, false)?;
+        self.descriptor(0, 0, 0, false)?;
+        self.entries.push(Entry {
+            name,
+            crc: 0,
+            size: 0,
+            csize: 0,
+            offset,
+            mode: 0o040_755,
+            zip64: false,
+            deflate: false,
+        });
+        Ok(())
+    }
+
+    fn file(&mut self, mut file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
+        let meta = file.metadata()?;
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode();
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.file_body(&mut file, name, meta.len(), mode, &mut buf);
+        self.buf = buf;
+        result
+    }
+
+    fn file_body(
+        &mut self,
+        file: &mut std::fs::File,
+        name: Vec<u8>,
+        len: u64,
+        mode: u32,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        // The first block decides the method before the header goes out.
+        let mut first = 0;
+        while first < buf.len() {
+            match file.read(&mut buf[first..])? {
+                0 => break,
+                n => first += n,
+            }
+        }
+        let mut deflater = compresses(&buf[..first]).then(compressor);
+        let deflate = deflater.is_some();
+        // A deflated entry near the limit could end up a little larger than the file.
+        let margin = if deflate { 16 << 20 } else { 0 };
+        let zip64 = len >= self.zip64_from.saturating_sub(margin);
+        let offset = self.offset;
+        self.local_header(&name, zip64, deflate)?;
+        let mut crc = crc32fast::Hasher::new();
+        let (mut size, mut csize) = (0u64, 0u64);
+        let mut n = first;
+        let mut out = Vec::with_capacity(buf.len());
+        loop {
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+            size += n as u64;
+            out.clear();
+            match deflater.as_mut() {
+                Some(c) => deflate_into(c, &buf[..n], TDEFLFlush::None, &mut out)?,
+                None => out.extend_from_slice(&buf[..n]),
+            }
+            csize += out.len() as u64;
+            if !zip64 && (size > LIMIT || csize > LIMIT) {
+                // Grown past the classic limit while being read: never corrupt.
+                return Err(std::io::Error::other(
+                    "a file grew past 4 GiB while archived",
+                ));
+            }
+            if !out.is_empty() {
+                self.send(std::mem::take(&mut out))?;
+            }
+            n = file.read(buf)?;
+        }
+        if let Some(c) = deflater.as_mut() {
+            out.clear();
+            deflate_into(c, &[], TDEFLFlush::Finish, &mut out)?;
+            csize += out.len() as u64;
+            if !zip64 && csize > LIMIT {
+                return Err(std::io::Error::other(
+                    "a file grew past 4 GiB while archived",
+                ));
+            }
+            self.send(out)?;
+        }
+        let crc = crc.finalize();
+        self.descriptor(crc, csize, size, zip64)?;
+        self.entries.push(Entry {
+            name,
+            crc,
+            size,
+            csize,
+            offset,
+            mode,
+            zip64,
+            deflate,
+        });
+        Ok(())
+    }
+
+    fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
+        let mut stack = Vec::new();
+        for item in items {
+            match item {
+                Item::File(f, name) => self.file(f, name)?,
+                Item::Dir(fd, prefix) => stack.push((fd, prefix)),
+            }
+        }
+        stack.reverse();
+        while let Some((dir, prefix)) = stack.pop() {
+            let children = fsx::entries(dir.as_fd())?;
+            if children.is_empty() && !prefix.is_empty() {
+                self.empty_dir(prefix)?;
+                continue;
+            }
+            for e in children {
+                let mut name = prefix.clone();
+                name.extend_from_slice(e.name.to_string_lossy().as_bytes());
+                match e.kind() {
+                    FileType::Directory => {
+                        if prefix.is_empty() && skip_staging && e.name == ".upload" {
+                            continue;
+                        }
+                        // Swapped for a symlink since it was listed: not entered.
+                        let Ok(sub) = fsx::child_dir(dir.as_fd(), &e.name) else {
+                            continue;
+                        };
+                        name.push(b'/');
+                        stack.push((sub, name));
+                    }
+                    FileType::RegularFile => {
+                        let Ok(file) = fsx::child_file(dir.as_fd(), &e.name) else {
+                            continue;
+                        };
+                        self.file(file, name)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        let cd_offset = self.offset;
+        let mut cd = Vec::new();
+        for e in &self.entries {
+            let big_size = e.zip64 || e.size >= LIMIT || e.csize >= LIMIT;
+            let big_offset = e.offset >= LIMIT;
+            let mut extra = Vec::new();
+            if big_size {
+                extra.extend_from_slice(&e.size.to_le_bytes());
+                extra.extend_from_slice(&e.csize.to_le_bytes());
+            }
+            if big_offset {
+                extra.extend_from_slice(&e.offset.to_le_bytes());
+            }
+            let zip64 = !extra.is_empty();
+            let version: u16 = if zip64 { 45 } else { 20 };
+            cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+            cd.extend_from_slice(&(0x0300u16 | version).to_le_bytes()); // made by: Unix
+            cd.extend_from_slice(&version.to_le_bytes());
+            cd.extend_from_slice(&0x0808u16.to_le_bytes());
+            cd.extend_from_slice(&(if e.deflate { 8u16 } else { 0 }).to_le_bytes());
+            cd.extend_from_slice(&0u16.to_le_bytes());
+            cd.extend_from_slice(&0x21u16.to_le_bytes());
+            cd.extend_from_slice(&e.crc.to_le_bytes());
+            let (csize32, size32) = if big_size {
+                (u32::MAX, u32::MAX)
+            } else {
+                (e.csize as u32, e.size as u32)
+            };
+            cd.extend_from_slice(&csize32.to_le_bytes());
+            cd.extend_from_slice(&size32.to_le_bytes());
+            cd.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            let extra_len = if zip64 { extra.len() + 4 } else { 0 };
+            cd.extend_from_slice(&(extra_len as u16).to_le_bytes());
+            cd.extend_from_slice(&[0u8; 6]); // comment, disk, internal attributes
+            let dos_dir = if e.name.ends_with(b"/") { 0x10 } else { 0 };
+            cd.extend_from_slice(&((e.mode << 16) | dos_dir).to_le_bytes());
+            let offset32 = if big_offset {
+                u32::MAX
+            } else {
+                e.offset as u32
+            };
+            cd.extend_from_slice(&offset32.to_le_bytes());
+            cd.extend_from_slice(&e.name);
+            if zip64 {
+                cd.extend_from_slice(&1u16.to_le_bytes());
+                cd.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+                cd.extend_from_slice(&extra);
+            }
+        }
+        let cd_size = cd.len() as u64;
+        let count = self.entries.len() as u64;
+        let zip64_end = count >= 0xFFFF || cd_offset >= LIMIT || cd_size >= LIMIT;
+        if zip64_end {
+            let record = cd_offset + cd_size;
+            cd.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+            cd.extend_from_slice(&44u64.to_le_bytes());
+            cd.extend_from_slice(&(0x0300u16 | 45).to_le_bytes());
+            cd.extend_from_slice(&45u16.to_le_bytes());
+            cd.extend_from_slice(&[0u8; 8]); // this disk, the directory's disk
+            cd.extend_from_slice(&count.to_le_bytes());
+            cd.extend_from_slice(&count.to_le_bytes());
+            cd.extend_from_slice(&cd_size.to_le_bytes());
+            cd.extend_from_slice(&cd_offset.to_le_bytes());
+            cd.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+            cd.extend_from_slice(&0u32.to_le_bytes());
+            cd.extend_from_slice(&record.to_le_bytes());
+            cd.extend_from_slice(&1u32.to_le_bytes());
+        }
+        let count16 = count.min(0xFFFF) as u16;
+        cd.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        cd.extend_from_slice(&[0u8; 4]);
+        cd.extend_from_slice(&count16.to_le_bytes());
+        cd.extend_from_slice(&count16.to_le_bytes());
+        cd.extend_from_slice(&(cd_size.min(LIMIT) as u32).to_le_bytes());
+        cd.extend_from_slice(&(cd_offset.min(LIMIT) as u32).to_le_bytes());
+        cd.extend_from_slice(&0u16.to_le_bytes());
+        self.send(cd)?;
+        tracing::info!(
+            files = self.entries.len(),
+            bytes = self.offset,
+            "archive streamed"
+        );
+        Ok(())
+    }
 }
 
-async fn write_archive(
-    root: &Path,
-    tx: &mpsc::Sender<std::io::Result<Bytes>>,
-) -> std::io::Result<()> {
-    let mut entries = Vec::new();
-    let mut offset = 0u64;
-    let mut stack = vec![root.to_path_buf()];
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Some(dir) = stack.pop() {
-        let mut rd = tokio::fs::read_dir(&dir).await?;
-        let mut children = Vec::new();
-        while let Some(e) = rd.next_entry().await? {
-            children.push(e);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes an archive of `dir` with zip64 from `zip64_from` bytes, into memory.
+    fn archive(dir: &std::path::Path, zip64_from: u64) -> Vec<u8> {
+        let (tx, mut rx) = mpsc::channel(4);
+        let fd = rustix::fs::open(dir, fsx::DIR, rustix::fs::Mode::empty()).expect("open");
+        let writer = std::thread::spawn(move || {
+            let mut w = Writer::new(&tx, zip64_from);
+            w.archive(vec![Item::Dir(fd, Vec::new())], false)
+        });
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            out.extend_from_slice(&chunk.expect("chunk"));
         }
-        children.sort_by_key(|e| e.file_name());
-        for e in children {
-            let ty = e.file_type().await?;
-            let path = e.path();
-            if ty.is_dir() {
-                if dir == root && e.file_name() == ".upload" {
-                    continue;
-                }
-                stack.push(path);
-                continue;
-            }
-            if !ty.is_file() {
-                continue;
-            }
-            let rel = path.strip_prefix(root).map_err(std::io::Error::other)?;
-            let name = rel.to_string_lossy().into_owned().into_bytes();
-            let meta = e.metadata().await?;
-            if meta.len() > LIMIT || offset > LIMIT {
-                return Err(too_big());
-            }
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = meta.permissions().mode();
-            let header_offset = offset as u32;
-            let mut h = Vec::with_capacity(30 + name.len());
-            h.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-            h.extend_from_slice(&20u16.to_le_bytes()); // version needed
-            h.extend_from_slice(&0x0808u16.to_le_bytes()); // data descriptor + UTF-8 names
-            h.extend_from_slice(&0u16.to_le_bytes()); // stored
-            h.extend_from_slice(&0u16.to_le_bytes()); // time
-            h.extend_from_slice(&0x21u16.to_le_bytes()); // date: 1980-01-01
-            h.extend_from_slice(&[0u8; 12]); // crc and sizes: in the descriptor
-            h.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            h.extend_from_slice(&0u16.to_le_bytes());
-            h.extend_from_slice(&name);
-            send(tx, h, &mut offset).await?;
-            let mut file = tokio::fs::File::open(&path).await?;
-            let mut crc = crc32fast::Hasher::new();
-            let mut size = 0u64;
-            loop {
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                crc.update(&buf[..n]);
-                size += n as u64;
-                if size > LIMIT {
-                    return Err(too_big());
-                }
-                send(tx, buf[..n].to_vec(), &mut offset).await?;
-            }
-            let crc = crc.finalize();
-            let mut d = Vec::with_capacity(16);
-            d.extend_from_slice(&0x0807_4b50u32.to_le_bytes());
-            d.extend_from_slice(&crc.to_le_bytes());
-            d.extend_from_slice(&(size as u32).to_le_bytes());
-            d.extend_from_slice(&(size as u32).to_le_bytes());
-            send(tx, d, &mut offset).await?;
-            entries.push(Entry {
-                name,
-                crc,
-                size: size as u32,
-                offset: header_offset,
-                mode,
-            });
+        writer.join().expect("writer").expect("archive");
+        out
+    }
+
+    /// Python's zipfile checks every CRC and lists the names.
+    fn python_lists(zip: &[u8]) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.zip"), zip).expect("zip");
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(sum(len(z.read(n)) for n in z.namelist()))")
+            .arg(dir.path().join("a.zip"))
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    #[test]
+    fn classic_and_zip64_entries_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("sub/empty")).expect("tree");
+        std::fs::write(dir.path().join("a.txt"), "alpha").expect("a");
+        std::fs::write(dir.path().join("sub/b.bin"), vec![7u8; 100_000]).expect("b");
+        // Incompressible bytes (a xorshift stream) stay stored.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join("noise.bin"), &noise).expect("noise");
+        for zip64_from in [LIMIT, 0] {
+            let zip = archive(dir.path(), zip64_from);
+            let text = python_lists(&zip);
+            assert_eq!(
+                text, "a.txt|noise.bin|sub/b.bin|sub/empty/\n300005\n",
+                "{zip64_from}"
+            );
+            assert!(
+                zip.len() < 200_000 + 20_000,
+                "b.bin was deflated: {}",
+                zip.len()
+            );
+            assert!(zip.len() > 200_000, "noise.bin was stored: {}", zip.len());
         }
     }
-    if offset > LIMIT || entries.len() > u16::MAX as usize {
-        return Err(too_big());
-    }
-    let cd_offset = offset as u32;
-    let mut cd = Vec::new();
-    for e in &entries {
-        cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-        cd.extend_from_slice(&(0x0300u16 | 20).to_le_bytes()); // made by: Unix
-        cd.extend_from_slice(&20u16.to_le_bytes());
-        cd.extend_from_slice(&0x0808u16.to_le_bytes());
-        cd.extend_from_slice(&0u16.to_le_bytes());
-        cd.extend_from_slice(&0u16.to_le_bytes());
-        cd.extend_from_slice(&0x21u16.to_le_bytes());
-        cd.extend_from_slice(&e.crc.to_le_bytes());
-        cd.extend_from_slice(&e.size.to_le_bytes());
-        cd.extend_from_slice(&e.size.to_le_bytes());
-        cd.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
-        cd.extend_from_slice(&[0u8; 8]); // extra, comment, disk, internal attributes
-        cd.extend_from_slice(&(e.mode << 16).to_le_bytes());
-        cd.extend_from_slice(&e.offset.to_le_bytes());
-        cd.extend_from_slice(&e.name);
-    }
-    let cd_size = cd.len() as u32;
-    cd.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-    cd.extend_from_slice(&[0u8; 4]);
-    cd.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-    cd.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-    cd.extend_from_slice(&cd_size.to_le_bytes());
-    cd.extend_from_slice(&cd_offset.to_le_bytes());
-    cd.extend_from_slice(&0u16.to_le_bytes());
-    send(tx, cd, &mut offset).await?;
-    tracing::info!(files = entries.len(), bytes = offset, "archive streamed");
-    Ok(())
 }
