@@ -138,6 +138,11 @@ struct Wake {
     /// What the event changed, when it says (then no fetch is needed); `None` for a
     /// poll, a (re)subscription or a missed event: fetch the whole set.
     delta: Option<Delta>,
+    /// A (re)subscription: events published meanwhile were lost, so once the set is
+    /// deployed every circuit of it is acknowledged (a creation still waiting gets its
+    /// answer) — an empty acknowledgement tells the coordinator the worker hears
+    /// events again.
+    resync: bool,
 }
 
 /// A change an event carries.
@@ -432,6 +437,7 @@ async fn run(
             if more.request_id != wake.request_id {
                 wake.request_id = None;
             }
+            wake.resync |= more.resync;
             wake.created.extend(more.created);
             deltas = match (deltas, more.delta) {
                 (Some(mut list), Some(d)) => {
@@ -457,30 +463,58 @@ async fn run(
             },
         };
         let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
-        if wake.created.is_empty() {
+        if wake.created.is_empty() && !wake.resync {
             continue;
         }
         // Acknowledge what the event announced once every core has it (it may have
-        // arrived with an earlier poll: the acknowledgement is still owed).
-        if let Some(applied) = applied {
-            let done = tokio::task::spawn_blocking(move || applied.wait(apply_timeout))
+        // arrived with an earlier poll: the acknowledgement is still owed), each
+        // circuit as deployed or failed (its frontend could not listen).
+        let mut deployment = None;
+        let mut failed = Vec::new();
+        if let Some((applied, id)) = applied {
+            let outcome = tokio::task::spawn_blocking(move || applied.outcome(apply_timeout))
                 .await
-                .unwrap_or(false);
-            if !done {
-                tracing::warn!("not every core applied the deployment in time; not acknowledging");
-                continue;
+                .ok()
+                .flatten();
+            match outcome {
+                Some(f) => failed = f,
+                None => {
+                    appproxy_shared::with_request_id(Some(id), || {
+                        tracing::warn!(
+                            "not every core applied the deployment in time; not acknowledging"
+                        );
+                    });
+                    continue;
+                }
             }
+            deployment = Some(id);
         }
+        let owed = |id: &uuid::Uuid| wake.resync || wake.created.contains(id);
+        let failed: Vec<(uuid::Uuid, String)> =
+            failed.into_iter().filter(|(id, _)| owed(id)).collect();
         let present: Vec<Circuit> = state
             .circuits
             .iter()
-            .filter(|c| wake.created.contains(&c.id))
+            .filter(|c| owed(&c.id) && !failed.iter().any(|(f, _)| *f == c.id))
             .cloned()
             .collect();
-        if !present.is_empty() {
+        if !present.is_empty() || !failed.is_empty() || wake.resync {
+            // A batch has no single request: it is acknowledged under its deployment's
+            // own ID, and each circuit's creating request travels with it.
+            let id = wake
+                .request_id
+                .or(deployment)
+                .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
             appproxy_shared::scope(
-                wake.request_id,
-                acknowledge(&link, &mut redis, &w.authority, present),
+                Some(id),
+                acknowledge(
+                    &link,
+                    &mut redis,
+                    &w.authority,
+                    present,
+                    failed,
+                    &state.origins,
+                ),
             )
             .await;
         }
@@ -494,6 +528,8 @@ struct Deployed {
     circuits: Vec<Circuit>,
     /// Its sessions by circuit, for the sessions' last-access marks.
     sessions: HashMap<uuid::Uuid, Vec<uuid::Uuid>>,
+    /// The request that created each circuit, when known.
+    origins: HashMap<uuid::Uuid, RequestId>,
 }
 
 /// A lazily (re)connected Redis connection for acknowledgements and marks.
@@ -532,20 +568,49 @@ impl RedisLink {
     }
 }
 
-/// Tells the coordinator that every core has these circuits.
-async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circuits: Vec<Circuit>) {
+/// Tells the coordinator that every core has `circuits` and that `failed` could not
+/// be deployed, with the creating request of each.
+async fn acknowledge(
+    link: &Link,
+    redis: &mut RedisLink,
+    authority: &str,
+    circuits: Vec<Circuit>,
+    failed: Vec<(uuid::Uuid, String)>,
+    origins: &HashMap<uuid::Uuid, RequestId>,
+) {
     use appproxy_shared::model::{
-        BroadcastMessage, CircuitsEvent, EventMetadata, BROADCAST_CHANNEL,
+        BroadcastMessage, CircuitsEvent, EventMetadata, FailedCircuit, BROADCAST_CHANNEL,
         EVENT_WORKER_CIRCUIT_ADDED,
     };
     let n = circuits.len();
+    let n_failed = failed.len();
+    let origin_request_ids: std::collections::BTreeMap<uuid::Uuid, String> = circuits
+        .iter()
+        .map(|c| c.id)
+        .chain(failed.iter().map(|(id, _)| *id))
+        .filter_map(|id| origins.get(&id).map(|o| (id, o.to_string())))
+        .collect();
+    for (circuit, why) in &failed {
+        appproxy_shared::with_request_id(origins.get(circuit).copied(), || {
+            tracing::warn!(%circuit, reason = %why, "circuit not deployed: reported as failed");
+        });
+    }
     match link {
-        Link::Embedded(state) => state.acknowledge(circuits.iter().map(|c| c.id)),
+        Link::Embedded(state) => {
+            state.settle(appproxy_control::coordinator::events::Acknowledgement {
+                authority: authority.to_owned(),
+                deployed: circuits.iter().map(|c| c.id).collect(),
+                failed,
+                origins: origin_request_ids.into_iter().collect(),
+            })
+        }
         Link::Remote(_) => {
-            let body = CircuitsEvent {
-                target_worker_authority: authority.to_owned(),
-                circuits,
-            };
+            let mut body = CircuitsEvent::new(authority, circuits);
+            body.failed = failed
+                .into_iter()
+                .map(|(id, reason)| FailedCircuit { id, reason })
+                .collect();
+            body.origin_request_ids = origin_request_ids;
             let meta = EventMetadata {
                 request_id: appproxy_shared::current_request_id().map(Into::into),
                 ..Default::default()
@@ -579,7 +644,7 @@ async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circui
             }
         }
     }
-    tracing::info!(circuits = n, "deployment acknowledged");
+    tracing::info!(circuits = n, failed = n_failed, "deployment acknowledged");
 }
 
 /// Gathers the cores' counts and writes them as last-access marks.
@@ -644,6 +709,7 @@ async fn follow_local(
                     Vec::new()
                 },
                 delta: Some(Delta::of(&e.kind, e.circuits, e.request_id)),
+                resync: false,
             },
             Ok(_) => continue,
             // Missed some: look at the whole set again.
@@ -664,7 +730,11 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
         &url,
         || {
             tracing::info!("subscribed to circuit events");
-            tx.send(Wake::default()).is_ok()
+            tx.send(Wake {
+                resync: true,
+                ..Default::default()
+            })
+            .is_ok()
         },
         |envelope| {
             if envelope.source != "appproxy-coordinator" {
@@ -695,6 +765,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                 request_id,
                 created,
                 delta,
+                resync: false,
             })
             .is_ok()
         },
@@ -748,16 +819,25 @@ fn with_deltas(state: &Deployed, deltas: Vec<Delta>) -> Vec<(Circuit, Option<Req
 }
 
 /// Deploys the fetched set when it differs from the one deployed, under `preferred`
-/// (an event's request ID) when given. Returns the deployment in flight, if any.
+/// (an event's request ID) when given. Returns the deployment in flight and its ID,
+/// if any.
 fn apply(
     config: &Config,
     deployer: &Deployer,
     fetched: Vec<(Circuit, Option<RequestId>)>,
     state: &mut Deployed,
     preferred: Option<RequestId>,
-) -> Option<crate::worker::Applied> {
+) -> Option<(crate::worker::Applied, RequestId)> {
     let mut circuits: Vec<Circuit> = fetched.iter().map(|(c, _)| c.clone()).collect();
     circuits.sort_by_key(|c| c.id);
+    for (c, origin) in &fetched {
+        if let Some(o) = origin {
+            state.origins.insert(c.id, *o);
+        }
+    }
+    state
+        .origins
+        .retain(|id, _| circuits.binary_search_by_key(id, |c| c.id).is_ok());
     if circuits == state.circuits {
         return None;
     }
@@ -793,7 +873,7 @@ fn apply(
                 .map(|c| (c.id, c.session_ids.clone()))
                 .collect();
             state.circuits = circuits;
-            Some(applied)
+            Some((applied, id))
         }
         Err(e) => {
             tracing::error!(error = %e, "circuit set refused; the running circuits stay");

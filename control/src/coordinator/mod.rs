@@ -10,6 +10,7 @@
 
 pub mod access;
 mod api;
+pub mod breaker;
 mod endpoints;
 pub mod events;
 mod jobs;
@@ -37,6 +38,7 @@ use serde_json::{json, Value};
 
 use crate::config::CoordinatorConfig;
 use access::{AccessMark, Marks};
+use breaker::Breakers;
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
 use store::{CircuitRow, Store, StoreError};
 
@@ -70,6 +72,12 @@ pub struct Metrics {
     pub workers_lost: AtomicU64,
     /// Circuits removed for idleness.
     pub circuits_collected: AtomicU64,
+    /// Workers' breakers opened by a missed acknowledgement.
+    pub breaker_trips: AtomicU64,
+    /// Creations placed again on another worker or port within the same call.
+    pub placement_retries: AtomicU64,
+    /// Circuits a worker reported it could not deploy (frontend not listening).
+    pub deploy_failures: AtomicU64,
 }
 
 /// Shared state of the API, the jobs and an embedded worker.
@@ -84,6 +92,8 @@ pub struct State {
     pub local: LocalBus,
     /// Waiters for workers' acknowledgements.
     pub acks: Arc<AckHub>,
+    /// Per-worker circuit breakers of placement.
+    pub breakers: Arc<Breakers>,
     /// Last-access marks: Redis, or memory fed by an embedded worker.
     pub marks: Marks,
     /// `/metrics` counters.
@@ -191,6 +201,11 @@ impl State {
         self.acks.resolve(circuits);
     }
 
+    /// An embedded worker's acknowledgement with per-circuit outcomes.
+    pub fn settle(&self, ack: events::Acknowledgement) {
+        events::settle(ack, &self.acks, &self.breakers);
+    }
+
     /// An embedded worker's last-access marks.
     pub async fn record_access(&self, marks: &[AccessMark]) {
         self.marks.record(marks).await;
@@ -229,12 +244,22 @@ pub enum ApiError {
     /// No worker can take the circuit.
     #[error("E10002: No proxy worker can serve this circuit")]
     NoWorker,
-    /// The worker did not acknowledge the deployment in time.
+    /// The worker did not acknowledge the deployment in time, or the event never
+    /// left (Redis refused it); `cause` says which.
     #[error("E10001: Proxy worker not responding")]
     WorkerNotResponding {
         /// The worker's authority.
         authority: String,
+        /// `worker` (no acknowledgement in time), `redis` (the event could not be
+        /// published) or `deploy` (the worker could not listen on the frontend).
+        cause: &'static str,
     },
+    /// The store did not answer in time or is unreachable: 503, retry later.
+    #[error("E10003: Circuit store unavailable")]
+    StoreUnavailable,
+    /// A body over the size limit.
+    #[error("Request body too large")]
+    TooLarge,
     /// The store failed: our fault.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -253,6 +278,11 @@ impl IntoResponse for ApiError {
             Self::WorkerNotResponding { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "worker-not-responding")
             }
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            Self::Store(e) if e.is_unavailable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+            }
             Self::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal-error"),
         };
@@ -261,14 +291,35 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(error = %self, "request refused");
         }
+        // A store failure's text (pool, driver) stays in the log, not in the answer.
+        let text = match &self {
+            Self::Store(e) if e.is_unavailable() => Self::StoreUnavailable.to_string(),
+            Self::Store(_) => "Internal server error".to_owned(),
+            other => other.to_string(),
+        };
+        // The product's `error` says which side failed when the wire's `msg` cannot.
+        let detail = match &self {
+            Self::WorkerNotResponding { cause, .. } => format!(
+                "{text}: {}",
+                match *cause {
+                    "redis" => "the event could not be published (Redis unavailable)",
+                    "deploy" => "the worker could not listen on the circuit's frontend",
+                    _ => "the worker did not acknowledge in time",
+                }
+            ),
+            _ => text.clone(),
+        };
         let mut body = json!({
             "type": format!("https://api.backend.ai/probs/{code}"),
-            "title": self.to_string(),
+            "title": text,
             "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
-            "msg": self.to_string(),
+            "msg": text,
+            "error": detail,
+            "code": code,
+            "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
         });
-        if let Self::WorkerNotResponding { authority } = &self {
-            body["data"] = json!({"worker": authority});
+        if let Self::WorkerNotResponding { authority, cause } = &self {
+            body["data"] = json!({"worker": authority, "cause": cause});
         }
         (status, Json(body)).into_response()
     }
@@ -283,7 +334,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge
+                } else {
+                    ApiError::BadRequest(format!("unreadable body: {e}"))
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -456,6 +513,20 @@ impl Coordinator {
             redis,
             local,
             acks: Arc::default(),
+            breakers: Arc::new(Breakers::new(
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_backoff_secs
+                        .clamp(0.0, 3600.0),
+                ),
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_max_backoff_secs
+                        .clamp(0.0, 86400.0),
+                ),
+            )),
             marks,
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
@@ -488,7 +559,11 @@ impl Coordinator {
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(url) = &state.config.redis.url {
-            tasks.spawn(events::listen_acks(url.clone(), state.acks.clone()));
+            tasks.spawn(events::listen_acks(
+                url.clone(),
+                state.acks.clone(),
+                state.breakers.clone(),
+            ));
         }
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));

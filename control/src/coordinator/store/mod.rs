@@ -61,6 +61,57 @@ pub enum StoreError {
     /// The blocking task running a SQLite call died.
     #[error("database task failed")]
     Task,
+    /// The database did not answer within the deadline, or no connection could be
+    /// had: the caller answers 503 and may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Every store call ends within this (a hung database costs a call at most this
+/// long); PostgreSQL also cancels statements server-side after
+/// [`STATEMENT_TIMEOUT`].
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// PostgreSQL's `statement_timeout`, set on every pooled connection.
+pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Runs a store call under [`CALL_DEADLINE`].
+async fn deadline<R>(
+    call: impl std::future::Future<Output = Result<R, StoreError>>,
+) -> Result<R, StoreError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {CALL_DEADLINE:?}"
+            )))
+        })
+}
+
+impl StoreError {
+    /// Whether the database is out of reach or too slow (503), rather than refusing
+    /// this call (500).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Pool(_) => true,
+            // No server error: the connection itself failed. A cancelled statement
+            // (`statement_timeout`) or a server going down has its own codes.
+            Self::Postgres(e) => match e.code() {
+                None => true,
+                Some(code) => {
+                    *code == tokio_postgres::error::SqlState::QUERY_CANCELED
+                        || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                        || *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                        || code.code().starts_with("08")
+                }
+            },
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl From<serde_json::Error> for StoreError {
@@ -91,10 +142,13 @@ async fn on_sqlite<R: Send + 'static>(
 
 macro_rules! dispatch {
     ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {
-        match $self {
-            Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
-            Store::Postgres($p) => $pg.await,
-        }
+        deadline(async {
+            match $self {
+                Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
+                Store::Postgres($p) => $pg.await,
+            }
+        })
+        .await
     };
 }
 

@@ -233,9 +233,20 @@ fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
 impl PgStore {
     /// Connects to `url` (`postgres://user:pass@host:port/db`) and migrates.
     pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Pool(format!("[database] url: {e}")))?;
+        // Bounded on the server too: a statement stuck behind a lock or a hung disk is
+        // cancelled there, and a connection attempt to a silent host gives up.
+        let options = format!(
+            "{} -c statement_timeout={}",
+            config.get_options().unwrap_or_default(),
+            super::STATEMENT_TIMEOUT.as_millis()
+        );
+        config.options(options.trim());
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(3));
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -259,7 +270,7 @@ impl PgStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Pool(e.to_string()))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
