@@ -61,6 +61,8 @@ pub struct Client {
     authority: String,
     /// The shared API secret.
     secret: String,
+    /// This node's ID among the worker's HA nodes.
+    node: String,
 }
 
 impl Client {
@@ -72,7 +74,11 @@ impl Client {
         if authority.is_empty() || authority.contains('/') {
             return Err(AgentError::Url(url.into()));
         }
-        Ok(Self { authority, secret })
+        Ok(Self {
+            authority,
+            secret,
+            node: String::new(),
+        })
     }
 
     async fn call(
@@ -174,10 +180,10 @@ pub fn spawn(
 ) -> Result<Agent, AgentError> {
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let remote = match (&coordinator.url, &embedded) {
-        (Some(url), None) => Some(Client::new(
-            url,
-            config.secrets.api_secret.clone().unwrap_or_default(),
-        )?),
+        (Some(url), None) => Some(Client {
+            node: node_id(&config),
+            ..Client::new(url, config.secrets.api_secret.clone().unwrap_or_default())?
+        }),
         (None, Some(_)) => None,
         (None, None) => {
             return Ok(Agent {
@@ -269,7 +275,37 @@ impl Agent {
     }
 }
 
+/// This node's name among the HA nodes of one worker authority: the machine (its
+/// `/etc/machine-id`, else its host name) and the worker's listening addresses. Stable
+/// across restarts, so a crashed and restarted process counts once; distinct for two
+/// processes serving the same authority.
+fn node_id(config: &Config) -> String {
+    let machine = std::fs::read_to_string("/etc/machine-id")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let machine: String = machine
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect();
+    let w = &config.worker;
+    format!(
+        "{machine}-{}-{}",
+        w.api_port.map_or(0, |p| p),
+        w.port_range.map_or(0, |r| r[0])
+    )
+}
+
 impl Link {
+    /// This node's ID, as a query value (it is made of URL-safe characters).
+    fn node(&self) -> &str {
+        match self {
+            Link::Remote(c) => &c.node,
+            Link::Embedded(_) => "",
+        }
+    }
+
     async fn register(&self, body: &serde_json::Value) -> Result<String, AgentError> {
         match self {
             Link::Remote(c) => c.call("PUT", "/api/worker", Some(body)).await?["id"]
@@ -283,7 +319,11 @@ impl Link {
     async fn heartbeat(&self, id: &str) -> Result<(), AgentError> {
         match self {
             Link::Remote(c) => c
-                .call("PATCH", &format!("/api/worker/{id}"), None)
+                .call(
+                    "PATCH",
+                    &format!("/api/worker/{id}?node={}", self.node()),
+                    None,
+                )
                 .await
                 .map(|_| ()),
             Link::Embedded(state) => {
@@ -297,7 +337,11 @@ impl Link {
     async fn deregister(&self, id: &str) -> Result<(), AgentError> {
         match self {
             Link::Remote(c) => c
-                .call("DELETE", &format!("/api/worker/{id}"), None)
+                .call(
+                    "DELETE",
+                    &format!("/api/worker/{id}?node={}", self.node()),
+                    None,
+                )
                 .await
                 .map(|_| ()),
             Link::Embedded(state) => {
@@ -368,6 +412,7 @@ async fn run(
         "wildcard_traffic_port": w.wildcard_traffic_port,
         "accepted_traffics": ["interactive", "inference"],
         "filtered_apps_only": false,
+        "node_id": node_id(&config),
     });
     let worker_id = loop {
         match link.register(&registration).await {

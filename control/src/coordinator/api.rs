@@ -109,6 +109,21 @@ pub(super) async fn metrics(
             "Idle circuits removed.",
             &m.circuits_collected,
         ),
+        (
+            "appproxy_coordinator_worker_breaker_trips_total",
+            "Workers skipped by placement after a missed acknowledgement.",
+            &m.breaker_trips,
+        ),
+        (
+            "appproxy_coordinator_placement_retries_total",
+            "Creations placed again on another worker or port within the same call.",
+            &m.placement_retries,
+        ),
+        (
+            "appproxy_coordinator_worker_deploy_failures_total",
+            "Circuits a worker could not deploy (frontend not listening).",
+            &m.deploy_failures,
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -161,6 +176,10 @@ fn validate_worker(body: &Value) -> Result<(), ApiError> {
     if !body["hostname"].is_string() {
         return bad("hostname is required");
     }
+    if !(body["node_id"].is_null() || body["node_id"].is_string()) {
+        return bad("node_id must be a string");
+    }
+    super::fits("node_id", body["node_id"].as_str(), 1024)?;
     super::fits("hostname", body["hostname"].as_str(), 1024)?;
     super::fits("wildcard_domain", body["wildcard_domain"].as_str(), 1024)?;
     super::fits(
@@ -274,11 +293,20 @@ pub(super) async fn get_worker(
     worker_response(&state, id).await.map(Json)
 }
 
+/// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration).
+#[derive(Deserialize, Default)]
+pub(super) struct NodeQuery {
+    #[serde(default)]
+    node: Option<String>,
+}
+
 pub(super) async fn heartbeat(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.store.heartbeat(id).await? {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.heartbeat_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
     if let Some(conn) = &state.redis {
@@ -310,8 +338,10 @@ pub(super) async fn heartbeat(
 pub(super) async fn deregister_worker(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.store.deregister_worker(id).await? {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
     tracing::info!(worker = %id, "worker deregistered");

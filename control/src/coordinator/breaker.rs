@@ -34,6 +34,9 @@ struct Breaker {
 /// Breakers of every worker, by authority.
 pub struct Breakers {
     workers: Mutex<HashMap<String, Breaker>>,
+    /// When this coordinator last (re)subscribed to acknowledgements: an
+    /// acknowledgement sent before then may have been lost on this side.
+    listening_since: Mutex<Option<Instant>>,
     /// The first back-off.
     base: Duration,
     /// The longest back-off.
@@ -51,6 +54,7 @@ impl Breakers {
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
             workers: Mutex::default(),
+            listening_since: Mutex::default(),
             base,
             max: max.max(base),
         }
@@ -94,11 +98,32 @@ impl Breakers {
         }
     }
 
+    /// This coordinator (re)subscribed to acknowledgements.
+    pub fn listening(&self) {
+        *self
+            .listening_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
     /// A creation's event published at `published` got no acknowledgement. Returns
     /// the back-off when this opened the breaker; `None` when the worker was heard
-    /// from after the event went out (the event was lost, the worker is fine).
+    /// from after the event went out (the event was lost, the worker is fine) or
+    /// this coordinator's own subscription was renewed since (the acknowledgement
+    /// may have been lost on this side).
     pub fn missed(&self, authority: &str, published: Instant) -> Option<Duration> {
+        let relistened = self
+            .listening_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t > published);
         let mut map = self.lock();
+        if relistened {
+            if let Some(b) = map.get_mut(authority) {
+                b.trial_until = None;
+            }
+            return None;
+        }
         let b = map.entry(authority.to_owned()).or_default();
         if b.last_seen.is_some_and(|seen| seen > published) {
             b.trial_until = None;
@@ -151,6 +176,10 @@ mod tests {
         assert_eq!(b.open().len(), 1);
         b.alive("w1");
         assert!(b.admits("w1"));
+        // This side resubscribed after the event went out: not the worker's fault.
+        let published = Instant::now();
+        b.listening();
+        assert_eq!(b.missed("w3", published), None);
         // Heard from after the event went out: the event was lost, not the worker.
         assert_eq!(b.missed("w1", before), None);
         assert!(b.admits("w1"));

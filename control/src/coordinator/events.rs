@@ -369,7 +369,11 @@ pub async fn listen_acks(
 ) {
     follow_broadcast(
         &url,
-        || true,
+        || {
+            tracing::info!("listening for acknowledgements");
+            breakers.listening();
+            true
+        },
         |envelope| {
             if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
                 return true;

@@ -199,13 +199,36 @@ impl Store {
 
     /// Marks a heartbeat (status `ALIVE`); false when there is no such worker.
     pub async fn heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
-        dispatch!(self, |s| s.heartbeat(&id), |p| p.heartbeat(&id))
+        self.heartbeat_node(id, None).await
+    }
+
+    /// A heartbeat of one named HA node (`node_id` of its registration): that node
+    /// is alive, `nodes` counts the distinct live ones.
+    pub async fn heartbeat_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.heartbeat(&id, node.as_deref()), |p| p
+            .heartbeat(&id, node.as_deref()))
     }
 
     /// One HA node fewer; at none the worker is `LOST`. False when there is no such worker.
     pub async fn deregister_worker(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
-        dispatch!(self, |s| s.deregister_worker(&id), |p| p
-            .deregister_worker(&id))
+        self.deregister_node(id, None).await
+    }
+
+    /// A named HA node leaves: `nodes` counts the live ones left; at none the worker
+    /// is `LOST`. Without a name, one node fewer. False when there is no such worker.
+    pub async fn deregister_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.deregister_worker(&id, node.as_deref()), |p| p
+            .deregister_worker(&id, node.as_deref()))
     }
 
     /// Marks `ALIVE` workers whose last heartbeat is older than `timeout_secs` as
