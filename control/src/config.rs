@@ -75,6 +75,13 @@ pub struct CoordinatorSection {
     pub worker_breaker_backoff_secs: f64,
     /// The longest such back-off.
     pub worker_breaker_max_backoff_secs: f64,
+    /// An API request head must arrive within this (also bounds a keep-alive
+    /// connection's wait for its next request).
+    pub header_read_timeout_secs: u64,
+    /// An API connection on which no byte moves for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// API connections open at most (also kept below the descriptor limit).
+    pub max_connections: usize,
     /// A worker without a heartbeat for this long is marked `LOST`.
     pub worker_heartbeat_timeout_secs: u64,
     /// Interactive HTTP circuits idle (no request) for this long are removed.
@@ -97,6 +104,9 @@ impl Default for CoordinatorSection {
             worker_ack_timeout_secs: 15.0,
             worker_breaker_backoff_secs: 5.0,
             worker_breaker_max_backoff_secs: 60.0,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 75,
+            max_connections: 4096,
             worker_heartbeat_timeout_secs: 30,
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,

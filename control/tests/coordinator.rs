@@ -1056,3 +1056,128 @@ fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
     }
     assert!(exists(&kept), "an outage does not make circuits idle");
 }
+
+/// Reads until the server closes the connection (EOF or reset); false when it is
+/// still open at the hang guard.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Found #6: a connection that sends no head (or half a head) is closed after the
+/// header timeout; past the connection cap new connections are closed at once (and
+/// counted) while the API keeps serving once connections leave.
+#[test]
+fn api_connections_are_bounded_in_time_and_number() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 2\nmax_connections = 4",
+    );
+    let mut silent = TcpStream::connect(c.addr).expect("connect");
+    let mut half = TcpStream::connect(c.addr).expect("connect");
+    half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
+        .expect("send");
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent connection is closed"
+    );
+    assert!(closed_by_server(&mut half), "a half head is closed");
+    // The cap: four held connections, the fifth is closed at once.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(c.addr).expect("connect"))
+        .collect();
+    for s in &mut held {
+        // A byte each, so all four are accepted and counted before the fifth.
+        s.write_all(b"G").expect("send");
+    }
+    let mut fifth = TcpStream::connect(c.addr).expect("connect");
+    assert!(closed_by_server(&mut fifth), "over the cap: closed");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        if r.status == 200 {
+            break String::from_utf8_lossy(&r.body).into_owned();
+        }
+        assert!(Instant::now() < deadline, "the API serves again");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_coordinator_api_connections_refused_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("refused counter");
+    assert!(refused >= 1, "{metrics}");
+}
+
+/// Found #8: refusals made outside the handlers are JSON too, and names carrying
+/// CR/LF are refused.
+#[test]
+fn unknown_routes_wrong_methods_big_bodies_and_control_characters_get_json_errors() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &Db::Sqlite);
+    for (method, path, status, code) in [
+        ("GET", "/no/such/route", 404, "object-not-found"),
+        ("DELETE", "/v2/conf", 405, "method-not-allowed"),
+    ] {
+        let r = request(c.addr, method, path, &[("X-Backend-Request-ID", "j-1")], "");
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(r.json()["code"], code, "{method} {path}");
+        assert_eq!(r.json()["request_id"], "j-1");
+        assert_eq!(r.header("x-backend-request-id"), Some("j-1"));
+    }
+    // A body over the limit, announced by its length: 413 in JSON, before it is read.
+    for path in ["/v2/proxy/auth", "/v2/conf"] {
+        let mut s = TcpStream::connect(c.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nX-BackendAI-Token: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\nConnection: close\r\n\r\n{{")
+                .as_bytes(),
+        )
+        .expect("send");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 413"), "{path}: {text}");
+        assert!(
+            text.contains("\"code\":\"request-too-large\""),
+            "{path}: {text}"
+        );
+    }
+    let token = setup(&c);
+    let conf = r#"{"login_session_token":null,"kernel_host":"10.0.0.1\r\nX-Evil: 1","kernel_port":8080,"session":{"id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","user_uuid":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AK","domain_name":"default"}}"#;
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], conf);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "GET",
+        &format!(
+            "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jup%0D%0Ayter&protocol=http"
+        ),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-api-params");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
+}

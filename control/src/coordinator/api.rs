@@ -131,6 +131,32 @@ pub(super) async fn metrics(
             v.load(Ordering::Relaxed)
         );
     }
+    for (name, help, kind, v) in [
+        (
+            "appproxy_coordinator_api_connections_refused_total",
+            "API connections closed at once at the connection cap.",
+            "counter",
+            &state.server.refused,
+        ),
+        (
+            "appproxy_coordinator_api_connections_timed_out_total",
+            "API connections closed for idleness or a slow request head.",
+            "counter",
+            &state.server.timed_out,
+        ),
+        (
+            "appproxy_coordinator_api_connections",
+            "API connections open.",
+            "gauge",
+            &state.server.open,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(out, "# HELP appproxy_coordinator_workers Workers by status.\n# TYPE appproxy_coordinator_workers gauge");
     for status in ["ALIVE", "LOST", "TERMINATED"] {
         let n = workers.iter().filter(|w| w.status == status).count();

@@ -16,6 +16,7 @@ pub mod events;
 mod jobs;
 pub mod placement;
 mod proxy;
+pub mod server;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -94,6 +95,8 @@ pub struct State {
     pub acks: Arc<AckHub>,
     /// Per-worker circuit breakers of placement.
     pub breakers: Arc<Breakers>,
+    /// The API server's connection counters.
+    pub server: Arc<server::ServerMetrics>,
     /// Last-access marks: Redis, or memory fed by an embedded worker.
     pub marks: Marks,
     /// `/metrics` counters.
@@ -459,7 +462,72 @@ pub fn router(state: Arc<State>) -> Router {
         )
         .merge(authed)
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(announced_size))
+        .layer(axum::middleware::map_response(json_errors))
         .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+}
+
+/// The largest request body the API reads (bulk calls included).
+pub const MAX_BODY: usize = 2 << 20;
+
+/// A body announced larger than [`MAX_BODY`] is refused before any of it is read.
+async fn announced_size(req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut resp = ApiError::TooLarge.into_response();
+        // The rest of the body is not read: the connection cannot be reused.
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// Refusals made outside the handlers (unknown route, wrong method, a body over the
+/// limit, …) come with an empty or text body: they get the API's JSON error shape
+/// too, with the same status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, text) = match status {
+        StatusCode::NOT_FOUND => ("object-not-found", "No such route"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("request-too-large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid-api-params", "Unsupported media type"),
+        s if s.is_server_error() => ("internal-error", "Internal server error"),
+        _ => ("invalid-api-params", "Bad request"),
+    };
+    let body = json!({
+        "type": format!("https://api.backend.ai/probs/{code}"),
+        "title": text,
+        "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
+        "msg": text,
+        "error": text,
+        "code": code,
+        "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
+    });
+    let mut out = (status, Json(body)).into_response();
+    // Keep what the refusal said about the method or the connection.
+    for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
+        if let Some(v) = resp.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 /// A coordinator bound to its port, not yet serving.
@@ -528,6 +596,7 @@ impl Coordinator {
                 ),
             )),
             marks,
+            server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
         });
@@ -568,12 +637,14 @@ impl Coordinator {
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
-        let served = axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let c = &state.config.coordinator;
+        let limits = server::Limits {
+            header_read: Duration::from_secs(c.header_read_timeout_secs.clamp(1, 3600)),
+            idle: Duration::from_secs(c.idle_timeout_secs.clamp(1, 86_400)),
+            max_connections: server::effective_cap(c.max_connections.max(1)),
+        };
+        let metrics = state.server.clone();
+        let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
         tasks.abort_all();
         served?;
         Ok(())

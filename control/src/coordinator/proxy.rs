@@ -19,6 +19,12 @@ use super::placement::{self, Placement, Used};
 use super::store::StoreError;
 use super::{api, ApiError, Body, Params, State};
 
+/// Whether `s` holds a control character (CR, LF, NUL, …): such a value would split
+/// a log line or a header wherever it is written.
+pub(super) fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 /// The `/v2/conf` body, checked whole before anything is stored.
 fn validate_conf(body: &Value) -> Result<(), ApiError> {
     let session = &body["session"];
@@ -44,7 +50,7 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
     }
     if body["kernel_host"]
         .as_str()
-        .is_none_or(|h| h.is_empty() || h.len() > 255)
+        .is_none_or(|h| h.is_empty() || h.len() > 255 || has_control(h))
         || body["kernel_port"]
             .as_u64()
             .is_none_or(|p| p == 0 || p > 65535)
@@ -191,6 +197,11 @@ async fn proxy_auth(
         }
     }
     super::fits("app", Some(&q.app), 255)?;
+    if q.app.is_empty() || has_control(&q.app) {
+        return Err(ApiError::BadRequest(
+            "app must be a non-empty name without control characters".into(),
+        ));
+    }
     super::fits("args", q.args.as_deref(), 1000)?;
     super::fits("allowed_client_ips", Some(&allowed.join(",")), 255)?;
     super::fits("redirect", Some(&q.redirect), 2048)?;
