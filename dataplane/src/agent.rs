@@ -55,10 +55,14 @@ pub enum AgentError {
     Store(#[from] appproxy_control::coordinator::store::StoreError),
 }
 
-/// A minimal JSON-over-HTTP/1.1 client for the coordinator's API.
+/// A minimal JSON-over-HTTP/1.1 client for the coordinator's API. With several
+/// coordinators (an HA pair, or a name resolving to several addresses) it keeps using
+/// the one that last answered and moves on to the next when it cannot connect.
 pub struct Client {
-    /// `host:port`.
-    authority: String,
+    /// `host:port` of each coordinator, in the configured order.
+    authorities: Vec<String>,
+    /// The one that answered last.
+    current: std::sync::atomic::AtomicUsize,
     /// The shared API secret.
     secret: String,
     /// This node's ID among the worker's HA nodes.
@@ -66,19 +70,78 @@ pub struct Client {
 }
 
 impl Client {
-    fn new(url: &str, secret: String) -> Result<Self, AgentError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| AgentError::Url(url.into()))?;
-        let authority = rest.trim_end_matches('/').to_owned();
-        if authority.is_empty() || authority.contains('/') {
-            return Err(AgentError::Url(url.into()));
+    /// `urls`: one URL, or several separated by commas.
+    fn new(urls: &str, secret: String) -> Result<Self, AgentError> {
+        let mut authorities = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| AgentError::Url(url.into()))?;
+            let authority = rest.trim_end_matches('/').to_owned();
+            if authority.is_empty() || authority.contains('/') {
+                return Err(AgentError::Url(url.into()));
+            }
+            authorities.push(authority);
+        }
+        if authorities.is_empty() {
+            return Err(AgentError::Url(urls.into()));
         }
         Ok(Self {
-            authority,
+            authorities,
+            current: Default::default(),
             secret,
             node: String::new(),
         })
+    }
+
+    /// A connection to a coordinator: the one that answered last first, then the
+    /// others in order; each address a name resolves to is tried, each attempt
+    /// bounded.
+    async fn connect(&self) -> Result<(tokio::net::TcpStream, &str), AgentError> {
+        use std::sync::atomic::Ordering;
+        let n = self.authorities.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let authority = &self.authorities[i];
+            let addrs = match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::lookup_host(authority.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect::<Vec<_>>(),
+                Ok(Err(e)) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    last = Some(std::io::ErrorKind::TimedOut.into());
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => {
+                        if i != start {
+                            tracing::info!(coordinator = %authority, "switched to another coordinator");
+                        }
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok((stream, authority));
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+        }
+        Err(AgentError::Io(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no coordinator address")
+        })))
     }
 
     async fn call(
@@ -87,30 +150,31 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, AgentError> {
-        let mut stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let (mut stream, authority) = self.connect().await?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         // The coordinator records our calls under their own ID, as the original does.
         let id = RequestId::generate(IdVersion::V4);
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nX-BackendAI-Token: {}\r\nX-Backend-Request-ID: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.authority,
+            authority,
             self.secret,
             body.len()
         );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
         let mut raw = Vec::new();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            stream.take(16 << 20).read_to_end(&mut raw),
-        )
+        let exchanged = tokio::time::timeout(Duration::from_secs(10), async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.take(16 << 20).read_to_end(&mut raw).await
+        })
         .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        if let Err(e) = exchanged {
+            // Connected but silent (hung) or cut off: the next call starts with the
+            // next coordinator.
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(e.into());
+        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {

@@ -657,3 +657,57 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
     );
     coordinator.stop();
 }
+
+/// Workers know more than one coordinator: with `url = [A, B]` the worker follows A,
+/// and when A stops it heartbeats to B, so B (the leader, checking heartbeats) never
+/// marks it LOST and creations through B reach it.
+#[test]
+fn losing_one_coordinator_of_a_pair_does_not_lose_the_worker() {
+    let _serial = serial();
+    logs();
+    let redis = common::redis::Redis::start();
+    let pg = common::pg::Pg::start();
+    let (port_a, port_b) = (common::free_port(), common::free_port());
+    let (a, b) = (
+        SocketAddr::from(([127, 0, 0, 1], port_a)),
+        SocketAddr::from(([127, 0, 0, 1], port_b)),
+    );
+    let keys = "worker_ack_timeout_secs = 5.0\nworker_heartbeat_timeout_secs = 3\ncheck_worker_lost_interval_secs = 1";
+    let database = format!("url = \"{}\"", pg.url());
+    // B first, so that B holds the leader lease and runs the heartbeat check.
+    let coordinator_b =
+        start_coordinator(&coordinator_text(port_b, &database, &redis.url(), keys), b);
+    wait_until("B leads", || {
+        Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "EXISTS",
+                "leader:appproxy:coordinator",
+            ])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+    });
+    let coordinator_a =
+        start_coordinator(&coordinator_text(port_a, &database, &redis.url(), keys), a);
+    const PORTS: u16 = 4;
+    let base = free_range(PORTS);
+    let text = worker_text("w1", base, PORTS, a, &redis.url()).replace(
+        &format!("url = \"http://{a}\""),
+        &format!("url = [\"http://{a}\", \"http://{b}\"]"),
+    );
+    let w1 = WorkerProc::start(&text);
+    w1.wait_log("deployment acknowledged", 1);
+    coordinator_a.stop();
+    w1.wait_log("switched to another coordinator", 1);
+    // Longer than the heartbeat timeout, with B checking every second.
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, v) = get(b, "/api/worker");
+    assert_eq!(v["workers"][0]["status"], "ALIVE", "{v}");
+    let token = token(b);
+    let c = create(b, &token, "through-b");
+    assert_eq!(c.status, 200, "{}", c.body);
+    converges(b, "w1", base, PORTS, &[]);
+    drop(w1);
+    coordinator_b.stop();
+}
