@@ -428,6 +428,38 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
     assert_eq!(on_w1.len() + on_w2.len(), answered, "nothing stray");
     let (_, all) = get(coord, "/api/slots");
     assert_eq!(all["slots"].as_array().map(Vec::len), Some(answered));
+
+    // Found #7: every deployment and acknowledgement is logged under an ID (a batch
+    // under its own), and every creating request's ID is on a worker line.
+    let worker_lines: Vec<serde_json::Value> = [&w1, &w2]
+        .iter()
+        .flat_map(|w| {
+            w.logs()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for message in ["deployment applied", "deployment acknowledged"] {
+        let lines: Vec<&serde_json::Value> = worker_lines
+            .iter()
+            .filter(|v| v["message"] == message)
+            .collect();
+        assert!(!lines.is_empty(), "{message}");
+        assert!(
+            lines.iter().all(|v| v["request_id"].is_string()),
+            "a {message:?} line without a request ID: {lines:?}"
+        );
+    }
+    let ids = ["healthy", "frozen"]
+        .into_iter()
+        .flat_map(|tag| (0..8).flat_map(move |m| (0..5).map(move |r| format!("{tag}-{m}-{r}"))));
+    for id in ids {
+        assert!(
+            worker_lines.iter().any(|v| v["request_id"] == id.as_str()),
+            "no worker line under {id}"
+        );
+    }
     drop(w1);
     drop(w2);
     coordinator.stop();
