@@ -125,6 +125,7 @@ on_both_engines! {
     origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
     bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
     endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
+    ha_nodes_are_counted_by_name => ha_nodes_are_counted_by_name_sqlite, ha_nodes_are_counted_by_name_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -1180,4 +1181,88 @@ fn unknown_routes_wrong_methods_big_bodies_and_control_characters_get_json_error
         Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
         "0"
     );
+}
+
+/// Found #2: HA nodes that name themselves count once however often they register;
+/// one that stops heartbeating stops counting; the last one's deregistration leaves
+/// the worker LOST with no node. A worker sending no node ID keeps the old counting.
+fn ha_nodes_are_counted_by_name(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &db,
+        "worker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1",
+    );
+    let body = |node: &str| {
+        format!(
+            r#"{{"authority":"ha-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208],"node_id":"{node}"}}"#
+        )
+    };
+    let register = |node: &str| {
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body(node));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let w = register("n1");
+    let id = w["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        register("n1")["nodes"],
+        1,
+        "the same node again (a restart)"
+    );
+    assert_eq!(register("n2")["nodes"], 2, "a second node");
+    let state = || {
+        let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+        let v = r.json();
+        (
+            v["status"].as_str().unwrap_or("").to_owned(),
+            v["nodes"].as_i64().unwrap_or(-1),
+        )
+    };
+    // n2 falls silent while n1 heartbeats: n2 stops counting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{id}?node=n1"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        if state() == ("ALIVE".to_owned(), 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent node still counts: {:?}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{id}?node=n1"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(state(), ("LOST".to_owned(), 0), "the last node left");
+    // A node name longer than the column is a 400, not a database error.
+    let long = "n".repeat(1100);
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?node={long}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 400);
+    // Without node IDs: one more node per registration, one fewer per deregistration.
+    let legacy = r#"{"authority":"legacy-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10305,10308]}"#;
+    request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    assert_eq!(r.json()["nodes"], 2);
 }
