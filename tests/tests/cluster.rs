@@ -340,7 +340,9 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
             coord_port,
             &format!("url = \"{}\"", pg.url()),
             &redis.url(),
-            "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 120.0",
+            // A back-off far shorter than the freeze: once it is over the frozen
+            // worker is still skipped, because it has not heartbeated since.
+            "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 0.2",
         ),
         coord,
     );
@@ -385,7 +387,8 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
         frozen.iter().all(|(c, _)| c.port.is_some_and(in_w2)),
         "nothing answered 200 on the frozen worker"
     );
-    // One miss opened w1's breaker; the creations waiting with it stopped together.
+    // One miss opened w1's breaker; the creations waiting with it stopped together,
+    // and no creation tried w1 again while it did not heartbeat.
     assert_eq!(
         metric(coord, "appproxy_coordinator_worker_breaker_trips_total"),
         1

@@ -29,6 +29,9 @@ struct Breaker {
     trial_until: Option<Instant>,
     /// The last time anything was heard from the worker on the event path.
     last_seen: Option<Instant>,
+    /// When the breaker last opened, as seconds since the epoch (compared with the
+    /// worker's last heartbeat).
+    tripped_at: f64,
 }
 
 /// Breakers of every worker, by authority.
@@ -67,9 +70,19 @@ impl Breakers {
 
     /// Whether placement may offer `authority` a circuit now.
     pub fn admits(&self, authority: &str) -> bool {
+        self.admits_after(authority, None)
+    }
+
+    /// [`Breakers::admits`], knowing the worker's last heartbeat (seconds since the
+    /// epoch): a half-open worker gets its trial only once it has heartbeated since
+    /// its breaker opened — a frozen or stopped worker stays skipped at no creation's
+    /// expense.
+    pub fn admits_after(&self, authority: &str, last_heartbeat: Option<f64>) -> bool {
         let now = Instant::now();
         self.lock().get(authority).is_none_or(|b| {
-            b.open_until.is_none_or(|t| t <= now) && b.trial_until.is_none_or(|t| t <= now)
+            b.open_until.is_none_or(|t| t <= now)
+                && b.trial_until.is_none_or(|t| t <= now)
+                && (b.misses == 0 || last_heartbeat.is_none_or(|h| h > b.tripped_at))
         })
     }
 
@@ -136,6 +149,7 @@ impl Breakers {
             .min(self.max);
         b.open_until = Some(Instant::now() + backoff);
         b.trial_until = None;
+        b.tripped_at = appproxy_shared::jwt::now_epoch();
         Some(backoff)
     }
 
@@ -196,6 +210,10 @@ mod tests {
         assert!(!b.admits("w"), "one trial at a time");
         b.end_trial("w");
         assert!(b.admits("w"));
+        // No heartbeat since the breaker opened: still skipped; one after: admitted.
+        let now = appproxy_shared::jwt::now_epoch();
+        assert!(!b.admits_after("w", Some(now - 60.0)));
+        assert!(b.admits_after("w", Some(now + 1.0)));
         let b = Breakers::new(Duration::from_secs(2), Duration::from_secs(5));
         assert_eq!(b.missed("w", t), Some(Duration::from_secs(2)));
         assert_eq!(b.missed("w", t), Some(Duration::from_secs(4)));

@@ -448,9 +448,10 @@ async fn place_and_store(
         let before = workers.len();
         workers.retain(|w| {
             !avoid_workers.contains(&w.id)
-                && state
-                    .breakers
-                    .admits(w.body["authority"].as_str().unwrap_or_default())
+                && state.breakers.admits_after(
+                    w.body["authority"].as_str().unwrap_or_default(),
+                    super::access::parse_rfc3339(&w.updated_at),
+                )
         });
         if workers.len() < before {
             tracing::debug!(
