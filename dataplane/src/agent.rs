@@ -735,21 +735,33 @@ async fn acknowledge(
             let Ok(text) = serde_json::to_string(&msg) else {
                 return;
             };
-            let Some(conn) = redis.get().await else {
-                tracing::warn!("acknowledgement not sent: redis unreachable");
-                return;
-            };
-            let sent: redis::RedisResult<i64> = appproxy_control::coordinator::bounded(
-                redis::cmd("PUBLISH")
-                    .arg(BROADCAST_CHANNEL)
-                    .arg(text)
-                    .query_async(conn),
-            )
-            .await;
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "acknowledgement not sent");
-                redis.failed();
-                return;
+            // A connection gone stale (Redis restarted: "broken pipe") fails once: the
+            // acknowledgement is sent again on a fresh one.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let Some(conn) = redis.get().await else {
+                    tracing::warn!("acknowledgement not sent: redis unreachable");
+                    return;
+                };
+                let sent: redis::RedisResult<i64> = appproxy_control::coordinator::bounded(
+                    redis::cmd("PUBLISH")
+                        .arg(BROADCAST_CHANNEL)
+                        .arg(&text)
+                        .query_async(conn),
+                )
+                .await;
+                match sent {
+                    Ok(_) => break,
+                    Err(e) => {
+                        redis.failed();
+                        if tries >= 2 {
+                            tracing::warn!(error = %e, "acknowledgement not sent");
+                            return;
+                        }
+                        tracing::info!(error = %e, "acknowledgement not sent; retrying once on a fresh connection");
+                    }
+                }
             }
         }
     }

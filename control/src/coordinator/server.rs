@@ -3,9 +3,9 @@
 //!
 //! - a request head must arrive within `header_read_timeout_secs` (hyper's header
 //!   timer, which also runs while a keep-alive connection waits for its next request);
-//! - a connection on which no byte moves either way for `idle_timeout_secs` is closed
-//!   (above every bounded wait of a request, so a creation waiting for its
-//!   acknowledgement is never cut);
+//! - a connection on which no byte moves either way for `idle_timeout_secs` while no
+//!   request is in flight is closed (a creation waiting for acknowledgements is never
+//!   cut; its own waits are bounded);
 //! - at most `max_connections` connections, clamped below the process's descriptor
 //!   limit with a reserve for the store, Redis and logs; beyond it new connections are
 //!   closed at once, counted, and logged once per burst;
@@ -116,6 +116,22 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// One request in flight on a connection, however its handler ends.
+struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    fn enter(counter: Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counters of the server, for `/metrics`.
 #[derive(Default)]
 pub struct ServerMetrics {
@@ -188,9 +204,21 @@ pub async fn serve(
                 last: last.clone(),
                 epoch,
             });
-            let service = hyper_util::service::TowerToHyperService::new(
-                router.layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
-            );
+            // Requests in flight on this connection: the idle timer never cuts one.
+            let busy = Arc::new(AtomicU64::new(0));
+            let in_flight = busy.clone();
+            let service = hyper_util::service::TowerToHyperService::new(router.layer(
+                axum::middleware::from_fn(
+                    move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                        let in_flight = in_flight.clone();
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        async move {
+                            let _busy = Busy::enter(in_flight);
+                            next.run(req).await
+                        }
+                    },
+                ),
+            ));
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -208,7 +236,11 @@ pub async fn serve(
                     _ = conn.as_mut() => break,
                     _ = tokio::time::sleep(wake_in) => {
                         let since = Duration::from_millis(last.load(Ordering::Relaxed));
-                        if epoch.elapsed().saturating_sub(since) >= idle {
+                        let working = busy.load(Ordering::Relaxed) > 0;
+                        if working {
+                            // Re-armed from now: a request's own waits are bounded.
+                            last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        } else if epoch.elapsed().saturating_sub(since) >= idle {
                             metrics.timed_out.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%peer, "idle connection closed");
                             break;
