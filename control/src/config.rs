@@ -70,6 +70,18 @@ pub struct CoordinatorSection {
     /// answering 503 `E10001` (the original's 15 s); 0 = do not wait. Only when events
     /// flow (Redis, or a worker embedded in this process).
     pub worker_ack_timeout_secs: f64,
+    /// A worker that missed an acknowledgement is skipped by placement for this long
+    /// (its circuit breaker is open), doubling with each further miss.
+    pub worker_breaker_backoff_secs: f64,
+    /// The longest such back-off.
+    pub worker_breaker_max_backoff_secs: f64,
+    /// An API request head must arrive within this (also bounds a keep-alive
+    /// connection's wait for its next request).
+    pub header_read_timeout_secs: u64,
+    /// An API connection on which no byte moves for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// API connections open at most (also kept below the descriptor limit).
+    pub max_connections: usize,
     /// A worker without a heartbeat for this long is marked `LOST`.
     pub worker_heartbeat_timeout_secs: u64,
     /// Interactive HTTP circuits idle (no request) for this long are removed.
@@ -90,6 +102,11 @@ impl Default for CoordinatorSection {
             advertised_url: "http://127.0.0.1:10200".into(),
             allow_unauthorized_configure_request: false,
             worker_ack_timeout_secs: 15.0,
+            worker_breaker_backoff_secs: 5.0,
+            worker_breaker_max_backoff_secs: 60.0,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 75,
+            max_connections: 4096,
             worker_heartbeat_timeout_secs: 30,
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,

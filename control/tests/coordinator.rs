@@ -125,6 +125,7 @@ on_both_engines! {
     origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
     bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
     endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
+    ha_nodes_are_counted_by_name => ha_nodes_are_counted_by_name_sqlite, ha_nodes_are_counted_by_name_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -1055,4 +1056,213 @@ fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(exists(&kept), "an outage does not make circuits idle");
+}
+
+/// Reads until the server closes the connection (EOF or reset); false when it is
+/// still open at the hang guard.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Found #6: a connection that sends no head (or half a head) is closed after the
+/// header timeout; past the connection cap new connections are closed at once (and
+/// counted) while the API keeps serving once connections leave.
+#[test]
+fn api_connections_are_bounded_in_time_and_number() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &Db::Sqlite,
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 2\nmax_connections = 4",
+    );
+    let mut silent = TcpStream::connect(c.addr).expect("connect");
+    let mut half = TcpStream::connect(c.addr).expect("connect");
+    half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
+        .expect("send");
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent connection is closed"
+    );
+    assert!(closed_by_server(&mut half), "a half head is closed");
+    // The cap: four held connections, the fifth is closed at once.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(c.addr).expect("connect"))
+        .collect();
+    for s in &mut held {
+        // A byte each, so all four are accepted and counted before the fifth.
+        s.write_all(b"G").expect("send");
+    }
+    let mut fifth = TcpStream::connect(c.addr).expect("connect");
+    assert!(closed_by_server(&mut fifth), "over the cap: closed");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        if r.status == 200 {
+            break String::from_utf8_lossy(&r.body).into_owned();
+        }
+        assert!(Instant::now() < deadline, "the API serves again");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_coordinator_api_connections_refused_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("refused counter");
+    assert!(refused >= 1, "{metrics}");
+}
+
+/// Found #8: refusals made outside the handlers are JSON too, and names carrying
+/// CR/LF are refused.
+#[test]
+fn unknown_routes_wrong_methods_big_bodies_and_control_characters_get_json_errors() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &Db::Sqlite);
+    for (method, path, status, code) in [
+        ("GET", "/no/such/route", 404, "object-not-found"),
+        ("DELETE", "/v2/conf", 405, "method-not-allowed"),
+    ] {
+        let r = request(c.addr, method, path, &[("X-Backend-Request-ID", "j-1")], "");
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(r.json()["code"], code, "{method} {path}");
+        assert_eq!(r.json()["request_id"], "j-1");
+        assert_eq!(r.header("x-backend-request-id"), Some("j-1"));
+    }
+    // A body over the limit, announced by its length: 413 in JSON, before it is read.
+    for path in ["/v2/proxy/auth", "/v2/conf"] {
+        let mut s = TcpStream::connect(c.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nX-BackendAI-Token: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\nConnection: close\r\n\r\n{{")
+                .as_bytes(),
+        )
+        .expect("send");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 413"), "{path}: {text}");
+        assert!(
+            text.contains("\"code\":\"request-too-large\""),
+            "{path}: {text}"
+        );
+    }
+    let token = setup(&c);
+    let conf = r#"{"login_session_token":null,"kernel_host":"10.0.0.1\r\nX-Evil: 1","kernel_port":8080,"session":{"id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","user_uuid":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AK","domain_name":"default"}}"#;
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], conf);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "GET",
+        &format!(
+            "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jup%0D%0Ayter&protocol=http"
+        ),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-api-params");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
+}
+
+/// Found #2: HA nodes that name themselves count once however often they register;
+/// one that stops heartbeating stops counting; the last one's deregistration leaves
+/// the worker LOST with no node. A worker sending no node ID keeps the old counting.
+fn ha_nodes_are_counted_by_name(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        free_port(),
+        &db,
+        "worker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1",
+    );
+    let body = |node: &str| {
+        format!(
+            r#"{{"authority":"ha-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208],"node_id":"{node}"}}"#
+        )
+    };
+    let register = |node: &str| {
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body(node));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let w = register("n1");
+    let id = w["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        register("n1")["nodes"],
+        1,
+        "the same node again (a restart)"
+    );
+    assert_eq!(register("n2")["nodes"], 2, "a second node");
+    let state = || {
+        let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+        let v = r.json();
+        (
+            v["status"].as_str().unwrap_or("").to_owned(),
+            v["nodes"].as_i64().unwrap_or(-1),
+        )
+    };
+    // n2 falls silent while n1 heartbeats: n2 stops counting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{id}?node=n1"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        if state() == ("ALIVE".to_owned(), 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent node still counts: {:?}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{id}?node=n1"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(state(), ("LOST".to_owned(), 0), "the last node left");
+    // A node name longer than the column is a 400, not a database error.
+    let long = "n".repeat(1100);
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?node={long}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 400);
+    // Without node IDs: one more node per registration, one fewer per deregistration.
+    let legacy = r#"{"authority":"legacy-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10305,10308]}"#;
+    request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    assert_eq!(r.json()["nodes"], 2);
 }

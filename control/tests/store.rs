@@ -270,7 +270,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "2"
+        "3",
+        "the schema, the endpoint index, the worker nodes"
     );
 }
 

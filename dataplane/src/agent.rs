@@ -55,24 +55,93 @@ pub enum AgentError {
     Store(#[from] appproxy_control::coordinator::store::StoreError),
 }
 
-/// A minimal JSON-over-HTTP/1.1 client for the coordinator's API.
+/// A minimal JSON-over-HTTP/1.1 client for the coordinator's API. With several
+/// coordinators (an HA pair, or a name resolving to several addresses) it keeps using
+/// the one that last answered and moves on to the next when it cannot connect.
 pub struct Client {
-    /// `host:port`.
-    authority: String,
+    /// `host:port` of each coordinator, in the configured order.
+    authorities: Vec<String>,
+    /// The one that answered last.
+    current: std::sync::atomic::AtomicUsize,
     /// The shared API secret.
     secret: String,
+    /// This node's ID among the worker's HA nodes.
+    node: String,
 }
 
 impl Client {
-    fn new(url: &str, secret: String) -> Result<Self, AgentError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| AgentError::Url(url.into()))?;
-        let authority = rest.trim_end_matches('/').to_owned();
-        if authority.is_empty() || authority.contains('/') {
-            return Err(AgentError::Url(url.into()));
+    /// `urls`: one URL, or several separated by commas.
+    fn new(urls: &str, secret: String) -> Result<Self, AgentError> {
+        let mut authorities = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| AgentError::Url(url.into()))?;
+            let authority = rest.trim_end_matches('/').to_owned();
+            if authority.is_empty() || authority.contains('/') {
+                return Err(AgentError::Url(url.into()));
+            }
+            authorities.push(authority);
         }
-        Ok(Self { authority, secret })
+        if authorities.is_empty() {
+            return Err(AgentError::Url(urls.into()));
+        }
+        Ok(Self {
+            authorities,
+            current: Default::default(),
+            secret,
+            node: String::new(),
+        })
+    }
+
+    /// A connection to a coordinator: the one that answered last first, then the
+    /// others in order; each address a name resolves to is tried, each attempt
+    /// bounded.
+    async fn connect(&self) -> Result<(tokio::net::TcpStream, &str), AgentError> {
+        use std::sync::atomic::Ordering;
+        let n = self.authorities.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let authority = &self.authorities[i];
+            let addrs = match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::lookup_host(authority.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect::<Vec<_>>(),
+                Ok(Err(e)) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    last = Some(std::io::ErrorKind::TimedOut.into());
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => {
+                        if i != start {
+                            tracing::info!(coordinator = %authority, "switched to another coordinator");
+                        }
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok((stream, authority));
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+        }
+        Err(AgentError::Io(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no coordinator address")
+        })))
     }
 
     async fn call(
@@ -81,30 +150,31 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, AgentError> {
-        let mut stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let (mut stream, authority) = self.connect().await?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         // The coordinator records our calls under their own ID, as the original does.
         let id = RequestId::generate(IdVersion::V4);
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nX-BackendAI-Token: {}\r\nX-Backend-Request-ID: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.authority,
+            authority,
             self.secret,
             body.len()
         );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
         let mut raw = Vec::new();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            stream.take(16 << 20).read_to_end(&mut raw),
-        )
+        let exchanged = tokio::time::timeout(Duration::from_secs(10), async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.take(16 << 20).read_to_end(&mut raw).await
+        })
         .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        if let Err(e) = exchanged {
+            // Connected but silent (hung) or cut off: the next call starts with the
+            // next coordinator.
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(e.into());
+        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {
@@ -138,6 +208,11 @@ struct Wake {
     /// What the event changed, when it says (then no fetch is needed); `None` for a
     /// poll, a (re)subscription or a missed event: fetch the whole set.
     delta: Option<Delta>,
+    /// A (re)subscription: events published meanwhile were lost, so once the set is
+    /// deployed every circuit of it is acknowledged (a creation still waiting gets its
+    /// answer) — an empty acknowledgement tells the coordinator the worker hears
+    /// events again.
+    resync: bool,
 }
 
 /// A change an event carries.
@@ -169,10 +244,10 @@ pub fn spawn(
 ) -> Result<Agent, AgentError> {
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let remote = match (&coordinator.url, &embedded) {
-        (Some(url), None) => Some(Client::new(
-            url,
-            config.secrets.api_secret.clone().unwrap_or_default(),
-        )?),
+        (Some(url), None) => Some(Client {
+            node: node_id(&config),
+            ..Client::new(url, config.secrets.api_secret.clone().unwrap_or_default())?
+        }),
         (None, Some(_)) => None,
         (None, None) => {
             return Ok(Agent {
@@ -264,7 +339,37 @@ impl Agent {
     }
 }
 
+/// This node's name among the HA nodes of one worker authority: the machine (its
+/// `/etc/machine-id`, else its host name) and the worker's listening addresses. Stable
+/// across restarts, so a crashed and restarted process counts once; distinct for two
+/// processes serving the same authority.
+fn node_id(config: &Config) -> String {
+    let machine = std::fs::read_to_string("/etc/machine-id")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let machine: String = machine
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect();
+    let w = &config.worker;
+    format!(
+        "{machine}-{}-{}",
+        w.api_port.map_or(0, |p| p),
+        w.port_range.map_or(0, |r| r[0])
+    )
+}
+
 impl Link {
+    /// This node's ID, as a query value (it is made of URL-safe characters).
+    fn node(&self) -> &str {
+        match self {
+            Link::Remote(c) => &c.node,
+            Link::Embedded(_) => "",
+        }
+    }
+
     async fn register(&self, body: &serde_json::Value) -> Result<String, AgentError> {
         match self {
             Link::Remote(c) => c.call("PUT", "/api/worker", Some(body)).await?["id"]
@@ -278,7 +383,11 @@ impl Link {
     async fn heartbeat(&self, id: &str) -> Result<(), AgentError> {
         match self {
             Link::Remote(c) => c
-                .call("PATCH", &format!("/api/worker/{id}"), None)
+                .call(
+                    "PATCH",
+                    &format!("/api/worker/{id}?node={}", self.node()),
+                    None,
+                )
                 .await
                 .map(|_| ()),
             Link::Embedded(state) => {
@@ -292,7 +401,11 @@ impl Link {
     async fn deregister(&self, id: &str) -> Result<(), AgentError> {
         match self {
             Link::Remote(c) => c
-                .call("DELETE", &format!("/api/worker/{id}"), None)
+                .call(
+                    "DELETE",
+                    &format!("/api/worker/{id}?node={}", self.node()),
+                    None,
+                )
                 .await
                 .map(|_| ()),
             Link::Embedded(state) => {
@@ -363,6 +476,7 @@ async fn run(
         "wildcard_traffic_port": w.wildcard_traffic_port,
         "accepted_traffics": ["interactive", "inference"],
         "filtered_apps_only": false,
+        "node_id": node_id(&config),
     });
     let worker_id = loop {
         match link.register(&registration).await {
@@ -432,6 +546,7 @@ async fn run(
             if more.request_id != wake.request_id {
                 wake.request_id = None;
             }
+            wake.resync |= more.resync;
             wake.created.extend(more.created);
             deltas = match (deltas, more.delta) {
                 (Some(mut list), Some(d)) => {
@@ -457,30 +572,58 @@ async fn run(
             },
         };
         let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
-        if wake.created.is_empty() {
+        if wake.created.is_empty() && !wake.resync {
             continue;
         }
         // Acknowledge what the event announced once every core has it (it may have
-        // arrived with an earlier poll: the acknowledgement is still owed).
-        if let Some(applied) = applied {
-            let done = tokio::task::spawn_blocking(move || applied.wait(apply_timeout))
+        // arrived with an earlier poll: the acknowledgement is still owed), each
+        // circuit as deployed or failed (its frontend could not listen).
+        let mut deployment = None;
+        let mut failed = Vec::new();
+        if let Some((applied, id)) = applied {
+            let outcome = tokio::task::spawn_blocking(move || applied.outcome(apply_timeout))
                 .await
-                .unwrap_or(false);
-            if !done {
-                tracing::warn!("not every core applied the deployment in time; not acknowledging");
-                continue;
+                .ok()
+                .flatten();
+            match outcome {
+                Some(f) => failed = f,
+                None => {
+                    appproxy_shared::with_request_id(Some(id), || {
+                        tracing::warn!(
+                            "not every core applied the deployment in time; not acknowledging"
+                        );
+                    });
+                    continue;
+                }
             }
+            deployment = Some(id);
         }
+        let owed = |id: &uuid::Uuid| wake.resync || wake.created.contains(id);
+        let failed: Vec<(uuid::Uuid, String)> =
+            failed.into_iter().filter(|(id, _)| owed(id)).collect();
         let present: Vec<Circuit> = state
             .circuits
             .iter()
-            .filter(|c| wake.created.contains(&c.id))
+            .filter(|c| owed(&c.id) && !failed.iter().any(|(f, _)| *f == c.id))
             .cloned()
             .collect();
-        if !present.is_empty() {
+        if !present.is_empty() || !failed.is_empty() || wake.resync {
+            // A batch has no single request: it is acknowledged under its deployment's
+            // own ID, and each circuit's creating request travels with it.
+            let id = wake
+                .request_id
+                .or(deployment)
+                .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
             appproxy_shared::scope(
-                wake.request_id,
-                acknowledge(&link, &mut redis, &w.authority, present),
+                Some(id),
+                acknowledge(
+                    &link,
+                    &mut redis,
+                    &w.authority,
+                    present,
+                    failed,
+                    &state.origins,
+                ),
             )
             .await;
         }
@@ -494,6 +637,8 @@ struct Deployed {
     circuits: Vec<Circuit>,
     /// Its sessions by circuit, for the sessions' last-access marks.
     sessions: HashMap<uuid::Uuid, Vec<uuid::Uuid>>,
+    /// The request that created each circuit, when known.
+    origins: HashMap<uuid::Uuid, RequestId>,
 }
 
 /// A lazily (re)connected Redis connection for acknowledgements and marks.
@@ -532,20 +677,49 @@ impl RedisLink {
     }
 }
 
-/// Tells the coordinator that every core has these circuits.
-async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circuits: Vec<Circuit>) {
+/// Tells the coordinator that every core has `circuits` and that `failed` could not
+/// be deployed, with the creating request of each.
+async fn acknowledge(
+    link: &Link,
+    redis: &mut RedisLink,
+    authority: &str,
+    circuits: Vec<Circuit>,
+    failed: Vec<(uuid::Uuid, String)>,
+    origins: &HashMap<uuid::Uuid, RequestId>,
+) {
     use appproxy_shared::model::{
-        BroadcastMessage, CircuitsEvent, EventMetadata, BROADCAST_CHANNEL,
+        BroadcastMessage, CircuitsEvent, EventMetadata, FailedCircuit, BROADCAST_CHANNEL,
         EVENT_WORKER_CIRCUIT_ADDED,
     };
     let n = circuits.len();
+    let n_failed = failed.len();
+    let origin_request_ids: std::collections::BTreeMap<uuid::Uuid, String> = circuits
+        .iter()
+        .map(|c| c.id)
+        .chain(failed.iter().map(|(id, _)| *id))
+        .filter_map(|id| origins.get(&id).map(|o| (id, o.to_string())))
+        .collect();
+    for (circuit, why) in &failed {
+        appproxy_shared::with_request_id(origins.get(circuit).copied(), || {
+            tracing::warn!(%circuit, reason = %why, "circuit not deployed: reported as failed");
+        });
+    }
     match link {
-        Link::Embedded(state) => state.acknowledge(circuits.iter().map(|c| c.id)),
+        Link::Embedded(state) => {
+            state.settle(appproxy_control::coordinator::events::Acknowledgement {
+                authority: authority.to_owned(),
+                deployed: circuits.iter().map(|c| c.id).collect(),
+                failed,
+                origins: origin_request_ids.into_iter().collect(),
+            })
+        }
         Link::Remote(_) => {
-            let body = CircuitsEvent {
-                target_worker_authority: authority.to_owned(),
-                circuits,
-            };
+            let mut body = CircuitsEvent::new(authority, circuits);
+            body.failed = failed
+                .into_iter()
+                .map(|(id, reason)| FailedCircuit { id, reason })
+                .collect();
+            body.origin_request_ids = origin_request_ids;
             let meta = EventMetadata {
                 request_id: appproxy_shared::current_request_id().map(Into::into),
                 ..Default::default()
@@ -561,25 +735,37 @@ async fn acknowledge(link: &Link, redis: &mut RedisLink, authority: &str, circui
             let Ok(text) = serde_json::to_string(&msg) else {
                 return;
             };
-            let Some(conn) = redis.get().await else {
-                tracing::warn!("acknowledgement not sent: redis unreachable");
-                return;
-            };
-            let sent: redis::RedisResult<i64> = appproxy_control::coordinator::bounded(
-                redis::cmd("PUBLISH")
-                    .arg(BROADCAST_CHANNEL)
-                    .arg(text)
-                    .query_async(conn),
-            )
-            .await;
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "acknowledgement not sent");
-                redis.failed();
-                return;
+            // A connection gone stale (Redis restarted: "broken pipe") fails once: the
+            // acknowledgement is sent again on a fresh one.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let Some(conn) = redis.get().await else {
+                    tracing::warn!("acknowledgement not sent: redis unreachable");
+                    return;
+                };
+                let sent: redis::RedisResult<i64> = appproxy_control::coordinator::bounded(
+                    redis::cmd("PUBLISH")
+                        .arg(BROADCAST_CHANNEL)
+                        .arg(&text)
+                        .query_async(conn),
+                )
+                .await;
+                match sent {
+                    Ok(_) => break,
+                    Err(e) => {
+                        redis.failed();
+                        if tries >= 2 {
+                            tracing::warn!(error = %e, "acknowledgement not sent");
+                            return;
+                        }
+                        tracing::info!(error = %e, "acknowledgement not sent; retrying once on a fresh connection");
+                    }
+                }
             }
         }
     }
-    tracing::info!(circuits = n, "deployment acknowledged");
+    tracing::info!(circuits = n, failed = n_failed, "deployment acknowledged");
 }
 
 /// Gathers the cores' counts and writes them as last-access marks.
@@ -644,6 +830,7 @@ async fn follow_local(
                     Vec::new()
                 },
                 delta: Some(Delta::of(&e.kind, e.circuits, e.request_id)),
+                resync: false,
             },
             Ok(_) => continue,
             // Missed some: look at the whole set again.
@@ -664,7 +851,11 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
         &url,
         || {
             tracing::info!("subscribed to circuit events");
-            tx.send(Wake::default()).is_ok()
+            tx.send(Wake {
+                resync: true,
+                ..Default::default()
+            })
+            .is_ok()
         },
         |envelope| {
             if envelope.source != "appproxy-coordinator" {
@@ -695,6 +886,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                 request_id,
                 created,
                 delta,
+                resync: false,
             })
             .is_ok()
         },
@@ -748,16 +940,25 @@ fn with_deltas(state: &Deployed, deltas: Vec<Delta>) -> Vec<(Circuit, Option<Req
 }
 
 /// Deploys the fetched set when it differs from the one deployed, under `preferred`
-/// (an event's request ID) when given. Returns the deployment in flight, if any.
+/// (an event's request ID) when given. Returns the deployment in flight and its ID,
+/// if any.
 fn apply(
     config: &Config,
     deployer: &Deployer,
     fetched: Vec<(Circuit, Option<RequestId>)>,
     state: &mut Deployed,
     preferred: Option<RequestId>,
-) -> Option<crate::worker::Applied> {
+) -> Option<(crate::worker::Applied, RequestId)> {
     let mut circuits: Vec<Circuit> = fetched.iter().map(|(c, _)| c.clone()).collect();
     circuits.sort_by_key(|c| c.id);
+    for (c, origin) in &fetched {
+        if let Some(o) = origin {
+            state.origins.insert(c.id, *o);
+        }
+    }
+    state
+        .origins
+        .retain(|id, _| circuits.binary_search_by_key(id, |c| c.id).is_ok());
     if circuits == state.circuits {
         return None;
     }
@@ -793,7 +994,7 @@ fn apply(
                 .map(|c| (c.id, c.session_ids.clone()))
                 .collect();
             state.circuits = circuits;
-            Some(applied)
+            Some((applied, id))
         }
         Err(e) => {
             tracing::error!(error = %e, "circuit set refused; the running circuits stay");

@@ -419,7 +419,10 @@ pub struct SecretsSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorSection {
-    /// The coordinator's base URL (`http://host:port`); set: managed mode.
+    /// The coordinator's base URL (`http://host:port`); set: managed mode. A list
+    /// (`["http://a:10200", "http://b:10200"]`) names the coordinators of an HA pair:
+    /// the agent uses the first that answers. Kept as one comma-separated string.
+    #[serde(deserialize_with = "one_or_more_urls")]
     pub url: Option<String>,
     /// How often the control agent fetches this worker's circuits.
     pub poll_interval_ms: u64,
@@ -435,6 +438,22 @@ pub struct CoordinatorSection {
     /// How often cores hand their per-circuit request counts to the agent, which
     /// writes them as last-access marks (Redis, or the embedded coordinator).
     pub access_flush_ms: u64,
+}
+
+/// `url = "http://a"` or `url = ["http://a", "http://b"]`, as `"http://a, http://b"`.
+fn one_or_more_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Urls>::deserialize(d)? {
+        None => None,
+        Some(Urls::One(u)) => Some(u),
+        Some(Urls::Many(list)) if list.is_empty() => None,
+        Some(Urls::Many(list)) => Some(list.join(", ")),
+    })
 }
 
 impl Default for CoordinatorSection {

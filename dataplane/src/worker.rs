@@ -53,9 +53,10 @@ pub enum Command {
         circuits: Arc<Vec<ResolvedCircuit>>,
         /// The request that caused the deployment; every core logs under it.
         request_id: RequestId,
-        /// Told this core's row once the table is in place (the agent's
-        /// acknowledgement waits for every core).
-        applied: Sender<usize>,
+        /// Told this core's row once the table is in place, with the circuits whose
+        /// frontend could not listen (the agent's acknowledgement waits for every
+        /// core and reports those as failed).
+        applied: Sender<(usize, Vec<(uuid::Uuid, String)>)>,
     },
     /// Stop accepting; finish in-flight requests (up to the drain timeout); exit.
     Drain,
@@ -103,8 +104,8 @@ impl Deployer {
 
 /// A deployment on its way to the cores.
 pub struct Applied {
-    /// Each core sends its row once the new table is in place.
-    rx: Receiver<usize>,
+    /// Each core sends its row once the new table is in place, with its failures.
+    rx: Receiver<(usize, Vec<(uuid::Uuid, String)>)>,
     /// How many cores were sent the deployment.
     cores: usize,
 }
@@ -112,8 +113,23 @@ pub struct Applied {
 impl Applied {
     /// Blocks until every core applied the deployment (true) or `timeout` passed.
     pub fn wait(&self, timeout: Duration) -> bool {
+        self.outcome(timeout).is_some()
+    }
+
+    /// Blocks until every core applied the deployment, then gives the circuits whose
+    /// frontend some core could not listen on (with why); `None` when `timeout` passed.
+    pub fn outcome(&self, timeout: Duration) -> Option<Vec<(uuid::Uuid, String)>> {
         let deadline = Instant::now() + timeout;
-        (0..self.cores).all(|_| self.rx.recv_deadline(deadline).is_ok())
+        let mut failed: Vec<(uuid::Uuid, String)> = Vec::new();
+        for _ in 0..self.cores {
+            let (_, list) = self.rx.recv_deadline(deadline).ok()?;
+            for (id, why) in list {
+                if !failed.iter().any(|(f, _)| *f == id) {
+                    failed.push((id, why));
+                }
+            }
+        }
+        Some(failed)
     }
 }
 
@@ -337,8 +353,9 @@ fn run_core(
         };
         let core = Core::new(cpu, row, rt.clone(), reactor.clone());
         let listeners = RefCell::new(HashMap::new());
-        if let Err(e) = reconcile_listeners(&core, &listeners) {
-            let _ = ready.send(Err(fail(e)));
+        if let Err(failures) = reconcile_listeners(&core, &listeners) {
+            let first = failures.into_iter().next().map(|(_, e)| e);
+            let _ = ready.send(Err(fail(first.unwrap_or_default())));
             return;
         }
         let addrs: Vec<SocketAddr> = listeners
@@ -426,11 +443,11 @@ fn run_core(
                                 .store(circuits.len() as u64, std::sync::atomic::Ordering::Relaxed);
                             board.deployed(circuits.clone(), request_id);
                         }
-                        scope(Some(request_id), async {
-                            apply_deployment(&core, &listeners, &circuits);
+                        let failed = scope(Some(request_id), async {
+                            apply_deployment(&core, &listeners, &circuits)
                         })
                         .await;
-                        let _ = applied.send(row);
+                        let _ = applied.send((row, failed));
                     }
                     Command::Drain => break 'bridge,
                 }
@@ -462,18 +479,32 @@ fn run_core(
 }
 
 /// Swaps in the new route table, then opens and closes listeners to match it.
+/// Returns the circuits whose frontend port could not listen, with why.
 fn apply_deployment(
     core: &Rc<Core>,
     listeners: &RefCell<HashMap<u16, Task<()>>>,
     circuits: &[ResolvedCircuit],
-) {
+) -> Vec<(uuid::Uuid, String)> {
     let table = RouteTable::new(circuits, core.rt.wildcard.clone());
     let count = table.len();
     *core.routes.borrow_mut() = Rc::new(table);
     match reconcile_listeners(core, listeners) {
-        Ok(()) => tracing::info!(core = core.cpu, circuits = count, "deployment applied"),
-        Err(e) => {
-            tracing::error!(core = core.cpu, error = %e, "deployment applied, but a frontend could not listen")
+        Ok(()) => {
+            tracing::info!(core = core.cpu, circuits = count, "deployment applied");
+            Vec::new()
+        }
+        Err(failures) => {
+            let mut failed = Vec::new();
+            for (port, e) in failures {
+                tracing::error!(core = core.cpu, error = %e, "deployment applied, but a frontend could not listen");
+                failed.extend(
+                    circuits
+                        .iter()
+                        .filter(|c| c.frontend == crate::config::Frontend::Port(port))
+                        .map(|c| (c.circuit.id, e.clone())),
+                );
+            }
+            failed
         }
     }
 }
@@ -482,13 +513,13 @@ fn apply_deployment(
 fn reconcile_listeners(
     core: &Rc<Core>,
     listeners: &RefCell<HashMap<u16, Task<()>>>,
-) -> Result<(), String> {
+) -> Result<(), Vec<(u16, String)>> {
     let mut wanted: Vec<u16> = core.routes.borrow().ports();
     wanted.extend(core.rt.api_port);
     let mut map = listeners.borrow_mut();
     // Dropping a glommio task cancels it: its listener closes.
     map.retain(|port, _| wanted.contains(port));
-    let mut first_error = None;
+    let mut errors = Vec::new();
     for port in wanted {
         if map.contains_key(&port) {
             continue;
@@ -499,13 +530,18 @@ fn reconcile_listeners(
                 map.insert(port, spawn(accept_loop(core.clone(), l)));
             }
             Err(e) => {
-                first_error.get_or_insert(format!(
-                    "cannot listen on {addr}: {e} (is another process using the port?)"
+                errors.push((
+                    port,
+                    format!("cannot listen on {addr}: {e} (is another process using the port?)"),
                 ));
             }
         }
     }
-    first_error.map_or(Ok(()), Err)
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 async fn accept_loop(core: Rc<Core>, listener: Listener) {

@@ -325,6 +325,36 @@ pub struct CircuitsEvent {
     pub target_worker_authority: String,
     /// The circuits concerned.
     pub circuits: Vec<Circuit>,
+    /// In a worker's acknowledgement: circuits it could not deploy (their frontend
+    /// could not listen), which are therefore not in `circuits`. Absent elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedCircuit>,
+    /// In a worker's acknowledgement: the ID of the request that created each circuit
+    /// (acknowledged or failed), so a batch deployed under its own ID stays traceable
+    /// to every creating request. Absent elsewhere.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub origin_request_ids: std::collections::BTreeMap<uuid::Uuid, String>,
+}
+
+impl CircuitsEvent {
+    /// An event about `circuits` for the worker `authority`.
+    pub fn new(authority: impl Into<String>, circuits: Vec<Circuit>) -> Self {
+        Self {
+            target_worker_authority: authority.into(),
+            circuits,
+            failed: Vec::new(),
+            origin_request_ids: Default::default(),
+        }
+    }
+}
+
+/// A circuit a worker could not deploy, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedCircuit {
+    /// The circuit.
+    pub id: uuid::Uuid,
+    /// What failed (e.g. the frontend port is held by another process).
+    pub reason: String,
 }
 
 /// Body of the route-updated event.
@@ -438,10 +468,7 @@ mod tests {
     #[test]
     fn broadcast_envelope_is_json_in_json() {
         let c: Circuit = serde_json::from_str(WIRE_CIRCUIT).expect("wire circuit");
-        let body = CircuitsEvent {
-            target_worker_authority: "worker-1".into(),
-            circuits: vec![c],
-        };
+        let body = CircuitsEvent::new("worker-1", vec![c]);
         let meta = EventMetadata {
             request_id: Some(RequestIdText("req-1".into())),
             ..Default::default()

@@ -109,10 +109,51 @@ pub(super) async fn metrics(
             "Idle circuits removed.",
             &m.circuits_collected,
         ),
+        (
+            "appproxy_coordinator_worker_breaker_trips_total",
+            "Workers skipped by placement after a missed acknowledgement.",
+            &m.breaker_trips,
+        ),
+        (
+            "appproxy_coordinator_placement_retries_total",
+            "Creations placed again on another worker or port within the same call.",
+            &m.placement_retries,
+        ),
+        (
+            "appproxy_coordinator_worker_deploy_failures_total",
+            "Circuits a worker could not deploy (frontend not listening).",
+            &m.deploy_failures,
+        ),
     ] {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    for (name, help, kind, v) in [
+        (
+            "appproxy_coordinator_api_connections_refused_total",
+            "API connections closed at once at the connection cap.",
+            "counter",
+            &state.server.refused,
+        ),
+        (
+            "appproxy_coordinator_api_connections_timed_out_total",
+            "API connections closed for idleness or a slow request head.",
+            "counter",
+            &state.server.timed_out,
+        ),
+        (
+            "appproxy_coordinator_api_connections",
+            "API connections open.",
+            "gauge",
+            &state.server.open,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
             v.load(Ordering::Relaxed)
         );
     }
@@ -161,6 +202,10 @@ fn validate_worker(body: &Value) -> Result<(), ApiError> {
     if !body["hostname"].is_string() {
         return bad("hostname is required");
     }
+    if !(body["node_id"].is_null() || body["node_id"].is_string()) {
+        return bad("node_id must be a string");
+    }
+    super::fits("node_id", body["node_id"].as_str(), 1024)?;
     super::fits("hostname", body["hostname"].as_str(), 1024)?;
     super::fits("wildcard_domain", body["wildcard_domain"].as_str(), 1024)?;
     super::fits(
@@ -274,11 +319,20 @@ pub(super) async fn get_worker(
     worker_response(&state, id).await.map(Json)
 }
 
+/// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration).
+#[derive(Deserialize, Default)]
+pub(super) struct NodeQuery {
+    #[serde(default)]
+    node: Option<String>,
+}
+
 pub(super) async fn heartbeat(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.store.heartbeat(id).await? {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.heartbeat_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
     if let Some(conn) = &state.redis {
@@ -310,8 +364,10 @@ pub(super) async fn heartbeat(
 pub(super) async fn deregister_worker(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.store.deregister_worker(id).await? {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
     tracing::info!(worker = %id, "worker deregistered");

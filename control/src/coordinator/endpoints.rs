@@ -95,9 +95,9 @@ async fn create_one(
         Some(&e.tags.endpoint.runtime_variant),
         64,
     )?;
-    if e.service_name.trim().is_empty() {
+    if e.service_name.trim().is_empty() || super::proxy::has_control(&e.service_name) {
         return Err(ApiError::BadRequest(
-            "service_name must not be empty".into(),
+            "service_name must be a non-empty name without control characters".into(),
         ));
     }
     let enabled = health_enabled(&e.health_check);
@@ -389,8 +389,21 @@ pub(super) async fn token(
 struct RouteEntry {
     session_id: uuid::Uuid,
     route_id: uuid::Uuid,
+    #[serde(deserialize_with = "kernel_host")]
     kernel_host: String,
     kernel_port: u16,
+}
+
+/// A kernel host: 1-255 characters, no control characters (CR/LF would split the
+/// lines it is written into).
+fn kernel_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let host = String::deserialize(d)?;
+    if host.is_empty() || host.len() > 255 || super::proxy::has_control(&host) {
+        return Err(serde::de::Error::custom(
+            "kernel_host must be 1-255 characters without control characters",
+        ));
+    }
+    Ok(host)
 }
 
 impl RouteEntry {

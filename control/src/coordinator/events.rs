@@ -74,20 +74,43 @@ impl CircuitEvent {
 /// The in-process event channel of single-node mode. Lagging receivers re-fetch.
 pub type LocalBus = broadcast::Sender<CircuitEvent>;
 
+/// How a creation's wait for its acknowledgement ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckOutcome {
+    /// Every core of the worker has the circuit and its frontend listens.
+    Deployed,
+    /// The worker could not deploy it (e.g. its port is held by another process).
+    Failed(String),
+    /// Another creation found the worker unresponsive meanwhile: stop waiting.
+    WorkerTripped,
+    /// No answer in time.
+    TimedOut,
+}
+
+/// One registered waiter.
+struct Entry {
+    /// The worker the circuit was sent to.
+    worker: String,
+    tx: oneshot::Sender<AckOutcome>,
+}
+
 /// Waiters for workers' acknowledgements, by circuit ID.
 #[derive(Default)]
 pub struct AckHub {
     /// Every waiter of a circuit is told once; entries leave on ack or timeout.
-    waiters: Mutex<HashMap<uuid::Uuid, Vec<oneshot::Sender<()>>>>,
+    waiters: Mutex<HashMap<uuid::Uuid, Vec<Entry>>>,
 }
 
 impl AckHub {
-    /// Registers interest in `circuit`'s acknowledgement. Call before publishing. The
-    /// waiter leaves the hub when dropped, however the request ends (acknowledged,
-    /// timed out, or the caller gone): no entry outlives its request.
-    pub fn expect(&self, circuit: uuid::Uuid) -> Waiter<'_> {
+    /// Registers interest in `circuit`'s acknowledgement by `worker`. Call before
+    /// publishing. The waiter leaves the hub when dropped, however the request ends
+    /// (acknowledged, timed out, or the caller gone): no entry outlives its request.
+    pub fn expect(&self, circuit: uuid::Uuid, worker: &str) -> Waiter<'_> {
         let (tx, rx) = oneshot::channel();
-        self.lock().entry(circuit).or_default().push(tx);
+        self.lock().entry(circuit).or_default().push(Entry {
+            worker: worker.to_owned(),
+            tx,
+        });
         Waiter {
             hub: self,
             circuit,
@@ -97,15 +120,45 @@ impl AckHub {
 
     /// A worker acknowledged these circuits.
     pub fn resolve(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        self.tell(circuits.into_iter().map(|id| (id, AckOutcome::Deployed)));
+    }
+
+    /// A worker could not deploy these circuits.
+    pub fn reject(&self, circuits: impl IntoIterator<Item = (uuid::Uuid, String)>) {
+        self.tell(
+            circuits
+                .into_iter()
+                .map(|(id, why)| (id, AckOutcome::Failed(why))),
+        );
+    }
+
+    fn tell(&self, outcomes: impl Iterator<Item = (uuid::Uuid, AckOutcome)>) {
         let mut waiters = self.lock();
-        for id in circuits {
-            for tx in waiters.remove(&id).unwrap_or_default() {
-                let _ = tx.send(());
+        for (id, outcome) in outcomes {
+            for e in waiters.remove(&id).unwrap_or_default() {
+                let _ = e.tx.send(outcome.clone());
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<oneshot::Sender<()>>>> {
+    /// The worker's breaker opened: every creation still waiting on it stops
+    /// waiting (and goes elsewhere) instead of serving out its own timeout.
+    pub fn trip(&self, worker: &str) -> usize {
+        let mut waiters = self.lock();
+        let ids: Vec<uuid::Uuid> = waiters
+            .iter()
+            .filter(|(_, list)| list.iter().any(|e| e.worker == worker))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            for e in waiters.remove(id).unwrap_or_default() {
+                let _ = e.tx.send(AckOutcome::WorkerTripped);
+            }
+        }
+        ids.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<Entry>>> {
         // Senders only: a panic elsewhere cannot leave the map inconsistent.
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,17 +175,17 @@ pub struct Waiter<'a> {
     hub: &'a AckHub,
     /// The circuit awaited.
     circuit: uuid::Uuid,
-    /// Told by [`AckHub::resolve`].
-    rx: oneshot::Receiver<()>,
+    /// Told by [`AckHub::resolve`], [`AckHub::reject`] or [`AckHub::trip`].
+    rx: oneshot::Receiver<AckOutcome>,
 }
 
 impl Waiter<'_> {
-    /// Waits up to `timeout`; false on timeout.
-    pub async fn wait(mut self, timeout: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(timeout, &mut self.rx).await,
-            Ok(Ok(()))
-        )
+    /// Waits up to `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> AckOutcome {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(outcome)) => outcome,
+            _ => AckOutcome::TimedOut,
+        }
     }
 }
 
@@ -161,14 +214,26 @@ pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &Circuit
         return false;
     };
     let mut conn = conn.clone();
-    match super::bounded(
+    let mut sent = super::bounded(
         redis::cmd("PUBLISH")
             .arg(BROADCAST_CHANNEL)
-            .arg(text)
+            .arg(&text)
             .query_async::<i64>(&mut conn),
     )
-    .await
-    {
+    .await;
+    if let Err(e) = &sent {
+        // A connection that went stale (Redis restarted: "broken pipe") fails once;
+        // the manager reconnects on that error, so one more try goes out fresh.
+        tracing::info!(event = event.kind.name(), error = %e, "event not published; retrying once on a fresh connection");
+        sent = super::bounded(
+            redis::cmd("PUBLISH")
+                .arg(BROADCAST_CHANNEL)
+                .arg(&text)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+    }
+    match sent {
         Ok(_) => {
             tracing::info!(event = event.kind.name(), worker = %event.authority, "event published");
             true
@@ -225,11 +290,90 @@ pub async fn follow_broadcast(
     }
 }
 
+/// What a worker's acknowledgement says.
+#[derive(Debug, Default, PartialEq)]
+pub struct Acknowledgement {
+    /// The worker.
+    pub authority: String,
+    /// Deployed circuits.
+    pub deployed: Vec<uuid::Uuid>,
+    /// Circuits it could not deploy, and why.
+    pub failed: Vec<(uuid::Uuid, String)>,
+    /// The creating request of each circuit, when the worker says.
+    pub origins: Vec<(uuid::Uuid, String)>,
+}
+
+impl Acknowledgement {
+    /// Reads an `appproxy_worker_circuit_added_event` body.
+    pub fn parse(body: &serde_json::Value) -> Self {
+        let id = |v: &serde_json::Value| v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok());
+        Self {
+            authority: body["target_worker_authority"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            deployed: body["circuits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| id(&c["id"]))
+                .collect(),
+            failed: body["failed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    Some((
+                        id(&c["id"])?,
+                        c["reason"].as_str().unwrap_or("not deployed").to_owned(),
+                    ))
+                })
+                .collect(),
+            origins: body["origin_request_ids"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((uuid::Uuid::parse_str(k).ok()?, v.as_str()?.to_owned())))
+                .collect(),
+        }
+    }
+}
+
+/// Hands an acknowledgement to the waiters and the worker's breaker, logging each
+/// circuit under the request that created it.
+pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Breakers) {
+    if !ack.authority.is_empty() {
+        breakers.alive(&ack.authority);
+    }
+    for (circuit, origin) in &ack.origins {
+        let origin = appproxy_shared::RequestId::parse(origin.as_bytes()).ok();
+        let failed = ack.failed.iter().find(|(id, _)| id == circuit);
+        appproxy_shared::with_request_id(origin, || match failed {
+            Some((_, why)) => {
+                tracing::warn!(%circuit, worker = %ack.authority, reason = %why, "worker could not deploy the circuit")
+            }
+            None => {
+                tracing::debug!(%circuit, worker = %ack.authority, "worker acknowledged the circuit")
+            }
+        });
+    }
+    acks.reject(ack.failed);
+    acks.resolve(ack.deployed);
+}
+
 /// Listens for workers' acknowledgements on Redis, reconnecting forever.
-pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
+pub async fn listen_acks(
+    url: String,
+    acks: std::sync::Arc<AckHub>,
+    breakers: std::sync::Arc<super::breaker::Breakers>,
+) {
     follow_broadcast(
         &url,
-        || true,
+        || {
+            tracing::info!("listening for acknowledgements");
+            breakers.listening();
+            true
+        },
         |envelope| {
             if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
                 return true;
@@ -237,17 +381,17 @@ pub async fn listen_acks(url: String, acks: std::sync::Arc<AckHub>) {
             let Ok(body) = serde_json::from_str::<serde_json::Value>(&envelope.payload) else {
                 return true;
             };
-            let ids: Vec<uuid::Uuid> = body["circuits"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
-                .collect();
+            let ack = Acknowledgement::parse(&body);
             let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
             appproxy_shared::with_request_id(request_id, || {
-                tracing::debug!(circuits = ids.len(), "worker acknowledged");
+                tracing::debug!(
+                    worker = %ack.authority,
+                    circuits = ack.deployed.len(),
+                    failed = ack.failed.len(),
+                    "worker acknowledged"
+                );
             });
-            acks.resolve(ids);
+            settle(ack, &acks, &breakers);
             true
         },
     )
@@ -266,17 +410,62 @@ mod tests {
             uuid::Uuid::new_v4(),
             uuid::Uuid::new_v4(),
         );
-        let waiter = hub.expect(a);
+        let waiter = hub.expect(a, "w");
         hub.resolve([a]);
-        assert!(waiter.wait(Duration::from_secs(5)).await);
-        assert!(!hub.expect(b).wait(Duration::from_millis(1)).await);
-        let waiting = hub.expect(c).wait(Duration::from_secs(60));
+        assert_eq!(
+            waiter.wait(Duration::from_secs(5)).await,
+            AckOutcome::Deployed
+        );
+        assert_eq!(
+            hub.expect(b, "w").wait(Duration::from_millis(1)).await,
+            AckOutcome::TimedOut
+        );
+        let waiting = hub.expect(c, "w").wait(Duration::from_secs(60));
         // The caller gives up: the future is dropped before it completes.
         assert!(tokio::time::timeout(Duration::from_millis(1), waiting)
             .await
             .is_err());
         // Or before it ever ran.
-        drop(hub.expect(a).wait(Duration::from_secs(60)));
+        drop(hub.expect(a, "w").wait(Duration::from_secs(60)));
         assert_eq!(hub.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn failures_and_trips_reach_the_right_waiters() {
+        let hub = AckHub::default();
+        let (a, b, c) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let wa = hub.expect(a, "sick");
+        let wb = hub.expect(b, "sick");
+        let wc = hub.expect(c, "fine");
+        assert_eq!(hub.trip("sick"), 2);
+        hub.reject([(c, "port held".to_owned())]);
+        assert_eq!(
+            wa.wait(Duration::from_secs(5)).await,
+            AckOutcome::WorkerTripped
+        );
+        assert_eq!(
+            wb.wait(Duration::from_secs(5)).await,
+            AckOutcome::WorkerTripped
+        );
+        assert_eq!(
+            wc.wait(Duration::from_secs(5)).await,
+            AckOutcome::Failed("port held".into())
+        );
+        let body = serde_json::json!({"target_worker_authority": "w1",
+            "circuits": [{"id": a.to_string()}], "failed": [{"id": b.to_string(), "reason": "x"}],
+            "origin_request_ids": {a.to_string(): "R1"}});
+        assert_eq!(
+            Acknowledgement::parse(&body),
+            Acknowledgement {
+                authority: "w1".into(),
+                deployed: vec![a],
+                failed: vec![(b, "x".into())],
+                origins: vec![(a, "R1".into())],
+            }
+        );
     }
 }

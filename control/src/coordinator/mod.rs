@@ -10,11 +10,13 @@
 
 pub mod access;
 mod api;
+pub mod breaker;
 mod endpoints;
 pub mod events;
 mod jobs;
 pub mod placement;
 mod proxy;
+pub mod server;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -37,6 +39,7 @@ use serde_json::{json, Value};
 
 use crate::config::CoordinatorConfig;
 use access::{AccessMark, Marks};
+use breaker::Breakers;
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
 use store::{CircuitRow, Store, StoreError};
 
@@ -70,6 +73,12 @@ pub struct Metrics {
     pub workers_lost: AtomicU64,
     /// Circuits removed for idleness.
     pub circuits_collected: AtomicU64,
+    /// Workers' breakers opened by a missed acknowledgement.
+    pub breaker_trips: AtomicU64,
+    /// Creations placed again on another worker or port within the same call.
+    pub placement_retries: AtomicU64,
+    /// Circuits a worker reported it could not deploy (frontend not listening).
+    pub deploy_failures: AtomicU64,
 }
 
 /// Shared state of the API, the jobs and an embedded worker.
@@ -84,6 +93,10 @@ pub struct State {
     pub local: LocalBus,
     /// Waiters for workers' acknowledgements.
     pub acks: Arc<AckHub>,
+    /// Per-worker circuit breakers of placement.
+    pub breakers: Arc<Breakers>,
+    /// The API server's connection counters.
+    pub server: Arc<server::ServerMetrics>,
     /// Last-access marks: Redis, or memory fed by an embedded worker.
     pub marks: Marks,
     /// `/metrics` counters.
@@ -191,6 +204,11 @@ impl State {
         self.acks.resolve(circuits);
     }
 
+    /// An embedded worker's acknowledgement with per-circuit outcomes.
+    pub fn settle(&self, ack: events::Acknowledgement) {
+        events::settle(ack, &self.acks, &self.breakers);
+    }
+
     /// An embedded worker's last-access marks.
     pub async fn record_access(&self, marks: &[AccessMark]) {
         self.marks.record(marks).await;
@@ -229,12 +247,22 @@ pub enum ApiError {
     /// No worker can take the circuit.
     #[error("E10002: No proxy worker can serve this circuit")]
     NoWorker,
-    /// The worker did not acknowledge the deployment in time.
+    /// The worker did not acknowledge the deployment in time, or the event never
+    /// left (Redis refused it); `cause` says which.
     #[error("E10001: Proxy worker not responding")]
     WorkerNotResponding {
         /// The worker's authority.
         authority: String,
+        /// `worker` (no acknowledgement in time), `redis` (the event could not be
+        /// published) or `deploy` (the worker could not listen on the frontend).
+        cause: &'static str,
     },
+    /// The store did not answer in time or is unreachable: 503, retry later.
+    #[error("E10003: Circuit store unavailable")]
+    StoreUnavailable,
+    /// A body over the size limit.
+    #[error("Request body too large")]
+    TooLarge,
     /// The store failed: our fault.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -253,6 +281,11 @@ impl IntoResponse for ApiError {
             Self::WorkerNotResponding { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "worker-not-responding")
             }
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            Self::Store(e) if e.is_unavailable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+            }
             Self::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal-error"),
         };
@@ -261,14 +294,35 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(error = %self, "request refused");
         }
+        // A store failure's text (pool, driver) stays in the log, not in the answer.
+        let text = match &self {
+            Self::Store(e) if e.is_unavailable() => Self::StoreUnavailable.to_string(),
+            Self::Store(_) => "Internal server error".to_owned(),
+            other => other.to_string(),
+        };
+        // The product's `error` says which side failed when the wire's `msg` cannot.
+        let detail = match &self {
+            Self::WorkerNotResponding { cause, .. } => format!(
+                "{text}: {}",
+                match *cause {
+                    "redis" => "the event could not be published (Redis unavailable)",
+                    "deploy" => "the worker could not listen on the circuit's frontend",
+                    _ => "the worker did not acknowledge in time",
+                }
+            ),
+            _ => text.clone(),
+        };
         let mut body = json!({
             "type": format!("https://api.backend.ai/probs/{code}"),
-            "title": self.to_string(),
+            "title": text,
             "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
-            "msg": self.to_string(),
+            "msg": text,
+            "error": detail,
+            "code": code,
+            "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
         });
-        if let Self::WorkerNotResponding { authority } = &self {
-            body["data"] = json!({"worker": authority});
+        if let Self::WorkerNotResponding { authority, cause } = &self {
+            body["data"] = json!({"worker": authority, "cause": cause});
         }
         (status, Json(body)).into_response()
     }
@@ -283,7 +337,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge
+                } else {
+                    ApiError::BadRequest(format!("unreadable body: {e}"))
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -402,7 +462,72 @@ pub fn router(state: Arc<State>) -> Router {
         )
         .merge(authed)
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(announced_size))
+        .layer(axum::middleware::map_response(json_errors))
         .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+}
+
+/// The largest request body the API reads (bulk calls included).
+pub const MAX_BODY: usize = 2 << 20;
+
+/// A body announced larger than [`MAX_BODY`] is refused before any of it is read.
+async fn announced_size(req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut resp = ApiError::TooLarge.into_response();
+        // The rest of the body is not read: the connection cannot be reused.
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// Refusals made outside the handlers (unknown route, wrong method, a body over the
+/// limit, …) come with an empty or text body: they get the API's JSON error shape
+/// too, with the same status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, text) = match status {
+        StatusCode::NOT_FOUND => ("object-not-found", "No such route"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("request-too-large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid-api-params", "Unsupported media type"),
+        s if s.is_server_error() => ("internal-error", "Internal server error"),
+        _ => ("invalid-api-params", "Bad request"),
+    };
+    let body = json!({
+        "type": format!("https://api.backend.ai/probs/{code}"),
+        "title": text,
+        "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
+        "msg": text,
+        "error": text,
+        "code": code,
+        "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
+    });
+    let mut out = (status, Json(body)).into_response();
+    // Keep what the refusal said about the method or the connection.
+    for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
+        if let Some(v) = resp.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 /// A coordinator bound to its port, not yet serving.
@@ -456,7 +581,22 @@ impl Coordinator {
             redis,
             local,
             acks: Arc::default(),
+            breakers: Arc::new(Breakers::new(
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_backoff_secs
+                        .clamp(0.0, 3600.0),
+                ),
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_max_backoff_secs
+                        .clamp(0.0, 86400.0),
+                ),
+            )),
             marks,
+            server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
         });
@@ -488,17 +628,23 @@ impl Coordinator {
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(url) = &state.config.redis.url {
-            tasks.spawn(events::listen_acks(url.clone(), state.acks.clone()));
+            tasks.spawn(events::listen_acks(
+                url.clone(),
+                state.acks.clone(),
+                state.breakers.clone(),
+            ));
         }
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
-        let served = axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let c = &state.config.coordinator;
+        let limits = server::Limits {
+            header_read: Duration::from_secs(c.header_read_timeout_secs.clamp(1, 3600)),
+            idle: Duration::from_secs(c.idle_timeout_secs.clamp(1, 86_400)),
+            max_connections: server::effective_cap(c.max_connections.max(1)),
+        };
+        let metrics = state.server.clone();
+        let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
         tasks.abort_all();
         served?;
         Ok(())

@@ -14,10 +14,16 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::events::{CircuitEvent, EventKind};
+use super::events::{AckOutcome, CircuitEvent, EventKind};
 use super::placement::{self, Placement, Used};
 use super::store::StoreError;
 use super::{api, ApiError, Body, Params, State};
+
+/// Whether `s` holds a control character (CR, LF, NUL, …): such a value would split
+/// a log line or a header wherever it is written.
+pub(super) fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
 
 /// The `/v2/conf` body, checked whole before anything is stored.
 fn validate_conf(body: &Value) -> Result<(), ApiError> {
@@ -44,7 +50,7 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
     }
     if body["kernel_host"]
         .as_str()
-        .is_none_or(|h| h.is_empty() || h.len() > 255)
+        .is_none_or(|h| h.is_empty() || h.len() > 255 || has_control(h))
         || body["kernel_port"]
             .as_u64()
             .is_none_or(|p| p == 0 || p > 65535)
@@ -191,6 +197,11 @@ async fn proxy_auth(
         }
     }
     super::fits("app", Some(&q.app), 255)?;
+    if q.app.is_empty() || has_control(&q.app) {
+        return Err(ApiError::BadRequest(
+            "app must be a non-empty name without control characters".into(),
+        ));
+    }
     super::fits("args", q.args.as_deref(), 1000)?;
     super::fits("allowed_client_ips", Some(&allowed.join(",")), 255)?;
     super::fits("redirect", Some(&q.redirect), 2048)?;
@@ -350,25 +361,104 @@ pub(super) async fn proxy_add(
         .into_response()
 }
 
+/// How many workers (or ports) one creation tries before it gives up.
+const PLACEMENT_ATTEMPTS: usize = 4;
+
 /// Places, stores and announces a circuit built from `template`, then waits for the
 /// worker's acknowledgement when events flow. A slot raced by a concurrent creation
-/// is placed again; an unacknowledged circuit is removed again (nothing is left
-/// half-done) and answered with 503 `E10001`.
+/// is placed again. A worker that does not acknowledge in time has its breaker opened
+/// (placement skips it for a back-off; creations still waiting on it stop waiting)
+/// and the creation is placed again on another eligible worker, within this call; a
+/// circuit the worker could not listen for is placed again on another port. Every
+/// circuit that is not acknowledged is removed again (nothing is left half-done); when
+/// no attempt succeeds the answer is 503 `E10001` naming the cause.
 pub(super) async fn create_circuit(
     state: &State,
     template: Circuit,
     request: &placement::Request<'_>,
 ) -> Result<(Circuit, Value), ApiError> {
+    // Workers that failed this creation, and (worker, port) slots that could not listen.
+    let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
+    let mut avoid_ports: Vec<(uuid::Uuid, u16)> = Vec::new();
+    let mut last_error = None;
+    for attempt in 0..PLACEMENT_ATTEMPTS {
+        if attempt > 0 {
+            state
+                .metrics
+                .placement_retries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let (circuit, worker_body) =
+            match place_and_store(state, &template, request, &avoid_workers, &avoid_ports).await {
+                Ok(placed) => placed,
+                // Nowhere left to go after a failure: the failure is the answer.
+                Err(ApiError::NoWorker) if last_error.is_some() => break,
+                Err(e) => return Err(e),
+            };
+        match announce(state, &circuit, &worker_body).await {
+            Ok(()) => return Ok((circuit, worker_body)),
+            Err(Retry::Elsewhere(e)) => {
+                avoid_workers.extend(circuit.worker);
+                last_error = Some(e);
+            }
+            Err(Retry::OtherPort(e)) => {
+                if let (Some(w), Some(p)) = (circuit.worker, circuit.port) {
+                    avoid_ports.push((w, p));
+                } else {
+                    avoid_workers.extend(circuit.worker);
+                }
+                last_error = Some(e);
+            }
+            Err(Retry::No(e)) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or(ApiError::NoWorker))
+}
+
+/// Why an announced circuit was withdrawn, and whether another placement may work.
+enum Retry {
+    /// The worker is unresponsive: try another worker.
+    Elsewhere(ApiError),
+    /// The worker could not listen on the port: try another port (or worker).
+    OtherPort(ApiError),
+    /// Retrying cannot help (the event bus is down, the store failed).
+    No(ApiError),
+}
+
+/// Places the circuit on an eligible worker (breaker closed or half-open, not in
+/// `avoid_workers`) and stores it; a slot raced by a concurrent creation is placed
+/// again.
+async fn place_and_store(
+    state: &State,
+    template: &Circuit,
+    request: &placement::Request<'_>,
+    avoid_workers: &[uuid::Uuid],
+    avoid_ports: &[(uuid::Uuid, u16)],
+) -> Result<(Circuit, Value), ApiError> {
     // The manager's ID, or NULL: the coordinator never makes one up.
     let origin = appproxy_shared::current_request_id();
     let mut attempt = 0;
-    let (circuit, worker_body) = loop {
+    loop {
         attempt += 1;
         let mut attempt_request = request.clone();
-        if attempt > 1 {
+        if attempt > 1 || !avoid_ports.is_empty() {
             attempt_request.spread = Some(uuid::Uuid::new_v4().as_u64_pair().0);
         }
-        let workers = state.store.workers().await?;
+        let mut workers = state.store.workers().await?;
+        let before = workers.len();
+        workers.retain(|w| {
+            !avoid_workers.contains(&w.id)
+                && state.breakers.admits_after(
+                    w.body["authority"].as_str().unwrap_or_default(),
+                    super::access::parse_rfc3339(&w.updated_at),
+                )
+        });
+        if workers.len() < before {
+            tracing::debug!(
+                skipped = before - workers.len(),
+                "workers skipped by placement (breaker open or failed this creation)"
+            );
+        }
         let slots = state.store.used_slots().await?;
         let used = |w: &uuid::Uuid| {
             let mut u = Used::default();
@@ -376,6 +466,12 @@ pub(super) async fn create_circuit(
                 u.ports.extend(*port);
                 u.subdomains.extend(sub.clone());
             }
+            u.ports.extend(
+                avoid_ports
+                    .iter()
+                    .filter(|(worker, _)| worker == w)
+                    .map(|(_, p)| *p),
+            );
             u
         };
         let Placement {
@@ -410,14 +506,20 @@ pub(super) async fn create_circuit(
                     .find(|w| w.id == worker)
                     .map(|w| w.body)
                     .unwrap_or_default();
-                break (circuit, body);
+                return Ok((circuit, body));
             }
             Err(StoreError::Conflict(why)) if attempt < 16 => {
                 tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
             }
             Err(e) => return Err(e.into()),
         }
-    };
+    }
+}
+
+/// Tells the circuit's worker and waits for its acknowledgement (when events flow).
+/// Anything but an acknowledgement withdraws the circuit.
+async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Result<(), Retry> {
+    let origin = appproxy_shared::current_request_id();
     let authority = worker_body["authority"]
         .as_str()
         .unwrap_or_default()
@@ -430,7 +532,12 @@ pub(super) async fn create_circuit(
         circuit = %circuit.id, worker = %authority, port = circuit.port, subdomain = circuit.subdomain.as_deref(),
         origin_request_id = origin.as_ref().map(|i| i.as_str()).unwrap_or(""), "circuit created"
     );
-    let ack = state.acks_expected().then(|| state.acks.expect(circuit.id));
+    let wait = state.ack_timeout();
+    let ack = state.acks_expected().then(|| {
+        state.breakers.begin(&authority, wait);
+        state.acks.expect(circuit.id, &authority)
+    });
+    let published = std::time::Instant::now();
     let delivered = state
         .publish(CircuitEvent {
             kind: EventKind::Created,
@@ -439,16 +546,96 @@ pub(super) async fn create_circuit(
             request_id: origin,
         })
         .await;
-    if let Some(waiter) = ack {
-        // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
-        let acked = delivered && waiter.wait(state.ack_timeout()).await;
-        if !acked {
-            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
-            state.remove_circuit(circuit.id).await?;
-            return Err(ApiError::WorkerNotResponding { authority });
+    let Some(waiter) = ack else {
+        return Ok(());
+    };
+    // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
+    let outcome = if delivered {
+        waiter.wait(wait).await
+    } else {
+        drop(waiter);
+        state.breakers.end_trial(&authority);
+        withdraw(
+            state,
+            circuit,
+            &authority,
+            "the event could not be published",
+        )
+        .await?;
+        return Err(Retry::No(ApiError::WorkerNotResponding {
+            authority,
+            cause: "redis",
+        }));
+    };
+    let retry = match outcome {
+        AckOutcome::Deployed => {
+            tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
+            return Ok(());
         }
-        tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
-    }
-    Ok((circuit, worker_body))
+        AckOutcome::TimedOut => {
+            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            match state.breakers.missed(&authority, published) {
+                Some(backoff) => {
+                    state.metrics.breaker_trips.fetch_add(1, Ordering::Relaxed);
+                    let stopped = state.acks.trip(&authority);
+                    tracing::warn!(
+                        worker = %authority, backoff_ms = backoff.as_millis() as u64, waiting = stopped,
+                        "worker did not acknowledge: skipped by placement for the back-off"
+                    );
+                }
+                None => {
+                    tracing::info!(worker = %authority, "the event was lost while the worker resubscribed")
+                }
+            }
+            tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
+            withdraw(state, circuit, &authority, "no acknowledgement in time").await?;
+            Retry::Elsewhere(ApiError::WorkerNotResponding {
+                authority,
+                cause: "worker",
+            })
+        }
+        AckOutcome::WorkerTripped => {
+            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            withdraw(
+                state,
+                circuit,
+                &authority,
+                "the worker stopped acknowledging",
+            )
+            .await?;
+            Retry::Elsewhere(ApiError::WorkerNotResponding {
+                authority,
+                cause: "worker",
+            })
+        }
+        AckOutcome::Failed(why) => {
+            state
+                .metrics
+                .deploy_failures
+                .fetch_add(1, Ordering::Relaxed);
+            state.breakers.end_trial(&authority);
+            tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
+            withdraw(state, circuit, &authority, "the worker could not deploy it").await?;
+            Retry::OtherPort(ApiError::WorkerNotResponding {
+                authority,
+                cause: "deploy",
+            })
+        }
+    };
+    Err(retry)
+}
+
+/// Removes an unacknowledged circuit and tells its worker.
+async fn withdraw(
+    state: &State,
+    circuit: &Circuit,
+    authority: &str,
+    why: &str,
+) -> Result<(), Retry> {
+    tracing::warn!(circuit = %circuit.id, worker = %authority, reason = why, "circuit withdrawn");
+    state
+        .remove_circuit(circuit.id)
+        .await
+        .map(|_| ())
+        .map_err(Retry::No)
 }

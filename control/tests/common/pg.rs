@@ -214,6 +214,11 @@ impl Pg {
         self.dir.path()
     }
 
+    /// The postmaster's process ID (its backends are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the server runs as another user (root started it).
     pub fn unprivileged(&self) -> bool {
         self.user.is_some()

@@ -61,6 +61,57 @@ pub enum StoreError {
     /// The blocking task running a SQLite call died.
     #[error("database task failed")]
     Task,
+    /// The database did not answer within the deadline, or no connection could be
+    /// had: the caller answers 503 and may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Every store call ends within this (a hung database costs a call at most this
+/// long); PostgreSQL also cancels statements server-side after
+/// [`STATEMENT_TIMEOUT`].
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// PostgreSQL's `statement_timeout`, set on every pooled connection.
+pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Runs a store call under [`CALL_DEADLINE`].
+async fn deadline<R>(
+    call: impl std::future::Future<Output = Result<R, StoreError>>,
+) -> Result<R, StoreError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {CALL_DEADLINE:?}"
+            )))
+        })
+}
+
+impl StoreError {
+    /// Whether the database is out of reach or too slow (503), rather than refusing
+    /// this call (500).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Pool(_) => true,
+            // No server error: the connection itself failed. A cancelled statement
+            // (`statement_timeout`) or a server going down has its own codes.
+            Self::Postgres(e) => match e.code() {
+                None => true,
+                Some(code) => {
+                    *code == tokio_postgres::error::SqlState::QUERY_CANCELED
+                        || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                        || *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                        || code.code().starts_with("08")
+                }
+            },
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl From<serde_json::Error> for StoreError {
@@ -91,10 +142,13 @@ async fn on_sqlite<R: Send + 'static>(
 
 macro_rules! dispatch {
     ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {
-        match $self {
-            Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
-            Store::Postgres($p) => $pg.await,
-        }
+        deadline(async {
+            match $self {
+                Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
+                Store::Postgres($p) => $pg.await,
+            }
+        })
+        .await
     };
 }
 
@@ -145,13 +199,36 @@ impl Store {
 
     /// Marks a heartbeat (status `ALIVE`); false when there is no such worker.
     pub async fn heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
-        dispatch!(self, |s| s.heartbeat(&id), |p| p.heartbeat(&id))
+        self.heartbeat_node(id, None).await
+    }
+
+    /// A heartbeat of one named HA node (`node_id` of its registration): that node
+    /// is alive, `nodes` counts the distinct live ones.
+    pub async fn heartbeat_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.heartbeat(&id, node.as_deref()), |p| p
+            .heartbeat(&id, node.as_deref()))
     }
 
     /// One HA node fewer; at none the worker is `LOST`. False when there is no such worker.
     pub async fn deregister_worker(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
-        dispatch!(self, |s| s.deregister_worker(&id), |p| p
-            .deregister_worker(&id))
+        self.deregister_node(id, None).await
+    }
+
+    /// A named HA node leaves: `nodes` counts the live ones left; at none the worker
+    /// is `LOST`. Without a name, one node fewer. False when there is no such worker.
+    pub async fn deregister_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.deregister_worker(&id, node.as_deref()), |p| p
+            .deregister_worker(&id, node.as_deref()))
     }
 
     /// Marks `ALIVE` workers whose last heartbeat is older than `timeout_secs` as

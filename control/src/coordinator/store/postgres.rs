@@ -99,7 +99,26 @@ CREATE TABLE endpoints (
     "
 CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
 ",
+    "
+CREATE TABLE worker_nodes (
+    worker uuid NOT NULL REFERENCES workers(id) ON DELETE CASCADE,
+    node varchar(1024) NOT NULL,
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (worker, node)
+);
+",
 ];
+
+/// Sets a worker's `nodes` to its live node count, its status (`ALIVE`, or `LOST` at
+/// none) and `updated_at`. Returns whether the worker exists.
+const RECOUNT: &str = "UPDATE workers SET nodes = n.count,
+        status = CASE WHEN n.count = 0 THEN 'LOST' ELSE 'ALIVE' END, updated_at = now()
+     FROM (SELECT count(*)::integer AS count FROM worker_nodes WHERE worker = $1) n
+     WHERE id = $1";
+
+/// Records that `node` of worker `id` was just heard from.
+const NODE_SEEN: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
+     ON CONFLICT (worker, node) DO UPDATE SET seen_at = now()";
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -233,9 +252,20 @@ fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
 impl PgStore {
     /// Connects to `url` (`postgres://user:pass@host:port/db`) and migrates.
     pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Pool(format!("[database] url: {e}")))?;
+        // Bounded on the server too: a statement stuck behind a lock or a hung disk is
+        // cancelled there, and a connection attempt to a silent host gives up.
+        let options = format!(
+            "{} -c statement_timeout={}",
+            config.get_options().unwrap_or_default(),
+            super::STATEMENT_TIMEOUT.as_millis()
+        );
+        config.options(options.trim());
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(3));
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -259,7 +289,7 @@ impl PgStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Pool(e.to_string()))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -384,11 +414,36 @@ impl PgStore {
             )
             .await?;
         }
+        // A node that names itself counts once however often it registers (a crashed
+        // and restarted process is the same node).
+        if let Some(node) = body["node_id"].as_str() {
+            tx.execute(NODE_SEEN, &[&id, &node]).await?;
+            tx.execute(RECOUNT, &[&id]).await?;
+        }
         tx.commit().await?;
         Ok(id)
     }
 
-    pub(super) async fn heartbeat(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) async fn heartbeat(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if let Some(node) = node {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            if tx
+                .query_opt("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE", &[id])
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
+            tx.execute(NODE_SEEN, &[id, &node]).await?;
+            tx.execute(RECOUNT, &[id]).await?;
+            tx.commit().await?;
+            return Ok(true);
+        }
         Ok(self
             .client()
             .await?
@@ -400,7 +455,23 @@ impl PgStore {
             == 1)
     }
 
-    pub(super) async fn deregister_worker(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) async fn deregister_worker(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if let Some(node) = node {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            tx.execute(
+                "DELETE FROM worker_nodes WHERE worker = $1 AND node = $2",
+                &[id, &node],
+            )
+            .await?;
+            let found = tx.execute(RECOUNT, &[id]).await? == 1;
+            tx.commit().await?;
+            return Ok(found);
+        }
         Ok(self
             .client()
             .await?
@@ -419,9 +490,20 @@ impl PgStore {
         timeout_secs: u64,
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
         let secs = timeout_secs as f64;
-        let rows = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        // Nodes that stopped heartbeating (crashed) no longer count.
+        client
+            .execute(
+                "WITH stale AS (
+                    DELETE FROM worker_nodes WHERE seen_at < now() - make_interval(secs => $1)
+                    RETURNING worker)
+                 UPDATE workers w SET nodes = (SELECT count(*) FROM worker_nodes n
+                    WHERE n.worker = w.id AND n.seen_at >= now() - make_interval(secs => $1))
+                 WHERE w.id IN (SELECT worker FROM stale)",
+                &[&secs],
+            )
+            .await?;
+        let rows = client
             .query(
                 "UPDATE workers SET status = 'LOST'
                  WHERE status = 'ALIVE' AND updated_at < now() - make_interval(secs => $1)

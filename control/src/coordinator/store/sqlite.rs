@@ -55,7 +55,37 @@ ALTER TABLE circuits ADD COLUMN endpoint_id TEXT;
 UPDATE circuits SET endpoint_id = json_extract(body, '$.endpoint_id');
 CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
 ",
+    "
+CREATE TABLE worker_nodes (
+    worker TEXT NOT NULL REFERENCES workers(id) ON DELETE CASCADE,
+    node TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (worker, node)
+);
+",
 ];
+
+/// Sets a worker's `nodes` to its live node count; with `touch`, also its status
+/// (`ALIVE`, or `LOST` at none) and `updated_at`.
+fn recount(
+    tx: &rusqlite::Connection,
+    id: &str,
+    touch: Option<&str>,
+) -> Result<usize, rusqlite::Error> {
+    match touch {
+        Some(now) => tx.execute(
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1),
+                status = CASE WHEN (SELECT count(*) FROM worker_nodes WHERE worker = ?1) = 0
+                    THEN 'LOST' ELSE 'ALIVE' END,
+                updated_at = ?2 WHERE id = ?1",
+            params![id, now],
+        ),
+        None => tx.execute(
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1) WHERE id = ?1",
+            params![id],
+        ),
+    }
+}
 
 /// The embedded store.
 pub struct SqliteStore {
@@ -149,14 +179,48 @@ impl SqliteStore {
                     id
                 }
             };
+            // A node that names itself counts once however often it registers (a
+            // crashed and restarted process is the same node).
+            if let Some(node) = body["node_id"].as_str() {
+                tx.execute(
+                    "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                    params![id, node, now],
+                )?;
+                recount(&tx, &id, Some(&now))?;
+            }
             tx.commit()?;
             parse_id(&id)
         })
     }
 
-    pub(super) fn heartbeat(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) fn heartbeat(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let now = now();
         self.with(|c| {
+            if let Some(node) = node {
+                let tx = c.unchecked_transaction()?;
+                let id = id.to_string();
+                let known: Option<String> = tx
+                    .query_row("SELECT id FROM workers WHERE id = ?1", params![id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if known.is_none() {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                    params![id, node, now],
+                )?;
+                recount(&tx, &id, Some(&now))?;
+                tx.commit()?;
+                return Ok(true);
+            }
             Ok(c.execute(
                 "UPDATE workers SET updated_at = ?1, status = 'ALIVE' WHERE id = ?2",
                 params![now, id.to_string()],
@@ -164,9 +228,24 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn deregister_worker(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) fn deregister_worker(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let now = now();
         self.with(|c| {
+            if let Some(node) = node {
+                let tx = c.unchecked_transaction()?;
+                let id = id.to_string();
+                tx.execute(
+                    "DELETE FROM worker_nodes WHERE worker = ?1 AND node = ?2",
+                    params![id, node],
+                )?;
+                let found = recount(&tx, &id, Some(&now))? == 1;
+                tx.commit()?;
+                return Ok(found);
+            }
             Ok(c.execute(
                 "UPDATE workers SET nodes = MAX(nodes - 1, 0),
                     status = CASE WHEN nodes - 1 <= 0 THEN 'LOST' ELSE status END,
@@ -186,6 +265,16 @@ impl SqliteStore {
         .to_string();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
+            // Nodes that stopped heartbeating (crashed) no longer count.
+            let stale: Vec<String> = {
+                let mut st =
+                    tx.prepare("DELETE FROM worker_nodes WHERE seen_at < ?1 RETURNING worker")?;
+                let rows = st.query_map(params![cutoff], |r| r.get::<_, String>(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for id in &stale {
+                recount(&tx, id, None)?;
+            }
             let mut lost = Vec::new();
             {
                 let mut st = tx.prepare(

@@ -1,0 +1,269 @@
+//! The coordinator's HTTP server loop: every wait bounded and the connection count
+//! capped, so idle or slow clients cannot exhaust its descriptors.
+//!
+//! - a request head must arrive within `header_read_timeout_secs` (hyper's header
+//!   timer, which also runs while a keep-alive connection waits for its next request);
+//! - a connection on which no byte moves either way for `idle_timeout_secs` while no
+//!   request is in flight is closed (a creation waiting for acknowledgements is never
+//!   cut; its own waits are bounded);
+//! - at most `max_connections` connections, clamped below the process's descriptor
+//!   limit with a reserve for the store, Redis and logs; beyond it new connections are
+//!   closed at once, counted, and logged once per burst;
+//! - accept errors (descriptors exhausted) back off instead of spinning.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Limits of the API server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request head must be complete within this.
+    pub header_read: Duration,
+    /// No byte either way for this long closes the connection.
+    pub idle: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+}
+
+/// Descriptors kept back from the connection cap (store pool, Redis, logs, accept).
+const FD_RESERVE: u64 = 128;
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`.
+fn nofile_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `configured`, clamped below the descriptor limit (with [`FD_RESERVE`]).
+pub fn effective_cap(configured: usize) -> usize {
+    match nofile_limit() {
+        Some(limit) => {
+            let room = limit.saturating_sub(FD_RESERVE).max(16) as usize;
+            if room < configured {
+                tracing::warn!(
+                    configured,
+                    nofile = limit,
+                    cap = room,
+                    "[coordinator] max_connections lowered to fit the descriptor limit (raise LimitNOFILE)"
+                );
+            }
+            configured.min(room)
+        }
+        None => configured,
+    }
+}
+
+/// Counts the bytes' last movement on a connection.
+struct Tracked {
+    inner: TcpStream,
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Tracked {
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One request in flight on a connection, however its handler ends.
+struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    fn enter(counter: Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of the server, for `/metrics`.
+#[derive(Default)]
+pub struct ServerMetrics {
+    /// Connections closed at once because the cap was reached.
+    pub refused: AtomicU64,
+    /// Connections closed for idleness or a slow head.
+    pub timed_out: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting and
+/// gives open connections up to 5 s to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    metrics: Arc<ServerMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let cap = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    let mut last_refusal_log: Option<Instant> = None;
+    let mut last_accept_error_log: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+            // Reap finished connection tasks as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE) or memory: back off, do not spin.
+                if last_accept_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::error!(error = %e, "accept failed; backing off");
+                    last_accept_error_log = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = cap.clone().try_acquire_owned() else {
+            metrics.refused.fetch_add(1, Ordering::Relaxed);
+            if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                tracing::warn!(
+                    cap = limits.max_connections,
+                    "connection cap reached: new connections are closed"
+                );
+                last_refusal_log = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let limits = limits.clone();
+        let metrics = metrics.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            metrics.open.fetch_add(1, Ordering::Relaxed);
+            let epoch = Instant::now();
+            let last = Arc::new(AtomicU64::new(0));
+            let io = TokioIo::new(Tracked {
+                inner: stream,
+                last: last.clone(),
+                epoch,
+            });
+            // Requests in flight on this connection: the idle timer never cuts one.
+            let busy = Arc::new(AtomicU64::new(0));
+            let in_flight = busy.clone();
+            let service = hyper_util::service::TowerToHyperService::new(router.layer(
+                axum::middleware::from_fn(
+                    move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                        let in_flight = in_flight.clone();
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        async move {
+                            let _busy = Busy::enter(in_flight);
+                            next.run(req).await
+                        }
+                    },
+                ),
+            ));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read)
+                .keep_alive(true);
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
+            let idle = limits.idle;
+            let mut stopping = false;
+            loop {
+                let since = Duration::from_millis(last.load(Ordering::Relaxed));
+                let idle_for = epoch.elapsed().saturating_sub(since);
+                let wake_in = idle.saturating_sub(idle_for);
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    _ = tokio::time::sleep(wake_in) => {
+                        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+                        let working = busy.load(Ordering::Relaxed) > 0;
+                        if working {
+                            // Re-armed from now: a request's own waits are bounded.
+                            last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        } else if epoch.elapsed().saturating_sub(since) >= idle {
+                            metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "idle connection closed");
+                            break;
+                        }
+                    }
+                    changed = stop.changed(), if !stopping => {
+                        stopping = true;
+                        if changed.is_ok() {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+            metrics.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        connections.abort_all();
+    }
+    Ok(())
+}
