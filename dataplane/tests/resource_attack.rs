@@ -2,6 +2,8 @@
 //! fails because the worker ran out of descriptors (`EMFILE`, under a real, lowered
 //! `RLIMIT_NOFILE`) is the proxy's own failure, counted and logged as such, and never
 //! held against the app's health; once descriptors are back, the same app is used.
+//! And the admin endpoint, which answers one request at a time, cannot be held by a
+//! client that trickles its request head: `/health` keeps answering.
 
 mod common;
 
@@ -167,4 +169,41 @@ fn tcp_circuit_out_of_descriptors_is_a_local_failure_never_the_apps() {
         0,
         "the app was never out of rotation"
     );
+}
+
+#[test]
+fn a_client_trickling_its_head_to_the_admin_endpoint_does_not_hold_health() {
+    let w = Worker::start(WorkerOpts::default());
+    // The trickler: a request line that never ends, one byte every 200 ms (each read
+    // of the admin thread gets something well inside its per-read timeout), for up
+    // to a minute or until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = w.admin;
+    let trickler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(admin).expect("connect admin");
+            let _ = s.write_all(b"GET /health?");
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                if s.write_all(b"a").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        })
+    };
+    // Let the admin thread take the trickler first.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = common::Client::connect(w.admin);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    let _ = trickler.join();
 }
