@@ -68,7 +68,10 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
     };
     core.connect_succeeded();
     route.record(addr, true, core.reactor.now(), core.health_policy());
+    // Drain closes a tunnel at once, like an idle keep-alive connection: both sides,
+    // so that neither direction waits for an app that never closes its side.
     client.set_idle(true);
+    upstream.set_idle(true);
     let started = Instant::now();
     let idle = core.rt.tunnel_idle_timeout;
     let mut up_buf = vec![0u8; 16 * 1024];

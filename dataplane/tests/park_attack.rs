@@ -5,11 +5,20 @@
 //! waited longer than the bound with no turn. Driven through the liveness API with a
 //! real epoll set and eventfd standing for the core's, the core's thread played by
 //! the test (so that "not scheduled yet" is exact, not a race).
+//!
+//! And drain on `SIGTERM` against a raw TCP tunnel whose app never closes its side:
+//! the tunnel is closed at once, like an idle keep-alive connection, instead of
+//! holding the core (and the process) until the drain timeout.
 
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use appproxy_dataplane::liveness::Liveness;
+use common::{Worker, WorkerOpts};
 use rustix::event::{epoll, eventfd, EventfdFlags};
 
 /// An epoll set holding one eventfd, as a core's reactor has.
@@ -100,4 +109,54 @@ fn an_idle_core_given_work_a_moment_ago_is_not_stalled_until_the_work_waited_pas
     // It turns: no longer stalled.
     core_turns(&l, &ep, &ev);
     assert!(l.check().is_empty());
+}
+
+#[test]
+fn sigterm_closes_a_raw_tcp_tunnel_at_once_even_when_its_app_never_closes() {
+    // An app that reads until end of stream, then keeps its side open, silent.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app = listener.local_addr().expect("addr");
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let got_tx = got_tx.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = got_tx.send(buf[..n].to_vec());
+                }
+                std::thread::sleep(Duration::from_secs(300));
+                drop(s);
+            });
+        }
+    });
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"".into(),
+        // Far longer than the hang guard of `terminate` (30 s).
+        extra: "[timeouts]\ndrain_secs = 120\n".into(),
+        ..Default::default()
+    });
+    let mut client = TcpStream::connect(w.addr()).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    client.write_all(b"hello").expect("send");
+    let got = got_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the app got the bytes");
+    assert_eq!(got, b"hello");
+    let status = w.terminate();
+    assert!(status.success(), "{status:?}");
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    assert!(
+        !w.log_text()
+            .contains("drain timeout: closing connections still open"),
+        "the tunnel was closed by drain, not by its timeout"
+    );
 }
