@@ -9,6 +9,9 @@
 //! And drain on `SIGTERM` against a raw TCP tunnel whose app never closes its side:
 //! the tunnel is closed at once, like an idle keep-alive connection, instead of
 //! holding the core (and the process) until the drain timeout.
+//!
+//! And a timeout too large to become a deadline on the core's clock is refused when
+//! the config is read, instead of panicking the core at its first request.
 
 mod common;
 
@@ -159,4 +162,33 @@ fn sigterm_closes_a_raw_tcp_tunnel_at_once_even_when_its_app_never_closes() {
             .contains("drain timeout: closing connections still open"),
         "the tunnel was closed by drain, not by its timeout"
     );
+}
+
+#[test]
+fn a_timeout_too_large_for_a_deadline_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in [
+        "[timeouts]\nkeepalive_secs",
+        "[timeouts]\ndrain_secs",
+        "[upstream]\nunhealthy_secs",
+    ] {
+        let path = dir.path().join("worker.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[worker]\ncores = 1\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n{key} = 18446744073709551615\n"
+            ),
+        )
+        .expect("write config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .expect("run the worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: accepted");
+        let name = key.rsplit('\n').next().unwrap_or(key);
+        assert!(stderr.contains(name), "{key}: {stderr}");
+    }
 }
