@@ -7,7 +7,9 @@
 //! It keeps a small reserve of descriptors, so that it still answers when the process
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
-//! the reserve is refilled once a descriptor is free again.
+//! the reserve is refilled once a descriptor is free again. One client at a time
+//! is served, and each has [`HEAD_DEADLINE`] for its whole request head, however it
+//! spaces its bytes: a trickling client cannot hold `/health`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -96,11 +98,38 @@ impl Reserve {
     }
 }
 
+/// How long one admin client may take to send its whole request head (and, apart,
+/// to take the answer): the thread serves one client at a time, so a client that
+/// trickles its head must not hold `/health` for longer than this.
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Reads from `stream` until `until`: each read waits at most the time left, so a
+/// peer that keeps sending a byte now and then is cut at the deadline all the same.
+struct ReadUntil<'a> {
+    stream: &'a TcpStream,
+    until: std::time::Instant,
+}
+
+impl std::io::Read for ReadUntil<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
 fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(HEAD_DEADLINE))?;
     // Reads through a reference: no second descriptor for the reader.
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(ReadUntil {
+        stream: &stream,
+        until: std::time::Instant::now() + HEAD_DEADLINE,
+    });
     let mut line = String::new();
     reader.by_ref().take(8192).read_line(&mut line)?;
     // Skip the rest of the head (bounded).

@@ -252,6 +252,9 @@ impl Default for LimitsSection {
     }
 }
 
+/// The longest duration any `*_secs` key may set (one year).
+pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
+
 /// `[timeouts]`, in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -875,6 +878,32 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!(
                     "[timeouts] {name} must be at least 1"
+                )));
+            }
+        }
+        // Every duration becomes a deadline (now + it) on a core: one too large for the
+        // clock would panic the core at its first use instead of failing here.
+        for (name, v) in [
+            ("[timeouts] head_secs", t.head_secs),
+            ("[timeouts] keepalive_secs", t.keepalive_secs),
+            ("[timeouts] upstream_connect_secs", t.upstream_connect_secs),
+            ("[timeouts] upstream_head_secs", t.upstream_head_secs),
+            ("[timeouts] body_idle_secs", t.body_idle_secs),
+            ("[timeouts] tunnel_idle_secs", t.tunnel_idle_secs),
+            ("[timeouts] drain_secs", t.drain_secs),
+            (
+                "[upstream] idle_timeout_secs",
+                self.upstream.idle_timeout_secs,
+            ),
+            ("[upstream] unhealthy_secs", self.upstream.unhealthy_secs),
+            (
+                "[upstream] probe_interval_secs",
+                self.upstream.probe_interval_secs,
+            ),
+        ] {
+            if v > MAX_DURATION_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at most {MAX_DURATION_SECS} (one year)"
                 )));
             }
         }

@@ -5,9 +5,11 @@
 //! A core is *stalled* when it has not turned for longer than the stall bound while
 //! work is waiting for it: it is not parked at all (a turn takes microseconds, so a
 //! long gap means the thread sleeps somewhere it should not, or one task hogs it), or
-//! it is parked but its epoll set already holds events, or its park overran its own
-//! deadline. An idle core parked in `epoll_wait` with nothing ready is never stalled,
-//! however long it sleeps.
+//! it is parked but its epoll set has held events for longer than the bound (seen by
+//! the checks, with no turn in between), or its park overran its own deadline. An
+//! idle core parked in `epoll_wait` with nothing ready is never stalled, however long
+//! it sleeps; nor is one whose work has just arrived and whose thread has not been
+//! scheduled yet: its last turn is old, but the work is not.
 //!
 //! The kick wakes both places a core thread can sleep: the reactor's eventfd (its
 //! `epoll_wait`) and glommio's ring (a foreign wake of a task parked for this purpose,
@@ -48,6 +50,9 @@ pub struct CoreLiveness {
     wake_fd: Mutex<Option<OwnedFd>>,
     /// The waker of the core's kick task (wakes glommio's ring sleep).
     kick: Mutex<Option<Waker>>,
+    /// Since when the checks have seen events waiting in the parked core's epoll set,
+    /// with the turn count then (reset by a turn or an empty set).
+    pending_since: Mutex<Option<(u64, Instant)>>,
 }
 
 impl CoreLiveness {
@@ -63,6 +68,7 @@ impl CoreLiveness {
             epoll: Mutex::new(None),
             wake_fd: Mutex::new(None),
             kick: Mutex::new(None),
+            pending_since: Mutex::new(None),
         }
     }
 
@@ -144,7 +150,26 @@ impl CoreLiveness {
             until => {
                 let overran = until != PARKED_FOREVER
                     && self.ms(now) > until.saturating_add(bound.as_millis() as u64);
-                overran || self.events_pending()
+                overran || self.pending_for(now) >= bound
+            }
+        }
+    }
+
+    /// How long events have been waiting in the parked core's epoll set, as seen by
+    /// the checks: zero when none are, or when they were first seen now (the last
+    /// turn of a core that was idle is old, the work that just woke it is not).
+    fn pending_for(&self, now: Instant) -> Duration {
+        let mut seen = lock(&self.pending_since);
+        if !self.events_pending() {
+            *seen = None;
+            return Duration::ZERO;
+        }
+        let turns = self.turns();
+        match *seen {
+            Some((t, since)) if t == turns => now.saturating_duration_since(since),
+            _ => {
+                *seen = Some((turns, now));
+                Duration::ZERO
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use appproxy_shared::{scope, RequestId};
 
-use crate::core::{counter, Core};
+use crate::core::{counter, Core, Route};
 use crate::io::TcpConn;
 use crate::relay;
 
@@ -45,8 +45,9 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
     let upstream = match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%circuit, upstream = %addr, error = %e, "tcp upstream connect failed");
-            route.record(addr, false, core.reactor.now(), core.health_policy());
+            if !connect_failed(core, &route, addr, &e) {
+                return;
+            }
             let alt = route.pick(core.draw(), core.reactor.now(), Some(addr));
             match alt {
                 Some(alt) if alt != addr => {
@@ -56,8 +57,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
                             c
                         }
                         Err(e) => {
-                            tracing::warn!(%circuit, upstream = %alt, error = %e, "tcp upstream connect failed: closed");
-                            route.record(alt, false, core.reactor.now(), core.health_policy());
+                            connect_failed(core, &route, alt, &e);
                             return;
                         }
                     }
@@ -66,8 +66,12 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
             }
         }
     };
+    core.connect_succeeded();
     route.record(addr, true, core.reactor.now(), core.health_policy());
+    // Drain closes a tunnel at once, like an idle keep-alive connection: both sides,
+    // so that neither direction waits for an app that never closes its side.
     client.set_idle(true);
+    upstream.set_idle(true);
     let started = Instant::now();
     let idle = core.rt.tunnel_idle_timeout;
     let mut up_buf = vec![0u8; 16 * 1024];
@@ -89,4 +93,21 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         duration_ms = started.elapsed().as_millis() as u64,
         "tcp connection closed"
     );
+}
+
+/// Books a failed upstream connect: a local failure (out of descriptors …) is counted
+/// and logged once per burst, never against the upstream's health, and is not worth
+/// another upstream (it would fail the same way); any other failure counts against
+/// `addr`. Returns whether another upstream may be tried.
+fn connect_failed(core: &Core, route: &Route, addr: SocketAddr, e: &std::io::Error) -> bool {
+    if crate::core::is_local_error(e) {
+        core.local_connect_failure(addr, e);
+        return false;
+    }
+    tracing::warn!(circuit = %route.circuit.circuit.id, upstream = %addr, error = %e, "tcp upstream connect failed");
+    let policy = core.health_policy();
+    if route.record(addr, false, core.reactor.now(), policy) {
+        tracing::warn!(upstream = %addr, failures = policy.threshold, backoff_secs = policy.backoff.as_secs(), "upstream marked unhealthy");
+    }
+    true
 }

@@ -1,0 +1,209 @@
+//! Resource exhaustion through raw TCP circuits: a TCP circuit's upstream connect that
+//! fails because the worker ran out of descriptors (`EMFILE`, under a real, lowered
+//! `RLIMIT_NOFILE`) is the proxy's own failure, counted and logged as such, and never
+//! held against the app's health; once descriptors are back, the same app is used.
+//! And the admin endpoint, which answers one request at a time, cannot be held by a
+//! client that trickles its request head: `/health` keeps answering.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{Worker, WorkerOpts};
+
+/// Polls `pred` (bounded: a hang guard, not a timing assertion).
+fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pred() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A counter's value on core 0, from the admin `/metrics`.
+fn metric(w: &Worker, name: &str) -> u64 {
+    let text = w.admin_get("/metrics").text();
+    let prefix = format!("{name}{{core=\"0\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn log_count(w: &Worker, message: &str) -> usize {
+    w.log_json()
+        .iter()
+        .filter(|v| v["message"] == message)
+        .count()
+}
+
+/// The worker's open descriptors: (count, highest number).
+fn open_fds(pid: u32) -> (u64, u64) {
+    let mut count = 0;
+    let mut max = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .flatten()
+    {
+        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+            count += 1;
+            max = max.max(n);
+        }
+    }
+    (count, max)
+}
+
+/// An echo app: one thread per connection.
+fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A relayed TCP connection through the worker: one byte goes to the app and back.
+fn relayed(w: &Worker) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"x").ok()?;
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) if b == *b"x" => Some(s),
+        _ => None,
+    }
+}
+
+#[test]
+fn tcp_circuit_out_of_descriptors_is_a_local_failure_never_the_apps() {
+    let app = echo_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"".into(),
+        extra: "[limits]\nmax_connections_per_core = 100000\n".into(),
+        ..Default::default()
+    });
+    let pid = w.pid();
+    // The readiness probe's connection is relayed and closed: wait until the
+    // descriptor count is stable.
+    let mut last = open_fds(pid).0;
+    let mut same = 0;
+    eventually("the descriptor count settles", || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds(pid).0;
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        same >= 3
+    });
+    // Lower the limit to a little above what the worker uses, leaving an odd number
+    // of descriptors free for the cores (the admin thread's pending accept holds one
+    // that /proc does not list): relayed connections take two each, and the last one
+    // is left for a client whose app connection then cannot be opened.
+    let (used, max) = open_fds(pid);
+    let mut limit = max + 1 + 20;
+    if (limit - used - 1) % 2 == 0 {
+        limit += 1;
+    }
+    rustix::process::prlimit(
+        rustix::process::Pid::from_raw(pid as i32),
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .expect("prlimit on the worker");
+    let mut held = Vec::new();
+    loop {
+        let (used, _) = open_fds(pid);
+        let free = limit - used - 1;
+        if free < 3 {
+            assert_eq!(free, 1, "one descriptor left for the failing clients");
+            break;
+        }
+        held.push(relayed(&w).expect("relayed while descriptors last"));
+    }
+    // One descriptor left: each client is accepted, its app connection fails with
+    // EMFILE, and it is closed. More times than the failure threshold (3).
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(b"x");
+        let mut rest = Vec::new();
+        // End of stream or a reset: either way, nothing was relayed.
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "nothing relayed without an app connection");
+    }
+    eventually("the local failures are counted in /metrics", || {
+        metric(&w, "appproxy_local_resource_errors_total") == 5
+    });
+    assert_eq!(
+        log_count(&w, "upstream marked unhealthy"),
+        0,
+        "a local EMFILE is not the app's failure"
+    );
+    // Descriptors back: the same app is used at once.
+    drop(held);
+    eventually("the app is relayed to again", || relayed(&w).is_some());
+    w.wait_log("end of the local failures", |v| {
+        v["message"] == "upstream connects work again after local resource failures"
+    });
+    assert_eq!(log_count(&w, "upstream marked unhealthy"), 0);
+    assert_eq!(
+        log_count(&w, "upstream answers the probe again: back in rotation"),
+        0,
+        "the app was never out of rotation"
+    );
+}
+
+#[test]
+fn a_client_trickling_its_head_to_the_admin_endpoint_does_not_hold_health() {
+    let w = Worker::start(WorkerOpts::default());
+    // The trickler: a request line that never ends, one byte every 200 ms (each read
+    // of the admin thread gets something well inside its per-read timeout), for up
+    // to a minute or until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = w.admin;
+    let trickler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(admin).expect("connect admin");
+            let _ = s.write_all(b"GET /health?");
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                if s.write_all(b"a").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        })
+    };
+    // Let the admin thread take the trickler first.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = common::Client::connect(w.admin);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    let _ = trickler.join();
+}
