@@ -163,6 +163,18 @@ where
     tokio::spawn(inherit(fut))
 }
 
+/// Spawns `fut` on the current tokio runtime in a child span of the caller's (same
+/// request ID and trace, a new span whose parent is the caller's): for background jobs
+/// a request starts, so the job is its own hop in the trace.
+#[cfg(feature = "tokio")]
+pub fn spawn_child<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(inherit_child(fut))
+}
+
 /// Runs blocking work on tokio's blocking pool; the closure runs with the caller's
 /// ID and span bound (a blocking thread has no task to carry it otherwise).
 #[cfg(feature = "tokio")]
