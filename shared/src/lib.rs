@@ -4,6 +4,7 @@
 //! - [`request_id`]: the validated request-ID value type and its generation;
 //! - [`header`]: which headers carry the ID and the absent/invalid policy;
 //! - [`context`]: the current request ID, bound around futures on any runtime;
+//! - [`trace`]: W3C Trace Context (`traceparent`, `tracestate`) and span contexts;
 //! - [`telemetry`]: JSON-lines / logfmt logging that stamps `request_id` on every event;
 //! - [`middleware`] (feature `tower`): the request-ID + access-log layer for axum services;
 //! - [`jwt`]: HS256 tokens (setup, inference, storage sessions);
@@ -20,7 +21,12 @@ pub mod middleware;
 pub mod model;
 pub mod request_id;
 pub mod telemetry;
+pub mod trace;
 
-pub use context::{current_request_id, inherit, scope, with_request_id, RequestScope};
+pub use context::{
+    current_request_id, current_span, inherit, inherit_child, scope, scope_traced,
+    with_request_context, with_request_id, RequestScope,
+};
 pub use header::{IdPolicy, PRIMARY_HEADER};
 pub use request_id::{IdVersion, InvalidRequestId, RequestId};
+pub use trace::{SpanContext, TraceParent, TraceState};

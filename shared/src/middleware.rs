@@ -7,6 +7,16 @@
 //! request extensions, binds it around the handler (and everything the handler spawns
 //! with [`crate::context::inherit`]), echoes it on the response when there is one, and
 //! logs `target: "access"` with method, path, status, bytes, duration and request_id.
+//!
+//! It also opens one span per request (W3C Trace Context, [`crate::trace`]): a valid
+//! `traceparent` makes the span a child of the caller's; otherwise the span is a root
+//! whose trace ID is derived from the request ID when that is a UUID. An invalid
+//! `traceparent` or `tracestate` is dropped (logged at debug by reason only, never
+//! raw). The handler sees `traceparent` naming this span as parent (what it forwards
+//! to a next hop) and the validated `tracestate`; the [`SpanContext`] and
+//! [`TraceState`] are in the request extensions; the span is bound with the ID, so
+//! every line carries `trace_id`, `span_id` and `parent_span_id`; the response echoes
+//! `traceparent`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,9 +28,13 @@ use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::context::scope;
+use crate::context::scope_traced;
 use crate::header::{self, IdPolicy, Origin, INPUT_HEADERS, PRIMARY_HEADER};
 use crate::request_id::{IdVersion, RequestId};
+use crate::trace::{
+    InvalidTraceParent, InvalidTraceState, SpanContext, TraceParent, TraceState, TRACEPARENT,
+    TRACESTATE,
+};
 
 /// Layer that wraps a service in [`RequestIdService`].
 #[derive(Debug, Clone, Copy)]
@@ -92,15 +106,29 @@ where
         if let Some(id) = id {
             req.extensions_mut().insert(id);
         }
+        let trace = read_trace_headers(req.headers());
+        let span = SpanContext::start(trace.parent.as_ref().ok(), id.as_ref());
+        let traceparent = span.traceparent();
+        normalize_trace_headers(&mut req, &span, trace.state.as_ref());
+        req.extensions_mut().insert(span);
+        if let Some(Ok(state)) = &trace.state {
+            req.extensions_mut().insert(state.clone());
+        }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let started = Instant::now();
         // The service that was made ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(scope(id, async move {
+        Box::pin(scope_traced(id, Some(span), async move {
             if origin == Origin::Replaced {
                 tracing::debug!("invalid request id replaced by a generated one");
+            }
+            if let Err(Some(reason)) = &trace.parent {
+                tracing::debug!(reason = %reason, "invalid traceparent ignored");
+            }
+            if let Some(Err(reason)) = &trace.state {
+                tracing::debug!(reason = %reason, "invalid tracestate dropped");
             }
             let result = inner.call(req).await;
             let duration_us = started.elapsed().as_micros() as u64;
@@ -110,6 +138,9 @@ where
                         if let Ok(value) = HeaderValue::from_bytes(id.as_bytes()) {
                             resp.headers_mut().insert(PRIMARY_HEADER, value);
                         }
+                    }
+                    if let Ok(value) = HeaderValue::from_bytes(traceparent.as_bytes()) {
+                        resp.headers_mut().insert(TRACEPARENT, value);
                     }
                     let bytes = resp.body().size_hint().exact();
                     tracing::info!(
@@ -148,6 +179,62 @@ fn normalize_request_headers<B>(req: &mut Request<B>, id: Option<RequestId>) {
     if let Some(id) = id {
         if let Ok(value) = HeaderValue::from_bytes(id.as_bytes()) {
             req.headers_mut().insert(PRIMARY_HEADER, value);
+        }
+    }
+}
+
+/// The trace headers of a request, validated.
+struct TraceHeaders {
+    /// The caller's `traceparent`: `Err(None)` when absent, `Err(Some(reason))` when
+    /// invalid (two headers count as invalid).
+    parent: Result<TraceParent, Option<InvalidTraceParent>>,
+    /// The caller's `tracestate` (all header lines joined), only looked at when the
+    /// `traceparent` is valid.
+    state: Option<Result<TraceState, InvalidTraceState>>,
+}
+
+fn read_trace_headers(headers: &http::HeaderMap) -> TraceHeaders {
+    let mut values = headers.get_all(TRACEPARENT).iter();
+    let parent = match (values.next(), values.next()) {
+        (None, _) => Err(None),
+        (Some(v), None) => TraceParent::parse(v.as_bytes()).map_err(Some),
+        (Some(_), Some(_)) => Err(Some(InvalidTraceParent::Shape)),
+    };
+    let state = if parent.is_ok() {
+        let mut lines = headers.get_all(TRACESTATE).iter().peekable();
+        lines.peek().is_some().then(|| {
+            let mut joined = Vec::new();
+            for (i, v) in lines.enumerate() {
+                if i > 0 {
+                    joined.push(b',');
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+            TraceState::parse(&joined)
+        })
+    } else {
+        None
+    };
+    TraceHeaders { parent, state }
+}
+
+/// Leaves the handler this span's `traceparent` and the validated `tracestate` (when
+/// there is a non-empty one), and nothing the caller sent raw.
+fn normalize_trace_headers<B>(
+    req: &mut Request<B>,
+    span: &SpanContext,
+    state: Option<&Result<TraceState, InvalidTraceState>>,
+) {
+    req.headers_mut().remove(TRACEPARENT);
+    req.headers_mut().remove(TRACESTATE);
+    if let Ok(value) = HeaderValue::from_bytes(span.traceparent().as_bytes()) {
+        req.headers_mut().insert(TRACEPARENT, value);
+    }
+    if let Some(Ok(state)) = state {
+        if !state.is_empty() {
+            if let Ok(value) = HeaderValue::from_str(state.as_str()) {
+                req.headers_mut().insert(TRACESTATE, value);
+            }
         }
     }
 }

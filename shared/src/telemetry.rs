@@ -1,5 +1,6 @@
 //! Telemetry: one `init` for every binary, JSON-lines or logfmt output, and the layer
-//! that stamps the current request ID on every event.
+//! that stamps the current request ID (and, inside a traced request, `trace_id`,
+//! `span_id` and `parent_span_id`) on every event.
 //!
 //! The formatting layer is written here rather than configured from
 //! `tracing_subscriber::fmt` because the request ID must appear on events that have no
@@ -20,7 +21,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::context::current_request_id;
+use crate::context::{current_request_id, current_span};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -215,6 +216,13 @@ where
                 other => plain(&other),
             }));
         let message = take_field(&mut fields, "message");
+        let span = current_span();
+        if span.is_some() {
+            // The bound span is the truth; same-named fields would only duplicate keys.
+            for name in ["trace_id", "span_id", "parent_span_id"] {
+                take_field(&mut fields, name);
+            }
+        }
         let meta = event.metadata();
 
         LINE.with(|line| {
@@ -231,6 +239,13 @@ where
                     push_json_pair(&mut line, "target", meta.target());
                     if let Some(rid) = &request_id {
                         push_json_pair(&mut line, "request_id", rid);
+                    }
+                    if let Some(sp) = &span {
+                        push_json_pair(&mut line, "trace_id", sp.trace_id.hex().as_str());
+                        push_json_pair(&mut line, "span_id", sp.span_id.hex().as_str());
+                        if let Some(parent) = &sp.parent_span_id {
+                            push_json_pair(&mut line, "parent_span_id", parent.hex().as_str());
+                        }
                     }
                     if let Some(m) = &message {
                         push_json_pair(&mut line, "message", &plain(m));
@@ -253,6 +268,13 @@ where
                     push_logfmt_pair(&mut line, "target", meta.target());
                     if let Some(rid) = &request_id {
                         push_logfmt_pair(&mut line, "request_id", rid);
+                    }
+                    if let Some(sp) = &span {
+                        push_logfmt_pair(&mut line, "trace_id", sp.trace_id.hex().as_str());
+                        push_logfmt_pair(&mut line, "span_id", sp.span_id.hex().as_str());
+                        if let Some(parent) = &sp.parent_span_id {
+                            push_logfmt_pair(&mut line, "parent_span_id", parent.hex().as_str());
+                        }
                     }
                     if let Some(m) = &message {
                         push_logfmt_pair(&mut line, "msg", &plain(m));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use appproxy_shared::header::IdPolicy;
 use appproxy_shared::middleware::RequestIdLayer;
 use appproxy_shared::telemetry::{subscriber, LogFormat, LoggingConfig};
-use appproxy_shared::{current_request_id, IdVersion, RequestId};
+use appproxy_shared::{current_request_id, current_span, IdVersion, RequestId, SpanContext};
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
@@ -37,6 +37,12 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
 struct Seen {
     context: Option<RequestId>,
     headers: Vec<(String, String)>,
+    /// The span bound in the handler.
+    span: Option<SpanContext>,
+    /// The span in the request extensions.
+    ext_span: Option<SpanContext>,
+    /// The `traceparent`/`tracestate` headers the handler received.
+    trace_headers: Vec<(String, String)>,
 }
 
 /// Runs one request through the layer; returns the response headers, what the handler
@@ -60,9 +66,18 @@ fn run(policy: IdPolicy, headers: &[(&str, &str)]) -> (http::HeaderMap, Seen, Ve
                 .filter(|(n, _)| n.as_str().contains("request"))
                 .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
                 .collect();
+            let trace_headers = req
+                .headers()
+                .iter()
+                .filter(|(n, _)| n.as_str().starts_with("trace"))
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                .collect();
             *seen.lock().expect("seen") = Some(Seen {
                 context: current_request_id(),
                 headers,
+                span: current_span(),
+                ext_span: req.extensions().get::<SpanContext>().copied(),
+                trace_headers,
             });
             Ok::<_, Infallible>(Response::new("hello".to_owned()))
         }
@@ -128,6 +143,25 @@ fn absent_is_generated_and_echoed() {
         .find(|l| l.contains("handler ran"))
         .expect("handler log");
     assert!(handler_line.contains(&echoed));
+    // No traceparent came in and the ID is a UUID: the trace ID is its bytes.
+    let span = seen.span.expect("a span is bound in the handler");
+    assert_eq!(seen.ext_span, Some(span));
+    assert_eq!(span.trace_id.to_string(), echoed.replace('-', ""));
+    assert_eq!(span.parent_span_id, None);
+    assert_eq!(access["trace_id"], span.trace_id.to_string().as_str());
+    assert_eq!(access["span_id"], span.span_id.to_string().as_str());
+    assert!(access.get("parent_span_id").is_none());
+    let handler: serde_json::Value = serde_json::from_str(handler_line).expect("json");
+    assert_eq!(handler["span_id"], access["span_id"]);
+    assert_eq!(
+        headers["traceparent"],
+        span.traceparent().as_str(),
+        "the response echoes this hop's traceparent"
+    );
+    assert_eq!(
+        seen.trace_headers,
+        vec![("traceparent".to_owned(), span.traceparent().to_string())]
+    );
 }
 
 #[test]
@@ -191,4 +225,84 @@ fn invalid_is_replaced_and_never_logged_or_forwarded() {
     assert!(headers.get("x-backend-request-id").is_none());
     assert!(seen.headers.is_empty());
     assert!(!lines.join("\n").contains("Injected"));
+}
+
+const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[test]
+fn valid_traceparent_makes_a_child_span() {
+    let (headers, seen, lines) = run(
+        IdPolicy::GenerateIfMissing,
+        &[
+            ("traceparent", PARENT),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+            ("tracestate", " congo=t61rcWkgMzE"),
+        ],
+    );
+    let span = seen.span.expect("span");
+    assert_eq!(
+        span.trace_id.to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        span.parent_span_id.map(|p| p.to_string()).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
+    assert_ne!(span.span_id.to_string(), "00f067aa0ba902b7");
+    let access = access_line(&lines);
+    assert_eq!(access["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(access["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(access["span_id"], span.span_id.to_string().as_str());
+    assert!(access["duration_us"].is_u64());
+    assert_eq!(headers["traceparent"], span.traceparent().as_str());
+    assert_eq!(
+        seen.trace_headers,
+        vec![
+            ("traceparent".to_owned(), span.traceparent().to_string()),
+            (
+                "tracestate".to_owned(),
+                "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn invalid_trace_headers_are_ignored_and_never_logged() {
+    // Uppercase hex: invalid; the tracestate goes with it.
+    let bad = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
+    let (headers, seen, lines) = run(
+        IdPolicy::GenerateIfMissing,
+        &[("traceparent", bad), ("tracestate", "rojo=secretvalue")],
+    );
+    let span = seen.span.expect("span");
+    let echoed = headers["x-backend-request-id"].to_str().expect("ascii");
+    assert_eq!(span.trace_id.to_string(), echoed.replace('-', ""));
+    assert_eq!(span.parent_span_id, None);
+    let all = lines.join("\n");
+    assert!(!all.contains("4BF92F"), "{all}");
+    assert!(!all.contains("secretvalue"), "{all}");
+    assert!(all.contains("invalid traceparent ignored"), "{all}");
+    assert_eq!(
+        seen.trace_headers,
+        vec![("traceparent".to_owned(), span.traceparent().to_string())]
+    );
+    // A valid traceparent with an invalid tracestate: the state alone is dropped.
+    let (_, seen, lines) = run(
+        IdPolicy::ExtractOnly,
+        &[("traceparent", PARENT), ("tracestate", "Bad Key=x")],
+    );
+    let span = seen.span.expect("span");
+    assert_eq!(
+        span.trace_id.to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(seen.trace_headers.len(), 1);
+    let all = lines.join("\n");
+    assert!(all.contains("invalid tracestate dropped"), "{all}");
+    assert!(!all.contains("Bad Key"), "{all}");
+    // Without a request ID the trace ID is random but the span is still there.
+    let access = access_line(&lines);
+    assert!(access.get("request_id").is_none());
+    assert_eq!(access["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
 }

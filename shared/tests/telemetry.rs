@@ -4,7 +4,9 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use appproxy_shared::context::{scope, with_request_id};
+use appproxy_shared::context::{
+    inherit, inherit_child, scope, scope_traced, with_request_context, with_request_id,
+};
 use appproxy_shared::telemetry::{subscriber, LogFormat, LoggingConfig};
 use appproxy_shared::RequestId;
 
@@ -65,6 +67,9 @@ fn json_lines_carry_request_id_inside_scope_only() {
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     assert!(parsed[0].get("request_id").is_none());
+    for v in &parsed {
+        assert!(v.get("trace_id").is_none(), "no span is bound: {v}");
+    }
     for v in &parsed[1..4] {
         assert_eq!(v["request_id"], "req-json-1", "{v}");
         assert_eq!(v["component"], "test");
@@ -98,6 +103,60 @@ fn logfmt_lines_carry_request_id() {
     assert!(lines[0].contains(" msg=hello"), "{}", lines[0]);
     assert!(lines[0].contains(" path=\"/a b\""), "{}", lines[0]);
     assert!(!lines[1].contains("request_id="), "{}", lines[1]);
+    assert!(!lines[0].contains("trace_id="), "{}", lines[0]);
+}
+
+#[test]
+fn traced_lines_carry_trace_span_and_parent() {
+    let id: RequestId = "req-traced-1".parse().expect("valid");
+    let parent = appproxy_shared::TraceParent::parse(
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    .expect("valid");
+    let span = appproxy_shared::SpanContext::start(Some(&parent), Some(&id));
+    let lines = capture(LogFormat::Json, || {
+        tracing::info!("outside before");
+        futures_lite::future::block_on(scope_traced(Some(id), Some(span), async {
+            tracing::info!(trace_id = "spoofed", "inside");
+            inherit(async { tracing::info!("inherited") }).await;
+            inherit_child(async { tracing::info!("child") }).await;
+            scope(Some(id), async { tracing::info!("untraced scope") }).await;
+        }));
+        tracing::info!("outside after");
+    });
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(parsed.len(), 6, "{lines:#?}");
+    for v in [&parsed[0], &parsed[4], &parsed[5]] {
+        assert!(v.get("trace_id").is_none(), "{v}");
+        assert!(v.get("span_id").is_none(), "{v}");
+    }
+    for v in &parsed[1..3] {
+        assert_eq!(v["request_id"], "req-traced-1");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["span_id"], span.span_id.to_string().as_str());
+        assert_eq!(v["parent_span_id"], "00f067aa0ba902b7");
+    }
+    assert_eq!(
+        lines[1].matches("trace_id").count(),
+        1,
+        "the bound span wins over a same-named field: {}",
+        lines[1]
+    );
+    let child = &parsed[3];
+    assert_eq!(child["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(child["parent_span_id"], span.span_id.to_string().as_str());
+    assert_ne!(child["span_id"], span.span_id.to_string().as_str());
+    let logfmt = capture(LogFormat::Logfmt, || {
+        with_request_context(Some(id), Some(span), || tracing::info!("hello"));
+    });
+    let want = format!(
+        " request_id=req-traced-1 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id={} parent_span_id=00f067aa0ba902b7 ",
+        span.span_id
+    );
+    assert!(logfmt[0].contains(&want), "{}", logfmt[0]);
 }
 
 #[test]

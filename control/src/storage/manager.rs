@@ -264,7 +264,7 @@ where
 {
     let id = uuid::Uuid::new_v4();
     let state = state.clone();
-    appproxy_shared::context::spawn(async move {
+    appproxy_shared::context::spawn_child(async move {
         tracing::info!(bgtask_id = %id, task = name, "bgtask started");
         super::emit(
             &state,
