@@ -1345,6 +1345,13 @@ fn metrics_histograms_add_up_to_the_traffic() {
         assert!(e.kinds.contains_key(family), "{family} in {text}");
     }
 
+    // Every coordinator family the control-plane dashboard queries is exported.
+    let queried = common::prom::dashboard_families("appproxy_coordinator_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
+
     // The scrape itself is counted once it is answered.
     let r = request(c.addr, "GET", "/metrics", &[], "");
     let e = Exposition::parse(&String::from_utf8_lossy(&r.body));

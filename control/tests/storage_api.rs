@@ -311,6 +311,12 @@ fn metrics_histograms_add_up_to_the_transfers() {
     );
     assert_eq!(e.value("storage_proxy_uploads_in_progress", ""), Some(0.0));
     assert_eq!(e.value("storage_proxy_bgtasks_running", ""), Some(0.0));
+    // Every storage-proxy family the control-plane dashboard queries is exported.
+    let queried = common::prom::dashboard_families("storage_proxy_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
     let scope = e
         .samples
         .iter()

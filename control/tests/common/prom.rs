@@ -163,3 +163,35 @@ impl Exposition {
             .sum()
     }
 }
+
+/// The metric families the control-plane dashboard
+/// (`deploy/grafana/appproxy-control.json`) queries whose names start with `prefix`
+/// (histogram suffixes removed).
+pub fn dashboard_families(prefix: &str) -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/appproxy-control.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard file"))
+            .expect("dashboard JSON");
+    let mut families = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|t| t.starts_with(prefix))
+            {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                families.push(family.to_owned());
+            }
+        }
+    }
+    families.sort();
+    families.dedup();
+    families
+}
