@@ -464,6 +464,16 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
         text.contains("appproxy_coordinator_events_published_total 2"),
         "created, then removed: {text}"
     );
+    assert!(
+        text.contains(
+            "appproxy_coordinator_worker_ack_timeouts_by_worker_total{worker=\"worker-1\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_coordinator_circuit_creations_total{outcome=\"ack_timeout\"} 1"),
+        "{text}"
+    );
     // Both events carry the manager's ID, on the same log lines as the refusal.
     let lines = log_lines(dir.path());
     assert!(lines.iter().any(
