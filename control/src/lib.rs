@@ -8,5 +8,6 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod metrics;
 pub mod service;
 pub mod storage;

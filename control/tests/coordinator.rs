@@ -464,6 +464,16 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
         text.contains("appproxy_coordinator_events_published_total 2"),
         "created, then removed: {text}"
     );
+    assert!(
+        text.contains(
+            "appproxy_coordinator_worker_ack_timeouts_by_worker_total{worker=\"worker-1\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_coordinator_circuit_creations_total{outcome=\"ack_timeout\"} 1"),
+        "{text}"
+    );
     // Both events carry the manager's ID, on the same log lines as the refusal.
     let lines = log_lines(dir.path());
     assert!(lines.iter().any(
@@ -1265,4 +1275,96 @@ fn ha_nodes_are_counted_by_name(db: Db) {
     request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
     assert_eq!(r.json()["nodes"], 2);
+}
+
+/// After traffic, `/metrics` has `# HELP` and `# TYPE` on every family, and the API
+/// histogram's buckets add up to the requests sent, per route template (raw paths
+/// never become labels).
+#[test]
+fn metrics_histograms_add_up_to_the_traffic() {
+    use common::prom::Exposition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &Db::Sqlite);
+    let token = setup(&c); // PUT /api/worker, POST /v2/conf
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for _ in 0..3 {
+        assert_eq!(request(c.addr, "GET", "/status", &[], "").status, 200);
+    }
+    for path in ["/nope/1", "/nope/2"] {
+        assert_eq!(request(c.addr, "GET", path, &[], "").status, 404);
+    }
+    let id = "0b7e7e0e-1111-4222-8333-444455556666";
+    for _ in 0..2 {
+        let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+        assert_eq!(r.status, 404);
+    }
+    let sent = 2 + 1 + 3 + 2 + 2;
+
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let e = Exposition::parse(&text);
+    let counts = e.check();
+    let api = "appproxy_coordinator_http_request_duration_seconds";
+    assert_eq!(Exposition::total_count(&counts, api), sent, "{text}");
+    let count = |labels: &str| counts.get(&(api.to_owned(), labels.to_owned())).copied();
+    assert_eq!(count("method=\"GET\",route=\"/status\""), Some(3), "{text}");
+    assert_eq!(
+        count("method=\"GET\",route=\"unmatched\""),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        count("method=\"GET\",route=\"/api/worker/{id}\""),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(count("method=\"PUT\",route=\"/api/worker\""), Some(1));
+    assert_eq!(count("method=\"GET\",route=\"/v2/proxy/auth\""), Some(1));
+    assert!(!text.contains(id), "raw paths are not labels: {text}");
+    assert_eq!(
+        e.value(
+            "appproxy_coordinator_circuit_creations_total",
+            "outcome=\"created\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        counts
+            .get(&(
+                "appproxy_coordinator_store_call_duration_seconds".to_owned(),
+                "engine=\"sqlite\"".to_owned()
+            ))
+            .is_some_and(|n| *n >= 3),
+        "{text}"
+    );
+    assert_eq!(e.value("appproxy_coordinator_leader", ""), Some(1.0));
+    for family in [
+        "appproxy_coordinator_worker_ack_duration_seconds",
+        "appproxy_coordinator_worker_ack_timeouts_by_worker_total",
+        "appproxy_coordinator_redis_reconnects_total",
+    ] {
+        assert!(e.kinds.contains_key(family), "{family} in {text}");
+    }
+
+    // Every coordinator family the control-plane dashboard queries is exported.
+    let queried = common::prom::dashboard_families("appproxy_coordinator_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
+
+    // The scrape itself is counted once it is answered.
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    let e = Exposition::parse(&String::from_utf8_lossy(&r.body));
+    let counts = e.check();
+    assert_eq!(Exposition::total_count(&counts, api), sent + 1);
 }

@@ -220,3 +220,111 @@ fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
     assert_eq!(r.status, 410, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.json()["request_id"].is_string());
 }
+
+/// After uploads, downloads and a background task, `/metrics` has `# HELP` and
+/// `# TYPE` on every family, the transfer histograms count every PATCH and download
+/// with the bytes moved, tasks are counted by state, and quota usage is per scope.
+#[test]
+fn metrics_histograms_add_up_to_the_transfers() {
+    use common::prom::Exposition;
+    use std::time::{Duration, Instant};
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 100000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    std::fs::write(p.vfolder_path().join("used.bin"), vec![0u8; 600]).expect("file");
+    assert_eq!(p.upload("a.bin", b"12345").status, 204);
+    assert_eq!(p.upload("b.bin", &[7u8; 3000]).status, 204);
+    let mut downloaded = 0;
+    for (file, len) in [("a.bin", 5), ("b.bin", 3000), ("used.bin", 600)] {
+        let r = p.download(file, "", &[]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), len);
+        downloaded += len as u64;
+    }
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000cafe";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // A download is counted when the server drops its body, and the task when it
+    // ends: wait for both (a hang guard, not a timing assertion).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (text, e) = loop {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        let downloads = e.value("storage_proxy_download_duration_seconds_count", "");
+        let done = e.value(
+            "storage_proxy_bgtasks_finished_total",
+            "task=\"clone_vfolder\",state=\"done\"",
+        );
+        if downloads == Some(3.0) && done == Some(1.0) {
+            break (text, e);
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let counts = e.check();
+    let count = |f: &str| counts.get(&(f.to_owned(), String::new())).copied();
+    assert_eq!(
+        count("storage_proxy_upload_patch_size_bytes"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        count("storage_proxy_upload_patch_duration_seconds"),
+        Some(2)
+    );
+    assert_eq!(count("storage_proxy_download_size_bytes"), Some(3));
+    assert_eq!(count("storage_proxy_download_duration_seconds"), Some(3));
+    assert_eq!(
+        e.value("storage_proxy_upload_patch_size_bytes_sum", ""),
+        Some(3005.0)
+    );
+    assert_eq!(
+        e.value(
+            "storage_proxy_upload_patch_size_bytes_bucket",
+            "le=\"4096\""
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        e.value("storage_proxy_download_size_bytes_sum", ""),
+        Some(downloaded as f64)
+    );
+    assert_eq!(
+        e.value("storage_proxy_download_bytes_total", ""),
+        Some(downloaded as f64)
+    );
+    assert_eq!(
+        e.value("storage_proxy_downloads_in_progress", ""),
+        Some(0.0)
+    );
+    assert_eq!(e.value("storage_proxy_uploads_in_progress", ""), Some(0.0));
+    assert_eq!(e.value("storage_proxy_bgtasks_running", ""), Some(0.0));
+    // Every storage-proxy family the control-plane dashboard queries is exported.
+    let queried = common::prom::dashboard_families("storage_proxy_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
+    let scope = e
+        .samples
+        .iter()
+        .find(|s| {
+            s.name == "storage_proxy_quota_scope_used_bytes"
+                && s.labels.starts_with("volume=\"local\",scope=\"")
+                && s.labels.contains("3f2b8c1e")
+        })
+        .unwrap_or_else(|| panic!("a quota scope sample in {text}"));
+    assert!(scope.value >= 600.0, "{text}");
+}

@@ -165,8 +165,71 @@ pub(super) async fn metrics(
             "appproxy_coordinator_workers{{status=\"{status}\"}} {n}"
         );
     }
+    render_observed(&state, &mut out);
     let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {}", circuits.len());
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The histograms and labeled counters.
+fn render_observed(state: &State, out: &mut String) {
+    use crate::metrics::{header, sample};
+    let o = &state.metrics.observed;
+    o.api_requests.render(
+        out,
+        "appproxy_coordinator_http_request_duration_seconds",
+        "API request duration (request received to response head), by method and route template.",
+    );
+    o.creations.render(
+        out,
+        "appproxy_coordinator_circuit_creations_total",
+        "counter",
+        "Circuit creations by outcome (created, ack_timeout, worker_tripped, deploy_failed, event_not_published).",
+    );
+    o.ack_latency.render(
+        out,
+        "appproxy_coordinator_worker_ack_duration_seconds",
+        "Time from publishing a creation to the worker's acknowledgement, by worker authority.",
+    );
+    o.ack_timeouts.render(
+        out,
+        "appproxy_coordinator_worker_ack_timeouts_by_worker_total",
+        "counter",
+        "Creations without an acknowledgement in time, by worker authority.",
+    );
+    let family = "appproxy_coordinator_store_call_duration_seconds";
+    header(
+        out,
+        family,
+        "histogram",
+        "Circuit store call duration (deadline included), by engine.",
+    );
+    let engine = state.store.engine();
+    let index = usize::from(engine != "sqlite");
+    super::store::CALL_DURATIONS[index].render(out, family, &format!("engine=\"{engine}\""));
+    let family = "appproxy_coordinator_redis_reconnects_total";
+    header(
+        out,
+        family,
+        "counter",
+        "Redis reconnections: subscriptions re-opened, commands retried on a fresh connection.",
+    );
+    for (i, kind) in ["subscription", "commands"].into_iter().enumerate() {
+        sample(
+            out,
+            family,
+            &format!("connection=\"{kind}\""),
+            super::events::REDIS_RECONNECTS[i].load(Ordering::Relaxed),
+        );
+    }
+    let family = "appproxy_coordinator_leader";
+    header(
+        out,
+        family,
+        "gauge",
+        "1 while this node leads the jobs (worker-lost check, idle collection), else 0.",
+    );
+    let leads = state.redis.is_none() || o.leader.load(Ordering::Relaxed) == 1;
+    sample(out, family, "", u8::from(leads));
 }
 
 pub(super) async fn register_worker(

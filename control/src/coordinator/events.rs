@@ -195,6 +195,17 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// Redis reconnections: `[0]` pub/sub subscriptions re-opened after a failure or a
+/// drop, `[1]` commands retried on a fresh connection after an error.
+pub static REDIS_RECONNECTS: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+fn reconnected(i: usize) {
+    REDIS_RECONNECTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
 /// worker's periodic fetch repairs a lost event.
 pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
@@ -225,6 +236,7 @@ pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &Circuit
         // A connection that went stale (Redis restarted: "broken pipe") fails once;
         // the manager reconnects on that error, so one more try goes out fresh.
         tracing::info!(event = event.kind.name(), error = %e, "event not published; retrying once on a fresh connection");
+        reconnected(1);
         sent = super::bounded(
             redis::cmd("PUBLISH")
                 .arg(BROADCAST_CHANNEL)
@@ -267,6 +279,7 @@ pub async fn follow_broadcast(
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "event subscription failed; retrying");
+                reconnected(0);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -287,6 +300,7 @@ pub async fn follow_broadcast(
             }
         }
         tracing::warn!("event subscription dropped; reconnecting");
+        reconnected(0);
     }
 }
 

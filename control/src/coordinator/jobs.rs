@@ -20,6 +20,16 @@ const LEASE_MS: u64 = 30_000;
 
 /// Takes or renews the lease; true when this node leads.
 async fn lead(state: &State) -> bool {
+    let leads = lead_once(state).await;
+    state
+        .metrics
+        .observed
+        .leader
+        .store(u64::from(leads), Ordering::Relaxed);
+    leads
+}
+
+async fn lead_once(state: &State) -> bool {
     let Some(conn) = &state.redis else {
         return true;
     };

@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::config::CoordinatorConfig;
+use crate::metrics::{Histogram, Labeled};
 use access::{AccessMark, Marks};
 use breaker::Breakers;
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
@@ -79,6 +80,37 @@ pub struct Metrics {
     pub placement_retries: AtomicU64,
     /// Circuits a worker reported it could not deploy (frontend not listening).
     pub deploy_failures: AtomicU64,
+    /// Histograms and labeled counters.
+    pub observed: Observed,
+}
+
+/// Bounded-cardinality histograms and labeled counters for `/metrics`.
+pub struct Observed {
+    /// API request durations by method and route template (never the raw path).
+    pub api_requests: Labeled<Histogram>,
+    /// Circuit creations by outcome.
+    pub creations: Labeled<AtomicU64>,
+    /// Publication-to-acknowledgement latency, by worker authority.
+    pub ack_latency: Labeled<Histogram>,
+    /// Acknowledgements not received in time, by worker authority.
+    pub ack_timeouts: Labeled<AtomicU64>,
+    /// 1 while this node leads the jobs, else 0.
+    pub leader: AtomicU64,
+}
+
+/// At most this many workers are labeled apart (the rest under `other`).
+pub const MAX_WORKER_LABELS: usize = 256;
+
+impl Default for Observed {
+    fn default() -> Self {
+        Self {
+            api_requests: Labeled::new("", 128, Histogram::default),
+            creations: Labeled::new("outcome", 16, AtomicU64::default),
+            ack_latency: Labeled::new("worker", MAX_WORKER_LABELS, Histogram::default),
+            ack_timeouts: Labeled::new("worker", MAX_WORKER_LABELS, AtomicU64::default),
+            leader: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Shared state of the API, the jobs and an embedded worker.
@@ -400,6 +432,7 @@ async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> 
 
 /// Builds the API router.
 pub fn router(state: Arc<State>) -> Router {
+    let observed = state.clone();
     let authed = Router::new()
         .route(
             "/api/worker",
@@ -465,7 +498,35 @@ pub fn router(state: Arc<State>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(announced_size))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(observed, observe_api))
         .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+}
+
+/// Times every API request under its method and route template (the pattern, never
+/// the raw path; unmatched paths share `route="unmatched"`).
+async fn observe_api(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "other",
+    };
+    let key = format!(
+        "method=\"{method}\",route=\"{}\"",
+        crate::metrics::escape(&route)
+    );
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .observed
+        .api_requests
+        .get(&key)
+        .observe(started.elapsed());
+    resp
 }
 
 /// The largest request body the API reads (bulk calls included).

@@ -546,7 +546,9 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
             request_id: origin,
         })
         .await;
+    let observed = &state.metrics.observed;
     let Some(waiter) = ack else {
+        observed.creations.add("created", 1);
         return Ok(());
     };
     // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
@@ -554,6 +556,7 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
         waiter.wait(wait).await
     } else {
         drop(waiter);
+        observed.creations.add("event_not_published", 1);
         state.breakers.end_trial(&authority);
         withdraw(
             state,
@@ -569,11 +572,18 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
     };
     let retry = match outcome {
         AckOutcome::Deployed => {
+            observed.creations.add("created", 1);
+            observed
+                .ack_latency
+                .get(&authority)
+                .observe(published.elapsed());
             tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
             return Ok(());
         }
         AckOutcome::TimedOut => {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            observed.creations.add("ack_timeout", 1);
+            observed.ack_timeouts.add(&authority, 1);
             match state.breakers.missed(&authority, published) {
                 Some(backoff) => {
                     state.metrics.breaker_trips.fetch_add(1, Ordering::Relaxed);
@@ -596,6 +606,8 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
         }
         AckOutcome::WorkerTripped => {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            observed.creations.add("worker_tripped", 1);
+            observed.ack_timeouts.add(&authority, 1);
             withdraw(
                 state,
                 circuit,
@@ -609,6 +621,7 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
             })
         }
         AckOutcome::Failed(why) => {
+            observed.creations.add("deploy_failed", 1);
             state
                 .metrics
                 .deploy_failures

@@ -247,7 +247,10 @@ async fn download(
                 ));
             }
             tracing::info!(dir = %name, "archive download");
-            let mut resp = Response::new(Body::from_stream(super::zip::stream_dir(fd, at_root)));
+            let mut resp = Response::new(Body::from_stream(Metered::new(
+                &state,
+                super::zip::stream_dir(fd, at_root),
+            )));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
             if let Ok(v) = HeaderValue::from_str(&disposition(&format!("{name}.zip"))) {
@@ -306,7 +309,7 @@ async fn download(
         tokio::io::AsyncReadExt::take(file, count),
         64 * 1024,
     );
-    let mut resp = Response::new(Body::from_stream(stream));
+    let mut resp = Response::new(Body::from_stream(Metered::new(&state, stream)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -397,13 +400,72 @@ async fn download_archive(
     })
     .await?;
     super::Metrics::add(&state.metrics.downloads, 1);
-    let mut resp = Response::new(Body::from_stream(super::zip::stream_items(items, false)));
+    let mut resp = Response::new(Body::from_stream(Metered::new(
+        &state,
+        super::zip::stream_items(items, false),
+    )));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));
     if let Ok(v) = HeaderValue::from_str(&disposition(&filename)) {
         resp.headers_mut().insert("content-disposition", v);
     }
     Ok(resp)
+}
+
+/// A download body that counts what it sends: bytes as they go, and, when the body
+/// ends or is dropped (client gone), its size and duration into the histograms.
+struct Metered<S> {
+    inner: std::pin::Pin<Box<S>>,
+    state: Arc<State>,
+    started: std::time::Instant,
+    sent: u64,
+}
+
+impl<S> Metered<S> {
+    fn new(state: &Arc<State>, inner: S) -> Self {
+        state
+            .metrics
+            .observed
+            .downloads_active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            inner: Box::pin(inner),
+            state: state.clone(),
+            started: std::time::Instant::now(),
+            sent: 0,
+        }
+    }
+}
+
+impl<S, B, E> futures_util::Stream for Metered<S>
+where
+    S: futures_util::Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+{
+    type Item = Result<B, E>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
+            let n = chunk.as_ref().len() as u64;
+            self.sent += n;
+            super::Metrics::add(&self.state.metrics.observed.download_bytes, n);
+        }
+        polled
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        let o = &self.state.metrics.observed;
+        o.downloads_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        o.download_size.observe_raw(self.sent);
+        o.download_duration.observe(self.started.elapsed());
+    }
 }
 
 fn tus_headers(h: &mut HeaderMap) {
@@ -557,6 +619,23 @@ async fn tus_patch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let mut written = None;
+    let answer = patch(&state, q, headers, body, &mut written).await;
+    let o = &state.metrics.observed;
+    o.upload_duration.observe(started.elapsed());
+    o.upload_size.observe_raw(written.unwrap_or(0));
+    answer
+}
+
+/// A tus PATCH; `received` gets the bytes written to the staging file by this call.
+async fn patch(
+    state: &Arc<State>,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Body,
+    received: &mut Option<u64>,
+) -> Result<Response, ApiError> {
     let s = {
         let st = state.clone();
         blocking(move || session(&st, &q)).await?
@@ -577,7 +656,7 @@ async fn tus_patch(
             ));
         }
         Lease {
-            state: &state,
+            state,
             id: s.id.clone(),
         }
     };
@@ -616,12 +695,14 @@ async fn tus_patch(
     while let Some(chunk) = stream.next().await {
         let Ok(chunk) = chunk else { break };
         if written + chunk.len() as u64 > s.size {
+            *received = Some(written - offset);
             file.flush().await?;
             return Err(ApiError::TooLarge);
         }
         file.write_all(&chunk).await?;
         written += chunk.len() as u64;
     }
+    *received = Some(written - offset);
     file.flush().await?;
     super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {

@@ -265,6 +265,7 @@ where
     let id = uuid::Uuid::new_v4();
     let state = state.clone();
     appproxy_shared::context::spawn_child(async move {
+        let _running = Running::new(&state);
         tracing::info!(bgtask_id = %id, task = name, "bgtask started");
         super::emit(
             &state,
@@ -275,6 +276,7 @@ where
         match job.await {
             Ok(n) => {
                 tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done");
+                finished(&state, name, "done");
                 super::emit(
                     &state,
                     "bgtask_done",
@@ -284,6 +286,7 @@ where
             }
             Err(e) => {
                 tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed");
+                finished(&state, name, "failed");
                 super::emit(
                     &state,
                     "bgtask_failed",
@@ -294,6 +297,31 @@ where
         }
     });
     Json(json!({"bgtask_id": id}))
+}
+
+/// Counts a background task as running while it lives.
+struct Running(Arc<State>);
+
+impl Running {
+    fn new(state: &Arc<State>) -> Self {
+        let o = &state.metrics.observed;
+        o.bgtasks_running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let o = &self.0.metrics.observed;
+        o.bgtasks_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn finished(state: &State, task: &'static str, outcome: &'static str) {
+    let key = format!("task=\"{task}\",state=\"{outcome}\"");
+    state.metrics.observed.bgtasks_finished.add(&key, 1);
 }
 
 /// Runs blocking work for a background job (under the job's request ID).
@@ -955,6 +983,110 @@ async fn volume_quota() -> ApiError {
     ApiError::Params("per-vfolder quota is a deprecated API: use /quota-scope".into())
 }
 
+/// The transfer histograms, background tasks and quota usage per scope.
+fn render_observed(state: &State, out: &mut String) {
+    use crate::metrics::{escape, header, sample};
+    use std::sync::atomic::Ordering::Relaxed;
+    let o = &state.metrics.observed;
+    for (family, help, h) in [
+        (
+            "storage_proxy_upload_patch_size_bytes",
+            "Bytes received per tus PATCH.",
+            &o.upload_size,
+        ),
+        (
+            "storage_proxy_upload_patch_duration_seconds",
+            "Duration of each tus PATCH.",
+            &o.upload_duration,
+        ),
+        (
+            "storage_proxy_download_size_bytes",
+            "Bytes sent per download (file, range or archive).",
+            &o.download_size,
+        ),
+        (
+            "storage_proxy_download_duration_seconds",
+            "Duration of each download, until its body ended or the client left.",
+            &o.download_duration,
+        ),
+    ] {
+        header(out, family, "histogram", help);
+        h.render(out, family, "");
+    }
+    for (family, kind, help, v) in [
+        (
+            "storage_proxy_download_bytes_total",
+            "counter",
+            "Bytes sent by downloads.",
+            &o.download_bytes,
+        ),
+        (
+            "storage_proxy_downloads_in_progress",
+            "gauge",
+            "Downloads whose body is streaming now.",
+            &o.downloads_active,
+        ),
+        (
+            "storage_proxy_bgtasks_running",
+            "gauge",
+            "Background tasks running now.",
+            &o.bgtasks_running,
+        ),
+    ] {
+        header(out, family, kind, help);
+        sample(out, family, "", v.load(Relaxed));
+    }
+    o.bgtasks_finished.render(
+        out,
+        "storage_proxy_bgtasks_finished_total",
+        "counter",
+        "Background tasks finished, by task and state (done, failed).",
+    );
+    // Quota usage per scope, as last measured (sync job or a reservation).
+    let roots: Vec<(String, std::path::PathBuf)> = state
+        .volumes
+        .names()
+        .into_iter()
+        .filter_map(|n| Some((n.to_owned(), state.volumes.root(n).ok()?.to_owned())))
+        .collect();
+    let mut scopes: Vec<(String, String, u64)> = state
+        .usage
+        .lock()
+        .map(|u| {
+            u.iter()
+                .filter_map(|(path, used)| {
+                    let volume = roots
+                        .iter()
+                        .find(|(_, root)| path.parent() == Some(root.as_path()))?;
+                    let scope = path.file_name()?.to_string_lossy().into_owned();
+                    Some((volume.0.clone(), scope, *used))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    scopes.sort();
+    let family = "storage_proxy_quota_scope_used_bytes";
+    header(
+        out,
+        family,
+        "gauge",
+        "Bytes used per quota scope, as last measured (at most 500 scopes apart, the rest summed under scope=\"other\").",
+    );
+    let mut other: std::collections::BTreeMap<&str, u64> = Default::default();
+    for (i, (volume, scope, used)) in scopes.iter().enumerate() {
+        if i < super::MAX_SCOPE_LABELS {
+            let labels = format!("volume=\"{}\",scope=\"{}\"", escape(volume), escape(scope));
+            sample(out, family, &labels, used);
+        } else {
+            *other.entry(volume.as_str()).or_default() += used;
+        }
+    }
+    for (volume, used) in other {
+        let labels = format!("volume=\"{}\",scope=\"other\"", escape(volume));
+        sample(out, family, &labels, used);
+    }
+}
+
 /// Prometheus text exposition of the storage-proxy's counters.
 async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
     use std::fmt::Write as _;
@@ -1010,6 +1142,7 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    render_observed(&state, &mut out);
     let mut resp = out.into_response();
     resp.headers_mut().insert(
         "content-type",

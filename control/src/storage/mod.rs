@@ -68,6 +68,48 @@ pub struct Metrics {
     pub downloads: std::sync::atomic::AtomicU64,
     /// Sessions, PATCHes and clones refused by a quota.
     pub quota_refused: std::sync::atomic::AtomicU64,
+    /// Histograms, gauges and labeled counters.
+    pub observed: Observed,
+}
+
+/// At most this many quota scopes are labeled apart at `/metrics` (the rest are
+/// summed under `scope="other"`).
+pub const MAX_SCOPE_LABELS: usize = 500;
+
+/// Transfer histograms and background-task counts for `/metrics`.
+pub struct Observed {
+    /// Bytes per tus PATCH.
+    pub upload_size: crate::metrics::Histogram,
+    /// Duration of each tus PATCH (request to response).
+    pub upload_duration: crate::metrics::Histogram,
+    /// Bytes sent per download (file, range or archive), counted as the body streams.
+    pub download_size: crate::metrics::Histogram,
+    /// Duration of each download, until its body ended or was dropped.
+    pub download_duration: crate::metrics::Histogram,
+    /// Bytes sent by downloads.
+    pub download_bytes: std::sync::atomic::AtomicU64,
+    /// Downloads whose body is streaming now.
+    pub downloads_active: std::sync::atomic::AtomicU64,
+    /// Background tasks running now.
+    pub bgtasks_running: std::sync::atomic::AtomicU64,
+    /// Background tasks finished, by task and state (`done`, `failed`).
+    pub bgtasks_finished: crate::metrics::Labeled<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        use crate::metrics::Histogram;
+        Self {
+            upload_size: Histogram::bytes(),
+            upload_duration: Histogram::default(),
+            download_size: Histogram::bytes(),
+            download_duration: Histogram::default(),
+            download_bytes: Default::default(),
+            downloads_active: Default::default(),
+            bgtasks_running: Default::default(),
+            bgtasks_finished: crate::metrics::Labeled::new("", 64, Default::default),
+        }
+    }
 }
 
 impl Metrics {

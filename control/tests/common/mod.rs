@@ -2,4 +2,5 @@
 //! tests): throwaway PostgreSQL and Redis servers from the installed binaries.
 pub mod http;
 pub mod pg;
+pub mod prom;
 pub mod redis;

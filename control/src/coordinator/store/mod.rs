@@ -140,16 +140,21 @@ async fn on_sqlite<R: Send + 'static>(
         .map_err(|_| StoreError::Task)?
 }
 
+/// Store call durations per engine (`[0]` SQLite, `[1]` PostgreSQL), deadline
+/// included, for `/metrics`.
+pub static CALL_DURATIONS: std::sync::LazyLock<[crate::metrics::Histogram; 2]> =
+    std::sync::LazyLock::new(Default::default);
+
 macro_rules! dispatch {
-    ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {
-        deadline(async {
-            match $self {
-                Store::Sqlite(store) => on_sqlite(store, move |$s| $sql).await,
-                Store::Postgres($p) => $pg.await,
-            }
-        })
-        .await
-    };
+    ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {{
+        let started = std::time::Instant::now();
+        let (engine, result) = match $self {
+            Store::Sqlite(store) => (0, deadline(on_sqlite(store, move |$s| $sql)).await),
+            Store::Postgres($p) => (1, deadline($pg).await),
+        };
+        CALL_DURATIONS[engine].observe(started.elapsed());
+        result
+    }};
 }
 
 impl Store {
