@@ -168,19 +168,23 @@ async fn quota_state(
     let name = Volumes::scope_name(qsid)?;
     let key = state.volumes.scope(&volume, qsid)?;
     let st = state.clone();
-    let (used, limit) = blocking(move || {
+    // Usage and reservations are read under the scope's lock: a commit between the
+    // two would show its bytes in neither.
+    let ((used, limit), reserved) = blocking(move || {
         let scope = match st.volumes.open_scope(&volume, &name) {
             Ok(fd) => fd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
             Err(e) => return Err(e.into()),
         };
-        Ok((quota::usage(scope.as_fd()), quota::limit(scope.as_fd())))
+        Ok(st.reservations.consistent(&key, || {
+            (quota::usage(scope.as_fd()), quota::limit(scope.as_fd()))
+        }))
     })
     .await?;
     Ok(Json(json!({
         "used_bytes": used,
         "limit_bytes": limit,
-        "reserved_bytes": state.reservations.total(&key),
+        "reserved_bytes": reserved,
     })))
 }
 

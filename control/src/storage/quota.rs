@@ -137,6 +137,15 @@ impl Reservations {
         Ok(done)
     }
 
+    /// Runs `measure` and reads the scope's reservations under the scope's lock, so
+    /// the two agree: no holder's bytes move from reserved to committed in between.
+    pub fn consistent<T>(&self, scope: &Path, measure: impl FnOnce() -> T) -> (T, u64) {
+        let lock = self.lock_of(scope);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let measured = measure();
+        (measured, self.reserved(scope, ""))
+    }
+
     /// Leaves a directory (a clone destination being filled) out of committed bytes
     /// until `unpend`.
     pub fn pend(&self, dir: (u64, u64)) {
