@@ -6,7 +6,7 @@ use std::path::Path;
 use appproxy_dataplane::http::chunked::{decode_all, ChunkedDecoder};
 use appproxy_dataplane::http::encode::{upstream_request, ClientHop};
 use appproxy_dataplane::http::parse::{parse_request, HeadLimits};
-use appproxy_dataplane::http::stream::decode_requests;
+use appproxy_dataplane::http::stream::{decode_requests, decode_response};
 
 fn inputs(target: &str) -> Vec<Vec<u8>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
@@ -88,6 +88,16 @@ fn request_stream_inputs() {
         max_headers: 128,
     };
     for data in all {
+        if data.starts_with(b"HTTP/") {
+            // An upstream response, relayed to an HTTP/1.1 client.
+            if let Some(r) = decode_response(&data, 64 * 1024) {
+                let again = decode_response(&r.forwarded, 65 * 1024).expect("relayed form");
+                assert_eq!((again.status, &again.body), (r.status, &r.body));
+                assert_eq!(again.end, r.forwarded.len());
+                assert_eq!(again.forwarded, r.forwarded);
+            }
+            continue;
+        }
         let (msgs, _) = decode_requests(&data, &HeadLimits::default());
         for m in msgs {
             let (again, _) = decode_requests(&m.forwarded, &roomy);

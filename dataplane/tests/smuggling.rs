@@ -248,6 +248,17 @@ fn upstream_bad_chunk_size_before_anything_is_a_502() {
 }
 
 #[test]
+fn a_reason_phrase_with_obs_text_is_relayed_without_it() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/obs-reason", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(c.get("/after", "").json()["path"], "/after");
+}
+
+#[test]
 fn http10_without_host_reaches_the_app_with_one() {
     let app = LenientApp::start();
     let w = worker_for(&app);

@@ -132,3 +132,85 @@ pub fn decode_requests(input: &[u8], limits: &HeadLimits) -> (Vec<DecodedRequest
         }
     }
 }
+
+/// One upstream response as the worker decoded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedResponse {
+    /// Status code.
+    pub status: u16,
+    /// The body payload.
+    pub body: Vec<u8>,
+    /// Kept trailer fields.
+    pub trailers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where the response ends in the input (the input's end when delimited by close).
+    pub end: usize,
+    /// The bytes relayed to an HTTP/1.1 client (head and re-encoded body).
+    pub forwarded: Vec<u8>,
+}
+
+/// Decodes the final response at the start of `input` (to a `GET`), as the worker
+/// relays it to an HTTP/1.1 client; `input` ending is the upstream closing. `None`:
+/// refused, incomplete, or not a final response.
+pub fn decode_response(input: &[u8], max_head: usize) -> Option<DecodedResponse> {
+    use super::encode::{client_response, ClientFraming};
+    use super::parse::{parse_response, Version};
+    let head = parse_response(input, Method::Get, max_head).ok()??;
+    if head.status < 200 {
+        return None;
+    }
+    let framing = ClientFraming::choose(head.framing, Version::Http11);
+    let mut forwarded = Vec::new();
+    client_response(
+        &mut forwarded,
+        input,
+        &head,
+        framing,
+        None,
+        Version::Http11,
+        false,
+    );
+    let rest = &input[head.head_len..];
+    let (body, trailers, body_len) = match head.framing {
+        BodyFraming::Length(n) => {
+            let n = usize::try_from(n).ok().filter(|n| *n <= rest.len())?;
+            forwarded.extend_from_slice(&rest[..n]);
+            (rest[..n].to_vec(), Vec::new(), n)
+        }
+        BodyFraming::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut body = Vec::new();
+            let mut at = 0;
+            loop {
+                let step = dec.decode(&rest[at..]).ok()?;
+                let data = &rest[at + step.data.start..at + step.data.end];
+                body.extend_from_slice(data);
+                encode_chunk(&mut forwarded, data);
+                at += step.consumed;
+                if step.done {
+                    break;
+                }
+                if step.consumed == 0 || at == rest.len() {
+                    return None;
+                }
+            }
+            dec.encode_last_chunk(&mut forwarded);
+            let trailers = dec
+                .trailers()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            (body, trailers, at)
+        }
+        BodyFraming::Eof => {
+            encode_chunk(&mut forwarded, rest);
+            forwarded.extend_from_slice(b"0\r\n\r\n");
+            (rest.to_vec(), Vec::new(), rest.len())
+        }
+    };
+    Some(DecodedResponse {
+        status: head.status,
+        body,
+        trailers,
+        end: head.head_len + body_len,
+        forwarded,
+    })
+}

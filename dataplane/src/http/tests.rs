@@ -332,6 +332,37 @@ mod encoding {
         assert!(text.contains(";proto=https\r\n"), "{text}");
     }
 
+    /// A reason phrase with obs-text, or none at all, is relayed without one (it used
+    /// to be taken from outside the buffer and panic).
+    #[test]
+    fn odd_reason_phrases_are_left_out() {
+        for input in [
+            &b"HTTP/1.0 200 O\xfbK\r\nContent-Length: 0\r\n\r\n"[..],
+            &b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..],
+        ] {
+            let head = parse_response(input, Method::Get, 4096)
+                .expect("valid")
+                .expect("complete");
+            assert!(head.reason.end <= input.len());
+            let mut out = Vec::new();
+            client_response(
+                &mut out,
+                input,
+                &head,
+                ClientFraming::Empty,
+                None,
+                Version::Http11,
+                false,
+            );
+            assert!(out.starts_with(b"HTTP/1.1 200 \r\n"), "{out:?}");
+        }
+        let input = b"HTTP/1.1 404 Not Found\r\n\r\n";
+        let head = parse_response(input, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(&input[head.reason], b"Not Found");
+    }
+
     #[test]
     fn client_response_rewrites_framing() {
         let input = b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-Backend-Request-ID: app-said\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n";

@@ -220,6 +220,9 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>) -> std::io
                 }
                 w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")?;
             }
+            "/obs-reason" => {
+                w.write_all(b"HTTP/1.1 200 O\xfbK\r\nContent-Length: 2\r\n\r\nok")?;
+            }
             "/bad-chunk" => {
                 w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")?;
                 return Ok(());
