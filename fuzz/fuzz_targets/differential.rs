@@ -118,14 +118,23 @@ fn lower(trailers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
     t
 }
 
-/// Whether the request at the start of `raw` has a `Content-Length` list.
-fn has_length_list(raw: &[u8]) -> bool {
+/// Whether the request at the start of `raw` is one of the known, intended
+/// differences: a `Content-Length` list of equal values (`5, 5`, RFC 9110 §8.6, taken
+/// as HAProxy does), or a `Transfer-Encoding` list with empty elements (`chunked,`,
+/// which RFC 9110 §5.6.1 says to accept; hyper reads the empty last element as the
+/// final coding). The worker forwards both in canonical form, where hyper takes them.
+fn known_difference(raw: &[u8]) -> bool {
     let Ok(Some(head)) = parse_request(raw, &HeadLimits::default()) else {
         return false;
     };
     head.headers.iter().any(|h| {
-        raw[h.name.clone()].eq_ignore_ascii_case(b"content-length")
-            && raw[h.value.clone()].contains(&b',')
+        let name = &raw[h.name.clone()];
+        let value = &raw[h.value.clone()];
+        (name.eq_ignore_ascii_case(b"content-length") && value.contains(&b','))
+            || (name.eq_ignore_ascii_case(b"transfer-encoding")
+                && value
+                    .split(|b| *b == b',')
+                    .any(|e| e.trim_ascii().is_empty()))
     })
 }
 
@@ -176,11 +185,8 @@ fn agree(stream: &[u8], ends: &[usize], worker: &[DecodedRequest], exact: bool) 
         if same(&seen, i, w, exact) {
             continue;
         }
-        // A known, intended difference: the worker takes `Content-Length: 5, 5` (a
-        // list of equal values, RFC 9110 §8.6, as HAProxy does) and forwards
-        // `Content-Length: 5`; hyper refuses the list.
         let start = if i == 0 { 0 } else { ends[i - 1] };
-        if !exact && has_length_list(&stream[start..ends[i]]) {
+        if !exact && known_difference(&stream[start..ends[i]]) {
             return;
         }
         // Still refused: fine only if hyper refuses this request's content in the
