@@ -73,7 +73,11 @@ const CLIENT_ADDRESS: [&str; 15] = [
 
 /// Whether `name` is a client-address header other than `X-Forwarded-*`/`Forwarded`.
 pub fn is_client_address_header(name: &[u8]) -> bool {
-    CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
+    // Every listed name starts with one of these letters: most headers skip the list.
+    matches!(
+        name.first().map(|b| b | 0x20),
+        Some(b'x' | b't' | b'c' | b'f')
+    ) && CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
 }
 
 fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) -> bool {
