@@ -123,6 +123,8 @@ fn lower(trailers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// as HAProxy does), or a `Transfer-Encoding` list with empty elements (`chunked,`,
 /// which RFC 9110 §5.6.1 says to accept; hyper reads the empty last element as the
 /// final coding). The worker forwards both in canonical form, where hyper takes them.
+/// Also a `Connection` value with obs-text: hyper ignores the whole field (so an
+/// HTTP/1.0 `keep-alive` in it is lost and hyper closes), the worker reads its tokens.
 fn known_difference(raw: &[u8]) -> bool {
     let Ok(Some(head)) = parse_request(raw, &HeadLimits::default()) else {
         return false;
@@ -131,6 +133,7 @@ fn known_difference(raw: &[u8]) -> bool {
         let name = &raw[h.name.clone()];
         let value = &raw[h.value.clone()];
         (name.eq_ignore_ascii_case(b"content-length") && value.contains(&b','))
+            || (name.eq_ignore_ascii_case(b"connection") && !value.is_ascii())
             || (name.eq_ignore_ascii_case(b"transfer-encoding")
                 && value
                     .split(|b| *b == b',')
@@ -185,8 +188,13 @@ fn agree(stream: &[u8], ends: &[usize], worker: &[DecodedRequest], exact: bool) 
         if same(&seen, i, w, exact) {
             continue;
         }
-        let start = if i == 0 { 0 } else { ends[i - 1] };
-        if !exact && known_difference(&stream[start..ends[i]]) {
+        // The known differences of this request, or of the one before (whose
+        // connection handling decides whether hyper reads this one at all).
+        let start_of = |k: usize| if k == 0 { 0 } else { ends[k - 1] };
+        if !exact
+            && (known_difference(&stream[start_of(i)..ends[i]])
+                || (i > 0 && known_difference(&stream[start_of(i - 1)..ends[i - 1]])))
+        {
             return;
         }
         // Still refused: fine only if hyper refuses this request's content in the
