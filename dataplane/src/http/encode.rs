@@ -80,11 +80,15 @@ pub fn is_client_address_header(name: &[u8]) -> bool {
     ) && CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
 }
 
+/// Whether a field is hop-by-hop: one of [`HOP_BY_HOP`] or named in `Connection`
+/// (except `Host`, which is for every recipient: a client listing it must not make
+/// the app get a request without one).
 fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) -> bool {
     HOP_BY_HOP.iter().any(|h| name_is(name, h))
-        || connection_tokens
-            .iter()
-            .any(|t| buf[t.clone()].eq_ignore_ascii_case(name))
+        || (!name_is(name, "host")
+            && connection_tokens
+                .iter()
+                .any(|t| buf[t.clone()].eq_ignore_ascii_case(name)))
 }
 
 /// What the proxy knows about the client hop; formatted once per connection.

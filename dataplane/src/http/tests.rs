@@ -288,6 +288,19 @@ mod encoding {
         assert!(!text.contains("6.6.6.6"), "{text}");
     }
 
+    /// Found by the round-trip fuzz target: `Connection: Host` made the app get an
+    /// HTTP/1.1 request without Host.
+    #[test]
+    fn host_listed_in_connection_is_kept() {
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Host, X-Drop\r\nX-Drop: 1\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, None, hop(false), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.contains("\r\nHost: h\r\n"), "{text}");
+        assert!(!text.contains("X-Drop"), "{text}");
+    }
+
     #[test]
     fn http10_without_host_gets_the_apps_address() {
         let input = b"GET /x HTTP/1.0\r\n\r\n";
