@@ -35,7 +35,14 @@ fn parsing(c: &mut Criterion) {
     g.bench_function("encode_upstream_request", |b| {
         b.iter(|| {
             out.clear();
-            upstream_request(&mut out, REQUEST, &head, Some(&id), hop);
+            upstream_request(
+                &mut out,
+                REQUEST,
+                &head,
+                Some(&id),
+                hop,
+                "10.0.0.2:8080".parse().expect("addr"),
+            );
             black_box(out.len())
         })
     });

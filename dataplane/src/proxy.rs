@@ -19,7 +19,7 @@ use crate::http::encode::{self, ClientFraming, ClientHop};
 use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
-use crate::relay::{self, Mode, ReadBuf, RelayError, RelayOpts};
+use crate::relay::{self, Mode, ReadBuf, RelayError, RelayOpts, Trailers};
 
 /// Initial size of each read buffer; heads grow it up to the head limit.
 const BUF_SIZE: usize = 16 * 1024;
@@ -593,6 +593,7 @@ async fn forward(
             head,
             forwarded_id(core, &id),
             client.hop,
+            addr,
         );
         let upstream_head_len = out.len() as u64;
         let send = if retryable {
@@ -608,7 +609,7 @@ async fn forward(
             client.buf.consume(head.head_len);
             let mode = match head.framing {
                 BodyFraming::Length(n) => Mode::Length(n),
-                BodyFraming::Chunked => Mode::Chunked,
+                BodyFraming::Chunked => Mode::Chunked(Trailers::RefuseForbidden),
                 BodyFraming::Eof => Mode::UntilClose,
             };
             relay::relay_body(&client.conn, &mut client.buf, &upstream, out, mode, opts).await
@@ -832,6 +833,20 @@ enum HeadFailure {
     Invalid(ResponseError),
 }
 
+impl HeadFailure {
+    fn into_error(self) -> ProxyError {
+        match self {
+            HeadFailure::Closed(e) => ProxyError::UpstreamClosed(e),
+            HeadFailure::Timeout => ProxyError::UpstreamTimeout,
+            HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
+        }
+    }
+}
+
+/// Most interim (1xx) responses accepted before a final one; past it the exchange is
+/// ended and the upstream connection discarded.
+const MAX_INTERIM: usize = 5;
+
 async fn read_response_head(
     core: &Core,
     upstream: &TcpConn,
@@ -878,20 +893,46 @@ async fn relay_response(
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
     let mut bytes_out = 0u64;
-    // Interim responses (100, 103 …) are relayed; 101 ends HTTP on this connection.
+    // Interim responses (100, 103 …) are relayed to HTTP/1.1 clients only (an
+    // HTTP/1.0 client must get none, RFC 9110 §15.2), at most MAX_INTERIM of them;
+    // 101 ends HTTP on this connection.
+    let mut interim = 0;
     while (100..200).contains(&resp.status) && resp.status != 101 {
-        out.clear();
-        encode::interim_response(out, ubuf.filled(), &resp);
+        interim += 1;
+        if interim > MAX_INTERIM {
+            tracing::warn!(
+                upstream = %addr,
+                limit = MAX_INTERIM,
+                "too many interim responses; closing"
+            );
+            return Err(if bytes_out == 0 {
+                Failure::Answer(
+                    ProxyError::UpstreamResponse(ResponseError::Malformed(
+                        "too many interim responses",
+                    )),
+                    Left::Nothing,
+                )
+            } else {
+                Failure::Abort("too many interim responses".into())
+            });
+        }
+        if req.version == parse::Version::Http11 {
+            out.clear();
+            encode::interim_response(out, ubuf.filled(), &resp);
+            client.conn.set_timeout(rt.body_idle_timeout);
+            client
+                .conn
+                .write_all(out)
+                .await
+                .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+            bytes_out += out.len() as u64;
+        }
         ubuf.consume(resp.head_len);
-        client.conn.set_timeout(rt.body_idle_timeout);
-        client
-            .conn
-            .write_all(out)
-            .await
-            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
-        bytes_out += out.len() as u64;
         resp = match read_response_head(core, &upstream, ubuf, req.method).await {
             Ok(r) => r,
+            Err(f) if bytes_out == 0 => {
+                return Err(Failure::Answer(f.into_error(), Left::Nothing));
+            }
             Err(_) => {
                 return Err(Failure::Abort(
                     "upstream failed after an interim response".into(),
@@ -955,7 +996,7 @@ async fn relay_response(
     let mode = match framing {
         ClientFraming::Empty => Mode::Length(0),
         ClientFraming::Length(n) => Mode::Length(n),
-        ClientFraming::ChunkedPassThrough => Mode::Chunked,
+        ClientFraming::Chunked => Mode::Chunked(Trailers::DropForbidden),
         ClientFraming::Dechunk => Mode::Dechunk,
         ClientFraming::Rechunk => Mode::Rechunk,
         ClientFraming::UntilClose => Mode::UntilClose,
@@ -965,9 +1006,24 @@ async fn relay_response(
         idle: rt.body_idle_timeout,
         buf_limit: BODY_BUF_LIMIT,
     };
-    match relay::relay_body(&upstream, ubuf, &client.conn, out, mode, opts).await {
+    match relay::relay_body_counted(&upstream, ubuf, &client.conn, out, mode, opts).await {
         Ok(n) => bytes_out += n,
-        Err(e) => return Err(Failure::Abort(format!("response body: {e}"))),
+        // Nothing reached the client yet (the head goes out with the first body
+        // bytes): it still gets a 502 instead of an empty reply.
+        Err((RelayError::Framing(what), 0)) if bytes_out == 0 => {
+            tracing::warn!(upstream = %addr, error = what, "malformed chunked response body");
+            return Err(Failure::Answer(
+                ProxyError::UpstreamResponse(ResponseError::BadChunk(what)),
+                Left::Nothing,
+            ));
+        }
+        Err((RelayError::Source(e), 0)) if bytes_out == 0 => {
+            return Err(Failure::Answer(
+                ProxyError::UpstreamClosed(e),
+                Left::Nothing,
+            ));
+        }
+        Err((e, _)) => return Err(Failure::Abort(format!("response body: {e}"))),
     }
     // Reuse the upstream connection only if the response was fully and exactly read.
     if resp.keep_alive && ubuf.is_empty() && !matches!(mode, Mode::Rechunk | Mode::UntilClose) {

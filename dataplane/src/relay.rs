@@ -3,11 +3,17 @@
 //! Bodies are streamed through one bounded buffer per side, never held whole: a read
 //! is written out before the next read, so a slow reader slows the writer down
 //! (backpressure) and memory stays constant whatever the body size.
+//!
+//! What is written is the relay's own framing: a chunked body is decoded strictly and
+//! re-encoded with canonical chunk sizes and only the allowed trailers (nothing of the
+//! sender's chunk framing is copied), so the receiver cannot find a message boundary
+//! the proxy did not. A `Content-Length` body is copied as is: its framing is the
+//! length the proxy wrote.
 
 use std::io;
 use std::time::Duration;
 
-use crate::http::chunked::ChunkedDecoder;
+use crate::http::chunked::{encode_chunk, ChunkedDecoder};
 use crate::io::TcpConn;
 
 /// A read buffer with a consumed prefix.
@@ -56,7 +62,7 @@ impl ReadBuf {
 
     /// Marks `n` bytes consumed.
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
+        self.start = self.start.saturating_add(n).min(self.end);
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -89,14 +95,23 @@ impl ReadBuf {
 pub enum Mode {
     /// Exactly this many bytes.
     Length(u64),
-    /// Chunked, validated and relayed verbatim.
-    Chunked,
+    /// Chunked in, chunked out: decoded strictly and re-encoded canonically.
+    Chunked(Trailers),
     /// Chunked in, payload only out (delimited by close downstream).
     Dechunk,
     /// Until the source closes, re-chunked.
     Rechunk,
     /// Until the source closes, verbatim.
     UntilClose,
+}
+
+/// What a chunked body's forbidden trailer fields cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trailers {
+    /// A framing error (request bodies: the client gets a 400).
+    RefuseForbidden,
+    /// Left out (response bodies).
+    DropForbidden,
 }
 
 /// Why a relay stopped early.
@@ -140,13 +155,31 @@ pub async fn relay_body(
     mode: Mode,
     opts: RelayOpts,
 ) -> Result<u64, RelayError> {
+    relay_body_counted(src, sbuf, dst, prefix, mode, opts)
+        .await
+        .map_err(|(e, _)| e)
+}
+
+/// [`relay_body`], telling on failure how many bytes had been written to `dst` (0:
+/// nothing, not even the prefix, so the receiver can still get an error response).
+pub async fn relay_body_counted(
+    src: &TcpConn,
+    sbuf: &mut ReadBuf,
+    dst: &TcpConn,
+    prefix: &mut Vec<u8>,
+    mode: Mode,
+    opts: RelayOpts,
+) -> Result<u64, (RelayError, u64)> {
     let mut written = 0u64;
     let mut payload = 0u64;
     let mut remaining = match mode {
         Mode::Length(n) => n,
         _ => u64::MAX,
     };
-    let mut decoder = ChunkedDecoder::new();
+    let mut decoder = match mode {
+        Mode::Chunked(Trailers::RefuseForbidden) => ChunkedDecoder::for_request(),
+        _ => ChunkedDecoder::new(),
+    };
     let mut out = std::mem::take(prefix);
     loop {
         let input = sbuf.filled();
@@ -160,16 +193,21 @@ pub async fn relay_body(
                 done = remaining == 0;
                 take
             }
-            Mode::Chunked | Mode::Dechunk => {
+            Mode::Chunked(_) | Mode::Dechunk => {
                 let mut pos = 0;
                 while pos < input.len() {
-                    let step = decoder.decode(&input[pos..]).map_err(RelayError::Framing)?;
-                    let data = pos + step.data.start..pos + step.data.end;
+                    let step = decoder
+                        .decode(&input[pos..])
+                        .map_err(|e| (RelayError::Framing(e), written))?;
+                    let data = &input[pos + step.data.start..pos + step.data.end];
                     payload += data.len() as u64;
-                    if mode == Mode::Chunked {
-                        out.extend_from_slice(&input[pos..pos + step.consumed]);
+                    if mode == Mode::Dechunk {
+                        out.extend_from_slice(data);
                     } else {
-                        out.extend_from_slice(&input[data]);
+                        encode_chunk(&mut out, data);
+                        if step.done {
+                            decoder.encode_last_chunk(&mut out);
+                        }
                     }
                     pos += step.consumed;
                     if step.done {
@@ -183,12 +221,7 @@ pub async fn relay_body(
                 pos
             }
             Mode::Rechunk => {
-                if !input.is_empty() {
-                    use std::io::Write as _;
-                    let _ = write!(out, "{:x}\r\n", input.len());
-                    out.extend_from_slice(input);
-                    out.extend_from_slice(b"\r\n");
-                }
+                encode_chunk(&mut out, input);
                 payload += input.len() as u64;
                 input.len()
             }
@@ -200,11 +233,13 @@ pub async fn relay_body(
         };
         sbuf.consume(consumed);
         if opts.max_payload > 0 && payload > opts.max_payload {
-            return Err(RelayError::TooLarge);
+            return Err((RelayError::TooLarge, written));
         }
         if !out.is_empty() {
             dst.set_timeout(opts.idle);
-            dst.write_all(&out).await.map_err(RelayError::Destination)?;
+            dst.write_all(&out)
+                .await
+                .map_err(|e| (RelayError::Destination(e), written))?;
             written += out.len() as u64;
             out.clear();
         }
@@ -215,20 +250,23 @@ pub async fn relay_body(
         let n = sbuf
             .fill(src, opts.buf_limit)
             .await
-            .map_err(RelayError::Source)?;
+            .map_err(|e| (RelayError::Source(e), written))?;
         if n == 0 {
             match mode {
                 Mode::Rechunk => {
                     dst.set_timeout(opts.idle);
                     dst.write_all(b"0\r\n\r\n")
                         .await
-                        .map_err(RelayError::Destination)?;
+                        .map_err(|e| (RelayError::Destination(e), written))?;
                     written += 5;
                     break;
                 }
                 Mode::UntilClose => break,
                 _ => {
-                    return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
+                    return Err((
+                        RelayError::Source(io::ErrorKind::UnexpectedEof.into()),
+                        written,
+                    ));
                 }
             }
         }

@@ -6,6 +6,7 @@ use std::path::Path;
 use appproxy_dataplane::http::chunked::{decode_all, ChunkedDecoder};
 use appproxy_dataplane::http::encode::{upstream_request, ClientHop};
 use appproxy_dataplane::http::parse::{parse_request, HeadLimits};
+use appproxy_dataplane::http::stream::{decode_requests, decode_response};
 
 fn inputs(target: &str) -> Vec<Vec<u8>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
@@ -40,6 +41,7 @@ fn request_head_inputs() {
                 &head,
                 Some(&id),
                 ClientHop::new("127.0.0.1:1".parse().expect("addr"), 80, false),
+                "127.0.0.1:2".parse().expect("addr"),
             );
             assert!(out.ends_with(b"\r\n\r\n"));
         }
@@ -67,6 +69,59 @@ fn chunked_inputs() {
         }
         if let Ok(Some((_, n))) = whole {
             assert_eq!(n, total);
+        }
+    }
+}
+
+/// The request streams of the differential and round-trip targets: every request the
+/// worker accepts is, re-read from the bytes it forwards, the same request, occupying
+/// exactly those bytes, and the forwarded form is a fixed point. (The comparison with
+/// hyper itself needs the fuzz crate.)
+#[test]
+fn request_stream_inputs() {
+    let mut all = inputs("differential");
+    all.extend(inputs("roundtrip"));
+    assert!(!all.is_empty());
+    let roomy = HeadLimits {
+        max_request_line: 16 * 1024,
+        max_header_bytes: 64 * 1024,
+        max_headers: 128,
+    };
+    for data in all {
+        if data.starts_with(b"HTTP/") {
+            // An upstream response, relayed to an HTTP/1.1 client.
+            if let Some(r) = decode_response(&data, 64 * 1024) {
+                let again = decode_response(&r.forwarded, 65 * 1024).expect("relayed form");
+                assert_eq!((again.status, &again.body), (r.status, &r.body));
+                assert_eq!(again.end, r.forwarded.len());
+                assert_eq!(again.forwarded, r.forwarded);
+            }
+            continue;
+        }
+        let (msgs, _) = decode_requests(&data, &HeadLimits::default());
+        for m in msgs {
+            let (again, _) = decode_requests(&m.forwarded, &roomy);
+            assert_eq!(again.len(), 1);
+            assert_eq!(again[0].end, m.forwarded.len());
+            assert_eq!(
+                (
+                    &again[0].method,
+                    &again[0].target,
+                    &again[0].body,
+                    &again[0].trailers
+                ),
+                (&m.method, &m.target, &m.body, &m.trailers)
+            );
+            // Bytes the app receives never hold a bare LF outside the body.
+            let head_len = m
+                .forwarded
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("head end");
+            assert!(!m.forwarded[..head_len]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || m.forwarded[i - 1] != b'\r')));
         }
     }
 }

@@ -16,7 +16,14 @@ fuzz_target!(|data: &[u8]| {
         let id = appproxy_shared_id();
         let hop = ClientHop::new("127.0.0.1:1".parse().expect("addr"), 80, false);
         let mut out = Vec::new();
-        upstream_request(&mut out, data, &head, Some(&id), hop);
+        upstream_request(
+            &mut out,
+            data,
+            &head,
+            Some(&id),
+            hop,
+            "127.0.0.1:2".parse().expect("addr"),
+        );
         assert!(out.ends_with(b"\r\n\r\n"));
     }
 });

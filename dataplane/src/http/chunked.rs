@@ -1,18 +1,108 @@
-//! The chunked transfer-coding decoder (RFC 9112 §7.1), as a pure state machine.
+//! The chunked transfer coding (RFC 9112 §7.1): a strict decoder as a pure state
+//! machine, and the encoder that writes what is forwarded.
 //!
-//! The proxy usually relays a chunked body verbatim: the decoder only finds where the
-//! body ends and refuses malformed framing. When the receiver cannot take chunked
-//! (an HTTP/1.0 client) the same decoder yields the payload runs to forward instead.
+//! A chunked body is never relayed as received. The decoder yields payload runs and
+//! collects the trailer section; the relay re-encodes the payload with canonical chunk
+//! sizes (lowercase hex, no leading zeros, no extensions) and ends it with a last chunk
+//! carrying only the trailer fields that are allowed to travel. The decoder accepts
+//! CRLF only (a bare LF or CR, a NUL or any other control byte is an error), requires
+//! `name: value` with a token name on every trailer line, refuses obs-fold, and bounds
+//! the size line, the trailer section and the number of trailer fields. Fields that
+//! must never be trailers (framing, routing, authentication, hop-by-hop, client-address
+//! and request-ID fields) are refused in requests and dropped from responses; fields
+//! that only should not be trailers (content metadata, conditionals, caching) are
+//! dropped either way.
 
 use std::ops::Range;
 
 /// Longest chunk-size line accepted (size, extensions and CRLF).
 const MAX_SIZE_LINE: usize = 4096;
-/// Largest trailer section accepted.
-const MAX_TRAILERS: usize = 16 * 1024;
+/// Most chunk-extension bytes accepted over a whole body (they are dropped, but each
+/// costs decoding work).
+const MAX_EXTENSION_BYTES: usize = 4096;
+/// Largest trailer section accepted, in bytes.
+pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
+/// Most trailer fields accepted.
+pub const MAX_TRAILER_FIELDS: usize = 32;
 
 /// Why a chunked body was refused.
 pub type ChunkError = &'static str;
+
+/// Trailer fields refused in a request (400) and dropped from a response: framing,
+/// routing, authentication, hop-by-hop and forwarding fields.
+const REFUSED_TRAILERS: [&str; 22] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "max-forwards",
+    "authorization",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "www-authenticate",
+    "cookie",
+    "set-cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+];
+
+/// Trailer fields silently dropped (RFC 9110 §6.5.1: they describe or control the
+/// message, so a recipient must not act on them after the content).
+const DROPPED_TRAILERS: [&str; 18] = [
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "content-language",
+    "content-location",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    "cache-control",
+    "pragma",
+    "age",
+    "expires",
+    "date",
+    "location",
+    "vary",
+];
+
+/// What happens to a trailer field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailerVerdict {
+    /// Forwarded.
+    Keep,
+    /// Silently left out.
+    Drop,
+    /// Must never be a trailer: refused in a request, dropped from a response.
+    Forbidden,
+}
+
+/// Classifies a trailer field name.
+pub fn trailer_verdict(name: &[u8]) -> TrailerVerdict {
+    let is = |list: &[&str]| list.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+    if is(&REFUSED_TRAILERS)
+        || appproxy_shared::header::header_rank(name).is_some()
+        || crate::http::encode::is_client_address_header(name)
+    {
+        TrailerVerdict::Forbidden
+    } else if is(&DROPPED_TRAILERS) {
+        TrailerVerdict::Drop
+    } else {
+        TrailerVerdict::Keep
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -30,8 +120,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// Inside a trailer field line.
-    Trailer,
+    /// Inside a trailer field name.
+    TrailerName,
+    /// After the colon of a trailer field.
+    TrailerValue,
     /// Expecting the LF of a trailer line.
     TrailerLf,
     /// Expecting the LF of the final empty line.
@@ -40,7 +132,7 @@ enum State {
     Done,
 }
 
-/// Incremental chunked decoder.
+/// Incremental, strict chunked decoder.
 #[derive(Debug, Clone)]
 pub struct ChunkedDecoder {
     /// Where in the framing we are.
@@ -51,10 +143,22 @@ pub struct ChunkedDecoder {
     digits: u32,
     /// Bytes of the current size line (bounded by [`MAX_SIZE_LINE`]).
     line_len: usize,
-    /// Bytes of trailers so far (bounded by [`MAX_TRAILERS`]).
+    /// Bytes of the trailer section so far (bounded by [`MAX_TRAILER_BYTES`]).
     trailer_len: usize,
-    /// Whether the chunk being sized is the last (size 0).
-    last: bool,
+    /// Chunk-extension bytes so far (bounded by [`MAX_EXTENSION_BYTES`]).
+    extension_len: usize,
+    /// Trailer fields seen (bounded by [`MAX_TRAILER_FIELDS`]).
+    trailer_count: usize,
+    /// Whether a forbidden trailer field is an error (requests) or dropped (responses).
+    refuse_forbidden: bool,
+    /// Kept trailer fields, each as `name: value` without the line end; empty (and
+    /// unallocated) for the usual body without trailers.
+    trailers: Vec<u8>,
+    /// Where the field being read starts in `trailers`, and where its name ends.
+    field_start: usize,
+    name_end: usize,
+    /// End of each kept field in `trailers`.
+    field_ends: Vec<usize>,
 }
 
 /// The result of one [`ChunkedDecoder::decode`] step.
@@ -74,8 +178,18 @@ impl Default for ChunkedDecoder {
     }
 }
 
+/// `tchar` of RFC 9110 §5.6.2.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A byte allowed inside a field value: HTAB, visible ASCII, space, obs-text.
+fn is_value_byte(b: u8) -> bool {
+    b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
+}
+
 impl ChunkedDecoder {
-    /// A decoder at the start of a body.
+    /// A decoder for a response body: forbidden trailer fields are dropped.
     pub fn new() -> Self {
         Self {
             state: State::Size,
@@ -83,13 +197,84 @@ impl ChunkedDecoder {
             digits: 0,
             line_len: 0,
             trailer_len: 0,
-            last: false,
+            extension_len: 0,
+            trailer_count: 0,
+            refuse_forbidden: false,
+            trailers: Vec::new(),
+            field_start: 0,
+            name_end: 0,
+            field_ends: Vec::new(),
+        }
+    }
+
+    /// A decoder for a request body: a forbidden trailer field is an error.
+    pub fn for_request() -> Self {
+        Self {
+            refuse_forbidden: true,
+            ..Self::new()
         }
     }
 
     /// Whether the body is complete.
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// The trailer fields kept so far, as `(name, value)`.
+    pub fn trailers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0;
+        self.field_ends.iter().map(move |&end| {
+            let field = &self.trailers[start..end];
+            start = end;
+            let colon = field.iter().position(|b| *b == b':').unwrap_or(field.len());
+            let value = field.get(colon + 1..).unwrap_or_default();
+            (&field[..colon], value)
+        })
+    }
+
+    /// Appends the last chunk with the kept trailer fields (canonical form).
+    pub fn encode_last_chunk(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"0\r\n");
+        for (name, value) in self.trailers() {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// A trailer line ended: check and keep or drop the field.
+    fn end_field(&mut self) -> Result<(), ChunkError> {
+        self.trailer_count += 1;
+        if self.trailer_count > MAX_TRAILER_FIELDS {
+            return Err("too many trailer fields");
+        }
+        // Trim the value's surrounding white space.
+        let mut vstart = self.name_end + 1;
+        let mut vend = self.trailers.len();
+        while vstart < vend && matches!(self.trailers[vstart], b' ' | b'\t') {
+            vstart += 1;
+        }
+        while vend > vstart && matches!(self.trailers[vend - 1], b' ' | b'\t') {
+            vend -= 1;
+        }
+        let verdict = trailer_verdict(&self.trailers[self.field_start..self.name_end]);
+        match verdict {
+            TrailerVerdict::Forbidden if self.refuse_forbidden => {
+                return Err("forbidden trailer field")
+            }
+            TrailerVerdict::Keep => {
+                self.trailers.copy_within(vstart..vend, self.name_end + 1);
+                let end = self.name_end + 1 + (vend - vstart);
+                self.trailers.truncate(end);
+                self.field_ends.push(end);
+            }
+            TrailerVerdict::Drop | TrailerVerdict::Forbidden => {
+                self.trailers.truncate(self.field_start);
+            }
+        }
+        Ok(())
     }
 
     /// Consumes framing from `input` up to and including at most one run of payload
@@ -120,9 +305,13 @@ impl ChunkedDecoder {
                 }
                 State::Extension => {
                     self.line_len += 1;
+                    self.extension_len += 1;
+                    if self.extension_len > MAX_EXTENSION_BYTES {
+                        return Err("chunk extensions too large");
+                    }
                     if b == b'\r' {
                         self.state = State::SizeLf;
-                    } else if b == b'\n' || (b < 0x20 && b != b'\t') || b == 0x7f {
+                    } else if !is_value_byte(b) {
                         return Err("invalid chunk extension");
                     }
                 }
@@ -133,7 +322,6 @@ impl ChunkedDecoder {
                     self.line_len = 0;
                     self.digits = 0;
                     if self.remaining == 0 {
-                        self.last = true;
                         self.state = State::TrailerStart;
                     } else {
                         self.state = State::Data;
@@ -168,26 +356,45 @@ impl ChunkedDecoder {
                         self.state = State::EndLf;
                     } else if b == b' ' || b == b'\t' {
                         return Err("obs-fold in trailers");
-                    } else {
+                    } else if is_tchar(b) {
                         self.trailer_len += 1;
-                        self.state = State::Trailer;
-                    }
-                }
-                State::Trailer => {
-                    self.trailer_len += 1;
-                    if self.trailer_len > MAX_TRAILERS {
-                        return Err("trailers too large");
-                    }
-                    if b == b'\r' {
-                        self.state = State::TrailerLf;
-                    } else if b == b'\n' || b == 0 {
+                        self.field_start = self.trailers.len();
+                        self.trailers.push(b);
+                        self.state = State::TrailerName;
+                    } else {
                         return Err("invalid trailer line");
                     }
                 }
+                State::TrailerName => {
+                    self.trailer_len += 1;
+                    if is_tchar(b) {
+                        self.trailers.push(b);
+                    } else if b == b':' {
+                        self.name_end = self.trailers.len();
+                        self.trailers.push(b);
+                        self.state = State::TrailerValue;
+                    } else if b == b'\r' || b == b'\n' {
+                        return Err("trailer line without a colon");
+                    } else {
+                        return Err("invalid trailer field name");
+                    }
+                }
+                State::TrailerValue => {
+                    self.trailer_len += 1;
+                    if b == b'\r' {
+                        self.state = State::TrailerLf;
+                    } else if is_value_byte(b) {
+                        self.trailers.push(b);
+                    } else {
+                        return Err("invalid trailer field value");
+                    }
+                }
                 State::TrailerLf => {
+                    self.trailer_len += 1;
                     if b != b'\n' {
                         return Err("trailer line not ended by CRLF");
                     }
+                    self.end_field()?;
                     self.state = State::TrailerStart;
                 }
                 State::EndLf => {
@@ -204,6 +411,9 @@ impl ChunkedDecoder {
             }
             if self.line_len > MAX_SIZE_LINE {
                 return Err("chunk size line too long");
+            }
+            if self.trailer_len > MAX_TRAILER_BYTES {
+                return Err("trailer section too large");
             }
             i += 1;
         }
@@ -224,23 +434,68 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// Runs the decoder over a whole buffer, for tests and fuzzing: returns the payload
-/// and the number of bytes the body occupied, or `Ok(None)` if incomplete.
-pub fn decode_all(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ChunkError> {
-    let mut dec = ChunkedDecoder::new();
+/// Appends `data` as one chunk with a canonical size line (nothing for empty data:
+/// a zero-size chunk would end the body).
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = data.len() as u64;
+    while n > 0 {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A whole chunked body decoded: the payload, the bytes the body occupied, and the
+/// canonical re-encoding that would be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Bytes of the input the body occupied.
+    pub len: usize,
+    /// The body as the proxy forwards it (one chunk per payload run).
+    pub encoded: Vec<u8>,
+}
+
+/// Runs `dec` over a whole buffer, for tests and fuzzing: the decoded body, or
+/// `Ok(None)` if incomplete.
+pub fn decode_with(mut dec: ChunkedDecoder, input: &[u8]) -> Result<Option<Decoded>, ChunkError> {
     let mut payload = Vec::new();
+    let mut encoded = Vec::new();
     let mut pos = 0;
     loop {
         let step = dec.decode(&input[pos..])?;
-        payload.extend_from_slice(&input[pos + step.data.start..pos + step.data.end]);
+        let data = &input[pos + step.data.start..pos + step.data.end];
+        payload.extend_from_slice(data);
+        encode_chunk(&mut encoded, data);
         pos += step.consumed;
         if step.done {
-            return Ok(Some((payload, pos)));
+            dec.encode_last_chunk(&mut encoded);
+            return Ok(Some(Decoded {
+                payload,
+                len: pos,
+                encoded,
+            }));
         }
         if step.consumed == 0 || pos == input.len() {
             return Ok(None);
         }
     }
+}
+
+/// Runs a response decoder over a whole buffer, for tests and fuzzing: returns the
+/// payload and the number of bytes the body occupied, or `Ok(None)` if incomplete.
+pub fn decode_all(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ChunkError> {
+    Ok(decode_with(ChunkedDecoder::new(), input)?.map(|d| (d.payload, d.len)))
 }
 
 #[cfg(test)]
@@ -279,6 +534,114 @@ mod tests {
             let want = want.map(|o| o.map(|(p, n)| (p.to_vec(), n)));
             assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(input));
         }
+    }
+
+    /// Every vector of the trailer-section smuggling class is refused.
+    #[test]
+    fn strict_trailer_section() {
+        let refused: &[(&[u8], ChunkError)] = &[
+            // The reported vector: a bare LF ends the trailer section for a lenient
+            // app, so what follows would be a second request.
+            (
+                b"0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+                "invalid trailer line",
+            ),
+            (
+                b"0\r\nX: a\nGET /smuggled HTTP/1.1\r\n\r\n",
+                "invalid trailer field value",
+            ),
+            (
+                b"0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+                "invalid trailer field name",
+            ),
+            (b"0\r\nNoColon\r\n\r\n", "trailer line without a colon"),
+            (b"0\r\nX-A: a\0b\r\n\r\n", "invalid trailer field value"),
+            (b"0\r\n\0\r\n\r\n", "invalid trailer line"),
+            (b"0\r\nX-A: a\rb\r\n\r\n", "trailer line not ended by CRLF"),
+            (b"0\r\n: v\r\n\r\n", "invalid trailer line"),
+            (b"0\r\nX A: v\r\n\r\n", "invalid trailer field name"),
+            (b"0\r\nX-A : v\r\n\r\n", "invalid trailer field name"),
+            (b"0\r\n\n", "invalid trailer line"),
+            (b"0\n\r\n", "invalid chunk size"),
+            (b"5\r\nhello\n0\r\n\r\n", "chunk data not followed by CRLF"),
+            (b"5\r\nhello\r0\r\n\r\n", "chunk data not followed by CRLF"),
+            (b"5;a=\0\r\nhello\r\n", "invalid chunk extension"),
+            (b"0\r\nContent-Length: 5\r\n\r\n", "forbidden trailer field"),
+            (
+                b"0\r\ntransfer-encoding: chunked\r\n\r\n",
+                "forbidden trailer field",
+            ),
+            (b"0\r\nHost: evil\r\n\r\n", "forbidden trailer field"),
+            (
+                b"0\r\nAuthorization: Bearer x\r\n\r\n",
+                "forbidden trailer field",
+            ),
+            (
+                b"0\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+                "forbidden trailer field",
+            ),
+            (
+                b"0\r\nX-Real-IP: 1.2.3.4\r\n\r\n",
+                "forbidden trailer field",
+            ),
+            (
+                b"0\r\nX-Backend-Request-ID: x\r\n\r\n",
+                "forbidden trailer field",
+            ),
+        ];
+        for (input, want) in refused {
+            let got = decode_with(ChunkedDecoder::for_request(), input);
+            assert_eq!(
+                got,
+                Err(*want),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        // A response decoder drops forbidden fields instead.
+        let d = decode_with(
+            ChunkedDecoder::new(),
+            b"0\r\nContent-Length: 5\r\nX-Sum:  7 \r\nHost: h\r\nContent-Type: a\r\n\r\n",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(d.encoded, b"0\r\nX-Sum: 7\r\n\r\n");
+    }
+
+    #[test]
+    fn trailer_limits() {
+        let mut many = b"0\r\n".to_vec();
+        for i in 0..=MAX_TRAILER_FIELDS {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(decode_all(&many), Err("too many trailer fields"));
+        let mut big = b"0\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_TRAILER_BYTES));
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(decode_all(&big), Err("trailer section too large"));
+    }
+
+    #[test]
+    fn re_encoding_is_canonical() {
+        let d = decode_with(
+            ChunkedDecoder::for_request(),
+            b"000005;ext=\"x\"\r\nhello\r\nA\r\n0123456789\r\n0;e\r\nX-Sum: 1\r\nX-B:2\r\n\r\nNEXT",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(d.payload, b"hello0123456789");
+        assert_eq!(
+            d.encoded,
+            b"5\r\nhello\r\na\r\n0123456789\r\n0\r\nX-Sum: 1\r\nX-B: 2\r\n\r\n"
+        );
+        // The re-encoding decodes to the same payload and re-encodes to itself.
+        let again = decode_with(ChunkedDecoder::for_request(), &d.encoded)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(again.payload, d.payload);
+        assert_eq!(again.len, d.encoded.len());
+        assert_eq!(again.encoded, d.encoded);
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! Writing heads: the request forwarded to the app, the response relayed to the
 //! client, and the proxy's own JSON error responses.
 //!
-//! Header fields are copied byte for byte (name case and order kept, repeats kept),
-//! except the hop-by-hop set, the names listed in `Connection`, the framing headers
-//! (rewritten for the hop they travel) and the request-ID headers (replaced by the
-//! resolved ID under the primary name).
+//! Every head is written here from the parsed message, never copied raw: the request
+//! line and status line are rebuilt, the framing headers are written for the hop they
+//! travel, and the body framing that follows is the relay's own (see
+//! [`super::chunked`]). Header fields are copied field by field (name case and order
+//! kept, repeats kept; httparse has already refused bare CR, NUL and obs-fold), except
+//! the hop-by-hop set, the names listed in `Connection`, the framing headers, the
+//! request-ID headers (replaced by the resolved ID under the primary name) and the
+//! client-address headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and their
+//! spoofable relatives, replaced by what the proxy knows about the client hop).
+//!
+//! An HTTP/1.0 request without `Host` is forwarded as HTTP/1.1 with `Host` set to the
+//! app's address (what nginx sends by default as `$proxy_host`): the app always gets
+//! a valid HTTP/1.1 request, and a client that names no authority gets the one the
+//! request was actually sent to.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -41,11 +51,44 @@ const FORWARDING: [&str; 5] = [
     "forwarded",
 ];
 
+/// Headers naming the client's address that other proxies and CDNs set; a client can
+/// send any of them, so none is forwarded (`X-Real-IP` is set by the proxy).
+const CLIENT_ADDRESS: [&str; 15] = [
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-original-forwarded-for",
+    "x-proxyuser-ip",
+    "x-envoy-external-address",
+    "x-forwarded",
+    "forwarded-for",
+];
+
+/// Whether `name` is a client-address header other than `X-Forwarded-*`/`Forwarded`.
+pub fn is_client_address_header(name: &[u8]) -> bool {
+    // Every listed name starts with one of these letters: most headers skip the list.
+    matches!(
+        name.first().map(|b| b | 0x20),
+        Some(b'x' | b't' | b'c' | b'f')
+    ) && CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
+}
+
+/// Whether a field is hop-by-hop: one of [`HOP_BY_HOP`] or named in `Connection`
+/// (except `Host`, which is for every recipient: a client listing it must not make
+/// the app get a request without one).
 fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) -> bool {
     HOP_BY_HOP.iter().any(|h| name_is(name, h))
-        || connection_tokens
-            .iter()
-            .any(|t| buf[t.clone()].eq_ignore_ascii_case(name))
+        || (!name_is(name, "host")
+            && connection_tokens
+                .iter()
+                .any(|t| buf[t.clone()].eq_ignore_ascii_case(name)))
 }
 
 /// What the proxy knows about the client hop; formatted once per connection.
@@ -100,13 +143,15 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Appends the request head forwarded to the app (`id`: the request ID to forward;
-/// `None` only when request IDs are turned off for measurement).
+/// `None` only when request IDs are turned off for measurement; `app`: the app's
+/// address, the `Host` of an HTTP/1.0 request that has none).
 pub fn upstream_request(
     out: &mut Vec<u8>,
     buf: &[u8],
     head: &RequestHead,
     id: Option<&RequestId>,
     hop: ClientHop,
+    app: SocketAddr,
 ) {
     out.extend_from_slice(&buf[head.method_raw.clone()]);
     out.push(b' ');
@@ -122,6 +167,7 @@ pub fn upstream_request(
             || name_is(name_b, "content-length")
             || name_is(name_b, "expect")
             || header_rank(name_b).is_some()
+            || is_client_address_header(name_b)
         {
             continue;
         }
@@ -147,6 +193,11 @@ pub fn upstream_request(
         }
         push_field(out, name_b, value_b);
     }
+    if head.host.is_none() {
+        out.extend_from_slice(b"Host: ");
+        push_socket_addr(out, app);
+        out.extend_from_slice(b"\r\n");
+    }
     match head.framing {
         BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         BodyFraming::Length(n) if n > 0 || head.has_content_length => {
@@ -165,6 +216,11 @@ pub fn upstream_request(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(hop.ip());
+    out.extend_from_slice(b"\r\n");
+    // The client's address: from a trusted proxy its one `X-Forwarded-For` address
+    // (the handler refuses anything else), otherwise the TCP peer.
+    out.extend_from_slice(b"X-Real-IP: ");
+    out.extend_from_slice(prior_xff.map_or(hop.ip(), <[u8]>::trim_ascii));
     out.extend_from_slice(b"\r\n");
     let proto = fwd_proto.unwrap_or(b"http");
     push_field(out, b"X-Forwarded-Proto", proto);
@@ -212,8 +268,8 @@ pub enum ClientFraming {
     Empty,
     /// `Content-Length: n`, bytes relayed as they come.
     Length(u64),
-    /// Upstream chunked, relayed verbatim.
-    ChunkedPassThrough,
+    /// Upstream chunked, decoded and re-encoded canonically.
+    Chunked,
     /// Upstream delimited by close, re-chunked for an HTTP/1.1 client.
     Rechunk,
     /// Upstream chunked, de-chunked and delimited by close (HTTP/1.0 client).
@@ -228,7 +284,7 @@ impl ClientFraming {
         match (upstream, client) {
             (BodyFraming::Length(0), _) => Self::Empty,
             (BodyFraming::Length(n), _) => Self::Length(n),
-            (BodyFraming::Chunked, Version::Http11) => Self::ChunkedPassThrough,
+            (BodyFraming::Chunked, Version::Http11) => Self::Chunked,
             (BodyFraming::Chunked, Version::Http10) => Self::Dechunk,
             (BodyFraming::Eof, Version::Http11) => Self::Rechunk,
             (BodyFraming::Eof, Version::Http10) => Self::UntilClose,
@@ -275,7 +331,7 @@ pub fn client_response(
             push_u64(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        ClientFraming::ChunkedPassThrough | ClientFraming::Rechunk => {
+        ClientFraming::Chunked | ClientFraming::Rechunk => {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
         ClientFraming::Empty | ClientFraming::Dechunk | ClientFraming::UntilClose => {}
@@ -298,7 +354,9 @@ pub fn client_response(
 
 /// Appends an interim (1xx) response head relayed to the client.
 pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
-    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(out, u64::from(head.status));
+    out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     for HeaderField { name, value } in &head.headers {
@@ -334,6 +392,15 @@ pub fn error_response(
         if close { "Connection: close\r\n" } else { "" }
     );
     out.extend_from_slice(body.as_bytes());
+}
+
+/// Appends `ip:port` (`[ip]:port` for IPv6) without allocating.
+fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    let mut text = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let _ = write!(cursor, "{addr}");
+    let n = cursor.position() as usize;
+    out.extend_from_slice(&text[..n]);
 }
 
 fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

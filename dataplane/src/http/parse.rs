@@ -456,7 +456,16 @@ pub fn parse_response_reusing(
     } else {
         Version::Http10
     };
-    let reason = offset(buf, resp.reason.unwrap_or("").as_bytes());
+    // httparse gives a reason phrase with obs-text (or none) as a `""` that is not
+    // inside `buf`: the reason is then left out rather than offset from elsewhere.
+    let reason = resp
+        .reason
+        .map(str::as_bytes)
+        .filter(|r| {
+            let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+            (start..=end).contains(&(r.as_ptr() as usize)) && r.as_ptr() as usize + r.len() <= end
+        })
+        .map_or(0..0, |r| offset(buf, r));
     let mut headers = spare;
     fields(buf, resp.headers, &mut headers);
     let mut scan = Scan::default();

@@ -262,21 +262,80 @@ mod encoding {
         ClientHop::new("10.1.2.3:5555".parse().expect("addr"), 8080, trusted)
     }
 
+    fn app() -> std::net::SocketAddr {
+        "10.9.9.9:8888".parse().expect("addr")
+    }
+
+    #[test]
+    fn client_address_headers_are_replaced() {
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nx-client-ip: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nCF-Connecting-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nX-Cluster-Client-IP: 6.6.6.6\r\nFastly-Client-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Port: 1\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let id: RequestId = "rid-1".parse().expect("valid");
+        for trusted in [false, true] {
+            let mut out = Vec::new();
+            upstream_request(&mut out, input, &head, Some(&id), hop(trusted), app());
+            let text = String::from_utf8(out).expect("ascii");
+            assert!(!text.contains("6.6.6.6"), "{text}");
+            assert_eq!(text.matches("X-Real-IP: 10.1.2.3\r\n").count(), 1, "{text}");
+        }
+        // From a trusted proxy, the client is the one address it forwarded.
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For:  7.7.7.7 \r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, Some(&id), hop(true), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.contains("X-Real-IP: 7.7.7.7\r\n"), "{text}");
+        assert!(!text.contains("6.6.6.6"), "{text}");
+    }
+
+    /// Found by the round-trip fuzz target: `Connection: Host` made the app get an
+    /// HTTP/1.1 request without Host.
+    #[test]
+    fn host_listed_in_connection_is_kept() {
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Host, X-Drop\r\nX-Drop: 1\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, None, hop(false), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.contains("\r\nHost: h\r\n"), "{text}");
+        assert!(!text.contains("X-Drop"), "{text}");
+    }
+
+    #[test]
+    fn http10_without_host_gets_the_apps_address() {
+        let input = b"GET /x HTTP/1.0\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, None, hop(false), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(
+            text.starts_with("GET /x HTTP/1.1\r\nHost: 10.9.9.9:8888\r\n"),
+            "{text}"
+        );
+        let input = b"GET /x HTTP/1.0\r\nHost: given\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, None, hop(false), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert_eq!(text.matches("\r\nHost: ").count(), 1, "{text}");
+        assert!(text.contains("Host: given\r\n"), "{text}");
+    }
+
     #[test]
     fn upstream_request_rewrites_hop_headers() {
         let input = b"POST /x HTTP/1.1\r\nHost: app.local\r\nconnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nkeep-alive: 5\r\nTE: trailers\r\nX-Keep: a\r\nx-keep: b\r\nX-Request-ID: client-id\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 3, 3\r\nExpect: 100-continue\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let id: RequestId = "rid-1".parse().expect("valid");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(false));
+        upstream_request(&mut out, input, &head, Some(&id), hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
-        let want = "POST /x HTTP/1.1\r\nHost: app.local\r\nX-Keep: a\r\nx-keep: b\r\nContent-Length: 3\r\nX-Backend-Request-ID: rid-1\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.local\r\nX-Forwarded-Port: 8080\r\nForwarded: for=10.1.2.3;host=\"app.local\";proto=http\r\n\r\n";
+        let want = "POST /x HTTP/1.1\r\nHost: app.local\r\nX-Keep: a\r\nx-keep: b\r\nContent-Length: 3\r\nX-Backend-Request-ID: rid-1\r\nX-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.local\r\nX-Forwarded-Port: 8080\r\nForwarded: for=10.1.2.3;host=\"app.local\";proto=http\r\n\r\n";
         assert_eq!(text, want);
         // From a trusted proxy the chain is extended and its proto kept.
         let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(true));
+        upstream_request(&mut out, input, &head, Some(&id), hop(true), app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(
             text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"),
@@ -284,6 +343,37 @@ mod encoding {
         );
         assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
         assert!(text.contains(";proto=https\r\n"), "{text}");
+    }
+
+    /// A reason phrase with obs-text, or none at all, is relayed without one (it used
+    /// to be taken from outside the buffer and panic).
+    #[test]
+    fn odd_reason_phrases_are_left_out() {
+        for input in [
+            &b"HTTP/1.0 200 O\xfbK\r\nContent-Length: 0\r\n\r\n"[..],
+            &b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..],
+        ] {
+            let head = parse_response(input, Method::Get, 4096)
+                .expect("valid")
+                .expect("complete");
+            assert!(head.reason.end <= input.len());
+            let mut out = Vec::new();
+            client_response(
+                &mut out,
+                input,
+                &head,
+                ClientFraming::Empty,
+                None,
+                Version::Http11,
+                false,
+            );
+            assert!(out.starts_with(b"HTTP/1.1 200 \r\n"), "{out:?}");
+        }
+        let input = b"HTTP/1.1 404 Not Found\r\n\r\n";
+        let head = parse_response(input, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(&input[head.reason], b"Not Found");
     }
 
     #[test]

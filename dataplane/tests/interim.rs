@@ -1,0 +1,97 @@
+//! Hostile suite, interim-response class: an app flooding 1xx responses gets at most
+//! a few through before the exchange is ended, and an HTTP/1.0 client never gets a
+//! 1xx at all.
+
+mod common;
+mod lenient;
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Client, Worker, WorkerOpts};
+use lenient::LenientApp;
+
+fn worker_for(app: &LenientApp) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    })
+}
+
+/// Sends `req` and reads everything until the worker closes the connection.
+fn exchange_to_close(w: &Worker, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(req).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn a_few_interim_responses_are_relayed_to_http11() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /interim?n=2 HTTP/1.1\r\nHost: t\r\n\r\n");
+    for _ in 0..2 {
+        let (status, headers) = c.head();
+        assert_eq!(status, 103);
+        assert!(headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("link")));
+    }
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "final");
+    // Keep-alive goes on.
+    assert_eq!(c.get("/after", "").json()["path"], "/after");
+}
+
+#[test]
+fn an_interim_flood_is_cut_after_a_few() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let raw = exchange_to_close(&w, b"GET /interim?n=20000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let interim = raw.matches("HTTP/1.1 103").count();
+    assert!(
+        (1..=5).contains(&interim),
+        "{interim} interim responses relayed"
+    );
+    assert!(
+        !raw.contains("final"),
+        "the exchange is ended, not completed"
+    );
+    // The worker is fine for the next client.
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/next", "").json()["path"], "/next");
+}
+
+#[test]
+fn http10_clients_get_no_interim_responses() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /interim?n=3 HTTP/1.0\r\n\r\n");
+    let mut first = String::new();
+    c.reader.read_line(&mut first).expect("status line");
+    assert!(first.starts_with("HTTP/1.1 200"), "first line {first:?}");
+    let mut rest = Vec::new();
+    c.reader.read_to_end(&mut rest).expect("to close");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains(" 103 "), "{rest}");
+    assert!(rest.ends_with("final"), "{rest}");
+}
+
+#[test]
+fn an_interim_flood_to_http10_is_a_502() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let raw = exchange_to_close(&w, b"GET /interim?n=20000 HTTP/1.0\r\n\r\n");
+    assert!(raw.starts_with("HTTP/1.1 502 "), "{raw}");
+    assert!(!raw.contains(" 103 "), "{raw}");
+    assert!(
+        raw.contains("\"code\":\"upstream_invalid_response\""),
+        "{raw}"
+    );
+}

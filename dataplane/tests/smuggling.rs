@@ -1,0 +1,296 @@
+//! Hostile suite, smuggling class: every request-smuggling and framing vector of the
+//! worker-hardening issue, against a lenient app that accepts bare LF (which is what
+//! makes smuggling visible), plus the canonical re-encoding of chunked bodies both
+//! ways and the replacement of spoofable client-address headers.
+
+mod common;
+mod lenient;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Client, Worker, WorkerOpts};
+use lenient::LenientApp;
+
+fn worker_for(app: &LenientApp) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    })
+}
+
+/// Sends a chunked request whose body is `body` and expects a 400 JSON `bad_chunk`
+/// answer followed by the connection closing.
+fn refused_with_bad_chunk(w: &Worker, method: &str, body: &[u8]) {
+    let mut c = Client::connect(w.addr());
+    let mut req =
+        format!("{method} /victim HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    req.extend_from_slice(body);
+    c.send(&req);
+    let r = c.response();
+    assert_eq!(
+        r.status,
+        400,
+        "{:?}: {}",
+        String::from_utf8_lossy(body),
+        r.text()
+    );
+    let v = r.json();
+    assert_eq!(v["code"], "bad_chunk", "{v}");
+    assert!(r.header("x-backend-request-id").is_some());
+    assert_eq!(
+        v["request_id"],
+        r.header("x-backend-request-id").unwrap_or_default()
+    );
+    assert!(c.is_closed(), "a framing error closes the connection");
+}
+
+/// After an attack: a fresh client, possibly on the pooled app connection, gets its
+/// own response and the app never saw `/smuggled`.
+fn next_user_is_safe(w: &Worker, app: &LenientApp) {
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/next-user", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-attacker"),
+        None,
+        "poisoned response: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["path"], "/next-user");
+    assert!(
+        !app.saw_path("/smuggled"),
+        "smuggled request reached the app: {:?}",
+        app.seen()
+    );
+}
+
+#[test]
+fn bare_lf_after_last_chunk_does_not_smuggle() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    refused_with_bad_chunk(
+        &w,
+        "POST",
+        b"0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn bare_lf_inside_trailers_does_not_smuggle() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    refused_with_bad_chunk(
+        &w,
+        "POST",
+        b"5\r\nhello\r\n0\r\nX-A: 1\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    refused_with_bad_chunk(
+        &w,
+        "POST",
+        b"0\r\nX-A: 1\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn trailer_line_without_colon_is_refused() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    refused_with_bad_chunk(&w, "POST", b"0\r\nX-No-Colon\r\n\r\n");
+    refused_with_bad_chunk(
+        &w,
+        "POST",
+        b"0\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn nul_in_trailer_section_is_refused() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    refused_with_bad_chunk(&w, "POST", b"0\r\nX-A: a\0b\r\n\r\n");
+    refused_with_bad_chunk(
+        &w,
+        "POST",
+        b"0\r\n\0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn forbidden_trailer_fields_are_refused_and_never_forwarded() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    for field in [
+        "Content-Length: 5",
+        "Transfer-Encoding: chunked",
+        "Host: evil.example",
+        "Authorization: Bearer stolen",
+        "Cookie: s=1",
+        "X-Forwarded-For: 6.6.6.6",
+        "X-Real-IP: 6.6.6.6",
+        "Connection: close",
+    ] {
+        refused_with_bad_chunk(
+            &w,
+            "POST",
+            format!("3\r\nabc\r\n0\r\n{field}\r\n\r\n").as_bytes(),
+        );
+    }
+    for s in app.seen() {
+        assert!(
+            s.trailers.is_empty(),
+            "a forbidden trailer reached the app: {s:?}"
+        );
+    }
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn options_with_a_smuggled_delete_is_refused() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    refused_with_bad_chunk(
+        &w,
+        "OPTIONS",
+        b"0\r\n\nDELETE /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    next_user_is_safe(&w, &app);
+}
+
+#[test]
+fn chunked_request_reaches_the_app_canonically() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=\"x\"\r\nhello\r\n000007\r\n, world\r\n0\r\nX-Sum: 42\r\nContent-Type: ignored\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 12);
+    let seen = app.request("/upload");
+    let raw = String::from_utf8_lossy(&seen.raw).into_owned();
+    let (_, body) = raw.split_once("\r\n\r\n").expect("head");
+    assert_eq!(
+        body, "5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 42\r\n\r\n",
+        "chunk sizes canonical, extensions and disallowed trailers gone"
+    );
+    assert_eq!(seen.body, b"hello, world");
+    // The connection stays usable.
+    assert_eq!(c.get("/after", "").json()["path"], "/after");
+}
+
+#[test]
+fn chunked_response_reaches_the_client_canonically() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /chunked-trailers HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read to close");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert_eq!(
+        body, "5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n",
+        "re-encoded, forbidden trailers dropped"
+    );
+}
+
+#[test]
+fn malformed_chunked_response_trailers_never_reach_the_client() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /trailer-lf HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    // Either the head and part of the body then a close (no last chunk), or a 502:
+    // never the injected second response.
+    assert_eq!(raw.matches("HTTP/1.1 ").count(), 1, "{raw}");
+    assert!(
+        !raw.contains("0\r\n\r\n"),
+        "the body must not look complete: {raw}"
+    );
+}
+
+#[test]
+fn upstream_bad_chunk_size_before_anything_is_a_502() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/bad-chunk", "");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["code"], "upstream_invalid_response", "{v}");
+    assert_eq!(
+        v["request_id"],
+        r.header("x-backend-request-id").unwrap_or_default()
+    );
+    // The client connection is still good.
+    assert_eq!(c.get("/again", "").json()["path"], "/again");
+}
+
+#[test]
+fn a_reason_phrase_with_obs_text_is_relayed_without_it() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/obs-reason", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(c.get("/after", "").json()["path"], "/after");
+}
+
+#[test]
+fn http10_without_host_reaches_the_app_with_one() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /old HTTP/1.0\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    let seen = app.request("/old");
+    assert_eq!(seen.version, "HTTP/1.1");
+    assert_eq!(seen.header("host"), Some(app.addr.to_string().as_str()));
+    let hosts = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .count();
+    assert_eq!(hosts, 1);
+}
+
+#[test]
+fn spoofable_client_address_headers_are_replaced() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get(
+        "/who",
+        "X-Real-IP: 6.6.6.6\r\nX-Client-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nCF-Connecting-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nX-Cluster-Client-IP: 6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = app.request("/who");
+    for (n, v) in &seen.headers {
+        assert!(!v.contains("6.6.6.6"), "{n}: {v} reached the app");
+    }
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+}
