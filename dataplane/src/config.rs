@@ -268,8 +268,13 @@ pub struct TimeoutsSection {
     /// The app's response head must arrive within this (504).
     pub upstream_head_secs: u64,
     /// Longest silence inside a body transfer, either way (a stalled request body
-    /// gets 408).
+    /// gets 408), except the app's side of a response body (below).
     pub body_idle_secs: u64,
+    /// Longest silence of the app inside a response body: streams (server-sent
+    /// events, token streams of inference servers) may pause far longer than a client
+    /// uploading a body should. A client that stops reading is still cut after
+    /// `body_idle_secs`.
+    pub response_idle_secs: u64,
     /// Idle WebSocket / TCP tunnels are closed after this.
     pub tunnel_idle_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
@@ -284,6 +289,7 @@ impl Default for TimeoutsSection {
             upstream_connect_secs: 3,
             upstream_head_secs: 60,
             body_idle_secs: 60,
+            response_idle_secs: 3600,
             tunnel_idle_secs: 3600,
             drain_secs: 30,
         }
@@ -590,6 +596,8 @@ pub struct Runtime {
     pub upstream_head_timeout: Duration,
     /// Silence inside a body transfer.
     pub body_idle_timeout: Duration,
+    /// The app's silence inside a response body.
+    pub response_idle_timeout: Duration,
     /// Lowest average request-body rate, bytes per second (0: off).
     pub min_body_rate: u64,
     /// Client connections per core (0: derived from the descriptor limit).
@@ -873,6 +881,7 @@ impl Config {
             ("upstream_connect_secs", t.upstream_connect_secs),
             ("upstream_head_secs", t.upstream_head_secs),
             ("body_idle_secs", t.body_idle_secs),
+            ("response_idle_secs", t.response_idle_secs),
             ("tunnel_idle_secs", t.tunnel_idle_secs),
         ] {
             if v == 0 {
@@ -889,6 +898,7 @@ impl Config {
             ("[timeouts] upstream_connect_secs", t.upstream_connect_secs),
             ("[timeouts] upstream_head_secs", t.upstream_head_secs),
             ("[timeouts] body_idle_secs", t.body_idle_secs),
+            ("[timeouts] response_idle_secs", t.response_idle_secs),
             ("[timeouts] tunnel_idle_secs", t.tunnel_idle_secs),
             ("[timeouts] drain_secs", t.drain_secs),
             (
@@ -937,6 +947,7 @@ impl Config {
             connect_timeout: secs(t.upstream_connect_secs),
             upstream_head_timeout: secs(t.upstream_head_secs),
             body_idle_timeout: secs(t.body_idle_secs),
+            response_idle_timeout: secs(t.response_idle_secs),
             min_body_rate: l.min_body_rate,
             max_connections_per_core: l.max_connections_per_core,
             max_upstream_conns: self.upstream.max_connections_per_route,

@@ -581,6 +581,7 @@ async fn forward(
     let opts = RelayOpts {
         max_payload: rt.max_body,
         idle: rt.body_idle_timeout,
+        source_idle: rt.body_idle_timeout,
         buf_limit: BODY_BUF_LIMIT,
     };
     let mut bytes_in = head.head_len as u64;
@@ -1004,6 +1005,7 @@ async fn relay_response(
     let opts = RelayOpts {
         max_payload: 0,
         idle: rt.body_idle_timeout,
+        source_idle: rt.response_idle_timeout,
         buf_limit: BODY_BUF_LIMIT,
     };
     match relay::relay_body_counted(&upstream, ubuf, &client.conn, out, mode, opts).await {

@@ -136,8 +136,10 @@ pub enum RelayError {
 pub struct RelayOpts {
     /// Payload limit in bytes (0: none).
     pub max_payload: u64,
-    /// Longest silence on either side.
+    /// Longest wait to write to the destination.
     pub idle: Duration,
+    /// Longest silence of the source.
+    pub source_idle: Duration,
     /// Buffer capacity limit for the source buffer.
     pub buf_limit: usize,
 }
@@ -246,7 +248,7 @@ pub async fn relay_body_counted(
         if done {
             break;
         }
-        src.set_timeout(opts.idle);
+        src.set_timeout(opts.source_idle);
         let n = sbuf
             .fill(src, opts.buf_limit)
             .await

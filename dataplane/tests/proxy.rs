@@ -542,3 +542,50 @@ fn request_ids_can_be_turned_off_for_measurement() {
         "nothing forwarded"
     );
 }
+
+/// Reads from `s` until `needle` shows up (true) or the stream ends (false).
+fn read_until(s: &mut std::net::TcpStream, seen: &mut Vec<u8>, needle: &[u8]) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        if seen.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A response stream may pause longer than a client's body may stall
+/// (`response_idle_secs` vs `body_idle_secs`); past `response_idle_secs` it is cut.
+#[test]
+fn a_response_stream_may_pause_longer_than_a_request_body() {
+    for (response_idle, survives) in [(30, true), (1, false)] {
+        let up = Upstream::start();
+        let w = Worker::start(WorkerOpts {
+            upstreams: vec![up.addr],
+            extra: format!(
+                "[timeouts]\nbody_idle_secs = 1\nresponse_idle_secs = {response_idle}\n"
+            ),
+            ..Default::default()
+        });
+        let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(b"GET /sse HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("send");
+        let mut seen = Vec::new();
+        assert!(read_until(&mut s, &mut seen, b"data: first"), "first event");
+        // Silent for longer than body_idle_secs.
+        std::thread::sleep(Duration::from_millis(2500));
+        up.open_gate();
+        let second = read_until(&mut s, &mut seen, b"data: second");
+        assert_eq!(
+            second,
+            survives,
+            "response_idle_secs = {response_idle}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+}
