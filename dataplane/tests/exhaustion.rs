@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Client, Upstream, Worker, WorkerOpts};
+use common::{eventually, log_count, metric, Client, Upstream, Worker, WorkerOpts};
 
 fn assert_json_error(r: &common::Response, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", r.text());
@@ -22,32 +22,6 @@ fn assert_json_error(r: &common::Response, status: u16, code: &str) {
         Some(body["request_id"].as_str().unwrap_or("")),
         r.header("x-backend-request-id")
     );
-}
-
-/// Polls `pred` (bounded: a hang guard, not a timing assertion).
-fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pred() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A counter's value on core 0, from the admin `/metrics`.
-fn metric(w: &Worker, name: &str) -> u64 {
-    let text = w.admin_get("/metrics").text();
-    let prefix = format!("{name}{{core=\"0\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
-fn log_count(w: &Worker, message: &str) -> usize {
-    w.log_json()
-        .iter()
-        .filter(|v| v["message"] == message)
-        .count()
 }
 
 /// Whether a connection is waiting in `app`'s accept queue (non-blocking check).

@@ -218,19 +218,7 @@ async fn download(
     let st = state.clone();
     let (fd, st, at_root) = blocking(move || {
         let root = st.volumes.open_folder(&volume, &vfid)?;
-        let fd = fsx::open(
-            root.as_fd(),
-            &parts,
-            OFlags::RDONLY | OFlags::NONBLOCK,
-            fsx::BENEATH,
-        )
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ApiError::NotFound
-            } else {
-                e.into()
-            }
-        })?;
+        let fd = super::open_for_reading(root.as_fd(), &parts)?;
         let (st, r) = (rustix::fs::fstat(&fd)?, rustix::fs::fstat(&root)?);
         let at_root = (st.st_dev, st.st_ino) == (r.st_dev, r.st_ino);
         Ok((fd, st, at_root))
@@ -368,19 +356,7 @@ async fn download_archive(
     let items = blocking(move || {
         let mut items = Vec::new();
         for parts in files {
-            let fd = fsx::open(
-                root.as_fd(),
-                &parts,
-                OFlags::RDONLY | OFlags::NONBLOCK,
-                fsx::BENEATH,
-            )
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    ApiError::NotFound
-                } else {
-                    e.into()
-                }
-            })?;
+            let fd = super::open_for_reading(root.as_fd(), &parts)?;
             let mut name = fsx::join(&parts)
                 .to_string_lossy()
                 .into_owned()

@@ -898,19 +898,7 @@ async fn fetch(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     let file = blocking(move || {
-        let fd = fsx::open(
-            root.as_fd(),
-            &parts,
-            OFlags::RDONLY | OFlags::NONBLOCK,
-            fsx::BENEATH,
-        )
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ApiError::NotFound
-            } else {
-                e.into()
-            }
-        })?;
+        let fd = super::open_for_reading(root.as_fd(), &parts)?;
         if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
             return Err(ApiError::NotFound);
         }

@@ -119,6 +119,27 @@ impl Metrics {
     }
 }
 
+/// Opens an entry under a vfolder for reading (`RESOLVE_BENEATH`, non-blocking): a
+/// missing entry is the API's 404, any other failure its mapped error.
+pub fn open_for_reading(
+    root: std::os::fd::BorrowedFd<'_>,
+    parts: &[std::ffi::OsString],
+) -> Result<std::os::fd::OwnedFd, ApiError> {
+    fsx::open(
+        root,
+        parts,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
+        fsx::BENEATH,
+    )
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApiError::NotFound
+        } else {
+            e.into()
+        }
+    })
+}
+
 /// An API refusal, mapped to a status in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -721,3 +721,30 @@ impl Client {
         matches!(self.reader.read(&mut b), Ok(0) | Err(_))
     }
 }
+
+/// Polls `pred` (bounded: a hang guard, not a timing assertion).
+pub fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pred() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A counter's value on core 0, from the admin `/metrics`.
+pub fn metric(w: &Worker, name: &str) -> u64 {
+    let text = w.admin_get("/metrics").text();
+    let prefix = format!("{name}{{core=\"0\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// Log lines of the worker with this message.
+pub fn log_count(w: &Worker, message: &str) -> usize {
+    w.log_json()
+        .iter()
+        .filter(|v| v["message"] == message)
+        .count()
+}
