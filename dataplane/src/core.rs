@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat, Rfc3339};
 use appproxy_shared::RequestId;
@@ -342,11 +342,11 @@ impl AccessLog {
     }
 
     /// Appends one line.
-    pub fn record(&self, e: &AccessEntry<'_>) {
+    pub fn record(&self, e: &AccessEntry<'_>, duration: Duration) {
         if !self.enabled {
             return;
         }
-        let duration_us = e.started.elapsed().as_micros() as u64;
+        let duration_us = duration.as_micros() as u64;
         let ts = Rfc3339(SystemTime::now());
         let method = String::from_utf8_lossy(e.method);
         let path = String::from_utf8_lossy(e.path);
@@ -500,9 +500,10 @@ impl Core {
     /// Records a finished exchange: metrics (duration, per-circuit row) and the
     /// access line.
     pub fn record(&self, e: &AccessEntry<'_>) {
-        self.metrics
-            .request_done(e.circuit, e.status, e.started.elapsed());
-        self.access.record(e);
+        // One clock read serves the histogram and the access line.
+        let duration = e.started.elapsed();
+        self.metrics.request_done(e.circuit, e.status, duration);
+        self.access.record(e, duration);
     }
 
     /// Builds the state of core `cpu`.
