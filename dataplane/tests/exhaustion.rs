@@ -12,7 +12,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{eventually, log_count, metric, Client, Upstream, Worker, WorkerOpts};
+use common::{
+    eventually, log_count, metric, open_fds, set_nofile, Client, Upstream, Worker, WorkerOpts,
+};
 
 fn assert_json_error(r: &common::Response, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", r.text());
@@ -238,22 +240,6 @@ fn upstream_connection_cap_answers_503_instead_of_opening_more() {
     });
 }
 
-/// The worker's open descriptors: (count, highest number).
-fn open_fds(pid: u32) -> (u64, u64) {
-    let mut count = 0;
-    let mut max = 0;
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("proc fd")
-        .flatten()
-    {
-        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
-            count += 1;
-            max = max.max(n);
-        }
-    }
-    (count, max)
-}
-
 #[test]
 fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers() {
     let up = Upstream::start();
@@ -280,15 +266,7 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
     // uses now.
     let (_, max) = open_fds(pid);
     let limit = max + 1 + 24;
-    rustix::process::prlimit(
-        rustix::process::Pid::from_raw(pid as i32),
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
-        },
-    )
-    .expect("prlimit on the worker");
+    set_nofile(pid, limit);
     // Use the descriptors up until one is left: slow POSTs take two each (client and
     // app connection, opened by their first body byte), a POST whose body has not
     // started takes one. The admin thread, blocked in accept(2), holds one more that

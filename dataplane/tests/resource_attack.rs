@@ -11,23 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{eventually, log_count, metric, Worker, WorkerOpts};
-
-/// The worker's open descriptors: (count, highest number).
-fn open_fds(pid: u32) -> (u64, u64) {
-    let mut count = 0;
-    let mut max = 0;
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("proc fd")
-        .flatten()
-    {
-        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
-            count += 1;
-            max = max.max(n);
-        }
-    }
-    (count, max)
-}
+use common::{eventually, log_count, metric, open_fds, set_nofile, Worker, WorkerOpts};
 
 /// An echo app: one thread per connection.
 fn echo_app() -> SocketAddr {
@@ -92,15 +76,7 @@ fn tcp_circuit_out_of_descriptors_is_a_local_failure_never_the_apps() {
     if (limit - used - 1) % 2 == 0 {
         limit += 1;
     }
-    rustix::process::prlimit(
-        rustix::process::Pid::from_raw(pid as i32),
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
-        },
-    )
-    .expect("prlimit on the worker");
+    set_nofile(pid, limit);
     let mut held = Vec::new();
     loop {
         let (used, _) = open_fds(pid);

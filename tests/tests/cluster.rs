@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{http, start_coordinator, start_worker, Sink};
+use common::{http, start_coordinator, start_worker, CoordinatorThread, Sink};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
@@ -258,6 +258,15 @@ fn metric(coord: SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
+/// A coordinator on a free port with this store, Redis and extra `[coordinator]`
+/// lines; returns it and its address.
+fn coordinator_on(database: &str, redis: &str, extra: &str) -> (CoordinatorThread, SocketAddr) {
+    let port = common::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let c = start_coordinator(&coordinator_text(port, database, redis, extra), addr);
+    (c, addr)
+}
+
 fn coordinator_text(port: u16, database: &str, redis: &str, extra: &str) -> String {
     format!(
         "[coordinator]\nbind = \"127.0.0.1:{port}\"\n{extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n[redis]\nurl = \"{redis}\"\n"
@@ -332,19 +341,13 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
     logs();
     let redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let ack_timeout = Duration::from_secs(2);
-    let coordinator = start_coordinator(
-        &coordinator_text(
-            coord_port,
-            &format!("url = \"{}\"", pg.url()),
-            &redis.url(),
-            // A back-off far shorter than the freeze: once it is over the frozen
-            // worker is still skipped, because it has not heartbeated since.
-            "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 0.2",
-        ),
-        coord,
+    let (coordinator, coord) = coordinator_on(
+        &format!("url = \"{}\"", pg.url()),
+        &redis.url(),
+        // A back-off far shorter than the freeze: once it is over the frozen
+        // worker is still skipped, because it has not heartbeated since.
+        "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 0.2",
     );
     const PORTS: u16 = 80;
     let (b1, b2) = (free_range(PORTS), free_range(PORTS));
@@ -478,19 +481,13 @@ fn a_port_held_by_another_process_is_never_answered_200() {
     logs();
     let redis = common::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coordinator = start_coordinator(
-        &coordinator_text(
-            coord_port,
-            &format!(
-                "sqlite_path = \"{}\"",
-                dir.path().join("c.sqlite3").display()
-            ),
-            &redis.url(),
-            "worker_ack_timeout_secs = 5.0",
+    let (coordinator, coord) = coordinator_on(
+        &format!(
+            "sqlite_path = \"{}\"",
+            dir.path().join("c.sqlite3").display()
         ),
-        coord,
+        &redis.url(),
+        "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
     let base = free_range(PORTS);
@@ -531,19 +528,13 @@ fn first_creation_after_a_redis_restart_succeeds() {
         count(&sink_text(), "subscribed to circuit events"),
         count(&sink_text(), "listening for acknowledgements"),
     );
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coordinator = start_coordinator(
-        &coordinator_text(
-            coord_port,
-            &format!(
-                "sqlite_path = \"{}\"",
-                dir.path().join("c.sqlite3").display()
-            ),
-            &redis.url(),
-            "worker_ack_timeout_secs = 5.0",
+    let (coordinator, coord) = coordinator_on(
+        &format!(
+            "sqlite_path = \"{}\"",
+            dir.path().join("c.sqlite3").display()
         ),
-        coord,
+        &redis.url(),
+        "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
     let base = free_range(PORTS);
@@ -602,17 +593,7 @@ fn a_frozen_or_stopped_database_is_a_bounded_503() {
     logs();
     let redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coordinator = start_coordinator(
-        &coordinator_text(
-            coord_port,
-            &format!("url = \"{}\"", pg.url()),
-            &redis.url(),
-            "",
-        ),
-        coord,
-    );
+    let (coordinator, coord) = coordinator_on(&format!("url = \"{}\"", pg.url()), &redis.url(), "");
     assert_eq!(get(coord, "/api/worker").0, 200);
     signal_pg(&pg, "-STOP");
     let check = |what: &str| {
@@ -648,16 +629,10 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
     logs();
     let redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coordinator = start_coordinator(
-        &coordinator_text(
-            coord_port,
-            &format!("url = \"{}\"", pg.url()),
-            &redis.url(),
-            "worker_ack_timeout_secs = 5.0",
-        ),
-        coord,
+    let (coordinator, coord) = coordinator_on(
+        &format!("url = \"{}\"", pg.url()),
+        &redis.url(),
+        "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
     let base = free_range(PORTS);

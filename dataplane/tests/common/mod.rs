@@ -748,3 +748,32 @@ pub fn log_count(w: &Worker, message: &str) -> usize {
         .filter(|v| v["message"] == message)
         .count()
 }
+
+/// The worker's open descriptors: (count, highest number).
+pub fn open_fds(pid: u32) -> (u64, u64) {
+    let mut count = 0;
+    let mut max = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .flatten()
+    {
+        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+            count += 1;
+            max = max.max(n);
+        }
+    }
+    (count, max)
+}
+
+/// Sets a running process's descriptor limit (soft and hard) to `limit`.
+pub fn set_nofile(pid: u32, limit: u64) {
+    rustix::process::prlimit(
+        rustix::process::Pid::from_raw(pid as i32),
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .expect("prlimit on the worker");
+}
