@@ -5,7 +5,7 @@
 
 mod common;
 
-use appproxy_control::coordinator::store::{Store, StoreError};
+use appproxy_control::coordinator::store::{Changes, Store, StoreError};
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 use common::pg::Pg;
 use serde_json::json;
@@ -119,10 +119,85 @@ async fn suite(store: Store) {
     assert!(store.circuits(Some(other)).await.expect("list").is_empty());
     assert_eq!(store.circuits(None).await.expect("list").len(), 2);
 
-    // Slots in use and the circuits of one session.
-    let mut slots = store.used_slots().await.expect("slots");
+    // Slots in use (only the port workers asked about, and whoever holds the wanted
+    // subdomain) and the circuits of one session.
+    let mut slots = store.used_slots(&[w], "nobody").await.expect("slots");
     slots.sort();
     assert_eq!(slots, vec![(w, Some(10205), None), (w, Some(10206), None)]);
+    assert!(store
+        .used_slots(&[other], "nobody")
+        .await
+        .expect("slots")
+        .is_empty());
+
+    // Every change counts in the worker's revision; what changed after a revision is
+    // read from the log, in bounded answers, and the whole set page by page.
+    assert_eq!(store.revision(w).await.expect("revision"), Some(2));
+    assert_eq!(store.revision(other).await.expect("revision"), Some(0));
+    assert_eq!(
+        store
+            .revision(uuid::Uuid::new_v4())
+            .await
+            .expect("revision"),
+        None
+    );
+    let ids =
+        |rows: &[(Circuit, Option<String>)]| rows.iter().map(|(c, _)| c.id).collect::<Vec<_>>();
+    match store.changes_since(w, 0, 100).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            assert_eq!((revision, more), (2, false));
+            assert_eq!(ids(&upserts), vec![c1.id, c2.id]);
+            assert!(removed.is_empty());
+            assert_eq!(upserts[0].1.as_deref(), Some("mgr-req-1"));
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    match store.changes_since(w, 0, 1).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            more,
+            ..
+        } => {
+            assert_eq!((revision, more), (1, true));
+            assert_eq!(ids(&upserts), vec![c1.id]);
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    assert_eq!(
+        store.changes_since(w, 2, 100).await.expect("changes"),
+        Changes::Since {
+            revision: 2,
+            upserts: Vec::new(),
+            removed: Vec::new(),
+            more: false
+        },
+        "nothing changed: an empty answer"
+    );
+    assert_eq!(
+        store.changes_since(w, 7, 100).await.expect("changes"),
+        Changes::Resync { revision: 2 },
+        "a revision ahead of the store's (a store started afresh) asks for the whole set"
+    );
+    let mut by_id = [c1.id, c2.id];
+    by_id.sort();
+    let (revision, first) = store.circuits_page(w, None, 1).await.expect("page");
+    assert_eq!((revision, ids(&first)), (2, vec![by_id[0]]));
+    let (_, second) = store
+        .circuits_page(w, Some(by_id[0]), 1)
+        .await
+        .expect("page");
+    assert_eq!(ids(&second), vec![by_id[1]]);
+    let (_, rest) = store
+        .circuits_page(w, Some(by_id[1]), 1)
+        .await
+        .expect("page");
+    assert!(rest.is_empty());
     let of_session = store
         .circuits_of_session(c2.session_ids[0])
         .await
@@ -180,11 +255,37 @@ async fn suite(store: Store) {
         .update_routes(uuid::Uuid::new_v4(), &routes)
         .await
         .expect("update"));
+    // The session index follows the routes.
+    assert_eq!(
+        ids(&store.circuits_of_session(s).await.expect("by session")),
+        vec![c1.id]
+    );
+    assert!(store
+        .circuits_of_session(c1.session_ids[0])
+        .await
+        .expect("by session")
+        .is_empty());
 
     // Delete.
     assert!(store.delete_circuit(c2.id).await.expect("delete"));
     assert!(!store.delete_circuit(c2.id).await.expect("delete again"));
     assert!(store.circuit(c2.id).await.expect("read").is_none());
+    // The route update and the removal since revision 2, each circuit once.
+    match store.changes_since(w, 2, 100).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            assert_eq!((revision, more), (4, false));
+            assert_eq!(ids(&upserts), vec![c1.id]);
+            assert_eq!(upserts[0].0.route_info, routes);
+            assert_eq!(removed, vec![c2.id]);
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    assert_eq!(store.prune_changes().await.expect("prune"), 0, "all recent");
 
     // Tokens.
     let t = uuid::Uuid::new_v4();
@@ -270,8 +371,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "3",
-        "the schema, the endpoint index, the worker nodes"
+        "4",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log"
     );
 }
 

@@ -2,11 +2,16 @@
 //! that registers this worker with its coordinator, heartbeats, and keeps every core's
 //! route table equal to the coordinator's circuit set for this worker:
 //!
-//! - it fetches the whole set at start, every `poll_interval_ms`, on every circuit
-//!   event and after every (re)subscription — a dropped subscription loses nothing;
-//! - each change goes to every core over the bridge under the request ID that caused
-//!   it (the event's, or the creating request's `origin_request_id`), so one ID links
-//!   the manager's call, the coordinator, Redis and every core's "deployment applied";
+//! - it reads the whole set at start (page by page, no size ceiling), then only what
+//!   changed: events carry their circuits, and every `poll_interval_ms` (and after
+//!   every (re)subscription) it asks what changed since the revision it deployed —
+//!   a few bytes when nothing did, so a dropped subscription loses nothing and an
+//!   idle poll costs nothing however many circuits exist;
+//! - only new, changed and removed circuits go to the cores, each checked on its own
+//!   (one bad circuit is refused and reported, the rest deploy), under the request ID
+//!   that caused it (the event's, or the creating request's `origin_request_id`), so
+//!   one ID links the manager's call, the coordinator, Redis and every core's
+//!   "deployment applied";
 //! - once every core applied a set, the circuits an event announced are acknowledged
 //!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for;
 //! - the cores' per-circuit request counts become last-access marks (Redis keys of
@@ -27,9 +32,10 @@ use appproxy_control::coordinator::State as Coordinator;
 use appproxy_shared::model::Circuit;
 use appproxy_shared::{IdVersion, RequestId};
 use crossbeam_channel::Receiver;
+use serde::Deserialize as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::config::Config;
+use crate::config::{Config, Frontend, ResolvedCircuit};
 use crate::worker::Deployer;
 
 /// Why a coordinator call failed.
@@ -385,7 +391,7 @@ impl Link {
             Link::Remote(c) => c
                 .call(
                     "PATCH",
-                    &format!("/api/worker/{id}?node={}", self.node()),
+                    &format!("/api/worker/{id}?node={}&brief=true", self.node()),
                     None,
                 )
                 .await
@@ -416,36 +422,218 @@ impl Link {
         }
     }
 
-    /// This worker's circuits, each with the ID of the request that created it.
-    async fn circuits(&self, id: &str) -> Result<Vec<(Circuit, Option<RequestId>)>, AgentError> {
+    /// What changed in this worker's set after revision `since`, or the whole set
+    /// (read page by page: no size ceiling) when `since` is `None` or the coordinator
+    /// no longer remembers that far back. Each circuit comes with the ID of the
+    /// request that created it.
+    async fn fetch(&self, id: &str, since: Option<u64>) -> Result<Fetched, AgentError> {
+        if let Some(since) = since {
+            let mut revision = since;
+            let mut upserts = Vec::new();
+            let mut removed = Vec::new();
+            // A long absence is read in a few bounded answers, each from where the
+            // last one stopped.
+            for _ in 0..MAX_ANSWERS {
+                match self.changes(id, revision).await? {
+                    Answer::Resync => return self.whole(id).await,
+                    Answer::Changes {
+                        revision: r,
+                        upserts: u,
+                        removed: d,
+                        more,
+                    } => {
+                        revision = r;
+                        upserts.extend(u.into_iter().map(Some));
+                        removed.extend(d);
+                        if !more {
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut changes: Vec<CircuitChange> = upserts
+                .into_iter()
+                .flatten()
+                .map(|(c, o): (Circuit, Option<RequestId>)| (c.id, Some((c, o))))
+                .collect();
+            changes.extend(removed.into_iter().map(|id| (id, None)));
+            return Ok(Fetched {
+                revision: Some(revision),
+                whole: false,
+                changes,
+            });
+        }
+        self.whole(id).await
+    }
+
+    /// The whole set, page by page, at the revision of its first page (what changes
+    /// while the pages are read is asked for from that revision next time).
+    async fn whole(&self, id: &str) -> Result<Fetched, AgentError> {
+        let mut after: Option<uuid::Uuid> = None;
+        let mut revision = None;
+        let mut changes = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let (r, page, next) = self.page(id, after).await?;
+            revision.get_or_insert(r);
+            changes.extend(page.into_iter().map(|(c, o)| (c.id, Some((c, o)))));
+            match next {
+                Some(n) if Some(n) != after => after = Some(n),
+                _ => break,
+            }
+        }
+        Ok(Fetched {
+            revision: Some(revision.unwrap_or(0)),
+            whole: true,
+            changes,
+        })
+    }
+
+    /// One answer to "what changed after `since`".
+    async fn changes(&self, id: &str, since: u64) -> Result<Answer, AgentError> {
         let origin = |s: Option<&str>| s.and_then(|s| RequestId::parse(s.as_bytes()).ok());
         match self {
             Link::Remote(c) => {
                 let answer = c
-                    .call("GET", &format!("/api/worker/{id}/circuits"), None)
+                    .call(
+                        "GET",
+                        &format!("/api/worker/{id}/circuits?since={since}"),
+                        None,
+                    )
                     .await?;
-                let list = answer["circuits"].as_array().ok_or(AgentError::Response)?;
-                let mut out = Vec::with_capacity(list.len());
-                for c in list {
-                    match serde_json::from_value::<Circuit>(c.clone()) {
-                        Ok(circuit) => out.push((circuit, origin(c["origin_request_id"].as_str()))),
-                        Err(e) => tracing::warn!(error = %e, "unreadable circuit skipped"),
-                    }
+                let revision = answer["revision"].as_u64().ok_or(AgentError::Response)?;
+                if answer["resync"].as_bool() == Some(true) {
+                    return Ok(Answer::Resync);
                 }
-                Ok(out)
+                let upserts = read_circuits(&answer["changes"])?;
+                let removed = answer["removed"]
+                    .as_array()
+                    .ok_or(AgentError::Response)?
+                    .iter()
+                    .filter_map(|v| v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
+                    .collect();
+                Ok(Answer::Changes {
+                    revision,
+                    upserts,
+                    removed,
+                    more: answer["more"].as_bool().unwrap_or(false),
+                })
             }
             Link::Embedded(state) => {
                 let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
-                Ok(state
-                    .local_circuits(id)
-                    .await?
-                    .into_iter()
-                    .map(|(c, o)| (c, origin(o.as_deref())))
-                    .collect())
+                match state.local_changes(id, since).await? {
+                    appproxy_control::coordinator::store::Changes::Resync { .. } => {
+                        Ok(Answer::Resync)
+                    }
+                    appproxy_control::coordinator::store::Changes::Since {
+                        revision,
+                        upserts,
+                        removed,
+                        more,
+                    } => Ok(Answer::Changes {
+                        revision,
+                        upserts: upserts
+                            .into_iter()
+                            .map(|(c, o)| (c, origin(o.as_deref())))
+                            .collect(),
+                        removed,
+                        more,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// One page of the whole set: its revision, its circuits, where the next starts.
+    async fn page(
+        &self,
+        id: &str,
+        after: Option<uuid::Uuid>,
+    ) -> Result<(u64, Vec<(Circuit, Option<RequestId>)>, Option<uuid::Uuid>), AgentError> {
+        let origin = |s: Option<&str>| s.and_then(|s| RequestId::parse(s.as_bytes()).ok());
+        match self {
+            Link::Remote(c) => {
+                let after_text = after.map(|a| a.to_string()).unwrap_or_default();
+                let answer = c
+                    .call(
+                        "GET",
+                        &format!("/api/worker/{id}/circuits?after={after_text}&limit=5000"),
+                        None,
+                    )
+                    .await?;
+                let revision = answer["revision"].as_u64().ok_or(AgentError::Response)?;
+                let next = answer["next"]
+                    .as_str()
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok());
+                Ok((revision, read_circuits(&answer["circuits"])?, next))
+            }
+            Link::Embedded(state) => {
+                let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
+                let (revision, page) = state.local_circuits_page(id, after).await?;
+                let next = (page.len() >= appproxy_control::coordinator::MAX_CIRCUITS_PER_ANSWER)
+                    .then(|| page.last().map(|(c, _)| c.id))
+                    .flatten();
+                Ok((
+                    revision,
+                    page.into_iter()
+                        .map(|(c, o)| (c, origin(o.as_deref())))
+                        .collect(),
+                    next,
+                ))
             }
         }
     }
 }
+
+/// Most answers one change fetch reads before deploying what it has.
+const MAX_ANSWERS: usize = 64;
+
+/// Most pages one whole-set read takes (at 5,000 circuits a page).
+const MAX_PAGES: usize = 10_000;
+
+/// One answer of the coordinator to "what changed".
+enum Answer {
+    /// Only the whole set will do.
+    Resync,
+    /// What changed, up to `revision`; `more` when asking again gives more.
+    Changes {
+        revision: u64,
+        upserts: Vec<(Circuit, Option<RequestId>)>,
+        removed: Vec<uuid::Uuid>,
+        more: bool,
+    },
+}
+
+/// Circuits (with `origin_request_id`) from a coordinator answer; unreadable ones
+/// are logged and left out.
+fn read_circuits(
+    list: &serde_json::Value,
+) -> Result<Vec<(Circuit, Option<RequestId>)>, AgentError> {
+    let list = list.as_array().ok_or(AgentError::Response)?;
+    let mut out = Vec::with_capacity(list.len());
+    for c in list {
+        let origin = c["origin_request_id"]
+            .as_str()
+            .and_then(|s| RequestId::parse(s.as_bytes()).ok());
+        match Circuit::deserialize(c) {
+            Ok(circuit) => out.push((circuit, origin)),
+            Err(e) => tracing::warn!(error = %e, "unreadable circuit skipped"),
+        }
+    }
+    Ok(out)
+}
+
+/// What a fetch brought: changes (`None`: removed) in order, and the revision they
+/// bring the agent to; `whole` when it is the entire set (anything deployed and not
+/// in it is gone).
+struct Fetched {
+    /// `None`: from events, which do not move the revision.
+    revision: Option<u64>,
+    whole: bool,
+    changes: Vec<CircuitChange>,
+}
+
+/// One circuit's change: as it is now with its creating request, or `None` (removed).
+type CircuitChange = (uuid::Uuid, Option<(Circuit, Option<RequestId>)>);
 
 async fn run(
     config: Config,
@@ -510,6 +698,11 @@ async fn run(
     let mut flush = tokio::time::interval(Duration::from_millis(
         coordinator.access_flush_ms.clamp(100, 60_000),
     ));
+    // A tick missed while a deployment or a call ran is not made up at once: the
+    // next one comes a whole period later.
+    for t in [&mut poll, &mut heartbeat, &mut flush] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     let apply_timeout = Duration::from_millis(coordinator.apply_timeout_ms.max(100));
     let mut state = Deployed::default();
     loop {
@@ -559,12 +752,13 @@ async fn run(
         if batched > 1 {
             tracing::debug!(events = batched, "events batched into one deployment");
         }
-        // Events that say what changed are applied to the deployed set as they are;
-        // anything else (poll, resubscription, missed events) fetches the whole set.
+        // Events that say what changed are applied as they are; anything else (poll,
+        // resubscription, missed events) asks the coordinator what changed since the
+        // revision deployed — a few bytes when nothing did.
         let fetched = match deltas {
-            Some(deltas) => with_deltas(&state, deltas),
-            None => match link.circuits(&worker_id).await {
-                Ok(list) => list,
+            Some(deltas) => Fetched::of_deltas(deltas),
+            None => match link.fetch(&worker_id, state.revision).await {
+                Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(error = %e, "circuit fetch failed");
                     continue;
@@ -577,7 +771,8 @@ async fn run(
         }
         // Acknowledge what the event announced once every core has it (it may have
         // arrived with an earlier poll: the acknowledgement is still owed), each
-        // circuit as deployed or failed (its frontend could not listen).
+        // circuit as deployed or failed (its frontend could not listen, or this
+        // worker refused it).
         let mut deployment = None;
         let mut failed = Vec::new();
         if let Some((applied, id)) = applied {
@@ -598,14 +793,30 @@ async fn run(
             }
             deployment = Some(id);
         }
-        let owed = |id: &uuid::Uuid| wake.resync || wake.created.contains(id);
-        let failed: Vec<(uuid::Uuid, String)> =
-            failed.into_iter().filter(|(id, _)| owed(id)).collect();
-        let present: Vec<Circuit> = state
-            .circuits
+        // After a resubscription, what was deployed lately may have been announced
+        // while the events were lost: those creations still wait for an answer.
+        let owed: Vec<uuid::Uuid> = if wake.resync {
+            let mut ids = state.recent_ids();
+            ids.extend(wake.created.iter().copied());
+            ids
+        } else {
+            std::mem::take(&mut wake.created)
+        };
+        for id in &owed {
+            if let Some(why) = state.refused.get(id) {
+                if !failed.iter().any(|(f, _)| f == id) {
+                    failed.push((*id, why.clone()));
+                }
+            }
+        }
+        let failed: Vec<(uuid::Uuid, String)> = failed
+            .into_iter()
+            .filter(|(id, _)| owed.contains(id))
+            .collect();
+        let present: Vec<Circuit> = owed
             .iter()
-            .filter(|c| owed(&c.id) && !failed.iter().any(|(f, _)| *f == c.id))
-            .cloned()
+            .filter(|id| !failed.iter().any(|(f, _)| f == *id))
+            .filter_map(|id| state.circuits.get(id).map(|c| c.circuit.clone()))
             .collect();
         if !present.is_empty() || !failed.is_empty() || wake.resync {
             // A batch has no single request: it is acknowledged under its deployment's
@@ -630,15 +841,45 @@ async fn run(
     }
 }
 
-/// What this worker has deployed.
+/// What this worker has deployed, indexed so that a change costs what it changes.
 #[derive(Default)]
 struct Deployed {
-    /// The set, sorted by ID.
-    circuits: Vec<Circuit>,
-    /// Its sessions by circuit, for the sessions' last-access marks.
-    sessions: HashMap<uuid::Uuid, Vec<uuid::Uuid>>,
+    /// The deployed circuits, resolved, by ID (shared with every core).
+    circuits: HashMap<uuid::Uuid, Arc<ResolvedCircuit>>,
+    /// Which circuit holds each frontend (a port or a subdomain).
+    frontends: HashMap<Frontend, uuid::Uuid>,
     /// The request that created each circuit, when known.
     origins: HashMap<uuid::Uuid, RequestId>,
+    /// Circuits this worker could not take, with why (reported as failed).
+    refused: HashMap<uuid::Uuid, String>,
+    /// Circuits deployed lately, oldest first: acknowledged again after a
+    /// resubscription (their announcement may have been lost).
+    recent: std::collections::VecDeque<(uuid::Uuid, std::time::Instant)>,
+    /// The coordinator's revision of the set deployed; `None` before the first fetch.
+    revision: Option<u64>,
+}
+
+/// How long a deployed circuit counts as recent ([`Deployed::recent`]): longer than
+/// any coordinator waits for an acknowledgement.
+const RECENT: Duration = Duration::from_secs(60);
+
+impl Deployed {
+    /// The circuits deployed within [`RECENT`] that are still deployed.
+    fn recent_ids(&mut self) -> Vec<uuid::Uuid> {
+        let now = std::time::Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > RECENT)
+        {
+            self.recent.pop_front();
+        }
+        self.recent
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.circuits.contains_key(id))
+            .collect()
+    }
 }
 
 /// A lazily (re)connected Redis connection for acknowledgements and marks.
@@ -789,7 +1030,11 @@ async fn write_marks(
         .into_iter()
         .map(|(circuit, requests)| AccessMark {
             circuit,
-            sessions: state.sessions.get(&circuit).cloned().unwrap_or_default(),
+            sessions: state
+                .circuits
+                .get(&circuit)
+                .map(|c| c.circuit.session_ids.clone())
+                .unwrap_or_default(),
             requests,
             last_access: now,
         })
@@ -921,55 +1166,138 @@ fn event_delta(
     Some(Delta::of(&kind, circuits, request_id))
 }
 
-/// The deployed set with `deltas` applied, in order.
-fn with_deltas(state: &Deployed, deltas: Vec<Delta>) -> Vec<(Circuit, Option<RequestId>)> {
-    let mut set: Vec<(Circuit, Option<RequestId>)> =
-        state.circuits.iter().map(|c| (c.clone(), None)).collect();
-    for d in deltas {
-        match d {
-            Delta::Upsert(circuits, origin) => {
-                for c in circuits {
-                    set.retain(|(d, _)| d.id != c.id);
-                    set.push((c, origin));
+impl Fetched {
+    /// The changes events carried, in order; the revision stays (the next poll
+    /// brings it up to date).
+    fn of_deltas(deltas: Vec<Delta>) -> Self {
+        let mut changes = Vec::new();
+        for d in deltas {
+            match d {
+                Delta::Upsert(circuits, origin) => {
+                    changes.extend(circuits.into_iter().map(|c| (c.id, Some((c, origin)))))
                 }
+                Delta::Remove(ids) => changes.extend(ids.into_iter().map(|id| (id, None))),
             }
-            Delta::Remove(ids) => set.retain(|(c, _)| !ids.contains(&c.id)),
+        }
+        Self {
+            revision: None,
+            whole: false,
+            changes,
         }
     }
-    set
 }
 
-/// Deploys the fetched set when it differs from the one deployed, under `preferred`
-/// (an event's request ID) when given. Returns the deployment in flight and its ID,
-/// if any.
+/// Turns what was fetched into a change for the cores — only the circuits that are
+/// new, different or gone, each checked and resolved on its own — and sends it
+/// under `preferred` (an event's request ID) when given. Costs what changed, not
+/// what exists. Returns the deployment in flight and its ID, if any.
 fn apply(
     config: &Config,
     deployer: &Deployer,
-    fetched: Vec<(Circuit, Option<RequestId>)>,
+    fetched: Fetched,
     state: &mut Deployed,
     preferred: Option<RequestId>,
 ) -> Option<(crate::worker::Applied, RequestId)> {
-    let mut circuits: Vec<Circuit> = fetched.iter().map(|(c, _)| c.clone()).collect();
-    circuits.sort_by_key(|c| c.id);
-    for (c, origin) in &fetched {
-        if let Some(o) = origin {
-            state.origins.insert(c.id, *o);
+    let Fetched {
+        revision,
+        whole,
+        changes,
+    } = fetched;
+    // The last word on each circuit wins.
+    let mut last: HashMap<uuid::Uuid, Option<(Circuit, Option<RequestId>)>> =
+        HashMap::with_capacity(changes.len());
+    for (id, change) in changes {
+        last.insert(id, change);
+    }
+    if whole {
+        // Anything deployed that the whole set lacks is gone.
+        for id in state.circuits.keys() {
+            last.entry(*id).or_insert(None);
+        }
+        state.refused.retain(|id, _| last.contains_key(id));
+    }
+    if let Some(r) = revision {
+        state.revision = Some(r);
+    }
+    let mut removes = Vec::new();
+    let mut upserts: Vec<(Circuit, Option<RequestId>)> = Vec::new();
+    for (id, change) in last {
+        match change {
+            None => {
+                state.refused.remove(&id);
+                if let Some(old) = state.circuits.remove(&id) {
+                    state.frontends.remove(&old.frontend);
+                    state.origins.remove(&id);
+                    removes.push(id);
+                }
+            }
+            Some((circuit, origin)) => {
+                if let Some(o) = origin {
+                    state.origins.insert(id, o);
+                }
+                if state
+                    .circuits
+                    .get(&id)
+                    .is_some_and(|d| d.circuit == circuit)
+                {
+                    continue;
+                }
+                upserts.push((circuit, origin));
+            }
         }
     }
-    state
-        .origins
-        .retain(|id, _| circuits.binary_search_by_key(id, |c| c.id).is_ok());
-    if circuits == state.circuits {
+    // Circuits new to this worker, with the requests that created them.
+    let mut new: Vec<(uuid::Uuid, RequestId)> = Vec::new();
+    let mut resolved = Vec::with_capacity(upserts.len());
+    for (circuit, origin) in upserts {
+        let id = circuit.id;
+        let checked = config
+            .resolve_circuit(&circuit)
+            .map_err(|e| e.to_string())
+            .and_then(|r| match state.frontends.get(&r.frontend) {
+                Some(holder) if *holder != id => Err(format!(
+                    "{} is used by another circuit ({holder})",
+                    match &r.frontend {
+                        Frontend::Port(p) => format!("port {p}"),
+                        Frontend::Subdomain(s) => format!("subdomain {s:?}"),
+                    }
+                )),
+                _ => Ok(r),
+            });
+        match checked {
+            Ok(r) => {
+                let r = Arc::new(r);
+                let was = state.circuits.insert(id, r.clone());
+                match was {
+                    Some(old) if old.frontend != r.frontend => {
+                        state.frontends.remove(&old.frontend);
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(o) = origin {
+                            new.push((id, o));
+                        }
+                        state.recent.push_back((id, std::time::Instant::now()));
+                    }
+                }
+                state.frontends.insert(r.frontend.clone(), id);
+                state.refused.remove(&id);
+                resolved.push(r);
+            }
+            Err(why) => {
+                appproxy_shared::with_request_id(origin.or(preferred), || {
+                    tracing::error!(circuit = %id, error = %why, "circuit refused; the running circuits stay");
+                });
+                state.refused.insert(id, why);
+            }
+        }
+    }
+    if resolved.is_empty() && removes.is_empty() {
         return None;
     }
     // One new circuit: deploy under the ID of the request that created it, so the
     // manager's call, the coordinator and every core share one ID. Otherwise a fresh
     // ID for this deployment.
-    let new: Vec<(uuid::Uuid, RequestId)> = fetched
-        .iter()
-        .filter(|(c, _)| !state.circuits.iter().any(|d| d.id == c.id))
-        .filter_map(|(c, origin)| origin.map(|o| (c.id, o)))
-        .collect();
     let id = match (preferred, new.as_slice()) {
         (Some(id), _) => id,
         (None, [(_, origin)]) => *origin,
@@ -982,23 +1310,18 @@ fn apply(
             tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
         });
     }
-    appproxy_shared::with_request_id(Some(id), || match config.resolve_circuits(&circuits) {
-        Ok(resolved) => {
-            tracing::info!(
-                circuits = resolved.len(),
-                "deploying the coordinator's circuits"
-            );
-            let applied = deployer.deploy(resolved, id);
-            state.sessions = circuits
-                .iter()
-                .map(|c| (c.id, c.session_ids.clone()))
-                .collect();
-            state.circuits = circuits;
-            Some((applied, id))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "circuit set refused; the running circuits stay");
-            None
-        }
-    })
+    appproxy_shared::with_request_id(Some(id), || {
+        tracing::info!(
+            changed = resolved.len(),
+            removed = removes.len(),
+            circuits = state.circuits.len(),
+            "deploying the coordinator's circuits"
+        );
+    });
+    let change = crate::core::Change {
+        replace: false,
+        upserts: resolved,
+        removes,
+    };
+    Some((deployer.change(change, id), id))
 }

@@ -138,13 +138,7 @@ fn percent_decode(v: &str) -> String {
 }
 
 fn find_circuit(core: &Core, circuit: &uuid::Uuid) -> Option<Rc<Route>> {
-    let table = core.routes.borrow();
-    table
-        .by_port
-        .values()
-        .chain(table.by_subdomain.values())
-        .find(|r| r.circuit.circuit.id == *circuit)
-        .cloned()
+    core.routes.borrow().get(circuit)
 }
 
 fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {

@@ -527,7 +527,7 @@ pub struct ResolvedCircuit {
 }
 
 /// Where clients reach a circuit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Frontend {
     /// A port of its own.
     Port(u16),
@@ -690,7 +690,7 @@ impl Config {
         let mut ids = HashSet::new();
         let mut ports = HashSet::new();
         let mut subdomains = HashSet::new();
-        let mut circuits = Vec::with_capacity(self.circuits.len());
+        let mut circuits = Vec::with_capacity(list.len());
         for c in list {
             let err = |message: String| ConfigError::Circuit {
                 id: c.id.to_string(),
@@ -699,6 +699,34 @@ impl Config {
             if !ids.insert(c.id) {
                 return Err(err("duplicate circuit id".into()));
             }
+            let resolved = self.resolve_circuit(c)?;
+            match &resolved.frontend {
+                Frontend::Port(port) => {
+                    if !ports.insert(*port) {
+                        return Err(err(format!("port {port} is used by another circuit")));
+                    }
+                }
+                Frontend::Subdomain(sub) => {
+                    if !subdomains.insert(sub.clone()) {
+                        return Err(err(format!("subdomain {sub:?} is used by another circuit")));
+                    }
+                }
+            }
+            circuits.push(resolved);
+        }
+        Ok(circuits)
+    }
+
+    /// Checks one circuit against this worker (protocol, frontend mode, port range,
+    /// subdomain, secrets) and resolves its routes. Uniqueness of ports and
+    /// subdomains among circuits is the caller's: [`Config::resolve_circuits`] for a
+    /// whole set, the control agent for a deployment's changes.
+    pub fn resolve_circuit(&self, c: &Circuit) -> Result<ResolvedCircuit, ConfigError> {
+        {
+            let err = |message: String| ConfigError::Circuit {
+                id: c.id.to_string(),
+                message,
+            };
             if !matches!(
                 c.protocol,
                 ProxyProtocol::Http | ProxyProtocol::Preopen | ProxyProtocol::Tcp
@@ -726,9 +754,6 @@ impl Config {
                             )));
                         }
                     }
-                    if !ports.insert(port) {
-                        return Err(err(format!("port {port} is used by another circuit")));
-                    }
                     Frontend::Port(port)
                 }
                 FrontendMode::Wildcard => {
@@ -749,9 +774,6 @@ impl Config {
                         .ok_or_else(|| {
                             err("wildcard-mode circuit without a valid subdomain".into())
                         })?;
-                    if !subdomains.insert(sub.clone()) {
-                        return Err(err(format!("subdomain {sub:?} is used by another circuit")));
-                    }
                     Frontend::Subdomain(sub)
                 }
             };
@@ -798,14 +820,13 @@ impl Config {
                 .iter()
                 .filter_map(|s| IpNet::parse(s))
                 .collect();
-            circuits.push(ResolvedCircuit {
+            Ok(ResolvedCircuit {
                 circuit: c.clone(),
                 frontend,
                 upstreams,
                 allowed,
-            });
+            })
         }
-        Ok(circuits)
     }
 
     /// Whether circuits come from a coordinator (remote or embedded).

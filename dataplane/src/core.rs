@@ -39,15 +39,15 @@ pub struct HealthPolicy {
 
 /// A circuit's routes, ready for weighted choice among the healthy ones.
 pub struct Route {
-    /// The circuit.
-    pub circuit: ResolvedCircuit,
+    /// The circuit, shared read-only by every core (one copy per worker, not per core).
+    pub circuit: Arc<ResolvedCircuit>,
     /// Per-upstream passive health, indexed like `circuit.upstreams`.
     health: RefCell<Vec<Health>>,
 }
 
 impl Route {
     /// Prepares `circuit` for routing.
-    pub fn new(circuit: ResolvedCircuit) -> Self {
+    pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
         let health = RefCell::new(vec![Health::default(); circuit.upstreams.len()]);
         Self { circuit, health }
     }
@@ -129,37 +129,93 @@ impl Route {
     }
 }
 
-/// The routes of one core, by frontend port or subdomain. Replaced whole when a
-/// deployment arrives, so a request sees either the old table or the new one.
+/// The routes of one core, by frontend port or subdomain. A deployment changes only
+/// the entries it names ([`RouteTable::apply`]): a request in flight keeps the
+/// `Rc<Route>` it looked up, so it sees either the old circuit or the new one.
 #[derive(Default)]
 pub struct RouteTable {
     /// Port-mode circuits.
     pub by_port: HashMap<u16, Rc<Route>>,
     /// Wildcard-mode circuits, by lowercase subdomain.
     pub by_subdomain: HashMap<String, Rc<Route>>,
+    /// Where each circuit sits, to remove or replace it by ID.
+    by_id: HashMap<uuid::Uuid, Frontend>,
     /// The wildcard frontend, in wildcard mode.
     pub wildcard: Option<Wildcard>,
 }
 
 impl RouteTable {
     /// Builds a table from resolved circuits.
-    pub fn new(circuits: &[ResolvedCircuit], wildcard: Option<Wildcard>) -> Self {
+    pub fn new(circuits: &[Arc<ResolvedCircuit>], wildcard: Option<Wildcard>) -> Self {
         let mut table = Self {
             wildcard,
             ..Self::default()
         };
         for c in circuits {
-            let route = Rc::new(Route::new(c.clone()));
-            match &c.frontend {
-                Frontend::Port(p) => {
-                    table.by_port.insert(*p, route);
-                }
-                Frontend::Subdomain(s) => {
-                    table.by_subdomain.insert(s.clone(), route);
-                }
-            }
+            table.insert(c.clone());
         }
         table
+    }
+
+    /// Applies a deployment: the whole set replaced, or only the circuits it names
+    /// upserted and removed — O(changed), whatever the table's size.
+    pub fn apply(&mut self, change: &Change) {
+        if change.replace {
+            self.by_port.clear();
+            self.by_subdomain.clear();
+            self.by_id.clear();
+        }
+        for id in &change.removes {
+            self.remove(id);
+        }
+        for c in &change.upserts {
+            self.insert(c.clone());
+        }
+    }
+
+    /// Adds or replaces one circuit (a replaced one may have moved frontend).
+    fn insert(&mut self, c: Arc<ResolvedCircuit>) {
+        let id = c.circuit.id;
+        self.remove(&id);
+        // Another circuit holding the same frontend loses it: the agent refuses such
+        // sets, so this only keeps the table and its index consistent.
+        let route = Rc::new(Route::new(c.clone()));
+        let previous = match &c.frontend {
+            Frontend::Port(p) => self.by_port.insert(*p, route),
+            Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route),
+        };
+        if let Some(previous) = previous {
+            self.by_id.remove(&previous.circuit.circuit.id);
+        }
+        self.by_id.insert(id, c.frontend.clone());
+    }
+
+    /// Removes one circuit, if present.
+    fn remove(&mut self, id: &uuid::Uuid) {
+        let Some(frontend) = self.by_id.remove(id) else {
+            return;
+        };
+        match frontend {
+            Frontend::Port(p) => {
+                self.by_port.remove(&p);
+            }
+            Frontend::Subdomain(s) => {
+                self.by_subdomain.remove(&s);
+            }
+        }
+    }
+
+    /// The circuit with this ID.
+    pub fn get(&self, id: &uuid::Uuid) -> Option<Rc<Route>> {
+        match self.by_id.get(id)? {
+            Frontend::Port(p) => self.by_port.get(p).cloned(),
+            Frontend::Subdomain(s) => self.by_subdomain.get(s).cloned(),
+        }
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> impl Iterator<Item = &Rc<Route>> {
+        self.by_port.values().chain(self.by_subdomain.values())
     }
 
     /// The ports this table needs listeners on.
@@ -188,6 +244,30 @@ impl RouteTable {
     /// Whether there are no circuits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One deployment, as every core applies it: the circuits created or changed (shared
+/// by every core), the ones removed, or — `replace` — a whole new set.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// The set replaces the table (the config file, a reload); otherwise only the
+    /// named circuits change.
+    pub replace: bool,
+    /// Circuits created or changed (the whole set with `replace`).
+    pub upserts: Vec<Arc<ResolvedCircuit>>,
+    /// Circuits removed.
+    pub removes: Vec<uuid::Uuid>,
+}
+
+impl Change {
+    /// The whole set `circuits`, replacing whatever was deployed.
+    pub fn replace(circuits: Vec<ResolvedCircuit>) -> Self {
+        Self {
+            replace: true,
+            upserts: circuits.into_iter().map(Arc::new).collect(),
+            removes: Vec::new(),
+        }
     }
 }
 
@@ -428,8 +508,9 @@ pub struct Core {
     pub rt: Arc<Runtime>,
     /// The readiness reactor.
     pub reactor: Rc<Reactor>,
-    /// The current route table (replaced whole).
-    pub routes: RefCell<Rc<RouteTable>>,
+    /// The current route table (changed in place by deployments; borrowed only for a
+    /// lookup, never across an await).
+    pub routes: RefCell<RouteTable>,
     /// Upstream keep-alive pool.
     pub pool: Pool,
     /// Counters.
@@ -512,7 +593,14 @@ impl Core {
         Rc::new(Self {
             cpu,
             row,
-            routes: RefCell::new(Rc::new(RouteTable::new(&rt.circuits, rt.wildcard.clone()))),
+            routes: RefCell::new(RouteTable::new(
+                &rt.circuits
+                    .iter()
+                    .cloned()
+                    .map(Arc::new)
+                    .collect::<Vec<_>>(),
+                rt.wildcard.clone(),
+            )),
             pool: Pool::new(
                 rt.max_idle_per_route,
                 rt.pool_idle_timeout,
@@ -553,9 +641,7 @@ impl Core {
     pub fn out_of_rotation(&self, now: Instant) -> Vec<crate::introspect::Unhealthy> {
         let table = self.routes.borrow();
         table
-            .by_port
-            .values()
-            .chain(table.by_subdomain.values())
+            .routes()
             .flat_map(|r| {
                 let id = r.circuit.circuit.id;
                 r.out_of_rotation(now)
@@ -829,7 +915,7 @@ route_info = [
             .expect("parse")
             .validate(&[0])
             .expect("valid");
-        let route = Route::new(rt.circuits[0].clone());
+        let route = Route::new(Arc::new(rt.circuits[0].clone()));
         let now = Instant::now();
         let mut counts = [0u32; 2];
         for i in 0..4000 {

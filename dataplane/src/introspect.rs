@@ -7,7 +7,7 @@
 //! after a health change). The admin thread renders JSON from the board.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,6 +16,7 @@ use appproxy_shared::RequestId;
 use serde_json::{json, Value};
 
 use crate::config::{Frontend, ResolvedCircuit};
+use crate::core::Change;
 use crate::liveness::Liveness;
 use crate::metrics::{Counter, SharedMetrics};
 
@@ -37,10 +38,14 @@ pub fn take_health_changed() -> bool {
 /// An upstream out of rotation on one core: circuit, address, until when.
 pub type Unhealthy = (uuid::Uuid, SocketAddr, Instant);
 
+/// The deployed circuits by ID.
+type Deployed = HashMap<uuid::Uuid, Arc<ResolvedCircuit>>;
+
 /// What the cores publish for the admin thread.
 pub struct Board {
-    /// The deployed circuits and the deployment's request ID (`None`: from the file).
-    deployment: Mutex<(Arc<Vec<ResolvedCircuit>>, Option<RequestId>)>,
+    /// The deployed circuits by ID and the last deployment's request ID (`None`: from
+    /// the file).
+    deployment: Mutex<(Deployed, Option<RequestId>)>,
     /// Per core (by row): its CPU and its unhealthy upstreams.
     unhealthy: Mutex<Vec<(usize, Vec<Unhealthy>)>>,
 }
@@ -49,14 +54,33 @@ impl Board {
     /// A board for `cpus`, starting with the circuits of the config file.
     pub fn new(cpus: &[usize], circuits: Vec<ResolvedCircuit>) -> Arc<Self> {
         Arc::new(Self {
-            deployment: Mutex::new((Arc::new(circuits), None)),
+            deployment: Mutex::new((
+                circuits
+                    .into_iter()
+                    .map(|c| (c.circuit.id, Arc::new(c)))
+                    .collect(),
+                None,
+            )),
             unhealthy: Mutex::new(cpus.iter().map(|c| (*c, Vec::new())).collect()),
         })
     }
 
-    /// Records a deployment (called by one core).
-    pub fn deployed(&self, circuits: Arc<Vec<ResolvedCircuit>>, request_id: RequestId) {
-        *lock(&self.deployment) = (circuits, Some(request_id));
+    /// Records a deployment (called by one core); returns how many circuits are
+    /// deployed now.
+    pub fn deployed(&self, change: &Change, request_id: RequestId) -> usize {
+        let mut deployment = lock(&self.deployment);
+        let (circuits, id) = &mut *deployment;
+        if change.replace {
+            circuits.clear();
+        }
+        for removed in &change.removes {
+            circuits.remove(removed);
+        }
+        for c in &change.upserts {
+            circuits.insert(c.circuit.id, c.clone());
+        }
+        *id = Some(request_id);
+        circuits.len()
     }
 
     /// Replaces core `row`'s unhealthy upstreams.
@@ -68,7 +92,14 @@ impl Board {
 
     /// `GET /circuits`: every deployed circuit, its frontend and its routes' health.
     pub fn circuits(&self) -> Value {
-        let (circuits, request_id) = lock(&self.deployment).clone();
+        let (mut circuits, request_id) = {
+            let deployment = lock(&self.deployment);
+            (
+                deployment.0.values().cloned().collect::<Vec<_>>(),
+                deployment.1,
+            )
+        };
+        circuits.sort_by_key(|c| c.circuit.id);
         let now = Instant::now();
         let mut out_of_rotation: BTreeMap<(uuid::Uuid, SocketAddr), Vec<usize>> = BTreeMap::new();
         for (cpu, list) in lock(&self.unhealthy).iter() {

@@ -20,7 +20,7 @@ use appproxy_shared::{scope, RequestId};
 use glommio::Task;
 
 use crate::config::{ResolvedCircuit, Runtime};
-use crate::core::{counter, Core, RouteTable, SharedMetrics};
+use crate::core::{counter, Change, Core, SharedMetrics};
 use crate::introspect::Board;
 use crate::io::Listener;
 use crate::liveness::{CoreLiveness, Liveness};
@@ -46,11 +46,12 @@ pub const NO_PREEMPTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// A command for every core.
 #[derive(Debug, Clone)]
 pub enum Command {
-    /// Replace the route table with these circuits: listeners for new ports open,
-    /// those of removed ports close; established connections are not cut.
+    /// Change the route table (only the circuits named, or the whole set): listeners
+    /// for new ports open, those of removed ports close; established connections are
+    /// not cut.
     Deploy {
-        /// The complete circuit set.
-        circuits: Arc<Vec<ResolvedCircuit>>,
+        /// What changes, shared by every core.
+        change: Arc<Change>,
         /// The request that caused the deployment; every core logs under it.
         request_id: RequestId,
         /// Told this core's row once the table is in place, with the circuits whose
@@ -85,11 +86,16 @@ pub struct Deployer {
 impl Deployer {
     /// Sends a new circuit set to every core; the answer tells when all applied it.
     pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) -> Applied {
-        let circuits = Arc::new(circuits);
+        self.change(Change::replace(circuits), request_id)
+    }
+
+    /// Sends a change to every core; the answer tells when all applied it.
+    pub fn change(&self, change: Change, request_id: RequestId) -> Applied {
+        let change = Arc::new(change);
         let (applied, rx) = crossbeam_channel::unbounded();
         for (tx, waker) in self.cores.iter() {
             let _ = tx.send(Command::Deploy {
-                circuits: circuits.clone(),
+                change: change.clone(),
                 request_id,
                 applied: applied.clone(),
             });
@@ -431,20 +437,20 @@ fn run_core(
             for cmd in commands.try_iter() {
                 match cmd {
                     Command::Deploy {
-                        circuits,
+                        change,
                         request_id,
                         applied,
                     } => {
                         // Counted before the "deployment applied" line, so whoever
                         // reads that line sees the count too.
                         if row == 0 {
+                            let count = board.deployed(&change, request_id);
                             metrics
                                 .circuits
-                                .store(circuits.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                            board.deployed(circuits.clone(), request_id);
+                                .store(count as u64, std::sync::atomic::Ordering::Relaxed);
                         }
                         let failed = scope(Some(request_id), async {
-                            apply_deployment(&core, &listeners, &circuits)
+                            apply_deployment(&core, &listeners, &change)
                         })
                         .await;
                         let _ = applied.send((row, failed));
@@ -478,16 +484,28 @@ fn run_core(
     }));
 }
 
-/// Swaps in the new route table, then opens and closes listeners to match it.
-/// Returns the circuits whose frontend port could not listen, with why.
+/// Applies the change to the route table, then opens and closes listeners to match
+/// it. Returns the circuits whose frontend port could not listen, with why.
 fn apply_deployment(
     core: &Rc<Core>,
     listeners: &RefCell<HashMap<u16, Task<()>>>,
-    circuits: &[ResolvedCircuit],
+    change: &Change,
 ) -> Vec<(uuid::Uuid, String)> {
-    let table = RouteTable::new(circuits, core.rt.wildcard.clone());
-    let count = table.len();
-    *core.routes.borrow_mut() = Rc::new(table);
+    let count = {
+        let mut table = core.routes.borrow_mut();
+        table.apply(change);
+        table.len()
+    };
+    let ports_changed = change.replace
+        || !change.removes.is_empty()
+        || change
+            .upserts
+            .iter()
+            .any(|c| matches!(c.frontend, crate::config::Frontend::Port(_)));
+    if !ports_changed {
+        tracing::info!(core = core.cpu, circuits = count, "deployment applied");
+        return Vec::new();
+    }
     match reconcile_listeners(core, listeners) {
         Ok(()) => {
             tracing::info!(core = core.cpu, circuits = count, "deployment applied");
@@ -498,7 +516,8 @@ fn apply_deployment(
             for (port, e) in failures {
                 tracing::error!(core = core.cpu, error = %e, "deployment applied, but a frontend could not listen");
                 failed.extend(
-                    circuits
+                    change
+                        .upserts
                         .iter()
                         .filter(|c| c.frontend == crate::config::Frontend::Port(port))
                         .map(|c| (c.circuit.id, e.clone())),
@@ -581,11 +600,11 @@ async fn probe_loop(core: Rc<Core>, every: Duration) {
     loop {
         core.reactor.sleep(every).await;
         let routes: Vec<Rc<crate::core::Route>> = {
-            let table = core.routes.borrow();
-            table
-                .by_port
-                .values()
-                .chain(table.by_subdomain.values())
+            let now = core.reactor.now();
+            core.routes
+                .borrow()
+                .routes()
+                .filter(|r| !r.unhealthy(now).is_empty())
                 .cloned()
                 .collect()
         };

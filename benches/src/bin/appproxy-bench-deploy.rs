@@ -10,12 +10,18 @@
 //! - **Creations per second** on PostgreSQL, `--clients` concurrent managers: the store
 //!   and placement alone (no events), and with Redis events and worker acknowledgement.
 //!
+//! - **Scale** (`--circuits 100,1000,10000,100000`): what a creation, a poll and a
+//!   restart cost as the circuit count grows, on a worker process of its own (see
+//!   `deploy/scale.rs`).
+//!
 //! Timings are printed (p50/p90/p99/max); nothing is asserted.
 
 #[path = "../../../control/tests/common/pg.rs"]
 mod pg;
 #[path = "../../../control/tests/common/redis.rs"]
 mod redis_server;
+#[path = "deploy/scale.rs"]
+mod scale;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,6 +45,16 @@ struct Args {
     /// Worker cores.
     #[arg(long, default_value_t = 2)]
     cores: usize,
+    /// Scale mode: the circuit counts to measure at (comma-separated, ascending);
+    /// only the scale measurement runs.
+    #[arg(long, value_delimiter = ',')]
+    circuits: Vec<usize>,
+    /// Scale mode: the engines (`sqlite`, `postgres`).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    engines: Vec<String>,
+    /// Scale mode: the worker binary (default: `appproxy-worker` beside this one).
+    #[arg(long)]
+    worker_bin: Option<std::path::PathBuf>,
 }
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
@@ -251,6 +267,32 @@ fn throughput_run(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
+    if !args.circuits.is_empty() {
+        let worker_bin = match args.worker_bin {
+            Some(p) => p,
+            None => std::env::current_exe()?
+                .parent()
+                .map(|d| d.join("appproxy-worker"))
+                .ok_or_else(|| anyhow::anyhow!("no directory beside this binary"))?,
+        };
+        anyhow::ensure!(
+            worker_bin.exists(),
+            "{} not found: build it (cargo build --release -p appproxy-dataplane) or pass --worker-bin",
+            worker_bin.display()
+        );
+        let mut sizes = args.circuits.clone();
+        sizes.sort_unstable();
+        return scale::run(
+            &scale::Scale {
+                sizes,
+                clients: args.clients,
+                cores: args.cores,
+                worker_bin,
+                engines: args.engines.clone(),
+            },
+            dir.path(),
+        );
+    }
     println!("deployment latency: API call -> acknowledged by every core (-> port connected)");
 
     // Single node: SQLite, the coordinator inside the worker process.

@@ -382,11 +382,15 @@ pub(super) async fn get_worker(
     worker_response(&state, id).await.map(Json)
 }
 
-/// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration).
+/// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration);
+/// `&brief=true`: answer without the worker model (whose slot list costs a read of
+/// every circuit of the worker), as the product's agent asks on every heartbeat.
 #[derive(Deserialize, Default)]
 pub(super) struct NodeQuery {
     #[serde(default)]
     node: Option<String>,
+    #[serde(default)]
+    brief: bool,
 }
 
 pub(super) async fn heartbeat(
@@ -420,6 +424,9 @@ pub(super) async fn heartbeat(
         if let Err(e) = written {
             tracing::warn!(error = %e, "proxy-worker.last_seen not written");
         }
+    }
+    if q.brief {
+        return Ok(Json(json!({"success": true, "id": id})));
     }
     worker_response(&state, id).await.map(Json)
 }
@@ -472,16 +479,88 @@ pub(super) fn circuit_with_origin(
     v
 }
 
+/// How a worker reads its circuit set: the whole list (the original's call), one
+/// page of it, or only what changed after a revision.
+#[derive(Deserialize, Default)]
+pub(super) struct CircuitsQuery {
+    /// Only what changed after this revision.
+    #[serde(default)]
+    since: Option<u64>,
+    /// A page: the circuits after this ID (empty: from the start).
+    #[serde(default)]
+    after: Option<String>,
+    /// Entries per page or per change list.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Largest page or change list one answer carries.
+pub const MAX_CIRCUITS_PER_ANSWER: usize = 5_000;
+
+/// `GET /api/worker/{id}/circuits`: without a query the whole set (the original's
+/// answer, with the worker's `revision` added); with `?since=R` what changed after
+/// revision `R` (`{"revision","changes","removed"}`, or `{"revision","resync":true}`
+/// when only the whole set will do); with `?after=<id>&limit=N` one page in ID order
+/// (`{"revision","circuits","next"}`).
 pub(super) async fn worker_circuits(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
+    Params(q): Params<CircuitsQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let limit = q
+        .limit
+        .unwrap_or(MAX_CIRCUITS_PER_ANSWER)
+        .clamp(1, MAX_CIRCUITS_PER_ANSWER);
+    if let Some(since) = q.since {
+        return Ok(Json(changes_json(
+            state.store.changes_since(id, since, limit).await?,
+        )));
+    }
+    if q.after.is_some() || q.limit.is_some() {
+        let after = match q.after.as_deref().filter(|a| !a.is_empty()) {
+            Some(a) => Some(uuid::Uuid::parse_str(a).map_err(|_| {
+                ApiError::BadRequest("after must be a circuit ID (or empty)".into())
+            })?),
+            None => None,
+        };
+        let (revision, page) = state.store.circuits_page(id, after, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|(c, _)| c.id))
+            .flatten();
+        let list: Vec<Value> = page
+            .iter()
+            .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
+            .collect();
+        return Ok(Json(
+            json!({"revision": revision, "circuits": list, "next": next}),
+        ));
+    }
+    let revision = state.store.revision(id).await?.unwrap_or(0);
     let circuits = state.store.circuits(Some(id)).await?;
     let list: Vec<Value> = circuits
         .iter()
         .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
         .collect();
-    Ok(Json(json!({"circuits": list})))
+    Ok(Json(json!({"circuits": list, "revision": revision})))
+}
+
+/// The wire form of [`super::store::Changes`].
+pub(super) fn changes_json(changes: super::store::Changes) -> Value {
+    match changes {
+        super::store::Changes::Resync { revision } => json!({"revision": revision, "resync": true}),
+        super::store::Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            let list: Vec<Value> = upserts
+                .iter()
+                .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
+                .collect();
+            json!({"revision": revision, "changes": list, "removed": removed, "more": more})
+        }
+    }
 }
 
 pub(super) async fn get_circuit(

@@ -111,6 +111,11 @@ async fn idle_pass(state: &State) {
     if !lead(state).await {
         return;
     }
+    match state.store.prune_changes().await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(entries = n, "old change-log entries pruned"),
+        Err(e) => tracing::warn!(error = %e, "change log not pruned"),
+    }
     let circuits = match state.store.circuits(None).await {
         Ok(c) => c,
         Err(e) => {

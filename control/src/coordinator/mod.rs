@@ -19,6 +19,8 @@ mod proxy;
 pub mod server;
 pub mod store;
 
+pub use api::MAX_CIRCUITS_PER_ANSWER;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -224,6 +226,28 @@ impl State {
     /// An embedded worker's circuit set.
     pub async fn local_circuits(&self, id: uuid::Uuid) -> Result<Vec<CircuitRow>, StoreError> {
         self.store.circuits(Some(id)).await
+    }
+
+    /// What changed in an embedded worker's set after revision `since`.
+    pub async fn local_changes(
+        &self,
+        id: uuid::Uuid,
+        since: u64,
+    ) -> Result<store::Changes, StoreError> {
+        self.store
+            .changes_since(id, since, api::MAX_CIRCUITS_PER_ANSWER)
+            .await
+    }
+
+    /// One page of an embedded worker's set, with its revision.
+    pub async fn local_circuits_page(
+        &self,
+        id: uuid::Uuid,
+        after: Option<uuid::Uuid>,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        self.store
+            .circuits_page(id, after, api::MAX_CIRCUITS_PER_ANSWER)
+            .await
     }
 
     /// The in-process events, for an embedded worker.

@@ -459,7 +459,21 @@ async fn place_and_store(
                 "workers skipped by placement (breaker open or failed this creation)"
             );
         }
-        let slots = state.store.used_slots().await?;
+        // Only what placement can use: the ports of port workers (bounded by their
+        // ranges) and whoever holds the wanted subdomain; a suffixed subdomain that
+        // collides is caught by the unique index and placed again.
+        let port_workers: Vec<uuid::Uuid> = workers
+            .iter()
+            .filter(|w| w.body["frontend_mode"] != "wildcard")
+            .map(|w| w.id)
+            .collect();
+        let wanted_subdomain = request
+            .preferred_subdomain
+            .unwrap_or(request.default_subdomain);
+        let slots = state
+            .store
+            .used_slots(&port_workers, wanted_subdomain)
+            .await?;
         let used = |w: &uuid::Uuid| {
             let mut u = Used::default();
             for (_, port, sub) in slots.iter().filter(|(worker, _, _)| worker == w) {

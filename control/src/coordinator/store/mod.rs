@@ -40,6 +40,67 @@ pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
 /// A circuit and the ID of the request that created it (NULL when the manager sent none).
 pub type CircuitRow = (Circuit, Option<String>);
 
+/// What changed in one worker's circuit set after a revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Changes {
+    /// The log no longer reaches back that far (or the revision is ahead of the
+    /// store's, as after a store started afresh): read the whole set, then ask again
+    /// from `revision`.
+    Resync {
+        /// The worker's revision now.
+        revision: u64,
+    },
+    /// The circuits changed after the asked revision up to `revision`, each once.
+    Since {
+        /// The revision these changes bring the caller to (the worker's current one,
+        /// or an earlier one when more changes follow: ask again from it).
+        revision: u64,
+        /// Circuits created or updated, as they are now.
+        upserts: Vec<CircuitRow>,
+        /// Circuits removed.
+        removed: Vec<uuid::Uuid>,
+        /// More changes follow `revision`: ask again from it.
+        more: bool,
+    },
+}
+
+impl Changes {
+    /// Folds log entries (revision, circuit, the circuit now or `None` if removed)
+    /// read after `since` into one change per circuit.
+    pub(crate) fn from_log(
+        since: u64,
+        current: u64,
+        log: Vec<(u64, uuid::Uuid, Option<CircuitRow>)>,
+    ) -> Self {
+        let revision = log.last().map_or(current.max(since), |(r, _, _)| *r);
+        let mut last: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
+        for (i, (_, id, _)) in log.iter().enumerate() {
+            last.insert(*id, i);
+        }
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for (i, (_, id, body)) in log.into_iter().enumerate() {
+            if last.get(&id) != Some(&i) {
+                continue;
+            }
+            match body {
+                Some(row) => upserts.push(row),
+                None => removed.push(id),
+            }
+        }
+        Self::Since {
+            revision,
+            upserts,
+            removed,
+            more: revision < current,
+        }
+    }
+}
+
+/// How long the change log keeps an entry: a worker that has not asked for that
+/// long reads its whole set again.
+pub const CHANGE_LOG_RETENTION_SECS: u64 = 600;
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -297,10 +358,62 @@ impl Store {
             .circuits(worker.as_ref()))
     }
 
-    /// Every slot in use: (worker, port, subdomain) of each circuit — what placement
-    /// needs, without reading whole rows.
-    pub async fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
-        dispatch!(self, |s| s.used_slots(), |p| p.used_slots())
+    /// The slots placement needs to see, by index: every port in use on the port
+    /// workers `port_workers` (bounded by their port ranges) and any circuit already
+    /// holding `subdomain` — never a read of every circuit.
+    pub async fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
+        let port_workers = port_workers.to_vec();
+        let subdomain = subdomain.to_owned();
+        dispatch!(self, |s| s.used_slots(&port_workers, &subdomain), |p| p
+            .used_slots(&port_workers, &subdomain))
+    }
+
+    /// A worker's revision: it goes up by one with every change to its circuits
+    /// (`None`: no such worker).
+    pub async fn revision(&self, worker: uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        dispatch!(self, |s| s.revision(&worker), |p| p.revision(&worker))
+    }
+
+    /// What changed in a worker's set after revision `since`, at most `limit` log
+    /// entries at a time; costs what changed, not what exists.
+    pub async fn changes_since(
+        &self,
+        worker: uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        dispatch!(self, |s| s.changes_since(&worker, since, limit), |p| p
+            .changes_since(&worker, since, limit))
+    }
+
+    /// One page of a worker's circuits in ID order after `after`, with the worker's
+    /// revision read in the same snapshot.
+    pub async fn circuits_page(
+        &self,
+        worker: uuid::Uuid,
+        after: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        dispatch!(
+            self,
+            |s| s.circuits_page(&worker, after.as_ref(), limit),
+            |p| p.circuits_page(&worker, after.as_ref(), limit)
+        )
+    }
+
+    /// Forgets change-log entries older than [`CHANGE_LOG_RETENTION_SECS`].
+    pub async fn prune_changes(&self) -> Result<usize, StoreError> {
+        let cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now()
+                - std::time::Duration::from_secs(CHANGE_LOG_RETENTION_SECS),
+        )
+        .to_string();
+        dispatch!(self, |s| s.prune_changes(&cutoff), |p| p
+            .prune_changes(CHANGE_LOG_RETENTION_SECS))
     }
 
     /// The circuits routing to `session`, oldest first (for reuse).

@@ -15,7 +15,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{json, Value};
 use tokio_postgres::{NoTls, Row};
 
-use super::{CircuitRow, StoreError, UsedSlot, WorkerRow};
+use super::{Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -107,7 +107,29 @@ CREATE TABLE worker_nodes (
     PRIMARY KEY (worker, node)
 );
 ",
+    // Scale: reuse by session through a GIN index, placement by subdomain through
+    // its own index, and a revision per worker with a log of what changed
+    // (conditional polls and deltas). The revision is bumped on the worker's row in
+    // the transaction that changes the circuit, so revisions commit in order.
+    "
+CREATE INDEX circuits_session_ids ON circuits USING GIN (session_ids);
+CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
+ALTER TABLE workers ADD COLUMN revision bigint NOT NULL DEFAULT 0;
+CREATE TABLE circuit_changes (
+    worker uuid NOT NULL,
+    revision bigint NOT NULL,
+    circuit uuid NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (worker, revision)
+);
+CREATE INDEX circuit_changes_at ON circuit_changes(at);
+",
 ];
+
+/// Bumps the revision of the worker `$1` and logs circuit `$2` as changed.
+const LOG_CHANGE: &str = "WITH bumped AS (
+        UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
+     INSERT INTO circuit_changes (worker, revision, circuit) SELECT id, revision, $2 FROM bumped";
 
 /// Sets a worker's `nodes` to its live node count, its status (`ALIVE`, or `LOST` at
 /// none) and `updated_at`. Returns whether the worker exists.
@@ -205,30 +227,35 @@ fn as_i32(v: &Value) -> Option<i32> {
 const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id";
 
 fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
-    let envs: Option<Value> = row.try_get(8)?;
-    let routes: Value = row.try_get(16)?;
+    circuit_of_at(row, 0)
+}
+
+/// A circuit whose [`CIRCUIT_COLUMNS`] start at column `at` of `row`.
+fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
+    let envs: Option<Value> = row.try_get(at + 8)?;
+    let routes: Value = row.try_get(at + 16)?;
     // Older rows hold the routes as a JSON string; the model's reader takes both.
     let routes: Vec<RouteInfo> = match routes {
         Value::String(text) => serde_json::from_str(&text)?,
         other => serde_json::from_value(other)?,
     };
-    let allowed: Option<String> = row.try_get(11)?;
-    let port: Option<i32> = row.try_get(6)?;
+    let allowed: Option<String> = row.try_get(at + 11)?;
+    let port: Option<i32> = row.try_get(at + 6)?;
     let circuit = Circuit {
-        id: row.try_get(0)?,
-        app: row.try_get(1)?,
-        protocol: protocol_of(row.try_get(2)?)?,
-        worker: Some(row.try_get(3)?),
-        app_mode: app_mode_of(row.try_get(4)?)?,
-        frontend_mode: frontend_of(row.try_get(5)?)?,
+        id: row.try_get(at)?,
+        app: row.try_get(at + 1)?,
+        protocol: protocol_of(row.try_get(at + 2)?)?,
+        worker: Some(row.try_get(at + 3)?),
+        app_mode: app_mode_of(row.try_get(at + 4)?)?,
+        frontend_mode: frontend_of(row.try_get(at + 5)?)?,
         port: port.and_then(|p| u16::try_from(p).ok()),
-        subdomain: row.try_get(7)?,
+        subdomain: row.try_get(at + 7)?,
         envs: match envs {
             Some(v @ Value::Object(_)) => serde_json::from_value(v)?,
             _ => Default::default(),
         },
-        arguments: row.try_get(9)?,
-        open_to_public: row.try_get(10)?,
+        arguments: row.try_get(at + 9)?,
+        open_to_public: row.try_get(at + 10)?,
         allowed_client_ips: allowed
             .map(|s| {
                 s.split(',')
@@ -238,15 +265,15 @@ fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
                     .collect()
             })
             .unwrap_or_default(),
-        user_id: row.try_get(12)?,
-        endpoint_id: row.try_get(13)?,
-        runtime_variant: row.try_get(14)?,
-        session_ids: row.try_get(15)?,
+        user_id: row.try_get(at + 12)?,
+        endpoint_id: row.try_get(at + 13)?,
+        runtime_variant: row.try_get(at + 14)?,
+        session_ids: row.try_get(at + 15)?,
         route_info: routes,
-        created_at: Some(time(row.try_get(17)?)),
-        updated_at: Some(time(row.try_get(18)?)),
+        created_at: Some(time(row.try_get(at + 17)?)),
+        updated_at: Some(time(row.try_get(at + 18)?)),
     };
-    Ok((circuit, row.try_get(19)?))
+    Ok((circuit, row.try_get(at + 19)?))
 }
 
 impl PgStore {
@@ -603,9 +630,14 @@ impl PgStore {
                     VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
                     RETURNING worker)
-                 UPDATE workers SET occupied_slots = occupied_slots + 1,
-                    available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots - 1 END
-                 FROM created WHERE workers.id = created.worker",
+                 , bumped AS (
+                    UPDATE workers SET occupied_slots = occupied_slots + 1,
+                        available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots - 1 END,
+                        revision = revision + 1
+                    FROM created WHERE workers.id = created.worker
+                    RETURNING workers.id, workers.revision)
+                 INSERT INTO circuit_changes (worker, revision, circuit)
+                    SELECT id, revision, $1 FROM bumped",
                 &[
                     &circuit.id,
                     &circuit.app,
@@ -639,15 +671,21 @@ impl PgStore {
     ) -> Result<bool, StoreError> {
         let value = serde_json::to_value(routes)?;
         let sessions: Vec<uuid::Uuid> = routes.iter().map(|r| r.session_id).collect();
-        Ok(self
-            .client()
-            .await?
-            .execute(
-                "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now() WHERE id = $3",
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let worker: Option<uuid::Uuid> = tx
+            .query_opt(
+                "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now() WHERE id = $3 RETURNING worker",
                 &[&value, &sessions, id],
             )
             .await?
-            == 1)
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if let Some(worker) = worker {
+            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
+        }
+        tx.commit().await?;
+        Ok(worker.is_some())
     }
 
     pub(super) async fn circuit(&self, id: &uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
@@ -680,11 +718,20 @@ impl PgStore {
         rows.iter().map(circuit_of).collect()
     }
 
-    pub(super) async fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
+    pub(super) async fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
         let rows = self
             .client()
             .await?
-            .query("SELECT worker, port, subdomain FROM circuits", &[])
+            .query(
+                "SELECT worker, port, subdomain FROM circuits WHERE worker = ANY($1) AND port IS NOT NULL
+                 UNION ALL
+                 SELECT worker, port, subdomain FROM circuits WHERE subdomain = $2",
+                &[&port_workers, &subdomain],
+            )
             .await?;
         rows.iter()
             .map(|r| {
@@ -706,7 +753,7 @@ impl PgStore {
             .client()
             .await?
             .query(
-                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE $1 = ANY(session_ids) ORDER BY created_at, id"),
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE session_ids @> ARRAY[$1]::uuid[] ORDER BY created_at, id"),
                 &[session],
             )
             .await?;
@@ -791,9 +838,135 @@ impl PgStore {
                 &[&worker],
             )
             .await?;
+            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
         }
         tx.commit().await?;
         Ok(worker.is_some())
+    }
+
+    pub(super) async fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT revision FROM workers WHERE id = $1", &[worker])
+            .await?;
+        row.map(|r| r.try_get::<_, i64>(0).map(|v| v.max(0) as u64))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    pub(super) async fn changes_since(
+        &self,
+        worker: &uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        let mut client = self.client().await?;
+        // One snapshot for the revision, the log's floor and the log itself.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let row = tx
+            .query_opt(
+                "SELECT revision, (SELECT min(revision) FROM circuit_changes WHERE worker = $1)
+                 FROM workers WHERE id = $1",
+                &[worker],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Changes::Resync { revision: 0 });
+        };
+        let current = row.try_get::<_, i64>(0)?.max(0) as u64;
+        let oldest: Option<i64> = row.try_get(1)?;
+        if since == current {
+            return Ok(Changes::Since {
+                revision: current,
+                upserts: Vec::new(),
+                removed: Vec::new(),
+                more: false,
+            });
+        }
+        if since > current || oldest.is_none_or(|o| (o.max(1) as u64) > since + 1) {
+            return Ok(Changes::Resync { revision: current });
+        }
+        let columns = CIRCUIT_COLUMNS
+            .split(", ")
+            .map(|c| format!("c.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT l.revision, l.circuit, c.id IS NOT NULL, {columns}
+                     FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
+                     WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3"
+                ),
+                &[worker, &(since as i64), &(limit as i64)],
+            )
+            .await?;
+        let mut log = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let revision = r.try_get::<_, i64>(0)?.max(0) as u64;
+            let circuit: uuid::Uuid = r.try_get(1)?;
+            let present: bool = r.try_get(2)?;
+            let body = if present {
+                Some(circuit_of_at(r, 3)?)
+            } else {
+                None
+            };
+            log.push((revision, circuit, body));
+        }
+        tx.commit().await?;
+        Ok(Changes::from_log(since, current, log))
+    }
+
+    pub(super) async fn circuits_page(
+        &self,
+        worker: &uuid::Uuid,
+        after: Option<&uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let revision = tx
+            .query_opt("SELECT revision FROM workers WHERE id = $1", &[worker])
+            .await?
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?
+            .unwrap_or(0)
+            .max(0) as u64;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                     WHERE worker = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+                ),
+                &[worker, &after, &(limit as i64)],
+            )
+            .await?;
+        let out = rows.iter().map(circuit_of).collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        Ok((revision, out))
+    }
+
+    pub(super) async fn prune_changes(&self, older_than_secs: u64) -> Result<usize, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM circuit_changes WHERE at < now() - make_interval(secs => $1)",
+                &[&(older_than_secs as f64)],
+            )
+            .await?;
+        Ok(n as usize)
     }
 
     pub(super) async fn insert_token(

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use appproxy_shared::model::{Circuit, RouteInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, CircuitRow, StoreError, UsedSlot, WorkerRow};
+use super::{now, Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order; the database records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -63,7 +63,68 @@ CREATE TABLE worker_nodes (
     PRIMARY KEY (worker, node)
 );
 ",
+    // Scale: every per-creation and per-poll read is an index lookup. Sessions get a
+    // table of their own (reuse by session), circuits an index by worker and by
+    // subdomain (placement), and each worker a revision with a log of what changed
+    // (conditional polls and deltas).
+    "
+CREATE TABLE circuit_sessions (
+    session TEXT NOT NULL,
+    circuit TEXT NOT NULL REFERENCES circuits(id) ON DELETE CASCADE,
+    PRIMARY KEY (session, circuit)
+);
+CREATE INDEX circuit_sessions_circuit ON circuit_sessions(circuit);
+INSERT OR IGNORE INTO circuit_sessions (session, circuit)
+    SELECT value, circuits.id FROM circuits, json_each(circuits.body, '$.session_ids');
+CREATE INDEX circuits_worker ON circuits(worker);
+CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
+ALTER TABLE workers ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE circuit_changes (
+    worker TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    circuit TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (worker, revision)
+);
+CREATE INDEX circuit_changes_at ON circuit_changes(at);
+",
 ];
+
+/// Records that `circuit` of `worker` changed (created, updated or removed): the
+/// worker's revision goes up by one, in the caller's transaction, and the log says
+/// which circuit it was.
+fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result<(), StoreError> {
+    let revision: Option<i64> = tx
+        .query_row(
+            "UPDATE workers SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+            params![worker],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(revision) = revision {
+        tx.execute(
+            "INSERT INTO circuit_changes (worker, revision, circuit, at) VALUES (?1, ?2, ?3, ?4)",
+            params![worker, revision, circuit, now],
+        )?;
+    }
+    Ok(())
+}
+
+/// Replaces the session index of one circuit.
+fn index_sessions(tx: &Connection, circuit: &Circuit) -> Result<(), StoreError> {
+    let id = circuit.id.to_string();
+    tx.execute(
+        "DELETE FROM circuit_sessions WHERE circuit = ?1",
+        params![id],
+    )?;
+    for session in &circuit.session_ids {
+        tx.execute(
+            "INSERT OR IGNORE INTO circuit_sessions (session, circuit) VALUES (?1, ?2)",
+            params![session.to_string(), id],
+        )?;
+    }
+    Ok(())
+}
 
 /// Sets a worker's `nodes` to its live node count; with `touch`, also its status
 /// (`ALIVE`, or `LOST` at none) and `updated_at`.
@@ -343,12 +404,14 @@ impl SqliteStore {
         let circuit = &circuit;
         let body = serde_json::to_string(circuit)?;
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            let worker = circuit.worker.map(|w| w.to_string()).unwrap_or_default();
+            tx.execute(
                 "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
                 params![
                     circuit.id.to_string(),
-                    circuit.worker.map(|w| w.to_string()).unwrap_or_default(),
+                    worker,
                     circuit.port.map(i64::from),
                     circuit.subdomain,
                     body,
@@ -358,6 +421,9 @@ impl SqliteStore {
                 ],
             )
             .map_err(conflict_or)?;
+            index_sessions(&tx, circuit)?;
+            log_change(&tx, &worker, &circuit.id.to_string(), &now)?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -376,10 +442,21 @@ impl SqliteStore {
         circuit.updated_at = Some(now.clone());
         let body = serde_json::to_string(&circuit)?;
         self.with(|c| {
-            Ok(c.execute(
-                "UPDATE circuits SET body = ?1, updated_at = ?2 WHERE id = ?3",
-                params![body, now, id.to_string()],
-            )? == 1)
+            let tx = c.unchecked_transaction()?;
+            let worker: Option<String> = tx
+                .query_row(
+                    "UPDATE circuits SET body = ?1, updated_at = ?2 WHERE id = ?3 RETURNING worker",
+                    params![body, now, id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(worker) = worker else {
+                return Ok(false);
+            };
+            index_sessions(&tx, &circuit)?;
+            log_change(&tx, &worker, &id.to_string(), &now)?;
+            tx.commit()?;
+            Ok(true)
         })
     }
 
@@ -429,21 +506,37 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn used_slots(&self) -> Result<Vec<UsedSlot>, StoreError> {
+    pub(super) fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT worker, port, subdomain FROM circuits")?;
-            let rows = st.query_map([], |r| {
+            let mut out = Vec::new();
+            let mut push = |rows: rusqlite::MappedRows<'_, _>| -> Result<(), StoreError> {
+                for row in rows {
+                    let (w, port, sub): (String, Option<i64>, Option<String>) = row?;
+                    out.push((parse_id(&w)?, port.and_then(|p| u16::try_from(p).ok()), sub));
+                }
+                Ok(())
+            };
+            let columns = |r: &rusqlite::Row<'_>| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, Option<i64>>(1)?,
                     r.get::<_, Option<String>>(2)?,
                 ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (w, port, sub) = row?;
-                out.push((parse_id(&w)?, port.and_then(|p| u16::try_from(p).ok()), sub));
+            };
+            let mut st = c.prepare_cached(
+                "SELECT worker, port, subdomain FROM circuits WHERE worker = ?1 AND port IS NOT NULL",
+            )?;
+            for w in port_workers {
+                push(st.query_map(params![w.to_string()], columns)?)?;
             }
+            let mut st = c.prepare_cached(
+                "SELECT worker, port, subdomain FROM circuits WHERE subdomain = ?1",
+            )?;
+            push(st.query_map(params![subdomain], columns)?)?;
             Ok(out)
         })
     }
@@ -454,9 +547,8 @@ impl SqliteStore {
     ) -> Result<Vec<CircuitRow>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT body, origin_request_id FROM circuits
-                 WHERE EXISTS (SELECT 1 FROM json_each(circuits.body, '$.session_ids') WHERE value = ?1)
-                 ORDER BY created_at, rowid",
+                "SELECT body, origin_request_id FROM circuit_sessions s JOIN circuits ON circuits.id = s.circuit
+                 WHERE s.session = ?1 ORDER BY circuits.created_at, circuits.rowid",
             )?;
             let rows = st.query_map(params![session.to_string()], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
@@ -527,12 +619,142 @@ impl SqliteStore {
     }
 
     pub(super) fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        let now = now();
         self.with(|c| {
-            Ok(c.execute(
-                "DELETE FROM circuits WHERE id = ?1",
-                params![id.to_string()],
-            )? == 1)
+            let tx = c.unchecked_transaction()?;
+            let worker: Option<String> = tx
+                .query_row(
+                    "DELETE FROM circuits WHERE id = ?1 RETURNING worker",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(worker) = worker else {
+                return Ok(false);
+            };
+            log_change(&tx, &worker, &id.to_string(), &now)?;
+            tx.commit()?;
+            Ok(true)
         })
+    }
+
+    pub(super) fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let r: Option<i64> = c
+                .query_row(
+                    "SELECT revision FROM workers WHERE id = ?1",
+                    params![worker.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(r.map(|r| r.max(0) as u64))
+        })
+    }
+
+    pub(super) fn changes_since(
+        &self,
+        worker: &uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        let w = worker.to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let current: Option<i64> = tx
+                .query_row(
+                    "SELECT revision FROM workers WHERE id = ?1",
+                    params![w],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(current) = current.map(|r| r.max(0) as u64) else {
+                return Ok(Changes::Resync { revision: 0 });
+            };
+            if since == current {
+                return Ok(Changes::Since {
+                    revision: current,
+                    upserts: Vec::new(),
+                    removed: Vec::new(),
+                    more: false,
+                });
+            }
+            let oldest: Option<i64> = tx.query_row(
+                "SELECT min(revision) FROM circuit_changes WHERE worker = ?1",
+                params![w],
+                |r| r.get(0),
+            )?;
+            // Ahead of the store (a store started afresh) or behind what the log
+            // still holds: only the whole set will do.
+            if since > current || oldest.is_none_or(|o| (o.max(1) as u64) > since + 1) {
+                return Ok(Changes::Resync { revision: current });
+            }
+            let mut st = tx.prepare(
+                "SELECT l.revision, l.circuit, c.body, c.origin_request_id
+                 FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
+                 WHERE l.worker = ?1 AND l.revision > ?2 ORDER BY l.revision LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![w, since as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            let mut log = Vec::new();
+            for row in rows {
+                let (revision, circuit, body, origin) = row?;
+                let circuit = parse_id(&circuit)?;
+                let body = match body {
+                    Some(b) => Some((serde_json::from_str::<Circuit>(&b)?, origin)),
+                    None => None,
+                };
+                log.push((revision.max(0) as u64, circuit, body));
+            }
+            Ok(Changes::from_log(since, current, log))
+        })
+    }
+
+    pub(super) fn circuits_page(
+        &self,
+        worker: &uuid::Uuid,
+        after: Option<&uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        let w = worker.to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let revision: i64 = tx
+                .query_row(
+                    "SELECT revision FROM workers WHERE id = ?1",
+                    params![w],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let mut st = tx.prepare(
+                "SELECT body, origin_request_id FROM circuits
+                 WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = st.query_map(
+                params![
+                    w,
+                    after.map(|a| a.to_string()).unwrap_or_default(),
+                    limit as i64
+                ],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (b, origin) = row?;
+                out.push((serde_json::from_str(&b)?, origin));
+            }
+            Ok((revision.max(0) as u64, out))
+        })
+    }
+
+    pub(super) fn prune_changes(&self, before: &str) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM circuit_changes WHERE at < ?1", params![before])?))
     }
 
     pub(super) fn insert_token(
