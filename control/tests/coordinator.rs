@@ -126,6 +126,7 @@ on_both_engines! {
     bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
     endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
     ha_nodes_are_counted_by_name => ha_nodes_are_counted_by_name_sqlite, ha_nodes_are_counted_by_name_postgresql;
+    a_worker_reads_what_changed_by_revision_and_its_set_by_page => a_worker_reads_what_changed_by_revision_and_its_set_by_page_sqlite, a_worker_reads_what_changed_by_revision_and_its_set_by_page_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -649,6 +650,146 @@ fn slots_statistics_and_bulk_delete() {
     assert_eq!(r.json()["success"], true);
     let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
     assert_eq!(r.json()["slots"], serde_json::json!([]));
+}
+
+/// A worker's circuit set by revision: nothing changed costs a few bytes, changes
+/// come once per circuit in bounded answers, the whole set comes page by page, and a
+/// revision the store does not know asks for the whole set.
+fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), free_port(), &db);
+    let token = setup(&c);
+    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let get = |path: &str| {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{worker}/circuits{path}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    };
+    let whole = get("");
+    assert_eq!(whole["revision"], 0);
+    assert_eq!(whole["circuits"], serde_json::json!([]));
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        created.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|c| c["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let all = get("?since=0");
+    assert_eq!(all["revision"], 3);
+    assert_eq!(all["more"], false);
+    assert_eq!(ids(&all["changes"]), created);
+    assert_eq!(all["removed"], serde_json::json!([]));
+    // Nothing changed: a few bytes, whatever the set's size.
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since=3"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"revision": 3, "changes": [], "removed": [], "more": false})
+    );
+    assert!(r.body.len() < 80, "{}", String::from_utf8_lossy(&r.body));
+    // Bounded answers, each from where the last stopped.
+    let first = get("?since=1&limit=1");
+    assert_eq!(
+        (first["revision"].as_u64(), first["more"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(ids(&first["changes"]), vec![created[1].clone()]);
+    // The whole set page by page, in ID order.
+    let mut by_id = created.clone();
+    by_id.sort();
+    let page = get("?after=&limit=2");
+    assert_eq!(page["revision"], 3);
+    assert_eq!(ids(&page["circuits"]), by_id[..2].to_vec());
+    assert_eq!(page["next"], by_id[1].as_str());
+    let page = get(&format!("?after={}&limit=2", by_id[1]));
+    assert_eq!(ids(&page["circuits"]), by_id[2..].to_vec());
+    assert_eq!(page["next"], serde_json::Value::Null);
+    // A removal is a change too.
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{}", created[0]),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let after = get("?since=3");
+    assert_eq!(after["revision"], 4);
+    assert_eq!(after["changes"], serde_json::json!([]));
+    assert_eq!(after["removed"], serde_json::json!([created[0]]));
+    // A revision the store never had (it was started afresh): the whole set.
+    assert_eq!(
+        get("?since=99"),
+        serde_json::json!({"revision": 4, "resync": true})
+    );
+    // Bad queries: the product's JSON error, nothing read.
+    for bad in ["?after=not-a-uuid", "?since=-1", "?since=x", "?limit=many"] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{worker}/circuits{bad}"),
+            &[AUTH, ("X-Backend-Request-ID", "bad-query-1")],
+            "",
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["code"], "invalid-api-params", "{bad}");
+        assert_eq!(r.json()["request_id"], "bad-query-1", "{bad}");
+    }
+    // The agent's heartbeat asks for no worker model (no read of every circuit).
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{worker}?node=n1&brief=true"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["success"], true);
+    assert!(r.json().get("slots").is_none());
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{worker}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json()["occupied_slots"],
+        2,
+        "the original's answer without brief"
+    );
 }
 
 fn endpoint_body(name: &str, deployment: Option<&str>) -> String {

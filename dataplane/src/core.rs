@@ -956,6 +956,137 @@ route_info = [
         assert!(route.unhealthy(now).is_empty());
     }
 
+    /// A resolved circuit at a frontend, routing to `upstream`.
+    fn resolved(id: u128, frontend: Frontend, upstream: u16) -> Arc<ResolvedCircuit> {
+        let session = uuid::Uuid::from_u128(7);
+        Arc::new(ResolvedCircuit {
+            circuit: appproxy_shared::model::Circuit {
+                id: uuid::Uuid::from_u128(id),
+                app: None,
+                protocol: appproxy_shared::model::ProxyProtocol::Http,
+                worker: None,
+                app_mode: appproxy_shared::model::AppMode::Interactive,
+                frontend_mode: appproxy_shared::model::FrontendMode::Port,
+                envs: Default::default(),
+                arguments: None,
+                open_to_public: true,
+                allowed_client_ips: Vec::new(),
+                port: None,
+                subdomain: None,
+                user_id: None,
+                endpoint_id: None,
+                runtime_variant: None,
+                route_info: Vec::new(),
+                session_ids: vec![session],
+                created_at: None,
+                updated_at: None,
+            },
+            frontend,
+            upstreams: vec![(SocketAddr::from(([127, 0, 0, 1], upstream)), 1.0)],
+            allowed: Vec::new(),
+        })
+    }
+
+    /// What a table routes: (frontend, circuit, upstream port), sorted.
+    fn contents(t: &RouteTable) -> Vec<(String, uuid::Uuid, u16)> {
+        let mut out: Vec<_> = t
+            .by_port
+            .iter()
+            .map(|(p, r)| {
+                (
+                    format!("port {p}"),
+                    r.circuit.circuit.id,
+                    r.circuit.upstreams[0].0.port(),
+                )
+            })
+            .chain(t.by_subdomain.iter().map(|(s, r)| {
+                (
+                    format!("sub {s}"),
+                    r.circuit.circuit.id,
+                    r.circuit.upstreams[0].0.port(),
+                )
+            }))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn changes_apply_in_place_as_a_rebuild_would() {
+        use Frontend::{Port, Subdomain};
+        let sub = |s: &str| Subdomain(s.to_owned());
+        // Each step: a change, and the whole set it leaves (what a rebuild sees).
+        let steps: Vec<(Change, Vec<Arc<ResolvedCircuit>>)> = vec![
+            (
+                Change {
+                    upserts: vec![resolved(1, Port(1001), 9001), resolved(2, sub("a"), 9002)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9001), resolved(2, sub("a"), 9002)],
+            ),
+            // An update in place (new upstream), one removal, one creation.
+            (
+                Change {
+                    upserts: vec![resolved(1, Port(1001), 9011), resolved(3, sub("b"), 9003)],
+                    removes: vec![uuid::Uuid::from_u128(2)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("b"), 9003)],
+            ),
+            // A circuit moving frontend leaves its old one free.
+            (
+                Change {
+                    upserts: vec![resolved(3, sub("c"), 9003)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("c"), 9003)],
+            ),
+            // Removing what is not there changes nothing.
+            (
+                Change {
+                    removes: vec![uuid::Uuid::from_u128(99)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("c"), 9003)],
+            ),
+            // A whole set replaces everything.
+            (
+                Change {
+                    replace: true,
+                    upserts: vec![resolved(4, Port(1004), 9004)],
+                    removes: Vec::new(),
+                },
+                vec![resolved(4, Port(1004), 9004)],
+            ),
+        ];
+        let mut table = RouteTable::new(&[], None);
+        for (i, (change, whole)) in steps.iter().enumerate() {
+            table.apply(change);
+            let rebuilt = RouteTable::new(whole, None);
+            assert_eq!(contents(&table), contents(&rebuilt), "step {i}");
+            assert_eq!(table.len(), whole.len(), "step {i}");
+            for c in whole {
+                let got = table.get(&c.circuit.id).expect("by ID");
+                assert_eq!(got.circuit.frontend, c.frontend, "step {i}");
+            }
+        }
+        assert!(table.get(&uuid::Uuid::from_u128(1)).is_none());
+        assert_eq!(table.ports(), vec![1004]);
+    }
+
+    #[test]
+    fn a_request_in_flight_keeps_the_circuit_it_looked_up() {
+        let mut table = RouteTable::new(&[resolved(1, Frontend::Port(1001), 9001)], None);
+        let held = table.lookup(1001, None).expect("routed");
+        table.apply(&Change {
+            upserts: vec![resolved(1, Frontend::Port(1001), 9002)],
+            ..Change::default()
+        });
+        assert_eq!(held.circuit.upstreams[0].0.port(), 9001);
+        let now = table.lookup(1001, None).expect("routed");
+        assert_eq!(now.circuit.upstreams[0].0.port(), 9002);
+    }
+
     #[test]
     fn metrics_render_prometheus_text() {
         let shared = SharedMetrics::new(&[0, 1]);

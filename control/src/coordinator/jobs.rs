@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use appproxy_shared::model::{AppMode, ProxyProtocol};
 use appproxy_shared::{IdVersion, RequestId};
 
 use super::{access, State};
@@ -116,53 +115,72 @@ async fn idle_pass(state: &State) {
         Ok(n) => tracing::debug!(entries = n, "old change-log entries pruned"),
         Err(e) => tracing::warn!(error = %e, "change log not pruned"),
     }
-    let circuits = match state.store.circuits(None).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "idle-circuit check failed");
-            return;
-        }
-    };
     let timeout = state
         .config
         .coordinator
         .unused_circuit_collection_timeout_secs as f64;
-    let now = appproxy_shared::jwt::now_epoch();
-    let candidates: Vec<_> = circuits
-        .into_iter()
-        .map(|(c, _)| c)
-        .filter(|c| c.app_mode == AppMode::Interactive && c.protocol == ProxyProtocol::Http)
-        .collect();
-    let ids: Vec<uuid::Uuid> = candidates.iter().map(|c| c.id).collect();
-    // One read for every candidate; unreadable marks skip the pass rather than make
-    // every circuit look idle.
-    let marks = match state.marks.last_access_of(&ids).await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "last-access marks unreadable; idle-circuit check skipped");
+    let retry_in = state.config.coordinator.check_unused_circuit_interval_secs as f64;
+    // Only the circuits whose check is due are read: each is looked at once after
+    // its creation and then once per timeout while it stays in use.
+    for _ in 0..IDLE_BATCHES_PER_PASS {
+        let due = match state.store.idle_due(IDLE_BATCH).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "idle-circuit check failed");
+                return;
+            }
+        };
+        let full = due.len() == IDLE_BATCH;
+        let ids: Vec<uuid::Uuid> = due.iter().map(|c| c.id).collect();
+        // One read for every candidate; unreadable marks skip the pass rather than
+        // make every circuit look idle.
+        let marks = match state.marks.last_access_of(&ids).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "last-access marks unreadable; idle-circuit check skipped");
+                return;
+            }
+        };
+        let now = appproxy_shared::jwt::now_epoch();
+        let mut next_checks = Vec::with_capacity(due.len());
+        for (c, mark) in due.into_iter().zip(marks) {
+            let created = c
+                .created_at
+                .as_deref()
+                .and_then(access::parse_rfc3339)
+                .unwrap_or(now);
+            let last = mark.unwrap_or(created).max(created);
+            if now - last <= timeout {
+                // In use: idle at the earliest one timeout after its last access.
+                next_checks.push((c.id, last + timeout + 1.0));
+                continue;
+            }
+            tracing::info!(circuit = %c.id, idle_secs = (now - last) as u64, "idle circuit collected");
+            match state.remove_circuit(c.id).await {
+                Ok(true) => {
+                    state
+                        .metrics
+                        .circuits_collected
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(circuit = %c.id, error = %e, "idle circuit not removed");
+                    next_checks.push((c.id, now + retry_in));
+                }
+            }
+        }
+        if let Err(e) = state.store.defer_idle_checks(&next_checks).await {
+            tracing::warn!(error = %e, "next idle checks not scheduled");
             return;
         }
-    };
-    for (c, mark) in candidates.into_iter().zip(marks) {
-        let created = c
-            .created_at
-            .as_deref()
-            .and_then(access::parse_rfc3339)
-            .unwrap_or(now);
-        let last = mark.unwrap_or(created).max(created);
-        if now - last <= timeout {
-            continue;
-        }
-        tracing::info!(circuit = %c.id, idle_secs = (now - last) as u64, "idle circuit collected");
-        match state.remove_circuit(c.id).await {
-            Ok(true) => {
-                state
-                    .metrics
-                    .circuits_collected
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(circuit = %c.id, error = %e, "idle circuit not removed"),
+        if !full {
+            return;
         }
     }
 }
+
+/// Circuits one idle-check read takes.
+const IDLE_BATCH: usize = 2_000;
+/// Reads one idle pass makes at most (a backlog is worked off over several passes).
+const IDLE_BATCHES_PER_PASS: usize = 5;

@@ -163,14 +163,37 @@ fn create_one(coord: SocketAddr, n: usize) -> anyhow::Result<(Duration, String)>
     let took = started.elapsed();
     anyhow::ensure!(status == 200, "/v2/proxy/auth: {status} {body}");
     let v: serde_json::Value = serde_json::from_str(&body)?;
-    let url = v["redirect_url"].as_str().unwrap_or_default();
-    let host = url
-        .split("://")
+    Ok((
+        took,
+        v["redirect_url"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// The host name of the circuit a setup URL names: its ID from the setup token's
+/// claims, its subdomain from the coordinator.
+fn host_of(coord: SocketAddr, setup_url: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let token = setup_url
+        .split("token=")
         .nth(1)
-        .and_then(|r| r.split([':', '/']).next())
-        .unwrap_or_default()
-        .to_owned();
-    Ok((took, host))
+        .ok_or_else(|| anyhow::anyhow!("no token in {setup_url}"))?;
+    let claims = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("not a JWT: {token}"))?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims)?)?;
+    let id = claims["circuit"].as_str().unwrap_or_default();
+    let (status, body) = http(
+        coord,
+        &format!("GET /api/circuit/{id} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"),
+    )?;
+    anyhow::ensure!(status == 200, "circuit {id}: {status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(format!(
+        "{}{DOMAIN}",
+        v["subdomain"].as_str().unwrap_or_default()
+    ))
 }
 
 /// A distinct UUID for creation `n` (sessions of their own).
@@ -371,13 +394,13 @@ fn measure(
         "idle poll CPU-s/s"
     );
     let counter = Arc::new(AtomicUsize::new(0));
-    let latency_n = 200;
-    let throughput_n = 1000;
-    let mut last_host = String::new();
-    let mut first_host = String::new();
+    let latency_n = 100;
+    let throughput_n = 400;
+    let mut last_url = String::new();
+    let mut first_url = String::new();
     for &size in &scale.sizes {
-        // Fill (untimed) to just below N, then measure around it.
-        let fill_to = size.saturating_sub(latency_n + throughput_n);
+        // Fill (untimed) to N, then measure there (the runs add their creations).
+        let fill_to = size;
         if counter.load(Ordering::Relaxed) < fill_to {
             let started = Instant::now();
             let from = counter.load(Ordering::Relaxed);
@@ -391,11 +414,11 @@ fn measure(
         let mut samples = Vec::with_capacity(latency_n);
         for _ in 0..latency_n {
             let n = counter.fetch_add(1, Ordering::Relaxed);
-            let (took, host) = create_one(coord, n)?;
-            if first_host.is_empty() {
-                first_host = host.clone();
+            let (took, url) = create_one(coord, n)?;
+            if first_url.is_empty() {
+                first_url = url.clone();
             }
-            last_host = host;
+            last_url = url;
             samples.push(took);
         }
         samples.sort();
@@ -430,7 +453,7 @@ fn measure(
             }
             _ => 0.0,
         };
-        let n_now = counter.load(Ordering::Relaxed);
+        let n_now = size.max(fill_to);
         println!(
             "{:>8} | {:>7.2} / {:>5.2} ms | {:>11.0} | {:>7.1} MiB | {:>8.2} / {:>5.2} / {:>5.2} ms | {:>7.3} w + {:.3} c",
             n_now,
@@ -454,6 +477,12 @@ fn measure(
         "  RSS above idle at {n} circuits: {:.0} B per circuit ({} cores)",
         (rss.saturating_sub(idle_rss) as f64 * 1024.0) / n.max(1) as f64,
         scale.cores
+    );
+    let first_host = host_of(coord, &first_url)?;
+    let last_host = host_of(coord, &last_url)?;
+    anyhow::ensure!(
+        routed(traffic, &first_host) && routed(traffic, &last_host),
+        "{first_host} and {last_host} should route before the restart"
     );
     let started = worker.restart()?;
     let first = wait_routed(traffic, &first_host, Duration::from_secs(120));

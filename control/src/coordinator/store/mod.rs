@@ -101,6 +101,13 @@ impl Changes {
 /// long reads its whole set again.
 pub const CHANGE_LOG_RETENTION_SECS: u64 = 600;
 
+/// Whether idle collection applies to a circuit (interactive HTTP): only those get
+/// an idle check scheduled.
+pub(crate) fn idle_collectable(c: &Circuit) -> bool {
+    c.app_mode == appproxy_shared::model::AppMode::Interactive
+        && matches!(c.protocol, appproxy_shared::model::ProxyProtocol::Http)
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -402,6 +409,40 @@ impl Store {
             self,
             |s| s.circuits_page(&worker, after.as_ref(), limit),
             |p| p.circuits_page(&worker, after.as_ref(), limit)
+        )
+    }
+
+    /// The circuits whose idle check is due (interactive HTTP circuits created or
+    /// last found active long enough ago), oldest due first — the idle pass reads
+    /// only these, never every circuit.
+    pub async fn idle_due(&self, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        let now = now();
+        dispatch!(self, |s| s.idle_due(&now, limit), |p| p.idle_due(limit))
+    }
+
+    /// Schedules the next idle check of each circuit at a Unix time (when it could
+    /// be idle at the earliest).
+    pub async fn defer_idle_checks(&self, checks: &[(uuid::Uuid, f64)]) -> Result<(), StoreError> {
+        let checks = checks.to_vec();
+        dispatch!(
+            self,
+            |s| {
+                let text: Vec<(uuid::Uuid, String)> = checks
+                    .iter()
+                    .map(|(id, at)| {
+                        (
+                            *id,
+                            appproxy_shared::telemetry::Rfc3339(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_secs_f64(at.max(0.0)),
+                            )
+                            .to_string(),
+                        )
+                    })
+                    .collect();
+                s.defer_idle_checks(&text)
+            },
+            |p| p.defer_idle_checks(&checks)
         )
     }
 

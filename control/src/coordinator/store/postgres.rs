@@ -123,6 +123,9 @@ CREATE TABLE circuit_changes (
     PRIMARY KEY (worker, revision)
 );
 CREATE INDEX circuit_changes_at ON circuit_changes(at);
+ALTER TABLE circuits ADD COLUMN idle_check_at timestamptz NULL;
+UPDATE circuits SET idle_check_at = created_at WHERE app_mode = 'INTERACTIVE' AND protocol = 'HTTP';
+CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
 ",
 ];
 
@@ -626,9 +629,11 @@ impl PgStore {
                 "WITH created AS (
                     INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
                         subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
-                        endpoint_id, runtime_variant, session_ids, route_info, origin_request_id)
+                        endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
+                        idle_check_at)
                     VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
-                        $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+                        $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                        CASE WHEN $19 THEN now() END)
                     RETURNING worker)
                  , bumped AS (
                     UPDATE workers SET occupied_slots = occupied_slots + 1,
@@ -657,6 +662,7 @@ impl PgStore {
                     &circuit.session_ids,
                     &routes,
                     &origin_request_id,
+                    &super::idle_collectable(circuit),
                 ],
             )
             .await
@@ -955,6 +961,39 @@ impl PgStore {
         let out = rows.iter().map(circuit_of).collect::<Result<Vec<_>, _>>()?;
         tx.commit().await?;
         Ok((revision, out))
+    }
+
+    pub(super) async fn idle_due(&self, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                     WHERE idle_check_at IS NOT NULL AND idle_check_at <= now()
+                     ORDER BY idle_check_at LIMIT $1"
+                ),
+                &[&(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(|r| circuit_of(r).map(|(c, _)| c)).collect()
+    }
+
+    pub(super) async fn defer_idle_checks(
+        &self,
+        checks: &[(uuid::Uuid, f64)],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<uuid::Uuid> = checks.iter().map(|(id, _)| *id).collect();
+        let at: Vec<f64> = checks.iter().map(|(_, t)| *t).collect();
+        self.client()
+            .await?
+            .execute(
+                "UPDATE circuits SET idle_check_at = to_timestamp(c.at)
+                 FROM unnest($1::uuid[], $2::float8[]) AS c(id, at) WHERE circuits.id = c.id",
+                &[&ids, &at],
+            )
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn prune_changes(&self, older_than_secs: u64) -> Result<usize, StoreError> {

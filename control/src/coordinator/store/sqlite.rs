@@ -87,6 +87,10 @@ CREATE TABLE circuit_changes (
     PRIMARY KEY (worker, revision)
 );
 CREATE INDEX circuit_changes_at ON circuit_changes(at);
+ALTER TABLE circuits ADD COLUMN idle_check_at TEXT;
+UPDATE circuits SET idle_check_at = created_at
+    WHERE json_extract(body, '$.app_mode') = 'interactive' AND json_extract(body, '$.protocol') = 'http';
+CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
 ",
 ];
 
@@ -407,8 +411,8 @@ impl SqliteStore {
             let tx = c.unchecked_transaction()?;
             let worker = circuit.worker.map(|w| w.to_string()).unwrap_or_default();
             tx.execute(
-                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
                 params![
                     circuit.id.to_string(),
                     worker,
@@ -417,7 +421,8 @@ impl SqliteStore {
                     body,
                     origin_request_id,
                     now,
-                    circuit.endpoint_id.map(|e| e.to_string())
+                    circuit.endpoint_id.map(|e| e.to_string()),
+                    super::idle_collectable(circuit).then_some(&now)
                 ],
             )
             .map_err(conflict_or)?;
@@ -750,6 +755,39 @@ impl SqliteStore {
                 out.push((serde_json::from_str(&b)?, origin));
             }
             Ok((revision.max(0) as u64, out))
+        })
+    }
+
+    pub(super) fn idle_due(&self, now: &str, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT body FROM circuits WHERE idle_check_at IS NOT NULL AND idle_check_at <= ?1
+                 ORDER BY idle_check_at LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now, limit as i64], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn defer_idle_checks(
+        &self,
+        checks: &[(uuid::Uuid, String)],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut st =
+                    tx.prepare_cached("UPDATE circuits SET idle_check_at = ?1 WHERE id = ?2")?;
+                for (id, at) in checks {
+                    st.execute(params![at, id.to_string()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 
