@@ -41,15 +41,18 @@ pub struct HealthPolicy {
 pub struct Route {
     /// The circuit, shared read-only by every core (one copy per worker, not per core).
     pub circuit: Arc<ResolvedCircuit>,
-    /// Per-upstream passive health, indexed like `circuit.upstreams`.
+    /// Per-upstream passive health, indexed like `circuit.upstreams`; empty (no
+    /// allocation) until an upstream first fails, as for most circuits it never does.
     health: RefCell<Vec<Health>>,
 }
 
 impl Route {
     /// Prepares `circuit` for routing.
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
-        let health = RefCell::new(vec![Health::default(); circuit.upstreams.len()]);
-        Self { circuit, health }
+        Self {
+            circuit,
+            health: RefCell::new(Vec::new()),
+        }
     }
 
     /// Picks an upstream by `traffic_ratio` among the healthy ones (all of them when
@@ -59,7 +62,12 @@ impl Route {
         let health = self.health.borrow();
         let ups = &self.circuit.upstreams;
         let usable = |i: usize| Some(ups[i].0) != exclude;
-        let healthy = |i: usize| usable(i) && health[i].unhealthy_until.is_none_or(|t| t <= now);
+        let healthy = |i: usize| {
+            usable(i)
+                && health
+                    .get(i)
+                    .is_none_or(|h| h.unhealthy_until.is_none_or(|t| t <= now))
+        };
         let any_healthy = (0..ups.len()).any(healthy);
         let eligible = |i: usize| if any_healthy { healthy(i) } else { usable(i) };
         let total: f64 = (0..ups.len())
@@ -88,6 +96,12 @@ impl Route {
             return false;
         };
         let mut health = self.health.borrow_mut();
+        if health.is_empty() {
+            if ok {
+                return false;
+            }
+            health.resize(self.circuit.upstreams.len(), Health::default());
+        }
         let h = &mut health[i];
         if ok {
             if h.unhealthy_until.is_some() {
@@ -138,8 +152,8 @@ pub struct RouteTable {
     pub by_port: HashMap<u16, Rc<Route>>,
     /// Wildcard-mode circuits, by lowercase subdomain.
     pub by_subdomain: HashMap<String, Rc<Route>>,
-    /// Where each circuit sits, to remove or replace it by ID.
-    by_id: HashMap<uuid::Uuid, Frontend>,
+    /// Every circuit by ID (its frontend says where else it sits).
+    by_id: HashMap<uuid::Uuid, Rc<Route>>,
     /// The wildcard frontend, in wildcard mode.
     pub wildcard: Option<Wildcard>,
 }
@@ -181,36 +195,33 @@ impl RouteTable {
         // sets, so this only keeps the table and its index consistent.
         let route = Rc::new(Route::new(c.clone()));
         let previous = match &c.frontend {
-            Frontend::Port(p) => self.by_port.insert(*p, route),
-            Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route),
+            Frontend::Port(p) => self.by_port.insert(*p, route.clone()),
+            Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route.clone()),
         };
         if let Some(previous) = previous {
             self.by_id.remove(&previous.circuit.circuit.id);
         }
-        self.by_id.insert(id, c.frontend.clone());
+        self.by_id.insert(id, route);
     }
 
     /// Removes one circuit, if present.
     fn remove(&mut self, id: &uuid::Uuid) {
-        let Some(frontend) = self.by_id.remove(id) else {
+        let Some(route) = self.by_id.remove(id) else {
             return;
         };
-        match frontend {
+        match &route.circuit.frontend {
             Frontend::Port(p) => {
-                self.by_port.remove(&p);
+                self.by_port.remove(p);
             }
             Frontend::Subdomain(s) => {
-                self.by_subdomain.remove(&s);
+                self.by_subdomain.remove(s);
             }
         }
     }
 
     /// The circuit with this ID.
     pub fn get(&self, id: &uuid::Uuid) -> Option<Rc<Route>> {
-        match self.by_id.get(id)? {
-            Frontend::Port(p) => self.by_port.get(p).cloned(),
-            Frontend::Subdomain(s) => self.by_subdomain.get(s).cloned(),
-        }
+        self.by_id.get(id).cloned()
     }
 
     /// Every route.

@@ -114,6 +114,7 @@ CREATE TABLE worker_nodes (
     "
 CREATE INDEX circuits_session_ids ON circuits USING GIN (session_ids);
 CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
+CREATE INDEX circuits_worker_id ON circuits(worker, id);
 ALTER TABLE workers ADD COLUMN revision bigint NOT NULL DEFAULT 0;
 CREATE TABLE circuit_changes (
     worker uuid NOT NULL,

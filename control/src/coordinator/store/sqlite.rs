@@ -76,7 +76,7 @@ CREATE TABLE circuit_sessions (
 CREATE INDEX circuit_sessions_circuit ON circuit_sessions(circuit);
 INSERT OR IGNORE INTO circuit_sessions (session, circuit)
     SELECT value, circuits.id FROM circuits, json_each(circuits.body, '$.session_ids');
-CREATE INDEX circuits_worker ON circuits(worker);
+CREATE INDEX circuits_worker_id ON circuits(worker, id);
 CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
 ALTER TABLE workers ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE circuit_changes (
