@@ -71,7 +71,7 @@ pub(super) async fn metrics(
     use std::fmt::Write as _;
     let m = &state.metrics;
     let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
+    let circuits = state.store.circuit_count().await?;
     let mut out = String::new();
     for (name, help, v) in [
         (
@@ -166,7 +166,7 @@ pub(super) async fn metrics(
         );
     }
     render_observed(&state, &mut out);
-    let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {}", circuits.len());
+    let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {circuits}");
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
 }
 

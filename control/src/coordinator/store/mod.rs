@@ -365,6 +365,11 @@ impl Store {
             .circuits(worker.as_ref()))
     }
 
+    /// How many circuits are stored (counted, not read).
+    pub async fn circuit_count(&self) -> Result<u64, StoreError> {
+        dispatch!(self, |s| s.circuit_count(), |p| p.circuit_count())
+    }
+
     /// The slots placement needs to see, by index: every port in use on the port
     /// workers `port_workers` (bounded by their port ranges) and any circuit already
     /// holding `subdomain` — never a read of every circuit.

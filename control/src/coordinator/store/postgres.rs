@@ -851,6 +851,16 @@ impl PgStore {
         Ok(worker.is_some())
     }
 
+    pub(super) async fn circuit_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .client()
+            .await?
+            .query_one("SELECT count(*) FROM circuits", &[])
+            .await?
+            .try_get(0)?;
+        Ok(n.max(0) as u64)
+    }
+
     pub(super) async fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
         let row = self
             .client()

@@ -643,6 +643,13 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn circuit_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let n: i64 = c.query_row("SELECT count(*) FROM circuits", [], |r| r.get(0))?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
     pub(super) fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
         self.with(|c| {
             let r: Option<i64> = c
