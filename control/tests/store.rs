@@ -184,6 +184,27 @@ async fn suite(store: Store) {
         .await
         .expect("update"));
 
+    // Route health survives the store; health-checked endpoints are listed.
+    let mut sick = routes.clone();
+    sick[1].health_status = Some(appproxy_shared::model::RouteHealth::Unhealthy);
+    assert!(store.update_routes(c1.id, &sick).await.expect("update"));
+    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    assert_eq!(back.route_info, sick);
+    let (on, off) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let settings = json!({"enable": true, "path": "/h", "interval": 2.5});
+    store
+        .upsert_endpoint(on, true, Some(settings.clone()))
+        .await
+        .expect("endpoint");
+    store
+        .upsert_endpoint(off, false, None)
+        .await
+        .expect("endpoint");
+    assert_eq!(
+        store.health_checked_endpoints().await.expect("list"),
+        vec![(on, settings)]
+    );
+
     // Delete.
     assert!(store.delete_circuit(c2.id).await.expect("delete"));
     assert!(!store.delete_circuit(c2.id).await.expect("delete again"));
