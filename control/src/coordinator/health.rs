@@ -140,13 +140,37 @@ struct Tracked {
     target: Target,
     /// Failures in a row.
     failures: u32,
-    /// The state last decided (and stored).
+    /// The state last decided (and stored, or being stored).
     status: Option<RouteHealth>,
     /// Bumped whenever the route is rescheduled from outside, so stale heap entries
     /// are skipped.
     generation: u64,
     /// A probe is out.
     in_flight: bool,
+}
+
+/// A decided state change on its way to the store.
+#[derive(Debug, Clone)]
+struct Change {
+    route: uuid::Uuid,
+    session: uuid::Uuid,
+    /// The new state (`None`: cleared, the check is off).
+    new: Option<RouteHealth>,
+    /// The state before, restored in memory when the change cannot be stored.
+    previous: Option<RouteHealth>,
+    reason: String,
+    /// The probe (or refresh pass) that decided it.
+    id: Option<RequestId>,
+}
+
+/// The changes of one circuit: stored one batch at a time, so a burst of changes
+/// (a node with many replicas gone) costs one write and one deployment per batch,
+/// not one per route.
+#[derive(Default)]
+struct Pending {
+    endpoint: uuid::Uuid,
+    changes: Vec<Change>,
+    busy: bool,
 }
 
 /// What comes back to the scheduler.
@@ -158,276 +182,360 @@ enum Report {
         id: RequestId,
         outcome: Result<(), String>,
     },
-    /// A state change could not be stored: go back to the previous state so the next
-    /// probe decides again.
-    NotApplied {
-        key: uuid::Uuid,
-        previous: Option<RouteHealth>,
+    /// A batch was stored (`failed` empty) or not.
+    Applied {
+        circuit: uuid::Uuid,
+        failed: Vec<Change>,
     },
+}
+
+/// All prober state, owned by one task.
+struct Scheduler {
+    state: Arc<State>,
+    tx: mpsc::UnboundedSender<Report>,
+    tracked: HashMap<uuid::Uuid, Tracked>,
+    heap: BinaryHeap<Reverse<(Instant, uuid::Uuid, u64)>>,
+    pending: HashMap<uuid::Uuid, Pending>,
+    rng: Rng,
+    invalid: HashSet<uuid::Uuid>,
+    floor: Duration,
+    jitter: f64,
+    permits: Arc<Semaphore>,
 }
 
 /// The prober's scheduler: runs until the coordinator stops.
 pub(super) async fn run(state: Arc<State>) {
     let cfg = state.config.health_check.clone();
-    let floor = Duration::from_secs_f64(cfg.min_interval_secs.clamp(0.001, 3600.0));
     let refresh_every = Duration::from_secs_f64(cfg.refresh_interval_secs.clamp(0.05, 3600.0));
-    let jitter = cfg.jitter.clamp(0.0, 0.5);
-    let permits = Arc::new(Semaphore::new(cfg.max_concurrency.clamp(1, 100_000)));
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
-    let mut tracked: HashMap<uuid::Uuid, Tracked> = HashMap::new();
-    let mut heap: BinaryHeap<Reverse<(Instant, uuid::Uuid, u64)>> = BinaryHeap::new();
-    let mut rng = Rng::seeded();
-    let mut invalid: HashSet<uuid::Uuid> = HashSet::new();
+    let mut s = Scheduler {
+        state,
+        tx,
+        tracked: HashMap::new(),
+        heap: BinaryHeap::new(),
+        pending: HashMap::new(),
+        rng: Rng::seeded(),
+        invalid: HashSet::new(),
+        floor: Duration::from_secs_f64(cfg.min_interval_secs.clamp(0.001, 3600.0)),
+        jitter: cfg.jitter.clamp(0.0, 0.5),
+        permits: Arc::new(Semaphore::new(cfg.max_concurrency.clamp(1, 100_000))),
+    };
     let mut next_refresh = Instant::now();
     loop {
-        let next_due = heap.peek().map(|Reverse((t, _, _))| *t);
+        let next_due = s.heap.peek().map(|Reverse((t, _, _))| *t);
         let wake = next_due.map_or(next_refresh, |t| t.min(next_refresh));
         tokio::select! {
             report = rx.recv() => {
                 let Some(report) = report else { return };
-                on_report(&state, &tx, &mut tracked, &mut heap, &mut rng, jitter, report);
+                s.on_report(report);
             }
             _ = tokio::time::sleep_until(wake) => {
-                let now = Instant::now();
-                if now >= next_refresh {
+                if Instant::now() >= next_refresh {
                     let id = RequestId::generate(IdVersion::V4);
-                    appproxy_shared::scope(
-                        Some(id),
-                        refresh(&state, &tx, &mut tracked, &mut heap, &mut rng, &mut invalid, floor),
-                    )
-                    .await;
+                    appproxy_shared::scope(Some(id), s.refresh()).await;
                     next_refresh = Instant::now() + refresh_every;
                 }
-                while let Some(Reverse((t, key, generation))) = heap.peek().copied() {
-                    if t > now {
-                        break;
-                    }
-                    heap.pop();
-                    let Some(t) = tracked.get_mut(&key) else { continue };
-                    if t.generation != generation {
-                        continue;
-                    }
-                    if t.in_flight {
-                        // The probe of an earlier schedule is still out: look again soon.
-                        heap.push(Reverse((now + Duration::from_millis(50), key, generation)));
-                        continue;
-                    }
-                    t.in_flight = true;
-                    spawn_probe(t.target.clone(), generation, permits.clone(), tx.clone());
-                }
+                s.launch_due();
             }
         }
     }
 }
 
-/// Re-reads the checked routes (only while this node leads; a follower probes
-/// nothing) and clears stored states of endpoints no longer checked.
-async fn refresh(
-    state: &Arc<State>,
-    tx: &mpsc::UnboundedSender<Report>,
-    tracked: &mut HashMap<uuid::Uuid, Tracked>,
-    heap: &mut BinaryHeap<Reverse<(Instant, uuid::Uuid, u64)>>,
-    rng: &mut Rng,
-    invalid: &mut HashSet<uuid::Uuid>,
-    floor: Duration,
-) {
-    if !super::jobs::lead(state).await {
-        if !tracked.is_empty() {
-            tracing::info!(routes = tracked.len(), "not leading: health checks paused");
-            tracked.clear();
-            heap.clear();
+impl Scheduler {
+    /// Sends the probes whose time has come.
+    fn launch_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, key, generation))) = self.heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(t) = self.tracked.get_mut(&key) else {
+                continue;
+            };
+            if t.generation != generation {
+                continue;
+            }
+            if t.in_flight {
+                // The probe of an earlier schedule is still out: look again soon.
+                self.heap
+                    .push(Reverse((now + Duration::from_millis(50), key, generation)));
+                continue;
+            }
+            t.in_flight = true;
+            spawn_probe(
+                t.target.clone(),
+                generation,
+                self.permits.clone(),
+                self.tx.clone(),
+            );
         }
-        return;
     }
-    let (endpoints, circuits) = match tokio::try_join!(
-        state.store.health_checked_endpoints(),
-        state.store.circuits(None)
-    ) {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(error = %e, "health-check targets unreadable; keeping the current set");
+
+    /// Re-reads the checked routes (only while this node leads; a follower probes
+    /// nothing) and clears stored states of endpoints no longer checked.
+    async fn refresh(&mut self) {
+        if !super::jobs::lead(&self.state).await {
+            if !self.tracked.is_empty() {
+                tracing::info!(
+                    routes = self.tracked.len(),
+                    "not leading: health checks paused"
+                );
+                self.tracked.clear();
+                self.heap.clear();
+            }
             return;
         }
-    };
-    let mut settings: HashMap<uuid::Uuid, Arc<Settings>> = HashMap::new();
-    for (id, raw) in endpoints {
-        match Settings::parse(&raw, floor) {
-            Ok(Some(s)) => {
-                invalid.remove(&id);
-                settings.insert(id, Arc::new(s));
-            }
-            Ok(None) => {}
-            Err(why) => {
-                if invalid.insert(id) {
-                    tracing::warn!(endpoint = %id, reason = %why, "health check settings unusable; endpoint not checked");
-                }
-            }
-        }
-    }
-    let now = Instant::now();
-    let mut seen = HashSet::new();
-    for (c, _) in circuits {
-        let (AppMode::Inference, Some(endpoint)) = (c.app_mode, c.endpoint_id) else {
-            continue;
-        };
-        let Some(s) = settings.get(&endpoint) else {
-            // Not checked (any more): stored states go, so nothing stays out of rotation.
-            let stale: Vec<_> = c
-                .route_info
-                .iter()
-                .filter(|r| r.health_status.is_some())
-                .filter_map(|r| r.route_id)
-                .map(|r| (r, None))
-                .collect();
-            if !stale.is_empty() {
-                tracing::info!(endpoint = %endpoint, circuit = %c.id, routes = stale.len(), reason = "health check disabled", "route health cleared");
-                spawn_apply(state.clone(), tx.clone(), endpoint, c.id, stale, None);
-            }
-            continue;
-        };
-        for r in &c.route_info {
-            let Some(route) = r.route_id else { continue };
-            seen.insert(route);
-            let target = Target {
-                endpoint,
-                circuit: c.id,
-                route,
-                session: r.session_id,
-                host: if r.kernel_host.is_empty() {
-                    "localhost".into()
-                } else {
-                    r.kernel_host.clone()
-                },
-                port: r.kernel_port,
-                settings: s.clone(),
-            };
-            match tracked.get_mut(&route) {
-                Some(t) if t.target == target => {}
-                Some(t) => {
-                    // Moved or re-configured: start over from the stored state.
-                    let moved = (t.target.host.as_str(), t.target.port)
-                        != (target.host.as_str(), target.port);
-                    if moved {
-                        t.failures = 0;
-                    }
-                    t.generation += 1;
-                    let first = rng.within(target.settings.interval);
-                    t.target = target;
-                    heap.push(Reverse((now + first, route, t.generation)));
-                }
-                None => {
-                    // A route with a stored state was checked before (another leader,
-                    // a restart): no initial delay again.
-                    let delay = if r.health_status.is_some() {
-                        Duration::ZERO
-                    } else {
-                        target.settings.initial_delay
-                    };
-                    let first = delay + rng.within(target.settings.interval);
-                    heap.push(Reverse((now + first, route, 0)));
-                    tracked.insert(
-                        route,
-                        Tracked {
-                            target,
-                            failures: 0,
-                            status: r.health_status,
-                            generation: 0,
-                            in_flight: false,
-                        },
-                    );
-                }
-            }
-        }
-    }
-    tracked.retain(|k, _| seen.contains(k));
-    if heap.len() > tracked.len().saturating_mul(4) + 64 {
-        // Drop stale entries left by rescheduling.
-        let live: Vec<_> = heap
-            .drain()
-            .filter(|Reverse((_, k, g))| tracked.get(k).is_some_and(|t| t.generation == *g))
-            .collect();
-        heap.extend(live);
-    }
-    tracing::debug!(
-        routes = tracked.len(),
-        endpoints = settings.len(),
-        "health-check targets refreshed"
-    );
-}
-
-fn on_report(
-    state: &Arc<State>,
-    tx: &mpsc::UnboundedSender<Report>,
-    tracked: &mut HashMap<uuid::Uuid, Tracked>,
-    heap: &mut BinaryHeap<Reverse<(Instant, uuid::Uuid, u64)>>,
-    rng: &mut Rng,
-    jitter: f64,
-    report: Report,
-) {
-    match report {
-        Report::NotApplied { key, previous } => {
-            if let Some(t) = tracked.get_mut(&key) {
-                t.status = previous;
-            }
-        }
-        Report::Probed {
-            key,
-            generation,
-            id,
-            outcome,
-        } => {
-            let Some(t) = tracked.get_mut(&key) else {
+        let (endpoints, circuits) = match tokio::try_join!(
+            self.state.store.health_checked_endpoints(),
+            self.state.store.circuits(None)
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "health-check targets unreadable; keeping the current set");
                 return;
-            };
-            t.in_flight = false;
-            if t.generation != generation {
-                return; // rescheduled meanwhile; its new entry is in the heap
             }
-            let s = t.target.settings.clone();
-            let previous = t.status;
-            let decided = match &outcome {
-                Ok(()) => {
-                    t.failures = 0;
-                    Some(RouteHealth::Healthy)
+        };
+        let mut settings: HashMap<uuid::Uuid, Arc<Settings>> = HashMap::new();
+        for (id, raw) in endpoints {
+            match Settings::parse(&raw, self.floor) {
+                Ok(Some(s)) => {
+                    self.invalid.remove(&id);
+                    settings.insert(id, Arc::new(s));
                 }
+                Ok(None) => {}
                 Err(why) => {
-                    t.failures = t.failures.saturating_add(1);
-                    appproxy_shared::with_request_id(Some(id), || {
-                        tracing::debug!(route = %key, endpoint = %t.target.endpoint, failures = t.failures, max_retries = s.max_retries, reason = %why, "health probe failed");
-                    });
-                    (t.failures >= s.max_retries).then_some(RouteHealth::Unhealthy)
+                    if self.invalid.insert(id) {
+                        tracing::warn!(endpoint = %id, reason = %why, "health check settings unusable; endpoint not checked");
+                    }
                 }
+            }
+        }
+        let now = Instant::now();
+        let mut seen = HashSet::new();
+        for (c, _) in circuits {
+            let (AppMode::Inference, Some(endpoint)) = (c.app_mode, c.endpoint_id) else {
+                continue;
             };
-            if let Some(new) = decided.filter(|n| Some(*n) != previous) {
+            let Some(s) = settings.get(&endpoint) else {
+                // Not checked (any more): stored states go, so nothing stays out of
+                // rotation.
+                let stale: Vec<_> = c
+                    .route_info
+                    .iter()
+                    .filter(|r| r.health_status.is_some())
+                    .filter_map(|r| {
+                        Some(Change {
+                            route: r.route_id?,
+                            session: r.session_id,
+                            new: None,
+                            previous: r.health_status,
+                            reason: "health check disabled".into(),
+                            id: appproxy_shared::current_request_id(),
+                        })
+                    })
+                    .collect();
+                if !stale.is_empty() && !self.pending.contains_key(&c.id) {
+                    tracing::info!(endpoint = %endpoint, circuit = %c.id, routes = stale.len(), reason = "health check disabled", "route health cleared");
+                    for change in stale {
+                        self.queue(endpoint, c.id, change);
+                    }
+                }
+                continue;
+            };
+            for r in &c.route_info {
+                let Some(route) = r.route_id else { continue };
+                seen.insert(route);
+                let target = Target {
+                    endpoint,
+                    circuit: c.id,
+                    route,
+                    session: r.session_id,
+                    host: if r.kernel_host.is_empty() {
+                        "localhost".into()
+                    } else {
+                        r.kernel_host.clone()
+                    },
+                    port: r.kernel_port,
+                    settings: s.clone(),
+                };
+                match self.tracked.get_mut(&route) {
+                    Some(t) if t.target == target => {}
+                    Some(t) => {
+                        // Moved or re-configured: probe on the new terms.
+                        if (t.target.host.as_str(), t.target.port)
+                            != (target.host.as_str(), target.port)
+                        {
+                            t.failures = 0;
+                        }
+                        t.generation += 1;
+                        let first = self.rng.within(target.settings.interval);
+                        t.target = target;
+                        self.heap.push(Reverse((now + first, route, t.generation)));
+                    }
+                    None => {
+                        // A route with a stored state was checked before (another
+                        // leader, a restart): no initial delay again.
+                        let delay = if r.health_status.is_some() {
+                            Duration::ZERO
+                        } else {
+                            target.settings.initial_delay
+                        };
+                        let first = delay + self.rng.within(target.settings.interval);
+                        self.heap.push(Reverse((now + first, route, 0)));
+                        self.tracked.insert(
+                            route,
+                            Tracked {
+                                target,
+                                failures: 0,
+                                status: r.health_status,
+                                generation: 0,
+                                in_flight: false,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.tracked.retain(|k, _| seen.contains(k));
+        if self.heap.len() > self.tracked.len().saturating_mul(4) + 64 {
+            // Drop stale entries left by rescheduling.
+            let tracked = &self.tracked;
+            let live: Vec<_> = self
+                .heap
+                .drain()
+                .filter(|Reverse((_, k, g))| tracked.get(k).is_some_and(|t| t.generation == *g))
+                .collect();
+            self.heap.extend(live);
+        }
+        tracing::debug!(
+            routes = self.tracked.len(),
+            endpoints = settings.len(),
+            "health-check targets refreshed"
+        );
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Applied { circuit, failed } => {
+                for change in failed {
+                    // Not stored: forget the decision so the next probe makes it again.
+                    if let Some(t) = self.tracked.get_mut(&change.route) {
+                        if t.status == change.new {
+                            t.status = change.previous;
+                        }
+                    }
+                }
+                let more = self.pending.get_mut(&circuit).is_some_and(|p| {
+                    p.busy = false;
+                    !p.changes.is_empty()
+                });
+                if more {
+                    self.start(circuit);
+                } else {
+                    self.pending.remove(&circuit);
+                }
+            }
+            Report::Probed {
+                key,
+                generation,
+                id,
+                outcome,
+            } => {
+                let Some(t) = self.tracked.get_mut(&key) else {
+                    return;
+                };
+                t.in_flight = false;
+                if t.generation != generation {
+                    return; // rescheduled meanwhile; its new entry is in the heap
+                }
+                let s = t.target.settings.clone();
+                let previous = t.status;
+                let decided = match &outcome {
+                    Ok(()) => {
+                        t.failures = 0;
+                        Some(RouteHealth::Healthy)
+                    }
+                    Err(why) => {
+                        t.failures = t.failures.saturating_add(1);
+                        appproxy_shared::with_request_id(Some(id), || {
+                            tracing::debug!(route = %key, endpoint = %t.target.endpoint, failures = t.failures, max_retries = s.max_retries, reason = %why, "health probe failed");
+                        });
+                        (t.failures >= s.max_retries).then_some(RouteHealth::Unhealthy)
+                    }
+                };
+                let period = s.interval.as_secs_f64();
+                let spread = period * self.jitter * (self.rng.unit() * 2.0 - 1.0);
+                let next = Instant::now() + Duration::from_secs_f64((period + spread).max(0.001));
+                self.heap.push(Reverse((next, key, generation)));
+                let Some(new) = decided.filter(|n| Some(*n) != previous) else {
+                    return;
+                };
                 t.status = Some(new);
                 let reason = match &outcome {
                     Ok(()) => format!("answered {} on {}", s.expected_status, s.path),
                     Err(why) => format!("{} failures in a row, last: {why}", t.failures),
                 };
                 let target = t.target.clone();
+                let from = previous.map_or("unknown", RouteHealth::as_str);
                 appproxy_shared::with_request_id(Some(id), || match new {
                     RouteHealth::Unhealthy => {
-                        tracing::warn!(route = %key, endpoint = %target.endpoint, circuit = %target.circuit, from = previous.map_or("unknown", RouteHealth::as_str), to = new.as_str(), %reason, "route health changed")
+                        tracing::warn!(route = %key, endpoint = %target.endpoint, circuit = %target.circuit, from, to = new.as_str(), %reason, "route health changed")
                     }
                     RouteHealth::Healthy => {
-                        tracing::info!(route = %key, endpoint = %target.endpoint, circuit = %target.circuit, from = previous.map_or("unknown", RouteHealth::as_str), to = new.as_str(), %reason, "route health changed")
+                        tracing::info!(route = %key, endpoint = %target.endpoint, circuit = %target.circuit, from, to = new.as_str(), %reason, "route health changed")
                     }
                 });
-                let fut = apply(
-                    state.clone(),
-                    tx.clone(),
+                self.queue(
                     target.endpoint,
                     target.circuit,
-                    vec![(key, Some(new))],
-                    Some((target.session, reason, previous)),
+                    Change {
+                        route: key,
+                        session: target.session,
+                        new: Some(new),
+                        previous,
+                        reason,
+                        id: Some(id),
+                    },
                 );
-                tokio::spawn(appproxy_shared::scope(Some(id), fut));
             }
-            let period = s.interval.as_secs_f64();
-            let spread = period * jitter * (rng.unit() * 2.0 - 1.0);
-            let next = Instant::now() + Duration::from_secs_f64((period + spread).max(0.001));
-            heap.push(Reverse((next, key, generation)));
         }
+    }
+
+    /// Adds a change to its circuit's batch (a later change of the same route
+    /// replaces an earlier one) and starts storing when no batch is under way.
+    fn queue(&mut self, endpoint: uuid::Uuid, circuit: uuid::Uuid, change: Change) {
+        let p = self.pending.entry(circuit).or_default();
+        p.endpoint = endpoint;
+        match p.changes.iter_mut().find(|c| c.route == change.route) {
+            Some(c) => {
+                let previous = c.previous;
+                *c = Change { previous, ..change };
+            }
+            None => p.changes.push(change),
+        }
+        if !p.busy {
+            self.start(circuit);
+        }
+    }
+
+    fn start(&mut self, circuit: uuid::Uuid) {
+        let Some(p) = self.pending.get_mut(&circuit) else {
+            return;
+        };
+        p.busy = true;
+        let changes = std::mem::take(&mut p.changes);
+        let id = changes.first().and_then(|c| c.id);
+        tokio::spawn(appproxy_shared::scope(
+            id,
+            apply(
+                self.state.clone(),
+                self.tx.clone(),
+                p.endpoint,
+                circuit,
+                changes,
+            ),
+        ));
     }
 }
 
@@ -509,31 +617,15 @@ async fn probe(t: &Target, id: RequestId) -> Result<(), String> {
     outcome
 }
 
-fn spawn_apply(
-    state: Arc<State>,
-    tx: mpsc::UnboundedSender<Report>,
-    endpoint: uuid::Uuid,
-    circuit: uuid::Uuid,
-    changes: Vec<(uuid::Uuid, Option<RouteHealth>)>,
-    report: Option<(uuid::Uuid, String, Option<RouteHealth>)>,
-) {
-    let id = appproxy_shared::current_request_id();
-    tokio::spawn(appproxy_shared::scope(
-        id,
-        apply(state, tx, endpoint, circuit, changes, report),
-    ));
-}
-
-/// Stores the new states in the circuit's routes, deploys the circuit to its worker
-/// and (for a probe's decision: `report` = session, reason, previous state) tells the
-/// manager. Runs under the deciding probe's request ID.
+/// Stores a circuit's batch of new states in its routes, deploys the circuit to its
+/// worker (under the first deciding probe's request ID), then tells the manager of
+/// each decision under the ID of the probe that made it; reports back either way.
 async fn apply(
     state: Arc<State>,
     tx: mpsc::UnboundedSender<Report>,
     endpoint: uuid::Uuid,
     circuit_id: uuid::Uuid,
-    changes: Vec<(uuid::Uuid, Option<RouteHealth>)>,
-    report: Option<(uuid::Uuid, String, Option<RouteHealth>)>,
+    changes: Vec<Change>,
 ) {
     let stored = async {
         let _writes = ROUTE_WRITES.lock().await;
@@ -542,18 +634,19 @@ async fn apply(
         };
         let mut routes = circuit.route_info.clone();
         for r in routes.iter_mut() {
-            if let Some((_, new)) = changes.iter().find(|(id, _)| r.route_id == Some(*id)) {
-                r.health_status = *new;
+            if let Some(c) = changes.iter().find(|c| r.route_id == Some(c.route)) {
+                r.health_status = c.new;
             }
         }
         if routes == circuit.route_info {
             return Ok(true);
         }
         state.store.update_routes(circuit.id, &routes).await?;
-        COUNTS[2].fetch_add(1, Ordering::Relaxed);
+        COUNTS[2].fetch_add(changes.len() as u64, Ordering::Relaxed);
         let mut updated = circuit.clone();
         updated.route_info = routes;
         let authority = state.authority_of(circuit.worker).await?;
+        tracing::info!(endpoint = %endpoint, circuit = %circuit_id, routes = changes.len(), "route health stored and deployed");
         state
             .publish(CircuitEvent {
                 kind: EventKind::RouteUpdated,
@@ -565,28 +658,36 @@ async fn apply(
         Ok(true)
     }
     .await;
-    match stored {
-        Ok(true) => {}
-        Ok(false) => return, // the circuit is gone; the next refresh forgets the route
+    let stored = match stored {
+        Ok(found) => found,
         Err(e) => {
             tracing::warn!(endpoint = %endpoint, circuit = %circuit_id, error = %e, "route health not stored; the next probe decides again");
-            if let Some((_, _, previous)) = report {
-                for (key, _) in changes {
-                    let _ = tx.send(Report::NotApplied { key, previous });
-                }
-            }
+            let _ = tx.send(Report::Applied {
+                circuit: circuit_id,
+                failed: changes,
+            });
             return;
         }
-    }
-    let (Some((session, reason, _)), Some(conn)) = (report, &state.redis) else {
+    };
+    let _ = tx.send(Report::Applied {
+        circuit: circuit_id,
+        failed: Vec::new(),
+    });
+    // A circuit gone meanwhile has nothing to report; the next refresh forgets it.
+    let Some(conn) = state.redis.as_ref().filter(|_| stored) else {
         return;
     };
-    for (route, new) in changes {
-        let Some(new) = new else { continue };
-        let event = status_event(session, new, route, endpoint, circuit_id, &reason);
-        let envelope = state.config.health_check.event_envelope;
-        anycast::xadd(conn, anycast::MANAGER_STREAM, &event, envelope).await;
-        anycast::publish(conn, anycast::MANAGER_CHANNEL, &event, envelope).await;
+    let envelope = state.config.health_check.event_envelope;
+    for c in changes {
+        let Some(new) = c.new.filter(|n| c.previous != Some(*n)) else {
+            continue; // cleared, or flapped back within the batch
+        };
+        let event = status_event(c.session, new, c.route, endpoint, circuit_id, &c.reason);
+        appproxy_shared::scope(c.id, async {
+            anycast::xadd(conn, anycast::MANAGER_STREAM, &event, envelope).await;
+            anycast::publish(conn, anycast::MANAGER_CHANNEL, &event, envelope).await;
+        })
+        .await;
     }
 }
 
