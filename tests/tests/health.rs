@@ -384,6 +384,31 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
         assert!(ids.contains(&id), "{c} not under a probe's ID");
     }
 
+    // The prober's work is counted in the coordinator's metrics.
+    let (status, _, metrics) = http(
+        coord,
+        "GET /metrics HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        value("appproxy_coordinator_health_probes_total ") > 10,
+        "{metrics}"
+    );
+    assert!(
+        value("appproxy_coordinator_health_probe_failures_total ") >= 6,
+        "{metrics}"
+    );
+    assert!(
+        value("appproxy_coordinator_route_health_changes_total ") >= 6,
+        "{metrics}"
+    );
+
     worker.stop();
     coordinator.stop();
 }
