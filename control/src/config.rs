@@ -54,6 +54,53 @@ pub struct CoordinatorConfig {
     pub redis: RedisSection,
     /// `[logging]`.
     pub logging: LoggingConfig,
+    /// `[health_check]`: the active health check of inference routes.
+    pub health_check: HealthCheckSection,
+}
+
+/// `[health_check]`: how the coordinator runs the endpoints' health checks (the
+/// per-endpoint settings — path, interval, retries — come from `/v2/endpoints`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// Probes in flight at most; more wait their turn.
+    pub max_concurrency: usize,
+    /// How often the set of checked routes is re-read from the store.
+    pub refresh_interval_secs: f64,
+    /// Each probe's time is moved by up to this fraction of its interval, at random,
+    /// so routes added together do not stay in step.
+    pub jitter: f64,
+    /// Intervals and timeouts shorter than this are raised to it.
+    pub min_interval_secs: f64,
+    /// Form of the anycast events sent to the manager (`model_service_status_updated`,
+    /// `worker_lost`): `"json"` (the current envelope), `"legacy"` (msgpack `args`, for
+    /// managers released before the JSON envelope) or `"both"` (both fields in one
+    /// stream entry).
+    pub event_envelope: EventEnvelope,
+}
+
+impl Default for HealthCheckSection {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 256,
+            refresh_interval_secs: 5.0,
+            jitter: 0.1,
+            min_interval_secs: 0.1,
+            event_envelope: EventEnvelope::Json,
+        }
+    }
+}
+
+/// Which envelope anycast events are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventEnvelope {
+    /// `payload` (JSON text) and `metadata`.
+    Json,
+    /// `args` (msgpack of the positional array).
+    Legacy,
+    /// Both.
+    Both,
 }
 
 /// `[coordinator]`.

@@ -45,6 +45,7 @@ fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
             kernel_port: 30512,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
+            health_status: None,
         }],
         session_ids: vec![session],
         created_at: Some("2026-08-20T01:02:03.456789Z".into()),
@@ -236,6 +237,7 @@ async fn suite(store: Store) {
             kernel_port: 8000,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
+            health_status: None,
         },
         RouteInfo {
             route_id: Some(uuid::Uuid::new_v4()),
@@ -245,6 +247,7 @@ async fn suite(store: Store) {
             kernel_port: 8000,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
+            health_status: None,
         },
     ];
     assert!(store.update_routes(c1.id, &routes).await.expect("update"));
@@ -265,6 +268,27 @@ async fn suite(store: Store) {
         .await
         .expect("by session")
         .is_empty());
+
+    // Route health survives the store; health-checked endpoints are listed.
+    let mut sick = routes.clone();
+    sick[1].health_status = Some(appproxy_shared::model::RouteHealth::Unhealthy);
+    assert!(store.update_routes(c1.id, &sick).await.expect("update"));
+    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    assert_eq!(back.route_info, sick);
+    let (on, off) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let settings = json!({"enable": true, "path": "/h", "interval": 2.5});
+    store
+        .upsert_endpoint(on, true, Some(settings.clone()))
+        .await
+        .expect("endpoint");
+    store
+        .upsert_endpoint(off, false, None)
+        .await
+        .expect("endpoint");
+    assert_eq!(
+        store.health_checked_endpoints().await.expect("list"),
+        vec![(on, settings)]
+    );
 
     // Delete.
     assert!(store.delete_circuit(c2.id).await.expect("delete"));

@@ -800,7 +800,11 @@ impl Config {
                         r.kernel_host, r.kernel_port
                     )));
                 }
-                if r.traffic_ratio == 0.0 {
+                if r.traffic_ratio == 0.0
+                    || r.health_status == Some(appproxy_shared::model::RouteHealth::Unhealthy)
+                {
+                    // Unhealthy: out of rotation until the coordinator's health check
+                    // sees it answer again (the circuit is redeployed then).
                     continue;
                 }
                 let host = if r.kernel_host.is_empty() {
@@ -1205,6 +1209,8 @@ allowed_client_ips = ["127.0.0.0/8", "not-an-ip"]
 route_info = [
   { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8888, traffic_ratio = 3.0 },
   { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8889, traffic_ratio = 0.0 },
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8890, health_status = "unhealthy" },
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 8891, health_status = "healthy", traffic_ratio = 0.5 },
 ]
 "#;
         let rt = Config::parse(text)
@@ -1215,7 +1221,11 @@ route_info = [
         assert_eq!(c.frontend, Frontend::Port(10206));
         assert_eq!(
             c.upstreams,
-            vec![("127.0.0.1:8888".parse().expect("addr"), 3.0)]
+            vec![
+                ("127.0.0.1:8888".parse().expect("addr"), 3.0),
+                ("127.0.0.1:8891".parse().expect("addr"), 0.5)
+            ],
+            "zero-weight and unhealthy routes are left out"
         );
         assert_eq!(
             c.allowed.len(),

@@ -540,7 +540,19 @@ async fn forward(
     let rt = &core.rt;
     let mut addr = route
         .pick(core.draw(), core.reactor.now(), None)
-        .ok_or(Failure::Answer(ProxyError::NoRoute, Left::Whole))?;
+        .ok_or_else(|| {
+            // Routes exist but the health check took every one out: say so (503).
+            let health_checked_out =
+                route.circuit.circuit.route_info.iter().any(|r| {
+                    r.health_status == Some(appproxy_shared::model::RouteHealth::Unhealthy)
+                });
+            let e = if health_checked_out {
+                ProxyError::NoHealthyRoute
+            } else {
+                ProxyError::NoRoute
+            };
+            Failure::Answer(e, Left::Whole)
+        })?;
     let has_body = head.framing != BodyFraming::Length(0);
     let retryable = head.method.is_idempotent() && !has_body;
     let websocket = head

@@ -74,6 +74,32 @@ pub struct RouteInfo {
     /// Relative share of traffic among the circuit's routes.
     #[serde(default = "one", alias = "traffic-ratio")]
     pub traffic_ratio: f64,
+    /// What the coordinator's active health check last decided (`null` until a
+    /// check decides, or when the endpoint has none). Workers send no traffic to an
+    /// `unhealthy` route while another route is not unhealthy.
+    #[serde(default, alias = "health-status")]
+    pub health_status: Option<RouteHealth>,
+}
+
+/// A route's state as the active health check judges it (the original's
+/// `ModelServiceStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteHealth {
+    /// Answered the health path with the expected status.
+    Healthy,
+    /// Failed `max_retries` checks in a row.
+    Unhealthy,
+}
+
+impl RouteHealth {
+    /// The wire value (`healthy` / `unhealthy`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 fn one() -> f64 {

@@ -124,6 +124,21 @@ pub(super) async fn metrics(
             "Circuits a worker could not deploy (frontend not listening).",
             &m.deploy_failures,
         ),
+        (
+            "appproxy_coordinator_health_probes_total",
+            "Health-check probes sent to inference routes.",
+            &super::health::COUNTS[0],
+        ),
+        (
+            "appproxy_coordinator_health_probe_failures_total",
+            "Health-check probes that failed (status, timeout, connection).",
+            &super::health::COUNTS[1],
+        ),
+        (
+            "appproxy_coordinator_route_health_changes_total",
+            "Route health states stored and deployed.",
+            &super::health::COUNTS[2],
+        ),
     ] {
         let _ = writeln!(
             out,

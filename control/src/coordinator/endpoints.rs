@@ -416,6 +416,7 @@ impl RouteEntry {
             kernel_port: self.kernel_port,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
+            health_status: None,
         }
     }
 }
@@ -444,6 +445,7 @@ enum RouteOp {
 
 /// Applies one item's change: the new routes stored, the worker told.
 async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Value, ApiError> {
+    let _writes = super::health::ROUTE_WRITES.lock().await;
     let Some((circuit, _)) = state.store.circuit_of_endpoint(item.deployment_id).await? else {
         return Ok(
             json!({"deployment_id": item.deployment_id, "success": false,
@@ -453,7 +455,23 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
     let mut routes = circuit.route_info.clone();
     let mut result = json!({"deployment_id": item.deployment_id, "success": true, "error": null});
     match op {
-        RouteOp::Replace => routes = item.routes.iter().map(RouteEntry::route).collect(),
+        RouteOp::Replace => {
+            // A route kept across the replacement keeps its health-check state.
+            let health = |id: uuid::Uuid| {
+                routes
+                    .iter()
+                    .find(|x| x.route_id == Some(id))
+                    .and_then(|x| x.health_status)
+            };
+            routes = item
+                .routes
+                .iter()
+                .map(|r| RouteInfo {
+                    health_status: health(r.route_id),
+                    ..r.route()
+                })
+                .collect();
+        }
         RouteOp::Register => {
             let (mut added, mut already) = (Vec::new(), Vec::new());
             for r in &item.routes {

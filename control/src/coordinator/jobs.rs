@@ -18,7 +18,7 @@ const LEADER_KEY: &str = "leader:appproxy:coordinator";
 const LEASE_MS: u64 = 30_000;
 
 /// Takes or renews the lease; true when this node leads.
-async fn lead(state: &State) -> bool {
+pub(super) async fn lead(state: &State) -> bool {
     let leads = lead_once(state).await;
     state
         .metrics
@@ -90,6 +90,13 @@ async fn worker_lost_pass(state: &State) {
             for (id, authority) in &lost {
                 state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %id, %authority, reason = "heartbeat timeout", "worker lost");
+                if let Some(conn) = &state.redis {
+                    // The original's anycast form, for a manager or coordinator that listens.
+                    let event = super::anycast::worker_lost(authority, "heartbeat timeout");
+                    let envelope = state.config.health_check.event_envelope;
+                    super::anycast::xadd(conn, super::anycast::APPPROXY_STREAM, &event, envelope)
+                        .await;
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "worker-lost check failed"),

@@ -9,10 +9,12 @@
 //! pass under an ID of their own.
 
 pub mod access;
+pub mod anycast;
 mod api;
 pub mod breaker;
 mod endpoints;
 pub mod events;
+pub mod health;
 mod jobs;
 pub mod placement;
 mod proxy;
@@ -721,6 +723,7 @@ impl Coordinator {
         }
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
+        tasks.spawn(health::run(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;
         let limits = server::Limits {

@@ -98,6 +98,9 @@ pub enum ProxyError {
     /// The circuit has no route to send the request to.
     #[error("circuit has no healthy route")]
     NoRoute,
+    /// Every route of the circuit failed its active health check.
+    #[error("every route of the endpoint is unhealthy")]
+    NoHealthyRoute,
     /// Connecting to the app failed or timed out.
     #[error("upstream connect failed: {0}")]
     UpstreamConnect(std::io::Error),
@@ -171,6 +174,7 @@ impl ProxyError {
         match self {
             Self::Request(_) | Self::UnknownCircuit => Fault::Client,
             Self::NoRoute
+            | Self::NoHealthyRoute
             | Self::UpstreamConnect(_)
             | Self::UpstreamTimeout
             | Self::UpstreamResponse(_)
@@ -185,6 +189,7 @@ impl ProxyError {
             Self::Request(e) => (e.status(), e.code()),
             Self::UnknownCircuit => (404, "unknown_circuit"),
             Self::NoRoute => (502, "no_route"),
+            Self::NoHealthyRoute => (503, "no_healthy_route"),
             Self::UpstreamConnect(_) => (502, "upstream_connect_failed"),
             Self::UpstreamTimeout => (504, "upstream_timeout"),
             Self::UpstreamResponse(_) => (502, "upstream_invalid_response"),

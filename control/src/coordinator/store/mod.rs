@@ -498,6 +498,14 @@ impl Store {
         dispatch!(self, |s| s.endpoint(&id), |p| p.endpoint(&id))
     }
 
+    /// Every endpoint with its health check enabled, and its settings.
+    pub async fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, serde_json::Value)>, StoreError> {
+        dispatch!(self, |s| s.health_checked_endpoints(), |p| p
+            .health_checked_endpoints())
+    }
+
     /// Deletes an endpoint's row; false when there was none.
     pub async fn delete_endpoint(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
         dispatch!(self, |s| s.delete_endpoint(&id), |p| p.delete_endpoint(&id))

@@ -805,6 +805,29 @@ impl PgStore {
         Ok(Some((r.try_get(0)?, config)))
     }
 
+    pub(super) async fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, Value)>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, health_check_config FROM endpoints
+                 WHERE health_check_enabled AND health_check_config IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let config: Value = match r.try_get::<_, Value>(1)? {
+                Value::String(text) => serde_json::from_str(&text)?,
+                other => other,
+            };
+            out.push((r.try_get(0)?, config));
+        }
+        Ok(out)
+    }
+
     pub(super) async fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
         Ok(self
             .client()

@@ -607,6 +607,26 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, serde_json::Value)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, health_check_config FROM endpoints
+                 WHERE health_check_enabled AND health_check_config IS NOT NULL",
+            )?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, config) = row?;
+                let id = uuid::Uuid::parse_str(&id).map_err(|e| StoreError::Data(e.to_string()))?;
+                out.push((id, serde_json::from_str(&config)?));
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
         self.with(|c| {
             Ok(c.execute(
