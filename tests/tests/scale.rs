@@ -50,6 +50,7 @@ fn circuit(worker: uuid::Uuid, n: usize, ratio: f64) -> Circuit {
             kernel_port: 9,
             protocol: ProxyProtocol::Http,
             traffic_ratio: ratio,
+            health_status: None,
         }],
         session_ids: vec![session],
         created_at: None,

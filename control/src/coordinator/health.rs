@@ -288,7 +288,7 @@ impl Scheduler {
         }
         let (endpoints, circuits) = match tokio::try_join!(
             self.state.store.health_checked_endpoints(),
-            self.state.store.circuits(None)
+            self.state.store.endpoint_circuits()
         ) {
             Ok(x) => x,
             Err(e) => {

@@ -365,6 +365,12 @@ impl Store {
             .circuits(worker.as_ref()))
     }
 
+    /// The circuits serving endpoints (inference), through the endpoint index — the
+    /// health checker's targets, never every circuit.
+    pub async fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.endpoint_circuits(), |p| p.endpoint_circuits())
+    }
+
     /// How many circuits are stored (counted, not read).
     pub async fn circuit_count(&self) -> Result<u64, StoreError> {
         dispatch!(self, |s| s.circuit_count(), |p| p.circuit_count())

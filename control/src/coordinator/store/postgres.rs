@@ -874,6 +874,18 @@ impl PgStore {
         Ok(worker.is_some())
     }
 
+    pub(super) async fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE endpoint_id IS NOT NULL"),
+                &[],
+            )
+            .await?;
+        rows.iter().map(circuit_of).collect()
+    }
+
     pub(super) async fn circuit_count(&self) -> Result<u64, StoreError> {
         let n: i64 = self
             .client()

@@ -663,6 +663,23 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT body, origin_request_id FROM circuits WHERE endpoint_id IS NOT NULL",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (b, origin) = row?;
+                out.push((serde_json::from_str(&b)?, origin));
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn circuit_count(&self) -> Result<u64, StoreError> {
         self.with(|c| {
             let n: i64 = c.query_row("SELECT count(*) FROM circuits", [], |r| r.get(0))?;
