@@ -59,6 +59,18 @@ pub struct WorkerSection {
     /// Clients reach the worker over TLS (a terminator in front): `https` redirects
     /// and `Secure` cookies.
     pub tls_advertised: bool,
+    /// Terminate TLS on every frontend and the API port (needs `tls_cert` and
+    /// `tls_privkey`); implies `https` redirects and `Secure` cookies.
+    pub tls_listen: bool,
+    /// PEM certificate chain, leaf first (with `tls_listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`: RSA, ECDSA or Ed25519.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_privkey: Option<PathBuf>,
+    /// More pairs, served to clients whose SNI name the pair's certificate covers
+    /// (wildcards included); `tls_cert` is served otherwise.
+    pub tls_sni_certs: Vec<crate::tls::CertPaths>,
     /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
     pub cores: CoreSpec,
     /// Address frontends listen on.
@@ -102,6 +114,10 @@ impl Default for WorkerSection {
             hostname: None,
             api_port: None,
             tls_advertised: false,
+            tls_listen: false,
+            tls_cert: None,
+            tls_privkey: None,
+            tls_sni_certs: Vec::new(),
             cores: CoreSpec::All,
             bind_host: IpAddr::from([0, 0, 0, 0]),
             frontend_mode: FrontendMode::Port,
@@ -648,8 +664,11 @@ pub struct Runtime {
     pub api_port: Option<u16>,
     /// Host name put in `/setup` redirects.
     pub advertised_host: String,
-    /// Whether clients reach the worker over TLS (a TLS terminator in front).
+    /// Whether clients reach the worker over TLS (a terminator in front, or this
+    /// worker's own `tls_listen`).
     pub tls_advertised: bool,
+    /// TLS termination (`tls_listen`): the certificates and the shared session state.
+    pub tls: Option<crate::tls::Tls>,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
     /// Count requests per circuit and hand them to the control agent every
@@ -815,6 +834,27 @@ impl Config {
             .is_some_and(|c| c.url.is_some() || c.embedded.is_some())
     }
 
+    /// Loads the TLS pairs when `tls_listen` is on: a missing, unreadable or
+    /// mismatched file is an error naming it.
+    fn tls(&self) -> Result<Option<crate::tls::Tls>, ConfigError> {
+        let w = &self.worker;
+        if !w.tls_listen {
+            return Ok(None);
+        }
+        let (Some(cert), Some(privkey)) = (&w.tls_cert, &w.tls_privkey) else {
+            return Err(ConfigError::Invalid(
+                "[worker] tls_listen = true needs tls_cert and tls_privkey (PEM files)".into(),
+            ));
+        };
+        let default = crate::tls::CertPaths {
+            cert: cert.clone(),
+            privkey: privkey.clone(),
+        };
+        crate::tls::Tls::load(&default, &w.tls_sni_certs)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(e.0))
+    }
+
     /// Validates the config against this machine's CPUs and resolves the circuits.
     pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
         if self.managed() && !self.circuits.is_empty() {
@@ -930,6 +970,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let circuits = self.resolve_circuits(&self.circuits)?;
+        let tls = self.tls()?;
         let secs = Duration::from_secs;
         Ok(Runtime {
             cpus,
@@ -985,7 +1026,8 @@ impl Config {
                 .hostname
                 .clone()
                 .unwrap_or_else(|| self.worker.bind_host.to_string()),
-            tls_advertised: self.worker.tls_advertised,
+            tls_advertised: self.worker.tls_advertised || self.worker.tls_listen,
+            tls,
             log_format: self.logging.common.format,
             circuits,
             access_flush: self.managed().then(|| {

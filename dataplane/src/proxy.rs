@@ -60,10 +60,11 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
         .iter()
         .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
+    let tls = conn.is_tls();
     let mut client = Client {
         conn,
         buf: ReadBuf::new(BUF_SIZE),
-        hop: ClientHop::new(peer, local_port, trusted),
+        hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
     };
     let mut upstream_buf = ReadBuf::new(BUF_SIZE);

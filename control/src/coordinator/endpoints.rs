@@ -59,7 +59,8 @@ struct EndpointTags {
 
 /// The endpoint's public URL on its worker.
 fn endpoint_url(worker: &Value, circuit: &Circuit) -> String {
-    let tls = worker["tls_advertised"].as_bool().unwrap_or(false);
+    let tls = worker["tls_listen"].as_bool().unwrap_or(false)
+        || worker["tls_advertised"].as_bool().unwrap_or(false);
     let scheme = if tls { "https" } else { "http" };
     match (&circuit.subdomain, worker["wildcard_domain"].as_str()) {
         (Some(sub), Some(domain)) => {
