@@ -284,6 +284,8 @@ fn raw_tcp_circuit_over_tls() {
                         break;
                     }
                 }
+                // After the client's half-close: last words, then close.
+                let _ = s.write_all(b"bye");
             });
         }
     });
@@ -303,6 +305,14 @@ fn raw_tcp_circuit_over_tls() {
     let mut got = [0u8; 11];
     s.read_exact(&mut got).expect("echo");
     assert_eq!(&got, b"\x00raw\xff bytes");
+    // Half-close over TLS: the client's close_notify half-closes the app's side; the
+    // app's last words still arrive, then the worker's close_notify (a clean end of
+    // stream, not a truncation).
+    s.conn.send_close_notify();
+    s.conn.complete_io(&mut s.sock).expect("close_notify out");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("clean close");
+    assert_eq!(rest, b"bye");
 }
 
 #[test]

@@ -275,10 +275,16 @@ impl Resp {
     }
 }
 
-/// Sends a GET and reads its response on `s` (keep-alive).
+/// Sends a GET and reads its response on `s` (keep-alive); `Host: localhost` unless
+/// `extra` names one.
 pub fn get(s: &mut BufReader<TlsStream>, path: &str, extra: &str) -> Resp {
+    let host = if extra.to_ascii_lowercase().contains("host:") {
+        ""
+    } else {
+        "Host: localhost\r\n"
+    };
     s.get_mut()
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\n{host}{extra}\r\n").as_bytes())
         .expect("send");
     s.get_mut().flush().expect("flush");
     read_response(s)
