@@ -45,6 +45,7 @@ fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
             kernel_port: 30512,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
+            upstream_tls: Default::default(),
         }],
         session_ids: vec![session],
         created_at: Some("2026-08-20T01:02:03.456789Z".into()),
@@ -161,6 +162,7 @@ async fn suite(store: Store) {
             kernel_port: 8000,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
+            upstream_tls: Default::default(),
         },
         RouteInfo {
             route_id: Some(uuid::Uuid::new_v4()),
@@ -170,6 +172,7 @@ async fn suite(store: Store) {
             kernel_port: 8000,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
+            upstream_tls: Default::default(),
         },
     ];
     assert!(store.update_routes(c1.id, &routes).await.expect("update"));

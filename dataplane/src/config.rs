@@ -330,6 +330,10 @@ pub struct UpstreamSection {
     /// Connections (in use and pooled) one core keeps open to one upstream address;
     /// a request that would need another gets 503 `upstream_connection_limit`.
     pub max_connections_per_route: usize,
+    /// PEM file of the CAs that sign apps' certificates (routes with
+    /// `upstream_tls = "verify"`); the system roots when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for UpstreamSection {
@@ -341,6 +345,7 @@ impl Default for UpstreamSection {
             unhealthy_secs: 10,
             probe_interval_secs: 2,
             max_connections_per_route: 10_240,
+            tls_ca: None,
         }
     }
 }
@@ -538,6 +543,8 @@ pub struct ResolvedCircuit {
     pub frontend: Frontend,
     /// Upstream addresses with their weights (zero-weight routes left out).
     pub upstreams: Vec<(SocketAddr, f64)>,
+    /// The upstreams that serve HTTPS: how to check them and the name to check.
+    pub upstream_tls: Vec<(SocketAddr, appproxy_shared::model::UpstreamTls, String)>,
     /// Parsed allowlist; empty = everyone.
     pub allowed: Vec<IpNet>,
 }
@@ -669,6 +676,8 @@ pub struct Runtime {
     pub tls_advertised: bool,
     /// TLS termination (`tls_listen`): the certificates and the shared session state.
     pub tls: Option<crate::tls::Tls>,
+    /// TLS to apps that serve HTTPS (routes with `upstream_tls`).
+    pub upstream_tls: crate::tls::Upstream,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
     /// Count requests per circuit and hand them to the control agent every
@@ -790,6 +799,7 @@ impl Config {
                 }
             }
             let mut upstreams = Vec::new();
+            let mut upstream_tls = Vec::new();
             for r in &c.route_info {
                 if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
                     return Err(err(format!(
@@ -811,6 +821,9 @@ impl Config {
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| err(format!("cannot resolve route host {host:?}")))?;
                 upstreams.push((addr, r.traffic_ratio));
+                if !r.upstream_tls.is_off() {
+                    upstream_tls.push((addr, r.upstream_tls, host.to_owned()));
+                }
             }
             let allowed = c
                 .allowed_client_ips
@@ -821,6 +834,7 @@ impl Config {
                 circuit: c.clone(),
                 frontend,
                 upstreams,
+                upstream_tls,
                 allowed,
             });
         }
@@ -971,6 +985,8 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         let circuits = self.resolve_circuits(&self.circuits)?;
         let tls = self.tls()?;
+        let upstream_tls = crate::tls::Upstream::load(self.upstream.tls_ca.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.0))?;
         let secs = Duration::from_secs;
         Ok(Runtime {
             cpus,
@@ -1028,6 +1044,7 @@ impl Config {
                 .unwrap_or_else(|| self.worker.bind_host.to_string()),
             tls_advertised: self.worker.tls_advertised || self.worker.tls_listen,
             tls,
+            upstream_tls,
             log_format: self.logging.common.format,
             circuits,
             access_flush: self.managed().then(|| {

@@ -79,10 +79,11 @@ pub struct TcpConn {
     tls: Option<Box<TlsState>>,
 }
 
-/// The TLS side of a connection: a rustls server session whose records go over the
+/// The TLS side of a connection: a rustls session (server side towards clients,
+/// client side towards apps that serve HTTPS) whose records go over the
 /// connection's own socket. Borrowed only inside a poll, never across an await.
 struct TlsState {
-    session: RefCell<rustls::ServerConnection>,
+    session: RefCell<rustls::Connection>,
 }
 
 /// The socket as rustls reads and writes it: the same readiness bookkeeping as the
@@ -183,9 +184,9 @@ impl TcpConn {
 
     /// Makes this connection speak TLS through `session` from now on (before any
     /// byte was read); [`TcpConn::handshake`] then completes the handshake.
-    pub fn start_tls(&mut self, session: rustls::ServerConnection) {
+    pub fn start_tls(&mut self, session: impl Into<rustls::Connection>) {
         self.tls = Some(Box::new(TlsState {
-            session: RefCell::new(session),
+            session: RefCell::new(session.into()),
         }));
     }
 
@@ -201,7 +202,10 @@ impl TcpConn {
         Some(TlsInfo {
             version: s.protocol_version(),
             alpn: s.alpn_protocol().map(<[u8]>::to_vec),
-            sni: s.server_name().map(str::to_owned),
+            sni: match &*s {
+                rustls::Connection::Server(s) => s.server_name().map(str::to_owned),
+                rustls::Connection::Client(_) => None,
+            },
         })
     }
 
@@ -223,7 +227,7 @@ impl TcpConn {
 
     /// Writes out what rustls holds for the peer without waiting: `Ok(true)` once
     /// nothing is left, `Ok(false)` when the socket takes no more now.
-    fn tls_flush_now(&self, s: &mut rustls::ServerConnection) -> io::Result<bool> {
+    fn tls_flush_now(&self, s: &mut rustls::Connection) -> io::Result<bool> {
         while s.wants_write() {
             match s.write_tls(&mut self.sock()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -239,7 +243,7 @@ impl TcpConn {
     fn poll_tls_flush(
         &self,
         cx: &mut Context<'_>,
-        s: &mut rustls::ServerConnection,
+        s: &mut rustls::Connection,
     ) -> Poll<io::Result<()>> {
         loop {
             match self.tls_flush_now(s) {
@@ -259,7 +263,7 @@ impl TcpConn {
     /// nothing more now. Records are pulled from the socket until plaintext appears.
     fn tls_read_now(
         &self,
-        s: &mut rustls::ServerConnection,
+        s: &mut rustls::Connection,
         buf: &mut [u8],
     ) -> io::Result<Option<usize>> {
         loop {
@@ -602,6 +606,14 @@ impl TcpConn {
     /// silent.
     pub fn probe_idle(&self) -> bool {
         let mut byte = [0u8; 1];
+        if let Some(tls) = &self.tls {
+            // Records that carry no data (session tickets, key updates) are taken in
+            // stride; data or an end of stream means the connection is not reusable.
+            return matches!(
+                self.tls_read_now(&mut tls.session.borrow_mut(), &mut byte),
+                Ok(None)
+            );
+        }
         match (&self.stream).read(&mut byte) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.reg.clear_ready(Direction::Read);

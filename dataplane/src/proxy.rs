@@ -625,7 +625,7 @@ async fn forward(
             Err(RelayError::Destination(e)) if reused && retryable => {
                 tracing::debug!(error = %e, "pooled upstream connection was dead; retrying on a new one");
                 reused = false;
-                upstream = connect(core, addr).await?;
+                upstream = connect(core, route, addr).await?;
                 continue;
             }
             Err(RelayError::Destination(e)) => {
@@ -683,7 +683,7 @@ async fn forward(
             Err(HeadFailure::Closed(e)) if reused && retryable => {
                 tracing::debug!(error = %e, "pooled upstream connection closed before answering; retrying");
                 reused = false;
-                upstream = connect(core, addr).await?;
+                upstream = connect(core, route, addr).await?;
             }
             Err(f) => {
                 if retryable {
@@ -718,7 +718,7 @@ async fn connect_route(
     route: &Route,
     addr: SocketAddr,
 ) -> Result<(TcpConn, SocketAddr), Failure> {
-    match connect(core, addr).await {
+    match connect(core, route, addr).await {
         Ok(c) => Ok((c, addr)),
         Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
         Err(first) => {
@@ -726,7 +726,7 @@ async fn connect_route(
                 note_health(core, route, addr, false);
             }
             match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
-                Some(alt) if alt != addr => match connect(core, alt).await {
+                Some(alt) if alt != addr => match connect(core, route, alt).await {
                     Ok(c) => Ok((c, alt)),
                     Err(e) => {
                         if matches!(e, ConnectError::Upstream(_)) {
@@ -763,7 +763,7 @@ impl From<ConnectError> for Failure {
 }
 
 /// Opens a new connection to `addr`, counted in its per-core cap until it closes.
-async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
+async fn connect(core: &Core, route: &Route, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
     let Some(slot) = core.pool.reserve(addr) else {
         core.metrics.add(counter::UPSTREAM_LIMIT, 1);
         tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
@@ -773,6 +773,26 @@ async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError>
         Ok(mut conn) => {
             conn.count_in(slot);
             core.connect_succeeded();
+            // An app that serves HTTPS: the handshake is part of the connect.
+            let tls = route
+                .circuit
+                .upstream_tls
+                .iter()
+                .find(|(a, _, _)| *a == addr);
+            if let Some((_, mode, name)) = tls {
+                let session = core
+                    .rt
+                    .upstream_tls
+                    .session(*mode, name)
+                    .map_err(|e| ConnectError::Upstream(io::Error::other(e)))?;
+                conn.start_tls(session);
+                conn.set_deadline(Some(Instant::now() + core.rt.connect_timeout));
+                if let Err(e) = conn.handshake().await {
+                    tracing::warn!(upstream = %addr, name = %name, error = %e, "upstream TLS handshake failed");
+                    return Err(ConnectError::Upstream(e));
+                }
+                conn.set_deadline(None);
+            }
             Ok(conn)
         }
         Err(e) if crate::core::is_local_error(&e) => {

@@ -1,7 +1,7 @@
-//! TLS termination on the worker: certificates and keys from PEM files, the
-//! certificate store (default pair plus SNI pairs, swapped whole on reload), and the
-//! rustls server configurations every core shares (one session-ticket key set, one
-//! resolver). The record layer itself is driven sans-IO by [`crate::io::TcpConn`]
+//! TLS on the worker: termination (certificates and keys from PEM files, the
+//! certificate store — default pair plus SNI pairs, swapped whole on reload — and the
+//! rustls server configurations every core shares: one session-ticket key set, one
+//! resolver), and the client side towards apps that serve HTTPS ([`Upstream`]). The record layer itself is driven sans-IO by [`crate::io::TcpConn`]
 //! over the core's own non-blocking sockets; nothing here does I/O except reading
 //! the PEM files.
 //!
@@ -9,7 +9,7 @@
 //! machines).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::crypto::CryptoProvider;
@@ -289,5 +289,173 @@ pub async fn handshake(
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed; connection closed");
             false
         }
+    }
+}
+
+/// Where the system's CA bundle usually is (Debian/Ubuntu, RHEL, Alpine/macOS-like).
+const SYSTEM_ROOTS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// TLS towards apps that serve HTTPS (routes with `upstream_tls`): one client
+/// configuration that checks the app's certificate against `[upstream] tls_ca` or
+/// the system roots, and one that does not, for circuits that say so. Shared by
+/// every core (sessions resume across them).
+#[derive(Clone)]
+pub struct Upstream {
+    verify: Arc<rustls::ClientConfig>,
+    insecure: Arc<rustls::ClientConfig>,
+    /// Trust anchors loaded (for logs).
+    roots: usize,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("roots", &self.roots)
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// Loads the trust anchors: `ca` (an error names it when it is unreadable or
+    /// holds no certificate), else the system bundle (`SSL_CERT_FILE` or the usual
+    /// places; none found leaves verification failing, with the reason logged).
+    pub fn load(ca: Option<&Path>) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    TlsError(format!(
+                        "[upstream] tls_ca: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                for c in CertificateDer::pem_slice_iter(&bytes) {
+                    let c = c.map_err(|e| {
+                        TlsError(format!(
+                            "[upstream] tls_ca: {} is not valid PEM: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    roots.add(c).map_err(|e| {
+                        TlsError(format!(
+                            "[upstream] tls_ca: a certificate in {} cannot be a trust anchor: {e}",
+                            path.display()
+                        ))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(TlsError(format!(
+                        "[upstream] tls_ca: {} holds no CERTIFICATE block",
+                        path.display()
+                    )));
+                }
+            }
+            None => {
+                let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+                let found = env
+                    .into_iter()
+                    .chain(SYSTEM_ROOTS.iter().map(PathBuf::from))
+                    .find_map(|p| std::fs::read(p).ok());
+                if let Some(bytes) = found {
+                    roots.add_parsable_certificates(
+                        CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok),
+                    );
+                }
+            }
+        }
+        let provider = provider();
+        let n = roots.len();
+        let verify = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError(format!("TLS configuration: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let insecure = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError(format!("TLS configuration: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth();
+        let with_alpn = |mut c: rustls::ClientConfig| {
+            c.alpn_protocols = HTTP_ALPN.iter().map(|p| p.to_vec()).collect();
+            Arc::new(c)
+        };
+        Ok(Self {
+            verify: with_alpn(verify),
+            insecure: with_alpn(insecure),
+            roots: n,
+        })
+    }
+
+    /// A client session to an app at `name` (its host name or IP).
+    pub fn session(
+        &self,
+        mode: appproxy_shared::model::UpstreamTls,
+        name: &str,
+    ) -> Result<rustls::ClientConnection, rustls::Error> {
+        let config = match mode {
+            appproxy_shared::model::UpstreamTls::Insecure => &self.insecure,
+            _ => &self.verify,
+        };
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|_| rustls::Error::General(format!("{name:?} is not a host name or IP")))?;
+        let mut conn = rustls::ClientConnection::new(config.clone(), name)?;
+        conn.set_buffer_limit(Some(BUFFER_LIMIT));
+        Ok(conn)
+    }
+}
+
+/// Accepts any certificate (the circuit asked for `upstream_tls = "insecure"`); the
+/// handshake signatures are still checked, so the session is encrypted to whoever
+/// holds the certificate's key.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -10,6 +10,8 @@ mod tls_support;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{metric, Upstream, Worker, WorkerOpts};
@@ -406,9 +408,14 @@ fn sighup_reloads_certificates_without_dropping_connections() {
 
 /// Runs the worker with `--check-config` on a config with these `[worker]` lines.
 fn check_config(worker_lines: &str) -> (bool, String) {
+    check_config_with(&format!("[worker]\ncores = 1\n{worker_lines}"))
+}
+
+/// Runs the worker with `--check-config` on this config text.
+fn check_config_with(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("w.toml");
-    std::fs::write(&path, format!("[worker]\ncores = 1\n{worker_lines}")).expect("write");
+    std::fs::write(&path, text).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
         .arg("--config")
         .arg(&path)
@@ -477,4 +484,125 @@ fn startup_errors_name_the_file() {
     let (ok, out) = check_config("tls_listen = true\n");
     assert!(!ok);
     assert!(out.contains("tls_cert"), "{out}");
+}
+
+/// An app serving HTTPS (rustls, blocking) with the test chain: answers every GET
+/// with `ok`; counts its connections.
+fn https_app(pki: &Pki) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(pki.path("ec-chain.pem"))
+        .expect("chain")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(pki.path("ec.key")).expect("key");
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).expect("session");
+                let mut s = rustls::StreamOwned::new(conn, stream);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .and_then(|()| s.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// Turns the harness circuit's route into an HTTPS one (`mode`) by SIGHUP.
+fn route_tls(w: &Worker, mode: &str) {
+    let before = common::log_count(w, "deployment applied");
+    w.reload(|t| {
+        let t = t
+            .replace(", upstream_tls = \"verify\" }", " }")
+            .replace(", upstream_tls = \"insecure\" }", " }");
+        t.replace(
+            "traffic_ratio = 1.0 }",
+            &format!("traffic_ratio = 1.0, upstream_tls = \"{mode}\" }}"),
+        )
+    });
+    common::eventually("deployment applied", || {
+        common::log_count(w, "deployment applied") > before
+    });
+}
+
+#[test]
+fn upstream_https_checked_against_the_ca_or_not_when_the_circuit_says_so() {
+    let pki = Pki::new();
+    let (app, conns) = https_app(&pki);
+    // Checked against [upstream] tls_ca (the app's certificate names 127.0.0.1).
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: format!(
+            "[upstream]\ntls_ca = \"{}\"\n",
+            pki.path("ca.pem").display()
+        ),
+        ..Default::default()
+    });
+    route_tls(&w, "verify");
+    let mut c = common::Client::connect(w.addr());
+    for _ in 0..3 {
+        let r = c.get("/over-https", "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "ok");
+    }
+    assert_eq!(
+        conns.load(Ordering::Relaxed),
+        1,
+        "the TLS connection to the app is pooled and reused"
+    );
+    // Checked against the system roots: the test CA is not among them, refused.
+    let w2 = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    route_tls(&w2, "verify");
+    let mut c = common::Client::connect(w2.addr());
+    let r = c.get("/unknown-ca", "");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(w2.log_text().contains("upstream TLS handshake failed"));
+    // The circuit says not to check: served.
+    route_tls(&w2, "insecure");
+    let mut c = common::Client::connect(w2.addr());
+    let r = c.get("/insecure", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ok");
+    // An unreadable tls_ca fails start-up with the file named.
+    let (ok, out) = check_config_with("[upstream]\ntls_ca = \"/nonexistent/ca.pem\"\n");
+    assert!(!ok);
+    assert!(
+        out.contains("/nonexistent/ca.pem") && out.contains("tls_ca"),
+        "{out}"
+    );
 }

@@ -417,6 +417,7 @@ impl RouteEntry {
             kernel_port: self.kernel_port,
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
+            upstream_tls: Default::default(),
         }
     }
 }

@@ -276,6 +276,7 @@ async fn proxy_auth(
                     .unwrap_or(0),
                 protocol: route_protocol,
                 traffic_ratio: 1.0,
+                upstream_tls: Default::default(),
             };
             let template = Circuit {
                 id: uuid::Uuid::nil(),
