@@ -297,12 +297,18 @@ impl TcpConn {
         };
         poll_fn(|cx| loop {
             let mut s = tls.session.borrow_mut();
+            if !s.is_handshaking() {
+                // Complete once the last flight (a TLS 1.2 Finished, session tickets)
+                // is out. A peer that left right after its own Finished (the write
+                // fails) still completed it: that surfaces on the next I/O.
+                return match self.poll_tls_flush(cx, &mut s) {
+                    Poll::Ready(_) => Poll::Ready(Ok(())),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
             match self.poll_tls_flush(cx, &mut s) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
-            }
-            if !s.is_handshaking() {
-                return Poll::Ready(Ok(()));
             }
             match s.read_tls(&mut self.sock()) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
