@@ -219,3 +219,34 @@ fn a_client_that_never_reads_is_cut_with_bounded_memory() {
     drop(streams);
     settled(&w, &pki, fds);
 }
+
+#[test]
+fn at_the_connection_cap_tls_clients_are_closed_without_plaintext() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[limits]\nmax_connections_per_core = 2\n".into(),
+        ..Default::default()
+    });
+    let config = pki.default_client();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = BufReader::new(connect(w.addr(), &config, "localhost").expect("tls"));
+            assert_eq!(get(&mut s, "/held", "").status, 200);
+            s
+        })
+        .collect();
+    let refused = metric(&w, "appproxy_connections_refused_total");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    // A ClientHello's first bytes; the answer is a close, never a plaintext 503.
+    s.write_all(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00")
+        .expect("send");
+    let got = read_until_closed(&mut s);
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    eventually("refusal counted", || {
+        metric(&w, "appproxy_connections_refused_total") > refused
+    });
+    drop(held);
+}
