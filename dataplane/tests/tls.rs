@@ -606,3 +606,75 @@ fn upstream_https_checked_against_the_ca_or_not_when_the_circuit_says_so() {
         "{out}"
     );
 }
+
+#[test]
+fn websocket_with_tls_on_both_sides() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = Pki::new();
+    // A WebSocket echo app that serves wss itself.
+    let chain = CertificateDer::pem_file_iter(pki.path("ec-chain.pem"))
+        .expect("chain")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(pki.path("ec.key")).expect("key");
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).expect("session");
+                let Ok(mut ws) = tungstenite::accept(rustls::StreamOwned::new(conn, stream)) else {
+                    return;
+                };
+                while let Ok(m) = ws.read() {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: pki.worker_lines(),
+        extra: format!(
+            "[upstream]\ntls_ca = \"{}\"\n",
+            pki.path("ca.pem").display()
+        ),
+        ..Default::default()
+    });
+    route_tls(&w, "verify");
+    let s = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
+    let url = format!("wss://localhost:{}/ws", w.port);
+    let (mut ws, resp) = tungstenite::client(url.as_str(), s).expect("wss handshake");
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        let text = format!("both sides {i}");
+        ws.send(tungstenite::Message::Text(text.clone().into()))
+            .expect("send");
+        match ws.read().expect("echo") {
+            tungstenite::Message::Text(t) => assert_eq!(t.as_str(), text),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let big = vec![9u8; 1 << 20];
+    ws.send(tungstenite::Message::Binary(big.clone().into()))
+        .expect("send big");
+    match ws.read().expect("echo big") {
+        tungstenite::Message::Binary(b) => assert_eq!(b, big),
+        other => panic!("unexpected {other:?}"),
+    }
+    ws.close(None).expect("close");
+}
