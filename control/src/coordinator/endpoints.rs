@@ -533,3 +533,29 @@ pub(super) async fn unregister_routes(
 ) -> Result<Json<Value>, ApiError> {
     routes(&state, b, RouteOp::Unregister).await
 }
+
+#[cfg(test)]
+mod tls_url_tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_listening_with_tls_gets_https_urls() {
+        let circuit: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666", "port": 10205, "route_info": []
+        }))
+        .expect("circuit");
+        let worker = |listen: bool, advertised: bool| serde_json::json!({"hostname": "w.example", "tls_listen": listen, "tls_advertised": advertised});
+        assert_eq!(
+            endpoint_url(&worker(false, false), &circuit),
+            "http://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(true, false), &circuit),
+            "https://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(false, true), &circuit),
+            "https://w.example:10205"
+        );
+    }
+}
