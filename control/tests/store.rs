@@ -46,6 +46,7 @@ fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
             health_status: None,
+            upstream_tls: Default::default(),
         }],
         session_ids: vec![session],
         created_at: Some("2026-08-20T01:02:03.456789Z".into()),
@@ -238,6 +239,7 @@ async fn suite(store: Store) {
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
             health_status: None,
+            upstream_tls: Default::default(),
         },
         RouteInfo {
             route_id: Some(uuid::Uuid::new_v4()),
@@ -248,6 +250,7 @@ async fn suite(store: Store) {
             protocol: ProxyProtocol::Http,
             traffic_ratio: 0.5,
             health_status: None,
+            upstream_tls: Default::default(),
         },
     ];
     assert!(store.update_routes(c1.id, &routes).await.expect("update"));

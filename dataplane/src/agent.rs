@@ -656,7 +656,7 @@ async fn run(
         "frontend_mode": w.frontend_mode,
         "protocol": "http",
         "hostname": w.hostname.clone().unwrap_or_else(|| w.bind_host.to_string()),
-        "tls_listen": false,
+        "tls_listen": w.tls_listen,
         "tls_advertised": w.tls_advertised,
         "api_port": w.api_port,
         "port_range": w.port_range,

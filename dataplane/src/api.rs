@@ -229,8 +229,10 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
             }
         }
         ProxyProtocol::Tcp => {
+            // The worker's own TLS wraps TCP circuits too: the local client unwraps it.
+            let gateway = if core.rt.tls.is_some() { "tls" } else { "tcp" };
             let url = format!(
-                "http://localhost:45678/start?directTCP=true&auth={token}&proto=tcp&gateway=tcp://{host}:{port}"
+                "http://localhost:45678/start?directTCP=true&auth={token}&proto=tcp&gateway={gateway}://{host}:{port}"
             );
             if redirect.is_empty() {
                 let mut body = String::from("{\"redirect\":\"");

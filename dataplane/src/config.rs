@@ -59,6 +59,18 @@ pub struct WorkerSection {
     /// Clients reach the worker over TLS (a terminator in front): `https` redirects
     /// and `Secure` cookies.
     pub tls_advertised: bool,
+    /// Terminate TLS on every frontend and the API port (needs `tls_cert` and
+    /// `tls_privkey`); implies `https` redirects and `Secure` cookies.
+    pub tls_listen: bool,
+    /// PEM certificate chain, leaf first (with `tls_listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`: RSA, ECDSA or Ed25519.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_privkey: Option<PathBuf>,
+    /// More pairs, served to clients whose SNI name the pair's certificate covers
+    /// (wildcards included); `tls_cert` is served otherwise.
+    pub tls_sni_certs: Vec<crate::tls::CertPaths>,
     /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
     pub cores: CoreSpec,
     /// Address frontends listen on.
@@ -102,6 +114,10 @@ impl Default for WorkerSection {
             hostname: None,
             api_port: None,
             tls_advertised: false,
+            tls_listen: false,
+            tls_cert: None,
+            tls_privkey: None,
+            tls_sni_certs: Vec::new(),
             cores: CoreSpec::All,
             bind_host: IpAddr::from([0, 0, 0, 0]),
             frontend_mode: FrontendMode::Port,
@@ -314,6 +330,10 @@ pub struct UpstreamSection {
     /// Connections (in use and pooled) one core keeps open to one upstream address;
     /// a request that would need another gets 503 `upstream_connection_limit`.
     pub max_connections_per_route: usize,
+    /// PEM file of the CAs that sign apps' certificates (routes with
+    /// `upstream_tls = "verify"`); the system roots when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for UpstreamSection {
@@ -325,6 +345,7 @@ impl Default for UpstreamSection {
             unhealthy_secs: 10,
             probe_interval_secs: 2,
             max_connections_per_route: 10_240,
+            tls_ca: None,
         }
     }
 }
@@ -522,6 +543,8 @@ pub struct ResolvedCircuit {
     pub frontend: Frontend,
     /// Upstream addresses with their weights (zero-weight routes left out).
     pub upstreams: Vec<(SocketAddr, f64)>,
+    /// The upstreams that serve HTTPS: how to check them and the name to check.
+    pub upstream_tls: Vec<(SocketAddr, appproxy_shared::model::UpstreamTls, String)>,
     /// Parsed allowlist; empty = everyone.
     pub allowed: Vec<IpNet>,
 }
@@ -648,8 +671,13 @@ pub struct Runtime {
     pub api_port: Option<u16>,
     /// Host name put in `/setup` redirects.
     pub advertised_host: String,
-    /// Whether clients reach the worker over TLS (a TLS terminator in front).
+    /// Whether clients reach the worker over TLS (a terminator in front, or this
+    /// worker's own `tls_listen`).
     pub tls_advertised: bool,
+    /// TLS termination (`tls_listen`): the certificates and the shared session state.
+    pub tls: Option<crate::tls::Tls>,
+    /// TLS to apps that serve HTTPS (routes with `upstream_tls`).
+    pub upstream_tls: crate::tls::Upstream,
     /// The circuits.
     pub circuits: Vec<ResolvedCircuit>,
     /// Count requests per circuit and hand them to the control agent every
@@ -793,6 +821,7 @@ impl Config {
                 }
             }
             let mut upstreams = Vec::new();
+            let mut upstream_tls = Vec::new();
             for r in &c.route_info {
                 if !r.traffic_ratio.is_finite() || r.traffic_ratio < 0.0 {
                     return Err(err(format!(
@@ -818,6 +847,9 @@ impl Config {
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| err(format!("cannot resolve route host {host:?}")))?;
                 upstreams.push((addr, r.traffic_ratio));
+                if !r.upstream_tls.is_off() {
+                    upstream_tls.push((addr, r.upstream_tls, host.to_owned()));
+                }
             }
             let allowed = c
                 .allowed_client_ips
@@ -828,6 +860,7 @@ impl Config {
                 circuit: c.clone(),
                 frontend,
                 upstreams,
+                upstream_tls,
                 allowed,
             })
         }
@@ -838,6 +871,27 @@ impl Config {
         self.coordinator
             .as_ref()
             .is_some_and(|c| c.url.is_some() || c.embedded.is_some())
+    }
+
+    /// Loads the TLS pairs when `tls_listen` is on: a missing, unreadable or
+    /// mismatched file is an error naming it.
+    fn tls(&self) -> Result<Option<crate::tls::Tls>, ConfigError> {
+        let w = &self.worker;
+        if !w.tls_listen {
+            return Ok(None);
+        }
+        let (Some(cert), Some(privkey)) = (&w.tls_cert, &w.tls_privkey) else {
+            return Err(ConfigError::Invalid(
+                "[worker] tls_listen = true needs tls_cert and tls_privkey (PEM files)".into(),
+            ));
+        };
+        let default = crate::tls::CertPaths {
+            cert: cert.clone(),
+            privkey: privkey.clone(),
+        };
+        crate::tls::Tls::load(&default, &w.tls_sni_certs)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(e.0))
     }
 
     /// Validates the config against this machine's CPUs and resolves the circuits.
@@ -955,6 +1009,9 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let circuits = self.resolve_circuits(&self.circuits)?;
+        let tls = self.tls()?;
+        let upstream_tls = crate::tls::Upstream::load(self.upstream.tls_ca.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.0))?;
         let secs = Duration::from_secs;
         Ok(Runtime {
             cpus,
@@ -1010,7 +1067,9 @@ impl Config {
                 .hostname
                 .clone()
                 .unwrap_or_else(|| self.worker.bind_host.to_string()),
-            tls_advertised: self.worker.tls_advertised,
+            tls_advertised: self.worker.tls_advertised || self.worker.tls_listen,
+            tls,
+            upstream_tls,
             log_format: self.logging.common.format,
             circuits,
             access_flush: self.managed().then(|| {

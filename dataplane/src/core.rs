@@ -794,7 +794,8 @@ impl Core {
         let raw_tcp = self.route_for_port(port).is_some_and(|r| {
             r.circuit.circuit.protocol == appproxy_shared::model::ProxyProtocol::Tcp
         });
-        if !raw_tcp {
+        // Over TLS a plaintext answer would be garbage to the client: it is just closed.
+        if !raw_tcp && self.rt.tls.is_none() {
             let id = RequestId::generate(self.rt.id_version);
             let body = format!(
                 "{{\"error\":\"too many connections on this worker, retry later\",\"code\":\"connection_limit\",\"request_id\":\"{id}\"}}"
@@ -994,6 +995,7 @@ route_info = [
             },
             frontend,
             upstreams: vec![(SocketAddr::from(([127, 0, 0, 1], upstream)), 1.0)],
+            upstream_tls: Vec::new(),
             allowed: Vec::new(),
         })
     }

@@ -4,14 +4,18 @@
 //! kernel says it would block, so a busy connection costs exactly the syscalls that move
 //! bytes. A short read or write is taken as "drained" (edge-triggered epoll reports the
 //! next arrival), which saves the `EAGAIN` round trip.
+//!
+//! A client connection may carry TLS ([`TcpConn::start_tls`]): the same methods then
+//! move plaintext through a rustls session driven sans-IO over the same socket and
+//! the same readiness flags. A plain connection pays one branch on an empty `Option`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustix::net::SocketFlags;
@@ -71,6 +75,98 @@ pub struct TcpConn {
     floor: Cell<Option<ReadFloor>>,
     /// The count this connection is part of (route cap), released with it.
     counted: Option<CountGuard>,
+    /// The TLS session, when the client speaks TLS.
+    tls: Option<Box<TlsState>>,
+}
+
+/// The TLS side of a connection: a rustls session (server side towards clients,
+/// client side towards apps that serve HTTPS) whose records go over the
+/// connection's own socket. Borrowed only inside a poll, never across an await.
+struct TlsState {
+    session: RefCell<rustls::Connection>,
+}
+
+/// The socket as rustls reads and writes it: the same readiness bookkeeping as the
+/// plain path (no syscall while the slot is not ready; a short count or `EAGAIN`
+/// clears the flag).
+struct SockIo<'a> {
+    stream: &'a TcpStream,
+    reg: &'a Registration,
+}
+
+impl Read for SockIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.reg.is_ready(Direction::Read) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut stream = self.stream;
+        loop {
+            match stream.read(buf) {
+                Ok(n) => {
+                    if n > 0 && n < buf.len() {
+                        self.reg.clear_ready(Direction::Read);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reg.clear_ready(Direction::Read);
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for SockIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if !self.reg.is_ready(Direction::Write) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut stream = self.stream;
+        loop {
+            match stream.write_vectored(bufs) {
+                Ok(n) => {
+                    if n < total {
+                        self.reg.clear_ready(Direction::Write);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reg.clear_ready(Direction::Write);
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a TLS handshake settled, for logs.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    /// The protocol version.
+    pub version: Option<rustls::ProtocolVersion>,
+    /// The ALPN protocol, when one was agreed.
+    pub alpn: Option<Vec<u8>>,
+    /// The SNI name the client sent.
+    pub sni: Option<String>,
+}
+
+/// A TLS protocol error (bad record, failed handshake) as an I/O error.
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl TcpConn {
@@ -82,7 +178,200 @@ impl TcpConn {
             stream,
             floor: Cell::new(None),
             counted: None,
+            tls: None,
         })
+    }
+
+    /// Makes this connection speak TLS through `session` from now on (before any
+    /// byte was read); [`TcpConn::handshake`] then completes the handshake.
+    pub fn start_tls(&mut self, session: impl Into<rustls::Connection>) {
+        self.tls = Some(Box::new(TlsState {
+            session: RefCell::new(session.into()),
+        }));
+    }
+
+    /// Whether the connection speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// What the TLS handshake settled (TLS connections, after the handshake).
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        let tls = self.tls.as_ref()?;
+        let s = tls.session.try_borrow().ok()?;
+        Some(TlsInfo {
+            version: s.protocol_version(),
+            alpn: s.alpn_protocol().map(<[u8]>::to_vec),
+            sni: match &*s {
+                rustls::Connection::Server(s) => s.server_name().map(str::to_owned),
+                rustls::Connection::Client(_) => None,
+            },
+        })
+    }
+
+    /// Whether the TLS handshake resumed an earlier session.
+    pub fn tls_resumed(&self) -> bool {
+        self.tls.as_ref().is_some_and(|tls| {
+            tls.session
+                .try_borrow()
+                .is_ok_and(|s| s.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+        })
+    }
+
+    fn sock(&self) -> SockIo<'_> {
+        SockIo {
+            stream: &self.stream,
+            reg: &self.reg,
+        }
+    }
+
+    /// Writes out what rustls holds for the peer without waiting: `Ok(true)` once
+    /// nothing is left, `Ok(false)` when the socket takes no more now.
+    fn tls_flush_now(&self, s: &mut rustls::Connection) -> io::Result<bool> {
+        while s.wants_write() {
+            match s.write_tls(&mut self.sock()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes out what rustls holds for the peer, waiting for the socket as needed.
+    fn poll_tls_flush(
+        &self,
+        cx: &mut Context<'_>,
+        s: &mut rustls::Connection,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match self.tls_flush_now(s) {
+                Ok(true) => return Poll::Ready(Ok(())),
+                Ok(false) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            match self.reg.poll_ready(cx, Direction::Write) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// One non-blocking read of plaintext: `Some(n)` (0 is end of stream: the
+    /// peer's close_notify, or its FIN without one), `None` when the socket has
+    /// nothing more now. Records are pulled from the socket until plaintext appears.
+    fn tls_read_now(
+        &self,
+        s: &mut rustls::Connection,
+        buf: &mut [u8],
+    ) -> io::Result<Option<usize>> {
+        loop {
+            match s.reader().read(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
+                Err(e) => return Err(e),
+            }
+            // Alerts and key-update replies go out before more is read (best effort:
+            // what the socket does not take now leaves with the next write).
+            let _ = self.tls_flush_now(s);
+            match s.read_tls(&mut self.sock()) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = s.process_new_packets() {
+                let _ = self.tls_flush_now(s);
+                return Err(tls_error(e));
+            }
+        }
+    }
+
+    /// Completes the TLS handshake (a no-op on a plain connection), within the
+    /// deadline set before. A peer that closes, sends garbage or fails the
+    /// handshake gets an alert where TLS allows one and an error here.
+    pub async fn handshake(&self) -> io::Result<()> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        poll_fn(|cx| loop {
+            let mut s = tls.session.borrow_mut();
+            if !s.is_handshaking() {
+                // Complete once the last flight (a TLS 1.2 Finished, session tickets)
+                // is out. A peer that left right after its own Finished (the write
+                // fails) still completed it: that surfaces on the next I/O.
+                return match self.poll_tls_flush(cx, &mut s) {
+                    Poll::Ready(_) => Poll::Ready(Ok(())),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            match self.poll_tls_flush(cx, &mut s) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            match s.read_tls(&mut self.sock()) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(s);
+                    match self.reg.poll_ready(cx, Direction::Read) {
+                        Poll::Ready(Ok(())) => continue,
+                        other => return other,
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if let Err(e) = s.process_new_packets() {
+                let _ = self.tls_flush_now(&mut s);
+                return Poll::Ready(Err(tls_error(e)));
+            }
+        })
+        .await
+    }
+
+    async fn tls_read(&self, tls: &TlsState, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| loop {
+            let r = self.tls_read_now(&mut tls.session.borrow_mut(), buf);
+            match r {
+                Ok(Some(n)) => {
+                    self.book_read(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(None) => match self.reg.poll_ready(cx, Direction::Read) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+
+    /// Encrypts some of `buf` and waits until every record is in the kernel, like a
+    /// plain write: what it returns has left the process.
+    async fn tls_write(&self, tls: &TlsState, buf: &[u8]) -> io::Result<usize> {
+        let n = poll_fn(|cx| {
+            let mut s = tls.session.borrow_mut();
+            match self.poll_tls_flush(cx, &mut s) {
+                Poll::Ready(Ok(())) => Poll::Ready(s.writer().write(buf)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        self.flush().await?;
+        Ok(n)
+    }
+
+    /// Waits until every byte written so far is in the kernel (TLS records held after
+    /// a [`TcpConn::try_write`]); immediate on a plain connection.
+    pub async fn flush(&self) -> io::Result<()> {
+        match &self.tls {
+            None => Ok(()),
+            Some(tls) => poll_fn(|cx| self.poll_tls_flush(cx, &mut tls.session.borrow_mut())).await,
+        }
     }
 
     /// Makes this connection count in `guard`'s count until it closes.
@@ -163,6 +452,9 @@ impl TcpConn {
 
     /// Reads into `buf`; `Ok(0)` is end of stream.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return self.tls_read(tls, buf).await;
+        }
         poll_fn(|cx| loop {
             if !self.reg.is_ready(Direction::Read) {
                 match self.reg.poll_ready(cx, Direction::Read) {
@@ -191,6 +483,9 @@ impl TcpConn {
 
     /// Writes some of `buf`.
     pub async fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return self.tls_write(tls, buf).await;
+        }
         poll_fn(|cx| loop {
             if !self.reg.is_ready(Direction::Write) {
                 match self.reg.poll_ready(cx, Direction::Write) {
@@ -219,11 +514,27 @@ impl TcpConn {
     /// Waits until a read may make progress (data, end of stream or an error), without
     /// holding a buffer meanwhile: idle connections then cost no buffer memory.
     pub async fn readable(&self) -> io::Result<()> {
+        if let Some(tls) = &self.tls {
+            // Plaintext (or an error) rustls already holds is ready without the socket.
+            let buffered = match tls.session.borrow_mut().process_new_packets() {
+                Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+                Err(_) => true,
+            };
+            if buffered {
+                return Ok(());
+            }
+        }
         poll_fn(|cx| self.reg.poll_ready(cx, Direction::Read)).await
     }
 
     /// Reads what is there now; `WouldBlock` when nothing is.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return match self.tls_read_now(&mut tls.session.borrow_mut(), buf)? {
+                Some(n) => Ok(n),
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            };
+        }
         if !self.reg.is_ready(Direction::Read) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -245,8 +556,19 @@ impl TcpConn {
         }
     }
 
-    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing. Over TLS
+    /// some records may stay behind: a [`TcpConn::flush`] (or the next write) sends
+    /// them.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            let mut s = tls.session.borrow_mut();
+            if !self.tls_flush_now(&mut s)? {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = s.writer().write(buf)?;
+            self.tls_flush_now(&mut s)?;
+            return Ok(n);
+        }
         if !self.reg.is_ready(Direction::Write) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -290,6 +612,14 @@ impl TcpConn {
     /// silent.
     pub fn probe_idle(&self) -> bool {
         let mut byte = [0u8; 1];
+        if let Some(tls) = &self.tls {
+            // Records that carry no data (session tickets, key updates) are taken in
+            // stride; data or an end of stream means the connection is not reusable.
+            return matches!(
+                self.tls_read_now(&mut tls.session.borrow_mut(), &mut byte),
+                Ok(None)
+            );
+        }
         match (&self.stream).read(&mut byte) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.reg.clear_ready(Direction::Read);
@@ -323,8 +653,9 @@ impl TcpConn {
         self.reg.set_idle(idle);
     }
 
-    /// Shuts down the write half (sends FIN).
+    /// Shuts down the write half (sends FIN; over TLS a close_notify first).
     pub fn shutdown_write(&self) {
+        self.tls_close_notify();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
@@ -341,6 +672,23 @@ impl TcpConn {
     /// The peer address.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.stream.peer_addr()
+    }
+
+    /// Queues a close_notify and sends what the socket takes now (TLS only).
+    fn tls_close_notify(&self) {
+        if let Some(tls) = &self.tls {
+            if let Ok(mut s) = tls.session.try_borrow_mut() {
+                s.send_close_notify();
+                let _ = self.tls_flush_now(&mut s);
+            }
+        }
+    }
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        // A TLS peer is told the close was intended (best effort: never waits).
+        self.tls_close_notify();
     }
 }
 

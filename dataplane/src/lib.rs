@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod reactor;
 pub mod relay;
 pub mod tcp;
+pub mod tls;
 pub mod worker;
 pub mod ws;
 

@@ -30,7 +30,8 @@ fn main() {
 }
 
 /// SIGHUP: re-reads the circuits and deploys them to every core under a fresh request
-/// ID. A bad file is logged and the running circuits stay.
+/// ID, and swaps in the TLS certificates read anew (new handshakes get them). A bad
+/// file (config, certificate or key) is logged and the running set stays.
 fn reload(path: &std::path::Path, worker: &worker::Worker) {
     let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
     appproxy_shared::with_request_id(Some(id), || {
@@ -40,6 +41,14 @@ fn reload(path: &std::path::Path, worker: &worker::Worker) {
                     circuits = rt.circuits.len(),
                     "reloading circuits (other settings need a restart)"
                 );
+                match (&worker.tls, &rt.tls) {
+                    (Some(serving), Some(loaded)) => {
+                        serving.adopt(loaded);
+                        tracing::info!("TLS certificates reloaded; open connections keep theirs");
+                    }
+                    (None, None) => {}
+                    _ => tracing::warn!("[worker] tls_listen changed: that needs a restart"),
+                }
                 worker.deploy(rt.circuits, id);
             }
             Err(e) => tracing::error!(error = %e, "reload refused; the running circuits stay"),

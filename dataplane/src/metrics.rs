@@ -59,10 +59,18 @@ pub enum Counter {
     TunnelsActive,
     /// Tunnels opened.
     TunnelsOpened,
+    /// TLS handshakes completed in full.
+    TlsHandshakesFull,
+    /// TLS handshakes completed by resuming a session (ticket or session ID).
+    TlsHandshakesResumed,
+    /// TLS handshakes that failed or were cut (timeout, garbage, close).
+    TlsHandshakeFailures,
+    /// TLS handshakes in progress (gauge).
+    TlsHandshaking,
 }
 
 /// Number of counters.
-pub const N_COUNTERS: usize = 18;
+pub const N_COUNTERS: usize = 22;
 
 /// Prometheus kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +109,20 @@ const SPECS: [Spec; N_COUNTERS] = [
     spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
     spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
     spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
+    spec_tls("full"),
+    spec_tls("resumed"),
+    spec("appproxy_tls_handshake_failures_total", Kind::Counter, "TLS handshakes that failed, timed out or were closed before completing."),
+    spec("appproxy_tls_handshakes_in_progress", Kind::Gauge, "TLS handshakes in progress now."),
 ];
+
+const fn spec_tls(kind: &'static str) -> Spec {
+    Spec {
+        family: "appproxy_tls_handshakes_total",
+        kind: Kind::Counter,
+        help: "TLS handshakes completed, full or resumed (session ticket or ID).",
+        label: Some(("kind", kind)),
+    }
+}
 
 const fn spec(family: &'static str, kind: Kind, help: &'static str) -> Spec {
     Spec {
@@ -150,6 +171,14 @@ pub mod counter {
     pub const TUNNELS_ACTIVE: usize = Counter::TunnelsActive as usize;
     /// Tunnels opened.
     pub const TUNNELS_OPENED: usize = Counter::TunnelsOpened as usize;
+    /// Full TLS handshakes.
+    pub const TLS_FULL: usize = Counter::TlsHandshakesFull as usize;
+    /// Resumed TLS handshakes.
+    pub const TLS_RESUMED: usize = Counter::TlsHandshakesResumed as usize;
+    /// Failed TLS handshakes.
+    pub const TLS_FAILED: usize = Counter::TlsHandshakeFailures as usize;
+    /// TLS handshakes in progress.
+    pub const TLS_HANDSHAKING: usize = Counter::TlsHandshaking as usize;
 }
 
 /// Upper bounds of the histogram buckets, in microseconds (then `+Inf`).

@@ -60,10 +60,11 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
         .iter()
         .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
+    let tls = conn.is_tls();
     let mut client = Client {
         conn,
         buf: ReadBuf::new(BUF_SIZE),
-        hop: ClientHop::new(peer, local_port, trusted),
+        hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
     };
     let mut upstream_buf = ReadBuf::new(BUF_SIZE);
@@ -636,7 +637,7 @@ async fn forward(
             Err(RelayError::Destination(e)) if reused && retryable => {
                 tracing::debug!(error = %e, "pooled upstream connection was dead; retrying on a new one");
                 reused = false;
-                upstream = connect(core, addr).await?;
+                upstream = connect(core, route, addr).await?;
                 continue;
             }
             Err(RelayError::Destination(e)) => {
@@ -694,7 +695,7 @@ async fn forward(
             Err(HeadFailure::Closed(e)) if reused && retryable => {
                 tracing::debug!(error = %e, "pooled upstream connection closed before answering; retrying");
                 reused = false;
-                upstream = connect(core, addr).await?;
+                upstream = connect(core, route, addr).await?;
             }
             Err(f) => {
                 if retryable {
@@ -729,7 +730,7 @@ async fn connect_route(
     route: &Route,
     addr: SocketAddr,
 ) -> Result<(TcpConn, SocketAddr), Failure> {
-    match connect(core, addr).await {
+    match connect(core, route, addr).await {
         Ok(c) => Ok((c, addr)),
         Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
         Err(first) => {
@@ -737,7 +738,7 @@ async fn connect_route(
                 note_health(core, route, addr, false);
             }
             match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
-                Some(alt) if alt != addr => match connect(core, alt).await {
+                Some(alt) if alt != addr => match connect(core, route, alt).await {
                     Ok(c) => Ok((c, alt)),
                     Err(e) => {
                         if matches!(e, ConnectError::Upstream(_)) {
@@ -774,7 +775,7 @@ impl From<ConnectError> for Failure {
 }
 
 /// Opens a new connection to `addr`, counted in its per-core cap until it closes.
-async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
+async fn connect(core: &Core, route: &Route, addr: SocketAddr) -> Result<TcpConn, ConnectError> {
     let Some(slot) = core.pool.reserve(addr) else {
         core.metrics.add(counter::UPSTREAM_LIMIT, 1);
         tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
@@ -784,6 +785,26 @@ async fn connect(core: &Core, addr: SocketAddr) -> Result<TcpConn, ConnectError>
         Ok(mut conn) => {
             conn.count_in(slot);
             core.connect_succeeded();
+            // An app that serves HTTPS: the handshake is part of the connect.
+            let tls = route
+                .circuit
+                .upstream_tls
+                .iter()
+                .find(|(a, _, _)| *a == addr);
+            if let Some((_, mode, name)) = tls {
+                let session = core
+                    .rt
+                    .upstream_tls
+                    .session(*mode, name)
+                    .map_err(|e| ConnectError::Upstream(io::Error::other(e)))?;
+                conn.start_tls(session);
+                conn.set_deadline(Some(Instant::now() + core.rt.connect_timeout));
+                if let Err(e) = conn.handshake().await {
+                    tracing::warn!(upstream = %addr, name = %name, error = %e, "upstream TLS handshake failed");
+                    return Err(ConnectError::Upstream(e));
+                }
+                conn.set_deadline(None);
+            }
             Ok(conn)
         }
         Err(e) if crate::core::is_local_error(&e) => {

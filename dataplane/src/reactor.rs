@@ -399,8 +399,10 @@ impl Reactor {
     /// Scans slot deadlines and runs the tick hooks.
     fn tick(&self, now: Instant) {
         self.last_scan.set(now);
-        self.active.set(false);
-        self.scan_deadlines(now);
+        // Connections the scan times out are handled after this tick: one more tick
+        // then publishes what they changed (gauges, counters, log lines).
+        let expired = self.scan_deadlines(now);
+        self.active.set(expired);
         let mut next: Option<Instant> = None;
         for hook in self.tick_hooks.borrow().iter() {
             if let Some(at) = hook(now) {
@@ -510,16 +512,19 @@ impl Reactor {
         }
     }
 
-    fn scan_deadlines(&self, now: Instant) {
+    /// Times out the slots whose deadline passed; true when there were some.
+    fn scan_deadlines(&self, now: Instant) -> bool {
         if self.earliest_deadline.get().is_none_or(|d| d > now) {
-            return;
+            return false;
         }
         let mut slots = self.slots.borrow_mut();
         let mut earliest: Option<Instant> = None;
+        let mut expired = false;
         for slot in slots.iter_mut().filter(|s| s.in_use && !s.timed_out) {
             match slot.deadline {
                 Some(d) if d <= now => {
                     slot.timed_out = true;
+                    expired = true;
                     wake_both(slot);
                 }
                 Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
@@ -527,6 +532,7 @@ impl Reactor {
             }
         }
         self.earliest_deadline.set(earliest);
+        expired
     }
 }
 

@@ -415,6 +415,12 @@ pub async fn ws_pipe(
             if dst.write_all(&pending).await.is_err() {
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
+        } else if dst.is_tls() {
+            // Records `try_write` encrypted but the socket did not take yet.
+            dst.set_timeout(idle);
+            if dst.flush().await.is_err() {
+                break Some(crate::ws::close_code::GOING_AWAY);
+            }
         }
         if eof {
             break None;

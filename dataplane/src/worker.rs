@@ -159,6 +159,8 @@ pub struct Worker {
     exited: Receiver<()>,
     /// The drain timeout (how long `stop` waits, plus a margin).
     drain_timeout: Duration,
+    /// The TLS settings every core serves with (`tls_listen`), for reload.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// What a core reports once it is serving (or why it is not).
@@ -250,6 +252,7 @@ impl Worker {
             board,
             exited,
             drain_timeout: rt.drain_timeout,
+            tls: rt.tls.clone(),
         };
         if let Some(e) = failure {
             worker.stop();
@@ -569,17 +572,34 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
         match listener.accept().await {
             Ok((stream, peer)) => match core.admit(stream, port) {
                 None => {}
-                Some(Ok(conn)) if Some(port) == core.rt.api_port => {
-                    spawn(crate::api::serve(core.clone(), conn, peer)).detach();
-                }
-                Some(Ok(conn)) => {
-                    let tcp = core
+                Some(Ok(mut conn)) => {
+                    let kind = if Some(port) == core.rt.api_port {
+                        Kind::Api
+                    } else if core
                         .route_for_port(port)
-                        .is_some_and(|r| r.circuit.circuit.protocol == ProxyProtocol::Tcp);
-                    if tcp {
-                        spawn(crate::tcp::serve(core.clone(), conn, peer, port)).detach();
+                        .is_some_and(|r| r.circuit.circuit.protocol == ProxyProtocol::Tcp)
+                    {
+                        Kind::Tcp
                     } else {
-                        spawn(crate::proxy::serve(core.clone(), conn, peer, port)).detach();
+                        Kind::Http
+                    };
+                    match &core.rt.tls {
+                        None => {
+                            spawn(serve(core.clone(), conn, peer, port, kind)).detach();
+                        }
+                        Some(tls) => match tls.session(kind == Kind::Tcp) {
+                            Ok(session) => {
+                                conn.start_tls(session);
+                                let core = core.clone();
+                                spawn(async move {
+                                    if crate::tls::handshake(&core, &conn, peer).await {
+                                        serve(core, conn, peer, port, kind).await;
+                                    }
+                                })
+                                .detach();
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot start a TLS session"),
+                        },
                     }
                 }
                 Some(Err(e)) => {
@@ -591,6 +611,26 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                 core.reactor.sleep(core.accept_failed(port, &e)).await;
             }
         }
+    }
+}
+
+/// What an accepted connection is served as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The worker API port (`/setup`).
+    Api,
+    /// A raw TCP circuit.
+    Tcp,
+    /// An HTTP frontend.
+    Http,
+}
+
+/// Serves one accepted (and, with TLS, handshaken) connection.
+async fn serve(core: Rc<Core>, conn: crate::io::TcpConn, peer: SocketAddr, port: u16, kind: Kind) {
+    match kind {
+        Kind::Api => crate::api::serve(core, conn, peer).await,
+        Kind::Tcp => crate::tcp::serve(core, conn, peer, port).await,
+        Kind::Http => crate::proxy::serve(core, conn, peer, port).await,
     }
 }
 

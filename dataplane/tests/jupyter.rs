@@ -1,9 +1,11 @@
 //! A real interactive app end to end: `jupyter_server` (from PyPI, installed into a
 //! virtualenv under the target directory on first run) behind the worker; its REST
 //! API and a kernel WebSocket (`execute_request` → `execute_result`) driven through
-//! the proxy.
+//! the proxy; and the same over TLS terminated by the worker (`https://`, `wss://`).
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls_support;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -198,4 +200,83 @@ fn jupyter_rest_and_kernel_websocket_through_the_worker() {
         v["message"] == "websocket session opened"
     });
     assert_eq!(opened[0]["request_id"], "jupyter-ws-1");
+}
+
+/// Runs `6 * 7` on the kernel over an established kernel-channel WebSocket.
+fn execute_42<S: std::io::Read + std::io::Write>(ws: &mut tungstenite::WebSocket<S>) {
+    let msg_id = uuid::Uuid::new_v4().to_string();
+    let execute = serde_json::json!({
+        "header": {"msg_id": msg_id, "username": "e2e", "session": uuid::Uuid::new_v4().to_string(),
+                   "msg_type": "execute_request", "version": "5.3", "date": "2026-11-30T00:00:00Z"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": "6 * 7", "silent": false, "store_history": false,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true}
+    });
+    ws.send(Message::Text(execute.to_string().into()))
+        .expect("execute_request");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no execute_result");
+        let Message::Text(text) = ws.read().expect("kernel message") else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        if v["msg_type"] == "execute_result" && v["parent_header"]["msg_id"] == msg_id.as_str() {
+            assert_eq!(v["content"]["data"]["text/plain"], "42");
+            return;
+        }
+    }
+}
+
+#[test]
+fn jupyter_over_https_and_wss_through_the_worker() {
+    let venv = jupyter_venv();
+    let jupyter = start_jupyter(&venv);
+    let pki = tls_support::Pki::new();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![jupyter.addr],
+        worker_extra: pki.worker_lines(),
+        ..Default::default()
+    });
+    let config = pki.default_client();
+    let auth = format!("Authorization: token {TOKEN}\r\n");
+    let host = format!("Host: 127.0.0.1:{}\r\n", w.port);
+    let mut s =
+        std::io::BufReader::new(tls_support::connect(w.addr(), &config, "localhost").expect("tls"));
+    let r = tls_support::get(&mut s, "/api/status", &format!("{host}{auth}"));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let body = r#"{"name":"python3"}"#;
+    std::io::Write::write_all(
+        s.get_mut(),
+        format!(
+            "POST /api/kernels HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .expect("post");
+    let r = tls_support::read_response(&mut s);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let kernel = v["id"].as_str().expect("kernel id").to_owned();
+    // The kernel channel over wss://.
+    let stream = tls_support::connect(w.addr(), &config, "localhost").expect("tls");
+    stream
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let url = format!(
+        "wss://127.0.0.1:{}/api/kernels/{kernel}/channels?token={TOKEN}",
+        w.port
+    );
+    let (mut ws, resp) = tungstenite::client(url.as_str(), stream).expect("wss handshake");
+    assert_eq!(resp.status(), 101);
+    execute_42(&mut ws);
+    let _ = ws.close(None);
+    std::io::Write::write_all(
+        s.get_mut(),
+        format!("DELETE /api/kernels/{kernel} HTTP/1.1\r\n{host}{auth}\r\n").as_bytes(),
+    )
+    .expect("delete");
+    assert_eq!(tls_support::read_response(&mut s).status, 204);
 }

@@ -50,6 +50,28 @@ pub enum FrontendMode {
     Wildcard,
 }
 
+/// How the worker connects to a route's app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plain TCP.
+    #[default]
+    Off,
+    /// TLS; the app's certificate is checked for `kernel_host` against the system
+    /// roots or the worker's `[upstream] tls_ca`.
+    Verify,
+    /// TLS without checking the app's certificate (a self-signed one): only when
+    /// the circuit says so.
+    Insecure,
+}
+
+impl UpstreamTls {
+    /// Plain TCP (left out when serialized).
+    pub fn is_off(&self) -> bool {
+        *self == Self::Off
+    }
+}
+
 /// One upstream of a circuit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteInfo {
@@ -79,6 +101,13 @@ pub struct RouteInfo {
     /// `unhealthy` route while another route is not unhealthy.
     #[serde(default, alias = "health-status")]
     pub health_status: Option<RouteHealth>,
+    /// Whether the app serves HTTPS on `kernel_port` (HTTP circuits).
+    #[serde(
+        default,
+        alias = "upstream-tls",
+        skip_serializing_if = "UpstreamTls::is_off"
+    )]
+    pub upstream_tls: UpstreamTls,
 }
 
 /// A route's state as the active health check judges it (the original's

@@ -51,6 +51,7 @@ fn circuit(worker: uuid::Uuid, n: usize, ratio: f64) -> Circuit {
             protocol: ProxyProtocol::Http,
             traffic_ratio: ratio,
             health_status: None,
+            upstream_tls: Default::default(),
         }],
         session_ids: vec![session],
         created_at: None,

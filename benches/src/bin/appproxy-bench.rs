@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     connections: usize,
     /// Scenarios to run (small, 64k, upload, newconn, reqid, sse, ws, ws-idle, idle,
-    /// contention).
+    /// contention, and over TLS: tls, tls-newconn).
     #[arg(
         long,
         value_delimiter = ',',
@@ -107,6 +107,10 @@ enum Target {
     Haproxy,
     /// The worker with request-ID handling turned off (the request-ID scenario only).
     WorkerNoIds,
+    /// The worker terminating TLS (the TLS scenarios only).
+    WorkerTls,
+    /// nginx terminating TLS with the same certificate (the TLS scenarios only).
+    NginxTls,
 }
 
 impl Target {
@@ -117,7 +121,14 @@ impl Target {
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
             Self::WorkerNoIds => "appproxy-worker, IDs off",
+            Self::WorkerTls => "appproxy-worker, TLS",
+            Self::NginxTls => "nginx, TLS",
         }
+    }
+
+    /// Whether the target serves TLS (measured only in the TLS scenarios).
+    fn tls(self) -> bool {
+        matches!(self, Self::WorkerTls | Self::NginxTls)
     }
 }
 
@@ -142,6 +153,10 @@ const SSE_APP_PORT: u16 = 19098;
 const SSE_WORKER_PORT: u16 = 19097;
 const SSE_NGINX_PORT: u16 = 19099;
 const SSE_HAPROXY_PORT: u16 = 19100;
+/// The TLS-terminating worker (and its admin port) and nginx.
+const WORKER_TLS_PORT: u16 = 19101;
+const WORKER_TLS_ADMIN: u16 = 19103;
+const NGINX_TLS_PORT: u16 = 19102;
 
 /// A running server; killed on drop.
 struct Server {
@@ -409,11 +424,89 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     )?;
     wait_port(WORKER_NOIDS_PORT, "appproxy-worker (IDs off)")?;
     servers.insert(Target::WorkerNoIds, w);
+    // TLS: one ECDSA P-256 certificate for the worker and nginx alike.
+    let cert = dir.path().join("tls.pem");
+    let key = dir.path().join("tls.key");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        let tls_conf = dir.path().join("worker-tls.toml");
+        let text = std::fs::read_to_string(&worker_conf)?
+            .replace(
+                "[worker]\n",
+                &format!(
+                    "[worker]\ntls_listen = true\ntls_cert = \"{}\"\ntls_privkey = \"{}\"\n",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+            .replace(
+                &format!("port = {WORKER_PORT}\n"),
+                &format!("port = {WORKER_TLS_PORT}\n"),
+            )
+            .replace(
+                &format!("127.0.0.1:{WORKER_ADMIN}"),
+                &format!("127.0.0.1:{WORKER_TLS_ADMIN}"),
+            );
+        let text = text
+            .split("\n[[circuits]]")
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n[[circuits]]");
+        std::fs::write(&tls_conf, text)?;
+        let w = spawn(
+            "appproxy-worker (TLS)",
+            &proxy_cpus,
+            &worker_bin.to_string_lossy(),
+            &["--config", &tls_conf.to_string_lossy()],
+            &dir.path().join("worker-tls.log"),
+        )?;
+        match wait_port(WORKER_TLS_PORT, "appproxy-worker (TLS)") {
+            Ok(()) => {
+                servers.insert(Target::WorkerTls, w);
+            }
+            // A worker built without TLS: the other rows still run.
+            Err(e) => println!("{e:#}: the worker's TLS row is skipped"),
+        }
+    } else {
+        println!("openssl could not make a certificate: the TLS rows are skipped");
+    }
     // nginx as a reverse proxy with the same request-ID behaviour: keep a client ID,
     // else generate one; forward it and echo it.
     if have("nginx") {
+        let tls_server = if made {
+            format!(
+                "\n  server {{\n    listen 127.0.0.1:{NGINX_TLS_PORT} ssl reuseport backlog=4096;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:SSL:10m;\n    ssl_session_tickets on;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-Proto https; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
         let body = format!(
-            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}"
+            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}{tls_server}"
         );
         let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
         let s = spawn(
@@ -430,6 +523,17 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         )?;
         wait_port(NGINX_PORT, "nginx")?;
         servers.insert(Target::Nginx, s);
+        if made {
+            wait_port(NGINX_TLS_PORT, "nginx (TLS)")?;
+            // The same nginx process serves both; its CPU is measured on the plain row.
+            servers.insert(
+                Target::NginxTls,
+                Server {
+                    name: "nginx, TLS",
+                    child: Command::new("sleep").arg("infinity").spawn()?,
+                },
+            );
+        }
     }
     if have("haproxy") {
         let conf = dir.path().join("haproxy.cfg");
@@ -468,6 +572,8 @@ fn port_of(t: Target) -> u16 {
         Target::Nginx => NGINX_PORT,
         Target::Haproxy => HAPROXY_PORT,
         Target::WorkerNoIds => WORKER_NOIDS_PORT,
+        Target::WorkerTls => WORKER_TLS_PORT,
+        Target::NginxTls => NGINX_TLS_PORT,
     }
 }
 
@@ -482,6 +588,8 @@ struct Scenario {
     reqid: bool,
     /// A CPU-bound process shares the proxy's CPUs during each measurement.
     hog: bool,
+    /// Over TLS: only the TLS-terminating worker and nginx, on `https://`.
+    tls: bool,
 }
 
 fn scenario(name: &str) -> Option<Scenario> {
@@ -493,6 +601,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         lua_prelude,
         reqid,
         hog: false,
+        tls: false,
     };
     Some(match name {
         "contention" => Scenario {
@@ -504,6 +613,14 @@ fn scenario(name: &str) -> Option<Scenario> {
         "upload" => s("upload", "1 MiB uploads (POST), keep-alive", "/upload", vec![], "wrk.method = \"POST\"\nwrk.body = string.rep(\"u\", 1048576)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n", false),
         "newconn" => s("newconn", "a new connection per request", "/", vec!["Connection: close"], "", false),
         "reqid" => s("reqid", "request ID: generated by the worker vs sent by the client", "/", vec![], "", true),
+        "tls" => Scenario {
+            tls: true,
+            ..s("tls", "small GET over TLS, keep-alive (same certificate, ECDSA P-256)", "/", vec![], "", false)
+        },
+        "tls-newconn" => Scenario {
+            tls: true,
+            ..s("tls-newconn", "a new TLS connection (full handshake) per request", "/", vec!["Connection: close"], "", false)
+        },
         _ => return None,
     })
 }
@@ -554,7 +671,8 @@ fn run_wrk(
     if let Some(h) = extra_header {
         cmd.arg("-H").arg(h);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}{}", sc.path));
+    let scheme = if sc.tls { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://127.0.0.1:{port}{}", sc.path));
     let cpu0 = pid.map(cpu_seconds);
     let out = output_within(&mut cmd, secs, "wrk")?;
     let cpu1 = pid.map(cpu_seconds);
@@ -642,6 +760,8 @@ fn ws_port_of(t: Target) -> u16 {
         Target::Nginx => WS_NGINX_PORT,
         Target::Haproxy => WS_HAPROXY_PORT,
         Target::WorkerNoIds => WS_WORKER_PORT,
+        // Not measured here (the WebSocket scenarios skip the TLS targets).
+        Target::WorkerTls | Target::NginxTls => 0,
     }
 }
 
@@ -726,7 +846,7 @@ fn tool_scenario(
             .servers
             .keys()
             .copied()
-            .filter(|t| *t != Target::WorkerNoIds),
+            .filter(|t| *t != Target::WorkerNoIds && !t.tls()),
     );
     let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
     for round in 0..args.rounds {
@@ -780,6 +900,8 @@ fn sse_port_of(t: Target) -> u16 {
         Target::Worker | Target::WorkerNoIds => SSE_WORKER_PORT,
         Target::Nginx => SSE_NGINX_PORT,
         Target::Haproxy => SSE_HAPROXY_PORT,
+        // Not measured here (the SSE scenario skips the TLS targets).
+        Target::WorkerTls | Target::NginxTls => 0,
     }
 }
 
@@ -827,6 +949,8 @@ fn idle_scenario(setup: &Setup, args: &Args) -> String {
     let before: Vec<(Target, u32, f64)> = setup
         .servers
         .iter()
+        // nginx's TLS row is the plain nginx process (its entry holds a placeholder).
+        .filter(|(t, _)| **t != Target::NginxTls)
         .map(|(t, s)| (*t, s.child.id(), cpu_seconds(s.child.id())))
         .collect();
     std::thread::sleep(window);
@@ -1037,6 +1161,9 @@ fn main() -> anyhow::Result<()> {
         NGINX_PORT,
         HAPROXY_PORT,
         WORKER_ADMIN,
+        WORKER_TLS_PORT,
+        WORKER_TLS_ADMIN,
+        NGINX_TLS_PORT,
     ] {
         ensure_free(port)?;
     }
@@ -1094,9 +1221,20 @@ fn main() -> anyhow::Result<()> {
                 ),
                 ("worker, request IDs off".into(), Target::WorkerNoIds, None),
             ]
+        } else if sc.tls {
+            setup
+                .servers
+                .keys()
+                .filter(|t| t.tls())
+                .map(|t| (t.name().to_owned(), *t, None))
+                .collect()
         } else {
             let mut v = vec![("direct".to_owned(), Target::Direct, None)];
-            for t in setup.servers.keys().filter(|t| **t != Target::WorkerNoIds) {
+            for t in setup
+                .servers
+                .keys()
+                .filter(|t| **t != Target::WorkerNoIds && !t.tls())
+            {
                 v.push((t.name().to_owned(), *t, None));
             }
             v
@@ -1106,7 +1244,12 @@ fn main() -> anyhow::Result<()> {
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
                 let (label, target, header) = &variants[i];
-                let pid = setup.servers.get(target).map(|s| s.child.id());
+                let pid = match target {
+                    // nginx's TLS server is the plain row's process.
+                    Target::NginxTls => setup.servers.get(&Target::Nginx),
+                    t => setup.servers.get(t),
+                }
+                .map(|s| s.child.id());
                 let run = || -> anyhow::Result<Sample> {
                     run_wrk(
                         &setup,

@@ -59,7 +59,8 @@ struct EndpointTags {
 
 /// The endpoint's public URL on its worker.
 fn endpoint_url(worker: &Value, circuit: &Circuit) -> String {
-    let tls = worker["tls_advertised"].as_bool().unwrap_or(false);
+    let tls = worker["tls_listen"].as_bool().unwrap_or(false)
+        || worker["tls_advertised"].as_bool().unwrap_or(false);
     let scheme = if tls { "https" } else { "http" };
     match (&circuit.subdomain, worker["wildcard_domain"].as_str()) {
         (Some(sub), Some(domain)) => {
@@ -417,6 +418,7 @@ impl RouteEntry {
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
             health_status: None,
+            upstream_tls: Default::default(),
         }
     }
 }
@@ -548,4 +550,30 @@ pub(super) async fn unregister_routes(
     Body(b): Body<RoutesBody>,
 ) -> Result<Json<Value>, ApiError> {
     routes(&state, b, RouteOp::Unregister).await
+}
+
+#[cfg(test)]
+mod tls_url_tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_listening_with_tls_gets_https_urls() {
+        let circuit: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666", "port": 10205, "route_info": []
+        }))
+        .expect("circuit");
+        let worker = |listen: bool, advertised: bool| serde_json::json!({"hostname": "w.example", "tls_listen": listen, "tls_advertised": advertised});
+        assert_eq!(
+            endpoint_url(&worker(false, false), &circuit),
+            "http://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(true, false), &circuit),
+            "https://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(false, true), &circuit),
+            "https://w.example:10205"
+        );
+    }
 }

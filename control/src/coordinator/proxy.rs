@@ -277,6 +277,7 @@ async fn proxy_auth(
                 protocol: route_protocol,
                 traffic_ratio: 1.0,
                 health_status: None,
+                upstream_tls: Default::default(),
             };
             let template = Circuit {
                 id: uuid::Uuid::nil(),

@@ -100,6 +100,8 @@ pub struct ClientHop {
     pub local_port: u16,
     /// Whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
     pub trusted: bool,
+    /// Whether the client reached the worker over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
     /// The peer IP as text (IPv6 is at most 45 bytes), so requests do not format it.
     ip_text: [u8; 46],
     /// Length of `ip_text`.
@@ -117,9 +119,16 @@ impl ClientHop {
             peer,
             local_port,
             trusted,
+            tls: false,
             ip_text,
             ip_len,
         }
+    }
+
+    /// The same hop, reached over TLS when `tls`.
+    pub fn over_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn ip(&self) -> &[u8] {
@@ -222,7 +231,7 @@ pub fn upstream_request(
     out.extend_from_slice(b"X-Real-IP: ");
     out.extend_from_slice(prior_xff.map_or(hop.ip(), <[u8]>::trim_ascii));
     out.extend_from_slice(b"\r\n");
-    let proto = fwd_proto.unwrap_or(b"http");
+    let proto = fwd_proto.unwrap_or(if hop.tls { b"https" } else { b"http" });
     push_field(out, b"X-Forwarded-Proto", proto);
     let host = fwd_host.or(head.host.clone().map(|h| &buf[h]));
     if let Some(host) = host {

@@ -1,0 +1,252 @@
+//! Hostile TLS clients: record garbage, plaintext HTTP on a TLS port, handshakes that
+//! never finish (cut by the head timeout), oversized records before and after the
+//! handshake, a handshake message claiming 16 MiB, renegotiation attempts, and a
+//! client that never reads a large response. Each is refused or cut with bounded
+//! memory, the connection is closed, and nothing is left behind: the handshake and
+//! connection gauges return to zero and the descriptors to their count before.
+
+mod common;
+#[path = "common/tls.rs"]
+mod tls_support;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, metric, open_fds, Upstream, Worker, WorkerOpts};
+use tls_support::{connect, get, Pki};
+
+fn worker(pki: &Pki, up: &Upstream) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[timeouts]\nhead_secs = 1\nbody_idle_secs = 2\n".into(),
+        ..Default::default()
+    })
+}
+
+/// Reads until the worker closes (bounded by the socket's read timeout, a hang
+/// guard); returns what it sent.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("connection not closed by the worker: {e}"),
+        }
+    }
+}
+
+/// Waits until no handshake or connection is open and the descriptors are back
+/// to `fds`, then checks the worker still serves.
+fn settled(w: &Worker, pki: &Pki, fds: u64) {
+    eventually("no handshake in progress", || {
+        metric(w, "appproxy_tls_handshakes_in_progress") == 0
+    });
+    eventually("no connection open", || {
+        metric(w, "appproxy_connections_active") == 0
+    });
+    eventually("descriptors back to their count", || {
+        open_fds(w.pid()).0 <= fds
+    });
+    let mut s = BufReader::new(connect(w.addr(), &pki.default_client(), "localhost").expect("tls"));
+    assert_eq!(get(&mut s, "/still-serving", "").status, 200);
+}
+
+fn failures(w: &Worker) -> u64 {
+    metric(w, "appproxy_tls_handshake_failures_total")
+}
+
+#[test]
+fn garbage_plaintext_and_oversized_records_are_refused() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = worker(&pki, &up);
+    let fds = open_fds(w.pid()).0;
+    let cases: [(&str, &[u8]); 4] = [
+        (
+            "record garbage",
+            b"\x16\x03\x01\x00\x08garbage!\x00\x01\x02",
+        ),
+        (
+            "plaintext HTTP",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        ),
+        // Length 0x4801: past the largest record TLS allows (2^14 + 2048).
+        ("oversized record", b"\x16\x03\x03\x48\x01"),
+        // A ClientHello claiming 16 MiB.
+        (
+            "huge handshake message",
+            b"\x16\x03\x03\x00\x04\x01\xff\xff\xff",
+        ),
+    ];
+    for (what, bytes) in cases {
+        let before = failures(&w);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(bytes).expect("send");
+        let got = read_until_closed(&mut s);
+        // At most an alert came back (a 7-byte record), never HTTP.
+        assert!(got.len() <= 7, "{what}: {got:?}");
+        if let Some(first) = got.first() {
+            assert_eq!(*first, 0x15, "{what}: an alert record, got {got:?}");
+        }
+        eventually(what, || failures(&w) > before);
+    }
+    // After the handshake: an application-data record header claiming 64 KiB.
+    let mut s = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
+    s.sock.write_all(b"\x17\x03\x03\xff\xff").expect("send");
+    s.sock.write_all(&[0u8; 1024]).expect("send");
+    read_until_closed(&mut s.sock);
+    assert!(!w.log_text().contains("panicked"), "{}", w.log_text());
+    settled(&w, &pki, fds);
+}
+
+#[test]
+fn handshakes_that_never_finish_are_cut_by_the_head_timeout() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = worker(&pki, &up);
+    let fds = open_fds(w.pid()).0;
+    let before = failures(&w);
+    // Silent connections, and connections that stop half-way through a ClientHello.
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        if i % 2 == 1 {
+            s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                .expect("partial hello");
+        }
+        held.push(s);
+    }
+    eventually("handshakes in progress", || {
+        metric(&w, "appproxy_tls_handshakes_in_progress") > 0
+    });
+    for s in &mut held {
+        read_until_closed(s);
+    }
+    eventually("every cut handshake counted", || {
+        failures(&w) >= before + 40
+    });
+    drop(held);
+    settled(&w, &pki, fds);
+}
+
+#[test]
+fn renegotiation_is_refused_and_the_worker_keeps_serving() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = worker(&pki, &up);
+    let fds = open_fds(w.pid()).0;
+    // s_client's "R" command asks for a renegotiation on a TLS 1.2 session.
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-connect"])
+        .arg(format!("127.0.0.1:{}", w.port))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("s_client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = stdin.write_all(b"R\n");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = stdin
+        .write_all(b"GET /after-reneg HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stdin);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_client did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("out");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut out)
+        .expect("err");
+    // The client asked; the worker answered no_renegotiation and the client gave up.
+    assert!(out.contains("RENEGOTIATING"), "{out}");
+    assert!(out.contains("no renegotiation"), "{out}");
+    // No second handshake happened: either the session went on without one or it
+    // ended; nothing was counted as a new handshake.
+    assert_eq!(metric(&w, "appproxy_tls_handshakes_in_progress"), 0);
+    settled(&w, &pki, fds);
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_with_bounded_memory() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = worker(&pki, &up);
+    let fds = open_fds(w.pid()).0;
+    let rss_before = w.peak_rss_kib();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
+        // 256 MiB each, never read.
+        s.write_all(b"GET /bytes?n=268435456 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send");
+        s.flush().expect("flush");
+        streams.push(s);
+    }
+    // The worker stops at the socket's and its own bounded buffers, then the body
+    // idle timeout closes each connection.
+    eventually("connections cut", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    let grown = w.peak_rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 32 * 1024,
+        "peak RSS grew by {grown} KiB for 1 GiB of unread responses"
+    );
+    drop(streams);
+    settled(&w, &pki, fds);
+}
+
+#[test]
+fn at_the_connection_cap_tls_clients_are_closed_without_plaintext() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[limits]\nmax_connections_per_core = 2\n".into(),
+        ..Default::default()
+    });
+    let config = pki.default_client();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = BufReader::new(connect(w.addr(), &config, "localhost").expect("tls"));
+            assert_eq!(get(&mut s, "/held", "").status, 200);
+            s
+        })
+        .collect();
+    let refused = metric(&w, "appproxy_connections_refused_total");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    // A ClientHello's first bytes; the answer is a close, never a plaintext 503.
+    s.write_all(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00")
+        .expect("send");
+    let got = read_until_closed(&mut s);
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    eventually("refusal counted", || {
+        metric(&w, "appproxy_connections_refused_total") > refused
+    });
+    drop(held);
+}
