@@ -704,8 +704,10 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     let all = get("?since=0");
     assert_eq!(all["revision"], 3);
     assert_eq!(all["more"], false);
-    assert_eq!(ids(&all["changes"]), created);
+    assert_eq!(ids(&all["circuits"]), created);
     assert_eq!(all["removed"], serde_json::json!([]));
+    // Each circuit's creating request beside it: none sent here, so none stored.
+    assert_eq!(all["origins"], serde_json::json!({}));
     // Nothing changed: a few bytes, whatever the set's size.
     let r = request(
         c.addr,
@@ -716,7 +718,7 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     );
     assert_eq!(
         r.json(),
-        serde_json::json!({"revision": 3, "changes": [], "removed": [], "more": false})
+        serde_json::json!({"revision": 3, "circuits": [], "origins": {}, "removed": [], "more": false})
     );
     assert!(r.body.len() < 80, "{}", String::from_utf8_lossy(&r.body));
     // Bounded answers, each from where the last stopped.
@@ -725,7 +727,7 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
         (first["revision"].as_u64(), first["more"].as_bool()),
         (Some(2), Some(true))
     );
-    assert_eq!(ids(&first["changes"]), vec![created[1].clone()]);
+    assert_eq!(ids(&first["circuits"]), vec![created[1].clone()]);
     // The whole set page by page, in ID order.
     let mut by_id = created.clone();
     by_id.sort();
@@ -747,7 +749,7 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let after = get("?since=3");
     assert_eq!(after["revision"], 4);
-    assert_eq!(after["changes"], serde_json::json!([]));
+    assert_eq!(after["circuits"], serde_json::json!([]));
     assert_eq!(after["removed"], serde_json::json!([created[0]]));
     // A revision the store never had (it was started afresh): the whole set.
     assert_eq!(

@@ -156,6 +156,17 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, AgentError> {
+        let raw = self.call_raw(method, path, body).await?;
+        serde_json::from_slice(&raw).map_err(|_| AgentError::Response)
+    }
+
+    /// One exchange; the body of a 2xx answer.
+    async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Vec<u8>, AgentError> {
         let (mut stream, authority) = self.connect().await?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         // The coordinator records our calls under their own ID, as the original does.
@@ -187,11 +198,79 @@ impl Client {
             return Err(AgentError::Response);
         };
         let status = resp.code.unwrap_or(0);
-        let text = String::from_utf8_lossy(&raw[n..]).into_owned();
         if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&raw[n..]);
             return Err(AgentError::Status(status, text.chars().take(300).collect()));
         }
-        serde_json::from_str(&text).map_err(|_| AgentError::Response)
+        raw.drain(..n);
+        Ok(raw)
+    }
+}
+
+/// A page of this worker's set or what changed in it, as the coordinator answers
+/// `GET /api/worker/{id}/circuits?since=…` and `?after=…`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct SetAnswer {
+    revision: u64,
+    #[serde(default)]
+    resync: bool,
+    #[serde(default)]
+    circuits: Vec<Circuit>,
+    #[serde(default)]
+    origins: HashMap<uuid::Uuid, String>,
+    #[serde(default)]
+    removed: Vec<uuid::Uuid>,
+    #[serde(default)]
+    more: bool,
+    #[serde(default)]
+    next: Option<uuid::Uuid>,
+}
+
+impl SetAnswer {
+    /// Reads an answer straight into the model; when some circuit in it does not
+    /// read, the others still do (that one is logged and left out).
+    fn parse(raw: &[u8]) -> Result<Self, AgentError> {
+        if let Ok(answer) = serde_json::from_slice::<Self>(raw) {
+            return Ok(answer);
+        }
+        let v: serde_json::Value = serde_json::from_slice(raw).map_err(|_| AgentError::Response)?;
+        let ids = |v: &serde_json::Value| -> Vec<uuid::Uuid> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
+                .collect()
+        };
+        Ok(Self {
+            revision: v["revision"].as_u64().ok_or(AgentError::Response)?,
+            resync: v["resync"].as_bool().unwrap_or(false),
+            circuits: read_circuits(&v["circuits"]),
+            origins: v["origins"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, o)| Some((uuid::Uuid::parse_str(k).ok()?, o.as_str()?.to_owned())))
+                .collect(),
+            removed: ids(&v["removed"]),
+            more: v["more"].as_bool().unwrap_or(false),
+            next: v["next"]
+                .as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+        })
+    }
+
+    /// The circuits with their creating requests.
+    fn with_origins(&mut self) -> Vec<(Circuit, Option<RequestId>)> {
+        let origins = std::mem::take(&mut self.origins);
+        std::mem::take(&mut self.circuits)
+            .into_iter()
+            .map(|c| {
+                let origin = origins
+                    .get(&c.id)
+                    .and_then(|o| RequestId::parse(o.as_bytes()).ok());
+                (c, origin)
+            })
+            .collect()
     }
 }
 
@@ -378,7 +457,7 @@ impl Link {
 
     async fn register(&self, body: &serde_json::Value) -> Result<String, AgentError> {
         match self {
-            Link::Remote(c) => c.call("PUT", "/api/worker", Some(body)).await?["id"]
+            Link::Remote(c) => c.call("PUT", "/api/worker?brief=true", Some(body)).await?["id"]
                 .as_str()
                 .map(str::to_owned)
                 .ok_or(AgentError::Response),
@@ -493,29 +572,22 @@ impl Link {
         let origin = |s: Option<&str>| s.and_then(|s| RequestId::parse(s.as_bytes()).ok());
         match self {
             Link::Remote(c) => {
-                let answer = c
-                    .call(
+                let raw = c
+                    .call_raw(
                         "GET",
                         &format!("/api/worker/{id}/circuits?since={since}"),
                         None,
                     )
                     .await?;
-                let revision = answer["revision"].as_u64().ok_or(AgentError::Response)?;
-                if answer["resync"].as_bool() == Some(true) {
+                let mut answer = SetAnswer::parse(&raw)?;
+                if answer.resync {
                     return Ok(Answer::Resync);
                 }
-                let upserts = read_circuits(&answer["changes"])?;
-                let removed = answer["removed"]
-                    .as_array()
-                    .ok_or(AgentError::Response)?
-                    .iter()
-                    .filter_map(|v| v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
-                    .collect();
                 Ok(Answer::Changes {
-                    revision,
-                    upserts,
-                    removed,
-                    more: answer["more"].as_bool().unwrap_or(false),
+                    revision: answer.revision,
+                    upserts: answer.with_origins(),
+                    removed: std::mem::take(&mut answer.removed),
+                    more: answer.more,
                 })
             }
             Link::Embedded(state) => {
@@ -553,18 +625,15 @@ impl Link {
         match self {
             Link::Remote(c) => {
                 let after_text = after.map(|a| a.to_string()).unwrap_or_default();
-                let answer = c
-                    .call(
+                let raw = c
+                    .call_raw(
                         "GET",
                         &format!("/api/worker/{id}/circuits?after={after_text}&limit=5000"),
                         None,
                     )
                     .await?;
-                let revision = answer["revision"].as_u64().ok_or(AgentError::Response)?;
-                let next = answer["next"]
-                    .as_str()
-                    .and_then(|s| uuid::Uuid::parse_str(s).ok());
-                Ok((revision, read_circuits(&answer["circuits"])?, next))
+                let mut answer = SetAnswer::parse(&raw)?;
+                Ok((answer.revision, answer.with_origins(), answer.next))
             }
             Link::Embedded(state) => {
                 let id = uuid::Uuid::parse_str(id).map_err(|_| AgentError::Response)?;
@@ -603,23 +672,17 @@ enum Answer {
     },
 }
 
-/// Circuits (with `origin_request_id`) from a coordinator answer; unreadable ones
-/// are logged and left out.
-fn read_circuits(
-    list: &serde_json::Value,
-) -> Result<Vec<(Circuit, Option<RequestId>)>, AgentError> {
-    let list = list.as_array().ok_or(AgentError::Response)?;
+/// Circuits from a coordinator answer; unreadable ones are logged and left out.
+fn read_circuits(list: &serde_json::Value) -> Vec<Circuit> {
+    let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
     let mut out = Vec::with_capacity(list.len());
     for c in list {
-        let origin = c["origin_request_id"]
-            .as_str()
-            .and_then(|s| RequestId::parse(s.as_bytes()).ok());
         match Circuit::deserialize(c) {
-            Ok(circuit) => out.push((circuit, origin)),
+            Ok(circuit) => out.push(circuit),
             Err(e) => tracing::warn!(error = %e, "unreadable circuit skipped"),
         }
     }
-    Ok(out)
+    out
 }
 
 /// What a fetch brought: changes (`None`: removed) in order, and the revision they
@@ -766,6 +829,7 @@ async fn run(
             },
         };
         let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
+        state.forget_old();
         if wake.created.is_empty() && !wake.resync {
             continue;
         }
@@ -848,7 +912,8 @@ struct Deployed {
     circuits: HashMap<uuid::Uuid, Arc<ResolvedCircuit>>,
     /// Which circuit holds each frontend (a port or a subdomain).
     frontends: HashMap<Frontend, uuid::Uuid>,
-    /// The request that created each circuit, when known.
+    /// The request that created each recent circuit, when known (what an
+    /// acknowledgement names; forgotten with [`Deployed::recent`]).
     origins: HashMap<uuid::Uuid, RequestId>,
     /// Circuits this worker could not take, with why (reported as failed).
     refused: HashMap<uuid::Uuid, String>,
@@ -863,17 +928,37 @@ struct Deployed {
 /// any coordinator waits for an acknowledgement.
 const RECENT: Duration = Duration::from_secs(60);
 
+/// Most per-circuit "deployed in a batch" lines a whole-set read writes.
+const MAX_BATCH_LINES: usize = 64;
+
+/// Origins kept beyond the recent circuits' before they are swept.
+const ORIGINS_SLACK: usize = 4_096;
+
 impl Deployed {
+    /// Forgets what is no longer recent: the circuits deployed more than [`RECENT`]
+    /// ago and their creating requests (memory stays per recent creation, not per
+    /// circuit).
+    fn forget_old(&mut self) {
+        let now = std::time::Instant::now();
+        while let Some((id, at)) = self.recent.front().copied() {
+            if now.duration_since(at) <= RECENT {
+                break;
+            }
+            self.recent.pop_front();
+            self.origins.remove(&id);
+        }
+        // Origins of circuits deployed before they were announced, or never
+        // deployed, go at the same pace.
+        if self.origins.len() > self.recent.len() + ORIGINS_SLACK {
+            let keep: std::collections::HashSet<uuid::Uuid> =
+                self.recent.iter().map(|(id, _)| *id).collect();
+            self.origins.retain(|id, _| keep.contains(id));
+        }
+    }
+
     /// The circuits deployed within [`RECENT`] that are still deployed.
     fn recent_ids(&mut self) -> Vec<uuid::Uuid> {
-        let now = std::time::Instant::now();
-        while self
-            .recent
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > RECENT)
-        {
-            self.recent.pop_front();
-        }
+        self.forget_old();
         self.recent
             .iter()
             .map(|(id, _)| *id)
@@ -1304,11 +1389,14 @@ fn apply(
         _ => RequestId::generate(IdVersion::V4),
     };
     // A batch deploys under its own ID: each creating request's ID gets a line
-    // naming it, so either ID finds the other.
-    for (circuit, origin) in new.iter().filter(|(_, o)| *o != id) {
-        appproxy_shared::with_request_id(Some(*origin), || {
-            tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
-        });
+    // naming it, so either ID finds the other — but not for every circuit of a whole
+    // set read at start (those creations are long answered).
+    if !whole || new.len() <= MAX_BATCH_LINES {
+        for (circuit, origin) in new.iter().filter(|(_, o)| *o != id) {
+            appproxy_shared::with_request_id(Some(*origin), || {
+                tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
+            });
+        }
     }
     appproxy_shared::with_request_id(Some(id), || {
         tracing::info!(

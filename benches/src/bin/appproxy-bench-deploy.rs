@@ -55,6 +55,9 @@ struct Args {
     /// Scale mode: the worker binary (default: `appproxy-worker` beside this one).
     #[arg(long)]
     worker_bin: Option<std::path::PathBuf>,
+    /// Scale mode: keep the worker's logs (at `info`) in this directory.
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
 }
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
@@ -289,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                 cores: args.cores,
                 worker_bin,
                 engines: args.engines.clone(),
+                logs: args.logs.clone(),
             },
             dir.path(),
         );

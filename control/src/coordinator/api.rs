@@ -8,7 +8,7 @@ use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::placement::port_range;
@@ -247,13 +247,25 @@ fn render_observed(state: &State, out: &mut String) {
     sample(out, family, "", u8::from(leads));
 }
 
+/// `?brief=true` on a registration: answer `{"id"}` only, without the worker model
+/// (whose slot list costs a read of every circuit of the worker).
+#[derive(Deserialize, Default)]
+pub(super) struct BriefQuery {
+    #[serde(default)]
+    brief: bool,
+}
+
 pub(super) async fn register_worker(
     Extract(state): Extract<Arc<State>>,
+    Params(q): Params<BriefQuery>,
     Body(body): Body<Value>,
 ) -> Result<Json<Value>, ApiError> {
     validate_worker(&body)?;
     let id = state.store.upsert_worker(&body).await?;
     tracing::info!(worker = %id, authority = body["authority"].as_str().unwrap_or(""), "worker registered");
+    if q.brief {
+        return Ok(Json(json!({"id": id})));
+    }
     worker_response(&state, id).await.map(Json)
 }
 
@@ -521,15 +533,15 @@ pub(super) async fn worker_circuits(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<CircuitsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = q
         .limit
         .unwrap_or(MAX_CIRCUITS_PER_ANSWER)
         .clamp(1, MAX_CIRCUITS_PER_ANSWER);
     if let Some(since) = q.since {
-        return Ok(Json(changes_json(
+        return Ok(changes_answer(
             state.store.changes_since(id, since, limit).await?,
-        )));
+        ));
     }
     if q.after.is_some() || q.limit.is_some() {
         let after = match q.after.as_deref().filter(|a| !a.is_empty()) {
@@ -542,13 +554,16 @@ pub(super) async fn worker_circuits(
         let next = (page.len() == limit)
             .then(|| page.last().map(|(c, _)| c.id))
             .flatten();
-        let list: Vec<Value> = page
-            .iter()
-            .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
-            .collect();
-        return Ok(Json(
-            json!({"revision": revision, "circuits": list, "next": next}),
-        ));
+        let (circuits, origins) = split_origins(page);
+        return Ok(Json(SetAnswer {
+            revision,
+            circuits,
+            origins,
+            next: Some(next),
+            removed: None,
+            more: None,
+        })
+        .into_response());
     }
     let revision = state.store.revision(id).await?.unwrap_or(0);
     let circuits = state.store.circuits(Some(id)).await?;
@@ -556,24 +571,69 @@ pub(super) async fn worker_circuits(
         .iter()
         .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
         .collect();
-    Ok(Json(json!({"circuits": list, "revision": revision})))
+    Ok(Json(json!({"circuits": list, "revision": revision})).into_response())
 }
 
-/// The wire form of [`super::store::Changes`].
-pub(super) fn changes_json(changes: super::store::Changes) -> Value {
+/// A page of a worker's set or what changed in it: circuits in the wire shape, and
+/// the request that created each (when known) beside them, so a worker reads the
+/// circuits straight into its model.
+#[derive(Serialize)]
+struct SetAnswer {
+    revision: u64,
+    circuits: Vec<appproxy_shared::model::Circuit>,
+    origins: std::collections::BTreeMap<uuid::Uuid, String>,
+    /// A page's: where the next starts (`null` on the last page).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<Option<uuid::Uuid>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<Vec<uuid::Uuid>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    more: Option<bool>,
+}
+
+/// Circuits and the origin request IDs of those that have one.
+fn split_origins(
+    rows: Vec<super::store::CircuitRow>,
+) -> (
+    Vec<appproxy_shared::model::Circuit>,
+    std::collections::BTreeMap<uuid::Uuid, String>,
+) {
+    let mut origins = std::collections::BTreeMap::new();
+    let circuits = rows
+        .into_iter()
+        .map(|(c, o)| {
+            if let Some(o) = o {
+                origins.insert(c.id, o);
+            }
+            c
+        })
+        .collect();
+    (circuits, origins)
+}
+
+/// The wire form of [`super::store::Changes`]: `{"revision","resync":true}`, or
+/// `{"revision","circuits","origins","removed","more"}`.
+fn changes_answer(changes: super::store::Changes) -> Response {
     match changes {
-        super::store::Changes::Resync { revision } => json!({"revision": revision, "resync": true}),
+        super::store::Changes::Resync { revision } => {
+            Json(json!({"revision": revision, "resync": true})).into_response()
+        }
         super::store::Changes::Since {
             revision,
             upserts,
             removed,
             more,
         } => {
-            let list: Vec<Value> = upserts
-                .iter()
-                .map(|(c, o)| circuit_with_origin(c, o.as_deref()))
-                .collect();
-            json!({"revision": revision, "changes": list, "removed": removed, "more": more})
+            let (circuits, origins) = split_origins(upserts);
+            Json(SetAnswer {
+                revision,
+                circuits,
+                origins,
+                next: None,
+                removed: Some(removed),
+                more: Some(more),
+            })
+            .into_response()
         }
     }
 }

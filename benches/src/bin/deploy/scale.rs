@@ -17,7 +17,7 @@
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +36,8 @@ pub struct Scale {
     pub worker_bin: PathBuf,
     /// Which engines: `sqlite`, `postgres`.
     pub engines: Vec<String>,
+    /// Keep the worker's logs (at `info`) in this directory.
+    pub logs: Option<PathBuf>,
 }
 
 const DOMAIN: &str = ".apps.test";
@@ -54,7 +56,7 @@ impl WorkerProc {
         let child = Command::new(bin)
             .arg("--config")
             .arg(config)
-            .stdout(Stdio::null())
+            .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()?;
         Ok(Self {
@@ -269,12 +271,18 @@ fn coordinator_toml(bind: u16, database: &str, redis: Option<&str>) -> String {
     )
 }
 
-fn worker_toml(cores: usize, traffic: u16, link: &str, redis: Option<&str>) -> String {
+fn worker_toml(
+    cores: usize,
+    traffic: u16,
+    link: &str,
+    redis: Option<&str>,
+    filter: &str,
+) -> String {
     let redis = redis
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
     format!(
-        "[worker]\nauthority = \"scale-worker\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\nfrontend_mode = \"wildcard\"\nwildcard_domain = \"{DOMAIN}\"\nwildcard_traffic_port = {traffic}\napi_port = {}\n[admin]\nbind = \"127.0.0.1:{}\"\n[coordinator]\n{link}\npoll_interval_ms = 200\n{redis}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n",
+        "[worker]\nauthority = \"scale-worker\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\nfrontend_mode = \"wildcard\"\nwildcard_domain = \"{DOMAIN}\"\nwildcard_traffic_port = {traffic}\napi_port = {}\n[admin]\nbind = \"127.0.0.1:{}\"\n[coordinator]\n{link}\npoll_interval_ms = 200\n{redis}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n[logging]\nfilter = \"{filter}\"\naccess_log = false\n",
         free_port(),
         free_port()
     )
@@ -282,6 +290,13 @@ fn worker_toml(cores: usize, traffic: u16, link: &str, redis: Option<&str>) -> S
 
 /// Runs the scale measurement on every engine asked for.
 pub fn run(scale: &Scale, dir: &Path) -> anyhow::Result<()> {
+    let (log_dir, filter) = match &scale.logs {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (d.as_path(), "info")
+        }
+        None => (dir, "warn"),
+    };
     println!(
         "scale: wildcard worker, {} cores, {} managers; each N filled untimed, then measured",
         scale.cores, scale.clients
@@ -308,10 +323,11 @@ pub fn run(scale: &Scale, dir: &Path) -> anyhow::Result<()> {
                         traffic,
                         &format!("embedded = \"{}\"", coord_conf.display()),
                         None,
+                        filter,
                     ),
                 )?;
                 let worker =
-                    WorkerProc::start(&scale.worker_bin, &conf, &dir.join("scale-sqlite.log"))?;
+                    WorkerProc::start(&scale.worker_bin, &conf, &log_dir.join("scale-sqlite.log"))?;
                 let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
                 measure(scale, "SQLite, single node", coord, traffic, worker, None)?;
             }
@@ -335,10 +351,11 @@ pub fn run(scale: &Scale, dir: &Path) -> anyhow::Result<()> {
                         traffic,
                         &format!("url = \"http://{coord}\""),
                         Some(&redis.url()),
+                        filter,
                     ),
                 )?;
                 let worker =
-                    WorkerProc::start(&scale.worker_bin, &conf, &dir.join("scale-pg.log"))?;
+                    WorkerProc::start(&scale.worker_bin, &conf, &log_dir.join("scale-pg.log"))?;
                 measure(
                     scale,
                     "PostgreSQL + Redis",
@@ -469,8 +486,8 @@ fn measure(
         );
         percentiles(&format!("  create at {n_now}"), samples);
     }
-    // Memory stability: 10,000 further creations... only when asked for by the sizes
-    // (the last size's run already added its creations); then a restart.
+    // Memory: per circuit above the idle worker, then stability over 10,000 further
+    // creations; then a restart.
     let n = counter.load(Ordering::Relaxed);
     let rss = rss_kib(worker.pid());
     println!(
@@ -478,6 +495,16 @@ fn measure(
         (rss.saturating_sub(idle_rss) as f64 * 1024.0) / n.max(1) as f64,
         scale.cores
     );
+    let more = 10_000;
+    create_many(coord, scale.clients, &counter, n + more)?;
+    let after = rss_kib(worker.pid());
+    println!(
+        "  RSS after {more} further creations: {:.1} -> {:.1} MiB ({:.0} B per added circuit)",
+        rss as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(rss) as f64 * 1024.0) / more as f64
+    );
+    let n = counter.load(Ordering::Relaxed);
     let first_host = host_of(coord, &first_url)?;
     let last_host = host_of(coord, &last_url)?;
     anyhow::ensure!(
