@@ -730,16 +730,26 @@ impl PgStore {
         port_workers: &[uuid::Uuid],
         subdomain: &str,
     ) -> Result<Vec<UsedSlot>, StoreError> {
-        let rows = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        // Two statements, each on its index; the port one only when there are port
+        // workers (an empty `= ANY` must not cost a scan of every circuit).
+        let mut rows = client
             .query(
-                "SELECT worker, port, subdomain FROM circuits WHERE worker = ANY($1) AND port IS NOT NULL
-                 UNION ALL
-                 SELECT worker, port, subdomain FROM circuits WHERE subdomain = $2",
-                &[&port_workers, &subdomain],
+                "SELECT worker, port, subdomain FROM circuits WHERE subdomain = $1",
+                &[&subdomain],
             )
             .await?;
+        if !port_workers.is_empty() {
+            rows.extend(
+                client
+                    .query(
+                        "SELECT worker, port, subdomain FROM circuits
+                         WHERE worker = ANY($1) AND port IS NOT NULL",
+                        &[&port_workers],
+                    )
+                    .await?,
+            );
+        }
         rows.iter()
             .map(|r| {
                 let port: Option<i32> = r.try_get(1)?;
