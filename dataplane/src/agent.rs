@@ -209,6 +209,9 @@ pub enum Link {
 struct Wake {
     /// The request that caused it (an event's metadata).
     request_id: Option<RequestId>,
+    /// The deployment's span: a child of the coordinator's (the event's
+    /// `traceparent`), else derived from `request_id`.
+    span: Option<appproxy_shared::trace::SpanContext>,
     /// Circuits announced as created: acknowledged once every core has them.
     created: Vec<uuid::Uuid>,
     /// What the event changed, when it says (then no fetch is needed); `None` for a
@@ -738,6 +741,7 @@ async fn run(
             batched += 1;
             if more.request_id != wake.request_id {
                 wake.request_id = None;
+                wake.span = None;
             }
             wake.resync |= more.resync;
             wake.created.extend(more.created);
@@ -765,7 +769,9 @@ async fn run(
                 }
             },
         };
-        let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
+        let applied = appproxy_shared::with_request_context(None, wake.span, || {
+            apply(&config, &deployer, fetched, &mut state, wake.request_id)
+        });
         if wake.created.is_empty() && !wake.resync {
             continue;
         }
@@ -825,8 +831,9 @@ async fn run(
                 .request_id
                 .or(deployment)
                 .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
-            appproxy_shared::scope(
+            appproxy_shared::scope_traced(
                 Some(id),
+                wake.span,
                 acknowledge(
                     &link,
                     &mut redis,
@@ -963,6 +970,7 @@ async fn acknowledge(
             body.origin_request_ids = origin_request_ids;
             let meta = EventMetadata {
                 request_id: appproxy_shared::current_request_id().map(Into::into),
+                traceparent: appproxy_shared::current_span().map(|s| s.traceparent().to_string()),
                 ..Default::default()
             };
             let Ok(msg) = BroadcastMessage::encode(
@@ -1069,6 +1077,7 @@ async fn follow_local(
         let wake = match events.recv().await {
             Ok(e) if e.authority == authority => Wake {
                 request_id: e.request_id,
+                span: e.span.map(|s| s.child()),
                 created: if e.kind == EventKind::Created {
                     e.circuits.iter().map(|c| c.id).collect()
                 } else {
@@ -1112,7 +1121,11 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
             if body["target_worker_authority"].as_str() != Some(authority.as_str()) {
                 return true;
             }
-            let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
+            let meta = envelope.metadata();
+            let request_id = meta.request_id.and_then(|r| r.validated());
+            let tp = meta.traceparent.as_deref().map(str::as_bytes);
+            let span = (tp.is_some() || request_id.is_some())
+                .then(|| appproxy_shared::trace::SpanContext::from_header(tp, request_id.as_ref()));
             let delta = event_delta(&envelope.name, &body, request_id);
             let created = if envelope.name == EVENT_CIRCUIT_CREATED {
                 body["circuits"]
@@ -1124,11 +1137,12 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
             } else {
                 Vec::new()
             };
-            appproxy_shared::with_request_id(request_id, || {
+            appproxy_shared::with_request_context(request_id, span, || {
                 tracing::info!(event = %envelope.name, "circuit event received");
             });
             tx.send(Wake {
                 request_id,
+                span,
                 created,
                 delta,
                 resync: false,
@@ -1310,7 +1324,7 @@ fn apply(
             tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
         });
     }
-    appproxy_shared::with_request_id(Some(id), || {
+    appproxy_shared::with_request_context(Some(id), appproxy_shared::current_span(), || {
         tracing::info!(
             changed = resolved.len(),
             removed = removes.len(),
