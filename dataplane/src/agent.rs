@@ -288,6 +288,9 @@ pub enum Link {
 struct Wake {
     /// The request that caused it (an event's metadata).
     request_id: Option<RequestId>,
+    /// The deployment's span: a child of the coordinator's (the event's
+    /// `traceparent`), else derived from `request_id`.
+    span: Option<appproxy_shared::trace::SpanContext>,
     /// Circuits announced as created: acknowledged once every core has them.
     created: Vec<uuid::Uuid>,
     /// What the event changed, when it says (then no fetch is needed); `None` for a
@@ -801,6 +804,7 @@ async fn run(
             batched += 1;
             if more.request_id != wake.request_id {
                 wake.request_id = None;
+                wake.span = None;
             }
             wake.resync |= more.resync;
             wake.created.extend(more.created);
@@ -828,7 +832,9 @@ async fn run(
                 }
             },
         };
-        let applied = apply(&config, &deployer, fetched, &mut state, wake.request_id);
+        let applied = appproxy_shared::with_request_context(None, wake.span, || {
+            apply(&config, &deployer, fetched, &mut state, wake.request_id)
+        });
         state.forget_old();
         if wake.created.is_empty() && !wake.resync {
             continue;
@@ -889,8 +895,9 @@ async fn run(
                 .request_id
                 .or(deployment)
                 .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
-            appproxy_shared::scope(
+            appproxy_shared::scope_traced(
                 Some(id),
+                wake.span,
                 acknowledge(
                     &link,
                     &mut redis,
@@ -1048,6 +1055,7 @@ async fn acknowledge(
             body.origin_request_ids = origin_request_ids;
             let meta = EventMetadata {
                 request_id: appproxy_shared::current_request_id().map(Into::into),
+                traceparent: appproxy_shared::current_span().map(|s| s.traceparent().to_string()),
                 ..Default::default()
             };
             let Ok(msg) = BroadcastMessage::encode(
@@ -1154,6 +1162,7 @@ async fn follow_local(
         let wake = match events.recv().await {
             Ok(e) if e.authority == authority => Wake {
                 request_id: e.request_id,
+                span: e.span.map(|s| s.child()),
                 created: if e.kind == EventKind::Created {
                     e.circuits.iter().map(|c| c.id).collect()
                 } else {
@@ -1197,7 +1206,11 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
             if body["target_worker_authority"].as_str() != Some(authority.as_str()) {
                 return true;
             }
-            let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
+            let meta = envelope.metadata();
+            let request_id = meta.request_id.and_then(|r| r.validated());
+            let tp = meta.traceparent.as_deref().map(str::as_bytes);
+            let span = (tp.is_some() || request_id.is_some())
+                .then(|| appproxy_shared::trace::SpanContext::from_header(tp, request_id.as_ref()));
             let delta = event_delta(&envelope.name, &body, request_id);
             let created = if envelope.name == EVENT_CIRCUIT_CREATED {
                 body["circuits"]
@@ -1209,11 +1222,12 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
             } else {
                 Vec::new()
             };
-            appproxy_shared::with_request_id(request_id, || {
+            appproxy_shared::with_request_context(request_id, span, || {
                 tracing::info!(event = %envelope.name, "circuit event received");
             });
             tx.send(Wake {
                 request_id,
+                span,
                 created,
                 delta,
                 resync: false,
@@ -1272,6 +1286,18 @@ impl Fetched {
     }
 }
 
+/// Whether two copies of a circuit route the same: equal but for the times the
+/// store stamps (an event's copy and the stored one differ there, and a circuit
+/// heard of both ways must deploy once).
+fn same_circuit(a: &Circuit, b: &Circuit) -> bool {
+    let untimed = |c: &Circuit| Circuit {
+        created_at: None,
+        updated_at: None,
+        ..c.clone()
+    };
+    a.id == b.id && untimed(a) == untimed(b)
+}
+
 /// Turns what was fetched into a change for the cores — only the circuits that are
 /// new, different or gone, each checked and resolved on its own — and sends it
 /// under `preferred` (an event's request ID) when given. Costs what changed, not
@@ -1323,7 +1349,7 @@ fn apply(
                 if state
                     .circuits
                     .get(&id)
-                    .is_some_and(|d| d.circuit == circuit)
+                    .is_some_and(|d| same_circuit(&d.circuit, &circuit))
                 {
                     continue;
                 }
@@ -1398,7 +1424,7 @@ fn apply(
             });
         }
     }
-    appproxy_shared::with_request_id(Some(id), || {
+    appproxy_shared::with_request_context(Some(id), appproxy_shared::current_span(), || {
         tracing::info!(
             changed = resolved.len(),
             removed = removes.len(),
@@ -1412,4 +1438,41 @@ fn apply(
         removes,
     };
     Some((deployer.change(change, id), id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circuit() -> Circuit {
+        serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666",
+            "protocol": "http", "app_mode": "interactive", "frontend_mode": "wildcard",
+            "subdomain": "app", "open_to_public": true,
+            "route_info": [{"session_id": "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+                "kernel_host": "127.0.0.1", "kernel_port": 8000}],
+            "session_ids": ["5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"],
+            "created_at": "2026-11-30T10:00:00.000001Z",
+            "updated_at": "2026-11-30T10:00:00.000001Z"
+        }))
+        .expect("a circuit")
+    }
+
+    #[test]
+    fn copies_differing_only_in_store_times_are_the_same_circuit() {
+        let event_copy = circuit();
+        let mut stored = circuit();
+        stored.created_at = Some("2026-11-30T10:00:00.000917Z".into());
+        stored.updated_at = None;
+        assert!(same_circuit(&event_copy, &stored));
+        let mut moved = circuit();
+        moved.route_info[0].kernel_port = 8001;
+        assert!(
+            !same_circuit(&event_copy, &moved),
+            "a route change is a change"
+        );
+        let mut renamed = circuit();
+        renamed.subdomain = Some("other".into());
+        assert!(!same_circuit(&event_copy, &renamed));
+    }
 }

@@ -94,6 +94,10 @@ pub struct WorkerSection {
     /// Request-ID handling (extract or generate, forward, echo). Turning it off
     /// exists only to measure its cost: proxy errors then carry the ID `-`.
     pub request_ids: bool,
+    /// W3C trace context on each request: accept or start a trace, give the worker's
+    /// hop its own span, forward `traceparent` to the app and put the span on the
+    /// access line (see docs/tracing.md).
+    pub trace_context: bool,
 }
 
 /// Under which ID WebSocket messages are logged.
@@ -129,6 +133,7 @@ impl Default for WorkerSection {
             backlog: 1024,
             ws_message_ids: WsMessageIds::Session,
             request_ids: true,
+            trace_context: true,
         }
     }
 }
@@ -661,6 +666,8 @@ pub struct Runtime {
     pub ws_message_ids: WsMessageIds,
     /// Request-ID handling on (off only for measurement).
     pub request_ids: bool,
+    /// W3C trace context on each request.
+    pub trace_context: bool,
     /// Log format (the access log follows it).
     pub log_format: appproxy_shared::telemetry::LogFormat,
     /// The wildcard frontend (wildcard mode).
@@ -1059,6 +1066,7 @@ impl Config {
             access_log: self.logging.access_log,
             ws_message_ids: self.worker.ws_message_ids,
             request_ids: self.worker.request_ids,
+            trace_context: self.worker.trace_context,
             wildcard,
             secrets: self.secrets.clone(),
             api_port: self.worker.api_port,

@@ -388,8 +388,9 @@ pub use crate::metrics::{counter, CoreMetrics, SharedMetrics};
 pub struct AccessEntry<'a> {
     /// The request's ID.
     pub request_id: &'a RequestId,
-    /// The circuit served (absent for errors before routing).
-    pub circuit: Option<&'a uuid::Uuid>,
+    /// The circuit served (absent for errors before routing): its ID and user
+    /// context (`user_id`, first `session_id`, `endpoint_id`) go on the line.
+    pub circuit: Option<&'a appproxy_shared::model::Circuit>,
     /// Method token.
     pub method: &'a [u8],
     /// Path (query left out: it may hold tokens).
@@ -432,17 +433,24 @@ impl AccessLog {
         }
     }
 
-    /// Appends one line.
+    /// Appends one line; inside a traced request (the span bound by the proxy) the
+    /// line carries the span's `trace_id`, `span_id` and `parent_span_id`.
     pub fn record(&self, e: &AccessEntry<'_>, duration: Duration) {
         if !self.enabled {
             return;
         }
+        let span = appproxy_shared::current_span();
+        let trace = span.map(|s| (s.trace_id.hex(), s.span_id.hex()));
+        let parent = span.and_then(|s| s.parent_span_id).map(|p| p.hex());
+        let user = e.circuit.and_then(|c| c.user_id);
+        let session = e.circuit.and_then(|c| c.session_ids.first());
+        let endpoint = e.circuit.and_then(|c| c.endpoint_id);
         let duration_us = duration.as_micros() as u64;
         let ts = Rfc3339(SystemTime::now());
         let method = String::from_utf8_lossy(e.method);
         let path = String::from_utf8_lossy(e.path);
         let path = path.split('?').next().unwrap_or("");
-        let circuit = e.circuit.map(ToString::to_string);
+        let circuit = e.circuit.map(|c| c.id.to_string());
         let upstream = e.upstream.map(|a| a.to_string());
         let mut buf = self.buf.borrow_mut();
         use std::fmt::Write as _;
@@ -453,8 +461,28 @@ impl AccessLog {
                     "{{\"timestamp\":\"{ts}\",\"level\":\"INFO\",\"component\":\"worker\",\"target\":\"access\",\"request_id\":\"{}\",\"core\":{},",
                     e.request_id, self.core
                 );
+                if let Some((t, s)) = &trace {
+                    let _ = write!(
+                        buf,
+                        "\"trace_id\":\"{}\",\"span_id\":\"{}\",",
+                        t.as_str(),
+                        s.as_str()
+                    );
+                }
+                if let Some(p) = &parent {
+                    let _ = write!(buf, "\"parent_span_id\":\"{}\",", p.as_str());
+                }
                 if let Some(c) = &circuit {
                     let _ = write!(buf, "\"circuit\":\"{c}\",");
+                }
+                if let Some(u) = user {
+                    let _ = write!(buf, "\"user_id\":\"{u}\",");
+                }
+                if let Some(s) = session {
+                    let _ = write!(buf, "\"session_id\":\"{s}\",");
+                }
+                if let Some(ep) = endpoint {
+                    let _ = write!(buf, "\"endpoint_id\":\"{ep}\",");
                 }
                 buf.push_str("\"method\":\"");
                 push_json_escaped(&mut buf, &method);
@@ -476,8 +504,23 @@ impl AccessLog {
                     "ts={ts} level=info component=worker target=access request_id={} core={}",
                     e.request_id, self.core
                 );
+                if let Some((t, s)) = &trace {
+                    let _ = write!(buf, " trace_id={} span_id={}", t.as_str(), s.as_str());
+                }
+                if let Some(p) = &parent {
+                    let _ = write!(buf, " parent_span_id={}", p.as_str());
+                }
                 if let Some(c) = &circuit {
                     let _ = write!(buf, " circuit={c}");
+                }
+                if let Some(u) = user {
+                    let _ = write!(buf, " user_id={u}");
+                }
+                if let Some(s) = session {
+                    let _ = write!(buf, " session_id={s}");
+                }
+                if let Some(ep) = endpoint {
+                    let _ = write!(buf, " endpoint_id={ep}");
                 }
                 push_logfmt_pair(&mut buf, "method", &method);
                 push_logfmt_pair(&mut buf, "path", path);
@@ -594,7 +637,8 @@ impl Core {
     pub fn record(&self, e: &AccessEntry<'_>) {
         // One clock read serves the histogram and the access line.
         let duration = e.started.elapsed();
-        self.metrics.request_done(e.circuit, e.status, duration);
+        self.metrics
+            .request_done(e.circuit.map(|c| &c.id), e.status, duration);
         self.access.record(e, duration);
     }
 

@@ -22,6 +22,7 @@ pub mod reactor;
 pub mod relay;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod worker;
 pub mod ws;
 

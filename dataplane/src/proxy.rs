@@ -12,10 +12,10 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use appproxy_shared::header::{self, IdPolicy};
-use appproxy_shared::{scope, RequestId};
+use appproxy_shared::{scope, scope_traced, RequestId};
 
 use crate::core::{counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, ClientHop};
+use crate::http::encode::{self, ClientFraming, ClientHop, TraceHeaders};
 use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -114,9 +114,14 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
                 .0
                 .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
         };
+        let trace = core
+            .rt
+            .trace_context
+            .then(|| crate::trace::Hop::resolve(client.buf.filled(), &head.headers, &id));
         let span = tracing::debug_span!("request", request_id = %id);
-        let fut = scope(
+        let fut = scope_traced(
             Some(id),
+            trace.map(|t| t.span),
             handle(
                 &core,
                 &mut client,
@@ -124,6 +129,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
                 &mut out,
                 head,
                 id,
+                trace,
                 started,
             ),
         );
@@ -190,7 +196,7 @@ struct Refusal<'a> {
     /// Human-readable reason (never includes client bytes).
     message: String,
     id: &'a RequestId,
-    circuit: Option<&'a uuid::Uuid>,
+    circuit: Option<&'a appproxy_shared::model::Circuit>,
     started: Instant,
     line: &'a LogLine,
     bytes_in: u64,
@@ -258,8 +264,12 @@ async fn handle(
     out: &mut Vec<u8>,
     head: RequestHead,
     id: RequestId,
+    trace: Option<crate::trace::Hop>,
     started: Instant,
 ) -> Next {
+    if let Some(t) = &trace {
+        t.log_rejection();
+    }
     let line = {
         let buf = client.buf.filled();
         LogLine {
@@ -282,6 +292,7 @@ async fn handle(
         }
     };
     let circuit_id = route.circuit.circuit.id;
+    let circuit = &route.circuit.circuit;
     let peer_ip = match client_ip(client, &head) {
         Ok(ip) => ip,
         Err(()) => {
@@ -289,7 +300,7 @@ async fn handle(
                 "X-Forwarded-For from a trusted proxy must hold exactly one address",
             ));
             let mut r = Refusal::from_error(&err, &id, &line, started);
-            r.circuit = Some(&circuit_id);
+            r.circuit = Some(circuit);
             r.close = true;
             answer(core, client, out, r).await;
             return Next::Close;
@@ -322,7 +333,7 @@ async fn handle(
             code: refusal.code,
             message: refusal.message.into(),
             id: &id,
-            circuit: Some(&circuit_id),
+            circuit: Some(circuit),
             started,
             line: &line,
             bytes_in: head.head_len as u64,
@@ -346,18 +357,18 @@ async fn handle(
     };
     if let Some(err) = early {
         let mut r = Refusal::from_error(&err, &id, &line, started);
-        r.circuit = Some(&circuit_id);
+        r.circuit = Some(circuit);
         r.close = true;
         answer(core, client, out, r).await;
         return Next::Close;
     }
-    match forward(core, client, ubuf, out, &head, &route, id).await {
+    match forward(core, client, ubuf, out, &head, &route, id, trace).await {
         Ok(done) => {
             core.metrics.status(done.status);
             core.metrics.add(counter::BYTES_OUT, done.bytes_out);
             core.record(&AccessEntry {
                 request_id: &id,
-                circuit: Some(&circuit_id),
+                circuit: Some(circuit),
                 method: &line.method,
                 path: &line.path,
                 status: done.status,
@@ -372,7 +383,7 @@ async fn handle(
             tracing::warn!(error = %err, "request failed");
             let next = settle(client, &head, left, &err);
             let mut r = Refusal::from_error(&err, &id, &line, started);
-            r.circuit = Some(&circuit_id);
+            r.circuit = Some(circuit);
             r.bytes_in = head.head_len as u64;
             r.close = next == Next::Close;
             answer(core, client, out, r).await;
@@ -383,7 +394,7 @@ async fn handle(
             core.metrics.add(counter::PROXY_ERRORS, 1);
             core.record(&AccessEntry {
                 request_id: &id,
-                circuit: Some(&circuit_id),
+                circuit: Some(circuit),
                 method: &line.method,
                 path: &line.path,
                 status: 0,
@@ -529,6 +540,7 @@ enum Failure {
 }
 
 /// Forwards the request and relays the response.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     core: &Rc<Core>,
     client: &mut Client,
@@ -537,6 +549,7 @@ async fn forward(
     head: &RequestHead,
     route: &Route,
     id: RequestId,
+    trace: Option<crate::trace::Hop>,
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
     let mut addr = route
@@ -599,13 +612,18 @@ async fn forward(
     };
     let mut bytes_in = head.head_len as u64;
     ubuf.consume(usize::MAX);
+    let traceparent = trace.map(|t| t.span.traceparent());
     loop {
         out.clear();
-        encode::upstream_request(
+        encode::upstream_request_traced(
             out,
             client.buf.filled(),
             head,
             forwarded_id(core, &id),
+            trace.zip(traceparent.as_ref()).map(|(t, h)| TraceHeaders {
+                traceparent: h.as_bytes(),
+                keep_tracestate: t.keep_tracestate,
+            }),
             client.hop,
             addr,
         );
@@ -688,7 +706,7 @@ async fn forward(
                     id,
                     bytes_in,
                     websocket,
-                    route.circuit.circuit.id,
+                    &route.circuit.circuit,
                 )
                 .await;
             }
@@ -923,7 +941,7 @@ async fn relay_response(
     id: RequestId,
     bytes_in: u64,
     websocket: bool,
-    circuit: uuid::Uuid,
+    circuit: &appproxy_shared::model::Circuit,
 ) -> Result<Done, Failure> {
     let rt = &core.rt;
     let mut bytes_out = 0u64;
@@ -1010,8 +1028,9 @@ async fn relay_response(
             bytes_out,
             ws_rsv,
             session: id,
+            circuit,
         };
-        let _open = core.tunnel_open(circuit);
+        let _open = core.tunnel_open(circuit.id);
         return tunnel(core, client, ubuf, out, ends).await;
     }
     let framing = ClientFraming::choose(resp.framing, req.version);
@@ -1078,7 +1097,7 @@ async fn relay_response(
 }
 
 /// What a tunnel starts with.
-struct TunnelEnds {
+struct TunnelEnds<'a> {
     /// The app's connection, after its 101.
     upstream: TcpConn,
     /// The app's address.
@@ -1091,6 +1110,8 @@ struct TunnelEnds {
     ws_rsv: Option<u8>,
     /// The upgrade request's ID: it names the session.
     session: RequestId,
+    /// The circuit (its user context goes on the session line).
+    circuit: &'a appproxy_shared::model::Circuit,
 }
 
 /// After a 101: relays both ways until both sides close or the tunnel idles out.
@@ -1101,7 +1122,7 @@ async fn tunnel(
     client: &mut Client,
     ubuf: &mut ReadBuf,
     out: &mut Vec<u8>,
-    ends: TunnelEnds,
+    ends: TunnelEnds<'_>,
 ) -> Result<Done, Failure> {
     let idle = core.rt.tunnel_idle_timeout;
     let TunnelEnds {
@@ -1111,6 +1132,7 @@ async fn tunnel(
         mut bytes_out,
         ws_rsv,
         session,
+        circuit,
     } = ends;
     // What each side sent right behind the handshake.
     let from_app = ubuf.filled().to_vec();
@@ -1195,6 +1217,9 @@ async fn tunnel(
                     .or(up.close_seen)
                     .or(down.close_seen)
                     .unwrap_or(1006),
+                user_id = circuit.user_id.map(tracing::field::display),
+                session_id = circuit.session_ids.first().map(tracing::field::display),
+                endpoint_id = circuit.endpoint_id.map(tracing::field::display),
                 "websocket session closed"
             );
             (up.bytes, down.bytes)

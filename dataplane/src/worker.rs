@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use appproxy_shared::model::ProxyProtocol;
-use appproxy_shared::{scope, RequestId};
+use appproxy_shared::{scope_traced, RequestId};
 use glommio::Task;
 
 use crate::config::{ResolvedCircuit, Runtime};
@@ -54,6 +54,8 @@ pub enum Command {
         change: Arc<Change>,
         /// The request that caused the deployment; every core logs under it.
         request_id: RequestId,
+        /// The deployment's span when it is part of a trace: every core logs under it.
+        span: Option<appproxy_shared::trace::SpanContext>,
         /// Told this core's row once the table is in place, with the circuits whose
         /// frontend could not listen (the agent's acknowledgement waits for every
         /// core and reports those as failed).
@@ -89,14 +91,18 @@ impl Deployer {
         self.change(Change::replace(circuits), request_id)
     }
 
-    /// Sends a change to every core; the answer tells when all applied it.
+    /// Sends a change to every core; the answer tells when all applied it. The span
+    /// bound by the caller (if any: the agent binds the deployment's trace) goes with
+    /// it, so every core's "deployment applied" line carries the trace.
     pub fn change(&self, change: Change, request_id: RequestId) -> Applied {
+        let span = appproxy_shared::current_span();
         let change = Arc::new(change);
         let (applied, rx) = crossbeam_channel::unbounded();
         for (tx, waker) in self.cores.iter() {
             let _ = tx.send(Command::Deploy {
                 change: change.clone(),
                 request_id,
+                span,
                 applied: applied.clone(),
             });
             waker.wake();
@@ -442,6 +448,7 @@ fn run_core(
                     Command::Deploy {
                         change,
                         request_id,
+                        span,
                         applied,
                     } => {
                         // Counted before the "deployment applied" line, so whoever
@@ -452,7 +459,7 @@ fn run_core(
                                 .circuits
                                 .store(count as u64, std::sync::atomic::Ordering::Relaxed);
                         }
-                        let failed = scope(Some(request_id), async {
+                        let failed = scope_traced(Some(request_id), span, async {
                             apply_deployment(&core, &listeners, &change)
                         })
                         .await;

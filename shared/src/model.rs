@@ -327,6 +327,11 @@ pub struct EventMetadata {
     /// The user that triggered the event, when known (kept opaque).
     #[serde(default)]
     pub triggered_user: Option<serde_json::Value>,
+    /// W3C `traceparent` of the hop that published the event (its span is the
+    /// receiver's parent); absent from the wire when there is none. Validated like a
+    /// header when read ([`crate::trace::SpanContext::from_header`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A request ID as it appears in event metadata: any string a peer sent. It is

@@ -514,6 +514,7 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
                 authority,
                 circuits: vec![updated],
                 request_id: appproxy_shared::current_request_id(),
+                span: appproxy_shared::current_span(),
             })
             .await;
         if !delivered && (state.redis.is_some() || state.local.receiver_count() > 0) {

@@ -54,6 +54,9 @@ pub struct CircuitEvent {
     pub circuits: Vec<Circuit>,
     /// The request that caused it, if any.
     pub request_id: Option<RequestId>,
+    /// The span of that request on the coordinator, if traced: sent as the event's
+    /// `traceparent`, so the worker's deployment is its child.
+    pub span: Option<appproxy_shared::trace::SpanContext>,
 }
 
 impl CircuitEvent {
@@ -211,6 +214,7 @@ fn reconnected(i: usize) {
 pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
     let meta = EventMetadata {
         request_id: event.request_id.map(RequestIdText::from),
+        traceparent: event.span.map(|s| s.traceparent().to_string()),
         ..Default::default()
     };
     let Ok(msg) = BroadcastMessage::encode(
@@ -396,8 +400,15 @@ pub async fn listen_acks(
                 return true;
             };
             let ack = Acknowledgement::parse(&body);
-            let request_id = envelope.metadata().request_id.and_then(|r| r.validated());
-            appproxy_shared::with_request_id(request_id, || {
+            let meta = envelope.metadata();
+            let request_id = meta.request_id.and_then(|r| r.validated());
+            let span = meta.traceparent.map(|tp| {
+                appproxy_shared::trace::SpanContext::from_header(
+                    Some(tp.as_bytes()),
+                    request_id.as_ref(),
+                )
+            });
+            appproxy_shared::with_request_context(request_id, span, || {
                 tracing::debug!(
                     worker = %ack.authority,
                     circuits = ack.deployed.len(),

@@ -653,6 +653,7 @@ async fn apply(
                 authority,
                 circuits: vec![updated],
                 request_id: appproxy_shared::current_request_id(),
+                span: appproxy_shared::current_span(),
             })
             .await;
         Ok(true)

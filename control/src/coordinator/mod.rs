@@ -195,6 +195,7 @@ impl State {
                 authority,
                 circuits: vec![circuit],
                 request_id: appproxy_shared::current_request_id(),
+                span: appproxy_shared::current_span(),
             })
             .await;
         }

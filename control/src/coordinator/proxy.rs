@@ -560,6 +560,7 @@ async fn announce(state: &State, circuit: &Circuit, worker_body: &Value) -> Resu
             authority: authority.clone(),
             circuits: vec![circuit.clone()],
             request_id: origin,
+            span: appproxy_shared::current_span(),
         })
         .await;
     let observed = &state.metrics.observed;

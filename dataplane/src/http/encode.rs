@@ -162,6 +162,30 @@ pub fn upstream_request(
     hop: ClientHop,
     app: SocketAddr,
 ) {
+    upstream_request_traced(out, buf, head, id, None, hop, app);
+}
+
+/// The trace context sent to the app: the worker's own `traceparent` replaces the
+/// client's, and the client's `tracestate` lines are kept unchanged only when its
+/// `traceparent` was valid (otherwise the trace restarts here without them).
+#[derive(Clone, Copy)]
+pub struct TraceHeaders<'a> {
+    /// `traceparent` naming the worker's span as parent.
+    pub traceparent: &'a [u8],
+    /// Whether the client's `tracestate` lines go on.
+    pub keep_tracestate: bool,
+}
+
+/// [`upstream_request`] with the worker's trace context (`None`: headers as sent).
+pub fn upstream_request_traced(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    id: Option<&RequestId>,
+    trace: Option<TraceHeaders<'_>>,
+    hop: ClientHop,
+    app: SocketAddr,
+) {
     out.extend_from_slice(&buf[head.method_raw.clone()]);
     out.push(b' ');
     out.extend_from_slice(&buf[head.target.clone()]);
@@ -179,6 +203,13 @@ pub fn upstream_request(
             || is_client_address_header(name_b)
         {
             continue;
+        }
+        if let Some(t) = trace {
+            if name_is(name_b, "traceparent")
+                || (!t.keep_tracestate && name_is(name_b, "tracestate"))
+            {
+                continue;
+            }
         }
         if FORWARDING.iter().any(|f| name_is(name_b, f)) {
             if hop.trusted {
@@ -218,6 +249,9 @@ pub fn upstream_request(
     }
     if let Some(id) = id {
         push_field(out, b"X-Backend-Request-ID", id.as_bytes());
+    }
+    if let Some(t) = trace {
+        push_field(out, b"traceparent", t.traceparent);
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(prior) = prior_xff {

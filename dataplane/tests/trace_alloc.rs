@@ -1,0 +1,102 @@
+//! The worker's per-request trace work allocates nothing: resolving the hop from the
+//! client's `traceparent`, formatting the one sent to the app, encoding the upstream
+//! head with it (into a buffer with room), binding the span and formatting the IDs for
+//! the access line — counted by a global allocator in this test binary.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use appproxy_dataplane::http::encode::{upstream_request_traced, ClientHop, TraceHeaders};
+use appproxy_dataplane::http::parse::{parse_request, HeadLimits};
+use appproxy_dataplane::trace::Hop;
+use appproxy_shared::RequestId;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct Counting;
+
+// SAFETY: delegates to the system allocator; only counts calls on this thread.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same layout contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as for `realloc` on the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+#[test]
+fn trace_work_per_request_does_not_allocate() {
+    let requests: [&[u8]; 3] = [
+        b"GET /small HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: 4bf92f35-77b3-4da6-a3ce-929d0e0e4736\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: rojo=1\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nHost: a\r\ntraceparent: 00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    let id = RequestId::parse(b"4bf92f35-77b3-4da6-a3ce-929d0e0e4736").expect("id");
+    let hop = ClientHop::new("10.1.2.3:5555".parse().expect("addr"), 8080, false);
+    let app = "10.9.9.9:8888".parse().expect("addr");
+    let mut out = Vec::with_capacity(4096);
+    let mut line = String::with_capacity(4096);
+    // Warm the per-thread random generator and the tracing callsites first.
+    let _ = Hop::resolve(requests[0], &[], &id);
+    for raw in requests {
+        let head = parse_request(raw, &HeadLimits::default())
+            .expect("valid")
+            .expect("complete");
+        let before = allocations();
+        let t = Hop::resolve(raw, &head.headers, &id);
+        let tp = t.span.traceparent();
+        out.clear();
+        upstream_request_traced(
+            &mut out,
+            raw,
+            &head,
+            Some(&id),
+            Some(TraceHeaders {
+                traceparent: tp.as_bytes(),
+                keep_tracestate: t.keep_tracestate,
+            }),
+            hop,
+            app,
+        );
+        appproxy_shared::with_request_context(Some(id), Some(t.span), || {
+            use std::fmt::Write as _;
+            let span = appproxy_shared::current_span().expect("bound");
+            line.clear();
+            let _ = write!(
+                line,
+                "{}{}",
+                span.trace_id.hex().as_str(),
+                span.span_id.hex().as_str()
+            );
+            if let Some(p) = span.parent_span_id {
+                line.push_str(p.hex().as_str());
+            }
+        });
+        assert_eq!(
+            allocations() - before,
+            0,
+            "allocations for {:?}",
+            String::from_utf8_lossy(raw)
+        );
+        let sent = String::from_utf8_lossy(&out);
+        assert!(sent.contains(tp.as_str()), "{sent}");
+    }
+}

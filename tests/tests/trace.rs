@@ -1,0 +1,305 @@
+//! One trace across the whole path, with real servers: a manager call carrying a
+//! `traceparent` reaches the coordinator, whose circuit event goes through Redis with
+//! the trace in its metadata; the worker process (two cores) deploys and acknowledges
+//! under a child span; then a client request of the same trace goes through the
+//! worker to an app that records the `traceparent` it receives. The captured logs of
+//! the coordinator and the worker, read by `appproxy-trace`, show every hop under the
+//! one trace in call order, with consistent parent and child span IDs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{http, Sink};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const MANAGER_SPAN: &str = "00f067aa0ba902b7";
+const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+/// The worker process; killed on drop.
+struct WorkerProc {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl WorkerProc {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn json(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    // A hang guard only: generous, the machine may be shared.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(sink: &Sink) -> String {
+    String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned()
+}
+
+#[test]
+fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
+    let redis = common::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The coordinator runs here; its lines go to this sink.
+    let sink = Sink::default();
+    let sub = appproxy_shared::telemetry::subscriber(
+        &appproxy_shared::telemetry::LoggingConfig {
+            format: appproxy_shared::telemetry::LogFormat::Json,
+            filter: "info".into(),
+        },
+        "coordinator",
+        sink.clone(),
+    )
+    .expect("subscriber");
+    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+
+    // The app: records the traceparent of every request.
+    let app = TcpListener::bind("127.0.0.1:0").expect("app");
+    let app_addr = app.local_addr().expect("addr");
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = received.clone();
+    std::thread::spawn(move || {
+        for mut s in app.incoming().flatten() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            for line in head.lines() {
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("traceparent") {
+                        seen.lock().expect("seen").push(value.trim().to_owned());
+                    }
+                }
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nfrom-app",
+            );
+        }
+    });
+
+    let coord_port = common::free_port();
+    let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
+    let coordinator = common::start_coordinator(
+        &format!(
+            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+            dir.path().join("c.sqlite3").display(),
+            redis.url()
+        ),
+        coord_addr,
+    );
+
+    // The worker: its own process, tracing lines and access lines in one file.
+    let circuit_port = common::free_port();
+    let config = format!(
+        "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[coordinator]\nurl = \"http://{coord_addr}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[logging]\nformat = \"json\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        common::free_port(),
+        redis.url()
+    );
+    let path = dir.path().join("worker.toml");
+    std::fs::write(&path, config).expect("config");
+    let log = dir.path().join("worker.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let err = out.try_clone().expect("log");
+    let worker = WorkerProc {
+        child: Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start the worker"),
+        log,
+    };
+    wait_until("the worker's subscription", || {
+        worker.logs().contains("subscribed to circuit events")
+    });
+    wait_until("the worker's registration", || {
+        let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
+        body.contains("\"authority\":\"w1\"")
+    });
+
+    // The manager's call, in its own trace.
+    let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{},"session":{{"id":"{SESSION}","user_uuid":"{USER}","group_id":"{USER}","access_key":"AK","domain_name":"default"}}}}"#,
+        app_addr.port()
+    );
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // The client's request, in the same trace (the manager's workflow goes on).
+    let circuit_addr = SocketAddr::from(([127, 0, 0, 1], circuit_port));
+    wait_until("the circuit's port", || {
+        TcpStream::connect(circuit_addr).is_ok()
+    });
+    let cookie = appproxy_dataplane::auth::permit_value(
+        "permit",
+        &USER.parse().expect("uuid"),
+        appproxy_dataplane::auth::PermitDigest::Sha256,
+    );
+    let (status, _, body) = http(
+        circuit_addr,
+        &format!("GET /lab HTTP/1.1\r\nHost: t\r\nCookie: appproxy_permit=\"{cookie}\"\r\nX-Backend-Request-ID: client-1\r\ntraceparent: {incoming}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!((status, body.as_str()), (200, "from-app"));
+
+    // The app got the trace, with the worker's span as parent.
+    let got = received.lock().expect("received").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let parts: Vec<&str> = got[0].split('-').collect();
+    assert_eq!(parts.len(), 4, "{got:?}");
+    assert_eq!(parts[1], TRACE);
+    let worker_span = parts[2].to_owned();
+    assert_ne!(worker_span, MANAGER_SPAN);
+
+    // The worker's access line: the same span, the caller's as parent, user context.
+    let mut access = serde_json::Value::Null;
+    wait_until("the worker's access line", || {
+        access = worker
+            .json()
+            .into_iter()
+            .find(|v| v["target"] == "access" && v["request_id"] == "client-1")
+            .unwrap_or_default();
+        !access.is_null()
+    });
+    assert_eq!(access["trace_id"], TRACE);
+    assert_eq!(access["span_id"], worker_span.as_str());
+    assert_eq!(access["parent_span_id"], MANAGER_SPAN);
+    assert_eq!(access["user_id"], USER);
+    assert_eq!(access["session_id"], SESSION);
+    assert!(access["duration_us"].is_u64());
+
+    // The coordinator's hop is the manager span's child; the deployment (every core,
+    // and the acknowledgement) is the coordinator hop's child.
+    let coord_lines: Vec<serde_json::Value> = text(&sink)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let created = coord_lines
+        .iter()
+        .find(|v| v["message"] == "circuit created")
+        .expect("the coordinator's creation line");
+    assert_eq!(created["trace_id"], TRACE);
+    assert_eq!(created["parent_span_id"], MANAGER_SPAN);
+    let coordinator_span = created["span_id"].as_str().expect("span").to_owned();
+    let mut deployment = Vec::new();
+    wait_until("the deployment lines", || {
+        let lines = worker.json();
+        deployment = lines
+            .iter()
+            // A fetch that raced the event may deploy the circuit first, under the
+            // manager's request ID only (a fetched circuit carries no trace); the
+            // event's deployment follows under the trace.
+            .filter(|v| {
+                v["trace_id"] == TRACE
+                    && (v["message"] == "deployment applied"
+                        || v["message"] == "deployment acknowledged")
+            })
+            .cloned()
+            .collect();
+        let cores: std::collections::BTreeSet<String> = deployment
+            .iter()
+            .filter(|v| v["message"] == "deployment applied")
+            .map(|v| v["core"].to_string())
+            .collect();
+        cores.len() == 2
+            && deployment
+                .iter()
+                .any(|v| v["message"] == "deployment acknowledged")
+    });
+    let deploy_span = deployment[0]["span_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no span on {deployment:?}\n{}", worker.logs()))
+        .to_owned();
+    for line in &deployment {
+        assert_eq!(line["trace_id"], TRACE, "{line}");
+        assert_eq!(line["span_id"], deploy_span.as_str(), "{line}");
+        assert_eq!(line["parent_span_id"], coordinator_span.as_str(), "{line}");
+        assert_eq!(line["request_id"], "manager-R-1", "{line}");
+    }
+
+    // appproxy-trace on the two logs: one trace, the hops in call order.
+    let coord_log = dir.path().join("coordinator.log");
+    std::fs::write(&coord_log, text(&sink)).expect("coordinator log");
+    let mut entries = appproxy_trace::parse_text(&text(&sink), "coordinator.log");
+    entries.extend(appproxy_trace::parse_text(&worker.logs(), "worker.log"));
+    let selected = appproxy_trace::select(&entries, &appproxy_trace::Query::Trace(TRACE.into()));
+    let timeline = appproxy_trace::timeline(&selected);
+    let rendered = appproxy_trace::render_text(&timeline, false);
+    assert_eq!(timeline.trace_ids, vec![TRACE.to_owned()], "{rendered}");
+    let position = |span: &str| {
+        timeline
+            .hops
+            .iter()
+            .position(|h| h.span_id.as_deref() == Some(span))
+            .unwrap_or_else(|| panic!("no hop {span}:\n{rendered}"))
+    };
+    let (c, d, w) = (
+        position(&coordinator_span),
+        position(&deploy_span),
+        position(&worker_span),
+    );
+    assert!(c < d, "the coordinator's hop comes first:\n{rendered}");
+    let hop = |i: usize| &timeline.hops[i];
+    assert_eq!(hop(c).component, "coordinator");
+    assert_eq!(hop(d).component, "worker");
+    assert_eq!(hop(w).component, "worker");
+    assert_eq!(
+        hop(d).parent_span_id.as_deref(),
+        Some(coordinator_span.as_str())
+    );
+    assert!(hop(d).depth > hop(c).depth, "{rendered}");
+    assert_eq!(hop(w).parent_span_id.as_deref(), Some(MANAGER_SPAN));
+    assert!(
+        hop(w).measured,
+        "the worker's access line gives its duration"
+    );
+    assert!(hop(w).start_us >= hop(c).start_us, "{rendered}");
+    // Only the manager's own span (the external caller) has no line here.
+    let missing: Vec<&str> = timeline
+        .missing
+        .iter()
+        .map(|m| m.span_id.as_str())
+        .collect();
+    assert_eq!(missing, vec![MANAGER_SPAN], "{rendered}");
+    eprintln!("{rendered}");
+
+    drop(worker);
+    coordinator.stop();
+}
