@@ -114,6 +114,22 @@ fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result
     Ok(())
 }
 
+/// The `(body, origin_request_id)` rows a statement selects, as circuits.
+fn circuit_rows(
+    st: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<CircuitRow>, StoreError> {
+    let rows = st.query_map(params, |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (body, origin) = row?;
+        out.push((serde_json::from_str(&body)?, origin));
+    }
+    Ok(out)
+}
+
 /// Replaces the session index of one circuit.
 fn index_sessions(tx: &Connection, circuit: &Circuit) -> Result<(), StoreError> {
     let id = circuit.id.to_string();
@@ -499,14 +515,7 @@ impl SqliteStore {
                 "SELECT body, origin_request_id FROM circuits
                  WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
             )?;
-            let rows = st.query_map(params![worker.map(|w| w.to_string())], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (b, origin) = row?;
-                out.push((serde_json::from_str(&b)?, origin));
-            }
+            let out = circuit_rows(&mut st, params![worker.map(|w| w.to_string())])?;
             Ok(out)
         })
     }
@@ -555,14 +564,7 @@ impl SqliteStore {
                 "SELECT body, origin_request_id FROM circuit_sessions s JOIN circuits ON circuits.id = s.circuit
                  WHERE s.session = ?1 ORDER BY circuits.created_at, circuits.rowid",
             )?;
-            let rows = st.query_map(params![session.to_string()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (b, origin) = row?;
-                out.push((serde_json::from_str(&b)?, origin));
-            }
+            let out = circuit_rows(&mut st, params![session.to_string()])?;
             Ok(out)
         })
     }
@@ -668,14 +670,7 @@ impl SqliteStore {
             let mut st = c.prepare_cached(
                 "SELECT body, origin_request_id FROM circuits WHERE endpoint_id IS NOT NULL",
             )?;
-            let rows = st.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (b, origin) = row?;
-                out.push((serde_json::from_str(&b)?, origin));
-            }
+            let out = circuit_rows(&mut st, [])?;
             Ok(out)
         })
     }
@@ -785,19 +780,14 @@ impl SqliteStore {
                 "SELECT body, origin_request_id FROM circuits
                  WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )?;
-            let rows = st.query_map(
+            let out = circuit_rows(
+                &mut st,
                 params![
                     w,
                     after.map(|a| a.to_string()).unwrap_or_default(),
                     limit as i64
                 ],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
             )?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (b, origin) = row?;
-                out.push((serde_json::from_str(&b)?, origin));
-            }
             Ok((revision.max(0) as u64, out))
         })
     }
