@@ -824,7 +824,20 @@ async fn run(
         // revision deployed — a few bytes when nothing did.
         let fetched = match deltas {
             Some(deltas) => Fetched::of_deltas(deltas),
-            None => match link.fetch(&worker_id, state.revision).await {
+            // Once an hour the whole set is read again, whatever the revision says: a
+            // store restored from a backup may reach the same revision with other
+            // contents.
+            None => match link
+                .fetch(
+                    &worker_id,
+                    state.revision.filter(|_| {
+                        state
+                            .last_whole
+                            .is_some_and(|at| at.elapsed() < WHOLE_SET_EVERY)
+                    }),
+                )
+                .await
+            {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(error = %e, "circuit fetch failed");
@@ -929,11 +942,17 @@ struct Deployed {
     recent: std::collections::VecDeque<(uuid::Uuid, std::time::Instant)>,
     /// The coordinator's revision of the set deployed; `None` before the first fetch.
     revision: Option<u64>,
+    /// When the whole set was last read.
+    last_whole: Option<std::time::Instant>,
 }
 
 /// How long a deployed circuit counts as recent ([`Deployed::recent`]): longer than
 /// any coordinator waits for an acknowledgement.
 const RECENT: Duration = Duration::from_secs(60);
+
+/// How often the whole set is read again although the revision says nothing
+/// changed.
+const WHOLE_SET_EVERY: Duration = Duration::from_secs(3600);
 
 /// Most per-circuit "deployed in a batch" lines a whole-set read writes.
 const MAX_BATCH_LINES: usize = 64;
@@ -1329,6 +1348,9 @@ fn apply(
     }
     if let Some(r) = revision {
         state.revision = Some(r);
+    }
+    if whole {
+        state.last_whole = Some(std::time::Instant::now());
     }
     let mut removes = Vec::new();
     let mut upserts: Vec<(Circuit, Option<RequestId>)> = Vec::new();
