@@ -17,19 +17,29 @@ use tungstenite::Message;
 
 const TOKEN: &str = "appproxy-e2e-token";
 
-/// The virtualenv with jupyter_server and ipykernel, created once.
+/// The virtualenv with jupyter_server and ipykernel, created once: the tests of this
+/// binary run in parallel, and other test processes may share the target directory,
+/// so creation is serialised by an exclusive lock on a file beside it (the second
+/// comes in, finds it made, and uses it).
 fn jupyter_venv() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jupyter-venv");
-    let server = venv.join("bin/jupyter-server");
-    if server.exists() {
-        return venv;
-    }
+    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _in_process = VENV.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let venv = tmp.join("jupyter-venv");
+    // Written once pip finished: a venv without it is incomplete.
+    let made = tmp.join("jupyter-venv.complete");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(Path::new(env!("CARGO_TARGET_TMPDIR")).join("jupyter-venv.lock"));
-    drop(lock);
+        .open(tmp.join("jupyter-venv.lock"))
+        .expect("the venv lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock the venv");
+    if made.exists() {
+        return venv;
+    }
+    // A venv left half made by an interrupted run is made again.
+    let _ = std::fs::remove_dir_all(&venv);
     let ok = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)
@@ -47,6 +57,7 @@ fn jupyter_venv() -> PathBuf {
         ok,
         "pip install jupyter_server ipykernel failed (PyPI must be reachable)"
     );
+    std::fs::write(&made, b"").expect("mark the venv made");
     venv
 }
 
