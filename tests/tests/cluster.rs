@@ -350,8 +350,10 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
         "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 0.2",
     );
     const PORTS: u16 = 80;
-    let (b1, b2) = (free_range(PORTS), free_range(PORTS));
-    assert!(b1.abs_diff(b2) >= PORTS, "disjoint ranges");
+    // One free run split in two: disjoint by construction (two separate picks can
+    // overlap).
+    let b1 = free_range(2 * PORTS);
+    let b2 = b1 + PORTS;
     let w1 = WorkerProc::start(&worker_text("w1", b1, PORTS, coord, &redis.url()));
     let w2 = WorkerProc::start(&worker_text("w2", b2, PORTS, coord, &redis.url()));
     w1.wait_log("deployment acknowledged", 1);
