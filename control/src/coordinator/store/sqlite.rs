@@ -114,6 +114,18 @@ fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result
     Ok(())
 }
 
+/// A worker's revision (`None`: no such worker).
+fn revision_of(c: &Connection, worker: &str) -> Result<Option<u64>, StoreError> {
+    let r: Option<i64> = c
+        .query_row(
+            "SELECT revision FROM workers WHERE id = ?1",
+            params![worker],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(r.map(|r| r.max(0) as u64))
+}
+
 /// The `(body, origin_request_id)` rows a statement selects, as circuits.
 fn circuit_rows(
     st: &mut rusqlite::Statement<'_>,
@@ -683,16 +695,7 @@ impl SqliteStore {
     }
 
     pub(super) fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
-        self.with(|c| {
-            let r: Option<i64> = c
-                .query_row(
-                    "SELECT revision FROM workers WHERE id = ?1",
-                    params![worker.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(r.map(|r| r.max(0) as u64))
-        })
+        self.with(|c| revision_of(c, &worker.to_string()))
     }
 
     pub(super) fn changes_since(
@@ -704,14 +707,7 @@ impl SqliteStore {
         let w = worker.to_string();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
-            let current: Option<i64> = tx
-                .query_row(
-                    "SELECT revision FROM workers WHERE id = ?1",
-                    params![w],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(current) = current.map(|r| r.max(0) as u64) else {
+            let Some(current) = revision_of(&tx, &w)? else {
                 return Ok(Changes::Resync { revision: 0 });
             };
             if since == current {
@@ -768,14 +764,7 @@ impl SqliteStore {
         let w = worker.to_string();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
-            let revision: i64 = tx
-                .query_row(
-                    "SELECT revision FROM workers WHERE id = ?1",
-                    params![w],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(0);
+            let revision = revision_of(&tx, &w)?.unwrap_or(0);
             let mut st = tx.prepare(
                 "SELECT body, origin_request_id FROM circuits
                  WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
@@ -788,7 +777,7 @@ impl SqliteStore {
                     limit as i64
                 ],
             )?;
-            Ok((revision.max(0) as u64, out))
+            Ok((revision, out))
         })
     }
 
