@@ -130,6 +130,15 @@ CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_
 ",
 ];
 
+/// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
+static CIRCUIT_COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CIRCUIT_COLUMNS
+        .split(", ")
+        .map(|c| format!("c.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
 /// Bumps the revision of the worker `$1` and logs circuit `$2` as changed.
 const LOG_CHANGE: &str = "WITH bumped AS (
         UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
@@ -954,17 +963,13 @@ impl PgStore {
         if since > current || oldest.is_none_or(|o| (o.max(1) as u64) > since + 1) {
             return Ok(Changes::Resync { revision: current });
         }
-        let columns = CIRCUIT_COLUMNS
-            .split(", ")
-            .map(|c| format!("c.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let rows = tx
             .query(
                 &format!(
-                    "SELECT l.revision, l.circuit, c.id IS NOT NULL, {columns}
+                    "SELECT l.revision, l.circuit, c.id IS NOT NULL, {}
                      FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
-                     WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3"
+                     WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3",
+                    *CIRCUIT_COLUMNS_OF_C
                 ),
                 &[worker, &(since as i64), &(limit as i64)],
             )
