@@ -1,5 +1,7 @@
 //! Parser micro-benchmarks: a typical browser request head, an upstream response
 //! head, head encoding towards the app, and a chunked body scan.
+// `criterion_main!` defines an undocumented `pub fn main`.
+#![allow(missing_docs)]
 
 use std::hint::black_box;
 

@@ -1,5 +1,7 @@
 //! WebSocket frame inspection (the relay's per-read cost): many small masked frames,
 //! and one large frame streamed through.
+// `criterion_main!` defines an undocumented `pub fn main`.
+#![allow(missing_docs)]
 
 use std::hint::black_box;
 

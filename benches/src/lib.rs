@@ -2,5 +2,6 @@
 //! and the criterion micro-benchmarks under `benches/`.
 #![forbid(unsafe_code)]
 
+pub mod grpc;
 pub mod report;
 pub mod ws;

@@ -166,6 +166,8 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
         ("GET", "/metrics") => {
             let mut text = metrics.render();
             info.liveness.render(&mut text);
+            info.board.render_health(&mut text);
+            appproxy_shared::otlp::render_metrics(&mut text);
             ("200 OK", "text/plain; version=0.0.4", text)
         }
         ("GET", "/circuits") => (

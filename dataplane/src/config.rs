@@ -30,10 +30,14 @@ pub struct Config {
     pub upstream: UpstreamSection,
     /// `[reactor]`: the per-core readiness loop.
     pub reactor: ReactorSection,
+    /// `[http2]`: HTTP/2 on the frontends and towards `http2`/`grpc` apps.
+    pub http2: Http2Section,
     /// `[admin]`: `/health` and `/metrics`.
     pub admin: AdminSection,
     /// `[logging]`: format and filter, plus the access log switch.
     pub logging: WorkerLogging,
+    /// `[telemetry]`: OTLP span export (off by default).
+    pub telemetry: appproxy_shared::telemetry::TelemetryConfig,
     /// `[coordinator]`: present when the worker is managed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<CoordinatorSection>,
@@ -384,6 +388,85 @@ impl Default for ReactorSection {
     }
 }
 
+/// `[http2]`: HTTP/2 frontends (ALPN `h2` over TLS, prior-knowledge `h2c` in the
+/// clear) and the bounds every HTTP/2 connection is held to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http2Section {
+    /// Serve HTTP/2 to clients (`h2` in the TLS ALPN list, the `h2c` preface in the
+    /// clear). `http2` and `grpc` circuits need it.
+    pub enabled: bool,
+    /// Streams a client may have open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Flow-control window per stream, bytes: the most a stream buffers towards a
+    /// destination that does not read.
+    pub initial_stream_window: u32,
+    /// Flow-control window per connection, bytes (all streams together).
+    pub initial_connection_window: u32,
+    /// Largest decoded header list (HPACK-expanded names and values plus 32 bytes
+    /// per field), bytes; past it the stream is refused.
+    pub max_header_list_size: u32,
+    /// Largest frame payload accepted, bytes (16,384 to 16,777,215).
+    pub max_frame_size: u32,
+    /// Bytes queued for sending per stream before the stream waits.
+    pub max_send_buffer: usize,
+    /// Streams reset by the client before the worker accepted them that are held
+    /// at once; past it the connection is closed (rapid reset, CVE-2023-44487).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the worker resets because the client broke the protocol, per
+    /// connection; past it the connection is closed with `ENHANCE_YOUR_CALM`.
+    pub max_local_error_reset_streams: usize,
+    /// Streams a client may open (and reset) on one connection over its lifetime
+    /// before it is asked to go away (`GOAWAY`, then closed once its streams end);
+    /// 0: no limit.
+    pub max_streams_per_connection: u64,
+}
+
+impl Default for Http2Section {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_concurrent_streams: 128,
+            initial_stream_window: 256 * 1024,
+            initial_connection_window: 1024 * 1024,
+            max_header_list_size: 64 * 1024,
+            max_frame_size: 16 * 1024,
+            max_send_buffer: 64 * 1024,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 128,
+            max_streams_per_connection: 0,
+        }
+    }
+}
+
+impl Http2Section {
+    /// Refuses values the protocol does not allow.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("[http2] {key}: {why}")));
+        if self.max_concurrent_streams == 0 {
+            return bad("max_concurrent_streams", "must be at least 1");
+        }
+        if !(16_384..=16_777_215).contains(&self.max_frame_size) {
+            return bad("max_frame_size", "must be between 16384 and 16777215");
+        }
+        for (key, v) in [
+            ("initial_stream_window", self.initial_stream_window),
+            ("initial_connection_window", self.initial_connection_window),
+        ] {
+            if !(65_535..=0x7fff_ffff).contains(&v) {
+                return bad(key, "must be between 65535 and 2147483647");
+            }
+        }
+        if self.max_header_list_size < 1024 {
+            return bad("max_header_list_size", "must be at least 1024");
+        }
+        if self.max_send_buffer < 1024 {
+            return bad("max_send_buffer", "must be at least 1024");
+        }
+        Ok(())
+    }
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -400,6 +483,9 @@ pub struct AdminSection {
     /// Most circuits with their own series per core; busier ones past this are
     /// summed under `circuit="other"`, so the series count stays bounded.
     pub per_circuit_metrics_max: usize,
+    /// Record the request-duration and upstream response-head histograms (on by
+    /// default; off leaves their families out of `/metrics`).
+    pub latency_histograms: bool,
 }
 
 impl Default for AdminSection {
@@ -409,6 +495,7 @@ impl Default for AdminSection {
             core_stall_ms: 2000,
             per_circuit_metrics: false,
             per_circuit_metrics_max: 200,
+            latency_histograms: true,
         }
     }
 }
@@ -504,6 +591,14 @@ impl Default for CoordinatorSection {
     }
 }
 
+/// How a circuit error names its circuit: the key path when the position is known.
+fn circuit_key(index: Option<usize>, id: &str) -> String {
+    match index {
+        Some(i) => format!("circuits[{i}] (id {id})"),
+        None => format!("circuit {id}"),
+    }
+}
+
 /// A config that cannot run, with what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -527,8 +622,10 @@ pub enum ConfigError {
     #[error("[worker] cores: {0}")]
     Cores(String),
     /// A circuit is unusable.
-    #[error("circuit {id}: {message}")]
+    #[error("{}: {message}", circuit_key(*.index, .id))]
     Circuit {
+        /// The circuit's position in the list it came in (`circuits[i]`), if known.
+        index: Option<usize>,
         /// The circuit's ID.
         id: String,
         /// What is wrong.
@@ -552,6 +649,15 @@ pub struct ResolvedCircuit {
     pub upstream_tls: Vec<(SocketAddr, appproxy_shared::model::UpstreamTls, String)>,
     /// Parsed allowlist; empty = everyone.
     pub allowed: Vec<IpNet>,
+}
+
+/// Whether a route gets traffic: a non-zero ratio and not judged unhealthy by the
+/// coordinator's active health check (out of rotation until it answers again; the
+/// circuit is redeployed then). [`ResolvedCircuit::upstreams`] holds exactly these
+/// routes, in `route_info` order.
+pub fn in_rotation(r: &appproxy_shared::model::RouteInfo) -> bool {
+    r.traffic_ratio != 0.0
+        && r.health_status != Some(appproxy_shared::model::RouteHealth::Unhealthy)
 }
 
 /// Where clients reach a circuit.
@@ -652,6 +758,8 @@ pub struct Runtime {
     pub core_stall: Duration,
     /// Per-circuit metrics (opt-in, bounded).
     pub per_circuit_metrics: crate::metrics::PerCircuit,
+    /// Latency histograms recorded (`[admin] latency_histograms`).
+    pub latency_histograms: bool,
     /// glommio's preemption timer (`None`: never; see `worker::NO_PREEMPTION`).
     pub glommio_preempt: Option<Duration>,
     /// glommio io memory per executor, bytes.
@@ -668,6 +776,8 @@ pub struct Runtime {
     pub request_ids: bool,
     /// W3C trace context on each request.
     pub trace_context: bool,
+    /// `[http2]`.
+    pub http2: Http2Section,
     /// Log format (the access log follows it).
     pub log_format: appproxy_shared::telemetry::LogFormat,
     /// The wildcard frontend (wildcard mode).
@@ -716,7 +826,33 @@ impl Config {
             "# appproxy-worker configuration (defaults).\n# Circuits are added as [[circuits]] tables; see deploy/worker.standalone.toml.\n\n",
         );
         text.push_str(&toml::to_string_pretty(&Self::default()).unwrap_or_default());
-        text
+        let coordinator = CoordinatorSection::default();
+        let managed = [
+            "url = \"http://127.0.0.1:10200\"  # a remote coordinator (several: comma-separated)".to_owned(),
+            "embedded = \"coordinator.toml\"  # or one in this process (its config, relative to this file)".to_owned(),
+            format!("poll_interval_ms = {}", coordinator.poll_interval_ms),
+            format!("heartbeat_secs = {}", coordinator.heartbeat_secs),
+            format!("apply_timeout_ms = {}", coordinator.apply_timeout_ms),
+            format!("access_flush_ms = {}", coordinator.access_flush_ms),
+        ];
+        let mut optional: Vec<(&str, &str)> = vec![
+            ("worker", "hostname = \"proxy1.example.com\"  # advertised in /setup links (default: bind_host)"),
+            ("worker", "api_port = 10201  # serves /setup (and wildcard traffic on it)"),
+            ("worker", "tls_cert = \"/etc/appproxy/tls/cert.pem\"  # with tls_listen"),
+            ("worker", "tls_privkey = \"/etc/appproxy/tls/key.pem\"  # with tls_listen"),
+            ("worker", "wildcard_domain = \".apps.example.com\"  # frontend_mode = \"wildcard\""),
+            ("worker", "wildcard_traffic_port = 10250  # frontend_mode = \"wildcard\""),
+            ("upstream", "tls_ca = \"/etc/appproxy/upstream-ca.pem\"  # roots for upstream_tls = \"verify\""),
+            ("secrets", "api_secret = \"…\"  # the coordinator's API secret (managed mode)"),
+            ("secrets", "jwt_secret = \"…\"  # checks the coordinator's /setup tokens"),
+            ("secrets", "permit_secret = \"…\"  # signs the permit cookie"),
+        ];
+        optional.extend(managed.iter().map(|l| ("coordinator", l.as_str())));
+        optional.push((
+            "redis",
+            "url = \"redis://127.0.0.1:6379/\"  # events, acknowledgements, last-access marks",
+        ));
+        appproxy_shared::config::with_optional_keys(&text, &optional)
     }
 
     /// Validates circuits (from the file or from the coordinator) against this
@@ -726,15 +862,23 @@ impl Config {
         let mut ports = HashSet::new();
         let mut subdomains = HashSet::new();
         let mut circuits = Vec::with_capacity(list.len());
-        for c in list {
+        for (i, c) in list.iter().enumerate() {
             let err = |message: String| ConfigError::Circuit {
+                index: Some(i),
                 id: c.id.to_string(),
                 message,
             };
             if !ids.insert(c.id) {
                 return Err(err("duplicate circuit id".into()));
             }
-            let resolved = self.resolve_circuit(c)?;
+            let resolved = self.resolve_circuit(c).map_err(|e| match e {
+                ConfigError::Circuit { id, message, .. } => ConfigError::Circuit {
+                    index: Some(i),
+                    id,
+                    message,
+                },
+                other => other,
+            })?;
             match &resolved.frontend {
                 Frontend::Port(port) => {
                     if !ports.insert(*port) {
@@ -759,15 +903,15 @@ impl Config {
     pub fn resolve_circuit(&self, c: &Circuit) -> Result<ResolvedCircuit, ConfigError> {
         {
             let err = |message: String| ConfigError::Circuit {
+                index: None,
                 id: c.id.to_string(),
                 message,
             };
-            if !matches!(
-                c.protocol,
-                ProxyProtocol::Http | ProxyProtocol::Preopen | ProxyProtocol::Tcp
-            ) {
+            if matches!(c.protocol, ProxyProtocol::Http2 | ProxyProtocol::Grpc)
+                && !self.http2.enabled
+            {
                 return Err(err(format!(
-                    "protocol {:?} is not available in this build; \"http\", \"preopen\" and \"tcp\" circuits are served",
+                    "protocol {:?} needs HTTP/2: set [http2] enabled = true",
                     c.protocol
                 )));
             }
@@ -836,9 +980,7 @@ impl Config {
                         r.kernel_host, r.kernel_port
                     )));
                 }
-                if r.traffic_ratio == 0.0
-                    || r.health_status == Some(appproxy_shared::model::RouteHealth::Unhealthy)
-                {
+                if !in_rotation(r) {
                     // Unhealthy: out of rotation until the coordinator's health check
                     // sees it answer again (the circuit is redeployed then).
                     continue;
@@ -1058,6 +1200,7 @@ impl Config {
                 enabled: self.admin.per_circuit_metrics,
                 max: self.admin.per_circuit_metrics_max.min(10_000),
             },
+            latency_histograms: self.admin.latency_histograms,
             glommio_preempt: (self.reactor.glommio_preempt_us > 0)
                 .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
@@ -1067,6 +1210,10 @@ impl Config {
             ws_message_ids: self.worker.ws_message_ids,
             request_ids: self.worker.request_ids,
             trace_context: self.worker.trace_context,
+            http2: {
+                self.http2.validate()?;
+                self.http2.clone()
+            },
             wildcard,
             secrets: self.secrets.clone(),
             api_port: self.worker.api_port,
@@ -1089,6 +1236,28 @@ impl Config {
                 )
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod default_config_tests {
+    use super::*;
+
+    #[test]
+    fn every_optional_key_of_the_default_config_reads_once_uncommented() {
+        let text = Config::default_toml();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::parse(&uncommented).expect("uncommented default config");
+        assert_eq!(config.worker.api_port, Some(10201));
+        assert!(config.coordinator.is_some_and(|c| c.url.is_some()));
+        assert!(config.redis.is_some());
     }
 }
 
@@ -1129,7 +1298,10 @@ mod tests {
             (
                 "port outside the range",
                 circuit("").replace("port = 10205", "port = 9000"),
-                vec!["outside [worker] port_range"],
+                vec![
+                    "circuits[0]",
+                    "port 9000 is outside [worker] port_range [10205, 10300]",
+                ],
             ),
         ];
         for (what, text, wants) in cases {
@@ -1216,9 +1388,11 @@ mod tests {
                 "outside [worker] port_range",
             ),
             (
-                "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 10205\nprotocol = \"grpc\"\n",
-                "not available",
+                "[http2]\nenabled = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 10205\nprotocol = \"grpc\"\n",
+                "needs HTTP/2: set [http2] enabled = true",
             ),
+            ("[http2]\nmax_frame_size = 1024\n", "[http2] max_frame_size"),
+            ("[http2]\ninitial_stream_window = 10\n", "[http2] initial_stream_window"),
             (
                 "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\nport = 10205\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556667\"\nopen_to_public = true\nport = 10205\n",
                 "used by another circuit",

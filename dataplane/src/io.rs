@@ -330,25 +330,6 @@ impl TcpConn {
         .await
     }
 
-    async fn tls_read(&self, tls: &TlsState, buf: &mut [u8]) -> io::Result<usize> {
-        poll_fn(|cx| loop {
-            let r = self.tls_read_now(&mut tls.session.borrow_mut(), buf);
-            match r {
-                Ok(Some(n)) => {
-                    self.book_read(n);
-                    return Poll::Ready(Ok(n));
-                }
-                Ok(None) => match self.reg.poll_ready(cx, Direction::Read) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                },
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        })
-        .await
-    }
-
     /// Encrypts some of `buf` and waits until every record is in the kernel, like a
     /// plain write: what it returns has left the process.
     async fn tls_write(&self, tls: &TlsState, buf: &[u8]) -> io::Result<usize> {
@@ -441,21 +422,41 @@ impl TcpConn {
         conn.reg.set_deadline(Some(Instant::now() + timeout));
         poll_fn(|cx| conn.reg.poll_ready(cx, Direction::Write)).await?;
         conn.reg.set_deadline(None);
-        if let Some(e) = conn.stream.take_error()? {
-            return Err(e);
+        // One syscall on success: a connected socket has a peer. Only when it has none
+        // is the pending error fetched (an edge with neither error nor connection,
+        // which should not happen, still fails cleanly here with `NotConnected`).
+        if let Err(not_connected) = conn.stream.peer_addr() {
+            return Err(conn.stream.take_error()?.unwrap_or(not_connected));
         }
-        // An edge with neither error nor connection (should not happen) still fails
-        // cleanly here rather than on the first write.
-        conn.stream.peer_addr()?;
         Ok(conn)
     }
 
     /// Reads into `buf`; `Ok(0)` is end of stream.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_read(cx, buf)).await
+    }
+
+    /// Polls a read into `buf` (plaintext over TLS); `Ok(0)` is end of stream. For
+    /// the async I/O traits ([`crate::h2::io`]): one task polls a connection.
+    pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         if let Some(tls) = &self.tls {
-            return self.tls_read(tls, buf).await;
+            return loop {
+                let r = self.tls_read_now(&mut tls.session.borrow_mut(), buf);
+                match r {
+                    Ok(Some(n)) => {
+                        self.book_read(n);
+                        break Poll::Ready(Ok(n));
+                    }
+                    Ok(None) => match self.reg.poll_ready(cx, Direction::Read) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                        Poll::Pending => break Poll::Pending,
+                    },
+                    Err(e) => break Poll::Ready(Err(e)),
+                }
+            };
         }
-        poll_fn(|cx| loop {
+        loop {
             if !self.reg.is_ready(Direction::Read) {
                 match self.reg.poll_ready(cx, Direction::Read) {
                     Poll::Ready(Ok(())) => {}
@@ -477,8 +478,7 @@ impl TcpConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-        })
-        .await
+        }
     }
 
     /// Writes some of `buf`.
@@ -486,7 +486,26 @@ impl TcpConn {
         if let Some(tls) = &self.tls {
             return self.tls_write(tls, buf).await;
         }
-        poll_fn(|cx| loop {
+        poll_fn(|cx| self.poll_write(cx, buf)).await
+    }
+
+    /// Polls a write of some of `buf`. Over TLS the plaintext is taken once earlier
+    /// records are out, and what the socket does not take now stays encrypted for
+    /// [`TcpConn::poll_flush`] (at most rustls' buffer limit).
+    pub fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(tls) = &self.tls {
+            let mut s = tls.session.borrow_mut();
+            return match self.poll_tls_flush(cx, &mut s) {
+                Poll::Ready(Ok(())) => {
+                    let n = s.writer().write(buf)?;
+                    self.tls_flush_now(&mut s)?;
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        loop {
             if !self.reg.is_ready(Direction::Write) {
                 match self.reg.poll_ready(cx, Direction::Write) {
                     Poll::Ready(Ok(())) => {}
@@ -507,8 +526,16 @@ impl TcpConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-        })
-        .await
+        }
+    }
+
+    /// Polls until every byte written so far is in the kernel (immediate on a plain
+    /// connection).
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.tls {
+            None => Poll::Ready(Ok(())),
+            Some(tls) => self.poll_tls_flush(cx, &mut tls.session.borrow_mut()),
+        }
     }
 
     /// Waits until a read may make progress (data, end of stream or an error), without
@@ -713,6 +740,9 @@ impl Listener {
         )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies the
+        // listener's TCP state into each child): one setsockopt per connection saved.
+        socket.set_tcp_nodelay(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
@@ -733,7 +763,8 @@ impl Listener {
         self.local
     }
 
-    /// Accepts one connection (already non-blocking, close-on-exec, no-delay).
+    /// Accepts one connection (already non-blocking, close-on-exec, and no-delay
+    /// inherited from the listener: no syscall besides `accept4`).
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         poll_fn(|cx| loop {
             if !self.reg.is_ready(Direction::Read) {
@@ -749,7 +780,6 @@ impl Listener {
             ) {
                 Ok((fd, addr)) => {
                     let stream = TcpStream::from(fd);
-                    let _ = stream.set_nodelay(true);
                     let peer = addr
                         .and_then(|a| SocketAddr::try_from(a).ok())
                         .or_else(|| stream.peer_addr().ok());
@@ -765,5 +795,70 @@ impl Listener {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::Liveness;
+
+    fn reactor() -> Rc<Reactor> {
+        let live = Liveness::new(&[0], Duration::from_secs(5));
+        Reactor::new(Default::default(), live.cores[0].clone()).expect("reactor")
+    }
+
+    /// An accepted connection has TCP_NODELAY without a setsockopt of its own: the
+    /// listener's setting is inherited (the accept path relies on it).
+    #[test]
+    fn accepted_connections_inherit_nodelay() {
+        let reactor = reactor();
+        let listener =
+            Listener::bind(&reactor, "127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(listener.local_addr()).expect("connect"))
+            .collect();
+        for client in &clients {
+            // The handshake is complete (connect returned), so accept does not wait.
+            let (stream, peer) = futures_lite::future::block_on(listener.accept()).expect("accept");
+            assert!(stream.nodelay().expect("getsockopt"), "no TCP_NODELAY");
+            assert_eq!(peer, client.local_addr().expect("local addr"));
+        }
+    }
+
+    /// Runs `fut` on this thread with the reactor polling beside it.
+    fn drive<T>(reactor: &Rc<Reactor>, fut: impl std::future::Future<Output = T>) -> T {
+        let run = async {
+            reactor.clone().run().await;
+            unreachable!("the reactor runs until stopped")
+        };
+        futures_lite::future::block_on(futures_lite::future::or(fut, run))
+    }
+
+    /// A connect that succeeds is checked with one syscall; one that fails still
+    /// reports the socket's own error (refused), not a generic "not connected".
+    #[test]
+    fn connect_reports_success_and_the_pending_error() {
+        let reactor = reactor();
+        let open = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = open.local_addr().expect("addr");
+        let conn = drive(
+            &reactor,
+            TcpConn::connect(&reactor, addr, Duration::from_secs(10)),
+        )
+        .expect("connect");
+        assert_eq!(conn.peer_addr().expect("peer"), addr);
+        drop(conn);
+
+        let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let gone = closed.local_addr().expect("addr");
+        drop(closed);
+        let err = drive(
+            &reactor,
+            TcpConn::connect(&reactor, gone, Duration::from_secs(10)),
+        )
+        .err()
+        .expect("a closed port refuses");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }
 }

@@ -67,10 +67,106 @@ pub enum Counter {
     TlsHandshakeFailures,
     /// TLS handshakes in progress (gauge).
     TlsHandshaking,
+    /// HTTP/2 streams accepted from clients.
+    Http2Streams,
+    /// HTTP/2 streams being handled now (gauge).
+    Http2StreamsActive,
+    /// HTTP/2 connections closed for abuse (rapid reset, too many streams in flight).
+    Http2Abuse,
+    /// A client's request head did not arrive in `[timeouts] head_secs` (408).
+    TimeoutClientHead,
+    /// A client's request body stalled past `[timeouts] body_idle_secs` (408).
+    TimeoutClientBody,
+    /// A client's request body came in below `[limits] min_body_rate` (408).
+    TimeoutClientBodyRate,
+    /// An upstream connect did not complete in `[timeouts] upstream_connect_secs`.
+    TimeoutUpstreamConnect,
+    /// An app sent no response head within `[timeouts] upstream_head_secs` (504).
+    TimeoutUpstreamHead,
+    /// A WebSocket or TCP tunnel closed after `[timeouts] tunnel_idle_secs` of silence.
+    TimeoutTunnelIdle,
+    /// A client's TLS handshake did not complete within the head timeout.
+    TimeoutTlsHandshake,
 }
 
 /// Number of counters.
-pub const N_COUNTERS: usize = 22;
+pub const N_COUNTERS: usize = Counter::ALL.len();
+
+impl Counter {
+    /// Every counter, in index order (checked by a test: `ALL[i] as usize == i`).
+    pub const ALL: [Counter; Counter::TimeoutTlsHandshake as usize + 1] = [
+        Counter::Requests1xx,
+        Counter::Requests2xx,
+        Counter::Requests3xx,
+        Counter::Requests4xx,
+        Counter::Requests5xx,
+        Counter::Accepted,
+        Counter::Active,
+        Counter::PoolHit,
+        Counter::PoolMiss,
+        Counter::BytesIn,
+        Counter::BytesOut,
+        Counter::ProxyErrors,
+        Counter::ConnRefused,
+        Counter::AcceptErrors,
+        Counter::LocalErrors,
+        Counter::UpstreamLimit,
+        Counter::TunnelsActive,
+        Counter::TunnelsOpened,
+        Counter::TlsHandshakesFull,
+        Counter::TlsHandshakesResumed,
+        Counter::TlsHandshakeFailures,
+        Counter::TlsHandshaking,
+        Counter::Http2Streams,
+        Counter::Http2StreamsActive,
+        Counter::Http2Abuse,
+        Counter::TimeoutClientHead,
+        Counter::TimeoutClientBody,
+        Counter::TimeoutClientBodyRate,
+        Counter::TimeoutUpstreamConnect,
+        Counter::TimeoutUpstreamHead,
+        Counter::TimeoutTunnelIdle,
+        Counter::TimeoutTlsHandshake,
+    ];
+
+    /// How this counter is exposed: the one place its name, kind and help are kept.
+    const fn spec(self) -> Spec {
+        match self {
+            Counter::Requests1xx => spec_class("1xx"),
+            Counter::Requests2xx => spec_class("2xx"),
+            Counter::Requests3xx => spec_class("3xx"),
+            Counter::Requests4xx => spec_class("4xx"),
+            Counter::Requests5xx => spec_class("5xx"),
+            Counter::Accepted => spec("appproxy_connections_accepted_total", Kind::Counter, "Client connections accepted."),
+            Counter::Active => spec("appproxy_connections_active", Kind::Gauge, "Client connections open now."),
+            Counter::PoolHit => spec("appproxy_upstream_pool_hits_total", Kind::Counter, "Requests sent on a pooled upstream connection."),
+            Counter::PoolMiss => spec("appproxy_upstream_pool_misses_total", Kind::Counter, "Requests that needed a new upstream connection."),
+            Counter::BytesIn => spec("appproxy_bytes_in_total", Kind::Counter, "Bytes read from clients."),
+            Counter::BytesOut => spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
+            Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
+            Counter::ConnRefused => spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
+            Counter::AcceptErrors => spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
+            Counter::LocalErrors => spec("appproxy_local_resource_errors_total", Kind::Counter, "Upstream connects that failed for a local reason (EMFILE, ENFILE, no memory or ports); never counted against the upstream."),
+            Counter::UpstreamLimit => spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
+            Counter::TunnelsActive => spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
+            Counter::TunnelsOpened => spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
+            Counter::TlsHandshakesFull => spec_tls("full"),
+            Counter::TlsHandshakesResumed => spec_tls("resumed"),
+            Counter::TlsHandshakeFailures => spec("appproxy_tls_handshake_failures_total", Kind::Counter, "TLS handshakes that failed, timed out or were closed before completing."),
+            Counter::TlsHandshaking => spec("appproxy_tls_handshakes_in_progress", Kind::Gauge, "TLS handshakes in progress now."),
+            Counter::Http2Streams => spec("appproxy_http2_streams_total", Kind::Counter, "HTTP/2 streams accepted from clients."),
+            Counter::Http2StreamsActive => spec("appproxy_http2_streams_active", Kind::Gauge, "HTTP/2 streams being handled now."),
+            Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487)."),
+            Counter::TimeoutClientHead => spec_timeout("client_head"),
+            Counter::TimeoutClientBody => spec_timeout("client_body"),
+            Counter::TimeoutClientBodyRate => spec_timeout("client_body_rate"),
+            Counter::TimeoutUpstreamConnect => spec_timeout("upstream_connect"),
+            Counter::TimeoutUpstreamHead => spec_timeout("upstream_head"),
+            Counter::TimeoutTunnelIdle => spec_timeout("tunnel_idle"),
+            Counter::TimeoutTlsHandshake => spec_timeout("tls_handshake"),
+        }
+    }
+}
 
 /// Prometheus kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,31 +185,14 @@ struct Spec {
 
 const REQUESTS_HELP: &str = "Responses sent to clients, by status class.";
 
-/// Exposition of every counter, indexed like [`Counter`].
-const SPECS: [Spec; N_COUNTERS] = [
-    spec_class("1xx"),
-    spec_class("2xx"),
-    spec_class("3xx"),
-    spec_class("4xx"),
-    spec_class("5xx"),
-    spec("appproxy_connections_accepted_total", Kind::Counter, "Client connections accepted."),
-    spec("appproxy_connections_active", Kind::Gauge, "Client connections open now."),
-    spec("appproxy_upstream_pool_hits_total", Kind::Counter, "Requests sent on a pooled upstream connection."),
-    spec("appproxy_upstream_pool_misses_total", Kind::Counter, "Requests that needed a new upstream connection."),
-    spec("appproxy_bytes_in_total", Kind::Counter, "Bytes read from clients."),
-    spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
-    spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
-    spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
-    spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
-    spec("appproxy_local_resource_errors_total", Kind::Counter, "Upstream connects that failed for a local reason (EMFILE, ENFILE, no memory or ports); never counted against the upstream."),
-    spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
-    spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
-    spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
-    spec_tls("full"),
-    spec_tls("resumed"),
-    spec("appproxy_tls_handshake_failures_total", Kind::Counter, "TLS handshakes that failed, timed out or were closed before completing."),
-    spec("appproxy_tls_handshakes_in_progress", Kind::Gauge, "TLS handshakes in progress now."),
-];
+const fn spec_timeout(kind: &'static str) -> Spec {
+    Spec {
+        family: "appproxy_timeouts_total",
+        kind: Kind::Counter,
+        help: "Timeouts by kind: client_head, client_body (stalled), client_body_rate (below the minimum rate), upstream_connect, upstream_head, tunnel_idle, tls_handshake.",
+        label: Some(("kind", kind)),
+    }
+}
 
 const fn spec_tls(kind: &'static str) -> Spec {
     Spec {
@@ -179,6 +258,18 @@ pub mod counter {
     pub const TLS_FAILED: usize = Counter::TlsHandshakeFailures as usize;
     /// TLS handshakes in progress.
     pub const TLS_HANDSHAKING: usize = Counter::TlsHandshaking as usize;
+    /// HTTP/2 streams accepted.
+    pub const H2_STREAMS: usize = Counter::Http2Streams as usize;
+    /// HTTP/2 streams being handled.
+    pub const H2_STREAMS_ACTIVE: usize = Counter::Http2StreamsActive as usize;
+    /// HTTP/2 connections cut for abuse.
+    pub const H2_ABUSE: usize = Counter::Http2Abuse as usize;
+    /// Upstream connects that timed out.
+    pub const TIMEOUT_UPSTREAM_CONNECT: usize = Counter::TimeoutUpstreamConnect as usize;
+    /// Tunnels closed for idleness.
+    pub const TIMEOUT_TUNNEL_IDLE: usize = Counter::TimeoutTunnelIdle as usize;
+    /// Client TLS handshakes that timed out.
+    pub const TIMEOUT_TLS_HANDSHAKE: usize = Counter::TimeoutTlsHandshake as usize;
 }
 
 /// Upper bounds of the histogram buckets, in microseconds (then `+Inf`).
@@ -189,17 +280,37 @@ pub const BUCKETS_US: [u64; 14] = [
 const N_BUCKETS: usize = BUCKETS_US.len() + 1;
 
 /// A per-core histogram: plain cells.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Histogram {
     /// Observations per bucket (not cumulative; the last is `+Inf`).
     buckets: [Cell<u64>; N_BUCKETS],
     /// Sum of observations, microseconds.
     sum_us: Cell<u64>,
+    /// Whether observations are recorded (`[admin] latency_histograms`).
+    on: bool,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: Default::default(),
+            sum_us: Cell::new(0),
+            on: true,
+        }
+    }
 }
 
 impl Histogram {
-    /// Records one observation.
+    /// Whether this histogram records (callers skip their clock reads when not).
+    pub fn enabled(&self) -> bool {
+        self.on
+    }
+
+    /// Records one observation (nothing when the histogram is off).
     pub fn observe(&self, d: Duration) {
+        if !self.on {
+            return;
+        }
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let i = BUCKETS_US.partition_point(|b| *b < us);
         let c = &self.buckets[i];
@@ -270,10 +381,11 @@ struct CircuitStats {
 }
 
 impl CircuitStats {
-    fn record(&mut self, status: u16, d: Duration) {
+    fn record(&mut self, status: u16, d: Option<Duration>) {
         if status >= 100 {
             self.classes[status_class(status)] += 1;
         }
+        let Some(d) = d else { return };
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let i = BUCKETS_US.partition_point(|b| *b < us);
         self.duration.buckets[i] += 1;
@@ -322,6 +434,8 @@ pub struct CoreMetrics {
     circuits: RefCell<HashMap<CircuitKey, CircuitStats>>,
     /// The per-circuit setting.
     per_circuit: PerCircuit,
+    /// Whether the latency histograms record (`[admin] latency_histograms`).
+    histograms: bool,
 }
 
 impl Default for CoreMetrics {
@@ -340,7 +454,22 @@ impl CoreMetrics {
             errors: RefCell::new(Vec::new()),
             circuits: RefCell::new(HashMap::new()),
             per_circuit,
+            histograms: true,
         }
+    }
+
+    /// Turns the latency histograms (overall, upstream head, per circuit) on or off.
+    #[must_use]
+    pub fn with_histograms(mut self, on: bool) -> Self {
+        self.histograms = on;
+        self.request_duration.on = on;
+        self.upstream_head.on = on;
+        self
+    }
+
+    /// Whether the latency histograms record.
+    pub fn histograms(&self) -> bool {
+        self.histograms
     }
 
     /// Adds `n` to counter `i`.
@@ -360,8 +489,18 @@ impl CoreMetrics {
         self.add(status_class(status), 1);
     }
 
-    /// Counts a proxy-made error by its code.
+    /// Counts a proxy-made error by its code (and, for a timeout, by its kind).
     pub fn error_code(&self, code: &'static str) {
+        let timeout = match code {
+            "request_timeout" => Some(Counter::TimeoutClientHead),
+            "request_body_timeout" => Some(Counter::TimeoutClientBody),
+            "request_body_too_slow" => Some(Counter::TimeoutClientBodyRate),
+            "upstream_timeout" => Some(Counter::TimeoutUpstreamHead),
+            _ => None,
+        };
+        if let Some(t) = timeout {
+            self.add(t as usize, 1);
+        }
         let mut errors = self.errors.borrow_mut();
         match errors.iter_mut().find(|(c, _)| *c == code) {
             Some((_, n)) => *n += 1,
@@ -385,7 +524,10 @@ impl CoreMetrics {
         } else {
             CircuitKey::Other
         };
-        circuits.entry(key).or_default().record(status, d);
+        circuits
+            .entry(key)
+            .or_default()
+            .record(status, self.histograms.then_some(d));
     }
 }
 
@@ -403,6 +545,8 @@ struct Detail {
     upstream_head: HistogramSnapshot,
     errors: Vec<(&'static str, u64)>,
     circuits: HashMap<CircuitKey, CircuitStats>,
+    /// Whether the core records latency histograms.
+    histograms: bool,
 }
 
 /// The metrics of every core, readable from the admin thread.
@@ -439,6 +583,7 @@ impl SharedMetrics {
         d.request_duration = m.request_duration.snapshot();
         d.upstream_head = m.upstream_head.snapshot();
         d.errors.clone_from(&m.errors.borrow());
+        d.histograms = m.histograms;
         if m.per_circuit.enabled {
             d.circuits.clone_from(&m.circuits.borrow());
         }
@@ -463,7 +608,8 @@ impl SharedMetrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         let mut last_family = "";
-        for (i, s) in SPECS.iter().enumerate() {
+        for c in Counter::ALL {
+            let (i, s) = (c as usize, c.spec());
             if s.family != last_family {
                 let kind = match s.kind {
                     Kind::Counter => "counter",
@@ -490,6 +636,7 @@ impl SharedMetrics {
         let mut merged = Detail::default();
         let mut errors: HashMap<&'static str, u64> = HashMap::new();
         for d in &details {
+            merged.histograms |= d.histograms;
             merged.request_duration.merge(&d.request_duration);
             merged.upstream_head.merge(&d.upstream_head);
             for (code, n) in &d.errors {
@@ -499,22 +646,26 @@ impl SharedMetrics {
                 merged.circuits.entry(*k).or_default().merge(c);
             }
         }
-        out.push_str(
-            "# HELP appproxy_request_duration_seconds Time from a request's complete head to its response sent, every core.\n\
-             # TYPE appproxy_request_duration_seconds histogram\n",
-        );
-        merged
-            .request_duration
-            .render(&mut out, "appproxy_request_duration_seconds", "");
-        out.push_str(
-            "# HELP appproxy_upstream_response_head_duration_seconds Time from a request sent to the app to its response head read, every core.\n\
-             # TYPE appproxy_upstream_response_head_duration_seconds histogram\n",
-        );
-        merged.upstream_head.render(
-            &mut out,
-            "appproxy_upstream_response_head_duration_seconds",
-            "",
-        );
+        // With `[admin] latency_histograms = false` nothing is recorded: the families
+        // are left out rather than exported empty.
+        if merged.histograms {
+            out.push_str(
+                "# HELP appproxy_request_duration_seconds Time from a request's complete head to its response sent, every core.\n\
+                 # TYPE appproxy_request_duration_seconds histogram\n",
+            );
+            merged
+                .request_duration
+                .render(&mut out, "appproxy_request_duration_seconds", "");
+            out.push_str(
+                "# HELP appproxy_upstream_response_head_duration_seconds Time from a request sent to the app to its response head read, every core.\n\
+                 # TYPE appproxy_upstream_response_head_duration_seconds histogram\n",
+            );
+            merged.upstream_head.render(
+                &mut out,
+                "appproxy_upstream_response_head_duration_seconds",
+                "",
+            );
+        }
         out.push_str(
             "# HELP appproxy_proxy_errors_by_code_total Responses the proxy made itself, by error code.\n\
              # TYPE appproxy_proxy_errors_by_code_total counter\n",
@@ -548,16 +699,18 @@ impl SharedMetrics {
                     );
                 }
             }
-            out.push_str(
-                "# HELP appproxy_circuit_request_duration_seconds Request durations per circuit ([admin] per_circuit_metrics).\n\
-                 # TYPE appproxy_circuit_request_duration_seconds histogram\n",
-            );
-            for (k, c) in &rows {
-                c.duration.render(
-                    &mut out,
-                    "appproxy_circuit_request_duration_seconds",
-                    &format!("circuit=\"{}\"", label(k)),
+            if merged.histograms {
+                out.push_str(
+                    "# HELP appproxy_circuit_request_duration_seconds Request durations per circuit ([admin] per_circuit_metrics).\n\
+                     # TYPE appproxy_circuit_request_duration_seconds histogram\n",
                 );
+                for (k, c) in &rows {
+                    c.duration.render(
+                        &mut out,
+                        "appproxy_circuit_request_duration_seconds",
+                        &format!("circuit=\"{}\"", label(k)),
+                    );
+                }
             }
         }
         let _ = write!(
@@ -612,6 +765,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_counter_is_listed_once_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+        // Families that share a name (labelled series) sit next to each other, so
+        // each gets one HELP/TYPE block.
+        let mut seen: Vec<&str> = Vec::new();
+        for c in Counter::ALL {
+            let family = c.spec().family;
+            if seen.last() != Some(&family) {
+                assert!(!seen.contains(&family), "{family} split");
+                seen.push(family);
+            }
+        }
+    }
 
     #[test]
     fn every_family_has_help_and_type_and_histograms_add_up() {

@@ -279,8 +279,14 @@ pub async fn relay_body_counted(
 }
 
 /// Copies `src` to `dst` until `src` closes, then half-closes `dst`; for tunnels.
-/// Returns the bytes copied.
-pub async fn pipe(src: &TcpConn, dst: &TcpConn, buf: &mut [u8], idle: Duration) -> io::Result<u64> {
+/// Returns the bytes copied, and how the copy ended (an error, a timeout included,
+/// ends it early: the bytes copied before still count).
+pub async fn pipe(
+    src: &TcpConn,
+    dst: &TcpConn,
+    buf: &mut [u8],
+    idle: Duration,
+) -> (u64, io::Result<()>) {
     let mut total = 0u64;
     loop {
         src.set_timeout(idle);
@@ -290,19 +296,26 @@ pub async fn pipe(src: &TcpConn, dst: &TcpConn, buf: &mut [u8], idle: Duration) 
             Err(e) => {
                 src.shutdown_both();
                 dst.shutdown_both();
-                return Err(e);
+                return (total, Err(e));
             }
         };
         dst.set_timeout(idle);
         if let Err(e) = dst.write_all(&buf[..n]).await {
             src.shutdown_both();
             dst.shutdown_both();
-            return Err(e);
+            return (total, Err(e));
         }
         total += n as u64;
     }
     dst.shutdown_write();
-    Ok(total)
+    (total, Ok(()))
+}
+
+/// Whether either direction of a tunnel ended on a timeout (idle).
+pub fn idled(a: &io::Result<()>, b: &io::Result<()>) -> bool {
+    [a, b]
+        .iter()
+        .any(|r| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut))
 }
 
 /// State shared by the two directions of one WebSocket relay.
@@ -323,6 +336,9 @@ pub struct WsStats {
     pub bytes: u64,
     /// The close code of a close frame that passed, if one did.
     pub close_seen: Option<u16>,
+    /// Whether this direction ended because its source was silent for the idle
+    /// timeout.
+    pub idled: bool,
 }
 
 /// Relays WebSocket frames from `src` to `dst`, inspecting them
@@ -354,7 +370,8 @@ pub async fn ws_pipe(
     let end_code = 'relay: loop {
         if !first || carry.is_empty() {
             src.set_timeout(idle);
-            if src.readable().await.is_err() {
+            if let Err(e) = src.readable().await {
+                stats.idled = e.kind() == io::ErrorKind::TimedOut;
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }

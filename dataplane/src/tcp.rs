@@ -81,7 +81,10 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         relay::pipe(&upstream, &client, &mut down_buf, idle),
     )
     .await;
-    let (up, down) = (up.unwrap_or(0), down.unwrap_or(0));
+    if relay::idled(&up.1, &down.1) {
+        core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
+    }
+    let (up, down) = (up.0, down.0);
     core.metrics.add(counter::BYTES_IN, up);
     core.metrics.add(counter::BYTES_OUT, down);
     tracing::info!(

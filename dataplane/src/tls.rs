@@ -18,8 +18,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
-/// ALPN identifiers the HTTP frontends accept. `h2` joins once HTTP/2 is served.
+/// ALPN identifiers the HTTP frontends accept without HTTP/2 (and the API port).
 pub const HTTP_ALPN: &[&[u8]] = &[b"http/1.1"];
+
+/// ALPN identifiers the HTTP frontends accept with `[http2] enabled` (the server's
+/// preference first), and what the worker offers to `http2`/`grpc` apps over TLS.
+pub const H2_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Largest TLS output or plaintext held per connection (rustls buffers), bytes.
 pub const BUFFER_LIMIT: usize = 64 * 1024;
@@ -175,7 +179,9 @@ pub struct Tls {
     pub http: Arc<ServerConfig>,
     /// For raw TCP circuits (no ALPN: any protocol rides inside).
     pub raw: Arc<ServerConfig>,
-    /// The certificate store behind both.
+    /// For HTTP frontends serving HTTP/2 too (ALPN `h2`, `http/1.1`).
+    pub h2: Arc<ServerConfig>,
+    /// The certificate store behind all three.
     resolver: Arc<Resolver>,
     /// Where the default pair comes from (for logs).
     default_paths: CertPaths,
@@ -214,8 +220,11 @@ impl Tls {
         raw.max_early_data_size = 0;
         let mut http = raw.clone();
         http.alpn_protocols = HTTP_ALPN.iter().map(|p| p.to_vec()).collect();
+        let mut h2 = raw.clone();
+        h2.alpn_protocols = H2_ALPN.iter().map(|p| p.to_vec()).collect();
         Ok(Self {
             http: Arc::new(http),
+            h2: Arc::new(h2),
             raw: Arc::new(raw),
             resolver,
             default_paths: default.clone(),
@@ -242,7 +251,19 @@ impl Tls {
 
     /// A fresh server-side session for one accepted connection.
     pub fn session(&self, raw_tcp: bool) -> Result<rustls::ServerConnection, rustls::Error> {
-        let config = if raw_tcp { &self.raw } else { &self.http };
+        self.session_with(if raw_tcp { &self.raw } else { &self.http })
+    }
+
+    /// A fresh server-side session offering `h2` before `http/1.1` (HTTP frontends
+    /// with `[http2] enabled`).
+    pub fn session_h2(&self) -> Result<rustls::ServerConnection, rustls::Error> {
+        self.session_with(&self.h2)
+    }
+
+    fn session_with(
+        &self,
+        config: &Arc<ServerConfig>,
+    ) -> Result<rustls::ServerConnection, rustls::Error> {
         let mut conn = rustls::ServerConnection::new(config.clone())?;
         conn.set_buffer_limit(Some(BUFFER_LIMIT));
         Ok(conn)
@@ -286,6 +307,9 @@ pub async fn handshake(
         }
         Err(e) => {
             core.metrics.add(counter::TLS_FAILED, 1);
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                core.metrics.add(counter::TIMEOUT_TLS_HANDSHAKE, 1);
+            }
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed; connection closed");
             false
         }
@@ -307,6 +331,9 @@ const SYSTEM_ROOTS: &[&str] = &[
 pub struct Upstream {
     verify: Arc<rustls::ClientConfig>,
     insecure: Arc<rustls::ClientConfig>,
+    /// The same two, offering only `h2` (apps of `http2` and `grpc` circuits).
+    verify_h2: Arc<rustls::ClientConfig>,
+    insecure_h2: Arc<rustls::ClientConfig>,
     /// Trust anchors loaded (for logs).
     roots: usize,
 }
@@ -380,13 +407,16 @@ impl Upstream {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth();
-        let with_alpn = |mut c: rustls::ClientConfig| {
-            c.alpn_protocols = HTTP_ALPN.iter().map(|p| p.to_vec()).collect();
+        let with_alpn = |c: &rustls::ClientConfig, alpn: &[&[u8]]| {
+            let mut c = c.clone();
+            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             Arc::new(c)
         };
         Ok(Self {
-            verify: with_alpn(verify),
-            insecure: with_alpn(insecure),
+            verify_h2: with_alpn(&verify, &H2_ALPN[..1]),
+            insecure_h2: with_alpn(&insecure, &H2_ALPN[..1]),
+            verify: with_alpn(&verify, HTTP_ALPN),
+            insecure: with_alpn(&insecure, HTTP_ALPN),
             roots: n,
         })
     }
@@ -397,9 +427,22 @@ impl Upstream {
         mode: appproxy_shared::model::UpstreamTls,
         name: &str,
     ) -> Result<rustls::ClientConnection, rustls::Error> {
-        let config = match mode {
-            appproxy_shared::model::UpstreamTls::Insecure => &self.insecure,
-            _ => &self.verify,
+        self.session_alpn(mode, name, false)
+    }
+
+    /// A client session to an app at `name`, offering `h2` (`h2 = true`) or
+    /// `http/1.1`.
+    pub fn session_alpn(
+        &self,
+        mode: appproxy_shared::model::UpstreamTls,
+        name: &str,
+        h2: bool,
+    ) -> Result<rustls::ClientConnection, rustls::Error> {
+        let config = match (mode, h2) {
+            (appproxy_shared::model::UpstreamTls::Insecure, false) => &self.insecure,
+            (appproxy_shared::model::UpstreamTls::Insecure, true) => &self.insecure_h2,
+            (_, false) => &self.verify,
+            (_, true) => &self.verify_h2,
         };
         let name = ServerName::try_from(name.to_owned())
             .map_err(|_| rustls::Error::General(format!("{name:?} is not a host name or IP")))?;

@@ -7,6 +7,10 @@
 //! `traceparent: 00-<trace>-<worker span>-<flags>` to the app in place of the
 //! client's, and keeps the client's `tracestate` lines unchanged when its
 //! `traceparent` was valid. Rules and the relation to request IDs: docs/tracing.md.
+//!
+//! With OTLP export on (`[telemetry] otlp_endpoint`), [`export`] hands each finished
+//! hop to the exporter thread as a fixed-size record (a bounded queue slot, dropped
+//! and counted when full; no allocation on the core).
 
 use appproxy_shared::trace::{InvalidTraceParent, SpanContext, TraceParent, TRACEPARENT};
 use appproxy_shared::RequestId;
@@ -78,6 +82,52 @@ impl Hop {
             tracing::debug!(reason = %reason, "invalid traceparent ignored");
         }
     }
+}
+
+/// Hands the finished hop of the request bound now (its span, the access entry's
+/// method, path, status and the circuit's user context) to the OTLP exporter, when
+/// one is installed and the request is traced. Allocates nothing.
+pub fn export(e: &crate::core::AccessEntry<'_>, duration: std::time::Duration, core: usize) {
+    use appproxy_shared::otlp::{self, Inline, Kind, SpanRecord};
+    if !otlp::enabled() {
+        return;
+    }
+    let Some(span) = appproxy_shared::current_span() else {
+        return;
+    };
+    let mut r = SpanRecord::new(span, Kind::Server, "request");
+    r.ended_now(duration);
+    r.request_id = Some(*e.request_id);
+    r.method = Inline::from_bytes(e.method);
+    let path = e.path.split(|b| *b == b'?').next().unwrap_or_default();
+    r.path = Inline::from_bytes(path);
+    r.status = e.status;
+    r.core = u16::try_from(core).ok();
+    if let Some(c) = e.circuit {
+        r.circuit = Some(c.id);
+        r.user_id = c.user_id;
+        r.session_id = c.session_ids.first().copied();
+        r.endpoint_id = c.endpoint_id;
+    }
+    otlp::export(&r);
+}
+
+/// Hands a finished deployment (an event's circuits fetched, applied on every core and
+/// acknowledged, `took` from the event's arrival) to the OTLP exporter as an internal
+/// span, a child of the coordinator's. Runs on the agent's thread.
+pub fn export_deployment(
+    span: appproxy_shared::trace::SpanContext,
+    request_id: appproxy_shared::RequestId,
+    took: std::time::Duration,
+) {
+    use appproxy_shared::otlp::{self, Kind, SpanRecord};
+    if !otlp::enabled() {
+        return;
+    }
+    let mut r = SpanRecord::new(span, Kind::Internal, "deployment");
+    r.ended_now(took);
+    r.request_id = Some(request_id);
+    otlp::export(&r);
 }
 
 #[cfg(test)]

@@ -190,7 +190,7 @@ impl Worker {
             None => (None, None),
         };
         let liveness = Liveness::new(&rt.cpus, rt.core_stall);
-        let board = Board::new(&rt.cpus, rt.circuits.clone());
+        let board = Board::new(&rt.cpus, rt.circuits.clone(), rt.per_circuit_metrics);
         let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -594,7 +594,11 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                         None => {
                             spawn(serve(core.clone(), conn, peer, port, kind)).detach();
                         }
-                        Some(tls) => match tls.session(kind == Kind::Tcp) {
+                        Some(tls) => match if kind == Kind::Http && core.rt.http2.enabled {
+                            tls.session_h2()
+                        } else {
+                            tls.session(kind == Kind::Tcp)
+                        } {
                             Ok(session) => {
                                 conn.start_tls(session);
                                 let core = core.clone();

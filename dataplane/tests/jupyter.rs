@@ -17,48 +17,13 @@ use tungstenite::Message;
 
 const TOKEN: &str = "appproxy-e2e-token";
 
-/// The virtualenv with jupyter_server and ipykernel, created once: the tests of this
-/// binary run in parallel, and other test processes may share the target directory,
-/// so creation is serialised by an exclusive lock on a file beside it (the second
-/// comes in, finds it made, and uses it).
+/// The virtualenv with jupyter_server, ipykernel, made once (`appproxy_test_support::python`).
 fn jupyter_venv() -> PathBuf {
-    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _in_process = VENV.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let venv = tmp.join("jupyter-venv");
-    // Written once pip finished: a venv without it is incomplete.
-    let made = tmp.join("jupyter-venv.complete");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(tmp.join("jupyter-venv.lock"))
-        .expect("the venv lock file");
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock the venv");
-    if made.exists() {
-        return venv;
-    }
-    // A venv left half made by an interrupted run is made again.
-    let _ = std::fs::remove_dir_all(&venv);
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "python3 -m venv failed: this test needs Python 3 with venv (apt-get install python3-venv)"
-    );
-    let ok = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "jupyter_server", "ipykernel"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "pip install jupyter_server ipykernel failed (PyPI must be reachable)"
-    );
-    std::fs::write(&made, b"").expect("mark the venv made");
-    venv
+    appproxy_test_support::python::venv(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "jupyter-venv",
+        &["jupyter_server", "ipykernel"],
+    )
 }
 
 struct Jupyter {

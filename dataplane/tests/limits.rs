@@ -1,4 +1,4 @@
-//! Every row of DESIGN.md's limits table, against the worker binary: bad input gets a
+//! Every row of the limits table (`docs/limits.md`), against the worker binary: bad input gets a
 //! clear JSON error with the request ID, framing errors close the connection, and
 //! the worker keeps serving.
 
@@ -150,9 +150,8 @@ fn body_limit_gives_413() {
 #[test]
 fn upstream_failures_map_to_502_and_504() {
     // Refused: nothing listens on the route's port.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
+    let dead_addr =
+        std::net::SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port()));
     let w = Worker::start(WorkerOpts {
         upstreams: vec![dead_addr],
         ..Default::default()

@@ -493,10 +493,7 @@ fn wildcard_mode_routes_by_host() {
 #[test]
 fn dead_routes_leave_rotation_and_requests_still_succeed() {
     let up = Upstream::start();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port()));
     let w = Worker::start(WorkerOpts {
         upstreams: vec![up.addr, dead],
         extra: "[upstream]\nprobe_interval_secs = 0\nunhealthy_secs = 60\n".into(),

@@ -29,12 +29,18 @@ fn tls_worker(pki: &Pki, up: &Upstream, extra_worker: &str) -> Worker {
 fn https_requests_over_tls12_and_tls13_with_alpn() {
     let pki = Pki::new();
     let up = Upstream::start();
-    let w = tls_worker(&pki, &up, "");
+    // The HTTP/1.1-only frontend (HTTP/2 off); with it on, see tests/http2.rs.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[http2]\nenabled = false\n".into(),
+        ..Default::default()
+    });
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let config = pki.client(&[version], &[b"h2", b"http/1.1"]);
         let s = connect(w.addr(), &config, "localhost").expect("handshake");
         assert_eq!(s.conn.protocol_version(), Some(version.version));
-        // h2 is not offered back until HTTP/2 is served.
+        // h2 is not offered back while HTTP/2 is not served.
         assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
         // The chain (leaf and intermediate) is served.
         assert_eq!(s.conn.peer_certificates().map(|c| c.len()), Some(2));
@@ -130,7 +136,7 @@ fn s_client(port: u16, args: &[&str], input: &[u8]) -> String {
         let _ = stdout.read_to_string(&mut s);
         s
     });
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     drop(stdin);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -154,10 +160,12 @@ fn openssl_handshake_matrix_alpn_sni_and_resumption() {
     let pki = Pki::new();
     let up = Upstream::start();
     // Two cores: resumption must work whichever core the second connection lands on.
+    // The HTTP/1.1-only frontend (HTTP/2 off); with it on, see tests/http2.rs.
     let w = Worker::start(WorkerOpts {
         cores: 2,
         upstreams: vec![up.addr],
         worker_extra: pki.worker_lines(),
+        extra: "[http2]\nenabled = false\n".into(),
         ..Default::default()
     });
     let ca = pki.path("ca.pem");

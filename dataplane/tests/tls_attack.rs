@@ -153,12 +153,12 @@ fn renegotiation_is_refused_and_the_worker_keeps_serving() {
         .spawn()
         .expect("s_client");
     let mut stdin = child.stdin.take().expect("stdin");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     let _ = stdin.write_all(b"R\n");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     let _ = stdin
         .write_all(b"GET /after-reneg HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     drop(stdin);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while child.try_wait().expect("wait").is_none() {

@@ -1,7 +1,12 @@
 //! The worker's per-request trace work allocates nothing: resolving the hop from the
 //! client's `traceparent`, formatting the one sent to the app, encoding the upstream
 //! head with it (into a buffer with room), binding the span and formatting the IDs for
-//! the access line — counted by a global allocator in this test binary.
+//! the access line, and handing the finished hop to the OTLP exporter's queue —
+//! counted by a global allocator in this test binary.
+
+// SAFETY: a global allocator takes `unsafe`; this one only delegates to the system
+// allocator (each call's contract is restated where it is made) and counts.
+#![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -98,5 +103,51 @@ fn trace_work_per_request_does_not_allocate() {
         );
         let sent = String::from_utf8_lossy(&out);
         assert!(sent.contains(tp.as_str()), "{sent}");
+    }
+}
+
+#[test]
+fn handing_a_finished_hop_to_the_otlp_exporter_does_not_allocate() {
+    // A collector address where nothing listens: the exporter thread fails and
+    // retries on its own thread; this thread only fills queue slots (and, once the
+    // small queue is full, counts drops).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let config = appproxy_shared::telemetry::TelemetryConfig {
+        otlp_endpoint: Some(format!("http://{dead}")),
+        otlp_queue: 8,
+        ..Default::default()
+    };
+    assert!(appproxy_shared::otlp::install(&config, "worker").expect("install"));
+    let raw = b"GET /small?q=1 HTTP/1.1\r\nHost: a\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let head = parse_request(raw, &HeadLimits::default())
+        .expect("valid")
+        .expect("complete");
+    let id = RequestId::parse(b"4bf92f35-77b3-4da6-a3ce-929d0e0e4736").expect("id");
+    let hop = Hop::resolve(raw, &head.headers, &id);
+    let entry = appproxy_dataplane::core::AccessEntry {
+        request_id: &id,
+        circuit: None,
+        method: b"GET",
+        path: b"/small?q=1",
+        status: 200,
+        bytes_in: 0,
+        bytes_out: 0,
+        upstream: None,
+        started: std::time::Instant::now(),
+    };
+    let push = || {
+        appproxy_shared::with_request_context(Some(id), Some(hop.span), || {
+            appproxy_dataplane::trace::export(&entry, std::time::Duration::from_micros(300), 0);
+        });
+    };
+    // Warm up (the clock, the thread-locals), then count: with room in the queue
+    // and when it is full alike.
+    push();
+    for _ in 0..64 {
+        let before = allocations();
+        push();
+        assert_eq!(allocations() - before, 0, "allocations per exported hop");
     }
 }

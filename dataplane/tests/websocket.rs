@@ -1,7 +1,8 @@
 //! WebSocket through the worker, against an independent implementation
 //! (tungstenite) on both ends: echo of text, binary, 1 MiB and fragmented messages,
 //! ping/pong, close codes, subprotocols, refused upgrades, malformed frames,
-//! per-message IDs and drain.
+//! per-message IDs, drain, and the idle timeout (counted as an open tunnel, then a
+//! `tunnel_idle` timeout).
 #![allow(clippy::result_large_err)]
 
 mod common;
@@ -251,4 +252,29 @@ fn per_message_ids_and_drain_with_1001() {
     assert_eq!(code, 1001);
     let (status, _w) = status_thread.join().expect("terminate");
     assert!(status.success());
+}
+
+/// A WebSocket session is an open tunnel at `/metrics` while it lasts; silent for
+/// `[timeouts] tunnel_idle_secs`, it is closed with 1001 and counted as a
+/// `tunnel_idle` timeout.
+#[test]
+fn an_idle_session_is_an_open_tunnel_then_a_tunnel_idle_timeout() {
+    let app = echo_app();
+    let w = worker_for(&app, "[timeouts]\ntunnel_idle_secs = 1");
+    let (mut ws, _) = connect(&w, "/ws", None).expect("handshake");
+    ws.send(Message::Text("hello".into())).expect("send");
+    assert_eq!(read_data(&mut ws), Message::Text("hello".into()));
+    common::eventually("the session shows as an open tunnel", || {
+        common::metric(&w, "appproxy_tunnels_active") == 1
+    });
+    // Silence: the worker ends the session.
+    match read_data(&mut ws) {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    common::eventually("the tunnel closed for idleness", || {
+        let text = w.admin_get("/metrics").text();
+        common::metric(&w, "appproxy_tunnels_active") == 0
+            && text.contains("appproxy_timeouts_total{core=\"0\",kind=\"tunnel_idle\"} 1\n")
+    });
 }

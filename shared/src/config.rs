@@ -17,6 +17,40 @@ pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     })
 }
 
+/// Shows a default config's optional keys (those without a default, which a
+/// serialized default leaves out) as commented lines: each `(section, line)` goes,
+/// prefixed with `# `, under its `[section]` header — or under a commented header at
+/// the end when the section itself is optional. Uncommenting a line gives a valid key.
+pub fn with_optional_keys(text: &str, optional: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(text.len() + optional.len() * 48);
+    let mut placed = vec![false; optional.len()];
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        let header = line.trim();
+        if let Some(name) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            for (i, (section, key)) in optional.iter().enumerate() {
+                if *section == name && !placed[i] {
+                    out.push_str(&format!("# {key}\n"));
+                    placed[i] = true;
+                }
+            }
+        }
+    }
+    let mut open: Option<&str> = None;
+    for (i, (section, key)) in optional.iter().enumerate() {
+        if placed[i] {
+            continue;
+        }
+        if open != Some(*section) {
+            out.push_str(&format!("\n# [{section}]\n"));
+            open = Some(section);
+        }
+        out.push_str(&format!("# {key}\n"));
+    }
+    out
+}
+
 /// One sentence (plus a suggestion) for a TOML error at `path`.
 fn describe(text: &str, path: &str, e: &toml::de::Error) -> String {
     let mut out = String::new();

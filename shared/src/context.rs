@@ -172,7 +172,27 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "otlp")]
+    let fut = exported_job(fut);
     tokio::spawn(inherit_child(fut))
+}
+
+/// Runs `fut` (inside the job's child span) and hands the span to the OTLP exporter
+/// when it ends: an internal span named `background job` under the request's.
+#[cfg(all(feature = "tokio", feature = "otlp"))]
+async fn exported_job<F: Future>(fut: F) -> F::Output {
+    let started = std::time::Instant::now();
+    let out = fut.await;
+    if crate::otlp::enabled() {
+        if let Some(span) = current_span() {
+            let mut r =
+                crate::otlp::SpanRecord::new(span, crate::otlp::Kind::Internal, "background job");
+            r.ended_now(started.elapsed());
+            r.request_id = current_request_id();
+            crate::otlp::export(&r);
+        }
+    }
+    out
 }
 
 /// Runs blocking work on tokio's blocking pool; the closure runs with the caller's

@@ -7,8 +7,13 @@
 //! - [`trace`]: W3C Trace Context (`traceparent`, `tracestate`) and span contexts;
 //! - [`telemetry`]: JSON-lines / logfmt logging that stamps `request_id` on every event;
 //! - [`middleware`] (feature `tower`): the request-ID + access-log layer for axum services;
+//! - [`otlp`] (feature `otlp`): OTLP/HTTP export of finished spans, off the request path;
 //! - [`jwt`]: HS256 tokens (setup, inference, storage sessions);
-//! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes.
+//! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes;
+//! - [`wire`]: the worker ⇄ coordinator contract (registration, circuit sets, events,
+//!   acknowledgements, last-access marks) as typed structs both sides use;
+//! - [`pubsub`] (feature `redis`): a Redis subscription that reconnects with capped
+//!   backoff, used by the coordinator and the worker alike.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,9 +24,14 @@ pub mod jwt;
 #[cfg(feature = "tower")]
 pub mod middleware;
 pub mod model;
+#[cfg(feature = "otlp")]
+pub mod otlp;
+#[cfg(feature = "redis")]
+pub mod pubsub;
 pub mod request_id;
 pub mod telemetry;
 pub mod trace;
+pub mod wire;
 
 pub use context::{
     current_request_id, current_span, inherit, inherit_child, scope, scope_traced,

@@ -17,9 +17,15 @@
 //! [`TraceState`] are in the request extensions; the span is bound with the ID, so
 //! every line carries `trace_id`, `span_id` and `parent_span_id`; the response echoes
 //! `traceparent`.
+//!
+//! A handler may add what it learns about the caller with [`note_access_key`] (the
+//! manager's access key): it goes on every later line of the request (the access line
+//! too) and, with OTLP export on (feature `otlp`), on the request's exported span.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -117,10 +123,20 @@ where
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let started = Instant::now();
+        let notes = Arc::new(Mutex::new(Notes {
+            access_key: None,
+            tracestate: match &trace.state {
+                Some(Ok(state)) if !state.is_empty() => Some(state.clone()),
+                _ => None,
+            },
+        }));
+        let line_span = tracing::info_span!("request", access_key = tracing::field::Empty);
         // The service that was made ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(scope_traced(id, Some(span), async move {
+        #[cfg(feature = "otlp")]
+        let notes_for_export = notes.clone();
+        let fut = async move {
             if origin == Origin::Replaced {
                 tracing::debug!("invalid request id replaced by a generated one");
             }
@@ -131,7 +147,18 @@ where
                 tracing::debug!(reason = %reason, "invalid tracestate dropped");
             }
             let result = inner.call(req).await;
-            let duration_us = started.elapsed().as_micros() as u64;
+            let elapsed = started.elapsed();
+            let duration_us = elapsed.as_micros() as u64;
+            #[cfg(feature = "otlp")]
+            export_span(
+                &span,
+                id.as_ref(),
+                &method,
+                &path,
+                result.as_ref().map_or(0, |r| r.status().as_u16()),
+                &notes_for_export,
+                elapsed,
+            );
             match result {
                 Ok(mut resp) => {
                     if let Some(id) = id {
@@ -166,8 +193,113 @@ where
                     Err(e)
                 }
             }
-        }))
+        };
+        Box::pin(scope_traced(
+            id,
+            Some(span),
+            tracing::Instrument::instrument(WithNotes { notes, inner: fut }, line_span),
+        ))
     }
+}
+
+/// What a handler learned about the caller, for the request's lines and span.
+#[derive(Debug, Default)]
+struct Notes {
+    /// The access key of the manager's token.
+    access_key: Option<String>,
+    /// The request's validated, non-empty `tracestate`.
+    tracestate: Option<TraceState>,
+}
+
+thread_local! {
+    /// The notes of the request being polled on this thread, if any.
+    static NOTES: RefCell<Option<Arc<Mutex<Notes>>>> = const { RefCell::new(None) };
+}
+
+pin_project_lite::pin_project! {
+    /// Makes a request's [`Notes`] reachable by [`note_access_key`] during every poll.
+    struct WithNotes<F> {
+        notes: Arc<Mutex<Notes>>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for WithNotes<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let previous = NOTES.with(|n| n.replace(Some(this.notes.clone())));
+        let out = this.inner.poll(cx);
+        NOTES.with(|n| *n.borrow_mut() = previous);
+        out
+    }
+}
+
+/// Puts the manager's access key on the current request: every line logged after
+/// this inside the request, its access line and (OTLP on) its span carry
+/// `access_key`. Only the key, never a secret; a value that is not 1-64 printable
+/// ASCII characters is ignored. Outside a request of this middleware: nothing.
+pub fn note_access_key(access_key: &str) {
+    if access_key.is_empty()
+        || access_key.len() > 64
+        || !access_key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return;
+    }
+    let noted = NOTES.with(|n| {
+        let slot = n.borrow();
+        let Some(notes) = slot.as_ref() else {
+            return false;
+        };
+        if let Ok(mut notes) = notes.lock() {
+            notes.access_key = Some(access_key.to_owned());
+        }
+        true
+    });
+    if noted {
+        tracing::Span::current().record("access_key", access_key);
+    }
+}
+
+/// The validated `tracestate` of the request being handled (by this middleware) on
+/// this task, for a next hop that is not an HTTP call (a circuit event's metadata).
+pub fn current_tracestate() -> Option<TraceState> {
+    NOTES.with(|n| {
+        n.borrow()
+            .as_ref()
+            .and_then(|notes| notes.lock().ok().and_then(|g| g.tracestate.clone()))
+    })
+}
+
+/// Hands the request's span to the OTLP exporter, when one is installed.
+#[cfg(feature = "otlp")]
+fn export_span(
+    span: &SpanContext,
+    id: Option<&RequestId>,
+    method: &http::Method,
+    path: &str,
+    status: u16,
+    notes: &Mutex<Notes>,
+    elapsed: std::time::Duration,
+) {
+    use crate::otlp::{self, Inline, Kind, SpanRecord};
+    if !otlp::enabled() {
+        return;
+    }
+    let mut record = SpanRecord::new(*span, Kind::Server, "request");
+    record.ended_now(elapsed);
+    record.request_id = id.copied();
+    record.method = Inline::new(method.as_str());
+    record.path = Inline::new(path);
+    record.status = status;
+    if let Ok(notes) = notes.lock() {
+        if let Some(ak) = &notes.access_key {
+            record.access_key = Inline::new(ak);
+        }
+    }
+    otlp::export(&record);
 }
 
 /// Leaves exactly one request-ID header on the request: the primary one with the

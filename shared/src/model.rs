@@ -332,6 +332,11 @@ pub struct EventMetadata {
     /// header when read ([`crate::trace::SpanContext::from_header`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// W3C `tracestate` that came with that hop's `traceparent` (vendors' entries,
+    /// forwarded unchanged); absent when there is none. Validated when read
+    /// ([`crate::trace::TraceState::parse`]; an invalid one is dropped whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// A request ID as it appears in event metadata: any string a peer sent. It is
@@ -414,7 +419,12 @@ pub struct FailedCircuit {
     /// The circuit.
     pub id: uuid::Uuid,
     /// What failed (e.g. the frontend port is held by another process).
+    #[serde(default = "not_deployed")]
     pub reason: String,
+}
+
+fn not_deployed() -> String {
+    "not deployed".to_owned()
 }
 
 /// Body of the route-updated event.

@@ -53,6 +53,46 @@ impl Default for LoggingConfig {
     }
 }
 
+/// The `[telemetry]` table of every component's config: span export over OTLP/HTTP
+/// (off unless `otlp_endpoint` is set; see docs/tracing.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP address, `http://host:4318` (spans are POSTed to
+    /// `/v1/traces` unless the URL has a path of its own). Absent: no export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// The resource's `service.name`; absent: `appproxy-<component>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Finished spans waiting for the exporter at most; more are dropped and counted
+    /// (`appproxy_otlp_spans_dropped_total`), never waited for.
+    pub otlp_queue: usize,
+    /// Spans per export request at most.
+    pub otlp_batch: usize,
+    /// A batch is sent this long after its first span at the latest.
+    pub otlp_flush_ms: u64,
+    /// Time for one export request (connect, send, response head).
+    pub otlp_timeout_ms: u64,
+    /// Retries of a batch after a failed or refused (429, 502-504) request; then it
+    /// is dropped and counted.
+    pub otlp_retries: u32,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: None,
+            otlp_queue: 4096,
+            otlp_batch: 512,
+            otlp_flush_ms: 1000,
+            otlp_timeout_ms: 2000,
+            otlp_retries: 2,
+        }
+    }
+}
+
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

@@ -12,25 +12,7 @@ use appproxy_shared::{current_request_id, current_span, IdVersion, RequestId, Sp
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("sink").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
-    type Writer = Sink;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use appproxy_test_support::logs::Sink;
 
 /// What the handler saw: the context ID and the request-ID headers it received.
 #[derive(Debug, Clone)]

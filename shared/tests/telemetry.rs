@@ -1,9 +1,6 @@
 //! Log capture: every event inside a request scope carries `request_id`, also events
 //! without a span; events outside carry none; both output formats.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use appproxy_shared::context::{
     inherit, inherit_child, scope, scope_traced, with_request_context, with_request_id,
 };
@@ -11,25 +8,7 @@ use appproxy_shared::telemetry::{subscriber, LogFormat, LoggingConfig};
 use appproxy_shared::RequestId;
 
 /// An in-memory log sink shared with the test.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("sink").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
-    type Writer = Sink;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use appproxy_test_support::logs::Sink;
 
 fn capture(format: LogFormat, body: impl FnOnce()) -> Vec<String> {
     let sink = Sink::default();

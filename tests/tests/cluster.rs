@@ -46,22 +46,6 @@ fn sink_text() -> String {
     String::from_utf8_lossy(&logs().0.lock().expect("sink")).into_owned()
 }
 
-/// A run of `n` consecutive free ports below the ephemeral range.
-fn free_range(n: u16) -> u16 {
-    for attempt in 0..200u32 {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos()
-            .wrapping_add(attempt.wrapping_mul(7919));
-        let base = 10_000 + (seed % 20_000) as u16;
-        if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
-
 /// A worker process (`appproxy-e2e-worker`), its log in a file.
 struct WorkerProc {
     child: Child,
@@ -341,18 +325,18 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
     logs();
     let redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let ack_timeout = Duration::from_secs(2);
+    let ack_timeout = Duration::from_secs(5);
     let (coordinator, coord) = coordinator_on(
         &format!("url = \"{}\"", pg.url()),
         &redis.url(),
         // A back-off far shorter than the freeze: once it is over the frozen
         // worker is still skipped, because it has not heartbeated since.
-        "worker_ack_timeout_secs = 2.0\nworker_breaker_backoff_secs = 0.2",
+        "worker_ack_timeout_secs = 5.0\nworker_breaker_backoff_secs = 0.2",
     );
     const PORTS: u16 = 80;
     // One free run split in two: disjoint by construction (two separate picks can
     // overlap).
-    let b1 = free_range(2 * PORTS);
+    let b1 = appproxy_test_support::free_range(2 * PORTS);
     let b2 = b1 + PORTS;
     let w1 = WorkerProc::start(&worker_text("w1", b1, PORTS, coord, &redis.url()));
     let w2 = WorkerProc::start(&worker_text("w2", b2, PORTS, coord, &redis.url()));
@@ -492,7 +476,7 @@ fn a_port_held_by_another_process_is_never_answered_200() {
         "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
-    let base = free_range(PORTS);
+    let base = appproxy_test_support::free_range(PORTS);
     // Placement takes the lowest free port first: that one is held.
     let squatter = TcpListener::bind(("127.0.0.1", base)).expect("hold the port");
     let before = count(&sink_text(), "subscribed to circuit events");
@@ -539,7 +523,7 @@ fn first_creation_after_a_redis_restart_succeeds() {
         "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
-    let base = free_range(PORTS);
+    let base = appproxy_test_support::free_range(PORTS);
     let worker = start_worker(&worker_text("w1", base, PORTS, coord, &redis.url()));
     wait_until("the worker subscribed", || {
         count(&sink_text(), "subscribed to circuit events") > subs
@@ -637,7 +621,7 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
         "worker_ack_timeout_secs = 5.0",
     );
     const PORTS: u16 = 4;
-    let base = free_range(PORTS);
+    let base = appproxy_test_support::free_range(PORTS);
     let text = worker_text("w1", base, PORTS, coord, &redis.url());
     let worker_state = || {
         let (_, v) = get(coord, "/api/worker");
@@ -709,7 +693,7 @@ fn losing_one_coordinator_of_a_pair_does_not_lose_the_worker() {
     let coordinator_a =
         start_coordinator(&coordinator_text(port_a, &database, &redis.url(), keys), a);
     const PORTS: u16 = 4;
-    let base = free_range(PORTS);
+    let base = appproxy_test_support::free_range(PORTS);
     let text = worker_text("w1", base, PORTS, a, &redis.url()).replace(
         &format!("url = \"http://{a}\""),
         &format!("url = [\"http://{a}\", \"http://{b}\"]"),

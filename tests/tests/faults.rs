@@ -6,29 +6,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{http, start_coordinator, start_worker, Sink};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 const PORTS: u16 = 16;
-
-/// A run of `PORTS` consecutive free ports.
-fn free_range() -> u16 {
-    for _ in 0..50 {
-        // Below the ephemeral range, so ports picked by the kernel never land in it.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
-        let base = 10_000 + (seed % 20_000) as u16;
-        if (base..base + PORTS).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
 
 fn count(sink: &Sink, needle: &str) -> usize {
     String::from_utf8_lossy(&sink.0.lock().expect("sink"))
@@ -108,12 +92,12 @@ fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
     let coord_port = common::free_port();
     let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let coord_text = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\nworker_ack_timeout_secs = 2.0\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\nworker_ack_timeout_secs = 5.0\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
         pg.url(),
         redis.url()
     );
     let coordinator = start_coordinator(&coord_text, coord);
-    let base = free_range();
+    let base = appproxy_test_support::free_range(PORTS);
     let worker_text = format!(
         "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{base}, {}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\nheartbeat_secs = 1\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
         common::free_port(),
@@ -155,6 +139,8 @@ fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
     );
     // Once the worker is subscribed again, creations work again.
     wait_for(&sink, "subscribed to circuit events", 2);
+    // And the coordinator listens for acknowledgements again.
+    wait_for(&sink, "listening for acknowledgements", 2);
     for i in 8..10 {
         let (status, _) = create(coord, &token, &format!("fault-{i}"));
         assert_eq!(status, 200, "after the worker resubscribed");

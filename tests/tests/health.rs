@@ -361,6 +361,9 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
         assert_eq!((status, body.as_str()), (200, "model-b"));
     }
     assert_eq!(a.hits(), before, "no request reached the hanging replica");
+    // The log is read before the hanging replica is released: once it answers, the
+    // probe in flight to it would log a seventh change.
+    let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
     a.set(OK);
 
     // Every probe ran under a request ID of its own.
@@ -370,7 +373,6 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
     assert_eq!(distinct.len(), ids.len(), "probe IDs repeat: {ids:?}");
     // Each change is logged with route, endpoint and reason, under the ID of the probe
     // that decided it (the one the replica saw).
-    let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
     let changes: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -14,7 +14,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use appproxy_control::coordinator::store::Store;
+use appproxy_coordinator::store::Store;
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 
 const DOMAIN: &str = ".apps.test";

@@ -4,7 +4,9 @@
 //! under a child span; then a client request of the same trace goes through the
 //! worker to an app that records the `traceparent` it receives. The captured logs of
 //! the coordinator and the worker, read by `appproxy-trace`, show every hop under the
-//! one trace in call order, with consistent parent and child span IDs.
+//! one trace in call order, with consistent parent and child span IDs. The
+//! manager's `tracestate` travels with the trace in the event's metadata and comes
+//! back on the worker's acknowledgement.
 
 mod common;
 
@@ -20,6 +22,7 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const MANAGER_SPAN: &str = "00f067aa0ba902b7";
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+const TRACESTATE: &str = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
 
 /// The worker process; killed on drop.
 struct WorkerProc {
@@ -63,6 +66,33 @@ fn text(sink: &Sink) -> String {
 #[test]
 fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     let redis = common::redis::Redis::start();
+    // Every message on the broadcast channel, raw, to see the events' metadata.
+    let published: Arc<Mutex<Vec<u8>>> = Arc::default();
+    {
+        let mut sub = TcpStream::connect(("127.0.0.1", redis.port)).expect("redis");
+        let cmd = format!(
+            "SUBSCRIBE {}\r\n",
+            appproxy_shared::model::BROADCAST_CHANNEL
+        );
+        sub.write_all(cmd.as_bytes()).expect("subscribe");
+        let seen = published.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = sub.read(&mut buf) {
+                seen.lock().expect("published").extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let messages = |published: &Mutex<Vec<u8>>| -> Vec<String> {
+        let all = String::from_utf8_lossy(&published.lock().expect("published")).into_owned();
+        all.split("$7\r\nmessage\r\n")
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until("the subscription", || {
+        String::from_utf8_lossy(&published.lock().expect("published")).contains("subscribe")
+    });
     let dir = tempfile::tempdir().expect("tempdir");
     // The coordinator runs here; its lines go to this sink.
     let sink = Sink::default();
@@ -112,12 +142,15 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         coord_addr,
     );
 
-    // The worker: its own process, tracing lines and access lines in one file.
+    // The worker: its own process, tracing lines and access lines in one file; its
+    // spans also go to a real OTLP receiver.
+    let otlp = appproxy_test_support::otlp::Receiver::start();
     let circuit_port = common::free_port();
     let config = format!(
-        "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[coordinator]\nurl = \"http://{coord_addr}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[logging]\nformat = \"json\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{circuit_port}, {circuit_port}]\n[coordinator]\nurl = \"http://{coord_addr}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[logging]\nformat = \"json\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n[telemetry]\notlp_endpoint = \"{}\"\notlp_flush_ms = 50\n",
         common::free_port(),
-        redis.url()
+        redis.url(),
+        otlp.url()
     );
     let path = dir.path().join("worker.toml");
     std::fs::write(&path, config).expect("config");
@@ -159,7 +192,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         .to_owned();
     let (status, _, body) = http(
         coord_addr,
-        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\nConnection: close\r\n\r\n"),
+        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
     );
     assert_eq!(status, 200, "{body}");
 
@@ -253,6 +286,34 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         assert_eq!(line["parent_span_id"], coordinator_span.as_str(), "{line}");
         assert_eq!(line["request_id"], "manager-R-1", "{line}");
     }
+    // The same hops reach the OTLP receiver: the deployment as an internal span under
+    // the coordinator's, the client's request as the worker's server span.
+    let exported = otlp.wait_for("the deployment span", |g| g.span.name == "deployment");
+    assert_eq!(exported.trace_id(), TRACE);
+    assert_eq!(exported.span_id(), deploy_span);
+    assert_eq!(exported.parent_span_id(), coordinator_span);
+    assert_eq!(exported.str("request_id").as_deref(), Some("manager-R-1"));
+    let hop = otlp.wait_for("the request span", |g| {
+        g.str("request_id").as_deref() == Some("client-1")
+    });
+    assert_eq!(hop.trace_id(), TRACE);
+    assert_eq!(hop.span_id(), worker_span);
+    assert_eq!(hop.parent_span_id(), MANAGER_SPAN);
+
+    // The tracestate went out with the coordinator's event and came back with the
+    // worker's acknowledgement.
+    wait_until("the acknowledgement's tracestate", || {
+        messages(&published)
+            .iter()
+            .any(|m| m.contains("appproxy-worker") && m.contains(TRACESTATE))
+    });
+    assert!(
+        messages(&published)
+            .iter()
+            .any(|m| m.contains("appproxy-coordinator") && m.contains(TRACESTATE)),
+        "{:?}",
+        messages(&published)
+    );
 
     // appproxy-trace on the two logs: one trace, the hops in call order.
     let coord_log = dir.path().join("coordinator.log");

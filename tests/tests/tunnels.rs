@@ -37,7 +37,7 @@ fn open_tunnels_keep_marking_last_access() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coord_port = common::free_port();
     let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let cc: appproxy_control::config::CoordinatorConfig = toml::from_str(&format!(
+    let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
         "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
         dir.path().join("c.sqlite3").display()
     ))
@@ -53,7 +53,7 @@ fn open_tunnels_keep_marking_last_access() {
     let worker =
         appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
             .expect("worker");
-    appproxy_dataplane::agent::spawn(config, Some(cc), worker.deployer(), worker.access_marks())
+    appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
         .expect("agent");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {

@@ -16,10 +16,6 @@
 //!
 //! Timings are printed (p50/p90/p99/max); nothing is asserted.
 
-#[path = "../../../control/tests/common/pg.rs"]
-mod pg;
-#[path = "../../../control/tests/common/redis.rs"]
-mod redis_server;
 #[path = "deploy/scale.rs"]
 mod scale;
 
@@ -62,12 +58,7 @@ struct Args {
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+use appproxy_test_support::{free_port, pg, redis as redis_server};
 
 /// A run of `n` consecutive free ports.
 fn free_range(n: u16) -> anyhow::Result<u16> {
@@ -124,7 +115,7 @@ fn coordinator_config(
     port: u16,
     database: &str,
     redis: Option<&str>,
-) -> anyhow::Result<appproxy_control::config::CoordinatorConfig> {
+) -> anyhow::Result<appproxy_coordinator::config::CoordinatorConfig> {
     let redis = redis
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
@@ -135,7 +126,7 @@ fn coordinator_config(
 
 /// Runs a coordinator on its own runtime until the process ends.
 fn spawn_coordinator(
-    config: appproxy_control::config::CoordinatorConfig,
+    config: appproxy_coordinator::config::CoordinatorConfig,
 ) -> anyhow::Result<SocketAddr> {
     let addr = config.coordinator.bind;
     std::thread::spawn(move || {
@@ -145,9 +136,7 @@ fn spawn_coordinator(
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            if let Err(e) =
-                appproxy_control::coordinator::serve(&config, std::future::pending()).await
-            {
+            if let Err(e) = appproxy_coordinator::serve(&config, std::future::pending()).await {
                 eprintln!("coordinator: {e:#}");
             }
         });
@@ -167,7 +156,7 @@ fn spawn_worker(
     n: u16,
     link: &str,
     redis: Option<&str>,
-    embedded: Option<appproxy_control::config::CoordinatorConfig>,
+    embedded: Option<appproxy_coordinator::config::CoordinatorConfig>,
 ) -> anyhow::Result<appproxy_dataplane::worker::Worker> {
     let redis = redis
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
@@ -182,7 +171,7 @@ fn spawn_worker(
     let online: Vec<usize> =
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let worker = appproxy_dataplane::worker::Worker::start(config.validate(&online)?)?;
-    appproxy_dataplane::agent::spawn(config, embedded, worker.deployer(), worker.access_marks())?;
+    appproxy_node::spawn_agent(config, embedded, worker.deployer(), worker.access_marks())?;
     Ok(worker)
 }
 
@@ -280,7 +269,7 @@ fn main() -> anyhow::Result<()> {
         };
         anyhow::ensure!(
             worker_bin.exists(),
-            "{} not found: build it (cargo build --release -p appproxy-dataplane) or pass --worker-bin",
+            "{} not found: build it (cargo build --release -p appproxy-node --bin appproxy-worker) or pass --worker-bin",
             worker_bin.display()
         );
         let mut sizes = args.circuits.clone();

@@ -36,8 +36,8 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Scenarios to run (small, 64k, upload, newconn, reqid, trace, sse, ws, ws-idle, idle,
-    /// contention, and over TLS: tls, tls-newconn).
+    /// Scenarios to run (small, 64k, upload, newconn, reqid, trace, histograms, sse, ws, ws-idle,
+    /// idle, contention, and over TLS: tls, tls-newconn; HTTP/2 with h2load: h2, grpc).
     #[arg(
         long,
         value_delimiter = ',',
@@ -93,6 +93,9 @@ enum Tool {
         conns: usize,
         secs: u64,
     },
+    /// The gRPC app (HTTP/2, unary and server-streaming methods).
+    #[command(hide = true)]
+    GrpcApp { port: u16 },
     /// Spins on the CPU until killed (the contention scenario's hog).
     #[command(hide = true)]
     CpuHog,
@@ -109,6 +112,8 @@ enum Target {
     WorkerNoIds,
     /// The worker with trace context turned off (the trace scenario only).
     WorkerNoTrace,
+    /// The worker with its latency histograms turned off (the histograms scenario only).
+    WorkerNoHist,
     /// The worker terminating TLS (the TLS scenarios only).
     WorkerTls,
     /// nginx terminating TLS with the same certificate (the TLS scenarios only).
@@ -124,6 +129,7 @@ impl Target {
             Self::Haproxy => "haproxy",
             Self::WorkerNoIds => "appproxy-worker, IDs off",
             Self::WorkerNoTrace => "appproxy-worker, trace context off",
+            Self::WorkerNoHist => "appproxy-worker, histograms off",
             Self::WorkerTls => "appproxy-worker, TLS",
             Self::NginxTls => "nginx, TLS",
         }
@@ -144,6 +150,8 @@ const WORKER_NOIDS_PORT: u16 = 19095;
 const WORKER_NOIDS_ADMIN: u16 = 19096;
 const WORKER_NOTRACE_PORT: u16 = 19112;
 const WORKER_NOTRACE_ADMIN: u16 = 19113;
+const WORKER_NOHIST_PORT: u16 = 19116;
+const WORKER_NOHIST_ADMIN: u16 = 19117;
 /// WebSocket echo app, and each proxy's frontend for it.
 const WS_APP_PORT: u16 = 19085;
 const WS_WORKER_PORT: u16 = 19086;
@@ -162,6 +170,12 @@ const SSE_HAPROXY_PORT: u16 = 19100;
 const WORKER_TLS_PORT: u16 = 19101;
 const WORKER_TLS_ADMIN: u16 = 19103;
 const NGINX_TLS_PORT: u16 = 19102;
+/// nginx serving prior-knowledge HTTP/2 (the worker's plain port serves it too).
+const NGINX_H2_PORT: u16 = 19114;
+/// The gRPC app, the worker's `grpc` circuit for it, and nginx `grpc_pass` to it.
+const GRPC_APP_PORT: u16 = 19120;
+const WORKER_GRPC_PORT: u16 = 19121;
+const NGINX_GRPC_PORT: u16 = 19122;
 
 /// A running server; killed on drop.
 struct Server {
@@ -380,6 +394,14 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         &["sse-app", &SSE_APP_PORT.to_string()],
         &dir.path().join("sse.log"),
     )?;
+    let grpc_app = spawn(
+        "grpc-app",
+        &load_cpus,
+        &me,
+        &["grpc-app", &GRPC_APP_PORT.to_string()],
+        &dir.path().join("grpc-app.log"),
+    )?;
+    wait_port(GRPC_APP_PORT, "the gRPC app")?;
     wait_port(WS_APP_PORT, "the WebSocket echo app")?;
     wait_port(SSE_APP_PORT, "the SSE app")?;
     wait_port(IDLE_APP_PORT, "the idle-session app")?;
@@ -389,7 +411,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     std::fs::write(
         &worker_conf,
         format!(
-            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n",
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550004\"\nport = {WORKER_GRPC_PORT}\nprotocol = \"grpc\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {GRPC_APP_PORT} }}]\n",
             cpus = cpu_list(&proxy_cpus)
         ),
     )?;
@@ -451,6 +473,33 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     )?;
     wait_port(WORKER_NOTRACE_PORT, "appproxy-worker (trace off)")?;
     servers.insert(Target::WorkerNoTrace, w);
+    // The same worker with latency histograms off, for the histograms scenario.
+    let nohist_conf = dir.path().join("worker-nohist.toml");
+    let text = std::fs::read_to_string(&worker_conf)?
+        .replace("[admin]\n", "[admin]\nlatency_histograms = false\n")
+        .replace(
+            &format!("port = {WORKER_PORT}\n"),
+            &format!("port = {WORKER_NOHIST_PORT}\n"),
+        )
+        .replace(
+            &format!("127.0.0.1:{WORKER_ADMIN}"),
+            &format!("127.0.0.1:{WORKER_NOHIST_ADMIN}"),
+        );
+    let text = text
+        .split("\n[[circuits]]")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n[[circuits]]");
+    std::fs::write(&nohist_conf, text)?;
+    let w = spawn(
+        "appproxy-worker (histograms off)",
+        &proxy_cpus,
+        &worker_bin.to_string_lossy(),
+        &["--config", &nohist_conf.to_string_lossy()],
+        &dir.path().join("worker-nohist.log"),
+    )?;
+    wait_port(WORKER_NOHIST_PORT, "appproxy-worker (histograms off)")?;
+    servers.insert(Target::WorkerNoHist, w);
     // TLS: one ECDSA P-256 certificate for the worker and nginx alike.
     let cert = dir.path().join("tls.pem");
     let key = dir.path().join("tls.key");
@@ -533,7 +582,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
             String::new()
         };
         let body = format!(
-            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}{tls_server}"
+            "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}\n  server {{\n    listen 127.0.0.1:{NGINX_H2_PORT} http2 reuseport backlog=4096;\n    http2_max_concurrent_streams 128;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  upstream grpcapp {{ server 127.0.0.1:{GRPC_APP_PORT}; keepalive 256; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{NGINX_GRPC_PORT} http2 reuseport backlog=4096;\n    http2_max_concurrent_streams 128;\n    location / {{ grpc_pass grpc://grpcapp; grpc_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; }}\n  }}{tls_server}"
         );
         let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
         let s = spawn(
@@ -588,7 +637,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         load_cpus,
         servers,
         _upstream: upstream,
-        _apps: vec![ws_app, idle_app, sse_app],
+        _apps: vec![ws_app, idle_app, sse_app, grpc_app],
     })
 }
 
@@ -600,6 +649,7 @@ fn port_of(t: Target) -> u16 {
         Target::Haproxy => HAPROXY_PORT,
         Target::WorkerNoIds => WORKER_NOIDS_PORT,
         Target::WorkerNoTrace => WORKER_NOTRACE_PORT,
+        Target::WorkerNoHist => WORKER_NOHIST_PORT,
         Target::WorkerTls => WORKER_TLS_PORT,
         Target::NginxTls => NGINX_TLS_PORT,
     }
@@ -642,6 +692,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "newconn" => s("newconn", "a new connection per request", "/", vec!["Connection: close"], "", false),
         "reqid" => s("reqid", "request ID: generated by the worker vs sent by the client", "/", vec![], "", true),
         "trace" => s("trace", "W3C trace context on vs off (small GET, keep-alive)", "/", vec![], "", true),
+        "histograms" => s("histograms", "latency histograms on vs off (small GET, keep-alive)", "/", vec![], "", true),
         "tls" => Scenario {
             tls: true,
             ..s("tls", "small GET over TLS, keep-alive (same certificate, ECDSA P-256)", "/", vec![], "", false)
@@ -788,7 +839,7 @@ fn ws_port_of(t: Target) -> u16 {
         Target::Worker => WS_WORKER_PORT,
         Target::Nginx => WS_NGINX_PORT,
         Target::Haproxy => WS_HAPROXY_PORT,
-        Target::WorkerNoIds | Target::WorkerNoTrace => WS_WORKER_PORT,
+        Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist => WS_WORKER_PORT,
         // Not measured here (the WebSocket scenarios skip the TLS targets).
         Target::WorkerTls | Target::NginxTls => 0,
     }
@@ -870,52 +921,21 @@ fn tool_scenario(
     warm_up: bool,
 ) -> anyhow::Result<ScenarioResult> {
     let mut targets = vec![Target::Direct];
-    targets.extend(
-        setup
-            .servers
-            .keys()
-            .copied()
-            .filter(|t| !matches!(t, Target::WorkerNoIds | Target::WorkerNoTrace) && !t.tls()),
-    );
-    let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
-    for round in 0..args.rounds {
-        for k in 0..targets.len() {
-            let i = (k + round) % targets.len();
-            let t = targets[i];
-            let pid = setup.servers.get(&t).map(|s| s.child.id());
-            let run = || -> anyhow::Result<Sample> {
-                if warm_up {
-                    run_tool_load(tool, setup, args, port_of(t), args.warmup, None)?;
-                }
-                run_tool_load(tool, setup, args, port_of(t), args.duration, pid)
-            };
-            let s = match run() {
-                Ok(s) => s,
-                Err(e) => {
-                    println!(
-                        "  {name:<8} round {} {:<24} FAILED: {e:#}",
-                        round + 1,
-                        t.name()
-                    );
-                    failed_round(&mut samples, i);
-                    continue;
-                }
-            };
-            println!(
-                "  {name:<8} round {} {:<24} {:>10.0} /s  p99 {:>7.0} µs",
-                round + 1,
-                t.name(),
-                s.rps,
-                s.p99_us
-            );
-            samples.entry(i).or_default().push(s);
+    targets.extend(setup.servers.keys().copied().filter(|t| {
+        !matches!(
+            t,
+            Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist
+        ) && !t.tls()
+    }));
+    let labels: Vec<String> = targets.iter().map(|t| t.name().to_owned()).collect();
+    let rows = interleaved_rounds(args.rounds, name, &labels, "/s", |i| {
+        let t = targets[i];
+        let pid = setup.servers.get(&t).map(|s| s.child.id());
+        if warm_up {
+            run_tool_load(tool, setup, args, port_of(t), args.warmup, None)?;
         }
-    }
-    let rows = targets
-        .iter()
-        .enumerate()
-        .map(|(i, t)| row(t.name().to_owned(), samples.remove(&i).unwrap_or_default()))
-        .collect();
+        run_tool_load(tool, setup, args, port_of(t), args.duration, pid)
+    });
     Ok(ScenarioResult {
         name: name.into(),
         title: title.into(),
@@ -926,7 +946,9 @@ fn tool_scenario(
 fn sse_port_of(t: Target) -> u16 {
     match t {
         Target::Direct => SSE_APP_PORT,
-        Target::Worker | Target::WorkerNoIds | Target::WorkerNoTrace => SSE_WORKER_PORT,
+        Target::Worker | Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist => {
+            SSE_WORKER_PORT
+        }
         Target::Nginx => SSE_NGINX_PORT,
         Target::Haproxy => SSE_HAPROXY_PORT,
         // Not measured here (the SSE scenario skips the TLS targets).
@@ -944,6 +966,212 @@ fn sse_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
         sse_port_of,
         false,
     )
+}
+
+/// HTTP/2 small GET with h2load (prior knowledge, `--connections` connections × 10
+/// concurrent streams): the worker's plain port against nginx `listen … http2`, both
+/// proxying to the same upstream over HTTP/1.1 keep-alive.
+fn h2_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
+    if !have("h2load") {
+        anyhow::bail!("the h2 scenario needs h2load: apt-get install nghttp2-client");
+    }
+    let targets: Vec<(Target, u16)> = [
+        (Target::Worker, WORKER_PORT),
+        (Target::Nginx, NGINX_H2_PORT),
+    ]
+    .into_iter()
+    .filter(|(t, _)| setup.servers.contains_key(t))
+    .collect();
+    let labels: Vec<String> = targets.iter().map(|(t, _)| t.name().to_owned()).collect();
+    let load = H2Load {
+        path: "/",
+        body: None,
+        headers: &[],
+    };
+    let rows = interleaved_rounds(args.rounds, "h2", &labels, "req/s", |i| {
+        let (t, port) = targets[i];
+        let pid = setup.servers.get(&t).map(|s| s.child.id());
+        run_h2load(setup, args, &load, port, args.warmup, None)?;
+        run_h2load(setup, args, &load, port, args.duration, pid)
+    });
+    Ok(ScenarioResult {
+        name: "h2".into(),
+        title: format!(
+            "HTTP/2 small GET, h2load {} connections × 10 streams (prior knowledge)",
+            args.connections
+        ),
+        rows,
+    })
+}
+
+/// gRPC unary calls/s with h2load (`--connections` connections × 10 concurrent
+/// streams, each a POST of one 64-byte gRPC message with `content-type:
+/// application/grpc` and `te: trailers`): the harness's gRPC app directly, through the
+/// worker's `grpc` circuit (HTTP/2 to the app, streams multiplexed on one connection
+/// per core) and through nginx `grpc_pass` (keep-alive upstream connections).
+fn grpc_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
+    if !have("h2load") {
+        anyhow::bail!("the grpc scenario needs h2load: apt-get install nghttp2-client");
+    }
+    let body = setup.dir.path().join("grpc-unary.bin");
+    std::fs::write(&body, appproxy_benches::grpc::unary_request())?;
+    let mut targets = vec![(Target::Direct, GRPC_APP_PORT)];
+    targets.extend(
+        [
+            (Target::Worker, WORKER_GRPC_PORT),
+            (Target::Nginx, NGINX_GRPC_PORT),
+        ]
+        .into_iter()
+        .filter(|(t, _)| setup.servers.contains_key(t)),
+    );
+    let labels: Vec<String> = targets.iter().map(|(t, _)| t.name().to_owned()).collect();
+    let load = H2Load {
+        path: "/bench.Svc/Unary",
+        body: Some(&body),
+        headers: &["content-type: application/grpc", "te: trailers"],
+    };
+    let rows = interleaved_rounds(args.rounds, "grpc", &labels, "calls/s", |i| {
+        let (t, port) = targets[i];
+        let pid = setup.servers.get(&t).map(|s| s.child.id());
+        run_h2load(setup, args, &load, port, args.warmup, None)?;
+        run_h2load(setup, args, &load, port, args.duration, pid)
+    });
+    Ok(ScenarioResult {
+        name: "grpc".into(),
+        title: format!(
+            "gRPC unary calls/s, h2load {} connections × 10 streams (64-byte messages; nginx: grpc_pass)",
+            args.connections
+        ),
+        rows,
+    })
+}
+
+/// Runs `run(i)` for every variant `labels[i]` once per round, the order rotated by
+/// one each round (no target always runs first or always after the same one), prints
+/// each run, and takes each variant's medians. A failed run (the target stopped
+/// answering) counts as a round with no throughput and one error.
+fn interleaved_rounds(
+    rounds: usize,
+    name: &str,
+    labels: &[String],
+    unit: &str,
+    mut run: impl FnMut(usize) -> anyhow::Result<Sample>,
+) -> Vec<Row> {
+    let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
+    for round in 0..rounds {
+        for k in 0..labels.len() {
+            let i = (k + round) % labels.len();
+            let label = &labels[i];
+            match run(i) {
+                Ok(s) => {
+                    println!(
+                        "  {name:<8} round {} {label:<24} {:>10.0} {unit}  p99 {:>7.0} µs",
+                        round + 1,
+                        s.rps,
+                        s.p99_us
+                    );
+                    samples.entry(i).or_default().push(s);
+                }
+                Err(e) => {
+                    println!("  {name:<8} round {} {label:<24} FAILED: {e:#}", round + 1);
+                    failed_round(&mut samples, i);
+                }
+            }
+        }
+    }
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| row(l.clone(), samples.remove(&i).unwrap_or_default()))
+        .collect()
+}
+
+/// What h2load requests: a GET of `path`, or a POST of `body` with `headers`.
+struct H2Load<'a> {
+    path: &'a str,
+    body: Option<&'a Path>,
+    headers: &'a [&'a str],
+}
+
+/// One h2load run of `secs` seconds: req/s from its summary, percentiles from its
+/// per-request log, CPU of `pid` over the run.
+fn run_h2load(
+    setup: &Setup,
+    args: &Args,
+    load: &H2Load<'_>,
+    port: u16,
+    secs: u64,
+    pid: Option<u32>,
+) -> anyhow::Result<Sample> {
+    let log = setup.dir.path().join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(cpu_list(&setup.load_cpus))
+        .arg("h2load")
+        .arg(format!("-t{}", setup.load_cpus.len().max(1)))
+        .arg(format!("-c{}", args.connections))
+        .arg("-m10")
+        .arg(format!("-D{secs}"))
+        .arg("--log-file")
+        .arg(&log);
+    if let Some(body) = load.body {
+        cmd.arg("-d").arg(body);
+    }
+    for h in load.headers {
+        cmd.arg("-H").arg(h);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{}", load.path));
+    let cpu0 = pid.map(cpu_seconds);
+    let out = output_within(&mut cmd, secs, "h2load")?;
+    let cpu1 = pid.map(cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.trim_end_matches(" req/s").parse::<f64>().ok())
+        .with_context(|| format!("h2load printed no result: {text}"))?;
+    let counts = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .unwrap_or_default();
+    let field = |what: &str| -> u64 {
+        counts
+            .split(", ")
+            .find_map(|p| p.strip_suffix(what))
+            .and_then(|n| n.trim().split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let done = field(" succeeded");
+    let errors = field(" failed") + field(" errored") + field(" timeout");
+    let mut lat: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] as f64
+        }
+    };
+    let cpu_per_100k = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if done > 0 => Some((b - a) / done as f64 * 100_000.0),
+        _ => None,
+    };
+    Ok(Sample {
+        rps,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        errors,
+        cpu_per_100k,
+    })
 }
 
 /// A CPU-bound process pinned to the proxy's CPUs; killed on drop.
@@ -1133,6 +1361,7 @@ fn main() -> anyhow::Result<()> {
         Some(Tool::SseLoad { addr, conns, secs }) => {
             return Ok(appproxy_benches::ws::sse_load(addr, conns, secs)?)
         }
+        Some(Tool::GrpcApp { port }) => return Ok(appproxy_benches::grpc::app(port)?),
         Some(Tool::CpuHog) => {
             let mut x = 0u64;
             loop {
@@ -1149,7 +1378,7 @@ fn main() -> anyhow::Result<()> {
                 "build",
                 "--release",
                 "-p",
-                "appproxy-dataplane",
+                "appproxy-node",
                 "--bin",
                 "appproxy-worker",
             ])
@@ -1193,6 +1422,10 @@ fn main() -> anyhow::Result<()> {
         WORKER_TLS_PORT,
         WORKER_TLS_ADMIN,
         NGINX_TLS_PORT,
+        NGINX_H2_PORT,
+        GRPC_APP_PORT,
+        WORKER_GRPC_PORT,
+        NGINX_GRPC_PORT,
     ] {
         ensure_free(port)?;
     }
@@ -1223,6 +1456,16 @@ fn main() -> anyhow::Result<()> {
             results.push(result);
             continue;
         }
+        if name == "h2" || name == "grpc" {
+            let result = if name == "h2" {
+                h2_scenario(&setup, &args)?
+            } else {
+                grpc_scenario(&setup, &args)?
+            };
+            println!("\n{}", report::table(&result));
+            results.push(result);
+            continue;
+        }
         if name == "idle" {
             let table = idle_scenario(&setup, &args);
             println!("\n{table}");
@@ -1240,7 +1483,12 @@ fn main() -> anyhow::Result<()> {
             continue;
         };
         // (label, target, extra header)
-        let variants: Vec<(String, Target, Option<&str>)> = if sc.reqid && sc.name == "trace" {
+        let variants: Vec<(String, Target, Option<&str>)> = if sc.reqid && sc.name == "histograms" {
+            vec![
+                ("worker, histograms on".into(), Target::Worker, None),
+                ("worker, histograms off".into(), Target::WorkerNoHist, None),
+            ]
+        } else if sc.reqid && sc.name == "trace" {
             vec![
                 ("worker, trace context on".into(), Target::Worker, None),
                 (
@@ -1273,95 +1521,54 @@ fn main() -> anyhow::Result<()> {
                 .collect()
         } else {
             let mut v = vec![("direct".to_owned(), Target::Direct, None)];
-            for t in setup
-                .servers
-                .keys()
-                .filter(|t| !matches!(t, Target::WorkerNoIds | Target::WorkerNoTrace) && !t.tls())
-            {
+            for t in setup.servers.keys().filter(|t| {
+                !matches!(
+                    t,
+                    Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist
+                ) && !t.tls()
+            }) {
                 v.push((t.name().to_owned(), *t, None));
             }
             v
         };
-        let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
-        for round in 0..args.rounds {
-            for k in 0..variants.len() {
-                let i = (k + round) % variants.len();
-                let (label, target, header) = &variants[i];
-                let pid = match target {
-                    // nginx's TLS server is the plain row's process.
-                    Target::NginxTls => setup.servers.get(&Target::Nginx),
-                    t => setup.servers.get(t),
-                }
-                .map(|s| s.child.id());
-                let run = || -> anyhow::Result<Sample> {
-                    run_wrk(
-                        &setup,
-                        &args,
-                        &sc,
-                        port_of(*target),
-                        *header,
-                        args.warmup,
-                        None,
-                    )?;
-                    run_wrk(
-                        &setup,
-                        &args,
-                        &sc,
-                        port_of(*target),
-                        *header,
-                        args.duration,
-                        pid,
-                    )
-                };
-                let hog = if sc.hog {
-                    Some(CpuHog::start(&setup)?)
-                } else {
-                    None
-                };
-                let result = run();
-                drop(hog);
-                let s = match result {
-                    Ok(s) => s,
-                    Err(e) => {
-                        println!(
-                            "  {:<8} round {} {:<24} FAILED: {e:#}",
-                            sc.name,
-                            round + 1,
-                            label
-                        );
-                        failed_round(&mut samples, i);
-                        continue;
-                    }
-                };
-                println!(
-                    "  {:<8} round {} {:<24} {:>10.0} req/s  p99 {:>7.0} µs",
-                    sc.name,
-                    round + 1,
-                    label,
-                    s.rps,
-                    s.p99_us
-                );
-                samples.entry(i).or_default().push(s);
+        let labels: Vec<String> = variants.iter().map(|(l, _, _)| l.clone()).collect();
+        let rows = interleaved_rounds(args.rounds, sc.name, &labels, "req/s", |i| {
+            let (_, target, header) = &variants[i];
+            let pid = match target {
+                // nginx's TLS server is the plain row's process.
+                Target::NginxTls => setup.servers.get(&Target::Nginx),
+                t => setup.servers.get(t),
             }
-        }
-        let rows: Vec<Row> = variants
-            .iter()
-            .enumerate()
-            .map(|(i, (label, _, _))| {
-                let s = samples.remove(&i).unwrap_or_default();
-                let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_per_100k).collect();
-                Row {
-                    label: label.clone(),
-                    rps: median(s.iter().map(|x| x.rps).collect()),
-                    p50_us: median(s.iter().map(|x| x.p50_us).collect()),
-                    p99_us: median(s.iter().map(|x| x.p99_us).collect()),
-                    p999_us: median(s.iter().map(|x| x.p999_us).collect()),
-                    cpu_s_per_100k: (!cpu.is_empty()).then(|| median(cpu)),
-                    errors: s.iter().map(|x| x.errors).sum(),
-                    rounds: s.iter().map(|x| x.rps).collect(),
-                }
-            })
-            .collect();
+            .map(|s| s.child.id());
+            let run = || -> anyhow::Result<Sample> {
+                run_wrk(
+                    &setup,
+                    &args,
+                    &sc,
+                    port_of(*target),
+                    *header,
+                    args.warmup,
+                    None,
+                )?;
+                run_wrk(
+                    &setup,
+                    &args,
+                    &sc,
+                    port_of(*target),
+                    *header,
+                    args.duration,
+                    pid,
+                )
+            };
+            let hog = if sc.hog {
+                Some(CpuHog::start(&setup)?)
+            } else {
+                None
+            };
+            let result = run();
+            drop(hog);
+            result
+        });
         let result = ScenarioResult {
             name: sc.name.to_owned(),
             title: sc.title.to_owned(),

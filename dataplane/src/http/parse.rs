@@ -1,7 +1,7 @@
 //! Parsing request and response heads: bytes in, typed head out, no socket.
 //!
 //! httparse does the tokenizing (it refuses obs-fold, bare CR, NUL and other invalid
-//! bytes); this module adds the limits of DESIGN.md and the message-framing rules of
+//! bytes); this module adds the limits of `docs/limits.md` and the message-framing rules of
 //! RFC 9112 §6 that decide where a body ends. Header names and values are kept as
 //! offsets into the caller's buffer, so a parsed head owns no copies of the bytes.
 

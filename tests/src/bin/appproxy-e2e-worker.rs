@@ -33,12 +33,13 @@ fn run(path: &str) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     tracing::subscriber::set_global_default(sub).map_err(|e| e.to_string())?;
+    appproxy_shared::otlp::install(&config.telemetry, "worker").map_err(|e| e.to_string())?;
     let online: Vec<usize> =
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let rt = config.validate(&online).map_err(|e| e.to_string())?;
     let worker = appproxy_dataplane::worker::Worker::start(rt).map_err(|e| e.to_string())?;
     let agent =
-        appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
+        appproxy_dataplane::agent::spawn_remote(config, worker.deployer(), worker.access_marks())
             .map_err(|e| e.to_string())?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

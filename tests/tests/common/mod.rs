@@ -5,42 +5,15 @@
 //! every core under R; a client request reaches the app through the new port.
 #![allow(dead_code)]
 
-#[path = "../../../control/tests/common/pg.rs"]
-pub mod pg;
-#[path = "../../../control/tests/common/redis.rs"]
-pub mod redis;
+pub use appproxy_test_support::http::raw as http;
+pub use appproxy_test_support::logs::Sink;
+#[allow(unused_imports)]
+pub use appproxy_test_support::{free_port, pg, redis};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
-#[derive(Clone, Default)]
-pub struct Sink(pub Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("sink").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
-    type Writer = Sink;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 /// Sends every log line of this test process (JSON, `info`) to the returned sink.
 pub fn capture_logs() -> Sink {
@@ -56,23 +29,6 @@ pub fn capture_logs() -> Sink {
     .expect("subscriber");
     tracing::subscriber::set_global_default(sub).expect("global subscriber");
     sink
-}
-
-pub fn http(addr: SocketAddr, req: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(req.as_bytes()).expect("send");
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
 }
 
 /// How the flow is wired.
@@ -151,7 +107,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     let coord_text = format!(
         "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis_table}"
     );
-    let coord: appproxy_control::config::CoordinatorConfig =
+    let coord: appproxy_coordinator::config::CoordinatorConfig =
         toml::from_str(&coord_text).expect("coordinator config");
     let embedded_config = embedded.then(|| coord.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -163,7 +119,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
                 .build()
                 .expect("rt");
             rt.block_on(async move {
-                let _ = appproxy_control::coordinator::serve(&coord, async {
+                let _ = appproxy_coordinator::serve(&coord, async {
                     let _ = stop_rx.await;
                 })
                 .await;
@@ -204,7 +160,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let rt = config.validate(&online).expect("valid");
     let worker = appproxy_dataplane::worker::Worker::start(rt).expect("worker");
-    let agent = appproxy_dataplane::agent::spawn(
+    let agent = appproxy_node::spawn_agent(
         config,
         embedded_config,
         worker.deployer(),
@@ -395,7 +351,8 @@ pub struct CoordinatorThread {
 
 /// Starts a coordinator from a config text; returns once `addr` accepts.
 pub fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
-    let config: appproxy_control::config::CoordinatorConfig = toml::from_str(text).expect("config");
+    let config: appproxy_coordinator::config::CoordinatorConfig =
+        toml::from_str(text).expect("config");
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -404,7 +361,7 @@ pub fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
             .build()
             .expect("rt");
         rt.block_on(async move {
-            if let Err(e) = appproxy_control::coordinator::serve(&config, async {
+            if let Err(e) = appproxy_coordinator::serve(&config, async {
                 let _ = stop_rx.await;
             })
             .await
@@ -454,7 +411,7 @@ pub fn start_worker(text: &str) -> RunningWorker {
         appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
             .expect("worker");
     let agent =
-        appproxy_dataplane::agent::spawn(config, None, worker.deployer(), worker.access_marks())
+        appproxy_dataplane::agent::spawn_remote(config, worker.deployer(), worker.access_marks())
             .expect("agent");
     RunningWorker { worker, agent }
 }

@@ -335,7 +335,7 @@ pub fn run(scale: &Scale, dir: &Path) -> anyhow::Result<()> {
                 let pg = super::pg::Pg::start();
                 let redis = super::redis_server::Redis::start();
                 let coord_port = free_port();
-                let config: appproxy_control::config::CoordinatorConfig =
+                let config: appproxy_coordinator::config::CoordinatorConfig =
                     toml::from_str(&coordinator_toml(
                         coord_port,
                         &format!("url = \"{}\"", pg.database("scale")),

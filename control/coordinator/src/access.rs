@@ -1,0 +1,191 @@
+//! Last-access marks and request counts of circuits, with the original's Redis keys:
+//! `circuit.{id}.last_access` and `session.{id}.last_access` (epoch-float text,
+//! `EX 172800`), `circuit.{id}.requests` (`INCRBY` then `EXPIRE 3600`).
+//!
+//! Workers write them (batched per core); the coordinator reads them for
+//! `/api/circuit/{id}/statistics` and idle-circuit collection. Without Redis
+//! (single node) the embedded worker hands its batches to [`Marks::Memory`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use appproxy_shared::wire::{circuit_last_access_key, circuit_requests_key};
+pub use appproxy_shared::wire::{AccessMark, LAST_ACCESS_TTL_SECS, REQUESTS_TTL_SECS};
+
+pub use appproxy_shared::wire::add_marks;
+
+/// Writes marks to Redis in one pipeline.
+pub async fn write_redis(
+    conn: &mut redis::aio::ConnectionManager,
+    marks: &[AccessMark],
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    add_marks(&mut pipe, marks);
+    pipe.query_async::<()>(conn).await
+}
+
+/// Where the coordinator reads marks.
+pub enum Marks {
+    /// The shared Redis.
+    Redis(redis::aio::ConnectionManager),
+    /// Single node: fed by the embedded worker.
+    Memory(Mutex<HashMap<uuid::Uuid, (f64, u64)>>),
+}
+
+impl Marks {
+    /// Records marks from an embedded worker (memory) or writes them (Redis).
+    pub async fn record(&self, marks: &[AccessMark]) {
+        match self {
+            Self::Redis(conn) => {
+                if let Err(e) = super::bounded(write_redis(&mut conn.clone(), marks)).await {
+                    tracing::warn!(error = %e, "last-access marks not written");
+                }
+            }
+            Self::Memory(map) => {
+                let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+                for m in marks {
+                    let e = map.entry(m.circuit).or_insert((0.0, 0));
+                    e.0 = e.0.max(m.last_access);
+                    e.1 += m.requests;
+                }
+            }
+        }
+    }
+
+    /// A circuit's last access (Unix seconds) and request count, when known.
+    pub async fn of(&self, circuit: uuid::Uuid) -> (Option<f64>, Option<u64>) {
+        match self {
+            Self::Redis(conn) => {
+                let mut conn = conn.clone();
+                let got: redis::RedisResult<(Option<String>, Option<u64>)> = super::bounded(
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(circuit_last_access_key(circuit))
+                        .cmd("GET")
+                        .arg(circuit_requests_key(circuit))
+                        .query_async(&mut conn),
+                )
+                .await;
+                match got {
+                    Ok((last, requests)) => (last.and_then(|s| s.parse().ok()), requests),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "last-access marks not read");
+                        (None, None)
+                    }
+                }
+            }
+            Self::Memory(map) => {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(&circuit) {
+                    Some((last, n)) => (Some(*last), Some(*n)),
+                    None => (None, None),
+                }
+            }
+        }
+    }
+
+    /// The last access (Unix seconds) of each circuit, in order, in one call; an
+    /// error when the marks cannot be read — a caller deciding on idleness must not
+    /// take "unreadable" for "never accessed".
+    pub async fn last_access_of(
+        &self,
+        circuits: &[uuid::Uuid],
+    ) -> redis::RedisResult<Vec<Option<f64>>> {
+        match self {
+            Self::Redis(_) if circuits.is_empty() => Ok(Vec::new()),
+            Self::Redis(conn) => {
+                let mut conn = conn.clone();
+                let keys: Vec<String> = circuits
+                    .iter()
+                    .map(|c| circuit_last_access_key(*c))
+                    .collect();
+                let got: Vec<Option<String>> =
+                    super::bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
+                Ok(got
+                    .into_iter()
+                    .map(|v| v.and_then(|s| s.parse().ok()))
+                    .collect())
+            }
+            Self::Memory(map) => {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(circuits
+                    .iter()
+                    .map(|c| map.get(c).map(|(last, _)| *last))
+                    .collect())
+            }
+        }
+    }
+
+    /// Forgets a removed circuit (memory only; Redis keys expire).
+    pub fn forget(&self, circuit: uuid::Uuid) {
+        if let Self::Memory(map) = self {
+            map.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&circuit);
+        }
+    }
+}
+
+/// Unix seconds of an RFC 3339 UTC time as the coordinator writes them
+/// (`YYYY-MM-DDTHH:MM:SS[.frac]Z`); `None` for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let rest = s.get(19..)?.strip_suffix('Z')?;
+    let frac = match rest.strip_prefix('.') {
+        Some(f) if !f.is_empty() && f.bytes().all(|c| c.is_ascii_digit()) => {
+            format!("0.{f}").parse::<f64>().ok()?
+        }
+        None if rest.is_empty() => 0.0,
+        _ => return None,
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (H. Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hh * 3600 + mm * 60 + ss) as f64 + frac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_the_coordinators_format() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_755_650_000_123_456);
+        let text = appproxy_shared::telemetry::Rfc3339(t).to_string();
+        let back = parse_rfc3339(&text).expect("parses");
+        assert!(
+            (back - 1_755_650_000.123_456).abs() < 1e-5,
+            "{text} → {back}"
+        );
+        assert_eq!(parse_rfc3339("2026-08-20T01:02:03Z"), Some(1_787_187_723.0));
+        for bad in [
+            "",
+            "2026-08-20",
+            "2026-13-20T01:02:03Z",
+            "2026-08-20T01:02:03",
+            "2026-08-20T01:02:03.Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,823 @@
+//! Handlers of the worker registry, circuits, slots, health and metrics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
+use appproxy_shared::wire::{
+    CircuitSet, CircuitWithOrigin, Heartbeat, Registered, Success, WholeSet, WorkerRegistration,
+};
+use axum::extract::State as Extract;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::placement::port_range;
+use super::store::{CircuitRow, StoreError, WorkerRow};
+use super::{access, ApiError, Body, Id, Params, State};
+
+pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
+    Json(json!({"api_version": "v2", "advertise_address": state.config.coordinator.advertised_url}))
+}
+
+pub(super) async fn live() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the store and (if configured) Redis answer.
+pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
+    let store = state.store.ping().await;
+    let redis = match &state.redis {
+        Some(conn) => {
+            let mut conn = conn.clone();
+            Some(super::bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await)
+        }
+        None => None,
+    };
+    let ok = store.is_ok() && redis.as_ref().is_none_or(|r| r.is_ok());
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "store": store.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string()),
+        "redis": redis.map(|r| r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus text: counters, plus workers and circuits by state.
+pub(super) async fn metrics(
+    Extract(state): Extract<Arc<State>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Result<Response, ApiError> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        v4 => Some(v4),
+    };
+    let allowed = ip.is_some_and(|ip| {
+        state
+            .config
+            .coordinator
+            .metric_access_allowed_hosts
+            .iter()
+            .filter_map(|h| appproxy_shared::model::IpNet::parse(h))
+            .any(|net| net.contains(ip))
+    });
+    if !allowed {
+        return Err(ApiError::Forbidden);
+    }
+    use std::fmt::Write as _;
+    let m = &state.metrics;
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuit_count().await?;
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "appproxy_coordinator_circuits_created_total",
+            "Circuits created.",
+            &m.circuits_created,
+        ),
+        (
+            "appproxy_coordinator_circuits_removed_total",
+            "Circuits removed.",
+            &m.circuits_removed,
+        ),
+        (
+            "appproxy_coordinator_worker_ack_timeouts_total",
+            "Creations answered 503 for a missing acknowledgement.",
+            &m.ack_timeouts,
+        ),
+        (
+            "appproxy_coordinator_events_published_total",
+            "Events published to Redis.",
+            &m.events_published,
+        ),
+        (
+            "appproxy_coordinator_events_failed_total",
+            "Events Redis refused.",
+            &m.events_failed,
+        ),
+        (
+            "appproxy_coordinator_workers_lost_total",
+            "Workers marked LOST by the heartbeat check.",
+            &m.workers_lost,
+        ),
+        (
+            "appproxy_coordinator_circuits_collected_total",
+            "Idle circuits removed.",
+            &m.circuits_collected,
+        ),
+        (
+            "appproxy_coordinator_worker_breaker_trips_total",
+            "Workers skipped by placement after a missed acknowledgement.",
+            &m.breaker_trips,
+        ),
+        (
+            "appproxy_coordinator_placement_retries_total",
+            "Creations placed again on another worker or port within the same call.",
+            &m.placement_retries,
+        ),
+        (
+            "appproxy_coordinator_worker_deploy_failures_total",
+            "Circuits a worker could not deploy (frontend not listening).",
+            &m.deploy_failures,
+        ),
+        (
+            "appproxy_coordinator_health_probes_total",
+            "Health-check probes sent to inference routes.",
+            &super::health::COUNTS[0],
+        ),
+        (
+            "appproxy_coordinator_health_probe_failures_total",
+            "Health-check probes that failed (status, timeout, connection).",
+            &super::health::COUNTS[1],
+        ),
+        (
+            "appproxy_coordinator_route_health_changes_total",
+            "Route health states stored and deployed.",
+            &super::health::COUNTS[2],
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    for (name, help, kind, v) in [
+        (
+            "appproxy_coordinator_api_connections_refused_total",
+            "API connections closed at once at the connection cap.",
+            "counter",
+            &state.server.refused,
+        ),
+        (
+            "appproxy_coordinator_api_connections_timed_out_total",
+            "API connections closed for idleness or a slow request head.",
+            "counter",
+            &state.server.timed_out,
+        ),
+        (
+            "appproxy_coordinator_api_connections",
+            "API connections open.",
+            "gauge",
+            &state.server.open,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP appproxy_coordinator_workers Workers by status.\n# TYPE appproxy_coordinator_workers gauge");
+    for status in ["ALIVE", "LOST", "TERMINATED"] {
+        let n = workers.iter().filter(|w| w.status == status).count();
+        let _ = writeln!(
+            out,
+            "appproxy_coordinator_workers{{status=\"{status}\"}} {n}"
+        );
+    }
+    render_observed(&state, &mut out);
+    let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {circuits}");
+    Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The histograms and labeled counters.
+fn render_observed(state: &State, out: &mut String) {
+    use crate::metrics::{header, sample};
+    appproxy_shared::otlp::render_metrics(out);
+    let o = &state.metrics.observed;
+    o.api_requests.render(
+        out,
+        "appproxy_coordinator_http_request_duration_seconds",
+        "API request duration (request received to response head), by method and route template.",
+    );
+    o.creations.render(
+        out,
+        "appproxy_coordinator_circuit_creations_total",
+        "counter",
+        "Circuit creations by outcome (created, ack_timeout, worker_tripped, deploy_failed, event_not_published).",
+    );
+    o.ack_latency.render(
+        out,
+        "appproxy_coordinator_worker_ack_duration_seconds",
+        "Time from publishing a creation to the worker's acknowledgement, by worker authority.",
+    );
+    o.ack_timeouts.render(
+        out,
+        "appproxy_coordinator_worker_ack_timeouts_by_worker_total",
+        "counter",
+        "Creations without an acknowledgement in time, by worker authority.",
+    );
+    let family = "appproxy_coordinator_store_call_duration_seconds";
+    header(
+        out,
+        family,
+        "histogram",
+        "Circuit store call duration (deadline included), by engine.",
+    );
+    let engine = state.store.engine();
+    let index = usize::from(engine != "sqlite");
+    super::store::CALL_DURATIONS[index].render(out, family, &format!("engine=\"{engine}\""));
+    let family = "appproxy_coordinator_redis_reconnects_total";
+    header(
+        out,
+        family,
+        "counter",
+        "Redis reconnections: subscriptions re-opened, commands retried on a fresh connection.",
+    );
+    for (i, kind) in ["subscription", "commands"].into_iter().enumerate() {
+        sample(
+            out,
+            family,
+            &format!("connection=\"{kind}\""),
+            super::events::REDIS_RECONNECTS[i].load(Ordering::Relaxed),
+        );
+    }
+    let family = "appproxy_coordinator_leader";
+    header(
+        out,
+        family,
+        "gauge",
+        "1 while this node leads the jobs (worker-lost check, idle collection), else 0.",
+    );
+    let leads = state.redis.is_none() || o.leader.load(Ordering::Relaxed) == 1;
+    sample(out, family, "", u8::from(leads));
+}
+
+/// `?brief=true` on a registration: answer `{"id"}` only, without the worker model
+/// (whose slot list costs a read of every circuit of the worker).
+#[derive(Deserialize, Default)]
+pub(super) struct BriefQuery {
+    #[serde(default)]
+    brief: bool,
+}
+
+pub(super) async fn register_worker(
+    Extract(state): Extract<Arc<State>>,
+    Params(q): Params<BriefQuery>,
+    Body(body): Body<Value>,
+) -> Result<Response, ApiError> {
+    let registration = validate_worker(&body)?;
+    // The registration is stored as sent: keys this version does not know are kept.
+    let id = state.store.upsert_worker(&body).await?;
+    tracing::info!(worker = %id, authority = registration.authority, "worker registered");
+    if q.brief {
+        return Ok(Json(Registered { id }).into_response());
+    }
+    Ok(Json(worker_response(&state, id).await?).into_response())
+}
+
+/// The registration fields the coordinator relies on, checked before anything is written.
+fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
+    let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
+    let r = match WorkerRegistration::deserialize(body) {
+        Ok(r) => r,
+        Err(e) => return bad(&format!("invalid worker registration: {e}")),
+    };
+    if r.authority.is_empty() || r.authority.len() > 255 {
+        return bad("authority is required (1-255 characters)");
+    }
+    match r.frontend_mode {
+        FrontendMode::Port => {
+            if r.port_range.is_none_or(|[lo, hi]| lo > hi) {
+                return bad("a port worker needs port_range [low, high] with low <= high");
+            }
+        }
+        FrontendMode::Wildcard => {
+            if r.wildcard_domain.is_none() {
+                return bad("a wildcard worker needs wildcard_domain");
+            }
+        }
+    }
+    super::fits("node_id", r.node_id.as_deref(), 1024)?;
+    super::fits("hostname", Some(&r.hostname), 1024)?;
+    super::fits("wildcard_domain", r.wildcard_domain.as_deref(), 1024)?;
+    super::fits(
+        "traefik_last_used_marker_path",
+        r.traefik_last_used_marker_path.as_deref(),
+        1024,
+    )?;
+    if r.api_port.is_none_or(|p| p == 0 || p > 65535) {
+        return bad("api_port must be a port number");
+    }
+    for f in r.app_filters.iter().flatten() {
+        if f.value.is_null() {
+            return bad("app_filters entries need key and value");
+        }
+        super::fits("app_filters key", Some(&f.key), 96)?;
+        super::fits(
+            "app_filters value",
+            super::store::filter_value(&f.value).as_deref(),
+            1024,
+        )?;
+    }
+    Ok(r)
+}
+
+/// The wire's `WorkerResponseModel`: registration fields, status, times, slot counts
+/// and the slot list.
+pub(super) async fn worker_response(state: &State, id: uuid::Uuid) -> Result<Value, ApiError> {
+    let worker = state
+        .store
+        .worker(id)
+        .await?
+        .ok_or(ApiError::NotFound("No such worker."))?;
+    let circuits = state.store.circuits(Some(id)).await?;
+    Ok(describe_worker(
+        &worker,
+        &circuits.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+    ))
+}
+
+fn describe_worker(w: &WorkerRow, circuits: &[&appproxy_shared::model::Circuit]) -> Value {
+    let mut out = w.body.clone();
+    let slots = slot_list(w, circuits, false);
+    let occupied = circuits.len();
+    out["id"] = json!(w.id);
+    out["status"] = json!(w.status);
+    out["nodes"] = json!(w.nodes);
+    out["created_at"] = json!(w.created_at);
+    out["updated_at"] = json!(w.updated_at);
+    out["occupied_slots"] = json!(occupied);
+    out["available_slots"] = json!(match port_range(&w.registration) {
+        Some((lo, hi)) if w.registration.frontend_mode == FrontendMode::Port =>
+            i64::from(hi - lo) + 1 - occupied as i64,
+        _ => -1,
+    });
+    out["slots"] = json!(slots);
+    out
+}
+
+/// The circuits of `worker` among `circuits`.
+fn circuits_on(
+    circuits: &[CircuitRow],
+    worker: uuid::Uuid,
+) -> Vec<&appproxy_shared::model::Circuit> {
+    circuits
+        .iter()
+        .map(|(c, _)| c)
+        .filter(|c| c.worker == Some(worker))
+        .collect()
+}
+
+/// Every port of a port worker (free ones too unless `in_use_only`); the occupied
+/// subdomains of a wildcard worker.
+fn slot_list(
+    w: &WorkerRow,
+    circuits: &[&appproxy_shared::model::Circuit],
+    in_use_only: bool,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    if w.registration.frontend_mode == FrontendMode::Port {
+        let Some((lo, hi)) = port_range(&w.registration) else {
+            return out;
+        };
+        for port in lo..=hi {
+            let circuit = circuits.iter().find(|c| c.port == Some(port));
+            if in_use_only && circuit.is_none() {
+                continue;
+            }
+            out.push(
+                json!({"frontend_mode": "port", "in_use": circuit.is_some(), "port": port,
+                "subdomain": null, "circuit_id": circuit.map(|c| c.id)}),
+            );
+        }
+    } else {
+        for c in circuits.iter().filter(|c| c.subdomain.is_some()) {
+            out.push(
+                json!({"frontend_mode": "wildcard", "in_use": true, "port": null,
+                "subdomain": c.subdomain, "circuit_id": c.id}),
+            );
+        }
+    }
+    out
+}
+
+pub(super) async fn get_worker(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    worker_response(&state, id).await.map(Json)
+}
+
+/// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration);
+/// `&brief=true`: answer without the worker model (whose slot list costs a read of
+/// every circuit of the worker), as the product's agent asks on every heartbeat.
+#[derive(Deserialize, Default)]
+pub(super) struct NodeQuery {
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    brief: bool,
+}
+
+pub(super) async fn heartbeat(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
+) -> Result<Response, ApiError> {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.heartbeat_node(id, q.node.as_deref()).await? {
+        return Err(ApiError::NotFound("No such worker."));
+    }
+    if let Some(conn) = &state.redis {
+        // As the original: `proxy-worker.last_seen` {authority: epoch}, 2-day TTL.
+        let authority = state.authority_of(Some(id)).await?;
+        let now = appproxy_shared::jwt::now_epoch();
+        let mut conn = conn.clone();
+        let written: redis::RedisResult<()> = super::bounded(
+            redis::pipe()
+                .cmd("HSET")
+                .arg("proxy-worker.last_seen")
+                .arg(authority)
+                .arg(format!("{now:.6}"))
+                .ignore()
+                .cmd("EXPIRE")
+                .arg("proxy-worker.last_seen")
+                .arg(access::LAST_ACCESS_TTL_SECS)
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "proxy-worker.last_seen not written");
+        }
+    }
+    if q.brief {
+        return Ok(Json(Heartbeat { success: true, id }).into_response());
+    }
+    Ok(Json(worker_response(&state, id).await?).into_response())
+}
+
+pub(super) async fn deregister_worker(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    Params(q): Params<NodeQuery>,
+) -> Result<Json<Success>, ApiError> {
+    super::fits("node", q.node.as_deref(), 1024)?;
+    if !state.store.deregister_node(id, q.node.as_deref()).await? {
+        return Err(ApiError::NotFound("No such worker."));
+    }
+    tracing::info!(worker = %id, "worker deregistered");
+    Ok(Json(Success::YES))
+}
+
+pub(super) async fn list_workers(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let out: Vec<Value> = described_workers(&state)
+        .await?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    Ok(Json(json!({"workers": out})))
+}
+
+/// Every worker with its `WorkerResponseModel`.
+async fn described_workers(state: &State) -> Result<Vec<(WorkerRow, Value)>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    Ok(workers
+        .into_iter()
+        .map(|w| {
+            let d = describe_worker(&w, &circuits_on(&circuits, w.id));
+            (w, d)
+        })
+        .collect())
+}
+
+/// How a worker reads its circuit set: the whole list (the original's call), one
+/// page of it, or only what changed after a revision.
+#[derive(Deserialize, Default)]
+pub(super) struct CircuitsQuery {
+    /// Only what changed after this revision.
+    #[serde(default)]
+    since: Option<u64>,
+    /// A page: the circuits after this ID (empty: from the start).
+    #[serde(default)]
+    after: Option<String>,
+    /// Entries per page or per change list.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
+
+/// `GET /api/worker/{id}/circuits`: without a query the whole set (the original's
+/// answer, with the worker's `revision` added); with `?since=R` what changed after
+/// revision `R` (`{"revision","changes","removed"}`, or `{"revision","resync":true}`
+/// when only the whole set will do); with `?after=<id>&limit=N` one page in ID order
+/// (`{"revision","circuits","next"}`).
+pub(super) async fn worker_circuits(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    Params(q): Params<CircuitsQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q
+        .limit
+        .unwrap_or(MAX_CIRCUITS_PER_ANSWER)
+        .clamp(1, MAX_CIRCUITS_PER_ANSWER);
+    if let Some(since) = q.since {
+        return Ok(Json(worker_changes(&state, id, since, limit).await?).into_response());
+    }
+    if q.after.is_some() || q.limit.is_some() {
+        let after = match q.after.as_deref().filter(|a| !a.is_empty()) {
+            Some(a) => Some(uuid::Uuid::parse_str(a).map_err(|_| {
+                ApiError::BadRequest("after must be a circuit ID (or empty)".into())
+            })?),
+            None => None,
+        };
+        return Ok(Json(worker_page(&state, id, after, limit).await?).into_response());
+    }
+    let revision = state.store.revision(id).await?.unwrap_or(0);
+    let circuits = state.store.circuits(Some(id)).await?;
+    let circuits = circuits
+        .into_iter()
+        .map(|(circuit, origin_request_id)| CircuitWithOrigin {
+            circuit,
+            origin_request_id,
+        })
+        .collect();
+    Ok(Json(WholeSet { circuits, revision }).into_response())
+}
+
+/// One page of a worker's set in ID order, after `after`, with its revision: what
+/// `?after=…&limit=N` answers and what an embedded worker reads.
+pub(super) async fn worker_page(
+    state: &State,
+    id: uuid::Uuid,
+    after: Option<uuid::Uuid>,
+    limit: usize,
+) -> Result<CircuitSet, StoreError> {
+    let (revision, page) = state.store.circuits_page(id, after, limit).await?;
+    let next = (page.len() >= limit)
+        .then(|| page.last().map(|(c, _)| c.id))
+        .flatten();
+    let (circuits, origins) = split_origins(page);
+    Ok(CircuitSet::page(revision, circuits, origins, next))
+}
+
+/// What changed in a worker's set after revision `since`: what `?since=R` answers
+/// and what an embedded worker reads.
+pub(super) async fn worker_changes(
+    state: &State,
+    id: uuid::Uuid,
+    since: u64,
+    limit: usize,
+) -> Result<CircuitSet, StoreError> {
+    Ok(match state.store.changes_since(id, since, limit).await? {
+        super::store::Changes::Resync { revision } => CircuitSet::resync(revision),
+        super::store::Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            let (circuits, origins) = split_origins(upserts);
+            CircuitSet::changes(revision, circuits, origins, removed, more)
+        }
+    })
+}
+
+/// Circuits and the origin request IDs of those that have one.
+fn split_origins(
+    rows: Vec<super::store::CircuitRow>,
+) -> (
+    Vec<appproxy_shared::model::Circuit>,
+    std::collections::BTreeMap<uuid::Uuid, String>,
+) {
+    let mut origins = std::collections::BTreeMap::new();
+    let circuits = rows
+        .into_iter()
+        .map(|(c, o)| {
+            if let Some(o) = o {
+                origins.insert(c.id, o);
+            }
+            c
+        })
+        .collect();
+    (circuits, origins)
+}
+
+pub(super) async fn get_circuit(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let (circuit, _) = state
+        .store
+        .circuit(id)
+        .await?
+        .ok_or(ApiError::NotFound("E00002: No such circuit."))?;
+    Ok(Json(
+        serde_json::to_value(circuit).map_err(StoreError::from)?,
+    ))
+}
+
+/// The circuit plus `requests`, `last_access` (milliseconds; the creation time when
+/// never accessed) and `ttl` (seconds left before idle collection; null for inference).
+pub(super) async fn circuit_statistics(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let (circuit, _) = state
+        .store
+        .circuit(id)
+        .await?
+        .ok_or(ApiError::NotFound("E00002: No such circuit."))?;
+    let (last, requests) = state.marks.of(id).await;
+    let created = circuit
+        .created_at
+        .as_deref()
+        .and_then(access::parse_rfc3339)
+        .unwrap_or(0.0);
+    let last = last.unwrap_or(created);
+    let now = appproxy_shared::jwt::now_epoch();
+    let ttl = (circuit.app_mode == AppMode::Interactive).then(|| {
+        state
+            .config
+            .coordinator
+            .unused_circuit_collection_timeout_secs as i64
+            - (now - last).max(0.0) as i64
+    });
+    let mut v = serde_json::to_value(&circuit).map_err(StoreError::from)?;
+    v["requests"] = json!(requests.unwrap_or(0));
+    v["last_access"] = json!((last * 1000.0) as i64);
+    v["ttl"] = json!(ttl);
+    Ok(Json(v))
+}
+
+pub(super) async fn delete_circuit(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.remove_circuit(id).await? {
+        return Err(ApiError::NotFound("E00002: No such circuit."));
+    }
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct BulkQuery {
+    #[serde(default)]
+    circuit_ids: Option<String>,
+}
+
+/// `DELETE /api/circuit/_/bulk`: `{"circuit_ids": [...]}`, or `?circuit_ids=a,b`.
+/// Every ID is checked before anything is removed; unknown ones are skipped.
+pub(super) async fn bulk_delete(
+    Extract(state): Extract<Arc<State>>,
+    Params(q): Params<BulkQuery>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let ids: Vec<uuid::Uuid> = if body.is_empty() {
+        q.circuit_ids
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| uuid::Uuid::parse_str(s.trim()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::BadRequest(format!("circuit_ids: {e}")))?
+    } else {
+        #[derive(Deserialize)]
+        struct B {
+            circuit_ids: Vec<uuid::Uuid>,
+        }
+        serde_json::from_slice::<B>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+            .circuit_ids
+    };
+    for id in ids {
+        state.remove_circuit(id).await?;
+    }
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct SlotsQuery {
+    #[serde(default)]
+    wsproxy_host: Option<String>,
+    #[serde(default)]
+    in_use: Option<String>,
+}
+
+/// `GET /api/slots?wsproxy_host=<authority>&in_use=true`.
+pub(super) async fn slots(
+    Extract(state): Extract<Arc<State>>,
+    Params(q): Params<SlotsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let in_use_only = !matches!(q.in_use.as_deref(), Some("false" | "False" | "0"));
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let mut out = Vec::new();
+    for w in workers.iter().filter(|w| {
+        q.wsproxy_host
+            .as_deref()
+            .is_none_or(|h| w.registration.authority == h)
+    }) {
+        let mine = circuits_on(&circuits, w.id);
+        out.extend(slot_list(w, &mine, in_use_only));
+    }
+    Ok(Json(json!({"slots": out})))
+}
+
+pub(super) async fn health_status(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> = described_workers(&state)
+        .await?
+        .into_iter()
+        .map(|(w, d)| {
+            json!({"authority": d["authority"], "available_slots": d["available_slots"],
+                "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})
+        })
+        .collect();
+    Ok(Json(json!({
+        "coordinator_version": env!("CARGO_PKG_VERSION"),
+        "appproxy_api_version": "v2",
+        "store": state.store.engine(),
+        "workers": list,
+    })))
+}
+
+/// The protocol of a new circuit and of its route, from the query's protocol.
+pub(super) fn protocols(name: &str) -> Result<(ProxyProtocol, ProxyProtocol), ApiError> {
+    Ok(match name {
+        "http" => (ProxyProtocol::Http, ProxyProtocol::Http),
+        "preopen" => (ProxyProtocol::Http, ProxyProtocol::Preopen),
+        "grpc" => (ProxyProtocol::Grpc, ProxyProtocol::Grpc),
+        "h2" | "http2" => (ProxyProtocol::Http2, ProxyProtocol::Http2),
+        "tcp" | "vnc" | "rdp" => (ProxyProtocol::Tcp, ProxyProtocol::Tcp),
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "unsupported protocol {other:?}"
+            )))
+        }
+    })
+}
+
+/// `GET /v1/api/worker` (older managers): one summary per worker.
+pub(super) async fn v1_workers(
+    Extract(state): Extract<Arc<State>>,
+) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let out: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            let b = &w.registration;
+            let range = port_range(b);
+            let api_port = b.api_port.map_or_else(|| "null".to_owned(), |p| p.to_string());
+            json!({
+                "authority": b.authority,
+                "endpoint": format!("{}://{}:{api_port}", if b.https() { "https" } else { "http" }, b.hostname),
+                "total_slots": range.map_or(-1, |(lo, hi)| i64::from(hi - lo) + 1),
+                "ports_in_use": circuits_on(&circuits, w.id).len(),
+                "min_range": range.map(|r| r.0),
+                "max_range": range.map(|r| r.1),
+                "wildcard_domain": b.wildcard_domain,
+                "created": w.created_at,
+                "updated": w.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+/// `GET /v1/api/slots` (older managers): one row per circuit, flattened.
+pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json<Value>, ApiError> {
+    let workers = state.store.workers().await?;
+    let circuits = state.store.circuits(None).await?;
+    let out: Vec<Value> = circuits
+        .iter()
+        .map(|(c, _)| {
+            let authority = workers
+                .iter()
+                .find(|w| Some(w.id) == c.worker)
+                .map(|w| Value::from(w.registration.authority.as_str()))
+                .unwrap_or(Value::Null);
+            json!({
+                "rel": c.id,
+                "port": c.port,
+                "subdomain": c.subdomain,
+                "wsproxy_version": "v2",
+                "worker__authority": authority,
+                "circuit__app": c.app,
+                "circuit__session_id": c.session_ids.first(),
+                "circuit__open_to_public": c.open_to_public,
+                "circuit__allowed_client_ips": (!c.allowed_client_ips.is_empty()).then(|| c.allowed_client_ips.join(",")),
+                "circuit__envs": serde_json::to_string(&c.envs).unwrap_or_else(|_| "{}".into()),
+                "circuit__arguments": c.arguments,
+                "circuit__created": c.created_at,
+                "circuit__modified": c.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}

@@ -1,0 +1,274 @@
+//! The coordinator's config file: `[coordinator]`, `[secrets]`, `[database]`,
+//! `[redis]`, `[logging]`, `[health_check]`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use appproxy_control_common::config::RedisSection;
+use appproxy_control_common::config::{load, relative_to, ConfigError};
+use appproxy_shared::telemetry::{LoggingConfig, TelemetryConfig};
+use serde::{Deserialize, Serialize};
+
+impl CoordinatorConfig {
+    /// Reads the coordinator's config file; a relative `[database] sqlite_path` (the
+    /// default one too) is taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = load(path)?;
+        config.database.sqlite_path = relative_to(path, &config.database.sqlite_path);
+        Ok(config)
+    }
+
+    /// The full default config, the optional keys shown commented.
+    pub fn default_toml() -> String {
+        let text = toml::to_string_pretty(&Self::default()).unwrap_or_default();
+        appproxy_shared::config::with_optional_keys(
+            &text,
+            &[
+                (
+                    "database",
+                    "url = \"postgres://appproxy@127.0.0.1/appproxy\"  # instead of SQLite",
+                ),
+                (
+                    "redis",
+                    "url = \"redis://127.0.0.1:6379/\"  # events to remote workers, marks, leadership",
+                ),
+            ],
+        )
+    }
+}
+
+/// The coordinator's config file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `[coordinator]`.
+    pub coordinator: CoordinatorSection,
+    /// `[secrets]`.
+    pub secrets: CoordinatorSecrets,
+    /// `[database]`.
+    pub database: DatabaseSection,
+    /// `[redis]`.
+    pub redis: RedisSection,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+    /// `[telemetry]`: OTLP span export (off by default).
+    pub telemetry: TelemetryConfig,
+    /// `[health_check]`: the active health check of inference routes.
+    pub health_check: HealthCheckSection,
+}
+
+/// `[health_check]`: how the coordinator runs the endpoints' health checks (the
+/// per-endpoint settings — path, interval, retries — come from `/v2/endpoints`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// Probes in flight at most; more wait their turn.
+    pub max_concurrency: usize,
+    /// How often the set of checked routes is re-read from the store.
+    pub refresh_interval_secs: f64,
+    /// Each probe's time is moved by up to this fraction of its interval, at random,
+    /// so routes added together do not stay in step.
+    pub jitter: f64,
+    /// Intervals and timeouts shorter than this are raised to it.
+    pub min_interval_secs: f64,
+    /// Form of the anycast events sent to the manager (`model_service_status_updated`,
+    /// `worker_lost`): `"json"` (the current envelope), `"legacy"` (msgpack `args`, for
+    /// managers released before the JSON envelope) or `"both"` (both fields in one
+    /// stream entry).
+    pub event_envelope: EventEnvelope,
+}
+
+impl Default for HealthCheckSection {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 256,
+            refresh_interval_secs: 5.0,
+            jitter: 0.1,
+            min_interval_secs: 0.1,
+            event_envelope: EventEnvelope::Json,
+        }
+    }
+}
+
+/// Which envelope anycast events are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventEnvelope {
+    /// `payload` (JSON text) and `metadata`.
+    Json,
+    /// `args` (msgpack of the positional array).
+    Legacy,
+    /// Both.
+    Both,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// Address of the HTTP API.
+    pub bind: SocketAddr,
+    /// URL workers and managers use to reach it.
+    pub advertised_url: String,
+    /// Accept unauthenticated `/v2/conf` (development only).
+    pub allow_unauthorized_configure_request: bool,
+    /// How long a circuit creation waits for the worker's acknowledgement before
+    /// answering 503 `E10001` (the original's 15 s); 0 = do not wait. Only when events
+    /// flow (Redis, or a worker embedded in this process).
+    pub worker_ack_timeout_secs: f64,
+    /// A worker that missed an acknowledgement is skipped by placement for this long
+    /// (its circuit breaker is open), doubling with each further miss.
+    pub worker_breaker_backoff_secs: f64,
+    /// The longest such back-off.
+    pub worker_breaker_max_backoff_secs: f64,
+    /// An API request head must arrive within this (also bounds a keep-alive
+    /// connection's wait for its next request).
+    pub header_read_timeout_secs: u64,
+    /// An API connection on which no byte moves for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// API connections open at most (also kept below the descriptor limit).
+    pub max_connections: usize,
+    /// A worker without a heartbeat for this long is marked `LOST`.
+    pub worker_heartbeat_timeout_secs: u64,
+    /// Interactive HTTP circuits idle (no request) for this long are removed.
+    pub unused_circuit_collection_timeout_secs: u64,
+    /// Period of the worker-lost check.
+    pub check_worker_lost_interval_secs: u64,
+    /// Period of the idle-circuit collection.
+    pub check_unused_circuit_interval_secs: u64,
+    /// Who may read `/metrics`: IPv4 addresses or CIDRs (others get 403), as the
+    /// original.
+    pub metric_access_allowed_hosts: Vec<String>,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 10200)),
+            advertised_url: "http://127.0.0.1:10200".into(),
+            allow_unauthorized_configure_request: false,
+            worker_ack_timeout_secs: 15.0,
+            worker_breaker_backoff_secs: 5.0,
+            worker_breaker_max_backoff_secs: 60.0,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 75,
+            max_connections: 4096,
+            worker_heartbeat_timeout_secs: 30,
+            unused_circuit_collection_timeout_secs: 3600,
+            check_worker_lost_interval_secs: 15,
+            check_unused_circuit_interval_secs: 10,
+            metric_access_allowed_hosts: vec!["127.0.0.1".into()],
+        }
+    }
+}
+
+/// `[secrets]` of the coordinator.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSecrets {
+    /// Shared secret of the API (`X-BackendAI-Token`).
+    pub api_secret: String,
+    /// HS256 key of circuit JWTs.
+    pub jwt_secret: String,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// A `postgres://…` URL; absent → embedded SQLite at `sqlite_path`.
+    pub url: Option<String>,
+    /// The embedded database file.
+    pub sqlite_path: PathBuf,
+    /// PostgreSQL connections kept by the pool.
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            sqlite_path: PathBuf::from("appproxy-coordinator.sqlite3"),
+            pool_size: 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_relative_sqlite_path_is_relative_to_its_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("coordinator.toml");
+        std::fs::write(&file, "[database]\nsqlite_path = \"state/c.sqlite3\"\n").expect("write");
+        let c = super::CoordinatorConfig::load(&file).expect("load");
+        assert_eq!(c.database.sqlite_path, dir.path().join("state/c.sqlite3"));
+        std::fs::write(&file, "[database]\nsqlite_path = \"/var/lib/c.sqlite3\"\n").expect("write");
+        let c = super::CoordinatorConfig::load(&file).expect("load");
+        assert_eq!(
+            c.database.sqlite_path,
+            std::path::Path::new("/var/lib/c.sqlite3")
+        );
+    }
+
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip() {
+        let text = toml::to_string_pretty(&CoordinatorConfig::default()).expect("toml");
+        assert_eq!(
+            toml::from_str::<CoordinatorConfig>(&text).expect("parse"),
+            CoordinatorConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err =
+            toml::from_str::<CoordinatorConfig>("[coordinator]\nbnd = \"x\"\n").expect_err("typo");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let ok: CoordinatorConfig = toml::from_str(
+            "[database]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n",
+        )
+        .expect("keys");
+        assert_eq!(ok.database.url.as_deref(), Some("postgres://u@h/db"));
+    }
+
+    /// The common mistakes, each refused with the file, the key path, what was
+    /// expected and, for a misspelling, the fix. (The file has no UUID-typed key; the
+    /// worker's table covers that case.)
+    #[test]
+    fn config_mistakes_name_the_file_the_key_and_the_fix() {
+        let coordinator: &[appproxy_test_support::config::Mistake] = &[
+            (
+                "unknown key",
+                "[coordinator]\nbnd = \"127.0.0.1:1\"\n",
+                &["coordinator", "unknown field `bnd`", "did you mean `bind`?"],
+            ),
+            (
+                "wrong type",
+                "[coordinator]\nworker_ack_timeout_secs = \"soon\"\n",
+                &["coordinator.worker_ack_timeout_secs", "line 2", "expected"],
+            ),
+            (
+                "port outside the range",
+                "[coordinator]\nbind = \"127.0.0.1:70000\"\n",
+                &["coordinator.bind", "line 2", "socket address"],
+            ),
+            (
+                "misspelt value",
+                "[health_check]\nevent_envelope = \"jsn\"\n",
+                &["health_check.event_envelope", "did you mean `json`?"],
+            ),
+            (
+                "wrong table type",
+                "coordinator = 1\n",
+                &["coordinator", "line 1", "expected"],
+            ),
+            ("not TOML", "[coordinator\n", &["line 1"]),
+        ];
+        appproxy_test_support::config::assert_mistakes_refused("coordinator", coordinator, &|p| {
+            load::<CoordinatorConfig>(p).err().map(|e| e.to_string())
+        });
+    }
+}

@@ -1,0 +1,587 @@
+//! `/v2/endpoints`: model-serving endpoints (inference circuits) — create or sync,
+//! delete, health-check settings, API tokens, and bulk route register / unregister /
+//! replace, each route change announced to the worker with
+//! `appproxy_circuit_route_updated_event`.
+//!
+//! Input accepts the aliases `endpoint_id` (for `deployment_id`) and `group_id` (for
+//! `project_id`); bulk answers keep request order and report per item.
+
+use std::sync::Arc;
+
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+use appproxy_shared::wire::WorkerRegistration;
+use axum::extract::State as Extract;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::events::{CircuitEvent, EventKind};
+use super::placement;
+use super::{ApiError, Body, Id, State};
+
+/// One endpoint to create or sync.
+#[derive(Deserialize)]
+pub(super) struct CreateEndpoint {
+    #[serde(default, alias = "endpoint_id")]
+    deployment_id: Option<uuid::Uuid>,
+    service_name: String,
+    tags: Tags,
+    #[serde(default)]
+    open_to_public: bool,
+    #[serde(default)]
+    health_check: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Tags {
+    session: SessionTags,
+    endpoint: EndpointTags,
+}
+
+#[derive(Deserialize)]
+struct SessionTags {
+    user_uuid: uuid::Uuid,
+    #[serde(alias = "group_id")]
+    project_id: uuid::Uuid,
+    domain_name: String,
+    #[serde(default)]
+    id: Option<uuid::Uuid>,
+    #[serde(default)]
+    access_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EndpointTags {
+    #[serde(default)]
+    id: Option<uuid::Uuid>,
+    runtime_variant: String,
+    existing_url: Option<String>,
+}
+
+/// The endpoint's public URL on its worker.
+fn endpoint_url(worker: &WorkerRegistration, circuit: &Circuit) -> String {
+    let tls = worker.https();
+    let scheme = if tls { "https" } else { "http" };
+    match (&circuit.subdomain, &worker.wildcard_domain) {
+        (Some(sub), Some(domain)) => {
+            let default = if tls { 443 } else { 80 };
+            match worker.wildcard_traffic_port {
+                Some(p) if p != default => format!("{scheme}://{sub}{domain}:{p}"),
+                _ => format!("{scheme}://{sub}{domain}"),
+            }
+        }
+        _ => format!(
+            "{scheme}://{}:{}",
+            worker.hostname,
+            circuit.port.unwrap_or(0)
+        ),
+    }
+}
+
+fn health_enabled(h: &Option<Value>) -> bool {
+    h.as_ref()
+        .is_some_and(|h| h.is_object() && h["enable"].as_bool().unwrap_or(true))
+}
+
+/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
+async fn create_one(
+    state: &State,
+    id: uuid::Uuid,
+    e: CreateEndpoint,
+) -> Result<(String, bool), ApiError> {
+    if let Some(ak) = &e.tags.session.access_key {
+        appproxy_shared::middleware::note_access_key(ak);
+    }
+    super::fits("service_name", Some(&e.service_name), 255)?;
+    super::fits(
+        "tags.endpoint.runtime_variant",
+        Some(&e.tags.endpoint.runtime_variant),
+        64,
+    )?;
+    if e.service_name.trim().is_empty() || super::proxy::has_control(&e.service_name) {
+        return Err(ApiError::BadRequest(
+            "service_name must be a non-empty name without control characters".into(),
+        ));
+    }
+    let enabled = health_enabled(&e.health_check);
+    let health_check = e.health_check.clone();
+    let circuit = match state.store.circuit_of_endpoint(id).await? {
+        Some((c, _)) => c,
+        None => {
+            let s = &e.tags.session;
+            let mut properties = vec![
+                ("session.user_uuid".to_owned(), s.user_uuid.to_string()),
+                ("session.project_id".to_owned(), s.project_id.to_string()),
+                ("session.domain_name".to_owned(), s.domain_name.clone()),
+                (
+                    "endpoint.id".to_owned(),
+                    e.tags.endpoint.id.unwrap_or(id).to_string(),
+                ),
+                (
+                    "endpoint.runtime_variant".to_owned(),
+                    e.tags.endpoint.runtime_variant.clone(),
+                ),
+            ];
+            if let Some(v) = s.id {
+                properties.push(("session.id".into(), v.to_string()));
+            }
+            if let Some(v) = &s.access_key {
+                properties.push(("session.access_key".into(), v.clone()));
+            }
+            if let Some(v) = &e.tags.endpoint.existing_url {
+                properties.push(("endpoint.existing_url".into(), v.clone()));
+            }
+            let mut label = placement::dns_label(&e.service_name);
+            let mut preferred_port = None;
+            let mut only_worker = None;
+            if let Some(url) = &e.tags.endpoint.existing_url {
+                let existing =
+                    existing_slot(&state.store.workers().await?, url).ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "existing_url {url:?} is not served by any registered worker"
+                        ))
+                    })?;
+                only_worker = Some(existing.0);
+                match existing.1 {
+                    Slot::Subdomain(s) => label = s,
+                    Slot::Port(p) => preferred_port = Some(p),
+                }
+            }
+            let request = placement::Request {
+                app_mode: AppMode::Inference,
+                protocol: ProxyProtocol::Http,
+                properties: &properties,
+                preferred_port,
+                preferred_subdomain: Some(&label),
+                default_subdomain: &label,
+                spread: None,
+                only_worker,
+            };
+            let template = Circuit {
+                id: uuid::Uuid::nil(),
+                app: Some(e.service_name.clone()),
+                protocol: ProxyProtocol::Http,
+                worker: None,
+                app_mode: AppMode::Inference,
+                frontend_mode: FrontendMode::Port,
+                envs: Default::default(),
+                arguments: None,
+                open_to_public: e.open_to_public,
+                allowed_client_ips: Vec::new(),
+                port: None,
+                subdomain: None,
+                user_id: Some(s.user_uuid),
+                endpoint_id: Some(id),
+                runtime_variant: Some(e.tags.endpoint.runtime_variant.clone()),
+                route_info: Vec::new(),
+                session_ids: Vec::new(),
+                created_at: None,
+                updated_at: None,
+            };
+            super::proxy::create_circuit(state, template, &request)
+                .await?
+                .0
+        }
+    };
+    // Written once the circuit stands: a refused creation leaves no endpoint row.
+    state
+        .store
+        .upsert_endpoint(id, enabled, health_check)
+        .await?;
+    let worker = state
+        .store
+        .worker(circuit.worker.unwrap_or_default())
+        .await?
+        .ok_or(ApiError::NoWorker)?;
+    Ok((endpoint_url(&worker.registration, &circuit), enabled))
+}
+
+/// Where an `existing_url` lives.
+enum Slot {
+    Subdomain(String),
+    Port(u16),
+}
+
+/// The worker and slot of an endpoint's `existing_url`: a wildcard worker by its
+/// domain (the subdomain kept), a port worker by hostname and a port in its range.
+fn existing_slot(workers: &[super::store::WorkerRow], url: &str) -> Option<(uuid::Uuid, Slot)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok()),
+        None => (authority, None),
+    };
+    let host = host.to_ascii_lowercase();
+    workers.iter().find_map(|w| {
+        let b = &w.registration;
+        if let Some(domain) = &b.wildcard_domain {
+            let sub = host.strip_suffix(&domain.to_ascii_lowercase())?;
+            return (!sub.is_empty() && !sub.contains('.'))
+                .then(|| (w.id, Slot::Subdomain(sub.to_owned())));
+        }
+        let (lo, hi) = placement::port_range(b)?;
+        let port = port?;
+        (b.hostname == host && (lo..=hi).contains(&port)).then_some((w.id, Slot::Port(port)))
+    })
+}
+
+pub(super) async fn create(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    Body(e): Body<CreateEndpoint>,
+) -> Result<Json<Value>, ApiError> {
+    let (url, enabled) = create_one(&state, id, e).await?;
+    Ok(Json(
+        json!({"success": true, "endpoint": url, "health_check_enabled": enabled}),
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct BulkCreate {
+    endpoints: Vec<CreateEndpoint>,
+}
+
+pub(super) async fn create_bulk(
+    Extract(state): Extract<Arc<State>>,
+    Body(b): Body<BulkCreate>,
+) -> Result<Json<Value>, ApiError> {
+    // Every item is checked before any is created.
+    if b.endpoints.iter().any(|e| e.deployment_id.is_none()) {
+        return Err(ApiError::BadRequest(
+            "every bulk item needs deployment_id".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(b.endpoints.len());
+    for e in b.endpoints {
+        let id = e.deployment_id.unwrap_or_default();
+        let (url, enabled) = create_one(&state, id, e).await?;
+        out.push(json!({"deployment_id": id, "url": url, "health_check_enabled": enabled}));
+    }
+    Ok(Json(json!({"endpoints": out})))
+}
+
+/// Removes the endpoint's circuit (telling its worker) and its row. Idempotent.
+async fn delete_one(state: &State, id: uuid::Uuid) -> Result<(), ApiError> {
+    if let Some((c, _)) = state.store.circuit_of_endpoint(id).await? {
+        state.remove_circuit(c.id).await?;
+    }
+    state.store.delete_endpoint(id).await?;
+    Ok(())
+}
+
+pub(super) async fn delete(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    delete_one(&state, id).await?;
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct BulkDelete {
+    endpoints: Vec<DeploymentRef>,
+}
+
+#[derive(Deserialize)]
+struct DeploymentRef {
+    #[serde(alias = "endpoint_id")]
+    deployment_id: uuid::Uuid,
+}
+
+pub(super) async fn delete_bulk(
+    Extract(state): Extract<Arc<State>>,
+    Body(b): Body<BulkDelete>,
+) -> Json<Value> {
+    let mut out = Vec::with_capacity(b.endpoints.len());
+    for e in b.endpoints {
+        let result = delete_one(&state, e.deployment_id).await;
+        out.push(
+            json!({"deployment_id": e.deployment_id, "success": result.is_ok(),
+            "error": result.err().map(|e| e.to_string())}),
+        );
+    }
+    Json(json!({"endpoints": out}))
+}
+
+#[derive(Deserialize)]
+pub(super) struct HealthCheckBody {
+    health_check: Option<Value>,
+}
+
+pub(super) async fn health_check(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    // The key is required (null allowed): `{}` is refused.
+    let raw: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if raw.get("health_check").is_none() {
+        return Err(ApiError::BadRequest(
+            "health_check is required (null disables it)".into(),
+        ));
+    }
+    let b: HealthCheckBody =
+        serde_json::from_value(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let Some((circuit, _)) = state.store.circuit_of_endpoint(id).await? else {
+        return Err(ApiError::NotFound("E00002: No such circuit."));
+    };
+    if circuit.app_mode != AppMode::Inference {
+        return Err(ApiError::NotFound("E00002: No such inference-circuit."));
+    }
+    state
+        .store
+        .upsert_endpoint(id, health_enabled(&b.health_check), b.health_check)
+        .await?;
+    Ok(Json(json!({"success": true})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct TokenBody {
+    user_uuid: uuid::Uuid,
+    exp: Value,
+}
+
+/// `exp` as ISO-8601 (UTC, `Z`) or epoch seconds.
+fn epoch_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_f64().map(|f| f as i64),
+        Value::String(s) => super::access::parse_rfc3339(s)
+            .or_else(|| super::access::parse_rfc3339(&format!("{}Z", s.trim_end_matches("+00:00"))))
+            .map(|f| f as i64),
+        _ => None,
+    }
+}
+
+pub(super) async fn token(
+    Extract(state): Extract<Arc<State>>,
+    Id(id): Id<uuid::Uuid>,
+    Body(b): Body<TokenBody>,
+) -> Result<Json<Value>, ApiError> {
+    let exp = epoch_of(&b.exp).ok_or_else(|| {
+        ApiError::BadRequest("exp must be an ISO-8601 UTC time or epoch seconds".into())
+    })?;
+    let (circuit, _) = state
+        .store
+        .circuit_of_endpoint(id)
+        .await?
+        .ok_or(ApiError::NotFound("E00002: No such circuit."))?;
+    let worker = state
+        .store
+        .worker(circuit.worker.unwrap_or_default())
+        .await?
+        .ok_or(ApiError::NoWorker)?;
+    let mut claims = serde_json::to_value(&circuit).map_err(super::store::StoreError::from)?;
+    if let Some(map) = claims.as_object_mut() {
+        map.remove("route_info");
+    }
+    let float = |t: &Option<String>| t.as_deref().and_then(super::access::parse_rfc3339);
+    claims["created_at"] = json!(float(&circuit.created_at));
+    claims["updated_at"] = json!(float(&circuit.updated_at));
+    claims["app_url"] = json!(endpoint_url(&worker.registration, &circuit));
+    claims["user"] = json!(b.user_uuid);
+    claims["exp"] = json!(exp);
+    Ok(Json(
+        json!({"token": appproxy_shared::jwt::sign_hs256(&claims, &state.config.secrets.jwt_secret)}),
+    ))
+}
+
+/// A route as the manager sends it.
+#[derive(Deserialize, Clone)]
+struct RouteEntry {
+    session_id: uuid::Uuid,
+    route_id: uuid::Uuid,
+    #[serde(deserialize_with = "kernel_host")]
+    kernel_host: String,
+    kernel_port: u16,
+}
+
+/// A kernel host: 1-255 characters, no control characters (CR/LF would split the
+/// lines it is written into).
+fn kernel_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let host = String::deserialize(d)?;
+    if host.is_empty() || host.len() > 255 || super::proxy::has_control(&host) {
+        return Err(serde::de::Error::custom(
+            "kernel_host must be 1-255 characters without control characters",
+        ));
+    }
+    Ok(host)
+}
+
+impl RouteEntry {
+    fn route(&self) -> RouteInfo {
+        RouteInfo {
+            route_id: Some(self.route_id),
+            session_id: self.session_id,
+            session_name: None,
+            kernel_host: self.kernel_host.clone(),
+            kernel_port: self.kernel_port,
+            protocol: ProxyProtocol::Http,
+            traffic_ratio: 1.0,
+            health_status: None,
+            upstream_tls: Default::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct RoutesBody {
+    endpoints: Vec<RoutesItem>,
+}
+
+#[derive(Deserialize)]
+struct RoutesItem {
+    #[serde(alias = "endpoint_id")]
+    deployment_id: uuid::Uuid,
+    #[serde(default)]
+    routes: Vec<RouteEntry>,
+    #[serde(default)]
+    route_ids: Vec<uuid::Uuid>,
+}
+
+#[derive(Clone, Copy)]
+enum RouteOp {
+    Replace,
+    Register,
+    Unregister,
+}
+
+/// Applies one item's change: the new routes stored, the worker told.
+async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Value, ApiError> {
+    let _writes = super::health::ROUTE_WRITES.lock().await;
+    let Some((circuit, _)) = state.store.circuit_of_endpoint(item.deployment_id).await? else {
+        return Ok(
+            json!({"deployment_id": item.deployment_id, "success": false,
+            "error": "No circuit registered for this endpoint yet."}),
+        );
+    };
+    let mut routes = circuit.route_info.clone();
+    let mut result = json!({"deployment_id": item.deployment_id, "success": true, "error": null});
+    match op {
+        RouteOp::Replace => {
+            // A route kept across the replacement keeps its health-check state.
+            let health = |id: uuid::Uuid| {
+                routes
+                    .iter()
+                    .find(|x| x.route_id == Some(id))
+                    .and_then(|x| x.health_status)
+            };
+            routes = item
+                .routes
+                .iter()
+                .map(|r| RouteInfo {
+                    health_status: health(r.route_id),
+                    ..r.route()
+                })
+                .collect();
+        }
+        RouteOp::Register => {
+            let (mut added, mut already) = (Vec::new(), Vec::new());
+            for r in &item.routes {
+                if routes.iter().any(|x| x.route_id == Some(r.route_id)) {
+                    already.push(r.route_id);
+                } else {
+                    routes.push(r.route());
+                    added.push(r.route_id);
+                }
+            }
+            result["registered_route_ids"] = json!(added);
+            result["already_registered_route_ids"] = json!(already);
+        }
+        RouteOp::Unregister => {
+            let (mut removed, mut absent) = (Vec::new(), Vec::new());
+            for id in &item.route_ids {
+                if routes.iter().any(|x| x.route_id == Some(*id)) {
+                    routes.retain(|x| x.route_id != Some(*id));
+                    removed.push(*id);
+                } else {
+                    absent.push(*id);
+                }
+            }
+            result["unregistered_route_ids"] = json!(removed);
+            result["already_absent_route_ids"] = json!(absent);
+        }
+    }
+    if routes != circuit.route_info {
+        state.store.update_routes(circuit.id, &routes).await?;
+        let mut updated = circuit.clone();
+        updated.session_ids = routes.iter().map(|r| r.session_id).collect();
+        updated.route_info = routes;
+        let authority = state.authority_of(circuit.worker).await?;
+        tracing::info!(circuit = %circuit.id, routes = updated.route_info.len(), "routes updated");
+        let delivered = state
+            .publish(CircuitEvent {
+                kind: EventKind::RouteUpdated,
+                authority,
+                circuits: vec![updated],
+                request_id: appproxy_shared::current_request_id(),
+                span: appproxy_shared::current_span(),
+            })
+            .await;
+        if !delivered && (state.redis.is_some() || state.local.receiver_count() > 0) {
+            result["error"] = json!("Worker propagation failed: the event was not delivered (the worker's poll will pick the change up)");
+        }
+    }
+    Ok(result)
+}
+
+async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::with_capacity(body.endpoints.len());
+    for item in &body.endpoints {
+        out.push(routes_one(state, item, op).await?);
+    }
+    Ok(Json(json!({"endpoints": out})))
+}
+
+pub(super) async fn replace_routes(
+    Extract(state): Extract<Arc<State>>,
+    Body(b): Body<RoutesBody>,
+) -> Result<Json<Value>, ApiError> {
+    routes(&state, b, RouteOp::Replace).await
+}
+
+pub(super) async fn register_routes(
+    Extract(state): Extract<Arc<State>>,
+    Body(b): Body<RoutesBody>,
+) -> Result<Json<Value>, ApiError> {
+    routes(&state, b, RouteOp::Register).await
+}
+
+pub(super) async fn unregister_routes(
+    Extract(state): Extract<Arc<State>>,
+    Body(b): Body<RoutesBody>,
+) -> Result<Json<Value>, ApiError> {
+    routes(&state, b, RouteOp::Unregister).await
+}
+
+#[cfg(test)]
+mod tls_url_tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_listening_with_tls_gets_https_urls() {
+        let circuit: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666", "port": 10205, "route_info": []
+        }))
+        .expect("circuit");
+        let worker = |listen: bool, advertised: bool| -> WorkerRegistration {
+            serde_json::from_value(
+                serde_json::json!({"authority": "w", "frontend_mode": "port",
+                "hostname": "w.example", "tls_listen": listen, "tls_advertised": advertised}),
+            )
+            .expect("registration")
+        };
+        assert_eq!(
+            endpoint_url(&worker(false, false), &circuit),
+            "http://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(true, false), &circuit),
+            "https://w.example:10205"
+        );
+        assert_eq!(
+            endpoint_url(&worker(false, true), &circuit),
+            "https://w.example:10205"
+        );
+    }
+}

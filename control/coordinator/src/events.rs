@@ -1,0 +1,434 @@
+//! Circuit events leaving the coordinator and acknowledgements coming back.
+//!
+//! An event goes to two places: Redis (`PUBLISH events_all-appproxy`, the platform's
+//! envelope, the causing request's ID in `metadata.request_id`) when `[redis] url` is
+//! set, and the in-process [`LocalBus`] that a worker embedded in the same process
+//! (single-node mode) listens on — that path feeds the worker's bridge directly.
+//!
+//! Acknowledgements (`appproxy_worker_circuit_added_event`) resolve waiters in the
+//! [`AckHub`]; they arrive from Redis (a listener task) or straight from an embedded
+//! worker.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use appproxy_shared::model::{
+    BroadcastMessage, Circuit, CircuitsEvent, EventMetadata, RequestIdText, BROADCAST_CHANNEL,
+    EVENT_WORKER_CIRCUIT_ADDED,
+};
+use appproxy_shared::wire::EventBody;
+use appproxy_shared::RequestId;
+use tokio::sync::{broadcast, oneshot};
+
+pub use appproxy_shared::wire::EventKind;
+
+/// One circuit event, as both transports carry it.
+#[derive(Debug, Clone)]
+pub struct CircuitEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The worker it is for.
+    pub authority: String,
+    /// The circuits concerned (one for a route update).
+    pub circuits: Vec<Circuit>,
+    /// The request that caused it, if any.
+    pub request_id: Option<RequestId>,
+    /// The span of that request on the coordinator, if traced: sent as the event's
+    /// `traceparent`, so the worker's deployment is its child.
+    pub span: Option<appproxy_shared::trace::SpanContext>,
+}
+
+impl CircuitEvent {
+    /// The event body in the wire's shape (`None`: a route update without its
+    /// circuit, which has nothing to say).
+    pub fn body(&self) -> Option<EventBody> {
+        EventBody::new(self.kind, &self.authority, self.circuits.clone())
+    }
+}
+
+/// The in-process event channel of single-node mode. Lagging receivers re-fetch.
+pub type LocalBus = broadcast::Sender<CircuitEvent>;
+
+/// How a creation's wait for its acknowledgement ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckOutcome {
+    /// Every core of the worker has the circuit and its frontend listens.
+    Deployed,
+    /// The worker could not deploy it (e.g. its port is held by another process).
+    Failed(String),
+    /// Another creation found the worker unresponsive meanwhile: stop waiting.
+    WorkerTripped,
+    /// No answer in time.
+    TimedOut,
+}
+
+/// One registered waiter.
+struct Entry {
+    /// The worker the circuit was sent to.
+    worker: String,
+    tx: oneshot::Sender<AckOutcome>,
+}
+
+/// Waiters for workers' acknowledgements, by circuit ID.
+#[derive(Default)]
+pub struct AckHub {
+    /// Every waiter of a circuit is told once; entries leave on ack or timeout.
+    waiters: Mutex<HashMap<uuid::Uuid, Vec<Entry>>>,
+}
+
+impl AckHub {
+    /// Registers interest in `circuit`'s acknowledgement by `worker`. Call before
+    /// publishing. The waiter leaves the hub when dropped, however the request ends
+    /// (acknowledged, timed out, or the caller gone): no entry outlives its request.
+    pub fn expect(&self, circuit: uuid::Uuid, worker: &str) -> Waiter<'_> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().entry(circuit).or_default().push(Entry {
+            worker: worker.to_owned(),
+            tx,
+        });
+        Waiter {
+            hub: self,
+            circuit,
+            rx,
+        }
+    }
+
+    /// A worker acknowledged these circuits.
+    pub fn resolve(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        self.tell(circuits.into_iter().map(|id| (id, AckOutcome::Deployed)));
+    }
+
+    /// A worker could not deploy these circuits.
+    pub fn reject(&self, circuits: impl IntoIterator<Item = (uuid::Uuid, String)>) {
+        self.tell(
+            circuits
+                .into_iter()
+                .map(|(id, why)| (id, AckOutcome::Failed(why))),
+        );
+    }
+
+    fn tell(&self, outcomes: impl Iterator<Item = (uuid::Uuid, AckOutcome)>) {
+        let mut waiters = self.lock();
+        for (id, outcome) in outcomes {
+            for e in waiters.remove(&id).unwrap_or_default() {
+                let _ = e.tx.send(outcome.clone());
+            }
+        }
+    }
+
+    /// The worker's breaker opened: every creation still waiting on it stops
+    /// waiting (and goes elsewhere) instead of serving out its own timeout.
+    pub fn trip(&self, worker: &str) -> usize {
+        let mut waiters = self.lock();
+        let ids: Vec<uuid::Uuid> = waiters
+            .iter()
+            .filter(|(_, list)| list.iter().any(|e| e.worker == worker))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            for e in waiters.remove(id).unwrap_or_default() {
+                let _ = e.tx.send(AckOutcome::WorkerTripped);
+            }
+        }
+        ids.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<Entry>>> {
+        // Senders only: a panic elsewhere cannot leave the map inconsistent.
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waiters not yet answered (for tests and metrics).
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// One creation waiting for its acknowledgement.
+pub struct Waiter<'a> {
+    /// Where the waiter is registered.
+    hub: &'a AckHub,
+    /// The circuit awaited.
+    circuit: uuid::Uuid,
+    /// Told by [`AckHub::resolve`], [`AckHub::reject`] or [`AckHub::trip`].
+    rx: oneshot::Receiver<AckOutcome>,
+}
+
+impl Waiter<'_> {
+    /// Waits up to `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> AckOutcome {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(outcome)) => outcome,
+            _ => AckOutcome::TimedOut,
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.hub.lock().remove(&self.circuit);
+    }
+}
+
+/// Redis reconnections: `[0]` pub/sub subscriptions re-opened after a failure or a
+/// drop, `[1]` commands retried on a fresh connection after an error.
+pub static REDIS_RECONNECTS: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+fn reconnected(i: usize) {
+    REDIS_RECONNECTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
+/// worker's periodic fetch repairs a lost event.
+pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
+    let meta = EventMetadata {
+        request_id: event.request_id.map(RequestIdText::from),
+        traceparent: event.span.map(|s| s.traceparent().to_string()),
+        // The request's tracestate goes with its traceparent (published from the
+        // request's own task; an event of another span gets none).
+        tracestate: event
+            .span
+            .filter(|s| Some(*s) == appproxy_shared::current_span())
+            .and_then(|_| appproxy_shared::middleware::current_tracestate())
+            .map(|t| t.as_str().to_owned()),
+        ..Default::default()
+    };
+    let Some(body) = event.body() else {
+        return false;
+    };
+    let Ok(msg) = BroadcastMessage::encode(event.kind.name(), "appproxy-coordinator", &body, &meta)
+    else {
+        return false;
+    };
+    let Ok(text) = serde_json::to_string(&msg) else {
+        return false;
+    };
+    let mut conn = conn.clone();
+    let mut sent = super::bounded(
+        redis::cmd("PUBLISH")
+            .arg(BROADCAST_CHANNEL)
+            .arg(&text)
+            .query_async::<i64>(&mut conn),
+    )
+    .await;
+    if let Err(e) = &sent {
+        // A connection that went stale (Redis restarted: "broken pipe") fails once;
+        // the manager reconnects on that error, so one more try goes out fresh.
+        tracing::info!(event = event.kind.name(), error = %e, "event not published; retrying once on a fresh connection");
+        reconnected(1);
+        sent = super::bounded(
+            redis::cmd("PUBLISH")
+                .arg(BROADCAST_CHANNEL)
+                .arg(&text)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+    }
+    match sent {
+        Ok(_) => {
+            tracing::info!(event = event.kind.name(), worker = %event.authority, "event published");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(event = event.kind.name(), error = %e, "event not published");
+            false
+        }
+    }
+}
+
+/// Follows the broadcast channel `events_all-appproxy` on Redis, reconnecting forever
+/// (capped backoff, [`appproxy_shared::pubsub`]; each reconnection counted in
+/// [`REDIS_RECONNECTS`]): `on_subscribed` runs after every (re)subscription — what
+/// was published meanwhile is lost to pub/sub, so callers resynchronise there — and
+/// `on_message` gets every readable envelope. Either returning false ends it.
+pub async fn follow_broadcast(
+    url: &str,
+    on_subscribed: impl FnMut() -> bool,
+    mut on_message: impl FnMut(BroadcastMessage) -> bool,
+) {
+    appproxy_shared::pubsub::Follow::new(url, &[BROADCAST_CHANNEL], "worker acknowledgements")
+        .run(
+            on_subscribed,
+            |_, text| match serde_json::from_str::<BroadcastMessage>(&text) {
+                Ok(envelope) => on_message(envelope),
+                Err(_) => true,
+            },
+            || reconnected(0),
+        )
+        .await;
+}
+
+/// What a worker's acknowledgement says.
+#[derive(Debug, Default, PartialEq)]
+pub struct Acknowledgement {
+    /// The worker.
+    pub authority: String,
+    /// Deployed circuits.
+    pub deployed: Vec<uuid::Uuid>,
+    /// Circuits it could not deploy, and why.
+    pub failed: Vec<(uuid::Uuid, String)>,
+    /// The creating request of each circuit, when the worker says.
+    pub origins: Vec<(uuid::Uuid, String)>,
+}
+
+impl From<CircuitsEvent> for Acknowledgement {
+    fn from(body: CircuitsEvent) -> Self {
+        Self {
+            authority: body.target_worker_authority,
+            deployed: body.circuits.iter().map(|c| c.id).collect(),
+            failed: body.failed.into_iter().map(|f| (f.id, f.reason)).collect(),
+            origins: body.origin_request_ids.into_iter().collect(),
+        }
+    }
+}
+
+impl Acknowledgement {
+    /// Reads an `appproxy_worker_circuit_added_event` body (its JSON text); `None`
+    /// when it does not read.
+    pub fn parse(payload: &str) -> Option<Self> {
+        serde_json::from_str::<CircuitsEvent>(payload)
+            .ok()
+            .map(Self::from)
+    }
+}
+
+/// Hands an acknowledgement to the waiters and the worker's breaker, logging each
+/// circuit under the request that created it.
+pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Breakers) {
+    if !ack.authority.is_empty() {
+        breakers.alive(&ack.authority);
+    }
+    for (circuit, origin) in &ack.origins {
+        let origin = appproxy_shared::RequestId::parse(origin.as_bytes()).ok();
+        let failed = ack.failed.iter().find(|(id, _)| id == circuit);
+        appproxy_shared::with_request_id(origin, || match failed {
+            Some((_, why)) => {
+                tracing::warn!(%circuit, worker = %ack.authority, reason = %why, "worker could not deploy the circuit")
+            }
+            None => {
+                tracing::debug!(%circuit, worker = %ack.authority, "worker acknowledged the circuit")
+            }
+        });
+    }
+    acks.reject(ack.failed);
+    acks.resolve(ack.deployed);
+}
+
+/// Listens for workers' acknowledgements on Redis, reconnecting forever.
+pub async fn listen_acks(
+    url: String,
+    acks: std::sync::Arc<AckHub>,
+    breakers: std::sync::Arc<super::breaker::Breakers>,
+) {
+    follow_broadcast(
+        &url,
+        || {
+            tracing::info!("listening for acknowledgements");
+            breakers.listening();
+            true
+        },
+        |envelope| {
+            if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
+                return true;
+            }
+            let Some(ack) = Acknowledgement::parse(&envelope.payload) else {
+                return true;
+            };
+            let meta = envelope.metadata();
+            let request_id = meta.request_id.and_then(|r| r.validated());
+            let span = meta.traceparent.map(|tp| {
+                appproxy_shared::trace::SpanContext::from_header(
+                    Some(tp.as_bytes()),
+                    request_id.as_ref(),
+                )
+            });
+            appproxy_shared::with_request_context(request_id, span, || {
+                tracing::debug!(
+                    worker = %ack.authority,
+                    circuits = ack.deployed.len(),
+                    failed = ack.failed.len(),
+                    "worker acknowledged"
+                );
+            });
+            settle(ack, &acks, &breakers);
+            true
+        },
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiters_leave_on_ack_timeout_and_cancellation() {
+        let hub = AckHub::default();
+        let (a, b, c) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let waiter = hub.expect(a, "w");
+        hub.resolve([a]);
+        assert_eq!(
+            waiter.wait(Duration::from_secs(5)).await,
+            AckOutcome::Deployed
+        );
+        assert_eq!(
+            hub.expect(b, "w").wait(Duration::from_millis(1)).await,
+            AckOutcome::TimedOut
+        );
+        let waiting = hub.expect(c, "w").wait(Duration::from_secs(60));
+        // The caller gives up: the future is dropped before it completes.
+        assert!(tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .is_err());
+        // Or before it ever ran.
+        drop(hub.expect(a, "w").wait(Duration::from_secs(60)));
+        assert_eq!(hub.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn failures_and_trips_reach_the_right_waiters() {
+        let hub = AckHub::default();
+        let (a, b, c) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let wa = hub.expect(a, "sick");
+        let wb = hub.expect(b, "sick");
+        let wc = hub.expect(c, "fine");
+        assert_eq!(hub.trip("sick"), 2);
+        hub.reject([(c, "port held".to_owned())]);
+        assert_eq!(
+            wa.wait(Duration::from_secs(5)).await,
+            AckOutcome::WorkerTripped
+        );
+        assert_eq!(
+            wb.wait(Duration::from_secs(5)).await,
+            AckOutcome::WorkerTripped
+        );
+        assert_eq!(
+            wc.wait(Duration::from_secs(5)).await,
+            AckOutcome::Failed("port held".into())
+        );
+        let body = serde_json::json!({"target_worker_authority": "w1",
+            "circuits": [{"id": a.to_string()}], "failed": [{"id": b.to_string(), "reason": "x"}],
+            "origin_request_ids": {a.to_string(): "R1"}});
+        assert_eq!(
+            Acknowledgement::parse(&body.to_string()),
+            Some(Acknowledgement {
+                authority: "w1".into(),
+                deployed: vec![a],
+                failed: vec![(b, "x".into())],
+                origins: vec![(a, "R1".into())],
+            })
+        );
+    }
+}

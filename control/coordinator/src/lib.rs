@@ -1,0 +1,766 @@
+//! `appproxy-coordinator`: the manager-facing `/v2/conf` and `/v2/proxy/auth`, the worker
+//! registry, circuits and slots, health and metrics; circuit events to workers (Redis
+//! or, in single-node mode, an in-process bus) with acknowledgement; leader jobs.
+//!
+//! Request IDs follow the coordinator column of `docs/request-ids.md`: the manager's ID (or an alias) is
+//! used and echoed when present, **never generated**; it is stored as the circuit's
+//! `origin_request_id` (NULL when absent), put in the metadata of every event the
+//! request causes and is on every log line of the request. Background jobs run each
+//! pass under an ID of their own.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod anycast;
+mod api;
+pub mod breaker;
+pub mod config;
+mod endpoints;
+pub mod events;
+pub mod health;
+mod jobs;
+pub mod placement;
+mod proxy;
+pub mod server;
+pub mod store;
+
+pub use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use appproxy_shared::header::IdPolicy;
+use appproxy_shared::middleware::RequestIdLayer;
+use appproxy_shared::model::CircuitsEvent;
+use appproxy_shared::wire::{CircuitSet, WorkerRegistration};
+use appproxy_shared::IdVersion;
+use axum::extract::{FromRequest, FromRequestParts, Request, State as Extract};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use access::{AccessMark, Marks};
+use appproxy_control_common::metrics::{self, Histogram, Labeled};
+use breaker::Breakers;
+use config::CoordinatorConfig;
+use events::{AckHub, CircuitEvent, EventKind, LocalBus};
+use store::{CircuitRow, Store, StoreError};
+
+/// Every Redis call the coordinator makes is bounded by this: an outage costs a call
+/// at most this long (then the caller's fallback applies), never a hang.
+pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(REDIS_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Circuits created.
+    pub circuits_created: AtomicU64,
+    /// Circuits removed (API, bulk, idle collection, failed acknowledgement).
+    pub circuits_removed: AtomicU64,
+    /// Creations answered 503 because the worker did not acknowledge.
+    pub ack_timeouts: AtomicU64,
+    /// Events published to Redis.
+    pub events_published: AtomicU64,
+    /// Events Redis refused.
+    pub events_failed: AtomicU64,
+    /// Workers marked `LOST` by the heartbeat check.
+    pub workers_lost: AtomicU64,
+    /// Circuits removed for idleness.
+    pub circuits_collected: AtomicU64,
+    /// Workers' breakers opened by a missed acknowledgement.
+    pub breaker_trips: AtomicU64,
+    /// Creations placed again on another worker or port within the same call.
+    pub placement_retries: AtomicU64,
+    /// Circuits a worker reported it could not deploy (frontend not listening).
+    pub deploy_failures: AtomicU64,
+    /// Histograms and labeled counters.
+    pub observed: Observed,
+}
+
+/// Bounded-cardinality histograms and labeled counters for `/metrics`.
+pub struct Observed {
+    /// API request durations by method and route template (never the raw path).
+    pub api_requests: Labeled<Histogram>,
+    /// Circuit creations by outcome.
+    pub creations: Labeled<AtomicU64>,
+    /// Publication-to-acknowledgement latency, by worker authority.
+    pub ack_latency: Labeled<Histogram>,
+    /// Acknowledgements not received in time, by worker authority.
+    pub ack_timeouts: Labeled<AtomicU64>,
+    /// 1 while this node leads the jobs, else 0.
+    pub leader: AtomicU64,
+}
+
+/// At most this many workers are labeled apart (the rest under `other`).
+pub const MAX_WORKER_LABELS: usize = 256;
+
+impl Default for Observed {
+    fn default() -> Self {
+        Self {
+            api_requests: Labeled::new("", 128, Histogram::default),
+            creations: Labeled::new("outcome", 16, AtomicU64::default),
+            ack_latency: Labeled::new("worker", MAX_WORKER_LABELS, Histogram::default),
+            ack_timeouts: Labeled::new("worker", MAX_WORKER_LABELS, AtomicU64::default),
+            leader: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Shared state of the API, the jobs and an embedded worker.
+pub struct State {
+    /// The store.
+    pub store: Store,
+    /// The `[coordinator]` and `[secrets]` settings.
+    pub config: CoordinatorConfig,
+    /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
+    pub redis: Option<redis::aio::ConnectionManager>,
+    /// The in-process event bus (single-node mode).
+    pub local: LocalBus,
+    /// Waiters for workers' acknowledgements.
+    pub acks: Arc<AckHub>,
+    /// Per-worker circuit breakers of placement.
+    pub breakers: Arc<Breakers>,
+    /// The API server's connection counters.
+    pub server: Arc<server::ServerMetrics>,
+    /// Last-access marks: Redis, or memory fed by an embedded worker.
+    pub marks: Marks,
+    /// `/metrics` counters.
+    pub metrics: Metrics,
+    /// This process's node ID, for leadership.
+    pub node_id: uuid::Uuid,
+}
+
+impl State {
+    /// Sends `event` to workers: on the in-process bus and on Redis. Returns whether
+    /// anyone can acknowledge it (an embedded worker listens, or Redis took it).
+    async fn publish(&self, event: CircuitEvent) -> bool {
+        let local = self.local.send(event.clone()).is_ok();
+        let remote = match &self.redis {
+            Some(conn) => {
+                let ok = events::publish_redis(conn, &event).await;
+                let counter = if ok {
+                    &self.metrics.events_published
+                } else {
+                    &self.metrics.events_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                ok
+            }
+            None => false,
+        };
+        local || remote
+    }
+
+    /// Whether creations wait for an acknowledgement.
+    fn acks_expected(&self) -> bool {
+        self.config.coordinator.worker_ack_timeout_secs > 0.0
+            && (self.redis.is_some() || self.local.receiver_count() > 0)
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.config
+                .coordinator
+                .worker_ack_timeout_secs
+                .clamp(0.0, 3600.0),
+        )
+    }
+
+    /// Removes a circuit and tells its worker, under the current request ID.
+    async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
+        let found = self.store.circuit(id).await?;
+        if !self.store.delete_circuit(id).await? {
+            return Ok(false);
+        }
+        self.marks.forget(id);
+        self.metrics
+            .circuits_removed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(circuit = %id, "circuit deleted");
+        if let Some((circuit, _)) = found {
+            let authority = self.authority_of(circuit.worker).await?;
+            self.publish(CircuitEvent {
+                kind: EventKind::Removed,
+                authority,
+                circuits: vec![circuit],
+                request_id: appproxy_shared::current_request_id(),
+                span: appproxy_shared::current_span(),
+            })
+            .await;
+        }
+        Ok(true)
+    }
+
+    async fn authority_of(&self, worker: Option<uuid::Uuid>) -> Result<String, ApiError> {
+        let Some(worker) = worker else {
+            return Ok(String::new());
+        };
+        Ok(self
+            .store
+            .worker(worker)
+            .await?
+            .map(|w| w.registration.authority)
+            .unwrap_or_default())
+    }
+
+    // ---- the embedded worker's side (single-node mode) ----
+
+    /// Registers (or re-registers) an embedded worker; returns its ID.
+    pub async fn register_local_worker(
+        &self,
+        registration: &WorkerRegistration,
+    ) -> Result<uuid::Uuid, StoreError> {
+        let body = serde_json::to_value(registration)
+            .map_err(|e| StoreError::Data(format!("registration: {e}")))?;
+        self.store.upsert_worker(&body).await
+    }
+
+    /// An embedded worker's heartbeat.
+    pub async fn local_heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.store.heartbeat(id).await
+    }
+
+    /// An embedded worker leaves (at no node left it is `LOST`).
+    pub async fn deregister_local_worker(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.store.deregister_worker(id).await
+    }
+
+    /// An embedded worker's circuit set.
+    pub async fn local_circuits(&self, id: uuid::Uuid) -> Result<Vec<CircuitRow>, StoreError> {
+        self.store.circuits(Some(id)).await
+    }
+
+    /// What changed in an embedded worker's set after revision `since`, as
+    /// `GET /api/worker/{id}/circuits?since=…` answers it.
+    pub async fn local_changes(
+        &self,
+        id: uuid::Uuid,
+        since: u64,
+    ) -> Result<CircuitSet, StoreError> {
+        api::worker_changes(self, id, since, MAX_CIRCUITS_PER_ANSWER).await
+    }
+
+    /// One page of an embedded worker's set, as
+    /// `GET /api/worker/{id}/circuits?after=…` answers it.
+    pub async fn local_circuits_page(
+        &self,
+        id: uuid::Uuid,
+        after: Option<uuid::Uuid>,
+    ) -> Result<CircuitSet, StoreError> {
+        api::worker_page(self, id, after, MAX_CIRCUITS_PER_ANSWER).await
+    }
+
+    /// The in-process events, for an embedded worker.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CircuitEvent> {
+        self.local.subscribe()
+    }
+
+    /// An embedded worker acknowledges deployed circuits.
+    pub fn acknowledge(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        self.acks.resolve(circuits);
+    }
+
+    /// An embedded worker's acknowledgement with per-circuit outcomes, in the shape
+    /// a remote worker publishes it.
+    pub fn settle(&self, ack: CircuitsEvent) {
+        events::settle(ack.into(), &self.acks, &self.breakers);
+    }
+
+    /// An embedded worker's last-access marks.
+    pub async fn record_access(&self, marks: &[AccessMark]) {
+        self.marks.record(marks).await;
+    }
+}
+
+/// Refuses a text longer than its column (the original schema's sizes), so an
+/// over-long value is a 400, never a database error.
+pub(crate) fn fits(name: &str, value: Option<&str>, max: usize) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v.chars().count() > max => Err(ApiError::BadRequest(format!(
+            "{name} is longer than {max} characters"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// An API refusal; the variant decides the status and error code, in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or a wrong secret.
+    #[error("Unauthorized access")]
+    Unauthorized,
+    /// A bad request: the caller's fault.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Nothing there.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// The caller may not read this (metrics from a host not allowed).
+    #[error("Forbidden")]
+    Forbidden,
+    /// The token's session is not this session.
+    #[error("E20007: Session ID mismatch")]
+    SessionMismatch,
+    /// No worker can take the circuit.
+    #[error("E10002: No proxy worker can serve this circuit")]
+    NoWorker,
+    /// The worker did not acknowledge the deployment in time, or the event never
+    /// left (Redis refused it); `cause` says which.
+    #[error("E10001: Proxy worker not responding")]
+    WorkerNotResponding {
+        /// The worker's authority.
+        authority: String,
+        /// `worker` (no acknowledgement in time), `redis` (the event could not be
+        /// published) or `deploy` (the worker could not listen on the frontend).
+        cause: &'static str,
+    },
+    /// The store did not answer in time or is unreachable: 503, retry later.
+    #[error("E10003: Circuit store unavailable")]
+    StoreUnavailable,
+    /// A body over the size limit.
+    #[error("Request body too large")]
+    TooLarge,
+    /// The store failed: our fault.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::Unauthorized | Self::SessionMismatch => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "object-not-found"),
+            Self::NoWorker => (StatusCode::SERVICE_UNAVAILABLE, "no-available-worker"),
+            Self::WorkerNotResponding { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "worker-not-responding")
+            }
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            Self::Store(e) if e.is_unavailable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+            }
+            Self::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+            Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal-error"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        } else {
+            tracing::info!(error = %self, "request refused");
+        }
+        // A store failure's text (pool, driver) stays in the log, not in the answer.
+        let text = match &self {
+            Self::Store(e) if e.is_unavailable() => Self::StoreUnavailable.to_string(),
+            Self::Store(_) => "Internal server error".to_owned(),
+            other => other.to_string(),
+        };
+        // The product's `error` says which side failed when the wire's `msg` cannot.
+        let detail = match &self {
+            Self::WorkerNotResponding { cause, .. } => format!(
+                "{text}: {}",
+                match *cause {
+                    "redis" => "the event could not be published (Redis unavailable)",
+                    "deploy" => "the worker could not listen on the circuit's frontend",
+                    _ => "the worker did not acknowledge in time",
+                }
+            ),
+            _ => text.clone(),
+        };
+        let mut body = json!({
+            "type": format!("https://api.backend.ai/probs/{code}"),
+            "title": text,
+            "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
+            "msg": text,
+            "error": detail,
+            "code": code,
+            "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
+        });
+        if let Self::WorkerNotResponding { authority, cause } = &self {
+            body["data"] = json!({"worker": authority, "cause": cause});
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body; anything unreadable is a 400 in the API's error shape.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge
+                } else {
+                    ApiError::BadRequest(format!("unreadable body: {e}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Query parameters; bad ones are a 400 in the API's error shape.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Params(q.0))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// A path parameter; a malformed one (not a UUID) is a 400 in the API's error shape.
+pub struct Id<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Id(p.0))
+            .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))
+    }
+}
+
+fn secret_ok(headers: &HeaderMap, secret: &str) -> bool {
+    let Some(v) = headers
+        .get("x-backendai-token")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    !secret.is_empty()
+        && (v == secret
+            || v.strip_prefix("Bearer ") == Some(secret)
+            || v.strip_prefix("BackendAI ") == Some(secret))
+}
+
+async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    if secret_ok(req.headers(), &state.config.secrets.api_secret) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Builds the API router.
+pub fn router(state: Arc<State>) -> Router {
+    let observed = state.clone();
+    let authed = Router::new()
+        .route(
+            "/api/worker",
+            get(api::list_workers).put(api::register_worker),
+        )
+        .route(
+            "/api/worker/{id}",
+            get(api::get_worker)
+                .patch(api::heartbeat)
+                .delete(api::deregister_worker),
+        )
+        .route("/api/worker/{id}/circuits", get(api::worker_circuits))
+        .route("/api/circuit/_/bulk", delete(api::bulk_delete))
+        .route(
+            "/api/circuit/{id}",
+            get(api::get_circuit).delete(api::delete_circuit),
+        )
+        .route("/api/circuit/{id}/statistics", get(api::circuit_statistics))
+        .route("/api/slots", get(api::slots))
+        .route("/v1/api/worker", get(api::v1_workers))
+        .route("/v1/api/slots", get(api::v1_slots))
+        .route("/v1/api/circuit/{id}", delete(api::delete_circuit))
+        .route("/health/status", get(api::health_status))
+        .route(
+            "/v2/endpoints/bulk",
+            post(endpoints::create_bulk).delete(endpoints::delete_bulk),
+        )
+        .route("/v2/endpoints/bulk/routes", post(endpoints::replace_routes))
+        .route(
+            "/v2/endpoints/bulk/routes/register",
+            post(endpoints::register_routes),
+        )
+        .route(
+            "/v2/endpoints/bulk/routes/unregister",
+            post(endpoints::unregister_routes),
+        )
+        .route(
+            "/v2/endpoints/{id}",
+            post(endpoints::create).delete(endpoints::delete),
+        )
+        .route(
+            "/v2/endpoints/{id}/health-check",
+            axum::routing::put(endpoints::health_check),
+        )
+        .route("/v2/endpoints/{id}/token", post(endpoints::token))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/status", get(api::status))
+        .route("/health", get(api::live))
+        .route("/livez", get(api::live))
+        .route("/health/livez", get(api::live))
+        .route("/readyz", get(api::ready))
+        .route("/health/readyz", get(api::ready))
+        .route("/metrics", get(api::metrics))
+        .route("/v2/conf", post(proxy::conf))
+        .route("/v2/proxy/{token}/{session_id}/add", get(proxy::proxy_add))
+        .route(
+            "/v2/proxy/auth",
+            get(proxy::proxy_auth_get).post(proxy::proxy_auth_post),
+        )
+        .merge(authed)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(announced_size))
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(observed, observe_api))
+        .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+}
+
+/// Times every API request under its method and route template (the pattern, never
+/// the raw path; unmatched paths share `route="unmatched"`).
+async fn observe_api(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "other",
+    };
+    let key = format!(
+        "method=\"{method}\",route=\"{}\"",
+        crate::metrics::escape(&route)
+    );
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .observed
+        .api_requests
+        .get(&key)
+        .observe(started.elapsed());
+    resp
+}
+
+/// The largest request body the API reads (bulk calls included).
+pub const MAX_BODY: usize = 2 << 20;
+
+/// A body announced larger than [`MAX_BODY`] is refused before any of it is read.
+async fn announced_size(req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut resp = ApiError::TooLarge.into_response();
+        // The rest of the body is not read: the connection cannot be reused.
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// Refusals made outside the handlers (unknown route, wrong method, a body over the
+/// limit, …) come with an empty or text body: they get the API's JSON error shape
+/// too, with the same status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, text) = match status {
+        StatusCode::NOT_FOUND => ("object-not-found", "No such route"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("request-too-large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid-api-params", "Unsupported media type"),
+        s if s.is_server_error() => ("internal-error", "Internal server error"),
+        _ => ("invalid-api-params", "Bad request"),
+    };
+    let body = json!({
+        "type": format!("https://api.backend.ai/probs/{code}"),
+        "title": text,
+        "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
+        "msg": text,
+        "error": text,
+        "code": code,
+        "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
+    });
+    let mut out = (status, Json(body)).into_response();
+    // Keep what the refusal said about the method or the connection.
+    for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
+        if let Some(v) = resp.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
+/// A coordinator bound to its port, not yet serving.
+pub struct Coordinator {
+    /// Shared state; an embedded worker talks to it directly.
+    pub state: Arc<State>,
+    /// The API's address.
+    pub addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+}
+
+impl Coordinator {
+    /// Opens the store (migrating it), connects to Redis when configured and binds
+    /// the API port.
+    pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Self> {
+        let store = Store::open_with(
+            config.database.url.as_deref(),
+            &config.database.sqlite_path,
+            config.database.pool_size,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
+        let redis = match &config.redis.url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+                // Reconnects quickly after an outage; calls are bounded anyway.
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_CALL_TIMEOUT)
+                    .set_response_timeout(REDIS_CALL_TIMEOUT)
+                    .set_number_of_retries(1)
+                    .set_max_delay(500);
+                Some(
+                    redis::aio::ConnectionManager::new_with_config(client, cfg)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}")
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let marks = match &redis {
+            Some(conn) => Marks::Redis(conn.clone()),
+            None => Marks::Memory(Default::default()),
+        };
+        let (local, _) = tokio::sync::broadcast::channel(1024);
+        let state = Arc::new(State {
+            store,
+            config: config.clone(),
+            redis,
+            local,
+            acks: Arc::default(),
+            breakers: Arc::new(Breakers::new(
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_backoff_secs
+                        .clamp(0.0, 3600.0),
+                ),
+                Duration::from_secs_f64(
+                    config
+                        .coordinator
+                        .worker_breaker_max_backoff_secs
+                        .clamp(0.0, 86400.0),
+                ),
+            )),
+            marks,
+            server: Arc::default(),
+            metrics: Metrics::default(),
+            node_id: uuid::Uuid::new_v4(),
+        });
+        let listener = tokio::net::TcpListener::bind(config.coordinator.bind)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind [coordinator] bind {}: {e}",
+                    config.coordinator.bind
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            state,
+            addr,
+            listener,
+        })
+    }
+
+    /// Serves the API and runs the jobs until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            state,
+            addr,
+            listener,
+        } = self;
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(url) = &state.config.redis.url {
+            tasks.spawn(events::listen_acks(
+                url.clone(),
+                state.acks.clone(),
+                state.breakers.clone(),
+            ));
+        }
+        tasks.spawn(jobs::worker_lost(state.clone()));
+        tasks.spawn(jobs::idle_circuits(state.clone()));
+        tasks.spawn(health::run(state.clone()));
+        tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
+        let c = &state.config.coordinator;
+        let limits = server::Limits {
+            header_read: Duration::from_secs(c.header_read_timeout_secs.clamp(1, 3600)),
+            idle: Duration::from_secs(c.idle_timeout_secs.clamp(1, 86_400)),
+            max_connections: server::effective_cap(c.max_connections.max(1)),
+        };
+        let metrics = state.server.clone();
+        let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
+        tasks.abort_all();
+        served?;
+        Ok(())
+    }
+}
+
+/// Binds and serves until `shutdown` resolves.
+pub async fn serve(
+    config: &CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<SocketAddr> {
+    let coordinator = Coordinator::bind(config).await?;
+    let addr = coordinator.addr;
+    coordinator.run(shutdown).await?;
+    Ok(addr)
+}

@@ -1,0 +1,399 @@
+//! Choosing a worker and a slot for a new circuit — pure functions over stored rows.
+//!
+//! Eligible workers are `ALIVE`, accept the circuit's traffic (`accepted_traffics`),
+//! can carry its protocol (TCP needs a port of its own) and, when
+//! `filtered_apps_only`, have an app filter matching the session or endpoint. Among
+//! them: a matching filter first, then wildcard workers, then the most free ports.
+
+use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
+use appproxy_shared::wire::WorkerRegistration;
+
+use super::store::WorkerRow;
+
+/// What the new circuit needs.
+#[derive(Clone)]
+pub struct Request<'a> {
+    /// Interactive or inference.
+    pub app_mode: AppMode,
+    /// The circuit's protocol.
+    pub protocol: ProxyProtocol,
+    /// Properties filters compare against: `session.id`, `session.user_uuid`,
+    /// `session.project_id`, `session.access_key`, `session.domain_name`,
+    /// `endpoint.id`, `endpoint.runtime_variant`, `endpoint.existing_url`.
+    pub properties: &'a [(String, String)],
+    /// A port the caller would like (port workers).
+    pub preferred_port: Option<u16>,
+    /// A subdomain the caller would like (wildcard workers), already one DNS label.
+    pub preferred_subdomain: Option<&'a str>,
+    /// The subdomain to use when none is preferred.
+    pub default_subdomain: &'a str,
+    /// `None`: the lowest free port. `Some(n)`: the free port at `n` modulo their
+    /// count — a creation that lost a race for a port spreads out on its retry
+    /// instead of colliding with the other creations again.
+    pub spread: Option<u64>,
+    /// Only this worker (an endpoint keeping its `existing_url`).
+    pub only_worker: Option<uuid::Uuid>,
+}
+
+/// Where a circuit goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The worker.
+    pub worker: uuid::Uuid,
+    /// Its port (port workers).
+    pub port: Option<u16>,
+    /// Its subdomain (wildcard workers).
+    pub subdomain: Option<String>,
+}
+
+/// Slots in use on one worker.
+#[derive(Debug, Default, Clone)]
+pub struct Used {
+    /// Ports taken.
+    pub ports: Vec<u16>,
+    /// Subdomains taken.
+    pub subdomains: Vec<String>,
+}
+
+fn filter_matches(worker: &WorkerRegistration, properties: &[(String, String)]) -> bool {
+    worker.app_filters.iter().flatten().any(|f| {
+        let value = super::store::filter_value(&f.value);
+        properties
+            .iter()
+            .any(|(k, v)| f.key == *k && value.as_deref() == Some(v.as_str()))
+    })
+}
+
+/// The port range of a port worker.
+pub fn port_range(worker: &WorkerRegistration) -> Option<(u16, u16)> {
+    worker.ports()
+}
+
+/// Picks a worker and a slot, or `None` when no worker can take the circuit.
+/// `used` gives the slots in use on a worker; `suffix` makes collision suffixes.
+pub fn place(
+    workers: &[WorkerRow],
+    used: impl Fn(&uuid::Uuid) -> Used,
+    req: &Request<'_>,
+    mut suffix: impl FnMut() -> String,
+) -> Option<Placement> {
+    // (filter match, wildcard, free ports) — larger is better.
+    let mut best: Option<((bool, bool, i64), Placement)> = None;
+    for w in workers {
+        let body = &w.registration;
+        if w.status != "ALIVE"
+            || !body.accepted_traffics.contains(&req.app_mode)
+            || req.only_worker.is_some_and(|only| only != w.id)
+        {
+            continue;
+        }
+        let matched = filter_matches(body, req.properties);
+        if body.filtered_apps_only && !matched {
+            continue;
+        }
+        let taken = used(&w.id);
+        let wildcard = body.frontend_mode == FrontendMode::Wildcard;
+        let (rank, placement) = if wildcard {
+            if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
+                continue;
+            }
+            let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
+            let mut subdomain = base.to_owned();
+            while taken.subdomains.contains(&subdomain) {
+                subdomain = with_suffix(base, &suffix());
+            }
+            (
+                (matched, true, i64::MAX),
+                Placement {
+                    worker: w.id,
+                    port: None,
+                    subdomain: Some(subdomain),
+                },
+            )
+        } else {
+            let Some((lo, hi)) = port_range(body) else {
+                continue;
+            };
+            let taken_ports: std::collections::HashSet<u16> = taken.ports.iter().copied().collect();
+            let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
+            let count = free.clone().count() as i64;
+            let port = req
+                .preferred_port
+                .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
+                .or_else(|| match req.spread {
+                    Some(n) if count > 0 => free.clone().nth((n % count as u64) as usize),
+                    _ => free.clone().next(),
+                });
+            let Some(port) = port else { continue };
+            (
+                (matched, false, count),
+                Placement {
+                    worker: w.id,
+                    port: Some(port),
+                    subdomain: None,
+                },
+            )
+        };
+        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+            best = Some((rank, placement));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// `name` as one DNS label: lowercase, characters outside `[a-z0-9-]` become `-`,
+/// no leading or trailing `-`, at most 63 characters; empty becomes `app`.
+pub fn dns_label(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out.truncate(63);
+    let trimmed = out.trim_matches('-');
+    if trimmed.is_empty() {
+        "app".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// `base-xxxxxxxx`, still one label of at most 63 characters.
+pub fn with_suffix(base: &str, suffix: &str) -> String {
+    let keep = 63usize.saturating_sub(suffix.len() + 1);
+    let head: String = base.chars().take(keep).collect();
+    format!("{}-{suffix}", head.trim_end_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn worker(authority: &str, body: Value) -> WorkerRow {
+        let mut b = body;
+        b["authority"] = json!(authority);
+        b["hostname"] = json!("127.0.0.1");
+        WorkerRow::new(
+            uuid::Uuid::new_v4(),
+            b,
+            "ALIVE".into(),
+            1,
+            String::new(),
+            String::new(),
+        )
+        .expect("a registration that reads")
+    }
+
+    fn req<'a>(props: &'a [(String, String)]) -> Request<'a> {
+        Request {
+            app_mode: AppMode::Interactive,
+            protocol: ProxyProtocol::Http,
+            properties: props,
+            preferred_port: None,
+            preferred_subdomain: None,
+            default_subdomain: "jupyter-5d6c",
+            spread: None,
+            only_worker: None,
+        }
+    }
+
+    #[test]
+    fn most_free_ports_wins_and_preferred_port_is_honoured() {
+        let a = worker(
+            "a",
+            json!({"frontend_mode": "port", "port_range": [10, 11]}),
+        );
+        let b = worker(
+            "b",
+            json!({"frontend_mode": "port", "port_range": [20, 29]}),
+        );
+        let ws = [a, b.clone()];
+        let p = place(&ws, |_| Used::default(), &req(&[]), || "x".into()).expect("placed");
+        assert_eq!((p.worker, p.port), (b.id, Some(20)));
+        let mut r = req(&[]);
+        r.preferred_port = Some(25);
+        let used = |w: &uuid::Uuid| Used {
+            ports: if *w == b.id { vec![20, 21] } else { vec![] },
+            ..Default::default()
+        };
+        assert_eq!(
+            place(&ws, used, &r, || "x".into()).expect("placed").port,
+            Some(25)
+        );
+    }
+
+    #[test]
+    fn wildcard_first_with_collision_suffix_and_never_for_tcp() {
+        let p = worker(
+            "p",
+            json!({"frontend_mode": "port", "port_range": [20, 29]}),
+        );
+        let w = worker(
+            "w",
+            json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}),
+        );
+        let ws = [p.clone(), w.clone()];
+        let used = |_: &uuid::Uuid| Used {
+            subdomains: vec!["jupyter-5d6c".into()],
+            ..Default::default()
+        };
+        let got = place(&ws, used, &req(&[]), || "0a1b2c3d".into()).expect("placed");
+        assert_eq!(
+            (got.worker, got.subdomain.as_deref()),
+            (w.id, Some("jupyter-5d6c-0a1b2c3d"))
+        );
+        let mut tcp = req(&[]);
+        tcp.protocol = ProxyProtocol::Tcp;
+        assert_eq!(
+            place(&ws, |_| Used::default(), &tcp, || "x".into())
+                .expect("placed")
+                .worker,
+            p.id
+        );
+    }
+
+    #[test]
+    fn filters_restrict_and_prefer() {
+        let only = worker(
+            "only",
+            json!({"frontend_mode": "port", "port_range": [1, 100], "filtered_apps_only": true,
+            "app_filters": [{"key": "session.domain_name", "value": "research"}]}),
+        );
+        let pref = worker(
+            "pref",
+            json!({"frontend_mode": "port", "port_range": [200, 201],
+            "app_filters": [{"key": "session.access_key", "value": "AK"}]}),
+        );
+        let plain = worker(
+            "plain",
+            json!({"frontend_mode": "port", "port_range": [300, 350]}),
+        );
+        let ws = [only.clone(), pref.clone(), plain.clone()];
+        let none: Vec<(String, String)> = vec![];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&none), || "x".into())
+                .expect("placed")
+                .worker,
+            plain.id
+        );
+        let ak = vec![("session.access_key".to_owned(), "AK".to_owned())];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&ak), || "x".into())
+                .expect("placed")
+                .worker,
+            pref.id
+        );
+        let research = vec![("session.domain_name".to_owned(), "research".to_owned())];
+        assert_eq!(
+            place(&ws, |_| Used::default(), &req(&research), || "x".into())
+                .expect("placed")
+                .worker,
+            only.id
+        );
+    }
+
+    #[test]
+    fn traffic_status_and_full_workers_are_skipped() {
+        let mut lost = worker(
+            "lost",
+            json!({"frontend_mode": "port", "port_range": [1, 9]}),
+        );
+        lost.status = "LOST".into();
+        let inference_only = worker(
+            "inf",
+            json!({"frontend_mode": "port", "port_range": [1, 9], "accepted_traffics": ["inference"]}),
+        );
+        let full = worker(
+            "full",
+            json!({"frontend_mode": "port", "port_range": [5, 5]}),
+        );
+        let ws = [lost, inference_only, full];
+        assert_eq!(
+            place(
+                &ws,
+                |_| Used {
+                    ports: vec![5],
+                    ..Default::default()
+                },
+                &req(&[]),
+                || "x".into()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert_eq!(dns_label("Llama_Svc v2"), "llama-svc-v2");
+        assert_eq!(dns_label("--"), "app");
+        assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
+        assert_eq!(with_suffix(&"b".repeat(63), "12345678").len(), 63);
+    }
+
+    proptest::proptest! {
+        /// Whatever the workers and their slots: a placement is on an eligible worker,
+        /// inside its range, on a free port or subdomain — never a double booking.
+        #[test]
+        fn placements_are_free_and_eligible(
+            specs in proptest::collection::vec((0u16..40, 0u16..6, proptest::bool::ANY, proptest::bool::ANY), 1..5),
+            taken in proptest::collection::vec((0usize..5, 0u16..50), 0..40),
+            preferred in proptest::option::of(0u16..50),
+            spread in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let workers: Vec<WorkerRow> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, (lo, width, alive, wildcard))| {
+                    let mut w = if *wildcard {
+                        worker(&format!("w{i}"), json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}))
+                    } else {
+                        worker(&format!("w{i}"), json!({"frontend_mode": "port", "port_range": [lo, lo + width]}))
+                    };
+                    if !alive {
+                        w.status = "LOST".into();
+                    }
+                    w
+                })
+                .collect();
+            let used = |id: &uuid::Uuid| {
+                let i = workers.iter().position(|w| w.id == *id).unwrap_or(usize::MAX);
+                let ports: Vec<u16> = taken.iter().filter(|(w, _)| *w == i).map(|(_, p)| *p).collect();
+                Used { subdomains: ports.iter().map(|p| format!("jupyter-5d6c-{p}")).chain(["jupyter-5d6c".to_owned()]).collect(), ports }
+            };
+            let mut r = req(&[]);
+            r.preferred_port = preferred;
+            r.spread = spread;
+            let mut n = 0;
+            let placed = place(&workers, used, &r, || { n += 1; format!("s{n}") });
+            if let Some(p) = placed {
+                let w = workers.iter().find(|w| w.id == p.worker).expect("a known worker");
+                proptest::prop_assert_eq!(&w.status, "ALIVE");
+                let u = used(&w.id);
+                match (p.port, &p.subdomain) {
+                    (Some(port), None) => {
+                        let (lo, hi) = port_range(&w.registration).expect("a port worker");
+                        proptest::prop_assert!((lo..=hi).contains(&port));
+                        proptest::prop_assert!(!u.ports.contains(&port));
+                    }
+                    (None, Some(sub)) => proptest::prop_assert!(!u.subdomains.contains(sub)),
+                    other => proptest::prop_assert!(false, "a port xor a subdomain: {other:?}"),
+                }
+            } else {
+                // Nothing placed: no alive wildcard worker and no alive port worker with a free port.
+                for w in workers.iter().filter(|w| w.status == "ALIVE") {
+                    proptest::prop_assert!(w.registration.frontend_mode != FrontendMode::Wildcard);
+                    let (lo, hi) = port_range(&w.registration).expect("a port worker");
+                    let u = used(&w.id);
+                    proptest::prop_assert!((lo..=hi).all(|p| u.ports.contains(&p)));
+                }
+            }
+        }
+    }
+}

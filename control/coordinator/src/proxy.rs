@@ -1,0 +1,676 @@
+//! `/v2/conf` (the manager registers a kernel's address and gets a token) and
+//! `/v2/proxy/auth` (GET as the original, POST as the proposals draw it): reuse or
+//! create a circuit, tell its worker, wait for the acknowledgement, and answer with the
+//! worker's `/setup` URL (JSON or a 308 redirect).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, RouteInfo};
+use appproxy_shared::wire::WorkerRegistration;
+use axum::extract::State as Extract;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::events::{AckOutcome, CircuitEvent, EventKind};
+use super::placement::{self, Placement, Used};
+use super::store::StoreError;
+use super::{api, ApiError, Body, Params, State};
+
+/// Whether `s` holds a control character (CR, LF, NUL, …): such a value would split
+/// a log line or a header wherever it is written.
+pub(super) fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// The `/v2/conf` body, checked whole before anything is stored.
+fn validate_conf(body: &Value) -> Result<(), ApiError> {
+    let session = &body["session"];
+    if session["id"].as_str().is_none() || session["access_key"].as_str().is_none() {
+        return Err(ApiError::BadRequest("Not meant for inference apps".into()));
+    }
+    let is_uuid = |v: &Value| v.as_str().is_some_and(|s| uuid::Uuid::parse_str(s).is_ok());
+    let group = if session["group_id"].is_null() {
+        &session["project_id"]
+    } else {
+        &session["group_id"]
+    };
+    if !is_uuid(&session["id"]) || !is_uuid(&session["user_uuid"]) || !is_uuid(group) {
+        return Err(ApiError::BadRequest(
+            "session.id, session.user_uuid and session.group_id (or project_id) must be UUIDs"
+                .into(),
+        ));
+    }
+    if session["domain_name"].as_str().is_none() {
+        return Err(ApiError::BadRequest(
+            "session.domain_name is required".into(),
+        ));
+    }
+    if body["kernel_host"]
+        .as_str()
+        .is_none_or(|h| h.is_empty() || h.len() > 255 || has_control(h))
+        || body["kernel_port"]
+            .as_u64()
+            .is_none_or(|p| p == 0 || p > 65535)
+    {
+        return Err(ApiError::BadRequest(
+            "kernel_host and kernel_port (1-65535) are required".into(),
+        ));
+    }
+    if !(body["login_session_token"].is_null()
+        || body["login_session_token"]
+            .as_str()
+            .is_some_and(|t| t.len() <= 127))
+    {
+        return Err(ApiError::BadRequest(
+            "login_session_token must be null or a string of at most 127 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn conf(
+    Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
+    Body(body): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    if !state
+        .config
+        .coordinator
+        .allow_unauthorized_configure_request
+        && headers
+            .get("x-backendai-token")
+            .and_then(|v| v.to_str().ok())
+            != Some(state.config.secrets.api_secret.as_str())
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    validate_conf(&body)?;
+    appproxy_shared::middleware::note_access_key(
+        body["session"]["access_key"].as_str().unwrap_or_default(),
+    );
+    let id = uuid::Uuid::new_v4();
+    state.store.insert_token(id, &body).await?;
+    Ok(Json(json!({"token": id})))
+}
+
+/// The parameters of `/v2/proxy/auth`.
+#[derive(Deserialize)]
+pub(super) struct AuthQuery {
+    token: uuid::Uuid,
+    session_id: uuid::Uuid,
+    app: String,
+    protocol: String,
+    #[serde(default)]
+    open_to_public: Option<Flag>,
+    #[serde(default)]
+    allowed_client_ips: Option<String>,
+    #[serde(default)]
+    redirect: String,
+    #[serde(default)]
+    no_reuse: Option<Flag>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    subdomain: Option<String>,
+    #[serde(default)]
+    args: Option<String>,
+}
+
+/// A boolean from a query string (`true`/`1`) or a JSON body.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum Flag {
+    Bool(bool),
+    Text(#[serde(deserialize_with = "flag_text")] bool),
+}
+
+fn flag_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(matches!(
+        s.to_ascii_lowercase().as_str(),
+        "true" | "1" | "yes"
+    ))
+}
+
+impl Flag {
+    fn get(f: Option<Flag>) -> bool {
+        matches!(f, Some(Flag::Bool(true) | Flag::Text(true)))
+    }
+}
+
+pub(super) async fn proxy_auth_get(
+    state: Extract<Arc<State>>,
+    headers: HeaderMap,
+    Params(q): Params<AuthQuery>,
+) -> Result<Response, ApiError> {
+    proxy_auth(state, headers, q).await
+}
+
+/// POST takes the same fields as a JSON body, or as the query when there is no body.
+pub(super) async fn proxy_auth_post(
+    state: Extract<Arc<State>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q: AuthQuery = if body.is_empty() {
+        axum::extract::Query::try_from_uri(&uri)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?
+            .0
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
+    proxy_auth(state, headers, q).await
+}
+
+fn split_ips(s: Option<&str>) -> Vec<String> {
+    s.map(|s| {
+        s.split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+async fn proxy_auth(
+    Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
+    q: AuthQuery,
+) -> Result<Response, ApiError> {
+    let token = state
+        .store
+        .token(q.token)
+        .await?
+        .ok_or(ApiError::NotFound("E00001: No such token."))?;
+    appproxy_shared::middleware::note_access_key(
+        token["session"]["access_key"].as_str().unwrap_or_default(),
+    );
+    if token["session"]["id"].as_str() != Some(q.session_id.to_string().as_str()) {
+        return Err(ApiError::SessionMismatch);
+    }
+    let (protocol, route_protocol) = api::protocols(&q.protocol)?;
+    let allowed = split_ips(q.allowed_client_ips.as_deref());
+    for ip in &allowed {
+        if appproxy_shared::model::IpNet::parse(ip).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "allowed_client_ips: {ip:?} is not an IP or CIDR"
+            )));
+        }
+    }
+    super::fits("app", Some(&q.app), 255)?;
+    if q.app.is_empty() || has_control(&q.app) {
+        return Err(ApiError::BadRequest(
+            "app must be a non-empty name without control characters".into(),
+        ));
+    }
+    super::fits("args", q.args.as_deref(), 1000)?;
+    super::fits("allowed_client_ips", Some(&allowed.join(",")), 255)?;
+    super::fits("redirect", Some(&q.redirect), 2048)?;
+    let open_to_public = Flag::get(q.open_to_public);
+    let subdomain = q.subdomain.as_deref().map(placement::dns_label);
+    // Reuse, as the original: the same session, app, openness and allowlist.
+    let reused = if Flag::get(q.no_reuse) {
+        None
+    } else {
+        state
+            .store
+            .circuits_of_session(q.session_id)
+            .await?
+            .into_iter()
+            .map(|(c, _)| c)
+            .find(|c| {
+                c.app.as_deref() == Some(q.app.as_str())
+                    && c.open_to_public == open_to_public
+                    && c.allowed_client_ips == allowed
+                    && c.app_mode == AppMode::Interactive
+            })
+    };
+    let (circuit, reuse, worker) = match reused {
+        Some(c) => {
+            tracing::info!(circuit = %c.id, "circuit reused");
+            let worker = state
+                .store
+                .worker(c.worker.unwrap_or_default())
+                .await?
+                .ok_or(ApiError::NoWorker)?
+                .registration;
+            (c, true, worker)
+        }
+        None => {
+            let session = &token["session"];
+            let mut properties: Vec<(String, String)> = Vec::new();
+            for (key, field) in [
+                ("id", "id"),
+                ("user_uuid", "user_uuid"),
+                ("project_id", "group_id"),
+                ("project_id", "project_id"),
+                ("access_key", "access_key"),
+                ("domain_name", "domain_name"),
+            ] {
+                if let Some(v) = session[field].as_str() {
+                    properties.push((format!("session.{key}"), v.to_owned()));
+                }
+            }
+            let default_subdomain = placement::dns_label(&format!(
+                "{}-{}",
+                q.app,
+                &q.session_id.simple().to_string()[..8]
+            ));
+            let request = placement::Request {
+                app_mode: AppMode::Interactive,
+                protocol,
+                properties: &properties,
+                preferred_port: q.port,
+                preferred_subdomain: subdomain.as_deref(),
+                default_subdomain: &default_subdomain,
+                spread: None,
+                only_worker: None,
+            };
+            let route = RouteInfo {
+                route_id: None,
+                session_id: q.session_id,
+                session_name: None,
+                kernel_host: token["kernel_host"].as_str().unwrap_or_default().to_owned(),
+                kernel_port: token["kernel_port"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0),
+                protocol: route_protocol,
+                traffic_ratio: 1.0,
+                health_status: None,
+                upstream_tls: Default::default(),
+            };
+            let template = Circuit {
+                id: uuid::Uuid::nil(),
+                app: Some(q.app.clone()),
+                protocol,
+                worker: None,
+                app_mode: AppMode::Interactive,
+                frontend_mode: FrontendMode::Port,
+                envs: Default::default(),
+                arguments: q.args.clone(),
+                open_to_public,
+                allowed_client_ips: allowed,
+                port: None,
+                subdomain: None,
+                user_id: token["session"]["user_uuid"]
+                    .as_str()
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+                endpoint_id: None,
+                runtime_variant: None,
+                route_info: vec![route],
+                session_ids: vec![q.session_id],
+                created_at: None,
+                updated_at: None,
+            };
+            let (circuit, worker) = create_circuit(&state, template, &request).await?;
+            (circuit, false, worker)
+        }
+    };
+    let setup = appproxy_shared::jwt::sign_hs256(
+        &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
+        &state.config.secrets.jwt_secret,
+    );
+    let tls = worker.https();
+    let scheme = if tls { "https" } else { "http" };
+    let host = &worker.hostname;
+    let url = match worker.api_port.unwrap_or(80) {
+        80 if !tls => format!("{scheme}://{host}/setup?token={setup}"),
+        443 if tls => format!("{scheme}://{host}/setup?token={setup}"),
+        port => format!("{scheme}://{host}:{port}/setup?token={setup}"),
+    };
+    let wants_json = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    if wants_json {
+        // As the original: `reuse` is reported false for TCP circuits.
+        let reuse = reuse && circuit.protocol != appproxy_shared::model::ProxyProtocol::Tcp;
+        Ok((
+            StatusCode::OK,
+            [
+                ("access-control-allow-origin", "*"),
+                ("access-control-expose-headers", "*"),
+            ],
+            Json(json!({"redirect_url": url, "reuse": reuse})),
+        )
+            .into_response())
+    } else {
+        Ok((StatusCode::PERMANENT_REDIRECT, [("location", url)]).into_response())
+    }
+}
+
+/// `GET /v2/proxy/{token}/{session_id}/add` (deprecated): where to call
+/// `/v2/proxy/auth` with the same query.
+pub(super) async fn proxy_add(
+    Extract(state): Extract<Arc<State>>,
+    super::Id((token, session_id)): super::Id<(uuid::Uuid, uuid::Uuid)>,
+    uri: axum::http::Uri,
+) -> Response {
+    let query = uri.query().map(|q| format!("{q}&")).unwrap_or_default();
+    let base = state
+        .config
+        .coordinator
+        .advertised_url
+        .trim_end_matches('/');
+    (
+        [
+            ("access-control-allow-origin", "*"),
+            ("access-control-expose-headers", "*"),
+        ],
+        Json(json!({"code": 200, "url": format!("{base}/v2/proxy/auth?{query}token={token}&session_id={session_id}")})),
+    )
+        .into_response()
+}
+
+/// How many workers (or ports) one creation tries before it gives up.
+const PLACEMENT_ATTEMPTS: usize = 4;
+
+/// Places, stores and announces a circuit built from `template`, then waits for the
+/// worker's acknowledgement when events flow. A slot raced by a concurrent creation
+/// is placed again. A worker that does not acknowledge in time has its breaker opened
+/// (placement skips it for a back-off; creations still waiting on it stop waiting)
+/// and the creation is placed again on another eligible worker, within this call; a
+/// circuit the worker could not listen for is placed again on another port. Every
+/// circuit that is not acknowledged is removed again (nothing is left half-done); when
+/// no attempt succeeds the answer is 503 `E10001` naming the cause.
+pub(super) async fn create_circuit(
+    state: &State,
+    template: Circuit,
+    request: &placement::Request<'_>,
+) -> Result<(Circuit, WorkerRegistration), ApiError> {
+    // Workers that failed this creation, and (worker, port) slots that could not listen.
+    let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
+    let mut avoid_ports: Vec<(uuid::Uuid, u16)> = Vec::new();
+    let mut last_error = None;
+    for attempt in 0..PLACEMENT_ATTEMPTS {
+        if attempt > 0 {
+            state
+                .metrics
+                .placement_retries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let (circuit, worker_body) =
+            match place_and_store(state, &template, request, &avoid_workers, &avoid_ports).await {
+                Ok(placed) => placed,
+                // Nowhere left to go after a failure: the failure is the answer.
+                Err(ApiError::NoWorker) if last_error.is_some() => break,
+                Err(e) => return Err(e),
+            };
+        match announce(state, &circuit, &worker_body).await {
+            Ok(()) => return Ok((circuit, worker_body)),
+            Err(Retry::Elsewhere(e)) => {
+                avoid_workers.extend(circuit.worker);
+                last_error = Some(e);
+            }
+            Err(Retry::OtherPort(e)) => {
+                if let (Some(w), Some(p)) = (circuit.worker, circuit.port) {
+                    avoid_ports.push((w, p));
+                } else {
+                    avoid_workers.extend(circuit.worker);
+                }
+                last_error = Some(e);
+            }
+            Err(Retry::No(e)) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or(ApiError::NoWorker))
+}
+
+/// Why an announced circuit was withdrawn, and whether another placement may work.
+enum Retry {
+    /// The worker is unresponsive: try another worker.
+    Elsewhere(ApiError),
+    /// The worker could not listen on the port: try another port (or worker).
+    OtherPort(ApiError),
+    /// Retrying cannot help (the event bus is down, the store failed).
+    No(ApiError),
+}
+
+/// Places the circuit on an eligible worker (breaker closed or half-open, not in
+/// `avoid_workers`) and stores it; a slot raced by a concurrent creation is placed
+/// again.
+async fn place_and_store(
+    state: &State,
+    template: &Circuit,
+    request: &placement::Request<'_>,
+    avoid_workers: &[uuid::Uuid],
+    avoid_ports: &[(uuid::Uuid, u16)],
+) -> Result<(Circuit, WorkerRegistration), ApiError> {
+    // The manager's ID, or NULL: the coordinator never makes one up.
+    let origin = appproxy_shared::current_request_id();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut attempt_request = request.clone();
+        if attempt > 1 || !avoid_ports.is_empty() {
+            attempt_request.spread = Some(uuid::Uuid::new_v4().as_u64_pair().0);
+        }
+        let mut workers = state.store.workers().await?;
+        let before = workers.len();
+        workers.retain(|w| {
+            !avoid_workers.contains(&w.id)
+                && state.breakers.admits_after(
+                    &w.registration.authority,
+                    super::access::parse_rfc3339(&w.updated_at),
+                )
+        });
+        if workers.len() < before {
+            tracing::debug!(
+                skipped = before - workers.len(),
+                "workers skipped by placement (breaker open or failed this creation)"
+            );
+        }
+        // Only what placement can use: the ports of port workers (bounded by their
+        // ranges) and whoever holds the wanted subdomain; a suffixed subdomain that
+        // collides is caught by the unique index and placed again.
+        let port_workers: Vec<uuid::Uuid> = workers
+            .iter()
+            .filter(|w| w.registration.frontend_mode != FrontendMode::Wildcard)
+            .map(|w| w.id)
+            .collect();
+        let wanted_subdomain = request
+            .preferred_subdomain
+            .unwrap_or(request.default_subdomain);
+        let slots = state
+            .store
+            .used_slots(&port_workers, wanted_subdomain)
+            .await?;
+        let used = |w: &uuid::Uuid| {
+            let mut u = Used::default();
+            for (_, port, sub) in slots.iter().filter(|(worker, _, _)| worker == w) {
+                u.ports.extend(*port);
+                u.subdomains.extend(sub.clone());
+            }
+            u.ports.extend(
+                avoid_ports
+                    .iter()
+                    .filter(|(worker, _)| worker == w)
+                    .map(|(_, p)| *p),
+            );
+            u
+        };
+        let Placement {
+            worker,
+            port,
+            subdomain,
+        } = placement::place(&workers, used, &attempt_request, || {
+            uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+        })
+        .ok_or(ApiError::NoWorker)?;
+        let registration = workers
+            .iter()
+            .find(|w| w.id == worker)
+            .map(|w| w.registration.clone())
+            .ok_or(ApiError::NoWorker)?;
+        let now = super::store::now();
+        let mut circuit = template.clone();
+        circuit.id = uuid::Uuid::new_v4();
+        circuit.worker = Some(worker);
+        circuit.port = port;
+        circuit.frontend_mode = if subdomain.is_some() {
+            FrontendMode::Wildcard
+        } else {
+            FrontendMode::Port
+        };
+        circuit.subdomain = subdomain;
+        circuit.created_at = Some(now.clone());
+        circuit.updated_at = Some(now);
+        match state
+            .store
+            .insert_circuit(&circuit, origin.as_ref().map(|i| i.as_str()))
+            .await
+        {
+            Ok(()) => return Ok((circuit, registration)),
+            Err(StoreError::Conflict(why)) if attempt < 16 => {
+                tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Tells the circuit's worker and waits for its acknowledgement (when events flow).
+/// Anything but an acknowledgement withdraws the circuit.
+async fn announce(
+    state: &State,
+    circuit: &Circuit,
+    worker: &WorkerRegistration,
+) -> Result<(), Retry> {
+    let origin = appproxy_shared::current_request_id();
+    let authority = worker.authority.clone();
+    state
+        .metrics
+        .circuits_created
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        circuit = %circuit.id, worker = %authority, port = circuit.port, subdomain = circuit.subdomain.as_deref(),
+        origin_request_id = origin.as_ref().map(|i| i.as_str()).unwrap_or(""), "circuit created"
+    );
+    let wait = state.ack_timeout();
+    let ack = state.acks_expected().then(|| {
+        state.breakers.begin(&authority, wait);
+        state.acks.expect(circuit.id, &authority)
+    });
+    let published = std::time::Instant::now();
+    let delivered = state
+        .publish(CircuitEvent {
+            kind: EventKind::Created,
+            authority: authority.clone(),
+            circuits: vec![circuit.clone()],
+            request_id: origin,
+            span: appproxy_shared::current_span(),
+        })
+        .await;
+    let observed = &state.metrics.observed;
+    let Some(waiter) = ack else {
+        observed.creations.add("created", 1);
+        return Ok(());
+    };
+    // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
+    let outcome = if delivered {
+        waiter.wait(wait).await
+    } else {
+        drop(waiter);
+        observed.creations.add("event_not_published", 1);
+        state.breakers.end_trial(&authority);
+        withdraw(
+            state,
+            circuit,
+            &authority,
+            "the event could not be published",
+        )
+        .await?;
+        return Err(Retry::No(ApiError::WorkerNotResponding {
+            authority,
+            cause: "redis",
+        }));
+    };
+    let retry = match outcome {
+        AckOutcome::Deployed => {
+            observed.creations.add("created", 1);
+            observed
+                .ack_latency
+                .get(&authority)
+                .observe(published.elapsed());
+            tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
+            return Ok(());
+        }
+        AckOutcome::TimedOut => {
+            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            observed.creations.add("ack_timeout", 1);
+            observed.ack_timeouts.add(&authority, 1);
+            match state.breakers.missed(&authority, published) {
+                Some(backoff) => {
+                    state.metrics.breaker_trips.fetch_add(1, Ordering::Relaxed);
+                    let stopped = state.acks.trip(&authority);
+                    tracing::warn!(
+                        worker = %authority, backoff_ms = backoff.as_millis() as u64, waiting = stopped,
+                        "worker did not acknowledge: skipped by placement for the back-off"
+                    );
+                }
+                None => {
+                    tracing::info!(worker = %authority, "the event was lost while the worker resubscribed")
+                }
+            }
+            tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
+            withdraw(state, circuit, &authority, "no acknowledgement in time").await?;
+            Retry::Elsewhere(ApiError::WorkerNotResponding {
+                authority,
+                cause: "worker",
+            })
+        }
+        AckOutcome::WorkerTripped => {
+            state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            observed.creations.add("worker_tripped", 1);
+            observed.ack_timeouts.add(&authority, 1);
+            withdraw(
+                state,
+                circuit,
+                &authority,
+                "the worker stopped acknowledging",
+            )
+            .await?;
+            Retry::Elsewhere(ApiError::WorkerNotResponding {
+                authority,
+                cause: "worker",
+            })
+        }
+        AckOutcome::Failed(why) => {
+            observed.creations.add("deploy_failed", 1);
+            state
+                .metrics
+                .deploy_failures
+                .fetch_add(1, Ordering::Relaxed);
+            state.breakers.end_trial(&authority);
+            tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
+            withdraw(state, circuit, &authority, "the worker could not deploy it").await?;
+            Retry::OtherPort(ApiError::WorkerNotResponding {
+                authority,
+                cause: "deploy",
+            })
+        }
+    };
+    Err(retry)
+}
+
+/// Removes an unacknowledged circuit and tells its worker.
+async fn withdraw(
+    state: &State,
+    circuit: &Circuit,
+    authority: &str,
+    why: &str,
+) -> Result<(), Retry> {
+    tracing::warn!(circuit = %circuit.id, worker = %authority, reason = why, "circuit withdrawn");
+    state
+        .remove_circuit(circuit.id)
+        .await
+        .map(|_| ())
+        .map_err(Retry::No)
+}

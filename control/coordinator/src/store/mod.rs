@@ -1,0 +1,621 @@
+//! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
+//! request that created them), worker app filters and `/v2/conf` tokens, behind one
+//! async interface over two engines:
+//!
+//! - [`postgres`]: PostgreSQL through a `deadpool-postgres` pool, on the original
+//!   platform's schema (native enums, typed columns) plus `origin_request_id`;
+//! - [`sqlite`]: embedded SQLite for single-node use, the default when no PostgreSQL URL
+//!   is set; its calls run on tokio's blocking pool.
+//!
+//! Both apply versioned migrations at open; the store test suite runs against both.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use appproxy_shared::model::Circuit;
+use appproxy_shared::wire::WorkerRegistration;
+use serde::Deserialize;
+
+/// A worker as stored: its ID, registration body (the wire's `WorkerRequestModel`
+/// fields, `app_filters` included), status and times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    /// The worker's ID.
+    pub id: uuid::Uuid,
+    /// The registration as stored (JSON in the wire's shape, keys this version does
+    /// not know included): what the worker answers echo.
+    pub body: serde_json::Value,
+    /// The same registration, read once when the row is loaded: what placement,
+    /// URLs and slot counts use.
+    pub registration: WorkerRegistration,
+    /// `ALIVE | LOST | TERMINATED`.
+    pub status: String,
+    /// HA node count: registrations minus deregistrations.
+    pub nodes: i64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; the last registration or heartbeat.
+    pub updated_at: String,
+}
+
+impl WorkerRow {
+    /// A row from its stored parts; a registration that does not read is
+    /// [`StoreError::Data`] naming the worker.
+    pub fn new(
+        id: uuid::Uuid,
+        body: serde_json::Value,
+        status: String,
+        nodes: i64,
+        created_at: String,
+        updated_at: String,
+    ) -> Result<Self, StoreError> {
+        let registration = WorkerRegistration::deserialize(&body).map_err(|e| {
+            StoreError::Data(format!(
+                "worker {id} ({}): stored registration does not read: {e}",
+                body.get("authority")
+                    .and_then(|a| a.as_str())
+                    .unwrap_or("?")
+            ))
+        })?;
+        Ok(Self {
+            id,
+            body,
+            registration,
+            status,
+            nodes,
+            created_at,
+            updated_at,
+        })
+    }
+}
+
+/// A slot in use: the worker, and the circuit's port or subdomain.
+pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
+
+/// A circuit and the ID of the request that created it (NULL when the manager sent none).
+pub type CircuitRow = (Circuit, Option<String>);
+
+/// What changed in one worker's circuit set after a revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Changes {
+    /// The log no longer reaches back that far (or the revision is ahead of the
+    /// store's, as after a store started afresh): read the whole set, then ask again
+    /// from `revision`.
+    Resync {
+        /// The worker's revision now.
+        revision: u64,
+    },
+    /// The circuits changed after the asked revision up to `revision`, each once.
+    Since {
+        /// The revision these changes bring the caller to (the worker's current one,
+        /// or an earlier one when more changes follow: ask again from it).
+        revision: u64,
+        /// Circuits created or updated, as they are now.
+        upserts: Vec<CircuitRow>,
+        /// Circuits removed.
+        removed: Vec<uuid::Uuid>,
+        /// More changes follow `revision`: ask again from it.
+        more: bool,
+    },
+}
+
+impl Changes {
+    /// Folds log entries (revision, circuit, the circuit now or `None` if removed)
+    /// read after `since` into one change per circuit.
+    pub(crate) fn from_log(
+        since: u64,
+        current: u64,
+        log: Vec<(u64, uuid::Uuid, Option<CircuitRow>)>,
+    ) -> Self {
+        let revision = log.last().map_or(current.max(since), |(r, _, _)| *r);
+        let mut last: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
+        for (i, (_, id, _)) in log.iter().enumerate() {
+            last.insert(*id, i);
+        }
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for (i, (_, id, body)) in log.into_iter().enumerate() {
+            if last.get(&id) != Some(&i) {
+                continue;
+            }
+            match body {
+                Some(row) => upserts.push(row),
+                None => removed.push(id),
+            }
+        }
+        Self::Since {
+            revision,
+            upserts,
+            removed,
+            more: revision < current,
+        }
+    }
+}
+
+/// How long the change log keeps an entry: a worker that has not asked for that
+/// long reads its whole set again.
+pub const CHANGE_LOG_RETENTION_SECS: u64 = 600;
+
+/// Whether idle collection applies to a circuit (interactive HTTP): only those get
+/// an idle check scheduled.
+pub(crate) fn idle_collectable(c: &Circuit) -> bool {
+    c.app_mode == appproxy_shared::model::AppMode::Interactive
+        && matches!(c.protocol, appproxy_shared::model::ProxyProtocol::Http)
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no.
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("database pool: {0}")]
+    Pool(String),
+    /// A unique key is taken (a port or subdomain raced by another creation).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A stored value did not parse.
+    #[error("stored data: {0}")]
+    Data(String),
+    /// The blocking task running a SQLite call died.
+    #[error("database task failed")]
+    Task,
+    /// The database did not answer within the deadline, or no connection could be
+    /// had: the caller answers 503 and may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Every store call ends within this (a hung database costs a call at most this
+/// long); PostgreSQL also cancels statements server-side after
+/// [`STATEMENT_TIMEOUT`].
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// PostgreSQL's `statement_timeout`, set on every pooled connection.
+pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Runs a store call under [`CALL_DEADLINE`].
+async fn deadline<R>(
+    call: impl std::future::Future<Output = Result<R, StoreError>>,
+) -> Result<R, StoreError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {CALL_DEADLINE:?}"
+            )))
+        })
+}
+
+impl StoreError {
+    /// Whether the database is out of reach or too slow (503), rather than refusing
+    /// this call (500).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Pool(_) => true,
+            // No server error: the connection itself failed. A cancelled statement
+            // (`statement_timeout`) or a server going down has its own codes.
+            Self::Postgres(e) => match e.code() {
+                None => true,
+                Some(code) => {
+                    *code == tokio_postgres::error::SqlState::QUERY_CANCELED
+                        || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                        || *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                        || code.code().starts_with("08")
+                }
+            },
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Data(e.to_string())
+    }
+}
+
+/// The store, whichever engine backs it. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    /// Embedded SQLite.
+    Sqlite(Arc<sqlite::SqliteStore>),
+    /// PostgreSQL.
+    Postgres(postgres::PgStore),
+}
+
+/// Runs a SQLite call on the blocking pool, keeping the caller's request ID.
+async fn on_sqlite<R: Send + 'static>(
+    store: &Arc<sqlite::SqliteStore>,
+    f: impl FnOnce(&sqlite::SqliteStore) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    let store = store.clone();
+    appproxy_shared::context::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|_| StoreError::Task)?
+}
+
+/// Store call durations per engine (`[0]` SQLite, `[1]` PostgreSQL), deadline
+/// included, for `/metrics`.
+pub static CALL_DURATIONS: std::sync::LazyLock<[crate::metrics::Histogram; 2]> =
+    std::sync::LazyLock::new(Default::default);
+
+macro_rules! dispatch {
+    ($self:ident, |$s:ident| $sql:expr, |$p:ident| $pg:expr) => {{
+        let started = std::time::Instant::now();
+        let (engine, result) = match $self {
+            Store::Sqlite(store) => (0, deadline(on_sqlite(store, move |$s| $sql)).await),
+            Store::Postgres($p) => (1, deadline($pg).await),
+        };
+        CALL_DURATIONS[engine].observe(started.elapsed());
+        result
+    }};
+}
+
+impl Store {
+    /// Opens the configured engine and migrates it: PostgreSQL when `url` is set,
+    /// else SQLite at `sqlite_path`.
+    pub async fn open(
+        url: Option<&str>,
+        sqlite_path: &std::path::Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(url, sqlite_path, 16).await
+    }
+
+    /// [`Store::open`] with a PostgreSQL pool of `pool_size` connections.
+    pub async fn open_with(
+        url: Option<&str>,
+        sqlite_path: &std::path::Path,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
+        match url {
+            Some(url) => Ok(Self::Postgres(
+                postgres::PgStore::open(url, pool_size).await?,
+            )),
+            None => {
+                let path = sqlite_path.to_owned();
+                let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+                    .await
+                    .map_err(|_| StoreError::Task)??;
+                Ok(Self::Sqlite(Arc::new(store)))
+            }
+        }
+    }
+
+    /// Which engine, for logs and `/status`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgresql",
+        }
+    }
+
+    /// Inserts or updates a worker by authority (status back to `ALIVE`, one more HA
+    /// node); new app filters are added, existing ones kept. Returns its ID.
+    pub async fn upsert_worker(&self, body: &serde_json::Value) -> Result<uuid::Uuid, StoreError> {
+        let registration = WorkerRegistration::deserialize(body)
+            .map_err(|e| StoreError::Data(format!("worker registration does not read: {e}")))?;
+        let body = body.clone();
+        dispatch!(self, |s| s.upsert_worker(&registration, &body), |p| p
+            .upsert_worker(&registration))
+    }
+
+    /// Marks a heartbeat (status `ALIVE`); false when there is no such worker.
+    pub async fn heartbeat(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.heartbeat_node(id, None).await
+    }
+
+    /// A heartbeat of one named HA node (`node_id` of its registration): that node
+    /// is alive, `nodes` counts the distinct live ones.
+    pub async fn heartbeat_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.heartbeat(&id, node.as_deref()), |p| p
+            .heartbeat(&id, node.as_deref()))
+    }
+
+    /// One HA node fewer; at none the worker is `LOST`. False when there is no such worker.
+    pub async fn deregister_worker(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.deregister_node(id, None).await
+    }
+
+    /// A named HA node leaves: `nodes` counts the live ones left; at none the worker
+    /// is `LOST`. Without a name, one node fewer. False when there is no such worker.
+    pub async fn deregister_node(
+        &self,
+        id: uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let node = node.map(str::to_owned);
+        dispatch!(self, |s| s.deregister_worker(&id, node.as_deref()), |p| p
+            .deregister_worker(&id, node.as_deref()))
+    }
+
+    /// Marks `ALIVE` workers whose last heartbeat is older than `timeout_secs` as
+    /// `LOST`; returns their IDs and authorities.
+    pub async fn mark_lost(
+        &self,
+        timeout_secs: u64,
+    ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        dispatch!(self, |s| s.mark_lost(timeout_secs), |p| p
+            .mark_lost(timeout_secs))
+    }
+
+    /// Every worker, by authority.
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        dispatch!(self, |s| s.workers(), |p| p.workers())
+    }
+
+    /// One worker.
+    pub async fn worker(&self, id: uuid::Uuid) -> Result<Option<WorkerRow>, StoreError> {
+        Ok(self.workers().await?.into_iter().find(|w| w.id == id))
+    }
+
+    /// Stores a circuit with the ID of the request that created it (or none).
+    /// [`StoreError::Conflict`] when its port or subdomain on that worker is taken.
+    pub async fn insert_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let circuit = circuit.clone();
+        let origin = origin_request_id.map(str::to_owned);
+        dispatch!(
+            self,
+            |s| s.insert_circuit(&circuit, origin.as_deref()),
+            |p| p.insert_circuit(&circuit, origin.as_deref())
+        )
+    }
+
+    /// Replaces a circuit's routes; false when there is no such circuit.
+    pub async fn update_routes(
+        &self,
+        id: uuid::Uuid,
+        routes: &[appproxy_shared::model::RouteInfo],
+    ) -> Result<bool, StoreError> {
+        let routes = routes.to_vec();
+        dispatch!(self, |s| s.update_routes(&id, &routes), |p| p
+            .update_routes(&id, &routes))
+    }
+
+    /// A circuit and its origin request ID.
+    pub async fn circuit(&self, id: uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuit(&id), |p| p.circuit(&id))
+    }
+
+    /// The circuits of one worker (`Some`) or of all (`None`), oldest first.
+    pub async fn circuits(
+        &self,
+        worker: Option<uuid::Uuid>,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuits(worker.as_ref()), |p| p
+            .circuits(worker.as_ref()))
+    }
+
+    /// The circuits serving endpoints (inference), through the endpoint index — the
+    /// health checker's targets, never every circuit.
+    pub async fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.endpoint_circuits(), |p| p.endpoint_circuits())
+    }
+
+    /// How many circuits are stored (counted, not read).
+    pub async fn circuit_count(&self) -> Result<u64, StoreError> {
+        dispatch!(self, |s| s.circuit_count(), |p| p.circuit_count())
+    }
+
+    /// The slots placement needs to see, by index: every port in use on the port
+    /// workers `port_workers` (bounded by their port ranges) and any circuit already
+    /// holding `subdomain` — never a read of every circuit.
+    pub async fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
+        let port_workers = port_workers.to_vec();
+        let subdomain = subdomain.to_owned();
+        dispatch!(self, |s| s.used_slots(&port_workers, &subdomain), |p| p
+            .used_slots(&port_workers, &subdomain))
+    }
+
+    /// A worker's revision: it goes up by one with every change to its circuits
+    /// (`None`: no such worker).
+    pub async fn revision(&self, worker: uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        dispatch!(self, |s| s.revision(&worker), |p| p.revision(&worker))
+    }
+
+    /// What changed in a worker's set after revision `since`, at most `limit` log
+    /// entries at a time; costs what changed, not what exists.
+    pub async fn changes_since(
+        &self,
+        worker: uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        dispatch!(self, |s| s.changes_since(&worker, since, limit), |p| p
+            .changes_since(&worker, since, limit))
+    }
+
+    /// One page of a worker's circuits in ID order after `after`, with the worker's
+    /// revision read in the same snapshot.
+    pub async fn circuits_page(
+        &self,
+        worker: uuid::Uuid,
+        after: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        dispatch!(
+            self,
+            |s| s.circuits_page(&worker, after.as_ref(), limit),
+            |p| p.circuits_page(&worker, after.as_ref(), limit)
+        )
+    }
+
+    /// The circuits whose idle check is due (interactive HTTP circuits created or
+    /// last found active long enough ago), oldest due first — the idle pass reads
+    /// only these, never every circuit.
+    pub async fn idle_due(&self, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        let now = now();
+        dispatch!(self, |s| s.idle_due(&now, limit), |p| p.idle_due(limit))
+    }
+
+    /// Schedules the next idle check of each circuit at a Unix time (when it could
+    /// be idle at the earliest).
+    pub async fn defer_idle_checks(&self, checks: &[(uuid::Uuid, f64)]) -> Result<(), StoreError> {
+        let checks = checks.to_vec();
+        dispatch!(
+            self,
+            |s| {
+                let text: Vec<(uuid::Uuid, String)> = checks
+                    .iter()
+                    .map(|(id, at)| {
+                        (
+                            *id,
+                            appproxy_shared::telemetry::Rfc3339(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_secs_f64(at.max(0.0)),
+                            )
+                            .to_string(),
+                        )
+                    })
+                    .collect();
+                s.defer_idle_checks(&text)
+            },
+            |p| p.defer_idle_checks(&checks)
+        )
+    }
+
+    /// Forgets change-log entries older than [`CHANGE_LOG_RETENTION_SECS`].
+    pub async fn prune_changes(&self) -> Result<usize, StoreError> {
+        let cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now()
+                - std::time::Duration::from_secs(CHANGE_LOG_RETENTION_SECS),
+        )
+        .to_string();
+        dispatch!(self, |s| s.prune_changes(&cutoff), |p| p
+            .prune_changes(CHANGE_LOG_RETENTION_SECS))
+    }
+
+    /// The circuits routing to `session`, oldest first (for reuse).
+    pub async fn circuits_of_session(
+        &self,
+        session: uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuits_of_session(&session), |p| p
+            .circuits_of_session(&session))
+    }
+
+    /// Deletes a circuit; false when there was none.
+    pub async fn delete_circuit(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.delete_circuit(&id), |p| p.delete_circuit(&id))
+    }
+
+    /// Creates or updates a model-serving endpoint's row.
+    pub async fn upsert_endpoint(
+        &self,
+        id: uuid::Uuid,
+        health_check_enabled: bool,
+        health_check_config: Option<serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        dispatch!(
+            self,
+            |s| s.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref()),
+            |p| p.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref())
+        )
+    }
+
+    /// An endpoint's health-check settings: (enabled, config); `None` when unknown.
+    pub async fn endpoint(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<(bool, Option<serde_json::Value>)>, StoreError> {
+        dispatch!(self, |s| s.endpoint(&id), |p| p.endpoint(&id))
+    }
+
+    /// Every endpoint with its health check enabled, and its settings.
+    pub async fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, serde_json::Value)>, StoreError> {
+        dispatch!(self, |s| s.health_checked_endpoints(), |p| p
+            .health_checked_endpoints())
+    }
+
+    /// Deletes an endpoint's row; false when there was none.
+    pub async fn delete_endpoint(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        dispatch!(self, |s| s.delete_endpoint(&id), |p| p.delete_endpoint(&id))
+    }
+
+    /// The circuit serving an endpoint, if any.
+    pub async fn circuit_of_endpoint(
+        &self,
+        endpoint: uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        dispatch!(self, |s| s.circuit_of_endpoint(&endpoint), |p| p
+            .circuit_of_endpoint(&endpoint))
+    }
+
+    /// Stores a `/v2/conf` token.
+    pub async fn insert_token(
+        &self,
+        id: uuid::Uuid,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let body = body.clone();
+        dispatch!(self, |s| s.insert_token(&id, &body), |p| p
+            .insert_token(&id, &body))
+    }
+
+    /// A `/v2/conf` token.
+    pub async fn token(&self, id: uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
+        dispatch!(self, |s| s.token(&id), |p| p.token(&id))
+    }
+
+    /// A cheap round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, |s| s.ping(), |p| p.ping())
+    }
+}
+
+/// Now, as the wire writes times.
+pub(crate) fn now() -> String {
+    appproxy_shared::telemetry::Rfc3339(std::time::SystemTime::now()).to_string()
+}
+
+/// A filter value as the stored string (values compare as strings).
+pub(crate) fn filter_value(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// App filters are only ever added: the union of the stored and the new ones, as
+/// `[{key, value}]` with string values, sorted.
+pub(crate) fn merge_filters(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    let mut all: Vec<(String, String)> = Vec::new();
+    for f in old.as_array().into_iter().chain(new.as_array()).flatten() {
+        if let (Some(k), Some(v)) = (f["key"].as_str(), filter_value(&f["value"])) {
+            all.push((k.to_owned(), v));
+        }
+    }
+    all.sort();
+    all.dedup();
+    serde_json::Value::Array(
+        all.into_iter()
+            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+            .collect(),
+    )
+}

@@ -1,0 +1,1137 @@
+//! The PostgreSQL engine: a `deadpool-postgres` pool over tokio-postgres, on the
+//! original platform's schema — native enums holding enum *names*
+//! (`proxyprotocol`, `appmode`, `frontendmode`), typed columns, `uuid[]` session IDs,
+//! `jsonb` routes — plus the nullable `circuits.origin_request_id`.
+//!
+//! Migrations are numbered, recorded in `appproxy_schema_migrations` and applied at
+//! open inside one transaction holding an advisory lock, so coordinators starting
+//! together migrate once.
+
+use std::time::SystemTime;
+
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+use appproxy_shared::telemetry::Rfc3339;
+use appproxy_shared::wire::WorkerRegistration;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde_json::{json, Value};
+use tokio_postgres::{NoTls, Row};
+
+use super::{Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
+
+/// Migrations, applied in order.
+const MIGRATIONS: &[&str] = &[
+    "
+CREATE TYPE proxyprotocol AS ENUM ('HTTP', 'GRPC', 'HTTP2', 'TCP');
+CREATE TYPE appmode AS ENUM ('INTERACTIVE', 'INFERENCE');
+CREATE TYPE frontendmode AS ENUM ('WILDCARD_DOMAIN', 'PORT');
+CREATE TABLE tokens (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    login_session_token varchar(127) NULL,
+    kernel_host varchar(255) NOT NULL,
+    kernel_port integer NOT NULL,
+    session_id uuid NOT NULL,
+    user_uuid uuid NOT NULL,
+    group_id uuid NOT NULL,
+    access_key text NOT NULL,
+    domain_name text NOT NULL
+);
+CREATE TABLE workers (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    authority varchar(255) NOT NULL CONSTRAINT uq_workers_authority UNIQUE,
+    frontend_mode frontendmode NOT NULL,
+    protocol proxyprotocol NOT NULL,
+    hostname varchar(1024) NOT NULL,
+    tls_listen boolean NOT NULL DEFAULT false,
+    tls_advertised boolean NOT NULL DEFAULT false,
+    api_port integer NOT NULL,
+    available_slots integer NOT NULL,
+    occupied_slots integer NOT NULL,
+    nodes integer NOT NULL,
+    port_range integer[] NULL,
+    wildcard_domain varchar(1024) NULL,
+    wildcard_traffic_port integer NULL,
+    accepted_traffics appmode[] NOT NULL,
+    filtered_apps_only boolean NOT NULL,
+    traefik_last_used_marker_path varchar(1024) NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    status varchar(64) NOT NULL DEFAULT 'ALIVE'
+);
+CREATE TABLE worker_app_filters (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    property_name varchar(96) NOT NULL,
+    property_value varchar(1024) NOT NULL,
+    worker uuid NOT NULL REFERENCES workers(id),
+    UNIQUE (worker, property_name, property_value)
+);
+CREATE TABLE circuits (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    app varchar(255) NULL,
+    protocol proxyprotocol NOT NULL,
+    worker uuid NOT NULL REFERENCES workers(id),
+    app_mode appmode NOT NULL,
+    frontend_mode frontendmode NOT NULL,
+    port integer NULL,
+    subdomain varchar(255) NULL,
+    envs jsonb NULL,
+    arguments varchar(1000) NULL,
+    open_to_public boolean NOT NULL,
+    allowed_client_ips varchar(255) NULL,
+    user_id uuid NULL,
+    endpoint_id uuid NULL,
+    runtime_variant varchar(64) NULL,
+    session_ids uuid[] NOT NULL,
+    route_info jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    origin_request_id varchar(128) NULL
+);
+CREATE UNIQUE INDEX circuits_worker_port ON circuits(worker, port) WHERE port IS NOT NULL;
+CREATE UNIQUE INDEX circuits_worker_subdomain ON circuits(worker, subdomain) WHERE subdomain IS NOT NULL;
+CREATE INDEX circuits_worker ON circuits(worker);
+CREATE TABLE endpoints (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    health_check_enabled boolean NOT NULL DEFAULT false,
+    health_check_config jsonb NULL,
+    created_at timestamptz NULL DEFAULT now(),
+    updated_at timestamptz NULL DEFAULT now()
+);
+",
+    "
+CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
+",
+    "
+CREATE TABLE worker_nodes (
+    worker uuid NOT NULL REFERENCES workers(id) ON DELETE CASCADE,
+    node varchar(1024) NOT NULL,
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (worker, node)
+);
+",
+    // Scale: reuse by session through a GIN index, placement by subdomain through
+    // its own index, and a revision per worker with a log of what changed
+    // (conditional polls and deltas). The revision is bumped on the worker's row in
+    // the transaction that changes the circuit, so revisions commit in order.
+    "
+CREATE INDEX circuits_session_ids ON circuits USING GIN (session_ids);
+CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
+CREATE INDEX circuits_worker_id ON circuits(worker, id);
+ALTER TABLE workers ADD COLUMN revision bigint NOT NULL DEFAULT 0;
+CREATE TABLE circuit_changes (
+    worker uuid NOT NULL,
+    revision bigint NOT NULL,
+    circuit uuid NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (worker, revision)
+);
+CREATE INDEX circuit_changes_at ON circuit_changes(at);
+ALTER TABLE circuits ADD COLUMN idle_check_at timestamptz NULL;
+UPDATE circuits SET idle_check_at = created_at WHERE app_mode = 'INTERACTIVE' AND protocol = 'HTTP';
+CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
+",
+];
+
+/// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
+static CIRCUIT_COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CIRCUIT_COLUMNS
+        .split(", ")
+        .map(|c| format!("c.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// Bumps the revision of the worker `$1` and logs circuit `$2` as changed.
+const LOG_CHANGE: &str = "WITH bumped AS (
+        UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
+     INSERT INTO circuit_changes (worker, revision, circuit) SELECT id, revision, $2 FROM bumped";
+
+/// Sets a worker's `nodes` to its live node count, its status (`ALIVE`, or `LOST` at
+/// none) and `updated_at`. Returns whether the worker exists.
+const RECOUNT: &str = "UPDATE workers SET nodes = n.count,
+        status = CASE WHEN n.count = 0 THEN 'LOST' ELSE 'ALIVE' END, updated_at = now()
+     FROM (SELECT count(*)::integer AS count FROM worker_nodes WHERE worker = $1) n
+     WHERE id = $1";
+
+/// Records that `node` of worker `id` was just heard from.
+const NODE_SEEN: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
+     ON CONFLICT (worker, node) DO UPDATE SET seen_at = now()";
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    /// Connections, created on demand and recycled; `Pool` is an `Arc` inside.
+    pool: Pool,
+}
+
+fn protocol_name(p: ProxyProtocol) -> &'static str {
+    match p {
+        // The schema has no PREOPEN label: a pre-opened port is carried as HTTP.
+        ProxyProtocol::Http | ProxyProtocol::Preopen => "HTTP",
+        ProxyProtocol::Grpc => "GRPC",
+        ProxyProtocol::Http2 => "HTTP2",
+        ProxyProtocol::Tcp => "TCP",
+    }
+}
+
+fn protocol_of(name: &str) -> Result<ProxyProtocol, StoreError> {
+    Ok(match name {
+        "HTTP" => ProxyProtocol::Http,
+        "GRPC" => ProxyProtocol::Grpc,
+        "HTTP2" => ProxyProtocol::Http2,
+        "TCP" => ProxyProtocol::Tcp,
+        other => return Err(StoreError::Data(format!("proxyprotocol {other:?}"))),
+    })
+}
+
+fn app_mode_name(m: AppMode) -> &'static str {
+    match m {
+        AppMode::Interactive => "INTERACTIVE",
+        AppMode::Inference => "INFERENCE",
+    }
+}
+
+fn app_mode_of(name: &str) -> Result<AppMode, StoreError> {
+    match name {
+        "INTERACTIVE" => Ok(AppMode::Interactive),
+        "INFERENCE" => Ok(AppMode::Inference),
+        other => Err(StoreError::Data(format!("appmode {other:?}"))),
+    }
+}
+
+fn frontend_name(m: FrontendMode) -> &'static str {
+    match m {
+        FrontendMode::Port => "PORT",
+        FrontendMode::Wildcard => "WILDCARD_DOMAIN",
+    }
+}
+
+fn frontend_of(name: &str) -> Result<FrontendMode, StoreError> {
+    match name {
+        "PORT" => Ok(FrontendMode::Port),
+        "WILDCARD_DOMAIN" => Ok(FrontendMode::Wildcard),
+        other => Err(StoreError::Data(format!("frontendmode {other:?}"))),
+    }
+}
+
+/// The wire value of a stored enum name (`PORT` → `port`).
+fn wire<T: serde::Serialize>(v: T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn conflict_or(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        StoreError::Conflict(
+            e.as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_else(|| "unique key taken".into()),
+        )
+    } else {
+        StoreError::Postgres(e)
+    }
+}
+
+fn time(t: SystemTime) -> String {
+    Rfc3339(t).to_string()
+}
+
+fn as_i32(v: &Value) -> Option<i32> {
+    v.as_i64().and_then(|n| i32::try_from(n).ok())
+}
+
+const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id";
+
+fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
+    circuit_of_at(row, 0)
+}
+
+/// A circuit whose [`CIRCUIT_COLUMNS`] start at column `at` of `row`.
+fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
+    let envs: Option<Value> = row.try_get(at + 8)?;
+    let routes: Value = row.try_get(at + 16)?;
+    // Older rows hold the routes as a JSON string; the model's reader takes both.
+    let routes: Vec<RouteInfo> = match routes {
+        Value::String(text) => serde_json::from_str(&text)?,
+        other => serde_json::from_value(other)?,
+    };
+    let allowed: Option<String> = row.try_get(at + 11)?;
+    let port: Option<i32> = row.try_get(at + 6)?;
+    let circuit = Circuit {
+        id: row.try_get(at)?,
+        app: row.try_get(at + 1)?,
+        protocol: protocol_of(row.try_get(at + 2)?)?,
+        worker: Some(row.try_get(at + 3)?),
+        app_mode: app_mode_of(row.try_get(at + 4)?)?,
+        frontend_mode: frontend_of(row.try_get(at + 5)?)?,
+        port: port.and_then(|p| u16::try_from(p).ok()),
+        subdomain: row.try_get(at + 7)?,
+        envs: match envs {
+            Some(v @ Value::Object(_)) => serde_json::from_value(v)?,
+            _ => Default::default(),
+        },
+        arguments: row.try_get(at + 9)?,
+        open_to_public: row.try_get(at + 10)?,
+        allowed_client_ips: allowed
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        user_id: row.try_get(at + 12)?,
+        endpoint_id: row.try_get(at + 13)?,
+        runtime_variant: row.try_get(at + 14)?,
+        session_ids: row.try_get(at + 15)?,
+        route_info: routes,
+        created_at: Some(time(row.try_get(at + 17)?)),
+        updated_at: Some(time(row.try_get(at + 18)?)),
+    };
+    Ok((circuit, row.try_get(at + 19)?))
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:pass@host:port/db`) and migrates.
+    pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Pool(format!("[database] url: {e}")))?;
+        // Bounded on the server too: a statement stuck behind a lock or a hung disk is
+        // cancelled there, and a connection attempt to a silent host gives up.
+        let options = format!(
+            "{} -c statement_timeout={}",
+            config.get_options().unwrap_or_default(),
+            super::STATEMENT_TIMEOUT.as_millis()
+        );
+        config.options(options.trim());
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(3));
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.clamp(1, 1024))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // One migrator at a time across coordinators (key: "appproxy" in ASCII).
+        tx.execute("SELECT pg_advisory_xact_lock(6170706272)", &[])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS appproxy_schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let done: i32 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM appproxy_schema_migrations",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+            tx.batch_execute(m).await?;
+            let version = (i + 1) as i32;
+            tx.execute(
+                "INSERT INTO appproxy_schema_migrations (version) VALUES ($1)",
+                &[&version],
+            )
+            .await?;
+            tracing::info!(engine = "postgresql", migration = version, "store migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub(super) async fn upsert_worker(
+        &self,
+        registration: &WorkerRegistration,
+    ) -> Result<uuid::Uuid, StoreError> {
+        let r = registration;
+        let authority = r.authority.as_str();
+        let frontend = match r.frontend_mode {
+            FrontendMode::Wildcard => "WILDCARD_DOMAIN",
+            FrontendMode::Port => "PORT",
+        };
+        let protocol = match r.protocol {
+            ProxyProtocol::Tcp => "TCP",
+            ProxyProtocol::Grpc => "GRPC",
+            ProxyProtocol::Http2 => "HTTP2",
+            ProxyProtocol::Http | ProxyProtocol::Preopen => "HTTP",
+        };
+        let port_range: Option<Vec<i32>> = r
+            .port_range
+            .map(|range| range.iter().map(|p| i32::from(*p)).collect());
+        let total = match port_range.as_deref() {
+            Some([lo, hi]) if hi >= lo => hi - lo + 1,
+            _ => -1,
+        };
+        let traffics: Vec<String> = r
+            .accepted_traffics
+            .iter()
+            .map(|t| match t {
+                AppMode::Interactive => "INTERACTIVE".to_owned(),
+                AppMode::Inference => "INFERENCE".to_owned(),
+            })
+            .collect();
+        let api_port = r.api_port.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let wildcard_traffic_port = r.wildcard_traffic_port.map(i32::from);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO workers (authority, frontend_mode, protocol, hostname, tls_listen,
+                    tls_advertised, api_port, available_slots, occupied_slots, nodes, port_range,
+                    wildcard_domain, wildcard_traffic_port, accepted_traffics, filtered_apps_only,
+                    traefik_last_used_marker_path)
+                 VALUES ($1, $2::text::frontendmode, $3::text::proxyprotocol, $4, $5, $6, $7, $8, 0, 1,
+                    $9, $10, $11, $12::text[]::appmode[], $13, $14)
+                 ON CONFLICT (authority) DO UPDATE SET
+                    frontend_mode = EXCLUDED.frontend_mode, protocol = EXCLUDED.protocol,
+                    hostname = EXCLUDED.hostname, tls_listen = EXCLUDED.tls_listen,
+                    tls_advertised = EXCLUDED.tls_advertised, api_port = EXCLUDED.api_port,
+                    available_slots = EXCLUDED.available_slots - workers.occupied_slots,
+                    nodes = workers.nodes + 1, port_range = EXCLUDED.port_range,
+                    wildcard_domain = EXCLUDED.wildcard_domain,
+                    wildcard_traffic_port = EXCLUDED.wildcard_traffic_port,
+                    filtered_apps_only = EXCLUDED.filtered_apps_only,
+                    traefik_last_used_marker_path = EXCLUDED.traefik_last_used_marker_path,
+                    status = 'ALIVE', updated_at = now()
+                 RETURNING id",
+                &[
+                    &authority,
+                    &frontend,
+                    &protocol,
+                    &r.hostname,
+                    &r.tls_listen,
+                    &r.tls_advertised,
+                    &api_port,
+                    &total,
+                    &port_range,
+                    &r.wildcard_domain,
+                    &wildcard_traffic_port,
+                    &traffics,
+                    &r.filtered_apps_only,
+                    &r.traefik_last_used_marker_path,
+                ],
+            )
+            .await?;
+        let id: uuid::Uuid = row.try_get(0)?;
+        for f in r.app_filters.iter().flatten() {
+            let (k, Some(v)) = (&f.key, super::filter_value(&f.value)) else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO worker_app_filters (property_name, property_value, worker)
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&k, &v, &id],
+            )
+            .await?;
+        }
+        // A node that names itself counts once however often it registers (a crashed
+        // and restarted process is the same node).
+        if let Some(node) = &r.node_id {
+            tx.execute(NODE_SEEN, &[&id, node]).await?;
+            tx.execute(RECOUNT, &[&id]).await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if let Some(node) = node {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            if tx
+                .query_opt("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE", &[id])
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
+            tx.execute(NODE_SEEN, &[id, &node]).await?;
+            tx.execute(RECOUNT, &[id]).await?;
+            tx.commit().await?;
+            return Ok(true);
+        }
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE workers SET updated_at = now(), status = 'ALIVE' WHERE id = $1",
+                &[id],
+            )
+            .await?
+            == 1)
+    }
+
+    pub(super) async fn deregister_worker(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if let Some(node) = node {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            tx.execute(
+                "DELETE FROM worker_nodes WHERE worker = $1 AND node = $2",
+                &[id, &node],
+            )
+            .await?;
+            let found = tx.execute(RECOUNT, &[id]).await? == 1;
+            tx.commit().await?;
+            return Ok(found);
+        }
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE workers SET nodes = GREATEST(nodes - 1, 0),
+                    status = CASE WHEN nodes - 1 <= 0 THEN 'LOST' ELSE status END,
+                    updated_at = now() WHERE id = $1",
+                &[id],
+            )
+            .await?
+            == 1)
+    }
+
+    pub(super) async fn mark_lost(
+        &self,
+        timeout_secs: u64,
+    ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        let secs = timeout_secs as f64;
+        let client = self.client().await?;
+        // Nodes that stopped heartbeating (crashed) no longer count.
+        client
+            .execute(
+                "WITH stale AS (
+                    DELETE FROM worker_nodes WHERE seen_at < now() - make_interval(secs => $1)
+                    RETURNING worker)
+                 UPDATE workers w SET nodes = (SELECT count(*) FROM worker_nodes n
+                    WHERE n.worker = w.id AND n.seen_at >= now() - make_interval(secs => $1))
+                 WHERE w.id IN (SELECT worker FROM stale)",
+                &[&secs],
+            )
+            .await?;
+        let rows = client
+            .query(
+                "UPDATE workers SET status = 'LOST'
+                 WHERE status = 'ALIVE' AND updated_at < now() - make_interval(secs => $1)
+                 RETURNING id, authority",
+                &[&secs],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    pub(super) async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, authority, frontend_mode::text, protocol::text, hostname, tls_listen,
+                    tls_advertised, api_port, port_range, wildcard_domain, wildcard_traffic_port,
+                    accepted_traffics::text[], filtered_apps_only, traefik_last_used_marker_path,
+                    status, nodes, created_at, updated_at
+                 FROM workers ORDER BY authority",
+                &[],
+            )
+            .await?;
+        let filters = client
+            .query(
+                "SELECT worker, property_name, property_value FROM worker_app_filters ORDER BY property_name, property_value",
+                &[],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: uuid::Uuid = r.try_get(0)?;
+            let app_filters: Vec<Value> = filters
+                .iter()
+                .filter(|f| f.try_get::<_, uuid::Uuid>(0).ok() == Some(id))
+                .map(|f| {
+                    Ok(json!({"key": f.try_get::<_, String>(1)?, "value": f.try_get::<_, String>(2)?}))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            let traffics: Vec<String> = r.try_get(11)?;
+            let traffics: Vec<Value> = traffics
+                .iter()
+                .map(|t| app_mode_of(t).map(wire))
+                .collect::<Result<_, _>>()?;
+            let nodes: i32 = r.try_get(15)?;
+            let body = json!({
+                "authority": r.try_get::<_, String>(1)?,
+                "frontend_mode": wire(frontend_of(r.try_get(2)?)?),
+                "protocol": wire(protocol_of(r.try_get(3)?)?),
+                "hostname": r.try_get::<_, String>(4)?,
+                "tls_listen": r.try_get::<_, bool>(5)?,
+                "tls_advertised": r.try_get::<_, bool>(6)?,
+                "api_port": r.try_get::<_, i32>(7)?,
+                "port_range": r.try_get::<_, Option<Vec<i32>>>(8)?,
+                "wildcard_domain": r.try_get::<_, Option<String>>(9)?,
+                "wildcard_traffic_port": r.try_get::<_, Option<i32>>(10)?,
+                "accepted_traffics": traffics,
+                "filtered_apps_only": r.try_get::<_, bool>(12)?,
+                "traefik_last_used_marker_path": r.try_get::<_, Option<String>>(13)?,
+                "app_filters": app_filters,
+            });
+            out.push(WorkerRow::new(
+                id,
+                body,
+                r.try_get(14)?,
+                i64::from(nodes),
+                time(r.try_get(16)?),
+                time(r.try_get(17)?),
+            )?);
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn insert_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let worker = circuit
+            .worker
+            .ok_or_else(|| StoreError::Data("a stored circuit needs a worker".into()))?;
+        let envs = serde_json::to_value(&circuit.envs)?;
+        let routes = serde_json::to_value(&circuit.route_info)?;
+        let allowed =
+            (!circuit.allowed_client_ips.is_empty()).then(|| circuit.allowed_client_ips.join(","));
+        let port = circuit.port.map(i32::from);
+        // One statement, one round trip: the row and the worker's slot count (the
+        // original keeps one on the worker row) change together or not at all.
+        self.client()
+            .await?
+            .execute(
+                "WITH created AS (
+                    INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
+                        subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
+                        endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
+                        idle_check_at)
+                    VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
+                        $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                        CASE WHEN $19 THEN now() END)
+                    RETURNING worker)
+                 , bumped AS (
+                    UPDATE workers SET occupied_slots = occupied_slots + 1,
+                        available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots - 1 END,
+                        revision = revision + 1
+                    FROM created WHERE workers.id = created.worker
+                    RETURNING workers.id, workers.revision)
+                 INSERT INTO circuit_changes (worker, revision, circuit)
+                    SELECT id, revision, $1 FROM bumped",
+                &[
+                    &circuit.id,
+                    &circuit.app,
+                    &protocol_name(circuit.protocol),
+                    &worker,
+                    &app_mode_name(circuit.app_mode),
+                    &frontend_name(circuit.frontend_mode),
+                    &port,
+                    &circuit.subdomain,
+                    &envs,
+                    &circuit.arguments,
+                    &circuit.open_to_public,
+                    &allowed,
+                    &circuit.user_id,
+                    &circuit.endpoint_id,
+                    &circuit.runtime_variant,
+                    &circuit.session_ids,
+                    &routes,
+                    &origin_request_id,
+                    &super::idle_collectable(circuit),
+                ],
+            )
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
+    }
+
+    pub(super) async fn update_routes(
+        &self,
+        id: &uuid::Uuid,
+        routes: &[RouteInfo],
+    ) -> Result<bool, StoreError> {
+        let value = serde_json::to_value(routes)?;
+        let sessions: Vec<uuid::Uuid> = routes.iter().map(|r| r.session_id).collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let worker: Option<uuid::Uuid> = tx
+            .query_opt(
+                "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now() WHERE id = $3 RETURNING worker",
+                &[&value, &sessions, id],
+            )
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if let Some(worker) = worker {
+            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
+        }
+        tx.commit().await?;
+        Ok(worker.is_some())
+    }
+
+    pub(super) async fn circuit(&self, id: &uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE id = $1"),
+                &[id],
+            )
+            .await?;
+        row.as_ref().map(circuit_of).transpose()
+    }
+
+    pub(super) async fn circuits(
+        &self,
+        worker: Option<&uuid::Uuid>,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                     WHERE $1::uuid IS NULL OR worker = $1 ORDER BY created_at, id"
+                ),
+                &[&worker],
+            )
+            .await?;
+        rows.iter().map(circuit_of).collect()
+    }
+
+    pub(super) async fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
+        let client = self.client().await?;
+        // Two statements, each on its index; the port one only when there are port
+        // workers (an empty `= ANY` must not cost a scan of every circuit).
+        let mut rows = client
+            .query(
+                "SELECT worker, port, subdomain FROM circuits WHERE subdomain = $1",
+                &[&subdomain],
+            )
+            .await?;
+        if !port_workers.is_empty() {
+            rows.extend(
+                client
+                    .query(
+                        "SELECT worker, port, subdomain FROM circuits
+                         WHERE worker = ANY($1) AND port IS NOT NULL",
+                        &[&port_workers],
+                    )
+                    .await?,
+            );
+        }
+        rows.iter()
+            .map(|r| {
+                let port: Option<i32> = r.try_get(1)?;
+                Ok((
+                    r.try_get(0)?,
+                    port.and_then(|p| u16::try_from(p).ok()),
+                    r.try_get(2)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(super) async fn circuits_of_session(
+        &self,
+        session: &uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE session_ids @> ARRAY[$1]::uuid[] ORDER BY created_at, id"),
+                &[session],
+            )
+            .await?;
+        rows.iter().map(circuit_of).collect()
+    }
+
+    pub(super) async fn upsert_endpoint(
+        &self,
+        id: &uuid::Uuid,
+        enabled: bool,
+        config: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO endpoints (id, health_check_enabled, health_check_config) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET health_check_enabled = $2, health_check_config = $3, updated_at = now()",
+                &[id, &enabled, &config],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn endpoint(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<(bool, Option<Value>)>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT health_check_enabled, health_check_config FROM endpoints WHERE id = $1",
+                &[id],
+            )
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        // The original may have written the config as a JSON string inside JSONB.
+        let config: Option<Value> = match r.try_get::<_, Option<Value>>(1)? {
+            Some(Value::String(text)) => Some(serde_json::from_str(&text)?),
+            other => other,
+        };
+        Ok(Some((r.try_get(0)?, config)))
+    }
+
+    pub(super) async fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, Value)>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, health_check_config FROM endpoints
+                 WHERE health_check_enabled AND health_check_config IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let config: Value = match r.try_get::<_, Value>(1)? {
+                Value::String(text) => serde_json::from_str(&text)?,
+                other => other,
+            };
+            out.push((r.try_get(0)?, config));
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .execute("DELETE FROM endpoints WHERE id = $1", &[id])
+            .await?
+            == 1)
+    }
+
+    pub(super) async fn circuit_of_endpoint(
+        &self,
+        endpoint: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE endpoint_id = $1"),
+                &[endpoint],
+            )
+            .await?;
+        row.as_ref().map(circuit_of).transpose()
+    }
+
+    pub(super) async fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let worker: Option<uuid::Uuid> = tx
+            .query_opt("DELETE FROM circuits WHERE id = $1 RETURNING worker", &[id])
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if let Some(worker) = worker {
+            tx.execute(
+                "UPDATE workers SET occupied_slots = GREATEST(occupied_slots - 1, 0),
+                    available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots + 1 END
+                 WHERE id = $1",
+                &[&worker],
+            )
+            .await?;
+            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
+        }
+        tx.commit().await?;
+        Ok(worker.is_some())
+    }
+
+    pub(super) async fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE endpoint_id IS NOT NULL"),
+                &[],
+            )
+            .await?;
+        rows.iter().map(circuit_of).collect()
+    }
+
+    pub(super) async fn circuit_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .client()
+            .await?
+            .query_one("SELECT count(*) FROM circuits", &[])
+            .await?
+            .try_get(0)?;
+        Ok(n.max(0) as u64)
+    }
+
+    pub(super) async fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT revision FROM workers WHERE id = $1", &[worker])
+            .await?;
+        row.map(|r| r.try_get::<_, i64>(0).map(|v| v.max(0) as u64))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    pub(super) async fn changes_since(
+        &self,
+        worker: &uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        let mut client = self.client().await?;
+        // One snapshot for the revision, the log's floor and the log itself.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let row = tx
+            .query_opt(
+                "SELECT revision, (SELECT min(revision) FROM circuit_changes WHERE worker = $1)
+                 FROM workers WHERE id = $1",
+                &[worker],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Changes::Resync { revision: 0 });
+        };
+        let current = row.try_get::<_, i64>(0)?.max(0) as u64;
+        let oldest: Option<i64> = row.try_get(1)?;
+        if since == current {
+            return Ok(Changes::Since {
+                revision: current,
+                upserts: Vec::new(),
+                removed: Vec::new(),
+                more: false,
+            });
+        }
+        if since > current || oldest.is_none_or(|o| (o.max(1) as u64) > since + 1) {
+            return Ok(Changes::Resync { revision: current });
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT l.revision, l.circuit, c.id IS NOT NULL, {}
+                     FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
+                     WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3",
+                    *CIRCUIT_COLUMNS_OF_C
+                ),
+                &[worker, &(since as i64), &(limit as i64)],
+            )
+            .await?;
+        let mut log = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let revision = r.try_get::<_, i64>(0)?.max(0) as u64;
+            let circuit: uuid::Uuid = r.try_get(1)?;
+            let present: bool = r.try_get(2)?;
+            let body = if present {
+                Some(circuit_of_at(r, 3)?)
+            } else {
+                None
+            };
+            log.push((revision, circuit, body));
+        }
+        tx.commit().await?;
+        Ok(Changes::from_log(since, current, log))
+    }
+
+    pub(super) async fn circuits_page(
+        &self,
+        worker: &uuid::Uuid,
+        after: Option<&uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let revision = tx
+            .query_opt("SELECT revision FROM workers WHERE id = $1", &[worker])
+            .await?
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?
+            .unwrap_or(0)
+            .max(0) as u64;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                     WHERE worker = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+                ),
+                &[worker, &after, &(limit as i64)],
+            )
+            .await?;
+        let out = rows.iter().map(circuit_of).collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        Ok((revision, out))
+    }
+
+    pub(super) async fn idle_due(&self, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                     WHERE idle_check_at IS NOT NULL AND idle_check_at <= now()
+                     ORDER BY idle_check_at LIMIT $1"
+                ),
+                &[&(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(|r| circuit_of(r).map(|(c, _)| c)).collect()
+    }
+
+    pub(super) async fn defer_idle_checks(
+        &self,
+        checks: &[(uuid::Uuid, f64)],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<uuid::Uuid> = checks.iter().map(|(id, _)| *id).collect();
+        let at: Vec<f64> = checks.iter().map(|(_, t)| *t).collect();
+        self.client()
+            .await?
+            .execute(
+                "UPDATE circuits SET idle_check_at = to_timestamp(c.at)
+                 FROM unnest($1::uuid[], $2::float8[]) AS c(id, at) WHERE circuits.id = c.id",
+                &[&ids, &at],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn prune_changes(&self, older_than_secs: u64) -> Result<usize, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM circuit_changes WHERE at < now() - make_interval(secs => $1)",
+                &[&(older_than_secs as f64)],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
+    pub(super) async fn insert_token(
+        &self,
+        id: &uuid::Uuid,
+        body: &Value,
+    ) -> Result<(), StoreError> {
+        let s = &body["session"];
+        let uuid_of = |v: &Value, name: &str| {
+            v.as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                .ok_or_else(|| StoreError::Data(format!("token field {name} is not a UUID")))
+        };
+        let group = if s["group_id"].is_null() {
+            &s["project_id"]
+        } else {
+            &s["group_id"]
+        };
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO tokens (id, login_session_token, kernel_host, kernel_port, session_id,
+                    user_uuid, group_id, access_key, domain_name)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    id,
+                    &body["login_session_token"].as_str(),
+                    &body["kernel_host"].as_str().unwrap_or_default(),
+                    &as_i32(&body["kernel_port"]).unwrap_or(0),
+                    &uuid_of(&s["id"], "session.id")?,
+                    &uuid_of(&s["user_uuid"], "session.user_uuid")?,
+                    &uuid_of(group, "session.group_id")?,
+                    &s["access_key"].as_str().unwrap_or_default(),
+                    &s["domain_name"].as_str().unwrap_or_default(),
+                ],
+            )
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
+    }
+
+    pub(super) async fn token(&self, id: &uuid::Uuid) -> Result<Option<Value>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT login_session_token, kernel_host, kernel_port, session_id, user_uuid,
+                    group_id, access_key, domain_name FROM tokens WHERE id = $1",
+                &[id],
+            )
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(json!({
+            "login_session_token": r.try_get::<_, Option<String>>(0)?,
+            "kernel_host": r.try_get::<_, String>(1)?,
+            "kernel_port": r.try_get::<_, i32>(2)?,
+            "session": {
+                "id": r.try_get::<_, uuid::Uuid>(3)?,
+                "user_uuid": r.try_get::<_, uuid::Uuid>(4)?,
+                "group_id": r.try_get::<_, uuid::Uuid>(5)?,
+                "access_key": r.try_get::<_, String>(6)?,
+                "domain_name": r.try_get::<_, String>(7)?,
+            }
+        })))
+    }
+}

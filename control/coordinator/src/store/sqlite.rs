@@ -1,0 +1,853 @@
+//! The embedded SQLite engine: one connection behind a mutex (SQLite serialises
+//! writers anyway), WAL journal, foreign keys on, migrations counted in
+//! `PRAGMA user_version`. Workers and circuits keep their wire JSON in `body`, with
+//! the columns that queries and unique keys need beside it. Calls are synchronous;
+//! [`super::Store`] runs them on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use appproxy_shared::model::{Circuit, RouteInfo};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{now, Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
+use appproxy_shared::wire::WorkerRegistration;
+
+/// Migrations, applied in order; the database records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    authority TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ALIVE',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE circuits (
+    id TEXT PRIMARY KEY,
+    worker TEXT NOT NULL REFERENCES workers(id),
+    port INTEGER,
+    subdomain TEXT,
+    body TEXT NOT NULL,
+    origin_request_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX circuits_worker_port ON circuits(worker, port) WHERE port IS NOT NULL;
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+",
+    "
+ALTER TABLE workers ADD COLUMN nodes INTEGER NOT NULL DEFAULT 1;
+CREATE UNIQUE INDEX circuits_worker_subdomain ON circuits(worker, subdomain) WHERE subdomain IS NOT NULL;
+",
+    "
+CREATE TABLE endpoints (
+    id TEXT PRIMARY KEY,
+    health_check_enabled INTEGER NOT NULL DEFAULT 0,
+    health_check_config TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+ALTER TABLE circuits ADD COLUMN endpoint_id TEXT;
+UPDATE circuits SET endpoint_id = json_extract(body, '$.endpoint_id');
+CREATE UNIQUE INDEX circuits_endpoint ON circuits(endpoint_id) WHERE endpoint_id IS NOT NULL;
+",
+    "
+CREATE TABLE worker_nodes (
+    worker TEXT NOT NULL REFERENCES workers(id) ON DELETE CASCADE,
+    node TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (worker, node)
+);
+",
+    // Scale: every per-creation and per-poll read is an index lookup. Sessions get a
+    // table of their own (reuse by session), circuits an index by worker and by
+    // subdomain (placement), and each worker a revision with a log of what changed
+    // (conditional polls and deltas).
+    "
+CREATE TABLE circuit_sessions (
+    session TEXT NOT NULL,
+    circuit TEXT NOT NULL REFERENCES circuits(id) ON DELETE CASCADE,
+    PRIMARY KEY (session, circuit)
+);
+CREATE INDEX circuit_sessions_circuit ON circuit_sessions(circuit);
+INSERT OR IGNORE INTO circuit_sessions (session, circuit)
+    SELECT value, circuits.id FROM circuits, json_each(circuits.body, '$.session_ids');
+CREATE INDEX circuits_worker_id ON circuits(worker, id);
+CREATE INDEX circuits_subdomain ON circuits(subdomain) WHERE subdomain IS NOT NULL;
+ALTER TABLE workers ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE circuit_changes (
+    worker TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    circuit TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (worker, revision)
+);
+CREATE INDEX circuit_changes_at ON circuit_changes(at);
+ALTER TABLE circuits ADD COLUMN idle_check_at TEXT;
+UPDATE circuits SET idle_check_at = created_at
+    WHERE json_extract(body, '$.app_mode') = 'interactive' AND json_extract(body, '$.protocol') = 'http';
+CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
+",
+];
+
+/// Records that `circuit` of `worker` changed (created, updated or removed): the
+/// worker's revision goes up by one, in the caller's transaction, and the log says
+/// which circuit it was.
+fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result<(), StoreError> {
+    let revision: Option<i64> = tx
+        .query_row(
+            "UPDATE workers SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+            params![worker],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(revision) = revision {
+        tx.execute(
+            "INSERT INTO circuit_changes (worker, revision, circuit, at) VALUES (?1, ?2, ?3, ?4)",
+            params![worker, revision, circuit, now],
+        )?;
+    }
+    Ok(())
+}
+
+/// A worker's revision (`None`: no such worker).
+fn revision_of(c: &Connection, worker: &str) -> Result<Option<u64>, StoreError> {
+    let r: Option<i64> = c
+        .query_row(
+            "SELECT revision FROM workers WHERE id = ?1",
+            params![worker],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(r.map(|r| r.max(0) as u64))
+}
+
+/// The `(body, origin_request_id)` rows a statement selects, as circuits.
+fn circuit_rows(
+    st: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<CircuitRow>, StoreError> {
+    let rows = st.query_map(params, |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (body, origin) = row?;
+        out.push((serde_json::from_str(&body)?, origin));
+    }
+    Ok(out)
+}
+
+/// Replaces the session index of one circuit.
+fn index_sessions(tx: &Connection, circuit: &Circuit) -> Result<(), StoreError> {
+    let id = circuit.id.to_string();
+    tx.execute(
+        "DELETE FROM circuit_sessions WHERE circuit = ?1",
+        params![id],
+    )?;
+    for session in &circuit.session_ids {
+        tx.execute(
+            "INSERT OR IGNORE INTO circuit_sessions (session, circuit) VALUES (?1, ?2)",
+            params![session.to_string(), id],
+        )?;
+    }
+    Ok(())
+}
+
+/// Sets a worker's `nodes` to its live node count; with `touch`, also its status
+/// (`ALIVE`, or `LOST` at none) and `updated_at`.
+fn recount(
+    tx: &rusqlite::Connection,
+    id: &str,
+    touch: Option<&str>,
+) -> Result<usize, rusqlite::Error> {
+    match touch {
+        Some(now) => tx.execute(
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1),
+                status = CASE WHEN (SELECT count(*) FROM worker_nodes WHERE worker = ?1) = 0
+                    THEN 'LOST' ELSE 'ALIVE' END,
+                updated_at = ?2 WHERE id = ?1",
+            params![id, now],
+        ),
+        None => tx.execute(
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1) WHERE id = ?1",
+            params![id],
+        ),
+    }
+}
+
+/// The embedded store.
+pub struct SqliteStore {
+    /// One connection; SQLite serialises writers anyway.
+    conn: Mutex<Connection>,
+}
+
+fn conflict_or(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            StoreError::Conflict(msg.clone().unwrap_or_else(|| "unique key taken".into()))
+        }
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn parse_id(s: &str) -> Result<uuid::Uuid, StoreError> {
+    uuid::Uuid::parse_str(s).map_err(|e| StoreError::Data(format!("id {s:?}: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(engine = "sqlite", migration = i + 1, "store migrated");
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (its own
+        // transactions roll back), so a poisoned lock is taken over.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    pub(super) fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    pub(super) fn upsert_worker(
+        &self,
+        registration: &WorkerRegistration,
+        body: &serde_json::Value,
+    ) -> Result<uuid::Uuid, StoreError> {
+        let authority = registration.authority.clone();
+        let now = now();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let existing: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT id, body FROM workers WHERE authority = ?1",
+                    params![authority],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let id = match existing {
+                Some((id, old)) => {
+                    // As the original: every field updated but `accepted_traffics`;
+                    // app filters only ever added.
+                    let old: serde_json::Value = serde_json::from_str(&old)?;
+                    let mut new = body.clone();
+                    new["accepted_traffics"] = old["accepted_traffics"].clone();
+                    new["app_filters"] = super::merge_filters(&old["app_filters"], &body["app_filters"]);
+                    tx.execute(
+                        "UPDATE workers SET body = ?1, status = 'ALIVE', nodes = nodes + 1, updated_at = ?2 WHERE id = ?3",
+                        params![new.to_string(), now, id],
+                    )?;
+                    id
+                }
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let mut new = body.clone();
+                    new["app_filters"] = super::merge_filters(&serde_json::Value::Null, &body["app_filters"]);
+                    tx.execute(
+                        "INSERT INTO workers (id, authority, body, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+                        params![id, authority, new.to_string(), now],
+                    )?;
+                    id
+                }
+            };
+            // A node that names itself counts once however often it registers (a
+            // crashed and restarted process is the same node).
+            if let Some(node) = &registration.node_id {
+                tx.execute(
+                    "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                    params![id, node, now],
+                )?;
+                recount(&tx, &id, Some(&now))?;
+            }
+            tx.commit()?;
+            parse_id(&id)
+        })
+    }
+
+    pub(super) fn heartbeat(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        self.with(|c| {
+            if let Some(node) = node {
+                let tx = c.unchecked_transaction()?;
+                let id = id.to_string();
+                let known: Option<String> = tx
+                    .query_row("SELECT id FROM workers WHERE id = ?1", params![id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if known.is_none() {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                    params![id, node, now],
+                )?;
+                recount(&tx, &id, Some(&now))?;
+                tx.commit()?;
+                return Ok(true);
+            }
+            Ok(c.execute(
+                "UPDATE workers SET updated_at = ?1, status = 'ALIVE' WHERE id = ?2",
+                params![now, id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn deregister_worker(
+        &self,
+        id: &uuid::Uuid,
+        node: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        self.with(|c| {
+            if let Some(node) = node {
+                let tx = c.unchecked_transaction()?;
+                let id = id.to_string();
+                tx.execute(
+                    "DELETE FROM worker_nodes WHERE worker = ?1 AND node = ?2",
+                    params![id, node],
+                )?;
+                let found = recount(&tx, &id, Some(&now))? == 1;
+                tx.commit()?;
+                return Ok(found);
+            }
+            Ok(c.execute(
+                "UPDATE workers SET nodes = MAX(nodes - 1, 0),
+                    status = CASE WHEN nodes - 1 <= 0 THEN 'LOST' ELSE status END,
+                    updated_at = ?1 WHERE id = ?2",
+                params![now, id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn mark_lost(
+        &self,
+        timeout_secs: u64,
+    ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        let cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(timeout_secs),
+        )
+        .to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            // Nodes that stopped heartbeating (crashed) no longer count.
+            let stale: Vec<String> = {
+                let mut st =
+                    tx.prepare("DELETE FROM worker_nodes WHERE seen_at < ?1 RETURNING worker")?;
+                let rows = st.query_map(params![cutoff], |r| r.get::<_, String>(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for id in &stale {
+                recount(&tx, id, None)?;
+            }
+            let mut lost = Vec::new();
+            {
+                let mut st = tx.prepare(
+                    "SELECT id, authority FROM workers WHERE status = 'ALIVE' AND updated_at < ?1",
+                )?;
+                let rows = st.query_map(params![cutoff], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (id, authority) = row?;
+                    lost.push((parse_id(&id)?, authority));
+                }
+            }
+            for (id, _) in &lost {
+                tx.execute(
+                    "UPDATE workers SET status = 'LOST' WHERE id = ?1",
+                    params![id.to_string()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(lost)
+        })
+    }
+
+    pub(super) fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, body, status, nodes, created_at, updated_at FROM workers ORDER BY authority",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, body, status, nodes, created_at, updated_at) = row?;
+                let id = parse_id(&id)?;
+                let body = serde_json::from_str(&body).map_err(|e| {
+                    StoreError::Data(format!("worker {id}: stored registration is not JSON: {e}"))
+                })?;
+                out.push(WorkerRow::new(id, body, status, nodes, created_at, updated_at)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn insert_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        // The store stamps the times, as PostgreSQL's `now()` does.
+        let now = now();
+        let mut circuit = circuit.clone();
+        circuit.created_at = Some(now.clone());
+        circuit.updated_at = Some(now.clone());
+        let circuit = &circuit;
+        let body = serde_json::to_string(circuit)?;
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let worker = circuit.worker.map(|w| w.to_string()).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+                params![
+                    circuit.id.to_string(),
+                    worker,
+                    circuit.port.map(i64::from),
+                    circuit.subdomain,
+                    body,
+                    origin_request_id,
+                    now,
+                    circuit.endpoint_id.map(|e| e.to_string()),
+                    super::idle_collectable(circuit).then_some(&now)
+                ],
+            )
+            .map_err(conflict_or)?;
+            index_sessions(&tx, circuit)?;
+            log_change(&tx, &worker, &circuit.id.to_string(), &now)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn update_routes(
+        &self,
+        id: &uuid::Uuid,
+        routes: &[RouteInfo],
+    ) -> Result<bool, StoreError> {
+        let Some((mut circuit, _)) = self.circuit(id)? else {
+            return Ok(false);
+        };
+        let now = now();
+        circuit.route_info = routes.to_vec();
+        circuit.session_ids = routes.iter().map(|r| r.session_id).collect();
+        circuit.updated_at = Some(now.clone());
+        let body = serde_json::to_string(&circuit)?;
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let worker: Option<String> = tx
+                .query_row(
+                    "UPDATE circuits SET body = ?1, updated_at = ?2 WHERE id = ?3 RETURNING worker",
+                    params![body, now, id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(worker) = worker else {
+                return Ok(false);
+            };
+            index_sessions(&tx, &circuit)?;
+            log_change(&tx, &worker, &id.to_string(), &now)?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    pub(super) fn circuit(&self, id: &uuid::Uuid) -> Result<Option<CircuitRow>, StoreError> {
+        self.one_circuit("id", id)
+    }
+
+    /// The circuit whose `column` (a unique key) is `key`.
+    fn one_circuit(
+        &self,
+        column: &str,
+        key: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let row: Option<(String, Option<String>)> = c
+                .query_row(
+                    &format!("SELECT body, origin_request_id FROM circuits WHERE {column} = ?1"),
+                    params![key.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                Some((body, origin)) => Ok(Some((serde_json::from_str(&body)?, origin))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub(super) fn circuits(
+        &self,
+        worker: Option<&uuid::Uuid>,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT body, origin_request_id FROM circuits
+                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
+            )?;
+            let out = circuit_rows(&mut st, params![worker.map(|w| w.to_string())])?;
+            Ok(out)
+        })
+    }
+
+    pub(super) fn used_slots(
+        &self,
+        port_workers: &[uuid::Uuid],
+        subdomain: &str,
+    ) -> Result<Vec<UsedSlot>, StoreError> {
+        self.with(|c| {
+            let mut out = Vec::new();
+            let mut push = |rows: rusqlite::MappedRows<'_, _>| -> Result<(), StoreError> {
+                for row in rows {
+                    let (w, port, sub): (String, Option<i64>, Option<String>) = row?;
+                    out.push((parse_id(&w)?, port.and_then(|p| u16::try_from(p).ok()), sub));
+                }
+                Ok(())
+            };
+            let columns = |r: &rusqlite::Row<'_>| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            };
+            let mut st = c.prepare_cached(
+                "SELECT worker, port, subdomain FROM circuits WHERE worker = ?1 AND port IS NOT NULL",
+            )?;
+            for w in port_workers {
+                push(st.query_map(params![w.to_string()], columns)?)?;
+            }
+            let mut st = c.prepare_cached(
+                "SELECT worker, port, subdomain FROM circuits WHERE subdomain = ?1",
+            )?;
+            push(st.query_map(params![subdomain], columns)?)?;
+            Ok(out)
+        })
+    }
+
+    pub(super) fn circuits_of_session(
+        &self,
+        session: &uuid::Uuid,
+    ) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT body, origin_request_id FROM circuit_sessions s JOIN circuits ON circuits.id = s.circuit
+                 WHERE s.session = ?1 ORDER BY circuits.created_at, circuits.rowid",
+            )?;
+            let out = circuit_rows(&mut st, params![session.to_string()])?;
+            Ok(out)
+        })
+    }
+
+    pub(super) fn upsert_endpoint(
+        &self,
+        id: &uuid::Uuid,
+        enabled: bool,
+        config: Option<&serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        let now = now();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO endpoints (id, health_check_enabled, health_check_config, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (id) DO UPDATE SET health_check_enabled = ?2, health_check_config = ?3, updated_at = ?4",
+                params![id.to_string(), enabled, config.map(|v| v.to_string()), now],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn endpoint(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<(bool, Option<serde_json::Value>)>, StoreError> {
+        self.with(|c| {
+            let row: Option<(bool, Option<String>)> = c
+                .query_row(
+                    "SELECT health_check_enabled, health_check_config FROM endpoints WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match row {
+                Some((enabled, config)) => Ok(Some((
+                    enabled,
+                    config.map(|t| serde_json::from_str(&t)).transpose()?,
+                ))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub(super) fn health_checked_endpoints(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, serde_json::Value)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, health_check_config FROM endpoints
+                 WHERE health_check_enabled AND health_check_config IS NOT NULL",
+            )?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, config) = row?;
+                let id = uuid::Uuid::parse_str(&id).map_err(|e| StoreError::Data(e.to_string()))?;
+                out.push((id, serde_json::from_str(&config)?));
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn delete_endpoint(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM endpoints WHERE id = ?1",
+                params![id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn circuit_of_endpoint(
+        &self,
+        endpoint: &uuid::Uuid,
+    ) -> Result<Option<CircuitRow>, StoreError> {
+        self.one_circuit("endpoint_id", endpoint)
+    }
+
+    pub(super) fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        let now = now();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let worker: Option<String> = tx
+                .query_row(
+                    "DELETE FROM circuits WHERE id = ?1 RETURNING worker",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(worker) = worker else {
+                return Ok(false);
+            };
+            log_change(&tx, &worker, &id.to_string(), &now)?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    pub(super) fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT body, origin_request_id FROM circuits WHERE endpoint_id IS NOT NULL",
+            )?;
+            let out = circuit_rows(&mut st, [])?;
+            Ok(out)
+        })
+    }
+
+    pub(super) fn circuit_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let n: i64 = c.query_row("SELECT count(*) FROM circuits", [], |r| r.get(0))?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    pub(super) fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        self.with(|c| revision_of(c, &worker.to_string()))
+    }
+
+    pub(super) fn changes_since(
+        &self,
+        worker: &uuid::Uuid,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
+        let w = worker.to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let Some(current) = revision_of(&tx, &w)? else {
+                return Ok(Changes::Resync { revision: 0 });
+            };
+            if since == current {
+                return Ok(Changes::Since {
+                    revision: current,
+                    upserts: Vec::new(),
+                    removed: Vec::new(),
+                    more: false,
+                });
+            }
+            let oldest: Option<i64> = tx.query_row(
+                "SELECT min(revision) FROM circuit_changes WHERE worker = ?1",
+                params![w],
+                |r| r.get(0),
+            )?;
+            // Ahead of the store (a store started afresh) or behind what the log
+            // still holds: only the whole set will do.
+            if since > current || oldest.is_none_or(|o| (o.max(1) as u64) > since + 1) {
+                return Ok(Changes::Resync { revision: current });
+            }
+            let mut st = tx.prepare(
+                "SELECT l.revision, l.circuit, c.body, c.origin_request_id
+                 FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
+                 WHERE l.worker = ?1 AND l.revision > ?2 ORDER BY l.revision LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![w, since as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            let mut log = Vec::new();
+            for row in rows {
+                let (revision, circuit, body, origin) = row?;
+                let circuit = parse_id(&circuit)?;
+                let body = match body {
+                    Some(b) => Some((serde_json::from_str::<Circuit>(&b)?, origin)),
+                    None => None,
+                };
+                log.push((revision.max(0) as u64, circuit, body));
+            }
+            Ok(Changes::from_log(since, current, log))
+        })
+    }
+
+    pub(super) fn circuits_page(
+        &self,
+        worker: &uuid::Uuid,
+        after: Option<&uuid::Uuid>,
+        limit: usize,
+    ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
+        let w = worker.to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let revision = revision_of(&tx, &w)?.unwrap_or(0);
+            let mut st = tx.prepare(
+                "SELECT body, origin_request_id FROM circuits
+                 WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let out = circuit_rows(
+                &mut st,
+                params![
+                    w,
+                    after.map(|a| a.to_string()).unwrap_or_default(),
+                    limit as i64
+                ],
+            )?;
+            Ok((revision, out))
+        })
+    }
+
+    pub(super) fn idle_due(&self, now: &str, limit: usize) -> Result<Vec<Circuit>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT body FROM circuits WHERE idle_check_at IS NOT NULL AND idle_check_at <= ?1
+                 ORDER BY idle_check_at LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now, limit as i64], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn defer_idle_checks(
+        &self,
+        checks: &[(uuid::Uuid, String)],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut st =
+                    tx.prepare_cached("UPDATE circuits SET idle_check_at = ?1 WHERE id = ?2")?;
+                for (id, at) in checks {
+                    st.execute(params![at, id.to_string()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn prune_changes(&self, before: &str) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM circuit_changes WHERE at < ?1", params![before])?))
+    }
+
+    pub(super) fn insert_token(
+        &self,
+        id: &uuid::Uuid,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, body) VALUES (?1, ?2)",
+                params![id.to_string(), body.to_string()],
+            )
+            .map_err(conflict_or)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn token(&self, id: &uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
+        self.with(|c| {
+            let body: Option<String> = c
+                .query_row(
+                    "SELECT body FROM tokens WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(match body {
+                Some(b) => Some(serde_json::from_str(&b)?),
+                None => None,
+            })
+        })
+    }
+}

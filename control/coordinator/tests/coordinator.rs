@@ -1,0 +1,1832 @@
+//! The coordinator binary on its embedded SQLite store: a manager-like client creates
+//! circuits; the manager's request ID is stored as `origin_request_id` (NULL when
+//! absent, never generated) and echoed only when present; state survives a restart.
+//! Every scenario runs on both engines: embedded SQLite and a throwaway PostgreSQL.
+
+use appproxy_test_support::http::Resp;
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "api-secret";
+
+struct Coordinator {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The engine under test.
+enum Db {
+    Sqlite,
+    Postgres(appproxy_test_support::pg::Pg),
+}
+
+impl Db {
+    fn section(&self, dir: &std::path::Path) -> String {
+        match self {
+            Db::Sqlite => format!(
+                "sqlite_path = \"{}\"",
+                dir.join("coordinator.sqlite3").display()
+            ),
+            Db::Postgres(pg) => format!("url = \"{}\"", pg.url()),
+        }
+    }
+
+    /// One value straight from the circuits table (empty for NULL).
+    fn query(&self, dir: &std::path::Path, sql: &str) -> String {
+        match self {
+            Db::Sqlite => {
+                let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+                db.query_row(sql, [], |r| r.get::<_, Option<rusqlite::types::Value>>(0))
+                    .map(|v| match v {
+                        Some(rusqlite::types::Value::Text(t)) => t,
+                        Some(rusqlite::types::Value::Integer(n)) => n.to_string(),
+                        _ => String::new(),
+                    })
+                    .expect("row")
+            }
+            Db::Postgres(pg) => pg.psql("appproxy", sql),
+        }
+    }
+}
+
+fn start(dir: &std::path::Path, db: &Db) -> Coordinator {
+    start_with(dir, db, "")
+}
+
+/// Starts the coordinator on a port the kernel picks and learns it from the
+/// "coordinator serving" line (a port chosen beforehand could be taken by another
+/// process before the coordinator binds it). `extra`: more `[coordinator]` keys, then
+/// any further tables.
+fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
+        db.section(dir)
+    );
+    std::fs::write(dir.join("coordinator.toml"), config).expect("config");
+    let log_path = dir.join("coordinator.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("log");
+    // Lines of earlier runs in this directory are not this run's.
+    let skip = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(dir.join("coordinator.toml"))
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start coordinator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read(&log_path).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(skip..).unwrap_or_default());
+        let serving = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "coordinator serving")
+            .and_then(|l| l["addr"].as_str().and_then(|a| a.parse().ok()));
+        if let Some(addr) = serving {
+            return Coordinator { child, addr };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("coordinator exited ({status}) before serving:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "coordinator did not start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A JSON request to the coordinator.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
+    let mut all = headers.to_vec();
+    all.push(("Content-Type", "application/json"));
+    appproxy_test_support::http::request(addr, method, path, &all, body.as_bytes())
+}
+
+/// Each scenario runs on both engines, as `<scenario>_sqlite` and
+/// `<scenario>_postgresql` (a throwaway server per test).
+macro_rules! on_both_engines {
+    ($($scenario:ident => $sqlite:ident, $postgresql:ident;)*) => {$(
+        #[test]
+        fn $sqlite() {
+            $scenario(Db::Sqlite);
+        }
+
+        #[test]
+        fn $postgresql() {
+            $scenario(Db::Postgres(appproxy_test_support::pg::Pg::start()));
+        }
+    )*};
+}
+
+on_both_engines! {
+    origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
+    bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
+    endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
+    ha_nodes_are_counted_by_name => ha_nodes_are_counted_by_name_sqlite, ha_nodes_are_counted_by_name_postgresql;
+    a_worker_reads_what_changed_by_revision_and_its_set_by_page => a_worker_reads_what_changed_by_revision_and_its_set_by_page_sqlite, a_worker_reads_what_changed_by_revision_and_its_set_by_page_postgresql;
+    store_latency_is_recorded_per_engine => store_latency_is_recorded_per_engine_sqlite, store_latency_is_recorded_per_engine_postgresql;
+}
+
+const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
+const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+fn setup(c: &Coordinator) -> String {
+    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["available_slots"], 4);
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+fn origin_of(db: &Db, dir: &std::path::Path, circuit: &str) -> Option<String> {
+    let v = db.query(
+        dir,
+        &format!("SELECT origin_request_id FROM circuits WHERE id = '{circuit}'"),
+    );
+    (!v.is_empty()).then_some(v)
+}
+
+fn circuit_of(setup_url: &str) -> String {
+    let token = setup_url.split("token=").nth(1).expect("token");
+    let claims =
+        appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt-key").expect("setup token");
+    claims["circuit"].as_str().expect("circuit").to_owned()
+}
+
+fn origin_request_ids_are_stored_never_generated(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    let q = format!(
+        "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&redirect=/lab"
+    );
+
+    // With the manager's ID: stored, echoed, and on the log line.
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[
+            ("Accept", "application/json"),
+            ("X-Backend-Request-ID", "mgr-req-1"),
+        ],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-backend-request-id"), Some("mgr-req-1"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+    assert!(
+        url.starts_with("http://proxy1.test:10201/setup?token="),
+        "{url}"
+    );
+    let first = circuit_of(&url);
+    assert_eq!(
+        origin_of(&db, dir.path(), &first).as_deref(),
+        Some("mgr-req-1")
+    );
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("circuit created") && l.contains("\"request_id\":\"mgr-req-1\"")),
+        "{log}"
+    );
+
+    // The same session and app again: the circuit is reused.
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(r.json()["reuse"], true);
+    assert_eq!(
+        circuit_of(r.json()["redirect_url"].as_str().expect("url")),
+        first
+    );
+
+    // An alias works too; without any ID the column is NULL and nothing is echoed.
+    let q = format!("{q}&no_reuse=true");
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[
+            ("Accept", "application/json"),
+            ("X-BackendAI-RequestID", "alias-req"),
+        ],
+        "",
+    );
+    assert_eq!(
+        origin_of(
+            &db,
+            dir.path(),
+            &circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+        )
+        .as_deref(),
+        Some("alias-req")
+    );
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(
+        r.header("x-backend-request-id"),
+        None,
+        "the coordinator never generates an ID"
+    );
+    let third = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    assert_eq!(origin_of(&db, dir.path(), &third), None);
+    // An invalid ID is treated as absent.
+    let r = request(
+        c.addr,
+        "GET",
+        &q,
+        &[("Accept", "text/html"), ("X-Backend-Request-ID", "bad id!")],
+        "",
+    );
+    assert_eq!(r.status, 308, "non-JSON clients get a redirect");
+    assert_eq!(r.header("x-backend-request-id"), None);
+    // The port range [10205, 10208] is now full.
+    let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+    assert_eq!(r.status, 503);
+
+    // Circuits read back in the wire shape; a restart keeps everything.
+    let r = request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "");
+    assert_eq!(r.json()["port"], 10205);
+    assert_eq!(r.json()["route_info"][0]["kernel_port"], 30512);
+    drop(c);
+    let c = start(dir.path(), &db);
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    let worker = r.json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker")
+        .to_owned();
+    assert_eq!(r.json()["workers"][0]["occupied_slots"], 4);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["circuits"].as_array().expect("list").len(), 4);
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{first}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["success"], true);
+    assert_eq!(
+        request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "").status,
+        404
+    );
+}
+
+fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    for (method, path, headers, body, status) in [
+        ("GET", "/api/worker", vec![], "", 401),
+        (
+            "GET",
+            "/api/worker",
+            vec![("X-BackendAI-Token", "wrong")],
+            "",
+            401,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"frontend_mode":"port"}"#,
+            400,
+        ),
+        ("PUT", "/api/worker", vec![AUTH], "not json", 400),
+        ("POST", "/v2/conf", vec![], "{}", 401),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":1,"session":{}}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":70000,"session":{"id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"A","domain_name":"d"}}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v2/conf",
+            vec![AUTH],
+            r#"{"kernel_host":"h","kernel_port":1,"session":{"id":"not-a-uuid","user_uuid":"x","group_id":"y","access_key":"A","domain_name":"d"}}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"authority":"w9","frontend_mode":"port","hostname":"h","api_port":1,"port_range":[20,10]}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/worker",
+            vec![AUTH],
+            r#"{"authority":"w9","frontend_mode":"wildcard","hostname":"h","api_port":1}"#,
+            400,
+        ),
+        ("GET", "/api/circuit/not-a-uuid", vec![AUTH], "", 400),
+        (
+            "DELETE",
+            "/api/circuit/_/bulk",
+            vec![AUTH],
+            r#"{"circuit_ids":["x"]}"#,
+            400,
+        ),
+        ("GET", "/v2/proxy/auth?app=a", vec![], "", 400),
+        ("POST", "/v2/proxy/auth", vec![], "{", 400),
+    ] {
+        let r = request(c.addr, method, path, &headers, body);
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.json()["error_code"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("appproxy_coordinator_")),
+            "{method} {path}: errors are JSON with an error code"
+        );
+    }
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=a&protocol=http&allowed_client_ips=10.0.0.0/8,bogus"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    // Longer than the column: a 400 on both engines, not a database error.
+    let long = "a".repeat(300);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={long}&protocol=http"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let worker = format!(
+        r#"{{"authority":"w9","frontend_mode":"port","hostname":"{}","api_port":1,"port_range":[1,2]}}"#,
+        "h".repeat(1100)
+    );
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], &worker).status,
+        400
+    );
+    let wrong_session = format!("/v2/proxy/auth?token={token}&session_id=00000000-0000-4000-8000-000000000000&app=a&protocol=http");
+    let r = request(c.addr, "GET", &wrong_session, &[], "");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["title"], "E20007: Session ID mismatch");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=a&protocol=gopher"),
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 400);
+    for table in ["circuits", "tokens"] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            if table == "tokens" { "1" } else { "0" },
+            "refused requests write nothing to {table}"
+        );
+    }
+}
+
+fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("coordinator.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// With Redis configured but no worker listening, a creation waits for the
+/// acknowledgement, answers 503 `E10001` naming the worker, and leaves nothing behind.
+#[test]
+fn unacknowledged_creation_is_503_and_withdrawn() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0.3\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[
+            ("Accept", "application/json"),
+            ("X-Backend-Request-ID", "mgr-503"),
+        ],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["msg"], "E10001: Proxy worker not responding");
+    assert_eq!(r.json()["data"]["worker"], "worker-1");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        text.contains("appproxy_coordinator_worker_ack_timeouts_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_coordinator_events_published_total 2"),
+        "created, then removed: {text}"
+    );
+    assert!(
+        text.contains(
+            "appproxy_coordinator_worker_ack_timeouts_by_worker_total{worker=\"worker-1\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_coordinator_circuit_creations_total{outcome=\"ack_timeout\"} 1"),
+        "{text}"
+    );
+    // Both events carry the manager's ID, on the same log lines as the refusal.
+    let lines = log_lines(dir.path());
+    assert!(lines.iter().any(
+        |l| l["message"] == "worker did not acknowledge; circuit withdrawn"
+            && l["request_id"] == "mgr-503"
+    ));
+}
+
+/// Leader jobs: a silent worker is marked LOST and an idle circuit is removed, each
+/// pass under a generated request ID of its own that is on every line the pass logs.
+#[test]
+fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "worker_heartbeat_timeout_secs = 1\nunused_circuit_collection_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1\ncheck_unused_circuit_interval_secs = 1",
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let gone = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .status
+            == 404;
+        let workers = request(c.addr, "GET", "/api/worker", &[AUTH], "").json();
+        if gone && workers["workers"][0]["status"] == "LOST" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs did not run: {workers}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lines = log_lines(dir.path());
+    let collected = lines
+        .iter()
+        .find(|l| l["message"] == "idle circuit collected")
+        .expect("collection logged");
+    let lost = lines
+        .iter()
+        .find(|l| l["message"] == "worker lost")
+        .expect("loss logged");
+    let (a, b) = (
+        collected["request_id"].as_str().expect("id"),
+        lost["request_id"].as_str().expect("id"),
+    );
+    assert_ne!(a, b, "each pass has its own ID");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
+        "the removal is logged under the pass's ID"
+    );
+    let metrics =
+        String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    assert!(
+        metrics.contains("appproxy_coordinator_circuits_collected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("appproxy_coordinator_workers{status=\"LOST\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Slots, statistics, bulk delete, readiness and the health status, on one worker.
+#[test]
+fn slots_statistics_and_bulk_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let token = setup(&c);
+    let mut circuits = Vec::new();
+    for port in [10207, 10205] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true&port={port}"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    let r = request(
+        c.addr,
+        "GET",
+        "/api/slots?wsproxy_host=worker-1",
+        &[AUTH],
+        "",
+    );
+    let ports: Vec<u64> = r.json()["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|s| s["port"].as_u64().expect("port"))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![10205, 10207],
+        "occupied slots only, preferred ports honoured"
+    );
+    let r = request(c.addr, "GET", "/api/slots?in_use=false", &[AUTH], "");
+    assert_eq!(r.json()["slots"].as_array().expect("slots").len(), 4);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{}/statistics", circuits[0]),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["requests"], 0);
+    assert!(r.json()["last_access"]
+        .as_i64()
+        .is_some_and(|ms| ms > 1_700_000_000_000));
+    assert!(r.json()["ttl"]
+        .as_i64()
+        .is_some_and(|t| t > 3500 && t <= 3600));
+    let r = request(c.addr, "GET", "/health/status", &[AUTH], "");
+    assert_eq!(r.json()["workers"][0]["occupied_slots"], 2);
+    assert_eq!(r.json()["workers"][0]["available_slots"], 2);
+    assert_eq!(
+        request(c.addr, "GET", "/readyz", &[], "").json()["status"],
+        "ok"
+    );
+    // The v1 routes older managers use, and the deprecated `/add`.
+    let r = request(c.addr, "GET", "/v1/api/worker", &[AUTH], "");
+    assert_eq!(r.json()[0]["authority"], "worker-1");
+    assert_eq!(r.json()[0]["total_slots"], 4);
+    assert_eq!(r.json()[0]["ports_in_use"], 2);
+    assert_eq!(r.json()[0]["endpoint"], "http://proxy1.test:10201");
+    let r = request(c.addr, "GET", "/v1/api/slots", &[AUTH], "");
+    assert_eq!(r.json().as_array().expect("rows").len(), 2);
+    assert_eq!(r.json()[0]["worker__authority"], "worker-1");
+    assert_eq!(r.json()[0]["circuit__envs"], "{}");
+    assert_eq!(r.json()[0]["wsproxy_version"], "v2");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/{token}/{SESSION}/add?app=jupyter&protocol=http"),
+        &[],
+        "",
+    );
+    assert_eq!(r.json()["code"], 200);
+    assert_eq!(
+        r.json()["url"],
+        format!("http://127.0.0.1:10200/v2/proxy/auth?app=jupyter&protocol=http&token={token}&session_id={SESSION}")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!(
+            "/api/circuit/_/bulk?circuit_ids={},{}",
+            circuits[0], circuits[1]
+        ),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["success"], true);
+    let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
+    assert_eq!(r.json()["slots"], serde_json::json!([]));
+}
+
+/// A worker's circuit set by revision: nothing changed costs a few bytes, changes
+/// come once per circuit in bounded answers, the whole set comes page by page, and a
+/// revision the store does not know asks for the whole set.
+fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let get = |path: &str| {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{worker}/circuits{path}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    };
+    let whole = get("");
+    assert_eq!(whole["revision"], 0);
+    assert_eq!(whole["circuits"], serde_json::json!([]));
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        created.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|c| c["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let all = get("?since=0");
+    assert_eq!(all["revision"], 3);
+    assert_eq!(all["more"], false);
+    assert_eq!(ids(&all["circuits"]), created);
+    assert_eq!(all["removed"], serde_json::json!([]));
+    // Each circuit's creating request beside it: none sent here, so none stored.
+    assert_eq!(all["origins"], serde_json::json!({}));
+    // Nothing changed: a few bytes, whatever the set's size.
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since=3"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"revision": 3, "circuits": [], "origins": {}, "removed": [], "more": false})
+    );
+    assert!(r.body.len() < 80, "{}", String::from_utf8_lossy(&r.body));
+    // Bounded answers, each from where the last stopped.
+    let first = get("?since=1&limit=1");
+    assert_eq!(
+        (first["revision"].as_u64(), first["more"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(ids(&first["circuits"]), vec![created[1].clone()]);
+    // The whole set page by page, in ID order.
+    let mut by_id = created.clone();
+    by_id.sort();
+    let page = get("?after=&limit=2");
+    assert_eq!(page["revision"], 3);
+    assert_eq!(ids(&page["circuits"]), by_id[..2].to_vec());
+    assert_eq!(page["next"], by_id[1].as_str());
+    let page = get(&format!("?after={}&limit=2", by_id[1]));
+    assert_eq!(ids(&page["circuits"]), by_id[2..].to_vec());
+    assert_eq!(page["next"], serde_json::Value::Null);
+    // A removal is a change too.
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{}", created[0]),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let after = get("?since=3");
+    assert_eq!(after["revision"], 4);
+    assert_eq!(after["circuits"], serde_json::json!([]));
+    assert_eq!(after["removed"], serde_json::json!([created[0]]));
+    // A revision the store never had (it was started afresh): the whole set.
+    assert_eq!(
+        get("?since=99"),
+        serde_json::json!({"revision": 4, "resync": true})
+    );
+    // Bad queries: the product's JSON error, nothing read.
+    for bad in ["?after=not-a-uuid", "?since=-1", "?since=x", "?limit=many"] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{worker}/circuits{bad}"),
+            &[AUTH, ("X-Backend-Request-ID", "bad-query-1")],
+            "",
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["code"], "invalid-api-params", "{bad}");
+        assert_eq!(r.json()["request_id"], "bad-query-1", "{bad}");
+    }
+    // The agent's heartbeat asks for no worker model (no read of every circuit).
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{worker}?node=n1&brief=true"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["success"], true);
+    assert!(r.json().get("slots").is_none());
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{worker}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json()["occupied_slots"],
+        2,
+        "the original's answer without brief"
+    );
+}
+
+fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
+    let id = deployment
+        .map(|d| format!(r#""deployment_id":"{d}","#))
+        .unwrap_or_default();
+    format!(
+        r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
+    )
+}
+
+/// `/v2/endpoints`: create (wildcard subdomain from the service name, collision
+/// suffix), sync, routes registered / unregistered / replaced, health check, API token,
+/// idempotent delete — on both engines.
+fn endpoints_lifecycle(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let e2 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62";
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH, ("X-Backend-Request-ID", "mgr-ep-1")],
+        &endpoint_body("Llama Svc", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"success": true, "endpoint": "http://llama-svc.apps.test", "health_check_enabled": true})
+    );
+    // Sync: the same answer, no second circuit.
+    let again = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH],
+        &endpoint_body("Llama Svc", None),
+    );
+    assert_eq!(again.json()["endpoint"], "http://llama-svc.apps.test");
+    // The same service name elsewhere gets a suffixed label.
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{}]}}"#,
+            endpoint_body("llama-svc", Some(e2))
+        ),
+    );
+    let url = r.json()["endpoints"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    assert!(
+        url.starts_with("http://llama-svc-")
+            && url.ends_with(".apps.test")
+            && url.len() == "http://llama-svc-".len() + 8 + ".apps.test".len(),
+        "{url}"
+    );
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!("SELECT origin_request_id FROM circuits WHERE endpoint_id = '{e1}'")
+        ),
+        "mgr-ep-1"
+    );
+
+    // Routes.
+    let route = |id: &str, port: u16| {
+        format!(
+            r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{id}","kernel_host":"10.0.1.7","kernel_port":{port}}}"#
+        )
+    };
+    let (r1, r2) = (
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61",
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62",
+    );
+    let body = format!(
+        r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{},{}]}},{{"deployment_id":"00000000-0000-4000-8000-000000000000","routes":[]}}]}}"#,
+        route(r1, 8000),
+        route(r2, 8001)
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["registered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    assert_eq!(r.json()["endpoints"][1]["success"], false);
+    assert_eq!(
+        r.json()["endpoints"][1]["error"],
+        "No circuit registered for this endpoint yet."
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["already_registered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/unregister",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","route_ids":["{r1}","{r2}","{r2}"]}}]}}"#
+        ),
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["unregistered_route_ids"],
+        serde_json::json!([r1, r2])
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["already_absent_route_ids"],
+        serde_json::json!([r2])
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
+            route(r2, 9000)
+        ),
+    );
+    assert_eq!(r.json()["endpoints"][0]["success"], true);
+    let circuit_id = request(c.addr, "GET", "/api/slots", &[AUTH], "").json()["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .find(|s| s["subdomain"] == "llama-svc")
+        .expect("slot")["circuit_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{circuit_id}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["route_info"][0]["kernel_port"], 9000);
+    assert_eq!(r.json()["route_info"][0]["traffic_ratio"], 1.0);
+    assert_eq!(r.json()["app_mode"], "inference");
+    assert_eq!(r.json()["runtime_variant"], "vllm");
+
+    // An existing URL keeps its worker and subdomain; an unknown one is refused.
+    let e3 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a64";
+    let kept = endpoint_body("other-name", None).replace(
+        r#""existing_url":null"#,
+        r#""existing_url":"http://kept.apps.test""#,
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e3}"),
+        &[AUTH],
+        &kept,
+    );
+    assert_eq!(
+        r.json()["endpoint"],
+        "http://kept.apps.test",
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let lost = endpoint_body("x", None).replace(
+        r#""existing_url":null"#,
+        r#""existing_url":"http://a.elsewhere.test""#,
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a65",
+            &[AUTH],
+            &lost
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e3}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+
+    // Health check and token.
+    assert_eq!(
+        request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            "{}"
+        )
+        .status,
+        400
+    );
+    let r = request(
+        c.addr,
+        "PUT",
+        &format!("/v2/endpoints/{e1}/health-check"),
+        &[AUTH],
+        r#"{"health_check":null}"#,
+    );
+    assert_eq!(r.json()["success"], true);
+    assert_eq!(
+        request(
+            c.addr,
+            "PUT",
+            "/v2/endpoints/00000000-0000-4000-8000-000000000000/health-check",
+            &[AUTH],
+            r#"{"health_check":null}"#
+        )
+        .status,
+        404
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}/token"),
+        &[AUTH],
+        r#"{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","exp":"2099-01-01T00:00:00Z"}"#,
+    );
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let claims = appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt-key").expect("valid");
+    assert_eq!(claims["id"], circuit_id.as_str());
+    assert_eq!(claims["app_url"], "http://llama-svc.apps.test");
+    assert_eq!(claims["exp"], 4_070_908_800i64);
+    assert!(claims.get("route_info").is_none() && claims["created_at"].is_f64());
+    assert_eq!(
+        request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e1}/token"),
+            &[AUTH],
+            r#"{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","exp":"soon"}"#
+        )
+        .status,
+        400
+    );
+
+    // Bad bodies write nothing.
+    let before = db.query(dir.path(), "SELECT count(*) FROM endpoints");
+    for bad in [
+        "{}",
+        r#"{"service_name":"x"}"#,
+        "not json",
+        &endpoint_body("", None),
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a63",
+            &[AUTH],
+            bad,
+        );
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    assert_eq!(
+        db.query(dir.path(), "SELECT count(*) FROM endpoints"),
+        before
+    );
+
+    // Delete: idempotent; bulk reports per item.
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+    assert_eq!(
+        request(
+            c.addr,
+            "DELETE",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            ""
+        )
+        .json()["success"],
+        true
+    );
+    let r = request(
+        c.addr,
+        "DELETE",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(r#"{{"endpoints":[{{"deployment_id":"{e2}"}}]}}"#),
+    );
+    assert_eq!(r.json()["endpoints"][0]["success"], true);
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "0");
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM endpoints"), "0");
+}
+
+/// `/metrics` answers only the hosts in `metric_access_allowed_hosts`.
+#[test]
+fn metrics_are_limited_to_allowed_hosts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "metric_access_allowed_hosts = [\"10.0.0.0/8\"]",
+    );
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error_code"], "appproxy_coordinator_forbidden");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    assert_eq!(
+        request(c.addr, "GET", "/metrics", &[], "").status,
+        200,
+        "loopback is allowed by default"
+    );
+}
+
+/// Idle collection reads the workers' last-access marks from Redis: a circuit with a
+/// fresh mark stays, one without goes; with Redis unreachable the pass is skipped
+/// instead of taking every circuit for idle.
+#[test]
+fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
+    let mut redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 1\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let create = || {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+    };
+    let (kept, idle) = (create(), create());
+    let exists =
+        |id: &str| request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").status == 200;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while exists(&idle) {
+        assert!(
+            Instant::now() < deadline,
+            "the idle circuit was never collected"
+        );
+        let now = appproxy_shared::jwt::now_epoch();
+        let _: () = redis::cmd("SET")
+            .arg(format!("circuit.{kept}.last_access"))
+            .arg(format!("{now:.6}"))
+            .query(&mut conn)
+            .expect("mark");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exists(&kept), "a circuit with a fresh mark is kept");
+    // Redis goes away: no more marks can be read, and nothing is collected for it.
+    redis.stop();
+    let lines = |needle: &str| {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == needle)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // (With Redis down the leadership check fails first; either way the pass stops.)
+    let skipped = || {
+        lines("leadership check failed; skipping this pass")
+            + lines("last-access marks unreadable; idle-circuit check skipped")
+    };
+    while skipped() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the pass did not notice the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exists(&kept), "an outage does not make circuits idle");
+}
+
+/// Reads until the server closes the connection (EOF or reset); false when it is
+/// still open at the hang guard.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Found #6: a connection that sends no head (or half a head) is closed after the
+/// header timeout; past the connection cap new connections are closed at once (and
+/// counted) while the API keeps serving once connections leave.
+#[test]
+fn api_connections_are_bounded_in_time_and_number() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 2\nmax_connections = 4",
+    );
+    let mut silent = TcpStream::connect(c.addr).expect("connect");
+    let mut half = TcpStream::connect(c.addr).expect("connect");
+    half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
+        .expect("send");
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent connection is closed"
+    );
+    assert!(closed_by_server(&mut half), "a half head is closed");
+    // The cap: four held connections, the fifth is closed at once.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(c.addr).expect("connect"))
+        .collect();
+    for s in &mut held {
+        // A byte each, so all four are accepted and counted before the fifth.
+        s.write_all(b"G").expect("send");
+    }
+    let mut fifth = TcpStream::connect(c.addr).expect("connect");
+    assert!(closed_by_server(&mut fifth), "over the cap: closed");
+    drop(held);
+    // Until the server has seen the held connections close, a new one may still be
+    // over the cap and reset: that is an attempt to repeat, not a failure.
+    let attempt = || -> std::io::Result<Vec<u8>> {
+        use std::io::Read as _;
+        let mut s = TcpStream::connect(c.addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        Ok(raw)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        if let Ok(raw) = attempt() {
+            let r = appproxy_test_support::http::parse(&raw, false);
+            if r.status == 200 {
+                break String::from_utf8_lossy(&r.body).into_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "the API serves again");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_coordinator_api_connections_refused_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("refused counter");
+    assert!(refused >= 1, "{metrics}");
+}
+
+/// Found #8: refusals made outside the handlers are JSON too, and names carrying
+/// CR/LF are refused.
+#[test]
+fn unknown_routes_wrong_methods_big_bodies_and_control_characters_get_json_errors() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    for (method, path, status, code) in [
+        ("GET", "/no/such/route", 404, "object-not-found"),
+        ("DELETE", "/v2/conf", 405, "method-not-allowed"),
+    ] {
+        let r = request(c.addr, method, path, &[("X-Backend-Request-ID", "j-1")], "");
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(r.json()["code"], code, "{method} {path}");
+        assert_eq!(r.json()["request_id"], "j-1");
+        assert_eq!(r.header("x-backend-request-id"), Some("j-1"));
+    }
+    // A body over the limit, announced by its length: 413 in JSON, before it is read.
+    for path in ["/v2/proxy/auth", "/v2/conf"] {
+        let mut s = TcpStream::connect(c.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nX-BackendAI-Token: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\nConnection: close\r\n\r\n{{")
+                .as_bytes(),
+        )
+        .expect("send");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 413"), "{path}: {text}");
+        assert!(
+            text.contains("\"code\":\"request-too-large\""),
+            "{path}: {text}"
+        );
+    }
+    let token = setup(&c);
+    let conf = r#"{"login_session_token":null,"kernel_host":"10.0.0.1\r\nX-Evil: 1","kernel_port":8080,"session":{"id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","user_uuid":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AK","domain_name":"default"}}"#;
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], conf);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "GET",
+        &format!(
+            "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jup%0D%0Ayter&protocol=http"
+        ),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-api-params");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
+}
+
+/// Found #2: HA nodes that name themselves count once however often they register;
+/// one that stops heartbeating stops counting; the last one's deregistration leaves
+/// the worker LOST with no node. A worker sending no node ID keeps the old counting.
+fn ha_nodes_are_counted_by_name(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        "worker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1",
+    );
+    let body = |node: &str| {
+        format!(
+            r#"{{"authority":"ha-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208],"node_id":"{node}"}}"#
+        )
+    };
+    let register = |node: &str| {
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body(node));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let w = register("n1");
+    let id = w["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        register("n1")["nodes"],
+        1,
+        "the same node again (a restart)"
+    );
+    assert_eq!(register("n2")["nodes"], 2, "a second node");
+    let state = || {
+        let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+        let v = r.json();
+        (
+            v["status"].as_str().unwrap_or("").to_owned(),
+            v["nodes"].as_i64().unwrap_or(-1),
+        )
+    };
+    // n2 falls silent while n1 heartbeats: n2 stops counting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{id}?node=n1"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        if state() == ("ALIVE".to_owned(), 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent node still counts: {:?}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{id}?node=n1"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(state(), ("LOST".to_owned(), 0), "the last node left");
+    // A node name longer than the column is a 400, not a database error.
+    let long = "n".repeat(1100);
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?node={long}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 400);
+    // Without node IDs: one more node per registration, one fewer per deregistration.
+    let legacy = r#"{"authority":"legacy-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10305,10308]}"#;
+    request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
+    assert_eq!(r.json()["nodes"], 2);
+}
+
+/// After traffic, `/metrics` has `# HELP` and `# TYPE` on every family, and the API
+/// histogram's buckets add up to the requests sent, per route template (raw paths
+/// never become labels).
+#[test]
+fn metrics_histograms_add_up_to_the_traffic() {
+    use appproxy_test_support::prom::Exposition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let token = setup(&c); // PUT /api/worker, POST /v2/conf
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for _ in 0..3 {
+        assert_eq!(request(c.addr, "GET", "/status", &[], "").status, 200);
+    }
+    for path in ["/nope/1", "/nope/2"] {
+        assert_eq!(request(c.addr, "GET", path, &[], "").status, 404);
+    }
+    let id = "0b7e7e0e-1111-4222-8333-444455556666";
+    for _ in 0..2 {
+        let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+        assert_eq!(r.status, 404);
+    }
+    let sent = 2 + 1 + 3 + 2 + 2;
+
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let e = Exposition::parse(&text);
+    let counts = e.check();
+    let api = "appproxy_coordinator_http_request_duration_seconds";
+    assert_eq!(Exposition::total_count(&counts, api), sent, "{text}");
+    let count = |labels: &str| counts.get(&(api.to_owned(), labels.to_owned())).copied();
+    assert_eq!(count("method=\"GET\",route=\"/status\""), Some(3), "{text}");
+    assert_eq!(
+        count("method=\"GET\",route=\"unmatched\""),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        count("method=\"GET\",route=\"/api/worker/{id}\""),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(count("method=\"PUT\",route=\"/api/worker\""), Some(1));
+    assert_eq!(count("method=\"GET\",route=\"/v2/proxy/auth\""), Some(1));
+    assert!(!text.contains(id), "raw paths are not labels: {text}");
+    assert_eq!(
+        e.value(
+            "appproxy_coordinator_circuit_creations_total",
+            "outcome=\"created\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        counts
+            .get(&(
+                "appproxy_coordinator_store_call_duration_seconds".to_owned(),
+                "engine=\"sqlite\"".to_owned()
+            ))
+            .is_some_and(|n| *n >= 3),
+        "{text}"
+    );
+    assert_eq!(e.value("appproxy_coordinator_leader", ""), Some(1.0));
+    for family in [
+        "appproxy_coordinator_worker_ack_duration_seconds",
+        "appproxy_coordinator_worker_ack_timeouts_by_worker_total",
+        "appproxy_coordinator_redis_reconnects_total",
+    ] {
+        assert!(e.kinds.contains_key(family), "{family} in {text}");
+    }
+
+    // Every coordinator family the control-plane dashboard queries is exported.
+    let queried = appproxy_test_support::prom::dashboard_families("appproxy_coordinator_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
+
+    // The scrape itself is counted once it is answered.
+    let r = request(c.addr, "GET", "/metrics", &[], "");
+    let e = Exposition::parse(&String::from_utf8_lossy(&r.body));
+    let counts = e.check();
+    assert_eq!(Exposition::total_count(&counts, api), sent + 1);
+}
+
+/// The store-call histogram is labeled with the engine in use (and only that one),
+/// and counts at least one call per API request that reads or writes the store.
+fn store_latency_is_recorded_per_engine(db: Db) {
+    use appproxy_test_support::prom::Exposition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let (engine, other) = match db {
+        Db::Sqlite => ("sqlite", "postgresql"),
+        Db::Postgres(_) => ("postgresql", "sqlite"),
+    };
+    let family = "appproxy_coordinator_store_call_duration_seconds";
+    let calls = || {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        let counts = e.check();
+        assert!(
+            !counts.contains_key(&(family.to_owned(), format!("engine=\"{other}\""))),
+            "{text}"
+        );
+        counts
+            .get(&(family.to_owned(), format!("engine=\"{engine}\"")))
+            .copied()
+            .unwrap_or_else(|| panic!("no {engine} store series in {text}"))
+    };
+    let before = calls();
+    // Three requests that each go to the store at least once.
+    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let missing = "0b7e7e0e-1111-4222-8333-444455556666";
+    for _ in 0..2 {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{missing}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 404);
+    }
+    let after = calls();
+    assert!(after >= before + 3, "{before} → {after}");
+}
+
+/// A stand-in worker on Redis: acknowledges every circuit-created event for
+/// `authority` with the event's circuits, until stopped (or Redis goes away).
+struct AckingWorker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AckingWorker {
+    fn start(url: &str, authority: &'static str) -> Self {
+        use appproxy_shared::model::{
+            BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
+            EVENT_WORKER_CIRCUIT_ADDED,
+        };
+        let client = redis::Client::open(url).expect("client");
+        let mut sub = client.get_connection().expect("connection");
+        let mut publish = client.get_connection().expect("connection");
+        sub.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut pubsub = sub.as_pubsub();
+            if pubsub.subscribe(BROADCAST_CHANNEL).is_err() {
+                return;
+            }
+            let _ = ready_tx.send(());
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg = match pubsub.get_message() {
+                    Ok(m) => m,
+                    Err(e) if e.is_timeout() => continue,
+                    Err(_) => return,
+                };
+                let Ok(text) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let Ok(event) = serde_json::from_str::<BroadcastMessage>(&text) else {
+                    continue;
+                };
+                if event.name != EVENT_CIRCUIT_CREATED {
+                    continue;
+                }
+                let Ok(body) = serde_json::from_str::<serde_json::Value>(&event.payload) else {
+                    continue;
+                };
+                if body["target_worker_authority"] != authority {
+                    continue;
+                }
+                let ack = serde_json::json!({
+                    "target_worker_authority": authority,
+                    "circuits": body["circuits"],
+                });
+                let Ok(envelope) = BroadcastMessage::encode(
+                    EVENT_WORKER_CIRCUIT_ADDED,
+                    "appproxy-worker",
+                    &ack,
+                    &EventMetadata::default(),
+                ) else {
+                    continue;
+                };
+                let Ok(text) = serde_json::to_string(&envelope) else {
+                    continue;
+                };
+                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(BROADCAST_CHANNEL)
+                    .arg(text)
+                    .query(&mut publish);
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the stand-in worker subscribed");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AckingWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Acknowledged creations are timed: the worker's acknowledgement-latency histogram
+/// counts exactly the creations it acknowledged. When Redis is killed and started
+/// again, the coordinator's subscription reconnects and the reconnect counter rises.
+#[test]
+fn ack_latency_counts_acknowledged_creations_and_redis_reconnects_are_counted() {
+    use appproxy_test_support::prom::Exposition;
+    let mut redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 20\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let listening = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == "listening for acknowledgements")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listening() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let worker = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let scrape = || {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        let counts = e.check();
+        (text, e, counts)
+    };
+    let ack = "appproxy_coordinator_worker_ack_duration_seconds";
+    let (_, _, counts) = scrape();
+    assert_eq!(Exposition::total_count(&counts, ack), 0);
+    const CREATIONS: u64 = 3;
+    for _ in 0..CREATIONS {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let (text, e, counts) = scrape();
+    assert_eq!(
+        counts.get(&(ack.to_owned(), "worker=\"worker-1\"".to_owned())),
+        Some(&CREATIONS),
+        "{text}"
+    );
+    assert_eq!(
+        e.value(
+            "appproxy_coordinator_circuit_creations_total",
+            "outcome=\"created\""
+        ),
+        Some(CREATIONS as f64),
+        "{text}"
+    );
+    assert!(e.value(&format!("{ack}_sum"), "worker=\"worker-1\"") > Some(0.0));
+    drop(worker);
+
+    // Redis goes away and comes back on the same port.
+    let reconnects = |e: &Exposition| {
+        e.value(
+            "appproxy_coordinator_redis_reconnects_total",
+            "connection=\"subscription\"",
+        )
+        .unwrap_or_else(|| panic!("no subscription reconnect counter"))
+    };
+    let before = reconnects(&e);
+    redis.stop();
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while listening() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription never came back after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (text, e, _) = scrape();
+    assert!(reconnects(&e) > before, "{before} → {text}");
+}
+
+/// The binary refuses a bad file at start-up (exit status 2) with the file, the key
+/// path and the fix on stderr.
+#[test]
+fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
+    appproxy_test_support::config::assert_binary_refuses(
+        env!("CARGO_BIN_EXE_appproxy-coordinator"),
+        "[coordinator]\nbind = \"127.0.0.1:1\"\nadvertized_url = \"http://x\"\n",
+        &[
+            "coordinator",
+            "line 3",
+            "unknown field `advertized_url`",
+            "did you mean `advertised_url`?",
+        ],
+    );
+}
+
+/// With Redis, `appproxy_coordinator_leader` follows the lease: 1 once this node holds
+/// it, 0 while another node's ID holds the key, 1 again once the key is free.
+#[test]
+fn leader_gauge_follows_the_redis_lease() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "check_worker_lost_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let leader = || {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        let e = appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body));
+        e.value("appproxy_coordinator_leader", "")
+            .expect("leader gauge")
+    };
+    let wait_for = |want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while leader() != want {
+            assert!(Instant::now() < deadline, "leader gauge never {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(1.0);
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let _: () = redis::cmd("SET")
+        .arg("leader:appproxy:coordinator")
+        .arg("another-node")
+        .arg("PX")
+        .arg(600_000)
+        .query(&mut conn)
+        .expect("take the lease");
+    wait_for(0.0);
+    let _: () = redis::cmd("DEL")
+        .arg("leader:appproxy:coordinator")
+        .query(&mut conn)
+        .expect("free the lease");
+    wait_for(1.0);
+}

@@ -1,0 +1,505 @@
+//! The circuit store's suite, run against both engines: embedded SQLite in a
+//! temporary file and a throwaway PostgreSQL server started by the harness. Then
+//! checks of the PostgreSQL schema itself: the original's native enums hold enum
+//! names, and rows written by older versions (routes as a JSON string) still read.
+
+use appproxy_coordinator::store::{Changes, Store, StoreError};
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+use appproxy_test_support::pg::Pg;
+use serde_json::json;
+
+fn worker_body(authority: &str) -> serde_json::Value {
+    json!({"authority": authority, "frontend_mode": "port", "protocol": "http",
+        "hostname": "proxy1.test", "tls_listen": false, "tls_advertised": true, "api_port": 10201,
+        "port_range": [10205, 10300], "wildcard_domain": null, "wildcard_traffic_port": null,
+        "accepted_traffics": ["interactive", "inference"], "filtered_apps_only": false,
+        "traefik_last_used_marker_path": null,
+        "app_filters": [{"key": "session.domain_name", "value": "default"}]})
+}
+
+fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
+    let session = uuid::Uuid::new_v4();
+    Circuit {
+        id: uuid::Uuid::new_v4(),
+        app: Some("jupyter".into()),
+        protocol: ProxyProtocol::Http,
+        worker: Some(worker),
+        app_mode: AppMode::Interactive,
+        frontend_mode: FrontendMode::Port,
+        envs: [("A".to_owned(), json!("1"))].into_iter().collect(),
+        arguments: Some("--x".into()),
+        open_to_public: false,
+        allowed_client_ips: vec!["10.0.0.0/8".into(), "192.168.1.1".into()],
+        port: Some(port),
+        subdomain: None,
+        user_id: Some(uuid::Uuid::new_v4()),
+        endpoint_id: None,
+        runtime_variant: None,
+        route_info: vec![RouteInfo {
+            route_id: None,
+            session_id: session,
+            session_name: None,
+            kernel_host: "10.0.1.7".into(),
+            kernel_port: 30512,
+            protocol: ProxyProtocol::Http,
+            traffic_ratio: 1.0,
+            health_status: None,
+            upstream_tls: Default::default(),
+        }],
+        session_ids: vec![session],
+        created_at: Some("2026-08-20T01:02:03.456789Z".into()),
+        updated_at: Some("2026-08-20T01:02:03.456789Z".into()),
+    }
+}
+
+/// Equal but for the times, which the engine may stamp itself.
+fn same(a: &Circuit, b: &Circuit) {
+    let strip = |c: &Circuit| Circuit {
+        created_at: None,
+        updated_at: None,
+        ..c.clone()
+    };
+    assert_eq!(strip(a), strip(b));
+}
+
+async fn suite(store: Store) {
+    // Workers: upsert by authority, filters only added, HA node count.
+    let w = store
+        .upsert_worker(&worker_body("worker-1"))
+        .await
+        .expect("register");
+    let mut again = worker_body("worker-1");
+    again["hostname"] = json!("proxy1b.test");
+    again["accepted_traffics"] = json!(["inference"]);
+    again["app_filters"] = json!([{"key": "session.access_key", "value": "AK"}]);
+    assert_eq!(store.upsert_worker(&again).await.expect("re-register"), w);
+    let row = store.worker(w).await.expect("read").expect("worker");
+    assert_eq!(row.body["hostname"], "proxy1b.test");
+    assert_eq!(row.body["port_range"], json!([10205, 10300]));
+    assert_eq!(row.body["tls_advertised"], true);
+    assert_eq!(row.nodes, 2);
+    assert_eq!(row.status, "ALIVE");
+    assert_eq!(
+        row.body["app_filters"],
+        json!([{"key": "session.access_key", "value": "AK"}, {"key": "session.domain_name", "value": "default"}])
+    );
+    let other = store
+        .upsert_worker(&worker_body("worker-2"))
+        .await
+        .expect("register");
+    assert_ne!(other, w);
+    assert_eq!(store.workers().await.expect("list").len(), 2);
+
+    // Circuits round-trip whole, with the origin request ID or NULL.
+    let c1 = circuit(w, 10205);
+    store
+        .insert_circuit(&c1, Some("mgr-req-1"))
+        .await
+        .expect("insert");
+    let c2 = circuit(w, 10206);
+    store.insert_circuit(&c2, None).await.expect("insert");
+    let (back, origin) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    same(&back, &c1);
+    assert_eq!(origin.as_deref(), Some("mgr-req-1"));
+    assert!(back.created_at.is_some());
+    assert_eq!(
+        store
+            .circuit(c2.id)
+            .await
+            .expect("read")
+            .expect("circuit")
+            .1,
+        None
+    );
+    let mine = store.circuits(Some(w)).await.expect("list");
+    assert_eq!(
+        mine.iter().map(|(c, _)| c.id).collect::<Vec<_>>(),
+        vec![c1.id, c2.id]
+    );
+    assert!(store.circuits(Some(other)).await.expect("list").is_empty());
+    assert_eq!(store.circuits(None).await.expect("list").len(), 2);
+
+    // Slots in use (only the port workers asked about, and whoever holds the wanted
+    // subdomain) and the circuits of one session.
+    let mut slots = store.used_slots(&[w], "nobody").await.expect("slots");
+    slots.sort();
+    assert_eq!(slots, vec![(w, Some(10205), None), (w, Some(10206), None)]);
+    assert!(store
+        .used_slots(&[other], "nobody")
+        .await
+        .expect("slots")
+        .is_empty());
+
+    // Every change counts in the worker's revision; what changed after a revision is
+    // read from the log, in bounded answers, and the whole set page by page.
+    assert_eq!(store.revision(w).await.expect("revision"), Some(2));
+    assert_eq!(store.revision(other).await.expect("revision"), Some(0));
+    assert_eq!(
+        store
+            .revision(uuid::Uuid::new_v4())
+            .await
+            .expect("revision"),
+        None
+    );
+    let ids =
+        |rows: &[(Circuit, Option<String>)]| rows.iter().map(|(c, _)| c.id).collect::<Vec<_>>();
+    match store.changes_since(w, 0, 100).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            assert_eq!((revision, more), (2, false));
+            assert_eq!(ids(&upserts), vec![c1.id, c2.id]);
+            assert!(removed.is_empty());
+            assert_eq!(upserts[0].1.as_deref(), Some("mgr-req-1"));
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    match store.changes_since(w, 0, 1).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            more,
+            ..
+        } => {
+            assert_eq!((revision, more), (1, true));
+            assert_eq!(ids(&upserts), vec![c1.id]);
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    assert_eq!(
+        store.changes_since(w, 2, 100).await.expect("changes"),
+        Changes::Since {
+            revision: 2,
+            upserts: Vec::new(),
+            removed: Vec::new(),
+            more: false
+        },
+        "nothing changed: an empty answer"
+    );
+    assert_eq!(
+        store.changes_since(w, 7, 100).await.expect("changes"),
+        Changes::Resync { revision: 2 },
+        "a revision ahead of the store's (a store started afresh) asks for the whole set"
+    );
+    let mut by_id = [c1.id, c2.id];
+    by_id.sort();
+    let (revision, first) = store.circuits_page(w, None, 1).await.expect("page");
+    assert_eq!((revision, ids(&first)), (2, vec![by_id[0]]));
+    let (_, second) = store
+        .circuits_page(w, Some(by_id[0]), 1)
+        .await
+        .expect("page");
+    assert_eq!(ids(&second), vec![by_id[1]]);
+    let (_, rest) = store
+        .circuits_page(w, Some(by_id[1]), 1)
+        .await
+        .expect("page");
+    assert!(rest.is_empty());
+    let of_session = store
+        .circuits_of_session(c2.session_ids[0])
+        .await
+        .expect("by session");
+    assert_eq!(
+        of_session.iter().map(|(c, _)| c.id).collect::<Vec<_>>(),
+        vec![c2.id]
+    );
+    assert!(store
+        .circuits_of_session(uuid::Uuid::new_v4())
+        .await
+        .expect("by session")
+        .is_empty());
+
+    // A taken port on the same worker is a conflict and writes nothing; another
+    // worker may use it.
+    let clash = circuit(w, 10205);
+    assert!(matches!(
+        store.insert_circuit(&clash, None).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.circuit(clash.id).await.expect("read").is_none());
+    store
+        .insert_circuit(&circuit(other, 10205), None)
+        .await
+        .expect("other worker");
+
+    // Routes replaced; session IDs follow.
+    let s = uuid::Uuid::new_v4();
+    let routes = vec![
+        RouteInfo {
+            route_id: Some(uuid::Uuid::new_v4()),
+            session_id: s,
+            session_name: None,
+            kernel_host: "10.0.0.2".into(),
+            kernel_port: 8000,
+            protocol: ProxyProtocol::Http,
+            traffic_ratio: 0.5,
+            health_status: None,
+            upstream_tls: Default::default(),
+        },
+        RouteInfo {
+            route_id: Some(uuid::Uuid::new_v4()),
+            session_id: s,
+            session_name: None,
+            kernel_host: "10.0.0.3".into(),
+            kernel_port: 8000,
+            protocol: ProxyProtocol::Http,
+            traffic_ratio: 0.5,
+            health_status: None,
+            upstream_tls: Default::default(),
+        },
+    ];
+    assert!(store.update_routes(c1.id, &routes).await.expect("update"));
+    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    assert_eq!(back.route_info, routes);
+    assert_eq!(back.session_ids, vec![s, s]);
+    assert!(!store
+        .update_routes(uuid::Uuid::new_v4(), &routes)
+        .await
+        .expect("update"));
+    // The session index follows the routes.
+    assert_eq!(
+        ids(&store.circuits_of_session(s).await.expect("by session")),
+        vec![c1.id]
+    );
+    assert!(store
+        .circuits_of_session(c1.session_ids[0])
+        .await
+        .expect("by session")
+        .is_empty());
+
+    // Route health survives the store; health-checked endpoints are listed.
+    let mut sick = routes.clone();
+    sick[1].health_status = Some(appproxy_shared::model::RouteHealth::Unhealthy);
+    assert!(store.update_routes(c1.id, &sick).await.expect("update"));
+    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    assert_eq!(back.route_info, sick);
+    let (on, off) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let settings = json!({"enable": true, "path": "/h", "interval": 2.5});
+    store
+        .upsert_endpoint(on, true, Some(settings.clone()))
+        .await
+        .expect("endpoint");
+    store
+        .upsert_endpoint(off, false, None)
+        .await
+        .expect("endpoint");
+    assert_eq!(
+        store.health_checked_endpoints().await.expect("list"),
+        vec![(on, settings)]
+    );
+
+    // Delete.
+    assert!(store.delete_circuit(c2.id).await.expect("delete"));
+    assert!(!store.delete_circuit(c2.id).await.expect("delete again"));
+    assert!(store.circuit(c2.id).await.expect("read").is_none());
+    // The two route updates and the removal since revision 2, each circuit once,
+    // as it is now.
+    match store.changes_since(w, 2, 100).await.expect("changes") {
+        Changes::Since {
+            revision,
+            upserts,
+            removed,
+            more,
+        } => {
+            assert_eq!((revision, more), (5, false));
+            assert_eq!(ids(&upserts), vec![c1.id]);
+            assert_eq!(upserts[0].0.route_info, sick);
+            assert_eq!(removed, vec![c2.id]);
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
+    assert_eq!(store.prune_changes().await.expect("prune"), 0, "all recent");
+
+    // Tokens.
+    let t = uuid::Uuid::new_v4();
+    let body = json!({"login_session_token": null, "kernel_host": "10.0.1.7", "kernel_port": 30512,
+        "session": {"id": uuid::Uuid::new_v4(), "user_uuid": uuid::Uuid::new_v4(), "group_id": uuid::Uuid::new_v4(),
+            "access_key": "AKIA", "domain_name": "default"}});
+    store.insert_token(t, &body).await.expect("token");
+    assert_eq!(store.token(t).await.expect("read"), Some(body));
+    assert_eq!(store.token(uuid::Uuid::new_v4()).await.expect("read"), None);
+
+    // Heartbeats, deregistration and the lost check.
+    assert!(store.heartbeat(w).await.expect("heartbeat"));
+    assert!(!store
+        .heartbeat(uuid::Uuid::new_v4())
+        .await
+        .expect("heartbeat"));
+    assert!(store.mark_lost(3600).await.expect("check").is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    store.heartbeat(w).await.expect("heartbeat");
+    let lost = store.mark_lost(1).await.expect("check");
+    assert_eq!(
+        lost,
+        vec![(other, "worker-2".to_owned())],
+        "only the silent worker is lost"
+    );
+    assert_eq!(
+        store
+            .worker(other)
+            .await
+            .expect("read")
+            .expect("worker")
+            .status,
+        "LOST"
+    );
+    assert!(store.heartbeat(other).await.expect("heartbeat"));
+    assert_eq!(
+        store
+            .worker(other)
+            .await
+            .expect("read")
+            .expect("worker")
+            .status,
+        "ALIVE"
+    );
+    assert!(store.deregister_worker(w).await.expect("deregister"));
+    assert_eq!(
+        store.worker(w).await.expect("read").expect("worker").status,
+        "ALIVE",
+        "one HA node left"
+    );
+    assert!(store.deregister_worker(w).await.expect("deregister"));
+    let row = store.worker(w).await.expect("read").expect("worker");
+    assert_eq!((row.status.as_str(), row.nodes), ("LOST", 0));
+    store.ping().await.expect("ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_suite_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.sqlite3");
+    suite(Store::open(None, &path).await.expect("open")).await;
+    // Reopening migrates nothing and keeps the data.
+    let store = Store::open(None, &path).await.expect("reopen");
+    assert_eq!(store.workers().await.expect("list").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_suite_on_postgresql() {
+    let pg = Pg::start();
+    let url = pg.url();
+    suite(
+        Store::open(Some(&url), std::path::Path::new("unused"))
+            .await
+            .expect("open"),
+    )
+    .await;
+    let store = Store::open(Some(&url), std::path::Path::new("unused"))
+        .await
+        .expect("reopen");
+    assert_eq!(store.workers().await.expect("list").len(), 2);
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            "SELECT count(*) FROM appproxy_schema_migrations"
+        ),
+        "4",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_schema_is_the_originals() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let store = Store::open(Some(&url), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    // Native enums with the original's labels.
+    assert_eq!(pg.psql("appproxy", "SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum JOIN pg_type t ON t.oid = enumtypid WHERE typname = 'proxyprotocol'"), "HTTP,GRPC,HTTP2,TCP");
+    assert_eq!(pg.psql("appproxy", "SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum JOIN pg_type t ON t.oid = enumtypid WHERE typname = 'frontendmode'"), "WILDCARD_DOMAIN,PORT");
+    for table in [
+        "circuits",
+        "workers",
+        "worker_app_filters",
+        "tokens",
+        "endpoints",
+    ] {
+        assert_eq!(
+            pg.psql(
+                "appproxy",
+                &format!("SELECT to_regclass('{table}') IS NOT NULL")
+            ),
+            "t",
+            "{table}"
+        );
+    }
+    let w = store
+        .upsert_worker(&worker_body("worker-1"))
+        .await
+        .expect("register");
+    let mut c = circuit(w, 10210);
+    c.protocol = ProxyProtocol::Preopen;
+    store.insert_circuit(&c, Some("R-1")).await.expect("insert");
+    assert_eq!(
+        pg.psql("appproxy", &format!("SELECT protocol::text || ' ' || app_mode::text || ' ' || frontend_mode::text || ' ' || allowed_client_ips || ' ' || origin_request_id FROM circuits WHERE id = '{}'", c.id)),
+        "HTTP INTERACTIVE PORT 10.0.0.0/8,192.168.1.1 R-1",
+        "enum names, the comma-string allowlist and the origin request ID"
+    );
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            &format!(
+                "SELECT occupied_slots || ' ' || available_slots FROM workers WHERE id = '{w}'"
+            )
+        ),
+        "1 95"
+    );
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            "SELECT property_name || '=' || property_value FROM worker_app_filters"
+        ),
+        "session.domain_name=default"
+    );
+    // A row as an older writer left it: routes as a JSON *string*.
+    let old = uuid::Uuid::new_v4();
+    let s = uuid::Uuid::new_v4();
+    pg.psql("appproxy", &format!(
+        "INSERT INTO circuits (id, protocol, worker, app_mode, frontend_mode, port, open_to_public, session_ids, route_info)
+         VALUES ('{old}', 'TCP', '{w}', 'INTERACTIVE', 'PORT', 10211, false, ARRAY['{s}'::uuid],
+         to_jsonb('[{{\"session_id\":\"{s}\",\"kernel_host\":\"h\",\"kernel_port\":22,\"protocol\":\"tcp\",\"traffic_ratio\":1.0}}]'::text))"));
+    let (back, origin) = store.circuit(old).await.expect("read").expect("row");
+    assert_eq!(
+        (back.protocol, back.route_info[0].kernel_port, origin),
+        (ProxyProtocol::Tcp, 22, None)
+    );
+}
+
+/// A stored registration this version cannot read (edited by hand, written by a
+/// broken version) fails the worker listing with an error naming the worker; it is
+/// never a panic and never read as a worker with defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_stored_registration_is_an_error_naming_the_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.sqlite3");
+    let store = Store::open(None, &path).await.expect("open");
+    let id = store
+        .upsert_worker(&worker_body("worker-1"))
+        .await
+        .expect("register");
+    assert_eq!(store.workers().await.expect("workers").len(), 1);
+    drop(store);
+    let db = rusqlite::Connection::open(&path).expect("open the file");
+    db.execute(
+        "UPDATE workers SET body = ?1 WHERE id = ?2",
+        rusqlite::params![
+            r#"{"authority":"worker-1","frontend_mode":"sideways"}"#,
+            id.to_string()
+        ],
+    )
+    .expect("corrupt the body");
+    drop(db);
+    let store = Store::open(None, &path).await.expect("reopen");
+    let err = store
+        .workers()
+        .await
+        .expect_err("an unreadable registration is an error");
+    let text = err.to_string();
+    assert!(text.contains(&id.to_string()), "{text}");
+    assert!(text.contains("worker-1"), "{text}");
+}

@@ -1,0 +1,51 @@
+//! `appproxy-storage-proxy`: the vfolder file API.
+
+use appproxy_control_common::cli::ConfigArgs;
+use appproxy_control_common::config::load;
+use appproxy_storage_proxy::config::StorageConfig;
+use clap::Parser;
+
+/// The appproxy storage-proxy.
+#[derive(Parser, Debug)]
+#[command(name = "appproxy-storage-proxy", version, about)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() {
+    appproxy_control_common::cli::main("appproxy-storage-proxy", run);
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let loaded = args.config.load(
+        &StorageConfig::default_toml(),
+        |path| {
+            let config: StorageConfig = load(path)?;
+            if config.volumes.is_empty() {
+                anyhow::bail!(
+                    "{}: no [[volumes]]: add at least one (name, path)",
+                    path.display()
+                );
+            }
+            if config.secrets.manager_token.is_empty() || config.secrets.session_secret.is_empty() {
+                anyhow::bail!(
+                    "{}: [secrets] manager_token and session_secret must be set",
+                    path.display()
+                );
+            }
+            Ok(config)
+        },
+        |config| format!("{} volumes", config.volumes.len()),
+    )?;
+    let Some((_, config)) = loaded else {
+        return Ok(());
+    };
+    appproxy_shared::telemetry::init(&config.logging, "storage-proxy")?;
+    appproxy_shared::otlp::install(&config.telemetry, "storage-proxy")?;
+    appproxy_control_common::service::run(|shutdown| async move {
+        appproxy_storage_proxy::serve(&config, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The storage-proxy's config file: `[storage]`, `[secrets]`, `[[volumes]]`,
+//! `[redis]`, `[logging]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use appproxy_control_common::config::RedisSection;
+use appproxy_shared::telemetry::{LoggingConfig, TelemetryConfig};
+use serde::{Deserialize, Serialize};
+
+impl StorageConfig {
+    /// The full default config, the optional keys and a volume shown commented.
+    pub fn default_toml() -> String {
+        let text = toml::to_string_pretty(&Self::default()).unwrap_or_default();
+        appproxy_shared::config::with_optional_keys(
+            &text,
+            &[
+                (
+                    "redis",
+                    "url = \"redis://127.0.0.1:6379/8\"  # background-task events",
+                ),
+                ("[volumes]", "name = \"local\"  # at least one volume"),
+                ("[volumes]", "path = \"/vfroot/local\""),
+            ],
+        )
+    }
+}
+
+/// The storage-proxy's config file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `[storage]`.
+    pub storage: StorageSection,
+    /// `[secrets]`.
+    pub secrets: StorageSecrets,
+    /// `[[volumes]]`.
+    pub volumes: Vec<Volume>,
+    /// `[redis]` (optional: background-task events).
+    pub redis: RedisSection,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+    /// `[telemetry]`: OTLP span export (off by default).
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// Client-facing API (downloads, tus uploads).
+    pub client_bind: SocketAddr,
+    /// Manager-facing API.
+    pub manager_bind: SocketAddr,
+    /// This node's ID.
+    pub node_id: String,
+    /// Lifetime of upload and download session tokens.
+    pub session_expire_secs: u64,
+    /// Largest upload accepted, bytes.
+    pub max_upload_size: u64,
+    /// Staging files untouched this long are removed by the cleanup job.
+    pub upload_expire_secs: u64,
+    /// How often the cleanup job runs.
+    pub cleanup_interval_secs: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            client_bind: SocketAddr::from(([127, 0, 0, 1], 6021)),
+            manager_bind: SocketAddr::from(([127, 0, 0, 1], 6022)),
+            node_id: "storage-1".into(),
+            session_expire_secs: 3600,
+            max_upload_size: 1 << 30,
+            upload_expire_secs: 24 * 3600,
+            cleanup_interval_secs: 300,
+        }
+    }
+}
+
+/// `[secrets]` of the storage-proxy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSecrets {
+    /// Manager-facing auth token.
+    pub manager_token: String,
+    /// Key of client session JWTs.
+    pub session_secret: String,
+}
+
+/// One `[[volumes]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Volume name.
+    pub name: String,
+    /// Mount path.
+    pub path: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The common mistakes, each refused with the file, the key path, what was
+    /// expected and, for a misspelling, the fix.
+    #[test]
+    fn config_mistakes_name_the_file_the_key_and_the_fix() {
+        let storage: &[appproxy_test_support::config::Mistake] = &[
+            (
+                "unknown key",
+                "[storage]\nnode_idd = \"n\"\n",
+                &[
+                    "storage",
+                    "unknown field `node_idd`",
+                    "did you mean `node_id`?",
+                ],
+            ),
+            (
+                "missing required key",
+                "[[volumes]]\nname = \"local\"\n",
+                &["volumes[0]", "missing field `path`"],
+            ),
+            (
+                "port outside the range",
+                "[storage]\nclient_bind = \"0.0.0.0:99999\"\n",
+                &["storage.client_bind", "line 2", "socket address"],
+            ),
+            (
+                "negative size",
+                "[storage]\nmax_upload_size = -1\n",
+                &["storage.max_upload_size", "line 2"],
+            ),
+        ];
+        appproxy_test_support::config::assert_mistakes_refused("storage", storage, &|p| {
+            appproxy_control_common::config::load::<StorageConfig>(p)
+                .err()
+                .map(|e| e.to_string())
+        });
+    }
+
+    #[test]
+    fn defaults_round_trip() {
+        let text = toml::to_string_pretty(&StorageConfig::default()).expect("toml");
+        assert_eq!(
+            toml::from_str::<StorageConfig>(&text).expect("parse"),
+            StorageConfig::default()
+        );
+    }
+}

@@ -1,0 +1,564 @@
+//! `appproxy-storage-proxy`: a manager-facing API (secret header) for vfolders and files, and
+//! a client-facing API for token downloads and tus uploads, on tokio + axum.
+//!
+//! Every request goes through the request-ID middleware (extract or generate, echo);
+//! background jobs (clone, recursive delete) keep the initiating request's ID across
+//! the tasks they spawn; the periodic upload cleanup runs each pass under its own ID.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod fsx;
+pub mod manager;
+pub mod quota;
+pub mod volume;
+pub mod zip;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use appproxy_shared::header::IdPolicy;
+use appproxy_shared::middleware::RequestIdLayer;
+use appproxy_shared::IdVersion;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use appproxy_control_common::metrics;
+use config::StorageConfig;
+use volume::{PathError, Volumes};
+
+/// Shared state of both APIs.
+pub struct State {
+    /// The volumes.
+    pub volumes: Volumes,
+    /// Manager API token.
+    pub manager_token: String,
+    /// Session-token key.
+    pub session_secret: String,
+    /// Session token lifetime.
+    pub session_expire: Duration,
+    /// Largest upload accepted.
+    pub max_upload_size: u64,
+    /// Staging files older than this are removed by the cleanup job.
+    pub upload_expire: Duration,
+    /// tus sessions with a PATCH in progress (a second one gets 409).
+    pub uploading: Mutex<HashSet<String>>,
+    /// Where bgtask events go (`[redis] url`), if anywhere.
+    pub events: Option<redis::aio::ConnectionManager>,
+    /// Last measured usage per quota scope directory (refreshed by the sync job).
+    pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
+    /// Last read limit per quota scope directory (scopes without one are absent).
+    pub quota_limits: Mutex<std::collections::HashMap<PathBuf, u64>>,
+    /// Quota reservations of upload sessions and clones.
+    pub reservations: quota::Reservations,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// Requests refused because a path left (or tried to leave) its vfolder (counted
+/// where the refusal becomes a response).
+pub static ESCAPES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counters exported at `/metrics` (Prometheus text format).
+#[derive(Default)]
+pub struct Metrics {
+    /// Bytes written to staging files by tus PATCHes.
+    pub upload_bytes: std::sync::atomic::AtomicU64,
+    /// Uploads moved into place.
+    pub uploads_completed: std::sync::atomic::AtomicU64,
+    /// File downloads started (whole or ranged) and archives streamed.
+    pub downloads: std::sync::atomic::AtomicU64,
+    /// Sessions, PATCHes and clones refused by a quota.
+    pub quota_refused: std::sync::atomic::AtomicU64,
+    /// Histograms, gauges and labeled counters.
+    pub observed: Observed,
+}
+
+/// At most this many quota scopes are labeled apart at `/metrics` (the rest are
+/// summed under `scope="other"`).
+pub const MAX_SCOPE_LABELS: usize = 500;
+
+/// Transfer histograms and background-task counts for `/metrics`.
+pub struct Observed {
+    /// Bytes per tus PATCH.
+    pub upload_size: crate::metrics::Histogram,
+    /// Duration of each tus PATCH (request to response).
+    pub upload_duration: crate::metrics::Histogram,
+    /// Bytes sent per download (file, range or archive), counted as the body streams.
+    pub download_size: crate::metrics::Histogram,
+    /// Duration of each download, until its body ended or was dropped.
+    pub download_duration: crate::metrics::Histogram,
+    /// Bytes sent by downloads.
+    pub download_bytes: std::sync::atomic::AtomicU64,
+    /// Downloads whose body is streaming now.
+    pub downloads_active: std::sync::atomic::AtomicU64,
+    /// Background tasks running now.
+    pub bgtasks_running: std::sync::atomic::AtomicU64,
+    /// Background tasks finished, by task and state (`done`, `failed`).
+    pub bgtasks_finished: crate::metrics::Labeled<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        use crate::metrics::Histogram;
+        Self {
+            upload_size: Histogram::bytes(),
+            upload_duration: Histogram::default(),
+            download_size: Histogram::bytes(),
+            download_duration: Histogram::default(),
+            download_bytes: Default::default(),
+            downloads_active: Default::default(),
+            bgtasks_running: Default::default(),
+            bgtasks_finished: crate::metrics::Labeled::new("", 64, Default::default),
+        }
+    }
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Opens an entry under a vfolder for reading (`RESOLVE_BENEATH`, non-blocking): a
+/// missing entry is the API's 404, any other failure its mapped error.
+pub fn open_for_reading(
+    root: std::os::fd::BorrowedFd<'_>,
+    parts: &[std::ffi::OsString],
+) -> Result<std::os::fd::OwnedFd, ApiError> {
+    fsx::open(
+        root,
+        parts,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
+        fsx::BENEATH,
+    )
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApiError::NotFound
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// An API refusal, mapped to a status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing manager token.
+    #[error("Forbidden (missing auth token)")]
+    MissingToken,
+    /// Wrong manager token.
+    #[error("Forbidden (invalid auth token)")]
+    InvalidToken,
+    /// A bad path or ID.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// Bad request parameters.
+    #[error("Invalid API parameters: {0}")]
+    Params(String),
+    /// A session token that is invalid or expired.
+    #[error("invalid or expired token")]
+    Session,
+    /// Nothing there.
+    #[error("File not found")]
+    NotFound,
+    /// A tus offset mismatch or a concurrent PATCH.
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    /// Too large.
+    #[error("upload larger than the limit")]
+    TooLarge,
+    /// The quota scope would pass its limit.
+    #[error("quota exceeded: {used} of {limit} bytes used")]
+    QuotaExceeded {
+        /// Bytes used now.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A request the extractors refused (bad JSON, wrong type, too large, no route).
+    #[error("{message}")]
+    Rejected {
+        /// The status the rejection carries.
+        status: StatusCode,
+        /// What was wrong.
+        message: String,
+    },
+    /// A filesystem error.
+    #[error("filesystem error: {0}")]
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ApiError {
+    /// The kernel refusing to resolve beneath a vfolder is an escape (400), not a
+    /// filesystem fault.
+    fn from(e: std::io::Error) -> Self {
+        if fsx::is_escape(&e) {
+            Self::Path(PathError::Escape)
+        } else {
+            Self::Io(e)
+        }
+    }
+}
+
+impl From<rustix::io::Errno> for ApiError {
+    fn from(e: rustix::io::Errno) -> Self {
+        std::io::Error::from(e).into()
+    }
+}
+
+impl ApiError {
+    fn status_and_kind(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MissingToken | Self::InvalidToken => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Path(PathError::NoFolder) | Self::NotFound => {
+                (StatusCode::NOT_FOUND, "file-not-found")
+            }
+            Self::Path(_) | Self::Params(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
+            Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
+            Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
+                (*status, "too-large")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::NOT_FOUND => {
+                (*status, "not-found")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::METHOD_NOT_ALLOWED => {
+                (*status, "method-not-allowed")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::PRECONDITION_FAILED => {
+                (*status, "precondition-failed")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE => {
+                (*status, "range-not-satisfiable")
+            }
+            Self::Rejected { status, .. } if *status == StatusCode::GONE => {
+                (*status, "vfolder-not-found")
+            }
+            Self::Rejected { status, .. } => (*status, "invalid-api-params"),
+            Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (StatusCode::NOT_FOUND, "file-not-found")
+            }
+            Self::Io(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            Self::Io(_) => (StatusCode::BAD_REQUEST, "filesystem-error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status_and_kind();
+        if matches!(self, Self::Path(PathError::Escape)) {
+            Metrics::add(&ESCAPES_REFUSED, 1);
+        }
+        if status.is_server_error() || matches!(self, Self::Io(_)) {
+            tracing::warn!(error = %self, "request failed");
+        } else {
+            tracing::info!(error = %self, "request refused");
+        }
+        let title = self.to_string();
+        let body = serde_json::json!({
+            "type": format!("https://api.backend.ai/probs/storage/{kind}"),
+            "title": title,
+            "error": title,
+            "code": kind,
+            "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
+        });
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// A JSON body whose rejections (bad JSON, wrong type, missing content type, too
+/// large) are the product's JSON error with the request ID.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::Rejected {
+                status: e.status(),
+                message: e.body_text(),
+            }),
+        }
+    }
+}
+
+/// Query parameters whose rejections are the product's JSON error.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::Rejected {
+                status: e.status(),
+                message: e.body_text(),
+            }),
+        }
+    }
+}
+
+/// The answer to a route that does not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+    }
+}
+
+/// The answer to a method a route does not take.
+pub async fn no_method() -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed".into(),
+    }
+}
+
+/// Runs blocking filesystem work on the blocking pool under the caller's request ID.
+pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    appproxy_shared::context::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
+}
+
+/// The channel bgtask events are broadcast on.
+pub const EVENT_CHANNEL: &str = "events_all";
+
+/// Broadcasts an event in the platform's envelope, with the current request ID in
+/// its metadata. Without `[redis]` there is no event bus and nothing is sent.
+pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
+    use appproxy_shared::model::{BroadcastMessage, EventMetadata};
+    let Some(conn) = &state.events else { return };
+    let meta = EventMetadata {
+        request_id: appproxy_shared::current_request_id().map(Into::into),
+        ..Default::default()
+    };
+    let Ok(msg) = BroadcastMessage::encode(name, "storage-proxy", &payload, &meta) else {
+        return;
+    };
+    let Ok(text) = serde_json::to_string(&msg) else {
+        return;
+    };
+    let mut conn = conn.clone();
+    if let Err(e) = redis::cmd("PUBLISH")
+        .arg(EVENT_CHANNEL)
+        .arg(text)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        tracing::warn!(event = name, error = %e, "event not published");
+    }
+}
+
+/// Builds the state from the config (without an event bus).
+pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
+    state_with_events(config, None)
+}
+
+/// Builds the state from the config and an event-bus connection.
+pub fn state_with_events(
+    config: &StorageConfig,
+    events: Option<redis::aio::ConnectionManager>,
+) -> std::io::Result<Arc<State>> {
+    let volumes: Vec<(String, PathBuf)> = config
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.path.clone()))
+        .collect();
+    Ok(Arc::new(State {
+        volumes: Volumes::new(&volumes)?,
+        manager_token: config.secrets.manager_token.clone(),
+        session_secret: config.secrets.session_secret.clone(),
+        session_expire: Duration::from_secs(config.storage.session_expire_secs),
+        max_upload_size: config.storage.max_upload_size,
+        upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
+        uploading: Mutex::new(HashSet::new()),
+        events,
+        usage: Mutex::new(std::collections::HashMap::new()),
+        quota_limits: Mutex::new(std::collections::HashMap::new()),
+        reservations: quota::Reservations::default(),
+        metrics: Metrics::default(),
+    }))
+}
+
+/// Serves both APIs until `shutdown` resolves; runs the cleanup job meanwhile.
+pub async fn serve(
+    config: &StorageConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let events = match &config.redis.url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+            let conn = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}"))?;
+            Some(conn)
+        }
+        None => None,
+    };
+    let state = state_with_events(config, events)?;
+    let layer = RequestIdLayer::new(IdPolicy::GenerateIfMissing, IdVersion::V4);
+    let manager_app = manager::router(state.clone())
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(layer);
+    let client_app = client::router(state.clone())
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(layer);
+    let manager = tokio::net::TcpListener::bind(config.storage.manager_bind).await?;
+    let client = tokio::net::TcpListener::bind(config.storage.client_bind).await?;
+    let addrs = (manager.local_addr()?, client.local_addr()?);
+    tracing::info!(manager = %addrs.0, client = %addrs.1, "storage-proxy serving");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let (rx_m, rx_c) = (rx.clone(), rx.clone());
+    let m = tokio::spawn(async move {
+        axum::serve(manager, manager_app)
+            .with_graceful_shutdown(wait(rx_m))
+            .await
+    });
+    let c = tokio::spawn(async move {
+        axum::serve(client, client_app)
+            .with_graceful_shutdown(wait(rx_c))
+            .await
+    });
+    let cleanup = tokio::spawn(cleanup_loop(
+        state.clone(),
+        Duration::from_secs(config.storage.cleanup_interval_secs.max(1)),
+    ));
+    shutdown.await;
+    let _ = tx.send(true);
+    cleanup.abort();
+    let _ = m.await;
+    let _ = c.await;
+    Ok(addrs)
+}
+
+/// Removes staging files of uploads idle past their lifetime; each pass under its own
+/// request ID.
+async fn cleanup_loop(state: Arc<State>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let st = state.clone();
+        appproxy_shared::context::spawn_background(IdVersion::V4, async move {
+            let removed = appproxy_shared::context::spawn_blocking({
+                let st = st.clone();
+                move || remove_expired_uploads(&st)
+            })
+            .await
+            .unwrap_or(0);
+            tracing::info!(removed, "expired-upload cleanup pass");
+        })
+        .await
+        .ok();
+        let st = state.clone();
+        appproxy_shared::context::spawn_background(IdVersion::V4, async move {
+            let scopes = appproxy_shared::context::spawn_blocking({
+                let st = st.clone();
+                move || quota::sync(&st)
+            })
+            .await
+            .unwrap_or(0);
+            tracing::info!(scopes, "quota usage sync pass");
+        })
+        .await
+        .ok();
+    }
+}
+
+/// One cleanup pass (blocking); returns how many staging files were removed. The
+/// walk goes by descriptor from each volume root and never follows a symlink: a
+/// `.upload` replaced by a link is skipped, not entered.
+pub fn remove_expired_uploads(state: &State) -> usize {
+    use rustix::fs::FileType;
+    use std::os::fd::AsFd as _;
+    let mut removed = 0;
+    for name in state.volumes.names() {
+        let Ok(root) = state.volumes.root_fd(name) else {
+            continue;
+        };
+        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`.
+        let mut stack = vec![(fsx::open(root, &[], fsx::DIR, fsx::STRICT), 0)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(dir) = dir else { continue };
+            let Ok(list) = fsx::entries(dir.as_fd()) else {
+                continue;
+            };
+            for e in list {
+                if depth == 4 && e.name == ".upload" {
+                    let staging = match fsx::child_dir(dir.as_fd(), &e.name) {
+                        Ok(fd) => fd,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "staging area is not a directory: skipped");
+                            continue;
+                        }
+                    };
+                    let Ok(files) = fsx::entries(staging.as_fd()) else {
+                        continue;
+                    };
+                    for f in files {
+                        if f.kind() != FileType::RegularFile {
+                            continue;
+                        }
+                        let mtime = std::time::UNIX_EPOCH
+                            + Duration::new(
+                                f.stat.st_mtime.max(0) as u64,
+                                f.stat.st_mtime_nsec as u32,
+                            );
+                        let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
+                        if old
+                            && rustix::fs::unlinkat(
+                                staging.as_fd(),
+                                f.name.as_os_str(),
+                                rustix::fs::AtFlags::empty(),
+                            )
+                            .is_ok()
+                        {
+                            let session = f.name.to_string_lossy();
+                            state.reservations.release(&session);
+                            tracing::info!(session = %session, "expired upload removed");
+                            removed += 1;
+                        }
+                    }
+                } else if depth < 4 && e.kind() == FileType::Directory {
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1));
+                }
+            }
+        }
+    }
+    // A clone releases its own reservation when it ends; a session mid-PATCH is busy.
+    let idle = state.reservations.expire(state.upload_expire, |holder| {
+        holder.starts_with("clone-") || state.uploading.lock().is_ok_and(|set| set.contains(holder))
+    });
+    if idle > 0 {
+        tracing::info!(released = idle, "idle quota reservations released");
+    }
+    removed
+}

@@ -1,0 +1,1214 @@
+//! The manager-facing API (`X-BackendAI-Storage-Auth-Token`): volumes, vfolders,
+//! files, and the session tokens of uploads and downloads. Every path is resolved by
+//! the kernel beneath the vfolder's descriptor and every change is an `*at` call on
+//! a parent descriptor (see `fsx`).
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use axum::extract::{Request, State as Extract};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use super::volume::{PathError, Vfid, Volumes};
+use super::{blocking, fsx, quota, ApiError, ApiJson, State};
+
+/// The manager-facing router.
+pub fn router(state: Arc<State>) -> Router {
+    let authed = Router::new()
+        .route("/volumes", get(volumes))
+        .route("/folder/create", post(create))
+        .route("/folder/delete", post(delete_folder))
+        .route("/folder/clone", post(clone_folder))
+        .route("/folder/usage", get(usage).post(usage))
+        .route("/folder/used-bytes", get(used_bytes))
+        .route("/folder/fs-usage", get(fs_usage))
+        .route("/folder/mount", get(mount))
+        .route("/folder/metadata", get(metadata).post(metadata))
+        .route("/folder/file/fetch", post(fetch))
+        .route(
+            "/folder/file/archive-download-token",
+            post(archive_download_token),
+        )
+        .route("/volume/hwinfo", get(hwinfo))
+        .route("/volume/performance-metric", get(performance_metric))
+        .route("/volume/quota", get(volume_quota).patch(volume_quota))
+        .route("/folder/file/list", post(list))
+        .route("/folder/file/mkdir", post(mkdir))
+        .route("/folder/file/rename", post(rename))
+        .route("/folder/file/move", post(move_file))
+        .route("/folder/file/delete", post(delete_files))
+        .route("/folder/file/delete-async", post(delete_files_async))
+        .route(
+            "/quota-scope",
+            get(quota_get).post(quota_create).patch(quota_patch),
+        )
+        .route("/quota-scope/quota", axum::routing::delete(quota_delete))
+        .route("/folder/file/upload", post(upload_token))
+        .route("/folder/file/download", post(download_token))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(status))
+        .route("/status", get(status))
+        .route("/health", get(status))
+        .route("/livez", get(status))
+        .route("/readyz", get(status))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .with_state(state)
+}
+
+async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    match req.headers().get("x-backendai-storage-auth-token") {
+        None => ApiError::MissingToken.into_response(),
+        Some(v)
+            if v.as_bytes() != state.manager_token.as_bytes() || state.manager_token.is_empty() =>
+        {
+            ApiError::InvalidToken.into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+async fn status() -> Json<Value> {
+    Json(
+        json!({"status": "ok", "type": "manager-facing", "storage-proxy": env!("CARGO_PKG_VERSION")}),
+    )
+}
+
+async fn volumes(Extract(state): Extract<Arc<State>>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .volumes
+        .names()
+        .into_iter()
+        .map(|n| json!({"name": n, "backend": "vfs", "capabilities": ["vfolder"]}))
+        .collect();
+    Json(json!({"volumes": list}))
+}
+
+#[derive(Deserialize)]
+struct FolderReq {
+    volume: String,
+    vfid: String,
+}
+
+#[derive(Deserialize)]
+struct CreateReq {
+    volume: String,
+    vfid: String,
+    /// Permission bits of the vfolder's directory (the original's default 0o755).
+    #[serde(default)]
+    mode: Option<u32>,
+    #[serde(default)]
+    options: Option<CreateOptions>,
+}
+
+#[derive(Deserialize)]
+struct CreateOptions {
+    #[serde(default)]
+    initial_max_size_for_quota_scope: Option<u64>,
+}
+
+async fn create(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<CreateReq>,
+) -> Result<StatusCode, ApiError> {
+    let parts = Vfid::parse(&r.vfid)?.parts();
+    state.volumes.root_fd(&r.volume)?;
+    let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
+    let mode = r.mode;
+    let st = state.clone();
+    blocking(move || {
+        let root = st.volumes.root_fd(&r.volume)?;
+        // The volume's own levels are never symlinks: STRICT all the way.
+        let dir = fsx::mkdirs(root, &parts, fsx::STRICT)?;
+        if let Some(mode) = mode {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777))?;
+        }
+        if let Some(limit) = limit {
+            let scope = fsx::child_dir(root, &parts[0])?;
+            if quota::limit(scope.as_fd()).is_none() {
+                quota::set_limit(scope.as_fd(), Some(limit))?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(vfid = %r.vfid, "vfolder created");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct QuotaReq {
+    volume: String,
+    qsid: String,
+    #[serde(default)]
+    options: Option<QuotaOptions>,
+}
+
+#[derive(Deserialize)]
+struct QuotaOptions {
+    limit_bytes: u64,
+}
+
+/// The usage, limit and reservations of an existing scope.
+async fn quota_state(
+    state: &Arc<State>,
+    volume: String,
+    qsid: &str,
+) -> Result<Json<Value>, ApiError> {
+    let name = Volumes::scope_name(qsid)?;
+    let key = state.volumes.scope(&volume, qsid)?;
+    let st = state.clone();
+    // Usage and reservations are read under the scope's lock: a commit between the
+    // two would show its bytes in neither.
+    let ((used, limit), reserved) = blocking(move || {
+        let scope = match st.volumes.open_scope(&volume, &name) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let state = st.reservations.consistent(&key, || {
+            (quota::usage(scope.as_fd()), quota::limit(scope.as_fd()))
+        });
+        quota::remember_limit(&st, &key, state.0 .1);
+        Ok(state)
+    })
+    .await?;
+    Ok(Json(json!({
+        "used_bytes": used,
+        "limit_bytes": limit,
+        "reserved_bytes": reserved,
+    })))
+}
+
+/// `GET /quota-scope`: 404 when the scope does not exist (as the original).
+async fn quota_get(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<QuotaReq>,
+) -> Result<Json<Value>, ApiError> {
+    quota_state(&state, r.volume, &r.qsid).await
+}
+
+/// `POST /quota-scope`: creates the scope if missing, sets its limit when `options`
+/// has one, and answers with its state.
+async fn quota_create(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<QuotaReq>,
+) -> Result<Json<Value>, ApiError> {
+    let name = Volumes::scope_name(&r.qsid)?;
+    let limit = r.options.map(|o| o.limit_bytes);
+    let (st, volume) = (state.clone(), r.volume.clone());
+    blocking(move || {
+        let root = st.volumes.root_fd(&volume)?;
+        let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
+        if limit.is_some() {
+            quota::set_limit(scope.as_fd(), limit)?;
+        }
+        Ok(())
+    })
+    .await?;
+    if limit.is_some() {
+        tracing::info!(qsid = %r.qsid, limit, "quota set");
+    }
+    quota_state(&state, r.volume, &r.qsid).await
+}
+
+async fn quota_patch(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<QuotaReq>,
+) -> Result<StatusCode, ApiError> {
+    let name = Volumes::scope_name(&r.qsid)?;
+    let limit = r
+        .options
+        .ok_or_else(|| ApiError::Params("options.limit_bytes is required".into()))?
+        .limit_bytes;
+    let st = state.clone();
+    let (volume, qsid) = (r.volume.clone(), r.qsid.clone());
+    blocking(move || {
+        let root = st.volumes.root_fd(&volume)?;
+        let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
+        quota::set_limit(scope.as_fd(), Some(limit))?;
+        if let Ok(key) = st.volumes.scope(&volume, &qsid) {
+            quota::remember_limit(&st, &key, Some(limit));
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(qsid = %r.qsid, limit, "quota set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn quota_delete(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<QuotaReq>,
+) -> Result<StatusCode, ApiError> {
+    let name = Volumes::scope_name(&r.qsid)?;
+    let st = state.clone();
+    blocking(move || {
+        match st.volumes.open_scope(&r.volume, &name) {
+            Ok(scope) => {
+                quota::set_limit(scope.as_fd(), None)?;
+                if let Ok(key) = st.volumes.scope(&r.volume, &r.qsid) {
+                    quota::remember_limit(&st, &key, None);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a background job under the current request's ID; every task it spawns
+/// inherits it, and its done/failed events carry it in their metadata.
+fn bgtask<F>(state: &Arc<State>, name: &'static str, job: F) -> Json<Value>
+where
+    F: std::future::Future<Output = Result<u64, std::io::Error>> + Send + 'static,
+{
+    let id = uuid::Uuid::new_v4();
+    let state = state.clone();
+    appproxy_shared::context::spawn_child(async move {
+        let _running = Running::new(&state);
+        tracing::info!(bgtask_id = %id, task = name, "bgtask started");
+        super::emit(
+            &state,
+            "bgtask_updated",
+            json!({"task_id": id, "message": format!("{name} started")}),
+        )
+        .await;
+        match job.await {
+            Ok(n) => {
+                tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done");
+                finished(&state, name, "done");
+                super::emit(
+                    &state,
+                    "bgtask_done",
+                    json!({"task_id": id, "message": format!("{name}: {n} items")}),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed");
+                finished(&state, name, "failed");
+                super::emit(
+                    &state,
+                    "bgtask_failed",
+                    json!({"task_id": id, "message": e.to_string()}),
+                )
+                .await;
+            }
+        }
+    });
+    Json(json!({"bgtask_id": id}))
+}
+
+/// Counts a background task as running while it lives.
+struct Running(Arc<State>);
+
+impl Running {
+    fn new(state: &Arc<State>) -> Self {
+        let o = &state.metrics.observed;
+        o.bgtasks_running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let o = &self.0.metrics.observed;
+        o.bgtasks_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn finished(state: &State, task: &'static str, outcome: &'static str) {
+    let key = format!("task=\"{task}\",state=\"{outcome}\"");
+    state.metrics.observed.bgtasks_finished.add(&key, 1);
+}
+
+/// Runs blocking work for a background job (under the job's request ID).
+async fn job<F>(f: F) -> std::io::Result<u64>
+where
+    F: FnOnce() -> std::io::Result<u64> + Send + 'static,
+{
+    appproxy_shared::context::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+async fn delete_folder(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Response, ApiError> {
+    let mut parts = Vfid::parse(&r.vfid)?.parts();
+    // A vfolder that is not there (any more) is gone, as the original answers.
+    match state.volumes.open_folder(&r.volume, &r.vfid) {
+        Err(PathError::NoFolder) => {
+            return Err(ApiError::Rejected {
+                status: StatusCode::GONE,
+                message: "vfolder not found (already deleted)".into(),
+            })
+        }
+        other => drop(other?),
+    }
+    let name = parts.pop().ok_or(PathError::NoFolder)?;
+    let parent = fsx::open(
+        state.volumes.root_fd(&r.volume)?,
+        &parts,
+        fsx::DIR,
+        fsx::STRICT,
+    )?;
+    let body = bgtask(
+        &state,
+        "delete_vfolder",
+        job(move || fsx::remove_tree(parent.as_fd(), &name)),
+    );
+    Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
+#[derive(Deserialize)]
+struct CloneReq {
+    src_volume: String,
+    src_vfid: String,
+    dst_volume: Option<String>,
+    dst_vfid: String,
+}
+
+async fn clone_folder(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<CloneReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dst_volume = r.dst_volume.unwrap_or_else(|| r.src_volume.clone());
+    if dst_volume != r.src_volume {
+        return Err(ApiError::Params(
+            "cross-volume clone is not supported".into(),
+        ));
+    }
+    let src = state.volumes.open_folder(&r.src_volume, &r.src_vfid)?;
+    let dst_parts = Vfid::parse(&r.dst_vfid)?.parts();
+    match state.volumes.open_folder(&dst_volume, &r.dst_vfid) {
+        Ok(_) => return Err(ApiError::Params("destination vfolder exists".into())),
+        Err(PathError::NoFolder) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // The destination scope must have room for the source: reserved while copying.
+    let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;
+    let key2 = key.clone();
+    let holder = format!("clone-{}", uuid::Uuid::new_v4().simple());
+    let dst = {
+        let (st, holder, volume) = (state.clone(), holder.clone(), dst_volume.clone());
+        blocking(move || {
+            let size = fsx::usage(src.as_fd(), &|e| e.name != ".upload").1;
+            let root = st.volumes.root_fd(&volume)?;
+            let scope = fsx::mkdirs(root, &dst_parts[..1], fsx::STRICT)?;
+            quota::reserve(&st, &key, scope.as_fd(), &holder, size)?;
+            let dst = match fsx::mkdirs(root, &dst_parts, fsx::STRICT) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    st.reservations.release(&holder);
+                    return Err(e.into());
+                }
+            };
+            // Its bytes are held by the reservation until the copy ends.
+            let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
+            st.reservations.pend(id);
+            Ok((src, dst, id))
+        })
+        .await?
+    };
+    let st = state.clone();
+    Ok(bgtask(
+        &state,
+        "clone_vfolder",
+        job(move || {
+            let (src, dst, id) = dst;
+            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[".upload"], &mut || {
+                tracing::debug!("directory cloned");
+            });
+            // Counted as committed and released in one step under the scope's lock.
+            let _ = st.reservations.commit(&key2, &holder, || {
+                st.reservations.unpend(id);
+                Ok(())
+            });
+            copied
+        }),
+    ))
+}
+
+async fn usage(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (files, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
+    Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
+}
+
+#[derive(Deserialize)]
+struct PathReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "dot")]
+    relpath: String,
+}
+
+fn dot() -> String {
+    ".".into()
+}
+
+fn iso(sec: i64, nsec: u32) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(sec.max(0) as u64, nsec);
+    appproxy_shared::telemetry::Rfc3339(t).to_string()
+}
+
+async fn list(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<PathReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    let items = blocking(move || {
+        let dir = fsx::open_dir(root.as_fd(), &parts)?;
+        let (a, b) = (rustix::fs::fstat(&root)?, rustix::fs::fstat(&dir)?);
+        let at_root = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
+        let mut items = Vec::new();
+        for e in fsx::entries(dir.as_fd())? {
+            if at_root && e.name == ".upload" {
+                continue;
+            }
+            let (ty, target) = match e.kind() {
+                FileType::Symlink => (
+                    "SYMLINK",
+                    rustix::fs::readlinkat(&dir, e.name.as_os_str(), Vec::new())
+                        .ok()
+                        .map(|p| p.to_string_lossy().into_owned()),
+                ),
+                FileType::Directory => ("DIRECTORY", None),
+                _ => ("FILE", None),
+            };
+            let created = rustix::fs::statx(
+                &dir,
+                e.name.as_os_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+                rustix::fs::StatxFlags::BTIME,
+            )
+            .ok()
+            .filter(|x| x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+            .map(|x| iso(x.stx_btime.tv_sec, x.stx_btime.tv_nsec))
+            .unwrap_or_default();
+            items.push(json!({
+                "name": e.name.to_string_lossy(),
+                "type": ty,
+                "stat": {
+                    "mode": e.stat.st_mode,
+                    "size": e.stat.st_size,
+                    "created": created,
+                    "modified": iso(e.stat.st_mtime, e.stat.st_mtime_nsec as u32),
+                },
+                "symlink_target": target,
+            }));
+        }
+        Ok(items)
+    })
+    .await?;
+    Ok(Json(json!({"items": items})))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct MkdirReq {
+    volume: String,
+    vfid: String,
+    relpath: OneOrMany,
+    #[serde(default)]
+    parents: bool,
+    #[serde(default)]
+    exist_ok: bool,
+}
+
+fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
+    let parts = fsx::components(p).map_err(|e| e.to_string())?;
+    let exists = || std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+    let made = if parents {
+        match fsx::open_dir(root, &parts) {
+            Ok(_) => Err(exists()),
+            Err(_) => fsx::mkdirs(root, &parts, fsx::BENEATH).map(drop),
+        }
+    } else {
+        fsx::parent(root, &parts).and_then(|p| {
+            rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755))
+                .map_err(Into::into)
+        })
+    };
+    match made {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
+        Err(e) => Err(ApiError::from(e).to_string()),
+        Ok(()) => Ok(()),
+    }
+}
+
+async fn mkdir(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<MkdirReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let paths = match r.relpath {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    };
+    if paths.len() > 50 {
+        return Err(ApiError::Params("at most 50 paths".into()));
+    }
+    let (parents, exist_ok) = (r.parents, r.exist_ok);
+    let (ok, failed) = blocking(move || {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for p in paths {
+            match make_dir(root.as_fd(), &p, parents, exist_ok) {
+                Ok(()) => ok.push(json!({"msg": null, "item": p})),
+                Err(msg) => failed.push(json!({"msg": msg, "item": p})),
+            }
+        }
+        Ok((ok, failed))
+    })
+    .await?;
+    let status = match (ok.is_empty(), failed.is_empty()) {
+        (_, true) => StatusCode::OK,
+        (false, false) => StatusCode::MULTI_STATUS,
+        (true, false) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    Ok((
+        status,
+        Json(json!({"results": {"success": ok, "failed": failed}})).into_response(),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct RenameReq {
+    volume: String,
+    vfid: String,
+    relpath: String,
+    new_name: String,
+}
+
+async fn rename(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<RenameReq>,
+) -> Result<StatusCode, ApiError> {
+    if r.new_name.is_empty()
+        || r.new_name.contains('/')
+        || r.new_name.contains('\0')
+        || r.new_name == ".."
+        || r.new_name == "."
+    {
+        return Err(ApiError::Params("new_name must be a plain name".into()));
+    }
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    blocking(move || {
+        let p = fsx::parent(root.as_fd(), &parts)?;
+        rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str())?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct MoveReq {
+    volume: String,
+    vfid: String,
+    src_relpath: String,
+    dst_relpath: String,
+}
+
+async fn move_file(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<MoveReq>,
+) -> Result<StatusCode, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (src, dst) = (
+        fsx::components(&r.src_relpath)?,
+        fsx::components(&r.dst_relpath)?,
+    );
+    blocking(move || {
+        let from = fsx::parent(root.as_fd(), &src)?;
+        let to = fsx::parent(root.as_fd(), &dst)?;
+        rustix::fs::renameat(
+            &from.dir,
+            from.name.as_os_str(),
+            &to.dir,
+            to.name.as_os_str(),
+        )?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DeleteReq {
+    volume: String,
+    vfid: String,
+    relpaths: Vec<String>,
+    #[serde(default)]
+    recursive: bool,
+}
+
+/// Parses every path of a delete first: one bad path and nothing is touched.
+fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
+    let paths = r
+        .relpaths
+        .iter()
+        .map(|p| fsx::components(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if paths.iter().any(Vec::is_empty) {
+        return Err(ApiError::Params(
+            "refusing to delete the vfolder root".into(),
+        ));
+    }
+    Ok(paths)
+}
+
+/// Deletes files and directories (a non-empty directory only when `recursive`);
+/// each from its parent's descriptor, a symlink as the link itself.
+fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> std::io::Result<u64> {
+    let mut n = 0;
+    for parts in paths {
+        let p = fsx::parent(root.as_fd(), &parts)?;
+        let stat = rustix::fs::statat(&p.dir, p.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+            if recursive {
+                fsx::remove_tree(p.dir.as_fd(), &p.name)?;
+            } else {
+                rustix::fs::unlinkat(&p.dir, p.name.as_os_str(), AtFlags::REMOVEDIR)?;
+            }
+        } else {
+            rustix::fs::unlinkat(&p.dir, p.name.as_os_str(), AtFlags::empty())?;
+        }
+        tracing::debug!(path = %fsx::join(&parts).display(), "deleted");
+        n += 1;
+    }
+    Ok(n)
+}
+
+async fn delete_files(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<DeleteReq>,
+) -> Result<Json<Value>, ApiError> {
+    let paths = deletion_targets(&r)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    blocking(move || Ok(delete_paths(root, paths, r.recursive)?)).await?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+async fn delete_files_async(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<DeleteReq>,
+) -> Result<Response, ApiError> {
+    let paths = deletion_targets(&r)?;
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let recursive = r.recursive;
+    let body = bgtask(
+        &state,
+        "delete_files",
+        job(move || delete_paths(root, paths, recursive)),
+    );
+    Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
+#[derive(Deserialize)]
+struct UploadReq {
+    volume: String,
+    vfid: String,
+    relpath: String,
+    size: u64,
+}
+
+/// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a
+/// symlink is refused, never followed.
+pub fn staging_dir(root: BorrowedFd<'_>, create: bool) -> std::io::Result<OwnedFd> {
+    match fsx::child_dir(root, std::ffi::OsStr::new(".upload")) {
+        Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
+            match rustix::fs::mkdirat(root, ".upload", Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            fsx::child_dir(root, std::ffi::OsStr::new(".upload"))
+        }
+        other => other,
+    }
+}
+
+async fn upload_token(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<UploadReq>,
+) -> Result<Json<Value>, ApiError> {
+    if r.size > state.max_upload_size {
+        return Err(ApiError::TooLarge);
+    }
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    if parts.is_empty() {
+        return Err(ApiError::Params("relpath names the vfolder itself".into()));
+    }
+    if parts[0] == ".upload" {
+        return Err(ApiError::Params(
+            "the staging area is not a destination".into(),
+        ));
+    }
+    let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
+    let scope_name = Vfid::parse(&r.vfid)?.scope_name();
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    {
+        let (st, session, volume, size) =
+            (state.clone(), session.clone(), r.volume.clone(), r.size);
+        blocking(move || {
+            let scope = st.volumes.open_scope(&volume, &scope_name)?;
+            quota::reserve(&st, &key, scope.as_fd(), &session, size)?;
+            let created = staging_dir(root.as_fd(), true).and_then(|staging| {
+                rustix::fs::openat2(
+                    &staging,
+                    session.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                    fsx::STRICT,
+                )
+                .map_err(Into::into)
+            });
+            if let Err(e) = created {
+                st.reservations.release(&session);
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
+        &state.session_secret,
+    );
+    tracing::info!(session = %session, size = r.size, "upload session created");
+    Ok(Json(json!({"token": token})))
+}
+
+async fn download_token(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<PathReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    // Refused now when it resolves out of the vfolder; a missing file is a 404 later.
+    match fsx::open(root.as_fd(), &parts, OFlags::PATH, fsx::BENEATH) {
+        Err(e) if fsx::is_escape(&e) => return Err(PathError::Escape.into()),
+        _ => {}
+    }
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "exp": exp}),
+        &state.session_secret,
+    );
+    Ok(Json(json!({"token": token})))
+}
+
+async fn used_bytes(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (_, bytes) =
+        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
+    Ok(Json(json!({"used_bytes": bytes})))
+}
+
+#[derive(Deserialize)]
+struct VolumeReq {
+    volume: String,
+}
+
+/// Capacity and use of the filesystem holding the volume.
+async fn fs_usage(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    let st = rustix::fs::fstatvfs(state.volumes.root_fd(&r.volume)?)?;
+    let capacity = st.f_blocks.saturating_mul(st.f_frsize);
+    let free = st.f_bfree.saturating_mul(st.f_frsize);
+    Ok(Json(
+        json!({"capacity_bytes": capacity, "used_bytes": capacity.saturating_sub(free)}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct MountReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "dot")]
+    subpath: String,
+}
+
+/// The host path of a vfolder (or an existing directory beneath it), for mounting.
+async fn mount(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<MountReq>,
+) -> Result<Json<Value>, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.subpath)?;
+    let check = parts.clone();
+    // The subpath must be a directory beneath the vfolder with no symlink on the way:
+    // the path handed out is followed by someone else later.
+    blocking(move || Ok(fsx::open(root.as_fd(), &check, fsx::DIR, fsx::STRICT)?)).await?;
+    let base = state.volumes.folder(&r.volume, &r.vfid)?;
+    let path = if parts.is_empty() {
+        base
+    } else {
+        base.join(fsx::join(&parts))
+    };
+    Ok(Json(json!({"path": path.display().to_string()})))
+}
+
+/// Folder metadata is accepted and acknowledged, as the original does.
+async fn metadata(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.vfid)?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+/// Streams a file to the manager (internal use, e.g. task logs).
+async fn fetch(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<PathReq>,
+) -> Result<Response, ApiError> {
+    let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let parts = fsx::components(&r.relpath)?;
+    let file = blocking(move || {
+        let fd = super::open_for_reading(root.as_fd(), &parts)?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+            return Err(ApiError::NotFound);
+        }
+        Ok(std::fs::File::from(fd))
+    })
+    .await?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct ArchiveReq {
+    volume: String,
+    #[serde(alias = "vfid")]
+    virtual_folder_id: String,
+    files: Vec<String>,
+    #[serde(default)]
+    filename: Option<String>,
+}
+
+/// A token for `GET /download-archive`: a zip of the listed files and directories.
+async fn archive_download_token(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<ArchiveReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.open_folder(&r.volume, &r.virtual_folder_id)?;
+    if r.files.is_empty() || r.files.len() > 10_000 {
+        return Err(ApiError::Params("files: 1 to 10000 paths".into()));
+    }
+    for f in &r.files {
+        if fsx::components(f)?.is_empty() {
+            return Err(ApiError::Params("files: the vfolder itself".into()));
+        }
+    }
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
+        &state.session_secret,
+    );
+    Ok(Json(json!({"token": token})))
+}
+
+/// The vfs backend reports itself healthy, as the original's does.
+async fn hwinfo(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(
+        json!({"status": "healthy", "status_info": null, "metadata": {}}),
+    ))
+}
+
+/// The vfs backend has no performance counters: every figure is -1 (unknown).
+async fn performance_metric(
+    Extract(state): Extract<Arc<State>>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> Result<Json<Value>, ApiError> {
+    state.volumes.root_fd(&r.volume)?;
+    Ok(Json(json!({"metric": {
+        "iops_read": -1, "iops_write": -1, "io_bytes_read": -1,
+        "io_bytes_write": -1, "io_usec_read": -1, "io_usec_write": -1,
+    }})))
+}
+
+/// Per-vfolder quota is deprecated in the original (quota scopes replace it).
+async fn volume_quota() -> ApiError {
+    ApiError::Params("per-vfolder quota is a deprecated API: use /quota-scope".into())
+}
+
+/// The transfer histograms, background tasks and quota usage per scope.
+fn render_observed(state: &State, out: &mut String) {
+    use crate::metrics::{escape, header, sample};
+    use std::sync::atomic::Ordering::Relaxed;
+    appproxy_shared::otlp::render_metrics(out);
+    let o = &state.metrics.observed;
+    for (family, help, h) in [
+        (
+            "storage_proxy_upload_patch_size_bytes",
+            "Bytes received per tus PATCH.",
+            &o.upload_size,
+        ),
+        (
+            "storage_proxy_upload_patch_duration_seconds",
+            "Duration of each tus PATCH.",
+            &o.upload_duration,
+        ),
+        (
+            "storage_proxy_download_size_bytes",
+            "Bytes sent per download (file, range or archive).",
+            &o.download_size,
+        ),
+        (
+            "storage_proxy_download_duration_seconds",
+            "Duration of each download, until its body ended or the client left.",
+            &o.download_duration,
+        ),
+    ] {
+        header(out, family, "histogram", help);
+        h.render(out, family, "");
+    }
+    for (family, kind, help, v) in [
+        (
+            "storage_proxy_download_bytes_total",
+            "counter",
+            "Bytes sent by downloads.",
+            &o.download_bytes,
+        ),
+        (
+            "storage_proxy_downloads_in_progress",
+            "gauge",
+            "Downloads whose body is streaming now.",
+            &o.downloads_active,
+        ),
+        (
+            "storage_proxy_bgtasks_running",
+            "gauge",
+            "Background tasks running now.",
+            &o.bgtasks_running,
+        ),
+    ] {
+        header(out, family, kind, help);
+        sample(out, family, "", v.load(Relaxed));
+    }
+    o.bgtasks_finished.render(
+        out,
+        "storage_proxy_bgtasks_finished_total",
+        "counter",
+        "Background tasks finished, by task and state (done, failed).",
+    );
+    // Quota usage per scope, as last measured (sync job or a reservation).
+    let roots: Vec<(String, std::path::PathBuf)> = state
+        .volumes
+        .names()
+        .into_iter()
+        .filter_map(|n| Some((n.to_owned(), state.volumes.root(n).ok()?.to_owned())))
+        .collect();
+    // (volume, scope) → (used, limit): scopes measured or with a limit read.
+    let mut scopes: std::collections::BTreeMap<(String, String), (Option<u64>, Option<u64>)> =
+        Default::default();
+    let label_of = |path: &std::path::Path| {
+        let volume = roots
+            .iter()
+            .find(|(_, root)| path.parent() == Some(root.as_path()))?;
+        Some((
+            volume.0.clone(),
+            path.file_name()?.to_string_lossy().into_owned(),
+        ))
+    };
+    if let Ok(u) = state.usage.lock() {
+        for (path, used) in u.iter() {
+            if let Some(k) = label_of(path) {
+                scopes.entry(k).or_default().0 = Some(*used);
+            }
+        }
+    }
+    if let Ok(l) = state.quota_limits.lock() {
+        for (path, limit) in l.iter() {
+            if let Some(k) = label_of(path) {
+                scopes.entry(k).or_default().1 = Some(*limit);
+            }
+        }
+    }
+    // The first MAX_SCOPE_LABELS scopes (by volume and name) have series of their
+    // own, the same ones in both families; the rest are summed per volume.
+    let mut used_rows = String::new();
+    let mut limit_rows = String::new();
+    let mut other: std::collections::BTreeMap<&str, (Option<u64>, Option<u64>)> =
+        Default::default();
+    let add = |a: &mut Option<u64>, b: Option<u64>| {
+        if let Some(b) = b {
+            *a = Some(a.unwrap_or(0).saturating_add(b));
+        }
+    };
+    for (i, ((volume, scope), (used, limit))) in scopes.iter().enumerate() {
+        if i < super::MAX_SCOPE_LABELS {
+            let labels = format!("volume=\"{}\",scope=\"{}\"", escape(volume), escape(scope));
+            if let Some(u) = used {
+                sample(
+                    &mut used_rows,
+                    "storage_proxy_quota_scope_used_bytes",
+                    &labels,
+                    u,
+                );
+            }
+            if let Some(l) = limit {
+                sample(
+                    &mut limit_rows,
+                    "storage_proxy_quota_scope_limit_bytes",
+                    &labels,
+                    l,
+                );
+            }
+        } else {
+            let o = other.entry(volume.as_str()).or_default();
+            add(&mut o.0, *used);
+            add(&mut o.1, *limit);
+        }
+    }
+    for (volume, (used, limit)) in other {
+        let labels = format!("volume=\"{}\",scope=\"other\"", escape(volume));
+        if let Some(u) = used {
+            sample(
+                &mut used_rows,
+                "storage_proxy_quota_scope_used_bytes",
+                &labels,
+                u,
+            );
+        }
+        if let Some(l) = limit {
+            sample(
+                &mut limit_rows,
+                "storage_proxy_quota_scope_limit_bytes",
+                &labels,
+                l,
+            );
+        }
+    }
+    header(
+        out,
+        "storage_proxy_quota_scope_used_bytes",
+        "gauge",
+        "Bytes used per quota scope, as last measured (at most 500 scopes apart, the rest summed under scope=\"other\").",
+    );
+    out.push_str(&used_rows);
+    header(
+        out,
+        "storage_proxy_quota_scope_limit_bytes",
+        "gauge",
+        "Byte limit per quota scope, as last read (scopes without a limit have no series; the same 500 scopes apart as the usage, the rest summed under scope=\"other\").",
+    );
+    out.push_str(&limit_rows);
+}
+
+/// Prometheus text exposition of the storage-proxy's counters.
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &state.metrics;
+    let mut out = String::new();
+    for (name, help, kind, value) in [
+        (
+            "storage_proxy_upload_bytes_total",
+            "Bytes written by tus PATCHes.",
+            "counter",
+            m.upload_bytes.load(Relaxed),
+        ),
+        (
+            "storage_proxy_uploads_completed_total",
+            "Uploads moved into place.",
+            "counter",
+            m.uploads_completed.load(Relaxed),
+        ),
+        (
+            "storage_proxy_downloads_total",
+            "File and archive downloads started.",
+            "counter",
+            m.downloads.load(Relaxed),
+        ),
+        (
+            "storage_proxy_escapes_refused_total",
+            "Requests refused for leaving their vfolder.",
+            "counter",
+            super::ESCAPES_REFUSED.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_refused_total",
+            "Sessions, PATCHes and clones refused by a quota.",
+            "counter",
+            m.quota_refused.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_reserved_bytes",
+            "Bytes reserved by upload sessions and clones.",
+            "gauge",
+            state.reservations.all(),
+        ),
+        (
+            "storage_proxy_uploads_in_progress",
+            "PATCHes in progress.",
+            "gauge",
+            state.uploading.lock().map_or(0, |s| s.len() as u64),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    render_observed(&state, &mut out);
+    let mut resp = out.into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}

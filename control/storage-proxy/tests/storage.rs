@@ -1,0 +1,615 @@
+//! The storage-proxy binary end to end: manager API, tus uploads, ranged downloads,
+//! traversal refusals, background jobs under the initiating request's ID, cleanup
+//! under its own IDs, and streaming with bounded memory.
+
+mod storage_common;
+
+use appproxy_test_support::http::request;
+use storage_common::{create_folder, Proxy, TOKEN, VFID};
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn manager_auth_and_request_ids() {
+    let p = Proxy::start("");
+    let r = request(p.manager, "GET", "/status", &[], b"");
+    assert_eq!(r.status, 200);
+    let generated = r
+        .header("x-backend-request-id")
+        .expect("generated and echoed")
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok());
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-Backend-Request-ID", "mgr-1")],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["title"], "Forbidden (missing auth token)");
+    assert_eq!(r.header("x-backend-request-id"), Some("mgr-1"));
+    assert_eq!(r.json()["request_id"], "mgr-1");
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-BackendAI-Storage-Auth-Token", "wrong")],
+        b"",
+    );
+    assert_eq!(r.json()["title"], "Forbidden (invalid auth token)");
+    let r = request(
+        p.manager,
+        "GET",
+        "/volumes",
+        &[("X-BackendAI-Storage-Auth-Token", TOKEN)],
+        b"",
+    );
+    assert_eq!(r.json()["volumes"][0]["name"], "local");
+    // Direct client calls with no header get a generated ID too.
+    let r = request(p.client, "GET", "/", &[], b"");
+    assert!(r.header("x-backend-request-id").is_some());
+}
+
+#[test]
+fn tus_upload_resume_and_ranged_download() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let token = p.token("/folder/file/upload", serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin", "size": data.len()}));
+    let url = format!("/upload?token={token}");
+    let r = request(p.client, "OPTIONS", "/upload", &[], b"");
+    assert_eq!(r.header("tus-resumable"), Some("1.0.0"));
+    let r = request(p.client, "HEAD", &url, &[], b"");
+    assert_eq!((r.status, r.header("upload-offset")), (200, Some("0")));
+    // First part, then an interruption: the file is not visible yet.
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+        &data[..40_000],
+    );
+    assert_eq!((r.status, r.header("upload-offset")), (204, Some("40000")));
+    assert!(
+        !p.vfolder_path().join("dir/data.bin").exists(),
+        "a partial upload is never visible"
+    );
+    let r = request(p.client, "HEAD", &url, &[], b"");
+    assert_eq!(r.header("upload-offset"), Some("40000"));
+    // A wrong offset is refused.
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "10")],
+        &data[10..20],
+    );
+    assert_eq!(r.status, 409);
+    let r = request(p.client, "PATCH", &url, &[], &data[40_000..]);
+    assert_eq!(r.status, 400, "Upload-Offset is required");
+    let r = request(
+        p.client,
+        "PATCH",
+        &url,
+        &[("Upload-Offset", "40000")],
+        &data[40_000..],
+    );
+    assert_eq!((r.status, r.header("upload-offset")), (204, Some("100000")));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("dir/data.bin")).expect("complete file"),
+        data
+    );
+    // A forged or expired token is refused.
+    let r = request(p.client, "HEAD", "/upload?token=not-a-token", &[], b"");
+    assert_eq!(r.status, 401);
+
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "dir/data.bin"}),
+    );
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, data);
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert!(r
+        .header("content-disposition")
+        .is_some_and(|v| v.contains("data.bin")));
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[("Range", "bytes=100-199")],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 100-199/100000"));
+    assert_eq!(r.body, &data[100..200]);
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[("Range", "bytes=200000-")],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    // The listing shows the file, not the staging area.
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    let listing = r.json();
+    let names: Vec<&str> = listing["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["dir"]);
+}
+
+#[test]
+fn path_escapes_are_refused_and_touch_nothing() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let outside = p.dir.path().join("vol/outside-marker");
+    for (path, body) in [
+        (
+            "/folder/file/list",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "../.."}),
+        ),
+        (
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "/etc/passwd"}),
+        ),
+        (
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "../../outside-marker", "size": 1}),
+        ),
+        (
+            "/folder/file/delete",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["ok.txt", "../x"]}),
+        ),
+        (
+            "/folder/create",
+            serde_json::json!({"volume": "local", "vfid": "user:../../etc"}),
+        ),
+        (
+            "/folder/file/rename",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "a", "new_name": "../b"}),
+        ),
+    ] {
+        let r = p.manager(path, body, None);
+        assert_eq!(
+            r.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = p.manager(
+        "/folder/file/mkdir",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": ["good", "../bad"]}),
+        None,
+    );
+    assert_eq!(r.status, 207);
+    assert!(p.vfolder_path().join("good").is_dir());
+    assert!(!outside.exists());
+    // A symlink inside the folder that points outside is not followed.
+    std::os::unix::fs::symlink(p.dir.path(), p.vfolder_path().join("escape")).expect("symlink");
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "escape"}),
+        None,
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn clone_runs_under_the_initiating_request_id() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    for d in ["a/b/c", "d"] {
+        std::fs::create_dir_all(p.vfolder_path().join(d)).expect("tree");
+    }
+    for f in ["a/1.txt", "a/b/2.txt", "a/b/c/3.txt", "d/4.txt", "5.txt"] {
+        std::fs::write(p.vfolder_path().join(f), f).expect("file");
+    }
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000beef";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_volume": null, "dst_vfid": dst}),
+        Some("clone-req-1"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-backend-request-id"), Some("clone-req-1"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let done: Vec<_> = p
+            .log_json()
+            .into_iter()
+            .filter(|v| v["message"] == "bgtask done")
+            .collect();
+        if !done.is_empty() {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(done[0]["items"], 5);
+    let job_lines: Vec<_> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| {
+            ["bgtask started", "bgtask done", "directory cloned"]
+                .contains(&v["message"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert!(job_lines.len() >= 6, "{job_lines:?}");
+    assert!(
+        job_lines.iter().all(|v| v["request_id"] == "clone-req-1"),
+        "{job_lines:?}"
+    );
+    let cloned = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
+    assert_eq!(
+        std::fs::read_to_string(cloned.join("a/b/c/3.txt")).expect("cloned"),
+        "a/b/c/3.txt"
+    );
+}
+
+#[test]
+fn cleanup_removes_expired_uploads_under_its_own_ids() {
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 10}),
+        Some("upload-req"),
+    );
+    assert_eq!(r.status, 200);
+    let staging = p.vfolder_path().join(".upload");
+    assert_eq!(std::fs::read_dir(&staging).expect("staging").count(), 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&staging).expect("staging").count() > 0 {
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let removed: Vec<_> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "expired upload removed")
+        .collect();
+    let id = removed[0]["request_id"]
+        .as_str()
+        .expect("cleanup has an ID")
+        .to_owned();
+    assert_ne!(id, "upload-req");
+    let passes: std::collections::HashSet<String> = p
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "expired-upload cleanup pass")
+        .filter_map(|v| v["request_id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(passes.contains(&id));
+    let count = p
+        .log_json()
+        .iter()
+        .filter(|v| v["message"] == "expired-upload cleanup pass")
+        .count();
+    assert_eq!(passes.len(), count, "each pass has an ID of its own");
+}
+
+#[test]
+fn concurrent_patches_are_refused_and_large_files_stream() {
+    const SIZE: usize = 256 << 20;
+    let p = Proxy::start("max_upload_size = 1073741824\n");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin", "size": SIZE}),
+    );
+    // A PATCH in flight holds the upload: a second one gets 409.
+    let mut slow = TcpStream::connect(p.client).expect("connect");
+    write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: {SIZE}\r\n\r\n").expect("head");
+    let block = vec![7u8; 1 << 20];
+    slow.write_all(&block).expect("first MiB");
+    std::thread::sleep(Duration::from_millis(1000));
+    let r = request(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}"),
+        &[("Upload-Offset", "0")],
+        b"x",
+    );
+    assert_eq!(r.status, 409);
+    for _ in 1..(SIZE >> 20) {
+        slow.write_all(&block).expect("upload");
+    }
+    let mut raw = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = slow.read(&mut buf).expect("response");
+        assert!(n > 0);
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    // Download it back and check the memory of the process.
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin"}),
+    );
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    write!(
+        s,
+        "GET /download?token={token} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .expect("get");
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = s.read(&mut buf).expect("download");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert!(total > SIZE, "head and body: {total}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).expect("status");
+    let peak: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB for 256 MiB each way");
+}
+
+#[test]
+fn directory_downloads_are_valid_zip_archives() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::create_dir_all(p.vfolder_path().join("models/sub")).expect("tree");
+    std::fs::write(p.vfolder_path().join("models/a.txt"), "alpha").expect("file");
+    std::fs::write(
+        p.vfolder_path().join("models/sub/b.bin"),
+        vec![9u8; 200_000],
+    )
+    .expect("file");
+    std::fs::write(p.vfolder_path().join("models/sub/üñí.txt"), "unicode").expect("file");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "models"}),
+    );
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400, "a directory needs archive=true");
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}&archive=true"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/zip"));
+    let zip = p.dir.path().join("out.zip");
+    std::fs::write(&zip, &r.body).expect("zip");
+    // An independent reader (Python's zipfile) checks every CRC and lists the names.
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))")
+        .arg(&zip)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("a.txt|sub/b.bin|sub/üñí.txt"));
+    assert_eq!(lines.next(), Some("200000"));
+}
+
+#[test]
+fn quota_is_enforced_and_delete_async_keeps_the_request_id() {
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 1000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    std::fs::write(p.vfolder_path().join("used.bin"), vec![0u8; 600]).expect("file");
+    let qs =
+        serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"});
+    let r = p.manager("/quota-scope", qs.clone(), None);
+    assert_eq!(
+        (
+            r.json()["used_bytes"].as_u64(),
+            r.json()["limit_bytes"].as_u64()
+        ),
+        (Some(600), Some(1000))
+    );
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 500}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["type"],
+        "https://api.backend.ai/probs/storage/quota-exceeded"
+    );
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 300}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let mut raise = qs.clone();
+    raise["options"] = serde_json::json!({"limit_bytes": 10_000});
+    let r = request(
+        p.manager,
+        "PATCH",
+        "/quota-scope",
+        &[
+            ("X-BackendAI-Storage-Auth-Token", TOKEN),
+            ("Content-Type", "application/json"),
+        ],
+        raise.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 204);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "more.bin", "size": 500}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+
+    std::fs::create_dir_all(p.vfolder_path().join("tree/deep")).expect("tree");
+    std::fs::write(p.vfolder_path().join("tree/deep/x"), "x").expect("file");
+    let r = p.manager(
+        "/folder/file/delete-async",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["tree"], "recursive": true}),
+        Some("delete-req-1"),
+    );
+    assert_eq!(r.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.vfolder_path().join("tree").exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<_> = p
+            .log_json()
+            .into_iter()
+            .filter(|v| v["task"] == "delete_files")
+            .collect();
+        if lines.iter().any(|v| v["message"] == "bgtask done") {
+            assert!(
+                lines.iter().all(|v| v["request_id"] == "delete-req-1"),
+                "{lines:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bgtask_events_carry_the_initiating_request_id() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let url = redis.url();
+    let p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
+    create_folder(&p);
+    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let mut sub = conn.as_pubsub();
+    sub.subscribe("events_all").expect("subscribe");
+    sub.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000cafe";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        Some("evt-req-1"),
+    );
+    assert_eq!(r.status, 200);
+    let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
+    let mut names = Vec::new();
+    loop {
+        let msg = sub.get_message().expect("an event");
+        let text: String = msg.get_payload().expect("text");
+        let envelope: serde_json::Value = serde_json::from_str(&text).expect("envelope");
+        let payload: serde_json::Value =
+            serde_json::from_str(envelope["payload"].as_str().expect("payload is JSON text"))
+                .expect("json");
+        let meta: serde_json::Value = serde_json::from_str(
+            envelope["metadata"]
+                .as_str()
+                .expect("metadata is JSON text"),
+        )
+        .expect("json");
+        assert_eq!(envelope["source"], "storage-proxy");
+        assert_eq!(payload["task_id"], task.as_str());
+        assert_eq!(meta["request_id"], "evt-req-1");
+        let name = envelope["name"].as_str().expect("name").to_owned();
+        names.push(name.clone());
+        if name == "bgtask_done" {
+            break;
+        }
+    }
+    assert_eq!(names, vec!["bgtask_updated", "bgtask_done"]);
+}
+
+#[test]
+fn expired_session_tokens_are_refused() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let expired = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "download", "volume": "local", "vfid": VFID, "relpath": "x", "exp": 1}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token={expired}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let upload = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "upload", "volume": "local", "vfid": VFID, "relpath": "x", "size": 1, "session": "0123456789abcdef0123456789abcdef", "exp": 1}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={upload}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    // A download token is not an upload token.
+    let download = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"op": "download", "volume": "local", "vfid": VFID, "relpath": "x", "size": 1, "session": "0123456789abcdef0123456789abcdef"}),
+        "session-key",
+    );
+    let r = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={download}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+}

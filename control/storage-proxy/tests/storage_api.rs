@@ -1,0 +1,403 @@
+//! The original storage-proxy's remaining manager routes (usage by GET, used bytes,
+//! filesystem usage, mount path, metadata, fetch, archive-download tokens and the
+//! client's `/download-archive`, hardware info, performance metric, the deprecated
+//! per-vfolder quota), `mode` on folder creation, 410 for deleting a vfolder that is
+//! gone, and the Prometheus `/metrics`.
+
+mod storage_common;
+
+use appproxy_test_support::http::request;
+use storage_common::{create_folder, Proxy, VFID};
+
+use std::process::Command;
+
+fn body(extra: serde_json::Value) -> serde_json::Value {
+    let mut b = serde_json::json!({"volume": "local", "vfid": VFID});
+    if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    b
+}
+
+#[test]
+fn usage_mount_metadata_and_volume_routes() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::create_dir_all(p.vfolder_path().join("d")).expect("d");
+    std::fs::write(p.vfolder_path().join("d/a.bin"), vec![1u8; 300]).expect("a");
+    std::fs::write(p.vfolder_path().join("b.bin"), vec![1u8; 200]).expect("b");
+    let r = p.manager_method("GET", "/folder/usage", body(serde_json::json!({})));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        (
+            r.json()["file_count"].as_u64(),
+            r.json()["used_bytes"].as_u64()
+        ),
+        (Some(2), Some(500))
+    );
+    let r = p.manager_method("GET", "/folder/used-bytes", body(serde_json::json!({})));
+    assert_eq!(r.json()["used_bytes"], 500);
+    let r = p.manager_method(
+        "GET",
+        "/folder/fs-usage",
+        serde_json::json!({"volume": "local"}),
+    );
+    let cap = r.json()["capacity_bytes"].as_u64().expect("capacity");
+    let used = r.json()["used_bytes"].as_u64().expect("used");
+    assert!(cap > 0 && used <= cap);
+    let r = p.manager_method("GET", "/folder/mount", body(serde_json::json!({})));
+    assert_eq!(
+        r.json()["path"].as_str().map(std::path::PathBuf::from),
+        Some(std::fs::canonicalize(p.vfolder_path()).expect("canon"))
+    );
+    let r = p.manager_method(
+        "GET",
+        "/folder/mount",
+        body(serde_json::json!({"subpath": "d"})),
+    );
+    assert!(r.json()["path"].as_str().is_some_and(|s| s.ends_with("/d")));
+    for bad in ["../..", "missing"] {
+        let r = p.manager_method(
+            "GET",
+            "/folder/mount",
+            body(serde_json::json!({"subpath": bad})),
+        );
+        assert!([400, 404].contains(&r.status), "{bad}: {}", r.status);
+    }
+    std::os::unix::fs::symlink("d", p.vfolder_path().join("link")).expect("link");
+    let r = p.manager_method(
+        "GET",
+        "/folder/mount",
+        body(serde_json::json!({"subpath": "link"})),
+    );
+    assert_eq!(r.status, 400, "a mount path never goes through a symlink");
+    for method in ["GET", "POST"] {
+        let r = p.manager_method(
+            method,
+            "/folder/metadata",
+            body(serde_json::json!({"payload": ""})),
+        );
+        assert_eq!(r.json()["status"], "ok");
+    }
+    let r = p.manager_method(
+        "GET",
+        "/volume/hwinfo",
+        serde_json::json!({"volume": "local"}),
+    );
+    assert_eq!(r.json()["status"], "healthy");
+    let r = p.manager_method(
+        "GET",
+        "/volume/performance-metric",
+        serde_json::json!({"volume": "local"}),
+    );
+    assert_eq!(r.json()["metric"]["iops_read"], -1);
+    let r = p.manager_method(
+        "GET",
+        "/volume/hwinfo",
+        serde_json::json!({"volume": "nope"}),
+    );
+    assert_eq!(r.status, 400);
+    let r = p.manager_method("PATCH", "/volume/quota", body(serde_json::json!({})));
+    assert_eq!(r.status, 400, "deprecated in the original");
+}
+
+#[test]
+fn fetch_archive_tokens_and_metrics() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("logs/empty")).expect("tree");
+    std::fs::write(vf.join("logs/task.log"), "line 1\nline 2\n").expect("log");
+    std::fs::write(vf.join("top.txt"), "top").expect("top");
+    let r = p.manager(
+        "/folder/file/fetch",
+        body(serde_json::json!({"relpath": "logs/task.log"})),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"line 1\nline 2\n");
+    let r = p.manager(
+        "/folder/file/fetch",
+        body(serde_json::json!({"relpath": "logs/none.log"})),
+        None,
+    );
+    assert_eq!(r.status, 404);
+    let r = p.manager(
+        "/folder/file/fetch",
+        body(serde_json::json!({"relpath": "../../x"})),
+        None,
+    );
+    assert_eq!(r.status, 400);
+
+    let r = p.manager(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["logs", "top.txt"], "filename": "bundle.zip"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r
+        .header("content-disposition")
+        .is_some_and(|v| v.contains("bundle.zip")));
+    let zip = p.dir.path().join("bundle.zip");
+    std::fs::write(&zip, &r.body).expect("zip");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))")
+        .arg(&zip)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "logs/empty/|logs/task.log|top.txt",
+        "empty directories are kept"
+    );
+    // A download token is not an archive token, and escapes are refused.
+    let r = request(p.client, "GET", "/download-archive?token=forged", &[], b"");
+    assert_eq!(r.status, 401);
+    let r = p.manager(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["../x"]}),
+        None,
+    );
+    assert_eq!(r.status, 400);
+
+    // Metrics: no token needed, Prometheus text, the counters moved.
+    assert_eq!(p.upload("m.bin", b"12345").status, 204);
+    let r = request(p.manager, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    assert_eq!(value("storage_proxy_upload_bytes_total"), 5);
+    assert_eq!(value("storage_proxy_uploads_completed_total"), 1);
+    assert!(value("storage_proxy_downloads_total") >= 1);
+    assert!(value("storage_proxy_escapes_refused_total") >= 2);
+    assert_eq!(value("storage_proxy_quota_reserved_bytes"), 0);
+}
+
+#[test]
+fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        body(serde_json::json!({"mode": 0o750})),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let mode = std::fs::metadata(p.vfolder_path())
+        .expect("vfolder")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o750);
+    let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
+    assert_eq!(r.status, 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while p.vfolder_path().exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
+    assert_eq!(r.status, 410, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["request_id"].is_string());
+}
+
+/// After uploads, downloads and a background task, `/metrics` has `# HELP` and
+/// `# TYPE` on every family, the transfer histograms count every PATCH and download
+/// with the bytes moved, tasks are counted by state, and quota usage is per scope.
+#[test]
+fn metrics_histograms_add_up_to_the_transfers() {
+    use appproxy_test_support::prom::Exposition;
+    use std::time::{Duration, Instant};
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 100000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    std::fs::write(p.vfolder_path().join("used.bin"), vec![0u8; 600]).expect("file");
+    assert_eq!(p.upload("a.bin", b"12345").status, 204);
+    assert_eq!(p.upload("b.bin", &[7u8; 3000]).status, 204);
+    let mut downloaded = 0;
+    for (file, len) in [("a.bin", 5), ("b.bin", 3000), ("used.bin", 600)] {
+        let r = p.download(file, "", &[]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), len);
+        downloaded += len as u64;
+    }
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000cafe";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // A download is counted when the server drops its body, and the task when it
+    // ends: wait for both (a hang guard, not a timing assertion).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (text, e) = loop {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        let downloads = e.value("storage_proxy_download_duration_seconds_count", "");
+        let done = e.value(
+            "storage_proxy_bgtasks_finished_total",
+            "task=\"clone_vfolder\",state=\"done\"",
+        );
+        if downloads == Some(3.0) && done == Some(1.0) {
+            break (text, e);
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let counts = e.check();
+    let count = |f: &str| counts.get(&(f.to_owned(), String::new())).copied();
+    assert_eq!(
+        count("storage_proxy_upload_patch_size_bytes"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        count("storage_proxy_upload_patch_duration_seconds"),
+        Some(2)
+    );
+    assert_eq!(count("storage_proxy_download_size_bytes"), Some(3));
+    assert_eq!(count("storage_proxy_download_duration_seconds"), Some(3));
+    assert_eq!(
+        e.value("storage_proxy_upload_patch_size_bytes_sum", ""),
+        Some(3005.0)
+    );
+    assert_eq!(
+        e.value(
+            "storage_proxy_upload_patch_size_bytes_bucket",
+            "le=\"4096\""
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        e.value("storage_proxy_download_size_bytes_sum", ""),
+        Some(downloaded as f64)
+    );
+    assert_eq!(
+        e.value("storage_proxy_download_bytes_total", ""),
+        Some(downloaded as f64)
+    );
+    assert_eq!(
+        e.value("storage_proxy_downloads_in_progress", ""),
+        Some(0.0)
+    );
+    assert_eq!(e.value("storage_proxy_uploads_in_progress", ""), Some(0.0));
+    assert_eq!(e.value("storage_proxy_bgtasks_running", ""), Some(0.0));
+    // Every storage-proxy family the control-plane dashboard queries is exported.
+    let queried = appproxy_test_support::prom::dashboard_families("storage_proxy_");
+    assert!(queried.len() >= 8, "{queried:?}");
+    for family in queried {
+        assert!(e.kinds.contains_key(&family), "{family} in {text}");
+    }
+    let scope = e
+        .samples
+        .iter()
+        .find(|s| {
+            s.name == "storage_proxy_quota_scope_used_bytes"
+                && s.labels.starts_with("volume=\"local\",scope=\"")
+                && s.labels.contains("3f2b8c1e")
+        })
+        .unwrap_or_else(|| panic!("a quota scope sample in {text}"));
+    assert!(scope.value >= 600.0, "{text}");
+}
+
+/// A PATCH whose body is still arriving is an upload in progress at `/metrics`; it
+/// leaves the gauge when it completes, and its bytes are counted.
+#[test]
+fn uploads_in_progress_count_a_patch_while_its_body_arrives() {
+    use std::io::{Read as _, Write as _};
+    use std::time::{Duration, Instant};
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let size = 2000usize;
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "slow.bin", "size": size}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let gauge = || {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = appproxy_test_support::prom::Exposition::parse(&text);
+        (
+            e.value("storage_proxy_uploads_in_progress", "")
+                .unwrap_or_else(|| panic!("no gauge in {text}")),
+            e.value("storage_proxy_upload_bytes_total", "")
+                .unwrap_or(-1.0),
+        )
+    };
+    assert_eq!(gauge().0, 0.0);
+    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(
+        format!(
+            "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("head");
+    s.write_all(&[5u8; 1000]).expect("first half");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gauge().0 != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the PATCH never showed in progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.write_all(&[5u8; 1000]).expect("second half");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (active, bytes) = gauge();
+        if active == 0.0 {
+            assert_eq!(bytes, size as f64);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the PATCH never left the gauge");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The binary refuses a bad file at start-up (exit status 2) with the file, the key
+/// path and what was expected on stderr.
+#[test]
+fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
+    appproxy_test_support::config::assert_binary_refuses(
+        env!("CARGO_BIN_EXE_appproxy-storage-proxy"),
+        "[storage]\nmanager_bind = \"127.0.0.1:65536\"\n",
+        &["storage.manager_bind", "line 2", "socket address"],
+    );
+}

@@ -1,0 +1,266 @@
+//! The storage-proxy test harness shared by the storage test files: a real
+//! `appproxy-storage-proxy` process on free ports with a throwaway volume, and the
+//! manager-API calls the tests make.
+
+#![allow(dead_code)]
+
+use appproxy_test_support::http::{free_port, request, Resp};
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The manager API token of every test proxy.
+pub const TOKEN: &str = "manager-secret";
+/// The vfolder the tests use.
+pub const VFID: &str = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/5d6c8c1e9a4d4e6f8b7a1c2d3e4f5a6b";
+
+/// A running storage-proxy and its directory (config, log, volume).
+pub struct Proxy {
+    pub child: Child,
+    pub manager: SocketAddr,
+    pub client: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    pub fn start(extra_storage: &str) -> Self {
+        Self::start_with(extra_storage, "")
+    }
+
+    pub fn start_with(extra_storage: &str, extra_tables: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, c) = (free_port(), free_port());
+        let config = format!(
+            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
+            dir.path().join("vol").display()
+        );
+        std::fs::write(dir.path().join("storage.toml"), config).expect("config");
+        let log = std::fs::File::create(dir.path().join("storage.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
+            .arg("--config")
+            .arg(dir.path().join("storage.toml"))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start storage-proxy");
+        let p = Self {
+            child,
+            manager: ([127, 0, 0, 1], m).into(),
+            client: ([127, 0, 0, 1], c).into(),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(p.manager).is_err() || TcpStream::connect(p.client).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "storage-proxy did not start: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("storage.log")).unwrap_or_default()
+    }
+
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn manager(&self, path: &str, body: serde_json::Value, request_id: Option<&str>) -> Resp {
+        let mut headers = vec![
+            ("X-BackendAI-Storage-Auth-Token", TOKEN),
+            ("Content-Type", "application/json"),
+        ];
+        if let Some(id) = request_id {
+            headers.push(("X-Backend-Request-ID", id));
+        }
+        request(
+            self.manager,
+            "POST",
+            path,
+            &headers,
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// A session token from the manager API (`/folder/file/upload` or `download`).
+    pub fn token(&self, path: &str, body: serde_json::Value) -> String {
+        let r = self.manager(path, body, None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token").to_owned()
+    }
+
+    pub fn vfolder_path(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/5d/6c/8c1e9a4d4e6f8b7a1c2d3e4f5a6b")
+    }
+}
+
+pub fn create_folder(p: &Proxy) {
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
+impl Proxy {
+    /// A manager call with any method.
+    pub fn manager_method(&self, method: &str, path: &str, body: serde_json::Value) -> Resp {
+        request(
+            self.manager,
+            method,
+            path,
+            &[
+                ("X-BackendAI-Storage-Auth-Token", TOKEN),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// Downloads `relpath` of the test vfolder (a fresh token each time).
+    pub fn download(&self, relpath: &str, query: &str, headers: &[(&str, &str)]) -> Resp {
+        let r = self.manager(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+            None,
+        );
+        let Some(token) = r.json()["token"].as_str().map(str::to_owned) else {
+            return r;
+        };
+        request(
+            self.client,
+            "GET",
+            &format!("/download?token={token}{query}"),
+            headers,
+            b"",
+        )
+    }
+
+    /// Uploads `data` to `relpath` of the test vfolder in one PATCH; returns the
+    /// session creation's answer when it is refused, else the PATCH's.
+    pub fn upload(&self, relpath: &str, data: &[u8]) -> Resp {
+        let r = self.manager(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath, "size": data.len()}),
+            None,
+        );
+        if r.status != 200 {
+            return r;
+        }
+        let token = r.json()["token"].as_str().unwrap_or_default().to_owned();
+        request(
+            self.client,
+            "PATCH",
+            &format!("/upload?token={token}"),
+            &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+            data,
+        )
+    }
+}
+
+/// Every file under `dir` (symlinks not followed) with its content: a canary's
+/// fingerprint.
+pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let rel = path
+                .strip_prefix(dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => {
+                    out.insert(format!("{rel}/"), Vec::new());
+                    stack.push(path);
+                }
+                Ok(_) => {
+                    out.insert(rel, std::fs::read(&path).unwrap_or_default());
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    out
+}
+
+/// Swaps two entries atomically (`renameat2(RENAME_EXCHANGE)`) until dropped: one
+/// side a real directory, the other a symlink out of the volume, so a path through
+/// `a` names one or the other at any instant.
+pub struct Flipper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Flipper {
+    /// Starts swapping `a` and `b`.
+    pub fn start(a: std::path::PathBuf, b: std::path::PathBuf) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &a,
+                    rustix::fs::CWD,
+                    &b,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .is_ok()
+                {
+                    n += 1;
+                }
+                if n % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            n
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns how many swaps were made.
+    pub fn stop(mut self) -> u64 {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Flipper {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

@@ -1,0 +1,536 @@
+//! Containment of the storage-proxy under attack from inside a vfolder: a user who
+//! can create symlinks swaps directories for symlinks to an outside canary while
+//! requests run (uploads' final PATCH, downloads, deletes, archives, the `.upload`
+//! staging directory, the expired-upload cleanup), and random API-call sequences run
+//! against concurrent swaps. Nothing outside the volume may be read, written or
+//! deleted. Also the durability fence of an upload's completing rename (traced with
+//! strace attached to the running proxy).
+
+mod storage_common;
+
+use appproxy_test_support::http::request;
+use storage_common::{create_folder, snapshot, Flipper, Proxy, VFID};
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const CANARY: &[u8] = b"OUTSIDE-CANARY-must-never-be-served";
+
+/// The outside canary directory (next to the volume, not in it), with a secret, a
+/// victim for deletes and a subdirectory.
+fn canary(p: &Proxy) -> PathBuf {
+    // Short files are stored in zips, never deflated: the canary's bytes show as they
+    // are in any archive that includes it.
+    assert!(CANARY.len() < 64);
+    let out = p.dir.path().join("outside");
+    std::fs::create_dir_all(out.join("sub")).expect("outside");
+    std::fs::write(out.join("secret.txt"), CANARY).expect("secret");
+    std::fs::write(out.join("victim.txt"), CANARY).expect("victim");
+    std::fs::write(out.join("sub/deep.txt"), CANARY).expect("deep");
+    out
+}
+
+/// `<dir>/<name>` a real directory holding `secret.txt` ("inside") and
+/// `<dir>/<name>alt` a symlink to `out`; returns a descriptor of the real directory
+/// (stable while the two are swapped).
+fn flip_pair(dir: &Path, name: &str, out: &Path) -> std::os::fd::OwnedFd {
+    let real = dir.join(name);
+    std::fs::create_dir_all(&real).expect("real dir");
+    std::fs::write(real.join("secret.txt"), b"inside").expect("inner secret");
+    std::os::unix::fs::symlink(out, dir.join(format!("{name}alt"))).expect("symlink");
+    rustix::fs::open(
+        &real,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open real dir")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Runs `f(thread, i)` for `per` iterations on each of `threads` threads.
+fn hammer(threads: usize, per: usize, f: impl Fn(usize, usize) + Sync) {
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let f = &f;
+            s.spawn(move || {
+                for i in 0..per {
+                    f(t, i);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn final_patch_never_writes_through_a_swapped_directory() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let before = snapshot(&out);
+    let vf = p.vfolder_path();
+    let _inner = flip_pair(&vf, "flip", &out);
+    let flipper = Flipper::start(vf.join("flip"), vf.join("flipalt"));
+    let landed = std::sync::atomic::AtomicUsize::new(0);
+    hammer(4, 40, |t, i| {
+        let r = p.upload(&format!("flip/new/{t}-{i}.txt"), b"payload");
+        assert!(
+            [204, 400].contains(&r.status),
+            "{}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        if r.status == 204 {
+            landed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    assert!(flipper.stop() > 0);
+    assert_eq!(snapshot(&out), before, "nothing written or created outside");
+    // Every completed upload is inside the vfolder, in the real directory (whichever
+    // of the two names it has now).
+    let real = if vf.join("flip").is_symlink() {
+        vf.join("flipalt")
+    } else {
+        vf.join("flip")
+    };
+    assert_eq!(
+        std::fs::read_dir(real.join("new")).map_or(0, |rd| rd.count()),
+        landed.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn downloads_never_serve_through_a_swapped_directory() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let vf = p.vfolder_path();
+    let _inner = flip_pair(&vf, "flip", &out);
+    let flipper = Flipper::start(vf.join("flip"), vf.join("flipalt"));
+    let served = std::sync::atomic::AtomicUsize::new(0);
+    hammer(4, 150, |_, _| {
+        let r = p.download("flip/secret.txt", "", &[]);
+        assert!(!contains(&r.body, CANARY), "the outside file was served");
+        match r.status {
+            200 => {
+                assert_eq!(r.body, b"inside");
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            400 | 404 => assert!(r.json()["request_id"].is_string()),
+            other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    });
+    assert!(flipper.stop() > 0);
+    // A symlink to the outside is refused outright.
+    let r = p.download("flipalt/secret.txt", "", &[]);
+    let r2 = p.download("flip/secret.txt", "", &[]);
+    assert!(
+        [r.status, r2.status].contains(&400),
+        "{} {}",
+        r.status,
+        r2.status
+    );
+    assert!(!contains(&r.body, CANARY) && !contains(&r2.body, CANARY));
+}
+
+#[test]
+fn deletes_never_reach_through_a_swapped_directory() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let before = snapshot(&out);
+    let vf = p.vfolder_path();
+    let inner = flip_pair(&vf, "flip", &out);
+    let flipper = Flipper::start(vf.join("flip"), vf.join("flipalt"));
+    hammer(2, 150, |_, _| {
+        // Recreate the inner victim through the real directory's descriptor.
+        if let Ok(fd) = rustix::fs::openat(
+            &inner,
+            "victim.txt",
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        ) {
+            drop(fd);
+        }
+        for (relpaths, recursive) in [
+            (serde_json::json!(["flip/victim.txt"]), false),
+            (serde_json::json!(["flip/sub"]), true),
+        ] {
+            let r = p.manager(
+                "/folder/file/delete",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": relpaths, "recursive": recursive}),
+                None,
+            );
+            assert!(
+                [200, 400, 404].contains(&r.status),
+                "{}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    });
+    assert!(flipper.stop() > 0);
+    assert_eq!(snapshot(&out), before, "nothing outside deleted");
+    // A recursive delete of a tree holding a swapping child removes the link, not
+    // what it points at.
+    std::fs::create_dir_all(vf.join("tree")).expect("tree");
+    let _inner2 = flip_pair(&vf.join("tree"), "x", &out);
+    let flipper = Flipper::start(vf.join("tree/x"), vf.join("tree/xalt"));
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["tree"], "recursive": true}),
+        None,
+    );
+    flipper.stop();
+    assert!([200, 400, 404].contains(&r.status), "{}", r.status);
+    assert_eq!(snapshot(&out), before, "nothing outside deleted");
+}
+
+#[test]
+fn archives_never_include_files_through_a_swapped_directory() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("arch")).expect("arch");
+    std::fs::write(vf.join("arch/a.txt"), "inside-a").expect("a");
+    let _inner = flip_pair(&vf.join("arch"), "sub", &out);
+    let flipper = Flipper::start(vf.join("arch/sub"), vf.join("arch/subalt"));
+    hammer(2, 60, |_, _| {
+        let r = p.download("arch", "&archive=true", &[]);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(!contains(&r.body, CANARY), "an outside file was archived");
+        assert!(contains(&r.body, b"inside-a"));
+    });
+    assert!(flipper.stop() > 0);
+    // A whole-vfolder archive with a static outward link leaves it out too.
+    std::os::unix::fs::symlink(&out, vf.join("static-link")).expect("link");
+    let r = p.download(".", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    assert!(!contains(&r.body, CANARY));
+    // Listed as the link it is, never followed.
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    let listing = r.json();
+    let link = listing["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["name"] == "static-link"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(link["type"], "SYMLINK", "{listing}");
+    assert_eq!(link["symlink_target"], out.display().to_string());
+}
+
+#[test]
+fn a_symlinked_staging_directory_is_never_written_through() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let before = snapshot(&out);
+    let vf = p.vfolder_path();
+    // A static link: session creation is refused and nothing is staged outside.
+    std::os::unix::fs::symlink(&out, vf.join(".upload")).expect("link");
+    let r = p.upload("x.bin", b"data");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.upload(".upload/0123456789abcdef0123456789abcdef", b"data");
+    assert_eq!(r.status, 400, "the staging area is never a destination");
+    assert_eq!(
+        r.json()["code"],
+        "invalid-api-params",
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(snapshot(&out), before);
+    // A staging directory swapped back and forth while sessions are created and
+    // written: stages and writes only ever land inside.
+    std::fs::remove_file(vf.join(".upload")).expect("unlink");
+    std::fs::create_dir(vf.join(".upload")).expect("staging");
+    std::os::unix::fs::symlink(&out, vf.join(".uploadalt")).expect("link");
+    let flipper = Flipper::start(vf.join(".upload"), vf.join(".uploadalt"));
+    hammer(4, 40, |t, i| {
+        let r = p.upload(&format!("up-{t}-{i}.bin"), b"staged-bytes");
+        assert!(
+            [204, 400, 404].contains(&r.status),
+            "{}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    });
+    assert!(flipper.stop() > 0);
+    assert_eq!(snapshot(&out), before, "nothing staged or written outside");
+}
+
+#[test]
+fn cleanup_never_deletes_through_a_symlinked_staging_directory() {
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    let out = canary(&p);
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    for f in ["secret.txt", "victim.txt"] {
+        std::fs::File::options()
+            .write(true)
+            .open(out.join(f))
+            .and_then(|f| f.set_modified(old))
+            .expect("age the canary");
+    }
+    let before = snapshot(&out);
+    std::os::unix::fs::symlink(&out, p.vfolder_path().join(".upload")).expect("link");
+    // A second vfolder with a real, expired staging file shows the passes run.
+    let other = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000f00d";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let staging = p.dir.path().join(
+        "vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000f00d/.upload",
+    );
+    std::fs::create_dir_all(&staging).expect("staging");
+    std::fs::write(staging.join("0123456789abcdef0123456789abcdef"), "x").expect("staged");
+    std::fs::File::options()
+        .write(true)
+        .open(staging.join("0123456789abcdef0123456789abcdef"))
+        .and_then(|f| f.set_modified(old))
+        .expect("age");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let passes = p
+            .log_json()
+            .iter()
+            .filter(|v| v["message"] == "expired-upload cleanup pass")
+            .count();
+        if passes >= 3 && std::fs::read_dir(&staging).map_or(0, |d| d.count()) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(snapshot(&out), before, "nothing outside deleted");
+}
+
+/// One API call of the random sequences.
+#[derive(Debug, Clone)]
+enum Op {
+    List(usize),
+    Download(usize),
+    Archive(usize),
+    Upload(usize),
+    Delete(usize, bool),
+    Mkdir(usize),
+    Rename(usize, usize),
+    Move(usize, usize),
+    Usage,
+}
+
+const PATHS: [&str; 12] = [
+    "flip",
+    "flip/secret.txt",
+    "flip/new",
+    "flip/new/f.txt",
+    "flipalt",
+    "flipalt/secret.txt",
+    "in",
+    "in/f.txt",
+    ".upload",
+    "x.txt",
+    ".",
+    "in/flip/secret.txt",
+];
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let i = 0..PATHS.len();
+    prop_oneof![
+        i.clone().prop_map(Op::List),
+        i.clone().prop_map(Op::Download),
+        i.clone().prop_map(Op::Archive),
+        i.clone().prop_map(Op::Upload),
+        (i.clone(), any::<bool>()).prop_map(|(a, r)| Op::Delete(a, r)),
+        i.clone().prop_map(Op::Mkdir),
+        (i.clone(), i.clone()).prop_map(|(a, b)| Op::Rename(a, b)),
+        (i.clone(), i).prop_map(|(a, b)| Op::Move(a, b)),
+        Just(Op::Usage),
+    ]
+}
+
+/// Rebuilds the vfolder's contents: two swapping pairs and some plain files.
+fn reset(vf: &Path, out: &Path) {
+    if let Ok(rd) = std::fs::read_dir(vf) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    drop(flip_pair(vf, "flip", out));
+    std::fs::create_dir_all(vf.join("in")).expect("in");
+    std::fs::write(vf.join("in/f.txt"), "in-f").expect("f");
+    drop(flip_pair(&vf.join("in"), "flip", out));
+}
+
+#[test]
+fn random_api_sequences_with_concurrent_swaps_never_touch_the_outside() {
+    use proptest::test_runner::{Config, TestRunner};
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = canary(&p);
+    let before = snapshot(&out);
+    let vf = p.vfolder_path();
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op(), 1..20), |ops| {
+        reset(&vf, &out);
+        let flippers = [
+            Flipper::start(vf.join("flip"), vf.join("flipalt")),
+            Flipper::start(vf.join("in/flip"), vf.join("in/flipalt")),
+        ];
+        for op in &ops {
+            let body = |extra: serde_json::Value| {
+                let mut b = serde_json::json!({"volume": "local", "vfid": VFID});
+                if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+                    b.extend(e.clone());
+                }
+                b
+            };
+            let r = match op {
+                Op::List(a) => p.manager(
+                    "/folder/file/list",
+                    body(serde_json::json!({"relpath": PATHS[*a]})),
+                    None,
+                ),
+                Op::Download(a) => p.download(PATHS[*a], "", &[]),
+                Op::Archive(a) => p.download(PATHS[*a], "&archive=true", &[]),
+                Op::Upload(a) => p.upload(PATHS[*a], b"uploaded"),
+                Op::Delete(a, recursive) => p.manager(
+                    "/folder/file/delete",
+                    body(serde_json::json!({"relpaths": [PATHS[*a]], "recursive": recursive})),
+                    None,
+                ),
+                Op::Mkdir(a) => p.manager(
+                    "/folder/file/mkdir",
+                    body(serde_json::json!({"relpath": PATHS[*a], "parents": true, "exist_ok": true})),
+                    None,
+                ),
+                Op::Rename(a, b) => p.manager(
+                    "/folder/file/rename",
+                    body(serde_json::json!({"relpath": PATHS[*a], "new_name": format!("r{b}")})),
+                    None,
+                ),
+                Op::Move(a, b) => p.manager(
+                    "/folder/file/move",
+                    body(serde_json::json!({"src_relpath": PATHS[*a], "dst_relpath": PATHS[*b]})),
+                    None,
+                ),
+                Op::Usage => p.manager("/folder/usage", body(serde_json::json!({})), None),
+            };
+            proptest::prop_assert!(
+                !contains(&r.body, CANARY),
+                "{op:?} served the outside canary"
+            );
+            proptest::prop_assert!(r.status < 500, "{op:?}: {}", r.status);
+            // (A partial mkdir answers 422 with its per-path results.)
+            if r.status >= 400 && r.status != 422 {
+                let j: serde_json::Value =
+                    serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+                proptest::prop_assert!(j["request_id"].is_string(), "{op:?}: {j}");
+            }
+        }
+        drop(flippers);
+        proptest::prop_assert_eq!(&snapshot(&out), &before, "the outside changed");
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}\n{}", p.log());
+    }
+    // The list of the vfolder root never shows the staging area.
+    let r = request(p.manager, "GET", "/status", &[], b"");
+    assert_eq!(r.status, 200);
+}
+
+/// The completing rename of an upload comes after an `fsync` of the staged file and
+/// of the staging directory, and is followed by an `fsync` of the destination
+/// directory: the system calls are traced with strace attached to the running proxy.
+#[test]
+fn the_completing_rename_is_fenced_by_fsyncs() {
+    use std::io::BufRead as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let trace = p.dir.path().join("trace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg("-p")
+        .arg(p.child.id().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (needed to observe fsync) is installed");
+    // Wait (bounded) for strace to say it attached before uploading.
+    let stderr = strace.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("strace attached to the proxy");
+    let r = p.upload("d/e/synced.bin", b"durable bytes");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // The syscalls happened before the 204 went out; read the trace until they are
+    // all written (bounded), then stop strace (the proxy is detached, not killed).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        if (text.contains("synced.bin") && text.contains("/d/e>) = 0")) || Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = strace.kill();
+    let _ = strace.wait();
+    let lines: Vec<&str> = text.lines().collect();
+    let find = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let rename = find(&|l| l.contains("rename") && l.contains("synced.bin") && l.contains("= 0"))
+        .unwrap_or_else(|| panic!("no rename in the trace:\n{text}"));
+    let staged_sync = find(&|l| {
+        (l.contains("fsync(") || l.contains("fdatasync("))
+            && l.contains("/.upload/")
+            && l.contains("= 0")
+    })
+    .unwrap_or_else(|| panic!("no fsync of the staged file:\n{text}"));
+    let dir_sync = find(&|l| l.contains("fsync(") && l.contains("/.upload>)") && l.contains("= 0"))
+        .unwrap_or_else(|| panic!("no fsync of the staging directory:\n{text}"));
+    let dest_sync = lines
+        .iter()
+        .skip(rename)
+        .position(|l| l.contains("fsync(") && l.contains("/d/e>)") && l.contains("= 0"));
+    assert!(staged_sync < rename && dir_sync < rename, "{text}");
+    assert!(
+        dest_sync.is_some(),
+        "no fsync of the destination after the rename:\n{text}"
+    );
+}

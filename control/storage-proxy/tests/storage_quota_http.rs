@@ -1,0 +1,421 @@
+//! The storage-proxy's quota as a reservation (concurrent sessions never pass the
+//! limit; a lowered limit stops a PATCH; expiry releases; clones check the
+//! destination), HTTP caching and resumable-download validators (RFC 9110), and
+//! extractor rejections as the product's JSON error with the request ID.
+
+mod storage_common;
+
+use appproxy_test_support::http::request;
+use storage_common::{create_folder, Proxy, TOKEN, VFID};
+
+const QSID: &str = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+fn create_with_limit(p: &Proxy, limit: u64) {
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": limit}}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
+fn set_limit(p: &Proxy, limit: u64) {
+    let r = p.manager_method(
+        "PATCH",
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": QSID, "options": {"limit_bytes": limit}}),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
+fn upload_token(p: &Proxy, relpath: &str, size: usize) -> appproxy_test_support::http::Resp {
+    p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath, "size": size}),
+        None,
+    )
+}
+
+fn patch(p: &Proxy, token: &str, offset: usize, data: &[u8]) -> appproxy_test_support::http::Resp {
+    request(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}"),
+        &[("Upload-Offset", &offset.to_string())],
+        data,
+    )
+}
+
+#[test]
+fn concurrent_sessions_never_pass_the_limit() {
+    const LIMIT: usize = 10_000;
+    const SIZE: usize = 1_000;
+    let p = Proxy::start("");
+    create_with_limit(&p, LIMIT as u64);
+    let ok = std::sync::atomic::AtomicUsize::new(0);
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let (p, ok, refused) = (&p, &ok, &refused);
+            s.spawn(move || {
+                for i in 0..5 {
+                    let r = upload_token(p, &format!("f-{t}-{i}.bin"), SIZE);
+                    if r.status == 413 {
+                        assert_eq!(r.json()["code"], "quota-exceeded");
+                        assert!(r.json()["request_id"].is_string());
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    let token = r.json()["token"].as_str().expect("token").to_owned();
+                    let r = patch(p, &token, 0, &[1u8; SIZE]);
+                    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    // Each accepted session holds SIZE bytes, first reserved, then committed: exactly
+    // LIMIT / SIZE of the 30 fit, whatever the interleaving.
+    assert_eq!(ok.load(std::sync::atomic::Ordering::Relaxed), LIMIT / SIZE);
+    assert_eq!(
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+        30 - LIMIT / SIZE
+    );
+    let r = p.manager(
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": QSID}),
+        None,
+    );
+    assert_eq!(r.json()["used_bytes"], LIMIT as u64);
+    assert_eq!(r.json()["reserved_bytes"], 0, "completion released them");
+}
+
+#[test]
+fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
+    let p = Proxy::start("");
+    create_with_limit(&p, 1_000);
+    // Two sessions that each fit but together do not: the second is refused.
+    let a = upload_token(&p, "a.bin", 600);
+    assert_eq!(a.status, 200);
+    let r = upload_token(&p, "b.bin", 600);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let a = a.json()["token"].as_str().expect("token").to_owned();
+    // Part of the upload, then the limit is lowered under the reservation: the next
+    // PATCH is refused with the quota error and nothing more is written.
+    assert_eq!(patch(&p, &a, 0, &[0u8; 100]).status, 204);
+    set_limit(&p, 500);
+    let r = patch(&p, &a, 100, &[0u8; 500]);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "quota-exceeded");
+    assert!(!p.vfolder_path().join("a.bin").exists());
+    let r = request(p.client, "HEAD", &format!("/upload?token={a}"), &[], b"");
+    assert_eq!(r.header("upload-offset"), Some("100"));
+    // Raised again, the same session finishes.
+    set_limit(&p, 1_000);
+    assert_eq!(patch(&p, &a, 100, &[0u8; 500]).status, 204);
+    assert_eq!(
+        std::fs::metadata(p.vfolder_path().join("a.bin"))
+            .expect("a")
+            .len(),
+        600
+    );
+    // A clone into the same scope would pass the limit: refused, nothing created.
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e")
+        .exists());
+    // Into a scope with exactly enough room it goes through, and then the scope is
+    // full: its bytes were reserved while copying and are committed after.
+    let other_qs = serde_json::json!({"volume": "local", "qsid": "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e", "options": {"limit_bytes": 600}});
+    assert_eq!(
+        p.manager("/quota-scope", other_qs.clone(), None).status,
+        200
+    );
+    let other = "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let q = p
+            .manager_method("GET", "/quota-scope", other_qs.clone())
+            .json();
+        if q["reserved_bytes"] == 0 {
+            assert_eq!(q["used_bytes"], 600, "{q}");
+            break;
+        }
+        assert_eq!(q["reserved_bytes"], 600, "{q}");
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": other, "relpath": "one-more.bin", "size": 1}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn quota_scope_routes_follow_the_original() {
+    let p = Proxy::start("");
+    let qs = serde_json::json!({"volume": "local", "qsid": "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e"});
+    let r = p.manager_method("GET", "/quota-scope", qs.clone());
+    assert_eq!(r.status, 404, "a missing scope");
+    assert!(r.json()["request_id"].is_string());
+    let mut create = qs.clone();
+    create["options"] = serde_json::json!({"limit_bytes": 4096});
+    let r = p.manager("/quota-scope", create, None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.manager_method("GET", "/quota-scope", qs.clone());
+    assert_eq!(r.json()["limit_bytes"], 4096, "POST keeps the limit");
+    assert_eq!(r.json()["used_bytes"], 0);
+    let r = p.manager_method("DELETE", "/quota-scope/quota", qs.clone());
+    assert_eq!(r.status, 204);
+    let r = p.manager_method("GET", "/quota-scope", qs);
+    assert!(r.json()["limit_bytes"].is_null());
+}
+
+#[test]
+fn downloads_carry_validators_and_honour_preconditions() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let v1: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(p.upload("doc.bin", &v1).status, 204);
+    let r = p.download("doc.bin", "", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    let etag = r.header("etag").expect("etag").to_owned();
+    assert!(
+        etag.starts_with('"') && !etag.starts_with("W/"),
+        "strong: {etag}"
+    );
+    let modified = r.header("last-modified").expect("last-modified").to_owned();
+    assert!(modified.ends_with(" GMT"), "{modified}");
+    // If-None-Match and If-Modified-Since: 304 with the validators, no body.
+    let r = p.download("doc.bin", "", &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    let r = p.download("doc.bin", "", &[("If-None-Match", "\"other\", W/\"x\"")]);
+    assert_eq!(r.status, 200);
+    let r = p.download("doc.bin", "", &[("If-Modified-Since", &modified)]);
+    assert_eq!(r.status, 304);
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("If-Modified-Since", "Sat, 01 Jan 2000 00:00:00 GMT")],
+    );
+    assert_eq!(r.status, 200);
+    // If-None-Match wins over If-Modified-Since.
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[
+            ("If-None-Match", "\"other\""),
+            ("If-Modified-Since", &modified),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    // If-Range: the current validator gives the range, a stale one the whole file.
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("Range", "bytes=10-19"), ("If-Range", &etag)],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &v1[10..20]);
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("Range", "bytes=10-19"), ("If-Range", &modified)],
+    );
+    assert_eq!(r.status, 206, "a matching date");
+    // A new version of the file: the old validator no longer matches, so a resumed
+    // download gets the whole new file instead of splicing two versions.
+    let v2: Vec<u8> = v1.iter().rev().copied().collect();
+    assert_eq!(p.upload("doc.bin", &v2).status, 204);
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("Range", "bytes=10-19"), ("If-Range", &etag)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, v2);
+    let new_etag = r.header("etag").expect("etag").to_owned();
+    assert_ne!(new_etag, etag);
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("Range", "bytes=10-19"), ("If-Range", "W/\"weak\"")],
+    );
+    assert_eq!(r.status, 200, "a weak validator never matches If-Range");
+    // If-Match: a stale tag fails the precondition.
+    let r = p.download("doc.bin", "", &[("If-Match", &etag)]);
+    assert_eq!(r.status, 412);
+    assert_eq!(r.json()["code"], "precondition-failed");
+    assert!(r.json()["request_id"].is_string());
+    let r = p.download("doc.bin", "", &[("Range", "bytes=20000-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */10000"));
+    assert_eq!(r.json()["code"], "range-not-satisfiable");
+    let r = p.download("doc.bin", "", &[("If-Match", &new_etag)]);
+    assert_eq!(r.status, 200);
+    let r = p.download(
+        "doc.bin",
+        "",
+        &[("If-Unmodified-Since", "Sat, 01 Jan 2000 00:00:00 GMT")],
+    );
+    assert_eq!(r.status, 412);
+}
+
+#[test]
+fn extractor_rejections_are_json_errors_with_the_request_id() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let send = |path: &str, ctype: &str, body: &[u8]| {
+        request(
+            p.manager,
+            "POST",
+            path,
+            &[
+                ("X-BackendAI-Storage-Auth-Token", TOKEN),
+                ("Content-Type", ctype),
+                ("X-Backend-Request-ID", "bad-input-1"),
+            ],
+            body,
+        )
+    };
+    for (what, r, status) in [
+        (
+            "bad JSON",
+            send("/folder/file/list", "application/json", b"{not json"),
+            400,
+        ),
+        (
+            "wrong type",
+            send(
+                "/folder/file/list",
+                "application/json",
+                br#"{"volume": 1, "vfid": []}"#,
+            ),
+            422,
+        ),
+        (
+            "missing content type",
+            send("/folder/file/list", "text/plain", b"{}"),
+            415,
+        ),
+        (
+            "too large",
+            send("/folder/file/list", "application/json", &[b' '; 3 << 20]),
+            413,
+        ),
+        (
+            "no route",
+            send("/no/such/route", "application/json", b"{}"),
+            404,
+        ),
+    ] {
+        assert_eq!(
+            r.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let j = r.json();
+        assert_eq!(j["request_id"], "bad-input-1", "{what}: {j}");
+        assert!(
+            j["error"].is_string() && j["code"].is_string(),
+            "{what}: {j}"
+        );
+        assert_eq!(r.header("x-backend-request-id"), Some("bad-input-1"));
+    }
+    let r = request(p.client, "DELETE", "/upload", &[], b"");
+    assert_eq!(r.status, 405);
+    assert!(r.json()["request_id"].is_string());
+}
+
+#[test]
+fn an_expired_session_releases_its_reservation() {
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_with_limit(&p, 1_000);
+    assert_eq!(upload_token(&p, "a.bin", 800).status, 200);
+    assert_eq!(
+        upload_token(&p, "b.bin", 800).status,
+        413,
+        "a's bytes are held"
+    );
+    let qs = serde_json::json!({"volume": "local", "qsid": QSID});
+    assert_eq!(
+        p.manager_method("GET", "/quota-scope", qs.clone()).json()["reserved_bytes"],
+        800
+    );
+    // The cleanup removes a's idle staging file and releases what it held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while p.manager_method("GET", "/quota-scope", qs.clone()).json()["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(upload_token(&p, "b.bin", 800).status, 200);
+}
+
+/// `/metrics` shows each scope's limit beside its usage, under the same labels, and
+/// follows a changed or removed limit.
+#[test]
+fn quota_metrics_show_limits_beside_usage_per_scope() {
+    use appproxy_test_support::prom::Exposition;
+    let p = Proxy::start("");
+    create_with_limit(&p, 50_000);
+    assert_eq!(p.upload("x.bin", &[1u8; 1000]).status, 204);
+    // Usage is as last measured: the next reservation (a new session) measures it.
+    assert_eq!(upload_token(&p, "y.bin", 10).status, 200);
+    let project = "project:0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e";
+    let r = p.manager(
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": project, "options": {"limit_bytes": 4096}}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let user = "volume=\"local\",scope=\"user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
+    let proj = "volume=\"local\",scope=\"project-0b1c2d3e4f5a4b6c8d7e9f0a1b2c3d4e\"";
+    let scrape = || {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        e.check();
+        (text, e)
+    };
+    let limit = "storage_proxy_quota_scope_limit_bytes";
+    let used = "storage_proxy_quota_scope_used_bytes";
+    let (text, e) = scrape();
+    assert_eq!(e.value(limit, user), Some(50_000.0), "{text}");
+    assert!(e.value(used, user) >= Some(1000.0), "{text}");
+    assert_eq!(e.value(limit, proj), Some(4096.0), "{text}");
+    // A changed limit shows at once; a removed one leaves no series.
+    set_limit(&p, 70_000);
+    let (text, e) = scrape();
+    assert_eq!(e.value(limit, user), Some(70_000.0), "{text}");
+    let qs = serde_json::json!({"volume": "local", "qsid": QSID});
+    assert_eq!(
+        p.manager_method("DELETE", "/quota-scope/quota", qs).status,
+        204
+    );
+    let (text, e) = scrape();
+    assert_eq!(e.value(limit, user), None, "{text}");
+    assert!(e.value(used, user).is_some(), "usage stays: {text}");
+    assert_eq!(e.value(limit, proj), Some(4096.0), "{text}");
+}

@@ -1,0 +1,212 @@
+//! The per-core connection gate: the cap on open client connections, the refusal at
+//! the cap (a best-effort 503 on HTTP frontends), and the once-per-burst accounting of
+//! refused connections, failed accepts and local connect failures.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use appproxy_shared::RequestId;
+
+use super::{counter, Core};
+use crate::io::{CountGuard, TcpConn};
+
+/// The per-core connection cap: how many client connections are open, how many may
+/// be, and the state of the current refusal or accept-failure burst (one log line
+/// per burst, not per connection).
+pub struct ConnGate {
+    /// Open client connections (every frontend and the API port).
+    open: Rc<Cell<usize>>,
+    /// The cap.
+    pub cap: usize,
+    /// Connections refused since the cap was last left.
+    refused_in_burst: Cell<u64>,
+    /// Failed accepts since the last successful one.
+    failed_in_burst: Cell<u64>,
+    /// Upstream connects that failed for a local reason since the last one that
+    /// worked.
+    local_in_burst: Cell<u64>,
+}
+
+/// Descriptors left aside for everything that is not a client connection or its
+/// upstream connection (listeners, pooled connections, the admin thread, logs).
+const DESCRIPTOR_HEADROOM: u64 = 128;
+
+impl ConnGate {
+    /// The gate of one of `cores` cores; `cap` 0 derives the cap from the descriptor
+    /// limit: each proxied connection costs two descriptors, the limit is shared by
+    /// every core, and [`DESCRIPTOR_HEADROOM`] stays free.
+    pub(super) fn new(cap: usize, cores: usize, cpu: usize) -> Self {
+        let cap = if cap > 0 {
+            cap
+        } else {
+            let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(1 << 20);
+            let per_core = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / 2 / cores.max(1) as u64;
+            let cap = per_core.clamp(16, 1 << 20) as usize;
+            tracing::info!(
+                core = cpu,
+                cap,
+                nofile,
+                "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
+            );
+            cap
+        };
+        Self {
+            open: Rc::new(Cell::new(0)),
+            cap,
+            refused_in_burst: Cell::new(0),
+            failed_in_burst: Cell::new(0),
+            local_in_burst: Cell::new(0),
+        }
+    }
+
+    /// Open client connections now.
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+}
+
+/// The proxy's answer to a connection refused at the cap (HTTP frontends only).
+const REFUSED_HEAD: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\n";
+
+impl Core {
+    /// Decides whether a just-accepted connection on `port` may be served: below the
+    /// cap it is registered with the reactor and holds a unit of the open count for
+    /// its life; at the cap it is refused — counted, logged once per burst, sent a
+    /// best-effort 503 JSON when the frontend speaks HTTP — and closed (`None`).
+    pub fn admit(
+        &self,
+        stream: std::net::TcpStream,
+        port: u16,
+    ) -> Option<std::io::Result<TcpConn>> {
+        let guard = self.admission(&stream, port)?;
+        Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
+            conn.count_in(guard);
+            conn
+        }))
+    }
+
+    fn admission(&self, stream: &std::net::TcpStream, port: u16) -> Option<CountGuard> {
+        let gate = &self.conns;
+        let failed = gate.failed_in_burst.replace(0);
+        if failed > 0 {
+            tracing::info!(core = self.cpu, port, failed, "accepting again");
+        }
+        let open = gate.open.get();
+        if let Some(guard) = CountGuard::take(&gate.open, gate.cap) {
+            // The burst ends once the core is clearly below the cap again (a tenth of
+            // it free), not at every connection that slips in between refusals.
+            let refused = gate.refused_in_burst.get();
+            if refused > 0 && open + gate.cap / 10 < gate.cap {
+                gate.refused_in_burst.set(0);
+                tracing::info!(
+                    core = self.cpu,
+                    refused,
+                    cap = gate.cap,
+                    "connection cap: accepting again after refusing connections"
+                );
+            }
+            return Some(guard);
+        }
+        self.metrics.add(counter::CONN_REFUSED, 1);
+        let refused = gate.refused_in_burst.get() + 1;
+        gate.refused_in_burst.set(refused);
+        if refused == 1 {
+            tracing::warn!(
+                core = self.cpu,
+                port,
+                cap = gate.cap,
+                "connection cap reached: refusing new connections until some close ([limits] max_connections_per_core)"
+            );
+        }
+        let raw_tcp = self.route_for_port(port).is_some_and(|r| {
+            r.circuit.circuit.protocol == appproxy_shared::model::ProxyProtocol::Tcp
+        });
+        // Over TLS a plaintext answer would be garbage to the client: it is just closed.
+        if !raw_tcp && self.rt.tls.is_none() {
+            let id = RequestId::generate(self.rt.id_version);
+            let body = format!(
+                "{{\"error\":\"too many connections on this worker, retry later\",\"code\":\"connection_limit\",\"request_id\":\"{id}\"}}"
+            );
+            let answer = format!(
+                "{REFUSED_HEAD}{}: {id}\r\nContent-Length: {}\r\n\r\n{body}",
+                appproxy_shared::header::PRIMARY_HEADER,
+                body.len()
+            );
+            // One non-blocking write into an empty send buffer; never waited on.
+            let _ = std::io::Write::write(&mut &*stream, answer.as_bytes());
+        }
+        None
+    }
+
+    /// Records an upstream connect that failed for a local reason (counted, logged
+    /// once per burst).
+    pub fn local_connect_failure(&self, upstream: SocketAddr, error: &std::io::Error) {
+        self.metrics.add(counter::LOCAL_ERRORS, 1);
+        let n = self.conns.local_in_burst.get() + 1;
+        self.conns.local_in_burst.set(n);
+        if n == 1 {
+            tracing::error!(
+                core = self.cpu,
+                upstream = %upstream,
+                error = %error,
+                "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+            );
+        }
+    }
+
+    /// Records an upstream connect that worked (ends a burst of local failures).
+    pub fn connect_succeeded(&self) {
+        let n = self.conns.local_in_burst.replace(0);
+        if n > 0 {
+            tracing::info!(
+                core = self.cpu,
+                failed = n,
+                "upstream connects work again after local resource failures"
+            );
+        }
+    }
+
+    /// Records a failed accept on `port` (counted, logged once per burst) and
+    /// returns how long the accept loop backs off before trying again.
+    pub fn accept_failed(&self, port: u16, error: &std::io::Error) -> std::time::Duration {
+        self.metrics.add(counter::ACCEPT_ERRORS, 1);
+        let failed = self.conns.failed_in_burst.get() + 1;
+        self.conns.failed_in_burst.set(failed);
+        if failed == 1 {
+            let hint = if is_out_of_descriptors(error) {
+                "out of file descriptors: raise LimitNOFILE or lower [limits] max_connections_per_core"
+            } else {
+                "backing off"
+            };
+            tracing::error!(core = self.cpu, port, error = %error, hint, "accept failed");
+        }
+        std::time::Duration::from_millis(50)
+    }
+}
+
+/// Whether an error is the process (`EMFILE`) or the system (`ENFILE`) running out
+/// of file descriptors.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || code == Some(rustix::io::Errno::NFILE.raw_os_error())
+}
+
+/// Whether a failed connect was this host's fault rather than the upstream's:
+/// descriptors, memory or local ports exhausted. Such failures are never counted
+/// against the upstream's health.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    is_out_of_descriptors(e)
+        || [
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ADDRNOTAVAIL,
+            Errno::NOSPC,
+        ]
+        .iter()
+        .any(|c| e.raw_os_error() == Some(c.raw_os_error()))
+}

@@ -1,0 +1,266 @@
+//! Per-core state: everything one executor thread owns, split by concept — the route
+//! table ([`route`]), the upstream pool ([`pool`]), the access log ([`access_log`]),
+//! the connection gate ([`conn_gate`]) — and the [`Core`] that holds them.
+//!
+//! Everything here belongs to one executor thread and is `!Send` on purpose (`Rc`,
+//! `Cell`, `RefCell`): no lock or atomic is touched on the per-request path. Counters
+//! are published to the admin thread by the reactor tick, not per request.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Runtime;
+use crate::reactor::Reactor;
+
+pub mod access_log;
+pub mod conn_gate;
+pub mod pool;
+pub mod route;
+
+pub use access_log::{AccessEntry, AccessLog};
+pub use conn_gate::{is_local_error, is_out_of_descriptors, ConnGate};
+pub use pool::Pool;
+pub use route::{Change, HealthPolicy, Route, RouteTable};
+
+pub use crate::metrics::{counter, CoreMetrics, SharedMetrics};
+
+/// Everything one core owns.
+pub struct Core {
+    /// The CPU this executor is pinned to.
+    pub cpu: usize,
+    /// Row in [`SharedMetrics`].
+    pub row: usize,
+    /// The validated configuration.
+    pub rt: Arc<Runtime>,
+    /// The readiness reactor.
+    pub reactor: Rc<Reactor>,
+    /// The current route table (changed in place by deployments; borrowed only for a
+    /// lookup, never across an await).
+    pub routes: RefCell<RouteTable>,
+    /// Upstream keep-alive pool.
+    pub pool: Pool,
+    /// Counters.
+    pub metrics: CoreMetrics,
+    /// Access log.
+    pub access: AccessLog,
+    /// Set on SIGTERM: stop accepting, close after the current request.
+    pub draining: Cell<bool>,
+    /// Read buffer shared by every tunnel on this core: a tunnel borrows it only
+    /// between a readiness edge and the end of the synchronous forward, so idle
+    /// sessions hold no buffer.
+    pub scratch: RefCell<Vec<u8>>,
+    /// Requests per circuit since the last hand-off to the control agent
+    /// (managed mode only): the last-access marks, batched per core.
+    pub access_marks: RefCell<HashMap<uuid::Uuid, u64>>,
+    /// Open tunnels (WebSocket, TCP) per circuit: while one is open the circuit is
+    /// marked accessed at every hand-off, as the original marks an open WebSocket
+    /// every 1.5 s — an idle-looking circuit with a live session is not collected.
+    pub open_tunnels: RefCell<HashMap<uuid::Uuid, u32>>,
+    /// Open client connections on this core and their cap ([`Core::admit`]).
+    pub conns: ConnGate,
+    /// xorshift state for weighted route choice (no shared RNG, no syscall).
+    rng: Cell<u64>,
+    /// Connection IDs for log spans.
+    next_conn: Cell<u64>,
+}
+
+impl Core {
+    /// Counts a request (or a tunnel) for `circuit`'s last-access marks; nothing
+    /// when nobody reads them.
+    pub fn mark_access(&self, circuit: uuid::Uuid) {
+        if self.rt.access_flush.is_some() {
+            *self.access_marks.borrow_mut().entry(circuit).or_insert(0) += 1;
+        }
+    }
+
+    /// Takes the counts gathered since the last call, plus a zero count (a last-access
+    /// mark alone) for every circuit with an open tunnel.
+    pub fn take_access_marks(&self) -> Vec<(uuid::Uuid, u64)> {
+        let mut marks = self.access_marks.borrow_mut();
+        for id in self.open_tunnels.borrow().keys() {
+            marks.entry(*id).or_insert(0);
+        }
+        marks.drain().collect()
+    }
+
+    /// Whether a hand-off has anything to say.
+    pub fn has_access_marks(&self) -> bool {
+        !self.access_marks.borrow().is_empty() || !self.open_tunnels.borrow().is_empty()
+    }
+
+    /// Counts a tunnel of `circuit` as open until the guard drops (metrics, and the
+    /// last-access marks when somebody reads them).
+    pub fn tunnel_open(self: &Rc<Self>, circuit: uuid::Uuid) -> TunnelGuard {
+        self.metrics.add(counter::TUNNELS_ACTIVE, 1);
+        self.metrics.add(counter::TUNNELS_OPENED, 1);
+        let marks = self.rt.access_flush.is_some();
+        if marks {
+            *self.open_tunnels.borrow_mut().entry(circuit).or_insert(0) += 1;
+        }
+        TunnelGuard {
+            core: self.clone(),
+            marks,
+            circuit,
+        }
+    }
+
+    /// Records a finished exchange: metrics (duration, per-circuit row) and the
+    /// access line.
+    pub fn record(&self, e: &AccessEntry<'_>) {
+        // One clock read serves the histogram and the access line.
+        let duration = e.started.elapsed();
+        self.metrics
+            .request_done(e.circuit.map(|c| &c.id), e.status, duration);
+        self.access.record(e, duration);
+        crate::trace::export(e, duration, self.cpu);
+    }
+
+    /// Builds the state of core `cpu`.
+    pub fn new(cpu: usize, row: usize, rt: Arc<Runtime>, reactor: Rc<Reactor>) -> Rc<Self> {
+        let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
+        Rc::new(Self {
+            cpu,
+            row,
+            routes: RefCell::new(RouteTable::new(
+                &rt.circuits
+                    .iter()
+                    .cloned()
+                    .map(Arc::new)
+                    .collect::<Vec<_>>(),
+                rt.wildcard.clone(),
+            )),
+            pool: Pool::new(
+                rt.max_idle_per_route,
+                rt.pool_idle_timeout,
+                rt.max_upstream_conns,
+            ),
+            conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu),
+            metrics: CoreMetrics::new(rt.per_circuit_metrics)
+                .with_histograms(rt.latency_histograms),
+            access: AccessLog::new(rt.log_format, rt.access_log, cpu),
+            draining: Cell::new(false),
+            access_marks: RefCell::new(HashMap::new()),
+            open_tunnels: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(vec![0; 64 * 1024]),
+            rng: Cell::new(seed),
+            next_conn: Cell::new(0),
+            rt,
+            reactor,
+        })
+    }
+
+    /// A uniform draw in [0, 1).
+    pub fn draw(&self) -> f64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next connection ID on this core.
+    pub fn next_conn_id(&self) -> u64 {
+        let id = self.next_conn.get() + 1;
+        self.next_conn.set(id);
+        id
+    }
+
+    /// Every upstream out of rotation on this core: circuit, address, until when.
+    pub fn out_of_rotation(&self, now: Instant) -> Vec<crate::introspect::Unhealthy> {
+        let table = self.routes.borrow();
+        table
+            .routes()
+            .flat_map(|r| {
+                let id = r.circuit.circuit.id;
+                r.out_of_rotation(now)
+                    .into_iter()
+                    .map(move |(addr, until)| (id, addr, until))
+            })
+            .collect()
+    }
+
+    /// How passive health judges upstreams.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            threshold: self.rt.failure_threshold,
+            backoff: self.rt.unhealthy_backoff,
+        }
+    }
+
+    /// Looks up the circuit of a frontend port (port mode).
+    pub fn route_for_port(&self, port: u16) -> Option<Rc<Route>> {
+        self.routes.borrow().by_port.get(&port).cloned()
+    }
+
+    /// Looks up the circuit of an HTTP request by port or `Host`.
+    pub fn route_for(&self, port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
+        self.routes.borrow().lookup(port, host)
+    }
+}
+
+/// An open tunnel, counted in [`Core::open_tunnels`] while it lives.
+pub struct TunnelGuard {
+    /// The core counting it.
+    core: Rc<Core>,
+    /// Whether it counts for last-access marks.
+    marks: bool,
+    /// The tunnel's circuit.
+    circuit: uuid::Uuid,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.core.metrics.sub(counter::TUNNELS_ACTIVE, 1);
+        if self.marks {
+            let core = &self.core;
+            let mut open = core.open_tunnels.borrow_mut();
+            if let Some(n) = open.get_mut(&self.circuit) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.circuit);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_prometheus_text() {
+        let shared = SharedMetrics::new(&[0, 1]);
+        let m = CoreMetrics::default();
+        m.status(200);
+        m.status(502);
+        m.add(counter::ACCEPTED, 3);
+        shared.publish(1, &m);
+        let text = shared.render();
+        assert!(
+            text.contains("appproxy_requests_total{core=\"1\",status=\"2xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_requests_total{core=\"1\",status=\"5xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_connections_accepted_total{core=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("appproxy_requests_total{core=\"0\",status=\"2xx\"} 0\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE appproxy_requests_total counter")
+                .count(),
+            1
+        );
+    }
+}

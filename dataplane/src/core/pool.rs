@@ -1,0 +1,110 @@
+//! The per-core keep-alive pool of upstream connections, with its per-upstream cap
+//! on open connections.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::io::{CountGuard, TcpConn};
+
+/// An idle pooled connection.
+struct Idle {
+    /// The connection.
+    conn: TcpConn,
+    /// When it went idle.
+    since: Instant,
+}
+
+/// Per-core keep-alive pool of upstream connections.
+pub struct Pool {
+    /// Idle connections by upstream address, most recent last.
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Cap per address.
+    max_idle: usize,
+    /// Idle lifetime.
+    idle_timeout: std::time::Duration,
+    /// Open connections (in use and idle) per upstream address; each connection
+    /// holds one unit ([`CountGuard`]) until it closes.
+    open: RefCell<HashMap<SocketAddr, Rc<Cell<usize>>>>,
+    /// Cap on `open` per address.
+    max_open: usize,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(max_idle: usize, idle_timeout: std::time::Duration, max_open: usize) -> Self {
+        Self {
+            idle: RefCell::new(HashMap::new()),
+            max_idle,
+            idle_timeout,
+            open: RefCell::new(HashMap::new()),
+            max_open: max_open.max(1),
+        }
+    }
+
+    /// One unit of `addr`'s open-connection count for a new connection, or `None`
+    /// when the upstream already has `max_open` connections on this core (pool
+    /// misses only: a pooled connection already holds its unit).
+    pub fn reserve(&self, addr: SocketAddr) -> Option<CountGuard> {
+        let mut open = self.open.borrow_mut();
+        CountGuard::take(open.entry(addr).or_default(), self.max_open)
+    }
+
+    /// A live idle connection to `addr`, if one is pooled (`now`: the reactor's clock).
+    pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<TcpConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(entry) = list.pop() {
+            if now.saturating_duration_since(entry.since) > self.idle_timeout {
+                continue;
+            }
+            // An edge since the connection went idle means the app closed it or sent
+            // something unasked: check with one read, else reuse without a syscall.
+            if entry.conn.has_pending_input() && !entry.conn.probe_idle() {
+                continue;
+            }
+            return Some(entry.conn);
+        }
+        None
+    }
+
+    /// Returns a connection for reuse.
+    pub fn put(&self, addr: SocketAddr, conn: TcpConn, now: Instant) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(Idle { conn, since: now });
+        }
+    }
+
+    /// Closes idle connections past their lifetime (run from the reactor tick).
+    pub fn evict_expired(&self) {
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain(|e| e.since.elapsed() <= self.idle_timeout);
+        }
+        // Forget counts of upstreams with no connection left (routes come and go).
+        self.open
+            .borrow_mut()
+            .retain(|_, n| n.get() > 0 || Rc::strong_count(n) > 1);
+    }
+
+    /// When the oldest idle connection outlives its lifetime (`None`: pool empty), so
+    /// an idle core parks until then instead of ticking.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let idle = self.idle.borrow();
+        let oldest = idle
+            .values()
+            .flat_map(|l| l.first())
+            .map(|e| e.since)
+            .min()?;
+        Some(oldest + self.idle_timeout)
+    }
+
+    /// Number of idle connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}

@@ -1,0 +1,468 @@
+//! The route table of one core: circuits by frontend port or subdomain, and each
+//! circuit's routes with their passive health and weighted choice.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{Frontend, ResolvedCircuit, Wildcard};
+
+/// Passive health of one upstream of a route, on one core.
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    /// Failures in a row (connect errors, broken or missing response heads).
+    failures: u32,
+    /// Excluded from choice until then.
+    unhealthy_until: Option<Instant>,
+}
+
+/// How passive health judges upstreams.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    /// Consecutive failures that mark an upstream unhealthy.
+    pub threshold: u32,
+    /// How long it stays out of rotation (an active probe may bring it back sooner).
+    pub backoff: std::time::Duration,
+}
+
+/// A circuit's routes, ready for weighted choice among the healthy ones.
+pub struct Route {
+    /// The circuit, shared read-only by every core (one copy per worker, not per core).
+    pub circuit: Arc<ResolvedCircuit>,
+    /// Per-upstream passive health, indexed like `circuit.upstreams`; empty (no
+    /// allocation) until an upstream first fails, as for most circuits it never does.
+    health: RefCell<Vec<Health>>,
+}
+
+impl Route {
+    /// Prepares `circuit` for routing.
+    pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
+        Self {
+            circuit,
+            health: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Picks an upstream by `traffic_ratio` among the healthy ones (all of them when
+    /// none is healthy: better a try than a certain failure), skipping `exclude`.
+    /// `draw` is uniform in [0, 1).
+    pub fn pick(&self, draw: f64, now: Instant, exclude: Option<SocketAddr>) -> Option<SocketAddr> {
+        let health = self.health.borrow();
+        let ups = &self.circuit.upstreams;
+        let usable = |i: usize| Some(ups[i].0) != exclude;
+        let healthy = |i: usize| {
+            usable(i)
+                && health
+                    .get(i)
+                    .is_none_or(|h| h.unhealthy_until.is_none_or(|t| t <= now))
+        };
+        let any_healthy = (0..ups.len()).any(healthy);
+        let eligible = |i: usize| if any_healthy { healthy(i) } else { usable(i) };
+        let total: f64 = (0..ups.len())
+            .filter(|i| eligible(*i))
+            .map(|i| ups[i].1)
+            .sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut target = draw * total;
+        let mut last = None;
+        for i in (0..ups.len()).filter(|i| eligible(*i)) {
+            last = Some(ups[i].0);
+            if target < ups[i].1 {
+                return last;
+            }
+            target -= ups[i].1;
+        }
+        last
+    }
+
+    /// Records the outcome of an exchange with `addr`; returns true when this failure
+    /// just marked it unhealthy.
+    pub fn record(&self, addr: SocketAddr, ok: bool, now: Instant, policy: HealthPolicy) -> bool {
+        let Some(i) = self.circuit.upstreams.iter().position(|(a, _)| *a == addr) else {
+            return false;
+        };
+        let mut health = self.health.borrow_mut();
+        if health.is_empty() {
+            if ok {
+                return false;
+            }
+            health.resize(self.circuit.upstreams.len(), Health::default());
+        }
+        let h = &mut health[i];
+        if ok {
+            if h.unhealthy_until.is_some() {
+                crate::introspect::health_changed();
+            }
+            *h = Health::default();
+            return false;
+        }
+        h.failures = h.failures.saturating_add(1);
+        if h.failures >= policy.threshold && h.unhealthy_until.is_none_or(|t| t <= now) {
+            h.unhealthy_until = Some(now + policy.backoff);
+            crate::introspect::health_changed();
+            return true;
+        }
+        false
+    }
+
+    /// Upstreams out of rotation with the time they come back.
+    pub fn out_of_rotation(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
+        let health = self.health.borrow();
+        self.circuit
+            .upstreams
+            .iter()
+            .zip(health.iter())
+            .filter_map(|((a, _), h)| h.unhealthy_until.filter(|t| *t > now).map(|t| (*a, t)))
+            .collect()
+    }
+
+    /// Upstreams currently out of rotation.
+    pub fn unhealthy(&self, now: Instant) -> Vec<SocketAddr> {
+        let health = self.health.borrow();
+        self.circuit
+            .upstreams
+            .iter()
+            .zip(health.iter())
+            .filter(|(_, h)| h.unhealthy_until.is_some_and(|t| t > now))
+            .map(|((a, _), _)| *a)
+            .collect()
+    }
+}
+
+/// The routes of one core, by frontend port or subdomain. A deployment changes only
+/// the entries it names ([`RouteTable::apply`]): a request in flight keeps the
+/// `Rc<Route>` it looked up, so it sees either the old circuit or the new one.
+#[derive(Default)]
+pub struct RouteTable {
+    /// Port-mode circuits.
+    pub by_port: HashMap<u16, Rc<Route>>,
+    /// Wildcard-mode circuits, by lowercase subdomain.
+    pub by_subdomain: HashMap<String, Rc<Route>>,
+    /// Every circuit by ID (its frontend says where else it sits).
+    by_id: HashMap<uuid::Uuid, Rc<Route>>,
+    /// The wildcard frontend, in wildcard mode.
+    pub wildcard: Option<Wildcard>,
+}
+
+impl RouteTable {
+    /// Builds a table from resolved circuits.
+    pub fn new(circuits: &[Arc<ResolvedCircuit>], wildcard: Option<Wildcard>) -> Self {
+        let mut table = Self {
+            wildcard,
+            ..Self::default()
+        };
+        for c in circuits {
+            table.insert(c.clone());
+        }
+        table
+    }
+
+    /// Applies a deployment: the whole set replaced, or only the circuits it names
+    /// upserted and removed — O(changed), whatever the table's size.
+    pub fn apply(&mut self, change: &Change) {
+        if change.replace {
+            self.by_port.clear();
+            self.by_subdomain.clear();
+            self.by_id.clear();
+        }
+        for id in &change.removes {
+            self.remove(id);
+        }
+        for c in &change.upserts {
+            self.insert(c.clone());
+        }
+    }
+
+    /// Adds or replaces one circuit (a replaced one may have moved frontend).
+    fn insert(&mut self, c: Arc<ResolvedCircuit>) {
+        let id = c.circuit.id;
+        self.remove(&id);
+        // Another circuit holding the same frontend loses it: the agent refuses such
+        // sets, so this only keeps the table and its index consistent.
+        let route = Rc::new(Route::new(c.clone()));
+        let previous = match &c.frontend {
+            Frontend::Port(p) => self.by_port.insert(*p, route.clone()),
+            Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route.clone()),
+        };
+        if let Some(previous) = previous {
+            self.by_id.remove(&previous.circuit.circuit.id);
+        }
+        self.by_id.insert(id, route);
+    }
+
+    /// Removes one circuit, if present.
+    fn remove(&mut self, id: &uuid::Uuid) {
+        let Some(route) = self.by_id.remove(id) else {
+            return;
+        };
+        match &route.circuit.frontend {
+            Frontend::Port(p) => {
+                self.by_port.remove(p);
+            }
+            Frontend::Subdomain(s) => {
+                self.by_subdomain.remove(s);
+            }
+        }
+    }
+
+    /// The circuit with this ID.
+    pub fn get(&self, id: &uuid::Uuid) -> Option<Rc<Route>> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> impl Iterator<Item = &Rc<Route>> {
+        self.by_port.values().chain(self.by_subdomain.values())
+    }
+
+    /// The ports this table needs listeners on.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+        ports.extend(self.wildcard.as_ref().map(|w| w.port));
+        ports
+    }
+
+    /// The circuit for a connection to `local_port` carrying `host`.
+    pub fn lookup(&self, local_port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
+        match &self.wildcard {
+            Some(w) if w.port == local_port => {
+                let sub = w.subdomain(host?)?;
+                self.by_subdomain.get(sub.as_ref()).cloned()
+            }
+            _ => self.by_port.get(&local_port).cloned(),
+        }
+    }
+
+    /// Number of circuits.
+    pub fn len(&self) -> usize {
+        self.by_port.len() + self.by_subdomain.len()
+    }
+
+    /// Whether there are no circuits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One deployment, as every core applies it: the circuits created or changed (shared
+/// by every core), the ones removed, or — `replace` — a whole new set.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// The set replaces the table (the config file, a reload); otherwise only the
+    /// named circuits change.
+    pub replace: bool,
+    /// Circuits created or changed (the whole set with `replace`).
+    pub upserts: Vec<Arc<ResolvedCircuit>>,
+    /// Circuits removed.
+    pub removes: Vec<uuid::Uuid>,
+}
+
+impl Change {
+    /// The whole set `circuits`, replacing whatever was deployed.
+    pub fn replace(circuits: Vec<ResolvedCircuit>) -> Self {
+        Self {
+            replace: true,
+            upserts: circuits.into_iter().map(Arc::new).collect(),
+            removes: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_choice_follows_traffic_ratio() {
+        let text = r#"
+[[circuits]]
+id = "c0a8f5d2-1111-4222-8333-444455556666"
+open_to_public = true
+port = 10206
+route_info = [
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1001, traffic_ratio = 1.0 },
+  { session_id = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 1002, traffic_ratio = 3.0 },
+]
+"#;
+        let rt = crate::config::Config::parse(text)
+            .expect("parse")
+            .validate(&[0])
+            .expect("valid");
+        let route = Route::new(Arc::new(rt.circuits[0].clone()));
+        let now = Instant::now();
+        let mut counts = [0u32; 2];
+        for i in 0..4000 {
+            let draw = (i as f64 + 0.5) / 4000.0;
+            let addr = route.pick(draw, now, None).expect("an upstream");
+            counts[(addr.port() - 1001) as usize] += 1;
+        }
+        assert_eq!(counts, [1000, 3000]);
+        assert_eq!(route.pick(0.0, now, None).map(|a| a.port()), Some(1001));
+        assert_eq!(
+            route.pick(0.999_999, now, None).map(|a| a.port()),
+            Some(1002)
+        );
+        // Passive health: three failures take 1002 out of rotation for the back-off.
+        let policy = HealthPolicy {
+            threshold: 3,
+            backoff: std::time::Duration::from_secs(10),
+        };
+        let b: SocketAddr = "127.0.0.1:1002".parse().expect("addr");
+        assert!(!route.record(b, false, now, policy));
+        assert!(!route.record(b, false, now, policy));
+        assert!(route.record(b, false, now, policy));
+        assert_eq!(route.unhealthy(now), vec![b]);
+        for i in 0..100 {
+            assert_eq!(
+                route.pick(i as f64 / 100.0, now, None).map(|a| a.port()),
+                Some(1001)
+            );
+        }
+        let later = now + std::time::Duration::from_secs(11);
+        assert!(route.unhealthy(later).is_empty());
+        // Excluding the only healthy one still offers the other (fail open).
+        assert_eq!(
+            route.pick(0.5, now, Some("127.0.0.1:1001".parse().expect("addr"))),
+            Some(b)
+        );
+        route.record(b, true, now, policy);
+        assert!(route.unhealthy(now).is_empty());
+    }
+
+    /// A resolved circuit at a frontend, routing to `upstream`.
+    fn resolved(id: u128, frontend: Frontend, upstream: u16) -> Arc<ResolvedCircuit> {
+        let session = uuid::Uuid::from_u128(7);
+        Arc::new(ResolvedCircuit {
+            circuit: appproxy_shared::model::Circuit {
+                id: uuid::Uuid::from_u128(id),
+                app: None,
+                protocol: appproxy_shared::model::ProxyProtocol::Http,
+                worker: None,
+                app_mode: appproxy_shared::model::AppMode::Interactive,
+                frontend_mode: appproxy_shared::model::FrontendMode::Port,
+                envs: Default::default(),
+                arguments: None,
+                open_to_public: true,
+                allowed_client_ips: Vec::new(),
+                port: None,
+                subdomain: None,
+                user_id: None,
+                endpoint_id: None,
+                runtime_variant: None,
+                route_info: Vec::new(),
+                session_ids: vec![session],
+                created_at: None,
+                updated_at: None,
+            },
+            frontend,
+            upstreams: vec![(SocketAddr::from(([127, 0, 0, 1], upstream)), 1.0)],
+            upstream_tls: Vec::new(),
+            allowed: Vec::new(),
+        })
+    }
+
+    /// What a table routes: (frontend, circuit, upstream port), sorted.
+    fn contents(t: &RouteTable) -> Vec<(String, uuid::Uuid, u16)> {
+        let mut out: Vec<_> = t
+            .by_port
+            .iter()
+            .map(|(p, r)| {
+                (
+                    format!("port {p}"),
+                    r.circuit.circuit.id,
+                    r.circuit.upstreams[0].0.port(),
+                )
+            })
+            .chain(t.by_subdomain.iter().map(|(s, r)| {
+                (
+                    format!("sub {s}"),
+                    r.circuit.circuit.id,
+                    r.circuit.upstreams[0].0.port(),
+                )
+            }))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn changes_apply_in_place_as_a_rebuild_would() {
+        use Frontend::{Port, Subdomain};
+        let sub = |s: &str| Subdomain(s.to_owned());
+        // Each step: a change, and the whole set it leaves (what a rebuild sees).
+        let steps: Vec<(Change, Vec<Arc<ResolvedCircuit>>)> = vec![
+            (
+                Change {
+                    upserts: vec![resolved(1, Port(1001), 9001), resolved(2, sub("a"), 9002)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9001), resolved(2, sub("a"), 9002)],
+            ),
+            // An update in place (new upstream), one removal, one creation.
+            (
+                Change {
+                    upserts: vec![resolved(1, Port(1001), 9011), resolved(3, sub("b"), 9003)],
+                    removes: vec![uuid::Uuid::from_u128(2)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("b"), 9003)],
+            ),
+            // A circuit moving frontend leaves its old one free.
+            (
+                Change {
+                    upserts: vec![resolved(3, sub("c"), 9003)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("c"), 9003)],
+            ),
+            // Removing what is not there changes nothing.
+            (
+                Change {
+                    removes: vec![uuid::Uuid::from_u128(99)],
+                    ..Change::default()
+                },
+                vec![resolved(1, Port(1001), 9011), resolved(3, sub("c"), 9003)],
+            ),
+            // A whole set replaces everything.
+            (
+                Change {
+                    replace: true,
+                    upserts: vec![resolved(4, Port(1004), 9004)],
+                    removes: Vec::new(),
+                },
+                vec![resolved(4, Port(1004), 9004)],
+            ),
+        ];
+        let mut table = RouteTable::new(&[], None);
+        for (i, (change, whole)) in steps.iter().enumerate() {
+            table.apply(change);
+            let rebuilt = RouteTable::new(whole, None);
+            assert_eq!(contents(&table), contents(&rebuilt), "step {i}");
+            assert_eq!(table.len(), whole.len(), "step {i}");
+            for c in whole {
+                let got = table.get(&c.circuit.id).expect("by ID");
+                assert_eq!(got.circuit.frontend, c.frontend, "step {i}");
+            }
+        }
+        assert!(table.get(&uuid::Uuid::from_u128(1)).is_none());
+        assert_eq!(table.ports(), vec![1004]);
+    }
+
+    #[test]
+    fn a_request_in_flight_keeps_the_circuit_it_looked_up() {
+        let mut table = RouteTable::new(&[resolved(1, Frontend::Port(1001), 9001)], None);
+        let held = table.lookup(1001, None).expect("routed");
+        table.apply(&Change {
+            upserts: vec![resolved(1, Frontend::Port(1001), 9002)],
+            ..Change::default()
+        });
+        assert_eq!(held.circuit.upstreams[0].0.port(), 9001);
+        let now = table.lookup(1001, None).expect("routed");
+        assert_eq!(now.circuit.upstreams[0].0.port(), 9002);
+    }
+}

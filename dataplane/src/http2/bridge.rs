@@ -1,0 +1,301 @@
+//! HTTP/1.1 clients of `http2` and `grpc` circuits: the request (already routed and
+//! checked by `proxy.rs`) goes to the app over HTTP/2 like a stream's
+//! ([`super::upstream::open_stream`]: same sanitation, same connection), its body
+//! read from the client as framed (length or chunked) and handed on as the app's
+//! window allows; the answer comes back as an HTTP/1.1 response (its length kept,
+//! or chunked with the app's trailers; close-delimited for HTTP/1.0 clients).
+
+use std::time::Instant;
+
+use appproxy_shared::model::ProxyProtocol;
+use appproxy_shared::RequestId;
+use bytes::Bytes;
+use h2::RecvStream;
+
+use super::stream::{is_connection_specific, send_all, Done, Fail, Req};
+use super::upstream;
+use super::within;
+use crate::core::{Core, Route};
+use crate::http::chunked::{encode_chunk, ChunkedDecoder};
+use crate::http::encode::{push_u64, ClientHop};
+use crate::http::error::{ProxyError, RequestError};
+use crate::http::parse::{self, BodyFraming, Method, RequestHead, Version};
+use crate::io::TcpConn;
+use crate::proxy;
+use crate::relay::ReadBuf;
+
+/// Largest client read buffer while relaying a body.
+const BODY_BUF_LIMIT: usize = 64 * 1024;
+
+/// A completed bridged exchange.
+pub struct Bridged {
+    /// Status, bytes and app.
+    pub done: Done,
+    /// Whether the client connection can take another request.
+    pub keep_alive: bool,
+}
+
+/// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
+/// HTTP/2 app and relays the answer to `conn`.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    core: &Core,
+    conn: &TcpConn,
+    cbuf: &mut ReadBuf,
+    hop: ClientHop,
+    head: &RequestHead,
+    route: &Route,
+    id: RequestId,
+    trace: Option<crate::trace::Hop>,
+) -> Result<Bridged, Fail> {
+    let rt = &core.rt;
+    let (authority, path, te_trailers) = {
+        let buf = cbuf.filled();
+        let authority = head
+            .host
+            .clone()
+            .map(|h| String::from_utf8_lossy(&buf[h]).into_owned());
+        let path = String::from_utf8_lossy(&buf[head.target.clone()]).into_owned();
+        let te = head.headers.iter().any(|h| {
+            parse::name_is(&buf[h.name.clone()], "te")
+                && parse::list_elements(&buf[h.value.clone()])
+                    .any(|e| e.eq_ignore_ascii_case(b"trailers"))
+        });
+        (authority, path, te)
+    };
+    let end = head.framing == BodyFraming::Length(0);
+    let (response, mut up_send, _on_conn, addr) = {
+        let req = Req {
+            buf: cbuf.filled(),
+            head,
+            authority: authority.as_deref(),
+            path: &path,
+            te_trailers,
+        };
+        upstream::open_stream(core, hop, route, &req, &id, trace, end).await?
+    };
+    cbuf.consume(head.head_len);
+    let mut bytes_in = 0;
+    if !end && head.expect_continue && cbuf.is_empty() {
+        conn.set_timeout(rt.body_idle_timeout);
+        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
+    }
+    if !end {
+        bytes_in = send_body(core, conn, cbuf, head.framing, &mut up_send).await?;
+    }
+    let sent = Instant::now();
+    let resp = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
+        Some(response.await)
+    } else {
+        within(&core.reactor, rt.upstream_head_timeout, response).await
+    };
+    let resp = match resp {
+        None => {
+            proxy::note_health(core, route, addr, false);
+            return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+        }
+        Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
+        Some(Ok(r)) => r,
+    };
+    proxy::note_health(core, route, addr, true);
+    core.metrics.upstream_head.observe(sent.elapsed());
+    let (parts, rbody) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let length: Option<u64> = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let bodiless = head.method == Method::Head || status == 204 || status == 304;
+    let http10 = head.version == Version::Http10;
+    let chunked = !bodiless && length.is_none() && !rbody.is_end_stream() && !http10;
+    let close_delimited = !bodiless && length.is_none() && !rbody.is_end_stream() && http10;
+    let keep_alive = head.keep_alive && !close_delimited && !core.draining.get();
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(&mut out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(crate::http::error::reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        let n = name.as_str().as_bytes();
+        if is_connection_specific(n) || parse::name_is(n, "x-backend-request-id") {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if length.is_none() && !bodiless && !close_delimited {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    if let Some(id) = proxy::forwarded_id(core, &id) {
+        out.extend_from_slice(b"x-backend-request-id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    conn.set_timeout(rt.body_idle_timeout);
+    conn.write_all(&out)
+        .await
+        .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
+    let bytes_out = relay_response(core, conn, rbody, chunked)
+        .await
+        .map_err(Fail::Abort)?;
+    Ok(Bridged {
+        done: Done {
+            status,
+            bytes_in,
+            bytes_out,
+            upstream: addr,
+        },
+        keep_alive,
+    })
+}
+
+/// Reads the client's body (length or chunked) and hands it to the app's stream.
+async fn send_body(
+    core: &Core,
+    conn: &TcpConn,
+    cbuf: &mut ReadBuf,
+    framing: BodyFraming,
+    up: &mut h2::SendStream<Bytes>,
+) -> Result<u64, Fail> {
+    let rt = &core.rt;
+    let mut remaining = match framing {
+        BodyFraming::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::for_request);
+    let mut total = 0u64;
+    let mut done = false;
+    let upstream_gone =
+        |e: String| Fail::Answer(ProxyError::UpstreamClosed(std::io::Error::other(e)));
+    while !done {
+        let mut progressed = false;
+        if !cbuf.is_empty() {
+            let filled = cbuf.filled();
+            let (data, consumed) = match &mut dec {
+                Some(d) => {
+                    let step = d.decode(filled).map_err(|e| {
+                        Fail::Answer(ProxyError::Request(RequestError::BadChunk(e)))
+                    })?;
+                    done = step.done;
+                    (
+                        Bytes::copy_from_slice(&filled[step.data.clone()]),
+                        step.consumed,
+                    )
+                }
+                None => {
+                    let n = (filled.len() as u64).min(remaining) as usize;
+                    remaining -= n as u64;
+                    done = remaining == 0;
+                    (Bytes::copy_from_slice(&filled[..n]), n)
+                }
+            };
+            cbuf.consume(consumed);
+            progressed = consumed > 0;
+            if !data.is_empty() {
+                total += data.len() as u64;
+                if rt.max_body > 0 && total > rt.max_body {
+                    up.send_reset(h2::Reason::CANCEL);
+                    return Err(Fail::Answer(ProxyError::Request(
+                        RequestError::BodyTooLarge,
+                    )));
+                }
+                send_all(core, up, data).await.map_err(upstream_gone)?;
+            }
+        }
+        if done || (progressed && !cbuf.is_empty()) {
+            continue;
+        }
+        conn.set_timeout(rt.body_idle_timeout);
+        match cbuf.fill(conn, BODY_BUF_LIMIT).await {
+            Ok(0) => {
+                up.send_reset(h2::Reason::CANCEL);
+                return Err(Fail::Abort(
+                    "client closed before the end of its body".into(),
+                ));
+            }
+            Ok(n) => core.metrics.add(crate::core::counter::BYTES_IN, n as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                up.send_reset(h2::Reason::CANCEL);
+                return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout)));
+            }
+            Err(e) => {
+                up.send_reset(h2::Reason::CANCEL);
+                return Err(Fail::Abort(format!("client body: {e}")));
+            }
+        }
+    }
+    up.send_data(Bytes::new(), true)
+        .map_err(|e| upstream_gone(e.to_string()))?;
+    Ok(total)
+}
+
+/// Relays the app's DATA frames to the client (chunked with the app's trailers, or
+/// as is), giving capacity back as the client takes them.
+async fn relay_response(
+    core: &Core,
+    conn: &TcpConn,
+    mut body: RecvStream,
+    chunked: bool,
+) -> Result<u64, String> {
+    let rt = &core.rt;
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    loop {
+        let next = within(&core.reactor, rt.response_idle_timeout, body.data()).await;
+        let chunk = match next {
+            None => return Err("the app sent nothing within the idle timeout".into()),
+            Some(None) => break,
+            Some(Some(Ok(c))) => c,
+            Some(Some(Err(e))) => return Err(format!("app stream: {e}")),
+        };
+        total += chunk.len() as u64;
+        conn.set_timeout(rt.body_idle_timeout);
+        let wrote = if chunked {
+            out.clear();
+            encode_chunk(&mut out, &chunk);
+            conn.write_all(&out).await
+        } else {
+            conn.write_all(&chunk).await
+        };
+        wrote.map_err(|e| format!("client write: {e}"))?;
+        core.metrics
+            .add(crate::core::counter::BYTES_OUT, chunk.len() as u64);
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    if chunked {
+        out.clear();
+        out.extend_from_slice(b"0\r\n");
+        if let Ok(Some(trailers)) = body.trailers().await {
+            for (name, value) in &trailers {
+                let n = name.as_str().as_bytes();
+                if crate::http::chunked::trailer_verdict(n)
+                    != crate::http::chunked::TrailerVerdict::Keep
+                {
+                    continue;
+                }
+                out.extend_from_slice(n);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        conn.set_timeout(rt.body_idle_timeout);
+        conn.write_all(&out)
+            .await
+            .map_err(|e| format!("client write: {e}"))?;
+    }
+    Ok(total)
+}

@@ -1,0 +1,257 @@
+//! HTTP/2 on the worker: client connections (ALPN `h2` over TLS, prior-knowledge
+//! `h2c` in the clear) served with the `h2` crate over the per-core reactor
+//! ([`io::H2Io`]), each stream handled like an HTTP/1.1 request ([`stream`]), and
+//! `http2`/`grpc` circuits proxied to their apps over HTTP/2 ([`upstream`]).
+//!
+//! This module owns the connection: the `h2` server with the `[http2]` bounds, the
+//! connection's deadlines (head timeout until the first stream, keep-alive timeout
+//! while no stream is open, none while streams run: each stream times its own
+//! waits), drain (`GOAWAY`), and the connection's log line naming its streams.
+
+pub mod bridge;
+pub mod io;
+pub mod stream;
+pub mod upstream;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use appproxy_shared::RequestId;
+use bytes::Bytes;
+
+use crate::core::{counter, Core};
+use crate::http::encode::ClientHop;
+use crate::io::TcpConn;
+use crate::reactor::Reactor;
+
+/// The client connection preface of RFC 9113 §3.4.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Stream request IDs named on the connection's log line (the count is always
+/// there).
+const LOGGED_IDS: usize = 16;
+
+/// What the streams of one client connection share.
+pub struct ConnCtx {
+    /// The core.
+    pub core: Rc<Core>,
+    /// The socket (deadlines are set here; the `h2` driver does the I/O).
+    conn: Rc<TcpConn>,
+    /// The client hop facts forwarded to apps.
+    pub hop: ClientHop,
+    /// Streams being handled now.
+    active: Cell<usize>,
+    /// Streams accepted so far.
+    streams: Cell<u64>,
+    /// The first [`LOGGED_IDS`] streams' request IDs.
+    ids: RefCell<Vec<RequestId>>,
+    /// Streams the client reset while the worker was working on them.
+    client_resets: Cell<u64>,
+}
+
+impl ConnCtx {
+    /// A stream was accepted: the connection is busy (no idle deadline).
+    fn stream_opened(&self) {
+        if self.active.get() == 0 {
+            self.conn.set_deadline(None);
+            self.conn.set_idle(false);
+        }
+        self.active.set(self.active.get() + 1);
+        self.streams.set(self.streams.get() + 1);
+        self.core.metrics.add(counter::H2_STREAMS, 1);
+        self.core.metrics.add(counter::H2_STREAMS_ACTIVE, 1);
+    }
+
+    /// A stream's handling ended: with none left, the keep-alive timeout runs (at
+    /// once when draining).
+    fn stream_closed(&self) {
+        let n = self.active.get().saturating_sub(1);
+        self.active.set(n);
+        self.core.metrics.sub(counter::H2_STREAMS_ACTIVE, 1);
+        if n == 0 {
+            let timeout = if self.core.draining.get() {
+                Duration::ZERO
+            } else {
+                self.core.rt.keepalive_timeout
+            };
+            self.conn.set_timeout(timeout);
+            self.conn.set_idle(true);
+        }
+    }
+
+    /// A stream was reset by the client while its request was being worked on.
+    pub fn note_client_reset(&self) {
+        self.client_resets.set(self.client_resets.get() + 1);
+    }
+
+    /// Whether the client resets streams like an attacker: more than the streams it
+    /// may have open at once, and more than half of all it opened.
+    fn resets_too_many(&self) -> bool {
+        let resets = self.client_resets.get();
+        resets > u64::from(self.core.rt.http2.max_concurrent_streams)
+            && resets * 2 > self.streams.get()
+    }
+
+    /// Names a stream's request ID on the connection line.
+    pub fn note_id(&self, id: RequestId) {
+        let mut ids = self.ids.borrow_mut();
+        if ids.len() < LOGGED_IDS {
+            ids.push(id);
+        }
+    }
+}
+
+/// Ends a stream's bookkeeping however its task ends.
+pub struct StreamGuard(Rc<ConnCtx>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.stream_closed();
+    }
+}
+
+/// Serves an HTTP/2 client connection until it closes. `prefix` is what was read
+/// from it already (all or part of the preface).
+pub async fn serve(core: Rc<Core>, conn: TcpConn, hop: ClientHop, prefix: Vec<u8>, conn_id: u64) {
+    let started = Instant::now();
+    let conn = Rc::new(conn);
+    let ctx = Rc::new(ConnCtx {
+        core: core.clone(),
+        conn: conn.clone(),
+        hop,
+        active: Cell::new(0),
+        streams: Cell::new(0),
+        ids: RefCell::new(Vec::new()),
+        client_resets: Cell::new(0),
+    });
+    // The preface, the SETTINGS and the first complete request head within the head
+    // timeout (a connection that sends the preface and nothing else is cut).
+    conn.set_timeout(core.rt.head_timeout);
+    let cfg = &core.rt.http2;
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .initial_window_size(cfg.initial_stream_window)
+        .initial_connection_window_size(cfg.initial_connection_window)
+        .max_header_list_size(cfg.max_header_list_size)
+        .max_frame_size(cfg.max_frame_size)
+        .max_send_buffer_size(cfg.max_send_buffer)
+        .max_pending_accept_reset_streams(cfg.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams));
+    let io = io::H2Io::new(conn.clone(), prefix, Some(core.clone()));
+    let mut h2c = match builder.handshake::<_, Bytes>(io).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(conn = conn_id, error = %e, "HTTP/2 handshake failed; connection closed");
+            return;
+        }
+    };
+    let mut end: Option<String> = None;
+    let mut going_away = false;
+    let mut cut = false;
+    // Streams whose handling may run at once: the protocol's cap, with slack for
+    // tasks finishing just after their stream closed.
+    let in_flight_cap = cfg.max_concurrent_streams as usize + 16;
+    loop {
+        // Checked on every poll of the connection (any frame, any stream's progress),
+        // so a drain reaches busy connections at once.
+        let next = std::future::poll_fn(|cx| {
+            if !cut && ctx.resets_too_many() {
+                cut = true;
+                core.metrics.add(counter::H2_ABUSE, 1);
+                tracing::warn!(
+                    conn = conn_id,
+                    peer = %hop.peer,
+                    resets = ctx.client_resets.get(),
+                    streams = ctx.streams.get(),
+                    "HTTP/2 client resets most of its streams once their work started (rapid reset); closing the connection"
+                );
+                h2c.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            }
+            if !going_away
+                && !cut
+                && (core.draining.get()
+                    || (cfg.max_streams_per_connection > 0
+                        && ctx.streams.get() >= cfg.max_streams_per_connection))
+            {
+                // Finish the streams in flight, take no new ones.
+                h2c.graceful_shutdown();
+                going_away = true;
+            }
+            h2c.poll_accept(cx)
+        })
+        .await;
+        match next {
+            Some(Ok((req, mut respond))) => {
+                if ctx.active.get() >= in_flight_cap {
+                    // The protocol caps open streams, but a stream the client reset
+                    // is closed for the protocol while its work here goes on: a
+                    // client resetting streams as fast as it opens them (rapid
+                    // reset, CVE-2023-44487) would make unbounded work. Streams in
+                    // flight here are capped instead; past the cap the connection
+                    // is cut.
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    if !cut {
+                        cut = true;
+                        core.metrics.add(counter::H2_ABUSE, 1);
+                        tracing::warn!(
+                            conn = conn_id,
+                            peer = %hop.peer,
+                            in_flight = ctx.active.get(),
+                            streams = ctx.streams.get(),
+                            "HTTP/2 client keeps more streams in flight than max_concurrent_streams by resetting them (rapid reset); closing the connection"
+                        );
+                        h2c.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    }
+                    continue;
+                }
+                ctx.stream_opened();
+                let guard = StreamGuard(ctx.clone());
+                crate::reactor::spawn(stream::handle(ctx.clone(), guard, req, respond)).detach();
+            }
+            Some(Err(e)) => {
+                end = Some(e.to_string());
+                break;
+            }
+            None => break,
+        }
+    }
+    let ids = ctx
+        .ids
+        .borrow()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    tracing::info!(
+        conn = conn_id,
+        peer = %hop.peer,
+        streams = ctx.streams.get(),
+        stream_ids = %ids,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = end.as_deref(),
+        "http2 connection closed"
+    );
+}
+
+/// Runs `fut` for at most `d` (the reactor's timers; the timer is armed only when
+/// `fut` does not complete at once). `None`: timed out.
+pub async fn within<F: Future>(reactor: &Rc<Reactor>, d: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut sleep = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        let s = sleep.get_or_insert_with(|| reactor.sleep(d));
+        match Pin::new(s).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}

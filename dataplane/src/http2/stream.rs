@@ -1,0 +1,962 @@
+//! One HTTP/2 stream from a client, handled like an HTTP/1.1 request: its head is
+//! written out as an HTTP/1.1 head (`:authority` as `Host`, cookies joined, the body
+//! framed by `content-length` or chunked) and parsed by the same parser, so routing,
+//! access control (allowlist, permit cookie or bearer token, the CORS preflight
+//! rule), request-ID resolution, trace context and header sanitation are the
+//! HTTP/1.1 code paths, unchanged. Then:
+//!
+//! - `http`/`preopen` circuits: forwarded as HTTP/1.1 over the core's upstream pool,
+//!   the response relayed back as HTTP/2 frames (hop-by-hop fields dropped, chunked
+//!   trailers as HTTP/2 trailers);
+//! - `http2`/`grpc` circuits: forwarded over HTTP/2 ([`super::upstream`]).
+//!
+//! Bodies move one DATA frame at a time; a frame's flow-control capacity is given
+//! back to its sender only once the other side took it, so nothing holds a whole
+//! body. Errors are the product's JSON answer with the request-ID header, or, for
+//! gRPC requests, a trailers-only gRPC status (`grpc-status`, `grpc-message`, the
+//! request ID) with HTTP 200.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::model::ProxyProtocol;
+use appproxy_shared::{scope_traced, RequestId};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{within, ConnCtx, StreamGuard};
+use crate::core::{counter, AccessEntry, Route};
+use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
+use crate::http::encode::{self, TraceHeaders};
+use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::parse::{self, BodyFraming, Method, RequestHead};
+use crate::io::TcpConn;
+use crate::proxy::{self, Failure, HeadFailure};
+use crate::relay::ReadBuf;
+
+/// Read buffer towards an HTTP/1.1 app.
+const BUF_SIZE: usize = 16 * 1024;
+/// Read buffers kept per core for the next streams to HTTP/1.1 apps (at 16 KiB
+/// each, at most 4 MiB held per core once a burst of streams is over).
+const SPARE_BUFS: usize = 256;
+
+thread_local! {
+    /// This core's spare read buffers (each core is one thread): a stream takes one
+    /// and gives it back emptied, so a small request no longer allocates and zeroes
+    /// 16 KiB.
+    static SPARE: std::cell::RefCell<Vec<ReadBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer from this core's spares (or a new one), given back on drop.
+struct PooledBuf(ReadBuf);
+
+impl PooledBuf {
+    fn take() -> Self {
+        let spare = SPARE.with(|s| s.borrow_mut().pop());
+        Self(spare.unwrap_or_else(|| ReadBuf::new(BUF_SIZE)))
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = ReadBuf;
+    fn deref(&self) -> &ReadBuf {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut ReadBuf {
+        &mut self.0
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        // An empty buffer holds no memory (nothing to give back).
+        let mut buf = std::mem::replace(&mut self.0, ReadBuf::new(0));
+        // Whatever is left unread belongs to nobody now.
+        buf.consume(usize::MAX);
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARE_BUFS {
+                spare.push(buf);
+            }
+        });
+    }
+}
+
+/// Largest read buffer towards an HTTP/1.1 app.
+const BODY_BUF_LIMIT: usize = 64 * 1024;
+
+/// How a stream failed.
+pub enum Fail {
+    /// Nothing was sent to the client yet: answer with this error.
+    Answer(ProxyError),
+    /// The response had started, or the client reset the stream: reset it.
+    Abort(String),
+}
+
+impl From<Failure> for Fail {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Answer(e, _) => Fail::Answer(e),
+            Failure::Abort(s) => Fail::Abort(s),
+        }
+    }
+}
+
+/// A completed exchange.
+pub struct Done {
+    /// The app's status.
+    pub status: u16,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// The app's address.
+    pub upstream: SocketAddr,
+}
+
+/// What a stream's handling knows about its request.
+pub struct Req<'a> {
+    /// The HTTP/1.1 rendering of the stream's head.
+    pub buf: &'a [u8],
+    /// Its parse.
+    pub head: &'a RequestHead,
+    /// `:authority` (or `host`), for the HTTP/2 request to the app.
+    pub authority: Option<&'a str>,
+    /// Path and query.
+    pub path: &'a str,
+    /// The client asked for trailers (`te: trailers`).
+    pub te_trailers: bool,
+}
+
+/// Writes the stream's head as an HTTP/1.1 head into `out`.
+fn render_head(parts: &http::request::Parts, end_stream: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if path.is_empty() {
+        b"/"
+    } else {
+        path.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    if let Some(a) = authority {
+        push(out, b"host", a.as_bytes());
+    }
+    let mut cookies: Vec<&[u8]> = Vec::new();
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        if name == http::header::HOST && authority.is_some() {
+            continue;
+        }
+        if name == http::header::COOKIE {
+            cookies.push(value.as_bytes());
+            continue;
+        }
+        has_length |= name == http::header::CONTENT_LENGTH;
+        push(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !cookies.is_empty() {
+        // RFC 9113 §8.2.3: split cookie fields are joined for HTTP/1.1.
+        out.extend_from_slice(b"cookie: ");
+        for (i, c) in cookies.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(c);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_length && !end_stream {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Handles one accepted stream to its end.
+pub async fn handle(
+    ctx: Rc<ConnCtx>,
+    guard: StreamGuard,
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let _guard = guard;
+    let core = ctx.core.clone();
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let method = parts.method.as_str().as_bytes().to_vec();
+    let path: Vec<u8> = parts
+        .uri
+        .path_and_query()
+        .map_or(&b"/"[..], |p| p.as_str().as_bytes())
+        .iter()
+        .take(512)
+        .copied()
+        .collect();
+    // `:path` must be origin-form (`*` only for OPTIONS): `h2` takes any bytes, and
+    // an absolute-form or bare target would reach the app as something else than
+    // what routed (RFC 9113 §8.3.1). CONNECT has no `:path` and is not served.
+    let target_ok = parts.uri.path_and_query().is_some_and(|p| {
+        p.as_str().starts_with('/') || (p.as_str() == "*" && parts.method == http::Method::OPTIONS)
+    });
+    if !target_ok {
+        let id = RequestId::generate(core.rt.id_version);
+        let err = ProxyError::Request(RequestError::Malformed("request target"));
+        let line = Line::new(&method, &path, started);
+        refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
+        return;
+    }
+    let mut buf = Vec::with_capacity(512);
+    render_head(&parts, body.is_end_stream(), &mut buf);
+    let head = match parse::parse_request(&buf, &core.rt.head_limits) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            let id = RequestId::generate(core.rt.id_version);
+            let err = ProxyError::Request(RequestError::Malformed("request head incomplete"));
+            let line = Line::new(&method, &path, started);
+            refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
+            return;
+        }
+        Err(e) => {
+            let id = RequestId::generate(core.rt.id_version);
+            let line = Line::new(&method, &path, started);
+            let err = ProxyError::Request(e);
+            tracing::info!(error = %err, "HTTP/2 request refused");
+            refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
+            return;
+        }
+    };
+    let (id, trace) = proxy::exchange::identify(&core, &buf, &head);
+    ctx.note_id(id);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let te_trailers = parts
+        .headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let path_str = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = Req {
+        buf: &buf,
+        head: &head,
+        authority: authority.as_deref(),
+        path: path_str,
+        te_trailers,
+    };
+    let line = Line::new(&method, &path, started);
+    scope_traced(
+        Some(id),
+        trace.map(|t| t.span),
+        serve_stream(&ctx, &request, body, &mut respond, id, trace, grpc, &line),
+    )
+    .await;
+}
+
+/// Method and path for the access line.
+struct Line<'a> {
+    method: &'a [u8],
+    path: &'a [u8],
+    started: Instant,
+}
+
+impl<'a> Line<'a> {
+    fn new(method: &'a [u8], path: &'a [u8], started: Instant) -> Self {
+        Self {
+            method,
+            path,
+            started,
+        }
+    }
+}
+
+/// A refusal's status, code and message.
+struct Refusal {
+    status: u16,
+    code: &'static str,
+    message: String,
+}
+
+impl From<ProxyError> for Refusal {
+    fn from(e: ProxyError) -> Self {
+        let (status, code) = e.status_and_code();
+        Self {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_stream(
+    ctx: &Rc<ConnCtx>,
+    req: &Req<'_>,
+    body: RecvStream,
+    respond: &mut SendResponse<Bytes>,
+    id: RequestId,
+    trace: Option<crate::trace::Hop>,
+    grpc: bool,
+    line: &Line<'_>,
+) {
+    let core = &ctx.core;
+    if let Some(t) = &trace {
+        t.log_rejection();
+    }
+    let head = req.head;
+    let host = head.host.clone().map(|h| &req.buf[h]);
+    let Some(route) = core.route_for(ctx.hop.local_port, host) else {
+        let err = ProxyError::UnknownCircuit;
+        tracing::info!(error = %err, port = ctx.hop.local_port, "request refused");
+        refuse(ctx, respond, grpc, &err.into(), &id, None, line).await;
+        return;
+    };
+    let circuit = &route.circuit.circuit;
+    let grpc = grpc || circuit.protocol == ProxyProtocol::Grpc;
+    let refusal = match proxy::client_ip_of(&ctx.hop, req.buf, head) {
+        Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
+            "X-Forwarded-For from a trusted proxy must hold exactly one address",
+        )))),
+        Ok(ip)
+            if !route.circuit.allowed.is_empty()
+                && !route.circuit.allowed.iter().any(|n| n.contains(ip)) =>
+        {
+            tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
+            Some(Refusal {
+                status: 403,
+                code: "forbidden",
+                message: "client address not allowed".into(),
+            })
+        }
+        Ok(_) => proxy::check_credentials(core, req.buf, head, &route)
+            .err()
+            .map(|r| {
+                tracing::info!(code = r.code, reason = r.message, "credentials refused");
+                Refusal {
+                    status: r.status,
+                    code: r.code,
+                    message: r.message.into(),
+                }
+            }),
+    };
+    if let Some(r) = refusal {
+        refuse(ctx, respond, grpc, &r, &id, Some(circuit), line).await;
+        return;
+    }
+    core.mark_access(circuit.id);
+    let early = if head.method == Method::Connect {
+        Some(ProxyError::Request(RequestError::Malformed(
+            "CONNECT is not supported",
+        )))
+    } else {
+        match head.framing {
+            BodyFraming::Length(n) if core.rt.max_body > 0 && n > core.rt.max_body => {
+                Some(ProxyError::Request(RequestError::BodyTooLarge))
+            }
+            _ => None,
+        }
+    };
+    if let Some(err) = early {
+        refuse(ctx, respond, grpc, &err.into(), &id, Some(circuit), line).await;
+        return;
+    }
+    // `expect: 100-continue` (never forwarded): the request passed every check, so
+    // the client may send its body, as the HTTP/1.1 path answers it.
+    if head.expect_continue && head.framing != BodyFraming::Length(0) {
+        let mut go_on = http::Response::new(());
+        *go_on.status_mut() = http::StatusCode::CONTINUE;
+        // A stream the client already reset fails on its first DATA instead.
+        let _ = respond.send_informational(go_on);
+    }
+    let outcome = match circuit.protocol {
+        ProxyProtocol::Http2 | ProxyProtocol::Grpc => {
+            super::upstream::forward(ctx, &route, req, body, respond, id, trace).await
+        }
+        _ => forward_h1(ctx, &route, req, body, respond, id, trace).await,
+    };
+    match outcome {
+        Ok(done) => {
+            core.metrics.status(done.status);
+            core.record(&AccessEntry {
+                request_id: &id,
+                circuit: Some(circuit),
+                method: line.method,
+                path: line.path,
+                status: done.status,
+                bytes_in: done.bytes_in,
+                bytes_out: done.bytes_out,
+                upstream: Some(done.upstream),
+                started: line.started,
+            });
+        }
+        Err(Fail::Answer(err)) => {
+            tracing::warn!(error = %err, "request failed");
+            refuse(ctx, respond, grpc, &err.into(), &id, Some(circuit), line).await;
+        }
+        Err(Fail::Abort(reason)) => {
+            tracing::info!(reason = %reason, "stream aborted");
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            core.metrics.add(counter::PROXY_ERRORS, 1);
+            core.record(&AccessEntry {
+                request_id: &id,
+                circuit: Some(circuit),
+                method: line.method,
+                path: line.path,
+                status: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                upstream: None,
+                started: line.started,
+            });
+        }
+    }
+}
+
+/// The gRPC status for one of the proxy's HTTP answers (the gRPC project's
+/// HTTP-to-gRPC mapping).
+fn grpc_status(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The request-ID header.
+fn id_header(id: &RequestId) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(id.as_bytes()).ok()
+}
+
+/// Sends one of the proxy's own answers (JSON, or a trailers-only gRPC status) and
+/// logs the stream.
+async fn refuse(
+    ctx: &ConnCtx,
+    respond: &mut SendResponse<Bytes>,
+    grpc: bool,
+    r: &Refusal,
+    id: &RequestId,
+    circuit: Option<&appproxy_shared::model::Circuit>,
+    line: &Line<'_>,
+) {
+    let core = &ctx.core;
+    let mut resp = http::Response::new(());
+    if !grpc {
+        *resp.status_mut() =
+            http::StatusCode::from_u16(r.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    }
+    let headers = resp.headers_mut();
+    if let Some(v) = id_header(id) {
+        headers.insert(HeaderName::from_static("x-backend-request-id"), v);
+    }
+    let mut bytes_out = 0;
+    if grpc {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let status = grpc_status(r.status);
+        headers.insert(
+            HeaderName::from_static("grpc-status"),
+            HeaderValue::from(u16::from(status)),
+        );
+        let msg = format!("{} ({}; request {id})", r.message, r.code);
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(&msg)) {
+            headers.insert(HeaderName::from_static("grpc-message"), v);
+        }
+        let _ = respond.send_response(resp, true);
+    } else {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let mut body = String::with_capacity(128);
+        body.push_str("{\"error\":\"");
+        appproxy_shared::telemetry::push_json_escaped(&mut body, &r.message);
+        body.push_str("\",\"code\":\"");
+        appproxy_shared::telemetry::push_json_escaped(&mut body, r.code);
+        body.push_str(&format!("\",\"request_id\":\"{id}\"}}"));
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        bytes_out = body.len() as u64;
+        if let Ok(mut send) = respond.send_response(resp, false) {
+            // The answer is small: it fits the initial window.
+            let _ = send.send_data(Bytes::from(body), true);
+        }
+    }
+    core.metrics.status(r.status);
+    core.metrics.add(counter::PROXY_ERRORS, 1);
+    core.metrics.error_code(r.code);
+    core.record(&AccessEntry {
+        request_id: id,
+        circuit,
+        method: line.method,
+        path: line.path,
+        status: r.status,
+        bytes_in: 0,
+        bytes_out,
+        upstream: None,
+        started: line.started,
+    });
+}
+
+/// Picks the route's upstream, or says why there is none.
+pub fn pick(
+    core: &crate::core::Core,
+    route: &Route,
+    exclude: Option<SocketAddr>,
+) -> Result<SocketAddr, Fail> {
+    route
+        .pick(core.draw(), core.reactor.now(), exclude)
+        .ok_or_else(|| {
+            let checked_out =
+                route.circuit.circuit.route_info.iter().any(|r| {
+                    r.health_status == Some(appproxy_shared::model::RouteHealth::Unhealthy)
+                });
+            Fail::Answer(if checked_out {
+                ProxyError::NoHealthyRoute
+            } else {
+                ProxyError::NoRoute
+            })
+        })
+}
+
+/// Sends `data` on `send` as the peer's flow control allows, waiting at most the
+/// body idle timeout for each grant of capacity.
+pub async fn send_all(
+    core: &crate::core::Core,
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+) -> Result<(), String> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = within(
+            &core.reactor,
+            core.rt.body_idle_timeout,
+            std::future::poll_fn(|cx| send.poll_capacity(cx)),
+        )
+        .await;
+        let cap = match cap {
+            None => return Err("the receiver took nothing within the idle timeout".into()),
+            Some(None) => return Err("stream closed".into()),
+            Some(Some(Err(e))) => return Err(e.to_string()),
+            Some(Some(Ok(n))) => n,
+        };
+        if cap == 0 {
+            continue;
+        }
+        let part = data.split_to(cap.min(data.len()));
+        send.send_data(part, false).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Header fields that are not HTTP/2's (RFC 9113 §8.2.2), besides those named in
+/// `Connection`.
+const CONNECTION_SPECIFIC: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "trailers",
+];
+
+/// Whether `name` must not be sent in an HTTP/2 message.
+pub fn is_connection_specific(name: &[u8]) -> bool {
+    CONNECTION_SPECIFIC.iter().any(|n| parse::name_is(name, n))
+}
+
+/// Trailers as the HTTP/1.1 path treats them (`chunked::trailer_verdict`): fields
+/// that describe the message are left out; one that must never be a trailer
+/// (framing, routing, authentication, forwarding) makes a request's `None`
+/// (refused) and is left out of a response's.
+pub fn filter_trailers(trailers: &HeaderMap, request: bool) -> Option<HeaderMap> {
+    let mut kept = HeaderMap::new();
+    for (name, value) in trailers {
+        match trailer_verdict(name.as_str().as_bytes()) {
+            TrailerVerdict::Keep => kept.append(name.clone(), value.clone()),
+            TrailerVerdict::Forbidden if request => return None,
+            TrailerVerdict::Drop | TrailerVerdict::Forbidden => continue,
+        };
+    }
+    Some(kept)
+}
+
+/// Forwards a stream to an HTTP/1.1 app over the core's pool and relays the answer.
+async fn forward_h1(
+    ctx: &Rc<ConnCtx>,
+    route: &Route,
+    req: &Req<'_>,
+    mut body: RecvStream,
+    respond: &mut SendResponse<Bytes>,
+    id: RequestId,
+    trace: Option<crate::trace::Hop>,
+) -> Result<Done, Fail> {
+    let core = &ctx.core;
+    let rt = &core.rt;
+    let head = req.head;
+    let mut addr = pick(core, route, None)?;
+    let has_body = head.framing != BodyFraming::Length(0);
+    let retryable = head.method.is_idempotent() && !has_body;
+    let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
+        Some(c) => {
+            core.metrics.add(counter::POOL_HIT, 1);
+            (c, true)
+        }
+        None => {
+            core.metrics.add(counter::POOL_MISS, 1);
+            let (c, used) = proxy::connect_route(core, route, addr).await?;
+            addr = used;
+            (c, false)
+        }
+    };
+    let mut out = Vec::with_capacity(1024);
+    let traceparent = trace.map(|t| t.span.traceparent());
+    encode::upstream_request_traced(
+        &mut out,
+        req.buf,
+        head,
+        proxy::forwarded_id(core, &id),
+        trace.zip(traceparent.as_ref()).map(|(t, h)| TraceHeaders {
+            traceparent: h.as_bytes(),
+            keep_tracestate: t.keep_tracestate,
+        }),
+        ctx.hop,
+        addr,
+    );
+    let mut ubuf = PooledBuf::take();
+    let mut bytes_in = 0u64;
+    let resp = loop {
+        upstream.set_timeout(rt.body_idle_timeout);
+        let wrote = upstream.write_all(&out).await;
+        if let Err(e) = wrote {
+            if reused && retryable {
+                reused = false;
+                upstream = connect_again(core, route, addr).await?;
+                continue;
+            }
+            return Err(Fail::Answer(ProxyError::UpstreamClosed(e)));
+        }
+        if has_body {
+            bytes_in = send_body_h1(ctx, &upstream, &mut body, head.framing).await?;
+        }
+        let sent = Instant::now();
+        // A client that resets its stream meanwhile ends the exchange (and the app
+        // connection, which is not pooled half read) at once.
+        let outcome = futures_lite::future::or(
+            async {
+                Some(proxy::read_response_head(core, &upstream, &mut ubuf, head.method).await)
+            },
+            async {
+                let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                None
+            },
+        )
+        .await;
+        let Some(outcome) = outcome else {
+            ctx.note_client_reset();
+            return Err(Fail::Abort("client reset the stream".into()));
+        };
+        if let Ok(r) = &outcome {
+            core.metrics.upstream_head.observe(sent.elapsed());
+            if r.status >= 100 {
+                proxy::note_health(core, route, addr, true);
+            }
+        }
+        match outcome {
+            Ok(r) => break r,
+            Err(HeadFailure::Closed(_)) if reused && retryable => {
+                reused = false;
+                upstream = connect_again(core, route, addr).await?;
+            }
+            Err(f) => {
+                proxy::note_health(core, route, addr, false);
+                return Err(Fail::Answer(f.into_error()));
+            }
+        }
+    };
+    let mut resp = resp;
+    let mut interim = 0;
+    while (100..200).contains(&resp.status) {
+        interim += 1;
+        if resp.status == 101 || interim > proxy::MAX_INTERIM {
+            return Err(Fail::Answer(ProxyError::UpstreamResponse(
+                ResponseError::Malformed("interim response not relayable over HTTP/2"),
+            )));
+        }
+        // Relayed as an informational HEADERS frame (103 Early Hints, 100 …), its
+        // fields sanitized like the final head's.
+        if let Ok(code) = http::StatusCode::from_u16(resp.status) {
+            let mut info = http::Response::new(());
+            *info.status_mut() = code;
+            copy_fields(ubuf.filled(), &resp, true, info.headers_mut());
+            respond
+                .send_informational(info)
+                .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
+        }
+        ubuf.consume(resp.head_len);
+        resp = proxy::read_response_head(core, &upstream, &mut ubuf, head.method)
+            .await
+            .map_err(|f| Fail::Answer(f.into_error()))?;
+    }
+    let rbuf = ubuf.filled();
+    let bodiless = head.method == Method::Head
+        || resp.status == 204
+        || resp.status == 304
+        || resp.framing == BodyFraming::Length(0);
+    let mut response = http::Response::new(());
+    *response.status_mut() = http::StatusCode::from_u16(resp.status).map_err(|_| {
+        Fail::Answer(ProxyError::UpstreamResponse(ResponseError::Malformed(
+            "status code",
+        )))
+    })?;
+    let headers = response.headers_mut();
+    copy_fields(rbuf, &resp, bodiless, headers);
+    if let Some(v) = proxy::forwarded_id(core, &id).and_then(id_header) {
+        headers.insert(HeaderName::from_static("x-backend-request-id"), v);
+    }
+    let status = resp.status;
+    let framing = resp.framing;
+    let keep_alive = resp.keep_alive;
+    ubuf.consume(resp.head_len);
+    let mut send = respond
+        .send_response(response, bodiless)
+        .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
+    let mut bytes_out = 0;
+    if !bodiless {
+        bytes_out = relay_h1_response(ctx, &upstream, &mut ubuf, framing, &mut send)
+            .await
+            .map_err(|e| {
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                Fail::Abort(format!("response body: {e}"))
+            })?;
+    }
+    if keep_alive && ubuf.is_empty() && framing != BodyFraming::Eof {
+        core.pool.put(addr, upstream, core.reactor.now());
+    }
+    Ok(Done {
+        status,
+        bytes_in,
+        bytes_out,
+        upstream: addr,
+    })
+}
+
+/// The fields of an HTTP/1.1 app's response head `resp` (in `rbuf`) as HTTP/2 fields:
+/// without hop-by-hop and `Connection`-listed ones, the app's request ID (the worker
+/// sets its own), and `content-length` unless it frames the body (or there is none;
+/// never on an interim head).
+fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers: &mut HeaderMap) {
+    for f in &resp.headers {
+        let name = &rbuf[f.name.clone()];
+        let listed = resp
+            .connection_tokens
+            .iter()
+            .any(|t| rbuf[t.clone()].eq_ignore_ascii_case(name));
+        if listed
+            || is_connection_specific(name)
+            || parse::name_is(name, "x-backend-request-id")
+            || (parse::name_is(name, "content-length")
+                && (resp.status < 200
+                    || (!matches!(resp.framing, BodyFraming::Length(_)) && !bodiless)))
+        {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(&rbuf[f.value.clone()]),
+        ) {
+            headers.append(n, v);
+        }
+    }
+}
+
+/// A new connection to `addr` after a pooled one was found dead.
+async fn connect_again(
+    core: &crate::core::Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<TcpConn, Fail> {
+    tracing::debug!("pooled upstream connection was dead; retrying on a new one");
+    proxy::connect(core, route, addr)
+        .await
+        .map_err(|e| Fail::from(Failure::from(e)))
+}
+
+/// Relays the client's request body to an HTTP/1.1 app (chunked when the client
+/// gave no length), giving each frame's capacity back once the app took it.
+async fn send_body_h1(
+    ctx: &ConnCtx,
+    upstream: &TcpConn,
+    body: &mut RecvStream,
+    framing: BodyFraming,
+) -> Result<u64, Fail> {
+    let core = &ctx.core;
+    let rt = &core.rt;
+    let chunked = framing == BodyFraming::Chunked;
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    loop {
+        let next = within(&core.reactor, rt.body_idle_timeout, body.data()).await;
+        let chunk = match next {
+            None => return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout))),
+            Some(None) => break,
+            Some(Some(Ok(c))) => c,
+            Some(Some(Err(e))) => return Err(Fail::Abort(format!("client body: {e}"))),
+        };
+        total += chunk.len() as u64;
+        if rt.max_body > 0 && total > rt.max_body {
+            return Err(Fail::Answer(ProxyError::Request(
+                RequestError::BodyTooLarge,
+            )));
+        }
+        upstream.set_timeout(rt.body_idle_timeout);
+        let wrote = if chunked {
+            out.clear();
+            encode_chunk(&mut out, &chunk);
+            upstream.write_all(&out).await
+        } else {
+            upstream.write_all(&chunk).await
+        };
+        wrote.map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(e)))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused
+    // as on the HTTP/1.1 path (the app connection, mid-request, is dropped).
+    match within(&core.reactor, rt.body_idle_timeout, body.trailers()).await {
+        None => return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout))),
+        Some(Err(e)) => return Err(Fail::Abort(format!("client trailers: {e}"))),
+        Some(Ok(Some(t))) if filter_trailers(&t, true).is_none() => {
+            return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
+                "forbidden trailer field",
+            ))));
+        }
+        Some(Ok(_)) => {}
+    }
+    if chunked {
+        upstream.set_timeout(rt.body_idle_timeout);
+        upstream
+            .write_all(b"0\r\n\r\n")
+            .await
+            .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(e)))?;
+    }
+    Ok(total)
+}
+
+/// Relays an HTTP/1.1 response body as DATA frames (chunked trailers as HTTP/2
+/// trailers); the next read from the app waits until the client took the last.
+async fn relay_h1_response(
+    ctx: &ConnCtx,
+    upstream: &TcpConn,
+    ubuf: &mut ReadBuf,
+    framing: BodyFraming,
+    send: &mut SendStream<Bytes>,
+) -> Result<u64, String> {
+    let rt = &ctx.core.rt;
+    let mut remaining = match framing {
+        BodyFraming::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::new);
+    let mut total = 0u64;
+    let mut done = false;
+    while !done {
+        let mut progressed = false;
+        if !ubuf.is_empty() {
+            let filled = ubuf.filled();
+            let (data, consumed) = match &mut dec {
+                Some(d) => {
+                    let step = d.decode(filled).map_err(|e| format!("chunked: {e}"))?;
+                    done = step.done;
+                    (
+                        Bytes::copy_from_slice(&filled[step.data.clone()]),
+                        step.consumed,
+                    )
+                }
+                None => {
+                    let n = (filled.len() as u64).min(remaining) as usize;
+                    remaining -= n as u64;
+                    done = remaining == 0;
+                    (Bytes::copy_from_slice(&filled[..n]), n)
+                }
+            };
+            ubuf.consume(consumed);
+            progressed = consumed > 0;
+            if !data.is_empty() {
+                total += data.len() as u64;
+                send_all(&ctx.core, send, data).await?;
+            }
+        }
+        if done || (progressed && !ubuf.is_empty()) {
+            continue;
+        }
+        upstream.set_timeout(rt.response_idle_timeout);
+        match ubuf.fill(upstream, BODY_BUF_LIMIT).await {
+            Ok(0) if framing == BodyFraming::Eof => done = true,
+            Ok(0) => return Err("the app closed before the end of the body".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let mut trailers = HeaderMap::new();
+    if let Some(d) = &dec {
+        for (name, value) in d.trailers() {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_bytes(value.trim_ascii()),
+            ) {
+                if !is_connection_specific(name) {
+                    trailers.append(n, v);
+                }
+            }
+        }
+    }
+    if trailers.is_empty() {
+        send.send_data(Bytes::new(), true)
+    } else {
+        send.send_trailers(trailers)
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(total)
+}

@@ -1,0 +1,535 @@
+//! `http2` and `grpc` circuits: streams forwarded to the app over HTTP/2.
+//!
+//! Each core keeps one HTTP/2 connection per app address (prior knowledge in the
+//! clear; TLS with ALPN `h2` when the route has `upstream_tls`), its driver a task
+//! of the core, and multiplexes the streams of every client over it. A stream is
+//! relayed both ways at once (bidirectional gRPC streams), trailers included; each
+//! DATA frame's capacity goes back to its sender only once the other side has taken
+//! it, so a stream holds at most a window in flight, never a whole body. A client
+//! that resets its stream resets the app's (`CANCEL`); an app that resets resets the
+//! client's with the same reason. Before the response started, a failure is the
+//! product's JSON error, or for gRPC a trailers-only `grpc-status: 14`
+//! (`UNAVAILABLE`) with `grpc-message` and the request ID.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::model::ProxyProtocol;
+use appproxy_shared::RequestId;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{HeaderName, HeaderValue};
+
+use super::io::H2Io;
+use super::stream::{is_connection_specific, pick, send_all, Done, Fail, Req};
+use super::{within, ConnCtx};
+use crate::core::{Core, Route};
+use crate::http::encode::ClientHop;
+use crate::http::encode::{self, TraceHeaders};
+use crate::http::error::{ProxyError, RequestError};
+use crate::http::parse::{self, HeadLimits};
+use crate::proxy::{self, ConnectError};
+
+/// An open HTTP/2 connection to an app: its generation, a handle, its use count.
+type Pooled = (u64, SendRequest<Bytes>, Rc<UpConn>);
+
+thread_local! {
+    /// This core's HTTP/2 connections to apps, by address, with a generation so a
+    /// closing driver removes only its own entry.
+    static UPSTREAMS: RefCell<HashMap<SocketAddr, Pooled>> =
+        RefCell::new(HashMap::new());
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// An HTTP/2 connection to an app: idle (no stream of ours on it) for the pool's
+/// idle timeout, it is closed (its driver's wait times out).
+pub struct UpConn {
+    conn: Rc<crate::io::TcpConn>,
+    streams: Cell<usize>,
+    idle: std::time::Duration,
+}
+
+/// One stream of ours on an [`UpConn`], for as long as it lives.
+pub struct UpStreamGuard(Rc<UpConn>);
+
+impl UpStreamGuard {
+    fn new(up: Rc<UpConn>) -> Self {
+        if up.streams.get() == 0 {
+            up.conn.set_deadline(None);
+        }
+        up.streams.set(up.streams.get() + 1);
+        Self(up)
+    }
+}
+
+impl Drop for UpStreamGuard {
+    fn drop(&mut self) {
+        let n = self.0.streams.get().saturating_sub(1);
+        self.0.streams.set(n);
+        if n == 0 {
+            self.0.conn.set_timeout(self.0.idle);
+        }
+    }
+}
+
+/// A ready handle on an HTTP/2 connection to `addr`: the core's open one, or a new
+/// one.
+async fn sender(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<(SendRequest<Bytes>, Rc<UpConn>), ConnectError> {
+    let open = UPSTREAMS.with(|u| {
+        u.borrow()
+            .get(&addr)
+            .map(|(_, s, up)| (s.clone(), up.clone()))
+    });
+    if let Some((s, up)) = open {
+        match within(&core.reactor, core.rt.connect_timeout, s.ready()).await {
+            Some(Ok(s)) => return Ok((s, up)),
+            _ => {
+                UPSTREAMS.with(|u| u.borrow_mut().remove(&addr));
+            }
+        }
+    }
+    let conn = proxy::connect_alpn(core, route, addr, true).await?;
+    if conn.is_tls() {
+        let alpn = conn.tls_info().and_then(|i| i.alpn);
+        if alpn.as_deref() != Some(b"h2") {
+            tracing::warn!(upstream = %addr, "the app's TLS server did not agree to HTTP/2 (ALPN h2)");
+            return Err(ConnectError::Upstream(io::Error::other(
+                "the app did not agree to HTTP/2 over TLS",
+            )));
+        }
+    }
+    let conn = Rc::new(conn);
+    let cfg = &core.rt.http2;
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(cfg.initial_stream_window)
+        .initial_connection_window_size(cfg.initial_connection_window)
+        .max_header_list_size(cfg.max_header_list_size)
+        .max_frame_size(cfg.max_frame_size)
+        .max_send_buffer_size(cfg.max_send_buffer)
+        .enable_push(false);
+    conn.set_timeout(core.rt.connect_timeout);
+    let io = H2Io::new(conn.clone(), Vec::new(), None);
+    let (send, driver) = match builder.handshake::<_, Bytes>(io).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(upstream = %addr, error = %e, "HTTP/2 handshake with the app failed");
+            return Err(ConnectError::Upstream(io::Error::other(e)));
+        }
+    };
+    conn.set_timeout(core.rt.pool_idle_timeout);
+    let up = Rc::new(UpConn {
+        conn: conn.clone(),
+        streams: Cell::new(0),
+        idle: core.rt.pool_idle_timeout,
+    });
+    let generation = GENERATION.with(|g| {
+        g.set(g.get() + 1);
+        g.get()
+    });
+    UPSTREAMS.with(|u| {
+        u.borrow_mut()
+            .insert(addr, (generation, send.clone(), up.clone()))
+    });
+    crate::reactor::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to the app ended");
+        }
+        drop(conn);
+        UPSTREAMS.with(|u| {
+            let mut u = u.borrow_mut();
+            if u.get(&addr).is_some_and(|(g, _, _)| *g == generation) {
+                u.remove(&addr);
+            }
+        });
+    })
+    .detach();
+    match within(&core.reactor, core.rt.connect_timeout, send.ready()).await {
+        Some(Ok(s)) => Ok((s, up)),
+        Some(Err(e)) => Err(ConnectError::Upstream(io::Error::other(e))),
+        None => Err(ConnectError::Upstream(io::ErrorKind::TimedOut.into())),
+    }
+}
+
+/// [`sender`] with the HTTP/1.1 path's failover: a failed connect counts against
+/// the route's health and one other upstream is tried.
+async fn sender_route(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<(SendRequest<Bytes>, Rc<UpConn>, SocketAddr), Fail> {
+    let first = match sender(core, route, addr).await {
+        Ok((s, up)) => return Ok((s, up, addr)),
+        Err(e) => e,
+    };
+    if let ConnectError::Local(_) = first {
+        return Err(Fail::from(proxy::Failure::from(first)));
+    }
+    if matches!(first, ConnectError::Upstream(_)) {
+        proxy::note_health(core, route, addr, false);
+    }
+    match pick(core, route, Some(addr)) {
+        Ok(alt) if alt != addr => match sender(core, route, alt).await {
+            Ok((s, up)) => Ok((s, up, alt)),
+            Err(e) => {
+                if matches!(e, ConnectError::Upstream(_)) {
+                    proxy::note_health(core, route, alt, false);
+                }
+                Err(Fail::from(proxy::Failure::from(e)))
+            }
+        },
+        _ => Err(Fail::from(proxy::Failure::from(first))),
+    }
+}
+
+/// The request to the app: the head sanitized exactly as for HTTP/1.1 apps
+/// (hop-by-hop and client-address fields, forwarding headers, request ID, trace
+/// context), then carried as HTTP/2 (`te: trailers` kept when the client sent it).
+fn build_request(
+    core: &Core,
+    hop: ClientHop,
+    req: &Req<'_>,
+    addr: SocketAddr,
+    tls: bool,
+    id: &RequestId,
+    trace: Option<crate::trace::Hop>,
+) -> Result<http::Request<()>, Fail> {
+    let mut out = Vec::with_capacity(1024);
+    let traceparent = trace.map(|t| t.span.traceparent());
+    encode::upstream_request_traced(
+        &mut out,
+        req.buf,
+        req.head,
+        proxy::forwarded_id(core, id),
+        trace.zip(traceparent.as_ref()).map(|(t, h)| TraceHeaders {
+            traceparent: h.as_bytes(),
+            keep_tracestate: t.keep_tracestate,
+        }),
+        hop,
+        addr,
+    );
+    let limits = HeadLimits {
+        max_request_line: out.len(),
+        max_header_bytes: out.len(),
+        max_headers: out.len(),
+    };
+    let bad = || {
+        Fail::Answer(ProxyError::Request(RequestError::Malformed(
+            "request not expressible over HTTP/2",
+        )))
+    };
+    let head = match parse::parse_request(&out, &limits) {
+        Ok(Some(h)) => h,
+        _ => return Err(bad()),
+    };
+    let authority = req
+        .authority
+        .map(str::to_owned)
+        .unwrap_or_else(|| addr.to_string());
+    let uri = http::Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(authority)
+        .path_and_query(req.path)
+        .build()
+        .map_err(|_| bad())?;
+    let method = http::Method::from_bytes(&out[head.method_raw.clone()]).map_err(|_| bad())?;
+    let mut request = http::Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    for f in &head.headers {
+        let name = &out[f.name.clone()];
+        if parse::name_is(name, "host") || is_connection_specific(name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(&out[f.value.clone()]),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if req.te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+    Ok(request)
+}
+
+/// How relaying one direction of a stream ended badly.
+enum RelayEnd {
+    /// The source failed or reset (its reason went on to the destination).
+    Source(String),
+    /// The destination reset or stopped taking data.
+    Destination(String),
+    /// The request body passed `[limits] max_body_bytes`.
+    TooLarge,
+    /// The request's trailers carried a field that must never be a trailer.
+    ForbiddenTrailer,
+}
+
+/// Relays one direction: DATA as the destination's window allows, capacity given
+/// back to the source as frames are handed on, then the trailers (or the end).
+async fn relay(
+    core: &Core,
+    src: &mut RecvStream,
+    dst: &mut SendStream<Bytes>,
+    max: u64,
+    total: &Cell<u64>,
+    request: bool,
+) -> Result<(), RelayEnd> {
+    enum Next {
+        Data(Option<Result<Bytes, h2::Error>>),
+        Reset(Result<h2::Reason, h2::Error>),
+    }
+    loop {
+        let next = within(
+            &core.reactor,
+            core.rt.tunnel_idle_timeout,
+            futures_lite::future::or(async { Next::Data(src.data().await) }, async {
+                Next::Reset(poll_fn(|cx| dst.poll_reset(cx)).await)
+            }),
+        )
+        .await;
+        let chunk = match next {
+            None => {
+                dst.send_reset(h2::Reason::CANCEL);
+                return Err(RelayEnd::Source("idle timeout".into()));
+            }
+            Some(Next::Data(None)) => break,
+            Some(Next::Data(Some(Ok(b)))) => b,
+            Some(Next::Data(Some(Err(e)))) => {
+                dst.send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
+                return Err(RelayEnd::Source(e.to_string()));
+            }
+            Some(Next::Reset(r)) => {
+                return Err(RelayEnd::Destination(match r {
+                    Ok(reason) => format!("reset: {reason}"),
+                    Err(e) => e.to_string(),
+                }))
+            }
+        };
+        let n = chunk.len();
+        total.set(total.get() + n as u64);
+        if max > 0 && total.get() > max {
+            dst.send_reset(h2::Reason::CANCEL);
+            return Err(RelayEnd::TooLarge);
+        }
+        send_all(core, dst, chunk)
+            .await
+            .map_err(RelayEnd::Destination)?;
+        let _ = src.flow_control().release_capacity(n);
+    }
+    match src.trailers().await {
+        Ok(Some(t)) => match super::stream::filter_trailers(&t, request) {
+            None => {
+                dst.send_reset(h2::Reason::CANCEL);
+                return Err(RelayEnd::ForbiddenTrailer);
+            }
+            Some(kept) if kept.is_empty() => dst.send_data(Bytes::new(), true),
+            Some(kept) => dst.send_trailers(kept),
+        },
+        Ok(None) => dst.send_data(Bytes::new(), true),
+        Err(e) => {
+            dst.send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
+            return Err(RelayEnd::Source(e.to_string()));
+        }
+    }
+    .map_err(|e| RelayEnd::Destination(e.to_string()))
+}
+
+/// A stream opened on the app's HTTP/2 connection: the response to come, the
+/// request body's sender, the connection's use, and the app's address.
+pub type Opened = (
+    h2::client::ResponseFuture,
+    SendStream<Bytes>,
+    UpStreamGuard,
+    SocketAddr,
+);
+
+/// Picks the app, gets a ready HTTP/2 connection to it and sends the request head.
+pub async fn open_stream(
+    core: &Core,
+    hop: ClientHop,
+    route: &Route,
+    req: &Req<'_>,
+    id: &RequestId,
+    trace: Option<crate::trace::Hop>,
+    end: bool,
+) -> Result<Opened, Fail> {
+    let addr = pick(core, route, None)?;
+    let (mut sender, up, addr) = sender_route(core, route, addr).await?;
+    let guard = UpStreamGuard::new(up);
+    let tls = route
+        .circuit
+        .upstream_tls
+        .iter()
+        .any(|(a, _, _)| *a == addr);
+    let request = build_request(core, hop, req, addr, tls, id, trace)?;
+    let (response, send) = sender
+        .send_request(request, end)
+        .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e))))?;
+    Ok((response, send, guard, addr))
+}
+
+/// Why the app gave no answer (the route's health noted when it is the app's).
+pub fn response_failure(core: &Core, route: &Route, addr: SocketAddr, e: h2::Error) -> Fail {
+    // A stream the app refused or reset is its answer, not its health.
+    if e.is_io() || e.is_go_away() {
+        proxy::note_health(core, route, addr, false);
+    }
+    tracing::warn!(upstream = %addr, error = %e, "HTTP/2 app failed the stream");
+    Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e)))
+}
+
+/// Forwards a stream to an `http2`/`grpc` app and relays the answer.
+pub async fn forward(
+    ctx: &Rc<ConnCtx>,
+    route: &Route,
+    req: &Req<'_>,
+    mut body: RecvStream,
+    respond: &mut SendResponse<Bytes>,
+    id: RequestId,
+    trace: Option<crate::trace::Hop>,
+) -> Result<Done, Fail> {
+    let core = &ctx.core;
+    let end = body.is_end_stream();
+    let (response, mut up_send, _on_conn, addr) =
+        open_stream(core, ctx.hop, route, req, &id, trace, end).await?;
+    let bytes_in = Cell::new(0u64);
+    let too_large = Cell::new(false);
+    let forbidden_trailer = Cell::new(false);
+    // The request body goes on while the response comes (bidirectional streams);
+    // its end (or failure, passed on as a reset) never ends the exchange by itself.
+    let request_side = async {
+        if !end {
+            match relay(
+                core,
+                &mut body,
+                &mut up_send,
+                core.rt.max_body,
+                &bytes_in,
+                true,
+            )
+            .await
+            {
+                Err(RelayEnd::TooLarge) => too_large.set(true),
+                Err(RelayEnd::ForbiddenTrailer) => forbidden_trailer.set(true),
+                _ => {}
+            }
+        }
+        std::future::pending::<Result<Done, Fail>>().await
+    };
+    let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
+    let response_side = async {
+        enum Head {
+            Response(Result<http::Response<RecvStream>, h2::Error>),
+            ClientReset,
+        }
+        let sent = Instant::now();
+        let mut response = response;
+        let mut interim = 0usize;
+        let wait = poll_fn(|cx| {
+            if respond.poll_reset(cx).is_ready() {
+                return std::task::Poll::Ready(Head::ClientReset);
+            }
+            // Interim heads (103 Early Hints, …) are relayed as they come, the
+            // first MAX_INTERIM of them; the app's request ID is not passed on.
+            while let std::task::Poll::Ready(Some(Ok(mut info))) = response.poll_informational(cx) {
+                interim += 1;
+                if interim <= proxy::MAX_INTERIM {
+                    info.headers_mut().remove("x-backend-request-id");
+                    // A client gone meanwhile shows in poll_reset.
+                    let _ = respond.send_informational(info);
+                }
+            }
+            std::future::Future::poll(std::pin::Pin::new(&mut response), cx).map(Head::Response)
+        });
+        // gRPC calls carry their own deadlines; other apps get the head timeout.
+        let head = if grpc {
+            Some(wait.await)
+        } else {
+            within(&core.reactor, core.rt.upstream_head_timeout, wait).await
+        };
+        let resp = match head {
+            None => {
+                proxy::note_health(core, route, addr, false);
+                return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+            }
+            Some(Head::ClientReset) => {
+                ctx.note_client_reset();
+                return Err(Fail::Abort("client reset the stream".into()));
+            }
+            Some(Head::Response(Err(e))) => {
+                if too_large.get() {
+                    return Err(Fail::Answer(ProxyError::Request(
+                        RequestError::BodyTooLarge,
+                    )));
+                }
+                if forbidden_trailer.get() {
+                    return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
+                        "forbidden trailer field",
+                    ))));
+                }
+                // A stream the app refused or reset is its answer, not its health.
+                if e.is_io() || e.is_go_away() {
+                    proxy::note_health(core, route, addr, false);
+                }
+                tracing::warn!(upstream = %addr, error = %e, "HTTP/2 app failed the stream");
+                return Err(Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(
+                    e,
+                ))));
+            }
+            Some(Head::Response(Ok(r))) => r,
+        };
+        proxy::note_health(core, route, addr, true);
+        core.metrics.upstream_head.observe(sent.elapsed());
+        let (parts, mut rbody) = resp.into_parts();
+        let status = parts.status.as_u16();
+        let mut response = http::Response::new(());
+        *response.status_mut() = parts.status;
+        let mut headers = parts.headers;
+        headers.remove("x-backend-request-id");
+        if let Some(v) =
+            proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
+        {
+            headers.insert(HeaderName::from_static("x-backend-request-id"), v);
+        }
+        *response.headers_mut() = headers;
+        let rend = rbody.is_end_stream();
+        let mut send = respond
+            .send_response(response, rend)
+            .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
+        let bytes_out = Cell::new(0u64);
+        if !rend {
+            match relay(core, &mut rbody, &mut send, 0, &bytes_out, false).await {
+                Ok(()) => {}
+                Err(RelayEnd::Source(e)) => {
+                    // The app's reset went on to the client as is.
+                    tracing::info!(upstream = %addr, reason = %e, "app ended the stream early");
+                }
+                Err(RelayEnd::Destination(e)) => {
+                    return Err(Fail::Abort(format!("client: {e}")));
+                }
+                Err(RelayEnd::TooLarge | RelayEnd::ForbiddenTrailer) => {}
+            }
+        }
+        Ok(Done {
+            status,
+            bytes_in: bytes_in.get(),
+            bytes_out: bytes_out.get(),
+            upstream: addr,
+        })
+    };
+    futures_lite::future::or(response_side, request_side).await
+}

@@ -1,0 +1,438 @@
+//! The remote [`ControlLink`]: the coordinator's HTTP API (a minimal JSON-over-HTTP/1.1
+//! client that moves to the next coordinator of an HA pair when one cannot be
+//! reached), and Redis when `[redis] url` is set — circuit events heard on the
+//! broadcast channel, acknowledgements published there, last-access marks written with
+//! the original's keys.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use appproxy_shared::model::{
+    BroadcastMessage, Circuit, CircuitsEvent, EventMetadata, BROADCAST_CHANNEL,
+    EVENT_WORKER_CIRCUIT_ADDED,
+};
+use appproxy_shared::wire::{
+    AccessMark, CircuitSet, EventBody, EventKind, EventTarget, Registered, WorkerRegistration,
+    MAX_CIRCUITS_PER_ANSWER,
+};
+use appproxy_shared::{IdVersion, RequestId};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{ControlLink, LinkError, Notice};
+
+/// Every Redis call the worker makes is bounded by this: an outage costs a call at
+/// most this long, never a hang.
+const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(REDIS_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
+}
+
+/// A coordinator reached over HTTP, with Redis for events, acknowledgements and
+/// marks when configured.
+pub struct RemoteLink {
+    client: Client,
+    /// `[redis] url`, when set.
+    redis_url: Option<String>,
+    /// The connection acknowledgements and marks use (one caller at a time).
+    redis: tokio::sync::Mutex<RedisLink>,
+}
+
+impl RemoteLink {
+    /// A link to the coordinators of `urls` (one URL, or several separated by
+    /// commas) with the shared API `secret`; `node` names this process among the
+    /// worker's HA nodes; `redis_url` enables events, acknowledgements and marks.
+    pub fn new(
+        urls: &str,
+        secret: String,
+        node: String,
+        redis_url: Option<String>,
+    ) -> Result<Self, LinkError> {
+        Ok(Self {
+            client: Client::new(urls, secret, node)?,
+            redis: tokio::sync::Mutex::new(RedisLink::new(redis_url.as_deref())),
+            redis_url,
+        })
+    }
+}
+
+impl ControlLink for RemoteLink {
+    async fn register(&self, registration: &WorkerRegistration) -> Result<uuid::Uuid, LinkError> {
+        let body = serde_json::to_vec(registration).map_err(|_| LinkError::Response)?;
+        let raw = self
+            .client
+            .call("PUT", "/api/worker?brief=true", &body)
+            .await?;
+        let answer: Registered = serde_json::from_slice(&raw).map_err(|_| LinkError::Response)?;
+        Ok(answer.id)
+    }
+
+    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<(), LinkError> {
+        let path = format!("/api/worker/{worker}?node={}&brief=true", self.client.node);
+        let raw = self.client.call("PATCH", &path, &[]).await?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|_| LinkError::Response)?;
+        Ok(())
+    }
+
+    async fn deregister(&self, worker: uuid::Uuid) -> Result<(), LinkError> {
+        let path = format!("/api/worker/{worker}?node={}", self.client.node);
+        let raw = self.client.call("DELETE", &path, &[]).await?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|_| LinkError::Response)?;
+        Ok(())
+    }
+
+    async fn changes(&self, worker: uuid::Uuid, since: u64) -> Result<CircuitSet, LinkError> {
+        let path = format!("/api/worker/{worker}/circuits?since={since}");
+        read_set(&self.client.call("GET", &path, &[]).await?)
+    }
+
+    async fn page(
+        &self,
+        worker: uuid::Uuid,
+        after: Option<uuid::Uuid>,
+    ) -> Result<CircuitSet, LinkError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let path =
+            format!("/api/worker/{worker}/circuits?after={after}&limit={MAX_CIRCUITS_PER_ANSWER}");
+        read_set(&self.client.call("GET", &path, &[]).await?)
+    }
+
+    fn follow(&self, authority: &str, tx: tokio::sync::mpsc::UnboundedSender<Notice>) {
+        if let Some(url) = &self.redis_url {
+            tokio::spawn(subscribe(url.clone(), authority.to_owned(), tx));
+        }
+    }
+
+    async fn acknowledge(
+        &self,
+        ack: CircuitsEvent,
+        tracestate: Option<&appproxy_shared::TraceState>,
+    ) -> bool {
+        let meta = EventMetadata {
+            request_id: appproxy_shared::current_request_id().map(Into::into),
+            traceparent: appproxy_shared::current_span().map(|s| s.traceparent().to_string()),
+            tracestate: tracestate.map(|t| t.as_str().to_owned()),
+            ..Default::default()
+        };
+        let Ok(msg) =
+            BroadcastMessage::encode(EVENT_WORKER_CIRCUIT_ADDED, "appproxy-worker", &ack, &meta)
+        else {
+            return false;
+        };
+        let Ok(text) = serde_json::to_string(&msg) else {
+            return false;
+        };
+        let mut redis = self.redis.lock().await;
+        // A connection gone stale (Redis restarted: "broken pipe") fails once: the
+        // acknowledgement is sent again on a fresh one.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let Some(conn) = redis.get().await else {
+                tracing::warn!("acknowledgement not sent: redis unreachable");
+                return false;
+            };
+            let sent: redis::RedisResult<i64> = bounded(
+                redis::cmd("PUBLISH")
+                    .arg(BROADCAST_CHANNEL)
+                    .arg(&text)
+                    .query_async(conn),
+            )
+            .await;
+            match sent {
+                Ok(_) => return true,
+                Err(e) => {
+                    redis.failed();
+                    if tries >= 2 {
+                        tracing::warn!(error = %e, "acknowledgement not sent");
+                        return false;
+                    }
+                    tracing::info!(error = %e, "acknowledgement not sent; retrying once on a fresh connection");
+                }
+            }
+        }
+    }
+
+    async fn record_marks(&self, marks: &[AccessMark]) {
+        let mut redis = self.redis.lock().await;
+        let Some(conn) = redis.get().await else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        appproxy_shared::wire::add_marks(&mut pipe, marks);
+        if let Err(e) = bounded(pipe.query_async::<()>(conn)).await {
+            tracing::warn!(error = %e, "last-access marks not written");
+            redis.failed();
+        }
+    }
+}
+
+/// Reads a set answer straight into the model; when some circuit in it does not
+/// read, the others still do (that one is logged and left out).
+fn read_set(raw: &[u8]) -> Result<CircuitSet, LinkError> {
+    if let Ok(answer) = serde_json::from_slice::<CircuitSet>(raw) {
+        return Ok(answer);
+    }
+    let loose: CircuitSet<serde_json::Value> =
+        serde_json::from_slice(raw).map_err(|_| LinkError::Response)?;
+    let circuits = loose.circuits.map(|list| {
+        list.into_iter()
+            .filter_map(|c| match serde_json::from_value::<Circuit>(c) {
+                Ok(circuit) => Some(circuit),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable circuit skipped");
+                    None
+                }
+            })
+            .collect()
+    });
+    Ok(CircuitSet {
+        revision: loose.revision,
+        resync: loose.resync,
+        circuits,
+        origins: loose.origins,
+        next: loose.next,
+        removed: loose.removed,
+        more: loose.more,
+    })
+}
+
+/// A minimal JSON-over-HTTP/1.1 client for the coordinator's API. With several
+/// coordinators (an HA pair, or a name resolving to several addresses) it keeps using
+/// the one that last answered and moves on to the next when it cannot connect.
+struct Client {
+    /// `host:port` of each coordinator, in the configured order.
+    authorities: Vec<String>,
+    /// The one that answered last.
+    current: AtomicUsize,
+    /// The shared API secret.
+    secret: String,
+    /// This node's ID among the worker's HA nodes (URL-safe characters only).
+    node: String,
+}
+
+impl Client {
+    /// `urls`: one URL, or several separated by commas.
+    fn new(urls: &str, secret: String, node: String) -> Result<Self, LinkError> {
+        let mut authorities = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| LinkError::Url(url.into()))?;
+            let authority = rest.trim_end_matches('/').to_owned();
+            if authority.is_empty() || authority.contains('/') {
+                return Err(LinkError::Url(url.into()));
+            }
+            authorities.push(authority);
+        }
+        if authorities.is_empty() {
+            return Err(LinkError::Url(urls.into()));
+        }
+        Ok(Self {
+            authorities,
+            current: Default::default(),
+            secret,
+            node,
+        })
+    }
+
+    /// A connection to a coordinator: the one that answered last first, then the
+    /// others in order; each address a name resolves to is tried, each attempt
+    /// bounded.
+    async fn connect(&self) -> Result<(tokio::net::TcpStream, &str), LinkError> {
+        let n = self.authorities.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let authority = &self.authorities[i];
+            let addrs = match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::lookup_host(authority.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect::<Vec<_>>(),
+                Ok(Err(e)) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    last = Some(std::io::ErrorKind::TimedOut.into());
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => {
+                        if i != start {
+                            tracing::info!(coordinator = %authority, "switched to another coordinator");
+                        }
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok((stream, authority));
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+        }
+        Err(LinkError::Io(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no coordinator address")
+        })))
+    }
+
+    /// One exchange; the body of a 2xx answer.
+    async fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, LinkError> {
+        let (mut stream, authority) = self.connect().await?;
+        // The coordinator records our calls under their own ID, as the original does.
+        let id = RequestId::generate(IdVersion::V4);
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nX-BackendAI-Token: {}\r\nX-Backend-Request-ID: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            authority,
+            self.secret,
+            body.len()
+        );
+        let mut raw = Vec::new();
+        let exchanged = tokio::time::timeout(Duration::from_secs(10), async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body).await?;
+            stream.take(16 << 20).read_to_end(&mut raw).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        if let Err(e) = exchanged {
+            // Connected but silent (hung) or cut off: the next call starts with the
+            // next coordinator.
+            self.current.fetch_add(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {
+            return Err(LinkError::Response);
+        };
+        let status = resp.code.unwrap_or(0);
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&raw[n..]);
+            return Err(LinkError::Status(status, text.chars().take(300).collect()));
+        }
+        raw.drain(..n);
+        Ok(raw)
+    }
+}
+
+/// A lazily (re)connected Redis connection for acknowledgements and marks.
+struct RedisLink {
+    url: Option<String>,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl RedisLink {
+    fn new(url: Option<&str>) -> Self {
+        Self {
+            url: url.map(str::to_owned),
+            conn: None,
+        }
+    }
+
+    async fn get(&mut self) -> Option<&mut redis::aio::MultiplexedConnection> {
+        if self.conn.is_none() {
+            let url = self.url.as_deref()?;
+            let connected = async {
+                let client = redis::Client::open(url)?;
+                client.get_multiplexed_async_connection().await
+            };
+            match tokio::time::timeout(Duration::from_secs(3), connected).await {
+                Ok(Ok(c)) => self.conn = Some(c),
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis unreachable"),
+                Err(_) => tracing::warn!("redis unreachable: timed out"),
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// Forgets a connection that failed, so the next use reconnects.
+    fn failed(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Listens on the coordinator's broadcast channel, reconnecting forever (capped
+/// backoff, [`appproxy_shared::pubsub`]); every circuit event for this worker, and
+/// every (re)subscription (which may have missed some), becomes a [`Notice`].
+async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::UnboundedSender<Notice>) {
+    appproxy_shared::pubsub::Follow::new(&url, &[BROADCAST_CHANNEL], "circuit events")
+        .run(
+            || {
+                tracing::info!("subscribed to circuit events");
+                tx.send(Notice::resubscribed()).is_ok()
+            },
+            |_, text| {
+                let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
+                    return true;
+                };
+                match heard(&envelope, &authority) {
+                    Some(notice) => tx.send(notice).is_ok(),
+                    None => true,
+                }
+            },
+            || {},
+        )
+        .await;
+}
+
+/// The notice a coordinator's event for this worker gives; `None` for anything else.
+/// An event whose body does not read still asks for a fetch.
+fn heard(envelope: &BroadcastMessage, authority: &str) -> Option<Notice> {
+    if envelope.source != "appproxy-coordinator" {
+        return None;
+    }
+    let target: EventTarget = serde_json::from_str(&envelope.payload).ok()?;
+    if target.target_worker_authority != authority {
+        return None;
+    }
+    let meta = envelope.metadata();
+    let request_id = meta.request_id.and_then(|r| r.validated());
+    let tp = meta.traceparent.as_deref().map(str::as_bytes);
+    let tracestate = tp
+        .and(meta.tracestate.as_deref())
+        .and_then(|t| appproxy_shared::TraceState::parse(t.as_bytes()).ok())
+        .filter(|t| !t.is_empty());
+    let span = (tp.is_some() || request_id.is_some())
+        .then(|| appproxy_shared::trace::SpanContext::from_header(tp, request_id.as_ref()));
+    appproxy_shared::with_request_context(request_id, span, || {
+        tracing::info!(event = %envelope.name, "circuit event received");
+    });
+    let kind = EventKind::of_name(&envelope.name);
+    let read = kind.and_then(|k| {
+        EventBody::read(k, &envelope.payload)
+            .ok()
+            .map(|(_, circuits)| (k, circuits))
+    });
+    let mut notice = match read {
+        Some((kind, circuits)) => Notice::event(kind, circuits, request_id, span),
+        None => Notice {
+            request_id,
+            span,
+            tracestate: None,
+            created: if kind == Some(EventKind::Created) {
+                target.circuits.iter().map(|c| c.id).collect()
+            } else {
+                Vec::new()
+            },
+            delta: None,
+            resync: false,
+        },
+    };
+    notice.tracestate = tracestate;
+    Some(notice)
+}

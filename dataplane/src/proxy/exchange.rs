@@ -1,0 +1,861 @@
+//! One request on a client connection, from routing to its access line: the
+//! [`Exchange`] the connection owns while the request lasts, and the [`Client`]
+//! methods that carry it (after sozu's session states): [`Client::exchange`] routes
+//! and checks it, `forward` sends it to the app, `relay_response` brings the answer
+//! back, and every end goes through one of three doors — `finish` (an answer relayed),
+//! [`Client::refuse`] (the proxy's own answer, built and sent only there) or `abort`
+//! (closed without an answer).
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::header::{self, IdPolicy};
+use appproxy_shared::{scope, RequestId};
+
+use super::retry::{self, Attempt, Retry};
+use super::tunnel::TunnelEnds;
+use super::{connect, connect_route, note_health, read_response_head, MAX_INTERIM};
+use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
+use crate::core::{counter, AccessEntry, Core, Route};
+use crate::http::encode::{self, ClientFraming, TraceHeaders};
+use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
+use crate::io::TcpConn;
+use crate::relay::{self, Mode, RelayError, RelayOpts, Trailers};
+
+/// Copies of the head's method and path, for logging after the buffer moved on.
+pub(super) struct LogLine {
+    /// Method token.
+    method: Vec<u8>,
+    /// Request target, at most 512 bytes.
+    path: Vec<u8>,
+}
+
+/// One request on the connection: its head (ranges into the client buffer) and what
+/// its access line needs.
+pub(super) struct Exchange {
+    /// The request head, at the start of the client buffer until consumed.
+    head: RequestHead,
+    /// The request ID (forwarded, echoed, logged).
+    pub(super) id: RequestId,
+    /// The trace position, with `[tracing] trace_context`.
+    pub(super) trace: Option<crate::trace::Hop>,
+    /// Method and path for the access line.
+    line: LogLine,
+    /// When the head was complete.
+    started: Instant,
+    /// The circuit, once routed.
+    route: Option<Rc<Route>>,
+    /// Request bytes the access line of a refusal counts.
+    bytes_in: u64,
+}
+
+/// A request's ID (taken from its header when valid, else generated; `-` when IDs are
+/// off) and its trace hop (when trace context is on), from its head parsed out of
+/// `buf`. The HTTP/1.1 connection and each HTTP/2 stream start here.
+pub(crate) fn identify(
+    core: &Core,
+    buf: &[u8],
+    head: &RequestHead,
+) -> (RequestId, Option<crate::trace::Hop>) {
+    let id = if !core.rt.request_ids {
+        RequestId::parse(b"-").unwrap_or_else(|_| RequestId::generate(core.rt.id_version))
+    } else {
+        let found = header::extract(
+            head.headers
+                .iter()
+                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+        );
+        header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
+            .0
+            .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
+    };
+    let trace = core
+        .rt
+        .trace_context
+        .then(|| crate::trace::Hop::resolve(buf, &head.headers, &id));
+    (id, trace)
+}
+
+impl Exchange {
+    /// A request whose head was just parsed from `buf`: its ID resolved (or
+    /// generated) and its trace context read.
+    pub(super) fn new(core: &Core, buf: &[u8], head: RequestHead, started: Instant) -> Self {
+        let (id, trace) = identify(core, buf, &head);
+        let line = LogLine {
+            method: buf[head.method_raw.clone()].to_vec(),
+            path: buf[head.target.clone()].iter().take(512).copied().collect(),
+        };
+        Self {
+            head,
+            id,
+            trace,
+            line,
+            started,
+            route: None,
+            bytes_in: 0,
+        }
+    }
+
+    /// The circuit served, once routed.
+    fn circuit(&self) -> Option<&appproxy_shared::model::Circuit> {
+        self.route.as_deref().map(|r| &r.circuit.circuit)
+    }
+
+    /// The access entry of this exchange with `status`, `bytes_in`, `bytes_out` and
+    /// `upstream`.
+    fn entry(
+        &self,
+        status: u16,
+        bytes: (u64, u64),
+        upstream: Option<SocketAddr>,
+    ) -> AccessEntry<'_> {
+        AccessEntry {
+            request_id: &self.id,
+            circuit: self.circuit(),
+            method: &self.line.method,
+            path: &self.line.path,
+            status,
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            upstream,
+            started: self.started,
+        }
+    }
+}
+
+/// One of the proxy's own answers.
+pub(super) struct Refusal {
+    /// Status and machine code.
+    status: u16,
+    code: &'static str,
+    /// Human-readable reason (never includes client bytes).
+    message: String,
+    /// Whether the refusal leaves the request's framing in doubt (the connection
+    /// closes after it).
+    closes: bool,
+}
+
+impl From<&ProxyError> for Refusal {
+    fn from(err: &ProxyError) -> Self {
+        let (status, code) = err.status_and_code();
+        Self {
+            status,
+            code,
+            message: err.to_string(),
+            closes: err.closes_connection(),
+        }
+    }
+}
+
+impl From<crate::auth::Refused> for Refusal {
+    fn from(r: crate::auth::Refused) -> Self {
+        Self {
+            status: r.status,
+            code: r.code,
+            message: r.message.into(),
+            closes: false,
+        }
+    }
+}
+
+/// How an attempt on an upstream connection failed.
+enum Attempted {
+    /// The retry rule says: again, on a fresh connection (the message for the log).
+    Retry(ProxyError, &'static str),
+    /// The exchange fails.
+    Failed(Failure),
+}
+
+/// The request as it went out: what the response is relayed with.
+struct Sent {
+    /// The app's connection.
+    upstream: TcpConn,
+    /// The app's address.
+    addr: SocketAddr,
+    /// Request bytes read from the client (head and body).
+    bytes_in: u64,
+    /// Whether the request asked for a WebSocket upgrade.
+    websocket: bool,
+}
+
+/// A completed exchange.
+pub(super) struct Done {
+    pub(super) status: u16,
+    pub(super) bytes_in: u64,
+    pub(super) bytes_out: u64,
+    pub(super) upstream: SocketAddr,
+    pub(super) next: Next,
+}
+
+impl Client {
+    /// Handles one request whose head is at the start of the client buffer.
+    pub(super) async fn exchange(&mut self, mut x: Exchange) -> Next {
+        let core = self.core.clone();
+        if let Some(t) = &x.trace {
+            t.log_rejection();
+        }
+        let head = &x.head;
+        let host = head.host.clone().map(|h| &self.buf.filled()[h]);
+        let Some(route) = core.route_for(self.hop.local_port, host) else {
+            let err = ProxyError::UnknownCircuit;
+            tracing::info!(error = %err, port = self.hop.local_port, "request refused");
+            return self.refuse(&x, (&err).into(), Left::Whole).await;
+        };
+        x.route = Some(route.clone());
+        let Ok(peer_ip) = self.client_ip(&x.head) else {
+            let err = ProxyError::Request(RequestError::Malformed(
+                "X-Forwarded-For from a trusted proxy must hold exactly one address",
+            ));
+            return self.refuse(&x, (&err).into(), Left::Whole).await;
+        };
+        // Access control: the allowlist (403), then credentials (401). Nothing about the
+        // circuit is in the answer.
+        let refused = if !route.circuit.allowed.is_empty()
+            && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
+        {
+            tracing::info!(peer = %peer_ip, "client address not in the circuit's allowlist");
+            Some(crate::auth::Refused {
+                status: 403,
+                code: "forbidden",
+                message: "client address not allowed",
+            })
+        } else {
+            super::check_credentials(&core, self.buf.filled(), &x.head, &route)
+                .err()
+                .inspect(|r| {
+                    tracing::info!(code = r.code, reason = r.message, "credentials refused")
+                })
+        };
+        if let Some(refused) = refused {
+            x.bytes_in = x.head.head_len as u64;
+            return self.refuse(&x, refused.into(), Left::Whole).await;
+        }
+        core.mark_access(route.circuit.circuit.id);
+        let early = if x.head.method == Method::Connect {
+            Some(ProxyError::Request(RequestError::Malformed(
+                "CONNECT is not supported",
+            )))
+        } else {
+            match x.head.framing {
+                BodyFraming::Length(n) if core.rt.max_body > 0 && n > core.rt.max_body => {
+                    Some(ProxyError::Request(RequestError::BodyTooLarge))
+                }
+                _ => None,
+            }
+        };
+        if let Some(err) = early {
+            return self.refuse(&x, (&err).into(), Left::Whole).await;
+        }
+        x.bytes_in = x.head.head_len as u64;
+        if matches!(
+            route.circuit.circuit.protocol,
+            appproxy_shared::model::ProxyProtocol::Http2
+                | appproxy_shared::model::ProxyProtocol::Grpc
+        ) {
+            return self.bridge(&x, &route).await;
+        }
+        let outcome = self.forward(&x, &route).await;
+        self.conclude(&x, outcome).await
+    }
+
+    /// An HTTP/1.1 request to an app that speaks HTTP/2 only: bridged (no upgrades
+    /// there).
+    async fn bridge(&mut self, x: &Exchange, route: &Route) -> Next {
+        let core = self.core.clone();
+        let bridged = crate::http2::bridge::forward(
+            &core,
+            &self.conn,
+            &mut self.buf,
+            self.hop,
+            &x.head,
+            route,
+            x.id,
+            x.trace,
+        )
+        .await;
+        match bridged {
+            // The bridge counted its bytes out itself.
+            Ok(b) => {
+                let status = b.done.status;
+                let bytes_in = x.head.head_len as u64 + b.done.bytes_in;
+                core.metrics.status(status);
+                core.record(&x.entry(status, (bytes_in, b.done.bytes_out), Some(b.done.upstream)));
+                if b.keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
+            }
+            // The bridge read the body as it went: the stream position is lost.
+            Err(crate::http2::stream::Fail::Answer(err)) => {
+                let failed = Failure::Answer(err, Left::Partial);
+                self.conclude(x, Err(failed)).await
+            }
+            Err(crate::http2::stream::Fail::Abort(reason)) => self.abort(x, &reason),
+        }
+    }
+
+    /// Ends an exchange by its outcome: a relayed answer, a refusal or an abort.
+    async fn conclude(&mut self, x: &Exchange, outcome: Result<Done, Failure>) -> Next {
+        match outcome {
+            Ok(done) => self.finish(x, &done),
+            Err(Failure::Answer(err, left)) => {
+                tracing::warn!(error = %err, "request failed");
+                self.refuse(x, (&err).into(), left).await
+            }
+            Err(Failure::Abort(reason)) => self.abort(x, &reason),
+        }
+    }
+
+    /// An answer was relayed: counted and logged.
+    fn finish(&self, x: &Exchange, done: &Done) -> Next {
+        let core = &self.core;
+        core.metrics.status(done.status);
+        core.metrics.add(counter::BYTES_OUT, done.bytes_out);
+        core.record(&x.entry(
+            done.status,
+            (done.bytes_in, done.bytes_out),
+            Some(done.upstream),
+        ));
+        done.next
+    }
+
+    /// The exchange ended without an answer (the response had started, or the
+    /// client is gone): logged with status 0, and the connection closes.
+    fn abort(&self, x: &Exchange, reason: &str) -> Next {
+        tracing::info!(reason = %reason, "exchange aborted");
+        self.core.metrics.add(counter::PROXY_ERRORS, 1);
+        self.core
+            .record(&x.entry(0, (x.head.head_len as u64, 0), None));
+        Next::Close
+    }
+
+    /// Refuses the exchange `x` with one of the proxy's own answers; `left`: how much
+    /// of the request the buffer still holds, which decides whether the connection
+    /// goes on.
+    pub(super) async fn refuse(&mut self, x: &Exchange, r: Refusal, left: Left) -> Next {
+        let next = self.settle(&x.head, left, r.closes);
+        let entry = x.entry(r.status, (x.bytes_in, 0), None);
+        self.send_refusal(&entry, &r, next == Next::Close).await;
+        next
+    }
+
+    /// Refuses a request whose head could not be read (no exchange yet).
+    pub(super) async fn refuse_head(&mut self, e: RequestError) {
+        let id = RequestId::generate(self.core.rt.id_version);
+        let err = ProxyError::Request(e);
+        scope(Some(id), async {
+            tracing::info!(error = %err, "request refused");
+        })
+        .await;
+        let r = Refusal::from(&err);
+        let entry = AccessEntry {
+            request_id: &id,
+            circuit: None,
+            method: b"-",
+            path: b"-",
+            status: r.status,
+            bytes_in: 0,
+            bytes_out: 0,
+            upstream: None,
+            started: Instant::now(),
+        };
+        let close = r.closes;
+        self.send_refusal(&entry, &r, close).await;
+    }
+
+    /// The one place where the proxy's own HTTP/1 answers are built and sent: the
+    /// JSON error body with the request ID, counted and logged (`entry`'s
+    /// `bytes_out` is filled in here).
+    async fn send_refusal(&mut self, entry: &AccessEntry<'_>, r: &Refusal, close: bool) {
+        let core = &self.core;
+        let out = &mut self.out;
+        out.clear();
+        encode::error_response(out, r.status, r.code, &r.message, entry.request_id, close);
+        self.conn.set_timeout(core.rt.body_idle_timeout);
+        let _ = self.conn.write_all(out).await;
+        core.metrics.status(r.status);
+        core.metrics.add(counter::PROXY_ERRORS, 1);
+        core.metrics.error_code(r.code);
+        core.metrics.add(counter::BYTES_OUT, out.len() as u64);
+        core.record(&AccessEntry {
+            bytes_out: out.len() as u64,
+            ..*entry
+        });
+    }
+
+    /// Forwards the request and relays the response.
+    async fn forward(&mut self, x: &Exchange, route: &Route) -> Result<Done, Failure> {
+        let core = self.core.clone();
+        let head = &x.head;
+        let addr = pick_upstream(&core, route)?;
+        let has_body = head.framing != BodyFraming::Length(0);
+        let websocket = head
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| self.buf.filled()[u.clone()].eq_ignore_ascii_case(b"websocket"));
+        if has_body {
+            // From here the body is timed: the idle timeout per wait, and the minimum
+            // average rate over the whole body. No upstream connection is held until the
+            // first body bytes are in.
+            self.conn
+                .arm_read_floor(core.rt.min_body_rate, core.rt.body_idle_timeout);
+            if let Err(f) = self.await_body(head).await {
+                self.conn.disarm_read_floor();
+                return Err(f);
+            }
+        }
+        let (mut upstream, addr, reused) = match self.open_upstream(route, addr).await {
+            Ok(opened) => opened,
+            Err(f) => {
+                self.conn.disarm_read_floor();
+                return Err(f);
+            }
+        };
+        let mut attempt = Attempt {
+            reused,
+            replayable: retry::replayable(head.method, has_body),
+            response_started: false,
+        };
+        self.ubuf.consume(usize::MAX);
+        loop {
+            match self.attempt(x, route, &upstream, addr, attempt).await {
+                Ok((resp, bytes_in)) => {
+                    let sent = Sent {
+                        upstream,
+                        addr,
+                        bytes_in,
+                        websocket,
+                    };
+                    return self.relay_response(x, route, resp, sent).await;
+                }
+                Err(Attempted::Retry(err, what)) => {
+                    tracing::debug!(error = %err, "{what}");
+                    attempt.reused = false;
+                    upstream = connect(&core, route, addr).await?;
+                }
+                Err(Attempted::Failed(f)) => return Err(f),
+            }
+        }
+    }
+
+    /// A pooled connection to `addr`, or a new one (to `addr` or, when that fails,
+    /// another upstream of the route): the connection, its address, whether reused.
+    async fn open_upstream(
+        &mut self,
+        route: &Route,
+        addr: SocketAddr,
+    ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
+        let core = &self.core;
+        if let Some(c) = core.pool.take(addr, core.reactor.now()) {
+            core.metrics.add(counter::POOL_HIT, 1);
+            return Ok((c, addr, true));
+        }
+        core.metrics.add(counter::POOL_MISS, 1);
+        let (conn, used) = connect_route(core, route, addr).await?;
+        Ok((conn, used, false))
+    }
+
+    /// One attempt on `upstream`: the request sent (head, and body as it comes), its
+    /// response head read. Returns the head and the request bytes read from the
+    /// client; a failure is either retried ([`retry::may_retry`]) or the exchange's.
+    async fn attempt(
+        &mut self,
+        x: &Exchange,
+        route: &Route,
+        upstream: &TcpConn,
+        addr: SocketAddr,
+        attempt: Attempt,
+    ) -> Result<(ResponseHead, u64), Attempted> {
+        let core = self.core.clone();
+        let rt = &core.rt;
+        let head = &x.head;
+        let has_body = head.framing != BodyFraming::Length(0);
+        let mut bytes_in = head.head_len as u64;
+        self.out.clear();
+        let traceparent = x.trace.map(|t| t.span.traceparent());
+        encode::upstream_request_traced(
+            &mut self.out,
+            self.buf.filled(),
+            head,
+            forwarded_id(&core, &x.id),
+            x.trace
+                .zip(traceparent.as_ref())
+                .map(|(t, h)| TraceHeaders {
+                    traceparent: h.as_bytes(),
+                    keep_tracestate: t.keep_tracestate,
+                }),
+            self.hop,
+            addr,
+        );
+        let upstream_head_len = self.out.len() as u64;
+        let send = if attempt.replayable {
+            // No body: the head alone, kept in the client buffer until the response
+            // arrived, so a dead pooled connection can be retried.
+            upstream.set_timeout(rt.body_idle_timeout);
+            upstream
+                .write_all(&self.out)
+                .await
+                .map(|()| 0)
+                .map_err(RelayError::Destination)
+        } else {
+            self.buf.consume(head.head_len);
+            let mode = match head.framing {
+                BodyFraming::Length(n) => Mode::Length(n),
+                BodyFraming::Chunked => Mode::Chunked(Trailers::RefuseForbidden),
+                BodyFraming::Eof => Mode::UntilClose,
+            };
+            let opts = RelayOpts {
+                max_payload: rt.max_body,
+                idle: rt.body_idle_timeout,
+                source_idle: rt.body_idle_timeout,
+                buf_limit: BODY_BUF_LIMIT,
+            };
+            relay::relay_body(
+                &self.conn,
+                &mut self.buf,
+                upstream,
+                &mut self.out,
+                mode,
+                opts,
+            )
+            .await
+        };
+        let floor_cut = has_body && self.conn.floor_cut();
+        if has_body {
+            self.conn.disarm_read_floor();
+        }
+        let failed = |f| Err(Attempted::Failed(f));
+        match send {
+            Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
+            Err(RelayError::Destination(e)) => {
+                let err = ProxyError::UpstreamClosed(e);
+                if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
+                    let what = "pooled upstream connection was dead; retrying on a new one";
+                    return Err(Attempted::Retry(err, what));
+                }
+                let left = if attempt.replayable {
+                    Left::Whole
+                } else {
+                    Left::Partial
+                };
+                return failed(Failure::Answer(err, left));
+            }
+            Err(RelayError::Source(e)) => return failed(body_read_failure(e, floor_cut)),
+            Err(RelayError::Framing(what)) => {
+                let err = ProxyError::Request(RequestError::BadChunk(what));
+                return failed(Failure::Answer(err, Left::Partial));
+            }
+            Err(RelayError::TooLarge) => {
+                let err = ProxyError::Request(RequestError::BodyTooLarge);
+                return failed(Failure::Answer(err, Left::Partial));
+            }
+        }
+        let sent = core.metrics.histograms().then(Instant::now);
+        let outcome = read_response_head(&core, upstream, &mut self.ubuf, head.method).await;
+        if let (Ok(_), Some(sent)) = (&outcome, sent) {
+            core.metrics.upstream_head.observe(sent.elapsed());
+        }
+        match outcome {
+            Ok(resp) => {
+                note_health(&core, route, addr, true);
+                if attempt.replayable {
+                    self.buf.consume(head.head_len);
+                }
+                Ok((resp, bytes_in))
+            }
+            Err(f) => {
+                let retry = f.retry();
+                let err = f.into_error();
+                let attempt = Attempt {
+                    response_started: !self.ubuf.is_empty(),
+                    ..attempt
+                };
+                if retry::may_retry(err.fault(), retry, attempt) {
+                    let what = "pooled upstream connection closed before answering; retrying";
+                    return Err(Attempted::Retry(err, what));
+                }
+                note_health(&core, route, addr, false);
+                if attempt.replayable {
+                    self.buf.consume(head.head_len);
+                }
+                failed(Failure::Answer(err, Left::Nothing))
+            }
+        }
+    }
+
+    /// Waits until the first bytes of the request body are buffered, sending
+    /// `100 Continue` first when the client waits for it, so that an upstream
+    /// connection is opened only once a body is really coming. The body timers
+    /// (armed by the caller) apply.
+    async fn await_body(&mut self, head: &RequestHead) -> Result<(), Failure> {
+        let core = &self.core;
+        if self.buf.filled().len() > head.head_len {
+            return Ok(());
+        }
+        if head.expect_continue {
+            self.conn.set_timeout(core.rt.body_idle_timeout);
+            self.conn
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+        }
+        tracing::debug!("waiting for the request body before connecting upstream");
+        let limit = BODY_BUF_LIMIT.max(self.head_limit);
+        while self.buf.filled().len() <= head.head_len {
+            self.conn.set_timeout(core.rt.body_idle_timeout);
+            match self.buf.fill(&self.conn, limit).await {
+                Ok(0) => return Err(Failure::Abort("client closed before its body".into())),
+                Ok(n) => core.metrics.add(counter::BYTES_IN, n as u64),
+                Err(e) => return Err(body_read_failure(e, self.conn.floor_cut())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Relays the response (interim heads, final head, body) and settles both
+    /// connections.
+    async fn relay_response(
+        &mut self,
+        x: &Exchange,
+        route: &Route,
+        resp: ResponseHead,
+        sent: Sent,
+    ) -> Result<Done, Failure> {
+        let (resp, mut bytes_out) = self.relay_interim(x, &sent, resp).await?;
+        if resp.status == 101 {
+            return self.upgrade(x, route, resp, sent, bytes_out).await;
+        }
+        let core = self.core.clone();
+        let rt = &core.rt;
+        let req = &x.head;
+        let Sent {
+            upstream,
+            addr,
+            bytes_in,
+            ..
+        } = sent;
+        let framing = ClientFraming::choose(resp.framing, req.version);
+        let close = !req.keep_alive || core.draining.get();
+        self.out.clear();
+        encode::client_response(
+            &mut self.out,
+            self.ubuf.filled(),
+            &resp,
+            framing,
+            forwarded_id(&core, &x.id),
+            req.version,
+            close,
+        );
+        self.ubuf.consume(resp.head_len);
+        let mode = match framing {
+            ClientFraming::Empty => Mode::Length(0),
+            ClientFraming::Length(n) => Mode::Length(n),
+            ClientFraming::Chunked => Mode::Chunked(Trailers::DropForbidden),
+            ClientFraming::Dechunk => Mode::Dechunk,
+            ClientFraming::Rechunk => Mode::Rechunk,
+            ClientFraming::UntilClose => Mode::UntilClose,
+        };
+        let opts = RelayOpts {
+            max_payload: 0,
+            idle: rt.body_idle_timeout,
+            source_idle: rt.response_idle_timeout,
+            buf_limit: BODY_BUF_LIMIT,
+        };
+        let relayed = relay::relay_body_counted(
+            &upstream,
+            &mut self.ubuf,
+            &self.conn,
+            &mut self.out,
+            mode,
+            opts,
+        )
+        .await;
+        match relayed {
+            Ok(n) => bytes_out += n,
+            // Nothing reached the client yet (the head goes out with the first body
+            // bytes): it still gets a 502 instead of an empty reply.
+            Err((RelayError::Framing(what), 0)) if bytes_out == 0 => {
+                tracing::warn!(upstream = %addr, error = what, "malformed chunked response body");
+                return Err(Failure::Answer(
+                    ProxyError::UpstreamResponse(ResponseError::BadChunk(what)),
+                    Left::Nothing,
+                ));
+            }
+            Err((RelayError::Source(e), 0)) if bytes_out == 0 => {
+                return Err(Failure::Answer(
+                    ProxyError::UpstreamClosed(e),
+                    Left::Nothing,
+                ));
+            }
+            Err((e, _)) => return Err(Failure::Abort(format!("response body: {e}"))),
+        }
+        // Reuse the upstream connection only if the response was fully and exactly read.
+        if resp.keep_alive
+            && self.ubuf.is_empty()
+            && !matches!(mode, Mode::Rechunk | Mode::UntilClose)
+        {
+            core.pool.put(addr, upstream, core.reactor.now());
+        }
+        Ok(Done {
+            status: resp.status,
+            bytes_in,
+            bytes_out,
+            upstream: addr,
+            next: if close || framing.closes() {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            },
+        })
+    }
+
+    /// Relays interim (1xx) responses to HTTP/1.1 clients (an HTTP/1.0 client must
+    /// get none, RFC 9110 §15.2), at most [`MAX_INTERIM`] of them, until the final
+    /// head or a 101; returns it and the bytes written to the client.
+    async fn relay_interim(
+        &mut self,
+        x: &Exchange,
+        sent: &Sent,
+        mut resp: ResponseHead,
+    ) -> Result<(ResponseHead, u64), Failure> {
+        let core = self.core.clone();
+        let req = &x.head;
+        let mut bytes_out = 0u64;
+        let mut interim = 0;
+        while (100..200).contains(&resp.status) && resp.status != 101 {
+            interim += 1;
+            if interim > MAX_INTERIM {
+                tracing::warn!(
+                    upstream = %sent.addr,
+                    limit = MAX_INTERIM,
+                    "too many interim responses; closing"
+                );
+                return Err(if bytes_out == 0 {
+                    Failure::Answer(
+                        ProxyError::UpstreamResponse(ResponseError::Malformed(
+                            "too many interim responses",
+                        )),
+                        Left::Nothing,
+                    )
+                } else {
+                    Failure::Abort("too many interim responses".into())
+                });
+            }
+            if req.version == parse::Version::Http11 {
+                self.out.clear();
+                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp);
+                self.conn.set_timeout(core.rt.body_idle_timeout);
+                self.conn
+                    .write_all(&self.out)
+                    .await
+                    .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+                bytes_out += self.out.len() as u64;
+            }
+            self.ubuf.consume(resp.head_len);
+            let next = read_response_head(&core, &sent.upstream, &mut self.ubuf, req.method);
+            resp = match next.await {
+                Ok(r) => r,
+                Err(f) if bytes_out == 0 => {
+                    return Err(Failure::Answer(f.into_error(), Left::Nothing));
+                }
+                Err(_) => {
+                    return Err(Failure::Abort(
+                        "upstream failed after an interim response".into(),
+                    ))
+                }
+            };
+        }
+        Ok((resp, bytes_out))
+    }
+
+    /// The app's 101 (only to an upgrade request): relayed, then the connection
+    /// becomes a tunnel.
+    async fn upgrade(
+        &mut self,
+        x: &Exchange,
+        route: &Route,
+        resp: ResponseHead,
+        sent: Sent,
+        bytes_out: u64,
+    ) -> Result<Done, Failure> {
+        let core = self.core.clone();
+        let req = &x.head;
+        if req.upgrade.is_none() {
+            return Err(Failure::Answer(
+                ProxyError::UpstreamResponse(ResponseError::Malformed(
+                    "101 without an upgrade request",
+                )),
+                Left::Nothing,
+            ));
+        }
+        self.out.clear();
+        encode::client_response(
+            &mut self.out,
+            self.ubuf.filled(),
+            &resp,
+            ClientFraming::Empty,
+            forwarded_id(&core, &x.id),
+            req.version,
+            false,
+        );
+        let ws_rsv = sent.websocket.then(|| {
+            let buf = self.ubuf.filled();
+            let ext = resp
+                .headers
+                .iter()
+                .find(|h| parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions"))
+                .map(|h| &buf[h.value.clone()]);
+            crate::ws::allowed_rsv(ext)
+        });
+        self.ubuf.consume(resp.head_len);
+        let circuit = &route.circuit.circuit;
+        let ends = TunnelEnds {
+            upstream: sent.upstream,
+            addr: sent.addr,
+            bytes_in: sent.bytes_in,
+            bytes_out,
+            ws_rsv,
+            session: x.id,
+            circuit,
+        };
+        let _open = core.tunnel_open(circuit.id);
+        self.tunnel(ends).await
+    }
+}
+
+/// An upstream of the route by weighted choice among the healthy ones; none is 503
+/// when the health check took every route out, else 502.
+fn pick_upstream(core: &Core, route: &Route) -> Result<SocketAddr, Failure> {
+    route
+        .pick(core.draw(), core.reactor.now(), None)
+        .ok_or_else(|| {
+            let health_checked_out =
+                route.circuit.circuit.route_info.iter().any(|r| {
+                    r.health_status == Some(appproxy_shared::model::RouteHealth::Unhealthy)
+                });
+            let e = if health_checked_out {
+                ProxyError::NoHealthyRoute
+            } else {
+                ProxyError::NoRoute
+            };
+            Failure::Answer(e, Left::Whole)
+        })
+}
+
+/// A failed read of the request body: a timeout is answered with 408 (stalled, or
+/// below the minimum rate when `floor_cut`), anything else ends the exchange.
+fn body_read_failure(e: io::Error, floor_cut: bool) -> Failure {
+    if e.kind() != io::ErrorKind::TimedOut {
+        return Failure::Abort(format!("client body: {e}"));
+    }
+    let err = if floor_cut {
+        RequestError::BodyTooSlow
+    } else {
+        RequestError::BodyTimeout
+    };
+    Failure::Answer(ProxyError::Request(err), Left::Partial)
+}

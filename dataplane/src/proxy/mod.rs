@@ -1,0 +1,326 @@
+//! One client connection: read a request head, route it, forward it to the app over a
+//! pooled connection, relay the response, repeat (keep-alive and pipelining, in order).
+//!
+//! The connection is one object, [`Client`] (after hyper's `proto::h1::Conn`): its
+//! socket, its read buffer, the upstream read buffer and the write buffer it reuses
+//! for every request. Each request is an [`exchange::Exchange`] it owns while the
+//! request lasts: head, route, request ID and trace context, access-log line, timing.
+//! The pieces:
+//!
+//! - [`exchange`]: one request from routing to its access line, and [`Client::refuse`],
+//!   the one place where the proxy's own answers are built and sent;
+//! - [`retry`]: how an exchange fails ([`Failure`], [`Left`]) and the one rule that
+//!   says when a failed attempt is retried on a fresh upstream connection;
+//! - [`upstream`]: connecting to the app, passive health, reading response heads;
+//! - [`tunnel`]: WebSocket and raw byte tunnels after a `101`.
+//!
+//! The request ID is resolved from the head (or generated) and bound with
+//! [`appproxy_shared::scope`] around the handling of that request, so every log line
+//! written meanwhile carries it; it is forwarded to the app and echoed on every
+//! response, the proxy's own errors included.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use appproxy_shared::scope_traced;
+
+use crate::core::{counter, Core, Route};
+use crate::http::encode::ClientHop;
+use crate::http::error::RequestError;
+use crate::http::parse::{self, BodyFraming, Method, RequestHead};
+use crate::io::TcpConn;
+use crate::relay::ReadBuf;
+
+pub mod exchange;
+pub mod retry;
+pub mod tunnel;
+pub mod upstream;
+
+pub(crate) use retry::{Failure, Left};
+pub(crate) use upstream::{
+    connect, connect_alpn, connect_route, note_health, read_response_head, ConnectError,
+    HeadFailure, MAX_INTERIM,
+};
+
+/// Initial size of each read buffer; heads grow it up to the head limit.
+const BUF_SIZE: usize = 16 * 1024;
+/// Largest body buffer.
+const BODY_BUF_LIMIT: usize = 64 * 1024;
+
+/// What happens after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Read the next request.
+    KeepAlive,
+    /// Close the client connection.
+    Close,
+}
+
+/// One client connection and what it reuses from request to request.
+pub(crate) struct Client {
+    /// The core serving it.
+    core: Rc<Core>,
+    /// The socket.
+    conn: TcpConn,
+    /// Bytes read and not yet consumed (the next pipelined request may be here).
+    buf: ReadBuf,
+    /// The hop facts forwarded to the app.
+    hop: ClientHop,
+    /// Largest head, in bytes.
+    head_limit: usize,
+    /// Bytes read from the app and not yet relayed.
+    ubuf: ReadBuf,
+    /// What is being written (to the app or the client), reused by every request.
+    out: Vec<u8>,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: u16) {
+    core.metrics.add(counter::ACCEPTED, 1);
+    core.metrics.add(counter::ACTIVE, 1);
+    let conn_id = core.next_conn_id();
+    let span = tracing::debug_span!("conn", core = core.cpu, conn = conn_id, peer = %peer);
+    let _enter = span.enter();
+    let trusted = core
+        .rt
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(peer.ip()));
+    let limits = core.rt.head_limits;
+    let tls = conn.is_tls();
+    let mut client = Client {
+        core: core.clone(),
+        conn,
+        buf: ReadBuf::new(BUF_SIZE),
+        hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
+        head_limit: limits.max_request_line + limits.max_header_bytes + 4,
+        ubuf: ReadBuf::new(BUF_SIZE),
+        out: Vec::with_capacity(4096),
+    };
+    client.conn.set_timeout(core.rt.head_timeout);
+    if core.rt.http2.enabled {
+        // HTTP/2: agreed by ALPN over TLS, or the client's prior-knowledge preface.
+        let alpn_h2 = client
+            .conn
+            .tls_info()
+            .and_then(|i| i.alpn)
+            .is_some_and(|a| a == b"h2");
+        if alpn_h2 || client.sniff_preface().await {
+            let prefix = client.buf.filled().to_vec();
+            let hop = client.hop;
+            crate::http2::serve(core.clone(), client.conn, hop, prefix, conn_id).await;
+            core.metrics.sub(counter::ACTIVE, 1);
+            return;
+        }
+    }
+    client.run().await;
+    core.metrics.sub(counter::ACTIVE, 1);
+}
+
+impl Client {
+    /// Serves HTTP/1.x requests in order until the connection closes.
+    async fn run(&mut self) {
+        let mut first = true;
+        loop {
+            let head = match self.read_head(first).await {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.refuse_head(e).await;
+                    break;
+                }
+            };
+            let started = Instant::now();
+            first = false;
+            let x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started);
+            let span = tracing::debug_span!("request", request_id = %x.id);
+            let (id, trace) = (x.id, x.trace.map(|t| t.span));
+            let next = scope_traced(Some(id), trace, self.exchange(x)).await;
+            drop(span);
+            if next == Next::Close || self.core.draining.get() {
+                break;
+            }
+            self.conn.set_timeout(self.core.rt.keepalive_timeout);
+        }
+    }
+
+    /// Reads the connection's first bytes until they either are the HTTP/2 connection
+    /// preface (true) or cannot be (false: HTTP/1.1 goes on with what was read).
+    async fn sniff_preface(&mut self) -> bool {
+        let preface = crate::http2::PREFACE;
+        loop {
+            let got = self.buf.filled();
+            let n = got.len().min(preface.len());
+            if got[..n] != preface[..n] {
+                return false;
+            }
+            if n == preface.len() {
+                return true;
+            }
+            match self.buf.fill(&self.conn, self.head_limit).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.core.metrics.add(counter::BYTES_IN, n as u64),
+            }
+        }
+    }
+
+    /// Reads until a complete head is buffered. `Ok(None)`: the client went away (or
+    /// stayed idle past the keep-alive timeout) with nothing to answer.
+    async fn read_head(&mut self, first: bool) -> Result<Option<RequestHead>, RequestError> {
+        let core = &self.core;
+        let mut waiting_idle = !first && self.buf.is_empty();
+        self.conn.set_idle(waiting_idle);
+        loop {
+            if let Some(head) = parse::parse_request(self.buf.filled(), &core.rt.head_limits)? {
+                self.conn.set_idle(false);
+                return Ok(Some(head));
+            }
+            match self.buf.fill(&self.conn, self.head_limit).await {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    core.metrics.add(counter::BYTES_IN, n as u64);
+                    if waiting_idle {
+                        waiting_idle = false;
+                        self.conn.set_idle(false);
+                        self.conn.set_timeout(core.rt.head_timeout);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return if self.buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(RequestError::HeadTimeout)
+                    };
+                }
+                Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+                    return Err(RequestError::HeadersTooLarge)
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// After a failed exchange: whether the connection can go on, consuming the head
+    /// of a bodiless request the exchange left in the buffer. `closes`: the failure
+    /// leaves the framing in doubt.
+    fn settle(&mut self, head: &RequestHead, left: Left, closes: bool) -> Next {
+        if closes || !head.keep_alive {
+            return Next::Close;
+        }
+        match left {
+            Left::Whole if head.framing == BodyFraming::Length(0) => self.consume_head(head),
+            Left::Nothing => Next::KeepAlive,
+            _ => Next::Close,
+        }
+    }
+
+    /// Drops a bodiless request's head from the buffer.
+    fn consume_head(&mut self, head: &RequestHead) -> Next {
+        self.buf.consume(head.head_len);
+        if head.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// The client's address ([`client_ip_of`] for this connection).
+    fn client_ip(&self, head: &RequestHead) -> Result<std::net::IpAddr, ()> {
+        client_ip_of(&self.hop, self.buf.filled(), head)
+    }
+}
+
+/// The ID to forward and echo: always, unless request IDs are turned off for
+/// measuring their cost (`[worker] request_ids = false`).
+pub(crate) fn forwarded_id<'a>(
+    core: &Core,
+    id: &'a appproxy_shared::RequestId,
+) -> Option<&'a appproxy_shared::RequestId> {
+    core.rt.request_ids.then_some(id)
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the one
+/// address of its single `X-Forwarded-For` (anything else from a trusted proxy is
+/// refused, as the original's strict one-hop rule does). `head` lies in `buf`
+/// (HTTP/2 streams use this too).
+pub(crate) fn client_ip_of(
+    hop: &ClientHop,
+    buf: &[u8],
+    head: &RequestHead,
+) -> Result<std::net::IpAddr, ()> {
+    let peer = hop.peer.ip();
+    if !hop.trusted {
+        return Ok(peer);
+    }
+    let mut xff = head
+        .headers
+        .iter()
+        .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-for"))
+        .map(|h| &buf[h.value.clone()]);
+    match (xff.next(), xff.next()) {
+        (None, _) => Ok(peer),
+        (Some(v), None) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or(()),
+        _ => Err(()),
+    }
+}
+/// The circuit's credential check: the permit cookie for interactive apps, a bearer
+/// JWT for inference. Skipped only for `open_to_public` circuits and for a genuine
+/// CORS preflight ([`crate::auth::is_cors_preflight`]); every other request, whatever
+/// its method, path or `Upgrade`, needs the credential before any byte of it reaches
+/// the app.
+pub(crate) fn check_credentials(
+    core: &Core,
+    buf: &[u8],
+    head: &RequestHead,
+    route: &Route,
+) -> Result<(), crate::auth::Refused> {
+    let circuit = &route.circuit.circuit;
+    if circuit.open_to_public {
+        return Ok(());
+    }
+    if head.method == Method::Options
+        && head.framing == BodyFraming::Length(0)
+        && head.upgrade.is_none()
+        && crate::auth::is_cors_preflight(
+            head.headers
+                .iter()
+                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+        )
+    {
+        return Ok(());
+    }
+    let secrets = &core.rt.secrets;
+    // Validation refuses non-public circuits without their key; be safe anyway.
+    const NO_KEY: crate::auth::Refused = crate::auth::Refused {
+        status: 401,
+        code: "E20006",
+        message: "no key configured for this circuit",
+    };
+    let values = |name: &'static str| {
+        head.headers
+            .iter()
+            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+            .map(|h| &buf[h.value.clone()])
+    };
+    match circuit.app_mode {
+        appproxy_shared::model::AppMode::Interactive => {
+            let key = secrets.permit_secret.as_deref().ok_or(NO_KEY)?;
+            let cookies: Vec<&[u8]> = values("cookie").collect();
+            crate::auth::check_permit(
+                &cookies,
+                key,
+                circuit.user_id.as_ref(),
+                secrets.permit_digest,
+            )
+        }
+        appproxy_shared::model::AppMode::Inference => {
+            let key = secrets.jwt_secret.as_deref().ok_or(NO_KEY)?;
+            crate::auth::check_bearer(values("authorization").next(), key, &circuit.id)
+        }
+    }
+}

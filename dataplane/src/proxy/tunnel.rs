@@ -1,0 +1,210 @@
+//! Tunnels after a `101 Switching Protocols`: a WebSocket session relayed frame by
+//! frame (inspected, never changed, message IDs logged), or any other upgrade relayed
+//! as raw bytes, until both sides close or the tunnel idles out.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use appproxy_shared::RequestId;
+
+use super::exchange::Done;
+use super::{Client, Failure, Next};
+use crate::core::{counter, Core};
+use crate::io::TcpConn;
+use crate::relay::{self, ReadBuf};
+
+/// What a tunnel starts with.
+pub(super) struct TunnelEnds<'a> {
+    /// The app's connection, after its 101.
+    pub(super) upstream: TcpConn,
+    /// The app's address.
+    pub(super) addr: SocketAddr,
+    /// Bytes read from the client so far.
+    pub(super) bytes_in: u64,
+    /// Bytes written to the client so far.
+    pub(super) bytes_out: u64,
+    /// `Some(allowed RSV bits)` for a WebSocket session; `None` relays raw bytes.
+    pub(super) ws_rsv: Option<u8>,
+    /// The upgrade request's ID: it names the session.
+    pub(super) session: RequestId,
+    /// The circuit (its user context goes on the session line).
+    pub(super) circuit: &'a appproxy_shared::model::Circuit,
+}
+
+impl Client {
+    /// After a 101: relays both ways until both sides close or the tunnel idles out.
+    /// WebSocket sessions are relayed frame by frame (inspected, unchanged); anything
+    /// else as raw bytes.
+    pub(super) async fn tunnel(&mut self, ends: TunnelEnds<'_>) -> Result<Done, Failure> {
+        let core = self.core.clone();
+        let Client {
+            conn,
+            buf,
+            ubuf,
+            out,
+            ..
+        } = self;
+        let conn = &*conn;
+        let idle = core.rt.tunnel_idle_timeout;
+        // What each side sent right behind the handshake.
+        let from_app = ubuf.filled().to_vec();
+        ubuf.consume(usize::MAX);
+        let from_client = buf.filled().to_vec();
+        buf.consume(usize::MAX);
+        if ends.ws_rsv.is_none() {
+            out.extend_from_slice(&from_app);
+        }
+        // The HTTP buffers are done with: a long-lived tunnel should not keep them.
+        *ubuf = ReadBuf::new(0);
+        *buf = ReadBuf::new(0);
+        conn.set_timeout(idle);
+        conn.write_all(out)
+            .await
+            .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
+        let bytes_out = ends.bytes_out + out.len() as u64;
+        *out = Vec::new();
+        // Drain closes tunnels like idle keep-alive connections.
+        conn.set_idle(true);
+        let (up_bytes, down_bytes) = match ends.ws_rsv {
+            Some(rsv) => {
+                let early = (from_client, from_app);
+                ends.websocket(&core, conn, rsv, early).await
+            }
+            None => ends.raw(&core, conn, &from_client).await?,
+        };
+        Ok(Done {
+            status: 101,
+            bytes_in: ends.bytes_in + up_bytes,
+            bytes_out: bytes_out + down_bytes,
+            upstream: ends.addr,
+            next: Next::Close,
+        })
+    }
+}
+
+impl TunnelEnds<'_> {
+    /// Relays a WebSocket session frame by frame until both sides close or it idles
+    /// out; `early`: what the client and the app sent right behind the handshake.
+    /// Returns the bytes to the app and to the client.
+    async fn websocket(
+        &self,
+        core: &Core,
+        conn: &TcpConn,
+        rsv: u8,
+        early: (Vec<u8>, Vec<u8>),
+    ) -> (u64, u64) {
+        let (from_client, from_app) = early;
+        let (upstream, session, circuit) = (&self.upstream, self.session, self.circuit);
+        let idle = core.rt.tunnel_idle_timeout;
+        let started = Instant::now();
+        tracing::info!(upstream = %self.addr, "websocket session opened");
+        let shared = relay::WsShared::default();
+        let per_message = core.rt.ws_message_ids == crate::config::WsMessageIds::PerMessage;
+        let log = |direction: &'static str| {
+            let shared = &shared;
+            move |count: u32| {
+                for _ in 0..count {
+                    let seq = shared.seq.get().wrapping_add(1);
+                    shared.seq.set(seq);
+                    if per_message {
+                        let id = session.message_id(seq);
+                        appproxy_shared::with_request_id(Some(id), || {
+                            tracing::debug!(direction, seq, "websocket message")
+                        });
+                    } else {
+                        tracing::debug!(direction, seq, "websocket message");
+                    }
+                }
+            }
+        };
+        let to_app = log("to_app");
+        let to_client = log("to_client");
+        let (up, down) = futures_lite::future::zip(
+            relay::ws_pipe(
+                conn,
+                upstream,
+                from_client,
+                true,
+                rsv,
+                &shared,
+                idle,
+                &to_app,
+                &core.scratch,
+            ),
+            relay::ws_pipe(
+                upstream,
+                conn,
+                from_app,
+                false,
+                rsv,
+                &shared,
+                idle,
+                &to_client,
+                &core.scratch,
+            ),
+        )
+        .await;
+        if up.idled || down.idled {
+            core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
+        }
+        tracing::info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            messages_to_app = up.messages,
+            messages_to_client = down.messages,
+            bytes_to_app = up.bytes,
+            bytes_to_client = down.bytes,
+            close_code = shared
+                .close
+                .get()
+                .or(up.close_seen)
+                .or(down.close_seen)
+                .unwrap_or(1006),
+            user_id = circuit.user_id.map(tracing::field::display),
+            session_id = circuit.session_ids.first().map(tracing::field::display),
+            endpoint_id = circuit.endpoint_id.map(tracing::field::display),
+            "websocket session closed"
+        );
+        (up.bytes, down.bytes)
+    }
+
+    /// Relays raw bytes both ways until both sides close or the tunnel idles out;
+    /// `from_client`: what the client sent right behind the handshake (the app's
+    /// early bytes went out with the 101). Returns the bytes to the app and to the
+    /// client.
+    async fn raw(
+        &self,
+        core: &Core,
+        conn: &TcpConn,
+        from_client: &[u8],
+    ) -> Result<(u64, u64), Failure> {
+        let upstream = &self.upstream;
+        let idle = core.rt.tunnel_idle_timeout;
+        let started = Instant::now();
+        if !from_client.is_empty() {
+            upstream.set_timeout(idle);
+            upstream
+                .write_all(from_client)
+                .await
+                .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
+        }
+        tracing::info!(upstream = %self.addr, "upgraded connection established");
+        let mut up_buf = vec![0u8; 16 * 1024];
+        let mut down_buf = vec![0u8; 16 * 1024];
+        let (up, down) = futures_lite::future::zip(
+            relay::pipe(conn, upstream, &mut up_buf, idle),
+            relay::pipe(upstream, conn, &mut down_buf, idle),
+        )
+        .await;
+        if relay::idled(&up.1, &down.1) {
+            core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
+        }
+        let (up, down) = (up.0, down.0);
+        tracing::info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            bytes_to_app = up,
+            bytes_to_client = down,
+            "upgraded connection closed"
+        );
+        Ok((up, down))
+    }
+}

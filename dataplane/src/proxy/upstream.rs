@@ -1,0 +1,202 @@
+//! The app's side of an exchange: opening connections (per-core cap, one alternative
+//! upstream on a failed connect, TLS to an app that serves it), passive health, and
+//! reading a response head. Shared with the HTTP/2 paths.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::retry::Retry;
+use super::{Failure, Left};
+use crate::core::{counter, Core, Route};
+use crate::http::error::{ProxyError, ResponseError};
+use crate::http::parse::{self, Method, ResponseHead};
+use crate::io::TcpConn;
+use crate::relay::ReadBuf;
+
+/// Records an exchange's outcome in the route's passive health.
+pub(crate) fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool) {
+    let policy = core.health_policy();
+    if route.record(addr, ok, core.reactor.now(), policy) {
+        tracing::warn!(upstream = %addr, failures = policy.threshold, backoff_secs = policy.backoff.as_secs(), "upstream marked unhealthy");
+    }
+}
+
+/// Connects to `addr`; when that fails, records it and tries one other upstream of
+/// the route (connect failures are safe to retry: nothing was sent). An upstream at
+/// its connection cap is skipped the same way, without counting against its health;
+/// a local failure (out of descriptors …) is answered at once: it is nobody's health
+/// and another upstream would fail the same way.
+pub(crate) async fn connect_route(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<(TcpConn, SocketAddr), Failure> {
+    match connect(core, route, addr).await {
+        Ok(c) => Ok((c, addr)),
+        Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
+        Err(first) => {
+            if matches!(first, ConnectError::Upstream(_)) {
+                note_health(core, route, addr, false);
+            }
+            match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
+                Some(alt) if alt != addr => match connect(core, route, alt).await {
+                    Ok(c) => Ok((c, alt)),
+                    Err(e) => {
+                        if matches!(e, ConnectError::Upstream(_)) {
+                            note_health(core, route, alt, false);
+                        }
+                        Err(e.into())
+                    }
+                },
+                _ => Err(first.into()),
+            }
+        }
+    }
+}
+
+/// Why no upstream connection was opened.
+pub(crate) enum ConnectError {
+    /// The upstream already has the most connections this core may open to it.
+    Busy,
+    /// A local failure: descriptors, memory or ports of this host ran out.
+    Local(io::Error),
+    /// The upstream refused, was unreachable or did not answer in time.
+    Upstream(io::Error),
+}
+
+impl From<ConnectError> for Failure {
+    fn from(e: ConnectError) -> Self {
+        let err = match e {
+            ConnectError::Busy => ProxyError::UpstreamBusy,
+            ConnectError::Local(e) => ProxyError::LocalResources(e),
+            ConnectError::Upstream(e) => ProxyError::UpstreamConnect(e),
+        };
+        Failure::Answer(err, Left::Whole)
+    }
+}
+
+/// Opens a new connection to `addr`, counted in its per-core cap until it closes.
+pub(crate) async fn connect(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+) -> Result<TcpConn, ConnectError> {
+    connect_alpn(core, route, addr, false).await
+}
+
+/// [`connect`], offering ALPN `h2` instead of `http/1.1` to an app that serves TLS
+/// (`http2` and `grpc` circuits).
+pub(crate) async fn connect_alpn(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+    h2: bool,
+) -> Result<TcpConn, ConnectError> {
+    let Some(slot) = core.pool.reserve(addr) else {
+        core.metrics.add(counter::UPSTREAM_LIMIT, 1);
+        tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
+        return Err(ConnectError::Busy);
+    };
+    match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
+        Ok(mut conn) => {
+            conn.count_in(slot);
+            core.connect_succeeded();
+            // An app that serves HTTPS: the handshake is part of the connect.
+            let tls = route
+                .circuit
+                .upstream_tls
+                .iter()
+                .find(|(a, _, _)| *a == addr);
+            if let Some((_, mode, name)) = tls {
+                let session = core
+                    .rt
+                    .upstream_tls
+                    .session_alpn(*mode, name, h2)
+                    .map_err(|e| ConnectError::Upstream(io::Error::other(e)))?;
+                conn.start_tls(session);
+                conn.set_deadline(Some(Instant::now() + core.rt.connect_timeout));
+                if let Err(e) = conn.handshake().await {
+                    tracing::warn!(upstream = %addr, name = %name, error = %e, "upstream TLS handshake failed");
+                    return Err(ConnectError::Upstream(e));
+                }
+                conn.set_deadline(None);
+            }
+            Ok(conn)
+        }
+        Err(e) if crate::core::is_local_error(&e) => {
+            core.local_connect_failure(addr, &e);
+            Err(ConnectError::Local(e))
+        }
+        Err(e) => {
+            tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+            if e.kind() == io::ErrorKind::TimedOut {
+                core.metrics.add(counter::TIMEOUT_UPSTREAM_CONNECT, 1);
+            }
+            Err(ConnectError::Upstream(e))
+        }
+    }
+}
+
+/// Why no response head was read from the app.
+pub(crate) enum HeadFailure {
+    /// The connection closed or broke first (a dead pooled connection looks so).
+    Closed(io::Error),
+    /// No complete head within `[timeouts] upstream_head_secs`.
+    Timeout,
+    /// The head is malformed or too large.
+    Invalid(ResponseError),
+}
+
+impl HeadFailure {
+    /// Whether this failure may be retried: only a connection that died, and only
+    /// when it was a reused one (the rule is [`super::retry::may_retry`]).
+    pub(crate) fn retry(&self) -> Retry {
+        match self {
+            HeadFailure::Closed(_) => Retry::IfReused,
+            HeadFailure::Timeout | HeadFailure::Invalid(_) => Retry::Never,
+        }
+    }
+
+    /// The error answered for it.
+    pub(crate) fn into_error(self) -> ProxyError {
+        match self {
+            HeadFailure::Closed(e) => ProxyError::UpstreamClosed(e),
+            HeadFailure::Timeout => ProxyError::UpstreamTimeout,
+            HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
+        }
+    }
+}
+
+/// Most interim (1xx) responses accepted before a final one; past it the exchange is
+/// ended and the upstream connection discarded.
+pub(crate) const MAX_INTERIM: usize = 5;
+
+/// Reads `upstream` into `ubuf` until a complete response head to `method` is there
+/// (within `[timeouts] upstream_head_secs`).
+pub(crate) async fn read_response_head(
+    core: &Core,
+    upstream: &TcpConn,
+    ubuf: &mut ReadBuf,
+    method: Method,
+) -> Result<ResponseHead, HeadFailure> {
+    upstream.set_timeout(core.rt.upstream_head_timeout);
+    loop {
+        if let Some(head) = parse::parse_response(ubuf.filled(), method, core.rt.max_response_head)
+            .map_err(HeadFailure::Invalid)?
+        {
+            return Ok(head);
+        }
+        match ubuf.fill(upstream, core.rt.max_response_head + 1024).await {
+            Ok(0) => {
+                return Err(HeadFailure::Closed(io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(HeadFailure::Timeout),
+            Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+                return Err(HeadFailure::Invalid(ResponseError::HeadTooLarge))
+            }
+            Err(e) => return Err(HeadFailure::Closed(e)),
+        }
+    }
+}

@@ -1,0 +1,858 @@
+//! The HTTP/2 → HTTP/1.1 downgrade under a hostile client: each stream is written
+//! frame by frame on a raw socket with a raw HPACK encoder (literal never-indexed
+//! fields, so nothing sanitizes the bytes), and the app is a recording upstream that
+//! logs every raw byte it receives on each connection. Each test asserts what the
+//! app saw — exactly one well-framed request per forwarded stream, nothing smuggled,
+//! no injected header — and what the client got (400, stream reset or GOAWAY).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Worker, WorkerOpts};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn hpack_int(out: &mut Vec<u8>, n: u32, flags: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A literal field, never indexed, new name: the bytes go on the wire as given.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x10);
+    hpack_int(out, 7, 0, name.len());
+    out.extend_from_slice(name);
+    hpack_int(out, 7, 0, value.len());
+    out.extend_from_slice(value);
+}
+
+/// A header field as raw bytes: (name, value).
+type Field<'a> = (&'a [u8], &'a [u8]);
+
+fn block(fields: &[Field]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in fields {
+        field(&mut b, n, v);
+    }
+    b
+}
+
+/// The usual pseudo-headers for `method path`, then `extra`.
+fn req(method: &str, path: &str, extra: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut f: Vec<(&[u8], &[u8])> = vec![
+        (b":method", method.as_bytes()),
+        (b":scheme", b"http"),
+        (b":path", path.as_bytes()),
+        (b":authority", b"127.0.0.1"),
+    ];
+    f.extend_from_slice(extra);
+    block(&f)
+}
+
+/// What became of a stream on the client's side.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Status(u16),
+    Reset(u32),
+    GoAway(u32),
+    Closed,
+}
+
+impl Outcome {
+    fn refused(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Status(400) | Outcome::Reset(_) | Outcome::GoAway(_)
+        )
+    }
+}
+
+fn open(w: &Worker) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).expect("preface");
+    s
+}
+
+/// Reads frames until `stream` gets a response head or a reset, or the connection
+/// gets a GOAWAY or ends.
+fn outcome(s: &mut TcpStream, stream: u32) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let mut h = [0u8; 9];
+        if s.read_exact(&mut h).is_err() {
+            return Outcome::Closed;
+        }
+        let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        let mut p = vec![0u8; n];
+        if s.read_exact(&mut p).is_err() {
+            return Outcome::Closed;
+        }
+        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        match h[3] {
+            GOAWAY if p.len() >= 8 => {
+                return Outcome::GoAway(u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+            }
+            RST_STREAM if id == stream && p.len() >= 4 => {
+                return Outcome::Reset(u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            }
+            HEADERS if id == stream => {
+                // The worker's answers start with `:status` from the static table
+                // (indexed 8..14) or as a literal with an indexed name.
+                return Outcome::Status(status(&p));
+            }
+            _ => {}
+        }
+    }
+    Outcome::Closed
+}
+
+/// The `:status` of a response block (static-table entries or a literal).
+fn status(p: &[u8]) -> u16 {
+    match p.first() {
+        Some(0x88) => 200,
+        Some(0x89) => 204,
+        Some(0x8a) => 206,
+        Some(0x8b) => 304,
+        Some(0x8c) => 400,
+        Some(0x8d) => 404,
+        Some(0x8e) => 500,
+        // Literal with the name `:status` (index 8): the value follows, 3 digits
+        // (h2 does not Huffman-code it).
+        Some(&b) if b & 0x0f == 8 && p.len() >= 5 && p[1] == 3 => std::str::from_utf8(&p[2..5])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// An app that records every raw byte of every connection and answers each complete
+/// request (framed by its content-length or chunked) with an empty 200.
+struct Recorder {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Log>>>,
+}
+
+/// One app connection: its bytes, and whether the worker closed it.
+type Log = Arc<Mutex<(Vec<u8>, bool)>>;
+
+impl Recorder {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let conns: Arc<Mutex<Vec<Log>>> = Arc::default();
+        let c = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let log: Log = Arc::default();
+                c.lock().expect("conns").push(log.clone());
+                std::thread::spawn(move || record(s, log));
+            }
+        });
+        Self { addr, conns }
+    }
+
+    /// Every connection's bytes so far, and whether the worker closed it.
+    fn bytes(&self) -> Vec<(Vec<u8>, bool)> {
+        self.conns
+            .lock()
+            .expect("conns")
+            .iter()
+            .map(|c| c.lock().expect("log").clone())
+            .collect()
+    }
+
+    /// All whole requests, each connection's bytes split strictly; panics on bytes
+    /// that are not part of a well-framed request (something smuggled), except a
+    /// request cut short on a connection the worker then closed (a stream refused
+    /// mid-body), which is not counted.
+    fn requests(&self) -> Vec<String> {
+        // A connection left with a request cut short must be closed by the worker,
+        // never pooled: wait (bounded) for the close to be seen.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self
+            .bytes()
+            .iter()
+            .any(|(conn, closed)| !closed && !whole(conn))
+        {
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut all = Vec::new();
+        for (conn, closed) in self.bytes() {
+            let mut at = 0;
+            while at < conn.len() {
+                match frame_request(&conn[at..]) {
+                    Some(n) => {
+                        all.push(String::from_utf8_lossy(&conn[at..at + n]).into_owned());
+                        at += n;
+                    }
+                    None if closed && frame_head(&conn[at..]) => break,
+                    None => panic!(
+                        "bytes on an app connection that are not a whole request: {:?}",
+                        String::from_utf8_lossy(&conn[at..])
+                    ),
+                }
+            }
+        }
+        all
+    }
+}
+
+/// Whether `b` is whole requests only.
+fn whole(mut b: &[u8]) -> bool {
+    while !b.is_empty() {
+        match frame_request(b) {
+            Some(n) => b = &b[n..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Whether `b` starts with a well-formed head whose body was cut short.
+fn frame_head(b: &[u8]) -> bool {
+    b.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .is_some_and(|end| {
+            // The same head with no body promised frames as a whole request.
+            let text = String::from_utf8_lossy(&b[..end + 4]).into_owned();
+            let text = text
+                .split("\r\n")
+                .filter(|l| {
+                    let l = l.to_ascii_lowercase();
+                    !l.starts_with("content-length:") && !l.starts_with("transfer-encoding:")
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            frame_request(text.as_bytes()).is_some()
+        })
+}
+
+/// The length of the well-framed request at the start of `b`, if complete.
+fn frame_request(b: &[u8]) -> Option<usize> {
+    let end = b.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&b[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let start = lines.next()?;
+    let parts: Vec<&str> = start.split(' ').collect();
+    if parts.len() != 3 || parts[2] != "HTTP/1.1" || !parts[1].starts_with('/') {
+        return None;
+    }
+    let mut length = None;
+    let mut chunked = false;
+    for l in lines.filter(|l| !l.is_empty()) {
+        let (n, v) = l.split_once(':')?;
+        if n.is_empty() || n.bytes().any(|c| !c.is_ascii_graphic()) {
+            return None;
+        }
+        if v.bytes().any(|c| c == 0 || c == b'\r' || c == b'\n') {
+            return None;
+        }
+        if n.eq_ignore_ascii_case("content-length") {
+            if length.is_some() {
+                return None;
+            }
+            length = Some(v.trim().parse::<usize>().ok()?);
+        }
+        if n.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = v.trim() == "chunked";
+        }
+    }
+    if chunked {
+        let mut at = end;
+        loop {
+            let e = b[at..].windows(2).position(|w| w == b"\r\n")? + at;
+            let size = usize::from_str_radix(std::str::from_utf8(&b[at..e]).ok()?, 16).ok()?;
+            at = e + 2;
+            if size == 0 {
+                // No trailers are ever sent to an HTTP/1.1 app.
+                return (b.get(at..at + 2)? == b"\r\n").then_some(at + 2);
+            }
+            at += size;
+            if b.get(at..at + 2)? != b"\r\n" {
+                return None;
+            }
+            at += 2;
+        }
+    }
+    let n = end + length.unwrap_or(0);
+    (b.len() >= n).then_some(n)
+}
+
+fn record(mut s: TcpStream, log: Log) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = [0u8; 16384];
+    let mut answered = 0usize;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                log.lock().expect("log").1 = true;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let all = {
+            let mut l = log.lock().expect("log");
+            l.0.extend_from_slice(&buf[..n]);
+            l.0.clone()
+        };
+        while let Some(k) = frame_request(&all[answered..]) {
+            answered += k;
+            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+fn worker(app: &Recorder) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    })
+}
+
+/// Sends `frames` as stream 1 on a new connection; returns what the client got.
+fn one(w: &Worker, frames: &[u8]) -> Outcome {
+    let mut s = open(w);
+    s.write_all(frames).expect("write");
+    outcome(&mut s, 1)
+}
+
+/// A plain request on a new connection still works and is the last the app saw.
+fn still_clean(w: &Worker, app: &Recorder, marker: &str) {
+    let got = one(
+        w,
+        &frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &req("GET", marker, &[]),
+        ),
+    );
+    assert_eq!(got, Outcome::Status(200), "{marker}");
+    let all = app.requests();
+    let last = all.last().expect("a request");
+    assert!(
+        last.starts_with(&format!("GET {marker} HTTP/1.1\r\n")),
+        "{last}"
+    );
+}
+
+#[test]
+fn content_length_disagreeing_with_data_is_refused_and_nothing_smuggled() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    // content-length smaller than the DATA: the extra bytes are a second request.
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &req("POST", "/short", &[(b"content-length", b"5")]),
+    );
+    let mut body = b"hello".to_vec();
+    body.extend_from_slice(smuggled);
+    f.extend(frame(DATA, END_STREAM, 1, &body));
+    let got = one(&w, &f);
+    assert!(got.refused(), "{got:?}");
+
+    // Split in two DATA frames.
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &req("POST", "/short2", &[(b"content-length", b"5")]),
+    );
+    f.extend(frame(DATA, 0, 1, b"hello"));
+    f.extend(frame(DATA, END_STREAM, 1, smuggled));
+    let got = one(&w, &f);
+    assert!(got.refused(), "{got:?}");
+
+    // content-length larger than the DATA, then END_STREAM.
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &req("POST", "/long", &[(b"content-length", b"100")]),
+    );
+    f.extend(frame(DATA, END_STREAM, 1, b"hello"));
+    let got = one(&w, &f);
+    assert!(got.refused(), "{got:?}");
+
+    // Two different content-length fields.
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &req(
+            "POST",
+            "/two",
+            &[(b"content-length", b"5"), (b"content-length", b"40")],
+        ),
+    );
+    f.extend(frame(DATA, END_STREAM, 1, b"hello"));
+    let got = one(&w, &f);
+    assert!(got.refused(), "{got:?}");
+
+    // The pooled connection is not poisoned: the next request is the next whole
+    // request on whatever connection carries it, and nothing smuggled arrived.
+    still_clean(&w, &app, "/after");
+    let all = app.requests();
+    assert!(
+        all.iter().all(|r| !r.contains("/smuggled")),
+        "smuggled: {all:?}"
+    );
+    // A body cut short by the client never leaves a half request pooled: every
+    // forwarded request is whole (checked by `requests`), and a request that
+    // carried `/long` (if one was forwarded before the short body showed) was not
+    // followed on its connection by another.
+    for (conn, _) in app.bytes() {
+        let text = String::from_utf8_lossy(&conn).into_owned();
+        if text.contains("/long") || text.contains("/short") {
+            assert_eq!(text.matches(" HTTP/1.1\r\n").count(), 1, "{text}");
+        }
+    }
+}
+
+#[test]
+fn connection_specific_fields_are_refused_never_forwarded() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let cases: [(&[u8], &[u8]); 7] = [
+        (b"transfer-encoding", b"chunked"),
+        (b"te", b"gzip"),
+        (b"connection", b"close"),
+        (b"keep-alive", b"timeout=5"),
+        (b"upgrade", b"websocket"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"transfer-encoding", b"identity"),
+    ];
+    for (i, (n, v)) in cases.iter().enumerate() {
+        let path = format!("/conn{i}");
+        let got = one(
+            &w,
+            &frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &req("GET", &path, &[(n, v)]),
+            ),
+        );
+        assert!(got.refused(), "{}: {got:?}", String::from_utf8_lossy(n));
+        assert!(
+            app.requests().iter().all(|r| !r.contains(&path)),
+            "{} reached the app",
+            String::from_utf8_lossy(n)
+        );
+    }
+    // `te: trailers` is HTTP/2's own and is served.
+    let got = one(
+        &w,
+        &frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &req("GET", "/te", &[(b"te", b"trailers")]),
+        ),
+    );
+    assert_eq!(got, Outcome::Status(200));
+    still_clean(&w, &app, "/after");
+}
+
+#[test]
+fn raw_bytes_in_field_names_and_values_inject_nothing() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let cases: [(&[u8], &[u8]); 9] = [
+        (b"x-a", b"1\r\nx-injected: yes"),
+        (b"x-a", b"1\nx-injected: yes"),
+        (b"x-a", b"1\rx-injected: yes"),
+        (b"x-a", b"1\0x-injected: yes"),
+        (b"x-a\r\nx-injected", b"yes"),
+        (b"x-a: 1\r\nx-injected", b"yes"),
+        (b"x:injected", b"yes"),
+        (b"X-Injected", b"yes"),
+        (b"x injected", b"yes"),
+    ];
+    for (i, (n, v)) in cases.iter().enumerate() {
+        let path = format!("/raw{i}");
+        let got = one(
+            &w,
+            &frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &req("GET", &path, &[(n, v)]),
+            ),
+        );
+        let all = app.requests();
+        assert!(
+            all.iter().all(
+                |r| !r.to_ascii_lowercase().contains("x-injected") && !r.contains("x:injected")
+            ),
+            "case {i}: injected: {all:?}"
+        );
+        assert!(got.refused(), "case {i}: {got:?}");
+    }
+    still_clean(&w, &app, "/after");
+}
+
+#[test]
+fn pseudo_header_tricks_are_refused() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let std_fields = |m: &'static [u8], p: &'static [u8]| -> Vec<(&'static [u8], &'static [u8])> {
+        vec![
+            (b":method", m),
+            (b":scheme", b"http"),
+            (b":path", p),
+            (b":authority", b"127.0.0.1"),
+        ]
+    };
+    let mut cases: Vec<(&str, Vec<Field>)> = vec![
+        ("absolute-form path", std_fields(b"GET", b"http://evil/x")),
+        ("empty path", std_fields(b"GET", b"")),
+        ("asterisk with GET", std_fields(b"GET", b"*")),
+        ("path without slash", std_fields(b"GET", b"evil")),
+        (
+            "no scheme",
+            vec![
+                (b":method", b"GET"),
+                (b":path", b"/p"),
+                (b":authority", b"127.0.0.1"),
+            ],
+        ),
+        (
+            "no path",
+            vec![
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"127.0.0.1"),
+            ],
+        ),
+        (
+            "CONNECT",
+            vec![(b":method", b"CONNECT"), (b":authority", b"evil:443")],
+        ),
+        (
+            "extended CONNECT",
+            vec![
+                (b":method", b"CONNECT"),
+                (b":protocol", b"websocket"),
+                (b":scheme", b"http"),
+                (b":path", b"/ws"),
+                (b":authority", b"127.0.0.1"),
+            ],
+        ),
+    ];
+    let mut after = std_fields(b"GET", b"/late");
+    after.insert(2, (b"x-a", b"1"));
+    cases.push(("pseudo after regular", after));
+    let mut dup = std_fields(b"GET", b"/dup");
+    dup.push((b":path", b"/other"));
+    cases.push(("duplicated :path", dup));
+    let mut dupm = std_fields(b"GET", b"/dupm");
+    dupm.push((b":method", b"POST"));
+    cases.push(("duplicated :method", dupm));
+    let mut unknown = std_fields(b"GET", b"/unknown");
+    unknown.push((b":evil", b"1"));
+    cases.push(("unknown pseudo", unknown));
+    for (what, fields) in &cases {
+        let before = app.requests().len();
+        let got = one(
+            &w,
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block(fields)),
+        );
+        assert!(got.refused(), "{what}: {got:?}");
+        assert_eq!(app.requests().len(), before, "{what} reached the app");
+    }
+    still_clean(&w, &app, "/after");
+}
+
+#[test]
+fn authority_routes_and_a_disagreeing_host_is_not_forwarded() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let got = one(
+        &w,
+        &frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &req("GET", "/hosts", &[(b"host", b"evil.example")]),
+        ),
+    );
+    let all = app.requests();
+    if got == Outcome::Status(200) {
+        // Served: the app saw exactly one Host, the one that routed (`:authority`).
+        let r = all.last().expect("a request");
+        assert_eq!(
+            r.to_ascii_lowercase().matches("\r\nhost: ").count(),
+            1,
+            "{r}"
+        );
+        assert!(!r.contains("evil.example"), "{r}");
+    } else {
+        assert!(got.refused(), "{got:?}");
+        assert!(all.iter().all(|r| !r.contains("/hosts")), "{all:?}");
+    }
+}
+
+#[test]
+fn forbidden_request_trailers_never_reach_the_app() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    for (i, (n, v)) in [
+        (&b"authorization"[..], &b"Bearer stolen"[..]),
+        (b"content-length", b"0"),
+        (b"host", b"evil"),
+        (b"x-forwarded-for", b"6.6.6.6"),
+        (b"cookie", b"a=b"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/trailer{i}");
+        let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", &path, &[]));
+        f.extend(frame(DATA, 0, 1, b"hello"));
+        f.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &block(&[(n, v)]),
+        ));
+        let got = one(&w, &f);
+        let all = app.requests();
+        assert!(
+            all.iter()
+                .all(|r| !r.contains(std::str::from_utf8(v).unwrap_or("?"))),
+            "{all:?}"
+        );
+        assert!(got.refused(), "{}: {got:?}", String::from_utf8_lossy(n));
+    }
+    // A trailer that may be one is served (not forwarded to an HTTP/1.1 app).
+    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/fine", &[]));
+    f.extend(frame(DATA, 0, 1, b"hello"));
+    f.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &block(&[(b"x-checksum", b"42")]),
+    ));
+    assert_eq!(one(&w, &f), Outcome::Status(200));
+    still_clean(&w, &app, "/after");
+}
+
+#[test]
+fn credentials_are_checked_per_stream_not_per_connection() {
+    use appproxy_dataplane::auth::sign_hs256;
+    let app = Recorder::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[secrets]\njwt_secret = \"jwt-key\"\npermit_secret = \"p\"\n".into(),
+        circuit_extra: "open_to_public = false\napp_mode = \"inference\"".into(),
+        ..Default::default()
+    });
+    let token = format!(
+        "Bearer {}",
+        sign_hs256(
+            &serde_json::json!({"id": "c0a8f5d2-1111-4222-8333-444455556666", "exp": 4_000_000_000u64}),
+            "jwt-key"
+        )
+    );
+    let mut s = open(&w);
+    let authed = req("GET", "/authed", &[(b"authorization", token.as_bytes())]);
+    s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &authed))
+        .expect("write");
+    assert_eq!(outcome(&mut s, 1), Outcome::Status(200));
+    // Same connection, no credentials: refused, and nothing reached the app.
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &req("GET", "/anonymous", &[]),
+    ))
+    .expect("write");
+    let got = outcome(&mut s, 3);
+    assert!(!matches!(got, Outcome::Status(200)), "{got:?}");
+    let all = app.requests();
+    assert!(all.iter().any(|r| r.contains("/authed")), "{all:?}");
+    assert!(all.iter().all(|r| !r.contains("/anonymous")), "{all:?}");
+}
+
+/// An HTTP/2 app on raw frames: records (type, flags, stream) of every frame the
+/// worker sends it, and answers each stream once it ends with `:status 200`, DATA
+/// and trailers `x-checksum: 42`, `set-cookie: stolen=1`, `content-type: evil`.
+struct H2App {
+    addr: SocketAddr,
+    frames: Arc<Mutex<Vec<(u8, u8, u32)>>>,
+}
+
+impl H2App {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let frames: Arc<Mutex<Vec<(u8, u8, u32)>>> = Arc::default();
+        let f = frames.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let f = f.clone();
+                std::thread::spawn(move || serve_h2(s, f));
+            }
+        });
+        Self { addr, frames }
+    }
+
+    fn seen(&self) -> Vec<(u8, u8, u32)> {
+        self.frames.lock().expect("frames").clone()
+    }
+}
+
+fn serve_h2(mut s: TcpStream, frames: Arc<Mutex<Vec<(u8, u8, u32)>>>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut preface = [0u8; 24];
+    if s.read_exact(&mut preface).is_err() || s.write_all(&frame(SETTINGS, 0, 0, &[])).is_err() {
+        return;
+    }
+    loop {
+        let mut h = [0u8; 9];
+        if s.read_exact(&mut h).is_err() {
+            return;
+        }
+        let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        let mut p = vec![0u8; n];
+        if s.read_exact(&mut p).is_err() {
+            return;
+        }
+        let (ty, flags) = (h[3], h[4]);
+        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        frames.lock().expect("frames").push((ty, flags, id));
+        let mut out = Vec::new();
+        if ty == SETTINGS && flags & 1 == 0 {
+            out.extend(frame(SETTINGS, 1, 0, &[]));
+        }
+        if ty == 0x6 && flags & 1 == 0 {
+            out.extend(frame(0x6, 1, 0, &p));
+        }
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            out.extend(frame(HEADERS, END_HEADERS, id, &[0x88]));
+            out.extend(frame(DATA, 0, id, b"ok"));
+            out.extend(frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                id,
+                &block(&[
+                    (b"x-checksum", b"42"),
+                    (b"set-cookie", b"stolen=1"),
+                    (b"content-type", b"evil"),
+                ]),
+            ));
+        }
+        if !out.is_empty() && s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn trailers_to_and_from_an_http2_app_follow_the_http1_rules() {
+    let app = H2App::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    // A forbidden request trailer: the app's stream is reset before any trailer
+    // reaches it, and the client is refused.
+    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/t", &[]));
+    f.extend(frame(DATA, 0, 1, b"hello"));
+    f.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &block(&[(b"authorization", b"Bearer stolen")]),
+    ));
+    let got = one(&w, &f);
+    assert!(got.refused(), "{got:?}");
+    // The client's refusal and the app's reset travel on different connections:
+    // wait (bounded) for the reset to reach the app before reading what it saw.
+    common::eventually("the app's stream was reset", || {
+        app.seen().iter().any(|f| f.0 == RST_STREAM)
+    });
+    let seen = app.seen();
+    let headers = seen.iter().filter(|f| f.0 == HEADERS).count();
+    assert_eq!(
+        headers, 1,
+        "only the request head reached the app: {seen:?}"
+    );
+    // An allowed request trailer is forwarded; the app's response trailers reach
+    // the client without the fields a trailer must not carry.
+    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/t2", &[]));
+    f.extend(frame(DATA, 0, 1, b"hello"));
+    f.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &block(&[(b"x-checksum", b"7")]),
+    ));
+    assert_eq!(one(&w, &f), Outcome::Status(200));
+    let seen = app.seen();
+    assert_eq!(
+        seen.iter()
+            .filter(|f| f.0 == HEADERS && f.1 & END_STREAM != 0)
+            .count(),
+        1,
+        "the allowed trailers reached the app: {seen:?}"
+    );
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge", "-i"])
+        .arg(format!("http://127.0.0.1:{}/r", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/2 200"), "{text}");
+    assert!(text.contains("x-checksum: 42"), "{text}");
+    assert!(!text.contains("stolen") && !text.contains("evil"), "{text}");
+}

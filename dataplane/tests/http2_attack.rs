@@ -1,0 +1,603 @@
+//! Hostile HTTP/2 clients, written frame by frame on raw sockets (a well-behaved
+//! HTTP/2 library cannot misbehave enough): rapid reset (CVE-2023-44487),
+//! CONTINUATION flood, HPACK bomb, more streams than allowed, a client that opens
+//! huge windows and never reads, PING and SETTINGS floods, and a connection that
+//! sends the preface and nothing else. Each is refused or bounded: the worker's
+//! memory stays bounded, it keeps serving others, and its descriptors and gauges
+//! return to where they started. Also, with the same frames, drain on SIGTERM and
+//! the per-connection stream cap (`GOAWAY`, the stream in flight finished, the
+//! connection closed, later streams never reach the app).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{metric, open_fds, Upstream, Worker, WorkerOpts};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const REFUSED_STREAM: u32 = 0x7;
+
+/// A frame as read: (type, flags, stream, payload).
+type Frame = (u8, u8, u32, Vec<u8>);
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with an `n`-bit prefix, the first byte's high bits `flags`.
+fn hpack_int(out: &mut Vec<u8>, n: u32, flags: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 7, 0, s.len());
+    out.extend_from_slice(s);
+}
+
+/// A literal field without indexing, new name.
+fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    hpack_str(out, name);
+    hpack_str(out, value);
+}
+
+fn request_block(path: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    literal(&mut b, b":method", b"GET");
+    literal(&mut b, b":scheme", b"http");
+    literal(&mut b, b":path", path.as_bytes());
+    literal(&mut b, b":authority", b"127.0.0.1");
+    b
+}
+
+/// A connection that has sent the preface and an empty SETTINGS.
+fn open(w: &Worker) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).expect("preface");
+    s
+}
+
+/// One frame: (type, flags, stream, payload); `None` at end of stream, on a reset or
+/// when nothing came within the read timeout.
+fn read_frame(s: &mut TcpStream) -> Option<Frame> {
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).ok()?;
+    let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+    let mut p = vec![0u8; n];
+    s.read_exact(&mut p).ok()?;
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    Some((h[3], h[4], stream, p))
+}
+
+/// Reads until the worker closes (or the 20 s guard); returns the GOAWAY error code
+/// if one came, and the frames seen.
+fn read_to_close(s: &mut TcpStream) -> (Option<u32>, Vec<Frame>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut goaway = None;
+    let mut frames = Vec::new();
+    while Instant::now() < deadline {
+        match read_frame(s) {
+            Some(f) => {
+                if f.0 == GOAWAY && f.3.len() >= 8 {
+                    goaway = Some(u32::from_be_bytes([f.3[4], f.3[5], f.3[6], f.3[7]]));
+                }
+                frames.push(f);
+            }
+            None => break,
+        }
+    }
+    (goaway, frames)
+}
+
+/// Whether the worker closed the connection (end of stream or reset seen on read).
+fn closed_by_worker(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Where the worker's descriptors and connection gauges stood before an attack.
+struct Baseline {
+    fds: u64,
+    conns: u64,
+}
+
+fn baseline(w: &Worker) -> Baseline {
+    Baseline {
+        fds: open_fds(w.pid()).0,
+        conns: metric(w, "appproxy_connections_active"),
+    }
+}
+
+/// Waits until descriptors, open connections and streams in flight are back.
+fn settles(w: &Worker, b: &Baseline) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fds = open_fds(w.pid()).0;
+        let conns = metric(w, "appproxy_connections_active");
+        let streams = metric(w, "appproxy_http2_streams_active");
+        if fds <= b.fds && conns == b.conns && streams == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back to the start: {fds} descriptors (from {}), {conns} connections (from {}), {streams} streams",
+            b.fds,
+            b.conns
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The worker still answers an ordinary HTTP/2 request.
+fn still_serves(w: &Worker) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/ok", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+/// A worker whose pooled app connections expire after a second, so its descriptors
+/// return to the baseline once an attack is over.
+fn worker(up: &Upstream, extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: format!("[upstream]\nidle_timeout_secs = 1\n{extra}"),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn rapid_reset_is_cut_with_bounded_work() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let b = baseline(&w);
+    let mut s = open(&w);
+    // Every stream asks for a slow answer and is reset at once: for the protocol
+    // none is open, so only the worker's own accounting can bound the work.
+    let block = request_block("/wait?ms=3000");
+    let mut sent = 0u32;
+    'attack: for batch in 0..200u32 {
+        let mut buf = Vec::new();
+        for i in 0..100u32 {
+            let id = 2 * (batch * 100 + i) + 1;
+            buf.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+            buf.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        }
+        if s.write_all(&buf).is_err() {
+            break 'attack;
+        }
+        sent += 100;
+    }
+    let (goaway, _) = read_to_close(&mut s);
+    eprintln!(
+        "rapid reset: GOAWAY {goaway:?} after {sent} streams written, {} reached the app",
+        up.count()
+    );
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "sent {sent} streams");
+    // The app saw at most the streams the worker lets run at once.
+    let reached = up.count();
+    assert!(reached <= 128 + 16, "{reached} requests reached the app");
+    drop(s);
+
+    // Each stream reset only once its request reached the app (its work started):
+    // the reset-before-accept cap does not apply; the worker drops each reset
+    // stream's work at once and cuts a client that resets most of its streams.
+    let before = up.count();
+    let slow = request_block("/wait?ms=10000");
+    let mut s = open(&w);
+    let mut sent = 0u32;
+    for i in 0..400u32 {
+        let id = 2 * i + 1;
+        if s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, id, &slow))
+            .is_err()
+        {
+            break;
+        }
+        // Bounded wait (a hang guard): past the cap the request never arrives.
+        let guard = Instant::now() + Duration::from_secs(5);
+        while up.count() < before + i as usize + 1 && Instant::now() < guard {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if up.count() < before + i as usize + 1 {
+            break;
+        }
+        if s.write_all(&frame(RST_STREAM, 0, id, &8u32.to_be_bytes()))
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let (goaway, _) = read_to_close(&mut s);
+    let reached = up.count() - before;
+    eprintln!(
+        "paced rapid reset: GOAWAY {goaway:?} after {sent} streams, {reached} reached the app"
+    );
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "sent {sent} streams");
+    assert!(reached <= 128 + 16, "{reached} requests reached the app");
+    assert_eq!(metric(&w, "appproxy_http2_connections_cut_total"), 1);
+    drop(s);
+    still_serves(&w);
+    settles(&w, &b);
+}
+
+#[test]
+fn continuation_flood_is_refused() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let b = baseline(&w);
+    let rss = w.peak_rss_kib();
+    let mut s = open(&w);
+    s.write_all(&frame(HEADERS, 0, 1, &request_block("/flood")))
+        .expect("headers");
+    let mut block = Vec::new();
+    literal(&mut block, b"x-flood", &[b'a'; 16_000]);
+    let cont = frame(CONTINUATION, 0, 1, &block);
+    let mut sent = 0usize;
+    for _ in 0..4096 {
+        if s.write_all(&cont).is_err() {
+            break;
+        }
+        sent += cont.len();
+    }
+    assert!(closed_by_worker(&mut s), "the flood was not cut");
+    eprintln!("CONTINUATION flood cut after {sent} bytes");
+    assert!(
+        sent < 64 << 20,
+        "the worker read {sent} bytes of one header block"
+    );
+    assert_eq!(up.count(), 0);
+    let grown = w.peak_rss_kib().saturating_sub(rss);
+    assert!(grown < 16 * 1024, "worker RSS grew {grown} KiB");
+    drop(s);
+    still_serves(&w);
+    settles(&w, &b);
+}
+
+#[test]
+fn hpack_bomb_is_refused() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let b = baseline(&w);
+    let rss = w.peak_rss_kib();
+    let mut s = open(&w);
+    // One 4 KiB field into the dynamic table, then 3,000 one-byte references to it:
+    // a 12 MiB header list from a 7 KiB frame.
+    let mut block = request_block("/bomb");
+    block.push(0x40);
+    hpack_str(&mut block, b"x-bomb");
+    hpack_str(&mut block, &[b'b'; 4000]);
+    for _ in 0..3000 {
+        hpack_int(&mut block, 7, 0x80, 62);
+    }
+    s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+        .expect("headers");
+    // The stream is refused (a reset, a 431, or the connection goes): never served.
+    let f = read_to_close(&mut s);
+    eprintln!(
+        "HPACK bomb answered with GOAWAY {:?}, frames {:?}",
+        f.0,
+        f.1.iter()
+            .map(|f| (f.0, f.2, f.3.len()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        f.0.is_some() || f.1.iter().any(|f| f.2 == 1),
+        "no answer to the bomb: {:?}",
+        f.1.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>()
+    );
+    assert_eq!(up.count(), 0);
+    let grown = w.peak_rss_kib().saturating_sub(rss);
+    assert!(grown < 16 * 1024, "worker RSS grew {grown} KiB");
+    drop(s);
+    still_serves(&w);
+    settles(&w, &b);
+}
+
+#[test]
+fn streams_past_max_concurrent_are_refused() {
+    let up = Upstream::start();
+    let w = worker(&up, "[http2]\nmax_concurrent_streams = 20\n");
+    let b = baseline(&w);
+    let mut s = open(&w);
+    // Wait for the worker's SETTINGS (the limit applies once acknowledged).
+    let mut buf = Vec::new();
+    loop {
+        let f = read_frame(&mut s).expect("server settings");
+        if f.0 == SETTINGS && f.1 & 1 == 0 {
+            break;
+        }
+    }
+    s.write_all(&frame(SETTINGS, 1, 0, &[])).expect("ack");
+    let block = request_block("/wait?ms=2000");
+    for i in 0..60u32 {
+        buf.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    s.write_all(&buf).expect("streams");
+    let mut refused = 0;
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused + answered < 60 && Instant::now() < deadline {
+        let Some(f) = read_frame(&mut s) else { break };
+        if f.0 == RST_STREAM && f.3 == REFUSED_STREAM.to_be_bytes() {
+            refused += 1;
+        } else if (f.0 == HEADERS || f.0 == DATA) && f.1 & END_STREAM != 0 {
+            answered += 1;
+        }
+    }
+    assert_eq!(refused, 40, "answered {answered}");
+    assert_eq!(answered, 20);
+    assert!(up.count() <= 20);
+    drop(s);
+    settles(&w, &b);
+}
+
+#[test]
+fn a_client_that_opens_its_windows_and_never_reads_holds_bounded_memory() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nbody_idle_secs = 3\n");
+    let b = baseline(&w);
+    let rss = w.peak_rss_kib();
+    let mut s = open(&w);
+    // Windows as large as the protocol allows, then 32 downloads of 200 MB each,
+    // and the client reads nothing.
+    let mut settings = Vec::new();
+    settings.extend(4u16.to_be_bytes());
+    settings.extend(0x7fff_ffffu32.to_be_bytes());
+    let mut buf = frame(SETTINGS, 0, 0, &settings);
+    buf.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    let block = request_block("/bytes?n=200000000");
+    for i in 0..32u32 {
+        buf.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    s.write_all(&buf).expect("requests");
+    // Until the body idle timeout resets the stalled streams.
+    common::eventually("the stalled streams reset", || {
+        common::log_count(&w, "stream aborted") >= 32
+    });
+    let grown = w.peak_rss_kib().saturating_sub(rss);
+    assert!(grown < 24 * 1024, "worker RSS grew {grown} KiB");
+    drop(s);
+    still_serves(&w);
+    settles(&w, &b);
+}
+
+#[test]
+fn ping_and_settings_floods_from_a_client_that_never_reads_are_bounded() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let b = baseline(&w);
+    let rss = w.peak_rss_kib();
+    for (what, f) in [
+        ("PING", frame(PING, 0, 0, &[7u8; 8])),
+        ("SETTINGS", frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100])),
+    ] {
+        let mut s = open(&w);
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            batch.extend_from_slice(&f);
+        }
+        // Up to 50 MB of frames; the worker stops reading once its answers back up
+        // (the write then times out) or closes the connection.
+        let mut sent = 0usize;
+        for _ in 0..3000 {
+            if s.write_all(&batch).is_err() {
+                break;
+            }
+            sent += batch.len();
+        }
+        let grown = w.peak_rss_kib().saturating_sub(rss);
+        assert!(
+            grown < 24 * 1024,
+            "{what} flood: RSS grew {grown} KiB after {sent} bytes"
+        );
+        still_serves(&w);
+        drop(s);
+    }
+    settles(&w, &b);
+}
+
+#[test]
+fn a_connection_that_sends_only_the_preface_is_cut_at_the_head_timeout() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nhead_secs = 1\n");
+    let b = baseline(&w);
+    let mut s = open(&w);
+    assert!(
+        closed_by_worker(&mut s),
+        "the idle HTTP/2 connection stayed open"
+    );
+    drop(s);
+    settles(&w, &b);
+}
+
+/// Not an attack, but the same raw frames: on SIGTERM a busy HTTP/2 connection gets
+/// `GOAWAY(NO_ERROR)`, and the stream in flight still gets its whole answer.
+#[test]
+fn drain_sends_goaway_and_finishes_the_stream_in_flight() {
+    let up = Upstream::start();
+    let mut w = worker(&up, "");
+    let mut s = open(&w);
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &request_block("/wait?ms=1500"),
+    ))
+    .expect("request");
+    common::eventually("the request reached the app", || up.count() == 1);
+    let pid = w.pid().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let (goaway, frames) = read_to_close(&mut s);
+    assert_eq!(
+        goaway,
+        Some(0),
+        "frames: {:?}",
+        frames.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>()
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.2 == 1 && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0),
+        "the stream in flight was not answered: {:?}",
+        frames.iter().map(|f| (f.0, f.1, f.2)).collect::<Vec<_>>()
+    );
+    assert!(w.terminate().success());
+}
+
+/// `[http2] max_streams_per_connection`: the stream that reaches the cap is answered
+/// whole, the client gets `GOAWAY(NO_ERROR)` naming it as the last stream, a stream
+/// opened after that never reaches the app, and the connection is closed once the
+/// stream in flight is done.
+#[test]
+fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
+    const PING_ACK: u8 = 0x1;
+    let up = Upstream::start();
+    let w = worker(&up, "[http2]\nmax_streams_per_connection = 3\n");
+    let b = baseline(&w);
+    let mut s = open(&w);
+    let ended =
+        |f: &Frame, id: u32| f.2 == id && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0;
+    // Two streams under the cap, each answered.
+    for id in [1u32, 3] {
+        s.write_all(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            id,
+            &request_block("/ok"),
+        ))
+        .expect("request");
+        loop {
+            let f = read_frame(&mut s).expect("an answer under the cap");
+            if f.0 == SETTINGS && f.1 & 1 == 0 {
+                s.write_all(&frame(SETTINGS, 1, 0, &[])).expect("ack");
+            }
+            assert_ne!(f.0, GOAWAY, "GOAWAY before the cap");
+            if ended(&f, id) {
+                break;
+            }
+        }
+    }
+    // The third reaches the cap while the app takes its time.
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        5,
+        &request_block("/wait?ms=1500"),
+    ))
+    .expect("request");
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut last_stream = None;
+    let mut late_sent = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(f) = read_frame(&mut s) else { break };
+        if f.0 == PING && f.1 & PING_ACK == 0 {
+            // A well-behaved client answers the graceful shutdown's PING.
+            let _ = s.write_all(&frame(PING, PING_ACK, 0, &f.3));
+        }
+        if f.0 == GOAWAY && f.3.len() >= 8 {
+            let last = u32::from_be_bytes([f.3[0], f.3[1], f.3[2], f.3[3]]) & 0x7fff_ffff;
+            assert_eq!(&f.3[4..8], &[0, 0, 0, 0], "GOAWAY with an error");
+            if last != 0x7fff_ffff {
+                last_stream = Some(last);
+                if !late_sent {
+                    // Past the cap: a new stream after the final GOAWAY (the write
+                    // may fail if the worker already closed).
+                    late_sent = true;
+                    let _ = s.write_all(&frame(
+                        HEADERS,
+                        END_HEADERS | END_STREAM,
+                        7,
+                        &request_block("/late"),
+                    ));
+                }
+            }
+        }
+        frames.push(f);
+    }
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert!(
+        Instant::now() < deadline,
+        "the worker kept the connection open: {kinds:?}"
+    );
+    assert_eq!(last_stream, Some(5), "{kinds:?}");
+    let goaway_at = frames.iter().position(|f| f.0 == GOAWAY);
+    let answered_at = frames.iter().position(|f| ended(f, 5));
+    assert!(
+        matches!((goaway_at, answered_at), (Some(g), Some(a)) if g < a),
+        "GOAWAY first, then the stream in flight answered: {kinds:?}"
+    );
+    assert!(!frames.iter().any(|f| f.2 == 7), "{kinds:?}");
+    assert_eq!(
+        up.count(),
+        3,
+        "only the streams under the cap reached the app"
+    );
+    drop(s);
+    settles(&w, &b);
+}

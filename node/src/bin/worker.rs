@@ -1,0 +1,187 @@
+//! `appproxy-worker`: the data plane binary — standalone, managed by a remote
+//! coordinator, or with a coordinator in the same process (single-node mode).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use appproxy_control_common::cli::ConfigArgs;
+use appproxy_dataplane::config::Config;
+use appproxy_dataplane::{admin, preflight, worker};
+use clap::Parser;
+
+/// The appproxy worker: per-core HTTP/1.1 proxy with end-to-end request IDs.
+#[derive(Parser, Debug)]
+#[command(name = "appproxy-worker", version, about)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() {
+    appproxy_control_common::cli::main("appproxy-worker", run);
+}
+
+/// SIGHUP: re-reads the circuits and deploys them to every core under a fresh request
+/// ID, and swaps in the TLS certificates read anew (new handshakes get them). A bad
+/// file (config, certificate or key) is logged and the running set stays.
+fn reload(path: &std::path::Path, worker: &worker::Worker) {
+    let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
+    appproxy_shared::with_request_id(Some(id), || {
+        match Config::load(path).and_then(|c| c.validate(&online_cpus())) {
+            Ok(rt) => {
+                tracing::info!(
+                    circuits = rt.circuits.len(),
+                    "reloading circuits (other settings need a restart)"
+                );
+                match (&worker.tls, &rt.tls) {
+                    (Some(serving), Some(loaded)) => {
+                        serving.adopt(loaded);
+                        tracing::info!("TLS certificates reloaded; open connections keep theirs");
+                    }
+                    (None, None) => {}
+                    _ => tracing::warn!("[worker] tls_listen changed: that needs a restart"),
+                }
+                worker.deploy(rt.circuits, id);
+            }
+            Err(e) => tracing::error!(error = %e, "reload refused; the running circuits stay"),
+        }
+    });
+}
+
+fn online_cpus() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..n).collect()
+}
+
+/// The worker's config with what it runs (cores, circuits) and, in single-node mode,
+/// the embedded coordinator's config, checked with it.
+type Loaded = (
+    Config,
+    appproxy_dataplane::config::Runtime,
+    Option<appproxy_coordinator::config::CoordinatorConfig>,
+);
+
+fn load(path: &Path) -> anyhow::Result<Loaded> {
+    let config = Config::load(path)?;
+    let rt = config
+        .validate(&online_cpus())
+        .with_context(|| format!("invalid config {}", path.display()))?;
+    // The embedded coordinator's config is checked with the worker's.
+    let embedded = match config
+        .coordinator
+        .as_ref()
+        .and_then(|c| c.embedded.as_ref())
+    {
+        Some(file) => {
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let cc = appproxy_coordinator::config::CoordinatorConfig::load(&file)?;
+            if cc.secrets.api_secret.is_empty() || cc.secrets.jwt_secret.is_empty() {
+                anyhow::bail!(
+                    "{}: [secrets] api_secret and jwt_secret must be set",
+                    file.display()
+                );
+            }
+            if config.secrets.jwt_secret.as_deref() != Some(cc.secrets.jwt_secret.as_str()) {
+                anyhow::bail!(
+                    "{} and {}: [secrets] jwt_secret must be the same in both (the worker checks the coordinator's /setup tokens)",
+                    path.display(),
+                    file.display()
+                );
+            }
+            Some(cc)
+        }
+        None => None,
+    };
+    appproxy_shared::otlp::Settings::from_config(&config.telemetry, "worker")?;
+    Ok((config, rt, embedded))
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let loaded = args
+        .config
+        .load(&Config::default_toml(), load, |(_, rt, embedded)| {
+            format!(
+                "{} cores, {} circuits{}",
+                rt.cpus.len(),
+                rt.circuits.len(),
+                if embedded.is_some() {
+                    ", embedded coordinator"
+                } else {
+                    ""
+                }
+            )
+        })?;
+    let Some((path, (config, rt, embedded))) = loaded else {
+        return Ok(());
+    };
+    appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
+    appproxy_shared::otlp::install(&config.telemetry, "worker")?;
+    preflight::check(rt.cpus.len(), rt.io_memory)?;
+    let cores = rt.cpus.len();
+    let circuits = rt.circuits.len();
+    // Signals are taken before the cores start so none is lost in between.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
+    let worker = worker::Worker::start(rt)?;
+    let agent = appproxy_node::spawn_agent(
+        config.clone(),
+        embedded.clone(),
+        worker.deployer(),
+        worker.access_marks(),
+    )?;
+    if let (Some(addr), Some(cc)) = (agent.coordinator, &embedded) {
+        tracing::info!(coordinator = %addr, store = %cc.database.sqlite_path.display(), "single node: coordinator running in this process");
+        print_single_node_help(addr, &config, cc);
+    }
+    if let Some(bind) = config.admin.bind {
+        let addr = admin::spawn(
+            bind,
+            worker.metrics.clone(),
+            admin::HealthInfo {
+                cores,
+                liveness: worker.liveness.clone(),
+                board: worker.board.clone(),
+            },
+        )
+        .with_context(|| format!("cannot serve [admin] on {bind}"))?;
+        tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
+    }
+    tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            reload(&path, &worker);
+            continue;
+        }
+        tracing::info!(signal = sig, "draining");
+        break;
+    }
+    // Leave the coordinator first, so no new circuit is placed on a draining worker.
+    agent.stop();
+    worker.stop();
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// What to do next with a single node: create a circuit as the manager would and send
+/// a traced request through it.
+fn print_single_node_help(
+    addr: std::net::SocketAddr,
+    config: &appproxy_dataplane::config::Config,
+    cc: &appproxy_coordinator::config::CoordinatorConfig,
+) {
+    let api = config.worker.api_port.unwrap_or(0);
+    eprintln!(
+        "\nappproxy single node: coordinator http://{addr} (SQLite {}), worker API port {api}.\n\
+         Create a circuit and send a traced request (one ID, R, from the manager's call to the app):\n\n  \
+         deploy/demo-circuit.sh http://{addr} {}\n\n\
+         (the script calls POST /v2/conf and GET /v2/proxy/auth with X-Backend-Request-ID: R, follows the\n\
+         worker's /setup redirect, then requests the app with the same ID; grep R in this log.)\n",
+        cc.database.sqlite_path.display(),
+        cc.secrets.api_secret,
+    );
+}

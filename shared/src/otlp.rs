@@ -1,0 +1,762 @@
+//! OTLP/HTTP export of finished spans, off the request path.
+//!
+//! A component that finishes a span (the worker's request hop, a tokio service's
+//! request) fills a fixed-size [`SpanRecord`] and hands it to [`export`]: one
+//! `try_send` into a bounded queue whose slots are allocated once, at start. A full
+//! queue drops the record and counts it (`appproxy_otlp_spans_dropped_total`);
+//! nothing on the request path ever waits for the collector.
+//!
+//! One exporter thread per process takes records off the queue, batches them (up to
+//! `otlp_batch` spans, or `otlp_flush_ms` after the first), encodes an OTLP
+//! `ExportTraceServiceRequest` (protobuf, the `opentelemetry-proto` types) and POSTs
+//! it to `<endpoint>/v1/traces` as `application/x-protobuf` over plain HTTP/1.1, with
+//! a timeout on every step and a bounded number of retries; a batch that still fails
+//! is dropped and counted. Memory is bounded by the queue and one batch.
+//!
+//! The exporter is installed once per process ([`install`]); [`Exporter`] instances
+//! can also be used directly (tests).
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    span, status, ResourceSpans, ScopeSpans, Span, Status,
+};
+use prost::Message as _;
+
+use crate::request_id::RequestId;
+use crate::telemetry::TelemetryConfig;
+use crate::trace::{SpanContext, FLAG_SAMPLED};
+
+/// Text kept inline in a [`SpanRecord`], truncated to `N` bytes (at a character
+/// boundary), so a record never owns heap memory.
+#[derive(Clone, Copy)]
+pub struct Inline<const N: usize> {
+    /// Meaningful bytes of `buf`.
+    len: u8,
+    /// The text.
+    buf: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    /// No text.
+    pub const EMPTY: Self = Self {
+        len: 0,
+        buf: [0; N],
+    };
+
+    /// `s`, cut to at most `N` (and 255) bytes at a character boundary.
+    pub fn new(s: &str) -> Self {
+        let max = N.min(255);
+        let mut end = s.len().min(max);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = [0; N];
+        buf[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            buf,
+        }
+    }
+
+    /// `bytes` as text (invalid UTF-8 is cut at the first bad byte).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let valid = match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+        };
+        Self::new(valid)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+
+    /// Whether there is no text.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Inline<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// What a span stands for (OTLP `SpanKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The handling of an incoming request.
+    Server,
+    /// Work inside a component (a deployment, a background job).
+    Internal,
+}
+
+/// One finished span: fixed size, `Copy`, no heap memory.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanRecord {
+    /// Trace, span and parent span IDs, flags.
+    pub span: SpanContext,
+    /// Server or internal.
+    pub kind: Kind,
+    /// The span's name when the record has no method (a request span is named by its
+    /// method, as OpenTelemetry's HTTP conventions say without a route template).
+    pub name: &'static str,
+    /// Start, nanoseconds since the Unix epoch.
+    pub start_unix_nanos: u64,
+    /// End, nanoseconds since the Unix epoch.
+    pub end_unix_nanos: u64,
+    /// The request ID (`request_id`).
+    pub request_id: Option<RequestId>,
+    /// HTTP method (`http.request.method`).
+    pub method: Inline<16>,
+    /// Path without the query (`url.path`).
+    pub path: Inline<128>,
+    /// Status sent (`http.response.status_code`); 0: none.
+    pub status: u16,
+    /// The circuit served (`circuit`).
+    pub circuit: Option<uuid::Uuid>,
+    /// The circuit's owner (`user_id`).
+    pub user_id: Option<uuid::Uuid>,
+    /// The circuit's first session (`session_id`).
+    pub session_id: Option<uuid::Uuid>,
+    /// The circuit's endpoint (`endpoint_id`).
+    pub endpoint_id: Option<uuid::Uuid>,
+    /// The access key of the manager's token (`access_key`).
+    pub access_key: Inline<64>,
+    /// The worker core that served the request (`core`).
+    pub core: Option<u16>,
+}
+
+impl SpanRecord {
+    /// A record of `span` with nothing else known yet.
+    pub fn new(span: SpanContext, kind: Kind, name: &'static str) -> Self {
+        Self {
+            span,
+            kind,
+            name,
+            start_unix_nanos: 0,
+            end_unix_nanos: 0,
+            request_id: None,
+            method: Inline::EMPTY,
+            path: Inline::EMPTY,
+            status: 0,
+            circuit: None,
+            user_id: None,
+            session_id: None,
+            endpoint_id: None,
+            access_key: Inline::EMPTY,
+            core: None,
+        }
+    }
+
+    /// Sets start and end from a span that ended now after `duration`.
+    pub fn ended_now(&mut self, duration: Duration) {
+        let end = unix_nanos(SystemTime::now());
+        self.end_unix_nanos = end;
+        self.start_unix_nanos = end.saturating_sub(duration.as_nanos() as u64);
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The exporter's counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Spans accepted by a collector (2xx).
+    pub exported: AtomicU64,
+    /// Spans dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Spans of batches that failed after every retry (or were refused).
+    pub failed: AtomicU64,
+    /// Export requests that failed (each attempt).
+    pub request_errors: AtomicU64,
+}
+
+/// Why the exporter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    /// The endpoint is not an `http://host[:port][/path]` URL.
+    #[error("[telemetry] otlp_endpoint {0:?}: {1}")]
+    Endpoint(String, &'static str),
+    /// A size or time is zero.
+    #[error("[telemetry] {0} must be at least 1")]
+    Zero(&'static str),
+    /// The thread could not be started.
+    #[error("cannot start the OTLP exporter thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where batches go: host and port (resolved at each request, so a collector that
+/// moves is followed) and the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port (4318 when the URL has none).
+    pub port: u16,
+    /// Request path (`/v1/traces` when the URL has none).
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `http://host[:port][/path]`.
+    pub fn parse(url: &str) -> Result<Self, OtlpError> {
+        let bad = |why| OtlpError::Endpoint(url.to_owned(), why);
+        if url.starts_with("https://") {
+            return Err(bad(
+                "https is not supported: send to a local collector over http",
+            ));
+        }
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("must start with http://"))?;
+        if rest.chars().any(|c| c.is_control() || c == ' ' || c == '@') {
+            return Err(bad("has spaces, control characters or credentials"));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad("bad port"))?,
+            None => 4318,
+        };
+        let path = if path.is_empty() || path == "/" {
+            "/v1/traces".to_owned()
+        } else {
+            path.to_owned()
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            path,
+        })
+    }
+}
+
+/// The settings of one exporter, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where batches go.
+    pub endpoint: Endpoint,
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// Queue slots.
+    pub queue: usize,
+    /// Spans per request at most.
+    pub batch: usize,
+    /// Longest wait of a span in a batch.
+    pub flush: Duration,
+    /// Time for one request.
+    pub timeout: Duration,
+    /// Retries of a failed batch.
+    pub retries: u32,
+}
+
+impl Settings {
+    /// The settings of `config`, or `None` when export is off (no endpoint).
+    /// `component` names the service when `service_name` is not set.
+    pub fn from_config(
+        config: &TelemetryConfig,
+        component: &str,
+    ) -> Result<Option<Self>, OtlpError> {
+        let Some(url) = &config.otlp_endpoint else {
+            return Ok(None);
+        };
+        for (name, v) in [
+            ("otlp_queue", config.otlp_queue as u64),
+            ("otlp_batch", config.otlp_batch as u64),
+            ("otlp_flush_ms", config.otlp_flush_ms),
+            ("otlp_timeout_ms", config.otlp_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(OtlpError::Zero(name));
+            }
+        }
+        Ok(Some(Self {
+            endpoint: Endpoint::parse(url)?,
+            service_name: config
+                .service_name
+                .clone()
+                .unwrap_or_else(|| format!("appproxy-{component}")),
+            queue: config.otlp_queue,
+            batch: config.otlp_batch,
+            flush: Duration::from_millis(config.otlp_flush_ms),
+            timeout: Duration::from_millis(config.otlp_timeout_ms),
+            retries: config.otlp_retries,
+        }))
+    }
+}
+
+/// A running exporter: the queue's sending side and the counters.
+#[derive(Debug, Clone)]
+pub struct Exporter {
+    /// Bounded queue to the exporter thread.
+    tx: Sender<SpanRecord>,
+    /// Counters, shared with the thread.
+    stats: Arc<Stats>,
+}
+
+impl Exporter {
+    /// Starts the exporter thread.
+    pub fn start(settings: Settings) -> Result<Self, OtlpError> {
+        let (tx, rx) = crossbeam_channel::bounded(settings.queue);
+        let stats = Arc::new(Stats::default());
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("otlp-exporter".into())
+            .spawn(move || run(&settings, &rx, &thread_stats))
+            .map_err(OtlpError::Thread)?;
+        Ok(Self { tx, stats })
+    }
+
+    /// Queues `record` without waiting: a full queue drops it (counted). Allocates
+    /// nothing (the queue's slots exist from the start). A span whose trace flags
+    /// say "not sampled" (the caller does not record this trace) is not exported.
+    pub fn push(&self, record: &SpanRecord) {
+        if record.span.flags & FLAG_SAMPLED == 0 {
+            return;
+        }
+        match self.tx.try_send(*record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Records waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// The process's exporter, once installed.
+static GLOBAL: OnceLock<Exporter> = OnceLock::new();
+
+/// Starts the process's exporter when `config` has an endpoint (logging where spans
+/// go); a second call keeps the first exporter. `component` names the service by
+/// default (`appproxy-<component>`).
+pub fn install(config: &TelemetryConfig, component: &str) -> Result<bool, OtlpError> {
+    let Some(settings) = Settings::from_config(config, component)? else {
+        return Ok(false);
+    };
+    if GLOBAL.get().is_some() {
+        return Ok(true);
+    }
+    let endpoint = settings.endpoint.clone();
+    let service = settings.service_name.clone();
+    let exporter = Exporter::start(settings)?;
+    let _ = GLOBAL.set(exporter);
+    tracing::info!(
+        host = %endpoint.host,
+        port = endpoint.port,
+        path = %endpoint.path,
+        service = %service,
+        "exporting spans over OTLP/HTTP"
+    );
+    Ok(true)
+}
+
+/// Whether spans are exported (an exporter is installed).
+#[inline]
+pub fn enabled() -> bool {
+    GLOBAL.get().is_some()
+}
+
+/// Hands `record` to the process's exporter, if any (see [`Exporter::push`]).
+#[inline]
+pub fn export(record: &SpanRecord) {
+    if let Some(e) = GLOBAL.get() {
+        e.push(record);
+    }
+}
+
+/// Appends the exporter's counters in Prometheus text (nothing when export is off).
+pub fn render_metrics(out: &mut String) {
+    let Some(e) = GLOBAL.get() else { return };
+    let s = e.stats();
+    for (family, help, v) in [
+        (
+            "appproxy_otlp_spans_exported_total",
+            "Spans accepted by the OTLP collector.",
+            s.exported.load(Ordering::Relaxed),
+        ),
+        (
+            "appproxy_otlp_spans_dropped_total",
+            "Spans dropped because the export queue was full (collector down or slow).",
+            s.dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "appproxy_otlp_spans_failed_total",
+            "Spans of export batches that failed after every retry, or were refused.",
+            s.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "appproxy_otlp_export_errors_total",
+            "OTLP export requests that failed (each attempt).",
+            s.request_errors.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {family} {help}\n# TYPE {family} counter\n{family} {v}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP appproxy_otlp_queue_spans Spans waiting for the OTLP exporter.\n# TYPE appproxy_otlp_queue_spans gauge\nappproxy_otlp_queue_spans {}\n",
+        e.queued()
+    ));
+}
+
+/// The exporter thread: batch, send, repeat; ends when every sender is gone (after
+/// sending what is left).
+fn run(settings: &Settings, rx: &Receiver<SpanRecord>, stats: &Stats) {
+    let mut batch: Vec<SpanRecord> = Vec::with_capacity(settings.batch);
+    // Whether the last batch failed: a failure is logged when it starts and when
+    // it ends, not for every batch of an outage (the counters tell the rest).
+    let mut failing = false;
+    loop {
+        let first = match rx.recv() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        batch.push(first);
+        let deadline = Instant::now() + settings.flush;
+        let mut closed = false;
+        while batch.len() < settings.batch {
+            match rx.recv_deadline(deadline) {
+                Ok(r) => batch.push(r),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let ok = send_batch(settings, &batch, stats, failing);
+        if ok && failing {
+            tracing::info!("OTLP export works again");
+        }
+        failing = !ok;
+        batch.clear();
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Encodes and sends one batch, retrying transient failures a bounded number of
+/// times with a short backoff; `false` when the batch was dropped. The first
+/// failure of a run of them is logged (`failing`: the previous batch failed too).
+fn send_batch(settings: &Settings, batch: &[SpanRecord], stats: &Stats, failing: bool) -> bool {
+    let body = encode(&settings.service_name, batch);
+    let n = batch.len() as u64;
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 0..=settings.retries {
+        match post(&settings.endpoint, &body, settings.timeout) {
+            Ok(status) if (200..300).contains(&status) => {
+                stats.exported.fetch_add(n, Ordering::Relaxed);
+                return true;
+            }
+            Ok(status) => {
+                stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                let retryable = matches!(status, 429 | 502 | 503 | 504);
+                if !retryable || attempt == settings.retries {
+                    if !failing {
+                        tracing::warn!(
+                            status,
+                            spans = n,
+                            "OTLP collector refused a batch; dropped (appproxy_otlp_spans_failed_total counts the next ones)"
+                        );
+                    }
+                    break;
+                }
+            }
+            Err(e) => {
+                stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                if attempt == settings.retries {
+                    if !failing {
+                        tracing::warn!(
+                            error = %e,
+                            spans = n,
+                            "OTLP export failed; batch dropped (appproxy_otlp_spans_failed_total counts the next ones)"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    stats.failed.fetch_add(n, Ordering::Relaxed);
+    false
+}
+
+/// A string attribute.
+fn kv_str(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+fn kv_int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The OTLP span of a record.
+pub fn to_otlp(r: &SpanRecord) -> Span {
+    let mut attributes = Vec::with_capacity(12);
+    if let Some(id) = &r.request_id {
+        attributes.push(kv_str("request_id", id.as_str()));
+    }
+    if !r.method.is_empty() {
+        attributes.push(kv_str("http.request.method", r.method.as_str()));
+    }
+    if !r.path.is_empty() {
+        attributes.push(kv_str("url.path", r.path.as_str()));
+    }
+    if r.status != 0 {
+        attributes.push(kv_int("http.response.status_code", i64::from(r.status)));
+    }
+    for (key, v) in [
+        ("circuit", r.circuit),
+        ("user_id", r.user_id),
+        ("session_id", r.session_id),
+        ("endpoint_id", r.endpoint_id),
+    ] {
+        if let Some(v) = v {
+            attributes.push(kv_str(key, &v.hyphenated().to_string()));
+        }
+    }
+    if !r.access_key.is_empty() {
+        attributes.push(kv_str("access_key", r.access_key.as_str()));
+    }
+    if let Some(core) = r.core {
+        attributes.push(kv_int("core", i64::from(core)));
+    }
+    let name = if r.method.is_empty() {
+        r.name
+    } else {
+        r.method.as_str()
+    };
+    // Server spans are errors from 5xx on (a 4xx is the client's).
+    let status = (r.status >= 500).then(|| Status {
+        code: status::StatusCode::Error as i32,
+        ..Default::default()
+    });
+    Span {
+        trace_id: r.span.trace_id.to_bytes().to_vec(),
+        span_id: r.span.span_id.to_bytes().to_vec(),
+        parent_span_id: r
+            .span
+            .parent_span_id
+            .map(|p| p.to_bytes().to_vec())
+            .unwrap_or_default(),
+        flags: u32::from(r.span.flags),
+        name: name.to_owned(),
+        kind: match r.kind {
+            Kind::Server => span::SpanKind::Server,
+            Kind::Internal => span::SpanKind::Internal,
+        } as i32,
+        start_time_unix_nano: r.start_unix_nanos,
+        end_time_unix_nano: r.end_unix_nanos,
+        attributes,
+        status,
+        ..Default::default()
+    }
+}
+
+/// The protobuf body of one export request.
+pub fn encode(service_name: &str, batch: &[SpanRecord]) -> Vec<u8> {
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv_str("service.name", service_name)],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "appproxy".to_owned(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    ..Default::default()
+                }),
+                spans: batch.iter().map(to_otlp).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    request.encode_to_vec()
+}
+
+/// Why one export request failed.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    /// Name resolution found nothing.
+    #[error("cannot resolve the collector's host")]
+    Resolve,
+    /// Connect, write or read failed or timed out.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The response head did not come in time or was not HTTP.
+    #[error("no valid response from the collector in time")]
+    Response,
+}
+
+/// POSTs `body` and returns the response status. Every step is bounded by `timeout`
+/// (connect, each write and read) and the whole request by twice that; the
+/// connection is closed after the response head.
+fn post(endpoint: &Endpoint, body: &[u8], timeout: Duration) -> Result<u16, PostError> {
+    let deadline = Instant::now() + timeout * 2;
+    let addrs: Vec<SocketAddr> = (endpoint.host.as_str(), endpoint.port)
+        .to_socket_addrs()
+        .map_err(|_| PostError::Resolve)?
+        .collect();
+    let addr = addrs.first().ok_or(PostError::Resolve)?;
+    let mut stream = TcpStream::connect_timeout(addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let _ = stream.set_nodelay(true);
+    let host = if endpoint.host.contains(':') {
+        format!("[{}]:{}", endpoint.host, endpoint.port)
+    } else {
+        format!("{}:{}", endpoint.host, endpoint.port)
+    };
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nUser-Agent: appproxy/{}\r\nConnection: close\r\n\r\n",
+        endpoint.path,
+        body.len(),
+        env!("CARGO_PKG_VERSION"),
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    // Only the status line matters; read until it is complete, bounded in size and time.
+    let mut buf = [0u8; 1024];
+    let mut filled = 0;
+    loop {
+        if let Some(end) = buf[..filled].windows(2).position(|w| w == b"\r\n") {
+            return parse_status(&buf[..end]).ok_or(PostError::Response);
+        }
+        if filled == buf.len() || Instant::now() >= deadline {
+            return Err(PostError::Response);
+        }
+        let n = stream.read(&mut buf[filled..])?;
+        if n == 0 {
+            return Err(PostError::Response);
+        }
+        filled += n;
+    }
+}
+
+/// The status of an `HTTP/1.x NNN …` line.
+fn parse_status(line: &[u8]) -> Option<u16> {
+    let rest = line
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| line.strip_prefix(b"HTTP/1.0 "))?;
+    let code = rest.get(..3)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("http://collector:4318").expect("ok");
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("collector", 4318, "/v1/traces")
+        );
+        let e = Endpoint::parse("http://127.0.0.1/").expect("ok");
+        assert_eq!((e.port, e.path.as_str()), (4318, "/v1/traces"));
+        let e = Endpoint::parse("http://[::1]:9000/otlp/v1/traces").expect("ok");
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("::1", 9000, "/otlp/v1/traces")
+        );
+        for bad in [
+            "https://c:4318",
+            "c:4318",
+            "http://:1",
+            "http://c:0",
+            "http://u:p@c",
+            "http://c:x",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn inline_text_is_cut_at_a_character_boundary() {
+        assert_eq!(Inline::<4>::new("abcdef").as_str(), "abcd");
+        assert_eq!(Inline::<4>::new("abcé").as_str(), "abc");
+        assert_eq!(Inline::<8>::from_bytes(b"ab\xffcd").as_str(), "ab");
+    }
+
+    #[test]
+    fn a_record_stays_small() {
+        // The queue holds otlp_queue of these from the start (docs/tracing.md).
+        assert!(
+            std::mem::size_of::<SpanRecord>() <= 512,
+            "{}",
+            std::mem::size_of::<SpanRecord>()
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK"), Some(200));
+        assert_eq!(parse_status(b"HTTP/1.0 503"), Some(503));
+        assert_eq!(parse_status(b"SSH-2.0"), None);
+    }
+}

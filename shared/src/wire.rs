@@ -1,0 +1,559 @@
+//! The worker ⇄ coordinator contract as typed serde structs, used by both sides: the
+//! coordinator serializes what it answers and publishes, the worker's agent reads it
+//! (and the other way round for registrations and acknowledgements). The JSON is the
+//! original platform's where it has one; what the product adds (`revision`,
+//! `origins`, `removed`, `more`, `resync`, `node_id`) is summarised in
+//! `docs/wire.md`.
+//!
+//! - [`WorkerRegistration`] (`PUT /api/worker`), [`Registered`] and [`Heartbeat`]
+//!   (its `?brief=true` answers) and [`Success`] (`DELETE /api/worker/{id}`);
+//! - [`CircuitSet`]: a page of a worker's set or what changed in it
+//!   (`GET /api/worker/{id}/circuits?after=…` / `?since=…`);
+//! - [`EventKind`] and the event bodies of [`crate::model`] ([`CircuitsEvent`],
+//!   [`RouteUpdatedEvent`]), read through [`EventTarget`] when the full body does not
+//!   read;
+//! - acknowledgements: a [`CircuitsEvent`] with `failed` and `origin_request_ids`
+//!   (`appproxy_worker_circuit_added_event`);
+//! - [`AccessMark`]: last-access marks and request counts, with the Redis commands
+//!   that write them ([`MarkCommand`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::model::{
+    AppMode, Circuit, CircuitsEvent, FrontendMode, ProxyProtocol, RouteUpdatedEvent,
+    EVENT_CIRCUIT_CREATED, EVENT_CIRCUIT_REMOVED, EVENT_CIRCUIT_ROUTE_UPDATED,
+};
+
+/// A worker's registration (`PUT /api/worker`), in the original's shape plus
+/// `node_id` (which HA node of the authority registers). Keys a worker sends that
+/// this struct does not name are kept in `extra`, so a registration reads and writes
+/// back whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRegistration {
+    /// The worker's unique name (1–255 characters).
+    pub authority: String,
+    /// Port or wildcard.
+    pub frontend_mode: FrontendMode,
+    /// The worker's protocol (`http`).
+    #[serde(default)]
+    pub protocol: ProxyProtocol,
+    /// Where clients and the coordinator reach it.
+    pub hostname: String,
+    /// Whether the worker terminates TLS itself.
+    #[serde(default)]
+    pub tls_listen: bool,
+    /// Whether clients reach it over HTTPS (its own TLS or a terminator in front).
+    #[serde(default)]
+    pub tls_advertised: bool,
+    /// The worker's API port (`/setup`, wildcard traffic when it is the same).
+    #[serde(default)]
+    pub api_port: Option<u64>,
+    /// A port worker's frontend ports, inclusive.
+    #[serde(default)]
+    pub port_range: Option<[u16; 2]>,
+    /// A wildcard worker's domain (leading dot).
+    #[serde(default)]
+    pub wildcard_domain: Option<String>,
+    /// A wildcard worker's traffic port.
+    #[serde(default)]
+    pub wildcard_traffic_port: Option<u16>,
+    /// Which circuits it takes (absent or `null`: every kind).
+    #[serde(default = "every_traffic", deserialize_with = "traffics_or_every")]
+    pub accepted_traffics: Vec<AppMode>,
+    /// Whether it takes only circuits its `app_filters` match.
+    #[serde(default)]
+    pub filtered_apps_only: bool,
+    /// Placement filters (`{key, value}`), only ever added to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_filters: Option<Vec<AppFilter>>,
+    /// A Traefik worker's marker socket path (kept, never used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traefik_last_used_marker_path: Option<String>,
+    /// This node among the worker's HA nodes (stable across restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Keys not named above, kept as sent.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn every_traffic() -> Vec<AppMode> {
+    vec![AppMode::Interactive, AppMode::Inference]
+}
+
+fn traffics_or_every<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<AppMode>, D::Error> {
+    Ok(Option::<Vec<AppMode>>::deserialize(d)?.unwrap_or_else(every_traffic))
+}
+
+impl WorkerRegistration {
+    /// A port worker's frontend ports (`None` when absent or reversed).
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        self.port_range
+            .and_then(|[lo, hi]| (hi >= lo).then_some((lo, hi)))
+    }
+
+    /// Whether clients reach it over HTTPS (its own TLS or a terminator in front).
+    pub fn https(&self) -> bool {
+        self.tls_listen || self.tls_advertised
+    }
+}
+
+/// One placement filter of a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppFilter {
+    /// What it looks at (`session.domain_name`, …).
+    pub key: String,
+    /// The value it wants (a string, or any JSON value compared as text).
+    pub value: serde_json::Value,
+}
+
+/// The answer to a registration with `?brief=true` (a full answer, the
+/// `WorkerResponseModel`, reads as this too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The worker's ID: the path of its later calls.
+    pub id: Uuid,
+}
+
+/// The answer to a heartbeat (`PATCH /api/worker/{id}?brief=true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Always true (a refusal is an error answer).
+    #[serde(default)]
+    pub success: bool,
+    /// The worker's ID.
+    pub id: Uuid,
+}
+
+/// `{"success": true}` (deregistration, deletions).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Success {
+    /// Always true (a refusal is an error answer).
+    pub success: bool,
+}
+
+impl Success {
+    /// `{"success": true}`.
+    pub const YES: Self = Self { success: true };
+}
+
+/// How many circuits one page or change list carries at most.
+pub const MAX_CIRCUITS_PER_ANSWER: usize = 5_000;
+
+/// A page of a worker's set (`?after=<id>&limit=N`: `revision`, `circuits`,
+/// `origins`, `next`), what changed in it (`?since=R`: `revision`, `circuits`,
+/// `origins`, `removed`, `more`), or "read the whole set" (`revision`,
+/// `resync: true`). Circuits come in the wire shape with the request that created
+/// each beside them in `origins`.
+///
+/// `C` is the circuit type: [`Circuit`], or `serde_json::Value` to read an answer
+/// circuit by circuit when one of them does not read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CircuitSet<C = Circuit> {
+    /// The worker's revision the answer brings the reader to.
+    pub revision: u64,
+    /// Only the whole set will do (the change log no longer reaches `since`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync: bool,
+    /// New or changed circuits (absent in a resync answer).
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub circuits: Option<Vec<C>>,
+    /// The creating request of each circuit that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origins: Option<BTreeMap<Uuid, String>>,
+    /// A page's: where the next page starts (`null` on the last page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Option<Uuid>>,
+    /// A change list's: circuits removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Vec<Uuid>>,
+    /// A change list's: asking again from `revision` gives more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more: Option<bool>,
+}
+
+impl<C> CircuitSet<C> {
+    /// "Read the whole set": `{"revision","resync":true}`.
+    pub fn resync(revision: u64) -> Self {
+        Self {
+            revision,
+            resync: true,
+            circuits: None,
+            origins: None,
+            next: None,
+            removed: None,
+            more: None,
+        }
+    }
+
+    /// One page of the set; `next` is where the following one starts.
+    pub fn page(
+        revision: u64,
+        circuits: Vec<C>,
+        origins: BTreeMap<Uuid, String>,
+        next: Option<Uuid>,
+    ) -> Self {
+        Self {
+            revision,
+            resync: false,
+            circuits: Some(circuits),
+            origins: Some(origins),
+            next: Some(next),
+            removed: None,
+            more: None,
+        }
+    }
+
+    /// What changed after a revision.
+    pub fn changes(
+        revision: u64,
+        circuits: Vec<C>,
+        origins: BTreeMap<Uuid, String>,
+        removed: Vec<Uuid>,
+        more: bool,
+    ) -> Self {
+        Self {
+            revision,
+            resync: false,
+            circuits: Some(circuits),
+            origins: Some(origins),
+            next: None,
+            removed: Some(removed),
+            more: Some(more),
+        }
+    }
+
+    /// Where the next page starts, if there is one.
+    pub fn next_page(&self) -> Option<Uuid> {
+        self.next.flatten()
+    }
+}
+
+/// The whole set without a query (`GET /api/worker/{id}/circuits`, the original's
+/// call): every circuit with the request that created it inline, and the worker's
+/// `revision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WholeSet {
+    /// The circuits.
+    pub circuits: Vec<CircuitWithOrigin>,
+    /// The worker's revision.
+    pub revision: u64,
+}
+
+/// A circuit in the wire shape plus the ID of the request that created it (other
+/// readers ignore the extra field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CircuitWithOrigin {
+    /// The circuit.
+    #[serde(flatten)]
+    pub circuit: Circuit,
+    /// Its creating request, when known.
+    pub origin_request_id: Option<String>,
+}
+
+/// What a circuit event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Circuits created on the worker.
+    Created,
+    /// Circuits removed from the worker.
+    Removed,
+    /// A circuit's routes replaced.
+    RouteUpdated,
+}
+
+impl EventKind {
+    /// The platform's event name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Created => EVENT_CIRCUIT_CREATED,
+            Self::Removed => EVENT_CIRCUIT_REMOVED,
+            Self::RouteUpdated => EVENT_CIRCUIT_ROUTE_UPDATED,
+        }
+    }
+
+    /// The kind of the event named `name`, if it is a circuit event.
+    pub fn of_name(name: &str) -> Option<Self> {
+        match name {
+            EVENT_CIRCUIT_CREATED => Some(Self::Created),
+            EVENT_CIRCUIT_REMOVED => Some(Self::Removed),
+            EVENT_CIRCUIT_ROUTE_UPDATED => Some(Self::RouteUpdated),
+            _ => None,
+        }
+    }
+}
+
+/// A circuit event's body as the coordinator publishes it: [`CircuitsEvent`] for
+/// creations and removals, [`RouteUpdatedEvent`] for route updates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventBody {
+    /// `{"target_worker_authority","circuits"}`.
+    Circuits(CircuitsEvent),
+    /// `{"target_worker_authority","circuit","routes"}`.
+    RouteUpdated(Box<RouteUpdatedEvent>),
+}
+
+impl EventBody {
+    /// The body of a `kind` event about `circuits` for the worker `authority` (a
+    /// route update names its first circuit; `None` when it has none).
+    pub fn new(kind: EventKind, authority: &str, circuits: Vec<Circuit>) -> Option<Self> {
+        Some(match kind {
+            EventKind::RouteUpdated => {
+                let circuit = circuits.into_iter().next()?;
+                Self::RouteUpdated(Box::new(RouteUpdatedEvent {
+                    target_worker_authority: authority.to_owned(),
+                    routes: circuit.route_info.clone(),
+                    circuit,
+                }))
+            }
+            _ => Self::Circuits(CircuitsEvent::new(authority, circuits)),
+        })
+    }
+
+    /// Reads the body of the event `kind` from its JSON text: the circuits it is
+    /// about, as they are now (a route update's circuit carries its new routes).
+    pub fn read(
+        kind: EventKind,
+        payload: &str,
+    ) -> Result<(String, Vec<Circuit>), serde_json::Error> {
+        Ok(match kind {
+            EventKind::RouteUpdated => {
+                let e: RouteUpdatedEvent = serde_json::from_str(payload)?;
+                (e.target_worker_authority.clone(), vec![e.into_circuit()])
+            }
+            _ => {
+                let e: CircuitsEvent = serde_json::from_str(payload)?;
+                (e.target_worker_authority, e.circuits)
+            }
+        })
+    }
+}
+
+impl RouteUpdatedEvent {
+    /// The circuit with the event's routes (and the sessions behind them).
+    pub fn into_circuit(self) -> Circuit {
+        let mut circuit = self.circuit;
+        circuit.session_ids = self.routes.iter().map(|r| r.session_id).collect();
+        circuit.route_info = self.routes;
+        circuit
+    }
+}
+
+/// What every circuit event body says even when the rest does not read: whom it is
+/// for and which circuits it names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventTarget {
+    /// The worker the event is for.
+    pub target_worker_authority: String,
+    /// The circuits named (IDs only).
+    #[serde(default)]
+    pub circuits: Vec<CircuitRef>,
+}
+
+/// A circuit named by its ID only.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CircuitRef {
+    /// The circuit.
+    pub id: Uuid,
+}
+
+/// Marks of one circuit from one flush of a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessMark {
+    /// The circuit.
+    pub circuit: Uuid,
+    /// Its sessions (their `last_access` keys are marked too).
+    pub sessions: Vec<Uuid>,
+    /// Requests (and WebSocket connections) since the last flush.
+    pub requests: u64,
+    /// Unix time of the newest, in seconds.
+    pub last_access: f64,
+}
+
+/// Key TTL of last-access marks (2 days), as the original.
+pub const LAST_ACCESS_TTL_SECS: u64 = 172_800;
+/// Key TTL of request counters (1 hour), as the original.
+pub const REQUESTS_TTL_SECS: u64 = 3_600;
+
+/// One Redis command writing marks, with the original's keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MarkCommand {
+    /// `SET key value EX ttl`.
+    Set {
+        /// The key.
+        key: String,
+        /// The value (epoch seconds, six decimals).
+        value: String,
+        /// Seconds to live.
+        ttl: u64,
+    },
+    /// `INCRBY key by` then `EXPIRE key ttl`.
+    IncrBy {
+        /// The key.
+        key: String,
+        /// The increment.
+        by: u64,
+        /// Seconds to live.
+        ttl: u64,
+    },
+}
+
+/// The Redis key of a circuit's last access.
+pub fn circuit_last_access_key(circuit: Uuid) -> String {
+    format!("circuit.{circuit}.last_access")
+}
+
+/// The Redis key of a circuit's request count.
+pub fn circuit_requests_key(circuit: Uuid) -> String {
+    format!("circuit.{circuit}.requests")
+}
+
+impl AccessMark {
+    /// The commands writing this mark: `circuit.{id}.last_access` and
+    /// `session.{id}.last_access` (epoch-float text, `EX 172800`), then
+    /// `circuit.{id}.requests` (`INCRBY`, `EXPIRE 3600`) when it counts requests.
+    pub fn commands(&self) -> Vec<MarkCommand> {
+        let at = format!("{:.6}", self.last_access);
+        let mut out = Vec::with_capacity(self.sessions.len() + 2);
+        out.push(MarkCommand::Set {
+            key: circuit_last_access_key(self.circuit),
+            value: at.clone(),
+            ttl: LAST_ACCESS_TTL_SECS,
+        });
+        for s in &self.sessions {
+            out.push(MarkCommand::Set {
+                key: format!("session.{s}.last_access"),
+                value: at.clone(),
+                ttl: LAST_ACCESS_TTL_SECS,
+            });
+        }
+        if self.requests > 0 {
+            out.push(MarkCommand::IncrBy {
+                key: circuit_requests_key(self.circuit),
+                by: self.requests,
+                ttl: REQUESTS_TTL_SECS,
+            });
+        }
+        out
+    }
+}
+
+/// Adds the commands writing `marks` to `pipe` (results ignored): the one way both the
+/// coordinator and a worker write them.
+#[cfg(feature = "redis")]
+pub fn add_marks(pipe: &mut redis::Pipeline, marks: &[AccessMark]) {
+    for command in marks.iter().flat_map(AccessMark::commands) {
+        match command {
+            MarkCommand::Set { key, value, ttl } => {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+            }
+            MarkCommand::IncrBy { key, by, ttl } => {
+                pipe.cmd("INCRBY").arg(&key).arg(by).ignore();
+                pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_without_traffics_takes_every_kind_and_an_empty_list_none() {
+        let read = |traffics: &str| {
+            serde_json::from_str::<WorkerRegistration>(&format!(
+                r#"{{"authority":"w","frontend_mode":"port","hostname":"h"{traffics}}}"#
+            ))
+            .expect("reads")
+            .accepted_traffics
+        };
+        let every = vec![AppMode::Interactive, AppMode::Inference];
+        assert_eq!(read(""), every);
+        assert_eq!(read(r#","accepted_traffics":null"#), every);
+        assert_eq!(read(r#","accepted_traffics":[]"#), vec![]);
+        assert_eq!(
+            read(r#","accepted_traffics":["inference"]"#),
+            vec![AppMode::Inference]
+        );
+    }
+
+    #[test]
+    fn set_answers_keep_their_shapes() {
+        let resync = serde_json::to_value(CircuitSet::<Circuit>::resync(4)).expect("json");
+        assert_eq!(resync, serde_json::json!({"revision": 4, "resync": true}));
+        let none = CircuitSet::<Circuit>::changes(3, vec![], BTreeMap::new(), vec![], false);
+        assert_eq!(
+            serde_json::to_value(&none).expect("json"),
+            serde_json::json!({"revision": 3, "circuits": [], "origins": {}, "removed": [], "more": false})
+        );
+        let page = CircuitSet::<Circuit>::page(3, vec![], BTreeMap::new(), None);
+        assert_eq!(
+            serde_json::to_value(&page).expect("json"),
+            serde_json::json!({"revision": 3, "circuits": [], "origins": {}, "next": null})
+        );
+        let back: CircuitSet =
+            serde_json::from_str(r#"{"revision":4,"resync":true}"#).expect("read");
+        assert!(back.resync && back.circuits.is_none());
+    }
+
+    #[test]
+    fn a_whole_set_circuit_is_the_circuit_plus_its_origin() {
+        let circuit: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666", "port": 10205,
+            "allowed_client_ips": "10.0.0.0/8",
+            "route_info": [{"session_id": "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+                "kernel_host": "h", "kernel_port": 1}]
+        }))
+        .expect("circuit");
+        let mut expected = serde_json::to_value(&circuit).expect("json");
+        expected["origin_request_id"] = serde_json::json!("R");
+        let with = CircuitWithOrigin {
+            circuit: circuit.clone(),
+            origin_request_id: Some("R".into()),
+        };
+        assert_eq!(serde_json::to_value(&with).expect("json"), expected);
+        let back: CircuitWithOrigin = serde_json::from_value(expected).expect("read");
+        assert_eq!(back.circuit, circuit);
+    }
+
+    #[test]
+    fn registrations_keep_unknown_keys() {
+        let text = r#"{"authority":"w","frontend_mode":"port","hostname":"h","api_port":1,"port_range":[1,2],"future":7}"#;
+        let r: WorkerRegistration = serde_json::from_str(text).expect("read");
+        assert_eq!(r.port_range, Some([1, 2]));
+        assert_eq!(r.extra["future"], 7);
+        let again = serde_json::to_value(&r).expect("json");
+        assert_eq!(again["future"], 7);
+    }
+
+    #[test]
+    fn marks_write_the_originals_keys() {
+        let c = Uuid::nil();
+        let m = AccessMark {
+            circuit: c,
+            sessions: vec![c],
+            requests: 2,
+            last_access: 1.5,
+        };
+        let cmds = m.commands();
+        assert_eq!(cmds.len(), 3);
+        assert_eq!(
+            cmds[0],
+            MarkCommand::Set {
+                key: format!("circuit.{c}.last_access"),
+                value: "1.500000".into(),
+                ttl: LAST_ACCESS_TTL_SECS
+            }
+        );
+    }
+}

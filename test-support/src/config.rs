@@ -1,0 +1,72 @@
+//! A table-driven check of config-file refusals: each mistake, written to a file of
+//! its own, must be refused naming the file and carrying the expected fragments (key
+//! path, line, expectation, "did you mean"); an absent file must be refused as
+//! unreadable. The same for a binary at start-up.
+
+use std::path::Path;
+use std::process::Command;
+
+/// One mistake: what it is, the file's text, and fragments the refusal must carry.
+pub type Mistake = (&'static str, &'static str, &'static [&'static str]);
+
+/// Writes each of `cases` to a file named after `file` and the case, asks `parse` (the
+/// service's loader; `None` = accepted) and asserts the refusal names the file and
+/// carries every wanted fragment; then checks that a missing file is refused as
+/// unreadable.
+pub fn assert_mistakes_refused(
+    file: &str,
+    cases: &[Mistake],
+    parse: &dyn Fn(&Path) -> Option<String>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (what, text, wants) in cases {
+        let path = dir
+            .path()
+            .join(format!("{file}-{}.toml", what.replace(' ', "-")));
+        std::fs::write(&path, text).expect("write");
+        let err = parse(&path).unwrap_or_else(|| panic!("{file}: {what} accepted"));
+        assert!(
+            err.starts_with(&format!("invalid config {}: ", path.display())),
+            "{file}: {what}: {err:?} does not name the file"
+        );
+        for want in *wants {
+            assert!(err.contains(want), "{file}: {what}: {err:?} lacks {want:?}");
+        }
+    }
+    let missing = dir.path().join(format!("{file}-absent.toml"));
+    let err = parse(&missing).expect("unreadable");
+    assert!(
+        err.contains(&format!("cannot read config {}", missing.display())),
+        "{err}"
+    );
+}
+
+/// Starts `bin --config <file with text>` and asserts it exits 2 naming the file and
+/// carrying every wanted fragment on stderr; then the same with an absent file.
+pub fn assert_binary_refuses(bin: &str, text: &str, wants: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{bin}: {err}");
+    assert!(err.contains(&path.display().to_string()), "{bin}: {err}");
+    for want in wants {
+        assert!(err.contains(want), "{bin}: {err:?} lacks {want:?}");
+    }
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{bin}: {err}");
+    assert!(
+        err.contains("cannot read config") && err.contains("absent.toml"),
+        "{bin}: {err}"
+    );
+}
