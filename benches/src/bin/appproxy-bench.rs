@@ -50,6 +50,11 @@ struct Args {
     /// Use the worker binary as built; do not run cargo build.
     #[arg(long)]
     skip_build: bool,
+    /// A second worker binary (an earlier build) measured beside the current one in
+    /// every plain scenario, on the same CPUs with the same configuration: before and
+    /// after in one run.
+    #[arg(long)]
+    baseline_worker: Option<PathBuf>,
     /// Idle WebSocket sessions held for the memory scenario (each costs the proxy two
     /// descriptors: 9,000 fits a 20,000-descriptor hard limit; use 10,000 where the
     /// limit allows).
@@ -118,6 +123,9 @@ enum Target {
     WorkerTls,
     /// nginx terminating TLS with the same certificate (the TLS scenarios only).
     NginxTls,
+    /// The `--baseline-worker` binary, configured as [`Target::Worker`] on ports
+    /// [`BASELINE_OFFSET`] higher.
+    WorkerBaseline,
 }
 
 impl Target {
@@ -132,6 +140,7 @@ impl Target {
             Self::WorkerNoHist => "appproxy-worker, histograms off",
             Self::WorkerTls => "appproxy-worker, TLS",
             Self::NginxTls => "nginx, TLS",
+            Self::WorkerBaseline => "appproxy-worker, baseline",
         }
     }
 
@@ -142,6 +151,8 @@ impl Target {
 }
 
 const UPSTREAM_PORT: u16 = 19081;
+/// How far above the worker's ports the baseline worker listens.
+const BASELINE_OFFSET: u16 = 1000;
 const WORKER_PORT: u16 = 19083;
 const NGINX_PORT: u16 = 19082;
 const HAPROXY_PORT: u16 = 19084;
@@ -424,6 +435,36 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     )?;
     wait_port(WORKER_PORT, "appproxy-worker")?;
     servers.insert(Target::Worker, w);
+    // The baseline worker: the same configuration, every port shifted.
+    if let Some(bin) = &args.baseline_worker {
+        let conf = dir.path().join("worker-baseline.toml");
+        let mut text = std::fs::read_to_string(&worker_conf)?.replace(
+            &format!("127.0.0.1:{WORKER_ADMIN}"),
+            &format!("127.0.0.1:{}", WORKER_ADMIN + BASELINE_OFFSET),
+        );
+        for port in [
+            WORKER_PORT,
+            WS_WORKER_PORT,
+            IDLE_WORKER_PORT,
+            SSE_WORKER_PORT,
+            WORKER_GRPC_PORT,
+        ] {
+            text = text.replace(
+                &format!("\nport = {port}\n"),
+                &format!("\nport = {}\n", port + BASELINE_OFFSET),
+            );
+        }
+        std::fs::write(&conf, text)?;
+        let w = spawn(
+            "appproxy-worker (baseline)",
+            &proxy_cpus,
+            &bin.to_string_lossy(),
+            &["--config", &conf.to_string_lossy()],
+            &dir.path().join("worker-baseline.log"),
+        )?;
+        wait_port(WORKER_PORT + BASELINE_OFFSET, "appproxy-worker (baseline)")?;
+        servers.insert(Target::WorkerBaseline, w);
+    }
     // The same worker with request-ID handling off, for the request-ID scenario.
     let noids_conf = dir.path().join("worker-noids.toml");
     let text = std::fs::read_to_string(&worker_conf)?
@@ -652,6 +693,7 @@ fn port_of(t: Target) -> u16 {
         Target::WorkerNoHist => WORKER_NOHIST_PORT,
         Target::WorkerTls => WORKER_TLS_PORT,
         Target::NginxTls => NGINX_TLS_PORT,
+        Target::WorkerBaseline => WORKER_PORT + BASELINE_OFFSET,
     }
 }
 
@@ -840,6 +882,7 @@ fn ws_port_of(t: Target) -> u16 {
         Target::Nginx => WS_NGINX_PORT,
         Target::Haproxy => WS_HAPROXY_PORT,
         Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist => WS_WORKER_PORT,
+        Target::WorkerBaseline => WS_WORKER_PORT + BASELINE_OFFSET,
         // Not measured here (the WebSocket scenarios skip the TLS targets).
         Target::WorkerTls | Target::NginxTls => 0,
     }
@@ -951,6 +994,7 @@ fn sse_port_of(t: Target) -> u16 {
         }
         Target::Nginx => SSE_NGINX_PORT,
         Target::Haproxy => SSE_HAPROXY_PORT,
+        Target::WorkerBaseline => SSE_WORKER_PORT + BASELINE_OFFSET,
         // Not measured here (the SSE scenario skips the TLS targets).
         Target::WorkerTls | Target::NginxTls => 0,
     }
@@ -977,6 +1021,7 @@ fn h2_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
     }
     let targets: Vec<(Target, u16)> = [
         (Target::Worker, WORKER_PORT),
+        (Target::WorkerBaseline, WORKER_PORT + BASELINE_OFFSET),
         (Target::Nginx, NGINX_H2_PORT),
     ]
     .into_iter()
@@ -1019,6 +1064,7 @@ fn grpc_scenario(setup: &Setup, args: &Args) -> anyhow::Result<ScenarioResult> {
     targets.extend(
         [
             (Target::Worker, WORKER_GRPC_PORT),
+            (Target::WorkerBaseline, WORKER_GRPC_PORT + BASELINE_OFFSET),
             (Target::Nginx, NGINX_GRPC_PORT),
         ]
         .into_iter()

@@ -103,9 +103,14 @@ impl TunnelEnds<'_> {
         let log = |direction: &'static str| {
             let shared = &shared;
             move |count: u32| {
-                for _ in 0..count {
-                    let seq = shared.seq.get().wrapping_add(1);
-                    shared.seq.set(seq);
+                let last = shared.seq.get();
+                shared.seq.set(last.wrapping_add(count));
+                // The per-message lines are debug lines: with debug off, counting is all.
+                if !tracing::enabled!(tracing::Level::DEBUG) {
+                    return;
+                }
+                for i in 1..=count {
+                    let seq = last.wrapping_add(i);
                     if per_message {
                         let id = session.message_id(seq);
                         appproxy_shared::with_request_id(Some(id), || {
