@@ -1,7 +1,7 @@
 //! `appproxy-test-support`: what the test trees of every crate share (a
-//! dev-dependency only): a free loopback port, log capture, a raw HTTP/1.1 client, and
-//! throwaway PostgreSQL and Redis servers started from the installed binaries, and a
-//! strict reader of Prometheus text.
+//! dev-dependency only): a free loopback port, log capture, a raw HTTP/1.1 client,
+//! throwaway PostgreSQL and Redis servers started from the installed binaries, a
+//! strict reader of Prometheus text, and where a server a test started listens.
 
 pub mod config;
 pub mod http;
@@ -11,6 +11,7 @@ pub mod pg;
 pub mod prom;
 pub mod python;
 pub mod redis;
+pub mod serving;
 
 /// Ports handed out by [`free_port`] and [`free_range`]: below the kernel's ephemeral
 /// range (32768 and up on Linux), so neither an outgoing connection's source port nor

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use appproxy_test_support::serving;
 use common::{http, start_coordinator, start_worker, CoordinatorThread, Sink};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
@@ -78,10 +79,12 @@ impl WorkerProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_log(&self, needle: &str, n: usize) {
+    /// Waits for `n` lines with `needle`; fails at once when the process exits first.
+    fn wait_log(&mut self, needle: &str, n: usize) {
         // A hang guard only: generous, the machine may be shared.
         let deadline = Instant::now() + Duration::from_secs(90);
         while count(&self.logs(), needle) < n {
+            serving::assert_running(&mut self.child, "worker process", &self.log, 0);
             assert!(
                 Instant::now() < deadline,
                 "no {n}× {needle:?} in the worker log:\n{}",
@@ -242,18 +245,17 @@ fn metric(coord: SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
-/// A coordinator on a free port with this store, Redis and extra `[coordinator]`
-/// lines; returns it and its address.
+/// A coordinator on a port the kernel picks with this store, Redis and extra
+/// `[coordinator]` lines; returns it and its address.
 fn coordinator_on(database: &str, redis: &str, extra: &str) -> (CoordinatorThread, SocketAddr) {
-    let port = common::free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let c = start_coordinator(&coordinator_text(port, database, redis, extra), addr);
+    let c = start_coordinator(&coordinator_text(database, redis, extra));
+    let addr = c.addr;
     (c, addr)
 }
 
-fn coordinator_text(port: u16, database: &str, redis: &str, extra: &str) -> String {
+fn coordinator_text(database: &str, redis: &str, extra: &str) -> String {
     format!(
-        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n{extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n[redis]\nurl = \"{redis}\"\n"
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n[redis]\nurl = \"{redis}\"\n"
     )
 }
 
@@ -338,8 +340,8 @@ fn frozen_worker_costs_one_timeout_and_creations_go_elsewhere() {
     // overlap).
     let b1 = appproxy_test_support::free_range(2 * PORTS);
     let b2 = b1 + PORTS;
-    let w1 = WorkerProc::start(&worker_text("w1", b1, PORTS, coord, &redis.url()));
-    let w2 = WorkerProc::start(&worker_text("w2", b2, PORTS, coord, &redis.url()));
+    let mut w1 = WorkerProc::start(&worker_text("w1", b1, PORTS, coord, &redis.url()));
+    let mut w2 = WorkerProc::start(&worker_text("w2", b2, PORTS, coord, &redis.url()));
     w1.wait_log("deployment acknowledged", 1);
     w2.wait_log("deployment acknowledged", 1);
     wait_until("two alive workers", || {
@@ -631,7 +633,7 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
             w["nodes"].as_i64().unwrap_or(-1),
         )
     };
-    let w1 = WorkerProc::start(&text);
+    let mut w1 = WorkerProc::start(&text);
     w1.wait_log("deployment acknowledged", 1);
     assert_eq!(worker_state(), ("ALIVE".to_owned(), 1));
     let token = token(coord);
@@ -639,7 +641,7 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
 
     w1.signal("-KILL");
     drop(w1);
-    let w1 = WorkerProc::start(&text);
+    let mut w1 = WorkerProc::start(&text);
     w1.wait_log("deployment acknowledged", 1);
     assert_eq!(
         worker_state(),
@@ -669,16 +671,11 @@ fn losing_one_coordinator_of_a_pair_does_not_lose_the_worker() {
     logs();
     let redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let (port_a, port_b) = (common::free_port(), common::free_port());
-    let (a, b) = (
-        SocketAddr::from(([127, 0, 0, 1], port_a)),
-        SocketAddr::from(([127, 0, 0, 1], port_b)),
-    );
     let keys = "worker_ack_timeout_secs = 5.0\nworker_heartbeat_timeout_secs = 3\ncheck_worker_lost_interval_secs = 1";
     let database = format!("url = \"{}\"", pg.url());
     // B first, so that B holds the leader lease and runs the heartbeat check.
-    let coordinator_b =
-        start_coordinator(&coordinator_text(port_b, &database, &redis.url(), keys), b);
+    let coordinator_b = start_coordinator(&coordinator_text(&database, &redis.url(), keys));
+    let b = coordinator_b.addr;
     wait_until("B leads", || {
         Command::new("redis-cli")
             .args([
@@ -690,15 +687,15 @@ fn losing_one_coordinator_of_a_pair_does_not_lose_the_worker() {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
     });
-    let coordinator_a =
-        start_coordinator(&coordinator_text(port_a, &database, &redis.url(), keys), a);
+    let coordinator_a = start_coordinator(&coordinator_text(&database, &redis.url(), keys));
+    let a = coordinator_a.addr;
     const PORTS: u16 = 4;
     let base = appproxy_test_support::free_range(PORTS);
     let text = worker_text("w1", base, PORTS, a, &redis.url()).replace(
         &format!("url = \"http://{a}\""),
         &format!("url = [\"http://{a}\", \"http://{b}\"]"),
     );
-    let w1 = WorkerProc::start(&text);
+    let mut w1 = WorkerProc::start(&text);
     w1.wait_log("deployment acknowledged", 1);
     coordinator_a.stop();
     w1.wait_log("switched to another coordinator", 1);

@@ -89,14 +89,16 @@ fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
     let sink = common::capture_logs();
     let mut redis = common::redis::Redis::start();
     let pg = common::pg::Pg::start();
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coord_text = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\nworker_ack_timeout_secs = 5.0\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
-        pg.url(),
-        redis.url()
-    );
-    let coordinator = start_coordinator(&coord_text, coord);
+    // First on a port the kernel picks; the restart binds the same one (the worker
+    // knows the coordinator by it).
+    let (pg_url, redis_url) = (pg.url(), redis.url());
+    let coord_text = |bind: &str| {
+        format!(
+            "[coordinator]\nbind = \"{bind}\"\nworker_ack_timeout_secs = 5.0\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nurl = \"{pg_url}\"\n[redis]\nurl = \"{redis_url}\"\n"
+        )
+    };
+    let coordinator = start_coordinator(&coord_text("127.0.0.1:0"));
+    let coord = coordinator.addr;
     let base = appproxy_test_support::free_range(PORTS);
     let worker_text = format!(
         "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{base}, {}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\nheartbeat_secs = 1\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
@@ -159,7 +161,7 @@ fn redis_coordinator_and_worker_restarts_lose_no_circuit() {
 
     // The coordinator restarts: state intact, creations go on.
     coordinator.stop();
-    let coordinator = start_coordinator(&coord_text, coord);
+    let coordinator = start_coordinator(&coord_text(&coord.to_string()));
     assert_eq!(
         stored_ports(coord),
         stored,

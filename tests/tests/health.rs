@@ -211,16 +211,14 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
     let sink = common::capture_logs();
     let redis = common::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let coordinator = start_coordinator(
         &format!(
-            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n[health_check]\nrefresh_interval_secs = 0.2\nmin_interval_secs = 0.05\n",
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n[health_check]\nrefresh_interval_secs = 0.2\nmin_interval_secs = 0.05\n",
             dir.path().join("c.sqlite3").display(),
             redis.url()
         ),
-        coord,
     );
+    let coord = coordinator.addr;
     let port = common::free_port();
     let worker = start_worker(&format!(
         "[worker]\nauthority = \"w1\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
@@ -419,16 +417,14 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
 fn the_leader_announces_a_lost_worker_on_the_anycast_stream() {
     let redis = common::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let coordinator = start_coordinator(
         &format!(
-            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\nworker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n[health_check]\nevent_envelope = \"both\"\n",
+            "[coordinator]\nbind = \"127.0.0.1:0\"\nworker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n[health_check]\nevent_envelope = \"both\"\n",
             dir.path().join("c.sqlite3").display(),
             redis.url()
         ),
-        coord,
     );
+    let coord = coordinator.addr;
     let body = r#"{"authority":"gone-1","frontend_mode":"port","protocol":"http","hostname":"127.0.0.1","tls_listen":false,"tls_advertised":false,"api_port":10201,"port_range":[30000,30010],"accepted_traffics":["interactive","inference"],"filtered_apps_only":false}"#;
     let (status, _, text) = http(coord, &format!("PUT /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
     assert_eq!(status, 200, "{text}");

@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::store::Store;
@@ -119,15 +119,13 @@ fn a_large_set_deploys_page_by_page_then_only_what_changes() {
     });
     let (store, worker_id) = store;
 
-    let coord_port = common::free_port();
-    let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let coordinator = common::start_coordinator(
         &format!(
-            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
             db.display()
         ),
-        coord_addr,
     );
+    let coord_addr = coordinator.addr;
     let api_port = common::free_port();
     let worker = common::start_worker(&format!(
         "[worker]\nauthority = \"{authority}\"\ncores = 2\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {api_port}\nfrontend_mode = \"wildcard\"\nwildcard_domain = \"{DOMAIN}\"\nwildcard_traffic_port = {traffic}\n[coordinator]\nurl = \"http://{coord_addr}\"\npoll_interval_ms = 200\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n"

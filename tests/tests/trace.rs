@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use appproxy_test_support::serving;
 use common::{http, Sink};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -31,6 +32,11 @@ struct WorkerProc {
 }
 
 impl WorkerProc {
+    /// Fails at once, with its log, when the process has exited.
+    fn assert_running(&mut self) {
+        serving::assert_running(&mut self.child, "worker process", &self.log, 0);
+    }
+
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -131,16 +137,14 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         }
     });
 
-    let coord_port = common::free_port();
-    let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let coordinator = common::start_coordinator(
         &format!(
-            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
             dir.path().join("c.sqlite3").display(),
             redis.url()
         ),
-        coord_addr,
     );
+    let coord_addr = coordinator.addr;
 
     // The worker: its own process, tracing lines and access lines in one file; its
     // spans also go to a real OTLP receiver.
@@ -157,7 +161,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     let log = dir.path().join("worker.log");
     let out = std::fs::File::create(&log).expect("log");
     let err = out.try_clone().expect("log");
-    let worker = WorkerProc {
+    let mut worker = WorkerProc {
         child: Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
             .arg("--config")
             .arg(&path)
@@ -168,9 +172,11 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         log,
     };
     wait_until("the worker's subscription", || {
+        worker.assert_running();
         worker.logs().contains("subscribed to circuit events")
     });
     wait_until("the worker's registration", || {
+        worker.assert_running();
         let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
         body.contains("\"authority\":\"w1\"")
     });
@@ -199,6 +205,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     // The client's request, in the same trace (the manager's workflow goes on).
     let circuit_addr = SocketAddr::from(([127, 0, 0, 1], circuit_port));
     wait_until("the circuit's port", || {
+        worker.assert_running();
         TcpStream::connect(circuit_addr).is_ok()
     });
     let cookie = appproxy_dataplane::auth::permit_value(

@@ -35,10 +35,9 @@ fn open_tunnels_keep_marking_last_access() {
         }
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
+    // The embedded coordinator binds a port the kernel picks; the agent says which.
     let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
         dir.path().join("c.sqlite3").display()
     ))
     .expect("coordinator config");
@@ -53,8 +52,11 @@ fn open_tunnels_keep_marking_last_access() {
     let worker =
         appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
             .expect("worker");
-    appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
-        .expect("agent");
+    let coord =
+        appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
+            .expect("agent")
+            .coordinator
+            .expect("the embedded coordinator's address");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
         assert!(Instant::now() < deadline, "worker did not register");

@@ -4,6 +4,7 @@
 //! Every scenario runs on both engines: embedded SQLite and a throwaway PostgreSQL.
 
 use appproxy_test_support::http::Resp;
+use appproxy_test_support::serving;
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -79,7 +80,7 @@ fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
         .open(&log_path)
         .expect("log");
     // Lines of earlier runs in this directory are not this run's.
-    let skip = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let from = serving::log_end(&log_path);
     let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
         .arg("--config")
         .arg(dir.join("coordinator.toml"))
@@ -87,27 +88,8 @@ fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
         .stderr(Stdio::from(log))
         .spawn()
         .expect("start coordinator");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read(&log_path).unwrap_or_default();
-        let text = String::from_utf8_lossy(text.get(skip..).unwrap_or_default());
-        let serving = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["message"] == "coordinator serving")
-            .and_then(|l| l["addr"].as_str().and_then(|a| a.parse().ok()));
-        if let Some(addr) = serving {
-            return Coordinator { child, addr };
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("coordinator exited ({status}) before serving:\n{text}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "coordinator did not start:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let addr = serving::addr(&mut child, &log_path, from, "coordinator serving", "addr");
+    Coordinator { child, addr }
 }
 
 /// A JSON request to the coordinator.

@@ -72,15 +72,15 @@ fn probe_load_at_ten_thousand_routes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model_port = free_port();
     let _nginx = nginx(dir.path(), model_port);
-    let coord_port = free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
     let text = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"warn\"\n",
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"warn\"\n",
         dir.path().join("c.sqlite3").display()
     );
     let config: appproxy_coordinator::config::CoordinatorConfig =
         toml::from_str(&text).expect("config");
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The coordinator binds a port the kernel picks and says which (or why not).
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -88,17 +88,26 @@ fn probe_load_at_ten_thousand_routes() {
             .build()
             .expect("rt");
         rt.block_on(async move {
-            let _ = appproxy_coordinator::serve(&config, async {
-                let _ = stop_rx.await;
-            })
-            .await;
+            let c = match appproxy_coordinator::Coordinator::bind(&config).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
+            let _ = bound_tx.send(Ok(c.addr));
+            let _ = c
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
         });
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(coord).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let coord = match bound_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(e)) => panic!("coordinator did not start: {e}"),
+        Err(e) => panic!("coordinator did not start: {e}"),
+    };
     let auth = [
         ("X-BackendAI-Token", "api"),
         ("Content-Type", "application/json"),

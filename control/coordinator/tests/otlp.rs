@@ -6,12 +6,13 @@
 //! line, the API secret on none. A hung collector blocks no request: the export queue
 //! stays bounded and the drops are counted.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use appproxy_test_support::http::{free_port, request, Resp};
+use appproxy_test_support::http::{request, Resp};
 use appproxy_test_support::otlp as otlp_receiver;
+use appproxy_test_support::serving;
 use otlp_receiver::Receiver;
 
 const SECRET: &str = "api-secret-value";
@@ -35,35 +36,26 @@ impl Drop for Coordinator {
 }
 
 impl Coordinator {
-    /// The binary with SQLite and `telemetry` as its `[telemetry]` table.
+    /// The binary with SQLite and `telemetry` as its `[telemetry]` table, on a port
+    /// the kernel picks (learned from its "coordinator serving" line).
     fn start(telemetry: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let config = format!(
-            "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n[telemetry]\n{telemetry}\n",
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n[telemetry]\n{telemetry}\n",
             dir.path().join("c.sqlite3").display()
         );
         std::fs::write(dir.path().join("c.toml"), config).expect("config");
-        let log = std::fs::File::create(dir.path().join("c.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        let log_path = dir.path().join("c.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
             .arg("--config")
             .arg(dir.path().join("c.toml"))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start coordinator");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let c = Self { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not start:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        c
+        let addr = serving::addr(&mut child, &log_path, 0, "coordinator serving", "addr");
+        Self { child, addr, dir }
     }
 
     fn log(&self) -> String {

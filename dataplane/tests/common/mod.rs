@@ -348,7 +348,6 @@ impl Worker {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let aux_port = free_port();
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let routes: Vec<String> = opts
             .upstreams
             .iter()
@@ -369,7 +368,7 @@ port_range = [1024, 65535]
 {extra_worker}
 
 [admin]
-bind = "{admin}"
+bind = "127.0.0.1:0"
 {admin_extra}
 
 [logging]
@@ -416,14 +415,23 @@ route_info = [{routes}]
             }
             None => Command::new(env!("CARGO_BIN_EXE_appproxy-worker")),
         };
-        let child = command
+        let mut child = command
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
             .expect("start worker");
-        let w = Self {
+        // The admin endpoint on a port the kernel picks, learned from its serving line
+        // (circuit ports are the config's, so those are waited for).
+        let admin = appproxy_test_support::serving::addr(
+            &mut child,
+            &log,
+            0,
+            "admin endpoint serving /health and /metrics",
+            "admin",
+        );
+        let mut w = Self {
             child: Some(child),
             port,
             aux_port,
@@ -435,13 +443,18 @@ route_info = [{routes}]
         w
     }
 
-    fn wait_ready(&self) {
+    /// Waits until the admin and circuit ports accept; fails at once, with the log,
+    /// when the worker exits first (a port of its config taken, say).
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if TcpStream::connect(self.admin).is_ok()
                 && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             {
                 return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                appproxy_test_support::serving::assert_running(child, "worker", &self.log, 0);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -95,8 +95,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         }
     });
 
-    // The coordinator.
-    let coord_port = free_port();
+    // The coordinator, on a port the kernel picks.
     let database = match postgres_url {
         Some(url) => format!("url = \"{url}\""),
         None => format!(
@@ -105,33 +104,15 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         ),
     };
     let coord_text = format!(
-        "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis_table}"
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis_table}"
     );
-    let coord: appproxy_coordinator::config::CoordinatorConfig =
-        toml::from_str(&coord_text).expect("coordinator config");
-    let embedded_config = embedded.then(|| coord.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coord_thread = (!embedded).then(|| {
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("rt");
-            rt.block_on(async move {
-                let _ = appproxy_coordinator::serve(&coord, async {
-                    let _ = stop_rx.await;
-                })
-                .await;
-            });
-        })
+    let embedded_config = embedded.then(|| {
+        toml::from_str::<appproxy_coordinator::config::CoordinatorConfig>(&coord_text)
+            .expect("coordinator config")
     });
-    let coord_addr = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !embedded && TcpStream::connect(coord_addr).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let coordinator = (!embedded).then(|| start_coordinator(&coord_text));
+    // Where the embedded one serves is learned once the agent started it.
+    let logged_from = sink.0.lock().expect("sink").len();
 
     // The worker, managed.
     let circuit_port = free_port();
@@ -140,10 +121,9 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         .min(2);
     // Single node: the worker runs the coordinator itself (the file name is only
     // checked for presence here; the test hands the parsed config over directly).
-    let coordinator_link = if embedded {
-        "embedded = \"coordinator.toml\"".to_owned()
-    } else {
-        format!("url = \"http://127.0.0.1:{coord_port}\"")
+    let coordinator_link = match &coordinator {
+        Some(c) => format!("url = \"http://{}\"", c.addr),
+        None => "embedded = \"coordinator.toml\"".to_owned(),
     };
     let worker_redis = if embedded {
         String::new()
@@ -167,6 +147,15 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         worker.access_marks(),
     )
     .expect("agent");
+    let coord_addr = match &coordinator {
+        Some(c) => c.addr,
+        None => appproxy_test_support::serving::logged(
+            &sink,
+            logged_from,
+            "coordinator serving",
+            "addr",
+        ),
+    };
     assert_eq!(agent.coordinator, embedded.then_some(coord_addr));
 
     if let Some(line) = ready_log {
@@ -335,9 +324,8 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         assert_eq!(v["workers"][0]["nodes"], 0);
     }
     worker.stop();
-    let _ = stop_tx.send(());
-    if let Some(t) = coord_thread {
-        let _ = t.join();
+    if let Some(c) = coordinator {
+        c.stop();
     }
     let logs = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
     Observed { logs, api_call }
@@ -345,15 +333,22 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
 
 /// A coordinator on its own runtime thread.
 pub struct CoordinatorThread {
+    /// The address it serves on: the one it bound, learned, not chosen beforehand.
+    pub addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts a coordinator from a config text; returns once `addr` accepts.
-pub fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
+/// Starts a coordinator from a config text; returns once it listens, with the address
+/// it bound. Give its `bind` port 0 so that the kernel picks a free port (a port
+/// chosen beforehand can be taken by another process first); a restart that must
+/// keep the address binds the port the first start learned. Panics with the reason
+/// when it cannot start.
+pub fn start_coordinator(text: &str) -> CoordinatorThread {
     let config: appproxy_coordinator::config::CoordinatorConfig =
         toml::from_str(text).expect("config");
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -361,21 +356,39 @@ pub fn start_coordinator(text: &str, addr: SocketAddr) -> CoordinatorThread {
             .build()
             .expect("rt");
         rt.block_on(async move {
-            if let Err(e) = appproxy_coordinator::serve(&config, async {
-                let _ = stop_rx.await;
-            })
-            .await
+            let c = match appproxy_coordinator::Coordinator::bind(&config).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
+            let _ = bound_tx.send(Ok(c.addr));
+            if let Err(e) = c
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
             {
                 panic!("coordinator: {e:#}");
             }
         });
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(10));
+    // Bound means listening: connections wait in its backlog until it accepts them.
+    match bound_rx.recv_timeout(appproxy_test_support::serving::DEADLINE) {
+        Ok(Ok(addr)) => CoordinatorThread { addr, stop, thread },
+        Ok(Err(e)) => panic!("coordinator did not start: {e}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("coordinator thread ended before binding"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!(
+                "coordinator did not bind within {:?}",
+                appproxy_test_support::serving::DEADLINE
+            )
+        }
     }
-    CoordinatorThread { stop, thread }
 }
 
 impl CoordinatorThread {

@@ -1,14 +1,14 @@
 //! The storage-proxy test harness shared by the storage test files: a real
-//! `appproxy-storage-proxy` process on free ports with a throwaway volume, and the
-//! manager-API calls the tests make.
+//! `appproxy-storage-proxy` process on ports the kernel picks (learned from its
+//! serving line) with a throwaway volume, and the manager-API calls the tests make.
 
 #![allow(dead_code)]
 
-use appproxy_test_support::http::{free_port, request, Resp};
+use appproxy_test_support::http::{request, Resp};
+use appproxy_test_support::serving;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The manager API token of every test proxy.
 pub const TOKEN: &str = "manager-secret";
@@ -37,36 +37,34 @@ impl Proxy {
 
     pub fn start_with(extra_storage: &str, extra_tables: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (m, c) = (free_port(), free_port());
         let config = format!(
-            "[storage]\nmanager_bind = \"127.0.0.1:{m}\"\nclient_bind = \"127.0.0.1:{c}\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
+            "[storage]\nmanager_bind = \"127.0.0.1:0\"\nclient_bind = \"127.0.0.1:0\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
             dir.path().join("vol").display()
         );
         std::fs::write(dir.path().join("storage.toml"), config).expect("config");
-        let log = std::fs::File::create(dir.path().join("storage.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
+        let log_path = dir.path().join("storage.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
             .arg("--config")
             .arg(dir.path().join("storage.toml"))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start storage-proxy");
-        let p = Self {
+        // Both APIs on ports the kernel picks, learned from the serving line.
+        let addrs = serving::addrs(
+            &mut child,
+            &log_path,
+            0,
+            "storage-proxy serving",
+            &["manager", "client"],
+        );
+        Self {
             child,
-            manager: ([127, 0, 0, 1], m).into(),
-            client: ([127, 0, 0, 1], c).into(),
+            manager: addrs[0],
+            client: addrs[1],
             dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(p.manager).is_err() || TcpStream::connect(p.client).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "storage-proxy did not start: {}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        p
     }
 
     pub fn log(&self) -> String {
