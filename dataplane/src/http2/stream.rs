@@ -34,7 +34,8 @@ use crate::http::encode::{self, TraceHeaders};
 use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
-use crate::proxy::{self, Failure, HeadFailure};
+use crate::proxy::retry::{self, Attempt, Retry};
+use crate::proxy::{self, Failure};
 use crate::relay::ReadBuf;
 
 /// Read buffer towards an HTTP/1.1 app.
@@ -638,8 +639,7 @@ async fn forward_h1(
     let head = req.head;
     let mut addr = pick(core, route, None)?;
     let has_body = head.framing != BodyFraming::Length(0);
-    let retryable = head.method.is_idempotent() && !has_body;
-    let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
+    let (mut upstream, reused) = match core.pool.take(addr, core.reactor.now()) {
         Some(c) => {
             core.metrics.add(counter::POOL_HIT, 1);
             (c, true)
@@ -667,16 +667,25 @@ async fn forward_h1(
     );
     let mut ubuf = PooledBuf::take();
     let mut bytes_in = 0u64;
+    // The retry rule is the HTTP/1.1 exchange's ([`retry::may_retry`]): the head is
+    // kept in `out` until the response head arrived, so a bodiless idempotent request
+    // on a dead pooled connection is sent again, once, on a fresh one.
+    let mut attempt = Attempt {
+        reused,
+        replayable: retry::replayable(head.method, has_body),
+        response_started: false,
+    };
     let resp = loop {
         upstream.set_timeout(rt.body_idle_timeout);
         let wrote = upstream.write_all(&out).await;
         if let Err(e) = wrote {
-            if reused && retryable {
-                reused = false;
+            let err = ProxyError::UpstreamClosed(e);
+            if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
+                attempt.reused = false;
                 upstream = connect_again(core, route, addr).await?;
                 continue;
             }
-            return Err(Fail::Answer(ProxyError::UpstreamClosed(e)));
+            return Err(Fail::Answer(err));
         }
         if has_body {
             bytes_in = send_body_h1(ctx, &upstream, &mut body, head.framing).await?;
@@ -706,13 +715,20 @@ async fn forward_h1(
         }
         match outcome {
             Ok(r) => break r,
-            Err(HeadFailure::Closed(_)) if reused && retryable => {
-                reused = false;
-                upstream = connect_again(core, route, addr).await?;
-            }
             Err(f) => {
+                let retry = f.retry();
+                let err = f.into_error();
+                let started = Attempt {
+                    response_started: !ubuf.is_empty(),
+                    ..attempt
+                };
+                if retry::may_retry(err.fault(), retry, started) {
+                    attempt.reused = false;
+                    upstream = connect_again(core, route, addr).await?;
+                    continue;
+                }
                 proxy::note_health(core, route, addr, false);
-                return Err(Fail::Answer(f.into_error()));
+                return Err(Fail::Answer(err));
             }
         }
     };
