@@ -31,7 +31,7 @@ use super::{within, ConnCtx, StreamGuard};
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
 use crate::http::encode::{self, TraceHeaders};
-use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
 use crate::proxy::retry::{self, Attempt, Retry};
@@ -295,24 +295,6 @@ impl<'a> Line<'a> {
     }
 }
 
-/// A refusal's status, code and message.
-struct Refusal {
-    status: u16,
-    code: &'static str,
-    message: String,
-}
-
-impl From<ProxyError> for Refusal {
-    fn from(e: ProxyError) -> Self {
-        let (status, code) = e.status_and_code();
-        Self {
-            status,
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     ctx: &Rc<ConnCtx>,
@@ -347,21 +329,17 @@ async fn serve_stream(
                 && !route.circuit.allowed.iter().any(|n| n.contains(ip)) =>
         {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
-            Some(Refusal {
+            Some(Refusal::from(crate::auth::Refused {
                 status: 403,
                 code: "forbidden",
-                message: "client address not allowed".into(),
-            })
+                message: "client address not allowed",
+            }))
         }
         Ok(_) => proxy::check_credentials(core, req.buf, head, &route)
             .err()
             .map(|r| {
                 tracing::info!(code = r.code, reason = r.message, "credentials refused");
-                Refusal {
-                    status: r.status,
-                    code: r.code,
-                    message: r.message.into(),
-                }
+                Refusal::from(r)
             }),
     };
     if let Some(r) = refusal {
@@ -468,8 +446,9 @@ fn id_header(id: &RequestId) -> Option<HeaderValue> {
     HeaderValue::from_bytes(id.as_bytes()).ok()
 }
 
-/// Sends one of the proxy's own answers (JSON, or a trailers-only gRPC status) and
-/// logs the stream.
+/// Sends one of the proxy's own answers (the HTTP/1.1 path's [`Refusal`] and JSON
+/// body, or a trailers-only gRPC status), counted like every refusal, and logs the
+/// stream.
 async fn refuse(
     ctx: &ConnCtx,
     respond: &mut SendResponse<Bytes>,
@@ -510,12 +489,11 @@ async fn refuse(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(secs) = r.retry_after {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         let mut body = String::with_capacity(128);
-        body.push_str("{\"error\":\"");
-        appproxy_shared::telemetry::push_json_escaped(&mut body, &r.message);
-        body.push_str("\",\"code\":\"");
-        appproxy_shared::telemetry::push_json_escaped(&mut body, r.code);
-        body.push_str(&format!("\",\"request_id\":\"{id}\"}}"));
+        encode::error_body(&mut body, r.code, &r.message, id);
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         bytes_out = body.len() as u64;
         if let Ok(mut send) = respond.send_response(resp, false) {
@@ -523,9 +501,7 @@ async fn refuse(
             let _ = send.send_data(Bytes::from(body), true);
         }
     }
-    core.metrics.status(r.status);
-    core.metrics.add(counter::PROXY_ERRORS, 1);
-    core.metrics.error_code(r.code);
+    core.count_refusal(r);
     core.record(&AccessEntry {
         request_id: id,
         circuit,
