@@ -10,7 +10,9 @@
 //! - proxy-made errors by code;
 //! - per circuit, when `[admin] per_circuit_metrics` opts in: requests by status class
 //!   and a duration histogram, for at most `per_circuit_metrics_max` circuits per core
-//!   (the rest are summed under `circuit="other"`), so cardinality stays bounded.
+//!   (the rest are summed under `circuit="other"`), so cardinality stays bounded;
+//! - worker-wide, outside the cores: circuits deployed, and the Redis event
+//!   subscription's reconnections ([`note_redis_reconnect`], counted by the agent).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -718,9 +720,24 @@ impl SharedMetrics {
             "# HELP appproxy_circuits Circuits deployed now.\n# TYPE appproxy_circuits gauge\nappproxy_circuits {}\n",
             self.circuits.load(Ordering::Relaxed)
         );
+        let _ = write!(
+            out,
+            "# HELP appproxy_worker_redis_reconnects_total Reconnections of the Redis event subscription: failed tries and dropped subscriptions.\n# TYPE appproxy_worker_redis_reconnects_total counter\nappproxy_worker_redis_reconnects_total {}\n",
+            REDIS_RECONNECTS.load(Ordering::Relaxed)
+        );
         render_process(&mut out);
         out
     }
+}
+
+/// Reconnections of the worker's Redis event subscription (one per failed try or
+/// dropped subscription), process-wide: the subscription runs on the agent's thread,
+/// outside every core.
+static REDIS_RECONNECTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one reconnection of the Redis event subscription.
+pub fn note_redis_reconnect() {
+    REDIS_RECONNECTS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Process metrics: resident memory and descriptors against their limit.
