@@ -89,6 +89,9 @@ pub enum Counter {
     TimeoutTunnelIdle,
     /// A client's TLS handshake did not complete within the head timeout.
     TimeoutTlsHandshake,
+    /// The TLS handshake to an app that serves HTTPS did not complete within
+    /// `[timeouts] upstream_connect_secs` (502).
+    TimeoutUpstreamTlsHandshake,
 }
 
 /// Number of counters.
@@ -96,7 +99,7 @@ pub const N_COUNTERS: usize = Counter::ALL.len();
 
 impl Counter {
     /// Every counter, in index order (checked by a test: `ALL[i] as usize == i`).
-    pub const ALL: [Counter; Counter::TimeoutTlsHandshake as usize + 1] = [
+    pub const ALL: [Counter; Counter::TimeoutUpstreamTlsHandshake as usize + 1] = [
         Counter::Requests1xx,
         Counter::Requests2xx,
         Counter::Requests3xx,
@@ -129,6 +132,7 @@ impl Counter {
         Counter::TimeoutUpstreamHead,
         Counter::TimeoutTunnelIdle,
         Counter::TimeoutTlsHandshake,
+        Counter::TimeoutUpstreamTlsHandshake,
     ];
 
     /// How this counter is exposed: the one place its name, kind and help are kept.
@@ -166,6 +170,7 @@ impl Counter {
             Counter::TimeoutUpstreamHead => spec_timeout("upstream_head"),
             Counter::TimeoutTunnelIdle => spec_timeout("tunnel_idle"),
             Counter::TimeoutTlsHandshake => spec_timeout("tls_handshake"),
+            Counter::TimeoutUpstreamTlsHandshake => spec_timeout("upstream_tls_handshake"),
         }
     }
 }
@@ -191,7 +196,7 @@ const fn spec_timeout(kind: &'static str) -> Spec {
     Spec {
         family: "appproxy_timeouts_total",
         kind: Kind::Counter,
-        help: "Timeouts by kind: client_head, client_body (stalled), client_body_rate (below the minimum rate), upstream_connect, upstream_head, tunnel_idle, tls_handshake.",
+        help: "Timeouts by kind: client_head, client_body (stalled), client_body_rate (below the minimum rate), upstream_connect, upstream_head, tunnel_idle, tls_handshake (client), upstream_tls_handshake (to an app serving HTTPS).",
         label: Some(("kind", kind)),
     }
 }
@@ -272,6 +277,8 @@ pub mod counter {
     pub const TIMEOUT_TUNNEL_IDLE: usize = Counter::TimeoutTunnelIdle as usize;
     /// Client TLS handshakes that timed out.
     pub const TIMEOUT_TLS_HANDSHAKE: usize = Counter::TimeoutTlsHandshake as usize;
+    /// Upstream TLS handshakes cut by the connect timeout.
+    pub const TIMEOUT_UPSTREAM_TLS_HANDSHAKE: usize = Counter::TimeoutUpstreamTlsHandshake as usize;
 }
 
 /// Upper bounds of the histogram buckets, in microseconds (then `+Inf`).
@@ -450,7 +457,7 @@ impl CoreMetrics {
     /// Zeroed metrics.
     pub fn new(per_circuit: PerCircuit) -> Self {
         Self {
-            counters: Default::default(),
+            counters: std::array::from_fn(|_| Cell::new(0)),
             request_duration: Histogram::default(),
             upstream_head: Histogram::default(),
             errors: RefCell::new(Vec::new()),
@@ -567,7 +574,7 @@ impl SharedMetrics {
                 .iter()
                 .map(|&cpu| CoreRow {
                     cpu,
-                    counters: Default::default(),
+                    counters: std::array::from_fn(|_| AtomicU64::new(0)),
                     detail: Mutex::new(Detail::default()),
                 })
                 .collect(),
