@@ -10,7 +10,9 @@
 //! - proxy-made errors by code;
 //! - per circuit, when `[admin] per_circuit_metrics` opts in: requests by status class
 //!   and a duration histogram, for at most `per_circuit_metrics_max` circuits per core
-//!   (the rest are summed under `circuit="other"`), so cardinality stays bounded.
+//!   (the rest are summed under `circuit="other"`), so cardinality stays bounded;
+//! - worker-wide, outside the cores: circuits deployed, and the Redis event
+//!   subscription's reconnections ([`note_redis_reconnect`], counted by the agent).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -87,6 +89,9 @@ pub enum Counter {
     TimeoutTunnelIdle,
     /// A client's TLS handshake did not complete within the head timeout.
     TimeoutTlsHandshake,
+    /// The TLS handshake to an app that serves HTTPS did not complete within
+    /// `[timeouts] upstream_connect_secs` (502).
+    TimeoutUpstreamTlsHandshake,
 }
 
 /// Number of counters.
@@ -94,7 +99,7 @@ pub const N_COUNTERS: usize = Counter::ALL.len();
 
 impl Counter {
     /// Every counter, in index order (checked by a test: `ALL[i] as usize == i`).
-    pub const ALL: [Counter; Counter::TimeoutTlsHandshake as usize + 1] = [
+    pub const ALL: [Counter; Counter::TimeoutUpstreamTlsHandshake as usize + 1] = [
         Counter::Requests1xx,
         Counter::Requests2xx,
         Counter::Requests3xx,
@@ -127,6 +132,7 @@ impl Counter {
         Counter::TimeoutUpstreamHead,
         Counter::TimeoutTunnelIdle,
         Counter::TimeoutTlsHandshake,
+        Counter::TimeoutUpstreamTlsHandshake,
     ];
 
     /// How this counter is exposed: the one place its name, kind and help are kept.
@@ -164,6 +170,7 @@ impl Counter {
             Counter::TimeoutUpstreamHead => spec_timeout("upstream_head"),
             Counter::TimeoutTunnelIdle => spec_timeout("tunnel_idle"),
             Counter::TimeoutTlsHandshake => spec_timeout("tls_handshake"),
+            Counter::TimeoutUpstreamTlsHandshake => spec_timeout("upstream_tls_handshake"),
         }
     }
 }
@@ -189,7 +196,7 @@ const fn spec_timeout(kind: &'static str) -> Spec {
     Spec {
         family: "appproxy_timeouts_total",
         kind: Kind::Counter,
-        help: "Timeouts by kind: client_head, client_body (stalled), client_body_rate (below the minimum rate), upstream_connect, upstream_head, tunnel_idle, tls_handshake.",
+        help: "Timeouts by kind: client_head, client_body (stalled), client_body_rate (below the minimum rate), upstream_connect, upstream_head, tunnel_idle, tls_handshake (client), upstream_tls_handshake (to an app serving HTTPS).",
         label: Some(("kind", kind)),
     }
 }
@@ -270,6 +277,8 @@ pub mod counter {
     pub const TIMEOUT_TUNNEL_IDLE: usize = Counter::TimeoutTunnelIdle as usize;
     /// Client TLS handshakes that timed out.
     pub const TIMEOUT_TLS_HANDSHAKE: usize = Counter::TimeoutTlsHandshake as usize;
+    /// Upstream TLS handshakes cut by the connect timeout.
+    pub const TIMEOUT_UPSTREAM_TLS_HANDSHAKE: usize = Counter::TimeoutUpstreamTlsHandshake as usize;
 }
 
 /// Upper bounds of the histogram buckets, in microseconds (then `+Inf`).
@@ -448,7 +457,7 @@ impl CoreMetrics {
     /// Zeroed metrics.
     pub fn new(per_circuit: PerCircuit) -> Self {
         Self {
-            counters: Default::default(),
+            counters: std::array::from_fn(|_| Cell::new(0)),
             request_duration: Histogram::default(),
             upstream_head: Histogram::default(),
             errors: RefCell::new(Vec::new()),
@@ -565,7 +574,7 @@ impl SharedMetrics {
                 .iter()
                 .map(|&cpu| CoreRow {
                     cpu,
-                    counters: Default::default(),
+                    counters: std::array::from_fn(|_| AtomicU64::new(0)),
                     detail: Mutex::new(Detail::default()),
                 })
                 .collect(),
@@ -718,9 +727,24 @@ impl SharedMetrics {
             "# HELP appproxy_circuits Circuits deployed now.\n# TYPE appproxy_circuits gauge\nappproxy_circuits {}\n",
             self.circuits.load(Ordering::Relaxed)
         );
+        let _ = write!(
+            out,
+            "# HELP appproxy_worker_redis_reconnects_total Reconnections of the Redis event subscription: failed tries and dropped subscriptions.\n# TYPE appproxy_worker_redis_reconnects_total counter\nappproxy_worker_redis_reconnects_total {}\n",
+            REDIS_RECONNECTS.load(Ordering::Relaxed)
+        );
         render_process(&mut out);
         out
     }
+}
+
+/// Reconnections of the worker's Redis event subscription (one per failed try or
+/// dropped subscription), process-wide: the subscription runs on the agent's thread,
+/// outside every core.
+static REDIS_RECONNECTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one reconnection of the Redis event subscription.
+pub fn note_redis_reconnect() {
+    REDIS_RECONNECTS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Process metrics: resident memory and descriptors against their limit.

@@ -1,6 +1,7 @@
 //! Hostile suite, class "resource exhaustion": slow and stalled request bodies are
 //! cut with 408 and hold no upstream connection before their first byte; the
-//! connection cap per core refuses (503, counted, logged once per burst); the cap per
+//! connection cap per core refuses (the usual JSON 503 with `Retry-After`, counted
+//! like every proxy answer, logged once per burst); the cap per
 //! upstream answers 503 instead of opening more; and under a real, low descriptor
 //! limit (`RLIMIT_NOFILE` of the worker process lowered with `prlimit(2)`), a local
 //! `EMFILE` is a 503 `out_of_descriptors` that never marks a healthy app unhealthy,
@@ -211,6 +212,67 @@ fn connection_cap_refuses_counts_and_logs_once_per_burst() {
     assert_eq!(c.expect("admitted").get("/again", "").status, 200);
     w.wait_log("end of burst", |v| {
         v["message"] == "connection cap: accepting again after refusing connections"
+    });
+}
+
+#[test]
+fn the_cap_refusal_is_the_proxys_usual_answer_and_counted_like_one() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 1\n".into(),
+        ..Default::default()
+    });
+    // An exchange's own refusal, for comparison (it closes its connection).
+    let mut first = Client::connect(w.addr());
+    first.send(b"GET /x HTTP/1.1\r\nHost: t\r\nExpect: nonsense\r\n\r\n");
+    let usual = first.response();
+    assert_json_error(&usual, 417, "expectation_failed");
+    drop(first);
+    // One connection holds the core's only slot.
+    let mut held = None;
+    eventually("a connection is admitted", || {
+        held = admitted(&w);
+        held.is_some()
+    });
+    // The connection over the cap gets the same answer's shape: JSON with the same
+    // fields, the request ID echoed, closed, and told when to try again.
+    let mut c = Client::connect(w.addr());
+    let r = c.response();
+    assert_json_error(&r, 503, "connection_limit");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    let names = |r: &common::Response| {
+        let mut n: Vec<String> = r
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .filter(|n| n != "retry-after" && n != "connection")
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&r), names(&usual));
+    let keys = |r: &common::Response| {
+        let mut k: Vec<String> = r
+            .json()
+            .as_object()
+            .expect("a JSON object")
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&r), keys(&usual));
+    assert!(c.is_closed());
+    // Counted like every proxy answer: the status class, the error total, the code.
+    eventually("the cap refusal is counted as a proxy answer", || {
+        let text = w.admin_get("/metrics").text();
+        text.contains("appproxy_proxy_errors_by_code_total{code=\"connection_limit\"} 1")
+            && text.contains("appproxy_requests_total{core=\"0\",status=\"5xx\"} 1")
+            && metric(&w, "appproxy_proxy_errors_total") == 2
+            && metric(&w, "appproxy_connections_refused_total") == 1
     });
 }
 

@@ -4,6 +4,8 @@
 //! logs every raw byte it receives on each connection. Each test asserts what the
 //! app saw — exactly one well-framed request per forwarded stream, nothing smuggled,
 //! no injected header — and what the client got (400, stream reset or GOAWAY).
+//! Also: a stream whose pooled app connection dies under it follows the HTTP/1.1
+//! retry rule (a bodiless GET is sent again on a fresh connection, a body is not).
 
 mod common;
 
@@ -155,8 +157,47 @@ fn status(p: &[u8]) -> u16 {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        // The same, Huffman-coded (h2 does so when shorter, as for `502`).
+        Some(&b) if b & 0x0f == 8 && p.len() >= 2 && p[1] & 0x80 != 0 => {
+            let n = usize::from(p[1] & 0x7f);
+            p.get(2..2 + n).and_then(huffman_digits).unwrap_or(0)
+        }
         _ => 0,
     }
+}
+
+/// Decodes a Huffman-coded (RFC 7541 Appendix B) run of decimal digits: `0`–`2` are
+/// the 5-bit codes `00000`–`00010`, `3`–`9` the 6-bit `011001`–`011111`; the rest
+/// is padding (all ones).
+fn huffman_digits(bytes: &[u8]) -> Option<u16> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let value = |from: usize, n: usize| {
+        bits.get(from..from + n)
+            .map(|b| b.iter().fold(0u8, |v, &x| (v << 1) | x))
+    };
+    let (mut at, mut out) = (0, 0u16);
+    while at < bits.len() {
+        if bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        match value(at, 5)? {
+            d @ 0..=2 => {
+                out = out * 10 + u16::from(d);
+                at += 5;
+            }
+            _ => match value(at, 6)? {
+                d @ 25..=31 => {
+                    out = out * 10 + u16::from(d - 22);
+                    at += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
 }
 
 /// An app that records every raw byte of every connection and answers each complete
@@ -855,4 +896,106 @@ fn trailers_to_and_from_an_http2_app_follow_the_http1_rules() {
     assert!(text.starts_with("http/2 200"), "{text}");
     assert!(text.contains("x-checksum: 42"), "{text}");
     assert!(!text.contains("stolen") && !text.contains("evil"), "{text}");
+}
+
+/// An app whose kept-alive connections die under the next request: each connection
+/// answers its first request (keep-alive), then reads the second whole and closes
+/// without a byte. Records `(connection number, request line)` for every request.
+struct DiesOnReuse {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(usize, String)>>>,
+}
+
+impl DiesOnReuse {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (n, s) in l.incoming().enumerate() {
+                let Ok(s) = s else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || Self::serve(n, s, &log));
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn serve(conn: usize, mut s: TcpStream, log: &Mutex<Vec<(usize, String)>>) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+        let mut all = Vec::new();
+        let mut buf = [0u8; 16384];
+        let mut answered = 0usize;
+        loop {
+            while let Some(k) = frame_request(&all[answered..]) {
+                let text = String::from_utf8_lossy(&all[answered..answered + k]).into_owned();
+                let line = text.lines().next().unwrap_or_default().to_owned();
+                let first = log.lock().expect("log").iter().all(|(c, _)| *c != conn);
+                log.lock().expect("log").push((conn, line));
+                if !first {
+                    // The second request on this connection: close, never answer.
+                    return;
+                }
+                answered += k;
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    fn seen(&self) -> Vec<(usize, String)> {
+        self.seen.lock().expect("log").clone()
+    }
+}
+
+#[test]
+fn a_dead_pooled_connection_is_retried_by_the_one_rule() {
+    let app = DiesOnReuse::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    });
+    let get = |path: &str| {
+        one(
+            &w,
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &req("GET", path, &[])),
+        )
+    };
+    // The first stream opens app connection 0, which is pooled after its answer.
+    assert_eq!(get("/one"), Outcome::Status(200));
+    // The next takes it from the pool; the app closes it under the request: a
+    // bodiless GET on a reused connection is sent again, once, on a fresh one.
+    assert_eq!(get("/two"), Outcome::Status(200));
+    assert_eq!(
+        app.seen(),
+        vec![
+            (0, "GET /one HTTP/1.1".to_owned()),
+            (0, "GET /two HTTP/1.1".to_owned()),
+            (1, "GET /two HTTP/1.1".to_owned()),
+        ]
+    );
+    // Connection 1 is pooled now; a request with a body on it is not replayable:
+    // its death is the client's 502, and the app saw it once.
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &req("POST", "/three", &[(b"content-length", b"5")]),
+    );
+    f.extend(frame(DATA, END_STREAM, 1, b"hello"));
+    assert_eq!(one(&w, &f), Outcome::Status(502));
+    let posts: Vec<_> = app
+        .seen()
+        .into_iter()
+        .filter(|(_, line)| line.starts_with("POST"))
+        .collect();
+    assert_eq!(posts, vec![(1, "POST /three HTTP/1.1".to_owned())]);
 }

@@ -1,7 +1,8 @@
 //! TLS termination on the worker with real clients: rustls, `curl` and
 //! `openssl s_client` against a PKI the test makes; HTTP/1.1, WebSocket (wss) and
 //! raw TCP circuits over TLS; TLS 1.2 and 1.3, ALPN, SNI, session resumption shared
-//! by the cores, certificate reload on SIGHUP; start-up errors naming the file.
+//! by the cores, certificate reload on SIGHUP; start-up errors naming the file; TLS to
+//! apps serving HTTPS (checked or not, a stalled handshake counted as a timeout).
 
 mod common;
 #[path = "common/tls.rs"]
@@ -613,6 +614,51 @@ fn upstream_https_checked_against_the_ca_or_not_when_the_circuit_says_so() {
         out.contains("/nonexistent/ca.pem") && out.contains("tls_ca"),
         "{out}"
     );
+}
+
+#[test]
+fn a_stalled_upstream_tls_handshake_is_counted_as_a_timeout() {
+    // The app accepts TCP and never answers the worker's ClientHello.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = silent.local_addr().expect("addr");
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            if held_tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: "[timeouts]\nupstream_connect_secs = 1\n".into(),
+        ..Default::default()
+    });
+    route_tls(&w, "insecure");
+    let r = common::Client::connect(w.addr()).get("/stalled", "");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["code"], "upstream_connect_failed");
+    // The app did get the connection (and the ClientHello) and said nothing.
+    let mut held = held_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the worker connected to the app");
+    let mut hello = [0u8; 1];
+    held.read_exact(&mut hello).expect("a ClientHello arrived");
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    assert!(w.log_text().contains("upstream TLS handshake failed"));
+    // Counted by kind: the TLS handshake to the app, not the TCP connect.
+    let line = |kind: &str| format!("appproxy_timeouts_total{{core=\"0\",kind=\"{kind}\"}} ");
+    let value = |text: &str, kind: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line(kind)))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    common::eventually("the upstream TLS handshake timeout is counted", || {
+        value(&w.admin_get("/metrics").text(), "upstream_tls_handshake") == Some(1)
+    });
+    let text = w.admin_get("/metrics").text();
+    assert_eq!(value(&text, "upstream_connect"), Some(0), "{text}");
+    assert_eq!(value(&text, "tls_handshake"), Some(0), "{text}");
 }
 
 #[test]

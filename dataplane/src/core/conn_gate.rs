@@ -1,6 +1,7 @@
 //! The per-core connection gate: the cap on open client connections, the refusal at
-//! the cap (a best-effort 503 on HTTP frontends), and the once-per-burst accounting of
-//! refused connections, failed accepts and local connect failures.
+//! the cap (a best-effort 503 on HTTP frontends, the proxy's usual JSON refusal,
+//! written and counted by the common refusal path), and the once-per-burst accounting
+//! of refused connections, failed accepts and local connect failures.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -9,6 +10,8 @@ use std::rc::Rc;
 use appproxy_shared::RequestId;
 
 use super::{counter, Core};
+use crate::http::encode;
+use crate::http::error::{ProxyError, Refusal};
 use crate::io::{CountGuard, TcpConn};
 
 /// The per-core connection cap: how many client connections are open, how many may
@@ -68,9 +71,6 @@ impl ConnGate {
     }
 }
 
-/// The proxy's answer to a connection refused at the cap (HTTP frontends only).
-const REFUSED_HEAD: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\n";
-
 impl Core {
     /// Decides whether a just-accepted connection on `port` may be served: below the
     /// cap it is registered with the reactor and holds a unit of the open count for
@@ -126,17 +126,15 @@ impl Core {
         });
         // Over TLS a plaintext answer would be garbage to the client: it is just closed.
         if !raw_tcp && self.rt.tls.is_none() {
+            // The proxy's own answer, written and counted like every other refusal.
             let id = RequestId::generate(self.rt.id_version);
-            let body = format!(
-                "{{\"error\":\"too many connections on this worker, retry later\",\"code\":\"connection_limit\",\"request_id\":\"{id}\"}}"
-            );
-            let answer = format!(
-                "{REFUSED_HEAD}{}: {id}\r\nContent-Length: {}\r\n\r\n{body}",
-                appproxy_shared::header::PRIMARY_HEADER,
-                body.len()
-            );
+            let r = Refusal::from(ProxyError::ConnectionLimit);
+            let mut answer = Vec::with_capacity(256);
+            encode::refusal_response(&mut answer, &r, &id, true);
             // One non-blocking write into an empty send buffer; never waited on.
-            let _ = std::io::Write::write(&mut &*stream, answer.as_bytes());
+            let sent = std::io::Write::write(&mut &*stream, &answer).unwrap_or(0);
+            self.count_refusal(&r);
+            self.metrics.add(counter::BYTES_OUT, sent as u64);
         }
         None
     }

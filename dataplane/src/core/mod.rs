@@ -107,6 +107,15 @@ impl Core {
         }
     }
 
+    /// Counts one of the proxy's own answers, whichever path sent it (HTTP/1.1
+    /// exchange, HTTP/2 stream, connection cap): its status class, the proxy-error
+    /// total and its code (a timeout code also by kind).
+    pub fn count_refusal(&self, r: &crate::http::error::Refusal) {
+        self.metrics.status(r.status);
+        self.metrics.add(counter::PROXY_ERRORS, 1);
+        self.metrics.error_code(r.code);
+    }
+
     /// Records a finished exchange: metrics (duration, per-circuit row) and the
     /// access line.
     pub fn record(&self, e: &AccessEntry<'_>) {

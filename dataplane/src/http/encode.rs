@@ -1,5 +1,6 @@
 //! Writing heads: the request forwarded to the app, the response relayed to the
-//! client, and the proxy's own JSON error responses.
+//! client, and the proxy's own JSON error responses (every refusal, HTTP/1.1 or the
+//! body of an HTTP/2 one).
 //!
 //! Every head is written here from the parsed message, never copied raw: the request
 //! line and status line are rebuilt, the framing headers are written for the hop they
@@ -24,7 +25,7 @@ use std::ops::Range;
 use appproxy_shared::header::header_rank;
 use appproxy_shared::RequestId;
 
-use super::error::reason;
+use super::error::{reason, Refusal};
 use super::parse::{name_is, BodyFraming, HeaderField, RequestHead, ResponseHead, Version};
 
 /// Headers that apply to one hop only (RFC 9110 §7.6.1, plus the legacy
@@ -421,19 +422,47 @@ pub fn error_response(
     id: &RequestId,
     close: bool,
 ) {
-    let mut body = String::with_capacity(128);
+    write_error(out, status, code, message, id, close, None);
+}
+
+/// Appends a [`Refusal`] as an HTTP/1.1 response (with `Retry-After` when it says
+/// so): the one way the proxy's own HTTP/1.1 answers are written.
+pub fn refusal_response(out: &mut Vec<u8>, r: &Refusal, id: &RequestId, close: bool) {
+    write_error(out, r.status, r.code, &r.message, id, close, r.retry_after);
+}
+
+/// The JSON body of every proxy-made answer, HTTP/1.1 or HTTP/2:
+/// `{"error":…,"code":…,"request_id":…}`.
+pub fn error_body(body: &mut String, code: &str, message: &str, id: &RequestId) {
     body.push_str("{\"error\":\"");
-    appproxy_shared::telemetry::push_json_escaped(&mut body, message);
+    appproxy_shared::telemetry::push_json_escaped(body, message);
     body.push_str("\",\"code\":\"");
-    appproxy_shared::telemetry::push_json_escaped(&mut body, code);
+    appproxy_shared::telemetry::push_json_escaped(body, code);
     let _ = write!(body, "\",\"request_id\":\"{id}\"}}");
+}
+
+fn write_error(
+    out: &mut Vec<u8>,
+    status: u16,
+    code: &str,
+    message: &str,
+    id: &RequestId,
+    close: bool,
+    retry_after: Option<u32>,
+) {
+    let mut body = String::with_capacity(128);
+    error_body(&mut body, code, message, id);
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}",
         reason(status),
         body.len(),
         if close { "Connection: close\r\n" } else { "" }
     );
+    if let Some(secs) = retry_after {
+        let _ = write!(out, "Retry-After: {secs}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
 }
 

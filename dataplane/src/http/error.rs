@@ -1,4 +1,9 @@
-//! Typed errors of the HTTP layer and the one place where they become status codes.
+//! Typed errors of the HTTP layer and the one place where they become status codes,
+//! and [`Refusal`]: one of the proxy's own answers (status, code, message), whatever
+//! refused — an exchange on HTTP/1.1, a stream on HTTP/2, the connection cap — so
+//! every answer is written by [`super::encode::refusal_response`] (HTTP/1.1) or with
+//! its body ([`super::encode::error_body`], HTTP/2) and counted by
+//! [`crate::core::Core::count_refusal`].
 //!
 //! Every error says who is at fault ([`Fault`]): a client error is a 4xx and closes
 //! the connection when framing is in doubt; an upstream error is a 502/504 and discards
@@ -123,6 +128,10 @@ pub enum ProxyError {
     /// The upstream already has as many connections from this core as allowed.
     #[error("upstream connection limit reached")]
     UpstreamBusy,
+    /// The core is at its cap of open client connections (`[limits]
+    /// max_connections_per_core`): the connection is answered and closed.
+    #[error("too many connections on this worker, retry later")]
+    ConnectionLimit,
 }
 
 impl RequestError {
@@ -179,7 +188,10 @@ impl ProxyError {
             | Self::UpstreamTimeout
             | Self::UpstreamResponse(_)
             | Self::UpstreamClosed(_) => Fault::Upstream,
-            Self::Draining | Self::LocalResources(_) | Self::UpstreamBusy => Fault::Internal,
+            Self::Draining
+            | Self::LocalResources(_)
+            | Self::UpstreamBusy
+            | Self::ConnectionLimit => Fault::Internal,
         }
     }
 
@@ -200,6 +212,16 @@ impl ProxyError {
             }
             Self::LocalResources(_) => (503, "local_resources_exhausted"),
             Self::UpstreamBusy => (503, "upstream_connection_limit"),
+            Self::ConnectionLimit => (503, "connection_limit"),
+        }
+    }
+
+    /// Seconds after which the client may try again (`Retry-After`), when the
+    /// refusal says so.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::ConnectionLimit => Some(1),
+            _ => None,
         }
     }
 
@@ -207,6 +229,53 @@ impl ProxyError {
     /// doubt, or the body was not read).
     pub fn closes_connection(&self) -> bool {
         matches!(self, Self::Request(_))
+    }
+}
+
+/// One of the proxy's own answers: what every refusal path writes and counts.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// Status code.
+    pub status: u16,
+    /// Machine-readable code (the JSON body's `code`).
+    pub code: &'static str,
+    /// Human-readable reason (never includes client bytes).
+    pub message: String,
+    /// Whether the refusal leaves the request's framing in doubt (an HTTP/1.1
+    /// connection closes after it).
+    pub closes: bool,
+    /// `Retry-After` seconds, when the client may simply try again.
+    pub retry_after: Option<u32>,
+}
+
+impl From<&ProxyError> for Refusal {
+    fn from(err: &ProxyError) -> Self {
+        let (status, code) = err.status_and_code();
+        Self {
+            status,
+            code,
+            message: err.to_string(),
+            closes: err.closes_connection(),
+            retry_after: err.retry_after(),
+        }
+    }
+}
+
+impl From<ProxyError> for Refusal {
+    fn from(err: ProxyError) -> Self {
+        Self::from(&err)
+    }
+}
+
+impl From<crate::auth::Refused> for Refusal {
+    fn from(r: crate::auth::Refused) -> Self {
+        Self {
+            status: r.status,
+            code: r.code,
+            message: r.message.into(),
+            closes: false,
+            retry_after: None,
+        }
     }
 }
 

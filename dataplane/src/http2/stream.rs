@@ -31,10 +31,11 @@ use super::{within, ConnCtx, StreamGuard};
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
 use crate::http::encode::{self, TraceHeaders};
-use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
-use crate::proxy::{self, Failure, HeadFailure};
+use crate::proxy::retry::{self, Attempt, Retry};
+use crate::proxy::{self, Failure};
 use crate::relay::ReadBuf;
 
 /// Read buffer towards an HTTP/1.1 app.
@@ -294,24 +295,6 @@ impl<'a> Line<'a> {
     }
 }
 
-/// A refusal's status, code and message.
-struct Refusal {
-    status: u16,
-    code: &'static str,
-    message: String,
-}
-
-impl From<ProxyError> for Refusal {
-    fn from(e: ProxyError) -> Self {
-        let (status, code) = e.status_and_code();
-        Self {
-            status,
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     ctx: &Rc<ConnCtx>,
@@ -346,21 +329,17 @@ async fn serve_stream(
                 && !route.circuit.allowed.iter().any(|n| n.contains(ip)) =>
         {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
-            Some(Refusal {
+            Some(Refusal::from(crate::auth::Refused {
                 status: 403,
                 code: "forbidden",
-                message: "client address not allowed".into(),
-            })
+                message: "client address not allowed",
+            }))
         }
         Ok(_) => proxy::check_credentials(core, req.buf, head, &route)
             .err()
             .map(|r| {
                 tracing::info!(code = r.code, reason = r.message, "credentials refused");
-                Refusal {
-                    status: r.status,
-                    code: r.code,
-                    message: r.message.into(),
-                }
+                Refusal::from(r)
             }),
     };
     if let Some(r) = refusal {
@@ -467,8 +446,9 @@ fn id_header(id: &RequestId) -> Option<HeaderValue> {
     HeaderValue::from_bytes(id.as_bytes()).ok()
 }
 
-/// Sends one of the proxy's own answers (JSON, or a trailers-only gRPC status) and
-/// logs the stream.
+/// Sends one of the proxy's own answers (the HTTP/1.1 path's [`Refusal`] and JSON
+/// body, or a trailers-only gRPC status), counted like every refusal, and logs the
+/// stream.
 async fn refuse(
     ctx: &ConnCtx,
     respond: &mut SendResponse<Bytes>,
@@ -509,12 +489,11 @@ async fn refuse(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(secs) = r.retry_after {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         let mut body = String::with_capacity(128);
-        body.push_str("{\"error\":\"");
-        appproxy_shared::telemetry::push_json_escaped(&mut body, &r.message);
-        body.push_str("\",\"code\":\"");
-        appproxy_shared::telemetry::push_json_escaped(&mut body, r.code);
-        body.push_str(&format!("\",\"request_id\":\"{id}\"}}"));
+        encode::error_body(&mut body, r.code, &r.message, id);
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         bytes_out = body.len() as u64;
         if let Ok(mut send) = respond.send_response(resp, false) {
@@ -522,9 +501,7 @@ async fn refuse(
             let _ = send.send_data(Bytes::from(body), true);
         }
     }
-    core.metrics.status(r.status);
-    core.metrics.add(counter::PROXY_ERRORS, 1);
-    core.metrics.error_code(r.code);
+    core.count_refusal(r);
     core.record(&AccessEntry {
         request_id: id,
         circuit,
@@ -638,8 +615,7 @@ async fn forward_h1(
     let head = req.head;
     let mut addr = pick(core, route, None)?;
     let has_body = head.framing != BodyFraming::Length(0);
-    let retryable = head.method.is_idempotent() && !has_body;
-    let (mut upstream, mut reused) = match core.pool.take(addr, core.reactor.now()) {
+    let (mut upstream, reused) = match core.pool.take(addr, core.reactor.now()) {
         Some(c) => {
             core.metrics.add(counter::POOL_HIT, 1);
             (c, true)
@@ -667,16 +643,25 @@ async fn forward_h1(
     );
     let mut ubuf = PooledBuf::take();
     let mut bytes_in = 0u64;
+    // The retry rule is the HTTP/1.1 exchange's ([`retry::may_retry`]): the head is
+    // kept in `out` until the response head arrived, so a bodiless idempotent request
+    // on a dead pooled connection is sent again, once, on a fresh one.
+    let mut attempt = Attempt {
+        reused,
+        replayable: retry::replayable(head.method, has_body),
+        response_started: false,
+    };
     let resp = loop {
         upstream.set_timeout(rt.body_idle_timeout);
         let wrote = upstream.write_all(&out).await;
         if let Err(e) = wrote {
-            if reused && retryable {
-                reused = false;
+            let err = ProxyError::UpstreamClosed(e);
+            if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
+                attempt.reused = false;
                 upstream = connect_again(core, route, addr).await?;
                 continue;
             }
-            return Err(Fail::Answer(ProxyError::UpstreamClosed(e)));
+            return Err(Fail::Answer(err));
         }
         if has_body {
             bytes_in = send_body_h1(ctx, &upstream, &mut body, head.framing).await?;
@@ -706,13 +691,20 @@ async fn forward_h1(
         }
         match outcome {
             Ok(r) => break r,
-            Err(HeadFailure::Closed(_)) if reused && retryable => {
-                reused = false;
-                upstream = connect_again(core, route, addr).await?;
-            }
             Err(f) => {
+                let retry = f.retry();
+                let err = f.into_error();
+                let started = Attempt {
+                    response_started: !ubuf.is_empty(),
+                    ..attempt
+                };
+                if retry::may_retry(err.fault(), retry, started) {
+                    attempt.reused = false;
+                    upstream = connect_again(core, route, addr).await?;
+                    continue;
+                }
                 proxy::note_health(core, route, addr, false);
-                return Err(Fail::Answer(f.into_error()));
+                return Err(Fail::Answer(err));
             }
         }
     };

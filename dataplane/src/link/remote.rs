@@ -368,7 +368,8 @@ impl RedisLink {
 
 /// Listens on the coordinator's broadcast channel, reconnecting forever (capped
 /// backoff, [`appproxy_shared::pubsub`]); every circuit event for this worker, and
-/// every (re)subscription (which may have missed some), becomes a [`Notice`].
+/// every (re)subscription (which may have missed some), becomes a [`Notice`]; every
+/// reconnection is counted (`appproxy_worker_redis_reconnects_total`).
 async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::UnboundedSender<Notice>) {
     appproxy_shared::pubsub::Follow::new(&url, &[BROADCAST_CHANNEL], "circuit events")
         .run(
@@ -385,7 +386,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                     None => true,
                 }
             },
-            || {},
+            crate::metrics::note_redis_reconnect,
         )
         .await;
 }

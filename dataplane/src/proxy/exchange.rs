@@ -20,7 +20,7 @@ use super::{connect, connect_route, note_health, read_response_head, MAX_INTERIM
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::{counter, AccessEntry, Core, Route};
 use crate::http::encode::{self, ClientFraming, TraceHeaders};
-use crate::http::error::{ProxyError, RequestError, ResponseError};
+use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
 use crate::relay::{self, Mode, RelayError, RelayOpts, Trailers};
@@ -122,41 +122,6 @@ impl Exchange {
             bytes_out: bytes.1,
             upstream,
             started: self.started,
-        }
-    }
-}
-
-/// One of the proxy's own answers.
-pub(super) struct Refusal {
-    /// Status and machine code.
-    status: u16,
-    code: &'static str,
-    /// Human-readable reason (never includes client bytes).
-    message: String,
-    /// Whether the refusal leaves the request's framing in doubt (the connection
-    /// closes after it).
-    closes: bool,
-}
-
-impl From<&ProxyError> for Refusal {
-    fn from(err: &ProxyError) -> Self {
-        let (status, code) = err.status_and_code();
-        Self {
-            status,
-            code,
-            message: err.to_string(),
-            closes: err.closes_connection(),
-        }
-    }
-}
-
-impl From<crate::auth::Refused> for Refusal {
-    fn from(r: crate::auth::Refused) -> Self {
-        Self {
-            status: r.status,
-            code: r.code,
-            message: r.message.into(),
-            closes: false,
         }
     }
 }
@@ -374,12 +339,10 @@ impl Client {
         let core = &self.core;
         let out = &mut self.out;
         out.clear();
-        encode::error_response(out, r.status, r.code, &r.message, entry.request_id, close);
+        encode::refusal_response(out, r, entry.request_id, close);
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(out).await;
-        core.metrics.status(r.status);
-        core.metrics.add(counter::PROXY_ERRORS, 1);
-        core.metrics.error_code(r.code);
+        core.count_refusal(r);
         core.metrics.add(counter::BYTES_OUT, out.len() as u64);
         core.record(&AccessEntry {
             bytes_out: out.len() as u64,

@@ -41,7 +41,7 @@ pub mod upstream;
 pub(crate) use retry::{Failure, Left};
 pub(crate) use upstream::{
     connect, connect_alpn, connect_route, note_health, read_response_head, ConnectError,
-    HeadFailure, MAX_INTERIM,
+    MAX_INTERIM,
 };
 
 /// Initial size of each read buffer; heads grow it up to the head limit.

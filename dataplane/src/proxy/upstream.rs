@@ -118,6 +118,9 @@ pub(crate) async fn connect_alpn(
                 conn.set_deadline(Some(Instant::now() + core.rt.connect_timeout));
                 if let Err(e) = conn.handshake().await {
                     tracing::warn!(upstream = %addr, name = %name, error = %e, "upstream TLS handshake failed");
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        core.metrics.add(counter::TIMEOUT_UPSTREAM_TLS_HANDSHAKE, 1);
+                    }
                     return Err(ConnectError::Upstream(e));
                 }
                 conn.set_deadline(None);

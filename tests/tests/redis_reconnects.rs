@@ -1,0 +1,89 @@
+//! The worker counts its Redis event subscription's reconnections: with a real
+//! coordinator (SQLite store) and a real Redis started here, Redis is restarted under
+//! a subscribed worker; the worker subscribes again and its admin `/metrics` shows
+//! `appproxy_worker_redis_reconnects_total` gone up. (Its own test binary: the
+//! counter is process-wide, as a worker process has one subscription.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{http, start_coordinator, start_worker, Sink};
+
+fn count(sink: &Sink, needle: &str) -> usize {
+    String::from_utf8_lossy(&sink.0.lock().expect("sink"))
+        .matches(needle)
+        .count()
+}
+
+fn wait_for(sink: &Sink, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(sink, needle) < n {
+        assert!(Instant::now() < deadline, "no {n}× {needle:?} in the logs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The worker's reconnect counter as its admin endpoint exports it (with its
+/// `# HELP` and `# TYPE` lines).
+fn reconnects(admin: SocketAddr) -> u64 {
+    let (status, _, text) = http(
+        admin,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("# HELP appproxy_worker_redis_reconnects_total ")
+            && text.contains("# TYPE appproxy_worker_redis_reconnects_total counter\n"),
+        "{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("appproxy_worker_redis_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no reconnect counter in /metrics:\n{text}"))
+}
+
+#[test]
+fn a_redis_restart_is_counted_as_a_reconnect() {
+    let sink = common::capture_logs();
+    let mut redis = common::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord_port = common::free_port();
+    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
+    let coordinator = start_coordinator(
+        &format!(
+            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+            dir.path().join("c.sqlite3").display(),
+            redis.url()
+        ),
+        coord,
+    );
+    let port = common::free_port();
+    let worker = start_worker(&format!(
+        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        common::free_port(),
+        redis.url()
+    ));
+    let admin = appproxy_dataplane::admin::spawn(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        worker.worker.metrics.clone(),
+        appproxy_dataplane::admin::HealthInfo {
+            cores: 1,
+            liveness: worker.worker.liveness.clone(),
+            board: worker.worker.board.clone(),
+        },
+    )
+    .expect("admin");
+    wait_for(&sink, "subscribed to circuit events", 1);
+    let before = reconnects(admin);
+    assert_eq!(before, 0, "a first subscription is no reconnect");
+
+    redis.restart();
+    // The dropped subscription is noticed and replaced.
+    wait_for(&sink, "subscribed to circuit events", 2);
+    let after = reconnects(admin);
+    assert!(after > before, "reconnects {before} → {after}");
+    worker.stop();
+    coordinator.stop();
+}
