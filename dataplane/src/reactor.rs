@@ -323,6 +323,17 @@ impl Reactor {
         }
     }
 
+    /// Wakes every task waiting on a descriptor, without failing its wait (used by
+    /// drain: a connection busy with a request sees the drain at its next poll, so an
+    /// HTTP/2 connection sends `GOAWAY` at once, not when its streams are done). A
+    /// woken wait that is still not ready registers again.
+    pub fn wake_all(&self) {
+        let mut slots = self.slots.borrow_mut();
+        for slot in slots.iter_mut().filter(|s| s.in_use) {
+            wake_both(slot);
+        }
+    }
+
     /// Resolves when the wake eventfd has fired since the last call.
     pub fn woken(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {

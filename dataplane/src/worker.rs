@@ -473,6 +473,7 @@ fn run_core(
         core.draining.set(true);
         listeners.borrow_mut().clear();
         reactor.expire_idle();
+        reactor.wake_all();
         let deadline = Instant::now() + rt.drain_timeout;
         while core.metrics.counters[counter::ACTIVE].get() > 0 && Instant::now() < deadline {
             reactor.sleep(Duration::from_millis(5)).await;

@@ -35,6 +35,10 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// there).
 const LOGGED_IDS: usize = 16;
 
+/// How long a draining connection whose streams are all done has to flush its last
+/// frames (`GOAWAY`, the final responses) and close: its I/O waits time out after it.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// What the streams of one client connection share.
 pub struct ConnCtx {
     /// The core.
@@ -66,20 +70,21 @@ impl ConnCtx {
         self.core.metrics.add(counter::H2_STREAMS_ACTIVE, 1);
     }
 
-    /// A stream's handling ended: with none left, the keep-alive timeout runs (at
-    /// once when draining).
+    /// A stream's handling ended: with none left, the keep-alive timeout runs. When
+    /// draining, the connection is not idle (drain would cut it before its `GOAWAY`
+    /// and last frames are out): it has [`DRAIN_GRACE`] to flush them and close
+    /// itself.
     fn stream_closed(&self) {
         let n = self.active.get().saturating_sub(1);
         self.active.set(n);
         self.core.metrics.sub(counter::H2_STREAMS_ACTIVE, 1);
         if n == 0 {
-            let timeout = if self.core.draining.get() {
-                Duration::ZERO
+            if self.core.draining.get() {
+                self.conn.set_timeout(DRAIN_GRACE);
             } else {
-                self.core.rt.keepalive_timeout
-            };
-            self.conn.set_timeout(timeout);
-            self.conn.set_idle(true);
+                self.conn.set_timeout(self.core.rt.keepalive_timeout);
+                self.conn.set_idle(true);
+            }
         }
     }
 
