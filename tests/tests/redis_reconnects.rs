@@ -49,16 +49,12 @@ fn a_redis_restart_is_counted_as_a_reconnect() {
     let sink = common::capture_logs();
     let mut redis = common::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord_port = common::free_port();
-    let coord = SocketAddr::from(([127, 0, 0, 1], coord_port));
-    let coordinator = start_coordinator(
-        &format!(
-            "[coordinator]\nbind = \"127.0.0.1:{coord_port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
-            dir.path().join("c.sqlite3").display(),
-            redis.url()
-        ),
-        coord,
-    );
+    let coordinator = start_coordinator(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        dir.path().join("c.sqlite3").display(),
+        redis.url()
+    ));
+    let coord = coordinator.addr;
     let port = common::free_port();
     let worker = start_worker(&format!(
         "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
