@@ -397,6 +397,9 @@ async fn run<L: ControlLink>(
         // Events that say what changed are applied as they are; anything else (poll,
         // resubscription, missed events) asks the coordinator what changed since the
         // revision deployed — a few bytes when nothing did.
+        // The first read of the whole set gets a line once it is handed to the cores:
+        // from then on the worker follows the coordinator's set.
+        let initial = state.revision.is_none() && deltas.is_none();
         let fetched = match deltas {
             Some(deltas) => Fetched::of_deltas(deltas),
             // Once an hour the whole set is read again, whatever the revision says: a
@@ -424,6 +427,13 @@ async fn run<L: ControlLink>(
             apply(&config, &deployer, fetched, &mut state, wake.request_id)
         });
         state.forget_old();
+        if initial {
+            tracing::info!(
+                circuits = state.circuits.len(),
+                revision = state.revision,
+                "circuit set read from the coordinator"
+            );
+        }
         if wake.created.is_empty() && !wake.resync {
             continue;
         }

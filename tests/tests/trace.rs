@@ -175,6 +175,15 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         worker.assert_running();
         worker.logs().contains("subscribed to circuit events")
     });
+    // Its first read of the circuit set is done: that read cannot race the manager's
+    // call below (a circuit it brought would be deployed without the call's trace,
+    // and the event's copy then changes nothing).
+    wait_until("the worker's first read of its circuit set", || {
+        worker.assert_running();
+        worker
+            .logs()
+            .contains("circuit set read from the coordinator")
+    });
     wait_until("the worker's registration", || {
         worker.assert_running();
         let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
@@ -263,9 +272,6 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         let lines = worker.json();
         deployment = lines
             .iter()
-            // A fetch that raced the event may deploy the circuit first, under the
-            // manager's request ID only (a fetched circuit carries no trace); the
-            // event's deployment follows under the trace.
             .filter(|v| {
                 v["trace_id"] == TRACE
                     && (v["message"] == "deployment applied"
