@@ -1,9 +1,10 @@
 //! `appproxy-test-support`: what the test trees of every crate share (a
-//! dev-dependency only): a free loopback port, log capture, a raw HTTP/1.1 client, and
-//! throwaway PostgreSQL and Redis servers started from the installed binaries, and a
-//! strict reader of Prometheus text.
+//! dev-dependency only): a free loopback port, log capture, a raw HTTP/1.1 client, raw
+//! HTTP/2 frames and HPACK, throwaway PostgreSQL and Redis servers started from the
+//! installed binaries, and a strict reader of Prometheus text.
 
 pub mod config;
+pub mod h2frames;
 pub mod http;
 pub mod logs;
 pub mod otlp;
