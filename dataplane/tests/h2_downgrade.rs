@@ -339,15 +339,18 @@ fn still_clean(w: &Worker, app: &Recorder, marker: &str) {
     );
 }
 
+/// A POST whose body disagrees with its head: (what, path, content-length fields,
+/// DATA frames).
+type BodyCase<'a> = (&'a str, &'a str, &'a [Field<'a>], &'a [&'a [u8]]);
+
 #[test]
 fn content_length_disagreeing_with_data_is_refused_and_nothing_smuggled() {
     let app = Recorder::start();
     let w = worker(&app);
     let smuggled: &[u8] = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
     let short_body = [&b"hello"[..], smuggled].concat();
-    // (what, path, content-length fields, DATA frames): each stream's body disagrees
-    // with what its head announced, and each is refused.
-    let cases: [(&str, &str, &[Field], &[&[u8]]); 4] = [
+    // Each stream's body disagrees with what its head announced, and each is refused.
+    let cases: [BodyCase; 4] = [
         (
             "content-length smaller than the DATA: the extra bytes are a second request",
             "/short",
