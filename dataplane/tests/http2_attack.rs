@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use common::{metric, open_fds, Upstream, Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
-    frame, goaway_code, hpack_int, hpack_str, literal, read_frame, Frame, ACK, CONTINUATION, DATA,
-    END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE,
+    client_hello, frame, goaway_code, hpack_int, hpack_str, literal, read_frame, Frame, ACK,
+    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+    WINDOW_UPDATE,
 };
 
 const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -36,9 +37,12 @@ fn request_block(path: &str) -> Vec<u8> {
 
 /// A connection that has sent the preface and an empty SETTINGS.
 fn open(w: &Worker) -> TcpStream {
-    let s = appproxy_test_support::h2frames::connect(w.addr());
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     s.set_write_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
+    s.write_all(&client_hello()).expect("preface");
     s
 }
 
