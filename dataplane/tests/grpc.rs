@@ -208,18 +208,51 @@ fn run_client(venv: &Path, dir: &Path, target: &str, mode: &str) -> serde_json::
     })
 }
 
+/// A worker with a `grpc` circuit, its app, and the virtualenv and directory the
+/// grpcio scripts run from. The fields drop in order: the worker, then the app.
+struct Grpc {
+    w: Worker,
+    _app: Option<App>,
+    dir: tempfile::TempDir,
+    venv: PathBuf,
+}
+
+impl Grpc {
+    /// A worker in front of the grpcio app (`app_up`) or of a port nothing listens on.
+    fn start(app_up: bool) -> Self {
+        let venv = grpc_venv();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app_up.then(|| start_app(&venv, dir.path()));
+        let upstream = app.as_ref().map_or_else(
+            || SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port())),
+            |app| app.addr,
+        );
+        let w = Worker::start(WorkerOpts {
+            upstreams: vec![upstream],
+            circuit_extra: "protocol = \"grpc\"".into(),
+            ..Default::default()
+        });
+        Self {
+            w,
+            _app: app,
+            dir,
+            venv,
+        }
+    }
+
+    /// Runs the grpcio client in `mode` against the worker; returns what it printed.
+    fn client(&self, mode: &str) -> serde_json::Value {
+        let target = format!("127.0.0.1:{}", self.w.port);
+        run_client(&self.venv, self.dir.path(), &target, mode)
+    }
+}
+
 #[test]
 fn grpcio_calls_through_a_grpc_circuit() {
-    let venv = grpc_venv();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = start_app(&venv, dir.path());
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app.addr],
-        circuit_extra: "protocol = \"grpc\"".into(),
-        ..Default::default()
-    });
+    let g = Grpc::start(true);
+    let w = &g.w;
     let before = w.peak_rss_kib();
-    let out = run_client(&venv, dir.path(), &format!("127.0.0.1:{}", w.port), "calls");
+    let out = g.client("calls");
     let given = "2b3c5a0e-8f4d-4c9b-a1e2-3f4a5b6c7d8e";
     // The app got the request ID the client sent, and the client got it back.
     assert_eq!(out["unary"], format!("echo:{given}:hi"), "{out}");
@@ -247,15 +280,9 @@ fn grpcio_calls_through_a_grpc_circuit() {
 
 #[test]
 fn grpcio_sees_unavailable_with_the_request_id_when_the_app_is_down() {
-    let venv = grpc_venv();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port()));
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![dead],
-        circuit_extra: "protocol = \"grpc\"".into(),
-        ..Default::default()
-    });
-    let out = run_client(&venv, dir.path(), &format!("127.0.0.1:{}", w.port), "dead");
+    let g = Grpc::start(false);
+    let w = &g.w;
+    let out = g.client("dead");
     assert_eq!(out["code"], "UNAVAILABLE", "{out}");
     let id = out["trailing"]["x-backend-request-id"]
         .as_str()
@@ -275,37 +302,20 @@ const STREAM_MIB: usize = 1024;
 
 #[test]
 fn a_gibibyte_grpc_stream_each_way_passes_at_constant_memory() {
-    let venv = grpc_venv();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = start_app(&venv, dir.path());
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app.addr],
-        circuit_extra: "protocol = \"grpc\"".into(),
-        ..Default::default()
-    });
-    let target = format!("127.0.0.1:{}", w.port);
+    let g = Grpc::start(true);
+    let w = &g.w;
     // One small call first, so the connections, pools and buffers of the first stream
     // are in the baseline.
-    let warm = run_client(&venv, dir.path(), &target, "flood:1:1048576");
+    let warm = g.client("flood:1:1048576");
     assert_eq!(warm["bytes"], 1 << 20, "{warm}");
     let before = w.peak_rss_kib();
     // Server streaming: STREAM_MIB messages of 1 MiB from the app to the client.
-    let down = run_client(
-        &venv,
-        dir.path(),
-        &target,
-        &format!("flood:{STREAM_MIB}:1048576"),
-    );
+    let down = g.client(&format!("flood:{STREAM_MIB}:1048576"));
     assert_eq!(down["messages"], STREAM_MIB, "{down}");
     assert_eq!(down["bytes"], STREAM_MIB << 20, "{down}");
     let after_down = w.peak_rss_kib();
     // Client streaming: as much from the client to the app.
-    let up = run_client(
-        &venv,
-        dir.path(),
-        &target,
-        &format!("sink:{STREAM_MIB}:1048576"),
-    );
+    let up = g.client(&format!("sink:{STREAM_MIB}:1048576"));
     assert_eq!(up["bytes"], STREAM_MIB << 20, "{up}");
     let after_up = w.peak_rss_kib();
     eprintln!(

@@ -16,69 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::{Worker, WorkerOpts};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-
-fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let n = payload.len();
-    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn hpack_int(out: &mut Vec<u8>, n: u32, flags: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(flags | v as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal field, never indexed, new name: the bytes go on the wire as given.
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x10);
-    hpack_int(out, 7, 0, name.len());
-    out.extend_from_slice(name);
-    hpack_int(out, 7, 0, value.len());
-    out.extend_from_slice(value);
-}
-
-/// A header field as raw bytes: (name, value).
-type Field<'a> = (&'a [u8], &'a [u8]);
-
-fn block(fields: &[Field]) -> Vec<u8> {
-    let mut b = Vec::new();
-    for (n, v) in fields {
-        field(&mut b, n, v);
-    }
-    b
-}
-
-/// The usual pseudo-headers for `method path`, then `extra`.
-fn req(method: &str, path: &str, extra: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let mut f: Vec<(&[u8], &[u8])> = vec![
-        (b":method", method.as_bytes()),
-        (b":scheme", b"http"),
-        (b":path", path.as_bytes()),
-        (b":authority", b"127.0.0.1"),
-    ];
-    f.extend_from_slice(extra);
-    block(&f)
-}
+use appproxy_test_support::h2frames::{
+    block, frame, goaway_code, read_frame, request as req, Field, ACK, DATA, END_HEADERS,
+    END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+};
 
 /// What became of a stream on the client's side.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,14 +39,9 @@ impl Outcome {
     }
 }
 
+/// A connection that has sent the preface and an empty SETTINGS.
 fn open(w: &Worker) -> TcpStream {
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
-    s.write_all(&hello).expect("preface");
-    s
+    appproxy_test_support::h2frames::connect(w.addr())
 }
 
 /// Reads frames until `stream` gets a response head or a reset, or the connection
@@ -113,24 +49,15 @@ fn open(w: &Worker) -> TcpStream {
 fn outcome(s: &mut TcpStream, stream: u32) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let mut h = [0u8; 9];
-        if s.read_exact(&mut h).is_err() {
+        let Some((ty, _, id, p)) = read_frame(s) else {
             return Outcome::Closed;
-        }
-        let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-        let mut p = vec![0u8; n];
-        if s.read_exact(&mut p).is_err() {
-            return Outcome::Closed;
-        }
-        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        match h[3] {
-            GOAWAY if p.len() >= 8 => {
-                return Outcome::GoAway(u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
-            }
-            RST_STREAM if id == stream && p.len() >= 4 => {
+        };
+        match (ty, goaway_code(&p)) {
+            (GOAWAY, Some(code)) => return Outcome::GoAway(code),
+            (RST_STREAM, _) if id == stream && p.len() >= 4 => {
                 return Outcome::Reset(u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
             }
-            HEADERS if id == stream => {
+            (HEADERS, _) if id == stream => {
                 // The worker's answers start with `:status` from the static table
                 // (indexed 8..14) or as a literal with an indexed name.
                 return Outcome::Status(status(&p));
@@ -399,17 +326,51 @@ fn one(w: &Worker, frames: &[u8]) -> Outcome {
     outcome(&mut s, 1)
 }
 
-/// A plain request on a new connection still works and is the last the app saw.
-fn still_clean(w: &Worker, app: &Recorder, marker: &str) {
-    let got = one(
-        w,
-        &frame(
+/// Stream 1 of a request: its head (`method path`, then `extra` fields), one DATA
+/// frame for each of `data`, then `trailers` as a second HEADERS unless empty; the
+/// last frame ends the stream.
+fn stream(
+    method: &str,
+    path: &str,
+    extra: &[Field],
+    data: &[&[u8]],
+    trailers: &[Field],
+) -> Vec<u8> {
+    let ends = |last: bool| if last { END_STREAM } else { 0 };
+    let mut f = frame(
+        HEADERS,
+        END_HEADERS | ends(data.is_empty() && trailers.is_empty()),
+        1,
+        &req(method, path, extra),
+    );
+    for (i, d) in data.iter().enumerate() {
+        f.extend(frame(
+            DATA,
+            ends(i + 1 == data.len() && trailers.is_empty()),
+            1,
+            d,
+        ));
+    }
+    if !trailers.is_empty() {
+        f.extend(frame(
             HEADERS,
             END_HEADERS | END_STREAM,
             1,
-            &req("GET", marker, &[]),
-        ),
-    );
+            &block(trailers),
+        ));
+    }
+    f
+}
+
+/// Sends `GET path` with `extra` fields and no body on a new connection; returns
+/// what the client got.
+fn get(w: &Worker, path: &str, extra: &[Field]) -> Outcome {
+    one(w, &stream("GET", path, extra, &[], &[]))
+}
+
+/// A plain request on a new connection still works and is the last the app saw.
+fn still_clean(w: &Worker, app: &Recorder, marker: &str) {
+    let got = get(w, marker, &[]);
     assert_eq!(got, Outcome::Status(200), "{marker}");
     let all = app.requests();
     let last = all.last().expect("a request");
@@ -419,62 +380,47 @@ fn still_clean(w: &Worker, app: &Recorder, marker: &str) {
     );
 }
 
+/// A POST whose body disagrees with its head: (what, path, content-length fields,
+/// DATA frames).
+type BodyCase<'a> = (&'a str, &'a str, &'a [Field<'a>], &'a [&'a [u8]]);
+
 #[test]
 fn content_length_disagreeing_with_data_is_refused_and_nothing_smuggled() {
     let app = Recorder::start();
     let w = worker(&app);
-    let smuggled = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
-
-    // content-length smaller than the DATA: the extra bytes are a second request.
-    let mut f = frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &req("POST", "/short", &[(b"content-length", b"5")]),
-    );
-    let mut body = b"hello".to_vec();
-    body.extend_from_slice(smuggled);
-    f.extend(frame(DATA, END_STREAM, 1, &body));
-    let got = one(&w, &f);
-    assert!(got.refused(), "{got:?}");
-
-    // Split in two DATA frames.
-    let mut f = frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &req("POST", "/short2", &[(b"content-length", b"5")]),
-    );
-    f.extend(frame(DATA, 0, 1, b"hello"));
-    f.extend(frame(DATA, END_STREAM, 1, smuggled));
-    let got = one(&w, &f);
-    assert!(got.refused(), "{got:?}");
-
-    // content-length larger than the DATA, then END_STREAM.
-    let mut f = frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &req("POST", "/long", &[(b"content-length", b"100")]),
-    );
-    f.extend(frame(DATA, END_STREAM, 1, b"hello"));
-    let got = one(&w, &f);
-    assert!(got.refused(), "{got:?}");
-
-    // Two different content-length fields.
-    let mut f = frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &req(
-            "POST",
+    let smuggled: &[u8] = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+    let short_body = [&b"hello"[..], smuggled].concat();
+    // Each stream's body disagrees with what its head announced, and each is refused.
+    let cases: [BodyCase; 4] = [
+        (
+            "content-length smaller than the DATA: the extra bytes are a second request",
+            "/short",
+            &[(b"content-length", b"5")],
+            &[&short_body],
+        ),
+        (
+            "the same split in two DATA frames",
+            "/short2",
+            &[(b"content-length", b"5")],
+            &[b"hello", smuggled],
+        ),
+        (
+            "content-length larger than the DATA, then END_STREAM",
+            "/long",
+            &[(b"content-length", b"100")],
+            &[b"hello"],
+        ),
+        (
+            "two different content-length fields",
             "/two",
             &[(b"content-length", b"5"), (b"content-length", b"40")],
+            &[b"hello"],
         ),
-    );
-    f.extend(frame(DATA, END_STREAM, 1, b"hello"));
-    let got = one(&w, &f);
-    assert!(got.refused(), "{got:?}");
+    ];
+    for (what, path, fields, data) in cases {
+        let got = one(&w, &stream("POST", path, fields, data, &[]));
+        assert!(got.refused(), "{what}: {got:?}");
+    }
 
     // The pooled connection is not poisoned: the next request is the next whole
     // request on whatever connection carries it, and nothing smuggled arrived.
@@ -511,15 +457,7 @@ fn connection_specific_fields_are_refused_never_forwarded() {
     ];
     for (i, (n, v)) in cases.iter().enumerate() {
         let path = format!("/conn{i}");
-        let got = one(
-            &w,
-            &frame(
-                HEADERS,
-                END_HEADERS | END_STREAM,
-                1,
-                &req("GET", &path, &[(n, v)]),
-            ),
-        );
+        let got = get(&w, &path, &[(n, v)]);
         assert!(got.refused(), "{}: {got:?}", String::from_utf8_lossy(n));
         assert!(
             app.requests().iter().all(|r| !r.contains(&path)),
@@ -528,15 +466,7 @@ fn connection_specific_fields_are_refused_never_forwarded() {
         );
     }
     // `te: trailers` is HTTP/2's own and is served.
-    let got = one(
-        &w,
-        &frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &req("GET", "/te", &[(b"te", b"trailers")]),
-        ),
-    );
+    let got = get(&w, "/te", &[(b"te", b"trailers")]);
     assert_eq!(got, Outcome::Status(200));
     still_clean(&w, &app, "/after");
 }
@@ -558,15 +488,7 @@ fn raw_bytes_in_field_names_and_values_inject_nothing() {
     ];
     for (i, (n, v)) in cases.iter().enumerate() {
         let path = format!("/raw{i}");
-        let got = one(
-            &w,
-            &frame(
-                HEADERS,
-                END_HEADERS | END_STREAM,
-                1,
-                &req("GET", &path, &[(n, v)]),
-            ),
-        );
+        let got = get(&w, &path, &[(n, v)]);
         let all = app.requests();
         assert!(
             all.iter().all(
@@ -655,15 +577,7 @@ fn pseudo_header_tricks_are_refused() {
 fn authority_routes_and_a_disagreeing_host_is_not_forwarded() {
     let app = Recorder::start();
     let w = worker(&app);
-    let got = one(
-        &w,
-        &frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &req("GET", "/hosts", &[(b"host", b"evil.example")]),
-        ),
-    );
+    let got = get(&w, "/hosts", &[(b"host", b"evil.example")]);
     let all = app.requests();
     if got == Outcome::Status(200) {
         // Served: the app saw exactly one Host, the one that routed (`:authority`).
@@ -695,15 +609,7 @@ fn forbidden_request_trailers_never_reach_the_app() {
     .enumerate()
     {
         let path = format!("/trailer{i}");
-        let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", &path, &[]));
-        f.extend(frame(DATA, 0, 1, b"hello"));
-        f.extend(frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &block(&[(n, v)]),
-        ));
-        let got = one(&w, &f);
+        let got = one(&w, &stream("POST", &path, &[], &[b"hello"], &[(n, v)]));
         let all = app.requests();
         assert!(
             all.iter()
@@ -713,15 +619,8 @@ fn forbidden_request_trailers_never_reach_the_app() {
         assert!(got.refused(), "{}: {got:?}", String::from_utf8_lossy(n));
     }
     // A trailer that may be one is served (not forwarded to an HTTP/1.1 app).
-    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/fine", &[]));
-    f.extend(frame(DATA, 0, 1, b"hello"));
-    f.extend(frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &block(&[(b"x-checksum", b"42")]),
-    ));
-    assert_eq!(one(&w, &f), Outcome::Status(200));
+    let fine = stream("POST", "/fine", &[], &[b"hello"], &[(b"x-checksum", b"42")]);
+    assert_eq!(one(&w, &fine), Outcome::Status(200));
     still_clean(&w, &app, "/after");
 }
 
@@ -798,24 +697,16 @@ fn serve_h2(mut s: TcpStream, frames: Arc<Mutex<Vec<(u8, u8, u32)>>>) {
         return;
     }
     loop {
-        let mut h = [0u8; 9];
-        if s.read_exact(&mut h).is_err() {
+        let Some((ty, flags, id, p)) = read_frame(&mut s) else {
             return;
-        }
-        let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-        let mut p = vec![0u8; n];
-        if s.read_exact(&mut p).is_err() {
-            return;
-        }
-        let (ty, flags) = (h[3], h[4]);
-        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        };
         frames.lock().expect("frames").push((ty, flags, id));
         let mut out = Vec::new();
-        if ty == SETTINGS && flags & 1 == 0 {
-            out.extend(frame(SETTINGS, 1, 0, &[]));
+        if ty == SETTINGS && flags & ACK == 0 {
+            out.extend(frame(SETTINGS, ACK, 0, &[]));
         }
-        if ty == 0x6 && flags & 1 == 0 {
-            out.extend(frame(0x6, 1, 0, &p));
+        if ty == PING && flags & ACK == 0 {
+            out.extend(frame(PING, ACK, 0, &p));
         }
         if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
             out.extend(frame(HEADERS, END_HEADERS, id, &[0x88]));
@@ -847,15 +738,8 @@ fn trailers_to_and_from_an_http2_app_follow_the_http1_rules() {
     });
     // A forbidden request trailer: the app's stream is reset before any trailer
     // reaches it, and the client is refused.
-    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/t", &[]));
-    f.extend(frame(DATA, 0, 1, b"hello"));
-    f.extend(frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &block(&[(b"authorization", b"Bearer stolen")]),
-    ));
-    let got = one(&w, &f);
+    let trailer: &[Field] = &[(b"authorization", b"Bearer stolen")];
+    let got = one(&w, &stream("POST", "/t", &[], &[b"hello"], trailer));
     assert!(got.refused(), "{got:?}");
     // The client's refusal and the app's reset travel on different connections:
     // wait (bounded) for the reset to reach the app before reading what it saw.
@@ -870,15 +754,8 @@ fn trailers_to_and_from_an_http2_app_follow_the_http1_rules() {
     );
     // An allowed request trailer is forwarded; the app's response trailers reach
     // the client without the fields a trailer must not carry.
-    let mut f = frame(HEADERS, END_HEADERS, 1, &req("POST", "/t2", &[]));
-    f.extend(frame(DATA, 0, 1, b"hello"));
-    f.extend(frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &block(&[(b"x-checksum", b"7")]),
-    ));
-    assert_eq!(one(&w, &f), Outcome::Status(200));
+    let allowed = stream("POST", "/t2", &[], &[b"hello"], &[(b"x-checksum", b"7")]);
+    assert_eq!(one(&w, &allowed), Outcome::Status(200));
     let seen = app.seen();
     assert_eq!(
         seen.iter()

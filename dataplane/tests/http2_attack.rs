@@ -16,59 +16,16 @@ use std::time::{Duration, Instant};
 
 use common::{metric, open_fds, Upstream, Worker, WorkerOpts};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+use appproxy_test_support::h2frames::{
+    client_hello, frame, goaway_code, hpack_int, hpack_str, literal, read_frame, Frame, ACK,
+    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+    WINDOW_UPDATE,
+};
+
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const REFUSED_STREAM: u32 = 0x7;
 
-/// A frame as read: (type, flags, stream, payload).
-type Frame = (u8, u8, u32, Vec<u8>);
-
-fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let n = payload.len();
-    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK integer with an `n`-bit prefix, the first byte's high bits `flags`.
-fn hpack_int(out: &mut Vec<u8>, n: u32, flags: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(flags | v as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
-    hpack_int(out, 7, 0, s.len());
-    out.extend_from_slice(s);
-}
-
-/// A literal field without indexing, new name.
-fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    hpack_str(out, name);
-    hpack_str(out, value);
-}
-
+/// `GET path` on `http://127.0.0.1`, each pseudo-header a literal without indexing.
 fn request_block(path: &str) -> Vec<u8> {
     let mut b = Vec::new();
     literal(&mut b, b":method", b"GET");
@@ -85,22 +42,8 @@ fn open(w: &Worker) -> TcpStream {
         .expect("timeout");
     s.set_write_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
-    s.write_all(&hello).expect("preface");
+    s.write_all(&client_hello()).expect("preface");
     s
-}
-
-/// One frame: (type, flags, stream, payload); `None` at end of stream, on a reset or
-/// when nothing came within the read timeout.
-fn read_frame(s: &mut TcpStream) -> Option<Frame> {
-    let mut h = [0u8; 9];
-    s.read_exact(&mut h).ok()?;
-    let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-    let mut p = vec![0u8; n];
-    s.read_exact(&mut p).ok()?;
-    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-    Some((h[3], h[4], stream, p))
 }
 
 /// Reads until the worker closes (or the 20 s guard); returns the GOAWAY error code
@@ -112,8 +55,8 @@ fn read_to_close(s: &mut TcpStream) -> (Option<u32>, Vec<Frame>) {
     while Instant::now() < deadline {
         match read_frame(s) {
             Some(f) => {
-                if f.0 == GOAWAY && f.3.len() >= 8 {
-                    goaway = Some(u32::from_be_bytes([f.3[4], f.3[5], f.3[6], f.3[7]]));
+                if let (GOAWAY, Some(code)) = (f.0, goaway_code(&f.3)) {
+                    goaway = Some(code);
                 }
                 frames.push(f);
             }
@@ -361,11 +304,11 @@ fn streams_past_max_concurrent_are_refused() {
     let mut buf = Vec::new();
     loop {
         let f = read_frame(&mut s).expect("server settings");
-        if f.0 == SETTINGS && f.1 & 1 == 0 {
+        if f.0 == SETTINGS && f.1 & ACK == 0 {
             break;
         }
     }
-    s.write_all(&frame(SETTINGS, 1, 0, &[])).expect("ack");
+    s.write_all(&frame(SETTINGS, ACK, 0, &[])).expect("ack");
     let block = request_block("/wait?ms=2000");
     for i in 0..60u32 {
         buf.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
@@ -515,7 +458,6 @@ fn drain_sends_goaway_and_finishes_the_stream_in_flight() {
 /// stream in flight is done.
 #[test]
 fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
-    const PING_ACK: u8 = 0x1;
     let up = Upstream::start();
     let w = worker(&up, "[http2]\nmax_streams_per_connection = 3\n");
     let b = baseline(&w);
@@ -533,8 +475,8 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
         .expect("request");
         loop {
             let f = read_frame(&mut s).expect("an answer under the cap");
-            if f.0 == SETTINGS && f.1 & 1 == 0 {
-                s.write_all(&frame(SETTINGS, 1, 0, &[])).expect("ack");
+            if f.0 == SETTINGS && f.1 & ACK == 0 {
+                s.write_all(&frame(SETTINGS, ACK, 0, &[])).expect("ack");
             }
             assert_ne!(f.0, GOAWAY, "GOAWAY before the cap");
             if ended(&f, id) {
@@ -556,9 +498,9 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Some(f) = read_frame(&mut s) else { break };
-        if f.0 == PING && f.1 & PING_ACK == 0 {
+        if f.0 == PING && f.1 & ACK == 0 {
             // A well-behaved client answers the graceful shutdown's PING.
-            let _ = s.write_all(&frame(PING, PING_ACK, 0, &f.3));
+            let _ = s.write_all(&frame(PING, ACK, 0, &f.3));
         }
         if f.0 == GOAWAY && f.3.len() >= 8 {
             let last = u32::from_be_bytes([f.3[0], f.3[1], f.3[2], f.3[3]]) & 0x7fff_ffff;

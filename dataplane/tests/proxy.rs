@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Client, Upstream, Worker, WorkerOpts};
@@ -355,7 +356,11 @@ fn retries_once_when_a_pooled_connection_died() {
     let mut c = Client::connect(w.addr());
     // The app claims keep-alive but closes right after answering.
     assert_eq!(c.get("/close-after", "").status, 200);
-    std::thread::sleep(Duration::from_millis(300));
+    // Every connection the app accepted (the pooled one) is closed on its side.
+    common::eventually("the app closed the pooled connection", || {
+        let closed = up.closed.load(Ordering::Relaxed);
+        closed >= 1 && closed == up.connections.load(Ordering::Relaxed)
+    });
     let r = c.get("/next", "");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/next");

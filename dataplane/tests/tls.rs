@@ -10,13 +10,13 @@ mod tls_support;
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{metric, Upstream, Worker, WorkerOpts};
-use tls_support::{connect, get, Pki};
+use tls_support::{connect, get, Pki, SClient};
 
 fn tls_worker(pki: &Pki, up: &Upstream, extra_worker: &str) -> Worker {
     Worker::start(WorkerOpts {
@@ -114,44 +114,16 @@ fn curl_over_https_with_the_test_ca() {
     assert!(!out.status.success());
 }
 
-/// Runs `openssl s_client` with `args`, feeding `input`; returns its stdout.
+/// Runs `openssl s_client` with `args`, feeding `input`; returns its stdout. With
+/// `-ign_eof` the end of `input` does not end the session: s_client runs until the
+/// worker closes the connection (every request sent here says `Connection: close`)
+/// or the handshake fails, so the response and any TLS 1.3 tickets, which arrive
+/// after the handshake, are always read.
 fn s_client(port: u16, args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new("openssl")
-        .arg("s_client")
-        .arg("-connect")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("s_client");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input).expect("input");
-    // Give the session time to finish before stdin closes (TLS 1.3 tickets arrive
-    // after the handshake); the response to the request marks the end.
-    let mut out = String::new();
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(stdin);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    out.push_str(&reader.join().expect("reader"));
-    out
+    let mut client = SClient::spawn(port, &[&["-ign_eof"], args].concat());
+    // A failed handshake may end s_client before it reads its input.
+    let _ = client.write(input);
+    client.finish().0
 }
 
 const REQ: &[u8] = b"GET /s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -229,15 +201,27 @@ fn openssl_handshake_matrix_alpn_sni_and_resumption() {
             assert!(again.contains("HTTP/1.1 200"), "{again}");
         }
     }
-    let text = w.admin_get("/metrics").text();
-    let resumed: u64 = text
-        .lines()
-        .filter(|l| {
-            l.starts_with("appproxy_tls_handshakes_total{") && l.contains("kind=\"resumed\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert!(resumed >= 8, "{text}");
+    // Each core publishes its counters at its next reactor tick: wait (bounded) for
+    // the last resumed handshakes to show.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = w.admin_get("/metrics").text();
+        let resumed: u64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("appproxy_tls_handshakes_total{") && l.contains("kind=\"resumed\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if resumed >= 8 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{resumed} resumed handshakes counted: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

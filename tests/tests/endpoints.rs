@@ -55,6 +55,7 @@ fn until(addr: SocketAddr, auth: &str, want: (u16, &str)) {
 
 #[test]
 fn inference_endpoint_follows_route_updates() {
+    let sink = common::capture_logs();
     let redis = common::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = start_coordinator(
@@ -76,7 +77,8 @@ fn inference_endpoint_follows_route_updates() {
         assert!(Instant::now() < deadline, "worker did not register");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300)); // the agent subscribes
+    // The agent listens for circuit events before any is sent.
+    common::wait_log(&sink, "subscribed to circuit events");
 
     let e = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
     let created = post(

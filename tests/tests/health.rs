@@ -230,7 +230,8 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
         assert!(Instant::now() < deadline, "worker did not register");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300)); // the agent subscribes
+    // The agent listens for circuit events before any is sent.
+    common::wait_log(&sink, "subscribed to circuit events");
 
     let e = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a71";
     post(

@@ -5,6 +5,7 @@
 mod storage_common;
 
 use appproxy_test_support::http::request;
+use appproxy_test_support::prom::Exposition;
 use storage_common::{create_folder, Proxy, TOKEN, VFID};
 
 use std::io::{Read, Write};
@@ -326,7 +327,21 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
     write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: {SIZE}\r\n\r\n").expect("head");
     let block = vec![7u8; 1 << 20];
     slow.write_all(&block).expect("first MiB");
-    std::thread::sleep(Duration::from_millis(1000));
+    // Wait (bounded) until the proxy counts the first PATCH in progress.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        let metrics = Exposition::parse(&String::from_utf8_lossy(&r.body));
+        if metrics.value("storage_proxy_uploads_in_progress", "") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first PATCH was never in progress: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let r = request(
         p.client,
         "PATCH",

@@ -46,6 +46,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// Connections the app has closed.
+    pub closed: Arc<AtomicUsize>,
     /// Released by tests that need the app to wait (SSE, drain).
     pub gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
     stop: Arc<AtomicBool>,
@@ -57,11 +59,13 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, c, g, st) = (
+        let (s, c, d, g, st) = (
             seen.clone(),
             connections.clone(),
+            closed.clone(),
             gate.clone(),
             stop.clone(),
         );
@@ -72,9 +76,11 @@ impl Upstream {
                 }
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::Relaxed);
-                let (s, g) = (s.clone(), g.clone());
+                let (s, d, g) = (s.clone(), d.clone(), g.clone());
                 std::thread::spawn(move || {
+                    // `serve_app` owns the stream: it is closed when it returns.
                     let _ = serve_app(stream, s, g);
+                    d.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });
@@ -82,6 +88,7 @@ impl Upstream {
             addr,
             seen,
             connections,
+            closed,
             gate,
             stop,
         }

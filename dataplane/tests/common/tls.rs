@@ -1,15 +1,17 @@
 //! TLS test support: a throwaway PKI made with the `openssl` CLI (a root CA, an
 //! intermediate, ECDSA and RSA leaves for `localhost`, a wildcard leaf, keys in
 //! PKCS#8, PKCS#1 and SEC1), worker config lines that turn `tls_listen` on, and a
-//! rustls client (an implementation independent of the worker's record handling).
+//! rustls client (an implementation independent of the worker's record handling),
+//! and a driver for `openssl s_client` whose output a test can wait on.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -319,5 +321,125 @@ pub fn read_response(s: &mut BufReader<TlsStream>) -> Resp {
         status,
         headers,
         body,
+    }
+}
+
+/// A running `openssl s_client`: its stdin, and its stdout and stderr as they arrive,
+/// so a test can wait for what it printed instead of sleeping.
+pub struct SClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Appends everything `from` yields to `to` until end of stream.
+fn drain(mut from: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+    let to: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let sink = to.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            sink.lock().expect("output").extend_from_slice(&buf[..n]);
+        }
+    });
+    (to, reader)
+}
+
+impl SClient {
+    /// Starts `openssl s_client -connect 127.0.0.1:port` with `args`.
+    pub fn spawn(port: u16, args: &[&str]) -> Self {
+        let mut child = Command::new("openssl")
+            .arg("s_client")
+            .arg("-connect")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("s_client");
+        let stdin = child.stdin.take();
+        let (stdout, out_reader) = drain(child.stdout.take().expect("stdout"));
+        let (stderr, err_reader) = drain(child.stderr.take().expect("stderr"));
+        Self {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    /// Writes `bytes` to its stdin; an error means it has already gone.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        stdin.write_all(bytes)?;
+        stdin.flush()
+    }
+
+    /// Closes its stdin.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// What it printed so far: stdout, then stderr.
+    pub fn output(&self) -> (String, String) {
+        let text = |b: &Arc<Mutex<Vec<u8>>>| {
+            String::from_utf8_lossy(&b.lock().expect("output")).into_owned()
+        };
+        (text(&self.stdout), text(&self.stderr))
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_some()
+    }
+
+    /// Polls (within 20 s) until `done` holds for what it printed so far (stdout,
+    /// stderr) or it has exited (the caller's checks of the output then say what
+    /// went wrong); panics naming `what`, with the output, if neither happens.
+    pub fn wait_for(&mut self, what: &str, done: impl Fn(&str, &str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let exited = self.exited();
+            let (out, err) = self.output();
+            if exited || done(&out, &err) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s_client never showed {what}:\n{out}\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Closes its stdin, waits (within 20 s) for it to exit and returns everything it
+    /// printed: stdout, stderr. Panics with the output if it does not exit.
+    pub fn finish(mut self) -> (String, String) {
+        self.close_stdin();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.exited() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let (out, err) = self.output();
+                panic!("s_client did not finish within 20 s:\n{out}\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for reader in self.readers.drain(..) {
+            reader.join().expect("reader");
+        }
+        self.output()
+    }
+}
+
+impl Drop for SClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

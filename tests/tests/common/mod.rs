@@ -31,6 +31,15 @@ pub fn capture_logs() -> Sink {
     sink
 }
 
+/// Waits (within 10 s) until a captured log line contains `line`; panics if none does.
+pub fn wait_log(sink: &Sink, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&sink.0.lock().expect("sink")).contains(line) {
+        assert!(Instant::now() < deadline, "no {line:?} in the logs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// How the flow is wired.
 #[derive(Default)]
 pub struct Flow<'a> {
@@ -159,11 +168,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     assert_eq!(agent.coordinator, embedded.then_some(coord_addr));
 
     if let Some(line) = ready_log {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !String::from_utf8_lossy(&sink.0.lock().expect("sink")).contains(line) {
-            assert!(Instant::now() < deadline, "no {line:?} in the logs");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_log(&sink, line);
     }
     // Wait for the registration, then act as the manager.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,154 @@
+//! Raw HTTP/2 on the wire for tests that must misbehave more than an HTTP/2 library
+//! allows: the connection preface, frame and flag constants, a frame writer and
+//! reader, and a minimal HPACK encoder (integers, plain strings and literal fields
+//! that never touch the dynamic table, so the bytes go out exactly as given).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// The client connection preface.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Frame type DATA.
+pub const DATA: u8 = 0x0;
+/// Frame type HEADERS.
+pub const HEADERS: u8 = 0x1;
+/// Frame type RST_STREAM.
+pub const RST_STREAM: u8 = 0x3;
+/// Frame type SETTINGS.
+pub const SETTINGS: u8 = 0x4;
+/// Frame type PING.
+pub const PING: u8 = 0x6;
+/// Frame type GOAWAY.
+pub const GOAWAY: u8 = 0x7;
+/// Frame type WINDOW_UPDATE.
+pub const WINDOW_UPDATE: u8 = 0x8;
+/// Frame type CONTINUATION.
+pub const CONTINUATION: u8 = 0x9;
+
+/// Flag END_STREAM (DATA, HEADERS).
+pub const END_STREAM: u8 = 0x1;
+/// Flag ACK (SETTINGS, PING).
+pub const ACK: u8 = 0x1;
+/// Flag END_HEADERS (HEADERS, CONTINUATION).
+pub const END_HEADERS: u8 = 0x4;
+
+/// A frame as read: (type, flags, stream, payload).
+pub type Frame = (u8, u8, u32, Vec<u8>);
+
+/// A header field as raw bytes: (name, value).
+pub type Field<'a> = (&'a [u8], &'a [u8]);
+
+/// One frame on the wire: the 9-byte header (24-bit length, type, flags, stream id)
+/// and `payload`.
+pub fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = u32::try_from(payload.len())
+        .ok()
+        .filter(|n| *n < 1 << 24)
+        .expect("a frame payload below 16 MiB");
+    let mut f = n.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[ty, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The preface followed by an empty SETTINGS: what a client sends first.
+pub fn client_hello() -> Vec<u8> {
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello
+}
+
+/// A connection to `addr` that has sent [`client_hello`], reads timing out after
+/// 20 s (so a silent peer fails a test instead of hanging it).
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(&client_hello()).expect("preface");
+    s
+}
+
+/// The next frame on `s`; `None` at end of stream, on a reset or when nothing came
+/// within the read timeout.
+pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).ok()?;
+    let n = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+    let mut p = vec![0u8; n];
+    s.read_exact(&mut p).ok()?;
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    Some((h[3], h[4], stream, p))
+}
+
+/// The error code of a GOAWAY payload, if it is long enough to carry one.
+pub fn goaway_code(payload: &[u8]) -> Option<u32> {
+    let code = payload.get(4..8)?;
+    Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]))
+}
+
+/// An HPACK integer with an `n`-bit prefix, the first byte's high bits `flags`.
+pub fn hpack_int(out: &mut Vec<u8>, n: u32, flags: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | low_byte(v));
+        return;
+    }
+    out.push(flags | low_byte(max));
+    v -= max;
+    while v >= 128 {
+        out.push(low_byte(v % 128 + 128));
+        v /= 128;
+    }
+    out.push(low_byte(v));
+}
+
+/// The low 8 bits of `v` (every caller passes a value below 256).
+fn low_byte(v: usize) -> u8 {
+    v.to_le_bytes()[0]
+}
+
+/// An HPACK string literal, not Huffman-coded: its length, then the bytes as given.
+pub fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 7, 0, s.len());
+    out.extend_from_slice(s);
+}
+
+/// A literal field without indexing, new name (first byte `0x00`).
+pub fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    hpack_str(out, name);
+    hpack_str(out, value);
+}
+
+/// A literal field never indexed, new name (first byte `0x10`): no hop may index or
+/// rewrite it, so the bytes go on the wire as given.
+pub fn literal_never_indexed(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x10);
+    hpack_str(out, name);
+    hpack_str(out, value);
+}
+
+/// A header block of `fields`, each a [`literal_never_indexed`] field, in order.
+pub fn block(fields: &[Field]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in fields {
+        literal_never_indexed(&mut b, n, v);
+    }
+    b
+}
+
+/// A request block (see [`block`]): the usual pseudo-headers for `method path` on
+/// `http://127.0.0.1`, then `extra`.
+pub fn request(method: &str, path: &str, extra: &[Field]) -> Vec<u8> {
+    let mut f: Vec<Field> = vec![
+        (b":method", method.as_bytes()),
+        (b":scheme", b"http"),
+        (b":path", path.as_bytes()),
+        (b":authority", b"127.0.0.1"),
+    ];
+    f.extend_from_slice(extra);
+    block(&f)
+}
