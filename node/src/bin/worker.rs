@@ -17,12 +17,6 @@ struct Args {
     config: ConfigArgs,
 }
 
-/// The worker's allocator: mimalloc's per-thread heaps suit one executor per core
-/// (glibc's malloc cost about a tenth of a core's cycles in HTTP/2 profiles, in
-/// allocation, free and arena consolidation; docs/dataplane.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     appproxy_control_common::cli::main("appproxy-worker", run);
 }
