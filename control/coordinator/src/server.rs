@@ -257,6 +257,10 @@ pub async fn serve(
             metrics.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+    // New connections are refused from now on, not left in the backlog to be reset
+    // when the grace below ends: clients (workers with several coordinators) move on
+    // to another coordinator at once.
+    drop(listener);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         while connections.join_next().await.is_some() {}

@@ -210,6 +210,10 @@ struct Client {
     authorities: Vec<String>,
     /// The one that answered last.
     current: AtomicUsize,
+    /// The coordinator connected to last (the first one until a call is made): a
+    /// connection to another one is a switch, whichever way it came about (a refused
+    /// connect, or a call cut off that moved `current` on).
+    connected: AtomicUsize,
     /// The shared API secret.
     secret: String,
     /// This node's ID among the worker's HA nodes (URL-safe characters only).
@@ -236,6 +240,7 @@ impl Client {
         Ok(Self {
             authorities,
             current: Default::default(),
+            connected: Default::default(),
             secret,
             node,
         })
@@ -274,7 +279,7 @@ impl Client {
                 .await
                 {
                     Ok(Ok(stream)) => {
-                        if i != start {
+                        if self.connected.swap(i, Ordering::Relaxed) != i {
                             tracing::info!(coordinator = %authority, "switched to another coordinator");
                         }
                         self.current.store(i, Ordering::Relaxed);
@@ -436,4 +441,98 @@ fn heard(envelope: &BroadcastMessage, authority: &str) -> Option<Notice> {
     };
     notice.tracestate = tracestate;
     Some(notice)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// Where the log lines of a test go.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A coordinator that takes the request and resets the connection (a coordinator
+    /// going down mid-call).
+    fn resetting() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = (&s).read(&mut buf);
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+        });
+        addr
+    }
+
+    /// A coordinator that answers every call with `{}`.
+    fn answering() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        addr
+    }
+
+    /// A call cut off by the coordinator it went to moves the next call to the next
+    /// coordinator, and that switch is logged like one after a refused connect.
+    #[test]
+    fn a_call_cut_off_moves_on_to_the_next_coordinator_and_says_so() {
+        let (a, b) = (resetting(), answering());
+        let client =
+            Client::new(&format!("http://{a}, http://{b}"), "s".into(), "n".into()).expect("urls");
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (first, second) = tracing::subscriber::with_default(subscriber, || {
+            rt.block_on(async {
+                let first = client.call("GET", "/api/x", b"").await;
+                (first, client.call("GET", "/api/x", b"").await)
+            })
+        });
+        assert!(first.is_err(), "the cut-off call failed: {first:?}");
+        assert_eq!(second.expect("the next coordinator answers"), b"{}");
+        let text = String::from_utf8_lossy(&lines.0.lock().expect("lines")).into_owned();
+        assert!(
+            text.contains("switched to another coordinator") && text.contains(&b.to_string()),
+            "{text}"
+        );
+    }
 }
