@@ -7,41 +7,29 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{http, start_coordinator, start_worker, Sink};
-
-fn count(sink: &Sink, needle: &str) -> usize {
-    String::from_utf8_lossy(&sink.0.lock().expect("sink"))
-        .matches(needle)
-        .count()
-}
-
-fn wait_for(sink: &Sink, needle: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(sink, needle) < n {
-        assert!(Instant::now() < deadline, "no {n}× {needle:?} in the logs");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use appproxy_test_support::prom::Exposition;
+use common::{http, start_coordinator, start_worker, wait_logs};
 
 /// The worker's reconnect counter as its admin endpoint exports it (with its
 /// `# HELP` and `# TYPE` lines).
 fn reconnects(admin: SocketAddr) -> u64 {
+    const NAME: &str = "appproxy_worker_redis_reconnects_total";
     let (status, _, text) = http(
         admin,
         "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 200, "{text}");
-    assert!(
-        text.contains("# HELP appproxy_worker_redis_reconnects_total ")
-            && text.contains("# TYPE appproxy_worker_redis_reconnects_total counter\n"),
+    let e = Exposition::parse(&text);
+    assert!(e.helps.contains_key(NAME), "no # HELP {NAME}:\n{text}");
+    assert_eq!(
+        e.kinds.get(NAME).map(String::as_str),
+        Some("counter"),
         "{text}"
     );
-    text.lines()
-        .find_map(|l| l.strip_prefix("appproxy_worker_redis_reconnects_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no reconnect counter in /metrics:\n{text}"))
+    e.value(NAME, "")
+        .unwrap_or_else(|| panic!("no reconnect counter in /metrics:\n{text}")) as u64
 }
 
 #[test]
@@ -71,13 +59,23 @@ fn a_redis_restart_is_counted_as_a_reconnect() {
         },
     )
     .expect("admin");
-    wait_for(&sink, "subscribed to circuit events", 1);
+    wait_logs(
+        &sink,
+        "subscribed to circuit events",
+        1,
+        Duration::from_secs(30),
+    );
     let before = reconnects(admin);
     assert_eq!(before, 0, "a first subscription is no reconnect");
 
     redis.restart();
     // The dropped subscription is noticed and replaced.
-    wait_for(&sink, "subscribed to circuit events", 2);
+    wait_logs(
+        &sink,
+        "subscribed to circuit events",
+        2,
+        Duration::from_secs(30),
+    );
     let after = reconnects(admin);
     assert!(after > before, "reconnects {before} → {after}");
     worker.stop();

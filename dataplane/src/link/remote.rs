@@ -448,24 +448,6 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::TcpListener;
-    use std::sync::{Arc, Mutex};
-
-    /// Where the log lines of a test go.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// A coordinator that takes the request and resets the connection (a coordinator
     /// going down mid-call).
@@ -511,10 +493,9 @@ mod tests {
         let (a, b) = (resetting(), answering());
         let client =
             Client::new(&format!("http://{a}, http://{b}"), "s".into(), "n".into()).expect("urls");
-        let lines = Lines::default();
-        let sink = lines.clone();
+        let lines = appproxy_test_support::logs::Sink::default();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || sink.clone())
+            .with_writer(lines.clone())
             .with_ansi(false)
             .finish();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -529,7 +510,7 @@ mod tests {
         });
         assert!(first.is_err(), "the cut-off call failed: {first:?}");
         assert_eq!(second.expect("the next coordinator answers"), b"{}");
-        let text = String::from_utf8_lossy(&lines.0.lock().expect("lines")).into_owned();
+        let text = lines.text();
         assert!(
             text.contains("switched to another coordinator") && text.contains(&b.to_string()),
             "{text}"

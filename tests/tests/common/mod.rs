@@ -33,9 +33,15 @@ pub fn capture_logs() -> Sink {
 
 /// Waits (within 10 s) until a captured log line contains `line`; panics if none does.
 pub fn wait_log(sink: &Sink, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&sink.0.lock().expect("sink")).contains(line) {
-        assert!(Instant::now() < deadline, "no {line:?} in the logs");
+    wait_logs(sink, line, 1, Duration::from_secs(10));
+}
+
+/// Waits (within `limit`) until the captured logs contain `line` `n` times; panics if
+/// they do not.
+pub fn wait_logs(sink: &Sink, line: &str, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while sink.text().matches(line).count() < n {
+        assert!(Instant::now() < deadline, "no {n}× {line:?} in the logs");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
