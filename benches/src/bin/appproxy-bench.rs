@@ -60,6 +60,12 @@ struct Args {
     /// limit allows).
     #[arg(long, default_value_t = 9_000)]
     idle_sessions: usize,
+    /// Also measure the relay probe (`probes/relay`: one byte relay driven by epoll,
+    /// by an io_uring ring, and by a ring with multishot receives) in the plain and
+    /// WebSocket/SSE scenarios. It relays bytes without parsing HTTP (a TCP-mode
+    /// proxy) on one thread: compare it with `--cores 1` only.
+    #[arg(long)]
+    relay_probe: bool,
     /// Internal: the harness runs its WebSocket tools as pinned subprocesses.
     #[command(subcommand)]
     tool: Option<Tool>,
@@ -126,6 +132,39 @@ enum Target {
     /// The `--baseline-worker` binary, configured as [`Target::Worker`] on ports
     /// [`BASELINE_OFFSET`] higher.
     WorkerBaseline,
+    /// The relay probe in one of its modes (`--relay-probe`).
+    Probe(ProbeMode),
+}
+
+/// How the relay probe waits for its sockets (its `--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum ProbeMode {
+    Epoll,
+    Uring,
+    UringMultishot,
+}
+
+impl ProbeMode {
+    const ALL: [ProbeMode; 3] = [Self::Epoll, Self::Uring, Self::UringMultishot];
+
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Epoll => "epoll",
+            Self::Uring => "uring",
+            Self::UringMultishot => "uring-multishot",
+        }
+    }
+
+    /// The probe's first port in this mode: +0 relays to the HTTP upstream, +1 to
+    /// the WebSocket echo app, +2 to the SSE app.
+    fn port(self) -> u16 {
+        PROBE_PORT
+            + 4 * match self {
+                Self::Epoll => 0,
+                Self::Uring => 1,
+                Self::UringMultishot => 2,
+            }
+    }
 }
 
 impl Target {
@@ -141,6 +180,9 @@ impl Target {
             Self::WorkerTls => "appproxy-worker, TLS",
             Self::NginxTls => "nginx, TLS",
             Self::WorkerBaseline => "appproxy-worker, baseline",
+            Self::Probe(ProbeMode::Epoll) => "relay probe, epoll",
+            Self::Probe(ProbeMode::Uring) => "relay probe, io_uring",
+            Self::Probe(ProbeMode::UringMultishot) => "relay probe, io_uring multishot",
         }
     }
 
@@ -187,6 +229,8 @@ const NGINX_H2_PORT: u16 = 19114;
 const GRPC_APP_PORT: u16 = 19120;
 const WORKER_GRPC_PORT: u16 = 19121;
 const NGINX_GRPC_PORT: u16 = 19122;
+/// The relay probe's first port (see [`ProbeMode::port`]).
+const PROBE_PORT: u16 = 19130;
 
 /// A running server; killed on drop.
 struct Server {
@@ -672,6 +716,30 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         wait_port(HAPROXY_PORT, "haproxy")?;
         servers.insert(Target::Haproxy, s);
     }
+    if args.relay_probe {
+        let probe = worker_bin.with_file_name("appproxy-relay-probe");
+        for mode in ProbeMode::ALL {
+            let port = mode.port();
+            let routes = [
+                format!("{port}=127.0.0.1:{UPSTREAM_PORT}"),
+                format!("{}=127.0.0.1:{WS_APP_PORT}", port + 1),
+                format!("{}=127.0.0.1:{SSE_APP_PORT}", port + 2),
+            ];
+            let mut argv = vec!["--mode", mode.arg()];
+            for r in &routes {
+                argv.extend(["--route", r]);
+            }
+            let s = spawn(
+                "relay probe",
+                &proxy_cpus,
+                &probe.to_string_lossy(),
+                &argv,
+                &dir.path().join(format!("probe-{}.log", mode.arg())),
+            )?;
+            wait_port(port + 2, "relay probe")?;
+            servers.insert(Target::Probe(mode), s);
+        }
+    }
     Ok(Setup {
         dir,
         proxy_cpus,
@@ -694,6 +762,7 @@ fn port_of(t: Target) -> u16 {
         Target::WorkerTls => WORKER_TLS_PORT,
         Target::NginxTls => NGINX_TLS_PORT,
         Target::WorkerBaseline => WORKER_PORT + BASELINE_OFFSET,
+        Target::Probe(m) => m.port(),
     }
 }
 
@@ -883,6 +952,7 @@ fn ws_port_of(t: Target) -> u16 {
         Target::Haproxy => WS_HAPROXY_PORT,
         Target::WorkerNoIds | Target::WorkerNoTrace | Target::WorkerNoHist => WS_WORKER_PORT,
         Target::WorkerBaseline => WS_WORKER_PORT + BASELINE_OFFSET,
+        Target::Probe(m) => m.port() + 1,
         // Not measured here (the WebSocket scenarios skip the TLS targets).
         Target::WorkerTls | Target::NginxTls => 0,
     }
@@ -995,6 +1065,7 @@ fn sse_port_of(t: Target) -> u16 {
         Target::Nginx => SSE_NGINX_PORT,
         Target::Haproxy => SSE_HAPROXY_PORT,
         Target::WorkerBaseline => SSE_WORKER_PORT + BASELINE_OFFSET,
+        Target::Probe(m) => m.port() + 2,
         // Not measured here (the SSE scenario skips the TLS targets).
         Target::WorkerTls | Target::NginxTls => 0,
     }
@@ -1427,6 +1498,8 @@ fn main() -> anyhow::Result<()> {
                 "appproxy-node",
                 "--bin",
                 "appproxy-worker",
+                "-p",
+                "appproxy-relay-probe",
             ])
             .status()
             .context("cannot run cargo build")?;
