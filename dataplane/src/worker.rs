@@ -593,7 +593,9 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                     };
                     match &core.rt.tls {
                         None => {
-                            spawn(serve(core.clone(), conn, peer, port, kind)).detach();
+                            // Boxed here, once: the connection future is several KiB,
+                            // and spawning it unboxed copied it at every wrapper.
+                            spawn(Box::pin(serve(core.clone(), conn, peer, port, kind))).detach();
                         }
                         Some(tls) => match if kind == Kind::Http && core.rt.http2.enabled {
                             tls.session_h2()
@@ -603,11 +605,11 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                             Ok(session) => {
                                 conn.start_tls(session);
                                 let core = core.clone();
-                                spawn(async move {
+                                spawn(Box::pin(async move {
                                     if crate::tls::handshake(&core, &conn, peer).await {
                                         serve(core, conn, peer, port, kind).await;
                                     }
-                                })
+                                }))
                                 .detach();
                             }
                             Err(e) => tracing::warn!(error = %e, "cannot start a TLS session"),

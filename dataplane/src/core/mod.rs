@@ -27,6 +27,9 @@ pub use route::{Change, HealthPolicy, Route, RouteTable};
 
 pub use crate::metrics::{counter, CoreMetrics, SharedMetrics};
 
+/// Read buffers a core keeps for reuse (2 MiB at 16 KiB each).
+const READ_BUFS_KEPT: usize = 128;
+
 /// Everything one core owns.
 pub struct Core {
     /// The CPU this executor is pinned to.
@@ -52,6 +55,9 @@ pub struct Core {
     /// between a readiness edge and the end of the synchronous forward, so idle
     /// sessions hold no buffer.
     pub scratch: RefCell<Vec<u8>>,
+    /// Client and upstream read buffers of closed HTTP/1.1 connections, reused by
+    /// new ones (no zeroed allocation per connection).
+    pub read_bufs: crate::relay::BufPool,
     /// Requests per circuit since the last hand-off to the control agent
     /// (managed mode only): the last-access marks, batched per core.
     pub access_marks: RefCell<HashMap<uuid::Uuid, u64>>,
@@ -154,6 +160,7 @@ impl Core {
             access_marks: RefCell::new(HashMap::new()),
             open_tunnels: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; 64 * 1024]),
+            read_bufs: crate::relay::BufPool::new(crate::proxy::BUF_SIZE, READ_BUFS_KEPT),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
             rt,

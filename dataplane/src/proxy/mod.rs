@@ -45,7 +45,7 @@ pub(crate) use upstream::{
 };
 
 /// Initial size of each read buffer; heads grow it up to the head limit.
-const BUF_SIZE: usize = 16 * 1024;
+pub(crate) const BUF_SIZE: usize = 16 * 1024;
 /// Largest body buffer.
 const BODY_BUF_LIMIT: usize = 64 * 1024;
 
@@ -93,10 +93,10 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
     let mut client = Client {
         core: core.clone(),
         conn,
-        buf: ReadBuf::new(BUF_SIZE),
+        buf: core.read_bufs.take(),
         hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
-        ubuf: ReadBuf::new(BUF_SIZE),
+        ubuf: core.read_bufs.take(),
         out: Vec::with_capacity(4096),
     };
     client.conn.set_timeout(core.rt.head_timeout);
@@ -109,6 +109,8 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
             .is_some_and(|a| a == b"h2");
         if alpn_h2 || client.sniff_preface().await {
             let prefix = client.buf.filled().to_vec();
+            core.read_bufs.give(&mut client.buf);
+            core.read_bufs.give(&mut client.ubuf);
             let hop = client.hop;
             crate::http2::serve(core.clone(), client.conn, hop, prefix, conn_id).await;
             core.metrics.sub(counter::ACTIVE, 1);
@@ -116,6 +118,8 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
         }
     }
     client.run().await;
+    core.read_bufs.give(&mut client.buf);
+    core.read_bufs.give(&mut client.ubuf);
     core.metrics.sub(counter::ACTIVE, 1);
 }
 

@@ -11,7 +11,7 @@ use super::exchange::Done;
 use super::{Client, Failure, Next};
 use crate::core::{counter, Core};
 use crate::io::TcpConn;
-use crate::relay::{self, ReadBuf};
+use crate::relay;
 
 /// What a tunnel starts with.
 pub(super) struct TunnelEnds<'a> {
@@ -55,8 +55,8 @@ impl Client {
             out.extend_from_slice(&from_app);
         }
         // The HTTP buffers are done with: a long-lived tunnel should not keep them.
-        *ubuf = ReadBuf::new(0);
-        *buf = ReadBuf::new(0);
+        core.read_bufs.give(ubuf);
+        core.read_bufs.give(buf);
         conn.set_timeout(idle);
         conn.write_all(out)
             .await
