@@ -653,15 +653,9 @@ async fn serve(core: Rc<Core>, conn: crate::io::TcpConn, peer: SocketAddr, port:
 async fn probe_loop(core: Rc<Core>, every: Duration) {
     loop {
         core.reactor.sleep(every).await;
-        let routes: Vec<Rc<crate::core::Route>> = {
-            let now = core.reactor.now();
-            core.routes
-                .borrow()
-                .routes()
-                .filter(|r| !r.unhealthy(now).is_empty())
-                .cloned()
-                .collect()
-        };
+        // Only the circuits reported unhealthy: a core with 100k circuits and one
+        // failing app probes one, not 100k.
+        let routes = core.routes.borrow().take_suspects(core.reactor.now());
         for route in routes {
             for addr in route.unhealthy(core.reactor.now()) {
                 if crate::io::TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout)
@@ -671,6 +665,9 @@ async fn probe_loop(core: Rc<Core>, every: Duration) {
                     route.record(addr, true, core.reactor.now(), core.health_policy());
                     tracing::info!(upstream = %addr, "upstream answers the probe again: back in rotation");
                 }
+            }
+            if !route.unhealthy(core.reactor.now()).is_empty() {
+                core.routes.borrow().suspect_again(&route);
             }
         }
     }

@@ -527,6 +527,37 @@ fn dead_routes_leave_rotation_and_requests_still_succeed() {
 }
 
 #[test]
+fn the_active_probe_brings_a_route_back_as_soon_as_its_app_answers() {
+    let up = Upstream::start();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port()));
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr, dead],
+        extra: "[upstream]\nprobe_interval_secs = 1\nunhealthy_secs = 3600\n".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    let mut i = 0;
+    while w
+        .log_json()
+        .iter()
+        .all(|v| v["message"] != "upstream marked unhealthy")
+    {
+        assert!(i < 200, "the dead route was never marked unhealthy");
+        let r = c.get("/", "");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        i += 1;
+    }
+    // The app comes up on the dead address: the probe (visiting only the circuits
+    // reported unhealthy) finds it long before the hour of back-off is over.
+    let revived = std::net::TcpListener::bind(dead).expect("bind the dead address");
+    let back = w.wait_log("back in rotation", |v| {
+        v["message"] == "upstream answers the probe again: back in rotation"
+    });
+    assert_eq!(back[0]["upstream"], dead.to_string());
+    drop(revived);
+}
+
+#[test]
 fn request_ids_can_be_turned_off_for_measurement() {
     let up = Upstream::start();
     let w = Worker::start(WorkerOpts {

@@ -28,6 +28,11 @@ pub struct HealthPolicy {
     pub backoff: std::time::Duration,
 }
 
+/// IDs of circuits with an upstream marked unhealthy since the active probe last
+/// looked, shared by a core's route table and its routes: the probe visits these,
+/// not every circuit of the core.
+type Suspects = Rc<RefCell<Vec<uuid::Uuid>>>;
+
 /// A circuit's routes, ready for weighted choice among the healthy ones.
 pub struct Route {
     /// The circuit, shared read-only by every core (one copy per worker, not per core).
@@ -35,14 +40,22 @@ pub struct Route {
     /// Per-upstream passive health, indexed like `circuit.upstreams`; empty (no
     /// allocation) until an upstream first fails, as for most circuits it never does.
     health: RefCell<Vec<Health>>,
+    /// Where this route reports itself when an upstream turns unhealthy.
+    suspects: Suspects,
 }
 
 impl Route {
-    /// Prepares `circuit` for routing.
+    /// Prepares `circuit` for routing (outside any table: nobody is told of its
+    /// unhealthy upstreams).
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
+        Self::reporting_to(circuit, Suspects::default())
+    }
+
+    fn reporting_to(circuit: Arc<ResolvedCircuit>, suspects: Suspects) -> Self {
         Self {
             circuit,
             health: RefCell::new(Vec::new()),
+            suspects,
         }
     }
 
@@ -105,6 +118,7 @@ impl Route {
         if h.failures >= policy.threshold && h.unhealthy_until.is_none_or(|t| t <= now) {
             h.unhealthy_until = Some(now + policy.backoff);
             crate::introspect::health_changed();
+            self.suspects.borrow_mut().push(self.circuit.circuit.id);
             return true;
         }
         false
@@ -147,6 +161,8 @@ pub struct RouteTable {
     by_id: HashMap<uuid::Uuid, Rc<Route>>,
     /// The wildcard frontend, in wildcard mode.
     pub wildcard: Option<Wildcard>,
+    /// Circuits whose upstreams turned unhealthy since [`RouteTable::take_suspects`].
+    suspects: Suspects,
 }
 
 impl RouteTable {
@@ -184,7 +200,7 @@ impl RouteTable {
         self.remove(&id);
         // Another circuit holding the same frontend loses it: the agent refuses such
         // sets, so this only keeps the table and its index consistent.
-        let route = Rc::new(Route::new(c.clone()));
+        let route = Rc::new(Route::reporting_to(c.clone(), self.suspects.clone()));
         let previous = match &c.frontend {
             Frontend::Port(p) => self.by_port.insert(*p, route.clone()),
             Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route.clone()),
@@ -208,6 +224,25 @@ impl RouteTable {
                 self.by_subdomain.remove(s);
             }
         }
+    }
+
+    /// The routes with an upstream out of rotation now, each once: those reported
+    /// since the last call (by a failure that marked an upstream unhealthy, or by
+    /// [`RouteTable::suspect_again`]) and still in the table. O(reported), whatever
+    /// the table's size.
+    pub fn take_suspects(&self, now: Instant) -> Vec<Rc<Route>> {
+        let ids = std::mem::take(&mut *self.suspects.borrow_mut());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        ids.into_iter()
+            .filter(|id| seen.insert(*id))
+            .filter_map(|id| self.by_id.get(&id).cloned())
+            .filter(|r| !r.unhealthy(now).is_empty())
+            .collect()
+    }
+
+    /// Reports `route` again: it still has upstreams out of rotation after a probe.
+    pub fn suspect_again(&self, route: &Route) {
+        self.suspects.borrow_mut().push(route.circuit.circuit.id);
     }
 
     /// The circuit with this ID.
@@ -364,6 +399,57 @@ route_info = [
             upstream_tls: Vec::new(),
             allowed: Vec::new(),
         })
+    }
+
+    #[test]
+    fn the_probe_list_holds_just_the_circuits_that_turned_unhealthy() {
+        let circuits: Vec<_> = (1..=1000u16)
+            .map(|i| resolved(u128::from(i), Frontend::Port(20_000 + i), 30_000 + i))
+            .collect();
+        let mut table = RouteTable::new(&circuits, None);
+        let now = Instant::now();
+        let policy = HealthPolicy {
+            threshold: 2,
+            backoff: std::time::Duration::from_secs(10),
+        };
+        assert!(
+            table.take_suspects(now).is_empty(),
+            "a fresh table has none"
+        );
+        let sick = table.get(&uuid::Uuid::from_u128(500)).expect("present");
+        let addr = sick.circuit.upstreams[0].0;
+        assert!(
+            !sick.record(addr, false, now, policy),
+            "one failure is below the threshold"
+        );
+        assert!(table.take_suspects(now).is_empty());
+        assert!(sick.record(addr, false, now, policy));
+        sick.record(addr, false, now, policy);
+        let found = table.take_suspects(now);
+        assert_eq!(found.len(), 1, "reported once, listed once");
+        assert_eq!(found[0].circuit.circuit.id, uuid::Uuid::from_u128(500));
+        assert!(table.take_suspects(now).is_empty(), "taken means gone");
+
+        // Still unhealthy after a probe: the caller reports it again.
+        table.suspect_again(&found[0]);
+        assert_eq!(table.take_suspects(now).len(), 1);
+        // Back to health, or its back-off over: not listed.
+        table.suspect_again(&found[0]);
+        assert!(table.take_suspects(now + policy.backoff).is_empty());
+        table.suspect_again(&found[0]);
+        sick.record(addr, true, now, policy);
+        assert!(table.take_suspects(now).is_empty());
+
+        // A circuit removed (or replaced, with fresh health) after its report: not listed.
+        let other = table.get(&uuid::Uuid::from_u128(7)).expect("present");
+        let other_addr = other.circuit.upstreams[0].0;
+        other.record(other_addr, false, now, policy);
+        other.record(other_addr, false, now, policy);
+        table.apply(&Change {
+            removes: vec![uuid::Uuid::from_u128(7)],
+            ..Change::default()
+        });
+        assert!(table.take_suspects(now).is_empty());
     }
 
     /// What a table routes: (frontend, circuit, upstream port), sorted.
