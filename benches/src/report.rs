@@ -73,18 +73,31 @@ fn ratio(row: &Row, base: Option<&Row>) -> String {
     }
 }
 
+/// Requests per CPU-second of `row` against `base`'s: the comparison that holds when
+/// the load side, not the proxy, limits req/s (and when outside load swings the
+/// rates between rounds). A proxy that spins while waiting pays for it here.
+fn cpu_ratio(row: &Row, base: Option<&Row>) -> String {
+    match (row.cpu_s_per_100k, base.and_then(|b| b.cpu_s_per_100k)) {
+        (Some(mine), Some(theirs)) if mine > 0.0 => format!("{:.2}×", theirs / mine),
+        _ => "—".into(),
+    }
+}
+
 /// The scenario as a Markdown table (also readable in a terminal).
 pub fn table(r: &ScenarioResult) -> String {
     let nginx = r.rows.iter().find(|x| x.label == "nginx");
     let direct = r.rows.iter().find(|x| x.label == "direct");
     let mut out = String::new();
     let _ = writeln!(out, "### {} — {}\n", r.name, r.title);
-    let _ = writeln!(out, "| target | req/s | p50 | p99 | p99.9 | CPU s / 100k req | vs nginx | vs direct | errors | rounds (req/s) |");
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(out, "| target | req/s | p50 | p99 | p99.9 | CPU s / 100k req | vs nginx | per CPU vs nginx | vs direct | errors | rounds (req/s) |");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} | {} | {} | {} | {} |",
             row.label,
             row.rps,
             row.p50_us / 1000.0,
@@ -92,6 +105,7 @@ pub fn table(r: &ScenarioResult) -> String {
             row.p999_us / 1000.0,
             row.cpu_s_per_100k.map_or("—".into(), |c| format!("{c:.2}")),
             ratio(row, nginx),
+            cpu_ratio(row, nginx),
             ratio(row, direct),
             row.errors,
             row.rounds
@@ -193,7 +207,7 @@ mod tests {
             p50_us: 500.0,
             p99_us: 1500.0,
             p999_us: 3000.0,
-            cpu_s_per_100k: Some(1.5),
+            cpu_s_per_100k: (label != "direct").then_some(150.0 / rps),
             errors: 0,
             rounds: vec![rps],
         };
@@ -211,7 +225,14 @@ mod tests {
     #[test]
     fn table_has_ratios() {
         let t = table(&sample());
-        assert!(t.contains("| appproxy-worker | 65 | 0.50 ms | 1.50 ms | 3.00 ms | 1.50 | 1.30× | 0.65× | 0 | 65 |"), "{t}");
+        // 2.31 CPU-s per 100k against nginx's 3.00: 1.30× the requests per CPU-second.
+        assert!(t.contains("| appproxy-worker | 65 | 0.50 ms | 1.50 ms | 3.00 ms | 2.31 | 1.30× | 1.30× | 0.65× | 0 | 65 |"), "{t}");
+        assert!(
+            t.contains(
+                "| direct | 100 | 0.50 ms | 1.50 ms | 3.00 ms | — | 2.00× | — | 1.00× | 0 | 100 |"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
