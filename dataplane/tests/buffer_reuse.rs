@@ -1,0 +1,610 @@
+//! Hostile suite, class "one connection's bytes in another's": a closed connection's
+//! client and app read buffers go back to its core's pool and the next connection
+//! takes them without zeroing. Here, on one core, every probe connection comes right
+//! after a poisoning one that filled both buffers with secrets (the client's in its
+//! head, body and pipelined garbage; the app's in its response head, body and bytes
+//! after the body; the pool is last in, first out, so a probe's client buffer was the
+//! poisoning connection's app buffer and the other way round). The probes then take every path that reads into or answers from
+//! those buffers: partial, split, malformed and oversized heads, the proxy's own
+//! errors (400, 408, 413, 414, 431, 502), truncated bodies both ways, `Expect:
+//! 100-continue`, pipelining, raw and WebSocket upgrades with early bytes both ways,
+//! and HTTP/2 preface sniffing with and without a fallback. No fragment of either
+//! secret may reach a probe client, the app (outside the poisoning requests) or the
+//! worker's log.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, metric, Worker, WorkerOpts};
+
+/// What the poisoning clients send (header values, bodies, pipelined garbage).
+const CLIENT_SECRET: &str = "Qz9#Kx";
+/// What the app answers the poisoning requests with (head, body, trailing bytes).
+const APP_SECRET: &str = "Vw7%Jy";
+
+/// Every 4-byte window of the secrets repeated: any stale stretch of a poisoned
+/// buffer longer than a few bytes contains one.
+fn secret_fragments() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for token in [CLIENT_SECRET, APP_SECRET] {
+        let cycle = token.repeat(2).into_bytes();
+        for i in 0..token.len() {
+            out.push(cycle[i..i + 4].to_vec());
+        }
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Where a secret fragment shows in `bytes`, described; `None` when clean.
+fn leak(what: &str, bytes: &[u8]) -> Option<String> {
+    secret_fragments().iter().find_map(|frag| {
+        let at = find(bytes, frag)?;
+        let from = at.saturating_sub(80);
+        let to = (at + 80).min(bytes.len());
+        Some(format!(
+            "{what}: a secret of another connection leaked ({:?} at byte {at}): …{}…",
+            String::from_utf8_lossy(frag),
+            String::from_utf8_lossy(&bytes[from..to])
+        ))
+    })
+}
+
+/// The test app: records every byte it receives except the poisoning requests.
+struct App {
+    addr: SocketAddr,
+    /// Bytes received outside `/poison*` requests (leftovers and tunnels included).
+    clean: Arc<Mutex<Vec<u8>>>,
+    /// `/poison*` requests served.
+    poisoned: Arc<AtomicUsize>,
+    /// Connections whose every received byte is accounted for (closed).
+    closed: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl App {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        let clean = Arc::new(Mutex::new(Vec::new()));
+        let poisoned = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (c, p, d, a) = (
+            clean.clone(),
+            poisoned.clone(),
+            closed.clone(),
+            accepted.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let (c, p, d) = (c.clone(), p.clone(), d.clone());
+                std::thread::spawn(move || {
+                    let mut pending = Vec::new();
+                    let _ = serve_app(stream, &mut pending, &c, &p);
+                    c.lock().expect("clean").extend_from_slice(&pending);
+                    d.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            clean,
+            poisoned,
+            closed,
+            accepted,
+        }
+    }
+}
+
+/// Reads more into `pending`; false at end of stream.
+fn read_more(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut b = [0u8; 8192];
+    let n = s.read(&mut b)?;
+    pending.extend_from_slice(&b[..n]);
+    Ok(n > 0)
+}
+
+fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+fn serve_app(
+    mut s: TcpStream,
+    pending: &mut Vec<u8>,
+    clean: &Mutex<Vec<u8>>,
+    poisoned: &AtomicUsize,
+) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(pending, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !read_more(&mut s, pending)? {
+                return Ok(());
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+        let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+        let end = if let Some(len) = header_value(&head, "content-length") {
+            let end = head_end + len.parse::<usize>().unwrap_or(0);
+            while pending.len() < end {
+                if !read_more(&mut s, pending)? {
+                    return Ok(());
+                }
+            }
+            end
+        } else if header_value(&head, "transfer-encoding").is_some() {
+            loop {
+                if let Some(i) = find(&pending[head_end - 2..], b"\r\n0\r\n\r\n") {
+                    break head_end - 2 + i + 7;
+                }
+                if !read_more(&mut s, pending)? {
+                    return Ok(());
+                }
+            }
+        } else {
+            head_end
+        };
+        let request: Vec<u8> = pending.drain(..end).collect();
+        if path.starts_with("/poison") {
+            poisoned.fetch_add(1, Ordering::SeqCst);
+        } else {
+            clean.lock().expect("clean").extend_from_slice(&request);
+        }
+        match path.as_str() {
+            "/poison" | "/poison-extra" => {
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nX-App-Secret: {}\r\nContent-Length: {}\r\n\r\n",
+                    APP_SECRET.repeat(1700),
+                    60 * 1024
+                )
+                .into_bytes();
+                resp.extend(APP_SECRET.bytes().cycle().take(60 * 1024));
+                if path == "/poison-extra" {
+                    // Bytes after the response: left in the proxy's app buffer.
+                    resp.extend(APP_SECRET.bytes().cycle().take(12 * 1024));
+                }
+                s.write_all(&resp)?;
+            }
+            "/bad-head" => {
+                s.write_all(b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n")?;
+                return Ok(());
+            }
+            "/no-response" => return Ok(()),
+            "/short-body" => {
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")?;
+                return Ok(());
+            }
+            "/split-head" => {
+                let resp = b"HTTP/1.1 200 OK\r\nX-Split: yes\r\nContent-Length: 5\r\n\r\nsplit";
+                for piece in resp.chunks(7) {
+                    s.write_all(piece)?;
+                    // Separate segments (not a timing assertion).
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+            "/upgrade" => {
+                let ws = header_value(&head, "upgrade")
+                    .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+                let mut resp = if ws {
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n".to_vec()
+                } else {
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n".to_vec()
+                };
+                // Early bytes right behind the 101 (an unmasked text frame for
+                // WebSocket).
+                let early = b"EARLY-APP";
+                if ws {
+                    resp.extend([0x81, early.len() as u8]);
+                }
+                resp.extend_from_slice(early);
+                s.write_all(&resp)?;
+                // The tunnel: everything received is recorded; raw bytes are echoed
+                // until the client closes. A WebSocket session ends with the app
+                // closing once the client's frame is in (its early bytes precede that
+                // end of stream, so the client gets them whatever the timing).
+                let mut tunneled = 0;
+                loop {
+                    if !ws && !pending.is_empty() {
+                        s.write_all(pending)?;
+                    }
+                    tunneled += pending.len();
+                    clean.lock().expect("clean").extend(pending.drain(..));
+                    if ws && tunneled >= WS_CLIENT_FRAME_LEN {
+                        return Ok(());
+                    }
+                    if !read_more(&mut s, pending)? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {
+                // Echo: the app's view of the request goes back to the client.
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    request.len()
+                )
+                .into_bytes();
+                resp.extend_from_slice(&request);
+                s.write_all(&resp)?;
+            }
+        }
+    }
+}
+
+/// Reads until the worker closes (or the read times out: a hang guard).
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "the worker neither answered nor closed; got {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            }
+            // A reset after the answer: what was read is what the client got.
+            Err(_) => return got,
+        }
+    }
+}
+
+fn connect(w: &Worker) -> TcpStream {
+    let s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+/// Waits until the worker has closed every client connection: their buffers are
+/// back in the pool, for the next connection to take.
+fn settle(w: &Worker) {
+    eventually("every client connection closed", || {
+        metric(w, "appproxy_connections_active") == 0
+    });
+}
+
+/// A connection that fills both of its buffers with secrets, then closes.
+fn poison(w: &Worker, app: &App, variant: usize) {
+    let before = app.poisoned.load(Ordering::SeqCst);
+    let mut s = connect(w);
+    let secret_header = CLIENT_SECRET.repeat(1400);
+    let mut req = match variant % 3 {
+        // A large head and a body that fills the buffer in one read; closes.
+        0 => format!(
+            "POST /poison HTTP/1.1\r\nHost: t\r\nX-Secret: {secret_header}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            32 * 1024
+        ),
+        // Pipelined garbage behind a closing request: left in the client buffer.
+        1 => format!(
+            "GET /poison-extra HTTP/1.1\r\nHost: t\r\nX-Secret: {secret_header}\r\nConnection: close\r\n\r\n"
+        ),
+        // Keep-alive: the client goes away after its response.
+        _ => format!(
+            "POST /poison HTTP/1.1\r\nHost: t\r\nX-Secret: {secret_header}\r\nContent-Length: {}\r\n\r\n",
+            32 * 1024
+        ),
+    }
+    .into_bytes();
+    let trailing = if variant % 3 == 1 {
+        12 * 1024
+    } else {
+        32 * 1024
+    };
+    req.extend(CLIENT_SECRET.bytes().cycle().take(trailing));
+    s.write_all(&req).expect("poison request");
+    let mut reader = common::Client {
+        reader: std::io::BufReader::new(s.try_clone().expect("clone")),
+        stream: s,
+    };
+    let r = reader.response();
+    assert_eq!(r.status, 200, "the poisoning request reached the app");
+    assert!(
+        find(&r.body, APP_SECRET.as_bytes()).is_some(),
+        "the poisoning client got the app's secret"
+    );
+    drop(reader);
+    assert_eq!(app.poisoned.load(Ordering::SeqCst), before + 1);
+    settle(w);
+}
+
+/// One probe: its bytes in order (each a separate write, a few milliseconds apart
+/// so that the worker reads them separately), then optionally a half-close; returns
+/// everything the worker sent back until it closed.
+struct Probe {
+    name: &'static str,
+    parts: Vec<Vec<u8>>,
+    half_close: bool,
+    /// What the answer must start with (empty: anything, even nothing).
+    expect_start: &'static str,
+    /// What the answer must contain.
+    expect_contains: &'static [&'static str],
+    /// Whether the answer must open with an HTTP/2 SETTINGS frame.
+    expect_h2: bool,
+}
+
+fn probe(name: &'static str, parts: Vec<Vec<u8>>) -> Probe {
+    Probe {
+        name,
+        parts,
+        half_close: true,
+        expect_start: "",
+        expect_contains: &[],
+        expect_h2: false,
+    }
+}
+
+impl Probe {
+    fn starts(mut self, s: &'static str) -> Self {
+        self.expect_start = s;
+        self
+    }
+    fn contains(mut self, s: &'static [&'static str]) -> Self {
+        self.expect_contains = s;
+        self
+    }
+    fn h2(mut self) -> Self {
+        self.expect_h2 = true;
+        self
+    }
+    fn keep_open(mut self) -> Self {
+        self.half_close = false;
+        self
+    }
+
+    fn run(&self, w: &Worker) -> Vec<u8> {
+        let mut s = connect(w);
+        for (i, part) in self.parts.iter().enumerate() {
+            if i > 0 {
+                // Separate reads on the worker's side (not a timing assertion).
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if s.write_all(part).is_err() {
+                break;
+            }
+        }
+        if self.half_close {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        read_to_close(&mut s)
+    }
+}
+
+fn bytes(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+fn byte_by_byte(s: &str) -> Vec<Vec<u8>> {
+    s.as_bytes().iter().map(|b| vec![*b]).collect()
+}
+
+/// The client's early WebSocket frame: `masked_text(b"EARLY-CLIENT")`.
+const WS_CLIENT_FRAME_LEN: usize = 2 + 4 + 12;
+
+/// A masked client text frame.
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+#[test]
+fn no_byte_of_a_closed_connection_reaches_the_next_one() {
+    let app = App::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 1,
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nhead_secs = 2\n[limits]\nmax_body = 100000\n".into(),
+        ..Default::default()
+    });
+
+    let ws_head = "GET /upgrade HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut ws_early = bytes(ws_head);
+    ws_early.extend(masked_text(b"EARLY-CLIENT"));
+    let mut h2_settings = h2_preface();
+    h2_settings.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+
+    let probes = vec![
+        probe("partial head, then end of stream", vec![bytes(
+            "GET /b HTTP/1.1\r\nHost: t\r\nX-Partial: abc",
+        )]),
+        probe("partial head, then silence", vec![bytes("GET /b HTTP/1.1\r\nHost: t\r\nX-Par")])
+            .keep_open()
+            .starts("HTTP/1.1 408"),
+        probe("a lone CR-LF, then end of stream", vec![bytes("\r\n")]),
+        probe("malformed header name", vec![bytes("GET /b HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n")])
+            .starts("HTTP/1.1 400"),
+        probe("bare CR split across reads", vec![
+            bytes("GET /b HTTP/1.1\r\nHost: t\r\nX-A: a"),
+            bytes("\rb\r\n\r\n"),
+        ])
+        .starts("HTTP/1.1 400"),
+        probe("no Host", vec![bytes("GET /b HTTP/1.1\r\n\r\n")]).starts("HTTP/1.1 400"),
+        probe("request line > 8 KiB", vec![bytes(&format!(
+            "GET /{} HTTP/1.1\r\nHost: t\r\n\r\n",
+            "a".repeat(9000)
+        ))])
+        .starts("HTTP/1.1 414"),
+        probe("head > 16 KiB, in pieces (the buffer grows)", vec![
+            bytes("GET /b HTTP/1.1\r\nHost: t\r\nX-Big: "),
+            bytes(&"b".repeat(10 * 1024)),
+            bytes(&"b".repeat(8 * 1024)),
+            bytes("\r\n\r\n"),
+        ])
+        .starts("HTTP/1.1 431"),
+        probe("body over max_body", vec![bytes(
+            "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\nConnection: close\r\n\r\nabc",
+        )])
+        .starts("HTTP/1.1 413"),
+        probe("bad chunk size", vec![bytes(
+            "POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 400"),
+        probe("body shorter than its length, then end of stream", vec![bytes(
+            "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n0123456789",
+        )]),
+        probe("chunked body cut mid-chunk", vec![
+            bytes("POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            bytes("20\r\nonly-a-few"),
+        ]),
+        probe("a head one byte at a time", byte_by_byte(
+            "GET /echo HTTP/1.1\r\nHost: t\r\nX-Probe: one-by-one\r\nConnection: close\r\n\r\n",
+        ))
+        .starts("HTTP/1.1 200")
+        .contains(&["X-Probe: one-by-one"]),
+        probe("pipelined requests in one write", vec![bytes(
+            "GET /echo1 HTTP/1.1\r\nHost: t\r\n\r\nGET /echo2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 200")
+        .contains(&["GET /echo1 ", "GET /echo2 "]),
+        probe("a body in small pieces", vec![
+            bytes("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"),
+            bytes("body"),
+            bytes("-in-"),
+            bytes("bits"),
+        ])
+        .starts("HTTP/1.1 200")
+        .contains(&["body-in-bits"]),
+        probe("Expect: 100-continue", vec![
+            bytes("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"),
+            bytes("continue"),
+        ])
+        .starts("HTTP/1.1 100")
+        .contains(&["HTTP/1.1 200", "continue"]),
+        probe("the app's malformed head (502)", vec![bytes(
+            "GET /bad-head HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 502"),
+        probe("the app closes without answering (502)", vec![bytes(
+            "GET /no-response HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 502"),
+        probe("the app's body shorter than its length", vec![bytes(
+            "GET /short-body HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 200")
+        .contains(&["0123456789"]),
+        probe("the app's head split across reads", vec![bytes(
+            "GET /split-head HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )])
+        .starts("HTTP/1.1 200")
+        .contains(&["X-Split: yes", "split"]),
+        probe("raw upgrade with early bytes both ways", vec![
+            bytes("GET /upgrade HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\nEARLY-CLIENT"),
+            bytes("LATER"),
+        ])
+        .starts("HTTP/1.1 101")
+        .contains(&["EARLY-APP", "EARLY-CLIENT", "LATER"]),
+        probe("WebSocket upgrade with early frames both ways", vec![ws_early])
+            .keep_open()
+            .starts("HTTP/1.1 101")
+            .contains(&["EARLY-APP"]),
+        probe("HTTP/2 preface cut short, then HTTP/1.1", vec![
+            bytes("PRI * HT"),
+            bytes("TP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+        ])
+        .starts("HTTP/1.1 "),
+        probe("HTTP/2 preface diverging late", vec![bytes("PRI * HTTP/2.0\r\n\r\nXM\r\n\r\n")])
+            .starts("HTTP/1.1 "),
+        probe("HTTP/2 preface in pieces, then SETTINGS", vec![
+            h2_settings[..10].to_vec(),
+            h2_settings[10..].to_vec(),
+        ])
+        .h2(),
+    ];
+
+    // Every probe runs; a leak anywhere is reported before any unexpected answer
+    // (stale bytes in a head may well turn the answer into a 400 first).
+    let mut leaks = Vec::new();
+    let mut wrong = Vec::new();
+    let mut app_seen = 0;
+    for (i, p) in probes.iter().enumerate() {
+        poison(&w, &app, i);
+        let got = p.run(&w);
+        settle(&w);
+        leaks.extend(leak(&format!("what the client of {:?} got", p.name), &got));
+        {
+            let clean = app.clean.lock().expect("clean");
+            leaks.extend(leak(
+                &format!("what the app got up to {:?}", p.name),
+                &clean[app_seen..],
+            ));
+            app_seen = clean.len();
+        }
+        let text = String::from_utf8_lossy(&got);
+        if !text.starts_with(p.expect_start) {
+            wrong.push(format!(
+                "{}: expected an answer starting with {:?}, got {text:?}",
+                p.name, p.expect_start
+            ));
+        }
+        if p.expect_h2 && !(got.len() >= 9 && got[3] == 0x4) {
+            wrong.push(format!("{}: no HTTP/2 SETTINGS frame in {got:?}", p.name));
+        }
+        for s in p.expect_contains {
+            if !text.contains(s) {
+                wrong.push(format!("{}: {s:?} missing from {text:?}", p.name));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} leak(s):\n{}\n(and {} unexpected answer(s):\n{})",
+        leaks.len(),
+        leaks.join("\n"),
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert!(
+        wrong.is_empty(),
+        "unexpected answers:\n{}",
+        wrong.join("\n")
+    );
+
+    // The app saw everything the worker sent it once the worker is gone.
+    let mut w = w;
+    w.terminate();
+    eventually("the app's connections all closed", || {
+        app.closed.load(Ordering::SeqCst) == app.accepted.load(Ordering::SeqCst)
+    });
+    let clean = app.clean.lock().expect("clean").clone();
+    let log = w.log_text();
+    assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
+    assert!(
+        find(&clean, b"EARLY-CLIENT").is_some() && find(&clean, b"X-Probe: one-by-one").is_some(),
+        "the app recorded the probes"
+    );
+    let late = leak("what the app got outside the poisoning requests", &clean);
+    assert!(late.is_none(), "{}", late.unwrap_or_default());
+    let logged = leak("the worker's log", log.as_bytes());
+    assert!(logged.is_none(), "{}", logged.unwrap_or_default());
+}
+
+/// The HTTP/2 connection preface.
+fn h2_preface() -> Vec<u8> {
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()
+}
