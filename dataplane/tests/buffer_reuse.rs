@@ -10,17 +10,22 @@
 //! 100-continue`, pipelining, raw and WebSocket upgrades with early bytes both ways,
 //! and HTTP/2 preface sniffing with and without a fallback. No fragment of either
 //! secret may reach a probe client, the app (outside the poisoning requests) or the
-//! worker's log.
+//! worker's log. The same attack runs over TLS: the buffers then hold plaintext that
+//! rustls decrypted into them, and the probes' bytes arrive in records of any size.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls_support;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, metric, Worker, WorkerOpts};
+use rustls::ClientConfig;
+use tls_support::{Pki, TlsStream};
 
 /// What the poisoning clients send (header values, bodies, pipelined garbage).
 const CLIENT_SECRET: &str = "Qz9#Kx";
@@ -250,7 +255,7 @@ fn serve_app(
 }
 
 /// Reads until the worker closes (or the read times out: a hang guard).
-fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+fn read_to_close(s: &mut dyn Read) -> Vec<u8> {
     let mut got = Vec::new();
     let mut b = [0u8; 16 * 1024];
     loop {
@@ -270,12 +275,106 @@ fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-fn connect(w: &Worker) -> TcpStream {
-    let s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.set_nodelay(true).expect("nodelay");
-    s
+/// A client connection to the worker: plain TCP or TLS.
+trait Conn: Read + Write {
+    /// Ends the client's side of the stream (over TLS, with a close_notify first).
+    fn close_write(&mut self);
+    /// Everything the worker sends until it closes.
+    fn read_to_close(&mut self) -> Vec<u8>;
+}
+
+impl Conn for TcpStream {
+    fn close_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+    fn read_to_close(&mut self) -> Vec<u8> {
+        read_to_close(self)
+    }
+}
+
+impl Conn for TlsStream {
+    fn close_write(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        let _ = self.sock.shutdown(Shutdown::Write);
+    }
+
+    /// Reads records only: a rustls stream's `read` first retries the client's
+    /// unsent bytes, and fails on a worker that answered early and closed.
+    fn read_to_close(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut b = [0u8; 16 * 1024];
+        loop {
+            match self.conn.reader().read(&mut b) {
+                Ok(0) => return got,
+                Ok(n) => {
+                    got.extend_from_slice(&b[..n]);
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // Closed without a close_notify: what was read is what it sent.
+                Err(_) => return got,
+            }
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    panic!(
+                        "the worker neither answered nor closed; got {:?}",
+                        String::from_utf8_lossy(&got)
+                    )
+                }
+                Err(_) => return got,
+            }
+            if self.conn.process_new_packets().is_err() {
+                return got;
+            }
+        }
+    }
+}
+
+/// The worker under attack and how its clients reach it.
+struct Target<'a> {
+    w: &'a Worker,
+    /// TLS client settings when the worker terminates TLS.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl Target<'_> {
+    fn connect(&self) -> Box<dyn Conn> {
+        match &self.tls {
+            None => {
+                let s = TcpStream::connect(self.w.addr()).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .expect("timeout");
+                s.set_nodelay(true).expect("nodelay");
+                Box::new(s)
+            }
+            // Each write leaves in its own records: the worker gets the pieces as sent.
+            Some(config) => Box::new(
+                tls_support::connect(self.w.addr(), config, "localhost").expect("TLS handshake"),
+            ),
+        }
+    }
+}
+
+/// Reads one response framed by its Content-Length: status and body.
+fn read_response(r: &mut impl BufRead) -> (u16, Vec<u8>) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = r.read_until(b'\n', &mut head).expect("response head");
+        assert!(n > 0, "end of stream in a response head");
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a status line: {head:?}"));
+    let len = header_value(&head, "content-length").map_or(0, |v| v.parse().expect("length"));
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("response body");
+    (status, body)
 }
 
 /// Waits until the worker has closed every client connection: their buffers are
@@ -287,9 +386,9 @@ fn settle(w: &Worker) {
 }
 
 /// A connection that fills both of its buffers with secrets, then closes.
-fn poison(w: &Worker, app: &App, variant: usize) {
+fn poison(t: &Target, app: &App, variant: usize) {
     let before = app.poisoned.load(Ordering::SeqCst);
-    let mut s = connect(w);
+    let mut s = BufReader::new(t.connect());
     let secret_header = CLIENT_SECRET.repeat(1400);
     let mut req = match variant % 3 {
         // A large head and a body that fills the buffer in one read; closes.
@@ -314,20 +413,16 @@ fn poison(w: &Worker, app: &App, variant: usize) {
         32 * 1024
     };
     req.extend(CLIENT_SECRET.bytes().cycle().take(trailing));
-    s.write_all(&req).expect("poison request");
-    let mut reader = common::Client {
-        reader: std::io::BufReader::new(s.try_clone().expect("clone")),
-        stream: s,
-    };
-    let r = reader.response();
-    assert_eq!(r.status, 200, "the poisoning request reached the app");
+    s.get_mut().write_all(&req).expect("poison request");
+    let (status, body) = read_response(&mut s);
+    assert_eq!(status, 200, "the poisoning request reached the app");
     assert!(
-        find(&r.body, APP_SECRET.as_bytes()).is_some(),
+        find(&body, APP_SECRET.as_bytes()).is_some(),
         "the poisoning client got the app's secret"
     );
-    drop(reader);
+    drop(s);
     assert_eq!(app.poisoned.load(Ordering::SeqCst), before + 1);
-    settle(w);
+    settle(t.w);
 }
 
 /// One probe: its bytes in order (each a separate write, a few milliseconds apart
@@ -374,8 +469,8 @@ impl Probe {
         self
     }
 
-    fn run(&self, w: &Worker) -> Vec<u8> {
-        let mut s = connect(w);
+    fn run(&self, t: &Target) -> Vec<u8> {
+        let mut s = t.connect();
         for (i, part) in self.parts.iter().enumerate() {
             if i > 0 {
                 // Separate reads on the worker's side (not a timing assertion).
@@ -386,9 +481,9 @@ impl Probe {
             }
         }
         if self.half_close {
-            let _ = s.shutdown(Shutdown::Write);
+            s.close_write();
         }
-        read_to_close(&mut s)
+        s.read_to_close()
     }
 }
 
@@ -412,23 +507,68 @@ fn masked_text(payload: &[u8]) -> Vec<u8> {
     f
 }
 
-#[test]
-fn no_byte_of_a_closed_connection_reaches_the_next_one() {
-    let app = App::start();
-    let w = Worker::start(WorkerOpts {
+/// One core (every connection takes the previous one's buffers), a short head
+/// timeout and a body limit for the 408 and 413 probes.
+fn worker_opts(app: &App) -> WorkerOpts {
+    WorkerOpts {
         cores: 1,
         upstreams: vec![app.addr],
         extra: "[timeouts]\nhead_secs = 2\n[limits]\nmax_body = 100000\n".into(),
         ..Default::default()
-    });
+    }
+}
 
+#[test]
+fn no_byte_of_a_closed_connection_reaches_the_next_one() {
+    let app = App::start();
+    let w = Worker::start(worker_opts(&app));
+    attack(w, None, &app, probes());
+}
+
+/// The probes that also run over TLS: a head cut short, a malformed head, a head in
+/// one-byte records, a head that grows the buffer, a request body cut short,
+/// pipelining, the app's malformed head and short body, and upgrades with early
+/// bytes both ways.
+const TLS_PROBES: &[&str] = &[
+    "partial head, then end of stream",
+    "malformed header name",
+    "head > 16 KiB, in pieces (the buffer grows)",
+    "body shorter than its length, then end of stream",
+    "a head one byte at a time",
+    "pipelined requests in one write",
+    "the app's malformed head (502)",
+    "the app's body shorter than its length",
+    "raw upgrade with early bytes both ways",
+    "WebSocket upgrade with early frames both ways",
+];
+
+/// The same attack on a worker terminating TLS: the poisoning and probe clients
+/// speak TLS (rustls), so the worker's client buffers are filled through rustls.
+#[test]
+fn no_byte_of_a_closed_tls_connection_reaches_the_next_one() {
+    let pki = Pki::new();
+    let app = App::start();
+    let w = Worker::start(WorkerOpts {
+        worker_extra: pki.worker_lines(),
+        ..worker_opts(&app)
+    });
+    let probes: Vec<Probe> = probes()
+        .into_iter()
+        .filter(|p| TLS_PROBES.contains(&p.name))
+        .collect();
+    assert_eq!(probes.len(), TLS_PROBES.len(), "every TLS probe is known");
+    attack(w, Some(pki.default_client()), &app, probes);
+}
+
+/// Every probe, in order.
+fn probes() -> Vec<Probe> {
     let ws_head = "GET /upgrade HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     let mut ws_early = bytes(ws_head);
     ws_early.extend(masked_text(b"EARLY-CLIENT"));
     let mut h2_settings = h2_preface();
     h2_settings.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
 
-    let probes = vec![
+    vec![
         probe("partial head, then end of stream", vec![bytes(
             "GET /b HTTP/1.1\r\nHost: t\r\nX-Partial: abc",
         )]),
@@ -535,16 +675,21 @@ fn no_byte_of_a_closed_connection_reaches_the_next_one() {
             h2_settings[10..].to_vec(),
         ])
         .h2(),
-    ];
+    ]
+}
 
+/// Poisons the worker's buffers before each probe, runs it, and checks that no
+/// fragment of a secret reached the probe's client, the app or the worker's log.
+fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Probe>) {
+    let t = Target { w: &w, tls };
     // Every probe runs; a leak anywhere is reported before any unexpected answer
     // (stale bytes in a head may well turn the answer into a 400 first).
     let mut leaks = Vec::new();
     let mut wrong = Vec::new();
     let mut app_seen = 0;
     for (i, p) in probes.iter().enumerate() {
-        poison(&w, &app, i);
-        let got = p.run(&w);
+        poison(&t, app, i);
+        let got = p.run(&t);
         settle(&w);
         leaks.extend(leak(&format!("what the client of {:?} got", p.name), &got));
         {
@@ -586,6 +731,7 @@ fn no_byte_of_a_closed_connection_reaches_the_next_one() {
     );
 
     // The app saw everything the worker sent it once the worker is gone.
+    drop(t);
     let mut w = w;
     w.terminate();
     eventually("the app's connections all closed", || {
