@@ -2,7 +2,7 @@
 //! circuit's routes with their passive health and weighted choice.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,8 +30,9 @@ pub struct HealthPolicy {
 
 /// IDs of circuits with an upstream marked unhealthy since the active probe last
 /// looked, shared by a core's route table and its routes: the probe visits these,
-/// not every circuit of the core.
-type Suspects = Rc<RefCell<Vec<uuid::Uuid>>>;
+/// not every circuit of the core. A set of circuits in the table, so it stays
+/// bounded by the table even when nothing takes from it (the probe turned off).
+type Suspects = Rc<RefCell<HashSet<uuid::Uuid>>>;
 
 /// A circuit's routes, ready for weighted choice among the healthy ones.
 pub struct Route {
@@ -40,22 +41,20 @@ pub struct Route {
     /// Per-upstream passive health, indexed like `circuit.upstreams`; empty (no
     /// allocation) until an upstream first fails, as for most circuits it never does.
     health: RefCell<Vec<Health>>,
-    /// Where this route reports itself when an upstream turns unhealthy.
-    suspects: Suspects,
+    /// Where this route reports itself when an upstream turns unhealthy: its table's
+    /// list, `None` outside a table or once removed from it (a request still in
+    /// flight on a removed circuit reports nothing).
+    suspects: RefCell<Option<Suspects>>,
 }
 
 impl Route {
     /// Prepares `circuit` for routing (outside any table: nobody is told of its
     /// unhealthy upstreams).
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
-        Self::reporting_to(circuit, Suspects::default())
-    }
-
-    fn reporting_to(circuit: Arc<ResolvedCircuit>, suspects: Suspects) -> Self {
         Self {
             circuit,
             health: RefCell::new(Vec::new()),
-            suspects,
+            suspects: RefCell::new(None),
         }
     }
 
@@ -118,7 +117,9 @@ impl Route {
         if h.failures >= policy.threshold && h.unhealthy_until.is_none_or(|t| t <= now) {
             h.unhealthy_until = Some(now + policy.backoff);
             crate::introspect::health_changed();
-            self.suspects.borrow_mut().push(self.circuit.circuit.id);
+            if let Some(suspects) = self.suspects.borrow().as_ref() {
+                suspects.borrow_mut().insert(self.circuit.circuit.id);
+            }
             return true;
         }
         false
@@ -182,6 +183,10 @@ impl RouteTable {
     /// upserted and removed — O(changed), whatever the table's size.
     pub fn apply(&mut self, change: &Change) {
         if change.replace {
+            for route in self.by_id.values() {
+                route.suspects.take();
+            }
+            self.suspects.borrow_mut().clear();
             self.by_port.clear();
             self.by_subdomain.clear();
             self.by_id.clear();
@@ -200,13 +205,15 @@ impl RouteTable {
         self.remove(&id);
         // Another circuit holding the same frontend loses it: the agent refuses such
         // sets, so this only keeps the table and its index consistent.
-        let route = Rc::new(Route::reporting_to(c.clone(), self.suspects.clone()));
+        let route = Rc::new(Route::new(c.clone()));
+        route.suspects.replace(Some(self.suspects.clone()));
         let previous = match &c.frontend {
             Frontend::Port(p) => self.by_port.insert(*p, route.clone()),
             Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route.clone()),
         };
         if let Some(previous) = previous {
             self.by_id.remove(&previous.circuit.circuit.id);
+            self.forget(&previous);
         }
         self.by_id.insert(id, route);
     }
@@ -224,6 +231,13 @@ impl RouteTable {
                 self.by_subdomain.remove(s);
             }
         }
+        self.forget(&route);
+    }
+
+    /// A route leaving the table reports no more and is no longer a suspect.
+    fn forget(&self, route: &Route) {
+        route.suspects.take();
+        self.suspects.borrow_mut().remove(&route.circuit.circuit.id);
     }
 
     /// The routes with an upstream out of rotation now, each once: those reported
@@ -232,9 +246,7 @@ impl RouteTable {
     /// the table's size.
     pub fn take_suspects(&self, now: Instant) -> Vec<Rc<Route>> {
         let ids = std::mem::take(&mut *self.suspects.borrow_mut());
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
         ids.into_iter()
-            .filter(|id| seen.insert(*id))
             .filter_map(|id| self.by_id.get(&id).cloned())
             .filter(|r| !r.unhealthy(now).is_empty())
             .collect()
@@ -242,7 +254,7 @@ impl RouteTable {
 
     /// Reports `route` again: it still has upstreams out of rotation after a probe.
     pub fn suspect_again(&self, route: &Route) {
-        self.suspects.borrow_mut().push(route.circuit.circuit.id);
+        self.suspects.borrow_mut().insert(route.circuit.circuit.id);
     }
 
     /// The circuit with this ID.
@@ -450,6 +462,30 @@ route_info = [
             ..Change::default()
         });
         assert!(table.take_suspects(now).is_empty());
+
+        // Nothing taking (the probe off): the list holds each circuit of the table at
+        // most once, and nothing of removed circuits, however often they fail.
+        let later = now + policy.backoff * 2;
+        for _ in 0..5 {
+            sick.record(addr, false, later, policy);
+            sick.record(addr, false, later + policy.backoff, policy);
+            other.record(other_addr, false, later, policy);
+        }
+        assert_eq!(table.suspects.borrow().len(), 1);
+        table.apply(&Change {
+            removes: vec![uuid::Uuid::from_u128(500)],
+            ..Change::default()
+        });
+        assert!(
+            table.suspects.borrow().is_empty(),
+            "a removed circuit is forgotten"
+        );
+        sick.record(addr, false, later + policy.backoff * 3, policy);
+        sick.record(addr, false, later + policy.backoff * 3, policy);
+        assert!(
+            table.suspects.borrow().is_empty(),
+            "and reports nothing after"
+        );
     }
 
     /// What a table routes: (frontend, circuit, upstream port), sorted.
