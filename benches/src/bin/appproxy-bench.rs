@@ -66,6 +66,12 @@ struct Args {
     /// proxy) on one thread: compare it with `--cores 1` only.
     #[arg(long)]
     relay_probe: bool,
+    /// Every proxy writes an access log to a file in the run's directory: the worker
+    /// its JSON lines (batched per core), nginx a line with the request ID
+    /// (`buffer=64k flush=1s`), HAProxy `option httplog` to its stdout. Off: no proxy
+    /// logs requests.
+    #[arg(long)]
+    access_logs: bool,
     /// Internal: the harness runs its WebSocket tools as pinned subprocesses.
     #[command(subcommand)]
     tool: Option<Tool>,
@@ -378,10 +384,11 @@ struct Setup {
     _apps: Vec<Server>,
 }
 
-fn nginx_conf(dir: &Path, name: &str, body: &str, workers: usize) -> PathBuf {
+/// An nginx configuration; `access_log`: its `access_log` directive's arguments.
+fn nginx_conf(dir: &Path, name: &str, body: &str, workers: usize, access_log: &str) -> PathBuf {
     let path = dir.join(format!("{name}.conf"));
     let text = format!(
-        "worker_processes {workers};\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  client_body_temp_path {dir}/body-{name};\n  proxy_temp_path {dir}/proxy-{name};\n  client_max_body_size 8m;\n{body}\n}}\n",
+        "worker_processes {workers};\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 20000; }}\nhttp {{\n  log_format rid '$remote_addr [$time_iso8601] \"$request\" $status $request_length $bytes_sent $request_time $upstream_addr $http_x_backend_request_id $sent_http_x_backend_request_id';\n  access_log {access_log};\n  keepalive_requests 10000000;\n  client_body_temp_path {dir}/body-{name};\n  proxy_temp_path {dir}/proxy-{name};\n  client_max_body_size 8m;\n{body}\n}}\n",
         pid = dir.join(format!("{name}.pid")).display(),
         err = dir.join(format!("{name}.err")).display(),
         dir = dir.display(),
@@ -411,7 +418,7 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         "  server {{\n    listen 127.0.0.1:{UPSTREAM_PORT} reuseport backlog=4096;\n    location = / {{ return 200 \"0123456789012345678901234567890123456789012345678901234567890123\"; }}\n    location = /64k {{ root {}; }}\n    location = /upload {{ return 200 \"ok\"; }}\n  }}",
         dir.path().display()
     );
-    let up_conf = nginx_conf(dir.path(), "upstream", &up_body, load_cpus.len());
+    let up_conf = nginx_conf(dir.path(), "upstream", &up_body, load_cpus.len(), "off");
     let upstream = spawn(
         "upstream",
         &load_cpus,
@@ -466,8 +473,9 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     std::fs::write(
         &worker_conf,
         format!(
-            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = false\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550004\"\nport = {WORKER_GRPC_PORT}\nprotocol = \"grpc\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {GRPC_APP_PORT} }}]\n",
-            cpus = cpu_list(&proxy_cpus)
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = {access_log}\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550004\"\nport = {WORKER_GRPC_PORT}\nprotocol = \"grpc\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {GRPC_APP_PORT} }}]\n",
+            cpus = cpu_list(&proxy_cpus),
+            access_log = args.access_logs,
         ),
     )?;
     let w = spawn(
@@ -669,7 +677,15 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         let body = format!(
             "  map $http_x_backend_request_id $rid {{ \"\" $request_id; default $http_x_backend_request_id; }}\n  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  server {{\n    listen 127.0.0.1:{WS_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{WS_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_set_header X-Backend-Request-ID $rid; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{IDLE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{IDLE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 3600s; }}\n  }}\n  server {{\n    listen 127.0.0.1:{SSE_NGINX_PORT} reuseport backlog=4096;\n    location / {{ proxy_pass http://127.0.0.1:{SSE_APP_PORT}; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; proxy_set_header X-Backend-Request-ID $rid; }}\n  }}\n  server {{\n    listen 127.0.0.1:{NGINX_H2_PORT} http2 reuseport backlog=4096;\n    http2_max_concurrent_streams 128;\n    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; proxy_buffering on; }}\n  }}\n  upstream grpcapp {{ server 127.0.0.1:{GRPC_APP_PORT}; keepalive 256; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{NGINX_GRPC_PORT} http2 reuseport backlog=4096;\n    http2_max_concurrent_streams 128;\n    location / {{ grpc_pass grpc://grpcapp; grpc_set_header X-Backend-Request-ID $rid; add_header X-Backend-Request-ID $rid always; }}\n  }}{tls_server}"
         );
-        let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len());
+        let access_log = if args.access_logs {
+            format!(
+                "{} rid buffer=64k flush=1s",
+                dir.path().join("nginx-access.log").display()
+            )
+        } else {
+            "off".to_string()
+        };
+        let conf = nginx_conf(dir.path(), "proxy", &body, proxy_cpus.len(), &access_log);
         let s = spawn(
             "nginx",
             &proxy_cpus,
@@ -701,9 +717,20 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
         std::fs::write(
             &conf,
             format!(
-                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\nfrontend ws\n  bind 127.0.0.1:{WS_HAPROXY_PORT}\n  timeout tunnel 1h\n  default_backend ws\nbackend ws\n  timeout tunnel 1h\n  server app 127.0.0.1:{WS_APP_PORT}\nfrontend sse\n  bind 127.0.0.1:{SSE_HAPROXY_PORT}\n  default_backend sse\nbackend sse\n  server app 127.0.0.1:{SSE_APP_PORT}\n",
+                "global\n  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n  maxconn 8000\n{global_log}defaults\n  mode http\n{defaults_log}  timeout connect 3s\n  timeout client 75s\n  timeout server 60s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  http-request set-header X-Backend-Request-ID %[uuid()] unless {{ req.hdr(x-backend-request-id) -m found }}\n  http-request set-var(txn.rid) req.hdr(x-backend-request-id)\n{capture}  http-response set-header X-Backend-Request-ID %[var(txn.rid)]\n  default_backend be\nbackend be\n  server app 127.0.0.1:{UPSTREAM_PORT}\nfrontend ws\n  bind 127.0.0.1:{WS_HAPROXY_PORT}\n  timeout tunnel 1h\n  default_backend ws\nbackend ws\n  timeout tunnel 1h\n  server app 127.0.0.1:{WS_APP_PORT}\nfrontend sse\n  bind 127.0.0.1:{SSE_HAPROXY_PORT}\n  default_backend sse\nbackend sse\n  server app 127.0.0.1:{SSE_APP_PORT}\n",
                 n = proxy_cpus.len(),
                 cpus = proxy_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                capture = if args.access_logs {
+                    "  http-request capture req.hdr(x-backend-request-id) len 36\n"
+                } else {
+                    ""
+                },
+                global_log = if args.access_logs { "  log stdout format raw local0\n" } else { "" },
+                defaults_log = if args.access_logs {
+                    "  log global\n  option httplog\n"
+                } else {
+                    ""
+                },
             ),
         )?;
         let s = spawn(
@@ -1551,13 +1578,14 @@ fn main() -> anyhow::Result<()> {
     kill_children_on_signal()?;
     let setup = start(&args, &worker_bin)?;
     println!(
-        "proxies on CPU {}, upstream and wrk on CPU {}; {} s per run after {} s warm-up, {} interleaved rounds, {} connections",
+        "proxies on CPU {}, upstream and wrk on CPU {}; {} s per run after {} s warm-up, {} interleaved rounds, {} connections; access logs {}",
         cpu_list(&setup.proxy_cpus),
         cpu_list(&setup.load_cpus),
         args.duration,
         args.warmup,
         args.rounds,
-        args.connections
+        args.connections,
+        if args.access_logs { "on (every proxy, to a file)" } else { "off" }
     );
     let mut results = Vec::new();
     let mut memory = Vec::new();
@@ -1697,14 +1725,31 @@ fn main() -> anyhow::Result<()> {
         results.push(result);
     }
     let names: Vec<&str> = setup.servers.values().map(|s| s.name).collect();
+    if args.access_logs {
+        // Evidence that every proxy logged: the lines each one wrote.
+        let lines = |file: &str| {
+            std::fs::read(setup.dir.path().join(file))
+                .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                .unwrap_or(0)
+        };
+        let summary = format!(
+            "access-log lines written: appproxy-worker {} (worker.log, with its other lines), nginx {}, haproxy {}",
+            lines("worker.log"),
+            lines("nginx-access.log"),
+            lines("haproxy.log")
+        );
+        println!("\n{summary}");
+        extra_tables.push(summary);
+    }
     drop(setup);
     let meta = format!(
-        "cores per proxy: {}; duration {} s, warm-up {} s, rounds {}, connections {}; targets: direct, {}",
+        "cores per proxy: {}; duration {} s, warm-up {} s, rounds {}, connections {}; access logs {}; targets: direct, {}",
         args.cores,
         args.duration,
         args.warmup,
         args.rounds,
         args.connections,
+        if args.access_logs { "on" } else { "off" },
         names.join(", ")
     );
     let dir = root.join(&args.out);
