@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod grpc;
+pub mod park_cost;
 pub mod report;
 pub mod ws;

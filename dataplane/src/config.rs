@@ -366,8 +366,9 @@ pub struct ReactorSection {
     /// Longest single park in `epoll_wait` when idle, in microseconds; 0 (the default)
     /// parks until the next deadline or I/O, so an idle worker makes no wake-ups.
     pub park_max_us: u64,
-    /// Empty zero-timeout polls in a row (with every other task run in between) before
-    /// the reactor parks: it spins only while work keeps arriving.
+    /// The most empty zero-timeout polls in a row (with every other task run in
+    /// between) before the reactor parks; the reactor lowers its budget below this
+    /// while parks show spinning would not have paid (see `reactor::Spin`).
     pub spin_polls: u32,
     /// glommio's preemption timer in microseconds; 0 (the default) means never. Any
     /// other value brings back glommio's park hazard (a core asleep with work

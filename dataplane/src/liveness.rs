@@ -43,6 +43,11 @@ pub struct CoreLiveness {
     parked_us: AtomicU64,
     /// When the current park began, µs since `base` (0: not parked).
     park_started_us: AtomicU64,
+    /// Times the core blocked in `epoll_wait` (written by the core only).
+    parks: AtomicU64,
+    /// Zero-timeout polls that found nothing: the cost of spinning (written by the
+    /// core only).
+    empty_polls: AtomicU64,
     /// A duplicate of the core's epoll descriptor: polled (never waited on) to see
     /// whether events are pending.
     epoll: Mutex<Option<OwnedFd>>,
@@ -65,6 +70,8 @@ impl CoreLiveness {
             parked_until: AtomicU64::new(RUNNING),
             parked_us: AtomicU64::new(0),
             park_started_us: AtomicU64::new(0),
+            parks: AtomicU64::new(0),
+            empty_polls: AtomicU64::new(0),
             epoll: Mutex::new(None),
             wake_fd: Mutex::new(None),
             kick: Mutex::new(None),
@@ -92,6 +99,22 @@ impl CoreLiveness {
             self.parked_us
                 .fetch_add(now_us.saturating_sub(started), Ordering::Relaxed);
         }
+    }
+
+    /// Publishes the core's poll counts: parks and empty spin polls so far. Plain
+    /// stores: only the core writes them.
+    pub fn polls(&self, parks: u64, empty_polls: u64) {
+        self.parks.store(parks, Ordering::Relaxed);
+        self.empty_polls.store(empty_polls, Ordering::Relaxed);
+    }
+
+    /// Times the core blocked in `epoll_wait`, and the zero-timeout polls that found
+    /// nothing, as last published.
+    pub fn poll_counts(&self) -> (u64, u64) {
+        (
+            self.parks.load(Ordering::Relaxed),
+            self.empty_polls.load(Ordering::Relaxed),
+        )
     }
 
     /// Records that the core is about to block in `epoll_wait` for at most `timeout`
@@ -295,6 +318,30 @@ impl Liveness {
                 "appproxy_core_parked_seconds_total{{core=\"{}\"}} {:.6}",
                 c.cpu,
                 c.parked(now).as_secs_f64()
+            );
+        }
+        out.push_str(
+            "# HELP appproxy_core_parks_total Times the core blocked in epoll_wait (each a sleep and a wake-up).\n\
+             # TYPE appproxy_core_parks_total counter\n",
+        );
+        for c in &self.cores {
+            let _ = writeln!(
+                out,
+                "appproxy_core_parks_total{{core=\"{}\"}} {}",
+                c.cpu,
+                c.poll_counts().0
+            );
+        }
+        out.push_str(
+            "# HELP appproxy_core_empty_polls_total Zero-timeout epoll polls that found nothing: what spinning before a park costs.\n\
+             # TYPE appproxy_core_empty_polls_total counter\n",
+        );
+        for c in &self.cores {
+            let _ = writeln!(
+                out,
+                "appproxy_core_empty_polls_total{{core=\"{}\"}} {}",
+                c.cpu,
+                c.poll_counts().1
             );
         }
         let _ = write!(

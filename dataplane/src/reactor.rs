@@ -172,6 +172,46 @@ impl Default for ParkPolicy {
     }
 }
 
+/// How long a park may last and still say that spinning would have paid: about what
+/// the default budget of empty polls takes (a zero-timeout `epoll_wait` and a yield
+/// cost ~1 µs), so an arrival within it would have been caught by a full spin.
+const SPIN_PAYS: Duration = Duration::from_micros(50);
+
+/// The spin budget: how many empty polls in a row the reactor spins through before
+/// it parks. It adapts between 0 and the configured maximum so the reactor spins only
+/// while work keeps arriving: a park that ended with I/O within [`SPIN_PAYS`] (a spin
+/// would have caught it without a sleep and a wake-up) doubles it; any other park
+/// (a long gap, a timer, or the thread kept off its CPU by another process, when
+/// sleeping gives the scheduler's wake-up preference back) halves it. A spin that
+/// ends with events leaves it as it is.
+#[derive(Debug, Clone, Copy)]
+struct Spin {
+    /// The configured maximum.
+    max: u32,
+    /// The current budget.
+    budget: u32,
+}
+
+impl Spin {
+    fn new(max: u32) -> Self {
+        Self { max, budget: max }
+    }
+
+    /// Empty polls allowed before the next park.
+    fn budget(&self) -> u32 {
+        self.budget
+    }
+
+    /// A park ended after `slept`; `io`: with events.
+    fn parked(&mut self, slept: Duration, io: bool) {
+        self.budget = if io && slept <= SPIN_PAYS {
+            self.budget.saturating_mul(2).max(1).min(self.max)
+        } else {
+            self.budget / 2
+        };
+    }
+}
+
 /// A handle other threads use to wake the reactor.
 #[derive(Clone)]
 pub struct Waking {
@@ -365,18 +405,25 @@ impl Reactor {
     pub async fn run(self: Rc<Self>) {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
         let mut empty_polls = 0u32;
+        let mut spin = Spin::new(self.spin_polls);
+        let (mut parks, mut empty_total) = (0u64, 0u64);
         let mut polls_at_yield = task_polls();
         while !self.stopped.get() {
             // Another task ran while we yielded: it may have woken more tasks, which
             // are queued behind us, so this turn must not block.
             let others_ran = task_polls() != polls_at_yield;
-            let timeout = if others_ran || empty_polls < self.spin_polls {
-                Some(Duration::ZERO)
+            let parked_at = if others_ran || empty_polls < spin.budget() {
+                None
             } else {
-                let now = Instant::now();
-                let timeout = self.park_timeout(now);
-                self.liveness.parking(now, timeout);
-                timeout
+                Some(Instant::now())
+            };
+            let timeout = match parked_at {
+                None => Some(Duration::ZERO),
+                Some(now) => {
+                    let timeout = self.park_timeout(now);
+                    self.liveness.parking(now, timeout);
+                    timeout
+                }
             };
             let ready = self.poll_once(&mut events, timeout);
             if ready == 0 {
@@ -386,6 +433,15 @@ impl Reactor {
                 self.active.set(true);
             }
             let now = Instant::now();
+            match parked_at {
+                Some(at) => {
+                    parks += 1;
+                    spin.parked(now.saturating_duration_since(at), ready > 0);
+                }
+                None if ready == 0 => empty_total += 1,
+                None => {}
+            }
+            self.liveness.polls(parks, empty_total);
             self.now.set(now);
             self.fire_timers(now);
             if self.tick_due(now) {
@@ -708,5 +764,62 @@ impl Drop for Sleep {
 impl AsFd for Reactor {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.epoll.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_micros(10);
+    const LONG: Duration = Duration::from_millis(5);
+
+    #[test]
+    fn the_spin_budget_shrinks_when_parks_are_long_and_grows_back_when_work_returns() {
+        let mut spin = Spin::new(32);
+        assert_eq!(spin.budget(), 32);
+        // Long gaps (or a timer, or I/O only after a long sleep): halve, down to 0.
+        let halvings: Vec<u32> = (0..7)
+            .map(|i| {
+                spin.parked(LONG, i % 2 == 0);
+                spin.budget()
+            })
+            .collect();
+        assert_eq!(halvings, [16, 8, 4, 2, 1, 0, 0]);
+        // A short park that a timer ended is no reason to spin.
+        spin.parked(SHORT, false);
+        assert_eq!(spin.budget(), 0);
+        // Work arriving within a spin's reach: back up, doubling, to the maximum.
+        let growth: Vec<u32> = (0..7)
+            .map(|_| {
+                spin.parked(SHORT, true);
+                spin.budget()
+            })
+            .collect();
+        assert_eq!(growth, [1, 2, 4, 8, 16, 32, 32]);
+        // The boundary counts as within reach.
+        let mut at_edge = Spin { max: 32, budget: 4 };
+        at_edge.parked(SPIN_PAYS, true);
+        assert_eq!(at_edge.budget(), 8);
+        at_edge.parked(SPIN_PAYS + Duration::from_micros(1), true);
+        assert_eq!(at_edge.budget(), 4);
+    }
+
+    #[test]
+    fn a_budget_of_zero_configured_never_spins() {
+        let mut spin = Spin::new(0);
+        for (slept, io) in [(SHORT, true), (LONG, true), (SHORT, false), (SHORT, true)] {
+            spin.parked(slept, io);
+            assert_eq!(spin.budget(), 0);
+        }
+        let mut odd = Spin::new(5);
+        for _ in 0..3 {
+            odd.parked(LONG, true);
+        }
+        assert_eq!(odd.budget(), 0);
+        for expect in [1, 2, 4, 5, 5] {
+            odd.parked(SHORT, true);
+            assert_eq!(odd.budget(), expect);
+        }
     }
 }

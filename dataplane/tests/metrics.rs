@@ -1,7 +1,7 @@
 //! The worker's `/metrics` after real traffic: every family has `# HELP` and `# TYPE`,
 //! the request-duration histogram's buckets are cumulative and add up to the requests
 //! answered, per-circuit series appear when opted in, proxy errors are counted by code,
-//! timeouts by kind, upstream health per route (the coordinator's verdict and the
+//! timeouts by kind, an idle core's sleep (no periodic wake-ups), upstream health per route (the coordinator's verdict and the
 //! cores' passive one), latency histograms can be turned off, and every metric the
 //! shipped Grafana dashboard queries is exported.
 
@@ -120,6 +120,46 @@ fn histograms_add_up_and_every_family_is_described() {
         s.contains_key("appproxy_core_parked_seconds_total{core=\"0\"}"),
         "{text}"
     );
+    // The core slept between the requests (it spins only while work keeps coming),
+    // and what its spinning cost is counted.
+    assert!(s["appproxy_core_parks_total{core=\"0\"}"] >= 1.0, "{text}");
+    assert!(
+        s.contains_key("appproxy_core_empty_polls_total{core=\"0\"}"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_idle_core_sleeps_until_there_is_work_and_wakes_for_it() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    let parks = |w: &Worker| {
+        sum_of(
+            &samples(&w.admin_get("/metrics").text()),
+            "appproxy_core_parks_total",
+        )
+    };
+    for _ in 0..20 {
+        assert_eq!(Client::connect(w.addr()).get("/", "").status, 200);
+    }
+    scrape_after(&w, 20.0);
+    // The tick after the activity publishes it; then the core has nothing due.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = parks(&w);
+    std::thread::sleep(Duration::from_secs(3));
+    let woken = parks(&w) - before;
+    // A periodic wake-up would show here: a 1 ms park 3,000 times, the 50 ms tick 60.
+    // What may wake an idle core in these 3 s is an event of its own (the app
+    // closing a pooled connection, a pool expiry): a handful at most.
+    assert!(woken <= 10.0, "an idle core woke {woken} times in 3 s");
+    // It still wakes for work, and counts the sleeps around it.
+    assert_eq!(Client::connect(w.addr()).get("/", "").status, 200);
+    common::eventually("a park counted after new work", || {
+        parks(&w) > before + woken
+    });
 }
 
 #[test]

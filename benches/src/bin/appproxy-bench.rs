@@ -113,6 +113,16 @@ enum Tool {
     /// The gRPC app (HTTP/2, unary and server-streaming methods).
     #[command(hide = true)]
     GrpcApp { port: u16 },
+    /// Measures what a park costs against a spin on this machine (the numbers the
+    /// reactor's `spin_polls` budget is weighed with) and prints them.
+    ParkCost {
+        /// The CPU of the waiting side (a proxy core).
+        #[arg(long, default_value_t = 0)]
+        cpu: usize,
+        /// The CPU of the waking side.
+        #[arg(long, default_value_t = 1)]
+        waker_cpu: usize,
+    },
     /// Spins on the CPU until killed (the contention scenario's hog).
     #[command(hide = true)]
     CpuHog,
@@ -1506,6 +1516,22 @@ fn main() -> anyhow::Result<()> {
             return Ok(appproxy_benches::ws::sse_load(addr, conns, secs)?)
         }
         Some(Tool::GrpcApp { port }) => return Ok(appproxy_benches::grpc::app(port)?),
+        Some(Tool::ParkCost { cpu, waker_cpu }) => {
+            let c = appproxy_benches::park_cost::measure(cpu, waker_cpu)?;
+            println!(
+                "empty epoll_wait (zero timeout): {:.0} ns CPU\n\
+                 park and wake-up from CPU {waker_cpu}: {:.0} ns CPU on CPU {cpu} per wake-up, {:.0} ns per round trip\n\
+                 spinning instead: {:.0} ns CPU per wake-up ({:.1} empty polls)\n\
+                 break-even: a park costs as much CPU as {:.0} empty polls",
+                c.empty_poll_ns,
+                c.park_cpu_ns,
+                c.park_round_trip_ns,
+                c.spin_cpu_ns,
+                c.spin_polls_per_wake,
+                c.break_even_polls()
+            );
+            return Ok(());
+        }
         Some(Tool::CpuHog) => {
             let mut x = 0u64;
             loop {
