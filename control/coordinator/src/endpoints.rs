@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+use appproxy_shared::model::{
+    AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo, UpstreamTls,
+};
 use appproxy_shared::wire::WorkerRegistration;
 use axum::extract::State as Extract;
 use axum::Json;
@@ -394,6 +396,9 @@ struct RouteEntry {
     #[serde(deserialize_with = "kernel_host")]
     kernel_host: String,
     kernel_port: u16,
+    /// Whether the app serves HTTPS (`off`, `verify`, `insecure`; absent: off).
+    #[serde(default, alias = "upstream-tls")]
+    upstream_tls: UpstreamTls,
 }
 
 /// A kernel host: 1-255 characters, no control characters (CR/LF would split the
@@ -419,7 +424,7 @@ impl RouteEntry {
             protocol: ProxyProtocol::Http,
             traffic_ratio: 1.0,
             health_status: None,
-            upstream_tls: Default::default(),
+            upstream_tls: self.upstream_tls,
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use appproxy_shared::model::{AppMode, Circuit, FrontendMode, RouteInfo};
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, RouteInfo, UpstreamTls};
 use appproxy_shared::wire::WorkerRegistration;
 use axum::extract::State as Extract;
 use axum::http::{HeaderMap, StatusCode};
@@ -24,6 +24,17 @@ use super::{api, ApiError, Body, Params, State};
 /// a log line or a header wherever it is written.
 pub(super) fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
+}
+
+/// The optional `upstream_tls` of a `/v2/conf` body: absent or `null` is plain TCP,
+/// else `off`, `verify` or `insecure` (the app serves HTTPS on `kernel_port`).
+fn conf_upstream_tls(body: &Value) -> Result<UpstreamTls, ApiError> {
+    match &body["upstream_tls"] {
+        Value::Null => Ok(UpstreamTls::Off),
+        v => serde_json::from_value(v.clone()).map_err(|_| {
+            ApiError::BadRequest("upstream_tls must be \"off\", \"verify\" or \"insecure\"".into())
+        }),
+    }
 }
 
 /// The `/v2/conf` body, checked whole before anything is stored.
@@ -69,6 +80,7 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
             "login_session_token must be null or a string of at most 127 characters".into(),
         ));
     }
+    conf_upstream_tls(body)?;
     Ok(())
 }
 
@@ -214,7 +226,11 @@ async fn proxy_auth(
     super::fits("redirect", Some(&q.redirect), 2048)?;
     let open_to_public = Flag::get(q.open_to_public);
     let subdomain = q.subdomain.as_deref().map(placement::dns_label);
-    // Reuse, as the original: the same session, app, openness and allowlist.
+    // Stored tokens were checked when registered; one from before the field existed
+    // has none (plain TCP).
+    let upstream_tls = conf_upstream_tls(&token).unwrap_or_default();
+    // Reuse, as the original: the same session, app, openness and allowlist, and
+    // (not in the original) the same way to reach the app.
     let reused = if Flag::get(q.no_reuse) {
         None
     } else {
@@ -229,6 +245,7 @@ async fn proxy_auth(
                     && c.open_to_public == open_to_public
                     && c.allowed_client_ips == allowed
                     && c.app_mode == AppMode::Interactive
+                    && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
             })
     };
     let (circuit, reuse, worker) = match reused {
@@ -284,7 +301,7 @@ async fn proxy_auth(
                 protocol: route_protocol,
                 traffic_ratio: 1.0,
                 health_status: None,
-                upstream_tls: Default::default(),
+                upstream_tls,
             };
             let template = Circuit {
                 id: uuid::Uuid::nil(),

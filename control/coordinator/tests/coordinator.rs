@@ -128,6 +128,7 @@ on_both_engines! {
     ha_nodes_are_counted_by_name => ha_nodes_are_counted_by_name_sqlite, ha_nodes_are_counted_by_name_postgresql;
     a_worker_reads_what_changed_by_revision_and_its_set_by_page => a_worker_reads_what_changed_by_revision_and_its_set_by_page_sqlite, a_worker_reads_what_changed_by_revision_and_its_set_by_page_postgresql;
     store_latency_is_recorded_per_engine => store_latency_is_recorded_per_engine_sqlite, store_latency_is_recorded_per_engine_postgresql;
+    upstream_tls_comes_from_the_conf_and_decides_reuse => upstream_tls_comes_from_the_conf_and_decides_reuse_sqlite, upstream_tls_comes_from_the_conf_and_decides_reuse_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -412,6 +413,83 @@ fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
             "refused requests write nothing to {table}"
         );
     }
+}
+
+/// A `/v2/conf` body for [`SESSION`] with `upstream_tls` set to `tls` (JSON text;
+/// `None`: left out).
+fn conf_with_tls(tls: Option<&str>) -> String {
+    let field = tls
+        .map(|t| format!(r#""upstream_tls":{t},"#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,{field}"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    )
+}
+
+fn upstream_tls_comes_from_the_conf_and_decides_reuse(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let plain = setup(&c);
+    // Anything but a mode is refused before it is stored.
+    for bad in [
+        r#""bogus""#,
+        r#""VERIFY""#,
+        "1",
+        "true",
+        r#"{"mode":"verify"}"#,
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/conf",
+            &[AUTH],
+            &conf_with_tls(Some(bad)),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("upstream_tls"),
+            "{bad}: the error names the field: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM tokens"), "1");
+    let token_of = |tls: Option<&str>| {
+        let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf_with_tls(tls));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token").to_owned()
+    };
+    let circuit_for = |token: &str| {
+        let q = format!(
+            "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&redirect=/lab"
+        );
+        let r = request(c.addr, "GET", &q, &[("Accept", "application/json")], "");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let id = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+        let circuit = request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "");
+        (id, circuit.json()["route_info"][0].clone())
+    };
+    // Plain (no field, or null): the route says nothing of TLS.
+    let (plain_id, route) = circuit_for(&plain);
+    assert!(route.get("upstream_tls").is_none(), "{route}");
+    let (same, _) = circuit_for(&token_of(Some("null")));
+    assert_eq!(same, plain_id, "a plain conf reuses the plain circuit");
+    // An app serving HTTPS: its own circuit, whose route carries the mode, reused by
+    // the same mode only.
+    let (verify_id, route) = circuit_for(&token_of(Some(r#""verify""#)));
+    assert_ne!(
+        verify_id, plain_id,
+        "TLS to the app is not the plain circuit"
+    );
+    assert_eq!(route["upstream_tls"], "verify");
+    assert_eq!(route["kernel_port"], 30512);
+    let (again, _) = circuit_for(&token_of(Some(r#""verify""#)));
+    assert_eq!(again, verify_id);
+    let (insecure_id, route) = circuit_for(&token_of(Some(r#""insecure""#)));
+    assert!(insecure_id != verify_id && insecure_id != plain_id);
+    assert_eq!(route["upstream_tls"], "insecure");
+    // `off` is plain.
+    let (off, _) = circuit_for(&token_of(Some(r#""off""#)));
+    assert_eq!(off, plain_id);
 }
 
 fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
@@ -924,6 +1002,7 @@ fn endpoints_lifecycle(db: Db) {
         r.json()["endpoints"][0]["already_absent_route_ids"],
         serde_json::json!([r2])
     );
+    // A route's mode must be one of the three; the refusal changes nothing.
     let r = request(
         c.addr,
         "POST",
@@ -931,7 +1010,18 @@ fn endpoints_lifecycle(db: Db) {
         &[AUTH],
         &format!(
             r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
-            route(r2, 9000)
+            route(r2, 9000).replace('}', r#","upstream_tls":"tls1.3"}"#)
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
+            route(r2, 9000).replace('}', r#","upstream_tls":"insecure"}"#)
         ),
     );
     assert_eq!(r.json()["endpoints"][0]["success"], true);
@@ -953,6 +1043,7 @@ fn endpoints_lifecycle(db: Db) {
     );
     assert_eq!(r.json()["route_info"][0]["kernel_port"], 9000);
     assert_eq!(r.json()["route_info"][0]["traffic_ratio"], 1.0);
+    assert_eq!(r.json()["route_info"][0]["upstream_tls"], "insecure");
     assert_eq!(r.json()["app_mode"], "inference");
     assert_eq!(r.json()["runtime_variant"], "vllm");
 

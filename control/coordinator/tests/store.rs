@@ -319,7 +319,13 @@ async fn suite(store: Store) {
         "session": {"id": uuid::Uuid::new_v4(), "user_uuid": uuid::Uuid::new_v4(), "group_id": uuid::Uuid::new_v4(),
             "access_key": "AKIA", "domain_name": "default"}});
     store.insert_token(t, &body).await.expect("token");
-    assert_eq!(store.token(t).await.expect("read"), Some(body));
+    assert_eq!(store.token(t).await.expect("read"), Some(body.clone()));
+    // A kernel serving HTTPS: the mode comes back with the token.
+    let mut tls = body;
+    tls["upstream_tls"] = json!("verify");
+    let t2 = uuid::Uuid::new_v4();
+    store.insert_token(t2, &tls).await.expect("token");
+    assert_eq!(store.token(t2).await.expect("read"), Some(tls));
     assert_eq!(store.token(uuid::Uuid::new_v4()).await.expect("read"), None);
 
     // Heartbeats, deregistration and the lost check.
@@ -397,8 +403,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "4",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log"
+        "5",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls"
     );
 }
 

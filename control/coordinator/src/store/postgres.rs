@@ -129,6 +129,10 @@ ALTER TABLE circuits ADD COLUMN idle_check_at timestamptz NULL;
 UPDATE circuits SET idle_check_at = created_at WHERE app_mode = 'INTERACTIVE' AND protocol = 'HTTP';
 CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
 ",
+    // A kernel that serves HTTPS (`/v2/conf`'s `upstream_tls`); null: plain TCP.
+    "
+ALTER TABLE tokens ADD COLUMN upstream_tls varchar(16) NULL;
+",
 ];
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
@@ -1091,8 +1095,8 @@ impl PgStore {
             .await?
             .execute(
                 "INSERT INTO tokens (id, login_session_token, kernel_host, kernel_port, session_id,
-                    user_uuid, group_id, access_key, domain_name)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    user_uuid, group_id, access_key, domain_name, upstream_tls)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 &[
                     id,
                     &body["login_session_token"].as_str(),
@@ -1103,6 +1107,7 @@ impl PgStore {
                     &uuid_of(group, "session.group_id")?,
                     &s["access_key"].as_str().unwrap_or_default(),
                     &s["domain_name"].as_str().unwrap_or_default(),
+                    &body["upstream_tls"].as_str(),
                 ],
             )
             .await
@@ -1116,12 +1121,12 @@ impl PgStore {
             .await?
             .query_opt(
                 "SELECT login_session_token, kernel_host, kernel_port, session_id, user_uuid,
-                    group_id, access_key, domain_name FROM tokens WHERE id = $1",
+                    group_id, access_key, domain_name, upstream_tls FROM tokens WHERE id = $1",
                 &[id],
             )
             .await?;
         let Some(r) = row else { return Ok(None) };
-        Ok(Some(json!({
+        let mut token = json!({
             "login_session_token": r.try_get::<_, Option<String>>(0)?,
             "kernel_host": r.try_get::<_, String>(1)?,
             "kernel_port": r.try_get::<_, i32>(2)?,
@@ -1132,6 +1137,11 @@ impl PgStore {
                 "access_key": r.try_get::<_, String>(6)?,
                 "domain_name": r.try_get::<_, String>(7)?,
             }
-        })))
+        });
+        // As it came in: absent unless the manager said it.
+        if let Some(tls) = r.try_get::<_, Option<String>>(8)? {
+            token["upstream_tls"] = Value::String(tls);
+        }
+        Ok(Some(token))
     }
 }
