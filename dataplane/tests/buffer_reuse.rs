@@ -12,6 +12,21 @@
 //! secret may reach a probe client, the app (outside the poisoning requests) or the
 //! worker's log. The same attack runs over TLS: the buffers then hold plaintext that
 //! rustls decrypted into them, and the probes' bytes arrive in records of any size.
+//!
+//! HTTP/2 has buffers of its own: each stream forwarded to an HTTP/1.1 app reads the
+//! app's answer into a 16 KiB buffer from its core's spares, given back unzeroed when
+//! the stream ends. There, connections of concurrent h2c streams (nghttp, prior
+//! knowledge) fill several of them with secrets (the client's in a header and a
+//! request body the app echoes; the app's in heads, bodies, chunked trailers and a
+//! whole unsolicited response left unread after the answer), and each probe opens
+//! several streams at once on a new connection through every path that reads the
+//! app into that buffer: heads cut short, malformed, split, growing or too large
+//! (502), no answer, bodies cut short or delimited by close, chunked bodies with
+//! trailers, 1xx interim heads (in the same read as the answer or not), a 101, 204,
+//! 304 and HEAD answers, bytes after the body, echoed request bodies (with and
+//! without a length, behind `expect: 100-continue`) and answers before the request
+//! body is in. Again no fragment may reach a client (heads, bodies, trailers,
+//! errors), the app or the log, nor may a poisoning stream get another's leftovers.
 
 mod common;
 #[path = "common/tls.rs"]
@@ -147,6 +162,13 @@ fn serve_app(
         };
         let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
         let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+        // Answers before the request body is in (read afterwards, or never).
+        if path == "/early-answer" || path == "/early-close" {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")?;
+            if path == "/early-close" {
+                return Ok(());
+            }
+        }
         let end = if let Some(len) = header_value(&head, "content-length") {
             let end = head_end + len.parse::<usize>().unwrap_or(0);
             while pending.len() < end {
@@ -188,6 +210,102 @@ fn serve_app(
                 }
                 s.write_all(&resp)?;
             }
+            // HTTP/2 poisoning: the request (the client's secrets) echoed behind a
+            // secret head, then a complete response nobody asked for.
+            "/poison-echo" => {
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nX-App-Secret: {}\r\nContent-Length: {}\r\n\r\n",
+                    APP_SECRET.repeat(1700),
+                    request.len()
+                )
+                .into_bytes();
+                resp.extend_from_slice(&request);
+                resp.extend(smuggled_response());
+                s.write_all(&resp)?;
+            }
+            // A chunked body and trailers full of the app's secret, then a complete
+            // response nobody asked for.
+            "/poison-chunked" => {
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nX-App-Secret: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    APP_SECRET.repeat(1000)
+                )
+                .into_bytes();
+                for _ in 0..5 {
+                    resp.extend(b"2000\r\n");
+                    resp.extend(APP_SECRET.bytes().cycle().take(0x2000));
+                    resp.extend(b"\r\n");
+                }
+                resp.extend(
+                    format!("0\r\nX-App-Trailer: {}\r\n\r\n", APP_SECRET.repeat(100)).bytes(),
+                );
+                resp.extend(smuggled_response());
+                s.write_all(&resp)?;
+            }
+            "/poison-smuggle" => {
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nX-App-Secret: {}\r\nContent-Length: {}\r\n\r\n",
+                    APP_SECRET.repeat(1700),
+                    20 * 1024
+                )
+                .into_bytes();
+                resp.extend(APP_SECRET.bytes().cycle().take(20 * 1024));
+                resp.extend(smuggled_response());
+                s.write_all(&resp)?;
+            }
+            // Heads that grow the buffer: past its 16 KiB, and past the limit.
+            "/big-head" | "/huge-head" => {
+                let n = if path == "/big-head" { 20 } else { 70 } * 1024;
+                s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 3\r\n\r\nbig",
+                        "b".repeat(n)
+                    )
+                    .as_bytes(),
+                )?;
+            }
+            "/trunc-head" => {
+                s.write_all(b"HTTP/1.1 200 OK\r\nX-Trunc: ab")?;
+                return Ok(());
+            }
+            "/eof-body" => {
+                s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close")?;
+                return Ok(());
+            }
+            "/trailing-garbage" => {
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbodyEXTRA")?;
+            }
+            "/chunked-trailers" => {
+                let parts: [&[u8]; 4] = [
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Probe-Trailer\r\n\r\n",
+                    b"6\r\nchunks\r\n",
+                    b"5\r\n-more\r\n0\r\nX-Probe",
+                    b"-Trailer: tail\r\n\r\n",
+                ];
+                for piece in parts {
+                    s.write_all(piece)?;
+                    // Separate segments (not a timing assertion).
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+            "/interim" | "/interim-split" => {
+                let info = b"HTTP/1.1 103 Early Hints\r\nLink: </probe.css>; rel=preload\r\n\r\n";
+                let last = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal";
+                if path == "/interim" {
+                    s.write_all(&[&info[..], &last[..]].concat())?;
+                } else {
+                    s.write_all(info)?;
+                    // Separate segments (not a timing assertion).
+                    std::thread::sleep(Duration::from_millis(3));
+                    s.write_all(last)?;
+                }
+            }
+            "/no-content" => s.write_all(b"HTTP/1.1 204 No Content\r\nX-Probe: none\r\n\r\n")?,
+            "/not-modified" => s.write_all(
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"probe\"\r\nContent-Length: 40\r\n\r\n",
+            )?,
+            // Answered before the body came in.
+            "/early-answer" => {}
             "/bad-head" => {
                 s.write_all(b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n")?;
                 return Ok(());
@@ -247,11 +365,25 @@ fn serve_app(
                     request.len()
                 )
                 .into_bytes();
-                resp.extend_from_slice(&request);
+                if !head.starts_with("HEAD ") {
+                    resp.extend_from_slice(&request);
+                }
                 s.write_all(&resp)?;
             }
         }
     }
+}
+
+/// A whole response full of the app's secret: sent after an answer, it is left
+/// unread in the proxy's buffer, where the next exchange must not find it.
+fn smuggled_response() -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nX-Smuggled: {}\r\nContent-Length: 600\r\n\r\n",
+        APP_SECRET.repeat(100)
+    )
+    .into_bytes();
+    r.extend(APP_SECRET.bytes().cycle().take(600));
+    r
 }
 
 /// Reads until the worker closes (or the read times out: a hang guard).
@@ -753,4 +885,308 @@ fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Prob
 /// The HTTP/2 connection preface.
 fn h2_preface() -> Vec<u8> {
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()
+}
+
+// HTTP/2: each stream forwarded to an HTTP/1.1 app reads the app's answer into a
+// read buffer from its core's spares, given back unzeroed when the stream ends.
+
+/// How many streams each HTTP/2 probe opens at once (each takes its own spare
+/// buffer, the last ones the poisoning streams gave back).
+const H2_PROBE_STREAMS: usize = 3;
+
+/// Runs `nghttp -v` (h2c, prior knowledge: one new connection, every stream on it at
+/// once) against the worker; returns everything it printed: the received heads,
+/// trailers, DATA payloads, resets and errors.
+fn nghttp(w: &Worker, args: &[&str], paths: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("nghttp")
+        .args(["-v", "-t", "20"])
+        .args(args)
+        .args(
+            paths
+                .iter()
+                .map(|p| format!("http://127.0.0.1:{}{p}", w.port)),
+        )
+        .output()
+        .expect("nghttp must be installed (.ci/run installs nghttp2-client)");
+    let mut got = out.stdout;
+    got.extend_from_slice(&out.stderr);
+    got
+}
+
+/// A file holding `bytes`, for `nghttp -d`.
+fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(bytes).expect("write");
+    f
+}
+
+/// Waits until no HTTP/2 stream or connection is open: every stream's buffer is
+/// back with the core's spares.
+fn settle_h2(w: &Worker) {
+    eventually("every HTTP/2 stream and connection closed", || {
+        metric(w, "appproxy_http2_streams_active") == 0
+            && metric(w, "appproxy_connections_active") == 0
+    });
+}
+
+/// One connection of concurrent streams that fill their buffers with secrets: the
+/// client's (a header and the request body, echoed back by the app) and the app's
+/// (heads, bodies, chunked trailers, whole responses after the answer). Returns the
+/// leaks seen by the poisoning clients themselves (a response left behind by an
+/// earlier stream served as theirs) and what else went wrong.
+fn poison_h2(w: &Worker, app: &App, body: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let before = app.poisoned.load(Ordering::SeqCst);
+    let secret = format!("x-secret: {}", CLIENT_SECRET.repeat(1000));
+    let paths = [
+        "/poison",
+        "/poison-echo",
+        "/poison-chunked",
+        "/poison-smuggle",
+    ];
+    let got = nghttp(
+        w,
+        &[
+            "-n",
+            "-m",
+            "2",
+            "-H",
+            &secret,
+            "-d",
+            &body.to_string_lossy(),
+        ],
+        &paths,
+    );
+    settle_h2(w);
+    let text = String::from_utf8_lossy(&got);
+    let mut leaks = Vec::new();
+    let mut wrong = Vec::new();
+    if let Some(at) = find(&got, b"x-smuggled") {
+        leaks.push(format!(
+            "a poisoning stream was answered with the response another stream left behind: …{}…",
+            String::from_utf8_lossy(&got[at.saturating_sub(200)..(at + 200).min(got.len())])
+        ));
+    }
+    let answered = text.matches(":status: 200").count();
+    let served = app.poisoned.load(Ordering::SeqCst) - before;
+    if answered != 2 * paths.len() || served != 2 * paths.len() {
+        wrong.push(format!(
+            "poisoning: {answered} streams answered, {served} served by the app, of {}: …{}",
+            2 * paths.len(),
+            String::from_utf8_lossy(&got[got.len().saturating_sub(3000)..])
+        ));
+    }
+    (leaks, wrong)
+}
+
+/// An HTTP/2 probe: paths requested on a new connection, each
+/// [`H2_PROBE_STREAMS`] times at once, with nghttp options; what the output must
+/// hold.
+struct H2Probe {
+    name: &'static str,
+    args: Vec<String>,
+    path: &'static str,
+    expect: &'static [&'static str],
+}
+
+fn h2_probe(name: &'static str, path: &'static str, expect: &'static [&'static str]) -> H2Probe {
+    H2Probe {
+        name,
+        args: Vec::new(),
+        path,
+        expect,
+    }
+}
+
+impl H2Probe {
+    fn args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self
+    }
+}
+
+/// Every path of `stream.rs` that reads the app's answer into the stream's buffer.
+fn h2_probes(upload: &str) -> Vec<H2Probe> {
+    vec![
+        h2_probe(
+            "app head cut short, then close (502)",
+            "/trunc-head",
+            &[":status: 502"],
+        ),
+        h2_probe("app's malformed head (502)", "/bad-head", &[":status: 502"]),
+        h2_probe(
+            "app closes without answering (502)",
+            "/no-response",
+            &[":status: 502"],
+        ),
+        // The stream is reset (`h2` drops its queued head and DATA with it).
+        h2_probe(
+            "app's body shorter than its length",
+            "/short-body",
+            &["RST_STREAM"],
+        ),
+        h2_probe(
+            "app's head split across reads",
+            "/split-head",
+            &["x-split: yes", "split"],
+        ),
+        h2_probe(
+            "app's head past 16 KiB (the buffer grows)",
+            "/big-head",
+            &[":status: 200", "bbbbbbbb"],
+        ),
+        h2_probe(
+            "app's head past the limit (502)",
+            "/huge-head",
+            &[":status: 502"],
+        ),
+        h2_probe(
+            "app's 101 (not relayable: 502)",
+            "/upgrade",
+            &[":status: 502"],
+        ),
+        h2_probe(
+            "chunked body with trailers, in pieces",
+            "/chunked-trailers",
+            &["chunks", "-more", "x-probe-trailer: tail"],
+        ),
+        h2_probe(
+            "1xx interim, then the answer, in one read",
+            "/interim",
+            &[":status: 103", "final"],
+        ),
+        h2_probe(
+            "1xx interim, then the answer, in two reads",
+            "/interim-split",
+            &[":status: 103", "final"],
+        ),
+        h2_probe(
+            "204 without a body",
+            "/no-content",
+            &[":status: 204", "x-probe: none"],
+        ),
+        h2_probe("304 without a body", "/not-modified", &[":status: 304"]),
+        h2_probe("HEAD", "/echo-head", &[":status: 200"]).args(&["-H", ":method: HEAD"]),
+        h2_probe(
+            "body delimited by the app's close",
+            "/eof-body",
+            &["until-close"],
+        ),
+        h2_probe(
+            "bytes after the answer's body",
+            "/trailing-garbage",
+            &[":status: 200", "body"],
+        ),
+        h2_probe(
+            "GET echoed by the app",
+            "/echo",
+            &["GET /echo HTTP/1.1", "x-probe: h2"],
+        )
+        .args(&["-H", "x-probe: h2"]),
+        h2_probe(
+            "request body echoed by the app",
+            "/echo-body",
+            &["POST /echo-body", "probe-upload"],
+        )
+        .args(&["-d", upload]),
+        h2_probe(
+            "request body without a length (chunked to the app)",
+            "/echo-chunked",
+            &["Transfer-Encoding: chunked", "probe-upload"],
+        )
+        .args(&["--no-content-length", "-d", upload]),
+        h2_probe(
+            "expect: 100-continue",
+            "/echo-continue",
+            &[":status: 100", "probe-upload"],
+        )
+        .args(&["--expect-continue", "-d", upload]),
+        h2_probe(
+            "the app answers before the request body",
+            "/early-answer",
+            &[":status: 200", "early"],
+        )
+        .args(&["-d", upload]),
+        // Whether the body still fits in the socket's buffers decides between the
+        // early answer and a 502: either is fine, a secret is not.
+        h2_probe(
+            "the app answers before the request body, then closes",
+            "/early-close",
+            &[":status: "],
+        )
+        .args(&["-d", upload]),
+    ]
+}
+
+#[test]
+fn no_byte_of_a_finished_http2_stream_reaches_the_next_one() {
+    let app = App::start();
+    let mut w = Worker::start(worker_opts(&app));
+    let poison_body = file_with(
+        &CLIENT_SECRET
+            .bytes()
+            .cycle()
+            .take(32 * 1024)
+            .collect::<Vec<_>>(),
+    );
+    let upload = file_with(b"probe-upload");
+    let upload_path = upload.path().to_string_lossy().into_owned();
+    let mut leaks = Vec::new();
+    let mut wrong = Vec::new();
+    let mut app_seen = 0;
+    for p in h2_probes(&upload_path) {
+        let (l, x) = poison_h2(&w, &app, poison_body.path());
+        leaks.extend(l);
+        wrong.extend(x);
+        let args: Vec<&str> = p.args.iter().map(String::as_str).collect();
+        let multiply = H2_PROBE_STREAMS.to_string();
+        let got = nghttp(&w, &[&["-m", &multiply][..], &args].concat(), &[p.path]);
+        settle_h2(&w);
+        leaks.extend(leak(&format!("what the client of {:?} got", p.name), &got));
+        {
+            let clean = app.clean.lock().expect("clean");
+            leaks.extend(leak(
+                &format!("what the app got up to {:?}", p.name),
+                &clean[app_seen..],
+            ));
+            app_seen = clean.len();
+        }
+        let text = String::from_utf8_lossy(&got);
+        for s in p.expect {
+            if text.matches(s).count() < H2_PROBE_STREAMS {
+                wrong.push(format!(
+                    "{}: {s:?} not in every stream's answer: {text}",
+                    p.name
+                ));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} leak(s):\n{}\n(and {} unexpected answer(s):\n{})",
+        leaks.len(),
+        leaks.join("\n"),
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert!(
+        wrong.is_empty(),
+        "unexpected answers:\n{}",
+        wrong.join("\n")
+    );
+
+    w.terminate();
+    eventually("the app's connections all closed", || {
+        app.closed.load(Ordering::SeqCst) == app.accepted.load(Ordering::SeqCst)
+    });
+    let clean = app.clean.lock().expect("clean").clone();
+    let log = w.log_text();
+    assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
+    assert!(
+        find(&clean, b"x-probe: h2").is_some() && find(&clean, b"probe-upload").is_some(),
+        "the app recorded the probes"
+    );
+    let late = leak("what the app got outside the poisoning requests", &clean);
+    assert!(late.is_none(), "{}", late.unwrap_or_default());
+    let logged = leak("the worker's log", log.as_bytes());
+    assert!(logged.is_none(), "{}", logged.unwrap_or_default());
 }
