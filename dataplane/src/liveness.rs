@@ -284,66 +284,41 @@ impl Liveness {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
         let now = Instant::now();
-        out.push_str(
-            "# HELP appproxy_core_last_turn_age_seconds Time since the core last completed a reactor turn (large and harmless while idle).\n\
-             # TYPE appproxy_core_last_turn_age_seconds gauge\n",
+        self.per_core(
+            out,
+            "appproxy_core_last_turn_age_seconds",
+            "gauge",
+            "Time since the core last completed a reactor turn (large and harmless while idle).",
+            |c| format!("{:.3}", c.since_last_turn(now).as_secs_f64()),
         );
-        for c in &self.cores {
-            let _ = writeln!(
-                out,
-                "appproxy_core_last_turn_age_seconds{{core=\"{}\"}} {:.3}",
-                c.cpu,
-                c.since_last_turn(now).as_secs_f64()
-            );
-        }
-        out.push_str(
-            "# HELP appproxy_core_stalled Whether the core holds waiting work it has not taken within the stall bound.\n\
-             # TYPE appproxy_core_stalled gauge\n",
+        self.per_core(
+            out,
+            "appproxy_core_stalled",
+            "gauge",
+            "Whether the core holds waiting work it has not taken within the stall bound.",
+            |c| u8::from(c.stalled(now, self.bound)).to_string(),
         );
-        for c in &self.cores {
-            let _ = writeln!(
-                out,
-                "appproxy_core_stalled{{core=\"{}\"}} {}",
-                c.cpu,
-                u8::from(c.stalled(now, self.bound))
-            );
-        }
-        out.push_str(
-            "# HELP appproxy_core_parked_seconds_total Time the core slept in epoll_wait with nothing to do (busy ratio = 1 - rate of this).\n\
-             # TYPE appproxy_core_parked_seconds_total counter\n",
+        self.per_core(
+            out,
+            "appproxy_core_parked_seconds_total",
+            "counter",
+            "Time the core slept in epoll_wait with nothing to do (busy ratio = 1 - rate of this).",
+            |c| format!("{:.6}", c.parked(now).as_secs_f64()),
         );
-        for c in &self.cores {
-            let _ = writeln!(
-                out,
-                "appproxy_core_parked_seconds_total{{core=\"{}\"}} {:.6}",
-                c.cpu,
-                c.parked(now).as_secs_f64()
-            );
-        }
-        out.push_str(
-            "# HELP appproxy_core_parks_total Times the core blocked in epoll_wait (each a sleep and a wake-up).\n\
-             # TYPE appproxy_core_parks_total counter\n",
+        self.per_core(
+            out,
+            "appproxy_core_parks_total",
+            "counter",
+            "Times the core blocked in epoll_wait (each a sleep and a wake-up).",
+            |c| c.poll_counts().0.to_string(),
         );
-        for c in &self.cores {
-            let _ = writeln!(
-                out,
-                "appproxy_core_parks_total{{core=\"{}\"}} {}",
-                c.cpu,
-                c.poll_counts().0
-            );
-        }
-        out.push_str(
-            "# HELP appproxy_core_empty_polls_total Zero-timeout epoll polls that found nothing: what spinning before a park costs.\n\
-             # TYPE appproxy_core_empty_polls_total counter\n",
+        self.per_core(
+            out,
+            "appproxy_core_empty_polls_total",
+            "counter",
+            "Zero-timeout epoll polls that found nothing: what spinning before a park costs.",
+            |c| c.poll_counts().1.to_string(),
         );
-        for c in &self.cores {
-            let _ = writeln!(
-                out,
-                "appproxy_core_empty_polls_total{{core=\"{}\"}} {}",
-                c.cpu,
-                c.poll_counts().1
-            );
-        }
         let _ = write!(
             out,
             "# HELP appproxy_core_stalls_total Stalled cores detected (and kicked) since start.\n\
@@ -351,6 +326,23 @@ impl Liveness {
              appproxy_core_stalls_total {}\n",
             self.stalls()
         );
+    }
+
+    /// One family with a sample per core: `# HELP`, `# TYPE`, then `name{core="N"}`
+    /// and the value.
+    fn per_core(
+        &self,
+        out: &mut String,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&CoreLiveness) -> String,
+    ) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for c in &self.cores {
+            let _ = writeln!(out, "{name}{{core=\"{}\"}} {}", c.cpu, value(c));
+        }
     }
 
     /// Watches the cores every `bound` on its own thread, so a stalled core is

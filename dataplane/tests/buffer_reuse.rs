@@ -862,9 +862,14 @@ fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Prob
         wrong.join("\n")
     );
 
-    // The app saw everything the worker sent it once the worker is gone.
     drop(t);
-    let mut w = w;
+    app_and_log_are_clean(w, app, &[b"EARLY-CLIENT", b"X-Probe: one-by-one"]);
+}
+
+/// Once the worker is gone (so the app saw everything it was sent): it did not
+/// panic, the app recorded the probes (`markers`), and no secret reached the app
+/// outside the poisoning requests nor the worker's log.
+fn app_and_log_are_clean(mut w: Worker, app: &App, markers: &[&[u8]]) {
     w.terminate();
     eventually("the app's connections all closed", || {
         app.closed.load(Ordering::SeqCst) == app.accepted.load(Ordering::SeqCst)
@@ -873,7 +878,7 @@ fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Prob
     let log = w.log_text();
     assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
     assert!(
-        find(&clean, b"EARLY-CLIENT").is_some() && find(&clean, b"X-Probe: one-by-one").is_some(),
+        markers.iter().all(|m| find(&clean, m).is_some()),
         "the app recorded the probes"
     );
     let late = leak("what the app got outside the poisoning requests", &clean);
@@ -1120,7 +1125,7 @@ fn h2_probes(upload: &str) -> Vec<H2Probe> {
 #[test]
 fn no_byte_of_a_finished_http2_stream_reaches_the_next_one() {
     let app = App::start();
-    let mut w = Worker::start(worker_opts(&app));
+    let w = Worker::start(worker_opts(&app));
     let poison_body = file_with(
         &CLIENT_SECRET
             .bytes()
@@ -1174,19 +1179,5 @@ fn no_byte_of_a_finished_http2_stream_reaches_the_next_one() {
         wrong.join("\n")
     );
 
-    w.terminate();
-    eventually("the app's connections all closed", || {
-        app.closed.load(Ordering::SeqCst) == app.accepted.load(Ordering::SeqCst)
-    });
-    let clean = app.clean.lock().expect("clean").clone();
-    let log = w.log_text();
-    assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
-    assert!(
-        find(&clean, b"x-probe: h2").is_some() && find(&clean, b"probe-upload").is_some(),
-        "the app recorded the probes"
-    );
-    let late = leak("what the app got outside the poisoning requests", &clean);
-    assert!(late.is_none(), "{}", late.unwrap_or_default());
-    let logged = leak("the worker's log", log.as_bytes());
-    assert!(logged.is_none(), "{}", logged.unwrap_or_default());
+    app_and_log_are_clean(w, &app, &[b"x-probe: h2", b"probe-upload"]);
 }
