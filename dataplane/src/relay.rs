@@ -63,6 +63,15 @@ impl BufPool {
         }
     }
 
+    /// A buffer from the pool that goes back to it when the guard is dropped (for a
+    /// holder that may end on any path, e.g. an HTTP/2 stream).
+    pub fn lend(&self) -> Lent<'_> {
+        Lent {
+            pool: self,
+            buf: self.take(),
+        }
+    }
+
     /// Buffers waiting to be reused.
     pub fn len(&self) -> usize {
         self.free.borrow().len()
@@ -71,6 +80,31 @@ impl BufPool {
     /// Whether no buffer waits to be reused.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A buffer lent by a [`BufPool`], given back when dropped.
+pub struct Lent<'a> {
+    pool: &'a BufPool,
+    buf: ReadBuf,
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = ReadBuf;
+    fn deref(&self) -> &ReadBuf {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut ReadBuf {
+        &mut self.buf
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.pool.give(&mut self.buf);
     }
 }
 
@@ -566,5 +600,19 @@ mod tests {
             pool.is_empty(),
             "a buffer not of the pool's size is dropped"
         );
+    }
+
+    #[test]
+    fn a_lent_buffer_goes_back_when_dropped_and_shows_nothing_of_its_last_use() {
+        let pool = BufPool::new(64, 4);
+        {
+            let mut lent = pool.lend();
+            lent.push(b"unread bytes of a stream that ended early");
+            assert!(pool.is_empty());
+        }
+        assert_eq!(pool.len(), 1, "back with the pool on drop");
+        let lent = pool.lend();
+        assert!(pool.is_empty(), "the buffer was reused");
+        assert!(lent.filled().is_empty());
     }
 }

@@ -38,57 +38,6 @@ use crate::proxy::retry::{self, Attempt, Retry};
 use crate::proxy::{self, Failure};
 use crate::relay::ReadBuf;
 
-/// Read buffer towards an HTTP/1.1 app.
-const BUF_SIZE: usize = 16 * 1024;
-/// Read buffers kept per core for the next streams to HTTP/1.1 apps (at 16 KiB
-/// each, at most 4 MiB held per core once a burst of streams is over).
-const SPARE_BUFS: usize = 256;
-
-thread_local! {
-    /// This core's spare read buffers (each core is one thread): a stream takes one
-    /// and gives it back emptied, so a small request no longer allocates and zeroes
-    /// 16 KiB.
-    static SPARE: std::cell::RefCell<Vec<ReadBuf>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A read buffer from this core's spares (or a new one), given back on drop.
-struct PooledBuf(ReadBuf);
-
-impl PooledBuf {
-    fn take() -> Self {
-        let spare = SPARE.with(|s| s.borrow_mut().pop());
-        Self(spare.unwrap_or_else(|| ReadBuf::new(BUF_SIZE)))
-    }
-}
-
-impl std::ops::Deref for PooledBuf {
-    type Target = ReadBuf;
-    fn deref(&self) -> &ReadBuf {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for PooledBuf {
-    fn deref_mut(&mut self) -> &mut ReadBuf {
-        &mut self.0
-    }
-}
-
-impl Drop for PooledBuf {
-    fn drop(&mut self) {
-        // An empty buffer holds no memory (nothing to give back).
-        let mut buf = std::mem::replace(&mut self.0, ReadBuf::new(0));
-        // Whatever is left unread belongs to nobody now.
-        buf.consume(usize::MAX);
-        SPARE.with(|s| {
-            let mut spare = s.borrow_mut();
-            if spare.len() < SPARE_BUFS {
-                spare.push(buf);
-            }
-        });
-    }
-}
-
 /// Largest read buffer towards an HTTP/1.1 app.
 const BODY_BUF_LIMIT: usize = 64 * 1024;
 
@@ -641,7 +590,9 @@ async fn forward_h1(
         ctx.hop,
         addr,
     );
-    let mut ubuf = PooledBuf::take();
+    // From the core's pool of read buffers (shared with HTTP/1.1 connections), back
+    // to it when the stream ends, whichever way.
+    let mut ubuf = core.read_bufs.lend();
     let mut bytes_in = 0u64;
     // The retry rule is the HTTP/1.1 exchange's ([`retry::may_retry`]): the head is
     // kept in `out` until the response head arrived, so a bodiless idempotent request
