@@ -13,9 +13,9 @@
 //! worker's log. The same attack runs over TLS: the buffers then hold plaintext that
 //! rustls decrypted into them, and the probes' bytes arrive in records of any size.
 //!
-//! HTTP/2 has buffers of its own: each stream forwarded to an HTTP/1.1 app reads the
-//! app's answer into a 16 KiB buffer from its core's spares, given back unzeroed when
-//! the stream ends. There, connections of concurrent h2c streams (nghttp, prior
+//! HTTP/2 streams take from the same pool: each stream forwarded to an HTTP/1.1 app
+//! reads the app's answer into a 16 KiB buffer from its core's pool, given back
+//! unzeroed when the stream ends, whichever way it ends. There, connections of concurrent h2c streams (nghttp, prior
 //! knowledge) fill several of them with secrets (the client's in a header and a
 //! request body the app echoes; the app's in heads, bodies, chunked trailers and a
 //! whole unsolicited response left unread after the answer), and each probe opens
@@ -814,24 +814,13 @@ fn probes() -> Vec<Probe> {
 /// fragment of a secret reached the probe's client, the app or the worker's log.
 fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Probe>) {
     let t = Target { w: &w, tls };
-    // Every probe runs; a leak anywhere is reported before any unexpected answer
-    // (stale bytes in a head may well turn the answer into a 400 first).
-    let mut leaks = Vec::new();
-    let mut wrong = Vec::new();
-    let mut app_seen = 0;
+    let mut f = Findings::default();
     for (i, p) in probes.iter().enumerate() {
         poison(&t, app, i);
         let got = p.run(&t);
         settle(&w);
-        leaks.extend(leak(&format!("what the client of {:?} got", p.name), &got));
-        {
-            let clean = app.clean.lock().expect("clean");
-            leaks.extend(leak(
-                &format!("what the app got up to {:?}", p.name),
-                &clean[app_seen..],
-            ));
-            app_seen = clean.len();
-        }
+        f.after_probe(p.name, &got, app);
+        let wrong = &mut f.wrong;
         let text = String::from_utf8_lossy(&got);
         if !text.starts_with(p.expect_start) {
             wrong.push(format!(
@@ -848,22 +837,52 @@ fn attack(w: Worker, tls: Option<Arc<ClientConfig>>, app: &App, probes: Vec<Prob
             }
         }
     }
-    assert!(
-        leaks.is_empty(),
-        "{} leak(s):\n{}\n(and {} unexpected answer(s):\n{})",
-        leaks.len(),
-        leaks.join("\n"),
-        wrong.len(),
-        wrong.join("\n")
-    );
-    assert!(
-        wrong.is_empty(),
-        "unexpected answers:\n{}",
-        wrong.join("\n")
-    );
-
+    f.assert_none();
     drop(t);
     app_and_log_are_clean(w, app, &[b"EARLY-CLIENT", b"X-Probe: one-by-one"]);
+}
+
+/// What the probes of one attack turned up. Every probe runs; a leak anywhere is
+/// reported before any unexpected answer (stale bytes in a head may well turn the
+/// answer into a 400 first).
+#[derive(Default)]
+struct Findings {
+    leaks: Vec<String>,
+    wrong: Vec<String>,
+    /// How much of what the app recorded outside poisoning the probes have seen.
+    app_seen: usize,
+}
+
+impl Findings {
+    /// Looks for secrets in what the probe's client got and in what the app got
+    /// since the last probe.
+    fn after_probe(&mut self, name: &str, got: &[u8], app: &App) {
+        self.leaks
+            .extend(leak(&format!("what the client of {name:?} got"), got));
+        let clean = app.clean.lock().expect("clean");
+        self.leaks.extend(leak(
+            &format!("what the app got up to {name:?}"),
+            &clean[self.app_seen..],
+        ));
+        self.app_seen = clean.len();
+    }
+
+    fn assert_none(&self) {
+        let (leaks, wrong) = (&self.leaks, &self.wrong);
+        assert!(
+            leaks.is_empty(),
+            "{} leak(s):\n{}\n(and {} unexpected answer(s):\n{})",
+            leaks.len(),
+            leaks.join("\n"),
+            wrong.len(),
+            wrong.join("\n")
+        );
+        assert!(
+            wrong.is_empty(),
+            "unexpected answers:\n{}",
+            wrong.join("\n")
+        );
+    }
 }
 
 /// Once the worker is gone (so the app saw everything it was sent): it did not
@@ -893,9 +912,9 @@ fn h2_preface() -> Vec<u8> {
 }
 
 // HTTP/2: each stream forwarded to an HTTP/1.1 app reads the app's answer into a
-// read buffer from its core's spares, given back unzeroed when the stream ends.
+// read buffer from its core's pool, given back unzeroed when the stream ends.
 
-/// How many streams each HTTP/2 probe opens at once (each takes its own spare
+/// How many streams each HTTP/2 probe opens at once (each takes its own pooled
 /// buffer, the last ones the poisoning streams gave back).
 const H2_PROBE_STREAMS: usize = 3;
 
@@ -926,7 +945,7 @@ fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
 }
 
 /// Waits until no HTTP/2 stream or connection is open: every stream's buffer is
-/// back with the core's spares.
+/// back with the core's pool.
 fn settle_h2(w: &Worker) {
     eventually("every HTTP/2 stream and connection closed", || {
         metric(w, "appproxy_http2_streams_active") == 0
@@ -1135,49 +1154,26 @@ fn no_byte_of_a_finished_http2_stream_reaches_the_next_one() {
     );
     let upload = file_with(b"probe-upload");
     let upload_path = upload.path().to_string_lossy().into_owned();
-    let mut leaks = Vec::new();
-    let mut wrong = Vec::new();
-    let mut app_seen = 0;
+    let mut f = Findings::default();
     for p in h2_probes(&upload_path) {
         let (l, x) = poison_h2(&w, &app, poison_body.path());
-        leaks.extend(l);
-        wrong.extend(x);
+        f.leaks.extend(l);
+        f.wrong.extend(x);
         let args: Vec<&str> = p.args.iter().map(String::as_str).collect();
         let multiply = H2_PROBE_STREAMS.to_string();
         let got = nghttp(&w, &[&["-m", &multiply][..], &args].concat(), &[p.path]);
         settle_h2(&w);
-        leaks.extend(leak(&format!("what the client of {:?} got", p.name), &got));
-        {
-            let clean = app.clean.lock().expect("clean");
-            leaks.extend(leak(
-                &format!("what the app got up to {:?}", p.name),
-                &clean[app_seen..],
-            ));
-            app_seen = clean.len();
-        }
+        f.after_probe(p.name, &got, &app);
         let text = String::from_utf8_lossy(&got);
         for s in p.expect {
             if text.matches(s).count() < H2_PROBE_STREAMS {
-                wrong.push(format!(
+                f.wrong.push(format!(
                     "{}: {s:?} not in every stream's answer: {text}",
                     p.name
                 ));
             }
         }
     }
-    assert!(
-        leaks.is_empty(),
-        "{} leak(s):\n{}\n(and {} unexpected answer(s):\n{})",
-        leaks.len(),
-        leaks.join("\n"),
-        wrong.len(),
-        wrong.join("\n")
-    );
-    assert!(
-        wrong.is_empty(),
-        "unexpected answers:\n{}",
-        wrong.join("\n")
-    );
-
+    f.assert_none();
     app_and_log_are_clean(w, &app, &[b"x-probe: h2", b"probe-upload"]);
 }

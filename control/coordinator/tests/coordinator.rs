@@ -1002,28 +1002,22 @@ fn endpoints_lifecycle(db: Db) {
         r.json()["endpoints"][0]["already_absent_route_ids"],
         serde_json::json!([r2])
     );
-    // A route's mode must be one of the three; the refusal changes nothing.
-    let r = request(
-        c.addr,
-        "POST",
-        "/v2/endpoints/bulk/routes",
-        &[AUTH],
-        &format!(
-            r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
-            route(r2, 9000).replace('}', r#","upstream_tls":"tls1.3"}"#)
-        ),
-    );
+    // A route's mode must be one of the three.
+    let set_route_with_tls = |tls: &str| {
+        request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk/routes",
+            &[AUTH],
+            &format!(
+                r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
+                route(r2, 9000).replace('}', &format!(r#","upstream_tls":"{tls}"}}"#))
+            ),
+        )
+    };
+    let r = set_route_with_tls("tls1.3");
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    let r = request(
-        c.addr,
-        "POST",
-        "/v2/endpoints/bulk/routes",
-        &[AUTH],
-        &format!(
-            r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}}]}}"#,
-            route(r2, 9000).replace('}', r#","upstream_tls":"insecure"}"#)
-        ),
-    );
+    let r = set_route_with_tls("insecure");
     assert_eq!(r.json()["endpoints"][0]["success"], true);
     let circuit_id = request(c.addr, "GET", "/api/slots", &[AUTH], "").json()["slots"]
         .as_array()
