@@ -2,7 +2,8 @@
 //! (tungstenite) on both ends: echo of text, binary, 1 MiB and fragmented messages,
 //! ping/pong, close codes, subprotocols, refused upgrades, malformed frames,
 //! per-message IDs, drain, and the idle timeout (counted as an open tunnel, then a
-//! `tunnel_idle` timeout).
+//! `tunnel_idle` timeout), and that every way a tunnel ends (raw upgrades too) releases
+//! both of its connections.
 #![allow(clippy::result_large_err)]
 
 mod common;
@@ -277,4 +278,192 @@ fn an_idle_session_is_an_open_tunnel_then_a_tunnel_idle_timeout() {
         common::metric(&w, "appproxy_tunnels_active") == 0
             && text.contains("appproxy_timeouts_total{core=\"0\",kind=\"tunnel_idle\"} 1\n")
     });
+}
+
+/// A masked client text frame (the mask is fixed: the worker only checks there is one).
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// An app that answers every request with `101` to `x-raw`, then echoes bytes until
+/// the client half-closes.
+fn raw_upgrade_app() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
+                if s.write_all(answer).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a raw (non-WebSocket) upgrade through `w` and checks one echo.
+fn raw_upgrade(w: &Worker, what: &str) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n")
+        .expect("upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{what}");
+    s.write_all(what.as_bytes()).expect("bytes");
+    let mut echo = vec![0u8; what.len()];
+    s.read_exact(&mut echo).expect("echo");
+    assert_eq!(echo, what.as_bytes());
+    s
+}
+
+/// Waits until no tunnel is open and the worker holds no more descriptors than it
+/// did before the tunnels: both connections of every tunnel were released.
+fn all_released(w: &Worker, before: u64, what: &str) {
+    common::eventually(&format!("{what}: no tunnel left open"), || {
+        common::metric(w, "appproxy_tunnels_active") == 0
+    });
+    common::eventually(&format!("{what}: descriptors back to {before}"), || {
+        common::open_fds(w.pid()).0 <= before
+    });
+}
+
+/// However a tunnel ends — the client closes it cleanly, vanishes with bytes in
+/// flight, or goes silent until the idle timeout — each direction's relay stops and
+/// both connections are released: no tunnel stays open, no descriptor stays held.
+/// For WebSocket sessions and raw upgrades alike.
+#[test]
+fn every_way_a_tunnel_ends_releases_both_connections() {
+    const EACH: usize = 12;
+    let app = echo_app();
+    let w = worker_for(&app, "[timeouts]\ntunnel_idle_secs = 1");
+    let before = common::open_fds(w.pid()).0;
+    let mut silent = Vec::new();
+    for i in 0..EACH {
+        // A clean close, answered.
+        let (mut ws, _) = connect(&w, "/ws", None).expect("handshake");
+        ws.send(Message::Text(format!("clean {i}").into()))
+            .expect("send");
+        assert_eq!(
+            read_data(&mut ws),
+            Message::Text(format!("clean {i}").into())
+        );
+        ws.close(None).expect("close");
+        while ws.read().is_ok() {}
+        // The client vanishes with its echo unread (the kernel resets).
+        let mut s = raw_session(&w);
+        s.write_all(&masked_text(b"gone")).expect("frame");
+        drop(s);
+        // Silence until the idle timeout ends it.
+        silent.push(raw_session(&w));
+    }
+    all_released(&w, before, "websocket");
+    for s in &mut silent {
+        assert_eq!(read_close_code(s), 1001, "the idle session was told 1001");
+    }
+    drop(w);
+
+    let app = raw_upgrade_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: "[timeouts]\ntunnel_idle_secs = 1".into(),
+        ..Default::default()
+    });
+    let before = common::open_fds(w.pid()).0;
+    let mut silent = Vec::new();
+    for i in 0..EACH {
+        // The client half-closes; the app sees end of stream and closes too.
+        let mut s = raw_upgrade(&w, &format!("clean {i}"));
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("end of stream");
+        assert!(rest.is_empty(), "nothing after the echo: {rest:?}");
+        // The client vanishes with bytes in flight.
+        let mut s = raw_upgrade(&w, &format!("gone {i}"));
+        s.write_all(b"unread echo").expect("bytes");
+        drop(s);
+        silent.push(raw_upgrade(&w, &format!("silent {i}")));
+    }
+    all_released(&w, before, "raw upgrade");
+}
+
+/// Every line of a session carries its own connection's fields (`conn`, `peer`), even
+/// while other sessions on the same core relay in between: a connection's span is
+/// entered around each poll of its tasks, never held across an await.
+#[test]
+fn interleaved_sessions_log_under_their_own_connection() {
+    let app = echo_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        worker_extra: "ws_message_ids = \"per-message\"".into(),
+        ..Default::default()
+    });
+    let open = |id: &str| {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let head = format!("GET /ws HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        s.write_all(head.as_bytes()).expect("handshake");
+        let (mut got, mut byte) = (Vec::new(), [0u8; 1]);
+        while !got.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("101 head");
+            got.push(byte[0]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{id}");
+        let peer = s.local_addr().expect("addr").to_string();
+        (s, peer)
+    };
+    let mut sessions = [open("log-a"), open("log-b"), open("log-c")];
+    for round in 0..4 {
+        for (s, _) in &mut sessions {
+            let text = format!("round {round}");
+            s.write_all(&masked_text(text.as_bytes())).expect("frame");
+            let mut echo = vec![0u8; 2 + text.len()];
+            s.read_exact(&mut echo).expect("echo");
+            assert_eq!(&echo[2..], text.as_bytes());
+        }
+    }
+    for (id, (_, peer)) in ["log-a", "log-b", "log-c"].iter().zip(&sessions) {
+        let prefix = format!("{id}-msg-");
+        let of_session = |v: &serde_json::Value| {
+            v["message"] == "websocket message"
+                && v["request_id"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&prefix))
+        };
+        // Four messages each way; lines are written in batches.
+        let mut lines = Vec::new();
+        common::eventually(&format!("{id}'s 8 message lines"), || {
+            lines = w.log_json().into_iter().filter(of_session).collect();
+            lines.len() >= 8
+        });
+        for v in lines {
+            assert_eq!(v["peer"].as_str(), Some(peer.as_str()), "{id}: {v}");
+        }
+    }
 }

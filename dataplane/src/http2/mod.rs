@@ -121,9 +121,14 @@ impl Drop for StreamGuard {
 
 /// Serves an HTTP/2 client connection until it closes. `prefix` is what was read
 /// from it already (all or part of the preface).
-pub async fn serve(core: Rc<Core>, conn: TcpConn, hop: ClientHop, prefix: Vec<u8>, conn_id: u64) {
+pub async fn serve(
+    core: Rc<Core>,
+    conn: Rc<TcpConn>,
+    hop: ClientHop,
+    prefix: Vec<u8>,
+    conn_id: u64,
+) {
     let started = Instant::now();
-    let conn = Rc::new(conn);
     let ctx = Rc::new(ConnCtx {
         core: core.clone(),
         conn: conn.clone(),

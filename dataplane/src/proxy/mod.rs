@@ -25,6 +25,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use appproxy_shared::scope_traced;
+use tracing::Instrument;
 
 use crate::core::{counter, Core, Route};
 use crate::http::encode::ClientHop;
@@ -62,8 +63,8 @@ enum Next {
 pub(crate) struct Client {
     /// The core serving it.
     core: Rc<Core>,
-    /// The socket.
-    conn: TcpConn,
+    /// The socket (shared with the tasks of a tunnel it becomes).
+    conn: Rc<TcpConn>,
     /// Bytes read and not yet consumed (the next pipelined request may be here).
     buf: ReadBuf,
     /// The hop facts forwarded to the app.
@@ -78,11 +79,24 @@ pub(crate) struct Client {
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: u16) {
-    core.metrics.add(counter::ACCEPTED, 1);
-    core.metrics.add(counter::ACTIVE, 1);
     let conn_id = core.next_conn_id();
     let span = tracing::debug_span!("conn", core = core.cpu, conn = conn_id, peer = %peer);
-    let _enter = span.enter();
+    // Entered around each poll of the connection's task, never held across an await:
+    // other connections' tasks run in between.
+    serve_conn(core, conn, peer, local_port, conn_id)
+        .instrument(span)
+        .await
+}
+
+async fn serve_conn(
+    core: Rc<Core>,
+    conn: TcpConn,
+    peer: SocketAddr,
+    local_port: u16,
+    conn_id: u64,
+) {
+    core.metrics.add(counter::ACCEPTED, 1);
+    core.metrics.add(counter::ACTIVE, 1);
     let trusted = core
         .rt
         .trusted_proxies
@@ -92,7 +106,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: 
     let tls = conn.is_tls();
     let mut client = Client {
         core: core.clone(),
-        conn,
+        conn: Rc::new(conn),
         buf: core.read_bufs.take(),
         hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
@@ -141,8 +155,9 @@ impl Client {
             let x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started);
             let span = tracing::debug_span!("request", request_id = %x.id);
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
-            let next = scope_traced(Some(id), trace, self.exchange(x)).await;
-            drop(span);
+            let next = scope_traced(Some(id), trace, self.exchange(x))
+                .instrument(span)
+                .await;
             if next == Next::Close || self.core.draining.get() {
                 break;
             }

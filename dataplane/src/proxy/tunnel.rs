@@ -3,9 +3,11 @@
 //! as raw bytes, until both sides close or the tunnel idles out.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Instant;
 
 use appproxy_shared::RequestId;
+use tracing::Instrument;
 
 use super::exchange::Done;
 use super::{Client, Failure, Next};
@@ -44,7 +46,6 @@ impl Client {
             out,
             ..
         } = self;
-        let conn = &*conn;
         let idle = core.rt.tunnel_idle_timeout;
         // What each side sent right behind the handshake.
         let from_app = ubuf.filled().to_vec();
@@ -65,6 +66,7 @@ impl Client {
         *out = Vec::new();
         // Drain closes tunnels like idle keep-alive connections.
         conn.set_idle(true);
+        let (bytes_in, addr) = (ends.bytes_in, ends.addr);
         let (up_bytes, down_bytes) = match ends.ws_rsv {
             Some(rsv) => {
                 let early = (from_client, from_app);
@@ -74,9 +76,9 @@ impl Client {
         };
         Ok(Done {
             status: 101,
-            bytes_in: ends.bytes_in + up_bytes,
+            bytes_in: bytes_in + up_bytes,
             bytes_out: bytes_out + down_bytes,
-            upstream: ends.addr,
+            upstream: addr,
             next: Next::Close,
         })
     }
@@ -87,67 +89,60 @@ impl TunnelEnds<'_> {
     /// out; `early`: what the client and the app sent right behind the handshake.
     /// Returns the bytes to the app and to the client.
     async fn websocket(
-        &self,
-        core: &Core,
-        conn: &TcpConn,
+        self,
+        core: &Rc<Core>,
+        conn: &Rc<TcpConn>,
         rsv: u8,
         early: (Vec<u8>, Vec<u8>),
     ) -> (u64, u64) {
         let (from_client, from_app) = early;
-        let (upstream, session, circuit) = (&self.upstream, self.session, self.circuit);
+        let (session, circuit) = (self.session, self.circuit);
         let idle = core.rt.tunnel_idle_timeout;
         let started = Instant::now();
         tracing::info!(upstream = %self.addr, "websocket session opened");
-        let shared = relay::WsShared::default();
+        let upstream = Rc::new(self.upstream);
+        let shared = Rc::new(relay::WsShared::default());
         let per_message = core.rt.ws_message_ids == crate::config::WsMessageIds::PerMessage;
-        let log = |direction: &'static str| {
-            let shared = &shared;
-            move |count: u32| {
-                let last = shared.seq.get();
-                shared.seq.set(last.wrapping_add(count));
-                // The per-message lines are debug lines: with debug off, counting is all.
-                if !tracing::enabled!(tracing::Level::DEBUG) {
-                    return;
-                }
-                for i in 1..=count {
-                    let seq = last.wrapping_add(i);
-                    if per_message {
-                        let id = session.message_id(seq);
-                        appproxy_shared::with_request_id(Some(id), || {
-                            tracing::debug!(direction, seq, "websocket message")
-                        });
-                    } else {
-                        tracing::debug!(direction, seq, "websocket message");
+        let mut early = [Some(from_client), Some(from_app)];
+        let (up, down) = both_ways(conn, &upstream, |src, dst, from_client| {
+            let (core, shared) = (core.clone(), shared.clone());
+            let initial = early[usize::from(!from_client)].take().unwrap_or_default();
+            let direction = if from_client { "to_app" } else { "to_client" };
+            async move {
+                let log = |count: u32| {
+                    let last = shared.seq.get();
+                    shared.seq.set(last.wrapping_add(count));
+                    // The per-message lines are debug lines: with debug off, counting
+                    // is all.
+                    if !tracing::enabled!(tracing::Level::DEBUG) {
+                        return;
                     }
-                }
+                    for i in 1..=count {
+                        let seq = last.wrapping_add(i);
+                        if per_message {
+                            let id = session.message_id(seq);
+                            appproxy_shared::with_request_id(Some(id), || {
+                                tracing::debug!(direction, seq, "websocket message")
+                            });
+                        } else {
+                            tracing::debug!(direction, seq, "websocket message");
+                        }
+                    }
+                };
+                relay::ws_pipe(
+                    &src,
+                    &dst,
+                    initial,
+                    from_client,
+                    rsv,
+                    &shared,
+                    idle,
+                    &log,
+                    &core.scratch,
+                )
+                .await
             }
-        };
-        let to_app = log("to_app");
-        let to_client = log("to_client");
-        let (up, down) = futures_lite::future::zip(
-            relay::ws_pipe(
-                conn,
-                upstream,
-                from_client,
-                true,
-                rsv,
-                &shared,
-                idle,
-                &to_app,
-                &core.scratch,
-            ),
-            relay::ws_pipe(
-                upstream,
-                conn,
-                from_app,
-                false,
-                rsv,
-                &shared,
-                idle,
-                &to_client,
-                &core.scratch,
-            ),
-        )
+        })
         .await;
         if up.idled || down.idled {
             core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
@@ -177,12 +172,12 @@ impl TunnelEnds<'_> {
     /// early bytes went out with the 101). Returns the bytes to the app and to the
     /// client.
     async fn raw(
-        &self,
+        self,
         core: &Core,
-        conn: &TcpConn,
+        conn: &Rc<TcpConn>,
         from_client: &[u8],
     ) -> Result<(u64, u64), Failure> {
-        let upstream = &self.upstream;
+        let upstream = Rc::new(self.upstream);
         let idle = core.rt.tunnel_idle_timeout;
         let started = Instant::now();
         if !from_client.is_empty() {
@@ -193,12 +188,10 @@ impl TunnelEnds<'_> {
                 .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
         }
         tracing::info!(upstream = %self.addr, "upgraded connection established");
-        let mut up_buf = vec![0u8; 16 * 1024];
-        let mut down_buf = vec![0u8; 16 * 1024];
-        let (up, down) = futures_lite::future::zip(
-            relay::pipe(conn, upstream, &mut up_buf, idle),
-            relay::pipe(upstream, conn, &mut down_buf, idle),
-        )
+        let (up, down) = both_ways(conn, &upstream, |src, dst, _| async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            relay::pipe(&src, &dst, &mut buf, idle).await
+        })
         .await;
         if relay::idled(&up.1, &down.1) {
             core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
@@ -212,4 +205,29 @@ impl TunnelEnds<'_> {
         );
         Ok((up, down))
     }
+}
+
+/// Runs the two directions of a tunnel, `direction(src, dst, from_client)`, as tasks of
+/// their own (in the request's context and the connection's span) and waits for both: a message wakes only the
+/// direction it travels, and the task it wakes is that direction's relay alone, not
+/// the connection's whole stack of futures (client, exchange, response relay, tunnel)
+/// with the other direction beside it. Dropping the returned future (the connection's
+/// task cancelled) cancels both.
+async fn both_ways<F>(
+    client: &Rc<TcpConn>,
+    app: &Rc<TcpConn>,
+    mut direction: impl FnMut(Rc<TcpConn>, Rc<TcpConn>, bool) -> F,
+) -> (F::Output, F::Output)
+where
+    F: std::future::Future + 'static,
+    F::Output: 'static,
+{
+    let mut spawn = |src: &Rc<TcpConn>, dst: &Rc<TcpConn>, from_client: bool| {
+        let relay = direction(src.clone(), dst.clone(), from_client);
+        let span = tracing::Span::current();
+        crate::reactor::spawn(appproxy_shared::inherit(relay).instrument(span))
+    };
+    let up = spawn(client, app, true);
+    let down = spawn(app, client, false);
+    futures_lite::future::zip(up, down).await
 }
