@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use appproxy_shared::model::{Circuit, CircuitsEvent, FailedCircuit};
 use appproxy_shared::wire::{AccessMark, CircuitSet, WorkerRegistration};
-use appproxy_shared::{IdVersion, RequestId};
+use appproxy_shared::{IdVersion, RequestId, SpanContext, TraceContext};
 use crossbeam_channel::Receiver;
 
 use crate::config::{Config, Frontend, ResolvedCircuit};
@@ -224,11 +224,7 @@ async fn fetch<L: ControlLink>(
         revision = answer.revision;
         removed.extend(answer.removed.take().unwrap_or_default());
         let more = answer.more.unwrap_or(false);
-        changes.extend(
-            with_origins(answer)
-                .into_iter()
-                .map(|(c, o)| (c.id, Some((c, o)))),
-        );
+        changes.extend(with_origins(answer).into_iter().map(|c| (c.0.id, Some(c))));
         if !more {
             break;
         }
@@ -251,11 +247,7 @@ async fn whole<L: ControlLink>(link: &L, id: uuid::Uuid) -> Result<Fetched, Link
         let page = link.page(id, after).await?;
         revision.get_or_insert(page.revision);
         let next = page.next_page();
-        changes.extend(
-            with_origins(page)
-                .into_iter()
-                .map(|(c, o)| (c.id, Some((c, o)))),
-        );
+        changes.extend(with_origins(page).into_iter().map(|c| (c.0.id, Some(c))));
         match next {
             Some(n) if Some(n) != after => after = Some(n),
             _ => break,
@@ -268,8 +260,14 @@ async fn whole<L: ControlLink>(link: &L, id: uuid::Uuid) -> Result<Fetched, Link
     })
 }
 
-/// The circuits of an answer with their creating requests.
-fn with_origins(answer: CircuitSet) -> Vec<(Circuit, Option<RequestId>)> {
+/// The circuits of an answer with their creating requests and the trace context
+/// behind their latest change (validated: one that does not read is none).
+fn with_origins(answer: CircuitSet) -> Vec<Current> {
+    let mut traces: HashMap<uuid::Uuid, TraceContext> = answer
+        .traces
+        .keys()
+        .filter_map(|id| answer.trace_of(id).map(|t| (*id, t)))
+        .collect();
     let origins = answer.origins.unwrap_or_default();
     answer
         .circuits
@@ -279,7 +277,8 @@ fn with_origins(answer: CircuitSet) -> Vec<(Circuit, Option<RequestId>)> {
             let origin = origins
                 .get(&c.id)
                 .and_then(|o| RequestId::parse(o.as_bytes()).ok());
-            (c, origin)
+            let trace = traces.remove(&c.id);
+            (c, origin, trace)
         })
         .collect()
 }
@@ -300,8 +299,16 @@ struct Fetched {
     changes: Vec<CircuitChange>,
 }
 
-/// One circuit's change: as it is now with its creating request, or `None` (removed).
-type CircuitChange = (uuid::Uuid, Option<(Circuit, Option<RequestId>)>);
+/// One circuit's change: as it is now, or `None` (removed).
+type CircuitChange = (uuid::Uuid, Option<Current>);
+
+/// A circuit as it is now, with its creating request and, when fetched, the trace
+/// context of the request behind its latest change (an event's is the event's span).
+type Current = (Circuit, Option<RequestId>, Option<TraceContext>);
+
+/// A fetched deployment's trace: its span (a child of the coordinator's span behind
+/// the changes) and the `tracestate` that came with it.
+type Traced = (SpanContext, Option<appproxy_shared::TraceState>);
 
 async fn run<L: ControlLink>(
     config: Config,
@@ -423,8 +430,19 @@ async fn run<L: ControlLink>(
                 }
             },
         };
+        let mut fetched_trace = None;
         let applied = appproxy_shared::with_request_context(None, wake.span, || {
             apply(&config, &deployer, fetched, &mut state, wake.request_id)
+        })
+        .map(|(applied, id, traced)| {
+            // Found by a fetch: the deployment is traced as an event's would be, and
+            // its acknowledgement goes under the same span.
+            if let Some((span, tracestate)) = traced {
+                wake.span = Some(span);
+                wake.tracestate = tracestate;
+                fetched_trace = Some(span);
+            }
+            (applied, id)
         });
         state.forget_old();
         if initial {
@@ -435,6 +453,17 @@ async fn run<L: ControlLink>(
             );
         }
         if wake.created.is_empty() && !wake.resync {
+            // A traced deployment a poll found owes no acknowledgement: its span is
+            // exported once every core applied it, off the agent's loop.
+            if let (Some(span), Some((applied, id))) = (fetched_trace, applied) {
+                if appproxy_shared::otlp::enabled() {
+                    tokio::task::spawn_blocking(move || {
+                        if applied.outcome(apply_timeout).is_some() {
+                            crate::trace::export_deployment(span, id, started.elapsed());
+                        }
+                    });
+                }
+            }
             continue;
         }
         // Acknowledge what the event announced once every core has it (it may have
@@ -654,9 +683,11 @@ impl Fetched {
         let mut changes = Vec::new();
         for d in deltas {
             match d {
-                Delta::Upsert(circuits, origin) => {
-                    changes.extend(circuits.into_iter().map(|c| (c.id, Some((c, origin)))))
-                }
+                Delta::Upsert(circuits, origin) => changes.extend(
+                    circuits
+                        .into_iter()
+                        .map(|c| (c.id, Some((c, origin, None)))),
+                ),
                 Delta::Remove(ids) => changes.extend(ids.into_iter().map(|id| (id, None))),
             }
         }
@@ -682,23 +713,24 @@ fn same_circuit(a: &Circuit, b: &Circuit) -> bool {
 
 /// Turns what was fetched into a change for the cores — only the circuits that are
 /// new, different or gone, each checked and resolved on its own — and sends it
-/// under `preferred` (an event's request ID) when given. Costs what changed, not
-/// what exists. Returns the deployment in flight and its ID, if any.
+/// under `preferred` (an event's request ID) when given, and under the current span
+/// (an event's) when there is one. Costs what changed, not what exists. Returns the
+/// deployment in flight and its ID, if any, and its trace when it was taken from
+/// the fetched changes ([`fetched_span`]).
 fn apply(
     config: &Config,
     deployer: &Deployer,
     fetched: Fetched,
     state: &mut Deployed,
     preferred: Option<RequestId>,
-) -> Option<(crate::worker::Applied, RequestId)> {
+) -> Option<(crate::worker::Applied, RequestId, Option<Traced>)> {
     let Fetched {
         revision,
         whole,
         changes,
     } = fetched;
     // The last word on each circuit wins.
-    let mut last: HashMap<uuid::Uuid, Option<(Circuit, Option<RequestId>)>> =
-        HashMap::with_capacity(changes.len());
+    let mut last: HashMap<uuid::Uuid, Option<Current>> = HashMap::with_capacity(changes.len());
     for (id, change) in changes {
         last.insert(id, change);
     }
@@ -716,7 +748,7 @@ fn apply(
         state.last_whole = Some(std::time::Instant::now());
     }
     let mut removes = Vec::new();
-    let mut upserts: Vec<(Circuit, Option<RequestId>)> = Vec::new();
+    let mut upserts: Vec<Current> = Vec::new();
     for (id, change) in last {
         match change {
             None => {
@@ -727,7 +759,7 @@ fn apply(
                     removes.push(id);
                 }
             }
-            Some((circuit, origin)) => {
+            Some((circuit, origin, trace)) => {
                 if let Some(o) = origin {
                     state.origins.insert(id, o);
                 }
@@ -738,14 +770,16 @@ fn apply(
                 {
                     continue;
                 }
-                upserts.push((circuit, origin));
+                upserts.push((circuit, origin, trace));
             }
         }
     }
     // Circuits new to this worker, with the requests that created them.
     let mut new: Vec<(uuid::Uuid, RequestId)> = Vec::new();
     let mut resolved = Vec::with_capacity(upserts.len());
-    for (circuit, origin) in upserts {
+    // The trace context behind each change deployed.
+    let mut traces: Vec<Option<TraceContext>> = Vec::with_capacity(upserts.len());
+    for (circuit, origin, trace) in upserts {
         let id = circuit.id;
         let checked = config
             .resolve_circuit(&circuit)
@@ -779,6 +813,7 @@ fn apply(
                 state.frontends.insert(r.frontend.clone(), id);
                 state.refused.remove(&id);
                 resolved.push(r);
+                traces.push(trace);
             }
             Err(why) => {
                 appproxy_shared::with_request_id(origin.or(preferred), || {
@@ -809,20 +844,45 @@ fn apply(
             });
         }
     }
-    appproxy_shared::with_request_context(Some(id), appproxy_shared::current_span(), || {
+    // An event's deployment runs under the event's span; one found by a fetch under
+    // a child of the coordinator's span behind the changes, as the event would have.
+    let traced = match appproxy_shared::current_span() {
+        Some(_) => None,
+        None => fetched_span(&traces),
+    };
+    let span = traced
+        .as_ref()
+        .map(|(s, _)| *s)
+        .or_else(appproxy_shared::current_span);
+    appproxy_shared::with_request_context(Some(id), span, || {
         tracing::info!(
             changed = resolved.len(),
             removed = removes.len(),
             circuits = state.circuits.len(),
             "deploying the coordinator's circuits"
         );
-    });
-    let change = crate::core::Change {
-        replace: false,
-        upserts: resolved,
-        removes,
-    };
-    Some((deployer.change(change, id), id))
+        let change = crate::core::Change {
+            replace: false,
+            upserts: resolved,
+            removes,
+        };
+        Some((deployer.change(change, id), id, traced))
+    })
+}
+
+/// The span of a deployment found by a fetch: a child of the coordinator's span
+/// behind the changes deployed, when they all have the same one (a single creation,
+/// typically); changes of several requests, or some untraced, have no single parent,
+/// as events of several requests batched into one deployment have none.
+fn fetched_span(traces: &[Option<TraceContext>]) -> Option<Traced> {
+    let first = traces.first()?.as_ref()?;
+    traces
+        .iter()
+        .all(|t| {
+            t.as_ref()
+                .is_some_and(|t| t.traceparent == first.traceparent)
+        })
+        .then(|| (first.span(), first.tracestate.clone()))
 }
 
 #[cfg(test)]
@@ -841,6 +901,63 @@ mod tests {
             "updated_at": "2026-11-30T10:00:00.000001Z"
         }))
         .expect("a circuit")
+    }
+
+    #[test]
+    fn a_fetched_deployment_is_traced_when_its_changes_share_one_parent() {
+        let ctx = |span: &str, state: Option<&str>| {
+            TraceContext::read(
+                Some(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")),
+                state,
+            )
+        };
+        let one = ctx("00f067aa0ba902b7", Some("rojo=1"));
+        let (span, state) = fetched_span(std::slice::from_ref(&one)).expect("traced");
+        assert_eq!(
+            span.trace_id.to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            span.parent_span_id.map(|s| s.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(state.as_ref().map(|t| t.as_str()), Some("rojo=1"));
+        assert!(
+            fetched_span(&[one.clone(), one.clone()]).is_some(),
+            "one request"
+        );
+        let other = ctx("b7ad6b7169203331", None);
+        assert!(
+            fetched_span(&[one.clone(), other]).is_none(),
+            "two requests"
+        );
+        assert!(fetched_span(&[one.clone(), None]).is_none(), "one untraced");
+        assert!(fetched_span(&[None]).is_none());
+        assert!(fetched_span(&[]).is_none(), "removals only");
+    }
+
+    #[test]
+    fn fetched_circuits_carry_their_validated_trace() {
+        let c = circuit();
+        let answer: CircuitSet = serde_json::from_value(serde_json::json!({
+            "revision": 1, "circuits": [c], "origins": {c.id.to_string(): "R-1"},
+            "traces": {c.id.to_string(): {
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "tracestate": "Bad=1"}},
+            "removed": [], "more": false
+        }))
+        .expect("answer");
+        let got = with_origins(answer);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.map(|r| r.to_string()).as_deref(), Some("R-1"));
+        let trace = got[0].2.as_ref().expect("a valid traceparent");
+        assert_eq!(trace.tracestate, None, "the invalid tracestate is dropped");
+        let untraced: CircuitSet = serde_json::from_value(serde_json::json!({
+            "revision": 1, "circuits": [circuit()],
+            "traces": {circuit().id.to_string(): {"traceparent": "00-zz"}}
+        }))
+        .expect("answer");
+        assert!(with_origins(untraced)[0].2.is_none());
     }
 
     #[test]

@@ -39,4 +39,4 @@ pub use context::{
 };
 pub use header::{IdPolicy, PRIMARY_HEADER};
 pub use request_id::{IdVersion, InvalidRequestId, RequestId};
-pub use trace::{SpanContext, TraceParent, TraceState};
+pub use trace::{SpanContext, TraceContext, TraceParent, TraceState};

@@ -273,6 +273,17 @@ pub fn current_tracestate() -> Option<TraceState> {
     })
 }
 
+/// The trace context to hand on for `span` when the next hop is not an HTTP call (a
+/// circuit event's metadata, a stored circuit change): `span` as the parent, with the
+/// request's validated `tracestate` only when `span` is the span of the request being
+/// handled on this task (another span's, a health check's, gets none).
+pub fn trace_context_of(span: SpanContext) -> crate::trace::TraceContext {
+    let tracestate = (Some(span) == crate::current_span())
+        .then(current_tracestate)
+        .flatten();
+    crate::trace::TraceContext::of_span(&span, tracestate)
+}
+
 /// Hands the request's span to the OTLP exporter, when one is installed.
 #[cfg(feature = "otlp")]
 fn export_span(

@@ -510,6 +510,71 @@ impl SpanContext {
     }
 }
 
+/// Longest `traceparent` read from a carrier other than a header (event metadata, a
+/// stored or fetched circuit change): a version-00 value is 55 bytes, so anything
+/// longer than this is not one this side could use, and is dropped whole.
+pub const CARRIED_TRACEPARENT_MAX_LEN: usize = TRACESTATE_MAX_LEN;
+
+/// A hop's W3C trace context handed on other than in HTTP headers — a circuit
+/// event's metadata, a stored circuit change and the worker's fetch of it: a valid
+/// `traceparent` naming the hop's span, and the `tracestate` that came with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The hop's trace, its span as the next hop's parent, and the flags.
+    pub traceparent: TraceParent,
+    /// The validated `tracestate` (never empty); only ever with a valid `traceparent`.
+    pub tracestate: Option<TraceState>,
+}
+
+impl TraceContext {
+    /// Reads a carried context by the header rules: `None` when the `traceparent` is
+    /// absent, invalid or longer than [`CARRIED_TRACEPARENT_MAX_LEN`]; the
+    /// `tracestate` is kept only with a valid `traceparent`, and dropped whole when
+    /// invalid or empty. Never logs the values.
+    pub fn read(traceparent: Option<&str>, tracestate: Option<&str>) -> Option<Self> {
+        let traceparent = traceparent
+            .filter(|t| t.len() <= CARRIED_TRACEPARENT_MAX_LEN)
+            .and_then(|t| TraceParent::parse(t.as_bytes()).ok())?;
+        let tracestate = tracestate
+            .and_then(|t| TraceState::parse(t.as_bytes()).ok())
+            .filter(|t| !t.is_empty());
+        Some(Self {
+            traceparent,
+            tracestate,
+        })
+    }
+
+    /// The context naming `span` as the next hop's parent, with `tracestate` (an
+    /// empty one counts as none).
+    pub fn of_span(span: &SpanContext, tracestate: Option<TraceState>) -> Self {
+        Self {
+            traceparent: TraceParent {
+                version: 0,
+                trace_id: span.trace_id,
+                parent_id: span.span_id,
+                flags: span.flags,
+            },
+            tracestate: tracestate.filter(|t| !t.is_empty()),
+        }
+    }
+
+    /// The next hop's span: the same trace and flags, a new span, the carried span
+    /// as its parent.
+    pub fn span(&self) -> SpanContext {
+        SpanContext::start(Some(&self.traceparent), None)
+    }
+
+    /// The `traceparent` as carried (version 00, 55 bytes).
+    pub fn traceparent_text(&self) -> String {
+        self.traceparent.header().as_str().to_owned()
+    }
+
+    /// The `tracestate` as carried, when there is one.
+    pub fn tracestate_text(&self) -> Option<&str> {
+        self.tracestate.as_ref().map(TraceState::as_str)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,6 +745,49 @@ mod tests {
         assert_eq!(TraceState::parse(long.as_bytes()), Err(TooLong));
         let fits = format!("a={},b={}", "x".repeat(250), "y".repeat(250));
         assert!(TraceState::parse(fits.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn carried_contexts_keep_a_valid_traceparent_and_its_tracestate_only() {
+        let ctx = TraceContext::read(Some(VALID), Some(" rojo=1 ,congo=2")).expect("valid");
+        assert_eq!(ctx.traceparent_text(), VALID);
+        assert_eq!(ctx.tracestate_text(), Some("rojo=1,congo=2"));
+        let child = ctx.span();
+        assert_eq!(child.trace_id, ctx.traceparent.trace_id);
+        assert_eq!(child.parent_span_id, Some(ctx.traceparent.parent_id));
+        assert_eq!(child.flags, 1);
+        // No valid traceparent: nothing, whatever the tracestate.
+        assert_eq!(TraceContext::read(None, Some("rojo=1")), None);
+        assert_eq!(TraceContext::read(Some("00-zz"), Some("rojo=1")), None);
+        let oversized = format!("01-{}-{}", &VALID[3..], "x".repeat(100_000));
+        assert!(
+            TraceParent::parse(oversized.as_bytes()).is_ok(),
+            "by the spec"
+        );
+        assert_eq!(
+            TraceContext::read(Some(&oversized), None),
+            None,
+            "too long to carry"
+        );
+        // An invalid or empty tracestate is dropped whole; the traceparent stays.
+        for bad in ["Rojo=1", ",,", "", &"a=b,".repeat(600)] {
+            let ctx = TraceContext::read(Some(VALID), Some(bad)).expect("valid traceparent");
+            assert_eq!(ctx.tracestate, None, "{bad:?}");
+        }
+        // Written from a span: that span is the parent, the text reads back the same.
+        let rid = RequestId::parse(b"job-17").expect("rid");
+        let span = SpanContext::root(Some(&rid));
+        let state = TraceState::parse(b"rojo=1").ok();
+        let ctx = TraceContext::of_span(&span, state.clone());
+        assert_eq!(ctx.traceparent_text(), span.traceparent().as_str());
+        assert_eq!(
+            TraceContext::read(Some(&ctx.traceparent_text()), ctx.tracestate_text()),
+            Some(TraceContext::of_span(&span, state))
+        );
+        assert_eq!(
+            TraceContext::of_span(&span, TraceState::parse(b"").ok()).tracestate,
+            None
+        );
     }
 
     #[test]

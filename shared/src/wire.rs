@@ -2,7 +2,7 @@
 //! coordinator serializes what it answers and publishes, the worker's agent reads it
 //! (and the other way round for registrations and acknowledgements). The JSON is the
 //! original platform's where it has one; what the product adds (`revision`,
-//! `origins`, `removed`, `more`, `resync`, `node_id`) is summarised in
+//! `origins`, `traces`, `removed`, `more`, `resync`, `node_id`) is summarised in
 //! `docs/wire.md`.
 //!
 //! - [`WorkerRegistration`] (`PUT /api/worker`), [`Registered`] and [`Heartbeat`]
@@ -164,6 +164,16 @@ pub struct CircuitSet<C = Circuit> {
     /// The creating request of each circuit that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origins: Option<BTreeMap<Uuid, String>>,
+    /// The W3C trace context of the request behind each circuit's latest change
+    /// (its creation, a route update), for those that have one; absent when none
+    /// has. Read leniently: an entry that does not read is left out, never the
+    /// answer.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "lenient_traces"
+    )]
+    pub traces: BTreeMap<Uuid, ChangeTrace>,
     /// A page's: where the next page starts (`null` on the last page).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<Option<Uuid>>,
@@ -183,6 +193,7 @@ impl<C> CircuitSet<C> {
             resync: true,
             circuits: None,
             origins: None,
+            traces: BTreeMap::new(),
             next: None,
             removed: None,
             more: None,
@@ -201,6 +212,7 @@ impl<C> CircuitSet<C> {
             resync: false,
             circuits: Some(circuits),
             origins: Some(origins),
+            traces: BTreeMap::new(),
             next: Some(next),
             removed: None,
             more: None,
@@ -220,6 +232,7 @@ impl<C> CircuitSet<C> {
             resync: false,
             circuits: Some(circuits),
             origins: Some(origins),
+            traces: BTreeMap::new(),
             next: None,
             removed: Some(removed),
             more: Some(more),
@@ -230,6 +243,61 @@ impl<C> CircuitSet<C> {
     pub fn next_page(&self) -> Option<Uuid> {
         self.next.flatten()
     }
+
+    /// The answer with the trace context behind each circuit's latest change.
+    pub fn with_traces(mut self, traces: BTreeMap<Uuid, ChangeTrace>) -> Self {
+        self.traces = traces;
+        self
+    }
+
+    /// The validated trace context behind circuit `id`'s latest change, when the
+    /// answer has one that reads ([`crate::trace::TraceContext::read`]: an invalid
+    /// `traceparent` is none, a `tracestate` only with a valid one).
+    pub fn trace_of(&self, id: &Uuid) -> Option<crate::trace::TraceContext> {
+        let t = self.traces.get(id)?;
+        crate::trace::TraceContext::read(Some(&t.traceparent), t.tracestate.as_deref())
+    }
+}
+
+/// The trace context of the request behind a circuit's latest change, as a set
+/// answer carries it (text, validated by the reader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeTrace {
+    /// W3C `traceparent` naming the coordinator's span of that request.
+    pub traceparent: String,
+    /// W3C `tracestate` that came with it; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+impl From<&crate::trace::TraceContext> for ChangeTrace {
+    fn from(t: &crate::trace::TraceContext) -> Self {
+        Self {
+            traceparent: t.traceparent_text(),
+            tracestate: t.tracestate_text().map(str::to_owned),
+        }
+    }
+}
+
+/// `traces` of a set answer: entries that do not read (a key that is not a UUID, a
+/// value not of the shape) are left out, and anything but an object reads as none —
+/// a trace is never worth the circuits it comes with.
+fn lenient_traces<'de, D>(d: D) -> Result<BTreeMap<Uuid, ChangeTrace>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let serde_json::Value::Object(map) = serde_json::Value::deserialize(d)? else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(map
+        .into_iter()
+        .filter_map(|(k, v)| {
+            Some((
+                Uuid::parse_str(&k).ok()?,
+                serde_json::from_value::<ChangeTrace>(v).ok()?,
+            ))
+        })
+        .collect())
 }
 
 /// The whole set without a query (`GET /api/worker/{id}/circuits`, the original's
@@ -504,6 +572,66 @@ mod tests {
         let back: CircuitSet =
             serde_json::from_str(r#"{"revision":4,"resync":true}"#).expect("read");
         assert!(back.resync && back.circuits.is_none());
+    }
+
+    #[test]
+    fn set_answers_carry_trace_contexts_that_never_cost_the_answer() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let id: Uuid = "c0a8f5d2-1111-4222-8333-444455556666".parse().expect("id");
+        let traced = CircuitSet::<Circuit>::changes(3, vec![], BTreeMap::new(), vec![], false)
+            .with_traces(
+                [(
+                    id,
+                    ChangeTrace {
+                        traceparent: TP.into(),
+                        tracestate: Some("rojo=1".into()),
+                    },
+                )]
+                .into(),
+            );
+        let json = serde_json::to_value(&traced).expect("json");
+        assert_eq!(
+            json["traces"],
+            serde_json::json!({id.to_string(): {"traceparent": TP, "tracestate": "rojo=1"}})
+        );
+        let back: CircuitSet = serde_json::from_value(json).expect("read");
+        let ctx = back.trace_of(&id).expect("a trace");
+        assert_eq!(ctx.traceparent_text(), TP);
+        assert_eq!(ctx.tracestate_text(), Some("rojo=1"));
+        // An answer without traces (an older coordinator) reads, with none.
+        let old: CircuitSet = serde_json::from_str(
+            r#"{"revision":3,"circuits":[],"origins":{},"removed":[],"more":false}"#,
+        )
+        .expect("read");
+        assert!(old.traces.is_empty() && old.trace_of(&id).is_none());
+        // Hostile traces: the answer still reads, the bad entries are none.
+        let other = Uuid::new_v4();
+        let third = Uuid::new_v4();
+        let text = format!(
+            r#"{{"revision":3,"circuits":[],"removed":[],"more":false,"traces":{{
+                "not-a-uuid":{{"traceparent":"{TP}"}},
+                "{id}":{{"traceparent":"00-zz","tracestate":"rojo=1"}},
+                "{other}":{{"traceparent":7}},
+                "{third}":{{"traceparent":"{TP}","tracestate":"Bad=1"}}}}}}"#
+        );
+        let back: CircuitSet = serde_json::from_str(&text).expect("read");
+        assert_eq!(back.trace_of(&id), None, "an invalid traceparent is none");
+        assert_eq!(
+            back.trace_of(&other),
+            None,
+            "a value of the wrong type is left out"
+        );
+        let third_ctx = back.trace_of(&third).expect("a valid traceparent");
+        assert_eq!(
+            third_ctx.tracestate, None,
+            "an invalid tracestate is dropped"
+        );
+        for odd in ["null", "[]", "\"x\"", "7"] {
+            let back: CircuitSet =
+                serde_json::from_str(&format!(r#"{{"revision":3,"circuits":[],"traces":{odd}}}"#))
+                    .expect("read");
+            assert!(back.traces.is_empty(), "{odd}");
+        }
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn a_large_set_deploys_page_by_page_then_only_what_changes() {
         let worker = store.upsert_worker(&registration).await.expect("worker");
         for n in 0..CIRCUITS {
             store
-                .insert_circuit(&circuit(worker, n, 1.0), None)
+                .insert_circuit(&circuit(worker, n, 1.0), None, None)
                 .await
                 .expect("insert");
         }
@@ -153,11 +153,11 @@ fn a_large_set_deploys_page_by_page_then_only_what_changes() {
     // removal through the API unroutes its circuit.
     rt.block_on(async {
         store
-            .insert_circuit(&circuit(worker_id, CIRCUITS, -1.0), None)
+            .insert_circuit(&circuit(worker_id, CIRCUITS, -1.0), None, None)
             .await
             .expect("insert");
         store
-            .insert_circuit(&circuit(worker_id, CIRCUITS + 1, 1.0), None)
+            .insert_circuit(&circuit(worker_id, CIRCUITS + 1, 1.0), None, None)
             .await
             .expect("insert");
     });

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
 use appproxy_shared::wire::{
-    CircuitSet, CircuitWithOrigin, Heartbeat, Registered, Success, WholeSet, WorkerRegistration,
+    ChangeTrace, CircuitSet, CircuitWithOrigin, Heartbeat, Registered, Success, WholeSet,
+    WorkerRegistration,
 };
 use axum::extract::State as Extract;
 use axum::http::StatusCode;
@@ -514,7 +515,8 @@ use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
 /// answer, with the worker's `revision` added); with `?since=R` what changed after
 /// revision `R` (`{"revision","changes","removed"}`, or `{"revision","resync":true}`
 /// when only the whole set will do); with `?after=<id>&limit=N` one page in ID order
-/// (`{"revision","circuits","next"}`).
+/// (`{"revision","circuits","next"}`). The last two carry `origins` and `traces`
+/// (the trace context behind each circuit's latest change).
 pub(super) async fn worker_circuits(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
@@ -540,9 +542,9 @@ pub(super) async fn worker_circuits(
     let circuits = state.store.circuits(Some(id)).await?;
     let circuits = circuits
         .into_iter()
-        .map(|(circuit, origin_request_id)| CircuitWithOrigin {
+        .map(|(circuit, origin)| CircuitWithOrigin {
             circuit,
-            origin_request_id,
+            origin_request_id: origin.request_id,
         })
         .collect();
     Ok(Json(WholeSet { circuits, revision }).into_response())
@@ -560,8 +562,8 @@ pub(super) async fn worker_page(
     let next = (page.len() >= limit)
         .then(|| page.last().map(|(c, _)| c.id))
         .flatten();
-    let (circuits, origins) = split_origins(page);
-    Ok(CircuitSet::page(revision, circuits, origins, next))
+    let (circuits, origins, traces) = split_origins(page);
+    Ok(CircuitSet::page(revision, circuits, origins, next).with_traces(traces))
 }
 
 /// What changed in a worker's set after revision `since`: what `?since=R` answers
@@ -580,30 +582,37 @@ pub(super) async fn worker_changes(
             removed,
             more,
         } => {
-            let (circuits, origins) = split_origins(upserts);
-            CircuitSet::changes(revision, circuits, origins, removed, more)
+            let (circuits, origins, traces) = split_origins(upserts);
+            CircuitSet::changes(revision, circuits, origins, removed, more).with_traces(traces)
         }
     })
 }
 
-/// Circuits and the origin request IDs of those that have one.
+/// Circuits, the origin request IDs of those that have one, and the trace context
+/// behind the latest change of those that have one (stored values that do not read
+/// as one are none: [`super::store::Origin`]).
 fn split_origins(
     rows: Vec<super::store::CircuitRow>,
 ) -> (
     Vec<appproxy_shared::model::Circuit>,
     std::collections::BTreeMap<uuid::Uuid, String>,
+    std::collections::BTreeMap<uuid::Uuid, ChangeTrace>,
 ) {
     let mut origins = std::collections::BTreeMap::new();
+    let mut traces = std::collections::BTreeMap::new();
     let circuits = rows
         .into_iter()
         .map(|(c, o)| {
-            if let Some(o) = o {
-                origins.insert(c.id, o);
+            if let Some(id) = o.request_id {
+                origins.insert(c.id, id);
+            }
+            if let Some(t) = &o.trace {
+                traces.insert(c.id, ChangeTrace::from(t));
             }
             c
         })
         .collect();
-    (circuits, origins)
+    (circuits, origins, traces)
 }
 
 pub(super) async fn get_circuit(

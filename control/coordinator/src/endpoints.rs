@@ -508,7 +508,12 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
         }
     }
     if routes != circuit.route_info {
-        state.store.update_routes(circuit.id, &routes).await?;
+        let trace =
+            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
+        state
+            .store
+            .update_routes(circuit.id, &routes, trace.as_ref())
+            .await?;
         let mut updated = circuit.clone();
         updated.session_ids = routes.iter().map(|r| r.session_id).collect();
         updated.route_info = routes;

@@ -185,16 +185,18 @@ fn reconnected(i: usize) {
 /// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
 /// worker's periodic fetch repairs a lost event.
 pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
+    // The request's tracestate goes with its traceparent (published from the
+    // request's own task; an event of another span gets none).
+    let trace = event
+        .span
+        .map(appproxy_shared::middleware::trace_context_of);
     let meta = EventMetadata {
         request_id: event.request_id.map(RequestIdText::from),
-        traceparent: event.span.map(|s| s.traceparent().to_string()),
-        // The request's tracestate goes with its traceparent (published from the
-        // request's own task; an event of another span gets none).
-        tracestate: event
-            .span
-            .filter(|s| Some(*s) == appproxy_shared::current_span())
-            .and_then(|_| appproxy_shared::middleware::current_tracestate())
-            .map(|t| t.as_str().to_owned()),
+        traceparent: trace.as_ref().map(|t| t.traceparent_text()),
+        tracestate: trace
+            .as_ref()
+            .and_then(|t| t.tracestate_text())
+            .map(str::to_owned),
         ..Default::default()
     };
     let Some(body) = event.body() else {

@@ -641,7 +641,12 @@ async fn apply(
         if routes == circuit.route_info {
             return Ok(true);
         }
-        state.store.update_routes(circuit.id, &routes).await?;
+        let trace =
+            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
+        state
+            .store
+            .update_routes(circuit.id, &routes, trace.as_ref())
+            .await?;
         COUNTS[2].fetch_add(changes.len() as u64, Ordering::Relaxed);
         let mut updated = circuit.clone();
         updated.route_info = routes;

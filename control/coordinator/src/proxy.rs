@@ -539,9 +539,18 @@ async fn place_and_store(
         circuit.subdomain = subdomain;
         circuit.created_at = Some(now.clone());
         circuit.updated_at = Some(now);
+        // The request's trace context goes with the stored circuit, as it goes with
+        // the event: a worker that finds the circuit by a fetch deploys it under a
+        // child of the same span.
+        let trace =
+            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
         match state
             .store
-            .insert_circuit(&circuit, origin.as_ref().map(|i| i.as_str()))
+            .insert_circuit(
+                &circuit,
+                origin.as_ref().map(|i| i.as_str()),
+                trace.as_ref(),
+            )
             .await
         {
             Ok(()) => return Ok((circuit, registration)),

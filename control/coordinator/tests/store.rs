@@ -3,7 +3,7 @@
 //! checks of the PostgreSQL schema itself: the original's native enums hold enum
 //! names, and rows written by older versions (routes as a JSON string) still read.
 
-use appproxy_coordinator::store::{Changes, Store, StoreError};
+use appproxy_coordinator::store::{Changes, Origin, Store, StoreError};
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 use appproxy_test_support::pg::Pg;
 use serde_json::json;
@@ -52,6 +52,17 @@ fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
     }
 }
 
+/// A request's trace context as the coordinator stores it with a change.
+fn trace(parent_span: &str, tracestate: Option<&str>) -> appproxy_shared::TraceContext {
+    appproxy_shared::TraceContext::read(
+        Some(&format!(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-{parent_span}-01"
+        )),
+        tracestate,
+    )
+    .expect("a valid trace context")
+}
+
 /// Equal but for the times, which the engine may stamp itself.
 fn same(a: &Circuit, b: &Circuit) {
     let strip = |c: &Circuit| Circuit {
@@ -90,17 +101,28 @@ async fn suite(store: Store) {
     assert_ne!(other, w);
     assert_eq!(store.workers().await.expect("list").len(), 2);
 
-    // Circuits round-trip whole, with the origin request ID or NULL.
+    // Circuits round-trip whole, with the origin request ID or NULL, and the trace
+    // context of the creating request (traceparent and tracestate) or none.
+    let created = trace(
+        "00f067aa0ba902b7",
+        Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+    );
     let c1 = circuit(w, 10205);
     store
-        .insert_circuit(&c1, Some("mgr-req-1"))
+        .insert_circuit(&c1, Some("mgr-req-1"), Some(&created))
         .await
         .expect("insert");
     let c2 = circuit(w, 10206);
-    store.insert_circuit(&c2, None).await.expect("insert");
+    store.insert_circuit(&c2, None, None).await.expect("insert");
     let (back, origin) = store.circuit(c1.id).await.expect("read").expect("circuit");
     same(&back, &c1);
-    assert_eq!(origin.as_deref(), Some("mgr-req-1"));
+    assert_eq!(
+        origin,
+        Origin {
+            request_id: Some("mgr-req-1".into()),
+            trace: Some(created.clone())
+        }
+    );
     assert!(back.created_at.is_some());
     assert_eq!(
         store
@@ -109,7 +131,7 @@ async fn suite(store: Store) {
             .expect("read")
             .expect("circuit")
             .1,
-        None
+        Origin::default()
     );
     let mine = store.circuits(Some(w)).await.expect("list");
     assert_eq!(
@@ -141,8 +163,7 @@ async fn suite(store: Store) {
             .expect("revision"),
         None
     );
-    let ids =
-        |rows: &[(Circuit, Option<String>)]| rows.iter().map(|(c, _)| c.id).collect::<Vec<_>>();
+    let ids = |rows: &[(Circuit, Origin)]| rows.iter().map(|(c, _)| c.id).collect::<Vec<_>>();
     match store.changes_since(w, 0, 100).await.expect("changes") {
         Changes::Since {
             revision,
@@ -153,7 +174,9 @@ async fn suite(store: Store) {
             assert_eq!((revision, more), (2, false));
             assert_eq!(ids(&upserts), vec![c1.id, c2.id]);
             assert!(removed.is_empty());
-            assert_eq!(upserts[0].1.as_deref(), Some("mgr-req-1"));
+            assert_eq!(upserts[0].1.request_id.as_deref(), Some("mgr-req-1"));
+            assert_eq!(upserts[0].1.trace.as_ref(), Some(&created));
+            assert_eq!(upserts[1].1, Origin::default());
         }
         got => panic!("changes expected, got {got:?}"),
     }
@@ -188,6 +211,11 @@ async fn suite(store: Store) {
     by_id.sort();
     let (revision, first) = store.circuits_page(w, None, 1).await.expect("page");
     assert_eq!((revision, ids(&first)), (2, vec![by_id[0]]));
+    let (_, both) = store.circuits_page(w, None, 2).await.expect("page");
+    for (c, origin) in &both {
+        let want = (c.id == c1.id).then_some(&created);
+        assert_eq!(origin.trace.as_ref(), want, "the page carries the trace");
+    }
     let (_, second) = store
         .circuits_page(w, Some(by_id[0]), 1)
         .await
@@ -216,12 +244,12 @@ async fn suite(store: Store) {
     // worker may use it.
     let clash = circuit(w, 10205);
     assert!(matches!(
-        store.insert_circuit(&clash, None).await,
+        store.insert_circuit(&clash, None, Some(&created)).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(store.circuit(clash.id).await.expect("read").is_none());
     store
-        .insert_circuit(&circuit(other, 10205), None)
+        .insert_circuit(&circuit(other, 10205), None, None)
         .await
         .expect("other worker");
 
@@ -251,12 +279,32 @@ async fn suite(store: Store) {
             upstream_tls: Default::default(),
         },
     ];
-    assert!(store.update_routes(c1.id, &routes).await.expect("update"));
-    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    // The change keeps the trace context of the request that made it (the creating
+    // request's ID stays).
+    let updated = trace("b7ad6b7169203331", None);
+    assert!(store
+        .update_routes(c1.id, &routes, Some(&updated))
+        .await
+        .expect("update"));
+    let (back, origin) = store.circuit(c1.id).await.expect("read").expect("circuit");
     assert_eq!(back.route_info, routes);
     assert_eq!(back.session_ids, vec![s, s]);
+    assert_eq!(
+        origin,
+        Origin {
+            request_id: Some("mgr-req-1".into()),
+            trace: Some(updated.clone())
+        }
+    );
+    match store.changes_since(w, 2, 100).await.expect("changes") {
+        Changes::Since { upserts, .. } => {
+            assert_eq!(ids(&upserts), vec![c1.id]);
+            assert_eq!(upserts[0].1.trace.as_ref(), Some(&updated));
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
     assert!(!store
-        .update_routes(uuid::Uuid::new_v4(), &routes)
+        .update_routes(uuid::Uuid::new_v4(), &routes, None)
         .await
         .expect("update"));
     // The session index follows the routes.
@@ -273,9 +321,14 @@ async fn suite(store: Store) {
     // Route health survives the store; health-checked endpoints are listed.
     let mut sick = routes.clone();
     sick[1].health_status = Some(appproxy_shared::model::RouteHealth::Unhealthy);
-    assert!(store.update_routes(c1.id, &sick).await.expect("update"));
-    let (back, _) = store.circuit(c1.id).await.expect("read").expect("circuit");
+    // An untraced change (a health check without a request) leaves no trace.
+    assert!(store
+        .update_routes(c1.id, &sick, None)
+        .await
+        .expect("update"));
+    let (back, origin) = store.circuit(c1.id).await.expect("read").expect("circuit");
     assert_eq!(back.route_info, sick);
+    assert_eq!(origin.trace, None);
     let (on, off) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let settings = json!({"enable": true, "path": "/h", "interval": 2.5});
     store
@@ -307,6 +360,7 @@ async fn suite(store: Store) {
             assert_eq!((revision, more), (5, false));
             assert_eq!(ids(&upserts), vec![c1.id]);
             assert_eq!(upserts[0].0.route_info, sick);
+            assert_eq!(upserts[0].1.trace, None);
             assert_eq!(removed, vec![c2.id]);
         }
         got => panic!("changes expected, got {got:?}"),
@@ -382,6 +436,69 @@ async fn store_suite_on_sqlite() {
     // Reopening migrates nothing and keeps the data.
     let store = Store::open(None, &path).await.expect("reopen");
     assert_eq!(store.workers().await.expect("list").len(), 2);
+    // Trace contexts stored by someone else, hostile: they read as none (or without
+    // their tracestate), the circuit itself still reads and answers.
+    let huge = format!(
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-{}",
+        "x".repeat(1 << 20)
+    );
+    let hostile: [(&str, Option<&str>); 5] = [
+        ("00-zz", Some("rojo=1")),
+        ("", None),
+        (&huge, None),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\u{0}",
+            Some("rojo=1"),
+        ),
+        ("\u{1F600}", None),
+    ];
+    let db = rusqlite::Connection::open(&path).expect("open the file");
+    for (traceparent, tracestate) in hostile {
+        db.execute(
+            "UPDATE circuits SET traceparent = ?1, tracestate = ?2",
+            rusqlite::params![traceparent, tracestate],
+        )
+        .expect("write");
+        stored_traces_that_do_not_read_are_none(&store, None).await;
+    }
+    db.execute(
+        "UPDATE circuits SET traceparent = ?1, tracestate = ?2",
+        rusqlite::params![
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "x".repeat(4096)
+        ],
+    )
+    .expect("write");
+    stored_traces_that_do_not_read_are_none(&store, Some(trace("00f067aa0ba902b7", None))).await;
+}
+
+/// Every circuit of the store reads, by every read a worker's fetch uses, with the
+/// trace context `want` (the stored one did not read as more).
+async fn stored_traces_that_do_not_read_are_none(
+    store: &Store,
+    want: Option<appproxy_shared::TraceContext>,
+) {
+    let all = store.circuits(None).await.expect("the circuits still read");
+    assert!(!all.is_empty());
+    for (c, origin) in &all {
+        assert_eq!(origin.trace, want, "{}", c.id);
+        let worker = c.worker.expect("a worker");
+        let (_, page) = store
+            .circuits_page(worker, None, 100)
+            .await
+            .expect("a page still reads");
+        assert!(page.iter().all(|(_, o)| o.trace == want));
+        match store
+            .changes_since(worker, 0, 100)
+            .await
+            .expect("changes still read")
+        {
+            Changes::Since { upserts, .. } => {
+                assert!(upserts.iter().all(|(_, o)| o.trace == want))
+            }
+            Changes::Resync { .. } => {}
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,9 +520,35 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "5",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls"
+        "6",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context"
     );
+    // Trace contexts stored by someone else, hostile: they read as none (or without
+    // their tracestate), the circuit itself still reads and answers.
+    let long = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x".repeat(9);
+    let hostile: [(&str, Option<&str>); 3] = [
+        ("00-zz", Some("rojo=1")),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            None,
+        ),
+        (&long, None),
+    ];
+    for (traceparent, tracestate) in hostile {
+        pg.psql(
+            "appproxy",
+            &format!(
+                "UPDATE circuits SET traceparent = '{traceparent}', tracestate = {}",
+                tracestate.map_or("NULL".to_owned(), |t| format!("'{t}'"))
+            ),
+        );
+        stored_traces_that_do_not_read_are_none(&store, None).await;
+    }
+    pg.psql(
+        "appproxy",
+        "UPDATE circuits SET traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', tracestate = 'Bad Key=1'",
+    );
+    stored_traces_that_do_not_read_are_none(&store, Some(trace("00f067aa0ba902b7", None))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,11 +583,29 @@ async fn postgresql_schema_is_the_originals() {
         .expect("register");
     let mut c = circuit(w, 10210);
     c.protocol = ProxyProtocol::Preopen;
-    store.insert_circuit(&c, Some("R-1")).await.expect("insert");
+    store
+        .insert_circuit(
+            &c,
+            Some("R-1"),
+            Some(&trace("00f067aa0ba902b7", Some("rojo=1"))),
+        )
+        .await
+        .expect("insert");
     assert_eq!(
         pg.psql("appproxy", &format!("SELECT protocol::text || ' ' || app_mode::text || ' ' || frontend_mode::text || ' ' || allowed_client_ips || ' ' || origin_request_id FROM circuits WHERE id = '{}'", c.id)),
         "HTTP INTERACTIVE PORT 10.0.0.0/8,192.168.1.1 R-1",
         "enum names, the comma-string allowlist and the origin request ID"
+    );
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            &format!(
+                "SELECT traceparent || ' ' || tracestate FROM circuits WHERE id = '{}'",
+                c.id
+            )
+        ),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 rojo=1",
+        "the trace context in columns of its own"
     );
     assert_eq!(
         pg.psql(
@@ -472,7 +633,7 @@ async fn postgresql_schema_is_the_originals() {
     let (back, origin) = store.circuit(old).await.expect("read").expect("row");
     assert_eq!(
         (back.protocol, back.route_info[0].kernel_port, origin),
-        (ProxyProtocol::Tcp, 22, None)
+        (ProxyProtocol::Tcp, 22, Origin::default())
     );
 }
 

@@ -196,6 +196,7 @@ fn read_set(raw: &[u8]) -> Result<CircuitSet, LinkError> {
         resync: loose.resync,
         circuits,
         origins: loose.origins,
+        traces: loose.traces,
         next: loose.next,
         removed: loose.removed,
         more: loose.more,
@@ -408,13 +409,18 @@ fn heard(envelope: &BroadcastMessage, authority: &str) -> Option<Notice> {
     }
     let meta = envelope.metadata();
     let request_id = meta.request_id.and_then(|r| r.validated());
-    let tp = meta.traceparent.as_deref().map(str::as_bytes);
-    let tracestate = tp
-        .and(meta.tracestate.as_deref())
-        .and_then(|t| appproxy_shared::TraceState::parse(t.as_bytes()).ok())
-        .filter(|t| !t.is_empty());
-    let span = (tp.is_some() || request_id.is_some())
-        .then(|| appproxy_shared::trace::SpanContext::from_header(tp, request_id.as_ref()));
+    // The carried context's rules: a valid traceparent, its tracestate only with it.
+    let trace = appproxy_shared::TraceContext::read(
+        meta.traceparent.as_deref(),
+        meta.tracestate.as_deref(),
+    );
+    let span = (meta.traceparent.is_some() || request_id.is_some()).then(|| {
+        appproxy_shared::trace::SpanContext::start(
+            trace.as_ref().map(|t| &t.traceparent),
+            request_id.as_ref(),
+        )
+    });
+    let tracestate = trace.and_then(|t| t.tracestate);
     appproxy_shared::with_request_context(request_id, span, || {
         tracing::info!(event = %envelope.name, "circuit event received");
     });
@@ -484,6 +490,65 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An event's trace context by the carried-context rules: the deployment is the
+    /// child of a valid `traceparent`, whose `tracestate` goes on with it; without a
+    /// valid one the span derives from the request ID and no `tracestate` is kept.
+    #[test]
+    fn an_events_tracestate_goes_on_only_with_a_valid_traceparent() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let event = |traceparent: &str| {
+            let meta = EventMetadata {
+                request_id: Some(appproxy_shared::model::RequestIdText("R-1".into())),
+                traceparent: Some(traceparent.to_owned()),
+                tracestate: Some("rojo=1".into()),
+                ..Default::default()
+            };
+            let body = CircuitsEvent::new("w1", Vec::new());
+            BroadcastMessage::encode(
+                appproxy_shared::model::EVENT_CIRCUIT_CREATED,
+                "appproxy-coordinator",
+                &body,
+                &meta,
+            )
+            .expect("envelope")
+        };
+        let notice = heard(&event(TP), "w1").expect("for this worker");
+        let span = notice.span.expect("a span");
+        assert_eq!(
+            span.trace_id.to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            span.parent_span_id.map(|s| s.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(
+            notice.tracestate.as_ref().map(|t| t.as_str()),
+            Some("rojo=1")
+        );
+        for bad in ["00-zz", &format!("01{}-{}", &TP[2..], "x".repeat(600))] {
+            let notice = heard(&event(bad), "w1").expect("for this worker");
+            let span = notice.span.expect("derived from the request ID");
+            assert_eq!(span.parent_span_id, None, "{bad}");
+            assert_eq!(notice.tracestate, None, "{bad}");
+        }
+    }
+
+    /// A set answer whose `traces` are hostile still reads whole; only the bad
+    /// entries are lost.
+    #[test]
+    fn a_set_answer_with_unreadable_traces_still_deploys() {
+        let id = uuid::Uuid::new_v4();
+        let raw = format!(
+            r#"{{"revision":2,"circuits":[],"origins":{{"{id}":"R-1"}},"removed":[],"more":false,
+                "traces":{{"{id}":{{"traceparent":["no"]}},"x":1}}}}"#
+        );
+        let answer = read_set(raw.as_bytes()).expect("the answer reads");
+        assert_eq!(answer.revision, 2);
+        assert_eq!(answer.origins.expect("origins")[&id], "R-1");
+        assert!(answer.traces.is_empty());
     }
 
     /// A call cut off by the coordinator it went to moves the next call to the next

@@ -1,5 +1,6 @@
 //! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
-//! request that created them), worker app filters and `/v2/conf` tokens, behind one
+//! request that created them and the W3C trace context of the request behind their
+//! latest change), worker app filters and `/v2/conf` tokens, behind one
 //! async interface over two engines:
 //!
 //! - [`postgres`]: PostgreSQL through a `deadpool-postgres` pool, on the original
@@ -74,8 +75,48 @@ impl WorkerRow {
 /// A slot in use: the worker, and the circuit's port or subdomain.
 pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
 
-/// A circuit and the ID of the request that created it (NULL when the manager sent none).
-pub type CircuitRow = (Circuit, Option<String>);
+/// A circuit and what the store keeps of the requests behind it.
+pub type CircuitRow = (Circuit, Origin);
+
+/// What a stored circuit keeps of the requests behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    /// The ID of the request that created it (NULL when the manager sent none).
+    pub request_id: Option<String>,
+    /// The W3C trace context of the request behind its latest change (its creation,
+    /// a route update), when that request was traced; validated when read, so a
+    /// stored value that is not valid reads as none.
+    pub trace: Option<appproxy_shared::TraceContext>,
+}
+
+impl Origin {
+    /// An origin as stored: the trace context is read by the carried-context rules
+    /// ([`appproxy_shared::TraceContext::read`]): an invalid or oversized
+    /// `traceparent` is none, a `tracestate` only with a valid one.
+    pub(crate) fn stored(
+        request_id: Option<String>,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+    ) -> Self {
+        Self {
+            request_id,
+            trace: appproxy_shared::TraceContext::read(traceparent, tracestate),
+        }
+    }
+}
+
+/// The columns a trace context is stored in: `traceparent`, `tracestate`.
+pub(crate) fn trace_columns(
+    trace: Option<&appproxy_shared::TraceContext>,
+) -> (Option<String>, Option<String>) {
+    match trace {
+        Some(t) => (
+            Some(t.traceparent_text()),
+            t.tracestate_text().map(str::to_owned),
+        ),
+        None => (None, None),
+    }
+}
 
 /// What changed in one worker's circuit set after a revision.
 #[derive(Debug, Clone, PartialEq)]
@@ -364,31 +405,38 @@ impl Store {
         Ok(self.workers().await?.into_iter().find(|w| w.id == id))
     }
 
-    /// Stores a circuit with the ID of the request that created it (or none).
+    /// Stores a circuit with the ID of the request that created it (or none) and
+    /// that request's trace context (or none).
     /// [`StoreError::Conflict`] when its port or subdomain on that worker is taken.
     pub async fn insert_circuit(
         &self,
         circuit: &Circuit,
         origin_request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
     ) -> Result<(), StoreError> {
         let circuit = circuit.clone();
         let origin = origin_request_id.map(str::to_owned);
+        let trace = trace_columns(trace);
         dispatch!(
             self,
-            |s| s.insert_circuit(&circuit, origin.as_deref()),
-            |p| p.insert_circuit(&circuit, origin.as_deref())
+            |s| s.insert_circuit(&circuit, origin.as_deref(), &trace),
+            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace)
         )
     }
 
-    /// Replaces a circuit's routes; false when there is no such circuit.
+    /// Replaces a circuit's routes, keeping the trace context of the request that
+    /// changed them (none: the change was not traced); false when there is no such
+    /// circuit.
     pub async fn update_routes(
         &self,
         id: uuid::Uuid,
         routes: &[appproxy_shared::model::RouteInfo],
+        trace: Option<&appproxy_shared::TraceContext>,
     ) -> Result<bool, StoreError> {
         let routes = routes.to_vec();
-        dispatch!(self, |s| s.update_routes(&id, &routes), |p| p
-            .update_routes(&id, &routes))
+        let trace = trace_columns(trace);
+        dispatch!(self, |s| s.update_routes(&id, &routes, &trace), |p| p
+            .update_routes(&id, &routes, &trace))
     }
 
     /// A circuit and its origin request ID.

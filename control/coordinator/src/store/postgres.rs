@@ -1,7 +1,9 @@
 //! The PostgreSQL engine: a `deadpool-postgres` pool over tokio-postgres, on the
 //! original platform's schema — native enums holding enum *names*
 //! (`proxyprotocol`, `appmode`, `frontendmode`), typed columns, `uuid[]` session IDs,
-//! `jsonb` routes — plus the nullable `circuits.origin_request_id`.
+//! `jsonb` routes — plus the nullable `circuits.origin_request_id` and the trace
+//! context of the request behind each circuit's latest change
+//! (`circuits.traceparent`, `circuits.tracestate`).
 //!
 //! Migrations are numbered, recorded in `appproxy_schema_migrations` and applied at
 //! open inside one transaction holding an advisory lock, so coordinators starting
@@ -16,7 +18,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{json, Value};
 use tokio_postgres::{NoTls, Row};
 
-use super::{Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
+use super::{Changes, CircuitRow, Origin, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -133,6 +135,12 @@ CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_
     "
 ALTER TABLE tokens ADD COLUMN upstream_tls varchar(16) NULL;
 ",
+    // The W3C trace context of the request behind each circuit's latest change, for
+    // a worker that finds the change by a fetch rather than an event.
+    "
+ALTER TABLE circuits ADD COLUMN traceparent varchar(512) NULL,
+    ADD COLUMN tracestate varchar(512) NULL;
+",
 ];
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
@@ -242,7 +250,7 @@ fn as_i32(v: &Value) -> Option<i32> {
     v.as_i64().and_then(|n| i32::try_from(n).ok())
 }
 
-const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id";
+const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id, traceparent, tracestate";
 
 fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
     circuit_of_at(row, 0)
@@ -291,7 +299,12 @@ fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
         created_at: Some(time(row.try_get(at + 17)?)),
         updated_at: Some(time(row.try_get(at + 18)?)),
     };
-    Ok((circuit, row.try_get(at + 19)?))
+    let traceparent: Option<&str> = row.try_get(at + 20)?;
+    let tracestate: Option<&str> = row.try_get(at + 21)?;
+    Ok((
+        circuit,
+        Origin::stored(row.try_get(at + 19)?, traceparent, tracestate),
+    ))
 }
 
 impl PgStore {
@@ -628,6 +641,7 @@ impl PgStore {
         &self,
         circuit: &Circuit,
         origin_request_id: Option<&str>,
+        (traceparent, tracestate): &(Option<String>, Option<String>),
     ) -> Result<(), StoreError> {
         let worker = circuit
             .worker
@@ -646,10 +660,10 @@ impl PgStore {
                     INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
                         subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
                         endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
-                        idle_check_at)
+                        idle_check_at, traceparent, tracestate)
                     VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                        CASE WHEN $19 THEN now() END)
+                        CASE WHEN $19 THEN now() END, $20, $21)
                     RETURNING worker)
                  , bumped AS (
                     UPDATE workers SET occupied_slots = occupied_slots + 1,
@@ -679,6 +693,8 @@ impl PgStore {
                     &routes,
                     &origin_request_id,
                     &super::idle_collectable(circuit),
+                    traceparent,
+                    tracestate,
                 ],
             )
             .await
@@ -690,6 +706,7 @@ impl PgStore {
         &self,
         id: &uuid::Uuid,
         routes: &[RouteInfo],
+        (traceparent, tracestate): &(Option<String>, Option<String>),
     ) -> Result<bool, StoreError> {
         let value = serde_json::to_value(routes)?;
         let sessions: Vec<uuid::Uuid> = routes.iter().map(|r| r.session_id).collect();
@@ -697,8 +714,10 @@ impl PgStore {
         let tx = client.transaction().await?;
         let worker: Option<uuid::Uuid> = tx
             .query_opt(
-                "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now() WHERE id = $3 RETURNING worker",
-                &[&value, &sessions, id],
+                "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now(),
+                    traceparent = $4, tracestate = $5
+                 WHERE id = $3 RETURNING worker",
+                &[&value, &sessions, id, traceparent, tracestate],
             )
             .await?
             .map(|r| r.try_get(0))

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use appproxy_shared::model::{Circuit, RouteInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, Changes, CircuitRow, StoreError, UsedSlot, WorkerRow};
+use super::{now, Changes, CircuitRow, Origin, StoreError, UsedSlot, WorkerRow};
 use appproxy_shared::wire::WorkerRegistration;
 
 /// Migrations, applied in order; the database records how many ran.
@@ -93,6 +93,12 @@ UPDATE circuits SET idle_check_at = created_at
     WHERE json_extract(body, '$.app_mode') = 'interactive' AND json_extract(body, '$.protocol') = 'http';
 CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_at IS NOT NULL;
 ",
+    // The W3C trace context of the request behind each circuit's latest change, for
+    // a worker that finds the change by a fetch rather than an event.
+    "
+ALTER TABLE circuits ADD COLUMN traceparent TEXT;
+ALTER TABLE circuits ADD COLUMN tracestate TEXT;
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
@@ -127,18 +133,35 @@ fn revision_of(c: &Connection, worker: &str) -> Result<Option<u64>, StoreError> 
     Ok(r.map(|r| r.max(0) as u64))
 }
 
-/// The `(body, origin_request_id)` rows a statement selects, as circuits.
+/// The columns a circuit row is read from, in [`circuit_row`]'s order.
+const CIRCUIT_COLUMNS: &str = "body, origin_request_id, traceparent, tracestate";
+
+/// The stored columns of one circuit ([`CIRCUIT_COLUMNS`] from column `at`).
+type RawCircuit = (String, Option<String>, Option<String>, Option<String>);
+
+fn raw_circuit(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RawCircuit> {
+    Ok((r.get(at)?, r.get(at + 1)?, r.get(at + 2)?, r.get(at + 3)?))
+}
+
+/// A circuit from its stored columns.
+fn circuit_row(
+    (body, origin, traceparent, tracestate): RawCircuit,
+) -> Result<CircuitRow, StoreError> {
+    Ok((
+        serde_json::from_str(&body)?,
+        Origin::stored(origin, traceparent.as_deref(), tracestate.as_deref()),
+    ))
+}
+
+/// The [`CIRCUIT_COLUMNS`] rows a statement selects, as circuits.
 fn circuit_rows(
     st: &mut rusqlite::Statement<'_>,
     params: impl rusqlite::Params,
 ) -> Result<Vec<CircuitRow>, StoreError> {
-    let rows = st.query_map(params, |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-    })?;
+    let rows = st.query_map(params, |r| raw_circuit(r, 0))?;
     let mut out = Vec::new();
     for row in rows {
-        let (body, origin) = row?;
-        out.push((serde_json::from_str(&body)?, origin));
+        out.push(circuit_row(row?)?);
     }
     Ok(out)
 }
@@ -429,6 +452,7 @@ impl SqliteStore {
         &self,
         circuit: &Circuit,
         origin_request_id: Option<&str>,
+        (traceparent, tracestate): &(Option<String>, Option<String>),
     ) -> Result<(), StoreError> {
         // The store stamps the times, as PostgreSQL's `now()` does.
         let now = now();
@@ -441,8 +465,8 @@ impl SqliteStore {
             let tx = c.unchecked_transaction()?;
             let worker = circuit.worker.map(|w| w.to_string()).unwrap_or_default();
             tx.execute(
-                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at, traceparent, tracestate)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     circuit.id.to_string(),
                     worker,
@@ -452,7 +476,9 @@ impl SqliteStore {
                     origin_request_id,
                     now,
                     circuit.endpoint_id.map(|e| e.to_string()),
-                    super::idle_collectable(circuit).then_some(&now)
+                    super::idle_collectable(circuit).then_some(&now),
+                    traceparent,
+                    tracestate
                 ],
             )
             .map_err(conflict_or)?;
@@ -467,6 +493,7 @@ impl SqliteStore {
         &self,
         id: &uuid::Uuid,
         routes: &[RouteInfo],
+        (traceparent, tracestate): &(Option<String>, Option<String>),
     ) -> Result<bool, StoreError> {
         let Some((mut circuit, _)) = self.circuit(id)? else {
             return Ok(false);
@@ -480,8 +507,9 @@ impl SqliteStore {
             let tx = c.unchecked_transaction()?;
             let worker: Option<String> = tx
                 .query_row(
-                    "UPDATE circuits SET body = ?1, updated_at = ?2 WHERE id = ?3 RETURNING worker",
-                    params![body, now, id.to_string()],
+                    "UPDATE circuits SET body = ?1, updated_at = ?2, traceparent = ?4, tracestate = ?5
+                     WHERE id = ?3 RETURNING worker",
+                    params![body, now, id.to_string(), traceparent, tracestate],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -506,17 +534,14 @@ impl SqliteStore {
         key: &uuid::Uuid,
     ) -> Result<Option<CircuitRow>, StoreError> {
         self.with(|c| {
-            let row: Option<(String, Option<String>)> = c
+            let row = c
                 .query_row(
-                    &format!("SELECT body, origin_request_id FROM circuits WHERE {column} = ?1"),
+                    &format!("SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE {column} = ?1"),
                     params![key.to_string()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| raw_circuit(r, 0),
                 )
                 .optional()?;
-            match row {
-                Some((body, origin)) => Ok(Some((serde_json::from_str(&body)?, origin))),
-                None => Ok(None),
-            }
+            row.map(circuit_row).transpose()
         })
     }
 
@@ -525,10 +550,10 @@ impl SqliteStore {
         worker: Option<&uuid::Uuid>,
     ) -> Result<Vec<CircuitRow>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT body, origin_request_id FROM circuits
-                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
-            )?;
+            let mut st = c.prepare(&format!(
+                "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid"
+            ))?;
             let out = circuit_rows(&mut st, params![worker.map(|w| w.to_string())])?;
             Ok(out)
         })
@@ -575,7 +600,8 @@ impl SqliteStore {
     ) -> Result<Vec<CircuitRow>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT body, origin_request_id FROM circuit_sessions s JOIN circuits ON circuits.id = s.circuit
+                "SELECT body, origin_request_id, traceparent, tracestate
+                 FROM circuit_sessions s JOIN circuits ON circuits.id = s.circuit
                  WHERE s.session = ?1 ORDER BY circuits.created_at, circuits.rowid",
             )?;
             let out = circuit_rows(&mut st, params![session.to_string()])?;
@@ -681,9 +707,9 @@ impl SqliteStore {
 
     pub(super) fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT body, origin_request_id FROM circuits WHERE endpoint_id IS NOT NULL",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE endpoint_id IS NOT NULL"
+            ))?;
             let out = circuit_rows(&mut st, [])?;
             Ok(out)
         })
@@ -731,7 +757,7 @@ impl SqliteStore {
                 return Ok(Changes::Resync { revision: current });
             }
             let mut st = tx.prepare(
-                "SELECT l.revision, l.circuit, c.body, c.origin_request_id
+                "SELECT l.revision, l.circuit, c.body, c.origin_request_id, c.traceparent, c.tracestate
                  FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
                  WHERE l.worker = ?1 AND l.revision > ?2 ORDER BY l.revision LIMIT ?3",
             )?;
@@ -740,15 +766,15 @@ impl SqliteStore {
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
+                    (r.get(3)?, r.get(4)?, r.get(5)?),
                 ))
             })?;
             let mut log = Vec::new();
             for row in rows {
-                let (revision, circuit, body, origin) = row?;
+                let (revision, circuit, body, (origin, traceparent, tracestate)) = row?;
                 let circuit = parse_id(&circuit)?;
                 let body = match body {
-                    Some(b) => Some((serde_json::from_str::<Circuit>(&b)?, origin)),
+                    Some(b) => Some(circuit_row((b, origin, traceparent, tracestate))?),
                     None => None,
                 };
                 log.push((revision.max(0) as u64, circuit, body));
@@ -767,10 +793,10 @@ impl SqliteStore {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             let revision = revision_of(&tx, &w)?.unwrap_or(0);
-            let mut st = tx.prepare(
-                "SELECT body, origin_request_id FROM circuits
-                 WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
+            let mut st = tx.prepare(&format!(
+                "SELECT {CIRCUIT_COLUMNS} FROM circuits
+                 WHERE worker = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+            ))?;
             let out = circuit_rows(
                 &mut st,
                 params![
