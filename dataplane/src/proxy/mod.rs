@@ -153,11 +153,12 @@ impl Client {
             let started = Instant::now();
             first = false;
             let x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started);
-            let span = tracing::debug_span!("request", request_id = %x.id);
+            // The request's ID and span are bound around each poll of the exchange
+            // (every line names the request), without a tracing span of its own:
+            // wrapping the exchange's large future once more costs a copy of it per
+            // request.
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
-            let next = scope_traced(Some(id), trace, self.exchange(x))
-                .instrument(span)
-                .await;
+            let next = scope_traced(Some(id), trace, self.exchange(x)).await;
             if next == Next::Close || self.core.draining.get() {
                 break;
             }
