@@ -2,11 +2,11 @@
 //! on open connections.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use super::FastMap;
 use crate::io::{CountGuard, TcpConn};
 
 /// An idle pooled connection.
@@ -20,14 +20,14 @@ struct Idle {
 /// Per-core keep-alive pool of upstream connections.
 pub struct Pool {
     /// Idle connections by upstream address, most recent last.
-    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: RefCell<FastMap<SocketAddr, Vec<Idle>>>,
     /// Cap per address.
     max_idle: usize,
     /// Idle lifetime.
     idle_timeout: std::time::Duration,
     /// Open connections (in use and idle) per upstream address; each connection
     /// holds one unit ([`CountGuard`]) until it closes.
-    open: RefCell<HashMap<SocketAddr, Rc<Cell<usize>>>>,
+    open: RefCell<FastMap<SocketAddr, Rc<Cell<usize>>>>,
     /// Cap on `open` per address.
     max_open: usize,
 }
@@ -36,10 +36,10 @@ impl Pool {
     /// An empty pool.
     pub fn new(max_idle: usize, idle_timeout: std::time::Duration, max_open: usize) -> Self {
         Self {
-            idle: RefCell::new(HashMap::new()),
+            idle: RefCell::new(FastMap::default()),
             max_idle,
             idle_timeout,
-            open: RefCell::new(HashMap::new()),
+            open: RefCell::new(FastMap::default()),
             max_open: max_open.max(1),
         }
     }

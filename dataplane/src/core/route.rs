@@ -155,11 +155,11 @@ impl Route {
 #[derive(Default)]
 pub struct RouteTable {
     /// Port-mode circuits.
-    pub by_port: HashMap<u16, Rc<Route>>,
+    pub by_port: super::FastMap<u16, Rc<Route>>,
     /// Wildcard-mode circuits, by lowercase subdomain.
     pub by_subdomain: HashMap<String, Rc<Route>>,
     /// Every circuit by ID (its frontend says where else it sits).
-    by_id: HashMap<uuid::Uuid, Rc<Route>>,
+    by_id: super::FastMap<uuid::Uuid, Rc<Route>>,
     /// The wildcard frontend, in wildcard mode.
     pub wildcard: Option<Wildcard>,
     /// Circuits whose upstreams turned unhealthy since [`RouteTable::take_suspects`].
