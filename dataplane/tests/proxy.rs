@@ -622,3 +622,54 @@ fn a_response_stream_may_pause_longer_than_a_request_body() {
         );
     }
 }
+
+/// A connection reuses one buffer for its requests' method and path copies: each
+/// access line names exactly its own request, whatever the previous one on the
+/// connection was (longer, shorter, another method, pipelined behind it), and a
+/// target is logged up to 512 bytes.
+#[test]
+fn access_lines_name_each_request_on_a_reused_connection() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    let long = format!("/{}", "l".repeat(700));
+    let cases: Vec<(&str, String, String)> = vec![
+        ("GET", long.clone(), long[..512].to_owned()),
+        ("DELETE", "/s".into(), "/s".into()),
+        ("OPTIONS", "/medium/path?q=1".into(), "/medium/path".into()),
+        ("GET", "/".into(), "/".into()),
+        (
+            "PATCH",
+            format!("{}?x=y", &long[..300]),
+            long[..300].to_owned(),
+        ),
+        ("PUT", "/p".into(), "/p".into()),
+    ];
+    for (i, (method, target, _)) in cases.iter().enumerate() {
+        let body = if matches!(*method, "PATCH" | "PUT") {
+            "Content-Length: 0\r\n"
+        } else {
+            ""
+        };
+        c.send(
+            format!("{method} {target} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: reuse-{i}\r\n{body}\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(c.response().status, 200, "{method} {target}");
+    }
+    // Pipelined: two heads in one write.
+    c.send(b"GET /first-of-two HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: piped-1\r\n\r\nHEAD /2 HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: piped-2\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    let mut expected: Vec<(String, String, String)> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, _, logged))| (format!("reuse-{i}"), m.to_owned(), logged))
+        .collect();
+    expected.push(("piped-1".into(), "GET".into(), "/first-of-two".into()));
+    expected.push(("piped-2".into(), "HEAD".into(), "/2".into()));
+    for (id, method, path) in expected {
+        let line = w.wait_access_line(&id);
+        assert_eq!(line["method"], method.as_str(), "{id}");
+        assert_eq!(line["path"], path.as_str(), "{id}");
+    }
+}

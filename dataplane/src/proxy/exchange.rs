@@ -25,12 +25,26 @@ use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
 use crate::relay::{self, Mode, RelayError, RelayOpts, Trailers};
 
-/// Copies of the head's method and path, for logging after the buffer moved on.
+/// Copies of the head's method and path, for logging after the buffer moved on: one
+/// buffer the connection hands from request to request (no allocation per request).
 pub(super) struct LogLine {
-    /// Method token.
-    method: Vec<u8>,
-    /// Request target, at most 512 bytes.
-    path: Vec<u8>,
+    /// The method token, then the request target (at most 512 bytes).
+    text: Vec<u8>,
+    /// Where the method ends in `text`.
+    method_len: usize,
+}
+
+impl LogLine {
+    /// Longest request target kept for the access line.
+    const PATH_MAX: usize = 512;
+
+    fn method(&self) -> &[u8] {
+        &self.text[..self.method_len]
+    }
+
+    fn path(&self) -> &[u8] {
+        &self.text[self.method_len..]
+    }
 }
 
 /// One request on the connection: its head (ranges into the client buffer) and what
@@ -82,11 +96,24 @@ pub(crate) fn identify(
 impl Exchange {
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
-    pub(super) fn new(core: &Core, buf: &[u8], head: RequestHead, started: Instant) -> Self {
+    /// `text`: the storage of the method and path copies (the previous request's,
+    /// reused; see [`Exchange::into_line_storage`]).
+    pub(super) fn new(
+        core: &Core,
+        buf: &[u8],
+        head: RequestHead,
+        started: Instant,
+        mut text: Vec<u8>,
+    ) -> Self {
         let (id, trace) = identify(core, buf, &head);
+        let method = &buf[head.method_raw.clone()];
+        let path = &buf[head.target.clone()];
+        text.clear();
+        text.extend_from_slice(method);
+        text.extend_from_slice(&path[..path.len().min(LogLine::PATH_MAX)]);
         let line = LogLine {
-            method: buf[head.method_raw.clone()].to_vec(),
-            path: buf[head.target.clone()].iter().take(512).copied().collect(),
+            text,
+            method_len: method.len(),
         };
         Self {
             head,
@@ -97,6 +124,11 @@ impl Exchange {
             route: None,
             bytes_in: 0,
         }
+    }
+
+    /// The storage of the method and path copies, for the next request.
+    pub(super) fn into_line_storage(self) -> Vec<u8> {
+        self.line.text
     }
 
     /// The circuit served, once routed.
@@ -115,8 +147,8 @@ impl Exchange {
         AccessEntry {
             request_id: &self.id,
             circuit: self.circuit(),
-            method: &self.line.method,
-            path: &self.line.path,
+            method: self.line.method(),
+            path: self.line.path(),
             status,
             bytes_in: bytes.0,
             bytes_out: bytes.1,
@@ -157,7 +189,7 @@ pub(super) struct Done {
 
 impl Client {
     /// Handles one request whose head is at the start of the client buffer.
-    pub(super) async fn exchange(&mut self, mut x: Exchange) -> Next {
+    pub(super) async fn exchange(&mut self, x: &mut Exchange) -> Next {
         let core = self.core.clone();
         if let Some(t) = &x.trace {
             t.log_rejection();
@@ -167,14 +199,14 @@ impl Client {
         let Some(route) = core.route_for(self.hop.local_port, host) else {
             let err = ProxyError::UnknownCircuit;
             tracing::info!(error = %err, port = self.hop.local_port, "request refused");
-            return self.refuse(&x, (&err).into(), Left::Whole).await;
+            return self.refuse(x, (&err).into(), Left::Whole).await;
         };
         x.route = Some(route.clone());
         let Ok(peer_ip) = self.client_ip(&x.head) else {
             let err = ProxyError::Request(RequestError::Malformed(
                 "X-Forwarded-For from a trusted proxy must hold exactly one address",
             ));
-            return self.refuse(&x, (&err).into(), Left::Whole).await;
+            return self.refuse(x, (&err).into(), Left::Whole).await;
         };
         // Access control: the allowlist (403), then credentials (401). Nothing about the
         // circuit is in the answer.
@@ -196,7 +228,7 @@ impl Client {
         };
         if let Some(refused) = refused {
             x.bytes_in = x.head.head_len as u64;
-            return self.refuse(&x, refused.into(), Left::Whole).await;
+            return self.refuse(x, refused.into(), Left::Whole).await;
         }
         core.mark_access(route.circuit.circuit.id);
         let early = if x.head.method == Method::Connect {
@@ -212,7 +244,7 @@ impl Client {
             }
         };
         if let Some(err) = early {
-            return self.refuse(&x, (&err).into(), Left::Whole).await;
+            return self.refuse(x, (&err).into(), Left::Whole).await;
         }
         x.bytes_in = x.head.head_len as u64;
         if matches!(
@@ -220,10 +252,10 @@ impl Client {
             appproxy_shared::model::ProxyProtocol::Http2
                 | appproxy_shared::model::ProxyProtocol::Grpc
         ) {
-            return self.bridge(&x, &route).await;
+            return self.bridge(x, &route).await;
         }
-        let outcome = self.forward(&x, &route).await;
-        self.conclude(&x, outcome).await
+        let outcome = self.forward(x, &route).await;
+        self.conclude(x, outcome).await
     }
 
     /// An HTTP/1.1 request to an app that speaks HTTP/2 only: bridged (no upgrades

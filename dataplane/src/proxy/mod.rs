@@ -75,6 +75,8 @@ pub(crate) struct Client {
     ubuf: ReadBuf,
     /// What is being written (to the app or the client), reused by every request.
     out: Vec<u8>,
+    /// Storage for each request's method and path copies (its access line), reused.
+    line: Vec<u8>,
 }
 
 /// Serves one accepted connection until it closes.
@@ -112,6 +114,7 @@ async fn serve_conn(
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
         ubuf: core.read_bufs.take(),
         out: Vec::with_capacity(4096),
+        line: Vec::new(),
     };
     client.conn.set_timeout(core.rt.head_timeout);
     if core.rt.http2.enabled {
@@ -152,13 +155,15 @@ impl Client {
             };
             let started = Instant::now();
             first = false;
-            let x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started);
+            let line = std::mem::take(&mut self.line);
+            let mut x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started, line);
             // The request's ID and span are bound around each poll of the exchange
             // (every line names the request), without a tracing span of its own:
             // wrapping the exchange's large future once more costs a copy of it per
             // request.
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
-            let next = scope_traced(Some(id), trace, self.exchange(x)).await;
+            let next = scope_traced(Some(id), trace, self.exchange(&mut x)).await;
+            self.line = x.into_line_storage();
             if next == Next::Close || self.core.draining.get() {
                 break;
             }
