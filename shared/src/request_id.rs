@@ -138,6 +138,19 @@ impl RequestId {
         }
     }
 
+    /// An ID from bytes already known to form a valid one (1..=[`MAX_LEN`] bytes of
+    /// the alphabet), such as those the context slot copied out of an ID: no check.
+    pub(crate) fn from_valid_bytes(bytes: &[u8]) -> Self {
+        debug_assert!(Self::parse(bytes).is_ok());
+        let mut buf = [0u8; MAX_LEN];
+        let len = bytes.len().min(MAX_LEN);
+        buf[..len].copy_from_slice(&bytes[..len]);
+        Self {
+            len: len as u8,
+            buf,
+        }
+    }
+
     /// The ID's bytes (always ASCII).
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
