@@ -12,62 +12,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use appproxy_test_support::serving;
-use common::{http, Sink};
-
-const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const MANAGER_SPAN: &str = "00f067aa0ba902b7";
-const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-const TRACESTATE: &str = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
-
-/// The worker process; killed on drop.
-struct WorkerProc {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl WorkerProc {
-    /// Fails at once, with its log, when the process has exited.
-    fn assert_running(&mut self) {
-        serving::assert_running(&mut self.child, "worker process", &self.log, 0);
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn json(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    // A hang guard only: generous, the machine may be shared.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn text(sink: &Sink) -> String {
-    String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned()
-}
+use common::http;
+use common::traced::{
+    text, wait_until, WorkerProc, MANAGER_SPAN, SESSION, TRACE, TRACESTATE, USER,
+};
 
 #[test]
 fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
@@ -101,17 +52,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     });
     let dir = tempfile::tempdir().expect("tempdir");
     // The coordinator runs here; its lines go to this sink.
-    let sink = Sink::default();
-    let sub = appproxy_shared::telemetry::subscriber(
-        &appproxy_shared::telemetry::LoggingConfig {
-            format: appproxy_shared::telemetry::LogFormat::Json,
-            filter: "info".into(),
-        },
-        "coordinator",
-        sink.clone(),
-    )
-    .expect("subscriber");
-    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    let sink = common::capture_logs_as("coordinator");
 
     // The app: records the traceparent of every request.
     let app = TcpListener::bind("127.0.0.1:0").expect("app");
@@ -159,18 +100,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     let path = dir.path().join("worker.toml");
     std::fs::write(&path, config).expect("config");
     let log = dir.path().join("worker.log");
-    let out = std::fs::File::create(&log).expect("log");
-    let err = out.try_clone().expect("log");
-    let mut worker = WorkerProc {
-        child: Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start the worker"),
-        log,
-    };
+    let mut worker = WorkerProc::start(&path, log);
     wait_until("the worker's subscription", || {
         worker.assert_running();
         worker.logs().contains("subscribed to circuit events")
@@ -191,27 +121,10 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     });
 
     // The manager's call, in its own trace.
-    let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{},"session":{{"id":"{SESSION}","user_uuid":"{USER}","group_id":"{USER}","access_key":"AK","domain_name":"default"}}}}"#,
-        app_addr.port()
-    );
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
+    common::traced::managers_call(coord_addr, app_addr.port());
 
     // The client's request, in the same trace (the manager's workflow goes on).
+    let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
     let circuit_addr = SocketAddr::from(([127, 0, 0, 1], circuit_port));
     wait_until("the circuit's port", || {
         worker.assert_running();

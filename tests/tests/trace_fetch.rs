@@ -13,107 +13,32 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use common::http;
+use common::traced::{text, wait_until, WorkerProc, MANAGER_SPAN, TRACE, TRACESTATE};
 
-use appproxy_test_support::serving;
-use common::{http, Sink};
-
-const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const MANAGER_SPAN: &str = "00f067aa0ba902b7";
-const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-const TRACESTATE: &str = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
-
-/// A worker process; killed on drop.
-struct WorkerProc {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl WorkerProc {
-    fn start(config: &std::path::Path, log: std::path::PathBuf) -> Self {
-        let out = std::fs::File::create(&log).expect("log");
-        let err = out.try_clone().expect("log");
-        Self {
-            child: Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
-                .arg("--config")
-                .arg(config)
-                .stdout(Stdio::from(out))
-                .stderr(Stdio::from(err))
-                .spawn()
-                .expect("start the worker"),
-            log,
-        }
-    }
-
-    /// Fails at once, with its log, when the process has exited.
-    fn assert_running(&mut self) {
-        serving::assert_running(&mut self.child, "worker process", &self.log, 0);
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn json(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Waits for the deployment of the manager's circuit on both cores, and gives
-    /// its lines (the agent's and every core's).
-    fn deployment(&mut self) -> Vec<serde_json::Value> {
-        let mut lines = Vec::new();
-        wait_until("the deployment on both cores", || {
-            self.assert_running();
-            lines = self
-                .json()
-                .into_iter()
-                .filter(|v| {
-                    v["request_id"] == "manager-R-1"
-                        && (v["message"] == "deployment applied"
-                            || v["message"] == "deploying the coordinator's circuits")
-                })
-                .collect();
-            let cores: std::collections::BTreeSet<String> = lines
-                .iter()
-                .filter(|v| v["message"] == "deployment applied")
-                .map(|v| v["core"].to_string())
-                .collect();
-            cores.len() == 2
-        });
-        lines
-    }
-
-    /// Kills the process and waits for it.
-    fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.logs()
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    // A hang guard only: generous, the machine may be shared.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn text(sink: &Sink) -> String {
-    String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned()
+/// Waits for the deployment of the manager's circuit on both cores, and gives
+/// its lines (the agent's and every core's).
+fn deployment(worker: &mut WorkerProc) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    wait_until("the deployment on both cores", || {
+        worker.assert_running();
+        lines = worker
+            .json()
+            .into_iter()
+            .filter(|v| {
+                v["request_id"] == "manager-R-1"
+                    && (v["message"] == "deployment applied"
+                        || v["message"] == "deploying the coordinator's circuits")
+            })
+            .collect();
+        let cores: std::collections::BTreeSet<String> = lines
+            .iter()
+            .filter(|v| v["message"] == "deployment applied")
+            .map(|v| v["core"].to_string())
+            .collect();
+        cores.len() == 2
+    });
+    lines
 }
 
 /// Every line of a deployment is under one span, a child of `parent` in the
@@ -141,17 +66,7 @@ fn child_span_of(lines: &[serde_json::Value], parent: &str, logs: &str) -> Strin
 fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The coordinator runs here; its lines go to this sink.
-    let sink = Sink::default();
-    let sub = appproxy_shared::telemetry::subscriber(
-        &appproxy_shared::telemetry::LoggingConfig {
-            format: appproxy_shared::telemetry::LogFormat::Json,
-            filter: "info".into(),
-        },
-        "coordinator",
-        sink.clone(),
-    )
-    .expect("subscriber");
-    tracing::subscriber::set_global_default(sub).expect("global subscriber");
+    let sink = common::capture_logs_as("coordinator");
 
     // No Redis: no event reaches the worker, only its fetches do.
     let coordinator = common::start_coordinator(&format!(
@@ -188,24 +103,7 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
         .to_owned();
 
     // The manager's call, in its own trace.
-    let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":1,"session":{{"id":"{SESSION}","user_uuid":"{USER}","group_id":"{USER}","access_key":"AK","domain_name":"default"}}}}"#,
-    );
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
+    common::traced::managers_call(coord_addr, 1);
 
     // The coordinator's hop is the manager span's child.
     let coord_lines: Vec<serde_json::Value> = text(&sink)
@@ -240,7 +138,7 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
 
     // The worker found it by a poll: its deployment (the agent's line and every
     // core's) is the coordinator hop's child, as an event's would be.
-    let polled = worker.deployment();
+    let polled = deployment(&mut worker);
     let poll_span = child_span_of(&polled, &coordinator_span, &worker.logs());
     // Exported too, once every core applied it (a poll owes no acknowledgement).
     let exported = otlp.wait_for("the polled deployment's span", |g| {
@@ -254,7 +152,7 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     // A new process for the same authority finds it by its first read of the whole
     // set (the page answer): again the coordinator hop's child.
     let mut worker = WorkerProc::start(&config_path, dir.path().join("worker-2.log"));
-    let read = worker.deployment();
+    let read = deployment(&mut worker);
     let read_span = child_span_of(&read, &coordinator_span, &worker.logs());
     assert_ne!(read_span, poll_span, "each deployment has its own span");
     let exported = otlp.wait_for("the read deployment's span", |g| {

@@ -5,6 +5,8 @@
 //! every core under R; a client request reaches the app through the new port.
 #![allow(dead_code)]
 
+pub mod traced;
+
 pub use appproxy_test_support::http::raw as http;
 pub use appproxy_test_support::logs::Sink;
 #[allow(unused_imports)]
@@ -17,13 +19,19 @@ use std::time::{Duration, Instant};
 
 /// Sends every log line of this test process (JSON, `info`) to the returned sink.
 pub fn capture_logs() -> Sink {
+    capture_logs_as("e2e")
+}
+
+/// Sends every log line of this test process (JSON, `info`, naming `component`) to
+/// the returned sink.
+pub fn capture_logs_as(component: &'static str) -> Sink {
     let sink = Sink::default();
     let sub = appproxy_shared::telemetry::subscriber(
         &appproxy_shared::telemetry::LoggingConfig {
             format: appproxy_shared::telemetry::LogFormat::Json,
             filter: "info".into(),
         },
-        "e2e",
+        component,
         sink.clone(),
     )
     .expect("subscriber");

@@ -1,0 +1,116 @@
+//! What the trace tests share: the manager's trace, a worker process started from a
+//! config file (its log captured, killed on drop), and the waits on what it logs.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use appproxy_test_support::serving;
+
+use super::Sink;
+
+/// The manager's trace.
+pub const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+/// The manager's span: the parent of the coordinator's.
+pub const MANAGER_SPAN: &str = "00f067aa0ba902b7";
+/// The manager's `tracestate`.
+pub const TRACESTATE: &str = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
+/// The session of the manager's circuit.
+pub const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+/// Its user.
+pub const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+/// A worker process (`appproxy-e2e-worker`), its output in `log`; killed on drop.
+pub struct WorkerProc {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl WorkerProc {
+    /// Starts the worker with the config at `config`, its output going to `log`.
+    pub fn start(config: &std::path::Path, log: std::path::PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("log");
+        let err = out.try_clone().expect("log");
+        Self {
+            child: Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
+                .arg("--config")
+                .arg(config)
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err))
+                .spawn()
+                .expect("start the worker"),
+            log,
+        }
+    }
+
+    /// Fails at once, with its log, when the process has exited.
+    pub fn assert_running(&mut self) {
+        serving::assert_running(&mut self.child, "worker process", &self.log, 0);
+    }
+
+    /// Everything it wrote so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its JSON lines so far.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Kills the process and waits for it; gives its log.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.logs()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `done`, failing after a minute (a hang guard only: generous, the
+/// machine may be shared).
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the sink holds, as text.
+pub fn text(sink: &Sink) -> String {
+    String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned()
+}
+
+/// The manager's call, in its own trace: `/v2/conf` for the session whose kernel
+/// listens on `kernel_port`, then `/v2/proxy/auth` under request ID `manager-R-1`
+/// with the manager's `traceparent` ([`TRACE`], [`MANAGER_SPAN`]) and
+/// [`TRACESTATE`]. The coordinator creates the circuit.
+pub fn managers_call(coord_addr: std::net::SocketAddr, kernel_port: u16) {
+    let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{kernel_port},"session":{{"id":"{SESSION}","user_uuid":"{USER}","group_id":"{USER}","access_key":"AK","domain_name":"default"}}}}"#,
+    );
+    let (status, _, body) = super::http(
+        coord_addr,
+        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let (status, _, body) = super::http(
+        coord_addr,
+        &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+}
