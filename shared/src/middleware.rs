@@ -284,6 +284,13 @@ pub fn trace_context_of(span: SpanContext) -> crate::trace::TraceContext {
     crate::trace::TraceContext::of_span(&span, tracestate)
 }
 
+/// The trace context of the request being handled on this task (its span as the
+/// next hop's parent, with its validated `tracestate`), for what it stores or
+/// publishes; `None` outside a traced request.
+pub fn current_trace_context() -> Option<crate::trace::TraceContext> {
+    crate::current_span().map(trace_context_of)
+}
+
 /// Hands the request's span to the OTLP exporter, when one is installed.
 #[cfg(feature = "otlp")]
 fn export_span(

@@ -508,8 +508,7 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
         }
     }
     if routes != circuit.route_info {
-        let trace =
-            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
+        let trace = appproxy_shared::middleware::current_trace_context();
         state
             .store
             .update_routes(circuit.id, &routes, trace.as_ref())

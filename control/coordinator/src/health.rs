@@ -642,7 +642,7 @@ async fn apply(
             return Ok(true);
         }
         let trace =
-            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
+            appproxy_shared::middleware::current_trace_context();
         state
             .store
             .update_routes(circuit.id, &routes, trace.as_ref())

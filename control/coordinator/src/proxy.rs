@@ -542,8 +542,7 @@ async fn place_and_store(
         // The request's trace context goes with the stored circuit, as it goes with
         // the event: a worker that finds the circuit by a fetch deploys it under a
         // child of the same span.
-        let trace =
-            appproxy_shared::current_span().map(appproxy_shared::middleware::trace_context_of);
+        let trace = appproxy_shared::middleware::current_trace_context();
         match state
             .store
             .insert_circuit(
