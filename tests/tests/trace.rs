@@ -169,16 +169,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
 
     // The coordinator's hop is the manager span's child; the deployment (every core,
     // and the acknowledgement) is the coordinator hop's child.
-    let coord_lines: Vec<serde_json::Value> = text(&sink)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let created = coord_lines
-        .iter()
-        .find(|v| v["message"] == "circuit created")
-        .expect("the coordinator's creation line");
-    assert_eq!(created["trace_id"], TRACE);
-    assert_eq!(created["parent_span_id"], MANAGER_SPAN);
+    let created = common::traced::circuit_created(&sink);
     let coordinator_span = created["span_id"].as_str().expect("span").to_owned();
     let mut deployment = Vec::new();
     wait_until("the deployment lines", || {

@@ -106,16 +106,7 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     common::traced::managers_call(coord_addr, 1);
 
     // The coordinator's hop is the manager span's child.
-    let coord_lines: Vec<serde_json::Value> = text(&sink)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let created = coord_lines
-        .iter()
-        .find(|v| v["message"] == "circuit created")
-        .expect("the coordinator's creation line");
-    assert_eq!(created["trace_id"], TRACE);
-    assert_eq!(created["parent_span_id"], MANAGER_SPAN);
+    let created = common::traced::circuit_created(&sink);
     let coordinator_span = created["span_id"].as_str().expect("span").to_owned();
     let circuit = created["circuit"].as_str().expect("circuit").to_owned();
 

@@ -196,19 +196,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     }
     let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let user = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{},"session":{{"id":"{session}","user_uuid":"{user}","group_id":"{user}","access_key":"AK","domain_name":"default"}}}}"#,
-        app_addr.port()
-    );
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let token = conf_token(coord_addr, app_addr.port(), session, user);
     let started = Instant::now();
     let (status, head, body) = http(
         coord_addr,
@@ -446,4 +434,21 @@ pub fn start_worker(text: &str) -> RunningWorker {
         appproxy_dataplane::agent::spawn_remote(config, worker.deployer(), worker.access_marks())
             .expect("agent");
     RunningWorker { worker, agent }
+}
+
+/// The manager's `/v2/conf` for `session` of `user`, whose kernel listens on
+/// `kernel_port`: the token it answers with.
+pub fn conf_token(coord_addr: SocketAddr, kernel_port: u16, session: &str, user: &str) -> String {
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{kernel_port},"session":{{"id":"{session}","user_uuid":"{user}","group_id":"{user}","access_key":"AK","domain_name":"default"}}}}"#,
+    );
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
 }

@@ -96,21 +96,23 @@ pub fn text(sink: &Sink) -> String {
 /// [`TRACESTATE`]. The coordinator creates the circuit.
 pub fn managers_call(coord_addr: std::net::SocketAddr, kernel_port: u16) {
     let incoming = format!("00-{TRACE}-{MANAGER_SPAN}-01");
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{kernel_port},"session":{{"id":"{SESSION}","user_uuid":"{USER}","group_id":"{USER}","access_key":"AK","domain_name":"default"}}}}"#,
-    );
-    let (status, _, body) = super::http(
-        coord_addr,
-        &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let token = super::conf_token(coord_addr, kernel_port, SESSION, USER);
     let (status, _, body) = super::http(
         coord_addr,
         &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nX-Backend-Request-ID: manager-R-1\r\ntraceparent: {incoming}\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
     );
     assert_eq!(status, 200, "{body}");
+}
+
+/// The coordinator's `circuit created` line among what `sink` holds, checked to be a
+/// child of the manager's span in the manager's trace.
+pub fn circuit_created(sink: &Sink) -> serde_json::Value {
+    let created = text(sink)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "circuit created")
+        .expect("the coordinator's creation line");
+    assert_eq!(created["trace_id"], TRACE);
+    assert_eq!(created["parent_span_id"], MANAGER_SPAN);
+    created
 }
