@@ -235,19 +235,11 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     // appproxy-trace on the two logs: one trace, the hops in call order.
     let coord_log = dir.path().join("coordinator.log");
     std::fs::write(&coord_log, text(&sink)).expect("coordinator log");
-    let mut entries = appproxy_trace::parse_text(&text(&sink), "coordinator.log");
-    entries.extend(appproxy_trace::parse_text(&worker.logs(), "worker.log"));
-    let selected = appproxy_trace::select(&entries, &appproxy_trace::Query::Trace(TRACE.into()));
-    let timeline = appproxy_trace::timeline(&selected);
-    let rendered = appproxy_trace::render_text(&timeline, false);
-    assert_eq!(timeline.trace_ids, vec![TRACE.to_owned()], "{rendered}");
-    let position = |span: &str| {
-        timeline
-            .hops
-            .iter()
-            .position(|h| h.span_id.as_deref() == Some(span))
-            .unwrap_or_else(|| panic!("no hop {span}:\n{rendered}"))
-    };
+    let (timeline, rendered) = common::traced::manager_timeline(&[
+        (&text(&sink), "coordinator.log"),
+        (&worker.logs(), "worker.log"),
+    ]);
+    let position = |span: &str| common::traced::hop_position(&timeline, &rendered, span);
     let (c, d, w) = (
         position(&coordinator_span),
         position(&deploy_span),

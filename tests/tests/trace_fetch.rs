@@ -154,20 +154,12 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     let second_log = worker.stop();
 
     // appproxy-trace on the logs: one trace, both deployments under the coordinator.
-    let mut entries = appproxy_trace::parse_text(&text(&sink), "coordinator.log");
-    entries.extend(appproxy_trace::parse_text(&first_log, "worker-1.log"));
-    entries.extend(appproxy_trace::parse_text(&second_log, "worker-2.log"));
-    let selected = appproxy_trace::select(&entries, &appproxy_trace::Query::Trace(TRACE.into()));
-    let timeline = appproxy_trace::timeline(&selected);
-    let rendered = appproxy_trace::render_text(&timeline, false);
-    assert_eq!(timeline.trace_ids, vec![TRACE.to_owned()], "{rendered}");
-    let position = |span: &str| {
-        timeline
-            .hops
-            .iter()
-            .position(|h| h.span_id.as_deref() == Some(span))
-            .unwrap_or_else(|| panic!("no hop {span}:\n{rendered}"))
-    };
+    let (timeline, rendered) = common::traced::manager_timeline(&[
+        (&text(&sink), "coordinator.log"),
+        (&first_log, "worker-1.log"),
+        (&second_log, "worker-2.log"),
+    ]);
+    let position = |span: &str| common::traced::hop_position(&timeline, &rendered, span);
     let c = position(&coordinator_span);
     assert_eq!(timeline.hops[c].component, "coordinator");
     for span in [&poll_span, &read_span] {

@@ -116,3 +116,27 @@ pub fn circuit_created(sink: &Sink) -> serde_json::Value {
     assert_eq!(created["parent_span_id"], MANAGER_SPAN);
     created
 }
+
+/// The `appproxy-trace` timeline of the manager's trace across `logs` (each a log's
+/// text and its file name), checked to hold that one trace, and its text rendering.
+pub fn manager_timeline(logs: &[(&str, &str)]) -> (appproxy_trace::Timeline, String) {
+    let mut entries = Vec::new();
+    for (text, name) in logs {
+        entries.extend(appproxy_trace::parse_text(text, name));
+    }
+    let selected = appproxy_trace::select(&entries, &appproxy_trace::Query::Trace(TRACE.into()));
+    let timeline = appproxy_trace::timeline(&selected);
+    let rendered = appproxy_trace::render_text(&timeline, false);
+    assert_eq!(timeline.trace_ids, vec![TRACE.to_owned()], "{rendered}");
+    (timeline, rendered)
+}
+
+/// Where the hop of `span` sits in `timeline` (failing with the rendering when it is
+/// not there).
+pub fn hop_position(timeline: &appproxy_trace::Timeline, rendered: &str, span: &str) -> usize {
+    timeline
+        .hops
+        .iter()
+        .position(|h| h.span_id.as_deref() == Some(span))
+        .unwrap_or_else(|| panic!("no hop {span}:\n{rendered}"))
+}
