@@ -2,6 +2,7 @@
 //! and the criterion micro-benchmarks under `benches/`.
 #![forbid(unsafe_code)]
 
+pub mod arm_cost;
 pub mod grpc;
 pub mod park_cost;
 pub mod report;

@@ -190,7 +190,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 impl TcpConn {
     /// Registers an already non-blocking stream.
     pub fn new(reactor: &Rc<Reactor>, stream: TcpStream) -> io::Result<Self> {
-        let reg = reactor.register(stream.as_fd())?;
+        let reg = reactor.register();
         Ok(Self {
             reg,
             stream,
@@ -269,7 +269,10 @@ impl TcpConn {
                 Ok(false) => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            match self.reg.poll_ready(cx, Direction::Write) {
+            match self
+                .reg
+                .poll_ready(cx, Direction::Write, self.stream.as_fd())
+            {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
             }
@@ -333,7 +336,10 @@ impl TcpConn {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(s);
-                    match self.reg.poll_ready(cx, Direction::Read) {
+                    match self
+                        .reg
+                        .poll_ready(cx, Direction::Read, self.stream.as_fd())
+                    {
                         Poll::Ready(Ok(())) => continue,
                         other => return other,
                     }
@@ -438,7 +444,11 @@ impl TcpConn {
         let conn = Self::new(reactor, socket.into())?;
         conn.reg.clear_ready(Direction::Write);
         conn.reg.set_deadline(Some(Instant::now() + timeout));
-        poll_fn(|cx| conn.reg.poll_ready(cx, Direction::Write)).await?;
+        poll_fn(|cx| {
+            conn.reg
+                .poll_ready(cx, Direction::Write, conn.stream.as_fd())
+        })
+        .await?;
         conn.reg.set_deadline(None);
         // One syscall on success: a connected socket has a peer. Only when it has none
         // is the pending error fetched (an edge with neither error nor connection,
@@ -465,7 +475,10 @@ impl TcpConn {
                         self.book_read(n);
                         break Poll::Ready(Ok(n));
                     }
-                    Ok(None) => match self.reg.poll_ready(cx, Direction::Read) {
+                    Ok(None) => match self
+                        .reg
+                        .poll_ready(cx, Direction::Read, self.stream.as_fd())
+                    {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
                         Poll::Pending => break Poll::Pending,
@@ -476,7 +489,10 @@ impl TcpConn {
         }
         loop {
             if !self.reg.is_ready(Direction::Read) {
-                match self.reg.poll_ready(cx, Direction::Read) {
+                match self
+                    .reg
+                    .poll_ready(cx, Direction::Read, self.stream.as_fd())
+                {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
@@ -525,7 +541,10 @@ impl TcpConn {
         }
         loop {
             if !self.reg.is_ready(Direction::Write) {
-                match self.reg.poll_ready(cx, Direction::Write) {
+                match self
+                    .reg
+                    .poll_ready(cx, Direction::Write, self.stream.as_fd())
+                {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
@@ -569,7 +588,11 @@ impl TcpConn {
                 return Ok(());
             }
         }
-        poll_fn(|cx| self.reg.poll_ready(cx, Direction::Read)).await
+        poll_fn(|cx| {
+            self.reg
+                .poll_ready(cx, Direction::Read, self.stream.as_fd())
+        })
+        .await
     }
 
     /// Reads what is there now; `WouldBlock` when nothing is.
@@ -647,10 +670,11 @@ impl TcpConn {
         Ok(())
     }
 
-    /// Whether the peer has sent something (data or a close) since the last read that
-    /// would block: for checking a pooled connection without a syscall.
+    /// Whether the peer may have sent something (data or a close) since the last
+    /// read that would block: for checking a pooled connection without a syscall.
+    /// A connection no task ever waited on has no edges to go by, so it may have.
     pub fn has_pending_input(&self) -> bool {
-        self.reg.is_ready(Direction::Read)
+        !self.reg.is_armed() || self.reg.is_ready(Direction::Read)
     }
 
     /// Checks with one non-blocking read that an idle connection is still open and
@@ -768,7 +792,7 @@ impl Listener {
         socket.listen(backlog)?;
         let listener: TcpListener = socket.into();
         let local = listener.local_addr()?;
-        let reg = reactor.register(listener.as_fd())?;
+        let reg = reactor.register();
         Ok(Self {
             reg,
             listener,
@@ -786,7 +810,10 @@ impl Listener {
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         poll_fn(|cx| loop {
             if !self.reg.is_ready(Direction::Read) {
-                match self.reg.poll_ready(cx, Direction::Read) {
+                match self
+                    .reg
+                    .poll_ready(cx, Direction::Read, self.listener.as_fd())
+                {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
@@ -878,5 +905,124 @@ mod tests {
         .err()
         .expect("a closed port refuses");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// Descriptors in the reactor's epoll set (one `tfd:` line each in the kernel's
+    /// description of the set), the wake-up eventfd included.
+    fn in_epoll_set(reactor: &Reactor) -> usize {
+        use std::os::fd::AsRawFd as _;
+        let fd = reactor.as_fd().as_raw_fd();
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .expect("fdinfo")
+            .lines()
+            .filter(|l| l.starts_with("tfd:"))
+            .count()
+    }
+
+    /// An accepted connection, already connected to `client`, served by `TcpConn`.
+    fn accepted(reactor: &Rc<Reactor>) -> (TcpConn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_nonblocking(true).expect("nonblocking");
+        (TcpConn::new(reactor, stream).expect("conn"), client)
+    }
+
+    /// A connection whose request is already there is read, answered and closed
+    /// without an `epoll_ctl`: it joins the epoll set only once a task has to wait.
+    #[test]
+    fn a_connection_served_without_waiting_never_joins_the_epoll_set() {
+        let reactor = reactor();
+        let before = in_epoll_set(&reactor);
+        let (conn, mut client) = accepted(&reactor);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("send");
+        let mut buf = [0u8; 64];
+        // The loopback delivery is synchronous: the bytes are there.
+        let n = drive(&reactor, conn.read(&mut buf)).expect("read");
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        drive(&reactor, conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")).expect("write");
+        assert_eq!(
+            in_epoll_set(&reactor),
+            before,
+            "served without a wait, yet added"
+        );
+
+        // The next read has to wait: now the socket joins the set, once.
+        conn.set_timeout(Duration::from_secs(10));
+        client.write_all(b"x").expect("send");
+        let mut one = [0u8; 1];
+        let n = drive(&reactor, async {
+            let mut total = 0;
+            // The first read drains what is there; the second finds nothing and waits.
+            total += conn.read(&mut one).await?;
+            let late = async {
+                reactor.sleep(Duration::from_millis(20)).await;
+                let _ = (&client).write_all(b"y");
+            };
+            let (r, ()) = futures_lite::future::zip(conn.read(&mut one), late).await;
+            total += r?;
+            io::Result::Ok(total)
+        })
+        .expect("reads");
+        assert_eq!(n, 2);
+        assert_eq!(in_epoll_set(&reactor), before + 1);
+        drop(conn);
+        assert_eq!(in_epoll_set(&reactor), before, "closing leaves the set");
+    }
+
+    /// Readiness that arrives after a syscall said `EAGAIN` and before the socket
+    /// joins the epoll set is not lost: adding it reports its current state. Both
+    /// directions; a lost edge would leave the wait to its 10 s deadline instead.
+    #[test]
+    fn readiness_arriving_before_the_socket_joins_the_set_is_not_lost() {
+        let reactor = reactor();
+        let (conn, mut client) = accepted(&reactor);
+        conn.set_timeout(Duration::from_secs(10));
+
+        // Read: nothing there (EAGAIN), then the peer writes, then the task waits.
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            conn.try_read(&mut buf).expect_err("nothing yet").kind(),
+            io::ErrorKind::WouldBlock
+        );
+        client.write_all(b"late").expect("send");
+        let n = drive(&reactor, conn.read(&mut buf)).expect("the data that came before arming");
+        assert_eq!(&buf[..n], b"late");
+
+        // Write: fill the socket until it takes nothing, let the peer drain it all,
+        // then wait to write.
+        let (conn, client) = accepted(&reactor);
+        conn.set_timeout(Duration::from_secs(10));
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        loop {
+            match conn.try_write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        let mut client = client;
+        let mut drained = 0usize;
+        let mut sink = vec![0u8; 64 * 1024];
+        while drained < sent {
+            drained += client.read(&mut sink).expect("drain");
+        }
+        let n = drive(&reactor, conn.write(&chunk)).expect("the room that came before arming");
+        assert!(n > 0);
+    }
+
+    /// A pooled connection no task ever waited on has no edges to go by: it counts
+    /// as possibly having input, so the pool probes it and sees the peer's close.
+    #[test]
+    fn an_unwaited_connection_is_probed_before_reuse() {
+        let reactor = reactor();
+        let (conn, client) = accepted(&reactor);
+        assert!(conn.has_pending_input(), "unknown counts as pending");
+        assert!(conn.probe_idle(), "open and silent");
+        // Loopback delivers the FIN within `close`.
+        drop(client);
+        assert!(conn.has_pending_input());
+        assert!(!conn.probe_idle(), "the close is seen");
     }
 }

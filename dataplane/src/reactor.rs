@@ -4,8 +4,10 @@
 //! Why not glommio's own socket path: each wait there is an io_uring poll whose
 //! completion arrives by task-work signalling that interrupts the executor thread; on
 //! the reference machine that halves throughput (33k req/s against nginx's 67k). Here
-//! every socket is registered once, edge-triggered; connection tasks try the syscall
-//! first and wait on their slot only on `EAGAIN`; the reactor task polls with a zero
+//! every socket joins the epoll set once, edge-triggered, and only when a task first
+//! has to wait on it (a short-lived connection served without waiting never costs an
+//! `epoll_ctl`); connection tasks try the syscall first and wait on their slot only on
+//! `EAGAIN`; the reactor task polls with a zero
 //! timeout while work keeps arriving and, after a run of empty polls with no other task
 //! runnable, parks in `epoll_wait` until the next deadline (an eventfd in the same set
 //! wakes it for bridge messages). See `docs/dataplane.md` for the design and its
@@ -15,8 +17,8 @@
 //! waking itself, so glommio always has it runnable and never parks in its own ring
 //! (which has none of the core's wake-up sources armed; see "Lost wake-ups" in the
 //! docs). The core thread therefore sleeps only inside this task's `epoll_wait`, and
-//! only when a wake-up is armed for every way work can arrive: socket readiness and
-//! the bridge's eventfd are in the epoll set, and the wait's timeout is the earliest of
+//! only when a wake-up is armed for every way work can arrive: every socket a task
+//! waits on is in the epoll set (a wait adds it first), the bridge's eventfd is too, and the wait's timeout is the earliest of
 //! the sleepers, the slot deadlines and the tick hooks' next due time. Tasks woken by
 //! other tasks (not by the reactor) are seen through a per-thread poll counter bumped
 //! by every task spawned with [`spawn`]: the reactor parks only after a yield during
@@ -84,6 +86,10 @@ struct Slot {
     generation: u32,
     /// Whether the slot is registered right now.
     in_use: bool,
+    /// Whether its descriptor is in the epoll set: added the first time a task has
+    /// to wait on it, so a connection served without waiting never costs an
+    /// `epoll_ctl` (nor the set's removal work when it closes).
+    armed: bool,
     /// False only after a read returned `EAGAIN` (or a short read) with no edge since:
     /// then a read is known to block and the syscall is skipped.
     readable: bool,
@@ -284,8 +290,10 @@ impl Reactor {
         }
     }
 
-    /// Registers `fd` (edge-triggered, read and write) and returns its slot.
-    pub fn register(self: &Rc<Self>, fd: BorrowedFd<'_>) -> std::io::Result<Registration> {
+    /// Takes a slot for a descriptor. The descriptor joins the epoll set
+    /// (edge-triggered, read and write) only when a task first has to wait on it
+    /// ([`Registration::poll_ready`]): until then operations just try the syscall.
+    pub fn register(self: &Rc<Self>) -> Registration {
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
             None => {
@@ -294,10 +302,11 @@ impl Reactor {
                 (slots.len() - 1) as u32
             }
         };
-        let generation = {
+        {
             let mut slots = self.slots.borrow_mut();
             let slot = &mut slots[index as usize];
             slot.in_use = true;
+            slot.armed = false;
             slot.readable = true;
             slot.writable = true;
             slot.read_closed = false;
@@ -305,21 +314,25 @@ impl Reactor {
             slot.deadline = None;
             slot.timed_out = false;
             slot.idle = false;
-            slot.generation
-        };
-        let token = (u64::from(generation) << 32) | u64::from(index);
+        }
+        Registration {
+            reactor: self.clone(),
+            index,
+        }
+    }
+
+    /// Adds `fd` to the epoll set under `slot`'s token. Adding reports the
+    /// descriptor's current state as an event, so readiness that arrived between the
+    /// `EAGAIN` that led here and this call is not lost.
+    fn arm(&self, slot: &mut Slot, index: u32, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let token = (u64::from(slot.generation) << 32) | u64::from(index);
         let flags = epoll::EventFlags::IN
             | epoll::EventFlags::OUT
             | epoll::EventFlags::RDHUP
             | epoll::EventFlags::ET;
-        if let Err(e) = epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token), flags) {
-            self.release(index);
-            return Err(e.into());
-        }
-        Ok(Registration {
-            reactor: self.clone(),
-            index,
-        })
+        epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token), flags)?;
+        slot.armed = true;
+        Ok(())
     }
 
     fn release(&self, index: u32) {
@@ -655,30 +668,48 @@ impl Registration {
         })
     }
 
-    /// Waits for readiness in `dir`: `Ready(Ok)` when an edge arrived, `Ready(Err)` on
-    /// timeout, `Pending` otherwise (the waker is kept).
-    pub fn poll_ready(&self, cx: &mut Context<'_>, dir: Direction) -> Poll<std::io::Result<()>> {
-        self.with(|s| {
-            let ready = match dir {
-                Direction::Read => s.readable,
-                Direction::Write => s.writable,
-            };
-            if ready {
-                return Poll::Ready(Ok(()));
+    /// Waits for readiness in `dir` of `fd` (the descriptor this slot was taken
+    /// for): `Ready(Ok)` when an edge arrived, `Ready(Err)` on timeout (or when the
+    /// descriptor cannot join the epoll set), `Pending` otherwise (the waker is kept).
+    pub fn poll_ready(
+        &self,
+        cx: &mut Context<'_>,
+        dir: Direction,
+        fd: BorrowedFd<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let mut slots = self.reactor.slots.borrow_mut();
+        let s = &mut slots[self.index as usize];
+        let ready = match dir {
+            Direction::Read => s.readable,
+            Direction::Write => s.writable,
+        };
+        if ready {
+            return Poll::Ready(Ok(()));
+        }
+        if s.timed_out {
+            return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        if !s.armed {
+            if let Err(e) = self.reactor.arm(s, self.index, fd) {
+                return Poll::Ready(Err(e));
             }
-            if s.timed_out {
-                return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
-            }
-            let slot = match dir {
-                Direction::Read => &mut s.read_waker,
-                Direction::Write => &mut s.write_waker,
-            };
-            match slot {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *slot = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
+        }
+        let slot = match dir {
+            Direction::Read => &mut s.read_waker,
+            Direction::Write => &mut s.write_waker,
+        };
+        match slot {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Whether the descriptor is in the epoll set, so that an edge would have been
+    /// seen: until then [`Registration::is_ready`] only says what the last syscall
+    /// left.
+    pub fn is_armed(&self) -> bool {
+        self.with(|s| s.armed)
     }
 
     /// Sets (or clears) the deadline of the current operation; clears a past timeout.

@@ -123,6 +123,19 @@ enum Tool {
         #[arg(long, default_value_t = 1)]
         waker_cpu: usize,
     },
+    /// Measures what adding a connection to the epoll set costs (the `epoll_ctl` and
+    /// its removal at close) against serving it without, and prints both.
+    ArmCost {
+        /// The CPU of the serving side (a proxy core).
+        #[arg(long, default_value_t = 0)]
+        cpu: usize,
+        /// The CPU of the clients.
+        #[arg(long, default_value_t = 1)]
+        client_cpu: usize,
+        /// Batches of 100 connections, alternating the two ways.
+        #[arg(long, default_value_t = 200)]
+        batches: u32,
+    },
     /// Spins on the CPU until killed (the contention scenario's hog).
     #[command(hide = true)]
     CpuHog,
@@ -1529,6 +1542,23 @@ fn main() -> anyhow::Result<()> {
                 c.spin_cpu_ns,
                 c.spin_polls_per_wake,
                 c.break_even_polls()
+            );
+            return Ok(());
+        }
+        Some(Tool::ArmCost {
+            cpu,
+            client_cpu,
+            batches,
+        }) => {
+            let c = appproxy_benches::arm_cost::measure(cpu, client_cpu, batches, 100)?;
+            println!(
+                "accept4, recv, send, close: {:.0} ns CPU per connection\n\
+                 the same with an epoll_ctl(ADD) after accept4: {:.0} ns ({:+.0} ns)\n\
+                 {} connections each way, CPU {cpu} serving, clients on CPU {client_cpu}",
+                c.unarmed_ns,
+                c.armed_ns,
+                c.armed_ns - c.unarmed_ns,
+                c.per_side
             );
             return Ok(());
         }
