@@ -551,6 +551,245 @@ async fn store_suite_on_postgresql() {
     stored_traces_that_do_not_read_are_none(&store, Some(trace("00f067aa0ba902b7", None))).await;
 }
 
+/// The pages of a worker's whole set as a worker reads them at start, in ID order
+/// (`between_pages` names circuits to remove after each page but the last): the
+/// IDs read, in order, and the revision of the first page.
+async fn read_pages(
+    store: &Store,
+    worker: uuid::Uuid,
+    limit: usize,
+    mut between_pages: impl FnMut(&[uuid::Uuid]) -> Vec<uuid::Uuid>,
+) -> (Vec<uuid::Uuid>, u64) {
+    let mut read = Vec::new();
+    let mut first_revision = None;
+    let mut after = None;
+    loop {
+        let (revision, page) = store
+            .circuits_page(worker, after, limit)
+            .await
+            .expect("page");
+        first_revision.get_or_insert(revision);
+        assert!(page.len() <= limit, "a page holds at most its limit");
+        for (c, _) in &page {
+            assert_eq!(c.worker, Some(worker), "another worker's circuit");
+            assert!(
+                read.last().is_none_or(|last| *last < c.id),
+                "pages come in ascending ID order, each circuit once: {} after {:?}",
+                c.id,
+                read.last()
+            );
+            read.push(c.id);
+        }
+        if page.len() < limit {
+            break;
+        }
+        after = page.last().map(|(c, _)| c.id);
+        for id in between_pages(&read) {
+            assert!(store.delete_circuit(id).await.expect("delete"));
+        }
+    }
+    (read, first_revision.expect("a page"))
+}
+
+/// The set a worker comes to: the pages it read, then what changed after the first
+/// page's revision (read now).
+async fn caught_up(
+    store: &Store,
+    worker: uuid::Uuid,
+    read: &[uuid::Uuid],
+    mut since: u64,
+) -> std::collections::BTreeSet<uuid::Uuid> {
+    let mut set: std::collections::BTreeSet<uuid::Uuid> = read.iter().copied().collect();
+    loop {
+        match store
+            .changes_since(worker, since, 1000)
+            .await
+            .expect("changes")
+        {
+            Changes::Since {
+                revision,
+                upserts,
+                removed,
+                more,
+            } => {
+                set.extend(upserts.iter().map(|(c, _)| c.id));
+                for id in removed {
+                    set.remove(&id);
+                }
+                since = revision;
+                if !more {
+                    return set;
+                }
+            }
+            got => panic!("changes expected, got {got:?}"),
+        }
+    }
+}
+
+/// The IDs of a worker's stored circuits.
+async fn stored_ids(store: &Store, worker: uuid::Uuid) -> std::collections::BTreeSet<uuid::Uuid> {
+    store
+        .circuits(Some(worker))
+        .await
+        .expect("circuits")
+        .iter()
+        .map(|(c, _)| c.id)
+        .collect()
+}
+
+/// Paging a large set while it changes: each circuit that stays comes exactly once,
+/// in ID order, a circuit removed before its page was read never comes, another
+/// worker's never; and the pages plus what changed after the first page's revision
+/// are exactly the stored set — what a worker's start relies on.
+async fn pages_read_each_circuit_once_while_the_set_changes(store: Store) {
+    let w = store
+        .upsert_worker(&worker_body("paged-worker"))
+        .await
+        .expect("register");
+    let other = store
+        .upsert_worker(&worker_body("paged-other"))
+        .await
+        .expect("register");
+    let mut ids = Vec::new();
+    for i in 0..120u16 {
+        let c = circuit(w, 20_000 + i);
+        store.insert_circuit(&c, None, None).await.expect("insert");
+        ids.push(c.id);
+        if i % 4 == 0 {
+            let c = circuit(other, 20_000 + i);
+            store.insert_circuit(&c, None, None).await.expect("insert");
+        }
+    }
+    // Gaps before the read: every fifth circuit is gone.
+    for id in ids.iter().step_by(5) {
+        assert!(store.delete_circuit(*id).await.expect("delete"));
+    }
+    let present: Vec<uuid::Uuid> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 != 0)
+        .map(|(_, id)| *id)
+        .collect();
+    let mut sorted = present.clone();
+    sorted.sort();
+
+    // Nothing changes while reading: every page full but the last, each circuit once.
+    let (read, revision) = read_pages(&store, w, 7, |_| Vec::new()).await;
+    assert_eq!(read, sorted);
+    assert_eq!(
+        caught_up(&store, w, &read, revision).await,
+        sorted.iter().copied().collect()
+    );
+    // A page size that divides the set: the last page is empty.
+    let (read, _) = read_pages(&store, w, sorted.len() / 4, |_| Vec::new()).await;
+    assert_eq!(read, sorted);
+
+    // Between pages, one circuit already read and one not yet read are removed.
+    let mut removed_behind = Vec::new();
+    let mut removed_ahead = Vec::new();
+    let (read, revision) = read_pages(&store, w, 9, |read| {
+        let last = *read.last().expect("read some");
+        let behind = sorted
+            .iter()
+            .find(|id| **id <= last && !removed_behind.contains(*id) && read.contains(*id));
+        let ahead = sorted
+            .iter()
+            .rev()
+            .find(|id| **id > last && !removed_ahead.contains(*id));
+        let mut gone = Vec::new();
+        if let Some(id) = behind {
+            removed_behind.push(*id);
+            gone.push(*id);
+        }
+        if let Some(id) = ahead {
+            removed_ahead.push(*id);
+            gone.push(*id);
+        }
+        gone
+    })
+    .await;
+    assert!(!removed_behind.is_empty() && !removed_ahead.is_empty());
+    let stays: Vec<uuid::Uuid> = sorted
+        .iter()
+        .filter(|id| !removed_behind.contains(id) && !removed_ahead.contains(id))
+        .copied()
+        .collect();
+    for id in &stays {
+        assert_eq!(
+            read.iter().filter(|r| *r == id).count(),
+            1,
+            "{id} stayed and comes once"
+        );
+    }
+    for id in &removed_ahead {
+        assert!(!read.contains(id), "{id} was removed before its page");
+    }
+    let stored = stored_ids(&store, w).await;
+    assert_eq!(stored, stays.iter().copied().collect());
+    assert_eq!(
+        caught_up(&store, w, &read, revision).await,
+        stored,
+        "pages and the changes after them are the set"
+    );
+
+    // Circuits created and removed by another writer while pages are read: each read
+    // has every circuit at most once, in order, and comes to the stored set once the
+    // changes after its first page's revision are read.
+    let writer = {
+        let store = store.clone();
+        let existing = stays.clone();
+        tokio::spawn(async move {
+            for i in 0..60u16 {
+                let c = circuit(w, 30_000 + i);
+                store.insert_circuit(&c, None, None).await.expect("insert");
+                if i % 2 == 0 {
+                    store.delete_circuit(c.id).await.expect("delete");
+                }
+                if let Some(id) = existing.get(usize::from(i)) {
+                    store.delete_circuit(*id).await.expect("delete");
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut reads = Vec::new();
+    loop {
+        let done = writer.is_finished();
+        reads.push(read_pages(&store, w, 5, |_| Vec::new()).await);
+        if done {
+            break;
+        }
+    }
+    writer.await.expect("writer");
+    let stored = stored_ids(&store, w).await;
+    assert_eq!(stored.len(), stays.len() - stays.len().min(60) + 30);
+    for (read, revision) in &reads {
+        assert_eq!(
+            caught_up(&store, w, read, *revision).await,
+            stored,
+            "pages read while the set changed, and the changes after them, are the set"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_read_each_circuit_once_while_the_set_changes_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(None, &dir.path().join("store.sqlite3"))
+        .await
+        .expect("open");
+    pages_read_each_circuit_once_while_the_set_changes(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_read_each_circuit_once_while_the_set_changes_on_postgresql() {
+    let pg = Pg::start();
+    let store = Store::open(Some(&pg.url()), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    pages_read_each_circuit_once_while_the_set_changes(store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_schema_is_the_originals() {
     let pg = Pg::start();

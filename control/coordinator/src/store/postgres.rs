@@ -16,6 +16,7 @@ use appproxy_shared::telemetry::Rfc3339;
 use appproxy_shared::wire::WorkerRegistration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{json, Value};
+use tokio_postgres::types::Json;
 use tokio_postgres::{NoTls, Row};
 
 use super::{Changes, CircuitRow, Origin, StoreError, UsedSlot, WorkerRow};
@@ -152,6 +153,25 @@ static CIRCUIT_COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::
         .join(", ")
 });
 
+/// A page of worker `$1`'s circuits (at most `$2`) in ID order — after the ID `$3` in
+/// [`PAGE_AFTER`] — beside the worker's revision, in one statement (one snapshot).
+/// One row with the revision and NULL circuit columns when the page is empty, none
+/// when the worker does not exist.
+fn page_statement(after: &str) -> String {
+    format!(
+        "SELECT w.revision, c.* FROM workers w LEFT JOIN LATERAL (
+            SELECT {CIRCUIT_COLUMNS} FROM circuits WHERE worker = $1 {after} ORDER BY id LIMIT $2
+         ) c ON true WHERE w.id = $1"
+    )
+}
+
+/// The first page ([`page_statement`]).
+static PAGE_FIRST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| page_statement(""));
+
+/// A page after an ID ([`page_statement`]).
+static PAGE_AFTER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| page_statement("AND id > $3"));
+
 /// Bumps the revision of the worker `$1` and logs circuit `$2` as changed.
 const LOG_CHANGE: &str = "WITH bumped AS (
         UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
@@ -252,6 +272,36 @@ fn as_i32(v: &Value) -> Option<i32> {
 
 const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id, traceparent, tracestate";
 
+/// A circuit's `route_info` column read straight into its routes, in one pass over
+/// the column's bytes (no intermediate `Value`). Older rows hold the routes as a JSON
+/// string, which reads too.
+struct Routes(Vec<RouteInfo>);
+
+impl<'de> serde::Deserialize<'de> for Routes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Vec<RouteInfo>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of routes, or a JSON string holding one")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                serde_json::from_str(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visit).map(Routes)
+    }
+}
+
 fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
     circuit_of_at(row, 0)
 }
@@ -259,12 +309,7 @@ fn circuit_of(row: &Row) -> Result<CircuitRow, StoreError> {
 /// A circuit whose [`CIRCUIT_COLUMNS`] start at column `at` of `row`.
 fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
     let envs: Option<Value> = row.try_get(at + 8)?;
-    let routes: Value = row.try_get(at + 16)?;
-    // Older rows hold the routes as a JSON string; the model's reader takes both.
-    let routes: Vec<RouteInfo> = match routes {
-        Value::String(text) => serde_json::from_str(&text)?,
-        other => serde_json::from_value(other)?,
-    };
+    let Json(Routes(routes)) = row.try_get(at + 16)?;
     let allowed: Option<String> = row.try_get(at + 11)?;
     let port: Option<i32> = row.try_get(at + 6)?;
     let circuit = Circuit {
@@ -1015,37 +1060,41 @@ impl PgStore {
         Ok(Changes::from_log(since, current, log))
     }
 
+    /// One page of a worker's circuits in ID order after `after`, with the worker's
+    /// revision, in one statement: its one snapshot holds the revision and the page
+    /// together (what a repeatable-read transaction around two statements gave, in
+    /// one round trip instead of five), and the statement is prepared once per
+    /// connection. The page walks the `(worker, id)` index from `after`.
     pub(super) async fn circuits_page(
         &self,
         worker: &uuid::Uuid,
         after: Option<&uuid::Uuid>,
         limit: usize,
     ) -> Result<(u64, Vec<CircuitRow>), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let revision = tx
-            .query_opt("SELECT revision FROM workers WHERE id = $1", &[worker])
-            .await?
-            .map(|r| r.try_get::<_, i64>(0))
-            .transpose()?
-            .unwrap_or(0)
-            .max(0) as u64;
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {CIRCUIT_COLUMNS} FROM circuits
-                     WHERE worker = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
-                ),
-                &[worker, &after, &(limit as i64)],
-            )
-            .await?;
-        let out = rows.iter().map(circuit_of).collect::<Result<Vec<_>, _>>()?;
-        tx.commit().await?;
+        let client = self.client().await?;
+        let limit = limit as i64;
+        let rows = match after {
+            None => {
+                let st = client.prepare_cached(&PAGE_FIRST).await?;
+                client.query(&st, &[worker, &limit]).await?
+            }
+            Some(after) => {
+                let st = client.prepare_cached(&PAGE_AFTER).await?;
+                client.query(&st, &[worker, &limit, after]).await?
+            }
+        };
+        // No row: no such worker (revision 0, nothing). A row without a circuit: the
+        // worker has none after `after`.
+        let revision = match rows.first() {
+            Some(r) => r.try_get::<_, i64>(0)?.max(0) as u64,
+            None => 0,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if r.try_get::<_, Option<uuid::Uuid>>(1)?.is_some() {
+                out.push(circuit_of_at(r, 1)?);
+            }
+        }
         Ok((revision, out))
     }
 
