@@ -3,10 +3,22 @@
 //! server span of the client's trace, with the client's span as parent, the span the
 //! app received as its `traceparent` parent, and the request's attributes and the
 //! circuit's user context. A hung collector blocks no request: the export queue
-//! stays bounded and the drops are counted in `/metrics`.
+//! stays bounded and the drops are counted in `/metrics`. Bodies are gzipped by
+//! default (the receiver checks the member); an `https://` collector with
+//! `otlp_ca_file` gets the spans over TLS, and an `https://` endpoint without a CA
+//! file is refused by `--check-config`.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls_support;
 use appproxy_test_support::otlp as otlp_receiver;
+
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use tls_support::Pki;
 
 use common::{Client, Upstream, Worker, WorkerOpts};
 use otlp_receiver::Receiver;
@@ -127,4 +139,80 @@ fn a_hung_collector_blocks_no_request_and_the_queue_stays_bounded() {
     assert!(n >= 20);
     assert!(sample(&w, "appproxy_otlp_queue_spans") <= 4);
     assert_eq!(sample(&w, "appproxy_otlp_spans_exported_total"), 0);
+}
+
+/// An OTLP receiver behind TLS serving the test PKI's chain for 127.0.0.1.
+fn tls_receiver(pki: &Pki) -> Receiver {
+    let chain = CertificateDer::pem_file_iter(pki.path("ec-chain.pem"))
+        .expect("cert file")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(pki.path("ec.key")).expect("key");
+    let config = Arc::new(
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server cert"),
+    );
+    Receiver::start_over(0, move |tcp| {
+        let conn = ServerConnection::new(config.clone()).map_err(std::io::Error::other)?;
+        Ok(StreamOwned::new(conn, tcp))
+    })
+}
+
+#[test]
+fn spans_reach_an_https_collector_gzipped() {
+    let pki = Pki::new();
+    let rx = tls_receiver(&pki);
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        &format!(
+            "otlp_endpoint = \"{}\"\notlp_ca_file = \"{}\"\notlp_flush_ms = 50",
+            rx.https_url(),
+            pki.path("ca.pem").display()
+        ),
+    );
+    let mut c = Client::connect(w.addr());
+    let r = c.get(
+        "/tls",
+        &format!("X-Backend-Request-ID: otlp-tls-1\r\ntraceparent: 00-{TRACE}-{CALLER}-01\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    let got = rx.wait_for("of the request", |g| {
+        g.str("request_id").as_deref() == Some("otlp-tls-1")
+    });
+    assert_eq!(got.trace_id(), TRACE);
+    assert_eq!(got.service, "appproxy-worker");
+    for post in rx.posts() {
+        assert_eq!(post.content_encoding, "gzip");
+        assert_eq!(post.error, None);
+    }
+    assert_eq!(sample(&w, "appproxy_otlp_export_errors_total"), 0);
+}
+
+#[test]
+fn an_https_endpoint_without_a_ca_file_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("w.toml");
+    std::fs::write(
+        &path,
+        "[worker]\ncores = 1\n[telemetry]\notlp_endpoint = \"https://collector.example.com:4318\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("otlp_ca_file is not set"), "{text}");
 }

@@ -8,16 +8,20 @@
 //!
 //! One exporter thread per process takes records off the queue, batches them (up to
 //! `otlp_batch` spans, or `otlp_flush_ms` after the first), encodes an OTLP
-//! `ExportTraceServiceRequest` (protobuf, the `opentelemetry-proto` types) and POSTs
-//! it to `<endpoint>/v1/traces` as `application/x-protobuf` over plain HTTP/1.1, with
-//! a timeout on every step and a bounded number of retries; a batch that still fails
-//! is dropped and counted. Memory is bounded by the queue and one batch.
+//! `ExportTraceServiceRequest` (protobuf, the `opentelemetry-proto` types), gzips it
+//! (unless `otlp_compression = "none"`) and POSTs it to `<endpoint>/v1/traces` as
+//! `application/x-protobuf` over HTTP/1.1 — plain for `http://`, TLS (rustls, the
+//! collector's certificate checked against `otlp_ca_file` and its name) for
+//! `https://` — with a timeout on every step and a bounded number of retries; a
+//! batch that still fails is dropped and counted. Memory is bounded by the queue and
+//! one batch.
 //!
 //! The exporter is installed once per process ([`install`]); [`Exporter`] instances
 //! can also be used directly (tests).
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,9 +34,11 @@ use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
 use prost::Message as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::request_id::RequestId;
-use crate::telemetry::TelemetryConfig;
+use crate::telemetry::{OtlpCompression, TelemetryConfig};
 use crate::trace::{SpanContext, FLAG_SAMPLED};
 
 /// Text kept inline in a [`SpanRecord`], truncated to `N` bytes (at a character
@@ -190,9 +196,12 @@ pub struct Stats {
 /// Why the exporter could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    /// The endpoint is not an `http://host[:port][/path]` URL.
+    /// The endpoint is not an `http(s)://host[:port][/path]` URL.
     #[error("[telemetry] otlp_endpoint {0:?}: {1}")]
     Endpoint(String, &'static str),
+    /// TLS towards the collector cannot be set up as configured.
+    #[error("[telemetry] {0}")]
+    Tls(String),
     /// A size or time is zero.
     #[error("[telemetry] {0} must be at least 1")]
     Zero(&'static str),
@@ -202,9 +211,11 @@ pub enum OtlpError {
 }
 
 /// Where batches go: host and port (resolved at each request, so a collector that
-/// moves is followed) and the request path.
+/// moves is followed), the request path, and whether TLS is spoken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// `https://`: TLS, the certificate checked for `host`.
+    pub tls: bool,
     /// Host name or address (IPv6 without brackets).
     pub host: String,
     /// Port (4318 when the URL has none).
@@ -214,17 +225,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `http://host[:port][/path]`.
+    /// Parses `http://host[:port][/path]` or `https://host[:port][/path]`.
     pub fn parse(url: &str) -> Result<Self, OtlpError> {
         let bad = |why| OtlpError::Endpoint(url.to_owned(), why);
-        if url.starts_with("https://") {
-            return Err(bad(
-                "https is not supported: send to a local collector over http",
-            ));
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("must start with http://"))?;
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("must start with http:// or https://"));
+        };
         if rest.chars().any(|c| c.is_control() || c == ' ' || c == '@') {
             return Err(bad("has spaces, control characters or credentials"));
         }
@@ -244,6 +254,9 @@ impl Endpoint {
         if host.is_empty() {
             return Err(bad("has no host"));
         }
+        if tls && ServerName::try_from(host).is_err() {
+            return Err(bad("the host is neither a DNS name nor an IP address"));
+        }
         let port = match port {
             Some(p) => p
                 .parse::<u16>()
@@ -258,6 +271,7 @@ impl Endpoint {
             path.to_owned()
         };
         Ok(Self {
+            tls,
             host: host.to_owned(),
             port,
             path,
@@ -282,6 +296,10 @@ pub struct Settings {
     pub timeout: Duration,
     /// Retries of a failed batch.
     pub retries: u32,
+    /// How bodies are compressed.
+    pub compression: OtlpCompression,
+    /// TLS towards the collector: present exactly when the endpoint is `https://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Settings {
@@ -304,8 +322,26 @@ impl Settings {
                 return Err(OtlpError::Zero(name));
             }
         }
+        let endpoint = Endpoint::parse(url)?;
+        let tls = match (endpoint.tls, &config.otlp_ca_file) {
+            (true, Some(ca)) => Some(tls_client_config(ca)?),
+            // No system trust store is read behind the operator's back: the
+            // collector's CA is named, even when it is the system bundle.
+            (true, None) => {
+                return Err(OtlpError::Tls(format!(
+                    "otlp_endpoint {url:?} is https:// but otlp_ca_file is not set: name the PEM file of the CA certificates the collector's certificate chains to (for a publicly trusted collector, the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)"
+                )))
+            }
+            (false, Some(ca)) => {
+                return Err(OtlpError::Tls(format!(
+                    "otlp_ca_file {} is set but otlp_endpoint {url:?} is plain http://: use https:// to send over TLS, or remove otlp_ca_file",
+                    ca.display()
+                )))
+            }
+            (false, None) => None,
+        };
         Ok(Some(Self {
-            endpoint: Endpoint::parse(url)?,
+            endpoint,
             service_name: config
                 .service_name
                 .clone()
@@ -315,8 +351,43 @@ impl Settings {
             flush: Duration::from_millis(config.otlp_flush_ms),
             timeout: Duration::from_millis(config.otlp_timeout_ms),
             retries: config.otlp_retries,
+            compression: config.otlp_compression,
+            tls,
         }))
     }
+}
+
+/// The TLS client configuration for a collector whose certificate must chain to one
+/// of the CA certificates in the PEM file `ca_file` (and name the endpoint's host).
+/// TLS 1.3 and 1.2, ALPN `http/1.1`, the same crypto provider as the worker's TLS.
+pub fn tls_client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, OtlpError> {
+    let what = || format!("otlp_ca_file {}", ca_file.display());
+    let bytes = std::fs::read(ca_file)
+        .map_err(|e| OtlpError::Tls(format!("{}: cannot read: {e}", what())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&bytes) {
+        let c = c.map_err(|e| OtlpError::Tls(format!("{}: not valid PEM: {e}", what())))?;
+        roots.add(c).map_err(|e| {
+            OtlpError::Tls(format!(
+                "{}: a certificate cannot be a trust anchor: {e}",
+                what()
+            ))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(OtlpError::Tls(format!(
+            "{}: holds no CERTIFICATE block",
+            what()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| OtlpError::Tls(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// A running exporter: the queue's sending side and the counters.
@@ -382,12 +453,15 @@ pub fn install(config: &TelemetryConfig, component: &str) -> Result<bool, OtlpEr
     }
     let endpoint = settings.endpoint.clone();
     let service = settings.service_name.clone();
+    let compression = settings.compression;
     let exporter = Exporter::start(settings)?;
     let _ = GLOBAL.set(exporter);
     tracing::info!(
         host = %endpoint.host,
         port = endpoint.port,
         path = %endpoint.path,
+        tls = endpoint.tls,
+        compression = ?compression,
         service = %service,
         "exporting spans over OTLP/HTTP"
     );
@@ -485,11 +559,14 @@ fn run(settings: &Settings, rx: &Receiver<SpanRecord>, stats: &Stats) {
 /// times with a short backoff; `false` when the batch was dropped. The first
 /// failure of a run of them is logged (`failing`: the previous batch failed too).
 fn send_batch(settings: &Settings, batch: &[SpanRecord], stats: &Stats, failing: bool) -> bool {
-    let body = encode(&settings.service_name, batch);
+    let mut body = encode(&settings.service_name, batch);
+    if settings.compression == OtlpCompression::Gzip {
+        body = gzip(&body);
+    }
     let n = batch.len() as u64;
     let mut backoff = Duration::from_millis(100);
     for attempt in 0..=settings.retries {
-        match post(&settings.endpoint, &body, settings.timeout) {
+        match post(settings, &body) {
             Ok(status) if (200..300).contains(&status) => {
                 stats.exported.fetch_add(n, Ordering::Relaxed);
                 return true;
@@ -637,6 +714,21 @@ pub fn encode(service_name: &str, batch: &[SpanRecord]) -> Vec<u8> {
     request.encode_to_vec()
 }
 
+/// `data` as one gzip member (RFC 1952): a 10-byte header without optional fields,
+/// the raw deflate stream (miniz_oxide, its fast level), the CRC-32 of `data` and
+/// its length modulo 2^32, both little-endian.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    /// ID1 ID2, CM = deflate, FLG = none, MTIME = none, XFL = fastest, OS = unknown.
+    const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 0xff];
+    let deflated = miniz_oxide::deflate::compress_to_vec(data, 1);
+    let mut out = Vec::with_capacity(HEADER.len() + deflated.len() + 8);
+    out.extend_from_slice(&HEADER);
+    out.extend_from_slice(&deflated);
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
 /// Why one export request failed.
 #[derive(Debug, thiserror::Error)]
 enum PostError {
@@ -646,56 +738,160 @@ enum PostError {
     /// Connect, write or read failed or timed out.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The TLS handshake failed: not TLS, a certificate that does not chain to
+    /// `otlp_ca_file` or does not name the host, or no answer in time.
+    #[error("TLS handshake with the collector failed: {0}")]
+    Handshake(std::io::Error),
     /// The response head did not come in time or was not HTTP.
     #[error("no valid response from the collector in time")]
     Response,
 }
 
-/// POSTs `body` and returns the response status. Every step is bounded by `timeout`
-/// (connect, each write and read) and the whole request by twice that; the
-/// connection is closed after the response head.
-fn post(endpoint: &Endpoint, body: &[u8], timeout: Duration) -> Result<u16, PostError> {
+/// A socket whose every read and write waits at most `step`, and none past
+/// `deadline`: the bound of the whole exchange, TLS handshake included.
+struct Bounded {
+    sock: TcpStream,
+    deadline: Instant,
+    step: Duration,
+}
+
+impl Bounded {
+    /// The time the next read or write may take; an error once the deadline passed.
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        Ok(left.min(self.step))
+    }
+}
+
+/// The error of a step that took too long.
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "timed out waiting for the collector (otlp_timeout_ms)",
+    )
+}
+
+/// A socket timeout as `TimedOut` (Unix reports it as `WouldBlock`).
+fn timeout_kind(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        timed_out()
+    } else {
+        e
+    }
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.set_read_timeout(Some(self.left()?))?;
+        self.sock.read(buf).map_err(timeout_kind)
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.set_write_timeout(Some(self.left()?))?;
+        self.sock.write(buf).map_err(timeout_kind)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// POSTs `body` and returns the response status. Every step is bounded by
+/// `timeout` (connect, TLS handshake reads and writes, each write and read) and the
+/// whole request by twice that; the connection is closed after the response head.
+fn post(settings: &Settings, body: &[u8]) -> Result<u16, PostError> {
+    let endpoint = &settings.endpoint;
+    let timeout = settings.timeout;
     let deadline = Instant::now() + timeout * 2;
     let addrs: Vec<SocketAddr> = (endpoint.host.as_str(), endpoint.port)
         .to_socket_addrs()
         .map_err(|_| PostError::Resolve)?
         .collect();
     let addr = addrs.first().ok_or(PostError::Resolve)?;
-    let mut stream = TcpStream::connect_timeout(addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let _ = stream.set_nodelay(true);
+    let sock = TcpStream::connect_timeout(addr, timeout)?;
+    let _ = sock.set_nodelay(true);
+    let mut stream = Bounded {
+        sock,
+        deadline,
+        step: timeout,
+    };
     let host = if endpoint.host.contains(':') {
         format!("[{}]:{}", endpoint.host, endpoint.port)
     } else {
         format!("{}:{}", endpoint.host, endpoint.port)
     };
+    let encoding = match settings.compression {
+        OtlpCompression::Gzip => "Content-Encoding: gzip\r\n",
+        OtlpCompression::None => "",
+    };
     let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nUser-Agent: appproxy/{}\r\nConnection: close\r\n\r\n",
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\n{encoding}Content-Length: {}\r\nUser-Agent: appproxy/{}\r\nConnection: close\r\n\r\n",
         endpoint.path,
         body.len(),
         env!("CARGO_PKG_VERSION"),
     );
+    match (&settings.tls, endpoint.tls) {
+        (Some(config), true) => {
+            let name = ServerName::try_from(endpoint.host.clone())
+                .map_err(|e| PostError::Handshake(std::io::Error::other(e)))?;
+            let mut conn = rustls::ClientConnection::new(config.clone(), name)
+                .map_err(|e| PostError::Handshake(std::io::Error::other(e)))?;
+            // The handshake completes (certificate and name checked) before a byte
+            // of the request is written; each of its reads and writes is bounded.
+            while conn.is_handshaking() {
+                conn.complete_io(&mut stream)
+                    .map_err(PostError::Handshake)?;
+            }
+            exchange(
+                &mut rustls::Stream::new(&mut conn, &mut stream),
+                &head,
+                body,
+            )
+        }
+        (None, false) => exchange(&mut stream, &head, body),
+        // Settings::from_config never builds these; refuse rather than fall back.
+        _ => Err(PostError::Handshake(std::io::Error::other(
+            "an https endpoint needs a TLS configuration (and http none)",
+        ))),
+    }
+}
+
+/// Writes the request and reads the status line of the response.
+fn exchange(stream: &mut impl ReadWrite, head: &str, body: &[u8]) -> Result<u16, PostError> {
     stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
     stream.flush()?;
-    // Only the status line matters; read until it is complete, bounded in size and time.
+    // Only the status line matters; read until it is complete, bounded in size (and,
+    // by the stream, in time).
     let mut buf = [0u8; 1024];
     let mut filled = 0;
     loop {
         if let Some(end) = buf[..filled].windows(2).position(|w| w == b"\r\n") {
             return parse_status(&buf[..end]).ok_or(PostError::Response);
         }
-        if filled == buf.len() || Instant::now() >= deadline {
+        if filled == buf.len() {
             return Err(PostError::Response);
         }
-        let n = stream.read(&mut buf[filled..])?;
+        let n = match stream.read(&mut buf[filled..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(PostError::Response),
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(PostError::Response);
         }
         filled += n;
     }
 }
+
+/// A byte stream both ways (the plain socket or the TLS stream over it).
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// The status of an `HTTP/1.x NNN …` line.
 fn parse_status(line: &[u8]) -> Option<u16> {
@@ -724,8 +920,18 @@ mod tests {
             (e.host.as_str(), e.port, e.path.as_str()),
             ("::1", 9000, "/otlp/v1/traces")
         );
+        assert!(!e.tls);
+        let e = Endpoint::parse("https://collector.example.com").expect("ok");
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port, e.path.as_str()),
+            (true, "collector.example.com", 4318, "/v1/traces")
+        );
+        let e = Endpoint::parse("https://[::1]:4318").expect("ok");
+        assert!(e.tls && e.host == "::1");
         for bad in [
-            "https://c:4318",
+            "ftp://c:4318",
+            "HTTPS//c",
+            "https://bad..name:4318",
             "c:4318",
             "http://:1",
             "http://c:0",
@@ -734,6 +940,75 @@ mod tests {
         ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    fn config(endpoint: &str, ca: Option<&Path>) -> TelemetryConfig {
+        TelemetryConfig {
+            otlp_endpoint: Some(endpoint.to_owned()),
+            otlp_ca_file: ca.map(Path::to_path_buf),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn https_needs_a_ca_file_and_http_refuses_one() {
+        // No silent plaintext, no trust store picked behind the operator's back.
+        let e = Settings::from_config(&config("https://c:4318", None), "t")
+            .expect_err("https without a CA file");
+        assert!(e.to_string().contains("otlp_ca_file is not set"), "{e}");
+        let e = Settings::from_config(&config("http://c:4318", Some(Path::new("/x.pem"))), "t")
+            .expect_err("http with a CA file");
+        assert!(e.to_string().contains("plain http://"), "{e}");
+        let dir = std::env::temp_dir().join(format!("otlp-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = dir.join("missing.pem");
+        let e = Settings::from_config(&config("https://c", Some(&missing)), "t")
+            .expect_err("unreadable CA file");
+        assert!(e.to_string().contains("cannot read"), "{e}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let e = Settings::from_config(&config("https://c", Some(&empty)), "t")
+            .expect_err("no certificate");
+        assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let plain = Settings::from_config(&config("http://c", None), "t")
+            .expect("ok")
+            .expect("on");
+        assert!(plain.tls.is_none());
+        assert_eq!(plain.compression, OtlpCompression::Gzip, "the default");
+    }
+
+    #[test]
+    fn crc32_known_vectors() {
+        // CRC-32/ISO-HDLC, the checksum of gzip's trailer.
+        assert_eq!(crc32fast::hash(b""), 0);
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            crc32fast::hash(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
+    }
+
+    #[test]
+    fn gzip_members() {
+        // The empty input: header, the empty final fixed-Huffman block, CRC 0, size 0.
+        assert_eq!(
+            gzip(b""),
+            [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 0xff, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let z = gzip(&data);
+        assert!(z.len() < data.len() / 4, "compressed: {}", z.len());
+        assert_eq!(&z[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 0xff]);
+        let (deflated, trailer) = z[10..].split_at(z.len() - 18);
+        assert_eq!(
+            miniz_oxide::inflate::decompress_to_vec(deflated).expect("inflate"),
+            data
+        );
+        assert_eq!(trailer[..4], crc32fast::hash(&data).to_le_bytes());
+        assert_eq!(trailer[4..], (data.len() as u32).to_le_bytes());
     }
 
     #[test]

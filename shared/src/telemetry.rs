@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -58,8 +59,9 @@ impl Default for LoggingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// The collector's OTLP/HTTP address, `http://host:4318` (spans are POSTed to
-    /// `/v1/traces` unless the URL has a path of its own). Absent: no export.
+    /// The collector's OTLP/HTTP address, `http://host:4318` or `https://host:4318`
+    /// (spans are POSTed to `/v1/traces` unless the URL has a path of its own).
+    /// Absent: no export.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// The resource's `service.name`; absent: `appproxy-<component>`.
@@ -77,6 +79,23 @@ pub struct TelemetryConfig {
     /// Retries of a batch after a failed or refused (429, 502-504) request; then it
     /// is dropped and counted.
     pub otlp_retries: u32,
+    /// How export request bodies are compressed (`gzip`, the default, or `none`).
+    pub otlp_compression: OtlpCompression,
+    /// PEM file of the CA certificates that an `https://` collector's certificate
+    /// must chain to (required with `https://`, refused with `http://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_ca_file: Option<PathBuf>,
+}
+
+/// `[telemetry] otlp_compression`: the body encoding of OTLP export requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpCompression {
+    /// `Content-Encoding: gzip` (every OTLP/HTTP receiver accepts it).
+    #[default]
+    Gzip,
+    /// The protobuf as it is.
+    None,
 }
 
 impl Default for TelemetryConfig {
@@ -89,6 +108,8 @@ impl Default for TelemetryConfig {
             otlp_flush_ms: 1000,
             otlp_timeout_ms: 2000,
             otlp_retries: 2,
+            otlp_compression: OtlpCompression::Gzip,
+            otlp_ca_file: None,
         }
     }
 }

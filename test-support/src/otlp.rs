@@ -1,9 +1,12 @@
 //! A real OTLP/HTTP trace receiver for tests: a small HTTP/1.1 server that takes
-//! `POST /v1/traces` (`application/x-protobuf`), decodes the body as the collector
-//! does (`ExportTraceServiceRequest`, prost types of `opentelemetry-proto`), records
-//! every span with its resource's `service.name`, and answers 200 with an empty
-//! `ExportTraceServiceResponse`. Also a collector that accepts and never answers.
-//! Used by the tests that export spans.
+//! `POST /v1/traces` (`application/x-protobuf`, plain or `Content-Encoding: gzip`),
+//! decodes the body as the collector does (a gzip member checked field by field:
+//! header, raw deflate inflated by miniz_oxide, CRC-32 recomputed here bit by bit,
+//! length; then `ExportTraceServiceRequest`, prost types of `opentelemetry-proto`),
+//! records every span with its resource's `service.name`, and answers 200 with an
+//! empty `ExportTraceServiceResponse` (400 for a body it cannot decode). It can
+//! speak over any stream the test wraps the accepted socket in (TLS). Also a
+//! collector that accepts and never answers. Used by the tests that export spans.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -80,6 +83,14 @@ pub struct Post {
     pub path: String,
     /// Its `Content-Type`.
     pub content_type: String,
+    /// Its `Content-Encoding` ("" when none).
+    pub content_encoding: String,
+    /// Bytes of the body as sent.
+    pub wire_len: usize,
+    /// Bytes of the protobuf, once decompressed.
+    pub decoded_len: usize,
+    /// Why the body could not be decoded (answered 400), if it could not.
+    pub error: Option<String>,
 }
 
 /// The receiver; its thread ends with the test process.
@@ -94,6 +105,17 @@ impl Receiver {
     /// Starts the receiver; the first `refuse` requests are answered 503 (to see
     /// the exporter retry).
     pub fn start_refusing(refuse: usize) -> Self {
+        Self::start_over(refuse, Ok)
+    }
+
+    /// Starts a receiver that speaks over `wrap(accepted socket)` (a TLS server
+    /// stream, say; a connection whose `wrap` or handshake fails is closed); the
+    /// first `refuse` requests are answered 503.
+    pub fn start_over<S, F>(refuse: usize, wrap: F) -> Self
+    where
+        S: Read + Write,
+        F: Fn(TcpStream) -> std::io::Result<S> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let spans: Arc<Mutex<Vec<Got>>> = Arc::default();
@@ -103,6 +125,8 @@ impl Receiver {
             let mut refused = 0;
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok(stream) = wrap(stream) else { continue };
                 let refuse_this = refused < refuse;
                 if refuse_this {
                     refused += 1;
@@ -121,6 +145,11 @@ impl Receiver {
     /// `http://addr`, for `[telemetry] otlp_endpoint`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `https://addr`, for a receiver started over TLS.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// The spans received so far.
@@ -150,14 +179,63 @@ impl Receiver {
     }
 }
 
+/// CRC-32 (ISO-HDLC, gzip's), bit by bit: an implementation independent of the
+/// exporter's.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The data of a body that must be exactly one gzip member (RFC 1952), every field
+/// checked; the reason when it is not.
+pub fn gunzip(z: &[u8]) -> Result<Vec<u8>, String> {
+    if z.len() < 18 {
+        return Err(format!("{} bytes: shorter than a gzip member", z.len()));
+    }
+    if z[..3] != [0x1f, 0x8b, 8] {
+        return Err(format!("bad magic or method {:02x?}", &z[..3]));
+    }
+    // The exporter sets no flag (no name, comment, extra field or header CRC).
+    if z[3] != 0 {
+        return Err(format!("unexpected flags {:#04x}", z[3]));
+    }
+    let (deflated, trailer) = z[10..].split_at(z.len() - 18);
+    let data =
+        miniz_oxide::inflate::decompress_to_vec(deflated).map_err(|e| format!("inflate: {e:?}"))?;
+    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+    let size = u32::from_le_bytes([trailer[4], trailer[5], trailer[6], trailer[7]]);
+    if crc != crc32(&data) {
+        return Err(format!(
+            "CRC-32 {crc:#010x} in the trailer, {:#010x} computed",
+            crc32(&data)
+        ));
+    }
+    if size != data.len() as u32 {
+        return Err(format!(
+            "ISIZE {size} in the trailer, {} inflated",
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
 /// Reads one request, records its spans, answers.
 fn serve(
-    mut s: TcpStream,
+    mut s: impl Read + Write,
     spans: &Mutex<Vec<Got>>,
     posts: &Mutex<Vec<Post>>,
     refuse: bool,
 ) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {
@@ -179,12 +257,15 @@ fn serve(
         .to_owned();
     let mut length = 0usize;
     let mut content_type = String::new();
+    let mut content_encoding = String::new();
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("content-type") {
                 content_type = value.trim().to_owned();
+            } else if name.eq_ignore_ascii_case("content-encoding") {
+                content_encoding = value.trim().to_owned();
             }
         }
     }
@@ -201,14 +282,39 @@ fn serve(
         )?;
         return Ok(());
     }
-    posts
-        .lock()
-        .expect("posts")
-        .push(Post { path, content_type });
-    let body = &buf[head_end..head_end + length];
-    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-        return Ok(());
+    let wire = &buf[head_end..head_end + length];
+    let body = match content_encoding.as_str() {
+        "" => Ok(wire.to_vec()),
+        "gzip" => gunzip(wire),
+        other => Err(format!("unknown Content-Encoding {other:?}")),
+    };
+    let decoded = body.and_then(|b| {
+        ExportTraceServiceRequest::decode(b.as_slice())
+            .map(|r| (b.len(), r))
+            .map_err(|e| format!("protobuf: {e}"))
+    });
+    let mut post = Post {
+        path,
+        content_type,
+        content_encoding,
+        wire_len: length,
+        decoded_len: 0,
+        error: None,
+    };
+    let request = match decoded {
+        Ok((len, request)) => {
+            post.decoded_len = len;
+            posts.lock().expect("posts").push(post);
+            request
+        }
+        Err(e) => {
+            post.error = Some(e);
+            posts.lock().expect("posts").push(post);
+            s.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
+            return s.flush();
+        }
     };
     {
         let mut spans = spans.lock().expect("spans");
@@ -243,7 +349,8 @@ fn serve(
         )
         .as_bytes(),
     )?;
-    s.write_all(&answer)
+    s.write_all(&answer)?;
+    s.flush()
 }
 
 /// A collector that accepts connections and never reads or answers; the

@@ -35,6 +35,8 @@ fn run() -> anyhow::Result<()> {
                     path.display()
                 );
             }
+            // `[telemetry]` too, so --check-config catches a bad endpoint or CA file.
+            appproxy_shared::otlp::Settings::from_config(&config.telemetry, "storage-proxy")?;
             Ok(config)
         },
         |config| format!("{} volumes", config.volumes.len()),
