@@ -18,6 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
+use appproxy_shared::tls_roots::{self, Anchors};
+
 /// ALPN identifiers the HTTP frontends accept without HTTP/2 (and the API port).
 pub const HTTP_ALPN: &[&[u8]] = &[b"http/1.1"];
 
@@ -316,13 +318,6 @@ pub async fn handshake(
     }
 }
 
-/// Where the system's CA bundle usually is (Debian/Ubuntu, RHEL, Alpine/macOS-like).
-const SYSTEM_ROOTS: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
-
 /// TLS towards apps that serve HTTPS (routes with `upstream_tls`): one client
 /// configuration that checks the app's certificate against `[upstream] tls_ca` or
 /// the system roots, and one that does not, for circuits that say so. Shared by
@@ -351,49 +346,19 @@ impl Upstream {
     /// holds no certificate), else the system bundle (`SSL_CERT_FILE` or the usual
     /// places; none found leaves verification failing, with the reason logged).
     pub fn load(ca: Option<&Path>) -> Result<Self, TlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(path) => {
-                let bytes = std::fs::read(path).map_err(|e| {
-                    TlsError(format!(
-                        "[upstream] tls_ca: cannot read {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                for c in CertificateDer::pem_slice_iter(&bytes) {
-                    let c = c.map_err(|e| {
-                        TlsError(format!(
-                            "[upstream] tls_ca: {} is not valid PEM: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    roots.add(c).map_err(|e| {
-                        TlsError(format!(
-                            "[upstream] tls_ca: a certificate in {} cannot be a trust anchor: {e}",
-                            path.display()
-                        ))
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(TlsError(format!(
-                        "[upstream] tls_ca: {} holds no CERTIFICATE block",
-                        path.display()
-                    )));
-                }
-            }
+        let roots = match ca {
+            Some(path) => tls_roots::load_pem_bundle(path, "[upstream] tls_ca", Anchors::Every)
+                .map_err(|e| TlsError(e.0))?,
             None => {
-                let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-                let found = env
-                    .into_iter()
-                    .chain(SYSTEM_ROOTS.iter().map(PathBuf::from))
+                let mut roots = rustls::RootCertStore::empty();
+                let found = tls_roots::system_bundle_candidates(&|k| std::env::var_os(k))
                     .find_map(|p| std::fs::read(p).ok());
                 if let Some(bytes) = found {
-                    roots.add_parsable_certificates(
-                        CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok),
-                    );
+                    tls_roots::add_usable(&mut roots, &bytes);
                 }
+                roots
             }
-        }
+        };
         let provider = provider();
         let n = roots.len();
         let verify = rustls::ClientConfig::builder_with_provider(provider.clone())

@@ -6,7 +6,8 @@
 //! stays bounded and the drops are counted in `/metrics`. Bodies are gzipped by
 //! default (the receiver checks the member); an `https://` collector with
 //! `otlp_ca_file` gets the spans over TLS, and an `https://` endpoint without a CA
-//! file is refused by `--check-config`.
+//! file takes the system bundle (`SSL_CERT_FILE`): `--check-config` accepts one that
+//! holds a certificate and refuses a missing or empty one.
 
 mod common;
 #[path = "common/tls.rs"]
@@ -194,7 +195,7 @@ fn spans_reach_an_https_collector_gzipped() {
 }
 
 #[test]
-fn an_https_endpoint_without_a_ca_file_is_a_configuration_error() {
+fn an_https_endpoint_without_a_ca_file_takes_the_system_bundle() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("w.toml");
     std::fs::write(
@@ -202,17 +203,40 @@ fn an_https_endpoint_without_a_ca_file_is_a_configuration_error() {
         "[worker]\ncores = 1\n[telemetry]\notlp_endpoint = \"https://collector.example.com:4318\"\n",
     )
     .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--check-config")
-        .output()
-        .expect("run");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // `--check-config` with SSL_CERT_FILE naming `bundle`: success and its output.
+    let check = |bundle: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .env("SSL_CERT_FILE", bundle)
+            .output()
+            .expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let pki = Pki::new();
+    let (ok, text) = check(&pki.path("ca.pem"));
+    assert!(ok, "{text}");
+    let (ok, text) = check(&dir.path().join("missing.pem"));
+    assert!(!ok, "{text}");
+    for part in [
+        "system CA bundle (SSL_CERT_FILE)",
+        "missing.pem",
+        "set otlp_ca_file",
+    ] {
+        assert!(text.contains(part), "{part:?} in {text}");
+    }
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    let (ok, text) = check(&empty);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("empty.pem holds no CERTIFICATE block") && text.contains("set otlp_ca_file"),
+        "{text}"
     );
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("otlp_ca_file is not set"), "{text}");
 }

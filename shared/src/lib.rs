@@ -8,6 +8,8 @@
 //! - [`telemetry`]: JSON-lines / logfmt logging that stamps `request_id` on every event;
 //! - [`middleware`] (feature `tower`): the request-ID + access-log layer for axum services;
 //! - [`otlp`] (feature `otlp`): OTLP/HTTP export of finished spans, off the request path;
+//! - [`tls_roots`] (feature `tls-roots`): TLS trust anchors from a PEM bundle or the
+//!   system's CA bundle;
 //! - [`jwt`]: HS256 tokens (setup, inference, storage sessions);
 //! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes;
 //! - [`wire`]: the worker ⇄ coordinator contract (registration, circuit sets, events,
@@ -30,6 +32,8 @@ pub mod otlp;
 pub mod pubsub;
 pub mod request_id;
 pub mod telemetry;
+#[cfg(feature = "tls-roots")]
+pub mod tls_roots;
 pub mod trace;
 pub mod wire;
 

@@ -11,14 +11,15 @@
 //! `ExportTraceServiceRequest` (protobuf, the `opentelemetry-proto` types), gzips it
 //! (unless `otlp_compression = "none"`) and POSTs it to `<endpoint>/v1/traces` as
 //! `application/x-protobuf` over HTTP/1.1 — plain for `http://`, TLS (rustls, the
-//! collector's certificate checked against `otlp_ca_file` and its name) for
-//! `https://` — with a timeout on every step and a bounded number of retries; a
-//! batch that still fails is dropped and counted. Memory is bounded by the queue and
-//! one batch.
+//! collector's certificate checked against `otlp_ca_file`, else the system CA
+//! bundle, and its name) for `https://` — with a timeout on every step and a
+//! bounded number of retries; a batch that still fails is dropped and counted.
+//! Memory is bounded by the queue and one batch.
 //!
 //! The exporter is installed once per process ([`install`]); [`Exporter`] instances
 //! can also be used directly (tests).
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
 use std::path::Path;
@@ -34,11 +35,11 @@ use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
 use prost::Message as _;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use crate::request_id::RequestId;
 use crate::telemetry::{OtlpCompression, TelemetryConfig};
+use crate::tls_roots::{self, Anchors};
 use crate::trace::{SpanContext, FLAG_SAMPLED};
 
 /// Text kept inline in a [`SpanRecord`], truncated to `N` bytes (at a character
@@ -304,10 +305,22 @@ pub struct Settings {
 
 impl Settings {
     /// The settings of `config`, or `None` when export is off (no endpoint).
-    /// `component` names the service when `service_name` is not set.
+    /// `component` names the service when `service_name` is not set. An `https://`
+    /// endpoint without `otlp_ca_file` trusts the system CA bundle
+    /// (`SSL_CERT_FILE`, else the usual places: [`crate::tls_roots`]).
     pub fn from_config(
         config: &TelemetryConfig,
         component: &str,
+    ) -> Result<Option<Self>, OtlpError> {
+        Self::from_config_env(config, component, &|k| std::env::var_os(k))
+    }
+
+    /// [`Settings::from_config`] with the environment (`SSL_CERT_FILE`) read
+    /// through `env` rather than from the process.
+    pub fn from_config_env(
+        config: &TelemetryConfig,
+        component: &str,
+        env: &dyn Fn(&str) -> Option<OsString>,
     ) -> Result<Option<Self>, OtlpError> {
         let Some(url) = &config.otlp_endpoint else {
             return Ok(None);
@@ -325,12 +338,17 @@ impl Settings {
         let endpoint = Endpoint::parse(url)?;
         let tls = match (endpoint.tls, &config.otlp_ca_file) {
             (true, Some(ca)) => Some(tls_client_config(ca)?),
-            // No system trust store is read behind the operator's back: the
-            // collector's CA is named, even when it is the system bundle.
             (true, None) => {
-                return Err(OtlpError::Tls(format!(
-                    "otlp_endpoint {url:?} is https:// but otlp_ca_file is not set: name the PEM file of the CA certificates the collector's certificate chains to (for a publicly trusted collector, the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)"
-                )))
+                let (_, roots) = tls_roots::load_system_bundle(
+                    env,
+                    &format!("otlp_endpoint {url:?} without otlp_ca_file uses the system CA bundle"),
+                )
+                .map_err(|e| {
+                    OtlpError::Tls(format!(
+                        "{e}; set otlp_ca_file to the PEM file of the CA certificates the collector's certificate chains to"
+                    ))
+                })?;
+                Some(client_config(roots)?)
             }
             (false, Some(ca)) => {
                 return Err(OtlpError::Tls(format!(
@@ -361,25 +379,13 @@ impl Settings {
 /// of the CA certificates in the PEM file `ca_file` (and name the endpoint's host).
 /// TLS 1.3 and 1.2, ALPN `http/1.1`, the same crypto provider as the worker's TLS.
 pub fn tls_client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, OtlpError> {
-    let what = || format!("otlp_ca_file {}", ca_file.display());
-    let bytes = std::fs::read(ca_file)
-        .map_err(|e| OtlpError::Tls(format!("{}: cannot read: {e}", what())))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&bytes) {
-        let c = c.map_err(|e| OtlpError::Tls(format!("{}: not valid PEM: {e}", what())))?;
-        roots.add(c).map_err(|e| {
-            OtlpError::Tls(format!(
-                "{}: a certificate cannot be a trust anchor: {e}",
-                what()
-            ))
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(OtlpError::Tls(format!(
-            "{}: holds no CERTIFICATE block",
-            what()
-        )));
-    }
+    let roots = tls_roots::load_pem_bundle(ca_file, "otlp_ca_file", Anchors::Every)
+        .map_err(|e| OtlpError::Tls(e.0))?;
+    client_config(roots)
+}
+
+/// The TLS client configuration trusting `roots`.
+fn client_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, OtlpError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -951,31 +957,52 @@ mod tests {
     }
 
     #[test]
-    fn https_needs_a_ca_file_and_http_refuses_one() {
-        // No silent plaintext, no trust store picked behind the operator's back.
-        let e = Settings::from_config(&config("https://c:4318", None), "t")
-            .expect_err("https without a CA file");
-        assert!(e.to_string().contains("otlp_ca_file is not set"), "{e}");
-        let e = Settings::from_config(&config("http://c:4318", Some(Path::new("/x.pem"))), "t")
-            .expect_err("http with a CA file");
-        assert!(e.to_string().contains("plain http://"), "{e}");
-        let dir = std::env::temp_dir().join(format!("otlp-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let missing = dir.join("missing.pem");
-        let e = Settings::from_config(&config("https://c", Some(&missing)), "t")
-            .expect_err("unreadable CA file");
-        assert!(e.to_string().contains("cannot read"), "{e}");
-        let empty = dir.join("empty.pem");
+    fn https_without_a_ca_file_needs_the_system_bundle_and_http_refuses_one() {
+        // No silent plaintext; without otlp_ca_file the system bundle, which must be
+        // there and hold a certificate. The environment is given, not the process's.
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing.pem");
+        let env = |k: &str| (k == "SSL_CERT_FILE").then(|| missing.clone().into_os_string());
+        let e = Settings::from_config_env(&config("https://c:4318", None), "t", &env)
+            .expect_err("https with an unreadable system bundle");
+        let e = e.to_string();
+        for part in [
+            "otlp_endpoint \"https://c:4318\" without otlp_ca_file uses the system CA bundle (SSL_CERT_FILE): cannot read ",
+            "missing.pem",
+            "; set otlp_ca_file to the PEM file",
+        ] {
+            assert!(e.contains(part), "{part:?} in {e}");
+        }
+        let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write");
-        let e = Settings::from_config(&config("https://c", Some(&empty)), "t")
-            .expect_err("no certificate");
-        assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-        let plain = Settings::from_config(&config("http://c", None), "t")
+        let env = |k: &str| (k == "SSL_CERT_FILE").then(|| empty.clone().into_os_string());
+        let e = Settings::from_config_env(&config("https://c:4318", None), "t", &env)
+            .expect_err("https with a system bundle without certificates");
+        let e = e.to_string();
+        assert!(
+            e.contains("empty.pem holds no CERTIFICATE block") && e.contains("set otlp_ca_file"),
+            "{e}"
+        );
+        // An http endpoint reads no bundle at all.
+        let plain = Settings::from_config_env(&config("http://c", None), "t", &env)
             .expect("ok")
             .expect("on");
         assert!(plain.tls.is_none());
         assert_eq!(plain.compression, OtlpCompression::Gzip, "the default");
+        let e = Settings::from_config(&config("http://c:4318", Some(Path::new("/x.pem"))), "t")
+            .expect_err("http with a CA file");
+        assert!(e.to_string().contains("plain http://"), "{e}");
+        // A named CA file is never replaced by the system bundle.
+        let e = Settings::from_config(&config("https://c", Some(&missing)), "t")
+            .expect_err("unreadable CA file");
+        assert!(
+            e.to_string().contains("] otlp_ca_file: cannot read ")
+                && e.to_string().contains("missing.pem"),
+            "{e}"
+        );
+        let e = Settings::from_config(&config("https://c", Some(&empty)), "t")
+            .expect_err("no certificate");
+        assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
     }
 
     #[test]

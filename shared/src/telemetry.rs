@@ -82,7 +82,8 @@ pub struct TelemetryConfig {
     /// How export request bodies are compressed (`gzip`, the default, or `none`).
     pub otlp_compression: OtlpCompression,
     /// PEM file of the CA certificates that an `https://` collector's certificate
-    /// must chain to (required with `https://`, refused with `http://`).
+    /// must chain to (refused with `http://`; without it an `https://` collector is
+    /// checked against the system bundle: `SSL_CERT_FILE`, else the usual places).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_ca_file: Option<PathBuf>,
 }

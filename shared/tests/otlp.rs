@@ -8,7 +8,8 @@
 //! member with code of its own (CRC-32 bit by bit), and the system's `gzip`
 //! decompresses the exporter's output too. An `https://` collector (a rustls
 //! server with a throwaway PKI made by the `openssl` CLI, the worker's TLS test
-//! fixtures) gets the spans; a collector whose certificate does not chain to
+//! fixtures) gets the spans, trusted through `otlp_ca_file` or, without one, the
+//! system bundle `SSL_CERT_FILE` names; a collector whose certificate does not chain to
 //! `otlp_ca_file`, or does not name the host, or that does not speak TLS, or stalls
 //! the handshake or the answer, fails the batch — counted, never hung.
 
@@ -306,6 +307,56 @@ fn spans_reach_an_https_collector_gzipped() {
         assert_eq!(post.content_encoding, "gzip");
         assert_eq!(post.error, None);
     }
+}
+
+#[test]
+fn without_a_ca_file_an_https_collector_is_trusted_through_ssl_cert_file() {
+    let pki = Pki::new();
+    let rx = tls_receiver(tls_server(&pki, "ec-chain.pem", "ec.key"));
+    let config = TelemetryConfig {
+        otlp_endpoint: Some(rx.https_url()),
+        otlp_ca_file: None,
+        otlp_batch: 2,
+        otlp_flush_ms: 20,
+        ..Default::default()
+    };
+    // The system bundle, as SSL_CERT_FILE names it: the test's CA (the environment
+    // is handed in; the process's is left alone).
+    let ca = pki.path("ca.pem").into_os_string();
+    let env = |k: &str| (k == "SSL_CERT_FILE").then(|| ca.clone());
+    let s = Settings::from_config_env(&config, "test", &env)
+        .expect("settings")
+        .expect("export on");
+    assert!(s.endpoint.tls && s.tls.is_some());
+    let exporter = Exporter::start(s).expect("exporter");
+    let records: Vec<SpanRecord> = (0..2).map(record).collect();
+    for r in &records {
+        exporter.push(r);
+    }
+    eventually("two spans exported over TLS", || {
+        exporter.stats().exported.load(Ordering::Relaxed) == 2
+    });
+    assert_eq!(exporter.stats().request_errors.load(Ordering::Relaxed), 0);
+    let spans = rx.spans();
+    for r in &records {
+        assert!(
+            spans
+                .iter()
+                .any(|g| g.span_id() == r.span.span_id.hex().as_str()),
+            "span received"
+        );
+    }
+    // The bundle is what is trusted: one of another root fails the handshake.
+    let other = Pki::new();
+    let other_ca = other.path("ca.pem").into_os_string();
+    let env = |k: &str| (k == "SSL_CERT_FILE").then(|| other_ca.clone());
+    let mut s = Settings::from_config_env(&config, "test", &env)
+        .expect("settings")
+        .expect("export on");
+    s.retries = 0;
+    let posts = rx.posts().len();
+    fails_and_is_counted(s);
+    assert_eq!(rx.posts().len(), posts, "no request reached it");
 }
 
 /// Pushes two spans (one batch) to an exporter with `settings` and waits until the
