@@ -140,7 +140,9 @@ pub struct Reactor {
     earliest_deadline: Cell<Option<Instant>>,
     /// When the tick hooks next need to run (`None`: not until there is activity).
     next_tick: Cell<Option<Instant>>,
-    /// Events were handled since the last tick: one more tick is due to publish them.
+    /// Tasks were woken (by I/O, the bridge or a timer) since the last tick, or in
+    /// the turn it ran in, before they ran: one more tick is due to publish what they
+    /// did.
     active: Cell<bool>,
     /// What this core publishes for the admin thread.
     liveness: Arc<CoreLiveness>,
@@ -458,9 +460,15 @@ impl Reactor {
             }
             self.liveness.polls(parks, empty_total);
             self.now.set(now);
-            self.fire_timers(now);
+            let fired = self.fire_timers(now);
             if self.tick_due(now) {
                 self.tick(now);
+            }
+            // The tasks this turn woke (by I/O, the bridge or a timer) run after the
+            // yield below, so after any tick just run: what they change (gauges, a
+            // pooled connection to evict) is published by the next one.
+            if ready > 0 || fired {
+                self.active.set(true);
             }
             self.liveness.turned(now);
             // Let the tasks just woken run before the next poll.
@@ -584,14 +592,18 @@ impl Reactor {
         n
     }
 
-    fn fire_timers(&self, now: Instant) {
+    /// Wakes the sleepers due at `now`; true when there were some.
+    fn fire_timers(&self, now: Instant) -> bool {
         let mut timers = self.timers.borrow_mut();
+        let mut fired = false;
         while let Some(entry) = timers.first_entry() {
             if entry.key().0 > now {
                 break;
             }
             entry.remove().wake();
+            fired = true;
         }
+        fired
     }
 
     /// Times out the slots whose deadline passed; true when there were some.
@@ -854,5 +866,75 @@ mod tests {
             odd.parked(SHORT, true);
             assert_eq!(odd.budget(), expect);
         }
+    }
+
+    /// What a task does after the last wake-up of a burst is published: the tick due
+    /// in the turn that woke it runs before it, so one more tick must follow, whether
+    /// the task was woken by I/O or by a timer.
+    #[test]
+    fn what_a_woken_task_does_is_published_by_a_later_tick() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        let (mut ours, theirs) = UnixStream::pair().expect("socket pair");
+        theirs.set_nonblocking(true).expect("nonblocking");
+        let published = Arc::new(AtomicU64::new(0));
+        let seen = published.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = std::thread::spawn(move || {
+            let executor = glommio::LocalExecutorBuilder::default()
+                .make()
+                .expect("executor");
+            executor.run(counted(async move {
+                let live = crate::liveness::Liveness::new(&[0], Duration::from_secs(60));
+                let reactor =
+                    Reactor::new(ParkPolicy::default(), live.cores[0].clone()).expect("reactor");
+                // The state a tick publishes: what the task below has done.
+                let done = Rc::new(Cell::new(0u64));
+                let d = done.clone();
+                reactor.on_tick(Box::new(move |_| {
+                    seen.store(d.get(), Ordering::Relaxed);
+                    None
+                }));
+                let reg = reactor.register();
+                reg.clear_ready(Direction::Read);
+                let r = reactor.clone();
+                spawn(async move {
+                    std::future::poll_fn(|cx| reg.poll_ready(cx, Direction::Read, theirs.as_fd()))
+                        .await
+                        .expect("readable");
+                    done.set(1);
+                    r.sleep(DEADLINE_SCAN * 2).await;
+                    done.set(2);
+                    drop((reg, theirs));
+                })
+                .detach();
+                let run = glommio::spawn_local(reactor.clone().run());
+                tx.send(reactor.waking().remote().expect("remote waker"))
+                    .expect("send");
+                reactor.woken().await;
+                reactor.stop();
+                run.await;
+            }));
+        });
+        let stop = rx.recv().expect("the core started");
+        // Setup, not a measurement: the reactor goes idle, so that a tick is due in
+        // the turn that sees the byte (its last one was more than a scan ago).
+        std::thread::sleep(DEADLINE_SCAN * 3);
+        ours.write_all(b"x").expect("write");
+        for (want, how) in [(1, "by I/O"), (2, "by a timer")] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while published.load(Ordering::Relaxed) != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(
+                published.load(Ordering::Relaxed),
+                want,
+                "what a task woken {how} did was never published"
+            );
+        }
+        stop.wake();
+        core.join().expect("core thread");
     }
 }
