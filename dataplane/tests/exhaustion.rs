@@ -314,16 +314,8 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
         ..Default::default()
     });
     let pid = w.pid();
-    // Let the start-up probes' connections close, so that the count is stable.
-    let mut last = open_fds(pid).0;
-    let mut same = 0;
-    eventually("the descriptor count settles", || {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = open_fds(pid).0;
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-        same >= 3
-    });
+    // At rest: the readiness probe's connection accepted and closed.
+    common::resting_fds(&w);
     // Lower the worker's descriptor limit (soft and hard) to a little above what it
     // uses now.
     let (_, max) = open_fds(pid);

@@ -85,34 +85,23 @@ fn closed_by_worker(s: &mut TcpStream) -> bool {
     false
 }
 
-/// Where the worker's descriptors and connection gauges stood before an attack.
-struct Baseline {
-    fds: u64,
-    conns: u64,
-}
-
-fn baseline(w: &Worker) -> Baseline {
-    Baseline {
-        fds: open_fds(w.pid()).0,
-        conns: metric(w, "appproxy_connections_active"),
-    }
-}
-
-/// Waits until descriptors, open connections and streams in flight are back.
-fn settles(w: &Worker, b: &Baseline) {
+/// Waits until descriptors, open connections and streams in flight are back where
+/// they were before the attack (`rest`: [`common::resting_fds`], taken with no
+/// connection open).
+fn settles(w: &Worker, rest: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let fds = open_fds(w.pid()).0;
         let conns = metric(w, "appproxy_connections_active");
         let streams = metric(w, "appproxy_http2_streams_active");
-        if fds <= b.fds && conns == b.conns && streams == 0 {
+        if fds <= rest && conns == 0 && streams == 0 {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "not back to the start: {fds} descriptors (from {}), {conns} connections (from {}), {streams} streams",
-            b.fds,
-            b.conns
+            "not back to the start: {fds} descriptors (from {}), {conns} connections, {streams} streams; descriptors now: {}",
+            rest,
+            common::fd_targets(w.pid())
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -137,7 +126,7 @@ fn still_serves(w: &Worker) {
 }
 
 /// A worker whose pooled app connections expire after a second, so its descriptors
-/// return to the baseline once an attack is over.
+/// return to where they were at rest once an attack is over.
 fn worker(up: &Upstream, extra: &str) -> Worker {
     Worker::start(WorkerOpts {
         upstreams: vec![up.addr],
@@ -150,7 +139,7 @@ fn worker(up: &Upstream, extra: &str) -> Worker {
 fn rapid_reset_is_cut_with_bounded_work() {
     let up = Upstream::start();
     let w = worker(&up, "");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let mut s = open(&w);
     // Every stream asks for a slow answer and is reset at once: for the protocol
     // none is open, so only the worker's own accounting can bound the work.
@@ -215,17 +204,21 @@ fn rapid_reset_is_cut_with_bounded_work() {
     );
     assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "sent {sent} streams");
     assert!(reached <= 128 + 16, "{reached} requests reached the app");
+    // Counters reach /metrics at the core's next tick, after the connection closed.
+    common::eventually("the cut is counted", || {
+        metric(&w, "appproxy_http2_connections_cut_total") >= 1
+    });
     assert_eq!(metric(&w, "appproxy_http2_connections_cut_total"), 1);
     drop(s);
     still_serves(&w);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn continuation_flood_is_refused() {
     let up = Upstream::start();
     let w = worker(&up, "");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let rss = w.peak_rss_kib();
     let mut s = open(&w);
     s.write_all(&frame(HEADERS, 0, 1, &request_block("/flood")))
@@ -251,14 +244,14 @@ fn continuation_flood_is_refused() {
     assert!(grown < 16 * 1024, "worker RSS grew {grown} KiB");
     drop(s);
     still_serves(&w);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn hpack_bomb_is_refused() {
     let up = Upstream::start();
     let w = worker(&up, "");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let rss = w.peak_rss_kib();
     let mut s = open(&w);
     // One 4 KiB field into the dynamic table, then 3,000 one-byte references to it:
@@ -291,14 +284,14 @@ fn hpack_bomb_is_refused() {
     assert!(grown < 16 * 1024, "worker RSS grew {grown} KiB");
     drop(s);
     still_serves(&w);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn streams_past_max_concurrent_are_refused() {
     let up = Upstream::start();
     let w = worker(&up, "[http2]\nmax_concurrent_streams = 20\n");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let mut s = open(&w);
     // Wait for the worker's SETTINGS (the limit applies once acknowledged).
     let mut buf = Vec::new();
@@ -329,14 +322,14 @@ fn streams_past_max_concurrent_are_refused() {
     assert_eq!(answered, 20);
     assert!(up.count() <= 20);
     drop(s);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn a_client_that_opens_its_windows_and_never_reads_holds_bounded_memory() {
     let up = Upstream::start();
     let w = worker(&up, "[timeouts]\nbody_idle_secs = 3\n");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let rss = w.peak_rss_kib();
     let mut s = open(&w);
     // Windows as large as the protocol allows, then 32 downloads of 200 MB each,
@@ -364,14 +357,14 @@ fn a_client_that_opens_its_windows_and_never_reads_holds_bounded_memory() {
     assert!(grown < 24 * 1024, "worker RSS grew {grown} KiB");
     drop(s);
     still_serves(&w);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn ping_and_settings_floods_from_a_client_that_never_reads_are_bounded() {
     let up = Upstream::start();
     let w = worker(&up, "");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let rss = w.peak_rss_kib();
     for (what, f) in [
         ("PING", frame(PING, 0, 0, &[7u8; 8])),
@@ -399,21 +392,21 @@ fn ping_and_settings_floods_from_a_client_that_never_reads_are_bounded() {
         still_serves(&w);
         drop(s);
     }
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 #[test]
 fn a_connection_that_sends_only_the_preface_is_cut_at_the_head_timeout() {
     let up = Upstream::start();
     let w = worker(&up, "[timeouts]\nhead_secs = 1\n");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let mut s = open(&w);
     assert!(
         closed_by_worker(&mut s),
         "the idle HTTP/2 connection stayed open"
     );
     drop(s);
-    settles(&w, &b);
+    settles(&w, rest);
 }
 
 /// Not an attack, but the same raw frames: on SIGTERM a busy HTTP/2 connection gets
@@ -460,7 +453,7 @@ fn drain_sends_goaway_and_finishes_the_stream_in_flight() {
 fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
     let up = Upstream::start();
     let w = worker(&up, "[http2]\nmax_streams_per_connection = 3\n");
-    let b = baseline(&w);
+    let rest = common::resting_fds(&w);
     let mut s = open(&w);
     let ended =
         |f: &Frame, id: u32| f.2 == id && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0;
@@ -541,5 +534,5 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
         "only the streams under the cap reached the app"
     );
     drop(s);
-    settles(&w, &b);
+    settles(&w, rest);
 }

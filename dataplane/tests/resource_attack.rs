@@ -56,17 +56,8 @@ fn tcp_circuit_out_of_descriptors_is_a_local_failure_never_the_apps() {
         ..Default::default()
     });
     let pid = w.pid();
-    // The readiness probe's connection is relayed and closed: wait until the
-    // descriptor count is stable.
-    let mut last = open_fds(pid).0;
-    let mut same = 0;
-    eventually("the descriptor count settles", || {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = open_fds(pid).0;
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-        same >= 3
-    });
+    // At rest: the readiness probe's connection relayed and closed.
+    common::resting_fds(&w);
     // Lower the limit to a little above what the worker uses, leaving an odd number
     // of descriptors free for the cores (the admin thread's pending accept holds one
     // that /proc does not list): relayed connections take two each, and the last one

@@ -362,7 +362,7 @@ fn every_way_a_tunnel_ends_releases_both_connections() {
     const EACH: usize = 12;
     let app = echo_app();
     let w = worker_for(&app, "[timeouts]\ntunnel_idle_secs = 1");
-    let before = common::open_fds(w.pid()).0;
+    let before = common::resting_fds(&w);
     let mut silent = Vec::new();
     for i in 0..EACH {
         // A clean close, answered.
@@ -394,7 +394,7 @@ fn every_way_a_tunnel_ends_releases_both_connections() {
         extra: "[timeouts]\ntunnel_idle_secs = 1".into(),
         ..Default::default()
     });
-    let before = common::open_fds(w.pid()).0;
+    let before = common::resting_fds(&w);
     let mut silent = Vec::new();
     for i in 0..EACH {
         // The client half-closes; the app sees end of stream and closes too.

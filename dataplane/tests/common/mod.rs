@@ -747,7 +747,11 @@ pub fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
 
 /// A counter's value on core 0, from the admin `/metrics`.
 pub fn metric(w: &Worker, name: &str) -> u64 {
-    let text = w.admin_get("/metrics").text();
+    metric_in(&w.admin_get("/metrics").text(), name)
+}
+
+/// A counter's value on core 0 in a `/metrics` text.
+fn metric_in(text: &str, name: &str) -> u64 {
     let prefix = format!("{name}{{core=\"0\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
@@ -777,6 +781,49 @@ pub fn open_fds(pid: u32) -> (u64, u64) {
         }
     }
     (count, max)
+}
+
+/// What the worker's descriptors point at (`number:target`), for failure messages.
+pub fn fd_targets(pid: u32) -> String {
+    let mut fds: Vec<(u64, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((n, target.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    fds.iter()
+        .map(|(n, t)| format!("{n}:{t}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The worker's descriptors at rest, the count a test compares with once what it
+/// did is over: the connection [`Worker::start`] made to see the circuit port accept
+/// has been accepted and closed and no client connection is open (as `/metrics`
+/// publishes it), and the admin connection that said so is closed too (read to its
+/// end: the admin thread answers one request per connection). Counted any earlier,
+/// those connections may still be open: the count is too high to catch a leaked
+/// descriptor, and `appproxy_connections_active` may still count the probe.
+pub fn resting_fds(w: &Worker) -> u64 {
+    eventually(
+        "the worker at rest: its readiness connection accepted and closed",
+        || {
+            let mut s = TcpStream::connect(w.admin).expect("connect admin");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+                .expect("request");
+            let mut text = String::new();
+            s.read_to_string(&mut text).expect("metrics to the end");
+            metric_in(&text, "appproxy_connections_accepted_total") >= 1
+                && metric_in(&text, "appproxy_connections_active") == 0
+        },
+    );
+    open_fds(w.pid()).0
 }
 
 /// Sets a running process's descriptor limit (soft and hard) to `limit`.
