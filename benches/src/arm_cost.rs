@@ -19,6 +19,8 @@ use std::sync::mpsc;
 use rustix::event::epoll;
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 
+use crate::park_cost::{pin, thread_cpu_ns};
+
 /// The measured costs, CPU ns of the serving thread per connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ArmCost {
@@ -32,18 +34,6 @@ pub struct ArmCost {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
-
-fn thread_cpu_ns() -> f64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
-}
-
-fn pin(cpu: usize) -> anyhow::Result<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set)?;
-    Ok(())
-}
 
 /// Serves `n` connections already queued on `listener`; returns the CPU ns spent.
 fn serve_batch(

@@ -35,12 +35,14 @@ impl ParkCost {
     }
 }
 
-fn thread_cpu_ns() -> f64 {
+/// This thread's CPU time, ns.
+pub(crate) fn thread_cpu_ns() -> f64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
 }
 
-fn pin(cpu: usize) -> anyhow::Result<()> {
+/// Pins this thread to `cpu`.
+pub(crate) fn pin(cpu: usize) -> anyhow::Result<()> {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
     rustix::thread::sched_setaffinity(None, &set)?;
