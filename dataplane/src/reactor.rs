@@ -7,19 +7,19 @@
 //! every socket joins the epoll set once, edge-triggered, and only when a task first
 //! has to wait on it (a short-lived connection served without waiting never costs an
 //! `epoll_ctl`); connection tasks try the syscall first and wait on their slot only on
-//! `EAGAIN`; the reactor task polls with a zero
-//! timeout while work keeps arriving and, after a run of empty polls with no other task
-//! runnable, parks in `epoll_wait` until the next deadline (an eventfd in the same set
-//! wakes it for bridge messages). See `docs/dataplane.md` for the design and its
-//! measurements.
+//! `EAGAIN`; the reactor task polls with a zero timeout while work keeps arriving and,
+//! after a run of empty polls with no other task runnable, parks in `epoll_wait` until
+//! the next deadline (an eventfd in the same set wakes it for bridge messages). See
+//! `docs/dataplane.md` for the design and its measurements.
 //!
 //! **The one place a core sleeps.** The reactor task never returns `Pending` without
 //! waking itself, so glommio always has it runnable and never parks in its own ring
 //! (which has none of the core's wake-up sources armed; see "Lost wake-ups" in the
 //! docs). The core thread therefore sleeps only inside this task's `epoll_wait`, and
 //! only when a wake-up is armed for every way work can arrive: every socket a task
-//! waits on is in the epoll set (a wait adds it first), the bridge's eventfd is too, and the wait's timeout is the earliest of
-//! the sleepers, the slot deadlines and the tick hooks' next due time. Tasks woken by
+//! waits on is in the epoll set (a wait adds it first), so is the bridge's eventfd,
+//! and the wait's timeout is the earliest of the sleepers, the slot deadlines and the
+//! tick hooks' next due time. Tasks woken by
 //! other tasks (not by the reactor) are seen through a per-thread poll counter bumped
 //! by every task spawned with [`spawn`]: the reactor parks only after a yield during
 //! which no other task ran, i.e. when the executor's queue held nothing but itself.
