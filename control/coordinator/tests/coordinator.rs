@@ -3,26 +3,16 @@
 //! absent, never generated) and echoed only when present; state survives a restart.
 //! Every scenario runs on both engines: embedded SQLite and a throwaway PostgreSQL.
 
+mod common;
+
+use common::Coordinator;
+
 use appproxy_test_support::http::Resp;
-use appproxy_test_support::serving;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "api-secret";
-
-struct Coordinator {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The engine under test.
 enum Db {
@@ -63,33 +53,14 @@ fn start(dir: &std::path::Path, db: &Db) -> Coordinator {
     start_with(dir, db, "")
 }
 
-/// Starts the coordinator on a port the kernel picks and learns it from the
-/// "coordinator serving" line (a port chosen beforehand could be taken by another
-/// process before the coordinator binds it). `extra`: more `[coordinator]` keys, then
-/// any further tables.
+/// Starts the coordinator on `db`. `extra`: more `[coordinator]` keys, then any
+/// further tables.
 fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
     let config = format!(
         "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
         db.section(dir)
     );
-    std::fs::write(dir.join("coordinator.toml"), config).expect("config");
-    let log_path = dir.join("coordinator.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .expect("log");
-    // Lines of earlier runs in this directory are not this run's.
-    let from = serving::log_end(&log_path);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(dir.join("coordinator.toml"))
-        .stdout(Stdio::from(log.try_clone().expect("log")))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start coordinator");
-    let addr = serving::addr(&mut child, &log_path, from, "coordinator serving", "addr");
-    Coordinator { child, addr }
+    common::start(dir, &config)
 }
 
 /// A JSON request to the coordinator.

@@ -6,13 +6,12 @@
 //! line, the API secret on none. A hung collector blocks no request: the export queue
 //! stays bounded and the drops are counted.
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use appproxy_test_support::http::{request, Resp};
 use appproxy_test_support::otlp as otlp_receiver;
-use appproxy_test_support::serving;
 use otlp_receiver::Receiver;
 
 const SECRET: &str = "api-secret-value";
@@ -22,44 +21,26 @@ const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 const ACCESS_KEY: &str = "AKIAOTLPTEST0001";
 
+/// A coordinator with its own directory (removed after it).
 struct Coordinator {
-    child: Child,
-    addr: SocketAddr,
+    running: common::Coordinator,
     dir: tempfile::TempDir,
 }
 
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Coordinator {
-    /// The binary with SQLite and `telemetry` as its `[telemetry]` table, on a port
-    /// the kernel picks (learned from its "coordinator serving" line).
+    /// The binary with SQLite and `telemetry` as its `[telemetry]` table.
     fn start(telemetry: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n[telemetry]\n{telemetry}\n",
             dir.path().join("c.sqlite3").display()
         );
-        std::fs::write(dir.path().join("c.toml"), config).expect("config");
-        let log_path = dir.path().join("c.log");
-        let log = std::fs::File::create(&log_path).expect("log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-            .arg("--config")
-            .arg(dir.path().join("c.toml"))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start coordinator");
-        let addr = serving::addr(&mut child, &log_path, 0, "coordinator serving", "addr");
-        Self { child, addr, dir }
+        let running = common::start(dir.path(), &config);
+        Self { running, dir }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("c.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
     }
 
     fn call(&self, method: &str, path: &str, extra: &[(&str, &str)], body: &str) -> Resp {
@@ -68,7 +49,7 @@ impl Coordinator {
             ("Content-Type", "application/json"),
         ];
         headers.extend_from_slice(extra);
-        request(self.addr, method, path, &headers, body.as_bytes())
+        request(self.running.addr, method, path, &headers, body.as_bytes())
     }
 
     fn metric(&self, name: &str) -> u64 {

@@ -16,16 +16,17 @@
 //! into the wire type as the agent reads it). Prints the best and worst of each,
 //! and asserts that every circuit came exactly once in every read.
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::store::Store;
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 use appproxy_shared::wire::{CircuitSet, MAX_CIRCUITS_PER_ANSWER};
 use appproxy_test_support::pg::Pg;
-use appproxy_test_support::serving;
+use common::Coordinator;
 use serde_json::json;
 
 const SECRET: &str = "api-secret";
@@ -88,31 +89,13 @@ fn trace() -> appproxy_shared::TraceContext {
     .expect("a valid trace context")
 }
 
-struct Coordinator(Child, SocketAddr);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn coordinator(dir: &std::path::Path, database: &str) -> Coordinator {
-    let config = format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{database}\n[logging]\nfilter = \"warn,appproxy_coordinator=info\"\n"
-    );
-    std::fs::write(dir.join("coordinator.toml"), config).expect("config");
-    let log_path = dir.join("coordinator.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(dir.join("coordinator.toml"))
-        .stdout(Stdio::from(log.try_clone().expect("log")))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start coordinator");
-    let addr = serving::addr(&mut child, &log_path, 0, "coordinator serving", "addr");
-    Coordinator(child, addr)
+    common::start(
+        dir,
+        &format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{database}\n[logging]\nfilter = \"warn,appproxy_coordinator=info\"\n"
+        ),
+    )
 }
 
 /// Best and worst of the runs, and the per-page times of the best.
@@ -298,7 +281,7 @@ fn whole_set_read_cost() {
         };
         drop(store);
         let c = coordinator(dir.path(), &database);
-        let runs: Vec<_> = (0..3).map(|_| read_http(c.1, worker, n)).collect();
+        let runs: Vec<_> = (0..3).map(|_| read_http(c.addr, worker, n)).collect();
         report(engine, "http", &runs);
     }
 }
