@@ -285,24 +285,7 @@ fn spans_reach_an_https_collector_gzipped() {
         .expect("settings")
         .expect("export on");
     assert!(s.endpoint.tls && s.tls.is_some());
-    let exporter = Exporter::start(s).expect("exporter");
-    let records: Vec<SpanRecord> = (0..3).map(record).collect();
-    for r in &records {
-        exporter.push(r);
-    }
-    eventually("three spans exported over TLS", || {
-        exporter.stats().exported.load(Ordering::Relaxed) == 3
-    });
-    assert_eq!(exporter.stats().request_errors.load(Ordering::Relaxed), 0);
-    let spans = rx.spans();
-    for r in &records {
-        let got = spans
-            .iter()
-            .find(|g| g.span_id() == r.span.span_id.hex().as_str())
-            .expect("span received");
-        assert_eq!(got.trace_id(), TRACE);
-        assert_eq!(got.service, "appproxy-test");
-    }
+    all_reach(&rx, s, 3);
     for post in rx.posts() {
         assert_eq!(post.content_encoding, "gzip");
         assert_eq!(post.error, None);
@@ -328,24 +311,7 @@ fn without_a_ca_file_an_https_collector_is_trusted_through_ssl_cert_file() {
         .expect("settings")
         .expect("export on");
     assert!(s.endpoint.tls && s.tls.is_some());
-    let exporter = Exporter::start(s).expect("exporter");
-    let records: Vec<SpanRecord> = (0..2).map(record).collect();
-    for r in &records {
-        exporter.push(r);
-    }
-    eventually("two spans exported over TLS", || {
-        exporter.stats().exported.load(Ordering::Relaxed) == 2
-    });
-    assert_eq!(exporter.stats().request_errors.load(Ordering::Relaxed), 0);
-    let spans = rx.spans();
-    for r in &records {
-        assert!(
-            spans
-                .iter()
-                .any(|g| g.span_id() == r.span.span_id.hex().as_str()),
-            "span received"
-        );
-    }
+    all_reach(&rx, s, 2);
     // The bundle is what is trusted: one of another root fails the handshake.
     let other = Pki::new();
     let other_ca = other.path("ca.pem").into_os_string();
@@ -357,6 +323,30 @@ fn without_a_ca_file_an_https_collector_is_trusted_through_ssl_cert_file() {
     let posts = rx.posts().len();
     fails_and_is_counted(s);
     assert_eq!(rx.posts().len(), posts, "no request reached it");
+}
+
+/// Pushes `n` spans to an exporter with `settings`, waits until all are exported
+/// with no failed request, and checks that each reached `rx` whole (its trace and
+/// service).
+fn all_reach(rx: &Receiver, settings: Settings, n: u16) {
+    let exporter = Exporter::start(settings).expect("exporter");
+    let records: Vec<SpanRecord> = (0..n).map(record).collect();
+    for r in &records {
+        exporter.push(r);
+    }
+    eventually(&format!("{n} spans exported over TLS"), || {
+        exporter.stats().exported.load(Ordering::Relaxed) == u64::from(n)
+    });
+    assert_eq!(exporter.stats().request_errors.load(Ordering::Relaxed), 0);
+    let spans = rx.spans();
+    for r in &records {
+        let got = spans
+            .iter()
+            .find(|g| g.span_id() == r.span.span_id.hex().as_str())
+            .expect("span received");
+        assert_eq!(got.trace_id(), TRACE);
+        assert_eq!(got.service, "appproxy-test");
+    }
 }
 
 /// Pushes two spans (one batch) to an exporter with `settings` and waits until the
