@@ -67,7 +67,7 @@ fn garbage_plaintext_and_oversized_records_are_refused() {
     let pki = Pki::new();
     let up = Upstream::start();
     let w = worker(&pki, &up);
-    let fds = open_fds(w.pid()).0;
+    let fds = common::resting_fds(&w);
     let cases: [(&str, &[u8]); 4] = [
         (
             "record garbage",
@@ -111,7 +111,7 @@ fn handshakes_that_never_finish_are_cut_by_the_head_timeout() {
     let pki = Pki::new();
     let up = Upstream::start();
     let w = worker(&pki, &up);
-    let fds = open_fds(w.pid()).0;
+    let fds = common::resting_fds(&w);
     let before = failures(&w);
     // Silent connections, and connections that stop half-way through a ClientHello.
     let mut held = Vec::new();
@@ -141,7 +141,7 @@ fn renegotiation_is_refused_and_the_worker_keeps_serving() {
     let pki = Pki::new();
     let up = Upstream::start();
     let w = worker(&pki, &up);
-    let fds = open_fds(w.pid()).0;
+    let fds = common::resting_fds(&w);
     // s_client's "R" command asks for a renegotiation on a TLS 1.2 session.
     let mut client = SClient::spawn(w.port, &["-tls1_2"]);
     // s_client reads its input only once the handshake is done and prints the
@@ -180,7 +180,7 @@ fn a_client_that_never_reads_is_cut_with_bounded_memory() {
     let pki = Pki::new();
     let up = Upstream::start();
     let w = worker(&pki, &up);
-    let fds = open_fds(w.pid()).0;
+    let fds = common::resting_fds(&w);
     let rss_before = w.peak_rss_kib();
     let mut streams = Vec::new();
     for _ in 0..4 {

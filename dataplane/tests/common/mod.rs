@@ -807,7 +807,9 @@ pub fn fd_targets(pid: u32) -> String {
 /// publishes it), and the admin connection that said so is closed too (read to its
 /// end: the admin thread answers one request per connection). Counted any earlier,
 /// those connections may still be open: the count is too high to catch a leaked
-/// descriptor, and `appproxy_connections_active` may still count the probe.
+/// descriptor, and `appproxy_connections_active` may still count the probe. On a
+/// TLS port that connection never completes a handshake: it is done once counted as
+/// a failed one and none is in progress.
 pub fn resting_fds(w: &Worker) -> u64 {
     eventually(
         "the worker at rest: its readiness connection accepted and closed",
@@ -819,8 +821,11 @@ pub fn resting_fds(w: &Worker) -> u64 {
                 .expect("request");
             let mut text = String::new();
             s.read_to_string(&mut text).expect("metrics to the end");
-            metric_in(&text, "appproxy_connections_accepted_total") >= 1
+            let probed = metric_in(&text, "appproxy_connections_accepted_total")
+                + metric_in(&text, "appproxy_tls_handshake_failures_total");
+            probed >= 1
                 && metric_in(&text, "appproxy_connections_active") == 0
+                && metric_in(&text, "appproxy_tls_handshakes_in_progress") == 0
         },
     );
     open_fds(w.pid()).0
