@@ -22,7 +22,7 @@
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -301,6 +301,9 @@ pub struct Settings {
     pub compression: OtlpCompression,
     /// TLS towards the collector: present exactly when the endpoint is `https://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The PEM file whose CA certificates the collector's must chain to
+    /// (`otlp_ca_file`, or the system bundle found), named in the start-up line.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl Settings {
@@ -336,10 +339,10 @@ impl Settings {
             }
         }
         let endpoint = Endpoint::parse(url)?;
-        let tls = match (endpoint.tls, &config.otlp_ca_file) {
-            (true, Some(ca)) => Some(tls_client_config(ca)?),
+        let (tls, ca_bundle) = match (endpoint.tls, &config.otlp_ca_file) {
+            (true, Some(ca)) => (Some(tls_client_config(ca)?), Some(ca.clone())),
             (true, None) => {
-                let (_, roots) = tls_roots::load_system_bundle(
+                let (bundle, roots) = tls_roots::load_system_bundle(
                     env,
                     &format!("otlp_endpoint {url:?} without otlp_ca_file uses the system CA bundle"),
                 )
@@ -348,7 +351,7 @@ impl Settings {
                         "{e}; set otlp_ca_file to the PEM file of the CA certificates the collector's certificate chains to"
                     ))
                 })?;
-                Some(client_config(roots)?)
+                (Some(client_config(roots)?), Some(bundle))
             }
             (false, Some(ca)) => {
                 return Err(OtlpError::Tls(format!(
@@ -356,7 +359,7 @@ impl Settings {
                     ca.display()
                 )))
             }
-            (false, None) => None,
+            (false, None) => (None, None),
         };
         Ok(Some(Self {
             endpoint,
@@ -371,6 +374,7 @@ impl Settings {
             retries: config.otlp_retries,
             compression: config.otlp_compression,
             tls,
+            ca_bundle,
         }))
     }
 }
@@ -460,6 +464,7 @@ pub fn install(config: &TelemetryConfig, component: &str) -> Result<bool, OtlpEr
     let endpoint = settings.endpoint.clone();
     let service = settings.service_name.clone();
     let compression = settings.compression;
+    let ca_bundle = settings.ca_bundle.clone();
     let exporter = Exporter::start(settings)?;
     let _ = GLOBAL.set(exporter);
     tracing::info!(
@@ -467,6 +472,7 @@ pub fn install(config: &TelemetryConfig, component: &str) -> Result<bool, OtlpEr
         port = endpoint.port,
         path = %endpoint.path,
         tls = endpoint.tls,
+        ca_bundle = ca_bundle.as_deref().map(|p| p.display().to_string()),
         compression = ?compression,
         service = %service,
         "exporting spans over OTLP/HTTP"
@@ -987,7 +993,7 @@ mod tests {
         let plain = Settings::from_config_env(&config("http://c", None), "t", &env)
             .expect("ok")
             .expect("on");
-        assert!(plain.tls.is_none());
+        assert!(plain.tls.is_none() && plain.ca_bundle.is_none());
         assert_eq!(plain.compression, OtlpCompression::Gzip, "the default");
         let e = Settings::from_config(&config("http://c:4318", Some(Path::new("/x.pem"))), "t")
             .expect_err("http with a CA file");

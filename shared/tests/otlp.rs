@@ -53,6 +53,7 @@ fn settings(url: &str, queue: usize, timeout: Duration) -> Settings {
         retries: 2,
         compression: OtlpCompression::Gzip,
         tls: None,
+        ca_bundle: None,
     }
 }
 
@@ -264,6 +265,7 @@ fn tls_receiver(config: Arc<ServerConfig>) -> Receiver {
 fn tls_settings(url: &str, ca: &Path, timeout: Duration, retries: u32) -> Settings {
     let mut s = settings(url, 64, timeout);
     s.tls = Some(tls_client_config(ca).expect("CA file"));
+    s.ca_bundle = Some(ca.to_path_buf());
     s.retries = retries;
     s
 }
@@ -285,6 +287,7 @@ fn spans_reach_an_https_collector_gzipped() {
         .expect("settings")
         .expect("export on");
     assert!(s.endpoint.tls && s.tls.is_some());
+    assert_eq!(s.ca_bundle, config.otlp_ca_file);
     all_reach(&rx, s, 3);
     for post in rx.posts() {
         assert_eq!(post.content_encoding, "gzip");
@@ -311,6 +314,11 @@ fn without_a_ca_file_an_https_collector_is_trusted_through_ssl_cert_file() {
         .expect("settings")
         .expect("export on");
     assert!(s.endpoint.tls && s.tls.is_some());
+    assert_eq!(
+        s.ca_bundle.as_deref(),
+        Some(pki.path("ca.pem").as_path()),
+        "the bundle trusted is the one named at start"
+    );
     all_reach(&rx, s, 2);
     // The bundle is what is trusted: one of another root fails the handshake.
     let other = Pki::new();
