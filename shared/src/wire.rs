@@ -2,8 +2,8 @@
 //! coordinator serializes what it answers and publishes, the worker's agent reads it
 //! (and the other way round for registrations and acknowledgements). The JSON is the
 //! original platform's where it has one; what the product adds (`revision`,
-//! `origins`, `traces`, `removed`, `more`, `resync`, `node_id`) is summarised in
-//! `docs/wire.md`.
+//! `origins`, `traces`, `removed`, `removed_by`, `more`, `resync`, `node_id`) is
+//! summarised in `docs/wire.md`.
 //!
 //! - [`WorkerRegistration`] (`PUT /api/worker`), [`Registered`] and [`Heartbeat`]
 //!   (its `?brief=true` answers) and [`Success`] (`DELETE /api/worker/{id}`);
@@ -144,10 +144,11 @@ impl Success {
 pub const MAX_CIRCUITS_PER_ANSWER: usize = 5_000;
 
 /// A page of a worker's set (`?after=<id>&limit=N`: `revision`, `circuits`,
-/// `origins`, `next`), what changed in it (`?since=R`: `revision`, `circuits`,
-/// `origins`, `removed`, `more`), or "read the whole set" (`revision`,
-/// `resync: true`). Circuits come in the wire shape with the request that created
-/// each beside them in `origins`.
+/// `origins`, `traces`, `next`), what changed in it (`?since=R`: `revision`,
+/// `circuits`, `origins`, `traces`, `removed`, `removed_by`, `more`), or "read the
+/// whole set" (`revision`, `resync: true`). Circuits come in the wire shape with the
+/// request that created each beside them in `origins`; removed circuits with the
+/// request that removed each in `removed_by`.
 ///
 /// `C` is the circuit type: [`Circuit`], or `serde_json::Value` to read an answer
 /// circuit by circuit when one of them does not read.
@@ -165,9 +166,9 @@ pub struct CircuitSet<C = Circuit> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origins: Option<BTreeMap<Uuid, String>>,
     /// The W3C trace context of the request behind each circuit's latest change
-    /// (its creation, a route update), for those that have one; absent when none
-    /// has. Read leniently: an entry that does not read is left out, never the
-    /// answer.
+    /// (its creation, a route update, or — for a circuit in `removed` — its
+    /// removal), for those that have one; absent when none has. Read leniently: an
+    /// entry that does not read is left out, never the answer.
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
@@ -180,6 +181,16 @@ pub struct CircuitSet<C = Circuit> {
     /// A change list's: circuits removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed: Option<Vec<Uuid>>,
+    /// A change list's: the ID of the request that removed each circuit of
+    /// `removed` that has one; absent when none has (and from coordinators that
+    /// do not keep them). Read leniently, as `traces`: an entry that does not read
+    /// is left out, never the answer.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "lenient_removed_by"
+    )]
+    pub removed_by: BTreeMap<Uuid, String>,
     /// A change list's: asking again from `revision` gives more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub more: Option<bool>,
@@ -196,6 +207,7 @@ impl<C> CircuitSet<C> {
             traces: BTreeMap::new(),
             next: None,
             removed: None,
+            removed_by: BTreeMap::new(),
             more: None,
         }
     }
@@ -215,6 +227,7 @@ impl<C> CircuitSet<C> {
             traces: BTreeMap::new(),
             next: Some(next),
             removed: None,
+            removed_by: BTreeMap::new(),
             more: None,
         }
     }
@@ -235,6 +248,7 @@ impl<C> CircuitSet<C> {
             traces: BTreeMap::new(),
             next: None,
             removed: Some(removed),
+            removed_by: BTreeMap::new(),
             more: Some(more),
         }
     }
@@ -248,6 +262,18 @@ impl<C> CircuitSet<C> {
     pub fn with_traces(mut self, traces: BTreeMap<Uuid, ChangeTrace>) -> Self {
         self.traces = traces;
         self
+    }
+
+    /// The answer with the ID of the request behind each removal.
+    pub fn with_removed_by(mut self, removed_by: BTreeMap<Uuid, String>) -> Self {
+        self.removed_by = removed_by;
+        self
+    }
+
+    /// The ID of the request that removed circuit `id`, when the answer names one
+    /// that is a valid request ID ([`crate::RequestId::parse`]).
+    pub fn remover_of(&self, id: &Uuid) -> Option<crate::RequestId> {
+        crate::RequestId::parse(self.removed_by.get(id)?.as_bytes()).ok()
     }
 
     /// The validated trace context behind circuit `id`'s latest change, when the
@@ -296,6 +322,25 @@ where
                 Uuid::parse_str(&k).ok()?,
                 serde_json::from_value::<ChangeTrace>(v).ok()?,
             ))
+        })
+        .collect())
+}
+
+/// `removed_by` of a change list: entries whose key is not a UUID or whose value is
+/// not a string are left out, and anything but an object reads as none (the IDs
+/// themselves are validated by the reader, [`CircuitSet::remover_of`]).
+fn lenient_removed_by<'de, D>(d: D) -> Result<BTreeMap<Uuid, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let serde_json::Value::Object(map) = serde_json::Value::deserialize(d)? else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(map
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(id) => Some((Uuid::parse_str(&k).ok()?, id)),
+            _ => None,
         })
         .collect())
 }
@@ -631,6 +676,98 @@ mod tests {
                 serde_json::from_str(&format!(r#"{{"revision":3,"circuits":[],"traces":{odd}}}"#))
                     .expect("read");
             assert!(back.traces.is_empty(), "{odd}");
+        }
+    }
+
+    #[test]
+    fn change_lists_name_the_request_behind_each_removal_and_never_cost_the_answer() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let gone: Uuid = "c0a8f5d2-1111-4222-8333-444455556666".parse().expect("id");
+        let answer = CircuitSet::<Circuit>::changes(5, vec![], BTreeMap::new(), vec![gone], false)
+            .with_traces(
+                [(
+                    gone,
+                    ChangeTrace {
+                        traceparent: TP.into(),
+                        tracestate: None,
+                    },
+                )]
+                .into(),
+            )
+            .with_removed_by([(gone, "manager-D-1".to_owned())].into());
+        let json = serde_json::to_value(&answer).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"revision": 5, "circuits": [], "origins": {},
+                "traces": {gone.to_string(): {"traceparent": TP}},
+                "removed": [gone], "removed_by": {gone.to_string(): "manager-D-1"},
+                "more": false})
+        );
+        let back: CircuitSet = serde_json::from_value(json).expect("read");
+        assert_eq!(back, answer);
+        assert_eq!(
+            back.remover_of(&gone).map(|r| r.to_string()).as_deref(),
+            Some("manager-D-1")
+        );
+        assert_eq!(
+            back.trace_of(&gone)
+                .map(|t| t.traceparent_text())
+                .as_deref(),
+            Some(TP)
+        );
+        // None to name: the field is left out (an older worker's answer shape).
+        let plain = CircuitSet::<Circuit>::changes(5, vec![], BTreeMap::new(), vec![gone], false);
+        assert!(serde_json::to_value(&plain)
+            .expect("json")
+            .get("removed_by")
+            .is_none());
+        // An answer without it (an older coordinator) reads, with none.
+        let old: CircuitSet = serde_json::from_str(&format!(
+            r#"{{"revision":5,"circuits":[],"origins":{{}},"removed":["{gone}"],"more":false}}"#
+        ))
+        .expect("read");
+        assert!(old.removed_by.is_empty() && old.remover_of(&gone).is_none());
+        assert_eq!(old.removed, Some(vec![gone]));
+        // Hostile entries: the answer still reads, the bad entries are none.
+        let (spaced, long, number, good) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let text = format!(
+            r#"{{"revision":5,"circuits":[],"removed":["{spaced}","{long}","{number}","{good}"],
+                "more":false,"removed_by":{{
+                "not-a-uuid":"R-1",
+                "{spaced}":"not a request id",
+                "{long}":"{}",
+                "{number}":7,
+                "{good}":"R-2"}}}}"#,
+            "x".repeat(129)
+        );
+        let back: CircuitSet = serde_json::from_str(&text).expect("read");
+        assert_eq!(back.removed.as_ref().map(Vec::len), Some(4));
+        assert_eq!(back.remover_of(&spaced), None, "not a request ID");
+        assert_eq!(back.remover_of(&long), None, "longer than a request ID");
+        assert!(
+            !back.removed_by.contains_key(&number),
+            "a value of the wrong type is left out"
+        );
+        assert_eq!(
+            back.remover_of(&good).map(|r| r.to_string()).as_deref(),
+            Some("R-2")
+        );
+        assert_eq!(
+            back.removed_by.len(),
+            3,
+            "the key that is not a UUID is left out"
+        );
+        for odd in ["null", "[]", "\"x\"", "7", "true"] {
+            let back: CircuitSet = serde_json::from_str(&format!(
+                r#"{{"revision":3,"removed":["{good}"],"removed_by":{odd}}}"#
+            ))
+            .expect("read");
+            assert!(back.removed_by.is_empty(), "{odd}");
         }
     }
 

@@ -582,8 +582,26 @@ pub(super) async fn worker_changes(
             removed,
             more,
         } => {
-            let (circuits, origins, traces) = split_origins(upserts);
-            CircuitSet::changes(revision, circuits, origins, removed, more).with_traces(traces)
+            let (circuits, origins, mut traces) = split_origins(upserts);
+            // A removal is the latest change of its circuit: its trace context goes
+            // in `traces` under the circuit's ID, the removing request's ID in
+            // `removed_by`.
+            let mut removed_by = std::collections::BTreeMap::new();
+            let removed = removed
+                .into_iter()
+                .map(|(id, by)| {
+                    if let Some(request) = by.request_id {
+                        removed_by.insert(id, request);
+                    }
+                    if let Some(t) = &by.trace {
+                        traces.insert(id, ChangeTrace::from(t));
+                    }
+                    id
+                })
+                .collect();
+            CircuitSet::changes(revision, circuits, origins, removed, more)
+                .with_traces(traces)
+                .with_removed_by(removed_by)
         }
     })
 }

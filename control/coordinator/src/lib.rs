@@ -182,10 +182,20 @@ impl State {
         )
     }
 
-    /// Removes a circuit and tells its worker, under the current request ID.
+    /// Removes a circuit and tells its worker, under the current request ID. The
+    /// removal is logged with that ID and the request's trace context, as it goes
+    /// with the event: a worker that finds it by a fetch deploys it under the same
+    /// ID and a child of the same span. Every removal (API and bulk deletes, idle
+    /// collection, a withdrawn creation) comes through here.
     async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
         let found = self.store.circuit(id).await?;
-        if !self.store.delete_circuit(id).await? {
+        let request_id = appproxy_shared::current_request_id();
+        let trace = appproxy_shared::middleware::current_trace_context();
+        if !self
+            .store
+            .delete_circuit(id, request_id.as_ref().map(|r| r.as_str()), trace.as_ref())
+            .await?
+        {
             return Ok(false);
         }
         self.marks.forget(id);
@@ -199,7 +209,7 @@ impl State {
                 kind: EventKind::Removed,
                 authority,
                 circuits: vec![circuit],
-                request_id: appproxy_shared::current_request_id(),
+                request_id,
                 span: appproxy_shared::current_span(),
             })
             .await;

@@ -1,7 +1,9 @@
 //! The circuit store's suite, run against both engines: embedded SQLite in a
-//! temporary file and a throwaway PostgreSQL server started by the harness. Then
-//! checks of the PostgreSQL schema itself: the original's native enums hold enum
-//! names, and rows written by older versions (routes as a JSON string) still read.
+//! temporary file and a throwaway PostgreSQL server started by the harness; on both,
+//! a change-log entry written before the migration that keeps a removal's request
+//! reads as none. Then checks of the PostgreSQL schema itself: the original's native
+//! enums hold enum names, and rows written by older versions (routes as a JSON
+//! string) still read.
 
 use appproxy_coordinator::store::{Changes, Origin, Store, StoreError};
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
@@ -344,9 +346,17 @@ async fn suite(store: Store) {
         vec![(on, settings)]
     );
 
-    // Delete.
-    assert!(store.delete_circuit(c2.id).await.expect("delete"));
-    assert!(!store.delete_circuit(c2.id).await.expect("delete again"));
+    // Delete: the removal is logged with the removing request's ID and trace
+    // context (the circuit's row, which held its creation's, is gone).
+    let deleted = trace("53ce929d0e0e4736", Some("rojo=53ce929d0e0e4736"));
+    assert!(store
+        .delete_circuit(c2.id, Some("mgr-del-1"), Some(&deleted))
+        .await
+        .expect("delete"));
+    assert!(!store
+        .delete_circuit(c2.id, Some("mgr-del-2"), None)
+        .await
+        .expect("delete again"));
     assert!(store.circuit(c2.id).await.expect("read").is_none());
     // The two route updates and the removal since revision 2, each circuit once,
     // as it is now.
@@ -361,7 +371,16 @@ async fn suite(store: Store) {
             assert_eq!(ids(&upserts), vec![c1.id]);
             assert_eq!(upserts[0].0.route_info, sick);
             assert_eq!(upserts[0].1.trace, None);
-            assert_eq!(removed, vec![c2.id]);
+            assert_eq!(
+                removed,
+                vec![(
+                    c2.id,
+                    Origin {
+                        request_id: Some("mgr-del-1".into()),
+                        trace: Some(deleted.clone())
+                    }
+                )]
+            );
         }
         got => panic!("changes expected, got {got:?}"),
     }
@@ -520,8 +539,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "6",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context"
+        "7",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -549,6 +568,140 @@ async fn store_suite_on_postgresql() {
         "UPDATE circuits SET traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', tracestate = 'Bad Key=1'",
     );
     stored_traces_that_do_not_read_are_none(&store, Some(trace("00f067aa0ba902b7", None))).await;
+}
+
+/// A worker with one circuit created and then removed by a traced request: the
+/// worker and the circuit.
+async fn removal_logged(store: &Store) -> (uuid::Uuid, uuid::Uuid) {
+    let w = store
+        .upsert_worker(&worker_body("worker-old"))
+        .await
+        .expect("register");
+    let c = circuit(w, 10205);
+    store
+        .insert_circuit(&c, Some("mgr-req-0"), None)
+        .await
+        .expect("insert");
+    assert!(store
+        .delete_circuit(
+            c.id,
+            Some("mgr-del-0"),
+            Some(&trace("00f067aa0ba902b7", None))
+        )
+        .await
+        .expect("delete"));
+    (w, c.id)
+}
+
+/// The removals of what changed in `worker`'s set since revision 0.
+async fn removals(store: &Store, worker: uuid::Uuid) -> Vec<(uuid::Uuid, Origin)> {
+    match store.changes_since(worker, 0, 100).await.expect("changes") {
+        Changes::Since { removed, .. } => removed,
+        got => panic!("changes expected, got {got:?}"),
+    }
+}
+
+/// After the migration that keeps the removing request: the entry logged before it
+/// (its columns NULL) reads as no request, and a removal logged after it reads with
+/// its request ID and trace context. Gives the later circuit.
+async fn removals_across_the_migration(
+    store: &Store,
+    worker: uuid::Uuid,
+    old: uuid::Uuid,
+) -> uuid::Uuid {
+    assert_eq!(
+        removals(store, worker).await,
+        vec![(old, Origin::default())],
+        "an entry from before the migration has no request"
+    );
+    let c = circuit(worker, 10206);
+    store.insert_circuit(&c, None, None).await.expect("insert");
+    let deleted = trace("b7ad6b7169203331", Some("rojo=1"));
+    assert!(store
+        .delete_circuit(c.id, Some("mgr-del-3"), Some(&deleted))
+        .await
+        .expect("delete"));
+    assert_eq!(
+        removals(store, worker).await,
+        vec![
+            (old, Origin::default()),
+            (
+                c.id,
+                Origin {
+                    request_id: Some("mgr-del-3".into()),
+                    trace: Some(deleted)
+                }
+            )
+        ]
+    );
+    c.id
+}
+
+/// A removal entry whose stored trace context does not read: the removal still
+/// reads, with its request ID and no trace context.
+async fn a_hostile_removal_trace_is_none(store: &Store, worker: uuid::Uuid, removed: uuid::Uuid) {
+    let got = removals(store, worker).await;
+    let (_, by) = got
+        .iter()
+        .find(|(id, _)| *id == removed)
+        .expect("the removal still reads");
+    assert_eq!(
+        by,
+        &Origin {
+            request_id: Some("mgr-del-3".into()),
+            trace: None
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.sqlite3");
+    let (worker, old) = removal_logged(&Store::open(None, &path).await.expect("open")).await;
+    // Back to the schema before the migration, the entry kept: as a store of the
+    // previous version left it.
+    let db = rusqlite::Connection::open(&path).expect("open the file");
+    db.execute_batch(
+        "ALTER TABLE circuit_changes DROP COLUMN request_id;
+         ALTER TABLE circuit_changes DROP COLUMN traceparent;
+         ALTER TABLE circuit_changes DROP COLUMN tracestate;
+         PRAGMA user_version = 6;",
+    )
+    .expect("downgrade");
+    let store = Store::open(None, &path).await.expect("open and migrate");
+    let later = removals_across_the_migration(&store, worker, old).await;
+    db.execute(
+        "UPDATE circuit_changes SET traceparent = '00-zz', tracestate = 'rojo=1' WHERE circuit = ?1",
+        rusqlite::params![later.to_string()],
+    )
+    .expect("write");
+    a_hostile_removal_trace_is_none(&store, worker, later).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let open = || Store::open(Some(&url), std::path::Path::new("unused"));
+    let (worker, old) = removal_logged(&open().await.expect("open")).await;
+    // Back to the schema before the migration, the entry kept: as a store of the
+    // previous version left it.
+    pg.psql(
+        "appproxy",
+        "ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
+            DROP COLUMN tracestate;
+         DELETE FROM appproxy_schema_migrations WHERE version = 7;",
+    );
+    let store = open().await.expect("open and migrate");
+    let later = removals_across_the_migration(&store, worker, old).await;
+    pg.psql(
+        "appproxy",
+        &format!(
+            "UPDATE circuit_changes SET traceparent = '00-zz', tracestate = 'rojo=1' WHERE circuit = '{later}'"
+        ),
+    );
+    a_hostile_removal_trace_is_none(&store, worker, later).await;
 }
 
 /// The pages of a worker's whole set as a worker reads them at start, in ID order
@@ -585,7 +738,7 @@ async fn read_pages(
         }
         after = page.last().map(|(c, _)| c.id);
         for id in between_pages(&read) {
-            assert!(store.delete_circuit(id).await.expect("delete"));
+            assert!(store.delete_circuit(id, None, None).await.expect("delete"));
         }
     }
     (read, first_revision.expect("a page"))
@@ -613,7 +766,7 @@ async fn caught_up(
                 more,
             } => {
                 set.extend(upserts.iter().map(|(c, _)| c.id));
-                for id in removed {
+                for (id, _) in removed {
                     set.remove(&id);
                 }
                 since = revision;
@@ -662,7 +815,7 @@ async fn pages_read_each_circuit_once_while_the_set_changes(store: Store) {
     }
     // Gaps before the read: every fifth circuit is gone.
     for id in ids.iter().step_by(5) {
-        assert!(store.delete_circuit(*id).await.expect("delete"));
+        assert!(store.delete_circuit(*id, None, None).await.expect("delete"));
     }
     let present: Vec<uuid::Uuid> = ids
         .iter()
@@ -743,10 +896,13 @@ async fn pages_read_each_circuit_once_while_the_set_changes(store: Store) {
                 let c = circuit(w, 30_000 + i);
                 store.insert_circuit(&c, None, None).await.expect("insert");
                 if i % 2 == 0 {
-                    store.delete_circuit(c.id).await.expect("delete");
+                    store
+                        .delete_circuit(c.id, None, None)
+                        .await
+                        .expect("delete");
                 }
                 if let Some(id) = existing.get(usize::from(i)) {
-                    store.delete_circuit(*id).await.expect("delete");
+                    store.delete_circuit(*id, None, None).await.expect("delete");
                 }
                 tokio::task::yield_now().await;
             }

@@ -199,6 +199,7 @@ fn read_set(raw: &[u8]) -> Result<CircuitSet, LinkError> {
         traces: loose.traces,
         next: loose.next,
         removed: loose.removed,
+        removed_by: loose.removed_by,
         more: loose.more,
     })
 }
@@ -549,6 +550,33 @@ mod tests {
         assert_eq!(answer.revision, 2);
         assert_eq!(answer.origins.expect("origins")[&id], "R-1");
         assert!(answer.traces.is_empty());
+    }
+
+    /// A change list whose `removed_by` is hostile still reads whole, and one read
+    /// circuit by circuit (one of them does not read) keeps the removals' requests.
+    #[test]
+    fn a_change_list_keeps_the_removals_requests_whatever_else_does_not_read() {
+        let (gone, odd) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let raw = format!(
+            r#"{{"revision":3,"circuits":[],"removed":["{gone}","{odd}"],"more":false,
+                "removed_by":{{"{gone}":"R-9","{odd}":["no"],"x":"R-1"}}}}"#
+        );
+        let answer = read_set(raw.as_bytes()).expect("the answer reads");
+        assert_eq!(
+            answer.remover_of(&gone).map(|r| r.to_string()).as_deref(),
+            Some("R-9")
+        );
+        assert_eq!(answer.removed_by.len(), 1);
+        let raw = format!(
+            r#"{{"revision":3,"circuits":[{{"id":"not a circuit"}}],"removed":["{gone}"],
+                "more":false,"removed_by":{{"{gone}":"R-9"}}}}"#
+        );
+        let answer = read_set(raw.as_bytes()).expect("the answer reads");
+        assert_eq!(answer.circuits.as_ref().map(Vec::len), Some(0));
+        assert_eq!(
+            answer.remover_of(&gone).map(|r| r.to_string()).as_deref(),
+            Some("R-9")
+        );
     }
 
     /// A call cut off by the coordinator it went to moves the next call to the next

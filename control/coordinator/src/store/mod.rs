@@ -1,7 +1,8 @@
 //! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
 //! request that created them and the W3C trace context of the request behind their
-//! latest change), worker app filters and `/v2/conf` tokens, behind one
-//! async interface over two engines:
+//! latest change), each worker's revision and change log (a removal's entry keeps
+//! the removing request's ID and trace context), worker app filters and `/v2/conf`
+//! tokens, behind one async interface over two engines:
 //!
 //! - [`postgres`]: PostgreSQL through a `deadpool-postgres` pool, on the original
 //!   platform's schema (native enums, typed columns) plus `origin_request_id`;
@@ -78,14 +79,17 @@ pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
 /// A circuit and what the store keeps of the requests behind it.
 pub type CircuitRow = (Circuit, Origin);
 
-/// What a stored circuit keeps of the requests behind it.
+/// What a stored circuit keeps of the requests behind it — or, for a removed
+/// circuit, what its change-log entry keeps of the request that removed it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Origin {
-    /// The ID of the request that created it (NULL when the manager sent none).
+    /// The ID of the request that created it (NULL when the manager sent none); of a
+    /// removal, the ID of the removing request (none for entries logged before the
+    /// store kept it).
     pub request_id: Option<String>,
     /// The W3C trace context of the request behind its latest change (its creation,
-    /// a route update), when that request was traced; validated when read, so a
-    /// stored value that is not valid reads as none.
+    /// a route update, its removal), when that request was traced; validated when
+    /// read, so a stored value that is not valid reads as none.
     pub trace: Option<appproxy_shared::TraceContext>,
 }
 
@@ -103,6 +107,23 @@ impl Origin {
             trace: appproxy_shared::TraceContext::read(traceparent, tracestate),
         }
     }
+}
+
+/// The stored columns of the request behind a removal: its ID, and its trace
+/// context's ([`trace_columns`]).
+pub(crate) type Behind = (Option<String>, (Option<String>, Option<String>));
+
+/// A change-log entry as read: the circuit as it is now, or removed (with what the
+/// entry keeps of the removing request).
+#[derive(Debug)]
+// Entries are built and folded one by one, in place of the `Option<CircuitRow>` of
+// the same size they replace: boxing the row would cost an allocation per change.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Logged {
+    /// Created or updated: the circuit's row.
+    Present(CircuitRow),
+    /// Removed, by the request the entry names.
+    Removed(Origin),
 }
 
 /// The columns a trace context is stored in: `traceparent`, `tracestate`.
@@ -135,21 +156,18 @@ pub enum Changes {
         revision: u64,
         /// Circuits created or updated, as they are now.
         upserts: Vec<CircuitRow>,
-        /// Circuits removed.
-        removed: Vec<uuid::Uuid>,
+        /// Circuits removed, each with what the store keeps of the request that
+        /// removed it (its ID and trace context, when the entry has them).
+        removed: Vec<(uuid::Uuid, Origin)>,
         /// More changes follow `revision`: ask again from it.
         more: bool,
     },
 }
 
 impl Changes {
-    /// Folds log entries (revision, circuit, the circuit now or `None` if removed)
-    /// read after `since` into one change per circuit.
-    pub(crate) fn from_log(
-        since: u64,
-        current: u64,
-        log: Vec<(u64, uuid::Uuid, Option<CircuitRow>)>,
-    ) -> Self {
+    /// Folds log entries (revision, circuit, the circuit now or its removal) read
+    /// after `since` into one change per circuit.
+    pub(crate) fn from_log(since: u64, current: u64, log: Vec<(u64, uuid::Uuid, Logged)>) -> Self {
         let revision = log.last().map_or(current.max(since), |(r, _, _)| *r);
         let mut last: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
         for (i, (_, id, _)) in log.iter().enumerate() {
@@ -162,8 +180,8 @@ impl Changes {
                 continue;
             }
             match body {
-                Some(row) => upserts.push(row),
-                None => removed.push(id),
+                Logged::Present(row) => upserts.push(row),
+                Logged::Removed(by) => removed.push((id, by)),
             }
         }
         Self::Since {
@@ -565,9 +583,18 @@ impl Store {
             .circuits_of_session(&session))
     }
 
-    /// Deletes a circuit; false when there was none.
-    pub async fn delete_circuit(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
-        dispatch!(self, |s| s.delete_circuit(&id), |p| p.delete_circuit(&id))
+    /// Deletes a circuit, logging the removal with the ID of the request that made
+    /// it (or none) and that request's trace context (or none): a worker that finds
+    /// the removal by a fetch deploys it under them. False when there was none.
+    pub async fn delete_circuit(
+        &self,
+        id: uuid::Uuid,
+        request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+    ) -> Result<bool, StoreError> {
+        let by: Behind = (request_id.map(str::to_owned), trace_columns(trace));
+        dispatch!(self, |s| s.delete_circuit(&id, &by), |p| p
+            .delete_circuit(&id, &by))
     }
 
     /// Creates or updates a model-serving endpoint's row.

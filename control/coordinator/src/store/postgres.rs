@@ -3,7 +3,9 @@
 //! (`proxyprotocol`, `appmode`, `frontendmode`), typed columns, `uuid[]` session IDs,
 //! `jsonb` routes — plus the nullable `circuits.origin_request_id` and the trace
 //! context of the request behind each circuit's latest change
-//! (`circuits.traceparent`, `circuits.tracestate`).
+//! (`circuits.traceparent`, `circuits.tracestate`); each worker's change log keeps
+//! the request behind a removal (`circuit_changes.request_id`, `traceparent`,
+//! `tracestate`).
 //!
 //! Migrations are numbered, recorded in `appproxy_schema_migrations` and applied at
 //! open inside one transaction holding an advisory lock, so coordinators starting
@@ -19,7 +21,7 @@ use serde_json::{json, Value};
 use tokio_postgres::types::Json;
 use tokio_postgres::{NoTls, Row};
 
-use super::{Changes, CircuitRow, Origin, StoreError, UsedSlot, WorkerRow};
+use super::{Behind, Changes, CircuitRow, Logged, Origin, StoreError, UsedSlot, WorkerRow};
 
 /// Migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -142,6 +144,14 @@ ALTER TABLE tokens ADD COLUMN upstream_tls varchar(16) NULL;
 ALTER TABLE circuits ADD COLUMN traceparent varchar(512) NULL,
     ADD COLUMN tracestate varchar(512) NULL;
 ",
+    // The request behind a removal (its ID and W3C trace context), kept with the
+    // change-log entry: the circuit's row is gone, and a worker that finds the
+    // removal by a fetch deploys it under that request. Earlier entries have NULLs.
+    "
+ALTER TABLE circuit_changes ADD COLUMN request_id varchar(128) NULL,
+    ADD COLUMN traceparent varchar(512) NULL,
+    ADD COLUMN tracestate varchar(512) NULL;
+",
 ];
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
@@ -176,6 +186,13 @@ static PAGE_AFTER: std::sync::LazyLock<String> =
 const LOG_CHANGE: &str = "WITH bumped AS (
         UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
      INSERT INTO circuit_changes (worker, revision, circuit) SELECT id, revision, $2 FROM bumped";
+
+/// [`LOG_CHANGE`] of a removal: with the removing request's ID `$3` and trace
+/// context (`$4` traceparent, `$5` tracestate).
+const LOG_REMOVAL: &str = "WITH bumped AS (
+        UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
+     INSERT INTO circuit_changes (worker, revision, circuit, request_id, traceparent, tracestate)
+        SELECT id, revision, $2, $3, $4, $5 FROM bumped";
 
 /// Sets a worker's `nodes` to its live node count, its status (`ALIVE`, or `LOST` at
 /// none) and `updated_at`. Returns whether the worker exists.
@@ -941,7 +958,11 @@ impl PgStore {
         row.as_ref().map(circuit_of).transpose()
     }
 
-    pub(super) async fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) async fn delete_circuit(
+        &self,
+        id: &uuid::Uuid,
+        (request_id, (traceparent, tracestate)): &Behind,
+    ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let worker: Option<uuid::Uuid> = tx
@@ -957,7 +978,11 @@ impl PgStore {
                 &[&worker],
             )
             .await?;
-            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
+            tx.execute(
+                LOG_REMOVAL,
+                &[&worker, id, request_id, traceparent, tracestate],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(worker.is_some())
@@ -1036,7 +1061,8 @@ impl PgStore {
         let rows = tx
             .query(
                 &format!(
-                    "SELECT l.revision, l.circuit, c.id IS NOT NULL, {}
+                    "SELECT l.revision, l.circuit, c.id IS NOT NULL,
+                        l.request_id, l.traceparent, l.tracestate, {}
                      FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
                      WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3",
                     *CIRCUIT_COLUMNS_OF_C
@@ -1050,9 +1076,13 @@ impl PgStore {
             let circuit: uuid::Uuid = r.try_get(1)?;
             let present: bool = r.try_get(2)?;
             let body = if present {
-                Some(circuit_of_at(r, 3)?)
+                Logged::Present(circuit_of_at(r, 6)?)
             } else {
-                None
+                Logged::Removed(Origin::stored(
+                    r.try_get(3)?,
+                    r.try_get::<_, Option<&str>>(4)?,
+                    r.try_get::<_, Option<&str>>(5)?,
+                ))
             };
             log.push((revision, circuit, body));
         }

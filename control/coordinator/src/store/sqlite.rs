@@ -1,7 +1,8 @@
 //! The embedded SQLite engine: one connection behind a mutex (SQLite serialises
 //! writers anyway), WAL journal, foreign keys on, migrations counted in
 //! `PRAGMA user_version`. Workers and circuits keep their wire JSON in `body`, with
-//! the columns that queries and unique keys need beside it. Calls are synchronous;
+//! the columns that queries and unique keys need beside it; each worker's change log
+//! keeps the request behind a removal (its ID and trace context). Calls are synchronous;
 //! [`super::Store`] runs them on tokio's blocking pool.
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 use appproxy_shared::model::{Circuit, RouteInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, Changes, CircuitRow, Origin, StoreError, UsedSlot, WorkerRow};
+use super::{now, Behind, Changes, CircuitRow, Logged, Origin, StoreError, UsedSlot, WorkerRow};
 use appproxy_shared::wire::WorkerRegistration;
 
 /// Migrations, applied in order; the database records how many ran.
@@ -99,12 +100,27 @@ CREATE INDEX circuits_idle_check_at ON circuits(idle_check_at) WHERE idle_check_
 ALTER TABLE circuits ADD COLUMN traceparent TEXT;
 ALTER TABLE circuits ADD COLUMN tracestate TEXT;
 ",
+    // The request behind a removal (its ID and W3C trace context), kept with the
+    // change-log entry: the circuit's row is gone, and a worker that finds the
+    // removal by a fetch deploys it under that request. Earlier entries have NULLs.
+    "
+ALTER TABLE circuit_changes ADD COLUMN request_id TEXT;
+ALTER TABLE circuit_changes ADD COLUMN traceparent TEXT;
+ALTER TABLE circuit_changes ADD COLUMN tracestate TEXT;
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
 /// worker's revision goes up by one, in the caller's transaction, and the log says
-/// which circuit it was.
-fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result<(), StoreError> {
+/// which circuit it was — and, for a removal, the request behind it (`by`: its ID and
+/// trace context columns; the circuit's row no longer says).
+fn log_change(
+    tx: &Connection,
+    worker: &str,
+    circuit: &str,
+    now: &str,
+    by: Option<&Behind>,
+) -> Result<(), StoreError> {
     let revision: Option<i64> = tx
         .query_row(
             "UPDATE workers SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
@@ -113,9 +129,14 @@ fn log_change(tx: &Connection, worker: &str, circuit: &str, now: &str) -> Result
         )
         .optional()?;
     if let Some(revision) = revision {
+        let (request_id, (traceparent, tracestate)) = match by {
+            Some((id, trace)) => (id.as_deref(), (trace.0.as_deref(), trace.1.as_deref())),
+            None => (None, (None, None)),
+        };
         tx.execute(
-            "INSERT INTO circuit_changes (worker, revision, circuit, at) VALUES (?1, ?2, ?3, ?4)",
-            params![worker, revision, circuit, now],
+            "INSERT INTO circuit_changes (worker, revision, circuit, at, request_id, traceparent, tracestate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![worker, revision, circuit, now, request_id, traceparent, tracestate],
         )?;
     }
     Ok(())
@@ -483,7 +504,7 @@ impl SqliteStore {
             )
             .map_err(conflict_or)?;
             index_sessions(&tx, circuit)?;
-            log_change(&tx, &worker, &circuit.id.to_string(), &now)?;
+            log_change(&tx, &worker, &circuit.id.to_string(), &now, None)?;
             tx.commit()?;
             Ok(())
         })
@@ -517,7 +538,7 @@ impl SqliteStore {
                 return Ok(false);
             };
             index_sessions(&tx, &circuit)?;
-            log_change(&tx, &worker, &id.to_string(), &now)?;
+            log_change(&tx, &worker, &id.to_string(), &now, None)?;
             tx.commit()?;
             Ok(true)
         })
@@ -685,7 +706,7 @@ impl SqliteStore {
         self.one_circuit("endpoint_id", endpoint)
     }
 
-    pub(super) fn delete_circuit(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+    pub(super) fn delete_circuit(&self, id: &uuid::Uuid, by: &Behind) -> Result<bool, StoreError> {
         let now = now();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
@@ -699,7 +720,7 @@ impl SqliteStore {
             let Some(worker) = worker else {
                 return Ok(false);
             };
-            log_change(&tx, &worker, &id.to_string(), &now)?;
+            log_change(&tx, &worker, &id.to_string(), &now, Some(by))?;
             tx.commit()?;
             Ok(true)
         })
@@ -757,7 +778,8 @@ impl SqliteStore {
                 return Ok(Changes::Resync { revision: current });
             }
             let mut st = tx.prepare(
-                "SELECT l.revision, l.circuit, c.body, c.origin_request_id, c.traceparent, c.tracestate
+                "SELECT l.revision, l.circuit, c.body, c.origin_request_id, c.traceparent, c.tracestate,
+                    l.request_id, l.traceparent, l.tracestate
                  FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
                  WHERE l.worker = ?1 AND l.revision > ?2 ORDER BY l.revision LIMIT ?3",
             )?;
@@ -767,15 +789,24 @@ impl SqliteStore {
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
                     (r.get(3)?, r.get(4)?, r.get(5)?),
+                    (
+                        r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                    ),
                 ))
             })?;
             let mut log = Vec::new();
             for row in rows {
-                let (revision, circuit, body, (origin, traceparent, tracestate)) = row?;
+                let (revision, circuit, body, (origin, traceparent, tracestate), removal) = row?;
                 let circuit = parse_id(&circuit)?;
                 let body = match body {
-                    Some(b) => Some(circuit_row((b, origin, traceparent, tracestate))?),
-                    None => None,
+                    Some(b) => Logged::Present(circuit_row((b, origin, traceparent, tracestate))?),
+                    None => Logged::Removed(Origin::stored(
+                        removal.0,
+                        removal.1.as_deref(),
+                        removal.2.as_deref(),
+                    )),
                 };
                 log.push((revision.max(0) as u64, circuit, body));
             }
