@@ -9,9 +9,11 @@
 //!   idle poll costs nothing however many circuits exist;
 //! - only new, changed and removed circuits go to the cores, each checked on its own
 //!   (one bad circuit is refused and reported, the rest deploy), under the request ID
-//!   that caused it (the event's, or the creating request's `origin_request_id`), so
-//!   one ID links the manager's call, the coordinator, Redis and every core's
-//!   "deployment applied";
+//!   that caused it (the event's; for a change found by a fetch, the creating
+//!   request's `origin_request_id` or the removing request's `removed_by`) and, found
+//!   by a fetch, a child of the coordinator's span of that request (`traces`), so one
+//!   ID and one trace link the manager's call, the coordinator, Redis and every
+//!   core's "deployment applied";
 //! - once every core applied a set, the circuits an event announced are acknowledged
 //!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for;
 //! - the cores' per-circuit request counts become last-access marks (Redis keys of
@@ -213,7 +215,7 @@ async fn fetch<L: ControlLink>(
     };
     let mut revision = since;
     let mut changes: Vec<CircuitChange> = Vec::new();
-    let mut removed = Vec::new();
+    let mut removed: Vec<CircuitChange> = Vec::new();
     // A long absence is read in a few bounded answers, each from where the last one
     // stopped.
     for _ in 0..MAX_ANSWERS {
@@ -222,14 +224,18 @@ async fn fetch<L: ControlLink>(
             return whole(link, id).await;
         }
         revision = answer.revision;
-        removed.extend(answer.removed.take().unwrap_or_default());
+        removed.extend(removals(&mut answer));
         let more = answer.more.unwrap_or(false);
-        changes.extend(with_origins(answer).into_iter().map(|c| (c.0.id, Some(c))));
+        changes.extend(
+            with_origins(answer)
+                .into_iter()
+                .map(|c| (c.0.id, Change::Now(c))),
+        );
         if !more {
             break;
         }
     }
-    changes.extend(removed.into_iter().map(|id| (id, None)));
+    changes.extend(removed);
     Ok(Fetched {
         revision: Some(revision),
         whole: false,
@@ -247,7 +253,11 @@ async fn whole<L: ControlLink>(link: &L, id: uuid::Uuid) -> Result<Fetched, Link
         let page = link.page(id, after).await?;
         revision.get_or_insert(page.revision);
         let next = page.next_page();
-        changes.extend(with_origins(page).into_iter().map(|c| (c.0.id, Some(c))));
+        changes.extend(
+            with_origins(page)
+                .into_iter()
+                .map(|c| (c.0.id, Change::Now(c))),
+        );
         match next {
             Some(n) if Some(n) != after => after = Some(n),
             _ => break,
@@ -283,15 +293,29 @@ fn with_origins(answer: CircuitSet) -> Vec<Current> {
         .collect()
 }
 
+/// The circuits an answer removes (taken out of it), each with the request behind
+/// its removal: the ID in `removed_by` and the trace context in `traces`, validated
+/// (an ID or a trace context that does not read is none; an older coordinator's
+/// answer has neither).
+fn removals(answer: &mut CircuitSet) -> Vec<CircuitChange> {
+    let ids = answer.removed.take().unwrap_or_default();
+    ids.into_iter()
+        .map(|id| {
+            let by = (answer.remover_of(&id), answer.trace_of(&id));
+            answer.traces.remove(&id);
+            (id, Change::Removed(by))
+        })
+        .collect()
+}
+
 /// Most answers one change fetch reads before deploying what it has.
 const MAX_ANSWERS: usize = 64;
 
 /// Most pages one whole-set read takes (at 5,000 circuits a page).
 const MAX_PAGES: usize = 10_000;
 
-/// What a fetch brought: changes (`None`: removed) in order, and the revision they
-/// bring the agent to; `whole` when it is the entire set (anything deployed and not
-/// in it is gone).
+/// What a fetch brought: changes in order, and the revision they bring the agent
+/// to; `whole` when it is the entire set (anything deployed and not in it is gone).
 struct Fetched {
     /// `None`: from events, which do not move the revision.
     revision: Option<u64>,
@@ -299,8 +323,24 @@ struct Fetched {
     changes: Vec<CircuitChange>,
 }
 
-/// One circuit's change: as it is now, or `None` (removed).
-type CircuitChange = (uuid::Uuid, Option<Current>);
+/// One circuit's change.
+type CircuitChange = (uuid::Uuid, Change);
+
+/// What became of a circuit.
+#[derive(Debug)]
+// As large as the `Option<Current>` it replaces: boxing would cost an allocation
+// per circuit of a whole-set read.
+#[allow(clippy::large_enum_variant)]
+enum Change {
+    /// It is as given now (created or changed).
+    Now(Current),
+    /// It was removed, by the request given when known.
+    Removed(Behind),
+}
+
+/// The request behind a removal: its ID, and, when fetched, its trace context (an
+/// event's is the event's span).
+type Behind = (Option<RequestId>, Option<TraceContext>);
 
 /// A circuit as it is now, with its creating request and, when fetched, the trace
 /// context of the request behind its latest change (an event's is the event's span).
@@ -686,9 +726,11 @@ impl Fetched {
                 Delta::Upsert(circuits, origin) => changes.extend(
                     circuits
                         .into_iter()
-                        .map(|c| (c.id, Some((c, origin, None)))),
+                        .map(|c| (c.id, Change::Now((c, origin, None)))),
                 ),
-                Delta::Remove(ids) => changes.extend(ids.into_iter().map(|id| (id, None))),
+                Delta::Remove(ids, by) => {
+                    changes.extend(ids.into_iter().map(|id| (id, Change::Removed((by, None)))))
+                }
             }
         }
         Self {
@@ -730,14 +772,14 @@ fn apply(
         changes,
     } = fetched;
     // The last word on each circuit wins.
-    let mut last: HashMap<uuid::Uuid, Option<Current>> = HashMap::with_capacity(changes.len());
+    let mut last: HashMap<uuid::Uuid, Change> = HashMap::with_capacity(changes.len());
     for (id, change) in changes {
         last.insert(id, change);
     }
     if whole {
         // Anything deployed that the whole set lacks is gone.
         for id in state.circuits.keys() {
-            last.entry(*id).or_insert(None);
+            last.entry(*id).or_insert(Change::Removed((None, None)));
         }
         state.refused.retain(|id, _| last.contains_key(id));
     }
@@ -748,18 +790,24 @@ fn apply(
         state.last_whole = Some(std::time::Instant::now());
     }
     let mut removes = Vec::new();
+    // The request behind each removal deployed.
+    let mut removers: Vec<Option<RequestId>> = Vec::new();
+    // The trace context behind each change deployed.
+    let mut traces: Vec<Option<TraceContext>> = Vec::with_capacity(last.len());
     let mut upserts: Vec<Current> = Vec::new();
     for (id, change) in last {
         match change {
-            None => {
+            Change::Removed((by, trace)) => {
                 state.refused.remove(&id);
                 if let Some(old) = state.circuits.remove(&id) {
                     state.frontends.remove(&old.frontend);
                     state.origins.remove(&id);
                     removes.push(id);
+                    removers.push(by);
+                    traces.push(trace);
                 }
             }
-            Some((circuit, origin, trace)) => {
+            Change::Now((circuit, origin, trace)) => {
                 if let Some(o) = origin {
                     state.origins.insert(id, o);
                 }
@@ -777,8 +825,6 @@ fn apply(
     // Circuits new to this worker, with the requests that created them.
     let mut new: Vec<(uuid::Uuid, RequestId)> = Vec::new();
     let mut resolved = Vec::with_capacity(upserts.len());
-    // The trace context behind each change deployed.
-    let mut traces: Vec<Option<TraceContext>> = Vec::with_capacity(upserts.len());
     for (circuit, origin, trace) in upserts {
         let id = circuit.id;
         let checked = config
@@ -826,21 +872,27 @@ fn apply(
     if resolved.is_empty() && removes.is_empty() {
         return None;
     }
-    // One new circuit: deploy under the ID of the request that created it, so the
-    // manager's call, the coordinator and every core share one ID. Otherwise a fresh
-    // ID for this deployment.
-    let id = match (preferred, new.as_slice()) {
-        (Some(id), _) => id,
-        (None, [(_, origin)]) => *origin,
-        _ => RequestId::generate(IdVersion::V4),
-    };
-    // A batch deploys under its own ID: each creating request's ID gets a line
-    // naming it, so either ID finds the other — but not for every circuit of a whole
-    // set read at start (those creations are long answered).
+    // New circuits and removals all of one request (a creation, a deletion, a bulk
+    // deletion): deploy under that request's ID, so the manager's call, the
+    // coordinator and every core share one ID. Otherwise a fresh ID for this
+    // deployment.
+    let id = preferred
+        .or_else(|| one_request(&new, &removers))
+        .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
+    // A batch deploys under its own ID: each creating or removing request's ID gets
+    // a line naming it, so either ID finds the other — but not for every circuit of
+    // a whole set read at start (those creations are long answered).
     if !whole || new.len() <= MAX_BATCH_LINES {
         for (circuit, origin) in new.iter().filter(|(_, o)| *o != id) {
             appproxy_shared::with_request_id(Some(*origin), || {
                 tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
+            });
+        }
+    }
+    for (circuit, by) in removes.iter().zip(&removers) {
+        if let Some(by) = by.filter(|by| *by != id) {
+            appproxy_shared::with_request_id(Some(by), || {
+                tracing::info!(%circuit, deployment = %id, "circuit removed in a batch");
             });
         }
     }
@@ -870,10 +922,26 @@ fn apply(
     })
 }
 
+/// The request behind every new circuit (its creation) and every removal of a
+/// deployment, when it is one and the same and known for each; `None` otherwise
+/// (and when there are neither).
+fn one_request(
+    new: &[(uuid::Uuid, RequestId)],
+    removers: &[Option<RequestId>],
+) -> Option<RequestId> {
+    let mut all = new
+        .iter()
+        .map(|(_, origin)| Some(*origin))
+        .chain(removers.iter().copied());
+    let first = all.next()??;
+    all.all(|r| r == Some(first)).then_some(first)
+}
+
 /// The span of a deployment found by a fetch: a child of the coordinator's span
-/// behind the changes deployed, when they all have the same one (a single creation,
-/// typically); changes of several requests, or some untraced, have no single parent,
-/// as events of several requests batched into one deployment have none.
+/// behind the changes deployed (creations, updates and removals), when they all have
+/// the same one (a single creation or deletion, typically); changes of several
+/// requests, or some untraced, have no single parent, as events of several requests
+/// batched into one deployment have none.
 fn fetched_span(traces: &[Option<TraceContext>]) -> Option<Traced> {
     let first = traces.first()?.as_ref()?;
     traces
@@ -958,6 +1026,280 @@ mod tests {
         }))
         .expect("answer");
         assert!(with_origins(untraced)[0].2.is_none());
+    }
+
+    /// A trace context of the manager's trace naming the coordinator's span `span`.
+    fn ctx(span: &str) -> Option<TraceContext> {
+        TraceContext::read(
+            Some(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")),
+            None,
+        )
+    }
+
+    fn rid(text: &str) -> RequestId {
+        RequestId::parse(text.as_bytes()).expect("a request ID")
+    }
+
+    /// The test circuit under another ID and subdomain.
+    fn circuit_named(sub: &str) -> Circuit {
+        Circuit {
+            id: uuid::Uuid::new_v4(),
+            subdomain: Some(sub.into()),
+            ..circuit()
+        }
+    }
+
+    #[test]
+    fn removals_count_in_a_fetched_deployments_parent() {
+        let (a, b) = (ctx("00f067aa0ba902b7"), ctx("b7ad6b7169203331"));
+        let (span, _) = fetched_span(std::slice::from_ref(&b)).expect("one removal");
+        assert_eq!(
+            span.parent_span_id.map(|s| s.to_string()).as_deref(),
+            Some("b7ad6b7169203331")
+        );
+        assert!(
+            fetched_span(&[b.clone(), b.clone()]).is_some(),
+            "a bulk deletion"
+        );
+        assert!(
+            fetched_span(&[a.clone(), b.clone()]).is_none(),
+            "a creation and a removal of two requests"
+        );
+        assert!(
+            fetched_span(&[b.clone(), None]).is_none(),
+            "an untraced removal"
+        );
+    }
+
+    #[test]
+    fn one_request_behind_a_deployment_names_it() {
+        let (c, d) = (rid("manager-C-1"), rid("manager-D-1"));
+        let id = uuid::Uuid::new_v4;
+        assert_eq!(one_request(&[(id(), c)], &[]), Some(c), "a creation");
+        assert_eq!(one_request(&[], &[Some(d)]), Some(d), "a removal");
+        assert_eq!(
+            one_request(&[], &[Some(d), Some(d)]),
+            Some(d),
+            "a bulk deletion"
+        );
+        assert_eq!(one_request(&[(id(), c)], &[Some(d)]), None, "two requests");
+        assert_eq!(one_request(&[], &[Some(d), None]), None, "one unknown");
+        assert_eq!(one_request(&[], &[None]), None, "an unknown removal");
+        assert_eq!(one_request(&[], &[]), None);
+    }
+
+    #[test]
+    fn fetched_removals_carry_their_validated_request_and_trace() {
+        let [named, spaced, untraced, old] = [(); 4].map(|_| uuid::Uuid::new_v4());
+        let c = circuit();
+        let mut answer: CircuitSet = serde_json::from_value(serde_json::json!({
+            "revision": 4, "circuits": [c], "origins": {c.id.to_string(): "R-1"},
+            "traces": {
+                c.id.to_string(): {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+                named.to_string(): {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+                    "tracestate": "rojo=1"},
+                spaced.to_string(): {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"},
+                untraced.to_string(): {"traceparent": "00-zz"}},
+            "removed": [named, spaced, untraced, old],
+            "removed_by": {named.to_string(): "manager-D-1", spaced.to_string(): "not a request id",
+                untraced.to_string(): "manager-D-2"},
+            "more": false
+        }))
+        .expect("answer");
+        let got: HashMap<uuid::Uuid, Behind> = removals(&mut answer)
+            .into_iter()
+            .map(|(id, change)| match change {
+                Change::Removed(by) => (id, by),
+                Change::Now(_) => panic!("a removal expected"),
+            })
+            .collect();
+        assert_eq!(got.len(), 4);
+        let (by, trace) = &got[&named];
+        assert_eq!(*by, Some(rid("manager-D-1")));
+        let trace = trace.as_ref().expect("a trace");
+        assert_eq!(
+            trace.traceparent_text(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
+        );
+        assert_eq!(trace.tracestate_text(), Some("rojo=1"));
+        assert_eq!(got[&spaced].0, None, "not a request ID");
+        assert!(got[&spaced].1.is_some(), "its trace still counts");
+        assert_eq!(
+            got[&untraced],
+            (Some(rid("manager-D-2")), None),
+            "a malformed traceparent"
+        );
+        assert_eq!(got[&old], (None, None), "an older coordinator's removal");
+        // The circuits of the answer keep theirs.
+        let now = with_origins(answer);
+        assert_eq!(now.len(), 1);
+        assert!(now[0].2.is_some());
+    }
+
+    #[test]
+    fn a_fetched_removal_deploys_under_its_request_and_a_child_of_its_span() {
+        let config = Config::parse(
+            "[worker]\nfrontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\n",
+        )
+        .expect("config");
+        let deployer = Deployer::without_cores();
+        let mut state = Deployed::default();
+        let lines = appproxy_test_support::logs::Sink::default();
+        let subscriber = appproxy_shared::telemetry::subscriber(
+            &appproxy_shared::telemetry::LoggingConfig {
+                format: appproxy_shared::telemetry::LogFormat::Json,
+                filter: "info".into(),
+            },
+            "worker",
+            lines.clone(),
+        )
+        .expect("subscriber");
+        let _log = tracing::subscriber::set_default(subscriber);
+        let mut revision = 0;
+        let mut fetched = |changes: Vec<CircuitChange>, state: &mut Deployed| {
+            revision += 1;
+            let fetched = Fetched {
+                revision: Some(revision),
+                whole: false,
+                changes,
+            };
+            let (_, id, traced) =
+                apply(&config, &deployer, fetched, state, None).expect("a deployment");
+            (id, traced.map(|(span, _)| span))
+        };
+        let (creator, remover) = (ctx("00f067aa0ba902b7"), ctx("b7ad6b7169203331"));
+        let parent = |span: Option<SpanContext>| {
+            let span = span.expect("a traced deployment");
+            assert_eq!(
+                span.trace_id.to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            span.parent_span_id.map(|s| s.to_string())
+        };
+
+        // A creation, then its removal, each found by a fetch: each under its own
+        // request's ID and a child of its request's span.
+        let one = circuit_named("one");
+        let (id, span) = fetched(
+            vec![(
+                one.id,
+                Change::Now((one.clone(), Some(rid("manager-C-1")), creator.clone())),
+            )],
+            &mut state,
+        );
+        assert_eq!(id, rid("manager-C-1"));
+        assert_eq!(parent(span).as_deref(), Some("00f067aa0ba902b7"));
+        let (id, span) = fetched(
+            vec![(
+                one.id,
+                Change::Removed((Some(rid("manager-D-1")), remover.clone())),
+            )],
+            &mut state,
+        );
+        assert_eq!(id, rid("manager-D-1"), "the removing request's ID");
+        assert_eq!(parent(span).as_deref(), Some("b7ad6b7169203331"));
+        assert!(state.circuits.is_empty());
+
+        // A bulk deletion: one request, one span.
+        let (two, three) = (circuit_named("two"), circuit_named("three"));
+        fetched(
+            [&two, &three]
+                .map(|c| (c.id, Change::Now(((*c).clone(), None, None))))
+                .into(),
+            &mut state,
+        );
+        let (id, span) = fetched(
+            [&two, &three]
+                .map(|c| {
+                    (
+                        c.id,
+                        Change::Removed((Some(rid("manager-D-2")), remover.clone())),
+                    )
+                })
+                .into(),
+            &mut state,
+        );
+        assert_eq!(id, rid("manager-D-2"));
+        assert_eq!(parent(span).as_deref(), Some("b7ad6b7169203331"));
+
+        // A removal and a creation of two requests in one answer: no single parent,
+        // a fresh ID, and a line under each request's ID naming the deployment.
+        let (four, five) = (circuit_named("four"), circuit_named("five"));
+        fetched(
+            vec![(four.id, Change::Now((four.clone(), None, None)))],
+            &mut state,
+        );
+        let (id, span) = fetched(
+            vec![
+                (
+                    five.id,
+                    Change::Now((five.clone(), Some(rid("manager-C-5")), creator.clone())),
+                ),
+                (
+                    four.id,
+                    Change::Removed((Some(rid("manager-D-4")), remover.clone())),
+                ),
+            ],
+            &mut state,
+        );
+        assert!(
+            id != rid("manager-C-5") && id != rid("manager-D-4"),
+            "a fresh ID: {id}"
+        );
+        assert!(span.is_none(), "no single parent");
+        let json = lines.json_lines();
+        let line = |message: &str, request: &str| {
+            json.iter()
+                .find(|v| v["message"] == message && v["request_id"] == request)
+                .unwrap_or_else(|| panic!("no {message:?} under {request}: {json:?}"))
+                .clone()
+        };
+        assert_eq!(
+            line("circuit removed in a batch", "manager-D-4")["deployment"],
+            id.to_string()
+        );
+        assert_eq!(
+            line("circuit deployed in a batch", "manager-C-5")["deployment"],
+            id.to_string()
+        );
+        // Every deployment's own line is under its ID.
+        let deploying: Vec<&serde_json::Value> = json
+            .iter()
+            .filter(|v| v["message"] == "deploying the coordinator's circuits")
+            .collect();
+        assert_eq!(deploying.len(), 6, "{json:?}");
+        assert_eq!(deploying[1]["request_id"], "manager-D-1");
+        assert_eq!(deploying[1]["removed"], 1);
+        assert_eq!(deploying[1]["parent_span_id"], "b7ad6b7169203331");
+        assert_eq!(deploying[3]["request_id"], "manager-D-2");
+        assert_eq!(deploying[5]["request_id"], id.to_string());
+        assert!(
+            deploying[5].get("parent_span_id").is_none(),
+            "{:?}",
+            deploying[5]
+        );
+        // A removal without a request (an older coordinator's answer) is as before.
+        let six = circuit_named("six");
+        fetched(
+            vec![(six.id, Change::Now((six.clone(), None, None)))],
+            &mut state,
+        );
+        let (id, span) = fetched(vec![(six.id, Change::Removed((None, None)))], &mut state);
+        assert_ne!(id, rid("manager-D-4"));
+        assert!(span.is_none());
+    }
+
+    #[test]
+    fn an_events_removal_names_its_request() {
+        let id = uuid::Uuid::new_v4();
+        let fetched = Fetched::of_deltas(vec![Delta::Remove(vec![id], Some(rid("manager-D-1")))]);
+        match &fetched.changes[..] {
+            [(got, Change::Removed((by, None)))] => {
+                assert_eq!(*got, id);
+                assert_eq!(*by, Some(rid("manager-D-1")));
+            }
+            other => panic!("one removal expected: {other:?}"),
+        }
     }
 
     #[test]

@@ -114,6 +114,16 @@ impl Deployer {
     }
 }
 
+#[cfg(test)]
+impl Deployer {
+    /// A deployer with no core to send to: unit tests of what the agent sends.
+    pub(crate) fn without_cores() -> Self {
+        Self {
+            cores: Arc::new(Vec::new()),
+        }
+    }
+}
+
 /// A deployment on its way to the cores.
 pub struct Applied {
     /// Each core sends its row once the new table is in place, with its failures.

@@ -139,15 +139,17 @@ impl Notice {
 pub enum Delta {
     /// Circuits created or updated, with the ID of the request that caused it.
     Upsert(Vec<Circuit>, Option<RequestId>),
-    /// Circuits removed.
-    Remove(Vec<uuid::Uuid>),
+    /// Circuits removed, with the ID of the request that removed them.
+    Remove(Vec<uuid::Uuid>, Option<RequestId>),
 }
 
 impl Delta {
     /// The change an event of `kind` about `circuits` makes.
     pub fn of(kind: EventKind, circuits: Vec<Circuit>, request_id: Option<RequestId>) -> Self {
         match kind {
-            EventKind::Removed => Delta::Remove(circuits.iter().map(|c| c.id).collect()),
+            EventKind::Removed => {
+                Delta::Remove(circuits.iter().map(|c| c.id).collect(), request_id)
+            }
             EventKind::Created | EventKind::RouteUpdated => Delta::Upsert(circuits, request_id),
         }
     }
