@@ -1,7 +1,9 @@
 //! A deployment the worker finds by a fetch rather than an event is traced as an
 //! event's is: the coordinator keeps the trace context of the request behind each
-//! circuit change with the change and returns it with the changes answer (`traces`),
-//! and the worker's deployment is a child of the coordinator's request span.
+//! circuit change with the change and returns it with the changes answer (`traces`,
+//! and for a removal the removing request's ID in `removed_by`), and the worker's
+//! deployment runs under that request's ID as a child of the coordinator's request
+//! span.
 //!
 //! Real servers, no Redis (so no events at all): a coordinator, and a two-core
 //! worker process that polls. The manager's traced call creates a circuit; the
@@ -9,16 +11,31 @@
 //! worker process takes over the same authority and finds it by its first read of
 //! the whole set (the page answer). Both deployments are children of the
 //! coordinator's span, in the lines every core logs, in the spans exported over OTLP
-//! and in the timeline `appproxy-trace` reconstructs from the logs.
+//! and in the timeline `appproxy-trace` reconstructs from the logs. Last, the
+//! manager deletes the circuit by a traced call of its own (another request ID,
+//! another trace): the worker finds the removal by a poll, and its deployment is
+//! found by the DELETE's request ID and is a child of the coordinator's span of the
+//! DELETE, in the same three places.
 
 mod common;
 
 use common::http;
 use common::traced::{text, wait_until, WorkerProc, MANAGER_SPAN, TRACE, TRACESTATE};
 
+/// The manager's trace of the deletion.
+const DELETE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+/// The manager's span of the deletion: the parent of the coordinator's.
+const DELETE_MANAGER_SPAN: &str = "b9c7c989f97918e1";
+
 /// Waits for the deployment of the manager's circuit on both cores, and gives
 /// its lines (the agent's and every core's).
 fn deployment(worker: &mut WorkerProc) -> Vec<serde_json::Value> {
+    deployment_of(worker, "manager-R-1")
+}
+
+/// Waits for the deployment under request ID `request` on both cores, and gives its
+/// lines (the agent's and every core's).
+fn deployment_of(worker: &mut WorkerProc, request: &str) -> Vec<serde_json::Value> {
     let mut lines = Vec::new();
     wait_until("the deployment on both cores", || {
         worker.assert_running();
@@ -26,7 +43,7 @@ fn deployment(worker: &mut WorkerProc) -> Vec<serde_json::Value> {
             .json()
             .into_iter()
             .filter(|v| {
-                v["request_id"] == "manager-R-1"
+                v["request_id"] == request
                     && (v["message"] == "deployment applied"
                         || v["message"] == "deploying the coordinator's circuits")
             })
@@ -44,6 +61,12 @@ fn deployment(worker: &mut WorkerProc) -> Vec<serde_json::Value> {
 /// Every line of a deployment is under one span, a child of `parent` in the
 /// manager's trace; that span.
 fn child_span_of(lines: &[serde_json::Value], parent: &str, logs: &str) -> String {
+    child_span_in(TRACE, lines, parent, logs)
+}
+
+/// Every line of a deployment is under one span, a child of `parent` in `trace`;
+/// that span.
+fn child_span_in(trace: &str, lines: &[serde_json::Value], parent: &str, logs: &str) -> String {
     assert!(
         lines
             .iter()
@@ -55,7 +78,7 @@ fn child_span_of(lines: &[serde_json::Value], parent: &str, logs: &str) -> Strin
         .unwrap_or_else(|| panic!("a deployment without a span: {lines:?}\n{logs}"))
         .to_owned();
     for line in lines {
-        assert_eq!(line["trace_id"], TRACE, "{line}");
+        assert_eq!(line["trace_id"], trace, "{line}");
         assert_eq!(line["span_id"], span.as_str(), "{line}");
         assert_eq!(line["parent_span_id"], parent, "{line}");
     }
@@ -151,6 +174,57 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     });
     assert_eq!(exported.trace_id(), TRACE);
     assert_eq!(exported.parent_span_id(), coordinator_span);
+    let deployed_revision = answer["revision"].as_u64().expect("a revision");
+
+    // The manager deletes the circuit by a traced call of its own.
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nX-Backend-Request-ID: manager-D-1\r\ntraceparent: 00-{DELETE_TRACE}-{DELETE_MANAGER_SPAN}-01\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let deleted = text(&sink)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "circuit deleted" && v["request_id"] == "manager-D-1")
+        .expect("the coordinator's deletion line");
+    assert_eq!(deleted["trace_id"], DELETE_TRACE, "{deleted}");
+    assert_eq!(deleted["parent_span_id"], DELETE_MANAGER_SPAN, "{deleted}");
+    let delete_span = deleted["span_id"].as_str().expect("span").to_owned();
+
+    // The changes answer names the removing request and carries its trace context.
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("GET /api/worker/{worker_id}/circuits?since={deployed_revision} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["removed"], serde_json::json!([circuit]), "{answer}");
+    assert_eq!(answer["removed_by"][&circuit], "manager-D-1", "{answer}");
+    assert_eq!(
+        answer["traces"][&circuit],
+        serde_json::json!({
+            "traceparent": format!("00-{DELETE_TRACE}-{delete_span}-01"),
+            "tracestate": TRACESTATE,
+        }),
+        "{answer}"
+    );
+
+    // The worker finds the removal by a poll: its deployment (the agent's line and
+    // every core's) is under the DELETE's request ID and the coordinator hop's child.
+    let removal = deployment_of(&mut worker, "manager-D-1");
+    assert!(
+        removal
+            .iter()
+            .any(|v| v["message"] == "deploying the coordinator's circuits" && v["removed"] == 1),
+        "{removal:?}"
+    );
+    let removal_span = child_span_in(DELETE_TRACE, &removal, &delete_span, &worker.logs());
+    let exported = otlp.wait_for("the removal's deployment span", |g| {
+        g.span.name == "deployment" && g.span_id() == removal_span
+    });
+    assert_eq!(exported.trace_id(), DELETE_TRACE);
+    assert_eq!(exported.parent_span_id(), delete_span);
+    assert_eq!(exported.str("request_id").as_deref(), Some("manager-D-1"));
     let second_log = worker.stop();
 
     // appproxy-trace on the logs: one trace, both deployments under the coordinator.
@@ -179,6 +253,40 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
         .map(|m| m.span_id.as_str())
         .collect();
     assert_eq!(missing, vec![MANAGER_SPAN], "{rendered}");
+    eprintln!("{rendered}");
+
+    // The deletion's trace: the coordinator's hop, then the worker's removal under it.
+    let logs = [
+        (text(&sink), "coordinator.log"),
+        (second_log.clone(), "worker-2.log"),
+    ];
+    let logs: Vec<(&str, &str)> = logs.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+    let (timeline, rendered) = common::traced::timeline_of(DELETE_TRACE, &logs);
+    let position = |span: &str| common::traced::hop_position(&timeline, &rendered, span);
+    let (c, d) = (position(&delete_span), position(&removal_span));
+    assert_eq!(timeline.hops[c].component, "coordinator");
+    assert_eq!(timeline.hops[d].component, "worker");
+    assert!(c < d, "the coordinator's hop comes first:\n{rendered}");
+    assert_eq!(
+        timeline.hops[d].parent_span_id.as_deref(),
+        Some(delete_span.as_str())
+    );
+    let missing: Vec<&str> = timeline
+        .missing
+        .iter()
+        .map(|m| m.span_id.as_str())
+        .collect();
+    assert_eq!(missing, vec![DELETE_MANAGER_SPAN], "{rendered}");
+    // By the DELETE's request ID alone, the worker's lines of the removal are found.
+    let by_id = appproxy_trace::select(
+        &common::traced::entries_of(&logs),
+        &appproxy_trace::Query::Request("manager-D-1".into()),
+    );
+    let applied = by_id
+        .iter()
+        .filter(|e| e.component == "worker" && e.message == "deployment applied")
+        .count();
+    assert_eq!(applied, 2, "every core's line, found by the request ID");
     eprintln!("{rendered}");
 
     coordinator.stop();

@@ -120,15 +120,29 @@ pub fn circuit_created(sink: &Sink) -> serde_json::Value {
 /// The `appproxy-trace` timeline of the manager's trace across `logs` (each a log's
 /// text and its file name), checked to hold that one trace, and its text rendering.
 pub fn manager_timeline(logs: &[(&str, &str)]) -> (appproxy_trace::Timeline, String) {
+    timeline_of(TRACE, logs)
+}
+
+/// The `appproxy-trace` timeline of `trace` across `logs` (each a log's text and its
+/// file name), checked to hold that one trace, and its text rendering.
+pub fn timeline_of(trace: &str, logs: &[(&str, &str)]) -> (appproxy_trace::Timeline, String) {
+    let selected = appproxy_trace::select(
+        &entries_of(logs),
+        &appproxy_trace::Query::Trace(trace.into()),
+    );
+    let timeline = appproxy_trace::timeline(&selected);
+    let rendered = appproxy_trace::render_text(&timeline, false);
+    assert_eq!(timeline.trace_ids, vec![trace.to_owned()], "{rendered}");
+    (timeline, rendered)
+}
+
+/// What `appproxy-trace` reads of `logs` (each a log's text and its file name).
+pub fn entries_of(logs: &[(&str, &str)]) -> Vec<appproxy_trace::Entry> {
     let mut entries = Vec::new();
     for (text, name) in logs {
         entries.extend(appproxy_trace::parse_text(text, name));
     }
-    let selected = appproxy_trace::select(&entries, &appproxy_trace::Query::Trace(TRACE.into()));
-    let timeline = appproxy_trace::timeline(&selected);
-    let rendered = appproxy_trace::render_text(&timeline, false);
-    assert_eq!(timeline.trace_ids, vec![TRACE.to_owned()], "{rendered}");
-    (timeline, rendered)
+    entries
 }
 
 /// Where the hop of `span` sits in `timeline` (failing with the rendering when it is
