@@ -204,7 +204,7 @@ pub fn registration(config: &Config) -> WorkerRegistration {
 /// What changed in this worker's set after revision `since`, or the whole set (read
 /// page by page: no size ceiling) when `since` is `None` or the coordinator no longer
 /// remembers that far back. Each circuit comes with the ID of the request that
-/// created it.
+/// created it, each removal with the request that removed it.
 async fn fetch<L: ControlLink>(
     link: &L,
     id: uuid::Uuid,
@@ -1001,7 +1001,7 @@ mod tests {
         );
         assert!(fetched_span(&[one.clone(), None]).is_none(), "one untraced");
         assert!(fetched_span(&[None]).is_none());
-        assert!(fetched_span(&[]).is_none(), "removals only");
+        assert!(fetched_span(&[]).is_none(), "no change to go by");
     }
 
     #[test]
