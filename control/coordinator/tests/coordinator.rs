@@ -589,6 +589,24 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
             .any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
         "the removal is logged under the pass's ID"
     );
+    // And the changes answer names the pass as the removing request.
+    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since=1"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json()["removed_by"],
+        serde_json::json!({circuit.as_str(): a}),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let metrics =
         String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
     assert!(
@@ -691,12 +709,30 @@ fn slots_statistics_and_bulk_delete() {
             "/api/circuit/_/bulk?circuit_ids={},{}",
             circuits[0], circuits[1]
         ),
-        &[AUTH],
+        &[AUTH, ("X-Backend-Request-ID", "mgr-bulk-1")],
         "",
     );
     assert_eq!(r.json()["success"], true);
     let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
     assert_eq!(r.json()["slots"], serde_json::json!([]));
+    // Each removal is named with the bulk request's ID.
+    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since=2"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        r.json()["removed_by"],
+        serde_json::json!({circuits[0].as_str(): "mgr-bulk-1", circuits[1].as_str(): "mgr-bulk-1"}),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 /// A worker's circuit set by revision: nothing changed costs a few bytes, changes
@@ -785,12 +821,20 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     let page = get(&format!("?after={}&limit=2", by_id[1]));
     assert_eq!(ids(&page["circuits"]), by_id[2..].to_vec());
     assert_eq!(page["next"], serde_json::Value::Null);
-    // A removal is a change too.
+    // A removal is a change too, named with the request that made it: its ID in
+    // `removed_by`, its trace context (the coordinator's span) in `traces`.
     let r = request(
         c.addr,
         "DELETE",
         &format!("/api/circuit/{}", created[0]),
-        &[AUTH],
+        &[
+            AUTH,
+            ("X-Backend-Request-ID", "mgr-del-1"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b9c7c989f97918e1-01",
+            ),
+        ],
         "",
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -798,6 +842,18 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     assert_eq!(after["revision"], 4);
     assert_eq!(after["circuits"], serde_json::json!([]));
     assert_eq!(after["removed"], serde_json::json!([created[0]]));
+    assert_eq!(
+        after["removed_by"],
+        serde_json::json!({created[0].as_str(): "mgr-del-1"})
+    );
+    let traceparent = after["traces"][created[0].as_str()]["traceparent"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the removal's trace context: {after}"));
+    assert!(
+        traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+            && !traceparent.contains("b9c7c989f97918e1"),
+        "the coordinator's span in the manager's trace: {traceparent}"
+    );
     // A revision the store never had (it was started afresh): the whole set.
     assert_eq!(
         get("?since=99"),
