@@ -4,9 +4,9 @@
 //!
 //! Request IDs follow the coordinator column of `docs/request-ids.md`: the manager's ID (or an alias) is
 //! used and echoed when present, **never generated**; it is stored as the circuit's
-//! `origin_request_id` (NULL when absent), put in the metadata of every event the
-//! request causes and is on every log line of the request. Background jobs run each
-//! pass under an ID of their own.
+//! `origin_request_id` (NULL when absent) or, for a removal, with its change-log
+//! entry, put in the metadata of every event the request causes and is on every log
+//! line of the request. Background jobs run each pass under an ID of their own.
 
 #![forbid(unsafe_code)]
 

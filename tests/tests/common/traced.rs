@@ -1,5 +1,6 @@
 //! What the trace tests share: the manager's trace, a worker process started from a
-//! config file (its log captured, killed on drop), and the waits on what it logs.
+//! config file (its log captured, killed on drop), the waits on what it logs, and
+//! what `appproxy-trace` reads of the logs (entries, a trace's timeline).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
