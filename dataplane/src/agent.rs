@@ -611,7 +611,9 @@ const RECENT: Duration = Duration::from_secs(60);
 /// changed.
 const WHOLE_SET_EVERY: Duration = Duration::from_secs(3600);
 
-/// Most per-circuit "deployed in a batch" lines a whole-set read writes.
+/// Most per-circuit "deployed/removed in a batch" lines one deployment writes (then
+/// one line per request counts the rest); a whole-set read with more new circuits
+/// than this writes none for them.
 const MAX_BATCH_LINES: usize = 64;
 
 /// Origins kept beyond the recent circuits' before they are swept.
@@ -792,6 +794,10 @@ fn apply(
     let mut removes = Vec::new();
     // The request behind each removal deployed.
     let mut removers: Vec<Option<RequestId>> = Vec::new();
+    // The request behind each change deployed, when known: a removal's remover, a
+    // new circuit's creator; an update's is not known (the store keeps the creating
+    // request's ID, not the updating one's).
+    let mut behind: Vec<Option<RequestId>> = Vec::new();
     // The trace context behind each change deployed.
     let mut traces: Vec<Option<TraceContext>> = Vec::with_capacity(last.len());
     let mut upserts: Vec<Current> = Vec::new();
@@ -804,6 +810,7 @@ fn apply(
                     state.origins.remove(&id);
                     removes.push(id);
                     removers.push(by);
+                    behind.push(by);
                     traces.push(trace);
                 }
             }
@@ -845,14 +852,17 @@ fn apply(
                 let r = Arc::new(r);
                 let was = state.circuits.insert(id, r.clone());
                 match was {
-                    Some(old) if old.frontend != r.frontend => {
-                        state.frontends.remove(&old.frontend);
+                    Some(old) => {
+                        if old.frontend != r.frontend {
+                            state.frontends.remove(&old.frontend);
+                        }
+                        behind.push(None);
                     }
-                    Some(_) => {}
                     None => {
                         if let Some(o) = origin {
                             new.push((id, o));
                         }
+                        behind.push(origin);
                         state.recent.push_back((id, std::time::Instant::now()));
                     }
                 }
@@ -872,30 +882,27 @@ fn apply(
     if resolved.is_empty() && removes.is_empty() {
         return None;
     }
-    // New circuits and removals all of one request (a creation, a deletion, a bulk
-    // deletion): deploy under that request's ID, so the manager's call, the
-    // coordinator and every core share one ID. Otherwise a fresh ID for this
-    // deployment.
+    // Every change of one known request (a creation, a deletion, a bulk deletion):
+    // deploy under that request's ID, so the manager's call, the coordinator and
+    // every core share one ID. Otherwise a fresh ID for this deployment.
     let id = preferred
-        .or_else(|| one_request(&new, &removers))
+        .or_else(|| one_request(&behind))
         .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
     // A batch deploys under its own ID: each creating or removing request's ID gets
-    // a line naming it, so either ID finds the other — but not for every circuit of
-    // a whole set read at start (those creations are long answered).
+    // lines naming it, so either ID finds the other — but not for the circuits of a
+    // whole set read at start (those creations are long answered).
+    let mut lines = BatchLines::new(id);
     if !whole || new.len() <= MAX_BATCH_LINES {
-        for (circuit, origin) in new.iter().filter(|(_, o)| *o != id) {
-            appproxy_shared::with_request_id(Some(*origin), || {
-                tracing::info!(%circuit, deployment = %id, "circuit deployed in a batch");
-            });
+        for (circuit, origin) in &new {
+            lines.add(*circuit, *origin, BatchKind::Deployed);
         }
     }
     for (circuit, by) in removes.iter().zip(&removers) {
-        if let Some(by) = by.filter(|by| *by != id) {
-            appproxy_shared::with_request_id(Some(by), || {
-                tracing::info!(%circuit, deployment = %id, "circuit removed in a batch");
-            });
+        if let Some(by) = by {
+            lines.add(*circuit, *by, BatchKind::Removed);
         }
     }
+    lines.finish();
     // An event's deployment runs under the event's span; one found by a fetch under
     // a child of the coordinator's span behind the changes, as the event would have.
     let traced = match appproxy_shared::current_span() {
@@ -922,19 +929,83 @@ fn apply(
     })
 }
 
-/// The request behind every new circuit (its creation) and every removal of a
-/// deployment, when it is one and the same and known for each; `None` otherwise
-/// (and when there are neither).
-fn one_request(
-    new: &[(uuid::Uuid, RequestId)],
-    removers: &[Option<RequestId>],
-) -> Option<RequestId> {
-    let mut all = new
-        .iter()
-        .map(|(_, origin)| Some(*origin))
-        .chain(removers.iter().copied());
-    let first = all.next()??;
-    all.all(|r| r == Some(first)).then_some(first)
+/// The request behind every change of a deployment, when it is one and the same
+/// and known for each; `None` otherwise (and when there is no change).
+fn one_request(behind: &[Option<RequestId>]) -> Option<RequestId> {
+    let first = (*behind.first()?)?;
+    behind.iter().all(|r| *r == Some(first)).then_some(first)
+}
+
+/// What a batch line says of a circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchKind {
+    Deployed,
+    Removed,
+}
+
+/// The lines that tie a batch's deployment ID to the requests behind its changes:
+/// one per circuit (under the circuit's request's ID, naming the deployment) for
+/// the first [`MAX_BATCH_LINES`], then one per request and kind counting the rest —
+/// an idle pass that removed thousands of circuits batched with one other change
+/// writes a bounded number of lines.
+struct BatchLines {
+    deployment: RequestId,
+    left: usize,
+    rest: Vec<(RequestId, BatchKind, usize)>,
+}
+
+impl BatchLines {
+    fn new(deployment: RequestId) -> Self {
+        Self {
+            deployment,
+            left: MAX_BATCH_LINES,
+            rest: Vec::new(),
+        }
+    }
+
+    /// Notes that `request` created or removed `circuit` (nothing when `request` is
+    /// the deployment's own ID: its lines already say so).
+    fn add(&mut self, circuit: uuid::Uuid, request: RequestId, kind: BatchKind) {
+        let deployment = self.deployment;
+        if request == deployment {
+            return;
+        }
+        if self.left > 0 {
+            self.left -= 1;
+            appproxy_shared::with_request_id(Some(request), || match kind {
+                BatchKind::Deployed => {
+                    tracing::info!(%circuit, %deployment, "circuit deployed in a batch")
+                }
+                BatchKind::Removed => {
+                    tracing::info!(%circuit, %deployment, "circuit removed in a batch")
+                }
+            });
+            return;
+        }
+        match self
+            .rest
+            .iter_mut()
+            .find(|(r, k, _)| *r == request && *k == kind)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => self.rest.push((request, kind, 1)),
+        }
+    }
+
+    /// Writes the counts of the circuits past the per-circuit lines.
+    fn finish(self) {
+        let deployment = self.deployment;
+        for (request, kind, circuits) in self.rest {
+            appproxy_shared::with_request_id(Some(request), || match kind {
+                BatchKind::Deployed => {
+                    tracing::info!(circuits, %deployment, "more circuits deployed in a batch")
+                }
+                BatchKind::Removed => {
+                    tracing::info!(circuits, %deployment, "more circuits removed in a batch")
+                }
+            });
+        }
+    }
 }
 
 /// The span of a deployment found by a fetch: a child of the coordinator's span
@@ -1074,18 +1145,18 @@ mod tests {
     #[test]
     fn one_request_behind_a_deployment_names_it() {
         let (c, d) = (rid("manager-C-1"), rid("manager-D-1"));
-        let id = uuid::Uuid::new_v4;
-        assert_eq!(one_request(&[(id(), c)], &[]), Some(c), "a creation");
-        assert_eq!(one_request(&[], &[Some(d)]), Some(d), "a removal");
+        assert_eq!(one_request(&[Some(c)]), Some(c), "a creation");
+        assert_eq!(one_request(&[Some(d)]), Some(d), "a removal");
+        assert_eq!(one_request(&[Some(d), Some(d)]), Some(d), "a bulk deletion");
+        assert_eq!(one_request(&[Some(c), Some(d)]), None, "two requests");
         assert_eq!(
-            one_request(&[], &[Some(d), Some(d)]),
-            Some(d),
-            "a bulk deletion"
+            one_request(&[Some(d), None]),
+            None,
+            "one unknown (an update, a creation without an ID)"
         );
-        assert_eq!(one_request(&[(id(), c)], &[Some(d)]), None, "two requests");
-        assert_eq!(one_request(&[], &[Some(d), None]), None, "one unknown");
-        assert_eq!(one_request(&[], &[None]), None, "an unknown removal");
-        assert_eq!(one_request(&[], &[]), None);
+        assert_eq!(one_request(&[None, Some(d)]), None, "unknown first");
+        assert_eq!(one_request(&[None]), None, "an unknown removal");
+        assert_eq!(one_request(&[]), None);
     }
 
     #[test]
@@ -1136,6 +1207,21 @@ mod tests {
         assert!(now[0].2.is_some());
     }
 
+    /// The worker's JSON log lines at `info`, into `lines`.
+    fn json_subscriber(
+        lines: &appproxy_test_support::logs::Sink,
+    ) -> impl tracing::Subscriber + Send + Sync {
+        appproxy_shared::telemetry::subscriber(
+            &appproxy_shared::telemetry::LoggingConfig {
+                format: appproxy_shared::telemetry::LogFormat::Json,
+                filter: "info".into(),
+            },
+            "worker",
+            lines.clone(),
+        )
+        .expect("subscriber")
+    }
+
     #[test]
     fn a_fetched_removal_deploys_under_its_request_and_a_child_of_its_span() {
         let config = Config::parse(
@@ -1145,16 +1231,7 @@ mod tests {
         let deployer = Deployer::without_cores();
         let mut state = Deployed::default();
         let lines = appproxy_test_support::logs::Sink::default();
-        let subscriber = appproxy_shared::telemetry::subscriber(
-            &appproxy_shared::telemetry::LoggingConfig {
-                format: appproxy_shared::telemetry::LogFormat::Json,
-                filter: "info".into(),
-            },
-            "worker",
-            lines.clone(),
-        )
-        .expect("subscriber");
-        let _log = tracing::subscriber::set_default(subscriber);
+        let _log = tracing::subscriber::set_default(json_subscriber(&lines));
         let mut revision = 0;
         let mut fetched = |changes: Vec<CircuitChange>, state: &mut Deployed| {
             revision += 1;
@@ -1284,9 +1361,129 @@ mod tests {
             vec![(six.id, Change::Now((six.clone(), None, None)))],
             &mut state,
         );
+        let before = lines.json_lines().len();
         let (id, span) = fetched(vec![(six.id, Change::Removed((None, None)))], &mut state);
-        assert_ne!(id, rid("manager-D-4"));
         assert!(span.is_none());
+        let json = lines.json_lines();
+        let new_lines: Vec<&serde_json::Value> = json[before..].iter().collect();
+        assert!(
+            new_lines
+                .iter()
+                .all(|v| v["message"] != "circuit removed in a batch"),
+            "no request to name: {new_lines:?}"
+        );
+        assert!(
+            new_lines
+                .iter()
+                .any(|v| v["message"] == "deploying the coordinator's circuits"
+                    && v["request_id"] == id.to_string()
+                    && v["removed"] == 1),
+            "{new_lines:?}"
+        );
+
+        // A removal batched with an update of another circuit (whose request is not
+        // known: the store keeps the creator's ID, not the updater's): the removing
+        // request does not speak for the update, so a fresh ID and a batch line.
+        let (seven, eight) = (circuit_named("seven"), circuit_named("eight"));
+        fetched(
+            [&seven, &eight]
+                .map(|c| {
+                    (
+                        c.id,
+                        Change::Now(((*c).clone(), Some(rid("manager-C-7")), None)),
+                    )
+                })
+                .into(),
+            &mut state,
+        );
+        let mut moved = seven.clone();
+        moved.subdomain = Some("seven-moved".into());
+        let (id, _) = fetched(
+            vec![
+                (
+                    seven.id,
+                    Change::Now((moved, Some(rid("manager-C-7")), None)),
+                ),
+                (
+                    eight.id,
+                    Change::Removed((Some(rid("manager-D-8")), remover.clone())),
+                ),
+            ],
+            &mut state,
+        );
+        assert!(
+            id != rid("manager-D-8") && id != rid("manager-C-7"),
+            "a fresh ID: {id}"
+        );
+        let json = lines.json_lines();
+        assert!(
+            json.iter()
+                .any(|v| v["message"] == "circuit removed in a batch"
+                    && v["request_id"] == "manager-D-8"
+                    && v["deployment"] == id.to_string()),
+            "{json:?}"
+        );
+    }
+
+    #[test]
+    fn batch_lines_are_bounded_per_circuit_then_counted_per_request() {
+        let lines = appproxy_test_support::logs::Sink::default();
+        let _log = tracing::subscriber::set_default(json_subscriber(&lines));
+        let deployment = rid("batch-1");
+        let mut batch = BatchLines::new(deployment);
+        let (d, c) = (rid("idle-pass-1"), rid("manager-C-1"));
+        for _ in 0..MAX_BATCH_LINES + 100 {
+            batch.add(uuid::Uuid::new_v4(), d, BatchKind::Removed);
+        }
+        batch.add(uuid::Uuid::new_v4(), c, BatchKind::Deployed);
+        batch.add(uuid::Uuid::new_v4(), c, BatchKind::Deployed);
+        batch.add(uuid::Uuid::new_v4(), deployment, BatchKind::Removed);
+        batch.finish();
+        let json = lines.json_lines();
+        let per_circuit = json
+            .iter()
+            .filter(|v| v["message"] == "circuit removed in a batch")
+            .count();
+        assert_eq!(per_circuit, MAX_BATCH_LINES);
+        let counted: Vec<(String, String, u64)> = json
+            .iter()
+            .filter(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("more "))
+            })
+            .map(|v| {
+                (
+                    v["message"].as_str().unwrap_or_default().to_owned(),
+                    v["request_id"].as_str().unwrap_or_default().to_owned(),
+                    v["circuits"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            counted,
+            vec![
+                (
+                    "more circuits removed in a batch".into(),
+                    "idle-pass-1".into(),
+                    100
+                ),
+                (
+                    "more circuits deployed in a batch".into(),
+                    "manager-C-1".into(),
+                    2
+                ),
+            ]
+        );
+        assert!(
+            json.iter().all(|v| v["deployment"] == "batch-1"),
+            "every line names the deployment: {json:?}"
+        );
+        assert_eq!(
+            json.len(),
+            MAX_BATCH_LINES + 2,
+            "nothing for the deployment's own ID"
+        );
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub async fn bounded<T>(
 pub struct Metrics {
     /// Circuits created.
     pub circuits_created: AtomicU64,
-    /// Circuits removed (API, bulk, idle collection, failed acknowledgement).
+    /// Circuits removed (API, bulk, endpoint, idle collection, failed acknowledgement).
     pub circuits_removed: AtomicU64,
     /// Creations answered 503 because the worker did not acknowledge.
     pub ack_timeouts: AtomicU64,
@@ -185,8 +185,8 @@ impl State {
     /// Removes a circuit and tells its worker, under the current request ID. The
     /// removal is logged with that ID and the request's trace context, as it goes
     /// with the event: a worker that finds it by a fetch deploys it under the same
-    /// ID and a child of the same span. Every removal (API and bulk deletes, idle
-    /// collection, a withdrawn creation) comes through here.
+    /// ID and a child of the same span. Every removal (API, bulk and endpoint
+    /// deletes, idle collection, a withdrawn creation) comes through here.
     async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
         let found = self.store.circuit(id).await?;
         let request_id = appproxy_shared::current_request_id();
