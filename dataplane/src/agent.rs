@@ -470,7 +470,6 @@ async fn run<L: ControlLink>(
                 }
             },
         };
-        let mut fetched_trace = None;
         let applied = appproxy_shared::with_request_context(None, wake.span, || {
             apply(&config, &deployer, fetched, &mut state, wake.request_id)
         })
@@ -480,7 +479,6 @@ async fn run<L: ControlLink>(
             if let Some((span, tracestate)) = traced {
                 wake.span = Some(span);
                 wake.tracestate = tracestate;
-                fetched_trace = Some(span);
             }
             (applied, id)
         });
@@ -493,9 +491,10 @@ async fn run<L: ControlLink>(
             );
         }
         if wake.created.is_empty() && !wake.resync {
-            // A traced deployment a poll found owes no acknowledgement: its span is
-            // exported once every core applied it, off the agent's loop.
-            if let (Some(span), Some((applied, id))) = (fetched_trace, applied) {
+            // A traced deployment that owes no acknowledgement (a removal or an update
+            // an event brought, or what a poll found): its span is exported once every
+            // core applied it, off the agent's loop, as an acknowledged one is.
+            if let (Some(span), Some((applied, id))) = (wake.span, applied) {
                 if appproxy_shared::otlp::enabled() {
                     tokio::task::spawn_blocking(move || {
                         if applied.outcome(apply_timeout).is_some() {

@@ -6,7 +6,10 @@
 //! the coordinator and the worker, read by `appproxy-trace`, show every hop under the
 //! one trace in call order, with consistent parent and child span IDs. The
 //! manager's `tracestate` travels with the trace in the event's metadata and comes
-//! back on the worker's acknowledgement.
+//! back on the worker's acknowledgement. Last, the manager deletes the circuit by a
+//! traced call of its own: the removal event's deployment (which owes no
+//! acknowledgement) is under the DELETE's request ID, a child of the coordinator's
+//! span of the DELETE, and exported over OTLP like the creation's.
 
 mod common;
 
@@ -269,6 +272,54 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         .collect();
     assert_eq!(missing, vec![MANAGER_SPAN], "{rendered}");
     eprintln!("{rendered}");
+
+    // The manager deletes the circuit by a traced call of its own; the removal
+    // event's deployment is that call's, in the lines and over OTLP.
+    let circuit = created["circuit"]
+        .as_str()
+        .expect("the circuit's ID")
+        .to_owned();
+    let delete_trace = "0af7651916cd43dd8448eb211c80319c";
+    let delete_manager_span = "b9c7c989f97918e1";
+    let (status, _, body) = http(
+        coord_addr,
+        &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nX-Backend-Request-ID: manager-D-1\r\ntraceparent: 00-{delete_trace}-{delete_manager_span}-01\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let deleted = text(&sink)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "circuit deleted" && v["request_id"] == "manager-D-1")
+        .expect("the coordinator's deletion line");
+    assert_eq!(deleted["trace_id"], delete_trace, "{deleted}");
+    let delete_span = deleted["span_id"].as_str().expect("span").to_owned();
+    let mut removal = Vec::new();
+    wait_until("the removal on both cores", || {
+        worker.assert_running();
+        removal = worker
+            .json()
+            .into_iter()
+            .filter(|v| v["request_id"] == "manager-D-1" && v["message"] == "deployment applied")
+            .collect();
+        removal
+            .iter()
+            .map(|v| v["core"].to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 2
+    });
+    let removal_span = removal[0]["span_id"].as_str().expect("span").to_owned();
+    for line in &removal {
+        assert_eq!(line["trace_id"], delete_trace, "{line}");
+        assert_eq!(line["span_id"], removal_span.as_str(), "{line}");
+        assert_eq!(line["parent_span_id"], delete_span.as_str(), "{line}");
+    }
+    let exported = otlp.wait_for("the removal's deployment span", |g| {
+        g.span.name == "deployment" && g.span_id() == removal_span
+    });
+    assert_eq!(exported.trace_id(), delete_trace);
+    assert_eq!(exported.parent_span_id(), delete_span);
+    assert_eq!(exported.str("request_id").as_deref(), Some("manager-D-1"));
 
     drop(worker);
     coordinator.stop();
