@@ -172,7 +172,7 @@ pub struct CircuitSet<C = Circuit> {
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "lenient_traces"
+        deserialize_with = "lenient_map"
     )]
     pub traces: BTreeMap<Uuid, ChangeTrace>,
     /// A page's: where the next page starts (`null` on the last page).
@@ -188,7 +188,7 @@ pub struct CircuitSet<C = Circuit> {
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "lenient_removed_by"
+        deserialize_with = "lenient_map"
     )]
     pub removed_by: BTreeMap<Uuid, String>,
     /// A change list's: asking again from `revision` gives more.
@@ -305,12 +305,15 @@ impl From<&crate::trace::TraceContext> for ChangeTrace {
     }
 }
 
-/// `traces` of a set answer: entries that do not read (a key that is not a UUID, a
-/// value not of the shape) are left out, and anything but an object reads as none —
-/// a trace is never worth the circuits it comes with.
-fn lenient_traces<'de, D>(d: D) -> Result<BTreeMap<Uuid, ChangeTrace>, D::Error>
+/// A map of a set answer keyed by circuit ID, read leniently (`traces`,
+/// `removed_by`): entries that do not read (a key that is not a UUID, a value not of
+/// the shape) are left out, and anything but an object reads as none — what such a
+/// map says is never worth the circuits it comes with. (`removed_by`'s IDs are then
+/// validated by the reader, [`CircuitSet::remover_of`].)
+fn lenient_map<'de, D, T>(d: D) -> Result<BTreeMap<Uuid, T>, D::Error>
 where
     D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
 {
     let serde_json::Value::Object(map) = serde_json::Value::deserialize(d)? else {
         return Ok(BTreeMap::new());
@@ -320,27 +323,8 @@ where
         .filter_map(|(k, v)| {
             Some((
                 Uuid::parse_str(&k).ok()?,
-                serde_json::from_value::<ChangeTrace>(v).ok()?,
+                serde_json::from_value::<T>(v).ok()?,
             ))
-        })
-        .collect())
-}
-
-/// `removed_by` of a change list: entries whose key is not a UUID or whose value is
-/// not a string are left out, and anything but an object reads as none (the IDs
-/// themselves are validated by the reader, [`CircuitSet::remover_of`]).
-fn lenient_removed_by<'de, D>(d: D) -> Result<BTreeMap<Uuid, String>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    let serde_json::Value::Object(map) = serde_json::Value::deserialize(d)? else {
-        return Ok(BTreeMap::new());
-    };
-    Ok(map
-        .into_iter()
-        .filter_map(|(k, v)| match v {
-            serde_json::Value::String(id) => Some((Uuid::parse_str(&k).ok()?, id)),
-            _ => None,
         })
         .collect())
 }

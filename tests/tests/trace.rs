@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use common::http;
 use common::traced::{
-    text, wait_until, WorkerProc, MANAGER_SPAN, SESSION, TRACE, TRACESTATE, USER,
+    managers_delete, text, wait_until, WorkerProc, DELETE_TRACE, MANAGER_SPAN, SESSION, TRACE,
+    TRACESTATE, USER,
 };
 
 #[test]
@@ -279,19 +280,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         .as_str()
         .expect("the circuit's ID")
         .to_owned();
-    let delete_trace = "0af7651916cd43dd8448eb211c80319c";
-    let delete_manager_span = "b9c7c989f97918e1";
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nX-Backend-Request-ID: manager-D-1\r\ntraceparent: 00-{delete_trace}-{delete_manager_span}-01\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
-    let deleted = text(&sink)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "circuit deleted" && v["request_id"] == "manager-D-1")
-        .expect("the coordinator's deletion line");
-    assert_eq!(deleted["trace_id"], delete_trace, "{deleted}");
+    let deleted = managers_delete(coord_addr, &sink, &circuit, None);
     let delete_span = deleted["span_id"].as_str().expect("span").to_owned();
     let mut removal = Vec::new();
     wait_until("the removal on both cores", || {
@@ -310,14 +299,14 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
     });
     let removal_span = removal[0]["span_id"].as_str().expect("span").to_owned();
     for line in &removal {
-        assert_eq!(line["trace_id"], delete_trace, "{line}");
+        assert_eq!(line["trace_id"], DELETE_TRACE, "{line}");
         assert_eq!(line["span_id"], removal_span.as_str(), "{line}");
         assert_eq!(line["parent_span_id"], delete_span.as_str(), "{line}");
     }
     let exported = otlp.wait_for("the removal's deployment span", |g| {
         g.span.name == "deployment" && g.span_id() == removal_span
     });
-    assert_eq!(exported.trace_id(), delete_trace);
+    assert_eq!(exported.trace_id(), DELETE_TRACE);
     assert_eq!(exported.parent_span_id(), delete_span);
     assert_eq!(exported.str("request_id").as_deref(), Some("manager-D-1"));
 

@@ -20,12 +20,10 @@
 mod common;
 
 use common::http;
-use common::traced::{text, wait_until, WorkerProc, MANAGER_SPAN, TRACE, TRACESTATE};
-
-/// The manager's trace of the deletion.
-const DELETE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
-/// The manager's span of the deletion: the parent of the coordinator's.
-const DELETE_MANAGER_SPAN: &str = "b9c7c989f97918e1";
+use common::traced::{
+    managers_delete, text, wait_until, WorkerProc, DELETE_MANAGER_SPAN, DELETE_TRACE, MANAGER_SPAN,
+    TRACE, TRACESTATE,
+};
 
 /// Waits for the deployment of the manager's circuit on both cores, and gives
 /// its lines (the agent's and every core's).
@@ -177,18 +175,7 @@ fn a_deployment_found_by_a_fetch_is_a_child_of_the_coordinators_request_span() {
     let deployed_revision = answer["revision"].as_u64().expect("a revision");
 
     // The manager deletes the circuit by a traced call of its own.
-    let (status, _, body) = http(
-        coord_addr,
-        &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nX-Backend-Request-ID: manager-D-1\r\ntraceparent: 00-{DELETE_TRACE}-{DELETE_MANAGER_SPAN}-01\r\ntracestate: {TRACESTATE}\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
-    let deleted = text(&sink)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "circuit deleted" && v["request_id"] == "manager-D-1")
-        .expect("the coordinator's deletion line");
-    assert_eq!(deleted["trace_id"], DELETE_TRACE, "{deleted}");
-    assert_eq!(deleted["parent_span_id"], DELETE_MANAGER_SPAN, "{deleted}");
+    let deleted = managers_delete(coord_addr, &sink, &circuit, Some(TRACESTATE));
     let delete_span = deleted["span_id"].as_str().expect("span").to_owned();
 
     // The changes answer names the removing request and carries its trace context.

@@ -105,6 +105,14 @@ on_both_engines! {
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
+/// The ID of the first worker `GET /api/worker` lists.
+fn first_worker(c: &Coordinator) -> String {
+    request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned()
+}
+
 fn setup(c: &Coordinator) -> String {
     let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
@@ -590,14 +598,10 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
         "the removal is logged under the pass's ID"
     );
     // And the changes answer names the pass as the removing request.
-    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
-        .as_str()
-        .expect("worker id")
-        .to_owned();
     let r = request(
         c.addr,
         "GET",
-        &format!("/api/worker/{worker}/circuits?since=1"),
+        &format!("/api/worker/{}/circuits?since=1", first_worker(&c)),
         &[AUTH],
         "",
     );
@@ -716,14 +720,10 @@ fn slots_statistics_and_bulk_delete() {
     let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
     assert_eq!(r.json()["slots"], serde_json::json!([]));
     // Each removal is named with the bulk request's ID.
-    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
-        .as_str()
-        .expect("worker id")
-        .to_owned();
     let r = request(
         c.addr,
         "GET",
-        &format!("/api/worker/{worker}/circuits?since=2"),
+        &format!("/api/worker/{}/circuits?since=2", first_worker(&c)),
         &[AUTH],
         "",
     );
@@ -742,10 +742,7 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
     let token = setup(&c);
-    let worker = request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
-        .as_str()
-        .expect("worker id")
-        .to_owned();
+    let worker = first_worker(&c);
     let get = |path: &str| {
         let r = request(
             c.addr,

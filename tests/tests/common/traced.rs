@@ -105,6 +105,39 @@ pub fn managers_call(coord_addr: std::net::SocketAddr, kernel_port: u16) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The manager's trace of its deletion of the circuit.
+pub const DELETE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+/// The manager's span of that deletion: the parent of the coordinator's.
+pub const DELETE_MANAGER_SPAN: &str = "b9c7c989f97918e1";
+
+/// The manager deletes `circuit` by a traced call of its own: request ID
+/// `manager-D-1`, [`DELETE_TRACE`] with [`DELETE_MANAGER_SPAN`] as parent, and
+/// `tracestate` when given. Gives the coordinator's `circuit deleted` line among what
+/// `sink` holds, checked to be in that trace as the manager span's child.
+pub fn managers_delete(
+    coord_addr: std::net::SocketAddr,
+    sink: &Sink,
+    circuit: &str,
+    tracestate: Option<&str>,
+) -> serde_json::Value {
+    let tracestate = tracestate
+        .map(|t| format!("tracestate: {t}\r\n"))
+        .unwrap_or_default();
+    let (status, _, body) = super::http(
+        coord_addr,
+        &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nX-Backend-Request-ID: manager-D-1\r\ntraceparent: 00-{DELETE_TRACE}-{DELETE_MANAGER_SPAN}-01\r\n{tracestate}Connection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let deleted = text(sink)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "circuit deleted" && v["request_id"] == "manager-D-1")
+        .expect("the coordinator's deletion line");
+    assert_eq!(deleted["trace_id"], DELETE_TRACE, "{deleted}");
+    assert_eq!(deleted["parent_span_id"], DELETE_MANAGER_SPAN, "{deleted}");
+    deleted
+}
+
 /// The coordinator's `circuit created` line among what `sink` holds, checked to be a
 /// child of the manager's span in the manager's trace.
 pub fn circuit_created(sink: &Sink) -> serde_json::Value {
