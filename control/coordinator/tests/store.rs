@@ -386,6 +386,52 @@ async fn suite(store: Store) {
     }
     assert_eq!(store.prune_changes().await.expect("prune"), 0, "all recent");
 
+    // The largest request ID and trace context the coordinator hands the store (a
+    // request ID of `MAX_LEN` bytes, a `tracestate` of 32 members in 511 characters)
+    // fit its columns: a creation and a removal never fail on their length.
+    let longest_id = "R".repeat(appproxy_shared::request_id::MAX_LEN);
+    let members: Vec<String> = (0..appproxy_shared::trace::TRACESTATE_MAX_MEMBERS)
+        .map(|i| format!("k{i:02}={}", "v".repeat(11)))
+        .collect();
+    let longest_state = members.join(",");
+    assert!(longest_state.len() <= appproxy_shared::trace::TRACESTATE_MAX_LEN);
+    let widest = trace("6f0e1d2c3b4a5968", Some(&longest_state));
+    assert_eq!(
+        widest.tracestate_text(),
+        Some(longest_state.as_str()),
+        "kept whole"
+    );
+    let c3 = circuit(w, 10207);
+    store
+        .insert_circuit(&c3, Some(&longest_id), Some(&widest))
+        .await
+        .expect("the longest creating request fits");
+    let (_, origin) = store.circuit(c3.id).await.expect("read").expect("circuit");
+    assert_eq!(origin.request_id.as_deref(), Some(longest_id.as_str()));
+    assert_eq!(origin.trace.as_ref(), Some(&widest));
+    let before = store
+        .revision(w)
+        .await
+        .expect("revision")
+        .expect("the worker's revision");
+    assert!(store
+        .delete_circuit(c3.id, Some(&longest_id), Some(&widest))
+        .await
+        .expect("the longest removing request fits"));
+    match store.changes_since(w, before, 100).await.expect("changes") {
+        Changes::Since { removed, .. } => assert_eq!(
+            removed,
+            vec![(
+                c3.id,
+                Origin {
+                    request_id: Some(longest_id.clone()),
+                    trace: Some(widest.clone())
+                }
+            )]
+        ),
+        got => panic!("changes expected, got {got:?}"),
+    }
+
     // Tokens.
     let t = uuid::Uuid::new_v4();
     let body = json!({"login_session_token": null, "kernel_host": "10.0.1.7", "kernel_port": 30512,
