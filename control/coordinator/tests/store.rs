@@ -418,6 +418,34 @@ async fn suite(store: Store) {
         .delete_circuit(c3.id, Some(&longest_id), Some(&widest))
         .await
         .expect("the longest removing request fits"));
+    // An answer that ends between the creation and the removal says nothing of the
+    // circuit (the creation is superseded), not "removed, by no one": the next
+    // answer names the removing request.
+    // (`before` is the creation's revision.)
+    assert_eq!(
+        store
+            .changes_since(w, before - 1, 1)
+            .await
+            .expect("changes"),
+        Changes::Since {
+            revision: before,
+            upserts: Vec::new(),
+            removed: Vec::new(),
+            more: true
+        },
+        "a superseded creation, read alone, is no removal"
+    );
+    match store.changes_since(w, before, 1).await.expect("changes") {
+        Changes::Since { removed, more, .. } => {
+            assert!(!more);
+            assert_eq!(removed.len(), 1);
+            assert_eq!(
+                removed[0].1.request_id.as_deref(),
+                Some(longest_id.as_str())
+            );
+        }
+        got => panic!("changes expected, got {got:?}"),
+    }
     match store.changes_since(w, before, 100).await.expect("changes") {
         Changes::Since { removed, .. } => assert_eq!(
             removed,
@@ -585,8 +613,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "7",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request"
+        "8",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -712,6 +740,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
         "ALTER TABLE circuit_changes DROP COLUMN request_id;
          ALTER TABLE circuit_changes DROP COLUMN traceparent;
          ALTER TABLE circuit_changes DROP COLUMN tracestate;
+         ALTER TABLE circuit_changes DROP COLUMN removal;
          PRAGMA user_version = 6;",
     )
     .expect("downgrade");
@@ -736,8 +765,8 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
     pg.psql(
         "appproxy",
         "ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
-            DROP COLUMN tracestate;
-         DELETE FROM appproxy_schema_migrations WHERE version = 7;",
+            DROP COLUMN tracestate, DROP COLUMN removal;
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8);",
     );
     let store = open().await.expect("open and migrate");
     let later = removals_across_the_migration(&store, worker, old).await;

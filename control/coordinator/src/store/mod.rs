@@ -122,8 +122,13 @@ pub(crate) type Behind = (Option<String>, (Option<String>, Option<String>));
 pub(crate) enum Logged {
     /// Created or updated: the circuit's row.
     Present(CircuitRow),
-    /// Removed, by the request the entry names.
+    /// Removed, by the request the entry names (none: an entry from before the log
+    /// recorded removals as such).
     Removed(Origin),
+    /// A creation or update of a circuit since removed: a later entry, the removal's
+    /// own, says so with its request. The entry still counts in the answer's
+    /// revision.
+    Superseded,
 }
 
 /// The columns a trace context is stored in: `traceparent`, `tracestate`.
@@ -182,6 +187,7 @@ impl Changes {
             match body {
                 Logged::Present(row) => upserts.push(row),
                 Logged::Removed(by) => removed.push((id, by)),
+                Logged::Superseded => {}
             }
         }
         Self::Since {

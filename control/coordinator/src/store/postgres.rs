@@ -5,7 +5,7 @@
 //! context of the request behind each circuit's latest change
 //! (`circuits.traceparent`, `circuits.tracestate`); each worker's change log keeps
 //! the request behind a removal (`circuit_changes.request_id`, `traceparent`,
-//! `tracestate`).
+//! `tracestate`) and which entries are removals (`circuit_changes.removal`).
 //!
 //! Migrations are numbered, recorded in `appproxy_schema_migrations` and applied at
 //! open inside one transaction holding an advisory lock, so coordinators starting
@@ -152,6 +152,13 @@ ALTER TABLE circuit_changes ADD COLUMN request_id varchar(128) NULL,
     ADD COLUMN traceparent varchar(512) NULL,
     ADD COLUMN tracestate varchar(512) NULL;
 ",
+    // Whether an entry records a removal. An entry of a circuit that is gone and
+    // that is not the removal is superseded by the removal's own, later entry, and is
+    // skipped: read alone (a bounded answer ending between the two), it would read
+    // as a removal with no request. Earlier entries are NULL: kind unknown.
+    "
+ALTER TABLE circuit_changes ADD COLUMN removal boolean NULL;
+",
 ];
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
@@ -182,17 +189,13 @@ static PAGE_FIRST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| pag
 static PAGE_AFTER: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| page_statement("AND id > $3"));
 
-/// Bumps the revision of the worker `$1` and logs circuit `$2` as changed.
+/// Bumps the revision of the worker `$1` and logs circuit `$2` as changed: `$3`
+/// whether the change is its removal, and for a removal the removing request's ID
+/// `$4` and trace context (`$5` traceparent, `$6` tracestate); NULLs otherwise.
 const LOG_CHANGE: &str = "WITH bumped AS (
         UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
-     INSERT INTO circuit_changes (worker, revision, circuit) SELECT id, revision, $2 FROM bumped";
-
-/// [`LOG_CHANGE`] of a removal: with the removing request's ID `$3` and trace
-/// context (`$4` traceparent, `$5` tracestate).
-const LOG_REMOVAL: &str = "WITH bumped AS (
-        UPDATE workers SET revision = revision + 1 WHERE id = $1 RETURNING id, revision)
-     INSERT INTO circuit_changes (worker, revision, circuit, request_id, traceparent, tracestate)
-        SELECT id, revision, $2, $3, $4, $5 FROM bumped";
+     INSERT INTO circuit_changes (worker, revision, circuit, removal, request_id, traceparent, tracestate)
+        SELECT id, revision, $2, $3, $4, $5, $6 FROM bumped";
 
 /// Sets a worker's `nodes` to its live node count, its status (`ALIVE`, or `LOST` at
 /// none) and `updated_at`. Returns whether the worker exists.
@@ -733,8 +736,8 @@ impl PgStore {
                         revision = revision + 1
                     FROM created WHERE workers.id = created.worker
                     RETURNING workers.id, workers.revision)
-                 INSERT INTO circuit_changes (worker, revision, circuit)
-                    SELECT id, revision, $1 FROM bumped",
+                 INSERT INTO circuit_changes (worker, revision, circuit, removal)
+                    SELECT id, revision, $1, false FROM bumped",
                 &[
                     &circuit.id,
                     &circuit.app,
@@ -785,7 +788,9 @@ impl PgStore {
             .map(|r| r.try_get(0))
             .transpose()?;
         if let Some(worker) = worker {
-            tx.execute(LOG_CHANGE, &[&worker, id]).await?;
+            let none: Option<&str> = None;
+            tx.execute(LOG_CHANGE, &[&worker, id, &false, &none, &none, &none])
+                .await?;
         }
         tx.commit().await?;
         Ok(worker.is_some())
@@ -979,8 +984,8 @@ impl PgStore {
             )
             .await?;
             tx.execute(
-                LOG_REMOVAL,
-                &[&worker, id, request_id, traceparent, tracestate],
+                LOG_CHANGE,
+                &[&worker, id, &true, request_id, traceparent, tracestate],
             )
             .await?;
         }
@@ -1062,7 +1067,7 @@ impl PgStore {
             .query(
                 &format!(
                     "SELECT l.revision, l.circuit, c.id IS NOT NULL,
-                        l.request_id, l.traceparent, l.tracestate, {}
+                        l.request_id, l.traceparent, l.tracestate, l.removal, {}
                      FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
                      WHERE l.worker = $1 AND l.revision > $2 ORDER BY l.revision LIMIT $3",
                     *CIRCUIT_COLUMNS_OF_C
@@ -1076,7 +1081,9 @@ impl PgStore {
             let circuit: uuid::Uuid = r.try_get(1)?;
             let present: bool = r.try_get(2)?;
             let body = if present {
-                Logged::Present(circuit_of_at(r, 6)?)
+                Logged::Present(circuit_of_at(r, 7)?)
+            } else if r.try_get::<_, Option<bool>>(6)? == Some(false) {
+                Logged::Superseded
             } else {
                 Logged::Removed(Origin::stored(
                     r.try_get(3)?,

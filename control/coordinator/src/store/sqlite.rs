@@ -2,7 +2,8 @@
 //! writers anyway), WAL journal, foreign keys on, migrations counted in
 //! `PRAGMA user_version`. Workers and circuits keep their wire JSON in `body`, with
 //! the columns that queries and unique keys need beside it; each worker's change log
-//! keeps the request behind a removal (its ID and trace context). Calls are synchronous;
+//! marks its removals and keeps the request behind each (its ID and trace context).
+//! Calls are synchronous;
 //! [`super::Store`] runs them on tokio's blocking pool.
 
 use std::path::Path;
@@ -108,18 +109,26 @@ ALTER TABLE circuit_changes ADD COLUMN request_id TEXT;
 ALTER TABLE circuit_changes ADD COLUMN traceparent TEXT;
 ALTER TABLE circuit_changes ADD COLUMN tracestate TEXT;
 ",
+    // Whether an entry records a removal (1) or a creation or update (0). An entry of
+    // a circuit that is gone and that is not the removal is superseded by the
+    // removal's own, later entry, and is skipped: read alone (a bounded answer ending
+    // between the two), it would read as a removal with no request. Earlier entries
+    // are NULL: kind unknown.
+    "
+ALTER TABLE circuit_changes ADD COLUMN removal INTEGER;
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
 /// worker's revision goes up by one, in the caller's transaction, and the log says
-/// which circuit it was — and, for a removal, the request behind it (`by`: its ID and
-/// trace context columns; the circuit's row no longer says).
+/// which circuit it was and whether this is its removal — `removal`, the request
+/// behind it (its ID and trace context columns; the circuit's row no longer says).
 fn log_change(
     tx: &Connection,
     worker: &str,
     circuit: &str,
     now: &str,
-    by: Option<&Behind>,
+    removal: Option<&Behind>,
 ) -> Result<(), StoreError> {
     let revision: Option<i64> = tx
         .query_row(
@@ -129,14 +138,24 @@ fn log_change(
         )
         .optional()?;
     if let Some(revision) = revision {
-        let (request_id, (traceparent, tracestate)) = match by {
+        let (request_id, (traceparent, tracestate)) = match removal {
             Some((id, trace)) => (id.as_deref(), (trace.0.as_deref(), trace.1.as_deref())),
             None => (None, (None, None)),
         };
         tx.execute(
-            "INSERT INTO circuit_changes (worker, revision, circuit, at, request_id, traceparent, tracestate)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![worker, revision, circuit, now, request_id, traceparent, tracestate],
+            "INSERT INTO circuit_changes
+                (worker, revision, circuit, at, removal, request_id, traceparent, tracestate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                worker,
+                revision,
+                circuit,
+                now,
+                removal.is_some(),
+                request_id,
+                traceparent,
+                tracestate
+            ],
         )?;
     }
     Ok(())
@@ -779,7 +798,7 @@ impl SqliteStore {
             }
             let mut st = tx.prepare(
                 "SELECT l.revision, l.circuit, c.body, c.origin_request_id, c.traceparent, c.tracestate,
-                    l.request_id, l.traceparent, l.tracestate
+                    l.request_id, l.traceparent, l.tracestate, l.removal
                  FROM circuit_changes l LEFT JOIN circuits c ON c.id = l.circuit AND c.worker = l.worker
                  WHERE l.worker = ?1 AND l.revision > ?2 ORDER BY l.revision LIMIT ?3",
             )?;
@@ -794,14 +813,17 @@ impl SqliteStore {
                         r.get::<_, Option<String>>(7)?,
                         r.get::<_, Option<String>>(8)?,
                     ),
+                    r.get::<_, Option<bool>>(9)?,
                 ))
             })?;
             let mut log = Vec::new();
             for row in rows {
-                let (revision, circuit, body, (origin, traceparent, tracestate), removal) = row?;
+                let (revision, circuit, body, (origin, traceparent, tracestate), removal, kind) =
+                    row?;
                 let circuit = parse_id(&circuit)?;
                 let body = match body {
                     Some(b) => Logged::Present(circuit_row((b, origin, traceparent, tracestate))?),
+                    None if kind == Some(false) => Logged::Superseded,
                     None => Logged::Removed(Origin::stored(
                         removal.0,
                         removal.1.as_deref(),
