@@ -126,6 +126,9 @@ pub struct CoordinatorSection {
     pub header_read_timeout_secs: u64,
     /// An API connection on which no byte moves for this long is closed.
     pub idle_timeout_secs: u64,
+    /// An API request's body must arrive whole within this of its head (else 408 and
+    /// the connection closed): a body that stalls or trickles cannot hold a connection.
+    pub body_read_timeout_secs: u64,
     /// API connections open at most (also kept below the descriptor limit).
     pub max_connections: usize,
     /// A worker without a heartbeat for this long is marked `LOST`.
@@ -152,6 +155,7 @@ impl Default for CoordinatorSection {
             worker_breaker_max_backoff_secs: 60.0,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 75,
+            body_read_timeout_secs: 30,
             max_connections: 4096,
             worker_heartbeat_timeout_secs: 30,
             unused_circuit_collection_timeout_secs: 3600,

@@ -346,6 +346,9 @@ pub enum ApiError {
     /// A body over the size limit.
     #[error("Request body too large")]
     TooLarge,
+    /// The body did not arrive whole in time (`body_read_timeout_secs`).
+    #[error("Request body not received in time")]
+    BodyTimeout,
     /// The store failed: our fault.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -365,6 +368,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "worker-not-responding")
             }
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
+            Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
             Self::Store(e) if e.is_unavailable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
@@ -484,6 +488,13 @@ async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> 
 /// Builds the API router.
 pub fn router(state: Arc<State>) -> Router {
     let observed = state.clone();
+    let body_time = Duration::from_secs(
+        state
+            .config
+            .coordinator
+            .body_read_timeout_secs
+            .clamp(1, 3600),
+    );
     let authed = Router::new()
         .route(
             "/api/worker",
@@ -547,6 +558,10 @@ pub fn router(state: Arc<State>) -> Router {
         .merge(authed)
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            body_time,
+            body_in_time,
+        ))
         .layer(axum::middleware::from_fn(announced_size))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(observed, observe_api))
@@ -600,6 +615,45 @@ async fn announced_size(req: Request, next: Next) -> Response {
         return resp;
     }
     next.run(req).await
+}
+
+/// A request's body is read whole, within `limit` of its head, before any handler
+/// or authentication runs: the connection's idle timer does not run while a request
+/// is in flight, so a body that never comes (or trickles) would otherwise hold the
+/// connection and its slot under `max_connections` for ever. Bodies are small JSON
+/// (at most [`MAX_BODY`]); handlers read the buffered copy. Late: 408; over the
+/// limit: 413; cut off: 400. Each closes the connection (the rest of the body is
+/// unread).
+async fn body_in_time(Extract(limit): Extract<Duration>, req: Request, next: Next) -> Response {
+    use axum::body::HttpBody as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let refused = match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => return next.run(Request::from_parts(parts, bytes.into())).await,
+        Err(_) => ApiError::BodyTimeout,
+        Ok(Err(e)) if is_length_limit(&e) => ApiError::TooLarge,
+        Ok(Err(e)) => ApiError::BadRequest(format!("request body not read: {e}")),
+    };
+    let mut resp = refused.into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// Whether a body error is the size limit's.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Refusals made outside the handlers (unknown route, wrong method, a body over the

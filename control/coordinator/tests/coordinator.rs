@@ -1396,6 +1396,105 @@ fn api_connections_are_bounded_in_time_and_number() {
     assert!(refused >= 1, "{metrics}");
 }
 
+/// A request body must arrive whole within `body_read_timeout_secs` of its head. The
+/// idle timer does not run while a request is in flight, so before this a body that
+/// never came held its connection for ever, without credentials (`POST /v2/conf`
+/// reads its body before it checks the token): enough of them filled
+/// `max_connections` and stalled the cluster's control plane.
+#[test]
+fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "body_read_timeout_secs = 1\nidle_timeout_secs = 600\nmax_connections = 3",
+    );
+    let head = |path: &str, auth: bool| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\n{}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+            if auth { format!("X-BackendAI-Token: {SECRET}\r\n") } else { String::new() }
+        )
+    };
+    // The answer on `s` and then its end: (the head and body, whether it ended).
+    let answer = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut raw = Vec::new();
+        let ended = s.read_to_end(&mut raw).is_ok();
+        (String::from_utf8_lossy(&raw).into_owned(), ended)
+    };
+    // A body that never comes, with and without credentials, on more connections
+    // than the cap holds: each is answered 408 and closed, so the slots come back.
+    for round in 0..2 {
+        let mut held: Vec<TcpStream> = ["/v2/conf", "/v2/proxy/auth", "/api/worker"]
+            .iter()
+            .map(|path| {
+                let mut s = TcpStream::connect(c.addr).expect("connect");
+                s.write_all(head(path, *path == "/api/worker").as_bytes())
+                    .expect("send");
+                s
+            })
+            .collect();
+        for s in &mut held {
+            let (text, ended) = answer(s);
+            assert!(text.starts_with("HTTP/1.1 408"), "round {round}: {text}");
+            assert!(text.contains("\"code\":\"request-timeout\""), "{text}");
+            assert!(
+                text.to_ascii_lowercase().contains("connection: close"),
+                "{text}"
+            );
+            assert!(ended, "the connection is closed: {text}");
+        }
+    }
+    // A body that trickles (a byte every 100 ms: 10 s for 100 bytes) is cut off at
+    // the deadline, not served at the pace the client chooses.
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(head("/v2/conf", false).as_bytes())
+        .expect("send");
+    let mut writer = s.try_clone().expect("clone");
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..99 {
+            std::thread::sleep(Duration::from_millis(100));
+            if writer.write_all(b" ").is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let (text, ended) = answer(&mut s);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(ended);
+    drop(s);
+    let _ = trickle.join();
+    // A body sent in pieces well within the deadline reaches the handler whole: the
+    // registration is read, answered, and the connection kept.
+    let body = r#"{"authority":"slow-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(
+        format!(
+            "PUT /api/worker HTTP/1.1\r\nHost: t\r\nX-BackendAI-Token: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let (first, rest) = body.split_at(body.len() / 2);
+    s.write_all(first.as_bytes()).expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(rest.as_bytes()).expect("send");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut got = [0u8; 4096];
+    let n = s.read(&mut got).expect("the answer");
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("slow-1"), "{text}");
+    // The same server still serves others.
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.status, 200);
+}
+
 /// Found #8: refusals made outside the handlers are JSON too, and names carrying
 /// CR/LF are refused.
 #[test]
