@@ -637,14 +637,20 @@ async fn patch(
         }
     };
     // The staging file (never through a symlink), its offset, and the quota: the
-    // session's reservation must still fit the scope's current limit.
+    // session's reservation must still fit the scope's current limit. The user can
+    // put anything in its place from a container: `O_NONBLOCK` keeps the open of a
+    // FIFO from waiting for a reader (it fails, or the type check refuses it).
     let (s, file) = {
         let st = state.clone();
         blocking(move || {
             let fd = rustix::fs::openat2(
                 &s.staging,
                 s.id.as_str(),
-                OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::WRONLY
+                    | OFlags::APPEND
+                    | OFlags::NOFOLLOW
+                    | OFlags::NONBLOCK
+                    | OFlags::CLOEXEC,
                 rustix::fs::Mode::empty(),
                 fsx::STRICT,
             )

@@ -192,18 +192,175 @@ pub fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<Entry>> {
     Ok(out)
 }
 
+/// A directory's identity: `(st_dev, st_ino)`.
+fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}
+
+/// How many levels below its top a walk keeps descriptors of; deeper ancestors are
+/// reached again by `..` and checked by identity (as `fts` does), so a walk holds
+/// at most this many descriptors however deep or wide the tree is.
+const HELD: usize = 32;
+
+/// The directories from a walk's top down to where it is now.
+struct Trail<'a> {
+    top: BorrowedFd<'a>,
+    /// Below the top: each level's identity and, for the first `HELD` levels and
+    /// the current one, its descriptor.
+    levels: Vec<(Option<OwnedFd>, (u64, u64))>,
+}
+
+impl<'a> Trail<'a> {
+    fn new(top: BorrowedFd<'a>) -> Self {
+        Self {
+            top,
+            levels: Vec::new(),
+        }
+    }
+
+    /// The directory the walk is in.
+    fn current(&self) -> BorrowedFd<'_> {
+        match self.levels.last() {
+            Some((Some(fd), _)) => fd.as_fd(),
+            _ => self.top,
+        }
+    }
+
+    /// Steps down into `dir`.
+    fn push(&mut self, dir: OwnedFd) -> io::Result<()> {
+        let id = identity(dir.as_fd())?;
+        if self.levels.len() > HELD {
+            if let Some(last) = self.levels.last_mut() {
+                last.0 = None;
+            }
+        }
+        self.levels.push((Some(dir), id));
+        Ok(())
+    }
+
+    /// Steps back up to the parent. A parent whose descriptor was let go is opened
+    /// as `..` of the current directory and must be the very directory the walk came
+    /// down through: a tree moved meanwhile stops the walk instead of leading it
+    /// anywhere else.
+    fn pop(&mut self) -> io::Result<()> {
+        let Some((Some(child), _)) = self.levels.pop() else {
+            return Ok(());
+        };
+        if let Some(parent) = self.levels.last_mut() {
+            if parent.0.is_none() {
+                let up = rustix::fs::openat(&child, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+                if identity(up.as_fd())? != parent.1 {
+                    return Err(io::Error::other("a directory moved while it was walked"));
+                }
+                parent.0 = Some(up);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a walk does at each step (see [`walk`]).
+pub trait Visitor {
+    /// An entry of the directory being walked (`dir`, `depth` levels below the top);
+    /// answers whether to descend into it (directories only).
+    fn entry(&mut self, dir: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool>;
+    /// The walk could not open or list the directory `e` of `dir` (vanished, swapped
+    /// for a symlink): skipped unless this says otherwise.
+    fn unopened(&mut self, _dir: BorrowedFd<'_>, _e: &Entry, _err: io::Error) -> io::Result<()> {
+        Ok(())
+    }
+    /// The walk entered `dir` (named `name`; `empty` when it has no entries).
+    fn enter(&mut self, _dir: BorrowedFd<'_>, _name: &OsStr, _empty: bool) -> io::Result<()> {
+        Ok(())
+    }
+    /// The walk is done with `name`, an entry of `parent`.
+    fn leave(&mut self, _parent: BorrowedFd<'_>, _name: &OsStr) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Walks the tree under `top` depth first, without recursion and never following a
+/// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent. Memory
+/// is one listing per level, descriptors at most `HELD + 1`, whatever the depth or
+/// width; a user can make a tree deeper than any stack and wider than the
+/// descriptor limit.
+pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
+    let mut trail = Trail::new(top);
+    let mut pending: Vec<(OsString, std::vec::IntoIter<Entry>)> =
+        vec![(OsString::new(), entries(top)?.into_iter())];
+    loop {
+        let depth = pending.len().saturating_sub(1);
+        let Some((_, list)) = pending.last_mut() else {
+            break;
+        };
+        let Some(e) = list.next() else {
+            let Some((name, _)) = pending.pop() else {
+                break;
+            };
+            if pending.is_empty() {
+                break;
+            }
+            trail.pop()?;
+            v.leave(trail.current(), &name)?;
+            continue;
+        };
+        let dir = trail.current();
+        if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
+            continue;
+        }
+        let opened = child_dir(dir, &e.name).and_then(|sub| Ok((entries(sub.as_fd())?, sub)));
+        let (list, sub) = match opened {
+            Ok(found) => found,
+            Err(err) => {
+                v.unopened(dir, &e, err)?;
+                continue;
+            }
+        };
+        v.enter(sub.as_fd(), &e.name, list.is_empty())?;
+        trail.push(sub)?;
+        pending.push((e.name, list.into_iter()));
+    }
+    Ok(())
+}
+
 /// Removes `name` in `dir`: a directory with everything under it, anything else
 /// (symlinks included) by unlinking the entry itself. Returns the entries removed.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
+    struct Remove(u64);
+    impl Visitor for Remove {
+        fn entry(&mut self, dir: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+            if e.kind() == FileType::Directory {
+                return Ok(true);
+            }
+            rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
+            self.0 += 1;
+            Ok(false)
+        }
+        fn unopened(&mut self, dir: BorrowedFd<'_>, e: &Entry, err: io::Error) -> io::Result<()> {
+            // Swapped for a symlink or a file since it was listed: the entry goes.
+            if matches!(err.raw_os_error(), Some(c) if c == rustix::io::Errno::LOOP.raw_os_error()
+                || c == rustix::io::Errno::NOTDIR.raw_os_error())
+            {
+                rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
+                self.0 += 1;
+                return Ok(());
+            }
+            Err(err)
+        }
+        fn leave(&mut self, parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+            rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
+            self.0 += 1;
+            Ok(())
+        }
+    }
     match child_dir(dir, name) {
         Ok(sub) => {
-            let mut n = 0;
-            for e in entries(sub.as_fd())? {
-                n += remove_tree(sub.as_fd(), &e.name)?;
-            }
+            let mut r = Remove(0);
+            walk(sub.as_fd(), &mut r)?;
             drop(sub);
             rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
-            Ok(n + 1)
+            Ok(r.0 + 1)
         }
         // A symlink (ELOOP) or a non-directory (ENOTDIR): the entry itself goes.
         Err(e)
@@ -218,27 +375,32 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
 }
 
 /// Files and bytes under `dir` (symlinks not followed), descending only into
-/// directories `descend` accepts.
+/// directories `descend` accepts. What cannot be read is left out.
 pub fn usage(dir: BorrowedFd<'_>, descend: &dyn Fn(&Entry) -> bool) -> (u64, u64) {
-    let (mut files, mut bytes) = (0, 0);
-    let Ok(list) = entries(dir) else {
-        return (0, 0);
-    };
-    for e in list {
-        if e.kind() == FileType::Directory {
-            if descend(&e) {
-                if let Ok(sub) = child_dir(dir, &e.name) {
-                    let (f, b) = usage(sub.as_fd(), descend);
-                    files += f;
-                    bytes += b;
-                }
+    struct Usage<'d> {
+        files: u64,
+        bytes: u64,
+        descend: &'d dyn Fn(&Entry) -> bool,
+    }
+    impl Visitor for Usage<'_> {
+        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+            if e.kind() == FileType::Directory {
+                return Ok((self.descend)(e));
             }
-        } else {
-            files += 1;
-            bytes += e.stat.st_size as u64;
+            self.files += 1;
+            self.bytes += e.stat.st_size as u64;
+            Ok(false)
         }
     }
-    (files, bytes)
+    let mut u = Usage {
+        files: 0,
+        bytes: 0,
+        descend,
+    };
+    if let Err(e) = walk(dir, &mut u) {
+        tracing::debug!(error = %e, "usage walk ended early");
+    }
+    (u.files, u.bytes)
 }
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
@@ -250,47 +412,64 @@ pub fn copy_tree(
     skip: &[&str],
     on_dir: &mut dyn FnMut(),
 ) -> io::Result<u64> {
-    let mut n = 0;
-    for e in entries(src)? {
-        if skip.iter().any(|s| e.name == *s) {
-            continue;
-        }
-        match e.kind() {
-            FileType::Directory => {
-                let Ok(from) = child_dir(src, &e.name) else {
-                    continue;
-                };
-                match rustix::fs::mkdirat(dst, e.name.as_os_str(), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(e.into()),
+    struct Copy<'a, 'b> {
+        to: Trail<'a>,
+        skip: &'b [&'b str],
+        on_dir: &'b mut dyn FnMut(),
+        files: u64,
+    }
+    impl Visitor for Copy<'_, '_> {
+        fn entry(&mut self, src: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
+            if depth == 0 && self.skip.iter().any(|s| e.name == *s) {
+                return Ok(false);
+            }
+            match e.kind() {
+                FileType::Directory => Ok(true),
+                FileType::RegularFile => {
+                    let Ok(mut from) = child_file(src, &e.name) else {
+                        return Ok(false);
+                    };
+                    let to = rustix::fs::openat2(
+                        self.to.current(),
+                        e.name.as_os_str(),
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(e.stat.st_mode & 0o777),
+                        STRICT,
+                    )?;
+                    io::copy(&mut from, &mut std::fs::File::from(to))?;
+                    self.files += 1;
+                    Ok(false)
                 }
-                let to = child_dir(dst, &e.name)?;
-                n += copy_tree(from.as_fd(), to.as_fd(), &[], on_dir)?;
+                _ => Ok(false),
             }
-            FileType::RegularFile => {
-                let Ok(mut from) = child_file(src, &e.name) else {
-                    continue;
-                };
-                let to = rustix::fs::openat2(
-                    dst,
-                    e.name.as_os_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(e.stat.st_mode & 0o777),
-                    STRICT,
-                )?;
-                let mut to = std::fs::File::from(to);
-                io::copy(&mut from, &mut to)?;
-                n += 1;
+        }
+        fn enter(&mut self, _: BorrowedFd<'_>, name: &OsStr, _: bool) -> io::Result<()> {
+            let dst = self.to.current();
+            match rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
             }
-            _ => {}
+            let sub = child_dir(dst, name)?;
+            self.to.push(sub)
+        }
+        fn leave(&mut self, _: BorrowedFd<'_>, _: &OsStr) -> io::Result<()> {
+            (self.on_dir)();
+            self.to.pop()
         }
     }
-    on_dir();
-    Ok(n)
+    let mut c = Copy {
+        to: Trail::new(dst),
+        skip,
+        on_dir,
+        files: 0,
+    };
+    walk(src, &mut c)?;
+    (c.on_dir)();
+    Ok(c.files)
 }
 
 /// `fsync` of a descriptor.
@@ -337,5 +516,74 @@ mod tests {
         // Removing a symlink removes the link, never what it points at.
         assert_eq!(remove_tree(root.as_fd(), OsStr::new("out")).expect("rm"), 1);
         assert!(outside.path().join("secret").exists());
+    }
+
+    /// Below `HELD` levels a walk goes back up by `..`; a directory moved out from
+    /// under the walk meanwhile stops it rather than leading it up into another
+    /// directory (whose entries a recursive delete would then remove).
+    #[test]
+    fn a_walk_that_climbs_by_dotdot_stops_when_its_path_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep: PathBuf = std::iter::repeat_n("d", HELD + 8).collect();
+        std::fs::create_dir_all(dir.path().join("t").join(&deep)).expect("tree");
+        std::fs::write(dir.path().join("t").join(&deep).join("f"), "f").expect("f");
+        std::fs::write(dir.path().join("keep"), "keep").expect("keep");
+        let moved: PathBuf = std::iter::repeat_n("d", HELD + 4).collect();
+        struct MoveAway {
+            from: PathBuf,
+            to: PathBuf,
+            done: bool,
+        }
+        impl Visitor for MoveAway {
+            fn entry(&mut self, dir: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+                if e.name == "f" && !self.done {
+                    // The directory six levels up is moved to the volume's top.
+                    std::fs::rename(&self.from, &self.to)?;
+                    self.done = true;
+                }
+                if e.kind() != FileType::Directory {
+                    rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
+                }
+                Ok(true)
+            }
+            fn leave(&mut self, parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+                Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
+            }
+        }
+        let top = fd(&dir.path().join("t"));
+        let mut v = MoveAway {
+            from: dir.path().join("t").join(&moved),
+            to: dir.path().join("moved"),
+            done: false,
+        };
+        let e = walk(top.as_fd(), &mut v).expect_err("the walk stops");
+        assert!(e.to_string().contains("moved"), "{e}");
+        assert!(v.done);
+        assert!(
+            dir.path().join("keep").exists(),
+            "nothing beside the tree removed"
+        );
+        assert!(dir.path().join("moved").exists());
+    }
+
+    /// A chain deeper than `HELD` and a directory wide enough to matter are walked
+    /// whole; the top is never removed by the walk itself.
+    #[test]
+    fn deep_and_wide_trees_are_walked_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep: PathBuf = std::iter::repeat_n("d", HELD * 3).collect();
+        std::fs::create_dir_all(dir.path().join(&deep)).expect("tree");
+        std::fs::write(dir.path().join(&deep).join("f"), "12345").expect("f");
+        for i in 0..200 {
+            std::fs::create_dir(dir.path().join(format!("w{i}"))).expect("wide");
+            std::fs::write(dir.path().join(format!("w{i}/g")), "ab").expect("g");
+        }
+        let root = fd(dir.path());
+        assert_eq!(usage(root.as_fd(), &|_| true), (201, 405));
+        assert_eq!(
+            remove_tree(root.as_fd(), OsStr::new("d")).expect("rm"),
+            HELD as u64 * 3 + 1
+        );
+        assert_eq!(usage(root.as_fd(), &|_| true), (200, 400));
     }
 }

@@ -116,6 +116,89 @@ pub fn stream_items(
     })
 }
 
+/// Entry names past this are left out: a zip header says a name's length in 16 bits.
+const MAX_NAME: usize = u16::MAX as usize;
+
+/// Archives a directory's tree as the walk goes (see `fsx::walk`): regular files
+/// and empty directories, nothing else; `names` is the current entry-name prefix.
+struct Walker<'w, 'a> {
+    w: &'w mut Writer<'a>,
+    names: Vec<u8>,
+    /// The prefix's length before each directory entered.
+    lens: Vec<usize>,
+    skip_staging: bool,
+}
+
+impl Walker<'_, '_> {
+    /// The entry name of `name` in the current directory, or `None` (logged) when it
+    /// is too long for a zip header.
+    fn name(&self, name: &std::ffi::OsStr, dir: bool) -> Option<Vec<u8>> {
+        let mut full = self.names.clone();
+        full.extend_from_slice(name.to_string_lossy().as_bytes());
+        if dir {
+            full.push(b'/');
+        }
+        if full.len() > MAX_NAME {
+            tracing::warn!(
+                bytes = full.len(),
+                "archive entry name too long for a zip header: left out"
+            );
+            return None;
+        }
+        Some(full)
+    }
+}
+
+impl fsx::Visitor for Walker<'_, '_> {
+    fn entry(
+        &mut self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        e: &fsx::Entry,
+        depth: usize,
+    ) -> std::io::Result<bool> {
+        match e.kind() {
+            FileType::Directory => Ok(!(depth == 0 && self.skip_staging && e.name == ".upload")
+                && self.name(&e.name, true).is_some()),
+            FileType::RegularFile => {
+                let Some(name) = self.name(&e.name, false) else {
+                    return Ok(false);
+                };
+                // Swapped for anything else since it was listed: left out.
+                if let Ok(file) = fsx::child_file(dir, &e.name) {
+                    self.w.file(file, name)?;
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn enter(
+        &mut self,
+        _: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        empty: bool,
+    ) -> std::io::Result<()> {
+        let full = self.name(name, true).unwrap_or_default();
+        self.lens.push(self.names.len());
+        self.names = full;
+        if empty {
+            self.w.empty_dir(self.names.clone())?;
+        }
+        Ok(())
+    }
+
+    fn leave(
+        &mut self,
+        _: std::os::fd::BorrowedFd<'_>,
+        _: &std::ffi::OsStr,
+    ) -> std::io::Result<()> {
+        let len = self.lens.pop().unwrap_or(0);
+        self.names.truncate(len);
+        Ok(())
+    }
+}
+
 struct Writer<'a> {
     tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
     offset: u64,
@@ -284,42 +367,20 @@ impl<'a> Writer<'a> {
     }
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
-        let mut stack = Vec::new();
         for item in items {
             match item {
                 Item::File(f, name) => self.file(f, name)?,
-                Item::Dir(fd, prefix) => stack.push((fd, prefix)),
-            }
-        }
-        stack.reverse();
-        while let Some((dir, prefix)) = stack.pop() {
-            let children = fsx::entries(dir.as_fd())?;
-            if children.is_empty() && !prefix.is_empty() {
-                self.empty_dir(prefix)?;
-                continue;
-            }
-            for e in children {
-                let mut name = prefix.clone();
-                name.extend_from_slice(e.name.to_string_lossy().as_bytes());
-                match e.kind() {
-                    FileType::Directory => {
-                        if prefix.is_empty() && skip_staging && e.name == ".upload" {
-                            continue;
-                        }
-                        // Swapped for a symlink since it was listed: not entered.
-                        let Ok(sub) = fsx::child_dir(dir.as_fd(), &e.name) else {
-                            continue;
-                        };
-                        name.push(b'/');
-                        stack.push((sub, name));
+                Item::Dir(fd, prefix) => {
+                    let mut walker = Walker {
+                        w: self,
+                        names: prefix,
+                        lens: Vec::new(),
+                        skip_staging,
+                    };
+                    if fsx::entries(fd.as_fd())?.is_empty() && !walker.names.is_empty() {
+                        walker.w.empty_dir(walker.names.clone())?;
                     }
-                    FileType::RegularFile => {
-                        let Ok(file) = fsx::child_file(dir.as_fd(), &e.name) else {
-                            continue;
-                        };
-                        self.file(file, name)?;
-                    }
-                    _ => {}
+                    fsx::walk(fd.as_fd(), &mut walker)?;
                 }
             }
         }

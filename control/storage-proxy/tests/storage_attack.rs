@@ -1,0 +1,513 @@
+//! The storage-proxy against a vfolder user who also has a shell in a container
+//! mounting the vfolder (special files in the staging area, trees deeper than any
+//! stack or descriptor budget, directories wider than the descriptor limit, names
+//! longer than a zip header can say) and against a client holding a valid token.
+//! Symlink swaps are covered by `storage_containment.rs`.
+
+mod storage_common;
+
+use storage_common::{create_folder, Proxy, VFID};
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::fs::{Mode, OFlags};
+
+/// One request on its own connection; `None` when no complete answer came within
+/// `wait` (the server is stuck).
+fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    wait: Duration,
+) -> Option<appproxy_test_support::http::Resp> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("head");
+    s.write_all(body).expect("body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    raw.windows(4)
+        .any(|w| w == b"\r\n\r\n")
+        .then(|| appproxy_test_support::http::parse(&raw, method == "HEAD"))
+}
+
+fn open_dir(p: &Path) -> OwnedFd {
+    rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).expect("open dir")
+}
+
+/// Makes a chain of `depth` directories named `name` under `top` (by descriptor: the
+/// path is far longer than `PATH_MAX`) and writes `file` with `data` at the bottom.
+fn chain(top: &Path, name: &str, depth: usize, file: &str, data: &[u8]) {
+    let mut cur = open_dir(top);
+    for _ in 0..depth {
+        rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o755)).expect("mkdir");
+        cur = rustix::fs::openat(
+            &cur,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("open level");
+    }
+    let f = rustix::fs::openat(
+        &cur,
+        file,
+        OFlags::WRONLY | OFlags::CREATE,
+        Mode::from_raw_mode(0o644),
+    )
+    .expect("bottom file");
+    std::fs::File::from(f).write_all(data).expect("write");
+}
+
+/// Removes everything under `top` without recursion (a deep tree overflows the
+/// stack of `std::fs::remove_dir_all`, which the temporary directory's drop uses):
+/// down to a leaf, remove its entries, back up by `..`, repeat.
+fn flatten_remove(top: &Path) {
+    let top_fd = open_dir(top);
+    let mut cur = rustix::fs::openat(
+        &top_fd,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .expect("top");
+    let mut depth = 0usize;
+    loop {
+        let mut sub = None;
+        for e in rustix::fs::Dir::read_from(&cur).expect("read").flatten() {
+            let name = e.file_name().to_owned();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            if e.file_type() == rustix::fs::FileType::Directory {
+                sub = Some(name);
+                break;
+            }
+            rustix::fs::unlinkat(&cur, name.as_c_str(), rustix::fs::AtFlags::empty())
+                .expect("unlink");
+        }
+        if let Some(name) = sub {
+            cur = rustix::fs::openat(
+                &cur,
+                name.as_c_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .expect("down");
+            depth += 1;
+            continue;
+        }
+        if depth == 0 {
+            return;
+        }
+        let up = rustix::fs::openat(
+            &cur,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("up");
+        // Find this directory's name in its parent by identity.
+        let me = rustix::fs::fstat(&cur).expect("stat");
+        let name = rustix::fs::Dir::read_from(&up)
+            .expect("read")
+            .flatten()
+            .find(|e| {
+                e.ino() == me.st_ino as u64
+                    && e.file_name().to_bytes() != b"."
+                    && e.file_name().to_bytes() != b".."
+            })
+            .map(|e| e.file_name().to_owned())
+            .expect("own name");
+        rustix::fs::unlinkat(&up, name.as_c_str(), rustix::fs::AtFlags::REMOVEDIR).expect("rmdir");
+        cur = up;
+        depth -= 1;
+    }
+}
+
+/// Empties the proxy's volume without recursion when dropped (before the proxy's
+/// temporary directory).
+struct Flatten(std::path::PathBuf);
+
+impl Drop for Flatten {
+    fn drop(&mut self) {
+        flatten_remove(&self.0);
+    }
+}
+
+/// Whether the proxy still answers.
+fn alive(p: &Proxy) -> bool {
+    request_within(
+        p.manager,
+        "GET",
+        "/status",
+        &[],
+        b"",
+        Duration::from_secs(10),
+    )
+    .is_some_and(|r| r.status == 200)
+}
+
+/// Python's zipfile: checks every CRC and prints the names, one a line.
+fn zip_names(zip: &[u8], dir: &Path) -> Result<Vec<String>, String> {
+    let path = dir.join("attack.zip");
+    std::fs::write(&path, zip).expect("zip");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nfor n in z.namelist(): print(repr(n))")
+        .arg(&path)
+        .output()
+        .expect("python3");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// A FIFO put in place of an upload's staging file (the session ID is in the token
+/// the user holds) must not park the PATCH forever on `open` of the FIFO: the PATCH
+/// is answered, and the session is not left locked as "in progress".
+#[test]
+fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 4}),
+    );
+    let staging = p.vfolder_path().join(".upload");
+    let session = std::fs::read_dir(&staging)
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .next()
+        .expect("a staging file");
+    let dir = open_dir(&staging);
+    rustix::fs::unlinkat(&dir, session.as_os_str(), rustix::fs::AtFlags::empty()).expect("rm");
+    rustix::fs::mknodat(
+        &dir,
+        session.as_os_str(),
+        rustix::fs::FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .expect("mkfifo");
+    for _ in 0..2 {
+        let r = request_within(
+            p.client,
+            "PATCH",
+            &format!("/upload?token={token}"),
+            &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+            b"data",
+            Duration::from_secs(20),
+        )
+        .expect("the PATCH is answered, not parked on the FIFO");
+        assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = request_within(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={token}"),
+        &[("Tus-Resumable", "1.0.0")],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("HEAD answered");
+    assert_eq!(r.status, 404);
+    // A socket file in its place is refused the same way.
+    rustix::fs::unlinkat(&dir, session.as_os_str(), rustix::fs::AtFlags::empty()).expect("rm");
+    // (Bound at a short path and moved in: a socket's path is limited to 108 bytes.)
+    let short = p.dir.path().join("s");
+    let sock = std::os::unix::net::UnixListener::bind(&short).expect("socket");
+    std::fs::rename(&short, staging.join(&session)).expect("move the socket in");
+    let r = request_within(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}"),
+        &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+        b"data",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 404);
+    drop(sock);
+    assert!(alive(&p));
+}
+
+/// FIFOs and sockets elsewhere in the vfolder: a download, a fetch and an archive
+/// answer at once (404 or left out), never wait for a writer.
+#[test]
+fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("d")).expect("d");
+    std::fs::write(vf.join("d/plain.txt"), "plain").expect("plain");
+    let dir = open_dir(&vf.join("d"));
+    rustix::fs::mknodat(
+        &dir,
+        "pipe",
+        rustix::fs::FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .expect("mkfifo");
+    let _sock = std::os::unix::net::UnixListener::bind(vf.join("d/sock")).expect("socket");
+    for name in ["d/pipe", "d/sock"] {
+        let token = p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name}),
+        );
+        let r = request_within(
+            p.client,
+            "GET",
+            &format!("/download?token={token}"),
+            &[],
+            b"",
+            Duration::from_secs(20),
+        )
+        .expect("answered");
+        // A FIFO is not a file (404); a socket cannot be opened at all (ENXIO).
+        assert!([400, 404].contains(&r.status), "{name}: {}", r.status);
+        assert!(r.json()["code"].is_string());
+        let body = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name});
+        let r = request_within(
+            p.manager,
+            "POST",
+            "/folder/file/fetch",
+            &[
+                ("X-BackendAI-Storage-Auth-Token", storage_common::TOKEN),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+            Duration::from_secs(20),
+        )
+        .expect("answered");
+        assert!([400, 404].contains(&r.status), "{name}: {}", r.status);
+    }
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download?token={token}&archive=true"),
+        &[],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'plain.txt'"]
+    );
+}
+
+/// A tree far deeper than a thread's stack or the descriptor limit (a user can make
+/// one from a shell, one `mkdir` and `cd` at a time): usage, the quota check,
+/// clone and a recursive delete walk it all, count the file at the bottom, and the
+/// process survives.
+#[test]
+fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let _flatten = Flatten(p.dir.path().join("vol"));
+    let vf = p.vfolder_path();
+    let depth = 25_000;
+    chain(&vf, "d", depth, "bottom.bin", &[7u8; 1000]);
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert!(
+        alive(&p),
+        "the proxy died measuring a deep tree: {}",
+        p.log()
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["used_bytes"], 1000, "the bottom file is counted");
+    // The quota check walks the scope: the bottom file's bytes count there too.
+    let r = p.manager(
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 1500}}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["used_bytes"], 1000);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 600}),
+        None,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.manager(
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 100_000}}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    // A clone copies it all.
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(alive(&p), "the proxy died cloning a deep tree: {}", p.log());
+        let done = p
+            .log_json()
+            .iter()
+            .any(|v| v["message"] == "bgtask done" || v["message"] == "bgtask failed");
+        if done {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "clone never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": dst}),
+        None,
+    );
+    assert_eq!(r.json()["used_bytes"], 1000, "{}", p.log());
+    // A recursive delete removes it all.
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["d"], "recursive": true}),
+        None,
+    );
+    assert!(
+        alive(&p),
+        "the proxy died deleting a deep tree: {}",
+        p.log()
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!vf.join("d").exists());
+}
+
+/// A directory with more subdirectories than the process may hold descriptors: the
+/// archive holds every one of them (none silently left out), and the walk never
+/// holds a descriptor per pending subdirectory.
+#[test]
+fn an_archive_of_a_directory_wider_than_the_descriptor_limit_is_complete() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    // The proxy's descriptor limit lowered to 1024, so that a tree wider than it
+    // stays small.
+    let limit = rustix::process::Rlimit {
+        current: Some(1024),
+        maximum: Some(1024),
+    };
+    rustix::process::prlimit(
+        Some(rustix::process::Pid::from_child(&p.child)),
+        rustix::process::Resource::Nofile,
+        limit,
+    )
+    .expect("lower the proxy's RLIMIT_NOFILE");
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("wide")).expect("wide");
+    let dir = open_dir(&vf.join("wide"));
+    let n = 1500;
+    for i in 0..n {
+        rustix::fs::mkdirat(&dir, format!("{i:05}"), Mode::from_raw_mode(0o755)).expect("mkdir");
+    }
+    let sub = rustix::fs::openat(
+        &dir,
+        "01499",
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .expect("last");
+    let f = rustix::fs::openat(
+        &sub,
+        "last.txt",
+        OFlags::WRONLY | OFlags::CREATE,
+        Mode::from_raw_mode(0o644),
+    )
+    .expect("file");
+    std::fs::File::from(f).write_all(b"last").expect("write");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download?token={token}&archive=true"),
+        &[],
+        b"",
+        Duration::from_secs(120),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+    let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    assert_eq!(names.len(), n, "every subdirectory is in the archive");
+    assert!(names.contains(&"'01499/last.txt'".to_owned()));
+    assert!(names.contains(&"'00000/'".to_owned()));
+}
+
+/// Entry names longer than a zip header's 16-bit length field (a deep tree of long
+/// names) are left out, never written with a truncated length that would make the
+/// rest of the name read as archive structure; the archive stays valid.
+#[test]
+fn archive_names_longer_than_a_zip_header_can_say_are_left_out() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let _flatten = Flatten(p.dir.path().join("vol"));
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("t")).expect("t");
+    std::fs::write(vf.join("t/short.txt"), "short").expect("short");
+    let long = "L".repeat(250);
+    // 270 levels of 251 bytes: about 67 800 bytes of name at the bottom.
+    chain(&vf.join("t"), &long, 270, "deep.txt", b"deep");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "t"}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download?token={token}&archive=true"),
+        &[],
+        b"",
+        Duration::from_secs(60),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+    let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    assert!(names.contains(&"'short.txt'".to_owned()), "{names:?}");
+    assert!(
+        names.iter().all(|n| n.len() <= 65_535 + 2),
+        "no name past the header's limit"
+    );
+    assert!(
+        names.iter().all(|n| n
+            .trim_matches('\'')
+            .split('/')
+            .all(|c| c.is_empty() || c == "short.txt" || c == long || c == "deep.txt")),
+        "every name is made of real components only"
+    );
+}
