@@ -237,7 +237,7 @@ async fn download(
             tracing::info!(dir = %name, "archive download");
             let mut resp = Response::new(Body::from_stream(Metered::new(
                 &state,
-                super::zip::stream_dir(fd, at_root),
+                super::zip::stream_dir(fd, at_root, state.send_stall),
             )));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -378,7 +378,7 @@ async fn download_archive(
     super::Metrics::add(&state.metrics.downloads, 1);
     let mut resp = Response::new(Body::from_stream(Metered::new(
         &state,
-        super::zip::stream_items(items, false),
+        super::zip::stream_items(items, false, state.send_stall),
     )));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));

@@ -62,6 +62,9 @@ pub struct StorageSection {
     pub upload_expire_secs: u64,
     /// How often the cleanup job runs.
     pub cleanup_interval_secs: u64,
+    /// An archive download whose client takes no bytes for this long is cut off
+    /// (its writer holds a blocking thread while it waits).
+    pub send_stall_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -74,6 +77,7 @@ impl Default for StorageSection {
             max_upload_size: 1 << 30,
             upload_expire_secs: 24 * 3600,
             cleanup_interval_secs: 300,
+            send_stall_secs: 60,
         }
     }
 }

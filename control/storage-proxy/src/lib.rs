@@ -45,6 +45,8 @@ pub struct State {
     pub max_upload_size: u64,
     /// Staging files older than this are removed by the cleanup job.
     pub upload_expire: Duration,
+    /// How long an archive waits for a client that takes no bytes.
+    pub send_stall: Duration,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
@@ -395,6 +397,7 @@ pub fn state_with_events(
         session_expire: Duration::from_secs(config.storage.session_expire_secs),
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
+        send_stall: Duration::from_secs(config.storage.send_stall_secs.max(1)),
         uploading: Mutex::new(HashSet::new()),
         events,
         usage: Mutex::new(std::collections::HashMap::new()),

@@ -15,6 +15,9 @@
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use miniz_oxide::deflate::core::{
@@ -94,25 +97,47 @@ fn deflate_into(
 pub fn stream_dir(
     root: OwnedFd,
     skip_staging: bool,
+    stall: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    stream_items(vec![Item::Dir(root, Vec::new())], skip_staging)
+    stream_items(vec![Item::Dir(root, Vec::new())], skip_staging, stall)
 }
 
-/// Streams a zip of the given files and directories.
+/// Streams a zip of the given files and directories. The archive is written on a
+/// blocking thread that waits while the client takes no bytes: for `stall` at most,
+/// then the archive is abandoned and the response ends in an error (never as a
+/// complete body), so a client that stops reading cannot hold the thread for ever.
 pub fn stream_items(
     items: Vec<Item>,
     skip_staging: bool,
+    stall: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let finished = Arc::new(AtomicBool::new(false));
+    let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
-        let mut w = Writer::new(&tx, LIMIT);
-        if let Err(e) = w.archive(items, skip_staging) {
-            tracing::warn!(error = %e, "archive stream failed");
-            let _ = tx.blocking_send(Err(e));
+        let mut w = Writer::new(&tx, LIMIT, stall);
+        match w.archive(items, skip_staging) {
+            Ok(()) => done.store(true, Ordering::Release),
+            Err(e) => {
+                tracing::warn!(error = %e, "archive stream failed");
+                let _ = tx.try_send(Err(e));
+            }
         }
     });
-    futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    futures_util::stream::unfold(Some(rx), move |rx| {
+        let finished = finished.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some(rx))),
+                // The writer stopped before the end of the archive: an error, so the
+                // response is cut off rather than ended as if it were whole.
+                None if !finished.load(Ordering::Acquire) => {
+                    Some((Err(std::io::Error::other("the archive ended early")), None))
+                }
+                None => None,
+            }
+        }
     })
 }
 
@@ -206,24 +231,38 @@ struct Writer<'a> {
     buf: Vec<u8>,
     /// Entries at least this large use zip64 (the classic limit; lower in tests).
     zip64_from: u64,
+    /// How long a chunk may wait for the client to take bytes.
+    stall: Duration,
 }
 
 impl<'a> Writer<'a> {
-    fn new(tx: &'a mpsc::Sender<std::io::Result<Bytes>>, zip64_from: u64) -> Self {
+    fn new(tx: &'a mpsc::Sender<std::io::Result<Bytes>>, zip64_from: u64, stall: Duration) -> Self {
         Self {
             tx,
             offset: 0,
             entries: Vec::new(),
             buf: vec![0u8; 64 * 1024],
             zip64_from,
+            stall,
         }
     }
 
+    /// Hands a chunk to the response body, waiting at most `stall` for room.
     fn send(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
         self.offset += bytes.len() as u64;
-        self.tx
-            .blocking_send(Ok(Bytes::from(bytes)))
-            .map_err(|_| std::io::Error::other("client went away"))
+        let chunk = Ok(Bytes::from(bytes));
+        let sent = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.block_on(tokio::time::timeout(self.stall, self.tx.send(chunk))),
+            Err(_) => Ok(self.tx.blocking_send(chunk)),
+        };
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::other("client went away")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took no bytes for {} s", self.stall.as_secs()),
+            )),
+        }
     }
 
     fn local_header(&mut self, name: &[u8], zip64: bool, deflate: bool) -> std::io::Result<()> {
@@ -483,7 +522,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let fd = rustix::fs::open(dir, fsx::DIR, rustix::fs::Mode::empty()).expect("open");
         let writer = std::thread::spawn(move || {
-            let mut w = Writer::new(&tx, zip64_from);
+            let mut w = Writer::new(&tx, zip64_from, Duration::from_secs(60));
             w.archive(vec![Item::Dir(fd, Vec::new())], false)
         });
         let mut out = Vec::new();

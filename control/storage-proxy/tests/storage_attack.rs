@@ -511,3 +511,66 @@ fn archive_names_longer_than_a_zip_header_can_say_are_left_out() {
         "every name is made of real components only"
     );
 }
+
+/// A client that starts an archive download and stops reading: the archive's writer
+/// (a blocking thread; a few hundred such clients would take every one of them)
+/// waits `send_stall_secs` at most, then the response is cut off, never finished
+/// later as if nothing happened. A client that reads is served the whole archive.
+#[test]
+fn an_archive_whose_client_stops_reading_is_cut_off() {
+    let p = Proxy::start("send_stall_secs = 1\n");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("big")).expect("big");
+    // 48 MiB of incompressible bytes (stored, not deflated): far more than the
+    // socket buffers and the body channel hold.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..48 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(vf.join("big/noise.bin"), &noise).expect("noise");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big"}),
+    );
+    let path = format!("/download?token={token}&archive=true");
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    // Not reading: the writer fills every buffer and waits, until it gives up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.log().contains("the client took no bytes") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer waits for ever: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        !raw.ends_with(b"\r\n0\r\n\r\n"),
+        "the cut-off archive never ends like a whole one"
+    );
+    assert!(raw.len() < noise.len(), "{} bytes", raw.len());
+    // A reading client gets it all.
+    let r = request_within(p.client, "GET", &path, &[], b"", Duration::from_secs(60))
+        .expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'noise.bin'"]
+    );
+}
