@@ -638,23 +638,25 @@ async fn patch(
     };
     // The staging file (never through a symlink), its offset, and the quota: the
     // session's reservation must still fit the scope's current limit. The user can
-    // put anything in its place from a container: `O_NONBLOCK` keeps the open of a
-    // FIFO from waiting for a reader (it fails, or the type check refuses it).
+    // put anything in its place from a container: only a regular file is opened (a
+    // FIFO or a device node never is, see `fsx::reopen`).
     let (s, file) = {
         let st = state.clone();
         blocking(move || {
-            let fd = rustix::fs::openat2(
-                &s.staging,
-                s.id.as_str(),
-                OFlags::WRONLY
-                    | OFlags::APPEND
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-                fsx::STRICT,
-            )
-            .map_err(|_| ApiError::NotFound)?;
+            let write = OFlags::WRONLY | OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOCTTY;
+            let open = |flags| {
+                rustix::fs::openat2(
+                    &s.staging,
+                    s.id.as_str(),
+                    flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                    fsx::STRICT,
+                )
+            };
+            let fd = open(OFlags::PATH)
+                .map_err(std::io::Error::from)
+                .and_then(|path| fsx::reopen(path, write, false, || Ok(open(write)?)))
+                .map_err(|_| ApiError::NotFound)?;
             let current = rustix::fs::fstat(&fd)?;
             if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
                 return Err(ApiError::NotFound);

@@ -89,20 +89,90 @@ pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     }
 }
 
-/// Opens the regular file `name` of `dir` for reading without following a symlink
-/// (and without blocking on a FIFO); anything but a regular file is refused.
+/// Opens the regular file `name` of `dir` for reading without following a symlink;
+/// anything but a regular file is refused without being opened (see [`readable`]).
 pub fn child_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<std::fs::File> {
-    let fd = rustix::fs::openat2(
+    let path = rustix::fs::openat2(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
         STRICT,
     )?;
-    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a file"));
-    }
+    let fd = readable(path, false, || {
+        Ok(rustix::fs::openat2(
+            dir,
+            name,
+            READ | OFlags::NOFOLLOW,
+            Mode::empty(),
+            STRICT,
+        )?)
+    })?;
     Ok(std::fs::File::from(fd))
+}
+
+/// Flags of a descriptor opened to read a file or list a directory: never waiting
+/// (a FIFO), never becoming the controlling terminal.
+const READ: OFlags = OFlags::RDONLY
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY)
+    .union(OFlags::CLOEXEC);
+
+/// Opens for reading what the `O_PATH` descriptor `path` names, when it is a regular
+/// file (or, with `dirs`, a directory); anything else is refused (`InvalidInput`)
+/// without ever being opened. A user who can make special files in a vfolder (a
+/// container with `CAP_MKNOD`, a volume without `nodev`) could otherwise have the
+/// proxy open a device node, and opening some devices acts (a watchdog arms, a
+/// terminal becomes the controlling one, a tape rewinds). The reopening goes
+/// through `/proc/self/fd`, so it is the very inode that was checked; without
+/// `/proc`, `again` resolves it again and it must be the same inode.
+pub fn readable(
+    path: OwnedFd,
+    dirs: bool,
+    again: impl FnOnce() -> io::Result<OwnedFd>,
+) -> io::Result<OwnedFd> {
+    reopen(path, READ, dirs, again)
+}
+
+/// Opens what the `O_PATH` descriptor `path` names with `flags`, as [`readable`]
+/// does: a regular file (or, with `dirs`, a directory), nothing else ever opened.
+pub fn reopen(
+    path: OwnedFd,
+    flags: OFlags,
+    dirs: bool,
+    again: impl FnOnce() -> io::Result<OwnedFd>,
+) -> io::Result<OwnedFd> {
+    let st = rustix::fs::fstat(&path)?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        FileType::Directory if dirs => {}
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or directory",
+            ))
+        }
+    }
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&path));
+    let fd = match rustix::fs::open(link.as_str(), flags | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => again()?,
+        Err(e) => return Err(e.into()),
+    };
+    if identity(fd.as_fd())? != (st.st_dev as u64, st.st_ino as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "replaced while it was opened",
+        ));
+    }
+    Ok(fd)
+}
+
+/// Opens `parts` beneath `root` for reading (inner symlinks followed, never out): a
+/// regular file or a directory, anything else refused without being opened.
+pub fn open_readable(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<OwnedFd> {
+    let path = open(root, parts, OFlags::PATH, BENEATH)?;
+    readable(path, true, || open(root, parts, READ, BENEATH))
 }
 
 /// A directory descriptor and a name in it: where a mutation happens.

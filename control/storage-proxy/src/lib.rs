@@ -127,24 +127,17 @@ impl Metrics {
     }
 }
 
-/// Opens an entry under a vfolder for reading (`RESOLVE_BENEATH`, non-blocking): a
-/// missing entry is the API's 404, any other failure its mapped error.
+/// Opens a regular file or a directory under a vfolder for reading
+/// (`RESOLVE_BENEATH`; special files are never opened, see `fsx::readable`): a
+/// missing entry or one of another type is the API's 404, any other failure its
+/// mapped error.
 pub fn open_for_reading(
     root: std::os::fd::BorrowedFd<'_>,
     parts: &[std::ffi::OsString],
 ) -> Result<std::os::fd::OwnedFd, ApiError> {
-    fsx::open(
-        root,
-        parts,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
-        fsx::BENEATH,
-    )
-    .map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            ApiError::NotFound
-        } else {
-            e.into()
-        }
+    fsx::open_readable(root, parts).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => ApiError::NotFound,
+        _ => e.into(),
     })
 }
 

@@ -284,9 +284,8 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
             Duration::from_secs(20),
         )
         .expect("answered");
-        // A FIFO is not a file (404); a socket cannot be opened at all (ENXIO).
-        assert!([400, 404].contains(&r.status), "{name}: {}", r.status);
-        assert!(r.json()["code"].is_string());
+        assert_eq!(r.status, 404, "{name}");
+        assert_eq!(r.json()["code"], "file-not-found");
         let body = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name});
         let r = request_within(
             p.manager,
@@ -300,7 +299,7 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
             Duration::from_secs(20),
         )
         .expect("answered");
-        assert!([400, 404].contains(&r.status), "{name}: {}", r.status);
+        assert_eq!(r.status, 404, "{name}");
     }
     let token = p.token(
         "/folder/file/download",
@@ -572,5 +571,132 @@ fn an_archive_whose_client_stops_reading_is_cut_off() {
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
         ["'noise.bin'"]
+    );
+}
+
+/// Special files a user makes in a vfolder (a FIFO; a device node, which a container
+/// with `CAP_MKNOD` can make on a volume mounted without `nodev`) are never opened:
+/// opening some devices acts (a watchdog arms, a terminal becomes the controlling
+/// one), whatever the proxy does with the descriptor afterwards. Inotify reports
+/// every open of them; the regular file beside them shows that the watch works.
+#[test]
+fn special_files_in_a_vfolder_are_never_opened() {
+    use rustix::fs::inotify;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("s")).expect("s");
+    std::fs::write(vf.join("s/plain.txt"), "plain").expect("plain");
+    let dir = open_dir(&vf.join("s"));
+    rustix::fs::mknodat(
+        &dir,
+        "pipe",
+        rustix::fs::FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .expect("mkfifo");
+    // The null device's numbers (harmless to open), where this test may make nodes.
+    let device = rustix::fs::mknodat(
+        &dir,
+        "null",
+        rustix::fs::FileType::CharacterDevice,
+        Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .is_ok();
+    std::os::unix::fs::symlink("s/pipe", vf.join("link")).expect("inner link");
+    let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
+        .expect("inotify");
+    inotify::add_watch(&watch, vf.join("s"), inotify::WatchFlags::OPEN).expect("watch");
+    let mut specials = vec!["s/pipe", "link"];
+    if device {
+        specials.push("s/null");
+    }
+    for name in &specials {
+        let r = p.download(name, "", &[]);
+        assert_eq!(
+            r.status,
+            404,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let r = p.manager(
+            "/folder/file/fetch",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name}),
+            None,
+        );
+        assert_eq!(r.status, 404, "{name}");
+    }
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": specials}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 404);
+    let r = p.download("s", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'plain.txt'"]
+    );
+    // An upload's staging file replaced by the device node is not opened either.
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin", "size": 4}),
+    );
+    let staging = vf.join(".upload");
+    let session = std::fs::read_dir(&staging)
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .next()
+        .expect("a staging file");
+    if device {
+        let sdir = open_dir(&staging);
+        rustix::fs::unlinkat(&sdir, session.as_os_str(), rustix::fs::AtFlags::empty()).expect("rm");
+        rustix::fs::mknodat(
+            &sdir,
+            session.as_os_str(),
+            rustix::fs::FileType::CharacterDevice,
+            Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .expect("device node");
+        inotify::add_watch(&watch, &staging, inotify::WatchFlags::OPEN).expect("watch");
+        let r = request_within(
+            p.client,
+            "PATCH",
+            &format!("/upload?token={token}"),
+            &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
+            b"data",
+            Duration::from_secs(20),
+        )
+        .expect("answered");
+        assert_eq!(r.status, 404);
+    }
+    let session = session.to_string_lossy().into_owned();
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
+    let mut events = inotify::Reader::new(&watch, &mut buf);
+    let mut opened = Vec::new();
+    while let Ok(e) = events.next() {
+        if let Some(name) = e.file_name() {
+            opened.push(name.to_string_lossy().into_owned());
+        }
+    }
+    assert!(opened.iter().any(|n| n == "plain.txt"), "{opened:?}");
+    assert!(
+        !opened
+            .iter()
+            .any(|n| n == "pipe" || n == "null" || *n == session),
+        "a special file was opened: {opened:?} (device node made: {device})"
     );
 }
