@@ -700,3 +700,72 @@ fn special_files_in_a_vfolder_are_never_opened() {
         "a special file was opened: {opened:?} (device node made: {device})"
     );
 }
+
+/// A recursive delete of a tree deeper than the levels a walk keeps descriptors of
+/// climbs back by `..`; a user moving the deep part of the tree up to the vfolder's
+/// top while the delete runs must not lead it up and out. Every level of the tree
+/// holds a `zz-keep.txt` (listed after `d`, so still to delete when the walk comes
+/// back up), and so do the vfolder's top and the directory above the vfolder, each
+/// beside an empty `d`: a walk that climbed into the wrong directory would delete
+/// those.
+#[test]
+fn a_deep_delete_never_climbs_out_of_a_tree_moved_under_it() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    let above = vf.parent().expect("above the vfolder").to_path_buf();
+    for d in [&vf, &above] {
+        std::fs::write(d.join("zz-keep.txt"), "keep").expect("keep");
+    }
+    let mut outcomes = std::collections::BTreeMap::<u16, usize>::new();
+    for round in 0..10 {
+        for d in [&vf, &above] {
+            let _ = std::fs::create_dir(d.join("d"));
+        }
+        let tree = vf.join("t");
+        let mut cur = tree.clone();
+        for _ in 0..200 {
+            std::fs::create_dir_all(&cur).expect("level");
+            std::fs::write(cur.join("zz-keep.txt"), "x").expect("file");
+            cur = cur.join("d");
+        }
+        // The walk deletes the bottom level's file first: once it is gone, the
+        // walk is on its way back up, and the tree is cut at level 36 and its
+        // lower part moved to the vfolder's top.
+        let bottom = cur.parent().expect("bottom level").join("zz-keep.txt");
+        let mover = {
+            let from = tree.join(std::iter::repeat_n("d", 36).collect::<std::path::PathBuf>());
+            let to = vf.join("moved");
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while bottom.exists() && std::time::Instant::now() < deadline {}
+                std::fs::rename(&from, &to).is_ok()
+            })
+        };
+        let r = p.manager(
+            "/folder/file/delete",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["t"], "recursive": true}),
+            None,
+        );
+        let moved = mover.join().expect("mover");
+        *outcomes
+            .entry(r.status + u16::from(moved) * 1000)
+            .or_default() += 1;
+        assert!(
+            [200, 400, 404].contains(&r.status),
+            "round {round}: {}",
+            r.status
+        );
+        for d in [&vf, &above] {
+            assert!(
+                d.join("zz-keep.txt").exists() && d.join("d").exists(),
+                "round {round}: an entry of {} deleted",
+                d.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(vf.join("t"));
+        let _ = std::fs::remove_dir_all(vf.join("moved"));
+    }
+    // (Answers, plus 1000 when the tree was cut while the delete ran.)
+    eprintln!("delete answers under the mover: {outcomes:?}");
+}
