@@ -769,3 +769,112 @@ fn a_deep_delete_never_climbs_out_of_a_tree_moved_under_it() {
     // (Answers, plus 1000 when the tree was cut while the delete ran.)
     eprintln!("delete answers under the mover: {outcomes:?}");
 }
+
+/// A client with a valid token and hostile headers: a file name made to break out of
+/// `Content-Disposition`, ranges that overflow, are negative, reversed or many, tus
+/// offsets that are negative, overflow or disagree, a body past the declared size,
+/// a PATCH after completion, a token of another kind. Every answer is a clean status
+/// and no header is injected.
+#[test]
+fn hostile_headers_get_clean_answers() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    let name = "a\"b\r\nX-Injected: 1;\\.txt";
+    std::fs::write(vf.join(name), b"0123456789").expect("file");
+    let r = p.download(name, "", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"0123456789");
+    assert!(r.header("x-injected").is_none());
+    let cd = r.header("content-disposition").expect("disposition");
+    assert!(
+        cd.starts_with("attachment;filename=\"a_b__X-Injected:_1;_.txt\"; filename*=UTF-8''a%22b%0D%0AX-Injected%3A%201%3B%5C.txt"),
+        "{cd}"
+    );
+    for (range, status, body) in [
+        ("bytes=2-4", 206, &b"234"[..]),
+        ("bytes=-3", 206, b"789"),
+        ("bytes=8-18446744073709551615", 206, b"89"),
+        ("bytes=-18446744073709551615", 206, b"0123456789"),
+        ("bytes=0-0,2-2,4-4", 200, b"0123456789"),
+        ("bytes=18446744073709551615-", 416, b""),
+        ("bytes=0-18446744073709551616", 416, b""),
+        ("bytes=5-2", 416, b""),
+        ("bytes=--1", 416, b""),
+        ("bytes=-0", 416, b""),
+    ] {
+        let r = p.download(name, "", &[("Range", range)]);
+        assert_eq!(r.status, status, "{range}");
+        if status == 416 {
+            assert_eq!(r.header("content-range"), Some("bytes */10"), "{range}");
+        } else {
+            assert_eq!(r.body, body, "{range}");
+        }
+    }
+    let many = format!("bytes={}", vec!["0-0"; 1000].join(","));
+    let r = p.download(name, "", &[("Range", &many)]);
+    assert_eq!((r.status, r.body.len()), (200, 10));
+    // tus.
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin", "size": 8}),
+    );
+    let patch = |offset: &str, body: &[u8]| {
+        request_within(
+            p.client,
+            "PATCH",
+            &format!("/upload?token={token}"),
+            &[("Upload-Offset", offset), ("Tus-Resumable", "1.0.0")],
+            body,
+            Duration::from_secs(20),
+        )
+        .expect("answered")
+    };
+    assert_eq!(patch("-1", b"abcd").status, 400);
+    assert_eq!(patch("18446744073709551615", b"abcd").status, 409);
+    assert_eq!(patch("18446744073709551616", b"abcd").status, 400);
+    assert_eq!(patch("4", b"abcd").status, 409);
+    // Past the declared size: refused, nothing past it staged.
+    assert_eq!(patch("0", b"0123456789").status, 413);
+    assert!(!vf.join("up.bin").exists());
+    let staged: u64 = std::fs::read_dir(vf.join(".upload"))
+        .expect("staging")
+        .flatten()
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum();
+    assert!(staged <= 8, "{staged}");
+    let offset = staged.to_string();
+    let rest = &b"01234567"[staged as usize..];
+    let r = patch(&offset, rest);
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("upload-offset"), Some("8"));
+    assert_eq!(std::fs::read(vf.join("up.bin")).expect("done").len(), 8);
+    // After completion the session is gone.
+    assert_eq!(patch("8", b"").status, 404);
+    assert_eq!(patch("0", b"x").status, 404);
+    // A download token is not an upload token, and the reverse.
+    let dl = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin"}),
+    );
+    let r = request_within(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={dl}"),
+        &[("Upload-Offset", "0")],
+        b"x",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 401);
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 401);
+}
