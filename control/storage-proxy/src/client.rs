@@ -353,24 +353,15 @@ async fn download_archive(
         .get("filename")
         .and_then(|v| v.as_str())
         .map_or_else(|| "archive.zip".to_owned(), str::to_owned);
+    // Every listed path must be a file or a directory now (404 before anything is
+    // streamed); each is opened again when its turn comes, so a long list never
+    // holds a descriptor per entry.
     let items = blocking(move || {
+        let root = Arc::new(root);
         let mut items = Vec::new();
         for parts in files {
-            let fd = super::open_for_reading(root.as_fd(), &parts)?;
-            let mut name = fsx::join(&parts)
-                .to_string_lossy()
-                .into_owned()
-                .into_bytes();
-            match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
-                FileType::Directory => {
-                    name.push(b'/');
-                    items.push(super::zip::Item::Dir(fd, name));
-                }
-                FileType::RegularFile => {
-                    items.push(super::zip::Item::File(std::fs::File::from(fd), name))
-                }
-                _ => return Err(ApiError::NotFound),
-            }
+            drop(super::open_for_reading(root.as_fd(), &parts)?);
+            items.push(super::zip::Item::Beneath(root.clone(), parts));
         }
         Ok(items)
     })

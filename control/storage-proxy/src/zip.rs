@@ -37,6 +37,9 @@ pub enum Item {
     Dir(OwnedFd, Vec<u8>),
     /// A regular file and its entry name.
     File(std::fs::File, Vec<u8>),
+    /// A file or directory beneath a vfolder (its descriptor), opened when its turn
+    /// comes and named by its path.
+    Beneath(Arc<OwnedFd>, Vec<std::ffi::OsString>),
 }
 
 /// One entry of the central directory.
@@ -407,8 +410,27 @@ impl<'a> Writer<'a> {
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
         for item in items {
+            let item = match item {
+                Item::Beneath(root, parts) => {
+                    let fd = fsx::open_readable(root.as_fd(), &parts)?;
+                    let mut name = fsx::join(&parts)
+                        .to_string_lossy()
+                        .into_owned()
+                        .into_bytes();
+                    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
+                        == FileType::Directory
+                    {
+                        name.push(b'/');
+                        Item::Dir(fd, name)
+                    } else {
+                        Item::File(std::fs::File::from(fd), name)
+                    }
+                }
+                other => other,
+            };
             match item {
                 Item::File(f, name) => self.file(f, name)?,
+                Item::Beneath(..) => {}
                 Item::Dir(fd, prefix) => {
                     let mut walker = Walker {
                         w: self,

@@ -878,3 +878,59 @@ fn hostile_headers_get_clean_answers() {
     .expect("answered");
     assert_eq!(r.status, 401);
 }
+
+/// An archive of more listed files than the process may hold descriptors (a token
+/// may list 10 000; the proxy's limit is lowered to 256 here): every file is in the
+/// archive, opened one at a time as its turn comes, not all held open at once.
+#[test]
+fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let limit = rustix::process::Rlimit {
+        current: Some(256),
+        maximum: Some(256),
+    };
+    rustix::process::prlimit(
+        Some(rustix::process::Pid::from_child(&p.child)),
+        rustix::process::Resource::Nofile,
+        limit,
+    )
+    .expect("lower the proxy's RLIMIT_NOFILE");
+    let vf = p.vfolder_path();
+    let files: Vec<String> = (0..600).map(|i| format!("f{i:03}.txt")).collect();
+    for f in &files {
+        std::fs::write(vf.join(f), f).expect("file");
+    }
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": files}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(60),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    assert_eq!(names.len(), 600);
+    assert_eq!(names[599], "'f599.txt'");
+    // A listed file that is missing is still a 404 before anything is streamed.
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["f000.txt", "nope.txt"]}),
+    );
+    let r = request_within(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(60),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 404);
+}
