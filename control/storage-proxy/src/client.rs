@@ -237,7 +237,7 @@ async fn download(
             tracing::info!(dir = %name, "archive download");
             let mut resp = Response::new(Body::from_stream(Metered::new(
                 &state,
-                super::zip::stream_dir(fd, at_root, state.send_stall),
+                super::zip::stream_dir(fd, at_root, state.stall),
             )));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -369,7 +369,7 @@ async fn download_archive(
     super::Metrics::add(&state.metrics.downloads, 1);
     let mut resp = Response::new(Body::from_stream(Metered::new(
         &state,
-        super::zip::stream_items(items, false, state.send_stall),
+        super::zip::stream_items(items, false, state.stall),
     )));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -667,8 +667,17 @@ async fn patch(
     let mut written = offset;
     let mut stream = body.into_data_stream();
     // An interrupted body keeps what arrived: the client resumes from HEAD's offset.
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { break };
+    // A body on which no byte comes for the stall timeout ends the PATCH (408), so
+    // a stalled client never keeps the session locked.
+    loop {
+        let Ok(next) = tokio::time::timeout(state.stall, stream.next()).await else {
+            *received = Some(written - offset);
+            file.flush().await?;
+            super::Metrics::add(&state.metrics.upload_bytes, written - offset);
+            tracing::info!(bytes = written - offset, "upload body stalled");
+            return Err(ApiError::Stalled(state.stall.as_secs()));
+        };
+        let Some(Ok(chunk)) = next else { break };
         if written + chunk.len() as u64 > s.size {
             *received = Some(written - offset);
             file.flush().await?;

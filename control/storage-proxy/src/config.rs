@@ -62,9 +62,10 @@ pub struct StorageSection {
     pub upload_expire_secs: u64,
     /// How often the cleanup job runs.
     pub cleanup_interval_secs: u64,
-    /// An archive download whose client takes no bytes for this long is cut off
-    /// (its writer holds a blocking thread while it waits).
-    pub send_stall_secs: u64,
+    /// A transfer on which the client moves no byte for this long is cut off: an
+    /// archive download (its writer holds a blocking thread while it waits) and a
+    /// tus PATCH body (the session is locked while its PATCH runs).
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -77,7 +78,7 @@ impl Default for StorageSection {
             max_upload_size: 1 << 30,
             upload_expire_secs: 24 * 3600,
             cleanup_interval_secs: 300,
-            send_stall_secs: 60,
+            stall_timeout_secs: 60,
         }
     }
 }

@@ -45,8 +45,9 @@ pub struct State {
     pub max_upload_size: u64,
     /// Staging files older than this are removed by the cleanup job.
     pub upload_expire: Duration,
-    /// How long an archive waits for a client that takes no bytes.
-    pub send_stall: Duration,
+    /// How long a transfer waits for a client that moves no byte (an archive
+    /// download, a tus PATCH body).
+    pub stall: Duration,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
@@ -168,6 +169,9 @@ pub enum ApiError {
     /// Too large.
     #[error("upload larger than the limit")]
     TooLarge,
+    /// A request body on which no byte came for the stall timeout.
+    #[error("no byte of the body came for {0} s: what arrived is kept, resume from HEAD's offset")]
+    Stalled(u64),
     /// The quota scope would pass its limit.
     #[error("quota exceeded: {used} of {limit} bytes used")]
     QuotaExceeded {
@@ -218,6 +222,7 @@ impl ApiError {
             Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            Self::Stalled(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 (*status, "too-large")
@@ -390,7 +395,7 @@ pub fn state_with_events(
         session_expire: Duration::from_secs(config.storage.session_expire_secs),
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
-        send_stall: Duration::from_secs(config.storage.send_stall_secs.max(1)),
+        stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
         uploading: Mutex::new(HashSet::new()),
         events,
         usage: Mutex::new(std::collections::HashMap::new()),

@@ -513,11 +513,11 @@ fn archive_names_longer_than_a_zip_header_can_say_are_left_out() {
 
 /// A client that starts an archive download and stops reading: the archive's writer
 /// (a blocking thread; a few hundred such clients would take every one of them)
-/// waits `send_stall_secs` at most, then the response is cut off, never finished
+/// waits `stall_timeout_secs` at most, then the response is cut off, never finished
 /// later as if nothing happened. A client that reads is served the whole archive.
 #[test]
 fn an_archive_whose_client_stops_reading_is_cut_off() {
-    let p = Proxy::start("send_stall_secs = 1\n");
+    let p = Proxy::start("stall_timeout_secs = 1\n");
     create_folder(&p);
     let vf = p.vfolder_path();
     std::fs::create_dir(vf.join("big")).expect("big");
@@ -933,4 +933,57 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
     )
     .expect("answered");
     assert_eq!(r.status, 404);
+}
+
+/// A tus PATCH whose body stops coming (a client gone quiet, a half-open
+/// connection) ends after `stall_timeout_secs` with 408, keeping what arrived, and
+/// releases the session: the upload resumes from HEAD's offset instead of getting
+/// 409 for as long as the dead connection stays open.
+#[test]
+fn a_stalled_patch_body_never_keeps_the_session_locked() {
+    let p = Proxy::start("stall_timeout_secs = 1\n");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "s.bin", "size": 8}),
+    );
+    let mut quiet = TcpStream::connect(p.client).expect("connect");
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        quiet,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: test\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Length: 8\r\n\r\n0123"
+    )
+    .expect("send");
+    // Half the body, then nothing: the answer comes without the rest.
+    let mut raw = Vec::new();
+    let _ = quiet.read_to_end(&mut raw);
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "request-timeout");
+    let head = request_within(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={token}"),
+        &[("Tus-Resumable", "1.0.0")],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(head.header("upload-offset"), Some("4"));
+    let r = request_within(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}"),
+        &[("Upload-Offset", "4"), ("Tus-Resumable", "1.0.0")],
+        b"4567",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("s.bin")).expect("complete"),
+        b"01234567"
+    );
 }
