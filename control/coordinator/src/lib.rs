@@ -21,7 +21,6 @@ pub mod health;
 mod jobs;
 pub mod placement;
 mod proxy;
-pub mod server;
 pub mod store;
 
 pub use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
@@ -48,6 +47,7 @@ use serde_json::json;
 
 use access::{AccessMark, Marks};
 use appproxy_control_common::metrics::{self, Histogram, Labeled};
+use appproxy_control_common::server;
 use breaker::Breakers;
 use config::CoordinatorConfig;
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
@@ -618,42 +618,21 @@ async fn announced_size(req: Request, next: Next) -> Response {
 }
 
 /// A request's body is read whole, within `limit` of its head, before any handler
-/// or authentication runs: the connection's idle timer does not run while a request
-/// is in flight, so a body that never comes (or trickles) would otherwise hold the
-/// connection and its slot under `max_connections` for ever. Bodies are small JSON
-/// (at most [`MAX_BODY`]); handlers read the buffered copy. Late: 408; over the
-/// limit: 413; cut off: 400. Each closes the connection (the rest of the body is
-/// unread).
+/// or authentication runs (`server::read_body_within`): a body that never comes, or
+/// trickles, would otherwise hold the connection and its slot under
+/// `max_connections` for ever (`/v2/conf` reads its body before it checks the
+/// token). Bodies are small JSON (at most [`MAX_BODY`]); handlers read the buffered
+/// copy. Late: 408; over the limit: 413; cut off: 400; each closes the connection.
 async fn body_in_time(Extract(limit): Extract<Duration>, req: Request, next: Next) -> Response {
-    use axum::body::HttpBody as _;
-    if req.body().is_end_stream() {
-        return next.run(req).await;
-    }
-    let (parts, body) = req.into_parts();
-    let refused = match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await {
-        Ok(Ok(bytes)) => return next.run(Request::from_parts(parts, bytes.into())).await,
-        Err(_) => ApiError::BodyTimeout,
-        Ok(Err(e)) if is_length_limit(&e) => ApiError::TooLarge,
-        Ok(Err(e)) => ApiError::BadRequest(format!("request body not read: {e}")),
-    };
-    let mut resp = refused.into_response();
-    resp.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        axum::http::HeaderValue::from_static("close"),
-    );
-    resp
-}
-
-/// Whether a body error is the size limit's.
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
+    let refused = match server::read_body_within(req, limit, MAX_BODY).await {
+        Ok(req) => return next.run(req).await,
+        Err(server::BodyFailure::Late) => ApiError::BodyTimeout,
+        Err(server::BodyFailure::TooLarge) => ApiError::TooLarge,
+        Err(server::BodyFailure::Cut(e)) => {
+            ApiError::BadRequest(format!("request body not read: {e}"))
         }
-        source = err.source();
-    }
-    false
+    };
+    server::closing(refused.into_response())
 }
 
 /// Refusals made outside the handlers (unknown route, wrong method, a body over the
@@ -808,7 +787,11 @@ impl Coordinator {
         let limits = server::Limits {
             header_read: Duration::from_secs(c.header_read_timeout_secs.clamp(1, 3600)),
             idle: Duration::from_secs(c.idle_timeout_secs.clamp(1, 86_400)),
-            max_connections: server::effective_cap(c.max_connections.max(1)),
+            max_connections: server::effective_cap(
+                c.max_connections.max(1),
+                "[coordinator] max_connections",
+                1,
+            ),
         };
         let metrics = state.server.clone();
         let served = server::serve(listener, router(state), limits, metrics, shutdown).await;

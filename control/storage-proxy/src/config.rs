@@ -66,6 +66,16 @@ pub struct StorageSection {
     /// archive download (its writer holds a blocking thread while it waits) and a
     /// tus PATCH body (the session is locked while its PATCH runs).
     pub stall_timeout_secs: u64,
+    /// A request head must arrive within this (also a keep-alive connection's wait
+    /// for its next request), on both APIs.
+    pub header_read_timeout_secs: u64,
+    /// A connection on which no byte moves either way for this long, while no request
+    /// is in flight, is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections open at most on each API (also kept below the descriptor limit).
+    pub max_connections: usize,
+    /// A manager API request's body (JSON) must arrive whole within this of its head.
+    pub body_read_timeout_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -79,6 +89,10 @@ impl Default for StorageSection {
             upload_expire_secs: 24 * 3600,
             cleanup_interval_secs: 300,
             stall_timeout_secs: 60,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 75,
+            max_connections: 4096,
+            body_read_timeout_secs: 30,
         }
     }
 }

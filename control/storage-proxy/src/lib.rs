@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use appproxy_control_common::server;
 use appproxy_shared::header::IdPolicy;
 use appproxy_shared::middleware::RequestIdLayer;
 use appproxy_shared::IdVersion;
@@ -48,6 +49,8 @@ pub struct State {
     /// How long a transfer waits for a client that moves no byte (an archive
     /// download, a tus PATCH body).
     pub stall: Duration,
+    /// A manager API body must arrive whole within this.
+    pub body_read: Duration,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
@@ -79,6 +82,10 @@ pub struct Metrics {
     pub quota_refused: std::sync::atomic::AtomicU64,
     /// Histograms, gauges and labeled counters.
     pub observed: Observed,
+    /// The manager API server's connection counters.
+    pub manager_api: Arc<appproxy_control_common::server::ServerMetrics>,
+    /// The client API server's connection counters.
+    pub client_api: Arc<appproxy_control_common::server::ServerMetrics>,
 }
 
 /// At most this many quota scopes are labeled apart at `/metrics` (the rest are
@@ -242,6 +249,9 @@ impl ApiError {
             Self::Rejected { status, .. } if *status == StatusCode::GONE => {
                 (*status, "vfolder-not-found")
             }
+            Self::Rejected { status, .. } if *status == StatusCode::REQUEST_TIMEOUT => {
+                (*status, "request-timeout")
+            }
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
@@ -396,6 +406,7 @@ pub fn state_with_events(
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
+        body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
         uploading: Mutex::new(HashSet::new()),
         events,
         usage: Mutex::new(std::collections::HashMap::new()),
@@ -440,15 +451,25 @@ pub async fn serve(
         let _ = rx.wait_for(|v| *v).await;
     };
     let (rx_m, rx_c) = (rx.clone(), rx.clone());
+    // Both APIs: heads and idle connections timed, connections capped (each API
+    // its own cap; together they stay below the descriptor limit).
+    let s = &config.storage;
+    let limits = server::Limits {
+        header_read: Duration::from_secs(s.header_read_timeout_secs.clamp(1, 3600)),
+        idle: Duration::from_secs(s.idle_timeout_secs.clamp(1, 86_400)),
+        max_connections: server::effective_cap(
+            s.max_connections.max(1),
+            "[storage] max_connections",
+            2,
+        ),
+    };
+    let (limits_m, metrics_m) = (limits.clone(), state.metrics.manager_api.clone());
     let m = tokio::spawn(async move {
-        axum::serve(manager, manager_app)
-            .with_graceful_shutdown(wait(rx_m))
-            .await
+        server::serve(manager, manager_app, limits_m, metrics_m, wait(rx_m)).await
     });
+    let metrics_c = state.metrics.client_api.clone();
     let c = tokio::spawn(async move {
-        axum::serve(client, client_app)
-            .with_graceful_shutdown(wait(rx_c))
-            .await
+        server::serve(client, client_app, limits, metrics_c, wait(rx_c)).await
     });
     let cleanup = tokio::spawn(cleanup_loop(
         state.clone(),

@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use appproxy_control_common::server;
 use axum::extract::{Request, State as Extract};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -74,9 +75,33 @@ async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> 
         {
             ApiError::InvalidToken.into_response()
         }
-        Some(_) => next.run(req).await,
+        // Past the token: the body (small JSON) is read whole within its deadline, so
+        // a body that stalls or trickles cannot hold the connection for ever.
+        Some(_) => match server::read_body_within(req, state.body_read, MAX_BODY).await {
+            Ok(req) => next.run(req).await,
+            Err(failure) => server::closing(
+                match failure {
+                    server::BodyFailure::Late => ApiError::Rejected {
+                        status: StatusCode::REQUEST_TIMEOUT,
+                        message: "request body not received in time".into(),
+                    },
+                    server::BodyFailure::TooLarge => ApiError::Rejected {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        message: "request body too large".into(),
+                    },
+                    server::BodyFailure::Cut(e) => {
+                        ApiError::Params(format!("request body not read: {e}"))
+                    }
+                }
+                .into_response(),
+            ),
+        },
     }
 }
+
+/// The largest manager API body (JSON): axum's default limit, which its extractors
+/// apply as well.
+const MAX_BODY: usize = 2 << 20;
 
 async fn status() -> Json<Value> {
     Json(
@@ -1203,6 +1228,35 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
+    }
+    for (name, help, kind, of) in [
+        (
+            "storage_proxy_api_connections_refused_total",
+            "API connections closed at once at the connection cap.",
+            "counter",
+            (|m| &m.refused) as fn(&server::ServerMetrics) -> &std::sync::atomic::AtomicU64,
+        ),
+        (
+            "storage_proxy_api_connections_timed_out_total",
+            "API connections closed for idleness or a slow request head.",
+            "counter",
+            |m| &m.timed_out,
+        ),
+        (
+            "storage_proxy_api_connections",
+            "API connections open.",
+            "gauge",
+            |m| &m.open,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (api, counters) in [("manager", &m.manager_api), ("client", &m.client_api)] {
+            let _ = writeln!(
+                out,
+                "{name}{{api=\"{api}\"}} {}",
+                of(counters).load(Relaxed)
+            );
+        }
     }
     render_observed(&state, &mut out);
     let mut resp = out.into_response();

@@ -1,5 +1,6 @@
-//! The coordinator's HTTP server loop: every wait bounded and the connection count
-//! capped, so idle or slow clients cannot exhaust its descriptors.
+//! The control plane's HTTP server loop (the coordinator's API, the storage-proxy's
+//! manager and client APIs): every wait bounded and the connection count capped, so
+//! idle or slow clients cannot exhaust a service's descriptors.
 //!
 //! - a request head must arrive within `header_read_timeout_secs` (hyper's header
 //!   timer, which also runs while a keep-alive connection waits for its next request);
@@ -45,17 +46,19 @@ fn nofile_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// `configured`, clamped below the descriptor limit (with [`FD_RESERVE`]).
-pub fn effective_cap(configured: usize) -> usize {
+/// `configured` (the config key `key`), clamped so that `listeners` listeners with
+/// that cap each fit below the descriptor limit (with [`FD_RESERVE`]).
+pub fn effective_cap(configured: usize, key: &str, listeners: usize) -> usize {
     match nofile_limit() {
         Some(limit) => {
-            let room = limit.saturating_sub(FD_RESERVE).max(16) as usize;
+            let room =
+                (limit.saturating_sub(FD_RESERVE) / listeners.max(1) as u64).max(16) as usize;
             if room < configured {
                 tracing::warn!(
                     configured,
                     nofile = limit,
                     cap = room,
-                    "[coordinator] max_connections lowered to fit the descriptor limit (raise LimitNOFILE)"
+                    "{key} lowered to fit the descriptor limit (raise LimitNOFILE)"
                 );
             }
             configured.min(room)
@@ -156,6 +159,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
+    let local = listener.local_addr().ok();
     let mut last_refusal_log: Option<Instant> = None;
     let mut last_accept_error_log: Option<Instant> = None;
     loop {
@@ -181,6 +185,7 @@ pub async fn serve(
             metrics.refused.fetch_add(1, Ordering::Relaxed);
             if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                 tracing::warn!(
+                    listener = ?local,
                     cap = limits.max_connections,
                     "connection cap reached: new connections are closed"
                 );
@@ -233,7 +238,14 @@ pub async fn serve(
                 let idle_for = epoch.elapsed().saturating_sub(since);
                 let wake_in = idle.saturating_sub(idle_for);
                 tokio::select! {
-                    _ = conn.as_mut() => break,
+                    served = conn.as_mut() => {
+                        // hyper's header timer ends a slow head with a timeout error.
+                        if served.is_err_and(|e| e.is_timeout()) {
+                            metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "request head not received in time");
+                        }
+                        break;
+                    }
                     _ = tokio::time::sleep(wake_in) => {
                         let since = Duration::from_millis(last.load(Ordering::Relaxed));
                         let working = busy.load(Ordering::Relaxed) > 0;
@@ -270,4 +282,61 @@ pub async fn serve(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// Why a request body was not read whole.
+#[derive(Debug)]
+pub enum BodyFailure {
+    /// It did not arrive whole within the deadline.
+    Late,
+    /// It is longer than the limit.
+    TooLarge,
+    /// It was cut off or malformed (the text says how).
+    Cut(String),
+}
+
+/// Reads `req`'s body whole, within `limit` and at most `max` bytes, and gives the
+/// request back with the buffered body; a request without a body passes as it is.
+/// For APIs whose bodies are small JSON: the idle timer of [`serve`] does not run
+/// while a request is in flight, so without this a body that stalls or trickles
+/// holds its connection for ever. On failure the caller answers, with
+/// `Connection: close` (the rest of the body is unread).
+pub async fn read_body_within(
+    req: axum::extract::Request,
+    limit: Duration,
+    max: usize,
+) -> Result<axum::extract::Request, BodyFailure> {
+    use axum::body::HttpBody as _;
+    if req.body().is_end_stream() {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => Ok(axum::extract::Request::from_parts(parts, bytes.into())),
+        Err(_) => Err(BodyFailure::Late),
+        Ok(Err(e)) if is_length_limit(&e) => Err(BodyFailure::TooLarge),
+        Ok(Err(e)) => Err(BodyFailure::Cut(e.to_string())),
+    }
+}
+
+/// Whether a body error is the size limit's.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Marks a refusal made before the body was read whole: the connection cannot be
+/// reused.
+pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
 }

@@ -1,0 +1,166 @@
+//! Every wait of the storage-proxy's two servers is bounded, against a real process:
+//! a silent connection and a half head are closed after `header_read_timeout_secs`,
+//! the connection cap closes the connection past it and the API serves again once
+//! connections leave, and a manager body that stalls is answered 408. (A tus PATCH
+//! whose body stalls: `storage_attack.rs`.)
+
+mod storage_common;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use storage_common::{Proxy, TOKEN, VFID};
+
+/// Whether the server closed `s` (end of stream or reset) within 30 s.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// All that the server sends on `s` until it closes (30 s at most), as text.
+fn answer(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A metric's value for one API from `/metrics`.
+fn metric(p: &Proxy, name: &str, api: &str) -> u64 {
+    let r = appproxy_test_support::http::request(p.manager, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let key = format!("{name}{{api=\"{api}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} in {text}"))
+}
+
+#[test]
+fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
+    let p =
+        Proxy::start("header_read_timeout_secs = 1\nidle_timeout_secs = 2\nmax_connections = 3");
+    for addr in [p.manager, p.client] {
+        let mut silent = TcpStream::connect(addr).expect("connect");
+        let mut half = TcpStream::connect(addr).expect("connect");
+        half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
+            .expect("send");
+        assert!(
+            closed_by_server(&mut silent),
+            "{addr}: a silent connection is closed"
+        );
+        assert!(closed_by_server(&mut half), "{addr}: a half head is closed");
+    }
+    // Both closures are counted as timed out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &p,
+        "storage_proxy_api_connections_timed_out_total",
+        "client",
+    ) < 2
+    {
+        assert!(Instant::now() < deadline, "the closures are counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(p);
+
+    // The client API's cap: three held connections (their heads given time, so the
+    // header timer cannot close one first), the fourth closed at once.
+    let p = Proxy::start("header_read_timeout_secs = 60\nmax_connections = 3");
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(p.client).expect("connect"))
+        .collect();
+    for s in &mut held {
+        s.write_all(b"G").expect("send");
+    }
+    // Held connections are accepted and counted before the fourth arrives.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&p, "storage_proxy_api_connections", "client") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the held connections are counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut fourth = TcpStream::connect(p.client).expect("connect");
+    assert!(closed_by_server(&mut fourth), "over the cap: closed");
+    assert!(metric(&p, "storage_proxy_api_connections_refused_total", "client") >= 1);
+    assert_eq!(
+        metric(&p, "storage_proxy_api_connections_refused_total", "manager"),
+        0,
+        "each API has its own cap"
+    );
+    drop(held);
+    // Once the server has seen them go, the client API serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Until the server has seen the held connections close, a new one may still be
+    // over the cap and closed: an attempt to repeat, not a failure.
+    let attempt = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(p.client)?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+        Ok(answer(&mut s))
+    };
+    loop {
+        if attempt().is_ok_and(|text| text.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client API serves again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_manager_body_that_stalls_is_answered_408_and_closed() {
+    let p = Proxy::start("body_read_timeout_secs = 1\nidle_timeout_secs = 600");
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    s.write_all(
+        format!(
+            "POST /folder/create HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let text = answer(&mut s);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request-timeout"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    // A body in two pieces well within the deadline is read whole.
+    let body = serde_json::json!({"volume": "local", "vfid": VFID}).to_string();
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    s.write_all(
+        format!(
+            "POST /folder/create HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let (a, b) = body.split_at(body.len() / 2);
+    s.write_all(a.as_bytes()).expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b.as_bytes()).expect("send");
+    let text = answer(&mut s);
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+    assert!(p.vfolder_path().is_dir(), "the folder was created");
+}
