@@ -987,3 +987,72 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
         b"01234567"
     );
 }
+
+/// Slow and silent clients on both APIs: a request head that never completes, a
+/// keep-alive connection that sends nothing more, a file download whose client
+/// stops reading. Each connection is closed after `header_read_timeout_secs` or
+/// `idle_timeout_secs` instead of being held for ever.
+#[test]
+fn slow_and_silent_connections_are_closed() {
+    let p = Proxy::start("header_read_timeout_secs = 1\nidle_timeout_secs = 2\n");
+    create_folder(&p);
+    // Ends within 30 s (the test's bound; the server's are 1 and 2 s): true when
+    // the server closed the connection.
+    let closed = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    };
+    for addr in [p.manager, p.client] {
+        let mut head = TcpStream::connect(addr).expect("connect");
+        head.write_all(b"GET /status HTTP/1.1\r\nHost: test\r\n")
+            .expect("half a head");
+        assert!(closed(&mut head), "{addr}: an unfinished head is cut off");
+        let mut idle = TcpStream::connect(addr).expect("connect");
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .expect("request");
+        assert!(
+            closed(&mut idle),
+            "{addr}: an idle keep-alive connection is closed"
+        );
+    }
+    // A download whose client stops reading (the file is far larger than the
+    // socket buffers): closed once no byte has moved for the idle timeout.
+    let vf = p.vfolder_path();
+    let f = std::fs::File::create(vf.join("big.bin")).expect("big");
+    f.set_len(256 << 20).expect("sparse 256 MiB");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin"}),
+    );
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    write!(
+        s,
+        "GET /download?token={token} HTTP/1.1\r\nHost: test\r\n\r\n"
+    )
+    .expect("send");
+    let mut first = [0u8; 1024];
+    s.read_exact(&mut first).expect("the download starts");
+    // Not reading for a while: the server stops being able to write, then closes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let log_says = || p.log().contains("idle connection closed");
+    while !log_says() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled download is held: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.len() < 256 << 20, "cut off, not served whole");
+}
