@@ -95,6 +95,8 @@ pub struct TcpConn {
     counted: Option<CountGuard>,
     /// The TLS session, when the client speaks TLS.
     tls: Option<Box<TlsState>>,
+    /// Whether the close is abortive ([`TcpConn::reset_on_close`]).
+    abortive: Cell<bool>,
 }
 
 /// The TLS side of a connection: a rustls session (server side towards clients,
@@ -197,6 +199,7 @@ impl TcpConn {
             floor: Cell::new(None),
             counted: None,
             tls: None,
+            abortive: Cell::new(false),
         })
     }
 
@@ -738,6 +741,15 @@ impl TcpConn {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Makes the close of this connection abortive: an RST (`SO_LINGER` 0, what is
+    /// still unsent is discarded) and no TLS close_notify. For a response delimited by
+    /// the close that could not be completed: a clean close would present its
+    /// truncated body to the client as the whole one.
+    pub fn reset_on_close(&self) {
+        self.abortive.set(true);
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+
     /// The peer address.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.stream.peer_addr()
@@ -756,8 +768,11 @@ impl TcpConn {
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
-        // A TLS peer is told the close was intended (best effort: never waits).
-        self.tls_close_notify();
+        // A TLS peer is told the close was intended (best effort: never waits),
+        // unless it was not.
+        if !self.abortive.get() {
+            self.tls_close_notify();
+        }
     }
 }
 

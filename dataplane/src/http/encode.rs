@@ -388,13 +388,10 @@ pub fn client_response(
     out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
-    // Without a body of its own (HEAD, 304) the upstream's Content-Length describes
-    // the representation and is relayed as is.
-    let keep_length = framing == ClientFraming::Empty && head.status >= 200;
     for HeaderField { name, value } in &head.headers {
         let name_b = &buf[name.clone()];
         if is_hop_by_hop(name_b, buf, &head.connection_tokens)
-            || (name_is(name_b, "content-length") && !keep_length)
+            || name_is(name_b, "content-length")
             || name_is(name_b, "x-backend-request-id")
         {
             continue;
@@ -406,6 +403,16 @@ pub fn client_response(
             out.extend_from_slice(b"Content-Length: ");
             push_u64(out, n);
             out.extend_from_slice(b"\r\n");
+        }
+        // Without a body of its own (HEAD, 304) the app's length describes the
+        // representation: relayed when it is one valid length, in canonical form.
+        // Never on a 204 (RFC 9110 §8.6) or a 101.
+        ClientFraming::Empty if head.status >= 200 && head.status != 204 => {
+            if let Some(n) = head.content_length {
+                out.extend_from_slice(b"Content-Length: ");
+                push_u64(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
         }
         ClientFraming::Chunked | ClientFraming::Rechunk => {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
@@ -428,7 +435,8 @@ pub fn client_response(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends an interim (1xx) response head relayed to the client.
+/// Appends an interim (1xx) response head relayed to the client (without
+/// `Content-Length`, which a 1xx must not carry: RFC 9110 §8.6).
 pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
@@ -437,7 +445,9 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     out.extend_from_slice(b"\r\n");
     for HeaderField { name, value } in &head.headers {
         let name_b = &buf[name.clone()];
-        if !is_hop_by_hop(name_b, buf, &head.connection_tokens) {
+        if !is_hop_by_hop(name_b, buf, &head.connection_tokens)
+            && !name_is(name_b, "content-length")
+        {
             push_field(out, name_b, &buf[value.clone()]);
         }
     }

@@ -150,8 +150,13 @@ pub struct ResponseHead {
     pub head_len: usize,
     /// How the body is delimited.
     pub framing: BodyFraming,
-    /// Whether the upstream connection may be reused after this response.
+    /// Whether the upstream connection may be reused after this response: never
+    /// when its framing is in doubt (see [`parse_response`]).
     pub keep_alive: bool,
+    /// The `Content-Length` value when the head has one valid length (a list of
+    /// equal values counts as one): the only length the proxy ever writes on, for
+    /// a bodiless response (HEAD, 304), the representation's length.
+    pub content_length: Option<u64>,
     /// Header names listed in `Connection`.
     pub connection_tokens: Vec<Range<usize>>,
     /// The `Upgrade` value (on 101).
@@ -412,6 +417,15 @@ pub fn parse_request_reusing(
 
 /// Parses an upstream response head at the start of `buf`, for a request made with
 /// `method`. `Ok(None)`: not complete yet.
+///
+/// A head whose framing is in doubt, though it can still be relayed, is marked not
+/// to be kept alive, so the app connection is closed after it rather than reused for
+/// another client's request with bytes of this response possibly still to come: an
+/// HTTP/1.0 head with `Transfer-Encoding` (RFC 9112 §6.1: the framing is faulty,
+/// close after the message), a bodiless response (HEAD, 304) whose length fields
+/// conflict (`Content-Length` values that differ or are invalid, or one beside
+/// `Transfer-Encoding`), and a 204 that announces a body (RFC 9110 §8.6 and RFC 9112
+/// §6.1: a server must not send either field in a 204).
 pub fn parse_response(
     buf: &[u8],
     method: Method,
@@ -496,7 +510,12 @@ pub fn parse_response_reusing(
             None => BodyFraming::Eof,
         }
     };
+    let content_length = scan.content_length.filter(|_| !scan.bad_content_length);
+    let framing_in_doubt = (scan.has_te && version == Version::Http10)
+        || (bodiless && (scan.bad_content_length || (scan.has_te && scan.has_content_length)))
+        || (code == 204 && (scan.has_te || content_length.is_some_and(|n| n > 0)));
     let keep_alive = framing != BodyFraming::Eof
+        && !framing_in_doubt
         && match version {
             Version::Http11 => !scan.conn_close,
             Version::Http10 => scan.conn_keep_alive && !scan.conn_close,
@@ -509,6 +528,7 @@ pub fn parse_response_reusing(
         head_len,
         framing,
         keep_alive,
+        content_length,
         connection_tokens: scan.connection_tokens,
         upgrade: scan.upgrade,
     }))

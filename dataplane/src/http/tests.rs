@@ -208,6 +208,42 @@ fn response_framing_table() {
             Method::Get,
             Ok((200, Length(1), false)),
         ),
+        // Framing in doubt: relayed, the connection not kept.
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+            Ok((200, Chunked, false)),
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+            Method::Get,
+            Ok((204, Length(0), false)),
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            Method::Get,
+            Ok((204, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+            Ok((204, Length(0), false)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            Method::Head,
+            Ok((200, Length(0), false)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Head,
+            Ok((200, Length(0), false)),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Head,
+            Ok((200, Length(0), true)),
+        ),
         (
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             Method::Get,

@@ -121,7 +121,10 @@ pub async fn forward(
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         let n = name.as_str().as_bytes();
-        if is_connection_specific(n) || parse::name_is(n, "x-backend-request-id") {
+        if is_connection_specific(n)
+            || parse::name_is(n, "x-backend-request-id")
+            || (status == 204 && parse::name_is(n, "content-length"))
+        {
             continue;
         }
         out.extend_from_slice(n);
@@ -149,7 +152,13 @@ pub async fn forward(
         .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
     let bytes_out = relay_response(core, conn, rbody, chunked)
         .await
-        .map_err(Fail::Abort)?;
+        .map_err(|e| {
+            if close_delimited {
+                // The close is the body's only end mark: not for a truncated one.
+                conn.reset_on_close();
+            }
+            Fail::Abort(e)
+        })?;
     Ok(Bridged {
         done: Done {
             status,

@@ -727,9 +727,12 @@ async fn forward_h1(
 }
 
 /// The fields of an HTTP/1.1 app's response head `resp` (in `rbuf`) as HTTP/2 fields:
-/// without hop-by-hop and `Connection`-listed ones, the app's request ID (the worker
-/// sets its own), and `content-length` unless it frames the body (or there is none;
-/// never on an interim head).
+/// without hop-by-hop and `Connection`-listed ones and the app's request ID (the
+/// worker sets its own). `content-length` is the worker's, one canonical value: the
+/// body's length, or on a bodiless response (HEAD, 304) the representation's when the
+/// app gave one valid length; never on an interim head or a 204 (an HTTP/2 client
+/// refuses a stream whose `content-length` is repeated, not a number, or not 0 on a
+/// 204).
 fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers: &mut HeaderMap) {
     for f in &resp.headers {
         let name = &rbuf[f.name.clone()];
@@ -740,9 +743,7 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
         if listed
             || is_connection_specific(name)
             || parse::name_is(name, "x-backend-request-id")
-            || (parse::name_is(name, "content-length")
-                && (resp.status < 200
-                    || (!matches!(resp.framing, BodyFraming::Length(_)) && !bodiless)))
+            || parse::name_is(name, "content-length")
         {
             continue;
         }
@@ -752,6 +753,15 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
         ) {
             headers.append(n, v);
         }
+    }
+    let length = match resp.framing {
+        _ if resp.status < 200 || resp.status == 204 => None,
+        _ if bodiless => resp.content_length,
+        BodyFraming::Length(n) => Some(n),
+        BodyFraming::Chunked | BodyFraming::Eof => None,
+    };
+    if let Some(n) = length {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
 }
 

@@ -686,7 +686,14 @@ impl Client {
                     Left::Nothing,
                 ));
             }
-            Err((e, _)) => return Err(Failure::Abort(format!("response body: {e}"))),
+            Err((e, _)) => {
+                if framing.closes() {
+                    // The client's only end-of-body mark is the close: it must not
+                    // look like one.
+                    self.conn.reset_on_close();
+                }
+                return Err(Failure::Abort(format!("response body: {e}")));
+            }
         }
         // Reuse the upstream connection only if the response was fully and exactly read.
         if resp.keep_alive

@@ -1,0 +1,776 @@
+//! Hostile suite, app class: the worker against an app that is broken or malicious
+//! and controls every byte it sends back. Response framing the worker must not
+//! misread (and must not keep an app connection whose framing was in doubt), heads it
+//! must not relay as sent, stalls it must bound, and ends it must not present as a
+//! complete response.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, Client, Worker, WorkerOpts};
+
+/// One thing the app does in answer to a request.
+#[derive(Clone)]
+enum Step {
+    /// Writes these bytes.
+    Send(Vec<u8>),
+    /// Writes these bytes one at a time, pausing between them; counts in
+    /// [`App::dribbled`] how many went out before a write failed.
+    Dribble(Vec<u8>, Duration),
+    /// Waits (to put bytes in separate segments, or after the response is out).
+    Pause(Duration),
+    /// Closes the connection (a FIN).
+    Close,
+    /// Resets the connection (`SO_LINGER` 0, then close: an RST).
+    Reset,
+    /// Sends nothing more and waits until the worker closes the connection.
+    Hold,
+    /// Counts one in this counter (what came before was written).
+    Mark(Arc<AtomicUsize>),
+}
+
+fn send(bytes: impl AsRef<[u8]>) -> Step {
+    Step::Send(bytes.as_ref().to_vec())
+}
+
+/// One request as the app read it.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// Which accepted connection carried it (0-based).
+    conn: usize,
+    path: String,
+}
+
+type Script = dyn Fn(&str, &str) -> Vec<Step> + Send + Sync;
+
+/// A scripted app: for each request (method, path), the steps its script gives;
+/// every request, connection and connection end is recorded.
+struct App {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
+    /// Connections on which the app read an end of stream or an error (the worker
+    /// closed them), by index.
+    ended: Arc<Mutex<Vec<usize>>>,
+    /// Bytes of the last dribble written before a write failed.
+    dribbled: Arc<AtomicUsize>,
+    /// Whether the last dribble was cut (a write failed before its end).
+    dribble_cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl App {
+    fn start(script: impl Fn(&str, &str) -> Vec<Step> + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        let script: Arc<Script> = Arc::new(script);
+        let app = Self {
+            addr,
+            seen: Arc::default(),
+            connections: Arc::default(),
+            ended: Arc::default(),
+            dribbled: Arc::default(),
+            dribble_cut: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (seen, connections, ended, dribbled, cut, stop) = (
+            app.seen.clone(),
+            app.connections.clone(),
+            app.ended.clone(),
+            app.dribbled.clone(),
+            app.dribble_cut.clone(),
+            app.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let conn = connections.fetch_add(1, Ordering::SeqCst);
+                let (seen, ended, dribbled, cut, script) = (
+                    seen.clone(),
+                    ended.clone(),
+                    dribbled.clone(),
+                    cut.clone(),
+                    script.clone(),
+                );
+                std::thread::spawn(move || {
+                    let peer_ended = serve(stream, conn, &seen, &dribbled, &cut, &*script);
+                    if peer_ended {
+                        ended.lock().expect("ended").push(conn);
+                    }
+                });
+            }
+        });
+        app
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// The connection that carried the request for `path` (the last one).
+    fn conn_of(&self, path: &str) -> usize {
+        self.seen()
+            .iter()
+            .rev()
+            .find(|s| s.path == path)
+            .unwrap_or_else(|| panic!("no request for {path} reached the app"))
+            .conn
+    }
+
+    /// Waits (bounded) until the worker has closed app connection `conn`.
+    fn wait_ended(&self, conn: usize) {
+        eventually(&format!("the worker closes app connection {conn}"), || {
+            self.ended.lock().expect("ended").contains(&conn)
+        });
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Serves one app connection; returns whether it ended because the worker closed it
+/// (the app read an end of stream or an error) rather than by the script.
+fn serve(
+    stream: TcpStream,
+    conn: usize,
+    seen: &Mutex<Vec<Seen>>,
+    dribbled: &AtomicUsize,
+    cut: &AtomicBool,
+    script: &Script,
+) -> bool {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(read_half) = stream.try_clone() else {
+        return false;
+    };
+    let mut r = BufReader::new(read_half);
+    let mut w = stream;
+    loop {
+        // The request head (the worker always writes CRLF lines), then any body.
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+            let end = line == b"\r\n";
+            head.extend_from_slice(&line);
+            if end {
+                break;
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut words = head.split(' ');
+        let method = words.next().unwrap_or("").to_owned();
+        let path = words.next().unwrap_or("").to_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if r.read_exact(&mut body).is_err() {
+            return true;
+        }
+        seen.lock().expect("seen").push(Seen {
+            conn,
+            path: path.clone(),
+        });
+        for step in script(&method, &path) {
+            match step {
+                Step::Send(bytes) => {
+                    if w.write_all(&bytes).is_err() {
+                        return true;
+                    }
+                }
+                Step::Dribble(bytes, every) => {
+                    dribbled.store(0, Ordering::SeqCst);
+                    cut.store(false, Ordering::SeqCst);
+                    for (i, b) in bytes.iter().enumerate() {
+                        if w.write_all(&[*b]).is_err() {
+                            cut.store(true, Ordering::SeqCst);
+                            return true;
+                        }
+                        dribbled.store(i + 1, Ordering::SeqCst);
+                        std::thread::sleep(every);
+                    }
+                }
+                Step::Pause(d) => std::thread::sleep(d),
+                Step::Mark(counter) => {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Step::Close => return false,
+                Step::Reset => {
+                    let _ = rustix::net::sockopt::set_socket_linger(&w, Some(Duration::ZERO));
+                    return false;
+                }
+                Step::Hold => {
+                    let mut sink = [0u8; 1024];
+                    loop {
+                        match r.read(&mut sink) {
+                            Ok(0) | Err(_) => return true,
+                            Ok(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The answer every path without a script gets: `honest {path} {method}`.
+fn honest(path: &str, method: &str) -> Vec<Step> {
+    let body = format!("honest {path} {method}");
+    vec![send(format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))]
+}
+
+/// A whole response the attacker wants some other client to receive.
+const POISON: &[u8] = b"HTTP/1.1 200 OK\r\nX-Attacker: yes\r\nContent-Length: 8\r\n\r\npoisoned";
+
+fn worker_for(app: &App) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    })
+}
+
+/// Reads everything until the worker closes; an error (a reset) ends it too, and is
+/// reported.
+fn read_to_end(s: &mut impl Read) -> (Vec<u8>, Option<ErrorKind>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "the worker neither finished nor closed; got {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            }
+            Err(e) => return (got, Some(e.kind())),
+        }
+    }
+}
+
+/// Sends `req` on a new connection and reads until the worker closes it.
+fn exchange_to_close(w: &Worker, req: &[u8]) -> (String, Option<ErrorKind>) {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(req).expect("send");
+    let (got, err) = read_to_end(&mut s);
+    (String::from_utf8_lossy(&got).into_owned(), err)
+}
+
+/// The head of a raw response: its status line and fields, lowercase names.
+fn head_fields(raw: &str) -> (String, Vec<(String, String)>) {
+    let head = raw.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("").to_owned();
+    let fields = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, fields)
+}
+
+fn lengths(fields: &[(String, String)]) -> Vec<&str> {
+    fields
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// Method, path, the app's answer, the lengths of the final head, and of each
+/// interim head.
+type LengthCase<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a [&'a str],
+    &'a [&'a [&'a str]],
+);
+
+/// The app's framing fields on a response without a body are the worker's to write:
+/// never a length on a 204 or an interim response (RFC 9110 §8.6: a client may take
+/// it for a body), and on HEAD and 304 answers the representation's length once and
+/// canonical, or none when the app's is not one valid length. Table: request, app's
+/// answer, the lengths the client must see (the final head's, then each interim's).
+#[test]
+fn lengths_on_bodiless_responses_are_the_workers() {
+    #[rustfmt::skip]
+    let table: &[LengthCase<'_>] = &[
+        ("GET", "/204-length", "HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n", &[], &[]),
+        ("GET", "/204-zero", "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", &[], &[]),
+        ("GET", "/103-length",
+            "HTTP/1.1 103 Early Hints\r\nContent-Length: 50\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            &["2"], &[&[]]),
+        ("HEAD", "/head-conflict", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n", &[], &[]),
+        ("HEAD", "/head-invalid", "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", &[], &[]),
+        ("HEAD", "/head-list", "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", &["5"], &[]),
+        ("HEAD", "/head-repeat", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", &["5"], &[]),
+        // What stays: the representation's length on HEAD and 304, and a 0 length.
+        ("HEAD", "/head", "HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", &["40"], &[]),
+        ("GET", "/304", "HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\n\r\n", &["40"], &[]),
+        ("GET", "/empty", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &["0"], &[]),
+    ];
+    let answers: std::collections::HashMap<&str, &str> =
+        table.iter().map(|(_, p, a, _, _)| (*p, *a)).collect();
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(a) => vec![send(a)],
+        None => honest(path, method),
+    });
+    let w = worker_for(&app);
+    for (method, path, _, want, interim_want) in table {
+        let (raw, err) = exchange_to_close(
+            &w,
+            format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(err, None, "{path}: {raw}");
+        let heads: Vec<&str> = raw.split("HTTP/1.1 ").filter(|h| !h.is_empty()).collect();
+        assert_eq!(heads.len(), interim_want.len() + 1, "{path}: {raw}");
+        for (head, want) in heads.iter().zip(interim_want.iter().chain([want])) {
+            let (status, fields) = head_fields(&format!("HTTP/1.1 {head}"));
+            assert_eq!(&lengths(&fields), want, "{path}, {status}: {raw}");
+        }
+    }
+}
+
+/// Over HTTP/2 the same answers reach a real client (curl, whose nghttp2 refuses a
+/// response stream with a repeated or malformed `content-length`, or a 204 with one
+/// other than 0).
+#[test]
+fn http2_clients_can_read_what_the_app_framed_loosely() {
+    let app = App::start(|method, path| match path {
+        "/204-length" => vec![send("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n")],
+        "/repeat" => vec![send(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        )],
+        "/list" => vec![send("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok")],
+        "/head-conflict" => vec![send(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+        )],
+        _ => honest(path, method),
+    });
+    let w = worker_for(&app);
+    let mut failed = Vec::new();
+    for (path, head, want_status, want_body) in [
+        ("/204-length", false, "204", ""),
+        ("/repeat", false, "200", "ok"),
+        ("/list", false, "200", "ok"),
+        ("/head-conflict", true, "200", ""),
+    ] {
+        let url = format!("http://127.0.0.1:{}{path}", w.port);
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ];
+        if head {
+            args.push("-I");
+        }
+        args.push(&url);
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .expect("curl must be installed (.ci/run installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        if !out.status.success() || status != want_status || (!head && body != want_body) {
+            failed.push(format!(
+                "{path}: {stdout:?} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// A response whose framing is in doubt is relayed, but its app connection is closed
+/// after it, never handed to the next request (from another client) with bytes of
+/// it possibly still to come; one whose framing is clear is reused. Table: request,
+/// the app's answer, whether the connection may be reused.
+#[test]
+fn an_app_connection_whose_framing_was_in_doubt_is_not_reused() {
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &str, bool)] = &[
+        // HTTP/1.0 with Transfer-Encoding: RFC 9112 §6.1, faulty framing.
+        ("GET", "/http10-chunked",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", false),
+        // A 204 announcing a body it must not have.
+        ("GET", "/204-chunked", "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+        ("GET", "/204-length", "HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n", false),
+        // Bodiless answers whose lengths conflict.
+        ("HEAD", "/head-conflict", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n", false),
+        ("HEAD", "/head-te-length", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", false),
+        ("GET", "/304-invalid", "HTTP/1.1 304 Not Modified\r\nContent-Length: 0x5\r\n\r\n", false),
+        // Clear framing: reused.
+        ("GET", "/http10-length", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", true),
+        ("GET", "/204", "HTTP/1.1 204 No Content\r\n\r\n", true),
+        ("GET", "/204-zero", "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", true),
+        ("HEAD", "/head-chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", true),
+        ("HEAD", "/head-length", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true),
+        ("GET", "/304", "HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\n\r\n", true),
+    ];
+    let answers: std::collections::HashMap<&str, &str> =
+        table.iter().map(|(_, p, a, _)| (*p, *a)).collect();
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(a) => vec![send(a)],
+        None => honest(path, method),
+    });
+    let w = worker_for(&app);
+    for (i, (method, path, _, reusable)) in table.iter().enumerate() {
+        let mut first = Client::connect(w.addr());
+        first.send(format!("{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = first.response_to(method);
+        assert!(r.status < 400, "{path}: {} {}", r.status, r.text());
+        let conn = app.conn_of(path);
+        if !reusable {
+            app.wait_ended(conn);
+        }
+        // The next request, from another client.
+        let next = format!("/next-{i}");
+        let mut second = Client::connect(w.addr());
+        let r = second.get(&next, "");
+        assert_eq!(r.status, 200, "after {path}: {}", r.text());
+        assert!(
+            r.text().starts_with(&format!("honest {next} ")),
+            "{}",
+            r.text()
+        );
+        assert_eq!(
+            app.conn_of(&next) == conn,
+            *reusable,
+            "after {path}: app connection reused: {}",
+            app.conn_of(&next) == conn
+        );
+    }
+}
+
+/// Bytes an app sends after a response — in the same write, or later while its
+/// connection waits in the pool — are never served to the next client, and that
+/// connection is not used again. Table: request, the response, what follows it.
+#[test]
+fn bytes_after_a_response_never_reach_the_next_client() {
+    let poison = String::from_utf8_lossy(POISON).into_owned();
+    let chunked_poison = format!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{poison}\r\n0\r\n\r\n",
+        poison.len()
+    );
+    #[rustfmt::skip]
+    let table: Vec<(&str, &str, String, String)> = vec![
+        ("GET", "/length-extra", "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody".into(), poison.clone()),
+        ("GET", "/chunked-extra", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n".into(), poison.clone()),
+        // A body on answers that have none: the body is the attacker's response.
+        ("HEAD", "/head-body", "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n".into(), poison.clone()),
+        ("HEAD", "/head-chunked-body", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".into(), chunked_poison.clone()),
+        ("GET", "/204-body", "HTTP/1.1 204 No Content\r\n\r\n".into(), poison.clone()),
+        ("GET", "/304-body", "HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\n".into(), poison.clone()),
+        // Interim responses, then the final one and more.
+        ("GET", "/interim-extra", "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into(), poison.clone()),
+    ];
+    let answers: std::collections::HashMap<String, (String, String)> = table
+        .iter()
+        .map(|(_, p, r, x)| (p.to_string(), (r.clone(), x.clone())))
+        .collect();
+    let written = Arc::new(AtomicUsize::new(0));
+    let w2 = written.clone();
+    let app = App::start(move |method, path| {
+        let (base, late) = path
+            .strip_suffix("?late")
+            .map_or((path, false), |b| (b, true));
+        match answers.get(base) {
+            // Together: one write. Late: the response, and the rest once the worker
+            // had time to pool the connection (not a timing assertion: the test waits
+            // for the write either way).
+            Some((resp, extra)) if late => {
+                vec![
+                    send(resp),
+                    Step::Pause(Duration::from_millis(200)),
+                    send(extra),
+                    Step::Mark(w2.clone()),
+                ]
+            }
+            Some((resp, extra)) => vec![send(format!("{resp}{extra}")), Step::Mark(w2.clone())],
+            None => honest(path, method),
+        }
+    });
+    let w = worker_for(&app);
+    for (method, path, _, _) in &table {
+        for late in [false, true] {
+            let target = if late {
+                format!("{path}?late")
+            } else {
+                path.to_string()
+            };
+            let before = written.load(Ordering::SeqCst);
+            let mut first = Client::connect(w.addr());
+            first.send(format!("{method} {target} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            let r = first.response_to(method);
+            assert!(r.status < 400, "{target}: {} {}", r.status, r.text());
+            assert_eq!(r.header("x-attacker"), None, "{target}");
+            eventually("the app wrote what follows its response", || {
+                written.load(Ordering::SeqCst) > before
+            });
+            let conn = app.conn_of(&target);
+            let next = format!("/next{}", target.replace('?', "-"));
+            let mut second = Client::connect(w.addr());
+            let r = second.get(&next, "");
+            assert_eq!(r.status, 200, "after {target}: {}", r.text());
+            assert_eq!(r.header("x-attacker"), None, "after {target}");
+            assert!(
+                r.text().starts_with(&format!("honest {next} ")),
+                "after {target}: {}",
+                r.text()
+            );
+            assert_ne!(
+                app.conn_of(&next),
+                conn,
+                "after {target}: connection reused"
+            );
+            // The first client's connection goes on with its own answers too.
+            let r = first.get(&format!("{next}-same"), "");
+            assert_eq!(r.header("x-attacker"), None, "after {target}");
+            assert!(
+                r.text().starts_with("honest "),
+                "after {target}: {}",
+                r.text()
+            );
+        }
+    }
+}
+
+/// A head the app dribbles one byte at a time gets no more than
+/// `[timeouts] upstream_head_secs` in all (not per byte): the client gets a 504, the
+/// app connection is closed before the head could end, and no descriptor stays open.
+#[test]
+fn a_dribbled_head_is_cut_at_the_head_deadline() {
+    let mut head = b"HTTP/1.1 200 OK\r\nX-Slow: ".to_vec();
+    head.extend([b'a'; 100]);
+    head.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+    let total = head.len();
+    let app = App::start(move |method, path| match path {
+        "/dribble" => vec![Step::Dribble(head.clone(), Duration::from_millis(100))],
+        _ => honest(path, method),
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nupstream_head_secs = 1\n".into(),
+        ..Default::default()
+    });
+    // At rest with one app connection in the pool (as after the last request).
+    assert!(Client::connect(w.addr())
+        .get("/warm", "")
+        .text()
+        .starts_with("honest /warm"));
+    let at_rest = common::resting_fds(&w);
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/dribble", "");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["code"], "upstream_timeout");
+    eventually("the app's dribble is cut by the worker", || {
+        app.dribble_cut.load(Ordering::SeqCst)
+    });
+    let sent = app.dribbled.load(Ordering::SeqCst);
+    assert!(sent < total, "the whole head ({total} bytes) went out");
+    app.wait_ended(app.conn_of("/dribble"));
+    // The client connection goes on; nothing is left open.
+    assert!(c.get("/after", "").text().starts_with("honest /after"));
+    drop(c);
+    assert_eq!(common::resting_fds(&w), at_rest, "descriptors leaked");
+}
+
+/// How the client can tell a response whose body did not arrive whole.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framed {
+    /// `Content-Length`: fewer bytes, then the close.
+    Length,
+    /// Chunked: no last chunk.
+    Chunked,
+    /// Delimited by the close (an HTTP/1.0 client): only a reset tells.
+    Close,
+}
+
+/// Asserts that `raw` (and how the stream ended) cannot pass for a whole response.
+fn assert_not_whole(what: &str, raw: &str, err: Option<ErrorKind>, framed: Framed) {
+    let (status, fields) = head_fields(raw);
+    assert!(status.starts_with("HTTP/1.1 200"), "{what}: {raw}");
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    match framed {
+        Framed::Length => {
+            let want: usize = lengths(&fields)
+                .first()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no length: {raw}"));
+            assert!(body.len() < want, "{what}: a whole body: {raw}");
+        }
+        Framed::Chunked => {
+            assert!(
+                fields
+                    .iter()
+                    .any(|(n, v)| n == "transfer-encoding" && v == "chunked"),
+                "{what}: {raw}"
+            );
+            assert!(
+                !body.ends_with("0\r\n\r\n"),
+                "{what}: a last chunk: {raw:?}"
+            );
+        }
+        Framed::Close => {
+            assert!(
+                lengths(&fields).is_empty()
+                    && !fields.iter().any(|(n, _)| n == "transfer-encoding"),
+                "{what}: {raw}"
+            );
+            assert_eq!(
+                err,
+                Some(ErrorKind::ConnectionReset),
+                "{what}: a close-delimited body cut short ended with a clean close: {raw:?}"
+            );
+        }
+    }
+}
+
+/// The partial responses of the truncation tests: (path, what the app sends before
+/// it stops, the client's version, how the client can tell).
+#[rustfmt::skip]
+fn partial_responses() -> Vec<(&'static str, &'static str, &'static str, Framed)> {
+    vec![
+        ("/length", "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", "1.1", Framed::Length),
+        ("/chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n", "1.1", Framed::Chunked),
+        ("/chunked-mid", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n0123456789", "1.1", Framed::Chunked),
+        ("/length", "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", "1.0", Framed::Length),
+        ("/chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n", "1.0", Framed::Close),
+        ("/chunked-mid", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n0123456789", "1.0", Framed::Close),
+    ]
+}
+
+/// A body the app stops sending mid-way is cut after `[timeouts] response_idle_secs`
+/// and never presented as complete; the app connection is closed and no descriptor
+/// stays open.
+#[test]
+fn a_stalled_body_is_cut_and_never_looks_complete() {
+    let mut cases = partial_responses();
+    // Delimited by the close: only the idle timeout ends it, never as a whole body.
+    cases.push((
+        "/until-close",
+        "HTTP/1.1 200 OK\r\n\r\n0123456789",
+        "1.1",
+        Framed::Chunked,
+    ));
+    cases.push((
+        "/until-close",
+        "HTTP/1.1 200 OK\r\n\r\n0123456789",
+        "1.0",
+        Framed::Close,
+    ));
+    let answers: std::collections::HashMap<&str, &str> =
+        cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(a) => vec![send(a), Step::Hold],
+        None => honest(path, method),
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nresponse_idle_secs = 1\n".into(),
+        ..Default::default()
+    });
+    let at_rest = common::resting_fds(&w);
+    for (path, _, version, framed) in &cases {
+        let what = format!("{path} to HTTP/{version}");
+        let (raw, err) = exchange_to_close(
+            &w,
+            format!("GET {path} HTTP/{version}\r\nHost: t\r\n\r\n").as_bytes(),
+        );
+        assert_not_whole(&what, &raw, err, *framed);
+        app.wait_ended(app.conn_of(path));
+    }
+    assert_eq!(common::resting_fds(&w), at_rest, "descriptors leaked");
+}
+
+/// An app that closes or resets its connection mid-body: the client never gets the
+/// truncated body as a complete response.
+#[test]
+fn an_app_ending_mid_body_never_completes_the_response() {
+    let mut cases = partial_responses();
+    // Delimited by the close: the close completes it, a reset does not.
+    cases.push((
+        "/until-close",
+        "HTTP/1.1 200 OK\r\n\r\n0123456789",
+        "1.1",
+        Framed::Chunked,
+    ));
+    cases.push((
+        "/until-close",
+        "HTTP/1.1 200 OK\r\n\r\n0123456789",
+        "1.0",
+        Framed::Close,
+    ));
+    let answers: std::collections::HashMap<&str, &str> =
+        cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
+    let app = App::start(move |method, path| {
+        let (base, reset) = path
+            .strip_suffix("?reset")
+            .map_or((path, false), |b| (b, true));
+        match answers.get(base) {
+            // Separate segments: the body's first bytes reach the client first.
+            Some(a) => vec![
+                send(a),
+                Step::Pause(Duration::from_millis(50)),
+                if reset { Step::Reset } else { Step::Close },
+            ],
+            None => honest(path, method),
+        }
+    });
+    let w = worker_for(&app);
+    let at_rest = common::resting_fds(&w);
+    for (path, _, version, framed) in &cases {
+        for reset in [false, true] {
+            if *path == "/until-close" && !reset {
+                continue;
+            }
+            let target = if reset {
+                format!("{path}?reset")
+            } else {
+                path.to_string()
+            };
+            let what = format!("{target} to HTTP/{version}");
+            let (raw, err) = exchange_to_close(
+                &w,
+                format!("GET {target} HTTP/{version}\r\nHost: t\r\n\r\n").as_bytes(),
+            );
+            assert_not_whole(&what, &raw, err, *framed);
+        }
+    }
+    assert_eq!(common::resting_fds(&w), at_rest, "descriptors leaked");
+}
