@@ -177,15 +177,19 @@ fn serve(
         let mut words = head.split(' ');
         let method = words.next().unwrap_or("").to_owned();
         let path = words.next().unwrap_or("").to_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(':')?;
-                n.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
+        // Paths starting with /early are answered with the body unread.
+        let length: usize = if path.starts_with("/early") {
+            0
+        } else {
+            head.lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0)
+        };
         let mut body = vec![0; length];
         if r.read_exact(&mut body).is_err() {
             return true;
@@ -773,4 +777,74 @@ fn an_app_ending_mid_body_never_completes_the_response() {
         }
     }
     assert_eq!(common::resting_fds(&w), at_rest, "descriptors leaked");
+}
+
+/// An app that refuses a request body (413, 401 …) may answer before it read it all
+/// and close: its answer reaches the client (not a 502 for the reset that follows),
+/// the client connection closes after it (the rest of the body is unread), and the
+/// app connection is not reused. Table: path, the app's answer, the status relayed.
+#[test]
+fn an_answer_before_the_whole_body_is_relayed() {
+    #[rustfmt::skip]
+    let table: &[(&str, &str, u16)] = &[
+        ("/early-413", "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!", 413),
+        // Claims keep-alive, then closes anyway.
+        ("/early-401", "HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?", 401),
+    ];
+    let answers: std::collections::HashMap<&str, &str> =
+        table.iter().map(|(p, a, _)| (*p, *a)).collect();
+    // Paths starting with /early are answered after the head, the body unread.
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(a) => vec![send(a), Step::Close],
+        None => honest(path, method),
+    });
+    let w = worker_for(&app);
+    const SIZE: usize = 32 << 20;
+    for (path, answer, status) in table {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes(),
+        )
+        .expect("head");
+        // More than the sockets hold: the worker is still sending when the app closes.
+        let mut body = s.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || {
+            let block = vec![b'u'; 1 << 20];
+            for _ in 0..SIZE >> 20 {
+                if body.write_all(&block).is_err() {
+                    return;
+                }
+            }
+        });
+        let (got, _) = read_to_end(&mut s);
+        let _ = writer.join();
+        let got = String::from_utf8_lossy(&got).into_owned();
+        let (line, fields) = head_fields(&got);
+        assert!(
+            line.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{path}: {got}"
+        );
+        assert!(
+            fields
+                .iter()
+                .any(|(n, v)| n == "connection" && v == "close"),
+            "{path}: the client's body is unread, its connection must close: {got}"
+        );
+        let app_body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(
+            got.ends_with(&format!("\r\n\r\n{app_body}")),
+            "{path}: {got}"
+        );
+        let conn = app.conn_of(path);
+        let next = format!("/next{path}");
+        let r = Client::connect(w.addr()).get(&next, "");
+        assert!(
+            r.text().starts_with(&format!("honest {next} ")),
+            "{}",
+            r.text()
+        );
+        assert_ne!(app.conn_of(&next), conn, "after {path}: connection reused");
+    }
 }

@@ -176,6 +176,9 @@ struct Sent {
     bytes_in: u64,
     /// Whether the request asked for a WebSocket upgrade.
     websocket: bool,
+    /// Whether the app answered before it took the whole request body: the rest of
+    /// the body is still on the client connection, which closes after the answer.
+    body_cut: bool,
 }
 
 /// A completed exchange.
@@ -418,12 +421,13 @@ impl Client {
         self.ubuf.consume(usize::MAX);
         loop {
             match self.attempt(x, route, &upstream, addr, attempt).await {
-                Ok((resp, bytes_in)) => {
+                Ok((resp, bytes_in, body_cut)) => {
                     let sent = Sent {
                         upstream,
                         addr,
                         bytes_in,
                         websocket,
+                        body_cut,
                     };
                     return self.relay_response(x, route, resp, sent).await;
                 }
@@ -455,8 +459,9 @@ impl Client {
     }
 
     /// One attempt on `upstream`: the request sent (head, and body as it comes), its
-    /// response head read. Returns the head and the request bytes read from the
-    /// client; a failure is either retried ([`retry::may_retry`]) or the exchange's.
+    /// response head read. Returns the head, the request bytes read from the client,
+    /// and whether the app answered before it took the whole body; a failure is
+    /// either retried ([`retry::may_retry`]) or the exchange's.
     async fn attempt(
         &mut self,
         x: &Exchange,
@@ -464,7 +469,7 @@ impl Client {
         upstream: &TcpConn,
         addr: SocketAddr,
         attempt: Attempt,
-    ) -> Result<(ResponseHead, u64), Attempted> {
+    ) -> Result<(ResponseHead, u64, bool), Attempted> {
         let core = self.core.clone();
         let rt = &core.rt;
         let head = &x.head;
@@ -527,10 +532,32 @@ impl Client {
         match send {
             Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
             Err(RelayError::Destination(e)) => {
+                let closed = e.kind() != io::ErrorKind::TimedOut;
                 let err = ProxyError::UpstreamClosed(e);
                 if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
                     let what = "pooled upstream connection was dead; retrying on a new one";
                     return Err(Attempted::Retry(err, what));
+                }
+                // An app that refuses a body (413, 401 …) may answer before it has
+                // read it all, then close: what it answered is relayed, not a 502.
+                // Its answer, if any, is already in the socket (read at once, the
+                // connection being closed); the client's connection closes after it,
+                // the rest of the body unread.
+                if closed && !attempt.replayable {
+                    let early = read_response_head(&core, upstream, &mut self.ubuf, head.method)
+                        .await
+                        .ok()
+                        .filter(|r| r.status >= 200 && r.status != 101);
+                    if let Some(resp) = early {
+                        tracing::info!(
+                            upstream = %addr,
+                            status = resp.status,
+                            "the app answered before taking the whole request body"
+                        );
+                        note_health(&core, route, addr, true);
+                        return Ok((resp, bytes_in, true));
+                    }
+                    self.ubuf.consume(usize::MAX);
                 }
                 let left = if attempt.replayable {
                     Left::Whole
@@ -560,7 +587,7 @@ impl Client {
                 if attempt.replayable {
                     self.buf.consume(head.head_len);
                 }
-                Ok((resp, bytes_in))
+                Ok((resp, bytes_in, false))
             }
             Err(f) => {
                 let retry = f.retry();
@@ -631,10 +658,11 @@ impl Client {
             upstream,
             addr,
             bytes_in,
+            body_cut,
             ..
         } = sent;
         let framing = ClientFraming::choose(resp.framing, req.version);
-        let close = !req.keep_alive || core.draining.get();
+        let close = !req.keep_alive || core.draining.get() || body_cut;
         self.out.clear();
         encode::client_response(
             &mut self.out,
@@ -697,6 +725,7 @@ impl Client {
         }
         // Reuse the upstream connection only if the response was fully and exactly read.
         if resp.keep_alive
+            && !body_cut
             && self.ubuf.is_empty()
             && !matches!(mode, Mode::Rechunk | Mode::UntilClose)
         {
