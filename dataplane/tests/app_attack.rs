@@ -676,7 +676,34 @@ fn partial_responses() -> Vec<(&'static str, &'static str, &'static str, Framed)
         ("/length", "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", "1.0", Framed::Length),
         ("/chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n", "1.0", Framed::Close),
         ("/chunked-mid", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n0123456789", "1.0", Framed::Close),
+        // A trailer section past the decoder's bounds (32 fields) ends it the same way.
+        ("/trailer-flood", trailer_flood(), "1.1", Framed::Chunked),
+        ("/trailer-flood", trailer_flood(), "1.0", Framed::Close),
     ]
+}
+
+/// A chunked response whose trailer section has more fields than allowed, after
+/// its first chunk went out.
+fn trailer_flood() -> &'static str {
+    let fields: String = (0..40).map(|i| format!("X-T{i}: v\r\n")).collect();
+    format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n{PAUSE}0\r\n{fields}")
+        .leak()
+}
+
+/// Where an answer is split into two writes with a pause between (so what comes
+/// before reaches the client first).
+const PAUSE: &str = "<pause>";
+
+/// The steps that send `answer`, split at each [`PAUSE`].
+fn in_segments(answer: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (i, part) in answer.split(PAUSE).enumerate() {
+        if i > 0 {
+            steps.push(Step::Pause(Duration::from_millis(50)));
+        }
+        steps.push(send(part));
+    }
+    steps
 }
 
 /// A body the app stops sending mid-way is cut after `[timeouts] response_idle_secs`
@@ -701,7 +728,11 @@ fn a_stalled_body_is_cut_and_never_looks_complete() {
     let answers: std::collections::HashMap<&str, &str> =
         cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
     let app = App::start(move |method, path| match answers.get(path) {
-        Some(a) => vec![send(a), Step::Hold],
+        Some(a) => {
+            let mut steps = in_segments(a);
+            steps.push(Step::Hold);
+            steps
+        }
         None => honest(path, method),
     });
     let w = Worker::start(WorkerOpts {
@@ -748,11 +779,12 @@ fn an_app_ending_mid_body_never_completes_the_response() {
             .map_or((path, false), |b| (b, true));
         match answers.get(base) {
             // Separate segments: the body's first bytes reach the client first.
-            Some(a) => vec![
-                send(a),
-                Step::Pause(Duration::from_millis(50)),
-                if reset { Step::Reset } else { Step::Close },
-            ],
+            Some(a) => {
+                let mut steps = in_segments(a);
+                steps.push(Step::Pause(Duration::from_millis(50)));
+                steps.push(if reset { Step::Reset } else { Step::Close });
+                steps
+            }
             None => honest(path, method),
         }
     });
@@ -847,4 +879,97 @@ fn an_answer_before_the_whole_body_is_relayed() {
         );
         assert_ne!(app.conn_of(&next), conn, "after {path}: connection reused");
     }
+}
+
+/// Heads the worker cannot relay faithfully are a 502 `upstream_invalid_response`
+/// (never passed on, never guessed at); the app connection is closed and the client
+/// connection goes on. Table: what the app answers.
+#[test]
+fn malformed_heads_are_a_502_and_their_connection_is_dropped() {
+    let many_fields: String = (0..200).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let big_field = format!("X-Big: {}\r\n", "b".repeat(70 * 1024));
+    #[rustfmt::skip]
+    let table: Vec<(&str, String)> = vec![
+        ("status-000", "HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n".into()),
+        ("status-1000", "HTTP/1.1 1000 X\r\nContent-Length: 0\r\n\r\n".into()),
+        ("status-99", "HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n".into()),
+        ("version-2", "HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n".into()),
+        ("not-http", "ICY 200 OK\r\nContent-Length: 0\r\n\r\n".into()),
+        ("nul-in-value", "HTTP/1.1 200 OK\r\nX-A: a\0b\r\nContent-Length: 0\r\n\r\n".into()),
+        ("cr-in-value", "HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n".into()),
+        ("space-in-name", "HTTP/1.1 200 OK\r\nX A: b\r\nContent-Length: 0\r\n\r\n".into()),
+        ("space-before-colon", "HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n".into()),
+        ("obs-fold", "HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n".into()),
+        ("length-plus", "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok".into()),
+        ("length-hex", "HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok".into()),
+        ("length-huge", "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nok".into()),
+        ("length-differ", "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".into()),
+        ("length-empty", "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nok".into()),
+        ("te-and-length", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n".into()),
+        ("te-not-last", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nok".into()),
+        ("te-identity", "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nok".into()),
+        ("te-twice", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".into()),
+        ("bad-chunk-size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n".into()),
+        ("101-unasked", "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\nRAW".into()),
+        ("too-many-fields", format!("HTTP/1.1 200 OK\r\n{many_fields}Content-Length: 0\r\n\r\n")),
+        ("head-too-large", format!("HTTP/1.1 200 OK\r\n{big_field}Content-Length: 0\r\n\r\n")),
+    ];
+    let answers: std::collections::HashMap<String, String> = table
+        .iter()
+        .map(|(p, a)| (format!("/{p}"), a.clone()))
+        .collect();
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(a) => vec![send(a), Step::Hold],
+        None => honest(path, method),
+    });
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    for (name, _) in &table {
+        let path = format!("/{name}");
+        let r = c.get(&path, "");
+        assert_eq!(r.status, 502, "{name}: {}", r.text());
+        assert_eq!(r.json()["code"], "upstream_invalid_response", "{name}");
+        app.wait_ended(app.conn_of(&path));
+        let after = format!("/after-{name}");
+        assert!(
+            c.get(&after, "")
+                .text()
+                .starts_with(&format!("honest {after} ")),
+            "{name}: the client connection goes on"
+        );
+    }
+}
+
+/// Hop-by-hop fields of the app's answer, and the fields its `Connection` names, stay
+/// on the app's hop; the worker's own framing and request ID replace the app's.
+#[test]
+fn the_apps_hop_by_hop_fields_stay_on_its_hop() {
+    let app = App::start(|method, path| {
+        match path {
+        "/hop" => vec![send(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret, Set-Cookie\r\nX-Secret: s\r\nSet-Cookie: a=b\r\nKeep-Alive: timeout=1\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nTrailer: X-T\r\nTE: trailers\r\nX-Backend-Request-ID: app-chosen\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        )],
+        _ => honest(path, method),
+    }
+    });
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/hop", "X-Backend-Request-ID: client-id\r\n");
+    assert_eq!(r.text(), "ok");
+    for name in [
+        "x-secret",
+        "set-cookie",
+        "keep-alive",
+        "upgrade",
+        "proxy-connection",
+        "trailer",
+        "te",
+        "connection",
+    ] {
+        assert_eq!(r.header(name), None, "{name} relayed: {:?}", r.headers);
+    }
+    assert_eq!(r.header("x-kept"), Some("yes"));
+    assert_eq!(r.headers_named("x-backend-request-id"), vec!["client-id"]);
+    // The app's keep-alive or close says nothing about the client's connection.
+    assert!(c.get("/after", "").text().starts_with("honest /after"));
 }
