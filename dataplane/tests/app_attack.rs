@@ -973,3 +973,42 @@ fn the_apps_hop_by_hop_fields_stay_on_its_hop() {
     // The app's keep-alive or close says nothing about the client's connection.
     assert!(c.get("/after", "").text().starts_with("honest /after"));
 }
+
+/// The same over HTTP/2: a client uploading more than the app reads gets the app's
+/// early answer (then its stream is reset with NO_ERROR, RFC 9113 §8.1: stop
+/// sending, no error), not a 502. The client is nghttp (curl 7.88 takes that
+/// reset, arriving while it still uploads, for an error).
+#[test]
+fn an_answer_before_the_whole_body_reaches_http2_clients() {
+    let app = App::start(|method, path| match path {
+        "/early-413" => vec![
+            send("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
+            Step::Close,
+        ],
+        _ => honest(path, method),
+    });
+    let w = worker_for(&app);
+    let mut upload = tempfile::NamedTempFile::new().expect("temp file");
+    let block = vec![b'u'; 1 << 20];
+    for _ in 0..32 {
+        upload.write_all(&block).expect("write");
+    }
+    let url = format!("http://127.0.0.1:{}/early-413", w.port);
+    let out = std::process::Command::new("timeout")
+        .args(["30", "nghttp", "-d"])
+        .arg(upload.path())
+        .arg(&url)
+        .output()
+        .expect("nghttp must be installed (.ci/run installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "nghttp: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "too big!");
+    let conn = app.conn_of("/early-413");
+    let r = Client::connect(w.addr()).get("/next", "");
+    assert!(r.text().starts_with("honest /next "), "{}", r.text());
+    assert_ne!(app.conn_of("/next"), conn, "connection reused");
+}

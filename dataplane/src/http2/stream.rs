@@ -602,6 +602,9 @@ async fn forward_h1(
         replayable: retry::replayable(head.method, has_body),
         response_started: false,
     };
+    // Set when the app closed before it took the whole body: its answer, if it gave
+    // one first, is relayed; otherwise this is the stream's 502.
+    let mut body_cut: Option<std::io::Error> = None;
     let resp = loop {
         upstream.set_timeout(rt.body_idle_timeout);
         let wrote = upstream.write_all(&out).await;
@@ -615,7 +618,17 @@ async fn forward_h1(
             return Err(Fail::Answer(err));
         }
         if has_body {
-            bytes_in = send_body_h1(ctx, &upstream, &mut body, head.framing).await?;
+            match send_body_h1(ctx, &upstream, &mut body, head.framing).await {
+                Ok(n) => bytes_in = n,
+                // An app that refuses a body (413, 401 …) may answer before it has
+                // read it all, then close (as on the HTTP/1.1 path).
+                Err(Fail::Answer(ProxyError::UpstreamClosed(e)))
+                    if e.kind() != std::io::ErrorKind::TimedOut =>
+                {
+                    body_cut = Some(e);
+                }
+                Err(f) => return Err(f),
+            }
         }
         let sent = Instant::now();
         // A client that resets its stream meanwhile ends the exchange (and the app
@@ -638,6 +651,20 @@ async fn forward_h1(
             core.metrics.upstream_head.observe(sent.elapsed());
             if r.status >= 100 {
                 proxy::note_health(core, route, addr, true);
+            }
+        }
+        if let Some(e) = body_cut.take() {
+            match outcome {
+                Ok(r) if r.status >= 200 => {
+                    tracing::info!(
+                        upstream = %addr,
+                        status = r.status,
+                        "the app answered before taking the whole request body"
+                    );
+                    body_cut = Some(e);
+                    break r;
+                }
+                _ => return Err(Fail::Answer(ProxyError::UpstreamClosed(e))),
             }
         }
         match outcome {
@@ -715,7 +742,10 @@ async fn forward_h1(
                 Fail::Abort(format!("response body: {e}"))
             })?;
     }
-    if keep_alive && ubuf.is_empty() && framing != BodyFraming::Eof {
+    // After an early answer the app connection, closed by the app, is not kept (and
+    // the h2 crate, the response sent, resets the stream with NO_ERROR: the client
+    // stops sending the rest, RFC 9113 §8.1).
+    if body_cut.is_none() && keep_alive && ubuf.is_empty() && framing != BodyFraming::Eof {
         core.pool.put(addr, upstream, core.reactor.now());
     }
     Ok(Done {
