@@ -102,7 +102,7 @@ pub fn check_permit(
 ) -> Result<(), Refused> {
     let value = cookie_headers
         .iter()
-        .find_map(|h| cookie(h, "appproxy_permit"))
+        .find_map(|h| cookie(h, crate::http::encode::PERMIT_COOKIE))
         .ok_or(refused(401, "E20004", "permit cookie missing"))?;
     let user = user_id.ok_or(refused(401, "E20005", "permit does not match"))?;
     let want = permit_value(secret, user, digest);

@@ -97,11 +97,18 @@ fn interactive_circuits_need_the_permit_from_setup() {
             .status,
         200
     );
+    // The app gets its own cookies, never the permit: a cookie goes to every port
+    // and subdomain of its domain, so any app a user visits (another user's public
+    // one too) would otherwise get a credential to all of that user's circuits.
+    let seen = up.last();
+    assert_eq!(seen.headers_named("cookie"), vec!["other=1"], "{seen:?}");
     assert_eq!(
         c.get("/lab", &format!("Cookie: appproxy_permit={expected}\r\n"))
             .status,
         200
     );
+    let seen = up.last();
+    assert!(seen.headers_named("cookie").is_empty(), "{seen:?}");
     // A token signed with another key, or for an unknown circuit, is refused.
     let forged = sign_hs256(
         &serde_json::json!({"circuit": CIRCUIT, "redirect": ""}),

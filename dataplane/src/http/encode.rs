@@ -10,7 +10,10 @@
 //! the hop-by-hop set, the names listed in `Connection`, the framing headers, the
 //! request-ID headers (replaced by the resolved ID under the primary name) and the
 //! client-address headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP` and their
-//! spoofable relatives, replaced by what the proxy knows about the client hop).
+//! spoofable relatives, replaced by what the proxy knows about the client hop), and
+//! the proxy's own credential, the [`PERMIT_COOKIE`] pair of `Cookie` (the app never
+//! needs it, and a cookie is sent to every port and every subdomain of its domain:
+//! forwarded, it would hand each visitor's permit to any app they visit).
 //!
 //! An HTTP/1.0 request without `Host` is forwarded as HTTP/1.1 with `Host` set to the
 //! app's address (what nginx sends by default as `$proxy_host`): the app always gets
@@ -264,6 +267,10 @@ pub fn upstream_request_traced(
                 continue;
             }
         }
+        if name_is(name_b, "cookie") {
+            push_cookie_field(out, name_b, value_b);
+            continue;
+        }
         push_field(out, name_b, value_b);
     }
     if head.host.is_none() {
@@ -515,6 +522,45 @@ fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     let _ = write!(cursor, "{addr}");
     let n = cursor.position() as usize;
     out.extend_from_slice(&text[..n]);
+}
+
+/// The cookie that carries a user's permit for interactive circuits (set by the
+/// worker's `/setup`, checked on every request to a private circuit).
+pub const PERMIT_COOKIE: &str = "appproxy_permit";
+
+/// Appends a `Cookie` field without its [`PERMIT_COOKIE`] pairs; nothing when no
+/// other pair is left. A field that does not name the permit is copied as it is.
+fn push_cookie_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    let permit = PERMIT_COOKIE.as_bytes();
+    if !value.windows(permit.len()).any(|w| w == permit) {
+        push_field(out, name, value);
+        return;
+    }
+    let start = out.len();
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    let mut kept = 0;
+    for pair in value.split(|b| *b == b';') {
+        let pair = pair.trim_ascii();
+        let key = pair
+            .split(|b| *b == b'=')
+            .next()
+            .unwrap_or(pair)
+            .trim_ascii();
+        if pair.is_empty() || key == permit {
+            continue;
+        }
+        if kept > 0 {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(pair);
+        kept += 1;
+    }
+    if kept == 0 {
+        out.truncate(start);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

@@ -324,6 +324,51 @@ mod encoding {
         assert!(!text.contains("6.6.6.6"), "{text}");
     }
 
+    /// The proxy's permit cookie never reaches the app (a cookie goes to every port
+    /// and subdomain of its domain, so every app a user visits would get the user's
+    /// permit); the app's own cookies go on, the field's name and the pairs' order
+    /// kept.
+    #[test]
+    fn the_permit_cookie_is_not_forwarded() {
+        for (cookies, want) in [
+            (
+                "Cookie: a=1; appproxy_permit=\"p==\"; b=2\r\n",
+                "Cookie: a=1; b=2\r\n",
+            ),
+            ("Cookie: appproxy_permit=p\r\n", ""),
+            (
+                "COOKIE: appproxy_permit = p ;a=1;;b\r\n",
+                "COOKIE: a=1; b\r\n",
+            ),
+            (
+                "Cookie: appproxy_permit=p\r\nCookie: s=1\r\n",
+                "Cookie: s=1\r\n",
+            ),
+            (
+                "Cookie: s=1; appproxy_permit=p; appproxy_permit=q\r\n",
+                "Cookie: s=1\r\n",
+            ),
+            // Other names that contain the permit's are other cookies.
+            (
+                "Cookie: xappproxy_permit=1; appproxy_permitx=2\r\n",
+                "Cookie: xappproxy_permit=1; appproxy_permitx=2\r\n",
+            ),
+            ("Cookie: a=1;b=2\r\n", "Cookie: a=1;b=2\r\n"),
+        ] {
+            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{cookies}X-After: 1\r\n\r\n");
+            let head = req(input.as_bytes()).expect("valid").expect("complete");
+            let mut out = Vec::new();
+            upstream_request(&mut out, input.as_bytes(), &head, None, hop(false), app());
+            let text = String::from_utf8(out).expect("ascii");
+            assert!(
+                text.starts_with(&format!(
+                    "GET / HTTP/1.1\r\nHost: h\r\n{want}X-After: 1\r\n"
+                )),
+                "{cookies:?}: {text}"
+            );
+        }
+    }
+
     /// Found by the round-trip fuzz target: `Connection: Host` made the app get an
     /// HTTP/1.1 request without Host.
     #[test]
