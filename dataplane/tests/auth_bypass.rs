@@ -58,7 +58,7 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) -> std::io::Result<()
             return Ok(());
         }
         let request_line = line.trim_end().to_owned();
-        let (mut upgrade, mut length) = (false, 0u64);
+        let (mut upgrade, mut length) = (None, 0u64);
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -68,8 +68,8 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) -> std::io::Result<()
                 break;
             }
             let lower = h.to_ascii_lowercase();
-            if lower.starts_with("upgrade:") {
-                upgrade = true;
+            if let Some(v) = lower.strip_prefix("upgrade:") {
+                upgrade = Some(v.trim().to_owned());
             }
             if let Some(v) = lower.strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
@@ -77,9 +77,11 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) -> std::io::Result<()
         }
         std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink())?;
         seen.lock().expect("seen").push(request_line.clone());
-        if upgrade {
-            w.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        if let Some(protocol) = upgrade {
+            // Switches to the protocol asked for.
+            write!(
+                w,
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n"
             )?;
             // A raw echo tunnel from here on.
             let mut buf = [0u8; 4096];

@@ -174,8 +174,8 @@ struct Sent {
     addr: SocketAddr,
     /// Request bytes read from the client (head and body).
     bytes_in: u64,
-    /// Whether the request asked for a WebSocket upgrade.
-    websocket: bool,
+    /// The protocols the request offered to upgrade to (its `Upgrade` value).
+    offered: Option<Vec<u8>>,
     /// Whether the app answered before it took the whole request body: the rest of
     /// the body is still on the client connection, which closes after the answer.
     body_cut: bool,
@@ -237,6 +237,13 @@ impl Client {
         let early = if x.head.method == Method::Connect {
             Some(ProxyError::Request(RequestError::Malformed(
                 "CONNECT is not supported",
+            )))
+        } else if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
+            // Apps disagree on where such a body ends: some read it as the body, some
+            // as the first bytes of the new protocol, which would then reach them
+            // without passing the tunnel's inspection.
+            Some(ProxyError::Request(RequestError::Malformed(
+                "an upgrade request with a body",
             )))
         } else {
             match x.head.framing {
@@ -391,10 +398,8 @@ impl Client {
         let head = &x.head;
         let addr = pick_upstream(&core, route)?;
         let has_body = head.framing != BodyFraming::Length(0);
-        let websocket = head
-            .upgrade
-            .as_ref()
-            .is_some_and(|u| self.buf.filled()[u.clone()].eq_ignore_ascii_case(b"websocket"));
+        // Copied now: the head leaves the buffer before the response comes.
+        let offered = head.upgrade.clone().map(|u| self.buf.filled()[u].to_vec());
         if has_body {
             // From here the body is timed: the idle timeout per wait, and the minimum
             // average rate over the whole body. No upstream connection is held until the
@@ -426,7 +431,7 @@ impl Client {
                         upstream,
                         addr,
                         bytes_in,
-                        websocket,
+                        offered,
                         body_cut,
                     };
                     return self.relay_response(x, route, resp, sent).await;
@@ -815,14 +820,17 @@ impl Client {
     ) -> Result<Done, Failure> {
         let core = self.core.clone();
         let req = &x.head;
-        if req.upgrade.is_none() {
-            return Err(Failure::Answer(
-                ProxyError::UpstreamResponse(ResponseError::Malformed(
-                    "101 without an upgrade request",
-                )),
-                Left::Nothing,
-            ));
-        }
+        let chosen = resp.upgrade.clone().map(|u| &self.ubuf.filled()[u]);
+        let websocket = match switched_to(sent.offered.as_deref(), chosen) {
+            Ok(websocket) => websocket,
+            Err(what) => {
+                tracing::warn!(upstream = %sent.addr, error = what, "app's 101 refused");
+                return Err(Failure::Answer(
+                    ProxyError::UpstreamResponse(ResponseError::Malformed(what)),
+                    Left::Nothing,
+                ));
+            }
+        };
         self.out.clear();
         encode::client_response(
             &mut self.out,
@@ -833,7 +841,7 @@ impl Client {
             req.version,
             false,
         );
-        let ws_rsv = sent.websocket.then(|| {
+        let ws_rsv = websocket.then(|| {
             let buf = self.ubuf.filled();
             let ext = resp
                 .headers
@@ -856,6 +864,29 @@ impl Client {
         let _open = core.tunnel_open(circuit.id);
         self.tunnel(ends).await
     }
+}
+
+/// What an app's 101 switched to, checked against the protocols the request offered
+/// (`None`: it offered none): the 101 must name the protocol (RFC 9110 §7.8), and only
+/// protocols the client offered. Returns whether it is WebSocket, which decides how the
+/// tunnel relays (frames inspected, or raw bytes), whatever the request listed.
+fn switched_to(offered: Option<&[u8]>, chosen: Option<&[u8]>) -> Result<bool, &'static str> {
+    let offered = offered.ok_or("101 without an upgrade request")?;
+    let chosen = chosen.ok_or("101 without an Upgrade header")?;
+    let mut websocket = false;
+    let mut named = false;
+    for protocol in parse::list_elements(chosen) {
+        if !parse::list_elements(offered).any(|o| o.eq_ignore_ascii_case(protocol)) {
+            return Err("101 to a protocol the client did not offer");
+        }
+        named = true;
+        let name = protocol.split(|b| *b == b'/').next().unwrap_or(protocol);
+        websocket |= name.eq_ignore_ascii_case(b"websocket");
+    }
+    if !named {
+        return Err("101 without an Upgrade header");
+    }
+    Ok(websocket)
 }
 
 /// An upstream of the route by weighted choice among the healthy ones; none is 503

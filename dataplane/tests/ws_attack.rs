@@ -1,0 +1,212 @@
+//! The WebSocket and HTTP Upgrade path under a hostile client and a hostile app, on
+//! real sockets: the protocol a 101 names decides the tunnel, and an upgrade request
+//! never carries a body.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Worker, WorkerOpts};
+
+/// What a scripted app received on each connection: its request head, then every
+/// byte after it until the worker closed the connection.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An app whose every connection reads one request head and hands it to `script`
+/// with the stream; whatever the script leaves unread is read to the end and
+/// recorded after the head.
+fn scripted_app(
+    script: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static,
+) -> (SocketAddr, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received: Received = Arc::default();
+    let (got, script) = (received.clone(), Arc::new(script));
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let (got, script) = (got.clone(), script.clone());
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let i = {
+                    let mut g = got.lock().expect("received");
+                    g.push((head.clone(), Vec::new()));
+                    g.len() - 1
+                };
+                script(&head, &mut s);
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    got.lock().expect("received")[i]
+                        .1
+                        .extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+fn worker(app: SocketAddr, extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: extra.into(),
+        ..Default::default()
+    })
+}
+
+const WS_HEADERS: &str =
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+const SWITCH_TO_WS: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+fn connect(w: &Worker) -> TcpStream {
+    let s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s
+}
+
+/// Reads one response head.
+fn read_head(s: &mut TcpStream) -> String {
+    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Reads until the worker closes the connection (a reset counts as the end too).
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        all.extend_from_slice(&buf[..n]);
+    }
+    all
+}
+
+/// Waits until the app's `i`-th connection was closed by the worker and returns
+/// what it received after its head.
+fn app_got(received: &Received, i: usize) -> Vec<u8> {
+    let mut last = None;
+    common::eventually("the app's connection ends", || {
+        let g = received.lock().expect("received");
+        let Some((_, bytes)) = g.get(i) else {
+            return false;
+        };
+        // Stable across two polls: the reader thread reached the end.
+        let done = last.as_ref() == Some(bytes);
+        last = Some(bytes.clone());
+        done
+    });
+    last.unwrap_or_default()
+}
+
+/// A close frame's code, if `bytes` start with a close frame.
+fn close_code(bytes: &[u8]) -> Option<u16> {
+    match bytes {
+        [0x88, 2, a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+        [0x88, 0x82, k0, k1, _, _, a, b, ..] => Some(u16::from_be_bytes([a ^ k0, b ^ k1])),
+        _ => None,
+    }
+}
+
+/// The handshake of a WebSocket session through `w` offering `upgrade`, with the
+/// request ID `id`; returns the socket and the response head.
+fn handshake(w: &Worker, upgrade: &str, id: &str) -> (TcpStream, String) {
+    let mut c = connect(w);
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nUpgrade: {upgrade}\r\n{WS_HEADERS}\r\n"
+    );
+    c.write_all(head.as_bytes()).expect("handshake");
+    let head = read_head(&mut c);
+    (c, head)
+}
+
+/// An unmasked client frame: a violation the worker must stop.
+const UNMASKED: [u8; 4] = [0x81, 0x02, b'h', b'i'];
+
+/// Whatever protocols the request lists, the tunnel is the one the app's 101 names:
+/// a WebSocket session is inspected frame by frame even when the client offered
+/// another protocol first (an app may pick `websocket` from a list), and a 101 to a
+/// protocol the client did not offer is refused (502) instead of tunnelled. The
+/// upgrade request's ID reaches the app and names the session's access line.
+#[test]
+fn the_protocol_the_101_names_decides_the_tunnel() {
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+    });
+    let w = worker(app, "");
+    let (mut c, head) = handshake(&w, "x-raw, websocket", "ws-offer-list");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("Upgrade: websocket\r\n"), "{head}");
+    c.write_all(&UNMASKED).expect("frame");
+    let to_client = read_to_close(&mut c);
+    assert_eq!(close_code(&to_client), Some(1002), "{to_client:x?}");
+    let to_app = app_got(&got, 0);
+    assert_eq!(
+        close_code(&to_app),
+        Some(1002),
+        "the app gets a close, never the unmasked frame: {to_app:x?}"
+    );
+    assert_eq!(to_app.len(), 8, "{to_app:x?}");
+    let sent = got.lock().expect("received")[0].0.clone();
+    assert!(
+        sent.contains("X-Backend-Request-ID: ws-offer-list\r\n"),
+        "{sent}"
+    );
+    let access = w.wait_access_line("ws-offer-list");
+    assert_eq!(access["status"], 101, "{access}");
+
+    // Offered `x-raw` only: the app's switch to WebSocket is not relayed.
+    let (mut c, head) = handshake(&w, "x-raw", "ws-not-offered");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(
+        head.contains("X-Backend-Request-ID: ws-not-offered\r\n"),
+        "{head}"
+    );
+    let _ = c.write_all(&UNMASKED);
+    // Nothing of the client's reaches the app's connection, which is dropped.
+    assert!(app_got(&got, 1).is_empty());
+}
+
+/// An upgrade request carrying a body (by length or chunked) is refused with 400 and
+/// the connection closed before anything reaches the app: an app could take the body
+/// for the first bytes of the new protocol, bytes the tunnel never inspected.
+#[test]
+fn an_upgrade_request_with_a_body_is_refused() {
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+    });
+    let w = worker(app, "");
+    for framing in [
+        "Content-Length: 4\r\n\r\n\x01\x02hi",
+        "Transfer-Encoding: chunked\r\n\r\n4\r\n\x01\x02hi\r\n0\r\n\r\n",
+    ] {
+        let mut c = common::Client::connect(w.addr());
+        c.send(
+            format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n{WS_HEADERS}{framing}")
+                .as_bytes(),
+        );
+        let r = c.response();
+        assert_eq!(r.status, 400, "{framing:?}: {}", r.text());
+        assert_eq!(r.json()["code"], "malformed_request", "{framing:?}");
+        assert!(c.is_closed(), "{framing:?}");
+    }
+    assert!(got.lock().expect("received").is_empty());
+    // Without a body (an explicit zero length included) the upgrade goes ahead.
+    let (_c, head) = handshake(&w, "websocket\r\nContent-Length: 0", "ws-no-body");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
