@@ -437,7 +437,9 @@ pub struct WsStats {
 /// ([`crate::ws::Inspector`]). Frames pass unchanged. A protocol violation, an idle
 /// timeout or a drain ends the relay with a close frame to both peers (this
 /// direction writes one to `dst`; the other direction is woken by shutting down the
-/// read side of `dst` and writes one to its own destination).
+/// read side of `dst` and writes one to its own destination), except to a peer that
+/// is in the middle of a frame (the close would be taken for payload) or was already
+/// sent a close frame: that peer sees the connection end.
 ///
 /// No buffer is held while the session is idle: bytes are read into the core's
 /// `scratch` buffer, forwarded from there, and only what the destination does not
@@ -458,6 +460,9 @@ pub async fn ws_pipe(
     let mut stats = WsStats::default();
     // Read but not yet forwardable: an incomplete header or control frame.
     let mut carry = initial;
+    // Whether what reached `dst` ends at a frame boundary (the inspector may have
+    // read further, into bytes a violation kept back).
+    let mut at_boundary = true;
     let mut first = true;
     let end_code = 'relay: loop {
         if !first || carry.is_empty() {
@@ -500,6 +505,13 @@ pub async fn ws_pipe(
                     break 'relay Some(v.code);
                 }
             };
+            at_boundary = inspector.at_frame_boundary();
+            if feed.consumed > 0 {
+                // Bytes flowing either way keep the tunnel alive: the other
+                // direction's wait on `dst` (its source) gets a new idle period, as
+                // in `pipe` (a stream flowing one way is not idle).
+                dst.set_timeout(idle);
+            }
             let mut written = 0;
             while written < feed.consumed {
                 match dst.try_write(&buf[written..feed.consumed]) {
@@ -544,7 +556,13 @@ pub async fn ws_pipe(
     // A WebSocket session ends with either of its connections: wake the other
     // direction, whose reads from our destination now see end of stream.
     dst.shutdown_read();
-    if let Some(code) = shared.close.get() {
+    // The proxy's close frame goes only where it is a frame of its own, and only to a
+    // peer that has not had a close frame already.
+    let close = shared
+        .close
+        .get()
+        .filter(|_| at_boundary && stats.close_seen.is_none());
+    if let Some(code) = close {
         dst.set_timeout(Duration::from_secs(5));
         let _ = if from_client {
             let key = (uuid::Uuid::new_v4().as_u128() as u32).to_ne_bytes();

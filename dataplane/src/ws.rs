@@ -84,6 +84,12 @@ impl Inspector {
         }
     }
 
+    /// Whether everything fed so far ends at a frame boundary (not inside a data
+    /// frame's payload).
+    pub fn at_frame_boundary(&self) -> bool {
+        self.state == State::Header
+    }
+
     /// Inspects buffered bytes; returns how many may be forwarded now. Bytes after
     /// `consumed` belong to an incomplete header or control frame: feed them again
     /// with more data.

@@ -1,6 +1,7 @@
 //! The WebSocket and HTTP Upgrade path under a hostile client and a hostile app, on
-//! real sockets: the protocol a 101 names decides the tunnel, and an upgrade request
-//! never carries a body.
+//! real sockets: the protocol a 101 names decides the tunnel, an upgrade request never
+//! carries a body, a stream flowing one way is not idle, and the proxy's close frame
+//! never lands inside a frame it relays nor after a close the peer already got.
 
 mod common;
 
@@ -209,4 +210,101 @@ fn an_upgrade_request_with_a_body_is_refused() {
     // Without a body (an explicit zero length included) the upgrade goes ahead.
     let (_c, head) = handshake(&w, "websocket\r\nContent-Length: 0", "ws-no-body");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+/// A tunnel is idle only when neither direction carried a byte for
+/// `tunnel_idle_secs`: the app pushing messages to a silent WebSocket client for
+/// several idle periods is relayed to its end.
+#[test]
+fn a_one_way_websocket_stream_is_not_idle() {
+    let (app, _) = scripted_app(move |_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+        for i in 0..EACH {
+            std::thread::sleep(PACE);
+            if s.write_all(&[0x81, 1, b'a' + i]).is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(&[0x88, 2, 0x03, 0xe8]);
+    });
+    let w = worker(app, "[timeouts]\ntunnel_idle_secs = 1");
+    let (mut c, head) = handshake(&w, "websocket", "ws-one-way");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let got = read_to_close(&mut c);
+    let mut want: Vec<u8> = (0..EACH).flat_map(|i| [0x81, 1, b'a' + i]).collect();
+    want.extend([0x88, 2, 0x03, 0xe8]);
+    assert_eq!(got, want, "every message, then the app's own close (1000)");
+}
+
+/// Messages of a one-way stream, one per [`PACE`]: 3 s, three idle periods of 1 s.
+const EACH: u8 = 12;
+const PACE: Duration = Duration::from_millis(250);
+
+/// The same for a raw upgrade: a client sending to a silent app for several idle
+/// periods is relayed to its end.
+#[test]
+fn a_one_way_raw_stream_is_not_idle() {
+    let (app, received) = scripted_app(|_, s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n",
+        );
+    });
+    let w = worker(app, "[timeouts]\ntunnel_idle_secs = 1");
+    let mut c = connect(&w);
+    c.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n")
+        .expect("upgrade");
+    let head = read_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for i in 0..EACH {
+        std::thread::sleep(PACE);
+        if c.write_all(&[b'a' + i]).is_err() {
+            break;
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let want: Vec<u8> = (0..EACH).map(|i| b'a' + i).collect();
+    assert_eq!(app_got(&received, 0), want, "every byte reached the app");
+}
+/// When one direction breaks the protocol while the other is in the middle of
+/// relaying a frame, the proxy's close frame is not written into that frame's
+/// payload (where it would be taken for message bytes): that peer sees the
+/// connection end instead.
+#[test]
+fn the_proxys_close_never_lands_inside_a_frame() {
+    let (app, got) = scripted_app(|_, s| {
+        // A 1,000-byte binary frame, only half of it sent.
+        let mut f = SWITCH_TO_WS.to_vec();
+        f.extend([0x82, 126, 0x03, 0xe8]);
+        f.extend([7u8; 500]);
+        let _ = s.write_all(&f);
+    });
+    let w = worker(app, "");
+    let (mut c, head) = handshake(&w, "websocket", "ws-mid-frame");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut half = vec![0u8; 504];
+    c.read_exact(&mut half).expect("half a frame");
+    c.write_all(&UNMASKED).expect("frame");
+    let rest = read_to_close(&mut c);
+    assert!(rest.is_empty(), "bytes injected into the frame: {rest:x?}");
+    let to_app = app_got(&got, 0);
+    assert_eq!(close_code(&to_app), Some(1002), "{to_app:x?}");
+}
+
+/// A peer that was already relayed a close frame gets no second one from the proxy:
+/// the app closes with 1000 and then neither side says more, so the session idles
+/// out; the client is told nothing after the app's close (the connection ends), and
+/// the app, which got no close yet, is told 1001.
+#[test]
+fn a_peer_gets_one_close_frame() {
+    let (app, got) = scripted_app(|_, s| {
+        let mut f = SWITCH_TO_WS.to_vec();
+        f.extend([0x88, 2, 0x03, 0xe8]);
+        let _ = s.write_all(&f);
+    });
+    let w = worker(app, "[timeouts]\ntunnel_idle_secs = 1");
+    let (mut c, head) = handshake(&w, "websocket", "ws-one-close");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe8]);
+    let to_app = app_got(&got, 0);
+    assert_eq!(close_code(&to_app), Some(1001), "{to_app:x?}");
+    assert_eq!(to_app.len(), 8, "{to_app:x?}");
 }
