@@ -308,3 +308,21 @@ fn a_peer_gets_one_close_frame() {
     assert_eq!(close_code(&to_app), Some(1001), "{to_app:x?}");
     assert_eq!(to_app.len(), 8, "{to_app:x?}");
 }
+
+/// `Upgrade` in an HTTP/1.0 request is ignored (RFC 9110 §7.8): the app gets a plain
+/// request, and its 101 is refused (502) instead of opening a tunnel the client
+/// never could have asked for.
+#[test]
+fn an_http10_request_does_not_upgrade() {
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+    });
+    let w = worker(app, "");
+    let mut c = connect(&w);
+    let request = format!("GET /ws HTTP/1.0\r\nHost: t\r\nUpgrade: websocket\r\n{WS_HEADERS}\r\n");
+    c.write_all(request.as_bytes()).expect("request");
+    let head = read_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let sent = got.lock().expect("received")[0].0.to_ascii_lowercase();
+    assert!(!sent.contains("upgrade"), "{sent}");
+}

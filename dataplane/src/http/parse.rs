@@ -393,7 +393,9 @@ pub fn parse_request_reusing(
         Version::Http11 => !scan.conn_close,
         Version::Http10 => scan.conn_keep_alive && !scan.conn_close,
     };
-    let upgrade = if scan.conn_upgrade {
+    // A server ignores `Upgrade` in an HTTP/1.0 request (RFC 9110 §7.8): forwarded as
+    // HTTP/1.1, it would ask the app for a switch the client cannot make.
+    let upgrade = if scan.conn_upgrade && version == Version::Http11 {
         scan.upgrade
     } else {
         None
