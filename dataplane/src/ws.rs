@@ -126,6 +126,11 @@ impl Inspector {
                     if h.rsv & !self.allowed_rsv != 0 {
                         return Err(protocol("RSV bits without a negotiated extension"));
                     }
+                    // permessage-deflate marks a message's first frame only (RFC 7692
+                    // §6.1): never a control frame or a continuation.
+                    if h.rsv & 0x4 != 0 && (h.opcode == 0x0 || h.opcode >= 0x8) {
+                        return Err(protocol("RSV1 on a control or continuation frame"));
+                    }
                     match h.opcode {
                         0x8..=0xA => {
                             if !h.fin {
@@ -398,15 +403,24 @@ mod tests {
                 .expect_err("refused");
             assert_eq!(err.code, code, "{err:?}");
         }
-        // RSV1 is fine once permessage-deflate was negotiated.
+        // RSV1 is fine once permessage-deflate was negotiated, on a message's first
+        // frame only.
+        let deflate = allowed_rsv(Some(b"permessage-deflate; client_max_window_bits"));
         let mut f = frame(true, 0x1, b"x", K);
         f[0] |= 0x40;
-        assert!(Inspector::new(
-            true,
-            allowed_rsv(Some(b"permessage-deflate; client_max_window_bits"))
-        )
-        .feed(&f)
-        .is_ok());
+        assert!(Inspector::new(true, deflate).feed(&f).is_ok());
+        let mut ping = frame(true, 0x9, b"x", K);
+        ping[0] |= 0x40;
+        let mut continued = frame(false, 0x1, b"a", K);
+        continued.extend(frame(true, 0x0, b"b", K));
+        let at = continued.len() - 7;
+        continued[at] |= 0x40;
+        for wire in [ping, continued] {
+            let err = Inspector::new(true, deflate)
+                .feed(&wire)
+                .expect_err("refused");
+            assert_eq!(err.code, 1002, "{err:?}");
+        }
     }
 
     #[test]

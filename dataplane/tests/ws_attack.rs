@@ -1,7 +1,9 @@
 //! The WebSocket and HTTP Upgrade path under a hostile client and a hostile app, on
 //! real sockets: the protocol a 101 names decides the tunnel, an upgrade request never
-//! carries a body, a stream flowing one way is not idle, and the proxy's close frame
-//! never lands inside a frame it relays nor after a close the peer already got.
+//! carries a body nor upgrades HTTP/1.0, a stream flowing one way is not idle, the
+//! proxy's close frame never lands inside a frame it relays nor after a close the
+//! peer already got, RSV1 marks only a message's first frame, and a raw tunnel's
+//! close line counts the bytes sent right behind the handshake.
 
 mod common;
 
@@ -325,4 +327,75 @@ fn an_http10_request_does_not_upgrade() {
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     let sent = got.lock().expect("received")[0].0.to_ascii_lowercase();
     assert!(!sent.contains("upgrade"), "{sent}");
+}
+
+/// The close line of a raw upgrade counts every byte each way, those each side sent
+/// right behind the handshake included (they travel outside the relay loops).
+#[test]
+fn a_raw_tunnels_close_line_counts_its_early_bytes() {
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\nEARLY-APP",
+        );
+    });
+    let w = worker(app, "");
+    let mut c = connect(&w);
+    c.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: raw-early\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\nEARLY-CLIENT")
+        .expect("upgrade");
+    let head = read_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut early = [0u8; 9];
+    c.read_exact(&mut early).expect("the app's early bytes");
+    assert_eq!(&early, b"EARLY-APP");
+    c.write_all(b"LATER").expect("bytes");
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    assert_eq!(app_got(&got, 0), b"EARLY-CLIENTLATER");
+    drop(c);
+    let closed = w.wait_log("the tunnel's close line", |v| {
+        v["message"] == "upgraded connection closed" && v["request_id"] == "raw-early"
+    });
+    assert_eq!(closed[0]["bytes_to_app"], 17, "{}", closed[0]);
+    assert_eq!(closed[0]["bytes_to_client"], 9, "{}", closed[0]);
+}
+
+/// With permessage-deflate negotiated, RSV1 marks a compressed message's first frame
+/// and passes there; on a control frame or a continuation it is a protocol error
+/// (RFC 7692 §6.1): both peers are told 1002, and the frame never reaches the app.
+#[test]
+fn rsv1_only_on_a_messages_first_frame() {
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n");
+    });
+    let w = worker(app, "");
+    // Masked frames with empty payloads: the mask key is all after each header.
+    let compressed = [0xC1, 0x80, 1, 2, 3, 4];
+    let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
+    let (mut c, head) = handshake(&w, "websocket", "rsv1-first");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[&compressed[..], &close].concat())
+        .expect("frames");
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    assert_eq!(app_got(&got, 0), [&compressed[..], &close].concat());
+
+    let first_fragment = [0x41, 0x80, 1, 2, 3, 4];
+    let cases: [(&str, Vec<u8>); 2] = [
+        ("ping with RSV1", vec![0xC9, 0x80, 1, 2, 3, 4]),
+        (
+            "continuation with RSV1",
+            [&first_fragment[..], &[0xC0, 0x80, 1, 2, 3, 4]].concat(),
+        ),
+    ];
+    for (i, (what, frames)) in cases.into_iter().enumerate() {
+        let (mut c, head) = handshake(&w, "websocket", &format!("rsv1-{i}"));
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        c.write_all(&frames).expect("frames");
+        let to_client = read_to_close(&mut c);
+        assert_eq!(close_code(&to_client), Some(1002), "{what}: {to_client:x?}");
+        let to_app = app_got(&got, i + 1);
+        // The valid first fragment may pass (or not, when it came in the same read
+        // as the violation); the offending frame never does.
+        let close_at = to_app.strip_prefix(&first_fragment[..]).unwrap_or(&to_app);
+        assert_eq!(close_code(close_at), Some(1002), "{what}: {to_app:x?}");
+        assert_eq!(close_at.len(), 8, "{what}: {to_app:x?}");
+    }
 }

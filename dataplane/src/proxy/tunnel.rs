@@ -72,7 +72,10 @@ impl Client {
                 let early = (from_client, from_app);
                 ends.websocket(&core, conn, rsv, early).await
             }
-            None => ends.raw(&core, conn, &from_client).await?,
+            None => {
+                let early_app = from_app.len() as u64;
+                ends.raw(&core, conn, &from_client, early_app).await?
+            }
         };
         Ok(Done {
             status: 101,
@@ -168,14 +171,16 @@ impl TunnelEnds<'_> {
     }
 
     /// Relays raw bytes both ways until both sides close or the tunnel idles out;
-    /// `from_client`: what the client sent right behind the handshake (the app's
-    /// early bytes went out with the 101). Returns the bytes to the app and to the
-    /// client.
+    /// `from_client`: what the client sent right behind the handshake; `early_app`:
+    /// how many bytes the app sent right behind its 101 (they went out with it, and
+    /// are counted with it). Returns the bytes to the app and to the client, the
+    /// client's early bytes included.
     async fn raw(
         self,
         core: &Core,
         conn: &Rc<TcpConn>,
         from_client: &[u8],
+        early_app: u64,
     ) -> Result<(u64, u64), Failure> {
         let upstream = Rc::new(self.upstream);
         let idle = core.rt.tunnel_idle_timeout;
@@ -196,11 +201,11 @@ impl TunnelEnds<'_> {
         if relay::idled(&up.1, &down.1) {
             core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
         }
-        let (up, down) = (up.0, down.0);
+        let (up, down) = (from_client.len() as u64 + up.0, down.0);
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
             bytes_to_app = up,
-            bytes_to_client = down,
+            bytes_to_client = early_app + down,
             "upgraded connection closed"
         );
         Ok((up, down))
