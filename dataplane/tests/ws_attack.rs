@@ -280,6 +280,7 @@ fn the_proxys_close_never_lands_inside_a_frame() {
         let _ = s.write_all(&f);
     });
     let w = worker(app, "");
+    let before = common::resting_fds(&w);
     let (mut c, head) = handshake(&w, "websocket", "ws-mid-frame");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let mut half = vec![0u8; 504];
@@ -289,6 +290,18 @@ fn the_proxys_close_never_lands_inside_a_frame() {
     assert!(rest.is_empty(), "bytes injected into the frame: {rest:x?}");
     let to_app = app_got(&got, 0);
     assert_eq!(close_code(&to_app), Some(1002), "{to_app:x?}");
+    released(&w, before);
+}
+
+/// Waits until no tunnel is open and the worker holds no more descriptors than
+/// `before`: both connections of every tunnel were released.
+fn released(w: &Worker, before: u64) {
+    common::eventually("no tunnel left open", || {
+        common::metric(w, "appproxy_tunnels_active") == 0
+    });
+    common::eventually("descriptors back at rest", || {
+        common::open_fds(w.pid()).0 <= before
+    });
 }
 
 /// A peer that was already relayed a close frame gets no second one from the proxy:
@@ -303,12 +316,14 @@ fn a_peer_gets_one_close_frame() {
         let _ = s.write_all(&f);
     });
     let w = worker(app, "[timeouts]\ntunnel_idle_secs = 1");
+    let before = common::resting_fds(&w);
     let (mut c, head) = handshake(&w, "websocket", "ws-one-close");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe8]);
     let to_app = app_got(&got, 0);
     assert_eq!(close_code(&to_app), Some(1001), "{to_app:x?}");
     assert_eq!(to_app.len(), 8, "{to_app:x?}");
+    released(&w, before);
 }
 
 /// `Upgrade` in an HTTP/1.0 request is ignored (RFC 9110 §7.8): the app gets a plain
