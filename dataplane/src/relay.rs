@@ -417,7 +417,14 @@ pub struct WsShared {
     pub close: std::cell::Cell<Option<u16>>,
     /// Message sequence across both directions (for per-message IDs).
     pub seq: std::cell::Cell<u32>,
+    /// One direction ended cleanly (a close frame, then end of stream): the other
+    /// waits at most [`CLOSE_GRACE`] more for its peer's answer.
+    pub closing: std::cell::Cell<bool>,
 }
+
+/// How long a WebSocket session whose one side closed cleanly waits for the other
+/// side's close frame and end of stream.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// One direction's totals.
 #[derive(Debug, Default, Clone, Copy)]
@@ -466,9 +473,13 @@ pub async fn ws_pipe(
     let mut first = true;
     let end_code = 'relay: loop {
         if !first || carry.is_empty() {
-            src.set_timeout(idle);
+            src.set_timeout(if shared.closing.get() {
+                CLOSE_GRACE.min(idle)
+            } else {
+                idle
+            });
             if let Err(e) = src.readable().await {
-                stats.idled = e.kind() == io::ErrorKind::TimedOut;
+                stats.idled = e.kind() == io::ErrorKind::TimedOut && !shared.closing.get();
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
@@ -553,9 +564,20 @@ pub async fn ws_pipe(
             shared.close.set(Some(code));
         }
     }
-    // A WebSocket session ends with either of its connections: wake the other
-    // direction, whose reads from our destination now see end of stream.
-    dst.shutdown_read();
+    if end_code.is_none() && stats.close_seen.is_some() {
+        // A clean close (a close frame, then end of stream): `dst` is told below
+        // (end of stream) and its own close frame in answer still comes back, within
+        // the grace period the other direction now waits at most (its wait on `dst`
+        // is woken with that deadline).
+        shared.closing.set(true);
+        dst.set_timeout(CLOSE_GRACE.min(idle));
+    } else {
+        // Any other end ends the session with either of its connections: wake the
+        // other direction, whose reads from our destination now see end of stream.
+        // (Not after a clean close: on a socket whose both halves are shut, the
+        // kernel answers the peer's late close frame with a reset.)
+        dst.shutdown_read();
+    }
     // The proxy's close frame goes only where it is a frame of its own, and only to a
     // peer that has not had a close frame already.
     let close = shared

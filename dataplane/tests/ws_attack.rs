@@ -2,8 +2,9 @@
 //! real sockets: the protocol a 101 names decides the tunnel, an upgrade request never
 //! carries a body nor upgrades HTTP/1.0, a stream flowing one way is not idle, the
 //! proxy's close frame never lands inside a frame it relays nor after a close the
-//! peer already got, RSV1 marks only a message's first frame, and a raw tunnel's
-//! close line counts the bytes sent right behind the handshake.
+//! peer already got, a clean close gets its answer (within a bounded wait), RSV1
+//! marks only a message's first frame, and a raw tunnel's close line counts the
+//! bytes sent right behind the handshake.
 
 mod common;
 
@@ -413,4 +414,43 @@ fn rsv1_only_on_a_messages_first_frame() {
         assert_eq!(close_code(close_at), Some(1002), "{what}: {to_app:x?}");
         assert_eq!(close_at.len(), 8, "{what}: {to_app:x?}");
     }
+}
+
+/// A client that sends its close frame and then ends its side of the stream (a
+/// half-close) still gets the app's close frame in answer: the clean close is
+/// passed on (end of stream) and the app's answer relayed, not cut off by the proxy
+/// (nor turned into a reset and a 1001 of its own).
+#[test]
+fn a_half_closing_client_gets_the_apps_close_frame() {
+    let app = common::ws::echo_app();
+    let w = worker(app.addr, "");
+    let before = common::resting_fds(&w);
+    for i in 0..20 {
+        let (mut c, head) = handshake(&w, "websocket", &format!("half-close-{i}"));
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+            .expect("close frame");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe8], "session {i}");
+    }
+    released(&w, before);
+}
+
+/// The wait for the answer to a clean close is bounded: an app that neither answers
+/// the client's close frame nor closes its connection is cut after the grace period
+/// (5 s), and the client is told 1001 on its behalf.
+#[test]
+fn an_unanswered_close_is_bounded() {
+    let (app, _) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+        // Holds the connection, reading nothing, well past the grace period.
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    let w = worker(app, "");
+    let (mut c, head) = handshake(&w, "websocket", "ws-unanswered");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .expect("close frame");
+    c.shutdown(std::net::Shutdown::Write).expect("half-close");
+    assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe9]);
 }
