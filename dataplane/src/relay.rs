@@ -417,9 +417,9 @@ pub struct WsShared {
     pub close: std::cell::Cell<Option<u16>>,
     /// Message sequence across both directions (for per-message IDs).
     pub seq: std::cell::Cell<u32>,
-    /// One direction ended cleanly (a close frame, then end of stream): the other
-    /// waits at most [`CLOSE_GRACE`] more for its peer's answer.
-    pub closing: std::cell::Cell<bool>,
+    /// Set when one direction ended cleanly (a close frame, then end of stream): the
+    /// other relays until then at most ([`CLOSE_GRACE`] later), for its peer's answer.
+    pub closing: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 /// How long a WebSocket session whose one side closed cleanly waits for the other
@@ -473,13 +473,12 @@ pub async fn ws_pipe(
     let mut first = true;
     let end_code = 'relay: loop {
         if !first || carry.is_empty() {
-            src.set_timeout(if shared.closing.get() {
-                CLOSE_GRACE.min(idle)
-            } else {
-                idle
-            });
+            match shared.closing.get() {
+                Some(deadline) => src.set_deadline(Some(deadline)),
+                None => src.set_timeout(idle),
+            }
             if let Err(e) = src.readable().await {
-                stats.idled = e.kind() == io::ErrorKind::TimedOut && !shared.closing.get();
+                stats.idled = e.kind() == io::ErrorKind::TimedOut && shared.closing.get().is_none();
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
@@ -569,8 +568,9 @@ pub async fn ws_pipe(
         // (end of stream) and its own close frame in answer still comes back, within
         // the grace period the other direction now waits at most (its wait on `dst`
         // is woken with that deadline).
-        shared.closing.set(true);
-        dst.set_timeout(CLOSE_GRACE.min(idle));
+        let deadline = std::time::Instant::now() + CLOSE_GRACE.min(idle);
+        shared.closing.set(Some(deadline));
+        dst.set_deadline(Some(deadline));
     } else {
         // Any other end ends the session with either of its connections: wake the
         // other direction, whose reads from our destination now see end of stream.
