@@ -454,3 +454,29 @@ fn an_unanswered_close_is_bounded() {
     c.shutdown(std::net::Shutdown::Write).expect("half-close");
     assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe9]);
 }
+
+/// The grace period after a clean close is one deadline: an app that goes on sending
+/// after the client's close frame and end of stream is cut when it ends (the client
+/// told 1001), not kept on by every message.
+#[test]
+fn an_app_talking_past_a_close_is_cut_at_the_grace_period() {
+    let (app, _) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+        for _ in 0..75 {
+            std::thread::sleep(Duration::from_millis(200));
+            if s.write_all(&[0x81, 1, b'm']).is_err() {
+                return;
+            }
+        }
+    });
+    let w = worker(app, "");
+    let (mut c, head) = handshake(&w, "websocket", "ws-talks-past-close");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .expect("close frame");
+    c.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let got = read_to_close(&mut c);
+    assert!(got.ends_with(&[0x88, 2, 0x03, 0xe9]), "{got:x?}");
+    let messages = &got[..got.len() - 4];
+    assert!(messages.chunks(3).all(|m| m == [0x81, 1, b'm']), "{got:x?}");
+}
