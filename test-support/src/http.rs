@@ -40,9 +40,21 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
+    request_within(addr, method, path, headers, body, Duration::from_secs(60)).expect("a response")
+}
+
+/// [`request`], waiting `wait` at most for the whole answer: `None` when none came
+/// whole in time (the server is stuck) or the connection failed.
+pub fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    wait: Duration,
+) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -51,11 +63,37 @@ pub fn request(
         head.push_str(&format!("{n}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("head");
-    s.write_all(body).expect("body");
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("response");
-    parse(&raw, method == "HEAD")
+    s.read_to_end(&mut raw).ok()?;
+    raw.windows(4)
+        .any(|w| w == b"\r\n\r\n")
+        .then(|| parse(&raw, method == "HEAD"))
+}
+
+/// Reads from `s` until the server closes it (end of stream or reset): false when
+/// it is still open after `wait`.
+pub fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
+    if s.set_read_timeout(Some(wait)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Parses a whole response (`head_only`: a HEAD answer, no body).

@@ -12,6 +12,11 @@ use appproxy_test_support::http::Resp;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use appproxy_test_support::http::closed_by_server;
+
+/// How long a test waits for a server to close a connection it should close.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
 const SECRET: &str = "api-secret";
 
 /// The engine under test.
@@ -1316,24 +1321,6 @@ fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
     assert!(exists(&kept), "an outage does not make circuits idle");
 }
 
-/// Reads until the server closes the connection (EOF or reset); false when it is
-/// still open at the hang guard.
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    use std::io::Read as _;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
-            Err(_) => return true,
-        }
-    }
-}
-
 /// Found #6: a connection that sends no head (or half a head) is closed after the
 /// header timeout; past the connection cap new connections are closed at once (and
 /// counted) while the API keeps serving once connections leave.
@@ -1351,10 +1338,13 @@ fn api_connections_are_bounded_in_time_and_number() {
     half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
         .expect("send");
     assert!(
-        closed_by_server(&mut silent),
+        closed_by_server(&mut silent, HANG_GUARD),
         "a silent connection is closed"
     );
-    assert!(closed_by_server(&mut half), "a half head is closed");
+    assert!(
+        closed_by_server(&mut half, HANG_GUARD),
+        "a half head is closed"
+    );
     // The cap: four held connections, the fifth is closed at once.
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(c.addr).expect("connect"))
@@ -1364,7 +1354,10 @@ fn api_connections_are_bounded_in_time_and_number() {
         s.write_all(b"G").expect("send");
     }
     let mut fifth = TcpStream::connect(c.addr).expect("connect");
-    assert!(closed_by_server(&mut fifth), "over the cap: closed");
+    assert!(
+        closed_by_server(&mut fifth, HANG_GUARD),
+        "over the cap: closed"
+    );
     drop(held);
     // Until the server has seen the held connections close, a new one may still be
     // over the cap and reset: that is an attempt to repeat, not a failure.

@@ -9,40 +9,25 @@ mod storage_common;
 use storage_common::{create_folder, Proxy, VFID};
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 
-/// One request on its own connection; `None` when no complete answer came within
-/// `wait` (the server is stuck).
-fn request_within(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    wait: Duration,
-) -> Option<appproxy_test_support::http::Resp> {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(wait)).expect("timeout");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (n, v) in headers {
-        head.push_str(&format!("{n}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("head");
-    s.write_all(body).expect("body");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    raw.windows(4)
-        .any(|w| w == b"\r\n\r\n")
-        .then(|| appproxy_test_support::http::parse(&raw, method == "HEAD"))
+/// Lowers the proxy's descriptor limit to `n` (soft and hard).
+fn lower_nofile(p: &Proxy, n: u64) {
+    let limit = rustix::process::Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    rustix::process::prlimit(
+        Some(rustix::process::Pid::from_child(&p.child)),
+        rustix::process::Resource::Nofile,
+        limit,
+    )
+    .expect("lower the proxy's RLIMIT_NOFILE");
 }
 
 fn open_dir(p: &Path) -> OwnedFd {
@@ -151,7 +136,7 @@ impl Drop for Flatten {
 
 /// Whether the proxy still answers.
 fn alive(p: &Proxy) -> bool {
-    request_within(
+    appproxy_test_support::http::request_within(
         p.manager,
         "GET",
         "/status",
@@ -210,7 +195,7 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
     )
     .expect("mkfifo");
     for _ in 0..2 {
-        let r = request_within(
+        let r = appproxy_test_support::http::request_within(
             p.client,
             "PATCH",
             &format!("/upload?token={token}"),
@@ -221,7 +206,7 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
         .expect("the PATCH is answered, not parked on the FIFO");
         assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     }
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "HEAD",
         &format!("/upload?token={token}"),
@@ -237,7 +222,7 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
     let short = p.dir.path().join("s");
     let sock = std::os::unix::net::UnixListener::bind(&short).expect("socket");
     std::fs::rename(&short, staging.join(&session)).expect("move the socket in");
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "PATCH",
         &format!("/upload?token={token}"),
@@ -275,7 +260,7 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
             "/folder/file/download",
             serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name}),
         );
-        let r = request_within(
+        let r = appproxy_test_support::http::request_within(
             p.client,
             "GET",
             &format!("/download?token={token}"),
@@ -287,7 +272,7 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
         assert_eq!(r.status, 404, "{name}");
         assert_eq!(r.json()["code"], "file-not-found");
         let body = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name});
-        let r = request_within(
+        let r = appproxy_test_support::http::request_within(
             p.manager,
             "POST",
             "/folder/file/fetch",
@@ -305,7 +290,7 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download?token={token}&archive=true"),
@@ -416,16 +401,7 @@ fn an_archive_of_a_directory_wider_than_the_descriptor_limit_is_complete() {
     create_folder(&p);
     // The proxy's descriptor limit lowered to 1024, so that a tree wider than it
     // stays small.
-    let limit = rustix::process::Rlimit {
-        current: Some(1024),
-        maximum: Some(1024),
-    };
-    rustix::process::prlimit(
-        Some(rustix::process::Pid::from_child(&p.child)),
-        rustix::process::Resource::Nofile,
-        limit,
-    )
-    .expect("lower the proxy's RLIMIT_NOFILE");
+    lower_nofile(&p, 1024);
     let vf = p.vfolder_path();
     std::fs::create_dir(vf.join("wide")).expect("wide");
     let dir = open_dir(&vf.join("wide"));
@@ -452,7 +428,7 @@ fn an_archive_of_a_directory_wider_than_the_descriptor_limit_is_complete() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download?token={token}&archive=true"),
@@ -486,7 +462,7 @@ fn archive_names_longer_than_a_zip_header_can_say_are_left_out() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "t"}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download?token={token}&archive=true"),
@@ -565,8 +541,15 @@ fn an_archive_whose_client_stops_reading_is_cut_off() {
     );
     assert!(raw.len() < noise.len(), "{} bytes", raw.len());
     // A reading client gets it all.
-    let r = request_within(p.client, "GET", &path, &[], b"", Duration::from_secs(60))
-        .expect("answered");
+    let r = appproxy_test_support::http::request_within(
+        p.client,
+        "GET",
+        &path,
+        &[],
+        b"",
+        Duration::from_secs(60),
+    )
+    .expect("answered");
     assert_eq!(r.status, 200);
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
@@ -632,7 +615,7 @@ fn special_files_in_a_vfolder_are_never_opened() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": specials}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download-archive?token={token}"),
@@ -672,7 +655,7 @@ fn special_files_in_a_vfolder_are_never_opened() {
         )
         .expect("device node");
         inotify::add_watch(&watch, &staging, inotify::WatchFlags::OPEN).expect("watch");
-        let r = request_within(
+        let r = appproxy_test_support::http::request_within(
             p.client,
             "PATCH",
             &format!("/upload?token={token}"),
@@ -820,7 +803,7 @@ fn hostile_headers_get_clean_answers() {
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin", "size": 8}),
     );
     let patch = |offset: &str, body: &[u8]| {
-        request_within(
+        appproxy_test_support::http::request_within(
             p.client,
             "PATCH",
             &format!("/upload?token={token}"),
@@ -857,7 +840,7 @@ fn hostile_headers_get_clean_answers() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin"}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "PATCH",
         &format!("/upload?token={dl}"),
@@ -867,7 +850,7 @@ fn hostile_headers_get_clean_answers() {
     )
     .expect("answered");
     assert_eq!(r.status, 401);
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download?token={token}"),
@@ -886,16 +869,7 @@ fn hostile_headers_get_clean_answers() {
 fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
     let p = Proxy::start("");
     create_folder(&p);
-    let limit = rustix::process::Rlimit {
-        current: Some(256),
-        maximum: Some(256),
-    };
-    rustix::process::prlimit(
-        Some(rustix::process::Pid::from_child(&p.child)),
-        rustix::process::Resource::Nofile,
-        limit,
-    )
-    .expect("lower the proxy's RLIMIT_NOFILE");
+    lower_nofile(&p, 256);
     let vf = p.vfolder_path();
     let files: Vec<String> = (0..600).map(|i| format!("f{i:03}.txt")).collect();
     for f in &files {
@@ -905,7 +879,7 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": files}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download-archive?token={token}"),
@@ -923,7 +897,7 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": ["f000.txt", "nope.txt"]}),
     );
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "GET",
         &format!("/download-archive?token={token}"),
@@ -962,7 +936,7 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
     let r = appproxy_test_support::http::parse(&raw, false);
     assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["code"], "request-timeout");
-    let head = request_within(
+    let head = appproxy_test_support::http::request_within(
         p.client,
         "HEAD",
         &format!("/upload?token={token}"),
@@ -972,7 +946,7 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
     )
     .expect("answered");
     assert_eq!(head.header("upload-offset"), Some("4"));
-    let r = request_within(
+    let r = appproxy_test_support::http::request_within(
         p.client,
         "PATCH",
         &format!("/upload?token={token}"),

@@ -10,29 +10,12 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use storage_common::{Proxy, TOKEN, VFID};
+use appproxy_test_support::http::closed_by_server;
 
-/// Whether the server closed `s` (end of stream or reset) within 30 s.
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
-}
+/// How long a test waits for a server to close a connection it should close.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+use storage_common::{Proxy, TOKEN, VFID};
 
 /// All that the server sends on `s` until it closes (30 s at most), as text.
 fn answer(s: &mut TcpStream) -> String {
@@ -64,10 +47,13 @@ fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
         half.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
             .expect("send");
         assert!(
-            closed_by_server(&mut silent),
+            closed_by_server(&mut silent, HANG_GUARD),
             "{addr}: a silent connection is closed"
         );
-        assert!(closed_by_server(&mut half), "{addr}: a half head is closed");
+        assert!(
+            closed_by_server(&mut half, HANG_GUARD),
+            "{addr}: a half head is closed"
+        );
     }
     // Both closures are counted as timed out.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -101,7 +87,10 @@ fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut fourth = TcpStream::connect(p.client).expect("connect");
-    assert!(closed_by_server(&mut fourth), "over the cap: closed");
+    assert!(
+        closed_by_server(&mut fourth, HANG_GUARD),
+        "over the cap: closed"
+    );
     assert!(metric(&p, "storage_proxy_api_connections_refused_total", "client") >= 1);
     assert_eq!(
         metric(&p, "storage_proxy_api_connections_refused_total", "manager"),
