@@ -859,11 +859,11 @@ impl Listener {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::liveness::Liveness;
 
-    fn reactor() -> Rc<Reactor> {
+    pub(crate) fn reactor() -> Rc<Reactor> {
         let live = Liveness::new(&[0], Duration::from_secs(5));
         Reactor::new(Default::default(), live.cores[0].clone()).expect("reactor")
     }
@@ -887,7 +887,7 @@ mod tests {
     }
 
     /// Runs `fut` on this thread with the reactor polling beside it.
-    fn drive<T>(reactor: &Rc<Reactor>, fut: impl std::future::Future<Output = T>) -> T {
+    pub(crate) fn drive<T>(reactor: &Rc<Reactor>, fut: impl std::future::Future<Output = T>) -> T {
         let run = async {
             reactor.clone().run().await;
             unreachable!("the reactor runs until stopped")
@@ -935,7 +935,7 @@ mod tests {
     }
 
     /// An accepted connection, already connected to `client`, served by `TcpConn`.
-    fn accepted(reactor: &Rc<Reactor>) -> (TcpConn, TcpStream) {
+    pub(crate) fn accepted(reactor: &Rc<Reactor>) -> (TcpConn, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (stream, _) = listener.accept().expect("accept");

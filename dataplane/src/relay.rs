@@ -466,13 +466,15 @@ pub async fn ws_pipe(
     let mut inspector = crate::ws::Inspector::new(from_client, allowed_rsv);
     let mut stats = WsStats::default();
     // Read but not yet forwardable: an incomplete header or control frame.
-    let mut carry = initial;
+    let mut carry = Vec::new();
+    // Read before the relay began (behind the handshake), not yet inspected: taken a
+    // buffer's worth at a time, however much it is.
+    let mut early = initial;
     // Whether what reached `dst` ends at a frame boundary (the inspector may have
     // read further, into bytes a violation kept back).
     let mut at_boundary = true;
-    let mut first = true;
     let end_code = 'relay: loop {
-        if !first || carry.is_empty() {
+        if early.is_empty() {
             match shared.closing.get() {
                 Some(deadline) => src.set_deadline(Some(deadline)),
                 None => src.set_timeout(idle),
@@ -482,7 +484,6 @@ pub async fn ws_pipe(
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
-        first = false;
         let mut pending = Vec::new();
         let mut eof = false;
         {
@@ -490,19 +491,30 @@ pub async fn ws_pipe(
                 break Some(crate::ws::close_code::GOING_AWAY);
             };
             let buf = &mut scratch[..];
+            // The carried tail is at most a frame header or a control frame (the
+            // inspector forwards data frames as they come), well within the buffer.
             let c = carry.len().min(buf.len());
             buf[..c].copy_from_slice(&carry[..c]);
             carry.clear();
-            let n = match src.try_read(&mut buf[c..]) {
-                Ok(0) => {
-                    eof = true;
-                    0
+            let e = early.len().min(buf.len() - c);
+            buf[c..c + e].copy_from_slice(&early[..e]);
+            early.drain(..e);
+            // A read only into room that is left (a read into none would look like
+            // the end of the stream), and only once the early bytes are all in.
+            let n = if !early.is_empty() || c + e == buf.len() {
+                0
+            } else {
+                match src.try_read(&mut buf[c + e..]) {
+                    Ok(0) => {
+                        eof = true;
+                        0
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => break 'relay Some(crate::ws::close_code::GOING_AWAY),
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(_) => break 'relay Some(crate::ws::close_code::GOING_AWAY),
             };
-            let total = c + n;
+            let total = c + e + n;
             let feed = match inspector.feed(&buf[..total]) {
                 Ok(f) => f,
                 Err(v) => {
@@ -619,6 +631,59 @@ mod tests {
         assert_eq!(second.filled(), b"new");
         second.consume(usize::MAX);
         assert!(second.filled().is_empty());
+    }
+
+    /// Early bytes (read behind the handshake, before the relay began) larger than
+    /// the relay's buffer are relayed whole, in order: before, what did not fit was
+    /// dropped and the buffer's being full read as the end of the stream.
+    #[test]
+    fn early_bytes_larger_than_the_buffer_are_relayed_whole() {
+        use crate::io::tests::{accepted, drive, reactor};
+        use std::io::{Read as _, Write as _};
+        let reactor = reactor();
+        let (src, mut client) = accepted(&reactor);
+        let (dst, mut app) = accepted(&reactor);
+        // 40 masked binary frames of 4,000 bytes (160 KiB): more than two buffers.
+        let mut early = Vec::new();
+        for i in 0..40u32 {
+            early.extend_from_slice(&[0x82, 0xfe, 0x0f, 0xa0, 1, 2, 3, 4]);
+            early.extend((0..4000u32).map(|k| ((i + k) % 251) as u8));
+        }
+        // The client then sends one more frame and ends its stream.
+        let mut late = vec![0x82, 0x83, 9, 9, 9, 9];
+        late.extend_from_slice(b"end");
+        client.write_all(&late).expect("send");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let scratch = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
+        let shared = WsShared::default();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).expect("read");
+            got
+        });
+        let stats = drive(
+            &reactor,
+            ws_pipe(
+                &src,
+                &dst,
+                early.clone(),
+                true,
+                0,
+                &shared,
+                Duration::from_secs(10),
+                &|_| {},
+                &scratch,
+            ),
+        );
+        drop((src, dst));
+        let got = reader.join().expect("reader");
+        let mut want = early;
+        want.extend_from_slice(&late);
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "relayed whole and in order");
+        assert_eq!(stats.messages, 41);
     }
 
     #[test]
