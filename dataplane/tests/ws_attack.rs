@@ -186,11 +186,12 @@ fn the_protocol_the_101_names_decides_the_tunnel() {
     assert!(app_got(&got, 1).is_empty());
 }
 
-/// An upgrade request carrying a body (by length or chunked) is refused with 400 and
-/// the connection closed before anything reaches the app: an app could take the body
-/// for the first bytes of the new protocol, bytes the tunnel never inspected.
+/// An upgrade offered on a request carrying a body (by length or chunked) is
+/// ignored: the app gets a plain request, its body as a body, and no tunnel opens
+/// (an app could take the body for the first bytes of the new protocol, bytes the
+/// tunnel never inspected). An app that switches anyway gets a 502.
 #[test]
-fn an_upgrade_request_with_a_body_is_refused() {
+fn an_upgrade_offered_with_a_body_is_ignored() {
     let (app, got) = scripted_app(|_, s| {
         let _ = s.write_all(SWITCH_TO_WS);
     });
@@ -201,19 +202,33 @@ fn an_upgrade_request_with_a_body_is_refused() {
     ] {
         let mut c = common::Client::connect(w.addr());
         c.send(
-            format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n{WS_HEADERS}{framing}")
+            format!("POST /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n{WS_HEADERS}{framing}")
                 .as_bytes(),
         );
         let r = c.response();
-        assert_eq!(r.status, 400, "{framing:?}: {}", r.text());
-        assert_eq!(r.json()["code"], "malformed_request", "{framing:?}");
-        assert!(c.is_closed(), "{framing:?}");
+        assert_eq!(r.status, 502, "{framing:?}: {}", r.text());
+        assert_eq!(r.json()["code"], "upstream_invalid_response", "{framing:?}");
     }
-    assert!(got.lock().expect("received").is_empty());
+    let seen = got.lock().expect("received").clone();
+    assert_eq!(seen.len(), 2);
+    for (head, body) in &seen {
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("upgrade"), "a plain request: {head}");
+        assert!(
+            lower.contains("content-length: 4\r\n")
+                || lower.contains("transfer-encoding: chunked\r\n"),
+            "{head}"
+        );
+        assert!(
+            body.windows(4).any(|w| w == b"\x01\x02hi"),
+            "the body as a body: {body:?}"
+        );
+    }
     // Without a body (an explicit zero length included) the upgrade goes ahead.
     let (_c, head) = handshake(&w, "websocket\r\nContent-Length: 0", "ws-no-body");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 }
+
 /// A tunnel is idle only when neither direction carried a byte for
 /// `tunnel_idle_secs`: the app pushing messages to a silent WebSocket client for
 /// several idle periods is relayed to its end.

@@ -234,16 +234,18 @@ impl Client {
             return self.refuse(x, refused.into(), Left::Whole).await;
         }
         core.mark_access(route.circuit.circuit.id);
+        if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
+            // An upgrade offered on a request with a body is ignored (RFC 9110 §7.8
+            // lets a server do so): apps disagree on where such a body ends, some
+            // taking it for the new protocol's first bytes, which would reach them
+            // uninspected. The request goes on as a plain one (no `Upgrade`, nothing
+            // listed in `Connection`), and a 101 to it is refused. Clients such as
+            // curl offer `h2c` on a POST; refusing would break them.
+            x.head.upgrade = None;
+        }
         let early = if x.head.method == Method::Connect {
             Some(ProxyError::Request(RequestError::Malformed(
                 "CONNECT is not supported",
-            )))
-        } else if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
-            // Apps disagree on where such a body ends: some read it as the body, some
-            // as the first bytes of the new protocol, which would then reach them
-            // without passing the tunnel's inspection.
-            Some(ProxyError::Request(RequestError::Malformed(
-                "an upgrade request with a body",
             )))
         } else {
             match x.head.framing {
