@@ -473,12 +473,16 @@ pub async fn ws_pipe(
     // Whether what reached `dst` ends at a frame boundary (the inspector may have
     // read further, into bytes a violation kept back).
     let mut at_boundary = true;
+    // Every wait, read or write, runs under the idle timeout, or once the session is
+    // closing (one side closed cleanly) under the grace period's one deadline: a
+    // peer that stops reading after its close frame cannot hold the session longer.
+    let arm = |conn: &TcpConn| match shared.closing.get() {
+        Some(deadline) => conn.set_deadline(Some(deadline)),
+        None => conn.set_timeout(idle),
+    };
     let end_code = 'relay: loop {
         if early.is_empty() {
-            match shared.closing.get() {
-                Some(deadline) => src.set_deadline(Some(deadline)),
-                None => src.set_timeout(idle),
-            }
+            arm(src);
             if let Err(e) = src.readable().await {
                 stats.idled = e.kind() == io::ErrorKind::TimedOut && shared.closing.get().is_none();
                 break Some(crate::ws::close_code::GOING_AWAY);
@@ -532,7 +536,7 @@ pub async fn ws_pipe(
                 // Bytes flowing either way keep the tunnel alive: the other
                 // direction's wait on `dst` (its source) gets a new idle period, as
                 // in `pipe` (a stream flowing one way is not idle).
-                dst.set_timeout(idle);
+                arm(dst);
             }
             let mut written = 0;
             while written < feed.consumed {
@@ -554,13 +558,13 @@ pub async fn ws_pipe(
             }
         }
         if !pending.is_empty() {
-            dst.set_timeout(idle);
+            arm(dst);
             if dst.write_all(&pending).await.is_err() {
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         } else if dst.is_tls() {
             // Records `try_write` encrypted but the socket did not take yet.
-            dst.set_timeout(idle);
+            arm(dst);
             if dst.flush().await.is_err() {
                 break Some(crate::ws::close_code::GOING_AWAY);
             }

@@ -10,6 +10,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -494,4 +495,40 @@ fn an_app_talking_past_a_close_is_cut_at_the_grace_period() {
     assert!(got.ends_with(&[0x88, 2, 0x03, 0xe9]), "{got:x?}");
     let messages = &got[..got.len() - 4];
     assert!(messages.chunks(3).all(|m| m == [0x81, 1, b'm']), "{got:x?}");
+}
+
+/// The grace period bounds writes too: a client that sends its close frame, ends its
+/// stream and then reads nothing, while the app floods it, is cut at the grace
+/// period (the app's connection closed), not held until the tunnel's idle timeout.
+#[test]
+fn a_client_that_stops_reading_after_its_close_is_cut_at_the_grace_period() {
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = cut.clone();
+    let (app, _) = scripted_app(move |_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+        let mut frame = vec![0x82, 127];
+        frame.extend_from_slice(&65_536u64.to_be_bytes());
+        frame.resize(frame.len() + 65_536, b'x');
+        let _ = s.set_write_timeout(Some(Duration::from_secs(120)));
+        // Until the worker closes this connection (or the hang guard's 120 s).
+        while s.write_all(&frame).is_ok() {}
+        flag.store(true, Ordering::SeqCst);
+    });
+    let w = worker(app, "[timeouts]\ntunnel_idle_secs = 600");
+    let (mut c, head) = handshake(&w, "websocket", "ws-stops-reading");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .expect("close frame");
+    c.shutdown(std::net::Shutdown::Write).expect("half-close");
+    // The client reads nothing; the worker's writes to it stall. The hang guard is
+    // far past the grace period (5 s) and far short of the idle timeout (600 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cut.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session is held past its grace period"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
 }
