@@ -412,7 +412,26 @@ impl<'a> Writer<'a> {
         for item in items {
             let item = match item {
                 Item::Beneath(root, parts) => {
-                    let fd = fsx::open_readable(root.as_fd(), &parts)?;
+                    // Checked before the answer began, but opened only now: an entry
+                    // removed or replaced by a special file meanwhile is left out,
+                    // as a walk leaves it out, rather than cutting the archive.
+                    let fd = match fsx::open_readable(root.as_fd(), &parts) {
+                        Ok(fd) => fd,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
+                            ) =>
+                        {
+                            tracing::warn!(
+                                entry = %fsx::join(&parts).to_string_lossy(),
+                                error = %e,
+                                "listed entry gone before its turn: left out of the archive"
+                            );
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let mut name = fsx::join(&parts)
                         .to_string_lossy()
                         .into_owned()

@@ -909,6 +909,49 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
     assert_eq!(r.status, 404);
 }
 
+/// A listed file removed after the archive's answer began, before its turn, is left
+/// out: the archive still ends whole (before, it was cut at that entry).
+#[test]
+fn a_listed_file_removed_before_its_turn_is_left_out() {
+    use std::io::{Read as _, Write as _};
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    // 16 MiB that do not compress (stored): far more than the socket buffers hold
+    // while the client does not read.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(vf.join("big.bin"), &big).expect("big");
+    std::fs::write(vf.join("small.txt"), b"small").expect("small");
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["big.bin", "small.txt"]}),
+    );
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /download-archive?token={token} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = vec![0u8; 4096];
+    s.read_exact(&mut raw).expect("the archive starts");
+    std::fs::remove_file(vf.join("small.txt")).expect("remove");
+    s.read_to_end(&mut raw).expect("the rest");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 200);
+    let names = zip_names(&r.body, p.dir.path()).expect("a whole, valid zip");
+    assert_eq!(names, vec!["'big.bin'".to_owned()]);
+}
+
 /// A tus PATCH whose body stops coming (a client gone quiet, a half-open
 /// connection) ends after `stall_timeout_secs` with 408, keeping what arrived, and
 /// releases the session: the upload resumes from HEAD's offset instead of getting
