@@ -540,6 +540,12 @@ pub fn router(state: Arc<State>) -> Router {
             axum::routing::put(endpoints::health_check),
         )
         .route("/v2/endpoints/{id}/token", post(endpoints::token))
+        // The token is checked before the body is read: a caller without it never
+        // makes the coordinator buffer a body.
+        .route_layer(axum::middleware::from_fn_with_state(
+            body_time,
+            body_in_time,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/status", get(api::status))
@@ -555,13 +561,13 @@ pub fn router(state: Arc<State>) -> Router {
             "/v2/proxy/auth",
             get(proxy::proxy_auth_get).post(proxy::proxy_auth_post),
         )
-        .merge(authed)
-        .with_state(state)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             body_time,
             body_in_time,
         ))
+        .merge(authed)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(announced_size))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(observed, observe_api))
@@ -617,11 +623,11 @@ async fn announced_size(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// A request's body is read whole, within `limit` of its head, before any handler
-/// or authentication runs (`server::read_body_within`): a body that never comes, or
-/// trickles, would otherwise hold the connection and its slot under
-/// `max_connections` for ever (`/v2/conf` reads its body before it checks the
-/// token). Bodies are small JSON (at most [`MAX_BODY`]); handlers read the buffered
+/// A request's body is read whole, within `limit` of its head, before the handler
+/// runs (`server::read_body_within`; on the authenticated routes once the token is
+/// checked): a body that never comes, or trickles, would otherwise hold the
+/// connection and its slot under `max_connections` for ever (`/v2/conf` reads its
+/// body before it checks the token). Bodies are small JSON (at most [`MAX_BODY`]); handlers read the buffered
 /// copy. Late: 408; over the limit: 413; cut off: 400; each closes the connection.
 async fn body_in_time(Extract(limit): Extract<Duration>, req: Request, next: Next) -> Response {
     let refused = match server::read_body_within(req, limit, MAX_BODY).await {

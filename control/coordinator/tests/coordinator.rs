@@ -1440,6 +1440,13 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
             assert!(ended, "the connection is closed: {text}");
         }
     }
+    // On an authenticated route the token is checked first: without it, 401, and
+    // no body is waited for (it would be a 408 after the deadline).
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(head("/api/worker", false).replace("POST", "PUT").as_bytes())
+        .expect("send");
+    let (text, _) = answer(&mut s);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     // A body that trickles (a byte every 100 ms: 10 s for 100 bytes) is cut off at
     // the deadline, not served at the pace the client chooses.
     let mut s = TcpStream::connect(c.addr).expect("connect");
