@@ -822,6 +822,8 @@ fn an_answer_before_the_whole_body_is_relayed() {
         ("/early-413", "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!", 413),
         // Claims keep-alive, then closes anyway.
         ("/early-401", "HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?", 401),
+        // Interim heads first (an unsolicited 100, a 103): passed over.
+        ("/early-100", "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!", 413),
     ];
     let answers: std::collections::HashMap<&str, &str> =
         table.iter().map(|(p, a, _)| (*p, *a)).collect();
@@ -864,7 +866,7 @@ fn an_answer_before_the_whole_body_is_relayed() {
                 .any(|(n, v)| n == "connection" && v == "close"),
             "{path}: the client's body is unread, its connection must close: {got}"
         );
-        let app_body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let app_body = answer.rsplit_once("\r\n\r\n").map_or("", |(_, b)| b);
         assert!(
             got.ends_with(&format!("\r\n\r\n{app_body}")),
             "{path}: {got}"
@@ -980,12 +982,19 @@ fn the_apps_hop_by_hop_fields_stay_on_its_hop() {
 /// reset, arriving while it still uploads, for an error).
 #[test]
 fn an_answer_before_the_whole_body_reaches_http2_clients() {
-    let app = App::start(|method, path| match path {
+    let app = App::start(|method, path| {
+        match path {
         "/early-413" => vec![
             send("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
             Step::Close,
         ],
+        // An interim head first: relayed as one, then the answer.
+        "/early-100" => vec![
+            send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
+            Step::Close,
+        ],
         _ => honest(path, method),
+    }
     });
     let w = worker_for(&app);
     let mut upload = tempfile::NamedTempFile::new().expect("temp file");
@@ -993,20 +1002,22 @@ fn an_answer_before_the_whole_body_reaches_http2_clients() {
     for _ in 0..32 {
         upload.write_all(&block).expect("write");
     }
-    let url = format!("http://127.0.0.1:{}/early-413", w.port);
-    let out = std::process::Command::new("timeout")
-        .args(["30", "nghttp", "-d"])
-        .arg(upload.path())
-        .arg(&url)
-        .output()
-        .expect("nghttp must be installed (.ci/run installs it)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "nghttp: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(stdout, "too big!");
+    for path in ["/early-100", "/early-413"] {
+        let url = format!("http://127.0.0.1:{}{path}", w.port);
+        let out = std::process::Command::new("timeout")
+            .args(["30", "nghttp", "-d"])
+            .arg(upload.path())
+            .arg(&url)
+            .output()
+            .expect("nghttp must be installed (.ci/run installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{path}: nghttp: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "too big!", "{path}");
+    }
     let conn = app.conn_of("/early-413");
     let r = Client::connect(w.addr()).get("/next", "");
     assert!(r.text().starts_with("honest /next "), "{}", r.text());

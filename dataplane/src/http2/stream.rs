@@ -655,7 +655,8 @@ async fn forward_h1(
         }
         if let Some(e) = body_cut.take() {
             match outcome {
-                Ok(r) if r.status >= 200 => {
+                // Interim heads before it are relayed as such below, then the answer.
+                Ok(r) if r.status >= 100 && r.status != 101 => {
                     tracing::info!(
                         upstream = %addr,
                         status = r.status,

@@ -551,10 +551,23 @@ impl Client {
                 // connection being closed); the client's connection closes after it,
                 // the rest of the body unread.
                 if closed && !attempt.replayable {
-                    let early = read_response_head(&core, upstream, &mut self.ubuf, head.method)
-                        .await
-                        .ok()
-                        .filter(|r| r.status >= 200 && r.status != 101);
+                    // Interim heads before it (an unsolicited 100, a 103) are passed
+                    // over, at most [`MAX_INTERIM`] of them: the client's connection
+                    // closes after the answer anyway.
+                    let mut early = None;
+                    for _ in 0..=MAX_INTERIM {
+                        match read_response_head(&core, upstream, &mut self.ubuf, head.method).await
+                        {
+                            Ok(r) if (100..200).contains(&r.status) && r.status != 101 => {
+                                self.ubuf.consume(r.head_len);
+                            }
+                            Ok(r) if r.status >= 200 => {
+                                early = Some(r);
+                                break;
+                            }
+                            _ => break,
+                        }
+                    }
                     if let Some(resp) = early {
                         tracing::info!(
                             upstream = %addr,
