@@ -497,12 +497,18 @@ pub async fn ws_pipe(
             let buf = &mut scratch[..];
             // The carried tail is at most a frame header or a control frame (the
             // inspector forwards data frames as they come), well within the buffer.
+            // (Both copies are skipped when empty, the common case: an empty copy
+            // is still a call into `memcpy`, twice per message.)
             let c = carry.len().min(buf.len());
-            buf[..c].copy_from_slice(&carry[..c]);
-            carry.clear();
+            if c > 0 {
+                buf[..c].copy_from_slice(&carry[..c]);
+                carry.clear();
+            }
             let e = early.len().min(buf.len() - c);
-            buf[c..c + e].copy_from_slice(&early[..e]);
-            early.drain(..e);
+            if e > 0 {
+                buf[c..c + e].copy_from_slice(&early[..e]);
+                early.drain(..e);
+            }
             // A read only into room that is left (a read into none would look like
             // the end of the stream), and only once the early bytes are all in.
             let n = if !early.is_empty() || c + e == buf.len() {
@@ -582,11 +588,13 @@ pub async fn ws_pipe(
     if end_code.is_none() && stats.close_seen.is_some() {
         // A clean close (a close frame, then end of stream): `dst` is told below
         // (end of stream) and its own close frame in answer still comes back, within
-        // the grace period the other direction now waits at most (its wait on `dst`
-        // is woken with that deadline).
+        // the grace period the other direction now waits at most: its read from
+        // `dst` and its write to `src` (which may already be waiting, for a peer that
+        // stopped reading) both get that deadline.
         let deadline = std::time::Instant::now() + CLOSE_GRACE.min(idle);
         shared.closing.set(Some(deadline));
         dst.set_deadline(Some(deadline));
+        src.set_deadline(Some(deadline));
     } else {
         // Any other end ends the session with either of its connections: wake the
         // other direction, whose reads from our destination now see end of stream.
