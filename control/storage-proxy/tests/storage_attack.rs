@@ -16,6 +16,20 @@ use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 
+/// `len` bytes that do not compress (a xorshift stream): an archive stores them,
+/// never deflates them.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Lowers the proxy's descriptor limit to `n` (soft and hard).
 fn lower_nofile(p: &Proxy, n: u64) {
     let limit = rustix::process::Rlimit {
@@ -499,15 +513,7 @@ fn an_archive_whose_client_stops_reading_is_cut_off() {
     std::fs::create_dir(vf.join("big")).expect("big");
     // 48 MiB of incompressible bytes (stored, not deflated): far more than the
     // socket buffers and the body channel hold.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let noise: Vec<u8> = (0..48 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = incompressible(48 << 20);
     std::fs::write(vf.join("big/noise.bin"), &noise).expect("noise");
     let token = p.token(
         "/folder/file/download",
@@ -919,15 +925,7 @@ fn a_listed_file_removed_before_its_turn_is_left_out() {
     let vf = p.vfolder_path();
     // 16 MiB that do not compress (stored): far more than the socket buffers hold
     // while the client does not read.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let big: Vec<u8> = (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = incompressible(16 << 20);
     std::fs::write(vf.join("big.bin"), &big).expect("big");
     std::fs::write(vf.join("small.txt"), b"small").expect("small");
     let token = p.token(
