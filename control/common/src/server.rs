@@ -34,6 +34,42 @@ pub struct Limits {
     pub idle: Duration,
     /// Open connections at most.
     pub max_connections: usize,
+    /// The largest request head (request line and fields) buffered; a longer one is
+    /// answered 431 and the connection closed.
+    pub max_head: usize,
+}
+
+/// The head limit of APIs whose heads are small (a token, a request ID). hyper's
+/// own default is ~400 KiB, which lets a caller without credentials make the server
+/// hold that much per connection for the head timeout. (hyper refuses a head still
+/// incomplete once this much is buffered; one read may take a complete head up to
+/// twice it.)
+pub const MAX_HEAD: usize = 64 << 10;
+
+impl Limits {
+    /// The limits from a service's configured keys, each clamped to a sane range
+    /// (`header_read` 1 s to 1 h, `idle` 1 s to 1 day); the connection cap is fitted
+    /// below the descriptor limit for `listeners` listeners of this cap
+    /// ([`effective_cap`]). `section` names the config section in the warning. The
+    /// head limit is [`MAX_HEAD`].
+    pub fn from_config(
+        section: &str,
+        header_read_secs: u64,
+        idle_secs: u64,
+        max_connections: usize,
+        listeners: usize,
+    ) -> Self {
+        Self {
+            header_read: Duration::from_secs(header_read_secs.clamp(1, 3600)),
+            idle: Duration::from_secs(idle_secs.clamp(1, 86_400)),
+            max_connections: effective_cap(
+                max_connections.max(1),
+                &format!("[{section}] max_connections"),
+                listeners,
+            ),
+            max_head: MAX_HEAD,
+        }
+    }
 }
 
 /// Descriptors kept back from the connection cap (store pool, Redis, logs, accept).
@@ -228,6 +264,7 @@ pub async fn serve(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read)
+                .max_buf_size(limits.max_head.max(8192))
                 .keep_alive(true);
             let conn = builder.serve_connection(io, service).with_upgrades();
             tokio::pin!(conn);
@@ -310,6 +347,10 @@ pub async fn read_body_within(
     if req.body().is_end_stream() {
         return Ok(req);
     }
+    // A body announced longer than the limit is refused before any of it is read.
+    if req.body().size_hint().lower() > max as u64 {
+        return Err(BodyFailure::TooLarge);
+    }
     let (parts, body) = req.into_parts();
     match tokio::time::timeout(limit, axum::body::to_bytes(body, max)).await {
         Ok(Ok(bytes)) => Ok(axum::extract::Request::from_parts(parts, bytes.into())),
@@ -331,6 +372,21 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// Whether a presented credential equals the configured `secret`, in time that does
+/// not depend on where they first differ (only on the length). An empty secret
+/// matches nothing: a service whose secret is unset admits no caller, whatever
+/// header it sends.
+pub fn secret_matches(presented: &[u8], secret: &[u8]) -> bool {
+    if secret.is_empty() || presented.len() != secret.len() {
+        return false;
+    }
+    let diff = presented
+        .iter()
+        .zip(secret)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
 /// Marks a refusal made before the body was read whole: the connection cannot be
 /// reused.
 pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
@@ -339,4 +395,29 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
         axum::http::HeaderValue::from_static("close"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_matches;
+
+    #[test]
+    fn a_secret_matches_only_itself_and_an_empty_one_matches_nothing() {
+        for (presented, secret, expected) in [
+            ("s3cret", "s3cret", true),
+            ("s3cret", "s3creT", false),
+            ("s3cre", "s3cret", false),
+            ("s3crett", "s3cret", false),
+            ("", "s3cret", false),
+            ("", "", false),
+            ("anything", "", false),
+            ("\u{e9}", "\u{e9}", true),
+        ] {
+            assert_eq!(
+                secret_matches(presented.as_bytes(), secret.as_bytes()),
+                expected,
+                "{presented:?} against {secret:?}"
+            );
+        }
+    }
 }

@@ -471,10 +471,32 @@ fn secret_ok(headers: &HeaderMap, secret: &str) -> bool {
     else {
         return false;
     };
-    !secret.is_empty()
-        && (v == secret
-            || v.strip_prefix("Bearer ") == Some(secret)
-            || v.strip_prefix("BackendAI ") == Some(secret))
+    let v = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("BackendAI "))
+        .unwrap_or(v);
+    server::secret_matches(v.as_bytes(), secret.as_bytes())
+}
+
+/// `POST /v2/conf`'s own check (§2.1 of the wire: `X-BackendAI-Token` equal to the
+/// secret, no `Bearer` forms), made before its body is read, so that a caller
+/// without the secret never makes the coordinator buffer one; skipped only under
+/// `allow_unauthorized_configure_request` (development).
+async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get("x-backendai-token")
+        .map_or(&[][..], |v| v.as_bytes());
+    if state
+        .config
+        .coordinator
+        .allow_unauthorized_configure_request
+        || server::secret_matches(presented, state.config.secrets.api_secret.as_bytes())
+    {
+        next.run(req).await
+    } else {
+        server::closing(ApiError::Unauthorized.into_response())
+    }
 }
 
 async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
@@ -488,13 +510,21 @@ async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> 
 /// Builds the API router.
 pub fn router(state: Arc<State>) -> Router {
     let observed = state.clone();
-    let body_time = Duration::from_secs(
+    let within = Duration::from_secs(
         state
             .config
             .coordinator
             .body_read_timeout_secs
             .clamp(1, 3600),
     );
+    let body_rule = BodyRule {
+        within,
+        max: MAX_BODY,
+    };
+    let public_body = BodyRule {
+        within,
+        max: MAX_PUBLIC_BODY,
+    };
     let authed = Router::new()
         .route(
             "/api/worker",
@@ -543,10 +573,23 @@ pub fn router(state: Arc<State>) -> Router {
         // The token is checked before the body is read: a caller without it never
         // makes the coordinator buffer a body.
         .route_layer(axum::middleware::from_fn_with_state(
-            body_time,
+            body_rule,
             body_in_time,
         ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    // On the method's route, so that a wrong method still gets its 405.
+    let conf = Router::new().route(
+        "/v2/conf",
+        post(proxy::conf)
+            .route_layer(axum::middleware::from_fn_with_state(
+                public_body,
+                body_in_time,
+            ))
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                conf_auth,
+            )),
+    );
     Router::new()
         .route("/status", get(api::status))
         .route("/health", get(api::live))
@@ -555,16 +598,16 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/readyz", get(api::ready))
         .route("/health/readyz", get(api::ready))
         .route("/metrics", get(api::metrics))
-        .route("/v2/conf", post(proxy::conf))
         .route("/v2/proxy/{token}/{session_id}/add", get(proxy::proxy_add))
         .route(
             "/v2/proxy/auth",
             get(proxy::proxy_auth_get).post(proxy::proxy_auth_post),
         )
         .route_layer(axum::middleware::from_fn_with_state(
-            body_time,
+            public_body,
             body_in_time,
         ))
+        .merge(conf)
         .merge(authed)
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -604,6 +647,20 @@ async fn observe_api(Extract(state): Extract<Arc<State>>, req: Request, next: Ne
 /// The largest request body the API reads (bulk calls included).
 pub const MAX_BODY: usize = 2 << 20;
 
+/// The largest body of the routes a caller reaches without the API secret
+/// (`/v2/proxy/auth` by POST, and `/v2/conf`, whose bodies are a few hundred bytes):
+/// with [`server::MAX_HEAD`] it bounds what callers without credentials can make the
+/// coordinator hold to `max_connections` × 128 KiB.
+pub const MAX_PUBLIC_BODY: usize = 64 << 10;
+
+/// How a route's body is read: whole within `within` of its head, at most `max`
+/// bytes.
+#[derive(Clone, Copy)]
+struct BodyRule {
+    within: Duration,
+    max: usize,
+}
+
 /// A body announced larger than [`MAX_BODY`] is refused before any of it is read.
 async fn announced_size(req: Request, next: Next) -> Response {
     let announced = req
@@ -626,11 +683,12 @@ async fn announced_size(req: Request, next: Next) -> Response {
 /// A request's body is read whole, within `limit` of its head, before the handler
 /// runs (`server::read_body_within`; on the authenticated routes once the token is
 /// checked): a body that never comes, or trickles, would otherwise hold the
-/// connection and its slot under `max_connections` for ever (`/v2/conf` reads its
-/// body before it checks the token). Bodies are small JSON (at most [`MAX_BODY`]); handlers read the buffered
-/// copy. Late: 408; over the limit: 413; cut off: 400; each closes the connection.
-async fn body_in_time(Extract(limit): Extract<Duration>, req: Request, next: Next) -> Response {
-    let refused = match server::read_body_within(req, limit, MAX_BODY).await {
+/// connection and its slot under `max_connections` for ever. Bodies are small JSON
+/// (at most [`MAX_BODY`], [`MAX_PUBLIC_BODY`] where no secret is checked first);
+/// handlers read the buffered copy. Late: 408; over the limit: 413; cut off: 400;
+/// each closes the connection.
+async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next) -> Response {
+    let refused = match server::read_body_within(req, rule.within, rule.max).await {
         Ok(req) => return next.run(req).await,
         Err(server::BodyFailure::Late) => ApiError::BodyTimeout,
         Err(server::BodyFailure::TooLarge) => ApiError::TooLarge,
@@ -790,15 +848,13 @@ impl Coordinator {
         tasks.spawn(health::run(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;
-        let limits = server::Limits {
-            header_read: Duration::from_secs(c.header_read_timeout_secs.clamp(1, 3600)),
-            idle: Duration::from_secs(c.idle_timeout_secs.clamp(1, 86_400)),
-            max_connections: server::effective_cap(
-                c.max_connections.max(1),
-                "[coordinator] max_connections",
-                1,
-            ),
-        };
+        let limits = server::Limits::from_config(
+            "coordinator",
+            c.header_read_timeout_secs,
+            c.idle_timeout_secs,
+            c.max_connections,
+            1,
+        );
         let metrics = state.server.clone();
         let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
         tasks.abort_all();

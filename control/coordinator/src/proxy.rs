@@ -84,22 +84,11 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The caller's secret was checked before the body was read (`conf_auth`).
 pub(super) async fn conf(
     Extract(state): Extract<Arc<State>>,
-    headers: HeaderMap,
     Body(body): Body<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state
-        .config
-        .coordinator
-        .allow_unauthorized_configure_request
-        && headers
-            .get("x-backendai-token")
-            .and_then(|v| v.to_str().ok())
-            != Some(state.config.secrets.api_secret.as_str())
-    {
-        return Err(ApiError::Unauthorized);
-    }
     validate_conf(&body)?;
     appproxy_shared::middleware::note_access_key(
         body["session"]["access_key"].as_str().unwrap_or_default(),

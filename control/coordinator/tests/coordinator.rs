@@ -1391,8 +1391,8 @@ fn api_connections_are_bounded_in_time_and_number() {
 
 /// A request body must arrive whole within `body_read_timeout_secs` of its head. The
 /// idle timer does not run while a request is in flight, so before this a body that
-/// never came held its connection for ever, without credentials (`POST /v2/conf`
-/// reads its body before it checks the token): enough of them filled
+/// never came held its connection for ever, without credentials (`POST
+/// /v2/proxy/auth` takes its token in the body): enough of them filled
 /// `max_connections` and stalled the cluster's control plane.
 #[test]
 fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() {
@@ -1423,10 +1423,22 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
         let mut held: Vec<TcpStream> = ["/v2/conf", "/v2/proxy/auth", "/api/worker"]
             .iter()
             .map(|path| {
-                let mut s = TcpStream::connect(c.addr).expect("connect");
-                s.write_all(head(path, *path == "/api/worker").as_bytes())
-                    .expect("send");
-                s
+                // A slot of the previous round may not be free yet when its client
+                // has seen the close (the server closes before its task ends): a
+                // connection closed at once, unanswered, is tried again.
+                for _ in 0..100 {
+                    let mut s = TcpStream::connect(c.addr).expect("connect");
+                    s.write_all(head(path, *path != "/v2/proxy/auth").as_bytes())
+                        .expect("send");
+                    s.set_read_timeout(Some(Duration::from_millis(200)))
+                        .expect("timeout");
+                    // Held: nothing within 200 ms (the 408 comes after 1 s).
+                    if s.peek(&mut [0u8; 1]).is_err() {
+                        return s;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                panic!("{path}: no free slot")
             })
             .collect();
         for s in &mut held {
@@ -1450,7 +1462,7 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
     // A body that trickles (a byte every 100 ms: 10 s for 100 bytes) is cut off at
     // the deadline, not served at the pace the client chooses.
     let mut s = TcpStream::connect(c.addr).expect("connect");
-    s.write_all(head("/v2/conf", false).as_bytes())
+    s.write_all(head("/v2/proxy/auth", false).as_bytes())
         .expect("send");
     let mut writer = s.try_clone().expect("clone");
     let trickle = std::thread::spawn(move || {
@@ -1492,6 +1504,112 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
     assert!(text.contains("slow-1"), "{text}");
     // The same server still serves others.
     let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.status, 200);
+}
+
+/// What a caller without the API secret can make the coordinator hold. Before this,
+/// `POST /v2/conf` read its body (up to 2 MiB) before it checked the token, every
+/// public route took 2 MiB, and hyper buffered heads of up to ~400 KiB: with 4096
+/// connections, gigabytes held by callers who need no credentials. Now `/v2/conf`
+/// checks its secret first, public bodies stop at 64 KiB, heads at 64 KiB.
+#[test]
+fn callers_without_the_secret_cannot_make_the_coordinator_buffer_much() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "body_read_timeout_secs = 30\nheader_read_timeout_secs = 600",
+    );
+    // Sends `raw`, then reads the answer until the server closes; (text, whether it
+    // closed) within 20 s (the body deadline is 30 s: an answer that waited for the
+    // body would not come in time).
+    let exchange = |raw: &[u8]| {
+        let mut s = TcpStream::connect(c.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        // The server may answer and close before it has read all of `raw`.
+        let _ = s.write_all(raw);
+        let mut got = Vec::new();
+        let closed = s.read_to_end(&mut got).is_ok();
+        (String::from_utf8_lossy(&got).into_owned(), closed)
+    };
+    // `/v2/conf` with no token, a wrong one, a `Bearer` form (the wire allows none)
+    // or an empty one: 401 at once, before the announced body, and closed.
+    for token in [
+        None,
+        Some("wrong"),
+        Some(&*format!("Bearer {SECRET}")),
+        Some(""),
+    ] {
+        let header = token.map_or(String::new(), |t| format!("X-BackendAI-Token: {t}\r\n"));
+        let (text, closed) = exchange(
+            format!("POST /v2/conf HTTP/1.1\r\nHost: t\r\n{header}Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{")
+                .as_bytes(),
+        );
+        assert!(text.starts_with("HTTP/1.1 401"), "{token:?}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        assert!(closed, "{token:?}: the connection is closed");
+    }
+    // A public body announced over 64 KiB: 413 before it is read; one that comes
+    // chunked is cut at 64 KiB.
+    let (text, closed) = exchange(
+        b"POST /v2/proxy/auth HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 70000\r\n\r\n{",
+    );
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"code\":\"request-too-large\""), "{text}");
+    assert!(closed);
+    let mut chunked =
+        b"POST /v2/proxy/auth HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..20 {
+        chunked.extend_from_slice(b"1000\r\n");
+        chunked.extend(std::iter::repeat_n(b' ', 0x1000));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    let (text, closed) = exchange(&chunked);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(closed);
+    // A head over 64 KiB (one long field, never ended): 431 and closed, long before
+    // the head timer (600 s). When the server closes with the rest of the head
+    // unread, the reset may take the 431 with it.
+    let mut long = b"GET /status HTTP/1.1\r\nHost: t\r\nX-Pad: ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 80 << 10));
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    let _ = s.write_all(&long);
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let ended = match s.read_to_end(&mut got) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    let text = String::from_utf8_lossy(&got);
+    assert!(ended, "closed by the server: {text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+    // What callers do send still works: a registration by `/v2/conf` with the
+    // secret, the circuit by `POST /v2/proxy/auth` with its JSON body, a head
+    // of 48 KiB.
+    let token = setup(&c);
+    let body = format!(
+        r#"{{"token":"{token}","session_id":"{SESSION}","app":"jupyter","protocol":"http"}}"#
+    );
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/proxy/auth",
+        &[("Accept", "application/json")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let pad = "a".repeat(48 << 10);
+    let r = request(c.addr, "GET", "/status", &[("X-Pad", &pad)], "");
     assert_eq!(r.status, 200);
 }
 

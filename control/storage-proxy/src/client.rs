@@ -31,6 +31,11 @@ use rustix::fs::{AtFlags, FileType, OFlags};
 
 use super::{blocking, fsx, quota, ApiError, ApiQuery, State};
 
+/// The longest request head the client API reads (what hyper takes by default):
+/// download tokens travel in the query, and an archive token lists its paths.
+/// Archive tokens that would not fit are refused when they are made.
+pub const MAX_HEAD: usize = 408 << 10;
+
 /// The client-facing router.
 pub fn router(state: Arc<State>) -> Router {
     Router::new()

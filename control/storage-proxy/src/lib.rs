@@ -454,22 +454,26 @@ pub async fn serve(
     // Both APIs: heads and idle connections timed, connections capped (each API
     // its own cap; together they stay below the descriptor limit).
     let s = &config.storage;
-    let limits = server::Limits {
-        header_read: Duration::from_secs(s.header_read_timeout_secs.clamp(1, 3600)),
-        idle: Duration::from_secs(s.idle_timeout_secs.clamp(1, 86_400)),
-        max_connections: server::effective_cap(
-            s.max_connections.max(1),
-            "[storage] max_connections",
-            2,
-        ),
+    let limits = server::Limits::from_config(
+        "storage",
+        s.header_read_timeout_secs,
+        s.idle_timeout_secs,
+        s.max_connections,
+        2,
+    );
+    // Client heads carry download tokens in the query, and an archive token lists
+    // its files: they may be as long as hyper has always taken.
+    let limits_c = server::Limits {
+        max_head: client::MAX_HEAD,
+        ..limits.clone()
     };
-    let (limits_m, metrics_m) = (limits.clone(), state.metrics.manager_api.clone());
+    let metrics_m = state.metrics.manager_api.clone();
     let m = tokio::spawn(async move {
-        server::serve(manager, manager_app, limits_m, metrics_m, wait(rx_m)).await
+        server::serve(manager, manager_app, limits, metrics_m, wait(rx_m)).await
     });
     let metrics_c = state.metrics.client_api.clone();
     let c = tokio::spawn(async move {
-        server::serve(client, client_app, limits, metrics_c, wait(rx_c)).await
+        server::serve(client, client_app, limits_c, metrics_c, wait(rx_c)).await
     });
     let cleanup = tokio::spawn(cleanup_loop(
         state.clone(),

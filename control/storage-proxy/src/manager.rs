@@ -70,9 +70,7 @@ pub fn router(state: Arc<State>) -> Router {
 async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
     match req.headers().get("x-backendai-storage-auth-token") {
         None => ApiError::MissingToken.into_response(),
-        Some(v)
-            if v.as_bytes() != state.manager_token.as_bytes() || state.manager_token.is_empty() =>
-        {
+        Some(v) if !server::secret_matches(v.as_bytes(), state.manager_token.as_bytes()) => {
             ApiError::InvalidToken.into_response()
         }
         // Past the token: the body (small JSON) is read whole within its deadline, so
@@ -979,6 +977,15 @@ async fn archive_download_token(
         &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
         &state.session_secret,
     );
+    // The token travels in the download's query: one that would not fit the client
+    // API's head limit is refused here, with a reason, rather than with a 431 later.
+    let room = super::client::MAX_HEAD - 8192;
+    if token.len() > room {
+        return Err(ApiError::Params(format!(
+            "files: the token for these paths would be {} bytes, more than the {room} a download URL may carry; list fewer paths or their parent directory",
+            token.len()
+        )));
+    }
     Ok(Json(json!({"token": token})))
 }
 

@@ -153,3 +153,73 @@ fn a_manager_body_that_stalls_is_answered_408_and_closed() {
     assert!(text.starts_with("HTTP/1.1 204"), "{text}");
     assert!(p.vfolder_path().is_dir(), "the folder was created");
 }
+
+/// Heads are bounded per API: the manager API's (a token, a request ID) at 64 KiB,
+/// the client API's at hyper's ~408 KiB, since download tokens travel in the query.
+/// An archive token too long for that is refused when it is made, with a reason,
+/// rather than with a 431 when the browser follows it.
+#[test]
+fn heads_are_bounded_per_api_and_archive_tokens_fit_their_url() {
+    // The head timer far away: a connection closed before it is the limit's doing.
+    let p = Proxy::start("header_read_timeout_secs = 600");
+    storage_common::create_folder(&p);
+    // A head of `pad` bytes in one field to `addr`; the status line of the answer.
+    let status_with = |addr, path: &str, pad: usize| {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(pad)
+        );
+        // A refused head may be answered before it is all sent.
+        let _ = s.write_all(head.as_bytes());
+        s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+        let mut raw = Vec::new();
+        match s.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{addr}: {pad} bytes: not closed by the server ({e})"),
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    // Refused: 431, or, when the server closed with the rest of the head unread, a
+    // reset that took the 431 with it; either way closed long before the head timer.
+    let refused = |status: String| status.is_empty() || status.starts_with("HTTP/1.1 431");
+    assert!(status_with(p.manager, "/status", 48 << 10).starts_with("HTTP/1.1 200"));
+    // (hyper refuses a head still incomplete once 64 KiB are buffered; one read may
+    // take a complete one past that, up to twice the limit.)
+    let s = status_with(p.manager, "/status", 200 << 10);
+    assert!(refused(s.clone()), "{s}");
+    assert!(status_with(p.client, "/", 300 << 10).starts_with("HTTP/1.1 200"));
+    let s = status_with(p.client, "/", 1 << 20);
+    assert!(refused(s.clone()), "{s}");
+    // 3,000 paths of 150 bytes: a token of ~600 KiB, which no download URL carries.
+    let long: Vec<String> = (0..3000).map(|i| format!("{i:0>150}")).collect();
+    let r = p.manager(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": long}),
+        None,
+    );
+    let text = String::from_utf8_lossy(&r.body[..r.body.len().min(300)]);
+    assert_eq!(r.status, 400, "{text}");
+    assert!(text.contains("list fewer paths"), "{text}");
+    // 200 such paths (~40 KiB) make a token whose URL is served.
+    for name in &long[..200] {
+        std::fs::write(p.vfolder_path().join(name), b"x").expect("file");
+    }
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": &long[..200]}),
+    );
+    assert!(token.len() > 40_000, "{}", token.len());
+    let r = appproxy_test_support::http::request_within(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+}
