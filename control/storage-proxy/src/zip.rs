@@ -147,6 +147,50 @@ pub fn stream_items(
 /// Entry names past this are left out: a zip header says a name's length in 16 bits.
 const MAX_NAME: usize = u16::MAX as usize;
 
+/// Appends one path component to an entry name as the zip format wants it: UTF-8
+/// (invalid bytes become U+FFFD, as flag bit 11 promises UTF-8), and a backslash —
+/// legal in a Linux file name, but a path separator to Windows extractors — as `_`.
+/// A vfolder user can name a file `..\..\startup\x.bat`; written as it is, a project
+/// member who downloads the folder on Windows would extract it outside the target
+/// directory (zip slip). Returns whether the component had to change.
+fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
+    let text = name.to_string_lossy();
+    let mut changed = matches!(text, std::borrow::Cow::Owned(_));
+    for b in text.bytes() {
+        if b == b'\\' {
+            out.push(b'_');
+            changed = true;
+        } else {
+            out.push(b);
+        }
+    }
+    changed
+}
+
+/// The entry name of a path beneath the vfolder (components joined by `/`).
+fn entry_name(parts: &[std::ffi::OsString]) -> Vec<u8> {
+    let mut name = Vec::new();
+    let mut changed = false;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            name.push(b'/');
+        }
+        changed |= push_component(&mut name, part);
+    }
+    if changed {
+        note_renamed(&name);
+    }
+    name
+}
+
+/// Logs an entry whose name was changed to be safe to extract.
+fn note_renamed(name: &[u8]) {
+    tracing::warn!(
+        entry = %String::from_utf8_lossy(name),
+        "archive entry name had a backslash or bytes that are not UTF-8: written with `_` / U+FFFD"
+    );
+}
+
 /// Archives a directory's tree as the walk goes (see `fsx::walk`): regular files
 /// and empty directories, nothing else; `names` is the current entry-name prefix.
 struct Walker<'w, 'a> {
@@ -159,10 +203,13 @@ struct Walker<'w, 'a> {
 
 impl Walker<'_, '_> {
     /// The entry name of `name` in the current directory, or `None` (logged) when it
-    /// is too long for a zip header.
-    fn name(&self, name: &std::ffi::OsStr, dir: bool) -> Option<Vec<u8>> {
+    /// is too long for a zip header. A name changed to be safe is logged when `note`
+    /// (once per entry: a directory's name is first only checked).
+    fn name(&self, name: &std::ffi::OsStr, dir: bool, note: bool) -> Option<Vec<u8>> {
         let mut full = self.names.clone();
-        full.extend_from_slice(name.to_string_lossy().as_bytes());
+        if push_component(&mut full, name) && note {
+            note_renamed(&full);
+        }
         if dir {
             full.push(b'/');
         }
@@ -186,9 +233,9 @@ impl fsx::Visitor for Walker<'_, '_> {
     ) -> std::io::Result<bool> {
         match e.kind() {
             FileType::Directory => Ok(!(depth == 0 && self.skip_staging && e.name == ".upload")
-                && self.name(&e.name, true).is_some()),
+                && self.name(&e.name, true, false).is_some()),
             FileType::RegularFile => {
-                let Some(name) = self.name(&e.name, false) else {
+                let Some(name) = self.name(&e.name, false, true) else {
                     return Ok(false);
                 };
                 // Swapped for anything else since it was listed: left out.
@@ -207,7 +254,7 @@ impl fsx::Visitor for Walker<'_, '_> {
         name: &std::ffi::OsStr,
         empty: bool,
     ) -> std::io::Result<()> {
-        let full = self.name(name, true).unwrap_or_default();
+        let full = self.name(name, true, true).unwrap_or_default();
         self.lens.push(self.names.len());
         self.names = full;
         if empty {
@@ -432,10 +479,7 @@ impl<'a> Writer<'a> {
                         }
                         Err(e) => return Err(e),
                     };
-                    let mut name = fsx::join(&parts)
-                        .to_string_lossy()
-                        .into_owned()
-                        .into_bytes();
+                    let mut name = entry_name(&parts);
                     if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
                         == FileType::Directory
                     {

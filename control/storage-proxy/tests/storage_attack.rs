@@ -1071,3 +1071,49 @@ fn slow_and_silent_connections_are_closed() {
     let _ = s.read_to_end(&mut rest);
     assert!(rest.len() < 256 << 20, "cut off, not served whole");
 }
+
+/// A vfolder user names files with backslashes (legal on Linux): `..\..\x.bat`
+/// inside a directory `a\b`. Windows extractors take a backslash in an entry name
+/// as a path separator, so a project member who downloaded the folder on Windows
+/// would have written `x.bat` outside the directory they extracted to. Entry names
+/// carry `_` for a backslash, in walked directories and in listed paths alike; a
+/// name that is not UTF-8 is written with U+FFFD, as the UTF-8 flag promises.
+#[test]
+fn archive_entry_names_never_carry_a_backslash() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("w").join("a\\b")).expect("dirs");
+    std::fs::write(vf.join("w").join("a\\b").join("..\\..\\x.bat"), b"evil").expect("file");
+    std::fs::write(
+        vf.join("w")
+            .join(std::ffi::OsStr::from_bytes(b"bad\xffname")),
+        b"x",
+    )
+    .expect("file");
+    // The directory walked (a directory with entries has none of its own).
+    let r = p.download("w", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    let mut names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    names.sort();
+    assert_eq!(names, ["'a_b/.._.._x.bat'", "'bad\u{fffd}name'"]);
+    // Paths listed in a token.
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["w/a\\b"]}),
+    );
+    let r = appproxy_test_support::http::request_within(
+        p.client,
+        "GET",
+        &format!("/download-archive?token={token}"),
+        &[],
+        b"",
+        Duration::from_secs(20),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+    let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    assert_eq!(names, ["'w/a_b/.._.._x.bat'"], "{names:?}");
+    assert!(p.log().contains("archive entry name had a backslash"));
+}
