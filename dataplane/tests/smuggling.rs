@@ -277,6 +277,38 @@ fn http10_without_host_reaches_the_app_with_one() {
     assert_eq!(hosts, 1);
 }
 
+/// The worker routes and checks access by `Host`; an absolute-form target naming
+/// another authority would reach an app that reads it as a request for something
+/// else than what was routed. It is refused; one naming the `Host` itself (which a
+/// server must accept) reaches the app in origin-form; bare targets are refused.
+#[test]
+fn request_targets_reach_the_app_in_origin_form_or_not_at_all() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    for (target, host) in [
+        ("http://elsewhere.example/stolen", "t"),
+        ("stolen", "t"),
+        ("http://t", "t"),
+    ] {
+        let mut c = Client::connect(w.addr());
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+        assert_eq!(r.json()["code"], "malformed_request", "{target}");
+    }
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET HTTP://T/kept?q=1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/kept?q=1");
+    assert!(
+        app.seen().iter().all(|s| !s.path.contains("stolen")),
+        "{:?}",
+        app.seen()
+    );
+    assert_eq!(app.request("/kept?q=1").method, "GET");
+}
+
 #[test]
 fn spoofable_client_address_headers_are_replaced() {
     let app = LenientApp::start();

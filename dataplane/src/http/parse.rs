@@ -169,6 +169,50 @@ fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// The request target as the app gets it (RFC 9112 §3.2): origin-form as it is; `*`
+/// for `OPTIONS`; absolute-form (`http://host/path`, which a server must accept)
+/// narrowed to its path and query, when its authority is the `Host` field's value
+/// (case aside) — the worker routes and checks access by `Host`, so a target naming
+/// another authority would reach an app that reads it as a request for something
+/// else than what was routed; and a path must follow the authority. Anything else
+/// (a bare or authority-form target) is a 400. `CONNECT` passes here and is refused
+/// by the caller with its own reason. An HTTP/2 `:path` is checked the same way
+/// before its head is rendered (origin-form only).
+fn request_target(
+    buf: &[u8],
+    target: Range<usize>,
+    method: &str,
+    host: Option<&Range<usize>>,
+) -> Result<Range<usize>, RequestError> {
+    let t = &buf[target.clone()];
+    if t.first() == Some(&b'/') || method == "CONNECT" || (t == b"*" && method == "OPTIONS") {
+        return Ok(target);
+    }
+    let scheme_len = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        7
+    } else if t.len() > 8 && t[..8].eq_ignore_ascii_case(b"https://") {
+        8
+    } else {
+        return Err(RequestError::Malformed("request target"));
+    };
+    let rest = &t[scheme_len..];
+    let authority_len = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let authority = &rest[..authority_len];
+    let same_host = host.is_some_and(|h| buf[h.clone()].eq_ignore_ascii_case(authority));
+    if authority.is_empty() || !same_host {
+        return Err(RequestError::Malformed(
+            "request target names another host than Host",
+        ));
+    }
+    if rest.get(authority_len) != Some(&b'/') {
+        return Err(RequestError::Malformed("request target"));
+    }
+    Ok(target.start + scheme_len + authority_len..target.end)
+}
+
 /// Case-insensitive comparison of an ASCII header name.
 pub fn name_is(name: &[u8], want: &str) -> bool {
     name.eq_ignore_ascii_case(want.as_bytes())
@@ -369,6 +413,7 @@ pub fn parse_request_reusing(
     if host_count > 1 || (version == Version::Http11 && host_count == 0) {
         return Err(RequestError::BadHost);
     }
+    let target = request_target(buf, offset(buf, path.as_bytes()), method, host.as_ref())?;
     if scan.bad_content_length {
         return Err(RequestError::InvalidContentLength);
     }
@@ -403,7 +448,7 @@ pub fn parse_request_reusing(
     Ok(Some(RequestHead {
         method: Method::from_token(method),
         method_raw: offset(buf, method.as_bytes()),
-        target: offset(buf, path.as_bytes()),
+        target,
         version,
         headers,
         head_len,

@@ -110,6 +110,24 @@ fn request_refusal_table() {
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
         (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n", RequestError::ExpectationFailed, 417),
         (b"G\0T / HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("invalid method or target"), 400),
+        // Targets: bare, authority-form, `*` other than for OPTIONS, absolute-form
+        // naming another host, with no path, with userinfo, or of another scheme.
+        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
+        (b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
+        (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
+        (b"GET http://b/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http://a:80/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http://u@a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http://a/x HTTP/1.0\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
+        (b"GET http://a?q HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
+        (b"GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
     ];
     for (input, want, status) in cases {
         let got = req(input).err();
@@ -120,6 +138,32 @@ fn request_refusal_table() {
             String::from_utf8_lossy(&input[..input.len().min(80)])
         );
         assert_eq!(want.status(), status);
+    }
+}
+
+/// Absolute-form targets whose authority is the `Host` reach the app in
+/// origin-form; `*` for OPTIONS and origin-form as they are.
+#[test]
+fn request_targets_reach_the_app_in_origin_form() {
+    for (input, want) in [
+        (
+            &b"GET http://a/x?q=1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            &b"/x?q=1"[..],
+        ),
+        (
+            b"GET HTTPS://App.Example:8443/ HTTP/1.1\r\nHost: app.example:8443\r\n\r\n",
+            b"/",
+        ),
+        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", b"*"),
+        (b"GET /http://b/ HTTP/1.1\r\nHost: a\r\n\r\n", b"/http://b/"),
+    ] {
+        let head = req(input).expect("valid").expect("complete");
+        assert_eq!(
+            &input[head.target.clone()],
+            want,
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
     }
 }
 
