@@ -152,6 +152,148 @@ pub fn check_bearer(
     }
 }
 
+/// A browser origin as the cross-origin guard compares it: scheme and host in lower
+/// case, the host without a trailing dot, the port explicit when the scheme has a
+/// default (`http` 80, `https` 443).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    /// Parses a serialized origin, `scheme://host[:port]` (RFC 6454 §6.2): no
+    /// userinfo, path, query or fragment. `null` (the origin of sandboxed frames,
+    /// `data:` pages, some redirects) is no origin: `None`, as is anything malformed.
+    pub fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text.trim_ascii()).ok()?;
+        let (scheme, rest) = text.split_once("://")?;
+        let valid_scheme = scheme.as_bytes().first()?.is_ascii_alphabetic()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+        if !valid_scheme {
+            return None;
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let (host, port) = authority(rest)?;
+        Some(Self {
+            port: port.or(default_port(&scheme)),
+            scheme,
+            host,
+        })
+    }
+}
+
+/// The default port of a web scheme.
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.host)?;
+        match self.port {
+            Some(p) => write!(f, ":{p}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `host[:port]`, of a `Host` value or an origin: the host in lower case without a
+/// trailing dot (`[v6]` kept in its brackets), the port when one is written (an
+/// empty one is none). `None` when the text is not of that shape.
+fn authority(text: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => {
+            let end = rest.find(']')?;
+            let v6 = &rest[..end];
+            if v6.is_empty()
+                || !v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return None;
+            }
+            let port = match &rest[end + 1..] {
+                "" => None,
+                after => Some(after.strip_prefix(':')?),
+            };
+            (&text[..end + 2], port)
+        }
+        None => match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        },
+    };
+    let port = match port {
+        None | Some("") => None,
+        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok()?)
+        }
+        Some(_) => return None,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let name_ok = host.starts_with('[')
+        || host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if host.is_empty() || !name_ok {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// The refusal of a cross-origin request.
+pub const CROSS_ORIGIN: Refused = refused(403, "cross_origin", "cross-origin request refused");
+
+/// The cross-site request guard of a request the permit cookie admitted: the
+/// browser attaches the cookie to requests any same-site page makes (every app of the
+/// worker is same-site to every other), so the `Origin` it sends says whose page
+/// asked. No `Origin` (non-browser clients, navigations, plain subresource loads):
+/// admitted. Exactly one `Origin` that is one of `allowed`, or an `http`/`https`
+/// origin naming the host and port the request is addressed to (`host`: its `Host`
+/// or `:authority`; a `host` without a port names the default port of the origin's
+/// scheme, as browsers leave it out of both): admitted. The scheme is not compared
+/// otherwise (behind a TLS-terminating balancer the worker cannot tell which one the
+/// browser spoke; one host and port is one frontend). Anything else — another host
+/// or port, `null`, a malformed value, two `Origin` fields, no `host` — is refused.
+pub fn check_origin<'a>(
+    mut origins: impl Iterator<Item = &'a [u8]>,
+    host: Option<&[u8]>,
+    allowed: &[Origin],
+) -> Result<(), Refused> {
+    let Some(first) = origins.next() else {
+        return Ok(());
+    };
+    if origins.next().is_some() {
+        return Err(CROSS_ORIGIN);
+    }
+    let origin = Origin::parse(first).ok_or(CROSS_ORIGIN)?;
+    if allowed.contains(&origin) {
+        return Ok(());
+    }
+    let Some(default) = default_port(&origin.scheme) else {
+        return Err(CROSS_ORIGIN);
+    };
+    let own = host
+        .and_then(|h| std::str::from_utf8(h.trim_ascii()).ok())
+        .and_then(authority);
+    match own {
+        Some((host, port))
+            if host == origin.host && Some(port.unwrap_or(default)) == origin.port =>
+        {
+            Ok(())
+        }
+        _ => Err(CROSS_ORIGIN),
+    }
+}
+
 /// Whether the header fields of an `OPTIONS` request make it a genuine CORS
 /// preflight, the one request a private circuit lets through without credentials
 /// (browsers send preflights without cookies or `Authorization`): exactly one
@@ -318,6 +460,115 @@ mod tests {
             URL_SAFE_NO_PAD.encode(format!("{{\"id\":\"{circuit}\"}}").as_bytes())
         );
         assert_eq!(code(Some(&format!("Bearer {none}"))), "E20006");
+    }
+
+    #[test]
+    fn origins_parse_and_normalise() {
+        let show = |t: &str| Origin::parse(t.as_bytes()).map(|o| o.to_string());
+        assert_eq!(
+            show("https://A.Example.COM").as_deref(),
+            Some("https://a.example.com:443")
+        );
+        assert_eq!(
+            show("HTTP://a.example:80").as_deref(),
+            Some("http://a.example:80")
+        );
+        assert_eq!(
+            show("http://a.example.:8080").as_deref(),
+            Some("http://a.example:8080")
+        );
+        assert_eq!(
+            show("http://[::1]:8888").as_deref(),
+            Some("http://[::1]:8888")
+        );
+        assert_eq!(
+            show("chrome-extension://abc").as_deref(),
+            Some("chrome-extension://abc")
+        );
+        for bad in [
+            "null",
+            "",
+            "a.example",
+            "https://",
+            "https://a.example/",
+            "https://a.example/path",
+            "https://user@a.example",
+            "https://a.example:99999",
+            "https://a.example:+80",
+            "https://a.example:x",
+            "https://a example",
+            "https://[zz]:1",
+            "1http://a.example",
+            "https://a.example?x",
+        ] {
+            assert_eq!(show(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_origin_must_be_the_addressed_host_and_port() {
+        let check = |origins: &[&str], host: Option<&str>, allowed: &[&str]| {
+            let allowed: Vec<Origin> = allowed
+                .iter()
+                .map(|a| Origin::parse(a.as_bytes()).expect("allowed origin"))
+                .collect();
+            check_origin(
+                origins.iter().map(|o| o.as_bytes()),
+                host.map(str::as_bytes),
+                &allowed,
+            )
+            .is_ok()
+        };
+        let h = Some("jupyter.apps.example.com");
+        assert!(check(&[], h, &[]));
+        assert!(check(&[], None, &[]));
+        assert!(check(&["https://jupyter.apps.example.com"], h, &[]));
+        assert!(check(&["http://jupyter.apps.example.com"], h, &[]));
+        assert!(check(&["https://jupyter.apps.example.com:443"], h, &[]));
+        assert!(check(
+            &["https://JUPYTER.apps.example.com"],
+            Some("Jupyter.Apps.Example.Com:443"),
+            &[]
+        ));
+        assert!(check(
+            &["https://jupyter.apps.example.com"],
+            Some("jupyter.apps.example.com.:443"),
+            &[]
+        ));
+        assert!(check(&["http://proxy:10205"], Some("proxy:10205"), &[]));
+        assert!(check(&["https://proxy:10205"], Some("proxy:10205"), &[]));
+        assert!(check(&["http://[::1]:10205"], Some("[::1]:10205"), &[]));
+        assert!(!check(&["https://evil.apps.example.com"], h, &[]));
+        assert!(!check(&["https://jupyter.apps.example.com:8443"], h, &[]));
+        assert!(!check(&["http://jupyter.apps.example.com:443"], h, &[]));
+        assert!(!check(&["http://proxy:10206"], Some("proxy:10205"), &[]));
+        assert!(!check(&["http://proxy"], Some("proxy:10205"), &[]));
+        assert!(!check(&["http://proxy:10205"], Some("proxy"), &[]));
+        assert!(!check(&["null"], h, &[]));
+        assert!(!check(&[""], h, &[]));
+        assert!(!check(&["jupyter.apps.example.com"], h, &[]));
+        assert!(!check(&["https://jupyter.apps.example.com"], None, &[]));
+        assert!(!check(
+            &["https://jupyter.apps.example.com"],
+            Some("bad host"),
+            &[]
+        ));
+        assert!(!check(&["ftp://jupyter.apps.example.com"], h, &[]));
+        assert!(!check(
+            &[
+                "https://jupyter.apps.example.com",
+                "https://jupyter.apps.example.com"
+            ],
+            h,
+            &[]
+        ));
+        // Extra origins, compared whole (scheme included, default port normalised).
+        let console = &["https://console.example.com"];
+        assert!(check(&["https://console.example.com:443"], h, console));
+        assert!(check(&["https://Console.example.com"], h, console));
+        assert!(!check(&["http://console.example.com"], h, console));
+        assert!(!check(&["https://console.example.com:8443"], h, console));
+        assert!(!check(&["null"], h, console));
     }
 
     #[test]

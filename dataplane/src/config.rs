@@ -89,6 +89,10 @@ pub struct WorkerSection {
     pub wildcard_traffic_port: Option<u16>,
     /// Peers (CIDRs) whose `X-Forwarded-*` headers are trusted.
     pub trusted_proxies: Vec<String>,
+    /// Origins (`https://console.example.com`, exact) whose pages may send requests
+    /// with the permit cookie to any interactive circuit, besides the circuit's own
+    /// origin (the cross-origin guard, docs/dataplane.md "Access control").
+    pub allowed_origins: Vec<String>,
     /// UUID version of generated request IDs.
     pub request_id_version: IdVersion,
     /// Listen backlog of every frontend socket.
@@ -133,6 +137,7 @@ impl Default for WorkerSection {
             wildcard_domain: None,
             wildcard_traffic_port: None,
             trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
             request_id_version: IdVersion::V4,
             backlog: 1024,
             ws_message_ids: WsMessageIds::Session,
@@ -767,6 +772,8 @@ pub struct Runtime {
     pub io_memory: usize,
     /// Trusted proxy networks.
     pub trusted_proxies: Vec<IpNet>,
+    /// Origins admitted by the cross-origin guard besides each circuit's own.
+    pub allowed_origins: Vec<crate::auth::Origin>,
     /// UUID version of generated IDs.
     pub id_version: IdVersion,
     /// Access log on/off.
@@ -1158,6 +1165,18 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let allowed_origins = self
+            .worker
+            .allowed_origins
+            .iter()
+            .map(|s| {
+                crate::auth::Origin::parse(s.as_bytes()).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "[worker] allowed_origins: {s:?} is not an origin: write scheme://host or scheme://host:port, without a path (\"null\" is not accepted: every sandboxed page sends it)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let circuits = self.resolve_circuits(&self.circuits)?;
         let tls = self.tls()?;
         let upstream_tls = crate::tls::Upstream::load(self.upstream.tls_ca.as_deref())
@@ -1206,6 +1225,7 @@ impl Config {
                 .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,
+            allowed_origins,
             id_version: self.worker.request_id_version,
             access_log: self.logging.access_log,
             ws_message_ids: self.worker.ws_message_ids,
@@ -1336,7 +1356,9 @@ mod tests {
         // The resource bounds are on by default and shown by --print-default-config.
         assert!(rt.body_idle_timeout <= Duration::from_secs(60));
         assert!(rt.min_body_rate > 0);
+        assert!(rt.allowed_origins.is_empty());
         for key in [
+            "allowed_origins = []",
             "max_connections_per_core = 0",
             "min_body_rate = 500",
             "max_connections_per_route = 10240",
@@ -1372,6 +1394,15 @@ mod tests {
             ("[worker]\nnope = 1\n", "unknown field"),
             ("[timeouts]\nhead_secs = 0\n", "head_secs"),
             ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
+            (
+                "[worker]\nallowed_origins = [\"https://console.example.com/\"]\n",
+                "[worker] allowed_origins: \"https://console.example.com/\" is not an origin",
+            ),
+            ("[worker]\nallowed_origins = [\"null\"]\n", "allowed_origins"),
+            (
+                "[worker]\nallowed_origins = [\"console.example.com\"]\n",
+                "allowed_origins",
+            ),
             (
                 "[coordinator]\nurl = \"http://c\"\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\nopen_to_public = true\n",
                 "managed mode",

@@ -216,3 +216,460 @@ fn ip_allowlist_with_and_without_trusted_proxies() {
         "a chain from a trusted one-hop proxy is refused"
     );
 }
+
+/// The permit as a browser sends it.
+fn permit_cookie() -> String {
+    format!(
+        "Cookie: appproxy_permit=\"{}\"\r\n",
+        permit_value(
+            "PERMIT_HASH_SECRET",
+            &USER.parse().expect("uuid"),
+            PermitDigest::Sha256
+        )
+    )
+}
+
+const INTERACTIVE: &str = "open_to_public = false\napp_mode = \"interactive\"";
+
+/// The two requests a hostile page makes with the victim's cookie: a WebSocket
+/// handshake (a terminal, a kernel's channels) and a POST (a form, or `fetch`).
+fn hostile(kind: &str, host: &str, fields: &str) -> Vec<u8> {
+    match kind {
+        "websocket" => format!(
+            "GET /terminals/websocket/1 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{fields}\r\n"
+        ),
+        _ => format!(
+            "POST /api/kernels HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 9\r\n{fields}\r\nname=evil"
+        ),
+    }
+    .into_bytes()
+}
+
+/// `(what, Host, Origin fields, admitted)` for a circuit addressed as
+/// `proxy.test:{port}` (port mode: any `Host` reaches it).
+fn origin_table(port: u16) -> Vec<(&'static str, String, String, bool)> {
+    let o = |v: &str| format!("Origin: {v}\r\n");
+    vec![
+        (
+            "no Origin",
+            format!("proxy.test:{port}"),
+            String::new(),
+            true,
+        ),
+        (
+            "same origin",
+            format!("proxy.test:{port}"),
+            o(&format!("http://proxy.test:{port}")),
+            true,
+        ),
+        (
+            "same host and port, the other scheme (a TLS terminator in front)",
+            format!("proxy.test:{port}"),
+            o(&format!("https://proxy.test:{port}")),
+            true,
+        ),
+        (
+            "same origin in upper case",
+            format!("Proxy.Test:{port}"),
+            o(&format!("HTTP://PROXY.TEST:{port}")),
+            true,
+        ),
+        (
+            "default port left out of Host",
+            "proxy.test".into(),
+            o("https://proxy.test:443"),
+            true,
+        ),
+        (
+            "default port left out of both",
+            "proxy.test".into(),
+            o("https://proxy.test"),
+            true,
+        ),
+        (
+            "default port written in Host",
+            "proxy.test:80".into(),
+            o("http://proxy.test"),
+            true,
+        ),
+        (
+            "another subdomain (another app)",
+            format!("term.apps.test:{port}"),
+            o(&format!("http://evil.apps.test:{port}")),
+            false,
+        ),
+        (
+            "another host",
+            format!("proxy.test:{port}"),
+            o(&format!("http://evil.test:{port}")),
+            false,
+        ),
+        (
+            "another port (another app)",
+            format!("proxy.test:{port}"),
+            o(&format!("http://proxy.test:{}", port + 1)),
+            false,
+        ),
+        (
+            "default port where Host names one",
+            format!("proxy.test:{port}"),
+            o("http://proxy.test"),
+            false,
+        ),
+        (
+            "a non-default port where Host names the default",
+            "proxy.test".into(),
+            o("http://proxy.test:443"),
+            false,
+        ),
+        (
+            "null (sandboxed frame, data: URL)",
+            format!("proxy.test:{port}"),
+            o("null"),
+            false,
+        ),
+        (
+            "another scheme",
+            format!("proxy.test:{port}"),
+            o(&format!("ftp://proxy.test:{port}")),
+            false,
+        ),
+        (
+            "malformed: no scheme",
+            format!("proxy.test:{port}"),
+            o(&format!("proxy.test:{port}")),
+            false,
+        ),
+        (
+            "malformed: a path",
+            format!("proxy.test:{port}"),
+            o(&format!("http://proxy.test:{port}/")),
+            false,
+        ),
+        (
+            "malformed: userinfo",
+            format!("proxy.test:{port}"),
+            o(&format!("http://evil@proxy.test:{port}")),
+            false,
+        ),
+        (
+            "malformed: empty",
+            format!("proxy.test:{port}"),
+            "Origin:\r\n".into(),
+            false,
+        ),
+        (
+            "two Origin fields",
+            format!("proxy.test:{port}"),
+            format!("{0}{0}", o(&format!("http://proxy.test:{port}"))),
+            false,
+        ),
+    ]
+}
+
+/// Sends one request on a fresh connection: the app's answer, or the proxy's 403.
+fn send_one(w: &Worker, bytes: &[u8]) -> common::Response {
+    let mut c = Client::connect(w.addr());
+    c.send(bytes);
+    c.response()
+}
+
+#[test]
+fn permit_requests_from_another_origin_are_refused_before_the_app() {
+    let up = Upstream::start();
+    let w = worker(&up, &format!("{INTERACTIVE}\nuser_id = \"{USER}\""), "");
+    let cookie = permit_cookie();
+    let table = origin_table(w.port);
+    let mut refusals = 0;
+    // The refused rows first, on an app nobody reached yet: nothing reaches it,
+    // not even a connection.
+    for admitted in [false, true] {
+        for kind in ["websocket", "post"] {
+            for (what, host, origin, _) in table.iter().filter(|row| row.3 == admitted) {
+                let before = up.count();
+                let r = send_one(&w, &hostile(kind, host, &format!("{origin}{cookie}")));
+                if admitted {
+                    assert_eq!(r.status, 200, "{kind}, {what}: {}", r.text());
+                    assert_eq!(up.count(), before + 1, "{kind}, {what}");
+                } else {
+                    assert_eq!(r.status, 403, "{kind}, {what}: {}", r.text());
+                    refused(&r, 403, "cross_origin");
+                    assert_eq!(
+                        r.json()["error"],
+                        "cross-origin request refused",
+                        "{kind}, {what}"
+                    );
+                    refusals += 1;
+                }
+            }
+        }
+        if !admitted {
+            assert_eq!(up.count(), 0, "refused requests reached the app");
+            assert_eq!(
+                up.connections.load(std::sync::atomic::Ordering::Relaxed),
+                0,
+                "refused requests opened a connection to the app"
+            );
+        }
+    }
+    // A cross-origin GET is refused too (a script's CORS fetch with the cookie); a
+    // plain one (a navigation, a link) carries no Origin and passes.
+    let mut c = Client::connect(w.addr());
+    let r = c.get(
+        "/api/contents",
+        &format!("Origin: http://evil.test\r\n{cookie}"),
+    );
+    refused(&r, 403, "cross_origin");
+    refusals += 1;
+    assert_eq!(
+        c.get("/api/contents", &cookie).status,
+        200,
+        "the connection goes on"
+    );
+    // The permit is checked first: without it, the answer is the usual 401.
+    refused(&c.get("/", "Origin: http://evil.test\r\n"), 401, "E20004");
+    // A genuine CORS preflight carries no cookie and is still let through.
+    c.send(b"OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\nOrigin: http://evil.test\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    // Logged with what was refused, and counted as the proxy's own answers by code.
+    let lines = w.wait_log("the refusal line", |v| {
+        v["message"] == "cross-origin request refused" && v["origin"] == "http://evil.test"
+    });
+    assert!(
+        lines[0]["host"] == "test" && lines[0]["request_id"].is_string(),
+        "{}",
+        lines[0]
+    );
+    common::eventually("the refusals are counted by code", || {
+        w.admin_get("/metrics").text().contains(&format!(
+            "appproxy_proxy_errors_by_code_total{{code=\"cross_origin\"}} {refusals}"
+        ))
+    });
+}
+
+#[test]
+fn public_circuits_and_bearer_tokens_take_any_origin() {
+    // No permit, no guard: a public app holds nothing a credential protects, and a
+    // bearer token is never attached by a browser on its own.
+    let up = Upstream::start();
+    let w = worker(&up, "open_to_public = true", "");
+    let table = origin_table(w.port);
+    for kind in ["websocket", "post"] {
+        for (what, host, origin, _) in &table {
+            let r = send_one(&w, &hostile(kind, host, origin));
+            assert_eq!(r.status, 200, "public, {kind}, {what}: {}", r.text());
+        }
+    }
+    assert_eq!(up.count(), 2 * table.len());
+    drop(w);
+    let up = Upstream::start();
+    let w = worker(&up, "open_to_public = false\napp_mode = \"inference\"", "");
+    let bearer = format!(
+        "Authorization: Bearer {}\r\n",
+        sign_hs256(&serde_json::json!({"id": CIRCUIT}), "jwt-key")
+    );
+    for kind in ["websocket", "post"] {
+        for (what, host, origin, _) in &table {
+            let r = send_one(&w, &hostile(kind, host, &format!("{origin}{bearer}")));
+            assert_eq!(r.status, 200, "inference, {kind}, {what}: {}", r.text());
+        }
+    }
+    assert_eq!(up.count(), 2 * table.len());
+}
+
+#[test]
+fn allowed_origins_are_admitted_exactly() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        &format!("{INTERACTIVE}\nuser_id = \"{USER}\""),
+        "allowed_origins = [\"https://Console.example.com\", \"http://localhost:3000\"]",
+    );
+    let cookie = permit_cookie();
+    let host = format!("proxy.test:{}", w.port);
+    for (origin, admitted) in [
+        ("https://console.example.com", true),
+        ("https://console.example.com:443", true),
+        ("HTTPS://CONSOLE.EXAMPLE.COM", true),
+        ("http://localhost:3000", true),
+        (&*format!("http://proxy.test:{}", w.port), true),
+        ("http://console.example.com", false),
+        ("https://console.example.com:8443", false),
+        ("https://evil.console.example.com", false),
+        ("http://localhost:3001", false),
+        ("null", false),
+    ] {
+        for kind in ["websocket", "post"] {
+            let before = up.count();
+            let r = send_one(
+                &w,
+                &hostile(kind, &host, &format!("Origin: {origin}\r\n{cookie}")),
+            );
+            if admitted {
+                assert_eq!(r.status, 200, "{kind}, {origin}: {}", r.text());
+                assert_eq!(up.count(), before + 1);
+            } else {
+                refused(&r, 403, "cross_origin");
+                assert_eq!(up.count(), before, "{kind}, {origin} reached the app");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_forwarded_host_of_a_trusted_proxy_is_the_address() {
+    // A balancer that rewrites Host says in X-Forwarded-Host what the browser asked
+    // for; from any other peer that field is the client's word and counts for nothing.
+    let cookie = permit_cookie();
+    let fields = |origin: &str| {
+        format!("X-Forwarded-Host: apps.example.com\r\nOrigin: {origin}\r\n{cookie}")
+    };
+    for (trusted, origin, admitted) in [
+        (true, "https://apps.example.com", true),
+        (true, "http://internal:1", false),
+        (false, "https://apps.example.com", false),
+        (false, "http://internal:1", true),
+    ] {
+        let up = Upstream::start();
+        let w = worker(
+            &up,
+            &format!("{INTERACTIVE}\nuser_id = \"{USER}\""),
+            if trusted {
+                "trusted_proxies = [\"127.0.0.1/32\"]"
+            } else {
+                ""
+            },
+        );
+        for kind in ["websocket", "post"] {
+            let r = send_one(&w, &hostile(kind, "internal:1", &fields(origin)));
+            let want = if admitted { 200 } else { 403 };
+            assert_eq!(
+                r.status,
+                want,
+                "trusted {trusted}, {kind}, {origin}: {}",
+                r.text()
+            );
+        }
+        assert_eq!(up.count(), if admitted { 2 } else { 0 });
+    }
+}
+
+#[test]
+fn wildcard_apps_cannot_drive_each_other_with_the_permit() {
+    // The attack: a public app on a sibling subdomain (anyone's) serves a page whose
+    // script opens a WebSocket to the victim's terminal; the browser attaches the
+    // victim's permit (same site), so only the Origin tells the two apart.
+    let term = Upstream::start();
+    let evil = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![term.addr],
+        extra: SECRETS.into(),
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: format!(
+            "{INTERACTIVE}\nuser_id = \"{USER}\"\nfrontend_mode = \"wildcard\"\nsubdomain = \"term\"\n\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nfrontend_mode = \"wildcard\"\nsubdomain = \"evil\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+            evil.addr.port()
+        ),
+        ..Default::default()
+    });
+    let cookie = permit_cookie();
+    let port = w.port;
+    let victim = format!("term.apps.test:{port}");
+    for kind in ["websocket", "post"] {
+        let r = send_one(
+            &w,
+            &hostile(
+                kind,
+                &victim,
+                &format!("Origin: http://evil.apps.test:{port}\r\n{cookie}"),
+            ),
+        );
+        refused(&r, 403, "cross_origin");
+        // The evil app itself is public: its own page reaches it with any cookie.
+        let r = send_one(
+            &w,
+            &hostile(
+                kind,
+                &format!("evil.apps.test:{port}"),
+                &format!("Origin: http://evil.apps.test:{port}\r\n{cookie}"),
+            ),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(term.count(), 0, "the victim's terminal got nothing");
+    assert_eq!(evil.count(), 2);
+    for kind in ["websocket", "post"] {
+        let r = send_one(
+            &w,
+            &hostile(
+                kind,
+                &victim,
+                &format!("Origin: http://TERM.apps.test:{port}\r\n{cookie}"),
+            ),
+        );
+        assert_eq!(r.status, 200, "{kind}: the terminal's own page");
+    }
+    assert_eq!(term.count(), 2);
+}
+
+#[test]
+fn http2_streams_get_the_same_origin_guard() {
+    let up = Upstream::start();
+    let w = worker(&up, &format!("{INTERACTIVE}\nuser_id = \"{USER}\""), "");
+    let cookie = permit_cookie();
+    let cookie = cookie.trim_end();
+    let url = format!("http://127.0.0.1:{}/api/kernels", w.port);
+    // `:authority` comes from the URL, or from a Host field when one is given.
+    for (host, origin, want) in [
+        (None, format!("http://127.0.0.1:{}", w.port), "200"),
+        (None, format!("http://evil.test:{}", w.port), "403"),
+        (None, format!("http://127.0.0.1:{}", w.port + 1), "403"),
+        (
+            Some(format!("proxy.test:{}", w.port)),
+            format!("http://proxy.test:{}", w.port),
+            "200",
+        ),
+        (
+            Some(format!("proxy.test:{}", w.port)),
+            format!("http://127.0.0.1:{}", w.port),
+            "403",
+        ),
+        (None, "null".to_owned(), "403"),
+    ] {
+        let before = up.count();
+        let origin_field = format!("Origin: {origin}");
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "30",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "-H",
+            origin_field.as_str(),
+            "-H",
+            cookie,
+            "--data",
+            "name=x",
+        ];
+        let host_field = host.as_ref().map(|h| format!("Host: {h}"));
+        if let Some(h) = &host_field {
+            args.extend(["-H", h.as_str()]);
+        }
+        args.push(&url);
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .expect("curl must be installed (.ci/run installs it)");
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            got,
+            format!("2 {want}"),
+            "{host:?} {origin}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reached = if want == "200" { 1 } else { 0 };
+        assert_eq!(up.count(), before + reached, "{host:?} {origin}");
+    }
+}

@@ -284,12 +284,9 @@ async fn serve_stream(
                 message: "client address not allowed",
             }))
         }
-        Ok(_) => proxy::check_credentials(core, req.buf, head, &route)
+        Ok(_) => proxy::admit(core, &ctx.hop, req.buf, head, &route)
             .err()
-            .map(|r| {
-                tracing::info!(code = r.code, reason = r.message, "credentials refused");
-                Refusal::from(r)
-            }),
+            .map(Refusal::from),
     };
     if let Some(r) = refusal {
         refuse(ctx, respond, grpc, &r, &id, Some(circuit), line).await;

@@ -211,8 +211,8 @@ impl Client {
             ));
             return self.refuse(x, (&err).into(), Left::Whole).await;
         };
-        // Access control: the allowlist (403), then credentials (401). Nothing about the
-        // circuit is in the answer.
+        // Access control: the allowlist (403), then credentials (401) and, for the
+        // permit, the request's origin (403). Nothing about the circuit is in the answer.
         let refused = if !route.circuit.allowed.is_empty()
             && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
         {
@@ -223,11 +223,7 @@ impl Client {
                 message: "client address not allowed",
             })
         } else {
-            super::check_credentials(&core, self.buf.filled(), &x.head, &route)
-                .err()
-                .inspect(|r| {
-                    tracing::info!(code = r.code, reason = r.message, "credentials refused")
-                })
+            super::admit(&core, &self.hop, self.buf.filled(), &x.head, &route).err()
         };
         if let Some(refused) = refused {
             x.bytes_in = x.head.head_len as u64;

@@ -293,20 +293,93 @@ pub(crate) fn client_ip_of(
         _ => Err(()),
     }
 }
+
+/// How a request was admitted by [`check_credentials`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    /// Without a credential: an `open_to_public` circuit, or a genuine CORS preflight.
+    Freely,
+    /// By the permit cookie (interactive circuits).
+    Permit,
+    /// By a bearer JWT (inference circuits).
+    Bearer,
+}
+
+/// Whether a request may reach the app, once the circuit's allowlist let its client
+/// in: the credential ([`check_credentials`]), then, for a request the permit cookie
+/// admitted, the cross-origin guard ([`crate::auth::check_origin`] against the
+/// address the request was sent to and `[worker] allowed_origins`). The cookie goes
+/// with every request a same-site page makes, and every app on the worker is
+/// same-site to every other (sibling subdomains, or one host on other ports): without
+/// the guard, a page of any app could open a WebSocket to a user's terminal or
+/// kernel, or post to it, with that user's permit. Bearer tokens are not attached by
+/// browsers, and public circuits hold nothing a credential protects, so neither is
+/// checked. Each refusal is logged here; the caller answers it.
+pub(crate) fn admit(
+    core: &Core,
+    hop: &ClientHop,
+    buf: &[u8],
+    head: &RequestHead,
+    route: &Route,
+) -> Result<(), crate::auth::Refused> {
+    let admitted = check_credentials(core, buf, head, route).inspect_err(|r| {
+        tracing::info!(code = r.code, reason = r.message, "credentials refused")
+    })?;
+    if admitted != Admitted::Permit {
+        return Ok(());
+    }
+    let values = |name: &'static str| {
+        head.headers
+            .iter()
+            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+            .map(|h| &buf[h.value.clone()])
+    };
+    let host = addressed_host(hop, buf, head);
+    crate::auth::check_origin(values("origin"), host, &core.rt.allowed_origins).inspect_err(|_| {
+        // Bounded: these are the client's bytes.
+        let shown = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+        tracing::info!(
+            origin = %values("origin").next().map(shown).unwrap_or_default(),
+            origin_fields = values("origin").count(),
+            host = %host.map(shown).unwrap_or_default(),
+            "cross-origin request refused"
+        )
+    })
+}
+
+/// The authority the client addressed: `Host` (`:authority` over HTTP/2), or, from a
+/// trusted proxy, its one `X-Forwarded-Host` (a proxy that rewrites `Host` says there
+/// what the browser asked for, and the app is told the same).
+fn addressed_host<'a>(hop: &ClientHop, buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8]> {
+    if hop.trusted {
+        let mut forwarded = head
+            .headers
+            .iter()
+            .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-host"))
+            .map(|h| &buf[h.value.clone()]);
+        if let (Some(v), None) = (forwarded.next(), forwarded.next()) {
+            if !v.contains(&b',') {
+                return Some(v);
+            }
+        }
+    }
+    head.host.clone().map(|h| &buf[h])
+}
+
 /// The circuit's credential check: the permit cookie for interactive apps, a bearer
 /// JWT for inference. Skipped only for `open_to_public` circuits and for a genuine
 /// CORS preflight ([`crate::auth::is_cors_preflight`]); every other request, whatever
 /// its method, path or `Upgrade`, needs the credential before any byte of it reaches
 /// the app.
-pub(crate) fn check_credentials(
+fn check_credentials(
     core: &Core,
     buf: &[u8],
     head: &RequestHead,
     route: &Route,
-) -> Result<(), crate::auth::Refused> {
+) -> Result<Admitted, crate::auth::Refused> {
     let circuit = &route.circuit.circuit;
     if circuit.open_to_public {
-        return Ok(());
+        return Ok(Admitted::Freely);
     }
     if head.method == Method::Options
         && head.framing == BodyFraming::Length(0)
@@ -317,7 +390,7 @@ pub(crate) fn check_credentials(
                 .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
         )
     {
-        return Ok(());
+        return Ok(Admitted::Freely);
     }
     let secrets = &core.rt.secrets;
     // Validation refuses non-public circuits without their key; be safe anyway.
@@ -342,10 +415,12 @@ pub(crate) fn check_credentials(
                 circuit.user_id.as_ref(),
                 secrets.permit_digest,
             )
+            .map(|()| Admitted::Permit)
         }
         appproxy_shared::model::AppMode::Inference => {
             let key = secrets.jwt_secret.as_deref().ok_or(NO_KEY)?;
             crate::auth::check_bearer(values("authorization").next(), key, &circuit.id)
+                .map(|()| Admitted::Bearer)
         }
     }
 }
