@@ -435,13 +435,17 @@ pub struct WsStats {
     pub bytes: u64,
     /// The close code of a close frame that passed, if one did.
     pub close_seen: Option<u16>,
+    /// Bytes the source sent after its close frame, dropped (RFC 6455 §5.5.1).
+    pub dropped_after_close: u64,
     /// Whether this direction ended because its source was silent for the idle
     /// timeout.
     pub idled: bool,
 }
 
 /// Relays WebSocket frames from `src` to `dst`, inspecting them
-/// ([`crate::ws::Inspector`]). Frames pass unchanged. A protocol violation, an idle
+/// ([`crate::ws::Inspector`]). Frames pass unchanged, up to the source's close frame;
+/// what it sends after that is dropped (counted in [`WsStats::dropped_after_close`],
+/// logged once per direction). A protocol violation, an idle
 /// timeout or a drain ends the relay with a close frame to both peers (this
 /// direction writes one to `dst`; the other direction is woken by shutting down the
 /// read side of `dst` and writes one to its own destination), except to a peer that
@@ -553,7 +557,13 @@ pub async fn ws_pipe(
                 }
             }
             pending.extend_from_slice(&buf[written..feed.consumed]);
-            carry.extend_from_slice(&buf[feed.consumed..total]);
+            carry.extend_from_slice(&buf[feed.consumed + feed.dropped..total]);
+            if feed.dropped > 0 {
+                if stats.dropped_after_close == 0 {
+                    tracing::info!(from_client, "websocket data after a close frame dropped");
+                }
+                stats.dropped_after_close += feed.dropped as u64;
+            }
             stats.bytes += feed.consumed as u64;
             stats.messages += u64::from(feed.messages);
             if feed.messages > 0 {

@@ -4,7 +4,9 @@
 //! messages, and refuses what the RFC forbids: an unmasked client frame (or a masked
 //! server frame), a reserved opcode, RSV bits no extension was negotiated for, a
 //! fragmented or oversized control frame, a continuation with no message to continue
-//! (or a new message inside a fragmented one), and an invalid close payload. Payloads
+//! (or a new message inside a fragmented one), and an invalid close payload. What a
+//! peer sends after its close frame is dropped, never forwarded (RFC 6455 §5.5.1: no
+//! data frame follows a close; its peer might otherwise act on it). Payloads
 //! are never held whole: a data frame's payload streams through as it arrives; only
 //! control frames (at most 125 bytes) are kept until complete, to check them.
 
@@ -45,6 +47,9 @@ pub struct Feed {
     pub payload: u64,
     /// The close code of a close frame seen within `consumed` (1005 when it had none).
     pub close: Option<u16>,
+    /// Bytes right after `consumed` that came after the peer's close frame: dropped,
+    /// never forwarded (RFC 6455 §5.5.1: nothing follows a close frame).
+    pub dropped: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,8 @@ pub struct Inspector {
     state: State,
     /// A fragmented message is in progress.
     in_message: bool,
+    /// The peer sent its close frame: whatever it sends after is dropped.
+    closed: bool,
 }
 
 impl Inspector {
@@ -81,7 +88,13 @@ impl Inspector {
             allowed_rsv,
             state: State::Header,
             in_message: false,
+            closed: false,
         }
+    }
+
+    /// Whether the peer sent its close frame (everything after it is dropped).
+    pub fn closed(&self) -> bool {
+        self.closed
     }
 
     /// Whether everything fed so far ends at a frame boundary (not inside a data
@@ -91,12 +104,18 @@ impl Inspector {
     }
 
     /// Inspects buffered bytes; returns how many may be forwarded now. Bytes after
-    /// `consumed` belong to an incomplete header or control frame: feed them again
-    /// with more data.
+    /// `consumed` belong to an incomplete header or control frame (feed them again
+    /// with more data), unless they came after the close frame: those are `dropped`
+    /// and must not be fed again. They are not inspected either: after its close
+    /// frame a peer has nothing more to say, whatever the bytes are.
     pub fn feed(&mut self, input: &[u8]) -> Result<Feed, Violation> {
         let mut out = Feed::default();
         let mut pos = 0;
         while pos < input.len() {
+            if self.closed {
+                out.dropped = input.len() - pos;
+                break;
+            }
             match self.state {
                 State::Payload { remaining, fin } => {
                     let take = remaining.min((input.len() - pos) as u64);
@@ -151,6 +170,7 @@ impl Inspector {
                                     }
                                 }
                                 out.close = Some(check_close(&payload)?);
+                                self.closed = true;
                             }
                             out.payload += h.len;
                             pos = end;
@@ -430,7 +450,9 @@ mod tests {
             .feed(&frame(true, 0x8, &[0x03, 0xe8, b'o', b'k'], None))
             .expect("valid");
         assert_eq!(f.close, Some(1000));
-        let f = ins.feed(&frame(true, 0x8, &[], None)).expect("valid");
+        let f = Inspector::new(false, 0)
+            .feed(&frame(true, 0x8, &[], None))
+            .expect("valid");
         assert_eq!(f.close, Some(1005));
         assert_eq!(close_frame_to_client(1001), [0x88, 2, 0x03, 0xe9]);
         let to_app = close_frame_to_app(1002, [9, 9, 9, 9]);
@@ -441,6 +463,42 @@ mod tests {
                 .close
                 == Some(1002)
         );
+    }
+
+    #[test]
+    fn nothing_after_a_close_frame_is_forwarded() {
+        let close = frame(true, 0x8, &[0x03, 0xe8], K);
+        let after = [
+            frame(true, 0x1, b"after", K),
+            frame(true, 0x9, b"", K),
+            frame(true, 0x8, &[0x03, 0xe8], K),
+            b"not even a frame".to_vec(),
+        ]
+        .concat();
+        let mut ins = Inspector::new(true, 0);
+        let mut wire = frame(true, 0x1, b"before", K);
+        wire.extend(&close);
+        wire.extend(&after);
+        let f = ins.feed(&wire).expect("valid up to the close");
+        assert_eq!(f.consumed, wire.len() - after.len());
+        assert_eq!(
+            (f.dropped, f.messages, f.close),
+            (after.len(), 1, Some(1000))
+        );
+        assert!(ins.closed() && ins.at_frame_boundary());
+        // Later reads are dropped whole, uninspected (an unmasked frame is no
+        // violation any more: it goes nowhere).
+        let f = ins.feed(&frame(true, 0x1, b"x", None)).expect("dropped");
+        assert_eq!((f.consumed, f.dropped, f.messages), (0, 3, 0));
+        // A close frame split across reads: what follows its last byte is dropped.
+        let mut ins = Inspector::new(false, 0);
+        let server_close = frame(true, 0x8, &[0x03, 0xe8], None);
+        let f = ins.feed(&server_close[..2]).expect("partial");
+        assert_eq!((f.consumed, f.dropped), (0, 0));
+        let mut rest = server_close.clone();
+        rest.extend(frame(true, 0x2, b"late", None));
+        let f = ins.feed(&rest).expect("valid");
+        assert_eq!((f.consumed, f.dropped), (server_close.len(), 6));
     }
 
     proptest::proptest! {

@@ -2,7 +2,8 @@
 //! real sockets: the protocol a 101 names decides the tunnel, an upgrade request never
 //! carries a body nor upgrades HTTP/1.0, a stream flowing one way is not idle, the
 //! proxy's close frame never lands inside a frame it relays nor after a close the
-//! peer already got, a clean close gets its answer (within a bounded wait), RSV1
+//! peer already got, a clean close gets its answer (within a bounded wait), nothing
+//! a peer sends after its close frame is relayed, RSV1
 //! marks only a message's first frame, and a raw tunnel's close line counts the
 //! bytes sent right behind the handshake.
 
@@ -531,4 +532,55 @@ fn a_client_that_stops_reading_after_its_close_is_cut_at_the_grace_period() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(c);
+}
+
+/// RFC 6455 §5.5.1: no data frame follows a close frame. What a peer sends after its
+/// own close frame is dropped, each way: the app's late message never reaches the
+/// client, the client's never reaches the app (whose next read would otherwise act
+/// on it); the closes themselves pass, and the drops are logged and counted on the
+/// session's line.
+#[test]
+fn nothing_a_peer_sends_after_its_close_frame_is_relayed() {
+    let (app, got) = scripted_app(|_, s| {
+        let mut f = SWITCH_TO_WS.to_vec();
+        f.extend([0x81, 1, b'a']);
+        f.extend([0x88, 2, 0x03, 0xe8]);
+        f.extend([0x81, 4, b'l', b'a', b't', b'e']);
+        f.extend([0x89, 0]);
+        let _ = s.write_all(&f);
+    });
+    let w = worker(app, "");
+    let before = common::resting_fds(&w);
+    let (mut c, head) = handshake(&w, "websocket", "ws-after-close");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut first = [0u8; 7];
+    c.read_exact(&mut first).expect("the message and the close");
+    assert_eq!(first, [0x81, 1, b'a', 0x88, 2, 0x03, 0xe8]);
+    // The client answers the close, then sends a message anyway.
+    let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
+    let mut late = close.to_vec();
+    late.extend([0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
+    c.write_all(&late).expect("close and a late frame");
+    c.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let rest = read_to_close(&mut c);
+    assert!(rest.is_empty(), "relayed after the app's close: {rest:x?}");
+    assert_eq!(
+        app_got(&got, 0),
+        close,
+        "the app got only the client's close"
+    );
+    let lines = w.wait_log("the session's line", |v| {
+        v["message"] == "websocket session closed" && v["request_id"] == "ws-after-close"
+    });
+    assert_eq!(lines[0]["dropped_after_close_from_app"], 8, "{}", lines[0]);
+    assert_eq!(
+        lines[0]["dropped_after_close_from_client"], 8,
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        common::log_count(&w, "websocket data after a close frame dropped"),
+        2
+    );
+    released(&w, before);
 }

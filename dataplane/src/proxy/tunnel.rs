@@ -156,6 +156,8 @@ impl TunnelEnds<'_> {
             messages_to_client = down.messages,
             bytes_to_app = up.bytes,
             bytes_to_client = down.bytes,
+            dropped_after_close_from_client = up.dropped_after_close,
+            dropped_after_close_from_app = down.dropped_after_close,
             close_code = shared
                 .close
                 .get()
