@@ -636,7 +636,7 @@ async fn patch(
     // session's reservation must still fit the scope's current limit. The user can
     // put anything in its place from a container: only a regular file is opened (a
     // FIFO or a device node never is, see `fsx::reopen`).
-    let (s, file) = {
+    let checked = {
         let st = state.clone();
         blocking(move || {
             let write = OFlags::WRONLY | OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOCTTY;
@@ -663,10 +663,19 @@ async fn patch(
                 ));
             }
             let scope = st.volumes.open_scope(&s.volume, &s.scope_name)?;
-            quota::reserve(&st, &s.scope_key, scope.as_fd(), &s.id, s.size)?;
-            Ok((s, std::fs::File::from(fd)))
+            let checked = quota::try_reserve(&st, &s.scope_key, scope.as_fd(), &s.id, s.size)?;
+            Ok((s, std::fs::File::from(fd), checked))
         })
         .await?
+    };
+    let (s, file) = match checked {
+        (s, file, true) => (s, file),
+        // The scope's measurement is too old: one walk (shared with every check of
+        // the scope that needs one meanwhile), then the check.
+        (s, file, false) => {
+            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, &s.id, s.size).await?;
+            (s, file)
+        }
     };
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
@@ -700,7 +709,7 @@ async fn patch(
         let st = state.clone();
         let id = blocking(move || {
             st.reservations
-                .commit(&s.scope_key, &s.id, || complete(&s))?;
+                .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
             Ok(s.id)
         })
         .await?;

@@ -76,6 +76,12 @@ pub struct StorageSection {
     pub max_connections: usize,
     /// A manager API request's body (JSON) must arrive whole within this of its head.
     pub body_read_timeout_secs: u64,
+    /// A quota check (session creation, every tus PATCH, a clone) uses the scope's
+    /// measured committed bytes when the walk that measured them began at most this
+    /// long ago, else it measures again (one walk per scope at a time, shared by the
+    /// checks waiting for it). Bytes written behind the proxy's back count from then
+    /// on; 0: every check measures.
+    pub quota_usage_max_age_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -93,6 +99,7 @@ impl Default for StorageSection {
             idle_timeout_secs: 75,
             max_connections: 4096,
             body_read_timeout_secs: 30,
+            quota_usage_max_age_secs: 60,
         }
     }
 }

@@ -444,18 +444,52 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
     }
 }
 
-/// Files and bytes under `dir` (symlinks not followed), descending only into
-/// directories `descend` accepts. What cannot be read is left out.
-pub fn usage(dir: BorrowedFd<'_>, descend: &dyn Fn(&Entry) -> bool) -> (u64, u64) {
+/// How a usage walk counts a file with several hard links.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// Once per name (what copying the tree would write).
+    PerName,
+    /// Once per inode (by device and inode, as `du` does: what the tree takes).
+    Once,
+}
+
+/// Files and bytes (apparent sizes) of everything but directories under `dir`
+/// (symlinks not followed), descending only into directories `descend` accepts (it
+/// gets the entry and its depth, 0 for the entries of `dir`). What cannot be read
+/// is left out. With [`Links::Once`] only inodes with more than one link are
+/// remembered, each until all its links were seen.
+pub fn usage(
+    dir: BorrowedFd<'_>,
+    links: Links,
+    descend: &dyn Fn(&Entry, usize) -> bool,
+) -> (u64, u64) {
     struct Usage<'d> {
         files: u64,
         bytes: u64,
-        descend: &'d dyn Fn(&Entry) -> bool,
+        /// Inodes with links not seen yet → how many.
+        linked: Option<std::collections::HashMap<(u64, u64), u64>>,
+        descend: &'d dyn Fn(&Entry, usize) -> bool,
     }
     impl Visitor for Usage<'_> {
-        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
             if e.kind() == FileType::Directory {
-                return Ok((self.descend)(e));
+                return Ok((self.descend)(e, depth));
+            }
+            let nlink = e.stat.st_nlink;
+            if let (Some(linked), true) = (&mut self.linked, nlink > 1) {
+                let id = (e.stat.st_dev, e.stat.st_ino);
+                match linked.get_mut(&id) {
+                    Some(left) => {
+                        *left -= 1;
+                        if *left == 0 {
+                            linked.remove(&id);
+                        }
+                        return Ok(false);
+                    }
+                    None => {
+                        linked.insert(id, nlink - 1);
+                    }
+                }
             }
             self.files += 1;
             self.bytes += e.stat.st_size as u64;
@@ -465,6 +499,7 @@ pub fn usage(dir: BorrowedFd<'_>, descend: &dyn Fn(&Entry) -> bool) -> (u64, u64
     let mut u = Usage {
         files: 0,
         bytes: 0,
+        linked: (links == Links::Once).then(Default::default),
         descend,
     };
     if let Err(e) = walk(dir, &mut u) {
@@ -636,6 +671,30 @@ mod tests {
         assert!(dir.path().join("moved").exists());
     }
 
+    /// Counted once per inode, a file linked three times in the tree counts once; one
+    /// whose other link is outside the tree counts once too (it is forgotten only
+    /// when all its links were seen); per name, each link counts.
+    #[test]
+    fn hard_links_count_once_per_inode_or_per_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let top = dir.path().join("top");
+        std::fs::create_dir_all(top.join("a/b")).expect("tree");
+        std::fs::write(top.join("f"), [1u8; 100]).expect("f");
+        std::fs::hard_link(top.join("f"), top.join("a/f2")).expect("link");
+        std::fs::hard_link(top.join("f"), top.join("a/b/f3")).expect("link");
+        std::fs::write(top.join("g"), [2u8; 10]).expect("g");
+        std::fs::hard_link(top.join("g"), dir.path().join("g-outside")).expect("link");
+        let root = fd(&top);
+        assert_eq!(usage(root.as_fd(), Links::Once, &|_, _| true), (2, 110));
+        assert_eq!(usage(root.as_fd(), Links::PerName, &|_, _| true), (4, 310));
+        // A directory left out leaves its links out; the inode still counts once.
+        assert_eq!(
+            usage(root.as_fd(), Links::Once, &|e, depth| !(depth == 0
+                && e.name == "a")),
+            (2, 110)
+        );
+    }
+
     /// A chain deeper than `HELD` and a directory wide enough to matter are walked
     /// whole; the top is never removed by the walk itself.
     #[test]
@@ -649,11 +708,17 @@ mod tests {
             std::fs::write(dir.path().join(format!("w{i}/g")), "ab").expect("g");
         }
         let root = fd(dir.path());
-        assert_eq!(usage(root.as_fd(), &|_| true), (201, 405));
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &|_, _| true),
+            (201, 405)
+        );
         assert_eq!(
             remove_tree(root.as_fd(), OsStr::new("d")).expect("rm"),
             HELD as u64 * 3 + 1
         );
-        assert_eq!(usage(root.as_fd(), &|_| true), (200, 400));
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &|_, _| true),
+            (200, 400)
+        );
     }
 }

@@ -55,8 +55,9 @@ pub struct State {
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
     pub events: Option<redis::aio::ConnectionManager>,
-    /// Last measured usage per quota scope directory (refreshed by the sync job).
-    pub usage: Mutex<std::collections::HashMap<PathBuf, u64>>,
+    /// How old a quota scope's measurement of committed bytes may be for a check to
+    /// use it (`[storage] quota_usage_max_age_secs`; see `quota`).
+    pub usage_max_age: Duration,
     /// Last read limit per quota scope directory (scopes without one are absent).
     pub quota_limits: Mutex<std::collections::HashMap<PathBuf, u64>>,
     /// Quota reservations of upload sessions and clones.
@@ -80,6 +81,9 @@ pub struct Metrics {
     pub downloads: std::sync::atomic::AtomicU64,
     /// Sessions, PATCHes and clones refused by a quota.
     pub quota_refused: std::sync::atomic::AtomicU64,
+    /// Walks of a quota scope measuring its committed bytes (checks and the sync
+    /// pass).
+    pub quota_walks: std::sync::atomic::AtomicU64,
     /// Histograms, gauges and labeled counters.
     pub observed: Observed,
     /// The manager API server's connection counters.
@@ -110,6 +114,8 @@ pub struct Observed {
     pub bgtasks_running: std::sync::atomic::AtomicU64,
     /// Background tasks finished, by task and state (`done`, `failed`).
     pub bgtasks_finished: crate::metrics::Labeled<std::sync::atomic::AtomicU64>,
+    /// Duration of each walk measuring a quota scope's committed bytes.
+    pub quota_walk_duration: crate::metrics::Histogram,
 }
 
 impl Default for Observed {
@@ -124,6 +130,7 @@ impl Default for Observed {
             downloads_active: Default::default(),
             bgtasks_running: Default::default(),
             bgtasks_finished: crate::metrics::Labeled::new("", 64, Default::default),
+            quota_walk_duration: Histogram::default(),
         }
     }
 }
@@ -409,7 +416,7 @@ pub fn state_with_events(
         body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
         uploading: Mutex::new(HashSet::new()),
         events,
-        usage: Mutex::new(std::collections::HashMap::new()),
+        usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
         quota_limits: Mutex::new(std::collections::HashMap::new()),
         reservations: quota::Reservations::default(),
         metrics: Metrics::default(),

@@ -393,10 +393,15 @@ async fn delete_folder(
         fsx::DIR,
         fsx::STRICT,
     )?;
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     let body = bgtask(
         &state,
         "delete_vfolder",
-        job(move || fsx::remove_tree(parent.as_fd(), &name)),
+        job(move || {
+            let removed = fsx::remove_tree(parent.as_fd(), &name);
+            st.reservations.removed(&key);
+            removed
+        }),
     );
     Ok((StatusCode::ACCEPTED, body).into_response())
 }
@@ -409,10 +414,18 @@ struct CloneReq {
     dst_vfid: String,
 }
 
+/// `POST /folder/clone`. Runs as a task of its own, to its end even when the request
+/// goes: a reservation made is either handed to the copy or released.
 async fn clone_folder(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<CloneReq>,
 ) -> Result<Json<Value>, ApiError> {
+    appproxy_shared::context::spawn(start_clone(state, r))
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
+}
+
+async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiError> {
     let dst_volume = r.dst_volume.unwrap_or_else(|| r.src_volume.clone());
     if dst_volume != r.src_volume {
         return Err(ApiError::Params(
@@ -429,21 +442,26 @@ async fn clone_folder(
     // The destination scope must have room for the source: reserved while copying.
     let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;
     let key2 = key.clone();
+    let scope_name = Vfid::parse(&r.dst_vfid)?.scope_name();
     let holder = format!("clone-{}", uuid::Uuid::new_v4().simple());
-    let dst = {
-        let (st, holder, volume) = (state.clone(), holder.clone(), dst_volume.clone());
+    let (src, size) = {
+        let (st, volume) = (state.clone(), dst_volume.clone());
+        let scope = vec![OsString::from(&scope_name)];
         blocking(move || {
-            let size = fsx::usage(src.as_fd(), &|e| e.name != ".upload").1;
+            let size = fsx::usage(src.as_fd(), fsx::Links::PerName, &outside_staging).1;
+            fsx::mkdirs(st.volumes.root_fd(&volume)?, &scope, fsx::STRICT)?;
+            Ok((src, size))
+        })
+        .await?
+    };
+    // Released if anything fails (or the request goes) before the copy starts.
+    let hold = quota::Hold::new(&state, &holder);
+    quota::reserve(&state, &key, &dst_volume, &scope_name, &holder, size).await?;
+    let dst = {
+        let (st, volume) = (state.clone(), dst_volume.clone());
+        blocking(move || {
             let root = st.volumes.root_fd(&volume)?;
-            let scope = fsx::mkdirs(root, &dst_parts[..1], fsx::STRICT)?;
-            quota::reserve(&st, &key, scope.as_fd(), &holder, size)?;
-            let dst = match fsx::mkdirs(root, &dst_parts, fsx::STRICT) {
-                Ok(dst) => dst,
-                Err(e) => {
-                    st.reservations.release(&holder);
-                    return Err(e.into());
-                }
-            };
+            let dst = fsx::mkdirs(root, &dst_parts, fsx::STRICT)?;
             // Its bytes are held by the reservation until the copy ends.
             let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
             st.reservations.pend(id);
@@ -451,6 +469,7 @@ async fn clone_folder(
         })
         .await?
     };
+    hold.keep();
     let st = state.clone();
     Ok(bgtask(
         &state,
@@ -461,7 +480,7 @@ async fn clone_folder(
                 tracing::debug!("directory cloned");
             });
             // Counted as committed and released in one step under the scope's lock.
-            let _ = st.reservations.commit(&key2, &holder, || {
+            let _ = st.reservations.commit(&key2, &holder, size, || {
                 st.reservations.unpend(id);
                 Ok(())
             });
@@ -470,13 +489,25 @@ async fn clone_folder(
     ))
 }
 
+/// A vfolder walk's filter: everything but the vfolder's own staging area (a
+/// directory named `.upload` deeper down is the user's and counts).
+fn outside_staging(e: &fsx::Entry, depth: usize) -> bool {
+    !(depth == 0 && e.name == ".upload")
+}
+
 async fn usage(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
     let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (files, bytes) =
-        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
+    let (files, bytes) = blocking(move || {
+        Ok(fsx::usage(
+            dir.as_fd(),
+            fsx::Links::PerName,
+            &outside_staging,
+        ))
+    })
+    .await?;
     Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
 }
 
@@ -740,7 +771,13 @@ async fn delete_files(
 ) -> Result<Json<Value>, ApiError> {
     let paths = deletion_targets(&r)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    blocking(move || Ok(delete_paths(root, paths, r.recursive)?)).await?;
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
+    blocking(move || {
+        let removed = delete_paths(root, paths, r.recursive);
+        st.reservations.removed(&key);
+        Ok(removed?)
+    })
+    .await?;
     Ok(Json(json!({"status": "ok"})))
 }
 
@@ -751,10 +788,15 @@ async fn delete_files_async(
     let paths = deletion_targets(&r)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let recursive = r.recursive;
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     let body = bgtask(
         &state,
         "delete_files",
-        job(move || delete_paths(root, paths, recursive)),
+        job(move || {
+            let removed = delete_paths(root, paths, recursive);
+            st.reservations.removed(&key);
+            removed
+        }),
     );
     Ok((StatusCode::ACCEPTED, body).into_response())
 }
@@ -782,10 +824,18 @@ pub fn staging_dir(root: BorrowedFd<'_>, create: bool) -> std::io::Result<OwnedF
     }
 }
 
+/// `POST /folder/file/upload`. Runs as a task of its own, to its end even when the
+/// request goes: a reservation made either has its staging file or is released.
 async fn upload_token(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<UploadReq>,
 ) -> Result<Json<Value>, ApiError> {
+    appproxy_shared::context::spawn(create_session(state, r))
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
+}
+
+async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, ApiError> {
     if r.size > state.max_upload_size {
         return Err(ApiError::TooLarge);
     }
@@ -802,34 +852,26 @@ async fn upload_token(
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();
+    // Released if anything fails (or the request goes) before the staging file is
+    // there.
+    let hold = quota::Hold::new(&state, &session);
+    quota::reserve(&state, &key, &r.volume, &scope_name, &session, r.size).await?;
     {
-        let (st, session, volume, size) =
-            (state.clone(), session.clone(), r.volume.clone(), r.size);
+        let session = session.clone();
         blocking(move || {
-            let scope = st.volumes.open_scope(&volume, &scope_name)?;
-            quota::reserve(&st, &key, scope.as_fd(), &session, size)?;
-            let created = staging_dir(root.as_fd(), true).and_then(|staging| {
-                rustix::fs::openat2(
-                    &staging,
-                    session.as_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o644),
-                    fsx::STRICT,
-                )
-                .map_err(Into::into)
-            });
-            if let Err(e) = created {
-                st.reservations.release(&session);
-                return Err(e.into());
-            }
+            let staging = staging_dir(root.as_fd(), true)?;
+            rustix::fs::openat2(
+                &staging,
+                session.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+                fsx::STRICT,
+            )?;
             Ok(())
         })
         .await?;
     }
+    hold.keep();
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
@@ -863,8 +905,14 @@ async fn used_bytes(
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
     let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (_, bytes) =
-        blocking(move || Ok(fsx::usage(dir.as_fd(), &|e| e.name != ".upload"))).await?;
+    let (_, bytes) = blocking(move || {
+        Ok(fsx::usage(
+            dir.as_fd(),
+            fsx::Links::PerName,
+            &outside_staging,
+        ))
+    })
+    .await?;
     Ok(Json(json!({"used_bytes": bytes})))
 }
 
@@ -1044,6 +1092,11 @@ fn render_observed(state: &State, out: &mut String) {
             "Duration of each download, until its body ended or the client left.",
             &o.download_duration,
         ),
+        (
+            "storage_proxy_quota_walk_duration_seconds",
+            "Duration of each walk measuring a quota scope's committed bytes.",
+            &o.quota_walk_duration,
+        ),
     ] {
         header(out, family, "histogram", help);
         h.render(out, family, "");
@@ -1096,11 +1149,9 @@ fn render_observed(state: &State, out: &mut String) {
             path.file_name()?.to_string_lossy().into_owned(),
         ))
     };
-    if let Ok(u) = state.usage.lock() {
-        for (path, used) in u.iter() {
-            if let Some(k) = label_of(path) {
-                scopes.entry(k).or_default().0 = Some(*used);
-            }
+    for (path, used) in state.reservations.measurements() {
+        if let Some(k) = label_of(&path) {
+            scopes.entry(k).or_default().0 = Some(used);
         }
     }
     if let Ok(l) = state.quota_limits.lock() {
@@ -1217,6 +1268,12 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             "Sessions, PATCHes and clones refused by a quota.",
             "counter",
             m.quota_refused.load(Relaxed),
+        ),
+        (
+            "storage_proxy_quota_walks_total",
+            "Walks of a quota scope measuring its committed bytes (checks whose measurement was too old, and the usage-sync pass).",
+            "counter",
+            m.quota_walks.load(Relaxed),
         ),
         (
             "storage_proxy_quota_reserved_bytes",

@@ -5,16 +5,61 @@
 //! the current limit; completion (the rename and the release in one step under the
 //! scope's lock) and expiry release it. A clone reserves the source's size in the
 //! destination scope while it copies; its destination directory is left out of
-//! committed bytes until the copy ends and the reservation is released, in one step. Check-and-reserve runs
-//! under the scope's lock, so concurrent sessions never oversubscribe the limit.
-//! Scope directories are opened by descriptor from the volume root (no symlink
-//! followed); usage walks never follow a symlink.
+//! committed bytes until the copy ends and the reservation is released, in one step.
+//! Check-and-reserve runs under the scope's lock, so concurrent sessions never
+//! oversubscribe the limit. Scope directories are opened by descriptor from the
+//! volume root (no symlink followed); usage walks never follow a symlink.
+//!
+//! **Committed bytes are measured, not walked per check.** A walk of the scope costs
+//! one `stat` per entry, and a user with a shell can put a million empty files in a
+//! scope; walking on every PATCH would make every upload of the scope pay for them,
+//! serialized under the scope's lock. So each scope keeps one measurement: the
+//! bytes a walk found, stamped with when the walk began, and adjusted under the
+//! scope's lock by every commit the proxy makes (the bytes of a completed upload or
+//! a finished clone are added in the same step that releases its reservation). A
+//! check (session creation, every PATCH, a clone) uses the measurement when it began
+//! at most `[storage] quota_usage_max_age_secs` ago (default 60 s); otherwise it
+//! waits for a walk: at most one walk of a scope runs at a time, on the blocking
+//! pool and outside the scope's lock, and checks that need one meanwhile wait for
+//! it (asynchronously, holding no thread) and take its result. The usage-sync pass
+//! (every `cleanup_interval_secs`) measures the scopes no check did. The number of
+//! walks is at most one per scope per `quota_usage_max_age_secs` plus one per sync
+//! pass, however many PATCHes there are (`storage_proxy_quota_walks_total`).
+//!
+//! What may be stale, and by how much: only what the proxy did not do itself.
+//! Reservations are in memory and exact, and bytes the proxy puts in place are
+//! added to the measurement at once (a walk in progress adds those put in place
+//! while it ran, so it may count them twice until the next walk: the safe side). A
+//! delete through the manager API has the next check measure again, so the room it
+//! frees shows at once. Bytes written, removed or replaced behind the proxy's back
+//! (from a container, on the host; also the older file an upload replaces, still
+//! counted until the next walk) show in the next walk: a check sees them at the
+//! latest when they are `quota_usage_max_age_secs` old, or, when it joined a walk
+//! that was running, when they predate that walk's start. Until then writes from a
+//! container may pass the limit by what they add (they are never held by a
+//! reservation anyway: the vfs backend has no kernel quota), and removals free
+//! room that late. With `quota_usage_max_age_secs = 0` every check measures
+//! (concurrent checks still share one walk).
+//!
+//! What counts: the apparent size (`st_size`) of every entry that is not a
+//! directory, each inode once however many hard links it has inside the scope (by
+//! device and inode, as `du` does; only inodes with more than one link are
+//! remembered during a walk, and each is forgotten once all its links were seen).
+//! Apparent size, not allocated blocks: reservations and the upload sizes they hold
+//! are apparent sizes, a clone or a download turns a sparse file into its apparent
+//! size, it is what the original counts, and it is the same figure on every
+//! filesystem (allocated blocks vary with block size, compression, deduplication,
+//! copy-on-write and delayed allocation). A sparse 1 TB file counts 1 TB; space
+//! preallocated past the end of a file (`fallocate` with `KEEP_SIZE`) counts
+//! nothing. Left out: each vfolder's staging area (`<vfolder>/.upload`, held by the
+//! sessions' reservations; a directory of that name anywhere else counts), the
+//! `.quota` file, and clone destinations being filled.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -69,22 +114,31 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
     }
 }
 
+/// Depth below a scope directory of a vfolder's staging area
+/// (`<scope>/<xx>/<yy>/<rest>/.upload`).
+const STAGING_DEPTH: usize = 3;
+
 /// Bytes under the scope (staging files of uploads in progress included; the
-/// `.quota` file itself not).
+/// `.quota` file itself not), each file once however many hard links it has there.
 pub fn usage(scope: BorrowedFd<'_>) -> u64 {
     let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_or(0, |s| s.st_size as u64);
-    fsx::usage(scope, &|_| true).1.saturating_sub(own)
+    fsx::usage(scope, fsx::Links::Once, &|_, _| true)
+        .1
+        .saturating_sub(own)
 }
 
-/// Bytes committed under the scope: everything but staging areas, `.quota`, and
-/// the directories in `pending` (`(dev, ino)` of clone destinations being filled,
-/// whose bytes their reservation already holds).
+/// Bytes committed under the scope: everything but the vfolders' staging areas,
+/// `.quota`, and the directories in `pending` (`(dev, ino)` of clone destinations
+/// being filled, whose bytes their reservation already holds). A file with several
+/// hard links in the scope counts once (by device and inode, as `du` does); sizes
+/// are apparent sizes (`st_size`).
 pub fn committed(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
     let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_or(0, |s| s.st_size as u64);
-    fsx::usage(scope, &|e| {
-        e.name != STAGING && !pending.contains(&(e.stat.st_dev, e.stat.st_ino))
+    fsx::usage(scope, fsx::Links::Once, &|e, depth| {
+        let staging = depth == STAGING_DEPTH && e.name == STAGING;
+        !staging && !pending.contains(&(e.stat.st_dev, e.stat.st_ino))
     })
     .1
     .saturating_sub(own)
@@ -111,20 +165,67 @@ struct Held {
     touched: Instant,
 }
 
-/// Reservations of every scope, by holder (an upload session or a clone).
+/// A scope's committed bytes as measured by a walk, adjusted since by what the
+/// proxy itself put in place.
+#[derive(Clone, Copy)]
+struct Measured {
+    bytes: u64,
+    /// When the walk began: nothing written behind the proxy's back after this is in
+    /// `bytes`.
+    began: Instant,
+    /// The proxy removed files since (a delete through the manager API): too high,
+    /// so the next check measures again whatever its age.
+    stale: bool,
+}
+
+/// What check-and-reserve reads and commits write, under the scope's lock.
+#[derive(Default)]
+struct Ledger {
+    measured: Option<Measured>,
+    /// Bytes the proxy put in place in the scope since it started (completed
+    /// uploads, finished clones): a walk adds what was put in place while it ran.
+    put_in_place: u64,
+    /// Commits since the start (a report's walk is retried when one ran meanwhile).
+    commits: u64,
+    /// Walks finished (a check that waited for a walk takes its result).
+    walks: u64,
+    /// Deletes through the manager API since the start (a walk that ran meanwhile
+    /// may have counted what they removed: its result is stale at once).
+    removals: u64,
+}
+
+/// One scope: its lock (the ledger) and its walk, one at a time.
+#[derive(Default)]
+struct Scope {
+    /// The scope's lock: check-and-reserve, commit and a measurement's update run
+    /// under it; a walk never does.
+    ledger: Mutex<Ledger>,
+    /// Held by the walk of the scope in progress; checks that need a measurement
+    /// wait here (asynchronously) and take that walk's result instead of walking.
+    walk: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Scope {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reservations of every scope, by holder (an upload session or a clone), and each
+/// scope's measurement of committed bytes.
 #[derive(Default)]
 pub struct Reservations {
     held: Mutex<HashMap<String, Held>>,
-    locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    scopes: Mutex<HashMap<PathBuf, Arc<Scope>>>,
     /// Clone destinations being filled (`(dev, ino)`), left out of committed bytes
     /// while their reservation holds them.
     pending: Mutex<HashSet<(u64, u64)>>,
 }
 
 impl Reservations {
-    fn lock_of(&self, scope: &Path) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        locks.entry(scope.to_path_buf()).or_default().clone()
+    fn scope(&self, key: &Path) -> Arc<Scope> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        scopes.entry(key.to_path_buf()).or_default().clone()
     }
 
     fn reserved(&self, scope: &Path, except: &str) -> u64 {
@@ -135,29 +236,45 @@ impl Reservations {
             .sum()
     }
 
-    /// Runs `commit` (the rename that puts a holder's bytes in place) and releases
-    /// the holder's reservation in the same step under the scope's lock, so a
-    /// concurrent check never counts those bytes twice (as committed and reserved).
+    /// Runs `commit` (the rename that puts `bytes` of a holder in place) and
+    /// releases the holder's reservation in the same step under the scope's lock, so
+    /// a concurrent check never counts those bytes twice (as committed and reserved)
+    /// nor not at all: they are added to the scope's measurement at once.
     pub fn commit<T>(
         &self,
         scope: &Path,
         holder: &str,
+        bytes: u64,
         commit: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let lock = self.lock_of(scope);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.scope(scope);
+        let mut ledger = s.ledger();
         let done = commit()?;
         self.release(holder);
+        ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
+        ledger.commits += 1;
+        if let Some(m) = &mut ledger.measured {
+            m.bytes = m.bytes.saturating_add(bytes);
+        }
         Ok(done)
     }
 
-    /// Runs `measure` and reads the scope's reservations under the scope's lock, so
-    /// the two agree: no holder's bytes move from reserved to committed in between.
-    pub fn consistent<T>(&self, scope: &Path, measure: impl FnOnce() -> T) -> (T, u64) {
-        let lock = self.lock_of(scope);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let measured = measure();
-        (measured, self.reserved(scope, ""))
+    /// Runs `measure` (a walk) and reads the scope's reservations so that the two
+    /// agree: no holder's bytes moved from reserved to committed while it ran. The
+    /// walk runs outside the scope's lock; it is run again (three times at most)
+    /// when a commit ran meanwhile, and the last figure stands after that.
+    pub fn consistent<T>(&self, scope: &Path, mut measure: impl FnMut() -> T) -> (T, u64) {
+        let s = self.scope(scope);
+        let mut tries = 0;
+        loop {
+            let before = s.ledger().commits;
+            let measured = measure();
+            let ledger = s.ledger();
+            tries += 1;
+            if ledger.commits == before || tries == 3 {
+                return (measured, self.reserved(scope, ""));
+            }
+        }
     }
 
     /// Leaves a directory (a clone destination being filled) out of committed bytes
@@ -207,31 +324,131 @@ impl Reservations {
     pub fn total(&self, scope: &Path) -> u64 {
         self.reserved(scope, "")
     }
+
+    /// Has the next check of a scope measure it again: the proxy removed files
+    /// there, and a check should see the room at once.
+    pub fn removed(&self, scope: &Path) {
+        let s = self.scope(scope);
+        let mut ledger = s.ledger();
+        ledger.removals += 1;
+        if let Some(m) = &mut ledger.measured {
+            m.stale = true;
+        }
+    }
+
+    /// Committed bytes of every measured scope, as last measured and adjusted.
+    pub fn measurements(&self) -> Vec<(PathBuf, u64)> {
+        let scopes: Vec<(PathBuf, Arc<Scope>)> = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        scopes
+            .into_iter()
+            .filter_map(|(k, s)| Some((k, s.ledger().measured?.bytes)))
+            .collect()
+    }
 }
 
-/// Reserves (or, when `holder` already holds one, re-checks) `bytes` in the scope
-/// for `holder`: refused when committed bytes plus every reservation would pass the
-/// scope's current limit. Without a limit nothing is held. Blocking (walks the scope).
-pub fn reserve(
+/// One walk of a scope, its result stored as the scope's measurement. The caller
+/// holds the scope's `walk`; the scope's lock is taken only to read where commits
+/// stand before the walk and to store the result after it.
+fn walk_scope(state: &State, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
+    let (began, before, removals) = {
+        let ledger = s.ledger();
+        (Instant::now(), ledger.put_in_place, ledger.removals)
+    };
+    let walked = committed(scope, &state.reservations.pending());
+    super::Metrics::add(&state.metrics.quota_walks, 1);
+    state
+        .metrics
+        .observed
+        .quota_walk_duration
+        .observe(began.elapsed());
+    let mut ledger = s.ledger();
+    // Bytes put in place while the walk ran may or may not have been seen by it:
+    // added, so a measurement never misses them (it may count them twice until the
+    // next walk, the safe side).
+    let bytes = walked.saturating_add(ledger.put_in_place.saturating_sub(before));
+    ledger.measured = Some(Measured {
+        bytes,
+        began,
+        stale: ledger.removals != removals,
+    });
+    ledger.walks += 1;
+    bytes
+}
+
+fn fresh(ledger: &Ledger, max_age: Duration) -> bool {
+    ledger
+        .measured
+        .is_some_and(|m| !m.stale && m.began.elapsed() <= max_age)
+}
+
+/// Makes sure the scope has a measurement of its committed bytes that began at most
+/// `[storage] quota_usage_max_age_secs` ago, or is the result of a walk that was
+/// running when this was asked. At most one walk of a scope runs at a time (on the
+/// blocking pool); the others wait for it without holding a thread and take its
+/// result.
+pub async fn measure(
+    state: &Arc<State>,
+    key: &Path,
+    volume: &str,
+    scope_name: &str,
+) -> Result<(), ApiError> {
+    let s = state.reservations.scope(key);
+    let seen = {
+        let ledger = s.ledger();
+        if fresh(&ledger, state.usage_max_age) {
+            return Ok(());
+        }
+        ledger.walks
+    };
+    let walking = s.walk.clone().lock_owned().await;
+    {
+        let ledger = s.ledger();
+        if ledger.walks != seen || fresh(&ledger, state.usage_max_age) {
+            return Ok(());
+        }
+    }
+    let (st, volume, name) = (state.clone(), volume.to_owned(), scope_name.to_owned());
+    // The walk holds `walking` to its end, even when the request that started it is
+    // gone meanwhile.
+    super::blocking(move || {
+        let _walking = walking;
+        let scope = st.volumes.open_scope(&volume, &name)?;
+        walk_scope(&st, &s, scope.as_fd());
+        Ok(())
+    })
+    .await
+}
+
+/// Check-and-reserve against the scope's measurement under the scope's lock
+/// (blocking: reads the limit). `Ok(false)`: no measurement young enough (or, with
+/// `any_age`, none at all); nothing was reserved or released.
+fn check(
     state: &State,
     key: &Path,
     scope: BorrowedFd<'_>,
     holder: &str,
     bytes: u64,
-) -> Result<(), ApiError> {
+    any_age: bool,
+) -> Result<bool, ApiError> {
     let r = &state.reservations;
-    let lock = r.lock_of(key);
-    let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let s = r.scope(key);
+    let ledger = s.ledger();
     let limit = limit(scope);
     remember_limit(state, key, limit);
     let Some(limit) = limit else {
         r.release(holder);
-        return Ok(());
+        return Ok(true);
     };
-    let committed = committed(scope, &r.pending());
-    if let Ok(mut cache) = state.usage.lock() {
-        cache.insert(key.to_path_buf(), committed);
-    }
+    let committed = match ledger.measured {
+        Some(m) if any_age || fresh(&ledger, state.usage_max_age) => m.bytes,
+        _ => return Ok(false),
+    };
     let used = committed.saturating_add(r.reserved(key, holder));
     if used.saturating_add(bytes) > limit {
         r.release(holder);
@@ -247,11 +464,64 @@ pub fn reserve(
             touched: Instant::now(),
         },
     );
-    Ok(())
+    Ok(true)
+}
+
+/// Reserves (or, when `holder` already holds one, re-checks) `bytes` in the scope
+/// for `holder` when the scope's measurement is young enough: refused when committed
+/// bytes plus every reservation would pass the scope's current limit. Without a
+/// limit nothing is held. Blocking, but never walks: `Ok(false)` says a measurement
+/// is needed first, which [`reserve`] makes.
+pub fn try_reserve(
+    state: &State,
+    key: &Path,
+    scope: BorrowedFd<'_>,
+    holder: &str,
+    bytes: u64,
+) -> Result<bool, ApiError> {
+    check(state, key, scope, holder, bytes, false)
+}
+
+/// Reserves (or re-checks) `bytes` in the scope named `scope_name` of `volume` for
+/// `holder`, measuring the scope first when its measurement is too old (see
+/// [`measure`]).
+pub async fn reserve(
+    state: &Arc<State>,
+    key: &Path,
+    volume: &str,
+    scope_name: &str,
+    holder: &str,
+    bytes: u64,
+) -> Result<(), ApiError> {
+    for any_age in [false, true] {
+        let (st, k, v, n, h) = (
+            state.clone(),
+            key.to_path_buf(),
+            volume.to_owned(),
+            scope_name.to_owned(),
+            holder.to_owned(),
+        );
+        let done = super::blocking(move || {
+            let scope = st.volumes.open_scope(&v, &n)?;
+            check(&st, &k, scope.as_fd(), &h, bytes, any_age)
+        })
+        .await?;
+        if done {
+            return Ok(());
+        }
+        if !any_age {
+            measure(state, key, volume, scope_name).await?;
+        }
+    }
+    // A measurement, once made, is only ever replaced: the second check has one.
+    Err(ApiError::Io(std::io::Error::other(
+        "the quota scope has no measurement",
+    )))
 }
 
 /// One usage-sync pass over every scope of every volume (blocking); returns how
-/// many scopes were measured.
+/// many scopes were walked. A scope whose measurement is still young enough, or
+/// whose walk (for a check) ends while the pass waits for it, is not walked again.
 pub fn sync(state: &State) -> usize {
     let mut measured = 0;
     for name in state.volumes.names() {
@@ -261,22 +531,62 @@ pub fn sync(state: &State) -> usize {
         let Ok(scopes) = fsx::entries(root) else {
             continue;
         };
-        for s in scopes {
-            if s.kind() != rustix::fs::FileType::Directory {
+        for e in scopes {
+            if e.kind() != rustix::fs::FileType::Directory {
                 continue;
             }
-            let Ok(fd) = fsx::child_dir(root, &s.name) else {
+            let Ok(fd) = fsx::child_dir(root, &e.name) else {
                 continue;
             };
-            let used = committed(fd.as_fd(), &state.reservations.pending());
-            if let Ok(mut cache) = state.usage.lock() {
-                cache.insert(path.join(&s.name), used);
-            }
+            let key = path.join(&e.name);
             let limit = limit(fd.as_fd());
-            remember_limit(state, &path.join(&s.name), limit);
-            tracing::debug!(scope = %s.name.to_string_lossy(), used, limit, "quota scope measured");
+            remember_limit(state, &key, limit);
+            let s = state.reservations.scope(&key);
+            let seen = {
+                let ledger = s.ledger();
+                if fresh(&ledger, state.usage_max_age) {
+                    continue;
+                }
+                ledger.walks
+            };
+            let _walking = s.walk.blocking_lock();
+            if s.ledger().walks != seen {
+                continue;
+            }
+            let used = walk_scope(state, &s, fd.as_fd());
+            tracing::debug!(scope = %e.name.to_string_lossy(), used, limit, "quota scope measured");
             measured += 1;
         }
     }
     measured
+}
+
+/// Releases a holder's reservation when dropped, unless kept: for setups that
+/// reserve first and can fail after.
+pub struct Hold<'a> {
+    state: &'a State,
+    holder: Option<String>,
+}
+
+impl<'a> Hold<'a> {
+    /// Guards `holder`'s reservation (made or to be made).
+    pub fn new(state: &'a State, holder: &str) -> Self {
+        Self {
+            state,
+            holder: Some(holder.to_owned()),
+        }
+    }
+
+    /// The setup succeeded: the reservation stays.
+    pub fn keep(mut self) {
+        self.holder = None;
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = &self.holder {
+            self.state.reservations.release(h);
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The storage-proxy's quota as a reservation (concurrent sessions never pass the
 //! limit; a lowered limit stops a PATCH; expiry releases; clones check the
-//! destination), HTTP caching and resumable-download validators (RFC 9110), and
-//! extractor rejections as the product's JSON error with the request ID.
+//! destination; one walk of a scope serves many checks, and what a walk counts),
+//! HTTP caching and resumable-download validators (RFC 9110), and extractor
+//! rejections as the product's JSON error with the request ID.
 
 mod storage_common;
 
@@ -418,4 +419,215 @@ fn quota_metrics_show_limits_beside_usage_per_scope() {
     assert_eq!(e.value(limit, user), None, "{text}");
     assert!(e.value(used, user).is_some(), "usage stays: {text}");
     assert_eq!(e.value(limit, proj), Some(4096.0), "{text}");
+}
+
+/// `storage_proxy_quota_walks_total`: walks measuring a scope's committed bytes.
+fn walks(p: &Proxy) -> u64 {
+    use appproxy_test_support::prom::Exposition;
+    let r = request(p.manager, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let e = Exposition::parse(&text);
+    e.value("storage_proxy_quota_walks_total", "")
+        .unwrap_or_else(|| panic!("no walk counter in {text}")) as u64
+}
+
+/// A scope full of files a user's shell left there is walked once, not once per
+/// PATCH: concurrent uploads in many PATCHes share one measurement, and the limit
+/// still holds exactly across them (the bytes each completion puts in place are
+/// added to the measurement in the step that releases its reservation).
+#[test]
+fn patches_share_one_measurement_and_concurrent_uploads_still_fit_the_limit() {
+    const LIMIT: usize = 10_000;
+    const BEFORE: usize = 1_000;
+    const SIZE: usize = 900;
+    const PIECE: usize = 100;
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, LIMIT as u64);
+    let vf = p.vfolder_path();
+    for i in 0..2_000 {
+        std::fs::File::create(vf.join(format!("empty-{i}"))).expect("empty file");
+    }
+    std::fs::write(vf.join("before.bin"), vec![3u8; BEFORE]).expect("file");
+    let before = walks(&p);
+    let ok = std::sync::atomic::AtomicUsize::new(0);
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    let patches = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (p, ok, refused, patches) = (&p, &ok, &refused, &patches);
+            s.spawn(move || {
+                for i in 0..3 {
+                    let r = upload_token(p, &format!("f-{t}-{i}.bin"), SIZE);
+                    if r.status == 413 {
+                        assert_eq!(r.json()["code"], "quota-exceeded");
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    let token = r.json()["token"].as_str().expect("token").to_owned();
+                    for offset in (0..SIZE).step_by(PIECE) {
+                        let r = patch(p, &token, offset, &[1u8; PIECE]);
+                        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+                        patches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let fit = (LIMIT - BEFORE) / SIZE;
+    assert_eq!(ok.load(std::sync::atomic::Ordering::Relaxed), fit);
+    assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 12 - fit);
+    assert_eq!(
+        patches.load(std::sync::atomic::Ordering::Relaxed),
+        fit * SIZE / PIECE
+    );
+    // 12 session checks and 90 PATCH checks, one walk (the first check's; the
+    // others that came meanwhile waited for it).
+    assert_eq!(walks(&p) - before, 1, "{}", p.log());
+    // The measurement followed the completions: the scope is full.
+    let r = upload_token(&p, "one-more.bin", 1);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let q = p
+        .manager_method(
+            "GET",
+            "/quota-scope",
+            serde_json::json!({"volume": "local", "qsid": QSID}),
+        )
+        .json();
+    assert_eq!(q["used_bytes"], (BEFORE + fit * SIZE) as u64, "{q}");
+    assert_eq!(q["reserved_bytes"], 0, "{q}");
+}
+
+/// Bytes written behind the proxy's back (from a container) do not count while the
+/// measurement is younger than `quota_usage_max_age_secs`; the first check after
+/// that walks again and sees them.
+#[test]
+fn usage_written_behind_the_proxys_back_counts_once_the_measurement_is_older_than_the_bound() {
+    use std::time::{Duration, Instant};
+    const BOUND: Duration = Duration::from_secs(3);
+    let p = Proxy::start("quota_usage_max_age_secs = 3\n");
+    create_with_limit(&p, 10_000);
+    let measured_after = Instant::now();
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let measured = walks(&p);
+    std::fs::write(p.vfolder_path().join("outside.bin"), vec![0u8; 9_500]).expect("file");
+    // Within the bound the measurement (0 bytes committed) stands.
+    let r = patch(&p, &a, 0, &[0u8; 100]);
+    if measured_after.elapsed() < BOUND {
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(walks(&p), measured);
+    }
+    // Past it, the next check measures again: 9 500 + 1 000 reserved > 10 000.
+    std::thread::sleep(
+        (measured_after + BOUND + Duration::from_millis(200))
+            .saturating_duration_since(Instant::now()),
+    );
+    let r = request(p.client, "HEAD", &format!("/upload?token={a}"), &[], b"");
+    let offset: usize = r
+        .header("upload-offset")
+        .and_then(|v| v.parse().ok())
+        .expect("offset");
+    let r = patch(&p, &a, offset, &[0u8; 100]);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "quota-exceeded");
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("9500 of 10000"), "{title}");
+    assert_eq!(walks(&p), measured + 1);
+}
+
+/// A file with several hard links in a scope (in one vfolder or two) counts once,
+/// by device and inode, as `du` counts it; the vfolder's own usage counts names, as
+/// the original does.
+#[test]
+fn a_file_hard_linked_in_a_scope_counts_once() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 10_000);
+    let vf = p.vfolder_path();
+    let other = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000beef";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let other_path = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
+    std::fs::write(vf.join("data.bin"), vec![1u8; 6_000]).expect("file");
+    std::fs::create_dir(vf.join("sub")).expect("sub");
+    for link in [
+        vf.join("data-link.bin"),
+        vf.join("sub/again.bin"),
+        other_path.join("shared.bin"),
+    ] {
+        std::fs::hard_link(vf.join("data.bin"), link).expect("hard link");
+    }
+    // 6 000 once, not 24 000: 3 000 more fit.
+    let r = upload_token(&p, "b.bin", 3_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = upload_token(&p, "c.bin", 1_001);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("9000 of 10000"), "{title}");
+    let q = p
+        .manager_method(
+            "GET",
+            "/quota-scope",
+            serde_json::json!({"volume": "local", "qsid": QSID}),
+        )
+        .json();
+    assert_eq!(q["used_bytes"], 6_000, "{q}");
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.json()["used_bytes"], 18_000, "three names");
+}
+
+/// Only each vfolder's own `.upload` is left out of committed bytes: a directory of
+/// that name deeper down is the user's, and its bytes count.
+#[test]
+fn a_directory_named_upload_below_the_vfolder_top_counts() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 10_000);
+    let hidden = p.vfolder_path().join("sub/.upload");
+    std::fs::create_dir_all(&hidden).expect("dir");
+    std::fs::write(hidden.join("kept.bin"), vec![1u8; 6_000]).expect("file");
+    let r = upload_token(&p, "b.bin", 4_001);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("6000 of 10000"), "{title}");
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.json()["used_bytes"], 6_000);
+    assert_eq!(upload_token(&p, "c.bin", 4_000).status, 200);
+}
+
+/// A delete through the manager API frees its room for the next check at once,
+/// however young the measurement (the check measures again).
+#[test]
+fn a_delete_through_the_api_frees_room_at_once() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 10_000);
+    assert_eq!(p.upload("big.bin", &[5u8; 8_000]).status, 204);
+    let r = upload_token(&p, "next.bin", 3_000);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let measured = walks(&p);
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["big.bin"]}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(upload_token(&p, "next.bin", 3_000).status, 200);
+    assert_eq!(walks(&p), measured + 1);
 }
