@@ -689,7 +689,10 @@ async fn patch(
             file.flush().await?;
             super::Metrics::add(&state.metrics.upload_bytes, written - offset);
             tracing::info!(bytes = written - offset, "upload body stalled");
-            return Err(ApiError::Stalled(state.stall.as_secs()));
+            return Err(ApiError::TimedOut(format!(
+                "no byte of the body came for {} s: what arrived is kept, resume from HEAD's offset",
+                state.stall.as_secs()
+            )));
         };
         let Some(Ok(chunk)) = next else { break };
         if written + chunk.len() as u64 > s.size {

@@ -183,9 +183,11 @@ pub enum ApiError {
     /// Too large.
     #[error("upload larger than the limit")]
     TooLarge,
-    /// A request body on which no byte came for the stall timeout.
-    #[error("no byte of the body came for {0} s: what arrived is kept, resume from HEAD's offset")]
-    Stalled(u64),
+    /// A request body that did not come in time (a tus PATCH body on which no byte
+    /// came for the stall timeout, a manager API body not whole within its
+    /// deadline): 408 `request-timeout`, the message saying which.
+    #[error("{0}")]
+    TimedOut(String),
     /// The quota scope would pass its limit.
     #[error("quota exceeded: {used} of {limit} bytes used")]
     QuotaExceeded {
@@ -236,7 +238,7 @@ impl ApiError {
             Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
-            Self::Stalled(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
+            Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 (*status, "too-large")
@@ -255,9 +257,6 @@ impl ApiError {
             }
             Self::Rejected { status, .. } if *status == StatusCode::GONE => {
                 (*status, "vfolder-not-found")
-            }
-            Self::Rejected { status, .. } if *status == StatusCode::REQUEST_TIMEOUT => {
-                (*status, "request-timeout")
             }
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -79,10 +79,9 @@ async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> 
             Ok(req) => next.run(req).await,
             Err(failure) => server::closing(
                 match failure {
-                    server::BodyFailure::Late => ApiError::Rejected {
-                        status: StatusCode::REQUEST_TIMEOUT,
-                        message: "request body not received in time".into(),
-                    },
+                    server::BodyFailure::Late => {
+                        ApiError::TimedOut("request body not received in time".into())
+                    }
                     server::BodyFailure::TooLarge => ApiError::Rejected {
                         status: StatusCode::PAYLOAD_TOO_LARGE,
                         message: "request body too large".into(),

@@ -977,6 +977,14 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
     let r = appproxy_test_support::http::parse(&raw, false);
     assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["code"], "request-timeout");
+    assert_eq!(
+        r.json()["type"],
+        "https://api.backend.ai/probs/storage/request-timeout"
+    );
+    assert_eq!(
+        r.json()["title"],
+        "no byte of the body came for 1 s: what arrived is kept, resume from HEAD's offset"
+    );
     let head = appproxy_test_support::http::request_within(
         p.client,
         "HEAD",

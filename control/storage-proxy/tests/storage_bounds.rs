@@ -129,7 +129,12 @@ fn a_manager_body_that_stalls_is_answered_408_and_closed() {
     .expect("send");
     let text = answer(&mut s);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("request-timeout"), "{text}");
+    assert!(
+        text.contains(r#""code":"request-timeout""#)
+            && text.contains(r#""type":"https://api.backend.ai/probs/storage/request-timeout""#)
+            && text.contains(r#""title":"request body not received in time""#),
+        "{text}"
+    );
     assert!(
         text.to_ascii_lowercase().contains("connection: close"),
         "{text}"
