@@ -631,3 +631,34 @@ fn a_delete_through_the_api_frees_room_at_once() {
     assert_eq!(upload_token(&p, "next.bin", 3_000).status, 200);
     assert_eq!(walks(&p), measured + 1);
 }
+
+/// The periodic sync pass measures a scope no check measured (its walk counted like
+/// a check's), and `/metrics` shows the figure.
+#[test]
+fn the_sync_pass_measures_scopes_no_check_did() {
+    use appproxy_test_support::prom::Exposition;
+    use std::time::{Duration, Instant};
+    let p = Proxy::start("cleanup_interval_secs = 1\n");
+    create_with_limit(&p, 10_000);
+    std::fs::write(p.vfolder_path().join("shell.bin"), vec![0u8; 4_321]).expect("file");
+    let user = "volume=\"local\",scope=\"user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
+    // A hang guard, not a timing assertion: the pass runs every second.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(p.manager, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let e = Exposition::parse(&text);
+        if e.value("storage_proxy_quota_scope_used_bytes", user) == Some(4_321.0) {
+            assert!(
+                e.value("storage_proxy_quota_walks_total", "") >= Some(1.0),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The measurement serves the next check: 4 321 + 5 680 > 10 000.
+    let r = upload_token(&p, "big.bin", 5_680);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+}
