@@ -347,10 +347,6 @@ pub async fn read_body_within(
     if req.body().is_end_stream() {
         return Ok(req);
     }
-    // A body announced longer than the limit is refused before any of it is read.
-    if req.body().size_hint().lower() > max as u64 {
-        return Err(BodyFailure::TooLarge);
-    }
     let (parts, body) = req.into_parts();
     match tokio::time::timeout(limit, axum::body::to_bytes(body, max)).await {
         Ok(Ok(bytes)) => Ok(axum::extract::Request::from_parts(parts, bytes.into())),

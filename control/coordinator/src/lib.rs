@@ -688,7 +688,15 @@ async fn announced_size(req: Request, next: Next) -> Response {
 /// handlers read the buffered copy. Late: 408; over the limit: 413; cut off: 400;
 /// each closes the connection.
 async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next) -> Response {
-    let refused = match server::read_body_within(req, rule.within, rule.max).await {
+    use axum::body::HttpBody as _;
+    // A body announced longer than the route's limit is refused before any of it is
+    // read (as `announced_size` does for the API's largest).
+    let refused = if req.body().size_hint().lower() > rule.max as u64 {
+        Err(server::BodyFailure::TooLarge)
+    } else {
+        server::read_body_within(req, rule.within, rule.max).await
+    };
+    let refused = match refused {
         Ok(req) => return next.run(req).await,
         Err(server::BodyFailure::Late) => ApiError::BodyTimeout,
         Err(server::BodyFailure::TooLarge) => ApiError::TooLarge,
