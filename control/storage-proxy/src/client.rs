@@ -569,20 +569,19 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Moves a complete staging file into place: the file and the staging directory
-/// are synced first, the destination's missing parents are created beneath the
-/// vfolder by the kernel's resolution, the rename is one `renameat` between two
-/// descriptors, and the destination directory is synced after it.
-fn complete(s: &Session) -> Result<(), ApiError> {
-    fsx::sync(s.staging.as_fd())?;
+/// Moves a complete staging file into place (the caller synced the file and the
+/// staging directory, and syncs the returned destination directory after it: the
+/// syncs stay outside the scope's lock, under which this runs): the destination's
+/// missing parents are created beneath the vfolder by the kernel's resolution, and
+/// the rename is one `renameat` between two descriptors.
+fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
     let (name, dirs) = s
         .destination
         .split_last()
         .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
     let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
     rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;
-    fsx::sync(parent.as_fd())?;
-    Ok(())
+    Ok(parent)
 }
 
 async fn tus_patch(
@@ -711,8 +710,11 @@ async fn patch(
         drop(file);
         let st = state.clone();
         let id = blocking(move || {
-            st.reservations
+            fsx::sync(s.staging.as_fd())?;
+            let parent = st
+                .reservations
                 .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
+            fsx::sync(parent.as_fd())?;
             Ok(s.id)
         })
         .await?;

@@ -453,21 +453,37 @@ pub enum Links {
     Once,
 }
 
+/// Inodes with links not yet seen that a usage walk remembers at most (about 4 MiB).
+pub const MAX_LINKED: usize = 100_000;
+
 /// Files and bytes (apparent sizes) of everything but directories under `dir`
 /// (symlinks not followed), descending only into directories `descend` accepts (it
 /// gets the entry and its depth, 0 for the entries of `dir`). What cannot be read
 /// is left out. With [`Links::Once`] only inodes with more than one link are
-/// remembered, each until all its links were seen.
+/// remembered, each until all its links were seen, and at most [`MAX_LINKED`] at a
+/// time: a user with a shell can make millions of linked files, and a walk's memory
+/// must not be theirs to choose (past the cap, links count once per name).
 pub fn usage(
     dir: BorrowedFd<'_>,
     links: Links,
     descend: &dyn Fn(&Entry, usize) -> bool,
+) -> (u64, u64) {
+    usage_capped(dir, links, descend, MAX_LINKED)
+}
+
+/// [`usage`] remembering at most `cap` linked inodes.
+fn usage_capped(
+    dir: BorrowedFd<'_>,
+    links: Links,
+    descend: &dyn Fn(&Entry, usize) -> bool,
+    cap: usize,
 ) -> (u64, u64) {
     struct Usage<'d> {
         files: u64,
         bytes: u64,
         /// Inodes with links not seen yet → how many.
         linked: Option<std::collections::HashMap<(u64, u64), u64>>,
+        cap: usize,
         descend: &'d dyn Fn(&Entry, usize) -> bool,
     }
     impl Visitor for Usage<'_> {
@@ -478,6 +494,7 @@ pub fn usage(
             let nlink = e.stat.st_nlink;
             if let (Some(linked), true) = (&mut self.linked, nlink > 1) {
                 let id = (e.stat.st_dev, e.stat.st_ino);
+                let room = linked.len() < self.cap;
                 match linked.get_mut(&id) {
                     Some(left) => {
                         *left -= 1;
@@ -486,9 +503,12 @@ pub fn usage(
                         }
                         return Ok(false);
                     }
-                    None => {
+                    // Past the cap, further inodes count once per name: more
+                    // than they take (the safe side for a quota), never less.
+                    None if room => {
                         linked.insert(id, nlink - 1);
                     }
+                    None => {}
                 }
             }
             self.files += 1;
@@ -500,6 +520,7 @@ pub fn usage(
         files: 0,
         bytes: 0,
         linked: (links == Links::Once).then(Default::default),
+        cap,
         descend,
     };
     if let Err(e) = walk(dir, &mut u) {
@@ -693,6 +714,33 @@ mod tests {
                 && e.name == "a")),
             (2, 110)
         );
+    }
+
+    /// The memory of a walk counting inodes once is capped: past the cap, further
+    /// linked inodes count once per name, never less than they take.
+    #[test]
+    fn linked_inodes_past_the_cap_count_per_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..4 {
+            std::fs::write(dir.path().join(format!("f{i}")), [0u8; 10]).expect("f");
+            std::fs::hard_link(
+                dir.path().join(format!("f{i}")),
+                dir.path().join(format!("l{i}")),
+            )
+            .expect("link");
+        }
+        let root = fd(dir.path());
+        let all = |_: &Entry, _: usize| true;
+        assert_eq!(usage_capped(root.as_fd(), Links::Once, &all, 100), (4, 40));
+        // Two remembered at a time: the first links of four inodes are met before any
+        // second link (names sorted or not), so at least two count twice.
+        let (files, bytes) = usage_capped(root.as_fd(), Links::Once, &all, 2);
+        assert!(
+            (4..=8).contains(&files) && bytes == files * 10,
+            "{files} {bytes}"
+        );
+        assert!(bytes >= 40);
+        assert_eq!(usage_capped(root.as_fd(), Links::Once, &all, 0), (8, 80));
     }
 
     /// A chain deeper than `HELD` and a directory wide enough to matter are walked

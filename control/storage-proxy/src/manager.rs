@@ -190,8 +190,10 @@ async fn quota_state(
     let name = Volumes::scope_name(qsid)?;
     let key = state.volumes.scope(&volume, qsid)?;
     let st = state.clone();
-    // Usage and reservations are read under the scope's lock: a commit between the
-    // two would show its bytes in neither.
+    // Usage and reservations are read so that they agree (`Reservations::consistent`:
+    // the walk is made again when a commit ran during it, three times at most, so a
+    // scope under a steady stream of commits may show one upload's bytes twice or
+    // not at all in this report; checks never use it).
     let ((used, limit), reserved) = blocking(move || {
         let scope = match st.volumes.open_scope(&volume, &name) {
             Ok(fd) => fd,

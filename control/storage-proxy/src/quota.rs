@@ -198,8 +198,11 @@ struct Ledger {
 #[derive(Default)]
 struct Scope {
     /// The scope's lock: check-and-reserve, commit and a measurement's update run
-    /// under it; a walk never does.
+    /// under it; a walk never does. Taken on the blocking pool only.
     ledger: Mutex<Ledger>,
+    /// The measurement's bytes plus one (0: none yet), written under the ledger's
+    /// lock and read without it by `/metrics`, which must not wait for a commit.
+    shown: std::sync::atomic::AtomicU64,
     /// Held by the walk of the scope in progress; checks that need a measurement
     /// wait here (asynchronously) and take that walk's result instead of walking.
     walk: Arc<tokio::sync::Mutex<()>>,
@@ -208,6 +211,12 @@ struct Scope {
 impl Scope {
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the ledger's measurement for `/metrics` (call under the lock).
+    fn show(&self, ledger: &Ledger) {
+        let v = ledger.measured.map_or(0, |m| m.bytes.saturating_add(1));
+        self.shown.store(v, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -256,6 +265,7 @@ impl Reservations {
         if let Some(m) = &mut ledger.measured {
             m.bytes = m.bytes.saturating_add(bytes);
         }
+        s.show(&ledger);
         Ok(done)
     }
 
@@ -347,7 +357,10 @@ impl Reservations {
             .collect();
         scopes
             .into_iter()
-            .filter_map(|(k, s)| Some((k, s.ledger().measured?.bytes)))
+            .filter_map(|(k, s)| {
+                let shown = s.shown.load(std::sync::atomic::Ordering::Relaxed);
+                Some((k, shown.checked_sub(1)?))
+            })
             .collect()
     }
 }
@@ -378,6 +391,7 @@ fn walk_scope(state: &State, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
         stale: ledger.removals != removals,
     });
     ledger.walks += 1;
+    s.show(&ledger);
     bytes
 }
 
@@ -399,25 +413,31 @@ pub async fn measure(
     scope_name: &str,
 ) -> Result<(), ApiError> {
     let s = state.reservations.scope(key);
+    // The scope's lock is a blocking one, held by commits while they rename and
+    // sync: it is only ever taken on the blocking pool, never on a runtime thread.
     let seen = {
-        let ledger = s.ledger();
-        if fresh(&ledger, state.usage_max_age) {
-            return Ok(());
-        }
-        ledger.walks
+        let (s, max_age) = (s.clone(), state.usage_max_age);
+        super::blocking(move || {
+            let ledger = s.ledger();
+            Ok((!fresh(&ledger, max_age)).then_some(ledger.walks))
+        })
+        .await?
+    };
+    let Some(seen) = seen else {
+        return Ok(());
     };
     let walking = s.walk.clone().lock_owned().await;
-    {
-        let ledger = s.ledger();
-        if ledger.walks != seen || fresh(&ledger, state.usage_max_age) {
-            return Ok(());
-        }
-    }
     let (st, volume, name) = (state.clone(), volume.to_owned(), scope_name.to_owned());
     // The walk holds `walking` to its end, even when the request that started it is
     // gone meanwhile.
     super::blocking(move || {
         let _walking = walking;
+        {
+            let ledger = s.ledger();
+            if ledger.walks != seen || fresh(&ledger, st.usage_max_age) {
+                return Ok(());
+            }
+        }
         let scope = st.volumes.open_scope(&volume, &name)?;
         walk_scope(&st, &s, scope.as_fd());
         Ok(())
