@@ -552,6 +552,53 @@ fn the_forwarded_host_of_a_trusted_proxy_is_the_address() {
         }
         assert_eq!(up.count(), if admitted { 2 } else { 0 });
     }
+    // nginx's `$host` never carries the port: a forwarded host without one takes the
+    // trusted proxy's `X-Forwarded-Port`, so a browser on a non-default port (as
+    // port-mode circuits are) is its own origin there, and the default port is not.
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        &format!("{INTERACTIVE}\nuser_id = \"{USER}\""),
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+    );
+    for (forwarded, origin, admitted) in [
+        (
+            "X-Forwarded-Port: 8443\r\n",
+            "https://apps.example.com:8443",
+            true,
+        ),
+        (
+            "X-Forwarded-Port: 8443\r\n",
+            "https://apps.example.com",
+            false,
+        ),
+        ("", "https://apps.example.com:8443", false),
+        // A port the forwarded host names itself wins; two port fields are none.
+        (
+            "X-Forwarded-Port: 1\r\n",
+            "https://apps.example.com:9443",
+            true,
+        ),
+        (
+            "X-Forwarded-Port: 8443\r\nX-Forwarded-Port: 8443\r\n",
+            "https://apps.example.com:8443",
+            false,
+        ),
+    ] {
+        let xfh = if origin.ends_with(":9443") {
+            "apps.example.com:9443"
+        } else {
+            "apps.example.com"
+        };
+        let fields = format!("X-Forwarded-Host: {xfh}\r\n{forwarded}Origin: {origin}\r\n{cookie}");
+        let r = send_one(&w, &hostile("websocket", "internal:1", &fields));
+        assert_eq!(
+            r.status,
+            if admitted { 200 } else { 403 },
+            "{forwarded:?} {origin}: {}",
+            r.text()
+        );
+    }
 }
 
 #[test]

@@ -188,10 +188,10 @@ fn request_target(
     if t.first() == Some(&b'/') || method == "CONNECT" || (t == b"*" && method == "OPTIONS") {
         return Ok(target);
     }
-    let scheme_len = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
-        7
+    let (scheme_len, default_port) = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        (7, &b"80"[..])
     } else if t.len() > 8 && t[..8].eq_ignore_ascii_case(b"https://") {
-        8
+        (8, &b"443"[..])
     } else {
         return Err(RequestError::Malformed("request target"));
     };
@@ -201,7 +201,7 @@ fn request_target(
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let authority = &rest[..authority_len];
-    let same_host = host.is_some_and(|h| buf[h.clone()].eq_ignore_ascii_case(authority));
+    let same_host = host.is_some_and(|h| same_authority(authority, &buf[h.clone()], default_port));
     if authority.is_empty() || !same_host {
         return Err(RequestError::Malformed(
             "request target names another host than Host",
@@ -211,6 +211,24 @@ fn request_target(
         return Err(RequestError::Malformed("request target"));
     }
     Ok(target.start + scheme_len + authority_len..target.end)
+}
+
+/// Whether two authorities (`host[:port]`, `[v6][:port]`) name the same host and
+/// port: hosts case aside, a missing or empty port read as the scheme's
+/// `default_port` (`http://a:80/` addresses `Host: a`).
+fn same_authority(a: &[u8], b: &[u8], default_port: &[u8]) -> bool {
+    fn split(text: &[u8]) -> (&[u8], Option<&[u8]>) {
+        let host_end = match text.iter().rposition(|b| *b == b']') {
+            Some(end) => end + 1,
+            None => text.iter().position(|b| *b == b':').unwrap_or(text.len()),
+        };
+        let (host, rest) = text.split_at(host_end);
+        (host, rest.strip_prefix(b":").filter(|p| !p.is_empty()))
+    }
+    let ((host_a, port_a), (host_b, port_b)) = (split(a), split(b.trim_ascii()));
+    !host_a.is_empty()
+        && host_a.eq_ignore_ascii_case(host_b)
+        && port_a.unwrap_or(default_port) == port_b.unwrap_or(default_port)
 }
 
 /// Case-insensitive comparison of an ASCII header name.

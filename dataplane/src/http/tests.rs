@@ -117,7 +117,11 @@ fn request_refusal_table() {
         (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target"), 400),
         (b"GET http://b/x HTTP/1.1\r\nHost: a\r\n\r\n",
             RequestError::Malformed("request target names another host than Host"), 400),
-        (b"GET http://a:80/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        (b"GET http://a:8080/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET https://a/x HTTP/1.1\r\nHost: a:80\r\n\r\n",
+            RequestError::Malformed("request target names another host than Host"), 400),
+        (b"GET http://[::1]:81/x HTTP/1.1\r\nHost: [::1]\r\n\r\n",
             RequestError::Malformed("request target names another host than Host"), 400),
         (b"GET http://u@a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             RequestError::Malformed("request target names another host than Host"), 400),
@@ -155,6 +159,13 @@ fn request_targets_reach_the_app_in_origin_form() {
             b"/",
         ),
         (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", b"*"),
+        // The default port of the target's scheme, written on either side.
+        (b"GET http://a:80/x HTTP/1.1\r\nHost: a\r\n\r\n", b"/x"),
+        (b"GET https://a/x HTTP/1.1\r\nHost: A:443\r\n\r\n", b"/x"),
+        (
+            b"GET http://[::1]/x HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            b"/x",
+        ),
         (b"GET /http://b/ HTTP/1.1\r\nHost: a\r\n\r\n", b"/http://b/"),
     ] {
         let head = req(input).expect("valid").expect("complete");

@@ -335,6 +335,7 @@ pub(crate) fn admit(
             .map(|h| &buf[h.value.clone()])
     };
     let host = addressed_host(hop, buf, head);
+    let host = host.as_deref();
     crate::auth::check_origin(values("origin"), host, &core.rt.allowed_origins).inspect_err(|_| {
         // Bounded: these are the client's bytes.
         let shown = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
@@ -349,21 +350,48 @@ pub(crate) fn admit(
 
 /// The authority the client addressed: `Host` (`:authority` over HTTP/2), or, from a
 /// trusted proxy, its one `X-Forwarded-Host` (a proxy that rewrites `Host` says there
-/// what the browser asked for, and the app is told the same).
-fn addressed_host<'a>(hop: &ClientHop, buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8]> {
-    if hop.trusted {
-        let mut forwarded = head
+/// what the browser asked for, and the app is told the same). A forwarded host
+/// without a port takes the trusted proxy's one `X-Forwarded-Port` when it sends
+/// one: nginx's `$host` never carries the port, and a browser on a non-default port
+/// (port-mode circuits) names it in its `Origin`.
+fn addressed_host<'a>(
+    hop: &ClientHop,
+    buf: &'a [u8],
+    head: &RequestHead,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    use std::borrow::Cow;
+    let single = |name: &'static str| {
+        let mut values = head
             .headers
             .iter()
-            .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-host"))
-            .map(|h| &buf[h.value.clone()]);
-        if let (Some(v), None) = (forwarded.next(), forwarded.next()) {
-            if !v.contains(&b',') {
-                return Some(v);
-            }
+            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+            .map(|h| buf[h.value.clone()].trim_ascii());
+        match (values.next(), values.next()) {
+            (Some(v), None) if !v.contains(&b',') => Some(v),
+            _ => None,
+        }
+    };
+    if hop.trusted {
+        if let Some(host) = single("x-forwarded-host") {
+            let has_port = match host.iter().rposition(|b| *b == b']') {
+                Some(end) => host.get(end + 1) == Some(&b':'),
+                None => host.contains(&b':'),
+            };
+            let port = single("x-forwarded-port")
+                .filter(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+            return Some(match (has_port, port) {
+                (false, Some(port)) => {
+                    let mut joined = Vec::with_capacity(host.len() + 1 + port.len());
+                    joined.extend_from_slice(host);
+                    joined.push(b':');
+                    joined.extend_from_slice(port);
+                    Cow::Owned(joined)
+                }
+                _ => Cow::Borrowed(host),
+            });
         }
     }
-    head.host.clone().map(|h| &buf[h])
+    head.host.clone().map(|h| Cow::Borrowed(&buf[h]))
 }
 
 /// The circuit's credential check: the permit cookie for interactive apps, a bearer
