@@ -261,11 +261,15 @@ pub const CROSS_ORIGIN: Refused = refused(403, "cross_origin", "cross-origin req
 /// or `:authority`; a `host` without a port names the default port of the origin's
 /// scheme, as browsers leave it out of both): admitted. The scheme is not compared
 /// otherwise (behind a TLS-terminating balancer the worker cannot tell which one the
-/// browser spoke; one host and port is one frontend). Anything else — another host
-/// or port, `null`, a malformed value, two `Origin` fields, no `host` — is refused.
+/// browser spoke; one host and port is one frontend). `Origin: null` is admitted
+/// only when the browser's own `Sec-Fetch-Site` (`fetch_site`, which no script can
+/// set) says `same-origin`: a page with `Referrer-Policy: no-referrer` sends `null`
+/// on its own form posts. Anything else — another host or port, any other `null`, a
+/// malformed value, two `Origin` fields, no `host` — is refused.
 pub fn check_origin<'a>(
     mut origins: impl Iterator<Item = &'a [u8]>,
     host: Option<&[u8]>,
+    fetch_site: Option<&[u8]>,
     allowed: &[Origin],
 ) -> Result<(), Refused> {
     let Some(first) = origins.next() else {
@@ -273,6 +277,9 @@ pub fn check_origin<'a>(
     };
     if origins.next().is_some() {
         return Err(CROSS_ORIGIN);
+    }
+    if first.trim_ascii() == b"null" && fetch_site.map(<[u8]>::trim_ascii) == Some(b"same-origin") {
+        return Ok(());
     }
     let origin = Origin::parse(first).ok_or(CROSS_ORIGIN)?;
     if allowed.contains(&origin) {
@@ -515,6 +522,7 @@ mod tests {
             check_origin(
                 origins.iter().map(|o| o.as_bytes()),
                 host.map(str::as_bytes),
+                None,
                 &allowed,
             )
             .is_ok()
@@ -562,6 +570,21 @@ mod tests {
             h,
             &[]
         ));
+        // `null` only with the browser's word that the page is the same origin.
+        let null = |site: Option<&str>| {
+            check_origin(
+                [&b"null"[..]].into_iter(),
+                h.map(str::as_bytes),
+                site.map(str::as_bytes),
+                &[],
+            )
+            .is_ok()
+        };
+        assert!(null(Some("same-origin")));
+        assert!(!null(Some("same-site")));
+        assert!(!null(Some("cross-site")));
+        assert!(!null(Some("none")));
+        assert!(!null(None));
         // Extra origins, compared whole (scheme included, default port normalised).
         let console = &["https://console.example.com"];
         assert!(check(&["https://console.example.com:443"], h, console));

@@ -251,6 +251,24 @@ fn origin_table(port: u16) -> Vec<(&'static str, String, String, bool)> {
     let o = |v: &str| format!("Origin: {v}\r\n");
     vec![
         (
+            "null, the browser saying the page is the same origin (no-referrer forms)",
+            format!("proxy.test:{port}"),
+            "Origin: null\r\nSec-Fetch-Site: same-origin\r\n".into(),
+            true,
+        ),
+        (
+            "null from a sibling site",
+            format!("proxy.test:{port}"),
+            "Origin: null\r\nSec-Fetch-Site: same-site\r\n".into(),
+            false,
+        ),
+        (
+            "null, the same-origin word given twice",
+            format!("proxy.test:{port}"),
+            "Origin: null\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Site: same-origin\r\n".into(),
+            false,
+        ),
+        (
             "no Origin",
             format!("proxy.test:{port}"),
             String::new(),
@@ -665,7 +683,12 @@ fn http2_streams_get_the_same_origin_guard() {
     let cookie = permit_cookie();
     let cookie = cookie.trim_end();
     let url = format!("http://127.0.0.1:{}/api/kernels", w.port);
-    // `:authority` comes from the URL, or from a Host field when one is given.
+    // `:authority` comes from the URL, or from a Host field when one is given. The
+    // requests carry no body: a refusal answers before the body would be read and
+    // the stream is then reset with NO_ERROR (RFC 9113 §8.1); with a body, curl 7.88
+    // reported "(92) Stream error in the HTTP/2 framing layer" for about one refusal
+    // in fifteen runs, when that reset met its upload. The guard does not look at the
+    // method.
     for (host, origin, want) in [
         (None, format!("http://127.0.0.1:{}", w.port), "200"),
         (None, format!("http://evil.test:{}", w.port), "403"),
@@ -697,8 +720,6 @@ fn http2_streams_get_the_same_origin_guard() {
             origin_field.as_str(),
             "-H",
             cookie,
-            "--data",
-            "name=x",
         ];
         let host_field = host.as_ref().map(|h| format!("Host: {h}"));
         if let Some(h) = &host_field {

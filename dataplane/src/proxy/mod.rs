@@ -336,7 +336,13 @@ pub(crate) fn admit(
     };
     let host = addressed_host(hop, buf, head);
     let host = host.as_deref();
-    crate::auth::check_origin(values("origin"), host, &core.rt.allowed_origins).inspect_err(|_| {
+    let mut fetch_site = values("sec-fetch-site");
+    let fetch_site = match (fetch_site.next(), fetch_site.next()) {
+        (Some(v), None) => Some(v),
+        _ => None,
+    };
+    let allowed = &core.rt.allowed_origins;
+    crate::auth::check_origin(values("origin"), host, fetch_site, allowed).inspect_err(|_| {
         // Bounded: these are the client's bytes.
         let shown = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
         tracing::info!(
