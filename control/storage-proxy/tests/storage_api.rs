@@ -136,13 +136,7 @@ fn fetch_archive_tokens_and_metrics() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let token = r.json()["token"].as_str().expect("token").to_owned();
-    let r = request(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-    );
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(r
         .header("content-disposition")

@@ -621,15 +621,7 @@ fn special_files_in_a_vfolder_are_never_opened() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": specials}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 404);
     let r = p.download("s", "&archive=true", &[]);
     assert_eq!(r.status, 200);
@@ -885,15 +877,7 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": files}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(60),
-    )
-    .expect("answered");
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
     assert_eq!(names.len(), 600);
@@ -903,15 +887,7 @@ fn an_archive_of_more_listed_files_than_descriptors_is_complete() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": ["f000.txt", "nope.txt"]}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(60),
-    )
-    .expect("answered");
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 404);
 }
 
@@ -1111,15 +1087,7 @@ fn archive_entry_names_never_carry_a_backslash() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "vfid": VFID, "files": ["w/a\\b"]}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 200);
     let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
     assert_eq!(names, ["'w/a_b/.._.._x.bat'"], "{names:?}");

@@ -217,14 +217,6 @@ fn heads_are_bounded_per_api_and_archive_tokens_fit_their_url() {
         serde_json::json!({"volume": "local", "vfid": VFID, "files": &long[..200]}),
     );
     assert!(token.len() > 40_000, "{}", token.len());
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download-archive?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.download_archive(&token);
     assert_eq!(r.status, 200);
 }

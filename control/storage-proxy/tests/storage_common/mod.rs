@@ -152,6 +152,20 @@ impl Proxy {
         )
     }
 
+    /// `GET /download-archive` with `token`, answered whole within 60 s (else the
+    /// test fails: the proxy is stuck).
+    pub fn download_archive(&self, token: &str) -> Resp {
+        appproxy_test_support::http::request_within(
+            self.client,
+            "GET",
+            &format!("/download-archive?token={token}"),
+            &[],
+            b"",
+            std::time::Duration::from_secs(60),
+        )
+        .expect("the archive answered whole within 60 s")
+    }
+
     /// Uploads `data` to `relpath` of the test vfolder in one PATCH; returns the
     /// session creation's answer when it is refused, else the PATCH's.
     pub fn upload(&self, relpath: &str, data: &[u8]) -> Resp {
