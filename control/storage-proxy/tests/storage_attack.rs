@@ -209,26 +209,10 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
     )
     .expect("mkfifo");
     for _ in 0..2 {
-        let r = appproxy_test_support::http::request_within(
-            p.client,
-            "PATCH",
-            &format!("/upload?token={token}"),
-            &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
-            b"data",
-            Duration::from_secs(20),
-        )
-        .expect("the PATCH is answered, not parked on the FIFO");
+        let r = p.tus_patch(&token, "0", b"data");
         assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     }
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "HEAD",
-        &format!("/upload?token={token}"),
-        &[("Tus-Resumable", "1.0.0")],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("HEAD answered");
+    let r = p.tus_head(&token);
     assert_eq!(r.status, 404);
     // A socket file in its place is refused the same way.
     rustix::fs::unlinkat(&dir, session.as_os_str(), rustix::fs::AtFlags::empty()).expect("rm");
@@ -236,15 +220,7 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
     let short = p.dir.path().join("s");
     let sock = std::os::unix::net::UnixListener::bind(&short).expect("socket");
     std::fs::rename(&short, staging.join(&session)).expect("move the socket in");
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "PATCH",
-        &format!("/upload?token={token}"),
-        &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
-        b"data",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.tus_patch(&token, "0", b"data");
     assert_eq!(r.status, 404);
     drop(sock);
     assert!(alive(&p));
@@ -274,15 +250,7 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
             "/folder/file/download",
             serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name}),
         );
-        let r = appproxy_test_support::http::request_within(
-            p.client,
-            "GET",
-            &format!("/download?token={token}"),
-            &[],
-            b"",
-            Duration::from_secs(20),
-        )
-        .expect("answered");
+        let r = p.client_get(&format!("/download?token={token}"), Duration::from_secs(20));
         assert_eq!(r.status, 404, "{name}");
         assert_eq!(r.json()["code"], "file-not-found");
         let body = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name});
@@ -304,15 +272,10 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
+    let r = p.client_get(
         &format!("/download?token={token}&archive=true"),
-        &[],
-        b"",
         Duration::from_secs(20),
-    )
-    .expect("answered");
+    );
     assert_eq!(r.status, 200);
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
@@ -442,15 +405,10 @@ fn an_archive_of_a_directory_wider_than_the_descriptor_limit_is_complete() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
+    let r = p.client_get(
         &format!("/download?token={token}&archive=true"),
-        &[],
-        b"",
         Duration::from_secs(120),
-    )
-    .expect("answered");
+    );
     assert_eq!(r.status, 200);
     let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
     assert_eq!(names.len(), n, "every subdirectory is in the archive");
@@ -476,15 +434,10 @@ fn archive_names_longer_than_a_zip_header_can_say_are_left_out() {
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "t"}),
     );
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
+    let r = p.client_get(
         &format!("/download?token={token}&archive=true"),
-        &[],
-        b"",
         Duration::from_secs(60),
-    )
-    .expect("answered");
+    );
     assert_eq!(r.status, 200);
     let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
     assert!(names.contains(&"'short.txt'".to_owned()), "{names:?}");
@@ -547,15 +500,7 @@ fn an_archive_whose_client_stops_reading_is_cut_off() {
     );
     assert!(raw.len() < noise.len(), "{} bytes", raw.len());
     // A reading client gets it all.
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &path,
-        &[],
-        b"",
-        Duration::from_secs(60),
-    )
-    .expect("answered");
+    let r = p.client_get(&path, Duration::from_secs(60));
     assert_eq!(r.status, 200);
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
@@ -653,15 +598,7 @@ fn special_files_in_a_vfolder_are_never_opened() {
         )
         .expect("device node");
         inotify::add_watch(&watch, &staging, inotify::WatchFlags::OPEN).expect("watch");
-        let r = appproxy_test_support::http::request_within(
-            p.client,
-            "PATCH",
-            &format!("/upload?token={token}"),
-            &[("Upload-Offset", "0"), ("Tus-Resumable", "1.0.0")],
-            b"data",
-            Duration::from_secs(20),
-        )
-        .expect("answered");
+        let r = p.tus_patch(&token, "0", b"data");
         assert_eq!(r.status, 404);
     }
     let session = session.to_string_lossy().into_owned();
@@ -800,17 +737,7 @@ fn hostile_headers_get_clean_answers() {
         "/folder/file/upload",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin", "size": 8}),
     );
-    let patch = |offset: &str, body: &[u8]| {
-        appproxy_test_support::http::request_within(
-            p.client,
-            "PATCH",
-            &format!("/upload?token={token}"),
-            &[("Upload-Offset", offset), ("Tus-Resumable", "1.0.0")],
-            body,
-            Duration::from_secs(20),
-        )
-        .expect("answered")
-    };
+    let patch = |offset: &str, body: &[u8]| p.tus_patch(&token, offset, body);
     assert_eq!(patch("-1", b"abcd").status, 400);
     assert_eq!(patch("18446744073709551615", b"abcd").status, 409);
     assert_eq!(patch("18446744073709551616", b"abcd").status, 400);
@@ -848,15 +775,7 @@ fn hostile_headers_get_clean_answers() {
     )
     .expect("answered");
     assert_eq!(r.status, 401);
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "GET",
-        &format!("/download?token={token}"),
-        &[],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.client_get(&format!("/download?token={token}"), Duration::from_secs(20));
     assert_eq!(r.status, 401);
 }
 
@@ -961,25 +880,9 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
         r.json()["title"],
         "no byte of the body came for 1 s: what arrived is kept, resume from HEAD's offset"
     );
-    let head = appproxy_test_support::http::request_within(
-        p.client,
-        "HEAD",
-        &format!("/upload?token={token}"),
-        &[("Tus-Resumable", "1.0.0")],
-        b"",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let head = p.tus_head(&token);
     assert_eq!(head.header("upload-offset"), Some("4"));
-    let r = appproxy_test_support::http::request_within(
-        p.client,
-        "PATCH",
-        &format!("/upload?token={token}"),
-        &[("Upload-Offset", "4"), ("Tus-Resumable", "1.0.0")],
-        b"4567",
-        Duration::from_secs(20),
-    )
-    .expect("answered");
+    let r = p.tus_patch(&token, "4", b"4567");
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         std::fs::read(p.vfolder_path().join("s.bin")).expect("complete"),

@@ -152,18 +152,53 @@ impl Proxy {
         )
     }
 
-    /// `GET /download-archive` with `token`, answered whole within 60 s (else the
-    /// test fails: the proxy is stuck).
+    /// `GET path` on the client API, answered whole within `wait` (else the test
+    /// fails: the proxy is stuck).
+    pub fn client_get(&self, path: &str, wait: std::time::Duration) -> Resp {
+        self.client_call("GET", path, &[], b"", wait)
+    }
+
+    /// `GET /download-archive` with `token`, answered whole within 60 s.
     pub fn download_archive(&self, token: &str) -> Resp {
-        appproxy_test_support::http::request_within(
-            self.client,
-            "GET",
+        self.client_get(
             &format!("/download-archive?token={token}"),
-            &[],
-            b"",
             std::time::Duration::from_secs(60),
         )
-        .expect("the archive answered whole within 60 s")
+    }
+
+    /// A tus `PATCH` of `body` at `offset` to the session of `token`, answered within
+    /// 20 s (a PATCH parked on a staging file the user swapped fails here).
+    pub fn tus_patch(&self, token: &str, offset: &str, body: &[u8]) -> Resp {
+        self.client_call(
+            "PATCH",
+            &format!("/upload?token={token}"),
+            &[("Upload-Offset", offset), ("Tus-Resumable", "1.0.0")],
+            body,
+            std::time::Duration::from_secs(20),
+        )
+    }
+
+    /// A tus `HEAD` of the session of `token`, answered within 20 s.
+    pub fn tus_head(&self, token: &str) -> Resp {
+        self.client_call(
+            "HEAD",
+            &format!("/upload?token={token}"),
+            &[("Tus-Resumable", "1.0.0")],
+            b"",
+            std::time::Duration::from_secs(20),
+        )
+    }
+
+    fn client_call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        wait: std::time::Duration,
+    ) -> Resp {
+        appproxy_test_support::http::request_within(self.client, method, path, headers, body, wait)
+            .unwrap_or_else(|| panic!("{method} {path}: no whole answer within {wait:?}"))
     }
 
     /// Uploads `data` to `relpath` of the test vfolder in one PATCH; returns the
