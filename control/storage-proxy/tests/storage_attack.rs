@@ -209,6 +209,7 @@ fn a_fifo_in_place_of_the_staging_file_never_blocks_a_patch() {
     )
     .expect("mkfifo");
     for _ in 0..2 {
+        // Answered within 20 s, not parked on the FIFO.
         let r = p.tus_patch(&token, "0", b"data");
         assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     }
