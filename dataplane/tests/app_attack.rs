@@ -666,7 +666,9 @@ fn assert_not_whole(what: &str, raw: &str, err: Option<ErrorKind>, framed: Frame
 }
 
 /// The partial responses of the truncation tests: (path, what the app sends before
-/// it stops, the client's version, how the client can tell).
+/// it stops, the client's version, how the client can tell). The last two are
+/// delimited by the close: what ends them (an idle timeout, a close, a reset) is
+/// each test's own case.
 #[rustfmt::skip]
 fn partial_responses() -> Vec<(&'static str, &'static str, &'static str, Framed)> {
     vec![
@@ -679,6 +681,8 @@ fn partial_responses() -> Vec<(&'static str, &'static str, &'static str, Framed)
         // A trailer section past the decoder's bounds (32 fields) ends it the same way.
         ("/trailer-flood", trailer_flood(), "1.1", Framed::Chunked),
         ("/trailer-flood", trailer_flood(), "1.0", Framed::Close),
+        ("/until-close", "HTTP/1.1 200 OK\r\n\r\n0123456789", "1.1", Framed::Chunked),
+        ("/until-close", "HTTP/1.1 200 OK\r\n\r\n0123456789", "1.0", Framed::Close),
     ]
 }
 
@@ -711,20 +715,9 @@ fn in_segments(answer: &str) -> Vec<Step> {
 /// stays open.
 #[test]
 fn a_stalled_body_is_cut_and_never_looks_complete() {
-    let mut cases = partial_responses();
-    // Delimited by the close: only the idle timeout ends it, never as a whole body.
-    cases.push((
-        "/until-close",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789",
-        "1.1",
-        Framed::Chunked,
-    ));
-    cases.push((
-        "/until-close",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789",
-        "1.0",
-        Framed::Close,
-    ));
+    // Those delimited by the close: only the idle timeout ends them, never as a
+    // whole body.
+    let cases = partial_responses();
     let answers: std::collections::HashMap<&str, &str> =
         cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
     let app = App::start(move |method, path| match answers.get(path) {
@@ -757,20 +750,8 @@ fn a_stalled_body_is_cut_and_never_looks_complete() {
 /// truncated body as a complete response.
 #[test]
 fn an_app_ending_mid_body_never_completes_the_response() {
-    let mut cases = partial_responses();
-    // Delimited by the close: the close completes it, a reset does not.
-    cases.push((
-        "/until-close",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789",
-        "1.1",
-        Framed::Chunked,
-    ));
-    cases.push((
-        "/until-close",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789",
-        "1.0",
-        Framed::Close,
-    ));
+    // Those delimited by the close: the close completes them, a reset does not.
+    let cases = partial_responses();
     let answers: std::collections::HashMap<&str, &str> =
         cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
     let app = App::start(move |method, path| {
