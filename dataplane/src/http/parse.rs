@@ -135,6 +135,21 @@ pub struct RequestHead {
     pub has_content_length: bool,
 }
 
+impl RequestHead {
+    /// The values of every field named `name` (case aside), in order; `buf` is the
+    /// buffer the head was parsed from.
+    pub fn values<'h, 'b: 'h>(
+        &'h self,
+        buf: &'b [u8],
+        name: &'h str,
+    ) -> impl Iterator<Item = &'b [u8]> + 'h {
+        self.headers
+            .iter()
+            .filter(move |h| name_is(&buf[h.name.clone()], name))
+            .map(|h| &buf[h.value.clone()])
+    }
+}
+
 /// A parsed upstream response head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {

@@ -279,11 +279,7 @@ pub(crate) fn client_ip_of(
     if !hop.trusted {
         return Ok(peer);
     }
-    let mut xff = head
-        .headers
-        .iter()
-        .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-for"))
-        .map(|h| &buf[h.value.clone()]);
+    let mut xff = head.values(buf, "x-forwarded-for");
     match (xff.next(), xff.next()) {
         (None, _) => Ok(peer),
         (Some(v), None) => std::str::from_utf8(v)
@@ -328,19 +324,10 @@ pub(crate) fn admit(
     if admitted != Admitted::Permit {
         return Ok(());
     }
-    let values = |name: &'static str| {
-        head.headers
-            .iter()
-            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
-            .map(|h| &buf[h.value.clone()])
-    };
+    let values = |name| head.values(buf, name);
     let host = addressed_host(hop, buf, head);
     let host = host.as_deref();
-    let mut fetch_site = values("sec-fetch-site");
-    let fetch_site = match (fetch_site.next(), fetch_site.next()) {
-        (Some(v), None) => Some(v),
-        _ => None,
-    };
+    let fetch_site = single_value(buf, head, "sec-fetch-site");
     let allowed = &core.rt.allowed_origins;
     crate::auth::check_origin(values("origin"), host, fetch_site, allowed).inspect_err(|_| {
         // Bounded: these are the client's bytes.
@@ -366,24 +353,13 @@ fn addressed_host<'a>(
     head: &RequestHead,
 ) -> Option<std::borrow::Cow<'a, [u8]>> {
     use std::borrow::Cow;
-    let single = |name: &'static str| {
-        let mut values = head
-            .headers
-            .iter()
-            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
-            .map(|h| buf[h.value.clone()].trim_ascii());
-        match (values.next(), values.next()) {
-            (Some(v), None) if !v.contains(&b',') => Some(v),
-            _ => None,
-        }
-    };
     if hop.trusted {
-        if let Some(host) = single("x-forwarded-host") {
+        if let Some(host) = single_value(buf, head, "x-forwarded-host") {
             let has_port = match host.iter().rposition(|b| *b == b']') {
                 Some(end) => host.get(end + 1) == Some(&b':'),
                 None => host.contains(&b':'),
             };
-            let port = single("x-forwarded-port")
+            let port = single_value(buf, head, "x-forwarded-port")
                 .filter(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
             return Some(match (has_port, port) {
                 (false, Some(port)) => {
@@ -398,6 +374,16 @@ fn addressed_host<'a>(
         }
     }
     head.host.clone().map(|h| Cow::Borrowed(&buf[h]))
+}
+
+/// The value of the one field named `name`, trimmed; `None` when there is none,
+/// more than one, or a list (a proxy chain's appended values say nothing single).
+fn single_value<'b>(buf: &'b [u8], head: &RequestHead, name: &str) -> Option<&'b [u8]> {
+    let mut values = head.values(buf, name).map(<[u8]>::trim_ascii);
+    match (values.next(), values.next()) {
+        (Some(v), None) if !v.contains(&b',') => Some(v),
+        _ => None,
+    }
 }
 
 /// The circuit's credential check: the permit cookie for interactive apps, a bearer
@@ -433,12 +419,7 @@ fn check_credentials(
         code: "E20006",
         message: "no key configured for this circuit",
     };
-    let values = |name: &'static str| {
-        head.headers
-            .iter()
-            .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
-            .map(|h| &buf[h.value.clone()])
-    };
+    let values = |name| head.values(buf, name);
     match circuit.app_mode {
         appproxy_shared::model::AppMode::Interactive => {
             let key = secrets.permit_secret.as_deref().ok_or(NO_KEY)?;
