@@ -649,8 +649,9 @@ pub const MAX_BODY: usize = 2 << 20;
 
 /// The largest body of the routes a caller reaches without the API secret
 /// (`/v2/proxy/auth` by POST, and `/v2/conf`, whose bodies are a few hundred bytes):
-/// with [`server::MAX_HEAD`] it bounds what callers without credentials can make the
-/// coordinator hold to `max_connections` × 128 KiB.
+/// with [`server::MAX_HEAD`] (which one read may take to twice itself) it bounds
+/// what callers without credentials can make the coordinator hold to about
+/// `max_connections` × 192 KiB.
 pub const MAX_PUBLIC_BODY: usize = 64 << 10;
 
 /// How a route's body is read: whole within `within` of its head, at most `max`
@@ -663,21 +664,17 @@ struct BodyRule {
 
 /// A body announced larger than [`MAX_BODY`] is refused before any of it is read.
 async fn announced_size(req: Request, next: Next) -> Response {
-    let announced = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_BODY as u64) {
-        let mut resp = ApiError::TooLarge.into_response();
+    if announced_over(&req, MAX_BODY) {
         // The rest of the body is not read: the connection cannot be reused.
-        resp.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-        return resp;
+        return server::closing(ApiError::TooLarge.into_response());
     }
     next.run(req).await
+}
+
+/// Whether `req` announces (by its `Content-Length`) a body longer than `max`.
+fn announced_over(req: &Request, max: usize) -> bool {
+    use axum::body::HttpBody as _;
+    req.body().size_hint().lower() > max as u64
 }
 
 /// A request's body is read whole, within `limit` of its head, before the handler
@@ -688,10 +685,9 @@ async fn announced_size(req: Request, next: Next) -> Response {
 /// handlers read the buffered copy. Late: 408; over the limit: 413; cut off: 400;
 /// each closes the connection.
 async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next) -> Response {
-    use axum::body::HttpBody as _;
     // A body announced longer than the route's limit is refused before any of it is
     // read (as `announced_size` does for the API's largest).
-    let refused = if req.body().size_hint().lower() > rule.max as u64 {
+    let refused = if announced_over(&req, rule.max) {
         Err(server::BodyFailure::TooLarge)
     } else {
         server::read_body_within(req, rule.within, rule.max).await
