@@ -213,6 +213,15 @@ impl Scope {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When the scope needs a walk (its measurement is missing, stale or older than
+    /// `max_age`): the number of walks made so far, so that whoever then waits for
+    /// the walk lock can tell whether another walk ended meanwhile (a measurement
+    /// only becomes fresh by a walk).
+    fn due(&self, max_age: Duration) -> Option<u64> {
+        let ledger = self.ledger();
+        (!fresh(&ledger, max_age)).then_some(ledger.walks)
+    }
+
     /// Publishes the ledger's measurement for `/metrics` (call under the lock).
     fn show(&self, ledger: &Ledger) {
         let v = ledger.measured.map_or(0, |m| m.bytes.saturating_add(1));
@@ -417,11 +426,7 @@ pub async fn measure(
     // sync: it is only ever taken on the blocking pool, never on a runtime thread.
     let seen = {
         let (s, max_age) = (s.clone(), state.usage_max_age);
-        super::blocking(move || {
-            let ledger = s.ledger();
-            Ok((!fresh(&ledger, max_age)).then_some(ledger.walks))
-        })
-        .await?
+        super::blocking(move || Ok(s.due(max_age))).await?
     };
     let Some(seen) = seen else {
         return Ok(());
@@ -432,11 +437,8 @@ pub async fn measure(
     // gone meanwhile.
     super::blocking(move || {
         let _walking = walking;
-        {
-            let ledger = s.ledger();
-            if ledger.walks != seen || fresh(&ledger, st.usage_max_age) {
-                return Ok(());
-            }
+        if s.ledger().walks != seen {
+            return Ok(());
         }
         let scope = st.volumes.open_scope(&volume, &name)?;
         walk_scope(&st, &s, scope.as_fd());
@@ -562,12 +564,8 @@ pub fn sync(state: &State) -> usize {
             let limit = limit(fd.as_fd());
             remember_limit(state, &key, limit);
             let s = state.reservations.scope(&key);
-            let seen = {
-                let ledger = s.ledger();
-                if fresh(&ledger, state.usage_max_age) {
-                    continue;
-                }
-                ledger.walks
+            let Some(seen) = s.due(state.usage_max_age) else {
+                continue;
             };
             let _walking = s.walk.blocking_lock();
             if s.ledger().walks != seen {
