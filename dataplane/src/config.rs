@@ -309,6 +309,14 @@ pub struct TimeoutsSection {
     pub tunnel_idle_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_secs: u64,
+    /// After an answer that closes the connection while the client may still be
+    /// sending (a 413 before the body, an app's early answer, a refused head), what
+    /// it sends is read and dropped for at most this long, so that the kernel does
+    /// not answer it with a reset that can destroy the answer (nginx's lingering
+    /// close). 0 closes at once.
+    pub lingering_secs: u64,
+    /// Longest silence of the client during that lingering close.
+    pub lingering_idle_secs: u64,
 }
 
 impl Default for TimeoutsSection {
@@ -322,6 +330,8 @@ impl Default for TimeoutsSection {
             response_idle_secs: 3600,
             tunnel_idle_secs: 3600,
             drain_secs: 30,
+            lingering_secs: 30,
+            lingering_idle_secs: 5,
         }
     }
 }
@@ -748,6 +758,10 @@ pub struct Runtime {
     pub tunnel_idle_timeout: Duration,
     /// Drain on SIGTERM.
     pub drain_timeout: Duration,
+    /// Longest lingering close (zero: off).
+    pub lingering_time: Duration,
+    /// Longest client silence in a lingering close.
+    pub lingering_idle: Duration,
     /// Pool size per upstream, per core.
     pub max_idle_per_route: usize,
     /// Pooled connection idle lifetime.
@@ -1119,6 +1133,7 @@ impl Config {
             ("body_idle_secs", t.body_idle_secs),
             ("response_idle_secs", t.response_idle_secs),
             ("tunnel_idle_secs", t.tunnel_idle_secs),
+            ("lingering_idle_secs", t.lingering_idle_secs),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!(
@@ -1137,6 +1152,8 @@ impl Config {
             ("[timeouts] response_idle_secs", t.response_idle_secs),
             ("[timeouts] tunnel_idle_secs", t.tunnel_idle_secs),
             ("[timeouts] drain_secs", t.drain_secs),
+            ("[timeouts] lingering_secs", t.lingering_secs),
+            ("[timeouts] lingering_idle_secs", t.lingering_idle_secs),
             (
                 "[upstream] idle_timeout_secs",
                 self.upstream.idle_timeout_secs,
@@ -1204,6 +1221,8 @@ impl Config {
             max_upstream_conns: self.upstream.max_connections_per_route,
             tunnel_idle_timeout: secs(t.tunnel_idle_secs),
             drain_timeout: secs(t.drain_secs),
+            lingering_time: secs(t.lingering_secs),
+            lingering_idle: secs(t.lingering_idle_secs),
             max_idle_per_route: self.upstream.max_idle_per_route,
             pool_idle_timeout: secs(self.upstream.idle_timeout_secs),
             failure_threshold: self.upstream.failure_threshold.max(1),

@@ -116,25 +116,32 @@ struct SockIo<'a> {
 
 impl Read for SockIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.reg.is_ready(Direction::Read) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let stream = self.stream;
-        loop {
-            match sys_recv(stream, buf) {
-                Ok(n) => {
-                    if n > 0 && n < buf.len() {
-                        self.reg.clear_ready(Direction::Read);
-                    }
-                    return Ok(n);
+        recv_when_ready(self.stream, self.reg, buf)
+    }
+}
+
+/// One `recv` from the socket if its slot is ready (`WouldBlock`, without a syscall,
+/// when it is not): a short count or `EAGAIN` clears the ready flag. Bytes as the
+/// socket has them (ciphertext over TLS).
+#[inline]
+fn recv_when_ready(stream: &TcpStream, reg: &Registration, buf: &mut [u8]) -> io::Result<usize> {
+    if !reg.is_ready(Direction::Read) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    loop {
+        match sys_recv(stream, buf) {
+            Ok(n) => {
+                if n > 0 && n < buf.len() {
+                    reg.clear_ready(Direction::Read);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.reg.clear_ready(Direction::Read);
-                    return Err(e);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                return Ok(n);
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                reg.clear_ready(Direction::Read);
+                return Err(e);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -490,32 +497,37 @@ impl TcpConn {
                 }
             };
         }
+        let r = std::task::ready!(self.poll_recv(cx, buf));
+        if let Ok(n) = r {
+            self.book_read(n);
+        }
+        Poll::Ready(r)
+    }
+
+    /// Polls one read straight from the socket: what it holds, ciphertext over TLS.
+    #[inline]
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
-            if !self.reg.is_ready(Direction::Read) {
-                match self
-                    .reg
-                    .poll_ready(cx, Direction::Read, self.stream.as_fd())
-                {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            match sys_recv(&self.stream, buf) {
-                Ok(n) => {
-                    if n > 0 && n < buf.len() {
-                        self.reg.clear_ready(Direction::Read);
-                    }
-                    self.book_read(n);
-                    return Poll::Ready(Ok(n));
-                }
+            match recv_when_ready(&self.stream, &self.reg, buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.reg.clear_ready(Direction::Read)
+                    match self
+                        .reg
+                        .poll_ready(cx, Direction::Read, self.stream.as_fd())
+                    {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                r => return Poll::Ready(r),
             }
         }
+    }
+
+    /// Reads what the peer sends to drop it (a lingering close): the socket's bytes as
+    /// they are, without TLS; `Ok(0)` is end of stream.
+    pub async fn discard(&self, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_recv(cx, buf)).await
     }
 
     /// Writes some of `buf`.
@@ -606,25 +618,7 @@ impl TcpConn {
                 None => Err(io::ErrorKind::WouldBlock.into()),
             };
         }
-        if !self.reg.is_ready(Direction::Read) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        loop {
-            match sys_recv(&self.stream, buf) {
-                Ok(n) => {
-                    if n > 0 && n < buf.len() {
-                        self.reg.clear_ready(Direction::Read);
-                    }
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.reg.clear_ready(Direction::Read);
-                    return Err(e);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        recv_when_ready(&self.stream, &self.reg, buf)
     }
 
     /// Writes what the socket takes now; `WouldBlock` when it takes nothing. Over TLS

@@ -161,6 +161,14 @@ impl ReadBuf {
         }
     }
 
+    /// Drops what is buffered and lends the whole storage, for bytes read only to be
+    /// thrown away.
+    pub fn scratch(&mut self) -> &mut [u8] {
+        self.start = 0;
+        self.end = 0;
+        &mut self.data
+    }
+
     /// Reads more from `conn`, growing up to `limit` bytes of capacity. `Ok(0)` is end
     /// of stream; a full buffer at `limit` is an `OutOfMemory` error.
     pub async fn fill(&mut self, conn: &TcpConn, limit: usize) -> io::Result<usize> {

@@ -794,7 +794,8 @@ fn an_app_ending_mid_body_never_completes_the_response() {
 
 /// An app that refuses a request body (413, 401 …) may answer before it read it all
 /// and close: its answer reaches the client (not a 502 for the reset that follows),
-/// the client connection closes after it (the rest of the body is unread), and the
+/// the client connection closes after it (the rest of the body is read and dropped:
+/// a lingering close), and the
 /// app connection is not reused. Table: path, the app's answer, the status relayed.
 #[test]
 fn an_answer_before_the_whole_body_is_relayed() {
@@ -828,14 +829,17 @@ fn an_answer_before_the_whole_body_is_relayed() {
         let writer = std::thread::spawn(move || {
             let block = vec![b'u'; 1 << 20];
             for _ in 0..SIZE >> 20 {
-                if body.write_all(&block).is_err() {
-                    return;
-                }
+                body.write_all(&block).map_err(|e| e.kind())?;
             }
+            Ok::<(), ErrorKind>(())
         });
-        let (got, _) = read_to_end(&mut s);
-        let _ = writer.join();
+        let (got, end) = read_to_end(&mut s);
+        let wrote = writer.join().expect("writer");
         let got = String::from_utf8_lossy(&got).into_owned();
+        // A lingering close: the answer ends cleanly and the rest of the body is
+        // taken and dropped, not met with a reset.
+        assert_eq!(end, None, "{path}: the answer must end cleanly: {got}");
+        assert_eq!(wrote, Ok(()), "{path}: the body's rest must be taken");
         let (line, fields) = head_fields(&got);
         assert!(
             line.starts_with(&format!("HTTP/1.1 {status} ")),

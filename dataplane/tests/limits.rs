@@ -215,3 +215,162 @@ fn hostile_bytes_never_take_the_worker_down() {
     let r = w.admin_get("/health");
     assert_eq!(r.status, 200);
 }
+
+/// How a client's connection ended after its answer.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// End of stream after the answer (the worker shut its write half).
+    Clean,
+    /// A reset or another error.
+    Failed(std::io::ErrorKind),
+}
+
+/// Sends `first` in one write, then `follow` from a second thread (in 64 KiB writes,
+/// `rounds` times), reading meanwhile until the worker ends the connection. Returns
+/// what was read, how the read side ended, and whether every write went through.
+fn send_while_answered(
+    w: &Worker,
+    first: &[u8],
+    follow: u8,
+    rounds: usize,
+) -> (String, End, Result<(), std::io::ErrorKind>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(first).expect("first write");
+    let mut out = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let block = vec![follow; 64 << 10];
+        for _ in 0..rounds {
+            out.write_all(&block).map_err(|e| e.kind())?;
+        }
+        out.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.kind())
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break End::Clean,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break End::Failed(e.kind()),
+        }
+    };
+    let wrote = writer.join().expect("writer");
+    (String::from_utf8_lossy(&got).into_owned(), end, wrote)
+}
+
+/// A client still sending when the worker answers and closes (a 413 before the body,
+/// a head refused mid-way, a framing error in the body) reads the whole answer, then
+/// a clean end, and every byte it sends is taken: the worker shuts its write half and
+/// drops what follows (a lingering close). Closing with bytes unread makes the kernel
+/// answer them with a reset, which on a real network can destroy the answer before
+/// the client reads it. Table: what goes in the first write, the status.
+#[test]
+fn a_client_still_sending_reads_its_answer_and_a_clean_close() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_body = 1000\n".into(),
+        ..Default::default()
+    });
+    let filler = "x".repeat(64 << 10);
+    #[rustfmt::skip]
+    let table: Vec<(&str, String, u16)> = vec![
+        ("body over max_body", format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n{filler}"), 413),
+        ("head too large", format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {filler}"), 431),
+        ("bad chunk size", format!("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{filler}"), 400),
+    ];
+    for (what, first, status) in &table {
+        // 4 MiB after the first write: far more than the sockets hold.
+        let (got, end, wrote) = send_while_answered(&w, first.as_bytes(), b'x', 64);
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {got}"
+        );
+        assert!(
+            got.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{what}: {got}"
+        );
+        assert!(
+            got.contains("\"request_id\""),
+            "{what}: the whole answer: {got}"
+        );
+        assert_eq!(
+            end,
+            End::Clean,
+            "{what}: the answer must end cleanly, not reset"
+        );
+        assert_eq!(
+            wrote,
+            Ok(()),
+            "{what}: the client's bytes must be taken, not reset"
+        );
+    }
+    // The worker goes on serving.
+    assert_eq!(Client::connect(w.addr()).get("/after", "").status, 200);
+}
+
+/// The lingering close is bounded: a client that never stops sending is cut after
+/// `lingering_secs`, one that stays silent without closing is released after
+/// `lingering_idle_secs`, and `lingering_secs = 0` closes at once (the client's next
+/// bytes are then met with a reset).
+#[test]
+fn lingering_closes_are_bounded() {
+    let up = Upstream::start();
+    let first = format!(
+        "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n{}",
+        "x".repeat(64 << 10)
+    );
+    let worker = |timeouts: &str| {
+        Worker::start(WorkerOpts {
+            upstreams: vec![up.addr],
+            extra: format!("[limits]\nmax_body = 1000\n[timeouts]\n{timeouts}\n"),
+            ..Default::default()
+        })
+    };
+
+    // Never stops sending (10 GiB would take minutes): cut after 1 s of lingering.
+    let w = worker("lingering_secs = 1\nlingering_idle_secs = 600");
+    let (got, end, wrote) = send_while_answered(&w, first.as_bytes(), b'x', 160_000);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+    assert_eq!(end, End::Clean, "the answer itself still ends cleanly");
+    assert!(
+        wrote.is_err(),
+        "an endless sender must be cut once lingering_secs have passed"
+    );
+
+    // Silent, never closing: released after 1 s of silence, while the client still
+    // holds its socket open.
+    let w = worker("lingering_secs = 600\nlingering_idle_secs = 1");
+    let (got, end, wrote) = send_while_answered(&w, first.as_bytes(), b'x', 0);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+    assert_eq!((end, wrote), (End::Clean, Ok(())));
+    // (`send_while_answered` shut the client's write half: that is a close the worker
+    // would see at once. A client that keeps its socket whole instead:)
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(first.as_bytes()).expect("write");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("the answer, then end of stream");
+    assert!(got.starts_with(b"HTTP/1.1 413 "));
+    common::eventually("the silent lingering connection is released", || {
+        common::metric(&w, "appproxy_connections_active") == 0
+    });
+    drop(s);
+
+    // Off: closed at once with the client's bytes unread, which the kernel resets.
+    let w = worker("lingering_secs = 0");
+    let (got, _, wrote) = send_while_answered(&w, first.as_bytes(), b'x', 64);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+    assert!(
+        wrote.is_err(),
+        "without lingering the client's bytes meet a reset"
+    );
+}

@@ -342,14 +342,24 @@ impl Client {
     /// of the request the buffer still holds, which decides whether the connection
     /// goes on.
     pub(super) async fn refuse(&mut self, x: &Exchange, r: Refusal, left: Left) -> Next {
-        let next = self.settle(&x.head, left, r.closes);
+        let next = match self.settle(&x.head, left, r.closes) {
+            // A client too slow to send its request is not waited for again.
+            Next::Linger if r.status == 408 => Next::Close,
+            next => next,
+        };
         let entry = x.entry(r.status, (x.bytes_in, 0), None);
-        self.send_refusal(&entry, &r, next == Next::Close).await;
+        self.send_refusal(&entry, &r, next != Next::KeepAlive).await;
         next
     }
 
-    /// Refuses a request whose head could not be read (no exchange yet).
-    pub(super) async fn refuse_head(&mut self, e: RequestError) {
+    /// Refuses a request whose head could not be read (no exchange yet); the
+    /// connection closes, lingering unless the head timed out.
+    pub(super) async fn refuse_head(&mut self, e: RequestError) -> Next {
+        let next = if e == RequestError::HeadTimeout {
+            Next::Close
+        } else {
+            Next::Linger
+        };
         let id = RequestId::generate(self.core.rt.id_version);
         let err = ProxyError::Request(e);
         scope(Some(id), async {
@@ -368,8 +378,8 @@ impl Client {
             upstream: None,
             started: Instant::now(),
         };
-        let close = r.closes;
-        self.send_refusal(&entry, &r, close).await;
+        self.send_refusal(&entry, &r, true).await;
+        next
     }
 
     /// The one place where the proxy's own HTTP/1 answers are built and sent: the
@@ -752,7 +762,9 @@ impl Client {
             bytes_in,
             bytes_out,
             upstream: addr,
-            next: if close || framing.closes() {
+            next: if body_cut {
+                Next::Linger
+            } else if close || framing.closes() {
                 Next::Close
             } else {
                 Next::KeepAlive

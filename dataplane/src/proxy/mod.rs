@@ -57,6 +57,9 @@ enum Next {
     KeepAlive,
     /// Close the client connection.
     Close,
+    /// Close it after an answer while the client may still be sending (the request
+    /// body unread, or a head refused mid-way): [`Client::linger`] first.
+    Linger,
 }
 
 /// One client connection and what it reuses from request to request.
@@ -144,14 +147,11 @@ impl Client {
     /// Serves HTTP/1.x requests in order until the connection closes.
     async fn run(&mut self) {
         let mut first = true;
-        loop {
+        let last = loop {
             let head = match self.read_head(first).await {
                 Ok(Some(head)) => head,
-                Ok(None) => break,
-                Err(e) => {
-                    self.refuse_head(e).await;
-                    break;
-                }
+                Ok(None) => break Next::Close,
+                Err(e) => break self.refuse_head(e).await,
             };
             let started = Instant::now();
             first = false;
@@ -164,11 +164,50 @@ impl Client {
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
             let next = scope_traced(Some(id), trace, self.exchange(&mut x)).await;
             self.line = x.into_line_storage();
-            if next == Next::Close || self.core.draining.get() {
-                break;
+            if next != Next::KeepAlive || self.core.draining.get() {
+                break next;
             }
             self.conn.set_timeout(self.core.rt.keepalive_timeout);
+        };
+        if last == Next::Linger {
+            self.linger().await;
         }
+    }
+
+    /// nginx's lingering close: after an answer that closes the connection while the
+    /// client may still be sending (a 413 before the body, an app's early 401, a head
+    /// refused mid-way), the write half is shut (the answer, then FIN) and what the
+    /// client sends is read and dropped until it closes, stays silent for
+    /// `[timeouts] lingering_idle_secs`, or `lingering_secs` have passed. Closing at
+    /// once with bytes unread makes the kernel answer them with an RST, which can
+    /// destroy the answer before the client reads it (RFC 9112 §9.6). Not while the
+    /// core drains; `lingering_secs = 0` turns it off.
+    async fn linger(&mut self) {
+        let rt = &self.core.rt;
+        if rt.lingering_time.is_zero() || self.core.draining.get() {
+            return;
+        }
+        self.conn.disarm_read_floor();
+        self.conn.shutdown_write();
+        // Drain closes a lingering connection at once, as an idle one.
+        self.conn.set_idle(true);
+        let until = self.core.reactor.now() + rt.lingering_time;
+        let mut dropped = 0u64;
+        let scratch = self.buf.scratch();
+        loop {
+            let now = self.core.reactor.now();
+            if now >= until || self.core.draining.get() {
+                break;
+            }
+            self.conn
+                .set_deadline(Some((now + rt.lingering_idle).min(until)));
+            match self.conn.discard(scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n as u64,
+            }
+        }
+        self.core.metrics.add(counter::BYTES_IN, dropped);
+        tracing::debug!(dropped, "lingering close");
     }
 
     /// Reads the connection's first bytes until they either are the HTTP/2 connection
@@ -231,13 +270,19 @@ impl Client {
     /// of a bodiless request the exchange left in the buffer. `closes`: the failure
     /// leaves the framing in doubt.
     fn settle(&mut self, head: &RequestHead, left: Left, closes: bool) -> Next {
-        if closes || !head.keep_alive {
+        let bodiless = head.framing == BodyFraming::Length(0);
+        // Part of the request is still unread (or its framing is in doubt): the
+        // client may still be sending.
+        let unread = closes || left == Left::Partial || (left == Left::Whole && !bodiless);
+        if unread {
+            return Next::Linger;
+        }
+        if !head.keep_alive {
             return Next::Close;
         }
         match left {
-            Left::Whole if head.framing == BodyFraming::Length(0) => self.consume_head(head),
-            Left::Nothing => Next::KeepAlive,
-            _ => Next::Close,
+            Left::Whole => self.consume_head(head),
+            _ => Next::KeepAlive,
         }
     }
 
