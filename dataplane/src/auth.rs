@@ -9,6 +9,8 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 
+use crate::http::parse::Authority;
+
 /// Digest of the permit HMAC (`permit_digest`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -177,11 +179,12 @@ impl Origin {
             return None;
         }
         let scheme = scheme.to_ascii_lowercase();
-        let (host, port) = authority(rest)?;
+        let authority = Authority::parse(rest.as_bytes())?;
         Some(Self {
-            port: port.or(default_port(&scheme)),
+            port: authority.port.or(default_port(&scheme)),
             scheme,
-            host,
+            // ASCII by `Authority::parse`.
+            host: String::from_utf8_lossy(authority.host).to_ascii_lowercase(),
         })
     }
 }
@@ -203,50 +206,6 @@ impl std::fmt::Display for Origin {
             None => Ok(()),
         }
     }
-}
-
-/// `host[:port]`, of a `Host` value or an origin: the host in lower case without a
-/// trailing dot (`[v6]` kept in its brackets), the port when one is written (an
-/// empty one is none). `None` when the text is not of that shape.
-fn authority(text: &str) -> Option<(String, Option<u16>)> {
-    let (host, port) = match text.strip_prefix('[') {
-        Some(rest) => {
-            let end = rest.find(']')?;
-            let v6 = &rest[..end];
-            if v6.is_empty()
-                || !v6
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-            {
-                return None;
-            }
-            let port = match &rest[end + 1..] {
-                "" => None,
-                after => Some(after.strip_prefix(':')?),
-            };
-            (&text[..end + 2], port)
-        }
-        None => match text.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (text, None),
-        },
-    };
-    let port = match port {
-        None | Some("") => None,
-        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().ok()?)
-        }
-        Some(_) => return None,
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let name_ok = host.starts_with('[')
-        || host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    if host.is_empty() || !name_ok {
-        return None;
-    }
-    Some((host.to_ascii_lowercase(), port))
 }
 
 /// The refusal of a cross-origin request.
@@ -288,12 +247,11 @@ pub fn check_origin<'a>(
     let Some(default) = default_port(&origin.scheme) else {
         return Err(CROSS_ORIGIN);
     };
-    let own = host
-        .and_then(|h| std::str::from_utf8(h.trim_ascii()).ok())
-        .and_then(authority);
+    let own = host.and_then(|h| Authority::parse(h.trim_ascii()));
     match own {
-        Some((host, port))
-            if host == origin.host && Some(port.unwrap_or(default)) == origin.port =>
+        Some(own)
+            if own.host.eq_ignore_ascii_case(origin.host.as_bytes())
+                && Some(own.port.unwrap_or(default)) == origin.port =>
         {
             Ok(())
         }

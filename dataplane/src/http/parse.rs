@@ -204,9 +204,9 @@ fn request_target(
         return Ok(target);
     }
     let (scheme_len, default_port) = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
-        (7, &b"80"[..])
+        (7, 80)
     } else if t.len() > 8 && t[..8].eq_ignore_ascii_case(b"https://") {
-        (8, &b"443"[..])
+        (8, 443)
     } else {
         return Err(RequestError::Malformed("request target"));
     };
@@ -216,8 +216,10 @@ fn request_target(
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let authority = &rest[..authority_len];
-    let same_host = host.is_some_and(|h| same_authority(authority, &buf[h.clone()], default_port));
-    if authority.is_empty() || !same_host {
+    let named = Authority::parse(authority);
+    let addressed = host.and_then(|h| Authority::parse(buf[h.clone()].trim_ascii()));
+    let same_host = matches!((named, addressed), (Some(a), Some(b)) if a.same(&b, default_port));
+    if !same_host {
         return Err(RequestError::Malformed(
             "request target names another host than Host",
         ));
@@ -228,22 +230,69 @@ fn request_target(
     Ok(target.start + scheme_len + authority_len..target.end)
 }
 
-/// Whether two authorities (`host[:port]`, `[v6][:port]`) name the same host and
-/// port: hosts case aside, a missing or empty port read as the scheme's
-/// `default_port` (`http://a:80/` addresses `Host: a`).
-fn same_authority(a: &[u8], b: &[u8], default_port: &[u8]) -> bool {
-    fn split(text: &[u8]) -> (&[u8], Option<&[u8]>) {
-        let host_end = match text.iter().rposition(|b| *b == b']') {
-            Some(end) => end + 1,
-            None => text.iter().position(|b| *b == b':').unwrap_or(text.len()),
+/// A `host[:port]` authority (RFC 3986 §3.2.2-3) of a `Host` value, an
+/// absolute-form request target or an origin: the one reading of every comparison
+/// of authorities the worker makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority<'a> {
+    /// The host without a trailing dot (`[v6]` kept in its brackets); compare it
+    /// without regard to case.
+    pub host: &'a [u8],
+    /// The port, when one is written (an empty one is none).
+    pub port: Option<u16>,
+}
+
+impl<'a> Authority<'a> {
+    /// `None` when `text` is not of that shape: the host a name of letters, digits,
+    /// `-`, `.` and `_` or a bracketed IPv6 literal (no user information, no
+    /// percent-encoding), the port at most five digits within 16 bits.
+    pub fn parse(text: &'a [u8]) -> Option<Self> {
+        let (host, port) = match text.strip_prefix(b"[") {
+            Some(rest) => {
+                let end = rest.iter().position(|b| *b == b']')?;
+                let v6 = &rest[..end];
+                if v6.is_empty()
+                    || !v6
+                        .iter()
+                        .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
+                {
+                    return None;
+                }
+                let port = match &rest[end + 1..] {
+                    [] => None,
+                    after => Some(after.strip_prefix(b":")?),
+                };
+                (&text[..end + 2], port)
+            }
+            None => match text.iter().position(|b| *b == b':') {
+                Some(colon) => (&text[..colon], Some(&text[colon + 1..])),
+                None => (text, None),
+            },
         };
-        let (host, rest) = text.split_at(host_end);
-        (host, rest.strip_prefix(b":").filter(|p| !p.is_empty()))
+        let port = match port {
+            None | Some([]) => None,
+            Some(p) if p.len() <= 5 && p.iter().all(u8::is_ascii_digit) => {
+                Some(u16::try_from(p.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))).ok()?)
+            }
+            Some(_) => return None,
+        };
+        let host = host.strip_suffix(b".").unwrap_or(host);
+        let name_ok = host.starts_with(b"[")
+            || host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if host.is_empty() || !name_ok {
+            return None;
+        }
+        Some(Self { host, port })
     }
-    let ((host_a, port_a), (host_b, port_b)) = (split(a), split(b.trim_ascii()));
-    !host_a.is_empty()
-        && host_a.eq_ignore_ascii_case(host_b)
-        && port_a.unwrap_or(default_port) == port_b.unwrap_or(default_port)
+
+    /// Whether both name one host (case aside) and one port, a missing port read as
+    /// `default_port` (`http://a:80/` addresses `Host: a`).
+    pub fn same(&self, other: &Authority<'_>, default_port: u16) -> bool {
+        self.host.eq_ignore_ascii_case(other.host)
+            && self.port.unwrap_or(default_port) == other.port.unwrap_or(default_port)
+    }
 }
 
 /// Case-insensitive comparison of an ASCII header name.

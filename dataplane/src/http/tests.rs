@@ -615,3 +615,49 @@ proptest::proptest! {
         proptest::prop_assert_eq!(got, sent);
     }
 }
+
+/// One reading of `host[:port]` for `Host`, absolute-form targets and origins.
+#[test]
+fn authorities_parse_strictly() {
+    use super::parse::Authority;
+    let some = |host: &'static [u8], port| Some(Authority { host, port });
+    #[rustfmt::skip]
+    let table: &[(&[u8], Option<Authority<'static>>)] = &[
+        (b"a", some(b"a", None)),
+        (b"App.Example:8443", some(b"App.Example", Some(8443))),
+        (b"a.", some(b"a", None)),
+        (b"a:", some(b"a", None)),
+        (b"a_b-c.d:0", some(b"a_b-c.d", Some(0))),
+        (b"[::1]", some(b"[::1]", None)),
+        (b"[::ffff:1.2.3.4]:65535", some(b"[::ffff:1.2.3.4]", Some(65535))),
+        (b"", None),
+        (b":80", None),
+        (b".", None),
+        (b"a:65536", None),
+        (b"a:123456", None),
+        (b"a:8x", None),
+        (b"a:+80", None),
+        (b"a:80:80", None),
+        (b"u@a", None),
+        (b"a%2e", None),
+        (b"a b", None),
+        (b"[]", None),
+        (b"[::1", None),
+        (b"[::1]x", None),
+        (b"[::1]:", some(b"[::1]", None)),
+        (b"[g::1]", None),
+        (b"\xc3\xa9", None),
+    ];
+    for (text, want) in table {
+        assert_eq!(
+            Authority::parse(text),
+            *want,
+            "{:?}",
+            String::from_utf8_lossy(text)
+        );
+    }
+    let a = Authority::parse(b"A:80").expect("valid");
+    assert!(a.same(&Authority::parse(b"a").expect("valid"), 80));
+    assert!(!a.same(&Authority::parse(b"a").expect("valid"), 443));
+    assert!(!a.same(&Authority::parse(b"b:80").expect("valid"), 80));
+}

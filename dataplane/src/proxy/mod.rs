@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::core::{counter, Core, Route};
 use crate::http::encode::ClientHop;
 use crate::http::error::RequestError;
-use crate::http::parse::{self, BodyFraming, Method, RequestHead};
+use crate::http::parse::{self, Authority, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
 use crate::relay::ReadBuf;
 
@@ -400,10 +400,8 @@ fn addressed_host<'a>(
     use std::borrow::Cow;
     if hop.trusted {
         if let Some(host) = single_value(buf, head, "x-forwarded-host") {
-            let has_port = match host.iter().rposition(|b| *b == b']') {
-                Some(end) => host.get(end + 1) == Some(&b':'),
-                None => host.contains(&b':'),
-            };
+            // A malformed host is passed on as it is (and refused by the guard).
+            let has_port = Authority::parse(host).is_none_or(|a| a.port.is_some());
             let port = single_value(buf, head, "x-forwarded-port")
                 .filter(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
             return Some(match (has_port, port) {
