@@ -51,6 +51,8 @@ pub enum Counter {
     ProxyErrors,
     /// Connections closed at accept: the core was at its connection cap.
     ConnRefused,
+    /// Connections with nothing in hand closed to admit new ones at the cap.
+    ConnShed,
     /// Failed accepts (out of descriptors or memory).
     AcceptErrors,
     /// Upstream connects that failed for a local reason.
@@ -113,6 +115,7 @@ impl Counter {
         Counter::BytesOut,
         Counter::ProxyErrors,
         Counter::ConnRefused,
+        Counter::ConnShed,
         Counter::AcceptErrors,
         Counter::LocalErrors,
         Counter::UpstreamLimit,
@@ -150,6 +153,7 @@ impl Counter {
             Counter::BytesIn => spec("appproxy_bytes_in_total", Kind::Counter, "Bytes read from clients."),
             Counter::BytesOut => spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
             Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
+            Counter::ConnShed => spec("appproxy_connections_shed_total", Kind::Counter, "Connections with nothing in hand (waiting for a request, or lingering) closed to admit a new one at [limits] max_connections_per_core."),
             Counter::ConnRefused => spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
             Counter::AcceptErrors => spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
             Counter::LocalErrors => spec("appproxy_local_resource_errors_total", Kind::Counter, "Upstream connects that failed for a local reason (EMFILE, ENFILE, no memory or ports); never counted against the upstream."),
@@ -247,6 +251,8 @@ pub mod counter {
     pub const PROXY_ERRORS: usize = Counter::ProxyErrors as usize;
     /// Connections closed at accept because the core was at its connection cap.
     pub const CONN_REFUSED: usize = Counter::ConnRefused as usize;
+    /// Connections with nothing in hand closed to admit new ones at the cap.
+    pub const CONN_SHED: usize = Counter::ConnShed as usize;
     /// Failed accepts (out of descriptors or memory).
     pub const ACCEPT_ERRORS: usize = Counter::AcceptErrors as usize;
     /// Upstream connects that failed for a local reason.

@@ -110,6 +110,9 @@ struct Slot {
     timed_out: bool,
     /// A client connection waiting for its next request: drain closes it at once.
     idle: bool,
+    /// Its mark in the reactor's `reusable` queue while it may be closed to admit a
+    /// new connection at the cap (0: it may not).
+    reusable: u64,
 }
 
 /// The per-core reactor. Lives in an `Rc`: it is per-core state and never crosses a
@@ -123,6 +126,13 @@ pub struct Reactor {
     slots: RefCell<Vec<Slot>>,
     /// Indexes of released slots.
     free: RefCell<Vec<u32>>,
+    /// Client connections that may be closed to admit a new one at the connection
+    /// cap (nginx's reusable connections), oldest first: (slot, its mark). An entry
+    /// whose slot no longer bears its mark (busy again, released, marked anew) is
+    /// stale and passed over.
+    reusable: RefCell<std::collections::VecDeque<(u32, u64)>>,
+    /// The last mark handed out.
+    reuse_mark: Cell<u64>,
     /// Sleepers by (deadline, sequence).
     timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
     /// Sequence for timer keys.
@@ -268,6 +278,8 @@ impl Reactor {
             wake_fd: Rc::new(wake_fd),
             slots: RefCell::new(Vec::with_capacity(1024)),
             free: RefCell::new(Vec::new()),
+            reusable: RefCell::new(std::collections::VecDeque::new()),
+            reuse_mark: Cell::new(0),
             timers: RefCell::new(BTreeMap::new()),
             timer_seq: Cell::new(0),
             woken: Cell::new(false),
@@ -316,6 +328,7 @@ impl Reactor {
             slot.deadline = None;
             slot.timed_out = false;
             slot.idle = false;
+            slot.reusable = 0;
         }
         Registration {
             reactor: self.clone(),
@@ -346,6 +359,7 @@ impl Reactor {
         slot.write_waker = None;
         slot.deadline = None;
         slot.idle = false;
+        slot.reusable = 0;
         drop(slots);
         self.free.borrow_mut().push(index);
     }
@@ -378,6 +392,25 @@ impl Reactor {
             slot.timed_out = true;
             wake_both(slot);
         }
+    }
+
+    /// Times out the client connection that has been reusable the longest (waiting
+    /// for its next request, or lingering after its last answer), to admit a new
+    /// connection at the cap: what nginx does with its reusable connections. Its
+    /// task closes it at its next poll. `false` when there is none.
+    pub fn shed_reusable(&self) -> bool {
+        let mut queue = self.reusable.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        while let Some((index, mark)) = queue.pop_front() {
+            let slot = &mut slots[index as usize];
+            if slot.in_use && slot.reusable == mark {
+                slot.reusable = 0;
+                slot.timed_out = true;
+                wake_both(slot);
+                return true;
+            }
+        }
+        false
     }
 
     /// Wakes every task waiting on a descriptor, without failing its wait (used by
@@ -741,6 +774,39 @@ impl Registration {
     /// Marks the descriptor as an idle client connection (drain closes it at once).
     pub fn set_idle(&self, idle: bool) {
         self.with(|s| s.idle = idle)
+    }
+
+    /// Marks the descriptor as a client connection with nothing in hand (waiting for
+    /// a request, or lingering), or clears that: at the connection cap the oldest
+    /// such one is closed to admit a new connection ([`Reactor::shed_reusable`]).
+    /// `idle`: drain closes it at once too (not a new connection's wait for its first
+    /// request, which drain still serves).
+    pub fn set_reusable(&self, reusable: bool, idle: bool) {
+        if !reusable {
+            return self.with(|s| {
+                s.idle = idle;
+                s.reusable = 0;
+            });
+        }
+        let reactor = &self.reactor;
+        let mark = reactor.reuse_mark.get() + 1;
+        reactor.reuse_mark.set(mark);
+        self.with(|s| {
+            s.idle = idle;
+            s.reusable = mark;
+        });
+        let mut queue = reactor.reusable.borrow_mut();
+        queue.push_back((self.index, mark));
+        // Stale entries are dropped once they could outnumber the slots: the queue
+        // stays within twice the registered descriptors, at a cost per mark that is
+        // constant on average.
+        let slots = reactor.slots.borrow();
+        if queue.len() > 64 + 2 * slots.len() {
+            queue.retain(|(i, m)| {
+                let s = &slots[*i as usize];
+                s.in_use && s.reusable == *m
+            });
+        }
     }
 
     /// Whether the deadline passed.

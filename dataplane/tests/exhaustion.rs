@@ -1,7 +1,8 @@
 //! Hostile suite, class "resource exhaustion": slow and stalled request bodies are
-//! cut with 408 and hold no upstream connection before their first byte; the
-//! connection cap per core refuses (the usual JSON 503 with `Retry-After`, counted
-//! like every proxy answer, logged once per burst); the cap per
+//! cut with 408 and hold no upstream connection before their first byte; at the
+//! connection cap per core the connection with nothing in hand the longest makes
+//! room for a new one, and with none such the cap refuses (the usual JSON 503 with
+//! `Retry-After`, counted like every proxy answer, logged once per burst); the cap per
 //! upstream answers 503 instead of opening more; and under a real, low descriptor
 //! limit (`RLIMIT_NOFILE` of the worker process lowered with `prlimit(2)`), a local
 //! `EMFILE` is a 503 `out_of_descriptors` that never marks a healthy app unhealthy,
@@ -47,6 +48,23 @@ fn accept_within(app: &TcpListener, what: &str) -> TcpStream {
         got.is_some()
     });
     got.expect("accepted")
+}
+
+/// A connection busy with a request: an event stream whose first event arrived, the
+/// rest held back by the app until `up.open_gate()`.
+fn busy(w: &Worker) -> Client {
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /sse HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.head().0, 200);
+    let mut line = String::new();
+    while !line.contains("data: first") {
+        line.clear();
+        assert!(
+            c.reader.read_line(&mut line).expect("event") > 0,
+            "the stream ended early"
+        );
+    }
+    c
 }
 
 /// A new client connection the worker admitted: refused ones get the 503 at once,
@@ -178,12 +196,8 @@ fn connection_cap_refuses_counts_and_logs_once_per_burst() {
         extra: "[limits]\nmax_connections_per_core = 2\n".into(),
         ..Default::default()
     });
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut c = Client::connect(w.addr());
-        assert_eq!(c.get("/hold", "").status, 200);
-        held.push(c);
-    }
+    // Busy connections (a request in hand) are never closed for new ones.
+    let mut held = vec![busy(&w), busy(&w)];
     for _ in 0..3 {
         let mut c = Client::connect(w.addr());
         let r = c.response();
@@ -201,9 +215,19 @@ fn connection_cap_refuses_counts_and_logs_once_per_burst() {
         1,
         "one line per burst, not per refusal"
     );
-    // The held connections still work; once one closes, a new one is served.
-    assert_eq!(held[0].get("/still", "").status, 200);
-    drop(held.pop());
+    // The held connections still work; once they close, a new one is served.
+    up.open_gate();
+    for c in &mut held {
+        let mut rest = String::new();
+        while !rest.ends_with("0\r\n\r\n") {
+            assert!(c.reader.read_line(&mut rest).expect("rest") > 0);
+        }
+        assert!(rest.contains("data: second"), "{rest}");
+    }
+    drop(held);
+    eventually("the held connections are closed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
     let mut c = None;
     eventually("a new connection is admitted after one closed", || {
         c = admitted(&w);
@@ -213,6 +237,115 @@ fn connection_cap_refuses_counts_and_logs_once_per_burst() {
     w.wait_log("end of burst", |v| {
         v["message"] == "connection cap: accepting again after refusing connections"
     });
+}
+
+/// At the cap, the connection that has had nothing in hand the longest — one kept
+/// alive between requests, one that never sent a byte, one lingering after its
+/// answer — is closed to admit the new one (nginx's reusable connections), counted
+/// and logged once per burst; connections with a request in hand are never closed
+/// for a new one.
+#[test]
+fn at_the_cap_the_connection_idle_longest_makes_room() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 2\nmax_body = 1000\n".into(),
+        ..Default::default()
+    });
+    let shed = || metric(&w, "appproxy_connections_shed_total");
+    // Two kept alive: a new connection closes the one idle longest (a), not b.
+    let mut a = Client::connect(w.addr());
+    assert_eq!(a.get("/a", "").status, 200);
+    let mut b = Client::connect(w.addr());
+    assert_eq!(b.get("/b", "").status, 200);
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/c", "").status, 200, "admitted at the cap");
+    assert!(a.is_closed(), "the connection idle longest makes room");
+    eventually("counted", || shed() == 1);
+    // b asks again: now c is the one idle longest.
+    assert_eq!(b.get("/b2", "").status, 200);
+    let mut d = Client::connect(w.addr());
+    assert_eq!(d.get("/d", "").status, 200);
+    assert!(c.is_closed());
+    assert_eq!(b.get("/b3", "").status, 200, "b was in use more lately");
+    eventually("counted", || shed() == 2);
+    drop((b, d));
+    eventually("all closed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+
+    // A connection that never sent a byte counts as idle from its accept.
+    let mut silent = None;
+    eventually("a silent connection is admitted", || {
+        silent = admitted(&w);
+        silent.is_some()
+    });
+    let mut silent = silent.expect("admitted");
+    let mut e = Client::connect(w.addr());
+    assert_eq!(e.get("/e", "").status, 200);
+    let mut f = Client::connect(w.addr());
+    assert_eq!(f.get("/f", "").status, 200);
+    assert!(
+        silent.is_closed(),
+        "the silent connection, oldest, makes room"
+    );
+    eventually("counted", || shed() == 3);
+    assert_eq!(e.get("/e2", "").status, 200, "e was in use more lately");
+    drop((e, f));
+    eventually("all closed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+
+    // A connection lingering after its answer (a 413 while its body still comes).
+    let mut lingering = TcpStream::connect(w.addr()).expect("connect");
+    lingering
+        .write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n")
+        .expect("head");
+    lingering
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Its answer and the worker's FIN, while the client keeps its side open.
+    loop {
+        match lingering.read(&mut buf).expect("answer") {
+            0 => break,
+            n => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 413 "));
+    let mut h = Client::connect(w.addr());
+    assert_eq!(h.get("/h", "").status, 200);
+    let mut i = Client::connect(w.addr());
+    assert_eq!(i.get("/i", "").status, 200);
+    eventually("counted", || shed() == 4);
+    assert_eq!(h.get("/h2", "").status, 200, "h was in use more lately");
+    // The lingering connection is gone: what it sends now meets a reset.
+    eventually("the lingering connection is closed", || {
+        lingering.write_all(&[b'x'; 4096]).is_err()
+    });
+    drop((h, i));
+    eventually("all closed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+
+    // Busy connections are never closed for a new one: with both slots busy, the
+    // next connection is refused.
+    let held = [busy(&w), busy(&w)];
+    let mut g = Client::connect(w.addr());
+    assert_json_error(&g.response(), 503, "connection_limit");
+    eventually("the refusal is counted", || {
+        metric(&w, "appproxy_connections_refused_total") == 1
+    });
+    assert_eq!(shed(), 4, "no busy connection was closed");
+    up.open_gate();
+    drop(held);
+
+    // One line per burst: the first one shed two connections, the next two one
+    // each; each burst ended when a connection was admitted below the cap again.
+    let warned = "connection cap reached: closing connections with nothing in hand to admit new ones ([limits] max_connections_per_core)";
+    w.wait_log("shedding log lines", |v| v["message"] == warned);
+    eventually("one line per burst", || log_count(&w, warned) == 3);
 }
 
 #[test]
@@ -229,12 +362,8 @@ fn the_cap_refusal_is_the_proxys_usual_answer_and_counted_like_one() {
     let usual = first.response();
     assert_json_error(&usual, 417, "expectation_failed");
     drop(first);
-    // One connection holds the core's only slot.
-    let mut held = None;
-    eventually("a connection is admitted", || {
-        held = admitted(&w);
-        held.is_some()
-    });
+    // A busy connection holds the core's only slot.
+    let held = busy(&w);
     // The connection over the cap gets the same answer's shape: JSON with the same
     // fields, the request ID echoed, closed, and told when to try again.
     let mut c = Client::connect(w.addr());
@@ -274,6 +403,8 @@ fn the_cap_refusal_is_the_proxys_usual_answer_and_counted_like_one() {
             && metric(&w, "appproxy_proxy_errors_total") == 2
             && metric(&w, "appproxy_connections_refused_total") == 1
     });
+    up.open_gate();
+    drop(held);
 }
 
 #[test]

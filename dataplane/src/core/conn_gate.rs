@@ -24,12 +24,20 @@ pub struct ConnGate {
     pub cap: usize,
     /// Connections refused since the cap was last left.
     refused_in_burst: Cell<u64>,
+    /// Connections with nothing in hand closed to admit new ones since the cap was
+    /// last left.
+    shed_in_burst: Cell<u64>,
     /// Failed accepts since the last successful one.
     failed_in_burst: Cell<u64>,
     /// Upstream connects that failed for a local reason since the last one that
     /// worked.
     local_in_burst: Cell<u64>,
 }
+
+/// Connections admitted over the cap while those closed to make room for them have
+/// not yet run their close (a burst of accepts within one turn of the core): each may
+/// hold an app connection too, so twice this stays within [`DESCRIPTOR_HEADROOM`].
+const SHED_SLACK: usize = 32;
 
 /// Descriptors left aside for everything that is not a client connection or its
 /// upstream connection (listeners, pooled connections, the admin thread, logs).
@@ -60,6 +68,7 @@ impl ConnGate {
             open: Rc::new(Cell::new(0)),
             cap,
             refused_in_burst: Cell::new(0),
+            shed_in_burst: Cell::new(0),
             failed_in_burst: Cell::new(0),
             local_in_burst: Cell::new(0),
         }
@@ -74,8 +83,13 @@ impl ConnGate {
 impl Core {
     /// Decides whether a just-accepted connection on `port` may be served: below the
     /// cap it is registered with the reactor and holds a unit of the open count for
-    /// its life; at the cap it is refused — counted, logged once per burst, sent a
-    /// best-effort 503 JSON when the frontend speaks HTTP — and closed (`None`).
+    /// its life. At the cap, the connection that has had nothing in hand the longest
+    /// (waiting for a request, or lingering: nginx's reusable connections) is closed
+    /// to make room, and the new one is served; the core is over its cap until that
+    /// one's task has run (by at most [`SHED_SLACK`]). With none to close, it is refused — counted, logged
+    /// once per burst, sent a best-effort 503 JSON when the frontend speaks HTTP —
+    /// and closed (`None`). Busy connections (a request in hand, a tunnel) are never
+    /// closed for a new one.
     pub fn admit(
         &self,
         stream: std::net::TcpStream,
@@ -98,17 +112,34 @@ impl Core {
         if let Some(guard) = CountGuard::take(&gate.open, gate.cap) {
             // The burst ends once the core is clearly below the cap again (a tenth of
             // it free), not at every connection that slips in between refusals.
-            let refused = gate.refused_in_burst.get();
-            if refused > 0 && open + gate.cap / 10 < gate.cap {
-                gate.refused_in_burst.set(0);
-                tracing::info!(
-                    core = self.cpu,
-                    refused,
-                    cap = gate.cap,
-                    "connection cap: accepting again after refusing connections"
-                );
+            if open + gate.cap / 10 < gate.cap {
+                let refused = gate.refused_in_burst.replace(0);
+                let shed = gate.shed_in_burst.replace(0);
+                if refused > 0 || shed > 0 {
+                    tracing::info!(
+                        core = self.cpu,
+                        refused,
+                        shed,
+                        cap = gate.cap,
+                        "connection cap: accepting again after refusing connections"
+                    );
+                }
             }
             return Some(guard);
+        }
+        if open < gate.cap + SHED_SLACK && self.reactor.shed_reusable() {
+            self.metrics.add(counter::CONN_SHED, 1);
+            let shed = gate.shed_in_burst.get() + 1;
+            gate.shed_in_burst.set(shed);
+            if shed == 1 {
+                tracing::warn!(
+                    core = self.cpu,
+                    port,
+                    cap = gate.cap,
+                    "connection cap reached: closing connections with nothing in hand to admit new ones ([limits] max_connections_per_core)"
+                );
+            }
+            return CountGuard::take(&gate.open, gate.cap + SHED_SLACK);
         }
         self.metrics.add(counter::CONN_REFUSED, 1);
         let refused = gate.refused_in_burst.get() + 1;

@@ -62,7 +62,7 @@ impl ConnCtx {
     fn stream_opened(&self) {
         if self.active.get() == 0 {
             self.conn.set_deadline(None);
-            self.conn.set_idle(false);
+            self.conn.set_reusable(false, false);
         }
         self.active.set(self.active.get() + 1);
         self.streams.set(self.streams.get() + 1);
@@ -83,7 +83,7 @@ impl ConnCtx {
                 self.conn.set_timeout(DRAIN_GRACE);
             } else {
                 self.conn.set_timeout(self.core.rt.keepalive_timeout);
-                self.conn.set_idle(true);
+                self.conn.set_reusable(true, true);
             }
         }
     }

@@ -120,6 +120,8 @@ async fn serve_conn(
         line: Vec::new(),
     };
     client.conn.set_timeout(core.rt.head_timeout);
+    // Nothing in hand until the first bytes: the cap may close it for a new one.
+    client.conn.set_reusable(true, false);
     if core.rt.http2.enabled {
         // HTTP/2: agreed by ALPN over TLS, or the client's prior-knowledge preface.
         let alpn_h2 = client
@@ -189,8 +191,9 @@ impl Client {
         }
         self.conn.disarm_read_floor();
         self.conn.shutdown_write();
-        // Drain closes a lingering connection at once, as an idle one.
-        self.conn.set_idle(true);
+        // Nothing in hand: drain closes it at once, and it makes room for a new
+        // connection at the cap.
+        self.conn.set_reusable(true, true);
         let until = self.core.reactor.now() + rt.lingering_time;
         let mut dropped = 0u64;
         let scratch = self.buf.scratch();
@@ -234,21 +237,28 @@ impl Client {
     /// stayed idle past the keep-alive timeout) with nothing to answer.
     async fn read_head(&mut self, first: bool) -> Result<Option<RequestHead>, RequestError> {
         let core = &self.core;
-        let mut waiting_idle = !first && self.buf.is_empty();
-        self.conn.set_idle(waiting_idle);
+        // Nothing of a request yet: the cap may close the connection for a new one
+        // (nginx's reusable connections); drain closes one kept alive at once. A new
+        // connection has been so since its accept (`serve_conn`).
+        let mut waiting = self.buf.is_empty();
+        if !(first && waiting) {
+            self.conn.set_reusable(waiting, waiting && !first);
+        }
         loop {
             if let Some(head) = parse::parse_request(self.buf.filled(), &core.rt.head_limits)? {
-                self.conn.set_idle(false);
                 return Ok(Some(head));
             }
             match self.buf.fill(&self.conn, self.head_limit).await {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
                     core.metrics.add(counter::BYTES_IN, n as u64);
-                    if waiting_idle {
-                        waiting_idle = false;
-                        self.conn.set_idle(false);
-                        self.conn.set_timeout(core.rt.head_timeout);
+                    if waiting {
+                        waiting = false;
+                        self.conn.set_reusable(false, false);
+                        if !first {
+                            // A new connection's head deadline runs from its accept.
+                            self.conn.set_timeout(core.rt.head_timeout);
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
