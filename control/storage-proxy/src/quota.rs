@@ -309,6 +309,8 @@ impl Reservations {
         self.release(holder);
         ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
         ledger.commits += 1;
+        // A report's look that ended before this is not served to a later report.
+        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.bytes = m.bytes.saturating_add(bytes);
         }
@@ -370,6 +372,7 @@ impl Reservations {
         let s = self.scope(scope);
         let mut ledger = s.ledger();
         ledger.removals += 1;
+        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.stale = true;
         }
