@@ -12,6 +12,9 @@
 //! The walk goes by descriptor from each directory being archived: every
 //! subdirectory and file is opened with `O_NOFOLLOW` beneath its parent, so a
 //! symlink (even one swapped in while the archive streams) is never entered or read.
+//!
+//! Entry names are made safe to extract on the common platforms (no backslash, `:`
+//! or control character; UTF-8) and unique within the archive (see [`Names`]).
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
