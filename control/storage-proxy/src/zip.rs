@@ -14,7 +14,7 @@
 //! symlink (even one swapped in while the archive streams) is never entered or read.
 //!
 //! Entry names are made safe to extract on the common platforms (no backslash, `:`
-//! or control character; UTF-8) and unique within the archive (see [`Names`]).
+//! or control character; UTF-8) and unique within the archive (see `Names`).
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
