@@ -479,6 +479,8 @@ struct Session {
     volume: String,
     scope_name: String,
     scope_key: std::path::PathBuf,
+    /// The vfolder's path (the key of its usage figure).
+    folder_key: std::path::PathBuf,
 }
 
 fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiError> {
@@ -521,6 +523,7 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         volume: volume.to_owned(),
         scope_name: super::volume::Vfid::parse(vfid)?.scope_name(),
         scope_key: state.volumes.scope_of(volume, vfid)?,
+        folder_key: state.volumes.folder(volume, vfid)?,
         id,
     })
 }
@@ -714,6 +717,7 @@ async fn patch(
             let parent = st
                 .reservations
                 .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
+            st.folders.changed(&s.folder_key);
             fsx::sync(parent.as_fd())?;
             Ok(s.id)
         })

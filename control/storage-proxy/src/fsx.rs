@@ -340,6 +340,11 @@ pub trait Visitor {
     fn unopened(&mut self, _dir: BorrowedFd<'_>, _e: &Entry, _err: io::Error) -> io::Result<()> {
         Ok(())
     }
+    /// The entries of the directory about to be walked (the top first, then each
+    /// directory entered, after `enter`), before any of them is visited.
+    fn listed(&mut self, _entries: &[Entry]) -> io::Result<()> {
+        Ok(())
+    }
     /// The walk entered `dir` (named `name`; `empty` when it has no entries).
     fn enter(&mut self, _dir: BorrowedFd<'_>, _name: &OsStr, _empty: bool) -> io::Result<()> {
         Ok(())
@@ -357,8 +362,10 @@ pub trait Visitor {
 /// descriptor limit.
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
     let mut trail = Trail::new(top);
+    let first = entries(top)?;
+    v.listed(&first)?;
     let mut pending: Vec<(OsString, std::vec::IntoIter<Entry>)> =
-        vec![(OsString::new(), entries(top)?.into_iter())];
+        vec![(OsString::new(), first.into_iter())];
     loop {
         let depth = pending.len().saturating_sub(1);
         let Some((_, list)) = pending.last_mut() else {
@@ -388,6 +395,7 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
             }
         };
         v.enter(sub.as_fd(), &e.name, list.is_empty())?;
+        v.listed(&list)?;
         trail.push(sub)?;
         pending.push((e.name, list.into_iter()));
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod fsx;
 pub mod manager;
 pub mod quota;
+pub mod usage;
 pub mod volume;
 pub mod zip;
 
@@ -62,6 +63,8 @@ pub struct State {
     pub quota_limits: Mutex<std::collections::HashMap<PathBuf, u64>>,
     /// Quota reservations of upload sessions and clones.
     pub reservations: quota::Reservations,
+    /// The last usage figure of each vfolder reported, and its walk (see `usage`).
+    pub folders: usage::Folders,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
 }
@@ -84,6 +87,11 @@ pub struct Metrics {
     /// Walks of a quota scope measuring its committed bytes (checks and the sync
     /// pass).
     pub quota_walks: std::sync::atomic::AtomicU64,
+    /// Walks of a vfolder for `/folder/usage` and `/folder/used-bytes`.
+    pub usage_walks_folder: std::sync::atomic::AtomicU64,
+    /// Looks at a quota scope's staging areas and clone destinations for
+    /// `GET /quota-scope` (its committed bytes are the quota's measurement).
+    pub usage_walks_staging: std::sync::atomic::AtomicU64,
     /// Histograms, gauges and labeled counters.
     pub observed: Observed,
     /// The manager API server's connection counters.
@@ -116,6 +124,8 @@ pub struct Observed {
     pub bgtasks_finished: crate::metrics::Labeled<std::sync::atomic::AtomicU64>,
     /// Duration of each walk measuring a quota scope's committed bytes.
     pub quota_walk_duration: crate::metrics::Histogram,
+    /// Duration of each walk made for a usage report.
+    pub usage_walk_duration: crate::metrics::Histogram,
 }
 
 impl Default for Observed {
@@ -131,6 +141,7 @@ impl Default for Observed {
             bgtasks_running: Default::default(),
             bgtasks_finished: crate::metrics::Labeled::new("", 64, Default::default),
             quota_walk_duration: Histogram::default(),
+            usage_walk_duration: Histogram::default(),
         }
     }
 }
@@ -418,6 +429,7 @@ pub fn state_with_events(
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
         quota_limits: Mutex::new(std::collections::HashMap::new()),
         reservations: quota::Reservations::default(),
+        folders: usage::Folders::default(),
         metrics: Metrics::default(),
     }))
 }

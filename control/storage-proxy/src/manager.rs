@@ -181,7 +181,8 @@ struct QuotaOptions {
     limit_bytes: u64,
 }
 
-/// The usage, limit and reservations of an existing scope.
+/// The usage, limit and reservations of an existing scope (see `quota::report`:
+/// the quota's measurement serves it while young enough, no walk per report).
 async fn quota_state(
     state: &Arc<State>,
     volume: String,
@@ -189,24 +190,23 @@ async fn quota_state(
 ) -> Result<Json<Value>, ApiError> {
     let name = Volumes::scope_name(qsid)?;
     let key = state.volumes.scope(&volume, qsid)?;
-    let st = state.clone();
-    // Usage and reservations are read so that they agree (`Reservations::consistent`:
-    // the walk is made again when a commit ran during it, three times at most, so a
-    // scope under a steady stream of commits may show one upload's bytes twice or
-    // not at all in this report; checks never use it).
-    let ((used, limit), reserved) = blocking(move || {
-        let scope = match st.volumes.open_scope(&volume, &name) {
-            Ok(fd) => fd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
-        let state = st.reservations.consistent(&key, || {
-            (quota::usage(scope.as_fd()), quota::limit(scope.as_fd()))
-        });
-        quota::remember_limit(&st, &key, state.0 .1);
-        Ok(state)
-    })
-    .await?;
+    let limit = {
+        let (st, volume, name, key) = (state.clone(), volume.clone(), name.clone(), key.clone());
+        blocking(move || {
+            let scope = match st.volumes.open_scope(&volume, &name) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ApiError::NotFound)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let limit = quota::limit(scope.as_fd());
+            quota::remember_limit(&st, &key, limit);
+            Ok(limit)
+        })
+        .await?
+    };
+    let (used, reserved) = quota::report(state, &key, &volume, &name).await?;
     Ok(Json(json!({
         "used_bytes": used,
         "limit_bytes": limit,
@@ -401,6 +401,7 @@ async fn delete_folder(
         job(move || {
             let removed = fsx::remove_tree(parent.as_fd(), &name);
             st.reservations.removed(&key);
+            folder_changed(&st, &r.volume, &r.vfid);
             removed
         }),
     );
@@ -485,6 +486,7 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
                 st.reservations.unpend(id);
                 Ok(())
             });
+            folder_changed(&st, &dst_volume, &r.dst_vfid);
             copied
         }),
     ))
@@ -496,19 +498,42 @@ fn outside_staging(e: &fsx::Entry, depth: usize) -> bool {
     !(depth == 0 && e.name == ".upload")
 }
 
+/// Files and bytes of a vfolder as `/folder/usage` and `/folder/used-bytes` report
+/// them (per name, its staging area left out): one walk at a time per vfolder,
+/// its figure served again while young enough and nothing changed through the API
+/// (see `usage`).
+async fn folder_usage(state: &Arc<State>, r: &FolderReq) -> Result<(u64, u64), ApiError> {
+    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let key = state.volumes.folder(&r.volume, &r.vfid)?;
+    let st = state.clone();
+    state
+        .folders
+        .of(&key)
+        .get(state.usage_max_age, move || {
+            let began = std::time::Instant::now();
+            let figures = fsx::usage(dir.as_fd(), fsx::Links::PerName, &outside_staging);
+            super::Metrics::add(&st.metrics.usage_walks_folder, 1);
+            st.metrics
+                .observed
+                .usage_walk_duration
+                .observe(began.elapsed());
+            Ok(figures)
+        })
+        .await
+}
+
+/// A vfolder changed through the API: its next usage report walks again.
+pub(crate) fn folder_changed(state: &State, volume: &str, vfid: &str) {
+    if let Ok(key) = state.volumes.folder(volume, vfid) {
+        state.folders.changed(&key);
+    }
+}
+
 async fn usage(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (files, bytes) = blocking(move || {
-        Ok(fsx::usage(
-            dir.as_fd(),
-            fsx::Links::PerName,
-            &outside_staging,
-        ))
-    })
-    .await?;
+    let (files, bytes) = folder_usage(&state, &r).await?;
     Ok(Json(json!({"file_count": files, "used_bytes": bytes})))
 }
 
@@ -679,10 +704,13 @@ async fn rename(
     }
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
+    let st = state.clone();
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
-        rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str())?;
-        Ok(())
+        let renamed = rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str());
+        // A rename may replace a file, or move one into or out of the staging area.
+        folder_changed(&st, &r.volume, &r.vfid);
+        Ok(renamed?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -705,16 +733,18 @@ async fn move_file(
         fsx::components(&r.src_relpath)?,
         fsx::components(&r.dst_relpath)?,
     );
+    let st = state.clone();
     blocking(move || {
         let from = fsx::parent(root.as_fd(), &src)?;
         let to = fsx::parent(root.as_fd(), &dst)?;
-        rustix::fs::renameat(
+        let moved = rustix::fs::renameat(
             &from.dir,
             from.name.as_os_str(),
             &to.dir,
             to.name.as_os_str(),
-        )?;
-        Ok(())
+        );
+        folder_changed(&st, &r.volume, &r.vfid);
+        Ok(moved?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -776,6 +806,7 @@ async fn delete_files(
     blocking(move || {
         let removed = delete_paths(root, paths, r.recursive);
         st.reservations.removed(&key);
+        folder_changed(&st, &r.volume, &r.vfid);
         Ok(removed?)
     })
     .await?;
@@ -790,12 +821,14 @@ async fn delete_files_async(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let recursive = r.recursive;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
+    let (volume, vfid) = (r.volume.clone(), r.vfid.clone());
     let body = bgtask(
         &state,
         "delete_files",
         job(move || {
             let removed = delete_paths(root, paths, recursive);
             st.reservations.removed(&key);
+            folder_changed(&st, &volume, &vfid);
             removed
         }),
     );
@@ -905,15 +938,7 @@ async fn used_bytes(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let (_, bytes) = blocking(move || {
-        Ok(fsx::usage(
-            dir.as_fd(),
-            fsx::Links::PerName,
-            &outside_staging,
-        ))
-    })
-    .await?;
+    let (_, bytes) = folder_usage(&state, &r).await?;
     Ok(Json(json!({"used_bytes": bytes})))
 }
 
@@ -1098,6 +1123,11 @@ fn render_observed(state: &State, out: &mut String) {
             "Duration of each walk measuring a quota scope's committed bytes.",
             &o.quota_walk_duration,
         ),
+        (
+            "storage_proxy_usage_walk_duration_seconds",
+            "Duration of each walk made for a usage report (a vfolder's files and bytes, a quota scope's staging areas).",
+            &o.usage_walk_duration,
+        ),
     ] {
         header(out, family, "histogram", help);
         h.render(out, family, "");
@@ -1272,7 +1302,7 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
         ),
         (
             "storage_proxy_quota_walks_total",
-            "Walks of a quota scope measuring its committed bytes (checks whose measurement was too old, and the usage-sync pass).",
+            "Walks of a quota scope measuring its committed bytes (checks and quota-scope reports whose measurement was too old, and the usage-sync pass).",
             "counter",
             m.quota_walks.load(Relaxed),
         ),
@@ -1323,6 +1353,13 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             );
         }
     }
+    let name = "storage_proxy_usage_walks_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Walks made for usage reports, by report: a vfolder's files and bytes (/folder/usage, /folder/used-bytes), or a quota scope's staging areas and clone destinations (GET /quota-scope; its committed bytes are the quota's measurement).\n# TYPE {name} counter\n{name}{{report=\"folder\"}} {}\n{name}{{report=\"quota-scope\"}} {}",
+        m.usage_walks_folder.load(Relaxed),
+        m.usage_walks_staging.load(Relaxed),
+    );
     render_observed(&state, &mut out);
     let mut resp = out.into_response();
     resp.headers_mut().insert(

@@ -41,6 +41,9 @@
 //! room that late. With `quota_usage_max_age_secs = 0` every check measures
 //! (concurrent checks still share one walk).
 //!
+//! `GET /quota-scope` reports from the same measurement (see [`report`]): no walk
+//! of the scope per report.
+//!
 //! What counts: the apparent size (`st_size`) of every entry that is not a
 //! directory, each inode once however many hard links it has inside the scope (by
 //! device and inode, as `du` does; only inodes with more than one link are
@@ -115,17 +118,49 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
 }
 
 /// Depth below a scope directory of a vfolder's staging area
-/// (`<scope>/<xx>/<yy>/<rest>/.upload`).
+/// (`<scope>/<xx>/<yy>/<rest>/.upload`); [`set_aside`] follows the same layout.
 const STAGING_DEPTH: usize = 3;
 
-/// Bytes under the scope (staging files of uploads in progress included; the
-/// `.quota` file itself not), each file once however many hard links it has there.
-pub fn usage(scope: BorrowedFd<'_>) -> u64 {
-    let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-        .map_or(0, |s| s.st_size as u64);
-    fsx::usage(scope, fsx::Links::Once, &|_, _| true)
-        .1
-        .saturating_sub(own)
+/// Bytes under the scope that committed bytes leave out: each vfolder's staging
+/// area and the clone destinations being filled (`pending`, vfolder directories),
+/// each inode once within each. Bounded by the number of vfolders and what those
+/// hold: a vfolder's own entries are never listed, its `.upload` is opened by name.
+pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
+    let all = |_: &fsx::Entry, _: usize| true;
+    let subdirs = |dir: BorrowedFd<'_>| -> Vec<(std::ffi::OsString, rustix::fs::Stat)> {
+        fsx::entries(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.kind() == rustix::fs::FileType::Directory)
+            .map(|e| (e.name, e.stat))
+            .collect()
+    };
+    let mut bytes = 0u64;
+    for (a, _) in subdirs(scope) {
+        let Ok(fa) = fsx::child_dir(scope, &a) else {
+            continue;
+        };
+        for (b, _) in subdirs(fa.as_fd()) {
+            let Ok(fb) = fsx::child_dir(fa.as_fd(), &b) else {
+                continue;
+            };
+            for (c, stat) in subdirs(fb.as_fd()) {
+                let Ok(vfolder) = fsx::child_dir(fb.as_fd(), &c) else {
+                    continue;
+                };
+                let aside = if pending.contains(&(stat.st_dev, stat.st_ino)) {
+                    vfolder
+                } else {
+                    match fsx::child_dir(vfolder.as_fd(), std::ffi::OsStr::new(STAGING)) {
+                        Ok(staging) => staging,
+                        Err(_) => continue,
+                    }
+                };
+                bytes = bytes.saturating_add(fsx::usage(aside.as_fd(), fsx::Links::Once, &all).1);
+            }
+        }
+    }
+    bytes
 }
 
 /// Bytes committed under the scope: everything but the vfolders' staging areas,
@@ -206,6 +241,9 @@ struct Scope {
     /// Held by the walk of the scope in progress; checks that need a measurement
     /// wait here (asynchronously) and take that walk's result instead of walking.
     walk: Arc<tokio::sync::Mutex<()>>,
+    /// `GET /quota-scope`'s look at what the measurement leaves out (staging areas,
+    /// clone destinations being filled): one at a time, concurrent reports share it.
+    report: Arc<super::usage::Flight<(u64, u64)>>,
 }
 
 impl Scope {
@@ -271,29 +309,13 @@ impl Reservations {
         self.release(holder);
         ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
         ledger.commits += 1;
+        // A report's look that ended before this is not served to a later report.
+        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.bytes = m.bytes.saturating_add(bytes);
         }
         s.show(&ledger);
         Ok(done)
-    }
-
-    /// Runs `measure` (a walk) and reads the scope's reservations so that the two
-    /// agree: no holder's bytes moved from reserved to committed while it ran. The
-    /// walk runs outside the scope's lock; it is run again (three times at most)
-    /// when a commit ran meanwhile, and the last figure stands after that.
-    pub fn consistent<T>(&self, scope: &Path, mut measure: impl FnMut() -> T) -> (T, u64) {
-        let s = self.scope(scope);
-        let mut tries = 0;
-        loop {
-            let before = s.ledger().commits;
-            let measured = measure();
-            let ledger = s.ledger();
-            tries += 1;
-            if ledger.commits == before || tries == 3 {
-                return (measured, self.reserved(scope, ""));
-            }
-        }
     }
 
     /// Leaves a directory (a clone destination being filled) out of committed bytes
@@ -350,6 +372,7 @@ impl Reservations {
         let s = self.scope(scope);
         let mut ledger = s.ledger();
         ledger.removals += 1;
+        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.stale = true;
         }
@@ -445,6 +468,64 @@ pub async fn measure(
         Ok(())
     })
     .await
+}
+
+/// What `GET /quota-scope` reports of a scope that exists: `(used, reserved)`.
+/// `used` is every byte under the scope, each inode once (`.quota` left out, the
+/// staging areas of uploads in progress and clone destinations being filled
+/// counted): the scope's measurement of committed bytes (see [`measure`]; no walk
+/// while it is young enough and no delete came since) plus a look at what it
+/// leaves out ([`set_aside`]: staging areas and clone destinations only, never the
+/// vfolders' own trees), made one at a time per scope and shared by the reports
+/// that wait for it. The two figures and the reservations are read so that they
+/// agree: the look is made again (three times at most) when a commit ran during it,
+/// and the measurement and the reservations are read together under the scope's
+/// lock, where a commit moves bytes from one to the other.
+pub async fn report(
+    state: &Arc<State>,
+    key: &Path,
+    volume: &str,
+    scope_name: &str,
+) -> Result<(u64, u64), ApiError> {
+    measure(state, key, volume, scope_name).await?;
+    let s = state.reservations.scope(key);
+    let (st, k, v, n) = (
+        state.clone(),
+        key.to_path_buf(),
+        volume.to_owned(),
+        scope_name.to_owned(),
+    );
+    s.report
+        .clone()
+        .get(Duration::ZERO, move || {
+            let scope = st.volumes.open_scope(&v, &n)?;
+            let s = st.reservations.scope(&k);
+            let began = Instant::now();
+            let mut tries = 0;
+            let figures = loop {
+                let before = s.ledger().commits;
+                let aside = set_aside(scope.as_fd(), &st.reservations.pending());
+                let ledger = s.ledger();
+                tries += 1;
+                if ledger.commits == before || tries == 3 {
+                    break ledger.measured.map(|m| {
+                        (
+                            m.bytes.saturating_add(aside),
+                            st.reservations.reserved(&k, ""),
+                        )
+                    });
+                }
+            };
+            super::Metrics::add(&st.metrics.usage_walks_staging, 1);
+            st.metrics
+                .observed
+                .usage_walk_duration
+                .observe(began.elapsed());
+            figures.ok_or_else(|| {
+                ApiError::Io(std::io::Error::other("the quota scope has no measurement"))
+            })
+        })
+        .await
 }
 
 /// Check-and-reserve against the scope's measurement under the scope's lock

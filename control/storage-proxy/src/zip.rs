@@ -12,6 +12,9 @@
 //! The walk goes by descriptor from each directory being archived: every
 //! subdirectory and file is opened with `O_NOFOLLOW` beneath its parent, so a
 //! symlink (even one swapped in while the archive streams) is never entered or read.
+//!
+//! Entry names are made safe to extract on the common platforms (no backslash, `:`
+//! or control character; UTF-8) and unique within the archive (see `Names`).
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -147,48 +150,169 @@ pub fn stream_items(
 /// Entry names past this are left out: a zip header says a name's length in 16 bits.
 const MAX_NAME: usize = u16::MAX as usize;
 
-/// Appends one path component to an entry name as the zip format wants it: UTF-8
-/// (invalid bytes become U+FFFD, as flag bit 11 promises UTF-8), and a backslash —
-/// legal in a Linux file name, but a path separator to Windows extractors — as `_`.
-/// A vfolder user can name a file `..\..\startup\x.bat`; written as it is, a project
-/// member who downloads the folder on Windows would extract it outside the target
-/// directory (zip slip). Returns whether the component had to change.
+/// Appends one path component to an entry name so that it is safe to extract on
+/// the common platforms: UTF-8 (invalid bytes become U+FFFD, as flag bit 11
+/// promises UTF-8), and these characters as `_`:
+/// - a backslash, legal in a Linux file name but a path separator to Windows
+///   extractors: a vfolder user can name a file `..\..\startup\x.bat`, and a
+///   project member who downloads the folder on Windows would extract it outside
+///   the target directory (zip slip);
+/// - `:`, which Windows reads as a drive (`C:` first: an absolute path, out of the
+///   target directory again) or an NTFS alternate data stream (`a:b` writes a
+///   hidden stream of `a`);
+/// - control characters (C0, DEL, C1: newlines, escapes), which Windows refuses
+///   in names and which rewrite the terminal of whoever lists the archive.
+///
+/// Everything else stays as it is (spaces, unicode, `<>?*|"`, which Windows
+/// extractors refuse or replace themselves, harmlessly). Returns whether the
+/// component had to change.
 fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
     let text = name.to_string_lossy();
     let mut changed = matches!(text, std::borrow::Cow::Owned(_));
-    for b in text.bytes() {
-        if b == b'\\' {
+    let mut utf8 = [0u8; 4];
+    for c in text.chars() {
+        if c == '\\' || c == ':' || c.is_control() {
             out.push(b'_');
             changed = true;
         } else {
-            out.push(b);
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
         }
     }
     changed
-}
-
-/// The entry name of a path beneath the vfolder (components joined by `/`).
-fn entry_name(parts: &[std::ffi::OsString]) -> Vec<u8> {
-    let mut name = Vec::new();
-    let mut changed = false;
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            name.push(b'/');
-        }
-        changed |= push_component(&mut name, part);
-    }
-    if changed {
-        note_renamed(&name);
-    }
-    name
 }
 
 /// Logs an entry whose name was changed to be safe to extract.
 fn note_renamed(name: &[u8]) {
     tracing::warn!(
         entry = %String::from_utf8_lossy(name),
-        "archive entry name had a backslash or bytes that are not UTF-8: written with `_` / U+FFFD"
+        "archive entry name had a backslash, `:`, a control character or bytes that are not UTF-8: written with `_` / U+FFFD"
     );
+}
+
+/// The names given in one archive, so that no two entries end up with one name, nor
+/// a file with the name of a directory: an extractor would overwrite the first with
+/// the second, ask, or fail. Names collide once made safe (`a\b` and `a_b`, two
+/// invalid UTF-8 names, `a:b` and `a_b`) or when a download lists a path twice or
+/// one inside another. A name that needed no change keeps it: each directory's
+/// listing reserves those names before its entries are archived. An entry whose
+/// name is taken gets ` (1)`, ` (2)`, … before its extension (`a_b (1).txt`),
+/// logged. A directory met again under the same name (the parent of two listed
+/// paths, a directory listed twice) is the same directory and is merged.
+///
+/// Names are remembered by a 64-bit hash of the full path (a directory's name on
+/// disk likewise), not as text: the central directory already holds every name, and
+/// this stays a few dozen bytes an entry. Two names with one hash only cost the
+/// second an unneeded number.
+#[derive(Default)]
+struct Names {
+    given: std::collections::HashMap<u64, Slot>,
+}
+
+/// A name reserved or given.
+struct Slot {
+    dir: bool,
+    /// Hash of the entry's own name on disk.
+    original: u64,
+    /// Given to an entry (not only reserved by a listing).
+    claimed: bool,
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+impl Names {
+    /// Reserves the name of `name`, an entry of the archive directory `parent`
+    /// (empty, or ending with `/`), when it needs no change to be safe.
+    fn reserve(&mut self, parent: &[u8], name: &std::ffi::OsStr, dir: bool) {
+        let mut full = parent.to_vec();
+        if push_component(&mut full, name) {
+            return;
+        }
+        self.given.entry(hash(&full)).or_insert(Slot {
+            dir,
+            original: hash(std::os::unix::ffi::OsStrExt::as_bytes(name)),
+            claimed: false,
+        });
+    }
+
+    /// The full name (no trailing `/`) of `name`, an entry of the archive directory
+    /// `parent` (empty, or ending with `/`); `dir` whether it is a directory.
+    fn give(&mut self, parent: &[u8], name: &std::ffi::OsStr, dir: bool) -> Vec<u8> {
+        let original = hash(std::os::unix::ffi::OsStrExt::as_bytes(name));
+        let mut full = parent.to_vec();
+        let changed = push_component(&mut full, name);
+        let slot = Slot {
+            dir,
+            original,
+            claimed: true,
+        };
+        match self.given.get_mut(&hash(&full)) {
+            None => {
+                self.given.insert(hash(&full), slot);
+            }
+            // Its own reservation, or the same directory again.
+            Some(s) if s.dir == dir && s.original == original && (dir || !s.claimed) => {
+                s.claimed = true;
+            }
+            Some(_) => return self.numbered(parent, full, slot),
+        }
+        if changed {
+            note_renamed(&full);
+        }
+        full
+    }
+
+    /// `full` (taken) with the first free number before its extension (a file's,
+    /// not a leading dot's).
+    fn numbered(&mut self, parent: &[u8], full: Vec<u8>, slot: Slot) -> Vec<u8> {
+        let base = &full[parent.len()..];
+        let cut = match base.iter().rposition(|b| *b == b'.') {
+            Some(i) if !slot.dir && i > 0 => i,
+            _ => base.len(),
+        };
+        let (stem, ext) = base.split_at(cut);
+        let mut n = 1u64;
+        loop {
+            let mut candidate = parent.to_vec();
+            candidate.extend_from_slice(stem);
+            candidate.extend_from_slice(format!(" ({n})").as_bytes());
+            candidate.extend_from_slice(ext);
+            match self.given.entry(hash(&candidate)) {
+                std::collections::hash_map::Entry::Vacant(free) => {
+                    free.insert(slot);
+                    tracing::warn!(
+                        entry = %String::from_utf8_lossy(&full),
+                        written_as = %String::from_utf8_lossy(&candidate),
+                        "archive entry name already given to another entry: written with a number"
+                    );
+                    return candidate;
+                }
+                // The same directory, numbered before.
+                std::collections::hash_map::Entry::Occupied(o)
+                    if slot.dir && o.get().dir && o.get().original == slot.original =>
+                {
+                    return candidate;
+                }
+                std::collections::hash_map::Entry::Occupied(_) => n += 1,
+            }
+        }
+    }
+
+    /// The full name of a path beneath the vfolder (its parents as directories).
+    fn give_path(&mut self, parts: &[std::ffi::OsString], dir: bool) -> Vec<u8> {
+        let mut name = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                name.push(b'/');
+            }
+            name = self.give(&name, part, dir || i + 1 < parts.len());
+        }
+        name
+    }
 }
 
 /// Archives a directory's tree as the walk goes (see `fsx::walk`): regular files
@@ -202,14 +326,11 @@ struct Walker<'w, 'a> {
 }
 
 impl Walker<'_, '_> {
-    /// The entry name of `name` in the current directory, or `None` (logged) when it
-    /// is too long for a zip header. A name changed to be safe is logged when `note`
-    /// (once per entry: a directory's name is first only checked).
-    fn name(&self, name: &std::ffi::OsStr, dir: bool, note: bool) -> Option<Vec<u8>> {
-        let mut full = self.names.clone();
-        if push_component(&mut full, name) && note {
-            note_renamed(&full);
-        }
+    /// The entry name of `name` in the current directory (made safe and unique, see
+    /// [`Names`]; a directory's name is the same each time it is asked), or `None`
+    /// (logged) when it is too long for a zip header.
+    fn name(&mut self, name: &std::ffi::OsStr, dir: bool) -> Option<Vec<u8>> {
+        let mut full = self.w.names.give(&self.names, name, dir);
         if dir {
             full.push(b'/');
         }
@@ -233,9 +354,9 @@ impl fsx::Visitor for Walker<'_, '_> {
     ) -> std::io::Result<bool> {
         match e.kind() {
             FileType::Directory => Ok(!(depth == 0 && self.skip_staging && e.name == ".upload")
-                && self.name(&e.name, true, false).is_some()),
+                && self.name(&e.name, true).is_some()),
             FileType::RegularFile => {
-                let Some(name) = self.name(&e.name, false, true) else {
+                let Some(name) = self.name(&e.name, false) else {
                     return Ok(false);
                 };
                 // Swapped for anything else since it was listed: left out.
@@ -248,13 +369,24 @@ impl fsx::Visitor for Walker<'_, '_> {
         }
     }
 
+    fn listed(&mut self, entries: &[fsx::Entry]) -> std::io::Result<()> {
+        for e in entries {
+            match e.kind() {
+                FileType::Directory => self.w.names.reserve(&self.names, &e.name, true),
+                FileType::RegularFile => self.w.names.reserve(&self.names, &e.name, false),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn enter(
         &mut self,
         _: std::os::fd::BorrowedFd<'_>,
         name: &std::ffi::OsStr,
         empty: bool,
     ) -> std::io::Result<()> {
-        let full = self.name(name, true, true).unwrap_or_default();
+        let full = self.name(name, true).unwrap_or_default();
         self.lens.push(self.names.len());
         self.names = full;
         if empty {
@@ -283,6 +415,8 @@ struct Writer<'a> {
     zip64_from: u64,
     /// How long a chunk may wait for the client to take bytes.
     stall: Duration,
+    /// The names given so far.
+    names: Names,
 }
 
 impl<'a> Writer<'a> {
@@ -294,6 +428,7 @@ impl<'a> Writer<'a> {
             buf: vec![0u8; 64 * 1024],
             zip64_from,
             stall,
+            names: Names::default(),
         }
     }
 
@@ -479,11 +614,20 @@ impl<'a> Writer<'a> {
                         }
                         Err(e) => return Err(e),
                     };
-                    let mut name = entry_name(&parts);
-                    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
-                        == FileType::Directory
-                    {
+                    let dir = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
+                        == FileType::Directory;
+                    let mut name = self.names.give_path(&parts, dir);
+                    if dir {
                         name.push(b'/');
+                    }
+                    if name.len() > MAX_NAME {
+                        tracing::warn!(
+                            bytes = name.len(),
+                            "archive entry name too long for a zip header: left out"
+                        );
+                        continue;
+                    }
+                    if dir {
                         Item::Dir(fd, name)
                     } else {
                         Item::File(std::fs::File::from(fd), name)

@@ -997,3 +997,103 @@ fn archive_entry_names_never_carry_a_backslash() {
     assert_eq!(names, ["'w/a_b/.._.._x.bat'"], "{names:?}");
     assert!(p.log().contains("archive entry name had a backslash"));
 }
+
+/// Python's zipfile reads every entry (checking its CRC and that its local header
+/// carries the name the central directory does): `{name: content}`, after checking
+/// that no two entries share a name and no file's name is also a directory's.
+fn zip_contents(zip: &[u8], dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let path = dir.join("names.zip");
+    std::fs::write(&path, zip).expect("zip");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(concat!(
+            "import sys,zipfile,json\n",
+            "z=zipfile.ZipFile(sys.argv[1])\n",
+            "names=z.namelist()\n",
+            "assert len(set(names))==len(names), names\n",
+            "files=[n for n in names if not n.endswith('/')]\n",
+            "assert not [f for f in files for n in names if n.startswith(f+'/')], names\n",
+            "print(json.dumps({n: z.read(n).decode('utf-8') for n in files}))",
+        ))
+        .arg(&path)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("names and contents")
+}
+
+/// Entry names safe and unique on every common platform: `:` (a drive letter, an
+/// NTFS stream) and control characters become `_` as a backslash does; names that
+/// collide once made safe (or invalid UTF-8 names made U+FFFD) are numbered, the
+/// name that needed no change keeping it, so no extractor overwrites one file with
+/// another or meets a file where a directory goes; unicode and spaces stay.
+#[test]
+fn archive_entry_names_are_safe_and_unique_on_every_platform() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let w = p.vfolder_path().join("w");
+    std::fs::create_dir_all(w.join("C:")).expect("dir");
+    std::fs::create_dir_all(w.join("d\\x")).expect("dir");
+    for (name, content) in [
+        (&b"a\\b.txt"[..], "backslash"),
+        (b"a_b.txt", "plain"),
+        (b"C:/x.txt", "drive"),
+        (b"time 12:30.log", "colon"),
+        (b"line\nbreak.txt", "newline"),
+        (b"esc\x1b[31m.txt", "escape"),
+        ("c1\u{85}.txt".as_bytes(), "c1"),
+        ("ünï cøde file.txt".as_bytes(), "unicode"),
+        (b"d_x", "file"),
+        (b"d\\x/f", "in the directory"),
+        (b"bad\xfename", "fe"),
+        (b"bad\xffname", "ff"),
+    ] {
+        std::fs::write(w.join(std::ffi::OsStr::from_bytes(name)), content).expect("file");
+    }
+    let r = p.download("w", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    let got = zip_contents(&r.body, p.dir.path());
+    let want: std::collections::BTreeMap<String, String> = [
+        ("a_b.txt", "plain"),
+        ("a_b (1).txt", "backslash"),
+        ("C_/x.txt", "drive"),
+        ("time 12_30.log", "colon"),
+        ("line_break.txt", "newline"),
+        ("esc_[31m.txt", "escape"),
+        ("c1_.txt", "c1"),
+        ("ünï cøde file.txt", "unicode"),
+        ("d_x", "file"),
+        ("d_x (1)/f", "in the directory"),
+        ("bad\u{fffd}name", "fe"),
+        ("bad\u{fffd}name (1)", "ff"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(got, want);
+    // Paths listed in a token: the first keeps its name, a path listed again or
+    // colliding once made safe is numbered, a parent met again is merged.
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["w/a_b.txt", "w/a\\b.txt", "w/a_b.txt", "w/C:"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200);
+    let got = zip_contents(&r.body, p.dir.path());
+    let want: std::collections::BTreeMap<String, String> = [
+        ("w/a_b.txt", "plain"),
+        ("w/a_b (1).txt", "backslash"),
+        ("w/a_b (2).txt", "plain"),
+        ("w/C_/x.txt", "drive"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(got, want);
+    assert!(p.log().contains("already given to another entry"));
+}
