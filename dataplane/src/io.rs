@@ -15,7 +15,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustix::net::SocketFlags;
@@ -279,13 +279,9 @@ impl TcpConn {
                 Ok(false) => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            match self
+            ready!(self
                 .reg
-                .poll_ready(cx, Direction::Write, self.stream.as_fd())
-            {
-                Poll::Ready(Ok(())) => {}
-                other => return other,
-            }
+                .poll_ready(cx, Direction::Write, self.stream.as_fd()))?;
         }
     }
 
@@ -485,19 +481,16 @@ impl TcpConn {
                         self.book_read(n);
                         break Poll::Ready(Ok(n));
                     }
-                    Ok(None) => match self
-                        .reg
-                        .poll_ready(cx, Direction::Read, self.stream.as_fd())
-                    {
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                        Poll::Pending => break Poll::Pending,
-                    },
+                    Ok(None) => {
+                        ready!(self
+                            .reg
+                            .poll_ready(cx, Direction::Read, self.stream.as_fd()))?
+                    }
                     Err(e) => break Poll::Ready(Err(e)),
                 }
             };
         }
-        let r = std::task::ready!(self.poll_recv(cx, buf));
+        let r = ready!(self.poll_recv(cx, buf));
         if let Ok(n) = r {
             self.book_read(n);
         }
@@ -512,14 +505,9 @@ impl TcpConn {
         loop {
             match recv_when_ready(&self.stream, &self.reg, buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self
+                    ready!(self
                         .reg
-                        .poll_ready(cx, Direction::Read, self.stream.as_fd())
-                    {
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
+                        .poll_ready(cx, Direction::Read, self.stream.as_fd()))?;
                 }
                 r => return Poll::Ready(r),
             }
@@ -558,14 +546,9 @@ impl TcpConn {
         }
         loop {
             if !self.reg.is_ready(Direction::Write) {
-                match self
+                ready!(self
                     .reg
-                    .poll_ready(cx, Direction::Write, self.stream.as_fd())
-                {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
+                    .poll_ready(cx, Direction::Write, self.stream.as_fd()))?;
             }
             match sys_send(&self.stream, buf) {
                 Ok(n) => {
@@ -828,14 +811,9 @@ impl Listener {
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         poll_fn(|cx| loop {
             if !self.reg.is_ready(Direction::Read) {
-                match self
+                ready!(self
                     .reg
-                    .poll_ready(cx, Direction::Read, self.listener.as_fd())
-                {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
+                    .poll_ready(cx, Direction::Read, self.listener.as_fd()))?;
             }
             match rustix::net::acceptfrom_with(
                 &self.listener,
