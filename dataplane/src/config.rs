@@ -261,6 +261,13 @@ pub struct LimitsSection {
     /// frontends), counted in `appproxy_connections_refused_total`. 0 derives it
     /// from the descriptor limit: (RLIMIT_NOFILE - 128) / 2 / cores.
     pub max_connections_per_core: usize,
+    /// Client connections one core serves at once from one client address (an IPv6
+    /// client's whole /64, which one host can fill); past it new ones from that
+    /// address are refused (closed, with a 429 on HTTP frontends), counted in
+    /// `appproxy_connections_refused_per_client_total`. Peers in
+    /// `[worker] trusted_proxies` are not limited (every client behind them shares
+    /// their address). 0 (the default) turns the limit off.
+    pub max_connections_per_client: usize,
     /// Lowest average rate, in bytes per second, at which a client must send a
     /// request body; a body that falls below it (after the first `body_idle_secs`
     /// of waiting are used up) gets 408. 0 turns the floor off.
@@ -277,6 +284,7 @@ impl Default for LimitsSection {
             max_body: 0,
             max_response_head: 64 * 1024,
             max_connections_per_core: 0,
+            max_connections_per_client: 0,
             min_body_rate: 500,
         }
     }
@@ -752,6 +760,8 @@ pub struct Runtime {
     pub min_body_rate: u64,
     /// Client connections per core (0: derived from the descriptor limit).
     pub max_connections_per_core: usize,
+    /// Client connections per client address, per core (0: no limit).
+    pub max_connections_per_client: usize,
     /// Open connections per upstream address, per core.
     pub max_upstream_conns: usize,
     /// Idle tunnels.
@@ -1218,6 +1228,7 @@ impl Config {
             response_idle_timeout: secs(t.response_idle_secs),
             min_body_rate: l.min_body_rate,
             max_connections_per_core: l.max_connections_per_core,
+            max_connections_per_client: l.max_connections_per_client,
             max_upstream_conns: self.upstream.max_connections_per_route,
             tunnel_idle_timeout: secs(t.tunnel_idle_secs),
             drain_timeout: secs(t.drain_secs),

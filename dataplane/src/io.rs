@@ -93,6 +93,8 @@ pub struct TcpConn {
     floor: Cell<Option<ReadFloor>>,
     /// The count this connection is part of (route cap), released with it.
     counted: Option<CountGuard>,
+    /// A second count it is part of (its client address's), released with it.
+    also_counted: Option<CountGuard>,
     /// The TLS session, when the client speaks TLS.
     tls: Option<Box<TlsState>>,
     /// Whether the close is abortive ([`TcpConn::reset_on_close`]).
@@ -205,6 +207,7 @@ impl TcpConn {
             stream,
             floor: Cell::new(None),
             counted: None,
+            also_counted: None,
             tls: None,
             abortive: Cell::new(false),
         })
@@ -388,6 +391,11 @@ impl TcpConn {
     /// Makes this connection count in `guard`'s count until it closes.
     pub fn count_in(&mut self, guard: CountGuard) {
         self.counted = Some(guard);
+    }
+
+    /// Makes this connection count in a second count too until it closes.
+    pub fn count_also_in(&mut self, guard: CountGuard) {
+        self.also_counted = Some(guard);
     }
 
     /// Arms the read-rate floor: from now on, reads must keep up `rate` bytes per

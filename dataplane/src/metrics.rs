@@ -53,6 +53,8 @@ pub enum Counter {
     ConnRefused,
     /// Connections with nothing in hand closed to admit new ones at the cap.
     ConnShed,
+    /// Connections closed at accept: their client address was at its cap.
+    ConnRefusedPerClient,
     /// Failed accepts (out of descriptors or memory).
     AcceptErrors,
     /// Upstream connects that failed for a local reason.
@@ -116,6 +118,7 @@ impl Counter {
         Counter::ProxyErrors,
         Counter::ConnRefused,
         Counter::ConnShed,
+        Counter::ConnRefusedPerClient,
         Counter::AcceptErrors,
         Counter::LocalErrors,
         Counter::UpstreamLimit,
@@ -153,6 +156,7 @@ impl Counter {
             Counter::BytesIn => spec("appproxy_bytes_in_total", Kind::Counter, "Bytes read from clients."),
             Counter::BytesOut => spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
             Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
+            Counter::ConnRefusedPerClient => spec("appproxy_connections_refused_per_client_total", Kind::Counter, "Connections closed at accept because their client address was at [limits] max_connections_per_client."),
             Counter::ConnShed => spec("appproxy_connections_shed_total", Kind::Counter, "Connections with nothing in hand (waiting for a request, or lingering) closed to admit a new one at [limits] max_connections_per_core."),
             Counter::ConnRefused => spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
             Counter::AcceptErrors => spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
@@ -253,6 +257,8 @@ pub mod counter {
     pub const CONN_REFUSED: usize = Counter::ConnRefused as usize;
     /// Connections with nothing in hand closed to admit new ones at the cap.
     pub const CONN_SHED: usize = Counter::ConnShed as usize;
+    /// Connections closed at accept because their client address was at its cap.
+    pub const CONN_REFUSED_PER_CLIENT: usize = Counter::ConnRefusedPerClient as usize;
     /// Failed accepts (out of descriptors or memory).
     pub const ACCEPT_ERRORS: usize = Counter::AcceptErrors as usize;
     /// Upstream connects that failed for a local reason.

@@ -588,7 +588,7 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
     let port = listener.local_addr().port();
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => match core.admit(stream, port) {
+            Ok((stream, peer)) => match core.admit(stream, port, peer) {
                 None => {}
                 Some(Ok(mut conn)) => {
                     let kind = if Some(port) == core.rt.api_port {

@@ -348,6 +348,68 @@ fn at_the_cap_the_connection_idle_longest_makes_room() {
     eventually("one line per burst", || log_count(&w, warned) == 3);
 }
 
+/// `[limits] max_connections_per_client`: an address at its limit is refused with
+/// a 429 (JSON, `Retry-After`, counted, logged), never served by closing others;
+/// its open connections and other addresses go on, a closed connection gives its
+/// unit back, and trusted proxies (every client behind them shares their address)
+/// are not limited.
+#[test]
+fn one_client_address_cannot_take_more_than_its_share() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_client = 2\n".into(),
+        ..Default::default()
+    });
+    let mut a = Client::connect(w.addr());
+    assert_eq!(a.get("/a", "").status, 200);
+    let mut b = Client::connect(w.addr());
+    assert_eq!(b.get("/b", "").status, 200);
+    // Idle as a and b are, the third from their address is refused, not served by
+    // closing one of them.
+    let mut c = Client::connect(w.addr());
+    let r = c.response();
+    assert_json_error(&r, 429, "client_connection_limit");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(c.is_closed());
+    eventually("the refusal is counted", || {
+        metric(&w, "appproxy_connections_refused_per_client_total") == 1
+    });
+    w.wait_log("refusal logged", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("a client address is at its connection limit"))
+    });
+    assert_eq!(a.get("/a2", "").status, 200);
+    // Another address is not affected.
+    let mut other = Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.addr());
+    assert_eq!(other.get("/other", "").status, 200);
+    // A closed connection gives its unit back.
+    drop(b);
+    let mut d = None;
+    eventually("a new connection from the address is admitted", || {
+        d = admitted(&w);
+        d.is_some()
+    });
+    assert_eq!(d.expect("admitted").get("/d", "").status, 200);
+    assert_eq!(
+        metric(&w, "appproxy_connections_refused_per_client_total"),
+        1
+    );
+
+    // Behind a trusted proxy every client has the proxy's address: not limited.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_client = 1\n".into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.1\"]\n".into(),
+        ..Default::default()
+    });
+    let mut held: Vec<Client> = (0..3).map(|_| Client::connect(w.addr())).collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        assert_eq!(c.get(&format!("/t{i}"), "").status, 200);
+    }
+}
+
 #[test]
 fn the_cap_refusal_is_the_proxys_usual_answer_and_counted_like_one() {
     let up = Upstream::start();

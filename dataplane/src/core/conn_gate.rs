@@ -1,10 +1,13 @@
-//! The per-core connection gate: the cap on open client connections, the refusal at
-//! the cap (a best-effort 503 on HTTP frontends, the proxy's usual JSON refusal,
-//! written and counted by the common refusal path), and the once-per-burst accounting
-//! of refused connections, failed accepts and local connect failures.
+//! The per-core connection gate: the cap on open client connections and the one per
+//! client address, the refusals at them (a best-effort 503 or 429 on HTTP frontends,
+//! the proxy's usual JSON refusal, written and counted by the common refusal path),
+//! the shedding of connections with nothing in hand at the cap, and the
+//! once-per-burst accounting of refused connections, failed accepts and local connect
+//! failures.
 
-use std::cell::Cell;
-use std::net::SocketAddr;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
 use appproxy_shared::RequestId;
@@ -24,6 +27,13 @@ pub struct ConnGate {
     pub cap: usize,
     /// Connections refused since the cap was last left.
     refused_in_burst: Cell<u64>,
+    /// Open connections per client address, with `[limits]
+    /// max_connections_per_client`. Entries no connection holds any more are dropped
+    /// once they could outnumber the open connections. SipHash: clients choose the
+    /// keys.
+    per_client: RefCell<HashMap<ClientKey, Rc<Cell<usize>>>>,
+    /// Connections refused for their client address since the last log line.
+    client_refusals: Cell<u64>,
     /// Connections with nothing in hand closed to admit new ones since the cap was
     /// last left.
     shed_in_burst: Cell<u64>,
@@ -69,6 +79,8 @@ impl ConnGate {
             cap,
             refused_in_burst: Cell::new(0),
             shed_in_burst: Cell::new(0),
+            per_client: RefCell::new(HashMap::new()),
+            client_refusals: Cell::new(0),
             failed_in_burst: Cell::new(0),
             local_in_burst: Cell::new(0),
         }
@@ -80,26 +92,87 @@ impl ConnGate {
     }
 }
 
+/// A client address as `[limits] max_connections_per_client` counts it: an IPv4
+/// address (IPv4-mapped IPv6 included), or an IPv6 address's /64, which one host is
+/// commonly given whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    V4(Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl ClientKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => Self::V4(a),
+            IpAddr::V6(a) => Self::V6Prefix((u128::from(a) >> 64) as u64),
+        }
+    }
+}
+
 impl Core {
     /// Decides whether a just-accepted connection on `port` may be served: below the
     /// cap it is registered with the reactor and holds a unit of the open count for
     /// its life. At the cap, the connection that has had nothing in hand the longest
     /// (waiting for a request, or lingering: nginx's reusable connections) is closed
     /// to make room, and the new one is served; the core is over its cap until that
-    /// one's task has run (by at most [`SHED_SLACK`]). With none to close, it is refused — counted, logged
-    /// once per burst, sent a best-effort 503 JSON when the frontend speaks HTTP —
-    /// and closed (`None`). Busy connections (a request in hand, a tunnel) are never
+    /// one's task has run (by at most [`SHED_SLACK`]). With none to close, it is
+    /// refused — counted, logged once per burst, sent a best-effort 503 JSON when the
+    /// frontend speaks HTTP — and closed (`None`). Busy connections (a request in hand, a tunnel) are never
     /// closed for a new one.
+    ///
+    /// Before the cap, a client address that has `[limits]
+    /// max_connections_per_client` open on this core (untrusted peers only) is
+    /// refused the same way, with a 429: it is not served by shedding others.
     pub fn admit(
         &self,
         stream: std::net::TcpStream,
         port: u16,
+        peer: SocketAddr,
     ) -> Option<std::io::Result<TcpConn>> {
+        let per_client = match self.client_admission(peer.ip()) {
+            Ok(guard) => guard,
+            Err(()) => {
+                self.metrics.add(counter::CONN_REFUSED_PER_CLIENT, 1);
+                let n = self.conns.client_refusals.get() + 1;
+                self.conns.client_refusals.set(n % 1024);
+                if n == 1 {
+                    tracing::warn!(
+                        core = self.cpu,
+                        port,
+                        client = %peer.ip(),
+                        limit = self.rt.max_connections_per_client,
+                        "a client address is at its connection limit: refusing its new connections ([limits] max_connections_per_client; logged once per 1024 refusals)"
+                    );
+                }
+                self.answer_at_accept(&stream, port, ProxyError::ClientConnectionLimit);
+                return None;
+            }
+        };
         let guard = self.admission(&stream, port)?;
         Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
             conn.count_in(guard);
+            if let Some(g) = per_client {
+                conn.count_also_in(g);
+            }
             conn
         }))
+    }
+
+    /// A unit of the count of `ip`'s connections (`None` when the limit is off or
+    /// the peer is a trusted proxy), or `Err` when the address is at its limit.
+    fn client_admission(&self, ip: IpAddr) -> Result<Option<CountGuard>, ()> {
+        let limit = self.rt.max_connections_per_client;
+        if limit == 0 || self.rt.trusted_proxies.iter().any(|n| n.contains(ip)) {
+            return Ok(None);
+        }
+        let gate = &self.conns;
+        let mut map = gate.per_client.borrow_mut();
+        if map.len() > 64 + 2 * gate.open.get() {
+            map.retain(|_, count| Rc::strong_count(count) > 1);
+        }
+        let count = map.entry(ClientKey::of(ip)).or_default();
+        CountGuard::take(count, limit).map(Some).ok_or(())
     }
 
     fn admission(&self, stream: &std::net::TcpStream, port: u16) -> Option<CountGuard> {
@@ -152,22 +225,28 @@ impl Core {
                 "connection cap reached: refusing new connections until some close ([limits] max_connections_per_core)"
             );
         }
+        self.answer_at_accept(stream, port, ProxyError::ConnectionLimit);
+        None
+    }
+
+    /// The answer of a connection refused at accept: the proxy's own JSON refusal on
+    /// a plain HTTP frontend (one non-blocking write into an empty send buffer, never
+    /// waited on), nothing on a TLS or TCP one, where plaintext would be garbage to
+    /// the client; it is then closed.
+    fn answer_at_accept(&self, stream: &std::net::TcpStream, port: u16, err: ProxyError) {
         let raw_tcp = self.route_for_port(port).is_some_and(|r| {
             r.circuit.circuit.protocol == appproxy_shared::model::ProxyProtocol::Tcp
         });
-        // Over TLS a plaintext answer would be garbage to the client: it is just closed.
-        if !raw_tcp && self.rt.tls.is_none() {
-            // The proxy's own answer, written and counted like every other refusal.
-            let id = RequestId::generate(self.rt.id_version);
-            let r = Refusal::from(ProxyError::ConnectionLimit);
-            let mut answer = Vec::with_capacity(256);
-            encode::refusal_response(&mut answer, &r, &id, true);
-            // One non-blocking write into an empty send buffer; never waited on.
-            let sent = std::io::Write::write(&mut &*stream, &answer).unwrap_or(0);
-            self.count_refusal(&r);
-            self.metrics.add(counter::BYTES_OUT, sent as u64);
+        if raw_tcp || self.rt.tls.is_some() {
+            return;
         }
-        None
+        let id = RequestId::generate(self.rt.id_version);
+        let r = Refusal::from(err);
+        let mut answer = Vec::with_capacity(256);
+        encode::refusal_response(&mut answer, &r, &id, true);
+        let sent = std::io::Write::write(&mut &*stream, &answer).unwrap_or(0);
+        self.count_refusal(&r);
+        self.metrics.add(counter::BYTES_OUT, sent as u64);
     }
 
     /// Records an upstream connect that failed for a local reason (counted, logged

@@ -132,6 +132,10 @@ pub enum ProxyError {
     /// max_connections_per_core`): the connection is answered and closed.
     #[error("too many connections on this worker, retry later")]
     ConnectionLimit,
+    /// The client's address has as many connections open on this core as `[limits]
+    /// max_connections_per_client` allows: the connection is answered and closed.
+    #[error("too many connections from this address, retry later")]
+    ClientConnectionLimit,
 }
 
 impl RequestError {
@@ -181,7 +185,7 @@ impl ProxyError {
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::Request(_) | Self::UnknownCircuit => Fault::Client,
+            Self::Request(_) | Self::UnknownCircuit | Self::ClientConnectionLimit => Fault::Client,
             Self::NoRoute
             | Self::NoHealthyRoute
             | Self::UpstreamConnect(_)
@@ -213,6 +217,7 @@ impl ProxyError {
             Self::LocalResources(_) => (503, "local_resources_exhausted"),
             Self::UpstreamBusy => (503, "upstream_connection_limit"),
             Self::ConnectionLimit => (503, "connection_limit"),
+            Self::ClientConnectionLimit => (429, "client_connection_limit"),
         }
     }
 
@@ -220,7 +225,7 @@ impl ProxyError {
     /// refusal says so.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::ConnectionLimit => Some(1),
+            Self::ConnectionLimit | Self::ClientConnectionLimit => Some(1),
             _ => None,
         }
     }

@@ -633,7 +633,19 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Self::over(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A client connecting from `from` (another loopback address, say) to `addr`.
+    pub fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> Self {
+        use rustix::net::{bind, connect, socket, AddressFamily, SocketAddrV4, SocketType};
+        let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+        bind(&fd, &SocketAddrV4::new(from, 0)).expect("bind");
+        connect(&fd, &addr).expect("connect");
+        Self::over(TcpStream::from(fd))
+    }
+
+    fn over(stream: TcpStream) -> Self {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
