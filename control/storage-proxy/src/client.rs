@@ -581,9 +581,12 @@ fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
         .split_last()
         .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
     let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
-    // A destination whose parent is the staging area (reached by a symlink the user
-    // made): the file would take another session's place.
-    if super::manager::same_dir(parent.as_fd(), s.staging.as_fd()) {
+    // A destination in the staging area, or the staging area itself, reached by a
+    // symlink the user made: the file would take another session's place.
+    if super::manager::same_dir(parent.as_fd(), s.staging.as_fd())
+        || (name == super::manager::STAGING
+            && super::manager::same_dir(parent.as_fd(), s.root.as_fd()))
+    {
         return Err(super::manager::staging_refused());
     }
     rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;

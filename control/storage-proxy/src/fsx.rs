@@ -813,6 +813,41 @@ mod tests {
         );
     }
 
+    /// Covered files count only past what is held of them, and only in the
+    /// directories `Covered::dir` names (not below them, not elsewhere).
+    #[test]
+    fn covered_files_count_past_what_is_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["stage", "stage/deeper", "other"] {
+            std::fs::create_dir(dir.path().join(d)).expect("dir");
+        }
+        for f in ["stage/a", "stage/b", "stage/c", "stage/deeper/a", "other/a"] {
+            std::fs::write(dir.path().join(f), [0u8; 10]).expect("f");
+        }
+        let root = fd(dir.path());
+        let mut asked = Vec::new();
+        let mut file = |e: &Entry| {
+            asked.push(e.name.to_string_lossy().into_owned());
+            match e.name.to_str() {
+                Some("a") => Some(10),
+                Some("b") => Some(4),
+                _ => None,
+            }
+        };
+        let counted = usage_covered(
+            root.as_fd(),
+            Links::PerName,
+            &|_, _| true,
+            Covered {
+                dir: &|e, depth| depth == 0 && e.name == "stage",
+                file: &mut file,
+            },
+        );
+        // stage/a held whole (not a file any more), stage/b past 4 bytes, the rest whole.
+        assert_eq!(counted, (4, 6 + 10 + 10 + 10));
+        assert_eq!(asked, ["a", "b", "c"]);
+    }
+
     /// A chain deeper than `HELD` and a directory wide enough to matter are walked
     /// whole; the top is never removed by the walk itself.
     #[test]

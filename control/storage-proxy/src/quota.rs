@@ -54,9 +54,21 @@
 //! filesystem (allocated blocks vary with block size, compression, deduplication,
 //! copy-on-write and delayed allocation). A sparse 1 TB file counts 1 TB; space
 //! preallocated past the end of a file (`fallocate` with `KEEP_SIZE`) counts
-//! nothing. Left out: each vfolder's staging area (`<vfolder>/.upload`, held by the
-//! sessions' reservations; a directory of that name anywhere else counts), the
-//! `.quota` file, and clone destinations being filled.
+//! nothing. Left out: what live upload sessions' reservations hold of their staged
+//! files (below), the `.quota` file, and clone destinations being filled.
+//!
+//! **The staging area counts, but for what live uploads hold.** A vfolder's
+//! `.upload` is in the vfolder: a user with a shell can write there, so it counts
+//! like any other directory, except that of a regular file directly in it named
+//! after a session holding a reservation of the scope in this proxy ([`Live`]), its
+//! first bytes up to the reservation's size are left out (each session once per
+//! scope: the reservation holds them). Everything else there counts: what a user
+//! put there, what a staged file holds past its reservation, and the staged files
+//! of sessions holding none (a scope without a limit, after a restart, after a
+//! refused check, once idle). A session that reserves again has what the walk
+//! counted of its staged file taken off the measurement (`Measured::unheld`), and a
+//! check that lets a reservation go adds what it held of the staged file, both in
+//! the same step under the scope's lock: never counted twice, never left out.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, BorrowedFd};
@@ -246,7 +258,7 @@ pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Li
 /// reservation. A file with several hard links in the scope counts once (by device
 /// and inode, as `du` does); sizes are apparent sizes (`st_size`). Also returns the
 /// session-named staged files counted whole, with the bytes counted (at most
-/// [`MAX_UNHELD`]).
+/// `MAX_UNHELD`).
 pub fn committed(
     scope: BorrowedFd<'_>,
     pending: &HashSet<(u64, u64)>,
@@ -352,8 +364,9 @@ struct Scope {
     /// Held by the walk of the scope in progress; checks that need a measurement
     /// wait here (asynchronously) and take that walk's result instead of walking.
     walk: Arc<tokio::sync::Mutex<()>>,
-    /// `GET /quota-scope`'s look at what the measurement leaves out (staging areas,
-    /// clone destinations being filled): one at a time, concurrent reports share it.
+    /// `GET /quota-scope`'s look at what the measurement leaves out (what live
+    /// sessions hold of their staged files, clone destinations being filled): one
+    /// at a time, concurrent reports share it.
     report: Arc<super::usage::Flight<(u64, u64)>>,
 }
 
@@ -641,10 +654,11 @@ pub async fn measure(
 /// staging areas of uploads in progress and clone destinations being filled
 /// counted): the scope's measurement of committed bytes (see [`measure`]; no walk
 /// while it is young enough and no delete came since) plus a look at what it
-/// leaves out ([`set_aside`]: staging areas and clone destinations only, never the
-/// vfolders' own trees), made one at a time per scope and shared by the reports
-/// that wait for it. The two figures and the reservations are read so that they
-/// agree: the look is made again (three times at most) when a commit ran during it,
+/// leaves out ([`set_aside`]: live sessions' staged files and clone destinations
+/// only, never the vfolders' own trees), made one at a time per scope and shared by
+/// the reports that wait for it. The two figures and the reservations are read so
+/// that they agree: the look is made again (three times at most) when a commit (or
+/// a reservation that moved a staged file between the two) ran during it,
 /// and the measurement and the reservations are read together under the scope's
 /// lock, where a commit moves bytes from one to the other.
 pub async fn report(
@@ -792,9 +806,11 @@ fn check(
 /// Reserves (or, when `holder` already holds one, re-checks) `bytes` in the scope
 /// for `holder` when the scope's measurement is young enough: refused when committed
 /// bytes plus every reservation would pass the scope's current limit. Without a
-/// limit nothing is held. `staged`: what the holder's staged file holds now (see
-/// [`check`]). Blocking, but never walks: `Ok(false)` says a measurement is needed
-/// first, which [`reserve`] makes.
+/// limit nothing is held. `sizes` is `(bytes, staged)`, `staged` what the holder's
+/// staged file holds now (0 for a new session or a clone): when the check lets the
+/// holder's reservation go (refused, or no limit any more), what it held of those
+/// bytes counts as committed from then on. Blocking, but never walks: `Ok(false)`
+/// says a measurement is needed first, which [`reserve`] makes.
 pub fn try_reserve(
     state: &State,
     key: &Path,
@@ -806,8 +822,8 @@ pub fn try_reserve(
 }
 
 /// Reserves (or re-checks) `bytes` in the scope named `scope_name` of `volume` for
-/// `holder` (whose staged file holds `staged` bytes now, see [`check`]), measuring
-/// the scope first when its measurement is too old (see [`measure`]).
+/// `holder` (whose staged file holds `staged` bytes now, see [`try_reserve`]),
+/// measuring the scope first when its measurement is too old (see [`measure`]).
 pub async fn reserve(
     state: &Arc<State>,
     key: &Path,

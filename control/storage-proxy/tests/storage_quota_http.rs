@@ -878,6 +878,11 @@ fn the_api_refuses_the_staging_area_as_source_or_destination() {
         .unwrap_or_default()
         .to_owned();
     assert!(msg.contains("staging area"), "{msg}");
+    // An upload whose destination reaches the staging area through the symlink is
+    // refused when it completes.
+    let r = p.upload("link/x.bin", b"data");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!vf.join(".upload/x.bin").exists());
     // Nothing moved.
     assert_eq!(std::fs::read(vf.join("a.bin")).expect("a").len(), 100);
     assert_eq!(
