@@ -112,6 +112,11 @@ fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
     assert!(!p.vfolder_path().join("a.bin").exists());
     let r = request(p.client, "HEAD", &format!("/upload?token={a}"), &[], b"");
     assert_eq!(r.header("upload-offset"), Some("100"));
+    // The refusal let the reservation go: its 100 staged bytes count as committed.
+    let q = quota_scope(&p);
+    assert_eq!(q["used_bytes"], 100, "{q}");
+    assert_eq!(q["reserved_bytes"], 0, "{q}");
+    assert_eq!(upload_token(&p, "c.bin", 401).status, 413);
     // Raised again, the same session finishes.
     set_limit(&p, 1_000);
     assert_eq!(patch(&p, &a, 100, &[0u8; 500]).status, 204);
