@@ -191,9 +191,10 @@ pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> (u64, u64) {
 /// Session-named staged files a walk counted whole (no reservation held them when
 /// it looked) and the bytes it counted: a session that reserves later (a PATCH
 /// after a restart, or after its reservation was let go) has them taken off the
-/// measurement. Remembered for at most this many sessions per scope; past that
-/// they stay counted (the safe side).
-const MAX_UNHELD: usize = 10_000;
+/// measurement. Remembered for at most this many sessions per scope (a user with a
+/// shell can make any number of such names, and the memory must not be theirs to
+/// choose); past that they stay counted (the safe side).
+const MAX_UNHELD: usize = 1_000;
 
 /// Bytes under the scope that committed bytes leave out: what live upload sessions'
 /// reservations hold of their staged files (each such file at most up to its
@@ -566,7 +567,8 @@ fn walk_scope(state: &State, key: &Path, s: &Scope, scope: BorrowedFd<'_>) -> u6
         (Instant::now(), ledger.put_in_place, ledger.removals)
     };
     let r = &state.reservations;
-    let (walked, mut unheld) = committed(scope, &r.pending(), &r.live(key));
+    let before_live = r.live(key);
+    let (walked, mut unheld) = committed(scope, &r.pending(), &before_live);
     super::Metrics::add(&state.metrics.quota_walks, 1);
     state
         .metrics
@@ -589,6 +591,19 @@ fn walk_scope(state: &State, key: &Path, s: &Scope, scope: BorrowedFd<'_>) -> u6
         }
         None => true,
     });
+    // A session let go while the walk ran (the walk left its staged file out; the
+    // bytes came in with what was put in place meanwhile): still taken off when it
+    // reserves again.
+    if let Some(m) = &ledger.measured {
+        for (name, counted) in &m.unheld {
+            if before_live.contains_key(name)
+                && !live.contains_key(name)
+                && unheld.len() < MAX_UNHELD
+            {
+                unheld.entry(name.clone()).or_insert(*counted);
+            }
+        }
+    }
     ledger.measured = Some(Measured {
         bytes,
         began,
