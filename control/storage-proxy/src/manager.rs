@@ -889,9 +889,9 @@ pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Refuses a mutation at `p` (resolved beneath `root`) that would touch the
-/// staging area when a path reached it through a symlink: an entry of the staging
-/// area, or the staging area itself.
+/// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
+/// would touch the staging area, which a path can reach through a symlink: an entry
+/// of the staging area, or the staging area itself.
 fn guard(
     root: BorrowedFd<'_>,
     dir: BorrowedFd<'_>,
