@@ -500,10 +500,8 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
     if destination.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
-    if destination[0] == ".upload" {
-        return Err(ApiError::Params(
-            "the staging area is not a destination".into(),
-        ));
+    if destination[0] == super::manager::STAGING {
+        return Err(super::manager::staging_refused());
     }
     let staging = super::manager::staging_dir(root.as_fd(), false).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -583,6 +581,14 @@ fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
         .split_last()
         .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
     let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
+    // A destination in the staging area, or the staging area itself, reached by a
+    // symlink the user made: the file would take another session's place.
+    if super::manager::same_dir(parent.as_fd(), s.staging.as_fd())
+        || (name == super::manager::STAGING
+            && super::manager::same_dir(parent.as_fd(), s.root.as_fd()))
+    {
+        return Err(super::manager::staging_refused());
+    }
     rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;
     Ok(parent)
 }
@@ -665,7 +671,9 @@ async fn patch(
                 ));
             }
             let scope = st.volumes.open_scope(&s.volume, &s.scope_name)?;
-            let checked = quota::try_reserve(&st, &s.scope_key, scope.as_fd(), &s.id, s.size)?;
+            let checked =
+                quota::try_reserve(&st, &s.scope_key, scope.as_fd(), &s.id, (s.size, offset))
+                    .inspect_err(|_| st.folders.changed(&s.folder_key))?;
             Ok((s, std::fs::File::from(fd), checked))
         })
         .await?
@@ -675,7 +683,12 @@ async fn patch(
         // The scope's measurement is too old: one walk (shared with every check of
         // the scope that needs one meanwhile), then the check.
         (s, file, false) => {
-            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, &s.id, s.size).await?;
+            let sizes = (s.size, offset);
+            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, &s.id, sizes)
+                .await
+                // A reservation let go: the staged file counts in the folder's
+                // usage from now on.
+                .inspect_err(|_| state.folders.changed(&s.folder_key))?;
             (s, file)
         }
     };

@@ -476,7 +476,30 @@ pub fn usage(
     links: Links,
     descend: &dyn Fn(&Entry, usize) -> bool,
 ) -> (u64, u64) {
-    usage_capped(dir, links, descend, MAX_LINKED)
+    usage_capped(dir, links, descend, None, MAX_LINKED)
+}
+
+/// Files of some directories that a usage walk counts only in part (the staged
+/// files of uploads in progress, whose bytes their quota reservation holds).
+pub struct Covered<'a> {
+    /// Whether the files directly in a directory (the entry, at its depth) may be
+    /// covered.
+    pub dir: &'a dyn Fn(&Entry, usize) -> bool,
+    /// How many bytes of a file in such a directory are held elsewhere: `None`, none
+    /// (it counts whole); `Some(n)`, its first `n` (it counts as a file, and for
+    /// its bytes past `n`, only when it is larger). Asked only of files the walk
+    /// counts (a further link of an inode already counted is not asked about).
+    pub file: &'a mut dyn FnMut(&Entry) -> Option<u64>,
+}
+
+/// [`usage`], with the files `covered` says counted only in part.
+pub fn usage_covered(
+    dir: BorrowedFd<'_>,
+    links: Links,
+    descend: &dyn Fn(&Entry, usize) -> bool,
+    covered: Covered<'_>,
+) -> (u64, u64) {
+    usage_capped(dir, links, descend, Some(covered), MAX_LINKED)
 }
 
 /// [`usage`] remembering at most `cap` linked inodes.
@@ -484,20 +507,28 @@ fn usage_capped(
     dir: BorrowedFd<'_>,
     links: Links,
     descend: &dyn Fn(&Entry, usize) -> bool,
+    covered: Option<Covered<'_>>,
     cap: usize,
 ) -> (u64, u64) {
-    struct Usage<'d> {
+    struct Usage<'d, 'c> {
         files: u64,
         bytes: u64,
         /// Inodes with links not seen yet → how many.
         linked: Option<std::collections::HashMap<(u64, u64), u64>>,
         cap: usize,
         descend: &'d dyn Fn(&Entry, usize) -> bool,
+        covered: Option<Covered<'c>>,
+        /// Whether the directory about to be entered holds covered files.
+        next: bool,
+        /// For each directory entered below the top, whether it holds covered files.
+        levels: Vec<bool>,
     }
-    impl Visitor for Usage<'_> {
+    impl Visitor for Usage<'_, '_> {
         fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
             if e.kind() == FileType::Directory {
-                return Ok((self.descend)(e, depth));
+                let descend = (self.descend)(e, depth);
+                self.next = descend && self.covered.as_ref().is_some_and(|c| (c.dir)(e, depth));
+                return Ok(descend);
             }
             let nlink = e.stat.st_nlink;
             if let (Some(linked), true) = (&mut self.linked, nlink > 1) {
@@ -519,9 +550,31 @@ fn usage_capped(
                     None => {}
                 }
             }
-            self.files += 1;
-            self.bytes += e.stat.st_size as u64;
+            let size = e.stat.st_size as u64;
+            let held = match (&mut self.covered, self.levels.last()) {
+                (Some(c), Some(true)) => (c.file)(e),
+                _ => None,
+            };
+            match held {
+                Some(n) if size <= n => {}
+                Some(n) => {
+                    self.files += 1;
+                    self.bytes += size - n;
+                }
+                None => {
+                    self.files += 1;
+                    self.bytes += size;
+                }
+            }
             Ok(false)
+        }
+        fn enter(&mut self, _: BorrowedFd<'_>, _: &OsStr, _: bool) -> io::Result<()> {
+            self.levels.push(std::mem::take(&mut self.next));
+            Ok(())
+        }
+        fn leave(&mut self, _: BorrowedFd<'_>, _: &OsStr) -> io::Result<()> {
+            self.levels.pop();
+            Ok(())
         }
     }
     let mut u = Usage {
@@ -530,6 +583,9 @@ fn usage_capped(
         linked: (links == Links::Once).then(Default::default),
         cap,
         descend,
+        covered,
+        next: false,
+        levels: Vec::new(),
     };
     if let Err(e) = walk(dir, &mut u) {
         tracing::debug!(error = %e, "usage walk ended early");
@@ -739,16 +795,57 @@ mod tests {
         }
         let root = fd(dir.path());
         let all = |_: &Entry, _: usize| true;
-        assert_eq!(usage_capped(root.as_fd(), Links::Once, &all, 100), (4, 40));
+        assert_eq!(
+            usage_capped(root.as_fd(), Links::Once, &all, None, 100),
+            (4, 40)
+        );
         // Two remembered at a time: the first links of four inodes are met before any
         // second link (names sorted or not), so at least two count twice.
-        let (files, bytes) = usage_capped(root.as_fd(), Links::Once, &all, 2);
+        let (files, bytes) = usage_capped(root.as_fd(), Links::Once, &all, None, 2);
         assert!(
             (4..=8).contains(&files) && bytes == files * 10,
             "{files} {bytes}"
         );
         assert!(bytes >= 40);
-        assert_eq!(usage_capped(root.as_fd(), Links::Once, &all, 0), (8, 80));
+        assert_eq!(
+            usage_capped(root.as_fd(), Links::Once, &all, None, 0),
+            (8, 80)
+        );
+    }
+
+    /// Covered files count only past what is held of them, and only in the
+    /// directories `Covered::dir` names (not below them, not elsewhere).
+    #[test]
+    fn covered_files_count_past_what_is_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["stage", "stage/deeper", "other"] {
+            std::fs::create_dir(dir.path().join(d)).expect("dir");
+        }
+        for f in ["stage/a", "stage/b", "stage/c", "stage/deeper/a", "other/a"] {
+            std::fs::write(dir.path().join(f), [0u8; 10]).expect("f");
+        }
+        let root = fd(dir.path());
+        let mut asked = Vec::new();
+        let mut file = |e: &Entry| {
+            asked.push(e.name.to_string_lossy().into_owned());
+            match e.name.to_str() {
+                Some("a") => Some(10),
+                Some("b") => Some(4),
+                _ => None,
+            }
+        };
+        let counted = usage_covered(
+            root.as_fd(),
+            Links::PerName,
+            &|_, _| true,
+            Covered {
+                dir: &|e, depth| depth == 0 && e.name == "stage",
+                file: &mut file,
+            },
+        );
+        // stage/a held whole (not a file any more), stage/b past 4 bytes, the rest whole.
+        assert_eq!(counted, (4, 6 + 10 + 10 + 10));
+        assert_eq!(asked, ["a", "b", "c"]);
     }
 
     /// A chain deeper than `HELD` and a directory wide enough to matter are walked

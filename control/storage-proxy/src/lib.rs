@@ -545,12 +545,16 @@ pub fn remove_expired_uploads(state: &State) -> usize {
     use std::os::fd::AsFd as _;
     let mut removed = 0;
     for name in state.volumes.names() {
-        let Ok(root) = state.volumes.root_fd(name) else {
+        let (Ok(root), Ok(path)) = (state.volumes.root_fd(name), state.volumes.root(name)) else {
             continue;
         };
         // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`.
-        let mut stack = vec![(fsx::open(root, &[], fsx::DIR, fsx::STRICT), 0)];
-        while let Some((dir, depth)) = stack.pop() {
+        let mut stack = vec![(
+            fsx::open(root, &[], fsx::DIR, fsx::STRICT),
+            0,
+            path.to_path_buf(),
+        )];
+        while let Some((dir, depth, key)) = stack.pop() {
             let Ok(dir) = dir else { continue };
             let Ok(list) = fsx::entries(dir.as_fd()) else {
                 continue;
@@ -587,12 +591,19 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                         {
                             let session = f.name.to_string_lossy();
                             state.reservations.release(&session);
+                            // Counted as committed unless a reservation held it.
+                            state.reservations.removed(&key);
                             tracing::info!(session = %session, "expired upload removed");
                             removed += 1;
                         }
                     }
                 } else if depth < 4 && e.kind() == FileType::Directory {
-                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1));
+                    let key = if depth == 0 {
+                        key.join(&e.name)
+                    } else {
+                        key.clone()
+                    };
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key));
                 }
             }
         }

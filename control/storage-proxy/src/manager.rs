@@ -458,7 +458,7 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     };
     // Released if anything fails (or the request goes) before the copy starts.
     let hold = quota::Hold::new(&state, &holder);
-    quota::reserve(&state, &key, &dst_volume, &scope_name, &holder, size).await?;
+    quota::reserve(&state, &key, &dst_volume, &scope_name, &holder, (size, 0)).await?;
     let dst = {
         let (st, volume) = (state.clone(), dst_volume.clone());
         blocking(move || {
@@ -478,7 +478,7 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         "clone_vfolder",
         job(move || {
             let (src, dst, id) = dst;
-            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[".upload"], &mut || {
+            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], &mut || {
                 tracing::debug!("directory cloned");
             });
             // Counted as committed and released in one step under the scope's lock.
@@ -492,26 +492,30 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     ))
 }
 
-/// A vfolder walk's filter: everything but the vfolder's own staging area (a
-/// directory named `.upload` deeper down is the user's and counts).
+/// A clone's filter: everything but the vfolder's own staging area, which a clone
+/// does not copy (a directory named `.upload` deeper down is the user's and is).
 fn outside_staging(e: &fsx::Entry, depth: usize) -> bool {
-    !(depth == 0 && e.name == ".upload")
+    !(depth == 0 && e.name == STAGING)
 }
 
 /// Files and bytes of a vfolder as `/folder/usage` and `/folder/used-bytes` report
-/// them (per name, its staging area left out): one walk at a time per vfolder,
+/// them (per name; of its staging area, what live upload sessions' reservations
+/// hold of their staged files left out, as committed bytes do): one walk at a time
+/// per vfolder,
 /// its figure served again while young enough and nothing changed through the API
 /// (see `usage`).
 async fn folder_usage(state: &Arc<State>, r: &FolderReq) -> Result<(u64, u64), ApiError> {
     let dir = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let key = state.volumes.folder(&r.volume, &r.vfid)?;
+    let scope = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let st = state.clone();
     state
         .folders
         .of(&key)
         .get(state.usage_max_age, move || {
             let began = std::time::Instant::now();
-            let figures = fsx::usage(dir.as_fd(), fsx::Links::PerName, &outside_staging);
+            let live = st.reservations.live(&scope);
+            let figures = quota::vfolder_usage(dir.as_fd(), &live);
             super::Metrics::add(&st.metrics.usage_walks_folder, 1);
             st.metrics
                 .observed
@@ -627,6 +631,7 @@ struct MkdirReq {
 
 fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
     let parts = fsx::components(p).map_err(|e| e.to_string())?;
+    outside_staging_area(&parts).map_err(|e| e.to_string())?;
     let exists = || std::io::Error::from(std::io::ErrorKind::AlreadyExists);
     let made = if parents {
         match fsx::open_dir(root, &parts) {
@@ -704,11 +709,14 @@ async fn rename(
     }
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
+    outside_staging_area(&parts)?;
     let st = state.clone();
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
+        guard(root.as_fd(), p.dir.as_fd(), &p.name)?;
+        guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_ref())?;
         let renamed = rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str());
-        // A rename may replace a file, or move one into or out of the staging area.
+        // A rename may replace a file.
         folder_changed(&st, &r.volume, &r.vfid);
         Ok(renamed?)
     })
@@ -733,10 +741,14 @@ async fn move_file(
         fsx::components(&r.src_relpath)?,
         fsx::components(&r.dst_relpath)?,
     );
+    outside_staging_area(&src)?;
+    outside_staging_area(&dst)?;
     let st = state.clone();
     blocking(move || {
         let from = fsx::parent(root.as_fd(), &src)?;
         let to = fsx::parent(root.as_fd(), &dst)?;
+        guard(root.as_fd(), from.dir.as_fd(), &from.name)?;
+        guard(root.as_fd(), to.dir.as_fd(), &to.name)?;
         let moved = rustix::fs::renameat(
             &from.dir,
             from.name.as_os_str(),
@@ -771,6 +783,9 @@ fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
             "refusing to delete the vfolder root".into(),
         ));
     }
+    for parts in &paths {
+        outside_staging_area(parts)?;
+    }
     Ok(paths)
 }
 
@@ -780,6 +795,9 @@ fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> st
     let mut n = 0;
     for parts in paths {
         let p = fsx::parent(root.as_fd(), &parts)?;
+        guard(root.as_fd(), p.dir.as_fd(), &p.name).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        })?;
         let stat = rustix::fs::statat(&p.dir, p.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
             if recursive {
@@ -843,16 +861,61 @@ struct UploadReq {
     size: u64,
 }
 
+/// The name of a vfolder's staging area (at its root): the staged files of uploads
+/// in progress, named after their sessions.
+pub const STAGING: &str = ".upload";
+
+/// The error for a request that names the staging area.
+pub fn staging_refused() -> ApiError {
+    ApiError::Params(format!(
+        "{STAGING} at the vfolder's root is the staging area of uploads in progress: \
+         it is neither a source nor a destination"
+    ))
+}
+
+/// Refuses a path in the staging area (its first component is `.upload`).
+fn outside_staging_area(parts: &[OsString]) -> Result<(), ApiError> {
+    match parts.first() {
+        Some(first) if first == STAGING => Err(staging_refused()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether two descriptors are the same directory.
+pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
+/// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
+/// would touch the staging area, which a path can reach through a symlink: an entry
+/// of the staging area, or the staging area itself.
+fn guard(
+    root: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<(), ApiError> {
+    if name == STAGING && same_dir(root, dir) {
+        return Err(staging_refused());
+    }
+    match staging_dir(root, false) {
+        Ok(staging) if same_dir(staging.as_fd(), dir) => Err(staging_refused()),
+        _ => Ok(()),
+    }
+}
+
 /// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a
 /// symlink is refused, never followed.
 pub fn staging_dir(root: BorrowedFd<'_>, create: bool) -> std::io::Result<OwnedFd> {
-    match fsx::child_dir(root, std::ffi::OsStr::new(".upload")) {
+    match fsx::child_dir(root, std::ffi::OsStr::new(STAGING)) {
         Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
-            match rustix::fs::mkdirat(root, ".upload", Mode::from_raw_mode(0o755)) {
+            match rustix::fs::mkdirat(root, STAGING, Mode::from_raw_mode(0o755)) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            fsx::child_dir(root, std::ffi::OsStr::new(".upload"))
+            fsx::child_dir(root, std::ffi::OsStr::new(STAGING))
         }
         other => other,
     }
@@ -878,18 +941,14 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     if parts.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
-    if parts[0] == ".upload" {
-        return Err(ApiError::Params(
-            "the staging area is not a destination".into(),
-        ));
-    }
+    outside_staging_area(&parts)?;
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();
     // Released if anything fails (or the request goes) before the staging file is
     // there.
     let hold = quota::Hold::new(&state, &session);
-    quota::reserve(&state, &key, &r.volume, &scope_name, &session, r.size).await?;
+    quota::reserve(&state, &key, &r.volume, &scope_name, &session, (r.size, 0)).await?;
     {
         let session = session.clone();
         blocking(move || {

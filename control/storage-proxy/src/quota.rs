@@ -54,9 +54,21 @@
 //! filesystem (allocated blocks vary with block size, compression, deduplication,
 //! copy-on-write and delayed allocation). A sparse 1 TB file counts 1 TB; space
 //! preallocated past the end of a file (`fallocate` with `KEEP_SIZE`) counts
-//! nothing. Left out: each vfolder's staging area (`<vfolder>/.upload`, held by the
-//! sessions' reservations; a directory of that name anywhere else counts), the
-//! `.quota` file, and clone destinations being filled.
+//! nothing. Left out: what live upload sessions' reservations hold of their staged
+//! files (below), the `.quota` file, and clone destinations being filled.
+//!
+//! **The staging area counts, but for what live uploads hold.** A vfolder's
+//! `.upload` is in the vfolder: a user with a shell can write there, so it counts
+//! like any other directory, except that of a regular file directly in it named
+//! after a session holding a reservation of the scope in this proxy ([`Live`]), its
+//! first bytes up to the reservation's size are left out (each session once per
+//! scope: the reservation holds them). Everything else there counts: what a user
+//! put there, what a staged file holds past its reservation, and the staged files
+//! of sessions holding none (a scope without a limit, after a restart, after a
+//! refused check, once idle). A session that reserves again has what the walk
+//! counted of its staged file taken off the measurement (`Measured::unheld`), and a
+//! check that lets a reservation go adds what it held of the staged file, both in
+//! the same step under the scope's lock: never counted twice, never left out.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, BorrowedFd};
@@ -121,11 +133,76 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
 /// (`<scope>/<xx>/<yy>/<rest>/.upload`); [`set_aside`] follows the same layout.
 const STAGING_DEPTH: usize = 3;
 
-/// Bytes under the scope that committed bytes leave out: each vfolder's staging
-/// area and the clone destinations being filled (`pending`, vfolder directories),
-/// each inode once within each. Bounded by the number of vfolders and what those
-/// hold: a vfolder's own entries are never listed, its `.upload` is opened by name.
-pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
+/// Whether `name` may be an upload session's staged file: 32 hex digits, as the
+/// proxy names them (an upload token's `session`).
+pub fn session_name(name: &std::ffi::OsStr) -> bool {
+    name.len() == 32 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Upload sessions of a scope that hold a reservation in this proxy (live), by
+/// session: the bytes held, which cover as much of the session's staged file.
+pub type Live = HashMap<String, u64>;
+
+/// How much of a staging area's file the live sessions cover, each session once
+/// (a file of the same name in another vfolder of the scope counts whole).
+struct Cover<'a> {
+    live: &'a Live,
+    used: HashSet<String>,
+}
+
+impl<'a> Cover<'a> {
+    fn new(live: &'a Live) -> Self {
+        Self {
+            live,
+            used: HashSet::new(),
+        }
+    }
+
+    /// Bytes of `e` (an entry of a staging area) a live session's reservation holds:
+    /// its first `n` bytes when it is a regular file named after a live session
+    /// not seen yet; `None` for anything else.
+    fn file(&mut self, e: &fsx::Entry) -> Option<u64> {
+        if e.kind() != rustix::fs::FileType::RegularFile {
+            return None;
+        }
+        let name = e.name.to_str()?;
+        let held = *self.live.get(name)?;
+        self.used.insert(name.to_owned()).then_some(held)
+    }
+}
+
+/// Files and bytes of a vfolder, per name (what `/folder/usage` reports), by the
+/// rule committed bytes follow: its staging area counts but for what live upload
+/// sessions' reservations hold of their staged files (see [`committed`]).
+pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> (u64, u64) {
+    let mut cover = Cover::new(live);
+    let mut file = |e: &fsx::Entry| cover.file(e);
+    fsx::usage_covered(
+        vfolder,
+        fsx::Links::PerName,
+        &|_, _| true,
+        fsx::Covered {
+            dir: &|e, depth| depth == 0 && e.name == STAGING,
+            file: &mut file,
+        },
+    )
+}
+
+/// Session-named staged files a walk counted whole (no reservation held them when
+/// it looked) and the bytes it counted: a session that reserves later (a PATCH
+/// after a restart, or after its reservation was let go) has them taken off the
+/// measurement. Remembered for at most this many sessions per scope (a user with a
+/// shell can make any number of such names, and the memory must not be theirs to
+/// choose); past that they stay counted (the safe side).
+const MAX_UNHELD: usize = 1_000;
+
+/// Bytes under the scope that committed bytes leave out: what live upload sessions'
+/// reservations hold of their staged files (each such file at most up to its
+/// reservation; see [`committed`]) and the clone destinations being filled
+/// (`pending`, vfolder directories, each inode once). Bounded by the number of
+/// vfolders and what their staging areas hold: a vfolder's own entries are never
+/// listed, its `.upload` is opened by name.
+pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Live) -> u64 {
     let all = |_: &fsx::Entry, _: usize| true;
     let subdirs = |dir: BorrowedFd<'_>| -> Vec<(std::ffi::OsString, rustix::fs::Stat)> {
         fsx::entries(dir)
@@ -135,6 +212,7 @@ pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
             .map(|e| (e.name, e.stat))
             .collect()
     };
+    let mut cover = Cover::new(live);
     let mut bytes = 0u64;
     for (a, _) in subdirs(scope) {
         let Ok(fa) = fsx::child_dir(scope, &a) else {
@@ -148,35 +226,75 @@ pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
                 let Ok(vfolder) = fsx::child_dir(fb.as_fd(), &c) else {
                     continue;
                 };
-                let aside = if pending.contains(&(stat.st_dev, stat.st_ino)) {
-                    vfolder
-                } else {
-                    match fsx::child_dir(vfolder.as_fd(), std::ffi::OsStr::new(STAGING)) {
-                        Ok(staging) => staging,
-                        Err(_) => continue,
-                    }
+                if pending.contains(&(stat.st_dev, stat.st_ino)) {
+                    let pended = fsx::usage(vfolder.as_fd(), fsx::Links::Once, &all).1;
+                    bytes = bytes.saturating_add(pended);
+                    continue;
+                }
+                if live.is_empty() {
+                    continue;
+                }
+                let Ok(staging) = fsx::child_dir(vfolder.as_fd(), std::ffi::OsStr::new(STAGING))
+                else {
+                    continue;
                 };
-                bytes = bytes.saturating_add(fsx::usage(aside.as_fd(), fsx::Links::Once, &all).1);
+                for e in fsx::entries(staging.as_fd()).unwrap_or_default() {
+                    if let Some(held) = cover.file(&e) {
+                        bytes = bytes.saturating_add((e.stat.st_size as u64).min(held));
+                    }
+                }
             }
         }
     }
     bytes
 }
 
-/// Bytes committed under the scope: everything but the vfolders' staging areas,
-/// `.quota`, and the directories in `pending` (`(dev, ino)` of clone destinations
-/// being filled, whose bytes their reservation already holds). A file with several
-/// hard links in the scope counts once (by device and inode, as `du` does); sizes
-/// are apparent sizes (`st_size`).
-pub fn committed(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>) -> u64 {
+/// Bytes committed under the scope: everything but `.quota`, the directories in
+/// `pending` (`(dev, ino)` of clone destinations being filled, whose bytes their
+/// reservation already holds) and, of each live upload session's staged file
+/// (`<vfolder>/.upload/<session>`, a regular file, with `live` holding a
+/// reservation for it), as many bytes as the reservation holds. Everything else in
+/// a staging area counts: files a user put there, sessions of no reservation (made
+/// before a restart, expired, let go) and what a staged file holds past its
+/// reservation. A file with several hard links in the scope counts once (by device
+/// and inode, as `du` does); sizes are apparent sizes (`st_size`). Also returns the
+/// session-named staged files counted whole, with the bytes counted (at most
+/// `MAX_UNHELD`).
+pub fn committed(
+    scope: BorrowedFd<'_>,
+    pending: &HashSet<(u64, u64)>,
+    live: &Live,
+) -> (u64, HashMap<String, u64>) {
     let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_or(0, |s| s.st_size as u64);
-    fsx::usage(scope, fsx::Links::Once, &|e, depth| {
-        let staging = depth == STAGING_DEPTH && e.name == STAGING;
-        !staging && !pending.contains(&(e.stat.st_dev, e.stat.st_ino))
-    })
-    .1
-    .saturating_sub(own)
+    let mut cover = Cover::new(live);
+    let mut unheld = HashMap::new();
+    let mut file = |e: &fsx::Entry| {
+        let held = cover.file(e);
+        let name = e.name.to_string_lossy();
+        if held.is_none()
+            && e.kind() == rustix::fs::FileType::RegularFile
+            && session_name(&e.name)
+            && !live.contains_key(name.as_ref())
+            && unheld.len() < MAX_UNHELD
+        {
+            unheld
+                .entry(name.into_owned())
+                .or_insert(e.stat.st_size as u64);
+        }
+        held
+    };
+    let bytes = fsx::usage_covered(
+        scope,
+        fsx::Links::Once,
+        &|e, _| !pending.contains(&(e.stat.st_dev, e.stat.st_ino)),
+        fsx::Covered {
+            dir: &|e, depth| depth == STAGING_DEPTH && e.name == STAGING,
+            file: &mut file,
+        },
+    )
+    .1;
+    (bytes.saturating_sub(own), unheld)
 }
 
 /// Records a scope's limit as last read, for `/metrics` (`None`: no limit).
@@ -202,7 +320,7 @@ struct Held {
 
 /// A scope's committed bytes as measured by a walk, adjusted since by what the
 /// proxy itself put in place.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Measured {
     bytes: u64,
     /// When the walk began: nothing written behind the proxy's back after this is in
@@ -211,6 +329,10 @@ struct Measured {
     /// The proxy removed files since (a delete through the manager API): too high,
     /// so the next check measures again whatever its age.
     stale: bool,
+    /// Staged files of sessions that held no reservation, counted in `bytes` (by
+    /// the walk, or when their reservation was let go): taken off when the session
+    /// reserves (its reservation then holds them) or completes.
+    unheld: HashMap<String, u64>,
 }
 
 /// What check-and-reserve reads and commits write, under the scope's lock.
@@ -220,7 +342,9 @@ struct Ledger {
     /// Bytes the proxy put in place in the scope since it started (completed
     /// uploads, finished clones): a walk adds what was put in place while it ran.
     put_in_place: u64,
-    /// Commits since the start (a report's walk is retried when one ran meanwhile).
+    /// Commits, and reservations let go with a staged file, since the start (a
+    /// report's look is made again when one came meanwhile: both move bytes
+    /// between what the measurement and the look count).
     commits: u64,
     /// Walks finished (a check that waited for a walk takes its result).
     walks: u64,
@@ -241,8 +365,9 @@ struct Scope {
     /// Held by the walk of the scope in progress; checks that need a measurement
     /// wait here (asynchronously) and take that walk's result instead of walking.
     walk: Arc<tokio::sync::Mutex<()>>,
-    /// `GET /quota-scope`'s look at what the measurement leaves out (staging areas,
-    /// clone destinations being filled): one at a time, concurrent reports share it.
+    /// `GET /quota-scope`'s look at what the measurement leaves out (what live
+    /// sessions hold of their staged files, clone destinations being filled): one
+    /// at a time, concurrent reports share it.
     report: Arc<super::usage::Flight<(u64, u64)>>,
 }
 
@@ -262,7 +387,10 @@ impl Scope {
 
     /// Publishes the ledger's measurement for `/metrics` (call under the lock).
     fn show(&self, ledger: &Ledger) {
-        let v = ledger.measured.map_or(0, |m| m.bytes.saturating_add(1));
+        let v = ledger
+            .measured
+            .as_ref()
+            .map_or(0, |m| m.bytes.saturating_add(1));
         self.shown.store(v, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -282,6 +410,21 @@ impl Reservations {
     fn scope(&self, key: &Path) -> Arc<Scope> {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         scopes.entry(key.to_path_buf()).or_default().clone()
+    }
+
+    /// The live upload sessions of a scope (see [`Live`]).
+    pub fn live(&self, scope: &Path) -> Live {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .filter(|(k, h)| h.scope == scope && session_name(std::ffi::OsStr::new(k.as_str())))
+            .map(|(k, h)| (k.clone(), h.bytes))
+            .collect()
+    }
+
+    /// The bytes `holder` holds, if it holds a reservation.
+    fn holds(&self, holder: &str) -> Option<u64> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(holder).map(|h| h.bytes)
     }
 
     fn reserved(&self, scope: &Path, except: &str) -> u64 {
@@ -312,7 +455,10 @@ impl Reservations {
         // A report's look that ended before this is not served to a later report.
         s.report.changed();
         if let Some(m) = &mut ledger.measured {
-            m.bytes = m.bytes.saturating_add(bytes);
+            // A staged file no reservation held (a scope without a limit) was
+            // counted by the walk: it is now among the bytes put in place.
+            let counted = m.unheld.remove(holder).unwrap_or(0);
+            m.bytes = m.bytes.saturating_add(bytes).saturating_sub(counted);
         }
         s.show(&ledger);
         Ok(done)
@@ -348,11 +494,26 @@ impl Reservations {
 
     /// Releases reservations not used for longer than `idle`, except those `busy`
     /// says are in use (a PATCH in progress); returns how many.
+    /// The scopes of sessions let go are measured again (their staged files, if
+    /// still there, count as committed now).
     pub fn expire(&self, idle: std::time::Duration, busy: impl Fn(&str) -> bool) -> usize {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let before = held.len();
-        held.retain(|k, h| h.touched.elapsed() <= idle || busy(k));
-        before - held.len()
+        let mut scopes = HashSet::new();
+        let released = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let before = held.len();
+            held.retain(|k, h| {
+                let keep = h.touched.elapsed() <= idle || busy(k);
+                if !keep {
+                    scopes.insert(h.scope.clone());
+                }
+                keep
+            });
+            before - held.len()
+        };
+        for scope in scopes {
+            self.removed(&scope);
+        }
+        released
     }
 
     /// Bytes reserved in every scope now.
@@ -400,12 +561,14 @@ impl Reservations {
 /// One walk of a scope, its result stored as the scope's measurement. The caller
 /// holds the scope's `walk`; the scope's lock is taken only to read where commits
 /// stand before the walk and to store the result after it.
-fn walk_scope(state: &State, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
+fn walk_scope(state: &State, key: &Path, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
     let (began, before, removals) = {
         let ledger = s.ledger();
         (Instant::now(), ledger.put_in_place, ledger.removals)
     };
-    let walked = committed(scope, &state.reservations.pending());
+    let r = &state.reservations;
+    let before_live = r.live(key);
+    let (walked, mut unheld) = committed(scope, &r.pending(), &before_live);
     super::Metrics::add(&state.metrics.quota_walks, 1);
     state
         .metrics
@@ -416,11 +579,36 @@ fn walk_scope(state: &State, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
     // Bytes put in place while the walk ran may or may not have been seen by it:
     // added, so a measurement never misses them (it may count them twice until the
     // next walk, the safe side).
-    let bytes = walked.saturating_add(ledger.put_in_place.saturating_sub(before));
+    let mut bytes = walked.saturating_add(ledger.put_in_place.saturating_sub(before));
+    // A session that reserved while the walk ran (its staged file counted whole):
+    // its reservation holds that file now, counted once. Reservations are made
+    // under the scope's lock, held here.
+    let live = r.live(key);
+    unheld.retain(|name, counted| match live.get(name) {
+        Some(held) => {
+            bytes = bytes.saturating_sub((*counted).min(*held));
+            false
+        }
+        None => true,
+    });
+    // A session let go while the walk ran (the walk left its staged file out; the
+    // bytes came in with what was put in place meanwhile): still taken off when it
+    // reserves again.
+    if let Some(m) = &ledger.measured {
+        for (name, counted) in &m.unheld {
+            if before_live.contains_key(name)
+                && !live.contains_key(name)
+                && unheld.len() < MAX_UNHELD
+            {
+                unheld.entry(name.clone()).or_insert(*counted);
+            }
+        }
+    }
     ledger.measured = Some(Measured {
         bytes,
         began,
         stale: ledger.removals != removals,
+        unheld,
     });
     ledger.walks += 1;
     s.show(&ledger);
@@ -430,6 +618,7 @@ fn walk_scope(state: &State, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
 fn fresh(ledger: &Ledger, max_age: Duration) -> bool {
     ledger
         .measured
+        .as_ref()
         .is_some_and(|m| !m.stale && m.began.elapsed() <= max_age)
 }
 
@@ -455,7 +644,12 @@ pub async fn measure(
         return Ok(());
     };
     let walking = s.walk.clone().lock_owned().await;
-    let (st, volume, name) = (state.clone(), volume.to_owned(), scope_name.to_owned());
+    let (st, key, volume, name) = (
+        state.clone(),
+        key.to_path_buf(),
+        volume.to_owned(),
+        scope_name.to_owned(),
+    );
     // The walk holds `walking` to its end, even when the request that started it is
     // gone meanwhile.
     super::blocking(move || {
@@ -464,7 +658,7 @@ pub async fn measure(
             return Ok(());
         }
         let scope = st.volumes.open_scope(&volume, &name)?;
-        walk_scope(&st, &s, scope.as_fd());
+        walk_scope(&st, &key, &s, scope.as_fd());
         Ok(())
     })
     .await
@@ -475,10 +669,11 @@ pub async fn measure(
 /// staging areas of uploads in progress and clone destinations being filled
 /// counted): the scope's measurement of committed bytes (see [`measure`]; no walk
 /// while it is young enough and no delete came since) plus a look at what it
-/// leaves out ([`set_aside`]: staging areas and clone destinations only, never the
-/// vfolders' own trees), made one at a time per scope and shared by the reports
-/// that wait for it. The two figures and the reservations are read so that they
-/// agree: the look is made again (three times at most) when a commit ran during it,
+/// leaves out ([`set_aside`]: live sessions' staged files and clone destinations
+/// only, never the vfolders' own trees), made one at a time per scope and shared by
+/// the reports that wait for it. The two figures and the reservations are read so
+/// that they agree: the look is made again (three times at most) when a commit (or
+/// a reservation that moved a staged file between the two) ran during it,
 /// and the measurement and the reservations are read together under the scope's
 /// lock, where a commit moves bytes from one to the other.
 pub async fn report(
@@ -504,11 +699,12 @@ pub async fn report(
             let mut tries = 0;
             let figures = loop {
                 let before = s.ledger().commits;
-                let aside = set_aside(scope.as_fd(), &st.reservations.pending());
+                let live = st.reservations.live(&k);
+                let aside = set_aside(scope.as_fd(), &st.reservations.pending(), &live);
                 let ledger = s.ledger();
                 tries += 1;
                 if ledger.commits == before || tries == 3 {
-                    break ledger.measured.map(|m| {
+                    break ledger.measured.as_ref().map(|m| {
                         (
                             m.bytes.saturating_add(aside),
                             st.reservations.reserved(&k, ""),
@@ -528,35 +724,87 @@ pub async fn report(
         .await
 }
 
+/// Lets `holder`'s reservation go under the scope's lock (`ledger`): what it held of
+/// its staged file (`staged` bytes now) counts as committed from then on, and a
+/// later reservation of the session takes it off again.
+fn let_go(r: &Reservations, s: &Scope, ledger: &mut Ledger, holder: &str, staged: u64) {
+    let held = {
+        let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(holder).map(|h| h.bytes)
+    };
+    let Some(held) = held else {
+        return;
+    };
+    tracing::debug!(holder, "quota reservation released");
+    let counted = staged.min(held);
+    if counted == 0 {
+        return;
+    }
+    // A walk running now adds them too (it may have seen the file covered).
+    ledger.put_in_place = ledger.put_in_place.saturating_add(counted);
+    ledger.commits += 1;
+    s.report.changed();
+    if let Some(m) = &mut ledger.measured {
+        m.bytes = m.bytes.saturating_add(counted);
+        if m.unheld.len() < MAX_UNHELD {
+            m.unheld.insert(holder.to_owned(), counted);
+        }
+    }
+    s.show(ledger);
+}
+
 /// Check-and-reserve against the scope's measurement under the scope's lock
-/// (blocking: reads the limit). `Ok(false)`: no measurement young enough (or, with
-/// `any_age`, none at all); nothing was reserved or released.
+/// (blocking: reads the limit). `staged` is what the holder's staged file holds now
+/// (0 for a new session or a clone): when the check lets an existing reservation
+/// go, those bytes count as committed from then on. `Ok(false)`: no measurement
+/// young enough (or, with `any_age`, none at all); nothing was reserved or released.
 fn check(
     state: &State,
     key: &Path,
     scope: BorrowedFd<'_>,
     holder: &str,
-    bytes: u64,
+    (bytes, staged): (u64, u64),
     any_age: bool,
 ) -> Result<bool, ApiError> {
     let r = &state.reservations;
     let s = r.scope(key);
-    let ledger = s.ledger();
+    let mut ledger = s.ledger();
     let limit = limit(scope);
     remember_limit(state, key, limit);
     let Some(limit) = limit else {
-        r.release(holder);
+        let_go(r, &s, &mut ledger, holder, staged);
         return Ok(true);
     };
-    let committed = match ledger.measured {
-        Some(m) if any_age || fresh(&ledger, state.usage_max_age) => m.bytes,
+    let fresh = fresh(&ledger, state.usage_max_age);
+    let was = r.holds(holder);
+    let (committed, credit) = match &ledger.measured {
+        Some(m) if any_age || fresh => {
+            // A session reserving again (after a restart, or once its reservation
+            // was let go): the walk counted its staged file, which the new
+            // reservation holds.
+            let credit = match was {
+                None => m.unheld.get(holder).map_or(0, |c| (*c).min(bytes)),
+                Some(_) => 0,
+            };
+            (m.bytes.saturating_sub(credit), credit)
+        }
         _ => return Ok(false),
     };
     let used = committed.saturating_add(r.reserved(key, holder));
     if used.saturating_add(bytes) > limit {
-        r.release(holder);
+        let_go(r, &s, &mut ledger, holder, staged);
         super::Metrics::add(&state.metrics.quota_refused, 1);
         return Err(ApiError::QuotaExceeded { used, limit });
+    }
+    if was.is_none() {
+        if let Some(m) = &mut ledger.measured {
+            if m.unheld.remove(holder).is_some() {
+                m.bytes = m.bytes.saturating_sub(credit);
+                ledger.commits += 1;
+                s.report.changed();
+                s.show(&ledger);
+            }
+        }
     }
     let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
     held.insert(
@@ -573,28 +821,31 @@ fn check(
 /// Reserves (or, when `holder` already holds one, re-checks) `bytes` in the scope
 /// for `holder` when the scope's measurement is young enough: refused when committed
 /// bytes plus every reservation would pass the scope's current limit. Without a
-/// limit nothing is held. Blocking, but never walks: `Ok(false)` says a measurement
-/// is needed first, which [`reserve`] makes.
+/// limit nothing is held. `sizes` is `(bytes, staged)`, `staged` what the holder's
+/// staged file holds now (0 for a new session or a clone): when the check lets the
+/// holder's reservation go (refused, or no limit any more), what it held of those
+/// bytes counts as committed from then on. Blocking, but never walks: `Ok(false)`
+/// says a measurement is needed first, which [`reserve`] makes.
 pub fn try_reserve(
     state: &State,
     key: &Path,
     scope: BorrowedFd<'_>,
     holder: &str,
-    bytes: u64,
+    sizes: (u64, u64),
 ) -> Result<bool, ApiError> {
-    check(state, key, scope, holder, bytes, false)
+    check(state, key, scope, holder, sizes, false)
 }
 
 /// Reserves (or re-checks) `bytes` in the scope named `scope_name` of `volume` for
-/// `holder`, measuring the scope first when its measurement is too old (see
-/// [`measure`]).
+/// `holder` (whose staged file holds `staged` bytes now, see [`try_reserve`]),
+/// measuring the scope first when its measurement is too old (see [`measure`]).
 pub async fn reserve(
     state: &Arc<State>,
     key: &Path,
     volume: &str,
     scope_name: &str,
     holder: &str,
-    bytes: u64,
+    (bytes, staged): (u64, u64),
 ) -> Result<(), ApiError> {
     for any_age in [false, true] {
         let (st, k, v, n, h) = (
@@ -606,7 +857,7 @@ pub async fn reserve(
         );
         let done = super::blocking(move || {
             let scope = st.volumes.open_scope(&v, &n)?;
-            check(&st, &k, scope.as_fd(), &h, bytes, any_age)
+            check(&st, &k, scope.as_fd(), &h, (bytes, staged), any_age)
         })
         .await?;
         if done {
@@ -652,7 +903,7 @@ pub fn sync(state: &State) -> usize {
             if s.ledger().walks != seen {
                 continue;
             }
-            let used = walk_scope(state, &s, fd.as_fd());
+            let used = walk_scope(state, &key, &s, fd.as_fd());
             tracing::debug!(scope = %e.name.to_string_lossy(), used, limit, "quota scope measured");
             measured += 1;
         }

@@ -112,6 +112,11 @@ fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
     assert!(!p.vfolder_path().join("a.bin").exists());
     let r = request(p.client, "HEAD", &format!("/upload?token={a}"), &[], b"");
     assert_eq!(r.header("upload-offset"), Some("100"));
+    // The refusal let the reservation go: its 100 staged bytes count as committed.
+    let q = quota_scope(&p);
+    assert_eq!(q["used_bytes"], 100, "{q}");
+    assert_eq!(q["reserved_bytes"], 0, "{q}");
+    assert_eq!(upload_token(&p, "c.bin", 401).status, 413);
     // Raised again, the same session finishes.
     set_limit(&p, 1_000);
     assert_eq!(patch(&p, &a, 100, &[0u8; 500]).status, 204);
@@ -661,4 +666,255 @@ fn the_sync_pass_measures_scopes_no_check_did() {
     // The measurement serves the next check: 4 321 + 5 680 > 10 000.
     let r = upload_token(&p, "big.bin", 5_680);
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+}
+
+fn quota_scope(p: &Proxy) -> serde_json::Value {
+    let r = p.manager_method(
+        "GET",
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": QSID}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+fn folder_used_bytes(p: &Proxy) -> serde_json::Value {
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["used_bytes"].clone()
+}
+
+/// Bytes a shell user writes straight into the vfolder's staging area belong to no
+/// upload in progress: they count against the quota (and in the usage reports) like
+/// any other file, whatever their name, a session-like one included.
+#[test]
+fn bytes_written_into_the_staging_area_count_against_the_quota() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 10_000);
+    let staging = p.vfolder_path().join(".upload");
+    std::fs::create_dir_all(staging.join("sub")).expect("staging");
+    std::fs::write(staging.join("hidden.bin"), vec![1u8; 5_000]).expect("file");
+    std::fs::write(staging.join("sub/deeper.bin"), vec![1u8; 500]).expect("file");
+    // Named like a session's staged file, but no session of this proxy has it.
+    std::fs::write(
+        staging.join("0123456789abcdef0123456789abcdef"),
+        vec![1u8; 1_500],
+    )
+    .expect("file");
+    // 7 000 used: an upload that would fit without them is refused.
+    let r = upload_token(&p, "b.bin", 3_001);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "quota-exceeded");
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("7000 of 10000"), "{title}");
+    assert_eq!(quota_scope(&p)["used_bytes"], 7_000);
+    assert_eq!(folder_used_bytes(&p), 7_000);
+    // Exactly the room left still goes through, whole.
+    let r = upload_token(&p, "b.bin", 3_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &token, 0, &[2u8; 3_000]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (10_000.into(), 0.into())
+    );
+    assert_eq!(upload_token(&p, "c.bin", 1).status, 413);
+}
+
+/// The staged file of an upload in progress is held by its reservation: counted
+/// once, not also as committed bytes, while what a shell put beside it counts. An
+/// upload of exactly the room left goes through; one byte more does not.
+#[test]
+fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 10_000);
+    // A session of 4 000 bytes, 1 500 of them staged.
+    let r = upload_token(&p, "a.bin", 4_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &a, 0, &[1u8; 1_500]).status, 204);
+    std::fs::write(
+        p.vfolder_path().join(".upload/hidden.bin"),
+        vec![1u8; 2_000],
+    )
+    .expect("file");
+    // The scope holds the 2 000 hidden bytes and the 1 500 staged ones; 4 000 are
+    // reserved, so 4 000 are left.
+    let q = quota_scope(&p);
+    assert_eq!(q["used_bytes"], 3_500, "{q}");
+    assert_eq!(q["reserved_bytes"], 4_000, "{q}");
+    assert_eq!(
+        folder_used_bytes(&p),
+        2_000,
+        "a live upload's staged file is not in it"
+    );
+    assert_eq!(upload_token(&p, "b.bin", 4_001).status, 413);
+    let r = upload_token(&p, "b.bin", 4_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let b = r.json()["token"].as_str().expect("token").to_owned();
+    // Both finish, each check measuring the scope again: exactly full.
+    assert_eq!(patch(&p, &b, 0, &[2u8; 4_000]).status, 204);
+    assert_eq!(patch(&p, &a, 1_500, &[1u8; 2_500]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(q["used_bytes"], 10_000, "{q}");
+    assert_eq!(q["reserved_bytes"], 0, "{q}");
+    assert_eq!(folder_used_bytes(&p), 10_000);
+}
+
+/// A restart forgets the reservations: a session's staged file then counts as
+/// committed, until the session resumes and reserves again, when its reservation
+/// holds it (not counted twice): the upload still finishes at exactly the limit.
+#[test]
+fn a_session_resumed_after_a_restart_is_not_counted_twice() {
+    let mut p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 10_000);
+    let r = upload_token(&p, "a.bin", 10_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &a, 0, &[1u8; 6_000]).status, 204);
+    p.restart();
+    // No reservation now: the staged bytes are committed ones.
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (6_000.into(), 0.into())
+    );
+    assert_eq!(upload_token(&p, "b.bin", 4_001).status, 413);
+    // The session resumes: reserved whole again, its staged bytes held by it.
+    assert_eq!(patch(&p, &a, 6_000, &[1u8; 3_000]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (9_000.into(), 10_000.into())
+    );
+    assert_eq!(upload_token(&p, "b.bin", 1).status, 413);
+    assert_eq!(patch(&p, &a, 9_000, &[1u8; 1_000]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (10_000.into(), 0.into())
+    );
+    assert_eq!(
+        std::fs::metadata(p.vfolder_path().join("a.bin"))
+            .expect("a")
+            .len(),
+        10_000
+    );
+}
+
+/// The manager API refuses the staging area (`.upload` at the vfolder's root) as a
+/// source or destination of a move, a rename, a mkdir or a delete, also when a path
+/// reaches it through a symlink; a `.upload` deeper down, and names that only begin
+/// like it, are ordinary.
+#[test]
+fn the_api_refuses_the_staging_area_as_source_or_destination() {
+    let p = Proxy::start("");
+    create_with_limit(&p, 100_000);
+    assert_eq!(p.upload("a.bin", &[1u8; 100]).status, 204);
+    let vf = p.vfolder_path();
+    assert!(vf.join(".upload").is_dir(), "the upload made it");
+    std::fs::write(vf.join(".upload/staged.bin"), [2u8; 10]).expect("file");
+    std::os::unix::fs::symlink(".upload", vf.join("link")).expect("link");
+    let call = |path: &str, body: serde_json::Value| {
+        let mut body = body;
+        body["volume"] = "local".into();
+        body["vfid"] = VFID.into();
+        p.manager(path, body, None)
+    };
+    let refused = |r: appproxy_test_support::http::Resp| {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.json()["code"],
+            "invalid-api-params",
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(title.contains("staging area"), "{title}");
+    };
+    let mv = |src: &str, dst: &str| {
+        call(
+            "/folder/file/move",
+            serde_json::json!({"src_relpath": src, "dst_relpath": dst}),
+        )
+    };
+    refused(mv("a.bin", ".upload/a.bin"));
+    refused(mv("a.bin", "./.upload/0123456789abcdef0123456789abcdef"));
+    refused(mv("a.bin", ".upload"));
+    refused(mv(".upload/staged.bin", "out.bin"));
+    refused(mv(".upload", "elsewhere"));
+    refused(mv("a.bin", "link/a.bin"));
+    refused(mv("link/staged.bin", "out.bin"));
+    let rename = |relpath: &str, new_name: &str| {
+        call(
+            "/folder/file/rename",
+            serde_json::json!({"relpath": relpath, "new_name": new_name}),
+        )
+    };
+    refused(rename("a.bin", ".upload"));
+    refused(rename(".upload", "mine"));
+    refused(rename(".upload/staged.bin", "x.bin"));
+    refused(rename("link/staged.bin", "x.bin"));
+    refused(call(
+        "/folder/file/delete",
+        serde_json::json!({"relpaths": [".upload/staged.bin"]}),
+    ));
+    refused(call(
+        "/folder/file/delete",
+        serde_json::json!({"relpaths": [".upload"], "recursive": true}),
+    ));
+    let r = call(
+        "/folder/file/delete",
+        serde_json::json!({"relpaths": ["link/staged.bin"]}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = call(
+        "/folder/file/mkdir",
+        serde_json::json!({"relpath": ".upload/d", "parents": true}),
+    );
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["results"]["failed"][0]["msg"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(msg.contains("staging area"), "{msg}");
+    // An upload whose destination reaches the staging area through the symlink is
+    // refused when it completes.
+    let r = p.upload("link/x.bin", b"data");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!vf.join(".upload/x.bin").exists());
+    // Nothing moved.
+    assert_eq!(std::fs::read(vf.join("a.bin")).expect("a").len(), 100);
+    assert_eq!(
+        std::fs::read(vf.join(".upload/staged.bin"))
+            .expect("staged")
+            .len(),
+        10
+    );
+    assert!(!vf.join(".upload/a.bin").exists() && !vf.join(".upload/d").exists());
+    // Ordinary names: a `.upload` below the top, `.uploads`, `.upload.bak`.
+    let r = call(
+        "/folder/file/mkdir",
+        serde_json::json!({"relpath": ["sub/.upload", ".uploads"], "parents": true}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(mv("a.bin", "sub/.upload/a.bin").status, 204);
+    assert_eq!(mv("sub/.upload/a.bin", ".uploads/a.bin").status, 204);
+    assert_eq!(rename(".uploads/a.bin", ".upload.bak").status, 204);
+    assert_eq!(
+        std::fs::read(vf.join(".uploads/.upload.bak"))
+            .expect("moved")
+            .len(),
+        100
+    );
+    let r = call(
+        "/folder/file/delete",
+        serde_json::json!({"relpaths": ["sub/.upload"], "recursive": true}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }

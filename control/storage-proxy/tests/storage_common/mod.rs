@@ -67,6 +67,35 @@ impl Proxy {
         }
     }
 
+    /// Stops the proxy and starts it again on the same configuration and volume (new
+    /// ports): what it kept in memory is gone, what is on disk stays.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log_path = self.dir.path().join("storage.log");
+        let from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .expect("log");
+        self.child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
+            .arg("--config")
+            .arg(self.dir.path().join("storage.toml"))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start storage-proxy");
+        let addrs = serving::addrs(
+            &mut self.child,
+            &log_path,
+            from,
+            "storage-proxy serving",
+            &["manager", "client"],
+        );
+        self.manager = addrs[0];
+        self.client = addrs[1];
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("storage.log")).unwrap_or_default()
     }
