@@ -728,6 +728,13 @@ impl TcpConn {
         self.reg.set_reusable(reusable, idle);
     }
 
+    /// Whether the connection was closed to admit a new one at the connection cap
+    /// while it had nothing in hand: its task closes it, even if bytes of a request
+    /// came in meanwhile (as nginx does with a reusable connection it reclaims).
+    pub fn was_shed(&self) -> bool {
+        self.reg.was_shed()
+    }
+
     /// Shuts down the write half (sends FIN; over TLS a close_notify first).
     pub fn shutdown_write(&self) {
         self.tls_close_notify();
