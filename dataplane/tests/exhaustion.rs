@@ -690,3 +690,52 @@ fn a_connection_shed_as_its_request_arrives_is_closed_without_an_answer() {
     assert_eq!(metric(&w, "appproxy_connections_shed_total"), 5);
     assert_eq!(metric(&w, "appproxy_connections_refused_total"), 0);
 }
+
+/// Drain closes connections kept alive between requests and lingering ones at once,
+/// but a connection accepted before the signal that has not yet sent its first
+/// request is still served (its request was on its way), plain or sniffed for the
+/// HTTP/2 preface; it is reusable at the cap, not idle.
+#[test]
+fn drain_still_serves_a_connection_waiting_for_its_first_request() {
+    let up = Upstream::start();
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_body = 1000\n".into(),
+        ..Default::default()
+    });
+    let mut kept = Client::connect(w.addr());
+    assert_eq!(kept.get("/kept", "").status, 200);
+    let mut fresh = None;
+    eventually("a silent connection is admitted", || {
+        fresh = admitted(&w);
+        fresh.is_some()
+    });
+    let mut fresh = fresh.expect("admitted");
+    // A POST's first bytes: 'P' is also where the HTTP/2 preface begins.
+    let mut sniffed = None;
+    eventually("another silent connection is admitted", || {
+        sniffed = admitted(&w);
+        sniffed.is_some()
+    });
+    let mut sniffed = sniffed.expect("admitted");
+    sniffed.send(b"P");
+    eventually("both waiting", || {
+        metric(&w, "appproxy_connections_active") == 3
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(
+        kept.is_closed(),
+        "the kept-alive connection is closed at once"
+    );
+    let r = fresh.get("/first", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    sniffed.send(b"OST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi");
+    let r = sniffed.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(w.terminate().success());
+}
