@@ -325,6 +325,7 @@ impl TcpConn {
         let Some(tls) = &self.tls else {
             return Ok(());
         };
+        let mut started = false;
         poll_fn(|cx| loop {
             let mut s = tls.session.borrow_mut();
             if !s.is_handshaking() {
@@ -342,6 +343,12 @@ impl TcpConn {
             }
             match s.read_tls(&mut self.sock()) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) if !started => {
+                    // The peer's first bytes: a handshake under way has something in
+                    // hand, and is no longer closed for a new connection at the cap.
+                    started = true;
+                    self.reg.set_reusable(false, false);
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(s);
@@ -717,6 +724,13 @@ impl TcpConn {
     /// one at the connection cap. `idle`: drain closes it at once too.
     pub fn set_reusable(&self, reusable: bool, idle: bool) {
         self.reg.set_reusable(reusable, idle);
+    }
+
+    /// Whether the connection was closed to admit a new one at the connection cap
+    /// while it had nothing in hand: its task closes it, even if bytes of a request
+    /// came in meanwhile (as nginx does with a reusable connection it reclaims).
+    pub fn was_shed(&self) -> bool {
+        self.reg.was_shed()
     }
 
     /// Shuts down the write half (sends FIN; over TLS a close_notify first).

@@ -113,6 +113,10 @@ struct Slot {
     /// Its mark in the reactor's `reusable` queue while it may be closed to admit a
     /// new connection at the cap (0: it may not).
     reusable: u64,
+    /// Closed to admit a new connection ([`Reactor::shed_reusable`]): its task is to
+    /// close it even if bytes came in before it ran (a later deadline does not undo
+    /// this, as it undoes `timed_out`).
+    shed: bool,
 }
 
 /// The per-core reactor. Lives in an `Rc`: it is per-core state and never crosses a
@@ -329,6 +333,7 @@ impl Reactor {
             slot.timed_out = false;
             slot.idle = false;
             slot.reusable = 0;
+            slot.shed = false;
         }
         Registration {
             reactor: self.clone(),
@@ -360,6 +365,7 @@ impl Reactor {
         slot.deadline = None;
         slot.idle = false;
         slot.reusable = 0;
+        slot.shed = false;
         drop(slots);
         self.free.borrow_mut().push(index);
     }
@@ -405,6 +411,7 @@ impl Reactor {
             let slot = &mut slots[index as usize];
             if slot.in_use && slot.reusable == mark {
                 slot.reusable = 0;
+                slot.shed = true;
                 slot.timed_out = true;
                 wake_both(slot);
                 return true;
@@ -807,6 +814,12 @@ impl Registration {
                 s.in_use && s.reusable == *m
             });
         }
+    }
+
+    /// Whether the connection was closed to admit a new one at the cap
+    /// ([`Reactor::shed_reusable`]): bytes that arrived since are not served.
+    pub fn was_shed(&self) -> bool {
+        self.with(|s| s.shed)
     }
 
     /// Whether the deadline passed.

@@ -282,6 +282,10 @@ pub async fn handshake(
     use crate::core::counter;
     core.metrics.add(counter::TLS_HANDSHAKING, 1);
     conn.set_timeout(core.rt.head_timeout);
+    // Nothing in hand until its first bytes (nginx's reusable connections): at the
+    // connection cap a client that never sends its ClientHello may be closed to
+    // admit a new one.
+    conn.set_reusable(true, false);
     let done = conn.handshake().await;
     core.metrics.sub(counter::TLS_HANDSHAKING, 1);
     match done {
@@ -306,6 +310,10 @@ pub async fn handshake(
                 );
             }
             true
+        }
+        Err(_) if conn.was_shed() => {
+            tracing::debug!(peer = %peer, "closed before its handshake to admit a new connection");
+            false
         }
         Err(e) => {
             core.metrics.add(counter::TLS_FAILED, 1);

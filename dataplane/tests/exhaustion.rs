@@ -636,3 +636,168 @@ fn the_issue_scenario_300_slow_posts_under_512_descriptors_with_default_limits()
     });
     assert_eq!(c.expect("admitted").get("/ok", "").status, 200);
 }
+
+/// A lingering connection is closed to make room at the cap even while its client
+/// keeps sending: what it sends is dropped, and being shed is not forgotten when the
+/// next bytes arrive (each read of the lingering loop used to set a fresh deadline,
+/// which cleared the shed, so the connection lingered on for `lingering_secs` while
+/// the one admitted in its place kept the core over its cap).
+#[test]
+fn a_lingering_connection_still_sending_makes_room_at_the_cap() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 2\nmax_body = 1000\n\
+                [timeouts]\nlingering_secs = 600\nlingering_idle_secs = 600\n"
+            .into(),
+        ..Default::default()
+    });
+    // Two connections answered 413 before their body, lingering; each client keeps
+    // sending its body until the worker's side is gone.
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(w.addr()).expect("connect");
+            s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000000\r\n\r\n")
+                .expect("head");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).expect("answer") {
+                    0 => break,
+                    n => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 413 "));
+            let cut = Arc::new(AtomicBool::new(false));
+            let flag = cut.clone();
+            let thread = std::thread::spawn(move || {
+                let chunk = [b'x'; 16 << 10];
+                while s.write_all(&chunk).is_ok() {}
+                flag.store(true, Ordering::SeqCst);
+            });
+            (cut, thread)
+        })
+        .collect();
+    // Two new connections at the cap: each closes one lingering connection.
+    let mut a = Client::connect(w.addr());
+    assert_eq!(a.get("/a", "").status, 200);
+    let mut b = Client::connect(w.addr());
+    assert_eq!(b.get("/b", "").status, 200);
+    eventually("both counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 2
+    });
+    eventually("the shed lingering connections are closed", || {
+        senders.iter().all(|(cut, _)| cut.load(Ordering::SeqCst))
+    });
+    eventually("the core is back within its cap", || {
+        metric(&w, "appproxy_connections_active") == 2
+    });
+    for (_, thread) in senders {
+        thread.join().expect("sender");
+    }
+    assert_eq!(a.get("/a2", "").status, 200);
+}
+
+/// A connection closed to make room is closed even when the first bytes of its
+/// request reach the worker in the same turn as the new connection: it is neither
+/// answered a 408 as if its head had timed out (the shed's timeout stuck to it) nor
+/// kept on over the cap. The worker is stopped (`SIGSTOP`) while the new connection
+/// is made and the old one sends, so that both arrive together.
+#[test]
+fn a_connection_shed_as_its_request_arrives_is_closed_without_an_answer() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 1\n".into(),
+        ..Default::default()
+    });
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &w.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    for round in 0..5 {
+        let mut old = None;
+        eventually("a silent connection is admitted", || {
+            old = admitted(&w);
+            old.is_some()
+        });
+        let mut old = old.expect("admitted");
+        signal("-STOP");
+        let mut new = Client::connect(w.addr());
+        old.send(b"GET /old HTTP/1.1\r\n");
+        signal("-CONT");
+        // The new connection is served: the old one, idle longest, made room.
+        assert_eq!(new.get("/new", "").status, 200, "round {round}");
+        // The rest of the old one's head: it was closed, without an answer.
+        let _ = old.stream.write_all(b"Host: t\r\n\r\n");
+        let mut got = Vec::new();
+        let _ = old.reader.read_to_end(&mut got);
+        assert!(
+            got.is_empty(),
+            "round {round}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        drop(new);
+        eventually("all closed", || {
+            metric(&w, "appproxy_connections_active") == 0
+        });
+    }
+    assert_eq!(metric(&w, "appproxy_connections_shed_total"), 5);
+    assert_eq!(metric(&w, "appproxy_connections_refused_total"), 0);
+}
+
+/// Drain closes connections kept alive between requests and lingering ones at once,
+/// but a connection accepted before the signal that has not yet sent its first
+/// request is still served (its request was on its way), plain or sniffed for the
+/// HTTP/2 preface; it is reusable at the cap, not idle.
+#[test]
+fn drain_still_serves_a_connection_waiting_for_its_first_request() {
+    let up = Upstream::start();
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_body = 1000\n".into(),
+        ..Default::default()
+    });
+    let mut kept = Client::connect(w.addr());
+    assert_eq!(kept.get("/kept", "").status, 200);
+    let mut fresh = None;
+    eventually("a silent connection is admitted", || {
+        fresh = admitted(&w);
+        fresh.is_some()
+    });
+    let mut fresh = fresh.expect("admitted");
+    // A POST's first bytes: 'P' is also where the HTTP/2 preface begins.
+    let mut sniffed = None;
+    eventually("another silent connection is admitted", || {
+        sniffed = admitted(&w);
+        sniffed.is_some()
+    });
+    let mut sniffed = sniffed.expect("admitted");
+    sniffed.send(b"P");
+    eventually("both waiting", || {
+        metric(&w, "appproxy_connections_active") == 3
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(
+        kept.is_closed(),
+        "the kept-alive connection is closed at once"
+    );
+    let r = fresh.get("/first", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    sniffed.send(b"OST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi");
+    let r = sniffed.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(w.terminate().success());
+}

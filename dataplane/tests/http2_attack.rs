@@ -536,3 +536,54 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
     drop(s);
     settles(&w, rest);
 }
+
+/// At the connection cap an HTTP/2 connection without streams is closed to admit a
+/// new one, even when a stream reaches it in the turn it is shed (the worker is
+/// stopped with `SIGSTOP` while both arrive): the connection closes — that stream
+/// unanswered, as an HTTP/1 request arriving then is — and the core is back within
+/// its cap instead of serving on over it.
+#[test]
+fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
+    let up = Upstream::start();
+    let w = worker(&up, "[limits]\nmax_connections_per_core = 1\n");
+    let mut s = open(&w);
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &request_block("/first"),
+    ))
+    .expect("request");
+    while !matches!(read_frame(&mut s), Some(f) if f.2 == 1 && f.1 & END_STREAM != 0) {}
+    common::eventually("the stream's handling is over", || {
+        metric(&w, "appproxy_http2_streams_active") == 0
+    });
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &w.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let mut c = common::Client::connect(w.addr());
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &request_block("/second"),
+    ))
+    .expect("request");
+    signal("-CONT");
+    assert_eq!(c.get("/new", "").status, 200, "admitted at the cap");
+    let (_, frames) = read_to_close(&mut s);
+    assert!(
+        !frames.iter().any(|f| f.2 == 3),
+        "the shed connection served a stream: {:?}",
+        frames.iter().map(|f| (f.0, f.1, f.2)).collect::<Vec<_>>()
+    );
+    common::eventually("the core is back within its cap", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    assert_eq!(metric(&w, "appproxy_connections_shed_total"), 1);
+}

@@ -246,3 +246,68 @@ fn at_the_connection_cap_tls_clients_are_closed_without_plaintext() {
     up.open_gate();
     drop(held);
 }
+
+/// On a TLS frontend too, a connection that never sent a byte (not even its
+/// ClientHello) has nothing in hand: at the cap the oldest such one is closed to admit
+/// a new client, which completes its handshake and is served; a handshake under way
+/// (its ClientHello in) is never closed for a new one.
+#[test]
+fn at_the_cap_a_tls_connection_that_never_sent_a_byte_makes_room() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nhead_secs = 600\n".into(),
+        ..Default::default()
+    });
+    let config = pki.default_client();
+    // Two silent connections fill the cap.
+    let mut silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(w.addr()).expect("connect"))
+        .collect();
+    eventually("both in their handshake", || {
+        metric(&w, "appproxy_tls_handshakes_in_progress") == 2
+    });
+    let mut s = BufReader::new(connect(w.addr(), &config, "localhost").expect("admitted"));
+    assert_eq!(get(&mut s, "/new", "").status, 200);
+    eventually("counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert_eq!(metric(&w, "appproxy_connections_refused_total"), 0);
+    // The older silent one was closed: at most a TLS alert, never plaintext.
+    let got = read_until_closed(&mut silent[0]);
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // A handshake under way is busy: with the cap held by it and by the served
+    // client, now busy with a request, the next connection is refused.
+    // The first bytes of a ClientHello record of 200 bytes: rustls waits for the rest.
+    silent[1]
+        .write_all(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")
+        .expect("a ClientHello's first bytes");
+    s.get_mut()
+        .write_all(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    s.get_mut().flush().expect("flush");
+    let mut line = String::new();
+    while !line.contains("data: first") {
+        line.clear();
+        assert!(s.read_line(&mut line).expect("event") > 0, "stream ended");
+    }
+    let mut refused = TcpStream::connect(w.addr()).expect("connect");
+    let got = read_until_closed(&mut refused);
+    assert!(got.is_empty());
+    eventually("refusal counted", || {
+        metric(&w, "appproxy_connections_refused_total") == 1
+    });
+    assert_eq!(metric(&w, "appproxy_connections_shed_total"), 1);
+    assert_eq!(
+        metric(&w, "appproxy_tls_handshakes_in_progress"),
+        1,
+        "the handshake under way was not closed"
+    );
+    up.open_gate();
+}

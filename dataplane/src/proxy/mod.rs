@@ -130,6 +130,13 @@ async fn serve_conn(
             .and_then(|i| i.alpn)
             .is_some_and(|a| a == b"h2");
         if alpn_h2 || client.sniff_preface().await {
+            if client.conn.was_shed() {
+                // Closed for a new connection before it asked anything.
+                core.read_bufs.give(&mut client.buf);
+                core.read_bufs.give(&mut client.ubuf);
+                core.metrics.sub(counter::ACTIVE, 1);
+                return;
+            }
             let prefix = client.buf.filled().to_vec();
             core.read_bufs.give(&mut client.buf);
             core.read_bufs.give(&mut client.ubuf);
@@ -208,6 +215,11 @@ impl Client {
                 Ok(0) | Err(_) => break,
                 Ok(n) => dropped += n as u64,
             }
+            // Closed to admit a new connection while the client was still sending:
+            // the next deadline must not undo that.
+            if self.conn.was_shed() {
+                break;
+            }
         }
         self.core.metrics.add(counter::BYTES_IN, dropped);
         tracing::debug!(dropped, "lingering close");
@@ -242,6 +254,11 @@ impl Client {
         // connection has been so since its accept (`serve_conn`).
         let mut waiting = self.buf.is_empty();
         if !(first && waiting) {
+            if !waiting && self.conn.was_shed() {
+                // Closed for a new connection while its first bytes came in (sniffed
+                // for the HTTP/2 preface).
+                return Ok(None);
+            }
             self.conn.set_reusable(waiting, waiting && !first);
         }
         loop {
@@ -254,6 +271,13 @@ impl Client {
                     core.metrics.add(counter::BYTES_IN, n as u64);
                     if waiting {
                         waiting = false;
+                        if self.conn.was_shed() {
+                            // Closed for a new connection as these bytes came in: the
+                            // new one was admitted on the promise that this one
+                            // closes (nginx closes it too; clients retry a request
+                            // on a kept-alive connection closed before any answer).
+                            return Ok(None);
+                        }
                         self.conn.set_reusable(false, false);
                         if !first {
                             // A new connection's head deadline runs from its accept.
