@@ -10,7 +10,6 @@ use storage_common::{create_folder, Proxy, TOKEN, VFID};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -434,18 +433,11 @@ fn directory_downloads_are_valid_zip_archives() {
     let zip = p.dir.path().join("out.zip");
     std::fs::write(&zip, &r.body).expect("zip");
     // An independent reader (Python's zipfile) checks every CRC and lists the names.
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))")
-        .arg(&zip)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf8");
+    let text = storage_common::python(
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))",
+        &zip,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("a.txt|sub/b.bin|sub/üñí.txt"));
     assert_eq!(lines.next(), Some("200000"));

@@ -9,8 +9,6 @@ mod storage_common;
 use appproxy_test_support::http::request;
 use storage_common::{create_folder, Proxy, VFID};
 
-use std::process::Command;
-
 fn body(extra: serde_json::Value) -> serde_json::Value {
     let mut b = serde_json::json!({"volume": "local", "vfid": VFID});
     if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
@@ -143,19 +141,13 @@ fn fetch_archive_tokens_and_metrics() {
         .is_some_and(|v| v.contains("bundle.zip")));
     let zip = p.dir.path().join("bundle.zip");
     std::fs::write(&zip, &r.body).expect("zip");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))")
-        .arg(&zip)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = storage_common::python(
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))",
+        &zip,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        out.trim(),
         "logs/empty/|logs/task.log|top.txt",
         "empty directories are kept"
     );

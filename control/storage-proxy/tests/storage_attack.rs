@@ -165,19 +165,11 @@ fn alive(p: &Proxy) -> bool {
 fn zip_names(zip: &[u8], dir: &Path) -> Result<Vec<String>, String> {
     let path = dir.join("attack.zip");
     std::fs::write(&path, zip).expect("zip");
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nfor n in z.namelist(): print(repr(n))")
-        .arg(&path)
-        .output()
-        .expect("python3");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    let out = storage_common::python(
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nfor n in z.namelist(): print(repr(n))",
+        &path,
+    )?;
+    Ok(out.lines().map(str::to_owned).collect())
 }
 
 /// A FIFO put in place of an upload's staging file (the session ID is in the token
@@ -1004,26 +996,17 @@ fn archive_entry_names_never_carry_a_backslash() {
 fn zip_contents(zip: &[u8], dir: &Path) -> std::collections::BTreeMap<String, String> {
     let path = dir.join("names.zip");
     std::fs::write(&path, zip).expect("zip");
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(concat!(
-            "import sys,zipfile,json\n",
-            "z=zipfile.ZipFile(sys.argv[1])\n",
-            "names=z.namelist()\n",
-            "assert len(set(names))==len(names), names\n",
-            "files=[n for n in names if not n.endswith('/')]\n",
-            "assert not [f for f in files for n in names if n.startswith(f+'/')], names\n",
-            "print(json.dumps({n: z.read(n).decode('utf-8') for n in files}))",
-        ))
-        .arg(&path)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let script = concat!(
+        "import sys,zipfile,json\n",
+        "z=zipfile.ZipFile(sys.argv[1])\n",
+        "names=z.namelist()\n",
+        "assert len(set(names))==len(names), names\n",
+        "files=[n for n in names if not n.endswith('/')]\n",
+        "assert not [f for f in files for n in names if n.startswith(f+'/')], names\n",
+        "print(json.dumps({n: z.read(n).decode('utf-8') for n in files}))",
     );
-    serde_json::from_slice(&out.stdout).expect("names and contents")
+    let out = storage_common::python(script, &path).unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).expect("names and contents")
 }
 
 /// Entry names safe and unique on every common platform: `:` (a drive letter, an

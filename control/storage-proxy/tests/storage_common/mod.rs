@@ -340,3 +340,20 @@ impl Drop for Flipper {
         self.halt();
     }
 }
+
+/// Runs a Python script on `path` (Python's `zipfile` is the independent reader of
+/// the archives the proxy writes): its standard output, or its error output when it
+/// failed.
+pub fn python(script: &str, path: &std::path::Path) -> Result<String, String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .output()
+        .expect("python3");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
