@@ -715,13 +715,7 @@ fn a_connection_shed_as_its_request_arrives_is_closed_without_an_answer() {
         extra: "[limits]\nmax_connections_per_core = 1\n".into(),
         ..Default::default()
     });
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &w.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
+    let signal = |sig: &str| w.signal(sig);
     for round in 0..5 {
         let mut old = None;
         eventually("a silent connection is admitted", || {
@@ -784,11 +778,7 @@ fn drain_still_serves_a_connection_waiting_for_its_first_request() {
     eventually("both waiting", || {
         metric(&w, "appproxy_connections_active") == 3
     });
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &w.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    w.signal("-TERM");
     assert!(
         kept.is_closed(),
         "the kept-alive connection is closed at once"

@@ -558,13 +558,7 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     common::eventually("the stream's handling is over", || {
         metric(&w, "appproxy_http2_streams_active") == 0
     });
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &w.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
+    let signal = |sig: &str| w.signal(sig);
     signal("-STOP");
     let mut c = common::Client::connect(w.addr());
     s.write_all(&frame(

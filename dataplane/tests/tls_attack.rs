@@ -205,6 +205,20 @@ fn a_client_that_never_reads_is_cut_with_bounded_memory() {
     settled(&w, &pki, fds);
 }
 
+/// Makes a TLS connection busy with a request: an event stream whose first event
+/// came, the rest held back by the app until `up.open_gate()`.
+fn hold_busy(s: &mut BufReader<tls_support::TlsStream>) {
+    s.get_mut()
+        .write_all(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    s.get_mut().flush().expect("flush");
+    let mut line = String::new();
+    while !line.contains("data: first") {
+        line.clear();
+        assert!(s.read_line(&mut line).expect("event") > 0, "stream ended");
+    }
+}
+
 #[test]
 fn at_the_connection_cap_tls_clients_are_closed_without_plaintext() {
     let pki = Pki::new();
@@ -221,15 +235,7 @@ fn at_the_connection_cap_tls_clients_are_closed_without_plaintext() {
     let held: Vec<_> = (0..2)
         .map(|_| {
             let mut s = BufReader::new(connect(w.addr(), &config, "localhost").expect("tls"));
-            s.get_mut()
-                .write_all(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                .expect("send");
-            s.get_mut().flush().expect("flush");
-            let mut line = String::new();
-            while !line.contains("data: first") {
-                line.clear();
-                assert!(s.read_line(&mut line).expect("event") > 0, "stream ended");
-            }
+            hold_busy(&mut s);
             s
         })
         .collect();
@@ -288,15 +294,7 @@ fn at_the_cap_a_tls_connection_that_never_sent_a_byte_makes_room() {
     silent[1]
         .write_all(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")
         .expect("a ClientHello's first bytes");
-    s.get_mut()
-        .write_all(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .expect("send");
-    s.get_mut().flush().expect("flush");
-    let mut line = String::new();
-    while !line.contains("data: first") {
-        line.clear();
-        assert!(s.read_line(&mut line).expect("event") > 0, "stream ended");
-    }
+    hold_busy(&mut s);
     let mut refused = TcpStream::connect(w.addr()).expect("connect");
     let got = read_until_closed(&mut refused);
     assert!(got.is_empty());

@@ -531,12 +531,16 @@ route_info = [{routes}]
         let path = self.dir.path().join("worker.toml");
         let text = std::fs::read_to_string(&path).expect("config");
         std::fs::write(&path, edit(text)).expect("write config");
+        self.signal("-HUP");
+    }
+
+    /// Sends the worker a signal (`kill SIG PID`: "-HUP", "-STOP", "-CONT", "-TERM").
+    pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
-            .arg("-HUP")
-            .arg(self.pid().to_string())
+            .args([sig, &self.pid().to_string()])
             .status()
             .expect("kill");
-        assert!(status.success());
+        assert!(status.success(), "kill {sig}");
     }
 
     /// Waits (bounded) until `pred` holds for some log line.
