@@ -194,7 +194,26 @@ fn the_protocol_the_101_names_decides_the_tunnel() {
 /// tunnel never inspected). An app that switches anyway gets a 502.
 #[test]
 fn an_upgrade_offered_with_a_body_is_ignored() {
-    let (app, got) = scripted_app(|_, s| {
+    // The app reads the body before it switches, so the body is on record by the
+    // time the client has its answer.
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let on_record = bodies.clone();
+    let (app, got) = scripted_app(move |head, s| {
+        let lower = head.to_ascii_lowercase();
+        let end: &[u8] = if lower.contains("transfer-encoding: chunked\r\n") {
+            b"0\r\n\r\n"
+        } else if lower.contains("content-length: 4\r\n") {
+            b"\x01\x02hi"
+        } else {
+            b""
+        };
+        let (mut body, mut byte) = (Vec::new(), [0u8; 1]);
+        while !body.ends_with(end) && s.read_exact(&mut byte).is_ok() {
+            body.push(byte[0]);
+        }
+        if !end.is_empty() {
+            on_record.lock().expect("bodies").push(body);
+        }
         let _ = s.write_all(SWITCH_TO_WS);
     });
     let w = worker(app, "");
@@ -212,8 +231,9 @@ fn an_upgrade_offered_with_a_body_is_ignored() {
         assert_eq!(r.json()["code"], "upstream_invalid_response", "{framing:?}");
     }
     let seen = got.lock().expect("received").clone();
-    assert_eq!(seen.len(), 2);
-    for (head, body) in &seen {
+    let bodies = bodies.lock().expect("bodies").clone();
+    assert_eq!((seen.len(), bodies.len()), (2, 2));
+    for ((head, _), body) in seen.iter().zip(&bodies) {
         let lower = head.to_ascii_lowercase();
         assert!(!lower.contains("upgrade"), "a plain request: {head}");
         assert!(
