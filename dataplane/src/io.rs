@@ -726,6 +726,11 @@ impl TcpConn {
         self.reg.set_reusable(reusable, idle);
     }
 
+    /// Whether the deadline passed (the next wait fails with `TimedOut`).
+    pub fn timed_out(&self) -> bool {
+        self.reg.timed_out()
+    }
+
     /// Whether the connection was closed to admit a new one at the connection cap
     /// while it had nothing in hand: its task closes it, even if bytes of a request
     /// came in meanwhile (as nginx does with a reusable connection it reclaims).

@@ -66,6 +66,17 @@ fn read_to_close(s: &mut TcpStream) -> (Option<u32>, Vec<Frame>) {
     (goaway, frames)
 }
 
+/// The last `GOAWAY`'s last-stream ID and error code, if one came.
+fn last_goaway(frames: &[Frame]) -> Option<(u32, u32)> {
+    frames.iter().rev().find_map(|f| match (f.0, &f.3[..]) {
+        (GOAWAY, [a, b, c, d, e0, e1, e2, e3, ..]) => Some((
+            u32::from_be_bytes([*a, *b, *c, *d]) & 0x7fff_ffff,
+            u32::from_be_bytes([*e0, *e1, *e2, *e3]),
+        )),
+        _ => None,
+    })
+}
+
 /// Whether the worker closed the connection (end of stream or reset seen on read).
 fn closed_by_worker(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(20)))
@@ -409,6 +420,42 @@ fn a_connection_that_sends_only_the_preface_is_cut_at_the_head_timeout() {
     settles(&w, rest);
 }
 
+/// An HTTP/2 connection closed while idle gets `GOAWAY(NO_ERROR)` naming the last
+/// stream it took, then the close (RFC 9113 §9.1): after a stream, at the keep-alive
+/// timeout; before any, at the head timeout. Its descriptor is released.
+#[test]
+fn an_idle_http2_connection_gets_goaway_before_the_close() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nkeepalive_secs = 1\nhead_secs = 1\n");
+    let rest = common::resting_fds(&w);
+    let mut s = open(&w);
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &request_block("/first"),
+    ))
+    .expect("request");
+    let (_, frames) = read_to_close(&mut s);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    let answered = frames
+        .iter()
+        .position(|f| f.2 == 1 && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0);
+    let goaway = frames.iter().position(|f| f.0 == GOAWAY);
+    assert!(
+        matches!((answered, goaway), (Some(a), Some(g)) if a < g),
+        "the stream answered, then GOAWAY: {kinds:?}"
+    );
+    assert_eq!(last_goaway(&frames), Some((1, 0)), "{kinds:?}");
+    // Before its first stream: the head timeout, and no stream taken.
+    let mut quiet = open(&w);
+    let (_, frames) = read_to_close(&mut quiet);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(last_goaway(&frames), Some((0, 0)), "{kinds:?}");
+    drop((s, quiet));
+    settles(&w, rest);
+}
+
 /// Not an attack, but the same raw frames: on SIGTERM a busy HTTP/2 connection gets
 /// `GOAWAY(NO_ERROR)`, and the stream in flight still gets its whole answer.
 #[test]
@@ -540,8 +587,8 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
 /// At the connection cap an HTTP/2 connection without streams is closed to admit a
 /// new one, even when a stream reaches it in the turn it is shed (the worker is
 /// stopped with `SIGSTOP` while both arrive): the connection closes — that stream
-/// unanswered, as an HTTP/1 request arriving then is — and the core is back within
-/// its cap instead of serving on over it.
+/// unanswered, as an HTTP/1 request arriving then is, and named unprocessed by the
+/// `GOAWAY` — and the core is back within its cap instead of serving on over it.
 #[test]
 fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     let up = Upstream::start();
@@ -571,13 +618,17 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     signal("-CONT");
     assert_eq!(c.get("/new", "").status, 200, "admitted at the cap");
     let (_, frames) = read_to_close(&mut s);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
     assert!(
         !frames.iter().any(|f| f.2 == 3),
-        "the shed connection served a stream: {:?}",
-        frames.iter().map(|f| (f.0, f.1, f.2)).collect::<Vec<_>>()
+        "the shed connection served a stream: {kinds:?}"
     );
-    common::eventually("the core is back within its cap", || {
-        metric(&w, "appproxy_connections_active") == 1
+    // The client learns that stream 3 was not processed: it may retry it.
+    assert_eq!(last_goaway(&frames), Some((1, 0)), "{kinds:?}");
+    // Metrics are published at the core's tick: one snapshot with the shed counted
+    // shows 2 connections until the shed one is gone.
+    common::eventually("the shed counted, and the core back within its cap", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+            && metric(&w, "appproxy_connections_active") == 1
     });
-    assert_eq!(metric(&w, "appproxy_connections_shed_total"), 1);
 }

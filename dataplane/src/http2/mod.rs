@@ -6,7 +6,8 @@
 //! This module owns the connection: the `h2` server with the `[http2]` bounds, the
 //! connection's deadlines (head timeout until the first stream, keep-alive timeout
 //! while no stream is open, none while streams run: each stream times its own
-//! waits), drain (`GOAWAY`), and the connection's log line naming its streams.
+//! waits), `GOAWAY` on drain and on every close while idle, and the connection's
+//! log line naming its streams.
 
 pub mod bridge;
 pub mod io;
@@ -38,6 +39,10 @@ const LOGGED_IDS: usize = 16;
 /// How long a draining connection whose streams are all done has to flush its last
 /// frames (`GOAWAY`, the final responses) and close: its I/O waits time out after it.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a connection closed while idle (its keep-alive or head timeout passed,
+/// or the connection cap shed it) has to flush its `GOAWAY` before it is cut.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What the streams of one client connection share.
 pub struct ConnCtx {
@@ -163,6 +168,7 @@ pub async fn serve(
     let mut end: Option<String> = None;
     let mut going_away = false;
     let mut cut = false;
+    let mut closing_idle = false;
     // Streams whose handling may run at once: the protocol's cap, with slack for
     // tasks finishing just after their stream closed.
     let in_flight_cap = cfg.max_concurrent_streams as usize + 16;
@@ -170,6 +176,19 @@ pub async fn serve(
         // Checked on every poll of the connection (any frame, any stream's progress),
         // so a drain reaches busy connections at once.
         let next = std::future::poll_fn(|cx| {
+            if !closing_idle && ctx.active.get() == 0 && (conn.timed_out() || conn.was_shed()) {
+                // Closed while idle (keep-alive or head timeout, drain, or shed at
+                // the connection cap): a GOAWAY naming the last stream taken comes
+                // first (RFC 9113 §9.1), so the client knows a stream it opened just
+                // now was not processed and may be retried. Streams opened after it
+                // are ignored; the connection closes once it is flushed, within
+                // [`IDLE_CLOSE_GRACE`].
+                closing_idle = true;
+                going_away = true;
+                conn.set_reusable(false, false);
+                conn.set_timeout(IDLE_CLOSE_GRACE);
+                h2c.abrupt_shutdown(h2::Reason::NO_ERROR);
+            }
             if !cut && ctx.resets_too_many() {
                 cut = true;
                 core.metrics.add(counter::H2_ABUSE, 1);
