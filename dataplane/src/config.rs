@@ -89,6 +89,10 @@ pub struct WorkerSection {
     pub wildcard_traffic_port: Option<u16>,
     /// Peers (CIDRs) whose `X-Forwarded-*` headers are trusted.
     pub trusted_proxies: Vec<String>,
+    /// Every connection to a frontend (not the `/setup` API port) starts with a
+    /// PROXY protocol header (v1 or v2) naming the client: a TCP load balancer in
+    /// front. Only `trusted_proxies` may connect; anything else is closed unserved.
+    pub proxy_protocol: bool,
     /// Origins (`https://console.example.com`, exact) whose pages may send requests
     /// with the permit cookie to any interactive circuit, besides the circuit's own
     /// origin (the cross-origin guard, docs/dataplane.md "Access control").
@@ -137,6 +141,7 @@ impl Default for WorkerSection {
             wildcard_domain: None,
             wildcard_traffic_port: None,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             allowed_origins: Vec::new(),
             request_id_version: IdVersion::V4,
             backlog: 1024,
@@ -796,6 +801,9 @@ pub struct Runtime {
     pub io_memory: usize,
     /// Trusted proxy networks.
     pub trusted_proxies: Vec<IpNet>,
+    /// Frontend connections start with a PROXY protocol header (from trusted
+    /// proxies only).
+    pub proxy_protocol: bool,
     /// Origins admitted by the cross-origin guard besides each circuit's own.
     pub allowed_origins: Vec<crate::auth::Origin>,
     /// UUID version of generated IDs.
@@ -1192,6 +1200,11 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if self.worker.proxy_protocol && trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[worker] proxy_protocol takes headers only from [worker] trusted_proxies: list the load balancer's addresses there".into(),
+            ));
+        }
         let allowed_origins = self
             .worker
             .allowed_origins
@@ -1255,6 +1268,7 @@ impl Config {
                 .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,
+            proxy_protocol: self.worker.proxy_protocol,
             allowed_origins,
             id_version: self.worker.request_id_version,
             access_log: self.logging.access_log,
@@ -1424,6 +1438,7 @@ mod tests {
             ("[worker]\nnope = 1\n", "unknown field"),
             ("[timeouts]\nhead_secs = 0\n", "head_secs"),
             ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
+            ("[worker]\nproxy_protocol = true\n", "trusted_proxies"),
             (
                 "[worker]\nallowed_origins = [\"https://console.example.com/\"]\n",
                 "[worker] allowed_origins: \"https://console.example.com/\" is not an origin",

@@ -221,6 +221,11 @@ impl TcpConn {
         }));
     }
 
+    /// The socket itself (a refusal's one best-effort write at accept).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Whether the connection speaks TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
@@ -526,6 +531,50 @@ impl TcpConn {
                 }
                 r => return Poll::Ready(r),
             }
+        }
+    }
+
+    /// Waits for bytes and copies what the socket holds without taking it
+    /// (`MSG_PEEK`; raw bytes, before any TLS): `Ok(0)` is end of stream. A short
+    /// peek clears the ready flag, so the next one waits for more bytes.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| loop {
+            if self.reg.is_ready(Direction::Read) {
+                match rustix::net::recv(&self.stream, &mut *buf, rustix::net::RecvFlags::PEEK) {
+                    Ok((n, _)) => {
+                        if n > 0 && n < buf.len() {
+                            self.reg.clear_ready(Direction::Read);
+                        }
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(rustix::io::Errno::AGAIN) => self.reg.clear_ready(Direction::Read),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Poll::Ready(Err(e.into())),
+                }
+            }
+            ready!(self
+                .reg
+                .poll_ready(cx, Direction::Read, self.stream.as_fd()))?;
+        })
+        .await
+    }
+
+    /// Takes `buf.len()` bytes that a [`TcpConn::peek`] saw off the socket; what
+    /// follows them is read next, as if they had never been there.
+    pub fn take_peeked(&self, buf: &mut [u8]) -> io::Result<()> {
+        let n = loop {
+            match sys_recv(&self.stream, buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
+        self.reg.mark_ready(Direction::Read);
+        if n == buf.len() {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "the socket held fewer bytes than it showed",
+            ))
         }
     }
 

@@ -20,6 +20,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod preflight;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reactor;
 pub mod relay;
 pub mod tcp;

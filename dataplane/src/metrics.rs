@@ -55,6 +55,8 @@ pub enum Counter {
     ConnShed,
     /// Connections closed at accept: their client address was at its cap.
     ConnRefusedPerClient,
+    /// Connections closed without a valid PROXY protocol header.
+    ProxyProtocolRefused,
     /// Failed accepts (out of descriptors or memory).
     AcceptErrors,
     /// Upstream connects that failed for a local reason.
@@ -119,6 +121,7 @@ impl Counter {
         Counter::ConnRefused,
         Counter::ConnShed,
         Counter::ConnRefusedPerClient,
+        Counter::ProxyProtocolRefused,
         Counter::AcceptErrors,
         Counter::LocalErrors,
         Counter::UpstreamLimit,
@@ -157,6 +160,7 @@ impl Counter {
             Counter::BytesOut => spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
             Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
             Counter::ConnRefusedPerClient => spec("appproxy_connections_refused_per_client_total", Kind::Counter, "Connections closed at accept because their client address was at [limits] max_connections_per_client."),
+            Counter::ProxyProtocolRefused => spec("appproxy_proxy_protocol_refused_total", Kind::Counter, "Connections closed unserved with [worker] proxy_protocol on: not from a trusted proxy, or no valid PROXY header within the head timeout."),
             Counter::ConnShed => spec("appproxy_connections_shed_total", Kind::Counter, "Connections with nothing in hand (waiting for a request, or lingering) closed to admit a new one at [limits] max_connections_per_core."),
             Counter::ConnRefused => spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
             Counter::AcceptErrors => spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
@@ -259,6 +263,8 @@ pub mod counter {
     pub const CONN_SHED: usize = Counter::ConnShed as usize;
     /// Connections closed at accept because their client address was at its cap.
     pub const CONN_REFUSED_PER_CLIENT: usize = Counter::ConnRefusedPerClient as usize;
+    /// Connections closed without a valid PROXY protocol header.
+    pub const PROXY_PROTOCOL_REFUSED: usize = Counter::ProxyProtocolRefused as usize;
     /// Failed accepts (out of descriptors or memory).
     pub const ACCEPT_ERRORS: usize = Counter::AcceptErrors as usize;
     /// Upstream connects that failed for a local reason.

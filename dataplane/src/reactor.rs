@@ -711,6 +711,16 @@ impl Registration {
         })
     }
 
+    /// Records that the descriptor may be ready in `dir` again (the next operation
+    /// tries the syscall): after bytes seen by a peek were taken, the rest may
+    /// already be there, and no new edge would announce it.
+    pub fn mark_ready(&self, dir: Direction) {
+        self.with(|s| match dir {
+            Direction::Read => s.readable = true,
+            Direction::Write => s.writable = true,
+        })
+    }
+
     /// Records that an operation in `dir` would block (got `EAGAIN` or a short count).
     /// Once the peer closed that side, nothing blocks any more and the flag stays.
     pub fn clear_ready(&self, dir: Direction) {

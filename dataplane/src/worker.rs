@@ -601,30 +601,45 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                     } else {
                         Kind::Http
                     };
-                    match &core.rt.tls {
-                        None => {
-                            // Boxed here, once: the connection future is several KiB,
-                            // and spawning it unboxed copied it at every wrapper.
-                            spawn(Box::pin(serve(core.clone(), conn, peer, port, kind))).detach();
-                        }
-                        Some(tls) => match if kind == Kind::Http && core.rt.http2.enabled {
+                    let proxied = core.speaks_proxy_protocol(port);
+                    if let Some(tls) = &core.rt.tls {
+                        match if kind == Kind::Http && core.rt.http2.enabled {
                             tls.session_h2()
                         } else {
                             tls.session(kind == Kind::Tcp)
                         } {
-                            Ok(session) => {
-                                conn.start_tls(session);
-                                let core = core.clone();
-                                spawn(Box::pin(async move {
-                                    if crate::tls::handshake(&core, &conn, peer).await {
-                                        serve(core, conn, peer, port, kind).await;
-                                    }
-                                }))
-                                .detach();
+                            Ok(session) => conn.start_tls(session),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot start a TLS session");
+                                continue;
                             }
-                            Err(e) => tracing::warn!(error = %e, "cannot start a TLS session"),
-                        },
+                        }
                     }
+                    if !proxied && !conn.is_tls() {
+                        // Boxed here, once: the connection future is several KiB,
+                        // and spawning it unboxed copied it at every wrapper.
+                        spawn(Box::pin(serve(core.clone(), conn, peer, port, kind))).detach();
+                        continue;
+                    }
+                    let core = core.clone();
+                    spawn(Box::pin(async move {
+                        // The PROXY protocol header comes before everything, TLS
+                        // included; the client it names is the peer from then on.
+                        let peer = if proxied {
+                            match crate::proxy_protocol::accept(&core, &mut conn, port, peer).await
+                            {
+                                Some(client) => client,
+                                None => return,
+                            }
+                        } else {
+                            peer
+                        };
+                        if conn.is_tls() && !crate::tls::handshake(&core, &conn, peer).await {
+                            return;
+                        }
+                        serve(core, conn, peer, port, kind).await;
+                    }))
+                    .detach();
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "cannot register an accepted connection")

@@ -84,3 +84,42 @@ fn tcp_allowlist_refuses_other_peers() {
         v["message"] == "tcp peer not in the circuit's allowlist: closed"
     });
 }
+
+/// Behind a TCP balancer sending the PROXY protocol, the allowlist is checked against
+/// the client the header names; the app gets the bytes after the header, not the
+/// header.
+#[test]
+fn tcp_allowlist_checks_the_client_a_proxy_protocol_header_names() {
+    let app = echo_then_bye();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n".into(),
+        circuit_extra: "protocol = \"tcp\"\nallowed_client_ips = \"10.0.0.0/8\"".into(),
+        ..Default::default()
+    });
+    // A client inside the allowlist: relayed, the header left out.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"PROXY TCP4 10.1.2.3 127.0.0.1 5000 22\r\nSSH-2.0-raw")
+        .expect("send");
+    let mut got = [0u8; 11];
+    s.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"SSH-2.0-raw");
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("rest");
+    assert_eq!(rest, b"bye");
+    // A client outside it, from the same balancer: refused.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 5000 22\r\nhello");
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a refused client gets nothing and is closed");
+    let line = w.wait_log("refusal line", |v| {
+        v["message"] == "tcp peer not in the circuit's allowlist: closed"
+    });
+    assert_eq!(line[0]["peer"], "192.0.2.1");
+}

@@ -81,6 +81,40 @@ fn https_requests_over_tls12_and_tls13_with_alpn() {
     assert!(metric(&w, "appproxy_tls_handshakes_in_progress") == 0);
 }
 
+/// `[worker] proxy_protocol` with TLS: the balancer's header comes before the
+/// ClientHello, here in the same segment; the handshake reads on from the byte
+/// after it, and the app is told of the client the header names.
+#[test]
+fn the_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = tls_worker(
+        &pki,
+        &up,
+        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    );
+    let tcp = std::net::TcpStream::connect(w.addr()).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(pki.default_client(), name).expect("client");
+    let mut first = b"PROXY TCP4 203.0.113.5 127.0.0.1 50000 443\r\n".to_vec();
+    conn.write_tls(&mut first).expect("ClientHello");
+    (&tcp).write_all(&first).expect("header and ClientHello");
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake");
+    }
+    let mut s = BufReader::new(s);
+    let r = get(&mut s, "/behind-a-balancer", "");
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let seen = up.last();
+    assert_eq!(seen.path, "/behind-a-balancer");
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.5"));
+    // Without the header, the ClientHello is not a header: closed, unanswered.
+    assert!(connect(w.addr(), &pki.default_client(), "localhost").is_err());
+}
+
 #[test]
 fn curl_over_https_with_the_test_ca() {
     let pki = Pki::new();

@@ -34,6 +34,8 @@ pub struct ConnGate {
     per_client: RefCell<HashMap<ClientKey, Rc<Cell<usize>>>>,
     /// Connections refused for their client address since the last log line.
     client_refusals: Cell<u64>,
+    /// Connections refused for their PROXY protocol header since the last log line.
+    proxy_protocol_refusals: Cell<u64>,
     /// Connections with nothing in hand closed to admit new ones since the cap was
     /// last left.
     shed_in_burst: Cell<u64>,
@@ -81,6 +83,7 @@ impl ConnGate {
             shed_in_burst: Cell::new(0),
             per_client: RefCell::new(HashMap::new()),
             client_refusals: Cell::new(0),
+            proxy_protocol_refusals: Cell::new(0),
             failed_in_burst: Cell::new(0),
             local_in_burst: Cell::new(0),
         }
@@ -130,22 +133,15 @@ impl Core {
         port: u16,
         peer: SocketAddr,
     ) -> Option<std::io::Result<TcpConn>> {
+        if self.speaks_proxy_protocol(port) && !self.is_trusted(peer.ip()) {
+            // Anyone else could name any client address.
+            self.refuse_proxy_protocol(port, peer, &"the peer is not in [worker] trusted_proxies");
+            return None;
+        }
         let per_client = match self.client_admission(peer.ip()) {
             Ok(guard) => guard,
             Err(()) => {
-                self.metrics.add(counter::CONN_REFUSED_PER_CLIENT, 1);
-                let n = self.conns.client_refusals.get() + 1;
-                self.conns.client_refusals.set(n % 1024);
-                if n == 1 {
-                    tracing::warn!(
-                        core = self.cpu,
-                        port,
-                        client = %peer.ip(),
-                        limit = self.rt.max_connections_per_client,
-                        "a client address is at its connection limit: refusing its new connections ([limits] max_connections_per_client; logged once per 1024 refusals)"
-                    );
-                }
-                self.answer_at_accept(&stream, port, ProxyError::ClientConnectionLimit);
+                self.refuse_client(&stream, port, peer.ip());
                 return None;
             }
         };
@@ -159,11 +155,74 @@ impl Core {
         }))
     }
 
+    /// Whether connections to `port` start with a PROXY protocol header (`[worker]
+    /// proxy_protocol`: every frontend, not the `/setup` API port).
+    pub fn speaks_proxy_protocol(&self, port: u16) -> bool {
+        self.rt.proxy_protocol && Some(port) != self.rt.api_port
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.rt.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+
+    /// Admits the client a PROXY protocol header named on `conn` (accepted from a
+    /// trusted proxy, so not counted yet) under `[limits]
+    /// max_connections_per_client`; `false`: refused as [`Core::admit`] refuses,
+    /// and the connection is to be closed.
+    pub fn admit_proxied_client(&self, conn: &mut TcpConn, port: u16, client: IpAddr) -> bool {
+        match self.client_admission(client) {
+            Ok(Some(guard)) => {
+                conn.count_also_in(guard);
+                true
+            }
+            Ok(None) => true,
+            Err(()) => {
+                self.refuse_client(conn.socket(), port, client);
+                false
+            }
+        }
+    }
+
+    /// Counts, logs (once per 1024) and answers a connection whose client address
+    /// is at `[limits] max_connections_per_client`.
+    fn refuse_client(&self, stream: &std::net::TcpStream, port: u16, client: IpAddr) {
+        self.metrics.add(counter::CONN_REFUSED_PER_CLIENT, 1);
+        let n = self.conns.client_refusals.get() + 1;
+        self.conns.client_refusals.set(n % 1024);
+        if n == 1 {
+            tracing::warn!(
+                core = self.cpu,
+                port,
+                client = %client,
+                limit = self.rt.max_connections_per_client,
+                "a client address is at its connection limit: refusing its new connections ([limits] max_connections_per_client; logged once per 1024 refusals)"
+            );
+        }
+        self.answer_at_accept(stream, port, ProxyError::ClientConnectionLimit);
+    }
+
+    /// Counts and logs (once per 1024) a connection closed unserved for its PROXY
+    /// protocol header: `why` says what was wrong.
+    pub fn refuse_proxy_protocol(&self, port: u16, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        self.metrics.add(counter::PROXY_PROTOCOL_REFUSED, 1);
+        let n = self.conns.proxy_protocol_refusals.get() + 1;
+        self.conns.proxy_protocol_refusals.set(n % 1024);
+        if n == 1 {
+            tracing::warn!(
+                core = self.cpu,
+                port,
+                peer = %peer,
+                reason = %why,
+                "connection closed without a valid PROXY protocol header ([worker] proxy_protocol; logged once per 1024)"
+            );
+        }
+    }
+
     /// A unit of the count of `ip`'s connections (`None` when the limit is off or
     /// the peer is a trusted proxy), or `Err` when the address is at its limit.
     fn client_admission(&self, ip: IpAddr) -> Result<Option<CountGuard>, ()> {
         let limit = self.rt.max_connections_per_client;
-        if limit == 0 || self.rt.trusted_proxies.iter().any(|n| n.contains(ip)) {
+        if limit == 0 || self.is_trusted(ip) {
             return Ok(None);
         }
         let gate = &self.conns;

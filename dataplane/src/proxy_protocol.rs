@@ -1,0 +1,412 @@
+//! The PROXY protocol (HAProxy's, versions 1 and 2) on the worker's frontends: a TCP
+//! load balancer in front of the worker (AWS NLB, HAProxy in `mode tcp`, …) opens
+//! each connection with a header naming the client it relays, so the worker's client
+//! address — `X-Forwarded-For`, the access log, `[limits] max_connections_per_client`
+//! — is the client's, not the balancer's.
+//!
+//! This module owns the header: [`parse`], a pure parser (bytes in, typed result
+//! out), and [`read`], which takes exactly the header's bytes off the socket (it
+//! peeks first, so TLS or HTTP after it reads from the socket as if the header had
+//! never been there). Only `[worker] trusted_proxies` may send one: with
+//! `[worker] proxy_protocol` on, a connection from any other address, or one whose
+//! header is malformed or not complete within the head timeout, is closed unserved.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::core::Core;
+use crate::io::TcpConn;
+
+/// The longest version 1 header, `\r\n` included (the specification's bound).
+const V1_MAX: usize = 107;
+
+/// The version 2 signature.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\x00\r\nQUIT\n";
+
+/// The longest version 2 header accepted: its 16 fixed bytes, the addresses and
+/// type-length-value extensions (a balancer's TLS facts, an endpoint ID). The
+/// protocol allows 64 KiB; no balancer sends close to this.
+pub const V2_MAX: usize = 16 + 2048;
+
+/// What a complete header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Its length in bytes: what is taken off the socket.
+    pub len: usize,
+    /// The client's address and port, when the header names one. `None`: the
+    /// balancer's own connection (v2 `LOCAL` or v1 `UNKNOWN`, a health check); the
+    /// socket's peer stands.
+    pub source: Option<SocketAddr>,
+}
+
+/// The result of [`parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// A complete, valid header.
+    Done(Header),
+    /// Valid so far: more bytes are needed.
+    Incomplete,
+    /// Not a valid header (why, never echoing the peer's bytes).
+    Invalid(&'static str),
+}
+
+/// Parses the header at the start of `buf` (either version).
+pub fn parse(buf: &[u8]) -> Parsed {
+    let n = buf.len().min(V2_SIGNATURE.len());
+    if buf[..n] == V2_SIGNATURE[..n] {
+        return if n < V2_SIGNATURE.len() {
+            Parsed::Incomplete
+        } else {
+            parse_v2(buf)
+        };
+    }
+    let n = buf.len().min(6);
+    if buf[..n] == b"PROXY "[..n] {
+        return if n < 6 {
+            Parsed::Incomplete
+        } else {
+            parse_v1(buf)
+        };
+    }
+    Parsed::Invalid("the connection does not start with a PROXY protocol header")
+}
+
+/// `PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\r\n` or `PROXY UNKNOWN …\r\n`.
+fn parse_v1(buf: &[u8]) -> Parsed {
+    let window = &buf[..buf.len().min(V1_MAX)];
+    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
+        // A bare LF, or a CR followed by anything but LF, can never end well.
+        let stray = window
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' || (b == b'\r' && i + 1 < window.len()));
+        return if stray || buf.len() >= V1_MAX {
+            Parsed::Invalid("PROXY v1 header without CRLF within 107 bytes")
+        } else {
+            Parsed::Incomplete
+        };
+    };
+    let len = end + 2;
+    let Ok(line) = std::str::from_utf8(&buf[6..end]) else {
+        return Parsed::Invalid("PROXY v1 header is not ASCII");
+    };
+    if line == "UNKNOWN" || line.starts_with("UNKNOWN ") {
+        // The balancer could not say (its own connection): the rest is ignored.
+        return Parsed::Done(Header { len, source: None });
+    }
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [proto, src, dst, sport, dport] = fields[..] else {
+        return Parsed::Invalid("PROXY v1 header needs five fields, single spaces");
+    };
+    let (Some(sport), Some(_)) = (port(sport), port(dport)) else {
+        return Parsed::Invalid("PROXY v1 header has a malformed port");
+    };
+    let ok = match proto {
+        "TCP4" => src.parse::<Ipv4Addr>().is_ok() && dst.parse::<Ipv4Addr>().is_ok(),
+        "TCP6" => src.parse::<Ipv6Addr>().is_ok() && dst.parse::<Ipv6Addr>().is_ok(),
+        _ => return Parsed::Invalid("PROXY v1 header with an unknown protocol"),
+    };
+    match src.parse::<IpAddr>() {
+        Ok(ip) if ok => Parsed::Done(Header {
+            len,
+            source: Some(SocketAddr::new(ip, sport)),
+        }),
+        _ => Parsed::Invalid("PROXY v1 header with a malformed address"),
+    }
+}
+
+/// A decimal port, 0-65535, without sign or leading zeros.
+fn port(s: &str) -> Option<u16> {
+    let digits = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The binary header: signature, version and command, family, length, addresses.
+fn parse_v2(buf: &[u8]) -> Parsed {
+    if buf.len() < 16 {
+        return Parsed::Incomplete;
+    }
+    let (ver_cmd, family) = (buf[12], buf[13]);
+    let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    if ver_cmd >> 4 != 2 {
+        return Parsed::Invalid("PROXY v2 header with an unknown version");
+    }
+    if len > V2_MAX {
+        return Parsed::Invalid("PROXY v2 header longer than the worker accepts");
+    }
+    let command = ver_cmd & 0x0f;
+    if command > 1 {
+        return Parsed::Invalid("PROXY v2 header with an unknown command");
+    }
+    if buf.len() < len {
+        return Parsed::Incomplete;
+    }
+    let body = &buf[16..len];
+    if command == 0 {
+        // LOCAL: the balancer's own connection (a health check).
+        return Parsed::Done(Header { len, source: None });
+    }
+    let source = match family {
+        // TCP over IPv4: source, destination, source port, destination port.
+        0x11 if body.len() >= 12 => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(body[0], body[1], body[2], body[3])),
+            u16::from_be_bytes([body[8], body[9]]),
+        )),
+        0x21 if body.len() >= 36 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&body[..16]);
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(ip)),
+                u16::from_be_bytes([body[32], body[33]]),
+            ))
+        }
+        0x11 | 0x21 => return Parsed::Invalid("PROXY v2 header too short for its addresses"),
+        // UNSPEC, UDP, UNIX: the specification lets the receiver use the socket's
+        // own addresses, but that would pass a relayed client off as the trusted
+        // balancer (its forwarding headers believed): refused instead.
+        _ => {
+            return Parsed::Invalid(
+                "PROXY v2 header relaying a client that is not TCP over IPv4 or IPv6",
+            )
+        }
+    };
+    Parsed::Done(Header { len, source })
+}
+
+/// Why a connection's header was not taken.
+#[derive(Debug)]
+pub enum Error {
+    /// Not a valid header.
+    Invalid(&'static str),
+    /// The peer closed, or the socket failed (the head timeout included).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(why) => f.write_str(why),
+            Self::Io(e) if e.kind() == io::ErrorKind::TimedOut => {
+                f.write_str("no complete PROXY protocol header within the head timeout")
+            }
+            Self::Io(e) => write!(f, "reading the PROXY protocol header: {e}"),
+        }
+    }
+}
+
+/// Takes the header of a connection to `port` accepted from the trusted proxy `peer`
+/// (within the head timeout) and admits the client it names under `[limits]
+/// max_connections_per_client`: that client's address, or `None` when the connection
+/// is to be closed unserved (counted and logged; shed at the cap while waiting).
+pub async fn accept(
+    core: &Core,
+    conn: &mut TcpConn,
+    port: u16,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
+    conn.set_timeout(core.rt.head_timeout);
+    // Nothing in hand yet: at the connection cap it may be closed for a new one.
+    conn.set_reusable(true, false);
+    let header = read(conn).await;
+    conn.set_reusable(false, false);
+    conn.set_deadline(None);
+    if conn.was_shed() {
+        return None;
+    }
+    let client = match header {
+        Ok(source) => source.unwrap_or(peer),
+        Err(e) => {
+            core.refuse_proxy_protocol(port, peer, &e);
+            return None;
+        }
+    };
+    core.admit_proxied_client(conn, port, client.ip())
+        .then_some(client)
+}
+
+/// Reads the header at the start of `conn` (its deadline bounds the wait) and takes
+/// exactly its bytes off the socket: the client address it names, if any.
+pub async fn read(conn: &TcpConn) -> Result<Option<SocketAddr>, Error> {
+    let mut buf = vec![0u8; V2_MAX];
+    loop {
+        let n = conn.peek(&mut buf).await.map_err(Error::Io)?;
+        if n == 0 {
+            return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        match parse(&buf[..n]) {
+            Parsed::Done(h) => {
+                conn.take_peeked(&mut buf[..h.len]).map_err(Error::Io)?;
+                return Ok(h.source);
+            }
+            Parsed::Invalid(why) => return Err(Error::Invalid(why)),
+            // The peek was short, so the next one waits for more bytes (the
+            // parser's bounds refuse a header before it could fill the buffer).
+            Parsed::Incomplete => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2(ver_cmd: u8, family: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = V2_SIGNATURE.to_vec();
+        b.extend([ver_cmd, family]);
+        b.extend((body.len() as u16).to_be_bytes());
+        b.extend(body);
+        b
+    }
+
+    fn done(len: usize, source: Option<&str>) -> Parsed {
+        Parsed::Done(Header {
+            len,
+            source: source.map(|s| s.parse().expect("address")),
+        })
+    }
+
+    #[test]
+    fn version_1_headers_parse_strictly() {
+        let cases: &[(&[u8], Parsed)] = &[
+            (
+                b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\r\nGET / HTTP/1.1\r\n",
+                done(45, Some("192.0.2.7:56324")),
+            ),
+            (
+                b"PROXY TCP6 2001:db8::7 2001:db8::1 65535 443\r\n",
+                done(46, Some("[2001:db8::7]:65535")),
+            ),
+            (b"PROXY UNKNOWN\r\n", done(15, None)),
+            (
+                b"PROXY UNKNOWN ffff:f...f:ffff 65535 65535\r\n",
+                done(43, None),
+            ),
+            (
+                b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 44",
+                Parsed::Incomplete,
+            ),
+            (b"PROX", Parsed::Incomplete),
+            (b"", Parsed::Incomplete),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse(input), *want, "{:?}", String::from_utf8_lossy(input));
+        }
+        let invalid: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\n",
+            b"proxy TCP4 192.0.2.7 198.51.100.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\n",
+            b"PROXY TCP4  192.0.2.7 198.51.100.1 56324 443\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443 \r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 56324\r\n",
+            b"PROXY TCP4 2001:db8::7 198.51.100.1 1 2\r\n",
+            b"PROXY TCP6 192.0.2.7 2001:db8::1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.07 198.51.100.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 443\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 0443 443\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 +443 443\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 443\r\n",
+            b"PROXY UDP4 192.0.2.7 198.51.100.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.7\x00 198.51.100.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\rX\n",
+        ];
+        for input in invalid {
+            assert!(
+                matches!(parse(input), Parsed::Invalid(_)),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(input),
+                parse(input)
+            );
+        }
+        // No CRLF within the bound: refused, not waited for.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(V1_MAX, b'a');
+        assert!(matches!(parse(&long), Parsed::Invalid(_)));
+        long.truncate(V1_MAX - 1);
+        assert_eq!(parse(&long), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn version_2_headers_parse_strictly() {
+        let mut v4 = vec![192, 0, 2, 7, 198, 51, 100, 1];
+        v4.extend(56324u16.to_be_bytes());
+        v4.extend(443u16.to_be_bytes());
+        let mut v6 = "2001:db8::7"
+            .parse::<Ipv6Addr>()
+            .expect("ip")
+            .octets()
+            .to_vec();
+        v6.extend("2001:db8::1".parse::<Ipv6Addr>().expect("ip").octets());
+        v6.extend(8080u16.to_be_bytes());
+        v6.extend(443u16.to_be_bytes());
+        let mut with_tlv = v4.clone();
+        with_tlv.extend([0x05, 0, 3, b'a', b'b', b'c']);
+        let tcp4 = v2(0x21, 0x11, &v4);
+        let mut tcp4_then_request = tcp4.clone();
+        tcp4_then_request.extend(b"\x16\x03\x01");
+        let cases: Vec<(Vec<u8>, Parsed)> = vec![
+            (tcp4.clone(), done(28, Some("192.0.2.7:56324"))),
+            (tcp4_then_request, done(28, Some("192.0.2.7:56324"))),
+            (v2(0x21, 0x21, &v6), done(52, Some("[2001:db8::7]:8080"))),
+            (v2(0x21, 0x11, &with_tlv), done(34, Some("192.0.2.7:56324"))),
+            // LOCAL (the balancer's own connection, a health check): the socket's
+            // own peer stands, whatever the family says.
+            (v2(0x20, 0x00, &[]), done(16, None)),
+            (v2(0x20, 0x11, &v4), done(28, None)),
+            (v2(0x20, 0x31, &[0; 216]), done(232, None)),
+            (tcp4[..27].to_vec(), Parsed::Incomplete),
+            (tcp4[..13].to_vec(), Parsed::Incomplete),
+            (V2_SIGNATURE[..5].to_vec(), Parsed::Incomplete),
+        ];
+        for (input, want) in &cases {
+            assert_eq!(parse(input), *want, "{input:?}");
+        }
+        let mut too_long = v2(0x21, 0x11, &v4);
+        too_long[14..16].copy_from_slice(&((V2_MAX - 16 + 1) as u16).to_be_bytes());
+        let invalid: Vec<Vec<u8>> = vec![
+            v2(0x11, 0x11, &v4),
+            v2(0x22, 0x11, &v4),
+            v2(0x21, 0x11, &v4[..11]),
+            v2(0x21, 0x21, &v6[..35]),
+            v2(0x21, 0x41, &v4),
+            v2(0x21, 0x14, &v4),
+            // A relayed client the worker cannot name: not passed off as the
+            // balancer itself.
+            v2(0x21, 0x00, &[]),
+            v2(0x21, 0x12, &v4),
+            v2(0x21, 0x31, &[0; 216]),
+            too_long,
+            b"\r\n\r\n\x00\r\nQUIX\n\x21\x11\x00\x00".to_vec(),
+        ];
+        for input in &invalid {
+            assert!(
+                matches!(parse(input), Parsed::Invalid(_)),
+                "{input:?}: {:?}",
+                parse(input)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes: no panic, a length within the bytes given, and a header that
+        /// is a prefix of a longer input parses the same.
+        #[test]
+        fn parse_is_total_and_prefix_stable(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), pick in 0usize..3) {
+            let mut input = match pick {
+                0 => b"PROXY ".to_vec(),
+                1 => V2_SIGNATURE.to_vec(),
+                _ => Vec::new(),
+            };
+            input.extend(bytes);
+            match parse(&input) {
+                Parsed::Done(h) => {
+                    proptest::prop_assert!(h.len <= input.len());
+                    proptest::prop_assert_eq!(parse(&input[..h.len]), Parsed::Done(h));
+                }
+                Parsed::Incomplete | Parsed::Invalid(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! `[worker] proxy_protocol`: a TCP load balancer in front opens each connection with
+//! a PROXY protocol header (v1 text or v2 binary) naming the client. The client it
+//! names is the one the app is told of (`X-Forwarded-For`) and the one
+//! `[limits] max_connections_per_client` counts; the request bytes after the header,
+//! in the same segment or not, are served as usual. Attacks: a header from a peer
+//! that is not a trusted proxy, no header, a malformed one, one that never ends, one
+//! split over many writes; each is closed unserved and counted, without an answer.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::Duration;
+
+use common::{eventually, metric, Client, Upstream, Worker, WorkerOpts};
+
+const REFUSED: &str = "appproxy_proxy_protocol_refused_total";
+
+fn worker(up: &Upstream, trusted: &str, extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: format!("proxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]\n"),
+        extra: extra.into(),
+        ..Default::default()
+    })
+}
+
+/// A version 2 header naming `client:port` (TCP over IPv4), with one TLV.
+fn v2(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut body = client.to_vec();
+    body.extend([127, 0, 0, 1]);
+    body.extend(port.to_be_bytes());
+    body.extend(443u16.to_be_bytes());
+    body.extend([0x05, 0x00, 0x02, b'i', b'd']);
+    let mut h = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11".to_vec();
+    h.extend((body.len() as u16).to_be_bytes());
+    h.extend(body);
+    h
+}
+
+/// What the worker sends on `s` until it closes (a 20 s guard).
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn the_client_named_by_the_header_is_the_one_forwarded() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "");
+    // Version 1, the request in the same write.
+    let mut c = Client::connect(w.addr());
+    c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 443\r\nGET /v1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    let seen = up.last();
+    assert_eq!(seen.path, "/v1");
+    assert_eq!(seen.header("x-forwarded-for"), Some("192.0.2.7"));
+    // The connection goes on: the next request is the same client's.
+    assert_eq!(c.get("/again", "").status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("192.0.2.7"));
+    // Version 2, TCP over IPv4 with a TLV, the request in the same write.
+    let mut c = Client::connect(w.addr());
+    let mut bytes = v2([198, 51, 100, 9], 40000);
+    bytes.extend(b"GET /v2 HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(&bytes);
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("198.51.100.9"));
+    // Version 1 naming an IPv6 client.
+    let mut c = Client::connect(w.addr());
+    c.send(b"PROXY TCP6 2001:db8::7 ::1 56324 443\r\nGET /v6 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("2001:db8::7"));
+    // A balancer's own connection (v2 LOCAL, a health check): the socket's peer.
+    let mut c = Client::connect(w.addr());
+    let mut local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00".to_vec();
+    local.extend(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(&local);
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(up.count(), 5);
+}
+
+/// The header byte by byte, the request after a pause: nothing of it is lost or
+/// taken for the header, and nothing waits for bytes already there.
+#[test]
+fn a_header_split_over_many_writes_is_read_whole_and_no_more() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "");
+    for header in [
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 443\r\n".to_vec(),
+        v2([192, 0, 2, 8], 1),
+    ] {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        for b in &header {
+            s.write_all(&[*b]).expect("write");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(b"GET /split HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let got = String::from_utf8_lossy(&read_to_close(&mut s)).into_owned();
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    }
+    assert_eq!(up.last().header("x-forwarded-for"), Some("192.0.2.8"));
+    assert_eq!(up.count(), 2);
+}
+
+/// Only a trusted proxy may name a client: a connection from any other address is
+/// closed at once, unanswered, even with a well-formed header; and the header is
+/// required of the trusted one too.
+#[test]
+fn headers_are_taken_from_trusted_proxies_only_and_required_of_them() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.2", "[timeouts]\nhead_secs = 1\n");
+    // The start-up check's connection came from 127.0.0.1.
+    eventually("the start-up check's connection refused", || {
+        metric(&w, REFUSED) == 1
+    });
+    // From 127.0.0.1, not trusted: closed without a byte, whatever it sends.
+    let mut c = Client::connect(w.addr());
+    let _ = c
+        .stream
+        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1 2\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = c.reader.read_to_end(&mut got);
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // From 127.0.0.2, trusted, with a header: served as the client it names.
+    let mut served = Client::connect_from(Ipv4Addr::new(127, 0, 0, 2), w.addr());
+    served.send(b"PROXY TCP4 10.0.0.1 127.0.0.1 1 2\r\nGET /ok HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(served.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("10.0.0.1"));
+    drop(served);
+    // From the trusted proxy without a header, with a malformed one, with one that
+    // never ends, and with nothing at all: closed unanswered (the last at the head
+    // timeout).
+    let bad: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"PROXY TCP4 10.0.0.1 127.0.0.1 01 2\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"PROXY TCP4 10.0.0.1 127.0.0.1 1 2",
+        b"",
+    ];
+    for bytes in bad {
+        let mut c = Client::connect_from(Ipv4Addr::new(127, 0, 0, 2), w.addr());
+        let _ = c.stream.write_all(bytes);
+        let got = read_to_close(&mut c.stream);
+        assert!(
+            got.is_empty(),
+            "{:?}: {:?}",
+            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(&got)
+        );
+    }
+    eventually("every refusal counted", || metric(&w, REFUSED) == 1 + 5);
+    assert_eq!(up.count(), 1, "nothing else reached the app");
+    eventually("no connection left open", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+}
+
+/// `[limits] max_connections_per_client` counts the client the header names, not
+/// the balancer every client shares.
+#[test]
+fn the_per_client_cap_counts_the_named_client() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "127.0.0.1",
+        "[limits]\nmax_connections_per_client = 1\n",
+    );
+    let mut first = Client::connect(w.addr());
+    first.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 1 443\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response().status, 200);
+    // A second connection of the same client: 429.
+    let mut second = Client::connect(w.addr());
+    second.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 2 443\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = second.response();
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["code"], "client_connection_limit");
+    // Another client behind the same balancer is served.
+    let mut other = Client::connect(w.addr());
+    other.send(b"PROXY TCP4 192.0.2.8 127.0.0.1 3 443\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(other.response().status, 200);
+    eventually("the refusal counted", || {
+        metric(&w, "appproxy_connections_refused_per_client_total") == 1
+    });
+    // The first client's unit comes back when its connection closes.
+    drop(first);
+    eventually("the first client's connection closed", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    let mut again = Client::connect(w.addr());
+    again.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 4 443\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(again.response().status, 200);
+}
