@@ -35,6 +35,17 @@ fn request_block(path: &str) -> Vec<u8> {
     b
 }
 
+/// Opens stream `id` with a `GET path` and no body.
+fn request(s: &mut TcpStream, id: u32, path: &str) {
+    s.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        id,
+        &request_block(path),
+    ))
+    .expect("request");
+}
+
 /// A connection that has sent the preface and an empty SETTINGS.
 fn open(w: &Worker) -> TcpStream {
     let mut s = TcpStream::connect(w.addr()).expect("connect");
@@ -429,13 +440,7 @@ fn an_idle_http2_connection_gets_goaway_before_the_close() {
     let w = worker(&up, "[timeouts]\nkeepalive_secs = 1\nhead_secs = 1\n");
     let rest = common::resting_fds(&w);
     let mut s = open(&w);
-    s.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &request_block("/first"),
-    ))
-    .expect("request");
+    request(&mut s, 1, "/first");
     let (_, frames) = read_to_close(&mut s);
     let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
     let answered = frames
@@ -463,13 +468,7 @@ fn drain_sends_goaway_and_finishes_the_stream_in_flight() {
     let up = Upstream::start();
     let mut w = worker(&up, "");
     let mut s = open(&w);
-    s.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &request_block("/wait?ms=1500"),
-    ))
-    .expect("request");
+    request(&mut s, 1, "/wait?ms=1500");
     common::eventually("the request reached the app", || up.count() == 1);
     let pid = w.pid().to_string();
     let _ = std::process::Command::new("kill")
@@ -525,13 +524,7 @@ fn a_connection_past_max_streams_per_connection_gets_goaway_and_is_closed() {
         }
     }
     // The third reaches the cap while the app takes its time.
-    s.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        5,
-        &request_block("/wait?ms=1500"),
-    ))
-    .expect("request");
+    request(&mut s, 5, "/wait?ms=1500");
     let mut frames: Vec<Frame> = Vec::new();
     let mut last_stream = None;
     let mut late_sent = false;
@@ -594,13 +587,7 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     let up = Upstream::start();
     let w = worker(&up, "[limits]\nmax_connections_per_core = 1\n");
     let mut s = open(&w);
-    s.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &request_block("/first"),
-    ))
-    .expect("request");
+    request(&mut s, 1, "/first");
     while !matches!(read_frame(&mut s), Some(f) if f.2 == 1 && f.1 & END_STREAM != 0) {}
     common::eventually("the stream's handling is over", || {
         metric(&w, "appproxy_http2_streams_active") == 0
@@ -608,13 +595,7 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     let signal = |sig: &str| w.signal(sig);
     signal("-STOP");
     let mut c = common::Client::connect(w.addr());
-    s.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        3,
-        &request_block("/second"),
-    ))
-    .expect("request");
+    request(&mut s, 3, "/second");
     signal("-CONT");
     assert_eq!(c.get("/new", "").status, 200, "admitted at the cap");
     let (_, frames) = read_to_close(&mut s);

@@ -95,6 +95,14 @@ impl ConnGate {
     }
 }
 
+/// Counts one more event in `count` (modulo 1024): whether it is the first of a run
+/// of 1024, the one that is logged.
+fn first_of_1024(count: &Cell<u64>) -> bool {
+    let n = (count.get() + 1) % 1024;
+    count.set(n);
+    n == 1
+}
+
 /// A client address as `[limits] max_connections_per_client` counts it: an IPv4
 /// address (IPv4-mapped IPv6 included), or an IPv6 address's /64, which one host is
 /// commonly given whole.
@@ -187,9 +195,7 @@ impl Core {
     /// is at `[limits] max_connections_per_client`.
     fn refuse_client(&self, stream: &std::net::TcpStream, port: u16, client: IpAddr) {
         self.metrics.add(counter::CONN_REFUSED_PER_CLIENT, 1);
-        let n = self.conns.client_refusals.get() + 1;
-        self.conns.client_refusals.set(n % 1024);
-        if n == 1 {
+        if first_of_1024(&self.conns.client_refusals) {
             tracing::warn!(
                 core = self.cpu,
                 port,
@@ -205,9 +211,7 @@ impl Core {
     /// protocol header: `why` says what was wrong.
     pub fn refuse_proxy_protocol(&self, port: u16, peer: SocketAddr, why: &dyn std::fmt::Display) {
         self.metrics.add(counter::PROXY_PROTOCOL_REFUSED, 1);
-        let n = self.conns.proxy_protocol_refusals.get() + 1;
-        self.conns.proxy_protocol_refusals.set(n % 1024);
-        if n == 1 {
+        if first_of_1024(&self.conns.proxy_protocol_refusals) {
             tracing::warn!(
                 core = self.cpu,
                 port,
