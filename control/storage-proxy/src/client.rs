@@ -574,8 +574,9 @@ impl Drop for Lease<'_> {
 /// staging directory, and syncs the returned destination directory after it: the
 /// syncs stay outside the scope's lock, under which this runs): the destination's
 /// missing parents are created beneath the vfolder by the kernel's resolution, and
-/// the rename is one `renameat` between two descriptors.
-fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
+/// the rename is one `renameat` between two descriptors. Also answers whether it
+/// replaced an older file.
+fn complete(s: &Session) -> Result<(OwnedFd, bool), ApiError> {
     let (name, dirs) = s
         .destination
         .split_last()
@@ -589,8 +590,8 @@ fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
     {
         return Err(super::manager::staging_refused());
     }
-    rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;
-    Ok(parent)
+    let replaced = fsx::rename_over(s.staging.as_fd(), s.id.as_ref(), parent.as_fd(), name)?;
+    Ok((parent, replaced))
 }
 
 async fn tus_patch(
@@ -638,6 +639,16 @@ async fn patch(
         Lease {
             state,
             id: s.id.clone(),
+        }
+    };
+    // Bytes of the staged file no reservation holds count in the folder's usage: a
+    // check that lets the reservation go (the limit was removed) and bytes written
+    // without one (a scope without a limit) change it, through the API.
+    let (id, folder_key) = (s.id.clone(), s.folder_key.clone());
+    let held = state.reservations.holding(&id);
+    let unheld = |wrote: bool| {
+        if (wrote || held) && !state.reservations.holding(&id) {
+            state.folders.changed(&folder_key);
         }
     };
     // The staging file (never through a symlink), its offset, and the quota: the
@@ -692,6 +703,7 @@ async fn patch(
             (s, file)
         }
     };
+    unheld(false);
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
     let mut stream = body.into_data_stream();
@@ -702,6 +714,7 @@ async fn patch(
         let Ok(next) = tokio::time::timeout(state.stall, stream.next()).await else {
             *received = Some(written - offset);
             file.flush().await?;
+            unheld(written > offset);
             super::Metrics::add(&state.metrics.upload_bytes, written - offset);
             tracing::info!(bytes = written - offset, "upload body stalled");
             return Err(ApiError::TimedOut(format!(
@@ -713,6 +726,7 @@ async fn patch(
         if written + chunk.len() as u64 > s.size {
             *received = Some(written - offset);
             file.flush().await?;
+            unheld(written > offset);
             return Err(ApiError::TooLarge);
         }
         file.write_all(&chunk).await?;
@@ -720,6 +734,7 @@ async fn patch(
     }
     *received = Some(written - offset);
     file.flush().await?;
+    unheld(written > offset);
     super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
         file.sync_all().await?;
@@ -727,9 +742,13 @@ async fn patch(
         let st = state.clone();
         let id = blocking(move || {
             fsx::sync(s.staging.as_fd())?;
-            let parent = st
+            let (parent, replaced) = st
                 .reservations
                 .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
+            // The older file it replaced is gone: the scope is measured again.
+            if replaced {
+                st.reservations.removed(&s.scope_key);
+            }
             st.folders.changed(&s.folder_key);
             fsx::sync(parent.as_fd())?;
             Ok(s.id)

@@ -224,6 +224,34 @@ pub fn mkdirs(
     Ok(cur)
 }
 
+/// Renames `from` in `from_dir` to `to` in `to_dir` with one `renameat`, answering
+/// whether it replaced an entry: tried first without replacing
+/// (`RENAME_NOREPLACE`), and over the destination only when that says it exists.
+/// A filesystem without `RENAME_NOREPLACE` has the plain rename, reported as a
+/// replacement (the safe side for whoever recounts after one).
+pub fn rename_over(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+) -> io::Result<bool> {
+    use rustix::io::Errno;
+    match rustix::fs::renameat_with(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(false),
+        Err(Errno::EXIST | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            rustix::fs::renameat(from_dir, from, to_dir, to)?;
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// One entry of a directory, not followed.
 pub struct Entry {
     /// Its name.
@@ -595,18 +623,19 @@ fn usage_capped(
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
 /// neither followed nor copied); `skip` names top-level entries left out. Calls
-/// `on_dir` for every directory copied. Returns the files copied.
+/// `on_dir` for every directory copied. Returns the files and the bytes copied.
 pub fn copy_tree(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     skip: &[&str],
     on_dir: &mut dyn FnMut(),
-) -> io::Result<u64> {
+) -> io::Result<(u64, u64)> {
     struct Copy<'a, 'b> {
         to: Trail<'a>,
         skip: &'b [&'b str],
         on_dir: &'b mut dyn FnMut(),
         files: u64,
+        bytes: u64,
     }
     impl Visitor for Copy<'_, '_> {
         fn entry(&mut self, src: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
@@ -630,7 +659,7 @@ pub fn copy_tree(
                         Mode::from_raw_mode(e.stat.st_mode & 0o777),
                         STRICT,
                     )?;
-                    io::copy(&mut from, &mut std::fs::File::from(to))?;
+                    self.bytes += io::copy(&mut from, &mut std::fs::File::from(to))?;
                     self.files += 1;
                     Ok(false)
                 }
@@ -656,10 +685,11 @@ pub fn copy_tree(
         skip,
         on_dir,
         files: 0,
+        bytes: 0,
     };
     walk(src, &mut c)?;
     (c.on_dir)();
-    Ok(c.files)
+    Ok((c.files, c.bytes))
 }
 
 /// `fsync` of a descriptor.

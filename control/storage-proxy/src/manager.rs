@@ -399,13 +399,43 @@ async fn delete_folder(
         &state,
         "delete_vfolder",
         job(move || {
+            let live = st.reservations.live(&key).into_keys().collect();
+            let sessions = staged_sessions(parent.as_fd(), &name, live);
             let removed = fsx::remove_tree(parent.as_fd(), &name);
+            // The uploads in progress there are gone with their staged files: what
+            // their reservations held is free at once, not when they expire.
+            let left = staged_sessions(parent.as_fd(), &name, sessions.clone());
+            for s in sessions.iter().filter(|s| !left.contains(s)) {
+                st.reservations.release(s);
+            }
             st.reservations.removed(&key);
             folder_changed(&st, &r.volume, &r.vfid);
             removed
         }),
     );
     Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
+/// Which of `sessions` (upload sessions holding a reservation) have their staged
+/// file in the vfolder `name` of `parent`: a regular file of that name directly in
+/// its staging area. Looked up by name, never listed (a user with a shell can put
+/// any number of names there).
+fn staged_sessions(
+    parent: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    sessions: Vec<String>,
+) -> Vec<String> {
+    let Ok(staging) = fsx::child_dir(parent, name).and_then(|dir| staging_dir(dir.as_fd(), false))
+    else {
+        return Vec::new();
+    };
+    sessions
+        .into_iter()
+        .filter(|s| {
+            rustix::fs::statat(&staging, s.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -481,13 +511,20 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
             let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], &mut || {
                 tracing::debug!("directory cloned");
             });
-            // Counted as committed and released in one step under the scope's lock.
-            let _ = st.reservations.commit(&key2, &holder, size, || {
+            // What was copied (not the size reserved: symlinks are not copied, and
+            // the source may have changed meanwhile) counts as committed, and the
+            // reservation is released, in one step under the scope's lock. A copy
+            // that stopped part way has the scope measured again.
+            let bytes = copied.as_ref().map_or(0, |c| c.1);
+            let _ = st.reservations.commit(&key2, &holder, bytes, || {
                 st.reservations.unpend(id);
                 Ok(())
             });
+            if copied.is_err() {
+                st.reservations.removed(&key2);
+            }
             folder_changed(&st, &dst_volume, &r.dst_vfid);
-            copied
+            copied.map(|c| c.0)
         }),
     ))
 }
@@ -710,18 +747,27 @@ async fn rename(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     outside_staging_area(&parts)?;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
         guard(root.as_fd(), p.dir.as_fd(), &p.name)?;
         guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_ref())?;
-        let renamed = rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str());
-        // A rename may replace a file.
+        let renamed = fsx::rename_over(p.dir.as_fd(), &p.name, p.dir.as_fd(), r.new_name.as_ref());
+        replaced(&st, &key, &renamed);
         folder_changed(&st, &r.volume, &r.vfid);
-        Ok(renamed?)
+        Ok(renamed.map(drop)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A rename or move that replaced an entry freed what the entry held: the scope's
+/// next check or report measures again (as after a delete), so the room shows at
+/// once.
+fn replaced(state: &State, scope: &std::path::Path, renamed: &std::io::Result<bool>) {
+    if matches!(renamed, Ok(true)) {
+        state.reservations.removed(scope);
+    }
 }
 
 #[derive(Deserialize)]
@@ -743,20 +789,16 @@ async fn move_file(
     );
     outside_staging_area(&src)?;
     outside_staging_area(&dst)?;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let from = fsx::parent(root.as_fd(), &src)?;
         let to = fsx::parent(root.as_fd(), &dst)?;
         guard(root.as_fd(), from.dir.as_fd(), &from.name)?;
         guard(root.as_fd(), to.dir.as_fd(), &to.name)?;
-        let moved = rustix::fs::renameat(
-            &from.dir,
-            from.name.as_os_str(),
-            &to.dir,
-            to.name.as_os_str(),
-        );
+        let moved = fsx::rename_over(from.dir.as_fd(), &from.name, to.dir.as_fd(), &to.name);
+        replaced(&st, &key, &moved);
         folder_changed(&st, &r.volume, &r.vfid);
-        Ok(moved?)
+        Ok(moved.map(drop)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

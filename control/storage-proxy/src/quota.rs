@@ -30,10 +30,10 @@
 //! Reservations are in memory and exact, and bytes the proxy puts in place are
 //! added to the measurement at once (a walk in progress adds those put in place
 //! while it ran, so it may count them twice until the next walk: the safe side). A
-//! delete through the manager API has the next check measure again, so the room it
-//! frees shows at once. Bytes written, removed or replaced behind the proxy's back
-//! (from a container, on the host; also the older file an upload replaces, still
-//! counted until the next walk) show in the next walk: a check sees them at the
+//! delete through the manager API, and a rename, a move or an upload's completion
+//! that replaces a file, has the next check measure again ([`Reservations::removed`]),
+//! so the room it frees shows at once. Bytes written, removed or replaced behind the
+//! proxy's back (from a container, on the host) show in the next walk: a check sees them at the
 //! latest when they are `quota_usage_max_age_secs` old, or, when it joined a walk
 //! that was running, when they predate that walk's start. Until then writes from a
 //! container may pass the limit by what they add (they are never held by a
@@ -421,6 +421,11 @@ impl Reservations {
             .collect()
     }
 
+    /// Whether `holder` holds a reservation now.
+    pub fn holding(&self, holder: &str) -> bool {
+        self.holds(holder).is_some()
+    }
+
     /// The bytes `holder` holds, if it holds a reservation.
     fn holds(&self, holder: &str) -> Option<u64> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -493,10 +498,14 @@ impl Reservations {
     }
 
     /// Releases reservations not used for longer than `idle`, except those `busy`
-    /// says are in use (a PATCH in progress); returns how many.
-    /// The scopes of sessions let go are measured again (their staged files, if
-    /// still there, count as committed now).
-    pub fn expire(&self, idle: std::time::Duration, busy: impl Fn(&str) -> bool) -> usize {
+    /// says are in use (a PATCH in progress); returns how many, and the scopes they
+    /// were in. The scopes of sessions let go are measured again (their staged
+    /// files, if still there, count as committed now).
+    pub fn expire(
+        &self,
+        idle: std::time::Duration,
+        busy: impl Fn(&str) -> bool,
+    ) -> (usize, HashSet<PathBuf>) {
         let mut scopes = HashSet::new();
         let released = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -510,10 +519,10 @@ impl Reservations {
             });
             before - held.len()
         };
-        for scope in scopes {
-            self.removed(&scope);
+        for scope in &scopes {
+            self.removed(scope);
         }
-        released
+        (released, scopes)
     }
 
     /// Bytes reserved in every scope now.
