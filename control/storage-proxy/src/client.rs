@@ -581,13 +581,11 @@ fn complete(s: &Session) -> Result<(OwnedFd, bool), ApiError> {
         .destination
         .split_last()
         .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
-    let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
-    // A destination in the staging area, or the staging area itself, reached by a
-    // symlink the user made: the file would take another session's place.
-    if super::manager::same_dir(parent.as_fd(), s.staging.as_fd())
-        || (name == super::manager::STAGING
-            && super::manager::same_dir(parent.as_fd(), s.root.as_fd()))
-    {
+    // A destination in the staging area (or any directory under it), or the staging
+    // area itself, reached by a symlink the user made: the file would take another
+    // session's place, and its missing parents are never created there either.
+    let parent = super::manager::mkdirs_outside_staging(s.root.as_fd(), dirs)?;
+    if name == super::manager::STAGING && super::manager::same_dir(parent.as_fd(), s.root.as_fd()) {
         return Err(super::manager::staging_refused());
     }
     let replaced = fsx::rename_over(s.staging.as_fd(), s.id.as_ref(), parent.as_fd(), name)?;

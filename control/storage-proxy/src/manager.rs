@@ -666,24 +666,38 @@ struct MkdirReq {
     exist_ok: bool,
 }
 
+/// Makes one directory of a `mkdir`: never in the staging area, whether a path
+/// names it or reaches it through a symlink (each level is checked on the very
+/// descriptor the next one is created in, see [`mkdirs_outside_staging`]); an
+/// existing directory there is not "made" either.
 fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
     let parts = fsx::components(p).map_err(|e| e.to_string())?;
     outside_staging_area(&parts).map_err(|e| e.to_string())?;
-    let exists = || std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+    let exists = || ApiError::from(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+    // What is there already (a symlink to a directory of the staging area too).
+    let existing = || match fsx::open_dir(root, &parts) {
+        Ok(dir) => outside_staging_dir(root, dir.as_fd(), None).and(Err(exists())),
+        Err(_) => Err(exists()),
+    };
     let made = if parents {
         match fsx::open_dir(root, &parts) {
-            Ok(_) => Err(exists()),
-            Err(_) => fsx::mkdirs(root, &parts, fsx::BENEATH).map(drop),
+            Ok(_) => existing(),
+            Err(_) => mkdirs_outside_staging(root, &parts).map(drop),
         }
     } else {
-        fsx::parent(root, &parts).and_then(|p| {
-            rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755))
-                .map_err(Into::into)
-        })
+        fsx::parent(root, &parts)
+            .map_err(ApiError::from)
+            .and_then(|p| {
+                guard(root, p.dir.as_fd(), &p.name)?;
+                match rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755)) {
+                    Err(rustix::io::Errno::EXIST) => existing(),
+                    other => Ok(other?),
+                }
+            })
     };
     match made {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
-        Err(e) => Err(ApiError::from(e).to_string()),
+        Err(ApiError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
+        Err(e) => Err(e.to_string()),
         Ok(()) => Ok(()),
     }
 }
@@ -933,7 +947,7 @@ pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 
 /// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
 /// would touch the staging area, which a path can reach through a symlink: an entry
-/// of the staging area, or the staging area itself.
+/// of the staging area or of any directory under it, or the staging area itself.
 fn guard(
     root: BorrowedFd<'_>,
     dir: BorrowedFd<'_>,
@@ -942,10 +956,72 @@ fn guard(
     if name == STAGING && same_dir(root, dir) {
         return Err(staging_refused());
     }
-    match staging_dir(root, false) {
-        Ok(staging) if same_dir(staging.as_fd(), dir) => Err(staging_refused()),
-        _ => Ok(()),
+    outside_staging_dir(root, dir, None)
+}
+
+/// Refuses `dir` (a directory resolved beneath the vfolder `root`) when it is the
+/// staging area or lies anywhere under it, reached through symlinks or not: its
+/// ancestors are climbed by `..` up to `root` (or up to `known`, a directory found
+/// outside the staging area already), each compared with the staging area by
+/// device and inode. A vfolder without a staging area (none yet, or a `.upload`
+/// that is not a directory, never followed) has nothing to refuse. A directory the
+/// climb does not lead back to `root` from (moved out of the vfolder meanwhile) is
+/// refused as an escape.
+pub fn outside_staging_dir(
+    root: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    known: Option<(u64, u64)>,
+) -> Result<(), ApiError> {
+    let Ok(staging) = staging_dir(root, false) else {
+        return Ok(());
+    };
+    let (inside, top) = (
+        fsx::dir_identity(staging.as_fd())?,
+        fsx::dir_identity(root)?,
+    );
+    match fsx::beneath(dir, inside, top, known) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(staging_refused()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(PathError::Escape.into()),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// [`fsx::mkdirs`] beneath a vfolder that never creates anything in its staging
+/// area: every level is checked (see [`outside_staging_dir`]) on the descriptor the
+/// next one is created in, and `.upload` is never created at the root, so a
+/// directory swapped for a symlink to the staging area while this runs cannot lead
+/// it there. Each check climbs only to the level checked before it.
+pub fn mkdirs_outside_staging(
+    root: BorrowedFd<'_>,
+    parts: &[OsString],
+) -> Result<OwnedFd, ApiError> {
+    let mut known = None;
+    fsx::mkdirs_checked(root, parts, fsx::BENEATH, |dir, name| {
+        if name == Some(std::ffi::OsStr::new(STAGING)) && same_dir(root, dir) {
+            return Err(staging_refused());
+        }
+        outside_staging_dir(root, dir, known)?;
+        known = Some(fsx::dir_identity(dir)?);
+        Ok(())
+    })
+}
+
+/// Refuses, when an upload session is created, a destination that reaches the
+/// staging area: its deepest directory that exists already must lie outside it and
+/// must not get `.upload` made at the vfolder's root. What is missing is checked
+/// again, level by level, when the upload completes.
+fn destination_outside_staging(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<(), ApiError> {
+    for k in (0..parts.len()).rev() {
+        match fsx::open_dir(root, &parts[..k]) {
+            Ok(dir) => return guard(root, dir.as_fd(), &parts[k]),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Not a directory, or out of the vfolder: the completion refuses it.
+            Err(e) if fsx::is_escape(&e) => return Err(e.into()),
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a
@@ -984,6 +1060,11 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
     outside_staging_area(&parts)?;
+    let root = blocking(move || {
+        destination_outside_staging(root.as_fd(), &parts)?;
+        Ok(root)
+    })
+    .await?;
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();
