@@ -607,6 +607,37 @@ async fn tus_patch(
     answer
 }
 
+/// A PATCH's bytes of the staged file that no reservation holds (see [`patch`]).
+struct Unheld<'a> {
+    state: &'a Arc<State>,
+    id: String,
+    folder: std::path::PathBuf,
+    scope: std::path::PathBuf,
+    /// Whether the session held a reservation before the PATCH's check.
+    held: bool,
+}
+
+impl Unheld<'_> {
+    /// After the check (`bytes` 0) and after writing `bytes`: when the session holds
+    /// no reservation, the bytes count as committed at once and the folder's usage
+    /// changed (as it did when the check let a reservation go).
+    async fn wrote(&self, bytes: u64) {
+        if (bytes == 0 && !self.held) || self.state.reservations.holding(&self.id) {
+            return;
+        }
+        self.state.folders.changed(&self.folder);
+        if bytes > 0 {
+            let (st, scope, id) = (self.state.clone(), self.scope.clone(), self.id.clone());
+            // The scope's lock is taken on the blocking pool only.
+            let _ = blocking(move || {
+                st.reservations.grew(&scope, &id, bytes);
+                Ok(())
+            })
+            .await;
+        }
+    }
+}
+
 /// A tus PATCH; `received` gets the bytes written to the staging file by this call.
 async fn patch(
     state: &Arc<State>,
@@ -639,15 +670,16 @@ async fn patch(
             id: s.id.clone(),
         }
     };
-    // Bytes of the staged file no reservation holds count in the folder's usage: a
-    // check that lets the reservation go (the limit was removed) and bytes written
-    // without one (a scope without a limit) change it, through the API.
-    let (id, folder_key) = (s.id.clone(), s.folder_key.clone());
-    let held = state.reservations.holding(&id);
-    let unheld = |wrote: bool| {
-        if (wrote || held) && !state.reservations.holding(&id) {
-            state.folders.changed(&folder_key);
-        }
+    // Bytes of the staged file no reservation holds count in the folder's usage and
+    // as the scope's committed bytes: a check that lets the reservation go (the
+    // limit was removed) and bytes written without one (a scope without a limit)
+    // change them, through the API.
+    let unheld = Unheld {
+        state,
+        id: s.id.clone(),
+        folder: s.folder_key.clone(),
+        scope: s.scope_key.clone(),
+        held: state.reservations.holding(&s.id),
     };
     // The staging file (never through a symlink), its offset, and the quota: the
     // session's reservation must still fit the scope's current limit. The user can
@@ -701,7 +733,7 @@ async fn patch(
             (s, file)
         }
     };
-    unheld(false);
+    unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
     let mut stream = body.into_data_stream();
@@ -712,7 +744,7 @@ async fn patch(
         let Ok(next) = tokio::time::timeout(state.stall, stream.next()).await else {
             *received = Some(written - offset);
             file.flush().await?;
-            unheld(written > offset);
+            unheld.wrote(written - offset).await;
             super::Metrics::add(&state.metrics.upload_bytes, written - offset);
             tracing::info!(bytes = written - offset, "upload body stalled");
             return Err(ApiError::TimedOut(format!(
@@ -724,7 +756,7 @@ async fn patch(
         if written + chunk.len() as u64 > s.size {
             *received = Some(written - offset);
             file.flush().await?;
-            unheld(written > offset);
+            unheld.wrote(written - offset).await;
             return Err(ApiError::TooLarge);
         }
         file.write_all(&chunk).await?;
@@ -732,7 +764,7 @@ async fn patch(
     }
     *received = Some(written - offset);
     file.flush().await?;
-    unheld(written > offset);
+    unheld.wrote(written - offset).await;
     super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
         file.sync_all().await?;

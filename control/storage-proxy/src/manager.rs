@@ -147,7 +147,7 @@ async fn create(
     state.volumes.root_fd(&r.volume)?;
     let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
     let mode = r.mode;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let root = st.volumes.root_fd(&r.volume)?;
         // The volume's own levels are never symlinks: STRICT all the way.
@@ -159,6 +159,7 @@ async fn create(
             let scope = fsx::child_dir(root, &parts[0])?;
             if quota::limit(scope.as_fd()).is_none() {
                 quota::set_limit(scope.as_fd(), Some(limit))?;
+                limit_set(&st, &key);
             }
         }
         Ok(())
@@ -231,11 +232,13 @@ async fn quota_create(
     let name = Volumes::scope_name(&r.qsid)?;
     let limit = r.options.map(|o| o.limit_bytes);
     let (st, volume) = (state.clone(), r.volume.clone());
+    let key = state.volumes.scope(&r.volume, &r.qsid)?;
     blocking(move || {
         let root = st.volumes.root_fd(&volume)?;
         let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
         if limit.is_some() {
             quota::set_limit(scope.as_fd(), limit)?;
+            limit_set(&st, &key);
         }
         Ok(())
     })
@@ -244,6 +247,14 @@ async fn quota_create(
         tracing::info!(qsid = %r.qsid, limit, "quota set");
     }
     quota_state(&state, r.volume, &r.qsid).await
+}
+
+/// A limit was set on a scope: its first check measures it again. While it had
+/// none, uploads wrote staged bytes that no reservation held and that no
+/// measurement saw; they count against the limit from its first check on
+/// (blocking: takes the scope's lock).
+fn limit_set(state: &State, scope: &std::path::Path) {
+    state.reservations.removed(scope);
 }
 
 async fn quota_patch(
@@ -263,6 +274,7 @@ async fn quota_patch(
         quota::set_limit(scope.as_fd(), Some(limit))?;
         if let Ok(key) = st.volumes.scope(&volume, &qsid) {
             quota::remember_limit(&st, &key, Some(limit));
+            limit_set(&st, &key);
         }
         Ok(())
     })

@@ -1037,3 +1037,59 @@ fn deleting_a_vfolder_frees_the_reservations_of_its_uploads() {
     let r = upload_token(&p, "b.bin", 10_000);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+/// A limit set on a scope has its first check measure the scope again: what an
+/// upload wrote while the scope had none (no reservation held it) counts at once.
+/// Before, the check took the measurement made before those bytes, and a session
+/// the staged bytes left no room for was accepted.
+#[test]
+fn a_limit_set_counts_what_uploads_wrote_while_there_was_none() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_folder(&p);
+    assert_eq!(quota_scope(&p)["used_bytes"], 0);
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &a, 0, &[1u8; 900]).status, 204);
+    set_limit(&p, 1_000);
+    let r = upload_token(&p, "b.bin", 500);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(quota_scope(&p)["used_bytes"], 900);
+    // The session resumes under the limit, its staged bytes counted once.
+    assert_eq!(patch(&p, &a, 900, &[1u8; 100]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (1_000.into(), 0.into())
+    );
+    assert_eq!(upload_token(&p, "c.bin", 1).status, 413);
+}
+
+/// In a scope without a limit an upload's PATCHes write bytes no reservation holds:
+/// `GET /quota-scope` (and `/metrics`) count them at once, however young the
+/// measurement, and the completed file once. Before, they showed only once the
+/// measurement was `quota_usage_max_age_secs` old.
+#[test]
+fn bytes_a_patch_writes_without_a_reservation_show_in_the_scope_report_at_once() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_folder(&p);
+    assert_eq!(quota_scope(&p)["used_bytes"], 0);
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    for (offset, used) in [(0, 300), (300, 600)] {
+        assert_eq!(patch(&p, &a, offset, &[1u8; 300]).status, 204);
+        let q = quota_scope(&p);
+        assert_eq!(
+            (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+            (used.into(), 0.into()),
+            "{q}"
+        );
+    }
+    assert_eq!(patch(&p, &a, 600, &[1u8; 400]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 1_000);
+    assert_eq!(walks(&p), 1, "one walk: the first report");
+    // Measured again, the figure is the same.
+    set_limit(&p, 5_000);
+    assert_eq!(quota_scope(&p)["used_bytes"], 1_000);
+}
