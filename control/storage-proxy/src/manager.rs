@@ -857,6 +857,21 @@ fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
     Ok(paths)
 }
 
+/// Refuses a delete as a whole, before anything is deleted, when one of its paths
+/// reaches the staging area through a symlink (or leaves the vfolder): the paths
+/// that resolve now are checked as [`delete_paths`] checks each again when its
+/// turn comes (a path missing now fails then, as before).
+fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiError> {
+    for parts in paths {
+        match fsx::parent(root, parts) {
+            Ok(p) => guard(root, p.dir.as_fd(), &p.name)?,
+            Err(e) if fsx::is_escape(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Deletes files and directories (a non-empty directory only when `recursive`);
 /// each from its parent's descriptor, a symlink as the link itself.
 fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> std::io::Result<u64> {
@@ -890,6 +905,7 @@ async fn delete_files(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
+        deletable(root.as_fd(), &paths)?;
         let removed = delete_paths(root, paths, r.recursive);
         st.reservations.removed(&key);
         folder_changed(&st, &r.volume, &r.vfid);
@@ -905,6 +921,11 @@ async fn delete_files_async(
 ) -> Result<Response, ApiError> {
     let paths = deletion_targets(&r)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (root, paths) = blocking(move || {
+        deletable(root.as_fd(), &paths)?;
+        Ok((root, paths))
+    })
+    .await?;
     let recursive = r.recursive;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     let (volume, vfid) = (r.volume.clone(), r.vfid.clone());

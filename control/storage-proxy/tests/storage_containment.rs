@@ -711,3 +711,37 @@ fn a_directory_swapped_for_the_staging_area_never_leads_creation_there() {
     assert!(flipper.stop() > 0);
     assert_eq!(staging_extras(&vf), Vec::<String>::new());
 }
+
+/// A delete listing a path that reaches the staging area through a symlink is
+/// refused as a whole before anything is deleted, with the staging area's 400 (as
+/// a path naming `.upload` is), also as a background task. Before, the paths
+/// listed ahead of it were deleted, and the refusal was a filesystem error (or a
+/// background task that failed after a 202).
+#[test]
+fn a_delete_reaching_the_staging_area_is_refused_before_anything_goes() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    assert_eq!(p.upload("a.bin", b"data").status, 204);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join(".upload/sub")).expect("sub");
+    std::fs::write(vf.join(".upload/sub/f.bin"), b"user").expect("f");
+    std::os::unix::fs::symlink(".upload/sub", vf.join("deep")).expect("link");
+    for route in ["/folder/file/delete", "/folder/file/delete-async"] {
+        let r = p.manager(
+            route,
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["a.bin", "deep/f.bin"]}),
+            None,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{route}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{route}");
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(title.contains("staging area"), "{route}: {title}");
+        assert!(vf.join("a.bin").is_file(), "{route}: nothing deleted");
+        assert!(vf.join(".upload/sub/f.bin").is_file());
+    }
+}
