@@ -574,23 +574,22 @@ impl Drop for Lease<'_> {
 /// staging directory, and syncs the returned destination directory after it: the
 /// syncs stay outside the scope's lock, under which this runs): the destination's
 /// missing parents are created beneath the vfolder by the kernel's resolution, and
-/// the rename is one `renameat` between two descriptors.
-fn complete(s: &Session) -> Result<OwnedFd, ApiError> {
+/// the rename is one `renameat` between two descriptors. Also answers whether it
+/// replaced an older file.
+fn complete(s: &Session) -> Result<(OwnedFd, bool), ApiError> {
     let (name, dirs) = s
         .destination
         .split_last()
         .ok_or_else(|| ApiError::Params("empty relpath".into()))?;
-    let parent = fsx::mkdirs(s.root.as_fd(), dirs, fsx::BENEATH)?;
-    // A destination in the staging area, or the staging area itself, reached by a
-    // symlink the user made: the file would take another session's place.
-    if super::manager::same_dir(parent.as_fd(), s.staging.as_fd())
-        || (name == super::manager::STAGING
-            && super::manager::same_dir(parent.as_fd(), s.root.as_fd()))
-    {
+    // A destination in the staging area (or any directory under it), or the staging
+    // area itself, reached by a symlink the user made: the file would take another
+    // session's place, and its missing parents are never created there either.
+    let parent = super::manager::mkdirs_outside_staging(s.root.as_fd(), dirs)?;
+    if name == super::manager::STAGING && super::manager::same_dir(parent.as_fd(), s.root.as_fd()) {
         return Err(super::manager::staging_refused());
     }
-    rustix::fs::renameat(&s.staging, s.id.as_str(), &parent, name.as_os_str())?;
-    Ok(parent)
+    let replaced = fsx::rename_over(s.staging.as_fd(), s.id.as_ref(), parent.as_fd(), name)?;
+    Ok((parent, replaced))
 }
 
 async fn tus_patch(
@@ -606,6 +605,37 @@ async fn tus_patch(
     o.upload_duration.observe(started.elapsed());
     o.upload_size.observe_raw(written.unwrap_or(0));
     answer
+}
+
+/// A PATCH's bytes of the staged file that no reservation holds (see [`patch`]).
+struct Unheld<'a> {
+    state: &'a Arc<State>,
+    id: String,
+    folder: std::path::PathBuf,
+    scope: std::path::PathBuf,
+    /// Whether the session held a reservation before the PATCH's check.
+    held: bool,
+}
+
+impl Unheld<'_> {
+    /// After the check (`bytes` 0) and after writing `bytes`: when the session holds
+    /// no reservation, the bytes count as committed at once and the folder's usage
+    /// changed (as it did when the check let a reservation go).
+    async fn wrote(&self, bytes: u64) {
+        if (bytes == 0 && !self.held) || self.state.reservations.holding(&self.id) {
+            return;
+        }
+        self.state.folders.changed(&self.folder);
+        if bytes > 0 {
+            let (st, scope, id) = (self.state.clone(), self.scope.clone(), self.id.clone());
+            // The scope's lock is taken on the blocking pool only.
+            let _ = blocking(move || {
+                st.reservations.grew(&scope, &id, bytes);
+                Ok(())
+            })
+            .await;
+        }
+    }
 }
 
 /// A tus PATCH; `received` gets the bytes written to the staging file by this call.
@@ -639,6 +669,17 @@ async fn patch(
             state,
             id: s.id.clone(),
         }
+    };
+    // Bytes of the staged file no reservation holds count in the folder's usage and
+    // as the scope's committed bytes: a check that lets the reservation go (the
+    // limit was removed) and bytes written without one (a scope without a limit)
+    // change them, through the API.
+    let unheld = Unheld {
+        state,
+        id: s.id.clone(),
+        folder: s.folder_key.clone(),
+        scope: s.scope_key.clone(),
+        held: state.reservations.holding(&s.id),
     };
     // The staging file (never through a symlink), its offset, and the quota: the
     // session's reservation must still fit the scope's current limit. The user can
@@ -692,6 +733,7 @@ async fn patch(
             (s, file)
         }
     };
+    unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
     let mut stream = body.into_data_stream();
@@ -702,6 +744,7 @@ async fn patch(
         let Ok(next) = tokio::time::timeout(state.stall, stream.next()).await else {
             *received = Some(written - offset);
             file.flush().await?;
+            unheld.wrote(written - offset).await;
             super::Metrics::add(&state.metrics.upload_bytes, written - offset);
             tracing::info!(bytes = written - offset, "upload body stalled");
             return Err(ApiError::TimedOut(format!(
@@ -713,6 +756,7 @@ async fn patch(
         if written + chunk.len() as u64 > s.size {
             *received = Some(written - offset);
             file.flush().await?;
+            unheld.wrote(written - offset).await;
             return Err(ApiError::TooLarge);
         }
         file.write_all(&chunk).await?;
@@ -720,6 +764,7 @@ async fn patch(
     }
     *received = Some(written - offset);
     file.flush().await?;
+    unheld.wrote(written - offset).await;
     super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
         file.sync_all().await?;
@@ -727,9 +772,13 @@ async fn patch(
         let st = state.clone();
         let id = blocking(move || {
             fsx::sync(s.staging.as_fd())?;
-            let parent = st
+            let (parent, replaced) = st
                 .reservations
                 .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
+            // The older file it replaced is gone: the scope is measured again.
+            if replaced {
+                st.reservations.removed(&s.scope_key);
+            }
             st.folders.changed(&s.folder_key);
             fsx::sync(parent.as_fd())?;
             Ok(s.id)

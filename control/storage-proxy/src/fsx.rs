@@ -206,22 +206,109 @@ pub fn mkdirs(
     parts: &[OsString],
     resolve: ResolveFlags,
 ) -> io::Result<OwnedFd> {
+    mkdirs_checked(root, parts, resolve, |_, _| Ok::<(), io::Error>(()))
+}
+
+/// [`mkdirs`], asking `check` about every level on the descriptor itself before
+/// anything is opened or created in it: `check(dir, Some(name))` before the
+/// component `name` is looked up (and created if missing) in `dir`, and
+/// `check(last, None)` of the directory returned. A level is never created in a
+/// directory `check` refused, whatever a path named when it was resolved (a
+/// component swapped for a symlink meanwhile cannot lead the creation elsewhere).
+pub fn mkdirs_checked<E: From<io::Error>>(
+    root: BorrowedFd<'_>,
+    parts: &[OsString],
+    resolve: ResolveFlags,
+    mut check: impl FnMut(BorrowedFd<'_>, Option<&OsStr>) -> Result<(), E>,
+) -> Result<OwnedFd, E> {
     let mut cur = open(root, &[], DIR, resolve)?;
     for i in 0..parts.len() {
+        check(cur.as_fd(), Some(parts[i].as_os_str()))?;
         let step = open(root, &parts[..=i], DIR, resolve);
         cur = match step {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 match rustix::fs::mkdirat(&cur, parts[i].as_os_str(), Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(io::Error::from(e).into()),
                 }
                 child_dir(cur.as_fd(), &parts[i])?
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
     }
+    check(cur.as_fd(), None)?;
     Ok(cur)
+}
+
+/// Renames `from` in `from_dir` to `to` in `to_dir` with one `renameat`, answering
+/// whether it replaced an entry: tried first without replacing
+/// (`RENAME_NOREPLACE`), and over the destination only when that says it exists.
+/// A filesystem without `RENAME_NOREPLACE` has the plain rename, reported as a
+/// replacement (the safe side for whoever recounts after one).
+pub fn rename_over(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+) -> io::Result<bool> {
+    use rustix::io::Errno;
+    match rustix::fs::renameat_with(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(false),
+        Err(Errno::EXIST | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            rustix::fs::renameat(from_dir, from, to_dir, to)?;
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A directory's device and inode.
+pub fn dir_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    identity(fd)
+}
+
+/// The most levels [`beneath`] climbs: more than a path resolved beneath a vfolder
+/// can have (`PATH_MAX` allows about 2 048 components; symlinks inside may add a few).
+const MAX_CLIMB: usize = 8_192;
+
+/// Where a directory lies, found by climbing its ancestors by `..` (the kernel's
+/// own parent links, never a path or a symlink): `Ok(true)` when one of them (or
+/// itself) is `inside`, `Ok(false)` when the climb reaches `top` or a directory in
+/// `outside` first. An error when it reaches neither (a directory moved out from
+/// under `top` meanwhile, or deeper than [`MAX_CLIMB`]).
+pub fn beneath(
+    dir: BorrowedFd<'_>,
+    inside: (u64, u64),
+    top: (u64, u64),
+    outside: Option<(u64, u64)>,
+) -> io::Result<bool> {
+    let mut held: Option<OwnedFd> = None;
+    for _ in 0..MAX_CLIMB {
+        let at = held.as_ref().map_or(dir, |fd| fd.as_fd());
+        let id = identity(at)?;
+        if id == inside {
+            return Ok(true);
+        }
+        if id == top || Some(id) == outside {
+            return Ok(false);
+        }
+        let up = rustix::fs::openat(at, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+        if identity(up.as_fd())? == id {
+            break;
+        }
+        held = Some(up);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not beneath the directory it was resolved in",
+    ))
 }
 
 /// One entry of a directory, not followed.
@@ -595,18 +682,19 @@ fn usage_capped(
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
 /// neither followed nor copied); `skip` names top-level entries left out. Calls
-/// `on_dir` for every directory copied. Returns the files copied.
+/// `on_dir` for every directory copied. Returns the files and the bytes copied.
 pub fn copy_tree(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     skip: &[&str],
     on_dir: &mut dyn FnMut(),
-) -> io::Result<u64> {
+) -> io::Result<(u64, u64)> {
     struct Copy<'a, 'b> {
         to: Trail<'a>,
         skip: &'b [&'b str],
         on_dir: &'b mut dyn FnMut(),
         files: u64,
+        bytes: u64,
     }
     impl Visitor for Copy<'_, '_> {
         fn entry(&mut self, src: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
@@ -630,7 +718,7 @@ pub fn copy_tree(
                         Mode::from_raw_mode(e.stat.st_mode & 0o777),
                         STRICT,
                     )?;
-                    io::copy(&mut from, &mut std::fs::File::from(to))?;
+                    self.bytes += io::copy(&mut from, &mut std::fs::File::from(to))?;
                     self.files += 1;
                     Ok(false)
                 }
@@ -656,10 +744,11 @@ pub fn copy_tree(
         skip,
         on_dir,
         files: 0,
+        bytes: 0,
     };
     walk(src, &mut c)?;
     (c.on_dir)();
-    Ok(c.files)
+    Ok((c.files, c.bytes))
 }
 
 /// `fsync` of a descriptor.

@@ -548,13 +548,15 @@ pub fn remove_expired_uploads(state: &State) -> usize {
         let (Ok(root), Ok(path)) = (state.volumes.root_fd(name), state.volumes.root(name)) else {
             continue;
         };
-        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`.
+        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`; `key` is the
+        // scope's path, `at` the directory's.
         let mut stack = vec![(
             fsx::open(root, &[], fsx::DIR, fsx::STRICT),
             0,
             path.to_path_buf(),
+            path.to_path_buf(),
         )];
-        while let Some((dir, depth, key)) = stack.pop() {
+        while let Some((dir, depth, key, at)) = stack.pop() {
             let Ok(dir) = dir else { continue };
             let Ok(list) = fsx::entries(dir.as_fd()) else {
                 continue;
@@ -591,8 +593,10 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                         {
                             let session = f.name.to_string_lossy();
                             state.reservations.release(&session);
-                            // Counted as committed unless a reservation held it.
+                            // Counted as committed (and in the folder's usage)
+                            // unless a reservation held it.
                             state.reservations.removed(&key);
+                            state.folders.changed(&at);
                             tracing::info!(session = %session, "expired upload removed");
                             removed += 1;
                         }
@@ -603,15 +607,20 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                     } else {
                         key.clone()
                     };
-                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key));
+                    let at = at.join(&e.name);
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key, at));
                 }
             }
         }
     }
     // A clone releases its own reservation when it ends; a session mid-PATCH is busy.
-    let idle = state.reservations.expire(state.upload_expire, |holder| {
+    let (idle, scopes) = state.reservations.expire(state.upload_expire, |holder| {
         holder.starts_with("clone-") || state.uploading.lock().is_ok_and(|set| set.contains(holder))
     });
+    // The staged files those sessions left count in their folders' usage now.
+    for scope in scopes {
+        state.folders.changed_under(&scope);
+    }
     if idle > 0 {
         tracing::info!(released = idle, "idle quota reservations released");
     }

@@ -147,7 +147,7 @@ async fn create(
     state.volumes.root_fd(&r.volume)?;
     let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
     let mode = r.mode;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let root = st.volumes.root_fd(&r.volume)?;
         // The volume's own levels are never symlinks: STRICT all the way.
@@ -159,6 +159,7 @@ async fn create(
             let scope = fsx::child_dir(root, &parts[0])?;
             if quota::limit(scope.as_fd()).is_none() {
                 quota::set_limit(scope.as_fd(), Some(limit))?;
+                limit_set(&st, &key);
             }
         }
         Ok(())
@@ -231,11 +232,13 @@ async fn quota_create(
     let name = Volumes::scope_name(&r.qsid)?;
     let limit = r.options.map(|o| o.limit_bytes);
     let (st, volume) = (state.clone(), r.volume.clone());
+    let key = state.volumes.scope(&r.volume, &r.qsid)?;
     blocking(move || {
         let root = st.volumes.root_fd(&volume)?;
         let scope = fsx::mkdirs(root, &[name.into()], fsx::STRICT)?;
         if limit.is_some() {
             quota::set_limit(scope.as_fd(), limit)?;
+            limit_set(&st, &key);
         }
         Ok(())
     })
@@ -244,6 +247,14 @@ async fn quota_create(
         tracing::info!(qsid = %r.qsid, limit, "quota set");
     }
     quota_state(&state, r.volume, &r.qsid).await
+}
+
+/// A limit was set on a scope: its first check measures it again. While it had
+/// none, uploads wrote staged bytes that no reservation held and that no
+/// measurement saw; they count against the limit from its first check on
+/// (blocking: takes the scope's lock).
+fn limit_set(state: &State, scope: &std::path::Path) {
+    state.reservations.removed(scope);
 }
 
 async fn quota_patch(
@@ -263,6 +274,7 @@ async fn quota_patch(
         quota::set_limit(scope.as_fd(), Some(limit))?;
         if let Ok(key) = st.volumes.scope(&volume, &qsid) {
             quota::remember_limit(&st, &key, Some(limit));
+            limit_set(&st, &key);
         }
         Ok(())
     })
@@ -399,13 +411,43 @@ async fn delete_folder(
         &state,
         "delete_vfolder",
         job(move || {
+            let live = st.reservations.live(&key).into_keys().collect();
+            let sessions = staged_sessions(parent.as_fd(), &name, live);
             let removed = fsx::remove_tree(parent.as_fd(), &name);
+            // The uploads in progress there are gone with their staged files: what
+            // their reservations held is free at once, not when they expire.
+            let left = staged_sessions(parent.as_fd(), &name, sessions.clone());
+            for s in sessions.iter().filter(|s| !left.contains(s)) {
+                st.reservations.release(s);
+            }
             st.reservations.removed(&key);
             folder_changed(&st, &r.volume, &r.vfid);
             removed
         }),
     );
     Ok((StatusCode::ACCEPTED, body).into_response())
+}
+
+/// Which of `sessions` (upload sessions holding a reservation) have their staged
+/// file in the vfolder `name` of `parent`: a regular file of that name directly in
+/// its staging area. Looked up by name, never listed (a user with a shell can put
+/// any number of names there).
+fn staged_sessions(
+    parent: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    sessions: Vec<String>,
+) -> Vec<String> {
+    let Ok(staging) = fsx::child_dir(parent, name).and_then(|dir| staging_dir(dir.as_fd(), false))
+    else {
+        return Vec::new();
+    };
+    sessions
+        .into_iter()
+        .filter(|s| {
+            rustix::fs::statat(&staging, s.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -481,13 +523,20 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
             let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], &mut || {
                 tracing::debug!("directory cloned");
             });
-            // Counted as committed and released in one step under the scope's lock.
-            let _ = st.reservations.commit(&key2, &holder, size, || {
+            // What was copied (not the size reserved: symlinks are not copied, and
+            // the source may have changed meanwhile) counts as committed, and the
+            // reservation is released, in one step under the scope's lock. A copy
+            // that stopped part way has the scope measured again.
+            let bytes = copied.as_ref().map_or(0, |c| c.1);
+            let _ = st.reservations.commit(&key2, &holder, bytes, || {
                 st.reservations.unpend(id);
                 Ok(())
             });
+            if copied.is_err() {
+                st.reservations.removed(&key2);
+            }
             folder_changed(&st, &dst_volume, &r.dst_vfid);
-            copied
+            copied.map(|c| c.0)
         }),
     ))
 }
@@ -629,24 +678,38 @@ struct MkdirReq {
     exist_ok: bool,
 }
 
+/// Makes one directory of a `mkdir`: never in the staging area, whether a path
+/// names it or reaches it through a symlink (each level is checked on the very
+/// descriptor the next one is created in, see [`mkdirs_outside_staging`]); an
+/// existing directory there is not "made" either.
 fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
     let parts = fsx::components(p).map_err(|e| e.to_string())?;
     outside_staging_area(&parts).map_err(|e| e.to_string())?;
-    let exists = || std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+    let exists = || ApiError::from(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+    // What is there already (a symlink to a directory of the staging area too).
+    let existing = || match fsx::open_dir(root, &parts) {
+        Ok(dir) => outside_staging_dir(root, dir.as_fd(), None).and(Err(exists())),
+        Err(_) => Err(exists()),
+    };
     let made = if parents {
         match fsx::open_dir(root, &parts) {
-            Ok(_) => Err(exists()),
-            Err(_) => fsx::mkdirs(root, &parts, fsx::BENEATH).map(drop),
+            Ok(_) => existing(),
+            Err(_) => mkdirs_outside_staging(root, &parts).map(drop),
         }
     } else {
-        fsx::parent(root, &parts).and_then(|p| {
-            rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755))
-                .map_err(Into::into)
-        })
+        fsx::parent(root, &parts)
+            .map_err(ApiError::from)
+            .and_then(|p| {
+                guard(root, p.dir.as_fd(), &p.name)?;
+                match rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755)) {
+                    Err(rustix::io::Errno::EXIST) => existing(),
+                    other => Ok(other?),
+                }
+            })
     };
     match made {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
-        Err(e) => Err(ApiError::from(e).to_string()),
+        Err(ApiError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists && exist_ok => Ok(()),
+        Err(e) => Err(e.to_string()),
         Ok(()) => Ok(()),
     }
 }
@@ -710,18 +773,27 @@ async fn rename(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     outside_staging_area(&parts)?;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
         guard(root.as_fd(), p.dir.as_fd(), &p.name)?;
         guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_ref())?;
-        let renamed = rustix::fs::renameat(&p.dir, p.name.as_os_str(), &p.dir, r.new_name.as_str());
-        // A rename may replace a file.
+        let renamed = fsx::rename_over(p.dir.as_fd(), &p.name, p.dir.as_fd(), r.new_name.as_ref());
+        replaced(&st, &key, &renamed);
         folder_changed(&st, &r.volume, &r.vfid);
-        Ok(renamed?)
+        Ok(renamed.map(drop)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A rename or move that replaced an entry freed what the entry held: the scope's
+/// next check or report measures again (as after a delete), so the room shows at
+/// once.
+fn replaced(state: &State, scope: &std::path::Path, renamed: &std::io::Result<bool>) {
+    if matches!(renamed, Ok(true)) {
+        state.reservations.removed(scope);
+    }
 }
 
 #[derive(Deserialize)]
@@ -743,20 +815,16 @@ async fn move_file(
     );
     outside_staging_area(&src)?;
     outside_staging_area(&dst)?;
-    let st = state.clone();
+    let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let from = fsx::parent(root.as_fd(), &src)?;
         let to = fsx::parent(root.as_fd(), &dst)?;
         guard(root.as_fd(), from.dir.as_fd(), &from.name)?;
         guard(root.as_fd(), to.dir.as_fd(), &to.name)?;
-        let moved = rustix::fs::renameat(
-            &from.dir,
-            from.name.as_os_str(),
-            &to.dir,
-            to.name.as_os_str(),
-        );
+        let moved = fsx::rename_over(from.dir.as_fd(), &from.name, to.dir.as_fd(), &to.name);
+        replaced(&st, &key, &moved);
         folder_changed(&st, &r.volume, &r.vfid);
-        Ok(moved?)
+        Ok(moved.map(drop)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -787,6 +855,21 @@ fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
         outside_staging_area(parts)?;
     }
     Ok(paths)
+}
+
+/// Refuses a delete as a whole, before anything is deleted, when one of its paths
+/// reaches the staging area through a symlink (or leaves the vfolder): the paths
+/// that resolve now are checked as [`delete_paths`] checks each again when its
+/// turn comes (a path missing now fails then, as before).
+fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiError> {
+    for parts in paths {
+        match fsx::parent(root, parts) {
+            Ok(p) => guard(root, p.dir.as_fd(), &p.name)?,
+            Err(e) if fsx::is_escape(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Deletes files and directories (a non-empty directory only when `recursive`);
@@ -822,6 +905,7 @@ async fn delete_files(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
+        deletable(root.as_fd(), &paths)?;
         let removed = delete_paths(root, paths, r.recursive);
         st.reservations.removed(&key);
         folder_changed(&st, &r.volume, &r.vfid);
@@ -837,6 +921,11 @@ async fn delete_files_async(
 ) -> Result<Response, ApiError> {
     let paths = deletion_targets(&r)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
+    let (root, paths) = blocking(move || {
+        deletable(root.as_fd(), &paths)?;
+        Ok((root, paths))
+    })
+    .await?;
     let recursive = r.recursive;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     let (volume, vfid) = (r.volume.clone(), r.vfid.clone());
@@ -891,7 +980,7 @@ pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 
 /// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
 /// would touch the staging area, which a path can reach through a symlink: an entry
-/// of the staging area, or the staging area itself.
+/// of the staging area or of any directory under it, or the staging area itself.
 fn guard(
     root: BorrowedFd<'_>,
     dir: BorrowedFd<'_>,
@@ -900,10 +989,72 @@ fn guard(
     if name == STAGING && same_dir(root, dir) {
         return Err(staging_refused());
     }
-    match staging_dir(root, false) {
-        Ok(staging) if same_dir(staging.as_fd(), dir) => Err(staging_refused()),
-        _ => Ok(()),
+    outside_staging_dir(root, dir, None)
+}
+
+/// Refuses `dir` (a directory resolved beneath the vfolder `root`) when it is the
+/// staging area or lies anywhere under it, reached through symlinks or not: its
+/// ancestors are climbed by `..` up to `root` (or up to `known`, a directory found
+/// outside the staging area already), each compared with the staging area by
+/// device and inode. A vfolder without a staging area (none yet, or a `.upload`
+/// that is not a directory, never followed) has nothing to refuse. A directory the
+/// climb does not lead back to `root` from (moved out of the vfolder meanwhile) is
+/// refused as an escape.
+pub fn outside_staging_dir(
+    root: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    known: Option<(u64, u64)>,
+) -> Result<(), ApiError> {
+    let Ok(staging) = staging_dir(root, false) else {
+        return Ok(());
+    };
+    let (inside, top) = (
+        fsx::dir_identity(staging.as_fd())?,
+        fsx::dir_identity(root)?,
+    );
+    match fsx::beneath(dir, inside, top, known) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(staging_refused()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(PathError::Escape.into()),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// [`fsx::mkdirs`] beneath a vfolder that never creates anything in its staging
+/// area: every level is checked (see [`outside_staging_dir`]) on the descriptor the
+/// next one is created in, and `.upload` is never created at the root, so a
+/// directory swapped for a symlink to the staging area while this runs cannot lead
+/// it there. Each check climbs only to the level checked before it.
+pub fn mkdirs_outside_staging(
+    root: BorrowedFd<'_>,
+    parts: &[OsString],
+) -> Result<OwnedFd, ApiError> {
+    let mut known = None;
+    fsx::mkdirs_checked(root, parts, fsx::BENEATH, |dir, name| {
+        if name == Some(std::ffi::OsStr::new(STAGING)) && same_dir(root, dir) {
+            return Err(staging_refused());
+        }
+        outside_staging_dir(root, dir, known)?;
+        known = Some(fsx::dir_identity(dir)?);
+        Ok(())
+    })
+}
+
+/// Refuses, when an upload session is created, a destination that reaches the
+/// staging area: its deepest directory that exists already must lie outside it and
+/// must not get `.upload` made at the vfolder's root. What is missing is checked
+/// again, level by level, when the upload completes.
+fn destination_outside_staging(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<(), ApiError> {
+    for k in (0..parts.len()).rev() {
+        match fsx::open_dir(root, &parts[..k]) {
+            Ok(dir) => return guard(root, dir.as_fd(), &parts[k]),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Not a directory, or out of the vfolder: the completion refuses it.
+            Err(e) if fsx::is_escape(&e) => return Err(e.into()),
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a
@@ -942,6 +1093,11 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }
     outside_staging_area(&parts)?;
+    let root = blocking(move || {
+        destination_outside_staging(root.as_fd(), &parts)?;
+        Ok(root)
+    })
+    .await?;
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();

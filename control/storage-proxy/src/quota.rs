@@ -27,13 +27,14 @@
 //! pass, however many PATCHes there are (`storage_proxy_quota_walks_total`).
 //!
 //! What may be stale, and by how much: only what the proxy did not do itself.
-//! Reservations are in memory and exact, and bytes the proxy puts in place are
+//! Reservations are in memory and exact, and bytes the proxy puts in place (and
+//! what a PATCH writes that no reservation holds, [`Reservations::grew`]) are
 //! added to the measurement at once (a walk in progress adds those put in place
 //! while it ran, so it may count them twice until the next walk: the safe side). A
-//! delete through the manager API has the next check measure again, so the room it
-//! frees shows at once. Bytes written, removed or replaced behind the proxy's back
-//! (from a container, on the host; also the older file an upload replaces, still
-//! counted until the next walk) show in the next walk: a check sees them at the
+//! delete through the manager API, and a rename, a move or an upload's completion
+//! that replaces a file, has the next check measure again ([`Reservations::removed`]),
+//! so the room it frees shows at once. Bytes written, removed or replaced behind the
+//! proxy's back (from a container, on the host) show in the next walk: a check sees them at the
 //! latest when they are `quota_usage_max_age_secs` old, or, when it joined a walk
 //! that was running, when they predate that walk's start. Until then writes from a
 //! container may pass the limit by what they add (they are never held by a
@@ -340,7 +341,8 @@ struct Measured {
 struct Ledger {
     measured: Option<Measured>,
     /// Bytes the proxy put in place in the scope since it started (completed
-    /// uploads, finished clones): a walk adds what was put in place while it ran.
+    /// uploads, finished clones, PATCH bytes no reservation holds): a walk adds
+    /// what was put in place while it ran.
     put_in_place: u64,
     /// Commits, and reservations let go with a staged file, since the start (a
     /// report's look is made again when one came meanwhile: both move bytes
@@ -421,6 +423,11 @@ impl Reservations {
             .collect()
     }
 
+    /// Whether `holder` holds a reservation now.
+    pub fn holding(&self, holder: &str) -> bool {
+        self.holds(holder).is_some()
+    }
+
     /// The bytes `holder` holds, if it holds a reservation.
     fn holds(&self, holder: &str) -> Option<u64> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -464,6 +471,33 @@ impl Reservations {
         Ok(done)
     }
 
+    /// `bytes` more written by the proxy to `holder`'s staged file while no
+    /// reservation holds it (a PATCH in a scope without a limit): committed at once,
+    /// as a walk would count them, and remembered with what the walk counted of the
+    /// file, so that a later reservation of the session (or its completion) takes
+    /// them off again. Blocking: takes the scope's lock.
+    pub fn grew(&self, scope: &Path, holder: &str, bytes: u64) {
+        let s = self.scope(scope);
+        let mut ledger = s.ledger();
+        // A walk running now adds them too (it may have seen them already).
+        ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
+        ledger.commits += 1;
+        s.report.changed();
+        if let Some(m) = &mut ledger.measured {
+            m.bytes = m.bytes.saturating_add(bytes);
+            let room = m.unheld.len() < MAX_UNHELD;
+            match m.unheld.get_mut(holder) {
+                Some(counted) => *counted = counted.saturating_add(bytes),
+                // Past the bound they stay counted (the safe side).
+                None if room => {
+                    m.unheld.insert(holder.to_owned(), bytes);
+                }
+                None => {}
+            }
+        }
+        s.show(&ledger);
+    }
+
     /// Leaves a directory (a clone destination being filled) out of committed bytes
     /// until `unpend`.
     pub fn pend(&self, dir: (u64, u64)) {
@@ -493,10 +527,14 @@ impl Reservations {
     }
 
     /// Releases reservations not used for longer than `idle`, except those `busy`
-    /// says are in use (a PATCH in progress); returns how many.
-    /// The scopes of sessions let go are measured again (their staged files, if
-    /// still there, count as committed now).
-    pub fn expire(&self, idle: std::time::Duration, busy: impl Fn(&str) -> bool) -> usize {
+    /// says are in use (a PATCH in progress); returns how many, and the scopes they
+    /// were in. The scopes of sessions let go are measured again (their staged
+    /// files, if still there, count as committed now).
+    pub fn expire(
+        &self,
+        idle: std::time::Duration,
+        busy: impl Fn(&str) -> bool,
+    ) -> (usize, HashSet<PathBuf>) {
         let mut scopes = HashSet::new();
         let released = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -510,10 +548,10 @@ impl Reservations {
             });
             before - held.len()
         };
-        for scope in scopes {
-            self.removed(&scope);
+        for scope in &scopes {
+            self.removed(scope);
         }
-        released
+        (released, scopes)
     }
 
     /// Bytes reserved in every scope now.

@@ -12,9 +12,11 @@
 //! - **A short-lived cache.** A vfolder's figure is served again while its walk
 //!   began at most `[storage] quota_usage_max_age_secs` ago (the bound the quota
 //!   checks already use for their measurement) and nothing changed through the API
-//!   since: an upload completed, a delete, a rename, a move, a clone into it. Those
-//!   count as a change of the folder, so the next report walks again and sees them
-//!   at once. What a container or the host writes behind the proxy's back shows at
+//!   since: an upload completed, a delete, a rename, a move, a clone into it, and
+//!   what changes how its staging area counts (a reservation let go, a PATCH's
+//!   bytes no reservation holds, the cleanup removing a staged file). Those count
+//!   as a change of the folder, so the next report walks again and sees them at
+//!   once. What a container or the host writes behind the proxy's back shows at
 //!   the latest when the figure is that old. With `quota_usage_max_age_secs = 0`
 //!   every report walks (concurrent ones still share one walk).
 //! - **Bounded.** At most [`MAX_FOLDERS`] folders are remembered; past that the
@@ -166,6 +168,22 @@ impl Folders {
             .get(key)
             .cloned();
         if let Some(f) = f {
+            f.changed();
+        }
+    }
+
+    /// Every folder under `dir` changed (a scope whose sessions' reservations were
+    /// let go: their staged files count in their folders' usage from then on).
+    pub fn changed_under(&self, dir: &Path) {
+        let under: Vec<Arc<FolderFlight>> = self
+            .folders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(k, _)| k.starts_with(dir))
+            .map(|(_, f)| f.clone())
+            .collect();
+        for f in under {
             f.changed();
         }
     }

@@ -534,3 +534,214 @@ fn the_completing_rename_is_fenced_by_fsyncs() {
         "no fsync of the destination after the rename:\n{text}"
     );
 }
+
+/// The entries of a vfolder's staging area that are not staged files of sessions
+/// (32 hex digits): what the API put there that it must not have.
+fn staging_extras(vf: &Path) -> Vec<String> {
+    snapshot(&vf.join(".upload"))
+        .into_keys()
+        .filter(|k| !(k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit())))
+        .collect()
+}
+
+/// Everything that creates a path through the manager or client API refuses one
+/// that reaches the staging area (`.upload` at the vfolder's root, or anything
+/// under it) through a symlink a user made, however deep, with the same 400 as
+/// the name itself: `mkdir` (with and without parents), an upload's session and its
+/// completion (a link made after the session), and moves, renames and deletes of
+/// entries below a directory of the staging area. Symlinks that stay elsewhere in
+/// the vfolder still work. Before, only the staging area's own entries were
+/// refused through a link, and `mkdir` and an upload's missing parents went
+/// through it.
+#[test]
+fn paths_created_through_a_symlink_never_reach_the_staging_area() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    assert_eq!(p.upload("a.bin", &[1u8; 100]).status, 204);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join(".upload/sub")).expect("sub");
+    std::fs::write(vf.join(".upload/sub/f.bin"), b"user").expect("f");
+    std::os::unix::fs::symlink(".upload", vf.join("link")).expect("link");
+    std::os::unix::fs::symlink(".upload/sub", vf.join("deep")).expect("link");
+    std::os::unix::fs::symlink(".", vf.join("here")).expect("link");
+    std::fs::create_dir(vf.join("real")).expect("real");
+    std::os::unix::fs::symlink("real", vf.join("inner")).expect("link");
+    let extras = staging_extras(&vf);
+    let call = |path: &str, body: serde_json::Value| {
+        let mut body = body;
+        body["volume"] = "local".into();
+        body["vfid"] = VFID.into();
+        p.manager(path, body, None)
+    };
+    let refused = |r: appproxy_test_support::http::Resp| {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["code"], "invalid-api-params");
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(title.contains("staging area"), "{title}");
+    };
+    for (path, parents, exist_ok) in [
+        ("link/d", false, false),
+        ("link/d", true, false),
+        ("link/sub/d", false, false),
+        ("link/sub/d/e", true, false),
+        ("deep/x/y", true, true),
+        ("deep/e", false, true),
+        ("here/.upload", false, true),
+        ("here/.upload/z", true, true),
+        ("link", true, true),
+        ("deep", false, true),
+    ] {
+        let r = call(
+            "/folder/file/mkdir",
+            serde_json::json!({"relpath": path, "parents": parents, "exist_ok": exist_ok}),
+        );
+        assert_eq!(
+            r.status,
+            422,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let msg = r.json()["results"]["failed"][0]["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(msg.contains("staging area"), "{path}: {msg}");
+    }
+    // Sessions: refused when they are created.
+    for path in [
+        "link/sub/new.bin",
+        "deep/new.bin",
+        "here/.upload",
+        "deep/x/y.bin",
+    ] {
+        refused(call(
+            "/folder/file/upload",
+            serde_json::json!({"relpath": path, "size": 4}),
+        ));
+    }
+    // Completion: the link is made after the session was created.
+    let token = |relpath: &str| {
+        p.token(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath, "size": 4}),
+        )
+    };
+    let later = token("later/x.bin");
+    let later2 = token("later2/new/x.bin");
+    std::os::unix::fs::symlink(".upload/sub", vf.join("later")).expect("link");
+    std::os::unix::fs::symlink(".upload", vf.join("later2")).expect("link");
+    refused(p.tus_patch(&later, "0", b"data"));
+    refused(p.tus_patch(&later2, "0", b"data"));
+    // Moves, renames and deletes below a directory of the staging area.
+    let mv = |src: &str, dst: &str| {
+        call(
+            "/folder/file/move",
+            serde_json::json!({"src_relpath": src, "dst_relpath": dst}),
+        )
+    };
+    refused(mv("a.bin", "link/sub/a.bin"));
+    refused(mv("a.bin", "deep/a.bin"));
+    refused(mv("deep/f.bin", "out.bin"));
+    refused(mv("link/sub/f.bin", "out.bin"));
+    refused(call(
+        "/folder/file/rename",
+        serde_json::json!({"relpath": "deep/f.bin", "new_name": "g.bin"}),
+    ));
+    let r = call(
+        "/folder/file/delete",
+        serde_json::json!({"relpaths": ["deep/f.bin"]}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    // Nothing was created, moved or removed in the staging area.
+    assert_eq!(staging_extras(&vf), extras);
+    assert_eq!(
+        std::fs::read(vf.join(".upload/sub/f.bin")).expect("f"),
+        b"user"
+    );
+    assert_eq!(std::fs::read(vf.join("a.bin")).expect("a").len(), 100);
+    // Links elsewhere in the vfolder work as before.
+    let r = call(
+        "/folder/file/mkdir",
+        serde_json::json!({"relpath": ["inner/x/y", "here/z"], "parents": true}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(vf.join("real/x/y").is_dir() && vf.join("z").is_dir());
+    assert_eq!(p.upload("inner/x/up.bin", b"data").status, 204);
+    assert_eq!(mv("a.bin", "inner/a.bin").status, 204);
+    assert_eq!(
+        std::fs::read(vf.join("real/x/up.bin")).expect("up"),
+        b"data"
+    );
+    assert!(vf.join("real/a.bin").is_file());
+}
+
+/// A directory swapped for a symlink to the staging area while `mkdir` with parents
+/// and uploads into it run: nothing is ever created in the staging area, whichever
+/// the path named at each instant (each level is checked on the descriptor it is
+/// created in). Before, about every other call landed in the staging area.
+#[test]
+fn a_directory_swapped_for_the_staging_area_never_leads_creation_there() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    assert_eq!(p.upload("a.bin", b"data").status, 204);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("flip")).expect("real dir");
+    std::os::unix::fs::symlink(".upload", vf.join("flipalt")).expect("link");
+    let flipper = Flipper::start(vf.join("flip"), vf.join("flipalt"));
+    hammer(4, 30, |t, i| {
+        let r = p.manager(
+            "/folder/file/mkdir",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": format!("flip/n-{t}-{i}/d"), "parents": true}),
+            None,
+        );
+        assert!(
+            [200, 422].contains(&r.status),
+            "{}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        let r = p.upload(&format!("flip/u-{t}-{i}/x.bin"), b"data");
+        assert!(
+            [204, 400].contains(&r.status),
+            "{}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    });
+    assert!(flipper.stop() > 0);
+    assert_eq!(staging_extras(&vf), Vec::<String>::new());
+}
+
+/// A delete listing a path that reaches the staging area through a symlink is
+/// refused as a whole before anything is deleted, with the staging area's 400 (as
+/// a path naming `.upload` is), also as a background task. Before, the paths
+/// listed ahead of it were deleted, and the refusal was a filesystem error (or a
+/// background task that failed after a 202).
+#[test]
+fn a_delete_reaching_the_staging_area_is_refused_before_anything_goes() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    assert_eq!(p.upload("a.bin", b"data").status, 204);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join(".upload/sub")).expect("sub");
+    std::fs::write(vf.join(".upload/sub/f.bin"), b"user").expect("f");
+    std::os::unix::fs::symlink(".upload/sub", vf.join("deep")).expect("link");
+    for route in ["/folder/file/delete", "/folder/file/delete-async"] {
+        let r = p.manager(
+            route,
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["a.bin", "deep/f.bin"]}),
+            None,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{route}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{route}");
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(title.contains("staging area"), "{route}: {title}");
+        assert!(vf.join("a.bin").is_file(), "{route}: nothing deleted");
+        assert!(vf.join(".upload/sub/f.bin").is_file());
+    }
+}

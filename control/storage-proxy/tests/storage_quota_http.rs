@@ -918,3 +918,178 @@ fn the_api_refuses_the_staging_area_as_source_or_destination() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+/// A rename, a move or an upload that replaces a file frees the room of the file
+/// it replaced for the next check and report at once, however young the
+/// measurement, as a delete does (the check measures again). Before, the replaced
+/// file stayed counted until the measurement was `quota_usage_max_age_secs` old.
+#[test]
+fn a_file_replaced_through_the_api_frees_its_room_at_once() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 10_000);
+    let call = |path: &str, body: serde_json::Value| {
+        let mut body = body;
+        body["volume"] = "local".into();
+        body["vfid"] = VFID.into();
+        let r = p.manager(path, body, None);
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    };
+    // A rename over a file.
+    assert_eq!(p.upload("big.bin", &[5u8; 8_000]).status, 204);
+    assert_eq!(p.upload("small.bin", &[1u8; 100]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 8_100);
+    assert_eq!(upload_token(&p, "next.bin", 3_000).status, 413);
+    call(
+        "/folder/file/rename",
+        serde_json::json!({"relpath": "small.bin", "new_name": "big.bin"}),
+    );
+    assert_eq!(quota_scope(&p)["used_bytes"], 100);
+    // A move over a file.
+    assert_eq!(p.upload("d/big.bin", &[5u8; 8_000]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 8_100);
+    call(
+        "/folder/file/move",
+        serde_json::json!({"src_relpath": "big.bin", "dst_relpath": "d/big.bin"}),
+    );
+    assert_eq!(quota_scope(&p)["used_bytes"], 100);
+    // Uploads over a file: the older file's bytes go, the new ones count.
+    assert_eq!(p.upload("d/big.bin", &[6u8; 8_000]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 8_000);
+    assert_eq!(p.upload("d/big.bin", &[7u8; 50]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 50);
+    // Exactly the room left fits, one byte more does not.
+    assert_eq!(upload_token(&p, "next.bin", 9_951).status, 413);
+    let r = upload_token(&p, "next.bin", 9_950);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A finished clone counts what it copied: a symlink in the source (whose target's
+/// length the source counts, as `st_size`) is not copied and adds nothing to the
+/// destination. Before, the clone added the size it reserved, symlinks included,
+/// and the scope stayed overcounted until the next walk.
+#[test]
+fn a_finished_clone_counts_the_bytes_it_copied() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 100_000);
+    // Made before the scope is first measured (by the upload's check).
+    std::os::unix::fs::symlink("x".repeat(3_000), p.vfolder_path().join("l")).expect("link");
+    assert_eq!(p.upload("a.bin", &[1u8; 400]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(q["used_bytes"], 3_400, "{q}");
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A hang guard, not a timing assertion: the copy runs in the background and
+    // releases its reservation when it ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let q = loop {
+        let q = quota_scope(&p);
+        if q["reserved_bytes"] == 0 {
+            break q;
+        }
+        assert!(std::time::Instant::now() < deadline, "{q}\n{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(q["used_bytes"], 3_800, "{q}");
+    let copy = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e");
+    assert_eq!(
+        std::fs::read(copy.join("a.bin")).expect("copied").len(),
+        400
+    );
+    assert!(std::fs::symlink_metadata(copy.join("l")).is_err());
+}
+
+/// Deleting a vfolder with an upload in progress frees what the upload's
+/// reservation held at once (its staged file is gone with the folder): a new
+/// upload of the room fits. Before, the reservation held the scope's room until it
+/// expired as idle (`upload_expire_secs`, a day by default).
+#[test]
+fn deleting_a_vfolder_frees_the_reservations_of_its_uploads() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 10_000);
+    let r = upload_token(&p, "a.bin", 8_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &token, 0, &[1u8; 1_000]).status, 204);
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000);
+    let r = p.manager(
+        "/folder/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    // A hang guard, not a timing assertion: the delete runs in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while quota_scope(&p)["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!p.vfolder_path().exists());
+    assert_eq!(quota_scope(&p)["used_bytes"], 0);
+    create_folder(&p);
+    let r = upload_token(&p, "b.bin", 10_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A limit set on a scope has its first check measure the scope again: what an
+/// upload wrote while the scope had none (no reservation held it) counts at once.
+/// Before, the check took the measurement made before those bytes, and a session
+/// the staged bytes left no room for was accepted.
+#[test]
+fn a_limit_set_counts_what_uploads_wrote_while_there_was_none() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_folder(&p);
+    assert_eq!(quota_scope(&p)["used_bytes"], 0);
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &a, 0, &[1u8; 900]).status, 204);
+    set_limit(&p, 1_000);
+    let r = upload_token(&p, "b.bin", 500);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(quota_scope(&p)["used_bytes"], 900);
+    // The session resumes under the limit, its staged bytes counted once.
+    assert_eq!(patch(&p, &a, 900, &[1u8; 100]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+        (1_000.into(), 0.into())
+    );
+    assert_eq!(upload_token(&p, "c.bin", 1).status, 413);
+}
+
+/// In a scope without a limit an upload's PATCHes write bytes no reservation holds:
+/// `GET /quota-scope` (and `/metrics`) count them at once, however young the
+/// measurement, and the completed file once. Before, they showed only once the
+/// measurement was `quota_usage_max_age_secs` old.
+#[test]
+fn bytes_a_patch_writes_without_a_reservation_show_in_the_scope_report_at_once() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_folder(&p);
+    assert_eq!(quota_scope(&p)["used_bytes"], 0);
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    for (offset, used) in [(0, 300), (300, 600)] {
+        assert_eq!(patch(&p, &a, offset, &[1u8; 300]).status, 204);
+        let q = quota_scope(&p);
+        assert_eq!(
+            (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
+            (used.into(), 0.into()),
+            "{q}"
+        );
+    }
+    assert_eq!(patch(&p, &a, 600, &[1u8; 400]).status, 204);
+    assert_eq!(quota_scope(&p)["used_bytes"], 1_000);
+    assert_eq!(walks(&p), 1, "one walk: the first report");
+    // Measured again, the figure is the same.
+    set_limit(&p, 5_000);
+    assert_eq!(quota_scope(&p)["used_bytes"], 1_000);
+}

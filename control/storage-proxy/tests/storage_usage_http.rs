@@ -321,3 +321,116 @@ fn concurrent_quota_scope_reports_share_the_quota_measurement() {
         ) >= 1
     );
 }
+
+/// A session's token and its staged file's path (the only session in the folder).
+fn session(p: &Proxy, size: usize) -> (String, std::path::PathBuf) {
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "up.bin", "size": size}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("staging area")
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .expect("staged file");
+    (token, staged)
+}
+
+/// Polls `/folder/usage` until it reports `want` (a hang guard for a background
+/// pass, not a timing assertion: it fails only when the figure never comes).
+fn usage_becomes(p: &Proxy, want: (u64, u64)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let j = p.manager_method("GET", "/folder/usage", folder()).json();
+        if (j["file_count"].as_u64(), j["used_bytes"].as_u64()) == (Some(want.0), Some(want.1)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {j}, not {want:?}\n{}",
+            p.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(usage(p), want);
+}
+
+/// The expired-upload cleanup removing a staged file that counted in a folder's
+/// usage (no reservation held it: a scope without a limit) is a change of the
+/// folder: its next report walks again. Before, the removed file stayed in the
+/// report until the figure was `quota_usage_max_age_secs` old.
+#[test]
+fn a_staged_file_removed_by_the_cleanup_leaves_the_usage_report() {
+    let p = Proxy::start(
+        "quota_usage_max_age_secs = 3600\nupload_expire_secs = 1\ncleanup_interval_secs = 1\n",
+    );
+    create_folder(&p);
+    let (token, staged) = session(&p, 1_000);
+    assert_eq!(p.tus_patch(&token, "0", &[1u8; 300]).status, 204);
+    assert_eq!(usage(&p), (1, 300));
+    usage_becomes(&p, (0, 0));
+    assert!(!staged.exists());
+}
+
+/// A reservation let go as idle (its staged file kept, as a shell's `touch` keeps
+/// it from the cleanup) gives the staged file back to the folder's usage: the next
+/// report walks again. Before, the report left it out until the figure was old.
+#[test]
+fn a_reservation_let_go_as_idle_shows_its_staged_file_in_the_usage_report() {
+    let p = Proxy::start(
+        "quota_usage_max_age_secs = 3600\nupload_expire_secs = 1\ncleanup_interval_secs = 1\n",
+    );
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 100_000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let (token, staged) = session(&p, 1_000);
+    assert_eq!(p.tus_patch(&token, "0", &[1u8; 300]).status, 204);
+    // Held by the live session's reservation: not in the folder's figure.
+    assert_eq!(usage(&p), (0, 0));
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .expect("staged")
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .expect("mtime");
+    usage_becomes(&p, (1, 300));
+    assert!(staged.exists());
+}
+
+/// A PATCH whose check lets the session's reservation go (the scope's limit was
+/// removed) gives the staged file to the folder's usage, and in a scope without a
+/// limit each PATCH's bytes show in the next report: both are writes through the
+/// API. Before, the report kept leaving the staged file out.
+#[test]
+fn staged_bytes_no_reservation_holds_show_in_the_usage_report_after_each_patch() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": VFID, "options": {"initial_max_size_for_quota_scope": 100_000}}),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let (token, _) = session(&p, 1_000);
+    assert_eq!(p.tus_patch(&token, "0", &[1u8; 300]).status, 204);
+    assert_eq!(usage(&p), (0, 0));
+    let r = p.manager_method(
+        "DELETE",
+        "/quota-scope/quota",
+        serde_json::json!({"volume": "local", "qsid": QSID}),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(p.tus_patch(&token, "300", &[1u8; 300]).status, 204);
+    assert_eq!(usage(&p), (1, 600));
+    assert_eq!(p.tus_patch(&token, "600", &[1u8; 300]).status, 204);
+    assert_eq!(usage(&p), (1, 900));
+    assert_eq!(p.tus_patch(&token, "900", &[1u8; 100]).status, 204);
+    assert_eq!(usage(&p), (1, 1_000));
+    assert!(p.vfolder_path().join("up.bin").exists());
+}
