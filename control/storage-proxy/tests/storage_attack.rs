@@ -282,16 +282,19 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
 /// process survives.
 #[test]
 fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
+    // The kernel's work per level grows with the depth: on a loaded machine each
+    // walk of this tree takes up to a minute in a debug build.
+    const DEEP_WAIT: Duration = Duration::from_secs(300);
     let p = Proxy::start("");
     create_folder(&p);
     let _flatten = Flatten(p.dir.path().join("vol"));
     let vf = p.vfolder_path();
     let depth = 25_000;
     chain(&vf, "d", depth, "bottom.bin", &[7u8; 1000]);
-    let r = p.manager(
+    let r = p.manager_within(
         "/folder/usage",
         serde_json::json!({"volume": "local", "vfid": VFID}),
-        None,
+        DEEP_WAIT,
     );
     assert!(
         alive(&p),
@@ -301,34 +304,34 @@ fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["used_bytes"], 1000, "the bottom file is counted");
     // The quota check walks the scope: the bottom file's bytes count there too.
-    let r = p.manager(
+    let r = p.manager_within(
         "/quota-scope",
         serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 1500}}),
-        None,
+        DEEP_WAIT,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["used_bytes"], 1000);
-    let r = p.manager(
+    let r = p.manager_within(
         "/folder/file/upload",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 600}),
-        None,
+        DEEP_WAIT,
     );
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
-    let r = p.manager(
+    let r = p.manager_within(
         "/quota-scope",
         serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 100_000}}),
-        None,
+        DEEP_WAIT,
     );
     assert_eq!(r.status, 200);
     // A clone copies it all.
     let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
-    let r = p.manager(
+    let r = p.manager_within(
         "/folder/clone",
         serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
-        None,
+        DEEP_WAIT,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + DEEP_WAIT;
     loop {
         assert!(alive(&p), "the proxy died cloning a deep tree: {}", p.log());
         let done = p
@@ -341,17 +344,17 @@ fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
         assert!(std::time::Instant::now() < deadline, "clone never ended");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let r = p.manager(
+    let r = p.manager_within(
         "/folder/usage",
         serde_json::json!({"volume": "local", "vfid": dst}),
-        None,
+        DEEP_WAIT,
     );
     assert_eq!(r.json()["used_bytes"], 1000, "{}", p.log());
     // A recursive delete removes it all.
-    let r = p.manager(
+    let r = p.manager_within(
         "/folder/file/delete",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["d"], "recursive": true}),
-        None,
+        DEEP_WAIT,
     );
     assert!(
         alive(&p),

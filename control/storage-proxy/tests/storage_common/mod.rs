@@ -107,6 +107,28 @@ impl Proxy {
             .collect()
     }
 
+    /// A manager call answered within `wait` (else the test fails), for work whose
+    /// time grows with the machine's load: a walk of a tree deeper than any stack.
+    pub fn manager_within(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        wait: std::time::Duration,
+    ) -> Resp {
+        appproxy_test_support::http::request_within(
+            self.manager,
+            "POST",
+            path,
+            &[
+                ("X-BackendAI-Storage-Auth-Token", TOKEN),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+            wait,
+        )
+        .expect("an answer within the wait")
+    }
+
     pub fn manager(&self, path: &str, body: serde_json::Value, request_id: Option<&str>) -> Resp {
         let mut headers = vec![
             ("X-BackendAI-Storage-Auth-Token", TOKEN),
