@@ -205,7 +205,8 @@ impl std::fmt::Display for Error {
 /// The client a connection serves once its header is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Relayed {
-    /// The client's address: the one the header names, or else the balancer's own.
+    /// The client's address: the one the header names (an IPv4-mapped IPv6 address
+    /// as its IPv4 address), or else the balancer's own.
     pub addr: SocketAddr,
     /// Whether the header named it. One that names no client (v1 `UNKNOWN`, v2
     /// `LOCAL`) is a balancer's health check, but also what a balancer sends for a
@@ -235,8 +236,11 @@ pub async fn accept(
         return None;
     }
     let client = match header {
+        // A balancer listening dual-stack relays an IPv4 client as an IPv4-mapped
+        // IPv6 address (HAProxy on `[::]:443 v4v6`): it is the IPv4 client, for the
+        // app and for IPv4 allowlists and limits alike.
         Ok(Some(source)) => Relayed {
-            addr: source,
+            addr: SocketAddr::new(source.ip().to_canonical(), source.port()),
             named: true,
         },
         Ok(None) => Relayed {

@@ -271,3 +271,41 @@ fn a_header_naming_no_client_does_not_make_forwarding_headers_believed() {
     );
     assert_eq!(seen.header("x-real-ip"), Some("203.0.113.66"));
 }
+
+/// A balancer listening dual-stack (HAProxy's `bind [::]:443 v4v6`) relays an IPv4
+/// client as an IPv4-mapped IPv6 address, in either version: the client is the IPv4
+/// address (what the app is told, what IPv4 allowlists and limits see).
+#[test]
+fn an_ipv4_mapped_client_is_its_ipv4_address() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "");
+    let mut c = Client::connect(w.addr());
+    c.send(b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:127.0.0.1 56324 443\r\nGET /mapped HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("192.0.2.7"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.header("forwarded")
+            .map(|f| f.starts_with("for=192.0.2.7;")),
+        Some(true),
+        "{seen:?}"
+    );
+    let mut body = vec![0u8; 10];
+    body.extend([0xff, 0xff, 198, 51, 100, 9]);
+    body.extend([0u8; 10]);
+    body.extend([0xff, 0xff, 127, 0, 0, 1]);
+    body.extend(40000u16.to_be_bytes());
+    body.extend(443u16.to_be_bytes());
+    let mut bytes = b"\r\n\r\n\x00\r\nQUIT\n\x21\x21".to_vec();
+    bytes.extend((body.len() as u16).to_be_bytes());
+    bytes.extend(body);
+    bytes.extend(b"GET /mapped2 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut c = Client::connect(w.addr());
+    c.send(&bytes);
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("198.51.100.9"));
+}

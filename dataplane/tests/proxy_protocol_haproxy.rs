@@ -2,7 +2,8 @@
 //! implementation of the protocol, started by the test on free ports and killed at the
 //! end): `send-proxy` (v1), `send-proxy-v2`, and `send-proxy-v2` with extensions
 //! (`proxy-v2-options`: CRC32C, unique ID, authority), from an IPv4 client on another
-//! loopback address and from an IPv6 client on `[::1]`. The app is told of the client
+//! loopback address, from an IPv6 client on `[::1]`, and from an IPv4 client of a
+//! dual-stack bind (relayed as an IPv4-mapped address). The app is told of the client
 //! HAProxy relays, whatever its source port; HAProxy's own health checks
 //! (`check-send-proxy`: v1 naming HAProxy's own connection, v2 `LOCAL`) reach the app
 //! as the balancer's requests and keep the server up. A client HAProxy cannot
@@ -38,6 +39,8 @@ fn haproxy_bin() -> PathBuf {
 struct Front {
     name: &'static str,
     port: u16,
+    /// A second port, listened on dual-stack (`[::]:PORT v4v6`) when IPv6 is there.
+    dual_port: u16,
     server_options: &'static str,
 }
 
@@ -61,7 +64,11 @@ impl Haproxy {
                 n = f.name,
                 p = f.port,
                 dir = dir.path().display(),
-                v6 = if v6 { format!("  bind [::1]:{}\n", f.port) } else { String::new() },
+                v6 = if v6 {
+                    format!("  bind [::1]:{}\n  bind [::]:{} v4v6\n", f.port, f.dual_port)
+                } else {
+                    String::new()
+                },
                 o = f.server_options,
             ));
         }
@@ -92,6 +99,9 @@ impl Haproxy {
         let mut h = Self { child, dir };
         for f in fronts {
             h.wait_port(SocketAddr::from(([127, 0, 0, 1], f.port)));
+            if v6 {
+                h.wait_port(SocketAddr::from(([127, 0, 0, 1], f.dual_port)));
+            }
         }
         h
     }
@@ -198,16 +208,19 @@ fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
         Front {
             name: "v1",
             port: free_port(),
+            dual_port: free_port(),
             server_options: "send-proxy",
         },
         Front {
             name: "v2",
             port: free_port(),
+            dual_port: free_port(),
             server_options: "send-proxy-v2",
         },
         Front {
             name: "v2tlv",
             port: free_port(),
+            dual_port: free_port(),
             server_options: "send-proxy-v2 proxy-v2-options crc32c,unique-id,authority",
         },
     ];
@@ -261,6 +274,14 @@ fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
             let s = up.last();
             assert_eq!(s.path, path);
             assert_eq!(s.header("x-forwarded-for"), Some("::1"), "{s:?}");
+            // An IPv4 client of the dual-stack port: relayed as an IPv4-mapped IPv6
+            // address, it is the IPv4 client.
+            let via = SocketAddr::from(([127, 0, 0, 1], f.dual_port));
+            let path = format!("/{}/dual", f.name);
+            assert_eq!(through(via, Some(Ipv4Addr::new(127, 0, 0, 6)), &path), 200);
+            let s = up.last();
+            assert_eq!(s.path, format!("{path}/again"));
+            assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.6"), "{s:?}");
         }
     }
     // A client on HAProxy's UNIX socket: relayed with a header naming no client. Its
