@@ -775,6 +775,13 @@ impl TcpConn {
         self.reg.set_reusable(reusable, idle);
     }
 
+    /// Whether the peer's end of stream has been seen (by the reactor, since the
+    /// descriptor joined its set): what [`TcpConn::peek`] shows then is all that will
+    /// ever come, and a peek no longer waits.
+    pub fn peer_closed(&self) -> bool {
+        self.reg.read_closed()
+    }
+
     /// Whether the deadline passed (the next wait fails with `TimedOut`).
     pub fn timed_out(&self) -> bool {
         self.reg.timed_out()

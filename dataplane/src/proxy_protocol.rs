@@ -33,9 +33,9 @@ pub const V2_MAX: usize = 16 + 2048;
 pub struct Header {
     /// Its length in bytes: what is taken off the socket.
     pub len: usize,
-    /// The client's address and port, when the header names one. `None`: the
-    /// balancer's own connection (v2 `LOCAL` or v1 `UNKNOWN`, a health check); the
-    /// socket's peer stands.
+    /// The client's address and port, when the header names one. `None`: v2
+    /// `LOCAL` or v1 `UNKNOWN`, the balancer's own connection (a health check) or a
+    /// client it cannot describe; the socket's peer stands (see [`Relayed`]).
     pub source: Option<SocketAddr>,
 }
 
@@ -74,12 +74,17 @@ pub fn parse(buf: &[u8]) -> Parsed {
 /// `PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\r\n` or `PROXY UNKNOWN …\r\n`.
 fn parse_v1(buf: &[u8]) -> Parsed {
     let window = &buf[..buf.len().min(V1_MAX)];
+    // "UNKNOWN": the receiver must ignore anything before the CRLF.
+    let unknown = |line: &[u8]| line == b"UNKNOWN" || line.starts_with(b"UNKNOWN ");
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
-        // A bare LF, or a CR followed by anything but LF, can never end well.
-        let stray = window
-            .iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'\n' || (b == b'\r' && i + 1 < window.len()));
+        // A bare LF, or a CR followed by anything but LF, can never end well, but in
+        // the ignored rest of an UNKNOWN line (refusing it there would make the
+        // verdict depend on how the line was split over segments).
+        let stray = !unknown(&window[6..])
+            && window
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'\n' || (b == b'\r' && i + 1 < window.len()));
         return if stray || buf.len() >= V1_MAX {
             Parsed::Invalid("PROXY v1 header without CRLF within 107 bytes")
         } else {
@@ -87,13 +92,13 @@ fn parse_v1(buf: &[u8]) -> Parsed {
         };
     };
     let len = end + 2;
+    if unknown(&buf[6..end]) {
+        // The balancer could not say: the rest, whatever its bytes, is ignored.
+        return Parsed::Done(Header { len, source: None });
+    }
     let Ok(line) = std::str::from_utf8(&buf[6..end]) else {
         return Parsed::Invalid("PROXY v1 header is not ASCII");
     };
-    if line == "UNKNOWN" || line.starts_with("UNKNOWN ") {
-        // The balancer could not say (its own connection): the rest is ignored.
-        return Parsed::Done(Header { len, source: None });
-    }
     let fields: Vec<&str> = line.split(' ').collect();
     let [proto, src, dst, sport, dport] = fields[..] else {
         return Parsed::Invalid("PROXY v1 header needs five fields, single spaces");
@@ -197,16 +202,30 @@ impl std::fmt::Display for Error {
     }
 }
 
+/// The client a connection serves once its header is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    /// The client's address: the one the header names (an IPv4-mapped IPv6 address
+    /// as its IPv4 address), or else the balancer's own.
+    pub addr: SocketAddr,
+    /// Whether the header named it. One that names no client (v1 `UNKNOWN`, v2
+    /// `LOCAL`) is a balancer's health check, but also what a balancer sends for a
+    /// client it cannot describe (HAProxy does for one on a UNIX socket): served as
+    /// the balancer's address, never as the trusted proxy, so the forwarding headers
+    /// of its requests are not believed.
+    pub named: bool,
+}
+
 /// Takes the header of a connection to `port` accepted from the trusted proxy `peer`
 /// (within the head timeout) and admits the client it names under `[limits]
-/// max_connections_per_client`: that client's address, or `None` when the connection
-/// is to be closed unserved (counted and logged; shed at the cap while waiting).
+/// max_connections_per_client`: that client, or `None` when the connection is to be
+/// closed unserved (counted and logged; shed at the cap while waiting).
 pub async fn accept(
     core: &Core,
     conn: &mut TcpConn,
     port: u16,
     peer: SocketAddr,
-) -> Option<SocketAddr> {
+) -> Option<Relayed> {
     conn.set_timeout(core.rt.head_timeout);
     // Nothing in hand yet: at the connection cap it may be closed for a new one.
     conn.set_reusable(true, false);
@@ -217,13 +236,23 @@ pub async fn accept(
         return None;
     }
     let client = match header {
-        Ok(source) => source.unwrap_or(peer),
+        // A balancer listening dual-stack relays an IPv4 client as an IPv4-mapped
+        // IPv6 address (HAProxy on `[::]:443 v4v6`): it is the IPv4 client, for the
+        // app and for IPv4 allowlists and limits alike.
+        Ok(Some(source)) => Relayed {
+            addr: SocketAddr::new(source.ip().to_canonical(), source.port()),
+            named: true,
+        },
+        Ok(None) => Relayed {
+            addr: peer,
+            named: false,
+        },
         Err(e) => {
             core.refuse_proxy_protocol(port, peer, &e);
             return None;
         }
     };
-    core.admit_proxied_client(conn, port, client.ip())
+    core.admit_proxied_client(conn, port, client.addr.ip())
         .then_some(client)
 }
 
@@ -242,6 +271,12 @@ pub async fn read(conn: &TcpConn) -> Result<Option<SocketAddr>, Error> {
                 return Ok(h.source);
             }
             Parsed::Invalid(why) => return Err(Error::Invalid(why)),
+            // The peer's end of stream was seen before this peek (the reactor
+            // marks it between polls, never during one), so these bytes are all
+            // there will be: a peek would show them again at once, forever.
+            Parsed::Incomplete if conn.peer_closed() => {
+                return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()))
+            }
             // The peek was short, so the next one waits for more bytes (the
             // parser's bounds refuse a header before it could fill the buffer).
             Parsed::Incomplete => {}
@@ -320,6 +355,12 @@ mod tests {
                 parse(input)
             );
         }
+        // UNKNOWN: whatever comes before the CRLF is ignored, a bare LF or bytes
+        // that are not ASCII included, and a prefix of it is only incomplete.
+        assert_eq!(parse(b"PROXY UNKNOWN \xff\x00\n\rx\r\n"), done(21, None));
+        assert_eq!(parse(b"PROXY UNKNOWN \xff\x00\n\rx"), Parsed::Incomplete);
+        assert!(matches!(parse(b"PROXY UNKNOWN\n"), Parsed::Invalid(_)));
+        assert!(matches!(parse(b"PROXY UNKNOWNX\r\n"), Parsed::Invalid(_)));
         // No CRLF within the bound: refused, not waited for.
         let mut long = b"PROXY UNKNOWN ".to_vec();
         long.resize(V1_MAX, b'a');

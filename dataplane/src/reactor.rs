@@ -837,6 +837,12 @@ impl Registration {
         self.with(|s| s.timed_out)
     }
 
+    /// Whether the peer's end of stream (or a hang-up) has been seen: every byte it
+    /// sent is already in the socket, and no further edge will come.
+    pub fn read_closed(&self) -> bool {
+        self.with(|s| s.read_closed)
+    }
+
     /// The owning reactor.
     pub fn reactor(&self) -> &Rc<Reactor> {
         &self.reactor

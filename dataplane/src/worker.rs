@@ -618,26 +618,27 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                     if !proxied && !conn.is_tls() {
                         // Boxed here, once: the connection future is several KiB,
                         // and spawning it unboxed copied it at every wrapper.
-                        spawn(Box::pin(serve(core.clone(), conn, peer, port, kind))).detach();
+                        spawn(Box::pin(serve(core.clone(), conn, peer, port, kind, true))).detach();
                         continue;
                     }
                     let core = core.clone();
                     spawn(Box::pin(async move {
                         // The PROXY protocol header comes before everything, TLS
-                        // included; the client it names is the peer from then on.
-                        let peer = if proxied {
+                        // included; the client it names is the peer from then on (one
+                        // it names not is never taken for the trusted proxy).
+                        let (peer, trust_forwarding) = if proxied {
                             match crate::proxy_protocol::accept(&core, &mut conn, port, peer).await
                             {
-                                Some(client) => client,
+                                Some(client) => (client.addr, client.named),
                                 None => return,
                             }
                         } else {
-                            peer
+                            (peer, true)
                         };
                         if conn.is_tls() && !crate::tls::handshake(&core, &conn, peer).await {
                             return;
                         }
-                        serve(core, conn, peer, port, kind).await;
+                        serve(core, conn, peer, port, kind, trust_forwarding).await;
                     }))
                     .detach();
                 }
@@ -664,12 +665,21 @@ enum Kind {
     Http,
 }
 
-/// Serves one accepted (and, with TLS, handshaken) connection.
-async fn serve(core: Rc<Core>, conn: crate::io::TcpConn, peer: SocketAddr, port: u16, kind: Kind) {
+/// Serves one accepted (and, with TLS, handshaken) connection; `trust_forwarding`
+/// false: the peer's forwarding headers are never believed, even when it is a
+/// trusted proxy's address (a PROXY protocol header named no client).
+async fn serve(
+    core: Rc<Core>,
+    conn: crate::io::TcpConn,
+    peer: SocketAddr,
+    port: u16,
+    kind: Kind,
+    trust_forwarding: bool,
+) {
     match kind {
         Kind::Api => crate::api::serve(core, conn, peer).await,
         Kind::Tcp => crate::tcp::serve(core, conn, peer, port).await,
-        Kind::Http => crate::proxy::serve(core, conn, peer, port).await,
+        Kind::Http => crate::proxy::serve(core, conn, peer, port, trust_forwarding).await,
     }
 }
 

@@ -196,3 +196,116 @@ fn the_per_client_cap_counts_the_named_client() {
     again.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 4 443\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(again.response().status, 200);
 }
+
+/// A header cut short by the peer's end of stream (its write side shut, the
+/// connection still open for reading): closed as a bad header at once — the bytes
+/// already there never become a header, and the core does not spin on them — and
+/// the core goes on serving.
+#[test]
+fn a_header_cut_short_by_end_of_stream_is_refused_and_the_core_goes_on() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "[timeouts]\nhead_secs = 60\n");
+    let before = metric(&w, REFUSED);
+    let partial: [&[u8]; 3] = [
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 1",
+        b"PROX",
+        &v2([192, 0, 2, 9], 7)[..20],
+    ];
+    for (i, bytes) in partial.iter().enumerate() {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(bytes).expect("write");
+        // Seen waiting first, then the end of stream (an edge of its own).
+        std::thread::sleep(Duration::from_millis(50));
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let got = read_to_close(&mut s);
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        // The same core serves the next connection (one core: a spinning one
+        // would serve nothing more).
+        let mut c = Client::connect(w.addr());
+        c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 1 2\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.response().status, 200);
+        eventually("the cut-short header counted", || {
+            metric(&w, REFUSED) == before + i as u64 + 1
+        });
+    }
+}
+
+/// A header that names no client (v1 `UNKNOWN`, v2 `LOCAL`) is what a balancer
+/// sends for its own health checks, but also for a client it cannot describe
+/// (HAProxy does so for one that came over a UNIX socket): the connection is served
+/// as the balancer's address, never as a trusted proxy, so forwarding headers in
+/// its requests are not believed. A header naming a client that is itself a trusted
+/// proxy keeps them (a chain of proxies).
+#[test]
+fn a_header_naming_no_client_does_not_make_forwarding_headers_believed() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "");
+    let request = b"GET /spoof HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.66\r\n\r\n";
+    let local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00".to_vec();
+    for header in [b"PROXY UNKNOWN\r\n".to_vec(), local] {
+        let mut c = Client::connect(w.addr());
+        let mut bytes = header.clone();
+        bytes.extend(request);
+        c.send(&bytes);
+        let r = c.response();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = up.last();
+        assert_eq!(seen.path, "/spoof");
+        assert_eq!(
+            seen.header("x-forwarded-for"),
+            Some("127.0.0.1"),
+            "{header:?}: {seen:?}"
+        );
+        assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "{seen:?}");
+    }
+    // A named client in trusted_proxies: its forwarding headers stand.
+    let mut c = Client::connect(w.addr());
+    let mut bytes = b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n".to_vec();
+    bytes.extend(request);
+    c.send(&bytes);
+    assert_eq!(c.response().status, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.66, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-real-ip"), Some("203.0.113.66"));
+}
+
+/// A balancer listening dual-stack (HAProxy's `bind [::]:443 v4v6`) relays an IPv4
+/// client as an IPv4-mapped IPv6 address, in either version: the client is the IPv4
+/// address (what the app is told, what IPv4 allowlists and limits see).
+#[test]
+fn an_ipv4_mapped_client_is_its_ipv4_address() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "");
+    let mut c = Client::connect(w.addr());
+    c.send(b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:127.0.0.1 56324 443\r\nGET /mapped HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.response().status, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("192.0.2.7"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.header("forwarded")
+            .map(|f| f.starts_with("for=192.0.2.7;")),
+        Some(true),
+        "{seen:?}"
+    );
+    let mut body = vec![0u8; 10];
+    body.extend([0xff, 0xff, 198, 51, 100, 9]);
+    body.extend([0u8; 10]);
+    body.extend([0xff, 0xff, 127, 0, 0, 1]);
+    body.extend(40000u16.to_be_bytes());
+    body.extend(443u16.to_be_bytes());
+    let mut bytes = b"\r\n\r\n\x00\r\nQUIT\n\x21\x21".to_vec();
+    bytes.extend((body.len() as u16).to_be_bytes());
+    bytes.extend(body);
+    bytes.extend(b"GET /mapped2 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut c = Client::connect(w.addr());
+    c.send(&bytes);
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().header("x-forwarded-for"), Some("198.51.100.9"));
+}

@@ -421,6 +421,26 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     parse_request_reusing(buf, limits, Vec::new())
 }
 
+/// Whether a request head httparse refused for its version starts (after the empty
+/// lines it skips) with method, target and a well-formed `HTTP/x.y` of another
+/// version (505), rather than with no request line at all (400).
+fn names_a_version(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    let line = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(_), Some(_), Some(v), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
+}
+
 /// [`parse_request`] storing the header fields in `spare` (a recycled allocation).
 pub fn parse_request_reusing(
     buf: &[u8],
@@ -444,7 +464,10 @@ pub fn parse_request_reusing(
         .parse_with_uninit_headers(buf, &mut storage[..max])
         .map_err(|e| match e {
             httparse::Error::TooManyHeaders => RequestError::TooManyHeaders,
-            httparse::Error::Version => RequestError::UnsupportedVersion,
+            httparse::Error::Version if names_a_version(buf) => RequestError::UnsupportedVersion,
+            // Not a request line at all (a PROXY protocol header sent to a worker
+            // without `[worker] proxy_protocol`, say).
+            httparse::Error::Version => RequestError::Malformed("invalid request line"),
             httparse::Error::HeaderName => RequestError::Malformed("invalid header name"),
             httparse::Error::HeaderValue => RequestError::Malformed("invalid header value"),
             httparse::Error::NewLine => RequestError::Malformed("invalid line ending"),

@@ -108,6 +108,11 @@ fn request_refusal_table() {
         (b"GET / HTTP/1.1\r\n\r\n", RequestError::BadHost, 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", RequestError::BadHost, 400),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
+        (b"\r\nGET / HTTP/3.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
+        // No version at all: not a request line (a PROXY protocol header, say).
+        (b"PROXY TCP4 192.0.2.9 127.0.0.1 1 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            RequestError::Malformed("invalid request line"), 400),
+        (b"GET / HTTP/11\r\nHost: a\r\n\r\n", RequestError::Malformed("invalid request line"), 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n", RequestError::ExpectationFailed, 417),
         (b"G\0T / HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("invalid method or target"), 400),
         // Targets: bare, authority-form, `*` other than for OPTIONS, absolute-form

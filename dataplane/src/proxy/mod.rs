@@ -82,13 +82,22 @@ pub(crate) struct Client {
     line: Vec<u8>,
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr, local_port: u16) {
+/// Serves one accepted connection until it closes. `trust_forwarding` false: the
+/// peer's `X-Forwarded-*` headers are not believed even when it is in `[worker]
+/// trusted_proxies` (a PROXY protocol header that named no client left the
+/// balancer's address as the peer).
+pub async fn serve(
+    core: Rc<Core>,
+    conn: TcpConn,
+    peer: SocketAddr,
+    local_port: u16,
+    trust_forwarding: bool,
+) {
     let conn_id = core.next_conn_id();
     let span = tracing::debug_span!("conn", core = core.cpu, conn = conn_id, peer = %peer);
     // Entered around each poll of the connection's task, never held across an await:
     // other connections' tasks run in between.
-    serve_conn(core, conn, peer, local_port, conn_id)
+    serve_conn(core, conn, peer, local_port, trust_forwarding, conn_id)
         .instrument(span)
         .await
 }
@@ -98,15 +107,17 @@ async fn serve_conn(
     conn: TcpConn,
     peer: SocketAddr,
     local_port: u16,
+    trust_forwarding: bool,
     conn_id: u64,
 ) {
     core.metrics.add(counter::ACCEPTED, 1);
     core.metrics.add(counter::ACTIVE, 1);
-    let trusted = core
-        .rt
-        .trusted_proxies
-        .iter()
-        .any(|n| n.contains(peer.ip()));
+    let trusted = trust_forwarding
+        && core
+            .rt
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
     let tls = conn.is_tls();
     let mut client = Client {
