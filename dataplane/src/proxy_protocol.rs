@@ -431,10 +431,12 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any bytes: no panic, a length within the bytes given, and a header that
-        /// is a prefix of a longer input parses the same.
+        /// Any bytes: no panic, a length within the bytes given, and a verdict
+        /// that does not depend on how the bytes were split over reads: every
+        /// shorter prefix of a header is only incomplete (never refused, never a
+        /// shorter header), and a refusal stands whatever follows.
         #[test]
-        fn parse_is_total_and_prefix_stable(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), pick in 0usize..3) {
+        fn parse_is_total_and_split_independent(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), pick in 0usize..3, cut in 0usize..300) {
             let mut input = match pick {
                 0 => b"PROXY ".to_vec(),
                 1 => V2_SIGNATURE.to_vec(),
@@ -445,8 +447,17 @@ mod tests {
                 Parsed::Done(h) => {
                     proptest::prop_assert!(h.len <= input.len());
                     proptest::prop_assert_eq!(parse(&input[..h.len]), Parsed::Done(h));
+                    for k in 0..h.len {
+                        proptest::prop_assert_eq!(parse(&input[..k]), Parsed::Incomplete, "prefix of {}", k);
+                    }
                 }
-                Parsed::Incomplete | Parsed::Invalid(_) => {}
+                Parsed::Invalid(_) => {}
+                Parsed::Incomplete => {
+                    // An incomplete input's prefixes are incomplete too (so no
+                    // refusal is ever taken back by more bytes).
+                    let k = cut.min(input.len());
+                    proptest::prop_assert_eq!(parse(&input[..k]), Parsed::Incomplete);
+                }
             }
         }
     }
