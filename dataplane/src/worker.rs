@@ -624,8 +624,9 @@ async fn accept_loop(core: Rc<Core>, listener: Listener) {
                     let core = core.clone();
                     spawn(Box::pin(async move {
                         // The PROXY protocol header comes before everything, TLS
-                        // included; the client it names is the peer from then on (one
-                        // it names not is never taken for the trusted proxy).
+                        // included; the client it names is the peer from then on (a
+                        // connection whose header names no client is never taken for
+                        // the trusted proxy).
                         let (peer, trust_forwarding) = if proxied {
                             match crate::proxy_protocol::accept(&core, &mut conn, port, peer).await
                             {
