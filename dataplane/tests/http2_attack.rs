@@ -576,6 +576,11 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
         "the shed connection served a stream: {:?}",
         frames.iter().map(|f| (f.0, f.1, f.2)).collect::<Vec<_>>()
     );
+    // The counters are published at the core's tick: one connection active was the
+    // count before the new one came too, so the shed is waited for first.
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") >= 1
+    });
     common::eventually("the core is back within its cap", || {
         metric(&w, "appproxy_connections_active") == 1
     });
