@@ -9,7 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::{eventually, Client, Worker, WorkerOpts};
@@ -32,6 +32,19 @@ enum Step {
     Hold,
     /// Counts one in this counter (what came before was written).
     Mark(Arc<AtomicUsize>),
+    /// Waits until the test opens this gate (bounded: a hang guard), so what follows
+    /// reaches the worker only after what the test waited for.
+    Await(Gate),
+}
+
+/// A gate the app's [`Step::Await`] waits on, opened and shut by the test.
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+/// Opens (`true`) or shuts `gate`.
+fn set_gate(gate: &Gate, open: bool) {
+    let (lock, cv) = &**gate;
+    *lock.lock().expect("gate") = open;
+    cv.notify_all();
 }
 
 fn send(bytes: impl AsRef<[u8]>) -> Step {
@@ -221,6 +234,13 @@ fn serve(
                 Step::Mark(counter) => {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
+                Step::Await(gate) => {
+                    let (lock, cv) = &*gate;
+                    let open = lock.lock().expect("gate");
+                    let _open = cv
+                        .wait_timeout_while(open, Duration::from_secs(20), |open| !*open)
+                        .expect("gate");
+                }
                 Step::Close => return false,
                 Step::Reset => {
                     let _ = rustix::net::sockopt::set_socket_linger(&w, Some(Duration::ZERO));
@@ -278,6 +298,38 @@ fn read_to_end(s: &mut impl Read) -> (Vec<u8>, Option<ErrorKind>) {
             Err(e) => return (got, Some(e.kind())),
         }
     }
+}
+
+/// Sends `req` on a new connection, opens `gate` once the client has read the
+/// response head (the worker committed to its answer), reads until the worker
+/// closes the connection and shuts `gate` again.
+fn exchange_past_the_head(w: &Worker, req: &[u8], gate: &Gate) -> (String, Option<ErrorKind>) {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(req).expect("send");
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut err = None;
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                err = Some(e.kind());
+                break;
+            }
+        }
+    }
+    set_gate(gate, true);
+    if err.is_none() {
+        let (rest, end) = read_to_end(&mut s);
+        got.extend_from_slice(&rest);
+        err = end;
+    }
+    set_gate(gate, false);
+    (String::from_utf8_lossy(&got).into_owned(), err)
 }
 
 /// Sends `req` on a new connection and reads until the worker closes it.
@@ -694,16 +746,18 @@ fn trailer_flood() -> &'static str {
         .leak()
 }
 
-/// Where an answer is split into two writes with a pause between (so what comes
-/// before reaches the client first).
+/// Where an answer is split into two writes, the second once the client has the
+/// response head (so what comes before reaches the client first, and the worker
+/// has committed to relaying the response when the rest arrives).
 const PAUSE: &str = "<pause>";
 
-/// The steps that send `answer`, split at each [`PAUSE`].
-fn in_segments(answer: &str) -> Vec<Step> {
+/// The steps that send `answer`, split at each [`PAUSE`], each part after the
+/// first once `gate` opens.
+fn in_segments(answer: &str, gate: &Gate) -> Vec<Step> {
     let mut steps = Vec::new();
     for (i, part) in answer.split(PAUSE).enumerate() {
         if i > 0 {
-            steps.push(Step::Pause(Duration::from_millis(50)));
+            steps.push(Step::Await(gate.clone()));
         }
         steps.push(send(part));
     }
@@ -720,9 +774,11 @@ fn a_stalled_body_is_cut_and_never_looks_complete() {
     let cases = partial_responses();
     let answers: std::collections::HashMap<&str, &str> =
         cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
+    let gate = Gate::default();
+    let app_gate = gate.clone();
     let app = App::start(move |method, path| match answers.get(path) {
         Some(a) => {
-            let mut steps = in_segments(a);
+            let mut steps = in_segments(a, &app_gate);
             steps.push(Step::Hold);
             steps
         }
@@ -736,9 +792,10 @@ fn a_stalled_body_is_cut_and_never_looks_complete() {
     let at_rest = common::resting_fds(&w);
     for (path, _, version, framed) in &cases {
         let what = format!("{path} to HTTP/{version}");
-        let (raw, err) = exchange_to_close(
+        let (raw, err) = exchange_past_the_head(
             &w,
             format!("GET {path} HTTP/{version}\r\nHost: t\r\n\r\n").as_bytes(),
+            &gate,
         );
         assert_not_whole(&what, &raw, err, *framed);
         app.wait_ended(app.conn_of(path));
@@ -754,15 +811,18 @@ fn an_app_ending_mid_body_never_completes_the_response() {
     let cases = partial_responses();
     let answers: std::collections::HashMap<&str, &str> =
         cases.iter().map(|(p, a, _, _)| (*p, *a)).collect();
+    let gate = Gate::default();
+    let app_gate = gate.clone();
     let app = App::start(move |method, path| {
         let (base, reset) = path
             .strip_suffix("?reset")
             .map_or((path, false), |b| (b, true));
         match answers.get(base) {
-            // Separate segments: the body's first bytes reach the client first.
+            // The end comes once the client has the head: the response was under
+            // way when the app ended it.
             Some(a) => {
-                let mut steps = in_segments(a);
-                steps.push(Step::Pause(Duration::from_millis(50)));
+                let mut steps = in_segments(a, &app_gate);
+                steps.push(Step::Await(app_gate.clone()));
                 steps.push(if reset { Step::Reset } else { Step::Close });
                 steps
             }
@@ -782,9 +842,10 @@ fn an_app_ending_mid_body_never_completes_the_response() {
                 path.to_string()
             };
             let what = format!("{target} to HTTP/{version}");
-            let (raw, err) = exchange_to_close(
+            let (raw, err) = exchange_past_the_head(
                 &w,
                 format!("GET {target} HTTP/{version}\r\nHost: t\r\n\r\n").as_bytes(),
+                &gate,
             );
             assert_not_whole(&what, &raw, err, *framed);
         }

@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use common::{Worker, WorkerOpts};
 
-/// What a scripted app received on each connection: its request head, then every
-/// byte after it until the worker closed the connection.
-type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+/// What a scripted app received on each connection: its request head, every byte
+/// after it, and whether the connection has ended (the worker closed it, or it
+/// failed): until then more bytes may come.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
 
 /// An app whose every connection reads one request head and hands it to `script`
 /// with the stream; whatever the script leaves unread is read to the end and
@@ -47,7 +48,7 @@ fn scripted_app(
                 let head = String::from_utf8_lossy(&head).into_owned();
                 let i = {
                     let mut g = got.lock().expect("received");
-                    g.push((head.clone(), Vec::new()));
+                    g.push((head.clone(), Vec::new(), false));
                     g.len() - 1
                 };
                 script(&head, &mut s);
@@ -57,6 +58,7 @@ fn scripted_app(
                         .1
                         .extend_from_slice(&buf[..n]);
                 }
+                got.lock().expect("received")[i].2 = true;
             });
         }
     });
@@ -103,21 +105,18 @@ fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     all
 }
 
-/// Waits until the app's `i`-th connection was closed by the worker and returns
-/// what it received after its head.
+/// Waits until the app's `i`-th connection was closed by the worker (its reader
+/// thread reached the end of the stream) and returns what it received after its
+/// head.
 fn app_got(received: &Received, i: usize) -> Vec<u8> {
-    let mut last = None;
     common::eventually("the app's connection ends", || {
-        let g = received.lock().expect("received");
-        let Some((_, bytes)) = g.get(i) else {
-            return false;
-        };
-        // Stable across two polls: the reader thread reached the end.
-        let done = last.as_ref() == Some(bytes);
-        last = Some(bytes.clone());
-        done
+        received
+            .lock()
+            .expect("received")
+            .get(i)
+            .is_some_and(|(_, _, ended)| *ended)
     });
-    last.unwrap_or_default()
+    received.lock().expect("received")[i].1.clone()
 }
 
 /// A close frame's code, if `bytes` start with a close frame.
@@ -233,7 +232,7 @@ fn an_upgrade_offered_with_a_body_is_ignored() {
     let seen = got.lock().expect("received").clone();
     let bodies = bodies.lock().expect("bodies").clone();
     assert_eq!((seen.len(), bodies.len()), (2, 2));
-    for ((head, _), body) in seen.iter().zip(&bodies) {
+    for ((head, _, _), body) in seen.iter().zip(&bodies) {
         let lower = head.to_ascii_lowercase();
         assert!(!lower.contains("upgrade"), "a plain request: {head}");
         assert!(
