@@ -15,7 +15,9 @@
 //!   ID and one trace link the manager's call, the coordinator, Redis and every
 //!   core's "deployment applied";
 //! - once every core applied a set, the circuits an event announced are acknowledged
-//!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for;
+//!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for, with
+//!   the frontends no core could listen on as failed — also when an earlier
+//!   deployment (a poll's fetch, ahead of the event) carried the circuit;
 //! - the cores' per-circuit request counts become last-access marks (Redis keys of
 //!   the original), one batch per flush interval.
 //!
@@ -490,19 +492,32 @@ async fn run<L: ControlLink>(
                 "circuit set read from the coordinator"
             );
         }
+        state.settle_finished().await;
         if wake.created.is_empty() && !wake.resync {
-            // A traced deployment that owes no acknowledgement (a removal or an update
-            // an event brought, or what a poll found): its span is exported once every
-            // core applied it, off the agent's loop, as an acknowledged one is.
-            if let (Some(span), Some((applied, id))) = (wake.span, applied) {
-                if appproxy_shared::otlp::enabled() {
-                    tokio::task::spawn_blocking(move || {
-                        if applied.outcome(apply_timeout).is_some() {
-                            crate::trace::export_deployment(span, id, started.elapsed());
-                        }
-                    });
-                }
+            // A deployment that owes no acknowledgement (a removal or an update an
+            // event brought, or what a poll found, a creation among it maybe, its
+            // event still on the way): its outcome is awaited off the agent's loop and
+            // kept, so the acknowledgement owed later reports the frontends it could
+            // not listen on. A traced one's span is exported once every core applied
+            // it, as an acknowledged one's is.
+            if let Some((applied, id)) = applied {
+                let span = wake.span.filter(|_| appproxy_shared::otlp::enabled());
+                state.unsettled.push(tokio::task::spawn_blocking(move || {
+                    let outcome = applied.outcome(apply_timeout);
+                    if let (Some(span), Some(_)) = (span, &outcome) {
+                        crate::trace::export_deployment(span, id, started.elapsed());
+                    }
+                    outcome
+                }));
             }
+            continue;
+        }
+        // The circuits an earlier deployment carried are acknowledged with what it
+        // made of them: its outcome is in first.
+        if !state.settle_all().await {
+            tracing::warn!(
+                "not every core applied an earlier deployment in time; not acknowledging"
+            );
             continue;
         }
         // Acknowledge what the event announced once every core has it (it may have
@@ -539,11 +554,18 @@ async fn run<L: ControlLink>(
             std::mem::take(&mut wake.created)
         };
         for id in &owed {
-            if let Some(why) = state.refused.get(id) {
+            let why = state
+                .refused
+                .get(id)
+                .or_else(|| state.listen_failed.get(id).map(|(why, _)| why));
+            if let Some(why) = why {
                 if !failed.iter().any(|(f, _)| f == id) {
                     failed.push((*id, why.clone()));
                 }
             }
+        }
+        for id in &owed {
+            state.listen_failed.remove(id);
         }
         let failed: Vec<(uuid::Uuid, String)> = failed
             .into_iter()
@@ -581,6 +603,9 @@ async fn run<L: ControlLink>(
     }
 }
 
+/// The circuits whose frontend some core could not listen on, with why.
+type ListenFailures = Vec<(uuid::Uuid, String)>;
+
 /// What this worker has deployed, indexed so that a change costs what it changes.
 #[derive(Default)]
 struct Deployed {
@@ -593,6 +618,13 @@ struct Deployed {
     origins: HashMap<uuid::Uuid, RequestId>,
     /// Circuits this worker could not take, with why (reported as failed).
     refused: HashMap<uuid::Uuid, String>,
+    /// Deployments that owed no acknowledgement, until every core has applied them:
+    /// the frontends each could not listen on (`None`: not applied in time).
+    unsettled: Vec<tokio::task::JoinHandle<Option<ListenFailures>>>,
+    /// Circuits a deployment that owed no acknowledgement could not listen for, with
+    /// why and when: reported as failed by the acknowledgement owed for them, or
+    /// forgotten after [`RECENT`].
+    listen_failed: HashMap<uuid::Uuid, (String, std::time::Instant)>,
     /// Circuits deployed lately, oldest first: acknowledged again after a
     /// resubscription (their announcement may have been lost).
     recent: std::collections::VecDeque<(uuid::Uuid, std::time::Instant)>,
@@ -637,6 +669,44 @@ impl Deployed {
             let keep: std::collections::HashSet<uuid::Uuid> =
                 self.recent.iter().map(|(id, _)| *id).collect();
             self.origins.retain(|id, _| keep.contains(id));
+        }
+    }
+
+    /// Keeps the listen failures of the unsettled deployments that are done.
+    async fn settle_finished(&mut self) {
+        let mut i = 0;
+        while i < self.unsettled.len() {
+            if self.unsettled[i].is_finished() {
+                let done = self.unsettled.swap_remove(i);
+                if let Ok(Some(failed)) = done.await {
+                    self.note_listen_failures(failed);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let now = std::time::Instant::now();
+        self.listen_failed
+            .retain(|_, (_, at)| now.duration_since(*at) <= RECENT);
+    }
+
+    /// Waits for every unsettled deployment (each bounded by the apply timeout) and
+    /// keeps its listen failures; `false` when one was not applied in time.
+    async fn settle_all(&mut self) -> bool {
+        let mut all = true;
+        for done in std::mem::take(&mut self.unsettled) {
+            match done.await {
+                Ok(Some(failed)) => self.note_listen_failures(failed),
+                _ => all = false,
+            }
+        }
+        all
+    }
+
+    fn note_listen_failures(&mut self, failed: ListenFailures) {
+        let now = std::time::Instant::now();
+        for (id, why) in failed {
+            self.listen_failed.insert(id, (why, now));
         }
     }
 
