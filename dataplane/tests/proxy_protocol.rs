@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::Duration;
 
-use common::{eventually, metric, Client, Upstream, Worker, WorkerOpts};
+use common::{eventually, metric, read_until_closed, Client, Upstream, Worker, WorkerOpts};
 
 const REFUSED: &str = "appproxy_proxy_protocol_refused_total";
 
@@ -36,15 +36,6 @@ fn v2(client: [u8; 4], port: u16) -> Vec<u8> {
     h.extend((body.len() as u16).to_be_bytes());
     h.extend(body);
     h
-}
-
-/// What the worker sends on `s` until it closes (a 20 s guard).
-fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    got
 }
 
 #[test]
@@ -102,7 +93,7 @@ fn a_header_split_over_many_writes_is_read_whole_and_no_more() {
         std::thread::sleep(Duration::from_millis(50));
         s.write_all(b"GET /split HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             .expect("request");
-        let got = String::from_utf8_lossy(&read_to_close(&mut s)).into_owned();
+        let got = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();
         assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     }
     assert_eq!(up.last().header("x-forwarded-for"), Some("192.0.2.8"));
@@ -146,7 +137,7 @@ fn headers_are_taken_from_trusted_proxies_only_and_required_of_them() {
     for bytes in bad {
         let mut c = Client::connect_from(Ipv4Addr::new(127, 0, 0, 2), w.addr());
         let _ = c.stream.write_all(bytes);
-        let got = read_to_close(&mut c.stream);
+        let got = read_until_closed(&mut c.stream);
         assert!(
             got.is_empty(),
             "{:?}: {:?}",
@@ -217,7 +208,7 @@ fn a_header_cut_short_by_end_of_stream_is_refused_and_the_core_goes_on() {
         // Seen waiting first, then the end of stream (an edge of its own).
         std::thread::sleep(Duration::from_millis(50));
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        let got = read_to_close(&mut s);
+        let got = read_until_closed(&mut s);
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
         // The same core serves the next connection (one core: a spinning one
         // would serve nothing more).

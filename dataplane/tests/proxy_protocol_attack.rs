@@ -8,14 +8,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use appproxy_test_support::h2frames::{
     client_hello, frame, read_frame, request, END_HEADERS, END_STREAM, GOAWAY, HEADERS,
 };
-use common::{eventually, metric, Client, Upstream, Worker, WorkerOpts};
+use common::{eventually, metric, read_until_closed, Client, Upstream, Worker, WorkerOpts};
 
 const REFUSED: &str = "appproxy_proxy_protocol_refused_total";
 
@@ -57,15 +57,6 @@ fn accepted_on(port: u16) -> usize {
         .count()
 }
 
-/// What the worker sends on `s` until it closes (a 20 s guard).
-fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    got
-}
-
 /// The header and the request behind it, one byte per write with nothing between
 /// them: each header ends exactly where it should, the request is served whole.
 #[test]
@@ -91,7 +82,7 @@ fn a_header_and_its_request_trickled_a_byte_per_write_are_served() {
             s.write_all(&[*b]).expect("write");
             std::thread::sleep(Duration::from_millis(1));
         }
-        let got = String::from_utf8_lossy(&read_to_close(&mut s)).into_owned();
+        let got = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();
         assert!(got.starts_with("HTTP/1.1 200"), "{client}: {got}");
         let seen = up.last();
         assert_eq!(seen.path, "/trickle");
@@ -120,7 +111,7 @@ fn a_v2_header_announcing_more_than_follows_waits_only_the_head_timeout() {
     short.extend(b"GET /never HTTP/1.1\r\nHost: t\r\n\r\n");
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.write_all(&short).expect("write");
-    let got = read_to_close(&mut s);
+    let got = read_until_closed(&mut s);
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     eventually("the timeout counted", || metric(&w, REFUSED) == 2);
     // The largest length the field can say: refused without waiting for it.
@@ -128,7 +119,7 @@ fn a_v2_header_announcing_more_than_follows_waits_only_the_head_timeout() {
     huge[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.write_all(&huge).expect("write");
-    let got = read_to_close(&mut s);
+    let got = read_until_closed(&mut s);
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     eventually("the refusal counted", || metric(&w, REFUSED) == 3);
     assert_eq!(up.count(), 0);
@@ -191,7 +182,7 @@ fn connections_waiting_for_their_header_are_shed_at_the_cap() {
     assert_eq!(metric(&w, "appproxy_connections_refused_total"), 0);
     // Every parked connection was closed, unanswered.
     for s in &mut parked {
-        let got = read_to_close(s);
+        let got = read_until_closed(s);
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     }
 }

@@ -9,11 +9,10 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
-use common::{eventually, metric, open_fds, Upstream, Worker, WorkerOpts};
+use common::{eventually, metric, open_fds, read_until_closed, Upstream, Worker, WorkerOpts};
 use tls_support::{connect, get, Pki, SClient};
 
 fn worker(pki: &Pki, up: &Upstream) -> Worker {
@@ -23,23 +22,6 @@ fn worker(pki: &Pki, up: &Upstream) -> Worker {
         extra: "[timeouts]\nhead_secs = 1\nbody_idle_secs = 2\n".into(),
         ..Default::default()
     })
-}
-
-/// Reads until the worker closes (bounded by the socket's read timeout, a hang
-/// guard); returns what it sent.
-fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
-            Err(e) => panic!("connection not closed by the worker: {e}"),
-        }
-    }
 }
 
 /// Waits until no handshake or connection is open and the descriptors are back

@@ -859,3 +859,21 @@ pub fn set_nofile(pid: u32, limit: u64) {
     )
     .expect("prlimit on the worker");
 }
+
+/// Reads until the worker closes (bounded by the socket's read timeout, a hang
+/// guard that fails the test: a connection left open is not "closed"); returns
+/// what it sent. A reset counts as the close.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("connection not closed by the worker: {e}"),
+        }
+    }
+}
