@@ -290,6 +290,7 @@ fn record(mut s: TcpStream, log: Log) {
     let mut answered = 0usize;
     loop {
         let n = match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => {
                 log.lock().expect("log").1 = true;
                 return;

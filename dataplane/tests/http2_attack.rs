@@ -101,6 +101,7 @@ fn closed_by_worker(s: &mut TcpStream) -> bool {
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
                 return false
             }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return true,
         }
     }
@@ -459,6 +460,75 @@ fn an_idle_http2_connection_gets_goaway_before_the_close() {
     assert_eq!(last_goaway(&frames), Some((0, 0)), "{kinds:?}");
     drop((s, quiet));
     settles(&w, rest);
+}
+
+/// Frames a client sends after the worker's idle `GOAWAY` (a stream it opened in the
+/// same instant) are read and dropped: the worker lingers with its write half shut
+/// instead of closing with them unread, which answers them with an RST that can
+/// destroy the `GOAWAY` before the client reads it. The lingering is bounded: a
+/// client that never stops sending is cut after `[timeouts] lingering_secs`, and one
+/// that closes frees everything at once.
+#[test]
+fn frames_sent_after_an_idle_goaway_meet_a_lingering_close_not_a_reset() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nkeepalive_secs = 1\nlingering_secs = 3\nlingering_idle_secs = 2\n",
+    );
+    let rest = common::resting_fds(&w);
+    let goaway_then_eof = |s: &mut TcpStream| {
+        let (_, frames) = read_to_close(s);
+        let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+        assert_eq!(last_goaway(&frames), Some((1, 0)), "{kinds:?}");
+    };
+    // A client still sending after the GOAWAY and the worker's FIN: every write is
+    // taken (no reset) while it keeps sending, until lingering_secs have passed.
+    let mut s = open(&w);
+    request(&mut s, 1, "/first");
+    goaway_then_eof(&mut s);
+    let lingered_from = Instant::now();
+    let mut id = 3;
+    let mut writes = 0;
+    let cut = loop {
+        let late = frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            id,
+            &request_block("/late"),
+        );
+        if s.write_all(&late).is_err() {
+            break lingered_from.elapsed();
+        }
+        writes += 1;
+        id += 2;
+        assert!(
+            lingered_from.elapsed() < Duration::from_secs(20),
+            "a client that never stops sending kept the lingering close open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The cut comes from the lingering bound, not from the first late frame: a
+    // close with that frame unread would have reset the connection at the next
+    // write or the one after.
+    assert!(
+        writes >= 5,
+        "the worker reset the connection after {writes} late frames ({cut:?})"
+    );
+    assert_eq!(
+        up.count(),
+        1,
+        "a stream opened after the GOAWAY reached the app"
+    );
+    drop(s);
+    settles(&w, rest);
+    // A client that closes after its late frame frees the connection at once.
+    let mut s = open(&w);
+    request(&mut s, 1, "/first");
+    goaway_then_eof(&mut s);
+    request(&mut s, 3, "/late");
+    drop(s);
+    settles(&w, rest);
+    assert_eq!(up.count(), 2);
 }
 
 /// Not an attack, but the same raw frames: on SIGTERM a busy HTTP/2 connection gets

@@ -584,6 +584,7 @@ fn read_until(s: &mut std::net::TcpStream, seen: &mut Vec<u8>, needle: &[u8]) ->
             return true;
         }
         match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Ok(0) | Err(_) => return false,
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }

@@ -265,6 +265,12 @@ pub async fn serve(
         error = end.as_deref(),
         "http2 connection closed"
     );
+    // Frames the client sent after the `GOAWAY` (a stream opened in the same instant)
+    // are read and dropped, not answered with an RST that could destroy the `GOAWAY`
+    // before the client reads it, and with it the last stream it names.
+    drop(h2c);
+    let mut scratch = core.read_bufs.lend();
+    crate::proxy::lingering_close(&core, &conn, scratch.scratch()).await;
 }
 
 /// Runs `fut` for at most `d` (the reactor's timers; the timer is armed only when

@@ -194,46 +194,11 @@ impl Client {
         }
     }
 
-    /// nginx's lingering close: after an answer that closes the connection while the
-    /// client may still be sending (a 413 before the body, an app's early 401, a head
-    /// refused mid-way), the write half is shut (the answer, then FIN) and what the
-    /// client sends is read and dropped until it closes, stays silent for
-    /// `[timeouts] lingering_idle_secs`, or `lingering_secs` have passed. Closing at
-    /// once with bytes unread makes the kernel answer them with an RST, which can
-    /// destroy the answer before the client reads it (RFC 9112 §9.6). Not while the
-    /// core drains; `lingering_secs = 0` turns it off.
+    /// The lingering close ([`lingering_close`]) after an answer that closes the
+    /// connection while the client may still be sending (a 413 before the body, an
+    /// app's early 401, a head refused mid-way).
     async fn linger(&mut self) {
-        let rt = &self.core.rt;
-        if rt.lingering_time.is_zero() || self.core.draining.get() {
-            return;
-        }
-        self.conn.disarm_read_floor();
-        self.conn.shutdown_write();
-        // Nothing in hand: drain closes it at once, and it makes room for a new
-        // connection at the cap.
-        self.conn.set_reusable(true, true);
-        let until = self.core.reactor.now() + rt.lingering_time;
-        let mut dropped = 0u64;
-        let scratch = self.buf.scratch();
-        loop {
-            let now = self.core.reactor.now();
-            if now >= until || self.core.draining.get() {
-                break;
-            }
-            self.conn
-                .set_deadline(Some((now + rt.lingering_idle).min(until)));
-            match self.conn.discard(scratch).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => dropped += n as u64,
-            }
-            // Closed to admit a new connection while the client was still sending:
-            // the next deadline must not undo that.
-            if self.conn.was_shed() {
-                break;
-            }
-        }
-        self.core.metrics.add(counter::BYTES_IN, dropped);
-        tracing::debug!(dropped, "lingering close");
+        lingering_close(&self.core, &self.conn, self.buf.scratch()).await;
     }
 
     /// Reads the connection's first bytes until they either are the HTTP/2 connection
@@ -526,4 +491,45 @@ fn check_credentials(
                 .map(|()| Admitted::Bearer)
         }
     }
+}
+
+/// nginx's lingering close, for a connection the worker closes while the client may
+/// still be sending (an HTTP/1 answer that closes early, an HTTP/2 `GOAWAY`): the
+/// write half is shut (what was written, then FIN) and what the client sends is read
+/// into `scratch` and dropped until it closes, stays silent for `[timeouts]
+/// lingering_idle_secs`, or `lingering_secs` have passed. Closing at once with bytes
+/// unread makes the kernel answer them with an RST, which can destroy the answer or
+/// the `GOAWAY` before the client reads it (RFC 9112 §9.6, RFC 9113 §6.8). Not while
+/// the core drains, nor for a connection the cap shed; `lingering_secs = 0` turns it
+/// off.
+pub(crate) async fn lingering_close(core: &Core, conn: &TcpConn, scratch: &mut [u8]) {
+    let rt = &core.rt;
+    if rt.lingering_time.is_zero() || core.draining.get() || conn.was_shed() {
+        return;
+    }
+    conn.disarm_read_floor();
+    conn.shutdown_write();
+    // Nothing in hand: drain closes it at once, and it makes room for a new
+    // connection at the cap.
+    conn.set_reusable(true, true);
+    let until = core.reactor.now() + rt.lingering_time;
+    let mut dropped = 0u64;
+    loop {
+        let now = core.reactor.now();
+        if now >= until || core.draining.get() {
+            break;
+        }
+        conn.set_deadline(Some((now + rt.lingering_idle).min(until)));
+        match conn.discard(scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => dropped += n as u64,
+        }
+        // Closed to admit a new connection while the client was still sending:
+        // the next deadline must not undo that.
+        if conn.was_shed() {
+            break;
+        }
+    }
+    core.metrics.add(counter::BYTES_IN, dropped);
+    tracing::debug!(dropped, "lingering close");
 }

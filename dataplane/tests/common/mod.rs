@@ -146,7 +146,10 @@ fn read_chunked(r: &mut impl BufRead) -> std::io::Result<u64> {
         let mut left = size;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
-            let n = r.read(&mut buf[..want])?;
+            let n = match r.read(&mut buf[..want]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                n => n?,
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -748,7 +751,12 @@ impl Client {
     /// True when the server closed the connection (reads end of stream).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+        loop {
+            match self.reader.read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return matches!(r, Ok(0) | Err(_)),
+            }
+        }
     }
 }
 
@@ -873,6 +881,7 @@ pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("connection not closed by the worker: {e}"),
         }
     }
