@@ -6,6 +6,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -249,7 +250,7 @@ fn serve(
                 Step::Hold => {
                     let mut sink = [0u8; 1024];
                     loop {
-                        match r.read(&mut sink) {
+                        match r.read_uninterrupted(&mut sink) {
                             Ok(0) | Err(_) => return true,
                             Ok(_) => {}
                         }
@@ -285,7 +286,7 @@ fn read_to_end(s: &mut impl Read) -> (Vec<u8>, Option<ErrorKind>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) => return (got, None),
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -312,7 +313,7 @@ fn exchange_past_the_head(w: &Worker, req: &[u8], gate: &Gate) -> (String, Optio
     let mut byte = [0u8; 1];
     let mut err = None;
     while !got.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
+        match s.read_uninterrupted(&mut byte) {
             Ok(1) => got.push(byte[0]),
             Ok(_) => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}

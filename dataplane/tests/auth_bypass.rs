@@ -7,6 +7,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -86,7 +87,7 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) -> std::io::Result<()
             // A raw echo tunnel from here on.
             let mut buf = [0u8; 4096];
             loop {
-                let n = reader.read(&mut buf)?;
+                let n = reader.read_uninterrupted(&mut buf)?;
                 if n == 0 {
                     return Ok(());
                 }

@@ -32,6 +32,7 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls_support;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -130,7 +131,7 @@ impl App {
 /// Reads more into `pending`; false at end of stream.
 fn read_more(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<bool> {
     let mut b = [0u8; 8192];
-    let n = s.read(&mut b)?;
+    let n = s.read_uninterrupted(&mut b)?;
     pending.extend_from_slice(&b[..n]);
     Ok(n > 0)
 }
@@ -393,7 +394,7 @@ fn read_to_close(s: &mut dyn Read, limit: usize) -> Vec<u8> {
     let mut b = [0u8; 16 * 1024];
     while got.len() < limit {
         let want = (limit - got.len()).min(b.len());
-        match s.read(&mut b[..want]) {
+        match s.read_uninterrupted(&mut b[..want]) {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&b[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -441,7 +442,7 @@ impl Conn for TlsStream {
         let mut b = [0u8; 16 * 1024];
         while got.len() < limit {
             let want = (limit - got.len()).min(b.len());
-            match self.conn.reader().read(&mut b[..want]) {
+            match self.conn.reader().read_uninterrupted(&mut b[..want]) {
                 Ok(0) => return got,
                 Ok(n) => {
                     got.extend_from_slice(&b[..n]);

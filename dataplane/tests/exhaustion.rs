@@ -10,6 +10,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -71,11 +72,16 @@ fn busy(w: &Worker) -> Client {
 /// before they send anything; an admitted one stays silent until it asks.
 fn admitted(w: &Worker) -> Option<Client> {
     let c = Client::connect(w.addr());
-    c.stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
+    let quiet_until = Instant::now() + Duration::from_millis(300);
     let mut b = [0u8; 1];
+    // A stop and continue of the test process interrupts the timed peek: it goes on
+    // for what is left of the 300 ms.
     let peeked = loop {
+        let left = quiet_until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(std::io::ErrorKind::TimedOut.into());
+        }
+        c.stream.set_read_timeout(Some(left)).expect("timeout");
         match c.stream.peek(&mut b) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             other => break other,
@@ -176,12 +182,10 @@ fn bodies_are_timed_and_open_no_upstream_connection_before_their_first_byte() {
         );
         let _ = c.stream.write_all(b"x");
         let mut buf = [0u8; 4096];
-        match c.stream.read(&mut buf) {
+        match c.stream.read_uninterrupted(&mut buf) {
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            // A stop and continue of the test process interrupts a timed read.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("client read: {e}"),
         }
     }
@@ -316,7 +320,7 @@ fn at_the_cap_the_connection_idle_longest_makes_room() {
     let mut buf = [0u8; 4096];
     // Its answer and the worker's FIN, while the client keeps its side open.
     loop {
-        match lingering.read(&mut buf).expect("answer") {
+        match lingering.read_uninterrupted(&mut buf).expect("answer") {
             0 => break,
             n => answer.extend_from_slice(&buf[..n]),
         }
@@ -674,7 +678,7 @@ fn a_lingering_connection_still_sending_makes_room_at_the_cap() {
             let mut answer = Vec::new();
             let mut buf = [0u8; 4096];
             loop {
-                match s.read(&mut buf).expect("answer") {
+                match s.read_uninterrupted(&mut buf).expect("answer") {
                     0 => break,
                     n => answer.extend_from_slice(&buf[..n]),
                 }

@@ -9,6 +9,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -289,8 +290,7 @@ fn record(mut s: TcpStream, log: Log) {
     let mut buf = [0u8; 16384];
     let mut answered = 0usize;
     loop {
-        let n = match s.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        let n = match s.read_uninterrupted(&mut buf) {
             Ok(0) | Err(_) => {
                 log.lock().expect("log").1 = true;
                 return;
@@ -822,7 +822,7 @@ impl DiesOnReuse {
                     return;
                 }
             }
-            match s.read(&mut buf) {
+            match s.read_uninterrupted(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => all.extend_from_slice(&buf[..n]),
             }

@@ -10,7 +10,8 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -95,13 +96,12 @@ fn closed_by_worker(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
                 return false
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return true,
         }
     }

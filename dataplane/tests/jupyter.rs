@@ -7,6 +7,7 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls_support;
 
+use appproxy_test_support::net::Uninterrupted;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,7 +137,8 @@ fn jupyter_rest_and_kernel_websocket_through_the_worker() {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    let (mut ws, resp) = tungstenite::client(req, stream).expect("kernel websocket handshake");
+    let (mut ws, resp) =
+        tungstenite::client(req, Uninterrupted(stream)).expect("kernel websocket handshake");
     assert_eq!(resp.status(), 101);
     let msg_id = uuid::Uuid::new_v4().to_string();
     let execute = serde_json::json!({
@@ -245,7 +247,8 @@ fn jupyter_over_https_and_wss_through_the_worker() {
         "wss://127.0.0.1:{}/api/kernels/{kernel}/channels?token={TOKEN}",
         w.port
     );
-    let (mut ws, resp) = tungstenite::client(url.as_str(), stream).expect("wss handshake");
+    let (mut ws, resp) =
+        tungstenite::client(url.as_str(), Uninterrupted(stream)).expect("wss handshake");
     assert_eq!(resp.status(), 101);
     execute_42(&mut ws);
     let _ = ws.close(None);

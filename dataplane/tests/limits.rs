@@ -4,6 +4,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::time::{Duration, Instant};
 
 use common::{Client, Upstream, Worker, WorkerOpts};
@@ -234,7 +235,7 @@ fn send_while_answered(
     follow: u8,
     rounds: usize,
 ) -> (String, End, Result<(), std::io::ErrorKind>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -251,7 +252,7 @@ fn send_while_answered(
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
     let end = loop {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) => break End::Clean,
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

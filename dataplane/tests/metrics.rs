@@ -7,6 +7,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -484,7 +485,7 @@ fn tunnels_are_counted_open_and_closed_for_idleness() {
         for mut s in echo.incoming().flatten() {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
                     if n == 0 || s.write_all(&buf[..n]).is_err() {
                         break;
                     }

@@ -15,6 +15,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -126,7 +127,7 @@ fn sigterm_closes_a_raw_tcp_tunnel_at_once_even_when_its_app_never_closes() {
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
                     if n == 0 {
                         break;
                     }

@@ -2,7 +2,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -228,14 +229,14 @@ fn server_sent_events_stream_event_by_event() {
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&got).contains("data: first") {
-        let n = c.reader.read(&mut buf).expect("first event");
+        let n = c.reader.read_uninterrupted(&mut buf).expect("first event");
         assert!(n > 0, "stream ended before the first event");
         got.extend_from_slice(&buf[..n]);
     }
     assert!(!String::from_utf8_lossy(&got).contains("second"));
     up.open_gate();
     while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
-        let n = c.reader.read(&mut buf).expect("rest");
+        let n = c.reader.read_uninterrupted(&mut buf).expect("rest");
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
@@ -271,7 +272,7 @@ fn large_bodies_stream_with_bounded_memory() {
     while left > 0 {
         let n = c
             .reader
-            .read(&mut buf[..left.min(1 << 20) as usize])
+            .read_uninterrupted(&mut buf[..left.min(1 << 20) as usize])
             .expect("download");
         assert!(n > 0);
         left -= n as u64;
@@ -583,8 +584,7 @@ fn read_until(s: &mut std::net::TcpStream, seen: &mut Vec<u8>, needle: &[u8]) ->
         if seen.windows(needle.len()).any(|w| w == needle) {
             return true;
         }
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) | Err(_) => return false,
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }

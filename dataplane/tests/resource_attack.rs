@@ -7,6 +7,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ fn echo_app() -> SocketAddr {
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
                     if n == 0 || s.write_all(&buf[..n]).is_err() {
                         return;
                     }
@@ -40,7 +41,7 @@ fn relayed(w: &Worker) -> Option<TcpStream> {
         .expect("timeout");
     s.write_all(b"x").ok()?;
     let mut b = [0u8; 1];
-    match s.read(&mut b) {
+    match s.read_uninterrupted(&mut b) {
         Ok(1) if b == *b"x" => Some(s),
         _ => None,
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
@@ -19,7 +20,7 @@ fn echo_then_bye() -> std::net::SocketAddr {
                 let mut s = stream;
                 let mut buf = [0u8; 4096];
                 loop {
-                    match s.read(&mut buf) {
+                    match s.read_uninterrupted(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
                             if s.write_all(&buf[..n]).is_err() {

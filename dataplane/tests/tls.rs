@@ -8,6 +8,8 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls_support;
 
+use appproxy_test_support::net::ReadUninterrupted;
+use appproxy_test_support::net::Uninterrupted;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
@@ -269,7 +271,8 @@ fn websocket_over_wss() {
     });
     let s = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
     let url = format!("wss://localhost:{}/ws", w.port);
-    let (mut ws, resp) = tungstenite::client(url.as_str(), s).expect("wss handshake");
+    let (mut ws, resp) =
+        tungstenite::client(url.as_str(), Uninterrupted(s)).expect("wss handshake");
     assert_eq!(resp.status(), 101);
     for i in 0..20 {
         let text = format!("message {i}");
@@ -308,7 +311,7 @@ fn raw_tcp_circuit_over_tls() {
                 // Speaks first, like SSH.
                 let _ = s.write_all(b"BANNER\n");
                 let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
                     if n == 0 || s.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -547,7 +550,7 @@ fn https_app(pki: &Pki) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
                 loop {
-                    match s.read(&mut buf) {
+                    match s.read_uninterrupted(&mut buf) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
@@ -730,7 +733,8 @@ fn websocket_with_tls_on_both_sides() {
     route_tls(&w, "verify");
     let s = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
     let url = format!("wss://localhost:{}/ws", w.port);
-    let (mut ws, resp) = tungstenite::client(url.as_str(), s).expect("wss handshake");
+    let (mut ws, resp) =
+        tungstenite::client(url.as_str(), Uninterrupted(s)).expect("wss handshake");
     assert_eq!(resp.status(), 101);
     for i in 0..20 {
         let text = format!("both sides {i}");

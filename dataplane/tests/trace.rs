@@ -4,6 +4,7 @@
 
 mod common;
 
+use appproxy_test_support::net::Uninterrupted;
 use common::{Client, Upstream, Worker, WorkerOpts};
 
 const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
@@ -186,7 +187,7 @@ fn a_websocket_session_line_carries_the_trace_and_user_context() {
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .expect("timeout");
-    let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
+    let (mut ws, _) = tungstenite::client(req, Uninterrupted(stream)).expect("handshake");
     ws.send(tungstenite::Message::Text("hi".into()))
         .expect("send");
     let _ = ws.read();

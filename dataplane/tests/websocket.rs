@@ -8,6 +8,8 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
+use appproxy_test_support::net::Uninterrupted;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -27,7 +29,7 @@ fn worker_for(app: &EchoApp, extra_worker: &str) -> Worker {
     })
 }
 
-type Client = tungstenite::WebSocket<TcpStream>;
+type Client = tungstenite::WebSocket<Uninterrupted<TcpStream>>;
 
 fn connect(
     w: &Worker,
@@ -50,7 +52,7 @@ fn connect(
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    tungstenite::client(req, stream).map_err(|e| match e {
+    tungstenite::client(req, Uninterrupted(stream)).map_err(|e| match e {
         tungstenite::HandshakeError::Failure(e) => e,
         tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
     })
@@ -310,7 +312,7 @@ fn raw_upgrade_app() -> std::net::SocketAddr {
                     return;
                 }
                 let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut buf) {
+                while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
                     if s.write_all(&buf[..n]).is_err() {
                         return;
                     }

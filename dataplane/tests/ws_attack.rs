@@ -9,6 +9,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +54,7 @@ fn scripted_app(
                 };
                 script(&head, &mut s);
                 let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut buf) {
+                while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
                     got.lock().expect("received")[i]
                         .1
                         .extend_from_slice(&buf[..n]);
@@ -99,7 +100,7 @@ fn read_head(s: &mut TcpStream) -> String {
 fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = s.read(&mut buf) {
+    while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
         all.extend_from_slice(&buf[..n]);
     }
     all

@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 client for tests: one request per connection, read to the end,
 //! chunked bodies decoded ([`request`]), or a raw request text sent as is ([`raw`]).
 
+use crate::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -80,7 +81,7 @@ pub fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
     }
     let mut buf = [0u8; 4096];
     loop {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(e)

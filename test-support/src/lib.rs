@@ -1,6 +1,6 @@
 //! `appproxy-test-support`: what the test trees of every crate share (a
 //! dev-dependency only): a free loopback port, log capture, a raw HTTP/1.1 client, raw
-//! HTTP/2 frames and HPACK, throwaway PostgreSQL and Redis servers started from the
+//! HTTP/2 frames and HPACK, sockets that survive a stop of the process, throwaway PostgreSQL and Redis servers started from the
 //! installed binaries, a strict reader of Prometheus text, and where a server a test
 //! started listens.
 
@@ -8,6 +8,7 @@ pub mod config;
 pub mod h2frames;
 pub mod http;
 pub mod logs;
+pub mod net;
 pub mod otlp;
 pub mod pg;
 pub mod prom;

@@ -8,6 +8,7 @@
 //! speak over any stream the test wraps the accepted socket in (TLS). Also a
 //! collector that accepts and never answers. Used by the tests that export spans.
 
+use crate::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -242,7 +243,7 @@ fn serve(
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = s.read(&mut chunk)?;
+        let n = s.read_uninterrupted(&mut chunk)?;
         if n == 0 || buf.len() > 64 * 1024 {
             return Ok(());
         }
@@ -270,7 +271,7 @@ fn serve(
         }
     }
     while buf.len() < head_end + length {
-        let n = s.read(&mut chunk)?;
+        let n = s.read_uninterrupted(&mut chunk)?;
         if n == 0 {
             return Ok(());
         }

@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ fn model_server(name: &'static str) -> SocketAddr {
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
             let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
+            let _ = s.read_uninterrupted(&mut buf);
             let _ = s.write_all(
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",

@@ -8,7 +8,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,7 @@ fn serve(
     let mut head = Vec::new();
     let mut buf = [0u8; 2048];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }

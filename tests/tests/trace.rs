@@ -13,7 +13,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +40,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         let seen = published.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 16 * 1024];
-            while let Ok(n @ 1..) = sub.read(&mut buf) {
+            while let Ok(n @ 1..) = sub.read_uninterrupted(&mut buf) {
                 seen.lock().expect("published").extend_from_slice(&buf[..n]);
             }
         });
@@ -67,7 +68,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         for mut s in app.incoming().flatten() {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let mut buf = vec![0u8; 8192];
-            let n = s.read(&mut buf).unwrap_or(0);
+            let n = s.read_uninterrupted(&mut buf).unwrap_or(0);
             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
             for line in head.lines() {
                 if let Some((name, value)) = line.split_once(':') {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ fn open_tunnels_keep_marking_last_access() {
         for mut s in echo.incoming().flatten() {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
                     if n == 0 || s.write_all(&buf[..n]).is_err() {
                         break;
                     }

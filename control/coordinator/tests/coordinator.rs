@@ -5,6 +5,7 @@
 
 mod common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use common::Coordinator;
 
 use appproxy_test_support::http::Resp;
@@ -1433,7 +1434,14 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
                     s.set_read_timeout(Some(Duration::from_millis(200)))
                         .expect("timeout");
                     // Held: nothing within 200 ms (the 408 comes after 1 s).
-                    if s.peek(&mut [0u8; 1]).is_err() {
+                    // (A stop of the test process interrupts the peek: peek again.)
+                    let peeked = loop {
+                        match s.peek(&mut [0u8; 1]) {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            r => break r,
+                        }
+                    };
+                    if peeked.is_err() {
                         return s;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -1498,7 +1506,7 @@ fn a_body_that_stalls_or_trickles_is_refused_in_time_and_frees_its_connection() 
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut got = [0u8; 4096];
-    let n = s.read(&mut got).expect("the answer");
+    let n = s.read_uninterrupted(&mut got).expect("the answer");
     let text = String::from_utf8_lossy(&got[..n]);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("slow-1"), "{text}");

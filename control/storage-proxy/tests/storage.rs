@@ -5,10 +5,11 @@
 mod storage_common;
 
 use appproxy_test_support::http::request;
+use appproxy_test_support::net::ReadUninterrupted;
 use appproxy_test_support::prom::Exposition;
 use storage_common::{create_folder, Proxy, TOKEN, VFID};
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -357,7 +358,7 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
         .expect("timeout");
     let mut buf = [0u8; 4096];
     while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = slow.read(&mut buf).expect("response");
+        let n = slow.read_uninterrupted(&mut buf).expect("response");
         assert!(n > 0);
         raw.extend_from_slice(&buf[..n]);
     }
@@ -380,7 +381,7 @@ fn concurrent_patches_are_refused_and_large_files_stream() {
     let mut total = 0usize;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = s.read(&mut buf).expect("download");
+        let n = s.read_uninterrupted(&mut buf).expect("download");
         if n == 0 {
             break;
         }

@@ -6,6 +6,7 @@
 
 mod storage_common;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use storage_common::{create_folder, Proxy, VFID};
 
 use std::io::{Read as _, Write as _};
@@ -901,11 +902,10 @@ fn slow_and_silent_connections_are_closed() {
             .expect("timeout");
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            match s.read(&mut buf) {
+            match s.read_uninterrupted(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod ws;
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -146,10 +147,7 @@ fn read_chunked(r: &mut impl BufRead) -> std::io::Result<u64> {
         let mut left = size;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
-            let n = match r.read(&mut buf[..want]) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                n => n?,
-            };
+            let n = r.read_uninterrupted(&mut buf[..want])?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -751,12 +749,7 @@ impl Client {
     /// True when the server closed the connection (reads end of stream).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        loop {
-            match self.reader.read(&mut b) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => return matches!(r, Ok(0) | Err(_)),
-            }
-        }
+        matches!(self.reader.read_uninterrupted(&mut b), Ok(0) | Err(_))
     }
 }
 
@@ -877,11 +870,10 @@ pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match s.read(&mut buf) {
+        match s.read_uninterrupted(&mut buf) {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("connection not closed by the worker: {e}"),
         }
     }

@@ -5,6 +5,7 @@
 //! and a driver for `openssl s_client` whose output a test can wait on.
 #![allow(dead_code)]
 
+use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -340,7 +341,7 @@ fn drain(mut from: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHand
     let sink = to.clone();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
+        while let Ok(n @ 1..) = from.read_uninterrupted(&mut buf) {
             sink.lock().expect("output").extend_from_slice(&buf[..n]);
         }
     });

@@ -12,7 +12,8 @@ pub use appproxy_test_support::logs::Sink;
 #[allow(unused_imports)]
 pub use appproxy_test_support::{free_port, pg, redis};
 
-use std::io::{Read, Write};
+use appproxy_test_support::net::ReadUninterrupted;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,7 +101,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     std::thread::spawn(move || {
         for mut s in app.incoming().flatten() {
             let mut buf = vec![0u8; 8192];
-            let n = s.read(&mut buf).unwrap_or(0);
+            let n = s.read_uninterrupted(&mut buf).unwrap_or(0);
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             if let Some(line) = text
                 .lines()
