@@ -302,7 +302,9 @@ pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TimeoutsSection {
-    /// A request head must be complete within this (408).
+    /// A request head must be complete within this (408): a connection's first
+    /// within this of its accept (a PROXY protocol header and the TLS handshake
+    /// included), a later one within this of its first byte.
     pub head_secs: u64,
     /// An idle keep-alive client is closed after this.
     pub keepalive_secs: u64,

@@ -749,6 +749,18 @@ impl TcpConn {
         self.reg.set_deadline(deadline);
     }
 
+    /// Sets the deadline `timeout` from now, unless the one already set comes
+    /// sooner: a new connection's head timeout runs once from its accept, through its
+    /// PROXY protocol header and TLS handshake to its first request head (nginx's
+    /// `client_header_timeout`), not afresh at each step.
+    pub fn set_timeout_within(&self, timeout: Duration) {
+        let now = self.reg.reactor().now();
+        if self.reg.deadline().is_some_and(|d| d <= now + timeout) {
+            return;
+        }
+        self.set_timeout(timeout);
+    }
+
     /// Sets the deadline `timeout` from now (the reactor's clock: coarse, no syscall),
     /// or sooner when the read-rate floor's budget is shorter.
     pub fn set_timeout(&self, timeout: Duration) {

@@ -226,12 +226,13 @@ pub async fn accept(
     port: u16,
     peer: SocketAddr,
 ) -> Option<Relayed> {
-    conn.set_timeout(core.rt.head_timeout);
+    // The head timeout from the accept: it goes on running through the TLS
+    // handshake and the first request head that follow.
+    conn.set_timeout_within(core.rt.head_timeout);
     // Nothing in hand yet: at the connection cap it may be closed for a new one.
     conn.set_reusable(true, false);
     let header = read(conn).await;
     conn.set_reusable(false, false);
-    conn.set_deadline(None);
     if conn.was_shed() {
         return None;
     }

@@ -832,6 +832,11 @@ impl Registration {
         self.with(|s| s.shed)
     }
 
+    /// The deadline set, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.with(|s| s.deadline)
+    }
+
     /// Whether the deadline passed.
     pub fn timed_out(&self) -> bool {
         self.with(|s| s.timed_out)

@@ -281,7 +281,8 @@ pub async fn handshake(
 ) -> bool {
     use crate::core::counter;
     core.metrics.add(counter::TLS_HANDSHAKING, 1);
-    conn.set_timeout(core.rt.head_timeout);
+    // The head timeout from the accept (a PROXY protocol header took part of it).
+    conn.set_timeout_within(core.rt.head_timeout);
     // Nothing in hand until its first bytes (nginx's reusable connections): at the
     // connection cap a client that never sends its ClientHello may be closed to
     // admit a new one.

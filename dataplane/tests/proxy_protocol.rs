@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{eventually, metric, read_until_closed, Client, Upstream, Worker, WorkerOpts};
 
@@ -299,4 +299,29 @@ fn an_ipv4_mapped_client_is_its_ipv4_address() {
     c.send(&bytes);
     assert_eq!(c.response().status, 200);
     assert_eq!(up.last().header("x-forwarded-for"), Some("198.51.100.9"));
+}
+
+/// `[timeouts] head_secs` bounds a connection from its accept to its first request
+/// head, the PROXY protocol header included (nginx's `client_header_timeout`): a
+/// header sent late does not start the request's head timeout afresh. The header
+/// at 1.2 s with part of a head: by 2.2 s (the timeout is 2 s) the 408 is there; a
+/// new timeout from the header would have waited for the rest until 3.2 s.
+#[test]
+fn the_head_timeout_runs_from_the_accept_through_the_header() {
+    let up = Upstream::start();
+    let w = worker(&up, "127.0.0.1", "[timeouts]\nhead_secs = 2\n");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    let accepted = Instant::now();
+    common::sleep_until(accepted + Duration::from_millis(1200));
+    s.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 443\r\nGET /slow HTTP/1.1\r\n")
+        .expect("the header, in time");
+    common::sleep_until(accepted + Duration::from_millis(2200));
+    if !common::answered_within(&s, Duration::from_millis(800)) {
+        let _ = s.write_all(b"Host: t\r\n\r\n");
+    }
+    let got = read_until_closed(&mut s);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    // (A header refused is closed without an answer: the 408 says it was taken.)
+    assert_eq!(up.count(), 0);
 }

@@ -8,15 +8,14 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls_support;
 
-use appproxy_test_support::net::ReadUninterrupted;
-use appproxy_test_support::net::Uninterrupted;
-use std::io::{BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use appproxy_test_support::net::{ReadUninterrupted, Uninterrupted};
 use common::{metric, Upstream, Worker, WorkerOpts};
 use tls_support::{connect, get, Pki, SClient};
 
@@ -753,4 +752,56 @@ fn websocket_with_tls_on_both_sides() {
         other => panic!("unexpected {other:?}"),
     }
     ws.close(None).expect("close");
+}
+
+/// `[timeouts] head_secs` bounds a connection from its accept to its first request
+/// head, the TLS handshake included (nginx's `client_header_timeout`): a handshake
+/// completed late does not start the request's head timeout afresh. The handshake
+/// at 1.2 s and part of a head: by 2.2 s (the timeout is 2 s) the 408 is there;
+/// a new timeout from the handshake would have waited for the rest until 3.2 s.
+#[test]
+fn the_head_timeout_runs_from_the_accept_through_the_handshake() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[timeouts]\nhead_secs = 2\n".into(),
+        ..Default::default()
+    });
+    let tcp = TcpStream::connect(w.addr()).expect("connect");
+    let accepted = Instant::now();
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    common::sleep_until(accepted + Duration::from_millis(1200));
+    let mut s = tls_support::handshake(tcp, &pki.default_client(), "localhost")
+        .expect("a handshake within the head timeout");
+    s.write_all(b"GET /slow HTTP/1.1\r\n")
+        .expect("part of a head");
+    common::sleep_until(accepted + Duration::from_millis(2200));
+    // What the worker sent by then, through TLS (its session tickets are not an
+    // answer): the rest of the head only when nothing came.
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .expect("timeout");
+    let mut got = vec![0u8; 4096];
+    let early = match s.read_uninterrupted(&mut got) {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => 0,
+        Err(e) => panic!("reading the answer: {e}"),
+    };
+    got.truncate(early);
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    if early == 0 {
+        let _ = s.write_all(b"Host: t\r\n\r\n");
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert_eq!(up.count(), 0);
 }

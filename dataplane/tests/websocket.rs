@@ -8,8 +8,7 @@
 
 mod common;
 
-use appproxy_test_support::net::ReadUninterrupted;
-use appproxy_test_support::net::Uninterrupted;
+use appproxy_test_support::net::{ReadUninterrupted, Uninterrupted};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -795,17 +795,30 @@ fn timeout_kind(e: std::io::Error) -> std::io::Error {
     }
 }
 
+// A call with a socket timeout fails with `Interrupted` after the process was
+// stopped and continued (signal(7)); it is tried again for the time left, so a
+// stopped and resumed process does not lose the batch in flight.
 impl Read for Bounded {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.sock.set_read_timeout(Some(self.left()?))?;
-        self.sock.read(buf).map_err(timeout_kind)
+        loop {
+            self.sock.set_read_timeout(Some(self.left()?))?;
+            match self.sock.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r.map_err(timeout_kind),
+            }
+        }
     }
 }
 
 impl Write for Bounded {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.sock.set_write_timeout(Some(self.left()?))?;
-        self.sock.write(buf).map_err(timeout_kind)
+        loop {
+            self.sock.set_write_timeout(Some(self.left()?))?;
+            match self.sock.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r.map_err(timeout_kind),
+            }
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -144,8 +144,9 @@ pub async fn serve(
         client_resets: Cell::new(0),
     });
     // The preface, the SETTINGS and the first complete request head within the head
-    // timeout (a connection that sends the preface and nothing else is cut).
-    conn.set_timeout(core.rt.head_timeout);
+    // timeout from the accept (a connection that sends the preface and nothing else
+    // is cut).
+    conn.set_timeout_within(core.rt.head_timeout);
     let cfg = &core.rt.http2;
     let mut builder = h2::server::Builder::new();
     builder

@@ -130,7 +130,9 @@ async fn serve_conn(
         out: Vec::with_capacity(4096),
         line: Vec::new(),
     };
-    client.conn.set_timeout(core.rt.head_timeout);
+    // The head timeout from the accept (a PROXY protocol header or a TLS handshake
+    // took part of it).
+    client.conn.set_timeout_within(core.rt.head_timeout);
     // Nothing in hand until the first bytes: the cap may close it for a new one.
     client.conn.set_reusable(true, false);
     if core.rt.http2.enabled {

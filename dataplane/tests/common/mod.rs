@@ -753,6 +753,41 @@ impl Client {
     }
 }
 
+/// Sleeps until `when` (at once if it has passed): steps of a test timed from one
+/// instant, without the drift of consecutive sleeps.
+pub fn sleep_until(when: Instant) {
+    std::thread::sleep(when.saturating_duration_since(Instant::now()));
+}
+
+/// Whether the server has sent something on `s` within `wait` (peeked: it stays
+/// to be read), or closed it.
+pub fn answered_within(s: &TcpStream, wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    let mut b = [0u8; 1];
+    let answered = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        s.set_read_timeout(Some(left)).expect("timeout");
+        match s.peek(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break false
+            }
+            _ => break true,
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    answered
+}
+
 /// Polls `pred` (bounded: a hang guard, not a timing assertion).
 pub fn eventually(what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);

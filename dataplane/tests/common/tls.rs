@@ -252,6 +252,15 @@ pub fn connect(
     let tcp = TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
     tcp.set_nodelay(true)?;
+    handshake(tcp, config, name)
+}
+
+/// Completes the handshake on a connection already open.
+pub fn handshake(
+    tcp: TcpStream,
+    config: &Arc<ClientConfig>,
+    name: &str,
+) -> std::io::Result<TlsStream> {
     let server = ServerName::try_from(name.to_owned()).expect("name");
     let conn = ClientConnection::new(config.clone(), server).expect("client");
     let mut s = StreamOwned::new(conn, tcp);
