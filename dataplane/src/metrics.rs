@@ -57,6 +57,8 @@ pub enum Counter {
     ConnRefusedPerClient,
     /// Connections closed without a valid PROXY protocol header.
     ProxyProtocolRefused,
+    /// Connections waiting for their PROXY protocol header (gauge).
+    ProxyProtocolWaiting,
     /// Failed accepts (out of descriptors or memory).
     AcceptErrors,
     /// Upstream connects that failed for a local reason.
@@ -122,6 +124,7 @@ impl Counter {
         Counter::ConnShed,
         Counter::ConnRefusedPerClient,
         Counter::ProxyProtocolRefused,
+        Counter::ProxyProtocolWaiting,
         Counter::AcceptErrors,
         Counter::LocalErrors,
         Counter::UpstreamLimit,
@@ -161,6 +164,7 @@ impl Counter {
             Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
             Counter::ConnRefusedPerClient => spec("appproxy_connections_refused_per_client_total", Kind::Counter, "Connections closed at accept because their client address was at [limits] max_connections_per_client."),
             Counter::ProxyProtocolRefused => spec("appproxy_proxy_protocol_refused_total", Kind::Counter, "Connections closed unserved with [worker] proxy_protocol on: not from a trusted proxy, or no valid PROXY header within the head timeout."),
+            Counter::ProxyProtocolWaiting => spec("appproxy_proxy_protocol_headers_waiting", Kind::Gauge, "Connections with [worker] proxy_protocol on still waiting for their PROXY header (not yet in appproxy_connections_active)."),
             Counter::ConnShed => spec("appproxy_connections_shed_total", Kind::Counter, "Connections with nothing in hand (waiting for a request, or lingering) closed to admit a new one at [limits] max_connections_per_core."),
             Counter::ConnRefused => spec("appproxy_connections_refused_total", Kind::Counter, "Connections closed at accept because the core was at [limits] max_connections_per_core."),
             Counter::AcceptErrors => spec("appproxy_accept_errors_total", Kind::Counter, "Failed accepts (out of descriptors or memory)."),
@@ -265,6 +269,8 @@ pub mod counter {
     pub const CONN_REFUSED_PER_CLIENT: usize = Counter::ConnRefusedPerClient as usize;
     /// Connections closed without a valid PROXY protocol header.
     pub const PROXY_PROTOCOL_REFUSED: usize = Counter::ProxyProtocolRefused as usize;
+    /// Connections waiting for their PROXY protocol header.
+    pub const PROXY_PROTOCOL_WAITING: usize = Counter::ProxyProtocolWaiting as usize;
     /// Failed accepts (out of descriptors or memory).
     pub const ACCEPT_ERRORS: usize = Counter::AcceptErrors as usize;
     /// Upstream connects that failed for a local reason.

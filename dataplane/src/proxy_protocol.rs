@@ -14,7 +14,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::core::Core;
+use crate::core::{counter, Core};
 use crate::io::TcpConn;
 
 /// The longest version 1 header, `\r\n` included (the specification's bound).
@@ -231,7 +231,9 @@ pub async fn accept(
     conn.set_timeout_within(core.rt.head_timeout);
     // Nothing in hand yet: at the connection cap it may be closed for a new one.
     conn.set_reusable(true, false);
+    core.metrics.add(counter::PROXY_PROTOCOL_WAITING, 1);
     let header = read(conn).await;
+    core.metrics.sub(counter::PROXY_PROTOCOL_WAITING, 1);
     conn.set_reusable(false, false);
     if conn.was_shed() {
         return None;

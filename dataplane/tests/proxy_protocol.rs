@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, metric, read_until_closed, Client, Upstream, Worker, WorkerOpts};
 
 const REFUSED: &str = "appproxy_proxy_protocol_refused_total";
+const WAITING: &str = "appproxy_proxy_protocol_headers_waiting";
 
 fn worker(up: &Upstream, trusted: &str, extra: &str) -> Worker {
     Worker::start(WorkerOpts {
@@ -86,11 +87,18 @@ fn a_header_split_over_many_writes_is_read_whole_and_no_more() {
     ] {
         let mut s = TcpStream::connect(w.addr()).expect("connect");
         s.set_nodelay(true).expect("nodelay");
-        for b in &header {
+        let (last, head) = header.split_last().expect("a header");
+        for b in head {
             s.write_all(&[*b]).expect("write");
             std::thread::sleep(Duration::from_millis(2));
         }
+        // Waiting for the rest of its header: shown as such, not yet as a connection.
+        eventually("the connection is seen waiting for its header", || {
+            metric(&w, WAITING) == 1 && metric(&w, "appproxy_connections_active") == 0
+        });
+        s.write_all(&[*last]).expect("write");
         std::thread::sleep(Duration::from_millis(50));
+        eventually("the header is taken", || metric(&w, WAITING) == 0);
         s.write_all(b"GET /split HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             .expect("request");
         let got = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();

@@ -878,6 +878,7 @@ pub fn resting_fds(w: &Worker) -> u64 {
             probed >= 1
                 && metric_in(&text, "appproxy_connections_active") == 0
                 && metric_in(&text, "appproxy_tls_handshakes_in_progress") == 0
+                && metric_in(&text, "appproxy_proxy_protocol_headers_waiting") == 0
         },
     );
     open_fds(w.pid()).0
