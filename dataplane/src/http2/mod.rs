@@ -60,6 +60,10 @@ pub struct ConnCtx {
     ids: RefCell<Vec<RequestId>>,
     /// Streams the client reset while the worker was working on them.
     client_resets: Cell<u64>,
+    /// The connection is over (its `h2` driver gone, maybe lingering): a stream
+    /// whose handling ends after it leaves the socket's deadline and reusability to
+    /// the lingering close.
+    ended: Cell<bool>,
 }
 
 impl ConnCtx {
@@ -83,7 +87,7 @@ impl ConnCtx {
         let n = self.active.get().saturating_sub(1);
         self.active.set(n);
         self.core.metrics.sub(counter::H2_STREAMS_ACTIVE, 1);
-        if n == 0 {
+        if n == 0 && !self.ended.get() {
             if self.core.draining.get() {
                 self.conn.set_timeout(DRAIN_GRACE);
             } else {
@@ -142,6 +146,7 @@ pub async fn serve(
         streams: Cell::new(0),
         ids: RefCell::new(Vec::new()),
         client_resets: Cell::new(0),
+        ended: Cell::new(false),
     });
     // The preface, the SETTINGS and the first complete request head within the head
     // timeout from the accept (a connection that sends the preface and nothing else
@@ -268,7 +273,11 @@ pub async fn serve(
     );
     // Frames the client sent after the `GOAWAY` (a stream opened in the same instant)
     // are read and dropped, not answered with an RST that could destroy the `GOAWAY`
-    // before the client reads it, and with it the last stream it names.
+    // before the client reads it, and with it the last stream it names. Streams
+    // still being handled (their tasks see the connection's end at their next poll)
+    // no longer touch the socket's deadline: a keep-alive timeout armed by the last
+    // one to end would stretch the lingering close past its bounds.
+    ctx.ended.set(true);
     drop(h2c);
     let mut scratch = core.read_bufs.lend();
     crate::proxy::lingering_close(&core, &conn, scratch.scratch()).await;

@@ -532,6 +532,11 @@ pub(crate) async fn lingering_close(core: &Core, conn: &TcpConn, scratch: &mut [
             break;
         }
     }
+    // Over: no longer one to close for a new connection at the cap. Its descriptor
+    // may outlive this (an HTTP/2 stream still being handled holds it until its
+    // task sees the connection's end): shedding it would admit a new connection
+    // over the cap and close nothing.
+    conn.set_reusable(false, false);
     core.metrics.add(counter::BYTES_IN, dropped);
     tracing::debug!(dropped, "lingering close");
 }
