@@ -238,6 +238,11 @@ impl Client {
                 return Ok(None);
             }
             self.conn.set_reusable(waiting, waiting && !first);
+            if !first && !waiting {
+                // A later head whose first bytes came behind the request before
+                // (pipelined): its head timeout from now, not the keep-alive timeout.
+                self.conn.set_timeout(core.rt.head_timeout);
+            }
         }
         loop {
             if let Some(head) = parse::parse_request(self.buf.filled(), &core.rt.head_limits)? {
