@@ -831,3 +831,96 @@ fn a_client_goaway_then_silence_holds_the_connection_only_for_lingering_idle() {
     settles(&w, rest);
     drop(s);
 }
+
+/// A connection in its lingering close while a stream's handling still holds its
+/// descriptor (the stream waits on its app's connect; the client broke the
+/// protocol and stays silent, its socket open) is not one the connection cap closes
+/// to admit a new one: its descriptor would stay open, held by the stream, and the
+/// new connection be admitted over the cap. Drain still closes it at once.
+#[test]
+fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let app_addr = app.local_addr().expect("addr");
+    let _queued = TcpStream::connect(app_addr).expect("the one queued connection");
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\nlingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n".into(),
+        ..Default::default()
+    });
+    let mut a = open(&w);
+    request(&mut a, 1, "/held");
+    common::eventually("the stream is being handled", || {
+        metric(&w, "appproxy_http2_streams_active") == 1
+    });
+    // DATA on stream 0: a connection error; the GOAWAY, the FIN: a lingers, silent.
+    a.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut a);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    // b: a new connection with nothing in hand; the core is at its cap of 2.
+    let mut b = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("b served", || {
+        metric(&w, "appproxy_connections_active") == 2
+    });
+    // c is admitted by closing b, the connection with nothing in hand.
+    let c = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert!(
+        closed_by_worker(&mut b),
+        "b was left open: the cap closed the lingering connection the stream holds"
+    );
+    // (Drain would serve c's first request: it leaves.)
+    drop(c);
+    let started = Instant::now();
+    assert!(w.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drain waited for the lingering connection"
+    );
+    drop(a);
+}
+
+/// Once the last stream that outlived its connection is over, the connection in its
+/// lingering close makes room at the connection cap again, as any lingering one.
+#[test]
+fn a_lingering_connection_makes_room_at_the_cap_once_its_streams_are_over() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[limits]\nmax_connections_per_core = 2\n[timeouts]\nlingering_secs = 300\nlingering_idle_secs = 300\n",
+    );
+    let mut a = open(&w);
+    request(&mut a, 1, "/wait?ms=60000");
+    common::eventually("the stream reached the app", || up.count() == 1);
+    // A connection error while the stream waits for its answer: a lingers, silent;
+    // the stream's handling ends as it sees the connection's end.
+    a.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut a);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    common::eventually("the stream's handling over", || {
+        metric(&w, "appproxy_http2_streams_active") == 0
+            && metric(&w, "appproxy_connections_active") == 1
+    });
+    // b: newer than a's lingering close; the core is at its cap of 2.
+    let mut b = common::Client::connect(w.addr());
+    common::eventually("b served", || {
+        metric(&w, "appproxy_connections_active") == 2
+    });
+    let mut c = common::Client::connect(w.addr());
+    assert_eq!(c.get("/c", "").status, 200, "admitted at the cap");
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert_eq!(
+        b.get("/b", "").status,
+        200,
+        "b was closed, not the lingering a"
+    );
+    drop(a);
+}
