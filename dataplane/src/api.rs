@@ -23,7 +23,9 @@ use crate::relay::ReadBuf;
 pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
     let mut buf = ReadBuf::new(8 * 1024);
     let limit = core.rt.head_limits.max_request_line + core.rt.head_limits.max_header_bytes + 4;
-    conn.set_timeout(core.rt.head_timeout);
+    // The head timeout from the accept: a TLS handshake took part of it (one
+    // timeout through both, as on the frontends).
+    conn.set_timeout_within(core.rt.head_timeout);
     let head = loop {
         match parse::parse_request(buf.filled(), &core.rt.head_limits) {
             Ok(Some(h)) => break h,

@@ -12,7 +12,7 @@ mod common;
 
 use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{ErrorKind, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{metric, open_fds, Upstream, Worker, WorkerOpts};
@@ -25,6 +25,7 @@ use appproxy_test_support::h2frames::{
 
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const REFUSED_STREAM: u32 = 0x7;
+const PROTOCOL_ERROR: u32 = 0x1;
 
 /// `GET path` on `http://127.0.0.1`, each pseudo-header a literal without indexing.
 fn request_block(path: &str) -> Vec<u8> {
@@ -682,4 +683,244 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
         metric(&w, "appproxy_connections_shed_total") == 1
             && metric(&w, "appproxy_connections_active") == 1
     });
+}
+
+/// A stream whose handling ends after its connection did (its app had not answered
+/// when the client broke the protocol) leaves the lingering close its bounds: the
+/// connection is released once the client has been silent for `[timeouts]
+/// lingering_idle_secs`, not kept to the keep-alive timeout the stream's end used to
+/// arm on the socket.
+#[test]
+fn a_stream_ending_after_its_connection_does_not_stretch_the_lingering_close() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nkeepalive_secs = 300\nlingering_secs = 300\nlingering_idle_secs = 1\n",
+    );
+    let rest = common::resting_fds(&w);
+    let mut s = open(&w);
+    request(&mut s, 1, "/wait?ms=60000");
+    common::eventually("the stream reached the app", || up.count() == 1);
+    // Published at the core's tick: seen open before it is seen released.
+    common::eventually("the connection counted", || {
+        metric(&w, "appproxy_connections_active") == 1
+            && metric(&w, "appproxy_http2_streams_active") == 1
+    });
+    // DATA on stream 0: a connection error. The worker's GOAWAY, then its FIN.
+    s.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut s);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    // Silent from now on, the socket left open: the lingering close ends after a
+    // second of silence (the bounds above are minutes).
+    common::eventually("the lingering connection released", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    drop(s);
+    settles(&w, rest);
+}
+
+/// A connection whose lingering close is over while a stream's handling still holds
+/// its descriptor (the stream waits on its app's connect; the client broke the
+/// protocol, then closed) is no longer one the connection cap closes to admit a new
+/// one: that would close nothing and admit the new one over the cap. The connection
+/// with nothing in hand the longest is closed instead.
+#[test]
+fn a_connection_a_stream_still_holds_after_its_lingering_close_is_not_shed() {
+    // An app whose connects never complete: a backlog of 0 with its one queued
+    // connection never accepted (the kernel drops further SYNs).
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let app_addr = app.local_addr().expect("addr");
+    let _queued = TcpStream::connect(app_addr).expect("the one queued connection");
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\n".into(),
+        ..Default::default()
+    });
+    let mut a = open(&w);
+    request(&mut a, 1, "/held");
+    common::eventually("the stream is being handled", || {
+        metric(&w, "appproxy_http2_streams_active") == 1
+    });
+    // DATA on stream 0: a connection error; the GOAWAY, the FIN, then the client's
+    // close ends the lingering close. The stream still waits on its app's connect.
+    a.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut a);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    drop(a);
+    common::eventually("the connection's task over", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    assert_eq!(
+        metric(&w, "appproxy_http2_streams_active"),
+        1,
+        "the stream still holds the connection"
+    );
+    // b: a new connection with nothing in hand; the core is at its cap of 2.
+    let mut b = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("b served", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    // c is admitted by closing b, the connection with nothing in hand.
+    let _c = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert!(
+        closed_by_worker(&mut b),
+        "b was left open: the cap closed the connection the stream holds, which closes nothing"
+    );
+}
+
+/// Drain (SIGTERM) does not wait for an HTTP/2 connection in its lingering close:
+/// one silent after the worker's idle `GOAWAY`, with lingering bounds of minutes,
+/// is closed at once and the worker exits.
+#[test]
+fn drain_closes_a_lingering_http2_connection_at_once() {
+    let up = Upstream::start();
+    let mut w = worker(
+        &up,
+        "[timeouts]\nkeepalive_secs = 1\nlingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n",
+    );
+    let mut s = open(&w);
+    request(&mut s, 1, "/first");
+    // The answer, the idle GOAWAY, then the worker's FIN: it lingers.
+    let (_, frames) = read_to_close(&mut s);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(last_goaway(&frames), Some((1, 0)), "{kinds:?}");
+    common::eventually("the connection lingers", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    let started = Instant::now();
+    assert!(w.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drain waited for the lingering connection"
+    );
+    drop(s);
+}
+
+/// A client that sends its own `GOAWAY` once its stream is answered and then keeps
+/// the socket open, silent, holds the connection only for the lingering close's
+/// idle bound, not for the keep-alive timeout.
+#[test]
+fn a_client_goaway_then_silence_holds_the_connection_only_for_lingering_idle() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nkeepalive_secs = 300\nlingering_secs = 300\nlingering_idle_secs = 1\n",
+    );
+    let rest = common::resting_fds(&w);
+    let mut s = open(&w);
+    request(&mut s, 1, "/first");
+    while !matches!(read_frame(&mut s), Some(f) if f.2 == 1 && f.1 & END_STREAM != 0) {}
+    common::eventually("the connection counted", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    // GOAWAY(NO_ERROR), last stream 0: the client opens nothing more.
+    s.write_all(&frame(GOAWAY, 0, 0, &[0u8; 8]))
+        .expect("the client's GOAWAY");
+    // The worker's FIN (what came before it does not matter here).
+    read_to_close(&mut s);
+    // Silent, the socket left open: released after a second of silence (its
+    // descriptor too, while the client still holds its end).
+    settles(&w, rest);
+    drop(s);
+}
+
+/// A connection in its lingering close while a stream's handling still holds its
+/// descriptor (the stream waits on its app's connect; the client broke the
+/// protocol and stays silent, its socket open) is not one the connection cap closes
+/// to admit a new one: its descriptor would stay open, held by the stream, and the
+/// new connection be admitted over the cap. Drain still closes it at once.
+#[test]
+fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let app_addr = app.local_addr().expect("addr");
+    let _queued = TcpStream::connect(app_addr).expect("the one queued connection");
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\nlingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n".into(),
+        ..Default::default()
+    });
+    let mut a = open(&w);
+    request(&mut a, 1, "/held");
+    common::eventually("the stream is being handled", || {
+        metric(&w, "appproxy_http2_streams_active") == 1
+    });
+    // DATA on stream 0: a connection error; the GOAWAY, the FIN: a lingers, silent.
+    a.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut a);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    // b: a new connection with nothing in hand; the core is at its cap of 2.
+    let mut b = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("b served", || {
+        metric(&w, "appproxy_connections_active") == 2
+    });
+    // c is admitted by closing b, the connection with nothing in hand.
+    let c = TcpStream::connect(w.addr()).expect("connect");
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert!(
+        closed_by_worker(&mut b),
+        "b was left open: the cap closed the lingering connection the stream holds"
+    );
+    // (Drain would serve c's first request: it leaves.)
+    drop(c);
+    let started = Instant::now();
+    assert!(w.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drain waited for the lingering connection"
+    );
+    drop(a);
+}
+
+/// Once the last stream that outlived its connection is over, the connection in its
+/// lingering close makes room at the connection cap again, as any lingering one.
+#[test]
+fn a_lingering_connection_makes_room_at_the_cap_once_its_streams_are_over() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[limits]\nmax_connections_per_core = 2\n[timeouts]\nlingering_secs = 300\nlingering_idle_secs = 300\n",
+    );
+    let mut a = open(&w);
+    request(&mut a, 1, "/wait?ms=60000");
+    common::eventually("the stream reached the app", || up.count() == 1);
+    // A connection error while the stream waits for its answer: a lingers, silent;
+    // the stream's handling ends as it sees the connection's end.
+    a.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(&mut a);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    common::eventually("the stream's handling over", || {
+        metric(&w, "appproxy_http2_streams_active") == 0
+            && metric(&w, "appproxy_connections_active") == 1
+    });
+    // b: newer than a's lingering close; the core is at its cap of 2.
+    let mut b = common::Client::connect(w.addr());
+    common::eventually("b served", || {
+        metric(&w, "appproxy_connections_active") == 2
+    });
+    let mut c = common::Client::connect(w.addr());
+    assert_eq!(c.get("/c", "").status, 200, "admitted at the cap");
+    common::eventually("the shed counted", || {
+        metric(&w, "appproxy_connections_shed_total") == 1
+    });
+    assert_eq!(
+        b.get("/b", "").status,
+        200,
+        "b was closed, not the lingering a"
+    );
+    drop(a);
 }

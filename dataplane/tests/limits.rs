@@ -375,3 +375,26 @@ fn lingering_closes_are_bounded() {
         "without lingering the client's bytes meet a reset"
     );
 }
+
+/// A later request's head has `[timeouts] head_secs` from its first byte also when
+/// that byte came pipelined behind the request before it (read with it): not the
+/// keep-alive timeout, which would give a slow client minutes for every head after
+/// its first.
+#[test]
+fn a_pipelined_partial_head_gets_the_head_timeout_not_the_keepalive_one() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\nhead_secs = 1\nkeepalive_secs = 300\n".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n");
+    assert_eq!(c.response().status, 200);
+    // The rest of the second head never comes: the 408 at its head timeout, well
+    // within the client's 20 s read guard (the keep-alive timeout is 300 s).
+    let r = c.response();
+    assert_json_error(&r, 408, "request_timeout");
+    assert!(c.is_closed());
+    assert_eq!(up.count(), 1);
+}

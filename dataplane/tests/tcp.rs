@@ -124,3 +124,34 @@ fn tcp_allowlist_checks_the_client_a_proxy_protocol_header_names() {
     });
     assert_eq!(line[0]["peer"], "192.0.2.1");
 }
+
+/// The head timeout runs from the accept through a PROXY protocol header, and is
+/// not cleared after it any more: it must not cut a TCP circuit's relay. A client
+/// silent past `[timeouts] head_secs` after its header (an SSH client waiting for
+/// the server's banner, say) is relayed on.
+#[test]
+fn a_tcp_circuit_behind_proxy_protocol_outlives_the_head_timeout() {
+    let app = echo_then_bye();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n".into(),
+        circuit_extra: "protocol = \"tcp\"".into(),
+        extra: "[timeouts]\nhead_secs = 1\n".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"PROXY TCP4 10.1.2.3 127.0.0.1 5000 22\r\n")
+        .expect("the header");
+    // Past the head timeout from the accept, with nothing sent after the header.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(b"SSH-2.0-late").expect("send");
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"SSH-2.0-late");
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("rest");
+    assert_eq!(rest, b"bye");
+}

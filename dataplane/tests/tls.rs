@@ -805,3 +805,65 @@ fn the_head_timeout_runs_from_the_accept_through_the_handshake() {
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     assert_eq!(up.count(), 0);
 }
+
+/// The API port (`/setup`) over TLS has the frontends' one head timeout from the
+/// accept too: a client that finished its handshake late does not get a whole new
+/// `[timeouts] head_secs` for its head. The handshake at 3 s and part of a head
+/// (the timeout is 4 s): by 5.6 s the worker has closed the connection (the API port
+/// closes a late head without an answer); a new timeout from the handshake would
+/// have waited for the rest until 7 s and answered it.
+#[test]
+fn the_api_port_head_timeout_runs_from_the_accept_through_the_handshake() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: format!(
+            "{}hostname = \"localhost\"\napi_port = {{AUX_PORT}}\n",
+            pki.worker_lines()
+        ),
+        extra: "[timeouts]\nhead_secs = 4\n".into(),
+        ..Default::default()
+    });
+    let api = std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port));
+    let tcp = TcpStream::connect(api).expect("connect");
+    let accepted = Instant::now();
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    common::sleep_until(accepted + Duration::from_millis(3000));
+    let mut s = tls_support::handshake(tcp, &pki.default_client(), "localhost")
+        .expect("a handshake within the head timeout");
+    s.write_all(b"GET /status HTTP/1.1\r\n")
+        .expect("part of a head");
+    common::sleep_until(accepted + Duration::from_millis(5600));
+    // Read through TLS (the worker's session tickets are not an answer): the rest of
+    // the head only when the connection is still open.
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = match s.read_uninterrupted(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => {
+            got.extend_from_slice(&buf[..n]);
+            false
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(_) => true,
+    };
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    if !closed {
+        let _ = s.write_all(b"Host: localhost\r\n\r\n");
+        while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        closed && got.is_empty(),
+        "the head completed after the head timeout from the accept was served: {text}"
+    );
+}

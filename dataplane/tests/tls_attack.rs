@@ -4,6 +4,7 @@
 //! client that never reads a large response. Each is refused or cut with bounded
 //! memory, the connection is closed, and nothing is left behind: the handshake and
 //! connection gauges return to zero and the descriptors to their count before.
+//! Also: HTTP/2 over TLS lingers after its idle `GOAWAY` as in the clear.
 
 mod common;
 #[path = "common/tls.rs"]
@@ -290,4 +291,84 @@ fn at_the_cap_a_tls_connection_that_never_sent_a_byte_makes_room() {
         "the handshake under way was not closed"
     );
     up.open_gate();
+}
+
+/// HTTP/2 over TLS (ALPN `h2`) gets the lingering close too: frames a client sends
+/// after the worker's idle `GOAWAY` and close_notify are read and dropped while it
+/// keeps sending (no reset that could destroy the `GOAWAY`), until `[timeouts]
+/// lingering_secs` have passed; then everything is released.
+#[test]
+fn frames_after_an_idle_goaway_over_tls_meet_a_lingering_close() {
+    use appproxy_test_support::h2frames::{
+        client_hello, frame, goaway_code, literal, read_frame, END_HEADERS, END_STREAM, GOAWAY,
+        HEADERS,
+    };
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        extra: "[upstream]\nidle_timeout_secs = 1\n[timeouts]\nkeepalive_secs = 1\nlingering_secs = 3\nlingering_idle_secs = 2\n".into(),
+        ..Default::default()
+    });
+    let fds = common::resting_fds(&w);
+    let h2 = pki.client(
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        &[b"h2"],
+    );
+    let mut s = connect(w.addr(), &h2, "localhost").expect("tls");
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let get = |id: u32, path: &str| {
+        let mut b = Vec::new();
+        literal(&mut b, b":method", b"GET");
+        literal(&mut b, b":scheme", b"https");
+        literal(&mut b, b":path", path.as_bytes());
+        literal(&mut b, b":authority", b"localhost");
+        frame(HEADERS, END_HEADERS | END_STREAM, id, &b)
+    };
+    s.write_all(&client_hello()).expect("preface");
+    s.write_all(&get(1, "/first")).expect("request");
+    // The answer, the idle GOAWAY naming stream 1, then the close_notify.
+    let mut goaway = None;
+    while let Some(f) = read_frame(&mut s) {
+        if f.0 == GOAWAY {
+            goaway = Some((
+                f.3.get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+                goaway_code(&f.3),
+            ));
+        }
+    }
+    assert_eq!(goaway, Some((Some(1), Some(0))));
+    let lingered_from = std::time::Instant::now();
+    let mut id = 3;
+    let mut writes = 0;
+    loop {
+        if s.write_all(&get(id, "/late")).is_err() {
+            break;
+        }
+        writes += 1;
+        id += 2;
+        assert!(
+            lingered_from.elapsed() < std::time::Duration::from_secs(20),
+            "a client that never stops sending kept the lingering close open"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        writes >= 5,
+        "the worker reset the connection after {writes} late frames"
+    );
+    assert_eq!(
+        up.count(),
+        1,
+        "a stream opened after the GOAWAY reached the app"
+    );
+    drop(s);
+    eventually("no connection open", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    eventually("descriptors back to their count", || {
+        open_fds(w.pid()).0 <= fds
+    });
 }

@@ -60,6 +60,13 @@ pub struct ConnCtx {
     ids: RefCell<Vec<RequestId>>,
     /// Streams the client reset while the worker was working on them.
     client_resets: Cell<u64>,
+    /// The connection is over (its `h2` driver gone, maybe lingering): a stream
+    /// whose handling ends after it leaves the socket's deadline and reusability to
+    /// the lingering close.
+    ended: Cell<bool>,
+    /// In its lingering close while streams were still being handled (not to be
+    /// closed for a new connection at the cap until the last of them ends).
+    lingering_held: Cell<bool>,
 }
 
 impl ConnCtx {
@@ -78,12 +85,18 @@ impl ConnCtx {
     /// A stream's handling ended: with none left, the keep-alive timeout runs. When
     /// draining, the connection is not idle (drain would cut it before its `GOAWAY`
     /// and last frames are out): it has [`DRAIN_GRACE`] to flush them and close
-    /// itself.
+    /// itself. After the connection ended, the socket is the lingering close's.
     fn stream_closed(&self) {
         let n = self.active.get().saturating_sub(1);
         self.active.set(n);
         self.core.metrics.sub(counter::H2_STREAMS_ACTIVE, 1);
-        if n == 0 {
+        if n == 0 && self.ended.get() {
+            if self.lingering_held.get() {
+                // The socket is the lingering close's alone now: it may make room
+                // for a new connection at the cap.
+                self.conn.set_reusable(true, true);
+            }
+        } else if n == 0 {
             if self.core.draining.get() {
                 self.conn.set_timeout(DRAIN_GRACE);
             } else {
@@ -142,6 +155,8 @@ pub async fn serve(
         streams: Cell::new(0),
         ids: RefCell::new(Vec::new()),
         client_resets: Cell::new(0),
+        ended: Cell::new(false),
+        lingering_held: Cell::new(false),
     });
     // The preface, the SETTINGS and the first complete request head within the head
     // timeout from the accept (a connection that sends the preface and nothing else
@@ -268,10 +283,20 @@ pub async fn serve(
     );
     // Frames the client sent after the `GOAWAY` (a stream opened in the same instant)
     // are read and dropped, not answered with an RST that could destroy the `GOAWAY`
-    // before the client reads it, and with it the last stream it names.
+    // before the client reads it, and with it the last stream it names. Streams
+    // still being handled (their tasks see the connection's end at their next poll)
+    // no longer touch the socket's deadline: a keep-alive timeout armed by the last
+    // one to end would stretch the lingering close past its bounds.
+    ctx.ended.set(true);
     drop(h2c);
     let mut scratch = core.read_bufs.lend();
-    crate::proxy::lingering_close(&core, &conn, scratch.scratch()).await;
+    // Streams still being handled hold the socket: closing the connection at the
+    // cap would free nothing and admit the new one over it (the last of them to end
+    // makes it sheddable).
+    let sheddable = ctx.active.get() == 0;
+    ctx.lingering_held.set(!sheddable);
+    crate::proxy::lingering_close(&core, &conn, scratch.scratch(), sheddable).await;
+    ctx.lingering_held.set(false);
 }
 
 /// Runs `fut` for at most `d` (the reactor's timers; the timer is armed only when

@@ -200,7 +200,7 @@ impl Client {
     /// connection while the client may still be sending (a 413 before the body, an
     /// app's early 401, a head refused mid-way).
     async fn linger(&mut self) {
-        lingering_close(&self.core, &self.conn, self.buf.scratch()).await;
+        lingering_close(&self.core, &self.conn, self.buf.scratch(), true).await;
     }
 
     /// Reads the connection's first bytes until they either are the HTTP/2 connection
@@ -238,6 +238,11 @@ impl Client {
                 return Ok(None);
             }
             self.conn.set_reusable(waiting, waiting && !first);
+            if !first && !waiting {
+                // A later head whose first bytes came behind the request before
+                // (pipelined): its head timeout from now, not the keep-alive timeout.
+                self.conn.set_timeout(core.rt.head_timeout);
+            }
         }
         loop {
             if let Some(head) = parse::parse_request(self.buf.filled(), &core.rt.head_limits)? {
@@ -503,17 +508,24 @@ fn check_credentials(
 /// unread makes the kernel answer them with an RST, which can destroy the answer or
 /// the `GOAWAY` before the client reads it (RFC 9112 §9.6, RFC 9113 §6.8). Not while
 /// the core drains, nor for a connection the cap shed; `lingering_secs = 0` turns it
-/// off.
-pub(crate) async fn lingering_close(core: &Core, conn: &TcpConn, scratch: &mut [u8]) {
+/// off. `sheddable`: the connection may be closed to admit a new one at the cap
+/// meanwhile (false while something else still holds its descriptor: closing it
+/// would free nothing); drain closes it at once either way.
+pub(crate) async fn lingering_close(
+    core: &Core,
+    conn: &TcpConn,
+    scratch: &mut [u8],
+    sheddable: bool,
+) {
     let rt = &core.rt;
     if rt.lingering_time.is_zero() || core.draining.get() || conn.was_shed() {
         return;
     }
     conn.disarm_read_floor();
     conn.shutdown_write();
-    // Nothing in hand: drain closes it at once, and it makes room for a new
-    // connection at the cap.
-    conn.set_reusable(true, true);
+    // Nothing in hand: drain closes it at once, and (unless something else holds
+    // its descriptor) it makes room for a new connection at the cap.
+    conn.set_reusable(sheddable, true);
     let until = core.reactor.now() + rt.lingering_time;
     let mut dropped = 0u64;
     loop {
@@ -532,6 +544,11 @@ pub(crate) async fn lingering_close(core: &Core, conn: &TcpConn, scratch: &mut [
             break;
         }
     }
+    // Over: no longer one to close for a new connection at the cap. Its descriptor
+    // may outlive this (an HTTP/2 stream still being handled holds it until its
+    // task sees the connection's end): shedding it would admit a new connection
+    // over the cap and close nothing.
+    conn.set_reusable(false, false);
     core.metrics.add(counter::BYTES_IN, dropped);
     tracing::debug!(dropped, "lingering close");
 }
