@@ -429,6 +429,11 @@ fn a_connection_that_sends_only_the_preface_is_cut_at_the_head_timeout() {
         closed_by_worker(&mut s),
         "the idle HTTP/2 connection stayed open"
     );
+    // Not waited for again (no lingering close, as after an HTTP/1 408): what it
+    // sends now meets a reset.
+    common::eventually("the connection is closed, not lingering", || {
+        s.write_all(&frame(PING, 0, 0, &[0; 8])).is_err()
+    });
     drop(s);
     settles(&w, rest);
 }

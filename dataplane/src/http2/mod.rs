@@ -289,6 +289,12 @@ pub async fn serve(
     // one to end would stretch the lingering close past its bounds.
     ctx.ended.set(true);
     drop(h2c);
+    // Not for a client cut for abuse, nor for one that sent no request head within
+    // the head timeout: as after an HTTP/1 408, such a client is not waited for
+    // again.
+    if cut || (closing_idle && ctx.streams.get() == 0) {
+        return;
+    }
     let mut scratch = core.read_bufs.lend();
     // Streams still being handled hold the socket: closing the connection at the
     // cap would free nothing and admit the new one over it (the last of them to end
