@@ -255,7 +255,7 @@ pub async fn accept(
             return None;
         }
     };
-    core.admit_proxied_client(conn, port, client.addr.ip())
+    core.admit_proxied_client(conn, port, client.addr.ip(), client.named)
         .then_some(client)
 }
 

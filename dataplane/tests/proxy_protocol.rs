@@ -196,6 +196,50 @@ fn the_per_client_cap_counts_the_named_client() {
     assert_eq!(again.response().status, 200);
 }
 
+/// A header naming no client (v1 `UNKNOWN`, v2 `LOCAL`: what HAProxy sends for a
+/// client on a UNIX socket) leaves the balancer's address, and the clients behind
+/// such headers cannot be told apart: they share that address's
+/// `max_connections_per_client` instead of the balancer's own exemption, which
+/// would leave them none.
+#[test]
+fn clients_the_header_does_not_name_share_one_limit() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "127.0.0.1",
+        "[limits]\nmax_connections_per_client = 1\n",
+    );
+    let local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00".to_vec();
+    let request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let with = |header: &[u8]| {
+        let mut bytes = header.to_vec();
+        bytes.extend(request);
+        bytes
+    };
+    let mut first = Client::connect(w.addr());
+    first.send(&with(b"PROXY UNKNOWN\r\n"));
+    assert_eq!(first.response().status, 200);
+    for header in [b"PROXY UNKNOWN\r\n".to_vec(), local.clone()] {
+        let mut c = Client::connect(w.addr());
+        c.send(&with(&header));
+        let r = c.response();
+        assert_eq!(r.status, 429, "{header:?}: {}", r.text());
+        assert_eq!(r.json()["code"], "client_connection_limit");
+    }
+    // Named clients behind the same balancer are counted apart, as before.
+    let mut named = Client::connect(w.addr());
+    named.send(&with(b"PROXY TCP4 192.0.2.7 127.0.0.1 1 443\r\n"));
+    assert_eq!(named.response().status, 200);
+    // The unit comes back when the first closes.
+    drop(first);
+    eventually("the first connection closed", || {
+        metric(&w, "appproxy_connections_active") == 1
+    });
+    let mut again = Client::connect(w.addr());
+    again.send(&with(&local));
+    assert_eq!(again.response().status, 200);
+}
+
 /// A header cut short by the peer's end of stream (its write side shut, the
 /// connection still open for reading): closed as a bad header at once — the bytes
 /// already there never become a header, and the core does not spin on them — and

@@ -146,7 +146,7 @@ impl Core {
             self.refuse_proxy_protocol(port, peer, &"the peer is not in [worker] trusted_proxies");
             return None;
         }
-        let per_client = match self.client_admission(peer.ip()) {
+        let per_client = match self.client_admission(peer.ip(), true) {
             Ok(guard) => guard,
             Err(()) => {
                 self.refuse_client(&stream, port, peer.ip());
@@ -176,9 +176,19 @@ impl Core {
     /// Admits the client a PROXY protocol header named on `conn` (accepted from a
     /// trusted proxy, so not counted yet) under `[limits]
     /// max_connections_per_client`; `false`: refused as [`Core::admit`] refuses,
-    /// and the connection is to be closed.
-    pub fn admit_proxied_client(&self, conn: &mut TcpConn, port: u16, client: IpAddr) -> bool {
-        match self.client_admission(client) {
+    /// and the connection is to be closed. `named` false: the header named no client
+    /// (v1 `UNKNOWN`, v2 `LOCAL`) and `client` is the balancer's own address,
+    /// counted like any client's rather than exempt as the trusted proxy's: such
+    /// clients (HAProxy's on a UNIX socket) cannot be told apart, so they share one
+    /// address's limit instead of having none.
+    pub fn admit_proxied_client(
+        &self,
+        conn: &mut TcpConn,
+        port: u16,
+        client: IpAddr,
+        named: bool,
+    ) -> bool {
+        match self.client_admission(client, named) {
             Ok(Some(guard)) => {
                 conn.count_also_in(guard);
                 true
@@ -222,11 +232,12 @@ impl Core {
         }
     }
 
-    /// A unit of the count of `ip`'s connections (`None` when the limit is off or
-    /// the peer is a trusted proxy), or `Err` when the address is at its limit.
-    fn client_admission(&self, ip: IpAddr) -> Result<Option<CountGuard>, ()> {
+    /// A unit of the count of `ip`'s connections (`None` when the limit is off, or
+    /// the peer is a trusted proxy and `trusted_exempt`), or `Err` when the address
+    /// is at its limit.
+    fn client_admission(&self, ip: IpAddr, trusted_exempt: bool) -> Result<Option<CountGuard>, ()> {
         let limit = self.rt.max_connections_per_client;
-        if limit == 0 || self.is_trusted(ip) {
+        if limit == 0 || (trusted_exempt && self.is_trusted(ip)) {
             return Ok(None);
         }
         let gate = &self.conns;
