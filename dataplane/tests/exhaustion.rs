@@ -72,33 +72,7 @@ fn busy(w: &Worker) -> Client {
 /// before they send anything; an admitted one stays silent until it asks.
 fn admitted(w: &Worker) -> Option<Client> {
     let c = Client::connect(w.addr());
-    let quiet_until = Instant::now() + Duration::from_millis(300);
-    let mut b = [0u8; 1];
-    // A stop and continue of the test process interrupts the timed peek: it goes on
-    // for what is left of the 300 ms.
-    let peeked = loop {
-        let left = quiet_until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break Err(std::io::ErrorKind::TimedOut.into());
-        }
-        c.stream.set_read_timeout(Some(left)).expect("timeout");
-        match c.stream.peek(&mut b) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            other => break other,
-        }
-    };
-    match peeked {
-        Err(e)
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut =>
-        {
-            c.stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .expect("timeout");
-            Some(c)
-        }
-        _ => None,
-    }
+    (!common::answered_within(&c.stream, Duration::from_millis(300))).then_some(c)
 }
 
 #[test]

@@ -19,12 +19,7 @@ pub struct Uninterrupted<S>(pub S);
 
 impl<S: Read> Read for Uninterrupted<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.0.read(buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                r => return r,
-            }
-        }
+        self.0.read_uninterrupted(buf)
     }
 }
 
