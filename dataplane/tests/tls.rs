@@ -779,28 +779,14 @@ fn the_head_timeout_runs_from_the_accept_through_the_handshake() {
     s.write_all(b"GET /slow HTTP/1.1\r\n")
         .expect("part of a head");
     common::sleep_until(accepted + Duration::from_millis(2200));
-    // What the worker sent by then, through TLS (its session tickets are not an
-    // answer): the rest of the head only when nothing came.
-    s.sock
-        .set_read_timeout(Some(Duration::from_millis(800)))
-        .expect("timeout");
-    let mut got = vec![0u8; 4096];
-    let early = match s.read_uninterrupted(&mut got) {
-        Ok(n) => n,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => 0,
-        Err(e) => panic!("reading the answer: {e}"),
+    // The rest of the head only when nothing came by then.
+    let got = match sent_within(&mut s, Duration::from_millis(800)) {
+        Some(early) => early,
+        None => {
+            let _ = s.write_all(b"Host: t\r\n\r\n");
+            read_to_close(&mut s)
+        }
     };
-    got.truncate(early);
-    s.sock
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    if early == 0 {
-        let _ = s.write_all(b"Host: t\r\n\r\n");
-    }
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
-        got.extend_from_slice(&buf[..n]);
-    }
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     assert_eq!(up.count(), 0);
@@ -836,34 +822,47 @@ fn the_api_port_head_timeout_runs_from_the_accept_through_the_handshake() {
     s.write_all(b"GET /status HTTP/1.1\r\n")
         .expect("part of a head");
     common::sleep_until(accepted + Duration::from_millis(5600));
-    // Read through TLS (the worker's session tickets are not an answer): the rest of
-    // the head only when the connection is still open.
-    s.sock
-        .set_read_timeout(Some(Duration::from_millis(400)))
-        .expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = match s.read_uninterrupted(&mut buf) {
-        Ok(0) => true,
-        Ok(n) => {
-            got.extend_from_slice(&buf[..n]);
-            false
-        }
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-        Err(_) => true,
-    };
-    s.sock
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    // The rest of the head only when the connection is still open.
+    let early = sent_within(&mut s, Duration::from_millis(400));
+    let closed = early.as_ref().is_some_and(Vec::is_empty);
+    let mut got = early.unwrap_or_default();
     if !closed {
         let _ = s.write_all(b"Host: localhost\r\n\r\n");
-        while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
+        got.extend(read_to_close(&mut s));
     }
     let text = String::from_utf8_lossy(&got);
     assert!(
         closed && got.is_empty(),
         "the head completed after the head timeout from the accept was served: {text}"
     );
+}
+
+/// What the worker sent through TLS within `wait` (its session tickets are not an
+/// answer, so the raw socket cannot be peeked): the bytes of the first read, empty
+/// when it closed the connection (or the read failed), `None` when nothing came.
+fn sent_within(s: &mut tls_support::TlsStream, wait: Duration) -> Option<Vec<u8>> {
+    s.sock.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = vec![0u8; 4096];
+    let sent = match s.read_uninterrupted(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+        Err(_) => Some(Vec::new()),
+    };
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    sent
+}
+
+/// Reads through TLS until the worker closes (or the 20 s read timeout).
+fn read_to_close(s: &mut tls_support::TlsStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
