@@ -131,6 +131,38 @@ fn settles(w: &Worker, rest: u64) {
     }
 }
 
+/// DATA on stream 0, a connection error: the worker's `GOAWAY(PROTOCOL_ERROR)`, then
+/// its FIN (read here; the socket is left open).
+fn break_the_protocol(s: &mut TcpStream) {
+    s.write_all(&frame(DATA, 0, 0, b"x"))
+        .expect("the bad frame");
+    let (code, frames) = read_to_close(s);
+    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+}
+
+/// An app whose connects never complete: a backlog of 0 with its one queued
+/// connection never accepted (the kernel drops further SYNs). Both sockets are kept
+/// for the test's length; the address is the app's.
+fn never_accepting_app() -> (TcpListener, TcpStream, std::net::SocketAddr) {
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let addr = app.local_addr().expect("addr");
+    let queued = TcpStream::connect(addr).expect("the one queued connection");
+    (app, queued, addr)
+}
+
+/// SIGTERM: the worker exits well before its minutes-long drain and lingering
+/// bounds, so it did not wait for a lingering connection.
+fn drains_at_once(w: &mut Worker) {
+    let started = Instant::now();
+    assert!(w.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drain waited for the lingering connection"
+    );
+}
+
 /// The worker still answers an ordinary HTTP/2 request.
 fn still_serves(w: &Worker) {
     let out = std::process::Command::new("curl")
@@ -712,11 +744,7 @@ fn a_stream_ending_after_its_connection_does_not_stretch_the_lingering_close() {
             && metric(&w, "appproxy_http2_streams_active") == 1
     });
     // DATA on stream 0: a connection error. The worker's GOAWAY, then its FIN.
-    s.write_all(&frame(DATA, 0, 0, b"x"))
-        .expect("the bad frame");
-    let (code, frames) = read_to_close(&mut s);
-    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
-    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    break_the_protocol(&mut s);
     // Silent from now on, the socket left open: the lingering close ends after a
     // second of silence (the bounds above are minutes).
     common::eventually("the lingering connection released", || {
@@ -733,12 +761,7 @@ fn a_stream_ending_after_its_connection_does_not_stretch_the_lingering_close() {
 /// with nothing in hand the longest is closed instead.
 #[test]
 fn a_connection_a_stream_still_holds_after_its_lingering_close_is_not_shed() {
-    // An app whose connects never complete: a backlog of 0 with its one queued
-    // connection never accepted (the kernel drops further SYNs).
-    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
-    rustix::net::listen(&app, 0).expect("a backlog of 0");
-    let app_addr = app.local_addr().expect("addr");
-    let _queued = TcpStream::connect(app_addr).expect("the one queued connection");
+    let (_app, _queued, app_addr) = never_accepting_app();
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app_addr],
         extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\n".into(),
@@ -751,11 +774,7 @@ fn a_connection_a_stream_still_holds_after_its_lingering_close_is_not_shed() {
     });
     // DATA on stream 0: a connection error; the GOAWAY, the FIN, then the client's
     // close ends the lingering close. The stream still waits on its app's connect.
-    a.write_all(&frame(DATA, 0, 0, b"x"))
-        .expect("the bad frame");
-    let (code, frames) = read_to_close(&mut a);
-    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
-    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    break_the_protocol(&mut a);
     drop(a);
     common::eventually("the connection's task over", || {
         metric(&w, "appproxy_connections_active") == 0
@@ -800,12 +819,7 @@ fn drain_closes_a_lingering_http2_connection_at_once() {
     common::eventually("the connection lingers", || {
         metric(&w, "appproxy_connections_active") == 1
     });
-    let started = Instant::now();
-    assert!(w.terminate().success());
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "drain waited for the lingering connection"
-    );
+    drains_at_once(&mut w);
     drop(s);
 }
 
@@ -844,10 +858,7 @@ fn a_client_goaway_then_silence_holds_the_connection_only_for_lingering_idle() {
 /// new connection be admitted over the cap. Drain still closes it at once.
 #[test]
 fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
-    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
-    rustix::net::listen(&app, 0).expect("a backlog of 0");
-    let app_addr = app.local_addr().expect("addr");
-    let _queued = TcpStream::connect(app_addr).expect("the one queued connection");
+    let (_app, _queued, app_addr) = never_accepting_app();
     let mut w = Worker::start(WorkerOpts {
         upstreams: vec![app_addr],
         extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\nlingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n".into(),
@@ -859,11 +870,7 @@ fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
         metric(&w, "appproxy_http2_streams_active") == 1
     });
     // DATA on stream 0: a connection error; the GOAWAY, the FIN: a lingers, silent.
-    a.write_all(&frame(DATA, 0, 0, b"x"))
-        .expect("the bad frame");
-    let (code, frames) = read_to_close(&mut a);
-    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
-    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    break_the_protocol(&mut a);
     // b: a new connection with nothing in hand; the core is at its cap of 2.
     let mut b = TcpStream::connect(w.addr()).expect("connect");
     common::eventually("b served", || {
@@ -880,12 +887,7 @@ fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
     );
     // (Drain would serve c's first request: it leaves.)
     drop(c);
-    let started = Instant::now();
-    assert!(w.terminate().success());
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "drain waited for the lingering connection"
-    );
+    drains_at_once(&mut w);
     drop(a);
 }
 
@@ -903,11 +905,7 @@ fn a_lingering_connection_makes_room_at_the_cap_once_its_streams_are_over() {
     common::eventually("the stream reached the app", || up.count() == 1);
     // A connection error while the stream waits for its answer: a lingers, silent;
     // the stream's handling ends as it sees the connection's end.
-    a.write_all(&frame(DATA, 0, 0, b"x"))
-        .expect("the bad frame");
-    let (code, frames) = read_to_close(&mut a);
-    let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
-    assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
+    break_the_protocol(&mut a);
     common::eventually("the stream's handling over", || {
         metric(&w, "appproxy_http2_streams_active") == 0
             && metric(&w, "appproxy_connections_active") == 1
