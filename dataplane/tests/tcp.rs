@@ -10,6 +10,19 @@ use std::time::Duration;
 
 use common::{Worker, WorkerOpts};
 
+/// Sends `sent` (in one write) and reads `echoed` back from the echo app, then
+/// half-closes: the client stops sending and still gets the app's last words.
+fn relays_with_half_close(s: &mut TcpStream, sent: &[u8], echoed: &[u8]) {
+    s.write_all(sent).expect("send");
+    let mut got = vec![0u8; echoed.len()];
+    s.read_exact(&mut got).expect("echo");
+    assert_eq!(got, echoed);
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("rest");
+    assert_eq!(rest, b"bye");
+}
+
 /// Echoes until the client half-closes, then says "bye" and closes.
 fn echo_then_bye() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -48,15 +61,11 @@ fn tcp_relay_with_half_close() {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     // Not HTTP: any bytes, both ways.
-    s.write_all(b"\x00SSH-2.0-raw bytes\xff").expect("send");
-    let mut got = [0u8; 19];
-    s.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"\x00SSH-2.0-raw bytes\xff");
-    // Half-close: the client stops sending and still gets the app's last words.
-    s.shutdown(Shutdown::Write).expect("half-close");
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("rest");
-    assert_eq!(rest, b"bye");
+    relays_with_half_close(
+        &mut s,
+        b"\x00SSH-2.0-raw bytes\xff",
+        b"\x00SSH-2.0-raw bytes\xff",
+    );
     // (The harness's readiness probe made an empty connection first.)
     let line = w.wait_log("tcp close line", |v| {
         v["message"] == "tcp connection closed" && v["bytes_to_app"] != 0
@@ -102,15 +111,11 @@ fn tcp_allowlist_checks_the_client_a_proxy_protocol_header_names() {
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    s.write_all(b"PROXY TCP4 10.1.2.3 127.0.0.1 5000 22\r\nSSH-2.0-raw")
-        .expect("send");
-    let mut got = [0u8; 11];
-    s.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"SSH-2.0-raw");
-    s.shutdown(Shutdown::Write).expect("half-close");
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("rest");
-    assert_eq!(rest, b"bye");
+    relays_with_half_close(
+        &mut s,
+        b"PROXY TCP4 10.1.2.3 127.0.0.1 5000 22\r\nSSH-2.0-raw",
+        b"SSH-2.0-raw",
+    );
     // A client outside it, from the same balancer: refused.
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -146,12 +151,5 @@ fn a_tcp_circuit_behind_proxy_protocol_outlives_the_head_timeout() {
         .expect("the header");
     // Past the head timeout from the accept, with nothing sent after the header.
     std::thread::sleep(Duration::from_millis(2500));
-    s.write_all(b"SSH-2.0-late").expect("send");
-    let mut got = [0u8; 12];
-    s.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"SSH-2.0-late");
-    s.shutdown(Shutdown::Write).expect("half-close");
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("rest");
-    assert_eq!(rest, b"bye");
+    relays_with_half_close(&mut s, b"SSH-2.0-late", b"SSH-2.0-late");
 }
