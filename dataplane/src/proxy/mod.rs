@@ -189,7 +189,6 @@ impl Client {
             if next != Next::KeepAlive || self.core.draining.get() {
                 break next;
             }
-            self.conn.set_timeout(self.core.rt.keepalive_timeout);
         };
         if last == Next::Linger {
             self.linger().await;
@@ -238,10 +237,15 @@ impl Client {
                 return Ok(None);
             }
             self.conn.set_reusable(waiting, waiting && !first);
-            if !first && !waiting {
-                // A later head whose first bytes came behind the request before
-                // (pipelined): its head timeout from now, not the keep-alive timeout.
-                self.conn.set_timeout(core.rt.head_timeout);
+            if !first {
+                // A later request: the keep-alive timeout until its first byte, or,
+                // when its first bytes came behind the request before (pipelined),
+                // its head timeout from now.
+                self.conn.set_timeout(if waiting {
+                    core.rt.keepalive_timeout
+                } else {
+                    core.rt.head_timeout
+                });
             }
         }
         loop {
