@@ -266,8 +266,9 @@ pub struct LimitsSection {
     /// frontends), counted in `appproxy_connections_refused_total`. 0 derives it
     /// from the descriptor limit: (RLIMIT_NOFILE - 128) / 2 / cores.
     pub max_connections_per_core: usize,
-    /// Client connections one core serves at once from one client address (an IPv6
-    /// client's whole /64, which one host can fill); past it new ones from that
+    /// Client connections the worker serves at once from one client address (an
+    /// IPv6 client's whole /64, which one host can fill), counted over all its cores
+    /// together; past it new ones from that
     /// address are refused (closed, with a 429 on HTTP frontends), counted in
     /// `appproxy_connections_refused_per_client_total`. Peers in
     /// `[worker] trusted_proxies` are not limited (every client behind them shares

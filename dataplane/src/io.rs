@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::client_table::ClientUnit;
 use crate::reactor::{Direction, Reactor, Registration};
 
 /// One unit of a per-core count (open client connections, open connections to one
@@ -93,8 +94,8 @@ pub struct TcpConn {
     floor: Cell<Option<ReadFloor>>,
     /// The count this connection is part of (route cap), released with it.
     counted: Option<CountGuard>,
-    /// A second count it is part of (its client address's), released with it.
-    also_counted: Option<CountGuard>,
+    /// Its unit of its client address's count, released with it.
+    client_unit: Option<ClientUnit>,
     /// The TLS session, when the client speaks TLS.
     tls: Option<Box<TlsState>>,
     /// Whether the close is abortive ([`TcpConn::reset_on_close`]).
@@ -207,7 +208,7 @@ impl TcpConn {
             stream,
             floor: Cell::new(None),
             counted: None,
-            also_counted: None,
+            client_unit: None,
             tls: None,
             abortive: Cell::new(false),
         })
@@ -405,9 +406,10 @@ impl TcpConn {
         self.counted = Some(guard);
     }
 
-    /// Makes this connection count in a second count too until it closes.
-    pub fn count_also_in(&mut self, guard: CountGuard) {
-        self.also_counted = Some(guard);
+    /// Makes this connection hold `unit` of its client address's count until it
+    /// closes.
+    pub fn count_client_in(&mut self, unit: ClientUnit) {
+        self.client_unit = Some(unit);
     }
 
     /// Arms the read-rate floor: from now on, reads must keep up `rate` bytes per

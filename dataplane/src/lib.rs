@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod client_table;
 pub mod config;
 pub mod core;
 pub mod http;

@@ -19,6 +19,7 @@ use appproxy_shared::model::ProxyProtocol;
 use appproxy_shared::{scope_traced, RequestId};
 use glommio::Task;
 
+use crate::client_table::ClientTable;
 use crate::config::{ResolvedCircuit, Runtime};
 use crate::core::{counter, Change, Core, SharedMetrics};
 use crate::introspect::Board;
@@ -201,6 +202,7 @@ impl Worker {
         };
         let liveness = Liveness::new(&rt.cpus, rt.core_stall);
         let board = Board::new(&rt.cpus, rt.circuits.clone(), rt.per_circuit_metrics);
+        let clients = Arc::new(ClientTable::default());
         let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -213,11 +215,14 @@ impl Worker {
             let marks = marks_tx.clone();
             let live = liveness.cores[row].clone();
             let board = board.clone();
+            let clients = clients.clone();
             let exit_tx = exit_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
                 .spawn(move || {
-                    run_core(cpu, row, rt, metrics, rx, ready, marks, live, board);
+                    run_core(
+                        cpu, row, rt, metrics, rx, ready, marks, live, board, clients,
+                    );
                     drop(exit_tx);
                 })
                 .map_err(|e| StartError::Core {
@@ -350,6 +355,7 @@ fn run_core(
     marks: Option<Sender<Vec<(uuid::Uuid, u64)>>>,
     live: Arc<CoreLiveness>,
     board: Arc<Board>,
+    clients: Arc<ClientTable>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -376,7 +382,7 @@ fn run_core(
                 return;
             }
         };
-        let core = Core::new(cpu, row, rt.clone(), reactor.clone());
+        let core = Core::new(cpu, row, rt.clone(), reactor.clone(), clients);
         let listeners = RefCell::new(HashMap::new());
         if let Err(failures) = reconcile_listeners(&core, &listeners) {
             let first = failures.into_iter().next().map(|(_, e)| e);

@@ -347,6 +347,7 @@ fn one_client_address_cannot_take_more_than_its_share() {
         extra: "[limits]\nmax_connections_per_client = 2\n".into(),
         ..Default::default()
     });
+    common::wait_start_probe_closed(&w);
     let mut a = Client::connect(w.addr());
     assert_eq!(a.get("/a", "").status, 200);
     let mut b = Client::connect(w.addr());
@@ -394,6 +395,62 @@ fn one_client_address_cannot_take_more_than_its_share() {
     for (i, c) in held.iter_mut().enumerate() {
         assert_eq!(c.get(&format!("/t{i}"), "").status, 200);
     }
+}
+
+/// The kernel spreads one client's connections over every core (`SO_REUSEPORT`
+/// hashes their ports), so the limit is one count for the whole worker: with two
+/// cores and a limit of 2, 32 connections from one address get 2 served and 30
+/// refusals, where a count per core would serve up to 4.
+#[test]
+fn the_per_client_limit_holds_across_cores() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_client = 2\n".into(),
+        ..Default::default()
+    });
+    common::wait_start_probe_closed(&w);
+    let held: Vec<Client> = (0..32).map(|_| Client::connect(w.addr())).collect();
+    eventually("30 connections are refused", || {
+        common::metric_all_cores(&w, "appproxy_connections_refused_per_client_total") == 30
+    });
+    // Both cores took some of them: each logs its first refusal.
+    let refusing = "a client address is at its connection limit: refusing its new connections ([limits] max_connections_per_client; logged once per 1024 refusals)";
+    let mut cores = std::collections::BTreeSet::new();
+    eventually("both cores refuse connections", || {
+        cores = w
+            .log_json()
+            .iter()
+            .filter(|v| v["message"] == refusing)
+            .filter_map(|v| v["core"].as_u64())
+            .collect();
+        cores.len() == 2
+    });
+    // The refused have their 429 in hand (written before it was counted); the two
+    // admitted have nothing and are served.
+    let (refused, mut served): (Vec<Client>, Vec<Client>) = held
+        .into_iter()
+        .partition(|c| common::answered_within(&c.stream, Duration::from_millis(50)));
+    assert_eq!((refused.len(), served.len()), (30, 2));
+    for mut c in refused {
+        assert_json_error(&c.response(), 429, "client_connection_limit");
+    }
+    for (i, c) in served.iter_mut().enumerate() {
+        assert_eq!(c.get(&format!("/s{i}"), "").status, 200);
+    }
+    // A closed connection gives its unit back to whichever core the next one lands
+    // on, and the limit still holds after.
+    served.pop();
+    let mut next = None;
+    eventually("a new connection from the address is admitted", || {
+        next = admitted(&w);
+        next.is_some()
+    });
+    let mut next = next.expect("admitted");
+    assert_eq!(next.get("/next", "").status, 200);
+    let mut over = Client::connect(w.addr());
+    assert_json_error(&over.response(), 429, "client_connection_limit");
 }
 
 #[test]

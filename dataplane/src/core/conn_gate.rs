@@ -5,14 +5,15 @@
 //! once-per-burst accounting of refused connections, failed accepts and local connect
 //! failures.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use appproxy_shared::RequestId;
 
 use super::{counter, Core};
+use crate::client_table::{ClientTable, ClientUnit};
 use crate::http::encode;
 use crate::http::error::{ProxyError, Refusal};
 use crate::io::{CountGuard, TcpConn};
@@ -27,11 +28,9 @@ pub struct ConnGate {
     pub cap: usize,
     /// Connections refused since the cap was last left.
     refused_in_burst: Cell<u64>,
-    /// Open connections per client address, with `[limits]
-    /// max_connections_per_client`. Entries no connection holds any more are dropped
-    /// once they could outnumber the open connections. SipHash: clients choose the
-    /// keys.
-    per_client: RefCell<HashMap<ClientKey, Rc<Cell<usize>>>>,
+    /// Open connections per client address on every core of the worker, with
+    /// `[limits] max_connections_per_client`.
+    clients: Arc<ClientTable>,
     /// Connections refused for their client address since the last log line.
     client_refusals: Cell<u64>,
     /// Connections refused for their PROXY protocol header since the last log line.
@@ -58,8 +57,9 @@ const DESCRIPTOR_HEADROOM: u64 = 128;
 impl ConnGate {
     /// The gate of one of `cores` cores; `cap` 0 derives the cap from the descriptor
     /// limit: each proxied connection costs two descriptors, the limit is shared by
-    /// every core, and [`DESCRIPTOR_HEADROOM`] stays free.
-    pub(super) fn new(cap: usize, cores: usize, cpu: usize) -> Self {
+    /// every core, and [`DESCRIPTOR_HEADROOM`] stays free. `clients` is the worker's
+    /// one count per client address.
+    pub(super) fn new(cap: usize, cores: usize, cpu: usize, clients: Arc<ClientTable>) -> Self {
         let cap = if cap > 0 {
             cap
         } else {
@@ -81,7 +81,7 @@ impl ConnGate {
             cap,
             refused_in_burst: Cell::new(0),
             shed_in_burst: Cell::new(0),
-            per_client: RefCell::new(HashMap::new()),
+            clients,
             client_refusals: Cell::new(0),
             proxy_protocol_refusals: Cell::new(0),
             failed_in_burst: Cell::new(0),
@@ -103,24 +103,6 @@ fn first_of_1024(count: &Cell<u64>) -> bool {
     n == 1
 }
 
-/// A client address as `[limits] max_connections_per_client` counts it: an IPv4
-/// address (IPv4-mapped IPv6 included), or an IPv6 address's /64, which one host is
-/// commonly given whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum ClientKey {
-    V4(Ipv4Addr),
-    V6Prefix(u64),
-}
-
-impl ClientKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(a) => Self::V4(a),
-            IpAddr::V6(a) => Self::V6Prefix((u128::from(a) >> 64) as u64),
-        }
-    }
-}
-
 impl Core {
     /// Decides whether a just-accepted connection on `port` may be served: below the
     /// cap it is registered with the reactor and holds a unit of the open count for
@@ -133,8 +115,9 @@ impl Core {
     /// closed for a new one.
     ///
     /// Before the cap, a client address that has `[limits]
-    /// max_connections_per_client` open on this core (untrusted peers only) is
-    /// refused the same way, with a 429: it is not served by shedding others.
+    /// max_connections_per_client` open on the worker's cores together (untrusted
+    /// peers only) is refused the same way, with a 429: it is not served by shedding
+    /// others.
     pub fn admit(
         &self,
         stream: std::net::TcpStream,
@@ -156,8 +139,8 @@ impl Core {
         let guard = self.admission(&stream, port)?;
         Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
             conn.count_in(guard);
-            if let Some(g) = per_client {
-                conn.count_also_in(g);
+            if let Some(unit) = per_client {
+                conn.count_client_in(unit);
             }
             conn
         }))
@@ -189,8 +172,8 @@ impl Core {
         named: bool,
     ) -> bool {
         match self.client_admission(client, named) {
-            Ok(Some(guard)) => {
-                conn.count_also_in(guard);
+            Ok(Some(unit)) => {
+                conn.count_client_in(unit);
                 true
             }
             Ok(None) => true,
@@ -235,18 +218,12 @@ impl Core {
     /// A unit of the count of `ip`'s connections (`None` when the limit is off, or
     /// the peer is a trusted proxy and `trusted_exempt`), or `Err` when the address
     /// is at its limit.
-    fn client_admission(&self, ip: IpAddr, trusted_exempt: bool) -> Result<Option<CountGuard>, ()> {
+    fn client_admission(&self, ip: IpAddr, trusted_exempt: bool) -> Result<Option<ClientUnit>, ()> {
         let limit = self.rt.max_connections_per_client;
         if limit == 0 || (trusted_exempt && self.is_trusted(ip)) {
             return Ok(None);
         }
-        let gate = &self.conns;
-        let mut map = gate.per_client.borrow_mut();
-        if map.len() > 64 + 2 * gate.open.get() {
-            map.retain(|_, count| Rc::strong_count(count) > 1);
-        }
-        let count = map.entry(ClientKey::of(ip)).or_default();
-        CountGuard::take(count, limit).map(Some).ok_or(())
+        self.conns.clients.take(ip, limit).map(Some).ok_or(())
     }
 
     fn admission(&self, stream: &std::net::TcpStream, port: u16) -> Option<CountGuard> {

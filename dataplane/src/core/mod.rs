@@ -139,8 +139,15 @@ impl Core {
         crate::trace::export(e, duration, self.cpu);
     }
 
-    /// Builds the state of core `cpu`.
-    pub fn new(cpu: usize, row: usize, rt: Arc<Runtime>, reactor: Rc<Reactor>) -> Rc<Self> {
+    /// Builds the state of core `cpu`; `clients` is the worker's one count of open
+    /// connections per client address, shared by its cores.
+    pub fn new(
+        cpu: usize,
+        row: usize,
+        rt: Arc<Runtime>,
+        reactor: Rc<Reactor>,
+        clients: Arc<crate::client_table::ClientTable>,
+    ) -> Rc<Self> {
         let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
         Rc::new(Self {
             cpu,
@@ -158,7 +165,7 @@ impl Core {
                 rt.pool_idle_timeout,
                 rt.max_upstream_conns,
             ),
-            conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu),
+            conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu, clients),
             metrics: CoreMetrics::new(rt.per_circuit_metrics)
                 .with_histograms(rt.latency_histograms),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),

@@ -811,6 +811,30 @@ fn metric_in(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
+/// A counter's sum over every core in `/metrics`.
+pub fn metric_all_cores(w: &Worker, name: &str) -> u64 {
+    sum_over_cores(&w.admin_get("/metrics").text(), name)
+}
+
+fn sum_over_cores(text: &str, name: &str) -> u64 {
+    let prefix = format!("{name}{{core=\"");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits until the connection [`Worker::start`] made to see the port open has been
+/// accepted and closed by whichever core took it, so that it holds nothing a test
+/// counts.
+pub fn wait_start_probe_closed(w: &Worker) {
+    eventually("the start-up's probe connection is closed", || {
+        let text = w.admin_get("/metrics").text();
+        sum_over_cores(&text, "appproxy_connections_accepted_total") >= 1
+            && sum_over_cores(&text, "appproxy_connections_active") == 0
+    });
+}
+
 /// Log lines of the worker with this message.
 pub fn log_count(w: &Worker, message: &str) -> usize {
     w.log_json()
