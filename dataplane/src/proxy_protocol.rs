@@ -7,7 +7,9 @@
 //! This module owns the header: [`parse`], a pure parser (bytes in, typed result
 //! out), and [`read`], which takes exactly the header's bytes off the socket (it
 //! peeks first, so TLS or HTTP after it reads from the socket as if the header had
-//! never been there). Only `[worker] trusted_proxies` may send one: with
+//! never been there). Version 2 extensions are checked for framing and, when the
+//! balancer sends one, the header's CRC32C. Only `[worker] trusted_proxies` may send
+//! one: with
 //! `[worker] proxy_protocol` on, a connection from any other address, or one whose
 //! header is malformed or not complete within the head timeout, is closed unserved.
 
@@ -154,19 +156,25 @@ fn parse_v2(buf: &[u8]) -> Parsed {
         // LOCAL: the balancer's own connection (a health check).
         return Parsed::Done(Header { len, source: None });
     }
-    let source = match family {
+    let (source, addresses) = match family {
         // TCP over IPv4: source, destination, source port, destination port.
-        0x11 if body.len() >= 12 => Some(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(body[0], body[1], body[2], body[3])),
-            u16::from_be_bytes([body[8], body[9]]),
-        )),
+        0x11 if body.len() >= 12 => (
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(body[0], body[1], body[2], body[3])),
+                u16::from_be_bytes([body[8], body[9]]),
+            ),
+            12,
+        ),
         0x21 if body.len() >= 36 => {
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&body[..16]);
-            Some(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(ip)),
-                u16::from_be_bytes([body[32], body[33]]),
-            ))
+            (
+                SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(ip)),
+                    u16::from_be_bytes([body[32], body[33]]),
+                ),
+                36,
+            )
         }
         0x11 | 0x21 => return Parsed::Invalid("PROXY v2 header too short for its addresses"),
         // UNSPEC, UDP, UNIX: the specification lets the receiver use the socket's
@@ -178,7 +186,135 @@ fn parse_v2(buf: &[u8]) -> Parsed {
             )
         }
     };
-    Parsed::Done(Header { len, source })
+    if let Err(why) = check_extensions(&buf[..len], 16 + addresses) {
+        return Parsed::Invalid(why);
+    }
+    Parsed::Done(Header {
+        len,
+        source: Some(source),
+    })
+}
+
+/// Type of the extension carrying a CRC32C of the whole header.
+const PP2_TYPE_CRC32C: u8 = 0x03;
+/// Type of the extension carrying the balancer's unique ID of the connection.
+const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
+/// Type of the extension carrying the client's TLS facts, with extensions of its
+/// own after a 5-byte preamble.
+const PP2_TYPE_SSL: u8 = 0x20;
+/// The longest unique ID the specification allows.
+const UNIQUE_ID_MAX: usize = 128;
+
+/// Checks the type-length-value extensions of `header` (a whole version 2 header)
+/// that start at `from`, as HAProxy's receiver does: they fill the rest of the
+/// header exactly, a unique ID is at most 128 bytes, TLS facts hold their preamble
+/// and well-framed extensions of their own, and a CRC32C, when the balancer sends
+/// one, is 4 bytes and matches the header (computed with the checksum's bytes as
+/// zeros). A corrupted header is refused rather than its client believed.
+fn check_extensions(header: &[u8], from: usize) -> Result<(), &'static str> {
+    let mut crc_at = None;
+    for Extension { at, kind, value } in extensions(header, from)? {
+        match kind {
+            PP2_TYPE_CRC32C if value.len() != 4 => {
+                return Err("PROXY v2 header with a CRC32C extension that is not 4 bytes")
+            }
+            PP2_TYPE_CRC32C if crc_at.is_some() => {
+                return Err("PROXY v2 header with two CRC32C extensions")
+            }
+            PP2_TYPE_CRC32C => crc_at = Some(at),
+            PP2_TYPE_UNIQUE_ID if value.len() > UNIQUE_ID_MAX => {
+                return Err("PROXY v2 header with a unique ID longer than 128 bytes")
+            }
+            PP2_TYPE_SSL if value.len() < 5 => {
+                return Err("PROXY v2 header with a TLS extension shorter than its preamble")
+            }
+            PP2_TYPE_SSL => {
+                extensions(&header[..at + value.len()], at + 5)?;
+            }
+            _ => {}
+        }
+    }
+    if let Some(at) = crc_at {
+        let sent = u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        let computed = crc32c::update(
+            crc32c::update(crc32c::update(crc32c::START, &header[..at]), &[0; 4]),
+            &header[at + 4..],
+        );
+        if crc32c::finish(computed) != sent {
+            return Err("PROXY v2 header whose CRC32C does not match");
+        }
+    }
+    Ok(())
+}
+
+/// One type-length-value extension of a version 2 header.
+struct Extension<'a> {
+    /// Where its value starts in the header.
+    at: usize,
+    kind: u8,
+    value: &'a [u8],
+}
+
+/// The extensions in `bytes[from..]`; `Err` unless they fill it exactly.
+fn extensions(bytes: &[u8], from: usize) -> Result<Vec<Extension<'_>>, &'static str> {
+    let mut found = Vec::new();
+    let mut at = from;
+    while at < bytes.len() {
+        let Some(&[kind, hi, lo]) = bytes.get(at..at + 3) else {
+            return Err("PROXY v2 header with a truncated extension");
+        };
+        let start = at + 3;
+        let end = start + usize::from(u16::from_be_bytes([hi, lo]));
+        let Some(value) = bytes.get(start..end) else {
+            return Err("PROXY v2 header with an extension longer than the header");
+        };
+        found.push(Extension {
+            at: start,
+            kind,
+            value,
+        });
+        at = end;
+    }
+    Ok(found)
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as the PROXY protocol's
+/// checksum extension uses it; a byte-at-a-time table, built at compile time (a
+/// header is at most [`V2_MAX`] bytes and rarely carries one).
+mod crc32c {
+    const POLY: u32 = 0x82F6_3B78;
+
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { (c >> 1) ^ POLY } else { c >> 1 };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+
+    /// The running value before any byte.
+    pub const START: u32 = !0;
+
+    /// The running value after `bytes`.
+    pub fn update(mut crc: u32, bytes: &[u8]) -> u32 {
+        for &b in bytes {
+            crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+        }
+        crc
+    }
+
+    /// The checksum of everything given to [`update`].
+    pub fn finish(crc: u32) -> u32 {
+        !crc
+    }
 }
 
 /// Why a connection's header was not taken.
@@ -431,6 +567,94 @@ mod tests {
                 parse(input)
             );
         }
+    }
+
+    #[test]
+    fn crc32c_is_castagnolis() {
+        // The check value of the CRC catalogue, and RFC 3720's 32 bytes of zeros.
+        let crc = |b: &[u8]| crc32c::finish(crc32c::update(crc32c::START, b));
+        assert_eq!(crc(b"123456789"), 0xE306_9283);
+        assert_eq!(crc(&[0; 32]), 0x8A91_36AA);
+    }
+
+    /// A TCP over IPv4 header with `tlvs` after its addresses.
+    fn tcp4_with(tlvs: &[u8]) -> Vec<u8> {
+        let mut body = vec![192, 0, 2, 7, 198, 51, 100, 1, 0xdc, 0x04, 0x01, 0xbb];
+        body.extend(tlvs);
+        v2(0x21, 0x11, &body)
+    }
+
+    fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
+        let mut t = vec![kind];
+        t.extend((value.len() as u16).to_be_bytes());
+        t.extend(value);
+        t
+    }
+
+    /// `header` with its CRC32C extension's value (at `at`) filled in.
+    fn sealed(mut header: Vec<u8>, at: usize) -> Vec<u8> {
+        let sum = crc32c::finish(crc32c::update(crc32c::START, &header));
+        header[at..at + 4].copy_from_slice(&sum.to_be_bytes());
+        header
+    }
+
+    #[test]
+    fn version_2_extensions_are_checked() {
+        let client = Some("192.0.2.7:56324");
+        let crc_first = sealed(
+            tcp4_with(&[tlv(0x03, &[0; 4]), tlv(0x01, b"h2")].concat()),
+            31,
+        );
+        let crc_last = sealed(
+            tcp4_with(&[tlv(0x04, &[9; 7]), tlv(0x03, &[0; 4])].concat()),
+            41,
+        );
+        let mut ssl = vec![0x01, 0, 0, 0, 0];
+        ssl.extend(tlv(0x21, b"TLSv1.3"));
+        ssl.extend(tlv(0x22, b"client.example"));
+        let valid: Vec<Vec<u8>> = vec![
+            crc_first.clone(),
+            crc_last.clone(),
+            tcp4_with(&tlv(0x05, &[7; 128])),
+            tcp4_with(&tlv(0x20, &ssl)),
+            tcp4_with(&tlv(0x20, &ssl[..5])),
+            tcp4_with(&[tlv(0xe0, &[]), tlv(0x30, b"netns")].concat()),
+        ];
+        for input in &valid {
+            assert_eq!(parse(input), done(input.len(), client), "{input:?}");
+        }
+        let mut flipped = crc_first.clone();
+        *flipped.last_mut().expect("a byte") ^= 1;
+        let mut wrong_sum = crc_last.clone();
+        wrong_sum[41] ^= 0x80;
+        // The client's address itself altered in transit.
+        let mut other_client = crc_first.clone();
+        other_client[16] = 10;
+        let invalid: Vec<Vec<u8>> = vec![
+            flipped,
+            wrong_sum,
+            other_client,
+            tcp4_with(&tlv(0x03, &[0; 3])),
+            tcp4_with(&[tlv(0x03, &[0; 4]), tlv(0x03, &[0; 4])].concat()),
+            tcp4_with(&tlv(0x05, &[7; 129])),
+            tcp4_with(&[0x04, 0x00]),
+            tcp4_with(&[0x04, 0x00, 0x05, 1, 2, 3, 4]),
+            tcp4_with(&tlv(0x20, &ssl[..4])),
+            tcp4_with(&tlv(0x20, &ssl[..ssl.len() - 1])),
+        ];
+        for input in &invalid {
+            assert!(
+                matches!(parse(input), Parsed::Invalid(_)),
+                "{input:?}: {:?}",
+                parse(input)
+            );
+        }
+        // A checksum that would not match does not matter on LOCAL, whose
+        // addresses and extensions are ignored whole.
+        let mut local = crc_first;
+        local[12] = 0x20;
+        local[32] ^= 1;
+        assert_eq!(parse(&local), done(local.len(), None));
     }
 
     proptest::proptest! {

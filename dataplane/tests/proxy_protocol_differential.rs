@@ -203,25 +203,107 @@ fn reference_v2(buf: &[u8]) -> Verdict {
     if fam > 3 || proto > 2 {
         return Verdict::Invalid;
     }
-    match (fam, proto) {
+    let (client, addresses) = match (fam, proto) {
         (1, 1) if block.len() >= 12 => {
             let ip = Ipv4Addr::new(block[0], block[1], block[2], block[3]);
             let port = u16::from_be_bytes([block[8], block[9]]);
-            Verdict::Done(total, Some(SocketAddr::new(IpAddr::V4(ip), port)))
+            (SocketAddr::new(IpAddr::V4(ip), port), 12)
         }
         (2, 1) if block.len() >= 36 => {
             let mut o = [0u8; 16];
             o.copy_from_slice(&block[..16]);
             let port = u16::from_be_bytes([block[32], block[33]]);
-            Verdict::Done(
-                total,
-                Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port)),
-            )
+            (SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port), 36)
         }
         // Too short for its addresses, or relayed over something the worker chose
         // not to take (UNSPEC, UDP, UNIX).
-        _ => Verdict::Invalid,
+        _ => return Verdict::Invalid,
+    };
+    if ref_tlvs_valid(&buf[..total], 16 + addresses) {
+        Verdict::Done(total, Some(client))
+    } else {
+        Verdict::Invalid
     }
+}
+
+/// Section 2.2.7: the TLVs after the addresses fill the header exactly;
+/// PP2_TYPE_CRC32C (0x03) is 32 bits and, when present, the CRC32c of the whole
+/// header with its own value zeroed (the worker's choice, as HAProxy's receiver: it
+/// is checked); PP2_TYPE_UNIQUE_ID (0x05) is at most 128 bytes; PP2_TYPE_SSL (0x20)
+/// is a 1-byte `client`, a 4-byte `verify` and sub-TLVs filling the rest.
+fn ref_tlvs_valid(header: &[u8], start: usize) -> bool {
+    let Some(tlvs) = ref_tlv_list(header, start, header.len()) else {
+        return false;
+    };
+    let mut crcs = 0;
+    for &(kind, off, len) in &tlvs {
+        let ok = match kind {
+            0x03 => {
+                crcs += 1;
+                let mut zeroed = header.to_vec();
+                zeroed[off..off + len].fill(0);
+                len == 4 && ref_crc32c(&zeroed).to_be_bytes()[..] == header[off..off + 4]
+            }
+            0x05 => len <= 128,
+            0x20 => len >= 5 && ref_tlv_list(header, off + 5, off + len).is_some(),
+            _ => true,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    crcs <= 1
+}
+
+/// The TLVs in `header[from..to]` as (type, value offset, value length), when they
+/// fill it exactly.
+fn ref_tlv_list(header: &[u8], from: usize, to: usize) -> Option<Vec<(u8, usize, usize)>> {
+    let mut list = Vec::new();
+    let mut i = from;
+    while i != to {
+        if to - i < 3 {
+            return None;
+        }
+        let len = usize::from(header[i + 1]) << 8 | usize::from(header[i + 2]);
+        if to - (i + 3) < len {
+            return None;
+        }
+        list.push((header[i], i + 3, len));
+        i += 3 + len;
+    }
+    Some(list)
+}
+
+/// CRC-32C bit by bit, from the polynomial (reflected 0x82F63B78), init and final
+/// XOR all ones.
+fn ref_crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
+        }
+    }
+    !crc
+}
+
+/// The client a TCP `PROXY` header names, read straight from its addresses.
+fn reference_client(h: &[u8]) -> Option<SocketAddr> {
+    let b = &h[16..];
+    Some(if h[13] == 0x21 {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(&b[..16]);
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(o)),
+            u16::from_be_bytes([b[32], b[33]]),
+        )
+    } else {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+            u16::from_be_bytes([b[8], b[9]]),
+        )
+    })
 }
 
 /// Compares the two on `input`; a description of the disagreement, if any.
@@ -429,8 +511,85 @@ fn apply(mut v: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
     v
 }
 
+/// One TLV of a kind balancers send (with a value of the size its type allows).
+fn tlv() -> impl Strategy<Value = (u8, Vec<u8>)> {
+    let sub = (
+        proptest::sample::select(vec![0x21u8, 0x22, 0x23, 0x24, 0x25]),
+        proptest::collection::vec(any::<u8>(), 0..20),
+    );
+    prop_oneof![
+        (
+            proptest::sample::select(vec![0x01u8, 0x02, 0x04, 0x30, 0xe0, 0xee]),
+            proptest::collection::vec(any::<u8>(), 0..40)
+        ),
+        // Up to 130 bytes: one or two past the specification's bound of 128.
+        proptest::collection::vec(any::<u8>(), 0..=130).prop_map(|v| (0x05, v)),
+        (any::<u8>(), proptest::collection::vec(sub, 0..3)).prop_map(|(client, subs)| {
+            let mut v = vec![client, 0, 0, 0, 0];
+            for (kind, value) in subs {
+                v.extend(tlv_bytes(kind, &value));
+            }
+            (0x20, v)
+        }),
+    ]
+}
+
+fn tlv_bytes(kind: u8, value: &[u8]) -> Vec<u8> {
+    let mut t = vec![kind];
+    t.extend((value.len() as u16).to_be_bytes());
+    t.extend(value);
+    t
+}
+
+/// A `PROXY` header over TCP (IPv4 or IPv6) with well-formed TLVs, sealed with a
+/// CRC32C at a random place among them or not.
+fn v2_with_tlvs() -> impl Strategy<Value = Vec<u8>> {
+    v2_with_tlvs_told().prop_map(|(h, _)| h)
+}
+
+/// [`v2_with_tlvs`], and whether the header is valid: it is, unless a unique ID is
+/// longer than 128 bytes.
+fn v2_with_tlvs_told() -> impl Strategy<Value = (Vec<u8>, bool)> {
+    (
+        any::<bool>(),
+        proptest::collection::vec(any::<u8>(), 36),
+        proptest::collection::vec(tlv(), 0..5),
+        proptest::option::of(0usize..6),
+    )
+        .prop_map(|(v6, addrs, tlvs, crc)| {
+            let (fam, addrs) = if v6 {
+                (0x21, &addrs[..36])
+            } else {
+                (0x11, &addrs[..12])
+            };
+            let mut body = addrs.to_vec();
+            let mut crc_at = None;
+            for (i, (kind, value)) in tlvs.iter().enumerate() {
+                if crc == Some(i) {
+                    crc_at = Some(16 + body.len() + 3);
+                    body.extend(tlv_bytes(0x03, &[0; 4]));
+                }
+                body.extend(tlv_bytes(*kind, value));
+            }
+            if crc.is_some_and(|c| c >= tlvs.len()) {
+                crc_at = Some(16 + body.len() + 3);
+                body.extend(tlv_bytes(0x03, &[0; 4]));
+            }
+            let mut h = SIG.to_vec();
+            h.extend([0x21, fam]);
+            h.extend((body.len() as u16).to_be_bytes());
+            h.extend(body);
+            if let Some(at) = crc_at {
+                let sum = ref_crc32c(&h);
+                h[at..at + 4].copy_from_slice(&sum.to_be_bytes());
+            }
+            let valid = tlvs.iter().all(|(kind, v)| *kind != 0x05 || v.len() <= 128);
+            (h, valid)
+        })
+}
+
 fn header() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![v1_header(), v2_header()]
+    prop_oneof![v1_header(), v2_header(), v2_with_tlvs()]
 }
 
 /// What may follow a header: nothing, an HTTP request, a TLS record, more CRLFs.
@@ -490,6 +649,28 @@ proptest! {
                     String::from_utf8_lossy(&input[..cut]),
                     String::from_utf8_lossy(&input)
                 );
+            }
+        }
+    }
+
+    /// Headers with well-formed TLVs (and a CRC32C that matches, when there is one)
+    /// are accepted whole by both, unless a unique ID is too long; any one byte of one changed after the addresses
+    /// (where every byte is framing, a value or the checksum) and the two still
+    /// agree.
+    #[test]
+    fn headers_with_extensions_are_accepted_and_checked_alike((h, valid) in v2_with_tlvs_told(), flip in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let len = h.len();
+        let want = if valid { Verdict::Done(len, reference_client(&h)) } else { Verdict::Invalid };
+        prop_assert_eq!(reference(&h), want);
+        if let Some(d) = disagreement(&h) {
+            prop_assert!(false, "{}", d);
+        }
+        let first = if h[13] == 0x21 { 52 } else { 28 };
+        if len > first {
+            let mut bent = h.clone();
+            bent[first + flip.index(len - first)] ^= 1 << bit;
+            if let Some(d) = disagreement(&bent) {
+                prop_assert!(false, "{}", d);
             }
         }
     }
