@@ -11,6 +11,9 @@
 # warm-up, counters zeroed, 6 s of load from 8 connections on CPU 1, counters dumped.
 # Prints `scenario binary requests instructions per-request`; the annotated profiles
 # stay in the run's directory (`callgrind_annotate --threshold=100 FILE`).
+# WORKER_EXTRA, when set, is added to each worker's configuration after its
+# `[reactor]` section (e.g. WORKER_EXTRA=$'[limits]\nmax_connections_per_client = 1000'
+# to count what a limit costs).
 # Needs: valgrind, nginx (the app of the HTTP scenarios), wrk, and the harness binary
 # (`cargo build --release -p appproxy-benches`) for the WebSocket and SSE apps and loads.
 set -euo pipefail
@@ -65,6 +68,7 @@ filter = "warn"
 access_log = false
 [reactor]
 spin_polls = 0
+${WORKER_EXTRA:-}
 [[circuits]]
 id = "c0a8f5d2-1111-4222-8333-444455556666"
 port = $small
