@@ -347,7 +347,7 @@ fn one_client_address_cannot_take_more_than_its_share() {
         extra: "[limits]\nmax_connections_per_client = 2\n".into(),
         ..Default::default()
     });
-    common::wait_start_probe_closed(&w);
+    common::wait_at_rest(&w);
     let mut a = Client::connect(w.addr());
     assert_eq!(a.get("/a", "").status, 200);
     let mut b = Client::connect(w.addr());
@@ -410,7 +410,7 @@ fn the_per_client_limit_holds_across_cores() {
         extra: "[limits]\nmax_connections_per_client = 2\n".into(),
         ..Default::default()
     });
-    common::wait_start_probe_closed(&w);
+    common::wait_at_rest(&w);
     let held: Vec<Client> = (0..32).map(|_| Client::connect(w.addr())).collect();
     eventually("30 connections are refused", || {
         common::metric_all_cores(&w, "appproxy_connections_refused_per_client_total") == 30

@@ -818,21 +818,13 @@ pub fn metric_all_cores(w: &Worker, name: &str) -> u64 {
 
 fn sum_over_cores(text: &str, name: &str) -> u64 {
     let prefix = format!("{name}{{core=\"");
-    text.lines()
+    let values: Vec<u64> = text
+        .lines()
         .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
-        .sum()
-}
-
-/// Waits until the connection [`Worker::start`] made to see the port open has been
-/// accepted and closed by whichever core took it, so that it holds nothing a test
-/// counts.
-pub fn wait_start_probe_closed(w: &Worker) {
-    eventually("the start-up's probe connection is closed", || {
-        let text = w.admin_get("/metrics").text();
-        sum_over_cores(&text, "appproxy_connections_accepted_total") >= 1
-            && sum_over_cores(&text, "appproxy_connections_active") == 0
-    });
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "{name} not in /metrics:\n{text}");
+    values.iter().sum()
 }
 
 /// Log lines of the worker with this message.
@@ -897,15 +889,30 @@ pub fn resting_fds(w: &Worker) -> u64 {
                 .expect("request");
             let mut text = String::new();
             s.read_to_string(&mut text).expect("metrics to the end");
-            let probed = metric_in(&text, "appproxy_connections_accepted_total")
-                + metric_in(&text, "appproxy_tls_handshake_failures_total");
-            probed >= 1
-                && metric_in(&text, "appproxy_connections_active") == 0
-                && metric_in(&text, "appproxy_tls_handshakes_in_progress") == 0
-                && metric_in(&text, "appproxy_proxy_protocol_headers_waiting") == 0
+            at_rest(&text)
         },
     );
     open_fds(w.pid()).0
+}
+
+/// Waits until the worker is at rest as [`resting_fds`] says (every core counted),
+/// so that the connection [`Worker::start`] made holds nothing a test counts (a
+/// unit of its client address's connection limit, say).
+pub fn wait_at_rest(w: &Worker) {
+    eventually(
+        "the worker at rest: its readiness connection accepted and closed",
+        || at_rest(&w.admin_get("/metrics").text()),
+    );
+}
+
+/// Whether a `/metrics` text shows the worker at rest, summed over its cores.
+fn at_rest(text: &str) -> bool {
+    let probed = sum_over_cores(text, "appproxy_connections_accepted_total")
+        + sum_over_cores(text, "appproxy_tls_handshake_failures_total");
+    probed >= 1
+        && sum_over_cores(text, "appproxy_connections_active") == 0
+        && sum_over_cores(text, "appproxy_tls_handshakes_in_progress") == 0
+        && sum_over_cores(text, "appproxy_proxy_protocol_headers_waiting") == 0
 }
 
 /// Sets a running process's descriptor limit (soft and hard) to `limit`.
