@@ -1,5 +1,6 @@
-//! The per-core connection gate: the cap on open client connections and the one per
-//! client address, the refusals at them (a best-effort 503 or 429 on HTTP frontends,
+//! The per-core connection gate: the cap on open client connections and, through the
+//! worker's one table (`client_table.rs`), the one per client address; the refusals
+//! at them (a best-effort 503 or 429 on HTTP frontends,
 //! the proxy's usual JSON refusal, written and counted by the common refusal path),
 //! the shedding of connections with nothing in hand at the cap, and the
 //! once-per-burst accounting of refused connections, failed accepts and local connect
