@@ -239,10 +239,11 @@ async fn download(
                     "a directory: add archive=true for a zip".into(),
                 ));
             }
+            let permit = archive_permit(&state)?;
             tracing::info!(dir = %name, "archive download");
             let mut resp = Response::new(Body::from_stream(Metered::new(
                 &state,
-                super::zip::stream_dir(fd, at_root, state.stall),
+                super::zip::stream_dir(fd, at_root, state.stall, permit),
             )));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -327,6 +328,22 @@ async fn download(
     Ok(resp)
 }
 
+/// A permit to stream an archive, held by its writer (a blocking thread) to its
+/// end: past `[storage] max_archive_streams` archives at once the answer is 503
+/// at once. A client that takes an archive slowly holds its writer's thread while
+/// it waits (up to `stall_timeout_secs` per chunk, for as long as it keeps taking
+/// some), and the blocking pool serves every file operation of both APIs: without
+/// the cap, a few hundred such downloads held every thread, and every upload,
+/// download and manager call waited behind them.
+fn archive_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.archives.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(format!(
+            "{} archive downloads are streaming, the most allowed at once ([storage] max_archive_streams): retry later",
+            state.archives_max
+        ))
+    })
+}
+
 /// `GET /download-archive?token=…`: a zip of the files and directories the token
 /// lists (from `/folder/file/archive-download-token`), each resolved beneath the
 /// vfolder by the kernel.
@@ -354,6 +371,7 @@ async fn download_archive(
                 .and_then(|f| Ok(fsx::components(f)?))
         })
         .collect::<Result<_, _>>()?;
+    let permit = archive_permit(&state)?;
     let filename = c
         .get("filename")
         .and_then(|v| v.as_str())
@@ -374,7 +392,7 @@ async fn download_archive(
     super::Metrics::add(&state.metrics.downloads, 1);
     let mut resp = Response::new(Body::from_stream(Metered::new(
         &state,
-        super::zip::stream_items(items, false, state.stall),
+        super::zip::stream_items(items, false, state.stall, permit),
     )));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));

@@ -104,23 +104,33 @@ pub fn stream_dir(
     root: OwnedFd,
     skip_staging: bool,
     stall: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    stream_items(vec![Item::Dir(root, Vec::new())], skip_staging, stall)
+    stream_items(
+        vec![Item::Dir(root, Vec::new())],
+        skip_staging,
+        stall,
+        permit,
+    )
 }
 
 /// Streams a zip of the given files and directories. The archive is written on a
 /// blocking thread that waits while the client takes no bytes: for `stall` at most,
 /// then the archive is abandoned and the response ends in an error (never as a
 /// complete body), so a client that stops reading cannot hold the thread for ever.
+/// `permit` (one of `[storage] max_archive_streams`) is held by the thread to its
+/// end, so that slow clients never hold more threads than that.
 pub fn stream_items(
     items: Vec<Item>,
     skip_staging: bool,
     stall: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
+        let _permit = permit;
         let mut w = Writer::new(&tx, LIMIT, stall);
         match w.archive(items, skip_staging) {
             Ok(()) => done.store(true, Ordering::Release),

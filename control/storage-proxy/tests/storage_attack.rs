@@ -1084,3 +1084,108 @@ fn archive_entry_names_are_safe_and_unique_on_every_platform() {
     assert_eq!(got, want);
     assert!(p.log().contains("already given to another entry"));
 }
+
+/// Sends `GET path` and reads until the response head is in (a few body bytes may
+/// come with it), then stops reading: a client slow to take what it asked for.
+fn slow_client(p: &Proxy, path: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read_uninterrupted(&mut buf).expect("a head");
+        assert!(n > 0, "closed before a head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+    (s, String::from_utf8_lossy(&got[..end]).into_owned())
+}
+
+/// An archive is written on a blocking thread that waits while its client is slow
+/// to take bytes (up to `stall_timeout_secs` per chunk, for as long as the client
+/// takes some), and tokio's blocking pool (512 threads) serves every file operation
+/// of both APIs. A token holder opening a few hundred archive downloads and reading
+/// them slowly held every thread: every download, upload and manager call waited
+/// behind them. At most `max_archive_streams` archives stream at once; past that an
+/// archive (of a directory or `/download-archive`) is answered 503 at once, JSON
+/// with `Retry-After`, while files, uploads and manager calls go on; a slot is free
+/// again once its client is gone.
+#[test]
+fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
+    let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("big")).expect("big");
+    // Far more than the socket buffers and the body channel hold: a writer whose
+    // client does not read waits.
+    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
+    std::fs::create_dir(vf.join("little")).expect("little");
+    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
+    std::fs::write(vf.join("file.txt"), b"file").expect("file");
+    let dir_token = |relpath: &str| {
+        p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+        )
+    };
+    let big = format!("/download?token={}&archive=true", dir_token("big"));
+    let little = format!("/download?token={}&archive=true", dir_token("little"));
+    let listed = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["little/a.txt"]}),
+    );
+    let mut slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let (s, head) = slow_client(&p, &big);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    // A third archive, of either kind, is refused at once.
+    for path in [little.clone(), format!("/download-archive?token={listed}")] {
+        let r = p.client_get(&path, Duration::from_secs(20));
+        assert_eq!(
+            r.status,
+            503,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "busy");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("max_archive_streams")),
+            "{}",
+            r.json()
+        );
+        assert_eq!(r.header("retry-after"), Some("5"));
+    }
+    // Everything else goes on.
+    let r = p.download("file.txt", "", &[]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]));
+    assert_eq!(p.upload("up.txt", b"up").status, 204);
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    // One slow client goes: its slot is free again once its writer sees it gone.
+    drop(slow.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = p.client_get(&little, Duration::from_secs(20));
+        if r.status != 503 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'a.txt'"]
+    );
+    drop(slow);
+}
