@@ -615,7 +615,18 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                                 f.stat.st_mtime_nsec as u32,
                             );
                         let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
+                        let session = f.name.to_string_lossy();
+                        // A session whose PATCH runs keeps its file and its
+                        // reservation (as an idle reservation does, below): the file
+                        // may be the one the PATCH writes to (it has waited for a
+                        // quota walk), or a file of that name a user put in another
+                        // vfolder's staging area.
+                        let busy = state
+                            .uploading
+                            .lock()
+                            .map_or(true, |set| set.contains(session.as_ref()));
                         if old
+                            && !busy
                             && rustix::fs::unlinkat(
                                 staging.as_fd(),
                                 f.name.as_os_str(),
@@ -623,8 +634,10 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                             )
                             .is_ok()
                         {
-                            let session = f.name.to_string_lossy();
-                            state.reservations.release(&session);
+                            // Only a reservation of this scope: a user can name a
+                            // file in any staging area they write to after a
+                            // session of another scope (the ID is in its token).
+                            state.reservations.release_in(&key, &session);
                             // Counted as committed (and in the folder's usage)
                             // unless a reservation held it.
                             state.reservations.removed(&key);

@@ -526,6 +526,16 @@ impl Reservations {
         }
     }
 
+    /// Releases a holder's reservation when it holds one in `scope` (the scope
+    /// where the cleanup removed a staged file of its name).
+    pub fn release_in(&self, scope: &Path, holder: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(holder).is_some_and(|h| h.scope == scope) {
+            held.remove(holder);
+            tracing::debug!(holder, "quota reservation released");
+        }
+    }
+
     /// Releases reservations not used for longer than `idle`, except those `busy`
     /// says are in use (a PATCH in progress); returns how many, and the scopes they
     /// were in. The scopes of sessions let go are measured again (their staged
