@@ -499,6 +499,8 @@ struct Session {
     scope_key: std::path::PathBuf,
     /// The vfolder's path (the key of its usage figure).
     folder_key: std::path::PathBuf,
+    /// When the session's token expires (no PATCH after it).
+    until: std::time::Instant,
 }
 
 fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiError> {
@@ -540,8 +542,21 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         scope_name: super::volume::Vfid::parse(vfid)?.scope_name(),
         scope_key: state.volumes.scope_of(volume, vfid)?,
         folder_key: state.volumes.folder(volume, vfid)?,
+        until: token_expiry(&c),
         id,
     })
+}
+
+/// When a verified token expires, as an instant (its `exp`, seconds since the
+/// epoch; a token without one is good for as long as the proxy keeps anything).
+fn token_expiry(c: &serde_json::Map<String, serde_json::Value>) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let left = c
+        .get("exp")
+        .and_then(|v| v.as_f64())
+        .map_or(f64::MAX, |exp| exp - appproxy_shared::jwt::now_epoch());
+    let far = std::time::Duration::from_secs(100 * 365 * 86_400);
+    now + std::time::Duration::try_from_secs_f64(left.max(0.0)).map_or(far, |d| d.min(far))
 }
 
 /// The size of a session's staging file (a regular file, not followed).
@@ -751,6 +766,9 @@ async fn patch(
             (s, file)
         }
     };
+    // A reservation held (re-made after a restart, too) is let go once the token
+    // has expired and no PATCH runs.
+    state.reservations.usable_until(&s.id, s.until);
     unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;

@@ -1164,6 +1164,11 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
         &state.session_secret,
     );
+    // No PATCH can use the reservation once the token has expired (the instant is
+    // at or after `exp`, which is rounded down).
+    state
+        .reservations
+        .usable_until(&session, std::time::Instant::now() + state.session_expire);
     tracing::info!(session = %session, size = r.size, "upload session created");
     Ok(Json(json!({"token": token})))
 }

@@ -1203,3 +1203,40 @@ fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() 
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// An upload session's token expires after `session_expire_secs` (an hour by
+/// default) and no PATCH can use its reservation after that (a session's token is
+/// never made again), but the reservation was held until idle for
+/// `upload_expire_secs` (a day): an upload abandoned part way (a closed browser)
+/// kept the rest of its size from every other upload of the scope for a day. It is
+/// let go once the token has expired and no PATCH runs; what the staged file holds
+/// counts as committed from then on.
+#[test]
+fn a_reservation_is_let_go_once_its_token_has_expired() {
+    let p = Proxy::start(
+        "session_expire_secs = 3\nupload_expire_secs = 3600\ncleanup_interval_secs = 1\n",
+    );
+    create_with_limit(&p, 1_000);
+    let r = upload_token(&p, "a.bin", 800);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &token, 0, &[1u8; 100]).status, 204);
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 800);
+    assert_eq!(
+        upload_token(&p, "b.bin", 800).status,
+        413,
+        "a's room is held"
+    );
+    // A hang guard, not a timing assertion: the token expires after 3 s and the
+    // cleanup runs every second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while quota_scope(&p)["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(patch(&p, &token, 100, &[1u8; 100]).status, 401, "expired");
+    // What a's staged file holds counts; the rest of its room is free.
+    assert_eq!(quota_scope(&p)["used_bytes"], 100);
+    assert_eq!(upload_token(&p, "b.bin", 901).status, 413);
+    assert_eq!(upload_token(&p, "b.bin", 900).status, 200);
+}
