@@ -517,7 +517,12 @@ impl<'a> Writer<'a> {
     fn file(&mut self, mut file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
         let meta = file.metadata()?;
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = meta.permissions().mode();
+        // The type and permission bits, never set-user-ID, set-group-ID or sticky:
+        // extractors that restore modes (libarchive's bsdtar run as root does by
+        // default, `unzip -K`) would make a vfolder user's program set-user-ID to
+        // whoever extracts it, root included (the zip says no owner: files are
+        // the extractor's). A clone copies `rwx` bits only, likewise.
+        let mode = meta.permissions().mode() & !0o7000;
         let mut buf = std::mem::take(&mut self.buf);
         let result = self.file_body(&mut file, name, meta.len(), mode, &mut buf);
         self.buf = buf;

@@ -1278,3 +1278,55 @@ fn listing_a_directory_of_many_empty_files_costs_a_few_hundred_bytes_an_entry() 
         &text[first..first + 200]
     );
 }
+
+/// A vfolder user can set the set-user-ID, set-group-ID and sticky bits on their
+/// own files. The archive wrote each file's mode whole in its central directory
+/// entry, and extractors that restore modes (libarchive's bsdtar run as root does
+/// by default, `unzip -K`) make the extracted program set-user-ID to whoever
+/// extracts it (a zip names no owner: the files are the extractor's), root
+/// included. Entries carry the type and `rwx` bits only, as a clone copies them.
+#[test]
+fn archive_entries_never_carry_set_id_or_sticky_bits() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("tools")).expect("tools");
+    for (name, mode) in [
+        ("suid", 0o4755),
+        ("sgid", 0o2750),
+        ("sticky", 0o1644),
+        ("plain", 0o640),
+    ] {
+        std::fs::write(vf.join("tools").join(name), b"#!/bin/sh\nid\n").expect("file");
+        std::fs::set_permissions(
+            vf.join("tools").join(name),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .expect("chmod");
+    }
+    let modes = |zip: &[u8]| {
+        let path = p.dir.path().join("modes.zip");
+        std::fs::write(&path, zip).expect("zip");
+        storage_common::python(
+            "import sys,zipfile\nfor i in zipfile.ZipFile(sys.argv[1]).infolist(): print(i.filename, oct(i.external_attr >> 16))",
+            &path,
+        )
+        .expect("a valid zip")
+    };
+    let want =
+        "tools/plain 0o100640\ntools/sgid 0o100750\ntools/sticky 0o100644\ntools/suid 0o100755\n";
+    let r = p.download("tools", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        modes(&r.body).replace("tools/", ""),
+        want.replace("tools/", "")
+    );
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["tools"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200);
+    assert_eq!(modes(&r.body), want);
+}
