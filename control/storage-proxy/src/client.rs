@@ -239,10 +239,11 @@ async fn download(
                     "a directory: add archive=true for a zip".into(),
                 ));
             }
+            let permit = archive_permit(&state)?;
             tracing::info!(dir = %name, "archive download");
             let mut resp = Response::new(Body::from_stream(Metered::new(
                 &state,
-                super::zip::stream_dir(fd, at_root, state.stall),
+                super::zip::stream_dir(fd, at_root, state.stall, permit),
             )));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -327,6 +328,22 @@ async fn download(
     Ok(resp)
 }
 
+/// A permit to stream an archive, held by its writer (a blocking thread) to its
+/// end: past `[storage] max_archive_streams` archives at once the answer is 503
+/// at once. A client that takes an archive slowly holds its writer's thread while
+/// it waits (up to `stall_timeout_secs` per chunk, for as long as it keeps taking
+/// some), and the blocking pool serves every file operation of both APIs: without
+/// the cap, a few hundred such downloads held every thread, and every upload,
+/// download and manager call waited behind them.
+fn archive_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.archives.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(format!(
+            "{} archive downloads are streaming, the most allowed at once ([storage] max_archive_streams): retry later",
+            state.archives_max
+        ))
+    })
+}
+
 /// `GET /download-archive?token=…`: a zip of the files and directories the token
 /// lists (from `/folder/file/archive-download-token`), each resolved beneath the
 /// vfolder by the kernel.
@@ -354,6 +371,7 @@ async fn download_archive(
                 .and_then(|f| Ok(fsx::components(f)?))
         })
         .collect::<Result<_, _>>()?;
+    let permit = archive_permit(&state)?;
     let filename = c
         .get("filename")
         .and_then(|v| v.as_str())
@@ -374,7 +392,7 @@ async fn download_archive(
     super::Metrics::add(&state.metrics.downloads, 1);
     let mut resp = Response::new(Body::from_stream(Metered::new(
         &state,
-        super::zip::stream_items(items, false, state.stall),
+        super::zip::stream_items(items, false, state.stall, permit),
     )));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -481,6 +499,8 @@ struct Session {
     scope_key: std::path::PathBuf,
     /// The vfolder's path (the key of its usage figure).
     folder_key: std::path::PathBuf,
+    /// When the session's token expires (no PATCH after it).
+    until: std::time::Instant,
 }
 
 fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiError> {
@@ -522,8 +542,21 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         scope_name: super::volume::Vfid::parse(vfid)?.scope_name(),
         scope_key: state.volumes.scope_of(volume, vfid)?,
         folder_key: state.volumes.folder(volume, vfid)?,
+        until: token_expiry(&c),
         id,
     })
+}
+
+/// When a verified token expires, as an instant (its `exp`, seconds since the
+/// epoch; a token without one is good for as long as the proxy keeps anything).
+fn token_expiry(c: &serde_json::Map<String, serde_json::Value>) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let left = c
+        .get("exp")
+        .and_then(|v| v.as_f64())
+        .map_or(f64::MAX, |exp| exp - appproxy_shared::jwt::now_epoch());
+    let far = std::time::Duration::from_secs(100 * 365 * 86_400);
+    now + std::time::Duration::try_from_secs_f64(left.max(0.0)).map_or(far, |d| d.min(far))
 }
 
 /// The size of a session's staging file (a regular file, not followed).
@@ -733,6 +766,9 @@ async fn patch(
             (s, file)
         }
     };
+    // A reservation held (re-made after a restart, too) is let go once the token
+    // has expired and no PATCH runs.
+    state.reservations.usable_until(&s.id, s.until);
     unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;

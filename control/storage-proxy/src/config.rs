@@ -82,6 +82,12 @@ pub struct StorageSection {
     /// checks waiting for it). Bytes written behind the proxy's back count from then
     /// on; 0: every check measures.
     pub quota_usage_max_age_secs: u64,
+    /// Archive downloads (a directory with `archive=true`, `/download-archive`)
+    /// streaming at once, at most (1 to 256). Each is written on a blocking thread
+    /// that waits while its client is slow to take bytes, and the blocking pool (512
+    /// threads) serves every file operation of both APIs: past this many, an archive
+    /// is answered 503 at once instead of taking another thread.
+    pub max_archive_streams: usize,
 }
 
 impl Default for StorageSection {
@@ -98,6 +104,7 @@ impl Default for StorageSection {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 75,
             max_connections: 4096,
+            max_archive_streams: 64,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,
         }

@@ -52,6 +52,12 @@ pub struct State {
     pub stall: Duration,
     /// A manager API body must arrive whole within this.
     pub body_read: Duration,
+    /// Archive downloads streaming now hold a permit each (`[storage]
+    /// max_archive_streams`): each holds a blocking thread while it waits for its
+    /// client, and the blocking pool serves every file operation.
+    pub archives: Arc<tokio::sync::Semaphore>,
+    /// The permits of `archives` (for messages).
+    pub archives_max: usize,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
@@ -68,6 +74,11 @@ pub struct State {
     /// Counters for `/metrics`.
     pub metrics: Metrics,
 }
+
+/// The most archive downloads that may stream at once, whatever the config says:
+/// half of tokio's blocking pool (512 threads), so that clients slow to take an
+/// archive never hold the threads every file operation needs.
+pub const MAX_ARCHIVE_STREAMS: usize = 256;
 
 /// Requests refused because a path left (or tried to leave) its vfolder (counted
 /// where the refusal becomes a response).
@@ -199,6 +210,11 @@ pub enum ApiError {
     /// deadline): 408 `request-timeout`, the message saying which.
     #[error("{0}")]
     TimedOut(String),
+    /// Too many transfers of this kind at once (archive downloads past `[storage]
+    /// max_archive_streams`): 503 `busy` with `Retry-After`, the message saying
+    /// which.
+    #[error("{0}")]
+    Busy(String),
     /// The quota scope would pass its limit.
     #[error("quota exceeded: {used} of {limit} bytes used")]
     QuotaExceeded {
@@ -250,6 +266,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 (*status, "too-large")
@@ -300,7 +317,12 @@ impl IntoResponse for ApiError {
             "code": kind,
             "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
         });
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self, Self::Busy(_)) {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("5"));
+        }
+        resp
     }
 }
 
@@ -424,6 +446,16 @@ pub fn state_with_events(
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
         body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
+        archives: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .storage
+                .max_archive_streams
+                .clamp(1, MAX_ARCHIVE_STREAMS),
+        )),
+        archives_max: config
+            .storage
+            .max_archive_streams
+            .clamp(1, MAX_ARCHIVE_STREAMS),
         uploading: Mutex::new(HashSet::new()),
         events,
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
@@ -583,7 +615,18 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                                 f.stat.st_mtime_nsec as u32,
                             );
                         let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
+                        let session = f.name.to_string_lossy();
+                        // A session whose PATCH runs keeps its file and its
+                        // reservation (as an idle reservation does, below): the file
+                        // may be the one the PATCH writes to (it has waited for a
+                        // quota walk), or a file of that name a user put in another
+                        // vfolder's staging area.
+                        let busy = state
+                            .uploading
+                            .lock()
+                            .map_or(true, |set| set.contains(session.as_ref()));
                         if old
+                            && !busy
                             && rustix::fs::unlinkat(
                                 staging.as_fd(),
                                 f.name.as_os_str(),
@@ -591,8 +634,10 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                             )
                             .is_ok()
                         {
-                            let session = f.name.to_string_lossy();
-                            state.reservations.release(&session);
+                            // Only a reservation of this scope: a user can name a
+                            // file in any staging area they write to after a
+                            // session of another scope (the ID is in its token).
+                            state.reservations.release_in(&key, &session);
                             // Counted as committed (and in the folder's usage)
                             // unless a reservation held it.
                             state.reservations.removed(&key);

@@ -317,6 +317,9 @@ struct Held {
     scope: PathBuf,
     bytes: u64,
     touched: Instant,
+    /// An upload session's token expires then: no PATCH can use the reservation
+    /// after it (see [`Reservations::usable_until`]).
+    until: Option<Instant>,
 }
 
 /// A scope's committed bytes as measured by a walk, adjusted since by what the
@@ -526,9 +529,31 @@ impl Reservations {
         }
     }
 
-    /// Releases reservations not used for longer than `idle`, except those `busy`
-    /// says are in use (a PATCH in progress); returns how many, and the scopes they
-    /// were in. The scopes of sessions let go are measured again (their staged
+    /// Releases a holder's reservation when it holds one in `scope` (the scope
+    /// where the cleanup removed a staged file of its name).
+    pub fn release_in(&self, scope: &Path, holder: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(holder).is_some_and(|h| h.scope == scope) {
+            held.remove(holder);
+            tracing::debug!(holder, "quota reservation released");
+        }
+    }
+
+    /// Records when `holder`'s reservation stops being usable: the upload token of
+    /// its session expires then, and no PATCH can come after it (a session's token
+    /// is never made again). [`Reservations::expire`] lets it go from then on,
+    /// rather than holding the scope's room until it has been idle for
+    /// `upload_expire_secs` (a day by default, the token's lifetime an hour).
+    pub fn usable_until(&self, holder: &str, until: Instant) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.get_mut(holder) {
+            h.until = Some(until);
+        }
+    }
+
+    /// Releases reservations not used for longer than `idle`, or whose session's
+    /// token expired, except those `busy` says are in use (a PATCH in progress);
+    /// returns how many, and the scopes they were in. The scopes of sessions let go are measured again (their staged
     /// files, if still there, count as committed now).
     pub fn expire(
         &self,
@@ -540,7 +565,8 @@ impl Reservations {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let before = held.len();
             held.retain(|k, h| {
-                let keep = h.touched.elapsed() <= idle || busy(k);
+                let usable = h.until.is_none_or(|u| Instant::now() < u);
+                let keep = (usable && h.touched.elapsed() <= idle) || busy(k);
                 if !keep {
                     scopes.insert(h.scope.clone());
                 }
@@ -845,12 +871,14 @@ fn check(
         }
     }
     let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
+    let until = held.get(holder).and_then(|h| h.until);
     held.insert(
         holder.to_owned(),
         Held {
             scope: key.to_path_buf(),
             bytes,
             touched: Instant::now(),
+            until,
         },
     );
     Ok(true)

@@ -104,23 +104,33 @@ pub fn stream_dir(
     root: OwnedFd,
     skip_staging: bool,
     stall: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    stream_items(vec![Item::Dir(root, Vec::new())], skip_staging, stall)
+    stream_items(
+        vec![Item::Dir(root, Vec::new())],
+        skip_staging,
+        stall,
+        permit,
+    )
 }
 
 /// Streams a zip of the given files and directories. The archive is written on a
 /// blocking thread that waits while the client takes no bytes: for `stall` at most,
 /// then the archive is abandoned and the response ends in an error (never as a
 /// complete body), so a client that stops reading cannot hold the thread for ever.
+/// `permit` (one of `[storage] max_archive_streams`) is held by the thread to its
+/// end, so that slow clients never hold more threads than that.
 pub fn stream_items(
     items: Vec<Item>,
     skip_staging: bool,
     stall: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
+        let _permit = permit;
         let mut w = Writer::new(&tx, LIMIT, stall);
         match w.archive(items, skip_staging) {
             Ok(()) => done.store(true, Ordering::Release),
@@ -507,7 +517,12 @@ impl<'a> Writer<'a> {
     fn file(&mut self, mut file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
         let meta = file.metadata()?;
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = meta.permissions().mode();
+        // The type and permission bits, never set-user-ID, set-group-ID or sticky:
+        // extractors that restore modes (libarchive's bsdtar run as root does by
+        // default, `unzip -K`) would make a vfolder user's program set-user-ID to
+        // whoever extracts it, root included (the zip says no owner: files are
+        // the extractor's). A clone copies `rwx` bits only, likewise.
+        let mode = meta.permissions().mode() & !0o7000;
         let mut buf = std::mem::take(&mut self.buf);
         let result = self.file_body(&mut file, name, meta.len(), mode, &mut buf);
         self.buf = buf;

@@ -1084,3 +1084,249 @@ fn archive_entry_names_are_safe_and_unique_on_every_platform() {
     assert_eq!(got, want);
     assert!(p.log().contains("already given to another entry"));
 }
+
+/// Sends `GET path` and reads until the response head is in (a few body bytes may
+/// come with it), then stops reading: a client slow to take what it asked for.
+fn slow_client(p: &Proxy, path: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read_uninterrupted(&mut buf).expect("a head");
+        assert!(n > 0, "closed before a head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+    (s, String::from_utf8_lossy(&got[..end]).into_owned())
+}
+
+/// An archive is written on a blocking thread that waits while its client is slow
+/// to take bytes (up to `stall_timeout_secs` per chunk, for as long as the client
+/// takes some), and tokio's blocking pool (512 threads) serves every file operation
+/// of both APIs. A token holder opening a few hundred archive downloads and reading
+/// them slowly held every thread: every download, upload and manager call waited
+/// behind them. At most `max_archive_streams` archives stream at once; past that an
+/// archive (of a directory or `/download-archive`) is answered 503 at once, JSON
+/// with `Retry-After`, while files, uploads and manager calls go on; a slot is free
+/// again once its client is gone.
+#[test]
+fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
+    let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("big")).expect("big");
+    // Far more than the socket buffers and the body channel hold: a writer whose
+    // client does not read waits.
+    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
+    std::fs::create_dir(vf.join("little")).expect("little");
+    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
+    std::fs::write(vf.join("file.txt"), b"file").expect("file");
+    let dir_token = |relpath: &str| {
+        p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+        )
+    };
+    let big = format!("/download?token={}&archive=true", dir_token("big"));
+    let little = format!("/download?token={}&archive=true", dir_token("little"));
+    let listed = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["little/a.txt"]}),
+    );
+    let mut slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let (s, head) = slow_client(&p, &big);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    // A third archive, of either kind, is refused at once.
+    for path in [little.clone(), format!("/download-archive?token={listed}")] {
+        let r = p.client_get(&path, Duration::from_secs(20));
+        assert_eq!(
+            r.status,
+            503,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "busy");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("max_archive_streams")),
+            "{}",
+            r.json()
+        );
+        assert_eq!(r.header("retry-after"), Some("5"));
+    }
+    // Everything else goes on.
+    let r = p.download("file.txt", "", &[]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]));
+    assert_eq!(p.upload("up.txt", b"up").status, 204);
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    // One slow client goes: its slot is free again once its writer sees it gone.
+    drop(slow.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = p.client_get(&little, Duration::from_secs(20));
+        if r.status != 503 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'a.txt'"]
+    );
+    drop(slow);
+}
+
+/// The proxy's peak resident memory (`VmHWM`), in KiB.
+fn peak_kib(p: &Proxy) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A user with a shell fills one directory with empty files (tens of thousands a
+/// second; they hold no bytes, so no quota counts them) and opens it in the
+/// folder explorer. `list` built a JSON value tree of every entry before writing
+/// the answer: about 2.5 KB of the proxy's memory per entry (300 000 entries, 770
+/// MB per request; four at once took the proxy to 3 GB). It writes each item as it
+/// goes: what stays is the sorted listing and the answer's text, a few hundred
+/// bytes an entry. The answer is unchanged (same fields, same order).
+#[test]
+fn listing_a_directory_of_many_empty_files_costs_a_few_hundred_bytes_an_entry() {
+    const N: usize = 60_000;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("wide")).expect("wide");
+    for i in 0..N {
+        std::fs::File::create(vf.join(format!("wide/f{i:06}"))).expect("file");
+    }
+    std::fs::write(vf.join("wide/z.txt"), b"12345").expect("z");
+    std::os::unix::fs::symlink("z.txt", vf.join("wide/zz")).expect("link");
+    std::fs::create_dir(vf.join("wide/zzz")).expect("dir");
+    let list = || {
+        p.manager_within(
+            "/folder/file/list",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
+            Duration::from_secs(300),
+        )
+    };
+    let before = peak_kib(&p);
+    let r = list();
+    let grew = peak_kib(&p).saturating_sub(before);
+    eprintln!("peak memory grew by {grew} KiB listing {N} entries");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let items = r.json()["items"].as_array().expect("items").clone();
+    assert_eq!(items.len(), N + 3);
+    assert_eq!(items[0]["name"], "f000000");
+    assert_eq!(items[N - 1]["name"], format!("f{:06}", N - 1));
+    let tail: Vec<_> = items[N..]
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_owned(),
+                i["type"].as_str().unwrap_or_default().to_owned(),
+                i["symlink_target"].clone(),
+                i["stat"]["size"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail[0],
+        (
+            "z.txt".into(),
+            "FILE".into(),
+            serde_json::Value::Null,
+            5.into()
+        )
+    );
+    assert_eq!(tail[1].0, "zz");
+    assert_eq!(tail[1].1, "SYMLINK");
+    assert_eq!(tail[1].2, "z.txt");
+    assert_eq!(tail[2].1, "DIRECTORY");
+    for key in ["created", "mode", "modified", "size"] {
+        assert!(items[0]["stat"].get(key).is_some(), "{key}: {}", items[0]);
+    }
+    // The answer's text alone is about 170 bytes an entry; the value tree took 2.5 KB.
+    assert!(
+        grew < (N as u64 * 1_000) >> 10,
+        "the proxy's peak memory grew by {grew} KiB for {N} entries"
+    );
+    // The body keeps the fields in the order it always had.
+    let text = String::from_utf8_lossy(&r.body);
+    let first = text.find("{\"name\":\"f000000\"").expect("the first item");
+    assert!(
+        text[first..].starts_with("{\"name\":\"f000000\",\"stat\":{\"created\":"),
+        "{}",
+        &text[first..first + 200]
+    );
+}
+
+/// A vfolder user can set the set-user-ID, set-group-ID and sticky bits on their
+/// own files. The archive wrote each file's mode whole in its central directory
+/// entry, and extractors that restore modes (libarchive's bsdtar run as root does
+/// by default, `unzip -K`) make the extracted program set-user-ID to whoever
+/// extracts it (a zip names no owner: the files are the extractor's), root
+/// included. Entries carry the type and `rwx` bits only, as a clone copies them.
+#[test]
+fn archive_entries_never_carry_set_id_or_sticky_bits() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("tools")).expect("tools");
+    for (name, mode) in [
+        ("suid", 0o4755),
+        ("sgid", 0o2750),
+        ("sticky", 0o1644),
+        ("plain", 0o640),
+    ] {
+        std::fs::write(vf.join("tools").join(name), b"#!/bin/sh\nid\n").expect("file");
+        std::fs::set_permissions(
+            vf.join("tools").join(name),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .expect("chmod");
+    }
+    let modes = |zip: &[u8]| {
+        let path = p.dir.path().join("modes.zip");
+        std::fs::write(&path, zip).expect("zip");
+        storage_common::python(
+            "import sys,zipfile\nfor i in zipfile.ZipFile(sys.argv[1]).infolist(): print(i.filename, oct(i.external_attr >> 16))",
+            &path,
+        )
+        .expect("a valid zip")
+    };
+    let want =
+        "tools/plain 0o100640\ntools/sgid 0o100750\ntools/sticky 0o100644\ntools/suid 0o100755\n";
+    let r = p.download("tools", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        modes(&r.body).replace("tools/", ""),
+        want.replace("tools/", "")
+    );
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["tools"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200);
+    assert_eq!(modes(&r.body), want);
+}

@@ -1093,3 +1093,150 @@ fn bytes_a_patch_writes_without_a_reservation_show_in_the_scope_report_at_once()
     set_limit(&p, 5_000);
     assert_eq!(quota_scope(&p)["used_bytes"], 1_000);
 }
+
+/// The expired-upload cleanup removes a staging file by its name and released the
+/// reservation of the session of that name, wherever the file was. The session ID
+/// is in the upload token its user holds, so a user who can write in another
+/// vfolder's staging area (a shell in a container mounting it) put a file of that
+/// name there with an old mtime: the cleanup removed it and released the session's
+/// reservation while its PATCH was still writing, and a second session took the
+/// same room: the two uploads completed past the limit. A session whose PATCH runs
+/// keeps its reservation (and a file of its name stays until the PATCH ends), and
+/// only a reservation of the scope where the file was is released.
+#[test]
+fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() {
+    use appproxy_test_support::net::ReadUninterrupted as _;
+    use std::io::Write as _;
+    let p = Proxy::start(
+        "upload_expire_secs = 3600\ncleanup_interval_secs = 1\nquota_usage_max_age_secs = 3600\n",
+    );
+    create_with_limit(&p, 1_000);
+    // A second vfolder of the same scope, where the user has a shell.
+    let other = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0123456789abcdef0123456789abcdef";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let session = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("the staged file");
+    // A PATCH of the whole upload, its first 100 bytes sent, the rest to come.
+    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&[7u8; 100]).expect("first part");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while p.tus_head(&token).header("upload-offset") != Some("100") {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The decoy: a file of the session's name, old, in the other vfolder's
+    // staging area.
+    let staging = p.dir.path().join(
+        "vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef/.upload",
+    );
+    std::fs::create_dir(&staging).expect("staging area");
+    let decoy = std::fs::File::create(staging.join(&session)).expect("decoy");
+    decoy
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7_200))
+        .expect("old mtime");
+    drop(decoy);
+    // Two cleanup passes that began after it.
+    let passes = |p: &Proxy| p.log().matches("expired-upload cleanup pass").count();
+    let seen = passes(&p);
+    while passes(&p) < seen + 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 1_000, "still held");
+    // What the staged file holds so far counts once its reservation is gone: a
+    // session of the rest of the room was accepted before.
+    let r = upload_token(&p, "b.bin", 900);
+    assert_eq!(
+        r.status,
+        413,
+        "the room is the running upload's: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // The upload completes; the scope holds what its limit allows.
+    s.write_all(&[7u8; 900]).expect("the rest");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("a.bin")).expect("done"),
+        [7u8; 1_000]
+    );
+    let qs = quota_scope(&p);
+    assert_eq!(
+        (qs["used_bytes"].as_u64(), qs["reserved_bytes"].as_u64()),
+        (Some(1_000), Some(0)),
+        "{qs}"
+    );
+    // The decoy goes with the next passes, once no PATCH of its name runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while staging.join(&session).exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// An upload session's token expires after `session_expire_secs` (an hour by
+/// default) and no PATCH can use its reservation after that (a session's token is
+/// never made again), but the reservation was held until idle for
+/// `upload_expire_secs` (a day): an upload abandoned part way (a closed browser)
+/// kept the rest of its size from every other upload of the scope for a day. It is
+/// let go once the token has expired and no PATCH runs; what the staged file holds
+/// counts as committed from then on.
+#[test]
+fn a_reservation_is_let_go_once_its_token_has_expired() {
+    let p = Proxy::start(
+        "session_expire_secs = 3\nupload_expire_secs = 3600\ncleanup_interval_secs = 1\n",
+    );
+    create_with_limit(&p, 1_000);
+    let r = upload_token(&p, "a.bin", 800);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &token, 0, &[1u8; 100]).status, 204);
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 800);
+    assert_eq!(
+        upload_token(&p, "b.bin", 800).status,
+        413,
+        "a's room is held"
+    );
+    // A hang guard, not a timing assertion: the token expires after 3 s and the
+    // cleanup runs every second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while quota_scope(&p)["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(patch(&p, &token, 100, &[1u8; 100]).status, 401, "expired");
+    // What a's staged file holds counts; the rest of its room is free.
+    assert_eq!(quota_scope(&p)["used_bytes"], 100);
+    assert_eq!(upload_token(&p, "b.bin", 901).status, 413);
+    assert_eq!(upload_token(&p, "b.bin", 900).status, 200);
+}
