@@ -205,7 +205,7 @@ const MAX_UNHELD: usize = 1_000;
 /// listed, its `.upload` is opened by name.
 pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Live) -> u64 {
     let all = |_: &fsx::Entry, _: usize| true;
-    let subdirs = |dir: BorrowedFd<'_>| -> Vec<(std::ffi::OsString, rustix::fs::Stat)> {
+    let subdirs = |dir: BorrowedFd<'_>| -> Vec<(std::ffi::OsString, fsx::Meta)> {
         fsx::entries(dir)
             .unwrap_or_default()
             .into_iter()
