@@ -115,13 +115,25 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
                 fsx::STRICT,
             )?;
             let mut f = std::fs::File::from(fd);
-            std::io::Write::write_all(
+            let written = std::io::Write::write_all(
                 &mut f,
                 serde_json::json!({"limit_bytes": l}).to_string().as_bytes(),
-            )?;
-            f.sync_all()?;
-            rustix::fs::renameat(scope, tmp.as_str(), scope, QUOTA_FILE)?;
-            Ok(())
+            )
+            .and_then(|()| f.sync_all())
+            .and_then(|()| {
+                Ok(rustix::fs::renameat(
+                    scope,
+                    tmp.as_str(),
+                    scope,
+                    QUOTA_FILE,
+                )?)
+            });
+            if written.is_err() {
+                // Not left behind to be counted in the scope's usage (the disk full,
+                // say, or the rename refused).
+                let _ = rustix::fs::unlinkat(scope, tmp.as_str(), rustix::fs::AtFlags::empty());
+            }
+            written
         }
         None => match rustix::fs::unlinkat(scope, QUOTA_FILE, rustix::fs::AtFlags::empty()) {
             Err(e) if e != rustix::io::Errno::NOENT => Err(e.into()),
@@ -1004,5 +1016,39 @@ impl Drop for Hold<'_> {
         if let Some(h) = &self.holder {
             self.state.reservations.release(h);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A limit that cannot be put in place (here the rename onto a directory named
+    /// `.quota` is refused) fails and leaves no temporary file behind; one that can
+    /// reads back.
+    #[test]
+    fn a_limit_not_set_leaves_no_temporary_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let scope = rustix::fs::open(
+            d.path(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open");
+        std::fs::create_dir_all(d.path().join(QUOTA_FILE).join("x")).expect("a directory");
+        assert!(set_limit(scope.as_fd(), Some(1_000)).is_err());
+        let names = |p: &std::path::Path| -> Vec<String> {
+            let mut n: Vec<String> = std::fs::read_dir(p)
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(d.path()), [QUOTA_FILE]);
+        std::fs::remove_dir_all(d.path().join(QUOTA_FILE)).expect("remove");
+        set_limit(scope.as_fd(), Some(1_000)).expect("set");
+        assert_eq!(names(d.path()), [QUOTA_FILE]);
+        assert_eq!(limit(scope.as_fd()), Some(1_000));
     }
 }
