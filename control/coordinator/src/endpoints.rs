@@ -85,6 +85,28 @@ fn health_enabled(h: &Option<Value>) -> bool {
         .is_some_and(|h| h.is_object() && h["enable"].as_bool().unwrap_or(true))
 }
 
+/// Health-check settings as the manager sends them (the original's
+/// `ModelHealthCheck`): `null`, or an object whose fields read as the prober reads
+/// them. Anything else is a 400 before anything is stored — stored as it came, it
+/// would be answered `health_check_enabled: true` and then never probed.
+fn check_health_settings(h: &Option<Value>) -> Result<(), ApiError> {
+    let Some(v) = h.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let bad = |why: String| ApiError::BadRequest(format!("health_check: {why}"));
+    if !v.is_object() {
+        return Err(bad("must be an object or null".into()));
+    }
+    if v.get("enable")
+        .is_some_and(|e| !e.is_boolean() && !e.is_null())
+    {
+        return Err(bad("enable must be true or false".into()));
+    }
+    super::health::Settings::parse(v, std::time::Duration::ZERO)
+        .map(|_| ())
+        .map_err(bad)
+}
+
 /// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
 async fn create_one(
     state: &State,
@@ -105,6 +127,7 @@ async fn create_one(
             "service_name must be a non-empty name without control characters".into(),
         ));
     }
+    check_health_settings(&e.health_check)?;
     let enabled = health_enabled(&e.health_check);
     let health_check = e.health_check.clone();
     let circuit = match state.store.circuit_of_endpoint(id).await? {
@@ -325,6 +348,7 @@ pub(super) async fn health_check(
     }
     let b: HealthCheckBody =
         serde_json::from_value(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    check_health_settings(&b.health_check)?;
     let Some((circuit, _)) = state.store.circuit_of_endpoint(id).await? else {
         return Err(ApiError::NotFound("E00002: No such circuit."));
     };

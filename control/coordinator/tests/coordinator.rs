@@ -2150,3 +2150,104 @@ fn leader_gauge_follows_the_redis_lease() {
         .expect("free the lease");
     wait_for(1.0);
 }
+
+/// Health-check settings that the prober cannot read are refused with 400 when an
+/// endpoint is created and when they are replaced, and nothing is stored: stored as
+/// they came, they were answered `health_check_enabled: true` and never probed.
+#[test]
+fn health_check_settings_the_prober_cannot_read_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let good = r#"{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}"#;
+    let unreadable = [
+        r#"{"path":"health"}"#,
+        r#"{"path":"/a b"}"#,
+        r#"{"interval":-1}"#,
+        r#"{"max_wait_time":"15s"}"#,
+        r#"{"expected_status_code":42}"#,
+        r#"{"max_retries":1.5}"#,
+        r#"{"enable":"yes"}"#,
+        r#""every 10 s""#,
+        "[]",
+    ];
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a71";
+    for bad in unreadable {
+        let body = endpoint_body("svc", None).replace(good, bad);
+        assert!(body.contains(bad));
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            &body,
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.json()["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("health_check")),
+            "{bad}: the error names the field: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for table in ["circuits", "endpoints"] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            "0",
+            "refused creations store nothing in {table}"
+        );
+    }
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH],
+        &endpoint_body("svc", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let stored = || {
+        db.query(
+            dir.path(),
+            &format!("SELECT health_check_config FROM endpoints WHERE id = '{e1}'"),
+        )
+    };
+    let before = stored();
+    assert!(before.contains("/health"), "{before}");
+    for bad in unreadable {
+        let r = request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            &format!(r#"{{"health_check":{bad}}}"#),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(stored(), before, "{bad}: the stored settings are kept");
+    }
+    // Readable ones, and turning the check off, are taken.
+    for fine in [
+        r#"{"path":"/ready","interval":5}"#,
+        r#"{"enable":false,"interval":-1}"#,
+        "null",
+    ] {
+        let r = request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            &format!(r#"{{"health_check":{fine}}}"#),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{fine}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
