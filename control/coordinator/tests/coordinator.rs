@@ -106,6 +106,7 @@ on_both_engines! {
     a_worker_reads_what_changed_by_revision_and_its_set_by_page => a_worker_reads_what_changed_by_revision_and_its_set_by_page_sqlite, a_worker_reads_what_changed_by_revision_and_its_set_by_page_postgresql;
     store_latency_is_recorded_per_engine => store_latency_is_recorded_per_engine_sqlite, store_latency_is_recorded_per_engine_postgresql;
     upstream_tls_comes_from_the_conf_and_decides_reuse => upstream_tls_comes_from_the_conf_and_decides_reuse_sqlite, upstream_tls_comes_from_the_conf_and_decides_reuse_postgresql;
+    nul_characters_are_refused_on_both_engines => nul_characters_are_refused_on_both_engines_sqlite, nul_characters_are_refused_on_both_engines_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -2250,4 +2251,81 @@ fn health_check_settings_the_prober_cannot_read_are_refused() {
             String::from_utf8_lossy(&r.body)
         );
     }
+}
+
+/// A NUL character in a value (`\u0000` in a JSON body, `%00` in a query) is a 400
+/// on both engines before anything is written: PostgreSQL stores none (neither in
+/// `text` nor in `jsonb`), so it was a 500 there — the driver's refusal — while
+/// SQLite stored it.
+fn nul_characters_are_refused_on_both_engines(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let registration = |authority: &str| {
+        format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"proxy9.test","api_port":10201,"port_range":[10305,10308]}}"#
+        )
+    };
+    let conf = |access_key: &str| {
+        format!(
+            r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"{access_key}","domain_name":"default"}}}}"#
+        )
+    };
+    let auth_query =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    for (method, path, body) in [
+        ("PUT", "/api/worker".to_owned(), registration(r"w\u0000x")),
+        ("POST", "/v2/conf".to_owned(), conf(r"AK\u0000")),
+        (
+            "POST",
+            "/v2/proxy/auth".to_owned(),
+            format!(
+                r#"{{"token":"{token}","session_id":"{SESSION}","app":"jupyter","protocol":"http","args":"a\u0000b"}}"#
+            ),
+        ),
+        ("GET", format!("{auth_query}&args=a%00b"), String::new()),
+        (
+            "PATCH",
+            format!("/api/worker/{worker}?node=n%00"),
+            String::new(),
+        ),
+    ] {
+        let r = request(
+            c.addr,
+            method,
+            &path,
+            &[AUTH, ("Accept", "application/json")],
+            &body,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{method} {path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params");
+        assert!(
+            r.json()["msg"].as_str().is_some_and(|m| m.contains("NUL")),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for (table, count) in [("workers", "1"), ("tokens", "1"), ("circuits", "0")] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            count,
+            "refused requests write nothing to {table}"
+        );
+    }
+    // An escaped backslash before `u0000` is text, not a NUL.
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        &registration(r"w\\u0000x"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["authority"], r"w\u0000x");
 }
