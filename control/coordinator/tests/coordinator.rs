@@ -107,6 +107,7 @@ on_both_engines! {
     store_latency_is_recorded_per_engine => store_latency_is_recorded_per_engine_sqlite, store_latency_is_recorded_per_engine_postgresql;
     upstream_tls_comes_from_the_conf_and_decides_reuse => upstream_tls_comes_from_the_conf_and_decides_reuse_sqlite, upstream_tls_comes_from_the_conf_and_decides_reuse_postgresql;
     nul_characters_are_refused_on_both_engines => nul_characters_are_refused_on_both_engines_sqlite, nul_characters_are_refused_on_both_engines_postgresql;
+    idle_checks_survive_last_access_marks_that_are_no_time => idle_checks_survive_last_access_marks_that_are_no_time_sqlite, idle_checks_survive_last_access_marks_that_are_no_time_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -2328,4 +2329,75 @@ fn nul_characters_are_refused_on_both_engines(db: Db) {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["authority"], r"w\u0000x");
+}
+
+/// Last-access marks in Redis that are no usable time (a worker's clock far ahead,
+/// or anyone who can write the key): one ahead of the clock (`1e300`) counts as an
+/// access now — the circuit is kept and its next check scheduled like any other —
+/// and one that is no number (`inf`) as no mark, like any unreadable one. The next
+/// check was computed from the mark, which SQLite's scheduling could not hold (a
+/// panic on the blocking pool) and PostgreSQL refused (timestamp out of range):
+/// every circuit of the pass stayed due, re-read on every pass, and no pass ever
+/// scheduled again.
+fn idle_checks_survive_last_access_marks_that_are_no_time(db: Db) {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 1\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let create = || {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+    };
+    let (far, infinite, idle) = (create(), create(), create());
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    for (circuit, mark) in [(&far, "1e300"), (&infinite, "inf")] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("circuit.{circuit}.last_access"))
+            .arg(mark)
+            .query(&mut conn)
+            .expect("mark");
+    }
+    let exists =
+        |id: &str| request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").status == 200;
+    // Whether a circuit's next idle check lies ahead (scheduled by a pass).
+    let scheduled = |id: &str| {
+        let sql = match &db {
+            Db::Sqlite => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{id}' AND idle_check_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+            ),
+            Db::Postgres(_) => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{id}' AND idle_check_at > now()"
+            ),
+        };
+        db.query(dir.path(), &sql) == "1"
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exists(&idle) || exists(&infinite) || !scheduled(&far) {
+        let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+        assert!(
+            !log.contains("panicked") && !log.contains("next idle checks not scheduled"),
+            "{log}"
+        );
+        assert!(exists(&far), "a circuit marked ahead is kept: {log}");
+        assert!(
+            Instant::now() < deadline,
+            "the pass did not collect the idle circuits and schedule the other: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
