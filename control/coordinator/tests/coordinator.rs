@@ -1916,6 +1916,12 @@ struct AckingWorker {
 
 impl AckingWorker {
     fn start(url: &str, authority: &'static str) -> Self {
+        Self::start_as(url, authority, authority)
+    }
+
+    /// Acknowledges the events for `authority` in the name of `sender` (another
+    /// worker, when they differ).
+    fn start_as(url: &str, authority: &'static str, sender: &'static str) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -1956,7 +1962,7 @@ impl AckingWorker {
                     continue;
                 }
                 let ack = serde_json::json!({
-                    "target_worker_authority": authority,
+                    "target_worker_authority": sender,
                     "circuits": body["circuits"],
                 });
                 let Ok(envelope) = BroadcastMessage::encode(
@@ -2400,4 +2406,64 @@ fn idle_checks_survive_last_access_marks_that_are_no_time(db: Db) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// An acknowledgement counts only from the worker the circuit was sent to: another
+/// worker acknowledging it (a stale or misconfigured process, or one publishing what
+/// it likes on the shared Redis) does not make the creation answer 200 for a circuit
+/// its worker never deployed — the creation waits for its own worker, and without
+/// it is 503 `E10001` and withdrawn.
+#[test]
+fn only_the_circuits_worker_can_acknowledge_it() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another registered worker (inference only: interactive circuits go to
+    // worker-1) acknowledges worker-1's circuits as its own.
+    let other = r#"{"authority":"worker-2","frontend_mode":"port","protocol":"http","hostname":"proxy2.test","api_port":10201,"port_range":[10305,10308],"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], other).status,
+        200
+    );
+    let _impostor = AckingWorker::start_as(&redis.url(), "worker-1", "worker-2");
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["data"]["worker"], "worker-1");
+    assert_eq!(r.json()["data"]["cause"], "worker");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0",
+        "the unacknowledged circuit is withdrawn"
+    );
+    assert!(
+        log_lines(dir.path()).iter().any(|l| l["message"]
+            == "acknowledgement from a worker the circuit was not sent to: ignored"
+            && l["worker"] == "worker-2"),
+        "the stray acknowledgement is logged"
+    );
 }
