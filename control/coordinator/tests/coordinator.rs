@@ -2467,3 +2467,177 @@ fn only_the_circuits_worker_can_acknowledge_it() {
         "the stray acknowledgement is logged"
     );
 }
+
+/// A TCP relay to Redis whose connections that subscribed can be made silent: from
+/// then on nothing passes either way, yet the connection stays open — what a NAT or a
+/// firewall that forgets a connection, or an address failed over to another host,
+/// leaves behind (no reset, no error). New connections are relayed as usual.
+struct SilencingRelay {
+    addr: SocketAddr,
+    pairs: RelayPairs,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A flag shared between the relay's threads and the test.
+type Flag = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// Per relayed connection: (it sent SUBSCRIBE, it is silenced).
+type RelayPairs = std::sync::Arc<std::sync::Mutex<Vec<(Flag, Flag)>>>;
+
+impl SilencingRelay {
+    fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let pairs: RelayPairs = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (all, stopping) = (pairs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let subscriber = Arc::new(AtomicBool::new(false));
+                let silenced = Arc::new(AtomicBool::new(false));
+                all.lock()
+                    .expect("pairs")
+                    .push((subscriber.clone(), silenced.clone()));
+                for (mut from, mut to, watch) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                        true,
+                    ),
+                    (server, client, false),
+                ] {
+                    let (subscriber, silenced, stopping) =
+                        (subscriber.clone(), silenced.clone(), stopping.clone());
+                    std::thread::spawn(move || {
+                        use std::io::Write as _;
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut buf = [0u8; 16 << 10];
+                        while !stopping.load(Ordering::Relaxed) {
+                            let n = match from.read_uninterrupted(&mut buf) {
+                                Ok(0) => return,
+                                Ok(n) => n,
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    continue
+                                }
+                                Err(_) => return,
+                            };
+                            if watch && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
+                                subscriber.store(true, Ordering::Relaxed);
+                            }
+                            if silenced.load(Ordering::Relaxed) {
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, pairs, stop }
+    }
+
+    /// Silences every connection that has subscribed; returns how many.
+    fn silence_subscribers(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let pairs = self.pairs.lock().expect("pairs");
+        let mut n = 0;
+        for (subscriber, silenced) in pairs.iter() {
+            if subscriber.load(Ordering::Relaxed) {
+                silenced.store(true, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for SilencingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The coordinator's subscription to acknowledgements notices when it has gone
+/// silent (the connection dropped on the way without a reset, so no message and no
+/// error ever comes) and subscribes again: before, it waited on the dead connection
+/// for ever, and every creation from then on timed out waiting for an
+/// acknowledgement its worker had sent, tripping every worker's breaker.
+#[test]
+fn a_silent_acknowledgement_subscription_is_noticed_and_opened_again() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis address");
+    let relay = SilencingRelay::start(redis_addr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 5\n[redis]\nurl = \"redis://{}/\"",
+            relay.addr
+        ),
+    );
+    let listening = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == "listening for acknowledgements")
+            .count()
+    };
+    let wait_listening = |n: usize, within: Duration| {
+        let deadline = Instant::now() + within;
+        while listening() < n {
+            assert!(
+                Instant::now() < deadline,
+                "not listening for acknowledgements ({n}) within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_listening(1, Duration::from_secs(20));
+    let _worker = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let create = || {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(relay.silence_subscribers(), 1);
+    // A PING every 10 s, answered within 5 s: subscribed again well within 40 s.
+    wait_listening(2, Duration::from_secs(40));
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "event subscription silent (no answer to PING); reconnecting"));
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
