@@ -16,7 +16,7 @@ pub use appproxy_shared::wire::add_marks;
 
 /// Writes marks to Redis in one pipeline.
 pub async fn write_redis(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_link::RedisConn,
     marks: &[AccessMark],
 ) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
@@ -27,7 +27,7 @@ pub async fn write_redis(
 /// Where the coordinator reads marks.
 pub enum Marks {
     /// The shared Redis.
-    Redis(redis::aio::ConnectionManager),
+    Redis(crate::redis_link::RedisConn),
     /// Single node: fed by the embedded worker.
     Memory(Mutex<HashMap<uuid::Uuid, (f64, u64)>>),
 }

@@ -216,9 +216,14 @@ fn reconnected(i: usize) {
     REDIS_RECONNECTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// A command connection was replaced after a call went unanswered.
+pub(crate) fn count_command_reconnect() {
+    reconnected(1);
+}
+
 /// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
 /// worker's periodic fetch repairs a lost event.
-pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
+pub async fn publish_redis(conn: &crate::redis_link::RedisConn, event: &CircuitEvent) -> bool {
     // The request's tracestate goes with its traceparent (published from the
     // request's own task; an event of another span gets none).
     let trace = event

@@ -21,6 +21,7 @@ pub mod health;
 mod jobs;
 pub mod placement;
 mod proxy;
+pub mod redis_link;
 pub mod store;
 
 pub use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
@@ -129,7 +130,7 @@ pub struct State {
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
-    pub redis: Option<redis::aio::ConnectionManager>,
+    pub redis: Option<redis_link::RedisConn>,
     /// The in-process event bus (single-node mode).
     pub local: LocalBus,
     /// Waiters for workers' acknowledgements.
@@ -815,7 +816,7 @@ impl Coordinator {
                     .set_number_of_retries(1)
                     .set_max_delay(500);
                 Some(
-                    redis::aio::ConnectionManager::new_with_config(client, cfg)
+                    redis_link::RedisConn::connect(client, cfg)
                         .await
                         .map_err(|e| {
                             anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}")

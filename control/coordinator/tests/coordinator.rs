@@ -2559,11 +2559,20 @@ impl SilencingRelay {
 
     /// Silences every connection that has subscribed; returns how many.
     fn silence_subscribers(&self) -> usize {
+        self.silence(true)
+    }
+
+    /// Silences every connection open now; returns how many.
+    fn silence_all(&self) -> usize {
+        self.silence(false)
+    }
+
+    fn silence(&self, subscribers_only: bool) -> usize {
         use std::sync::atomic::Ordering;
         let pairs = self.pairs.lock().expect("pairs");
         let mut n = 0;
         for (subscriber, silenced) in pairs.iter() {
-            if subscriber.load(Ordering::Relaxed) {
+            if !subscribers_only || subscriber.load(Ordering::Relaxed) {
                 silenced.store(true, Ordering::Relaxed);
                 n += 1;
             }
@@ -2640,4 +2649,86 @@ fn a_silent_acknowledgement_subscription_is_noticed_and_opened_again() {
         .any(|l| l["message"] == "event subscription silent (no answer to PING); reconnecting"));
     let r = create();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A Redis command connection that goes silent (dropped on the way without a reset)
+/// is replaced: the connection manager reconnects on a broken connection but not
+/// on calls that merely time out, so every publish failed from then on (503
+/// `E10001`, cause `redis`) and so did heartbeat marks, leadership and last-access
+/// reads — for as long as the kernel retransmitted, for ever behind a relay.
+#[test]
+fn a_silent_redis_command_connection_is_replaced() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis address");
+    let relay = SilencingRelay::start(redis_addr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 5\nworker_breaker_backoff_secs = 0.2\n[redis]\nurl = \"redis://{}/\"",
+            relay.addr
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _worker = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let create = || {
+        // The stand-in worker heartbeats, so that a breaker opened meanwhile
+        // admits it again.
+        let beat = request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{worker}?brief=true"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(beat.status, 200);
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        relay.silence_all() >= 2,
+        "the command and the subscription connections"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = create();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            Instant::now() < deadline,
+            "creations never came back: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "redis command connection replaced"));
 }
