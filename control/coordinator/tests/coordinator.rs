@@ -2732,3 +2732,98 @@ fn a_silent_redis_command_connection_is_replaced() {
         .iter()
         .any(|l| l["message"] == "redis command connection replaced"));
 }
+
+/// A registration whose fields cannot go where the coordinator puts them is a 400
+/// and stores nothing: a hostname or domain with a line break or a path in it (it
+/// goes into every `/setup` URL and redirect `Location` of the worker's circuits —
+/// the redirect went out without its `Location`, after the circuit was stored),
+/// control characters in the authority or node name, and port 0 in a port range
+/// (circuits were placed on port 0: the worker listens on whatever port the kernel
+/// picks, and the stored one reaches nothing).
+#[test]
+fn worker_registrations_that_cannot_be_served_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let registration = |authority: &str, extra: &str| {
+        format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","api_port":10201,"accepted_traffics":["interactive"],{extra}}}"#
+        )
+    };
+    for (what, body) in [
+        (
+            "CR/LF in the hostname",
+            registration(
+                "w1",
+                r#""hostname":"h\r\nSet-Cookie: a=b","port_range":[21000,21001]"#,
+            ),
+        ),
+        (
+            "a path in the hostname",
+            registration("w1", r#""hostname":"h/x?y","port_range":[21000,21001]"#),
+        ),
+        (
+            "a space in the hostname",
+            registration("w1", r#""hostname":"h x","port_range":[21000,21001]"#),
+        ),
+        (
+            "an empty hostname",
+            registration("w1", r#""hostname":"","port_range":[21000,21001]"#),
+        ),
+        (
+            "a line break in the authority",
+            registration(r"w\nx", r#""hostname":"h","port_range":[21000,21001]"#),
+        ),
+        (
+            "a control character in the node",
+            registration(
+                "w1",
+                r#""hostname":"h","port_range":[21000,21001],"node_id":"n\u0007""#,
+            ),
+        ),
+        (
+            "port 0 in the range",
+            registration("w1", r#""hostname":"h","port_range":[0,3]"#),
+        ),
+        (
+            "a domain with a path",
+            r#"{"authority":"w2","frontend_mode":"wildcard","protocol":"http","hostname":"h","api_port":10201,"wildcard_domain":".apps.test/x","accepted_traffics":["inference"]}"#.to_owned(),
+        ),
+        (
+            "wildcard traffic port 0",
+            r#"{"authority":"w2","frontend_mode":"wildcard","protocol":"http","hostname":"h","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":0,"accepted_traffics":["inference"]}"#.to_owned(),
+        ),
+    ] {
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{what}");
+    }
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM workers"),
+        "0",
+        "refused registrations store nothing"
+    );
+    // Host names, addresses and domains as workers send them are taken.
+    for (authority, host) in [("w1", "proxy1.test"), ("w2", "10.0.0.7"), ("w3", "[::1]")] {
+        let r = request(
+            c.addr,
+            "PUT",
+            "/api/worker",
+            &[AUTH],
+            &registration(
+                authority,
+                &format!(r#""hostname":"{host}","port_range":[1,3]"#),
+            ),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{host}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
