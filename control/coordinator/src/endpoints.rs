@@ -107,15 +107,9 @@ fn check_health_settings(h: &Option<Value>) -> Result<(), ApiError> {
         .map_err(bad)
 }
 
-/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
-async fn create_one(
-    state: &State,
-    id: uuid::Uuid,
-    e: CreateEndpoint,
-) -> Result<(String, bool), ApiError> {
-    if let Some(ak) = &e.tags.session.access_key {
-        appproxy_shared::middleware::note_access_key(ak);
-    }
+/// The fields of an endpoint to create, checked before anything is created (in a
+/// bulk call, every item's before the first is).
+fn validate_endpoint(e: &CreateEndpoint) -> Result<(), ApiError> {
     super::fits("service_name", Some(&e.service_name), 255)?;
     super::fits(
         "tags.endpoint.runtime_variant",
@@ -127,8 +121,25 @@ async fn create_one(
             "service_name must be a non-empty name without control characters".into(),
         ));
     }
-    check_health_settings(&e.health_check)?;
+    check_health_settings(&e.health_check)
+}
+
+/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
+async fn create_one(
+    state: &State,
+    id: uuid::Uuid,
+    e: CreateEndpoint,
+) -> Result<(String, bool), ApiError> {
+    if let Some(ak) = &e.tags.session.access_key {
+        appproxy_shared::middleware::note_access_key(ak);
+    }
+    validate_endpoint(&e)?;
     let enabled = health_enabled(&e.health_check);
+    super::fits(
+        "tags.endpoint.runtime_variant",
+        Some(&e.tags.endpoint.runtime_variant),
+        64,
+    )?;
     let health_check = e.health_check.clone();
     let circuit = match state.store.circuit_of_endpoint(id).await? {
         Some((c, _)) => c,
@@ -275,6 +286,12 @@ pub(super) async fn create_bulk(
         return Err(ApiError::BadRequest(
             "every bulk item needs deployment_id".into(),
         ));
+    }
+    for (i, e) in b.endpoints.iter().enumerate() {
+        validate_endpoint(e).map_err(|err| match err {
+            ApiError::BadRequest(why) => ApiError::BadRequest(format!("endpoints[{i}]: {why}")),
+            other => other,
+        })?;
     }
     let mut out = Vec::with_capacity(b.endpoints.len());
     for e in b.endpoints {

@@ -2827,3 +2827,74 @@ fn worker_registrations_that_cannot_be_served_are_refused() {
         );
     }
 }
+
+/// A bulk creation is checked whole before any endpoint is created: an item with
+/// a bad field further down used to answer 400 after the items before it had
+/// been created (circuits placed, announced, endpoint rows written).
+#[test]
+fn a_bulk_creation_with_a_bad_item_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let (e1, e2) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a81",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a82",
+    );
+    let good = endpoint_body("first", Some(e1));
+    for (what, bad) in [
+        (
+            "a control character in the name",
+            endpoint_body(r"sec\nond", Some(e2)),
+        ),
+        ("an empty name", endpoint_body(" ", Some(e2))),
+        (
+            "unreadable health-check settings",
+            endpoint_body("second", Some(e2)).replace(r#""path":"/health""#, r#""path":"health""#),
+        ),
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk",
+            &[AUTH],
+            &format!(r#"{{"endpoints":[{good},{bad}]}}"#),
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        for table in ["circuits", "endpoints"] {
+            assert_eq!(
+                db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+                "0",
+                "{what}: nothing created in {table}"
+            );
+        }
+        assert!(
+            r.json()["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("endpoints[1]: ")),
+            "{what}: the error names the item: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{good},{}]}}"#,
+            endpoint_body("second", Some(e2))
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
+}
