@@ -436,6 +436,7 @@ struct RouteEntry {
     route_id: uuid::Uuid,
     #[serde(deserialize_with = "kernel_host")]
     kernel_host: String,
+    #[serde(deserialize_with = "kernel_port")]
     kernel_port: u16,
     /// Whether the app serves HTTPS (`off`, `verify`, `insecure`; absent: off).
     #[serde(default, alias = "upstream-tls")]
@@ -452,6 +453,15 @@ fn kernel_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Erro
         ));
     }
     Ok(host)
+}
+
+/// A kernel port: 1-65535 (port 0 reaches nothing; `/v2/conf` refuses it too).
+fn kernel_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let port = u16::deserialize(d)?;
+    if port == 0 {
+        return Err(serde::de::Error::custom("kernel_port must be 1-65535"));
+    }
+    Ok(port)
 }
 
 impl RouteEntry {
@@ -576,6 +586,17 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
 }
 
 async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Value>, ApiError> {
+    // Checked whole before any item is applied: a route ID twice in one item's
+    // list is ambiguous (which one keeps the health state, which one goes).
+    for (i, item) in body.endpoints.iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = item.routes.iter().find(|r| !seen.insert(r.route_id)) {
+            return Err(ApiError::BadRequest(format!(
+                "endpoints[{i}]: route_id {} appears twice",
+                twice.route_id
+            )));
+        }
+    }
     let mut out = Vec::with_capacity(body.endpoints.len());
     for item in &body.endpoints {
         out.push(routes_one(state, item, op).await?);

@@ -2898,3 +2898,69 @@ fn a_bulk_creation_with_a_bad_item_creates_nothing() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
 }
+
+/// Route lists are checked whole before any item is applied: a route to port 0
+/// (it reaches nothing; `/v2/conf` refuses it) or one route ID twice in an item
+/// (which of the two keeps its health state, which one an unregistration takes)
+/// is a 400, and no item of the call is stored.
+#[test]
+fn route_lists_with_port_0_or_a_route_twice_are_refused_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let (e1, e2) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a91",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a92",
+    );
+    for e in [e1, e2] {
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e}"),
+            &[AUTH],
+            &endpoint_body(&format!("svc-{}", &e[e.len() - 2..]), None),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let route = |id: &str, port: u16| {
+        format!(
+            r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{id}","kernel_host":"10.0.1.7","kernel_port":{port}}}"#
+        )
+    };
+    let (r1, r2) = (
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a91",
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a92",
+    );
+    let stored = || db.query(dir.path(), "SELECT group_concat(body, '|') FROM circuits");
+    let before = stored();
+    for path in [
+        "/v2/endpoints/bulk/routes",
+        "/v2/endpoints/bulk/routes/register",
+    ] {
+        for (what, second) in [
+            ("port 0", format!("[{}]", route(r2, 0))),
+            (
+                "a route twice",
+                format!("[{},{}]", route(r2, 8001), route(r2, 8002)),
+            ),
+        ] {
+            let body = format!(
+                r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}},{{"deployment_id":"{e2}","routes":{second}}}]}}"#,
+                route(r1, 8000)
+            );
+            let r = request(c.addr, "POST", path, &[AUTH], &body);
+            assert_eq!(
+                r.status,
+                400,
+                "{path} {what}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(stored(), before, "{path} {what}: no item applied");
+        }
+    }
+}
