@@ -141,7 +141,19 @@ async fn create_one(
         64,
     )?;
     let health_check = e.health_check.clone();
-    let circuit = match state.store.circuit_of_endpoint(id).await? {
+    // A circuit of this endpoint that another request is still creating is no
+    // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
+    let mut existing = state.store.circuit_of_endpoint(id).await?;
+    for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
+        match &existing {
+            Some((c, _)) if state.is_creating(c.id) => {
+                state.settled(c.id).await;
+                existing = state.store.circuit_of_endpoint(id).await?;
+            }
+            _ => break,
+        }
+    }
+    let circuit = match existing {
         Some((c, _)) => c,
         None => {
             let s = &e.tags.session;

@@ -145,6 +145,9 @@ pub struct State {
     pub metrics: Metrics,
     /// This process's node ID, for leadership.
     pub node_id: uuid::Uuid,
+    /// Circuits stored by a creation still under way (announced, waiting for the
+    /// acknowledgement, or being withdrawn): not yet an answer to give anyone else.
+    creating: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl State {
@@ -166,6 +169,28 @@ impl State {
             None => false,
         };
         local || remote
+    }
+
+    fn creating(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<uuid::Uuid>> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `circuit` belongs to a creation still under way.
+    fn is_creating(&self, circuit: uuid::Uuid) -> bool {
+        self.creating().contains(&circuit)
+    }
+
+    /// Waits (bounded by the longest a creation can take) until the creation that
+    /// stored `circuit` has its outcome: acknowledged, or withdrawn. A request that
+    /// finds that circuit meanwhile (an endpoint's sync, a session's reuse) must
+    /// not answer with it before: it may be withdrawn the next moment.
+    async fn settled(&self, circuit: uuid::Uuid) {
+        let longest = self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32
+            + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + longest;
+        while self.is_creating(circuit) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether creations wait for an acknowledgement.
@@ -854,6 +879,7 @@ impl Coordinator {
             server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
+            creating: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(config.coordinator.bind)
             .await

@@ -220,22 +220,39 @@ async fn proxy_auth(
     let upstream_tls = conf_upstream_tls(&token).unwrap_or_default();
     // Reuse, as the original: the same session, app, openness and allowlist, and
     // (not in the original) the same way to reach the app.
+    let reusable = || async {
+        Ok::<_, ApiError>(
+            state
+                .store
+                .circuits_of_session(q.session_id)
+                .await?
+                .into_iter()
+                .map(|(c, _)| c)
+                .find(|c| {
+                    c.app.as_deref() == Some(q.app.as_str())
+                        && c.open_to_public == open_to_public
+                        && c.allowed_client_ips == allowed
+                        && c.app_mode == AppMode::Interactive
+                        && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
+                }),
+        )
+    };
     let reused = if Flag::get(q.no_reuse) {
         None
     } else {
-        state
-            .store
-            .circuits_of_session(q.session_id)
-            .await?
-            .into_iter()
-            .map(|(c, _)| c)
-            .find(|c| {
-                c.app.as_deref() == Some(q.app.as_str())
-                    && c.open_to_public == open_to_public
-                    && c.allowed_client_ips == allowed
-                    && c.app_mode == AppMode::Interactive
-                    && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
-            })
+        // A circuit another request is still creating is no answer yet: its
+        // outcome is awaited (it may be withdrawn), then looked up again.
+        let mut found = reusable().await?;
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            match &found {
+                Some(c) if state.is_creating(c.id) => {
+                    state.settled(c.id).await;
+                    found = reusable().await?;
+                }
+                _ => break,
+            }
+        }
+        found
     };
     let (circuit, reuse, worker) = match reused {
         Some(c) => {
@@ -376,7 +393,27 @@ pub(super) async fn proxy_add(
 }
 
 /// How many workers (or ports) one creation tries before it gives up.
-const PLACEMENT_ATTEMPTS: usize = 4;
+pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
+
+/// Marks a stored circuit as a creation under way until dropped (announced and
+/// acknowledged, or withdrawn).
+struct Creating<'a> {
+    state: &'a State,
+    circuit: uuid::Uuid,
+}
+
+impl<'a> Creating<'a> {
+    fn new(state: &'a State, circuit: uuid::Uuid) -> Self {
+        state.creating().insert(circuit);
+        Self { state, circuit }
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.state.creating().remove(&self.circuit);
+    }
+}
 
 /// Places, stores and announces a circuit built from `template`, then waits for the
 /// worker's acknowledgement when events flow. A slot raced by a concurrent creation
@@ -409,7 +446,10 @@ pub(super) async fn create_circuit(
                 Err(ApiError::NoWorker) if last_error.is_some() => break,
                 Err(e) => return Err(e),
             };
-        match announce(state, &circuit, &worker_body).await {
+        let under_way = Creating::new(state, circuit.id);
+        let announced = announce(state, &circuit, &worker_body).await;
+        drop(under_way);
+        match announced {
             Ok(()) => return Ok((circuit, worker_body)),
             Err(Retry::Elsewhere(e)) => {
                 avoid_workers.extend(circuit.worker);

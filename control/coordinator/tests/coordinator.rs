@@ -2964,3 +2964,94 @@ fn route_lists_with_port_0_or_a_route_twice_are_refused_whole() {
         }
     }
 }
+
+/// A circuit that another request is still creating (announced, waiting for its
+/// worker's acknowledgement) is no answer to a second request for the same
+/// endpoint, or for the same session and app: the second one used to answer 200
+/// with it at once — an endpoint's URL, a `/setup` redirect (`reuse: true`) — and
+/// the first withdrew it moments later when no acknowledgement came, so the
+/// manager held a deployment that never existed (as after retrying a creation its
+/// own client had given up on). The second request now waits for the first's
+/// outcome.
+#[test]
+fn a_circuit_still_being_created_is_no_answer_to_another_request() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let token = setup(&c);
+    let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
+    let addr = c.addr;
+    // No worker acknowledges: each first request is withdrawn after 2 s.
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5aa1";
+    let auth =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    for (what, method, path, body) in [
+        (
+            "an endpoint's sync",
+            "POST",
+            format!("/v2/endpoints/{e1}"),
+            endpoint_body("svc", None),
+        ),
+        ("a session's reuse", "GET", auth, String::new()),
+    ] {
+        let first = {
+            let (path, body) = (path.clone(), body.clone());
+            std::thread::spawn(move || {
+                request(
+                    addr,
+                    method,
+                    &path,
+                    &[AUTH, ("Accept", "application/json")],
+                    &body,
+                )
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while circuits() != "1" {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the first circuit never stored"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let second = request(
+            c.addr,
+            method,
+            &path,
+            &[AUTH, ("Accept", "application/json")],
+            &body,
+        );
+        let first = first.join().expect("first request");
+        assert_eq!(
+            first.status,
+            503,
+            "{what}: {}",
+            String::from_utf8_lossy(&first.body)
+        );
+        assert_eq!(circuits(), "0", "{what}: the first circuit was withdrawn");
+        assert_ne!(
+            second.status,
+            200,
+            "{what}: answered with a circuit that was withdrawn: {}",
+            String::from_utf8_lossy(&second.body)
+        );
+        assert_eq!(
+            second.status,
+            503,
+            "{what}: {}",
+            String::from_utf8_lossy(&second.body)
+        );
+    }
+}
