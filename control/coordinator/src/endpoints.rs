@@ -126,7 +126,7 @@ fn validate_endpoint(e: &CreateEndpoint) -> Result<(), ApiError> {
 
 /// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
 async fn create_one(
-    state: &State,
+    state: &Arc<State>,
     id: uuid::Uuid,
     e: CreateEndpoint,
 ) -> Result<(String, bool), ApiError> {

@@ -395,23 +395,55 @@ pub(super) async fn proxy_add(
 /// How many workers (or ports) one creation tries before it gives up.
 pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
 
-/// Marks a stored circuit as a creation under way until dropped (announced and
-/// acknowledged, or withdrawn).
-struct Creating<'a> {
-    state: &'a State,
+/// Marks a stored circuit as a creation under way until it has its outcome
+/// (acknowledged, or withdrawn). Dropped before that — the caller gave up and its
+/// request was cancelled mid-wait — it withdraws the circuit in a task of its own,
+/// under the request's ID: nobody got an answer with it, and left stored it would
+/// be reused, deployed by a fetch or held for ever without any acknowledgement.
+struct Creating {
+    state: Arc<State>,
     circuit: uuid::Uuid,
+    settled: bool,
+    /// The creating request's ID (a drop happens outside its polls).
+    request_id: Option<appproxy_shared::RequestId>,
 }
 
-impl<'a> Creating<'a> {
-    fn new(state: &'a State, circuit: uuid::Uuid) -> Self {
+impl Creating {
+    fn new(state: &Arc<State>, circuit: uuid::Uuid) -> Self {
         state.creating().insert(circuit);
-        Self { state, circuit }
+        Self {
+            state: state.clone(),
+            circuit,
+            settled: false,
+            request_id: appproxy_shared::current_request_id(),
+        }
+    }
+
+    /// The creation has its outcome (its announcement acknowledged, or the circuit
+    /// withdrawn).
+    fn settled(mut self) {
+        self.settled = true;
     }
 }
 
-impl Drop for Creating<'_> {
+impl Drop for Creating {
     fn drop(&mut self) {
-        self.state.creating().remove(&self.circuit);
+        if self.settled {
+            self.state.creating().remove(&self.circuit);
+            return;
+        }
+        let (state, circuit) = (self.state.clone(), self.circuit);
+        // (No runtime: the process is going down; nothing to withdraw with.)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(appproxy_shared::scope(self.request_id, async move {
+            tracing::warn!(%circuit, "creation abandoned by its caller; circuit withdrawn");
+            if let Err(e) = state.remove_circuit(circuit).await {
+                tracing::warn!(%circuit, error = %e, "abandoned circuit not withdrawn");
+            }
+            state.creating().remove(&circuit);
+        }));
     }
 }
 
@@ -424,7 +456,7 @@ impl Drop for Creating<'_> {
 /// circuit that is not acknowledged is removed again (nothing is left half-done); when
 /// no attempt succeeds the answer is 503 `E10001` naming the cause.
 pub(super) async fn create_circuit(
-    state: &State,
+    state: &Arc<State>,
     template: Circuit,
     request: &placement::Request<'_>,
 ) -> Result<(Circuit, WorkerRegistration), ApiError> {
@@ -448,7 +480,7 @@ pub(super) async fn create_circuit(
             };
         let under_way = Creating::new(state, circuit.id);
         let announced = announce(state, &circuit, &worker_body).await;
-        drop(under_way);
+        under_way.settled();
         match announced {
             Ok(()) => return Ok((circuit, worker_body)),
             Err(Retry::Elsewhere(e)) => {

@@ -3055,3 +3055,51 @@ fn a_circuit_still_being_created_is_no_answer_to_another_request() {
         );
     }
 }
+
+/// A caller that gives up while its creation waits for the acknowledgement (its
+/// connection closed: a manager's client timeout shorter than the wait) used to
+/// cancel the creation half-way: the circuit stayed stored, never acknowledged and
+/// never withdrawn — reused by the next request for the session, deployed by a
+/// worker's fetch, held until idle collection (for ever for TCP and inference
+/// circuits). It is withdrawn, under the request's ID.
+#[test]
+fn a_creation_its_caller_gave_up_on_is_withdrawn() {
+    use std::io::Write as _;
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 30\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(
+        format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\nX-Backend-Request-ID: gave-up-1\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    // Stored and announced: the creation waits for an acknowledgement that will
+    // not come (no worker listens) — and its caller leaves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while circuits() != "1" {
+        assert!(Instant::now() < deadline, "the circuit was never stored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while circuits() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "a creation abandoned by its caller was left stored (the wait is 30 s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(log_lines(dir.path()).iter().any(|l| l["message"]
+        == "creation abandoned by its caller; circuit withdrawn"
+        && l["request_id"] == "gave-up-1"));
+}
