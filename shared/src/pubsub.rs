@@ -3,7 +3,11 @@
 //! capped backoff — forever, until a callback says stop. Every wait is bounded (a
 //! Redis that accepts the connection and then says nothing counts as a failure after
 //! [`Follow::connect_timeout`]); each reconnection is logged and reported to a
-//! callback (the caller's counter).
+//! callback (the caller's counter). A subscription that goes silent — the
+//! connection dropped somewhere without a reset (a NAT or firewall forgetting it, a
+//! failed-over address), so no message and no error ever comes — is found by a
+//! `PING` every [`Follow::ping_every`] that must be answered within
+//! [`Follow::ping_timeout`], and replaced.
 
 use std::time::Duration;
 
@@ -24,11 +28,17 @@ pub struct Follow<'a> {
     pub max_backoff: Duration,
     /// Connecting and subscribing together take at most this long.
     pub connect_timeout: Duration,
+    /// How often a quiet subscription is asked whether it is still there.
+    pub ping_every: Duration,
+    /// How long that question may go unanswered before the subscription is taken
+    /// for dead and opened again.
+    pub ping_timeout: Duration,
 }
 
 impl<'a> Follow<'a> {
     /// `channels` on `url`: retries after 250 ms, then 500 ms, then every second; a
-    /// connection and subscription may take 10 s.
+    /// connection and subscription may take 10 s; a `PING` every 10 s, answered
+    /// within 5 s.
     pub fn new(url: &'a str, channels: &'a [&'a str], what: &'a str) -> Self {
         Self {
             url,
@@ -37,6 +47,8 @@ impl<'a> Follow<'a> {
             first_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(10),
+            ping_every: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
         }
     }
 
@@ -53,7 +65,7 @@ impl<'a> Follow<'a> {
     ) {
         let mut backoff = self.first_backoff;
         loop {
-            let mut pubsub = match self.subscribe().await {
+            let pubsub = match self.subscribe().await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, what = self.what, retry_in_ms = backoff.as_millis() as u64,
@@ -68,16 +80,41 @@ impl<'a> Follow<'a> {
             if !on_subscribed() {
                 return;
             }
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let Ok(text) = msg.get_payload::<String>() else {
-                    continue;
-                };
-                if !on_message(msg.get_channel_name(), text) {
-                    return;
+            let (mut sink, mut messages) = pubsub.split();
+            let every = self.ping_every.max(Duration::from_millis(10));
+            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    msg = messages.next() => {
+                        let Some(msg) = msg else {
+                            tracing::warn!(what = self.what, "event subscription dropped; reconnecting");
+                            break;
+                        };
+                        let Ok(text) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        if !on_message(msg.get_channel_name(), text) {
+                            return;
+                        }
+                    }
+                    _ = ping.tick() => {
+                        let answered = tokio::time::timeout(
+                            self.ping_timeout,
+                            sink.ping::<redis::Value>(),
+                        )
+                        .await;
+                        if !matches!(answered, Ok(Ok(_))) {
+                            tracing::warn!(
+                                what = self.what,
+                                timeout_ms = self.ping_timeout.as_millis() as u64,
+                                "event subscription silent (no answer to PING); reconnecting"
+                            );
+                            break;
+                        }
+                    }
                 }
             }
-            tracing::warn!(what = self.what, "event subscription dropped; reconnecting");
             on_reconnect();
         }
     }

@@ -16,7 +16,7 @@ pub use appproxy_shared::wire::add_marks;
 
 /// Writes marks to Redis in one pipeline.
 pub async fn write_redis(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_link::RedisConn,
     marks: &[AccessMark],
 ) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
@@ -27,7 +27,7 @@ pub async fn write_redis(
 /// Where the coordinator reads marks.
 pub enum Marks {
     /// The shared Redis.
-    Redis(redis::aio::ConnectionManager),
+    Redis(crate::redis_link::RedisConn),
     /// Single node: fed by the embedded worker.
     Memory(Mutex<HashMap<uuid::Uuid, (f64, u64)>>),
 }
@@ -67,7 +67,7 @@ impl Marks {
                 )
                 .await;
                 match got {
-                    Ok((last, requests)) => (last.and_then(|s| s.parse().ok()), requests),
+                    Ok((last, requests)) => (last.as_deref().and_then(read_mark), requests),
                     Err(e) => {
                         tracing::warn!(error = %e, "last-access marks not read");
                         (None, None)
@@ -103,7 +103,7 @@ impl Marks {
                     super::bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
                 Ok(got
                     .into_iter()
-                    .map(|v| v.and_then(|s| s.parse().ok()))
+                    .map(|v| v.as_deref().and_then(read_mark))
                     .collect())
             }
             Self::Memory(map) => {
@@ -124,6 +124,17 @@ impl Marks {
                 .remove(&circuit);
         }
     }
+}
+
+/// A last-access mark as read from Redis (epoch-float text, written by workers —
+/// or by anyone else who can write the key): a finite, non-negative time, and a time
+/// ahead of this coordinator's clock counts as now. `inf`, `1e300` or a clock far
+/// ahead would otherwise keep a circuit from idle collection for ever, and the next
+/// check scheduled from it is no time the store can hold (the pass failed to
+/// reschedule every circuit it had looked at).
+pub fn read_mark(text: &str) -> Option<f64> {
+    let t: f64 = text.trim().parse().ok()?;
+    (t.is_finite() && t >= 0.0).then(|| t.min(appproxy_shared::jwt::now_epoch()))
 }
 
 /// Unix seconds of an RFC 3339 UTC time as the coordinator writes them

@@ -88,7 +88,7 @@ impl Event {
 /// `XADD stream MAXLEN ~ 128 * …` under the current request ID; false (logged) when
 /// Redis refused or did not answer in time.
 pub async fn xadd(
-    conn: &redis::aio::ConnectionManager,
+    conn: &crate::redis_link::RedisConn,
     stream: &str,
     event: &Event,
     envelope: EventEnvelope,
@@ -113,7 +113,7 @@ pub async fn xadd(
 
 /// `PUBLISH channel <envelope>`; false (logged) on failure.
 pub async fn publish(
-    conn: &redis::aio::ConnectionManager,
+    conn: &crate::redis_link::RedisConn,
     channel: &str,
     event: &Event,
     envelope: EventEnvelope,

@@ -287,8 +287,8 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     }
     match r.frontend_mode {
         FrontendMode::Port => {
-            if r.port_range.is_none_or(|[lo, hi]| lo > hi) {
-                return bad("a port worker needs port_range [low, high] with low <= high");
+            if r.port_range.is_none_or(|[lo, hi]| lo == 0 || lo > hi) {
+                return bad("a port worker needs port_range [low, high] with 1 <= low <= high");
             }
         }
         FrontendMode::Wildcard => {
@@ -296,6 +296,37 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
                 return bad("a wildcard worker needs wildcard_domain");
             }
         }
+    }
+    if r.port_range.is_some_and(|[lo, _]| lo == 0) || r.wildcard_traffic_port == Some(0) {
+        return bad("port 0 is no port: port_range and wildcard_traffic_port start at 1");
+    }
+    // What goes into the URLs the coordinator answers with (`/setup`, endpoints),
+    // into the `Location` of a redirect and into logs and events: a CR/LF there
+    // broke the answer of every creation placed on the worker (a redirect without
+    // its `Location`, a URL with a line break in it), after the circuit was stored.
+    for (name, value) in [
+        ("authority", Some(r.authority.as_str())),
+        ("hostname", Some(r.hostname.as_str())),
+        ("wildcard_domain", r.wildcard_domain.as_deref()),
+        ("node_id", r.node_id.as_deref()),
+        (
+            "traefik_last_used_marker_path",
+            r.traefik_last_used_marker_path.as_deref(),
+        ),
+    ] {
+        if value.is_some_and(super::proxy::has_control) {
+            return bad(&format!("{name} may not hold control characters"));
+        }
+    }
+    let not_in_a_host = |c: char| c.is_whitespace() || matches!(c, '/' | '\\' | '?' | '#' | '@');
+    if r.hostname.is_empty() || r.hostname.chars().any(not_in_a_host) {
+        return bad("hostname must be a host name or address (no spaces, '/', '?', '#', '@')");
+    }
+    if r.wildcard_domain
+        .as_deref()
+        .is_some_and(|d| d.is_empty() || d.chars().any(not_in_a_host))
+    {
+        return bad("wildcard_domain must be a domain (no spaces, '/', '?', '#', '@')");
     }
     super::fits("node_id", r.node_id.as_deref(), 1024)?;
     super::fits("hostname", Some(&r.hostname), 1024)?;

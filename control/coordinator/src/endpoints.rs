@@ -85,15 +85,31 @@ fn health_enabled(h: &Option<Value>) -> bool {
         .is_some_and(|h| h.is_object() && h["enable"].as_bool().unwrap_or(true))
 }
 
-/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
-async fn create_one(
-    state: &State,
-    id: uuid::Uuid,
-    e: CreateEndpoint,
-) -> Result<(String, bool), ApiError> {
-    if let Some(ak) = &e.tags.session.access_key {
-        appproxy_shared::middleware::note_access_key(ak);
+/// Health-check settings as the manager sends them (the original's
+/// `ModelHealthCheck`): `null`, or an object whose fields read as the prober reads
+/// them. Anything else is a 400 before anything is stored — stored as it came, it
+/// would be answered `health_check_enabled: true` and then never probed.
+fn check_health_settings(h: &Option<Value>) -> Result<(), ApiError> {
+    let Some(v) = h.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let bad = |why: String| ApiError::BadRequest(format!("health_check: {why}"));
+    if !v.is_object() {
+        return Err(bad("must be an object or null".into()));
     }
+    if v.get("enable")
+        .is_some_and(|e| !e.is_boolean() && !e.is_null())
+    {
+        return Err(bad("enable must be true or false".into()));
+    }
+    super::health::Settings::parse(v, std::time::Duration::ZERO)
+        .map(|_| ())
+        .map_err(bad)
+}
+
+/// The fields of an endpoint to create, checked before anything is created (in a
+/// bulk call, every item's before the first is).
+fn validate_endpoint(e: &CreateEndpoint) -> Result<(), ApiError> {
     super::fits("service_name", Some(&e.service_name), 255)?;
     super::fits(
         "tags.endpoint.runtime_variant",
@@ -105,9 +121,39 @@ async fn create_one(
             "service_name must be a non-empty name without control characters".into(),
         ));
     }
+    check_health_settings(&e.health_check)
+}
+
+/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
+async fn create_one(
+    state: &Arc<State>,
+    id: uuid::Uuid,
+    e: CreateEndpoint,
+) -> Result<(String, bool), ApiError> {
+    if let Some(ak) = &e.tags.session.access_key {
+        appproxy_shared::middleware::note_access_key(ak);
+    }
+    validate_endpoint(&e)?;
     let enabled = health_enabled(&e.health_check);
+    super::fits(
+        "tags.endpoint.runtime_variant",
+        Some(&e.tags.endpoint.runtime_variant),
+        64,
+    )?;
     let health_check = e.health_check.clone();
-    let circuit = match state.store.circuit_of_endpoint(id).await? {
+    // A circuit of this endpoint that another request is still creating is no
+    // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
+    let mut existing = state.store.circuit_of_endpoint(id).await?;
+    for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
+        match &existing {
+            Some((c, _)) if state.is_creating(c.id) => {
+                state.settled(c.id).await;
+                existing = state.store.circuit_of_endpoint(id).await?;
+            }
+            _ => break,
+        }
+    }
+    let circuit = match existing {
         Some((c, _)) => c,
         None => {
             let s = &e.tags.session;
@@ -253,6 +299,12 @@ pub(super) async fn create_bulk(
             "every bulk item needs deployment_id".into(),
         ));
     }
+    for (i, e) in b.endpoints.iter().enumerate() {
+        validate_endpoint(e).map_err(|err| match err {
+            ApiError::BadRequest(why) => ApiError::BadRequest(format!("endpoints[{i}]: {why}")),
+            other => other,
+        })?;
+    }
     let mut out = Vec::with_capacity(b.endpoints.len());
     for e in b.endpoints {
         let id = e.deployment_id.unwrap_or_default();
@@ -325,6 +377,7 @@ pub(super) async fn health_check(
     }
     let b: HealthCheckBody =
         serde_json::from_value(raw).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    check_health_settings(&b.health_check)?;
     let Some((circuit, _)) = state.store.circuit_of_endpoint(id).await? else {
         return Err(ApiError::NotFound("E00002: No such circuit."));
     };
@@ -395,6 +448,7 @@ struct RouteEntry {
     route_id: uuid::Uuid,
     #[serde(deserialize_with = "kernel_host")]
     kernel_host: String,
+    #[serde(deserialize_with = "kernel_port")]
     kernel_port: u16,
     /// Whether the app serves HTTPS (`off`, `verify`, `insecure`; absent: off).
     #[serde(default, alias = "upstream-tls")]
@@ -411,6 +465,15 @@ fn kernel_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Erro
         ));
     }
     Ok(host)
+}
+
+/// A kernel port: 1-65535 (port 0 reaches nothing; `/v2/conf` refuses it too).
+fn kernel_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let port = u16::deserialize(d)?;
+    if port == 0 {
+        return Err(serde::de::Error::custom("kernel_port must be 1-65535"));
+    }
+    Ok(port)
 }
 
 impl RouteEntry {
@@ -535,6 +598,17 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
 }
 
 async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Value>, ApiError> {
+    // Checked whole before any item is applied: a route ID twice in one item's
+    // list is ambiguous (which one keeps the health state, which one goes).
+    for (i, item) in body.endpoints.iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = item.routes.iter().find(|r| !seen.insert(r.route_id)) {
+            return Err(ApiError::BadRequest(format!(
+                "endpoints[{i}]: route_id {} appears twice",
+                twice.route_id
+            )));
+        }
+    }
     let mut out = Vec::with_capacity(body.endpoints.len());
     for item in &body.endpoints {
         out.push(routes_one(state, item, op).await?);

@@ -94,25 +94,59 @@ impl AckHub {
         }
     }
 
-    /// A worker acknowledged these circuits.
+    /// A worker acknowledged these circuits (the embedded worker: whoever waits).
     pub fn resolve(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
-        self.tell(circuits.into_iter().map(|id| (id, AckOutcome::Deployed)));
+        self.tell(
+            None,
+            circuits.into_iter().map(|id| (id, AckOutcome::Deployed)),
+        );
     }
 
-    /// A worker could not deploy these circuits.
-    pub fn reject(&self, circuits: impl IntoIterator<Item = (uuid::Uuid, String)>) {
+    /// The worker `authority` acknowledged these circuits: only creations that
+    /// sent their circuit to it are answered.
+    pub fn resolve_from(&self, authority: &str, circuits: impl IntoIterator<Item = uuid::Uuid>) {
         self.tell(
+            Some(authority),
+            circuits.into_iter().map(|id| (id, AckOutcome::Deployed)),
+        );
+    }
+
+    /// The worker `authority` could not deploy these circuits: only creations that
+    /// sent their circuit to it are answered.
+    pub fn reject_from(
+        &self,
+        authority: &str,
+        circuits: impl IntoIterator<Item = (uuid::Uuid, String)>,
+    ) {
+        self.tell(
+            Some(authority),
             circuits
                 .into_iter()
                 .map(|(id, why)| (id, AckOutcome::Failed(why))),
         );
     }
 
-    fn tell(&self, outcomes: impl Iterator<Item = (uuid::Uuid, AckOutcome)>) {
+    /// Tells the waiters of each circuit its outcome — with `from`, only those that
+    /// sent it to that worker: another worker's word on a circuit (a stale or
+    /// misconfigured process, or one publishing what it likes) neither answers a
+    /// creation whose worker never deployed it nor withdraws one it did.
+    fn tell(&self, from: Option<&str>, outcomes: impl Iterator<Item = (uuid::Uuid, AckOutcome)>) {
         let mut waiters = self.lock();
         for (id, outcome) in outcomes {
-            for e in waiters.remove(&id).unwrap_or_default() {
+            let Some(list) = waiters.remove(&id) else {
+                continue;
+            };
+            let (told, kept): (Vec<Entry>, Vec<Entry>) = list
+                .into_iter()
+                .partition(|e| from.is_none_or(|w| e.worker == w));
+            for e in told {
                 let _ = e.tx.send(outcome.clone());
+            }
+            if !kept.is_empty() {
+                if let Some(worker) = from {
+                    tracing::warn!(circuit = %id, %worker, "acknowledgement from a worker the circuit was not sent to: ignored");
+                }
+                waiters.insert(id, kept);
             }
         }
     }
@@ -182,9 +216,14 @@ fn reconnected(i: usize) {
     REDIS_RECONNECTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// A command connection was replaced after a call went unanswered.
+pub(crate) fn count_command_reconnect() {
+    reconnected(1);
+}
+
 /// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
 /// worker's periodic fetch repairs a lost event.
-pub async fn publish_redis(conn: &redis::aio::ConnectionManager, event: &CircuitEvent) -> bool {
+pub async fn publish_redis(conn: &crate::redis_link::RedisConn, event: &CircuitEvent) -> bool {
     // The request's tracestate goes with its traceparent (published from the
     // request's own task; an event of another span gets none).
     let trace = event
@@ -316,8 +355,8 @@ pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Br
             }
         });
     }
-    acks.reject(ack.failed);
-    acks.resolve(ack.deployed);
+    acks.reject_from(&ack.authority, ack.failed);
+    acks.resolve_from(&ack.authority, ack.deployed);
 }
 
 /// Listens for workers' acknowledgements on Redis, reconnecting forever.
@@ -407,7 +446,11 @@ mod tests {
         let wb = hub.expect(b, "sick");
         let wc = hub.expect(c, "fine");
         assert_eq!(hub.trip("sick"), 2);
-        hub.reject([(c, "port held".to_owned())]);
+        // Another worker's word on a circuit answers none of its waiters.
+        hub.reject_from("sick", [(c, "port held".to_owned())]);
+        hub.resolve_from("sick", [c]);
+        assert_eq!(hub.pending(), 1);
+        hub.reject_from("fine", [(c, "port held".to_owned())]);
         assert_eq!(
             wa.wait(Duration::from_secs(5)).await,
             AckOutcome::WorkerTripped

@@ -21,6 +21,7 @@ pub mod health;
 mod jobs;
 pub mod placement;
 mod proxy;
+pub mod redis_link;
 pub mod store;
 
 pub use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
@@ -129,7 +130,7 @@ pub struct State {
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
-    pub redis: Option<redis::aio::ConnectionManager>,
+    pub redis: Option<redis_link::RedisConn>,
     /// The in-process event bus (single-node mode).
     pub local: LocalBus,
     /// Waiters for workers' acknowledgements.
@@ -144,6 +145,9 @@ pub struct State {
     pub metrics: Metrics,
     /// This process's node ID, for leadership.
     pub node_id: uuid::Uuid,
+    /// Circuits stored by a creation still under way (announced, waiting for the
+    /// acknowledgement, or being withdrawn): not yet an answer to give anyone else.
+    creating: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl State {
@@ -165,6 +169,28 @@ impl State {
             None => false,
         };
         local || remote
+    }
+
+    fn creating(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<uuid::Uuid>> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `circuit` belongs to a creation still under way.
+    fn is_creating(&self, circuit: uuid::Uuid) -> bool {
+        self.creating().contains(&circuit)
+    }
+
+    /// Waits (bounded by the longest a creation can take) until the creation that
+    /// stored `circuit` has its outcome: acknowledged, or withdrawn. A request that
+    /// finds that circuit meanwhile (an endpoint's sync, a session's reuse) must
+    /// not answer with it before: it may be withdrawn the next moment.
+    async fn settled(&self, circuit: uuid::Uuid) {
+        let longest = self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32
+            + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + longest;
+        while self.is_creating(circuit) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether creations wait for an acknowledgement.
@@ -693,7 +719,25 @@ async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next
         server::read_body_within(req, rule.within, rule.max).await
     };
     let refused = match refused {
-        Ok(req) => return next.run(req).await,
+        Ok(req) => {
+            let (parts, body) = req.into_parts();
+            // Buffered whole above: this takes what is there.
+            let bytes = match axum::body::to_bytes(body, rule.max).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return server::closing(
+                        ApiError::BadRequest(format!("request body not read: {e}")).into_response(),
+                    )
+                }
+            };
+            if holds_nul(parts.uri.query().unwrap_or_default().as_bytes(), &bytes) {
+                return ApiError::BadRequest(
+                    "values may not hold NUL characters (\\u0000, %00)".into(),
+                )
+                .into_response();
+            }
+            return next.run(Request::from_parts(parts, bytes.into())).await;
+        }
         Err(server::BodyFailure::Late) => ApiError::BodyTimeout,
         Err(server::BodyFailure::TooLarge) => ApiError::TooLarge,
         Err(server::BodyFailure::Cut(e)) => {
@@ -701,6 +745,29 @@ async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next
         }
     };
     server::closing(refused.into_response())
+}
+
+/// Whether a query (`%00`) or a JSON body (the escape `\u0000`, or a raw NUL byte)
+/// carries a NUL character. No value the API takes has a use for one, and
+/// PostgreSQL can store none (neither in `text` nor in `jsonb`): on that engine it
+/// was a 500 where SQLite stored it, so it is a 400 on both, before anything is
+/// written. An escaped backslash followed by `u0000` is text, not a NUL.
+fn holds_nul(query: &[u8], body: &[u8]) -> bool {
+    if query.windows(3).any(|w| w == b"%00") || body.contains(&0) {
+        return true;
+    }
+    let mut backslashes = 0usize;
+    for (i, &b) in body.iter().enumerate() {
+        if b == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if b == b'u' && backslashes % 2 == 1 && body.get(i + 1..i + 5) == Some(b"0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
 }
 
 /// Refusals made outside the handlers (unknown route, wrong method, a body over the
@@ -774,7 +841,7 @@ impl Coordinator {
                     .set_number_of_retries(1)
                     .set_max_delay(500);
                 Some(
-                    redis::aio::ConnectionManager::new_with_config(client, cfg)
+                    redis_link::RedisConn::connect(client, cfg)
                         .await
                         .map_err(|e| {
                             anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}")
@@ -812,6 +879,7 @@ impl Coordinator {
             server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
+            creating: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(config.coordinator.bind)
             .await
@@ -876,4 +944,29 @@ pub async fn serve(
     let addr = coordinator.addr;
     coordinator.run(shutdown).await?;
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nul_characters_are_found_in_queries_and_json_escapes_only() {
+        for (query, body, nul) in [
+            ("", r#"{"a":"b"}"#, false),
+            ("args=%00", "", true),
+            ("args=%2500", "", false),
+            ("", r#"{"a":"x\u0000y"}"#, true),
+            ("", r#"{"a\u0000":1}"#, true),
+            ("", r#"{"a":"x\\u0000y"}"#, false),
+            ("", r#"{"a":"x\\\u0000y"}"#, true),
+            ("", r#"{"a":"\u00001"}"#, true),
+            ("", r#"{"a":"\u0001"}"#, false),
+            ("", "\0", true),
+        ] {
+            assert_eq!(
+                super::holds_nul(query.as_bytes(), body.as_bytes()),
+                nul,
+                "{query:?} {body:?}"
+            );
+        }
+    }
 }

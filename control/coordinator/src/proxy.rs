@@ -220,22 +220,39 @@ async fn proxy_auth(
     let upstream_tls = conf_upstream_tls(&token).unwrap_or_default();
     // Reuse, as the original: the same session, app, openness and allowlist, and
     // (not in the original) the same way to reach the app.
+    let reusable = || async {
+        Ok::<_, ApiError>(
+            state
+                .store
+                .circuits_of_session(q.session_id)
+                .await?
+                .into_iter()
+                .map(|(c, _)| c)
+                .find(|c| {
+                    c.app.as_deref() == Some(q.app.as_str())
+                        && c.open_to_public == open_to_public
+                        && c.allowed_client_ips == allowed
+                        && c.app_mode == AppMode::Interactive
+                        && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
+                }),
+        )
+    };
     let reused = if Flag::get(q.no_reuse) {
         None
     } else {
-        state
-            .store
-            .circuits_of_session(q.session_id)
-            .await?
-            .into_iter()
-            .map(|(c, _)| c)
-            .find(|c| {
-                c.app.as_deref() == Some(q.app.as_str())
-                    && c.open_to_public == open_to_public
-                    && c.allowed_client_ips == allowed
-                    && c.app_mode == AppMode::Interactive
-                    && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
-            })
+        // A circuit another request is still creating is no answer yet: its
+        // outcome is awaited (it may be withdrawn), then looked up again.
+        let mut found = reusable().await?;
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            match &found {
+                Some(c) if state.is_creating(c.id) => {
+                    state.settled(c.id).await;
+                    found = reusable().await?;
+                }
+                _ => break,
+            }
+        }
+        found
     };
     let (circuit, reuse, worker) = match reused {
         Some(c) => {
@@ -376,7 +393,59 @@ pub(super) async fn proxy_add(
 }
 
 /// How many workers (or ports) one creation tries before it gives up.
-const PLACEMENT_ATTEMPTS: usize = 4;
+pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
+
+/// Marks a stored circuit as a creation under way until it has its outcome
+/// (acknowledged, or withdrawn). Dropped before that — the caller gave up and its
+/// request was cancelled mid-wait — it withdraws the circuit in a task of its own,
+/// under the request's ID: nobody got an answer with it, and left stored it would
+/// be reused, deployed by a fetch or held for ever without any acknowledgement.
+struct Creating {
+    state: Arc<State>,
+    circuit: uuid::Uuid,
+    settled: bool,
+    /// The creating request's ID (a drop happens outside its polls).
+    request_id: Option<appproxy_shared::RequestId>,
+}
+
+impl Creating {
+    fn new(state: &Arc<State>, circuit: uuid::Uuid) -> Self {
+        state.creating().insert(circuit);
+        Self {
+            state: state.clone(),
+            circuit,
+            settled: false,
+            request_id: appproxy_shared::current_request_id(),
+        }
+    }
+
+    /// The creation has its outcome (its announcement acknowledged, or the circuit
+    /// withdrawn).
+    fn settled(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        if self.settled {
+            self.state.creating().remove(&self.circuit);
+            return;
+        }
+        let (state, circuit) = (self.state.clone(), self.circuit);
+        // (No runtime: the process is going down; nothing to withdraw with.)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(appproxy_shared::scope(self.request_id, async move {
+            tracing::warn!(%circuit, "creation abandoned by its caller; circuit withdrawn");
+            if let Err(e) = state.remove_circuit(circuit).await {
+                tracing::warn!(%circuit, error = %e, "abandoned circuit not withdrawn");
+            }
+            state.creating().remove(&circuit);
+        }));
+    }
+}
 
 /// Places, stores and announces a circuit built from `template`, then waits for the
 /// worker's acknowledgement when events flow. A slot raced by a concurrent creation
@@ -387,7 +456,7 @@ const PLACEMENT_ATTEMPTS: usize = 4;
 /// circuit that is not acknowledged is removed again (nothing is left half-done); when
 /// no attempt succeeds the answer is 503 `E10001` naming the cause.
 pub(super) async fn create_circuit(
-    state: &State,
+    state: &Arc<State>,
     template: Circuit,
     request: &placement::Request<'_>,
 ) -> Result<(Circuit, WorkerRegistration), ApiError> {
@@ -409,7 +478,10 @@ pub(super) async fn create_circuit(
                 Err(ApiError::NoWorker) if last_error.is_some() => break,
                 Err(e) => return Err(e),
             };
-        match announce(state, &circuit, &worker_body).await {
+        let under_way = Creating::new(state, circuit.id);
+        let announced = announce(state, &circuit, &worker_body).await;
+        under_way.settled();
+        match announced {
             Ok(()) => return Ok((circuit, worker_body)),
             Err(Retry::Elsewhere(e)) => {
                 avoid_workers.extend(circuit.worker);

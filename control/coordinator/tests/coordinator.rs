@@ -106,6 +106,8 @@ on_both_engines! {
     a_worker_reads_what_changed_by_revision_and_its_set_by_page => a_worker_reads_what_changed_by_revision_and_its_set_by_page_sqlite, a_worker_reads_what_changed_by_revision_and_its_set_by_page_postgresql;
     store_latency_is_recorded_per_engine => store_latency_is_recorded_per_engine_sqlite, store_latency_is_recorded_per_engine_postgresql;
     upstream_tls_comes_from_the_conf_and_decides_reuse => upstream_tls_comes_from_the_conf_and_decides_reuse_sqlite, upstream_tls_comes_from_the_conf_and_decides_reuse_postgresql;
+    nul_characters_are_refused_on_both_engines => nul_characters_are_refused_on_both_engines_sqlite, nul_characters_are_refused_on_both_engines_postgresql;
+    idle_checks_survive_last_access_marks_that_are_no_time => idle_checks_survive_last_access_marks_that_are_no_time_sqlite, idle_checks_survive_last_access_marks_that_are_no_time_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -1914,6 +1916,12 @@ struct AckingWorker {
 
 impl AckingWorker {
     fn start(url: &str, authority: &'static str) -> Self {
+        Self::start_as(url, authority, authority)
+    }
+
+    /// Acknowledges the events for `authority` in the name of `sender` (another
+    /// worker, when they differ).
+    fn start_as(url: &str, authority: &'static str, sender: &'static str) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -1954,7 +1962,7 @@ impl AckingWorker {
                     continue;
                 }
                 let ack = serde_json::json!({
-                    "target_worker_authority": authority,
+                    "target_worker_authority": sender,
                     "circuits": body["circuits"],
                 });
                 let Ok(envelope) = BroadcastMessage::encode(
@@ -2149,4 +2157,949 @@ fn leader_gauge_follows_the_redis_lease() {
         .query(&mut conn)
         .expect("free the lease");
     wait_for(1.0);
+}
+
+/// Health-check settings that the prober cannot read are refused with 400 when an
+/// endpoint is created and when they are replaced, and nothing is stored: stored as
+/// they came, they were answered `health_check_enabled: true` and never probed.
+#[test]
+fn health_check_settings_the_prober_cannot_read_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let good = r#"{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}"#;
+    let unreadable = [
+        r#"{"path":"health"}"#,
+        r#"{"path":"/a b"}"#,
+        r#"{"interval":-1}"#,
+        r#"{"max_wait_time":"15s"}"#,
+        r#"{"expected_status_code":42}"#,
+        r#"{"max_retries":1.5}"#,
+        r#"{"enable":"yes"}"#,
+        r#""every 10 s""#,
+        "[]",
+    ];
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a71";
+    for bad in unreadable {
+        let body = endpoint_body("svc", None).replace(good, bad);
+        assert!(body.contains(bad));
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e1}"),
+            &[AUTH],
+            &body,
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.json()["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("health_check")),
+            "{bad}: the error names the field: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for table in ["circuits", "endpoints"] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            "0",
+            "refused creations store nothing in {table}"
+        );
+    }
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH],
+        &endpoint_body("svc", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let stored = || {
+        db.query(
+            dir.path(),
+            &format!("SELECT health_check_config FROM endpoints WHERE id = '{e1}'"),
+        )
+    };
+    let before = stored();
+    assert!(before.contains("/health"), "{before}");
+    for bad in unreadable {
+        let r = request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            &format!(r#"{{"health_check":{bad}}}"#),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(stored(), before, "{bad}: the stored settings are kept");
+    }
+    // Readable ones, and turning the check off, are taken.
+    for fine in [
+        r#"{"path":"/ready","interval":5}"#,
+        r#"{"enable":false,"interval":-1}"#,
+        "null",
+    ] {
+        let r = request(
+            c.addr,
+            "PUT",
+            &format!("/v2/endpoints/{e1}/health-check"),
+            &[AUTH],
+            &format!(r#"{{"health_check":{fine}}}"#),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{fine}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+/// A NUL character in a value (`\u0000` in a JSON body, `%00` in a query) is a 400
+/// on both engines before anything is written: PostgreSQL stores none (neither in
+/// `text` nor in `jsonb`), so it was a 500 there — the driver's refusal — while
+/// SQLite stored it.
+fn nul_characters_are_refused_on_both_engines(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let registration = |authority: &str| {
+        format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"proxy9.test","api_port":10201,"port_range":[10305,10308]}}"#
+        )
+    };
+    let conf = |access_key: &str| {
+        format!(
+            r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"{access_key}","domain_name":"default"}}}}"#
+        )
+    };
+    let auth_query =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    for (method, path, body) in [
+        ("PUT", "/api/worker".to_owned(), registration(r"w\u0000x")),
+        ("POST", "/v2/conf".to_owned(), conf(r"AK\u0000")),
+        (
+            "POST",
+            "/v2/proxy/auth".to_owned(),
+            format!(
+                r#"{{"token":"{token}","session_id":"{SESSION}","app":"jupyter","protocol":"http","args":"a\u0000b"}}"#
+            ),
+        ),
+        ("GET", format!("{auth_query}&args=a%00b"), String::new()),
+        (
+            "PATCH",
+            format!("/api/worker/{worker}?node=n%00"),
+            String::new(),
+        ),
+    ] {
+        let r = request(
+            c.addr,
+            method,
+            &path,
+            &[AUTH, ("Accept", "application/json")],
+            &body,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{method} {path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params");
+        assert!(
+            r.json()["msg"].as_str().is_some_and(|m| m.contains("NUL")),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for (table, count) in [("workers", "1"), ("tokens", "1"), ("circuits", "0")] {
+        assert_eq!(
+            db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+            count,
+            "refused requests write nothing to {table}"
+        );
+    }
+    // An escaped backslash before `u0000` is text, not a NUL.
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        &registration(r"w\\u0000x"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["authority"], r"w\u0000x");
+}
+
+/// Last-access marks in Redis that are no usable time (a worker's clock far ahead,
+/// or anyone who can write the key): one ahead of the clock (`1e300`) counts as an
+/// access now — the circuit is kept and its next check scheduled like any other —
+/// and one that is no number (`inf`) as no mark, like any unreadable one. The next
+/// check was computed from the mark, which SQLite's scheduling could not hold (a
+/// panic on the blocking pool) and PostgreSQL refused (timestamp out of range):
+/// every circuit of the pass stayed due, re-read on every pass, and no pass ever
+/// scheduled again.
+fn idle_checks_survive_last_access_marks_that_are_no_time(db: Db) {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 1\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let create = || {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+    };
+    let (far, infinite, idle) = (create(), create(), create());
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    for (circuit, mark) in [(&far, "1e300"), (&infinite, "inf")] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("circuit.{circuit}.last_access"))
+            .arg(mark)
+            .query(&mut conn)
+            .expect("mark");
+    }
+    let exists =
+        |id: &str| request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").status == 200;
+    // Whether a circuit's next idle check lies ahead (scheduled by a pass).
+    let scheduled = |id: &str| {
+        let sql = match &db {
+            Db::Sqlite => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{id}' AND idle_check_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+            ),
+            Db::Postgres(_) => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{id}' AND idle_check_at > now()"
+            ),
+        };
+        db.query(dir.path(), &sql) == "1"
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exists(&idle) || exists(&infinite) || !scheduled(&far) {
+        let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+        assert!(
+            !log.contains("panicked") && !log.contains("next idle checks not scheduled"),
+            "{log}"
+        );
+        assert!(exists(&far), "a circuit marked ahead is kept: {log}");
+        assert!(
+            Instant::now() < deadline,
+            "the pass did not collect the idle circuits and schedule the other: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An acknowledgement counts only from the worker the circuit was sent to: another
+/// worker acknowledging it (a stale or misconfigured process, or one publishing what
+/// it likes on the shared Redis) does not make the creation answer 200 for a circuit
+/// its worker never deployed — the creation waits for its own worker, and without
+/// it is 503 `E10001` and withdrawn.
+#[test]
+fn only_the_circuits_worker_can_acknowledge_it() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another registered worker (inference only: interactive circuits go to
+    // worker-1) acknowledges worker-1's circuits as its own.
+    let other = r#"{"authority":"worker-2","frontend_mode":"port","protocol":"http","hostname":"proxy2.test","api_port":10201,"port_range":[10305,10308],"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], other).status,
+        200
+    );
+    let _impostor = AckingWorker::start_as(&redis.url(), "worker-1", "worker-2");
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["data"]["worker"], "worker-1");
+    assert_eq!(r.json()["data"]["cause"], "worker");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0",
+        "the unacknowledged circuit is withdrawn"
+    );
+    assert!(
+        log_lines(dir.path()).iter().any(|l| l["message"]
+            == "acknowledgement from a worker the circuit was not sent to: ignored"
+            && l["worker"] == "worker-2"),
+        "the stray acknowledgement is logged"
+    );
+}
+
+/// A TCP relay to Redis whose connections that subscribed can be made silent: from
+/// then on nothing passes either way, yet the connection stays open — what a NAT or a
+/// firewall that forgets a connection, or an address failed over to another host,
+/// leaves behind (no reset, no error). New connections are relayed as usual.
+struct SilencingRelay {
+    addr: SocketAddr,
+    pairs: RelayPairs,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A flag shared between the relay's threads and the test.
+type Flag = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// Per relayed connection: (it sent SUBSCRIBE, it is silenced).
+type RelayPairs = std::sync::Arc<std::sync::Mutex<Vec<(Flag, Flag)>>>;
+
+impl SilencingRelay {
+    fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let pairs: RelayPairs = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (all, stopping) = (pairs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let subscriber = Arc::new(AtomicBool::new(false));
+                let silenced = Arc::new(AtomicBool::new(false));
+                all.lock()
+                    .expect("pairs")
+                    .push((subscriber.clone(), silenced.clone()));
+                for (mut from, mut to, watch) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                        true,
+                    ),
+                    (server, client, false),
+                ] {
+                    let (subscriber, silenced, stopping) =
+                        (subscriber.clone(), silenced.clone(), stopping.clone());
+                    std::thread::spawn(move || {
+                        use std::io::Write as _;
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut buf = [0u8; 16 << 10];
+                        while !stopping.load(Ordering::Relaxed) {
+                            let n = match from.read_uninterrupted(&mut buf) {
+                                Ok(0) => return,
+                                Ok(n) => n,
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    continue
+                                }
+                                Err(_) => return,
+                            };
+                            if watch && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
+                                subscriber.store(true, Ordering::Relaxed);
+                            }
+                            if silenced.load(Ordering::Relaxed) {
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, pairs, stop }
+    }
+
+    /// Silences every connection that has subscribed; returns how many.
+    fn silence_subscribers(&self) -> usize {
+        self.silence(true)
+    }
+
+    /// Silences every connection open now; returns how many.
+    fn silence_all(&self) -> usize {
+        self.silence(false)
+    }
+
+    fn silence(&self, subscribers_only: bool) -> usize {
+        use std::sync::atomic::Ordering;
+        let pairs = self.pairs.lock().expect("pairs");
+        let mut n = 0;
+        for (subscriber, silenced) in pairs.iter() {
+            if !subscribers_only || subscriber.load(Ordering::Relaxed) {
+                silenced.store(true, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for SilencingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The coordinator's subscription to acknowledgements notices when it has gone
+/// silent (the connection dropped on the way without a reset, so no message and no
+/// error ever comes) and subscribes again: before, it waited on the dead connection
+/// for ever, and every creation from then on timed out waiting for an
+/// acknowledgement its worker had sent, tripping every worker's breaker.
+#[test]
+fn a_silent_acknowledgement_subscription_is_noticed_and_opened_again() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis address");
+    let relay = SilencingRelay::start(redis_addr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 5\n[redis]\nurl = \"redis://{}/\"",
+            relay.addr
+        ),
+    );
+    let listening = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == "listening for acknowledgements")
+            .count()
+    };
+    let wait_listening = |n: usize, within: Duration| {
+        let deadline = Instant::now() + within;
+        while listening() < n {
+            assert!(
+                Instant::now() < deadline,
+                "not listening for acknowledgements ({n}) within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_listening(1, Duration::from_secs(20));
+    let _worker = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let create = || {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(relay.silence_subscribers(), 1);
+    // A PING every 10 s, answered within 5 s: subscribed again well within 40 s.
+    wait_listening(2, Duration::from_secs(40));
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "event subscription silent (no answer to PING); reconnecting"));
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A Redis command connection that goes silent (dropped on the way without a reset)
+/// is replaced: the connection manager reconnects on a broken connection but not
+/// on calls that merely time out, so every publish failed from then on (503
+/// `E10001`, cause `redis`) and so did heartbeat marks, leadership and last-access
+/// reads — for as long as the kernel retransmitted, for ever behind a relay.
+#[test]
+fn a_silent_redis_command_connection_is_replaced() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis address");
+    let relay = SilencingRelay::start(redis_addr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 5\nworker_breaker_backoff_secs = 0.2\n[redis]\nurl = \"redis://{}/\"",
+            relay.addr
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _worker = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let create = || {
+        // The stand-in worker heartbeats, so that a breaker opened meanwhile
+        // admits it again.
+        let beat = request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{worker}?brief=true"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(beat.status, 200);
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        relay.silence_all() >= 2,
+        "the command and the subscription connections"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = create();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            Instant::now() < deadline,
+            "creations never came back: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "redis command connection replaced"));
+}
+
+/// A registration whose fields cannot go where the coordinator puts them is a 400
+/// and stores nothing: a hostname or domain with a line break or a path in it (it
+/// goes into every `/setup` URL and redirect `Location` of the worker's circuits —
+/// the redirect went out without its `Location`, after the circuit was stored),
+/// control characters in the authority or node name, and port 0 in a port range
+/// (circuits were placed on port 0: the worker listens on whatever port the kernel
+/// picks, and the stored one reaches nothing).
+#[test]
+fn worker_registrations_that_cannot_be_served_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let registration = |authority: &str, extra: &str| {
+        format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","api_port":10201,"accepted_traffics":["interactive"],{extra}}}"#
+        )
+    };
+    for (what, body) in [
+        (
+            "CR/LF in the hostname",
+            registration(
+                "w1",
+                r#""hostname":"h\r\nSet-Cookie: a=b","port_range":[21000,21001]"#,
+            ),
+        ),
+        (
+            "a path in the hostname",
+            registration("w1", r#""hostname":"h/x?y","port_range":[21000,21001]"#),
+        ),
+        (
+            "a space in the hostname",
+            registration("w1", r#""hostname":"h x","port_range":[21000,21001]"#),
+        ),
+        (
+            "an empty hostname",
+            registration("w1", r#""hostname":"","port_range":[21000,21001]"#),
+        ),
+        (
+            "a line break in the authority",
+            registration(r"w\nx", r#""hostname":"h","port_range":[21000,21001]"#),
+        ),
+        (
+            "a control character in the node",
+            registration(
+                "w1",
+                r#""hostname":"h","port_range":[21000,21001],"node_id":"n\u0007""#,
+            ),
+        ),
+        (
+            "port 0 in the range",
+            registration("w1", r#""hostname":"h","port_range":[0,3]"#),
+        ),
+        (
+            "a domain with a path",
+            r#"{"authority":"w2","frontend_mode":"wildcard","protocol":"http","hostname":"h","api_port":10201,"wildcard_domain":".apps.test/x","accepted_traffics":["inference"]}"#.to_owned(),
+        ),
+        (
+            "wildcard traffic port 0",
+            r#"{"authority":"w2","frontend_mode":"wildcard","protocol":"http","hostname":"h","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":0,"accepted_traffics":["inference"]}"#.to_owned(),
+        ),
+    ] {
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{what}");
+    }
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM workers"),
+        "0",
+        "refused registrations store nothing"
+    );
+    // Host names, addresses and domains as workers send them are taken.
+    for (authority, host) in [("w1", "proxy1.test"), ("w2", "10.0.0.7"), ("w3", "[::1]")] {
+        let r = request(
+            c.addr,
+            "PUT",
+            "/api/worker",
+            &[AUTH],
+            &registration(
+                authority,
+                &format!(r#""hostname":"{host}","port_range":[1,3]"#),
+            ),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{host}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+/// A bulk creation is checked whole before any endpoint is created: an item with
+/// a bad field further down used to answer 400 after the items before it had
+/// been created (circuits placed, announced, endpoint rows written).
+#[test]
+fn a_bulk_creation_with_a_bad_item_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let (e1, e2) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a81",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a82",
+    );
+    let good = endpoint_body("first", Some(e1));
+    for (what, bad) in [
+        (
+            "a control character in the name",
+            endpoint_body(r"sec\nond", Some(e2)),
+        ),
+        ("an empty name", endpoint_body(" ", Some(e2))),
+        (
+            "unreadable health-check settings",
+            endpoint_body("second", Some(e2)).replace(r#""path":"/health""#, r#""path":"health""#),
+        ),
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk",
+            &[AUTH],
+            &format!(r#"{{"endpoints":[{good},{bad}]}}"#),
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        for table in ["circuits", "endpoints"] {
+            assert_eq!(
+                db.query(dir.path(), &format!("SELECT count(*) FROM {table}")),
+                "0",
+                "{what}: nothing created in {table}"
+            );
+        }
+        assert!(
+            r.json()["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("endpoints[1]: ")),
+            "{what}: the error names the item: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{good},{}]}}"#,
+            endpoint_body("second", Some(e2))
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
+}
+
+/// Route lists are checked whole before any item is applied: a route to port 0
+/// (it reaches nothing; `/v2/conf` refuses it) or one route ID twice in an item
+/// (which of the two keeps its health state, which one an unregistration takes)
+/// is a 400, and no item of the call is stored.
+#[test]
+fn route_lists_with_port_0_or_a_route_twice_are_refused_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let (e1, e2) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a91",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a92",
+    );
+    for e in [e1, e2] {
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e}"),
+            &[AUTH],
+            &endpoint_body(&format!("svc-{}", &e[e.len() - 2..]), None),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let route = |id: &str, port: u16| {
+        format!(
+            r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{id}","kernel_host":"10.0.1.7","kernel_port":{port}}}"#
+        )
+    };
+    let (r1, r2) = (
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a91",
+        "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a92",
+    );
+    let stored = || db.query(dir.path(), "SELECT group_concat(body, '|') FROM circuits");
+    let before = stored();
+    for path in [
+        "/v2/endpoints/bulk/routes",
+        "/v2/endpoints/bulk/routes/register",
+    ] {
+        for (what, second) in [
+            ("port 0", format!("[{}]", route(r2, 0))),
+            (
+                "a route twice",
+                format!("[{},{}]", route(r2, 8001), route(r2, 8002)),
+            ),
+        ] {
+            let body = format!(
+                r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{}]}},{{"deployment_id":"{e2}","routes":{second}}}]}}"#,
+                route(r1, 8000)
+            );
+            let r = request(c.addr, "POST", path, &[AUTH], &body);
+            assert_eq!(
+                r.status,
+                400,
+                "{path} {what}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(stored(), before, "{path} {what}: no item applied");
+        }
+    }
+}
+
+/// A circuit that another request is still creating (announced, waiting for its
+/// worker's acknowledgement) is no answer to a second request for the same
+/// endpoint, or for the same session and app: the second one used to answer 200
+/// with it at once — an endpoint's URL, a `/setup` redirect (`reuse: true`) — and
+/// the first withdrew it moments later when no acknowledgement came, so the
+/// manager held a deployment that never existed (as after retrying a creation its
+/// own client had given up on). The second request now waits for the first's
+/// outcome.
+#[test]
+fn a_circuit_still_being_created_is_no_answer_to_another_request() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    let token = setup(&c);
+    let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
+    let addr = c.addr;
+    // No worker acknowledges: each first request is withdrawn after 2 s.
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5aa1";
+    let auth =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    for (what, method, path, body) in [
+        (
+            "an endpoint's sync",
+            "POST",
+            format!("/v2/endpoints/{e1}"),
+            endpoint_body("svc", None),
+        ),
+        ("a session's reuse", "GET", auth, String::new()),
+    ] {
+        let first = {
+            let (path, body) = (path.clone(), body.clone());
+            std::thread::spawn(move || {
+                request(
+                    addr,
+                    method,
+                    &path,
+                    &[AUTH, ("Accept", "application/json")],
+                    &body,
+                )
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while circuits() != "1" {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the first circuit never stored"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let second = request(
+            c.addr,
+            method,
+            &path,
+            &[AUTH, ("Accept", "application/json")],
+            &body,
+        );
+        let first = first.join().expect("first request");
+        assert_eq!(
+            first.status,
+            503,
+            "{what}: {}",
+            String::from_utf8_lossy(&first.body)
+        );
+        assert_eq!(circuits(), "0", "{what}: the first circuit was withdrawn");
+        assert_ne!(
+            second.status,
+            200,
+            "{what}: answered with a circuit that was withdrawn: {}",
+            String::from_utf8_lossy(&second.body)
+        );
+        assert_eq!(
+            second.status,
+            503,
+            "{what}: {}",
+            String::from_utf8_lossy(&second.body)
+        );
+    }
+}
+
+/// A caller that gives up while its creation waits for the acknowledgement (its
+/// connection closed: a manager's client timeout shorter than the wait) used to
+/// cancel the creation half-way: the circuit stayed stored, never acknowledged and
+/// never withdrawn — reused by the next request for the session, deployed by a
+/// worker's fetch, held until idle collection (for ever for TCP and inference
+/// circuits). It is withdrawn, under the request's ID.
+#[test]
+fn a_creation_its_caller_gave_up_on_is_withdrawn() {
+    use std::io::Write as _;
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 30\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(
+        format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\nX-Backend-Request-ID: gave-up-1\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    // Stored and announced: the creation waits for an acknowledgement that will
+    // not come (no worker listens) — and its caller leaves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while circuits() != "1" {
+        assert!(Instant::now() < deadline, "the circuit was never stored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while circuits() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "a creation abandoned by its caller was left stored (the wait is 30 s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(log_lines(dir.path()).iter().any(|l| l["message"]
+        == "creation abandoned by its caller; circuit withdrawn"
+        && l["request_id"] == "gave-up-1"));
 }

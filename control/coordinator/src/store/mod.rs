@@ -546,7 +546,14 @@ impl Store {
     /// Schedules the next idle check of each circuit at a Unix time (when it could
     /// be idle at the earliest).
     pub async fn defer_idle_checks(&self, checks: &[(uuid::Uuid, f64)]) -> Result<(), StoreError> {
-        let checks = checks.to_vec();
+        // A time both engines hold (SQLite's text from a `Duration`, which panics on
+        // a non-finite or overflowing value; PostgreSQL's `timestamptz`): at most the
+        // year 9999; one that is no time at all is not scheduled.
+        let checks: Vec<(uuid::Uuid, f64)> = checks
+            .iter()
+            .filter(|(_, at)| at.is_finite())
+            .map(|(id, at)| (*id, at.clamp(0.0, LATEST_IDLE_CHECK)))
+            .collect();
         dispatch!(
             self,
             |s| {
@@ -668,6 +675,9 @@ impl Store {
         dispatch!(self, |s| s.ping(), |p| p.ping())
     }
 }
+
+/// The latest time an idle check is scheduled at (9999-12-31T23:59:59Z).
+const LATEST_IDLE_CHECK: f64 = 253_402_300_799.0;
 
 /// Now, as the wire writes times.
 pub(crate) fn now() -> String {
