@@ -135,11 +135,6 @@ async fn create_one(
     }
     validate_endpoint(&e)?;
     let enabled = health_enabled(&e.health_check);
-    super::fits(
-        "tags.endpoint.runtime_variant",
-        Some(&e.tags.endpoint.runtime_variant),
-        64,
-    )?;
     let health_check = e.health_check.clone();
     // A circuit of this endpoint that another request is still creating is no
     // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
