@@ -411,14 +411,11 @@ fn slot_list(
         let Some((lo, hi)) = port_range(&w.registration) else {
             return out;
         };
-        for port in lo..=hi {
-            let circuit = circuits.iter().find(|c| c.port == Some(port));
-            if in_use_only && circuit.is_none() {
-                continue;
-            }
+        let occupants = circuits.iter().map(|c| (c.port, c.id));
+        for (port, circuit) in port_slots(lo, hi, occupants, in_use_only) {
             out.push(
                 json!({"frontend_mode": "port", "in_use": circuit.is_some(), "port": port,
-                "subdomain": null, "circuit_id": circuit.map(|c| c.id)}),
+                "subdomain": null, "circuit_id": circuit}),
             );
         }
     } else {
@@ -430,6 +427,31 @@ fn slot_list(
         }
     }
     out
+}
+
+/// The slots of the port range `lo..=hi`, in port order: each port with the first
+/// of `occupants` on it (`None`: free), the free ones left out when `in_use_only`.
+/// One pass over the occupants, and over the range only when free ports are listed:
+/// searching every occupant for every port cost 17 s for one worker answer with
+/// 40,000 circuits on a range of 65,535 ports.
+fn port_slots<T: Copy>(
+    lo: u16,
+    hi: u16,
+    occupants: impl IntoIterator<Item = (Option<u16>, T)>,
+    in_use_only: bool,
+) -> Vec<(u16, Option<T>)> {
+    let mut on = std::collections::HashMap::new();
+    for (port, who) in occupants {
+        if let Some(port) = port.filter(|p| (lo..=hi).contains(p)) {
+            on.entry(port).or_insert(who);
+        }
+    }
+    if in_use_only {
+        let mut used: Vec<(u16, Option<T>)> = on.into_iter().map(|(p, w)| (p, Some(w))).collect();
+        used.sort_unstable_by_key(|(p, _)| *p);
+        return used;
+    }
+    (lo..=hi).map(|p| (p, on.get(&p).copied())).collect()
 }
 
 pub(super) async fn get_worker(
@@ -878,4 +900,60 @@ pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json
         })
         .collect();
     Ok(Json(Value::Array(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_slots;
+
+    /// The slots as they are defined: every port of the range, with the first
+    /// occupant on it.
+    fn by_definition(
+        lo: u16,
+        hi: u16,
+        occupants: &[(Option<u16>, u32)],
+        in_use_only: bool,
+    ) -> Vec<(u16, Option<u32>)> {
+        (lo..=hi)
+            .map(|p| {
+                (
+                    p,
+                    occupants
+                        .iter()
+                        .find(|(q, _)| *q == Some(p))
+                        .map(|(_, w)| *w),
+                )
+            })
+            .filter(|(_, w)| !in_use_only || w.is_some())
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn port_slots_are_the_slots_by_definition(
+            lo in 1u16..200,
+            len in 0u16..100,
+            occupants in proptest::collection::vec((proptest::option::of(0u16..320), 0u32..1000), 0..60),
+            in_use_only in proptest::bool::ANY,
+        ) {
+            let hi = lo.saturating_add(len);
+            proptest::prop_assert_eq!(
+                port_slots(lo, hi, occupants.iter().copied(), in_use_only),
+                by_definition(lo, hi, &occupants, in_use_only)
+            );
+        }
+    }
+
+    #[test]
+    fn the_whole_port_range_is_one_pass() {
+        let occupants: Vec<(Option<u16>, u32)> =
+            (0..40_000u32).map(|i| (Some(1 + i as u16), i)).collect();
+        let all = port_slots(1, u16::MAX, occupants.iter().copied(), false);
+        assert_eq!(all.len(), 65_535);
+        assert_eq!(all[0], (1, Some(0)));
+        assert_eq!(all[40_000], (40_001, None));
+        let used = port_slots(1, u16::MAX, occupants.iter().copied(), true);
+        assert_eq!(used.len(), 40_000);
+        assert_eq!(used[39_999], (40_000, Some(39_999)));
+    }
 }
