@@ -8,8 +8,9 @@
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
 //! the reserve is refilled once a descriptor is free again. One client at a time
-//! is served, and each has [`HEAD_DEADLINE`] for its whole request head, however it
-//! spaces its bytes: a trickling client cannot hold `/health`.
+//! is served, and each has [`HEAD_DEADLINE`] for its whole request head and another
+//! for taking its whole answer, however it spaces its bytes or reads: a trickling or
+//! slow-reading client cannot hold `/health`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -99,8 +100,9 @@ impl Reserve {
 }
 
 /// How long one admin client may take to send its whole request head (and, apart,
-/// to take the answer): the thread serves one client at a time, so a client that
-/// trickles its head must not hold `/health` for longer than this.
+/// to take its whole answer): the thread serves one client at a time, so a client
+/// that trickles its head, or reads the answer a few bytes at a time, must not hold
+/// `/health` for longer than this (twice over).
 const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Reads from `stream` until `until`: each read waits at most the time left, so a
@@ -124,7 +126,6 @@ impl std::io::Read for ReadUntil<'_> {
 }
 
 fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(HEAD_DEADLINE))?;
     // Reads through a reference: no second descriptor for the reader.
     let mut reader = BufReader::new(ReadUntil {
         stream: &stream,
@@ -191,13 +192,40 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
             "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into(),
         ),
     };
-    let mut stream = &stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
-    stream.flush()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    write_until(&stream, &out, std::time::Instant::now() + HEAD_DEADLINE)
+}
+
+/// Writes `bytes` to `stream` by `until`: each write waits at most the time left, so
+/// a client that takes the answer a few bytes at a time (a small receive window,
+/// read now and then) is cut at the deadline instead of holding the thread.
+fn write_until(
+    mut stream: &TcpStream,
+    mut bytes: &[u8],
+    until: std::time::Instant,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "admin client did not take its answer in time",
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 use std::io::Read as _;
