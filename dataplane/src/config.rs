@@ -981,6 +981,19 @@ impl Config {
                     let port = c
                         .port
                         .ok_or_else(|| err("port-mode circuit without a port".into()))?;
+                    if port == 0 {
+                        return Err(err(
+                            "port 0 is no port a client can reach (the kernel would pick one)"
+                                .into(),
+                        ));
+                    }
+                    // The API port's listener takes every connection to it: a circuit
+                    // there would be reported deployed and never reached.
+                    if Some(port) == self.worker.api_port {
+                        return Err(err(format!(
+                            "port {port} is the worker's [worker] api_port (serving /setup)"
+                        )));
+                    }
                     if let Some([lo, hi]) = self.worker.port_range {
                         if port < lo || port > hi {
                             return Err(err(format!(
@@ -1152,6 +1165,11 @@ impl Config {
                 {
                     return Err(ConfigError::Invalid(format!(
                         "[worker] wildcard_domain {domain:?} is not a domain name"
+                    )));
+                }
+                if Some(port) == self.worker.api_port {
+                    return Err(ConfigError::Invalid(format!(
+                        "[worker] wildcard_traffic_port {port} is the api_port too: the API listener would take the wildcard traffic; give each its own port"
                     )));
                 }
                 Some(Wildcard {
