@@ -1,14 +1,15 @@
 //! The admin endpoint: `/health` (also `/livez`, `/readyz`) and Prometheus `/metrics`.
 //!
-//! Served by one plain thread with blocking sockets: it is off the data path, answers
+//! Served by plain threads with blocking sockets: it is off the data path, answers
 //! a handful of requests per scrape, and must keep answering while the cores are busy.
 //! `/health` answers 503 naming the cores that hold waiting work without turning (see
 //! [`crate::liveness`]), so an operator's health check catches a stuck core.
 //! It keeps a small reserve of descriptors, so that it still answers when the process
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
-//! the reserve is refilled once a descriptor is free again. One client at a time
-//! is served, and each has [`HEAD_DEADLINE`] for its whole request head and another
+//! the reserve is refilled once a descriptor is free again. Up to [`MAX_CLIENTS`]
+//! clients are served at once, each on a short-lived thread of its own, and each has
+//! [`HEAD_DEADLINE`] for its whole request head and another
 //! for taking its whole answer, however it spaces its bytes or reads: a trickling or
 //! slow-reading client cannot hold `/health`.
 
@@ -40,12 +41,15 @@ pub fn spawn(
     let local = listener.local_addr()?;
     let mut reserve = Reserve::default();
     reserve.refill();
+    let shared = Arc::new((metrics, info));
+    let slots = Arc::new(Slots::default());
     std::thread::Builder::new()
         .name("appproxy-admin".into())
         .spawn(move || loop {
+            slots.wait_for_one();
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let _ = serve_one(stream, &metrics, &info);
+                    serve_apart(stream, &shared, &slots);
                     reserve.refill();
                 }
                 Err(e) if crate::core::is_out_of_descriptors(&e) => {
@@ -59,6 +63,73 @@ pub fn spawn(
             }
         })?;
     Ok(local)
+}
+
+/// How many admin clients are served at once, each on a thread of its own: a few
+/// silent or slow clients (each cut at its deadlines) never queue `/health` behind
+/// them. Past it, the accept waits for one to end.
+const MAX_CLIENTS: usize = 16;
+
+/// The count of clients being served, with a wake-up when one ends.
+#[derive(Default)]
+struct Slots {
+    busy: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    /// Waits (in bounded steps) until fewer than [`MAX_CLIENTS`] are served.
+    fn wait_for_one(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy >= MAX_CLIENTS {
+            busy = self
+                .freed
+                .wait_timeout(busy, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn take(&self) {
+        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn free(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        *busy = busy.saturating_sub(1);
+        self.freed.notify_one();
+    }
+}
+
+/// Serves `stream` on a thread of its own; on the accept thread when no thread can
+/// be started (the old way: one at a time, each bounded by its deadlines).
+fn serve_apart(
+    stream: TcpStream,
+    shared: &Arc<(Arc<SharedMetrics>, HealthInfo)>,
+    slots: &Arc<Slots>,
+) {
+    slots.take();
+    let (shared2, slots2) = (shared.clone(), slots.clone());
+    // The stream moves into the thread; kept here only if the thread cannot start.
+    let held = Arc::new(std::sync::Mutex::new(Some(stream)));
+    let held2 = held.clone();
+    let started = std::thread::Builder::new()
+        .name("appproxy-admin-client".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let stream = held2.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(stream) = stream {
+                let _ = serve_one(stream, &shared2.0, &shared2.1);
+            }
+            slots2.free();
+        });
+    if started.is_err() {
+        let stream = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stream) = stream {
+            let _ = serve_one(stream, &shared.0, &shared.1);
+        }
+        slots.free();
+    }
 }
 
 /// Descriptors held back for the admin thread (`/dev/null`, opened read-only).
@@ -100,9 +171,9 @@ impl Reserve {
 }
 
 /// How long one admin client may take to send its whole request head (and, apart,
-/// to take its whole answer): the thread serves one client at a time, so a client
-/// that trickles its head, or reads the answer a few bytes at a time, must not hold
-/// `/health` for longer than this (twice over).
+/// to take its whole answer): it holds one of the [`MAX_CLIENTS`] slots meanwhile, so
+/// a client that trickles its head, or reads the answer a few bytes at a time, holds
+/// it no longer than this (twice over).
 const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Reads from `stream` until `until`: each read waits at most the time left, so a

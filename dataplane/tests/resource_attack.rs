@@ -220,3 +220,30 @@ fn a_client_reading_its_admin_answer_slowly_does_not_hold_health() {
         "the slow reader was cut before its whole answer ({got} of {size} bytes)"
     );
 }
+
+/// Silent clients of the admin endpoint (connected, sending nothing) are each cut at
+/// the head deadline, but `/health` does not wait behind them: it is answered while
+/// they are all still open and unanswered.
+#[test]
+fn silent_admin_clients_do_not_queue_health_behind_them() {
+    let w = Worker::start(WorkerOpts::default());
+    let silent: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(w.admin).expect("connect admin"))
+        .collect();
+    let mut c = common::Client::connect(w.admin);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (i, s) in silent.iter().enumerate() {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        let state = s.peek(&mut b);
+        assert!(
+            matches!(&state, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "silent client {i} was still waiting when /health answered: {state:?}"
+        );
+    }
+}
