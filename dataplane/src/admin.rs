@@ -1,15 +1,17 @@
 //! The admin endpoint: `/health` (also `/livez`, `/readyz`) and Prometheus `/metrics`.
 //!
-//! Served by one plain thread with blocking sockets: it is off the data path, answers
+//! Served by plain threads with blocking sockets: it is off the data path, answers
 //! a handful of requests per scrape, and must keep answering while the cores are busy.
 //! `/health` answers 503 naming the cores that hold waiting work without turning (see
 //! [`crate::liveness`]), so an operator's health check catches a stuck core.
 //! It keeps a small reserve of descriptors, so that it still answers when the process
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
-//! the reserve is refilled once a descriptor is free again. One client at a time
-//! is served, and each has [`HEAD_DEADLINE`] for its whole request head, however it
-//! spaces its bytes: a trickling client cannot hold `/health`.
+//! the reserve is refilled once a descriptor is free again. Up to [`MAX_CLIENTS`]
+//! clients are served at once, each on a short-lived thread of its own, and each has
+//! [`HEAD_DEADLINE`] for its whole request head and another
+//! for taking its whole answer, however it spaces its bytes or reads: a trickling or
+//! slow-reading client cannot hold `/health`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,12 +41,15 @@ pub fn spawn(
     let local = listener.local_addr()?;
     let mut reserve = Reserve::default();
     reserve.refill();
+    let shared = Arc::new((metrics, info));
+    let slots = Arc::new(Slots::default());
     std::thread::Builder::new()
         .name("appproxy-admin".into())
         .spawn(move || loop {
+            slots.wait_for_one();
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let _ = serve_one(stream, &metrics, &info);
+                    serve_apart(stream, &shared, &slots);
                     reserve.refill();
                 }
                 Err(e) if crate::core::is_out_of_descriptors(&e) => {
@@ -58,6 +63,73 @@ pub fn spawn(
             }
         })?;
     Ok(local)
+}
+
+/// How many admin clients are served at once, each on a thread of its own: a few
+/// silent or slow clients (each cut at its deadlines) never queue `/health` behind
+/// them. Past it, the accept waits for one to end.
+const MAX_CLIENTS: usize = 16;
+
+/// The count of clients being served, with a wake-up when one ends.
+#[derive(Default)]
+struct Slots {
+    busy: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    /// Waits (in bounded steps) until fewer than [`MAX_CLIENTS`] are served.
+    fn wait_for_one(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy >= MAX_CLIENTS {
+            busy = self
+                .freed
+                .wait_timeout(busy, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn take(&self) {
+        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn free(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        *busy = busy.saturating_sub(1);
+        self.freed.notify_one();
+    }
+}
+
+/// Serves `stream` on a thread of its own; on the accept thread when no thread can
+/// be started (the old way: one at a time, each bounded by its deadlines).
+fn serve_apart(
+    stream: TcpStream,
+    shared: &Arc<(Arc<SharedMetrics>, HealthInfo)>,
+    slots: &Arc<Slots>,
+) {
+    slots.take();
+    let (shared2, slots2) = (shared.clone(), slots.clone());
+    // The stream moves into the thread; kept here only if the thread cannot start.
+    let held = Arc::new(std::sync::Mutex::new(Some(stream)));
+    let held2 = held.clone();
+    let started = std::thread::Builder::new()
+        .name("appproxy-admin-client".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let stream = held2.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(stream) = stream {
+                let _ = serve_one(stream, &shared2.0, &shared2.1);
+            }
+            slots2.free();
+        });
+    if started.is_err() {
+        let stream = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stream) = stream {
+            let _ = serve_one(stream, &shared.0, &shared.1);
+        }
+        slots.free();
+    }
 }
 
 /// Descriptors held back for the admin thread (`/dev/null`, opened read-only).
@@ -99,8 +171,9 @@ impl Reserve {
 }
 
 /// How long one admin client may take to send its whole request head (and, apart,
-/// to take the answer): the thread serves one client at a time, so a client that
-/// trickles its head must not hold `/health` for longer than this.
+/// to take its whole answer): it holds one of the [`MAX_CLIENTS`] slots meanwhile, so
+/// a client that trickles its head, or reads the answer a few bytes at a time, holds
+/// it no longer than this (twice over).
 const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Reads from `stream` until `until`: each read waits at most the time left, so a
@@ -124,7 +197,6 @@ impl std::io::Read for ReadUntil<'_> {
 }
 
 fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(HEAD_DEADLINE))?;
     // Reads through a reference: no second descriptor for the reader.
     let mut reader = BufReader::new(ReadUntil {
         stream: &stream,
@@ -191,13 +263,40 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
             "{\"error\":\"method not allowed\",\"code\":\"method_not_allowed\"}".into(),
         ),
     };
-    let mut stream = &stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
-    stream.flush()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    write_until(&stream, &out, std::time::Instant::now() + HEAD_DEADLINE)
+}
+
+/// Writes `bytes` to `stream` by `until`: each write waits at most the time left, so
+/// a client that takes the answer a few bytes at a time (a small receive window,
+/// read now and then) is cut at the deadline instead of holding the thread.
+fn write_until(
+    mut stream: &TcpStream,
+    mut bytes: &[u8],
+    until: std::time::Instant,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "admin client did not take its answer in time",
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 use std::io::Read as _;

@@ -679,8 +679,20 @@ pub struct ResolvedCircuit {
     pub upstreams: Vec<(SocketAddr, f64)>,
     /// The upstreams that serve HTTPS: how to check them and the name to check.
     pub upstream_tls: Vec<(SocketAddr, appproxy_shared::model::UpstreamTls, String)>,
-    /// Parsed allowlist; empty = everyone.
+    /// Parsed allowlist (invalid entries left out); see [`Self::admits`].
     pub allowed: Vec<IpNet>,
+    /// The circuit names an allowlist (`allowed_client_ips` holds an entry): only
+    /// addresses in `allowed` are admitted, none when every entry was invalid.
+    pub restricted: bool,
+}
+
+impl ResolvedCircuit {
+    /// Whether a client at `ip` may use the circuit: always when it names no
+    /// allowlist, else when `ip` is in one of its valid networks. An allowlist whose
+    /// every entry is invalid admits nobody: a typo never opens a circuit to all.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        !self.restricted || self.allowed.iter().any(|n| n.contains(ip))
+    }
 }
 
 /// Whether a route gets traffic: a non-zero ratio and not judged unhealthy by the
@@ -969,6 +981,19 @@ impl Config {
                     let port = c
                         .port
                         .ok_or_else(|| err("port-mode circuit without a port".into()))?;
+                    if port == 0 {
+                        return Err(err(
+                            "port 0 is no port a client can reach (the kernel would pick one)"
+                                .into(),
+                        ));
+                    }
+                    // The API port's listener takes every connection to it: a circuit
+                    // there would be reported deployed and never reached.
+                    if Some(port) == self.worker.api_port {
+                        return Err(err(format!(
+                            "port {port} is the worker's [worker] api_port (serving /setup)"
+                        )));
+                    }
                     if let Some([lo, hi]) = self.worker.port_range {
                         if port < lo || port > hi {
                             return Err(err(format!(
@@ -1043,17 +1068,36 @@ impl Config {
                     upstream_tls.push((addr, r.upstream_tls, host.to_owned()));
                 }
             }
-            let allowed = c
+            let entries: Vec<&str> = c
                 .allowed_client_ips
                 .iter()
-                .filter_map(|s| IpNet::parse(s))
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
                 .collect();
+            let mut allowed = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                match IpNet::parse(entry) {
+                    Some(net) => allowed.push(net),
+                    None => tracing::warn!(
+                        circuit = %c.id,
+                        entry = %entry,
+                        "allowed_client_ips entry is not an address or network: left out"
+                    ),
+                }
+            }
+            if !entries.is_empty() && allowed.is_empty() {
+                tracing::warn!(
+                    circuit = %c.id,
+                    "no valid allowed_client_ips entry: the circuit admits no client"
+                );
+            }
             Ok(ResolvedCircuit {
                 circuit: c.clone(),
                 frontend,
                 upstreams,
                 upstream_tls,
                 allowed,
+                restricted: !entries.is_empty(),
             })
         }
     }
@@ -1121,6 +1165,11 @@ impl Config {
                 {
                     return Err(ConfigError::Invalid(format!(
                         "[worker] wildcard_domain {domain:?} is not a domain name"
+                    )));
+                }
+                if Some(port) == self.worker.api_port {
+                    return Err(ConfigError::Invalid(format!(
+                        "[worker] wildcard_traffic_port {port} is the api_port too: the API listener would take the wildcard traffic; give each its own port"
                     )));
                 }
                 Some(Wildcard {
@@ -1553,5 +1602,7 @@ route_info = [
             1,
             "invalid entries are skipped, as the original does"
         );
+        assert!(c.admits("127.0.0.2".parse().expect("ip")));
+        assert!(!c.admits("10.0.0.1".parse().expect("ip")));
     }
 }

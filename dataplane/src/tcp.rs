@@ -30,9 +30,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         return;
     };
     let circuit = route.circuit.circuit.id;
-    if !route.circuit.allowed.is_empty()
-        && !route.circuit.allowed.iter().any(|n| n.contains(peer.ip()))
-    {
+    if !route.circuit.admits(peer.ip()) {
         tracing::info!(%circuit, peer = %peer.ip(), "tcp peer not in the circuit's allowlist: closed");
         return;
     }

@@ -217,6 +217,34 @@ fn ip_allowlist_with_and_without_trusted_proxies() {
     );
 }
 
+/// An allowlist whose every entry is invalid (a typo, a hostname) admits nobody:
+/// skipping the bad entries must not leave an empty list, which means "everyone".
+#[test]
+fn an_allowlist_of_invalid_entries_admits_nobody() {
+    let up = Upstream::start();
+    for list in ["\"not-an-ip\"", "[\"localhost\", \"127.0.0.0/33\"]"] {
+        let w = worker(&up, &format!("allowed_client_ips = {list}"), "");
+        let mut c = Client::connect(w.addr());
+        refused(&c.get("/", ""), 403, "forbidden");
+        assert_eq!(up.count(), 0, "{list}: nothing reaches the app");
+    }
+    // A valid entry beside an invalid one: the valid one applies.
+    let w = worker(&up, "allowed_client_ips = [\"nope\", \"127.0.0.1\"]", "");
+    assert_eq!(Client::connect(w.addr()).get("/", "").status, 200);
+}
+
+/// An allowlist written as IPv4-mapped IPv6 networks admits the IPv4 clients they
+/// name (the client's address is compared in its IPv4 form) and no others.
+#[test]
+fn an_allowlist_of_ipv4_mapped_networks_admits_their_ipv4_clients() {
+    let up = Upstream::start();
+    // The IPv4-mapped form of 127.0.0.0/8.
+    let w = worker(&up, "allowed_client_ips = \"::ffff:127.0.0.0/104\"", "");
+    assert_eq!(Client::connect(w.addr()).get("/", "").status, 200);
+    let w = worker(&up, "allowed_client_ips = \"::ffff:10.0.0.0/104\"", "");
+    refused(&Client::connect(w.addr()).get("/", ""), 403, "forbidden");
+}
+
 /// The permit as a browser sends it.
 fn permit_cookie() -> String {
     format!(

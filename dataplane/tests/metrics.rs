@@ -440,6 +440,24 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
                 "port 9000 is outside [worker] port_range [10205, 10300]",
             ],
         ),
+        (
+            "the API port",
+            circuit("", 10250).replace("[worker]\n", "[worker]\napi_port = 10250\n"),
+            vec![
+                "circuits[0]",
+                "port 10250 is the worker's [worker] api_port (serving /setup)",
+            ],
+        ),
+        (
+            "port 0",
+            circuit("", 0).replace("[10205, 10300]", "[0, 10300]"),
+            vec!["circuits[0]", "port 0 is no port a client can reach"],
+        ),
+        (
+            "wildcard traffic on the API port",
+            "[worker]\ncores = 1\napi_port = 10250\nfrontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = 10250\n".into(),
+            vec!["[worker] wildcard_traffic_port 10250 is the api_port too"],
+        ),
     ];
     for (what, text, wants) in cases {
         let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));

@@ -3,7 +3,8 @@
 //! `RLIMIT_NOFILE`) is the proxy's own failure, counted and logged as such, and never
 //! held against the app's health; once descriptors are back, the same app is used.
 //! And the admin endpoint, which answers one request at a time, cannot be held by a
-//! client that trickles its request head: `/health` keeps answering.
+//! client that trickles its request head, or takes its answer a few bytes at a time:
+//! `/health` keeps answering.
 
 mod common;
 
@@ -148,4 +149,101 @@ fn a_client_trickling_its_head_to_the_admin_endpoint_does_not_hold_health() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "ok");
     let _ = trickler.join();
+}
+
+/// A scraper that takes `/metrics` a KiB at a time, four times a second: a tiny
+/// receive window and a small segment size, so that each of the admin thread's
+/// writes makes a little progress well inside any per-write timeout. The whole answer has a
+/// deadline: `/health` answers while the slow reader still reads.
+#[test]
+fn a_client_reading_its_admin_answer_slowly_does_not_hold_health() {
+    // A circuit of many routes (never connected to): a `/metrics` answer of a few
+    // hundred KiB, well past what the kernel buffers of both sides hold.
+    let w = Worker::start(WorkerOpts {
+        upstreams: (0..2000u16)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 20000 + i)))
+            .collect(),
+        admin_extra: "per_circuit_metrics = true".into(),
+        ..Default::default()
+    });
+    let size = w.admin_get("/metrics").text().len();
+    assert!(size > 100_000, "{size}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = w.admin;
+    let (started, reading) = std::sync::mpsc::channel();
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_recv_buffer_size(1).expect("rcvbuf");
+            s.set_tcp_mss(536).expect("mss");
+            s.connect(&admin.into()).expect("connect admin");
+            let mut s: TcpStream = s.into();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+                .expect("request");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut got = 0usize;
+            let mut buf = [0u8; 1024];
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                match s.read_uninterrupted(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if got == 0 {
+                            let _ = started.send(());
+                        }
+                        got += n;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            got
+        })
+    };
+    reading
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the slow reader gets the start of its answer");
+    let mut c = common::Client::connect(w.admin);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    let got = reader.join().expect("reader");
+    assert!(
+        got < size,
+        "the slow reader was cut before its whole answer ({got} of {size} bytes)"
+    );
+}
+
+/// Silent clients of the admin endpoint (connected, sending nothing) are each cut at
+/// the head deadline, but `/health` does not wait behind them: it is answered while
+/// they are all still open and unanswered.
+#[test]
+fn silent_admin_clients_do_not_queue_health_behind_them() {
+    let w = Worker::start(WorkerOpts::default());
+    let silent: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(w.admin).expect("connect admin"))
+        .collect();
+    let mut c = common::Client::connect(w.admin);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (i, s) in silent.iter().enumerate() {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        let state = s.peek(&mut b);
+        assert!(
+            matches!(&state, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "silent client {i} was still waiting when /health answered: {state:?}"
+        );
+    }
 }

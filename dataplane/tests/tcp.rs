@@ -95,6 +95,38 @@ fn tcp_allowlist_refuses_other_peers() {
     });
 }
 
+/// An allowlist with no valid entry closes every TCP client instead of admitting
+/// all of them.
+#[test]
+fn tcp_allowlist_of_invalid_entries_admits_nobody() {
+    let app = echo_then_bye();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"\nallowed_client_ips = [\"localhost\"]".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Said and half-closed: relayed, the echo app would answer "hellobye".
+    let _ = s.write_all(b"hello");
+    let _ = s.shutdown(Shutdown::Write);
+    let mut buf = Vec::new();
+    // Closed unread: a reset is a close too.
+    let end = s.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty()
+            && end.as_ref().map_or_else(
+                |e| e.kind() == std::io::ErrorKind::ConnectionReset,
+                |_| true
+            ),
+        "a refused peer gets nothing and is closed: {buf:?} {end:?}"
+    );
+    w.wait_log("refusal line", |v| {
+        v["message"] == "tcp peer not in the circuit's allowlist: closed"
+    });
+}
+
 /// Behind a TCP balancer sending the PROXY protocol, the allowlist is checked against
 /// the client the header names; the app gets the bytes after the header, not the
 /// header.

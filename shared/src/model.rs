@@ -288,7 +288,20 @@ impl IpNet {
         };
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Self { addr, prefix })
+        if prefix > max {
+            return None;
+        }
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps:
+        // `contains` compares mapped clients as IPv4, so it must too.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Some(Self {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
+        Some(Self { addr, prefix })
     }
 
     /// Whether `ip` is inside this network (IPv4-mapped IPv6 matches IPv4 networks).
@@ -533,6 +546,14 @@ mod tests {
         assert!(IpNet::parse("nonsense").is_none());
         let v6 = IpNet::parse("fd00::/8").expect("v6");
         assert!(v6.contains("fd12::1".parse().expect("ip")));
+        // An IPv4-mapped network is the IPv4 network it maps, for IPv4 clients and
+        // IPv4-mapped ones alike.
+        let mapped = IpNet::parse("::ffff:10.1.0.0/112").expect("mapped");
+        assert_eq!(mapped, IpNet::parse("10.1.0.0/16").expect("v4"));
+        assert!(mapped.contains("10.1.2.3".parse().expect("ip")));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().expect("ip")));
+        assert!(!mapped.contains("10.2.0.1".parse().expect("ip")));
+        assert!(IpNet::parse("::ffff:10.1.0.0/129").is_none());
     }
 
     #[test]

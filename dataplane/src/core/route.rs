@@ -410,6 +410,7 @@ route_info = [
             upstreams: vec![(SocketAddr::from(([127, 0, 0, 1], upstream)), 1.0)],
             upstream_tls: Vec::new(),
             allowed: Vec::new(),
+            restricted: false,
         })
     }
 

@@ -273,10 +273,7 @@ async fn serve_stream(
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
             "X-Forwarded-For from a trusted proxy must hold exactly one address",
         )))),
-        Ok(ip)
-            if !route.circuit.allowed.is_empty()
-                && !route.circuit.allowed.iter().any(|n| n.contains(ip)) =>
-        {
+        Ok(ip) if !route.circuit.admits(ip) => {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
             Some(Refusal::from(crate::auth::Refused {
                 status: 403,

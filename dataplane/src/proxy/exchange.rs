@@ -213,9 +213,7 @@ impl Client {
         };
         // Access control: the allowlist (403), then credentials (401) and, for the
         // permit, the request's origin (403). Nothing about the circuit is in the answer.
-        let refused = if !route.circuit.allowed.is_empty()
-            && !route.circuit.allowed.iter().any(|n| n.contains(peer_ip))
-        {
+        let refused = if !route.circuit.admits(peer_ip) {
             tracing::info!(peer = %peer_ip, "client address not in the circuit's allowlist");
             Some(crate::auth::Refused {
                 status: 403,
