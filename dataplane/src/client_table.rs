@@ -76,10 +76,7 @@ impl ClientTable {
             return None;
         }
         *count += 1;
-        Some(ClientUnit {
-            table: self.clone(),
-            key,
-        })
+        Some(ClientUnit(Box::new((self.clone(), key))))
     }
 
     /// Connections `ip` has open now.
@@ -106,19 +103,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// One open connection of a client address, given back when dropped (with the
-/// connection).
-pub struct ClientUnit {
-    table: Arc<ClientTable>,
-    key: ClientKey,
-}
+/// connection). Boxed: every connection, pooled upstream ones included, carries an
+/// `Option` of it, and one pointer keeps that as small as it was before the table
+/// (a larger connection is moved with `memcpy` in and out of the upstream pool).
+pub struct ClientUnit(Box<(Arc<ClientTable>, ClientKey)>);
 
 impl Drop for ClientUnit {
     fn drop(&mut self) {
-        let mut shard = self.table.shard(self.key);
-        if let Some(count) = shard.get_mut(&self.key) {
+        let (table, key) = &*self.0;
+        let mut shard = table.shard(*key);
+        if let Some(count) = shard.get_mut(key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                shard.remove(&self.key);
+                shard.remove(key);
             }
         }
     }
@@ -155,6 +152,14 @@ mod tests {
         let _v6 = t.take(ip("2001:db8:1:2::1"), 1).expect("first of the /64");
         assert!(t.take(ip("2001:db8:1:2:ffff::9"), 1).is_none());
         assert!(t.take(ip("2001:db8:1:3::1"), 1).is_some(), "another /64");
+    }
+
+    #[test]
+    fn a_connection_pays_one_pointer_for_its_unit() {
+        assert_eq!(
+            std::mem::size_of::<Option<ClientUnit>>(),
+            std::mem::size_of::<usize>()
+        );
     }
 
     #[test]
