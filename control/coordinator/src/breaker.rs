@@ -34,6 +34,10 @@ struct Breaker {
     tripped_at: f64,
 }
 
+/// The most authorities whose breakers are kept (far more than the workers of any
+/// cluster).
+const MAX_TRACKED: usize = 4096;
+
 /// Breakers of every worker, by authority.
 pub struct Breakers {
     workers: Mutex<HashMap<String, Breaker>>,
@@ -97,8 +101,19 @@ impl Breakers {
     }
 
     /// The worker was heard from on the event path (an acknowledgement): closed.
+    /// An acknowledgement may name any authority (whoever can publish to Redis
+    /// chooses it), so the closed breakers kept only for their `last_seen` are
+    /// dropped when [`MAX_TRACKED`] are kept; one that is open or on trial is never
+    /// dropped, and past the bound a new authority is not recorded (closed is what
+    /// no entry means anyway).
     pub fn alive(&self, authority: &str) {
         let mut map = self.lock();
+        if !map.contains_key(authority) && map.len() >= MAX_TRACKED {
+            map.retain(|_, b| b.misses > 0 || b.trial_until.is_some());
+            if map.len() >= MAX_TRACKED {
+                return;
+            }
+        }
         let b = map.entry(authority.to_owned()).or_default();
         let was_open = b.misses > 0;
         *b = Breaker {
@@ -197,6 +212,22 @@ mod tests {
         // Heard from after the event went out: the event was lost, not the worker.
         assert_eq!(b.missed("w1", before), None);
         assert!(b.admits("w1"));
+    }
+
+    #[test]
+    fn acknowledgements_naming_endless_authorities_keep_the_map_bounded() {
+        let b = Breakers::new(Duration::from_secs(60), Duration::from_secs(600));
+        let before = Instant::now();
+        assert_eq!(b.missed("sick", before), Some(Duration::from_secs(60)));
+        for i in 0..3 * MAX_TRACKED {
+            b.alive(&format!("made-up-{i}"));
+        }
+        assert!(b.lock().len() <= MAX_TRACKED);
+        // The open breaker was never dropped, and a real worker is still heard.
+        assert!(!b.admits("sick"));
+        assert_eq!(b.open().len(), 1);
+        b.alive("sick");
+        assert!(b.admits("sick"));
     }
 
     #[test]
