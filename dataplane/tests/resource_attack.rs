@@ -139,12 +139,7 @@ fn a_client_trickling_its_head_to_the_admin_endpoint_does_not_hold_health() {
     };
     // Let the admin thread take the trickler first.
     std::thread::sleep(Duration::from_millis(500));
-    let mut c = common::Client::connect(w.admin);
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
-    let r = c.response();
+    let r = w.admin_get("/health");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "ok");
@@ -205,12 +200,7 @@ fn a_client_reading_its_admin_answer_slowly_does_not_hold_health() {
     reading
         .recv_timeout(Duration::from_secs(20))
         .expect("the slow reader gets the start of its answer");
-    let mut c = common::Client::connect(w.admin);
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
-    let r = c.response();
+    let r = w.admin_get("/health");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "ok");
@@ -230,12 +220,7 @@ fn silent_admin_clients_do_not_queue_health_behind_them() {
     let silent: Vec<TcpStream> = (0..5)
         .map(|_| TcpStream::connect(w.admin).expect("connect admin"))
         .collect();
-    let mut c = common::Client::connect(w.admin);
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
-    let r = c.response();
+    let r = w.admin_get("/health");
     assert_eq!(r.status, 200, "{}", r.text());
     for (i, s) in silent.iter().enumerate() {
         s.set_nonblocking(true).expect("nonblocking");
