@@ -169,22 +169,30 @@ impl Recorder {
     /// that are not part of a well-framed request (something smuggled), except a
     /// request cut short on a connection the worker then closed (a stream refused
     /// mid-body), which is not counted.
+    ///
+    /// The bytes are judged as one snapshot taken once they have settled: the app's
+    /// reader threads may still be receiving what the worker wrote before the client
+    /// saw its answer, so a snapshot is only taken when every connection is whole
+    /// or closed and nothing has arrived for a moment.
     fn requests(&self) -> Vec<String> {
         // A connection left with a request cut short must be closed by the worker,
         // never pooled: wait (bounded) for the close to be seen.
         let deadline = Instant::now() + Duration::from_secs(15);
-        while self
-            .bytes()
-            .iter()
-            .any(|(conn, closed)| !closed && !whole(conn))
-        {
+        let mut snapshot = self.bytes();
+        loop {
+            let settled = snapshot.iter().all(|(conn, closed)| *closed || whole(conn));
             if Instant::now() > deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(if settled { 50 } else { 20 }));
+            let next = self.bytes();
+            if settled && next == snapshot {
+                break;
+            }
+            snapshot = next;
         }
         let mut all = Vec::new();
-        for (conn, closed) in self.bytes() {
+        for (conn, closed) in snapshot {
             let mut at = 0;
             while at < conn.len() {
                 match frame_request(&conn[at..]) {
