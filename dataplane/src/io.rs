@@ -808,6 +808,17 @@ impl TcpConn {
         self.reg.was_shed()
     }
 
+    /// The connection's reactor slot, for revoking it ([`crate::reactor::Reactor::revoke`]).
+    pub fn slot_key(&self) -> crate::reactor::SlotKey {
+        self.reg.key()
+    }
+
+    /// Whether the connection was revoked: its tunnel's circuit was removed or no
+    /// longer admits its client.
+    pub fn was_revoked(&self) -> bool {
+        self.reg.was_revoked()
+    }
+
     /// Shuts down the write half (sends FIN; over TLS a close_notify first).
     pub fn shutdown_write(&self) {
         self.tls_close_notify();

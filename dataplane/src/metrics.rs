@@ -69,6 +69,9 @@ pub enum Counter {
     TunnelsActive,
     /// Tunnels opened.
     TunnelsOpened,
+    /// Tunnels closed because their circuit was removed or no longer admits the
+    /// client.
+    TunnelsRevoked,
     /// TLS handshakes completed in full.
     TlsHandshakesFull,
     /// TLS handshakes completed by resuming a session (ticket or session ID).
@@ -130,6 +133,7 @@ impl Counter {
         Counter::UpstreamLimit,
         Counter::TunnelsActive,
         Counter::TunnelsOpened,
+        Counter::TunnelsRevoked,
         Counter::TlsHandshakesFull,
         Counter::TlsHandshakesResumed,
         Counter::TlsHandshakeFailures,
@@ -172,6 +176,7 @@ impl Counter {
             Counter::UpstreamLimit => spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
             Counter::TunnelsActive => spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
             Counter::TunnelsOpened => spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
+            Counter::TunnelsRevoked => spec("appproxy_tunnels_revoked_total", Kind::Counter, "Tunnels closed because a deployment removed their circuit or made it refuse their client."),
             Counter::TlsHandshakesFull => spec_tls("full"),
             Counter::TlsHandshakesResumed => spec_tls("resumed"),
             Counter::TlsHandshakeFailures => spec("appproxy_tls_handshake_failures_total", Kind::Counter, "TLS handshakes that failed, timed out or were closed before completing."),
@@ -281,6 +286,8 @@ pub mod counter {
     pub const TUNNELS_ACTIVE: usize = Counter::TunnelsActive as usize;
     /// Tunnels opened.
     pub const TUNNELS_OPENED: usize = Counter::TunnelsOpened as usize;
+    /// Tunnels closed by a deployment that removed or restricted their circuit.
+    pub const TUNNELS_REVOKED: usize = Counter::TunnelsRevoked as usize;
     /// Full TLS handshakes.
     pub const TLS_FULL: usize = Counter::TlsHandshakesFull as usize;
     /// Resumed TLS handshakes.

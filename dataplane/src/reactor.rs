@@ -117,6 +117,18 @@ struct Slot {
     /// close it even if bytes came in before it ran (a later deadline does not undo
     /// this, as it undoes `timed_out`).
     shed: bool,
+    /// Its tunnel's circuit was removed, or no longer admits its client
+    /// ([`Reactor::revoke`]): every wait on it fails at once, whatever deadline is
+    /// set later, and the relays end at their next turn.
+    revoked: bool,
+}
+
+/// A registered descriptor's slot as it is now: its index and generation, so that a
+/// key kept elsewhere never names the slot's next occupant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotKey {
+    index: u32,
+    generation: u32,
 }
 
 /// The per-core reactor. Lives in an `Rc`: it is per-core state and never crosses a
@@ -334,6 +346,7 @@ impl Reactor {
             slot.idle = false;
             slot.reusable = 0;
             slot.shed = false;
+            slot.revoked = false;
         }
         Registration {
             reactor: self.clone(),
@@ -366,6 +379,7 @@ impl Reactor {
         slot.idle = false;
         slot.reusable = 0;
         slot.shed = false;
+        slot.revoked = false;
         drop(slots);
         self.free.borrow_mut().push(index);
     }
@@ -418,6 +432,24 @@ impl Reactor {
             }
         }
         false
+    }
+
+    /// Revokes the descriptor `key` names, if it is still registered: its waits fail
+    /// with `TimedOut` from now on (a deadline set later does not undo this) and its
+    /// waiting tasks are woken. For a tunnel whose circuit was removed or no longer
+    /// admits its client: the relays see [`Registration::was_revoked`] and end.
+    /// `false` when the slot has another occupant now (or none).
+    pub fn revoke(&self, key: SlotKey) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(key.index as usize) {
+            Some(slot) if slot.in_use && slot.generation == key.generation => {
+                slot.revoked = true;
+                slot.timed_out = true;
+                wake_both(slot);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Wakes every task waiting on a descriptor, without failing its wait (used by
@@ -774,11 +806,12 @@ impl Registration {
         self.with(|s| s.armed)
     }
 
-    /// Sets (or clears) the deadline of the current operation; clears a past timeout.
+    /// Sets (or clears) the deadline of the current operation; clears a past timeout
+    /// (not a revocation's).
     pub fn set_deadline(&self, deadline: Option<Instant>) {
         self.with(|s| {
             s.deadline = deadline;
-            s.timed_out = false;
+            s.timed_out = s.revoked;
         });
         if let Some(d) = deadline {
             let earliest = &self.reactor.earliest_deadline;
@@ -830,6 +863,19 @@ impl Registration {
     /// ([`Reactor::shed_reusable`]): bytes that arrived since are not served.
     pub fn was_shed(&self) -> bool {
         self.with(|s| s.shed)
+    }
+
+    /// This slot as it is now, for [`Reactor::revoke`].
+    pub fn key(&self) -> SlotKey {
+        SlotKey {
+            index: self.index,
+            generation: self.with(|s| s.generation),
+        }
+    }
+
+    /// Whether the descriptor was revoked ([`Reactor::revoke`]).
+    pub fn was_revoked(&self) -> bool {
+        self.with(|s| s.revoked)
     }
 
     /// The deadline set, if any.

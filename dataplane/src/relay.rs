@@ -380,7 +380,9 @@ pub async fn relay_body_counted(
 
 /// Copies `src` to `dst` until `src` closes, then half-closes `dst`; for tunnels.
 /// Returns the bytes copied, and how the copy ended (an error, a timeout included,
-/// ends it early: the bytes copied before still count).
+/// ends it early: the bytes copied before still count). A revoked tunnel
+/// ([`TcpConn::was_revoked`]) ends at the next turn, with `ConnectionAborted`, even
+/// while bytes keep flowing.
 pub async fn pipe(
     src: &TcpConn,
     dst: &TcpConn,
@@ -388,22 +390,28 @@ pub async fn pipe(
     idle: Duration,
 ) -> (u64, io::Result<()>) {
     let mut total = 0u64;
+    let end = |e: io::Error| {
+        src.shutdown_both();
+        dst.shutdown_both();
+        if revoked(src, dst) {
+            io::ErrorKind::ConnectionAborted.into()
+        } else {
+            e
+        }
+    };
     loop {
+        if revoked(src, dst) {
+            return (total, Err(end(io::ErrorKind::ConnectionAborted.into())));
+        }
         src.set_timeout(idle);
         let n = match src.read(buf).await {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) => {
-                src.shutdown_both();
-                dst.shutdown_both();
-                return (total, Err(e));
-            }
+            Err(e) => return (total, Err(end(e))),
         };
         dst.set_timeout(idle);
         if let Err(e) = dst.write_all(&buf[..n]).await {
-            src.shutdown_both();
-            dst.shutdown_both();
-            return (total, Err(e));
+            return (total, Err(end(e)));
         }
         total += n as u64;
     }
@@ -411,11 +419,43 @@ pub async fn pipe(
     (total, Ok(()))
 }
 
-/// Whether either direction of a tunnel ended on a timeout (idle).
-pub fn idled(a: &io::Result<()>, b: &io::Result<()>) -> bool {
-    [a, b]
-        .iter()
-        .any(|r| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut))
+/// Whether either end of a tunnel was revoked: its circuit was removed or no longer
+/// admits the client ([`crate::core::Core::recheck_tunnels`]).
+pub fn revoked(a: &TcpConn, b: &TcpConn) -> bool {
+    a.was_revoked() || b.was_revoked()
+}
+
+/// How a tunnel ended, for its counters: revoked, idle (a timeout), or otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Its circuit was removed or no longer admits the client.
+    Revoked,
+    /// A side was silent for the idle timeout.
+    Idled,
+    /// Closed by a side, or failed.
+    Closed,
+}
+
+impl TunnelEnd {
+    /// How a raw tunnel whose two [`pipe`]s ended so ended.
+    pub fn of_pipes(a: &io::Result<()>, b: &io::Result<()>) -> Self {
+        let kind = |k| [a, b].iter().any(|r| matches!(r, Err(e) if e.kind() == k));
+        if kind(io::ErrorKind::ConnectionAborted) {
+            Self::Revoked
+        } else if kind(io::ErrorKind::TimedOut) {
+            Self::Idled
+        } else {
+            Self::Closed
+        }
+    }
+
+    /// Counts the end in `metrics`: an idle timeout (a revocation is counted where
+    /// it is decided, once per tunnel; an ordinary close is not counted).
+    pub fn count(self, metrics: &crate::core::CoreMetrics) {
+        if self == Self::Idled {
+            metrics.add(crate::core::counter::TIMEOUT_TUNNEL_IDLE, 1);
+        }
+    }
 }
 
 /// State shared by the two directions of one WebSocket relay.
@@ -493,10 +533,17 @@ pub async fn ws_pipe(
         None => conn.set_timeout(idle),
     };
     let end_code = 'relay: loop {
+        // A revoked session ends at the next turn, even while messages keep coming
+        // (a wait only fails once nothing is ready).
+        if revoked(src, dst) {
+            break Some(crate::ws::close_code::GOING_AWAY);
+        }
         if early.is_empty() {
             arm(src);
             if let Err(e) = src.readable().await {
-                stats.idled = e.kind() == io::ErrorKind::TimedOut && shared.closing.get().is_none();
+                stats.idled = e.kind() == io::ErrorKind::TimedOut
+                    && shared.closing.get().is_none()
+                    && !revoked(src, dst);
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
@@ -714,6 +761,54 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "relayed whole and in order");
         assert_eq!(stats.messages, 41);
+    }
+
+    /// A revoked tunnel relays nothing more, even with bytes ready on both sides
+    /// (no wait would fail then): each relay checks at every turn.
+    #[test]
+    fn a_revoked_tunnel_relays_nothing_more_though_bytes_are_ready() {
+        use crate::io::tests::{accepted, drive, reactor};
+        use std::io::Write as _;
+        let reactor = reactor();
+        let (src, mut client) = accepted(&reactor);
+        let (dst, _app) = accepted(&reactor);
+        client.write_all(&[7u8; 32 * 1024]).expect("send");
+        let ws = [0x82, 0x84, 1, 2, 3, 4, 9, 9, 9, 9];
+        client.write_all(&ws).expect("send");
+        reactor.revoke(src.slot_key());
+        let mut buf = vec![0u8; 4096];
+        let (total, end) = drive(
+            &reactor,
+            pipe(&src, &dst, &mut buf, Duration::from_secs(10)),
+        );
+        assert_eq!(total, 0, "nothing relayed");
+        let end = end.expect_err("ended early");
+        assert_eq!(end.kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(TunnelEnd::of_pipes(&Err(end), &Ok(())), TunnelEnd::Revoked);
+
+        let (src, mut client) = accepted(&reactor);
+        let (dst, _app) = accepted(&reactor);
+        client.write_all(&ws).expect("send");
+        reactor.revoke(dst.slot_key());
+        let scratch = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
+        let shared = WsShared::default();
+        let stats = drive(
+            &reactor,
+            ws_pipe(
+                &src,
+                &dst,
+                Vec::new(),
+                true,
+                0,
+                &shared,
+                Duration::from_secs(10),
+                &|_| {},
+                &scratch,
+            ),
+        );
+        assert_eq!((stats.messages, stats.bytes), (0, 0), "nothing relayed");
+        assert!(!stats.idled, "a revocation is no idle timeout");
+        assert_eq!(shared.close.get(), Some(crate::ws::close_code::GOING_AWAY));
     }
 
     #[test]

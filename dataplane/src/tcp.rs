@@ -35,7 +35,9 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         return;
     }
     core.mark_access(circuit);
-    let _open = core.tunnel_open(circuit);
+    // Watched from here: a deployment that removes the circuit, or narrows its
+    // allowlist past this client, closes the connection.
+    let open = core.tunnel_open(&route, peer.ip(), &client);
     let Some(mut addr) = route.pick(core.draw(), core.reactor.now(), None) else {
         tracing::warn!(%circuit, "tcp circuit has no route: closed");
         return;
@@ -65,6 +67,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         }
     };
     core.connect_succeeded();
+    open.watch(&upstream);
     route.record(addr, true, core.reactor.now(), core.health_policy());
     // Drain closes a tunnel at once, like an idle keep-alive connection: both sides,
     // so that neither direction waits for an app that never closes its side.
@@ -79,9 +82,8 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         relay::pipe(&upstream, &client, &mut down_buf, idle),
     )
     .await;
-    if relay::idled(&up.1, &down.1) {
-        core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
-    }
+    let end = relay::TunnelEnd::of_pipes(&up.1, &down.1);
+    end.count(&core.metrics);
     let (up, down) = (up.0, down.0);
     core.metrics.add(counter::BYTES_IN, up);
     core.metrics.add(counter::BYTES_OUT, down);
@@ -92,6 +94,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         bytes_to_app = up,
         bytes_to_client = down,
         duration_ms = started.elapsed().as_millis() as u64,
+        revoked = end == relay::TunnelEnd::Revoked,
         "tcp connection closed"
     );
 }

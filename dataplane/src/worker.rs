@@ -523,6 +523,7 @@ fn apply_deployment(
         table.apply(change);
         table.len()
     };
+    core.recheck_tunnels(change);
     let ports_changed = change.replace
         || !change.removes.is_empty()
         || change

@@ -19,11 +19,13 @@ pub mod access_log;
 pub mod conn_gate;
 pub mod pool;
 pub mod route;
+pub mod tunnels;
 
 pub use access_log::{AccessEntry, AccessLog};
 pub use conn_gate::{is_local_error, is_out_of_descriptors, ConnGate};
 pub use pool::Pool;
 pub use route::{Change, HealthPolicy, Route, RouteTable};
+pub use tunnels::{TunnelGuard, Tunnels};
 
 pub use crate::metrics::{counter, CoreMetrics, SharedMetrics};
 
@@ -67,10 +69,12 @@ pub struct Core {
     /// Requests per circuit since the last hand-off to the control agent
     /// (managed mode only): the last-access marks, batched per core.
     pub access_marks: RefCell<FastMap<uuid::Uuid, u64>>,
-    /// Open tunnels (WebSocket, TCP) per circuit: while one is open the circuit is
-    /// marked accessed at every hand-off, as the original marks an open WebSocket
-    /// every 1.5 s — an idle-looking circuit with a live session is not collected.
-    pub open_tunnels: RefCell<FastMap<uuid::Uuid, u32>>,
+    /// Open tunnels (WebSocket, TCP) per circuit, with what each was admitted on: a
+    /// deployment that removes or restricts their circuit closes them. While one is
+    /// open the circuit is marked accessed at every hand-off, as the original marks
+    /// an open WebSocket every 1.5 s — an idle-looking circuit with a live session is
+    /// not collected.
+    pub tunnels: Tunnels,
     /// Open client connections on this core and their cap ([`Core::admit`]).
     pub conns: ConnGate,
     /// xorshift state for weighted route choice (no shared RNG, no syscall).
@@ -92,31 +96,15 @@ impl Core {
     /// mark alone) for every circuit with an open tunnel.
     pub fn take_access_marks(&self) -> Vec<(uuid::Uuid, u64)> {
         let mut marks = self.access_marks.borrow_mut();
-        for id in self.open_tunnels.borrow().keys() {
-            marks.entry(*id).or_insert(0);
+        for id in self.tunnels.circuits() {
+            marks.entry(id).or_insert(0);
         }
         marks.drain().collect()
     }
 
     /// Whether a hand-off has anything to say.
     pub fn has_access_marks(&self) -> bool {
-        !self.access_marks.borrow().is_empty() || !self.open_tunnels.borrow().is_empty()
-    }
-
-    /// Counts a tunnel of `circuit` as open until the guard drops (metrics, and the
-    /// last-access marks when somebody reads them).
-    pub fn tunnel_open(self: &Rc<Self>, circuit: uuid::Uuid) -> TunnelGuard {
-        self.metrics.add(counter::TUNNELS_ACTIVE, 1);
-        self.metrics.add(counter::TUNNELS_OPENED, 1);
-        let marks = self.rt.access_flush.is_some();
-        if marks {
-            *self.open_tunnels.borrow_mut().entry(circuit).or_insert(0) += 1;
-        }
-        TunnelGuard {
-            core: self.clone(),
-            marks,
-            circuit,
-        }
+        !self.access_marks.borrow().is_empty() || !self.tunnels.is_empty()
     }
 
     /// Counts one of the proxy's own answers, whichever path sent it (HTTP/1.1
@@ -171,7 +159,7 @@ impl Core {
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
             access_marks: RefCell::new(FastMap::default()),
-            open_tunnels: RefCell::new(FastMap::default()),
+            tunnels: Tunnels::default(),
             scratch: RefCell::new(vec![0; 64 * 1024]),
             read_bufs: crate::relay::BufPool::new(crate::proxy::BUF_SIZE, READ_BUFS_KEPT),
             rng: Cell::new(seed),
@@ -228,32 +216,6 @@ impl Core {
     /// Looks up the circuit of an HTTP request by port or `Host`.
     pub fn route_for(&self, port: u16, host: Option<&[u8]>) -> Option<Rc<Route>> {
         self.routes.borrow().lookup(port, host)
-    }
-}
-
-/// An open tunnel, counted in [`Core::open_tunnels`] while it lives.
-pub struct TunnelGuard {
-    /// The core counting it.
-    core: Rc<Core>,
-    /// Whether it counts for last-access marks.
-    marks: bool,
-    /// The tunnel's circuit.
-    circuit: uuid::Uuid,
-}
-
-impl Drop for TunnelGuard {
-    fn drop(&mut self) {
-        self.core.metrics.sub(counter::TUNNELS_ACTIVE, 1);
-        if self.marks {
-            let core = &self.core;
-            let mut open = core.open_tunnels.borrow_mut();
-            if let Some(n) = open.get_mut(&self.circuit) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(&self.circuit);
-                }
-            }
-        }
     }
 }
 

@@ -62,6 +62,9 @@ pub(super) struct Exchange {
     started: Instant,
     /// The circuit, once routed.
     route: Option<Rc<Route>>,
+    /// The client's address as the circuit's allowlist saw it, once admitted (a
+    /// tunnel is re-checked with it when a deployment changes the circuit).
+    client: Option<std::net::IpAddr>,
     /// Request bytes the access line of a refusal counts.
     bytes_in: u64,
 }
@@ -122,6 +125,7 @@ impl Exchange {
             line,
             started,
             route: None,
+            client: None,
             bytes_in: 0,
         }
     }
@@ -227,6 +231,7 @@ impl Client {
             x.bytes_in = x.head.head_len as u64;
             return self.refuse(x, refused.into(), Left::Whole).await;
         }
+        x.client = Some(peer_ip);
         core.mark_access(route.circuit.circuit.id);
         if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
             // An upgrade offered on a request with a body is ignored (RFC 9110 §7.8
@@ -882,7 +887,13 @@ impl Client {
             session: x.id,
             circuit,
         };
-        let _open = core.tunnel_open(circuit.id);
+        // Watched from here: a deployment that removes the circuit, or makes it
+        // refuse this client, closes the tunnel.
+        let (Some(route), Some(client)) = (&x.route, x.client) else {
+            return Err(Failure::Abort("upgrade of a request never admitted".into()));
+        };
+        let open = core.tunnel_open(route, client, &self.conn);
+        open.watch(&ends.upstream);
         self.tunnel(ends).await
     }
 }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::exchange::Done;
 use super::{Client, Failure, Next};
-use crate::core::{counter, Core};
+use crate::core::Core;
 use crate::io::TcpConn;
 use crate::relay;
 
@@ -147,9 +147,14 @@ impl TunnelEnds<'_> {
             }
         })
         .await;
-        if up.idled || down.idled {
-            core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
-        }
+        let end = if relay::revoked(conn, &upstream) {
+            relay::TunnelEnd::Revoked
+        } else if up.idled || down.idled {
+            relay::TunnelEnd::Idled
+        } else {
+            relay::TunnelEnd::Closed
+        };
+        end.count(&core.metrics);
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
             messages_to_app = up.messages,
@@ -167,6 +172,7 @@ impl TunnelEnds<'_> {
             user_id = circuit.user_id.map(tracing::field::display),
             session_id = circuit.session_ids.first().map(tracing::field::display),
             endpoint_id = circuit.endpoint_id.map(tracing::field::display),
+            revoked = end == relay::TunnelEnd::Revoked,
             "websocket session closed"
         );
         (up.bytes, down.bytes)
@@ -187,7 +193,9 @@ impl TunnelEnds<'_> {
         let upstream = Rc::new(self.upstream);
         let idle = core.rt.tunnel_idle_timeout;
         let started = Instant::now();
-        if !from_client.is_empty() {
+        // What the client sent behind its request is not the app's if the tunnel was
+        // revoked as it opened.
+        if !from_client.is_empty() && !relay::revoked(conn, &upstream) {
             upstream.set_timeout(idle);
             upstream
                 .write_all(from_client)
@@ -200,12 +208,12 @@ impl TunnelEnds<'_> {
             relay::pipe(&src, &dst, &mut buf, idle).await
         })
         .await;
-        if relay::idled(&up.1, &down.1) {
-            core.metrics.add(counter::TIMEOUT_TUNNEL_IDLE, 1);
-        }
+        let end = relay::TunnelEnd::of_pipes(&up.1, &down.1);
+        end.count(&core.metrics);
         let (up, down) = (from_client.len() as u64 + up.0, down.0);
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
+            revoked = end == relay::TunnelEnd::Revoked,
             bytes_to_app = up,
             bytes_to_client = early_app + down,
             "upgraded connection closed"

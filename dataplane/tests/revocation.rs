@@ -1,0 +1,409 @@
+//! Tunnels a deployment no longer admits are closed: a WebSocket session, a raw
+//! upgrade or a TCP connection opened before its circuit was removed, moved, made
+//! private or given a narrower allowlist ends at once (WebSocket peers are told
+//! 1001), counted in `appproxy_tunnels_revoked_total`; a change that still admits
+//! the client leaves it open. Deployments arrive here as reloads of the worker's
+//! file, which apply the same change to every core as the coordinator's do.
+#![allow(clippy::result_large_err)]
+
+mod common;
+
+use appproxy_test_support::net::{ReadUninterrupted, Uninterrupted};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Holds an app's 101 until opened; counts the requests that arrived.
+#[derive(Default)]
+struct Gate {
+    /// (requests arrived, open)
+    state: Mutex<(u32, bool)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn pass(&self) {
+        let mut state = self.state.lock().expect("gate");
+        state.0 += 1;
+        self.changed.notify_all();
+        while !state.1 {
+            state = self.changed.wait(state).expect("gate");
+        }
+    }
+
+    fn wait_arrived(&self, n: u32) {
+        let state = self.state.lock().expect("gate");
+        let (_state, timeout) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(10), |s| s.0 < n)
+            .expect("gate");
+        assert!(!timeout.timed_out(), "the request never reached the app");
+    }
+
+    fn open(&self) {
+        self.state.lock().expect("gate").1 = true;
+        self.changed.notify_all();
+    }
+}
+use std::time::{Duration, Instant};
+
+use common::ws::echo_app;
+use common::{Worker, WorkerOpts};
+use tungstenite::Message;
+
+type Ws = tungstenite::WebSocket<Uninterrupted<TcpStream>>;
+
+fn session(w: &Worker) -> Ws {
+    let stream = TcpStream::connect(w.addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let url = format!("ws://127.0.0.1:{}/ws", w.port);
+    match tungstenite::client(url, Uninterrupted(stream)) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("handshake: {e:?}"),
+    }
+}
+
+/// One message there and back.
+fn echoes(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.into())).expect("send");
+    loop {
+        match ws.read().expect("echo") {
+            Message::Text(t) => return assert_eq!(t.as_str(), text),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected the echo of {text:?}, got {other:?}"),
+        }
+    }
+}
+
+/// The close code the worker ends the session with (it must send one).
+fn closed_with(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return u16::from(f.code),
+            Ok(Message::Close(None)) => return 1005,
+            Ok(_) => {}
+            Err(e) => panic!("the session ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Reloads the worker with `edit` applied to its original file and waits until
+/// every core has applied it.
+fn deploy(w: &Worker, original: &str, cores: usize, edit: impl FnOnce(&str) -> String) {
+    let applied = || common::log_count(w, "deployment applied");
+    let before = applied();
+    let text = edit(original);
+    assert_ne!(text, original, "the edit changes the file");
+    w.reload(|_| text);
+    common::eventually("every core applied the deployment", || {
+        applied() >= before + cores
+    });
+}
+
+fn config(w: &Worker) -> String {
+    std::fs::read_to_string(w.dir.path().join("worker.toml")).expect("config")
+}
+
+fn revoked(w: &Worker) -> u64 {
+    common::metric_all_cores(w, "appproxy_tunnels_revoked_total")
+}
+
+#[test]
+fn sessions_stay_while_admitted_and_close_when_the_circuit_turns_private() {
+    let app = echo_app();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![app.addr],
+        extra: "[secrets]\npermit_secret = \"permit-key\"\n".into(),
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut sessions: Vec<Ws> = (0..4).map(|_| session(&w)).collect();
+    for (i, ws) in sessions.iter_mut().enumerate() {
+        echoes(ws, &format!("before {i}"));
+    }
+    // An allowlist that still admits the client, and a new name: nothing closes.
+    deploy(&w, &original, 2, |t| {
+        t.replace(
+            "open_to_public = true",
+            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8, 127.0.0.1\"",
+        )
+        .replace("app = \"test\"", "app = \"renamed\"")
+    });
+    for (i, ws) in sessions.iter_mut().enumerate() {
+        echoes(ws, &format!("still admitted {i}"));
+    }
+    assert_eq!(revoked(&w), 0);
+    // The circuit turns private: none of these sessions presented a permit.
+    deploy(&w, &original, 2, |t| t.replace("open_to_public = true", ""));
+    for ws in &mut sessions {
+        assert_eq!(closed_with(ws), 1001, "told the endpoint is going away");
+    }
+    common::eventually("every session counted as revoked", || revoked(&w) == 4);
+    common::eventually("no tunnel left open", || {
+        common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
+    });
+    common::eventually("the app was told 1001 for each session", || {
+        app.closes
+            .lock()
+            .expect("closes")
+            .iter()
+            .filter(|c| **c == 1001)
+            .count()
+            == 4
+    });
+    let lines = w.wait_log("why the sessions were closed", |v| {
+        v["message"] == "closing tunnels a deployment no longer admits"
+    });
+    assert!(
+        lines.iter().all(|v| v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("credential"))),
+        "{lines:?}"
+    );
+    let closed: Vec<_> = w
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "websocket session closed")
+        .collect();
+    assert_eq!(closed.len(), 4, "{closed:?}");
+    assert!(closed.iter().all(|v| v["revoked"] == true), "{closed:?}");
+    // And a new session needs the permit now.
+    let stream = TcpStream::connect(w.addr()).expect("connect");
+    let url = format!("ws://127.0.0.1:{}/ws", w.port);
+    match tungstenite::client(url, Uninterrupted(stream)) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status(), 401)
+        }
+        other => panic!("expected a 401, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_removed_circuit_closes_its_raw_upgrades_and_sessions() {
+    let app = echo_app();
+    let raw = raw_upgrade_app(None);
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut ws = session(&w);
+    echoes(&mut ws, "hello");
+    // A second circuit on another port, for raw upgrades.
+    let with_raw = format!(
+        "{original}\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+        w.aux_port,
+        raw.port()
+    );
+    deploy(&w, &original, 1, |_| with_raw.clone());
+    echoes(&mut ws, "the other circuit came, this one stays");
+    let mut upgraded = raw_upgrade(w.aux_port, "raw bytes");
+    // The session's circuit is removed (another ID takes its port): the session
+    // closes, the raw upgrade of the circuit that stays does not.
+    deploy(&w, &with_raw, 1, |t| {
+        t.replacen(
+            "c0a8f5d2-1111-4222-8333-444455556666",
+            "c0a8f5d2-1111-4222-8333-444455550003",
+            1,
+        )
+    });
+    assert_eq!(closed_with(&mut ws), 1001);
+    upgraded.write_all(b"still here").expect("write");
+    let mut echo = [0u8; 10];
+    upgraded.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"still here");
+    common::eventually("one tunnel revoked", || revoked(&w) == 1);
+    // Now the raw upgrade's circuit goes: the client sees the end of the stream.
+    deploy(&w, &with_raw, 1, |t| {
+        let cut = t
+            .find("\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"")
+            .expect("second circuit");
+        t[..cut].to_owned()
+    });
+    assert_eq!(common::read_until_closed(&mut upgraded), b"");
+    common::eventually("both tunnels revoked", || revoked(&w) == 2);
+    let lines = w.wait_log("a removal", |v| {
+        v["message"] == "closing tunnels a deployment no longer admits"
+            && v["reason"] == "circuit removed"
+    });
+    assert_eq!(lines.len(), 2, "{lines:?}");
+}
+
+/// A TCP circuit's app that streams without pause: the tunnel is never idle and
+/// always has bytes ready, so only the revocation itself can end it.
+fn firehose() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let chunk = [b'x'; 16 * 1024];
+                while s.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_busy_tcp_connection_is_closed_when_the_allowlist_no_longer_admits_it() {
+    let app = firehose();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"".into(),
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = |s: &mut TcpStream| s.read_uninterrupted(&mut buf).expect("read");
+    assert!(read(&mut s) > 0);
+    // Still admitted: the bytes keep coming.
+    deploy(&w, &original, 1, |t| {
+        t.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nallowed_client_ips = \"127.0.0.0/8\"",
+        )
+    });
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        assert!(read(&mut s) > 0, "the admitted connection stays open");
+    }
+    // Not admitted any more: the stream ends, while the app is still sending.
+    deploy(&w, &original, 1, |t| {
+        t.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nallowed_client_ips = \"10.0.0.0/8\"",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "the revoked connection is still relaying"
+            ),
+        }
+    }
+    common::eventually("counted as revoked", || revoked(&w) == 1);
+    let peer = s.local_addr().expect("addr").to_string();
+    let line = w.wait_log("the connection's line", |v| {
+        v["message"] == "tcp connection closed" && v["peer"] == peer.as_str()
+    });
+    assert_eq!(line[0]["revoked"], true, "{line:?}");
+    common::eventually("no tunnel left open", || {
+        common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
+    });
+}
+
+/// An app answering every request with a 101 to `x-raw`, once `gate` (when given)
+/// opens, then echoing bytes.
+fn raw_upgrade_app(gate: Option<Arc<Gate>>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if let Some(gate) = gate {
+                    gate.pass();
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
+                if s.write_all(answer).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a raw upgrade request to `port`.
+fn raw_upgrade_request(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n")
+        .expect("upgrade");
+    s
+}
+
+/// Reads the 101's head.
+fn switched(s: &mut TcpStream) {
+    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+}
+
+/// Opens a raw upgrade through `port` and checks one echo.
+fn raw_upgrade(port: u16, what: &str) -> TcpStream {
+    let mut s = raw_upgrade_request(port);
+    switched(&mut s);
+    s.write_all(what.as_bytes()).expect("bytes");
+    let mut echo = vec![0u8; what.len()];
+    s.read_exact(&mut echo).expect("echo");
+    assert_eq!(echo, what.as_bytes());
+    s
+}
+
+/// The race: the request was admitted, then a deployment restricted the circuit
+/// while the app took its time with the 101. The tunnel is checked against the
+/// circuit as it is when it opens, and closed at once: nothing is relayed.
+#[test]
+fn a_tunnel_whose_101_comes_after_the_restriction_is_closed_at_once() {
+    let gate = Arc::new(Gate::default());
+    let app = raw_upgrade_app(Some(gate.clone()));
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut s = raw_upgrade_request(w.port);
+    gate.wait_arrived(1);
+    deploy(&w, &original, 1, |t| {
+        t.replace(
+            "open_to_public = true",
+            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8\"",
+        )
+    });
+    gate.open();
+    switched(&mut s);
+    let _ = s.write_all(b"after the restriction");
+    assert_eq!(
+        common::read_until_closed(&mut s),
+        b"",
+        "nothing relayed once the circuit no longer admits the client"
+    );
+    common::eventually("counted as revoked", || revoked(&w) == 1);
+    let line = w.wait_log("the tunnel's line", |v| {
+        v["message"] == "upgraded connection closed"
+    });
+    assert_eq!(line[0]["revoked"], true, "{line:?}");
+    assert_eq!(line[0]["bytes_to_app"], 0, "{line:?}");
+}
