@@ -139,6 +139,10 @@ pub struct CoordinatorSection {
     pub check_worker_lost_interval_secs: u64,
     /// Period of the idle-circuit collection.
     pub check_unused_circuit_interval_secs: u64,
+    /// Setup tokens (`POST /v2/conf`, spent by `/v2/proxy/auth` moments later) are
+    /// deleted this long after they were made, by the idle-circuit pass; 0 keeps
+    /// them for ever, as the original did (one row per app launch, for ever).
+    pub token_ttl_secs: u64,
     /// Who may read `/metrics`: IPv4 addresses or CIDRs (others get 403), as the
     /// original.
     pub metric_access_allowed_hosts: Vec<String>,
@@ -161,6 +165,7 @@ impl Default for CoordinatorSection {
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,
             check_unused_circuit_interval_secs: 10,
+            token_ttl_secs: 7 * 24 * 3600,
             metric_access_allowed_hosts: vec!["127.0.0.1".into()],
         }
     }

@@ -1,4 +1,5 @@
-//! Leader jobs: worker-lost detection and idle-circuit collection. Each pass runs
+//! Leader jobs: worker-lost detection and idle-circuit collection (with the pruning
+//! of the change log and of expired setup tokens). Each pass runs
 //! under a request ID of its own, so everything a pass does (status changes, removals,
 //! the events it publishes) is found by one ID.
 //!
@@ -121,6 +122,18 @@ async fn idle_pass(state: &State) {
         Ok(0) => {}
         Ok(n) => tracing::debug!(entries = n, "old change-log entries pruned"),
         Err(e) => tracing::warn!(error = %e, "change log not pruned"),
+    }
+    let token_ttl = state.config.coordinator.token_ttl_secs;
+    if token_ttl > 0 {
+        match state.store.prune_tokens(token_ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                tokens = n,
+                ttl_secs = token_ttl,
+                "expired setup tokens deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "expired setup tokens not deleted"),
+        }
     }
     let timeout = state
         .config

@@ -108,6 +108,7 @@ on_both_engines! {
     upstream_tls_comes_from_the_conf_and_decides_reuse => upstream_tls_comes_from_the_conf_and_decides_reuse_sqlite, upstream_tls_comes_from_the_conf_and_decides_reuse_postgresql;
     nul_characters_are_refused_on_both_engines => nul_characters_are_refused_on_both_engines_sqlite, nul_characters_are_refused_on_both_engines_postgresql;
     idle_checks_survive_last_access_marks_that_are_no_time => idle_checks_survive_last_access_marks_that_are_no_time_sqlite, idle_checks_survive_last_access_marks_that_are_no_time_postgresql;
+    setup_tokens_past_their_ttl_are_deleted => setup_tokens_past_their_ttl_are_deleted_sqlite, setup_tokens_past_their_ttl_are_deleted_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -3102,4 +3103,54 @@ fn a_creation_its_caller_gave_up_on_is_withdrawn() {
     assert!(log_lines(dir.path()).iter().any(|l| l["message"]
         == "creation abandoned by its caller; circuit withdrawn"
         && l["request_id"] == "gave-up-1"));
+}
+
+/// Setup tokens (`POST /v2/conf`) are spent within moments by `/v2/proxy/auth`, yet
+/// were kept for ever: one row per app launch, and anyone could add rows where
+/// `allow_unauthorized_configure_request` is on. The idle pass deletes those older
+/// than `token_ttl_secs`, and only those: a token made a moment ago still serves.
+fn setup_tokens_past_their_ttl_are_deleted(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        "check_unused_circuit_interval_secs = 1\ntoken_ttl_secs = 3600",
+    );
+    let old = setup(&c);
+    let fresh = setup(&c);
+    // The first was made long ago.
+    let backdated = db.query(
+        dir.path(),
+        &format!(
+            "UPDATE tokens SET created_at = '2000-01-01T00:00:00Z' WHERE id = '{old}' RETURNING id"
+        ),
+    );
+    assert_eq!(backdated, old);
+    let count = || db.query(dir.path(), "SELECT count(*) FROM tokens");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() != "1" {
+        assert!(Instant::now() < deadline, "the old token was never deleted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let auth = |token: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = auth(&old);
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("No such token"));
+    let r = auth(&fresh);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let lines = log_lines(dir.path());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "expired setup tokens deleted" && l["tokens"] == 1),
+        "{lines:?}"
+    );
 }

@@ -587,6 +587,18 @@ impl Store {
             .prune_changes(CHANGE_LOG_RETENTION_SECS))
     }
 
+    /// Deletes the setup tokens made more than `older_than_secs` ago.
+    pub async fn prune_tokens(&self, older_than_secs: u64) -> Result<usize, StoreError> {
+        let cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now()
+                .checked_sub(std::time::Duration::from_secs(older_than_secs))
+                .unwrap_or(std::time::UNIX_EPOCH),
+        )
+        .to_string();
+        dispatch!(self, |s| s.prune_tokens(&cutoff), |p| p
+            .prune_tokens(older_than_secs))
+    }
+
     /// The circuits routing to `session`, oldest first (for reuse).
     pub async fn circuits_of_session(
         &self,

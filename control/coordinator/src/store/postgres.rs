@@ -159,6 +159,12 @@ ALTER TABLE circuit_changes ADD COLUMN request_id varchar(128) NULL,
     "
 ALTER TABLE circuit_changes ADD COLUMN removal boolean NULL;
 ",
+    // When each setup token was made, so that old ones are deleted (`[coordinator]
+    // token_ttl_secs`). Tokens made before count from this migration.
+    "
+ALTER TABLE tokens ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
+CREATE INDEX tokens_created_at ON tokens(created_at);
+",
 ];
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
@@ -1174,6 +1180,18 @@ impl PgStore {
             .await?
             .execute(
                 "DELETE FROM circuit_changes WHERE at < now() - make_interval(secs => $1)",
+                &[&(older_than_secs as f64)],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
+    pub(super) async fn prune_tokens(&self, older_than_secs: u64) -> Result<usize, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM tokens WHERE created_at < now() - make_interval(secs => $1)",
                 &[&(older_than_secs as f64)],
             )
             .await?;

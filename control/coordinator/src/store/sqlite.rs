@@ -117,6 +117,13 @@ ALTER TABLE circuit_changes ADD COLUMN tracestate TEXT;
     "
 ALTER TABLE circuit_changes ADD COLUMN removal INTEGER;
 ",
+    // When each setup token was made, so that old ones are deleted (`[coordinator]
+    // token_ttl_secs`). Tokens made before count from this migration.
+    "
+ALTER TABLE tokens ADD COLUMN created_at TEXT NOT NULL DEFAULT '';
+UPDATE tokens SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now');
+CREATE INDEX tokens_created_at ON tokens(created_at);
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
@@ -899,6 +906,10 @@ impl SqliteStore {
         self.with(|c| Ok(c.execute("DELETE FROM circuit_changes WHERE at < ?1", params![before])?))
     }
 
+    pub(super) fn prune_tokens(&self, before: &str) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM tokens WHERE created_at < ?1", params![before])?))
+    }
+
     pub(super) fn insert_token(
         &self,
         id: &uuid::Uuid,
@@ -906,8 +917,8 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO tokens (id, body) VALUES (?1, ?2)",
-                params![id.to_string(), body.to_string()],
+                "INSERT INTO tokens (id, body, created_at) VALUES (?1, ?2, ?3)",
+                params![id.to_string(), body.to_string(), now()],
             )
             .map_err(conflict_or)?;
             Ok(())
