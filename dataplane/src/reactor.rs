@@ -434,10 +434,12 @@ impl Reactor {
         false
     }
 
-    /// Revokes the descriptor `key` names, if it is still registered: its waits fail
-    /// with `TimedOut` from now on (a deadline set later does not undo this) and its
-    /// waiting tasks are woken. For a tunnel whose circuit was removed or no longer
-    /// admits its client: the relays see [`Registration::was_revoked`] and end.
+    /// Revokes the descriptor `key` names, if it is still registered: nothing more is
+    /// read from it (it is never ready to read, though bytes wait), a wait on it
+    /// fails with `TimedOut` (a deadline set later does not undo this), and its
+    /// waiting tasks are woken. Writes that do not block still go out (a WebSocket
+    /// close frame). For a tunnel whose circuit was removed or no longer admits its
+    /// client: each relay's next read fails, busy or idle, and the tunnel ends.
     /// `false` when the slot has another occupant now (or none).
     pub fn revoke(&self, key: SlotKey) -> bool {
         let mut slots = self.slots.borrow_mut();
@@ -735,10 +737,11 @@ impl Registration {
         f(&mut slots[self.index as usize])
     }
 
-    /// Whether an operation in `dir` may succeed without blocking.
+    /// Whether an operation in `dir` may succeed without blocking. A revoked
+    /// descriptor is never ready to read ([`Reactor::revoke`]).
     pub fn is_ready(&self, dir: Direction) -> bool {
         self.with(|s| match dir {
-            Direction::Read => s.readable,
+            Direction::Read => s.readable && !s.revoked,
             Direction::Write => s.writable,
         })
     }
@@ -774,7 +777,7 @@ impl Registration {
         let mut slots = self.reactor.slots.borrow_mut();
         let s = &mut slots[self.index as usize];
         let ready = match dir {
-            Direction::Read => s.readable,
+            Direction::Read => s.readable && !s.revoked,
             Direction::Write => s.writable,
         };
         if ready {

@@ -381,7 +381,7 @@ pub async fn relay_body_counted(
 /// Copies `src` to `dst` until `src` closes, then half-closes `dst`; for tunnels.
 /// Returns the bytes copied, and how the copy ended (an error, a timeout included,
 /// ends it early: the bytes copied before still count). A revoked tunnel
-/// ([`TcpConn::was_revoked`]) ends at the next turn, with `ConnectionAborted`, even
+/// ([`TcpConn::was_revoked`]) ends at its next read, with `ConnectionAborted`, even
 /// while bytes keep flowing.
 pub async fn pipe(
     src: &TcpConn,
@@ -400,9 +400,6 @@ pub async fn pipe(
         }
     };
     loop {
-        if revoked(src, dst) {
-            return (total, Err(end(io::ErrorKind::ConnectionAborted.into())));
-        }
         src.set_timeout(idle);
         let n = match src.read(buf).await {
             Ok(0) => break,
@@ -533,9 +530,10 @@ pub async fn ws_pipe(
         None => conn.set_timeout(idle),
     };
     let end_code = 'relay: loop {
-        // A revoked session ends at the next turn, even while messages keep coming
-        // (a wait only fails once nothing is ready).
-        if revoked(src, dst) {
+        // A revoked session relays nothing more: not even what came behind the
+        // handshake (a revoked connection is never ready to read, so the read below
+        // ends the relay at its next turn, busy or idle).
+        if !early.is_empty() && revoked(src, dst) {
             break Some(crate::ws::close_code::GOING_AWAY);
         }
         if early.is_empty() {
@@ -789,6 +787,7 @@ mod tests {
         let (src, mut client) = accepted(&reactor);
         let (dst, _app) = accepted(&reactor);
         client.write_all(&ws).expect("send");
+        reactor.revoke(src.slot_key());
         reactor.revoke(dst.slot_key());
         let scratch = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
         let shared = WsShared::default();
