@@ -693,6 +693,29 @@ impl ResolvedCircuit {
     pub fn admits(&self, ip: IpAddr) -> bool {
         !self.restricted || self.allowed.iter().any(|n| n.contains(ip))
     }
+
+    /// Logs each `allowed_client_ips` entry left out (not an address or network),
+    /// and that the circuit admits nobody when none is left. Done as each circuit is
+    /// resolved; the worker's start logs its file's circuits again once logging is
+    /// set up (they were resolved before).
+    pub fn log_allowlist_problems(&self) {
+        let c = &self.circuit;
+        for entry in c.allowed_client_ips.iter().map(|s| s.trim()) {
+            if !entry.is_empty() && IpNet::parse(entry).is_none() {
+                tracing::warn!(
+                    circuit = %c.id,
+                    entry = %entry,
+                    "allowed_client_ips entry is not an address or network: left out"
+                );
+            }
+        }
+        if self.restricted && self.allowed.is_empty() {
+            tracing::warn!(
+                circuit = %c.id,
+                "no valid allowed_client_ips entry: the circuit admits no client"
+            );
+        }
+    }
 }
 
 /// Whether a route gets traffic: a non-zero ratio and not judged unhealthy by the
@@ -1074,31 +1097,17 @@ impl Config {
                 .map(|s| s.trim())
                 .filter(|s| !s.is_empty())
                 .collect();
-            let mut allowed = Vec::with_capacity(entries.len());
-            for entry in &entries {
-                match IpNet::parse(entry) {
-                    Some(net) => allowed.push(net),
-                    None => tracing::warn!(
-                        circuit = %c.id,
-                        entry = %entry,
-                        "allowed_client_ips entry is not an address or network: left out"
-                    ),
-                }
-            }
-            if !entries.is_empty() && allowed.is_empty() {
-                tracing::warn!(
-                    circuit = %c.id,
-                    "no valid allowed_client_ips entry: the circuit admits no client"
-                );
-            }
-            Ok(ResolvedCircuit {
+            let allowed = entries.iter().filter_map(|e| IpNet::parse(e)).collect();
+            let resolved = ResolvedCircuit {
                 circuit: c.clone(),
                 frontend,
                 upstreams,
                 upstream_tls,
                 allowed,
                 restricted: !entries.is_empty(),
-            })
+            };
+            resolved.log_allowlist_problems();
+            Ok(resolved)
         }
     }
 

@@ -77,19 +77,34 @@ fn tcp_relay_with_half_close() {
 
 #[test]
 fn tcp_allowlist_refuses_other_peers() {
-    refused_by_allowlist("\"10.0.0.0/8\"");
+    let w = refused_by_allowlist("\"10.0.0.0/8\"");
+    assert_eq!(
+        common::log_count(
+            &w,
+            "no valid allowed_client_ips entry: the circuit admits no client"
+        ),
+        0
+    );
 }
 
 /// An allowlist with no valid entry closes every TCP client instead of admitting
-/// all of them.
+/// all of them, and the worker says so as it starts (the file's circuits are
+/// resolved before logging is set up: the warnings were lost).
 #[test]
 fn tcp_allowlist_of_invalid_entries_admits_nobody() {
-    refused_by_allowlist("[\"localhost\"]");
+    let w = refused_by_allowlist("[\"localhost\"]");
+    let left_out = w.wait_log("the entry left out", |v| {
+        v["message"] == "allowed_client_ips entry is not an address or network: left out"
+    });
+    assert_eq!(left_out[0]["entry"], "localhost", "{left_out:?}");
+    w.wait_log("the circuit admits nobody", |v| {
+        v["message"] == "no valid allowed_client_ips entry: the circuit admits no client"
+    });
 }
 
 /// A TCP circuit with `allowed_client_ips = <allowlist>` closes this (loopback)
 /// client unserved, and logs why.
-fn refused_by_allowlist(allowlist: &str) {
+fn refused_by_allowlist(allowlist: &str) -> Worker {
     let app = echo_then_bye();
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
@@ -116,6 +131,7 @@ fn refused_by_allowlist(allowlist: &str) {
     w.wait_log("refusal line", |v| {
         v["message"] == "tcp peer not in the circuit's allowlist: closed"
     });
+    w
 }
 
 /// Behind a TCP balancer sending the PROXY protocol, the allowlist is checked against

@@ -117,6 +117,10 @@ fn run() -> anyhow::Result<()> {
     };
     appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
     appproxy_shared::otlp::install(&config.telemetry, "worker")?;
+    // The file's circuits were resolved before logging was set up.
+    for c in &rt.circuits {
+        c.log_allowlist_problems();
+    }
     preflight::check(rt.cpus.len(), rt.io_memory)?;
     let cores = rt.cpus.len();
     let circuits = rt.circuits.len();
