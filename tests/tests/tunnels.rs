@@ -1,7 +1,8 @@
 //! A circuit with an open tunnel and no new requests is still in use: the cores mark
 //! it accessed at every hand-off while the tunnel lives (the original marks an open
-//! WebSocket every 1.5 s), so idle collection leaves it alone. Single node, a TCP
-//! circuit held open.
+//! WebSocket every 1.5 s), so idle collection leaves it alone; once the manager
+//! deletes the circuit, the worker closes the tunnel. Single node, a TCP circuit held
+//! open.
 
 mod common;
 
@@ -115,6 +116,17 @@ fn open_tunnels_keep_marking_last_access() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    drop(conn);
+    // The manager deletes the circuit: the worker closes the open connection (it
+    // would otherwise relay on until it idled out, an hour later).
+    let (status, _, body) = http(coord, &format!("DELETE /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"));
+    assert!((200..300).contains(&status), "{status} {body}");
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let mut rest = [0u8; 16];
+    match conn.read_uninterrupted(&mut rest) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the tunnel of a deleted circuit stays open: {other:?}"),
+    }
     worker.stop();
 }
