@@ -379,6 +379,11 @@ impl fsx::Visitor for Walker<'_, '_> {
         }
     }
 
+    /// The archive reserves each directory's names before writing any of them.
+    fn lists(&self) -> bool {
+        true
+    }
+
     fn listed(&mut self, entries: &[fsx::Entry]) -> std::io::Result<()> {
         for e in entries {
             match e.kind() {
