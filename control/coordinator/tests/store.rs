@@ -474,6 +474,10 @@ async fn suite(store: Store) {
     store.insert_token(t2, &tls).await.expect("token");
     assert_eq!(store.token(t2).await.expect("read"), Some(tls));
     assert_eq!(store.token(uuid::Uuid::new_v4()).await.expect("read"), None);
+    // Tokens made a moment ago are within any age limit; past a limit of 0 (made
+    // before now) they go.
+    assert_eq!(store.prune_tokens(3600).await.expect("prune"), 0);
+    assert!(store.token(t).await.expect("read").is_some());
 
     // Heartbeats, deregistration and the lost check.
     assert!(store.heartbeat(w).await.expect("heartbeat"));
@@ -613,8 +617,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "8",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker"
+        "9",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -665,6 +669,26 @@ async fn removal_logged(store: &Store) -> (uuid::Uuid, uuid::Uuid) {
         .await
         .expect("delete"));
     (w, c.id)
+}
+
+/// A setup token, stored.
+async fn token_made(store: &Store) -> uuid::Uuid {
+    let t = uuid::Uuid::new_v4();
+    let body = json!({"login_session_token": null, "kernel_host": "10.0.1.7", "kernel_port": 30512,
+        "session": {"id": uuid::Uuid::new_v4(), "user_uuid": uuid::Uuid::new_v4(), "group_id": uuid::Uuid::new_v4(),
+            "access_key": "AKIA", "domain_name": "default"}});
+    store.insert_token(t, &body).await.expect("token");
+    t
+}
+
+/// A token made before the migration that stamps tokens counts from the migration:
+/// kept by an age limit, and gone past a limit of 0 (it has a time, and it is past).
+async fn tokens_count_from_the_migration(store: &Store, token: uuid::Uuid) {
+    assert!(store.token(token).await.expect("read").is_some());
+    assert_eq!(store.prune_tokens(3600).await.expect("prune"), 0);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(store.prune_tokens(0).await.expect("prune"), 1);
+    assert_eq!(store.token(token).await.expect("read"), None);
 }
 
 /// The removals of what changed in `worker`'s set since revision 0.
@@ -732,7 +756,10 @@ async fn a_hostile_removal_trace_is_none(store: &Store, worker: uuid::Uuid, remo
 async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("store.sqlite3");
-    let (worker, old) = removal_logged(&Store::open(None, &path).await.expect("open")).await;
+    let first = Store::open(None, &path).await.expect("open");
+    let (worker, old) = removal_logged(&first).await;
+    let token = token_made(&first).await;
+    drop(first);
     // Back to the schema before the migration, the entry kept: as a store of the
     // previous version left it.
     let db = rusqlite::Connection::open(&path).expect("open the file");
@@ -741,10 +768,13 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
          ALTER TABLE circuit_changes DROP COLUMN traceparent;
          ALTER TABLE circuit_changes DROP COLUMN tracestate;
          ALTER TABLE circuit_changes DROP COLUMN removal;
+         DROP INDEX tokens_created_at;
+         ALTER TABLE tokens DROP COLUMN created_at;
          PRAGMA user_version = 6;",
     )
     .expect("downgrade");
     let store = Store::open(None, &path).await.expect("open and migrate");
+    tokens_count_from_the_migration(&store, token).await;
     let later = removals_across_the_migration(&store, worker, old).await;
     db.execute(
         "UPDATE circuit_changes SET traceparent = '00-zz', tracestate = 'rojo=1' WHERE circuit = ?1",
@@ -759,16 +789,22 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
     let pg = Pg::start();
     let url = pg.url();
     let open = || Store::open(Some(&url), std::path::Path::new("unused"));
-    let (worker, old) = removal_logged(&open().await.expect("open")).await;
+    let first = open().await.expect("open");
+    let (worker, old) = removal_logged(&first).await;
+    let token = token_made(&first).await;
+    drop(first);
     // Back to the schema before the migration, the entry kept: as a store of the
     // previous version left it.
     pg.psql(
         "appproxy",
         "ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
             DROP COLUMN tracestate, DROP COLUMN removal;
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8);",
+         DROP INDEX tokens_created_at;
+         ALTER TABLE tokens DROP COLUMN created_at;
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9);",
     );
     let store = open().await.expect("open and migrate");
+    tokens_count_from_the_migration(&store, token).await;
     let later = removals_across_the_migration(&store, worker, old).await;
     pg.psql(
         "appproxy",
