@@ -1200,6 +1200,20 @@ fn peak_kib(p: &Proxy) -> u64 {
         .expect("VmHWM")
 }
 
+/// A proxy whose folder holds `wide/`: `n` empty files (`f000000`, …) and `z.txt`
+/// (5 bytes). Also gives the folder's path.
+fn folder_of_empty_files(n: usize) -> (Proxy, std::path::PathBuf) {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("wide")).expect("wide");
+    for i in 0..n {
+        std::fs::File::create(vf.join(format!("wide/f{i:06}"))).expect("file");
+    }
+    std::fs::write(vf.join("wide/z.txt"), b"12345").expect("z");
+    (p, vf)
+}
+
 /// A user with a shell fills one directory with empty files (tens of thousands a
 /// second; they hold no bytes, so no quota counts them) and opens it in the
 /// folder explorer. `list` built a JSON value tree of every entry before writing
@@ -1210,14 +1224,7 @@ fn peak_kib(p: &Proxy) -> u64 {
 #[test]
 fn listing_a_directory_of_many_empty_files_costs_a_few_hundred_bytes_an_entry() {
     const N: usize = 60_000;
-    let p = Proxy::start("");
-    create_folder(&p);
-    let vf = p.vfolder_path();
-    std::fs::create_dir(vf.join("wide")).expect("wide");
-    for i in 0..N {
-        std::fs::File::create(vf.join(format!("wide/f{i:06}"))).expect("file");
-    }
-    std::fs::write(vf.join("wide/z.txt"), b"12345").expect("z");
+    let (p, vf) = folder_of_empty_files(N);
     std::os::unix::fs::symlink("z.txt", vf.join("wide/zz")).expect("link");
     std::fs::create_dir(vf.join("wide/zzz")).expect("dir");
     let list = || {
@@ -1331,7 +1338,7 @@ fn archive_entries_never_carry_set_id_or_sticky_bits() {
     assert_eq!(modes(&r.body), want);
 }
 
-/// The same directory of empty files, walked: measured (`/folder/usage`), cloned and
+/// The same directory of empty files, walked: measured (`/folder/usage`) and
 /// deleted. Each walk listed a directory whole before visiting it, about 110 bytes
 /// of the proxy's memory per entry held for the walk (300 000 entries, some 33 MB
 /// per walk, as many walks at once as requests). The walks now visit files as the
@@ -1339,14 +1346,7 @@ fn archive_entries_never_carry_set_id_or_sticky_bits() {
 #[test]
 fn walking_a_directory_of_many_empty_files_holds_none_of_them() {
     const N: usize = 300_000;
-    let p = Proxy::start("");
-    create_folder(&p);
-    let vf = p.vfolder_path();
-    std::fs::create_dir(vf.join("wide")).expect("wide");
-    for i in 0..N {
-        std::fs::File::create(vf.join(format!("wide/f{i:06}"))).expect("file");
-    }
-    std::fs::write(vf.join("wide/z.txt"), b"12345").expect("z");
+    let (p, vf) = folder_of_empty_files(N);
     std::fs::create_dir(vf.join("wide/sub")).expect("sub");
     std::fs::write(vf.join("wide/sub/y.txt"), b"123").expect("y");
     let before = peak_kib(&p);
