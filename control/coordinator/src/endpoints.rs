@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::events::{CircuitEvent, EventKind};
 use super::placement;
-use super::{ApiError, Body, Id, State};
+use super::{ApiError, Body, Id, State, StoreError};
 
 /// One endpoint to create or sync.
 #[derive(Deserialize)]
@@ -136,6 +136,41 @@ async fn create_one(
     validate_endpoint(&e)?;
     let enabled = health_enabled(&e.health_check);
     let health_check = e.health_check.clone();
+    // Another request for the endpoint may have made its circuit since the lookup
+    // (the manager retries, and several of its nodes may ask at once): the insert
+    // then collides on the endpoint's index, and that circuit is the answer.
+    let mut collisions = 0;
+    let circuit = loop {
+        match created_or_existing(state, id, &e).await {
+            Err(ApiError::Store(StoreError::Conflict(why)))
+                if collisions < super::proxy::PLACEMENT_ATTEMPTS =>
+            {
+                collisions += 1;
+                tracing::debug!(%why, "the endpoint's circuit was made by another request meanwhile");
+            }
+            other => break other?,
+        }
+    };
+    // Written once the circuit stands: a refused creation leaves no endpoint row.
+    state
+        .store
+        .upsert_endpoint(id, enabled, health_check)
+        .await?;
+    let worker = state
+        .store
+        .worker(circuit.worker.unwrap_or_default())
+        .await?
+        .ok_or(ApiError::NoWorker)?;
+    Ok((endpoint_url(&worker.registration, &circuit), enabled))
+}
+
+/// The endpoint's circuit: the one it has (once any creation of it under way
+/// settled), else a new one.
+async fn created_or_existing(
+    state: &Arc<State>,
+    id: uuid::Uuid,
+    e: &CreateEndpoint,
+) -> Result<Circuit, ApiError> {
     // A circuit of this endpoint that another request is still creating is no
     // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
     let mut existing = state.store.circuit_of_endpoint(id).await?;
@@ -148,7 +183,7 @@ async fn create_one(
             _ => break,
         }
     }
-    let circuit = match existing {
+    Ok(match existing {
         Some((c, _)) => c,
         None => {
             let s = &e.tags.session;
@@ -225,18 +260,7 @@ async fn create_one(
                 .await?
                 .0
         }
-    };
-    // Written once the circuit stands: a refused creation leaves no endpoint row.
-    state
-        .store
-        .upsert_endpoint(id, enabled, health_check)
-        .await?;
-    let worker = state
-        .store
-        .worker(circuit.worker.unwrap_or_default())
-        .await?
-        .ok_or(ApiError::NoWorker)?;
-    Ok((endpoint_url(&worker.registration, &circuit), enabled))
+    })
 }
 
 /// Where an `existing_url` lives.

@@ -615,6 +615,14 @@ async fn place_and_store(
         {
             Ok(()) => return Ok((circuit, registration)),
             Err(StoreError::Conflict(why)) if attempt < 16 => {
+                // An endpoint has one circuit: another request made it meanwhile,
+                // and no other slot would be free of that. The caller answers with
+                // that circuit.
+                if let Some(endpoint) = template.endpoint_id {
+                    if state.store.circuit_of_endpoint(endpoint).await?.is_some() {
+                        return Err(StoreError::Conflict(why).into());
+                    }
+                }
                 tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
             }
             Err(e) => return Err(e.into()),

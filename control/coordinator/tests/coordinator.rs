@@ -109,6 +109,7 @@ on_both_engines! {
     nul_characters_are_refused_on_both_engines => nul_characters_are_refused_on_both_engines_sqlite, nul_characters_are_refused_on_both_engines_postgresql;
     idle_checks_survive_last_access_marks_that_are_no_time => idle_checks_survive_last_access_marks_that_are_no_time_sqlite, idle_checks_survive_last_access_marks_that_are_no_time_postgresql;
     setup_tokens_past_their_ttl_are_deleted => setup_tokens_past_their_ttl_are_deleted_sqlite, setup_tokens_past_their_ttl_are_deleted_postgresql;
+    concurrent_creations_of_one_endpoint_get_its_one_circuit => concurrent_creations_of_one_endpoint_get_its_one_circuit_sqlite, concurrent_creations_of_one_endpoint_get_its_one_circuit_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -3153,4 +3154,58 @@ fn setup_tokens_past_their_ttl_are_deleted(db: Db) {
             .any(|l| l["message"] == "expired setup tokens deleted" && l["tokens"] == 1),
         "{lines:?}"
     );
+}
+
+/// The manager retries an endpoint creation it timed out on, and several of its
+/// nodes may ask at once: requests for one endpoint that all find no circuit yet
+/// must still all get the one circuit the first of them made. The second used to
+/// collide with the first on the endpoint's unique index, place again sixteen
+/// times against the same index, and answer 409.
+fn concurrent_creations_of_one_endpoint_get_its_one_circuit(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+    const AT_ONCE: usize = 12;
+    for round in 0..4 {
+        let endpoint = format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5b{round:02}");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(AT_ONCE));
+        let askers: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let (start, endpoint, addr) = (start.clone(), endpoint.clone(), c.addr);
+                std::thread::spawn(move || {
+                    start.wait();
+                    request(
+                        addr,
+                        "POST",
+                        &format!("/v2/endpoints/{endpoint}"),
+                        &[AUTH],
+                        &endpoint_body(&format!("svc {round}"), None),
+                    )
+                })
+            })
+            .collect();
+        let answers: Vec<_> = askers
+            .into_iter()
+            .map(|a| a.join().expect("asker"))
+            .collect();
+        for r in &answers {
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+        let urls: std::collections::BTreeSet<String> = answers
+            .iter()
+            .map(|r| r.json()["endpoint"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(urls.len(), 1, "one circuit for every asker: {urls:?}");
+        assert_eq!(
+            db.query(
+                dir.path(),
+                &format!("SELECT count(*) FROM circuits WHERE endpoint_id = '{endpoint}'")
+            ),
+            "1"
+        );
+    }
 }
