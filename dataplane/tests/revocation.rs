@@ -44,6 +44,10 @@ impl Gate {
         self.state.lock().expect("gate").1 = true;
         self.changed.notify_all();
     }
+
+    fn close(&self) {
+        self.state.lock().expect("gate").1 = false;
+    }
 }
 use std::time::{Duration, Instant};
 
@@ -305,6 +309,11 @@ fn a_busy_tcp_connection_is_closed_when_the_allowlist_no_longer_admits_it() {
 /// An app answering every request with a 101 to `x-raw`, once `gate` (when given)
 /// opens, then echoing bytes.
 fn raw_upgrade_app(gate: Option<Arc<Gate>>) -> std::net::SocketAddr {
+    raw_upgrade_app_sending(gate, b"")
+}
+
+/// [`raw_upgrade_app`], sending `behind` right behind its 101 (in the same write).
+fn raw_upgrade_app_sending(gate: Option<Arc<Gate>>, behind: &'static [u8]) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     std::thread::spawn(move || {
@@ -321,8 +330,9 @@ fn raw_upgrade_app(gate: Option<Arc<Gate>>) -> std::net::SocketAddr {
                 if let Some(gate) = gate {
                     gate.pass();
                 }
-                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
-                if s.write_all(answer).is_err() {
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n".to_vec();
+                answer.extend_from_slice(behind);
+                if s.write_all(&answer).is_err() {
                     return;
                 }
                 let mut buf = [0u8; 4096];
@@ -406,4 +416,51 @@ fn a_tunnel_whose_101_comes_after_the_restriction_is_closed_at_once() {
     });
     assert_eq!(line[0]["revoked"], true, "{line:?}");
     assert_eq!(line[0]["bytes_to_app"], 0, "{line:?}");
+}
+
+/// The same race, with an app that sends bytes right behind its 101: an admitted
+/// client gets them with the 101, a client the circuit no longer admits gets the
+/// 101 and the end of the stream, nothing of the app's (as a WebSocket session
+/// drops what came behind its handshake).
+#[test]
+fn a_raw_upgrade_revoked_as_it_opens_relays_nothing_of_the_app_either() {
+    const BEHIND: &[u8] = b"for admitted clients only";
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let app = raw_upgrade_app_sending(Some(gate.clone()), BEHIND);
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    let original = config(&w);
+    // Admitted: the app's bytes come with the 101.
+    let mut s = raw_upgrade_request(w.port);
+    switched(&mut s);
+    let mut got = vec![0u8; BEHIND.len()];
+    s.read_exact(&mut got).expect("the app's bytes");
+    assert_eq!(got, BEHIND);
+    drop(s);
+    // Restricted while the app holds its 101.
+    gate.close();
+    let mut s = raw_upgrade_request(w.port);
+    gate.wait_arrived(2);
+    deploy(&w, &original, 1, |t| {
+        t.replace(
+            "open_to_public = true",
+            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8\"",
+        )
+    });
+    gate.open();
+    switched(&mut s);
+    let rest = common::read_until_closed(&mut s);
+    assert!(
+        rest.is_empty(),
+        "relayed to a client the circuit no longer admits: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    common::eventually("counted as revoked", || revoked(&w) == 1);
+    let lines = w.wait_log("the tunnel's line", |v| {
+        v["message"] == "upgraded connection closed" && v["revoked"] == true
+    });
+    assert_eq!(lines[0]["bytes_to_client"], 0, "{lines:?}");
 }
