@@ -767,3 +767,152 @@ fn a_permit_session_stays_while_its_user_owns_the_circuit() {
         "{lines:?}"
     );
 }
+
+/// A WebSocket app that sends without pause, to every session.
+fn ws_firehose() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                let message = vec![b'z'; 8 * 1024];
+                while ws.send(Message::Binary(message.clone().into())).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A session whose app never stops sending (and a client that keeps sending too)
+/// still ends when its circuit is removed: every turn of the relay sees the
+/// revocation.
+#[test]
+fn a_session_busy_both_ways_ends_when_its_circuit_is_removed() {
+    let app = ws_firehose();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut sessions: Vec<Ws> = (0..4).map(|_| session(&w)).collect();
+    for ws in &mut sessions {
+        assert!(matches!(ws.read().expect("message"), Message::Binary(_)));
+        ws.send(Message::Text("from the client".into()))
+            .expect("send");
+    }
+    deploy(&w, &original, 2, |t| {
+        t.replacen(
+            "c0a8f5d2-1111-4222-8333-444455556666",
+            "c0a8f5d2-1111-4222-8333-444455550003",
+            1,
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for ws in &mut sessions {
+        loop {
+            let _ = ws.send(Message::Text("still sending".into()));
+            match ws.read() {
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => assert!(
+                    Instant::now() < deadline,
+                    "the revoked session is still relaying"
+                ),
+            }
+        }
+    }
+    common::eventually("every session revoked", || revoked(&w) == 4);
+    common::eventually("no tunnel left open", || {
+        common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
+    });
+}
+
+/// Whether some socket of the machine is connecting to 127.0.0.1:`port` (its SYN
+/// unanswered: `SYN_SENT` in `/proc/net/tcp`).
+fn connecting_to(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"02")
+    })
+}
+
+/// A TCP circuit whose app connect hangs (the app's accept queue is full: its SYN is
+/// dropped, then retried) while the circuit is removed: once the connect completes,
+/// nothing passes either way (the app's banner, the client's early bytes), and the
+/// tunnel ends, counted as revoked.
+#[test]
+fn a_tcp_connection_whose_app_connect_hangs_while_removed_passes_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = listener.local_addr().expect("addr");
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"".into(),
+        extra: "[timeouts]\nupstream_connect_secs = 60\n".into(),
+        ..Default::default()
+    });
+    // The app's end of the worker's readiness connection, closed: the worker at rest.
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut probes = 0;
+    common::eventually("the readiness connection's tunnel closed", || {
+        while let Ok((c, _)) = listener.accept() {
+            drop(c);
+            probes += 1;
+        }
+        probes > 0 && common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
+    });
+    listener.set_nonblocking(false).expect("blocking");
+    let original = config(&w);
+    // Fill the accept queue, then shrink it to nothing: the next SYN is dropped.
+    let filler = TcpStream::connect(app).expect("filler");
+    socket2::SockRef::from(&listener).listen(0).expect("listen");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"sent before the removal")
+        .expect("early bytes");
+    common::eventually("the worker connecting to the app", || {
+        connecting_to(app.port())
+    });
+    deploy(&w, &original, 1, |t| {
+        t.replacen(
+            "c0a8f5d2-1111-4222-8333-444455556666",
+            "c0a8f5d2-1111-4222-8333-444455550003",
+            1,
+        )
+    });
+    // Room in the queue: the retried SYN gets through.
+    drop(filler);
+    let (app_got, app_side) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let _ = c.write_all(b"banner of the app");
+            c.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            let _ = app_got.send(got);
+        }
+    });
+    assert_eq!(
+        common::read_until_closed(&mut s),
+        b"",
+        "nothing of the app's reaches the client"
+    );
+    common::eventually("counted as revoked", || revoked(&w) == 1);
+    let peer = s.local_addr().expect("addr").to_string();
+    let line = w.wait_log("the connection's line", |v| {
+        v["message"] == "tcp connection closed" && v["peer"] == peer.as_str()
+    });
+    assert_eq!(line[0]["revoked"], true, "{line:?}");
+    assert_eq!(line[0]["bytes_to_app"], 0, "{line:?}");
+    // The filler and the worker's connection (some order): neither got a byte.
+    for _ in 0..2 {
+        let got = app_side
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the app's connections end");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+}
