@@ -48,11 +48,16 @@ impl Client {
         } = self;
         let idle = core.rt.tunnel_idle_timeout;
         // What each side sent right behind the handshake.
-        let from_app = ubuf.filled().to_vec();
+        let mut from_app = ubuf.filled().to_vec();
         ubuf.consume(usize::MAX);
         let from_client = buf.filled().to_vec();
         buf.consume(usize::MAX);
         if ends.ws_rsv.is_none() {
+            // Nothing of the app's is the client's if the tunnel was revoked as it
+            // opened (a WebSocket session drops it the same way).
+            if relay::revoked(conn, &ends.upstream) {
+                from_app.clear();
+            }
             out.extend_from_slice(&from_app);
         }
         // The HTTP buffers are done with: a long-lived tunnel should not keep them.
