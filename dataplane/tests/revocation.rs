@@ -11,46 +11,13 @@ mod common;
 use appproxy_test_support::net::{ReadUninterrupted, Uninterrupted};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
-/// Holds an app's 101 until opened; counts the requests that arrived.
-#[derive(Default)]
-struct Gate {
-    /// (requests arrived, open)
-    state: Mutex<(u32, bool)>,
-    changed: Condvar,
-}
-
-impl Gate {
-    fn pass(&self) {
-        let mut state = self.state.lock().expect("gate");
-        state.0 += 1;
-        self.changed.notify_all();
-        while !state.1 {
-            state = self.changed.wait(state).expect("gate");
-        }
-    }
-
-    fn wait_arrived(&self, n: u32) {
-        let state = self.state.lock().expect("gate");
-        let (_state, timeout) = self
-            .changed
-            .wait_timeout_while(state, Duration::from_secs(10), |s| s.0 < n)
-            .expect("gate");
-        assert!(!timeout.timed_out(), "the request never reached the app");
-    }
-
-    fn open(&self) {
-        self.state.lock().expect("gate").1 = true;
-        self.changed.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().expect("gate").1 = false;
-    }
-}
 use std::time::{Duration, Instant};
 
+use common::upgrade::{
+    raw_upgrade, raw_upgrade_app, raw_upgrade_app_sending, raw_upgrade_request, switched, Gate,
+};
 use common::ws::echo_app;
 use common::{Worker, WorkerOpts};
 use tungstenite::Message;
@@ -70,7 +37,7 @@ fn session(w: &Worker) -> Ws {
 }
 
 /// One message there and back.
-fn echoes(ws: &mut Ws, text: &str) {
+fn echoes<S: Read + Write>(ws: &mut tungstenite::WebSocket<S>, text: &str) {
     ws.send(Message::Text(text.into())).expect("send");
     loop {
         match ws.read().expect("echo") {
@@ -112,6 +79,18 @@ fn config(w: &Worker) -> String {
 
 fn revoked(w: &Worker) -> u64 {
     common::metric_all_cores(w, "appproxy_tunnels_revoked_total")
+}
+
+/// The close line of the TCP connection `s` once it is the one tunnel revoked
+/// (checked: it says so).
+fn revoked_tcp_line(w: &Worker, s: &TcpStream) -> serde_json::Value {
+    common::eventually("counted as revoked", || revoked(w) == 1);
+    let peer = s.local_addr().expect("addr").to_string();
+    let line = w.wait_log("the connection's line", |v| {
+        v["message"] == "tcp connection closed" && v["peer"] == peer.as_str()
+    });
+    assert_eq!(line[0]["revoked"], true, "{line:?}");
+    line[0].clone()
 }
 
 #[test]
@@ -295,91 +274,10 @@ fn a_busy_tcp_connection_is_closed_when_the_allowlist_no_longer_admits_it() {
             ),
         }
     }
-    common::eventually("counted as revoked", || revoked(&w) == 1);
-    let peer = s.local_addr().expect("addr").to_string();
-    let line = w.wait_log("the connection's line", |v| {
-        v["message"] == "tcp connection closed" && v["peer"] == peer.as_str()
-    });
-    assert_eq!(line[0]["revoked"], true, "{line:?}");
+    revoked_tcp_line(&w, &s);
     common::eventually("no tunnel left open", || {
         common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
     });
-}
-
-/// An app answering every request with a 101 to `x-raw`, once `gate` (when given)
-/// opens, then echoing bytes.
-fn raw_upgrade_app(gate: Option<Arc<Gate>>) -> std::net::SocketAddr {
-    raw_upgrade_app_sending(gate, b"")
-}
-
-/// [`raw_upgrade_app`], sending `behind` right behind its 101 (in the same write).
-fn raw_upgrade_app_sending(gate: Option<Arc<Gate>>, behind: &'static [u8]) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            let gate = gate.clone();
-            std::thread::spawn(move || {
-                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                if let Some(gate) = gate {
-                    gate.pass();
-                }
-                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n".to_vec();
-                answer.extend_from_slice(behind);
-                if s.write_all(&answer).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Sends a raw upgrade request to `port`.
-fn raw_upgrade_request(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n")
-        .expect("upgrade");
-    s
-}
-
-/// Reads the 101's head.
-fn switched(s: &mut TcpStream) {
-    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("101 head");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-}
-
-/// Opens a raw upgrade through `port` and checks one echo.
-fn raw_upgrade(port: u16, what: &str) -> TcpStream {
-    let mut s = raw_upgrade_request(port);
-    switched(&mut s);
-    s.write_all(what.as_bytes()).expect("bytes");
-    let mut echo = vec![0u8; what.len()];
-    s.read_exact(&mut echo).expect("echo");
-    assert_eq!(echo, what.as_bytes());
-    s
 }
 
 /// The race: the request was admitted, then a deployment restricted the circuit
@@ -529,7 +427,7 @@ fn tls_tunnels_close_when_the_allowlist_no_longer_admits_the_client() {
         Ok((ws, _)) => ws,
         Err(e) => panic!("handshake: {e:?}"),
     };
-    echoes_on(&mut ws, "over tls");
+    echoes(&mut ws, "over tls");
     let aux = std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port));
     let mut raw = tls_support::connect(aux, &client, "localhost").expect("tls");
     raw.sock
@@ -581,17 +479,6 @@ fn tls_tunnels_close_when_the_allowlist_no_longer_admits_the_client() {
     common::eventually("no tunnel left open", || {
         common::metric_all_cores(&w, "appproxy_tunnels_active") == 0
     });
-}
-
-fn echoes_on<S: Read + Write>(ws: &mut tungstenite::WebSocket<S>, text: &str) {
-    ws.send(Message::Text(text.into())).expect("send");
-    loop {
-        match ws.read().expect("echo") {
-            Message::Text(t) => return assert_eq!(t.as_str(), text),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("expected the echo of {text:?}, got {other:?}"),
-        }
-    }
 }
 
 /// Changes that still admit the clients leave every tunnel open: a whole-set reload
@@ -901,13 +788,8 @@ fn a_tcp_connection_whose_app_connect_hangs_while_removed_passes_nothing() {
         b"",
         "nothing of the app's reaches the client"
     );
-    common::eventually("counted as revoked", || revoked(&w) == 1);
-    let peer = s.local_addr().expect("addr").to_string();
-    let line = w.wait_log("the connection's line", |v| {
-        v["message"] == "tcp connection closed" && v["peer"] == peer.as_str()
-    });
-    assert_eq!(line[0]["revoked"], true, "{line:?}");
-    assert_eq!(line[0]["bytes_to_app"], 0, "{line:?}");
+    let line = revoked_tcp_line(&w, &s);
+    assert_eq!(line["bytes_to_app"], 0, "{line}");
     // The filler and the worker's connection (some order): neither got a byte.
     for _ in 0..2 {
         let got = app_side

@@ -8,7 +8,7 @@
 
 mod common;
 
-use appproxy_test_support::net::{ReadUninterrupted, Uninterrupted};
+use appproxy_test_support::net::Uninterrupted;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -291,58 +291,6 @@ fn masked_text(payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// An app that answers every request with `101` to `x-raw`, then echoes bytes until
-/// the client half-closes.
-fn raw_upgrade_app() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
-                if s.write_all(answer).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read_uninterrupted(&mut buf) {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Opens a raw (non-WebSocket) upgrade through `w` and checks one echo.
-fn raw_upgrade(w: &Worker, what: &str) -> TcpStream {
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /raw HTTP/1.1\r\nHost: t\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n")
-        .expect("upgrade");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("101 head");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{what}");
-    s.write_all(what.as_bytes()).expect("bytes");
-    let mut echo = vec![0u8; what.len()];
-    s.read_exact(&mut echo).expect("echo");
-    assert_eq!(echo, what.as_bytes());
-    s
-}
-
 /// Waits until no tunnel is open and the worker holds no more descriptors than it
 /// did before the tunnels: both connections of every tunnel were released.
 fn all_released(w: &Worker, before: u64, what: &str) {
@@ -389,7 +337,7 @@ fn every_way_a_tunnel_ends_releases_both_connections() {
     }
     drop(w);
 
-    let app = raw_upgrade_app();
+    let app = common::upgrade::raw_upgrade_app(None);
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
         extra: "[timeouts]\ntunnel_idle_secs = 1".into(),
@@ -399,16 +347,16 @@ fn every_way_a_tunnel_ends_releases_both_connections() {
     let mut silent = Vec::new();
     for i in 0..EACH {
         // The client half-closes; the app sees end of stream and closes too.
-        let mut s = raw_upgrade(&w, &format!("clean {i}"));
+        let mut s = common::upgrade::raw_upgrade(w.port, &format!("clean {i}"));
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).expect("end of stream");
         assert!(rest.is_empty(), "nothing after the echo: {rest:?}");
         // The client vanishes with bytes in flight.
-        let mut s = raw_upgrade(&w, &format!("gone {i}"));
+        let mut s = common::upgrade::raw_upgrade(w.port, &format!("gone {i}"));
         s.write_all(b"unread echo").expect("bytes");
         drop(s);
-        silent.push(raw_upgrade(&w, &format!("silent {i}")));
+        silent.push(common::upgrade::raw_upgrade(w.port, &format!("silent {i}")));
     }
     all_released(&w, before, "raw upgrade");
 }

@@ -2,6 +2,7 @@
 //! throwaway directory on free ports, and a raw-socket client.
 #![allow(dead_code)]
 
+pub mod upgrade;
 pub mod ws;
 
 use appproxy_test_support::net::ReadUninterrupted;
