@@ -8,16 +8,19 @@
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
 //! the reserve is refilled once a descriptor is free again. Up to [`MAX_CLIENTS`]
-//! clients are served at once, each on a short-lived thread of its own, and each has
+//! clients are served at once, each on a short-lived thread of its own (once half
+//! of them are taken, an address holding [`PER_ADDRESS`] gets no more), and each has
 //! [`HEAD_DEADLINE`] for its whole request head and another
 //! for taking its whole answer, however it spaces its bytes or reads: a trickling or
-//! slow-reading client cannot hold `/health`.
+//! slow-reading client cannot hold `/health`, nor can many connections from one
+//! address.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client_table::ClientKey;
 use crate::core::SharedMetrics;
 use crate::liveness::Liveness;
 
@@ -48,8 +51,12 @@ pub fn spawn(
         .spawn(move || loop {
             slots.wait_for_one();
             match listener.accept() {
-                Ok((stream, _)) => {
-                    serve_apart(stream, &shared, &slots);
+                Ok((stream, peer)) => {
+                    // One address past its share is closed unserved: the slots
+                    // stay for others (a health checker among them).
+                    if let Some(seat) = slots.take(peer.ip()) {
+                        serve_apart(stream, &shared, &slots, seat);
+                    }
                     reserve.refill();
                 }
                 Err(e) if crate::core::is_out_of_descriptors(&e) => {
@@ -68,14 +75,28 @@ pub fn spawn(
 /// How many admin clients are served at once, each on a thread of its own: a few
 /// silent or slow clients (each cut at its deadlines) never queue `/health` behind
 /// them. Past it, the accept waits for one to end.
-const MAX_CLIENTS: usize = 16;
+const MAX_CLIENTS: usize = 32;
 
-/// The count of clients being served, with a wake-up when one ends.
+/// Once half the slots are taken, a client address (an IPv4 address, or an IPv6
+/// address's /64, as `[limits] max_connections_per_client` counts) that holds this
+/// many gets no more: its further connections are closed at once, unserved. One
+/// address takes at most half the slots, and it takes several more addresses to
+/// take the rest and hold `/health` from everyone else.
+const PER_ADDRESS: usize = 4;
+
+/// The count of clients being served, in all and by address, with a wake-up when
+/// one ends.
 #[derive(Default)]
 struct Slots {
     busy: std::sync::Mutex<usize>,
     freed: std::sync::Condvar,
+    /// Clients being served by address; an address leaves with its last one, so
+    /// this holds at most [`MAX_CLIENTS`] entries.
+    by_address: std::sync::Mutex<std::collections::HashMap<ClientKey, usize>>,
 }
+
+/// A served client's hold on its address's share.
+struct Seat(ClientKey);
 
 impl Slots {
     /// Waits (in bounded steps) until fewer than [`MAX_CLIENTS`] are served.
@@ -90,12 +111,30 @@ impl Slots {
         }
     }
 
-    fn take(&self) {
-        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    /// Takes a slot for a client at `ip`; `None` when half the slots are taken
+    /// and its address holds [`PER_ADDRESS`] already.
+    fn take(&self, ip: std::net::IpAddr) -> Option<Seat> {
+        let key = ClientKey::of(ip);
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let held = by.entry(key).or_insert(0);
+        if *held >= PER_ADDRESS && *busy >= MAX_CLIENTS / 2 {
+            return None;
+        }
+        *held += 1;
+        *busy += 1;
+        Some(Seat(key))
     }
 
-    fn free(&self) {
+    fn free(&self, seat: Seat) {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = by.get_mut(&seat.0) {
+            *held -= 1;
+            if *held == 0 {
+                by.remove(&seat.0);
+            }
+        }
         *busy = busy.saturating_sub(1);
         self.freed.notify_one();
     }
@@ -107,9 +146,12 @@ fn serve_apart(
     stream: TcpStream,
     shared: &Arc<(Arc<SharedMetrics>, HealthInfo)>,
     slots: &Arc<Slots>,
+    seat: Seat,
 ) {
-    slots.take();
     let (shared2, slots2) = (shared.clone(), slots.clone());
+    // The seat moves into the thread; kept here only if the thread cannot start.
+    let seat = Arc::new(std::sync::Mutex::new(Some(seat)));
+    let seat2 = seat.clone();
     // The stream moves into the thread; kept here only if the thread cannot start.
     let held = Arc::new(std::sync::Mutex::new(Some(stream)));
     let held2 = held.clone();
@@ -121,14 +163,18 @@ fn serve_apart(
             if let Some(stream) = stream {
                 let _ = serve_one(stream, &shared2.0, &shared2.1);
             }
-            slots2.free();
+            if let Some(seat) = seat2.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                slots2.free(seat);
+            }
         });
     if started.is_err() {
         let stream = held.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(stream) = stream {
             let _ = serve_one(stream, &shared.0, &shared.1);
         }
-        slots.free();
+        if let Some(seat) = seat.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            slots.free(seat);
+        }
     }
 }
 

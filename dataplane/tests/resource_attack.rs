@@ -211,6 +211,50 @@ fn a_client_reading_its_admin_answer_slowly_does_not_hold_health() {
     );
 }
 
+/// Many silent connections from one address: it holds at most half the admin
+/// endpoint's slots (its further connections are closed unserved at once), and
+/// `/health` asked from another address is answered while its admitted silent
+/// connections are all still open and unanswered. Before, 16 silent connections
+/// from anywhere held every slot until their head deadline, and an orchestrator's
+/// health check behind them waited or failed.
+#[test]
+fn one_address_cannot_take_every_admin_slot() {
+    const SILENT: usize = 40;
+    let w = Worker::start(WorkerOpts::default());
+    let silent: Vec<TcpStream> = (0..SILENT)
+        .map(|_| TcpStream::connect(w.admin).expect("connect admin"))
+        .collect();
+    // Each is seen by the accept thread (admitted, or closed unserved) before the
+    // health check connects, so the check is never simply first in line.
+    let state = |s: &TcpStream| {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        s.peek(&mut b).map_err(|e| e.kind())
+    };
+    eventually(
+        "the connections past the address's share are closed",
+        || {
+            silent
+                .iter()
+                .filter(|s| state(s) != Err(std::io::ErrorKind::WouldBlock))
+                .count()
+                >= SILENT - 16
+        },
+    );
+    let mut c = common::Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.admin);
+    c.send(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let waiting = silent
+        .iter()
+        .filter(|s| state(s) == Err(std::io::ErrorKind::WouldBlock))
+        .count();
+    assert_eq!(
+        waiting, 16,
+        "the address's half was still waiting, unanswered, when /health answered"
+    );
+}
+
 /// Silent clients of the admin endpoint (connected, sending nothing) are each cut at
 /// the head deadline, but `/health` does not wait behind them: it is answered while
 /// they are all still open and unanswered.
