@@ -221,15 +221,18 @@ fn a_client_reading_its_admin_answer_slowly_does_not_hold_health() {
 fn one_address_cannot_take_every_admin_slot() {
     const SILENT: usize = 40;
     let w = Worker::start(WorkerOpts::default());
-    let silent: Vec<TcpStream> = (0..SILENT)
-        .map(|_| TcpStream::connect(w.admin).expect("connect admin"))
+    // From an address nothing else uses (the harness's own probes come from
+    // 127.0.0.1 and may still hold a slot or two).
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let silent: Vec<common::Client> = (0..SILENT)
+        .map(|_| common::Client::connect_from(from, w.admin))
         .collect();
     // Each is seen by the accept thread (admitted, or closed unserved) before the
     // health check connects, so the check is never simply first in line.
-    let state = |s: &TcpStream| {
-        s.set_nonblocking(true).expect("nonblocking");
+    let state = |c: &common::Client| {
+        c.stream.set_nonblocking(true).expect("nonblocking");
         let mut b = [0u8; 1];
-        s.peek(&mut b).map_err(|e| e.kind())
+        c.stream.peek(&mut b).map_err(|e| e.kind())
     };
     eventually(
         "the connections past the address's share are closed",
@@ -249,9 +252,13 @@ fn one_address_cannot_take_every_admin_slot() {
         .iter()
         .filter(|s| state(s) == Err(std::io::ErrorKind::WouldBlock))
         .count();
-    assert_eq!(
-        waiting, 16,
-        "the address's half was still waiting, unanswered, when /health answered"
+    // Half the 32 slots, less any the harness's probes still held when the address
+    // reached half: the rest were closed at once. Without the rule, the check waits
+    // for the first silent ones to be cut at their deadline, and only the later ones
+    // (8 here) are still waiting when it is answered.
+    assert!(
+        (12..=16).contains(&waiting),
+        "the address's half was still waiting, unanswered, when /health answered: {waiting}"
     );
 }
 
