@@ -73,6 +73,17 @@ fn deploy(w: &Worker, original: &str, cores: usize, edit: impl FnOnce(&str) -> S
     });
 }
 
+/// Deploys the original circuit with an allowlist (10.0.0.0/8) that no longer
+/// admits the test's loopback clients.
+fn narrow_to_elsewhere(w: &Worker, original: &str) {
+    deploy(w, original, 1, |t| {
+        t.replace(
+            "open_to_public = true",
+            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8\"",
+        )
+    });
+}
+
 fn config(w: &Worker) -> String {
     std::fs::read_to_string(w.dir.path().join("worker.toml")).expect("config")
 }
@@ -294,12 +305,7 @@ fn a_tunnel_whose_101_comes_after_the_restriction_is_closed_at_once() {
     let original = config(&w);
     let mut s = raw_upgrade_request(w.port);
     gate.wait_arrived(1);
-    deploy(&w, &original, 1, |t| {
-        t.replace(
-            "open_to_public = true",
-            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8\"",
-        )
-    });
+    narrow_to_elsewhere(&w, &original);
     gate.open();
     switched(&mut s);
     let _ = s.write_all(b"after the restriction");
@@ -342,12 +348,7 @@ fn a_raw_upgrade_revoked_as_it_opens_relays_nothing_of_the_app_either() {
     gate.close();
     let mut s = raw_upgrade_request(w.port);
     gate.wait_arrived(2);
-    deploy(&w, &original, 1, |t| {
-        t.replace(
-            "open_to_public = true",
-            "open_to_public = true\nallowed_client_ips = \"10.0.0.0/8\"",
-        )
-    });
+    narrow_to_elsewhere(&w, &original);
     gate.open();
     switched(&mut s);
     let rest = common::read_until_closed(&mut s);
@@ -378,12 +379,8 @@ fn sink_upgrade_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64
         for mut s in listener.incoming().flatten() {
             let got = counted.clone();
             std::thread::spawn(move || {
-                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if !common::upgrade::read_request_head(&mut s) {
+                    return;
                 }
                 let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
                 if s.write_all(answer).is_err() {
@@ -437,16 +434,7 @@ fn tls_tunnels_close_when_the_allowlist_no_longer_admits_the_client() {
         b"GET /raw HTTP/1.1\r\nHost: localhost\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n",
     )
     .expect("upgrade");
-    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-    while !head.ends_with(b"\r\n\r\n") {
-        raw.read_exact(&mut byte).expect("101 head");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    switched(&mut raw);
     let writer = std::thread::spawn(move || {
         let chunk = vec![b'y'; 16 * 1024];
         let mut sent = 0u64;

@@ -904,6 +904,15 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     );
 }
 
+/// Registers the wildcard worker `inference-1` (`*.apps.test` on port 80).
+fn register_inference_worker(c: &Coordinator) {
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+    assert_eq!(
+        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        200
+    );
+}
+
 fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
     let id = deployment
         .map(|d| format!(r#""deployment_id":"{d}","#))
@@ -919,11 +928,7 @@ fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
 fn endpoints_lifecycle(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
-    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
-    assert_eq!(
-        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
-        200
-    );
+    register_inference_worker(&c);
     let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
     let e2 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62";
     let r = request(
@@ -3164,11 +3169,7 @@ fn setup_tokens_past_their_ttl_are_deleted(db: Db) {
 fn concurrent_creations_of_one_endpoint_get_its_one_circuit(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
-    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
-    assert_eq!(
-        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
-        200
-    );
+    register_inference_worker(&c);
     const AT_ONCE: usize = 12;
     for round in 0..4 {
         let endpoint = format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5b{round:02}");

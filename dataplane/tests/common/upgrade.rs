@@ -61,12 +61,8 @@ pub fn raw_upgrade_app_sending(
         for mut s in listener.incoming().flatten() {
             let gate = gate.clone();
             std::thread::spawn(move || {
-                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if !read_request_head(&mut s) {
+                    return;
                 }
                 if let Some(gate) = gate {
                     gate.pass();
@@ -98,8 +94,22 @@ pub fn raw_upgrade_request(port: u16) -> TcpStream {
     s
 }
 
-/// Reads the 101's head.
-pub fn switched(s: &mut TcpStream) {
+/// The app's side: reads a request's head byte by byte (nothing behind it is
+/// taken); false when the connection ends first.
+pub fn read_request_head(s: &mut TcpStream) -> bool {
+    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read_exact(&mut byte).is_err() {
+            return false;
+        }
+        head.push(byte[0]);
+    }
+    true
+}
+
+/// Reads the 101's head (over TCP or TLS), byte by byte: what follows it stays
+/// unread.
+pub fn switched<S: Read>(s: &mut S) {
     let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
     while !head.ends_with(b"\r\n\r\n") {
         s.read_exact(&mut byte).expect("101 head");
