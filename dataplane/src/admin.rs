@@ -84,28 +84,36 @@ const MAX_CLIENTS: usize = 32;
 /// take the rest and hold `/health` from everyone else.
 const PER_ADDRESS: usize = 4;
 
-/// The count of clients being served, in all and by address, with a wake-up when
-/// one ends.
+/// The clients being served, by address, with a wake-up when one ends.
 #[derive(Default)]
 struct Slots {
-    busy: std::sync::Mutex<usize>,
+    served: std::sync::Mutex<Served>,
     freed: std::sync::Condvar,
-    /// Clients being served by address; an address leaves with its last one, so
-    /// this holds at most [`MAX_CLIENTS`] entries.
-    by_address: std::sync::Mutex<std::collections::HashMap<ClientKey, usize>>,
+}
+
+/// Clients being served: in all, and by address (an address leaves with its last
+/// one, so the map holds at most [`MAX_CLIENTS`] entries).
+#[derive(Default)]
+struct Served {
+    total: usize,
+    by_address: std::collections::HashMap<ClientKey, usize>,
 }
 
 /// A served client's hold on its address's share.
 struct Seat(ClientKey);
 
 impl Slots {
+    fn served(&self) -> std::sync::MutexGuard<'_, Served> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits (in bounded steps) until fewer than [`MAX_CLIENTS`] are served.
     fn wait_for_one(&self) {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        while *busy >= MAX_CLIENTS {
-            busy = self
+        let mut served = self.served();
+        while served.total >= MAX_CLIENTS {
+            served = self
                 .freed
-                .wait_timeout(busy, Duration::from_millis(100))
+                .wait_timeout(served, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -115,27 +123,26 @@ impl Slots {
     /// and its address holds [`PER_ADDRESS`] already.
     fn take(&self, ip: std::net::IpAddr) -> Option<Seat> {
         let key = ClientKey::of(ip);
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
-        let held = by.entry(key).or_insert(0);
-        if *held >= PER_ADDRESS && *busy >= MAX_CLIENTS / 2 {
+        let mut served = self.served();
+        let crowded = served.total >= MAX_CLIENTS / 2;
+        let held = served.by_address.entry(key).or_insert(0);
+        if *held >= PER_ADDRESS && crowded {
             return None;
         }
         *held += 1;
-        *busy += 1;
+        served.total += 1;
         Some(Seat(key))
     }
 
     fn free(&self, seat: Seat) {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = by.get_mut(&seat.0) {
+        let mut served = self.served();
+        if let Some(held) = served.by_address.get_mut(&seat.0) {
             *held -= 1;
             if *held == 0 {
-                by.remove(&seat.0);
+                served.by_address.remove(&seat.0);
             }
         }
-        *busy = busy.saturating_sub(1);
+        served.total = served.total.saturating_sub(1);
         self.freed.notify_one();
     }
 }
