@@ -197,6 +197,39 @@ impl Pg {
             .unwrap_or_else(|e| panic!("psql {sql:?}: {e}"))
     }
 
+    /// Runs `sql` on `db` in a session kept open (a transaction that holds its
+    /// locks, say) until the returned [`Held`] is released or dropped.
+    pub fn hold(&self, db: &str, sql: &str) -> Held {
+        use std::io::{BufRead as _, Write as _};
+        let psql = if self.bin.join("psql").is_file() {
+            self.bin.join("psql")
+        } else {
+            PathBuf::from("psql")
+        };
+        let mut child = Command::new(psql)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .args(["-d", db])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{sql};\nSELECT 'held';").expect("send to psql");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        while line.trim() != "held" {
+            line.clear();
+            let read = out.read_line(&mut line).expect("read psql");
+            assert!(read > 0, "psql ended before {sql:?} held: {}", self.log());
+        }
+        Held {
+            child,
+            stdin: Some(stdin),
+        }
+    }
+
     /// The server log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
@@ -215,6 +248,34 @@ impl Pg {
     /// Whether the server runs as another user (root started it).
     pub fn unprivileged(&self) -> bool {
         self.user.is_some()
+    }
+}
+
+/// A psql session kept open by [`Pg::hold`]; killed (its transaction rolled back)
+/// when dropped.
+pub struct Held {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Held {
+    /// Commits the session's transaction and ends it.
+    pub fn commit(mut self) {
+        use std::io::Write as _;
+        let mut stdin = self.stdin.take().expect("open session");
+        writeln!(stdin, "COMMIT;").expect("send to psql");
+        drop(stdin);
+        let status = self.child.wait().expect("psql");
+        assert!(status.success(), "psql: {status}");
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::events::{AckOutcome, CircuitEvent, EventKind};
 use super::placement::{self, Placement, Used};
-use super::store::StoreError;
+use super::store::{StoreError, STATEMENT_TIMEOUT};
 use super::{api, ApiError, Body, Params, State};
 
 /// Whether `s` holds a control character (CR, LF, NUL, …): such a value would split
@@ -395,15 +395,20 @@ pub(super) async fn proxy_add(
 /// How many workers (or ports) one creation tries before it gives up.
 pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
 
-/// Marks a stored circuit as a creation under way until it has its outcome
-/// (acknowledged, or withdrawn). Dropped before that — the caller gave up and its
-/// request was cancelled mid-wait — it withdraws the circuit in a task of its own,
-/// under the request's ID: nobody got an answer with it, and left stored it would
-/// be reused, deployed by a fetch or held for ever without any acknowledgement.
+/// Marks a circuit as a creation under way from just before it is stored until it
+/// has its outcome (acknowledged, or withdrawn). Dropped before that — the caller
+/// gave up and its request was cancelled mid-wait, or the store did not answer in
+/// time — it withdraws the circuit in a task of its own, under the request's ID:
+/// nobody got an answer with it, and left stored it would be reused, deployed by a
+/// fetch or held for ever without any acknowledgement. Taken before the insert, it
+/// also covers an insert still in flight: one the database commits after its
+/// caller stopped waiting.
 struct Creating {
     state: Arc<State>,
     circuit: uuid::Uuid,
     settled: bool,
+    /// What the withdrawal logs.
+    why: &'static str,
     /// The creating request's ID (a drop happens outside its polls).
     request_id: Option<appproxy_shared::RequestId>,
 }
@@ -415,14 +420,21 @@ impl Creating {
             state: state.clone(),
             circuit,
             settled: false,
+            why: "creation abandoned by its caller; circuit withdrawn",
             request_id: appproxy_shared::current_request_id(),
         }
     }
 
-    /// The creation has its outcome (its announcement acknowledged, or the circuit
-    /// withdrawn).
+    /// The creation has its outcome (its announcement acknowledged, the circuit
+    /// withdrawn, or its insert refused: nothing stored).
     fn settled(mut self) {
         self.settled = true;
+    }
+
+    /// The insert's outcome is unknown (the store did not answer in time): whatever
+    /// it may still commit is withdrawn.
+    fn withdraw_unknown(mut self) {
+        self.why = "circuit store did not answer in time; whatever it commits is withdrawn";
     }
 }
 
@@ -432,14 +444,23 @@ impl Drop for Creating {
             self.state.creating().remove(&self.circuit);
             return;
         }
-        let (state, circuit) = (self.state.clone(), self.circuit);
+        let (state, circuit, why) = (self.state.clone(), self.circuit, self.why);
         // (No runtime: the process is going down; nothing to withdraw with.)
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(appproxy_shared::scope(self.request_id, async move {
-            tracing::warn!(%circuit, "creation abandoned by its caller; circuit withdrawn");
-            if let Err(e) = state.remove_circuit(circuit).await {
+            tracing::warn!(%circuit, "{why}");
+            let mut removed = state.remove_circuit(circuit).await;
+            if !matches!(removed, Ok(true)) {
+                // Not stored (yet): an insert whose caller stopped waiting may still
+                // be running. SQLite's one connection runs it before this removal;
+                // PostgreSQL ends it within its statement timeout, so a second
+                // removal after that finds whatever it committed.
+                tokio::time::sleep(STATEMENT_TIMEOUT + std::time::Duration::from_secs(1)).await;
+                removed = state.remove_circuit(circuit).await;
+            }
+            if let Err(e) = removed {
                 tracing::warn!(%circuit, error = %e, "abandoned circuit not withdrawn");
             }
             state.creating().remove(&circuit);
@@ -471,14 +492,13 @@ pub(super) async fn create_circuit(
                 .placement_retries
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let (circuit, worker_body) =
+        let (circuit, worker_body, under_way) =
             match place_and_store(state, &template, request, &avoid_workers, &avoid_ports).await {
                 Ok(placed) => placed,
                 // Nowhere left to go after a failure: the failure is the answer.
                 Err(ApiError::NoWorker) if last_error.is_some() => break,
                 Err(e) => return Err(e),
             };
-        let under_way = Creating::new(state, circuit.id);
         let announced = announce(state, &circuit, &worker_body).await;
         under_way.settled();
         match announced {
@@ -513,14 +533,14 @@ enum Retry {
 
 /// Places the circuit on an eligible worker (breaker closed or half-open, not in
 /// `avoid_workers`) and stores it; a slot raced by a concurrent creation is placed
-/// again.
+/// again. The stored circuit comes with its creation marked as under way.
 async fn place_and_store(
-    state: &State,
+    state: &Arc<State>,
     template: &Circuit,
     request: &placement::Request<'_>,
     avoid_workers: &[uuid::Uuid],
     avoid_ports: &[(uuid::Uuid, u16)],
-) -> Result<(Circuit, WorkerRegistration), ApiError> {
+) -> Result<(Circuit, WorkerRegistration, Creating), ApiError> {
     // The manager's ID, or NULL: the coordinator never makes one up.
     let origin = appproxy_shared::current_request_id();
     let mut attempt = 0;
@@ -604,17 +624,23 @@ async fn place_and_store(
         // the event: a worker that finds the circuit by a fetch deploys it under a
         // child of the same span.
         let trace = appproxy_shared::middleware::current_trace_context();
-        match state
+        let under_way = Creating::new(state, circuit.id);
+        let inserted = state
             .store
             .insert_circuit(
                 &circuit,
                 origin.as_ref().map(|i| i.as_str()),
                 trace.as_ref(),
             )
-            .await
-        {
-            Ok(()) => return Ok((circuit, registration)),
+            .await;
+        match inserted {
+            Ok(()) => return Ok((circuit, registration, under_way)),
+            Err(e) if e.is_unavailable() => {
+                under_way.withdraw_unknown();
+                return Err(e.into());
+            }
             Err(StoreError::Conflict(why)) if attempt < 16 => {
+                under_way.settled();
                 // An endpoint has one circuit: another request made it meanwhile,
                 // and no other slot would be free of that. The caller answers with
                 // that circuit.
@@ -625,7 +651,10 @@ async fn place_and_store(
                 }
                 tracing::debug!(%why, attempt, "slot taken meanwhile; placing again");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                under_way.settled();
+                return Err(e.into());
+            }
         }
     }
 }

@@ -110,6 +110,7 @@ on_both_engines! {
     idle_checks_survive_last_access_marks_that_are_no_time => idle_checks_survive_last_access_marks_that_are_no_time_sqlite, idle_checks_survive_last_access_marks_that_are_no_time_postgresql;
     setup_tokens_past_their_ttl_are_deleted => setup_tokens_past_their_ttl_are_deleted_sqlite, setup_tokens_past_their_ttl_are_deleted_postgresql;
     concurrent_creations_of_one_endpoint_get_its_one_circuit => concurrent_creations_of_one_endpoint_get_its_one_circuit_sqlite, concurrent_creations_of_one_endpoint_get_its_one_circuit_postgresql;
+    a_creation_dropped_while_its_insert_waits_is_withdrawn => a_creation_dropped_while_its_insert_waits_is_withdrawn_sqlite, a_creation_dropped_while_its_insert_waits_is_withdrawn_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -3109,6 +3110,103 @@ fn a_creation_its_caller_gave_up_on_is_withdrawn() {
     assert!(log_lines(dir.path()).iter().any(|l| l["message"]
         == "creation abandoned by its caller; circuit withdrawn"
         && l["request_id"] == "gave-up-1"));
+}
+
+/// A caller that gives up while its circuit's insert waits on the database (a lock
+/// another session holds; a store slow to commit) cancelled the creation before it
+/// was marked as under way: the insert committed afterwards and the circuit stayed
+/// stored, announced to nobody and answered to nobody. The creation is marked
+/// before the insert, so whatever the insert commits is withdrawn.
+fn a_creation_dropped_while_its_insert_waits_is_withdrawn(db: Db) {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &db, "");
+    let token = setup(&c);
+    let circuits = || db.query(dir.path(), "SELECT count(*) FROM circuits");
+    // Reads go on; the circuit's insert waits.
+    enum Lock {
+        Sqlite(rusqlite::Connection),
+        Postgres(appproxy_test_support::pg::Held),
+    }
+    let lock = match &db {
+        Db::Sqlite => {
+            let held = rusqlite::Connection::open(dir.path().join("coordinator.sqlite3"))
+                .expect("second connection");
+            held.execute_batch("BEGIN IMMEDIATE").expect("write lock");
+            Lock::Sqlite(held)
+        }
+        // (A row lock: a table lock would stop the statement at its parse, and a
+        // statement dropped there is never executed.)
+        Db::Postgres(pg) => Lock::Postgres(pg.hold(
+            "appproxy",
+            "BEGIN; SELECT count(*) FROM (SELECT 1 FROM workers FOR UPDATE) locked",
+        )),
+    };
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(
+        format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\nX-Backend-Request-ID: dropped-mid-insert\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    // The creation reaches its insert, and waits there.
+    match &db {
+        Db::Postgres(_) => {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while db.query(
+                dir.path(),
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+            ) != "1"
+            {
+                assert!(Instant::now() < deadline, "the insert never waited");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // (No view of waiters: what precedes the insert only reads.)
+        Db::Sqlite => std::thread::sleep(Duration::from_millis(1_000)),
+    }
+    drop(s);
+    let gave_up = |l: &serde_json::Value| {
+        l["message"] == "creation abandoned by its caller; circuit withdrawn"
+            && l["request_id"] == "dropped-mid-insert"
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !log_lines(dir.path()).iter().any(gave_up) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The insert goes through (its entry in the change log says so).
+    let changes = || db.query(dir.path(), "SELECT count(*) FROM circuit_changes");
+    assert_eq!(changes(), "0");
+    match lock {
+        Lock::Sqlite(held) => held.execute_batch("COMMIT").expect("release"),
+        Lock::Postgres(held) => held.commit(),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while changes() == "0" {
+        assert!(Instant::now() < deadline, "the insert never committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while circuits() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the circuit of a creation dropped mid-insert was left stored"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log_lines(dir.path()).iter().any(gave_up),
+        "the withdrawal is logged under the request's ID"
+    );
+    // The slot is free again: the session gets a circuit.
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(circuits(), "1");
 }
 
 /// Setup tokens (`POST /v2/conf`) are spent within moments by `/v2/proxy/auth`, yet

@@ -1176,3 +1176,57 @@ async fn an_unreadable_stored_registration_is_an_error_naming_the_worker() {
     assert!(text.contains(&id.to_string()), "{text}");
     assert!(text.contains("worker-1"), "{text}");
 }
+
+/// Another process holding SQLite's write lock (an operator's `sqlite3` shell, a
+/// backup) keeps the one connection waiting; calls queue behind it. A queued write
+/// used to get the connection just before its deadline, wait up to 5 s more for the
+/// lock and commit after its caller had answered 503: a circuit stored that nobody
+/// was told of. A call now waits for the lock only until its deadline: the write
+/// fails, and nothing it asked for is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_write_never_commits_after_its_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.sqlite3");
+    let store = Store::open(None, &path).await.expect("open");
+    let w = store
+        .upsert_worker(&worker_body("worker-1"))
+        .await
+        .expect("register");
+    let held = rusqlite::Connection::open(&path).expect("second connection");
+    held.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let (first, second) = (circuit(w, 10205), circuit(w, 10206));
+    // The first holds the connection while it waits for the lock; the second
+    // queues behind it from a second later.
+    let holding = tokio::spawn({
+        let (store, c) = (store.clone(), first.clone());
+        async move { store.insert_circuit(&c, None, None).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let queued = tokio::spawn({
+        let (store, c) = (store.clone(), second.clone());
+        async move { store.insert_circuit(&c, None, None).await }
+    });
+    // Past the second's deadline (6 s from the start), the lock is let go.
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    held.execute_batch("COMMIT").expect("let the lock go");
+    for (what, call) in [("holding", holding), ("queued", queued)] {
+        let result = call.await.expect("task");
+        assert!(
+            matches!(&result, Err(e) if e.is_unavailable()),
+            "the {what} write: {result:?}"
+        );
+    }
+    // Anything a late write could still commit has had the time to.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for c in [&first, &second] {
+        assert!(
+            store.circuit(c.id).await.expect("read").is_none(),
+            "a write whose caller was told it failed was stored"
+        );
+    }
+    store
+        .insert_circuit(&first, None, None)
+        .await
+        .expect("the store serves once the lock is gone");
+}

@@ -299,13 +299,15 @@ pub enum Store {
     Postgres(postgres::PgStore),
 }
 
-/// Runs a SQLite call on the blocking pool, keeping the caller's request ID.
+/// Runs a SQLite call on the blocking pool, keeping the caller's request ID; a call
+/// that has not had the connection by [`CALL_DEADLINE`] does nothing.
 async fn on_sqlite<R: Send + 'static>(
     store: &Arc<sqlite::SqliteStore>,
     f: impl FnOnce(&sqlite::SqliteStore) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
     let store = store.clone();
-    appproxy_shared::context::spawn_blocking(move || f(&store))
+    let deadline = std::time::Instant::now() + CALL_DEADLINE;
+    appproxy_shared::context::spawn_blocking(move || sqlite::by_deadline(deadline, || f(&store)))
         .await
         .map_err(|_| StoreError::Task)?
 }

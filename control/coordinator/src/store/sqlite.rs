@@ -272,13 +272,40 @@ fn parse_id(s: &str) -> Result<uuid::Uuid, StoreError> {
     uuid::Uuid::parse_str(s).map_err(|e| StoreError::Data(format!("id {s:?}: {e}")))
 }
 
+/// The longest a call waits for a lock another process holds on the file.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    /// When the store call running on this blocking thread stops being waited for.
+    static CALL_DEADLINE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs one store call on this (blocking) thread under `deadline`: if the call has
+/// not had the connection by then, it does nothing and fails, and it waits for a
+/// lock on the file only until then. Its caller stopped waiting at the deadline and
+/// answered 503; a write made afterwards would take effect unseen (a circuit nobody
+/// was told of), and a backlog of such calls would keep the one connection busy
+/// with work nobody waits for.
+pub(super) fn by_deadline<R>(deadline: std::time::Instant, call: impl FnOnce() -> R) -> R {
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            CALL_DEADLINE.set(None);
+        }
+    }
+    CALL_DEADLINE.set(Some(deadline));
+    let _unset = Unset;
+    call()
+}
+
 impl SqliteStore {
     /// Opens (creating) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             let tx = conn.unchecked_transaction()?;
@@ -299,6 +326,21 @@ impl SqliteStore {
         // A panic while holding the lock cannot leave SQLite inconsistent (its own
         // transactions roll back), so a poisoned lock is taken over.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // A lock another process holds on the file is waited for until the call's
+        // deadline at most, never past it.
+        let wait = match CALL_DEADLINE.get() {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(StoreError::Unavailable(
+                        "the connection was busy past the call's deadline".into(),
+                    ));
+                }
+                left.min(BUSY_TIMEOUT)
+            }
+            None => BUSY_TIMEOUT,
+        };
+        conn.busy_timeout(wait)?;
         f(&conn)
     }
 
