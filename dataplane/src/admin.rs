@@ -20,9 +20,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client_table::ClientKey;
 use crate::core::SharedMetrics;
 use crate::liveness::Liveness;
+use appproxy_shared::fair_share::{FairShare, Slot};
 
 /// What `/health` reports.
 pub struct HealthInfo {
@@ -45,7 +45,7 @@ pub fn spawn(
     let mut reserve = Reserve::default();
     reserve.refill();
     let shared = Arc::new((metrics, info));
-    let slots = Arc::new(Slots::default());
+    let slots = FairShare::new(MAX_CLIENTS, PER_ADDRESS);
     std::thread::Builder::new()
         .name("appproxy-admin".into())
         .spawn(move || loop {
@@ -54,8 +54,8 @@ pub fn spawn(
                 Ok((stream, peer)) => {
                     // One address past its share is closed unserved: the slots
                     // stay for others (a health checker among them).
-                    if let Some(seat) = slots.take(peer.ip()) {
-                        serve_apart(stream, &shared, &slots, seat);
+                    if let Ok(slot) = slots.take(peer.ip()) {
+                        serve_apart(stream, &shared, slot);
                     }
                     reserve.refill();
                 }
@@ -84,103 +84,27 @@ const MAX_CLIENTS: usize = 32;
 /// take the rest and hold `/health` from everyone else.
 const PER_ADDRESS: usize = 4;
 
-/// The clients being served, by address, with a wake-up when one ends.
-#[derive(Default)]
-struct Slots {
-    served: std::sync::Mutex<Served>,
-    freed: std::sync::Condvar,
-}
-
-/// Clients being served: in all, and by address (an address leaves with its last
-/// one, so the map holds at most [`MAX_CLIENTS`] entries).
-#[derive(Default)]
-struct Served {
-    total: usize,
-    by_address: std::collections::HashMap<ClientKey, usize>,
-}
-
-/// A served client's hold on its address's share.
-struct Seat(ClientKey);
-
-impl Slots {
-    fn served(&self) -> std::sync::MutexGuard<'_, Served> {
-        self.served.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits (in bounded steps) until fewer than [`MAX_CLIENTS`] are served.
-    fn wait_for_one(&self) {
-        let mut served = self.served();
-        while served.total >= MAX_CLIENTS {
-            served = self
-                .freed
-                .wait_timeout(served, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Takes a slot for a client at `ip`; `None` when half the slots are taken
-    /// and its address holds [`PER_ADDRESS`] already.
-    fn take(&self, ip: std::net::IpAddr) -> Option<Seat> {
-        let key = ClientKey::of(ip);
-        let mut served = self.served();
-        let crowded = served.total >= MAX_CLIENTS / 2;
-        let held = served.by_address.entry(key).or_insert(0);
-        if *held >= PER_ADDRESS && crowded {
-            return None;
-        }
-        *held += 1;
-        served.total += 1;
-        Some(Seat(key))
-    }
-
-    fn free(&self, seat: Seat) {
-        let mut served = self.served();
-        if let Some(held) = served.by_address.get_mut(&seat.0) {
-            *held -= 1;
-            if *held == 0 {
-                served.by_address.remove(&seat.0);
-            }
-        }
-        served.total = served.total.saturating_sub(1);
-        self.freed.notify_one();
-    }
-}
-
-/// Serves `stream` on a thread of its own; on the accept thread when no thread can
-/// be started (the old way: one at a time, each bounded by its deadlines).
-fn serve_apart(
-    stream: TcpStream,
-    shared: &Arc<(Arc<SharedMetrics>, HealthInfo)>,
-    slots: &Arc<Slots>,
-    seat: Seat,
-) {
-    let (shared2, slots2) = (shared.clone(), slots.clone());
-    // The seat moves into the thread; kept here only if the thread cannot start.
-    let seat = Arc::new(std::sync::Mutex::new(Some(seat)));
-    let seat2 = seat.clone();
-    // The stream moves into the thread; kept here only if the thread cannot start.
-    let held = Arc::new(std::sync::Mutex::new(Some(stream)));
+/// Serves `stream` on a thread of its own, which gives `slot` back when done; on
+/// the accept thread when no thread can be started (the old way: one at a time,
+/// each bounded by its deadlines).
+fn serve_apart(stream: TcpStream, shared: &Arc<(Arc<SharedMetrics>, HealthInfo)>, slot: Slot) {
+    let shared2 = shared.clone();
+    // The stream and slot move into the thread; kept here only if it cannot start.
+    let held = Arc::new(std::sync::Mutex::new(Some((stream, slot))));
     let held2 = held.clone();
     let started = std::thread::Builder::new()
         .name("appproxy-admin-client".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let stream = held2.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(stream) = stream {
+            let taken = held2.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((stream, _slot)) = taken {
                 let _ = serve_one(stream, &shared2.0, &shared2.1);
-            }
-            if let Some(seat) = seat2.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                slots2.free(seat);
             }
         });
     if started.is_err() {
-        let stream = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(stream) = stream {
+        let taken = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((stream, _slot)) = taken {
             let _ = serve_one(stream, &shared.0, &shared.1);
-        }
-        if let Some(seat) = seat.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            slots.free(seat);
         }
     }
 }

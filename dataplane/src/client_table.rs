@@ -11,42 +11,24 @@
 //! more entries than there are open connections.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Locks the table is split into (a power of two).
 const SHARDS: usize = 64;
 
-/// A client address as the limit counts it: an IPv4 address (IPv4-mapped IPv6
-/// included), or an IPv6 address's /64, which one host is commonly given whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// An IPv4 client.
-    V4(Ipv4Addr),
-    /// The upper 64 bits of an IPv6 client's address.
-    V6Prefix(u64),
-}
+pub use appproxy_shared::fair_share::ClientKey;
 
-impl ClientKey {
-    /// The key `ip` is counted under.
-    pub fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(a) => Self::V4(a),
-            IpAddr::V6(a) => Self::V6Prefix((u128::from(a) >> 64) as u64),
-        }
-    }
-
-    /// The shard the key lives in. Clients choose their addresses and so can crowd
-    /// one shard; that costs them lock waits of their own cores, never a wrong
-    /// count (each shard's map hashes with SipHash).
-    fn shard(self) -> usize {
-        let bits = match self {
-            Self::V4(a) => u64::from(u32::from(a)),
-            Self::V6Prefix(p) => p,
-        };
-        // Fibonacci hashing: the top bits of the product spread nearby addresses.
-        (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros())) as usize
-    }
+/// The shard `key` lives in. Clients choose their addresses and so can crowd one
+/// shard; that costs them lock waits of their own cores, never a wrong count (each
+/// shard's map hashes with SipHash).
+fn shard_of(key: ClientKey) -> usize {
+    let bits = match key {
+        ClientKey::V4(a) => u64::from(u32::from(a)),
+        ClientKey::V6Prefix(p) => p,
+    };
+    // Fibonacci hashing: the top bits of the product spread nearby addresses.
+    (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros())) as usize
 }
 
 /// Open connections per client address, for every core of the worker.
@@ -91,7 +73,7 @@ impl ClientTable {
     }
 
     fn shard(&self, key: ClientKey) -> MutexGuard<'_, HashMap<ClientKey, usize>> {
-        lock(&self.shards[key.shard()])
+        lock(&self.shards[shard_of(key)])
     }
 }
 

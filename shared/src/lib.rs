@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod context;
+pub mod fair_share;
 pub mod header;
 pub mod jwt;
 #[cfg(feature = "tower")]

@@ -73,6 +73,19 @@ pub trait ReadUninterrupted: Read {
 
 impl<R: Read + ?Sized> ReadUninterrupted for R {}
 
+/// A TCP connection from `from` (another loopback address, say: a client of its own
+/// to per-address limits) to `to`.
+pub fn connect_from(
+    from: std::net::Ipv4Addr,
+    to: std::net::SocketAddr,
+) -> io::Result<std::net::TcpStream> {
+    use rustix::net::{bind, connect, socket, AddressFamily, SocketAddrV4, SocketType};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    bind(&fd, &SocketAddrV4::new(from, 0))?;
+    connect(&fd, &to)?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

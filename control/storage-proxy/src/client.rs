@@ -18,7 +18,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State as Extract;
+use axum::extract::{ConnectInfo, State as Extract};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -206,6 +206,7 @@ fn validators(h: &mut HeaderMap, tag: &str, modified: std::time::SystemTime) {
 
 async fn download(
     Extract(state): Extract<Arc<State>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -239,7 +240,7 @@ async fn download(
                     "a directory: add archive=true for a zip".into(),
                 ));
             }
-            let permit = archive_permit(&state)?;
+            let permit = archive_slot(&state, peer.ip())?;
             tracing::info!(dir = %name, "archive download");
             let mut resp = Response::new(Body::from_stream(Metered::new(
                 &state,
@@ -328,19 +329,33 @@ async fn download(
     Ok(resp)
 }
 
-/// A permit to stream an archive, held by its writer (a blocking thread) to its
-/// end: past `[storage] max_archive_streams` archives at once the answer is 503
-/// at once. A client that takes an archive slowly holds its writer's thread while
-/// it waits (up to `stall_timeout_secs` per chunk, for as long as it keeps taking
-/// some), and the blocking pool serves every file operation of both APIs: without
-/// the cap, a few hundred such downloads held every thread, and every upload,
-/// download and manager call waited behind them.
-fn archive_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    state.archives.clone().try_acquire_owned().map_err(|_| {
-        ApiError::Busy(format!(
-            "{} archive downloads are streaming, the most allowed at once ([storage] max_archive_streams): retry later",
-            state.archives_max
-        ))
+/// A slot to stream an archive, held by its writer (a blocking thread) to its end:
+/// past `[storage] max_archive_streams` archives at once the answer is 503 at once.
+/// A client that takes an archive slowly holds its writer's thread while it waits
+/// (up to `stall_timeout_secs` per chunk, for as long as it keeps taking some), and
+/// the blocking pool serves every file operation of both APIs: without the cap, a
+/// few hundred such downloads held every thread, and every upload, download and
+/// manager call waited behind them. Once half the slots are taken, an address that
+/// holds its share (`max_archive_streams_per_address`) gets 503 too: one client
+/// could otherwise take every slot and refuse archives to everyone else.
+fn archive_slot(
+    state: &State,
+    peer: std::net::IpAddr,
+) -> Result<appproxy_shared::fair_share::Slot, ApiError> {
+    use appproxy_shared::fair_share::Refused;
+    let slots = &state.archives;
+    slots.take(peer).map_err(|why| {
+        ApiError::Busy(match why {
+            Refused::Full => format!(
+                "{} archive downloads are streaming, the most allowed at once ([storage] max_archive_streams): retry later",
+                slots.max()
+            ),
+            Refused::AddressShare => format!(
+                "this address streams {} archive downloads, its share while more than half of the {} allowed are taken ([storage] max_archive_streams_per_address): retry later",
+                slots.per_address(),
+                slots.max()
+            ),
+        })
     })
 }
 
@@ -349,6 +364,7 @@ fn archive_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, Ap
 /// vfolder by the kernel.
 async fn download_archive(
     Extract(state): Extract<Arc<State>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let token = q.get("token").ok_or(ApiError::Session)?;
@@ -371,7 +387,7 @@ async fn download_archive(
                 .and_then(|f| Ok(fsx::components(f)?))
         })
         .collect::<Result<_, _>>()?;
-    let permit = archive_permit(&state)?;
+    let permit = archive_slot(&state, peer.ip())?;
     let filename = c
         .get("filename")
         .and_then(|v| v.as_str())

@@ -88,6 +88,12 @@ pub struct StorageSection {
     /// threads) serves every file operation of both APIs: past this many, an archive
     /// is answered 503 at once instead of taking another thread.
     pub max_archive_streams: usize,
+    /// Once half of `max_archive_streams` are taken, a client address (IPv4, or an
+    /// IPv6 /64) that streams this many archives gets 503 for more, so that one
+    /// address cannot hold every slot. Unset: one in 8 of `max_archive_streams` (8
+    /// of 64). Behind a reverse proxy, whose one address every client then has,
+    /// set it to `max_archive_streams` (no share).
+    pub max_archive_streams_per_address: Option<usize>,
 }
 
 impl Default for StorageSection {
@@ -105,6 +111,7 @@ impl Default for StorageSection {
             idle_timeout_secs: 75,
             max_connections: 4096,
             max_archive_streams: 64,
+            max_archive_streams_per_address: None,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,
         }

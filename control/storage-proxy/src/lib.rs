@@ -52,12 +52,11 @@ pub struct State {
     pub stall: Duration,
     /// A manager API body must arrive whole within this.
     pub body_read: Duration,
-    /// Archive downloads streaming now hold a permit each (`[storage]
+    /// Archive downloads streaming now hold a slot each (`[storage]
     /// max_archive_streams`): each holds a blocking thread while it waits for its
-    /// client, and the blocking pool serves every file operation.
-    pub archives: Arc<tokio::sync::Semaphore>,
-    /// The permits of `archives` (for messages).
-    pub archives_max: usize,
+    /// client, and the blocking pool serves every file operation. Once half are
+    /// taken, a client address holds at most its share ([`ARCHIVE_SHARE`]).
+    pub archives: Arc<appproxy_shared::fair_share::FairShare>,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// Where bgtask events go (`[redis] url`), if anywhere.
@@ -79,6 +78,12 @@ pub struct State {
 /// half of tokio's blocking pool (512 threads), so that clients slow to take an
 /// archive never hold the threads every file operation needs.
 pub const MAX_ARCHIVE_STREAMS: usize = 256;
+
+/// Once half the archive slots are taken, a client address (IPv4, or an IPv6 /64)
+/// holds at most one in this many of them (at least one) unless `[storage]
+/// max_archive_streams_per_address` says otherwise: one address takes at most half
+/// the slots, and it takes several more to hold the rest.
+pub const ARCHIVE_SHARE: usize = 8;
 
 /// Requests refused because a path left (or tried to leave) its vfolder (counted
 /// where the refusal becomes a response).
@@ -446,16 +451,17 @@ pub fn state_with_events(
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
         body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
-        archives: Arc::new(tokio::sync::Semaphore::new(
-            config
+        archives: {
+            let max = config
                 .storage
                 .max_archive_streams
-                .clamp(1, MAX_ARCHIVE_STREAMS),
-        )),
-        archives_max: config
-            .storage
-            .max_archive_streams
-            .clamp(1, MAX_ARCHIVE_STREAMS),
+                .clamp(1, MAX_ARCHIVE_STREAMS);
+            let per_address = config
+                .storage
+                .max_archive_streams_per_address
+                .unwrap_or(max / ARCHIVE_SHARE);
+            appproxy_shared::fair_share::FairShare::new(max, per_address)
+        },
         uploading: Mutex::new(HashSet::new()),
         events,
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),

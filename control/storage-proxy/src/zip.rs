@@ -104,7 +104,7 @@ pub fn stream_dir(
     root: OwnedFd,
     skip_staging: bool,
     stall: Duration,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: appproxy_shared::fair_share::Slot,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     stream_items(
         vec![Item::Dir(root, Vec::new())],
@@ -118,13 +118,13 @@ pub fn stream_dir(
 /// blocking thread that waits while the client takes no bytes: for `stall` at most,
 /// then the archive is abandoned and the response ends in an error (never as a
 /// complete body), so a client that stops reading cannot hold the thread for ever.
-/// `permit` (one of `[storage] max_archive_streams`) is held by the thread to its
+/// `permit` (a slot of `[storage] max_archive_streams`) is held by the thread to its
 /// end, so that slow clients never hold more threads than that.
 pub fn stream_items(
     items: Vec<Item>,
     skip_staging: bool,
     stall: Duration,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: appproxy_shared::fair_share::Slot,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let finished = Arc::new(AtomicBool::new(false));

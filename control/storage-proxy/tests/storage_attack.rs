@@ -1087,8 +1087,8 @@ fn archive_entry_names_are_safe_and_unique_on_every_platform() {
 
 /// Sends `GET path` and reads until the response head is in (a few body bytes may
 /// come with it), then stops reading: a client slow to take what it asked for.
-fn slow_client(p: &Proxy, path: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(p.client).expect("connect");
+fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
+    let mut s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
@@ -1136,9 +1136,12 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["little/a.txt"]}),
     );
-    let mut slow: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let (s, head) = slow_client(&p, &big);
+    // (From two addresses: one alone gets half the slots, see
+    // `one_address_cannot_take_every_archive_slot`.)
+    let mut slow: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
+        .into_iter()
+        .map(|from| {
+            let (s, head) = slow_client(&p, from.into(), &big);
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             s
         })
@@ -1188,6 +1191,103 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
         ["'a.txt'"]
     );
     drop(slow);
+}
+
+/// The archive cap keeps threads for everyone, but one token holder could take
+/// every slot by opening archives from one address and reading them slowly: every
+/// other user's archive was refused until they finished. Once half the slots are
+/// taken, an address that holds its share (`max_archive_streams_per_address`, one in
+/// 8 by default) is refused, with a message naming the setting, while other
+/// addresses still get theirs; set to the cap, the share is off.
+#[test]
+fn one_address_cannot_take_every_archive_slot() {
+    let slow_archive = |p: &Proxy| {
+        create_folder(p);
+        let vf = p.vfolder_path();
+        std::fs::create_dir_all(vf.join("big")).expect("big");
+        std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
+        std::fs::create_dir_all(vf.join("little")).expect("little");
+        std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
+        let token = |relpath: &str| {
+            p.token(
+                "/folder/file/download",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+            )
+        };
+        (
+            format!("/download?token={}&archive=true", token("big")),
+            format!("/download?token={}&archive=true", token("little")),
+        )
+    };
+    // A request from `from` is refused: 503 `busy` naming the setting that refused.
+    let refused = |p: &Proxy, from: std::net::Ipv4Addr, path: &str, setting: &str| {
+        let s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut s = appproxy_test_support::net::Uninterrupted(s);
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut answer).expect("answer");
+        let answer = String::from_utf8_lossy(&answer[..answer.len().min(1024)]);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains(&format!("({setting})")) && answer.contains("\"busy\""),
+            "{setting}: {answer}"
+        );
+    };
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let p = Proxy::start("max_archive_streams = 8\nstall_timeout_secs = 600\n");
+    let (big, little) = slow_archive(&p);
+    // One address gets half the slots, then no more.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let (s, head) = slow_client(&p, attacker, &big);
+            assert!(head.starts_with("HTTP/1.1 200"), "slow archive {i}: {head}");
+            s
+        })
+        .collect();
+    refused(
+        &p,
+        attacker,
+        &big,
+        "[storage] max_archive_streams_per_address",
+    );
+    // Others get their share: one each, while the slots are crowded.
+    for other in [3, 4] {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, other);
+        let (s, head) = slow_client(&p, from, &big);
+        assert!(head.starts_with("HTTP/1.1 200"), "127.0.0.{other}: {head}");
+        held.push(s);
+        refused(&p, from, &big, "[storage] max_archive_streams_per_address");
+    }
+    // And a user's own archive is served whole.
+    let r = p.client_get(&little, Duration::from_secs(20));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'a.txt'"]
+    );
+    drop(held);
+    drop(p);
+
+    // The share off (a proxy in front: every client has its address): the cap alone.
+    let p = Proxy::start(
+        "max_archive_streams = 4\nmax_archive_streams_per_address = 4\nstall_timeout_secs = 600\n",
+    );
+    let (big, _) = slow_archive(&p);
+    let held: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let (s, head) = slow_client(&p, attacker, &big);
+            assert!(head.starts_with("HTTP/1.1 200"), "slow archive {i}: {head}");
+            s
+        })
+        .collect();
+    refused(&p, attacker, &big, "[storage] max_archive_streams");
+    drop(held);
 }
 
 /// The proxy's peak resident memory (`VmHWM`), in KiB.

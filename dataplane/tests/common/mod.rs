@@ -644,11 +644,7 @@ impl Client {
 
     /// A client connecting from `from` (another loopback address, say) to `addr`.
     pub fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> Self {
-        use rustix::net::{bind, connect, socket, AddressFamily, SocketAddrV4, SocketType};
-        let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
-        bind(&fd, &SocketAddrV4::new(from, 0)).expect("bind");
-        connect(&fd, &addr).expect("connect");
-        Self::over(TcpStream::from(fd))
+        Self::over(appproxy_test_support::net::connect_from(from, addr).expect("connect"))
     }
 
     fn over(stream: TcpStream) -> Self {
