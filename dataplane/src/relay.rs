@@ -13,7 +13,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::http::chunked::{encode_chunk, ChunkedDecoder};
+use crate::http::chunked::{encode_chunk, encode_chunk_of, ChunkedDecoder};
 use crate::io::TcpConn;
 
 /// Read buffers handed from closed connections to new ones on the same core.
@@ -262,6 +262,9 @@ pub async fn relay_body(
         .map_err(|(e, _)| e)
 }
 
+/// Payload runs of one read gathered into one chunk before it is written.
+const RUNS: usize = 32;
+
 /// [`relay_body`], telling on failure how many bytes had been written to `dst` (0:
 /// nothing, not even the prefix, so the receiver can still get an error response).
 pub async fn relay_body_counted(
@@ -296,6 +299,11 @@ pub async fn relay_body_counted(
                 take
             }
             Mode::Chunked(_) | Mode::Dechunk => {
+                // The payload runs of this read leave as one chunk (in groups of
+                // `RUNS`): an app that writes each event as a chunk of its own costs
+                // one size line per read, not one per event.
+                let mut runs = [&input[..0]; RUNS];
+                let mut held = 0;
                 let mut pos = 0;
                 while pos < input.len() {
                     let step = decoder
@@ -305,11 +313,13 @@ pub async fn relay_body_counted(
                     payload += data.len() as u64;
                     if mode == Mode::Dechunk {
                         out.extend_from_slice(data);
-                    } else {
-                        encode_chunk(&mut out, data);
-                        if step.done {
-                            decoder.encode_last_chunk(&mut out);
+                    } else if !data.is_empty() {
+                        if held == RUNS {
+                            encode_chunk_of(&mut out, &runs);
+                            held = 0;
                         }
+                        runs[held] = data;
+                        held += 1;
                     }
                     pos += step.consumed;
                     if step.done {
@@ -318,6 +328,12 @@ pub async fn relay_body_counted(
                     }
                     if step.consumed == 0 {
                         break;
+                    }
+                }
+                if mode != Mode::Dechunk {
+                    encode_chunk_of(&mut out, &runs[..held]);
+                    if done {
+                        decoder.encode_last_chunk(&mut out);
                     }
                 }
                 pos

@@ -176,8 +176,9 @@ fn chunked_request_reaches_the_app_canonically() {
     let raw = String::from_utf8_lossy(&seen.raw).into_owned();
     let (_, body) = raw.split_once("\r\n\r\n").expect("head");
     assert_eq!(
-        body, "5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 42\r\n\r\n",
-        "chunk sizes canonical, extensions and disallowed trailers gone"
+        canonical_chunks(body),
+        ("hello, world".to_owned(), "X-Sum: 42\r\n".to_owned()),
+        "chunk sizes canonical, extensions and disallowed trailers gone: {body:?}"
     );
     assert_eq!(seen.body, b"hello, world");
     // The connection stays usable.
@@ -204,9 +205,37 @@ fn chunked_response_reaches_the_client_canonically() {
         "{head}"
     );
     assert_eq!(
-        body, "5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n",
-        "re-encoded, forbidden trailers dropped"
+        canonical_chunks(body),
+        ("hello world".to_owned(), "X-Sum: 42\r\n".to_owned()),
+        "re-encoded, forbidden trailers dropped: {body:?}"
     );
+}
+
+/// The payload and trailer section of a chunked body whose every size line is
+/// canonical: lowercase hex without leading zeros or extensions, CRLF everywhere,
+/// and the body ends where the text does. Where the proxy cuts its chunks (one per
+/// read, payload runs of a read together) is its own business.
+fn canonical_chunks(body: &str) -> (String, String) {
+    let mut payload = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a size line");
+        assert!(
+            !size.is_empty()
+                && size
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && (size == "0" || !size.starts_with('0')),
+            "size line {size:?} in {body:?}"
+        );
+        let n = usize::from_str_radix(size, 16).expect("hex");
+        if n == 0 {
+            let trailers = after.strip_suffix("\r\n").expect("the final CRLF");
+            return (payload, trailers.to_owned());
+        }
+        payload.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").expect("CRLF after data");
+    }
 }
 
 #[test]

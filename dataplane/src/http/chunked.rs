@@ -282,6 +282,14 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, input: &[u8]) -> Result<Step, ChunkError> {
         let mut i = 0;
         while i < input.len() {
+            // The usual framing whole in the input (the CRLF after a chunk's data,
+            // then a size line of digits alone) is taken in one step; anything else
+            // (extensions, a line split across reads, an error) goes byte by byte
+            // below, with the same outcome (`fast_path_agrees_with_byte_by_byte`).
+            if let Some(skip) = self.fast_framing(&input[i..]) {
+                i += skip;
+                continue;
+            }
             let b = input[i];
             match self.state {
                 State::Done => break,
@@ -425,6 +433,45 @@ impl ChunkedDecoder {
     }
 }
 
+impl ChunkedDecoder {
+    /// Takes the framing at the start of `rest` when it is the usual whole piece:
+    /// the CRLF that ends a chunk's data, or a whole size line of 1 to 16 hex digits
+    /// and CRLF (no extension). Returns the bytes taken, or `None` to leave `rest`
+    /// to the byte-by-byte path (which also reports every error).
+    #[inline]
+    fn fast_framing(&mut self, rest: &[u8]) -> Option<usize> {
+        match self.state {
+            State::DataCr if rest.starts_with(b"\r\n") => {
+                self.state = State::Size;
+                Some(2)
+            }
+            State::Size if self.digits == 0 => {
+                let mut size = 0u64;
+                let mut n = 0;
+                while n < 16 {
+                    match rest.get(n).copied().and_then(hex_value) {
+                        Some(d) => size = (size << 4) | u64::from(d),
+                        None => break,
+                    }
+                    n += 1;
+                }
+                if n == 0 || rest.get(n..n + 2) != Some(b"\r\n") {
+                    return None;
+                }
+                self.remaining = size;
+                self.line_len = 0;
+                self.state = if size == 0 {
+                    State::TrailerStart
+                } else {
+                    State::Data
+                };
+                Some(n + 2)
+            }
+            _ => None,
+        }
+    }
+}
+
 fn hex_value(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -437,20 +484,30 @@ fn hex_value(b: u8) -> Option<u8> {
 /// Appends `data` as one chunk with a canonical size line (nothing for empty data:
 /// a zero-size chunk would end the body).
 pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    if data.is_empty() {
+    encode_chunk_of(out, &[data]);
+}
+
+/// Appends `parts`, in order, as one chunk with a canonical size line (nothing when
+/// they are all empty): payload runs decoded from one read leave as one chunk.
+pub fn encode_chunk_of(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len == 0 {
         return;
     }
     let mut digits = [0u8; 16];
     let mut i = digits.len();
-    let mut n = data.len() as u64;
+    let mut n = len as u64;
     while n > 0 {
         i -= 1;
         digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
         n >>= 4;
     }
+    out.reserve(16 + 4 + len);
     out.extend_from_slice(&digits[i..]);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -700,6 +757,71 @@ mod tests {
         #[test]
         fn never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = decode_all(&input);
+        }
+
+        /// Whole buffers (where the fast path takes the usual framing) and single
+        /// bytes (where it never can) decode alike: the same payload, length,
+        /// trailers and re-encoding, or the same error, on bodies that are valid,
+        /// spelled unusually (leading zeros, upper case, extensions, trailers) or
+        /// broken at one byte.
+        #[test]
+        fn fast_path_agrees_with_byte_by_byte(
+            chunks in proptest::collection::vec(
+                (1usize..70, 0usize..16, proptest::bool::ANY, proptest::bool::ANY), 0..6),
+            trailer in proptest::bool::ANY,
+            flip in proptest::option::of((proptest::num::usize::ANY, proptest::num::u8::ANY)),
+            request in proptest::bool::ANY,
+        ) {
+            let mut wire = Vec::new();
+            for (i, (len, zeros, upper, ext)) in chunks.iter().enumerate() {
+                let size = format!("{}{len:x}", "0".repeat(*zeros));
+                wire.extend_from_slice(if *upper { size.to_uppercase() } else { size }.as_bytes());
+                if *ext {
+                    wire.extend_from_slice(b";name=value");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend((0..*len).map(|j| b'a' + ((i + j) % 26) as u8));
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"X-Checksum: 42\r\n");
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            if let Some((at, byte)) = flip {
+                let at = at % wire.len();
+                wire[at] = byte;
+            }
+            let fresh = || if request { ChunkedDecoder::for_request() } else { ChunkedDecoder::new() };
+            // Decodes `wire` fed `step` bytes at a time: the payload, the length of
+            // the body and its kept trailers, or the error.
+            let run = |step: usize| {
+                let mut dec = fresh();
+                let mut payload = Vec::new();
+                let mut pos = 0;
+                while pos < wire.len() {
+                    let input = &wire[pos..(pos + step).min(wire.len())];
+                    let mut at = 0;
+                    while at < input.len() {
+                        let got = dec.decode(&input[at..])?;
+                        payload.extend_from_slice(&input[at..][got.data.clone()]);
+                        at += got.consumed;
+                        if got.done {
+                            let trailers: Vec<(Vec<u8>, Vec<u8>)> = dec
+                                .trailers()
+                                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                                .collect();
+                            return Ok(Some((payload, pos + at, trailers)));
+                        }
+                        if got.consumed == 0 {
+                            break;
+                        }
+                    }
+                    pos += input.len();
+                }
+                Ok::<_, ChunkError>(None)
+            };
+            proptest::prop_assert_eq!(run(wire.len()), run(1));
         }
     }
 }
