@@ -464,24 +464,31 @@ pub trait Visitor {
     fn unopened(&mut self, _dir: BorrowedFd<'_>, _e: &Entry, _err: io::Error) -> io::Result<()> {
         Ok(())
     }
-    /// Whether the walk lists each directory whole, sorted by name, before visiting
-    /// its entries (and hands the listing to [`Visitor::listed`]). Otherwise (the
-    /// default) the entries that are not directories are visited as the directory
-    /// is read, and only its subdirectories are kept, to be visited (sorted) and
-    /// descended into after: a walk's memory is then the subdirectories of the
-    /// levels it is in, never their files, of which a user with a shell can make
-    /// millions in seconds at no cost in quota (a directory costs a block).
-    fn lists(&self) -> bool {
+    /// Whether the walk reads each directory twice: first handing each of its
+    /// entries to [`Visitor::reserve`], then visiting them. Either way the entries
+    /// that are not directories are visited as the directory is read, and only its
+    /// subdirectories are kept, to be visited (sorted) and descended into after: a
+    /// walk's memory is then the subdirectories of the levels it is in, never their
+    /// files, of which a user with a shell can make millions in seconds at no cost
+    /// in quota (a directory costs a block).
+    fn reserves(&self) -> bool {
         false
     }
-    /// The entries of the directory about to be walked (the top first, then each
-    /// directory entered, after `enter`), before any of them is visited; only when
-    /// [`Visitor::lists`].
-    fn listed(&mut self, _entries: &[Entry]) -> io::Result<()> {
+    /// Up to how many of a directory's entries that are not directories the walk
+    /// holds to visit them sorted by name (0, the default: none, each is visited as
+    /// it is read). A directory with more has them visited in the order it is read,
+    /// the held ones first: the walk never holds more than this many.
+    fn sorted_up_to(&self) -> usize {
+        0
+    }
+    /// An entry of the directory about to be walked (the top first, then each
+    /// directory entered, after `enter`), before any of its entries is visited;
+    /// only when [`Visitor::reserves`].
+    fn reserve(&mut self, _e: &Entry) -> io::Result<()> {
         Ok(())
     }
     /// The walk entered `dir` (named `name`; `empty` when it has no entries, known
-    /// only when [`Visitor::lists`]: false otherwise).
+    /// only when [`Visitor::reserves`]: false otherwise).
     fn enter(&mut self, _dir: BorrowedFd<'_>, _name: &OsStr, _empty: bool) -> io::Result<()> {
         Ok(())
     }
@@ -493,19 +500,16 @@ pub trait Visitor {
 
 /// Walks the tree under `top` depth first, without recursion and never following a
 /// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent. Memory
-/// is one listing per level (only its subdirectories unless [`Visitor::lists`]),
-/// descriptors at most `HELD + 2`, whatever the depth or width; a user can make a
-/// tree deeper than any stack and wider than the descriptor limit.
+/// is the subdirectories of each level it is in, descriptors at most `HELD + 2`,
+/// whatever the depth or width; a user can make a tree deeper than any stack and
+/// wider than the descriptor limit.
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
-    let lists = v.lists();
+    let reserves = v.reserves();
     let mut trail = Trail::new(top);
-    let first = if lists {
-        let all = entries(top)?;
-        v.listed(&all)?;
-        all
-    } else {
-        visit_files(Dir::read_from(top)?, top, v, 0)?
-    };
+    if reserves {
+        read_ahead(top, v)?;
+    }
+    let first = visit_files(Dir::read_from(top)?, top, v, 0)?;
     let mut pending: Vec<(OsString, std::vec::IntoIter<Entry>)> =
         vec![(OsString::new(), first.into_iter())];
     loop {
@@ -528,30 +532,21 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
         if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
             continue;
         }
-        if lists {
-            let opened = child_dir(dir, &e.name).and_then(|sub| Ok((entries(sub.as_fd())?, sub)));
-            let (list, sub) = match opened {
-                Ok(found) => found,
-                Err(err) => {
-                    v.unopened(dir, &e, err)?;
-                    continue;
-                }
-            };
-            v.enter(sub.as_fd(), &e.name, list.is_empty())?;
-            v.listed(&list)?;
-            trail.push(sub)?;
-            pending.push((e.name, list.into_iter()));
-            continue;
-        }
-        let opened = child_dir(dir, &e.name).and_then(|sub| Ok((Dir::read_from(&sub)?, sub)));
-        let (reader, sub) = match opened {
-            Ok(found) => found,
+        let opened = child_dir(dir, &e.name).and_then(|sub| {
+            let empty = reserves && is_empty(sub.as_fd())?;
+            Ok((Dir::read_from(&sub)?, sub, empty))
+        });
+        let (reader, sub, empty) = match opened {
+            Ok(opened) => opened,
             Err(err) => {
                 v.unopened(dir, &e, err)?;
                 continue;
             }
         };
-        v.enter(sub.as_fd(), &e.name, false)?;
+        v.enter(sub.as_fd(), &e.name, empty)?;
+        if reserves {
+            read_ahead(sub.as_fd(), v)?;
+        }
         trail.push(sub)?;
         let dirs = visit_files(reader, trail.current(), v, depth + 1)?;
         pending.push((e.name, dirs.into_iter()));
@@ -559,16 +554,55 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads `dir` once, handing each entry to [`Visitor::reserve`]. An entry that
+/// vanishes while read is left out.
+fn read_ahead(dir: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
+    for e in Dir::read_from(dir)? {
+        let e = e?;
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if name == "." || name == ".." {
+            continue;
+        }
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => {
+                v.reserve(&Entry {
+                    name: name.to_owned(),
+                    stat: Meta::from(&stat),
+                })?;
+            }
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` has no entries (besides `.` and `..`), read no further than its
+/// first.
+pub fn is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
+    for e in Dir::read_from(dir)? {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Reads `dir` through `reader`, visiting each entry that is not a directory as it
-/// comes (`depth` below the walk's top); returns the directories, sorted by name,
-/// for the walk to visit and descend into. An entry that vanishes while read is
-/// left out.
+/// comes, or sorted when there are no more than [`Visitor::sorted_up_to`] (`depth`
+/// below the walk's top); returns the directories, sorted by name, for the walk to
+/// visit and descend into. An entry that vanishes while read is left out.
 fn visit_files(
     reader: Dir,
     dir: BorrowedFd<'_>,
     v: &mut dyn Visitor,
     depth: usize,
 ) -> io::Result<Vec<Entry>> {
+    let keep = v.sorted_up_to();
+    let mut held = Vec::new();
+    let mut streaming = keep == 0;
     let mut dirs = Vec::new();
     for e in reader {
         let e = e?;
@@ -586,9 +620,21 @@ fn visit_files(
         };
         if entry.kind() == FileType::Directory {
             dirs.push(entry);
-        } else {
+        } else if streaming {
             v.entry(dir, &entry, depth)?;
+        } else {
+            held.push(entry);
+            if held.len() > keep {
+                for e in std::mem::take(&mut held) {
+                    v.entry(dir, &e, depth)?;
+                }
+                streaming = true;
+            }
         }
+    }
+    held.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in &held {
+        v.entry(dir, e, depth)?;
     }
     dirs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(dirs)

@@ -1,20 +1,27 @@
 //! A streaming zip writer for directory and multi-file downloads: entries carry data
-//! descriptors, so the archive is produced in one pass with constant memory and no
-//! seeking. Each file's first 64 KiB decide its method: deflated when a trial
-//! compression of them saves at least 10 % (text, CSV, JSON, logs), stored otherwise
-//! (models, images, archives: already compressed or incompressible, where deflate
-//! only costs CPU). Zip64 is used where the classic format ends: for an entry of
-//! 4 GiB or more (its size is known from `fstat` before it is streamed), for an
-//! entry whose header starts past 4 GiB (central directory), and for the end
-//! records when the directory, its offset or the entry count overflow. Empty
-//! directories are kept as directory entries.
+//! descriptors, so the archive is produced in one pass with no seeking. Its memory
+//! does not grow with its entries' data, nor with their number beyond one compact
+//! hash of each name (see `Names`): the central directory goes to an unlinked
+//! temporary file as it is made and is streamed back at the end, and a directory
+//! is read twice (its names reserved, then archived) rather than held, since a
+//! user with a shell can make a million empty files in seconds. Each file's first
+//! 64 KiB decide its method: deflated when a trial compression of them saves at
+//! least 10 % (text, CSV, JSON, logs), stored otherwise (models, images, archives:
+//! already compressed or incompressible, where deflate only costs CPU). Zip64 is
+//! used where the classic format ends: for an entry of 4 GiB or more (its size is
+//! known from `fstat` before it is streamed), for an entry whose header starts past
+//! 4 GiB (central directory), and for the end records when the directory, its
+//! offset or the entry count overflow. Empty directories are kept as directory
+//! entries.
 //!
 //! The walk goes by descriptor from each directory being archived: every
 //! subdirectory and file is opened with `O_NOFOLLOW` beneath its parent, so a
 //! symlink (even one swapped in while the archive streams) is never entered or read.
 //!
 //! Entry names are made safe to extract on the common platforms (no backslash, `:`
-//! or control character; UTF-8) and unique within the archive (see `Names`).
+//! or control character; UTF-8) and unique within the archive (see `Names`). A
+//! directory's files are written sorted by name when it has no more than
+//! `SORTED_UP_TO` of them, in the order it is read otherwise.
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -45,9 +52,9 @@ pub enum Item {
     Beneath(Arc<OwnedFd>, Vec<std::ffi::OsString>),
 }
 
-/// One entry of the central directory.
-struct Entry {
-    name: Vec<u8>,
+/// One entry of the central directory, written to `Central` as soon as it is made.
+struct Entry<'n> {
+    name: &'n [u8],
     crc: u32,
     size: u64,
     csize: u64,
@@ -203,28 +210,122 @@ fn note_renamed(name: &[u8]) {
 /// a file with the name of a directory: an extractor would overwrite the first with
 /// the second, ask, or fail. Names collide once made safe (`a\b` and `a_b`, two
 /// invalid UTF-8 names, `a:b` and `a_b`) or when a download lists a path twice or
-/// one inside another. A name that needed no change keeps it: each directory's
-/// listing reserves those names before its entries are archived. An entry whose
-/// name is taken gets ` (1)`, ` (2)`, … before its extension (`a_b (1).txt`),
-/// logged. A directory met again under the same name (the parent of two listed
-/// paths, a directory listed twice) is the same directory and is merged.
+/// one inside another. A name that needed no change keeps it: each directory is
+/// read once to reserve its names before it is read again to archive its entries.
+/// Names that collide only once made safe contest the safe name: the one whose
+/// name on disk hashes highest keeps it, an order that does not depend on the order
+/// in which the directory is read. An entry whose name is taken gets ` (1)`, ` (2)`,
+/// … before its extension (`a_b (1).txt`), logged. A directory met again under the
+/// same name (the parent of two listed paths, a directory listed twice) is the same
+/// directory and is merged.
 ///
-/// Names are remembered by a 64-bit hash of the full path (a directory's name on
-/// disk likewise), not as text: the central directory already holds every name, and
-/// this stays a few dozen bytes an entry. Two names with one hash only cost the
+/// This is what an archive keeps by entry, for its whole life: a directory's
+/// listing is not held (it is read twice), nor the central directory (see
+/// `Central`). Names are remembered by a 64-bit hash of the full path. A regular
+/// file whose name needed no change (what a user makes by the million) is one
+/// 64-bit word in `plain` (the hash, its lowest bit saying whether it was given
+/// or only reserved: its name on disk is the name itself): 8 bytes and a control
+/// byte per slot, each table at most 7/8 full and a power of two, so 10 to 21
+/// bytes an entry, and nothing that grows with a name's length. The words are
+/// spread over `SHARDS` tables so that when one doubles (the old and the new one
+/// held for that moment) it is a small part of the whole. Directories, names
+/// that had to change and numbered names also keep the hash of their name on
+/// disk, in `other` (16 bytes a slot). Two names with one hash only cost the
 /// second an unneeded number.
 #[derive(Default)]
 struct Names {
-    given: std::collections::HashMap<u64, Slot>,
+    plain: [std::collections::HashSet<u64, Prehashed>; SHARDS],
+    other: std::collections::HashMap<u64, Slot, Prehashed>,
 }
 
-/// A name reserved or given.
-struct Slot {
-    dir: bool,
-    /// Hash of the entry's own name on disk.
-    original: u64,
-    /// Given to an entry (not only reserved by a listing).
-    claimed: bool,
+/// How many tables `Names::plain` is spread over.
+const SHARDS: usize = 16;
+
+/// The table of `Names::plain` that holds `key`: chosen by bits that neither the
+/// slot (the low bits) nor the control byte (the top seven) of a table uses.
+fn shard(key: u64) -> usize {
+    (key >> 40) as usize % SHARDS
+}
+
+/// The tables' keys are hashes already: used as they are.
+#[derive(Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl std::hash::BuildHasher for Prehashed {
+    type Hasher = Prehashed;
+
+    fn build_hasher(&self) -> Prehashed {
+        Prehashed(0)
+    }
+}
+
+/// A name in `Names::other`: the hash of the entry's own name on disk (its low
+/// three bits dropped) and the flags below.
+#[derive(Clone, Copy)]
+struct Slot(u64);
+
+impl Slot {
+    const DIR: u64 = 1;
+    /// Given to an entry (not only reserved by a directory's first reading).
+    const CLAIMED: u64 = 2;
+    /// Reserved by a name that had to change to be safe: a name that needed no
+    /// change takes the reservation over.
+    const CHANGED: u64 = 4;
+    const FLAGS: u64 = 7;
+
+    fn new(original: u64, dir: bool, claimed: bool, changed: bool) -> Self {
+        let mut v = original & !Self::FLAGS;
+        for (on, flag) in [
+            (dir, Self::DIR),
+            (claimed, Self::CLAIMED),
+            (changed, Self::CHANGED),
+        ] {
+            if on {
+                v |= flag;
+            }
+        }
+        Self(v)
+    }
+
+    fn original(self) -> u64 {
+        self.0 & !Self::FLAGS
+    }
+
+    fn dir(self) -> bool {
+        self.0 & Self::DIR != 0
+    }
+
+    fn claimed(self) -> bool {
+        self.0 & Self::CLAIMED != 0
+    }
+
+    fn changed(self) -> bool {
+        self.0 & Self::CHANGED != 0
+    }
+}
+
+/// What `Names` holds for one full name.
+enum Held {
+    Free,
+    /// A regular file's name that needed no change; whether it was given.
+    Plain(bool),
+    Other(Slot),
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -234,19 +335,60 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// The key of a plain name's hash in `Names::plain`.
+fn plain_key(h: u64, given: bool) -> u64 {
+    (h & !1) | u64::from(given)
+}
+
 impl Names {
+    fn held(&self, h: u64) -> Held {
+        if let Some(s) = self.other.get(&h) {
+            Held::Other(*s)
+        } else if self.plain[shard(h)].contains(&plain_key(h, true)) {
+            Held::Plain(true)
+        } else if self.plain[shard(h)].contains(&plain_key(h, false)) {
+            Held::Plain(false)
+        } else {
+            Held::Free
+        }
+    }
+
+    /// Records `h` for a regular file whose name needed no change (`plain`), else
+    /// as `slot`.
+    fn hold(&mut self, h: u64, plain: bool, slot: Slot) {
+        let table = &mut self.plain[shard(h)];
+        table.remove(&plain_key(h, false));
+        if plain {
+            table.insert(plain_key(h, slot.claimed()));
+            self.other.remove(&h);
+        } else {
+            self.other.insert(h, slot);
+        }
+    }
+
     /// Reserves the name of `name`, an entry of the archive directory `parent`
-    /// (empty, or ending with `/`), when it needs no change to be safe.
+    /// (empty, or ending with `/`): a name that needed no change before any that
+    /// did, and among those the one whose name on disk hashes highest.
     fn reserve(&mut self, parent: &[u8], name: &std::ffi::OsStr, dir: bool) {
         let mut full = parent.to_vec();
-        if push_component(&mut full, name) {
-            return;
-        }
-        self.given.entry(hash(&full)).or_insert(Slot {
+        let changed = push_component(&mut full, name);
+        let slot = Slot::new(
+            hash(std::os::unix::ffi::OsStrExt::as_bytes(name)),
             dir,
-            original: hash(std::os::unix::ffi::OsStrExt::as_bytes(name)),
-            claimed: false,
-        });
+            false,
+            changed,
+        );
+        let h = hash(&full);
+        let take = match self.held(h) {
+            Held::Free => true,
+            Held::Other(s) => {
+                !s.claimed() && s.changed() && (!changed || slot.original() > s.original())
+            }
+            Held::Plain(_) => false,
+        };
+        if take {
+            self.hold(h, !dir && !changed, slot);
+        }
     }
 
     /// The full name (no trailing `/`) of `name`, an entry of the archive directory
@@ -255,21 +397,23 @@ impl Names {
         let original = hash(std::os::unix::ffi::OsStrExt::as_bytes(name));
         let mut full = parent.to_vec();
         let changed = push_component(&mut full, name);
-        let slot = Slot {
-            dir,
-            original,
-            claimed: true,
-        };
-        match self.given.get_mut(&hash(&full)) {
-            None => {
-                self.given.insert(hash(&full), slot);
-            }
+        let slot = Slot::new(original, dir, true, false);
+        let plain = !dir && !changed;
+        let h = hash(&full);
+        let free = match self.held(h) {
+            Held::Free => true,
+            // Its own reservation: the same full name, unchanged, is the same name
+            // on disk.
+            Held::Plain(given) => plain && !given,
             // Its own reservation, or the same directory again.
-            Some(s) if s.dir == dir && s.original == original && (dir || !s.claimed) => {
-                s.claimed = true;
+            Held::Other(s) => {
+                s.dir() == dir && s.original() == slot.original() && (dir || !s.claimed())
             }
-            Some(_) => return self.numbered(parent, full, slot),
+        };
+        if !free {
+            return self.numbered(parent, full, slot);
         }
+        self.hold(h, plain, slot);
         if changed {
             note_renamed(&full);
         }
@@ -281,7 +425,7 @@ impl Names {
     fn numbered(&mut self, parent: &[u8], full: Vec<u8>, slot: Slot) -> Vec<u8> {
         let base = &full[parent.len()..];
         let cut = match base.iter().rposition(|b| *b == b'.') {
-            Some(i) if !slot.dir && i > 0 => i,
+            Some(i) if !slot.dir() && i > 0 => i,
             _ => base.len(),
         };
         let (stem, ext) = base.split_at(cut);
@@ -291,9 +435,10 @@ impl Names {
             candidate.extend_from_slice(stem);
             candidate.extend_from_slice(format!(" ({n})").as_bytes());
             candidate.extend_from_slice(ext);
-            match self.given.entry(hash(&candidate)) {
-                std::collections::hash_map::Entry::Vacant(free) => {
-                    free.insert(slot);
+            let h = hash(&candidate);
+            match self.held(h) {
+                Held::Free => {
+                    self.other.insert(h, slot);
                     tracing::warn!(
                         entry = %String::from_utf8_lossy(&full),
                         written_as = %String::from_utf8_lossy(&candidate),
@@ -302,12 +447,10 @@ impl Names {
                     return candidate;
                 }
                 // The same directory, numbered before.
-                std::collections::hash_map::Entry::Occupied(o)
-                    if slot.dir && o.get().dir && o.get().original == slot.original =>
-                {
+                Held::Other(o) if slot.dir() && o.dir() && o.original() == slot.original() => {
                     return candidate;
                 }
-                std::collections::hash_map::Entry::Occupied(_) => n += 1,
+                _ => n += 1,
             }
         }
     }
@@ -324,6 +467,9 @@ impl Names {
         name
     }
 }
+
+/// The most files of one directory an archive holds to write them sorted by name.
+const SORTED_UP_TO: usize = 1024;
 
 /// Archives a directory's tree as the walk goes (see `fsx::walk`): regular files
 /// and empty directories, nothing else; `names` is the current entry-name prefix.
@@ -380,17 +526,22 @@ impl fsx::Visitor for Walker<'_, '_> {
     }
 
     /// The archive reserves each directory's names before writing any of them.
-    fn lists(&self) -> bool {
+    fn reserves(&self) -> bool {
         true
     }
 
-    fn listed(&mut self, entries: &[fsx::Entry]) -> std::io::Result<()> {
-        for e in entries {
-            match e.kind() {
-                FileType::Directory => self.w.names.reserve(&self.names, &e.name, true),
-                FileType::RegularFile => self.w.names.reserve(&self.names, &e.name, false),
-                _ => {}
-            }
+    /// The files of a directory go into the archive sorted by name, as they always
+    /// did, unless it has more than this many (then in the order it is read): some
+    /// 100 KiB held at most.
+    fn sorted_up_to(&self) -> usize {
+        SORTED_UP_TO
+    }
+
+    fn reserve(&mut self, e: &fsx::Entry) -> std::io::Result<()> {
+        match e.kind() {
+            FileType::Directory => self.w.names.reserve(&self.names, &e.name, true),
+            FileType::RegularFile => self.w.names.reserve(&self.names, &e.name, false),
+            _ => {}
         }
         Ok(())
     }
@@ -421,10 +572,30 @@ impl fsx::Visitor for Walker<'_, '_> {
     }
 }
 
+/// The central directory as it is made: its records go to an unlinked temporary
+/// file in `TMPDIR` (through a small buffer) rather than memory, since a user with
+/// a shell can make a million empty files in seconds and open many archives of
+/// them; `finish` streams them back. Created at the first entry, closed (and so
+/// freed) with the writer however the archive ends. It grows no faster than the
+/// client reads: each record follows the entry's header and data, sent first.
+#[derive(Default)]
+struct Central {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// Its records.
+    count: u64,
+    /// Its bytes.
+    size: u64,
+    /// One record being encoded.
+    record: Vec<u8>,
+}
+
+/// The buffer of the central directory's file, and the chunks `finish` reads it in.
+const CENTRAL_CHUNK: usize = 64 * 1024;
+
 struct Writer<'a> {
     tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
     offset: u64,
-    entries: Vec<Entry>,
+    central: Central,
     buf: Vec<u8>,
     /// Entries at least this large use zip64 (the classic limit; lower in tests).
     zip64_from: u64,
@@ -439,7 +610,7 @@ impl<'a> Writer<'a> {
         Self {
             tx,
             offset: 0,
-            entries: Vec::new(),
+            central: Central::default(),
             buf: vec![0u8; 64 * 1024],
             zip64_from,
             stall,
@@ -506,8 +677,8 @@ impl<'a> Writer<'a> {
         let offset = self.offset;
         self.local_header(&name, false, false)?;
         self.descriptor(0, 0, 0, false)?;
-        self.entries.push(Entry {
-            name,
+        self.record(&Entry {
+            name: &name,
             crc: 0,
             size: 0,
             csize: 0,
@@ -515,8 +686,7 @@ impl<'a> Writer<'a> {
             mode: 0o040_755,
             zip64: false,
             deflate: false,
-        });
-        Ok(())
+        })
     }
 
     fn file(&mut self, mut file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
@@ -597,8 +767,8 @@ impl<'a> Writer<'a> {
         }
         let crc = crc.finalize();
         self.descriptor(crc, csize, size, zip64)?;
-        self.entries.push(Entry {
-            name,
+        self.record(&Entry {
+            name: &name,
             crc,
             size,
             csize,
@@ -606,8 +776,7 @@ impl<'a> Writer<'a> {
             mode,
             zip64,
             deflate,
-        });
-        Ok(())
+        })
     }
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
@@ -665,7 +834,7 @@ impl<'a> Writer<'a> {
                         lens: Vec::new(),
                         skip_staging,
                     };
-                    if fsx::entries(fd.as_fd())?.is_empty() && !walker.names.is_empty() {
+                    if !walker.names.is_empty() && fsx::is_empty(fd.as_fd())? {
                         walker.w.empty_dir(walker.names.clone())?;
                     }
                     fsx::walk(fd.as_fd(), &mut walker)?;
@@ -675,58 +844,96 @@ impl<'a> Writer<'a> {
         self.finish()
     }
 
+    /// Encodes `e`'s central directory record and appends it to the central
+    /// directory's file. No temporary file (a full or read-only temporary directory)
+    /// fails the archive: the response is cut off, as on any error.
+    fn record(&mut self, e: &Entry<'_>) -> std::io::Result<()> {
+        let big_size = e.zip64 || e.size >= LIMIT || e.csize >= LIMIT;
+        let big_offset = e.offset >= LIMIT;
+        let mut extra = Vec::new();
+        if big_size {
+            extra.extend_from_slice(&e.size.to_le_bytes());
+            extra.extend_from_slice(&e.csize.to_le_bytes());
+        }
+        if big_offset {
+            extra.extend_from_slice(&e.offset.to_le_bytes());
+        }
+        let zip64 = !extra.is_empty();
+        let version: u16 = if zip64 { 45 } else { 20 };
+        let cd = &mut self.central.record;
+        cd.clear();
+        cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        cd.extend_from_slice(&(0x0300u16 | version).to_le_bytes()); // made by: Unix
+        cd.extend_from_slice(&version.to_le_bytes());
+        cd.extend_from_slice(&0x0808u16.to_le_bytes());
+        cd.extend_from_slice(&(if e.deflate { 8u16 } else { 0 }).to_le_bytes());
+        cd.extend_from_slice(&0u16.to_le_bytes());
+        cd.extend_from_slice(&0x21u16.to_le_bytes());
+        cd.extend_from_slice(&e.crc.to_le_bytes());
+        let (csize32, size32) = if big_size {
+            (u32::MAX, u32::MAX)
+        } else {
+            (e.csize as u32, e.size as u32)
+        };
+        cd.extend_from_slice(&csize32.to_le_bytes());
+        cd.extend_from_slice(&size32.to_le_bytes());
+        cd.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        let extra_len = if zip64 { extra.len() + 4 } else { 0 };
+        cd.extend_from_slice(&(extra_len as u16).to_le_bytes());
+        cd.extend_from_slice(&[0u8; 6]); // comment, disk, internal attributes
+        let dos_dir = if e.name.ends_with(b"/") { 0x10 } else { 0 };
+        cd.extend_from_slice(&((e.mode << 16) | dos_dir).to_le_bytes());
+        let offset32 = if big_offset {
+            u32::MAX
+        } else {
+            e.offset as u32
+        };
+        cd.extend_from_slice(&offset32.to_le_bytes());
+        cd.extend_from_slice(e.name);
+        if zip64 {
+            cd.extend_from_slice(&1u16.to_le_bytes());
+            cd.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+            cd.extend_from_slice(&extra);
+        }
+        let file = match &mut self.central.file {
+            Some(file) => file,
+            None => {
+                let file = tempfile::tempfile().map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("no temporary file for the archive's central directory: {e}"),
+                    )
+                })?;
+                self.central
+                    .file
+                    .insert(std::io::BufWriter::with_capacity(CENTRAL_CHUNK, file))
+            }
+        };
+        std::io::Write::write_all(file, &self.central.record)?;
+        self.central.count += 1;
+        self.central.size += self.central.record.len() as u64;
+        Ok(())
+    }
+
+    /// Streams the central directory back from its file, in chunks sent as any
+    /// others (waiting for the client as they do), then the end records, which need
+    /// only the count, size and offset of the directory.
     fn finish(&mut self) -> std::io::Result<()> {
         let cd_offset = self.offset;
-        let mut cd = Vec::new();
-        for e in &self.entries {
-            let big_size = e.zip64 || e.size >= LIMIT || e.csize >= LIMIT;
-            let big_offset = e.offset >= LIMIT;
-            let mut extra = Vec::new();
-            if big_size {
-                extra.extend_from_slice(&e.size.to_le_bytes());
-                extra.extend_from_slice(&e.csize.to_le_bytes());
-            }
-            if big_offset {
-                extra.extend_from_slice(&e.offset.to_le_bytes());
-            }
-            let zip64 = !extra.is_empty();
-            let version: u16 = if zip64 { 45 } else { 20 };
-            cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-            cd.extend_from_slice(&(0x0300u16 | version).to_le_bytes()); // made by: Unix
-            cd.extend_from_slice(&version.to_le_bytes());
-            cd.extend_from_slice(&0x0808u16.to_le_bytes());
-            cd.extend_from_slice(&(if e.deflate { 8u16 } else { 0 }).to_le_bytes());
-            cd.extend_from_slice(&0u16.to_le_bytes());
-            cd.extend_from_slice(&0x21u16.to_le_bytes());
-            cd.extend_from_slice(&e.crc.to_le_bytes());
-            let (csize32, size32) = if big_size {
-                (u32::MAX, u32::MAX)
-            } else {
-                (e.csize as u32, e.size as u32)
-            };
-            cd.extend_from_slice(&csize32.to_le_bytes());
-            cd.extend_from_slice(&size32.to_le_bytes());
-            cd.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
-            let extra_len = if zip64 { extra.len() + 4 } else { 0 };
-            cd.extend_from_slice(&(extra_len as u16).to_le_bytes());
-            cd.extend_from_slice(&[0u8; 6]); // comment, disk, internal attributes
-            let dos_dir = if e.name.ends_with(b"/") { 0x10 } else { 0 };
-            cd.extend_from_slice(&((e.mode << 16) | dos_dir).to_le_bytes());
-            let offset32 = if big_offset {
-                u32::MAX
-            } else {
-                e.offset as u32
-            };
-            cd.extend_from_slice(&offset32.to_le_bytes());
-            cd.extend_from_slice(&e.name);
-            if zip64 {
-                cd.extend_from_slice(&1u16.to_le_bytes());
-                cd.extend_from_slice(&(extra.len() as u16).to_le_bytes());
-                cd.extend_from_slice(&extra);
+        let cd_size = self.central.size;
+        let count = self.central.count;
+        if let Some(file) = self.central.file.take() {
+            let mut file = file.into_inner().map_err(|e| e.into_error())?;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+            let mut left = cd_size;
+            while left > 0 {
+                let mut chunk = vec![0u8; left.min(CENTRAL_CHUNK as u64) as usize];
+                file.read_exact(&mut chunk)?;
+                left -= chunk.len() as u64;
+                self.send(chunk)?;
             }
         }
-        let cd_size = cd.len() as u64;
-        let count = self.entries.len() as u64;
+        let mut cd = Vec::new();
         let zip64_end = count >= 0xFFFF || cd_offset >= LIMIT || cd_size >= LIMIT;
         if zip64_end {
             let record = cd_offset + cd_size;
@@ -753,11 +960,7 @@ impl<'a> Writer<'a> {
         cd.extend_from_slice(&(cd_offset.min(LIMIT) as u32).to_le_bytes());
         cd.extend_from_slice(&0u16.to_le_bytes());
         self.send(cd)?;
-        tracing::info!(
-            files = self.entries.len(),
-            bytes = self.offset,
-            "archive streamed"
-        );
+        tracing::info!(files = count, bytes = self.offset, "archive streamed");
         Ok(())
     }
 }
@@ -831,5 +1034,40 @@ mod tests {
             );
             assert!(zip.len() > 200_000, "noise.bin was stored: {}", zip.len());
         }
+    }
+
+    /// A name that needed no change keeps it in every directory of the archive,
+    /// not only at its top: each directory entered has its names reserved under
+    /// its own prefix before its entries are written.
+    #[test]
+    fn names_that_needed_no_change_keep_them_in_every_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("sub/deeper")).expect("tree");
+        for (name, content) in [
+            ("sub/a\\b.txt", "backslash"),
+            ("sub/a_b.txt", "plain"),
+            ("sub/deeper/x:y", "colon"),
+            ("sub/deeper/x_y", "plain too"),
+        ] {
+            std::fs::write(dir.path().join(name), content).expect("file");
+        }
+        let zip = archive(dir.path(), LIMIT);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("a.zip"), &zip).expect("zip");
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nfor n in sorted(z.namelist()): print(n, z.read(n).decode())")
+            .arg(tmp.path().join("a.zip"))
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "sub/a_b (1).txt backslash\nsub/a_b.txt plain\nsub/deeper/x_y plain too\nsub/deeper/x_y (1) colon\n"
+        );
     }
 }
