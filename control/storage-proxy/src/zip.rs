@@ -236,6 +236,10 @@ fn note_renamed(name: &[u8]) {
 struct Names {
     plain: [std::collections::HashSet<u64, Prehashed>; SHARDS],
     other: std::collections::HashMap<u64, Slot, Prehashed>,
+    /// The archive's own random SipHash keys: the tables use the hashes as they
+    /// are, so a user who could predict them could name a million files into one
+    /// run of slots and make every lookup a long probe.
+    keys: std::hash::RandomState,
 }
 
 /// How many tables `Names::plain` is spread over.
@@ -328,7 +332,10 @@ enum Held {
     Other(Slot),
 }
 
-fn hash(bytes: &[u8]) -> u64 {
+/// The hash of an entry's name on disk, kept with a name that is not plain: the
+/// same in every archive (never a table's key), so that which of two names that
+/// collide once made safe keeps the safe name is the same in every download.
+fn original_hash(bytes: &[u8]) -> u64 {
     use std::hash::Hasher as _;
     let mut h = std::hash::DefaultHasher::new();
     h.write(bytes);
@@ -341,6 +348,11 @@ fn plain_key(h: u64, given: bool) -> u64 {
 }
 
 impl Names {
+    /// A full name's key in the tables (keyed per archive).
+    fn hash(&self, bytes: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.keys, bytes)
+    }
+
     fn held(&self, h: u64) -> Held {
         if let Some(s) = self.other.get(&h) {
             Held::Other(*s)
@@ -373,12 +385,12 @@ impl Names {
         let mut full = parent.to_vec();
         let changed = push_component(&mut full, name);
         let slot = Slot::new(
-            hash(std::os::unix::ffi::OsStrExt::as_bytes(name)),
+            original_hash(std::os::unix::ffi::OsStrExt::as_bytes(name)),
             dir,
             false,
             changed,
         );
-        let h = hash(&full);
+        let h = self.hash(&full);
         let take = match self.held(h) {
             Held::Free => true,
             Held::Other(s) => {
@@ -394,12 +406,12 @@ impl Names {
     /// The full name (no trailing `/`) of `name`, an entry of the archive directory
     /// `parent` (empty, or ending with `/`); `dir` whether it is a directory.
     fn give(&mut self, parent: &[u8], name: &std::ffi::OsStr, dir: bool) -> Vec<u8> {
-        let original = hash(std::os::unix::ffi::OsStrExt::as_bytes(name));
+        let original = original_hash(std::os::unix::ffi::OsStrExt::as_bytes(name));
         let mut full = parent.to_vec();
         let changed = push_component(&mut full, name);
         let slot = Slot::new(original, dir, true, false);
         let plain = !dir && !changed;
-        let h = hash(&full);
+        let h = self.hash(&full);
         let free = match self.held(h) {
             Held::Free => true,
             // Its own reservation: the same full name, unchanged, is the same name
@@ -435,7 +447,7 @@ impl Names {
             candidate.extend_from_slice(stem);
             candidate.extend_from_slice(format!(" ({n})").as_bytes());
             candidate.extend_from_slice(ext);
-            let h = hash(&candidate);
+            let h = self.hash(&candidate);
             match self.held(h) {
                 Held::Free => {
                     self.other.insert(h, slot);
