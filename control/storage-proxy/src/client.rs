@@ -242,10 +242,11 @@ async fn download(
             }
             let permit = archive_slot(&state, peer.ip())?;
             tracing::info!(dir = %name, "archive download");
-            let mut resp = Response::new(Body::from_stream(Metered::new(
-                &state,
-                super::zip::stream_dir(fd, at_root, state.stall, permit),
-            )));
+            let archive =
+                super::zip::first_bytes(super::zip::stream_dir(fd, at_root, state.stall, permit))
+                    .await
+                    .map_err(ApiError::Archive)?;
+            let mut resp = Response::new(Body::from_stream(Metered::new(&state, archive)));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
             if let Ok(v) = HeaderValue::from_str(&disposition(&format!("{name}.zip"))) {
@@ -406,10 +407,11 @@ async fn download_archive(
     })
     .await?;
     super::Metrics::add(&state.metrics.downloads, 1);
-    let mut resp = Response::new(Body::from_stream(Metered::new(
-        &state,
-        super::zip::stream_items(items, false, state.stall, permit),
-    )));
+    let archive =
+        super::zip::first_bytes(super::zip::stream_items(items, false, state.stall, permit))
+            .await
+            .map_err(ApiError::Archive)?;
+    let mut resp = Response::new(Body::from_stream(Metered::new(&state, archive)));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));
     if let Ok(v) = HeaderValue::from_str(&disposition(&filename)) {

@@ -239,6 +239,10 @@ pub enum ApiError {
     /// A filesystem error.
     #[error("filesystem error: {0}")]
     Io(std::io::Error),
+    /// An archive that failed before its first byte (the proxy's own fault: its
+    /// temporary space, say): 500 `archive-failed`.
+    #[error("the archive could not be made: {0}")]
+    Archive(std::io::Error),
 }
 
 impl From<std::io::Error> for ApiError {
@@ -299,6 +303,7 @@ impl ApiError {
                 (StatusCode::CONFLICT, "conflict")
             }
             Self::Io(_) => (StatusCode::BAD_REQUEST, "filesystem-error"),
+            Self::Archive(_) => (StatusCode::INTERNAL_SERVER_ERROR, "archive-failed"),
         }
     }
 }

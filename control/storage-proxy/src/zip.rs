@@ -121,6 +121,25 @@ pub fn stream_dir(
     )
 }
 
+/// Waits for an archive's first bytes. An archive that fails before it has sent any
+/// (no temporary file for its central directory, say) is then answered with an
+/// error status, not a 200 cut off at once; one that fails later can only be cut
+/// off. The wait is the writer's, never the client's: the first bytes go to the
+/// channel before the client is asked to take any.
+pub async fn first_bytes<S>(
+    stream: S,
+) -> std::io::Result<impl futures_util::Stream<Item = std::io::Result<Bytes>>>
+where
+    S: futures_util::Stream<Item = std::io::Result<Bytes>>,
+{
+    use futures_util::StreamExt as _;
+    let mut stream = Box::pin(stream);
+    match stream.next().await {
+        Some(Err(e)) => Err(e),
+        first => Ok(futures_util::stream::iter(first).chain(stream)),
+    }
+}
+
 /// Streams a zip of the given files and directories. The archive is written on a
 /// blocking thread that waits while the client takes no bytes: for `stall` at most,
 /// then the archive is abandoned and the response ends in an error (never as a
@@ -587,7 +606,8 @@ impl fsx::Visitor for Walker<'_, '_> {
 /// The central directory as it is made: its records go to an unlinked temporary
 /// file in `TMPDIR` (through a small buffer) rather than memory, since a user with
 /// a shell can make a million empty files in seconds and open many archives of
-/// them; `finish` streams them back. Created at the first entry, closed (and so
+/// them; `finish` streams them back. Created before the archive's first byte (an
+/// archive that cannot have one is refused with an error status), closed (and so
 /// freed) with the writer however the archive ends. It grows no faster than the
 /// client reads: each record follows the entry's header and data, sent first.
 #[derive(Default)]
@@ -599,6 +619,19 @@ struct Central {
     size: u64,
     /// One record being encoded.
     record: Vec<u8>,
+}
+
+impl Central {
+    /// Makes the directory's temporary file.
+    fn open() -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+        let file = tempfile::tempfile().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("no temporary file for the archive's central directory: {e}"),
+            )
+        })?;
+        Ok(std::io::BufWriter::with_capacity(CENTRAL_CHUNK, file))
+    }
 }
 
 /// The buffer of the central directory's file, and the chunks `finish` reads it in.
@@ -792,6 +825,9 @@ impl<'a> Writer<'a> {
     }
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
+        // Before the first byte: without room for its directory, the archive is
+        // refused with an error status instead of being cut off.
+        self.central.file = Some(Central::open()?);
         for item in items {
             let item = match item {
                 Item::Beneath(root, parts) => {
@@ -909,17 +945,7 @@ impl<'a> Writer<'a> {
         }
         let file = match &mut self.central.file {
             Some(file) => file,
-            None => {
-                let file = tempfile::tempfile().map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("no temporary file for the archive's central directory: {e}"),
-                    )
-                })?;
-                self.central
-                    .file
-                    .insert(std::io::BufWriter::with_capacity(CENTRAL_CHUNK, file))
-            }
+            None => self.central.file.insert(Central::open()?),
         };
         std::io::Write::write_all(file, &self.central.record)?;
         self.central.count += 1;

@@ -1540,3 +1540,96 @@ fn an_archive_of_many_empty_files_holds_none_of_them() {
         "the proxy's peak memory grew by {grew} KiB for {N} entries"
     );
 }
+
+/// The descriptors the proxy holds open.
+fn open_fds(p: &Proxy) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .expect("fd dir")
+        .count()
+}
+
+/// An archive's central directory goes to a temporary file as it is made. Where
+/// none can be made (`TMPDIR` missing, full or read-only), the archive fails before
+/// its first byte: the client must get an error status saying so (it used to get
+/// its connection closed without a word, or a 200 cut off), the log must say why,
+/// and the archive must give back its slot, its thread and its descriptors: the
+/// next one fails for the same reason, not as busy, and files are still served.
+#[test]
+fn an_archive_without_a_temporary_file_is_refused_and_keeps_nothing() {
+    let missing = tempfile::tempdir().expect("tempdir");
+    let tmpdir = missing.path().join("gone");
+    let p = Proxy::start_with_env(
+        "max_archive_streams = 1",
+        "",
+        &[("TMPDIR", tmpdir.to_str().expect("utf-8"))],
+    );
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("d")).expect("d");
+    for i in 0..20 {
+        std::fs::write(vf.join(format!("d/f{i}.txt")), vec![b'x'; 1000 + i]).expect("file");
+    }
+    let by_token = || {
+        let r = p.manager(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
+            None,
+        );
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        p.client_get(
+            &format!("/download?token={token}&archive=true"),
+            Duration::from_secs(30),
+        )
+    };
+    let listed = || {
+        let token = p.token(
+            "/folder/file/archive-download-token",
+            serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["d/f1.txt", "d"]}),
+        );
+        p.download_archive(&token)
+    };
+    let check = |what: &str, r: appproxy_test_support::http::Resp| {
+        assert_eq!(
+            r.status,
+            500,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let body = r.json();
+        assert_eq!(body["code"], "archive-failed", "{what}: {body}");
+        let title = body["title"].as_str().unwrap_or_default();
+        assert!(
+            title.contains("no temporary file for the archive's central directory"),
+            "{what}: the answer does not say why: {title}"
+        );
+    };
+    // One archive first, so that what any archive costs once (a blocking thread
+    // kept for reuse) is not counted.
+    check("first", by_token());
+    let before = open_fds(&p);
+    for round in 0..3 {
+        check(&format!("round {round}, a directory"), by_token());
+        check(&format!("round {round}, a list"), listed());
+    }
+    let log = p.log();
+    assert!(
+        log.contains("no temporary file for the archive's central directory"),
+        "the log does not say why: {log}"
+    );
+    // Blocking threads end on their own schedule: give them a moment.
+    let mut now = open_fds(&p);
+    for _ in 0..50 {
+        if now <= before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        now = open_fds(&p);
+    }
+    assert!(
+        now <= before,
+        "descriptors grew from {before} to {now} over six failed archives"
+    );
+    let r = p.download("d/f3.txt", "", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, vec![b'x'; 1003]);
+}

@@ -21,6 +21,8 @@ pub struct Proxy {
     pub manager: SocketAddr,
     pub client: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// Environment variables the process gets (on restarts too).
+    pub env: Vec<(String, String)>,
 }
 
 impl Drop for Proxy {
@@ -36,6 +38,15 @@ impl Proxy {
     }
 
     pub fn start_with(extra_storage: &str, extra_tables: &str) -> Self {
+        Self::start_with_env(extra_storage, extra_tables, &[])
+    }
+
+    /// [`Proxy::start_with`], the process also getting `env`.
+    pub fn start_with_env(extra_storage: &str, extra_tables: &str, env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             "[storage]\nmanager_bind = \"127.0.0.1:0\"\nclient_bind = \"127.0.0.1:0\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
@@ -47,6 +58,7 @@ impl Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
             .arg("--config")
             .arg(dir.path().join("storage.toml"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -64,6 +76,7 @@ impl Proxy {
             manager: addrs[0],
             client: addrs[1],
             dir,
+            env,
         }
     }
 
@@ -81,6 +94,7 @@ impl Proxy {
         self.child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
             .arg("--config")
             .arg(self.dir.path().join("storage.toml"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
