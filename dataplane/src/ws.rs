@@ -501,6 +501,356 @@ mod tests {
         assert_eq!((f.consumed, f.dropped), (server_close.len(), 6));
     }
 
+    /// One frame to build: what a peer, honest or not, could put on the wire.
+    #[derive(Debug, Clone)]
+    struct Spec {
+        fin: bool,
+        rsv: u8,
+        opcode: u8,
+        /// Masked as its direction requires (else the other way).
+        proper_mask: bool,
+        /// 0: the minimal length encoding; 1: 16 bits; 2: 64 bits.
+        encoding: u8,
+        payload: Vec<u8>,
+        key: [u8; 4],
+    }
+
+    fn spec() -> impl proptest::strategy::Strategy<Value = Spec> {
+        use proptest::prelude::*;
+        let opcode = prop_oneof![
+            6 => Just(0x1u8), 6 => Just(0x2), 4 => Just(0x0), 2 => Just(0x9), 2 => Just(0xA),
+            2 => Just(0x8),
+        ];
+        let len = prop_oneof![8 => 0usize..40, 3 => 120usize..300, 1 => 65_530usize..65_560];
+        let close = prop_oneof![
+            2 => Just(None),
+            4 => (prop::sample::select(vec![1000u16, 1001, 1002, 1003, 1007, 1008, 1011, 1012, 1014, 3000, 4999]), 0usize..3)
+                .prop_map(Some),
+            1 => (any::<u16>(), 0usize..3).prop_map(Some),
+        ];
+        (
+            prop::bool::weighted(0.7),
+            opcode,
+            len,
+            any::<u8>(),
+            any::<[u8; 4]>(),
+            close,
+        )
+            .prop_map(|(fin, opcode, len, fill, key, close)| {
+                // Text is ASCII (UTF-8 is the endpoint's business, not the
+                // framing's).
+                let mut payload: Vec<u8> = (0..len)
+                    .map(|i| b'a' + (fill.wrapping_add(i as u8) % 26))
+                    .collect();
+                if opcode >= 0x8 {
+                    payload.truncate(20);
+                }
+                if opcode == 0x8 {
+                    payload = close.map_or(Vec::new(), |(code, keep)| {
+                        let mut p = code.to_be_bytes().to_vec();
+                        p.extend(std::iter::repeat_n(b'r', keep));
+                        p
+                    });
+                }
+                Spec {
+                    fin,
+                    rsv: 0,
+                    opcode,
+                    proper_mask: true,
+                    encoding: 0,
+                    payload,
+                    key,
+                }
+            })
+    }
+
+    /// Frames an honest peer sends: continuations only inside a message, a new
+    /// message only outside one, control frames whole.
+    fn honest(mut specs: Vec<Spec>) -> Vec<Spec> {
+        let mut in_message = false;
+        for s in &mut specs {
+            if s.opcode >= 0x8 {
+                s.fin = true;
+                continue;
+            }
+            s.opcode = match (in_message, s.opcode) {
+                (true, _) => 0x0,
+                (false, 0x0) => 0x2,
+                (false, op) => op,
+            };
+            in_message = !s.fin;
+        }
+        specs
+    }
+
+    /// One defect a hostile peer puts in frame `at % len`.
+    fn spoil(specs: &mut [Spec], at: usize, kind: u8) {
+        if specs.is_empty() {
+            return;
+        }
+        let n = specs.len();
+        let s = &mut specs[at % n];
+        match kind % 8 {
+            0 => s.rsv = 1 + (at % 7) as u8,
+            1 => s.proper_mask = false,
+            2 => s.encoding = 1 + (at % 2) as u8,
+            3 => s.opcode = [0x3, 0x7, 0xB, 0xF][at % 4],
+            4 => s.fin = !s.fin,
+            5 => s.payload.resize(126 + at % 200, b'p'),
+            6 => s.opcode = if s.opcode == 0 { 0x1 } else { 0x0 },
+            _ => s.payload = vec![(at % 256) as u8],
+        }
+    }
+
+    fn build(specs: &[Spec], from_client: bool) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for s in specs {
+            wire.push((if s.fin { 0x80 } else { 0 }) | (s.rsv << 4) | s.opcode);
+            let masked = s.proper_mask == from_client;
+            let m = if masked { 0x80 } else { 0 };
+            let n = s.payload.len();
+            match (s.encoding, n) {
+                (0, n) if n < 126 => wire.push(m | n as u8),
+                (0 | 1, n) if n <= 0xffff => {
+                    wire.push(m | 126);
+                    wire.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                _ => {
+                    wire.push(m | 127);
+                    wire.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            if masked {
+                wire.extend_from_slice(&s.key);
+                wire.extend(s.payload.iter().enumerate().map(|(i, b)| b ^ s.key[i % 4]));
+            } else {
+                wire.extend_from_slice(&s.payload);
+            }
+        }
+        wire
+    }
+
+    /// What a relay makes of a stream read in `pieces`: it forwards what each feed
+    /// consumed, drops what came after the close, and feeds the rest again with
+    /// the next read.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        forwarded: Vec<u8>,
+        dropped: usize,
+        held: usize,
+        messages: u32,
+        payload: u64,
+        close: Option<u16>,
+        boundary: bool,
+        /// Ended inside a fragmented message.
+        open_message: bool,
+        error: Option<Violation>,
+    }
+
+    fn relay(wire: &[u8], cuts: &[usize], from_client: bool) -> Outcome {
+        let mut ins = Inspector::new(from_client, 0);
+        let mut out = Outcome {
+            forwarded: Vec::new(),
+            dropped: 0,
+            held: 0,
+            messages: 0,
+            payload: 0,
+            close: None,
+            boundary: true,
+            open_message: false,
+            error: None,
+        };
+        let mut pending: Vec<u8> = Vec::new();
+        let mut at = 0;
+        let mut ends: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        ends.push(wire.len());
+        ends.sort_unstable();
+        for end in ends {
+            pending.extend_from_slice(&wire[at..end]);
+            at = end;
+            match ins.feed(&pending) {
+                Ok(f) => {
+                    out.forwarded.extend_from_slice(&pending[..f.consumed]);
+                    out.dropped += f.dropped;
+                    out.messages += f.messages;
+                    out.payload += f.payload;
+                    out.close = out.close.or(f.close);
+                    pending.drain(..f.consumed + f.dropped);
+                }
+                Err(e) => {
+                    out.error = Some(e);
+                    break;
+                }
+            }
+        }
+        out.held = pending.len();
+        out.boundary = ins.at_frame_boundary();
+        out.open_message = ins.in_message;
+        out
+    }
+
+    /// A reader and writer over bytes, for tungstenite (it answers pings).
+    struct Wire {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl std::io::Read for Wire {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl std::io::Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// However a stream is cut into reads, the relay forwards the same bytes,
+        /// counts the same messages and close, or refuses it for the same reason.
+        #[test]
+        fn any_cut_into_reads_gives_the_same_outcome(
+            specs in proptest::collection::vec(spec(), 0..8),
+            from_client in proptest::bool::ANY,
+            cuts in proptest::collection::vec(0usize..1_000_000, 0..12),
+            defect in proptest::option::weighted(0.4, (0usize..1_000, proptest::num::u8::ANY)),
+            flip in proptest::option::weighted(0.2, (0usize..1_000_000, 1u8..=255)),
+            cut_short in proptest::option::weighted(0.2, 0usize..1_000_000),
+        ) {
+            let mut specs = honest(specs);
+            if let Some((at, kind)) = defect {
+                spoil(&mut specs, at, kind);
+            }
+            let mut wire = build(&specs, from_client);
+            if let (Some((at, x)), false) = (flip, wire.is_empty()) {
+                let n = wire.len();
+                wire[at % n] ^= x;
+            }
+            if let Some(keep) = cut_short {
+                wire.truncate(keep % (wire.len() + 1));
+            }
+            let whole = relay(&wire, &[], from_client);
+            let cut = relay(&wire, &cuts, from_client);
+            let bytewise = relay(&wire, &(0..wire.len()).collect::<Vec<_>>(), from_client);
+            match &whole.error {
+                Some(e) => {
+                    proptest::prop_assert_eq!(cut.error.as_ref(), Some(e));
+                    proptest::prop_assert_eq!(bytewise.error.as_ref(), Some(e));
+                }
+                None => {
+                    proptest::prop_assert_eq!(&cut, &whole);
+                    proptest::prop_assert_eq!(&bytewise, &whole);
+                }
+            }
+        }
+
+        /// A second implementation reading what the relay forwards: for every
+        /// stream the inspector passes whole, tungstenite (as the endpoint the
+        /// frames were for) sees the same frames: the same data messages, the same
+        /// payload bytes, the same close, and no framing error. A stream the two
+        /// cut differently could carry frames the inspector never saw, past its
+        /// close rule.
+        #[test]
+        fn what_is_forwarded_reads_the_same_to_tungstenite(
+            specs in proptest::collection::vec(spec(), 0..8),
+            from_client in proptest::bool::ANY,
+            defect in proptest::option::weighted(0.3, (0usize..1_000, proptest::num::u8::ANY)),
+            flip in proptest::option::weighted(0.1, (0usize..1_000_000, 1u8..=255)),
+        ) {
+            use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+            use tungstenite::{Error, Message};
+            let mut specs = honest(specs);
+            if let Some((at, kind)) = defect {
+                spoil(&mut specs, at, kind);
+            }
+            let mut wire = build(&specs, from_client);
+            if let (Some((at, x)), false) = (flip, wire.is_empty()) {
+                let n = wire.len();
+                wire[at % n] ^= x;
+            }
+            let seen = relay(&wire, &[], from_client);
+            // Only streams the inspector passed whole, ending between frames.
+            proptest::prop_assume!(seen.error.is_none() && seen.held == 0 && seen.boundary);
+            let role = if from_client { Role::Server } else { Role::Client };
+            let mut ws = WebSocket::from_raw_socket(
+                Wire { input: std::io::Cursor::new(seen.forwarded.clone()), output: Vec::new() },
+                role,
+                Some(WebSocketConfig::default()),
+            );
+            let (mut messages, mut payload, mut close) = (0u32, 0u64, None);
+            let end = loop {
+                match ws.read() {
+                    Ok(Message::Text(t)) => {
+                        messages += 1;
+                        payload += t.len() as u64;
+                    }
+                    Ok(Message::Binary(b)) => {
+                        messages += 1;
+                        payload += b.len() as u64;
+                    }
+                    Ok(Message::Ping(p) | Message::Pong(p)) => payload += p.len() as u64,
+                    Ok(Message::Close(c)) => close = Some(c.map_or(1005, |c| u16::from(c.code))),
+                    Ok(Message::Frame(_)) => {}
+                    Err(e) => break e,
+                }
+            };
+            match end {
+                // Text that is not UTF-8 (only a flipped byte or a spoilt payload
+                // makes it): the endpoint's check, not the framing's; nothing more
+                // to compare.
+                Error::Utf8(_) => {
+                    proptest::prop_assert!(flip.is_some() || defect.is_some());
+                    return Ok(());
+                }
+                Error::ConnectionClosed => proptest::prop_assert!(close.is_some()),
+                Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+                    proptest::prop_assert!(close.is_none())
+                }
+                other => proptest::prop_assert!(false, "tungstenite refused what was forwarded: {other}"),
+            }
+            proptest::prop_assert_eq!(messages, seen.messages);
+            proptest::prop_assert_eq!(close.is_some(), seen.close.is_some());
+            if let (Some(theirs), Some(ours)) = (close, seen.close) {
+                // tungstenite answers a code it does not allow as 1002 (1012-1014
+                // are such): the frame is the same one either way.
+                proptest::prop_assert!(theirs == ours || theirs == 1002, "{} vs {}", theirs, ours);
+            }
+            // The close frame's payload as sent (tungstenite replaces the reason
+            // with the code it does not allow); tungstenite gives no fragments of
+            // a message the stream left unfinished.
+            let theirs = payload + close_payload_len(&seen.forwarded);
+            if seen.open_message {
+                proptest::prop_assert!(theirs <= seen.payload);
+            } else {
+                proptest::prop_assert_eq!(theirs, seen.payload);
+            }
+        }
+    }
+
+    /// The payload length of the close frame in a forwarded stream (0 without one).
+    fn close_payload_len(forwarded: &[u8]) -> u64 {
+        let mut pos = 0;
+        let mut last_close = 0;
+        while let Ok(Some(h)) = parse_header(&forwarded[pos..]) {
+            if h.opcode == 0x8 {
+                last_close = h.len;
+            }
+            pos += h.header_len + h.len as usize;
+            if pos >= forwarded.len() {
+                break;
+            }
+        }
+        last_close
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..300), client in proptest::bool::ANY) {
