@@ -927,3 +927,100 @@ fn a_lingering_connection_makes_room_at_the_cap_once_its_streams_are_over() {
     );
     drop(a);
 }
+
+/// Reads frames until stream `id` is answered whole (a frame of it with
+/// END_STREAM); false when the connection ended first.
+fn answered(s: &mut TcpStream, id: u32) -> bool {
+    while let Some(f) = read_frame(s) {
+        if f.2 == id && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// A request head begun while no stream is open and never finished — a header
+/// block left open, or a frame cut short — is a slow later head: the connection is
+/// closed at the head timeout of its first byte, as an HTTP/1.1 connection is,
+/// not kept for the keep-alive timeout (here 300 s) as an idle one is.
+#[test]
+fn a_request_head_begun_between_requests_has_the_head_timeout() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nkeepalive_secs = 300\nhead_secs = 1\n");
+    let rest = common::resting_fds(&w);
+    let block = request_block("/second");
+    let unfinished: [(&str, Vec<u8>, bool); 4] = [
+        (
+            "a header block without its END_HEADERS",
+            frame(HEADERS, END_STREAM, 3, &block),
+            false,
+        ),
+        (
+            "a HEADERS frame cut short",
+            frame(HEADERS, END_HEADERS | END_STREAM, 3, &block)[..12].to_vec(),
+            false,
+        ),
+        (
+            "a frame header cut short",
+            frame(HEADERS, END_HEADERS | END_STREAM, 3, &block)[..5].to_vec(),
+            false,
+        ),
+        (
+            "a header block begun while the first stream was being answered",
+            frame(HEADERS, END_STREAM, 3, &block),
+            true,
+        ),
+    ];
+    for (what, bytes, at_once) in unfinished {
+        let mut s = open(&w);
+        request(&mut s, 1, "/first");
+        if at_once {
+            s.write_all(&bytes).expect("the unfinished head");
+        }
+        assert!(answered(&mut s, 1), "{what}: the first stream unanswered");
+        if !at_once {
+            s.write_all(&bytes).expect("the unfinished head");
+        }
+        let (goaway, frames) = read_to_close(&mut s);
+        let kinds: Vec<(u8, u8, u32)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+        assert_eq!(
+            goaway,
+            Some(0),
+            "{what}: no GOAWAY(NO_ERROR) before the close: {kinds:?}"
+        );
+        assert_eq!(last_goaway(&frames), Some((1, 0)), "{what}: {kinds:?}");
+        assert!(closed_by_worker(&mut s), "{what}: still open");
+    }
+    settles(&w, rest);
+}
+
+/// Frames that finish (PINGs, SETTINGS, WINDOW_UPDATEs) while no stream is open
+/// are no request head: a client sending them for three head timeouts is not cut,
+/// and its next request is answered.
+#[test]
+fn finished_frames_between_requests_keep_the_connection() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nkeepalive_secs = 300\nhead_secs = 1\n");
+    let mut s = open(&w);
+    request(&mut s, 1, "/first");
+    assert!(answered(&mut s, 1), "the first stream unanswered");
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut pings = 0u8;
+    while Instant::now() < until {
+        pings += 1;
+        s.write_all(&frame(PING, 0, 0, &[pings; 8])).expect("ping");
+        s.write_all(&frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()))
+            .expect("window update");
+        // Each PING is answered: the connection is alive and not going away.
+        loop {
+            let f = read_frame(&mut s).expect("the connection ended");
+            assert_ne!(f.0, GOAWAY, "GOAWAY to a client that only pinged");
+            if f.0 == PING && f.1 & ACK != 0 && f.3 == [pings; 8] {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    request(&mut s, 3, "/second");
+    assert!(answered(&mut s, 3), "the second stream unanswered");
+}

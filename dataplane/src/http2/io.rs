@@ -2,11 +2,15 @@
 //! TLS), so the `h2` crate runs on the per-core epoll reactor: no tokio runtime,
 //! only tokio's I/O traits. The connection is polled by one task (the one driving
 //! the `h2` connection); readiness, deadlines and TLS stay the `TcpConn`'s own.
+//! On a client connection it also follows the frames going in ([`Frames`]), so a
+//! request head begun while no stream is open has the head timeout ([`Between`]).
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -29,6 +33,134 @@ pub struct H2Io {
     /// cost more than the rest of a small request's parsing. The offer starts small,
     /// doubles while reads fill it (bulk DATA), and halves when they use little.
     read_size: usize,
+    /// Where the client's bytes stand in the framing (client connections).
+    frames: Frames,
+    /// The connection's state between requests (client connections).
+    between: Option<Rc<Between>>,
+}
+
+/// Where a client's byte stream stands in HTTP/2 framing (RFC 9113 §4.1, §6.10):
+/// frame boundaries and header blocks only; the `h2` crate does the parsing and
+/// judges the frames. Fed every byte handed to `h2`, the preface first.
+#[derive(Debug, Clone)]
+pub struct Frames {
+    /// Bytes of the client preface still to pass.
+    preface: usize,
+    /// The frame header being read, and how much of it came.
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload: usize,
+    /// A header block is open: a HEADERS or PUSH_PROMISE without END_HEADERS, until
+    /// the CONTINUATION that ends it.
+    in_block: bool,
+}
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self {
+            preface: super::PREFACE.len(),
+            head: [0; 9],
+            have: 0,
+            payload: 0,
+            in_block: false,
+        }
+    }
+}
+
+impl Frames {
+    /// Follows `bytes`, the next ones the client sent.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        let skip = self.preface.min(bytes.len());
+        self.preface -= skip;
+        bytes = &bytes[skip..];
+        while !bytes.is_empty() {
+            if self.payload > 0 {
+                let take = self.payload.min(bytes.len());
+                self.payload -= take;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let take = (self.head.len() - self.have).min(bytes.len());
+            self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+            self.have += take;
+            bytes = &bytes[take..];
+            if self.have == self.head.len() {
+                self.have = 0;
+                let h = self.head;
+                let (kind, flags) = (h[3], h[4]);
+                const HEADERS: u8 = 0x1;
+                const PUSH_PROMISE: u8 = 0x5;
+                const CONTINUATION: u8 = 0x9;
+                const END_HEADERS: u8 = 0x4;
+                match kind {
+                    HEADERS | PUSH_PROMISE => self.in_block = flags & END_HEADERS == 0,
+                    CONTINUATION if flags & END_HEADERS != 0 => self.in_block = false,
+                    _ => {}
+                }
+                self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            }
+        }
+    }
+
+    /// Whether the client stopped inside something: the preface, a frame, or a
+    /// header block.
+    pub fn pending(&self) -> bool {
+        self.preface > 0 || self.have > 0 || self.payload > 0 || self.in_block
+    }
+}
+
+/// A client connection between requests, shared by the connection's bookkeeping
+/// (which knows when no stream is open) and its [`H2Io`] (which sees the bytes).
+/// While no stream is open the keep-alive timeout runs; once the client has begun
+/// a frame or a header block that it has not finished, the head timeout runs
+/// instead (HTTP/1.1's rule for a later request head: within `head_secs` of its
+/// first byte), and a frame finished afterwards puts the keep-alive timeout back.
+#[derive(Debug, Default)]
+pub struct Between {
+    /// No stream is open and the keep-alive timeout runs.
+    idle: Cell<bool>,
+    /// The client stopped inside a frame or a header block (the last read said).
+    pending: Cell<bool>,
+    /// The head timeout runs (armed by a pending frame while idle).
+    armed: Cell<bool>,
+}
+
+impl Between {
+    /// The last stream ended: the keep-alive timeout runs from now, or, when the
+    /// client is already inside its next frame, the head timeout.
+    pub fn now_idle(&self, conn: &TcpConn, keepalive: Duration, head: Duration) {
+        self.idle.set(true);
+        conn.set_timeout(keepalive);
+        self.armed.set(false);
+        if self.pending.get() {
+            conn.set_timeout_within(head);
+            self.armed.set(true);
+        }
+    }
+
+    /// A stream opened (or the connection is draining, or over): the idle rules
+    /// are off.
+    pub fn busy(&self) {
+        self.idle.set(false);
+        self.armed.set(false);
+    }
+
+    /// After a read: arms the head timeout for a frame begun while idle, or puts
+    /// the keep-alive timeout back once it is finished.
+    fn after_read(&self, conn: &TcpConn, pending: bool, keepalive: Duration, head: Duration) {
+        self.pending.set(pending);
+        if !self.idle.get() {
+            return;
+        }
+        if pending && !self.armed.get() {
+            conn.set_timeout_within(head);
+            self.armed.set(true);
+        } else if !pending && self.armed.get() {
+            conn.set_timeout(keepalive);
+            self.armed.set(false);
+        }
+    }
 }
 
 /// The smallest and largest read offered to the socket.
@@ -44,7 +176,35 @@ impl H2Io {
             taken: 0,
             core,
             read_size: READ_MIN,
+            frames: Frames::default(),
+            between: None,
         }
+    }
+
+    /// Follows the client's frames for `between` (client connections).
+    pub fn between(mut self, between: Rc<Between>) -> Self {
+        self.between = Some(between);
+        self
+    }
+}
+
+/// Bytes `h2` got from the client: followed in the framing, and the
+/// between-requests timeouts applied (client connections only).
+fn took(
+    frames: &mut Frames,
+    between: Option<&Rc<Between>>,
+    core: Option<&Rc<Core>>,
+    conn: &TcpConn,
+    bytes: &[u8],
+) {
+    if let (Some(between), Some(core)) = (between, core) {
+        frames.feed(bytes);
+        between.after_read(
+            conn,
+            frames.pending(),
+            core.rt.keepalive_timeout,
+            core.rt.head_timeout,
+        );
     }
 }
 
@@ -57,7 +217,15 @@ impl AsyncRead for H2Io {
         let this = self.get_mut();
         if this.taken < this.prefix.len() {
             let n = buf.remaining().min(this.prefix.len() - this.taken);
-            buf.put_slice(&this.prefix[this.taken..this.taken + n]);
+            let given = &this.prefix[this.taken..this.taken + n];
+            buf.put_slice(given);
+            took(
+                &mut this.frames,
+                this.between.as_ref(),
+                this.core.as_ref(),
+                &this.conn,
+                given,
+            );
             this.taken += n;
             if this.taken == this.prefix.len() {
                 this.prefix = Vec::new();
@@ -78,6 +246,14 @@ impl AsyncRead for H2Io {
                 if let Some(core) = &this.core {
                     core.metrics.add(counter::BYTES_IN, n as u64);
                 }
+                let filled = buf.filled();
+                took(
+                    &mut this.frames,
+                    this.between.as_ref(),
+                    this.core.as_ref(),
+                    &this.conn,
+                    &filled[filled.len() - n..],
+                );
                 Poll::Ready(Ok(()))
             }
             other => other.map(|r| r.map(|_| ())),
@@ -110,6 +286,123 @@ impl AsyncWrite for H2Io {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 1];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const PING: u8 = 0x6;
+    const DATA: u8 = 0x0;
+    const END_HEADERS: u8 = 0x4;
+
+    /// Whether the client stands inside something after each step.
+    #[test]
+    fn frames_and_header_blocks_are_followed() {
+        let steps: Vec<(&str, Vec<u8>, bool)> = vec![
+            (
+                "half the preface",
+                super::super::PREFACE[..10].to_vec(),
+                true,
+            ),
+            (
+                "the rest of it",
+                super::super::PREFACE[10..].to_vec(),
+                false,
+            ),
+            ("a PING", frame(PING, 0, &[0; 8]), false),
+            (
+                "a frame header's first bytes",
+                frame(PING, 0, &[0; 8])[..4].to_vec(),
+                true,
+            ),
+            (
+                "the rest of that PING",
+                frame(PING, 0, &[0; 8])[4..].to_vec(),
+                false,
+            ),
+            (
+                "HEADERS without END_HEADERS",
+                frame(HEADERS, 0, b"abc"),
+                true,
+            ),
+            (
+                "a PING inside the block (h2's to refuse)",
+                frame(PING, 0, &[0; 8]),
+                true,
+            ),
+            (
+                "CONTINUATION without END_HEADERS",
+                frame(CONTINUATION, 0, b"d"),
+                true,
+            ),
+            (
+                "CONTINUATION with END_HEADERS",
+                frame(CONTINUATION, END_HEADERS, b"e"),
+                false,
+            ),
+            ("whole HEADERS", frame(HEADERS, END_HEADERS, b"abc"), false),
+            (
+                "DATA cut short",
+                frame(DATA, 0, &[7; 100])[..50].to_vec(),
+                true,
+            ),
+            ("its rest", frame(DATA, 0, &[7; 100])[50..].to_vec(), false),
+            ("an empty frame", frame(PING, 0, &[]), false),
+        ];
+        let mut f = Frames::default();
+        assert!(f.pending(), "before the preface");
+        for (what, bytes, pending) in steps {
+            f.feed(&bytes);
+            assert_eq!(f.pending(), pending, "after {what}");
+        }
+    }
+
+    proptest::proptest! {
+        /// However the bytes are cut into reads, the same place is reached.
+        #[test]
+        fn any_cut_into_reads_ends_in_the_same_place(
+            frames in proptest::collection::vec(
+                (proptest::sample::select(vec![HEADERS, CONTINUATION, PING, DATA, 0x4, 0x8]),
+                 proptest::num::u8::ANY, 0usize..40),
+                0..10,
+            ),
+            cut_short in 0usize..64,
+            cuts in proptest::collection::vec(1usize..20, 1..40),
+        ) {
+            let mut wire = super::super::PREFACE.to_vec();
+            for (kind, flags, len) in frames {
+                wire.extend(frame(kind, flags, &vec![0; len]));
+            }
+            wire.truncate(wire.len().saturating_sub(cut_short));
+            let mut whole = Frames::default();
+            whole.feed(&wire);
+            let mut pieces = Frames::default();
+            let mut rest = &wire[..];
+            for c in cuts.iter().cycle().take(wire.len() + 1) {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*c).min(rest.len());
+                pieces.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            proptest::prop_assert!(rest.is_empty());
+            proptest::prop_assert_eq!(
+                (whole.preface, whole.have, whole.payload, whole.in_block, whole.pending()),
+                (pieces.preface, pieces.have, pieces.payload, pieces.in_block, pieces.pending())
+            );
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! This module owns the connection: the `h2` server with the `[http2]` bounds, the
 //! connection's deadlines (head timeout until the first stream, keep-alive timeout
-//! while no stream is open, none while streams run: each stream times its own
+//! while no stream is open, the head timeout again once a frame or header block is
+//! begun then and not finished, none while streams run: each stream times its own
 //! waits), `GOAWAY` on drain and on every close while idle, and the connection's
 //! log line naming its streams.
 
@@ -67,12 +68,15 @@ pub struct ConnCtx {
     /// In its lingering close while streams were still being handled (not to be
     /// closed for a new connection at the cap until the last of them ends).
     lingering_held: Cell<bool>,
+    /// The timeouts between requests, shared with the connection's [`io::H2Io`].
+    between: Rc<io::Between>,
 }
 
 impl ConnCtx {
     /// A stream was accepted: the connection is busy (no idle deadline).
     fn stream_opened(&self) {
         if self.active.get() == 0 {
+            self.between.busy();
             self.conn.set_deadline(None);
             self.conn.set_reusable(false, false);
         }
@@ -100,7 +104,9 @@ impl ConnCtx {
             if self.core.draining.get() {
                 self.conn.set_timeout(DRAIN_GRACE);
             } else {
-                self.conn.set_timeout(self.core.rt.keepalive_timeout);
+                let rt = &self.core.rt;
+                self.between
+                    .now_idle(&self.conn, rt.keepalive_timeout, rt.head_timeout);
                 self.conn.set_reusable(true, true);
             }
         }
@@ -157,6 +163,7 @@ pub async fn serve(
         client_resets: Cell::new(0),
         ended: Cell::new(false),
         lingering_held: Cell::new(false),
+        between: Rc::new(io::Between::default()),
     });
     // The preface, the SETTINGS and the first complete request head within the head
     // timeout from the accept (a connection that sends the preface and nothing else
@@ -173,7 +180,7 @@ pub async fn serve(
         .max_send_buffer_size(cfg.max_send_buffer)
         .max_pending_accept_reset_streams(cfg.max_pending_accept_reset_streams)
         .max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams));
-    let io = io::H2Io::new(conn.clone(), prefix, Some(core.clone()));
+    let io = io::H2Io::new(conn.clone(), prefix, Some(core.clone())).between(ctx.between.clone());
     let mut h2c = match builder.handshake::<_, Bytes>(io).await {
         Ok(c) => c,
         Err(e) => {
@@ -193,6 +200,7 @@ pub async fn serve(
         // so a drain reaches busy connections at once.
         let next = std::future::poll_fn(|cx| {
             if !closing_idle && ctx.active.get() == 0 && (conn.timed_out() || conn.was_shed()) {
+                ctx.between.busy();
                 // Closed while idle (keep-alive or head timeout, drain, or shed at
                 // the connection cap): a GOAWAY naming the last stream taken comes
                 // first (RFC 9113 §9.1), so the client knows a stream it opened just
@@ -288,6 +296,7 @@ pub async fn serve(
     // no longer touch the socket's deadline: a keep-alive timeout armed by the last
     // one to end would stretch the lingering close past its bounds.
     ctx.ended.set(true);
+    ctx.between.busy();
     drop(h2c);
     // Not for a client cut for abuse, nor for one that sent no request head within
     // the head timeout: as after an HTTP/1 408, such a client is not waited for
