@@ -630,6 +630,26 @@ mod tests {
         wire
     }
 
+    /// The wire bytes of `specs` made honest, then given one defect (`spoil`) and
+    /// one flipped byte (`flip`: where, and the bits), when asked.
+    fn hostile(
+        specs: Vec<Spec>,
+        from_client: bool,
+        defect: Option<(usize, u8)>,
+        flip: Option<(usize, u8)>,
+    ) -> Vec<u8> {
+        let mut specs = honest(specs);
+        if let Some((at, kind)) = defect {
+            spoil(&mut specs, at, kind);
+        }
+        let mut wire = build(&specs, from_client);
+        if let (Some((at, x)), false) = (flip, wire.is_empty()) {
+            let n = wire.len();
+            wire[at % n] ^= x;
+        }
+        wire
+    }
+
     /// What a relay makes of a stream read in `pieces`: it forwards what each feed
     /// consumed, drops what came after the close, and feeds the rest again with
     /// the next read.
@@ -725,15 +745,7 @@ mod tests {
             flip in proptest::option::weighted(0.2, (0usize..1_000_000, 1u8..=255)),
             cut_short in proptest::option::weighted(0.2, 0usize..1_000_000),
         ) {
-            let mut specs = honest(specs);
-            if let Some((at, kind)) = defect {
-                spoil(&mut specs, at, kind);
-            }
-            let mut wire = build(&specs, from_client);
-            if let (Some((at, x)), false) = (flip, wire.is_empty()) {
-                let n = wire.len();
-                wire[at % n] ^= x;
-            }
+            let mut wire = hostile(specs, from_client, defect, flip);
             if let Some(keep) = cut_short {
                 wire.truncate(keep % (wire.len() + 1));
             }
@@ -767,15 +779,7 @@ mod tests {
         ) {
             use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
             use tungstenite::{Error, Message};
-            let mut specs = honest(specs);
-            if let Some((at, kind)) = defect {
-                spoil(&mut specs, at, kind);
-            }
-            let mut wire = build(&specs, from_client);
-            if let (Some((at, x)), false) = (flip, wire.is_empty()) {
-                let n = wire.len();
-                wire[at % n] ^= x;
-            }
+            let wire = hostile(specs, from_client, defect, flip);
             let seen = relay(&wire, &[], from_client);
             // Only streams the inspector passed whole, ending between frames.
             proptest::prop_assume!(seen.error.is_none() && seen.held == 0 && seen.boundary);
