@@ -5,6 +5,7 @@
 #
 #   benches/callgrind.sh [SCENARIOS] -- WORKER_BINARY...
 #   e.g. benches/callgrind.sh ws,small,newconn,sse -- target/release/appproxy-worker /tmp/old-worker
+#   (h2: small GETs over prior-knowledge h2c, h2load with 8 connections x 10 streams)
 #
 # Each binary serves the same circuits with spinning off (`[reactor] spin_polls = 0`:
 # empty polls would count the machine's idle time, not the work). Per scenario: 2 s of
@@ -14,7 +15,7 @@
 # WORKER_EXTRA, when set, is added to each worker's configuration after its
 # `[reactor]` section (e.g. WORKER_EXTRA=$'[limits]\nmax_connections_per_client = 1000'
 # to count what a limit costs).
-# Needs: valgrind, nginx (the app of the HTTP scenarios), wrk, and the harness binary
+# Needs: valgrind, nginx (the app of the HTTP scenarios), wrk (h2load for h2), and the harness binary
 # (`cargo build --release -p appproxy-benches`) for the WebSocket and SSE apps and loads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +93,7 @@ load() { # SCENARIO SECONDS -> the load tool's BENCH line
     sse) taskset -c 1 "$bench" sse-load 127.0.0.1:$sse 8 "$2" 2>&1 | grep BENCH ;;
     small) taskset -c 1 wrk -t1 -c8 -d"$2"s -s benches/wrk-done.lua http://127.0.0.1:$small/ 2>&1 | grep BENCH ;;
     newconn) taskset -c 1 wrk -t1 -c8 -d"$2"s -H "Connection: close" -s benches/wrk-done.lua http://127.0.0.1:$small/ 2>&1 | grep BENCH ;;
+    h2) taskset -c 1 h2load -D "$2" -c 8 -m 10 http://127.0.0.1:$small/ 2>&1 | awk '/^requests:/ {print "BENCH requests=" $8}' ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
