@@ -299,7 +299,7 @@ impl std::hash::BuildHasher for Prehashed {
 }
 
 /// A name in `Names::other`: the hash of the entry's own name on disk (its low
-/// three bits dropped) and the flags below.
+/// four bits dropped) and the flags below.
 #[derive(Clone, Copy)]
 struct Slot(u64);
 
@@ -310,7 +310,10 @@ impl Slot {
     /// Reserved by a name that had to change to be safe: a name that needed no
     /// change takes the reservation over.
     const CHANGED: u64 = 4;
-    const FLAGS: u64 = 7;
+    /// An empty directory whose entry is written: a directory met again (merged)
+    /// gets no second one.
+    const EMPTY: u64 = 8;
+    const FLAGS: u64 = 15;
 
     fn new(original: u64, dir: bool, claimed: bool, changed: bool) -> Self {
         let mut v = original & !Self::FLAGS;
@@ -340,6 +343,10 @@ impl Slot {
 
     fn changed(self) -> bool {
         self.0 & Self::CHANGED != 0
+    }
+
+    fn empty(self) -> bool {
+        self.0 & Self::EMPTY != 0
     }
 }
 
@@ -393,7 +400,9 @@ impl Names {
             table.insert(plain_key(h, slot.claimed()));
             self.other.remove(&h);
         } else {
-            self.other.insert(h, slot);
+            // A directory given again keeps its empty entry's mark.
+            let empty = self.other.get(&h).map_or(0, |s| s.0 & Slot::EMPTY);
+            self.other.insert(h, Slot(slot.0 | empty));
         }
     }
 
@@ -483,6 +492,20 @@ impl Names {
                 }
                 _ => n += 1,
             }
+        }
+    }
+
+    /// Whether the directory given the full name `full` (no trailing `/`) still
+    /// needs an empty directory's entry: once, however often it is met.
+    fn first_empty(&mut self, full: &[u8]) -> bool {
+        let h = self.hash(full);
+        match self.other.get_mut(&h) {
+            Some(s) if s.empty() => false,
+            Some(s) => {
+                s.0 |= Slot::EMPTY;
+                true
+            }
+            None => true,
         }
     }
 
@@ -719,6 +742,13 @@ impl<'a> Writer<'a> {
     }
 
     fn empty_dir(&mut self, name: Vec<u8>) -> std::io::Result<()> {
+        // A directory met again (listed twice, listed and under a listed parent).
+        if !self
+            .names
+            .first_empty(name.strip_suffix(b"/").unwrap_or(&name))
+        {
+            return Ok(());
+        }
         let offset = self.offset;
         self.local_header(&name, false, false)?;
         self.descriptor(0, 0, 0, false)?;

@@ -1085,6 +1085,33 @@ fn archive_entry_names_are_safe_and_unique_on_every_platform() {
     assert!(p.log().contains("already given to another entry"));
 }
 
+/// An empty directory met more than once in one archive (listed twice, listed and
+/// under a listed parent, under a parent listed twice) is one directory entry, as
+/// a directory met again is merged: two entries of one name make an extractor
+/// overwrite, ask or fail, and a reader that checks names refuses the archive.
+#[test]
+fn an_empty_directory_met_twice_is_one_entry() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let w = p.vfolder_path().join("w");
+    std::fs::create_dir_all(w.join("e")).expect("dir");
+    std::fs::create_dir_all(w.join("f/empty")).expect("dir");
+    std::fs::write(w.join("f/x.txt"), "x").expect("file");
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["w/e", "w/e/", "w", "w/f/empty", "w"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    names.sort();
+    assert_eq!(
+        names,
+        ["'w/e/'", "'w/f/empty/'", "'w/f/x (1).txt'", "'w/f/x.txt'"],
+        "one entry a name"
+    );
+}
+
 /// Sends `GET path` and reads until the response head is in (a few body bytes may
 /// come with it), then stops reading: a client slow to take what it asked for.
 fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
