@@ -1112,6 +1112,145 @@ fn an_empty_directory_met_twice_is_one_entry() {
     );
 }
 
+/// What a vfolder user's shell does to one name while an archive is made: any kind
+/// of entry in its place (a file, a directory with a file, a FIFO, symlinks to the
+/// outside secret, its directory and `/`), or none.
+fn churn_one(dir: &Path, name: &std::ffi::OsStr, op: u64, out: &Path) {
+    let at = dir.join(name);
+    match std::fs::symlink_metadata(&at) {
+        Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(&at)),
+        Ok(_) => drop(std::fs::remove_file(&at)),
+        Err(_) => {}
+    }
+    match op % 7 {
+        0 => {}
+        1 => drop(std::fs::write(&at, "inside")),
+        2 => {
+            if std::fs::create_dir(&at).is_ok() {
+                drop(std::fs::write(at.join("f"), "inside"));
+            }
+        }
+        3 => drop(std::os::unix::fs::symlink(out.join("secret.txt"), &at)),
+        4 => drop(std::os::unix::fs::symlink(out, &at)),
+        5 => drop(std::os::unix::fs::symlink("/", &at)),
+        _ => drop(rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &at,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )),
+    }
+}
+
+/// Archives of a directory whose entries a shell churns while they are made: in the
+/// window between a directory's two readings (its names reserved, then archived)
+/// and while big files stream, names that collide once made safe (or with the
+/// numbered form of another) appear, vanish and change kind (file, directory,
+/// FIFO, symlinks out of the vfolder), and a subtree is swapped for a symlink to
+/// the outside directory. Every archive is whole and valid, its names unique (no
+/// file where a directory goes), every file in it one the vfolder holds, and the
+/// outside secret never in it.
+#[test]
+fn an_archive_of_a_churning_directory_is_whole_unique_and_contained() {
+    use std::os::unix::ffi::OsStrExt as _;
+    const SECRET: &[u8] = b"OUTSIDE-SECRET-never-in-an-archive";
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = p.dir.path().join("outside");
+    std::fs::create_dir_all(&out).expect("outside");
+    std::fs::write(out.join("secret.txt"), SECRET).expect("secret");
+    let vf = p.vfolder_path();
+    let c = vf.join("c");
+    std::fs::create_dir_all(c.join("d/e")).expect("tree");
+    // Big files first in each directory's order keep the writer busy while the
+    // names after them (and the directories below) change.
+    let big = incompressible(1 << 20);
+    for d in ["c", "c/d", "c/d/e"] {
+        std::fs::write(vf.join(d).join("0-big.bin"), &big).expect("big");
+    }
+    std::os::unix::fs::symlink(&out, c.join("dlink")).expect("link");
+    let long = "L".repeat(255);
+    let long_colon = format!("{}:", "L".repeat(254));
+    let names: Vec<std::ffi::OsString> = [
+        &b"x_y"[..],
+        b"x:y",
+        b"x\\y",
+        b"x_y (1)",
+        b"x_y (2)",
+        b"X_Y",
+        b"x\xffy",
+        b"x\xfey",
+        "x\u{fffd}y".as_bytes(),
+        b"..y",
+        long.as_bytes(),
+        long_colon.as_bytes(),
+        "L".repeat(254).as_bytes(),
+    ]
+    .iter()
+    .map(|n| std::ffi::OsStr::from_bytes(n).to_owned())
+    .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let script = concat!(
+        "import sys,zipfile\n",
+        "z=zipfile.ZipFile(sys.argv[1])\n",
+        "assert z.testzip() is None\n",
+        "names=z.namelist()\n",
+        "assert len(set(names))==len(names), names\n",
+        "dirs={n[:i] for n in names for i in range(len(n)) if n[i]=='/'}\n",
+        "assert not [n for n in names if not n.endswith('/') and n in dirs], names\n",
+        "big=z.read('c/0-big.bin') if 'c/0-big.bin' in names else None\n",
+        "for n in names:\n",
+        "    if not n.endswith('/'):\n",
+        "        b=z.read(n)\n",
+        "        assert b==b'inside' or len(b)==1<<20, (n,b[:40])\n",
+        "print(len(names))",
+    );
+    std::thread::scope(|s| {
+        let churner = s.spawn(|| {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut n = 0u64;
+            let dirs = [c.clone(), c.join("d"), c.join("d/e")];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let dir = &dirs[(x % 3) as usize];
+                let name = &names[((x >> 8) % names.len() as u64) as usize];
+                churn_one(dir, name, x >> 24, &out);
+                // Now and then the whole subtree `d` trades places with a symlink
+                // to the outside directory.
+                if (x >> 40) % 16 == 0 {
+                    let _ = rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        &c.join("d"),
+                        rustix::fs::CWD,
+                        &c.join("dlink"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+                n += 1;
+            }
+            n
+        });
+        for i in 0..40 {
+            let r = p.download("c", "&archive=true", &[]);
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert!(
+                !r.body.windows(SECRET.len()).any(|w| w == SECRET),
+                "the outside secret is in archive {i}"
+            );
+            let path = p.dir.path().join("churn.zip");
+            std::fs::write(&path, &r.body).expect("zip");
+            storage_common::python(script, &path)
+                .unwrap_or_else(|e| panic!("archive {i} is not whole and valid: {e}"));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(churner.join().expect("churner") > 0);
+    });
+    assert!(alive(&p), "{}", p.log());
+}
+
 /// Sends `GET path` and reads until the response head is in (a few body bytes may
 /// come with it), then stops reading: a client slow to take what it asked for.
 fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
