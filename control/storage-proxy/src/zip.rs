@@ -251,10 +251,22 @@ fn note_renamed(name: &[u8]) {
 /// that had to change and numbered names also keep the hash of their name on
 /// disk, in `other` (16 bytes a slot). Two names with one hash only cost the
 /// second an unneeded number.
+///
+/// A name is never given up once held, so numbering a taken name goes on from the
+/// number after the last one it gave (`next`): a user can make a million names
+/// that are all made one safe name (`___` from any three of some sixty characters),
+/// and trying every number from 1 for each of them would take a CPU for days.
 #[derive(Default)]
 struct Names {
     plain: [std::collections::HashSet<u64, Prehashed>; SHARDS],
     other: std::collections::HashMap<u64, Slot, Prehashed>,
+    /// By taken name (and whether a directory's), the first number its numbered
+    /// form may have free; by that key with a directory's own name on disk, the
+    /// number that directory was given (a directory met again keeps it).
+    next: std::collections::HashMap<u64, u64, Prehashed>,
+    /// Numbers tried, for the tests.
+    #[cfg(test)]
+    tried: u64,
     /// The archive's own random SipHash keys: the tables use the hashes as they
     /// are, so a user who could predict them could name a million files into one
     /// run of slots and make every lookup a long probe.
@@ -469,16 +481,36 @@ impl Names {
             _ => base.len(),
         };
         let (stem, ext) = base.split_at(cut);
-        let mut n = 1u64;
+        let numbered_as = |n: u64| {
+            let mut c = parent.to_vec();
+            c.extend_from_slice(stem);
+            c.extend_from_slice(format!(" ({n})").as_bytes());
+            c.extend_from_slice(ext);
+            c
+        };
+        let key = self.hash(&full) ^ u64::from(slot.dir());
+        let own = key ^ slot.original() ^ 2;
+        if slot.dir() {
+            if let Some(n) = self.next.get(&own) {
+                // The same directory, numbered before.
+                return numbered_as(*n);
+            }
+        }
+        let mut n = self.next.get(&key).copied().unwrap_or(1);
         loop {
-            let mut candidate = parent.to_vec();
-            candidate.extend_from_slice(stem);
-            candidate.extend_from_slice(format!(" ({n})").as_bytes());
-            candidate.extend_from_slice(ext);
+            #[cfg(test)]
+            {
+                self.tried += 1;
+            }
+            let candidate = numbered_as(n);
             let h = self.hash(&candidate);
             match self.held(h) {
                 Held::Free => {
                     self.other.insert(h, slot);
+                    self.next.insert(key, n + 1);
+                    if slot.dir() {
+                        self.next.insert(own, n);
+                    }
                     tracing::warn!(
                         entry = %String::from_utf8_lossy(&full),
                         written_as = %String::from_utf8_lossy(&candidate),
@@ -1102,6 +1134,49 @@ mod tests {
             );
             assert!(zip.len() > 200_000, "noise.bin was stored: {}", zip.len());
         }
+    }
+
+    /// Names that are all made one safe name are numbered 1, 2, 3, … each trying
+    /// one number, not every number from 1: a user can make a million of them.
+    /// A directory met again keeps its number.
+    #[test]
+    fn numbering_many_names_made_one_tries_each_number_once() {
+        use std::os::unix::ffi::OsStrExt as _;
+        const N: u64 = 3_000;
+        let mut names = Names::default();
+        let mut alphabet: Vec<Vec<u8>> = vec![b"\\".to_vec(), b":".to_vec()];
+        alphabet.extend((1u8..0x20).map(|b| vec![b]));
+        let mut given = 0u64;
+        'all: for a in &alphabet {
+            for b in &alphabet {
+                for c in &alphabet {
+                    if given == N {
+                        break 'all;
+                    }
+                    let name = [a.as_slice(), b, c, b".txt"].concat();
+                    let full = names.give(b"w/", std::ffi::OsStr::from_bytes(&name), false);
+                    let want = match given {
+                        0 => "w/___.txt".to_owned(),
+                        n => format!("w/___ ({n}).txt"),
+                    };
+                    assert_eq!(String::from_utf8_lossy(&full), want);
+                    given += 1;
+                }
+            }
+        }
+        assert_eq!(given, N);
+        assert!(names.tried < 2 * N, "{} numbers tried", names.tried);
+        // Directories: one met again keeps its number.
+        let d = std::ffi::OsStr::from_bytes(b"d:");
+        for dir in [b"d_".as_slice(), b"d\\", b"d:", b"d\x01"] {
+            names.give(b"w/", std::ffi::OsStr::from_bytes(dir), true);
+        }
+        assert_eq!(names.give(b"w/", d, true), b"w/d_ (2)");
+        assert_eq!(
+            names.give(b"w/", std::ffi::OsStr::from_bytes(b"d\x02"), true),
+            b"w/d_ (4)"
+        );
+        assert_eq!(names.give(b"w/", d, true), b"w/d_ (2)");
     }
 
     /// A name that needed no change keeps it in every directory of the archive,

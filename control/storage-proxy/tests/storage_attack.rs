@@ -1223,9 +1223,9 @@ fn an_archive_of_a_churning_directory_is_whole_unique_and_contained() {
                 if (x >> 40) % 16 == 0 {
                     let _ = rustix::fs::renameat_with(
                         rustix::fs::CWD,
-                        &c.join("d"),
+                        c.join("d"),
                         rustix::fs::CWD,
-                        &c.join("dlink"),
+                        c.join("dlink"),
                         rustix::fs::RenameFlags::EXCHANGE,
                     );
                 }
