@@ -19,9 +19,9 @@
 //! symlink (even one swapped in while the archive streams) is never entered or read.
 //!
 //! Entry names are made safe to extract on the common platforms (no backslash, `:`
-//! or control character; UTF-8) and unique within the archive (see `Names`). A
-//! directory's files are written sorted by name when it has no more than
-//! `SORTED_UP_TO` of them, in the order it is read otherwise.
+//! or control character; UTF-8; no part longer than 255 bytes) and unique within
+//! the archive (see `Names`). A directory's files are written sorted by name when
+//! it has no more than `SORTED_UP_TO` of them, in the order it is read otherwise.
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -200,9 +200,12 @@ const MAX_NAME: usize = u16::MAX as usize;
 ///   in names and which rewrite the terminal of whoever lists the archive.
 ///
 /// Everything else stays as it is (spaces, unicode, `<>?*|"`, which Windows
-/// extractors refuse or replace themselves, harmlessly). Returns whether the
-/// component had to change.
+/// extractors refuse or replace themselves, harmlessly). A component made longer
+/// than `NAME_MAX` bytes (each byte that is not UTF-8 becomes three) is cut there,
+/// at a character: no file system would take it, and an extractor fails on it.
+/// Returns whether the component had to change.
 fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
+    let start = out.len();
     let text = name.to_string_lossy();
     let mut changed = matches!(text, std::borrow::Cow::Owned(_));
     let mut utf8 = [0u8; 4];
@@ -214,7 +217,23 @@ fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
             out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
         }
     }
+    changed |= cut_at_char(out, start + NAME_MAX);
     changed
+}
+
+/// The most bytes of one file name on the common file systems.
+const NAME_MAX: usize = 255;
+
+/// Cuts the UTF-8 `name` to at most `len` bytes, at a character; whether it was.
+fn cut_at_char(name: &mut Vec<u8>, mut len: usize) -> bool {
+    if name.len() <= len {
+        return false;
+    }
+    while len > 0 && name[len] & 0xC0 == 0x80 {
+        len -= 1;
+    }
+    name.truncate(len);
+    true
 }
 
 /// Logs an entry whose name was changed to be safe to extract.
@@ -481,10 +500,20 @@ impl Names {
             _ => base.len(),
         };
         let (stem, ext) = base.split_at(cut);
+        // The stem is cut to leave room for the number within `NAME_MAX` (an
+        // extension too long to leave any is cut as part of the stem).
         let numbered_as = |n: u64| {
+            let number = format!(" ({n})");
+            let room = NAME_MAX - number.len();
+            let (stem, ext) = if ext.len() > room / 2 {
+                (base, &[][..])
+            } else {
+                (stem, ext)
+            };
             let mut c = parent.to_vec();
             c.extend_from_slice(stem);
-            c.extend_from_slice(format!(" ({n})").as_bytes());
+            cut_at_char(&mut c, parent.len() + room - ext.len());
+            c.extend_from_slice(number.as_bytes());
             c.extend_from_slice(ext);
             c
         };

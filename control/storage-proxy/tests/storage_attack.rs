@@ -1112,6 +1112,64 @@ fn an_empty_directory_met_twice_is_one_entry() {
     );
 }
 
+/// A name made safe (bytes that are not UTF-8 become U+FFFD, three bytes each) or
+/// numbered (` (1)`) can grow past the 255 bytes a file name may have on the
+/// common file systems, and an entry with such a name cannot be extracted
+/// anywhere (Python's `extractall` stops there, the rest of the archive with it):
+/// each part of an entry name is cut to 255 bytes (at a character), numbered names
+/// included, and every entry extracts.
+#[test]
+fn archive_entry_names_made_safe_or_numbered_stay_extractable() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let w = p.vfolder_path().join("w");
+    std::fs::create_dir_all(&w).expect("w");
+    let l254 = "L".repeat(254);
+    let mut names: Vec<Vec<u8>> = vec![
+        format!("{l254}_").into_bytes(),
+        format!("{l254}:").into_bytes(),
+        format!("{l254}\\").into_bytes(),
+        vec![0xff; 255],
+        vec![0xfe; 255],
+        [&b"x"[..], &[0xff; 200], b".txt"].concat(),
+        format!("{}.{}", "a".repeat(3), "e".repeat(251)).into_bytes(),
+        format!("{}:{}", "a".repeat(3), "e".repeat(251)).into_bytes(),
+    ];
+    names.push(format!("{}é", "M".repeat(253)).into_bytes());
+    names.push([&"M".repeat(253).into_bytes()[..], &[0xc3]].concat());
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(w.join(std::ffi::OsStr::from_bytes(n)), format!("{i}")).expect("file");
+    }
+    std::fs::create_dir(w.join(std::ffi::OsStr::from_bytes(&[0xfd; 255]))).expect("dir");
+    std::fs::write(
+        w.join(std::ffi::OsStr::from_bytes(&[0xfd; 255])).join("in"),
+        "in",
+    )
+    .expect("file in dir");
+    let r = p.download("w", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    let path = p.dir.path().join("long.zip");
+    std::fs::write(&path, &r.body).expect("zip");
+    let out = storage_common::python(
+        concat!(
+            "import sys,zipfile,tempfile,os\n",
+            "z=zipfile.ZipFile(sys.argv[1])\n",
+            "names=z.namelist()\n",
+            "assert len(set(names))==len(names), names\n",
+            "long=[n for n in names for c in n.split('/') if len(c.encode())>255]\n",
+            "assert not long, long\n",
+            "d=tempfile.mkdtemp()\n",
+            "z.extractall(d)\n",
+            "got=sorted(open(os.path.join(dp,f)).read() for dp,_,fs in os.walk(d) for f in fs)\n",
+            "print(' '.join(got))",
+        ),
+        &path,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.trim(), "0 1 2 3 4 5 6 7 8 9 in");
+}
+
 /// What a vfolder user's shell does to one name while an archive is made: any kind
 /// of entry in its place (a file, a directory with a file, a FIFO, symlinks to the
 /// outside secret, its directory and `/`), or none.
