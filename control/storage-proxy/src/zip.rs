@@ -19,9 +19,9 @@
 //! symlink (even one swapped in while the archive streams) is never entered or read.
 //!
 //! Entry names are made safe to extract on the common platforms (no backslash, `:`
-//! or control character; UTF-8) and unique within the archive (see `Names`). A
-//! directory's files are written sorted by name when it has no more than
-//! `SORTED_UP_TO` of them, in the order it is read otherwise.
+//! or control character; UTF-8; no part longer than 255 bytes) and unique within
+//! the archive (see `Names`). A directory's files are written sorted by name when
+//! it has no more than `SORTED_UP_TO` of them, in the order it is read otherwise.
 
 use std::io::Read as _;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -200,9 +200,12 @@ const MAX_NAME: usize = u16::MAX as usize;
 ///   in names and which rewrite the terminal of whoever lists the archive.
 ///
 /// Everything else stays as it is (spaces, unicode, `<>?*|"`, which Windows
-/// extractors refuse or replace themselves, harmlessly). Returns whether the
-/// component had to change.
+/// extractors refuse or replace themselves, harmlessly). A component made longer
+/// than `NAME_MAX` bytes (each byte that is not UTF-8 becomes three) is cut there,
+/// at a character: no file system would take it, and an extractor fails on it.
+/// Returns whether the component had to change.
 fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
+    let start = out.len();
     let text = name.to_string_lossy();
     let mut changed = matches!(text, std::borrow::Cow::Owned(_));
     let mut utf8 = [0u8; 4];
@@ -214,7 +217,23 @@ fn push_component(out: &mut Vec<u8>, name: &std::ffi::OsStr) -> bool {
             out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
         }
     }
+    changed |= cut_at_char(out, start + NAME_MAX);
     changed
+}
+
+/// The most bytes of one file name on the common file systems.
+const NAME_MAX: usize = 255;
+
+/// Cuts the UTF-8 `name` to at most `len` bytes, at a character; whether it was.
+fn cut_at_char(name: &mut Vec<u8>, mut len: usize) -> bool {
+    if name.len() <= len {
+        return false;
+    }
+    while len > 0 && name[len] & 0xC0 == 0x80 {
+        len -= 1;
+    }
+    name.truncate(len);
+    true
 }
 
 /// Logs an entry whose name was changed to be safe to extract.
@@ -251,10 +270,22 @@ fn note_renamed(name: &[u8]) {
 /// that had to change and numbered names also keep the hash of their name on
 /// disk, in `other` (16 bytes a slot). Two names with one hash only cost the
 /// second an unneeded number.
+///
+/// A name is never given up once held, so numbering a taken name goes on from the
+/// number after the last one it gave (`next`): a user can make a million names
+/// that are all made one safe name (`___` from any three of some sixty characters),
+/// and trying every number from 1 for each of them would take a CPU for days.
 #[derive(Default)]
 struct Names {
     plain: [std::collections::HashSet<u64, Prehashed>; SHARDS],
     other: std::collections::HashMap<u64, Slot, Prehashed>,
+    /// By taken name (and whether a directory's), the first number its numbered
+    /// form may have free; by that key with a directory's own name on disk, the
+    /// number that directory was given (a directory met again keeps it).
+    next: std::collections::HashMap<u64, u64, Prehashed>,
+    /// Numbers tried, for the tests.
+    #[cfg(test)]
+    tried: u64,
     /// The archive's own random SipHash keys: the tables use the hashes as they
     /// are, so a user who could predict them could name a million files into one
     /// run of slots and make every lookup a long probe.
@@ -299,7 +330,7 @@ impl std::hash::BuildHasher for Prehashed {
 }
 
 /// A name in `Names::other`: the hash of the entry's own name on disk (its low
-/// three bits dropped) and the flags below.
+/// four bits dropped) and the flags below.
 #[derive(Clone, Copy)]
 struct Slot(u64);
 
@@ -310,7 +341,10 @@ impl Slot {
     /// Reserved by a name that had to change to be safe: a name that needed no
     /// change takes the reservation over.
     const CHANGED: u64 = 4;
-    const FLAGS: u64 = 7;
+    /// An empty directory whose entry is written: a directory met again (merged)
+    /// gets no second one.
+    const EMPTY: u64 = 8;
+    const FLAGS: u64 = 15;
 
     fn new(original: u64, dir: bool, claimed: bool, changed: bool) -> Self {
         let mut v = original & !Self::FLAGS;
@@ -340,6 +374,10 @@ impl Slot {
 
     fn changed(self) -> bool {
         self.0 & Self::CHANGED != 0
+    }
+
+    fn empty(self) -> bool {
+        self.0 & Self::EMPTY != 0
     }
 }
 
@@ -393,7 +431,9 @@ impl Names {
             table.insert(plain_key(h, slot.claimed()));
             self.other.remove(&h);
         } else {
-            self.other.insert(h, slot);
+            // A directory given again keeps its empty entry's mark.
+            let empty = self.other.get(&h).map_or(0, |s| s.0 & Slot::EMPTY);
+            self.other.insert(h, Slot(slot.0 | empty));
         }
     }
 
@@ -460,16 +500,46 @@ impl Names {
             _ => base.len(),
         };
         let (stem, ext) = base.split_at(cut);
-        let mut n = 1u64;
+        // The stem is cut to leave room for the number within `NAME_MAX` (an
+        // extension too long to leave any is cut as part of the stem).
+        let numbered_as = |n: u64| {
+            let number = format!(" ({n})");
+            let room = NAME_MAX - number.len();
+            let (stem, ext) = if ext.len() > room / 2 {
+                (base, &[][..])
+            } else {
+                (stem, ext)
+            };
+            let mut c = parent.to_vec();
+            c.extend_from_slice(stem);
+            cut_at_char(&mut c, parent.len() + room - ext.len());
+            c.extend_from_slice(number.as_bytes());
+            c.extend_from_slice(ext);
+            c
+        };
+        let key = self.hash(&full) ^ u64::from(slot.dir());
+        let own = key ^ slot.original() ^ 2;
+        if slot.dir() {
+            if let Some(n) = self.next.get(&own) {
+                // The same directory, numbered before.
+                return numbered_as(*n);
+            }
+        }
+        let mut n = self.next.get(&key).copied().unwrap_or(1);
         loop {
-            let mut candidate = parent.to_vec();
-            candidate.extend_from_slice(stem);
-            candidate.extend_from_slice(format!(" ({n})").as_bytes());
-            candidate.extend_from_slice(ext);
+            #[cfg(test)]
+            {
+                self.tried += 1;
+            }
+            let candidate = numbered_as(n);
             let h = self.hash(&candidate);
             match self.held(h) {
                 Held::Free => {
                     self.other.insert(h, slot);
+                    self.next.insert(key, n + 1);
+                    if slot.dir() {
+                        self.next.insert(own, n);
+                    }
                     tracing::warn!(
                         entry = %String::from_utf8_lossy(&full),
                         written_as = %String::from_utf8_lossy(&candidate),
@@ -483,6 +553,20 @@ impl Names {
                 }
                 _ => n += 1,
             }
+        }
+    }
+
+    /// Whether the directory given the full name `full` (no trailing `/`) still
+    /// needs an empty directory's entry: once, however often it is met.
+    fn first_empty(&mut self, full: &[u8]) -> bool {
+        let h = self.hash(full);
+        match self.other.get_mut(&h) {
+            Some(s) if s.empty() => false,
+            Some(s) => {
+                s.0 |= Slot::EMPTY;
+                true
+            }
+            None => true,
         }
     }
 
@@ -719,6 +803,13 @@ impl<'a> Writer<'a> {
     }
 
     fn empty_dir(&mut self, name: Vec<u8>) -> std::io::Result<()> {
+        // A directory met again (listed twice, listed and under a listed parent).
+        if !self
+            .names
+            .first_empty(name.strip_suffix(b"/").unwrap_or(&name))
+        {
+            return Ok(());
+        }
         let offset = self.offset;
         self.local_header(&name, false, false)?;
         self.descriptor(0, 0, 0, false)?;
@@ -1072,6 +1163,49 @@ mod tests {
             );
             assert!(zip.len() > 200_000, "noise.bin was stored: {}", zip.len());
         }
+    }
+
+    /// Names that are all made one safe name are numbered 1, 2, 3, … each trying
+    /// one number, not every number from 1: a user can make a million of them.
+    /// A directory met again keeps its number.
+    #[test]
+    fn numbering_many_names_made_one_tries_each_number_once() {
+        use std::os::unix::ffi::OsStrExt as _;
+        const N: u64 = 3_000;
+        let mut names = Names::default();
+        let mut alphabet: Vec<Vec<u8>> = vec![b"\\".to_vec(), b":".to_vec()];
+        alphabet.extend((1u8..0x20).map(|b| vec![b]));
+        let mut given = 0u64;
+        'all: for a in &alphabet {
+            for b in &alphabet {
+                for c in &alphabet {
+                    if given == N {
+                        break 'all;
+                    }
+                    let name = [a.as_slice(), b, c, b".txt"].concat();
+                    let full = names.give(b"w/", std::ffi::OsStr::from_bytes(&name), false);
+                    let want = match given {
+                        0 => "w/___.txt".to_owned(),
+                        n => format!("w/___ ({n}).txt"),
+                    };
+                    assert_eq!(String::from_utf8_lossy(&full), want);
+                    given += 1;
+                }
+            }
+        }
+        assert_eq!(given, N);
+        assert!(names.tried < 2 * N, "{} numbers tried", names.tried);
+        // Directories: one met again keeps its number.
+        let d = std::ffi::OsStr::from_bytes(b"d:");
+        for dir in [b"d_".as_slice(), b"d\\", b"d:", b"d\x01"] {
+            names.give(b"w/", std::ffi::OsStr::from_bytes(dir), true);
+        }
+        assert_eq!(names.give(b"w/", d, true), b"w/d_ (2)");
+        assert_eq!(
+            names.give(b"w/", std::ffi::OsStr::from_bytes(b"d\x02"), true),
+            b"w/d_ (4)"
+        );
+        assert_eq!(names.give(b"w/", d, true), b"w/d_ (2)");
     }
 
     /// A name that needed no change keeps it in every directory of the archive,

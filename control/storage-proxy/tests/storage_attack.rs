@@ -1085,6 +1085,255 @@ fn archive_entry_names_are_safe_and_unique_on_every_platform() {
     assert!(p.log().contains("already given to another entry"));
 }
 
+/// An empty directory met more than once in one archive (listed twice, listed and
+/// under a listed parent, under a parent listed twice) is one directory entry, as
+/// a directory met again is merged: two entries of one name make an extractor
+/// overwrite, ask or fail, and a reader that checks names refuses the archive.
+#[test]
+fn an_empty_directory_met_twice_is_one_entry() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let w = p.vfolder_path().join("w");
+    std::fs::create_dir_all(w.join("e")).expect("dir");
+    std::fs::create_dir_all(w.join("f/empty")).expect("dir");
+    std::fs::write(w.join("f/x.txt"), "x").expect("file");
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["w/e", "w/e/", "w", "w/f/empty", "w"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    names.sort();
+    assert_eq!(
+        names,
+        ["'w/e/'", "'w/f/empty/'", "'w/f/x (1).txt'", "'w/f/x.txt'"],
+        "one entry a name"
+    );
+}
+
+/// A name made safe (bytes that are not UTF-8 become U+FFFD, three bytes each) or
+/// numbered (` (1)`) can grow past the 255 bytes a file name may have on the
+/// common file systems, and an entry with such a name cannot be extracted
+/// anywhere (Python's `extractall` stops there, the rest of the archive with it):
+/// each part of an entry name is cut to 255 bytes (at a character), numbered names
+/// included, and every entry extracts.
+#[test]
+fn archive_entry_names_made_safe_or_numbered_stay_extractable() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let w = p.vfolder_path().join("w");
+    std::fs::create_dir_all(&w).expect("w");
+    let l254 = "L".repeat(254);
+    let mut names: Vec<Vec<u8>> = vec![
+        format!("{l254}_").into_bytes(),
+        format!("{l254}:").into_bytes(),
+        format!("{l254}\\").into_bytes(),
+        vec![0xff; 255],
+        vec![0xfe; 255],
+        [&b"x"[..], &[0xff; 200], b".txt"].concat(),
+        format!("{}.{}", "a".repeat(3), "e".repeat(251)).into_bytes(),
+        format!("{}:{}", "a".repeat(3), "e".repeat(251)).into_bytes(),
+    ];
+    names.push(format!("{}é", "M".repeat(253)).into_bytes());
+    names.push([&"M".repeat(253).into_bytes()[..], &[0xc3]].concat());
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(w.join(std::ffi::OsStr::from_bytes(n)), format!("{i}")).expect("file");
+    }
+    std::fs::create_dir(w.join(std::ffi::OsStr::from_bytes(&[0xfd; 255]))).expect("dir");
+    std::fs::write(
+        w.join(std::ffi::OsStr::from_bytes(&[0xfd; 255])).join("in"),
+        "in",
+    )
+    .expect("file in dir");
+    let r = p.download("w", "&archive=true", &[]);
+    assert_eq!(r.status, 200);
+    let path = p.dir.path().join("long.zip");
+    std::fs::write(&path, &r.body).expect("zip");
+    let out = storage_common::python(
+        concat!(
+            "import sys,zipfile,tempfile,os\n",
+            "z=zipfile.ZipFile(sys.argv[1])\n",
+            "names=z.namelist()\n",
+            "assert len(set(names))==len(names), names\n",
+            "long=[n for n in names for c in n.split('/') if len(c.encode())>255]\n",
+            "assert not long, long\n",
+            "d=tempfile.mkdtemp()\n",
+            "z.extractall(d)\n",
+            "got=sorted(open(os.path.join(dp,f)).read() for dp,_,fs in os.walk(d) for f in fs)\n",
+            "print(' '.join(got))",
+        ),
+        &path,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.trim(), "0 1 2 3 4 5 6 7 8 9 in");
+}
+
+/// What a vfolder user's shell does to one name while an archive is made: any kind
+/// of entry in its place (a file, a directory with a file, a FIFO, symlinks to the
+/// outside secret, its directory and `/`), or none.
+fn churn_one(dir: &Path, name: &std::ffi::OsStr, op: u64, out: &Path) {
+    let at = dir.join(name);
+    match std::fs::symlink_metadata(&at) {
+        Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(&at)),
+        Ok(_) => drop(std::fs::remove_file(&at)),
+        Err(_) => {}
+    }
+    match op % 7 {
+        0 => {}
+        1 => drop(std::fs::write(&at, "inside")),
+        2 => {
+            if std::fs::create_dir(&at).is_ok() {
+                drop(std::fs::write(at.join("f"), "inside"));
+            }
+        }
+        3 => drop(std::os::unix::fs::symlink(out.join("secret.txt"), &at)),
+        4 => drop(std::os::unix::fs::symlink(out, &at)),
+        5 => drop(std::os::unix::fs::symlink("/", &at)),
+        _ => drop(rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &at,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )),
+    }
+}
+
+/// Archives of a directory whose entries a shell churns while they are made: in the
+/// window between a directory's two readings (its names reserved, then archived)
+/// and while big files stream, names that collide once made safe (or with the
+/// numbered form of another) appear, vanish and change kind (file, directory,
+/// FIFO, symlinks out of the vfolder), and a subtree is swapped for a symlink to
+/// the outside directory. Every archive is whole and valid, its names unique (no
+/// file where a directory goes), every file in it one the vfolder holds (or held:
+/// one caught as it is written is short), and the outside secret never in it.
+#[test]
+fn an_archive_of_a_churning_directory_is_whole_unique_and_contained() {
+    use std::os::unix::ffi::OsStrExt as _;
+    const SECRET: &[u8] = b"OUTSIDE-SECRET-never-in-an-archive";
+    let p = Proxy::start("");
+    create_folder(&p);
+    let out = p.dir.path().join("outside");
+    std::fs::create_dir_all(&out).expect("outside");
+    std::fs::write(out.join("secret.txt"), SECRET).expect("secret");
+    let vf = p.vfolder_path();
+    let c = vf.join("c");
+    std::fs::create_dir_all(c.join("d/e")).expect("tree");
+    // Big files first in each directory's order keep the writer busy while the
+    // names after them (and the directories below) change.
+    let big = incompressible(1 << 20);
+    for d in ["c", "c/d", "c/d/e"] {
+        std::fs::write(vf.join(d).join("0-big.bin"), &big).expect("big");
+    }
+    std::os::unix::fs::symlink(&out, c.join("dlink")).expect("link");
+    let long = "L".repeat(255);
+    let long_colon = format!("{}:", "L".repeat(254));
+    let names: Vec<std::ffi::OsString> = [
+        &b"x_y"[..],
+        b"x:y",
+        b"x\\y",
+        b"x_y (1)",
+        b"x_y (2)",
+        b"X_Y",
+        b"x\xffy",
+        b"x\xfey",
+        "x\u{fffd}y".as_bytes(),
+        b"..y",
+        long.as_bytes(),
+        long_colon.as_bytes(),
+        "L".repeat(254).as_bytes(),
+    ]
+    .iter()
+    .map(|n| std::ffi::OsStr::from_bytes(n).to_owned())
+    .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let script = concat!(
+        "import sys,zipfile\n",
+        "z=zipfile.ZipFile(sys.argv[1])\n",
+        "assert z.testzip() is None\n",
+        "names=z.namelist()\n",
+        "assert len(set(names))==len(names), names\n",
+        "dirs={n[:i] for n in names for i in range(len(n)) if n[i]=='/'}\n",
+        "assert not [n for n in names if not n.endswith('/') and n in dirs], names\n",
+        "for n in names:\n",
+        "    if not n.endswith('/'):\n",
+        "        b=z.read(n)\n",
+        "        assert b'inside'.startswith(b) or len(b)==1<<20, (n,b[:40])\n",
+        "print(len(names))",
+    );
+    std::thread::scope(|s| {
+        let churner = s.spawn(|| {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut n = 0u64;
+            // The directories themselves, wherever the swap puts them: never the
+            // outside directory through `d` while it is the symlink.
+            let held: Vec<OwnedFd> = [c.clone(), c.join("d"), c.join("d/e")]
+                .iter()
+                .map(|d| open_dir(d))
+                .collect();
+            let dirs: Vec<std::path::PathBuf> = held
+                .iter()
+                .map(|fd| format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)).into())
+                .collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let dir = &dirs[(x % 3) as usize];
+                let name = &names[((x >> 8) % names.len() as u64) as usize];
+                churn_one(dir, name, x >> 24, &out);
+                // Now and then the whole subtree `d` trades places with a symlink
+                // to the outside directory.
+                if (x >> 40) % 16 == 0 {
+                    let _ = rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        c.join("d"),
+                        rustix::fs::CWD,
+                        c.join("dlink"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+                n += 1;
+            }
+            n
+        });
+        // Stops the churner however the downloads end (a failed assertion too).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let halt = Stop(&stop);
+        for i in 0..40 {
+            let r = p.download("c", "&archive=true", &[]);
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert!(
+                !r.body.windows(SECRET.len()).any(|w| w == SECRET),
+                "the outside secret is in archive {i}"
+            );
+            let path = p.dir.path().join("churn.zip");
+            std::fs::write(&path, &r.body).expect("zip");
+            storage_common::python(script, &path)
+                .unwrap_or_else(|e| panic!("archive {i} is not whole and valid: {e}"));
+        }
+        drop(halt);
+        assert!(churner.join().expect("churner") > 0);
+    });
+    assert!(alive(&p), "{}", p.log());
+    let outside: Vec<_> = std::fs::read_dir(&out)
+        .expect("outside")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(outside, ["secret.txt"]);
+    assert_eq!(
+        std::fs::read(out.join("secret.txt")).expect("secret"),
+        SECRET
+    );
+}
+
 /// Sends `GET path` and reads until the response head is in (a few body bytes may
 /// come with it), then stops reading: a client slow to take what it asked for.
 fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
