@@ -290,6 +290,39 @@ struct Names {
     /// are, so a user who could predict them could name a million files into one
     /// run of slots and make every lookup a long probe.
     keys: std::hash::RandomState,
+    /// What the archive changed or left out.
+    notes: Notes,
+}
+
+/// Entries an archive renamed, numbered or left out. The first [`LOGGED_NOTES`]
+/// are logged one by one, the rest only counted (on the archive's last line): a
+/// user can name a million files so that each is renamed, and a line each would
+/// flood the log at every download.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Notes {
+    renamed: u64,
+    numbered: u64,
+    left_out: u64,
+}
+
+/// Entries of one archive logged one by one.
+const LOGGED_NOTES: u64 = 16;
+
+impl Notes {
+    fn total(&self) -> u64 {
+        self.renamed + self.numbered + self.left_out
+    }
+
+    /// Whether the entry just counted is still logged by itself.
+    fn logged(&self) -> bool {
+        self.total() <= LOGGED_NOTES
+    }
+
+    /// Counts an entry left out; whether it is logged by itself.
+    fn left_out(&mut self) -> bool {
+        self.left_out += 1;
+        self.logged()
+    }
 }
 
 /// How many tables `Names::plain` is spread over.
@@ -486,7 +519,10 @@ impl Names {
         }
         self.hold(h, plain, slot);
         if changed {
-            note_renamed(&full);
+            self.notes.renamed += 1;
+            if self.notes.logged() {
+                note_renamed(&full);
+            }
         }
         full
     }
@@ -540,11 +576,14 @@ impl Names {
                     if slot.dir() {
                         self.next.insert(own, n);
                     }
-                    tracing::warn!(
-                        entry = %String::from_utf8_lossy(&full),
-                        written_as = %String::from_utf8_lossy(&candidate),
-                        "archive entry name already given to another entry: written with a number"
-                    );
+                    self.notes.numbered += 1;
+                    if self.notes.logged() {
+                        tracing::warn!(
+                            entry = %String::from_utf8_lossy(&full),
+                            written_as = %String::from_utf8_lossy(&candidate),
+                            "archive entry name already given to another entry: written with a number"
+                        );
+                    }
                     return candidate;
                 }
                 // The same directory, numbered before.
@@ -606,10 +645,12 @@ impl Walker<'_, '_> {
             full.push(b'/');
         }
         if full.len() > MAX_NAME {
-            tracing::warn!(
-                bytes = full.len(),
-                "archive entry name too long for a zip header: left out"
-            );
+            if self.w.names.notes.left_out() {
+                tracing::warn!(
+                    bytes = full.len(),
+                    "archive entry name too long for a zip header: left out"
+                );
+            }
             return None;
         }
         Some(full)
@@ -933,11 +974,13 @@ impl<'a> Writer<'a> {
                                 std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
                             ) =>
                         {
-                            tracing::warn!(
-                                entry = %fsx::join(&parts).to_string_lossy(),
-                                error = %e,
-                                "listed entry gone before its turn: left out of the archive"
-                            );
+                            if self.names.notes.left_out() {
+                                tracing::warn!(
+                                    entry = %fsx::join(&parts).to_string_lossy(),
+                                    error = %e,
+                                    "listed entry gone before its turn: left out of the archive"
+                                );
+                            }
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -949,10 +992,12 @@ impl<'a> Writer<'a> {
                         name.push(b'/');
                     }
                     if name.len() > MAX_NAME {
-                        tracing::warn!(
-                            bytes = name.len(),
-                            "archive entry name too long for a zip header: left out"
-                        );
+                        if self.names.notes.left_out() {
+                            tracing::warn!(
+                                bytes = name.len(),
+                                "archive entry name too long for a zip header: left out"
+                            );
+                        }
                         continue;
                     }
                     if dir {
@@ -1089,7 +1134,24 @@ impl<'a> Writer<'a> {
         cd.extend_from_slice(&(cd_offset.min(LIMIT) as u32).to_le_bytes());
         cd.extend_from_slice(&0u16.to_le_bytes());
         self.send(cd)?;
-        tracing::info!(files = count, bytes = self.offset, "archive streamed");
+        let notes = self.names.notes;
+        if notes.total() > LOGGED_NOTES {
+            tracing::warn!(
+                not_logged = notes.total() - LOGGED_NOTES,
+                renamed = notes.renamed,
+                numbered = notes.numbered,
+                left_out = notes.left_out,
+                "archive entries renamed, numbered or left out past the first {LOGGED_NOTES}: counted, not logged one by one"
+            );
+        }
+        tracing::info!(
+            files = count,
+            bytes = self.offset,
+            renamed = notes.renamed,
+            numbered = notes.numbered,
+            left_out = notes.left_out,
+            "archive streamed"
+        );
         Ok(())
     }
 }

@@ -1882,3 +1882,77 @@ fn an_archive_without_a_temporary_file_is_refused_and_keeps_nothing() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, vec![b'x'; 1003]);
 }
+
+/// A user names a thousand files so that each must be renamed (a backslash) or
+/// numbered (a second name made the same one): an archive logs the first 16 one by
+/// one and counts the rest on one line, so that downloading it again and again
+/// cannot flood the log with a line an entry.
+#[test]
+fn an_archive_of_many_renamed_entries_logs_a_few_and_counts_the_rest() {
+    const N: usize = 500;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("odd")).expect("odd");
+    for i in 0..N {
+        // `a\i` is written `a_i`; `b:i` and `b\i` both become `b_i`: one is numbered.
+        std::fs::write(vf.join(format!("odd/a\\{i}")), b"a").expect("a");
+        std::fs::write(vf.join(format!("odd/b:{i}")), b"b").expect("b");
+        std::fs::write(vf.join(format!("odd/b\\{i}")), b"b").expect("b");
+    }
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "odd"}),
+    );
+    let r = p.client_get(
+        &format!("/download?token={token}&archive=true"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.status, 200);
+    let path = p.dir.path().join("odd.zip");
+    std::fs::write(&path, &r.body).expect("zip");
+    let names = storage_common::python(
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nn=z.namelist()\nassert len(set(n))==len(n)\nprint(len(n))",
+        &path,
+    )
+    .expect("a valid zip");
+    assert_eq!(names.trim(), (3 * N).to_string());
+    let lines = p.log_json();
+    let one_by_one = lines
+        .iter()
+        .filter(|l| {
+            l["message"].as_str().is_some_and(|m| {
+                m.starts_with("archive entry name had a backslash")
+                    || m.starts_with("archive entry name already given")
+            })
+        })
+        .count();
+    assert_eq!(one_by_one, 16, "entries logged one by one");
+    let summary: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("archive entries renamed, numbered or left out"))
+        })
+        .collect();
+    assert_eq!(summary.len(), 1, "one summary line");
+    // The `a\i` renamed; of each `b` pair, one renamed (it won `b_i`) and one
+    // numbered (`b_i (1)`).
+    let s = summary[0];
+    assert_eq!(
+        (
+            s["renamed"].as_u64(),
+            s["numbered"].as_u64(),
+            s["left_out"].as_u64()
+        ),
+        (Some(2 * N as u64), Some(N as u64), Some(0)),
+        "{s}"
+    );
+    assert_eq!(s["not_logged"].as_u64(), Some(3 * N as u64 - 16), "{s}");
+    let streamed = lines
+        .iter()
+        .find(|l| l["message"] == "archive streamed")
+        .expect("the archive's last line");
+    assert_eq!(streamed["renamed"], s["renamed"], "{streamed}");
+}
