@@ -732,7 +732,13 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        // Streams the inspector refuses are no case for the second test: allow
+        // for them however many cases are asked for (`PROPTEST_CASES`).
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            max_global_rejects: 1_000_000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
 
         /// However a stream is cut into reads, the relay forwards the same bytes,
         /// counts the same messages and close, or refuses it for the same reason.
