@@ -157,8 +157,7 @@ pub fn stream_items(
     let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
         let _permit = permit;
-        let mut w = Writer::new(&tx, LIMIT, stall);
-        match w.archive(items, skip_staging) {
+        match Writer::new(&tx, LIMIT, stall).and_then(|mut w| w.archive(items, skip_staging)) {
             Ok(()) => done.store(true, Ordering::Release),
             Err(e) => {
                 tracing::warn!(error = %e, "archive stream failed");
@@ -316,6 +315,18 @@ impl Notes {
     /// Whether the entry just counted is still logged by itself.
     fn logged(&self) -> bool {
         self.total() <= LOGGED_NOTES
+    }
+
+    /// Counts an entry renamed; whether it is logged by itself.
+    fn renamed(&mut self) -> bool {
+        self.renamed += 1;
+        self.logged()
+    }
+
+    /// Counts an entry numbered; whether it is logged by itself.
+    fn numbered(&mut self) -> bool {
+        self.numbered += 1;
+        self.logged()
     }
 
     /// Counts an entry left out; whether it is logged by itself.
@@ -518,11 +529,8 @@ impl Names {
             return self.numbered(parent, full, slot);
         }
         self.hold(h, plain, slot);
-        if changed {
-            self.notes.renamed += 1;
-            if self.notes.logged() {
-                note_renamed(&full);
-            }
+        if changed && self.notes.renamed() {
+            note_renamed(&full);
         }
         full
     }
@@ -576,8 +584,7 @@ impl Names {
                     if slot.dir() {
                         self.next.insert(own, n);
                     }
-                    self.notes.numbered += 1;
-                    if self.notes.logged() {
+                    if self.notes.numbered() {
                         tracing::warn!(
                             entry = %String::from_utf8_lossy(&full),
                             written_as = %String::from_utf8_lossy(&candidate),
@@ -593,6 +600,21 @@ impl Names {
                 _ => n += 1,
             }
         }
+    }
+
+    /// Whether the entry name `full` fits a zip header; one that does not is left
+    /// out (counted, and logged while the archive's log lines last).
+    fn fits(&mut self, full: &[u8]) -> bool {
+        if full.len() <= MAX_NAME {
+            return true;
+        }
+        if self.notes.left_out() {
+            tracing::warn!(
+                bytes = full.len(),
+                "archive entry name too long for a zip header: left out"
+            );
+        }
+        false
     }
 
     /// Whether the directory given the full name `full` (no trailing `/`) still
@@ -644,16 +666,7 @@ impl Walker<'_, '_> {
         if dir {
             full.push(b'/');
         }
-        if full.len() > MAX_NAME {
-            if self.w.names.notes.left_out() {
-                tracing::warn!(
-                    bytes = full.len(),
-                    "archive entry name too long for a zip header: left out"
-                );
-            }
-            return None;
-        }
-        Some(full)
+        self.w.names.fits(&full).then_some(full)
     }
 }
 
@@ -735,9 +748,8 @@ impl fsx::Visitor for Walker<'_, '_> {
 /// archive that cannot have one is refused with an error status), closed (and so
 /// freed) with the writer however the archive ends. It grows no faster than the
 /// client reads: each record follows the entry's header and data, sent first.
-#[derive(Default)]
 struct Central {
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    file: std::io::BufWriter<std::fs::File>,
     /// Its records.
     count: u64,
     /// Its bytes.
@@ -747,15 +759,20 @@ struct Central {
 }
 
 impl Central {
-    /// Makes the directory's temporary file.
-    fn open() -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    /// An empty directory in a new temporary file.
+    fn new() -> std::io::Result<Self> {
         let file = tempfile::tempfile().map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("no temporary file for the archive's central directory: {e}"),
             )
         })?;
-        Ok(std::io::BufWriter::with_capacity(CENTRAL_CHUNK, file))
+        Ok(Self {
+            file: std::io::BufWriter::with_capacity(CENTRAL_CHUNK, file),
+            count: 0,
+            size: 0,
+            record: Vec::new(),
+        })
     }
 }
 
@@ -776,16 +793,23 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    fn new(tx: &'a mpsc::Sender<std::io::Result<Bytes>>, zip64_from: u64, stall: Duration) -> Self {
-        Self {
+    /// A writer whose central directory has its temporary file: made before the
+    /// archive's first byte, so an archive that cannot have one is refused with an
+    /// error status instead of being cut off.
+    fn new(
+        tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
+        zip64_from: u64,
+        stall: Duration,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
             tx,
             offset: 0,
-            central: Central::default(),
+            central: Central::new()?,
             buf: vec![0u8; 64 * 1024],
             zip64_from,
             stall,
             names: Names::default(),
-        }
+        })
     }
 
     /// Hands a chunk to the response body, waiting at most `stall` for room.
@@ -957,9 +981,6 @@ impl<'a> Writer<'a> {
     }
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
-        // Before the first byte: without room for its directory, the archive is
-        // refused with an error status instead of being cut off.
-        self.central.file = Some(Central::open()?);
         for item in items {
             let item = match item {
                 Item::Beneath(root, parts) => {
@@ -991,13 +1012,7 @@ impl<'a> Writer<'a> {
                     if dir {
                         name.push(b'/');
                     }
-                    if name.len() > MAX_NAME {
-                        if self.names.notes.left_out() {
-                            tracing::warn!(
-                                bytes = name.len(),
-                                "archive entry name too long for a zip header: left out"
-                            );
-                        }
+                    if !self.names.fits(&name) {
                         continue;
                     }
                     if dir {
@@ -1079,11 +1094,7 @@ impl<'a> Writer<'a> {
             cd.extend_from_slice(&(extra.len() as u16).to_le_bytes());
             cd.extend_from_slice(&extra);
         }
-        let file = match &mut self.central.file {
-            Some(file) => file,
-            None => self.central.file.insert(Central::open()?),
-        };
-        std::io::Write::write_all(file, &self.central.record)?;
+        std::io::Write::write_all(&mut self.central.file, &self.central.record)?;
         self.central.count += 1;
         self.central.size += self.central.record.len() as u64;
         Ok(())
@@ -1096,16 +1107,14 @@ impl<'a> Writer<'a> {
         let cd_offset = self.offset;
         let cd_size = self.central.size;
         let count = self.central.count;
-        if let Some(file) = self.central.file.take() {
-            let mut file = file.into_inner().map_err(|e| e.into_error())?;
-            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
-            let mut left = cd_size;
-            while left > 0 {
-                let mut chunk = vec![0u8; left.min(CENTRAL_CHUNK as u64) as usize];
-                file.read_exact(&mut chunk)?;
-                left -= chunk.len() as u64;
-                self.send(chunk)?;
-            }
+        std::io::Write::flush(&mut self.central.file)?;
+        std::io::Seek::seek(self.central.file.get_mut(), std::io::SeekFrom::Start(0))?;
+        let mut left = cd_size;
+        while left > 0 {
+            let mut chunk = vec![0u8; left.min(CENTRAL_CHUNK as u64) as usize];
+            self.central.file.get_mut().read_exact(&mut chunk)?;
+            left -= chunk.len() as u64;
+            self.send(chunk)?;
         }
         let mut cd = Vec::new();
         let zip64_end = count >= 0xFFFF || cd_offset >= LIMIT || cd_size >= LIMIT;
@@ -1165,8 +1174,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let fd = rustix::fs::open(dir, fsx::DIR, rustix::fs::Mode::empty()).expect("open");
         let writer = std::thread::spawn(move || {
-            let mut w = Writer::new(&tx, zip64_from, Duration::from_secs(60));
-            w.archive(vec![Item::Dir(fd, Vec::new())], false)
+            Writer::new(&tx, zip64_from, Duration::from_secs(60))?
+                .archive(vec![Item::Dir(fd, Vec::new())], false)
         });
         let mut out = Vec::new();
         while let Some(chunk) = rx.blocking_recv() {

@@ -1818,18 +1818,7 @@ fn an_archive_without_a_temporary_file_is_refused_and_keeps_nothing() {
     for i in 0..20 {
         std::fs::write(vf.join(format!("d/f{i}.txt")), vec![b'x'; 1000 + i]).expect("file");
     }
-    let by_token = || {
-        let r = p.manager(
-            "/folder/file/download",
-            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
-            None,
-        );
-        let token = r.json()["token"].as_str().expect("token").to_owned();
-        p.client_get(
-            &format!("/download?token={token}&archive=true"),
-            Duration::from_secs(30),
-        )
-    };
+    let by_token = || p.download("d", "&archive=true", &[]);
     let listed = || {
         let token = p.token(
             "/folder/file/archive-download-token",
@@ -1900,14 +1889,7 @@ fn an_archive_of_many_renamed_entries_logs_a_few_and_counts_the_rest() {
         std::fs::write(vf.join(format!("odd/b:{i}")), b"b").expect("b");
         std::fs::write(vf.join(format!("odd/b\\{i}")), b"b").expect("b");
     }
-    let token = p.token(
-        "/folder/file/download",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "odd"}),
-    );
-    let r = p.client_get(
-        &format!("/download?token={token}&archive=true"),
-        Duration::from_secs(120),
-    );
+    let r = p.download("odd", "&archive=true", &[]);
     assert_eq!(r.status, 200);
     let path = p.dir.path().join("odd.zip");
     std::fs::write(&path, &r.body).expect("zip");

@@ -32,6 +32,18 @@ impl Drop for Proxy {
     }
 }
 
+/// Starts the proxy on the configuration in `dir`, with `env`, its output to `log`.
+fn spawn(dir: &std::path::Path, env: &[(String, String)], log: std::fs::File) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
+        .arg("--config")
+        .arg(dir.join("storage.toml"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start storage-proxy")
+}
+
 impl Proxy {
     pub fn start(extra_storage: &str) -> Self {
         Self::start_with(extra_storage, "")
@@ -55,14 +67,7 @@ impl Proxy {
         std::fs::write(dir.path().join("storage.toml"), config).expect("config");
         let log_path = dir.path().join("storage.log");
         let log = std::fs::File::create(&log_path).expect("log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
-            .arg("--config")
-            .arg(dir.path().join("storage.toml"))
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start storage-proxy");
+        let mut child = spawn(dir.path(), &env, log);
         // Both APIs on ports the kernel picks, learned from the serving line.
         let addrs = serving::addrs(
             &mut child,
@@ -91,14 +96,7 @@ impl Proxy {
             .append(true)
             .open(&log_path)
             .expect("log");
-        self.child = Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
-            .arg("--config")
-            .arg(self.dir.path().join("storage.toml"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start storage-proxy");
+        self.child = spawn(self.dir.path(), &self.env, log);
         let addrs = serving::addrs(
             &mut self.child,
             &log_path,
