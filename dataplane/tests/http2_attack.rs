@@ -109,6 +109,17 @@ fn closed_by_worker(s: &mut TcpStream) -> bool {
     false
 }
 
+/// Reads frames until stream `id` is answered whole (a frame of it with
+/// END_STREAM); false when the connection ended first.
+fn answered(s: &mut TcpStream, id: u32) -> bool {
+    while let Some(f) = read_frame(s) {
+        if f.2 == id && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0 {
+            return true;
+        }
+    }
+    false
+}
+
 /// Waits until descriptors, open connections and streams in flight are back where
 /// they were before the attack (`rest`: [`common::resting_fds`], taken with no
 /// connection open).
@@ -696,7 +707,7 @@ fn an_idle_http2_connection_shed_as_a_stream_arrives_is_closed() {
     let w = worker(&up, "[limits]\nmax_connections_per_core = 1\n");
     let mut s = open(&w);
     request(&mut s, 1, "/first");
-    while !matches!(read_frame(&mut s), Some(f) if f.2 == 1 && f.1 & END_STREAM != 0) {}
+    assert!(answered(&mut s, 1), "the first stream unanswered");
     common::eventually("the stream's handling is over", || {
         metric(&w, "appproxy_http2_streams_active") == 0
     });
@@ -836,7 +847,7 @@ fn a_client_goaway_then_silence_holds_the_connection_only_for_lingering_idle() {
     let rest = common::resting_fds(&w);
     let mut s = open(&w);
     request(&mut s, 1, "/first");
-    while !matches!(read_frame(&mut s), Some(f) if f.2 == 1 && f.1 & END_STREAM != 0) {}
+    assert!(answered(&mut s, 1), "the first stream unanswered");
     common::eventually("the connection counted", || {
         metric(&w, "appproxy_connections_active") == 1
     });
@@ -926,17 +937,6 @@ fn a_lingering_connection_makes_room_at_the_cap_once_its_streams_are_over() {
         "b was closed, not the lingering a"
     );
     drop(a);
-}
-
-/// Reads frames until stream `id` is answered whole (a frame of it with
-/// END_STREAM); false when the connection ended first.
-fn answered(s: &mut TcpStream, id: u32) -> bool {
-    while let Some(f) = read_frame(s) {
-        if f.2 == id && (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0 {
-            return true;
-        }
-    }
-    false
 }
 
 /// A request head begun while no stream is open and never finished — a header

@@ -33,16 +33,20 @@ pub struct H2Io {
     /// cost more than the rest of a small request's parsing. The offer starts small,
     /// doubles while reads fill it (bulk DATA), and halves when they use little.
     read_size: usize,
-    /// Where the client's bytes stand in the framing (client connections).
-    frames: Frames,
     /// The connection's state between requests (client connections).
     between: Option<Rc<Between>>,
 }
 
+/// Frame types and the flag [`Frames`] follows (RFC 9113 §6).
+const HEADERS: u8 = 0x1;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
 /// Where a client's byte stream stands in HTTP/2 framing (RFC 9113 §4.1, §6.10):
 /// frame boundaries and header blocks only; the `h2` crate does the parsing and
 /// judges the frames. Fed every byte handed to `h2`, the preface first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Frames {
     /// Bytes of the client preface still to pass.
     preface: usize,
@@ -89,10 +93,6 @@ impl Frames {
                 self.have = 0;
                 let h = self.head;
                 let (kind, flags) = (h[3], h[4]);
-                const HEADERS: u8 = 0x1;
-                const PUSH_PROMISE: u8 = 0x5;
-                const CONTINUATION: u8 = 0x9;
-                const END_HEADERS: u8 = 0x4;
                 match kind {
                     HEADERS | PUSH_PROMISE => self.in_block = flags & END_HEADERS == 0,
                     CONTINUATION if flags & END_HEADERS != 0 => self.in_block = false,
@@ -118,47 +118,59 @@ impl Frames {
 /// first byte), and a frame finished afterwards puts the keep-alive timeout back.
 #[derive(Debug, Default)]
 pub struct Between {
-    /// No stream is open and the keep-alive timeout runs.
-    idle: Cell<bool>,
-    /// The client stopped inside a frame or a header block (the last read said).
-    pending: Cell<bool>,
-    /// The head timeout runs (armed by a pending frame while idle).
-    armed: Cell<bool>,
+    /// Where the client's bytes stand in the framing.
+    frames: Cell<Frames>,
+    phase: Cell<Phase>,
+}
+
+/// Which timeout the connection is under between requests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A stream is open (or the connection is draining, or over): none of these.
+    #[default]
+    Busy,
+    /// No stream is open: the keep-alive timeout.
+    Idle,
+    /// No stream is open and the client stopped inside a frame: the head timeout.
+    Head,
 }
 
 impl Between {
     /// The last stream ended: the keep-alive timeout runs from now, or, when the
     /// client is already inside its next frame, the head timeout.
     pub fn now_idle(&self, conn: &TcpConn, keepalive: Duration, head: Duration) {
-        self.idle.set(true);
         conn.set_timeout(keepalive);
-        self.armed.set(false);
-        if self.pending.get() {
-            conn.set_timeout_within(head);
-            self.armed.set(true);
-        }
+        self.phase.set(Phase::Idle);
+        self.apply(conn, keepalive, head);
     }
 
     /// A stream opened (or the connection is draining, or over): the idle rules
     /// are off.
     pub fn busy(&self) {
-        self.idle.set(false);
-        self.armed.set(false);
+        self.phase.set(Phase::Busy);
     }
 
-    /// After a read: arms the head timeout for a frame begun while idle, or puts
-    /// the keep-alive timeout back once it is finished.
-    fn after_read(&self, conn: &TcpConn, pending: bool, keepalive: Duration, head: Duration) {
-        self.pending.set(pending);
-        if !self.idle.get() {
-            return;
-        }
-        if pending && !self.armed.get() {
-            conn.set_timeout_within(head);
-            self.armed.set(true);
-        } else if !pending && self.armed.get() {
-            conn.set_timeout(keepalive);
-            self.armed.set(false);
+    /// Follows `bytes`, the next ones the client sent, and applies the rules.
+    fn took(&self, conn: &TcpConn, bytes: &[u8], keepalive: Duration, head: Duration) {
+        let mut frames = self.frames.get();
+        frames.feed(bytes);
+        self.frames.set(frames);
+        self.apply(conn, keepalive, head);
+    }
+
+    /// While idle: arms the head timeout for a frame begun, or puts the keep-alive
+    /// timeout back once it is finished.
+    fn apply(&self, conn: &TcpConn, keepalive: Duration, head: Duration) {
+        match (self.phase.get(), self.frames.get().pending()) {
+            (Phase::Idle, true) => {
+                conn.set_timeout_within(head);
+                self.phase.set(Phase::Head);
+            }
+            (Phase::Head, false) => {
+                conn.set_timeout(keepalive);
+                self.phase.set(Phase::Idle);
+            }
+            _ => {}
         }
     }
 }
@@ -176,7 +188,6 @@ impl H2Io {
             taken: 0,
             core,
             read_size: READ_MIN,
-            frames: Frames::default(),
             between: None,
         }
     }
@@ -190,21 +201,9 @@ impl H2Io {
 
 /// Bytes `h2` got from the client: followed in the framing, and the
 /// between-requests timeouts applied (client connections only).
-fn took(
-    frames: &mut Frames,
-    between: Option<&Rc<Between>>,
-    core: Option<&Rc<Core>>,
-    conn: &TcpConn,
-    bytes: &[u8],
-) {
+fn took(between: Option<&Rc<Between>>, core: Option<&Rc<Core>>, conn: &TcpConn, bytes: &[u8]) {
     if let (Some(between), Some(core)) = (between, core) {
-        frames.feed(bytes);
-        between.after_read(
-            conn,
-            frames.pending(),
-            core.rt.keepalive_timeout,
-            core.rt.head_timeout,
-        );
+        between.took(conn, bytes, core.rt.keepalive_timeout, core.rt.head_timeout);
     }
 }
 
@@ -219,13 +218,7 @@ impl AsyncRead for H2Io {
             let n = buf.remaining().min(this.prefix.len() - this.taken);
             let given = &this.prefix[this.taken..this.taken + n];
             buf.put_slice(given);
-            took(
-                &mut this.frames,
-                this.between.as_ref(),
-                this.core.as_ref(),
-                &this.conn,
-                given,
-            );
+            took(this.between.as_ref(), this.core.as_ref(), &this.conn, given);
             this.taken += n;
             if this.taken == this.prefix.len() {
                 this.prefix = Vec::new();
@@ -248,7 +241,6 @@ impl AsyncRead for H2Io {
                 }
                 let filled = buf.filled();
                 took(
-                    &mut this.frames,
                     this.between.as_ref(),
                     this.core.as_ref(),
                     &this.conn,
@@ -301,11 +293,8 @@ mod tests {
         f
     }
 
-    const HEADERS: u8 = 0x1;
-    const CONTINUATION: u8 = 0x9;
     const PING: u8 = 0x6;
     const DATA: u8 = 0x0;
-    const END_HEADERS: u8 = 0x4;
 
     /// Whether the client stands inside something after each step.
     #[test]
