@@ -7,9 +7,10 @@
 //! every socket joins the epoll set once, edge-triggered, and only when a task first
 //! has to wait on it (a short-lived connection served without waiting never costs an
 //! `epoll_ctl`); connection tasks try the syscall first and wait on their slot only on
-//! `EAGAIN`; the reactor task polls with a zero timeout while work keeps arriving and,
-//! after a run of empty polls with no other task runnable, parks in `epoll_wait` until
-//! the next deadline (an eventfd in the same set wakes it for bridge messages). See
+//! `EAGAIN`; the reactor task polls with a zero timeout while the tasks it woke keep
+//! running and, at the first empty poll with no other task runnable (or after a
+//! configured run of them, `[reactor] spin_polls`), parks in `epoll_wait` until the
+//! next deadline (an eventfd in the same set wakes it for bridge messages). See
 //! `docs/dataplane.md` for the design and its measurements.
 //!
 //! **The one place a core sleeps.** The reactor task never returns `Pending` without
@@ -188,8 +189,9 @@ pub struct Reactor {
 /// after new activity).
 pub type TickHook = Box<dyn Fn(Instant) -> Option<Instant>>;
 
-/// How the reactor spins and parks.
-#[derive(Debug, Clone, Copy)]
+/// How the reactor spins and parks; the default never spins and parks until the next
+/// deadline or I/O.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ParkPolicy {
     /// Empty zero-timeout polls in a row before it may park.
     pub spin_polls: u32,
@@ -197,17 +199,8 @@ pub struct ParkPolicy {
     pub park_max: Option<Duration>,
 }
 
-impl Default for ParkPolicy {
-    fn default() -> Self {
-        Self {
-            spin_polls: 32,
-            park_max: None,
-        }
-    }
-}
-
-/// How long a park may last and still say that spinning would have paid: the default
-/// budget of empty polls spins for ~15 µs (an empty turn — a zero-timeout
+/// How long a park may last and still say that spinning would have paid: a budget of
+/// 32 empty polls spins for ~15 µs (an empty turn — a zero-timeout
 /// `epoll_wait` and a yield — measured ~0.45 µs), and a park's own sleep and wake-up
 /// take ~15 µs of that wall time (`appproxy-bench park-cost`), so an arrival within
 /// 50 µs of parking is one a full spin would about have caught.
@@ -498,11 +491,16 @@ impl Reactor {
         let mut empty_polls = 0u32;
         let mut spin = Spin::new(self.spin_polls);
         let (mut parks, mut empty_total) = (0u64, 0u64);
-        let mut polls_at_yield = task_polls();
+        // `None` until the first yield: the first turn must not block either. glommio
+        // may run a new task inside the spawn call, so the reactor's first turn can run
+        // in the middle of the task that spawned it, before that task has reported the
+        // core ready; parking there would hold it until some I/O came (with a spin
+        // budget of 0, a core that never started).
+        let mut polls_at_yield: Option<u64> = None;
         while !self.stopped.get() {
             // Another task ran while we yielded: it may have woken more tasks, which
             // are queued behind us, so this turn must not block.
-            let others_ran = task_polls() != polls_at_yield;
+            let others_ran = polls_at_yield != Some(task_polls());
             let parked_at = if others_ran || empty_polls < spin.budget() {
                 None
             } else {
@@ -546,7 +544,7 @@ impl Reactor {
             }
             self.liveness.turned(now);
             // Let the tasks just woken run before the next poll.
-            polls_at_yield = task_polls();
+            polls_at_yield = Some(task_polls());
             futures_lite::future::yield_now().await;
         }
     }
@@ -1014,6 +1012,51 @@ mod tests {
         for expect in [1, 2, 4, 5, 5] {
             odd.parked(SHORT, true);
             assert_eq!(odd.budget(), expect);
+        }
+    }
+
+    /// glommio runs a new task inside its spawn call, so the reactor's first turn runs
+    /// in the middle of the task that started it. Whatever the spin budget, that turn
+    /// must not park: the starting task still has to report the core ready, and no I/O
+    /// would ever come to wake it (with a budget of 0 a worker core never started).
+    #[test]
+    fn the_task_that_starts_the_reactor_goes_on_without_any_io() {
+        for spin_polls in [0, 1, 32] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let core = std::thread::spawn(move || {
+                let executor = glommio::LocalExecutorBuilder::default()
+                    .make()
+                    .expect("executor");
+                executor.run(counted(async move {
+                    let live = crate::liveness::Liveness::new(&[0], Duration::from_secs(60));
+                    let policy = ParkPolicy {
+                        spin_polls,
+                        park_max: None,
+                    };
+                    let core = live.cores[0].clone();
+                    let reactor = Reactor::new(policy, core.clone()).expect("reactor");
+                    let run = glommio::spawn_local(reactor.clone().run());
+                    // The reactor's first turn has run (inside the spawn) and yielded:
+                    // it polled, and did not park. A park would block here until I/O
+                    // or, where a signal is not blocked, until one interrupted it.
+                    let (parks, _) = core.poll_counts();
+                    // What a core does next: report itself ready.
+                    tx.send((parks, reactor.waking().remote().expect("remote waker")))
+                        .expect("send");
+                    reactor.woken().await;
+                    reactor.stop();
+                    run.await;
+                }));
+            });
+            // A bound for a hang, not a measurement: the send follows at once.
+            let (parks, stop) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| {
+                    panic!("spin_polls = {spin_polls}: the task that started the reactor was held in its first park")
+                });
+            stop.wake();
+            assert_eq!(parks, 0, "spin_polls = {spin_polls}: the first turn parked");
+            core.join().expect("core thread");
         }
     }
 

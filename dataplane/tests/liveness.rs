@@ -330,6 +330,32 @@ fn sigterm_ends_the_worker_every_time() {
     }
 }
 
+/// Every spin budget starts every core. With a budget of 0 the reactor's first turn
+/// parked inside the spawn of its own task, before the core had reported ready, so
+/// a worker of two cores never came up.
+#[test]
+fn a_worker_starts_and_serves_whatever_its_spin_budget() {
+    let up = common::Upstream::start();
+    for spin in [0, 1, 32] {
+        let mut w = common::Worker::start(common::WorkerOpts {
+            cores: 2,
+            upstreams: vec![up.addr],
+            extra: format!("[reactor]\nspin_polls = {spin}\n"),
+            ..Default::default()
+        });
+        for _ in 0..4 {
+            let mut c = common::Client::connect(w.addr());
+            assert_eq!(c.get("/a", "").status, 200, "spin_polls = {spin}");
+        }
+        let status = w.terminate();
+        assert!(
+            status.success(),
+            "spin_polls = {spin}: {status:?}\n{}",
+            w.log_text()
+        );
+    }
+}
+
 /// The safety net, end to end: with glommio's preemption timer brought back (short,
 /// so the hazard shows within seconds), cores fall asleep with work waiting; the
 /// watchdog sees it, counts it and kicks them, so every request is still answered.
