@@ -1015,6 +1015,24 @@ mod tests {
         }
     }
 
+    /// Runs `body` as the main task of a new executor on a thread of its own, with the
+    /// liveness record of one core for its reactor.
+    fn on_a_core<F, Fut>(body: F) -> std::thread::JoinHandle<()>
+    where
+        F: FnOnce(Arc<CoreLiveness>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        std::thread::spawn(move || {
+            let executor = glommio::LocalExecutorBuilder::default()
+                .make()
+                .expect("executor");
+            executor.run(counted(async move {
+                let live = crate::liveness::Liveness::new(&[0], Duration::from_secs(60));
+                body(live.cores[0].clone()).await;
+            }));
+        })
+    }
+
     /// glommio runs a new task inside its spawn call, so the reactor's first turn runs
     /// in the middle of the task that started it. Whatever the spin budget, that turn
     /// must not park: the starting task still has to report the core ready, and no I/O
@@ -1023,30 +1041,23 @@ mod tests {
     fn the_task_that_starts_the_reactor_goes_on_without_any_io() {
         for spin_polls in [0, 1, 32] {
             let (tx, rx) = std::sync::mpsc::channel();
-            let core = std::thread::spawn(move || {
-                let executor = glommio::LocalExecutorBuilder::default()
-                    .make()
-                    .expect("executor");
-                executor.run(counted(async move {
-                    let live = crate::liveness::Liveness::new(&[0], Duration::from_secs(60));
-                    let policy = ParkPolicy {
-                        spin_polls,
-                        park_max: None,
-                    };
-                    let core = live.cores[0].clone();
-                    let reactor = Reactor::new(policy, core.clone()).expect("reactor");
-                    let run = glommio::spawn_local(reactor.clone().run());
-                    // The reactor's first turn has run (inside the spawn) and yielded:
-                    // it polled, and did not park. A park would block here until I/O
-                    // or, where a signal is not blocked, until one interrupted it.
-                    let (parks, _) = core.poll_counts();
-                    // What a core does next: report itself ready.
-                    tx.send((parks, reactor.waking().remote().expect("remote waker")))
-                        .expect("send");
-                    reactor.woken().await;
-                    reactor.stop();
-                    run.await;
-                }));
+            let core = on_a_core(move |core| async move {
+                let policy = ParkPolicy {
+                    spin_polls,
+                    park_max: None,
+                };
+                let reactor = Reactor::new(policy, core.clone()).expect("reactor");
+                let run = glommio::spawn_local(reactor.clone().run());
+                // The reactor's first turn has run (inside the spawn) and yielded:
+                // it polled, and did not park. A park would block here until I/O
+                // or, where a signal is not blocked, until one interrupted it.
+                let (parks, _) = core.poll_counts();
+                // What a core does next: report itself ready.
+                tx.send((parks, reactor.waking().remote().expect("remote waker")))
+                    .expect("send");
+                reactor.woken().await;
+                reactor.stop();
+                run.await;
             });
             // A bound for a hang, not a measurement: the send follows at once.
             let (parks, stop) = rx
@@ -1074,41 +1085,34 @@ mod tests {
         let published = Arc::new(AtomicU64::new(0));
         let seen = published.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        let core = std::thread::spawn(move || {
-            let executor = glommio::LocalExecutorBuilder::default()
-                .make()
-                .expect("executor");
-            executor.run(counted(async move {
-                let live = crate::liveness::Liveness::new(&[0], Duration::from_secs(60));
-                let reactor =
-                    Reactor::new(ParkPolicy::default(), live.cores[0].clone()).expect("reactor");
-                // The state a tick publishes: what the task below has done.
-                let done = Rc::new(Cell::new(0u64));
-                let d = done.clone();
-                reactor.on_tick(Box::new(move |_| {
-                    seen.store(d.get(), Ordering::Relaxed);
-                    None
-                }));
-                let reg = reactor.register();
-                reg.clear_ready(Direction::Read);
-                let r = reactor.clone();
-                spawn(async move {
-                    std::future::poll_fn(|cx| reg.poll_ready(cx, Direction::Read, theirs.as_fd()))
-                        .await
-                        .expect("readable");
-                    done.set(1);
-                    r.sleep(DEADLINE_SCAN * 2).await;
-                    done.set(2);
-                    drop((reg, theirs));
-                })
-                .detach();
-                let run = glommio::spawn_local(reactor.clone().run());
-                tx.send(reactor.waking().remote().expect("remote waker"))
-                    .expect("send");
-                reactor.woken().await;
-                reactor.stop();
-                run.await;
+        let core = on_a_core(move |core| async move {
+            let reactor = Reactor::new(ParkPolicy::default(), core).expect("reactor");
+            // The state a tick publishes: what the task below has done.
+            let done = Rc::new(Cell::new(0u64));
+            let d = done.clone();
+            reactor.on_tick(Box::new(move |_| {
+                seen.store(d.get(), Ordering::Relaxed);
+                None
             }));
+            let reg = reactor.register();
+            reg.clear_ready(Direction::Read);
+            let r = reactor.clone();
+            spawn(async move {
+                std::future::poll_fn(|cx| reg.poll_ready(cx, Direction::Read, theirs.as_fd()))
+                    .await
+                    .expect("readable");
+                done.set(1);
+                r.sleep(DEADLINE_SCAN * 2).await;
+                done.set(2);
+                drop((reg, theirs));
+            })
+            .detach();
+            let run = glommio::spawn_local(reactor.clone().run());
+            tx.send(reactor.waking().remote().expect("remote waker"))
+                .expect("send");
+            reactor.woken().await;
+            reactor.stop();
+            run.await;
         });
         let stop = rx.recv().expect("the core started");
         // Setup, not a measurement: the reactor goes idle, so that a tick is due in
