@@ -417,7 +417,8 @@ impl Default for ReactorSection {
     fn default() -> Self {
         Self {
             park_max_us: 0,
-            spin_polls: 0,
+            // One default for the worker and the reactor's own tests.
+            spin_polls: crate::reactor::ParkPolicy::default().spin_polls,
             glommio_preempt_us: 0,
             io_memory_kib: 512,
         }

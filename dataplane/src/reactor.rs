@@ -498,10 +498,11 @@ impl Reactor {
         // budget of 0, a core that never started).
         let mut polls_at_yield: Option<u64> = None;
         while !self.stopped.get() {
-            // Another task ran while we yielded: it may have woken more tasks, which
-            // are queued behind us, so this turn must not block.
-            let others_ran = polls_at_yield != Some(task_polls());
-            let parked_at = if others_ran || empty_polls < spin.budget() {
+            // Only a turn after a yield during which no other task ran may block: one
+            // that did run may have woken more tasks, queued behind us (and before the
+            // first yield there has been no such yield at all).
+            let idle_yield = polls_at_yield == Some(task_polls());
+            let parked_at = if !idle_yield || empty_polls < spin.budget() {
                 None
             } else {
                 Some(Instant::now())
