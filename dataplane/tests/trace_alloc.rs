@@ -151,3 +151,47 @@ fn handing_a_finished_hop_to_the_otlp_exporter_does_not_allocate() {
         assert_eq!(allocations() - before, 0, "allocations per exported hop");
     }
 }
+
+#[test]
+fn an_access_line_does_not_allocate() {
+    use appproxy_dataplane::core::{AccessEntry, AccessLog};
+    use appproxy_shared::telemetry::LogFormat;
+    let circuit: appproxy_shared::model::Circuit = serde_json::from_value(serde_json::json!({
+        "id": "c0a8f5d2-1111-4222-8333-444455556666",
+        "user_id": "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+        "session_ids": ["4bf92f35-77b3-4da6-a3ce-929d0e0e4736"],
+        "endpoint_id": "0af76519-16cd-43dd-8448-eb211c80319c",
+    }))
+    .expect("circuit");
+    let id = RequestId::parse(b"4bf92f35-77b3-4da6-a3ce-929d0e0e4736").expect("id");
+    let raw = b"GET /small HTTP/1.1\r\nHost: a\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let head = parse_request(raw, &HeadLimits::default())
+        .expect("valid")
+        .expect("complete");
+    let span = Hop::resolve(raw, &head.headers, &id).span;
+    for format in [LogFormat::Json, LogFormat::Logfmt] {
+        let log = AccessLog::new(format, true, 3);
+        for upstream in ["10.9.9.9:8888", "[fe80::1%2]:8888"] {
+            let entry = AccessEntry {
+                request_id: &id,
+                circuit: Some(&circuit),
+                method: b"GET",
+                path: b"/small?token=x",
+                status: 200,
+                bytes_in: 87,
+                bytes_out: 154,
+                upstream: Some(upstream.parse().expect("addr")),
+                started: std::time::Instant::now(),
+            };
+            appproxy_shared::with_request_context(Some(id), Some(span), || {
+                // The first line of a second formats the second's text once.
+                log.record(&entry, std::time::Duration::from_micros(250));
+                let before = allocations();
+                for _ in 0..10 {
+                    log.record(&entry, std::time::Duration::from_micros(250));
+                }
+                assert_eq!(allocations() - before, 0, "{format:?}, upstream {upstream}");
+            });
+        }
+    }
+}

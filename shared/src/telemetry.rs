@@ -405,19 +405,30 @@ fn push_json_value(line: &mut String, value: &FieldValue) {
 
 /// Appends `s` escaped for a JSON string body.
 pub fn push_json_escaped(line: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            '\t' => line.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(line, "\\u{:04x}", c as u32);
+    // Runs that need no escape go in whole: a character that needs one is ASCII,
+    // so every cut falls on a character boundary.
+    let mut rest = s;
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| b == b'"' || b == b'\\' || b < 0x20)
+    {
+        line.push_str(&rest[..at]);
+        match rest.as_bytes()[at] {
+            b'"' => line.push_str("\\\""),
+            b'\\' => line.push_str("\\\\"),
+            b'\n' => line.push_str("\\n"),
+            b'\r' => line.push_str("\\r"),
+            b'\t' => line.push_str("\\t"),
+            control => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                line.push_str("\\u00");
+                line.push(char::from(HEX[usize::from(control >> 4)]));
+                line.push(char::from(HEX[usize::from(control & 0xf)]));
             }
-            c => line.push(c),
         }
+        rest = &rest[at + 1..];
     }
+    line.push_str(rest);
 }
 
 /// Appends ` key=value`, quoting the value when it needs it.
@@ -490,7 +501,36 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use std::time::Duration;
+
+    proptest::proptest! {
+        /// Escaping by runs writes what escaping character by character wrote.
+        #[test]
+        fn json_escaping_by_runs_matches_by_characters(
+            chars in proptest::collection::vec(
+                proptest::prop_oneof![(0u8..0x80).prop_map(char::from), proptest::arbitrary::any::<char>()],
+                0..40,
+            )
+        ) {
+            let s: String = chars.into_iter().collect();
+            let mut by_chars = String::new();
+            for c in s.chars() {
+                match c {
+                    '"' => by_chars.push_str("\\\""),
+                    '\\' => by_chars.push_str("\\\\"),
+                    '\n' => by_chars.push_str("\\n"),
+                    '\r' => by_chars.push_str("\\r"),
+                    '\t' => by_chars.push_str("\\t"),
+                    c if (c as u32) < 0x20 => by_chars.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => by_chars.push(c),
+                }
+            }
+            let mut by_runs = String::from("kept ");
+            push_json_escaped(&mut by_runs, &s);
+            proptest::prop_assert_eq!(by_runs, format!("kept {by_chars}"));
+        }
+    }
 
     #[test]
     fn timestamps() {

@@ -140,7 +140,7 @@ impl ClientHop {
 /// The text form of `ip`, as `Display` writes it: IPv4 by hand (every new connection
 /// formats its peer; the formatter machinery costs about a thousand instructions for
 /// four octets), IPv6 (rarer, and RFC 5952's zero compression) by the formatter.
-fn ip_text(ip: IpAddr) -> ([u8; 46], u8) {
+pub(crate) fn ip_text(ip: IpAddr) -> ([u8; 46], u8) {
     let mut text = [0u8; 46];
     let len = match ip {
         IpAddr::V4(v4) => {
@@ -173,7 +173,13 @@ fn ip_text(ip: IpAddr) -> ([u8; 46], u8) {
 }
 
 /// Appends the decimal form of `n` (no formatter machinery on the hot path).
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let (digits, at) = decimal(n);
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The decimal digits of `n`: `(buffer, start)`, the digits being `buffer[start..]`.
+pub(crate) fn decimal(mut n: u64) -> ([u8; 20], usize) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -184,7 +190,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    (digits, i)
 }
 
 /// Appends the request head forwarded to the app (`id`: the request ID to forward;
