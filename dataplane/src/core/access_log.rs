@@ -230,7 +230,7 @@ impl Clock {
         buf.push('.');
         let (digits, at) = decimal(u64::from(since.subsec_micros()) + 1_000_000);
         // One leading `1` keeps the zeros of six digits.
-        buf.push_str(std::str::from_utf8(&digits[at + 1..]).unwrap_or(""));
+        push_ascii(buf, &digits[at + 1..]);
         buf.push('Z');
     }
 }
@@ -238,7 +238,12 @@ impl Clock {
 /// Appends the decimal form of `n`.
 fn push_u64(buf: &mut String, n: u64) {
     let (digits, at) = decimal(n);
-    buf.push_str(std::str::from_utf8(&digits[at..]).unwrap_or(""));
+    push_ascii(buf, &digits[at..]);
+}
+
+/// Appends ASCII bytes (digits) as they are: no validation pass for a few bytes.
+fn push_ascii(buf: &mut String, ascii: &[u8]) {
+    buf.extend(ascii.iter().map(|&b| char::from(b)));
 }
 
 /// `b` as text, invalid UTF-8 replaced (borrowed when valid, as it almost always is).
