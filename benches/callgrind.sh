@@ -12,6 +12,8 @@
 # warm-up, counters zeroed, 6 s of load from 8 connections on CPU 1, counters dumped.
 # Prints `scenario binary requests instructions per-request`; the annotated profiles
 # stay in the run's directory (`callgrind_annotate --threshold=100 FILE`).
+# ACCESS_LOG=true turns the worker's access log on (JSON lines to its stdout, the
+# run's log file), as `appproxy-bench --access-logs` does.
 # WORKER_EXTRA, when set, is added to each worker's configuration after its
 # `[reactor]` section (e.g. WORKER_EXTRA=$'[limits]\nmax_connections_per_client = 1000'
 # to count what a limit costs).
@@ -66,7 +68,7 @@ port_range = [1024, 65535]
 bind = "127.0.0.1:$admin"
 [logging]
 filter = "warn"
-access_log = false
+access_log = ${ACCESS_LOG:-false}
 [reactor]
 spin_polls = 0
 ${WORKER_EXTRA:-}
