@@ -80,8 +80,14 @@ pub fn permit_value(secret: &str, user_id: &uuid::Uuid, digest: PermitDigest) ->
 }
 
 /// The value of cookie `name` in a `Cookie` header value, unquoted.
-pub fn cookie<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    header.split(|b| *b == b';').find_map(|pair| {
+pub fn cookie<'a>(header: &'a [u8], name: &'a str) -> Option<&'a [u8]> {
+    cookies(header, name).next()
+}
+
+/// Every value of cookie `name` in a `Cookie` header value, unquoted, in order (a
+/// browser sends each cookie of that name its jar holds for the request's path).
+pub fn cookies<'a>(header: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    header.split(|b| *b == b';').filter_map(move |pair| {
         let pair = pair.trim_ascii();
         let eq = pair.iter().position(|b| *b == b'=')?;
         let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
@@ -95,20 +101,28 @@ pub fn cookie<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
     })
 }
 
-/// Checks the permit cookie of an interactive circuit owned by `user_id`.
+/// Checks the permit cookie of an interactive circuit owned by `user_id`. Every
+/// cookie of the permit's name counts: the request is the user's when any of them is
+/// the user's permit. A page on the same host (cookies ignore ports) can plant a
+/// cookie of that name under a longer path, which browsers send first; were only
+/// the first tried, it would lock the user out of their own circuits.
 pub fn check_permit(
     cookie_headers: &[&[u8]],
     secret: &str,
     user_id: Option<&uuid::Uuid>,
     digest: PermitDigest,
 ) -> Result<(), Refused> {
-    let value = cookie_headers
+    let permit = crate::http::encode::PERMIT_COOKIE;
+    let mut presented = cookie_headers
         .iter()
-        .find_map(|h| cookie(h, crate::http::encode::PERMIT_COOKIE))
-        .ok_or(refused(401, "E20004", "permit cookie missing"))?;
+        .flat_map(|h| cookies(h, permit))
+        .peekable();
+    if presented.peek().is_none() {
+        return Err(refused(401, "E20004", "permit cookie missing"));
+    }
     let user = user_id.ok_or(refused(401, "E20005", "permit does not match"))?;
     let want = permit_value(secret, user, digest);
-    if constant_time_eq(value, want.as_bytes()) {
+    if presented.any(|v| constant_time_eq(v, want.as_bytes())) {
         Ok(())
     } else {
         Err(refused(401, "E20005", "permit does not match"))
@@ -264,7 +278,9 @@ pub fn check_origin<'a>(
 /// (browsers send preflights without cookies or `Authorization`): exactly one
 /// non-empty `Origin`, exactly one `Access-Control-Request-Method` naming a method
 /// token, and nothing that could carry more than a head: no `Upgrade`, no
-/// `Connection: upgrade`, no `Transfer-Encoding`, no `Content-Length` other than 0,
+/// `Connection` naming anything but `keep-alive` or `close` (an `upgrade`, or a
+/// field the worker would strip as hop-by-hop: the app must see the preflight this
+/// check saw), no `Transfer-Encoding`, no `Content-Length` other than 0,
 /// and no method override (`X-HTTP-Method-Override` and kin, which some frameworks
 /// honour and no browser sends on a preflight).
 /// The caller also checks the method and that the parsed framing has no body.
@@ -300,10 +316,16 @@ pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>
                 return false;
             }
         } else if is(name, "connection")
-            && value
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+            && value.split(|b| *b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"close")
+            })
         {
+            // `upgrade`, or a field named hop-by-hop: the worker strips the fields
+            // `Connection` lists, so `Connection: Origin` would reach the app as a
+            // plain `OPTIONS` without the fields that made it a preflight here.
             return false;
         }
     }
@@ -362,6 +384,39 @@ mod tests {
                 PermitDigest::Sha256
             )
             .expect_err("bad")
+            .code,
+            "E20005"
+        );
+        // A cookie of the permit's name planted by a page on the same host (sent
+        // first, for its longer path) does not hide the user's own, in one `Cookie`
+        // field or across several.
+        let planted_first = format!("appproxy_permit=planted; {good}");
+        assert_eq!(
+            check_permit(
+                &[planted_first.as_bytes()],
+                "s",
+                Some(&user),
+                PermitDigest::Sha256
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_permit(
+                &[b"appproxy_permit=planted", good.as_bytes()],
+                "s",
+                Some(&user),
+                PermitDigest::Sha256
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_permit(
+                &[b"appproxy_permit=planted; appproxy_permit=\"other\""],
+                "s",
+                Some(&user),
+                PermitDigest::Sha256
+            )
+            .expect_err("none is the user's")
             .code,
             "E20005"
         );
@@ -576,6 +631,18 @@ mod tests {
         assert!(!check(&[o, m, m]));
         assert!(!check(&[o, m, ("Upgrade", "websocket")]));
         assert!(!check(&[o, m, ("Connection", "keep-alive, Upgrade")]));
+        assert!(check(&[o, m, ("Connection", "keep-alive")]));
+        assert!(check(&[o, m, ("Connection", "Close")]));
+        assert!(check(&[o, m, ("Connection", "keep-alive, ,")]));
+        // The fields that make it a preflight, or any other, named hop-by-hop: the
+        // worker would strip them and the app see a plain OPTIONS.
+        assert!(!check(&[o, m, ("Connection", "Origin")]));
+        assert!(!check(&[
+            o,
+            m,
+            ("Connection", "keep-alive, Access-Control-Request-Method")
+        ]));
+        assert!(!check(&[o, m, ("Connection", "x-anything")]));
         assert!(!check(&[o, m, ("Transfer-Encoding", "chunked")]));
         assert!(!check(&[o, m, ("Content-Length", "5")]));
         assert!(!check(&[o, m, ("Content-Length", "00")]));

@@ -95,9 +95,15 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) -> std::io::Result<()
             }
         }
         let body = format!("app saw {request_line}");
+        // `/plant` tries to set the worker's permit cookie beside one of its own.
+        let cookies = if request_line.starts_with("GET /plant ") {
+            "Set-Cookie: appproxy_permit=planted; Path=/api\r\nSet-Cookie: theme=dark\r\nset-cookie:  appproxy_permit =x\r\n"
+        } else {
+            ""
+        };
         write!(
             w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccess-Control-Allow-Origin: *\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccess-Control-Allow-Origin: *\r\n{cookies}\r\n{body}",
             body.len()
         )?;
     }
@@ -254,6 +260,18 @@ fn hostile_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
             false,
         ),
         (
+            // The worker strips the fields `Connection` names: the app would see a
+            // plain OPTIONS, without what made it a preflight here.
+            "preflight headers named hop-by-hop in Connection",
+            format!("OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\n{pf}Connection: Origin, Access-Control-Request-Method\r\n\r\n"),
+            false,
+        ),
+        (
+            "preflight headers with Connection naming one of them",
+            format!("OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\n{pf}Connection: keep-alive, access-control-request-method\r\n\r\n"),
+            false,
+        ),
+        (
             "preflight headers with a method override",
             format!("OPTIONS /api/x HTTP/1.1\r\nHost: t\r\n{pf}X-HTTP-Method-Override: DELETE\r\n\r\n"),
             false,
@@ -383,4 +401,35 @@ fn upgrades_open_a_tunnel_only_with_the_credential() {
         c.reader.read_exact(&mut echo).expect("echo");
         assert_eq!(&echo, b"ping");
     }
+}
+
+/// The permit cookie is the worker's credential: an app cannot set it (the field is
+/// left out of the response), and one planted on the host anyway (a page's script,
+/// another app's older response) does not lock the user out: every cookie of the
+/// permit's name is tried.
+#[test]
+fn an_app_can_neither_set_the_permit_cookie_nor_lock_the_user_out_with_one() {
+    let app = App::start();
+    let p = private(&app, "interactive");
+    let mut c = Client::connect(p.worker.addr());
+    let r = c.get("/plant", &p.credential);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers_named("set-cookie"), vec!["theme=dark"]);
+    let permit = p
+        .credential
+        .trim_end()
+        .strip_prefix("Cookie: ")
+        .expect("a cookie credential")
+        .to_owned();
+    // As a browser sends them: the planted cookie (longer path) first.
+    for cookies in [
+        format!("Cookie: appproxy_permit=planted; {permit}\r\n"),
+        format!("Cookie: appproxy_permit=planted\r\nCookie: {permit}\r\n"),
+    ] {
+        let r = c.get("/api/contents", &cookies);
+        assert_eq!(r.status, 200, "{cookies:?}: {}", r.text());
+    }
+    // Planted cookies alone are still no permit.
+    let r = c.get("/api/contents", "Cookie: appproxy_permit=planted; appproxy_permit=x\r\n");
+    assert_eq!(r.status, 401, "{}", r.text());
 }

@@ -95,3 +95,26 @@ fn an_interim_flood_to_http10_is_a_502() {
         "{raw}"
     );
 }
+
+/// RFC 9110 §10.1.1: an HTTP/1.0 request's `Expect: 100-continue` is ignored. The
+/// worker's own `100 Continue` is an interim response too: an HTTP/1.0 client never
+/// gets it (a 1.0 peer would take it for the final answer); the worker waits for
+/// the body as for any request, then answers once.
+#[test]
+fn an_http10_client_expecting_100_continue_gets_no_interim_response() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /upload HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    assert!(
+        !common::answered_within(&c.stream, Duration::from_millis(500)),
+        "nothing is sent before the body"
+    );
+    c.send(b"hello");
+    let mut raw = Vec::new();
+    c.reader.read_to_end(&mut raw).expect("to close");
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+    assert!(!raw.contains(" 100 "), "{raw}");
+    assert!(raw.ends_with("\"body_len\":5}"), "{raw}");
+}

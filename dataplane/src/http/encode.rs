@@ -406,6 +406,7 @@ pub fn client_response(
         if is_hop_by_hop(name_b, buf, &head.connection_tokens)
             || name_is(name_b, "content-length")
             || name_is(name_b, "x-backend-request-id")
+            || (name_is(name_b, "set-cookie") && sets_permit_cookie(&buf[value.clone()]))
         {
             continue;
         }
@@ -533,6 +534,15 @@ fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 /// The cookie that carries a user's permit for interactive circuits (set by the
 /// worker's `/setup`, checked on every request to a private circuit).
 pub const PERMIT_COOKIE: &str = "appproxy_permit";
+
+/// Whether a `Set-Cookie` value sets the [`PERMIT_COOKIE`]. An app's response never
+/// may: the permit is the worker's credential, set by its `/setup` only, and an app
+/// setting a cookie of that name (any path) would replace the user's permit or shadow
+/// it. Such fields are left out of every response the worker relays.
+pub fn sets_permit_cookie(value: &[u8]) -> bool {
+    let name = value.split(|b| *b == b'=').next().unwrap_or(value);
+    name.trim_ascii() == PERMIT_COOKIE.as_bytes()
+}
 
 /// Appends a `Cookie` field without its [`PERMIT_COOKIE`] pairs; nothing when no
 /// other pair is left. A field that does not name the permit is copied as it is.

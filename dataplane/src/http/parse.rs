@@ -559,7 +559,9 @@ pub fn parse_request_reusing(
         head_len,
         framing,
         keep_alive,
-        expect_continue,
+        // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is
+        // ignored (no 1xx may go to an HTTP/1.0 client).
+        expect_continue: expect_continue && version == Version::Http11,
         upgrade,
         host,
         connection_tokens: scan.connection_tokens,

@@ -195,6 +195,21 @@ fn partial_heads_ask_for_more() {
     }
 }
 
+/// RFC 9110 §10.1.1: an HTTP/1.0 request's `100-continue` is ignored, so the worker
+/// never answers an HTTP/1.0 client with its own `100 Continue`.
+#[test]
+fn an_http10_expectation_of_100_continue_is_ignored() {
+    let head = req(b"POST /p HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        .expect("valid")
+        .expect("complete");
+    assert!(!head.expect_continue);
+    let head =
+        req(b"POST /p HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+    assert!(head.expect_continue);
+}
+
 #[test]
 fn request_fields() {
     let input = b"POST /p?q=1 HTTP/1.1\r\nHost: example\r\nConnection: keep-alive, X-Custom, Upgrade\r\nUpgrade: websocket\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
@@ -515,6 +530,30 @@ mod encoding {
             .expect("valid")
             .expect("complete");
         assert_eq!(&input[head.reason], b"Not Found");
+    }
+
+    /// An app's `Set-Cookie` of the worker's permit cookie is left out, whatever its
+    /// spacing or attributes; its other cookies pass.
+    #[test]
+    fn client_response_leaves_out_the_permit_cookie() {
+        let input = b"HTTP/1.1 200 OK\r\nSet-Cookie: appproxy_permit=planted; Path=/api\r\nSet-Cookie: a=1\r\nset-cookie:  appproxy_permit =x\r\nSet-Cookie: appproxy_permit_other=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n";
+        let head = parse_response(input, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
+        let mut out = Vec::new();
+        client_response(
+            &mut out,
+            input,
+            &head,
+            ClientFraming::Length(0),
+            None,
+            Version::Http11,
+            false,
+        );
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: appproxy_permit_other=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::upstream;
 use super::within;
 use crate::core::{Core, Route};
 use crate::http::chunked::{encode_chunk, ChunkedDecoder};
-use crate::http::encode::{push_u64, ClientHop};
+use crate::http::encode::{push_u64, sets_permit_cookie, ClientHop};
 use crate::http::error::{ProxyError, RequestError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, Version};
 use crate::io::TcpConn;
@@ -124,6 +124,7 @@ pub async fn forward(
         if is_connection_specific(n)
             || parse::name_is(n, "x-backend-request-id")
             || (status == 204 && parse::name_is(n, "content-length"))
+            || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
         {
             continue;
         }

@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::{within, ConnCtx, StreamGuard};
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
-use crate::http::encode::{self, TraceHeaders};
+use crate::http::encode::{self, sets_permit_cookie, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
@@ -527,6 +527,29 @@ pub fn is_connection_specific(name: &[u8]) -> bool {
     CONNECTION_SPECIFIC.iter().any(|n| parse::name_is(name, n))
 }
 
+/// Leaves out of an app's response head every `Set-Cookie` that sets the worker's
+/// permit cookie ([`sets_permit_cookie`]); the other fields stay as they were.
+pub fn drop_permit_cookies(headers: &mut HeaderMap) {
+    let set_cookie = http::header::SET_COOKIE;
+    if !headers
+        .get_all(&set_cookie)
+        .iter()
+        .any(|v| sets_permit_cookie(v.as_bytes()))
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(&set_cookie)
+        .iter()
+        .filter(|v| !sets_permit_cookie(v.as_bytes()))
+        .cloned()
+        .collect();
+    headers.remove(&set_cookie);
+    for v in kept {
+        headers.append(set_cookie.clone(), v);
+    }
+}
+
 /// Trailers as the HTTP/1.1 path treats them (`chunked::trailer_verdict`): fields
 /// that describe the message are left out; one that must never be a trailer
 /// (framing, routing, authentication, forwarding) makes a request's `None`
@@ -769,6 +792,7 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
             || is_connection_specific(name)
             || parse::name_is(name, "x-backend-request-id")
             || parse::name_is(name, "content-length")
+            || (parse::name_is(name, "set-cookie") && sets_permit_cookie(&rbuf[f.value.clone()]))
         {
             continue;
         }
@@ -937,4 +961,48 @@ async fn relay_h1_response(
     }
     .map_err(|e| e.to_string())?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_cookies(headers: &HeaderMap) -> Vec<&str> {
+        headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect()
+    }
+
+    /// An app's `Set-Cookie` of the worker's permit cookie is left out on both
+    /// HTTP/2 response paths: an HTTP/1.1 app's head copied into the stream's, and
+    /// an HTTP/2 app's head passed on; the app's other cookies stay, in order.
+    #[test]
+    fn the_permit_cookie_never_reaches_an_http2_client() {
+        let raw = b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: appproxy_permit=planted; Path=/api\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n";
+        let head = parse::parse_response(raw, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
+        let mut copied = HeaderMap::new();
+        copy_fields(raw, &head, false, &mut copied);
+        assert_eq!(set_cookies(&copied), vec!["a=1", "b=2"]);
+
+        let mut passed = HeaderMap::new();
+        for v in [
+            "a=1",
+            " appproxy_permit =x",
+            "b=2",
+            "appproxy_permit=y; HttpOnly",
+        ] {
+            passed.append(http::header::SET_COOKIE, HeaderValue::from_static(v));
+        }
+        passed.insert(http::header::SERVER, HeaderValue::from_static("app"));
+        drop_permit_cookies(&mut passed);
+        assert_eq!(set_cookies(&passed), vec!["a=1", "b=2"]);
+        assert_eq!(
+            passed.get(http::header::SERVER).map(|v| v.as_bytes()),
+            Some(&b"app"[..])
+        );
+    }
 }

@@ -500,6 +500,7 @@ pub async fn forward(
         *response.status_mut() = parts.status;
         let mut headers = parts.headers;
         headers.remove("x-backend-request-id");
+        super::stream::drop_permit_cookies(&mut headers);
         if let Some(v) =
             proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
         {
