@@ -454,9 +454,12 @@ impl Drop for Creating {
             let mut removed = state.remove_circuit(circuit).await;
             if !matches!(removed, Ok(true)) {
                 // Not stored (yet): an insert whose caller stopped waiting may still
-                // be running. SQLite's one connection runs it before this removal;
-                // PostgreSQL ends it within its statement timeout, so a second
-                // removal after that finds whatever it committed.
+                // be running. SQLite's one connection runs it before this removal.
+                // On PostgreSQL an insert stores nothing once its deadline (the
+                // answer) has passed on the server's clock; one the server started
+                // before that ends within its statement timeout, so a second
+                // removal after that finds whatever it committed (also what a
+                // server clock behind the coordinator's let through).
                 tokio::time::sleep(STATEMENT_TIMEOUT + std::time::Duration::from_secs(1)).await;
                 removed = state.remove_circuit(circuit).await;
             }

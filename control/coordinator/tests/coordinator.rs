@@ -3308,3 +3308,167 @@ fn concurrent_creations_of_one_endpoint_get_its_one_circuit(db: Db) {
         );
     }
 }
+
+/// A TCP relay to PostgreSQL that, once armed, lets through the client's packet
+/// holding `INSERT INTO circuits` (the statement's Parse) and holds the next one
+/// (its Bind/Execute) for `hold` before delivering it: one creation's insert stalls
+/// in transit, before the server starts it, while everything else flows.
+struct StallingRelay {
+    addr: SocketAddr,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the held packet was delivered and the server answered after it.
+    answered_after: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingRelay {
+    fn start(to: SocketAddr, hold: Duration) -> Self {
+        use std::io::{Read as _, Write as _};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let armed = Arc::new(AtomicBool::new(false));
+        let answered_after = Arc::new(AtomicBool::new(false));
+        let (a, done) = (armed.clone(), answered_after.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let released = Arc::new(AtomicBool::new(false));
+                let (mut c_in, mut s_out) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let (armed, rel) = (a.clone(), released.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    let mut saw_insert = false;
+                    while let Ok(n) = c_in.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if saw_insert {
+                            saw_insert = false;
+                            std::thread::sleep(hold);
+                            rel.store(true, Ordering::SeqCst);
+                        }
+                        if buf[..n].windows(20).any(|w| w == b"INSERT INTO circuits")
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            saw_insert = true;
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Both);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = s_in.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if released.load(Ordering::SeqCst) {
+                            done.store(true, Ordering::SeqCst);
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Self {
+            addr,
+            armed,
+            answered_after,
+        }
+    }
+}
+
+/// A creation answered 503 because its insert did not come back in time could
+/// still be stored: the insert was in transit (PostgreSQL's statement timeout runs
+/// only once the server starts a statement), the withdrawal found nothing, and the
+/// insert committed when it arrived — a circuit nobody was told of, reused and
+/// deployed later. The insert carries its caller's deadline and does nothing once
+/// it has passed.
+#[test]
+fn an_insert_that_arrives_after_its_caller_was_answered_stores_nothing() {
+    use std::sync::atomic::Ordering;
+    let pg = appproxy_test_support::pg::Pg::start();
+    let db = Db::Postgres(pg);
+    let Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let port: u16 = pg
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    // Held past the caller's answer (5 s) and the withdrawal's second try (5 s later).
+    let relay = StallingRelay::start(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(12),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"postgres://postgres@{}/appproxy\"\n[logging]\nfilter = \"info\"\n",
+        relay.addr
+    );
+    let c = common::start(dir.path(), &config);
+    let token = setup(&c);
+    relay.armed.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "store-unavailable");
+    assert!(!relay.armed.load(Ordering::SeqCst), "the insert was held");
+    // The held insert reaches the server, which answers it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.answered_after.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the held insert was never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(started.elapsed() >= Duration::from_secs(12));
+    // Nothing of it is stored, now or a moment later.
+    for _ in 0..20 {
+        assert_eq!(
+            db.query(dir.path(), "SELECT count(*) FROM circuits"),
+            "0",
+            "a creation answered 503 was stored after its answer"
+        );
+        assert_eq!(
+            db.query(dir.path(), "SELECT count(*) FROM circuit_changes"),
+            "0"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The slot is free: the session gets a circuit.
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reuse"], false);
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "1");
+}

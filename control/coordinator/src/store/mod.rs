@@ -434,6 +434,12 @@ impl Store {
     /// Stores a circuit with the ID of the request that created it (or none) and
     /// that request's trace context (or none).
     /// [`StoreError::Conflict`] when its port or subdomain on that worker is taken.
+    ///
+    /// Nothing is stored after the call's deadline ([`CALL_DEADLINE`], when its
+    /// caller is answered 503): on PostgreSQL the statement carries the deadline and
+    /// inserts nothing once it has passed on the server's clock (an insert held in
+    /// transit arrives too late to store anything); on SQLite a call that has not had
+    /// the connection by then does nothing.
     pub async fn insert_circuit(
         &self,
         circuit: &Circuit,
@@ -443,10 +449,12 @@ impl Store {
         let circuit = circuit.clone();
         let origin = origin_request_id.map(str::to_owned);
         let trace = trace_columns(trace);
+        // Taken before the call's own deadline starts: never after the answer.
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(
             self,
             |s| s.insert_circuit(&circuit, origin.as_deref(), &trace),
-            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace)
+            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace, deadline)
         )
     }
 

@@ -713,6 +713,7 @@ impl PgStore {
         circuit: &Circuit,
         origin_request_id: Option<&str>,
         (traceparent, tracestate): &(Option<String>, Option<String>),
+        deadline: SystemTime,
     ) -> Result<(), StoreError> {
         let worker = circuit
             .worker
@@ -723,8 +724,14 @@ impl PgStore {
             (!circuit.allowed_client_ips.is_empty()).then(|| circuit.allowed_client_ips.join(","));
         let port = circuit.port.map(i32::from);
         // One statement, one round trip: the row and the worker's slot count (the
-        // original keeps one on the worker row) change together or not at all.
-        self.client()
+        // original keeps one on the worker row) change together or not at all. It
+        // carries its caller's deadline (`$22`) and inserts nothing once that has
+        // passed on the server's clock: a statement held in transit (a stalled
+        // network path; `statement_timeout` only runs once the server starts it)
+        // can arrive after its caller was answered 503, and must not then store a
+        // circuit nobody was told of.
+        let inserted = self
+            .client()
             .await?
             .execute(
                 "WITH created AS (
@@ -732,9 +739,10 @@ impl PgStore {
                         subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
                         endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
                         idle_check_at, traceparent, tracestate)
-                    VALUES ($1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
+                    SELECT $1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                        CASE WHEN $19 THEN now() END, $20, $21)
+                        CASE WHEN $19 THEN now() END, $20, $21
+                    WHERE clock_timestamp() < $22
                     RETURNING worker)
                  , bumped AS (
                     UPDATE workers SET occupied_slots = occupied_slots + 1,
@@ -766,10 +774,16 @@ impl PgStore {
                     &super::idle_collectable(circuit),
                     traceparent,
                     tracestate,
+                    &deadline,
                 ],
             )
             .await
             .map_err(conflict_or)?;
+        if inserted == 0 {
+            return Err(StoreError::Unavailable(
+                "the insert reached the database after its deadline; nothing stored".into(),
+            ));
+        }
         Ok(())
     }
 
