@@ -51,7 +51,15 @@ pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus text: counters, plus workers and circuits by state.
+/// How long `/metrics` waits for the store's gauges (workers by status, circuits)
+/// before it answers without them: a scrape must not wait on, nor fail with, a
+/// store that is down.
+const METRICS_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Prometheus text: counters, plus workers and circuits by state. The in-process
+/// counters and histograms are always answered; the gauges read from the store are
+/// left out when the store does not answer within [`METRICS_STORE_WAIT`], and
+/// `appproxy_coordinator_store_up` says whether they are there.
 pub(super) async fn metrics(
     Extract(state): Extract<Arc<State>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -74,8 +82,22 @@ pub(super) async fn metrics(
     }
     use std::fmt::Write as _;
     let m = &state.metrics;
-    let workers = state.store.workers().await?;
-    let circuits = state.store.circuit_count().await?;
+    let from_store = tokio::time::timeout(METRICS_STORE_WAIT, async {
+        let (workers, circuits) = tokio::join!(state.store.workers(), state.store.circuit_count());
+        Ok::<_, StoreError>((workers?, circuits?))
+    })
+    .await;
+    let from_store = match from_store {
+        Ok(Ok(read)) => Some(read),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: store gauges left out");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(wait = ?METRICS_STORE_WAIT, "metrics: store gauges left out: no answer in time");
+            None
+        }
+    };
     let mut out = String::new();
     for (name, help, v) in [
         (
@@ -176,16 +198,25 @@ pub(super) async fn metrics(
             v.load(Ordering::Relaxed)
         );
     }
-    let _ = writeln!(out, "# HELP appproxy_coordinator_workers Workers by status.\n# TYPE appproxy_coordinator_workers gauge");
-    for status in ["ALIVE", "LOST", "TERMINATED"] {
-        let n = workers.iter().filter(|w| w.status == status).count();
-        let _ = writeln!(
-            out,
-            "appproxy_coordinator_workers{{status=\"{status}\"}} {n}"
-        );
+    let _ = writeln!(
+        out,
+        "# HELP appproxy_coordinator_store_up Whether the store answered this scrape (0: the workers and circuits gauges are left out).\n# TYPE appproxy_coordinator_store_up gauge\nappproxy_coordinator_store_up {}",
+        u8::from(from_store.is_some())
+    );
+    if let Some((workers, _)) = &from_store {
+        let _ = writeln!(out, "# HELP appproxy_coordinator_workers Workers by status.\n# TYPE appproxy_coordinator_workers gauge");
+        for status in ["ALIVE", "LOST", "TERMINATED"] {
+            let n = workers.iter().filter(|w| w.status == status).count();
+            let _ = writeln!(
+                out,
+                "appproxy_coordinator_workers{{status=\"{status}\"}} {n}"
+            );
+        }
     }
     render_observed(&state, &mut out);
-    let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {circuits}");
+    if let Some((_, circuits)) = from_store {
+        let _ = writeln!(out, "# HELP appproxy_coordinator_circuits Circuits stored.\n# TYPE appproxy_coordinator_circuits gauge\nappproxy_coordinator_circuits {circuits}");
+    }
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
 }
 

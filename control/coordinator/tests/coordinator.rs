@@ -3472,3 +3472,121 @@ fn an_insert_that_arrives_after_its_caller_was_answered_stores_nothing() {
     assert_eq!(r.json()["reuse"], false);
     assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "1");
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server and its backends.
+fn signal_pg(pg: &appproxy_test_support::pg::Pg, sig: &str) {
+    let root = pg.pid();
+    let mut pids = vec![root.to_string()];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: the ppid is the second field after the comm.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(root) {
+            pids.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    let ok = std::process::Command::new("kill")
+        .arg(sig)
+        .args(&pids)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pids:?}");
+}
+
+/// `/metrics` read the store (workers by status, circuits) before it wrote anything,
+/// so a store that was down or frozen made every scrape a 503 after 5 s: the
+/// coordinator's own counters went dark exactly when they mattered. The store's
+/// gauges are now read with a bounded wait and left out when they do not come;
+/// `appproxy_coordinator_store_up` says which.
+#[test]
+fn metrics_answer_without_the_store_gauges_while_the_store_is_down() {
+    use appproxy_test_support::prom::Exposition;
+    let pg = appproxy_test_support::pg::Pg::start();
+    let db = Db::Postgres(pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let _token = setup(&c);
+    let scrape = || {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    let (status, text) = scrape();
+    assert_eq!(status, 200, "{text}");
+    let e = Exposition::parse(&text);
+    e.check();
+    assert_eq!(
+        e.value("appproxy_coordinator_workers", "status=\"ALIVE\""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        e.value("appproxy_coordinator_circuits", ""),
+        Some(0.0),
+        "{text}"
+    );
+
+    /// Lets the server go on however the test ends.
+    struct Thaw<'a>(&'a appproxy_test_support::pg::Pg);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            signal_pg(self.0, "-CONT");
+        }
+    }
+    signal_pg(pg, "-STOP");
+    let thaw = Thaw(pg);
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (status, text) = scrape();
+        assert_eq!(status, 200, "a scrape with the store frozen: {text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the scrape waited {:?} for the store",
+            started.elapsed()
+        );
+        let e = Exposition::parse(&text);
+        e.check();
+        assert_eq!(
+            e.value("appproxy_coordinator_store_up", ""),
+            Some(0.0),
+            "{text}"
+        );
+        assert!(
+            !text.contains("appproxy_coordinator_workers{")
+                && !text.contains("\nappproxy_coordinator_circuits "),
+            "store gauges from no store: {text}"
+        );
+        assert!(
+            e.value("appproxy_coordinator_circuits_created_total", "")
+                .is_some()
+                && e.value(
+                    "appproxy_coordinator_http_request_duration_seconds_count",
+                    "method=\"PUT\",route=\"/api/worker\""
+                )
+                .is_some(),
+            "the in-process counters are answered: {text}"
+        );
+    }
+    drop(thaw);
+    // Back: the gauges return.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, text) = scrape();
+        assert_eq!(status, 200, "{text}");
+        if Exposition::parse(&text).value("appproxy_coordinator_store_up", "") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store gauges never came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
