@@ -6,7 +6,8 @@
 //!
 //! A download opens its path once, by the kernel's resolution beneath the vfolder,
 //! and serves that descriptor, with a strong `ETag` (inode, size, mtime),
-//! `Last-Modified` and the RFC 9110 preconditions (`If-Match`,
+//! `Last-Modified` (left out for a time an HTTP date cannot carry, whose date
+//! preconditions are then ignored) and the RFC 9110 preconditions (`If-Match`,
 //! `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since`, `If-Range`). An
 //! upload writes only through descriptors of `.upload` (never a symlink), checks the
 //! quota reservation on every PATCH, and syncs the file and directories around the
@@ -71,11 +72,23 @@ fn claim<'a>(
     c.get(key).and_then(|v| v.as_str()).ok_or(ApiError::Session)
 }
 
-/// Parses a single `bytes=` range against a length: `Ok(None)` for no (or an unusable
-/// multi-) range, `Err(())` when unsatisfiable.
+/// A range position: ASCII digits only (no sign), a value past `u64` taken as
+/// `u64::MAX` (RFC 9110 §14.1.2: a last-byte-pos or a suffix-length past the end
+/// means the end, however large; a first-byte-pos that large is past any end).
+fn position(digits: &str) -> Result<u64, ()> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    Ok(digits.parse().unwrap_or(u64::MAX))
+}
+
+/// Parses a single `bytes=` range (the unit case-insensitive) against a length:
+/// `Ok(None)` for no (or an unusable multi-) range, `Err(())` when unsatisfiable.
 fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
-        return Ok(None);
+    let value = value.trim();
+    let spec = match value.split_at_checked(6) {
+        Some((unit, spec)) if unit.eq_ignore_ascii_case("bytes=") => spec,
+        _ => return Ok(None),
     };
     if spec.contains(',') {
         return Ok(None);
@@ -83,17 +96,17 @@ fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     let (a, b) = spec.split_once('-').ok_or(())?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let n = position(b)?;
         if n == 0 {
             return Err(());
         }
         (len.saturating_sub(n), len.checked_sub(1).ok_or(())?)
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
+        let start = position(a)?;
         let end = if b.is_empty() {
             len.saturating_sub(1)
         } else {
-            b.parse::<u64>().map_err(|_| ())?.min(len.saturating_sub(1))
+            position(b)?.min(len.saturating_sub(1))
         };
         (start, end)
     };
@@ -166,14 +179,28 @@ fn date(v: &str) -> Option<i64> {
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
 }
 
-/// Evaluates the preconditions in RFC 9110's order against the current validators.
-fn evaluate(h: &HeaderMap, tag: &str, mtime: i64) -> Conditional {
+/// The first second HTTP dates cannot carry: 10000-01-01T00:00:00Z (`httpdate`
+/// formats years up to 9999 and panics past them).
+const HTTP_DATE_END: i64 = 253_402_300_800;
+
+/// A file's modification time (seconds since the epoch) as an HTTP date can carry
+/// it: `None` before 1970 or past year 9999, which a user sets on their files
+/// (`touch -d @400000000000` on tmpfs, btrfs, XFS with big timestamps). Such a file
+/// has no `Last-Modified`, and the date preconditions are ignored for it (RFC 9110
+/// §13.1.3, §13.1.4: it has no modification date to compare with).
+fn last_modified(mtime: i64) -> Option<i64> {
+    (0..HTTP_DATE_END).contains(&mtime).then_some(mtime)
+}
+
+/// Evaluates the preconditions in RFC 9110's order against the current validators
+/// (`mtime`: the last modification time, when it has one an HTTP date carries).
+fn evaluate(h: &HeaderMap, tag: &str, mtime: Option<i64>) -> Conditional {
     if let Some(v) = header(h, "if-match") {
         if !(v.trim() == "*" || tags(v).any(|t| strong_eq(t, tag))) {
             return Conditional::Failed;
         }
-    } else if let Some(d) = header(h, "if-unmodified-since").and_then(date) {
-        if mtime > d {
+    } else if let (Some(d), Some(m)) = (header(h, "if-unmodified-since").and_then(date), mtime) {
+        if m > d {
             return Conditional::Failed;
         }
     }
@@ -181,24 +208,31 @@ fn evaluate(h: &HeaderMap, tag: &str, mtime: i64) -> Conditional {
         if v.trim() == "*" || tags(v).any(|t| weak_eq(t, tag)) {
             return Conditional::NotModified;
         }
-    } else if let Some(d) = header(h, "if-modified-since").and_then(date) {
-        if mtime <= d {
+    } else if let (Some(d), Some(m)) = (header(h, "if-modified-since").and_then(date), mtime) {
+        if m <= d {
             return Conditional::NotModified;
         }
     }
     let range = match header(h, "if-range").map(str::trim) {
         None => true,
         Some(v) if v.starts_with('"') || v.starts_with("W/") => strong_eq(v, tag),
-        // A date matches only when it is exactly the last modification time.
-        Some(v) => date(v) == Some(mtime),
+        // A date matches only when it is exactly the last modification time (never
+        // when there is none).
+        Some(v) => mtime.is_some() && date(v) == mtime,
     };
     Conditional::Serve { range }
 }
 
-fn validators(h: &mut HeaderMap, tag: &str, modified: std::time::SystemTime) {
+/// `ETag`, and `Last-Modified` when the file has a modification time an HTTP date
+/// carries (see [`last_modified`]; never formatted otherwise).
+fn validators(h: &mut HeaderMap, tag: &str, mtime: Option<i64>) {
     if let Ok(v) = HeaderValue::from_str(tag) {
         h.insert("etag", v);
     }
+    let Some(secs) = mtime.and_then(last_modified) else {
+        return;
+    };
+    let modified = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.unsigned_abs());
     if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
         h.insert("last-modified", v);
     }
@@ -259,9 +293,9 @@ async fn download(
     }
     let len = st.st_size as u64;
     let tag = etag(&st);
-    let modified =
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
-    let range_ok = match evaluate(&headers, &tag, st.st_mtime) {
+    #[allow(clippy::unnecessary_cast)] // The field's type differs between targets.
+    let modified = last_modified(st.st_mtime as i64);
+    let range_ok = match evaluate(&headers, &tag, modified) {
         Conditional::Serve { range } => range,
         Conditional::NotModified => {
             let mut resp = StatusCode::NOT_MODIFIED.into_response();
@@ -530,7 +564,9 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         return Err(ApiError::Session);
     }
     let relpath = claim(&c, "relpath")?;
-    let relpath = match q.get("dst_dir") {
+    // An empty `dst_dir` is the vfolder's root, as the original's path join makes
+    // it (joined as `/<relpath>` it would be absolute, refused as an escape).
+    let relpath = match q.get("dst_dir").filter(|d| !d.is_empty()) {
         Some(d) => format!("{d}/{relpath}"),
         None => relpath.to_owned(),
     };
@@ -763,9 +799,14 @@ async fn patch(
                 ));
             }
             let scope = st.volumes.open_scope(&s.volume, &s.scope_name)?;
-            let checked =
-                quota::try_reserve(&st, &s.scope_key, scope.as_fd(), &s.id, (s.size, offset))
-                    .inspect_err(|_| st.folders.changed(&s.folder_key))?;
+            let checked = quota::try_reserve(
+                &st,
+                &s.scope_key,
+                scope.as_fd(),
+                (&s.id, Some(&s.folder_key)),
+                (s.size, offset),
+            )
+            .inspect_err(|_| st.folders.changed(&s.folder_key))?;
             Ok((s, std::fs::File::from(fd), checked))
         })
         .await?
@@ -776,7 +817,8 @@ async fn patch(
         // the scope that needs one meanwhile), then the check.
         (s, file, false) => {
             let sizes = (s.size, offset);
-            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, &s.id, sizes)
+            let holder = (s.id.as_str(), Some(s.folder_key.as_path()));
+            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, holder, sizes)
                 .await
                 // A reservation let go: the staged file counts in the folder's
                 // usage from now on.
@@ -852,17 +894,106 @@ async fn patch(
 mod tests {
     use super::*;
 
+    /// RFC 9110 §14.1.2: a last-byte-pos past the end (past `u64` too) is the
+    /// end, a suffix longer than the file is the whole file, the unit is
+    /// case-insensitive; a first-byte-pos past the end is unsatisfiable.
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
-        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
-        assert_eq!(parse_range("bytes=100-", 100), Err(()));
-        assert_eq!(parse_range("bytes=5-2", 100), Err(()));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
-        assert_eq!(parse_range("items=0-1", 100), Ok(None));
-        assert_eq!(parse_range("bytes=x-1", 100), Err(()));
+        type Parsed = Result<Option<(u64, u64)>, ()>;
+        let cases: &[(&str, u64, Parsed)] = &[
+            ("bytes=0-9", 100, Ok(Some((0, 9)))),
+            ("bytes=90-", 100, Ok(Some((90, 99)))),
+            ("bytes=-10", 100, Ok(Some((90, 99)))),
+            ("bytes=50-500", 100, Ok(Some((50, 99)))),
+            ("bytes=100-", 100, Err(())),
+            ("bytes=5-2", 100, Err(())),
+            ("bytes=0-1,5-6", 100, Ok(None)),
+            ("items=0-1", 100, Ok(None)),
+            ("bytes=x-1", 100, Err(())),
+            // Past the end, past u64.
+            ("bytes=0-99999999999999999999", 1000, Ok(Some((0, 999)))),
+            ("bytes=10-18446744073709551616", 1000, Ok(Some((10, 999)))),
+            ("bytes=0-18446744073709551615", 1000, Ok(Some((0, 999)))),
+            ("bytes=-99999999999999999999", 1000, Ok(Some((0, 999)))),
+            ("bytes=-18446744073709551615", 1000, Ok(Some((0, 999)))),
+            ("bytes=-1001", 1000, Ok(Some((0, 999)))),
+            ("bytes=99999999999999999999-", 1000, Err(())),
+            (
+                "bytes=99999999999999999999-99999999999999999999",
+                1000,
+                Err(()),
+            ),
+            // The unit, case-insensitive; nothing else is a unit.
+            ("BYTES=0-1", 1000, Ok(Some((0, 1)))),
+            ("Bytes=-5", 1000, Ok(Some((995, 999)))),
+            ("bYtEs=998-", 1000, Ok(Some((998, 999)))),
+            ("bytes =0-1", 1000, Ok(None)),
+            ("byte=0-1", 1000, Ok(None)),
+            ("bytes", 1000, Ok(None)),
+            ("", 1000, Ok(None)),
+            ("é=0-1", 1000, Ok(None)),
+            ("byteé=0-1", 1000, Ok(None)),
+            // Positions are digits only.
+            ("bytes=+5-10", 1000, Err(())),
+            ("bytes=5-+10", 1000, Err(())),
+            ("bytes=--5", 1000, Err(())),
+            ("bytes=-", 1000, Err(())),
+            ("bytes=-0", 1000, Err(())),
+            ("bytes=1e3-", 1000, Err(())),
+            // An empty file has no satisfiable range.
+            ("bytes=0-", 0, Err(())),
+            ("bytes=-99999999999999999999", 0, Err(())),
+        ];
+        for (value, len, want) in cases {
+            assert_eq!(parse_range(value, *len), *want, "{value:?} of {len}");
+        }
+    }
+
+    /// Times an HTTP date cannot carry (before 1970, past year 9999) give no
+    /// `Last-Modified` and are never formatted; the date preconditions are ignored.
+    #[test]
+    fn modification_times_past_http_dates_are_left_out() {
+        for (mtime, carried) in [
+            (-1, false),
+            (i64::MIN, false),
+            (0, true),
+            (HTTP_DATE_END - 1, true),
+            (HTTP_DATE_END, false),
+            (400_000_000_000, false),
+            (i64::MAX, false),
+        ] {
+            let mut h = HeaderMap::new();
+            validators(&mut h, "\"t\"", Some(mtime));
+            assert_eq!(h.contains_key("last-modified"), carried, "{mtime}");
+            assert_eq!(h.get("etag").map(|v| v.as_bytes()), Some(&b"\"t\""[..]));
+        }
+        let mut h = HeaderMap::new();
+        validators(&mut h, "\"t\"", Some(HTTP_DATE_END - 1));
+        assert_eq!(
+            h.get("last-modified").and_then(|v| v.to_str().ok()),
+            Some("Fri, 31 Dec 9999 23:59:59 GMT")
+        );
+        for (name, value) in [
+            ("if-modified-since", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("if-unmodified-since", "Thu, 01 Jan 1970 00:00:00 GMT"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                evaluate(&h, "\"t\"", last_modified(400_000_000_000)),
+                Conditional::Serve { range: true },
+                "{name}"
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "if-range",
+            HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        );
+        assert_eq!(
+            evaluate(&h, "\"t\"", last_modified(-1)),
+            Conditional::Serve { range: false }
+        );
     }
 
     #[test]

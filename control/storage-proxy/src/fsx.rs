@@ -704,16 +704,23 @@ pub const MAX_LINKED: usize = 100_000;
 
 /// Files and bytes (apparent sizes) of everything but directories under `dir`
 /// (symlinks not followed), descending only into directories `descend` accepts (it
-/// gets the entry and its depth, 0 for the entries of `dir`). What cannot be read
-/// is left out. With [`Links::Once`] only inodes with more than one link are
-/// remembered, each until all its links were seen, and at most [`MAX_LINKED`] at a
-/// time: a user with a shell can make millions of linked files, and a walk's memory
-/// must not be theirs to choose (past the cap, links count once per name).
+/// gets the entry and its depth, 0 for the entries of `dir`). With [`Links::Once`]
+/// only inodes with more than one link are remembered, each until all its links
+/// were seen, and at most [`MAX_LINKED`] at a time: a user with a shell can make
+/// millions of linked files, and a walk's memory must not be theirs to choose (past
+/// the cap, links count once per name).
+///
+/// A walk that did not see the whole tree is an error, never a smaller count: a
+/// directory it could not open or list (made unreadable from a container, swapped
+/// for a symlink or a file), an entry it could not `stat`, or a directory moved
+/// while it was walked (see [`walk`]). A user can cause each from a shell, and a
+/// partial count taken for the whole would hide what the walk missed from a quota.
+/// Only what vanished while it was read is left out (it is not there to count).
 pub fn usage(
     dir: BorrowedFd<'_>,
     links: Links,
     descend: &dyn Fn(&Entry, usize) -> bool,
-) -> (u64, u64) {
+) -> io::Result<(u64, u64)> {
     usage_capped(dir, links, descend, None, MAX_LINKED)
 }
 
@@ -736,7 +743,7 @@ pub fn usage_covered(
     links: Links,
     descend: &dyn Fn(&Entry, usize) -> bool,
     covered: Covered<'_>,
-) -> (u64, u64) {
+) -> io::Result<(u64, u64)> {
     usage_capped(dir, links, descend, Some(covered), MAX_LINKED)
 }
 
@@ -747,7 +754,7 @@ fn usage_capped(
     descend: &dyn Fn(&Entry, usize) -> bool,
     covered: Option<Covered<'_>>,
     cap: usize,
-) -> (u64, u64) {
+) -> io::Result<(u64, u64)> {
     struct Usage<'d, 'c> {
         files: u64,
         bytes: u64,
@@ -806,6 +813,21 @@ fn usage_capped(
             }
             Ok(false)
         }
+        /// A directory that vanished since it was listed holds nothing to count;
+        /// any other that cannot be opened (unreadable, swapped for a symlink or a
+        /// file) stops the walk: its bytes would be missing from the count.
+        fn unopened(&mut self, _: BorrowedFd<'_>, e: &Entry, err: io::Error) -> io::Result<()> {
+            if err.kind() == io::ErrorKind::NotFound {
+                return Ok(());
+            }
+            Err(io::Error::new(
+                err.kind(),
+                format!(
+                    "cannot open the directory {:?}: {err}",
+                    e.name.to_string_lossy()
+                ),
+            ))
+        }
         fn enter(&mut self, _: BorrowedFd<'_>, _: &OsStr, _: bool) -> io::Result<()> {
             self.levels.push(std::mem::take(&mut self.next));
             Ok(())
@@ -825,10 +847,8 @@ fn usage_capped(
         next: false,
         levels: Vec::new(),
     };
-    if let Err(e) = walk(dir, &mut u) {
-        tracing::debug!(error = %e, "usage walk ended early");
-    }
-    (u.files, u.bytes)
+    walk(dir, &mut u)?;
+    Ok((u.files, u.bytes))
 }
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
@@ -1031,13 +1051,20 @@ mod tests {
         std::fs::write(top.join("g"), [2u8; 10]).expect("g");
         std::fs::hard_link(top.join("g"), dir.path().join("g-outside")).expect("link");
         let root = fd(&top);
-        assert_eq!(usage(root.as_fd(), Links::Once, &|_, _| true), (2, 110));
-        assert_eq!(usage(root.as_fd(), Links::PerName, &|_, _| true), (4, 310));
+        assert_eq!(
+            usage(root.as_fd(), Links::Once, &|_, _| true).ok(),
+            Some((2, 110))
+        );
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
+            Some((4, 310))
+        );
         // A directory left out leaves its links out; the inode still counts once.
         assert_eq!(
             usage(root.as_fd(), Links::Once, &|e, depth| !(depth == 0
-                && e.name == "a")),
-            (2, 110)
+                && e.name == "a"))
+            .ok(),
+            Some((2, 110))
         );
     }
 
@@ -1057,20 +1084,20 @@ mod tests {
         let root = fd(dir.path());
         let all = |_: &Entry, _: usize| true;
         assert_eq!(
-            usage_capped(root.as_fd(), Links::Once, &all, None, 100),
-            (4, 40)
+            usage_capped(root.as_fd(), Links::Once, &all, None, 100).ok(),
+            Some((4, 40))
         );
         // Two remembered at a time: the first links of four inodes are met before any
         // second link (names sorted or not), so at least two count twice.
-        let (files, bytes) = usage_capped(root.as_fd(), Links::Once, &all, None, 2);
+        let (files, bytes) = usage_capped(root.as_fd(), Links::Once, &all, None, 2).expect("usage");
         assert!(
             (4..=8).contains(&files) && bytes == files * 10,
             "{files} {bytes}"
         );
         assert!(bytes >= 40);
         assert_eq!(
-            usage_capped(root.as_fd(), Links::Once, &all, None, 0),
-            (8, 80)
+            usage_capped(root.as_fd(), Links::Once, &all, None, 0).ok(),
+            Some((8, 80))
         );
     }
 
@@ -1105,10 +1132,72 @@ mod tests {
             },
         );
         // stage/a held whole (not a file any more), stage/b past 4 bytes, the rest whole.
-        assert_eq!(counted, (4, 6 + 10 + 10 + 10));
+        assert_eq!(counted.ok(), Some((4, 6 + 10 + 10 + 10)));
         // Asked as the directory is read (in no particular order), each file once.
         asked.sort();
         assert_eq!(asked, ["a", "b", "c"]);
+    }
+
+    /// A usage walk that did not see the whole tree is an error, never the count of
+    /// what it saw: a directory moved while the walk was below it (deeper than
+    /// `HELD`, so climbing back by `..` finds another parent), or a directory it
+    /// cannot open. One that vanished is not there to count.
+    #[test]
+    fn a_usage_walk_that_did_not_see_the_whole_tree_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let top = dir.path().join("top");
+        let deep: PathBuf = std::iter::repeat_n("d", HELD + 8).collect();
+        std::fs::create_dir_all(top.join("a").join(&deep)).expect("tree");
+        std::fs::create_dir_all(top.join("z")).expect("z");
+        std::fs::write(top.join("z/big"), [0u8; 1000]).expect("big");
+        let root = fd(&top);
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
+            Some((1, 1000))
+        );
+        // A directory five levels above the bottom moves away as the walk reaches
+        // the bottom: the walk stops on its way back up, before `z`.
+        let moved = top
+            .join("a")
+            .join(std::iter::repeat_n("d", HELD + 3).collect::<PathBuf>());
+        let to = dir.path().join("moved");
+        let done = std::cell::Cell::new(false);
+        let descend = |_: &Entry, depth: usize| {
+            if depth == HELD + 8 && !done.replace(true) {
+                std::fs::rename(&moved, &to).expect("move");
+            }
+            true
+        };
+        let e = usage(root.as_fd(), Links::PerName, &descend).expect_err("incomplete");
+        assert!(done.get());
+        assert!(e.to_string().contains("moved"), "{e}");
+        // A directory that cannot be opened (here: swapped for a file as the walk
+        // reaches it) is named in the error.
+        std::fs::rename(&to, &moved).expect("back");
+        let swapped = top.join("a/d");
+        let once = std::cell::Cell::new(false);
+        let swap = |e: &Entry, depth: usize| {
+            if depth == 1 && e.name == "d" && !once.replace(true) {
+                std::fs::rename(&swapped, dir.path().join("d")).expect("away");
+                std::fs::write(&swapped, b"").expect("a file in its place");
+            }
+            true
+        };
+        let e = usage(root.as_fd(), Links::PerName, &swap).expect_err("incomplete");
+        assert!(e.to_string().contains("\"d\""), "{e}");
+        // One that vanished as the walk reached it holds nothing: the count is whole.
+        std::fs::remove_file(&swapped).expect("the file");
+        std::fs::rename(dir.path().join("d"), &swapped).expect("back");
+        let gone = |e: &Entry, depth: usize| {
+            if depth == 1 && e.name == "d" && swapped.exists() {
+                std::fs::rename(&swapped, dir.path().join("elsewhere")).expect("away");
+            }
+            true
+        };
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &gone).ok(),
+            Some((1, 1000))
+        );
     }
 
     /// A chain deeper than `HELD` and a directory wide enough to matter are walked
@@ -1125,16 +1214,16 @@ mod tests {
         }
         let root = fd(dir.path());
         assert_eq!(
-            usage(root.as_fd(), Links::PerName, &|_, _| true),
-            (201, 405)
+            usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
+            Some((201, 405))
         );
         assert_eq!(
             remove_tree(root.as_fd(), OsStr::new("d")).expect("rm"),
             HELD as u64 * 3 + 1
         );
         assert_eq!(
-            usage(root.as_fd(), Links::PerName, &|_, _| true),
-            (200, 400)
+            usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
+            Some((200, 400))
         );
     }
 }

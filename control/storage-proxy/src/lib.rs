@@ -220,6 +220,13 @@ pub enum ApiError {
     /// which.
     #[error("{0}")]
     Busy(String),
+    /// A usage (a quota scope's committed bytes, a vfolder's or a clone source's
+    /// size) could not be measured: its walk did not see the whole tree (a
+    /// directory it cannot open, one moved while it was walked, again on every try).
+    /// Nothing is admitted on, or reported as, a partial count: 503
+    /// `usage-unmeasured`, the message saying what the walk met.
+    #[error("the usage could not be measured: {0}")]
+    Unmeasured(String),
     /// The quota scope would pass its limit.
     #[error("quota exceeded: {used} of {limit} bytes used")]
     QuotaExceeded {
@@ -276,6 +283,7 @@ impl ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Self::Unmeasured(_) => (StatusCode::SERVICE_UNAVAILABLE, "usage-unmeasured"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 (*status, "too-large")
@@ -645,10 +653,10 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                             )
                             .is_ok()
                         {
-                            // Only a reservation of this scope: a user can name a
-                            // file in any staging area they write to after a
-                            // session of another scope (the ID is in its token).
-                            state.reservations.release_in(&key, &session);
+                            // Only a reservation of a session of this vfolder: a
+                            // user can name a file in any staging area they write
+                            // to after any session (the ID is in its token).
+                            quota::release_staged(state, &at, &session);
                             // Counted as committed (and in the folder's usage)
                             // unless a reservation held it.
                             state.reservations.removed(&key);

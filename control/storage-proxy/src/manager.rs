@@ -407,6 +407,7 @@ async fn delete_folder(
         fsx::STRICT,
     )?;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
+    let folder = state.volumes.folder(&r.volume, &r.vfid)?;
     let body = bgtask(
         &state,
         "delete_vfolder",
@@ -415,10 +416,12 @@ async fn delete_folder(
             let sessions = staged_sessions(parent.as_fd(), &name, live);
             let removed = fsx::remove_tree(parent.as_fd(), &name);
             // The uploads in progress there are gone with their staged files: what
-            // their reservations held is free at once, not when they expire.
+            // their reservations held is free at once, not when they expire. Only
+            // this vfolder's sessions whose PATCH is not running: a file there may
+            // be named after any session (see `quota::release_staged`).
             let left = staged_sessions(parent.as_fd(), &name, sessions.clone());
             for s in sessions.iter().filter(|s| !left.contains(s)) {
-                st.reservations.release(s);
+                quota::release_staged(&st, &folder, s);
             }
             st.reservations.removed(&key);
             folder_changed(&st, &r.volume, &r.vfid);
@@ -492,7 +495,12 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         let (st, volume) = (state.clone(), dst_volume.clone());
         let scope = vec![OsString::from(&scope_name)];
         blocking(move || {
-            let size = fsx::usage(src.as_fd(), fsx::Links::PerName, &outside_staging).1;
+            // A source that cannot be measured whole is not cloned on a smaller
+            // reservation.
+            let size = quota::measured("the clone's source", || {
+                fsx::usage(src.as_fd(), fsx::Links::PerName, &outside_staging)
+            })?
+            .1;
             fsx::mkdirs(st.volumes.root_fd(&volume)?, &scope, fsx::STRICT)?;
             Ok((src, size))
         })
@@ -500,7 +508,8 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     };
     // Released if anything fails (or the request goes) before the copy starts.
     let hold = quota::Hold::new(&state, &holder);
-    quota::reserve(&state, &key, &dst_volume, &scope_name, &holder, (size, 0)).await?;
+    let clone = (holder.as_str(), None);
+    quota::reserve(&state, &key, &dst_volume, &scope_name, clone, (size, 0)).await?;
     let dst = {
         let (st, volume) = (state.clone(), dst_volume.clone());
         blocking(move || {
@@ -564,13 +573,17 @@ async fn folder_usage(state: &Arc<State>, r: &FolderReq) -> Result<(u64, u64), A
         .get(state.usage_max_age, move || {
             let began = std::time::Instant::now();
             let live = st.reservations.live(&scope);
-            let figures = quota::vfolder_usage(dir.as_fd(), &live);
-            super::Metrics::add(&st.metrics.usage_walks_folder, 1);
+            // Never a partial figure: a walk that did not see the whole vfolder is
+            // tried again, then answered 503.
+            let figures = quota::measured("the vfolder", || {
+                super::Metrics::add(&st.metrics.usage_walks_folder, 1);
+                quota::vfolder_usage(dir.as_fd(), &live)
+            });
             st.metrics
                 .observed
                 .usage_walk_duration
                 .observe(began.elapsed());
-            Ok(figures)
+            figures
         })
         .await
 }
@@ -1142,7 +1155,9 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     // Released if anything fails (or the request goes) before the staging file is
     // there.
     let hold = quota::Hold::new(&state, &session);
-    quota::reserve(&state, &key, &r.volume, &scope_name, &session, (r.size, 0)).await?;
+    let folder = state.volumes.folder(&r.volume, &r.vfid)?;
+    let holder = (session.as_str(), Some(folder.as_path()));
+    quota::reserve(&state, &key, &r.volume, &scope_name, holder, (r.size, 0)).await?;
     {
         let session = session.clone();
         blocking(move || {

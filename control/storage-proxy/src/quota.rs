@@ -42,6 +42,13 @@
 //! room that late. With `quota_usage_max_age_secs = 0` every check measures
 //! (concurrent checks still share one walk).
 //!
+//! A walk that did not see the whole scope (a directory it could not open, one
+//! moved while it was below it: a user can cause both from a shell) counts for
+//! nothing: it is made again, at most `WALK_TRIES` times in all ([`measured`]),
+//! and when no try saw everything nothing is stored, and the check (and the checks
+//! that waited for that walk) answers 503 `usage-unmeasured` rather than admitting
+//! anything on a partial count. The usage reports follow the same rule.
+//!
 //! `GET /quota-scope` reports from the same measurement (see [`report`]): no walk
 //! of the scope per report.
 //!
@@ -187,7 +194,7 @@ impl<'a> Cover<'a> {
 /// Files and bytes of a vfolder, per name (what `/folder/usage` reports), by the
 /// rule committed bytes follow: its staging area counts but for what live upload
 /// sessions' reservations hold of their staged files (see [`committed`]).
-pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> (u64, u64) {
+pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> std::io::Result<(u64, u64)> {
     let mut cover = Cover::new(live);
     let mut file = |e: &fsx::Entry| cover.file(e);
     fsx::usage_covered(
@@ -214,44 +221,60 @@ const MAX_UNHELD: usize = 1_000;
 /// reservation; see [`committed`]) and the clone destinations being filled
 /// (`pending`, vfolder directories, each inode once). Bounded by the number of
 /// vfolders and what their staging areas hold: a vfolder's own entries are never
-/// listed, its `.upload` is opened by name.
-pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Live) -> u64 {
+/// listed, its `.upload` is opened by name. A directory that cannot be opened or
+/// listed is an error (see [`fsx::usage`]), but for one that is not there or not
+/// a directory (any more): it holds nothing to count.
+pub fn set_aside(
+    scope: BorrowedFd<'_>,
+    pending: &HashSet<(u64, u64)>,
+    live: &Live,
+) -> std::io::Result<u64> {
     let all = |_: &fsx::Entry, _: usize| true;
-    let subdirs = |dir: BorrowedFd<'_>| -> Vec<(std::ffi::OsString, fsx::Meta)> {
-        fsx::entries(dir)
-            .unwrap_or_default()
+    let subdirs = |dir: BorrowedFd<'_>| -> std::io::Result<Vec<(std::ffi::OsString, fsx::Meta)>> {
+        Ok(fsx::entries(dir)?
             .into_iter()
             .filter(|e| e.kind() == rustix::fs::FileType::Directory)
             .map(|e| (e.name, e.stat))
-            .collect()
+            .collect())
+    };
+    // Gone, or swapped for a symlink or a file: nothing of it is counted anywhere.
+    let open = |dir: BorrowedFd<'_>, name: &std::ffi::OsStr| match fsx::child_dir(dir, name) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::LOOP.raw_os_error()
+                    || c == rustix::io::Errno::NOTDIR.raw_os_error()) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     };
     let mut cover = Cover::new(live);
     let mut bytes = 0u64;
-    for (a, _) in subdirs(scope) {
-        let Ok(fa) = fsx::child_dir(scope, &a) else {
+    for (a, _) in subdirs(scope)? {
+        let Some(fa) = open(scope, &a)? else {
             continue;
         };
-        for (b, _) in subdirs(fa.as_fd()) {
-            let Ok(fb) = fsx::child_dir(fa.as_fd(), &b) else {
+        for (b, _) in subdirs(fa.as_fd())? {
+            let Some(fb) = open(fa.as_fd(), &b)? else {
                 continue;
             };
-            for (c, stat) in subdirs(fb.as_fd()) {
-                let Ok(vfolder) = fsx::child_dir(fb.as_fd(), &c) else {
+            for (c, stat) in subdirs(fb.as_fd())? {
+                let Some(vfolder) = open(fb.as_fd(), &c)? else {
                     continue;
                 };
                 if pending.contains(&(stat.st_dev, stat.st_ino)) {
-                    let pended = fsx::usage(vfolder.as_fd(), fsx::Links::Once, &all).1;
+                    let pended = fsx::usage(vfolder.as_fd(), fsx::Links::Once, &all)?.1;
                     bytes = bytes.saturating_add(pended);
                     continue;
                 }
                 if live.is_empty() {
                     continue;
                 }
-                let Ok(staging) = fsx::child_dir(vfolder.as_fd(), std::ffi::OsStr::new(STAGING))
-                else {
+                let Some(staging) = open(vfolder.as_fd(), std::ffi::OsStr::new(STAGING))? else {
                     continue;
                 };
-                for e in fsx::entries(staging.as_fd()).unwrap_or_default() {
+                for e in fsx::entries(staging.as_fd())? {
                     if let Some(held) = cover.file(&e) {
                         bytes = bytes.saturating_add((e.stat.st_size as u64).min(held));
                     }
@@ -259,7 +282,7 @@ pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Li
             }
         }
     }
-    bytes
+    Ok(bytes)
 }
 
 /// Bytes committed under the scope: everything but `.quota`, the directories in
@@ -272,12 +295,13 @@ pub fn set_aside(scope: BorrowedFd<'_>, pending: &HashSet<(u64, u64)>, live: &Li
 /// reservation. A file with several hard links in the scope counts once (by device
 /// and inode, as `du` does); sizes are apparent sizes (`st_size`). Also returns the
 /// session-named staged files counted whole, with the bytes counted (at most
-/// `MAX_UNHELD`).
+/// `MAX_UNHELD`). A walk that did not see the whole scope is an error (see
+/// [`fsx::usage`]).
 pub fn committed(
     scope: BorrowedFd<'_>,
     pending: &HashSet<(u64, u64)>,
     live: &Live,
-) -> (u64, HashMap<String, u64>) {
+) -> std::io::Result<(u64, HashMap<String, u64>)> {
     let own = rustix::fs::statat(scope, QUOTA_FILE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_or(0, |s| s.st_size as u64);
     let mut cover = Cover::new(live);
@@ -305,9 +329,44 @@ pub fn committed(
             dir: &|e, depth| depth == STAGING_DEPTH && e.name == STAGING,
             file: &mut file,
         },
-    )
+    )?
     .1;
-    (bytes.saturating_sub(own), unheld)
+    Ok((bytes.saturating_sub(own), unheld))
+}
+
+/// Tries a usage walk gets in all: one stopped by a directory moved (or swapped)
+/// while it ran is made again, at most this many times; one refused by file
+/// permissions is not (it would be refused again).
+const WALK_TRIES: usize = 3;
+
+/// Runs `walk`, a usage walk of `what`, until it sees the whole tree, at most
+/// `WALK_TRIES` times. A walk that never did is logged and answered
+/// [`ApiError::Unmeasured`]: nothing is ever admitted on, stored as or reported as
+/// the partial count of a walk that missed part of the tree (a directory made
+/// unreadable, one a user keeps moving from a shell).
+pub fn measured<T>(
+    what: &str,
+    mut walk: impl FnMut() -> std::io::Result<T>,
+) -> Result<T, ApiError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match walk() {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < WALK_TRIES && e.kind() != std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!(error = %e, what, tries, "usage walk incomplete: walked again");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    what,
+                    tries,
+                    "usage could not be measured: the walk did not see the whole tree"
+                );
+                return Err(ApiError::Unmeasured(format!("{what}: {e}")));
+            }
+        }
+    }
 }
 
 /// Records a scope's limit as last read, for `/metrics` (`None`: no limit).
@@ -327,6 +386,10 @@ pub fn remember_limit(state: &State, key: &Path, limit: Option<u64>) {
 /// One reservation.
 struct Held {
     scope: PathBuf,
+    /// The vfolder of an upload session (`None` for a clone): the one whose
+    /// staged file the reservation holds, the only one whose cleanup or deletion
+    /// may let it go (see [`release_staged`]).
+    folder: Option<PathBuf>,
     bytes: u64,
     touched: Instant,
     /// An upload session's token expires then: no PATCH can use the reservation
@@ -365,6 +428,12 @@ struct Ledger {
     commits: u64,
     /// Walks finished (a check that waited for a walk takes its result).
     walks: u64,
+    /// Walks ended, whether they measured the scope or not (see [`measured`]).
+    tries: u64,
+    /// The last walk that did not measure the scope: its number in `tries` and
+    /// why. Checks that waited for it get the same answer rather than walking
+    /// again one after another.
+    failed: Option<(u64, String)>,
     /// Deletes through the manager API since the start (a walk that ran meanwhile
     /// may have counted what they removed: its result is stale at once).
     removals: u64,
@@ -394,12 +463,25 @@ impl Scope {
     }
 
     /// When the scope needs a walk (its measurement is missing, stale or older than
-    /// `max_age`): the number of walks made so far, so that whoever then waits for
+    /// `max_age`): the number of walks ended so far, so that whoever then waits for
     /// the walk lock can tell whether another walk ended meanwhile (a measurement
-    /// only becomes fresh by a walk).
+    /// only becomes fresh by a walk) and take its result.
     fn due(&self, max_age: Duration) -> Option<u64> {
         let ledger = self.ledger();
-        (!fresh(&ledger, max_age)).then_some(ledger.walks)
+        (!fresh(&ledger, max_age)).then_some(ledger.tries)
+    }
+
+    /// The result of the walks since the `seen`-th: `None` when none ended, else
+    /// whether the last one measured the scope.
+    fn walked_since(&self, seen: u64) -> Option<Result<(), ApiError>> {
+        let ledger = self.ledger();
+        if ledger.tries == seen {
+            return None;
+        }
+        Some(match &ledger.failed {
+            Some((n, why)) if *n == ledger.tries => Err(ApiError::Unmeasured(why.clone())),
+            _ => Ok(()),
+        })
     }
 
     /// Publishes the ledger's measurement for `/metrics` (call under the lock).
@@ -541,14 +623,19 @@ impl Reservations {
         }
     }
 
-    /// Releases a holder's reservation when it holds one in `scope` (the scope
-    /// where the cleanup removed a staged file of its name).
-    pub fn release_in(&self, scope: &Path, holder: &str) {
+    /// Releases a holder's reservation when it is an upload session of the
+    /// vfolder `folder` (see [`release_staged`], the rule that calls this).
+    fn release_of(&self, folder: &Path, holder: &str) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(holder).is_some_and(|h| h.scope == scope) {
-            held.remove(holder);
-            tracing::debug!(holder, "quota reservation released");
+        if held
+            .get(holder)
+            .is_none_or(|h| h.folder.as_deref() != Some(folder))
+        {
+            return false;
         }
+        held.remove(holder);
+        tracing::debug!(holder, "quota reservation released");
+        true
     }
 
     /// Records when `holder`'s reservation stops being usable: the upload token of
@@ -634,23 +721,49 @@ impl Reservations {
     }
 }
 
-/// One walk of a scope, its result stored as the scope's measurement. The caller
-/// holds the scope's `walk`; the scope's lock is taken only to read where commits
-/// stand before the walk and to store the result after it.
-fn walk_scope(state: &State, key: &Path, s: &Scope, scope: BorrowedFd<'_>) -> u64 {
+/// One walk of a scope (tried again a few times when it did not see the whole
+/// scope, see [`measured`]), its result stored as the scope's measurement. The
+/// caller holds the scope's `walk`; the scope's lock is taken only to read where
+/// commits stand before the walk and to store the result after it. A walk that
+/// never saw the whole scope stores nothing: the measurement stays what it was
+/// (too old or stale for a check, which then gets the error).
+fn walk_scope(
+    state: &State,
+    key: &Path,
+    s: &Scope,
+    scope: BorrowedFd<'_>,
+) -> Result<u64, ApiError> {
+    // Read before the first try: a later try's result is stamped as older, and
+    // adds more of what was put in place meanwhile, than it is (the safe side).
     let (began, before, removals) = {
         let ledger = s.ledger();
         (Instant::now(), ledger.put_in_place, ledger.removals)
     };
     let r = &state.reservations;
     let before_live = r.live(key);
-    let (walked, mut unheld) = committed(scope, &r.pending(), &before_live);
-    super::Metrics::add(&state.metrics.quota_walks, 1);
-    state
-        .metrics
-        .observed
-        .quota_walk_duration
-        .observe(began.elapsed());
+    let pending = r.pending();
+    let walked = measured("the quota scope", || {
+        let t = Instant::now();
+        let walked = committed(scope, &pending, &before_live);
+        super::Metrics::add(&state.metrics.quota_walks, 1);
+        state
+            .metrics
+            .observed
+            .quota_walk_duration
+            .observe(t.elapsed());
+        walked
+    });
+    let (walked, mut unheld) = match walked {
+        Ok(walked) => walked,
+        Err(e) => {
+            let mut ledger = s.ledger();
+            ledger.tries += 1;
+            if let ApiError::Unmeasured(why) = &e {
+                ledger.failed = Some((ledger.tries, why.clone()));
+            }
+            return Err(e);
+        }
+    };
     let mut ledger = s.ledger();
     // Bytes put in place while the walk ran may or may not have been seen by it:
     // added, so a measurement never misses them (it may count them twice until the
@@ -687,8 +800,9 @@ fn walk_scope(state: &State, key: &Path, s: &Scope, scope: BorrowedFd<'_>) -> u6
         unheld,
     });
     ledger.walks += 1;
+    ledger.tries += 1;
     s.show(&ledger);
-    bytes
+    Ok(bytes)
 }
 
 fn fresh(ledger: &Ledger, max_age: Duration) -> bool {
@@ -730,12 +844,13 @@ pub async fn measure(
     // gone meanwhile.
     super::blocking(move || {
         let _walking = walking;
-        if s.ledger().walks != seen {
-            return Ok(());
+        // A walk that ended while this waited answers for it, one that did not
+        // measure the scope too (it was just tried).
+        if let Some(walked) = s.walked_since(seen) {
+            return walked;
         }
         let scope = st.volumes.open_scope(&volume, &name)?;
-        walk_scope(&st, &key, &s, scope.as_fd());
-        Ok(())
+        walk_scope(&st, &key, &s, scope.as_fd()).map(drop)
     })
     .await
 }
@@ -776,7 +891,9 @@ pub async fn report(
             let figures = loop {
                 let before = s.ledger().commits;
                 let live = st.reservations.live(&k);
-                let aside = set_aside(scope.as_fd(), &st.reservations.pending(), &live);
+                let aside = measured("the quota scope's staging areas", || {
+                    set_aside(scope.as_fd(), &st.reservations.pending(), &live)
+                })?;
                 let ledger = s.ledger();
                 tries += 1;
                 if ledger.commits == before || tries == 3 {
@@ -834,11 +951,12 @@ fn let_go(r: &Reservations, s: &Scope, ledger: &mut Ledger, holder: &str, staged
 /// (0 for a new session or a clone): when the check lets an existing reservation
 /// go, those bytes count as committed from then on. `Ok(false)`: no measurement
 /// young enough (or, with `any_age`, none at all); nothing was reserved or released.
+/// `folder` is the vfolder of an upload session (see [`Held`]).
 fn check(
     state: &State,
     key: &Path,
     scope: BorrowedFd<'_>,
-    holder: &str,
+    (holder, folder): (&str, Option<&Path>),
     (bytes, staged): (u64, u64),
     any_age: bool,
 ) -> Result<bool, ApiError> {
@@ -883,11 +1001,14 @@ fn check(
         }
     }
     let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
-    let until = held.get(holder).and_then(|h| h.until);
+    let (until, was_in) = held
+        .get(holder)
+        .map_or((None, None), |h| (h.until, h.folder.clone()));
     held.insert(
         holder.to_owned(),
         Held {
             scope: key.to_path_buf(),
+            folder: folder.map(Path::to_path_buf).or(was_in),
             bytes,
             touched: Instant::now(),
             until,
@@ -903,39 +1024,49 @@ fn check(
 /// staged file holds now (0 for a new session or a clone): when the check lets the
 /// holder's reservation go (refused, or no limit any more), what it held of those
 /// bytes counts as committed from then on. Blocking, but never walks: `Ok(false)`
-/// says a measurement is needed first, which [`reserve`] makes.
+/// says a measurement is needed first, which [`reserve`] makes. `holder` is
+/// `(name, vfolder)`, the vfolder an upload session's (`None` for a clone).
 pub fn try_reserve(
     state: &State,
     key: &Path,
     scope: BorrowedFd<'_>,
-    holder: &str,
+    holder: (&str, Option<&Path>),
     sizes: (u64, u64),
 ) -> Result<bool, ApiError> {
     check(state, key, scope, holder, sizes, false)
 }
 
 /// Reserves (or re-checks) `bytes` in the scope named `scope_name` of `volume` for
-/// `holder` (whose staged file holds `staged` bytes now, see [`try_reserve`]),
-/// measuring the scope first when its measurement is too old (see [`measure`]).
+/// `holder` (`(name, vfolder)` as for [`try_reserve`]; its staged file holds
+/// `staged` bytes now), measuring the scope first when its measurement is too old
+/// (see [`measure`]).
 pub async fn reserve(
     state: &Arc<State>,
     key: &Path,
     volume: &str,
     scope_name: &str,
-    holder: &str,
+    (holder, folder): (&str, Option<&Path>),
     (bytes, staged): (u64, u64),
 ) -> Result<(), ApiError> {
     for any_age in [false, true] {
-        let (st, k, v, n, h) = (
+        let (st, k, v, n, h, f) = (
             state.clone(),
             key.to_path_buf(),
             volume.to_owned(),
             scope_name.to_owned(),
             holder.to_owned(),
+            folder.map(Path::to_path_buf),
         );
         let done = super::blocking(move || {
             let scope = st.volumes.open_scope(&v, &n)?;
-            check(&st, &k, scope.as_fd(), &h, (bytes, staged), any_age)
+            check(
+                &st,
+                &k,
+                scope.as_fd(),
+                (&h, f.as_deref()),
+                (bytes, staged),
+                any_age,
+            )
         })
         .await?;
         if done {
@@ -955,7 +1086,7 @@ pub async fn reserve(
 /// many scopes were walked. A scope whose measurement is still young enough, or
 /// whose walk (for a check) ends while the pass waits for it, is not walked again.
 pub fn sync(state: &State) -> usize {
-    let mut measured = 0;
+    let mut walked = 0;
     for name in state.volumes.names() {
         let (Ok(root), Ok(path)) = (state.volumes.root_fd(name), state.volumes.root(name)) else {
             continue;
@@ -978,15 +1109,34 @@ pub fn sync(state: &State) -> usize {
                 continue;
             };
             let _walking = s.walk.blocking_lock();
-            if s.ledger().walks != seen {
+            if s.walked_since(seen).is_some() {
                 continue;
             }
-            let used = walk_scope(state, &key, &s, fd.as_fd());
-            tracing::debug!(scope = %e.name.to_string_lossy(), used, limit, "quota scope measured");
-            measured += 1;
+            // A walk that did not see the whole scope is logged (by `measured`)
+            // and stores nothing: the next check tries again.
+            if let Ok(used) = walk_scope(state, &key, &s, fd.as_fd()) {
+                tracing::debug!(scope = %e.name.to_string_lossy(), used, limit, "quota scope measured");
+                walked += 1;
+            }
         }
     }
-    measured
+    walked
+}
+
+/// The staged file named after the upload session `session` in the vfolder
+/// `folder` is gone (removed by the expired-upload cleanup, or with its vfolder):
+/// lets the session's reservation go, by the one rule both follow. Files there are
+/// found by name, and a session's ID is in the token its user holds, so a user who
+/// can write in a staging area can name a file there after any session: only a
+/// session of that very vfolder is let go (never one of another vfolder, of the
+/// scope or not), and only while no PATCH of it runs (a running PATCH has passed
+/// its check and writes on its reservation). Answers whether it was let go.
+pub fn release_staged(state: &State, folder: &Path, session: &str) -> bool {
+    let busy = state
+        .uploading
+        .lock()
+        .map_or(true, |set| set.contains(session));
+    !busy && state.reservations.release_of(folder, session)
 }
 
 /// Releases a holder's reservation when dropped, unless kept: for setups that

@@ -21,6 +21,9 @@
 //!   every report walks (concurrent ones still share one walk).
 //! - **Bounded.** At most [`MAX_FOLDERS`] folders are remembered; past that the
 //!   figures not in use are forgotten, oldest first.
+//! - **Never partial.** A walk that did not see the whole tree (see
+//!   `quota::measured`) gives no figure: the reports that waited for it get its
+//!   503 `usage-unmeasured`, and the next report walks again.
 //!
 //! Walks are counted at `/metrics` (`storage_proxy_usage_walks_total`, by report,
 //! and `storage_proxy_usage_walk_duration_seconds`).
@@ -49,6 +52,11 @@ struct Last<T> {
     changes: u64,
     /// Walks finished so far.
     walks: u64,
+    /// Walks that did not see the whole tree (answered
+    /// [`ApiError::Unmeasured`]) so far, and the last one's reason: reports that
+    /// waited for such a walk get its answer rather than walking again one after
+    /// another.
+    unmeasured: (u64, Option<String>),
 }
 
 impl<T> Default for Flight<T> {
@@ -58,6 +66,7 @@ impl<T> Default for Flight<T> {
                 value: None,
                 changes: 0,
                 walks: 0,
+                unmeasured: (0, None),
             }),
             running: Default::default(),
         }
@@ -84,19 +93,21 @@ impl<T: Clone + Send + 'static> Flight<T> {
     /// change came since; else the result of the walk in progress when it ends, if
     /// no change came between its start and this call; else a walk of its own
     /// (`walk`, on the blocking pool). The walk runs to its end even when the caller
-    /// goes, and its result serves the next report.
+    /// goes, and its result serves the next report. A walk that could not measure
+    /// the tree ([`ApiError::Unmeasured`]) serves nothing later, but answers the
+    /// reports that waited for it.
     pub async fn get(
         self: Arc<Self>,
         max_age: Duration,
         walk: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let (asked, seen) = {
+        let (asked, seen, failed) = {
             let last = self.last();
             match &last.value {
                 Some((v, began, at)) if *at == last.changes && began.elapsed() <= max_age => {
                     return Ok(v.clone())
                 }
-                _ => (last.changes, last.walks),
+                _ => (last.changes, last.walks, last.unmeasured.0),
             }
         };
         let running = self.running.clone().lock_owned().await;
@@ -108,12 +119,26 @@ impl<T: Clone + Send + 'static> Flight<T> {
                     return Ok(v.clone());
                 }
             }
+            // The last walk that ended while this waited could not measure the tree.
+            if let (Some(why), true) = (&last.unmeasured.1, last.unmeasured.0 != failed) {
+                return Err(ApiError::Unmeasured(why.clone()));
+            }
         }
         super::blocking(move || {
             let _running = running;
             let (began, at) = (Instant::now(), self.last().changes);
-            let v = walk()?;
+            let v = match walk() {
+                Ok(v) => v,
+                Err(e) => {
+                    if let ApiError::Unmeasured(why) = &e {
+                        let mut last = self.last();
+                        last.unmeasured = (last.unmeasured.0 + 1, Some(why.clone()));
+                    }
+                    return Err(e);
+                }
+            };
             let mut last = self.last();
+            last.unmeasured.1 = None;
             last.value = Some((v.clone(), began, at));
             last.walks += 1;
             Ok(v)

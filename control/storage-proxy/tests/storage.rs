@@ -621,3 +621,93 @@ fn expired_session_tokens_are_refused() {
     );
     assert_eq!(r.status, 401);
 }
+
+/// RFC 9110 §14.1.2: a last-byte-pos past the end means the end, however large
+/// (even past 2^64: it was answered 416, as an unparsable number), a suffix longer
+/// than the file means the whole file, and the range unit is case-insensitive
+/// (`BYTES=` was ignored: 200 with the whole file). A first-byte-pos past the end
+/// is still unsatisfiable.
+#[test]
+fn over_large_range_positions_mean_the_end_of_the_file() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let data: Vec<u8> = (0..1_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(p.vfolder_path().join("f.bin"), &data).expect("file");
+    let cases: [(&str, u16, &str, std::ops::Range<usize>); 7] = [
+        (
+            "bytes=0-99999999999999999999",
+            206,
+            "bytes 0-999/1000",
+            0..1000,
+        ),
+        (
+            "bytes=-99999999999999999999",
+            206,
+            "bytes 0-999/1000",
+            0..1000,
+        ),
+        (
+            "bytes=10-18446744073709551616",
+            206,
+            "bytes 10-999/1000",
+            10..1000,
+        ),
+        (
+            "bytes=0-18446744073709551615",
+            206,
+            "bytes 0-999/1000",
+            0..1000,
+        ),
+        ("BYTES=0-1", 206, "bytes 0-1/1000", 0..2),
+        ("Bytes=-5", 206, "bytes 995-999/1000", 995..1000),
+        ("bytes=99999999999999999999-", 416, "bytes */1000", 0..0),
+    ];
+    for (range, status, content_range, body) in cases {
+        let r = p.download("f.bin", "", &[("Range", range)]);
+        assert_eq!(r.status, status, "{range}");
+        assert_eq!(r.header("content-range"), Some(content_range), "{range}");
+        if status == 206 {
+            assert_eq!(r.body, &data[body], "{range}");
+        }
+    }
+}
+
+/// An empty `dst_dir` on a tus `HEAD` or `PATCH` is the vfolder's root, as the
+/// original's path join makes it; it was joined as `/<relpath>` and refused as an
+/// escape (400).
+#[test]
+fn an_empty_dst_dir_is_the_vfolder_root() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 3}),
+    );
+    let url = format!("/upload?token={token}&dst_dir=");
+    let r = request(p.client, "HEAD", &url, &[], b"");
+    assert_eq!((r.status, r.header("upload-offset")), (200, Some("0")));
+    let r = request(p.client, "PATCH", &url, &[("Upload-Offset", "0")], b"abc");
+    assert_eq!(
+        (r.status, r.header("upload-offset")),
+        (204, Some("3")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("x.bin")).expect("x.bin"),
+        b"abc"
+    );
+    // `/` is still absolute, refused as before.
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "y.bin", "size": 3}),
+    );
+    let r = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={token}&dst_dir=/"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400);
+}

@@ -439,7 +439,14 @@ fn random_api_sequences_with_concurrent_swaps_never_touch_the_outside() {
                 !contains(&r.body, CANARY),
                 "{op:?} served the outside canary"
             );
-            proptest::prop_assert!(r.status < 500, "{op:?}: {}", r.status);
+            // A usage whose walk met a directory swapped for a symlink (its
+            // contents moved where the walk does not look) on every try cannot
+            // be measured: 503, never a partial figure.
+            let unmeasured = matches!(op, Op::Usage)
+                && r.status == 503
+                && serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .is_ok_and(|j| j["code"] == "usage-unmeasured");
+            proptest::prop_assert!(r.status < 500 || unmeasured, "{op:?}: {}", r.status);
             // (A partial mkdir answers 422 with its per-path results.)
             if r.status >= 400 && r.status != 422 {
                 let j: serde_json::Value =

@@ -1240,3 +1240,292 @@ fn a_reservation_is_let_go_once_its_token_has_expired() {
     assert_eq!(upload_token(&p, "b.bin", 901).status, 413);
     assert_eq!(upload_token(&p, "b.bin", 900).status, 200);
 }
+
+/// Puts a directory's mode back when dropped (a test that fails part way still
+/// leaves a tree its temporary directory's removal can read).
+struct Mode(std::path::PathBuf, u32);
+
+impl Drop for Mode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(self.1));
+    }
+}
+
+/// Whether a manager answer is the refusal of a usage that could not be measured.
+fn unmeasured(r: &appproxy_test_support::http::Resp) -> bool {
+    r.status == 503 && r.json()["code"] == "usage-unmeasured"
+}
+
+/// A user makes a directory of their vfolder unreadable from a container (`chmod
+/// 000`, the proxy running as a service user bound by file permissions): the
+/// measurement could not open it. It skipped it and stored what it had counted as
+/// the scope's committed bytes, and an upload session was admitted on that smaller
+/// figure (the 20 000 bytes in it hidden from a 10 000-byte limit); the usage
+/// reports said the same partial figure. Now a measurement that did not see the
+/// whole tree is never stored or used: the session is refused with 503
+/// `usage-unmeasured` naming the directory, so are the reports, and it is logged.
+#[test]
+fn a_directory_the_measurement_cannot_open_refuses_uploads_instead_of_hiding_its_bytes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start_bound_by_permissions("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 10_000);
+    let hidden = p.vfolder_path().join("hidden");
+    std::fs::create_dir(&hidden).expect("dir");
+    std::fs::write(hidden.join("big.bin"), vec![1u8; 20_000]).expect("file");
+    let r = upload_token(&p, "a.bin", 1_000);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let restore = Mode(hidden.clone(), 0o755);
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let r = upload_token(&p, "b.bin", 1_000);
+    assert!(
+        unmeasured(&r),
+        "a session admitted or refused otherwise: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("hidden"), "{title}");
+    assert!(r.json()["request_id"].is_string());
+    let folder = serde_json::json!({"volume": "local", "vfid": VFID});
+    let reports = [
+        p.manager("/folder/usage", folder.clone(), None),
+        p.manager_method("GET", "/folder/used-bytes", folder.clone()),
+        p.manager_method(
+            "GET",
+            "/quota-scope",
+            serde_json::json!({"volume": "local", "qsid": QSID}),
+        ),
+    ];
+    for r in &reports {
+        assert!(
+            unmeasured(r),
+            "a partial figure reported: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert!(p.log().contains("could not be measured"), "{}", p.log());
+    // Readable again, the directory counts.
+    drop(restore);
+    let r = upload_token(&p, "c.bin", 1_000);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(folder_used_bytes(&p), 20_000);
+}
+
+/// Below 32 levels a walk climbs back up by `..` and stops when a directory moved
+/// meanwhile: a user who keeps swapping two directories deep down
+/// (`renameat2(RENAME_EXCHANGE)`) from a shell had about half the measurements
+/// stop there, and what they had counted (nothing of `zzz/`, visited after) was
+/// stored as the scope's committed bytes: sessions were admitted past the limit,
+/// and `/folder/used-bytes` reported the partial figure. Now such a walk is tried
+/// again (a few times at most) and, if it never completes, nothing is stored or
+/// reported: a check or a report answers 503 `usage-unmeasured` instead.
+#[test]
+fn a_measurement_a_racing_rename_cut_short_is_never_used() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 1 << 20);
+    let v = p.vfolder_path();
+    std::fs::create_dir(v.join("zzz")).expect("zzz");
+    std::fs::File::create(v.join("zzz/big.bin"))
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("8 MiB, sparse");
+    let chain: std::path::PathBuf = std::iter::once("aaa")
+        .chain(std::iter::repeat_n("d", 40))
+        .collect();
+    let chain = v.join(chain);
+    std::fs::create_dir_all(chain.join("x")).expect("chain");
+    std::fs::create_dir_all(v.join("alt/y")).expect("alt");
+    for i in 0..300 {
+        std::fs::write(chain.join(format!("x/f{i}")), b"").expect("f");
+        std::fs::write(v.join(format!("alt/y/g{i}")), b"").expect("g");
+    }
+    let flipper = storage_common::Flipper::start(chain.join("x"), v.join("alt/y"));
+    let folder = serde_json::json!({"volume": "local", "vfid": VFID});
+    for i in 0..40 {
+        let r = upload_token(&p, &format!("up{i}.bin"), 1_000);
+        assert!(
+            r.status == 413 || unmeasured(&r),
+            "session {i} admitted on a partial measurement: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        let r = p.manager_method("GET", "/folder/used-bytes", folder.clone());
+        assert!(
+            unmeasured(&r) || (r.status == 200 && r.json()["used_bytes"].as_u64() >= Some(8 << 20)),
+            "report {i}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert!(flipper.stop() > 0, "the directories were swapped");
+}
+
+/// Deleting a vfolder released the reservation of every live session of the scope
+/// whose ID named a file in that vfolder's staging area, whichever vfolder the
+/// session was in and whether its PATCH was running: the session ID is in the
+/// upload token, so a user with a shell in vfolder A named a file in A's staging
+/// area after their session in B, had A deleted, and a second session took the
+/// room B's upload still held (the two completed past the limit). Only the
+/// reservations of sessions of the deleted vfolder are let go now, by the rule the
+/// expired-upload cleanup follows (and never one whose PATCH runs).
+#[test]
+fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
+    use appproxy_test_support::net::ReadUninterrupted as _;
+    use std::io::Write as _;
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 1_000);
+    let other = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0123456789abcdef0123456789abcdef";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let token = |relpath: &str, size: usize| {
+        let r = upload_token(&p, relpath, size);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token").to_owned()
+    };
+    let busy = token("busy.bin", 600);
+    let idle = token("idle.bin", 400);
+    let sessions: Vec<std::ffi::OsString> = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(sessions.len(), 2);
+    // The busy session's PATCH: its first 100 bytes sent, the rest to come.
+    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={busy} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 600\r\nConnection: close\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&[7u8; 100]).expect("first part");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while p.tus_head(&busy).header("upload-offset") != Some("100") {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Files named after both sessions in the other vfolder's staging area, which is
+    // then deleted.
+    let other_path = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef");
+    std::fs::create_dir(other_path.join(".upload")).expect("staging area");
+    for s in &sessions {
+        std::fs::write(other_path.join(".upload").join(s), b"").expect("decoy");
+    }
+    let r = p.manager(
+        "/folder/delete",
+        serde_json::json!({"volume": "local", "vfid": other}),
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    // A hang guard, not a timing assertion: the delete runs in the background.
+    while !p.log().contains("bgtask done") {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!other_path.exists());
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 1_000, "both still held");
+    let r = upload_token(&p, "third.bin", 100);
+    assert_eq!(
+        r.status,
+        413,
+        "the room is the two uploads': {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Both complete; the scope holds what its limit allows.
+    s.write_all(&[7u8; 500]).expect("the rest");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert_eq!(patch(&p, &idle, 0, &[8u8; 400]).status, 204);
+    let qs = quota_scope(&p);
+    assert_eq!(
+        (qs["used_bytes"].as_u64(), qs["reserved_bytes"].as_u64()),
+        (Some(1_000), Some(0)),
+        "{qs}"
+    );
+}
+
+/// A file whose modification time is past year 9999 (a user sets it with `touch -d
+/// @400000000000` on tmpfs, btrfs or XFS with big timestamps) made a download panic
+/// while formatting `Last-Modified`: the client got its connection closed and no
+/// answer. A time HTTP cannot carry (past 9999, or before 1970) is now left out:
+/// no `Last-Modified`, and the date preconditions, which have no date to compare
+/// with, are ignored (RFC 9110 §13.1.3, §13.1.4); a date `If-Range` never matches.
+#[test]
+fn a_file_dated_past_year_9999_or_before_1970_is_served_without_last_modified() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm (a tmpfs, whose times go past year 9999)");
+        return;
+    }
+    let p = Proxy::start_in(shm, "");
+    create_folder(&p);
+    let dated = [
+        (
+            "future.bin",
+            UNIX_EPOCH + Duration::from_secs(400_000_000_000),
+        ),
+        ("past.bin", UNIX_EPOCH - Duration::from_secs(100_000)),
+    ];
+    for (name, when) in dated {
+        let f = std::fs::File::create(p.vfolder_path().join(name)).expect("file");
+        std::io::Write::write_all(&mut &f, b"data").expect("write");
+        f.set_modified(when).expect("mtime");
+    }
+    for (name, _) in dated {
+        let r = p.download(name, "", &[]);
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"data"[..]), "{name}");
+        assert_eq!(r.header("last-modified"), None, "{name}");
+        let etag = r.header("etag").expect("etag").to_owned();
+        let r = p.download(name, "", &[("If-None-Match", "*")]);
+        assert_eq!(r.status, 304, "{name}");
+        assert_eq!(r.header("last-modified"), None, "{name}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()), "{name}");
+        let r = p.download(name, "", &[("If-Match", "\"other\"")]);
+        assert_eq!(r.status, 412, "{name}");
+        assert_eq!(r.header("last-modified"), None, "{name}");
+        let r = p.download(name, "", &[("Range", "bytes=0-1")]);
+        assert_eq!((r.status, r.body.as_slice()), (206, &b"da"[..]), "{name}");
+        // Date preconditions without a date to compare with: ignored.
+        for h in ["If-Modified-Since", "If-Unmodified-Since"] {
+            for date in [
+                "Thu, 01 Jan 1970 00:00:00 GMT",
+                "Sat, 01 Jan 2000 00:00:00 GMT",
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+            ] {
+                let r = p.download(name, "", &[(h, date)]);
+                assert_eq!(r.status, 200, "{name} {h}: {date}");
+            }
+        }
+        let r = p.download(
+            name,
+            "",
+            &[
+                ("Range", "bytes=0-1"),
+                ("If-Range", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ],
+        );
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"data"[..]), "{name}");
+    }
+    assert!(!p.log().contains("panicked"), "{}", p.log());
+}

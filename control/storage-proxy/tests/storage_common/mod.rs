@@ -23,6 +23,8 @@ pub struct Proxy {
     pub dir: tempfile::TempDir,
     /// Environment variables the process gets (on restarts too).
     pub env: Vec<(String, String)>,
+    /// A command the binary runs under (on restarts too), empty for none.
+    pub prefix: Vec<String>,
 }
 
 impl Drop for Proxy {
@@ -32,10 +34,24 @@ impl Drop for Proxy {
     }
 }
 
-/// Starts the proxy on the configuration in `dir`, with `env`, its output to `log`.
-fn spawn(dir: &std::path::Path, env: &[(String, String)], log: std::fs::File) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_appproxy-storage-proxy"))
-        .arg("--config")
+/// Starts the proxy on the configuration in `dir`, with `env`, its output to `log`,
+/// under the command `prefix` (when not empty).
+fn spawn(
+    dir: &std::path::Path,
+    env: &[(String, String)],
+    log: std::fs::File,
+    prefix: &[String],
+) -> Child {
+    let bin = env!("CARGO_BIN_EXE_appproxy-storage-proxy");
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg("--config")
         .arg(dir.join("storage.toml"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::from(log.try_clone().expect("log")))
@@ -55,11 +71,48 @@ impl Proxy {
 
     /// [`Proxy::start_with`], the process also getting `env`.
     pub fn start_with_env(extra_storage: &str, extra_tables: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_at(dir, extra_storage, extra_tables, env, Vec::new())
+    }
+
+    /// [`Proxy::start`] with its directory (and volume) made in `parent`: a
+    /// filesystem of the test's choosing (a tmpfs, whose times go past year 9999).
+    pub fn start_in(parent: &std::path::Path, extra_storage: &str) -> Self {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
+        Self::start_at(dir, extra_storage, "", &[], Vec::new())
+    }
+
+    /// [`Proxy::start`], the process bound by file permissions as a service user
+    /// is: run by root, it runs without `CAP_DAC_OVERRIDE` and
+    /// `CAP_DAC_READ_SEARCH` (dropped from its bounding set by `setpriv`), so that
+    /// a directory made unreadable (`chmod 000`) cannot be read by it either.
+    pub fn start_bound_by_permissions(extra_storage: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = if rustix::process::geteuid().is_root() {
+            [
+                "setpriv",
+                "--bounding-set=-dac_override,-dac_read_search",
+                "--",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        } else {
+            Vec::new()
+        };
+        Self::start_at(dir, extra_storage, "", &[], prefix)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        extra_storage: &str,
+        extra_tables: &str,
+        env: &[(&str, &str)],
+        prefix: Vec<String>,
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             "[storage]\nmanager_bind = \"127.0.0.1:0\"\nclient_bind = \"127.0.0.1:0\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
             dir.path().join("vol").display()
@@ -67,7 +120,7 @@ impl Proxy {
         std::fs::write(dir.path().join("storage.toml"), config).expect("config");
         let log_path = dir.path().join("storage.log");
         let log = std::fs::File::create(&log_path).expect("log");
-        let mut child = spawn(dir.path(), &env, log);
+        let mut child = spawn(dir.path(), &env, log, &prefix);
         // Both APIs on ports the kernel picks, learned from the serving line.
         let addrs = serving::addrs(
             &mut child,
@@ -82,6 +135,7 @@ impl Proxy {
             client: addrs[1],
             dir,
             env,
+            prefix,
         }
     }
 
@@ -96,7 +150,7 @@ impl Proxy {
             .append(true)
             .open(&log_path)
             .expect("log");
-        self.child = spawn(self.dir.path(), &self.env, log);
+        self.child = spawn(self.dir.path(), &self.env, log, &self.prefix);
         let addrs = serving::addrs(
             &mut self.child,
             &log_path,
