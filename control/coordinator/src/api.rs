@@ -339,7 +339,6 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
         ("authority", Some(r.authority.as_str())),
         ("hostname", Some(r.hostname.as_str())),
         ("wildcard_domain", r.wildcard_domain.as_deref()),
-        ("node_id", r.node_id.as_deref()),
         (
             "traefik_last_used_marker_path",
             r.traefik_last_used_marker_path.as_deref(),
@@ -359,7 +358,7 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     {
         return bad("wildcard_domain must be a domain (no spaces, '/', '?', '#', '@')");
     }
-    super::fits("node_id", r.node_id.as_deref(), 1024)?;
+    valid_node_id("node_id", r.node_id.as_deref())?;
     super::fits("hostname", Some(&r.hostname), 1024)?;
     super::fits("wildcard_domain", r.wildcard_domain.as_deref(), 1024)?;
     super::fits(
@@ -492,6 +491,18 @@ pub(super) async fn get_worker(
     worker_response(&state, id).await.map(Json)
 }
 
+/// The rule for an HA node's name, the same wherever one is given (`node_id` of a
+/// registration, `?node=` of a heartbeat or deregistration): at most 1024
+/// characters, no control characters (it goes into the store, logs and answers).
+fn valid_node_id(name: &str, value: Option<&str>) -> Result<(), ApiError> {
+    if value.is_some_and(super::proxy::has_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{name} may not hold control characters"
+        )));
+    }
+    super::fits(name, value, 1024)
+}
+
 /// `?node=<node_id>`: which HA node of the worker calls (heartbeat, deregistration);
 /// `&brief=true`: answer without the worker model (whose slot list costs a read of
 /// every circuit of the worker), as the product's agent asks on every heartbeat.
@@ -508,7 +519,7 @@ pub(super) async fn heartbeat(
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Response, ApiError> {
-    super::fits("node", q.node.as_deref(), 1024)?;
+    valid_node_id("node", q.node.as_deref())?;
     if !state.store.heartbeat_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
@@ -546,7 +557,7 @@ pub(super) async fn deregister_worker(
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Json<Success>, ApiError> {
-    super::fits("node", q.node.as_deref(), 1024)?;
+    valid_node_id("node", q.node.as_deref())?;
     if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }

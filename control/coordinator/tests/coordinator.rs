@@ -3590,3 +3590,68 @@ fn metrics_answer_without_the_store_gauges_while_the_store_is_down() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A heartbeat's `?node=` took any name, though a registration's `node_id` may not
+/// hold control characters: CR/LF and ESC were stored (into logs and answers), and
+/// each such made-up name counted as one more live HA node, keeping the worker
+/// `ALIVE` after its one real node deregistered. Heartbeats and deregistrations
+/// now follow the registration's rule for node names.
+#[test]
+fn heartbeat_node_names_follow_the_registration_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let worker = r#"{"authority":"ha-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10305,10308],"node_id":"real-node"}"#;
+    let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let nodes = || {
+        let w = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "").json();
+        (
+            w["status"].as_str().unwrap_or("?").to_owned(),
+            w["nodes"].clone(),
+        )
+    };
+    assert_eq!(nodes(), ("ALIVE".to_owned(), serde_json::json!(1)));
+    for name in [
+        "phantom%0d%0ainjected",
+        "%1b[31mred",
+        "bell%07",
+        "tab%09x",
+        "%c2%85next",
+    ] {
+        for method in ["PATCH", "DELETE"] {
+            let r = request(
+                c.addr,
+                method,
+                &format!("/api/worker/{id}?brief=true&node={name}"),
+                &[AUTH],
+                "",
+            );
+            assert_eq!(r.status, 400, "{method} node={name}");
+            assert_eq!(
+                r.json()["error"],
+                "node may not hold control characters",
+                "{method} node={name}"
+            );
+        }
+    }
+    assert_eq!(nodes(), ("ALIVE".to_owned(), serde_json::json!(1)));
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM worker_nodes"),
+        "1",
+        "no made-up node stored"
+    );
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{id}?node=real-node"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        nodes(),
+        ("LOST".to_owned(), serde_json::json!(0)),
+        "the one real node left"
+    );
+}
