@@ -318,6 +318,8 @@ fn request_targets_reach_the_app_in_origin_form_or_not_at_all() {
         ("http://elsewhere.example/stolen", "t"),
         ("stolen", "t"),
         ("http://t", "t"),
+        ("/stolen#fragment", "t"),
+        ("/stolen?q=1#fragment", "t"),
     ] {
         let mut c = Client::connect(w.addr());
         c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
@@ -336,6 +338,31 @@ fn request_targets_reach_the_app_in_origin_form_or_not_at_all() {
         app.seen()
     );
     assert_eq!(app.request("/kept?q=1").method, "GET");
+}
+
+/// A `Host` that is not an authority is a 400 (RFC 9112 §3.2), not a value copied
+/// to the app and into `X-Forwarded-Host`; the connection closes, and the app sees
+/// none of them.
+#[test]
+fn a_host_that_is_not_an_authority_never_reaches_the_app() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    for host in ["a b@c/d", "user@t", "t/stolen", "t:99999", "t:80:80", "t\\x"] {
+        let mut c = Client::connect(w.addr());
+        c.send(format!("GET /stolen HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 400, "{host}: {}", r.text());
+        assert_eq!(r.json()["code"], "bad_host", "{host}");
+        assert!(c.is_closed(), "{host}: the connection closes");
+    }
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/kept", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        app.seen().iter().all(|s| !s.path.contains("stolen")),
+        "{:?}",
+        app.seen()
+    );
 }
 
 #[test]

@@ -189,7 +189,8 @@ fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
 /// narrowed to its path and query, when its authority is the `Host` field's value
 /// (case aside) — the worker routes and checks access by `Host`, so a target naming
 /// another authority would reach an app that reads it as a request for something
-/// else than what was routed; and a path must follow the authority. Anything else
+/// else than what was routed; and a path must follow the authority. A target with a
+/// fragment (`#`) is a 400 in every form. Anything else
 /// (a bare or authority-form target) is a 400. `CONNECT` passes here and is refused
 /// by the caller with its own reason. An HTTP/2 `:path` is checked the same way
 /// before its head is rendered (origin-form only).
@@ -200,7 +201,15 @@ fn request_target(
     host: Option<&Range<usize>>,
 ) -> Result<Range<usize>, RequestError> {
     let t = &buf[target.clone()];
-    if t.first() == Some(&b'/') || method == "CONNECT" || (t == b"*" && method == "OPTIONS") {
+    if method == "CONNECT" {
+        return Ok(target);
+    }
+    // A fragment is the client's own (RFC 9112 §3.2: no request-target form has one);
+    // one sent anyway would be read by apps as part of the path or the query.
+    if t.contains(&b'#') {
+        return Err(RequestError::Malformed("request target with a fragment"));
+    }
+    if t.first() == Some(&b'/') || (t == b"*" && method == "OPTIONS") {
         return Ok(target);
     }
     let (scheme_len, default_port) = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
@@ -517,6 +526,15 @@ pub fn parse_request_reusing(
     }
     if host_count > 1 || (version == Version::Http11 && host_count == 0) {
         return Err(RequestError::BadHost);
+    }
+    // RFC 9112 §3.2: a `Host` value that is not an authority is a 400 (an empty one
+    // stands for a target without authority). It is copied to the app and into
+    // `X-Forwarded-Host`, and routes wildcard circuits.
+    if let Some(h) = &host {
+        let value = buf[h.clone()].trim_ascii();
+        if !value.is_empty() && Authority::parse(value).is_none() {
+            return Err(RequestError::BadHost);
+        }
     }
     let target = request_target(buf, offset(buf, path.as_bytes()), method, host.as_ref())?;
     if scan.bad_content_length {

@@ -107,6 +107,18 @@ fn request_refusal_table() {
         (b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n", RequestError::Malformed("invalid header name"), 400),
         (b"GET / HTTP/1.1\r\n\r\n", RequestError::BadHost, 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", RequestError::BadHost, 400),
+        // A Host that is not an authority (RFC 9112 §3.2).
+        (b"GET / HTTP/1.1\r\nHost: a b@c/d\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.0\r\nHost: a%2fb\r\n\r\n", RequestError::BadHost, 400),
+        (b"GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n", RequestError::BadHost, 400),
+        // A fragment in any form of target.
+        (b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target with a fragment"), 400),
+        (b"GET /a?q=1#b HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target with a fragment"), 400),
+        (b"GET http://a/x#y HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("request target with a fragment"), 400),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
         (b"\r\nGET / HTTP/3.0\r\nHost: a\r\n\r\n", RequestError::UnsupportedVersion, 505),
         // No version at all: not a request line (a PROXY protocol header, say).
@@ -179,6 +191,30 @@ fn request_targets_reach_the_app_in_origin_form() {
             want,
             "{:?}",
             String::from_utf8_lossy(input)
+        );
+    }
+}
+
+/// `Host` values that are authorities pass: names (with `_`, a trailing dot, any
+/// case), IPv4, bracketed IPv6, an empty port, surrounding blanks, and the empty
+/// value of a target without authority.
+#[test]
+fn host_values_that_are_authorities_pass() {
+    for host in [
+        "a",
+        "App.Example:8443",
+        "my_host.local.",
+        "127.0.0.1:80",
+        "[::1]",
+        "[fe80::1]:8080",
+        "a:",
+        " a ",
+        "",
+    ] {
+        let input = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        assert!(
+            matches!(req(input.as_bytes()), Ok(Some(_))),
+            "Host: {host:?} was refused"
         );
     }
 }
