@@ -89,6 +89,19 @@ pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     }
 }
 
+/// Opens the child directory `name` of `dir` only to reach into it by name (`O_PATH`:
+/// its entries cannot be listed through it, and it needs no read permission);
+/// never through a symlink.
+pub fn child_dir_path(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat2(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        STRICT,
+    )?)
+}
+
 /// Opens the regular file `name` of `dir` for reading without following a symlink;
 /// anything but a regular file is refused without being opened (see [`readable`]).
 pub fn child_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<std::fs::File> {

@@ -609,70 +609,31 @@ pub fn remove_expired_uploads(state: &State) -> usize {
         )];
         while let Some((dir, depth, key, at)) = stack.pop() {
             let Ok(dir) = dir else { continue };
+            if depth == 4 {
+                // A vfolder (an `O_PATH` descriptor): its staging area is opened by
+                // name. Its own entries (as many as its user makes, each of which a
+                // listing would hold in memory at every pass) are never listed.
+                removed += remove_expired_in(state, dir.as_fd(), &key, &at);
+                continue;
+            }
             let Ok(list) = fsx::entries(dir.as_fd()) else {
                 continue;
             };
             for e in list {
-                if depth == 4 && e.name == ".upload" {
-                    let staging = match fsx::child_dir(dir.as_fd(), &e.name) {
-                        Ok(fd) => fd,
-                        Err(err) => {
-                            tracing::warn!(error = %err, "staging area is not a directory: skipped");
-                            continue;
-                        }
-                    };
-                    let Ok(files) = fsx::entries(staging.as_fd()) else {
-                        continue;
-                    };
-                    for f in files {
-                        if f.kind() != FileType::RegularFile {
-                            continue;
-                        }
-                        let mtime = std::time::UNIX_EPOCH
-                            + Duration::new(
-                                f.stat.st_mtime.max(0) as u64,
-                                f.stat.st_mtime_nsec as u32,
-                            );
-                        let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
-                        let session = f.name.to_string_lossy();
-                        // A session whose PATCH runs keeps its file and its
-                        // reservation (as an idle reservation does, below): the file
-                        // may be the one the PATCH writes to (it has waited for a
-                        // quota walk), or a file of that name a user put in another
-                        // vfolder's staging area.
-                        let busy = state
-                            .uploading
-                            .lock()
-                            .map_or(true, |set| set.contains(session.as_ref()));
-                        if old
-                            && !busy
-                            && rustix::fs::unlinkat(
-                                staging.as_fd(),
-                                f.name.as_os_str(),
-                                rustix::fs::AtFlags::empty(),
-                            )
-                            .is_ok()
-                        {
-                            // Only a reservation of a session of this vfolder: a
-                            // user can name a file in any staging area they write
-                            // to after any session (the ID is in its token).
-                            quota::release_staged(state, &at, &session);
-                            // Counted as committed (and in the folder's usage)
-                            // unless a reservation held it.
-                            state.reservations.removed(&key);
-                            state.folders.changed(&at);
-                            tracing::info!(session = %session, "expired upload removed");
-                            removed += 1;
-                        }
-                    }
-                } else if depth < 4 && e.kind() == FileType::Directory {
+                if e.kind() == FileType::Directory {
                     let key = if depth == 0 {
                         key.join(&e.name)
                     } else {
                         key.clone()
                     };
                     let at = at.join(&e.name);
-                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key, at));
+                    // A vfolder is only reached into (below), never listed.
+                    let child = if depth == 3 {
+                        fsx::child_dir_path(dir.as_fd(), &e.name)
+                    } else {
+                        fsx::child_dir(dir.as_fd(), &e.name)
+                    };
+                    stack.push((child, depth + 1, key, at));
                 }
             }
         }
@@ -687,6 +648,68 @@ pub fn remove_expired_uploads(state: &State) -> usize {
     }
     if idle > 0 {
         tracing::info!(released = idle, "idle quota reservations released");
+    }
+    removed
+}
+
+/// Removes the expired staging files of the vfolder `vfolder` (at `at`, in the quota
+/// scope `key`); returns how many.
+fn remove_expired_in(
+    state: &State,
+    vfolder: std::os::fd::BorrowedFd<'_>,
+    key: &std::path::Path,
+    at: &std::path::Path,
+) -> usize {
+    use rustix::fs::FileType;
+    use std::os::fd::AsFd as _;
+    let staging = match fsx::child_dir(vfolder, std::ffi::OsStr::new(".upload")) {
+        Ok(fd) => fd,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(err) => {
+            tracing::warn!(error = %err, "staging area is not a directory: skipped");
+            return 0;
+        }
+    };
+    let Ok(files) = fsx::entries(staging.as_fd()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for f in files {
+        if f.kind() != FileType::RegularFile {
+            continue;
+        }
+        let mtime = std::time::UNIX_EPOCH
+            + Duration::new(f.stat.st_mtime.max(0) as u64, f.stat.st_mtime_nsec as u32);
+        let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
+        let session = f.name.to_string_lossy();
+        // A session whose PATCH runs keeps its file and its reservation (as an idle
+        // reservation does, below): the file may be the one the PATCH writes to (it
+        // has waited for a quota walk), or a file of that name a user put in another
+        // vfolder's staging area.
+        let busy = state
+            .uploading
+            .lock()
+            .map_or(true, |set| set.contains(session.as_ref()));
+        if old
+            && !busy
+            && rustix::fs::unlinkat(
+                staging.as_fd(),
+                f.name.as_os_str(),
+                rustix::fs::AtFlags::empty(),
+            )
+            .is_ok()
+        {
+            // Only a reservation of a session of this vfolder: a user can name a
+            // file in any staging area they write to after any session (the ID is
+            // in its token).
+            quota::release_staged(state, at, &session);
+            // Counted as committed (and in the folder's usage) unless a
+            // reservation held it.
+            state.reservations.removed(key);
+            state.folders.changed(at);
+            tracing::info!(session = %session, "expired upload removed");
+            removed += 1;
+        }
     }
     removed
 }

@@ -711,3 +711,38 @@ fn an_empty_dst_dir_is_the_vfolder_root() {
     );
     assert_eq!(r.status, 400);
 }
+
+/// The cleanup pass opens a vfolder's staging area by name and never lists the
+/// vfolder itself (a user can fill it with millions of entries, which a listing
+/// would hold in memory at each pass): here the proxy may enter the vfolder but
+/// not read it (`chmod 111`, the proxy bound by file permissions), and the expired
+/// upload is still removed.
+#[test]
+fn cleanup_finds_expired_uploads_without_listing_the_vfolder() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p =
+        Proxy::start_bound_by_permissions("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 10}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let root = p.vfolder_path();
+    let staging = root.join(".upload");
+    assert_eq!(std::fs::read_dir(&staging).expect("staging").count(), 1);
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o111)).expect("chmod");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let gone = loop {
+        if std::fs::read_dir(&staging).expect("staging").count() == 0 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
+    assert!(gone, "the expired upload was not removed: {}", p.log());
+}
