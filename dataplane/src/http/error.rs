@@ -51,8 +51,9 @@ pub enum RequestError {
     /// A transfer coding other than `chunked` (we do not decode them).
     #[error("unsupported transfer coding")]
     UnsupportedTransferCoding,
-    /// An HTTP/1.1 request without `Host`, or with several.
-    #[error("missing or repeated Host header")]
+    /// An HTTP/1.1 request without `Host`, one with several, or a `Host` value that
+    /// is not an authority.
+    #[error("missing, repeated or invalid Host header")]
     BadHost,
     /// An `Expect` other than `100-continue`.
     #[error("unsupported expectation")]
