@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::placement::port_range;
-use super::store::{CircuitRow, StoreError, WorkerRow};
+use super::store::{HeldSlot, StoreError, WorkerRow};
 use super::{access, ApiError, Body, Id, Params, State};
 
 pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
@@ -384,24 +384,27 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
 }
 
 /// The wire's `WorkerResponseModel`: registration fields, status, times, slot counts
-/// and the slot list.
+/// and the slot list (the worker's slots only: no circuit body is read).
 pub(super) async fn worker_response(state: &State, id: uuid::Uuid) -> Result<Value, ApiError> {
     let worker = state
         .store
         .worker(id)
         .await?
         .ok_or(ApiError::NotFound("No such worker."))?;
-    let circuits = state.store.circuits(Some(id)).await?;
-    Ok(describe_worker(
-        &worker,
-        &circuits.iter().map(|(c, _)| c).collect::<Vec<_>>(),
-    ))
+    let held = state.store.held_slots(Some(id)).await?;
+    Ok(describe_worker(&worker, &held.iter().collect::<Vec<_>>()))
 }
 
-fn describe_worker(w: &WorkerRow, circuits: &[&appproxy_shared::model::Circuit]) -> Value {
+fn describe_worker(w: &WorkerRow, held: &[&HeldSlot]) -> Value {
+    let mut out = summarise_worker(w, held.len() as u64);
+    out["slots"] = json!(slot_list(w, held, false));
+    out
+}
+
+/// The `WorkerResponseModel` without its slot list: what a count of the worker's
+/// circuits (`occupied`) is enough for.
+fn summarise_worker(w: &WorkerRow, occupied: u64) -> Value {
     let mut out = w.body.clone();
-    let slots = slot_list(w, circuits, false);
-    let occupied = circuits.len();
     out["id"] = json!(w.id);
     out["status"] = json!(w.status);
     out["nodes"] = json!(w.nodes);
@@ -413,35 +416,23 @@ fn describe_worker(w: &WorkerRow, circuits: &[&appproxy_shared::model::Circuit])
             i64::from(hi - lo) + 1 - occupied as i64,
         _ => -1,
     });
-    out["slots"] = json!(slots);
     out
 }
 
-/// The circuits of `worker` among `circuits`.
-fn circuits_on(
-    circuits: &[CircuitRow],
-    worker: uuid::Uuid,
-) -> Vec<&appproxy_shared::model::Circuit> {
-    circuits
-        .iter()
-        .map(|(c, _)| c)
-        .filter(|c| c.worker == Some(worker))
-        .collect()
+/// The slots of `worker` among `held`.
+fn held_by(held: &[HeldSlot], worker: uuid::Uuid) -> Vec<&HeldSlot> {
+    held.iter().filter(|(w, ..)| *w == worker).collect()
 }
 
 /// Every port of a port worker (free ones too unless `in_use_only`); the occupied
 /// subdomains of a wildcard worker.
-fn slot_list(
-    w: &WorkerRow,
-    circuits: &[&appproxy_shared::model::Circuit],
-    in_use_only: bool,
-) -> Vec<Value> {
+fn slot_list(w: &WorkerRow, held: &[&HeldSlot], in_use_only: bool) -> Vec<Value> {
     let mut out = Vec::new();
     if w.registration.frontend_mode == FrontendMode::Port {
         let Some((lo, hi)) = port_range(&w.registration) else {
             return out;
         };
-        let occupants = circuits.iter().map(|c| (c.port, c.id));
+        let occupants = held.iter().map(|(_, id, port, _)| (*port, *id));
         for (port, circuit) in port_slots(lo, hi, occupants, in_use_only) {
             out.push(
                 json!({"frontend_mode": "port", "in_use": circuit.is_some(), "port": port,
@@ -449,10 +440,10 @@ fn slot_list(
             );
         }
     } else {
-        for c in circuits.iter().filter(|c| c.subdomain.is_some()) {
+        for (_, id, _, subdomain) in held.iter().filter(|(.., s)| s.is_some()) {
             out.push(
                 json!({"frontend_mode": "wildcard", "in_use": true, "port": null,
-                "subdomain": c.subdomain, "circuit_id": c.id}),
+                "subdomain": subdomain, "circuit_id": id}),
             );
         }
     }
@@ -576,14 +567,19 @@ pub(super) async fn list_workers(
     Ok(Json(json!({"workers": out})))
 }
 
-/// Every worker with its `WorkerResponseModel`.
+/// Every worker with its `WorkerResponseModel` (the slots held, not the circuits).
 async fn described_workers(state: &State) -> Result<Vec<(WorkerRow, Value)>, ApiError> {
     let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
+    let held = state.store.held_slots(None).await?;
+    let mut by_worker: std::collections::HashMap<uuid::Uuid, Vec<&HeldSlot>> =
+        std::collections::HashMap::new();
+    for slot in &held {
+        by_worker.entry(slot.0).or_default().push(slot);
+    }
     Ok(workers
         .into_iter()
         .map(|w| {
-            let d = describe_worker(&w, &circuits_on(&circuits, w.id));
+            let d = describe_worker(&w, by_worker.get(&w.id).map_or(&[][..], Vec::as_slice));
             (w, d)
         })
         .collect())
@@ -836,15 +832,23 @@ pub(super) async fn slots(
 ) -> Result<Json<Value>, ApiError> {
     let in_use_only = !matches!(q.in_use.as_deref(), Some("false" | "False" | "0"));
     let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
+    let named: Vec<&WorkerRow> = workers
+        .iter()
+        .filter(|w| {
+            q.wsproxy_host
+                .as_deref()
+                .is_none_or(|h| w.registration.authority == h)
+        })
+        .collect();
+    // One worker named: its slots alone (by index); else every worker's.
+    let held = match (&q.wsproxy_host, named.as_slice()) {
+        (Some(_), []) => Vec::new(),
+        (Some(_), [one]) => state.store.held_slots(Some(one.id)).await?,
+        _ => state.store.held_slots(None).await?,
+    };
     let mut out = Vec::new();
-    for w in workers.iter().filter(|w| {
-        q.wsproxy_host
-            .as_deref()
-            .is_none_or(|h| w.registration.authority == h)
-    }) {
-        let mine = circuits_on(&circuits, w.id);
-        out.extend(slot_list(w, &mine, in_use_only));
+    for w in named {
+        out.extend(slot_list(w, &held_by(&held, w.id), in_use_only));
     }
     Ok(Json(json!({"slots": out})))
 }
@@ -852,10 +856,13 @@ pub(super) async fn slots(
 pub(super) async fn health_status(
     Extract(state): Extract<Arc<State>>,
 ) -> Result<Json<Value>, ApiError> {
-    let list: Vec<Value> = described_workers(&state)
-        .await?
-        .into_iter()
-        .map(|(w, d)| {
+    // Counts are all it says: one aggregate query, no circuit read.
+    let workers = state.store.workers().await?;
+    let counts = state.store.circuit_counts().await?;
+    let list: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            let d = summarise_worker(w, counts.get(&w.id).copied().unwrap_or(0));
             json!({"authority": d["authority"], "available_slots": d["available_slots"],
                 "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})
         })
@@ -889,7 +896,7 @@ pub(super) async fn v1_workers(
     Extract(state): Extract<Arc<State>>,
 ) -> Result<Json<Value>, ApiError> {
     let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
+    let counts = state.store.circuit_counts().await?;
     let out: Vec<Value> = workers
         .iter()
         .map(|w| {
@@ -900,7 +907,7 @@ pub(super) async fn v1_workers(
                 "authority": b.authority,
                 "endpoint": format!("{}://{}:{api_port}", if b.https() { "https" } else { "http" }, b.hostname),
                 "total_slots": range.map_or(-1, |(lo, hi)| i64::from(hi - lo) + 1),
-                "ports_in_use": circuits_on(&circuits, w.id).len(),
+                "ports_in_use": counts.get(&w.id).copied().unwrap_or(0),
                 "min_range": range.map(|r| r.0),
                 "max_range": range.map(|r| r.1),
                 "wildcard_domain": b.wildcard_domain,

@@ -1230,3 +1230,111 @@ async fn a_sqlite_write_never_commits_after_its_deadline() {
         .await
         .expect("the store serves once the lock is gone");
 }
+
+/// `/health/status`, `/api/worker` and `/api/slots` read every circuit whole (all
+/// columns, bodies decoded) where counts per worker, or the slots held, suffice:
+/// their cost grew with every circuit stored. The store answers both narrowly
+/// (`count(*) … GROUP BY worker`; worker, ID, port and subdomain), and they agree
+/// with the circuits stored, through creations and removals, on both engines.
+async fn counts_and_slots_per_worker_match_the_circuits(store: Store) {
+    let a = store
+        .upsert_worker(&worker_body("count-a"))
+        .await
+        .expect("register");
+    let b = store
+        .upsert_worker(&worker_body("count-b"))
+        .await
+        .expect("register");
+    let idle = store
+        .upsert_worker(&worker_body("count-idle"))
+        .await
+        .expect("register");
+    assert!(store.circuit_counts().await.expect("counts").is_empty());
+    assert!(store.held_slots(None).await.expect("slots").is_empty());
+    let mut on_a = Vec::new();
+    for port in 10205..10212 {
+        let c = circuit(a, port);
+        store.insert_circuit(&c, None, None).await.expect("insert");
+        on_a.push(c);
+    }
+    let mut on_b = Vec::new();
+    for port in [10250, 10251, 10299] {
+        let mut c = circuit(b, port);
+        if port == 10299 {
+            c.port = None;
+            c.frontend_mode = FrontendMode::Wildcard;
+            c.subdomain = Some("app-1".into());
+        }
+        store.insert_circuit(&c, None, None).await.expect("insert");
+        on_b.push(c);
+    }
+    for gone in [&on_a[0], &on_a[3]] {
+        assert!(store
+            .delete_circuit(gone.id, None, None)
+            .await
+            .expect("delete"));
+    }
+    let left_a: Vec<&Circuit> = on_a
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 0 && *i != 3)
+        .map(|(_, c)| c)
+        .collect();
+    let counts = store.circuit_counts().await.expect("counts");
+    assert_eq!(counts.get(&a), Some(&5));
+    assert_eq!(counts.get(&b), Some(&3));
+    assert_eq!(counts.get(&idle), None, "a worker without circuits");
+    assert_eq!(counts.len(), 2);
+    assert_eq!(
+        counts.values().sum::<u64>(),
+        store.circuit_count().await.expect("count")
+    );
+    let as_slots = |cs: &[&Circuit]| {
+        let mut v: Vec<_> = cs
+            .iter()
+            .map(|c| (c.worker.expect("worker"), c.id, c.port, c.subdomain.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<appproxy_coordinator::store::HeldSlot>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(store.held_slots(Some(a)).await.expect("slots")),
+        as_slots(&left_a)
+    );
+    assert_eq!(
+        sorted(store.held_slots(Some(b)).await.expect("slots")),
+        as_slots(&on_b.iter().collect::<Vec<_>>())
+    );
+    assert!(store
+        .held_slots(Some(idle))
+        .await
+        .expect("slots")
+        .is_empty());
+    let all: Vec<&Circuit> = left_a.iter().copied().chain(on_b.iter()).collect();
+    assert_eq!(
+        sorted(store.held_slots(None).await.expect("slots")),
+        as_slots(&all)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_and_slots_per_worker_match_the_circuits_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(None, &dir.path().join("store.sqlite3"))
+        .await
+        .expect("open");
+    counts_and_slots_per_worker_match_the_circuits(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_and_slots_per_worker_match_the_circuits_on_postgresql() {
+    let pg = Pg::start();
+    let store = Store::open(Some(&pg.url()), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    counts_and_slots_per_worker_match_the_circuits(store).await;
+}

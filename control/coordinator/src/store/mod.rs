@@ -76,6 +76,9 @@ impl WorkerRow {
 /// A slot in use: the worker, and the circuit's port or subdomain.
 pub type UsedSlot = (uuid::Uuid, Option<u16>, Option<String>);
 
+/// A slot held by a circuit: its worker, the circuit, and its port or subdomain.
+pub type HeldSlot = (uuid::Uuid, uuid::Uuid, Option<u16>, Option<String>);
+
 /// A circuit and what the store keeps of the requests behind it.
 pub type CircuitRow = (Circuit, Origin);
 
@@ -496,6 +499,25 @@ impl Store {
     /// How many circuits are stored (counted, not read).
     pub async fn circuit_count(&self) -> Result<u64, StoreError> {
         dispatch!(self, |s| s.circuit_count(), |p| p.circuit_count())
+    }
+
+    /// How many circuits each worker holds (a worker with none is absent): one
+    /// aggregate query (`count(*) … GROUP BY worker`), no circuit read.
+    pub async fn circuit_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        dispatch!(self, |s| s.circuit_counts(), |p| p.circuit_counts())
+    }
+
+    /// The slots held by the circuits of one worker (`Some`) or of all (`None`),
+    /// oldest first: only the worker, ID, port and subdomain columns, never the
+    /// circuits' bodies.
+    pub async fn held_slots(
+        &self,
+        worker: Option<uuid::Uuid>,
+    ) -> Result<Vec<HeldSlot>, StoreError> {
+        dispatch!(self, |s| s.held_slots(worker.as_ref()), |p| p
+            .held_slots(worker.as_ref()))
     }
 
     /// The slots placement needs to see, by index: every port in use on the port

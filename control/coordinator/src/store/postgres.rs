@@ -1035,6 +1035,48 @@ impl PgStore {
         Ok(n.max(0) as u64)
     }
 
+    pub(super) async fn circuit_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT worker, count(*) FROM circuits GROUP BY worker", &[])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.try_get(1)?;
+                Ok((r.try_get(0)?, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    pub(super) async fn held_slots(
+        &self,
+        worker: Option<&uuid::Uuid>,
+    ) -> Result<Vec<super::HeldSlot>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT worker, id, port, subdomain FROM circuits
+                 WHERE $1::uuid IS NULL OR worker = $1 ORDER BY created_at, id",
+                &[&worker],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let port: Option<i32> = r.try_get(2)?;
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    port.and_then(|p| u16::try_from(p).ok()),
+                    r.try_get(3)?,
+                ))
+            })
+            .collect()
+    }
+
     pub(super) async fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
         let row = self
             .client()

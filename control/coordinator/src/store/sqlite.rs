@@ -811,6 +811,53 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn circuit_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare_cached("SELECT worker, count(*) FROM circuits GROUP BY worker")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = std::collections::HashMap::new();
+            for row in rows {
+                let (w, n) = row?;
+                out.insert(parse_id(&w)?, n.max(0) as u64);
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn held_slots(
+        &self,
+        worker: Option<&uuid::Uuid>,
+    ) -> Result<Vec<super::HeldSlot>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT worker, id, port, subdomain FROM circuits
+                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
+            )?;
+            let rows = st.query_map(params![worker.map(|w| w.to_string())], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (w, id, port, sub) = row?;
+                out.push((
+                    parse_id(&w)?,
+                    parse_id(&id)?,
+                    port.and_then(|p| u16::try_from(p).ok()),
+                    sub,
+                ));
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn revision(&self, worker: &uuid::Uuid) -> Result<Option<u64>, StoreError> {
         self.with(|c| revision_of(c, &worker.to_string()))
     }
