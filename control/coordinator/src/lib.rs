@@ -148,6 +148,68 @@ pub struct State {
     /// Circuits stored by a creation still under way (announced, waiting for the
     /// acknowledgement, or being withdrawn): not yet an answer to give anyone else.
     creating: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// One lock per reuse key (session, app, openness, allowlist, upstream TLS) of
+    /// `/v2/proxy/auth`: concurrent calls for the same key wait for the first one's
+    /// creation and then reuse its circuit instead of creating one each.
+    reuse_locks: KeyedLocks,
+}
+
+/// Async locks by key, each entry gone once nobody holds or awaits it.
+#[derive(Default)]
+pub(crate) struct KeyedLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A held [`KeyedLocks`] lock; released (and its entry dropped when nobody else
+/// wants it) when dropped.
+pub(crate) struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>
+    {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the lock of `key`, waiting at most `wait` for whoever holds it; `None`
+    /// when that did not end in time.
+    pub(crate) async fn lock(&self, key: String, wait: Duration) -> Option<KeyedGuard<'_>> {
+        // The guard exists before the wait (and outlives it), so a wait given up
+        // (timed out or cancelled) also drops the entry when nobody else wants it.
+        let mut held = KeyedGuard {
+            locks: self,
+            key: key.clone(),
+            guard: None,
+        };
+        let waiting = self.map().entry(key).or_default().clone().lock_owned();
+        held.guard = Some(tokio::time::timeout(wait, waiting).await.ok()?);
+        Some(held)
+    }
+
+    /// How many keys have an entry (held or awaited).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map().len()
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut map = self.locks.map();
+        // Only the map's own reference left: nobody holds or awaits it.
+        if map
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl State {
@@ -185,12 +247,16 @@ impl State {
     /// finds that circuit meanwhile (an endpoint's sync, a session's reuse) must
     /// not answer with it before: it may be withdrawn the next moment.
     async fn settled(&self, circuit: uuid::Uuid) {
-        let longest = self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32
-            + std::time::Duration::from_secs(5);
-        let deadline = tokio::time::Instant::now() + longest;
+        let deadline = tokio::time::Instant::now() + self.longest_creation();
         while self.is_creating(circuit) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// The longest a creation can take: every placement waiting out its
+    /// acknowledgement, and some for the store.
+    fn longest_creation(&self) -> Duration {
+        self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32 + Duration::from_secs(5)
     }
 
     /// Whether creations wait for an acknowledgement.
@@ -880,6 +946,7 @@ impl Coordinator {
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
             creating: Default::default(),
+            reuse_locks: KeyedLocks::default(),
         });
         let listener = tokio::net::TcpListener::bind(config.coordinator.bind)
             .await
@@ -948,6 +1015,43 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    /// One holder per key at a time; other keys go on; a wait is bounded; entries
+    /// go once nobody holds or awaits them (also after a wait given up).
+    #[tokio::test]
+    async fn keyed_locks_serialise_one_key_and_forget_it_after() {
+        use std::time::Duration;
+        let locks = super::KeyedLocks::default();
+        let first = locks
+            .lock("a".into(), Duration::from_secs(1))
+            .await
+            .expect("free");
+        assert!(locks
+            .lock("b".into(), Duration::from_millis(10))
+            .await
+            .is_some());
+        assert!(
+            locks
+                .lock("a".into(), Duration::from_millis(50))
+                .await
+                .is_none(),
+            "held: the wait ends unanswered"
+        );
+        // A wait cancelled midway leaves nothing behind either.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(20),
+            locks.lock("a".into(), Duration::from_secs(5)),
+        )
+        .await;
+        assert_eq!(locks.len(), 1);
+        let (second, ()) = tokio::join!(locks.lock("a".into(), Duration::from_secs(5)), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(first);
+        });
+        assert!(second.is_some(), "had once the first let go");
+        drop(second);
+        assert_eq!(locks.len(), 0);
+    }
+
     #[test]
     fn nul_characters_are_found_in_queries_and_json_escapes_only() {
         for (query, body, nul) in [

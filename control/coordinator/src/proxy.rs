@@ -237,6 +237,26 @@ async fn proxy_auth(
                 }),
         )
     };
+    // Concurrent calls for the same reuse key (a double click, a browser retry,
+    // several tabs) take turns: the first creates, the others then find its
+    // circuit and reuse it. Held until this call's creation has its outcome; the
+    // wait is bounded by the longest a creation can take, past which the call
+    // goes on alone.
+    let _turn = if Flag::get(q.no_reuse) {
+        None
+    } else {
+        let key = format!(
+            "{}\n{}\n{open_to_public}\n{}\n{upstream_tls:?}",
+            q.session_id,
+            q.app,
+            allowed.join(",")
+        );
+        let turn = state.reuse_locks.lock(key, state.longest_creation()).await;
+        if turn.is_none() {
+            tracing::warn!(session = %q.session_id, "a creation for the same session and app still runs; not waiting longer");
+        }
+        turn
+    };
     let reused = if Flag::get(q.no_reuse) {
         None
     } else {

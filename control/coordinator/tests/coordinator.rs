@@ -3655,3 +3655,66 @@ fn heartbeat_node_names_follow_the_registration_rule() {
         "the one real node left"
     );
 }
+
+/// Simultaneous `/v2/proxy/auth` calls for one session and app (a double click, a
+/// browser retry, several tabs) each found no circuit to reuse and each created
+/// one: the reuse lookup and the insert are apart, and a creation is invisible to
+/// the others until stored. Calls for the same reuse key now take turns: the first
+/// creates, the others wait for it and reuse its circuit. (The first insert is held
+/// on a row lock while the others arrive, so that they overlap for certain.)
+#[test]
+fn simultaneous_calls_for_one_session_and_app_share_one_circuit() {
+    let db = Db::Postgres(appproxy_test_support::pg::Pg::start());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let token = setup(&c);
+    let Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; SELECT count(*) FROM (SELECT 1 FROM workers FOR UPDATE) locked",
+    );
+    let addr = c.addr;
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let call = |path: String| {
+        std::thread::spawn(move || {
+            let r = request(addr, "GET", &path, &[("Accept", "application/json")], "");
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            r.json()
+        })
+    };
+    let first = call(path.clone());
+    let waiting = || {
+        db.query(
+            dir.path(),
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while waiting() != "1" {
+        assert!(Instant::now() < deadline, "the first insert never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let others: Vec<_> = (0..3).map(|_| call(path.clone())).collect();
+    // Time for the others to reach their own inserts, were they not waiting.
+    std::thread::sleep(Duration::from_millis(1_000));
+    held.commit();
+    let first = first.join().expect("first call");
+    assert_eq!(first["reuse"], false);
+    let circuit = circuit_of(first["redirect_url"].as_str().expect("url"));
+    for other in others {
+        let answer = other.join().expect("another call");
+        assert_eq!(answer["reuse"], true, "{answer}");
+        assert_eq!(
+            circuit_of(answer["redirect_url"].as_str().expect("url")),
+            circuit
+        );
+    }
+    assert_eq!(
+        db.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "1",
+        "one circuit for one session and app"
+    );
+}
