@@ -10,7 +10,11 @@
 //! - at most `max_connections` connections, clamped below the process's descriptor
 //!   limit with a reserve for the store, Redis and logs; beyond it new connections are
 //!   closed at once, counted, and logged once per burst;
-//! - accept errors (descriptors exhausted) back off instead of spinning.
+//! - accept errors (descriptors exhausted) back off instead of spinning;
+//! - the answers hyper makes itself to a head it cannot take (431 too large, 414,
+//!   400 malformed: an empty body) are sent as the product's JSON error
+//!   `{"error","code","request_id"}`, with the request-ID header when the head
+//!   carried a valid one (no ID is generated for a head that was never read).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -109,13 +113,169 @@ struct Tracked {
     /// Milliseconds since `epoch` of the last byte read or written.
     last: Arc<AtomicU64>,
     epoch: Instant,
+    /// The request-ID lines of the head being read (for hyper's own error answers).
+    ids: IdLines,
+    /// An answer written in place of one of hyper's, and how much of it went out.
+    pending: Option<(Vec<u8>, usize)>,
 }
 
 impl Tracked {
+    fn new(inner: TcpStream, last: Arc<AtomicU64>, epoch: Instant) -> Self {
+        Self {
+            inner,
+            last,
+            epoch,
+            ids: IdLines::default(),
+            pending: None,
+        }
+    }
+
     fn touch(&self) {
         self.last
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+
+    /// Writes what is left of a replaced answer.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((answer, at)) = &mut self.pending {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[*at..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    *at += n;
+                    if *at >= answer.len() {
+                        self.pending = None;
+                    }
+                    self.touch();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The request-ID header lines seen in the bytes read since the last answer: a
+/// short line at a time is kept (an ID line is short), so this costs a scan of the
+/// bytes and at most a few hundred bytes per connection.
+#[derive(Default)]
+struct IdLines {
+    /// The current line, while it is short enough to be an ID line.
+    line: Vec<u8>,
+    /// The current line is too long to be one.
+    skipping: bool,
+    /// Request-ID lines found (name, value), a few at most.
+    found: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The longest line that can be a request-ID line (name, `: `, 128-byte value).
+const ID_LINE_MAX: usize = 200;
+
+impl IdLines {
+    fn scan(&mut self, bytes: &[u8]) {
+        for part in bytes.split_inclusive(|&b| b == b'\n') {
+            let ends = part.last() == Some(&b'\n');
+            if !self.skipping {
+                if self.line.len() + part.len() > ID_LINE_MAX + 2 {
+                    self.skipping = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            if ends {
+                if !self.skipping {
+                    self.take_line();
+                }
+                self.line.clear();
+                self.skipping = false;
+            }
+        }
+    }
+
+    fn take_line(&mut self) {
+        let line = self.line.trim_ascii_end();
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if self.found.len() < 8 && appproxy_shared::header::header_rank(name).is_some() {
+            self.found
+                .push((name.to_vec(), value.trim_ascii().to_vec()));
+        }
+    }
+
+    /// Another answer went out: the next head starts afresh.
+    fn reset(&mut self) {
+        self.found.clear();
+    }
+
+    /// The valid request ID among the lines found, if any.
+    fn request_id(&self) -> Option<appproxy_shared::RequestId> {
+        match appproxy_shared::header::extract(
+            self.found.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+        ) {
+            appproxy_shared::header::Extracted::Valid(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// hyper's own answer to a head it could not take — its status line, then exactly
+/// `connection: close`, `content-length: 0` and `date` — rewritten as the product's
+/// JSON error, keeping the status and the date. `None` for any other bytes.
+fn json_for_hyper_error(data: &[u8], id: Option<appproxy_shared::RequestId>) -> Option<Vec<u8>> {
+    let head = data.strip_suffix(b"\r\n\r\n")?;
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let status = lines.next()?.strip_prefix("HTTP/1.1 ")?;
+    let (error, code) = match status.get(..3)? {
+        "431" => (
+            "Request header fields too large",
+            "request-header-fields-too-large",
+        ),
+        "414" => ("Request URI too long", "uri-too-long"),
+        "400" => ("Malformed request head", "bad-request"),
+        _ => return None,
+    };
+    let mut date = None;
+    let mut others = 0;
+    for line in lines {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("date: ") {
+            date = line.get("date: ".len()..);
+        } else if lower != "connection: close" && lower != "content-length: 0" {
+            return None;
+        } else {
+            others += 1;
+        }
+    }
+    if others != 2 {
+        return None;
+    }
+    let body = serde_json_like(error, code, id.as_ref().map(|i| i.as_str()));
+    let mut out =
+        format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n");
+    if let Some(id) = &id {
+        out.push_str(&format!(
+            "{}: {id}\r\n",
+            appproxy_shared::PRIMARY_HEADER.to_ascii_lowercase()
+        ));
+    }
+    if let Some(date) = date {
+        out.push_str(&format!("date: {date}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    Some(out.into_bytes())
+}
+
+/// `{"error","code","request_id"}`; every value is plain ASCII without quotes or
+/// backslashes (a request ID's charset), so no escaping is needed.
+fn serde_json_like(error: &str, code: &str, id: Option<&str>) -> String {
+    let id = id.map_or_else(|| "null".to_owned(), |i| format!("\"{i}\""));
+    format!(r#"{{"error":"{error}","code":"{code}","request_id":{id}}}"#)
 }
 
 impl AsyncRead for Tracked {
@@ -128,6 +288,8 @@ impl AsyncRead for Tracked {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.touch();
+            let this = &mut *self;
+            this.ids.scan(&buf.filled()[before..]);
         }
         polled
     }
@@ -139,18 +301,40 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        let this = &mut *self;
+        if let Poll::Ready(Err(e)) = this.drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if this.pending.is_some() {
+            return Poll::Pending;
+        }
+        // hyper writes its own error answer whole, in one buffer; it is taken here
+        // and the product's JSON error sent in its place.
+        if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 {
+            if let Some(answer) = json_for_hyper_error(data, this.ids.request_id()) {
+                this.pending = Some((answer, 0));
+                this.ids.reset();
+                if let Poll::Ready(Err(e)) = this.drain(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Ok(data.len()));
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            this.touch();
+            this.ids.reset();
         }
         polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -240,11 +424,7 @@ pub async fn serve(
             metrics.open.fetch_add(1, Ordering::Relaxed);
             let epoch = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
-            let io = TokioIo::new(Tracked {
-                inner: stream,
-                last: last.clone(),
-                epoch,
-            });
+            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch));
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();

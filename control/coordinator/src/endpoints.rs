@@ -474,14 +474,12 @@ struct RouteEntry {
     upstream_tls: UpstreamTls,
 }
 
-/// A kernel host: 1-255 characters, no control characters (CR/LF would split the
-/// lines it is written into).
+/// A kernel host: a host name or an IP address, as `/v2/conf` takes it
+/// ([`super::proxy::valid_kernel_host`]).
 fn kernel_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let host = String::deserialize(d)?;
-    if host.is_empty() || host.len() > 255 || super::proxy::has_control(&host) {
-        return Err(serde::de::Error::custom(
-            "kernel_host must be 1-255 characters without control characters",
-        ));
+    if !super::proxy::valid_kernel_host(&host) {
+        return Err(serde::de::Error::custom(super::proxy::KERNEL_HOST_RULE));
     }
     Ok(host)
 }

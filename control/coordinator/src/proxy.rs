@@ -20,6 +20,32 @@ use super::placement::{self, Placement, Used};
 use super::store::{StoreError, STATEMENT_TIMEOUT};
 use super::{api, ApiError, Body, Params, State};
 
+/// What a refused kernel host is told.
+pub(super) const KERNEL_HOST_RULE: &str =
+    "kernel_host must be a host name (RFC 1123 labels) or an IP address";
+
+/// Whether `host` is a kernel host the worker can connect to and nothing else: an
+/// IP address (v4, or v6 without brackets), or a host name of RFC 1123 labels (1-63
+/// letters, digits and hyphens, not starting or ending with a hyphen; 253
+/// characters at most, a trailing dot allowed). A URL's parts (`/`, `?`, `#`, `@`,
+/// `:`), spaces, control and non-ASCII characters are none of these.
+pub(super) fn valid_kernel_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// Whether `s` holds a control character (CR, LF, NUL, …): such a value would split
 /// a log line or a header wherever it is written.
 pub(super) fn has_control(s: &str) -> bool {
@@ -60,9 +86,7 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
             "session.domain_name is required".into(),
         ));
     }
-    if body["kernel_host"]
-        .as_str()
-        .is_none_or(|h| h.is_empty() || h.len() > 255 || has_control(h))
+    if body["kernel_host"].as_str().is_none()
         || body["kernel_port"]
             .as_u64()
             .is_none_or(|p| p == 0 || p > 65535)
@@ -70,6 +94,9 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
         return Err(ApiError::BadRequest(
             "kernel_host and kernel_port (1-65535) are required".into(),
         ));
+    }
+    if !body["kernel_host"].as_str().is_some_and(valid_kernel_host) {
+        return Err(ApiError::BadRequest(KERNEL_HOST_RULE.into()));
     }
     if !(body["login_session_token"].is_null()
         || body["login_session_token"]

@@ -3718,3 +3718,191 @@ fn simultaneous_calls_for_one_session_and_app_share_one_circuit() {
         "one circuit for one session and app"
     );
 }
+
+/// The answers the HTTP layer makes itself to a head it cannot take — 431 for one
+/// over the limit, 400 for a malformed one — had an empty body and no request ID,
+/// unlike every other error (the 408 of a stalled body included). They are the
+/// product's JSON error now, `{"error","code","request_id"}`, with the request-ID
+/// header when the head carried a valid ID.
+#[test]
+fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let exchange = |bytes: &[u8]| -> Option<String> {
+        let mut s = TcpStream::connect(c.addr).expect("connect");
+        let _ = s.write_all(bytes);
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => {}
+            // The server closed with some of the head unread: a reset may take the
+            // answer with it.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("no answer: {e}"),
+        }
+        (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+    };
+    let check = |text: &str, status: &str, code: &str, id: Option<&str>| {
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(v["code"], code, "{text}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
+        match id {
+            Some(id) => {
+                assert_eq!(v["request_id"], id, "{text}");
+                assert!(
+                    head.contains(&format!(
+                        "\r\nx-backend-request-id: {}",
+                        id.to_ascii_lowercase()
+                    )),
+                    "{text}"
+                );
+            }
+            None => {
+                assert!(v["request_id"].is_null(), "{text}");
+                assert!(!head.contains("x-backend-request-id"), "{text}");
+            }
+        }
+    };
+    // A malformed head: 400.
+    let text = exchange(b"GET /status HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: bad-head-1\r\nno colon here\r\n\r\n")
+        .expect("an answer");
+    check(&text, "400", "bad-request", Some("bad-head-1"));
+    let text =
+        exchange(b"GET /status HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n").expect("an answer");
+    check(&text, "400", "bad-request", None);
+    // A head over the limit: 431 (an ID that is not valid is not echoed).
+    for (id_line, id) in [
+        ("X-Request-ID: big-head-1\r\n", Some("big-head-1")),
+        ("X-Backend-Request-ID: not valid!\r\n", None),
+    ] {
+        let mut answered = false;
+        for pad in [64 << 10, (64 << 10) + 512, 70 << 10, 80 << 10, 100 << 10] {
+            let mut long =
+                format!("GET /status HTTP/1.1\r\nHost: t\r\n{id_line}X-Pad: ").into_bytes();
+            long.extend(std::iter::repeat_n(b'a', pad));
+            if let Some(text) = exchange(&long) {
+                check(&text, "431", "request-header-fields-too-large", id);
+                answered = true;
+            }
+        }
+        assert!(answered, "no 431 came through");
+    }
+    // Ordinary requests on a kept-alive connection are untouched.
+    let r = request(
+        c.addr,
+        "GET",
+        "/status",
+        &[("X-Backend-Request-ID", "fine-1")],
+        "",
+    );
+    assert_eq!(r.status, 200);
+}
+
+/// `kernel_host` took anything without control characters — `evil.com/x?y#z@w`, a
+/// space, a bidi override — though it only ever names the host the worker connects
+/// to, and goes into URLs and logs. Only a host name (RFC 1123 labels) or an IP
+/// address is taken now, by `/v2/conf` and by endpoint routes alike.
+#[test]
+fn kernel_hosts_are_host_names_or_addresses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let conf = |host: &str| {
+        let body = serde_json::json!({"login_session_token": null, "kernel_host": host, "kernel_port": 30512,
+            "session": {"id": SESSION, "user_uuid": "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+            "group_id": "9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "access_key": "AKIA", "domain_name": "default"}});
+        request(c.addr, "POST", "/v2/conf", &[AUTH], &body.to_string())
+    };
+    let tokens = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM tokens");
+    for bad in [
+        "evil.com/x?y#z@w",
+        "evil.com:80",
+        "user@host",
+        "a b",
+        "host#frag",
+        "-leading.example",
+        "trailing-.example",
+        "a..b",
+        ".",
+        "",
+        "\u{202e}example.\u{e9}",
+        "[::1]",
+        &"a".repeat(64),
+        &format!("{}.com", "a.".repeat(130)),
+    ] {
+        let r = conf(bad);
+        assert_eq!(r.status, 400, "kernel_host {bad:?}");
+        assert_eq!(
+            r.json()["code"],
+            "invalid-api-params",
+            "kernel_host {bad:?}"
+        );
+    }
+    assert_eq!(tokens(), "0", "nothing stored for a refused host");
+    for good in [
+        "10.0.1.7",
+        "::1",
+        "fe80::1",
+        "kernel-1",
+        "kernel-1.cluster.local",
+        "kernel.example.",
+        "K8S-node-01",
+    ] {
+        let r = conf(good);
+        assert_eq!(
+            r.status,
+            200,
+            "kernel_host {good:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // Endpoint routes follow the same rule.
+    register_inference_worker(&c);
+    let e = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ab9";
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e}"),
+        &[AUTH],
+        &endpoint_body("svc-host", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let stored = || Db::Sqlite.query(dir.path(), "SELECT group_concat(body, '|') FROM circuits");
+    let before = stored();
+    for host in ["evil.com/x?y#z@w", "10.0.1.7", "kernel-2.local"] {
+        let body = format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e}","routes":[{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a99","kernel_host":"{host}","kernel_port":8000}}]}}]}}"#
+        );
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk/routes/register",
+            &[AUTH],
+            &body,
+        );
+        if host.contains('/') {
+            assert_eq!(
+                r.status,
+                400,
+                "{host}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(stored(), before, "nothing applied");
+        } else {
+            assert_eq!(
+                r.status,
+                200,
+                "{host}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    }
+}
