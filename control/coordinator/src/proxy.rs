@@ -22,13 +22,15 @@ use super::{api, ApiError, Body, Params, State};
 
 /// What a refused kernel host is told.
 pub(super) const KERNEL_HOST_RULE: &str =
-    "kernel_host must be a host name (RFC 1123 labels) or an IP address";
+    "kernel_host must be a host name (labels of letters, digits, '-' and '_') or an IP address";
 
 /// Whether `host` is a kernel host the worker can connect to and nothing else: an
 /// IP address (v4, or v6 without brackets), or a host name of RFC 1123 labels (1-63
 /// letters, digits and hyphens, not starting or ending with a hyphen; 253
-/// characters at most, a trailing dot allowed). A URL's parts (`/`, `?`, `#`, `@`,
-/// `:`), spaces, control and non-ASCII characters are none of these.
+/// characters at most, a trailing dot allowed), underscores allowed as resolvers
+/// allow them (container names on user-defined networks, `my_project_kernel_1`).
+/// A URL's parts (`/`, `?`, `#`, `@`, `:`), spaces, control and non-ASCII
+/// characters are none of these.
 pub(super) fn valid_kernel_host(host: &str) -> bool {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return true;
@@ -40,7 +42,7 @@ pub(super) fn valid_kernel_host(host: &str) -> bool {
             (1..=63).contains(&label.len())
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })

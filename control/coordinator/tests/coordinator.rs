@@ -3853,6 +3853,7 @@ fn kernel_hosts_are_host_names_or_addresses() {
         "fe80::1",
         "kernel-1",
         "kernel-1.cluster.local",
+        "my_project_kernel_1",
         "kernel.example.",
         "K8S-node-01",
     ] {
