@@ -430,6 +430,9 @@ fn an_app_can_neither_set_the_permit_cookie_nor_lock_the_user_out_with_one() {
         assert_eq!(r.status, 200, "{cookies:?}: {}", r.text());
     }
     // Planted cookies alone are still no permit.
-    let r = c.get("/api/contents", "Cookie: appproxy_permit=planted; appproxy_permit=x\r\n");
+    let r = c.get(
+        "/api/contents",
+        "Cookie: appproxy_permit=planted; appproxy_permit=x\r\n",
+    );
     assert_eq!(r.status, 401, "{}", r.text());
 }

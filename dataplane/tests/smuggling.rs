@@ -347,7 +347,9 @@ fn request_targets_reach_the_app_in_origin_form_or_not_at_all() {
 fn a_host_that_is_not_an_authority_never_reaches_the_app() {
     let app = LenientApp::start();
     let w = worker_for(&app);
-    for host in ["a b@c/d", "user@t", "t/stolen", "t:99999", "t:80:80", "t\\x"] {
+    for host in [
+        "a b@c/d", "user@t", "t/stolen", "t:99999", "t:80:80", "t\\x",
+    ] {
         let mut c = Client::connect(w.addr());
         c.send(format!("GET /stolen HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
         let r = c.response();
