@@ -1105,7 +1105,6 @@ fn bytes_a_patch_writes_without_a_reservation_show_in_the_scope_report_at_once()
 /// only a reservation of the scope where the file was is released.
 #[test]
 fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() {
-    use appproxy_test_support::net::ReadUninterrupted as _;
     use std::io::Write as _;
     let p = Proxy::start(
         "upload_expire_secs = 3600\ncleanup_interval_secs = 1\nquota_usage_max_age_secs = 3600\n",
@@ -1173,14 +1172,7 @@ fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() 
     );
     // The upload completes; the scope holds what its limit allows.
     s.write_all(&[7u8; 900]).expect("the rest");
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read_uninterrupted(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-    }
+    let raw = read_until_closed(&mut s);
     assert!(
         raw.starts_with(b"HTTP/1.1 204"),
         "{}",
@@ -1371,7 +1363,6 @@ fn a_measurement_a_racing_rename_cut_short_is_never_used() {
 /// expired-upload cleanup follows (and never one whose PATCH runs).
 #[test]
 fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
-    use appproxy_test_support::net::ReadUninterrupted as _;
     use std::io::Write as _;
     let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
     create_with_limit(&p, 1_000);
@@ -1442,14 +1433,7 @@ fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
     );
     // Both complete; the scope holds what its limit allows.
     s.write_all(&[7u8; 500]).expect("the rest");
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read_uninterrupted(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-    }
+    let raw = read_until_closed(&mut s);
     assert!(
         raw.starts_with(b"HTTP/1.1 204"),
         "{}",
@@ -1526,4 +1510,17 @@ fn a_file_dated_past_year_9999_or_before_1970_is_served_without_last_modified() 
         assert_eq!((r.status, r.body.as_slice()), (200, &b"data"[..]), "{name}");
     }
     assert!(!p.log().contains("panicked"), "{}", p.log());
+}
+
+/// What `s` receives until its peer closes it (or it fails).
+fn read_until_closed(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use appproxy_test_support::net::ReadUninterrupted as _;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) | Err(_) => return raw,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
 }
