@@ -14,7 +14,9 @@
 //! - the answers hyper makes itself to a head it cannot take (431 too large, 414,
 //!   400 malformed: an empty body) are sent as the product's JSON error
 //!   `{"error","code","request_id"}`, with the request-ID header when the head
-//!   carried a valid one (no ID is generated for a head that was never read).
+//!   carried a valid one; for a head without one, an ID is generated where the
+//!   service's rule says so (the storage-proxy's, [`Limits::absent_ids`]), and
+//!   none is given where it does not (the coordinator's).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,6 +43,10 @@ pub struct Limits {
     /// The largest request head (request line and fields) buffered; a longer one is
     /// answered 431 and the connection closed.
     pub max_head: usize,
+    /// The ID of an answer the server writes itself for a head that carried no valid
+    /// request ID: generated in this version (`Some`, a service that generates an
+    /// absent ID), or none (`None`, one that records it as absent).
+    pub absent_ids: Option<appproxy_shared::IdVersion>,
 }
 
 /// The head limit of APIs whose heads are small (a token, a request ID). hyper's
@@ -72,6 +78,7 @@ impl Limits {
                 listeners,
             ),
             max_head: MAX_HEAD,
+            absent_ids: None,
         }
     }
 }
@@ -117,16 +124,24 @@ struct Tracked {
     ids: IdLines,
     /// An answer written in place of one of hyper's, and how much of it went out.
     pending: Option<(Vec<u8>, usize)>,
+    /// See [`Limits::absent_ids`].
+    absent_ids: Option<appproxy_shared::IdVersion>,
 }
 
 impl Tracked {
-    fn new(inner: TcpStream, last: Arc<AtomicU64>, epoch: Instant) -> Self {
+    fn new(
+        inner: TcpStream,
+        last: Arc<AtomicU64>,
+        epoch: Instant,
+        absent_ids: Option<appproxy_shared::IdVersion>,
+    ) -> Self {
         Self {
             inner,
             last,
             epoch,
             ids: IdLines::default(),
             pending: None,
+            absent_ids,
         }
     }
 
@@ -311,7 +326,11 @@ impl AsyncWrite for Tracked {
         // hyper writes its own error answer whole, in one buffer; it is taken here
         // and the product's JSON error sent in its place.
         if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 {
-            if let Some(answer) = json_for_hyper_error(data, this.ids.request_id()) {
+            let id = this
+                .ids
+                .request_id()
+                .or_else(|| this.absent_ids.map(appproxy_shared::RequestId::generate));
+            if let Some(answer) = json_for_hyper_error(data, id) {
                 this.pending = Some((answer, 0));
                 this.ids.reset();
                 if let Poll::Ready(Err(e)) = this.drain(cx) {
@@ -424,7 +443,7 @@ pub async fn serve(
             metrics.open.fetch_add(1, Ordering::Relaxed);
             let epoch = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
-            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch));
+            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch, limits.absent_ids));
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();

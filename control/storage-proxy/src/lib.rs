@@ -523,13 +523,18 @@ pub async fn serve(
     // Both APIs: heads and idle connections timed, connections capped (each API
     // its own cap; together they stay below the descriptor limit).
     let s = &config.storage;
-    let limits = server::Limits::from_config(
-        "storage",
-        s.header_read_timeout_secs,
-        s.idle_timeout_secs,
-        s.max_connections,
-        2,
-    );
+    let limits = server::Limits {
+        // An answer the server writes itself to a head it cannot take gets an ID
+        // too, generated when the head carried none (the storage-proxy's rule).
+        absent_ids: Some(IdVersion::V4),
+        ..server::Limits::from_config(
+            "storage",
+            s.header_read_timeout_secs,
+            s.idle_timeout_secs,
+            s.max_connections,
+            2,
+        )
+    };
     // Client heads carry download tokens in the query, and an archive token lists
     // its files: they may be as long as hyper has always taken.
     let limits_c = server::Limits {

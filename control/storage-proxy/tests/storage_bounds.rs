@@ -220,3 +220,51 @@ fn heads_are_bounded_per_api_and_archive_tokens_fit_their_url() {
     let r = p.download_archive(&token);
     assert_eq!(r.status, 200);
 }
+
+/// The storage-proxy's rule for a request without an ID is to generate one and echo
+/// it on every answer: also on the answer the HTTP layer makes itself to a head it
+/// cannot take (a malformed head, 400), on both APIs. A valid ID the head carried is
+/// echoed instead.
+#[test]
+fn heads_the_server_cannot_take_get_a_request_id_all_the_same() {
+    let p = Proxy::start("");
+    let exchange = |addr, bytes: &[u8]| -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let _ = s.write_all(bytes);
+        s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("an answer, then the close");
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    for addr in [p.manager, p.client] {
+        let generated = exchange(
+            addr,
+            b"GET /status HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n",
+        );
+        let echoed = exchange(
+            addr,
+            b"GET /status HTTP/1.1\r\nHost: t\r\nX-Request-ID: bad-head-7\r\nno colon here\r\n\r\n",
+        );
+        for (text, want) in [(&generated, None), (&echoed, Some("bad-head-7"))] {
+            assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+            let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+            assert_eq!(v["code"], "bad-request", "{text}");
+            let id = v["request_id"]
+                .as_str()
+                .expect("an ID in the body")
+                .to_owned();
+            match want {
+                Some(want) => assert_eq!(id, want, "{text}"),
+                None => assert!(uuid::Uuid::parse_str(&id).is_ok(), "generated: {text}"),
+            }
+            assert!(
+                head.to_ascii_lowercase().contains(&format!(
+                    "\r\nx-backend-request-id: {}",
+                    id.to_ascii_lowercase()
+                )),
+                "{text}"
+            );
+        }
+    }
+}
