@@ -1,5 +1,5 @@
 //! The coordinator's config file: `[coordinator]`, `[secrets]`, `[database]`,
-//! `[redis]`, `[logging]`, `[health_check]`.
+//! `[redis]`, `[logging]`, `[health_check]`, `[limits]`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,28 @@ pub struct CoordinatorConfig {
     pub telemetry: TelemetryConfig,
     /// `[health_check]`: the active health check of inference routes.
     pub health_check: HealthCheckSection,
+    /// `[limits]`: what one session may hold.
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: what one session may hold of the coordinator's resources.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Live interactive circuits one session may hold (each `/v2/proxy/auth` with a
+    /// new app, or with `no_reuse`, creates one; a reused circuit is never refused).
+    /// A creation past it is answered 429 `E10004` and stores nothing. Endpoint
+    /// (inference) circuits do not count. 0: no limit. A session runs a handful of
+    /// apps; where few workers share few ports, lower it (32 is ample).
+    pub max_circuits_per_session: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_circuits_per_session: 128,
+        }
+    }
 }
 
 /// `[health_check]`: how the coordinator runs the endpoints' health checks (the
@@ -231,6 +253,20 @@ mod tests {
         );
     }
 
+    /// `--print-default-config` shows the session limit with its default, and the
+    /// printed file reads back to it.
+    #[test]
+    fn the_default_config_prints_the_session_circuit_limit() {
+        let text = CoordinatorConfig::default_toml();
+        assert!(text.contains("[limits]"), "{text}");
+        assert!(text.contains("max_circuits_per_session = 128"), "{text}");
+        let read: CoordinatorConfig = toml::from_str(&text).expect("parse");
+        assert_eq!(read.limits.max_circuits_per_session, 128);
+        let off: CoordinatorConfig =
+            toml::from_str("[limits]\nmax_circuits_per_session = 0\n").expect("parse");
+        assert_eq!(off.limits.max_circuits_per_session, 0);
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let err =
@@ -268,6 +304,11 @@ mod tests {
                 "misspelt value",
                 "[health_check]\nevent_envelope = \"jsn\"\n",
                 &["health_check.event_envelope", "did you mean `json`?"],
+            ),
+            (
+                "a negative circuit limit",
+                "[limits]\nmax_circuits_per_session = -1\n",
+                &["limits.max_circuits_per_session", "line 2", "expected"],
             ),
             (
                 "wrong table type",

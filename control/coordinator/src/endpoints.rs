@@ -256,7 +256,7 @@ async fn created_or_existing(
                 created_at: None,
                 updated_at: None,
             };
-            super::proxy::create_circuit(state, template, &request)
+            super::proxy::create_circuit(state, template, &request, None)
                 .await?
                 .0
         }

@@ -435,6 +435,11 @@ pub enum ApiError {
     /// The store did not answer in time or is unreachable: 503, retry later.
     #[error("E10003: Circuit store unavailable")]
     StoreUnavailable,
+    /// The session already holds `[limits] max_circuits_per_session` live circuits
+    /// (the value given): 429, nothing created. The caller's own quota, not the
+    /// service's state: retrying helps only once one of its circuits is gone.
+    #[error("E10004: Too many circuits for this session")]
+    SessionCircuitLimit(u32),
     /// A body over the size limit.
     #[error("Request body too large")]
     TooLarge,
@@ -462,6 +467,9 @@ impl IntoResponse for ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
             Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            Self::SessionCircuitLimit(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "session-circuit-limit")
+            }
             Self::Store(e) if e.is_unavailable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
             }
@@ -489,6 +497,10 @@ impl IntoResponse for ApiError {
                     _ => "the worker did not acknowledge in time",
                 }
             ),
+            Self::SessionCircuitLimit(limit) => format!(
+                "{text}: the session holds {limit} circuits ([limits] max_circuits_per_session); \
+                 an app already open is still reused, a new one needs one of its circuits closed"
+            ),
             _ => text.clone(),
         };
         let mut body = json!({
@@ -502,6 +514,9 @@ impl IntoResponse for ApiError {
         });
         if let Self::WorkerNotResponding { authority, cause } = &self {
             body["data"] = json!({"worker": authority, "cause": cause});
+        }
+        if let Self::SessionCircuitLimit(limit) = &self {
+            body["data"] = json!({"limit": limit});
         }
         (status, Json(body)).into_response()
     }

@@ -381,7 +381,10 @@ async fn proxy_auth(
                 created_at: None,
                 updated_at: None,
             };
-            let (circuit, worker) = create_circuit(&state, template, &request).await?;
+            // At most `[limits] max_circuits_per_session` live circuits per session,
+            // decided by the store in the insert itself (a reuse above never counts).
+            let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
+            let (circuit, worker) = create_circuit(&state, template, &request, limit).await?;
             (circuit, false, worker)
         }
     };
@@ -527,11 +530,14 @@ impl Drop for Creating {
 /// and the creation is placed again on another eligible worker, within this call; a
 /// circuit the worker could not listen for is placed again on another port. Every
 /// circuit that is not acknowledged is removed again (nothing is left half-done); when
-/// no attempt succeeds the answer is 503 `E10001` naming the cause.
+/// no attempt succeeds the answer is 503 `E10001` naming the cause. With
+/// `session_limit = Some((session, n))` (n > 0) the store refuses the insert once the
+/// session holds `n` live circuits: 429 `E10004`, nothing stored.
 pub(super) async fn create_circuit(
     state: &Arc<State>,
     template: Circuit,
     request: &placement::Request<'_>,
+    session_limit: Option<(uuid::Uuid, u32)>,
 ) -> Result<(Circuit, WorkerRegistration), ApiError> {
     // Workers that failed this creation, and (worker, port) slots that could not listen.
     let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
@@ -544,13 +550,21 @@ pub(super) async fn create_circuit(
                 .placement_retries
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let (circuit, worker_body, under_way) =
-            match place_and_store(state, &template, request, &avoid_workers, &avoid_ports).await {
-                Ok(placed) => placed,
-                // Nowhere left to go after a failure: the failure is the answer.
-                Err(ApiError::NoWorker) if last_error.is_some() => break,
-                Err(e) => return Err(e),
-            };
+        let (circuit, worker_body, under_way) = match place_and_store(
+            state,
+            &template,
+            request,
+            &avoid_workers,
+            &avoid_ports,
+            session_limit,
+        )
+        .await
+        {
+            Ok(placed) => placed,
+            // Nowhere left to go after a failure: the failure is the answer.
+            Err(ApiError::NoWorker) if last_error.is_some() => break,
+            Err(e) => return Err(e),
+        };
         let announced = announce(state, &circuit, &worker_body).await;
         under_way.settled();
         match announced {
@@ -592,6 +606,7 @@ async fn place_and_store(
     request: &placement::Request<'_>,
     avoid_workers: &[uuid::Uuid],
     avoid_ports: &[(uuid::Uuid, u16)],
+    session_limit: Option<(uuid::Uuid, u32)>,
 ) -> Result<(Circuit, WorkerRegistration, Creating), ApiError> {
     // The manager's ID, or NULL: the coordinator never makes one up.
     let origin = appproxy_shared::current_request_id();
@@ -679,14 +694,24 @@ async fn place_and_store(
         let under_way = Creating::new(state, circuit.id);
         let inserted = state
             .store
-            .insert_circuit(
+            .insert_session_circuit(
                 &circuit,
                 origin.as_ref().map(|i| i.as_str()),
                 trace.as_ref(),
+                session_limit,
             )
             .await;
         match inserted {
             Ok(()) => return Ok((circuit, registration, under_way)),
+            Err(StoreError::SessionLimit(limit)) => {
+                // Refused by the store: nothing was stored.
+                under_way.settled();
+                tracing::info!(
+                    session = ?session_limit.map(|(s, _)| s), limit,
+                    "session at its circuit limit; nothing created"
+                );
+                return Err(ApiError::SessionCircuitLimit(limit));
+            }
             Err(e) if e.is_unavailable() => {
                 under_way.withdraw_unknown();
                 return Err(e.into());

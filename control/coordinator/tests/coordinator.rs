@@ -111,6 +111,7 @@ on_both_engines! {
     setup_tokens_past_their_ttl_are_deleted => setup_tokens_past_their_ttl_are_deleted_sqlite, setup_tokens_past_their_ttl_are_deleted_postgresql;
     concurrent_creations_of_one_endpoint_get_its_one_circuit => concurrent_creations_of_one_endpoint_get_its_one_circuit_sqlite, concurrent_creations_of_one_endpoint_get_its_one_circuit_postgresql;
     a_creation_dropped_while_its_insert_waits_is_withdrawn => a_creation_dropped_while_its_insert_waits_is_withdrawn_sqlite, a_creation_dropped_while_its_insert_waits_is_withdrawn_postgresql;
+    circuits_per_session_are_capped => circuits_per_session_are_capped_sqlite, circuits_per_session_are_capped_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -3906,4 +3907,170 @@ fn kernel_hosts_are_host_names_or_addresses() {
             );
         }
     }
+}
+
+/// One session (one `/v2/conf` token, which its user holds in the redirect URL)
+/// created circuits without bound: a new `app=` per call (or `no_reuse`) filled
+/// every slot of every worker, and every other user got 503 `E10002` until idle
+/// collection. Now a session holds at most `[limits] max_circuits_per_session` live
+/// circuits: simultaneous calls with different apps create exactly that many, the
+/// rest are answered 429 `E10004` with nothing stored for them; an app already open
+/// is still reused; another session is unaffected; a circuit gone frees its place.
+/// On PostgreSQL every insert is first held on a lock of the worker row while all
+/// the calls arrive, so that they overlap for certain: counting is the store's,
+/// under the session's lock, or they would all count none.
+fn circuits_per_session_are_capped(db: Db) {
+    const LIMIT: usize = 3;
+    const CALLS: usize = 12;
+    const OTHER: &str = "7e1d8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!("[limits]\nmax_circuits_per_session = {LIMIT}\n"),
+    );
+    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10300],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let conf = |session: &str| {
+        let body = format!(
+            r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{session}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+        );
+        let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token").to_owned()
+    };
+    let token = conf(SESSION);
+    let other_token = conf(OTHER);
+    let addr = c.addr;
+    let path = move |token: &str, session: &str, app: &str| {
+        format!("/v2/proxy/auth?token={token}&session_id={session}&app={app}&protocol=http")
+    };
+    let call = |path: String| request(addr, "GET", &path, &[("Accept", "application/json")], "");
+    let held = match &db {
+        Db::Postgres(pg) => Some(pg.hold(
+            "appproxy",
+            "BEGIN; SELECT count(*) FROM (SELECT 1 FROM workers FOR UPDATE) locked",
+        )),
+        Db::Sqlite => None,
+    };
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let p = path(&token, SESSION, &format!("app{i}"));
+            std::thread::spawn(move || {
+                request(addr, "GET", &p, &[("Accept", "application/json")], "")
+            })
+        })
+        .collect();
+    if let Some(held) = held {
+        // Every call's insert has begun before the first may finish.
+        let waiting = || {
+            db.query(
+                dir.path(),
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while waiting() != CALLS.to_string() {
+            assert!(
+                Instant::now() < deadline,
+                "the inserts never all waited: {}",
+                waiting()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        held.commit();
+    }
+    let answers: Vec<_> = calls
+        .into_iter()
+        .map(|t| t.join().expect("a call"))
+        .collect();
+    let mut created = Vec::new();
+    for (i, r) in answers.iter().enumerate() {
+        let body = String::from_utf8_lossy(&r.body);
+        match r.status {
+            200 => {
+                assert_eq!(r.json()["reuse"], false, "{body}");
+                created.push((
+                    i,
+                    circuit_of(r.json()["redirect_url"].as_str().expect("url")),
+                ));
+            }
+            429 => {
+                let e = r.json();
+                assert_eq!(e["code"], "session-circuit-limit", "{body}");
+                assert_eq!(e["msg"], "E10004: Too many circuits for this session");
+                assert_eq!(e["data"]["limit"], LIMIT, "{body}");
+                assert!(
+                    e["error"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("max_circuits_per_session")),
+                    "{body}"
+                );
+            }
+            other => panic!("call {i}: {other} {body}"),
+        }
+    }
+    assert_eq!(
+        created.len(),
+        LIMIT,
+        "exactly the limit created: {created:?}"
+    );
+    let stored = |sql: &str| db.query(dir.path(), sql);
+    assert_eq!(
+        stored("SELECT count(*) FROM circuits"),
+        LIMIT.to_string(),
+        "nothing stored for the refused calls"
+    );
+    for (_, circuit) in &created {
+        assert_eq!(
+            stored(&format!(
+                "SELECT count(*) FROM circuits WHERE id = '{circuit}'"
+            )),
+            "1"
+        );
+    }
+    // Reuse past the limit: an app already open is never refused.
+    let (app, circuit) = &created[0];
+    let r = call(path(&token, SESSION, &format!("app{app}")));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reuse"], true);
+    assert_eq!(
+        &circuit_of(r.json()["redirect_url"].as_str().expect("url")),
+        circuit
+    );
+    // A new app, or the same app with `no_reuse`, is a new circuit: refused.
+    let r = call(path(&token, SESSION, "another"));
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    let r = call(format!(
+        "{}&no_reuse=true",
+        path(&token, SESSION, &format!("app{app}"))
+    ));
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(stored("SELECT count(*) FROM circuits"), LIMIT.to_string());
+    // Another session is unaffected.
+    for i in 0..LIMIT {
+        let r = call(path(&other_token, OTHER, &format!("app{i}")));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["reuse"], false);
+    }
+    assert_eq!(
+        stored("SELECT count(*) FROM circuits"),
+        (2 * LIMIT).to_string()
+    );
+    // A circuit gone frees its place.
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{circuit}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = call(path(&token, SESSION, "another"));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        stored("SELECT count(*) FROM circuits"),
+        (2 * LIMIT).to_string()
+    );
 }

@@ -617,8 +617,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "9",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time"
+        "10",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -801,7 +801,8 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
             DROP COLUMN tracestate, DROP COLUMN removal;
          DROP INDEX tokens_created_at;
          ALTER TABLE tokens DROP COLUMN created_at;
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9);",
+         DROP FUNCTION appproxy_circuit_may_insert(uuid, integer, timestamptz);
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10);",
     );
     let store = open().await.expect("open and migrate");
     tokens_count_from_the_migration(&store, token).await;
@@ -1337,4 +1338,149 @@ async fn counts_and_slots_per_worker_match_the_circuits_on_postgresql() {
         .await
         .expect("open");
     counts_and_slots_per_worker_match_the_circuits(store).await;
+}
+
+/// A session holds at most its limit of live interactive circuits, decided by the
+/// store in the insert itself: simultaneous capped inserts for one session store
+/// exactly the limit and refuse the rest with `SessionLimit`, nothing stored for
+/// them; endpoint circuits listing the session and uncapped inserts do not count
+/// against it or are not refused; another session is unaffected; a removal frees a
+/// place. On PostgreSQL the inserts are first held on a lock of the worker row
+/// until all of them have begun, so that they overlap for certain.
+async fn circuits_per_session_are_capped(store: Store, pg: Option<&Pg>) {
+    const LIMIT: u32 = 3;
+    const INSERTS: u16 = 10;
+    let w = store
+        .upsert_worker(&worker_body("capped"))
+        .await
+        .expect("register");
+    let session = uuid::Uuid::new_v4();
+    let of_session = |port: u16, session: uuid::Uuid| {
+        let mut c = circuit(w, port);
+        c.route_info[0].session_id = session;
+        c.session_ids = vec![session];
+        c
+    };
+    // An endpoint's circuit that routes to the session: not the session's own.
+    let mut endpoint = of_session(10299, session);
+    endpoint.app_mode = AppMode::Inference;
+    endpoint.endpoint_id = Some(uuid::Uuid::new_v4());
+    store
+        .insert_circuit(&endpoint, None, None)
+        .await
+        .expect("endpoint circuit");
+    let held = pg.map(|pg| {
+        pg.hold(
+            "appproxy",
+            "BEGIN; SELECT count(*) FROM (SELECT 1 FROM workers FOR UPDATE) locked",
+        )
+    });
+    let tasks: Vec<_> = (0..INSERTS)
+        .map(|i| {
+            let store = store.clone();
+            let c = of_session(10205 + i, session);
+            tokio::spawn(async move {
+                let r = store
+                    .insert_session_circuit(&c, None, None, Some((session, LIMIT)))
+                    .await;
+                (c.id, r)
+            })
+        })
+        .collect();
+    if let (Some(pg), Some(held)) = (pg, held) {
+        let waiting = || {
+            pg.psql(
+                "appproxy",
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+            )
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while waiting() != INSERTS.to_string() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the inserts never all waited: {}",
+                waiting()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        held.commit();
+    }
+    let mut stored = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.expect("insert task") {
+            (id, Ok(())) => stored.push(id),
+            (id, Err(StoreError::SessionLimit(n))) => {
+                assert_eq!(n, LIMIT);
+                refused.push(id);
+            }
+            (_, Err(e)) => panic!("insert: {e}"),
+        }
+    }
+    assert_eq!(stored.len(), LIMIT as usize, "exactly the limit stored");
+    assert_eq!(refused.len(), (INSERTS as usize) - LIMIT as usize);
+    for id in &refused {
+        assert!(store.circuit(*id).await.expect("read").is_none());
+    }
+    let mine = store
+        .circuits_of_session(session)
+        .await
+        .expect("session's circuits");
+    assert_eq!(
+        mine.len(),
+        LIMIT as usize + 1,
+        "the limit and the endpoint's"
+    );
+    // One more is refused; another session is not; an uncapped insert is not.
+    assert!(matches!(
+        store
+            .insert_session_circuit(
+                &of_session(10250, session),
+                None,
+                None,
+                Some((session, LIMIT))
+            )
+            .await,
+        Err(StoreError::SessionLimit(LIMIT))
+    ));
+    let other = uuid::Uuid::new_v4();
+    store
+        .insert_session_circuit(&of_session(10251, other), None, None, Some((other, LIMIT)))
+        .await
+        .expect("another session");
+    store
+        .insert_session_circuit(&of_session(10252, session), None, None, Some((session, 0)))
+        .await
+        .expect("a limit of 0 is none");
+    // A removal frees a place.
+    for id in &stored {
+        assert!(store.delete_circuit(*id, None, None).await.expect("delete"));
+    }
+    store
+        .insert_session_circuit(
+            &of_session(10253, session),
+            None,
+            None,
+            Some((session, LIMIT)),
+        )
+        .await
+        .expect("a place freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_per_session_are_capped_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(None, &dir.path().join("store.sqlite3"))
+        .await
+        .expect("open");
+    circuits_per_session_are_capped(store, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_per_session_are_capped_on_postgresql() {
+    let pg = Pg::start();
+    let store = Store::open(Some(&pg.url()), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    circuits_per_session_are_capped(store, Some(&pg)).await;
 }

@@ -228,6 +228,10 @@ pub enum StoreError {
     /// A unique key is taken (a port or subdomain raced by another creation).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The session already holds its limit of live circuits
+    /// (`[limits] max_circuits_per_session`, the value given): nothing stored.
+    #[error("the session holds {0} circuits, its limit")]
+    SessionLimit(u32),
     /// A stored value did not parse.
     #[error("stored data: {0}")]
     Data(String),
@@ -449,6 +453,28 @@ impl Store {
         origin_request_id: Option<&str>,
         trace: Option<&appproxy_shared::TraceContext>,
     ) -> Result<(), StoreError> {
+        self.insert_session_circuit(circuit, origin_request_id, trace, None)
+            .await
+    }
+
+    /// [`Store::insert_circuit`], and, with `limit = Some((session, n))` (n > 0),
+    /// only while `session` holds fewer than `n` live interactive circuits (those
+    /// listing it in `session_ids`, endpoint circuits not counted), else
+    /// [`StoreError::SessionLimit`] and nothing stored. The store decides it in the
+    /// insert itself, so simultaneous inserts for one session never overshoot — on
+    /// PostgreSQL also across coordinators sharing the database: the statement takes
+    /// a transaction-scoped advisory lock of the session, then counts under a fresh
+    /// snapshot (a volatile function, `appproxy_circuit_may_insert`), and holds the
+    /// lock until it commits; SQLite's one connection runs the count and the insert
+    /// as one statement.
+    pub async fn insert_session_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+        limit: Option<(uuid::Uuid, u32)>,
+    ) -> Result<(), StoreError> {
+        let limit = limit.filter(|(_, n)| *n > 0);
         let circuit = circuit.clone();
         let origin = origin_request_id.map(str::to_owned);
         let trace = trace_columns(trace);
@@ -456,8 +482,8 @@ impl Store {
         let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(
             self,
-            |s| s.insert_circuit(&circuit, origin.as_deref(), &trace),
-            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace, deadline)
+            |s| s.insert_circuit(&circuit, origin.as_deref(), &trace, limit),
+            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace, deadline, limit)
         )
     }
 

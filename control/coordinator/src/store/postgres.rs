@@ -165,7 +165,34 @@ ALTER TABLE circuit_changes ADD COLUMN removal boolean NULL;
 ALTER TABLE tokens ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
 CREATE INDEX tokens_created_at ON tokens(created_at);
 ",
+    // Whether a circuit may be inserted now: before its caller's deadline and, with a
+    // session and a limit, while the session holds fewer live interactive circuits
+    // than the limit (else SQLSTATE AP429, nothing inserted). The session's
+    // advisory lock is held until the inserting statement commits, so simultaneous
+    // inserts for one session (from any coordinator) count one after the other;
+    // being VOLATILE, the function counts under a snapshot taken after the lock,
+    // which sees every insert that held it before. The deadline is read last, after
+    // any wait for the lock.
+    "
+CREATE FUNCTION appproxy_circuit_may_insert(p_session uuid, p_limit integer, p_deadline timestamptz)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_session IS NOT NULL AND p_limit > 0 THEN
+        PERFORM pg_advisory_xact_lock(1634758770, hashtext(p_session::text));
+        IF (SELECT count(*) FROM circuits
+            WHERE session_ids @> ARRAY[p_session] AND endpoint_id IS NULL) >= p_limit THEN
+            RAISE EXCEPTION 'session % holds % circuits, its limit', p_session, p_limit
+                USING ERRCODE = 'AP429';
+        END IF;
+    END IF;
+    RETURN clock_timestamp() < p_deadline;
+END
+$$;
+",
 ];
+
+/// The SQLSTATE `appproxy_circuit_may_insert` refuses a session's circuit with.
+const SESSION_LIMIT: &str = "AP429";
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
 static CIRCUIT_COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -714,6 +741,7 @@ impl PgStore {
         origin_request_id: Option<&str>,
         (traceparent, tracestate): &(Option<String>, Option<String>),
         deadline: SystemTime,
+        limit: Option<(uuid::Uuid, u32)>,
     ) -> Result<(), StoreError> {
         let worker = circuit
             .worker
@@ -729,7 +757,13 @@ impl PgStore {
         // passed on the server's clock: a statement held in transit (a stalled
         // network path; `statement_timeout` only runs once the server starts it)
         // can arrive after its caller was answered 503, and must not then store a
-        // circuit nobody was told of.
+        // circuit nobody was told of. With a session limit (`$23`, `$24`) it counts
+        // the session's circuits under the session's lock first, and refuses past
+        // the limit (`appproxy_circuit_may_insert`, SQLSTATE AP429).
+        let (limit_session, limit_n) = match limit {
+            Some((session, n)) => (Some(session), i32::try_from(n).unwrap_or(i32::MAX)),
+            None => (None, 0),
+        };
         let inserted = self
             .client()
             .await?
@@ -742,7 +776,7 @@ impl PgStore {
                     SELECT $1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
                         CASE WHEN $19 THEN now() END, $20, $21
-                    WHERE clock_timestamp() < $22
+                    WHERE appproxy_circuit_may_insert($23, $24, $22)
                     RETURNING worker)
                  , bumped AS (
                     UPDATE workers SET occupied_slots = occupied_slots + 1,
@@ -775,10 +809,18 @@ impl PgStore {
                     traceparent,
                     tracestate,
                     &deadline,
+                    &limit_session,
+                    &limit_n,
                 ],
             )
             .await
-            .map_err(conflict_or)?;
+            .map_err(|e| {
+                if e.code().map(|c| c.code()) == Some(SESSION_LIMIT) {
+                    StoreError::SessionLimit(limit.map(|(_, n)| n).unwrap_or_default())
+                } else {
+                    conflict_or(e)
+                }
+            })?;
         if inserted == 0 {
             return Err(StoreError::Unavailable(
                 "the insert reached the database after its deadline; nothing stored".into(),

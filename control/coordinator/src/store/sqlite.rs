@@ -542,6 +542,7 @@ impl SqliteStore {
         circuit: &Circuit,
         origin_request_id: Option<&str>,
         (traceparent, tracestate): &(Option<String>, Option<String>),
+        limit: Option<(uuid::Uuid, u32)>,
     ) -> Result<(), StoreError> {
         // The store stamps the times, as PostgreSQL's `now()` does.
         let now = now();
@@ -553,24 +554,41 @@ impl SqliteStore {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             let worker = circuit.worker.map(|w| w.to_string()).unwrap_or_default();
-            tx.execute(
-                "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at, traceparent, tracestate)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    circuit.id.to_string(),
-                    worker,
-                    circuit.port.map(i64::from),
-                    circuit.subdomain,
-                    body,
-                    origin_request_id,
-                    now,
-                    circuit.endpoint_id.map(|e| e.to_string()),
-                    super::idle_collectable(circuit).then_some(&now),
-                    traceparent,
-                    tracestate
-                ],
-            )
-            .map_err(conflict_or)?;
+            // With a session limit, the count is the insert's own condition (one
+            // statement on the one connection: nothing runs between them).
+            let (limit_session, limit_n) = match limit {
+                Some((session, n)) => (Some(session.to_string()), i64::from(n)),
+                None => (None, 0),
+            };
+            let inserted = tx
+                .execute(
+                    "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at, traceparent, tracestate)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11
+                     WHERE ?12 IS NULL OR (SELECT count(*) FROM circuit_sessions s
+                         JOIN circuits c ON c.id = s.circuit
+                         WHERE s.session = ?12 AND c.endpoint_id IS NULL) < ?13",
+                    params![
+                        circuit.id.to_string(),
+                        worker,
+                        circuit.port.map(i64::from),
+                        circuit.subdomain,
+                        body,
+                        origin_request_id,
+                        now,
+                        circuit.endpoint_id.map(|e| e.to_string()),
+                        super::idle_collectable(circuit).then_some(&now),
+                        traceparent,
+                        tracestate,
+                        limit_session,
+                        limit_n
+                    ],
+                )
+                .map_err(conflict_or)?;
+            if inserted == 0 {
+                return Err(StoreError::SessionLimit(
+                    limit.map(|(_, n)| n).unwrap_or_default(),
+                ));
+            }
             index_sessions(&tx, circuit)?;
             log_change(&tx, &worker, &circuit.id.to_string(), &now, None)?;
             tx.commit()?;
