@@ -7,7 +7,13 @@
 //! user with a shell can make a million empty files in seconds. Each file's first
 //! 64 KiB decide its method: deflated when a trial compression of them saves at
 //! least 10 % (text, CSV, JSON, logs), stored otherwise (models, images, archives:
-//! already compressed or incompressible, where deflate only costs CPU). Zip64 is
+//! already compressed or incompressible, where deflate only costs CPU). A file that
+//! takes less than half its size on disk is stored whatever it holds: holes read as
+//! zeros, which a user can make free of disk and quota (`truncate -s 8G`) and which
+//! deflate to almost nothing, so the archive would burn a CPU-second for each
+//! megabyte it sends; stored, an archive costs what a download of its bytes does
+//! (the filesystem's own compression also shows as fewer blocks: such a file is
+//! merely sent uncompressed). Zip64 is
 //! used where the classic format ends: for an entry of 4 GiB or more (its size is
 //! known from `fstat` before it is streamed), for an entry whose header starts past
 //! 4 GiB (central directory), and for the end records when the directory, its
@@ -899,8 +905,12 @@ impl<'a> Writer<'a> {
         // whoever extracts it, root included (the zip says no owner: files are
         // the extractor's). A clone copies `rwx` bits only, likewise.
         let mode = meta.permissions().mode() & !0o7000;
+        let mostly_holes = {
+            use std::os::unix::fs::MetadataExt as _;
+            meta.blocks().saturating_mul(512) < meta.len() / 2
+        };
         let mut buf = std::mem::take(&mut self.buf);
-        let result = self.file_body(&mut file, name, meta.len(), mode, &mut buf);
+        let result = self.file_body(&mut file, name, meta.len(), mode, !mostly_holes, &mut buf);
         self.buf = buf;
         result
     }
@@ -911,6 +921,7 @@ impl<'a> Writer<'a> {
         name: Vec<u8>,
         len: u64,
         mode: u32,
+        may_deflate: bool,
         buf: &mut [u8],
     ) -> std::io::Result<()> {
         // The first block decides the method before the header goes out.
@@ -921,7 +932,7 @@ impl<'a> Writer<'a> {
                 n => first += n,
             }
         }
-        let mut deflater = compresses(&buf[..first]).then(compressor);
+        let mut deflater = (may_deflate && compresses(&buf[..first])).then(compressor);
         let deflate = deflater.is_some();
         // A deflated entry near the limit could end up a little larger than the file.
         let margin = if deflate { 16 << 20 } else { 0 };
@@ -1234,6 +1245,26 @@ mod tests {
             );
             assert!(zip.len() > 200_000, "noise.bin was stored: {}", zip.len());
         }
+    }
+
+    /// A sparse file (holes, no disk) is stored, not deflated: deflating its zeros
+    /// cost a CPU-second for each megabyte the archive sent. The same zeros written
+    /// out are deflated as before.
+    #[test]
+    fn files_mostly_holes_are_stored_and_written_zeros_deflated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sparse = std::fs::File::create(dir.path().join("sparse.bin")).expect("sparse");
+        sparse.set_len(4 << 20).expect("holes");
+        std::fs::write(dir.path().join("zeros.bin"), vec![0u8; 1 << 20]).expect("zeros");
+        let zip = archive(dir.path(), LIMIT);
+        assert_eq!(python_lists(&zip), "sparse.bin|zeros.bin\n5242880\n");
+        // The sparse file's 4 MiB went out as they are; the written zeros deflated.
+        assert!(zip.len() > 4 << 20, "sparse.bin was stored: {}", zip.len());
+        assert!(
+            zip.len() < (4 << 20) + (64 << 10),
+            "zeros.bin was deflated: {}",
+            zip.len()
+        );
     }
 
     /// Names that are all made one safe name are numbered 1, 2, 3, … each trying
