@@ -253,9 +253,10 @@ fn coordinator_on(database: &str, redis: &str, extra: &str) -> (CoordinatorThrea
     (c, addr)
 }
 
+/// (No cap on circuits per session: these runs make many in one session.)
 fn coordinator_text(database: &str, redis: &str, extra: &str) -> String {
     format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n[redis]\nurl = \"{redis}\"\n"
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n[redis]\nurl = \"{redis}\"\n[limits]\nmax_circuits_per_session = 0\n"
     )
 }
 

@@ -111,6 +111,8 @@ fn create(coord: SocketAddr, token: &str, id: &str) -> anyhow::Result<Duration> 
     Ok(took)
 }
 
+/// The coordinator of a deployment run: no cap on circuits per session, since a run
+/// makes hundreds in one.
 fn coordinator_config(
     port: u16,
     database: &str,
@@ -120,7 +122,7 @@ fn coordinator_config(
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
     Ok(toml::from_str(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis}[logging]\nfilter = \"warn\"\n"
+        "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\n{database}\n{redis}[logging]\nfilter = \"warn\"\n[limits]\nmax_circuits_per_session = 0\n"
     ))?)
 }
 

@@ -67,14 +67,15 @@ pub struct LimitsSection {
     /// new app, or with `no_reuse`, creates one; a reused circuit is never refused).
     /// A creation past it is answered 429 `E10004` and stores nothing. Endpoint
     /// (inference) circuits do not count. 0: no limit. A session runs a handful of
-    /// apps; where few workers share few ports, lower it (32 is ample).
+    /// apps (notebooks, editors, terminals, a few custom ports): 32 is ample, and
+    /// one setup token cannot take every port of a small cluster.
     pub max_circuits_per_session: u32,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         Self {
-            max_circuits_per_session: 128,
+            max_circuits_per_session: 32,
         }
     }
 }
@@ -259,9 +260,9 @@ mod tests {
     fn the_default_config_prints_the_session_circuit_limit() {
         let text = CoordinatorConfig::default_toml();
         assert!(text.contains("[limits]"), "{text}");
-        assert!(text.contains("max_circuits_per_session = 128"), "{text}");
+        assert!(text.contains("max_circuits_per_session = 32"), "{text}");
         let read: CoordinatorConfig = toml::from_str(&text).expect("parse");
-        assert_eq!(read.limits.max_circuits_per_session, 128);
+        assert_eq!(read.limits.max_circuits_per_session, 32);
         let off: CoordinatorConfig =
             toml::from_str("[limits]\nmax_circuits_per_session = 0\n").expect("parse");
         assert_eq!(off.limits.max_circuits_per_session, 0);
