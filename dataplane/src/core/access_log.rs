@@ -1,7 +1,6 @@
 //! The per-core access log: one line per finished exchange (JSON or logfmt), batched
 //! into a buffer and written at 32 KiB or every reactor tick.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat, Rfc3339};
 
-use crate::http::encode::{decimal, ip_text};
+use crate::http::encode::{decimal, socket_addr_text};
 use appproxy_shared::RequestId;
 
 /// One access-log entry.
@@ -141,8 +140,8 @@ impl AccessLog {
                 text(buf, "endpoint_id", ep.hyphenated().encode_lower(&mut uuid));
             }
         }
-        let method = lossy(e.method);
-        let path = lossy(e.path);
+        let method = String::from_utf8_lossy(e.method);
+        let path = String::from_utf8_lossy(e.path);
         let path = path.split('?').next().unwrap_or("");
         if json {
             buf.push_str("\"method\":\"");
@@ -244,38 +243,6 @@ fn push_u64(buf: &mut String, n: u64) {
 /// Appends ASCII bytes (digits) as they are: no validation pass for a few bytes.
 fn push_ascii(buf: &mut String, ascii: &[u8]) {
     buf.extend(ascii.iter().map(|&b| char::from(b)));
-}
-
-/// `b` as text, invalid UTF-8 replaced (borrowed when valid, as it almost always is).
-fn lossy(b: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(b) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => String::from_utf8_lossy(b),
-    }
-}
-
-/// The text `Display` gives `addr`: `(buffer, length)`. IPv4 by hand; IPv6 (with its
-/// brackets, zero compression and scope) by the formatter.
-fn socket_addr_text(addr: SocketAddr) -> ([u8; 64], usize) {
-    let mut text = [0u8; 64];
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let (ip, ip_len) = ip_text(std::net::IpAddr::V4(*v4.ip()));
-            let ip_len = usize::from(ip_len);
-            text[..ip_len].copy_from_slice(&ip[..ip_len]);
-            text[ip_len] = b':';
-            let (digits, at) = decimal(u64::from(v4.port()));
-            let port = &digits[at..];
-            text[ip_len + 1..ip_len + 1 + port.len()].copy_from_slice(port);
-            ip_len + 1 + port.len()
-        }
-        SocketAddr::V6(v6) => {
-            let mut cursor = std::io::Cursor::new(&mut text[..]);
-            let _ = write!(cursor, "{v6}");
-            cursor.position() as usize
-        }
-    };
-    (text, len)
 }
 
 #[cfg(test)]

@@ -524,11 +524,32 @@ fn write_error(
 
 /// Appends `ip:port` (`[ip]:port` for IPv6) without allocating.
 fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    let (text, len) = socket_addr_text(addr);
+    out.extend_from_slice(&text[..len]);
+}
+
+/// The text `Display` gives `addr`: `(buffer, length)`. IPv4 by hand; IPv6 (with its
+/// brackets, zero compression and scope) by the formatter.
+pub(crate) fn socket_addr_text(addr: SocketAddr) -> ([u8; 64], usize) {
     let mut text = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut text[..]);
-    let _ = write!(cursor, "{addr}");
-    let n = cursor.position() as usize;
-    out.extend_from_slice(&text[..n]);
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let (ip, ip_len) = ip_text(IpAddr::V4(*v4.ip()));
+            let ip_len = usize::from(ip_len);
+            text[..ip_len].copy_from_slice(&ip[..ip_len]);
+            text[ip_len] = b':';
+            let (digits, at) = decimal(u64::from(v4.port()));
+            let port = &digits[at..];
+            text[ip_len + 1..ip_len + 1 + port.len()].copy_from_slice(port);
+            ip_len + 1 + port.len()
+        }
+        SocketAddr::V6(v6) => {
+            let mut cursor = std::io::Cursor::new(&mut text[..]);
+            let _ = write!(cursor, "{v6}");
+            cursor.position() as usize
+        }
+    };
+    (text, len)
 }
 
 /// The cookie that carries a user's permit for interactive circuits (set by the
@@ -637,6 +658,24 @@ mod tests {
                 let hop = ClientHop::new(SocketAddr::new(ip, 443), 80, false);
                 let expected = ip.to_string();
                 prop_assert_eq!(hop.ip(), expected.as_bytes());
+            }
+        }
+
+        /// `ip:port` of either family, an IPv6 scope included, as `Display` writes it.
+        #[test]
+        fn socket_addr_text_matches_the_standard_library(
+            v4 in any::<[u8; 4]>(),
+            v6 in any::<[u16; 8]>(),
+            port in any::<u16>(),
+            scope in 0..3u32,
+        ) {
+            for addr in [
+                SocketAddr::from((v4, port)),
+                SocketAddr::V6(std::net::SocketAddrV6::new(v6.into(), port, 0, scope)),
+            ] {
+                let (text, len) = socket_addr_text(addr);
+                let expected = addr.to_string();
+                prop_assert_eq!(&text[..len], expected.as_bytes());
             }
         }
     }
