@@ -1128,20 +1128,8 @@ fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() 
         .next()
         .expect("the staged file");
     // A PATCH of the whole upload, its first 100 bytes sent, the rest to come.
-    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
-    )
-    .expect("head");
-    s.write_all(&[7u8; 100]).expect("first part");
+    let mut s = patch_begun(&p, &token, 1_000, 100);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while p.tus_head(&token).header("upload-offset") != Some("100") {
-        assert!(std::time::Instant::now() < deadline, "{}", p.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     // The decoy: a file of the session's name, old, in the other vfolder's
     // staging area.
     let staging = p.dir.path().join(
@@ -1387,20 +1375,8 @@ fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
         .collect();
     assert_eq!(sessions.len(), 2);
     // The busy session's PATCH: its first 100 bytes sent, the rest to come.
-    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "PATCH /upload?token={busy} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 600\r\nConnection: close\r\n\r\n"
-    )
-    .expect("head");
-    s.write_all(&[7u8; 100]).expect("first part");
+    let mut s = patch_begun(&p, &busy, 600, 100);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while p.tus_head(&busy).header("upload-offset") != Some("100") {
-        assert!(std::time::Instant::now() < deadline, "{}", p.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     // Files named after both sessions in the other vfolder's staging area, which is
     // then deleted.
     let other_path = p
@@ -1523,4 +1499,26 @@ fn read_until_closed(s: &mut std::net::TcpStream) -> Vec<u8> {
             Ok(n) => raw.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// A PATCH of a whole upload of `total` bytes with its first `sent` bytes (7s) sent
+/// and stored (the session's offset says so), the rest to come on the connection.
+fn patch_begun(p: &Proxy, token: &str, total: usize, sent: usize) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&vec![7u8; sent]).expect("first part");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let offset = sent.to_string();
+    while p.tus_head(token).header("upload-offset") != Some(offset.as_str()) {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s
 }
