@@ -89,19 +89,6 @@ pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     }
 }
 
-/// Opens the child directory `name` of `dir` only to reach into it by name (`O_PATH`:
-/// its entries cannot be listed through it, and it needs no read permission);
-/// never through a symlink.
-pub fn child_dir_path(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat2(
-        dir,
-        name,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        STRICT,
-    )?)
-}
-
 /// Opens the regular file `name` of `dir` for reading without following a symlink;
 /// anything but a regular file is refused without being opened (see [`readable`]).
 pub fn child_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<std::fs::File> {
@@ -668,9 +655,7 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
         }
         fn unopened(&mut self, dir: BorrowedFd<'_>, e: &Entry, err: io::Error) -> io::Result<()> {
             // Swapped for a symlink or a file since it was listed: the entry goes.
-            if matches!(err.raw_os_error(), Some(c) if c == rustix::io::Errno::LOOP.raw_os_error()
-                || c == rustix::io::Errno::NOTDIR.raw_os_error())
-            {
+            if is_not_dir(&err) {
                 rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
                 self.0 += 1;
                 return Ok(());
@@ -692,10 +677,7 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
             Ok(r.0 + 1)
         }
         // A symlink (ELOOP) or a non-directory (ENOTDIR): the entry itself goes.
-        Err(e)
-            if matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::LOOP.raw_os_error()
-                || c == rustix::io::Errno::NOTDIR.raw_os_error()) =>
-        {
+        Err(e) if is_not_dir(&e) => {
             rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
             Ok(1)
         }
@@ -945,6 +927,13 @@ pub fn sync(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn is_escape(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
         || e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+}
+
+/// Whether opening a directory failed because the entry is not one (any more): a
+/// symlink where none may be followed (`ELOOP`) or another kind of file (`ENOTDIR`).
+pub fn is_not_dir(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+        || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
 }
 
 #[cfg(test)]

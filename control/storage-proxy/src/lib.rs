@@ -614,31 +614,29 @@ pub fn remove_expired_uploads(state: &State) -> usize {
         )];
         while let Some((dir, depth, key, at)) = stack.pop() {
             let Ok(dir) = dir else { continue };
-            if depth == 4 {
-                // A vfolder (an `O_PATH` descriptor): its staging area is opened by
-                // name. Its own entries (as many as its user makes, each of which a
-                // listing would hold in memory at every pass) are never listed.
-                removed += remove_expired_in(state, dir.as_fd(), &key, &at);
-                continue;
-            }
             let Ok(list) = fsx::entries(dir.as_fd()) else {
                 continue;
             };
             for e in list {
-                if e.kind() == FileType::Directory {
-                    let key = if depth == 0 {
-                        key.join(&e.name)
-                    } else {
-                        key.clone()
-                    };
-                    let at = at.join(&e.name);
-                    // A vfolder is only reached into (below), never listed.
-                    let child = if depth == 3 {
-                        fsx::child_dir_path(dir.as_fd(), &e.name)
-                    } else {
-                        fsx::child_dir(dir.as_fd(), &e.name)
-                    };
-                    stack.push((child, depth + 1, key, at));
+                if e.kind() != FileType::Directory {
+                    continue;
+                }
+                let key = if depth == 0 {
+                    key.join(&e.name)
+                } else {
+                    key.clone()
+                };
+                let at = at.join(&e.name);
+                if depth == 3 {
+                    // A vfolder: its staging area is opened beneath it by name, no
+                    // symlink on the way. The vfolder's own entries (as many as its
+                    // user makes, each held in memory by a listing at every pass)
+                    // are never listed.
+                    let parts = [e.name.clone(), manager::STAGING.into()];
+                    let staging = fsx::open(dir.as_fd(), &parts, fsx::DIR, fsx::STRICT);
+                    removed += remove_expired_in(state, staging, &key, &at);
+                } else {
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key, at));
                 }
             }
         }
@@ -657,21 +655,25 @@ pub fn remove_expired_uploads(state: &State) -> usize {
     removed
 }
 
-/// Removes the expired staging files of the vfolder `vfolder` (at `at`, in the quota
-/// scope `key`); returns how many.
+/// Removes the expired staging files of the vfolder at `at` (in the quota scope
+/// `key`), given its staging area as opened; returns how many.
 fn remove_expired_in(
     state: &State,
-    vfolder: std::os::fd::BorrowedFd<'_>,
+    staging: std::io::Result<std::os::fd::OwnedFd>,
     key: &std::path::Path,
     at: &std::path::Path,
 ) -> usize {
     use rustix::fs::FileType;
     use std::os::fd::AsFd as _;
-    let staging = match fsx::child_dir(vfolder, std::ffi::OsStr::new(".upload")) {
+    let staging = match staging {
         Ok(fd) => fd,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return 0,
-        Err(err) => {
+        Err(err) if fsx::is_not_dir(&err) => {
             tracing::warn!(error = %err, "staging area is not a directory: skipped");
+            return 0;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "staging area could not be opened: skipped");
             return 0;
         }
     };

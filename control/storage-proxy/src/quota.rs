@@ -240,13 +240,7 @@ pub fn set_aside(
     // Gone, or swapped for a symlink or a file: nothing of it is counted anywhere.
     let open = |dir: BorrowedFd<'_>, name: &std::ffi::OsStr| match fsx::child_dir(dir, name) {
         Ok(fd) => Ok(Some(fd)),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::LOOP.raw_os_error()
-                    || c == rustix::io::Errno::NOTDIR.raw_os_error()) =>
-        {
-            Ok(None)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || fsx::is_not_dir(&e) => Ok(None),
         Err(e) => Err(e),
     };
     let mut cover = Cover::new(live);
