@@ -13,10 +13,10 @@
 //! - accept errors (descriptors exhausted) back off instead of spinning;
 //! - the answers hyper makes itself to a head it cannot take (431 too large, 414,
 //!   400 malformed: an empty body) are sent as the product's JSON error
-//!   `{"error","code","request_id"}`, with the request-ID header when the head
-//!   carried a valid one; for a head without one, an ID is generated where the
-//!   service's rule says so (the storage-proxy's, [`Limits::absent_ids`]), and
-//!   none is given where it does not (the coordinator's).
+//!   `{"error","code","request_id"}`, with the request ID the service's own rule
+//!   ([`Limits::ids`], the one its request-ID layer follows) gives the head: the
+//!   valid one it carried, else one generated (the storage-proxy) or none (the
+//!   coordinator). Only the bytes of a head are scanned for it, never a body.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use appproxy_shared::header::{self, IdPolicy};
+use appproxy_shared::IdVersion;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -43,10 +45,9 @@ pub struct Limits {
     /// The largest request head (request line and fields) buffered; a longer one is
     /// answered 431 and the connection closed.
     pub max_head: usize,
-    /// The ID of an answer the server writes itself for a head that carried no valid
-    /// request ID: generated in this version (`Some`, a service that generates an
-    /// absent ID), or none (`None`, one that records it as absent).
-    pub absent_ids: Option<appproxy_shared::IdVersion>,
+    /// The service's request-ID rule (what its `RequestIdLayer` is given), for the
+    /// answers the server writes itself to a head it cannot take.
+    pub ids: (IdPolicy, IdVersion),
 }
 
 /// The head limit of APIs whose heads are small (a token, a request ID). hyper's
@@ -64,6 +65,7 @@ impl Limits {
     /// head limit is [`MAX_HEAD`].
     pub fn from_config(
         section: &str,
+        ids: (IdPolicy, IdVersion),
         header_read_secs: u64,
         idle_secs: u64,
         max_connections: usize,
@@ -78,7 +80,7 @@ impl Limits {
                 listeners,
             ),
             max_head: MAX_HEAD,
-            absent_ids: None,
+            ids,
         }
     }
 }
@@ -124,8 +126,8 @@ struct Tracked {
     ids: IdLines,
     /// An answer written in place of one of hyper's, and how much of it went out.
     pending: Option<(Vec<u8>, usize)>,
-    /// See [`Limits::absent_ids`].
-    absent_ids: Option<appproxy_shared::IdVersion>,
+    /// See [`Limits::ids`].
+    ids_rule: (IdPolicy, IdVersion),
 }
 
 impl Tracked {
@@ -133,7 +135,7 @@ impl Tracked {
         inner: TcpStream,
         last: Arc<AtomicU64>,
         epoch: Instant,
-        absent_ids: Option<appproxy_shared::IdVersion>,
+        ids_rule: (IdPolicy, IdVersion),
     ) -> Self {
         Self {
             inner,
@@ -141,7 +143,7 @@ impl Tracked {
             epoch,
             ids: IdLines::default(),
             pending: None,
-            absent_ids,
+            ids_rule,
         }
     }
 
@@ -172,10 +174,10 @@ impl Tracked {
     }
 }
 
-/// The request-ID header lines seen in the bytes read since the last answer: a
-/// short line at a time is kept (an ID line is short), so this costs a scan of the
-/// bytes and at most a few hundred bytes per connection.
-#[derive(Default)]
+/// The request-ID header lines of the head being read: a short line at a time is
+/// kept (an ID line is short), so this costs a scan of the head's bytes and at most
+/// a few hundred bytes per connection. A body is not scanned: the empty line that
+/// ends a head ends the scan until the next answer goes out.
 struct IdLines {
     /// The current line, while it is short enough to be an ID line.
     line: Vec<u8>,
@@ -183,6 +185,19 @@ struct IdLines {
     skipping: bool,
     /// Request-ID lines found (name, value), a few at most.
     found: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A head is being read (not yet its empty line).
+    in_head: bool,
+}
+
+impl Default for IdLines {
+    fn default() -> Self {
+        Self {
+            line: Vec::new(),
+            skipping: false,
+            found: Vec::new(),
+            in_head: true,
+        }
+    }
 }
 
 /// The longest line that can be a request-ID line (name, `: `, 128-byte value).
@@ -190,6 +205,9 @@ const ID_LINE_MAX: usize = 200;
 
 impl IdLines {
     fn scan(&mut self, bytes: &[u8]) {
+        if !self.in_head {
+            return;
+        }
         for part in bytes.split_inclusive(|&b| b == b'\n') {
             let ends = part.last() == Some(&b'\n');
             if !self.skipping {
@@ -202,6 +220,12 @@ impl IdLines {
             }
             if ends {
                 if !self.skipping {
+                    if self.line.trim_ascii().is_empty() {
+                        // The head's end: what follows is its body.
+                        self.line.clear();
+                        self.in_head = false;
+                        return;
+                    }
                     self.take_line();
                 }
                 self.line.clear();
@@ -225,16 +249,14 @@ impl IdLines {
     /// Another answer went out: the next head starts afresh.
     fn reset(&mut self) {
         self.found.clear();
+        self.line.clear();
+        self.skipping = false;
+        self.in_head = true;
     }
 
-    /// The valid request ID among the lines found, if any.
-    fn request_id(&self) -> Option<appproxy_shared::RequestId> {
-        match appproxy_shared::header::extract(
-            self.found.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
-        ) {
-            appproxy_shared::header::Extracted::Valid(id) => Some(id),
-            _ => None,
-        }
+    /// What the lines found say of the request ID.
+    fn extracted(&self) -> header::Extracted {
+        header::extract(self.found.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
     }
 }
 
@@ -326,10 +348,8 @@ impl AsyncWrite for Tracked {
         // hyper writes its own error answer whole, in one buffer; it is taken here
         // and the product's JSON error sent in its place.
         if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 {
-            let id = this
-                .ids
-                .request_id()
-                .or_else(|| this.absent_ids.map(appproxy_shared::RequestId::generate));
+            let (policy, version) = this.ids_rule;
+            let id = header::resolve(policy, this.ids.extracted(), version).0;
             if let Some(answer) = json_for_hyper_error(data, id) {
                 this.pending = Some((answer, 0));
                 this.ids.reset();
@@ -443,7 +463,7 @@ pub async fn serve(
             metrics.open.fetch_add(1, Ordering::Relaxed);
             let epoch = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
-            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch, limits.absent_ids));
+            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch, limits.ids));
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();
@@ -594,7 +614,37 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 
 #[cfg(test)]
 mod tests {
-    use super::secret_matches;
+    use super::{header, secret_matches, IdLines};
+
+    fn id_of(lines: &IdLines) -> Option<String> {
+        match lines.extracted() {
+            header::Extracted::Valid(id) => Some(id.as_str().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// Only a head's lines are scanned for the request ID, however its bytes are cut
+    /// into reads; its body (a tus upload, say) is not, until the next answer.
+    #[test]
+    fn request_id_lines_are_taken_from_heads_and_never_from_bodies() {
+        let head = b"PATCH /upload HTTP/1.1\r\nHost: t\r\nX-Request-ID: in-head-1\r\nContent-Length: 40\r\n\r\n";
+        let body = b"X-Backend-Request-ID: in-body-2\r\n\r\nmore";
+        for cut in 1..head.len() {
+            let mut lines = IdLines::default();
+            lines.scan(&head[..cut]);
+            lines.scan(&head[cut..]);
+            lines.scan(body);
+            assert_eq!(id_of(&lines).as_deref(), Some("in-head-1"), "cut at {cut}");
+        }
+        let mut lines = IdLines::default();
+        lines.scan(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\n\r\n");
+        lines.scan(body);
+        assert_eq!(id_of(&lines), None, "a body's lines are not a head's");
+        // After an answer, the next head is read afresh.
+        lines.reset();
+        lines.scan(b"GET / HTTP/1.1\r\nX-Request-ID: next-3\r\n\r\n");
+        assert_eq!(id_of(&lines).as_deref(), Some("next-3"));
+    }
 
     #[test]
     fn a_secret_matches_only_itself_and_an_empty_one_matches_nothing() {

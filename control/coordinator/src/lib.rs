@@ -54,6 +54,11 @@ use config::CoordinatorConfig;
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
 use store::{CircuitRow, Store, StoreError};
 
+/// The coordinator's request-ID rule: an ID is taken when valid, never generated (an
+/// absent one is recorded as absent); its request-ID layer and its server's own
+/// answers follow it.
+const REQUEST_IDS: (IdPolicy, IdVersion) = (IdPolicy::ExtractOnly, IdVersion::V4);
+
 /// Every Redis call the coordinator makes is bounded by this: an outage costs a call
 /// at most this long (then the caller's fallback applies), never a hang.
 pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -721,7 +726,7 @@ pub fn router(state: Arc<State>) -> Router {
         .layer(axum::middleware::from_fn(announced_size))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(observed, observe_api))
-        .layer(RequestIdLayer::new(IdPolicy::ExtractOnly, IdVersion::V4))
+        .layer(RequestIdLayer::new(REQUEST_IDS.0, REQUEST_IDS.1))
 }
 
 /// Times every API request under its method and route template (the pattern, never
@@ -1004,6 +1009,7 @@ impl Coordinator {
         let c = &state.config.coordinator;
         let limits = server::Limits::from_config(
             "coordinator",
+            REQUEST_IDS,
             c.header_read_timeout_secs,
             c.idle_timeout_secs,
             c.max_connections,

@@ -33,6 +33,11 @@ use appproxy_control_common::metrics;
 use config::StorageConfig;
 use volume::{PathError, Volumes};
 
+/// The storage-proxy's request-ID rule: a valid ID is kept, an absent or invalid one
+/// replaced by a generated UUID v4; both APIs' request-ID layers and their servers'
+/// own answers follow it.
+const REQUEST_IDS: (IdPolicy, IdVersion) = (IdPolicy::GenerateIfMissing, IdVersion::V4);
+
 /// Shared state of both APIs.
 pub struct State {
     /// The volumes.
@@ -502,7 +507,7 @@ pub async fn serve(
         None => None,
     };
     let state = state_with_events(config, events)?;
-    let layer = RequestIdLayer::new(IdPolicy::GenerateIfMissing, IdVersion::V4);
+    let layer = RequestIdLayer::new(REQUEST_IDS.0, REQUEST_IDS.1);
     let manager_app = manager::router(state.clone())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
@@ -523,18 +528,14 @@ pub async fn serve(
     // Both APIs: heads and idle connections timed, connections capped (each API
     // its own cap; together they stay below the descriptor limit).
     let s = &config.storage;
-    let limits = server::Limits {
-        // An answer the server writes itself to a head it cannot take gets an ID
-        // too, generated when the head carried none (the storage-proxy's rule).
-        absent_ids: Some(IdVersion::V4),
-        ..server::Limits::from_config(
-            "storage",
-            s.header_read_timeout_secs,
-            s.idle_timeout_secs,
-            s.max_connections,
-            2,
-        )
-    };
+    let limits = server::Limits::from_config(
+        "storage",
+        REQUEST_IDS,
+        s.header_read_timeout_secs,
+        s.idle_timeout_secs,
+        s.max_connections,
+        2,
+    );
     // Client heads carry download tokens in the query, and an archive token lists
     // its files: they may be as long as hyper has always taken.
     let limits_c = server::Limits {
