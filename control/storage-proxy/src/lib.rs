@@ -694,12 +694,8 @@ fn remove_expired_in(
         // reservation does, below): the file may be the one the PATCH writes to (it
         // has waited for a quota walk), or a file of that name a user put in another
         // vfolder's staging area.
-        let busy = state
-            .uploading
-            .lock()
-            .map_or(true, |set| set.contains(session.as_ref()));
         if old
-            && !busy
+            && !quota::patching(state, &session)
             && rustix::fs::unlinkat(
                 staging.as_fd(),
                 f.name.as_os_str(),

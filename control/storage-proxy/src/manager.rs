@@ -424,7 +424,7 @@ async fn delete_folder(
                 quota::release_staged(&st, &folder, s);
             }
             st.reservations.removed(&key);
-            folder_changed(&st, &r.volume, &r.vfid);
+            st.folders.changed(&folder);
             removed
         }),
     );

@@ -420,8 +420,6 @@ struct Ledger {
     /// report's look is made again when one came meanwhile: both move bytes
     /// between what the measurement and the look count).
     commits: u64,
-    /// Walks finished (a check that waited for a walk takes its result).
-    walks: u64,
     /// Walks ended, whether they measured the scope or not (see [`measured`]).
     tries: u64,
     /// The last walk that did not measure the scope: its number in `tries` and
@@ -619,17 +617,15 @@ impl Reservations {
 
     /// Releases a holder's reservation when it is an upload session of the
     /// vfolder `folder` (see [`release_staged`], the rule that calls this).
-    fn release_of(&self, folder: &Path, holder: &str) -> bool {
+    fn release_of(&self, folder: &Path, holder: &str) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held
             .get(holder)
-            .is_none_or(|h| h.folder.as_deref() != Some(folder))
+            .is_some_and(|h| h.folder.as_deref() == Some(folder))
         {
-            return false;
+            held.remove(holder);
+            tracing::debug!(holder, "quota reservation released");
         }
-        held.remove(holder);
-        tracing::debug!(holder, "quota reservation released");
-        true
     }
 
     /// Records when `holder`'s reservation stops being usable: the upload token of
@@ -793,7 +789,6 @@ fn walk_scope(
         stale: ledger.removals != removals,
         unheld,
     });
-    ledger.walks += 1;
     ledger.tries += 1;
     s.show(&ledger);
     Ok(bytes)
@@ -995,14 +990,12 @@ fn check(
         }
     }
     let mut held = r.held.lock().unwrap_or_else(|e| e.into_inner());
-    let (until, was_in) = held
-        .get(holder)
-        .map_or((None, None), |h| (h.until, h.folder.clone()));
+    let until = held.get(holder).and_then(|h| h.until);
     held.insert(
         holder.to_owned(),
         Held {
             scope: key.to_path_buf(),
-            folder: folder.map(Path::to_path_buf).or(was_in),
+            folder: folder.map(Path::to_path_buf),
             bytes,
             touched: Instant::now(),
             until,
@@ -1124,13 +1117,20 @@ pub fn sync(state: &State) -> usize {
 /// can write in a staging area can name a file there after any session: only a
 /// session of that very vfolder is let go (never one of another vfolder, of the
 /// scope or not), and only while no PATCH of it runs (a running PATCH has passed
-/// its check and writes on its reservation). Answers whether it was let go.
-pub fn release_staged(state: &State, folder: &Path, session: &str) -> bool {
-    let busy = state
+/// its check and writes on its reservation).
+pub fn release_staged(state: &State, folder: &Path, session: &str) {
+    if !patching(state, session) {
+        state.reservations.release_of(folder, session);
+    }
+}
+
+/// Whether a PATCH of `session` runs now (yes, when that cannot be told: a
+/// poisoned lock).
+pub fn patching(state: &State, session: &str) -> bool {
+    state
         .uploading
         .lock()
-        .map_or(true, |set| set.contains(session));
-    !busy && state.reservations.release_of(folder, session)
+        .map_or(true, |set| set.contains(session))
 }
 
 /// Releases a holder's reservation when dropped, unless kept: for setups that
