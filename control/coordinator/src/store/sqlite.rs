@@ -850,11 +850,16 @@ impl SqliteStore {
         worker: Option<&uuid::Uuid>,
     ) -> Result<Vec<super::HeldSlot>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare_cached(
+            // One worker's by its index (`?1 IS NULL OR worker = ?1` scans the
+            // table), or all.
+            let mut st = c.prepare_cached(if worker.is_some() {
                 "SELECT worker, id, port, subdomain FROM circuits
-                 WHERE ?1 IS NULL OR worker = ?1 ORDER BY created_at, rowid",
-            )?;
-            let rows = st.query_map(params![worker.map(|w| w.to_string())], |r| {
+                 WHERE worker = ?1 ORDER BY created_at, rowid"
+            } else {
+                "SELECT worker, id, port, subdomain FROM circuits ORDER BY created_at, rowid"
+            })?;
+            let one = worker.map(|w| w.to_string());
+            let rows = st.query_map(rusqlite::params_from_iter(one.iter()), |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
