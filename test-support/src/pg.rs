@@ -46,6 +46,22 @@ fn find_bin() -> PathBuf {
         .expect("PostgreSQL is not installed: the tests need initdb and postgres (apt-get install postgresql; .ci/run does)")
 }
 
+/// libfaketime's library, which moves a process's wall clock (`FAKETIME`).
+fn faketime_library() -> PathBuf {
+    let dirs = std::fs::read_dir("/usr/lib")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("faketime"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/lib/faketime"))
+        .chain(dirs)
+        .map(|d| d.join("libfaketime.so.1"))
+        .find(|lib| lib.is_file())
+        .expect("libfaketime is not installed: a test moves the database's clock (apt-get install faketime; .ci/run does)")
+}
+
 /// (uid, gid) of the `postgres` user when we are root.
 fn unprivileged() -> Option<(u32, u32)> {
     let euid = std::fs::metadata("/proc/self")
@@ -66,6 +82,13 @@ fn unprivileged() -> Option<(u32, u32)> {
 impl Pg {
     /// Initialises and starts a server with a database `appproxy`.
     pub fn start() -> Self {
+        Self::start_with_clock_ahead(0)
+    }
+
+    /// [`Pg::start`] with the server's wall clock `secs` ahead of the machine's
+    /// (behind when negative), through libfaketime (`apt-get install faketime`;
+    /// `.ci/run` does): a database host whose clock disagrees.
+    pub fn start_with_clock_ahead(secs: i64) -> Self {
         let bin = find_bin();
         let user = unprivileged();
         let dir = tempfile::Builder::new()
@@ -122,6 +145,12 @@ impl Pg {
             .stderr(Stdio::from(log));
         if let Some((uid, gid)) = user {
             server.uid(uid).gid(gid);
+        }
+        if secs != 0 {
+            server
+                .env("LD_PRELOAD", faketime_library())
+                .env("FAKETIME", format!("{secs:+}s"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         let child = server.spawn().expect("start postgres");
         let pg = Pg {

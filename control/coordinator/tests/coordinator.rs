@@ -3401,8 +3401,56 @@ impl StallingRelay {
 /// it has passed.
 #[test]
 fn an_insert_that_arrives_after_its_caller_was_answered_stores_nothing() {
+    a_held_insert_stores_nothing(appproxy_test_support::pg::Pg::start());
+}
+
+/// The same with the database's clock a minute behind the coordinator's: the
+/// deadline the insert carried was a coordinator's time, which the database's clock
+/// reached only a minute late, and the held insert was stored. The coordinator
+/// reads the database's clock and moves the deadline onto it.
+#[test]
+fn an_insert_held_past_its_deadline_stores_nothing_when_the_database_clock_is_behind() {
+    a_held_insert_stores_nothing(appproxy_test_support::pg::Pg::start_with_clock_ahead(-60));
+}
+
+/// A database whose clock is a minute ahead of the coordinator's: every insert's
+/// deadline had passed on the database's clock before it was sent, and every
+/// creation was refused 503. Now they succeed, and the difference is logged.
+#[test]
+fn creations_succeed_when_the_database_clock_is_ahead() {
+    let pg = appproxy_test_support::pg::Pg::start_with_clock_ahead(60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"{}\"\n[logging]\nfilter = \"info\"\n",
+        pg.url()
+    );
+    let c = common::start(dir.path(), &config);
+    let token = setup(&c);
+    for app in ["jupyter", "vscode"] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["reuse"], false);
+    }
+    let db = Db::Postgres(pg);
+    assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "2");
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("clock differs") && l.contains("server_ahead_ms")),
+        "the clock difference is logged: {log}"
+    );
+}
+
+/// A creation whose insert is held in transit for 12 s, past its caller's answer
+/// (503): nothing of it is stored, and the session then gets its circuit.
+fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
     use std::sync::atomic::Ordering;
-    let pg = appproxy_test_support::pg::Pg::start();
     let db = Db::Postgres(pg);
     let Db::Postgres(pg) = &db else {
         unreachable!()

@@ -246,6 +246,58 @@ const NODE_SEEN: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
 pub struct PgStore {
     /// Connections, created on demand and recycled; `Pool` is an `Arc` inside.
     pool: Pool,
+    /// How far the server's clock is ahead of ours, for the deadlines it checks.
+    clock: std::sync::Arc<std::sync::Mutex<ServerClock>>,
+}
+
+/// How often the server's clock is read again (a clock may be stepped).
+const CLOCK_REREAD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A reading of the server's clock that took longer than this tells too little.
+const CLOCK_SAMPLE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A difference past which the clocks are said to disagree (logged at `warn`).
+const CLOCK_WARN_MICROS: i64 = 1_000_000;
+
+/// The server's clock as this process last read it.
+#[derive(Debug, Default)]
+struct ServerClock {
+    /// Microseconds the server's clock is ahead of ours (negative: behind), read so
+    /// that it never exceeds the true difference: a deadline moved by it is on time
+    /// or early on the server, never late.
+    ahead_micros: i64,
+    /// When it was last read (`None`: never; the clocks are taken to agree).
+    read_at: Option<std::time::Instant>,
+}
+
+/// Microseconds since the Unix epoch, negative before it.
+fn unix_micros(t: SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// `t` moved by `micros` (either way), saturating at the epoch and far future.
+fn shifted(t: SystemTime, micros: i64) -> SystemTime {
+    let by = std::time::Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        t.checked_add(by).unwrap_or(t)
+    } else {
+        t.checked_sub(by)
+            .filter(|t| *t >= std::time::UNIX_EPOCH)
+            .unwrap_or(std::time::UNIX_EPOCH)
+    }
+}
+
+/// How far a server that read `theirs` is ahead of us, from a reading sent at
+/// `sent` and answered at `back` on our clock (`None`: the reading took too long to
+/// tell). The server read its clock at some instant of ours between the two; taking
+/// the latest makes the difference the smallest it can be, so a deadline moved by
+/// it falls early on the server rather than late.
+fn server_ahead(sent: SystemTime, theirs: SystemTime, back: SystemTime) -> Option<i64> {
+    let took = back.duration_since(sent).ok()?;
+    (took <= CLOCK_SAMPLE_MAX).then(|| unix_micros(theirs).saturating_sub(unix_micros(back)))
 }
 
 fn protocol_name(p: ProxyProtocol) -> &'static str {
@@ -436,9 +488,61 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            clock: Default::default(),
+        };
         store.migrate().await?;
+        let client = store.client().await?;
+        store.read_clock(&client).await;
         Ok(store)
+    }
+
+    /// Reads the server's clock on `client` and keeps how far it is ahead of ours.
+    /// A reading that fails or takes too long leaves the last one standing.
+    async fn read_clock(&self, client: &tokio_postgres::Client) {
+        let sent = SystemTime::now();
+        let Ok(row) = client.query_one("SELECT clock_timestamp()", &[]).await else {
+            return;
+        };
+        let back = SystemTime::now();
+        let Ok(theirs) = row.try_get::<_, SystemTime>(0) else {
+            return;
+        };
+        let Some(ahead) = server_ahead(sent, theirs, back) else {
+            return;
+        };
+        if ahead.unsigned_abs() > CLOCK_WARN_MICROS.unsigned_abs() {
+            tracing::warn!(
+                engine = "postgresql",
+                server_ahead_ms = ahead / 1000,
+                "the database's clock differs from this coordinator's; the deadlines \
+                 the database checks are moved by the difference (keep clocks synchronised)"
+            );
+        }
+        if let Ok(mut clock) = self.clock.lock() {
+            clock.ahead_micros = ahead;
+            clock.read_at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// `deadline` (a time on our clock) as a time on the server's, reading the
+    /// server's clock first on `client` when the last reading is old.
+    async fn on_server_clock(
+        &self,
+        client: &tokio_postgres::Client,
+        deadline: SystemTime,
+    ) -> SystemTime {
+        let stale = self
+            .clock
+            .lock()
+            .map(|c| c.read_at.is_none_or(|at| at.elapsed() >= CLOCK_REREAD))
+            .unwrap_or(true);
+        if stale {
+            self.read_clock(client).await;
+        }
+        let ahead = self.clock.lock().map(|c| c.ahead_micros).unwrap_or(0);
+        shifted(deadline, ahead)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -764,9 +868,10 @@ impl PgStore {
             Some((session, n)) => (Some(session), i32::try_from(n).unwrap_or(i32::MAX)),
             None => (None, 0),
         };
-        let inserted = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        // The server compares the deadline with its own clock.
+        let deadline = self.on_server_clock(&client, deadline).await;
+        let inserted = client
             .execute(
                 "WITH created AS (
                     INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
@@ -1364,5 +1469,64 @@ impl PgStore {
             token["upstream_tls"] = Value::String(tls);
         }
         Ok(Some(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn at(secs: u64, micros: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
+    }
+
+    #[test]
+    fn the_server_clock_is_read_as_far_ahead_as_it_surely_is_and_no_further() {
+        let sent = at(1_000, 0);
+        let back = at(1_000, 200_000);
+        // The server read 1030.1 s somewhere between our 1000.0 and 1000.2: it is
+        // 29.9 to 30.1 s ahead; the reading keeps the least of these.
+        assert_eq!(
+            server_ahead(sent, at(1_030, 100_000), back),
+            Some(29_900_000)
+        );
+        // Behind: read 970.1 s, so 29.9 to 30.1 s behind; the reading keeps the most.
+        assert_eq!(
+            server_ahead(sent, at(970, 100_000), back),
+            Some(-30_100_000)
+        );
+        // Either way, a deadline moved by the reading is never later on the server
+        // than the instant of ours it stands for.
+        for theirs in [at(1_030, 100_000), at(970, 100_000), at(1_000, 100_000)] {
+            let ahead = server_ahead(sent, theirs, back).expect("a quick reading");
+            for true_offset_at in [sent, back, at(1_000, 100_000)] {
+                let true_ahead = unix_micros(theirs) - unix_micros(true_offset_at);
+                assert!(ahead <= true_ahead, "{ahead} > {true_ahead}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_or_backwards_reading_tells_nothing() {
+        let sent = at(1_000, 0);
+        assert_eq!(server_ahead(sent, at(1_000, 0), at(1_001, 0)), None);
+        assert_eq!(
+            server_ahead(sent, at(1_000, 0), sent + CLOCK_SAMPLE_MAX),
+            Some(-500_000)
+        );
+        // Our clock stepped back between sending and the answer.
+        assert_eq!(server_ahead(sent, at(1_000, 0), at(999, 0)), None);
+    }
+
+    #[test]
+    fn deadlines_move_either_way_and_saturate() {
+        let t = at(1_000, 0);
+        assert_eq!(shifted(t, 1_500_000), at(1_001, 500_000));
+        assert_eq!(shifted(t, -1_500_000), at(998, 500_000));
+        assert_eq!(shifted(t, 0), t);
+        assert_eq!(shifted(t, i64::MIN), UNIX_EPOCH);
+        assert_eq!(unix_micros(UNIX_EPOCH - Duration::from_secs(1)), -1_000_000);
+        assert_eq!(unix_micros(t), 1_000_000_000);
     }
 }
