@@ -419,9 +419,14 @@ fn summarise_worker(w: &WorkerRow, occupied: u64) -> Value {
     out
 }
 
-/// The slots of `worker` among `held`.
-fn held_by(held: &[HeldSlot], worker: uuid::Uuid) -> Vec<&HeldSlot> {
-    held.iter().filter(|(w, ..)| *w == worker).collect()
+/// `held` grouped by worker, in one pass (one worker's among many would be a pass
+/// per worker).
+fn held_by_worker(held: &[HeldSlot]) -> std::collections::HashMap<uuid::Uuid, Vec<&HeldSlot>> {
+    let mut by = std::collections::HashMap::<uuid::Uuid, Vec<&HeldSlot>>::new();
+    for slot in held {
+        by.entry(slot.0).or_default().push(slot);
+    }
+    by
 }
 
 /// Every port of a port worker (free ones too unless `in_use_only`); the occupied
@@ -846,9 +851,11 @@ pub(super) async fn slots(
         (Some(_), [one]) => state.store.held_slots(Some(one.id)).await?,
         _ => state.store.held_slots(None).await?,
     };
+    let by_worker = held_by_worker(&held);
     let mut out = Vec::new();
     for w in named {
-        out.extend(slot_list(w, &held_by(&held, w.id), in_use_only));
+        let held = by_worker.get(&w.id).map_or(&[][..], Vec::as_slice);
+        out.extend(slot_list(w, held, in_use_only));
     }
     Ok(Json(json!({"slots": out})))
 }
@@ -953,7 +960,23 @@ pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json
 
 #[cfg(test)]
 mod tests {
-    use super::port_slots;
+    use super::{held_by_worker, port_slots};
+
+    #[test]
+    fn held_slots_are_grouped_by_worker_in_their_order() {
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let c = |n: u128, port: u16| (uuid::Uuid::from_u128(100 + n), Some(port));
+        let held = vec![
+            (a, c(1, 10).0, c(1, 10).1, None),
+            (b, c(2, 20).0, c(2, 20).1, None),
+            (a, c(3, 11).0, c(3, 11).1, Some("sub".to_owned())),
+        ];
+        let by = held_by_worker(&held);
+        assert_eq!(by.len(), 2);
+        assert_eq!(by[&a], vec![&held[0], &held[2]]);
+        assert_eq!(by[&b], vec![&held[1]]);
+        assert!(!by.contains_key(&uuid::Uuid::from_u128(3)));
+    }
 
     /// The slots as they are defined: every port of the range, with the first
     /// occupant on it.
