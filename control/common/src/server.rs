@@ -16,7 +16,11 @@
 //!   `{"error","code","request_id"}`, with the request ID the service's own rule
 //!   ([`Limits::ids`], the one its request-ID layer follows) gives the head: the
 //!   valid one it carried, else one generated (the storage-proxy) or none (the
-//!   coordinator). Only the bytes of a head are scanned for it, never a body.
+//!   coordinator). Only the bytes of a head are scanned for it, never a body. An
+//!   answer is taken for hyper's own only while hyper can be writing nothing else:
+//!   every response of the connection so far has ended and been flushed, and no
+//!   request has been handed to the service since ([`Exchanges`]). A response body
+//!   that happens to hold such bytes (a file in a vfolder) goes out untouched.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -128,6 +132,22 @@ struct Tracked {
     pending: Option<(Vec<u8>, usize)>,
     /// See [`Limits::ids`].
     ids_rule: (IdPolicy, IdVersion),
+    /// The requests handed to the service and the responses that ended.
+    exchanges: Arc<Exchanges>,
+    /// The count of requests handed to the service at the last flush that found
+    /// every response ended (`None`: the last flush did not); all bytes of those
+    /// responses had been written by then.
+    settled: Option<u64>,
+}
+
+/// What the service did on one connection, counted where hyper calls it: the
+/// requests it was handed and the response bodies hyper is done with (dropped).
+#[derive(Default)]
+struct Exchanges {
+    handed: AtomicU64,
+    ended: AtomicU64,
+    /// A response switched protocols: what follows is a tunnel's bytes.
+    upgraded: std::sync::atomic::AtomicBool,
 }
 
 impl Tracked {
@@ -136,6 +156,7 @@ impl Tracked {
         last: Arc<AtomicU64>,
         epoch: Instant,
         ids_rule: (IdPolicy, IdVersion),
+        exchanges: Arc<Exchanges>,
     ) -> Self {
         Self {
             inner,
@@ -144,7 +165,21 @@ impl Tracked {
             ids: IdLines::default(),
             pending: None,
             ids_rule,
+            exchanges,
+            settled: Some(0),
         }
+    }
+
+    /// Whether what hyper writes now can only be its own answer to a head it could
+    /// not take: hyper writes that only when the connection's responses are all
+    /// written, and any other write would belong to a request handed to the service.
+    /// Once every response has ended and a flush has followed, with nothing handed
+    /// since, hyper has nothing else to write.
+    fn only_hyper_writes(&self) -> bool {
+        let handed = self.exchanges.handed.load(Ordering::SeqCst);
+        !self.exchanges.upgraded.load(Ordering::SeqCst)
+            && self.exchanges.ended.load(Ordering::SeqCst) == handed
+            && self.settled == Some(handed)
     }
 
     fn touch(&self) {
@@ -282,7 +317,11 @@ fn json_for_hyper_error(data: &[u8], id: Option<appproxy_shared::RequestId>) -> 
     for line in lines {
         let lower = line.to_ascii_lowercase();
         if lower.starts_with("date: ") {
+            // hyper's date is printable ASCII; anything else is not its answer.
             date = line.get("date: ".len()..);
+            if !date.is_some_and(|d| d.bytes().all(|b| (b' '..=b'~').contains(&b))) {
+                return None;
+            }
         } else if lower != "connection: close" && lower != "content-length: 0" {
             return None;
         } else {
@@ -346,8 +385,9 @@ impl AsyncWrite for Tracked {
             return Poll::Pending;
         }
         // hyper writes its own error answer whole, in one buffer; it is taken here
-        // and the product's JSON error sent in its place.
-        if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 {
+        // and the product's JSON error sent in its place. Bytes of a response (a
+        // body chunk of the same shape) are never taken for it.
+        if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 && this.only_hyper_writes() {
             let (policy, version) = this.ids_rule;
             let id = header::resolve(policy, this.ids.extracted(), version).0;
             if let Some(answer) = json_for_hyper_error(data, id) {
@@ -368,6 +408,11 @@ impl AsyncWrite for Tracked {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // hyper flushes once its buffer is written out: whatever the responses that
+        // have ended wrote is all in by now.
+        let handed = self.exchanges.handed.load(Ordering::SeqCst);
+        let ended = self.exchanges.ended.load(Ordering::SeqCst);
+        self.settled = (ended == handed).then_some(handed);
         std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -375,6 +420,79 @@ impl AsyncWrite for Tracked {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connection's service, counting into [`Exchanges`] each request handed to it
+/// (before anything of its response exists) and each response body hyper is done
+/// with.
+struct Counted<S> {
+    inner: S,
+    exchanges: Arc<Exchanges>,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Counted<S>
+where
+    S: hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<EndCounted<B>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        self.exchanges.handed.fetch_add(1, Ordering::SeqCst);
+        let answered = self.inner.call(req);
+        let exchanges = self.exchanges.clone();
+        Box::pin(async move {
+            let response = answered.await?;
+            if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                exchanges.upgraded.store(true, Ordering::SeqCst);
+            }
+            Ok(response.map(|body| EndCounted {
+                body,
+                exchanges: Some(exchanges),
+            }))
+        })
+    }
+}
+
+/// A response body that counts itself ended when hyper drops it (it has been read
+/// to its end, or the exchange failed).
+pub struct EndCounted<B> {
+    body: B,
+    exchanges: Option<Arc<Exchanges>>,
+}
+
+impl<B> Drop for EndCounted<B> {
+    fn drop(&mut self) {
+        if let Some(exchanges) = self.exchanges.take() {
+            exchanges.ended.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for EndCounted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -463,11 +581,18 @@ pub async fn serve(
             metrics.open.fetch_add(1, Ordering::Relaxed);
             let epoch = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
-            let io = TokioIo::new(Tracked::new(stream, last.clone(), epoch, limits.ids));
+            let exchanges = Arc::new(Exchanges::default());
+            let io = TokioIo::new(Tracked::new(
+                stream,
+                last.clone(),
+                epoch,
+                limits.ids,
+                exchanges.clone(),
+            ));
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();
-            let service = hyper_util::service::TowerToHyperService::new(router.layer(
+            let routed = hyper_util::service::TowerToHyperService::new(router.layer(
                 axum::middleware::from_fn(
                     move |mut req: axum::extract::Request, next: axum::middleware::Next| {
                         let in_flight = in_flight.clone();
@@ -479,6 +604,10 @@ pub async fn serve(
                     },
                 ),
             ));
+            let service = Counted {
+                inner: routed,
+                exchanges,
+            };
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -614,7 +743,35 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{header, secret_matches, IdLines};
+    use super::{header, json_for_hyper_error, secret_matches, IdLines};
+
+    #[test]
+    fn only_hypers_exact_answer_is_rewritten() {
+        let ok = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Thu, 03 Dec 2026 12:00:00 GMT\r\n\r\n";
+        let answer = json_for_hyper_error(ok, None).expect("hyper's answer");
+        let text = String::from_utf8(answer).expect("text");
+        assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+        assert!(
+            text.contains("\r\ndate: Thu, 03 Dec 2026 12:00:00 GMT\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with(r#""code":"request-header-fields-too-large","request_id":null}"#));
+        for other in [
+            // A bare LF in the date would carry lines of its own into the answer.
+            &b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\nLocation: https://evil.example/\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: \x01\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 5\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\nx-other: 1\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\ntrailing",
+        ] {
+            assert!(
+                json_for_hyper_error(other, None).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
 
     fn id_of(lines: &IdLines) -> Option<String> {
         match lines.extracted() {
