@@ -1,5 +1,6 @@
-//! What both control-plane binaries do after reading their config: a multi-thread
-//! tokio runtime, and a shutdown future that resolves on SIGINT or SIGTERM.
+//! What both control-plane binaries do after reading their config: the descriptor
+//! limit raised as far as allowed, a multi-thread tokio runtime, and a shutdown
+//! future that resolves on SIGINT or SIGTERM.
 
 use std::future::Future;
 
@@ -21,12 +22,49 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Runs `serve(shutdown)` on a multi-thread runtime until it returns.
+/// The most descriptors a service asks for, when its hard limit is unlimited.
+const NOFILE_WANTED: u64 = 1 << 20;
+
+/// Raises the soft descriptor limit to the hard one (at most [`NOFILE_WANTED`]); the
+/// limit in force after. Connections, store and Redis connections, an archive's
+/// open directories and uploads all hold descriptors, and a soft limit of 1024
+/// (systemd's default) runs out long before a hard limit that allows far more;
+/// the connection caps are fitted below the limit in force
+/// ([`crate::server::effective_cap`]).
+pub fn raise_nofile() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let files = getrlimit(Resource::Nofile);
+    let current = files.current?;
+    let want = files
+        .maximum
+        .map_or(NOFILE_WANTED, |m| m.min(NOFILE_WANTED));
+    if current >= want {
+        return Some(current);
+    }
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: files.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = current, to = want, "descriptor limit raised");
+            Some(want)
+        }
+        Err(e) => {
+            tracing::warn!(nofile = current, error = %e, "the descriptor limit could not be raised");
+            Some(current)
+        }
+    }
+}
+
+/// Raises the descriptor limit ([`raise_nofile`]) and runs `serve(shutdown)` on a
+/// multi-thread runtime until it returns.
 pub fn run<F, Fut, T>(serve: F) -> anyhow::Result<T>
 where
     F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

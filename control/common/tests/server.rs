@@ -241,3 +241,33 @@ async fn a_bad_head_gets_the_json_error_fresh_or_after_a_response() {
         assert_eq!(json["code"], "bad-request");
     }
 }
+
+/// A service starts with its soft descriptor limit raised to the hard one: a soft
+/// limit of 1024 under a far higher hard one (systemd's default) left a service
+/// with a thousand descriptors for connections, archives and uploads.
+#[test]
+fn the_descriptor_limit_is_raised_to_the_hard_one() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let hard = before.maximum.unwrap_or(u64::MAX);
+    assert!(hard > 1024, "the test needs a hard limit above 1024");
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(1024),
+            maximum: before.maximum,
+        },
+    )
+    .expect("lower the soft limit");
+    let raised = appproxy_control_common::service::raise_nofile();
+    let after = getrlimit(Resource::Nofile);
+    assert_eq!(
+        after.maximum, before.maximum,
+        "the hard limit is left alone"
+    );
+    let want = hard.min(1 << 20);
+    assert_eq!(after.current, Some(want));
+    assert_eq!(raised, Some(want));
+    // Already there: nothing changes.
+    assert_eq!(appproxy_control_common::service::raise_nofile(), Some(want));
+}
