@@ -289,29 +289,11 @@ async fn proxy_auth(
     let reused = if Flag::get(q.no_reuse) {
         None
     } else {
-        // A circuit another request is still creating is no answer yet: its
-        // outcome is awaited (it may be withdrawn), then looked up again.
-        let mut found = reusable().await?;
-        for _ in 0..PLACEMENT_ATTEMPTS {
-            match &found {
-                Some(c) if state.is_creating(c.id) => {
-                    state.settled(c.id).await;
-                    found = reusable().await?;
-                }
-                _ => break,
-            }
-        }
-        found
+        reuse_on_alive_worker(&state, reusable).await?
     };
     let (circuit, reuse, worker) = match reused {
-        Some(c) => {
+        Some((c, worker)) => {
             tracing::info!(circuit = %c.id, "circuit reused");
-            let worker = state
-                .store
-                .worker(c.worker.unwrap_or_default())
-                .await?
-                .ok_or(ApiError::NoWorker)?
-                .registration;
             (c, true, worker)
         }
         None => {
@@ -384,7 +366,17 @@ async fn proxy_auth(
             // At most `[limits] max_circuits_per_session` live circuits per session,
             // decided by the store in the insert itself (a reuse above never counts).
             let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
-            let (circuit, worker) = create_circuit(&state, template, &request, limit).await?;
+            let (circuit, worker) =
+                match create_circuit(&state, template.clone(), &request, limit).await {
+                    // Circuits on workers that are gone serve nobody: they are
+                    // withdrawn rather than counted, and the creation tried again.
+                    Err(ApiError::SessionCircuitLimit(_))
+                        if withdraw_dead_circuits(&state, q.session_id).await? > 0 =>
+                    {
+                        create_circuit(&state, template, &request, limit).await?
+                    }
+                    created => created?,
+                };
             (circuit, false, worker)
         }
     };
@@ -521,6 +513,85 @@ impl Drop for Creating {
             state.creating().remove(&circuit);
         }));
     }
+}
+
+/// The session's circuit to reuse, found by `reusable`, with its worker: only one
+/// whose worker is `ALIVE`. A circuit another request is still creating is no
+/// answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
+/// A circuit on a worker that is gone (`LOST` by the heartbeat check, deregistered,
+/// `TERMINATED`, its row deleted) would send the user to a dead address until idle
+/// collection: it is withdrawn under this request's ID (its removal logged and
+/// announced as any other) and the next candidate looked at; with none, the caller
+/// creates a new circuit under the same reuse-key turn.
+async fn reuse_on_alive_worker<F, Fut>(
+    state: &Arc<State>,
+    reusable: F,
+) -> Result<Option<(Circuit, WorkerRegistration)>, ApiError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Circuit>, ApiError>>,
+{
+    // Each turn either waits out a creation or withdraws a circuit; bounded all
+    // the same, past which a new circuit is created.
+    for _ in 0..REUSE_LOOKS {
+        let Some(c) = reusable().await? else {
+            return Ok(None);
+        };
+        if state.is_creating(c.id) {
+            state.settled(c.id).await;
+            continue;
+        }
+        let worker = match c.worker {
+            Some(w) => state.store.worker(w).await?,
+            None => None,
+        };
+        match worker {
+            Some(w) if w.status == "ALIVE" => return Ok(Some((c, w.registration))),
+            gone => {
+                tracing::warn!(
+                    circuit = %c.id,
+                    worker = gone.as_ref().map(|w| w.registration.authority.as_str()).unwrap_or(""),
+                    status = gone.as_ref().map(|w| w.status.as_str()).unwrap_or("absent"),
+                    "the circuit's worker is gone; withdrawn instead of reused"
+                );
+                state.remove_circuit(c.id).await?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How many candidates a reuse looks at before creating anew.
+const REUSE_LOOKS: usize = 16;
+
+/// Withdraws the session's interactive circuits whose worker is not `ALIVE` (the
+/// ones `[limits] max_circuits_per_session` counts), under this request's ID;
+/// returns how many were withdrawn. Called when a creation met the limit: a
+/// session whose worker died must not be refused new apps until idle collection.
+async fn withdraw_dead_circuits(
+    state: &Arc<State>,
+    session: uuid::Uuid,
+) -> Result<usize, ApiError> {
+    let alive: std::collections::HashSet<uuid::Uuid> = state
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .filter(|w| w.status == "ALIVE")
+        .map(|w| w.id)
+        .collect();
+    let mut withdrawn = 0;
+    for (c, _) in state.store.circuits_of_session(session).await? {
+        let counted = c.app_mode == AppMode::Interactive && c.endpoint_id.is_none();
+        if !counted || c.worker.is_some_and(|w| alive.contains(&w)) || state.is_creating(c.id) {
+            continue;
+        }
+        tracing::warn!(circuit = %c.id, "the circuit's worker is gone; withdrawn to make room");
+        if state.remove_circuit(c.id).await? {
+            withdrawn += 1;
+        }
+    }
+    Ok(withdrawn)
 }
 
 /// Places, stores and announces a circuit built from `template`, then waits for the

@@ -112,6 +112,7 @@ on_both_engines! {
     concurrent_creations_of_one_endpoint_get_its_one_circuit => concurrent_creations_of_one_endpoint_get_its_one_circuit_sqlite, concurrent_creations_of_one_endpoint_get_its_one_circuit_postgresql;
     a_creation_dropped_while_its_insert_waits_is_withdrawn => a_creation_dropped_while_its_insert_waits_is_withdrawn_sqlite, a_creation_dropped_while_its_insert_waits_is_withdrawn_postgresql;
     circuits_per_session_are_capped => circuits_per_session_are_capped_sqlite, circuits_per_session_are_capped_postgresql;
+    a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused => a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_sqlite, a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -4120,5 +4121,122 @@ fn circuits_per_session_are_capped(db: Db) {
     assert_eq!(
         stored("SELECT count(*) FROM circuits"),
         (2 * LIMIT).to_string()
+    );
+}
+
+/// A session's circuit on a worker that is gone (here deregistered: `LOST`, no node
+/// left) is never handed out again: asking for the same app withdraws it under the
+/// request's ID (its removal in the worker's change log names that request) and
+/// creates a new circuit on an alive worker. Circuits on a dead worker do not keep
+/// the session at `[limits] max_circuits_per_session` either: a new app past the
+/// limit withdraws them and is created. An alive worker's circuit is still reused.
+fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &db, "[limits]\nmax_circuits_per_session = 2\n");
+    // worker-1 has the most free ports, so placement picks it while it lives.
+    let register = |authority: &str, host: &str, ports: [u16; 2]| {
+        let body = format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"{host}","api_port":10201,"port_range":[{},{}],"accepted_traffics":["interactive"]}}"#,
+            ports[0], ports[1]
+        );
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().expect("id").to_owned()
+    };
+    let first = register("worker-1", "proxy1.test", [10205, 10220]);
+    register("worker-2", "proxy2.test", [10305, 10308]);
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    // (circuit, host it sends the user to, reuse)
+    let ask = |app: &str, id: &str| {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+        let host = url.split('/').nth(2).expect("host").to_owned();
+        (circuit_of(&url), host, r.json()["reuse"] == true)
+    };
+    let (jupyter, host, reuse) = ask("jupyter", "create-jupyter");
+    assert_eq!((host.as_str(), reuse), ("proxy1.test:10201", false));
+    let (vscode, host, _) = ask("vscode", "create-vscode");
+    assert_eq!(host, "proxy1.test:10201");
+    assert_eq!(ask("jupyter", "reuse-alive"), (jupyter.clone(), host, true));
+    let revision = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{first}/circuits?since=0"),
+        &[AUTH],
+        "",
+    )
+    .json()["revision"]
+        .as_u64()
+        .expect("revision");
+    // worker-1 goes away (SIGTERM: it deregisters its only node).
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{first}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let status = request(c.addr, "GET", &format!("/api/worker/{first}"), &[AUTH], "").json()
+        ["status"]
+        .clone();
+    assert_eq!(status, "LOST");
+    // The same app again: a new circuit on the alive worker, the dead one withdrawn.
+    let (replacement, host, reuse) = ask("jupyter", "after-loss");
+    assert!(!reuse, "a circuit on a LOST worker was reused");
+    assert_eq!(host, "proxy2.test:10201");
+    assert_ne!(replacement, jupyter);
+    let gone = |circuit: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .status
+            == 404
+    };
+    assert!(gone(&jupyter), "the dead worker's circuit is left stored");
+    // A new app: the session holds its limit (vscode on the dead worker, the
+    // replacement), but the dead worker's circuit does not count.
+    let (terminal, host, reuse) = ask("terminal", "past-the-limit");
+    assert_eq!((host.as_str(), reuse), ("proxy2.test:10201", false));
+    assert!(gone(&vscode), "the dead worker's circuit is left stored");
+    // Each removal is logged under the request that made it.
+    let changes = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{first}/circuits?since={revision}"),
+        &[AUTH],
+        "",
+    )
+    .json();
+    assert_eq!(
+        changes["removed_by"],
+        serde_json::json!({jupyter.as_str(): "after-loss", vscode.as_str(): "past-the-limit"}),
+        "{changes}"
+    );
+    // The alive worker's circuits are reused as before.
+    assert_eq!(
+        ask("jupyter", "reuse-replacement"),
+        (replacement, "proxy2.test:10201".to_owned(), true)
+    );
+    assert_eq!(
+        db.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "2",
+        "{terminal}"
     );
 }
