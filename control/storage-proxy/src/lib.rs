@@ -251,6 +251,11 @@ pub enum ApiError {
     /// A filesystem error.
     #[error("filesystem error: {0}")]
     Io(std::io::Error),
+    /// A vfolder that is there but could not be opened (its user made it
+    /// unreadable to the proxy, descriptors or memory ran out, an I/O error): 500
+    /// `vfolder-unavailable`, never the 404 or 410 of a vfolder that is gone.
+    #[error("the vfolder could not be opened: {0}")]
+    FolderUnavailable(std::io::Error),
     /// An archive that failed before its first byte (the proxy's own fault: its
     /// temporary space, say): 500 `archive-failed`.
     #[error("the archive could not be made: {0}")]
@@ -317,6 +322,9 @@ impl ApiError {
             }
             Self::Io(_) => (StatusCode::BAD_REQUEST, "filesystem-error"),
             Self::Archive(_) => (StatusCode::INTERNAL_SERVER_ERROR, "archive-failed"),
+            Self::FolderUnavailable(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "vfolder-unavailable")
+            }
         }
     }
 }

@@ -389,9 +389,11 @@ async fn delete_folder(
     ApiJson(r): ApiJson<FolderReq>,
 ) -> Result<Response, ApiError> {
     let mut parts = Vfid::parse(&r.vfid)?.parts();
-    // A vfolder that is not there (any more) is gone, as the original answers.
+    // A vfolder that is not there (any more) is gone, as the original answers; one
+    // that is there but cannot be opened is an error, never gone (the manager
+    // would forget a vfolder whose data stays).
     match state.volumes.open_folder(&r.volume, &r.vfid) {
-        Err(PathError::NoFolder) => {
+        Err(ApiError::Path(PathError::NoFolder)) => {
             return Err(ApiError::Rejected {
                 status: StatusCode::GONE,
                 message: "vfolder not found (already deleted)".into(),
@@ -481,10 +483,12 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     }
     let src = state.volumes.open_folder(&r.src_volume, &r.src_vfid)?;
     let dst_parts = Vfid::parse(&r.dst_vfid)?.parts();
+    // Only a destination that is not there is free: one that cannot be opened
+    // (unreadable, descriptors exhausted) may well exist.
     match state.volumes.open_folder(&dst_volume, &r.dst_vfid) {
         Ok(_) => return Err(ApiError::Params("destination vfolder exists".into())),
-        Err(PathError::NoFolder) => {}
-        Err(e) => return Err(e.into()),
+        Err(ApiError::Path(PathError::NoFolder)) => {}
+        Err(e) => return Err(e),
     }
     // The destination scope must have room for the source: reserved while copying.
     let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::fsx;
+use super::{fsx, ApiError};
 
 /// A path or ID that was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,14 +170,22 @@ impl Volumes {
         fsx::open(root, &[name.into()], fsx::DIR, fsx::STRICT)
     }
 
-    /// Opens an existing vfolder's directory (no symlink followed on the way).
-    pub fn open_folder(&self, volume: &str, vfid: &str) -> Result<OwnedFd, PathError> {
+    /// Opens an existing vfolder's directory (no symlink followed on the way). Only
+    /// a directory that is not there (`ENOENT`) is [`PathError::NoFolder`]: a
+    /// vfolder the proxy cannot open (made unreadable by its user, descriptors or
+    /// memory exhausted, an I/O error) is there all the same, and is
+    /// [`ApiError::FolderUnavailable`]. Taken for a missing one, a delete was
+    /// answered 410 (the manager forgot the vfolder, its data stayed) and a clone
+    /// went into it.
+    pub fn open_folder(&self, volume: &str, vfid: &str) -> Result<OwnedFd, ApiError> {
         let parts = Vfid::parse(vfid)?.parts();
         fsx::open(self.root_fd(volume)?, &parts, fsx::DIR, fsx::STRICT).map_err(|e| {
             if fsx::is_escape(&e) {
-                PathError::Escape
+                PathError::Escape.into()
+            } else if e.kind() == std::io::ErrorKind::NotFound {
+                PathError::NoFolder.into()
             } else {
-                PathError::NoFolder
+                ApiError::FolderUnavailable(e)
             }
         })
     }

@@ -206,6 +206,82 @@ fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
     assert!(r.json()["request_id"].is_string());
 }
 
+/// Puts a directory's mode back when dropped (a test that fails part way still
+/// leaves a tree its temporary directory's removal can read).
+struct Mode(std::path::PathBuf, u32);
+
+impl Drop for Mode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(self.1));
+    }
+}
+
+/// A vfolder's user makes its root unreadable from a container (`chmod 000`, the
+/// proxy running as a service user bound by file permissions). Every failure to
+/// open a vfolder but an escape was taken for a missing vfolder: the delete was
+/// answered 410 "already deleted" (the manager drops its record, the data stays),
+/// the reports 404, and a clone into it went ahead. Now only a vfolder that is not
+/// there is gone; one that cannot be opened is 500 `vfolder-unavailable`, and
+/// nothing is deleted or cloned into it.
+#[test]
+fn a_vfolder_the_proxy_cannot_open_is_not_reported_gone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start_bound_by_permissions("");
+    create_folder(&p);
+    const SOURCE: &str =
+        "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0a1b2c3d4e5f40718293a4b5c6d7e8f9";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": SOURCE}),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let root = p.vfolder_path();
+    std::fs::write(root.join("data.bin"), [7u8; 1000]).expect("data");
+    let restore = Mode(root.clone(), 0o755);
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let unavailable = |what: &str, r: &appproxy_test_support::http::Resp| {
+        assert_eq!(
+            (r.status, r.json()["code"].as_str()),
+            (500, Some("vfolder-unavailable")),
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.json()["request_id"].is_string(), "{what}");
+    };
+    let r = p.manager_method("GET", "/folder/used-bytes", body(serde_json::json!({})));
+    unavailable("used-bytes", &r);
+    let r = p.manager(
+        "/folder/file/list",
+        body(serde_json::json!({"relpath": "."})),
+        None,
+    );
+    unavailable("list", &r);
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": SOURCE, "dst_vfid": VFID}),
+        None,
+    );
+    unavailable("clone into it", &r);
+    let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
+    unavailable("delete", &r);
+    drop(restore);
+    let names: Vec<_> = std::fs::read_dir(&root)
+        .expect("the vfolder is still there")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert_eq!(names, ["data.bin"], "{}", p.log());
+    assert_eq!(
+        std::fs::read(root.join("data.bin")).expect("data"),
+        [7u8; 1000]
+    );
+    // Readable again, it is the vfolder it was.
+    let r = p.manager_method("GET", "/folder/used-bytes", body(serde_json::json!({})));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["used_bytes"], 1000);
+}
+
 /// After uploads, downloads and a background task, `/metrics` has `# HELP` and
 /// `# TYPE` on every family, the transfer histograms count every PATCH and download
 /// with the bytes moved, tasks are counted by state, and quota usage is per scope.
