@@ -55,11 +55,12 @@ pub struct CoordinatorConfig {
     pub telemetry: TelemetryConfig,
     /// `[health_check]`: the active health check of inference routes.
     pub health_check: HealthCheckSection,
-    /// `[limits]`: what one session may hold.
+    /// `[limits]`: what one session or endpoint may hold.
     pub limits: LimitsSection,
 }
 
-/// `[limits]`: what one session may hold of the coordinator's resources.
+/// `[limits]`: what one session, or one endpoint, may hold of the coordinator's
+/// resources.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
@@ -70,12 +71,21 @@ pub struct LimitsSection {
     /// apps (notebooks, editors, terminals, a few custom ports): 32 is ample, and
     /// one setup token cannot take every port of a small cluster.
     pub max_circuits_per_session: u32,
+    /// Routes (replicas) one model-serving endpoint's circuit may hold: a route
+    /// registration or replacement past it is answered 400 and changes nothing.
+    /// Every route change is announced with the whole circuit (≈ 0.5 KiB a route), so
+    /// this bounds each event — 1024 routes ≈ 0.5 MiB, far below Redis' pub/sub
+    /// output buffer limits (8 MiB soft, 32 MiB hard), past which Redis disconnects
+    /// every subscriber. An endpoint's replicas are sessions with their own GPUs:
+    /// tens, rarely hundreds. 0: no limit.
+    pub max_routes_per_endpoint: u32,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         Self {
             max_circuits_per_session: 32,
+            max_routes_per_endpoint: 1024,
         }
     }
 }
@@ -266,6 +276,8 @@ mod tests {
         let off: CoordinatorConfig =
             toml::from_str("[limits]\nmax_circuits_per_session = 0\n").expect("parse");
         assert_eq!(off.limits.max_circuits_per_session, 0);
+        assert!(text.contains("max_routes_per_endpoint = 1024"), "{text}");
+        assert_eq!(read.limits.max_routes_per_endpoint, 1024);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Input accepts the aliases `endpoint_id` (for `deployment_id`) and `group_id` (for
 //! `project_id`); bulk answers keep request order and report per item.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use appproxy_shared::model::{
@@ -531,9 +532,9 @@ enum RouteOp {
     Unregister,
 }
 
-/// Applies one item's change: the new routes stored, the worker told.
+/// Applies one item's change: the new routes stored, the worker told. The caller
+/// holds [`super::health::ROUTE_WRITES`].
 async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Value, ApiError> {
-    let _writes = super::health::ROUTE_WRITES.lock().await;
     let Some((circuit, _)) = state.store.circuit_of_endpoint(item.deployment_id).await? else {
         return Ok(
             json!({"deployment_id": item.deployment_id, "success": false,
@@ -562,12 +563,14 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
         }
         RouteOp::Register => {
             let (mut added, mut already) = (Vec::new(), Vec::new());
+            let mut present: HashSet<uuid::Uuid> =
+                routes.iter().filter_map(|x| x.route_id).collect();
             for r in &item.routes {
-                if routes.iter().any(|x| x.route_id == Some(r.route_id)) {
-                    already.push(r.route_id);
-                } else {
+                if present.insert(r.route_id) {
                     routes.push(r.route());
                     added.push(r.route_id);
+                } else {
+                    already.push(r.route_id);
                 }
             }
             result["registered_route_ids"] = json!(added);
@@ -575,14 +578,16 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
         }
         RouteOp::Unregister => {
             let (mut removed, mut absent) = (Vec::new(), Vec::new());
+            let mut present: HashSet<uuid::Uuid> =
+                routes.iter().filter_map(|x| x.route_id).collect();
             for id in &item.route_ids {
-                if routes.iter().any(|x| x.route_id == Some(*id)) {
-                    routes.retain(|x| x.route_id != Some(*id));
+                if present.remove(id) {
                     removed.push(*id);
                 } else {
                     absent.push(*id);
                 }
             }
+            routes.retain(|x| x.route_id.is_none_or(|id| present.contains(&id)));
             result["unregistered_route_ids"] = json!(removed);
             result["already_absent_route_ids"] = json!(absent);
         }
@@ -626,11 +631,62 @@ async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Val
             )));
         }
     }
+    // Route writes are serialised with the health checker's, and the limit below is
+    // checked and the items applied under the same turn: nothing changes between.
+    let _writes = super::health::ROUTE_WRITES.lock().await;
+    within_route_limit(state, &body, op).await?;
     let mut out = Vec::with_capacity(body.endpoints.len());
     for item in &body.endpoints {
         out.push(routes_one(state, item, op).await?);
     }
     Ok(Json(json!({"endpoints": out})))
+}
+
+/// Refuses the whole body (400, nothing stored) when an item would leave its
+/// endpoint's circuit with more than `[limits] max_routes_per_endpoint` routes. Each
+/// route change is announced with the whole circuit (≈ 0.5 KiB a route): without a
+/// bound one endpoint's event could outgrow Redis' pub/sub output buffer, which
+/// disconnects every subscriber of the cluster. Items for the same endpoint are
+/// counted in order, as they will be applied.
+async fn within_route_limit(state: &State, body: &RoutesBody, op: RouteOp) -> Result<(), ApiError> {
+    let limit = state.config.limits.max_routes_per_endpoint;
+    if limit == 0 || matches!(op, RouteOp::Unregister) {
+        return Ok(());
+    }
+    let mut after: HashMap<uuid::Uuid, HashSet<uuid::Uuid>> = HashMap::new();
+    for (i, item) in body.endpoints.iter().enumerate() {
+        let ids = match after.entry(item.deployment_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // An endpoint without a circuit gets its per-item error when applied.
+                let Some((circuit, _)) =
+                    state.store.circuit_of_endpoint(item.deployment_id).await?
+                else {
+                    continue;
+                };
+                e.insert(
+                    circuit
+                        .route_info
+                        .iter()
+                        .filter_map(|r| r.route_id)
+                        .collect(),
+                )
+            }
+        };
+        if matches!(op, RouteOp::Replace) {
+            ids.clear();
+        }
+        ids.extend(item.routes.iter().map(|r| r.route_id));
+        if ids.len() > limit as usize {
+            return Err(ApiError::BadRequest(format!(
+                "endpoints[{i}]: endpoint {} would have {} routes, more than [limits] \
+                 max_routes_per_endpoint ({limit}); nothing was changed",
+                item.deployment_id,
+                ids.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn replace_routes(

@@ -4240,3 +4240,121 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
         "{terminal}"
     );
 }
+
+/// An endpoint's circuit holds at most `[limits] max_routes_per_endpoint` routes: a
+/// registration or replacement past it is a 400 naming the setting, and no item of
+/// the call is stored (also when two items for one endpoint only add up past it);
+/// up to it routes are registered, and routes already there are still reported as
+/// such — also at the limit, where they add nothing.
+#[test]
+fn routes_per_endpoint_are_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Sqlite;
+    let c = start_with(dir.path(), &db, "[limits]\nmax_routes_per_endpoint = 4\n");
+    register_inference_worker(&c);
+    let (e1, e2) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a91",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a92",
+    );
+    for e in [e1, e2] {
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e}"),
+            &[AUTH],
+            &endpoint_body(&format!("svc-{}", &e[e.len() - 2..]), None),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let id = |n: u32| format!("0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f{n:04}");
+    let routes = |ids: &[u32]| {
+        let list: Vec<String> = ids
+            .iter()
+            .map(|n| {
+                format!(
+                    r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{}","kernel_host":"10.0.1.7","kernel_port":8000}}"#,
+                    id(*n)
+                )
+            })
+            .collect();
+        format!("[{}]", list.join(","))
+    };
+    let call = |path: &str, items: &[(&str, &[u32])]| {
+        let items: Vec<String> = items
+            .iter()
+            .map(|(e, ids)| format!(r#"{{"deployment_id":"{e}","routes":{}}}"#, routes(ids)))
+            .collect();
+        request(
+            c.addr,
+            "POST",
+            path,
+            &[AUTH],
+            &format!(r#"{{"endpoints":[{}]}}"#, items.join(",")),
+        )
+    };
+    const REGISTER: &str = "/v2/endpoints/bulk/routes/register";
+    const REPLACE: &str = "/v2/endpoints/bulk/routes";
+    let ok = |r: Resp| {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["endpoints"][0].clone()
+    };
+    let refused = |r: Resp| {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert!(
+            e["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("max_routes_per_endpoint (4)")),
+            "{e}"
+        );
+    };
+    let r = ok(call(REGISTER, &[(e1, &[1, 2, 3])]));
+    assert_eq!(r["registered_route_ids"].as_array().map(Vec::len), Some(3));
+    // A duplicate is still detected; the new one fills the endpoint to its limit.
+    let r = ok(call(REGISTER, &[(e1, &[1, 4])]));
+    assert_eq!(
+        r["already_registered_route_ids"],
+        serde_json::json!([id(1)])
+    );
+    assert_eq!(r["registered_route_ids"], serde_json::json!([id(4)]));
+    // At the limit, what is already there adds nothing and is not refused.
+    let r = ok(call(REGISTER, &[(e1, &[2])]));
+    assert_eq!(
+        r["already_registered_route_ids"],
+        serde_json::json!([id(2)])
+    );
+    let stored = || db.query(dir.path(), "SELECT group_concat(body, '|') FROM circuits");
+    let before = stored();
+    // Past the limit: refused whole, the other endpoint's item included.
+    refused(call(REGISTER, &[(e2, &[1]), (e1, &[5])]));
+    assert_eq!(stored(), before, "nothing stored past the limit");
+    // Two items for one endpoint that add up past it.
+    refused(call(REGISTER, &[(e2, &[1, 2, 3]), (e2, &[4, 5])]));
+    refused(call(REPLACE, &[(e2, &[1, 2, 3, 4, 5])]));
+    assert_eq!(stored(), before, "nothing stored past the limit");
+    // Up to it, replacing and registering work.
+    ok(call(REPLACE, &[(e2, &[1, 2, 3, 4])]));
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/unregister",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e1}","route_ids":["{}","{}"]}}]}}"#,
+            id(4),
+            id(9)
+        ),
+    );
+    let r = ok(r);
+    assert_eq!(r["unregistered_route_ids"], serde_json::json!([id(4)]));
+    assert_eq!(r["already_absent_route_ids"], serde_json::json!([id(9)]));
+    let r = ok(call(REGISTER, &[(e1, &[5])]));
+    assert_eq!(r["registered_route_ids"], serde_json::json!([id(5)]));
+    let count = |e: &str| {
+        db.query(
+            dir.path(),
+            &format!("SELECT json_array_length(json_extract(body, '$.route_info')) FROM circuits WHERE endpoint_id = '{e}'"),
+        )
+    };
+    assert_eq!((count(e1), count(e2)), ("4".to_owned(), "4".to_owned()));
+}
