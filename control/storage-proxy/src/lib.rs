@@ -110,9 +110,6 @@ pub struct Metrics {
     pub quota_walks: std::sync::atomic::AtomicU64,
     /// Walks of a vfolder for `/folder/usage` and `/folder/used-bytes`.
     pub usage_walks_folder: std::sync::atomic::AtomicU64,
-    /// Looks at a quota scope's staging areas and clone destinations for
-    /// `GET /quota-scope` (its committed bytes are the quota's measurement).
-    pub usage_walks_staging: std::sync::atomic::AtomicU64,
     /// Histograms, gauges and labeled counters.
     pub observed: Observed,
     /// The manager API server's connection counters.

@@ -1402,7 +1402,7 @@ fn render_observed(state: &State, out: &mut String) {
         ),
         (
             "storage_proxy_usage_walk_duration_seconds",
-            "Duration of each walk made for a usage report (a vfolder's files and bytes, a quota scope's staging areas).",
+            "Duration of each walk made for a usage report (a vfolder's files and bytes).",
             &o.usage_walk_duration,
         ),
     ] {
@@ -1633,9 +1633,8 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
     let name = "storage_proxy_usage_walks_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Walks made for usage reports, by report: a vfolder's files and bytes (/folder/usage, /folder/used-bytes), or a quota scope's staging areas and clone destinations (GET /quota-scope; its committed bytes are the quota's measurement).\n# TYPE {name} counter\n{name}{{report=\"folder\"}} {}\n{name}{{report=\"quota-scope\"}} {}",
+        "# HELP {name} Walks made for usage reports, by report: a vfolder's files and bytes (/folder/usage, /folder/used-bytes; GET /quota-scope reports the quota's measurement, walked in storage_proxy_quota_walks_total).\n# TYPE {name} counter\n{name}{{report=\"folder\"}} {}",
         m.usage_walks_folder.load(Relaxed),
-        m.usage_walks_staging.load(Relaxed),
     );
     render_observed(&state, &mut out);
     let mut resp = out.into_response();

@@ -50,7 +50,7 @@
 //! anything on a partial count. The usage reports follow the same rule.
 //!
 //! `GET /quota-scope` reports from the same measurement (see [`report`]): no walk
-//! of the scope per report.
+//! of the scope per report, and the same figures the check adds up.
 //!
 //! What counts: the apparent size (`st_size`) of every entry that is not a
 //! directory, each inode once however many hard links it has inside the scope (by
@@ -150,7 +150,7 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
 }
 
 /// Depth below a scope directory of a vfolder's staging area
-/// (`<scope>/<xx>/<yy>/<rest>/.upload`); [`set_aside`] follows the same layout.
+/// (`<scope>/<xx>/<yy>/<rest>/.upload`).
 const STAGING_DEPTH: usize = 3;
 
 /// Whether `name` may be an upload session's staged file: 32 hex digits, as the
@@ -215,69 +215,6 @@ pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> std::io::Result<(u
 /// shell can make any number of such names, and the memory must not be theirs to
 /// choose); past that they stay counted (the safe side).
 const MAX_UNHELD: usize = 1_000;
-
-/// Bytes under the scope that committed bytes leave out: what live upload sessions'
-/// reservations hold of their staged files (each such file at most up to its
-/// reservation; see [`committed`]) and the clone destinations being filled
-/// (`pending`, vfolder directories, each inode once). Bounded by the number of
-/// vfolders and what their staging areas hold: a vfolder's own entries are never
-/// listed, its `.upload` is opened by name. A directory that cannot be opened or
-/// listed is an error (see [`fsx::usage`]), but for one that is not there or not
-/// a directory (any more): it holds nothing to count.
-pub fn set_aside(
-    scope: BorrowedFd<'_>,
-    pending: &HashSet<(u64, u64)>,
-    live: &Live,
-) -> std::io::Result<u64> {
-    let all = |_: &fsx::Entry, _: usize| true;
-    let subdirs = |dir: BorrowedFd<'_>| -> std::io::Result<Vec<(std::ffi::OsString, fsx::Meta)>> {
-        Ok(fsx::entries(dir)?
-            .into_iter()
-            .filter(|e| e.kind() == rustix::fs::FileType::Directory)
-            .map(|e| (e.name, e.stat))
-            .collect())
-    };
-    // Gone, or swapped for a symlink or a file: nothing of it is counted anywhere.
-    let open = |dir: BorrowedFd<'_>, name: &std::ffi::OsStr| match fsx::child_dir(dir, name) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound || fsx::is_not_dir(&e) => Ok(None),
-        Err(e) => Err(e),
-    };
-    let mut cover = Cover::new(live);
-    let mut bytes = 0u64;
-    for (a, _) in subdirs(scope)? {
-        let Some(fa) = open(scope, &a)? else {
-            continue;
-        };
-        for (b, _) in subdirs(fa.as_fd())? {
-            let Some(fb) = open(fa.as_fd(), &b)? else {
-                continue;
-            };
-            for (c, stat) in subdirs(fb.as_fd())? {
-                let Some(vfolder) = open(fb.as_fd(), &c)? else {
-                    continue;
-                };
-                if pending.contains(&(stat.st_dev, stat.st_ino)) {
-                    let pended = fsx::usage(vfolder.as_fd(), fsx::Links::Once, &all)?.1;
-                    bytes = bytes.saturating_add(pended);
-                    continue;
-                }
-                if live.is_empty() {
-                    continue;
-                }
-                let Some(staging) = open(vfolder.as_fd(), std::ffi::OsStr::new(STAGING))? else {
-                    continue;
-                };
-                for e in fsx::entries(staging.as_fd())? {
-                    if let Some(held) = cover.file(&e) {
-                        bytes = bytes.saturating_add((e.stat.st_size as u64).min(held));
-                    }
-                }
-            }
-        }
-    }
-    Ok(bytes)
-}
 
 /// Bytes committed under the scope: everything but `.quota`, the directories in
 /// `pending` (`(dev, ino)` of clone destinations being filled, whose bytes their
@@ -416,10 +353,6 @@ struct Ledger {
     /// uploads, finished clones, PATCH bytes no reservation holds): a walk adds
     /// what was put in place while it ran.
     put_in_place: u64,
-    /// Commits, and reservations let go with a staged file, since the start (a
-    /// report's look is made again when one came meanwhile: both move bytes
-    /// between what the measurement and the look count).
-    commits: u64,
     /// Walks ended, whether they measured the scope or not (see [`measured`]).
     tries: u64,
     /// The last walk that did not measure the scope: its number in `tries` and
@@ -443,10 +376,6 @@ struct Scope {
     /// Held by the walk of the scope in progress; checks that need a measurement
     /// wait here (asynchronously) and take that walk's result instead of walking.
     walk: Arc<tokio::sync::Mutex<()>>,
-    /// `GET /quota-scope`'s look at what the measurement leaves out (what live
-    /// sessions hold of their staged files, clone destinations being filled): one
-    /// at a time, concurrent reports share it.
-    report: Arc<super::usage::Flight<(u64, u64)>>,
 }
 
 impl Scope {
@@ -547,9 +476,6 @@ impl Reservations {
         let done = commit()?;
         self.release(holder);
         ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
-        ledger.commits += 1;
-        // A report's look that ended before this is not served to a later report.
-        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             // A staged file no reservation held (a scope without a limit) was
             // counted by the walk: it is now among the bytes put in place.
@@ -570,8 +496,6 @@ impl Reservations {
         let mut ledger = s.ledger();
         // A walk running now adds them too (it may have seen them already).
         ledger.put_in_place = ledger.put_in_place.saturating_add(bytes);
-        ledger.commits += 1;
-        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.bytes = m.bytes.saturating_add(bytes);
             let room = m.unheld.len() < MAX_UNHELD;
@@ -686,7 +610,6 @@ impl Reservations {
         let s = self.scope(scope);
         let mut ledger = s.ledger();
         ledger.removals += 1;
-        s.report.changed();
         if let Some(m) = &mut ledger.measured {
             m.stale = true;
         }
@@ -844,18 +767,16 @@ pub async fn measure(
     .await
 }
 
-/// What `GET /quota-scope` reports of a scope that exists: `(used, reserved)`.
-/// `used` is every byte under the scope, each inode once (`.quota` left out, the
-/// staging areas of uploads in progress and clone destinations being filled
-/// counted): the scope's measurement of committed bytes (see [`measure`]; no walk
-/// while it is young enough and no delete came since) plus a look at what it
-/// leaves out ([`set_aside`]: live sessions' staged files and clone destinations
-/// only, never the vfolders' own trees), made one at a time per scope and shared by
-/// the reports that wait for it. The two figures and the reservations are read so
-/// that they agree: the look is made again (three times at most) when a commit (or
-/// a reservation that moved a staged file between the two) ran during it,
-/// and the measurement and the reservations are read together under the scope's
-/// lock, where a commit moves bytes from one to the other.
+/// What `GET /quota-scope` reports of a scope that exists: `(used, reserved)`,
+/// the two figures the quota's check adds up: `used` is the scope's measurement of
+/// committed bytes (see [`measure`]; no walk while it is young enough and no
+/// delete came since), `reserved` what the reservations hold. An upload's bytes
+/// count once, in `reserved` until it completes and in `used` from then on, and a
+/// clone's likewise: the measurement leaves out what reservations hold (live
+/// sessions' staged files, clone destinations being filled). Both are read
+/// together under the scope's lock, where a commit moves bytes from one to the
+/// other. Before, `used` also added those staged files and destinations, which
+/// `reserved` held already: counted twice.
 pub async fn report(
     state: &Arc<State>,
     key: &Path,
@@ -863,47 +784,16 @@ pub async fn report(
     scope_name: &str,
 ) -> Result<(u64, u64), ApiError> {
     measure(state, key, volume, scope_name).await?;
-    let s = state.reservations.scope(key);
-    let (st, k, v, n) = (
-        state.clone(),
-        key.to_path_buf(),
-        volume.to_owned(),
-        scope_name.to_owned(),
-    );
-    s.report
-        .clone()
-        .get(Duration::ZERO, move || {
-            let scope = st.volumes.open_scope(&v, &n)?;
-            let s = st.reservations.scope(&k);
-            let began = Instant::now();
-            let mut tries = 0;
-            let figures = loop {
-                let before = s.ledger().commits;
-                let live = st.reservations.live(&k);
-                let aside = measured("the quota scope's staging areas", || {
-                    set_aside(scope.as_fd(), &st.reservations.pending(), &live)
-                })?;
-                let ledger = s.ledger();
-                tries += 1;
-                if ledger.commits == before || tries == 3 {
-                    break ledger.measured.as_ref().map(|m| {
-                        (
-                            m.bytes.saturating_add(aside),
-                            st.reservations.reserved(&k, ""),
-                        )
-                    });
-                }
-            };
-            super::Metrics::add(&st.metrics.usage_walks_staging, 1);
-            st.metrics
-                .observed
-                .usage_walk_duration
-                .observe(began.elapsed());
-            figures.ok_or_else(|| {
-                ApiError::Io(std::io::Error::other("the quota scope has no measurement"))
-            })
-        })
-        .await
+    let (st, k) = (state.clone(), key.to_path_buf());
+    super::blocking(move || {
+        let s = st.reservations.scope(&k);
+        let ledger = s.ledger();
+        let used = ledger.measured.as_ref().map(|m| m.bytes).ok_or_else(|| {
+            ApiError::Io(std::io::Error::other("the quota scope has no measurement"))
+        })?;
+        Ok((used, st.reservations.reserved(&k, "")))
+    })
+    .await
 }
 
 /// Lets `holder`'s reservation go under the scope's lock (`ledger`): what it held of
@@ -924,8 +814,6 @@ fn let_go(r: &Reservations, s: &Scope, ledger: &mut Ledger, holder: &str, staged
     }
     // A walk running now adds them too (it may have seen the file covered).
     ledger.put_in_place = ledger.put_in_place.saturating_add(counted);
-    ledger.commits += 1;
-    s.report.changed();
     if let Some(m) = &mut ledger.measured {
         m.bytes = m.bytes.saturating_add(counted);
         if m.unheld.len() < MAX_UNHELD {
@@ -983,8 +871,6 @@ fn check(
         if let Some(m) = &mut ledger.measured {
             if m.unheld.remove(holder).is_some() {
                 m.bytes = m.bytes.saturating_sub(credit);
-                ledger.commits += 1;
-                s.report.changed();
                 s.show(&ledger);
             }
         }

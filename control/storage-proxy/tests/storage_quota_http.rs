@@ -743,10 +743,10 @@ fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
         vec![1u8; 2_000],
     )
     .expect("file");
-    // The scope holds the 2 000 hidden bytes and the 1 500 staged ones; 4 000 are
-    // reserved, so 4 000 are left.
+    // The scope holds the 2 000 hidden bytes; the 1 500 staged ones are among the
+    // 4 000 reserved, so 4 000 are left.
     let q = quota_scope(&p);
-    assert_eq!(q["used_bytes"], 3_500, "{q}");
+    assert_eq!(q["used_bytes"], 2_000, "{q}");
     assert_eq!(q["reserved_bytes"], 4_000, "{q}");
     assert_eq!(
         folder_used_bytes(&p),
@@ -764,6 +764,47 @@ fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
     assert_eq!(q["used_bytes"], 10_000, "{q}");
     assert_eq!(q["reserved_bytes"], 0, "{q}");
     assert_eq!(folder_used_bytes(&p), 10_000);
+}
+
+/// `GET /quota-scope` counted a live upload's staged bytes twice: in `used_bytes`
+/// (a look at the staging areas) and in `reserved_bytes` (the reservation holding
+/// them), so a 61-byte session with 60 written on a 100-byte limit showed 121 of
+/// 100 taken while the quota's check, which counts them once, admitted another
+/// 39. Now they count once, in `reserved_bytes` until the upload completes and in
+/// `used_bytes` from then on: used plus reserved is what the check compares with
+/// the limit.
+#[test]
+fn a_live_upload_is_reported_once_as_reserved() {
+    let p = Proxy::start("quota_usage_max_age_secs = 0\n");
+    create_with_limit(&p, 100);
+    let r = upload_token(&p, "a.bin", 61);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(patch(&p, &a, 0, &[1u8; 60]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (&q["used_bytes"], &q["reserved_bytes"], &q["limit_bytes"]),
+        (&0.into(), &61.into(), &100.into()),
+        "{q}"
+    );
+    // What the report leaves is what the check admits: 39 bytes, not one more.
+    assert_eq!(upload_token(&p, "b.bin", 40).status, 413);
+    let r = upload_token(&p, "b.bin", 39);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let q = quota_scope(&p);
+    assert_eq!(
+        (&q["used_bytes"], &q["reserved_bytes"]),
+        (&0.into(), &100.into()),
+        "{q}"
+    );
+    // Completed, its bytes move from reserved to used.
+    assert_eq!(patch(&p, &a, 60, &[1u8; 1]).status, 204);
+    let q = quota_scope(&p);
+    assert_eq!(
+        (&q["used_bytes"], &q["reserved_bytes"]),
+        (&61.into(), &39.into()),
+        "{q}"
+    );
 }
 
 /// A restart forgets the reservations: a session's staged file then counts as
@@ -785,12 +826,13 @@ fn a_session_resumed_after_a_restart_is_not_counted_twice() {
         (6_000.into(), 0.into())
     );
     assert_eq!(upload_token(&p, "b.bin", 4_001).status, 413);
-    // The session resumes: reserved whole again, its staged bytes held by it.
+    // The session resumes: reserved whole again, its staged bytes held by it
+    // (counted there only).
     assert_eq!(patch(&p, &a, 6_000, &[1u8; 3_000]).status, 204);
     let q = quota_scope(&p);
     assert_eq!(
         (q["used_bytes"].clone(), q["reserved_bytes"].clone()),
-        (9_000.into(), 10_000.into())
+        (0.into(), 10_000.into())
     );
     assert_eq!(upload_token(&p, "b.bin", 1).status, 413);
     assert_eq!(patch(&p, &a, 9_000, &[1u8; 1_000]).status, 204);
