@@ -29,7 +29,7 @@ pub(super) async fn live() -> Json<Value> {
 
 /// Ready when the store and (if configured) Redis answer.
 pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
-    let store = state.store.ping().await;
+    let store = state.store.ready().await;
     let redis = match &state.redis {
         Some(conn) => {
             let mut conn = conn.clone();

@@ -224,6 +224,11 @@ pub struct DatabaseSection {
     pub sqlite_path: PathBuf,
     /// PostgreSQL connections kept by the pool.
     pub pool_size: usize,
+    /// The embedded database file grows no larger than this (MiB; 0: no limit):
+    /// a write past it is refused as on a full disk (503 `E10003`, `/readyz` not
+    /// ready until room is made), before the disk it shares with logs and apps
+    /// fills up.
+    pub sqlite_max_size_mib: u64,
 }
 
 impl Default for DatabaseSection {
@@ -232,6 +237,7 @@ impl Default for DatabaseSection {
             url: None,
             sqlite_path: PathBuf::from("appproxy-coordinator.sqlite3"),
             pool_size: 16,
+            sqlite_max_size_mib: 0,
         }
     }
 }

@@ -913,6 +913,7 @@ impl Coordinator {
             config.database.url.as_deref(),
             &config.database.sqlite_path,
             config.database.pool_size,
+            config.database.sqlite_max_size_mib.saturating_mul(1 << 20),
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;

@@ -4358,3 +4358,76 @@ fn routes_per_endpoint_are_capped() {
     };
     assert_eq!((count(e1), count(e2)), ("4".to_owned(), "4".to_owned()));
 }
+
+/// A SQLite store that cannot take writes (here its file at `[database]
+/// sqlite_max_size_mib`, which SQLite refuses as it refuses a full disk:
+/// `SQLITE_FULL`) answers 503 `E10003` store-unavailable, not 500, and `/readyz`
+/// says not ready, naming the cause, though reads still answer; once room is made
+/// (an operator deletes rows from another connection) `/readyz` finds the store
+/// takes writes again by itself, and so do the API's calls.
+#[test]
+fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("coordinator.sqlite3");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\nsqlite_max_size_mib = 1\n[logging]\nfilter = \"info\"\n",
+        db_path.display()
+    );
+    let c = common::start(dir.path(), &config);
+    let token = setup(&c);
+    let ready = || request(c.addr, "GET", "/readyz", &[], "");
+    assert_eq!(ready().status, 200);
+    // Setup tokens fill the file: big ones, then small ones for the last pages.
+    let conf = |size: usize| {
+        let filler = "x".repeat(size);
+        format!(
+            r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"filler":"{filler}","session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+        )
+    };
+    for (size, calls) in [(50_000, 100), (1_000, 2_000)] {
+        let body = conf(size);
+        let full = (0..calls)
+            .map(|_| request(c.addr, "POST", "/v2/conf", &[AUTH], &body))
+            .find(|r| r.status != 200)
+            .expect("the file never filled");
+        let body = full.json();
+        assert_eq!(full.status, 503, "{body}");
+        assert_eq!(body["code"], "store-unavailable", "{body}");
+        assert_eq!(body["msg"], "E10003: Circuit store unavailable", "{body}");
+    }
+    let r = ready();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["status"], "unavailable");
+    assert!(
+        r.json()["store"]
+            .as_str()
+            .is_some_and(|s| s.contains("full")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Reads still answer meanwhile.
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Room is made from another connection.
+    let operator = rusqlite::Connection::open(&db_path).expect("db");
+    operator
+        .busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let deleted = operator
+        .execute("DELETE FROM tokens WHERE length(body) > 1000", [])
+        .expect("delete");
+    assert!(deleted > 0);
+    drop(operator);
+    let r = ready();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf(50_000));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

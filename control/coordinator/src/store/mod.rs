@@ -280,14 +280,35 @@ impl StoreError {
                         || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
                         || *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
                         || code.code().starts_with("08")
+                        // Insufficient resources: the server's disk full, out of memory.
+                        || code.code().starts_with("53")
                 }
             },
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ),
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) || self.is_storage_failure()
+            }
             _ => false,
         }
+    }
+
+    /// Whether SQLite failed for want of storage — the disk full (`SQLITE_FULL`),
+    /// an I/O error (`SQLITE_IOERR*`), the file read-only (`SQLITE_READONLY`) or not
+    /// to be opened (`SQLITE_CANTOPEN`): no fault of the call, which may succeed
+    /// once the operator makes room (503, and `/readyz` not ready meanwhile).
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if matches!(
+                e.code,
+                rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+            )
+        )
     }
 }
 
@@ -343,14 +364,16 @@ impl Store {
         url: Option<&str>,
         sqlite_path: &std::path::Path,
     ) -> Result<Self, StoreError> {
-        Self::open_with(url, sqlite_path, 16).await
+        Self::open_with(url, sqlite_path, 16, 0).await
     }
 
-    /// [`Store::open`] with a PostgreSQL pool of `pool_size` connections.
+    /// [`Store::open`] with a PostgreSQL pool of `pool_size` connections, and a
+    /// SQLite file that grows no larger than `sqlite_max_bytes` (0: no limit).
     pub async fn open_with(
         url: Option<&str>,
         sqlite_path: &std::path::Path,
         pool_size: usize,
+        sqlite_max_bytes: u64,
     ) -> Result<Self, StoreError> {
         match url {
             Some(url) => Ok(Self::Postgres(
@@ -358,9 +381,11 @@ impl Store {
             )),
             None => {
                 let path = sqlite_path.to_owned();
-                let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
-                    .await
-                    .map_err(|_| StoreError::Task)??;
+                let store = tokio::task::spawn_blocking(move || {
+                    sqlite::SqliteStore::open(&path, sqlite_max_bytes)
+                })
+                .await
+                .map_err(|_| StoreError::Task)??;
                 Ok(Self::Sqlite(Arc::new(store)))
             }
         }
@@ -743,6 +768,21 @@ impl Store {
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, |s| s.ping(), |p| p.ping())
+    }
+
+    /// Whether the store answers and takes writes, for `/readyz`: a round trip, and
+    /// on SQLite, after a write failed for want of storage (disk full, read-only,
+    /// I/O error) and none has succeeded since, a write that needs room — not ready
+    /// while it fails too. Readiness recovers by itself once room is made, also when
+    /// a balancer sends it nothing else.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.ping().await?;
+        match self {
+            Self::Sqlite(s) if s.write_failure().is_some() => {
+                dispatch!(self, |s| s.probe_write(), |p| p.ping())
+            }
+            _ => Ok(()),
+        }
     }
 }
 

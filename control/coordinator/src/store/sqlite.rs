@@ -255,6 +255,10 @@ fn recount(
 pub struct SqliteStore {
     /// One connection; SQLite serialises writers anyway.
     conn: Mutex<Connection>,
+    /// Why the last write failed for want of storage (disk full, read-only, I/O
+    /// error), until a write succeeds again: reads still answer then, so `/readyz`
+    /// would otherwise call ready a store that refuses every change.
+    write_failure: Mutex<Option<String>>,
 }
 
 fn conflict_or(e: rusqlite::Error) -> StoreError {
@@ -271,6 +275,10 @@ fn conflict_or(e: rusqlite::Error) -> StoreError {
 fn parse_id(s: &str) -> Result<uuid::Uuid, StoreError> {
     uuid::Uuid::parse_str(s).map_err(|e| StoreError::Data(format!("id {s:?}: {e}")))
 }
+
+/// The size of the readiness probe's row: more than a page (4 KiB by default), so
+/// that it needs pages of its own.
+const PROBE_BYTES: usize = 8192;
 
 /// The longest a call waits for a lock another process holds on the file.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -300,10 +308,17 @@ pub(super) fn by_deadline<R>(deadline: std::time::Instant, call: impl FnOnce() -
 }
 
 impl SqliteStore {
-    /// Opens (creating) the database at `path` and migrates it.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating) the database at `path` and migrates it; with `max_bytes`
+    /// (not 0) the file grows no larger (SQLite's `max_page_count`): a write past it
+    /// fails as on a full disk.
+    pub fn open(path: &Path, max_bytes: u64) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        if max_bytes > 0 {
+            let page: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            let pages = (max_bytes / page.max(512)).max(1);
+            conn.pragma_update(None, "max_page_count", pages as i64)?;
+        }
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -316,6 +331,32 @@ impl SqliteStore {
         }
         Ok(Self {
             conn: Mutex::new(conn),
+            write_failure: Mutex::new(None),
+        })
+    }
+
+    /// Why the last write failed for want of storage, while no write has succeeded
+    /// since.
+    pub(super) fn write_failure(&self) -> Option<String> {
+        self.write_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A write that needs room (a row over two pages, inserted and deleted in one
+    /// committed transaction): whether the store takes writes again after one
+    /// failed for want of storage. Its success clears the failure.
+    pub(super) fn probe_write(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO tokens (id, body, created_at) VALUES ('readiness-probe', ?1, '')",
+                params!["0".repeat(PROBE_BYTES)],
+            )?;
+            tx.execute("DELETE FROM tokens WHERE id = 'readiness-probe'", [])?;
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -341,7 +382,18 @@ impl SqliteStore {
             None => BUSY_TIMEOUT,
         };
         conn.busy_timeout(wait)?;
-        f(&conn)
+        let changes = conn.total_changes();
+        let result = f(&conn);
+        match &result {
+            Err(e) if e.is_storage_failure() => {
+                *self.write_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            Ok(_) if conn.total_changes() != changes => {
+                *self.write_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            _ => {}
+        }
+        result
     }
 
     pub(super) fn ping(&self) -> Result<(), StoreError> {
