@@ -285,7 +285,9 @@ impl From<crate::auth::Refused> for Refusal {
     }
 }
 
-/// The reason phrase for the status codes the proxy answers itself.
+/// The reason phrase for a status: the proxy's own answers', then the registered
+/// ones (an app's status relayed from HTTP/2, which has no phrase), then a neutral
+/// one by class.
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
@@ -305,6 +307,15 @@ pub fn reason(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
-        _ => "Error",
+        _ => http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or(match status / 100 {
+                1 => "Informational",
+                2 => "Success",
+                3 => "Redirection",
+                4 => "Client Error",
+                _ => "Server Error",
+            }),
     }
 }

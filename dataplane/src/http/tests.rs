@@ -741,3 +741,15 @@ fn authorities_parse_strictly() {
     assert!(!a.same(&Authority::parse(b"a").expect("valid"), 443));
     assert!(!a.same(&Authority::parse(b"b:80").expect("valid"), 80));
 }
+
+/// A relayed status gets its registered reason phrase, or a neutral one by class;
+/// never "Error" for a success (`HTTP/1.1 204 Error`).
+#[test]
+fn every_status_gets_a_fitting_reason_phrase() {
+    use super::error::reason;
+    assert_eq!(reason(204), "No Content");
+    assert_eq!(reason(304), "Not Modified");
+    assert_eq!(reason(413), "Content Too Large");
+    assert_eq!(reason(299), "Success");
+    assert_eq!(reason(599), "Server Error");
+}

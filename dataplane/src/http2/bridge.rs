@@ -151,15 +151,25 @@ pub async fn forward(
     conn.write_all(&out)
         .await
         .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
-    let bytes_out = relay_response(core, conn, rbody, chunked)
-        .await
-        .map_err(|e| {
-            if close_delimited {
-                // The close is the body's only end mark: not for a truncated one.
-                conn.reset_on_close();
-            }
-            Fail::Abort(e)
-        })?;
+    let bytes_out = if bodiless {
+        // A HEAD, 204 or 304 answer ends with its head: DATA the app sends after it
+        // would be read by the client as the next response on this connection. It
+        // is never relayed; the app's stream, if it goes on, is reset.
+        if !rbody.is_end_stream() {
+            up_send.send_reset(h2::Reason::CANCEL);
+        }
+        0
+    } else {
+        relay_response(core, conn, rbody, chunked)
+            .await
+            .map_err(|e| {
+                if close_delimited {
+                    // The close is the body's only end mark: not for a truncated one.
+                    conn.reset_on_close();
+                }
+                Fail::Abort(e)
+            })?
+    };
     Ok(Bridged {
         done: Done {
             status,

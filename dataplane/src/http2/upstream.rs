@@ -431,6 +431,7 @@ pub async fn forward(
         std::future::pending::<Result<Done, Fail>>().await
     };
     let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
+    let method_head = req.head.method == parse::Method::Head;
     let response_side = async {
         enum Head {
             Response(Result<http::Response<RecvStream>, h2::Error>),
@@ -500,6 +501,10 @@ pub async fn forward(
         *response.status_mut() = parts.status;
         let mut headers = parts.headers;
         headers.remove("x-backend-request-id");
+        // A 204 has no length (RFC 9110 §8.6), as on the HTTP/1.1 app path.
+        if status == 204 {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
         super::stream::drop_permit_cookies(&mut headers);
         if let Some(v) =
             proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
@@ -507,7 +512,11 @@ pub async fn forward(
             headers.insert(HeaderName::from_static("x-backend-request-id"), v);
         }
         *response.headers_mut() = headers;
-        let rend = rbody.is_end_stream();
+        // A HEAD, 204 or 304 answer ends with its head: DATA the app sends after it
+        // is not a body and never reaches the client (the app's stream, if it goes
+        // on, is cancelled when this exchange drops its handles).
+        let bodiless = method_head || status == 204 || status == 304;
+        let rend = bodiless || rbody.is_end_stream();
         let mut send = respond
             .send_response(response, rend)
             .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
