@@ -662,15 +662,21 @@ pub fn remove_expired_uploads(state: &State) -> usize {
 }
 
 /// Removes the expired staging files of the vfolder at `at` (in the quota scope
-/// `key`), given its staging area as opened; returns how many.
+/// `key`), given its staging area as opened; returns how many. The staging area
+/// is writable by the vfolder's user, who can put a million names there at no
+/// cost in quota: it is read as a stream, never held or sorted, and only a
+/// session's name (32 hex digits, see `quota::session_name`) is looked at
+/// further; any other name is passed over without a `stat`, and never removed.
+/// A pass holds one directory buffer, however many entries there are.
 fn remove_expired_in(
     state: &State,
     staging: std::io::Result<std::os::fd::OwnedFd>,
     key: &std::path::Path,
     at: &std::path::Path,
 ) -> usize {
-    use rustix::fs::FileType;
+    use rustix::fs::{AtFlags, FileType};
     use std::os::fd::AsFd as _;
+    use std::os::unix::ffi::OsStrExt as _;
     let staging = match staging {
         Ok(fd) => fd,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return 0,
@@ -683,35 +689,39 @@ fn remove_expired_in(
             return 0;
         }
     };
-    let Ok(files) = fsx::entries(staging.as_fd()) else {
+    let Ok(names) = rustix::fs::Dir::read_from(staging.as_fd()) else {
         return 0;
     };
     let mut removed = 0;
-    for f in files {
-        if f.kind() != FileType::RegularFile {
+    for e in names {
+        // A directory that cannot be read on is left for the next pass.
+        let Ok(e) = e else { break };
+        let name = std::ffi::OsStr::from_bytes(e.file_name().to_bytes());
+        let Some(session) = name.to_str().filter(|_| quota::session_name(name)) else {
+            continue;
+        };
+        let Ok(stat) = rustix::fs::statat(staging.as_fd(), session, AtFlags::SYMLINK_NOFOLLOW)
+        else {
+            continue;
+        };
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             continue;
         }
         let mtime = std::time::UNIX_EPOCH
-            + Duration::new(f.stat.st_mtime.max(0) as u64, f.stat.st_mtime_nsec as u32);
+            + Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec as u32);
         let old = mtime.elapsed().is_ok_and(|age| age > state.upload_expire);
-        let session = f.name.to_string_lossy();
         // A session whose PATCH runs keeps its file and its reservation (as an idle
         // reservation does, below): the file may be the one the PATCH writes to (it
         // has waited for a quota walk), or a file of that name a user put in another
         // vfolder's staging area.
         if old
-            && !quota::patching(state, &session)
-            && rustix::fs::unlinkat(
-                staging.as_fd(),
-                f.name.as_os_str(),
-                rustix::fs::AtFlags::empty(),
-            )
-            .is_ok()
+            && !quota::patching(state, session)
+            && rustix::fs::unlinkat(staging.as_fd(), session, AtFlags::empty()).is_ok()
         {
             // Only a reservation of a session of this vfolder: a user can name a
             // file in any staging area they write to after any session (the ID is
             // in its token).
-            quota::release_staged(state, at, &session);
+            quota::release_staged(state, at, session);
             // Counted as committed (and in the folder's usage) unless a
             // reservation held it.
             state.reservations.removed(key);

@@ -1724,6 +1724,76 @@ fn walking_a_directory_of_many_empty_files_holds_none_of_them() {
     );
 }
 
+/// A user with a shell fills their vfolder's staging area (`.upload`, which they
+/// can write to) with entries: empty files, symlinks; no quota counts them. The
+/// expired-upload cleanup listed it whole, a `stat` and some 340 bytes of the
+/// proxy's memory an entry, sorted, at every pass (300 000 entries: 100 MiB more
+/// at the peak, every `cleanup_interval_secs`), and removed any old regular file
+/// there, whatever its name. It now reads the staging area as a stream and looks
+/// only at session names (32 hex digits): the others cost no `stat`, hold nothing
+/// and are left alone, and the expired session beside them is still removed.
+#[test]
+fn the_cleanup_streams_a_staging_area_full_of_junk() {
+    const N: usize = 200_000;
+    const FILES: usize = 1_000;
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    let staging = p.vfolder_path().join(".upload");
+    std::fs::create_dir(&staging).expect("staging");
+    let before = peak_kib(&p);
+    // Symlinks (the cleanup never removed those) so that every pass meets them all.
+    for i in 0..N {
+        std::os::unix::fs::symlink("nowhere", staging.join(format!("junk-{i:06}"))).expect("junk");
+    }
+    for i in 0..FILES {
+        std::fs::File::create(staging.join(format!("file-{i:06}"))).expect("junk file");
+    }
+    // An old file of the user's, not named as a session: not the cleanup's.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::create(staging.join("notes.txt"))
+        .and_then(|f| f.set_modified(old))
+        .expect("old file");
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 10}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The session's staged file: the one name of 32 hex digits there.
+    let session = std::fs::read_dir(&staging)
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .expect("the session's staged file");
+    let staged = staging.join(&session);
+    assert!(staged.is_file(), "the session's staged file");
+    // Passes go on every second; the one that removes the session has read the
+    // whole staging area.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while staged.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired upload was never removed: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew = peak_kib(&p).saturating_sub(before);
+    eprintln!("peak memory grew by {grew} KiB over cleanup passes of {N} entries");
+    assert!(staging.join("notes.txt").exists(), "the user's file stays");
+    assert_eq!(
+        std::fs::read_dir(&staging).expect("staging").count(),
+        N + FILES + 1,
+        "the junk stays"
+    );
+    // Listed whole, the staging area alone took some 65 MB at each pass.
+    assert!(
+        grew < (N as u64 * 20) >> 10,
+        "the proxy's peak memory grew by {grew} KiB for {N} entries"
+    );
+}
+
 /// The same directory of empty files, downloaded as a zip. The archive held, for
 /// its whole life, each entry's central directory record (its name included) and
 /// its name's slot, the listing of the directory being archived, and at the end the
