@@ -1,18 +1,24 @@
 //! What one client can do to the others through the HTTP/2 paths, on raw sockets:
 //! an HTTP/2 app's DATA after a bodiless answer (204, 304) never reaches the
 //! client as a body (on a kept-alive HTTP/1.1 connection it would be read as the
-//! next response).
+//! next response); and request bodies sent over HTTP/2 below `[limits]
+//! min_body_rate` are cut as HTTP/1.1 ones are (to HTTP/1.1 and HTTP/2 apps, and
+//! bridged HTTP/1.1 clients of `http2` circuits), freeing the app connection they
+//! held.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
-    frame, read_frame, request as req, ACK, DATA, END_HEADERS, END_STREAM, HEADERS, PING,
+    frame, read_frame, request as req, Frame, ACK, DATA, END_HEADERS, END_STREAM, HEADERS, PING,
     RST_STREAM, SETTINGS,
 };
 use appproxy_test_support::net::ReadUninterrupted;
@@ -137,4 +143,283 @@ fn data_after_a_bodiless_answer_of_an_http2_app_never_reaches_the_client() {
         assert!(status_seen);
         assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
     }
+}
+
+/// The `:status` of a response block the worker encoded (static-table entries, or a
+/// literal with the indexed name `:status`, plain or Huffman-coded digits).
+fn status(mut p: &[u8]) -> u16 {
+    // A dynamic table size update (`001xxxxx`, a 5-bit prefix integer) may come
+    // first.
+    if p.first().is_some_and(|b| b & 0xe0 == 0x20) {
+        let mut at = 1;
+        if p[0] & 0x1f == 0x1f {
+            while p.get(at).is_some_and(|b| b & 0x80 != 0) {
+                at += 1;
+            }
+            at += 1;
+        }
+        p = p.get(at..).unwrap_or_default();
+    }
+    match p.first() {
+        Some(0x88) => 200,
+        Some(0x89) => 204,
+        Some(0x8b) => 304,
+        Some(0x8c) => 400,
+        Some(0x8d) => 404,
+        Some(0x8e) => 500,
+        Some(&b) if b & 0x0f == 8 && p.len() >= 5 && p[1] == 3 => std::str::from_utf8(&p[2..5])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Some(&b) if b & 0x0f == 8 && p.len() >= 2 && p[1] & 0x80 != 0 => {
+            let n = usize::from(p[1] & 0x7f);
+            p.get(2..2 + n).and_then(huffman_digits).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// A Huffman-coded run of decimal digits (RFC 7541 Appendix B).
+fn huffman_digits(bytes: &[u8]) -> Option<u16> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let value = |from: usize, n: usize| {
+        bits.get(from..from + n)
+            .map(|b| b.iter().fold(0u8, |v, &x| (v << 1) | x))
+    };
+    let (mut at, mut out) = (0, 0u16);
+    while at < bits.len() {
+        if bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        match value(at, 5)? {
+            d @ 0..=2 => {
+                out = out * 10 + u16::from(d);
+                at += 5;
+            }
+            _ => match value(at, 6)? {
+                d @ 25..=31 => {
+                    out = out * 10 + u16::from(d - 22);
+                    at += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
+}
+
+/// An HTTP/1.1 app that reads each request's body whole (its `content-length`),
+/// answers `200 ok` and closes; counts the connections the worker holds open to it.
+struct CountingApp {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+}
+
+impl CountingApp {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = open.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let count = count.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    Self::serve(&mut s);
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self { addr, open }
+    }
+
+    fn serve(s: &mut TcpStream) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
+                    return;
+                }
+            }
+            match s.read_uninterrupted(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Frames read from `s` by a thread of their own, as they come.
+fn frames_of(s: &TcpStream) -> mpsc::Receiver<Frame> {
+    let mut r = s.try_clone().expect("clone");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(f) = read_frame(&mut r) {
+            if tx.send(f).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// How a stream ended for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Status(u16),
+    Reset,
+}
+
+/// Over one HTTP/2 connection: stream 1 trickles its body (1 byte per 250 ms,
+/// far below the floor), stream 3 sends 6,000 bytes at twice `min_body_rate =
+/// 1000` (500 bytes per 250 ms). Returns how each ended.
+fn trickle_and_keep_up(addr: SocketAddr) -> (End, End) {
+    let mut s = appproxy_test_support::h2frames::connect(addr);
+    let frames = frames_of(&s);
+    for (id, path, length) in [(1u32, "/slow", "100000"), (3, "/steady", "6000")] {
+        let head = req("POST", path, &[(b"content-length", length.as_bytes())]);
+        s.write_all(&frame(HEADERS, END_HEADERS, id, &head))
+            .expect("write");
+    }
+    let mut ends: [Option<End>; 2] = [None, None];
+    let mut steady_sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ends.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < deadline,
+            "streams not ended: slow {:?}, steady {:?}",
+            ends[0],
+            ends[1]
+        );
+        if ends[0].is_none() {
+            // A write to a stream the worker reset is fine: it ignores the frame.
+            let _ = s.write_all(&frame(DATA, 0, 1, b"a"));
+        }
+        if steady_sent < 6000 {
+            steady_sent += 500;
+            let flags = if steady_sent == 6000 { END_STREAM } else { 0 };
+            let _ = s.write_all(&frame(DATA, flags, 3, &[b's'; 500]));
+        }
+        let tick = Instant::now() + Duration::from_millis(250);
+        while let Ok((ty, _, id, p)) =
+            frames.recv_timeout(tick.saturating_duration_since(Instant::now()))
+        {
+            let slot = match id {
+                1 => 0,
+                3 => 1,
+                _ => continue,
+            };
+            if ends[slot].is_some() {
+                continue;
+            }
+            match ty {
+                HEADERS => ends[slot] = Some(End::Status(status(&p))),
+                RST_STREAM => ends[slot] = Some(End::Reset),
+                _ => {}
+            }
+        }
+    }
+    (
+        ends[0].expect("slow stream ended"),
+        ends[1].expect("steady stream ended"),
+    )
+}
+
+/// The worker's count of bodies cut for their rate.
+fn body_rate_timeouts(w: &Worker) -> u64 {
+    let line = "appproxy_timeouts_total{core=\"0\",kind=\"client_body_rate\"} ";
+    w.admin_get("/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const FLOOR: &str = "[timeouts]\nbody_idle_secs = 2\n[limits]\nmin_body_rate = 1000\n";
+
+#[test]
+fn http2_request_bodies_below_the_rate_floor_are_cut_and_free_the_app() {
+    // To an HTTP/1.1 app: the trickling stream gets 408, the app connection it held
+    // is closed; the stream at twice the floor's rate is answered.
+    let app = CountingApp::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: FLOOR.into(),
+        ..Default::default()
+    });
+    let (slow, steady) = trickle_and_keep_up(w.addr());
+    assert_eq!(slow, End::Status(408));
+    assert_eq!(steady, End::Status(200));
+    common::eventually("the app connections are closed", || app.open() == 0);
+    common::eventually("the 408 is counted as the floor's", || {
+        body_rate_timeouts(&w) == 1
+    });
+}
+
+#[test]
+fn bodies_to_http2_apps_below_the_rate_floor_are_cut() {
+    // The app is a second worker serving h2c, with no floor of its own: what cuts
+    // the trickle is the front worker's.
+    let app = CountingApp::start();
+    let h2app = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nbody_idle_secs = 600\n[limits]\nmin_body_rate = 0\n".into(),
+        ..Default::default()
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![h2app.addr()],
+        extra: FLOOR.into(),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let (slow, steady) = trickle_and_keep_up(w.addr());
+    assert!(matches!(slow, End::Status(408) | End::Reset), "{slow:?}");
+    assert_eq!(steady, End::Status(200));
+    // The app's stream was reset: the second worker dropped its app connection.
+    common::eventually("the app connections are closed", || app.open() == 0);
+    // An HTTP/1.1 client of the same circuit (bridged) trickling its body: 408.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(250)))
+        .expect("timeout");
+    s.write_all(b"POST /bridged HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        assert!(Instant::now() < deadline, "the trickle was never cut");
+        let _ = s.write_all(b"a");
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("request_body_too_slow"), "{text}");
+    common::eventually("both cuts are counted as the floor's", || {
+        body_rate_timeouts(&w) == 2
+    });
 }

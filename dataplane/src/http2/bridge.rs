@@ -83,7 +83,12 @@ pub async fn forward(
             .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
     }
     if !end {
-        bytes_in = send_body(core, conn, cbuf, head.framing, &mut up_send).await?;
+        // The HTTP/1.1 body rate floor, as on the HTTP/1.1 app path: a trickle would
+        // hold the app stream (and its share of the app connection).
+        conn.arm_read_floor(rt.min_body_rate, rt.body_idle_timeout);
+        let sent = send_body(core, conn, cbuf, head.framing, &mut up_send).await;
+        conn.disarm_read_floor();
+        bytes_in = sent?;
     }
     let sent = Instant::now();
     let resp = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
@@ -248,7 +253,11 @@ async fn send_body(
             Ok(n) => core.metrics.add(crate::core::counter::BYTES_IN, n as u64),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 up.send_reset(h2::Reason::CANCEL);
-                return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout)));
+                return Err(Fail::Answer(ProxyError::Request(if conn.floor_cut() {
+                    RequestError::BodyTooSlow
+                } else {
+                    RequestError::BodyTimeout
+                })));
             }
             Err(e) => {
                 up.send_reset(h2::Reason::CANCEL);

@@ -331,3 +331,76 @@ pub async fn within<F: Future>(reactor: &Rc<Reactor>, d: Duration, fut: F) -> Op
     })
     .await
 }
+
+/// The HTTP/1.1 request-body rate floor ([`TcpConn::arm_read_floor`]: `[limits]
+/// min_body_rate`, banked up to `body_idle_secs`) for one HTTP/2 stream's body,
+/// whose bytes come as DATA frames rather than reads of a socket of its own: a
+/// budget of waiting time that starts full, is earned back by every DATA byte
+/// (`1 / rate` seconds each, up to the cap) and drained by the time spent waiting
+/// for the next frame. Time the proxy spends handing a frame on (the app's window)
+/// is not counted. Without it a stream that sends one byte per idle timeout holds
+/// its app connection (or app stream) for ever.
+pub struct BodyFloor {
+    /// Bytes per second the client must keep up on average.
+    rate: u64,
+    /// Largest budget (and the budget at the start).
+    cap: Duration,
+    /// Waiting time left.
+    budget: Duration,
+}
+
+/// Why waiting for a body's next frame ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// No frame within the idle timeout.
+    Idle,
+    /// The floor's budget ran out first.
+    TooSlow,
+}
+
+impl BodyFloor {
+    /// The core's floor, or `None` when `min_body_rate` is 0.
+    pub fn new(core: &Core) -> Option<Self> {
+        let rate = core.rt.min_body_rate;
+        (rate > 0).then(|| Self {
+            rate,
+            cap: core.rt.body_idle_timeout,
+            budget: core.rt.body_idle_timeout,
+        })
+    }
+
+    /// Runs `fut` (a wait for the body's next frame) for at most `idle`, or the
+    /// floor's budget when that is shorter; `n` of the result is booked as bytes
+    /// received.
+    pub async fn wait<F: Future>(
+        floor: &mut Option<Self>,
+        reactor: &Rc<Reactor>,
+        idle: Duration,
+        fut: F,
+        n: impl FnOnce(&F::Output) -> usize,
+    ) -> Result<F::Output, Stall> {
+        let (limit, binding) = match floor {
+            Some(f) if f.budget < idle => (f.budget, true),
+            _ => (idle, false),
+        };
+        let since = reactor.now();
+        let Some(out) = within(reactor, limit, fut).await else {
+            return Err(if binding { Stall::TooSlow } else { Stall::Idle });
+        };
+        if let Some(f) = floor {
+            let waited = reactor.now().saturating_duration_since(since);
+            let earned = Duration::from_secs_f64(n(&out) as f64 / f.rate as f64);
+            f.budget = (f.budget.saturating_sub(waited) + earned).min(f.cap);
+        }
+        Ok(out)
+    }
+}
+
+/// The bytes of a DATA frame as [`h2::RecvStream::data`] gives it, for
+/// [`BodyFloor::wait`].
+pub fn data_len(d: &Option<Result<Bytes, h2::Error>>) -> usize {
+    match d {
+        Some(Ok(b)) => b.len(),
+        _ => 0,
+    }
+}

@@ -27,7 +27,7 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{within, ConnCtx, StreamGuard};
+use super::{within, BodyFloor, ConnCtx, Stall, StreamGuard};
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
 use crate::http::encode::{self, sets_permit_cookie, TraceHeaders};
@@ -839,13 +839,27 @@ async fn send_body_h1(
     let chunked = framing == BodyFraming::Chunked;
     let mut total = 0u64;
     let mut out = Vec::new();
+    // The HTTP/1.1 rate floor, per stream: a trickle would hold the app connection.
+    let mut floor = BodyFloor::new(core);
+    let stalled = |s: Stall| {
+        Fail::Answer(ProxyError::Request(match s {
+            Stall::Idle => RequestError::BodyTimeout,
+            Stall::TooSlow => RequestError::BodyTooSlow,
+        }))
+    };
     loop {
-        let next = within(&core.reactor, rt.body_idle_timeout, body.data()).await;
-        let chunk = match next {
-            None => return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout))),
-            Some(None) => break,
-            Some(Some(Ok(c))) => c,
-            Some(Some(Err(e))) => return Err(Fail::Abort(format!("client body: {e}"))),
+        let next = BodyFloor::wait(
+            &mut floor,
+            &core.reactor,
+            rt.body_idle_timeout,
+            body.data(),
+            super::data_len,
+        )
+        .await;
+        let chunk = match next.map_err(stalled)? {
+            None => break,
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(Fail::Abort(format!("client body: {e}"))),
         };
         total += chunk.len() as u64;
         if rt.max_body > 0 && total > rt.max_body {
@@ -866,15 +880,22 @@ async fn send_body_h1(
     }
     // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused
     // as on the HTTP/1.1 path (the app connection, mid-request, is dropped).
-    match within(&core.reactor, rt.body_idle_timeout, body.trailers()).await {
-        None => return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTimeout))),
-        Some(Err(e)) => return Err(Fail::Abort(format!("client trailers: {e}"))),
-        Some(Ok(Some(t))) if filter_trailers(&t, true).is_none() => {
+    let trailers = BodyFloor::wait(
+        &mut floor,
+        &core.reactor,
+        rt.body_idle_timeout,
+        body.trailers(),
+        |_| 0,
+    )
+    .await;
+    match trailers.map_err(stalled)? {
+        Err(e) => return Err(Fail::Abort(format!("client trailers: {e}"))),
+        Ok(Some(t)) if filter_trailers(&t, true).is_none() => {
             return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
                 "forbidden trailer field",
             ))));
         }
-        Some(Ok(_)) => {}
+        Ok(_) => {}
     }
     if chunked {
         upstream.set_timeout(rt.body_idle_timeout);

@@ -29,7 +29,7 @@ use http::{HeaderName, HeaderValue};
 
 use super::io::H2Io;
 use super::stream::{is_connection_specific, pick, send_all, Done, Fail, Req};
-use super::{within, ConnCtx};
+use super::{within, BodyFloor, ConnCtx, Stall};
 use crate::core::{Core, Route};
 use crate::http::encode::ClientHop;
 use crate::http::encode::{self, TraceHeaders};
@@ -276,10 +276,13 @@ enum RelayEnd {
     TooLarge,
     /// The request's trailers carried a field that must never be a trailer.
     ForbiddenTrailer,
+    /// The request body came in below `[limits] min_body_rate`.
+    TooSlow,
 }
 
 /// Relays one direction: DATA as the destination's window allows, capacity given
 /// back to the source as frames are handed on, then the trailers (or the end).
+/// `floor`: the request body's rate floor ([`BodyFloor`]), when it has one.
 async fn relay(
     core: &Core,
     src: &mut RecvStream,
@@ -287,32 +290,42 @@ async fn relay(
     max: u64,
     total: &Cell<u64>,
     request: bool,
+    mut floor: Option<BodyFloor>,
 ) -> Result<(), RelayEnd> {
     enum Next {
         Data(Option<Result<Bytes, h2::Error>>),
         Reset(Result<h2::Reason, h2::Error>),
     }
+    let len = |n: &Next| match n {
+        Next::Data(d) => super::data_len(d),
+        Next::Reset(_) => 0,
+    };
     loop {
-        let next = within(
+        let next = BodyFloor::wait(
+            &mut floor,
             &core.reactor,
             core.rt.tunnel_idle_timeout,
             futures_lite::future::or(async { Next::Data(src.data().await) }, async {
                 Next::Reset(poll_fn(|cx| dst.poll_reset(cx)).await)
             }),
+            len,
         )
         .await;
         let chunk = match next {
-            None => {
+            Err(stall) => {
                 dst.send_reset(h2::Reason::CANCEL);
-                return Err(RelayEnd::Source("idle timeout".into()));
+                return Err(match stall {
+                    Stall::Idle => RelayEnd::Source("idle timeout".into()),
+                    Stall::TooSlow => RelayEnd::TooSlow,
+                });
             }
-            Some(Next::Data(None)) => break,
-            Some(Next::Data(Some(Ok(b)))) => b,
-            Some(Next::Data(Some(Err(e)))) => {
+            Ok(Next::Data(None)) => break,
+            Ok(Next::Data(Some(Ok(b)))) => b,
+            Ok(Next::Data(Some(Err(e)))) => {
                 dst.send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
                 return Err(RelayEnd::Source(e.to_string()));
             }
-            Some(Next::Reset(r)) => {
+            Ok(Next::Reset(r)) => {
                 return Err(RelayEnd::Destination(match r {
                     Ok(reason) => format!("reset: {reason}"),
                     Err(e) => e.to_string(),
@@ -408,7 +421,22 @@ pub async fn forward(
         open_stream(core, ctx.hop, route, req, &id, trace, end).await?;
     let bytes_in = Cell::new(0u64);
     let too_large = Cell::new(false);
+    let too_slow = Cell::new(false);
     let forbidden_trailer = Cell::new(false);
+    let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
+    // The HTTP/1.1 body rate floor, except for gRPC calls: their request streams
+    // carry messages (bidirectional streams may rest between them for long) and
+    // their own deadlines; they keep the tunnel idle timeout.
+    let grpc_call = grpc
+        || req.head.headers.iter().any(|h| {
+            parse::name_is(&req.buf[h.name.clone()], "content-type")
+                && req.buf[h.value.clone()].starts_with(b"application/grpc")
+        });
+    let floor = if grpc_call {
+        None
+    } else {
+        BodyFloor::new(core)
+    };
     // The request body goes on while the response comes (bidirectional streams);
     // its end (or failure, passed on as a reset) never ends the exchange by itself.
     let request_side = async {
@@ -420,17 +448,18 @@ pub async fn forward(
                 core.rt.max_body,
                 &bytes_in,
                 true,
+                floor,
             )
             .await
             {
                 Err(RelayEnd::TooLarge) => too_large.set(true),
+                Err(RelayEnd::TooSlow) => too_slow.set(true),
                 Err(RelayEnd::ForbiddenTrailer) => forbidden_trailer.set(true),
                 _ => {}
             }
         }
         std::future::pending::<Result<Done, Fail>>().await
     };
-    let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
     let method_head = req.head.method == parse::Method::Head;
     let response_side = async {
         enum Head {
@@ -477,6 +506,9 @@ pub async fn forward(
                         RequestError::BodyTooLarge,
                     )));
                 }
+                if too_slow.get() {
+                    return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTooSlow)));
+                }
                 if forbidden_trailer.get() {
                     return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
                         "forbidden trailer field",
@@ -522,7 +554,7 @@ pub async fn forward(
             .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         let bytes_out = Cell::new(0u64);
         if !rend {
-            match relay(core, &mut rbody, &mut send, 0, &bytes_out, false).await {
+            match relay(core, &mut rbody, &mut send, 0, &bytes_out, false, None).await {
                 Ok(()) => {}
                 Err(RelayEnd::Source(e)) => {
                     // The app's reset went on to the client as is.
@@ -531,7 +563,7 @@ pub async fn forward(
                 Err(RelayEnd::Destination(e)) => {
                     return Err(Fail::Abort(format!("client: {e}")));
                 }
-                Err(RelayEnd::TooLarge | RelayEnd::ForbiddenTrailer) => {}
+                Err(RelayEnd::TooLarge | RelayEnd::ForbiddenTrailer | RelayEnd::TooSlow) => {}
             }
         }
         Ok(Done {
