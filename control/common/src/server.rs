@@ -75,13 +75,34 @@ impl Limits {
         max_connections: usize,
         listeners: usize,
     ) -> Self {
+        Self::from_config_fitted(
+            section,
+            ids,
+            (header_read_secs, idle_secs),
+            max_connections,
+            (listeners, 1, 0),
+        )
+    }
+
+    /// [`Limits::from_config`] with the cap fitted by [`fitted_cap`]: `fit` is
+    /// (listeners, descriptors per connection, descriptors set aside for other
+    /// work); `(header_read_secs, idle_secs)` as there.
+    pub fn from_config_fitted(
+        section: &str,
+        ids: (IdPolicy, IdVersion),
+        (header_read_secs, idle_secs): (u64, u64),
+        max_connections: usize,
+        (listeners, per_connection, set_aside): (usize, u64, u64),
+    ) -> Self {
         Self {
             header_read: Duration::from_secs(header_read_secs.clamp(1, 3600)),
             idle: Duration::from_secs(idle_secs.clamp(1, 86_400)),
-            max_connections: effective_cap(
+            max_connections: fitted_cap(
                 max_connections.max(1),
                 &format!("[{section}] max_connections"),
                 listeners,
+                per_connection,
+                set_aside,
             ),
             max_head: MAX_HEAD,
             ids,
@@ -90,22 +111,37 @@ impl Limits {
 }
 
 /// Descriptors kept back from the connection cap (store pool, Redis, logs, accept).
-const FD_RESERVE: u64 = 128;
+pub const FD_RESERVE: u64 = 128;
 
 /// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`.
-fn nofile_limit() -> Option<u64> {
+pub fn descriptor_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// `configured` (the config key `key`), clamped so that `listeners` listeners with
-/// that cap each fit below the descriptor limit (with [`FD_RESERVE`]).
+/// that cap each fit below the descriptor limit (with [`FD_RESERVE`]), a connection
+/// holding one descriptor.
 pub fn effective_cap(configured: usize, key: &str, listeners: usize) -> usize {
-    match nofile_limit() {
+    fitted_cap(configured, key, listeners, 1, 0)
+}
+
+/// [`effective_cap`] for connections that may each hold `per_connection`
+/// descriptors (a socket and the file it reads or writes), beside `set_aside`
+/// descriptors other work may hold at once (archives' open directories).
+pub fn fitted_cap(
+    configured: usize,
+    key: &str,
+    listeners: usize,
+    per_connection: u64,
+    set_aside: u64,
+) -> usize {
+    match descriptor_limit() {
         Some(limit) => {
-            let room =
-                (limit.saturating_sub(FD_RESERVE) / listeners.max(1) as u64).max(16) as usize;
+            let room = (limit.saturating_sub(FD_RESERVE).saturating_sub(set_aside)
+                / (listeners.max(1) as u64 * per_connection.max(1)))
+            .max(16) as usize;
             if room < configured {
                 tracing::warn!(
                     configured,

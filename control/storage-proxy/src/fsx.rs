@@ -395,7 +395,7 @@ fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 /// How many levels below its top a walk keeps descriptors of; deeper ancestors are
 /// reached again by `..` and checked by identity (as `fts` does), so a walk holds
 /// at most this many descriptors however deep or wide the tree is.
-const HELD: usize = 32;
+pub(crate) const HELD: usize = 32;
 
 /// The directories from a walk's top down to where it is now.
 struct Trail<'a> {

@@ -84,6 +84,38 @@ pub struct State {
 /// archive never hold the threads every file operation needs.
 pub const MAX_ARCHIVE_STREAMS: usize = 256;
 
+/// Descriptors an archive download holds at most: the levels its walk keeps open
+/// ([`fsx::HELD`]), the walk's top and the level it is in, the file being read, the
+/// temporary file and the client's socket.
+pub const ARCHIVE_DESCRIPTORS: u64 = fsx::HELD as u64 + 5;
+
+/// Descriptors one API connection may hold: its socket and the file it reads or
+/// writes (a download, a tus `PATCH`).
+const CONNECTION_DESCRIPTORS: u64 = 2;
+
+/// `[storage] max_archive_streams` (`configured`) fitted to the descriptor limit:
+/// archives hold at most half of what [`server::FD_RESERVE`] leaves, at
+/// [`ARCHIVE_DESCRIPTORS`] each, so that slow archive clients never take the
+/// descriptors listings, downloads and uploads need (with a soft limit of 1024,
+/// thirty of them did).
+fn archive_slots(configured: usize) -> usize {
+    let max = configured.clamp(1, MAX_ARCHIVE_STREAMS);
+    let Some(limit) = server::descriptor_limit() else {
+        return max;
+    };
+    let room = (limit.saturating_sub(server::FD_RESERVE) / 2 / ARCHIVE_DESCRIPTORS).max(1);
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    if room < max {
+        tracing::warn!(
+            configured = max,
+            nofile = limit,
+            cap = room,
+            "[storage] max_archive_streams lowered to fit the descriptor limit (raise LimitNOFILE)"
+        );
+    }
+    max.min(room)
+}
+
 /// Once half the archive slots are taken, a client address (IPv4, or an IPv6 /64)
 /// holds at most one in this many of them (at least one) unless `[storage]
 /// max_archive_streams_per_address` says otherwise: one address takes at most half
@@ -475,10 +507,7 @@ pub fn state_with_events(
         stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
         body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
         archives: {
-            let max = config
-                .storage
-                .max_archive_streams
-                .clamp(1, MAX_ARCHIVE_STREAMS);
+            let max = archive_slots(config.storage.max_archive_streams);
             let per_address = config
                 .storage
                 .max_archive_streams_per_address
@@ -531,15 +560,19 @@ pub async fn serve(
     };
     let (rx_m, rx_c) = (rx.clone(), rx.clone());
     // Both APIs: heads and idle connections timed, connections capped (each API
-    // its own cap; together they stay below the descriptor limit).
+    // its own cap; together, each holding a socket and a file, beside every
+    // archive slot's descriptors, they stay below the descriptor limit).
     let s = &config.storage;
-    let limits = server::Limits::from_config(
+    let limits = server::Limits::from_config_fitted(
         "storage",
         REQUEST_IDS,
-        s.header_read_timeout_secs,
-        s.idle_timeout_secs,
+        (s.header_read_timeout_secs, s.idle_timeout_secs),
         s.max_connections,
-        2,
+        (
+            2,
+            CONNECTION_DESCRIPTORS,
+            state.archives.max() as u64 * ARCHIVE_DESCRIPTORS,
+        ),
     );
     // Client heads carry download tokens in the query, and an archive token lists
     // its files: they may be as long as hyper has always taken.

@@ -1443,6 +1443,82 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
     drop(slow);
 }
 
+/// Under a descriptor limit of 1024 (systemd's default soft limit), thirty slow
+/// archive downloads of a deep tree (each holding about 37 descriptors: the walk's
+/// open levels, the file, a temporary file, the socket) used up the proxy's
+/// descriptors: listings answered 404, downloads 400, archives 500. Archive slots
+/// are fitted to the limit (half of what the reserve leaves, 37 descriptors each:
+/// 12 here) and the connection caps below what they leave; past the slots an
+/// archive is refused 503, and listings, downloads and uploads go on.
+#[test]
+fn slow_archives_never_take_the_descriptors_everything_else_needs() {
+    let p = Proxy::start_under(
+        &["prlimit", "--nofile=1024:1024", "--"],
+        "stall_timeout_secs = 600
+max_archive_streams_per_address = 64
+",
+    );
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("deep")).expect("deep");
+    // A client that does not read stalls the writer at the bottom, every level
+    // above it held.
+    chain(
+        &vf.join("deep"),
+        "d",
+        40,
+        "noise.bin",
+        &incompressible(16 << 20),
+    );
+    let _flatten = Flatten(vf.join("deep"));
+    std::fs::write(vf.join("file.txt"), b"file").expect("file");
+    let deep = format!(
+        "/download?token={}&archive=true",
+        p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "deep"}),
+        )
+    );
+    let slots = (1024 - 128) / 2 / 37;
+    let mut slow = Vec::new();
+    for i in 0..slots + 1 {
+        let from = std::net::Ipv4Addr::new(127, 0, 1, 2 + i as u8);
+        if i < slots {
+            let (s, head) = slow_client(&p, from, &deep);
+            assert!(head.starts_with("HTTP/1.1 200"), "archive {i}: {head}");
+            slow.push(s);
+        } else {
+            let r = p.client_get(&deep, Duration::from_secs(20));
+            assert_eq!(
+                r.status,
+                503,
+                "archive {i} past the fitted slots: {:?}",
+                String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+            );
+            assert_eq!(r.json()["code"], "busy");
+        }
+    }
+    // Everything else goes on while the slow archives hold their descriptors.
+    for _ in 0..20 {
+        let r = p.manager(
+            "/folder/file/list",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let r = p.download("file.txt", "", &[]);
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]));
+    }
+    assert_eq!(p.upload("up.txt", b"up").status, 204);
+    assert!(alive(&p));
+    drop(slow);
+    let log = std::fs::read_to_string(p.dir.path().join("storage.log")).expect("log");
+    assert!(
+        log.contains("max_archive_streams lowered to fit the descriptor limit"),
+        "the lowered setting is logged"
+    );
+}
+
 /// The archive cap keeps threads for everyone, but one token holder could take
 /// every slot by opening archives from one address and reading them slowly: every
 /// other user's archive was refused until they finished. Once half the slots are

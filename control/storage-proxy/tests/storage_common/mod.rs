@@ -102,6 +102,13 @@ impl Proxy {
         Self::start_at(dir, extra_storage, "", &[], prefix)
     }
 
+    /// [`Proxy::start`] under the command `prefix` (e.g. `prlimit --nofile=…`).
+    pub fn start_under(prefix: &[&str], extra_storage: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = prefix.iter().map(|s| (*s).to_owned()).collect();
+        Self::start_at(dir, extra_storage, "", &[], prefix)
+    }
+
     fn start_at(
         dir: tempfile::TempDir,
         extra_storage: &str,
