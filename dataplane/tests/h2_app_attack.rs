@@ -1,10 +1,11 @@
 //! What one client can do to the others through the HTTP/2 paths, on raw sockets:
 //! an HTTP/2 app's DATA after a bodiless answer (204, 304) never reaches the
 //! client as a body (on a kept-alive HTTP/1.1 connection it would be read as the
-//! next response); and request bodies sent over HTTP/2 below `[limits]
-//! min_body_rate` are cut as HTTP/1.1 ones are (to HTTP/1.1 and HTTP/2 apps, and
-//! bridged HTTP/1.1 clients of `http2` circuits), freeing the app connection they
-//! held.
+//! next response); request bodies sent over HTTP/2 below `[limits] min_body_rate`
+//! are cut as HTTP/1.1 ones are (to HTTP/1.1 and HTTP/2 apps, and bridged HTTP/1.1
+//! clients of `http2` circuits), freeing the app connection they held; and clients
+//! that never read their downloads from an `http2` app do not stall the other
+//! clients of that app, which share the core's HTTP/2 connection to it.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Worker, WorkerOpts};
+use common::{Upstream, Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
     frame, read_frame, request as req, Frame, ACK, DATA, END_HEADERS, END_STREAM, HEADERS, PING,
@@ -422,4 +423,67 @@ fn bodies_to_http2_apps_below_the_rate_floor_are_cut() {
     common::eventually("both cuts are counted as the floor's", || {
         body_rate_timeouts(&w) == 2
     });
+}
+
+#[test]
+fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
+    let up = Upstream::start();
+    // Neither worker cuts a stalled download during the test.
+    let patient = "[timeouts]\nbody_idle_secs = 600\nresponse_idle_secs = 600\n";
+    let h2app = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: patient.into(),
+        ..Default::default()
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![h2app.addr()],
+        extra: patient.into(),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    // Sixteen HTTP/1.1 clients with tiny receive buffers ask for 50 MB each and
+    // never read past the first bytes: together their streams could hold many
+    // times the default 1 MiB connection window.
+    let mut stalled = Vec::new();
+    for k in 0..16 {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        sock.connect(&w.addr().into()).expect("connect");
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /bytes?n=50000000&k={k} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .expect("write");
+        // Its answer started (so its stream is open and filling).
+        let mut one = [0u8; 1];
+        assert_eq!(s.peek(&mut one).expect("answer"), 1);
+        stalled.push(s);
+    }
+    // Another client of the same app gets its whole download.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"GET /bytes?n=4000000 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the download stalled after {} bytes: {e}", all.len()),
+        }
+    }
+    let head_end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert!(all.starts_with(b"HTTP/1.1 200 "));
+    assert_eq!(all.len() - head_end, 4_000_000);
+    drop(stalled);
 }

@@ -1,8 +1,11 @@
 //! `http2` and `grpc` circuits: streams forwarded to the app over HTTP/2.
 //!
-//! Each core keeps one HTTP/2 connection per app address (prior knowledge in the
-//! clear; TLS with ALPN `h2` when the route has `upstream_tls`), its driver a task
-//! of the core, and multiplexes the streams of every client over it. A stream is
+//! Each core keeps HTTP/2 connections per app address (prior knowledge in the
+//! clear; TLS with ALPN `h2` when the route has `upstream_tls`), each driven by a
+//! task of the core, and multiplexes the streams of every client over them: at most
+//! `max_concurrent_streams` on one, whose connection window holds all their stream
+//! windows, so a stream whose client does not read holds only its own window,
+//! never the connection's that the others need. A stream is
 //! relayed both ways at once (bidirectional gRPC streams), trailers included; each
 //! DATA frame's capacity goes back to its sender only once the other side has taken
 //! it, so a stream holds at most a window in flight, never a whole body. A client
@@ -41,11 +44,40 @@ use crate::proxy::{self, ConnectError};
 type Pooled = (u64, SendRequest<Bytes>, Rc<UpConn>);
 
 thread_local! {
-    /// This core's HTTP/2 connections to apps, by address, with a generation so a
-    /// closing driver removes only its own entry.
-    static UPSTREAMS: RefCell<HashMap<SocketAddr, Pooled>> =
+    /// This core's HTTP/2 connections to apps, by address (each with at most
+    /// [`streams_per_conn`] of our streams), with a generation so a closing driver
+    /// removes only its own entry.
+    static UPSTREAMS: RefCell<HashMap<SocketAddr, Vec<Pooled>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The most streams the worker puts on one connection to an app: `[http2]
+/// max_concurrent_streams`, fewer if that many stream windows would pass HTTP/2's
+/// largest window. A stream past it opens another connection.
+fn streams_per_conn(core: &Core) -> usize {
+    let cfg = &core.rt.http2;
+    let window = u64::from(cfg.initial_stream_window.max(1));
+    let fit = (u64::from(MAX_WINDOW) / window).max(1);
+    u64::from(cfg.max_concurrent_streams).min(fit) as usize
+}
+
+/// HTTP/2's largest flow-control window (RFC 9113 §6.9.1).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// The receive window of a connection to an app: room for every stream it may
+/// carry to fill its own window ([`streams_per_conn`] × `initial_stream_window`),
+/// so that only a stream's window bounds it. With a smaller connection window the
+/// few streams whose clients do not read would hold all of it (their DATA is
+/// given back only as their clients take it) and every other client of the app
+/// would get its head and then no body.
+fn conn_window(core: &Core) -> u32 {
+    let cfg = &core.rt.http2;
+    let all = (streams_per_conn(core) as u64) * u64::from(cfg.initial_stream_window);
+    all.clamp(
+        u64::from(cfg.initial_connection_window),
+        u64::from(MAX_WINDOW),
+    ) as u32
 }
 
 /// An HTTP/2 connection to an app: idle (no stream of ours on it) for the pool's
@@ -79,24 +111,32 @@ impl Drop for UpStreamGuard {
     }
 }
 
-/// A ready handle on an HTTP/2 connection to `addr`: the core's open one, or a new
-/// one.
+/// A ready handle on an HTTP/2 connection to `addr` with a stream's place taken on
+/// it: one of the core's open ones with room (fewer than [`streams_per_conn`] of
+/// our streams and of the app's own limit), or a new one.
 async fn sender(
     core: &Core,
     route: &Route,
     addr: SocketAddr,
-) -> Result<(SendRequest<Bytes>, Rc<UpConn>), ConnectError> {
-    let open = UPSTREAMS.with(|u| {
-        u.borrow()
-            .get(&addr)
-            .map(|(_, s, up)| (s.clone(), up.clone()))
-    });
-    if let Some((s, up)) = open {
+) -> Result<(SendRequest<Bytes>, UpStreamGuard), ConnectError> {
+    let cap = streams_per_conn(core);
+    loop {
+        let open = UPSTREAMS.with(|u| {
+            u.borrow().get(&addr).and_then(|all| {
+                all.iter()
+                    .find(|(_, s, up)| up.streams.get() < cap.min(s.current_max_send_streams()))
+                    .map(|(g, s, up)| (*g, s.clone(), up.clone()))
+            })
+        });
+        let Some((generation, s, up)) = open else {
+            break;
+        };
+        // The place is taken before the wait, so that streams arriving meanwhile
+        // count it.
+        let guard = UpStreamGuard::new(up);
         match within(&core.reactor, core.rt.connect_timeout, s.ready()).await {
-            Some(Ok(s)) => return Ok((s, up)),
-            _ => {
-                UPSTREAMS.with(|u| u.borrow_mut().remove(&addr));
-            }
+            Some(Ok(s)) => return Ok((s, guard)),
+            _ => forget(addr, generation),
         }
     }
     let conn = proxy::connect_alpn(core, route, addr, true).await?;
@@ -114,7 +154,7 @@ async fn sender(
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(cfg.initial_stream_window)
-        .initial_connection_window_size(cfg.initial_connection_window)
+        .initial_connection_window_size(conn_window(core))
         .max_header_list_size(cfg.max_header_list_size)
         .max_frame_size(cfg.max_frame_size)
         .max_send_buffer_size(cfg.max_send_buffer)
@@ -138,28 +178,40 @@ async fn sender(
         g.set(g.get() + 1);
         g.get()
     });
+    let guard = UpStreamGuard::new(up.clone());
     UPSTREAMS.with(|u| {
         u.borrow_mut()
-            .insert(addr, (generation, send.clone(), up.clone()))
+            .entry(addr)
+            .or_default()
+            .push((generation, send.clone(), up))
     });
     crate::reactor::spawn(async move {
         if let Err(e) = driver.await {
             tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to the app ended");
         }
         drop(conn);
-        UPSTREAMS.with(|u| {
-            let mut u = u.borrow_mut();
-            if u.get(&addr).is_some_and(|(g, _, _)| *g == generation) {
-                u.remove(&addr);
-            }
-        });
+        forget(addr, generation);
     })
     .detach();
     match within(&core.reactor, core.rt.connect_timeout, send.ready()).await {
-        Some(Ok(s)) => Ok((s, up)),
+        Some(Ok(s)) => Ok((s, guard)),
         Some(Err(e)) => Err(ConnectError::Upstream(io::Error::other(e))),
         None => Err(ConnectError::Upstream(io::ErrorKind::TimedOut.into())),
     }
+}
+
+/// Takes the connection `generation` to `addr` out of the core's set (new streams
+/// no longer go to it; those on it run on).
+fn forget(addr: SocketAddr, generation: u64) {
+    UPSTREAMS.with(|u| {
+        let mut u = u.borrow_mut();
+        if let Some(all) = u.get_mut(&addr) {
+            all.retain(|(g, _, _)| *g != generation);
+            if all.is_empty() {
+                u.remove(&addr);
+            }
+        }
+    });
 }
 
 /// [`sender`] with the HTTP/1.1 path's failover: a failed connect counts against
@@ -168,9 +220,9 @@ async fn sender_route(
     core: &Core,
     route: &Route,
     addr: SocketAddr,
-) -> Result<(SendRequest<Bytes>, Rc<UpConn>, SocketAddr), Fail> {
+) -> Result<(SendRequest<Bytes>, UpStreamGuard, SocketAddr), Fail> {
     let first = match sender(core, route, addr).await {
-        Ok((s, up)) => return Ok((s, up, addr)),
+        Ok((s, guard)) => return Ok((s, guard, addr)),
         Err(e) => e,
     };
     if let ConnectError::Local(_) = first {
@@ -181,7 +233,7 @@ async fn sender_route(
     }
     match pick(core, route, Some(addr)) {
         Ok(alt) if alt != addr => match sender(core, route, alt).await {
-            Ok((s, up)) => Ok((s, up, alt)),
+            Ok((s, guard)) => Ok((s, guard, alt)),
             Err(e) => {
                 if matches!(e, ConnectError::Upstream(_)) {
                     proxy::note_health(core, route, alt, false);
@@ -381,8 +433,7 @@ pub async fn open_stream(
     end: bool,
 ) -> Result<Opened, Fail> {
     let addr = pick(core, route, None)?;
-    let (mut sender, up, addr) = sender_route(core, route, addr).await?;
-    let guard = UpStreamGuard::new(up);
+    let (mut sender, guard, addr) = sender_route(core, route, addr).await?;
     let tls = route
         .circuit
         .upstream_tls
