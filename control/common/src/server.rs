@@ -12,8 +12,9 @@
 //!   closed at once, counted, and logged once per burst;
 //! - accept errors (descriptors exhausted) back off instead of spinning;
 //! - the answers hyper makes itself to a head it cannot take (431 too large, 414,
-//!   400 malformed: an empty body) are sent as the product's JSON error
-//!   `{"error","code","request_id"}`, with the request ID the service's own rule
+//!   400 malformed: an empty body) are sent as the service's own JSON error
+//!   ([`Limits::problem`]: `type`, `title`, `error`, `code`, `request_id`, and the
+//!   coordinator's `error_code` and `msg`), with the request ID the service's own rule
 //!   ([`Limits::ids`], the one its request-ID layer follows) gives the head: the
 //!   valid one it carried, else one generated (the storage-proxy) or none (the
 //!   coordinator). Only the bytes of a head are scanned for it, never a body. An
@@ -52,6 +53,50 @@ pub struct Limits {
     /// The service's request-ID rule (what its `RequestIdLayer` is given), for the
     /// answers the server writes itself to a head it cannot take.
     pub ids: (IdPolicy, IdVersion),
+    /// How the service's JSON errors are shaped, for those same answers.
+    pub problem: Problem,
+}
+
+/// How a service shapes its JSON errors, so that the answers the server writes
+/// itself to a head it cannot take look like the service's own: every error has
+/// `type` (`type_base` and the code), `title`, `error`, `code` and `request_id`;
+/// with `error_code_prefix`, also `error_code` (the prefix and the code, `-` as
+/// `_`) and `msg`, as the coordinator's do.
+#[derive(Debug, Clone, Copy)]
+pub struct Problem {
+    /// The `type` URL before the code.
+    pub type_base: &'static str,
+    /// The `error_code` before the code, when the service's errors carry one.
+    pub error_code_prefix: Option<&'static str>,
+}
+
+impl Default for Problem {
+    fn default() -> Self {
+        Self {
+            type_base: "https://api.backend.ai/probs/",
+            error_code_prefix: None,
+        }
+    }
+}
+
+impl Problem {
+    /// The JSON error for `code` with the text `text`. Every value is ASCII without
+    /// quotes or backslashes (static texts, a request ID's charset), so none needs
+    /// escaping.
+    fn body(&self, text: &str, code: &str, id: Option<&str>) -> String {
+        let id = id.map_or_else(|| "null".to_owned(), |i| format!("\"{i}\""));
+        let coded = match self.error_code_prefix {
+            Some(prefix) => format!(
+                r#""error_code":"{prefix}{}","msg":"{text}","#,
+                code.replace('-', "_")
+            ),
+            None => String::new(),
+        };
+        format!(
+            r#"{{"type":"{}{code}","title":"{text}",{coded}"error":"{text}","code":"{code}","request_id":{id}}}"#,
+            self.type_base
+        )
+    }
 }
 
 /// The head limit of APIs whose heads are small (a token, a request ID). hyper's
@@ -106,6 +151,7 @@ impl Limits {
             ),
             max_head: MAX_HEAD,
             ids,
+            problem: Problem::default(),
         }
     }
 }
@@ -168,6 +214,8 @@ struct Tracked {
     pending: Option<(Vec<u8>, usize)>,
     /// See [`Limits::ids`].
     ids_rule: (IdPolicy, IdVersion),
+    /// See [`Limits::problem`].
+    problem: Problem,
     /// The requests handed to the service and the responses that ended.
     exchanges: Arc<Exchanges>,
     /// The count of requests handed to the service at the last flush that found
@@ -191,7 +239,7 @@ impl Tracked {
         inner: TcpStream,
         last: Arc<AtomicU64>,
         epoch: Instant,
-        ids_rule: (IdPolicy, IdVersion),
+        (ids_rule, problem): ((IdPolicy, IdVersion), Problem),
         exchanges: Arc<Exchanges>,
     ) -> Self {
         Self {
@@ -201,6 +249,7 @@ impl Tracked {
             ids: IdLines::default(),
             pending: None,
             ids_rule,
+            problem,
             exchanges,
             settled: Some(0),
         }
@@ -334,7 +383,11 @@ impl IdLines {
 /// hyper's own answer to a head it could not take — its status line, then exactly
 /// `connection: close`, `content-length: 0` and `date` — rewritten as the product's
 /// JSON error, keeping the status and the date. `None` for any other bytes.
-fn json_for_hyper_error(data: &[u8], id: Option<appproxy_shared::RequestId>) -> Option<Vec<u8>> {
+fn json_for_hyper_error(
+    data: &[u8],
+    id: Option<appproxy_shared::RequestId>,
+    problem: &Problem,
+) -> Option<Vec<u8>> {
     let head = data.strip_suffix(b"\r\n\r\n")?;
     let text = std::str::from_utf8(head).ok()?;
     let mut lines = text.split("\r\n");
@@ -367,7 +420,7 @@ fn json_for_hyper_error(data: &[u8], id: Option<appproxy_shared::RequestId>) -> 
     if others != 2 {
         return None;
     }
-    let body = serde_json_like(error, code, id.as_ref().map(|i| i.as_str()));
+    let body = problem.body(error, code, id.as_ref().map(|i| i.as_str()));
     let mut out =
         format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n");
     if let Some(id) = &id {
@@ -381,13 +434,6 @@ fn json_for_hyper_error(data: &[u8], id: Option<appproxy_shared::RequestId>) -> 
     }
     out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
     Some(out.into_bytes())
-}
-
-/// `{"error","code","request_id"}`; every value is plain ASCII without quotes or
-/// backslashes (a request ID's charset), so no escaping is needed.
-fn serde_json_like(error: &str, code: &str, id: Option<&str>) -> String {
-    let id = id.map_or_else(|| "null".to_owned(), |i| format!("\"{i}\""));
-    format!(r#"{{"error":"{error}","code":"{code}","request_id":{id}}}"#)
 }
 
 impl AsyncRead for Tracked {
@@ -426,7 +472,7 @@ impl AsyncWrite for Tracked {
         if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 && this.only_hyper_writes() {
             let (policy, version) = this.ids_rule;
             let id = header::resolve(policy, this.ids.extracted(), version).0;
-            if let Some(answer) = json_for_hyper_error(data, id) {
+            if let Some(answer) = json_for_hyper_error(data, id, &this.problem) {
                 this.pending = Some((answer, 0));
                 this.ids.reset();
                 if let Poll::Ready(Err(e)) = this.drain(cx) {
@@ -622,7 +668,7 @@ pub async fn serve(
                 stream,
                 last.clone(),
                 epoch,
-                limits.ids,
+                (limits.ids, limits.problem),
                 exchanges.clone(),
             ));
             // Requests in flight on this connection: the idle timer never cuts one.
@@ -779,12 +825,12 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{header, json_for_hyper_error, secret_matches, IdLines};
+    use super::{header, json_for_hyper_error, secret_matches, IdLines, Problem};
 
     #[test]
     fn only_hypers_exact_answer_is_rewritten() {
         let ok = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Thu, 03 Dec 2026 12:00:00 GMT\r\n\r\n";
-        let answer = json_for_hyper_error(ok, None).expect("hyper's answer");
+        let answer = json_for_hyper_error(ok, None, &Problem::default()).expect("hyper's answer");
         let text = String::from_utf8(answer).expect("text");
         assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
         assert!(
@@ -792,6 +838,23 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with(r#""code":"request-header-fields-too-large","request_id":null}"#));
+        // Shaped as the service's own errors.
+        let coordinator = Problem {
+            type_base: "https://api.backend.ai/probs/",
+            error_code_prefix: Some("appproxy_coordinator_"),
+        };
+        let id = appproxy_shared::RequestId::parse(b"mgr-42").ok();
+        let answer = json_for_hyper_error(ok, id, &coordinator).expect("hyper's answer");
+        let text = String::from_utf8(answer).expect("text");
+        let body = &text[text.find("\r\n\r\n").expect("head") + 4..];
+        assert_eq!(
+            body,
+            r#"{"type":"https://api.backend.ai/probs/request-header-fields-too-large","title":"Request header fields too large","error_code":"appproxy_coordinator_request_header_fields_too_large","msg":"Request header fields too large","error":"Request header fields too large","code":"request-header-fields-too-large","request_id":"mgr-42"}"#
+        );
+        assert!(
+            text.contains("\r\nx-backend-request-id: mgr-42\r\n"),
+            "{text}"
+        );
         for other in [
             // A bare LF in the date would carry lines of its own into the answer.
             &b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\nLocation: https://evil.example/\r\n\r\n"[..],
@@ -802,7 +865,7 @@ mod tests {
             b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\ntrailing",
         ] {
             assert!(
-                json_for_hyper_error(other, None).is_none(),
+                json_for_hyper_error(other, None, &Problem::default()).is_none(),
                 "{:?}",
                 String::from_utf8_lossy(other)
             );

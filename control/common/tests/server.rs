@@ -96,6 +96,7 @@ async fn start() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         max_connections: 16,
         max_head: MAX_HEAD,
         ids: (IdPolicy::GenerateIfMissing, IdVersion::V4),
+        problem: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(

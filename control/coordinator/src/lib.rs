@@ -59,6 +59,31 @@ use store::{CircuitRow, Store, StoreError};
 /// answers follow it.
 const REQUEST_IDS: (IdPolicy, IdVersion) = (IdPolicy::ExtractOnly, IdVersion::V4);
 
+/// How the coordinator's JSON errors are shaped; its server's own answers to heads
+/// it cannot take are shaped the same.
+const PROBLEM: server::Problem = server::Problem {
+    type_base: "https://api.backend.ai/probs/",
+    error_code_prefix: Some("appproxy_coordinator_"),
+};
+
+/// The coordinator's JSON error for `code`: `title` (also `msg`), the detail
+/// `error`, and the request's ID.
+fn problem_body(code: &str, title: &str, error: &str) -> serde_json::Value {
+    json!({
+        "type": format!("{}{code}", PROBLEM.type_base),
+        "title": title,
+        "error_code": format!(
+            "{}{}",
+            PROBLEM.error_code_prefix.unwrap_or_default(),
+            code.replace('-', "_")
+        ),
+        "msg": title,
+        "error": error,
+        "code": code,
+        "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
+    })
+}
+
 /// Every Redis call the coordinator makes is bounded by this: an outage costs a call
 /// at most this long (then the caller's fallback applies), never a hang.
 pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -508,15 +533,7 @@ impl IntoResponse for ApiError {
             ),
             _ => text.clone(),
         };
-        let mut body = json!({
-            "type": format!("https://api.backend.ai/probs/{code}"),
-            "title": text,
-            "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
-            "msg": text,
-            "error": detail,
-            "code": code,
-            "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
-        });
+        let mut body = problem_body(code, &text, &detail);
         if let Self::WorkerNotResponding { authority, cause } = &self {
             body["data"] = json!({"worker": authority, "cause": cause});
         }
@@ -877,15 +894,7 @@ async fn json_errors(resp: Response) -> Response {
         s if s.is_server_error() => ("internal-error", "Internal server error"),
         _ => ("invalid-api-params", "Bad request"),
     };
-    let body = json!({
-        "type": format!("https://api.backend.ai/probs/{code}"),
-        "title": text,
-        "error_code": format!("appproxy_coordinator_{}", code.replace('-', "_")),
-        "msg": text,
-        "error": text,
-        "code": code,
-        "request_id": appproxy_shared::current_request_id().map(|r| r.to_string()),
-    });
+    let body = problem_body(code, text, text);
     let mut out = (status, Json(body)).into_response();
     // Keep what the refusal said about the method or the connection.
     for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
@@ -1008,14 +1017,17 @@ impl Coordinator {
         tasks.spawn(health::run(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;
-        let limits = server::Limits::from_config(
-            "coordinator",
-            REQUEST_IDS,
-            c.header_read_timeout_secs,
-            c.idle_timeout_secs,
-            c.max_connections,
-            1,
-        );
+        let limits = server::Limits {
+            problem: PROBLEM,
+            ..server::Limits::from_config(
+                "coordinator",
+                REQUEST_IDS,
+                c.header_read_timeout_secs,
+                c.idle_timeout_secs,
+                c.max_connections,
+                1,
+            )
+        };
         let metrics = state.server.clone();
         let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
         tasks.abort_all();

@@ -3805,6 +3805,19 @@ fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
         let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
         assert_eq!(v["code"], code, "{text}");
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
+        // Shaped as every other coordinator error.
+        assert_eq!(
+            v["type"],
+            format!("https://api.backend.ai/probs/{code}"),
+            "{text}"
+        );
+        assert_eq!(
+            v["error_code"],
+            format!("appproxy_coordinator_{}", code.replace('-', "_")),
+            "{text}"
+        );
+        assert_eq!(v["msg"], v["title"], "{text}");
+        assert!(v["msg"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
         match id {
             Some(id) => {
                 assert_eq!(v["request_id"], id, "{text}");

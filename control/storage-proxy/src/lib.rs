@@ -38,6 +38,13 @@ use volume::{PathError, Volumes};
 /// own answers follow it.
 const REQUEST_IDS: (IdPolicy, IdVersion) = (IdPolicy::GenerateIfMissing, IdVersion::V4);
 
+/// How the storage-proxy's JSON errors are shaped; its servers' own answers to heads
+/// they cannot take are shaped the same.
+const PROBLEM: server::Problem = server::Problem {
+    type_base: "https://api.backend.ai/probs/storage/",
+    error_code_prefix: None,
+};
+
 /// Shared state of both APIs.
 pub struct State {
     /// The volumes.
@@ -371,7 +378,7 @@ impl IntoResponse for ApiError {
         }
         let title = self.to_string();
         let body = serde_json::json!({
-            "type": format!("https://api.backend.ai/probs/storage/{kind}"),
+            "type": format!("{}{kind}", PROBLEM.type_base),
             "title": title,
             "error": title,
             "code": kind,
@@ -563,7 +570,7 @@ pub async fn serve(
     // its own cap; together, each holding a socket and a file, beside every
     // archive slot's descriptors, they stay below the descriptor limit).
     let s = &config.storage;
-    let limits = server::Limits::from_config_fitted(
+    let mut limits = server::Limits::from_config_fitted(
         "storage",
         REQUEST_IDS,
         (s.header_read_timeout_secs, s.idle_timeout_secs),
@@ -574,6 +581,7 @@ pub async fn serve(
             state.archives.max() as u64 * ARCHIVE_DESCRIPTORS,
         ),
     );
+    limits.problem = PROBLEM;
     // Client heads carry download tokens in the query, and an archive token lists
     // its files: they may be as long as hyper has always taken.
     let limits_c = server::Limits {

@@ -250,6 +250,12 @@ fn heads_the_server_cannot_take_get_a_request_id_all_the_same() {
             let (head, body) = text.split_once("\r\n\r\n").expect("a head");
             let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
             assert_eq!(v["code"], "bad-request", "{text}");
+            // Shaped as every other storage-proxy error.
+            assert_eq!(
+                v["type"], "https://api.backend.ai/probs/storage/bad-request",
+                "{text}"
+            );
+            assert_eq!(v["title"], v["error"], "{text}");
             let id = v["request_id"]
                 .as_str()
                 .expect("an ID in the body")
