@@ -96,9 +96,10 @@ pub const MAX_ARCHIVE_STREAMS: usize = 256;
 /// temporary file and the client's socket.
 pub const ARCHIVE_DESCRIPTORS: u64 = fsx::HELD as u64 + 5;
 
-/// Descriptors one API connection may hold: its socket and the file it reads or
-/// writes (a download, a tus `PATCH`).
-const CONNECTION_DESCRIPTORS: u64 = 2;
+/// Descriptors one API connection may hold: its socket and what its request holds
+/// open (a download: the file; a tus `PATCH`: the staging file and the directories
+/// it is reached through, four in all, measured).
+const CONNECTION_DESCRIPTORS: u64 = 4;
 
 /// `[storage] max_archive_streams` (`configured`) fitted to the descriptor limit:
 /// archives hold at most half of what [`server::FD_RESERVE`] leaves, at
@@ -567,7 +568,7 @@ pub async fn serve(
     };
     let (rx_m, rx_c) = (rx.clone(), rx.clone());
     // Both APIs: heads and idle connections timed, connections capped (each API
-    // its own cap; together, each holding a socket and a file, beside every
+    // its own cap; together, each holding up to four descriptors, beside every
     // archive slot's descriptors, they stay below the descriptor limit).
     let s = &config.storage;
     let mut limits = server::Limits::from_config_fitted(
