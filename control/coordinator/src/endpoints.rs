@@ -631,15 +631,22 @@ async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Val
             )));
         }
     }
-    // Route writes are serialised with the health checker's, and the limit below is
-    // checked and the items applied under the same turn: nothing changes between.
+    // Route writes are serialised with the health checker's and, through the store,
+    // with every other coordinator's; the limit below is checked and the items
+    // applied under the same turn: nothing changes between.
     let _writes = super::health::ROUTE_WRITES.lock().await;
-    within_route_limit(state, &body, op).await?;
-    let mut out = Vec::with_capacity(body.endpoints.len());
-    for item in &body.endpoints {
-        out.push(routes_one(state, item, op).await?);
+    let turn = state.store.route_turn().await?;
+    let applied = async {
+        within_route_limit(state, &body, op).await?;
+        let mut out = Vec::with_capacity(body.endpoints.len());
+        for item in &body.endpoints {
+            out.push(routes_one(state, item, op).await?);
+        }
+        Ok(Json(json!({"endpoints": out})))
     }
-    Ok(Json(json!({"endpoints": out})))
+    .await;
+    turn.end().await;
+    applied
 }
 
 /// Refuses the whole body (400, nothing stored) when an item would leave its

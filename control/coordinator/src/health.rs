@@ -627,8 +627,16 @@ async fn apply(
     circuit_id: uuid::Uuid,
     changes: Vec<Change>,
 ) {
+    // Route writes take turns within this coordinator and, through the store, with
+    // every other one (an endpoint's routes are read, changed and written whole).
+    let writes = ROUTE_WRITES.lock().await;
+    let turn = state.store.route_turn().await;
     let stored = async {
-        let _writes = ROUTE_WRITES.lock().await;
+        if let Err(e) = &turn {
+            return Err(super::ApiError::Store(crate::StoreError::Unavailable(
+                e.to_string(),
+            )));
+        }
         let Some((circuit, _)) = state.store.circuit(circuit_id).await? else {
             return Ok::<bool, super::ApiError>(false);
         };
@@ -664,6 +672,10 @@ async fn apply(
         Ok(true)
     }
     .await;
+    if let Ok(turn) = turn {
+        turn.end().await;
+    }
+    drop(writes);
     let stored = match stored {
         Ok(found) => found,
         Err(e) => {

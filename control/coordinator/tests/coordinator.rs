@@ -4444,3 +4444,106 @@ fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+/// Two coordinators on one PostgreSQL each read an endpoint's routes, changed them
+/// and wrote them back whole, serialised only within their own process: of ten
+/// registrations alternating between them, all answered 200 with their routes
+/// listed as registered, 30-40 of the 100 routes were lost, and racing calls
+/// overshot `max_routes_per_endpoint`. Route writes now take turns across
+/// coordinators (an advisory lock): every registered route is stored, and the
+/// limit holds.
+#[test]
+fn route_writes_from_two_coordinators_lose_nothing_and_keep_the_limit() {
+    let db = Db::Postgres(appproxy_test_support::pg::Pg::start());
+    let (d1, d2) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let limits = "[limits]\nmax_routes_per_endpoint = 150\n";
+    let a = start_with(d1.path(), &db, limits);
+    let b = start_with(d2.path(), &db, limits);
+    register_inference_worker(&a);
+    let e = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a93";
+    let r = request(
+        a.addr,
+        "POST",
+        &format!("/v2/endpoints/{e}"),
+        &[AUTH],
+        &endpoint_body("svc-93", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let body = |batch: u32, n: u32| {
+        let list: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"0b9e8c1e-9a4d-4e6f-8b7a-{:04}{:08}","kernel_host":"10.0.1.7","kernel_port":8000}}"#,
+                    batch, i
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"endpoints":[{{"deployment_id":"{e}","routes":[{}]}}]}}"#,
+            list.join(",")
+        )
+    };
+    let stored = || {
+        db.query(
+            d1.path(),
+            &format!(
+                "SELECT jsonb_array_length(route_info) FROM circuits WHERE endpoint_id = '{e}'"
+            ),
+        )
+        .parse::<u32>()
+        .expect("a count")
+    };
+    // Ten registrations of ten routes at once, alternating between the two.
+    let register = |batches: std::ops::Range<u32>, n: u32| {
+        let answers: Vec<(u16, usize)> = std::thread::scope(|s| {
+            let calls: Vec<_> = batches
+                .map(|batch| {
+                    let addr = if batch % 2 == 0 { a.addr } else { b.addr };
+                    let body = body(batch, n);
+                    s.spawn(move || {
+                        let r = request(
+                            addr,
+                            "POST",
+                            "/v2/endpoints/bulk/routes/register",
+                            &[AUTH],
+                            &body,
+                        );
+                        let registered = r.json()["endpoints"][0]["registered_route_ids"]
+                            .as_array()
+                            .map_or(0, Vec::len);
+                        (r.status, registered)
+                    })
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("a caller"))
+                .collect()
+        });
+        answers
+    };
+    let answers = register(0..10, 10);
+    assert!(
+        answers.iter().all(|(status, n)| *status == 200 && *n == 10),
+        "{answers:?}"
+    );
+    assert_eq!(
+        stored(),
+        100,
+        "every route answered as registered is stored"
+    );
+    // Ten more of ten against a limit of 150: five fit, five are refused whole.
+    let answers = register(10..20, 10);
+    let taken = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(taken, 5, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _)| [200, 400].contains(status)),
+        "{answers:?}"
+    );
+    assert_eq!(stored(), 150, "the limit holds across coordinators");
+}

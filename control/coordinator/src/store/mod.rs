@@ -318,6 +318,43 @@ impl From<serde_json::Error> for StoreError {
     }
 }
 
+/// A turn at route writes ([`Store::route_turn`]): on PostgreSQL, the pooled
+/// connection holding the advisory lock. Ended with [`RouteTurn::end`], which
+/// unlocks and gives the connection back; dropped otherwise (an error, a
+/// cancelled request), the connection is taken out of the pool and closed, and the
+/// server lets the lock go with it: a lock never stays with a pooled connection.
+pub struct RouteTurn {
+    pg: Option<deadpool_postgres::Object>,
+}
+
+impl RouteTurn {
+    /// Gives the turn back.
+    pub async fn end(mut self) {
+        let unlocked = match self.pg.as_ref() {
+            Some(client) => client
+                .execute(
+                    "SELECT pg_advisory_unlock($1)",
+                    &[&postgres::ROUTE_WRITES_KEY],
+                )
+                .await
+                .is_ok(),
+            None => return,
+        };
+        if unlocked {
+            // Unlocked: back to the pool.
+            drop(self.pg.take());
+        }
+    }
+}
+
+impl Drop for RouteTurn {
+    fn drop(&mut self) {
+        if let Some(client) = self.pg.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// The store, whichever engine backs it. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {
@@ -510,6 +547,19 @@ impl Store {
             |s| s.insert_circuit(&circuit, origin.as_deref(), &trace, limit),
             |p| p.insert_circuit(&circuit, origin.as_deref(), &trace, deadline, limit)
         )
+    }
+
+    /// A turn at route writes across every coordinator on this store: an endpoint's
+    /// routes are read, changed and written back whole, so two coordinators doing
+    /// so at once lost each other's routes (and overshot the routes limit). Within
+    /// a coordinator the writes also take [`crate::health::ROUTE_WRITES`]; on
+    /// PostgreSQL this adds an advisory lock for the others ([`RouteTurn::end`]
+    /// gives it back). SQLite's store serves one coordinator: the turn is empty.
+    pub async fn route_turn(&self) -> Result<RouteTurn, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(RouteTurn { pg: None }),
+            Store::Postgres(p) => p.route_turn().await,
+        }
     }
 
     /// Replaces a circuit's routes, keeping the trace context of the request that

@@ -191,6 +191,10 @@ $$;
 ",
 ];
 
+/// The advisory lock route writes take turns under across coordinators ("routes"
+/// in ASCII).
+pub(super) const ROUTE_WRITES_KEY: i64 = 0x726f_7574_6573;
+
 /// The SQLSTATE `appproxy_circuit_may_insert` refuses a session's circuit with.
 const SESSION_LIMIT: &str = "AP429";
 
@@ -496,6 +500,38 @@ impl PgStore {
         let client = store.client().await?;
         store.read_clock(&client).await;
         Ok(store)
+    }
+
+    /// A turn at route writes, across every coordinator on this database: a
+    /// connection holding the session advisory lock [`ROUTE_WRITES_KEY`]. It is
+    /// tried without waiting on the server (a lock wait cancelled by our deadline
+    /// could still be granted later, to a connection back in the pool), again
+    /// every 20 ms until [`super::CALL_DEADLINE`]; the connection is in the turn
+    /// from the first try, so a turn dropped anywhere closes it, and the server
+    /// lets the lock go with it.
+    pub(super) async fn route_turn(&self) -> Result<super::RouteTurn, StoreError> {
+        let turn = super::RouteTurn {
+            pg: Some(self.client().await?),
+        };
+        let until = std::time::Instant::now() + super::CALL_DEADLINE;
+        loop {
+            let Some(client) = turn.pg.as_ref() else {
+                return Err(StoreError::Unavailable("no connection".into()));
+            };
+            let got: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ROUTE_WRITES_KEY])
+                .await?
+                .try_get(0)?;
+            if got {
+                return Ok(turn);
+            }
+            if std::time::Instant::now() >= until {
+                return Err(StoreError::Unavailable(
+                    "route writes were busy on another coordinator past the deadline".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Reads the server's clock on `client` and keeps how far it is ahead of ours.
