@@ -152,3 +152,72 @@ pub fn request(method: &str, path: &str, extra: &[Field]) -> Vec<u8> {
     f.extend_from_slice(extra);
     block(&f)
 }
+
+/// The `:status` of a response block the worker encoded (static-table entries, or a
+/// literal with the indexed name `:status`, plain or Huffman-coded digits).
+pub fn status(mut p: &[u8]) -> u16 {
+    // A dynamic table size update (`001xxxxx`, a 5-bit prefix integer) may come
+    // first.
+    if p.first().is_some_and(|b| b & 0xe0 == 0x20) {
+        let mut at = 1;
+        if p[0] & 0x1f == 0x1f {
+            while p.get(at).is_some_and(|b| b & 0x80 != 0) {
+                at += 1;
+            }
+            at += 1;
+        }
+        p = p.get(at..).unwrap_or_default();
+    }
+    match p.first() {
+        Some(0x88) => 200,
+        Some(0x89) => 204,
+        Some(0x8a) => 206,
+        Some(0x8b) => 304,
+        Some(0x8c) => 400,
+        Some(0x8d) => 404,
+        Some(0x8e) => 500,
+        Some(&b) if b & 0x0f == 8 && p.len() >= 5 && p[1] == 3 => std::str::from_utf8(&p[2..5])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Some(&b) if b & 0x0f == 8 && p.len() >= 2 && p[1] & 0x80 != 0 => {
+            let n = usize::from(p[1] & 0x7f);
+            p.get(2..2 + n).and_then(huffman_digits).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// Decodes a Huffman-coded (RFC 7541 Appendix B) run of decimal digits: `0`–`2` are
+/// the 5-bit codes `00000`–`00010`, `3`–`9` the 6-bit `011001`–`011111`; the rest
+/// is padding (all ones).
+fn huffman_digits(bytes: &[u8]) -> Option<u16> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let value = |from: usize, n: usize| {
+        bits.get(from..from + n)
+            .map(|b| b.iter().fold(0u8, |v, &x| (v << 1) | x))
+    };
+    let (mut at, mut out) = (0, 0u16);
+    while at < bits.len() {
+        if bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        match value(at, 5)? {
+            d @ 0..=2 => {
+                out = out * 10 + u16::from(d);
+                at += 5;
+            }
+            _ => match value(at, 6)? {
+                d @ 25..=31 => {
+                    out = out * 10 + u16::from(d - 22);
+                    at += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
+}
