@@ -3772,8 +3772,9 @@ fn simultaneous_calls_for_one_session_and_app_share_one_circuit() {
 /// The answers the HTTP layer makes itself to a head it cannot take — 431 for one
 /// over the limit, 400 for a malformed one — had an empty body and no request ID,
 /// unlike every other error (the 408 of a stalled body included). They are the
-/// product's JSON error now, `{"error","code","request_id"}`, with the request-ID
-/// header when the head carried a valid ID.
+/// coordinator's JSON error now, shaped as its others (`type`, `title`,
+/// `error_code`, `msg`, `error`, `code`, `request_id`), with the request-ID header
+/// when the head carried a valid ID.
 #[test]
 fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
     use std::io::{Read as _, Write as _};
