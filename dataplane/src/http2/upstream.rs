@@ -475,19 +475,12 @@ pub async fn forward(
     let too_slow = Cell::new(false);
     let forbidden_trailer = Cell::new(false);
     let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
-    // The HTTP/1.1 body rate floor, except for gRPC calls: their request streams
-    // carry messages (bidirectional streams may rest between them for long) and
-    // their own deadlines; they keep the tunnel idle timeout.
-    let grpc_call = grpc
-        || req.head.headers.iter().any(|h| {
-            parse::name_is(&req.buf[h.name.clone()], "content-type")
-                && req.buf[h.value.clone()].starts_with(b"application/grpc")
-        });
-    let floor = if grpc_call {
-        None
-    } else {
-        BodyFloor::new(core)
-    };
+    // The HTTP/1.1 body rate floor, except on `grpc` circuits: their request
+    // streams carry messages (bidirectional streams may rest between them for long)
+    // and their own deadlines; they keep the tunnel idle timeout. The exemption is
+    // the operator's choice of circuit, never the client's `content-type`: any
+    // client could claim gRPC on an `http2` circuit to hold a stream for an hour.
+    let floor = if grpc { None } else { BodyFloor::new(core) };
     // The request body goes on while the response comes (bidirectional streams);
     // its end (or failure, passed on as a reset) never ends the exchange by itself.
     let request_side = async {
