@@ -457,6 +457,20 @@ pub struct Http2Section {
     /// before it is asked to go away (`GOAWAY`, then closed once its streams end);
     /// 0: no limit.
     pub max_streams_per_connection: u64,
+    /// Flow-control window per stream on connections to HTTP/2 apps (`http2`,
+    /// `grpc` circuits), bytes: the most the worker buffers for a stream whose
+    /// client does not read. Smaller than `initial_stream_window`: an app on the
+    /// same LAN needs little window for full speed, and a connection's window is
+    /// this times its streams.
+    pub app_stream_window: u32,
+    /// Streams open to HTTP/2 apps at once, per core: with `app_stream_window` it
+    /// bounds what clients that do not read make the core buffer (2048 × 64 KiB =
+    /// 128 MiB). A stream past it is answered 503 `app_stream_limit`.
+    pub max_app_streams: usize,
+    /// Once half of `max_app_streams` are taken, the most of them one client
+    /// address (IPv4, IPv6 /64; trusted proxies exempt) holds; past it its streams
+    /// are answered 503 `app_stream_limit`.
+    pub max_app_streams_per_address: usize,
 }
 
 impl Default for Http2Section {
@@ -472,6 +486,9 @@ impl Default for Http2Section {
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 128,
             max_streams_per_connection: 0,
+            app_stream_window: 64 * 1024,
+            max_app_streams: 2048,
+            max_app_streams_per_address: 256,
         }
     }
 }
@@ -489,6 +506,7 @@ impl Http2Section {
         for (key, v) in [
             ("initial_stream_window", self.initial_stream_window),
             ("initial_connection_window", self.initial_connection_window),
+            ("app_stream_window", self.app_stream_window),
         ] {
             if !(65_535..=0x7fff_ffff).contains(&v) {
                 return bad(key, "must be between 65535 and 2147483647");
@@ -499,6 +517,12 @@ impl Http2Section {
         }
         if self.max_send_buffer < 1024 {
             return bad("max_send_buffer", "must be at least 1024");
+        }
+        if self.max_app_streams == 0 {
+            return bad("max_app_streams", "must be at least 1");
+        }
+        if self.max_app_streams_per_address == 0 {
+            return bad("max_app_streams_per_address", "must be at least 1");
         }
         Ok(())
     }

@@ -434,3 +434,86 @@ fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
     assert_eq!(all.len() - head_end, 4_000_000);
     drop(stalled);
 }
+
+#[test]
+fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address() {
+    let up = Upstream::start();
+    let patient = "[timeouts]\nbody_idle_secs = 600\nresponse_idle_secs = 600\n";
+    let h2app = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: patient.into(),
+        ..Default::default()
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![h2app.addr()],
+        extra: format!("{patient}[http2]\nmax_app_streams = 32\nmax_app_streams_per_address = 4\n"),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    // One client connection whose streams never get a byte of window
+    // (SETTINGS_INITIAL_WINDOW_SIZE = 0) asks for 40 big downloads: each stream
+    // given a place would make the worker buffer its window from the app. (No
+    // HPACK dynamic table either, so that every `:status` reads alone.)
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    let mut hello = appproxy_test_support::h2frames::PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[0, 1, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]));
+    s.write_all(&hello).expect("preface");
+    let frames = frames_of(&s);
+    for k in 0..40u32 {
+        let path = format!("/bytes?n=5000000&k={k}");
+        let head = req("GET", &path, &[]);
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1 + 2 * k, &head))
+            .expect("write");
+    }
+    // Half the budget (16) is answered; past it this address holds more than its
+    // share (4): the other 24 streams are refused with 503 `app_stream_limit`.
+    let mut heads: std::collections::HashMap<u32, u16> = Default::default();
+    let mut refusals = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heads.len() < 40 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((ty, flags, id, p)) = frames.recv_timeout(left) else {
+            panic!("only {} heads came: {heads:?}", heads.len());
+        };
+        if ty == SETTINGS && flags & ACK == 0 {
+            let _ = s.write_all(&frame(SETTINGS, ACK, 0, &[]));
+        }
+        if ty == HEADERS && id % 2 == 1 && !heads.contains_key(&id) {
+            heads.insert(id, status(&p));
+        }
+        if ty == DATA && String::from_utf8_lossy(&p).contains("app_stream_limit") {
+            refusals += 1;
+        }
+    }
+    let answered = heads.values().filter(|&&c| c == 200).count();
+    let refused = heads.values().filter(|&&c| c == 503).count();
+    assert_eq!((answered, refused), (16, 24), "{heads:?}");
+    // The 503 bodies are flow-controlled too: with no window, none came yet.
+    assert_eq!(refusals, 0);
+    // Another address still gets its whole download through the same app.
+    let other =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    other
+        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .expect("bind 127.0.0.2");
+    other.connect(&w.addr().into()).expect("connect");
+    let mut o: TcpStream = other.into();
+    o.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    o.write_all(b"GET /bytes?n=1000000 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut all = Vec::new();
+    o.read_to_end(&mut all).expect("read");
+    assert!(
+        all.starts_with(b"HTTP/1.1 200 "),
+        "{:?}",
+        String::from_utf8_lossy(&all[..all.len().min(300)])
+    );
+    let head_end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert_eq!(all.len() - head_end, 1_000_000);
+    drop(s);
+}

@@ -129,6 +129,10 @@ pub enum ProxyError {
     /// The upstream already has as many connections from this core as allowed.
     #[error("upstream connection limit reached")]
     UpstreamBusy,
+    /// The core has `[http2] max_app_streams` streams open to HTTP/2 apps, or
+    /// (half of them taken) the client's address its share of them.
+    #[error("too many streams to HTTP/2 apps on this worker, retry later")]
+    AppStreamLimit,
     /// The core is at its cap of open client connections (`[limits]
     /// max_connections_per_core`): the connection is answered and closed.
     #[error("too many connections on this worker, retry later")]
@@ -196,6 +200,7 @@ impl ProxyError {
             Self::Draining
             | Self::LocalResources(_)
             | Self::UpstreamBusy
+            | Self::AppStreamLimit
             | Self::ConnectionLimit => Fault::Internal,
         }
     }
@@ -217,6 +222,7 @@ impl ProxyError {
             }
             Self::LocalResources(_) => (503, "local_resources_exhausted"),
             Self::UpstreamBusy => (503, "upstream_connection_limit"),
+            Self::AppStreamLimit => (503, "app_stream_limit"),
             Self::ConnectionLimit => (503, "connection_limit"),
             Self::ClientConnectionLimit => (429, "client_connection_limit"),
         }
@@ -226,7 +232,7 @@ impl ProxyError {
     /// refusal says so.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::ConnectionLimit | Self::ClientConnectionLimit => Some(1),
+            Self::ConnectionLimit | Self::ClientConnectionLimit | Self::AppStreamLimit => Some(1),
             _ => None,
         }
     }

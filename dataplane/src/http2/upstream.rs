@@ -5,7 +5,10 @@
 //! task of the core, and multiplexes the streams of every client over them: at most
 //! `max_concurrent_streams` on one, whose connection window holds all their stream
 //! windows, so a stream whose client does not read holds only its own window,
-//! never the connection's that the others need. A stream is
+//! never the connection's that the others need. That window (`app_stream_window`)
+//! is all a stalled stream makes the worker buffer, and a core has at most
+//! `max_app_streams` such streams, shared fairly by client address
+//! ([`AppStreamSlot`]); a stream past them gets 503. A stream is
 //! relayed both ways at once (bidirectional gRPC streams), trailers included; each
 //! DATA frame's capacity goes back to its sender only once the other side has taken
 //! it, so a stream holds at most a window in flight, never a whole body. A client
@@ -22,6 +25,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use appproxy_shared::fair_share::ClientKey;
 use appproxy_shared::model::ProxyProtocol;
 use appproxy_shared::RequestId;
 use bytes::Bytes;
@@ -50,6 +54,66 @@ thread_local! {
     static UPSTREAMS: RefCell<HashMap<SocketAddr, Vec<Pooled>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// This core's streams open to HTTP/2 apps: all of them, and by client address.
+    static APP_STREAMS: RefCell<AppStreams> = RefCell::new(AppStreams::default());
+}
+
+/// The streams a core has open to HTTP/2 apps, counted as [`AppStreamSlot`]s.
+#[derive(Default)]
+struct AppStreams {
+    total: usize,
+    by_address: HashMap<ClientKey, usize>,
+}
+
+/// One stream's place in the core's budget of streams to HTTP/2 apps (`[http2]
+/// max_app_streams`), held for the stream's life. Each such stream may make the
+/// worker buffer its window (`app_stream_window`) from the app while its client
+/// does not read, so the budget bounds the core's memory; once half of it is
+/// taken an address holds at most `max_app_streams_per_address` (as
+/// `appproxy_shared::fair_share`), so that one client's stalled streams leave room
+/// for the others.
+pub struct AppStreamSlot(Option<ClientKey>);
+
+impl AppStreamSlot {
+    /// A place for a stream of `hop`'s client (trusted proxies are held only to
+    /// the core's budget: their clients are many), or `AppStreamLimit`.
+    fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
+        let cfg = &core.rt.http2;
+        let key = (!hop.trusted).then(|| ClientKey::of(hop.peer.ip()));
+        APP_STREAMS.with(|a| {
+            let mut a = a.borrow_mut();
+            let mine = key.and_then(|k| a.by_address.get(&k).copied()).unwrap_or(0);
+            let crowded = a.total >= cfg.max_app_streams / 2;
+            if a.total >= cfg.max_app_streams
+                || (crowded && key.is_some() && mine >= cfg.max_app_streams_per_address)
+            {
+                tracing::debug!(client = %hop.peer.ip(), taken = a.total, "no place for another stream to an HTTP/2 app ([http2] max_app_streams, max_app_streams_per_address)");
+                return Err(Fail::Answer(ProxyError::AppStreamLimit));
+            }
+            a.total += 1;
+            if let Some(k) = key {
+                a.by_address.insert(k, mine + 1);
+            }
+            Ok(Self(key))
+        })
+    }
+}
+
+impl Drop for AppStreamSlot {
+    fn drop(&mut self) {
+        APP_STREAMS.with(|a| {
+            let mut a = a.borrow_mut();
+            a.total = a.total.saturating_sub(1);
+            if let Some(k) = self.0 {
+                if let Some(n) = a.by_address.get_mut(&k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        a.by_address.remove(&k);
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// The most streams the worker puts on one connection to an app: `[http2]
@@ -57,7 +121,7 @@ thread_local! {
 /// largest window. A stream past it opens another connection.
 fn streams_per_conn(core: &Core) -> usize {
     let cfg = &core.rt.http2;
-    let window = u64::from(cfg.initial_stream_window.max(1));
+    let window = u64::from(cfg.app_stream_window.max(1));
     let fit = (u64::from(MAX_WINDOW) / window).max(1);
     u64::from(cfg.max_concurrent_streams).min(fit) as usize
 }
@@ -66,14 +130,14 @@ fn streams_per_conn(core: &Core) -> usize {
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// The receive window of a connection to an app: room for every stream it may
-/// carry to fill its own window ([`streams_per_conn`] × `initial_stream_window`),
+/// carry to fill its own window ([`streams_per_conn`] × `app_stream_window`),
 /// so that only a stream's window bounds it. With a smaller connection window the
 /// few streams whose clients do not read would hold all of it (their DATA is
 /// given back only as their clients take it) and every other client of the app
 /// would get its head and then no body.
 fn conn_window(core: &Core) -> u32 {
     let cfg = &core.rt.http2;
-    let all = (streams_per_conn(core) as u64) * u64::from(cfg.initial_stream_window);
+    let all = (streams_per_conn(core) as u64) * u64::from(cfg.app_stream_window);
     all.clamp(
         u64::from(cfg.initial_connection_window),
         u64::from(MAX_WINDOW),
@@ -153,7 +217,7 @@ async fn sender(
     let cfg = &core.rt.http2;
     let mut builder = h2::client::Builder::new();
     builder
-        .initial_window_size(cfg.initial_stream_window)
+        .initial_window_size(cfg.app_stream_window)
         .initial_connection_window_size(conn_window(core))
         .max_header_list_size(cfg.max_header_list_size)
         .max_frame_size(cfg.max_frame_size)
@@ -414,11 +478,12 @@ async fn relay(
 }
 
 /// A stream opened on the app's HTTP/2 connection: the response to come, the
-/// request body's sender, the connection's use, and the app's address.
+/// request body's sender, the connection's use and the stream's place in the
+/// core's budget, and the app's address.
 pub type Opened = (
     h2::client::ResponseFuture,
     SendStream<Bytes>,
-    UpStreamGuard,
+    (UpStreamGuard, AppStreamSlot),
     SocketAddr,
 );
 
@@ -432,6 +497,7 @@ pub async fn open_stream(
     trace: Option<crate::trace::Hop>,
     end: bool,
 ) -> Result<Opened, Fail> {
+    let slot = AppStreamSlot::take(core, &hop)?;
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr).await?;
     let tls = route
@@ -443,7 +509,7 @@ pub async fn open_stream(
     let (response, send) = sender
         .send_request(request, end)
         .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e))))?;
-    Ok((response, send, guard, addr))
+    Ok((response, send, (guard, slot), addr))
 }
 
 /// Why the app gave no answer (the route's health noted when it is the app's).
