@@ -5,7 +5,10 @@
 //! are cut as HTTP/1.1 ones are (to HTTP/1.1 and HTTP/2 apps, and bridged HTTP/1.1
 //! clients of `http2` circuits), freeing the app connection they held; and clients
 //! that never read their downloads from an `http2` app do not stall the other
-//! clients of that app, which share the core's HTTP/2 connection to it.
+//! clients of that app, which share the core's HTTP/2 connection to it; streams
+//! to HTTP/2 apps are held to a per-core budget shared by address (what stalled
+//! clients make the worker buffer); a burst of streams dials one app connection
+//! per `max_concurrent_streams` of them, not one each.
 
 mod common;
 
@@ -516,4 +519,83 @@ fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address()
         + 4;
     assert_eq!(all.len() - head_end, 1_000_000);
     drop(s);
+}
+
+/// A TCP relay to `to` that counts the connections made to it.
+fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(a) = s else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            let Ok(b) = TcpStream::connect(to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (a.try_clone().expect("clone"), b.try_clone().expect("clone")),
+                (b, a),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn a_burst_of_streams_to_an_http2_app_dials_one_connection_per_four() {
+    // The app (a second worker serving h2c) holds every `/sse` answer open after
+    // its first event until the gate opens, so the burst's streams all stay open.
+    let up = Upstream::start();
+    let h2app = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    let (relay, dialed) = counting_relay(h2app.addr());
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![relay],
+        extra: "[http2]\nmax_concurrent_streams = 4\n".into(),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    // 20 clients at once: 20 streams, at most 4 on one connection to the app.
+    const N: usize = 20;
+    let start = Arc::new(std::sync::Barrier::new(N));
+    let clients: Vec<_> = (0..N)
+        .map(|k| {
+            let (addr, start) = (w.addr(), start.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .expect("timeout");
+                start.wait();
+                write!(s, "GET /sse?k={k} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(5).any(|w| w == b"first") {
+                    match s.read_uninterrupted(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            panic!("stream {k}: {:?}", String::from_utf8_lossy(&got))
+                        }
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    let open: Vec<TcpStream> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    // Every stream is open at the app: ceil(20 / 4) = 5 connections carry them.
+    assert_eq!(dialed.load(Ordering::SeqCst), N.div_ceil(4));
+    up.open_gate();
+    drop(open);
 }

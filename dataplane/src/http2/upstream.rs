@@ -3,9 +3,10 @@
 //! Each core keeps HTTP/2 connections per app address (prior knowledge in the
 //! clear; TLS with ALPN `h2` when the route has `upstream_tls`), each driven by a
 //! task of the core, and multiplexes the streams of every client over them: at most
-//! `max_concurrent_streams` on one, whose connection window holds all their stream
-//! windows, so a stream whose client does not read holds only its own window,
-//! never the connection's that the others need. That window (`app_stream_window`)
+//! `max_concurrent_streams` on one (a connection takes streams from before it is
+//! dialed, so a burst dials one per that many), whose connection window holds all
+//! their stream windows, so a stream whose client does not read holds only its own
+//! window, never the connection's that the others need. That window (`app_stream_window`)
 //! is all a stalled stream makes the worker buffer, and a core has at most
 //! `max_app_streams` such streams, shared fairly by client address
 //! ([`AppStreamSlot`]); a stream past them gets 503. A stream is
@@ -44,13 +45,15 @@ use crate::http::error::{ProxyError, RequestError};
 use crate::http::parse::{self, HeadLimits};
 use crate::proxy::{self, ConnectError};
 
-/// An open HTTP/2 connection to an app: its generation, a handle, its use count.
-type Pooled = (u64, SendRequest<Bytes>, Rc<UpConn>);
+/// An HTTP/2 connection to an app in the core's set (connecting or open), with
+/// its generation.
+type Pooled = (u64, Rc<UpConn>);
 
 thread_local! {
     /// This core's HTTP/2 connections to apps, by address (each with at most
     /// [`streams_per_conn`] of our streams), with a generation so a closing driver
-    /// removes only its own entry.
+    /// removes only its own entry. A connection is in it from before it is dialed,
+    /// so that a burst of streams fills it instead of each dialing its own.
     static UPSTREAMS: RefCell<HashMap<SocketAddr, Vec<Pooled>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
@@ -144,12 +147,52 @@ fn conn_window(core: &Core) -> u32 {
     ) as u32
 }
 
+/// Where an [`UpConn`] is in its life.
+enum State {
+    /// Being dialed and handshaken: streams take places on it and wait.
+    Connecting,
+    /// Open: streams are sent on it.
+    Ready(SendRequest<Bytes>),
+    /// The dial or handshake failed (out of the core's set); its waiters get this.
+    Failed(ConnectError),
+}
+
 /// An HTTP/2 connection to an app: idle (no stream of ours on it) for the pool's
 /// idle timeout, it is closed (its driver's wait times out).
 pub struct UpConn {
-    conn: Rc<crate::io::TcpConn>,
+    /// The socket, once connected.
+    conn: RefCell<Option<Rc<crate::io::TcpConn>>>,
     streams: Cell<usize>,
     idle: std::time::Duration,
+    state: RefCell<State>,
+    /// Streams waiting for it to connect.
+    waiters: RefCell<Vec<std::task::Waker>>,
+}
+
+impl UpConn {
+    /// Its state is final: waiters are woken to read it.
+    fn settle(&self, state: State) {
+        *self.state.borrow_mut() = state;
+        for w in self.waiters.take() {
+            w.wake();
+        }
+    }
+
+    /// A handle once it is open, or why it will not be.
+    async fn connected(&self) -> Result<SendRequest<Bytes>, ConnectError> {
+        poll_fn(|cx| match &*self.state.borrow() {
+            State::Connecting => {
+                let mut w = self.waiters.borrow_mut();
+                if !w.iter().any(|w| w.will_wake(cx.waker())) {
+                    w.push(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+            State::Ready(s) => std::task::Poll::Ready(Ok(s.clone())),
+            State::Failed(e) => std::task::Poll::Ready(Err(e.again())),
+        })
+        .await
+    }
 }
 
 /// One stream of ours on an [`UpConn`], for as long as it lives.
@@ -158,7 +201,9 @@ pub struct UpStreamGuard(Rc<UpConn>);
 impl UpStreamGuard {
     fn new(up: Rc<UpConn>) -> Self {
         if up.streams.get() == 0 {
-            up.conn.set_deadline(None);
+            if let Some(c) = &*up.conn.borrow() {
+                c.set_deadline(None);
+            }
         }
         up.streams.set(up.streams.get() + 1);
         Self(up)
@@ -170,39 +215,135 @@ impl Drop for UpStreamGuard {
         let n = self.0.streams.get().saturating_sub(1);
         self.0.streams.set(n);
         if n == 0 {
-            self.0.conn.set_timeout(self.0.idle);
+            if let Some(c) = &*self.0.conn.borrow() {
+                c.set_timeout(self.0.idle);
+            }
+        }
+    }
+}
+
+/// The dial of a connection the core's set holds as connecting: if it is given
+/// up before it settles (the stream that dials it is dropped), its waiters are
+/// told and the set forgets it.
+struct Dialing<'a> {
+    up: &'a UpConn,
+    addr: SocketAddr,
+    generation: u64,
+}
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        if matches!(*self.up.state.borrow(), State::Connecting) {
+            forget(self.addr, self.generation);
+            self.up
+                .settle(State::Failed(ConnectError::Upstream(io::Error::other(
+                    "the stream dialing the app went away",
+                ))));
         }
     }
 }
 
 /// A ready handle on an HTTP/2 connection to `addr` with a stream's place taken on
-/// it: one of the core's open ones with room (fewer than [`streams_per_conn`] of
-/// our streams and of the app's own limit), or a new one.
+/// it: one of the core's connections with room (fewer than [`streams_per_conn`] of
+/// our streams and of the app's own limit), open or still connecting (then the
+/// stream waits for it), or a new one. So a burst of streams dials one connection
+/// per `streams_per_conn` of them, not one each.
 async fn sender(
     core: &Core,
     route: &Route,
     addr: SocketAddr,
 ) -> Result<(SendRequest<Bytes>, UpStreamGuard), ConnectError> {
     let cap = streams_per_conn(core);
+    let room = |up: &UpConn| match &*up.state.borrow() {
+        State::Connecting => cap,
+        State::Ready(s) => cap.min(s.current_max_send_streams()),
+        State::Failed(_) => 0,
+    };
     loop {
         let open = UPSTREAMS.with(|u| {
             u.borrow().get(&addr).and_then(|all| {
                 all.iter()
-                    .find(|(_, s, up)| up.streams.get() < cap.min(s.current_max_send_streams()))
-                    .map(|(g, s, up)| (*g, s.clone(), up.clone()))
+                    .find(|(_, up)| up.streams.get() < room(up))
+                    .map(|(g, up)| (*g, up.clone()))
             })
         });
-        let Some((generation, s, up)) = open else {
+        let Some((generation, up)) = open else {
             break;
         };
         // The place is taken before the wait, so that streams arriving meanwhile
         // count it.
-        let guard = UpStreamGuard::new(up);
+        let guard = UpStreamGuard::new(up.clone());
+        // A connection being dialed is bounded by its dial's own timeouts
+        // (connect, TLS, HTTP/2 handshake); this is a backstop.
+        let s = match within(&core.reactor, core.rt.connect_timeout * 3, up.connected()).await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                if matches!(e, ConnectError::Busy) {
+                    core.metrics.add(crate::core::counter::UPSTREAM_LIMIT, 1);
+                }
+                return Err(e);
+            }
+            None => return Err(ConnectError::Upstream(io::ErrorKind::TimedOut.into())),
+        };
+        // Places were taken while it connected, before the app's own stream limit
+        // was known: past it, this stream looks again.
+        if up.streams.get() > room(&up) {
+            continue;
+        }
         match within(&core.reactor, core.rt.connect_timeout, s.ready()).await {
             Some(Ok(s)) => return Ok((s, guard)),
             _ => forget(addr, generation),
         }
     }
+    let generation = GENERATION.with(|g| {
+        g.set(g.get() + 1);
+        g.get()
+    });
+    let up = Rc::new(UpConn {
+        conn: RefCell::new(None),
+        streams: Cell::new(0),
+        idle: core.rt.pool_idle_timeout,
+        state: RefCell::new(State::Connecting),
+        waiters: RefCell::new(Vec::new()),
+    });
+    UPSTREAMS.with(|u| {
+        u.borrow_mut()
+            .entry(addr)
+            .or_default()
+            .push((generation, up.clone()))
+    });
+    let guard = UpStreamGuard::new(up.clone());
+    let dialing = Dialing {
+        up: &up,
+        addr,
+        generation,
+    };
+    let send = match dial(core, route, addr, &up, generation).await {
+        Ok(send) => send,
+        Err(e) => {
+            forget(addr, generation);
+            up.settle(State::Failed(e.again()));
+            return Err(e);
+        }
+    };
+    up.settle(State::Ready(send.clone()));
+    drop(dialing);
+    match within(&core.reactor, core.rt.connect_timeout, send.ready()).await {
+        Some(Ok(s)) => Ok((s, guard)),
+        Some(Err(e)) => Err(ConnectError::Upstream(io::Error::other(e))),
+        None => Err(ConnectError::Upstream(io::ErrorKind::TimedOut.into())),
+    }
+}
+
+/// Dials `addr` and does the HTTP/2 handshake for `up` (`generation` in the set),
+/// its driver spawned on the core.
+async fn dial(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+    up: &UpConn,
+    generation: u64,
+) -> Result<SendRequest<Bytes>, ConnectError> {
     let conn = proxy::connect_alpn(core, route, addr, true).await?;
     if conn.is_tls() {
         let alpn = conn.tls_info().and_then(|i| i.alpn);
@@ -232,23 +373,13 @@ async fn sender(
             return Err(ConnectError::Upstream(io::Error::other(e)));
         }
     };
-    conn.set_timeout(core.rt.pool_idle_timeout);
-    let up = Rc::new(UpConn {
-        conn: conn.clone(),
-        streams: Cell::new(0),
-        idle: core.rt.pool_idle_timeout,
-    });
-    let generation = GENERATION.with(|g| {
-        g.set(g.get() + 1);
-        g.get()
-    });
-    let guard = UpStreamGuard::new(up.clone());
-    UPSTREAMS.with(|u| {
-        u.borrow_mut()
-            .entry(addr)
-            .or_default()
-            .push((generation, send.clone(), up))
-    });
+    // Idle only once no stream is on it (streams took places while it connected).
+    if up.streams.get() == 0 {
+        conn.set_timeout(core.rt.pool_idle_timeout);
+    } else {
+        conn.set_deadline(None);
+    }
+    *up.conn.borrow_mut() = Some(conn.clone());
     crate::reactor::spawn(async move {
         if let Err(e) = driver.await {
             tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to the app ended");
@@ -257,11 +388,7 @@ async fn sender(
         forget(addr, generation);
     })
     .detach();
-    match within(&core.reactor, core.rt.connect_timeout, send.ready()).await {
-        Some(Ok(s)) => Ok((s, guard)),
-        Some(Err(e)) => Err(ConnectError::Upstream(io::Error::other(e))),
-        None => Err(ConnectError::Upstream(io::ErrorKind::TimedOut.into())),
-    }
+    Ok(send)
 }
 
 /// Takes the connection `generation` to `addr` out of the core's set (new streams
@@ -270,7 +397,7 @@ fn forget(addr: SocketAddr, generation: u64) {
     UPSTREAMS.with(|u| {
         let mut u = u.borrow_mut();
         if let Some(all) = u.get_mut(&addr) {
-            all.retain(|(g, _, _)| *g != generation);
+            all.retain(|(g, _)| *g != generation);
             if all.is_empty() {
                 u.remove(&addr);
             }

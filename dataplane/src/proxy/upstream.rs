@@ -65,6 +65,21 @@ pub(crate) enum ConnectError {
     Upstream(io::Error),
 }
 
+impl ConnectError {
+    /// The same failure again, for each of the streams that waited on one dial.
+    pub(crate) fn again(&self) -> Self {
+        let copy = |e: &io::Error| match e.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(e.kind(), e.to_string()),
+        };
+        match self {
+            Self::Busy => Self::Busy,
+            Self::Local(e) => Self::Local(copy(e)),
+            Self::Upstream(e) => Self::Upstream(copy(e)),
+        }
+    }
+}
+
 impl From<ConnectError> for Failure {
     fn from(e: ConnectError) -> Self {
         let err = match e {
