@@ -86,6 +86,9 @@ pub enum Counter {
     Http2StreamsActive,
     /// HTTP/2 connections closed for abuse (rapid reset, too many streams in flight).
     Http2Abuse,
+    /// Streams to HTTP/2 apps refused: the core's `max_app_streams` budget, or the
+    /// client address's share of it, was taken (503).
+    Http2AppStreamLimit,
     /// A client's request head did not arrive in `[timeouts] head_secs` (408).
     TimeoutClientHead,
     /// A client's request body stalled past `[timeouts] body_idle_secs` (408).
@@ -141,6 +144,7 @@ impl Counter {
         Counter::Http2Streams,
         Counter::Http2StreamsActive,
         Counter::Http2Abuse,
+        Counter::Http2AppStreamLimit,
         Counter::TimeoutClientHead,
         Counter::TimeoutClientBody,
         Counter::TimeoutClientBodyRate,
@@ -183,6 +187,7 @@ impl Counter {
             Counter::TlsHandshaking => spec("appproxy_tls_handshakes_in_progress", Kind::Gauge, "TLS handshakes in progress now."),
             Counter::Http2Streams => spec("appproxy_http2_streams_total", Kind::Counter, "HTTP/2 streams accepted from clients."),
             Counter::Http2StreamsActive => spec("appproxy_http2_streams_active", Kind::Gauge, "HTTP/2 streams being handled now."),
+            Counter::Http2AppStreamLimit => spec("appproxy_http2_app_stream_limit_total", Kind::Counter, "Streams to HTTP/2 apps refused (503 app_stream_limit): the core had [http2] max_app_streams open, or the client's address its share (max_app_streams_per_address) once half were taken."),
             Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487)."),
             Counter::TimeoutClientHead => spec_timeout("client_head"),
             Counter::TimeoutClientBody => spec_timeout("client_body"),
@@ -302,6 +307,8 @@ pub mod counter {
     pub const H2_STREAMS_ACTIVE: usize = Counter::Http2StreamsActive as usize;
     /// HTTP/2 connections cut for abuse.
     pub const H2_ABUSE: usize = Counter::Http2Abuse as usize;
+    /// Streams to HTTP/2 apps refused for the core's budget or an address's share.
+    pub const H2_APP_STREAM_LIMIT: usize = Counter::Http2AppStreamLimit as usize;
     /// Upstream connects that timed out.
     pub const TIMEOUT_UPSTREAM_CONNECT: usize = Counter::TimeoutUpstreamConnect as usize;
     /// Tunnels closed for idleness.

@@ -518,6 +518,9 @@ fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address()
         .expect("a head")
         + 4;
     assert_eq!(all.len() - head_end, 1_000_000);
+    common::eventually("the refusals are counted", || {
+        common::metric(&w, "appproxy_http2_app_stream_limit_total") == 24
+    });
     drop(s);
 }
 

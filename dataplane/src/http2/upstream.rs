@@ -90,6 +90,8 @@ impl AppStreamSlot {
             if a.total >= cfg.max_app_streams
                 || (crowded && key.is_some() && mine >= cfg.max_app_streams_per_address)
             {
+                core.metrics
+                    .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
                 tracing::debug!(client = %hop.peer.ip(), taken = a.total, "no place for another stream to an HTTP/2 app ([http2] max_app_streams, max_app_streams_per_address)");
                 return Err(Fail::Answer(ProxyError::AppStreamLimit));
             }
