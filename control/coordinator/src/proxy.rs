@@ -582,7 +582,9 @@ async fn withdraw_dead_circuits(
         .collect();
     let mut withdrawn = 0;
     for (c, _) in state.store.circuits_of_session(session).await? {
-        let counted = c.app_mode == AppMode::Interactive && c.endpoint_id.is_none();
+        // What the store's limit counts: every circuit of the session not made for
+        // an endpoint, whatever its mode.
+        let counted = c.endpoint_id.is_none();
         if !counted || c.worker.is_some_and(|w| alive.contains(&w)) || state.is_creating(c.id) {
             continue;
         }

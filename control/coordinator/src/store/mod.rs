@@ -328,16 +328,19 @@ pub struct RouteTurn {
 }
 
 impl RouteTurn {
-    /// Gives the turn back.
+    /// Gives the turn back, within [`CALL_DEADLINE`] (a silent path to the
+    /// database must not hold the turn: past it, the connection is closed instead).
     pub async fn end(mut self) {
         let unlocked = match self.pg.as_ref() {
-            Some(client) => client
-                .execute(
+            Some(client) => tokio::time::timeout(
+                CALL_DEADLINE,
+                client.execute(
                     "SELECT pg_advisory_unlock($1)",
                     &[&postgres::ROUTE_WRITES_KEY],
-                )
-                .await
-                .is_ok(),
+                ),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok()),
             None => return,
         };
         if unlocked {

@@ -486,7 +486,9 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(pool_size.clamp(1, 1024))
+            // At least two: a route write holds one connection for its turn
+            // ([`PgStore::route_turn`]) while its reads and writes take another.
+            .max_size(pool_size.clamp(2, 1024))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(std::time::Duration::from_secs(10)))
             .create_timeout(Some(std::time::Duration::from_secs(10)))
@@ -509,11 +511,23 @@ impl PgStore {
     /// every 20 ms until [`super::CALL_DEADLINE`]; the connection is in the turn
     /// from the first try, so a turn dropped anywhere closes it, and the server
     /// lets the lock go with it.
+    /// The whole of it, the pool's wait for a connection included, is bounded by
+    /// the call's deadline.
     pub(super) async fn route_turn(&self) -> Result<super::RouteTurn, StoreError> {
+        tokio::time::timeout(super::CALL_DEADLINE, self.take_route_turn())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no turn at route writes within {:?}",
+                    super::CALL_DEADLINE
+                )))
+            })
+    }
+
+    async fn take_route_turn(&self) -> Result<super::RouteTurn, StoreError> {
         let turn = super::RouteTurn {
             pg: Some(self.client().await?),
         };
-        let until = std::time::Instant::now() + super::CALL_DEADLINE;
         loop {
             let Some(client) = turn.pg.as_ref() else {
                 return Err(StoreError::Unavailable("no connection".into()));
@@ -524,11 +538,6 @@ impl PgStore {
                 .try_get(0)?;
             if got {
                 return Ok(turn);
-            }
-            if std::time::Instant::now() >= until {
-                return Err(StoreError::Unavailable(
-                    "route writes were busy on another coordinator past the deadline".into(),
-                ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
