@@ -237,8 +237,9 @@ impl Drop for Dialing<'_> {
     fn drop(&mut self) {
         if matches!(*self.up.state.borrow(), State::Connecting) {
             forget(self.addr, self.generation);
+            // Not the app's failure: it must not count against the app's health.
             self.up
-                .settle(State::Failed(ConnectError::Upstream(io::Error::other(
+                .settle(State::Failed(ConnectError::Local(io::Error::other(
                     "the stream dialing the app went away",
                 ))));
         }
