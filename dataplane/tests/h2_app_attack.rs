@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use common::{Upstream, Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
-    frame, read_frame, request as req, status, Frame, ACK, DATA, END_HEADERS, END_STREAM, HEADERS,
-    PING, RST_STREAM, SETTINGS,
+    frame, read_frame, request as req, serve_raw_app, status, Frame, ACK, DATA, END_HEADERS,
+    END_STREAM, HEADERS, RST_STREAM, SETTINGS,
 };
 use appproxy_test_support::net::ReadUninterrupted;
 
@@ -40,31 +40,16 @@ fn bodiless_app(status: u8) -> SocketAddr {
     let addr = l.local_addr().expect("addr");
     std::thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
+            let Ok(s) = s else { continue };
             std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-                let mut preface = [0u8; 24];
-                if s.read_exact(&mut preface).is_err()
-                    || s.write_all(&frame(SETTINGS, 0, 0, &[])).is_err()
-                {
-                    return;
-                }
-                while let Some((ty, flags, id, p)) = read_frame(&mut s) {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
                     let mut out = Vec::new();
-                    if ty == SETTINGS && flags & ACK == 0 {
-                        out.extend(frame(SETTINGS, ACK, 0, &[]));
-                    }
-                    if ty == PING && flags & ACK == 0 {
-                        out.extend(frame(PING, ACK, 0, &p));
-                    }
                     if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
                         out.extend(frame(HEADERS, END_HEADERS, id, &[status]));
                         out.extend(frame(DATA, END_STREAM, id, INJECTED));
                     }
-                    if !out.is_empty() && s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
+                    out
+                })
             });
         }
     });

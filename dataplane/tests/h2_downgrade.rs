@@ -10,7 +10,7 @@
 mod common;
 
 use appproxy_test_support::net::ReadUninterrupted;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use common::{Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
-    block, frame, goaway_code, read_frame, request as req, status, Field, ACK, DATA, END_HEADERS,
-    END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+    block, frame, goaway_code, read_frame, request as req, serve_raw_app, status, Field, DATA,
+    END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM,
 };
 
 /// What became of a stream on the client's side.
@@ -640,24 +640,10 @@ impl H2App {
     }
 }
 
-fn serve_h2(mut s: TcpStream, frames: Arc<Mutex<Vec<(u8, u8, u32)>>>) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-    let mut preface = [0u8; 24];
-    if s.read_exact(&mut preface).is_err() || s.write_all(&frame(SETTINGS, 0, 0, &[])).is_err() {
-        return;
-    }
-    loop {
-        let Some((ty, flags, id, p)) = read_frame(&mut s) else {
-            return;
-        };
+fn serve_h2(s: TcpStream, frames: Arc<Mutex<Vec<(u8, u8, u32)>>>) {
+    serve_raw_app(s, |&(ty, flags, id, _)| {
         frames.lock().expect("frames").push((ty, flags, id));
         let mut out = Vec::new();
-        if ty == SETTINGS && flags & ACK == 0 {
-            out.extend(frame(SETTINGS, ACK, 0, &[]));
-        }
-        if ty == PING && flags & ACK == 0 {
-            out.extend(frame(PING, ACK, 0, &p));
-        }
         if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
             out.extend(frame(HEADERS, END_HEADERS, id, &[0x88]));
             out.extend(frame(DATA, 0, id, b"ok"));
@@ -672,10 +658,8 @@ fn serve_h2(mut s: TcpStream, frames: Arc<Mutex<Vec<(u8, u8, u32)>>>) {
                 ]),
             ));
         }
-        if !out.is_empty() && s.write_all(&out).is_err() {
-            return;
-        }
-    }
+        out
+    })
 }
 
 #[test]

@@ -83,6 +83,32 @@ pub fn read_frame(s: &mut impl Read) -> Option<Frame> {
     Some((h[3], h[4], stream, p))
 }
 
+/// Serves one connection as an HTTP/2 app on raw frames: reads the client preface,
+/// sends empty SETTINGS, acknowledges SETTINGS and PING, and sends back whatever
+/// `answer` makes of each frame read (nothing: an empty `Vec`). Returns when the
+/// peer closes, a write fails or no frame comes for 60 s.
+pub fn serve_raw_app(mut s: TcpStream, mut answer: impl FnMut(&Frame) -> Vec<u8>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut preface = [0u8; 24];
+    if s.read_exact(&mut preface).is_err() || s.write_all(&frame(SETTINGS, 0, 0, &[])).is_err() {
+        return;
+    }
+    while let Some(f) = read_frame(&mut s) {
+        let (ty, flags) = (f.0, f.1);
+        let mut out = Vec::new();
+        if ty == SETTINGS && flags & ACK == 0 {
+            out.extend(frame(SETTINGS, ACK, 0, &[]));
+        }
+        if ty == PING && flags & ACK == 0 {
+            out.extend(frame(PING, ACK, 0, &f.3));
+        }
+        out.extend(answer(&f));
+        if !out.is_empty() && s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
 /// The error code of a GOAWAY payload, if it is long enough to carry one.
 pub fn goaway_code(payload: &[u8]) -> Option<u32> {
     let code = payload.get(4..8)?;
