@@ -360,10 +360,11 @@ fn bodies_to_http2_apps_below_the_rate_floor_are_cut() {
     });
 }
 
-#[test]
-fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
+/// The test app behind a worker serving it over h2c, and a front worker whose
+/// `http2` circuit leads there with `front_extra` in its config; neither cuts a
+/// stalled download during a test. Keep all three alive.
+fn patient_http2_app(front_extra: &str) -> (Upstream, Worker, Worker) {
     let up = Upstream::start();
-    // Neither worker cuts a stalled download during the test.
     let patient = "[timeouts]\nbody_idle_secs = 600\nresponse_idle_secs = 600\n";
     let h2app = Worker::start(WorkerOpts {
         upstreams: vec![up.addr],
@@ -372,10 +373,16 @@ fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
     });
     let w = Worker::start(WorkerOpts {
         upstreams: vec![h2app.addr()],
-        extra: patient.into(),
+        extra: format!("{patient}{front_extra}"),
         circuit_extra: "protocol = \"http2\"".into(),
         ..Default::default()
     });
+    (up, h2app, w)
+}
+
+#[test]
+fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
+    let (_up, _h2app, w) = patient_http2_app("");
     // Sixteen HTTP/1.1 clients with tiny receive buffers ask for 50 MB each and
     // never read past the first bytes: together their streams could hold many
     // times the default 1 MiB connection window.
@@ -425,19 +432,8 @@ fn clients_that_never_read_do_not_stall_the_others_of_an_http2_app() {
 
 #[test]
 fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address() {
-    let up = Upstream::start();
-    let patient = "[timeouts]\nbody_idle_secs = 600\nresponse_idle_secs = 600\n";
-    let h2app = Worker::start(WorkerOpts {
-        upstreams: vec![up.addr],
-        extra: patient.into(),
-        ..Default::default()
-    });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![h2app.addr()],
-        extra: format!("{patient}[http2]\nmax_app_streams = 32\nmax_app_streams_per_address = 4\n"),
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let (_up, _h2app, w) =
+        patient_http2_app("[http2]\nmax_app_streams = 32\nmax_app_streams_per_address = 4\n");
     // One client connection whose streams never get a byte of window
     // (SETTINGS_INITIAL_WINDOW_SIZE = 0) asks for 40 big downloads: each stream
     // given a place would make the worker buffer its window from the app. (No
