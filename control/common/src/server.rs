@@ -110,8 +110,8 @@ impl Limits {
     /// The limits from a service's configured keys, each clamped to a sane range
     /// (`header_read` 1 s to 1 h, `idle` 1 s to 1 day); the connection cap is fitted
     /// below the descriptor limit for `listeners` listeners of this cap
-    /// ([`effective_cap`]). `section` names the config section in the warning. The
-    /// head limit is [`MAX_HEAD`].
+    /// ([`fitted_cap`], a descriptor each). `section` names the config section in
+    /// the warning. The head limit is [`MAX_HEAD`].
     pub fn from_config(
         section: &str,
         ids: (IdPolicy, IdVersion),
@@ -159,23 +159,16 @@ impl Limits {
 /// Descriptors kept back from the connection cap (store pool, Redis, logs, accept).
 pub const FD_RESERVE: u64 = 128;
 
-/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`.
+/// The soft `RLIMIT_NOFILE` of this process (`None`: unlimited).
 pub fn descriptor_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
 /// `configured` (the config key `key`), clamped so that `listeners` listeners with
-/// that cap each fit below the descriptor limit (with [`FD_RESERVE`]), a connection
-/// holding one descriptor.
-pub fn effective_cap(configured: usize, key: &str, listeners: usize) -> usize {
-    fitted_cap(configured, key, listeners, 1, 0)
-}
-
-/// [`effective_cap`] for connections that may each hold `per_connection`
-/// descriptors (a socket and the file it reads or writes), beside `set_aside`
-/// descriptors other work may hold at once (archives' open directories).
+/// that cap each fit below the descriptor limit, with [`FD_RESERVE`] kept back,
+/// each connection holding up to `per_connection` descriptors (a socket, and the
+/// file it reads or writes), beside `set_aside` descriptors other work may hold at
+/// once (archives' open directories).
 pub fn fitted_cap(
     configured: usize,
     key: &str,

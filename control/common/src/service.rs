@@ -30,7 +30,7 @@ const NOFILE_WANTED: u64 = 1 << 20;
 /// open directories and uploads all hold descriptors, and a soft limit of 1024
 /// (systemd's default) runs out long before a hard limit that allows far more;
 /// the connection caps are fitted below the limit in force
-/// ([`crate::server::effective_cap`]).
+/// ([`crate::server::fitted_cap`]).
 pub fn raise_nofile() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let files = getrlimit(Resource::Nofile);
