@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use appproxy_shared::fair_share::ClientKey;
+use appproxy_shared::fair_share::{FairShare, Slot};
 use appproxy_shared::model::ProxyProtocol;
 use appproxy_shared::RequestId;
 use bytes::Bytes;
@@ -57,67 +57,47 @@ thread_local! {
     static UPSTREAMS: RefCell<HashMap<SocketAddr, Vec<Pooled>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// This core's streams open to HTTP/2 apps: all of them, and by client address.
-    static APP_STREAMS: RefCell<AppStreams> = RefCell::new(AppStreams::default());
-}
-
-/// The streams a core has open to HTTP/2 apps, counted as [`AppStreamSlot`]s.
-#[derive(Default)]
-struct AppStreams {
-    total: usize,
-    by_address: HashMap<ClientKey, usize>,
+    /// This core's places for streams to HTTP/2 apps ([`AppStreamSlot`]), made
+    /// from its configuration at the first stream.
+    static APP_STREAMS: std::cell::OnceCell<std::sync::Arc<FairShare>> = const { std::cell::OnceCell::new() };
 }
 
 /// One stream's place in the core's budget of streams to HTTP/2 apps (`[http2]
 /// max_app_streams`), held for the stream's life. Each such stream may make the
 /// worker buffer its window (`app_stream_window`) from the app while its client
 /// does not read, so the budget bounds the core's memory; once half of it is
-/// taken an address holds at most `max_app_streams_per_address` (as
-/// `appproxy_shared::fair_share`), so that one client's stalled streams leave room
-/// for the others.
-pub struct AppStreamSlot(Option<ClientKey>);
+/// taken an address holds at most `max_app_streams_per_address` (a [`FairShare`]),
+/// so that one client's stalled streams leave room for the others.
+pub struct AppStreamSlot {
+    /// Given back when the stream ends.
+    _slot: Slot,
+}
 
 impl AppStreamSlot {
     /// A place for a stream of `hop`'s client (trusted proxies are held only to
     /// the core's budget: their clients are many), or `AppStreamLimit`.
     fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
         let cfg = &core.rt.http2;
-        let key = (!hop.trusted).then(|| ClientKey::of(hop.peer.ip()));
-        APP_STREAMS.with(|a| {
-            let mut a = a.borrow_mut();
-            let mine = key.and_then(|k| a.by_address.get(&k).copied()).unwrap_or(0);
-            let crowded = a.total >= cfg.max_app_streams / 2;
-            if a.total >= cfg.max_app_streams
-                || (crowded && key.is_some() && mine >= cfg.max_app_streams_per_address)
-            {
+        let taken = APP_STREAMS.with(|a| {
+            let share = a.get_or_init(|| {
+                FairShare::new(cfg.max_app_streams, cfg.max_app_streams_per_address)
+            });
+            if hop.trusted {
+                share.take_unshared()
+            } else {
+                share.take(hop.peer.ip())
+            }
+            .map_err(|_| share.taken())
+        });
+        match taken {
+            Ok(slot) => Ok(Self { _slot: slot }),
+            Err(taken) => {
                 core.metrics
                     .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-                tracing::debug!(client = %hop.peer.ip(), taken = a.total, "no place for another stream to an HTTP/2 app ([http2] max_app_streams, max_app_streams_per_address)");
-                return Err(Fail::Answer(ProxyError::AppStreamLimit));
+                tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an HTTP/2 app ([http2] max_app_streams, max_app_streams_per_address)");
+                Err(Fail::Answer(ProxyError::AppStreamLimit))
             }
-            a.total += 1;
-            if let Some(k) = key {
-                a.by_address.insert(k, mine + 1);
-            }
-            Ok(Self(key))
-        })
-    }
-}
-
-impl Drop for AppStreamSlot {
-    fn drop(&mut self) {
-        APP_STREAMS.with(|a| {
-            let mut a = a.borrow_mut();
-            a.total = a.total.saturating_sub(1);
-            if let Some(k) = self.0 {
-                if let Some(n) = a.by_address.get_mut(&k) {
-                    *n -= 1;
-                    if *n == 0 {
-                        a.by_address.remove(&k);
-                    }
-                }
-            }
-        });
+        }
     }
 }
 
