@@ -18,10 +18,10 @@ use super::within;
 use crate::core::{Core, Route};
 use crate::http::chunked::{encode_chunk, ChunkedDecoder};
 use crate::http::encode::{push_u64, sets_permit_cookie, ClientHop};
-use crate::http::error::{ProxyError, RequestError};
+use crate::http::error::{Fault, ProxyError, RequestError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, Version};
 use crate::io::TcpConn;
-use crate::proxy;
+use crate::proxy::{self, retry, retry::Attempt};
 use crate::relay::ReadBuf;
 
 /// Largest client read buffer while relaying a body.
@@ -64,17 +64,27 @@ pub async fn forward(
         (authority, path, te)
     };
     let end = head.framing == BodyFraming::Length(0);
-    let (response, mut up_send, _on_conn, addr) = {
-        let req = Req {
-            buf: cbuf.filled(),
-            head,
-            authority: authority.as_deref(),
-            path: &path,
-            te_trailers,
+    // The request as a stream's (its head in the client buffer).
+    macro_rules! req {
+        () => {
+            Req {
+                buf: cbuf.filled(),
+                head,
+                authority: authority.as_deref(),
+                path: &path,
+                te_trailers,
+            }
         };
-        upstream::open_stream(core, hop, route, &req, &id, trace, end).await?
-    };
-    cbuf.consume(head.head_len);
+    }
+    let (mut response, mut up_send, mut _on_conn, mut addr) =
+        upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
+    // A request without a body keeps its head in the client buffer until the
+    // answer's head came: a stream the app never processed is sent again once
+    // ([`upstream::retry_of`]).
+    let mut attempt = Attempt::first(head.method, !end, false);
+    if !end {
+        cbuf.consume(head.head_len);
+    }
     let mut bytes_in = 0;
     if !end && head.expect_continue && cbuf.is_empty() {
         conn.set_timeout(rt.body_idle_timeout);
@@ -90,20 +100,31 @@ pub async fn forward(
         conn.disarm_read_floor();
         bytes_in = sent?;
     }
-    let sent = Instant::now();
-    let resp = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
-        Some(response.await)
-    } else {
-        within(&core.reactor, rt.upstream_head_timeout, response).await
-    };
-    let resp = match resp {
-        None => {
-            proxy::note_health(core, route, addr, false);
-            return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+    let (resp, sent) = loop {
+        let sent = Instant::now();
+        let resp = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
+            Some((&mut response).await)
+        } else {
+            within(&core.reactor, rt.upstream_head_timeout, &mut response).await
+        };
+        match resp {
+            None => {
+                proxy::note_health(core, route, addr, false);
+                return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+            }
+            Some(Err(e)) if retry::may_retry(Fault::Upstream, upstream::retry_of(&e), attempt) => {
+                tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
+                attempt = attempt.again();
+                (response, up_send, _on_conn, addr) =
+                    upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
+            }
+            Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
+            Some(Ok(r)) => break (r, sent),
         }
-        Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
-        Some(Ok(r)) => r,
     };
+    if end {
+        cbuf.consume(head.head_len);
+    }
     proxy::note_health(core, route, addr, true);
     core.metrics.upstream_head.observe(sent.elapsed());
     let (parts, rbody) = resp.into_parts();

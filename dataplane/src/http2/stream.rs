@@ -614,11 +614,7 @@ async fn forward_h1(
     // The retry rule is the HTTP/1.1 exchange's ([`retry::may_retry`]): the head is
     // kept in `out` until the response head arrived, so a bodiless idempotent request
     // on a dead pooled connection is sent again, once, on a fresh one.
-    let mut attempt = Attempt {
-        reused,
-        replayable: retry::replayable(head.method, has_body),
-        response_started: false,
-    };
+    let mut attempt = Attempt::first(head.method, has_body, reused);
     // Set when the app closed before it took the whole body: its answer, if it gave
     // one first, is relayed; otherwise this is the stream's 502.
     let mut body_cut: Option<std::io::Error> = None;
@@ -628,7 +624,7 @@ async fn forward_h1(
         if let Err(e) = wrote {
             let err = ProxyError::UpstreamClosed(e);
             if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
-                attempt.reused = false;
+                attempt = attempt.again();
                 upstream = connect_again(core, route, addr).await?;
                 continue;
             }
@@ -695,7 +691,7 @@ async fn forward_h1(
                     ..attempt
                 };
                 if retry::may_retry(err.fault(), retry, started) {
-                    attempt.reused = false;
+                    attempt = attempt.again();
                     upstream = connect_again(core, route, addr).await?;
                     continue;
                 }

@@ -41,8 +41,10 @@ use super::{within, BodyFloor, ConnCtx, Stall};
 use crate::core::{Core, Route};
 use crate::http::encode::ClientHop;
 use crate::http::encode::{self, TraceHeaders};
+use crate::http::error::Fault;
 use crate::http::error::{ProxyError, RequestError};
 use crate::http::parse::{self, HeadLimits};
+use crate::proxy::retry::{self, Attempt, Retry};
 use crate::proxy::{self, ConnectError};
 
 /// An HTTP/2 connection to an app in the core's set (connecting or open), with
@@ -622,6 +624,20 @@ pub async fn open_stream(
     Ok((response, send, (guard, slot), addr))
 }
 
+/// What an HTTP/2 app's failure of a stream says about sending it again: a stream
+/// it refused (`REFUSED_STREAM`) or that was above the last one of its GOAWAY was
+/// never processed ([`Retry::Unprocessed`]); anything else is not retried.
+pub(crate) fn retry_of(e: &h2::Error) -> Retry {
+    let refused = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    // A remote GOAWAY is given only to the streams above its last stream: those
+    // below run on, and end with their own answer or the connection's error.
+    if e.is_remote() && (refused || e.is_go_away()) {
+        Retry::Unprocessed
+    } else {
+        Retry::Never
+    }
+}
+
 /// Why the app gave no answer (the route's health noted when it is the app's).
 pub fn response_failure(core: &Core, route: &Route, addr: SocketAddr, e: h2::Error) -> Fail {
     // A stream the app refused or reset is its answer, not its health.
@@ -686,64 +702,74 @@ pub async fn forward(
             Response(Result<http::Response<RecvStream>, h2::Error>),
             ClientReset,
         }
-        let sent = Instant::now();
         let mut response = response;
+        let mut addr = addr;
+        // A bodiless stream the app never processed goes again, once
+        // ([`retry_of`]); the retry's send half and places live as long as it.
+        let mut attempt = Attempt::first(req.head.method, !end, false);
+        let mut _again = None;
         let mut interim = 0usize;
-        let wait = poll_fn(|cx| {
-            if respond.poll_reset(cx).is_ready() {
-                return std::task::Poll::Ready(Head::ClientReset);
-            }
-            // Interim heads (103 Early Hints, …) are relayed as they come, the
-            // first MAX_INTERIM of them; the app's request ID is not passed on.
-            while let std::task::Poll::Ready(Some(Ok(mut info))) = response.poll_informational(cx) {
-                interim += 1;
-                if interim <= proxy::MAX_INTERIM {
-                    info.headers_mut().remove("x-backend-request-id");
-                    // A client gone meanwhile shows in poll_reset.
-                    let _ = respond.send_informational(info);
+        let (resp, sent) = loop {
+            let sent = Instant::now();
+            let wait = poll_fn(|cx| {
+                if respond.poll_reset(cx).is_ready() {
+                    return std::task::Poll::Ready(Head::ClientReset);
                 }
-            }
-            std::future::Future::poll(std::pin::Pin::new(&mut response), cx).map(Head::Response)
-        });
-        // gRPC calls carry their own deadlines; other apps get the head timeout.
-        let head = if grpc {
-            Some(wait.await)
-        } else {
-            within(&core.reactor, core.rt.upstream_head_timeout, wait).await
-        };
-        let resp = match head {
-            None => {
-                proxy::note_health(core, route, addr, false);
-                return Err(Fail::Answer(ProxyError::UpstreamTimeout));
-            }
-            Some(Head::ClientReset) => {
-                ctx.note_client_reset();
-                return Err(Fail::Abort("client reset the stream".into()));
-            }
-            Some(Head::Response(Err(e))) => {
-                if too_large.get() {
-                    return Err(Fail::Answer(ProxyError::Request(
-                        RequestError::BodyTooLarge,
-                    )));
+                // Interim heads (103 Early Hints, …) are relayed as they come, the
+                // first MAX_INTERIM of them; the app's request ID is not passed on.
+                while let std::task::Poll::Ready(Some(Ok(mut info))) =
+                    response.poll_informational(cx)
+                {
+                    interim += 1;
+                    if interim <= proxy::MAX_INTERIM {
+                        info.headers_mut().remove("x-backend-request-id");
+                        // A client gone meanwhile shows in poll_reset.
+                        let _ = respond.send_informational(info);
+                    }
                 }
-                if too_slow.get() {
-                    return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTooSlow)));
-                }
-                if forbidden_trailer.get() {
-                    return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
-                        "forbidden trailer field",
-                    ))));
-                }
-                // A stream the app refused or reset is its answer, not its health.
-                if e.is_io() || e.is_go_away() {
+                std::future::Future::poll(std::pin::Pin::new(&mut response), cx).map(Head::Response)
+            });
+            // gRPC calls carry their own deadlines; other apps get the head timeout.
+            let head = if grpc {
+                Some(wait.await)
+            } else {
+                within(&core.reactor, core.rt.upstream_head_timeout, wait).await
+            };
+            match head {
+                None => {
                     proxy::note_health(core, route, addr, false);
+                    return Err(Fail::Answer(ProxyError::UpstreamTimeout));
                 }
-                tracing::warn!(upstream = %addr, error = %e, "HTTP/2 app failed the stream");
-                return Err(Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(
-                    e,
-                ))));
+                Some(Head::ClientReset) => {
+                    ctx.note_client_reset();
+                    return Err(Fail::Abort("client reset the stream".into()));
+                }
+                Some(Head::Response(Err(e))) => {
+                    if too_large.get() {
+                        return Err(Fail::Answer(ProxyError::Request(
+                            RequestError::BodyTooLarge,
+                        )));
+                    }
+                    if too_slow.get() {
+                        return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTooSlow)));
+                    }
+                    if forbidden_trailer.get() {
+                        return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
+                            "forbidden trailer field",
+                        ))));
+                    }
+                    if retry::may_retry(Fault::Upstream, retry_of(&e), attempt) {
+                        tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
+                        attempt = attempt.again();
+                        let (r, send, places, a) =
+                            open_stream(core, ctx.hop, route, req, &id, trace, end).await?;
+                        (response, addr, _again) = (r, a, Some((send, places)));
+                        continue;
+                    }
+                    return Err(response_failure(core, route, addr, e));
+                }
+                Some(Head::Response(Ok(r))) => break (r, sent),
             }
-            Some(Head::Response(Ok(r))) => r,
         };
         proxy::note_health(core, route, addr, true);
         core.metrics.upstream_head.observe(sent.elapsed());

@@ -429,11 +429,7 @@ impl Client {
                 return Err(f);
             }
         };
-        let mut attempt = Attempt {
-            reused,
-            replayable: retry::replayable(head.method, has_body),
-            response_started: false,
-        };
+        let mut attempt = Attempt::first(head.method, has_body, reused);
         self.ubuf.consume(usize::MAX);
         loop {
             match self.attempt(x, route, &upstream, addr, attempt).await {
@@ -449,7 +445,7 @@ impl Client {
                 }
                 Err(Attempted::Retry(err, what)) => {
                     tracing::debug!(error = %err, "{what}");
-                    attempt.reused = false;
+                    attempt = attempt.again();
                     upstream = connect(&core, route, addr).await?;
                 }
                 Err(Attempted::Failed(f)) => return Err(f),
@@ -508,7 +504,7 @@ impl Client {
             addr,
         );
         let upstream_head_len = self.out.len() as u64;
-        let send = if attempt.replayable {
+        let send = if attempt.replayable() {
             // No body: the head alone, kept in the client buffer until the response
             // arrived, so a dead pooled connection can be retried.
             upstream.set_timeout(rt.body_idle_timeout);
@@ -559,7 +555,7 @@ impl Client {
                 // Its answer, if any, is already in the socket (read at once, the
                 // connection being closed); the client's connection closes after it,
                 // the rest of the body unread.
-                if closed && !attempt.replayable {
+                if closed && !attempt.replayable() {
                     // Interim heads before it (an unsolicited 100, a 103) are passed
                     // over, at most [`MAX_INTERIM`] of them: the client's connection
                     // closes after the answer anyway.
@@ -588,7 +584,7 @@ impl Client {
                     }
                     self.ubuf.consume(usize::MAX);
                 }
-                let left = if attempt.replayable {
+                let left = if attempt.replayable() {
                     Left::Whole
                 } else {
                     Left::Partial
@@ -613,7 +609,7 @@ impl Client {
         match outcome {
             Ok(resp) => {
                 note_health(&core, route, addr, true);
-                if attempt.replayable {
+                if attempt.replayable() {
                     self.buf.consume(head.head_len);
                 }
                 Ok((resp, bytes_in, false))
@@ -630,7 +626,7 @@ impl Client {
                     return Err(Attempted::Retry(err, what));
                 }
                 note_health(&core, route, addr, false);
-                if attempt.replayable {
+                if attempt.replayable() {
                     self.buf.consume(head.head_len);
                 }
                 failed(Failure::Answer(err, Left::Nothing))

@@ -2,13 +2,14 @@
 //! `ErrorSource` and retry-on-reused).
 //!
 //! A failure says who is at fault ([`Fault`], from the [`ProxyError`]) and whether
-//! retrying it could help at all ([`Retry`]): only a connection that died — a write
-//! refused, or closed before a response head — and only if it was a *reused* pooled
-//! connection, which may have been closed by the app while idle. [`may_retry`] then
-//! decides with what the attempt knows: the request must still be whole in the client
-//! buffer (an idempotent request without a body, [`replayable`]) and no response byte
-//! may have arrived. A retry goes once, on a fresh connection to the same upstream,
-//! and is not counted against that upstream's health.
+//! retrying it could help at all ([`Retry`]): a connection that died — a write
+//! refused, or closed before a response head — only if it was a *reused* pooled
+//! connection, which may have been closed by the app while idle; and a request the
+//! app says it never processed (an HTTP/2 stream it refused, or past its GOAWAY).
+//! [`may_retry`] then decides with what the attempt knows: the request must still be
+//! whole (without a body, and idempotent unless the app said it never processed it)
+//! and no response byte may have arrived. A retry goes once, and is not counted
+//! against the upstream's health.
 
 use crate::http::error::{Fault, ProxyError};
 use crate::http::parse::Method;
@@ -39,6 +40,10 @@ pub(crate) enum Retry {
     Never,
     /// The connection died: retry if it was a reused one.
     IfReused,
+    /// The app says it never processed the request: an HTTP/2 stream reset with
+    /// `REFUSED_STREAM`, or above the last stream of the app's GOAWAY (RFC 9113
+    /// §8.7). Safe to send again whatever the method.
+    Unprocessed,
 }
 
 /// What one attempt on an upstream connection knows when it fails.
@@ -46,28 +51,59 @@ pub(crate) enum Retry {
 pub(crate) struct Attempt {
     /// The connection came from the pool (a fresh one that dies is the app's answer).
     pub reused: bool,
-    /// The whole request can be sent again ([`replayable`]).
-    pub replayable: bool,
+    /// The request is idempotent (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// It has no body: its head alone can be sent again (a body is streamed and
+    /// gone).
+    pub bodiless: bool,
     /// Some of the response arrived.
     pub response_started: bool,
+    /// This attempt is already the retry.
+    pub retried: bool,
 }
 
-/// Whether a request can be sent again after a failed attempt: idempotent, and
-/// without a body (its head is kept in the client buffer until the response head
-/// arrived; a body is streamed and gone).
-pub(crate) fn replayable(method: Method, has_body: bool) -> bool {
-    method.is_idempotent() && !has_body
+impl Attempt {
+    /// The first attempt of a `method` request, with a body or not, on a pooled
+    /// (`reused`) connection or a fresh one.
+    pub(crate) fn first(method: Method, has_body: bool, reused: bool) -> Self {
+        Self {
+            reused,
+            idempotent: method.is_idempotent(),
+            bodiless: !has_body,
+            response_started: false,
+            retried: false,
+        }
+    }
+
+    /// Whether the request can be sent again after any failure: idempotent, and
+    /// without a body (its head is kept until the response head arrived).
+    pub(crate) fn replayable(&self) -> bool {
+        self.idempotent && self.bodiless
+    }
+
+    /// The attempt that retries this one.
+    pub(crate) fn again(self) -> Self {
+        Self {
+            reused: false,
+            response_started: false,
+            retried: true,
+            ..self
+        }
+    }
 }
 
-/// The retry rule: a failure on a reused upstream connection that died before any
-/// response byte, for a request that can be sent again, is retried (once: the new
-/// attempt is on a fresh connection, which the rule never retries).
+/// The retry rule, once per request and never after a response byte: a failure on
+/// a reused upstream connection that died, for a request that can be replayed; or
+/// a request without a body that the app says it never processed.
 pub(crate) fn may_retry(fault: Fault, retry: Retry, attempt: Attempt) -> bool {
     fault == Fault::Upstream
-        && retry == Retry::IfReused
-        && attempt.reused
-        && attempt.replayable
+        && !attempt.retried
         && !attempt.response_started
+        && match retry {
+            Retry::Never => false,
+            Retry::IfReused => attempt.reused && attempt.replayable(),
+            Retry::Unprocessed => attempt.bodiless,
+        }
 }
 
 #[cfg(test)]
@@ -78,7 +114,7 @@ mod tests {
     fn retry_rule_table() {
         use Fault::{Client, Internal, Upstream};
         use Method::{Delete, Get, Post, Put};
-        use Retry::{IfReused, Never};
+        use Retry::{IfReused, Never, Unprocessed};
         // (fault, what the failure says, reused, response bytes, method, body) → retry
         #[rustfmt::skip]
         let table = [
@@ -102,16 +138,24 @@ mod tests {
             (Client,   IfReused, true,  false, Get,    false, false),
             (Internal, IfReused, true,  false, Get,    false, false),
             (Client,   Never,    true,  false, Get,    false, false),
+            // Never processed by the app: any method, reused connection or not, as
+            // long as there is no body to send again and nothing came back.
+            (Upstream, Unprocessed, false, false, Post, false, true),
+            (Upstream, Unprocessed, true,  false, Get,  false, true),
+            (Upstream, Unprocessed, false, false, Post, true,  false),
+            (Upstream, Unprocessed, false, true,  Get,  false, false),
+            (Client,   Unprocessed, false, false, Get,  false, false),
         ];
         for (i, (fault, retry, reused, response_started, method, body, want)) in
             table.into_iter().enumerate()
         {
             let attempt = Attempt {
-                reused,
-                replayable: replayable(method, body),
                 response_started,
+                ..Attempt::first(method, body, reused)
             };
             assert_eq!(may_retry(fault, retry, attempt), want, "row {i}");
+            // Once only: the retry itself is never retried.
+            assert!(!may_retry(fault, retry, attempt.again()), "row {i} again");
         }
     }
 }
