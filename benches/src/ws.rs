@@ -16,20 +16,7 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Raises the soft descriptor limit as far as allowed (root: to 1M).
 pub fn raise_nofile() {
-    let want = rustix::process::Rlimit {
-        current: Some(1 << 20),
-        maximum: Some(1 << 20),
-    };
-    if rustix::process::setrlimit(rustix::process::Resource::Nofile, want).is_err() {
-        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        );
-    }
+    appproxy_shared::nofile::raise(1 << 20, true);
 }
 
 /// Answers a WebSocket handshake on `stream`; returns the reader for frames.

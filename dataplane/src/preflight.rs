@@ -53,30 +53,7 @@ pub fn check(cores: usize, io_memory: usize) -> Result<Report, PreflightError> {
     }
     // Two descriptors per proxied connection: raise the limit as far as allowed
     // (privileged: to 1M; otherwise the soft limit up to the hard one).
-    let files = getrlimit(Resource::Nofile);
-    let mut nofile = files.current;
-    let wide = Rlimit {
-        current: Some(1 << 20),
-        maximum: Some(files.maximum.map_or(1 << 20, |m| m.max(1 << 20))),
-    };
-    if files.current.is_some_and(|c| c < 1 << 20) {
-        if setrlimit(Resource::Nofile, wide).is_ok() {
-            nofile = Some(1 << 20);
-        } else if let (Some(cur), Some(max)) = (files.current, files.maximum) {
-            if cur < max
-                && setrlimit(
-                    Resource::Nofile,
-                    Rlimit {
-                        current: Some(max),
-                        maximum: Some(max),
-                    },
-                )
-                .is_ok()
-            {
-                nofile = Some(max);
-            }
-        }
-    }
+    let nofile = appproxy_shared::nofile::raise(1 << 20, true);
     if let Some(n) = nofile {
         if n < 4096 {
             tracing::warn!(nofile = n, "RLIMIT_NOFILE is low: each proxied connection uses two descriptors; raise it (LimitNOFILE=1048576)");

@@ -11,6 +11,7 @@
 //! - [`tls_roots`] (feature `tls-roots`): TLS trust anchors from a PEM bundle or the
 //!   system's CA bundle;
 //! - [`jwt`]: HS256 tokens (setup, inference, storage sessions);
+//! - [`nofile`]: the descriptor limit raised at start, as far as allowed;
 //! - [`model`]: circuits, routes and the event envelope in the platform's wire shapes;
 //! - [`wire`]: the worker ⇄ coordinator contract (registration, circuit sets, events,
 //!   acknowledgements, last-access marks) as typed structs both sides use;
@@ -27,6 +28,7 @@ pub mod jwt;
 #[cfg(feature = "tower")]
 pub mod middleware;
 pub mod model;
+pub mod nofile;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 #[cfg(feature = "redis")]

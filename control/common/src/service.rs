@@ -22,39 +22,15 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// The most descriptors a service asks for, when its hard limit is unlimited.
+/// The most descriptors a service asks for, when its hard limit allows.
 const NOFILE_WANTED: u64 = 1 << 20;
 
 /// Raises the soft descriptor limit to the hard one (at most [`NOFILE_WANTED`]); the
 /// limit in force after. Connections, store and Redis connections, an archive's
-/// open directories and uploads all hold descriptors, and a soft limit of 1024
-/// (systemd's default) runs out long before a hard limit that allows far more;
-/// the connection caps are fitted below the limit in force
-/// ([`crate::server::fitted_cap`]).
+/// open directories and uploads all hold descriptors; the connection caps are
+/// fitted below the limit in force ([`crate::server::fitted_cap`]).
 pub fn raise_nofile() -> Option<u64> {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let files = getrlimit(Resource::Nofile);
-    let current = files.current?;
-    let want = files
-        .maximum
-        .map_or(NOFILE_WANTED, |m| m.min(NOFILE_WANTED));
-    if current >= want {
-        return Some(current);
-    }
-    let raised = Rlimit {
-        current: Some(want),
-        maximum: files.maximum,
-    };
-    match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => {
-            tracing::debug!(from = current, to = want, "descriptor limit raised");
-            Some(want)
-        }
-        Err(e) => {
-            tracing::warn!(nofile = current, error = %e, "the descriptor limit could not be raised");
-            Some(current)
-        }
-    }
+    appproxy_shared::nofile::raise(NOFILE_WANTED, false)
 }
 
 /// Raises the descriptor limit ([`raise_nofile`]) and runs `serve(shutdown)` on a
