@@ -777,7 +777,7 @@ async fn patch(
         blocking(move || {
             let write = OFlags::WRONLY | OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOCTTY;
             let open = |flags| {
-                rustix::fs::openat2(
+                fsx::openat2(
                     &s.staging,
                     s.id.as_str(),
                     flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,

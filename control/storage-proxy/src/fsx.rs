@@ -53,6 +53,35 @@ pub fn join(parts: &[OsString]) -> PathBuf {
     parts.iter().collect()
 }
 
+/// How many times [`openat2`] tries again on `EAGAIN`.
+const OPENAT2_TRIES: usize = 32;
+
+/// `openat2`, tried again when the kernel says `EAGAIN`: a resolution through `..`
+/// under `RESOLVE_BENEATH` fails so whenever any rename or mount anywhere on the host
+/// happened meanwhile (the kernel's global `rename_lock`/`mount_lock` moved), and
+/// `openat2(2)` says to retry. Without this, a path through a relative symlink
+/// (`results/latest -> ../runs/42`) fails at random while another user renames
+/// files. Bounded, with a yield between tries, so a host renaming without pause
+/// still gets an answer (the last `EAGAIN`).
+pub fn openat2<P: rustix::path::Arg + Copy>(
+    dir: impl AsFd,
+    path: P,
+    flags: OFlags,
+    mode: Mode,
+    resolve: ResolveFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let mut tries = 1;
+    loop {
+        match rustix::fs::openat2(dir.as_fd(), path, flags, mode, resolve) {
+            Err(rustix::io::Errno::AGAIN) if tries < OPENAT2_TRIES => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens `parts` beneath `root` with the given flags and containment.
 pub fn open(
     root: BorrowedFd<'_>,
@@ -60,7 +89,7 @@ pub fn open(
     flags: OFlags,
     resolve: ResolveFlags,
 ) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat2(
+    Ok(openat2(
         root,
         join(parts).as_path(),
         flags | OFlags::CLOEXEC,
@@ -76,7 +105,7 @@ pub fn open_dir(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<OwnedFd>
 
 /// Opens the child directory `name` of `dir` without following a symlink.
 pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
-    match rustix::fs::openat2(dir, name, DIR | OFlags::NOFOLLOW, Mode::empty(), STRICT) {
+    match openat2(dir, name, DIR | OFlags::NOFOLLOW, Mode::empty(), STRICT) {
         Ok(fd) => Ok(fd),
         // `O_DIRECTORY | O_NOFOLLOW` on a symlink says ENOTDIR: report the link.
         Err(rustix::io::Errno::NOTDIR)
@@ -92,7 +121,7 @@ pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
 /// Opens the regular file `name` of `dir` for reading without following a symlink;
 /// anything but a regular file is refused without being opened (see [`readable`]).
 pub fn child_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<std::fs::File> {
-    let path = rustix::fs::openat2(
+    let path = openat2(
         dir,
         name,
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -100,7 +129,7 @@ pub fn child_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<std::fs::File
         STRICT,
     )?;
     let fd = readable(path, false, || {
-        Ok(rustix::fs::openat2(
+        Ok(openat2(
             dir,
             name,
             READ | OFlags::NOFOLLOW,
@@ -873,7 +902,7 @@ pub fn copy_tree(
                     let Ok(mut from) = child_file(src, &e.name) else {
                         return Ok(false);
                     };
-                    let to = rustix::fs::openat2(
+                    let to = openat2(
                         self.to.current(),
                         e.name.as_os_str(),
                         OFlags::WRONLY

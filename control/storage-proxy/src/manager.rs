@@ -1166,7 +1166,7 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         let session = session.clone();
         blocking(move || {
             let staging = staging_dir(root.as_fd(), true)?;
-            rustix::fs::openat2(
+            fsx::openat2(
                 &staging,
                 session.as_str(),
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,

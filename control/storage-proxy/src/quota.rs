@@ -114,7 +114,7 @@ pub fn set_limit(scope: BorrowedFd<'_>, limit: Option<u64>) -> std::io::Result<(
     match limit {
         Some(l) => {
             let tmp = format!("{QUOTA_FILE}.{}", uuid::Uuid::new_v4().simple());
-            let fd = rustix::fs::openat2(
+            let fd = fsx::openat2(
                 scope,
                 tmp.as_str(),
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,

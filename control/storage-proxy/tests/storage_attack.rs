@@ -1,7 +1,8 @@
 //! The storage-proxy against a vfolder user who also has a shell in a container
 //! mounting the vfolder (special files in the staging area, trees deeper than any
 //! stack or descriptor budget, directories wider than the descriptor limit, names
-//! longer than a zip header can say) and against a client holding a valid token.
+//! longer than a zip header can say) and against a client holding a valid token;
+//! and paths through a relative symlink while renames happen elsewhere on the host.
 //! Symlink swaps are covered by `storage_containment.rs`.
 
 mod storage_common;
@@ -2084,4 +2085,70 @@ fn an_archive_of_many_renamed_entries_logs_a_few_and_counts_the_rest() {
         .find(|l| l["message"] == "archive streamed")
         .expect("the archive's last line");
     assert_eq!(streamed["renamed"], s["renamed"], "{streamed}");
+}
+
+/// Renames `a` and `b` back and forth in `dir` until `stop` is set: what any user
+/// does in their own directory, and what moves the kernel's global `rename_lock`.
+fn renamer(
+    dir: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::fs::create_dir_all(&dir).expect("renamer dir");
+    std::fs::write(dir.join("a"), b"").expect("renamer file");
+    std::thread::spawn(move || {
+        let fd = open_dir(&dir);
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if rustix::fs::renameat(&fd, "a", &fd, "b").is_ok()
+                && rustix::fs::renameat(&fd, "b", &fd, "a").is_ok()
+            {
+                n += 2;
+            }
+        }
+        n
+    })
+}
+
+/// A path through a relative symlink (`results/latest -> ../runs/42`) resolves
+/// through `..`, which `openat2` with `RESOLVE_BENEATH` fails with `EAGAIN` whenever
+/// a rename anywhere on the host happened meanwhile: downloads and listings through
+/// it succeed all the same while another directory on the same filesystem is being
+/// renamed in without pause.
+#[test]
+fn paths_through_a_relative_symlink_resolve_while_the_host_renames() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("runs/42")).expect("runs");
+    std::fs::write(vf.join("runs/42/model.bin"), b"model").expect("model");
+    std::fs::create_dir(vf.join("results")).expect("results");
+    std::os::unix::fs::symlink("../runs/42", vf.join("results/latest")).expect("symlink");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = renamer(p.dir.path().join("elsewhere"), stop.clone());
+    let mut failed = Vec::new();
+    for i in 0..300 {
+        let r = if i % 2 == 0 {
+            p.download("results/latest/model.bin", "", &[])
+        } else {
+            p.manager(
+                "/folder/file/list",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "results/latest"}),
+                None,
+            )
+        };
+        if r.status != 200 {
+            failed.push((r.status, String::from_utf8_lossy(&r.body).into_owned()));
+        } else if i % 2 == 0 {
+            assert_eq!(r.body, b"model");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let renames = thread.join().expect("renamer");
+    assert!(renames > 0, "the renamer ran");
+    assert!(
+        failed.is_empty(),
+        "{} of 300 failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
 }
