@@ -771,7 +771,8 @@ async fn patch(
     // The staging file (never through a symlink), its offset, and the quota: the
     // session's reservation must still fit the scope's current limit. The user can
     // put anything in its place from a container: only a regular file is opened (a
-    // FIFO or a device node never is, see `fsx::reopen`).
+    // FIFO or a device node never is, see `fsx::reopen`), and written only while it
+    // has no other name.
     let checked = {
         let st = state.clone();
         blocking(move || {
@@ -792,6 +793,14 @@ async fn patch(
             let current = rustix::fs::fstat(&fd)?;
             if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
                 return Err(ApiError::NotFound);
+            }
+            // The proxy made the staged file with one name: another one means it was
+            // replaced by a hard link to a file elsewhere (outside the vfolder, even),
+            // which the upload's bytes must never be appended to.
+            if current.st_nlink != 1 {
+                return Err(ApiError::Conflict(
+                    "the upload's staged file has more than one name (a hard link): nothing was written",
+                ));
             }
             if current.st_size as u64 != offset {
                 return Err(ApiError::Conflict(

@@ -2152,3 +2152,34 @@ fn paths_through_a_relative_symlink_resolve_while_the_host_renames() {
         &failed[..failed.len().min(3)]
     );
 }
+
+/// The staging file replaced by a hard link to a file outside the vfolder (the
+/// session ID is in the token the user holds): the PATCH is refused and writes
+/// nothing, the outside file keeps its content. Before, the PATCH appended the
+/// upload's bytes to it (the file type was checked, not its other names).
+#[test]
+fn a_hard_link_in_place_of_the_staging_file_is_never_written() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.txt", "size": 100}),
+    );
+    let staging = p.vfolder_path().join(".upload");
+    let session = std::fs::read_dir(&staging)
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .next()
+        .expect("a staging file");
+    let outside = p.dir.path().join("outside.txt");
+    std::fs::write(&outside, b"line1\n").expect("outside file");
+    std::fs::remove_file(staging.join(&session)).expect("rm the staged file");
+    std::fs::hard_link(&outside, staging.join(&session)).expect("hard link");
+    let r = p.tus_patch(&token, "6", b"APPENDED\n");
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("hard link"), "{body}");
+    assert_eq!(std::fs::read(&outside).expect("outside file"), b"line1\n");
+    assert!(alive(&p));
+}
