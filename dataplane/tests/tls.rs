@@ -636,6 +636,55 @@ fn upstream_https_checked_against_the_ca_or_not_when_the_circuit_says_so() {
     );
 }
 
+/// Two circuits to the same app address, one not checking its certificate and one
+/// checking it: a connection the first made is never reused by the second (the
+/// pool's key is the address with the TLS mode and server name), so the check
+/// holds whatever the other circuit left in the pool.
+#[test]
+fn a_pooled_app_connection_serves_only_routes_with_the_same_tls() {
+    let pki = Pki::new();
+    let (app, conns) = https_app(&pki);
+    // No [upstream] tls_ca: the system roots, which do not hold the test CA, so
+    // "verify" refuses this app.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: format!(
+            "open_to_public = true\nfrontend_mode = \"wildcard\"\nsubdomain = \"lax\"\n\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nfrontend_mode = \"wildcard\"\nsubdomain = \"strict\"\nopen_to_public = true\nroute_info = [{{ upstream_tls = \"verify\", session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+            app.port()
+        ),
+        ..Default::default()
+    });
+    // The first circuit's route becomes "insecure" (the second's is written so
+    // that this rewrite leaves it alone).
+    route_tls(&w, "insecure");
+    let mut c = common::Client::connect(w.addr());
+    let mut get = |host: &str| {
+        c.send(format!("GET /{host} HTTP/1.1\r\nHost: {host}.apps.test\r\n\r\n").as_bytes());
+        c.response()
+    };
+    assert_eq!(
+        get("strict").status,
+        502,
+        "the app's certificate is not trusted"
+    );
+    assert_eq!(get("lax").status, 200);
+    // The lax circuit's connection is pooled now; the strict one must not take it.
+    let r = get("strict");
+    assert_eq!(
+        r.status,
+        502,
+        "served over an unchecked connection: {}",
+        r.text()
+    );
+    assert_eq!(get("lax").status, 200);
+    assert_eq!(
+        conns.load(Ordering::Relaxed),
+        3,
+        "two refused handshakes and one connection the lax circuit reused"
+    );
+}
+
 #[test]
 fn a_stalled_upstream_tls_handshake_is_counted_as_a_timeout() {
     // The app accepts TCP and never answers the worker's ClientHello.

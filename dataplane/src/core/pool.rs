@@ -1,13 +1,22 @@
 //! The per-core keep-alive pool of upstream connections, with its per-upstream cap
-//! on open connections.
+//! on open connections. A pooled connection is reused only by a route that would
+//! have made the same one: same address, and same TLS (mode and server name), so
+//! that a route that checks the app's certificate never gets a connection that
+//! another route to the same address made without checking, or under another name.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use appproxy_shared::model::UpstreamTls;
+
 use super::FastMap;
 use crate::io::{CountGuard, TcpConn};
+
+/// How a connection to an app was made beyond its address: its TLS mode and
+/// server name, `None` for plain TCP.
+pub type Tls<'a> = Option<(UpstreamTls, &'a str)>;
 
 /// An idle pooled connection.
 struct Idle {
@@ -15,6 +24,14 @@ struct Idle {
     conn: TcpConn,
     /// When it went idle.
     since: Instant,
+    /// Its TLS mode and server name (plain TCP: `None`, nothing allocated).
+    tls: Option<(UpstreamTls, Box<str>)>,
+}
+
+impl Idle {
+    fn made_as(&self, tls: Tls<'_>) -> bool {
+        self.tls.as_ref().map(|(m, n)| (*m, &**n)) == tls
+    }
 }
 
 /// Per-core keep-alive pool of upstream connections.
@@ -52,14 +69,23 @@ impl Pool {
         CountGuard::take(open.entry(addr).or_default(), self.max_open)
     }
 
-    /// A live idle connection to `addr`, if one is pooled (`now`: the reactor's clock).
-    pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<TcpConn> {
+    /// A live idle connection to `addr` made with `tls`, if one is pooled (`now`:
+    /// the reactor's clock).
+    pub fn take(&self, addr: SocketAddr, tls: Tls<'_>, now: Instant) -> Option<TcpConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        while let Some(entry) = list.pop() {
-            if now.saturating_duration_since(entry.since) > self.idle_timeout {
+        // Most recent first; expired and dead ones are dropped on the way.
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            if now.saturating_duration_since(list[i].since) > self.idle_timeout {
+                list.remove(i);
                 continue;
             }
+            if !list[i].made_as(tls) {
+                continue;
+            }
+            let entry = list.remove(i);
             // An edge since the connection went idle means the app closed it or sent
             // something unasked: check with one read, else reuse without a syscall.
             if entry.conn.has_pending_input() && !entry.conn.probe_idle() {
@@ -70,12 +96,16 @@ impl Pool {
         None
     }
 
-    /// Returns a connection for reuse.
-    pub fn put(&self, addr: SocketAddr, conn: TcpConn, now: Instant) {
+    /// Returns a connection made with `tls` for reuse.
+    pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < self.max_idle {
-            list.push(Idle { conn, since: now });
+            list.push(Idle {
+                conn,
+                since: now,
+                tls: tls.map(|(m, n)| (m, n.into())),
+            });
         }
     }
 

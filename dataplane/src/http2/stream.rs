@@ -581,18 +581,22 @@ async fn forward_h1(
     let head = req.head;
     let mut addr = pick(core, route, None)?;
     let has_body = head.framing != BodyFraming::Length(0);
-    let (mut upstream, reused) = match core.pool.take(addr, core.reactor.now()) {
-        Some(c) => {
-            core.metrics.add(counter::POOL_HIT, 1);
-            (c, true)
-        }
-        None => {
-            core.metrics.add(counter::POOL_MISS, 1);
-            let (c, used) = proxy::connect_route(core, route, addr).await?;
-            addr = used;
-            (c, false)
-        }
-    };
+    let (mut upstream, reused) =
+        match core
+            .pool
+            .take(addr, proxy::tls_of(route, addr), core.reactor.now())
+        {
+            Some(c) => {
+                core.metrics.add(counter::POOL_HIT, 1);
+                (c, true)
+            }
+            None => {
+                core.metrics.add(counter::POOL_MISS, 1);
+                let (c, used) = proxy::connect_route(core, route, addr).await?;
+                addr = used;
+                (c, false)
+            }
+        };
     let mut out = Vec::with_capacity(1024);
     let traceparent = trace.map(|t| t.span.traceparent());
     encode::upstream_request_traced(
@@ -760,7 +764,12 @@ async fn forward_h1(
     // the h2 crate, the response sent, resets the stream with NO_ERROR: the client
     // stops sending the rest, RFC 9113 §8.1).
     if body_cut.is_none() && keep_alive && ubuf.is_empty() && framing != BodyFraming::Eof {
-        core.pool.put(addr, upstream, core.reactor.now());
+        core.pool.put(
+            addr,
+            proxy::tls_of(route, addr),
+            upstream,
+            core.reactor.now(),
+        );
     }
     Ok(Done {
         status,

@@ -27,7 +27,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use appproxy_shared::fair_share::{FairShare, Slot};
-use appproxy_shared::model::ProxyProtocol;
+use appproxy_shared::model::{ProxyProtocol, UpstreamTls};
 use appproxy_shared::RequestId;
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -151,6 +151,9 @@ pub struct UpConn {
     state: RefCell<State>,
     /// Streams waiting for it to connect.
     waiters: RefCell<Vec<std::task::Waker>>,
+    /// Its TLS mode and server name (`None`: plain TCP): only routes that would
+    /// make the same connection use it ([`proxy::tls_of`]).
+    tls: Option<(UpstreamTls, Box<str>)>,
 }
 
 impl UpConn {
@@ -244,11 +247,13 @@ async fn sender(
         State::Ready(s) => cap.min(s.current_max_send_streams()),
         State::Failed(_) => 0,
     };
+    let tls = proxy::tls_of(route, addr);
+    let made_as = |up: &UpConn| up.tls.as_ref().map(|(m, n)| (*m, &**n)) == tls;
     loop {
         let open = UPSTREAMS.with(|u| {
             u.borrow().get(&addr).and_then(|all| {
                 all.iter()
-                    .find(|(_, up)| up.streams.get() < room(up))
+                    .find(|(_, up)| made_as(up) && up.streams.get() < room(up))
                     .map(|(g, up)| (*g, up.clone()))
             })
         });
@@ -290,6 +295,7 @@ async fn sender(
         idle: core.rt.pool_idle_timeout,
         state: RefCell::new(State::Connecting),
         waiters: RefCell::new(Vec::new()),
+        tls: tls.map(|(m, n)| (m, n.into())),
     });
     UPSTREAMS.with(|u| {
         u.borrow_mut()
@@ -612,11 +618,7 @@ pub async fn open_stream(
     let slot = AppStreamSlot::take(core, &hop)?;
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr).await?;
-    let tls = route
-        .circuit
-        .upstream_tls
-        .iter()
-        .any(|(a, _, _)| *a == addr);
+    let tls = proxy::tls_of(route, addr).is_some();
     let request = build_request(core, hop, req, addr, tls, id, trace)?;
     let (response, send) = sender
         .send_request(request, end)

@@ -16,7 +16,7 @@ use appproxy_shared::{scope, RequestId};
 
 use super::retry::{self, Attempt, Retry};
 use super::tunnel::TunnelEnds;
-use super::{connect, connect_route, note_health, read_response_head, MAX_INTERIM};
+use super::{connect, connect_route, note_health, read_response_head, tls_of, MAX_INTERIM};
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::{counter, AccessEntry, Core, Route};
 use crate::http::encode::{self, ClientFraming, TraceHeaders};
@@ -461,7 +461,10 @@ impl Client {
         addr: SocketAddr,
     ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
         let core = &self.core;
-        if let Some(c) = core.pool.take(addr, core.reactor.now()) {
+        if let Some(c) = core
+            .pool
+            .take(addr, tls_of(route, addr), core.reactor.now())
+        {
             core.metrics.add(counter::POOL_HIT, 1);
             return Ok((c, addr, true));
         }
@@ -754,7 +757,8 @@ impl Client {
             && self.ubuf.is_empty()
             && !matches!(mode, Mode::Rechunk | Mode::UntilClose)
         {
-            core.pool.put(addr, upstream, core.reactor.now());
+            core.pool
+                .put(addr, tls_of(route, addr), upstream, core.reactor.now());
         }
         Ok(Done {
             status: resp.status,

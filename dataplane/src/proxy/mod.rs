@@ -41,7 +41,7 @@ pub mod upstream;
 
 pub(crate) use retry::{Failure, Left};
 pub(crate) use upstream::{
-    connect, connect_alpn, connect_route, note_health, read_response_head, ConnectError,
+    connect, connect_alpn, connect_route, note_health, read_response_head, tls_of, ConnectError,
     MAX_INTERIM,
 };
 

@@ -100,6 +100,18 @@ pub(crate) async fn connect(
     connect_alpn(core, route, addr, false).await
 }
 
+/// How `route` connects to its app at `addr`: TLS mode and server name, or `None`
+/// for plain TCP. Also what a pooled connection must have been made with to be
+/// reused for the route ([`crate::core::pool`]).
+pub(crate) fn tls_of(route: &Route, addr: SocketAddr) -> crate::core::pool::Tls<'_> {
+    route
+        .circuit
+        .upstream_tls
+        .iter()
+        .find(|(a, _, _)| *a == addr)
+        .map(|(_, mode, name)| (*mode, name.as_str()))
+}
+
 /// [`connect`], offering ALPN `h2` instead of `http/1.1` to an app that serves TLS
 /// (`http2` and `grpc` circuits).
 pub(crate) async fn connect_alpn(
@@ -118,16 +130,11 @@ pub(crate) async fn connect_alpn(
             conn.count_in(slot);
             core.connect_succeeded();
             // An app that serves HTTPS: the handshake is part of the connect.
-            let tls = route
-                .circuit
-                .upstream_tls
-                .iter()
-                .find(|(a, _, _)| *a == addr);
-            if let Some((_, mode, name)) = tls {
+            if let Some((mode, name)) = tls_of(route, addr) {
                 let session = core
                     .rt
                     .upstream_tls
-                    .session_alpn(*mode, name, h2)
+                    .session_alpn(mode, name, h2)
                     .map_err(|e| ConnectError::Upstream(io::Error::other(e)))?;
                 conn.start_tls(session);
                 conn.set_deadline(Some(Instant::now() + core.rt.connect_timeout));
