@@ -878,16 +878,24 @@ fn usage_capped(
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
 /// neither followed nor copied); `skip` names top-level entries left out. Calls
 /// `on_dir` for every directory copied. Returns the files and the bytes copied.
+///
+/// At most `budget` bytes are copied in all: what was measured (and reserved) before
+/// the copy. A source whose files grew past it meanwhile (a user who can write it
+/// can make a file of any size, sparse, in an instant) stops the copy with an error
+/// once the budget is written, so the destination never holds more than was
+/// reserved for it.
 pub fn copy_tree(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     skip: &[&str],
+    budget: u64,
     on_dir: &mut dyn FnMut(),
 ) -> io::Result<(u64, u64)> {
     struct Copy<'a, 'b> {
         to: Trail<'a>,
         skip: &'b [&'b str],
         on_dir: &'b mut dyn FnMut(),
+        budget: u64,
         files: u64,
         bytes: u64,
     }
@@ -913,8 +921,18 @@ pub fn copy_tree(
                         Mode::from_raw_mode(e.stat.st_mode & 0o777),
                         STRICT,
                     )?;
-                    self.bytes += io::copy(&mut from, &mut std::fs::File::from(to))?;
+                    let left = self.budget - self.bytes;
+                    let mut to = std::fs::File::from(to);
+                    self.bytes += io::copy(&mut io::Read::take(&mut from, left), &mut to)?;
                     self.files += 1;
+                    // The budget is spent: one byte more in this file is more than was
+                    // measured.
+                    if self.bytes == self.budget && io::Read::read(&mut from, &mut [0u8])? != 0 {
+                        return Err(io::Error::other(format!(
+                            "the source grew while it was cloned: more than the {} bytes measured and reserved for the copy",
+                            self.budget
+                        )));
+                    }
                     Ok(false)
                 }
                 _ => Ok(false),
@@ -938,6 +956,7 @@ pub fn copy_tree(
         to: Trail::new(dst),
         skip,
         on_dir,
+        budget,
         files: 0,
         bytes: 0,
     };

@@ -533,7 +533,8 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         "clone_vfolder",
         job(move || {
             let (src, dst, id) = dst;
-            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], &mut || {
+            // No more than was measured and reserved is copied (see `fsx::copy_tree`).
+            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], size, &mut || {
                 tracing::debug!("directory cloned");
             });
             // What was copied (not the size reserved: symlinks are not copied, and

@@ -1048,6 +1048,62 @@ fn a_finished_clone_counts_the_bytes_it_copied() {
     assert!(std::fs::symlink_metadata(copy.join("l")).is_err());
 }
 
+/// A clone copies no more than it measured and reserved: a source file grown
+/// (sparse, in an instant) right after the clone started is not copied past the
+/// measured size, so the destination never holds more than its reservation. Before,
+/// the copy took each file to its end of file when it reached it: a 64 MiB
+/// destination file on a 1 MiB reservation.
+#[test]
+fn a_clone_copies_no_more_than_it_reserved_when_the_source_grows() {
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 16 << 20);
+    let src = p.vfolder_path();
+    // Enough small files that the copy takes a moment, then a subdirectory (walked
+    // after them) holding an empty file.
+    for i in 0..2_000 {
+        std::fs::write(src.join(format!("f{i:05}")), [b'x'; 512]).expect("file");
+    }
+    std::fs::create_dir(src.join("zz")).expect("zz");
+    std::fs::write(src.join("zz/big"), b"").expect("big");
+    let measured = 2_000 * 512;
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Measured and reserved; the copy runs in the background: the source grows now.
+    let big = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("zz/big"))
+        .expect("big");
+    big.set_len(64 << 20).expect("grow");
+    // A hang guard, not a timing assertion: the copy releases its reservation when
+    // it ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while quota_scope(&p)["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let copy = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e");
+    let mut copied = 0u64;
+    for e in std::fs::read_dir(&copy).expect("copy").flatten() {
+        let m = e.metadata().expect("metadata");
+        if m.is_file() {
+            copied += m.len();
+        }
+    }
+    let big_copy = std::fs::metadata(copy.join("zz/big")).map_or(0, |m| m.len());
+    assert!(
+        copied + big_copy <= measured,
+        "{copied} + {big_copy} bytes copied on a reservation of {measured}"
+    );
+}
+
 /// Deleting a vfolder with an upload in progress frees what the upload's
 /// reservation held at once (its staged file is gone with the folder): a new
 /// upload of the room fits. Before, the reservation held the scope's room until it
