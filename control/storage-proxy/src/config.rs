@@ -94,6 +94,11 @@ pub struct StorageSection {
     /// of 64). Behind a reverse proxy, whose one address every client then has,
     /// set it to `max_archive_streams` (no share).
     pub max_archive_streams_per_address: Option<usize>,
+    /// Paths one `/folder/file/delete` (or `delete-async`) request may name, at most:
+    /// each is checked before anything is deleted and again when deleted, a climb
+    /// of its parent directories each time, so a longer list is refused (400)
+    /// instead of costing minutes of CPU.
+    pub max_delete_paths: usize,
 }
 
 impl Default for StorageSection {
@@ -112,6 +117,7 @@ impl Default for StorageSection {
             max_connections: 4096,
             max_archive_streams: 64,
             max_archive_streams_per_address: None,
+            max_delete_paths: 1000,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,
         }

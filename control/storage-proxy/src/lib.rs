@@ -76,6 +76,8 @@ pub struct State {
     /// How old a quota scope's measurement of committed bytes may be for a check to
     /// use it (`[storage] quota_usage_max_age_secs`; see `quota`).
     pub usage_max_age: Duration,
+    /// Paths one delete request may name (`[storage] max_delete_paths`).
+    pub max_delete_paths: usize,
     /// Last read limit per quota scope directory (scopes without one are absent).
     pub quota_limits: Mutex<std::collections::HashMap<PathBuf, u64>>,
     /// Quota reservations of upload sessions and clones.
@@ -525,6 +527,7 @@ pub fn state_with_events(
         uploading: Mutex::new(HashSet::new()),
         events,
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
+        max_delete_paths: config.storage.max_delete_paths,
         quota_limits: Mutex::new(std::collections::HashMap::new()),
         reservations: quota::Reservations::default(),
         folders: usage::Folders::default(),

@@ -895,8 +895,16 @@ struct DeleteReq {
     recursive: bool,
 }
 
-/// Parses every path of a delete first: one bad path and nothing is touched.
-fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
+/// Parses every path of a delete first: one bad path (or more than `max` of them)
+/// and nothing is touched.
+fn deletion_targets(r: &DeleteReq, max: usize) -> Result<Vec<Vec<OsString>>, ApiError> {
+    // Every path costs a climb of its parents, twice: a list is bounded.
+    if r.relpaths.len() > max {
+        return Err(ApiError::Params(format!(
+            "{} paths to delete, more than the {max} one request may name ([storage] max_delete_paths)",
+            r.relpaths.len()
+        )));
+    }
     let paths = r
         .relpaths
         .iter()
@@ -917,10 +925,19 @@ fn deletion_targets(r: &DeleteReq) -> Result<Vec<Vec<OsString>>, ApiError> {
 /// reaches the staging area through a symlink (or leaves the vfolder): the paths
 /// that resolve now are checked as [`delete_paths`] checks each again when its
 /// turn comes (a path missing now fails then, as before).
+/// A parent directory already found outside the staging area is not climbed again
+/// for the next path in it (each is climbed again when its turn comes).
 fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiError> {
+    let mut checked = std::collections::HashSet::new();
     for parts in paths {
         match fsx::parent(root, parts) {
-            Ok(p) => guard(root, p.dir.as_fd(), &p.name)?,
+            Ok(p) => {
+                let id = fsx::dir_identity(p.dir.as_fd())?;
+                if p.name == STAGING || !checked.contains(&id) {
+                    guard(root, p.dir.as_fd(), &p.name)?;
+                    checked.insert(id);
+                }
+            }
             Err(e) if fsx::is_escape(&e) => return Err(e.into()),
             Err(_) => {}
         }
@@ -957,7 +974,7 @@ async fn delete_files(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<DeleteReq>,
 ) -> Result<Json<Value>, ApiError> {
-    let paths = deletion_targets(&r)?;
+    let paths = deletion_targets(&r, state.max_delete_paths)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
@@ -975,7 +992,7 @@ async fn delete_files_async(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<DeleteReq>,
 ) -> Result<Response, ApiError> {
-    let paths = deletion_targets(&r)?;
+    let paths = deletion_targets(&r, state.max_delete_paths)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let (root, paths) = blocking(move || {
         deletable(root.as_fd(), &paths)?;

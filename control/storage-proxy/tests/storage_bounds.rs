@@ -1,8 +1,9 @@
 //! Every wait of the storage-proxy's two servers is bounded, against a real process:
 //! a silent connection and a half head are closed after `header_read_timeout_secs`,
 //! the connection cap closes the connection past it and the API serves again once
-//! connections leave, and a manager body that stalls is answered 408. (A tus PATCH
-//! whose body stalls: `storage_attack.rs`.)
+//! connections leave, a manager body that stalls is answered 408, and a delete
+//! naming more paths than `max_delete_paths` is refused whole. (A tus PATCH whose
+//! body stalls: `storage_attack.rs`.)
 
 mod storage_common;
 
@@ -273,4 +274,45 @@ fn heads_the_server_cannot_take_get_a_request_id_all_the_same() {
             );
         }
     }
+}
+
+/// A delete names at most `max_delete_paths` paths (1000 by default): each costs a
+/// climb of its parent directories, so one more is refused 400 with the setting
+/// named and nothing deleted, on both delete routes; the cap itself is served.
+#[test]
+fn a_delete_of_more_paths_than_the_cap_is_refused_whole() {
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let vf = p.vfolder_path();
+    let names: Vec<String> = (0..1_001).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        std::fs::write(vf.join(n), b"x").expect("file");
+    }
+    for route in ["/folder/file/delete", "/folder/file/delete-async"] {
+        let r = p.manager(
+            route,
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": names}),
+            None,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{route}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains("max_delete_paths"), "{route}: {body}");
+        assert!(
+            names.iter().all(|n| vf.join(n).exists()),
+            "{route}: nothing deleted"
+        );
+    }
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": names[..1_000]}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(names[..1_000].iter().all(|n| !vf.join(n).exists()));
+    assert!(vf.join(&names[1_000]).exists());
 }
