@@ -19,7 +19,10 @@
 //!   the frontends no core could listen on as failed — also when an earlier
 //!   deployment (a poll's fetch, ahead of the event) carried the circuit;
 //! - the cores' per-circuit request counts become last-access marks (Redis keys of
-//!   the original), one batch per flush interval.
+//!   the original), one batch per flush interval;
+//! - heartbeats run beside the deploying loop, and a poll's fetch gives way to an
+//!   event that arrives meanwhile: a coordinator slow to answer (frozen, or waiting
+//!   on its store) never holds the events and acknowledgements the others send.
 //!
 //! The coordinator is reached through a [`ControlLink`]: [`RemoteLink`] (HTTP API,
 //! Redis events when `[redis] url` is set) from [`spawn_remote`], or one a binary
@@ -392,214 +395,250 @@ async fn run<L: ControlLink>(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     let apply_timeout = Duration::from_millis(coordinator.apply_timeout_ms.max(100));
+    // Heartbeats go on their own, beside the loop that deploys: a coordinator slow
+    // to answer one (frozen, or waiting on its store) holds neither the events
+    // other coordinators publish nor their acknowledgements.
+    let beats = async {
+        loop {
+            heartbeat.tick().await;
+            if let Err(e) = link.heartbeat(worker_id).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    };
     let mut state = Deployed::default();
-    loop {
-        let mut wake = tokio::select! {
-            _ = &mut stopped => {
-                match tokio::time::timeout(Duration::from_secs(3), link.deregister(worker_id)).await {
-                    Ok(Ok(())) => tracing::info!(worker_id = %worker_id, "deregistered from the coordinator"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
-                    Err(_) => tracing::warn!("deregistration timed out"),
-                }
-                return;
-            }
-            _ = poll.tick() => Wake::default(),
-            Some(wake) = wake_rx.recv() => wake,
-            _ = heartbeat.tick() => {
-                if let Err(e) = link.heartbeat(worker_id).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
-                }
-                continue;
-            }
-            _ = flush.tick() => {
-                if let Some(rx) = &marks {
-                    write_marks(&link, &state, rx).await;
-                }
-                continue;
-            }
-        };
-        let started = std::time::Instant::now();
-        // Events that queued up meanwhile are served by the same fetch and deployment:
-        // under a burst of creations the agent deploys once per batch, not per event.
-        let mut batched = 1;
-        let mut deltas: Option<Vec<Delta>> = wake.delta.take().map(|d| vec![d]);
-        while let Ok(more) = wake_rx.try_recv() {
-            batched += 1;
-            if more.request_id != wake.request_id {
-                wake.request_id = None;
-                wake.span = None;
-                wake.tracestate = None;
-            }
-            wake.resync |= more.resync;
-            wake.created.extend(more.created);
-            deltas = match (deltas, more.delta) {
-                (Some(mut list), Some(d)) => {
-                    list.push(d);
-                    Some(list)
-                }
-                _ => None,
-            };
-        }
-        if batched > 1 {
-            tracing::debug!(events = batched, "events batched into one deployment");
-        }
-        // Events that say what changed are applied as they are; anything else (poll,
-        // resubscription, missed events) asks the coordinator what changed since the
-        // revision deployed — a few bytes when nothing did.
-        // The first read of the whole set gets a line once it is handed to the cores:
-        // from then on the worker follows the coordinator's set.
-        let initial = state.revision.is_none() && deltas.is_none();
-        let fetched = match deltas {
-            Some(deltas) => Fetched::of_deltas(deltas),
-            // Once an hour the whole set is read again, whatever the revision says: a
-            // store restored from a backup may reach the same revision with other
-            // contents.
-            None => match fetch(
-                &link,
-                worker_id,
-                state.revision.filter(|_| {
-                    state
-                        .last_whole
-                        .is_some_and(|at| at.elapsed() < WHOLE_SET_EVERY)
-                }),
-            )
-            .await
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(error = %e, "circuit fetch failed");
-                    continue;
-                }
-            },
-        };
-        let applied = appproxy_shared::with_request_context(None, wake.span, || {
-            apply(&config, &deployer, fetched, &mut state, wake.request_id)
-        })
-        .map(|(applied, id, traced)| {
-            // Found by a fetch: the deployment is traced as an event's would be, and
-            // its acknowledgement goes under the same span.
-            if let Some((span, tracestate)) = traced {
-                wake.span = Some(span);
-                wake.tracestate = tracestate;
-            }
-            (applied, id)
-        });
-        state.forget_old();
-        if initial {
-            tracing::info!(
-                circuits = state.circuits.len(),
-                revision = state.revision,
-                "circuit set read from the coordinator"
-            );
-        }
-        state.settle_finished().await;
-        if wake.created.is_empty() && !wake.resync {
-            // A deployment that owes no acknowledgement (a removal or an update an
-            // event brought, or what a poll found, a creation among it maybe, its
-            // event still on the way): its outcome is awaited off the agent's loop and
-            // kept, so the acknowledgement owed later reports the frontends it could
-            // not listen on. A traced one's span is exported once every core applied
-            // it, as an acknowledged one's is.
-            if let Some((applied, id)) = applied {
-                let span = wake.span.filter(|_| appproxy_shared::otlp::enabled());
-                state.unsettled.push(tokio::task::spawn_blocking(move || {
-                    let outcome = applied.outcome(apply_timeout);
-                    if let (Some(span), Some(_)) = (span, &outcome) {
-                        crate::trace::export_deployment(span, id, started.elapsed());
+    // An event that arrived during a poll's fetch, which it cut short.
+    let mut next: Option<Wake> = None;
+    let deploys = async {
+        loop {
+            let mut polled = next.is_none();
+            let mut wake = if let Some(wake) = next.take() {
+                wake
+            } else {
+                tokio::select! {
+                _ = &mut stopped => {
+                    match tokio::time::timeout(Duration::from_secs(3), link.deregister(worker_id)).await {
+                        Ok(Ok(())) => tracing::info!(worker_id = %worker_id, "deregistered from the coordinator"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
+                        Err(_) => tracing::warn!("deregistration timed out"),
                     }
-                    outcome
-                }));
-            }
-            continue;
-        }
-        // The circuits an earlier deployment carried are acknowledged with what it
-        // made of them: its outcome is in first.
-        if !state.settle_all().await {
-            tracing::warn!(
-                "not every core applied an earlier deployment in time; not acknowledging"
-            );
-            continue;
-        }
-        // Acknowledge what the event announced once every core has it (it may have
-        // arrived with an earlier poll: the acknowledgement is still owed), each
-        // circuit as deployed or failed (its frontend could not listen, or this
-        // worker refused it).
-        let mut deployment = None;
-        let mut failed = Vec::new();
-        if let Some((applied, id)) = applied {
-            let outcome = tokio::task::spawn_blocking(move || applied.outcome(apply_timeout))
-                .await
-                .ok()
-                .flatten();
-            match outcome {
-                Some(f) => failed = f,
-                None => {
-                    appproxy_shared::with_request_id(Some(id), || {
-                        tracing::warn!(
-                            "not every core applied the deployment in time; not acknowledging"
-                        );
-                    });
+                    return;
+                }
+                _ = poll.tick() => Wake::default(),
+                Some(wake) = wake_rx.recv() => {
+                    polled = false;
+                    wake
+                }
+                _ = flush.tick() => {
+                    if let Some(rx) = &marks {
+                        write_marks(&link, &state, rx).await;
+                    }
                     continue;
                 }
+                }
+            };
+            let started = std::time::Instant::now();
+            // Events that queued up meanwhile are served by the same fetch and deployment:
+            // under a burst of creations the agent deploys once per batch, not per event.
+            let mut batched = 1;
+            let mut deltas: Option<Vec<Delta>> = wake.delta.take().map(|d| vec![d]);
+            while let Ok(more) = wake_rx.try_recv() {
+                batched += 1;
+                if more.request_id != wake.request_id {
+                    wake.request_id = None;
+                    wake.span = None;
+                    wake.tracestate = None;
+                }
+                wake.resync |= more.resync;
+                wake.created.extend(more.created);
+                deltas = match (deltas, more.delta) {
+                    (Some(mut list), Some(d)) => {
+                        list.push(d);
+                        Some(list)
+                    }
+                    _ => None,
+                };
             }
-            deployment = Some(id);
-        }
-        // After a resubscription, what was deployed lately may have been announced
-        // while the events were lost: those creations still wait for an answer.
-        let owed: Vec<uuid::Uuid> = if wake.resync {
-            let mut ids = state.recent_ids();
-            ids.extend(wake.created.iter().copied());
-            ids
-        } else {
-            std::mem::take(&mut wake.created)
-        };
-        for id in &owed {
-            let why = state
-                .refused
-                .get(id)
-                .or_else(|| state.listen_failed.get(id).map(|(why, _)| why));
-            if let Some(why) = why {
-                if !failed.iter().any(|(f, _)| f == id) {
-                    failed.push((*id, why.clone()));
+            if batched > 1 {
+                tracing::debug!(events = batched, "events batched into one deployment");
+            }
+            // Events that say what changed are applied as they are; anything else (poll,
+            // resubscription, missed events) asks the coordinator what changed since the
+            // revision deployed — a few bytes when nothing did.
+            // The first read of the whole set gets a line once it is handed to the cores:
+            // from then on the worker follows the coordinator's set.
+            let initial = state.revision.is_none() && deltas.is_none();
+            let fetched = match deltas {
+                Some(deltas) => Fetched::of_deltas(deltas),
+                // Once an hour the whole set is read again, whatever the revision says: a
+                // store restored from a backup may reach the same revision with other
+                // contents.
+                None => {
+                    let since = state.revision.filter(|_| {
+                        state
+                            .last_whole
+                            .is_some_and(|at| at.elapsed() < WHOLE_SET_EVERY)
+                    });
+                    let fetched = fetch(&link, worker_id, since);
+                    // A poll's fetch (nothing owed to anyone) gives way to an event that
+                    // arrives meanwhile: the event carries its circuits, and a
+                    // coordinator slow to answer the poll must not hold it; the next
+                    // poll asks again.
+                    let fetched = if polled && batched == 1 {
+                        tokio::select! {
+                            f = fetched => f,
+                            Some(event) = wake_rx.recv() => {
+                                tracing::debug!("a poll's fetch gave way to an event");
+                                next = Some(event);
+                                continue;
+                            }
+                        }
+                    } else {
+                        fetched.await
+                    };
+                    match fetched {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "circuit fetch failed");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let applied = appproxy_shared::with_request_context(None, wake.span, || {
+                apply(&config, &deployer, fetched, &mut state, wake.request_id)
+            })
+            .map(|(applied, id, traced)| {
+                // Found by a fetch: the deployment is traced as an event's would be, and
+                // its acknowledgement goes under the same span.
+                if let Some((span, tracestate)) = traced {
+                    wake.span = Some(span);
+                    wake.tracestate = tracestate;
+                }
+                (applied, id)
+            });
+            state.forget_old();
+            if initial {
+                tracing::info!(
+                    circuits = state.circuits.len(),
+                    revision = state.revision,
+                    "circuit set read from the coordinator"
+                );
+            }
+            state.settle_finished().await;
+            if wake.created.is_empty() && !wake.resync {
+                // A deployment that owes no acknowledgement (a removal or an update an
+                // event brought, or what a poll found, a creation among it maybe, its
+                // event still on the way): its outcome is awaited off the agent's loop and
+                // kept, so the acknowledgement owed later reports the frontends it could
+                // not listen on. A traced one's span is exported once every core applied
+                // it, as an acknowledged one's is.
+                if let Some((applied, id)) = applied {
+                    let span = wake.span.filter(|_| appproxy_shared::otlp::enabled());
+                    state.unsettled.push(tokio::task::spawn_blocking(move || {
+                        let outcome = applied.outcome(apply_timeout);
+                        if let (Some(span), Some(_)) = (span, &outcome) {
+                            crate::trace::export_deployment(span, id, started.elapsed());
+                        }
+                        outcome
+                    }));
+                }
+                continue;
+            }
+            // The circuits an earlier deployment carried are acknowledged with what it
+            // made of them: its outcome is in first.
+            if !state.settle_all().await {
+                tracing::warn!(
+                    "not every core applied an earlier deployment in time; not acknowledging"
+                );
+                continue;
+            }
+            // Acknowledge what the event announced once every core has it (it may have
+            // arrived with an earlier poll: the acknowledgement is still owed), each
+            // circuit as deployed or failed (its frontend could not listen, or this
+            // worker refused it).
+            let mut deployment = None;
+            let mut failed = Vec::new();
+            if let Some((applied, id)) = applied {
+                let outcome = tokio::task::spawn_blocking(move || applied.outcome(apply_timeout))
+                    .await
+                    .ok()
+                    .flatten();
+                match outcome {
+                    Some(f) => failed = f,
+                    None => {
+                        appproxy_shared::with_request_id(Some(id), || {
+                            tracing::warn!(
+                                "not every core applied the deployment in time; not acknowledging"
+                            );
+                        });
+                        continue;
+                    }
+                }
+                deployment = Some(id);
+            }
+            // After a resubscription, what was deployed lately may have been announced
+            // while the events were lost: those creations still wait for an answer.
+            let owed: Vec<uuid::Uuid> = if wake.resync {
+                let mut ids = state.recent_ids();
+                ids.extend(wake.created.iter().copied());
+                ids
+            } else {
+                std::mem::take(&mut wake.created)
+            };
+            for id in &owed {
+                let why = state
+                    .refused
+                    .get(id)
+                    .or_else(|| state.listen_failed.get(id).map(|(why, _)| why));
+                if let Some(why) = why {
+                    if !failed.iter().any(|(f, _)| f == id) {
+                        failed.push((*id, why.clone()));
+                    }
+                }
+            }
+            for id in &owed {
+                state.listen_failed.remove(id);
+            }
+            let failed: Vec<(uuid::Uuid, String)> = failed
+                .into_iter()
+                .filter(|(id, _)| owed.contains(id))
+                .collect();
+            let present: Vec<Circuit> = owed
+                .iter()
+                .filter(|id| !failed.iter().any(|(f, _)| f == *id))
+                .filter_map(|id| state.circuits.get(id).map(|c| c.circuit.clone()))
+                .collect();
+            if !present.is_empty() || !failed.is_empty() || wake.resync {
+                // A batch has no single request: it is acknowledged under its deployment's
+                // own ID, and each circuit's creating request travels with it.
+                let id = wake
+                    .request_id
+                    .or(deployment)
+                    .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
+                appproxy_shared::scope_traced(
+                    Some(id),
+                    wake.span,
+                    acknowledge(
+                        &link,
+                        &w.authority,
+                        present,
+                        failed,
+                        &state.origins,
+                        wake.tracestate.as_ref(),
+                    ),
+                )
+                .await;
+                if let Some(span) = wake.span {
+                    crate::trace::export_deployment(span, id, started.elapsed());
                 }
             }
         }
-        for id in &owed {
-            state.listen_failed.remove(id);
-        }
-        let failed: Vec<(uuid::Uuid, String)> = failed
-            .into_iter()
-            .filter(|(id, _)| owed.contains(id))
-            .collect();
-        let present: Vec<Circuit> = owed
-            .iter()
-            .filter(|id| !failed.iter().any(|(f, _)| f == *id))
-            .filter_map(|id| state.circuits.get(id).map(|c| c.circuit.clone()))
-            .collect();
-        if !present.is_empty() || !failed.is_empty() || wake.resync {
-            // A batch has no single request: it is acknowledged under its deployment's
-            // own ID, and each circuit's creating request travels with it.
-            let id = wake
-                .request_id
-                .or(deployment)
-                .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
-            appproxy_shared::scope_traced(
-                Some(id),
-                wake.span,
-                acknowledge(
-                    &link,
-                    &w.authority,
-                    present,
-                    failed,
-                    &state.origins,
-                    wake.tracestate.as_ref(),
-                ),
-            )
-            .await;
-            if let Some(span) = wake.span {
-                crate::trace::export_deployment(span, id, started.elapsed());
-            }
-        }
+    };
+    // Only the deploying loop ends (on a stop); the heartbeats go on until then.
+    tokio::select! {
+        () = deploys => {}
+        () = beats => {}
     }
 }
 
