@@ -252,17 +252,22 @@ pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5)
 /// PostgreSQL's `statement_timeout`, set on every pooled connection.
 pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
-/// Runs a store call under [`CALL_DEADLINE`].
+/// Runs a store call under [`CALL_DEADLINE`]. A call past it is dropped with its
+/// PostgreSQL connection closed, never given back to the pool
+/// ([`postgres::abandoning`]): the connection may be the reason it did not end.
 async fn deadline<R>(
     call: impl std::future::Future<Output = Result<R, StoreError>>,
 ) -> Result<R, StoreError> {
-    tokio::time::timeout(CALL_DEADLINE, call)
-        .await
-        .unwrap_or_else(|_| {
+    let mut call = Box::pin(call);
+    match tokio::time::timeout(CALL_DEADLINE, call.as_mut()).await {
+        Ok(result) => result,
+        Err(_) => {
+            postgres::abandoning(move || drop(call));
             Err(StoreError::Unavailable(format!(
                 "no answer within {CALL_DEADLINE:?}"
             )))
-        })
+        }
+    }
 }
 
 impl StoreError {

@@ -245,6 +245,71 @@ const RECOUNT: &str = "UPDATE workers SET nodes = n.count,
 const NODE_SEEN: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
      ON CONFLICT (worker, node) DO UPDATE SET seen_at = now()";
 
+/// PostgreSQL's `idle_in_transaction_session_timeout`, set on every session, and the
+/// client socket's `tcp_user_timeout`: a few store deadlines, so that a transaction
+/// of a client gone silent lets its locks go soon after the call gave up on it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+std::thread_local! {
+    /// Set while a store call that passed its deadline is dropped
+    /// ([`abandoning`]): the connections it holds go out of the pool.
+    static ABANDONING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `drop_call` (dropping a store call that passed its deadline) so that a
+/// pooled connection the call holds is closed, not given back: its socket may be
+/// silent (the reason the call did not end), or mid-statement, and a connection
+/// given back would cost every later call that draws it the whole deadline.
+pub(super) fn abandoning(drop_call: impl FnOnce()) {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ABANDONING.with(|a| a.set(false));
+        }
+    }
+    ABANDONING.with(|a| a.set(true));
+    let _reset = Reset;
+    drop_call();
+}
+
+/// A pooled connection in use by one store call: back to the pool when the call
+/// ends, closed instead when the call is abandoned at its deadline ([`abandoning`])
+/// or the connection is closed already.
+pub(super) struct Conn(Option<deadpool_postgres::Object>);
+
+impl Conn {
+    /// The pooled connection itself, whose drop gives it back.
+    pub(super) fn detach(mut self) -> deadpool_postgres::Object {
+        self.0.take().expect("a connection until dropped")
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            if ABANDONING.with(std::cell::Cell::get) || client.is_closed() {
+                // Out of the pool: its slot is free for a fresh connection, and the
+                // dropped client ends the session (or the socket's timeouts do).
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+}
+
 /// The PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
@@ -469,14 +534,31 @@ impl PgStore {
             .map_err(|e: tokio_postgres::Error| StoreError::Pool(format!("[database] url: {e}")))?;
         // Bounded on the server too: a statement stuck behind a lock or a hung disk is
         // cancelled there, and a connection attempt to a silent host gives up.
+        // A transaction whose client went silent (a path to us that stopped carrying
+        // packets) would hold its row locks for ever: the server ends such a session
+        // after `idle_in_transaction_session_timeout`.
         let options = format!(
-            "{} -c statement_timeout={}",
+            "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             config.get_options().unwrap_or_default(),
-            super::STATEMENT_TIMEOUT.as_millis()
+            super::STATEMENT_TIMEOUT.as_millis(),
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
         );
         config.options(options.trim());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(3));
+        }
+        // A silent socket is found dead by the kernel in seconds, not hours: data
+        // unacknowledged for `tcp_user_timeout`, or keepalive probes unanswered (the
+        // defaults, two hours idle, unless the URL sets its own).
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(IDLE_IN_TRANSACTION_TIMEOUT);
+        }
+        if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+            config
+                .keepalives(true)
+                .keepalives_idle(std::time::Duration::from_secs(10))
+                .keepalives_interval(std::time::Duration::from_secs(5))
+                .keepalives_retries(3);
         }
         let manager = Manager::from_config(
             config,
@@ -526,7 +608,7 @@ impl PgStore {
 
     async fn take_route_turn(&self) -> Result<super::RouteTurn, StoreError> {
         let turn = super::RouteTurn {
-            pg: Some(self.client().await?),
+            pg: Some(self.client().await?.detach()),
         };
         loop {
             let Some(client) = turn.pg.as_ref() else {
@@ -590,10 +672,11 @@ impl PgStore {
         shifted(deadline, ahead)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    async fn client(&self) -> Result<Conn, StoreError> {
         self.pool
             .get()
             .await
+            .map(|c| Conn(Some(c)))
             .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
