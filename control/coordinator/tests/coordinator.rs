@@ -4448,6 +4448,77 @@ fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// A PostgreSQL server that takes no writes (`default_transaction_read_only`, as a
+/// standby or a demoted primary is set; SQLSTATE 25006) answers writes 503 `E10003`
+/// store-unavailable, not 500, `/readyz` says not ready naming the cause, and the
+/// log names the server's SQLSTATE and message (the driver's own text is only "db
+/// error"); once the server takes writes again, both recover by themselves.
+#[test]
+fn a_read_only_postgresql_answers_503_and_is_not_ready_until_it_takes_writes() {
+    let pg = appproxy_test_support::pg::Pg::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::Postgres(pg);
+    let c = start(dir.path(), &db);
+    let Db::Postgres(pg) = &db else {
+        unreachable!("a PostgreSQL store")
+    };
+    let token = setup(&c);
+    let ready = || request(c.addr, "GET", "/readyz", &[], "");
+    assert_eq!(ready().status, 200);
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let read_only = |on: &str| {
+        pg.psql(
+            "postgres",
+            &format!("ALTER SYSTEM SET default_transaction_read_only = {on}"),
+        );
+        pg.psql("postgres", "SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    read_only("on");
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    let body = r.json();
+    assert_eq!(r.status, 503, "{body}");
+    assert_eq!(body["code"], "store-unavailable", "{body}");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let r = ready();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.json()["store"]
+            .as_str()
+            .is_some_and(|s| s.contains("read-only")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("25006") && l.contains("read-only transaction")),
+        "the log names the server's refusal: {log}"
+    );
+    read_only("off");
+    let r = ready();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// Two coordinators on one PostgreSQL each read an endpoint's routes, changed them
 /// and wrote them back whole, serialised only within their own process: of ten
 /// registrations alternating between them, all answered 200 with their routes

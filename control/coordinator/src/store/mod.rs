@@ -219,8 +219,9 @@ pub enum StoreError {
     /// SQLite said no.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL said no.
-    #[error("database: {0}")]
+    /// PostgreSQL said no: its SQLSTATE and message, which the driver's own text
+    /// ("db error") leaves out.
+    #[error("database: {}", postgres_text(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No PostgreSQL connection could be had from the pool.
     #[error("database pool: {0}")]
@@ -270,6 +271,24 @@ async fn deadline<R>(
     }
 }
 
+/// A PostgreSQL error as the log needs it: the server's SQLSTATE, severity and
+/// message (and detail) when the server answered, else the driver's text and its
+/// cause (an I/O error).
+fn postgres_text(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (e.as_db_error(), e.source()) {
+        (Some(db), _) => {
+            let mut text = format!("{} {}: {}", db.code().code(), db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            text
+        }
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
 impl StoreError {
     /// Whether the database is out of reach or too slow (503), rather than refusing
     /// this call (500).
@@ -284,6 +303,12 @@ impl StoreError {
                     *code == tokio_postgres::error::SqlState::QUERY_CANCELED
                         || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
                         || *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                        // Another backend crashed: the server restarts its sessions.
+                        || *code == tokio_postgres::error::SqlState::CRASH_SHUTDOWN
+                        // The server takes no writes: a standby, or a primary demoted
+                        // or set read-only (`default_transaction_read_only`) — no fault
+                        // of the call, which succeeds again once writes are taken.
+                        || *code == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION
                         || code.code().starts_with("08")
                         // Insufficient resources: the server's disk full, out of memory.
                         || code.code().starts_with("53")
@@ -831,15 +856,21 @@ impl Store {
     /// Whether the store answers and takes writes, for `/readyz`: a round trip, and
     /// on SQLite, after a write failed for want of storage (disk full, read-only,
     /// I/O error) and none has succeeded since, a write that needs room — not ready
-    /// while it fails too. Readiness recovers by itself once room is made, also when
-    /// a balancer sends it nothing else.
+    /// while it fails too; on PostgreSQL, the round trip asks whether the server
+    /// takes writes (not a standby, transactions not read-only). Readiness recovers
+    /// by itself once room is made or writes are taken again, also when a balancer
+    /// sends it nothing else.
     pub async fn ready(&self) -> Result<(), StoreError> {
-        self.ping().await?;
         match self {
-            Self::Sqlite(s) if s.write_failure().is_some() => {
-                dispatch!(self, |s| s.probe_write(), |p| p.ping())
+            Self::Sqlite(s) => {
+                self.ping().await?;
+                if s.write_failure().is_some() {
+                    dispatch!(self, |s| s.probe_write(), |p| p.ping())
+                } else {
+                    Ok(())
+                }
             }
-            _ => Ok(()),
+            Self::Postgres(_) => dispatch!(self, |s| s.ping(), |p| p.writable()),
         }
     }
 }

@@ -718,6 +718,35 @@ impl PgStore {
         Ok(())
     }
 
+    /// A round trip that also asks whether the server takes writes: a standby (in
+    /// recovery) or a server whose transactions are read-only
+    /// (`default_transaction_read_only`, as a demoted primary is set) refuses every
+    /// creation, so it is [`StoreError::Unavailable`].
+    pub(super) async fn writable(&self) -> Result<(), StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+                &[],
+            )
+            .await?;
+        let (recovery, read_only): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
+        if recovery {
+            return Err(StoreError::Unavailable(
+                "the database is a standby in recovery: it takes no writes".into(),
+            ));
+        }
+        if read_only {
+            return Err(StoreError::Unavailable(
+                "the database's transactions are read-only (default_transaction_read_only): \
+                 it takes no writes"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) async fn upsert_worker(
         &self,
         registration: &WorkerRegistration,
