@@ -485,6 +485,52 @@ fn statuses(verbose: &str) -> Vec<String> {
         .collect()
 }
 
+/// An HTTP/2 app's interim heads reach HTTP/2 clients sanitized as its final
+/// ones: its `Set-Cookie` of the worker's permit and its request ID stay behind.
+#[test]
+fn an_http2_apps_interim_heads_plant_no_permit_cookie() {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS,
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    if !((ty == HEADERS || ty == DATA) && flags & END_STREAM != 0) {
+                        return Vec::new();
+                    }
+                    let early = block(&[
+                        (b":status", b"103"),
+                        (b"link", b"</style.css>; rel=preload"),
+                        (b"set-cookie", b"appproxy_permit=planted; Path=/"),
+                        (b"x-backend-request-id", b"spoofed-by-app"),
+                    ]);
+                    let last = block(&[(b":status", b"200")]);
+                    [
+                        frame(HEADERS, END_HEADERS, id, &early),
+                        frame(HEADERS, END_HEADERS | END_STREAM, id, &last),
+                    ]
+                    .concat()
+                })
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let out = nghttp_verbose(&[&format!("http://127.0.0.1:{}/early", w.port)]);
+    assert_eq!(statuses(&out), ["103", "200"], "{out}");
+    assert!(out.contains("rel=preload"), "{out}");
+    assert!(
+        !out.contains("planted") && !out.contains("spoofed-by-app"),
+        "{out}"
+    );
+}
+
 #[test]
 fn interim_responses_reach_http2_clients() {
     let app = lenient::LenientApp::start();
@@ -501,6 +547,11 @@ fn interim_responses_reach_http2_clients() {
         "{out}"
     );
     assert!(out.contains("final"), "{out}");
+    // Their permit cookie and request ID stay with the app.
+    assert!(
+        !out.contains("planted") && !out.contains("spoofed-by-app"),
+        "{out}"
+    );
     // A flood of them: a few relayed, then the exchange is refused.
     let out = nghttp_verbose(&[&format!("http://127.0.0.1:{}/interim?n=20000", w.port)]);
     let seen = statuses(&out);

@@ -40,6 +40,16 @@ fn a_few_interim_responses_are_relayed_to_http11() {
         let (status, headers) = c.head();
         assert_eq!(status, 103);
         assert!(headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("link")));
+        // Sanitized as a final head: the app plants neither the worker's permit
+        // cookie nor a request ID of its own.
+        assert!(
+            !headers
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case("set-cookie")
+                    || n.eq_ignore_ascii_case("x-backend-request-id")
+                    || v.contains("planted")),
+            "{headers:?}"
+        );
     }
     let r = c.response();
     assert_eq!(r.status, 200);

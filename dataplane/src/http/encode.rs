@@ -402,15 +402,10 @@ pub fn client_response(
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     for HeaderField { name, value } in &head.headers {
-        let name_b = &buf[name.clone()];
-        if is_hop_by_hop(name_b, buf, &head.connection_tokens)
-            || name_is(name_b, "content-length")
-            || name_is(name_b, "x-backend-request-id")
-            || (name_is(name_b, "set-cookie") && sets_permit_cookie(&buf[value.clone()]))
-        {
-            continue;
+        let (name, value) = (&buf[name.clone()], &buf[value.clone()]);
+        if relayed(name, value, buf, head) {
+            push_field(out, name, value);
         }
-        push_field(out, name_b, &buf[value.clone()]);
     }
     match framing {
         ClientFraming::Length(n) => {
@@ -449,8 +444,20 @@ pub fn client_response(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends an interim (1xx) response head relayed to the client (without
-/// `Content-Length`, which a 1xx must not carry: RFC 9110 §8.6).
+/// Whether a field of the app's response head `head` (final or interim) reaches
+/// the client: not hop-by-hop, not its length (the worker writes its own; a 1xx
+/// has none, RFC 9110 §8.6), not its request ID (the worker's is the one echoed),
+/// and no `Set-Cookie` of the worker's permit (an app must not plant or replace
+/// it).
+fn relayed(name: &[u8], value: &[u8], buf: &[u8], head: &ResponseHead) -> bool {
+    !(is_hop_by_hop(name, buf, &head.connection_tokens)
+        || name_is(name, "content-length")
+        || name_is(name, "x-backend-request-id")
+        || (name_is(name, "set-cookie") && sets_permit_cookie(value)))
+}
+
+/// Appends an interim (1xx) response head relayed to the client, its fields
+/// sanitized as a final head's ([`relayed`]).
 pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
@@ -458,11 +465,9 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     for HeaderField { name, value } in &head.headers {
-        let name_b = &buf[name.clone()];
-        if !is_hop_by_hop(name_b, buf, &head.connection_tokens)
-            && !name_is(name_b, "content-length")
-        {
-            push_field(out, name_b, &buf[value.clone()]);
+        let (name, value) = (&buf[name.clone()], &buf[value.clone()]);
+        if relayed(name, value, buf, head) {
+            push_field(out, name, value);
         }
     }
     out.extend_from_slice(b"\r\n");

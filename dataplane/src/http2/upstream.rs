@@ -718,13 +718,15 @@ pub async fn forward(
                     return std::task::Poll::Ready(Head::ClientReset);
                 }
                 // Interim heads (103 Early Hints, …) are relayed as they come, the
-                // first MAX_INTERIM of them; the app's request ID is not passed on.
+                // first MAX_INTERIM of them; the app's request ID and permit cookies
+                // are not passed on.
                 while let std::task::Poll::Ready(Some(Ok(mut info))) =
                     response.poll_informational(cx)
                 {
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
                         info.headers_mut().remove("x-backend-request-id");
+                        super::stream::drop_permit_cookies(info.headers_mut());
                         // A client gone meanwhile shows in poll_reset.
                         let _ = respond.send_informational(info);
                     }

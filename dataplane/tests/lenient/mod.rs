@@ -212,10 +212,11 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>) -> std::io
                 )?;
             }
             "/interim" => {
-                // n interim responses, then the final one.
+                // n interim responses, then the final one. Each also tries to plant
+                // the worker's permit cookie and its own request ID.
                 for _ in 0..n {
                     w.write_all(
-                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nSet-Cookie: appproxy_permit=planted; Path=/\r\nX-Backend-Request-ID: spoofed-by-app\r\n\r\n",
                     )?;
                 }
                 w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")?;
