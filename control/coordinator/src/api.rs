@@ -300,10 +300,38 @@ pub(super) async fn register_worker(
     // The registration is stored as sent: keys this version does not know are kept.
     let id = state.store.upsert_worker(&body).await?;
     tracing::info!(worker = %id, authority = registration.authority, "worker registered");
+    withdraw_unserved(&state, id, &registration).await?;
     if q.brief {
         return Ok(Json(Registered { id }).into_response());
     }
     Ok(Json(worker_response(&state, id).await?).into_response())
+}
+
+/// Withdraws a re-registered worker's circuits its new registration cannot serve
+/// (a port outside a narrowed `port_range`, the other frontend mode): they would
+/// be reused as links to a port nothing listens on, and count toward their
+/// sessions' limit, until idle collection. Creations still under way are left to
+/// their own outcome (a reuse checks again).
+async fn withdraw_unserved(
+    state: &Arc<State>,
+    worker: uuid::Uuid,
+    registration: &WorkerRegistration,
+) -> Result<(), ApiError> {
+    for (_, circuit, port, subdomain) in state.store.held_slots(Some(worker)).await? {
+        let Some(why) = super::placement::unserved(registration, port, subdomain.as_deref()) else {
+            continue;
+        };
+        if state.is_creating(circuit) {
+            continue;
+        }
+        tracing::warn!(
+            %circuit,
+            worker = registration.authority,
+            "the re-registered worker no longer serves the circuit ({why}); withdrawn"
+        );
+        state.remove_circuit(circuit).await?;
+    }
+    Ok(())
 }
 
 /// The registration fields the coordinator relies on, checked before anything is written.

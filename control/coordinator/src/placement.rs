@@ -69,6 +69,32 @@ pub fn port_range(worker: &WorkerRegistration) -> Option<(u16, u16)> {
     worker.ports()
 }
 
+/// Why a worker, as registered now, cannot serve a circuit holding `port` or
+/// `subdomain` on it (`None`: it can): a port worker listens only on its
+/// `port_range`, a wildcard worker serves subdomains. A worker re-registered with a
+/// narrower range (or the other frontend mode) leaves its circuits outside it
+/// pointing at nothing: they are withdrawn, never reused or counted.
+pub fn unserved(
+    worker: &WorkerRegistration,
+    port: Option<u16>,
+    subdomain: Option<&str>,
+) -> Option<String> {
+    match worker.frontend_mode {
+        FrontendMode::Port => match (port, port_range(worker)) {
+            (Some(p), Some((lo, hi))) if (lo..=hi).contains(&p) => None,
+            (Some(p), Some((lo, hi))) => {
+                Some(format!("port {p} is outside its port range {lo}-{hi}"))
+            }
+            (Some(p), None) => Some(format!("port {p}, and it has no port range")),
+            (None, _) => Some("a circuit without a port, on a port worker".into()),
+        },
+        FrontendMode::Wildcard => match subdomain {
+            Some(_) => None,
+            None => Some("a circuit without a subdomain, on a wildcard worker".into()),
+        },
+    }
+}
+
 /// Picks a worker and a slot, or `None` when no worker can take the circuit.
 /// `used` gives the slots in use on a worker; `suffix` makes collision suffixes.
 pub fn place(

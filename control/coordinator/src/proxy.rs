@@ -522,7 +522,9 @@ impl Drop for Creating {
 /// `TERMINATED`, its row deleted) would send the user to a dead address until idle
 /// collection: it is withdrawn under this request's ID (its removal logged and
 /// announced as any other) and the next candidate looked at; with none, the caller
-/// creates a new circuit under the same reuse-key turn.
+/// creates a new circuit under the same reuse-key turn. So is a circuit its worker,
+/// as registered now, no longer serves ([`placement::unserved`]: a port outside a
+/// narrowed port range).
 async fn reuse_on_alive_worker<F, Fut>(
     state: &Arc<State>,
     reusable: F,
@@ -546,7 +548,19 @@ where
             None => None,
         };
         match worker {
-            Some(w) if w.status == "ALIVE" => return Ok(Some((c, w.registration))),
+            Some(w) if w.status == "ALIVE" => {
+                let Some(why) =
+                    placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
+                else {
+                    return Ok(Some((c, w.registration)));
+                };
+                tracing::warn!(
+                    circuit = %c.id,
+                    worker = w.registration.authority.as_str(),
+                    "the circuit's worker no longer serves it ({why}); withdrawn instead of reused"
+                );
+                state.remove_circuit(c.id).await?;
+            }
             gone => {
                 tracing::warn!(
                     circuit = %c.id,
@@ -564,31 +578,39 @@ where
 /// How many candidates a reuse looks at before creating anew.
 const REUSE_LOOKS: usize = 16;
 
-/// Withdraws the session's interactive circuits whose worker is not `ALIVE` (the
-/// ones `[limits] max_circuits_per_session` counts), under this request's ID;
-/// returns how many were withdrawn. Called when a creation met the limit: a
-/// session whose worker died must not be refused new apps until idle collection.
+/// Withdraws the session's interactive circuits whose worker is not `ALIVE`, or
+/// no longer serves them ([`placement::unserved`]) (the ones `[limits]
+/// max_circuits_per_session` counts), under this request's ID; returns how many
+/// were withdrawn. Called when a creation met the limit: a session whose worker
+/// died or shrank must not be refused new apps until idle collection.
 async fn withdraw_dead_circuits(
     state: &Arc<State>,
     session: uuid::Uuid,
 ) -> Result<usize, ApiError> {
-    let alive: std::collections::HashSet<uuid::Uuid> = state
+    let alive: std::collections::HashMap<uuid::Uuid, WorkerRegistration> = state
         .store
         .workers()
         .await?
         .into_iter()
         .filter(|w| w.status == "ALIVE")
-        .map(|w| w.id)
+        .map(|w| (w.id, w.registration))
         .collect();
     let mut withdrawn = 0;
     for (c, _) in state.store.circuits_of_session(session).await? {
         // What the store's limit counts: every circuit of the session not made for
         // an endpoint, whatever its mode.
         let counted = c.endpoint_id.is_none();
-        if !counted || c.worker.is_some_and(|w| alive.contains(&w)) || state.is_creating(c.id) {
+        let served = c
+            .worker
+            .and_then(|w| alive.get(&w))
+            .is_some_and(|w| placement::unserved(w, c.port, c.subdomain.as_deref()).is_none());
+        if !counted || served || state.is_creating(c.id) {
             continue;
         }
-        tracing::warn!(circuit = %c.id, "the circuit's worker is gone; withdrawn to make room");
+        tracing::warn!(
+            circuit = %c.id,
+            "the circuit's worker is gone or no longer serves it; withdrawn to make room"
+        );
         if state.remove_circuit(c.id).await? {
             withdrawn += 1;
         }

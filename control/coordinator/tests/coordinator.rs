@@ -113,6 +113,7 @@ on_both_engines! {
     a_creation_dropped_while_its_insert_waits_is_withdrawn => a_creation_dropped_while_its_insert_waits_is_withdrawn_sqlite, a_creation_dropped_while_its_insert_waits_is_withdrawn_postgresql;
     circuits_per_session_are_capped => circuits_per_session_are_capped_sqlite, circuits_per_session_are_capped_postgresql;
     a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused => a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_sqlite, a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_postgresql;
+    a_circuit_its_worker_no_longer_serves_is_replaced_not_reused => a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_sqlite, a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -4255,6 +4256,117 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
         "2",
         "{terminal}"
     );
+}
+
+/// A worker re-registered with a narrower `port_range` no longer listens on its
+/// circuits' ports outside it: they were reused (a `/setup` link to a port nothing
+/// listens on) and counted toward the session's limit until idle collection. They
+/// are withdrawn at the re-registration (their removal logged and announced), and
+/// the same app asked again gets a new circuit inside the range.
+fn a_circuit_its_worker_no_longer_serves_is_replaced_not_reused(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &db, "[limits]\nmax_circuits_per_session = 2\n");
+    let register = |ports: [u16; 2]| {
+        let body = format!(
+            r#"{{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[{},{}],"accepted_traffics":["interactive"]}}"#,
+            ports[0], ports[1]
+        );
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().expect("id").to_owned()
+    };
+    let worker = register([10205, 10220]);
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    // (circuit, its port, reuse)
+    let ask = |app: &str, id: &str| {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+        let port = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .json()["port"]
+            .as_u64()
+            .expect("a port");
+        (circuit, port, r.json()["reuse"] == true)
+    };
+    let (jupyter, port, reuse) = ask("jupyter", "create-jupyter");
+    assert!((10205..=10220).contains(&port) && !reuse, "{port}");
+    let (vscode, _, _) = ask("vscode", "create-vscode");
+    assert_eq!(ask("jupyter", "reuse-served").0, jupyter);
+    let revision = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since=0"),
+        &[AUTH],
+        "",
+    )
+    .json()["revision"]
+        .as_u64()
+        .expect("revision");
+    // The worker comes back listening on other ports only.
+    assert_eq!(register([10230, 10240]), worker);
+    let gone = |circuit: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .status
+            == 404
+    };
+    let (replacement, port, reuse) = ask("jupyter", "after-shrink");
+    assert!(!reuse, "a circuit outside the port range was reused");
+    assert!((10230..=10240).contains(&port), "{port}");
+    assert_ne!(replacement, jupyter);
+    // The session's limit counts only what the worker serves.
+    let (_, port, reuse) = ask("terminal", "second-app");
+    assert!((10230..=10240).contains(&port) && !reuse, "{port}");
+    assert!(
+        gone(&jupyter),
+        "a circuit outside the port range is left stored"
+    );
+    assert!(
+        gone(&vscode),
+        "a circuit outside the port range is left stored"
+    );
+    // Each removal is logged and announced as any other.
+    let changes = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since={revision}"),
+        &[AUTH],
+        "",
+    )
+    .json();
+    let removed: Vec<&str> = changes["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        removed.contains(&jupyter.as_str()) && removed.contains(&vscode.as_str()),
+        "{changes}"
+    );
+    assert_eq!(ask("jupyter", "reuse-replacement").0, replacement);
 }
 
 /// An endpoint's circuit holds at most `[limits] max_routes_per_endpoint` routes: a
