@@ -24,6 +24,25 @@ pub async fn write_redis(
     pipe.query_async::<()>(conn).await
 }
 
+/// Whether Redis takes writes: a short-lived key of this coordinator's set with
+/// `SET … EX`, as workers write their marks. A Redis out of memory under
+/// `noeviction` (or a read-only replica) still answers reads — the marks it holds
+/// only grow stale — but refuses this.
+pub async fn probe_write(
+    conn: &mut crate::redis_link::RedisConn,
+    node: uuid::Uuid,
+) -> redis::RedisResult<()> {
+    super::bounded(
+        redis::cmd("SET")
+            .arg(format!("appproxy.coordinator.{node}.write_probe"))
+            .arg(appproxy_shared::jwt::now_epoch())
+            .arg("EX")
+            .arg(60)
+            .query_async::<()>(conn),
+    )
+    .await
+}
+
 /// Where the coordinator reads marks.
 pub enum Marks {
     /// The shared Redis.
@@ -113,6 +132,15 @@ impl Marks {
                     .map(|c| map.get(c).map(|(last, _)| *last))
                     .collect())
             }
+        }
+    }
+
+    /// Whether new marks are being stored: with Redis, a probe write
+    /// ([`probe_write`]); in memory, always.
+    pub async fn writable(&self, node: uuid::Uuid) -> redis::RedisResult<()> {
+        match self {
+            Self::Redis(conn) => probe_write(&mut conn.clone(), node).await,
+            Self::Memory(_) => Ok(()),
         }
     }
 

@@ -33,7 +33,9 @@ pub(super) async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
     let redis = match &state.redis {
         Some(conn) => {
             let mut conn = conn.clone();
-            Some(super::bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await)
+            // A write, not a PING: a Redis out of memory (`maxmemory`, `noeviction`)
+            // still answers reads but stores no last-access mark and no event.
+            Some(super::access::probe_write(&mut conn, state.node_id).await)
         }
         None => None,
     };
@@ -134,6 +136,11 @@ pub(super) async fn metrics(
             "appproxy_coordinator_circuits_collected_total",
             "Idle circuits removed.",
             &m.circuits_collected,
+        ),
+        (
+            "appproxy_coordinator_idle_passes_skipped_total",
+            "Idle-collection passes skipped because Redis refused writes (last-access marks not stored).",
+            &m.idle_passes_skipped,
         ),
         (
             "appproxy_coordinator_worker_breaker_trips_total",

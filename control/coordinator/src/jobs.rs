@@ -135,6 +135,21 @@ async fn idle_pass(state: &State) {
             Err(e) => tracing::warn!(error = %e, "expired setup tokens not deleted"),
         }
     }
+    // Workers' marks land in the same Redis: while it refuses writes (out of memory
+    // under `noeviction`) the marks read are stale, and circuits in constant use
+    // would be collected as idle. No pass until it takes writes again.
+    if let Err(e) = state.marks.writable(state.node_id).await {
+        state
+            .metrics
+            .idle_passes_skipped
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %e,
+            "Redis refuses writes, so last-access marks are not being stored; \
+             idle-circuit collection skipped"
+        );
+        return;
+    }
     let timeout = state
         .config
         .coordinator

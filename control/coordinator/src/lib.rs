@@ -114,6 +114,9 @@ pub struct Metrics {
     pub workers_lost: AtomicU64,
     /// Circuits removed for idleness.
     pub circuits_collected: AtomicU64,
+    /// Idle-collection passes skipped because Redis refused writes (workers'
+    /// last-access marks were not being stored: every circuit would look idle).
+    pub idle_passes_skipped: AtomicU64,
     /// Workers' breakers opened by a missed acknowledgement.
     pub breaker_trips: AtomicU64,
     /// Creations placed again on another worker or port within the same call.

@@ -1335,6 +1335,124 @@ fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
     assert!(exists(&kept), "an outage does not make circuits idle");
 }
 
+/// A Redis out of memory (`maxmemory` with `noeviction`) still answers reads, but
+/// stores no worker's last-access mark: the marks read grow stale, and circuits in
+/// constant use were collected as idle, while `/readyz` (a PING) stayed 200. Idle
+/// collection now skips its pass while Redis refuses a probe write (counted in
+/// `/metrics`), and `/readyz` says Redis is not writable; once Redis takes writes
+/// again both recover, and a circuit whose mark is stale is collected.
+#[test]
+fn idle_collection_skips_while_redis_refuses_writes() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 1\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let busy = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let exists =
+        |id: &str| request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").status == 200;
+    let ready = || request(c.addr, "GET", "/readyz", &[], "");
+    assert_eq!(ready().status, 200);
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let mark = |conn: &mut redis::Connection| {
+        let now = appproxy_shared::jwt::now_epoch();
+        redis::cmd("SET")
+            .arg(format!("circuit.{busy}.last_access"))
+            .arg(format!("{now:.6}"))
+            .arg("EX")
+            .arg(172_800)
+            .query::<()>(conn)
+    };
+    mark(&mut conn).expect("mark");
+    // Redis fills up: every write is refused, the marks are stale from now on.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(&mut conn)
+        .expect("policy");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query(&mut conn)
+        .expect("maxmemory");
+    let refused = mark(&mut conn).expect_err("a full Redis refuses the mark");
+    assert!(refused.to_string().contains("OOM"), "{refused}");
+    let skipped = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("idle-circuit collection skipped"))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while skipped() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle pass never noticed Redis refusing writes"
+        );
+        assert!(
+            exists(&busy),
+            "a circuit in use was collected while its marks could not be stored"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(exists(&busy), "a circuit in use was collected");
+    let r = ready();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.json()["redis"]
+            .as_str()
+            .is_some_and(|s| s.contains("OOM")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let metrics =
+        String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("appproxy_coordinator_idle_passes_skipped_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    // Room again: ready, and the circuit whose mark is stale is collected.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query(&mut conn)
+        .expect("maxmemory");
+    assert_eq!(ready().status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while exists(&busy) {
+        assert!(
+            Instant::now() < deadline,
+            "a circuit with a stale mark was never collected once Redis took writes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Found #6: a connection that sends no head (or half a head) is closed after the
 /// header timeout; past the connection cap new connections are closed at once (and
 /// counted) while the API keeps serving once connections leave.
