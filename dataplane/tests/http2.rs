@@ -587,3 +587,42 @@ fn interim_responses_reach_http2_clients() {
     );
     assert!(out.contains("final"), "{out}");
 }
+
+/// A stream refused before its head is rendered (two `host` fields and no
+/// `:authority`, an HTTP/1.1 400) keeps the client's request ID: on the answer's
+/// access line and on the "refused" log line, as HTTP/1.1 refusals do.
+#[test]
+fn a_stream_refused_early_keeps_the_clients_request_id() {
+    use appproxy_test_support::h2frames::{
+        block, connect, frame, END_HEADERS, END_STREAM, HEADERS,
+    };
+    use std::io::Write;
+    let app = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    });
+    let mut s = connect(w.addr());
+    let head = block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/two-hosts"),
+        (b"host", b"a.test"),
+        (b"host", b"b.test"),
+        (b"x-backend-request-id", b"client-id-42"),
+    ]);
+    s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &head))
+        .expect("write");
+    let line = w.wait_access_line("client-id-42");
+    assert_eq!(line["status"], 400, "{line}");
+    let refused: Vec<serde_json::Value> = w
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == "HTTP/2 request refused")
+        .collect();
+    assert!(!refused.is_empty(), "{}", w.log_text());
+    assert!(
+        refused.iter().all(|v| v["request_id"] == "client-id-42"),
+        "{refused:?}"
+    );
+}

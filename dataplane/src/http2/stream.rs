@@ -166,9 +166,25 @@ pub async fn handle(
     let target_ok = parts.uri.path_and_query().is_some_and(|p| {
         p.as_str().starts_with('/') || (p.as_str() == "*" && parts.method == http::Method::OPTIONS)
     });
+    // Refused before its head is rendered and parsed: under the client's request
+    // ID all the same (its fields are parsed already), logged as HTTP/1.1's are.
+    let refused_early = |e: RequestError| {
+        let id = proxy::exchange::request_id(
+            &core,
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        );
+        ctx.note_id(id);
+        let err = ProxyError::Request(e);
+        appproxy_shared::with_request_id(Some(id), || {
+            tracing::info!(error = %err, "HTTP/2 request refused");
+        });
+        (id, err)
+    };
     if !target_ok {
-        let id = RequestId::generate(core.rt.id_version);
-        let err = ProxyError::Request(RequestError::Malformed("request target"));
+        let (id, err) = refused_early(RequestError::Malformed("request target"));
         let line = Line::new(&method, &path, started);
         refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
         return;
@@ -178,17 +194,14 @@ pub async fn handle(
     let head = match parse::parse_request(&buf, &core.rt.head_limits) {
         Ok(Some(h)) => h,
         Ok(None) => {
-            let id = RequestId::generate(core.rt.id_version);
-            let err = ProxyError::Request(RequestError::Malformed("request head incomplete"));
+            let (id, err) = refused_early(RequestError::Malformed("request head incomplete"));
             let line = Line::new(&method, &path, started);
             refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
             return;
         }
         Err(e) => {
-            let id = RequestId::generate(core.rt.id_version);
+            let (id, err) = refused_early(e);
             let line = Line::new(&method, &path, started);
-            let err = ProxyError::Request(e);
-            tracing::info!(error = %err, "HTTP/2 request refused");
             refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
             return;
         }

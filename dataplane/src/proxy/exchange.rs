@@ -77,23 +77,35 @@ pub(crate) fn identify(
     buf: &[u8],
     head: &RequestHead,
 ) -> (RequestId, Option<crate::trace::Hop>) {
-    let id = if !core.rt.request_ids {
-        RequestId::parse(b"-").unwrap_or_else(|_| RequestId::generate(core.rt.id_version))
-    } else {
-        let found = header::extract(
-            head.headers
-                .iter()
-                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
-        );
-        header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
-            .0
-            .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
-    };
+    let id = request_id(
+        core,
+        head.headers
+            .iter()
+            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+    );
     let trace = core
         .rt
         .trace_context
         .then(|| crate::trace::Hop::resolve(buf, &head.headers, &id));
     (id, trace)
+}
+
+/// A request's ID from its header fields (the first valid of the ID headers, in
+/// their rank), or a new one; `-` when request IDs are off.
+pub(crate) fn request_id<'a>(
+    core: &Core,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> RequestId {
+    if !core.rt.request_ids {
+        return RequestId::parse(b"-").unwrap_or_else(|_| RequestId::generate(core.rt.id_version));
+    }
+    header::resolve(
+        IdPolicy::GenerateIfMissing,
+        header::extract(fields),
+        core.rt.id_version,
+    )
+    .0
+    .unwrap_or_else(|| RequestId::generate(core.rt.id_version))
 }
 
 impl Exchange {
