@@ -657,13 +657,12 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Moves a complete staging file into place (the caller synced the file and the
-/// staging directory, and syncs the returned destination directory after it: the
-/// syncs stay outside the scope's lock, under which this runs): the destination's
-/// missing parents are created beneath the vfolder by the kernel's resolution, and
-/// the rename is one `renameat` between two descriptors. Also answers whether it
-/// replaced an older file.
-fn complete(s: &Session) -> Result<(OwnedFd, bool), ApiError> {
+/// The directory a complete staging file goes into, and its name there: the
+/// destination's missing parents created beneath the vfolder, level by level, none
+/// in the staging area. Path work, done before the scope's lock is taken: under
+/// it only the rename runs ([`complete`]), so one upload's deep destination never
+/// holds the scope's other uploads.
+fn destination_dir(s: &Session) -> Result<(OwnedFd, &std::ffi::OsStr), ApiError> {
     let (name, dirs) = s
         .destination
         .split_last()
@@ -675,8 +674,24 @@ fn complete(s: &Session) -> Result<(OwnedFd, bool), ApiError> {
     if name == super::manager::STAGING && super::manager::same_dir(parent.as_fd(), s.root.as_fd()) {
         return Err(super::manager::staging_refused());
     }
-    let replaced = fsx::rename_over(s.staging.as_fd(), s.id.as_ref(), parent.as_fd(), name)?;
-    Ok((parent, replaced))
+    Ok((parent, name.as_os_str()))
+}
+
+/// Moves a complete staging file into `name` of `parent` ([`destination_dir`]; the
+/// caller synced the file and the staging directory, and syncs `parent` after it:
+/// the syncs stay outside the scope's lock, under which this runs) with one
+/// `renameat` between two descriptors. Answers whether it replaced an older file.
+fn complete(
+    s: &Session,
+    parent: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<bool, ApiError> {
+    Ok(fsx::rename_over(
+        s.staging.as_fd(),
+        s.id.as_ref(),
+        parent,
+        name,
+    )?)
 }
 
 async fn tus_patch(
@@ -877,9 +892,10 @@ async fn patch(
         let st = state.clone();
         let id = blocking(move || {
             fsx::sync(s.staging.as_fd())?;
-            let (parent, replaced) = st
-                .reservations
-                .commit(&s.scope_key, &s.id, s.size, || complete(&s))?;
+            let (parent, name) = destination_dir(&s)?;
+            let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
+                complete(&s, parent.as_fd(), name)
+            })?;
             // The older file it replaced is gone: the scope is measured again.
             if replaced {
                 st.reservations.removed(&s.scope_key);
