@@ -4259,6 +4259,57 @@ fn circuits_per_session_are_capped(db: Db) {
     );
 }
 
+/// Registers (or registers again) the port-mode worker `authority` at `host`, taking
+/// interactive traffic on the ports `ports[0]` to `ports[1]`; its ID.
+fn register_worker(addr: SocketAddr, authority: &str, host: &str, ports: [u16; 2]) -> String {
+    let body = format!(
+        r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"{host}","api_port":10201,"port_range":[{},{}],"accepted_traffics":["interactive"]}}"#,
+        ports[0], ports[1]
+    );
+    let r = request(addr, "PUT", "/api/worker", &[AUTH], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+/// The token `/v2/conf` gives for [`SESSION`].
+fn conf_token(addr: SocketAddr) -> String {
+    let r = request(addr, "POST", "/v2/conf", &[AUTH], &conf_with_tls(None));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+/// `/v2/proxy/auth` for [`SESSION`]'s `app` with `token`, asked for JSON under the
+/// request ID `id`: (circuit, the URL it sends the user to, reuse).
+fn proxy_auth(addr: SocketAddr, token: &str, app: &str, id: &str) -> (String, String, bool) {
+    let r = request(
+        addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+        &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+    (circuit_of(&url), url, r.json()["reuse"] == true)
+}
+
+/// What changed on `worker`'s circuits since the revision `since`.
+fn worker_changes(addr: SocketAddr, worker: &str, since: u64) -> serde_json::Value {
+    request(
+        addr,
+        "GET",
+        &format!("/api/worker/{worker}/circuits?since={since}"),
+        &[AUTH],
+        "",
+    )
+    .json()
+}
+
+/// Whether `circuit` is no longer stored (`GET /api/circuit/…` is a 404).
+fn circuit_gone(addr: SocketAddr, circuit: &str) -> bool {
+    request(addr, "GET", &format!("/api/circuit/{circuit}"), &[AUTH], "").status == 404
+}
+
 /// A session's circuit on a worker that is gone (here deregistered: `LOST`, no node
 /// left) is never handed out again: asking for the same app withdraws it under the
 /// request's ID (its removal in the worker's change log names that request) and
@@ -4269,50 +4320,21 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(dir.path(), &db, "[limits]\nmax_circuits_per_session = 2\n");
     // worker-1 has the most free ports, so placement picks it while it lives.
-    let register = |authority: &str, host: &str, ports: [u16; 2]| {
-        let body = format!(
-            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"{host}","api_port":10201,"port_range":[{},{}],"accepted_traffics":["interactive"]}}"#,
-            ports[0], ports[1]
-        );
-        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["id"].as_str().expect("id").to_owned()
-    };
-    let first = register("worker-1", "proxy1.test", [10205, 10220]);
-    register("worker-2", "proxy2.test", [10305, 10308]);
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
-    );
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let first = register_worker(c.addr, "worker-1", "proxy1.test", [10205, 10220]);
+    register_worker(c.addr, "worker-2", "proxy2.test", [10305, 10308]);
+    let token = conf_token(c.addr);
     // (circuit, host it sends the user to, reuse)
     let ask = |app: &str, id: &str| {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+        let (circuit, url, reuse) = proxy_auth(c.addr, &token, app, id);
         let host = url.split('/').nth(2).expect("host").to_owned();
-        (circuit_of(&url), host, r.json()["reuse"] == true)
+        (circuit, host, reuse)
     };
     let (jupyter, host, reuse) = ask("jupyter", "create-jupyter");
     assert_eq!((host.as_str(), reuse), ("proxy1.test:10201", false));
     let (vscode, host, _) = ask("vscode", "create-vscode");
     assert_eq!(host, "proxy1.test:10201");
     assert_eq!(ask("jupyter", "reuse-alive"), (jupyter.clone(), host, true));
-    let revision = request(
-        c.addr,
-        "GET",
-        &format!("/api/worker/{first}/circuits?since=0"),
-        &[AUTH],
-        "",
-    )
-    .json()["revision"]
+    let revision = worker_changes(c.addr, &first, 0)["revision"]
         .as_u64()
         .expect("revision");
     // worker-1 goes away (SIGTERM: it deregisters its only node).
@@ -4333,32 +4355,20 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
     assert!(!reuse, "a circuit on a LOST worker was reused");
     assert_eq!(host, "proxy2.test:10201");
     assert_ne!(replacement, jupyter);
-    let gone = |circuit: &str| {
-        request(
-            c.addr,
-            "GET",
-            &format!("/api/circuit/{circuit}"),
-            &[AUTH],
-            "",
-        )
-        .status
-            == 404
-    };
-    assert!(gone(&jupyter), "the dead worker's circuit is left stored");
+    assert!(
+        circuit_gone(c.addr, &jupyter),
+        "the dead worker's circuit is left stored"
+    );
     // A new app: the session holds its limit (vscode on the dead worker, the
     // replacement), but the dead worker's circuit does not count.
     let (terminal, host, reuse) = ask("terminal", "past-the-limit");
     assert_eq!((host.as_str(), reuse), ("proxy2.test:10201", false));
-    assert!(gone(&vscode), "the dead worker's circuit is left stored");
+    assert!(
+        circuit_gone(c.addr, &vscode),
+        "the dead worker's circuit is left stored"
+    );
     // Each removal is logged under the request that made it.
-    let changes = request(
-        c.addr,
-        "GET",
-        &format!("/api/worker/{first}/circuits?since={revision}"),
-        &[AUTH],
-        "",
-    )
-    .json();
+    let changes = worker_changes(c.addr, &first, revision);
     assert_eq!(
         changes["removed_by"],
         serde_json::json!({jupyter.as_str(): "after-loss", vscode.as_str(): "past-the-limit"}),
@@ -4384,33 +4394,12 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
 fn a_circuit_its_worker_no_longer_serves_is_replaced_not_reused(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(dir.path(), &db, "[limits]\nmax_circuits_per_session = 2\n");
-    let register = |ports: [u16; 2]| {
-        let body = format!(
-            r#"{{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[{},{}],"accepted_traffics":["interactive"]}}"#,
-            ports[0], ports[1]
-        );
-        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["id"].as_str().expect("id").to_owned()
-    };
+    let register = |ports: [u16; 2]| register_worker(c.addr, "worker-1", "proxy1.test", ports);
     let worker = register([10205, 10220]);
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
-    );
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = conf_token(c.addr);
     // (circuit, its port, reuse)
     let ask = |app: &str, id: &str| {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+        let (circuit, _, reuse) = proxy_auth(c.addr, &token, app, id);
         let port = request(
             c.addr,
             "GET",
@@ -4421,35 +4410,17 @@ fn a_circuit_its_worker_no_longer_serves_is_replaced_not_reused(db: Db) {
         .json()["port"]
             .as_u64()
             .expect("a port");
-        (circuit, port, r.json()["reuse"] == true)
+        (circuit, port, reuse)
     };
     let (jupyter, port, reuse) = ask("jupyter", "create-jupyter");
     assert!((10205..=10220).contains(&port) && !reuse, "{port}");
     let (vscode, _, _) = ask("vscode", "create-vscode");
     assert_eq!(ask("jupyter", "reuse-served").0, jupyter);
-    let revision = request(
-        c.addr,
-        "GET",
-        &format!("/api/worker/{worker}/circuits?since=0"),
-        &[AUTH],
-        "",
-    )
-    .json()["revision"]
+    let revision = worker_changes(c.addr, &worker, 0)["revision"]
         .as_u64()
         .expect("revision");
     // The worker comes back listening on other ports only.
     assert_eq!(register([10230, 10240]), worker);
-    let gone = |circuit: &str| {
-        request(
-            c.addr,
-            "GET",
-            &format!("/api/circuit/{circuit}"),
-            &[AUTH],
-            "",
-        )
-        .status
-            == 404
-    };
     let (replacement, port, reuse) = ask("jupyter", "after-shrink");
     assert!(!reuse, "a circuit outside the port range was reused");
     assert!((10230..=10240).contains(&port), "{port}");
@@ -4458,22 +4429,15 @@ fn a_circuit_its_worker_no_longer_serves_is_replaced_not_reused(db: Db) {
     let (_, port, reuse) = ask("terminal", "second-app");
     assert!((10230..=10240).contains(&port) && !reuse, "{port}");
     assert!(
-        gone(&jupyter),
+        circuit_gone(c.addr, &jupyter),
         "a circuit outside the port range is left stored"
     );
     assert!(
-        gone(&vscode),
+        circuit_gone(c.addr, &vscode),
         "a circuit outside the port range is left stored"
     );
     // Each removal is logged and announced as any other.
-    let changes = request(
-        c.addr,
-        "GET",
-        &format!("/api/worker/{worker}/circuits?since={revision}"),
-        &[AUTH],
-        "",
-    )
-    .json();
+    let changes = worker_changes(c.addr, &worker, revision);
     let removed: Vec<&str> = changes["removed"]
         .as_array()
         .expect("removed")
