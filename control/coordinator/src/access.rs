@@ -154,6 +154,32 @@ impl Marks {
     }
 }
 
+/// The marks workers could not store while Redis refused writes are lost: a
+/// circuit in constant use through such a gap has a mark as old as the gap. The
+/// idle check takes every circuit as used when the gap ended ([`MarksGap::taken`]),
+/// so none is collected before one whole timeout of marks could be written again.
+/// Kept by the process that runs the check (a leader taking over meanwhile does
+/// not know of a gap it did not see).
+#[derive(Debug, Default)]
+pub struct MarksGap(Mutex<(bool, Option<f64>)>);
+
+impl MarksGap {
+    /// Redis refused the probe write: a gap is open.
+    pub fn refused(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).0 = true;
+    }
+
+    /// Redis took the probe write at `now` (epoch seconds): the end of the last
+    /// gap, which is `now` when this write ends one; `None` when there was none.
+    pub fn taken(&self, now: f64) -> Option<f64> {
+        let mut gap = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if gap.0 {
+            *gap = (false, Some(now));
+        }
+        gap.1
+    }
+}
+
 /// A last-access mark as read from Redis (epoch-float text, written by workers —
 /// or by anyone else who can write the key): a finite, non-negative time, and a time
 /// ahead of this coordinator's clock counts as now. `inf`, `1e300` or a clock far

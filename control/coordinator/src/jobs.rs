@@ -139,6 +139,7 @@ async fn idle_pass(state: &State) {
     // under `noeviction`) the marks read are stale, and circuits in constant use
     // would be collected as idle. No pass until it takes writes again.
     if let Err(e) = state.marks.writable(state.node_id).await {
+        state.marks_gap.refused();
         state
             .metrics
             .idle_passes_skipped
@@ -150,6 +151,9 @@ async fn idle_pass(state: &State) {
         );
         return;
     }
+    // Marks lost in a gap (see `MarksGap`): every circuit counts as used when it
+    // ended.
+    let gap_end = state.marks_gap.taken(appproxy_shared::jwt::now_epoch());
     let timeout = state
         .config
         .coordinator
@@ -184,7 +188,10 @@ async fn idle_pass(state: &State) {
                 .as_deref()
                 .and_then(access::parse_rfc3339)
                 .unwrap_or(now);
-            let last = mark.unwrap_or(created).max(created);
+            let last = mark
+                .unwrap_or(created)
+                .max(created)
+                .max(gap_end.unwrap_or(0.0));
             if now - last <= timeout {
                 // In use: idle at the earliest one timeout after its last access.
                 next_checks.push((c.id, last + timeout + 1.0));

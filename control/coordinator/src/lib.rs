@@ -174,6 +174,8 @@ pub struct State {
     pub server: Arc<server::ServerMetrics>,
     /// Last-access marks: Redis, or memory fed by an embedded worker.
     pub marks: Marks,
+    /// When the marks last came back after Redis refused to store them.
+    pub(crate) marks_gap: access::MarksGap,
     /// `/metrics` counters.
     pub metrics: Metrics,
     /// This process's node ID, for leadership.
@@ -975,6 +977,7 @@ impl Coordinator {
                 ),
             )),
             marks,
+            marks_gap: access::MarksGap::default(),
             server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),

@@ -1340,7 +1340,8 @@ fn idle_collection_follows_redis_marks_and_skips_when_unreadable() {
 /// constant use were collected as idle, while `/readyz` (a PING) stayed 200. Idle
 /// collection now skips its pass while Redis refuses a probe write (counted in
 /// `/metrics`), and `/readyz` says Redis is not writable; once Redis takes writes
-/// again both recover, and a circuit whose mark is stale is collected.
+/// again both recover, circuits count as used when it did (their marks of the
+/// outage are lost), and a circuit whose mark stays stale is collected after.
 #[test]
 fn idle_collection_skips_while_redis_refuses_writes() {
     let redis = appproxy_test_support::redis::Redis::start();
@@ -1435,14 +1436,26 @@ fn idle_collection_skips_while_redis_refuses_writes() {
         ),
         "{metrics}"
     );
-    // Room again: ready, and the circuit whose mark is stale is collected.
+    // Room again: ready. The marks its worker could not store are lost, so the
+    // circuit counts as used when Redis took writes again: no pass collects it
+    // within one timeout (1 s) of that (before, the first pass after did, its mark
+    // as old as the outage, before the worker's next mark could land).
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
         .arg(0)
         .query(&mut conn)
         .expect("maxmemory");
+    let room = Instant::now();
     assert_eq!(ready().status, 200);
+    while room.elapsed() < Duration::from_millis(900) {
+        assert!(
+            exists(&busy),
+            "a circuit in use through the outage was collected as soon as Redis took writes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then, its mark still stale, it is collected.
     let deadline = Instant::now() + Duration::from_secs(20);
     while exists(&busy) {
         assert!(
