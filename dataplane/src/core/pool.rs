@@ -3,6 +3,8 @@
 //! have made the same one: same address, and same TLS (mode and server name), so
 //! that a route that checks the app's certificate never gets a connection that
 //! another route to the same address made without checking, or under another name.
+//! Plain and TLS connections are kept apart: the plain ones (the usual case) go
+//! in and out as they did before TLS was told apart, with no name to compare.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -18,26 +20,27 @@ use crate::io::{CountGuard, TcpConn};
 /// server name, `None` for plain TCP.
 pub type Tls<'a> = Option<(UpstreamTls, &'a str)>;
 
+/// An idle TLS connection, with the mode and server name it was made with.
+struct TlsIdle {
+    idle: Idle,
+    mode: UpstreamTls,
+    name: Box<str>,
+}
+
 /// An idle pooled connection.
 struct Idle {
     /// The connection.
     conn: TcpConn,
     /// When it went idle.
     since: Instant,
-    /// Its TLS mode and server name (plain TCP: `None`, nothing allocated).
-    tls: Option<(UpstreamTls, Box<str>)>,
-}
-
-impl Idle {
-    fn made_as(&self, tls: Tls<'_>) -> bool {
-        self.tls.as_ref().map(|(m, n)| (*m, &**n)) == tls
-    }
 }
 
 /// Per-core keep-alive pool of upstream connections.
 pub struct Pool {
-    /// Idle connections by upstream address, most recent last.
+    /// Idle plain connections by upstream address, most recent last.
     idle: RefCell<FastMap<SocketAddr, Vec<Idle>>>,
+    /// Idle TLS connections by upstream address, most recent last.
+    idle_tls: RefCell<FastMap<SocketAddr, Vec<TlsIdle>>>,
     /// Cap per address.
     max_idle: usize,
     /// Idle lifetime.
@@ -54,6 +57,7 @@ impl Pool {
     pub fn new(max_idle: usize, idle_timeout: std::time::Duration, max_open: usize) -> Self {
         Self {
             idle: RefCell::new(FastMap::default()),
+            idle_tls: RefCell::new(FastMap::default()),
             max_idle,
             idle_timeout,
             open: RefCell::new(FastMap::default()),
@@ -72,48 +76,80 @@ impl Pool {
     /// A live idle connection to `addr` made with `tls`, if one is pooled (`now`:
     /// the reactor's clock).
     pub fn take(&self, addr: SocketAddr, tls: Tls<'_>, now: Instant) -> Option<TcpConn> {
-        let mut idle = self.idle.borrow_mut();
+        let Some((mode, name)) = tls else {
+            let mut idle = self.idle.borrow_mut();
+            let list = idle.get_mut(&addr)?;
+            while let Some(entry) = list.pop() {
+                if self.usable(&entry, now) {
+                    return Some(entry.conn);
+                }
+            }
+            return None;
+        };
+        let mut idle = self.idle_tls.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        // Most recent first; expired and dead ones are dropped on the way.
+        // Most recent first; dead ones are dropped on the way, and an expired one
+        // with all older than it.
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            if now.saturating_duration_since(list[i].since) > self.idle_timeout {
-                list.remove(i);
-                continue;
+            let e = &list[i];
+            if now.saturating_duration_since(e.idle.since) > self.idle_timeout {
+                list.drain(..=i);
+                return None;
             }
-            if !list[i].made_as(tls) {
+            if e.mode != mode || &*e.name != name {
                 continue;
             }
             let entry = list.remove(i);
-            // An edge since the connection went idle means the app closed it or sent
-            // something unasked: check with one read, else reuse without a syscall.
-            if entry.conn.has_pending_input() && !entry.conn.probe_idle() {
-                continue;
+            if self.usable(&entry.idle, now) {
+                return Some(entry.idle.conn);
             }
-            return Some(entry.conn);
         }
         None
     }
 
+    /// Whether an idle connection can serve again: not past its lifetime, and not
+    /// closed (or sent something unasked) by the app meanwhile.
+    #[inline]
+    fn usable(&self, entry: &Idle, now: Instant) -> bool {
+        if now.saturating_duration_since(entry.since) > self.idle_timeout {
+            return false;
+        }
+        // An edge since the connection went idle means the app closed it or sent
+        // something unasked: check with one read, else reuse without a syscall.
+        !entry.conn.has_pending_input() || entry.conn.probe_idle()
+    }
+
     /// Returns a connection made with `tls` for reuse.
     pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant) {
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let idle = Idle { conn, since: now };
+        let Some((mode, name)) = tls else {
+            let mut all = self.idle.borrow_mut();
+            let list = all.entry(addr).or_default();
+            if list.len() < self.max_idle {
+                list.push(idle);
+            }
+            return;
+        };
+        let mut all = self.idle_tls.borrow_mut();
+        let list = all.entry(addr).or_default();
         if list.len() < self.max_idle {
-            list.push(Idle {
-                conn,
-                since: now,
-                tls: tls.map(|(m, n)| (m, n.into())),
+            list.push(TlsIdle {
+                idle,
+                mode,
+                name: name.into(),
             });
         }
     }
 
     /// Closes idle connections past their lifetime (run from the reactor tick).
     pub fn evict_expired(&self) {
-        let mut idle = self.idle.borrow_mut();
-        for list in idle.values_mut() {
+        for list in self.idle.borrow_mut().values_mut() {
             list.retain(|e| e.since.elapsed() <= self.idle_timeout);
+        }
+        for list in self.idle_tls.borrow_mut().values_mut() {
+            list.retain(|e| e.idle.since.elapsed() <= self.idle_timeout);
         }
         // Forget counts of upstreams with no connection left (routes come and go).
         self.open
@@ -124,17 +160,20 @@ impl Pool {
     /// When the oldest idle connection outlives its lifetime (`None`: pool empty), so
     /// an idle core parks until then instead of ticking.
     pub fn next_expiry(&self) -> Option<Instant> {
-        let idle = self.idle.borrow();
-        let oldest = idle
+        let plain = self.idle.borrow();
+        let tls = self.idle_tls.borrow();
+        let oldest = plain
             .values()
             .flat_map(|l| l.first())
             .map(|e| e.since)
+            .chain(tls.values().flat_map(|l| l.first()).map(|e| e.idle.since))
             .min()?;
         Some(oldest + self.idle_timeout)
     }
 
     /// Number of idle connections.
     pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+        self.idle.borrow().values().map(Vec::len).sum::<usize>()
+            + self.idle_tls.borrow().values().map(Vec::len).sum::<usize>()
     }
 }

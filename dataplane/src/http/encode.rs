@@ -449,6 +449,8 @@ pub fn client_response(
 /// has none, RFC 9110 §8.6), not its request ID (the worker's is the one echoed),
 /// and no `Set-Cookie` of the worker's permit (an app must not plant or replace
 /// it).
+// Always inlined: called once per field of every response head.
+#[inline(always)]
 fn relayed(name: &[u8], value: &[u8], buf: &[u8], head: &ResponseHead) -> bool {
     !(is_hop_by_hop(name, buf, &head.connection_tokens)
         || name_is(name, "content-length")
