@@ -4672,9 +4672,16 @@ fn a_read_only_postgresql_answers_503_and_is_not_ready_until_it_takes_writes() {
     let token = setup(&c);
     let ready = || request(c.addr, "GET", "/readyz", &[], "");
     assert_eq!(ready().status, 200);
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
-    );
+    let conf = conf_with_tls(None);
+    let auth = || {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
     let read_only = |on: &str| {
         pg.psql(
             "postgres",
@@ -4688,13 +4695,7 @@ fn a_read_only_postgresql_answers_503_and_is_not_ready_until_it_takes_writes() {
     let body = r.json();
     assert_eq!(r.status, 503, "{body}");
     assert_eq!(body["code"], "store-unavailable", "{body}");
-    let r = request(
-        c.addr,
-        "GET",
-        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
-        &[("Accept", "application/json")],
-        "",
-    );
+    let r = auth();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let r = ready();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
@@ -4716,13 +4717,7 @@ fn a_read_only_postgresql_answers_503_and_is_not_ready_until_it_takes_writes() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let r = request(
-        c.addr,
-        "GET",
-        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
-        &[("Accept", "application/json")],
-        "",
-    );
+    let r = auth();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
