@@ -407,6 +407,9 @@ async fn run<L: ControlLink>(
         }
     };
     let mut state = Deployed::default();
+    // Marks a flush could not write (Redis out of memory, restarting): written with
+    // the next, so no access is forgotten.
+    let mut unwritten: HashMap<uuid::Uuid, AccessMark> = HashMap::new();
     // An event that arrived during a poll's fetch, which it cut short.
     let mut next: Option<Wake> = None;
     let deploys = async {
@@ -431,7 +434,7 @@ async fn run<L: ControlLink>(
                 }
                 _ = flush.tick() => {
                     if let Some(rx) = &marks {
-                        write_marks(&link, &state, rx).await;
+                        write_marks(&link, &state, rx, &mut unwritten).await;
                     }
                     continue;
                 }
@@ -794,36 +797,44 @@ async fn acknowledge<L: ControlLink>(
     }
 }
 
-/// Gathers the cores' counts and writes them as last-access marks.
+/// Gathers the cores' counts and writes them as last-access marks, with the marks
+/// of earlier flushes that could not be written (`unwritten`, one per circuit still
+/// deployed: their counts added up, their last access the latest). Those that are
+/// not written now stay in `unwritten`.
 async fn write_marks<L: ControlLink>(
     link: &L,
     state: &Deployed,
     rx: &Receiver<Vec<(uuid::Uuid, u64)>>,
+    unwritten: &mut HashMap<uuid::Uuid, AccessMark>,
 ) {
-    let mut counts: HashMap<uuid::Uuid, u64> = HashMap::new();
+    let now = appproxy_shared::jwt::now_epoch();
     for batch in rx.try_iter() {
-        for (id, n) in batch {
-            *counts.entry(id).or_insert(0) += n;
+        for (circuit, n) in batch {
+            let mark = unwritten.entry(circuit).or_insert_with(|| AccessMark {
+                circuit,
+                sessions: Vec::new(),
+                requests: 0,
+                last_access: now,
+            });
+            mark.requests += n;
+            mark.last_access = now;
         }
     }
-    if counts.is_empty() {
+    // A circuit withdrawn meanwhile needs no mark: what is kept stays bounded by
+    // what is deployed.
+    unwritten.retain(|circuit, _| state.circuits.contains_key(circuit));
+    if unwritten.is_empty() {
         return;
     }
-    let now = appproxy_shared::jwt::now_epoch();
-    let marks: Vec<AccessMark> = counts
-        .into_iter()
-        .map(|(circuit, requests)| AccessMark {
-            circuit,
-            sessions: state
-                .circuits
-                .get(&circuit)
-                .map(|c| c.circuit.session_ids.clone())
-                .unwrap_or_default(),
-            requests,
-            last_access: now,
-        })
-        .collect();
-    link.record_marks(&marks).await;
+    for (circuit, mark) in unwritten.iter_mut() {
+        if let Some(c) = state.circuits.get(circuit) {
+            mark.sessions.clone_from(&c.circuit.session_ids);
+        }
+    }
+    let marks: Vec<AccessMark> = unwritten.values().cloned().collect();
+    if link.record_marks(&marks).await {
+        unwritten.clear();
+    }
 }
 
 impl Fetched {

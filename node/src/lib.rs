@@ -99,8 +99,8 @@ impl ControlLink for EmbeddedLink {
         true
     }
 
-    async fn record_marks(&self, marks: &[AccessMark]) {
-        self.state.record_access(marks).await;
+    async fn record_marks(&self, marks: &[AccessMark]) -> bool {
+        self.state.record_access(marks).await
     }
 }
 

@@ -540,9 +540,12 @@ impl AccessMark {
 }
 
 /// Adds the commands writing `marks` to `pipe` (results ignored): the one way both the
-/// coordinator and a worker write them.
+/// coordinator and a worker write them. The pipeline becomes one `MULTI`/`EXEC`: a
+/// Redis that refuses a write (out of memory, read-only) refuses them all, so marks
+/// kept to be written again are never counted twice.
 #[cfg(feature = "redis")]
 pub fn add_marks(pipe: &mut redis::Pipeline, marks: &[AccessMark]) {
+    pipe.atomic();
     for command in marks.iter().flat_map(AccessMark::commands) {
         match command {
             MarkCommand::Set { key, value, ttl } => {

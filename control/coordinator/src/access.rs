@@ -52,13 +52,16 @@ pub enum Marks {
 }
 
 impl Marks {
-    /// Records marks from an embedded worker (memory) or writes them (Redis).
-    pub async fn record(&self, marks: &[AccessMark]) {
+    /// Records marks from an embedded worker (memory) or writes them (Redis); whether
+    /// they were stored (a worker keeps those that were not, to write again).
+    pub async fn record(&self, marks: &[AccessMark]) -> bool {
         match self {
             Self::Redis(conn) => {
                 if let Err(e) = super::bounded(write_redis(&mut conn.clone(), marks)).await {
                     tracing::warn!(error = %e, "last-access marks not written");
+                    return false;
                 }
+                true
             }
             Self::Memory(map) => {
                 let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,6 +70,7 @@ impl Marks {
                     e.0 = e.0.max(m.last_access);
                     e.1 += m.requests;
                 }
+                true
             }
         }
     }

@@ -419,9 +419,9 @@ impl State {
         events::settle(ack.into(), &self.acks, &self.breakers);
     }
 
-    /// An embedded worker's last-access marks.
-    pub async fn record_access(&self, marks: &[AccessMark]) {
-        self.marks.record(marks).await;
+    /// An embedded worker's last-access marks; whether they were stored.
+    pub async fn record_access(&self, marks: &[AccessMark]) -> bool {
+        self.marks.record(marks).await
     }
 }
 

@@ -518,11 +518,30 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         let (st, volume) = (state.clone(), dst_volume.clone());
         blocking(move || {
             let root = st.volumes.root_fd(&volume)?;
-            let dst = fsx::mkdirs(root, &dst_parts, fsx::STRICT)?;
+            let (name, parents) = dst_parts.split_last().ok_or(PathError::NoFolder)?;
+            let parent = fsx::mkdirs(root, parents, fsx::STRICT)?;
+            // Made here, never found: a destination made since it was looked up (a
+            // second clone to it) is neither copied into nor removed by this one.
+            match rustix::fs::mkdirat(&parent, name.as_os_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {
+                    return Err(ApiError::Params("destination vfolder exists".into()))
+                }
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            }
+            let dst = fsx::child_dir(parent.as_fd(), name)?;
             // Its bytes are held by the reservation until the copy ends.
             let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
             st.reservations.pend(id);
-            Ok((src, dst, id))
+            Ok((
+                src,
+                Made {
+                    parent,
+                    name: name.clone(),
+                    id,
+                },
+                dst,
+            ))
         })
         .await?
     };
@@ -532,18 +551,23 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         &state,
         "clone_vfolder",
         job(move || {
-            let (src, dst, id) = dst;
+            let (src, made, dst) = dst;
             // No more than was measured and reserved is copied (see `fsx::copy_tree`).
             let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], size, &mut || {
                 tracing::debug!("directory cloned");
             });
+            // A clone is whole or not there: a copy that stopped part way is
+            // removed, so no half vfolder is left holding the scope's room.
+            if let Err(e) = &copied {
+                made.remove(e);
+            }
             // What was copied (not the size reserved: symlinks are not copied, and
             // the source may have changed meanwhile) counts as committed, and the
             // reservation is released, in one step under the scope's lock. A copy
             // that stopped part way has the scope measured again.
             let bytes = copied.as_ref().map_or(0, |c| c.1);
             let _ = st.reservations.commit(&key2, &holder, bytes, || {
-                st.reservations.unpend(id);
+                st.reservations.unpend(made.id);
                 Ok(())
             });
             if copied.is_err() {
@@ -553,6 +577,41 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
             copied.map(|c| c.0)
         }),
     ))
+}
+
+/// The directory a clone made for its copy: by name in its parent, and which
+/// directory it is.
+struct Made {
+    parent: OwnedFd,
+    name: OsString,
+    /// Its device and inode.
+    id: (u64, u64),
+}
+
+impl Made {
+    /// Removes the copy that stopped with `cause`, when its name still holds the
+    /// directory made for it; what cannot be removed is logged (the scope is
+    /// measured again either way).
+    fn remove(&self, cause: &std::io::Error) {
+        let same = rustix::fs::statat(
+            &self.parent,
+            self.name.as_os_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_ok_and(|s| (s.st_dev, s.st_ino) == self.id);
+        if !same {
+            tracing::warn!(error = %cause, "clone failed; its destination was moved, left as it is");
+            return;
+        }
+        match fsx::remove_tree(self.parent.as_fd(), &self.name) {
+            Ok(n) => {
+                tracing::info!(error = %cause, removed = n, "clone failed; its partial copy removed")
+            }
+            Err(e) => {
+                tracing::warn!(error = %cause, remove_error = %e, "clone failed; its partial copy not wholly removed")
+            }
+        }
+    }
 }
 
 /// A clone's filter: everything but the vfolder's own staging area, which a clone

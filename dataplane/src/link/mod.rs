@@ -76,8 +76,9 @@ pub trait ControlLink: Send + 'static {
         tracestate: Option<&appproxy_shared::TraceState>,
     ) -> bool;
 
-    /// Writes last-access marks.
-    async fn record_marks(&self, marks: &[AccessMark]);
+    /// Writes last-access marks, all or none; whether they were written (the agent
+    /// keeps those that were not and writes them with the next).
+    async fn record_marks(&self, marks: &[AccessMark]) -> bool;
 }
 
 /// One reason for the agent to look at the circuit set again.

@@ -158,17 +158,19 @@ impl ControlLink for RemoteLink {
         }
     }
 
-    async fn record_marks(&self, marks: &[AccessMark]) {
+    async fn record_marks(&self, marks: &[AccessMark]) -> bool {
         let mut redis = self.redis.lock().await;
         let Some(conn) = redis.get().await else {
-            return;
+            return false;
         };
         let mut pipe = redis::pipe();
         appproxy_shared::wire::add_marks(&mut pipe, marks);
         if let Err(e) = bounded(pipe.query_async::<()>(conn)).await {
             tracing::warn!(error = %e, "last-access marks not written");
             redis.failed();
+            return false;
         }
+        true
     }
 }
 

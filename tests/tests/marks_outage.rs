@@ -1,0 +1,156 @@
+//! A worker's last-access marks outlive a Redis that refuses writes: a connection
+//! made while Redis is full (`maxmemory` with `noeviction`) is marked once Redis
+//! takes writes again, with the time it was made and counted once, though no
+//! request comes after. Otherwise the circuit would look idle since before the
+//! outage, and idle collection could remove it while it was in use. A real Redis, a
+//! real coordinator (SQLite store) and a worker, started here.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use appproxy_test_support::net::ReadUninterrupted;
+use common::{conf_token, http, start_coordinator, start_worker, wait_logs};
+
+const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query(conn)
+        .expect("CONFIG SET");
+}
+
+#[test]
+fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
+    let sink = common::capture_logs();
+    let redis = common::redis::Redis::start();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_connection()
+        .expect("redis");
+    // The app: a TCP echo server.
+    let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let echo_port = echo.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = start_coordinator(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        dir.path().join("c.sqlite3").display(),
+        redis.url()
+    ));
+    let coord = coordinator.addr;
+    let port = common::free_port();
+    let worker = start_worker(&format!(
+        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\naccess_flush_ms = 100\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        common::free_port(),
+        redis.url()
+    ));
+    wait_logs(
+        &sink,
+        "subscribed to circuit events",
+        1,
+        Duration::from_secs(30),
+    );
+    let token = conf_token(coord, echo_port, SESSION, SESSION);
+    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{body}");
+    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let setup = url.split("token=").nth(1).expect("token");
+    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
+        ["circuit"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let last_access_key = format!("circuit.{circuit}.last_access");
+    let requests_key = format!("circuit.{circuit}.requests");
+
+    // Redis fills up: every write is refused from now on.
+    config_set(&mut conn, "maxmemory-policy", "noeviction");
+    config_set(&mut conn, "maxmemory", "1");
+    let refused: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg("1").query(&mut conn);
+    assert!(refused.is_err(), "a full Redis refuses writes");
+
+    // One connection through the circuit, during the outage; none after.
+    let used_at = appproxy_shared::jwt::now_epoch();
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(b"ping").expect("write");
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).expect("echo");
+        assert_eq!(&got, b"ping");
+    }
+    // A flush fails while Redis is full, and a few more flush periods pass.
+    wait_logs(
+        &sink,
+        "last-access marks not written",
+        1,
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let during: Option<String> = redis::cmd("GET")
+        .arg(&last_access_key)
+        .query(&mut conn)
+        .expect("GET");
+    assert_eq!(during, None, "nothing was written while Redis was full");
+    let freed_at = appproxy_shared::jwt::now_epoch();
+    config_set(&mut conn, "maxmemory", "0");
+
+    // The mark lands without another request: the time of the connection, counted
+    // once however many flushes failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        let got: Option<String> = redis::cmd("GET")
+            .arg(&last_access_key)
+            .query(&mut conn)
+            .expect("GET");
+        if let Some(at) = got {
+            break at.parse::<f64>().expect("epoch seconds");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the access made while Redis was full was never marked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        at >= used_at - 1.0 && at <= freed_at,
+        "marked at {at}: used at {used_at}, Redis freed at {freed_at}"
+    );
+    let requests: Option<u64> = redis::cmd("GET")
+        .arg(&requests_key)
+        .query(&mut conn)
+        .expect("GET");
+    assert_eq!(requests, Some(1), "counted once");
+    let session: Option<String> = redis::cmd("GET")
+        .arg(format!("session.{SESSION}.last_access"))
+        .query(&mut conn)
+        .expect("GET");
+    assert_eq!(
+        session.as_deref(),
+        Some(format!("{at:.6}").as_str()),
+        "the session is marked with it"
+    );
+    worker.stop();
+    coordinator.stop();
+}
