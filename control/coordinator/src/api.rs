@@ -319,8 +319,8 @@ pub(super) async fn register_worker(
 /// be reused as links to a port nothing listens on, and count toward their
 /// sessions' limit, until idle collection. Creations still under way are left to
 /// their own outcome (a reuse checks again).
-async fn withdraw_unserved(
-    state: &Arc<State>,
+pub(super) async fn withdraw_unserved(
+    state: &State,
     worker: uuid::Uuid,
     registration: &WorkerRegistration,
 ) -> Result<(), ApiError> {

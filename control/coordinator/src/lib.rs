@@ -358,14 +358,22 @@ impl State {
 
     // ---- the embedded worker's side (single-node mode) ----
 
-    /// Registers (or re-registers) an embedded worker; returns its ID.
+    /// Registers (or re-registers) an embedded worker, withdrawing the circuits the
+    /// registration no longer serves, as `PUT /api/worker` does; returns its ID.
     pub async fn register_local_worker(
         &self,
         registration: &WorkerRegistration,
     ) -> Result<uuid::Uuid, StoreError> {
         let body = serde_json::to_value(registration)
             .map_err(|e| StoreError::Data(format!("registration: {e}")))?;
-        self.store.upsert_worker(&body).await
+        let id = self.store.upsert_worker(&body).await?;
+        api::withdraw_unserved(self, id, registration)
+            .await
+            .map_err(|e| match e {
+                ApiError::Store(e) => e,
+                other => StoreError::Data(format!("withdrawing unserved circuits: {other}")),
+            })?;
+        Ok(id)
     }
 
     /// An embedded worker's heartbeat.

@@ -1,0 +1,86 @@
+//! A single node restarted with a narrower `port_range` withdraws, as it registers
+//! again, the circuits stored on ports it no longer listens on, as a remote worker's
+//! registration does. Its own test binary: the node's coordinator logs as the one
+//! `single_node.rs` waits for would.
+
+mod common;
+
+/// A node restarted with a narrower `port_range` withdraws, as it registers again,
+/// the circuits stored on ports it no longer listens on, as a remote worker's
+/// registration does: they would otherwise stay in its set, pointing at nothing,
+/// until a reuse or idle collection found them. The store (SQLite) is kept across
+/// the restart.
+#[test]
+fn a_node_restarted_on_other_ports_withdraws_the_circuits_it_no_longer_serves() {
+    use std::time::{Duration, Instant};
+    const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = |port: u16| {
+        let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
+            dir.path().join("c.sqlite3").display()
+        ))
+        .expect("coordinator config");
+        let config = appproxy_dataplane::config::Config::parse(&format!(
+            "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nembedded = \"c.toml\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+            common::free_port()
+        ))
+        .expect("worker config");
+        let online: Vec<usize> =
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        let worker =
+            appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
+                .expect("worker");
+        let agent =
+            appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
+                .expect("agent");
+        let coord = agent
+            .coordinator
+            .expect("the embedded coordinator's address");
+        (worker, agent, coord)
+    };
+    let circuit_status = |coord, circuit: &str| {
+        common::http(coord, &format!("GET /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n")).0
+    };
+    let ask = |coord| {
+        let token = common::conf_token(coord, 9, SESSION, SESSION);
+        let (status, _, body) = common::http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let url = v["redirect_url"].as_str().expect("url");
+        let setup = url.split("token=").nth(1).expect("token");
+        let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
+            ["circuit"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        (circuit, v["reuse"] == true)
+    };
+
+    let (worker, agent, coord) = start(common::free_port());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
+        assert!(Instant::now() < deadline, "the node did not register");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (first, reused) = ask(coord);
+    assert!(!reused);
+    assert_eq!(ask(coord), (first.clone(), true), "served: reused");
+    agent.stop();
+    worker.stop();
+
+    // Back on another port, the same store.
+    let (worker, agent, coord) = start(common::free_port());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while circuit_status(coord, &first) != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the circuit on a port the node no longer listens on is left stored"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (replacement, reused) = ask(coord);
+    assert!(!reused && replacement != first);
+    agent.stop();
+    worker.stop();
+}
