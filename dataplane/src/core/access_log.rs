@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat, Rfc3339};
 
-use crate::http::encode::{decimal, socket_addr_text};
+use crate::http::encode::{socket_addr_text, DIGIT_PAIRS};
 use appproxy_shared::RequestId;
 
 /// One access-log entry.
@@ -227,22 +227,45 @@ impl Clock {
         }
         buf.push_str(&self.text);
         buf.push('.');
-        let (digits, at) = decimal(u64::from(since.subsec_micros()) + 1_000_000);
-        // One leading `1` keeps the zeros of six digits.
-        push_ascii(buf, &digits[at + 1..]);
+        let micros = since.subsec_micros() as usize;
+        push_pair(buf, micros / 10_000);
+        push_pair(buf, micros / 100 % 100);
+        push_pair(buf, micros % 100);
         buf.push('Z');
     }
 }
 
-/// Appends the decimal form of `n`.
-fn push_u64(buf: &mut String, n: u64) {
-    let (digits, at) = decimal(n);
-    push_ascii(buf, &digits[at..]);
+/// [`DIGIT_PAIRS`] as text: a line takes its digits from it whole, two at a time,
+/// with no check or conversion per digit.
+const PAIRS: &str = match std::str::from_utf8(&DIGIT_PAIRS) {
+    Ok(text) => text,
+    Err(_) => panic!("digits are ASCII"),
+};
+
+/// Appends the two digits of `pair` (below 100), a leading zero kept.
+fn push_pair(buf: &mut String, pair: usize) {
+    let at = pair % 100 * 2;
+    buf.push_str(&PAIRS[at..at + 2]);
 }
 
-/// Appends ASCII bytes (digits) as they are: no validation pass for a few bytes.
-fn push_ascii(buf: &mut String, ascii: &[u8]) {
-    buf.extend(ascii.iter().map(|&b| char::from(b)));
+/// Appends the decimal form of `n`, two digits per division.
+fn push_u64(buf: &mut String, mut n: u64) {
+    let mut pairs = [0u8; 10];
+    let mut k = 0;
+    while n >= 100 {
+        pairs[k] = (n % 100) as u8;
+        n /= 100;
+        k += 1;
+    }
+    if n >= 10 {
+        push_pair(buf, n as usize);
+    } else {
+        buf.push(char::from(b'0' + n as u8));
+    }
+    while k > 0 {
+        k -= 1;
+        push_pair(buf, usize::from(pairs[k]));
+    }
 }
 
 #[cfg(test)]
@@ -401,8 +424,41 @@ mod tests {
         )
     }
 
+    fn decimal_text(n: u64) -> String {
+        let mut buf = String::new();
+        push_u64(&mut buf, n);
+        buf
+    }
+
+    /// Every width, and each side of every change of width, as `Display` writes it.
+    #[test]
+    fn numbers_are_their_display_form_at_every_width() {
+        let mut edges = vec![0, 1, 9, u64::MAX, u64::MAX - 1];
+        let mut p = 10u64;
+        while let Some(next) = p.checked_mul(10) {
+            edges.extend([p - 1, p, p + 1]);
+            p = next;
+        }
+        edges.extend([p - 1, p, p + 1]);
+        for n in edges {
+            assert_eq!(decimal_text(n), n.to_string());
+        }
+        for pair in 0..100 {
+            let mut buf = String::new();
+            push_pair(&mut buf, pair);
+            assert_eq!(buf, format!("{pair:02}"));
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// Numbers against the standard library's `Display`, at every magnitude.
+        #[test]
+        fn numbers_match_the_standard_library(n in any::<u64>(), shift in 0..64u32) {
+            let n = n >> shift;
+            prop_assert_eq!(decimal_text(n), n.to_string());
+        }
+
         /// Every line, in both formats, equals the formatter's, whatever the entry,
         /// the span bound and the time (seconds kept across calls: the same second
         /// again, the next one, or any).

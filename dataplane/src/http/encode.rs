@@ -178,17 +178,35 @@ pub fn push_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// `"00"` to `"99"`, back to back: [`decimal`] writes two digits per division.
+pub(crate) const DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
 /// The decimal digits of `n`: `(buffer, start)`, the digits being `buffer[start..]`.
 pub(crate) fn decimal(mut n: u64) -> ([u8; 20], usize) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     (digits, i)
 }
@@ -656,7 +674,34 @@ mod tests {
         }
     }
 
+    fn decimal_text(n: u64) -> String {
+        let (digits, at) = decimal(n);
+        String::from_utf8(digits[at..].to_vec()).expect("ASCII")
+    }
+
+    /// Every width, and each side of every change of width, as `Display` writes it.
+    #[test]
+    fn decimal_is_the_display_form_at_every_width() {
+        let mut edges = vec![0, 1, 9, u64::MAX, u64::MAX - 1];
+        let mut p = 10u64;
+        while let Some(next) = p.checked_mul(10) {
+            edges.extend([p - 1, p, p + 1]);
+            p = next;
+        }
+        edges.extend([p - 1, p, p + 1]);
+        for n in edges {
+            assert_eq!(decimal_text(n), n.to_string());
+        }
+    }
+
     proptest! {
+        /// `decimal` against the standard library's `Display`, at every magnitude.
+        #[test]
+        fn decimal_matches_the_standard_library(n in any::<u64>(), shift in 0..64u32) {
+            let n = n >> shift;
+            prop_assert_eq!(decimal_text(n), n.to_string());
+        }
+
         /// The hand-written IPv4 form against the standard library's, and both
         /// families against it through `ClientHop`.
         #[test]
