@@ -497,10 +497,15 @@ pub trait Visitor {
     /// An entry of the directory being walked (`dir`, `depth` levels below the top);
     /// answers whether to descend into it (directories only).
     fn entry(&mut self, dir: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool>;
-    /// The walk could not open or list the directory `e` of `dir` (vanished, swapped
-    /// for a symlink): skipped unless this says otherwise.
-    fn unopened(&mut self, _dir: BorrowedFd<'_>, _e: &Entry, _err: io::Error) -> io::Result<()> {
-        Ok(())
+    /// The walk could not open or list the directory `e` of `dir`: by default
+    /// skipped only when it is gone or no longer a directory (see [`is_gone`]); any
+    /// other failure (unreadable, descriptors exhausted) stops the walk, which would
+    /// otherwise pass for whole without it.
+    fn unopened(&mut self, _dir: BorrowedFd<'_>, e: &Entry, err: io::Error) -> io::Result<()> {
+        if is_gone(&err) {
+            return Ok(());
+        }
+        Err(unopenable("directory", &e.name.to_string_lossy(), &err))
     }
     /// Whether the walk reads each directory twice: first handing each of its
     /// entries to [`Visitor::reserve`], then visiting them. Either way the entries
@@ -916,8 +921,15 @@ pub fn copy_tree(
             match e.kind() {
                 FileType::Directory => Ok(true),
                 FileType::RegularFile => {
-                    let Ok(mut from) = child_file(src, &e.name) else {
-                        return Ok(false);
+                    // Only a file gone or swapped since it was listed is left out;
+                    // any other failure to open it fails the clone, never a copy
+                    // that passes for whole without it.
+                    let mut from = match child_file(src, &e.name) {
+                        Ok(from) => from,
+                        Err(err) if is_gone(&err) => return Ok(false),
+                        Err(err) => {
+                            return Err(unopenable("file", &e.name.to_string_lossy(), &err))
+                        }
                     };
                     let to = openat2(
                         self.to.current(),
@@ -984,6 +996,27 @@ pub fn sync(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn is_escape(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
         || e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+}
+
+/// Whether opening an entry a walk listed failed because it is no longer there to
+/// open as listed: gone (`ENOENT`), a symlink where none may be followed (`ELOOP`),
+/// not a directory any more (`ENOTDIR`), or not a regular file or directory any more
+/// (refused by [`reopen`] without being opened). The only failures a walk (an
+/// archive, a clone) may skip: anything else (`EACCES`, `EMFILE`, a lease held on
+/// the file, an I/O error) leaves out what is there, and fails the walk.
+pub fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || is_not_dir(e)
+        || (e.raw_os_error().is_none() && e.kind() == io::ErrorKind::InvalidInput)
+}
+
+/// The error of a walk that could not open its `what` (`file`, `directory`) `name`,
+/// of the failure's kind.
+pub fn unopenable(what: &str, name: &str, err: &io::Error) -> io::Error {
+    io::Error::new(
+        err.kind(),
+        format!("cannot open the {what} {name:?}: {err}"),
+    )
 }
 
 /// Whether opening a directory failed because the entry is not one (any more): a

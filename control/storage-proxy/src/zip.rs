@@ -690,9 +690,20 @@ impl fsx::Visitor for Walker<'_, '_> {
                 let Some(name) = self.name(&e.name, false) else {
                     return Ok(false);
                 };
-                // Swapped for anything else since it was listed: left out.
-                if let Ok(file) = fsx::child_file(dir, &e.name) {
-                    self.w.file(file, name)?;
+                // Gone or swapped for anything else since it was listed: left out.
+                // Any other failure to open it (unreadable, descriptors exhausted, a
+                // lease held on it) ends the archive as an error: the client gets a
+                // broken download, never a whole-looking zip without the file.
+                match fsx::child_file(dir, &e.name) {
+                    Ok(file) => self.w.file(file, name)?,
+                    Err(err) if fsx::is_gone(&err) => {}
+                    Err(err) => {
+                        return Err(fsx::unopenable(
+                            "file",
+                            &String::from_utf8_lossy(&name),
+                            &err,
+                        ))
+                    }
                 }
                 Ok(false)
             }
@@ -997,15 +1008,11 @@ impl<'a> Writer<'a> {
                 Item::Beneath(root, parts) => {
                     // Checked before the answer began, but opened only now: an entry
                     // removed or replaced by a special file meanwhile is left out,
-                    // as a walk leaves it out, rather than cutting the archive.
+                    // as a walk leaves it out, rather than cutting the archive; any
+                    // other failure to open it cuts the archive.
                     let fd = match fsx::open_readable(root.as_fd(), &parts) {
                         Ok(fd) => fd,
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
-                            ) =>
-                        {
+                        Err(e) if fsx::is_gone(&e) => {
                             if self.names.notes.left_out() {
                                 tracing::warn!(
                                     entry = %fsx::join(&parts).to_string_lossy(),

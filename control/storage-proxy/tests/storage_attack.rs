@@ -2183,3 +2183,155 @@ fn a_hard_link_in_place_of_the_staging_file_is_never_written() {
     assert_eq!(std::fs::read(&outside).expect("outside file"), b"line1\n");
     assert!(alive(&p));
 }
+
+/// A write lease on a file (`fcntl(F_SETLEASE, F_WRLCK)`, which a file's owner may
+/// take from a shell), held by a Python process until dropped: every open of the
+/// file for reading with `O_NONBLOCK`, the proxy's, fails with `EWOULDBLOCK` until
+/// the holder lets go (or `lease-break-time`, 45 s by default, passes). The holder
+/// ignores the `SIGIO` that tells it to.
+struct Lease(std::process::Child);
+
+impl Lease {
+    fn take(path: &Path) -> Self {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import fcntl,os,signal,sys\nsignal.signal(signal.SIGIO, signal.SIG_IGN)\nfd=os.open(sys.argv[1], os.O_WRONLY)\nfcntl.fcntl(fd, 1024, fcntl.F_WRLCK)\nprint('held', flush=True)\nsys.stdin.read()")
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("held");
+        assert_eq!(line.trim(), "held", "the lease is taken");
+        Self(child)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET path` on the client API read raw to its end: whether it was answered 200 and
+/// ended as a whole body does (the last chunk), and the answer.
+fn get_raw(p: &Proxy, path: &str) -> (bool, Vec<u8>) {
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let whole = raw.starts_with(b"HTTP/1.1 200") && raw.ends_with(b"\r\n0\r\n\r\n");
+    (whole, raw)
+}
+
+/// A file or directory a clone or an archive cannot open for any reason but being
+/// gone (a lease held on a file, a directory the proxy may not read) fails the
+/// clone (its partial copy removed) and cuts the archive off as an error: never a
+/// clone reported done or a whole-looking zip without it. Before, both left it out
+/// silently: a clone "done" with 4 of 5 files, a valid zip lacking one.
+#[test]
+fn what_cannot_be_opened_fails_a_clone_and_cuts_an_archive() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start_bound_by_permissions("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    for i in 0..5 {
+        std::fs::write(vf.join(format!("file{i}.dat")), [b'x'; 1000]).expect("file");
+    }
+    // The clone.
+    let lease = Lease::take(&vf.join("file2.dat"));
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/000000000000000000000000000c10e0";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let ended = p.log_json().into_iter().find(|l| {
+            l["bgtask_id"] == task.as_str()
+                && (l["message"] == "bgtask done" || l["message"] == "bgtask failed")
+        });
+        if let Some(l) = ended {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ended["message"], "bgtask failed", "{ended}");
+    assert!(
+        ended.to_string().contains("file2.dat"),
+        "the failure names the file: {ended}"
+    );
+    let copy = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00")
+        .join(&dst[dst.len() - 28..]);
+    assert!(!copy.exists(), "the failed clone's partial copy is removed");
+    assert!(copy.parent().is_some_and(Path::exists), "{}", p.log());
+    drop(lease);
+    // The archive of the folder: file0 and file1 are sent before file2's turn.
+    let lease = Lease::take(&vf.join("file2.dat"));
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+    );
+    let (whole, raw) = get_raw(&p, &format!("/download?token={token}&archive=true"));
+    assert!(
+        !whole,
+        "no whole-looking archive without file2.dat: {}",
+        String::from_utf8_lossy(&raw[..raw.len().min(200)])
+    );
+    assert!(
+        p.log_json().iter().any(|l| l["message"] == "archive stream failed"
+            && l.to_string().contains("file2.dat")),
+        "{}",
+        p.log()
+    );
+    drop(lease);
+    // Unleased, the folder archives whole.
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+    );
+    let r = p.client_get(
+        &format!("/download?token={token}&archive=true"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip").len(),
+        5
+    );
+    // A subdirectory the proxy may not read.
+    std::fs::create_dir(vf.join("locked")).expect("locked");
+    std::fs::write(vf.join("locked/inside.txt"), b"inside").expect("inside");
+    std::fs::set_permissions(vf.join("locked"), std::fs::Permissions::from_mode(0o000))
+        .expect("chmod");
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+    );
+    let (whole, _) = get_raw(&p, &format!("/download?token={token}&archive=true"));
+    std::fs::set_permissions(vf.join("locked"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod back");
+    assert!(!whole, "no whole-looking archive without locked/");
+    assert!(
+        p.log_json()
+            .iter()
+            .any(|l| l["message"] == "archive stream failed" && l.to_string().contains("locked")),
+        "{}",
+        p.log()
+    );
+}
