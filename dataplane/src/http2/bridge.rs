@@ -35,6 +35,18 @@ pub struct Bridged {
     pub keep_alive: bool,
 }
 
+/// Ends when the client hangs up (end of stream, or its connection failed) while
+/// the answer is awaited; pends for ever once it sends anything (a pipelined
+/// request, read later), the wait's own bound then ending it. Peeks the socket's
+/// raw bytes: nothing is taken from the client.
+async fn hangup(conn: &TcpConn) {
+    let mut byte = [0u8; 1];
+    match conn.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
 /// HTTP/2 app and relays the answer to `conn`.
 #[allow(clippy::too_many_arguments)]
@@ -100,12 +112,30 @@ pub async fn forward(
         conn.disarm_read_floor();
         bytes_in = sent?;
     }
+    // gRPC calls carry their own deadlines (a watch may answer hours later): they
+    // wait the tunnel idle timeout; other apps the head timeout. Either wait ends
+    // when the client hangs up: its app stream is reset, not held for the bound.
+    let bound = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
+        rt.tunnel_idle_timeout
+    } else {
+        rt.upstream_head_timeout
+    };
+    conn.set_deadline(None);
     let (resp, sent) = loop {
         let sent = Instant::now();
-        let resp = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
-            Some((&mut response).await)
-        } else {
-            within(&core.reactor, rt.upstream_head_timeout, &mut response).await
+        let resp = futures_lite::future::or(
+            async { Some(within(&core.reactor, bound, &mut response).await) },
+            async {
+                hangup(conn).await;
+                None
+            },
+        )
+        .await;
+        let Some(resp) = resp else {
+            up_send.send_reset(h2::Reason::CANCEL);
+            return Err(Fail::Abort(
+                "the client closed its connection before the app answered".into(),
+            ));
         };
         match resp {
             None => {

@@ -733,12 +733,14 @@ pub async fn forward(
                 }
                 std::future::Future::poll(std::pin::Pin::new(&mut response), cx).map(Head::Response)
             });
-            // gRPC calls carry their own deadlines; other apps get the head timeout.
-            let head = if grpc {
-                Some(wait.await)
+            // gRPC calls carry their own deadlines (a watch may answer hours later):
+            // they wait the tunnel idle timeout; other apps the head timeout.
+            let bound = if grpc {
+                core.rt.tunnel_idle_timeout
             } else {
-                within(&core.reactor, core.rt.upstream_head_timeout, wait).await
+                core.rt.upstream_head_timeout
             };
+            let head = within(&core.reactor, bound, wait).await;
             match head {
                 None => {
                     proxy::note_health(core, route, addr, false);
