@@ -34,8 +34,16 @@ use super::{blocking, fsx, quota, ApiError, ApiQuery, State};
 
 /// The longest request head the client API reads (what hyper takes by default):
 /// download tokens travel in the query, and an archive token lists its paths.
-/// Archive tokens that would not fit are refused when they are made.
 pub const MAX_HEAD: usize = 408 << 10;
+
+/// The longest request target (path and query) the client API takes: hyper refuses
+/// a longer one with 414, whatever room the head has (`http::Uri` holds at most
+/// `u16::MAX - 1` bytes). Archive tokens whose URL would not fit are refused when
+/// they are made (see [`ARCHIVE_TARGET`]).
+pub const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+/// The request target of an archive download before its token.
+pub const ARCHIVE_TARGET: &str = "/download-archive?token=";
 
 /// The client-facing router.
 pub fn router(state: Arc<State>) -> Router {

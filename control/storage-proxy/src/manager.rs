@@ -1405,13 +1405,15 @@ async fn archive_download_token(
         &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
         &state.session_secret,
     );
-    // The token travels in the download's query: one that would not fit the client
-    // API's head limit is refused here, with a reason, rather than with a 431 later.
-    let room = super::client::MAX_HEAD - 8192;
+    // The token travels in the download's query: one whose request target would not
+    // fit what the client API takes is refused here, with a reason, rather than with
+    // a 414 when it is used.
+    let room = super::client::MAX_TARGET - super::client::ARCHIVE_TARGET.len();
     if token.len() > room {
         return Err(ApiError::Params(format!(
-            "files: the token for these paths would be {} bytes, more than the {room} a download URL may carry; list fewer paths or their parent directory",
-            token.len()
+            "files: the token for these paths would be {} bytes, more than the {room} a download URL may carry (the client API takes request targets of up to {} bytes); list fewer paths or their parent directory",
+            token.len(),
+            super::client::MAX_TARGET
         )));
     }
     Ok(Json(json!({"token": token})))

@@ -162,8 +162,9 @@ fn a_manager_body_that_stalls_is_answered_408_and_closed() {
 
 /// Heads are bounded per API: the manager API's (a token, a request ID) at 64 KiB,
 /// the client API's at hyper's ~408 KiB, since download tokens travel in the query.
-/// An archive token too long for that is refused when it is made, with a reason,
-/// rather than with a 431 when the browser follows it.
+/// An archive token too long for its URL (see
+/// `the_longest_archive_token_issued_downloads`) is refused when it is made, with a
+/// reason, rather than with a 431 or 414 when the browser follows it.
 #[test]
 fn heads_are_bounded_per_api_and_archive_tokens_fit_their_url() {
     // The head timer far away: a connection closed before it is the limit's doing.
@@ -315,4 +316,52 @@ fn a_delete_of_more_paths_than_the_cap_is_refused_whole() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(names[..1_000].iter().all(|n| !vf.join(n).exists()));
     assert!(vf.join(&names[1_000]).exists());
+}
+
+/// An archive token is issued only when its download URL fits what the client API
+/// takes: hyper answers 414 to a request target past 65 534 bytes, however much
+/// room the head has. At the edge, the longest token issued downloads (200) and one
+/// byte of request more is refused when the token is asked for (400, saying why).
+/// Before, tokens up to ~400 KiB were issued and every one past 64 KiB got 414.
+#[test]
+fn the_longest_archive_token_issued_downloads() {
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    std::fs::write(p.vfolder_path().join("a.txt"), b"a").expect("file");
+    // The token grows with the archive's file name, byte by byte.
+    let ask = |len: usize| {
+        p.manager(
+            "/folder/file/archive-download-token",
+            serde_json::json!({"volume": "local", "vfid": VFID, "files": ["a.txt"], "filename": "x".repeat(len)}),
+            None,
+        )
+    };
+    let (mut ok, mut refused) = (0usize, 120_000usize);
+    assert_eq!(ask(ok).status, 200);
+    assert_eq!(ask(refused).status, 400);
+    while refused - ok > 1 {
+        let mid = (ok + refused) / 2;
+        match ask(mid).status {
+            200 => ok = mid,
+            400 => refused = mid,
+            s => panic!("{mid}: {s}"),
+        }
+    }
+    let token = ask(ok).json()["token"].as_str().expect("token").to_owned();
+    let target = format!("/download-archive?token={token}");
+    assert!(
+        (65_533..=65_534).contains(&target.len()),
+        "the longest token issued makes a request target of {} bytes",
+        target.len()
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/zip"));
+    let r = ask(refused);
+    let text = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 400, "{text}");
+    assert!(
+        text.contains("65534") && text.contains("list fewer paths"),
+        "{text}"
+    );
 }
