@@ -26,8 +26,14 @@ pub const DIR: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::CLOEXEC);
 
-/// Splits a client path into plain components; refuses absolute paths, `..` and NUL.
-/// An empty result is the vfolder itself.
+/// The most bytes of one file name (`NAME_MAX` of the Linux file systems).
+pub const NAME_MAX: usize = 255;
+
+/// Splits a client path into plain components; refuses absolute paths, `..` and NUL,
+/// and a component longer than [`NAME_MAX`] bytes, which no file system takes: every
+/// route refuses such a path before it acts (an upload before it reserves anything),
+/// never when the kernel says `ENAMETOOLONG` at the end. An empty result is the
+/// vfolder itself.
 pub fn components(rel: &str) -> Result<Vec<OsString>, PathError> {
     if rel.as_bytes().contains(&0) {
         return Err(PathError::Escape);
@@ -35,6 +41,9 @@ pub fn components(rel: &str) -> Result<Vec<OsString>, PathError> {
     let mut out = Vec::new();
     for c in Path::new(rel).components() {
         match c {
+            Component::Normal(part) if part.len() > NAME_MAX => {
+                return Err(PathError::NameTooLong(part.len()))
+            }
             Component::Normal(part) => out.push(part.to_owned()),
             Component::CurDir => {}
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
@@ -1073,6 +1082,12 @@ mod tests {
             &open(root.as_fd(), &p("inner/f"), OFlags::RDONLY, STRICT).expect_err("strict")
         ));
         assert!(components("../x").is_err() && components("/etc").is_err());
+        let name = "n".repeat(NAME_MAX);
+        assert_eq!(p(&format!("a/{name}")).len(), 2);
+        assert!(matches!(
+            components(&format!("a/{name}x/b")),
+            Err(PathError::NameTooLong(256))
+        ));
         let e = mkdirs(root.as_fd(), &p("out/new/dir"), BENEATH).expect_err("out");
         assert!(is_escape(&e));
         assert!(!outside.path().join("new").exists());

@@ -885,6 +885,8 @@ async fn rename(
     {
         return Err(ApiError::Params("new_name must be a plain name".into()));
     }
+    // No longer than a file name may be (400, as any path component).
+    fsx::components(&r.new_name)?;
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     outside_staging_area(&parts)?;

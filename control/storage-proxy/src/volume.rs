@@ -22,6 +22,9 @@ pub enum PathError {
     /// The path would leave the vfolder.
     #[error("path escapes the vfolder (or follows a symlink out of it)")]
     Escape,
+    /// A path component longer than any file system takes.
+    #[error("a path component is {0} bytes long, more than the 255 bytes a file name may have")]
+    NameTooLong(usize),
     /// The vfolder does not exist.
     #[error("no such vfolder")]
     NoFolder,

@@ -1653,3 +1653,55 @@ fn patch_begun(p: &Proxy, token: &str, total: usize, sent: usize) -> std::net::T
     }
     s
 }
+
+/// A path with a component longer than 255 bytes (86 Hangul syllables and `.csv`),
+/// which no file system takes, is refused when the upload session is asked for: 400
+/// saying why, nothing reserved or staged. Other routes refuse such a path (or a
+/// new name) alike; 255 bytes are taken. Before, the session was made, reserved its
+/// size, took the whole body and then failed at completion with "File name too
+/// long" on every try, holding its reservation until it expired.
+#[test]
+fn a_file_name_longer_than_255_bytes_is_refused_before_anything_is_reserved() {
+    let p = Proxy::start("");
+    create_with_limit(&p, 1 << 30);
+    let long = format!("{}.csv", "가".repeat(90));
+    assert_eq!(long.len(), 274);
+    let refused = |what: &str, r: &appproxy_test_support::http::Resp| {
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{what}: {text}");
+        assert!(text.contains("274 bytes long"), "{what}: {text}");
+    };
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": format!("dir/{long}"), "size": 5 << 20}),
+        None,
+    );
+    refused("upload", &r);
+    assert_eq!(quota_scope(&p)["reserved_bytes"], 0);
+    let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "nothing staged");
+    let r = p.manager(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": format!("{long}/x")}),
+        None,
+    );
+    refused("download", &r);
+    std::fs::write(p.vfolder_path().join("a.txt"), b"a").expect("file");
+    let r = p.manager(
+        "/folder/file/rename",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "a.txt", "new_name": long}),
+        None,
+    );
+    refused("rename", &r);
+    // 255 bytes are a file name.
+    let fits = format!("{}.c", "가".repeat(84));
+    assert_eq!(fits.len(), 254);
+    let fits = format!("{fits}x");
+    assert_eq!(p.upload(&fits, b"12345").status, 204);
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join(&fits)).expect("uploaded"),
+        b"12345"
+    );
+}
