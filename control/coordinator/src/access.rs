@@ -148,6 +148,68 @@ impl Marks {
         }
     }
 
+    /// Since when (epoch seconds, `now` on this coordinator's clock) the marks read
+    /// are whole: with Redis, the time [`MARKS_KEPT_SINCE_KEY`] was last written —
+    /// now, when it is missing (Redis lost its keys) or Redis evicted keys since the
+    /// last call; a mark older than that may have been lost, so every circuit counts
+    /// as used then. `None` in memory (see [`MarksGap::since`]). An error when Redis
+    /// cannot tell: a caller deciding on idleness must not take it for "kept".
+    pub async fn kept_since(&self, gap: &MarksGap, now: f64) -> redis::RedisResult<Option<f64>> {
+        let Self::Redis(conn) = self else {
+            return Ok(None);
+        };
+        let mut conn = conn.clone();
+        // Eviction (`maxmemory` with an `allkeys-*` or `volatile-*` policy) takes
+        // keys one by one, marks among them, and may leave this key. A Redis that
+        // hides `INFO` still has the key checked.
+        let evicted = match super::bounded(
+            redis::cmd("INFO")
+                .arg("stats")
+                .query_async::<String>(&mut conn),
+        )
+        .await
+        {
+            Ok(info) => evicted_keys(&info).is_some_and(|n| gap.evicted(n)),
+            Err(e) => {
+                tracing::debug!(error = %e, "Redis INFO unreadable; evictions not checked");
+                false
+            }
+        };
+        let mut force = evicted;
+        for _ in 0..2 {
+            let (value, wrote): (String, i64) = super::bounded(
+                redis::cmd("EVAL")
+                    .arg(KEPT_SINCE_SCRIPT)
+                    .arg(1)
+                    .arg(MARKS_KEPT_SINCE_KEY)
+                    .arg(format!("{now:.6}"))
+                    .arg(if force { "1" } else { "0" })
+                    .query_async(&mut conn),
+            )
+            .await?;
+            // Anyone who can write the key can write anything: what is no time is
+            // written again.
+            let Some(since) = read_mark(&value) else {
+                force = true;
+                continue;
+            };
+            if wrote == 1 {
+                tracing::warn!(
+                    key = MARKS_KEPT_SINCE_KEY,
+                    evicted,
+                    "Redis may have lost last-access marks (its keys flushed, a restart \
+                     without persistence, a failover to an empty replica, eviction — or \
+                     this is its first use); every circuit counts as used now"
+                );
+            }
+            return Ok(Some(since.max(0.0)));
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::TypeError,
+            "the marks' kept-since key holds no time after being written",
+        )))
+    }
+
     /// Forgets a removed circuit (memory only; Redis keys expire).
     pub fn forget(&self, circuit: uuid::Uuid) {
         if let Self::Memory(map) = self {
@@ -163,25 +225,77 @@ impl Marks {
 /// idle check takes every circuit as used when the gap ended ([`MarksGap::taken`]),
 /// so none is collected before one whole timeout of marks could be written again.
 /// Kept by the process that runs the check (a leader taking over meanwhile does
-/// not know of a gap it did not see).
+/// not know of a gap it did not see). Marks kept in memory (single node) are all
+/// lost with the process: its start ends a gap ([`MarksGap::since`]). Marks Redis
+/// lost are told by [`Marks::kept_since`].
 #[derive(Debug, Default)]
-pub struct MarksGap(Mutex<(bool, Option<f64>)>);
+pub struct MarksGap(Mutex<GapState>);
+
+#[derive(Debug, Default)]
+struct GapState {
+    /// Redis refused the last probe write.
+    open: bool,
+    /// When the last gap ended (epoch seconds).
+    end: Option<f64>,
+    /// Redis' `evicted_keys` when last read.
+    evicted: Option<u64>,
+}
 
 impl MarksGap {
+    /// A gap that ended at `start`: marks held in process memory are gone after a
+    /// restart, so a circuit used until just before it has none.
+    pub fn since(start: f64) -> Self {
+        Self(Mutex::new(GapState {
+            end: Some(start),
+            ..GapState::default()
+        }))
+    }
+
     /// Redis refused the probe write: a gap is open.
     pub fn refused(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).0 = true;
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).open = true;
     }
 
     /// Redis took the probe write at `now` (epoch seconds): the end of the last
     /// gap, which is `now` when this write ends one; `None` when there was none.
     pub fn taken(&self, now: f64) -> Option<f64> {
         let mut gap = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if gap.0 {
-            *gap = (false, Some(now));
+        if gap.open {
+            gap.open = false;
+            gap.end = Some(now);
         }
-        gap.1
+        gap.end
     }
+
+    /// Redis' count of evicted keys now: whether it grew since the last count (the
+    /// first count of a process, or one after a reset, tells nothing).
+    fn evicted(&self, count: u64) -> bool {
+        let mut gap = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let grew = gap.evicted.is_some_and(|before| count > before);
+        gap.evicted = Some(count);
+        grew
+    }
+}
+
+/// The key that says since when Redis has kept the marks written to it: the time
+/// (epoch seconds, this coordinator's clock) the coordinator leading idle
+/// collection last found it missing, or found keys evicted, and wrote it — with
+/// no TTL, so only a loss of keys removes it (`FLUSHALL`, a restart without
+/// persistence, a failover to an empty replica, eviction).
+pub const MARKS_KEPT_SINCE_KEY: &str = "appproxy.coordinator.marks_kept_since";
+
+/// Returns the key's value, writing `ARGV[1]` first when it is missing or `ARGV[2]`
+/// is `1`; and whether it wrote.
+const KEPT_SINCE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1])
+     if v and ARGV[2] ~= '1' then return {v, 0} end
+     redis.call('SET', KEYS[1], ARGV[1])
+     return {ARGV[1], 1}";
+
+/// `evicted_keys` of an `INFO stats` answer.
+fn evicted_keys(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("evicted_keys:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// A last-access mark as read from Redis (epoch-float text, written by workers —
@@ -236,6 +350,32 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Evictions count from the second read of a process on, and only when the
+    /// count grew (a reset or a new Redis tells nothing: its key is checked).
+    #[test]
+    fn evictions_are_told_by_a_growing_count() {
+        let info = "# Stats\r\nexpired_keys:3\r\nevicted_keys:7\r\nkeyspace_hits:1\r\n";
+        assert_eq!(evicted_keys(info), Some(7));
+        assert_eq!(evicted_keys("# Stats\r\n"), None);
+        let gap = MarksGap::default();
+        assert!(!gap.evicted(7), "a first count tells nothing");
+        assert!(!gap.evicted(7));
+        assert!(gap.evicted(9));
+        assert!(!gap.evicted(0), "a reset");
+        assert!(gap.evicted(1));
+    }
+
+    /// Marks in memory: the start ends a gap; a refused write ends one later.
+    #[test]
+    fn a_gap_ends_at_the_start_or_when_writes_are_taken_again() {
+        assert_eq!(MarksGap::default().taken(5.0), None);
+        let gap = MarksGap::since(1.0);
+        assert_eq!(gap.taken(5.0), Some(1.0));
+        gap.refused();
+        assert_eq!(gap.taken(7.0), Some(7.0));
+        assert_eq!(gap.taken(9.0), Some(7.0));
+    }
 
     #[test]
     fn rfc3339_round_trips_the_coordinators_format() {

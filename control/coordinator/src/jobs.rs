@@ -153,7 +153,24 @@ async fn idle_pass(state: &State) {
     }
     // Marks lost in a gap (see `MarksGap`): every circuit counts as used when it
     // ended.
-    let gap_end = state.marks_gap.taken(appproxy_shared::jwt::now_epoch());
+    let noticed = appproxy_shared::jwt::now_epoch();
+    let mut gap_end = state.marks_gap.taken(noticed);
+    // Marks Redis lost (see `Marks::kept_since`): every circuit counts as used
+    // when the loss was noticed.
+    match state.marks.kept_since(&state.marks_gap, noticed).await {
+        Ok(since) => gap_end = gap_end.into_iter().chain(since).reduce(f64::max),
+        Err(e) => {
+            state
+                .metrics
+                .idle_passes_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = %e,
+                "whether Redis kept the last-access marks is unknown; idle-circuit collection skipped"
+            );
+            return;
+        }
+    }
     let timeout = state
         .config
         .coordinator

@@ -984,8 +984,13 @@ impl Coordinator {
                         .clamp(0.0, 86400.0),
                 ),
             )),
+            // Marks in memory are gone with the previous process: circuits used
+            // until it stopped count as used at this start.
+            marks_gap: match marks {
+                Marks::Memory(_) => access::MarksGap::since(appproxy_shared::jwt::now_epoch()),
+                Marks::Redis(_) => access::MarksGap::default(),
+            },
             marks,
-            marks_gap: access::MarksGap::default(),
             server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),

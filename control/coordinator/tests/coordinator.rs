@@ -1466,6 +1466,157 @@ fn idle_collection_skips_while_redis_refuses_writes() {
     }
 }
 
+/// Makes a circuit (SQLite store in `dir`) as old as can be and its idle check due
+/// now: only a last-access mark, or a gap in the marks, can keep it.
+fn make_old_and_due(dir: &std::path::Path, circuit: &str) {
+    let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+    db.busy_timeout(HANG_GUARD).expect("busy timeout");
+    let n = db
+        .execute(
+            "UPDATE circuits SET body = json_set(body, '$.created_at', '2000-01-01T00:00:00Z'), \
+             idle_check_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
+            [circuit],
+        )
+        .expect("update");
+    assert_eq!(n, 1, "circuit {circuit} stored");
+}
+
+/// Waits (bounded) until a pass has looked at `circuit` since [`make_old_and_due`]:
+/// collected (false) or its next check scheduled ahead (true).
+fn idle_outcome(c: &Coordinator, dir: &std::path::Path, circuit: &str) -> bool {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        )
+        .status
+            == 404
+        {
+            return false;
+        }
+        let sql = format!(
+            "SELECT count(*) FROM circuits WHERE id = '{circuit}' AND idle_check_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+        );
+        if Db::Sqlite.query(dir, &sql) == "1" {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no idle pass looked at {circuit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Redis losing its keys (`FLUSHALL`, a restart without persistence, a failover
+/// to an empty replica, eviction) takes the workers' last-access marks with it: a
+/// circuit in constant use then had no mark, and the next pass collected it as idle
+/// since its creation. Redis took writes all along, so the refused-write gap did
+/// not open. Now the coordinator keeps a key without TTL
+/// (`appproxy.coordinator.marks_kept_since`); finding it gone, it takes every
+/// circuit as used at that moment, as after a refused-write gap.
+#[test]
+fn idle_collection_counts_circuits_as_used_when_redis_lost_their_marks() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 60\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let busy = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let lost = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("may have lost last-access marks"))
+            })
+            .count()
+    };
+    // In use: a fresh mark keeps the circuit, however old it is.
+    let now = appproxy_shared::jwt::now_epoch();
+    let _: () = redis::cmd("SET")
+        .arg(format!("circuit.{busy}.last_access"))
+        .arg(format!("{now:.6}"))
+        .arg("EX")
+        .arg(172_800)
+        .query(&mut conn)
+        .expect("mark");
+    make_old_and_due(dir.path(), &busy);
+    assert!(
+        idle_outcome(&c, dir.path(), &busy),
+        "a circuit in use was collected"
+    );
+    let before = lost();
+    // Redis loses every key, its mark with them.
+    let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("flushall");
+    make_old_and_due(dir.path(), &busy);
+    assert!(
+        idle_outcome(&c, dir.path(), &busy),
+        "a circuit in use was collected once Redis lost its mark"
+    );
+    assert!(lost() > before, "the loss is logged");
+    // Written again, without TTL.
+    let kept: Option<String> = redis::cmd("GET")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .query(&mut conn)
+        .expect("get");
+    assert!(kept.is_some(), "the key is written");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .query(&mut conn)
+        .expect("ttl");
+    assert_eq!(ttl, -1, "the key has no TTL");
+}
+
+/// Single node (no Redis): the marks live in the coordinator's memory and are gone
+/// after a restart, so a circuit used until just before it had none and was
+/// collected by the first pass as idle since its creation. The start now ends a
+/// gap: every circuit counts as used when the coordinator started.
+#[test]
+fn a_restart_without_redis_counts_circuits_as_used_at_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 60\ncheck_unused_circuit_interval_secs = 1";
+    let c = start_with(dir.path(), &Db::Sqlite, extra);
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let busy = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    drop(c);
+    make_old_and_due(dir.path(), &busy);
+    let c = start_with(dir.path(), &Db::Sqlite, extra);
+    assert!(
+        idle_outcome(&c, dir.path(), &busy),
+        "a circuit in use until the restart was collected after it"
+    );
+}
+
 /// Found #6: a connection that sends no head (or half a head) is closed after the
 /// header timeout; past the connection cap new connections are closed at once (and
 /// counted) while the API keeps serving once connections leave.
