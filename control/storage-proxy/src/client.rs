@@ -8,7 +8,9 @@
 //! and serves that descriptor, with a strong `ETag` (inode, size, mtime),
 //! `Last-Modified` (left out for a time an HTTP date cannot carry, whose date
 //! preconditions are then ignored) and the RFC 9110 preconditions (`If-Match`,
-//! `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since`, `If-Range`). An
+//! `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since`, `If-Range`, whose
+//! date form never matches: a date cannot tell apart two versions written within one
+//! second). An
 //! upload writes only through descriptors of `.upload` (never a symlink), checks the
 //! quota reservation on every PATCH, and syncs the file and directories around the
 //! completing `renameat`.
@@ -224,9 +226,11 @@ fn evaluate(h: &HeaderMap, tag: &str, mtime: Option<i64>) -> Conditional {
     let range = match header(h, "if-range").map(str::trim) {
         None => true,
         Some(v) if v.starts_with('"') || v.starts_with("W/") => strong_eq(v, tag),
-        // A date matches only when it is exactly the last modification time (never
-        // when there is none).
-        Some(v) => mtime.is_some() && date(v) == mtime,
+        // A date never matches: it has one-second resolution, and a file rewritten
+        // within the second of the first response has the same one, so a range of
+        // it would splice two versions (RFC 9110 §13.1.5 lets a date be strong only
+        // when that cannot happen). The whole file is sent; the ETag form resumes.
+        Some(_) => false,
     };
     Conditional::Serve { range }
 }

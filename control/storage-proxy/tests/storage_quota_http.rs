@@ -248,7 +248,8 @@ fn downloads_carry_validators_and_honour_preconditions() {
         "",
         &[("Range", "bytes=10-19"), ("If-Range", &modified)],
     );
-    assert_eq!(r.status, 206, "a matching date");
+    assert_eq!(r.status, 200, "a date never proves the file unchanged");
+    assert_eq!(r.body, v1);
     // A new version of the file: the old validator no longer matches, so a resumed
     // download gets the whole new file instead of splicing two versions.
     let v2: Vec<u8> = v1.iter().rev().copied().collect();
@@ -1704,4 +1705,57 @@ fn a_file_name_longer_than_255_bytes_is_refused_before_anything_is_reserved() {
         std::fs::read(p.vfolder_path().join(&fits)).expect("uploaded"),
         b"12345"
     );
+}
+
+/// `If-Range` with the `Last-Modified` date of a first response, after the file was
+/// rewritten within that same second (same size, same date): the whole new file
+/// (200), never its tail after the old file's head. A date cannot prove the file
+/// unchanged; the ETag form tells the versions apart and still resumes. Before, the
+/// date matched and the client spliced two versions.
+#[test]
+fn an_if_range_date_never_resumes_a_file_rewritten_within_its_second() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let path = p.vfolder_path().join("data.bin");
+    let second = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    std::fs::write(&path, [b'A'; 100]).expect("v1");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("v1");
+    f.set_modified(second + std::time::Duration::from_millis(100))
+        .expect("mtime");
+    drop(f);
+    let r = p.download("data.bin", "", &[("Range", "bytes=0-49")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, [b'A'; 50]);
+    let modified = r.header("last-modified").expect("last-modified").to_owned();
+    let etag = r.header("etag").expect("etag").to_owned();
+    // Rewritten in place within the same second.
+    std::fs::write(&path, [b'B'; 100]).expect("v2");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("v2");
+    f.set_modified(second + std::time::Duration::from_millis(700))
+        .expect("mtime");
+    drop(f);
+    let r = p.download(
+        "data.bin",
+        "",
+        &[("Range", "bytes=50-"), ("If-Range", &modified)],
+    );
+    assert_eq!(r.header("last-modified"), Some(modified.as_str()));
+    assert_eq!(r.status, 200, "the whole file, not a range of the new one");
+    assert_eq!(r.body, [b'B'; 100]);
+    assert_ne!(r.header("etag"), Some(etag.as_str()));
+    // The ETag form resumes the version it names.
+    let etag = r.header("etag").expect("etag").to_owned();
+    let r = p.download(
+        "data.bin",
+        "",
+        &[("Range", "bytes=50-"), ("If-Range", &etag)],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, [b'B'; 50]);
 }
