@@ -241,7 +241,7 @@ fn render_observed(state: &State, out: &mut String) {
         out,
         "appproxy_coordinator_circuit_creations_total",
         "counter",
-        "Circuit creations by outcome (created, ack_timeout, worker_tripped, deploy_failed, event_not_published).",
+        "Circuit creations by outcome (created, ack_timeout, worker_tripped, deploy_failed, event_not_published, removed).",
     );
     o.ack_latency.render(
         out,

@@ -59,6 +59,9 @@ pub enum AckOutcome {
     Failed(String),
     /// Another creation found the worker unresponsive meanwhile: stop waiting.
     WorkerTripped,
+    /// The circuit was removed meanwhile (a delete, an endpoint's removal): its
+    /// worker, told to drop it, owes no acknowledgement.
+    Removed,
     /// No answer in time.
     TimedOut,
 }
@@ -151,6 +154,15 @@ impl AckHub {
         }
     }
 
+    /// These circuits were removed: whoever waits for them stops waiting (their
+    /// worker sends nothing for a circuit no longer deployed).
+    pub fn removed(&self, circuits: impl IntoIterator<Item = uuid::Uuid>) {
+        self.tell(
+            None,
+            circuits.into_iter().map(|id| (id, AckOutcome::Removed)),
+        );
+    }
+
     /// The worker's breaker opened: every creation still waiting on it stops
     /// waiting (and goes elsewhere) instead of serving out its own timeout.
     pub fn trip(&self, worker: &str) -> usize {
@@ -185,7 +197,8 @@ pub struct Waiter<'a> {
     hub: &'a AckHub,
     /// The circuit awaited.
     circuit: uuid::Uuid,
-    /// Told by [`AckHub::resolve`], [`AckHub::reject`] or [`AckHub::trip`].
+    /// Told by [`AckHub::resolve`], [`AckHub::reject_from`], [`AckHub::removed`] or
+    /// [`AckHub::trip`].
     rx: oneshot::Receiver<AckOutcome>,
 }
 

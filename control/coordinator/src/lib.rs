@@ -326,6 +326,9 @@ impl State {
             return Ok(false);
         }
         self.marks.forget(id);
+        // A creation of this circuit still waiting for its acknowledgement ends now:
+        // the worker drops what is no longer deployed and answers nothing.
+        self.acks.removed([id]);
         self.metrics
             .circuits_removed
             .fetch_add(1, Ordering::Relaxed);
@@ -478,6 +481,11 @@ pub enum ApiError {
     /// The store did not answer in time or is unreachable: 503, retry later.
     #[error("E10003: Circuit store unavailable")]
     StoreUnavailable,
+    /// The circuit being created was removed (a delete, its endpoint's removal)
+    /// before its worker acknowledged it: 409, nobody's failure — a creation
+    /// asked again makes a new one.
+    #[error("The circuit was removed while being created")]
+    CircuitRemoved,
     /// The session already holds `[limits] max_circuits_per_session` live circuits
     /// (the value given): 429, nothing created. The caller's own quota, not the
     /// service's state: retrying helps only once one of its circuits is gone.
@@ -510,6 +518,7 @@ impl IntoResponse for ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large"),
             Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            Self::CircuitRemoved => (StatusCode::CONFLICT, "circuit-removed"),
             Self::SessionCircuitLimit(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "session-circuit-limit")
             }

@@ -897,6 +897,12 @@ async fn announce(
             tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
             return Ok(());
         }
+        AckOutcome::Removed => return Err(removed_meanwhile(state, circuit, &authority)),
+        // Removed through another coordinator (whose hub this creation is not in):
+        // the worker owed nothing, so nothing is held against it.
+        AckOutcome::TimedOut if matches!(state.store.circuit(circuit.id).await, Ok(None)) => {
+            return Err(removed_meanwhile(state, circuit, &authority));
+        }
         AckOutcome::TimedOut => {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
             observed.creations.add("ack_timeout", 1);
@@ -953,6 +959,16 @@ async fn announce(
         }
     };
     Err(retry)
+}
+
+/// The circuit was removed while its creation waited for the acknowledgement: the
+/// creation ends, answered 409, and the worker is not blamed (its breaker's trial,
+/// if any, ends as if it had answered nothing yet).
+fn removed_meanwhile(state: &State, circuit: &Circuit, authority: &str) -> Retry {
+    state.metrics.observed.creations.add("removed", 1);
+    state.breakers.end_trial(authority);
+    tracing::info!(circuit = %circuit.id, worker = %authority, "circuit removed while its creation awaited the acknowledgement");
+    Retry::No(ApiError::CircuitRemoved)
 }
 
 /// Removes an unacknowledged circuit and tells its worker.

@@ -553,6 +553,101 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
     ));
 }
 
+/// A circuit deleted while its creation waits for the worker's acknowledgement:
+/// the worker, told to drop it, owes nothing and sends nothing, so the creation
+/// waited out the whole acknowledgement timeout, answered 503 `E10001` blaming the
+/// worker and opened its breaker. The removal now ends the wait at once with 409
+/// `circuit-removed`, and no timeout or breaker trip is counted. A removal made
+/// through another coordinator (whose waiters this creation is not among) ends it
+/// at its timeout, answered the same.
+#[test]
+fn a_circuit_deleted_while_its_creation_awaits_the_ack_ends_the_creation() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let created_then_removed =
+        |ack_timeout: &str, remove: &dyn Fn(&Coordinator, &std::path::Path, &str)| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let c = start_with(
+                dir.path(),
+                &Db::Sqlite,
+                &format!(
+                    "worker_ack_timeout_secs = {ack_timeout}\n[redis]\nurl = \"{}\"",
+                    redis.url()
+                ),
+            );
+            let token = setup(&c);
+            let (addr, path) = (
+                c.addr,
+                format!(
+                    "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"
+                ),
+            );
+            let creation = std::thread::spawn(move || {
+                appproxy_test_support::http::request_within(
+                    addr,
+                    "GET",
+                    &path,
+                    &[("Accept", "application/json")],
+                    b"",
+                    HANG_GUARD,
+                )
+            });
+            let deadline = Instant::now() + HANG_GUARD;
+            let circuit = loop {
+                let id = Db::Sqlite.query(dir.path(), "SELECT coalesce(max(id), '') FROM circuits");
+                if !id.is_empty() {
+                    break id;
+                }
+                assert!(Instant::now() < deadline, "the creation stored nothing");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            remove(&c, dir.path(), &circuit);
+            let r = creation.join().expect("creation thread").expect(
+                "the creation still waited for an acknowledgement after its circuit was removed",
+            );
+            assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["code"], "circuit-removed");
+            assert_eq!(
+                r.json()["msg"],
+                "The circuit was removed while being created"
+            );
+            let metrics =
+                String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body)
+                    .into_owned();
+            for line in [
+                "appproxy_coordinator_worker_ack_timeouts_total 0",
+                "appproxy_coordinator_worker_breaker_trips_total 0",
+                "appproxy_coordinator_circuit_creations_total{outcome=\"removed\"} 1",
+            ] {
+                assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+            }
+            assert_eq!(
+                Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+                "0"
+            );
+        };
+    // Deleted through this coordinator: the wait (600 s) ends at once.
+    created_then_removed("600", &|c, _, circuit| {
+        let r = request(
+            c.addr,
+            "DELETE",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    });
+    // Removed elsewhere (another coordinator on the same store): found gone when
+    // the wait ends.
+    created_then_removed("1", &|_, dir, circuit| {
+        let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+        db.busy_timeout(HANG_GUARD).expect("busy timeout");
+        let n = db
+            .execute("DELETE FROM circuits WHERE id = ?1", [circuit])
+            .expect("delete");
+        assert_eq!(n, 1);
+    });
+}
+
 /// Leader jobs: a silent worker is marked LOST and an idle circuit is removed, each
 /// pass under a generated request ID of its own that is on every line the pass logs.
 #[test]
