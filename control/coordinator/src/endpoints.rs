@@ -184,9 +184,41 @@ async fn created_or_existing(
             _ => break,
         }
     }
-    Ok(match existing {
-        Some((c, _)) => c,
-        None => {
+    // A circuit whose worker is gone (not `ALIVE`: lost, deregistered, its row
+    // deleted) or no longer serves its slot ([`placement::unserved`]) would hand the
+    // manager a URL nothing serves: it is withdrawn, as interactive reuse does, and
+    // the endpoint placed again with its routes.
+    let mut carried = None;
+    if let Some((c, _)) = &existing {
+        let worker = match c.worker {
+            Some(w) => state.store.worker(w).await?,
+            None => None,
+        };
+        let why = match &worker {
+            Some(w) if w.status == "ALIVE" => {
+                placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
+                    .map(|why| format!("its worker no longer serves it ({why})"))
+            }
+            Some(w) => Some(format!("its worker is {}", w.status)),
+            None => Some("its worker is not registered".to_owned()),
+        };
+        match why {
+            None => return Ok(c.clone()),
+            Some(why) => {
+                tracing::warn!(
+                    circuit = %c.id,
+                    endpoint = %id,
+                    worker = worker.as_ref().map(|w| w.registration.authority.as_str()).unwrap_or(""),
+                    "the endpoint's circuit is withdrawn and placed again: {why}"
+                );
+                state.remove_circuit(c.id).await?;
+                carried = Some((c.route_info.clone(), c.session_ids.clone()));
+            }
+        }
+    }
+    let (route_info, session_ids) = carried.unwrap_or_default();
+    {
+        {
             let s = &e.tags.session;
             let mut properties = vec![
                 ("session.user_uuid".to_owned(), s.user_uuid.to_string()),
@@ -252,16 +284,18 @@ async fn created_or_existing(
                 user_id: Some(s.user_uuid),
                 endpoint_id: Some(id),
                 runtime_variant: Some(e.tags.endpoint.runtime_variant.clone()),
-                route_info: Vec::new(),
-                session_ids: Vec::new(),
+                route_info,
+                session_ids,
                 created_at: None,
                 updated_at: None,
             };
-            super::proxy::create_circuit(state, template, &request, None)
-                .await?
-                .0
+            Ok(
+                super::proxy::create_circuit(state, template, &request, None)
+                    .await?
+                    .0,
+            )
         }
-    })
+    }
 }
 
 /// Where an `existing_url` lives.

@@ -114,6 +114,7 @@ on_both_engines! {
     circuits_per_session_are_capped => circuits_per_session_are_capped_sqlite, circuits_per_session_are_capped_postgresql;
     a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused => a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_sqlite, a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_postgresql;
     a_circuit_its_worker_no_longer_serves_is_replaced_not_reused => a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_sqlite, a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_postgresql;
+    an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes => an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_sqlite, an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_postgresql;
 }
 
 const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
@@ -4643,6 +4644,93 @@ fn a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused(db: Db) {
         "2",
         "{terminal}"
     );
+}
+
+/// An endpoint's circuit on a worker that is gone (deregistered: `LOST`) was still
+/// the answer of the endpoint's create/sync: the manager was told a URL nothing
+/// serves while an `ALIVE` worker could take it. Now, as interactive reuse does, the
+/// circuit is withdrawn and the endpoint placed again, its routes kept.
+fn an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let register = |authority: &str, domain: &str| {
+        let body = format!(
+            r#"{{"authority":"{authority}","frontend_mode":"wildcard","protocol":"http","hostname":"{authority}.test","api_port":10201,"wildcard_domain":"{domain}","wildcard_traffic_port":80,"accepted_traffics":["inference"]}}"#
+        );
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().expect("id").to_owned()
+    };
+    let first = register("inference-1", ".apps.test");
+    let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let sync = || {
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{endpoint}"),
+            &[AUTH],
+            &endpoint_body("Llama Svc", None),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["endpoint"].as_str().expect("url").to_owned()
+    };
+    assert_eq!(sync(), "http://llama-svc.apps.test");
+    let route = "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{endpoint}","routes":[{{"session_id":"{SESSION}","route_id":"{route}","kernel_host":"10.0.1.7","kernel_port":8000}}]}}]}}"#
+        ),
+    );
+    assert_eq!(
+        r.json()["endpoints"][0]["registered_route_ids"],
+        serde_json::json!([route]),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let circuit_of_endpoint = || {
+        db.query(
+            dir.path(),
+            &format!("SELECT id FROM circuits WHERE endpoint_id = '{endpoint}'"),
+        )
+    };
+    let before = circuit_of_endpoint();
+    // Its worker goes away (SIGTERM: it deregisters its only node); another comes.
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{first}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    register("inference-2", ".other.test");
+    assert_eq!(
+        sync(),
+        "http://llama-svc.other.test",
+        "the endpoint was answered with its gone worker's URL"
+    );
+    let after = circuit_of_endpoint();
+    assert_ne!(after, before);
+    assert_eq!(
+        db.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "1",
+        "the gone worker's circuit is withdrawn"
+    );
+    let r = request(c.addr, "GET", &format!("/api/circuit/{after}"), &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["route_info"][0]["route_id"],
+        route,
+        "the routes go with the endpoint: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Placed on the alive worker: a sync answers it as it is.
+    assert_eq!(sync(), "http://llama-svc.other.test");
+    assert_eq!(circuit_of_endpoint(), after);
 }
 
 /// A worker re-registered with a narrower `port_range` no longer listens on its
