@@ -358,6 +358,51 @@ pub fn beneath(
     ))
 }
 
+/// Which of `paths` an archive of them all needs, by index in their order: the first
+/// of a path listed more than once, and none inside another listed path (the other's
+/// walk has its entries already). A list naming one directory 10 000 times, or a
+/// directory and paths under it, would otherwise archive its tree as many times.
+pub fn outermost(paths: &[Vec<OsString>]) -> Vec<usize> {
+    let all: std::collections::HashSet<&[OsString]> = paths.iter().map(Vec::as_slice).collect();
+    let mut seen = std::collections::HashSet::new();
+    paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| (0..p.len()).all(|n| !all.contains(&p[..n])) && seen.insert(p.as_slice()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether the directory `dir` lies strictly inside one of `dirs` (by device and
+/// inode), found by climbing its ancestors by `..` up to `top` (which counts as one
+/// of them when listed in `dirs`): what a path through a symlink (`self/d` with
+/// `self -> .`) reaches, which no comparison of paths sees.
+pub fn inside_any(
+    dir: BorrowedFd<'_>,
+    dirs: &std::collections::HashSet<(u64, u64)>,
+    top: (u64, u64),
+) -> io::Result<bool> {
+    let mut held: Option<OwnedFd> = None;
+    let mut id = identity(dir)?;
+    for _ in 0..MAX_CLIMB {
+        if id == top {
+            return Ok(false);
+        }
+        let at = held.as_ref().map_or(dir, |fd| fd.as_fd());
+        let up = rustix::fs::openat(at, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+        let up_id = identity(up.as_fd())?;
+        if dirs.contains(&up_id) {
+            return Ok(true);
+        }
+        if up_id == id {
+            return Ok(false);
+        }
+        id = up_id;
+        held = Some(up);
+    }
+    Ok(false)
+}
+
 /// One entry of a directory, not followed.
 pub struct Entry {
     /// Its name.
@@ -1082,6 +1127,11 @@ mod tests {
             &open(root.as_fd(), &p("inner/f"), OFlags::RDONLY, STRICT).expect_err("strict")
         ));
         assert!(components("../x").is_err() && components("/etc").is_err());
+        let list: Vec<_> = ["d", "./d/", "d/e", "x/y", "x", "d", "z/d"]
+            .iter()
+            .map(|s| p(s))
+            .collect();
+        assert_eq!(outermost(&list), [0, 4, 6]);
         let name = "n".repeat(NAME_MAX);
         assert_eq!(p(&format!("a/{name}")).len(), 2);
         assert!(matches!(

@@ -1397,14 +1397,23 @@ async fn archive_download_token(
     if r.files.is_empty() || r.files.len() > 10_000 {
         return Err(ApiError::Params("files: 1 to 10000 paths".into()));
     }
+    let mut parts = Vec::with_capacity(r.files.len());
     for f in &r.files {
-        if fsx::components(f)?.is_empty() {
+        let p = fsx::components(f)?;
+        if p.is_empty() {
             return Err(ApiError::Params("files: the vfolder itself".into()));
         }
+        parts.push(p);
     }
+    // Each path once, none inside another listed one: its tree would be archived as
+    // many times as it is listed.
+    let files: Vec<&String> = fsx::outermost(&parts)
+        .into_iter()
+        .filter_map(|i| r.files.get(i))
+        .collect();
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
-        &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": r.files, "filename": r.filename, "exp": exp}),
+        &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": files, "filename": r.filename, "exp": exp}),
         &state.session_secret,
     );
     // The token travels in the download's query: one whose request target would not

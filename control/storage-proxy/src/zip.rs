@@ -252,8 +252,9 @@ fn note_renamed(name: &[u8]) {
 /// The names given in one archive, so that no two entries end up with one name, nor
 /// a file with the name of a directory: an extractor would overwrite the first with
 /// the second, ask, or fail. Names collide once made safe (`a\b` and `a_b`, two
-/// invalid UTF-8 names, `a:b` and `a_b`) or when a download lists a path twice or
-/// one inside another. A name that needed no change keeps it: each directory is
+/// invalid UTF-8 names, `a:b` and `a_b`) or when a download lists paths that meet
+/// (a file listed beside its directory's symlink; a path listed twice or inside
+/// another listed one is archived once, see `outermost`). A name that needed no change keeps it: each directory is
 /// read once to reserve its names before it is read again to archive its entries.
 /// Names that collide only once made safe contest the safe name: the one whose
 /// name on disk hashes highest keeps it, an order that does not depend on the order
@@ -758,6 +759,42 @@ impl fsx::Visitor for Walker<'_, '_> {
     }
 }
 
+/// The items an archive needs of `items` (see [`fsx::outermost`]: the listed paths of
+/// a token made before listed paths were made unique at issue may repeat or nest),
+/// and the device and inode of each listed directory, so that one reached through
+/// another path (a symlink) is archived once too.
+fn outermost(items: Vec<Item>) -> (Vec<Item>, std::collections::HashSet<(u64, u64)>) {
+    let paths: Vec<Vec<std::ffi::OsString>> = items
+        .iter()
+        .map(|i| match i {
+            Item::Beneath(_, parts) => parts.clone(),
+            // Not a listed path: kept (an empty path would swallow every other).
+            _ => vec![std::ffi::OsString::from("/")],
+        })
+        .collect();
+    let keep: std::collections::HashSet<usize> = fsx::outermost(&paths).into_iter().collect();
+    let mut listed = std::collections::HashSet::new();
+    let items: Vec<Item> = items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, item)| keep.contains(i) || !matches!(item, Item::Beneath(..)))
+        .map(|(_, item)| item)
+        .collect();
+    for item in &items {
+        if let Item::Beneath(root, parts) = item {
+            // One that cannot be opened now is dealt with at its turn.
+            if let Ok(st) =
+                fsx::open_readable(root.as_fd(), parts).and_then(|fd| Ok(rustix::fs::fstat(&fd)?))
+            {
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    listed.insert((st.st_dev, st.st_ino));
+                }
+            }
+        }
+    }
+    (items, listed)
+}
+
 /// The central directory as it is made: its records go to an unlinked temporary
 /// file in `TMPDIR` (through a small buffer) rather than memory, since a user with
 /// a shell can make a million empty files in seconds and open many archives of
@@ -1003,7 +1040,12 @@ impl<'a> Writer<'a> {
     }
 
     fn archive(&mut self, items: Vec<Item>, skip_staging: bool) -> std::io::Result<()> {
+        let (items, listed) = outermost(items);
+        // Listed directories already archived, by device and inode.
+        let mut walked = std::collections::HashSet::new();
         for item in items {
+            // Whether this item's walk leaves out the staging area at its top.
+            let mut skip_staging = skip_staging;
             let item = match item {
                 Item::Beneath(root, parts) => {
                     // Checked before the answer began, but opened only now: an entry
@@ -1024,8 +1066,27 @@ impl<'a> Writer<'a> {
                         }
                         Err(e) => return Err(e),
                     };
-                    let dir = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
-                        == FileType::Directory;
+                    let st = rustix::fs::fstat(&fd)?;
+                    let dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+                    if dir {
+                        let id = (st.st_dev, st.st_ino);
+                        let top = fsx::dir_identity(root.as_fd())?;
+                        // A directory listed again through another path (a symlink),
+                        // or inside another listed one, is archived by that one.
+                        if walked.contains(&id)
+                            || fsx::inside_any(fd.as_fd(), &listed, top).unwrap_or(false)
+                        {
+                            tracing::debug!(
+                                entry = %fsx::join(&parts).to_string_lossy(),
+                                "listed directory archived already by another listed path"
+                            );
+                            continue;
+                        }
+                        walked.insert(id);
+                        // The vfolder itself (through a symlink to it): its staging
+                        // area is left out, as a download of the vfolder leaves it.
+                        skip_staging |= id == top;
+                    }
                     let mut name = self.names.give_path(&parts, dir);
                     if dir {
                         name.push(b'/');
