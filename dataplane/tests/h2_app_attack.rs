@@ -72,6 +72,56 @@ fn read_heads(s: &mut TcpStream, heads: usize) -> Vec<u8> {
     got
 }
 
+/// An HTTP/2 app's `content-length` reaches an HTTP/1.1 client as one canonical
+/// field: two equal ones (which `h2` accepts) or a zero-padded one would otherwise
+/// pass as written, and a client or a cache behind it may read two lengths as a
+/// framing error or pick another. Before, both fields went out as the app sent them.
+#[test]
+fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    let mut out = Vec::new();
+                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+                        let head = appproxy_test_support::h2frames::block(&[
+                            (b":status", b"200"),
+                            (b"content-length", b"005"),
+                            (b"content-length", b"5"),
+                        ]);
+                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                        out.extend(frame(DATA, END_STREAM, id, b"hello"));
+                    }
+                    out
+                })
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("write");
+    let got = read_heads(&mut s, 1);
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let lengths: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("content-length:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(lengths, ["5"], "{head}");
+}
+
 #[test]
 fn data_after_a_bodiless_answer_of_an_http2_app_never_reaches_the_client() {
     for (status, code) in [(0x89u8, "204 No Content"), (0x8b, "304 Not Modified")] {

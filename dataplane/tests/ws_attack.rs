@@ -188,6 +188,55 @@ fn the_protocol_the_101_names_decides_the_tunnel() {
     assert!(app_got(&got, 1).is_empty());
 }
 
+/// An `h2c` switch is never passed on (deprecated by RFC 9113 §3.1): through a byte
+/// tunnel, every later request on the connection would reach an app that accepts it
+/// as HTTP/2 with no field rule applied (client addresses, request IDs, permit
+/// cookies) and no access line. `h2c` is struck from what a request offers, with
+/// its `HTTP2-Settings`; a request offering nothing else goes on as a plain one,
+/// and an app that switches to `h2c` anyway gets a 502.
+#[test]
+fn an_h2c_upgrade_is_never_passed_on() {
+    const SWITCH_TO_H2C: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    // The app switches to h2c whenever anything is offered, else answers.
+    let (app, got) = scripted_app(|head, s| {
+        let answer: &[u8] = if head.to_ascii_lowercase().contains("\r\nupgrade:") {
+            SWITCH_TO_H2C
+        } else {
+            // One request per connection: this app reads one head on each.
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        };
+        let _ = s.write_all(answer);
+    });
+    let w = worker(app, "");
+    let offer = |upgrade: &str| {
+        let mut c = common::Client::connect(w.addr());
+        c.send(
+            format!(
+                "GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        c.response()
+    };
+    // `h2c` alone: a plain request, answered as one.
+    let r = offer("h2c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // `h2c` among others: only the others are offered, and a switch to `h2c` is
+    // refused.
+    let r = offer("h2c, x-raw");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let seen = got.lock().expect("received").clone();
+    assert_eq!(seen.len(), 2);
+    let plain = seen[0].0.to_ascii_lowercase();
+    assert!(!plain.contains("upgrade"), "{plain}");
+    assert!(!plain.contains("http2-settings"), "{plain}");
+    let offered = seen[1].0.to_ascii_lowercase();
+    assert!(offered.contains("\r\nupgrade: x-raw\r\n"), "{offered}");
+    assert!(!offered.contains("h2c"), "{offered}");
+    assert!(!offered.contains("http2-settings"), "{offered}");
+}
+
 /// An upgrade offered on a request carrying a body (by length or chunked) is
 /// ignored: the app gets a plain request, its body as a body, and no tunnel opens
 /// (an app could take the body for the first bytes of the new protocol, bytes the

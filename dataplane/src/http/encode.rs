@@ -33,8 +33,10 @@ use super::parse::{name_is, BodyFraming, HeaderField, RequestHead, ResponseHead,
 
 /// Headers that apply to one hop only (RFC 9110 §7.6.1, plus the legacy
 /// `Proxy-Connection` and `Keep-Alive`).
-const HOP_BY_HOP: [&str; 10] = [
+const HOP_BY_HOP: [&str; 11] = [
     "connection",
+    // The settings of an `h2c` switch, which is never passed on (`upgrade_offers`).
+    "http2-settings",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
@@ -88,7 +90,11 @@ pub fn is_client_address_header(name: &[u8]) -> bool {
 /// (except `Host`, which is for every recipient: a client listing it must not make
 /// the app get a request without one).
 fn is_hop_by_hop(name: &[u8], buf: &[u8], connection_tokens: &[Range<usize>]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name_is(name, h))
+    // Every listed name starts with one of these letters: most headers skip the list.
+    (matches!(
+        name.first().map(|b| b | 0x20),
+        Some(b'c' | b'h' | b'k' | b'p' | b't' | b'u')
+    ) && HOP_BY_HOP.iter().any(|h| name_is(name, h)))
         || (!name_is(name, "host")
             && connection_tokens
                 .iter()
@@ -362,8 +368,14 @@ pub fn upstream_request_traced(
     });
     out.extend_from_slice(b"\r\n");
     if let Some(upgrade) = &head.upgrade {
-        out.extend_from_slice(b"Connection: upgrade\r\n");
-        push_field(out, b"Upgrade", &buf[upgrade.clone()]);
+        out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
+        for (i, protocol) in super::parse::upgrade_offers(&buf[upgrade.clone()]).enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(protocol);
+        }
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -640,6 +652,19 @@ mod tests {
     fn text(ip: IpAddr) -> String {
         let (bytes, len) = ip_text(ip);
         String::from_utf8(bytes[..len as usize].to_vec()).expect("ASCII")
+    }
+
+    /// The first-letter filter of `is_hop_by_hop` lets every listed name through.
+    #[test]
+    fn every_hop_by_hop_name_passes_the_first_letter_filter() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name.as_bytes(), b"", &[]), "{name}");
+            assert!(
+                is_hop_by_hop(name.to_ascii_uppercase().as_bytes(), b"", &[]),
+                "{name}"
+            );
+        }
+        assert!(!is_hop_by_hop(b"content-type", b"", &[]));
     }
 
     /// Every octet value in every position, written as `Display` writes it.

@@ -317,6 +317,19 @@ pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The protocols an `Upgrade` value offers that the worker passes on: all but `h2c`.
+/// An HTTP/2 switch over cleartext (deprecated, RFC 9113 §3.1) would turn the
+/// connection into one the app reads as HTTP/2 while the worker relays it as bytes:
+/// every later request on it would reach the app with no field rule applied (client
+/// addresses, request IDs, permit cookies), and none would be logged. HTTP/2 clients
+/// reach apps through the worker's own HTTP/2 instead.
+pub fn upgrade_offers(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list_elements(value).filter(|protocol| {
+        let name = protocol.split(|b| *b == b'/').next().unwrap_or(protocol);
+        !name.eq_ignore_ascii_case(b"h2c")
+    })
+}
+
 /// Parses a `Content-Length` value (a list of equal decimal numbers allowed).
 fn parse_content_length(value: &[u8], current: Option<u64>) -> Option<u64> {
     let mut result = current;
@@ -563,8 +576,10 @@ pub fn parse_request_reusing(
     };
     // A server ignores `Upgrade` in an HTTP/1.0 request (RFC 9110 §7.8): forwarded as
     // HTTP/1.1, it would ask the app for a switch the client cannot make.
+    // Nor is one that offers nothing the worker passes on ([`upgrade_offers`]).
     let upgrade = if scan.conn_upgrade && version == Version::Http11 {
         scan.upgrade
+            .filter(|u| upgrade_offers(&buf[u.clone()]).next().is_some())
     } else {
         None
     };

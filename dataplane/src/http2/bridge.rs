@@ -177,9 +177,11 @@ pub async fn forward(
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         let n = name.as_str().as_bytes();
+        // The app's `content-length` fields (two equal ones pass `h2`, and `005`
+        // would pass as written) are left out: one canonical value is written below.
         if is_connection_specific(n)
             || parse::name_is(n, "x-backend-request-id")
-            || (status == 204 && parse::name_is(n, "content-length"))
+            || parse::name_is(n, "content-length")
             || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
         {
             continue;
@@ -191,6 +193,10 @@ pub async fn forward(
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if let Some(n) = length.filter(|_| status != 204) {
+        out.extend_from_slice(b"content-length: ");
+        push_u64(&mut out, n);
+        out.extend_from_slice(b"\r\n");
     } else if length.is_none() && !bodiless && !close_delimited {
         out.extend_from_slice(b"content-length: 0\r\n");
     }

@@ -920,7 +920,7 @@ fn switched_to(offered: Option<&[u8]>, chosen: Option<&[u8]>) -> Result<bool, &'
     let mut websocket = false;
     let mut named = false;
     for protocol in parse::list_elements(chosen) {
-        if !parse::list_elements(offered).any(|o| o.eq_ignore_ascii_case(protocol)) {
+        if !parse::upgrade_offers(offered).any(|o| o.eq_ignore_ascii_case(protocol)) {
             return Err("101 to a protocol the client did not offer");
         }
         named = true;
