@@ -180,7 +180,7 @@ impl Counter {
             Counter::UpstreamLimit => spec("appproxy_upstream_connection_limit_total", Kind::Counter, "Requests refused because their upstream was at [upstream] max_connections_per_route."),
             Counter::TunnelsActive => spec("appproxy_tunnels_active", Kind::Gauge, "WebSocket and TCP tunnels open now."),
             Counter::TunnelsOpened => spec("appproxy_tunnels_opened_total", Kind::Counter, "WebSocket and TCP tunnels opened."),
-            Counter::TunnelsRevoked => spec("appproxy_tunnels_revoked_total", Kind::Counter, "Tunnels closed because a deployment removed their circuit or made it refuse their client."),
+            Counter::TunnelsRevoked => spec("appproxy_tunnels_revoked_total", Kind::Counter, "Tunnels (and exchanges of http2 and grpc circuits) closed because a deployment removed their circuit or made it refuse their client."),
             Counter::TlsHandshakesFull => spec_tls("full"),
             Counter::TlsHandshakesResumed => spec_tls("resumed"),
             Counter::TlsHandshakeFailures => spec("appproxy_tls_handshake_failures_total", Kind::Counter, "TLS handshakes that failed, timed out or were closed before completing."),

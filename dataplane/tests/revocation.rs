@@ -786,3 +786,113 @@ fn a_tcp_connection_whose_app_connect_hangs_while_removed_passes_nothing() {
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     }
 }
+
+/// A gRPC app on raw frames: every stream is answered with a head at once and held
+/// open, each DATA frame echoed back on its stream; the streams it saw reset are
+/// counted.
+fn grpc_echo_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, HEADERS, RST_STREAM,
+    };
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = resets.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                serve_raw_app(s, |(ty, _, id, payload)| match *ty {
+                    HEADERS => frame(
+                        HEADERS,
+                        END_HEADERS,
+                        *id,
+                        &block(&[(b":status", b"200"), (b"content-type", b"application/grpc")]),
+                    ),
+                    DATA if !payload.is_empty() => frame(DATA, 0, *id, payload),
+                    RST_STREAM => {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                })
+            });
+        }
+    });
+    (addr, resets)
+}
+
+/// A gRPC stream lives as long as a WebSocket session, carrying input to its app
+/// for hours: a deployment that no longer admits its client ends it as it does a
+/// tunnel. An HTTP/2 client's stream is reset (the app's too) while a change that
+/// still admits it leaves it echoing; a bridged HTTP/1.1 client's connection is
+/// closed. Before, both streamed on after the circuit was narrowed or removed.
+#[test]
+fn grpc_streams_end_when_a_deployment_no_longer_admits_them() {
+    use appproxy_test_support::h2frames::{
+        self, frame, read_frame, request, DATA, END_HEADERS, HEADERS, RST_STREAM,
+    };
+    let (app, app_resets) = grpc_echo_app();
+    let w = Worker::start(WorkerOpts {
+        cores: 1,
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"grpc\"\nopen_to_public = true\nallowed_client_ips = \"10.0.0.0/8, 127.0.0.0/8\""
+            .into(),
+        ..Default::default()
+    });
+    let original = config(&w);
+    // An HTTP/2 client's stream: its head, then one message echoed.
+    let mut h = h2frames::connect(w.addr());
+    h.write_all(&frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &request(
+            "POST",
+            "/pkg.Svc/Chat",
+            &[(b"content-type", b"application/grpc"), (b"te", b"trailers")],
+        ),
+    ))
+    .expect("headers");
+    let echo = |h: &mut TcpStream, message: &[u8]| {
+        h.write_all(&frame(DATA, 0, 1, message)).expect("data");
+        loop {
+            match read_frame(h) {
+                Some((DATA, _, 1, p)) if !p.is_empty() => return p,
+                Some((RST_STREAM, _, 1, _)) | None => panic!("the stream ended"),
+                Some(_) => {}
+            }
+        }
+    };
+    assert_eq!(echo(&mut h, b"\0\0\0\0\x01a"), b"\0\0\0\0\x01a");
+    // A bridged HTTP/1.1 client's call (its request whole, the app's answer held
+    // open): its answer's head came.
+    let mut c = common::Client::connect(w.addr());
+    c.send(b"POST /pkg.Svc/Chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n\0\0\0\0\x01b\r\n0\r\n\r\n");
+    assert_eq!(c.head().0, 200);
+
+    // A change that still admits both: the stream goes on.
+    deploy(&w, &original, 1, |t| {
+        t.replace("10.0.0.0/8, 127.0.0.0/8", "127.0.0.0/8")
+    });
+    assert_eq!(echo(&mut h, b"\0\0\0\0\x01c"), b"\0\0\0\0\x01c");
+    assert_eq!(revoked(&w), 0);
+
+    // The allowlist no longer admits the loopback clients.
+    let narrowed = config(&w);
+    deploy(&w, &narrowed, 1, |t| t.replace("127.0.0.0/8", "10.0.0.0/8"));
+    let reset = loop {
+        match read_frame(&mut h) {
+            Some((RST_STREAM, _, 1, _)) => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(reset, "the HTTP/2 client's stream was not reset");
+    common::eventually("the bridged client's connection closed", || c.is_closed());
+    common::eventually("both app streams reset", || {
+        app_resets.load(std::sync::atomic::Ordering::SeqCst) == 2
+    });
+    assert_eq!(revoked(&w), 2);
+}

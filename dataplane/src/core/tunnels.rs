@@ -1,4 +1,5 @@
-//! The open tunnels of one core (WebSocket sessions, other upgrades, TCP circuits),
+//! The open tunnels of one core (WebSocket sessions, other upgrades, TCP circuits,
+//! and the exchanges of `http2` and `grpc` circuits, whose streams live as long),
 //! by circuit: what each was admitted on, so that a deployment that removes its
 //! circuit, or changes it so that it no longer admits the tunnel's client, closes it.
 //!
@@ -96,6 +97,37 @@ struct Tunnel {
     conns: Vec<SlotKey>,
     /// Already revoked (counted and logged once).
     revoked: Cell<bool>,
+    /// For a stream that owns no connection (an HTTP/2 stream): told when revoked.
+    signal: Option<Rc<Signal>>,
+}
+
+/// A revocation told to a stream that owns no connection of its own: an HTTP/2
+/// stream shares its client's connection with other streams, which go on.
+#[derive(Default)]
+pub struct Signal {
+    fired: Cell<bool>,
+    waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+impl Signal {
+    fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the stream was revoked.
+    pub async fn revoked(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await;
+    }
 }
 
 /// The open tunnels of one core, by circuit, then by a sequence number of the core.
@@ -132,13 +164,43 @@ impl Core {
     ) -> TunnelGuard {
         self.metrics.add(counter::TUNNELS_ACTIVE, 1);
         self.metrics.add(counter::TUNNELS_OPENED, 1);
+        self.watch_admitted(route, client, vec![client_conn.slot_key()], None, true)
+    }
+
+    /// Watches an exchange of an `http2` or `grpc` circuit while it lives (a gRPC
+    /// stream carries input to its app for as long as a WebSocket session does),
+    /// as [`Core::tunnel_open`] does a tunnel, without counting it as one: a
+    /// deployment that no longer admits it closes `client_conn` (an HTTP/1.1
+    /// client's connection, its own), or else fires the returned [`Signal`] (an
+    /// HTTP/2 stream, whose connection carries others).
+    pub fn stream_open(
+        self: &Rc<Self>,
+        route: &Rc<Route>,
+        client: IpAddr,
+        client_conn: Option<&TcpConn>,
+    ) -> (TunnelGuard, Rc<Signal>) {
+        let signal = Rc::new(Signal::default());
+        let conns = client_conn.map(TcpConn::slot_key).into_iter().collect();
+        let guard = self.watch_admitted(route, client, conns, Some(signal.clone()), false);
+        (guard, signal)
+    }
+
+    fn watch_admitted(
+        self: &Rc<Self>,
+        route: &Rc<Route>,
+        client: IpAddr,
+        conns: Vec<SlotKey>,
+        signal: Option<Rc<Signal>>,
+        counted: bool,
+    ) -> TunnelGuard {
         let circuit = route.circuit.circuit.id;
         let seq = self.tunnels.next.get() + 1;
         self.tunnels.next.set(seq);
         let tunnel = Tunnel {
             admission: Admission::of(&route.circuit, client),
-            conns: vec![client_conn.slot_key()],
+            conns,
             revoked: Cell::new(false),
+            signal,
         };
         let current = self.routes.borrow().get(&circuit);
         let changed = !current.as_ref().is_some_and(|c| Rc::ptr_eq(c, route));
@@ -152,6 +214,7 @@ impl Core {
             core: self.clone(),
             circuit,
             seq,
+            counted,
         };
         if changed {
             self.recheck_circuit_tunnels(circuit, current.as_deref());
@@ -201,6 +264,9 @@ impl Core {
             for key in &t.conns {
                 self.reactor.revoke(*key);
             }
+            if let Some(signal) = &t.signal {
+                signal.fire();
+            }
             self.metrics.add(counter::TUNNELS_REVOKED, 1);
             match closed.iter_mut().find(|(r, _)| *r == reason) {
                 Some((_, n)) => *n += 1,
@@ -221,6 +287,8 @@ pub struct TunnelGuard {
     circuit: uuid::Uuid,
     /// Its number on the core.
     seq: u64,
+    /// Counted as an open tunnel (a stream is watched, not counted).
+    counted: bool,
 }
 
 impl TunnelGuard {
@@ -244,7 +312,9 @@ impl TunnelGuard {
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        self.core.metrics.sub(counter::TUNNELS_ACTIVE, 1);
+        if self.counted {
+            self.core.metrics.sub(counter::TUNNELS_ACTIVE, 1);
+        }
         let mut open = self.core.tunnels.by_circuit.borrow_mut();
         if let Some(tunnels) = open.get_mut(&self.circuit) {
             tunnels.remove(&self.seq);

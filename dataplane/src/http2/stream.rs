@@ -282,7 +282,8 @@ async fn serve_stream(
     };
     let circuit = &route.circuit.circuit;
     let grpc = grpc || circuit.protocol == ProxyProtocol::Grpc;
-    let refusal = match proxy::client_ip_of(&ctx.hop, req.buf, head) {
+    let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
+    let refusal = match client_ip {
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
             "X-Forwarded-For from a trusted proxy must hold exactly one address",
         )))),
@@ -327,12 +328,31 @@ async fn serve_stream(
         // A stream the client already reset fails on its first DATA instead.
         let _ = respond.send_informational(go_on);
     }
-    let outcome = match circuit.protocol {
-        ProxyProtocol::Http2 | ProxyProtocol::Grpc => {
-            super::upstream::forward(ctx, &route, req, body, respond, id, trace).await
+    let h2_app = matches!(circuit.protocol, ProxyProtocol::Http2 | ProxyProtocol::Grpc);
+    // A stream to an HTTP/2 app (a gRPC call may stream for hours) is watched while
+    // it lives: a deployment that no longer admits it resets it, and the
+    // connection's other streams go on.
+    let watched = client_ip
+        .ok()
+        .filter(|_| h2_app)
+        .map(|ip| core.stream_open(&route, ip, None));
+    let revoked = async {
+        match &watched {
+            Some((_, signal)) => signal.revoked().await,
+            None => std::future::pending().await,
         }
-        _ => forward_h1(ctx, &route, req, body, respond, id, trace).await,
+        Err(Fail::Abort(
+            "a deployment no longer admits the stream".into(),
+        ))
     };
+    let exchange = async {
+        if h2_app {
+            super::upstream::forward(ctx, &route, req, body, respond, id, trace).await
+        } else {
+            forward_h1(ctx, &route, req, body, respond, id, trace).await
+        }
+    };
+    let outcome = futures_lite::future::or(exchange, revoked).await;
     match outcome {
         Ok(done) => {
             core.metrics.status(done.status);

@@ -285,15 +285,36 @@ impl Client {
     /// there).
     async fn bridge(&mut self, x: &Exchange, route: &Route) -> Next {
         let core = self.core.clone();
-        let bridged = crate::http2::bridge::forward(
-            &core,
-            &self.conn,
-            &mut self.buf,
-            self.hop,
-            &x.head,
-            route,
-            x.id,
-            x.trace,
+        // Watched while it lives (a gRPC call may stream for hours): a deployment
+        // that no longer admits it closes the client's connection and drops the
+        // exchange, which resets the app's stream.
+        let watched = match (&x.route, x.client) {
+            (Some(admitted), Some(client)) => {
+                Some(core.stream_open(admitted, client, Some(&self.conn)))
+            }
+            _ => None,
+        };
+        let revoked = async {
+            match &watched {
+                Some((_, signal)) => signal.revoked().await,
+                None => std::future::pending().await,
+            }
+            Err(crate::http2::stream::Fail::Abort(
+                "a deployment no longer admits the exchange".into(),
+            ))
+        };
+        let bridged = futures_lite::future::or(
+            crate::http2::bridge::forward(
+                &core,
+                &self.conn,
+                &mut self.buf,
+                self.hop,
+                &x.head,
+                route,
+                x.id,
+                x.trace,
+            ),
+            revoked,
         )
         .await;
         match bridged {
