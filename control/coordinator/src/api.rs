@@ -551,7 +551,11 @@ pub(super) async fn heartbeat(
     Params(q): Params<NodeQuery>,
 ) -> Result<Response, ApiError> {
     valid_node_id("node", q.node.as_deref())?;
-    if !state.store.heartbeat_node(id, q.node.as_deref()).await? {
+    let heard = match state.store.heartbeat_node(id, q.node.as_deref()).await {
+        Err(StoreError::Conflict(why)) => return Err(ApiError::NodeLeft(why)),
+        other => other?,
+    };
+    if !heard {
         return Err(ApiError::NotFound("No such worker."));
     }
     if let Some(conn) = &state.redis {

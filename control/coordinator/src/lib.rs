@@ -486,6 +486,10 @@ pub enum ApiError {
     /// asked again makes a new one.
     #[error("The circuit was removed while being created")]
     CircuitRemoved,
+    /// A heartbeat of an HA node that deregistered: 409, the worker's to fix by
+    /// registering again.
+    #[error("{0}")]
+    NodeLeft(String),
     /// The session already holds `[limits] max_circuits_per_session` live circuits
     /// (the value given): 429, nothing created. The caller's own quota, not the
     /// service's state: retrying helps only once one of its circuits is gone.
@@ -519,6 +523,7 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
             Self::CircuitRemoved => (StatusCode::CONFLICT, "circuit-removed"),
+            Self::NodeLeft(_) => (StatusCode::CONFLICT, "node-left"),
             Self::SessionCircuitLimit(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "session-circuit-limit")
             }

@@ -2139,6 +2139,48 @@ fn ha_nodes_are_counted_by_name(db: Db) {
     );
     assert_eq!(r.status, 200);
     assert_eq!(state(), ("LOST".to_owned(), 0), "the last node left");
+    // A heartbeat of n1 arriving after its deregistration (sent just before it
+    // left, answered late) made the leaving worker ALIVE again: now it is refused
+    // until n1 registers again.
+    let late = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?node=n1&brief=true"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(late.status, 409, "{}", String::from_utf8_lossy(&late.body));
+    assert!(
+        late.json()["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("must register again")),
+        "{}",
+        String::from_utf8_lossy(&late.body)
+    );
+    assert_eq!(
+        state(),
+        ("LOST".to_owned(), 0),
+        "a late heartbeat brought a node that left back"
+    );
+    assert_eq!(register("n1")["nodes"], 1, "registered again, it counts");
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?node=n1&brief=true"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(state(), ("ALIVE".to_owned(), 1));
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{id}?node=n1"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(state(), ("LOST".to_owned(), 0));
     // A node name longer than the column is a 400, not a database error.
     let long = "n".repeat(1100);
     let r = request(
@@ -2154,6 +2196,38 @@ fn ha_nodes_are_counted_by_name(db: Db) {
     request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], legacy);
     assert_eq!(r.json()["nodes"], 2);
+    // Both leave; a late heartbeat does not make the worker ALIVE again.
+    let legacy_id = r.json()["id"].as_str().expect("id").to_owned();
+    for _ in 0..2 {
+        let r = request(
+            c.addr,
+            "DELETE",
+            &format!("/api/worker/{legacy_id}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200);
+    }
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{legacy_id}?brief=true"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{legacy_id}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(
+        (r.json()["status"].clone(), r.json()["nodes"].clone()),
+        (serde_json::json!("LOST"), serde_json::json!(0)),
+        "a late heartbeat brought a worker whose nodes all left back"
+    );
 }
 
 /// After traffic, `/metrics` has `# HELP` and `# TYPE` on every family, and the API

@@ -617,7 +617,7 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "10",
+        "11",
         "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
@@ -770,6 +770,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
          ALTER TABLE circuit_changes DROP COLUMN removal;
          DROP INDEX tokens_created_at;
          ALTER TABLE tokens DROP COLUMN created_at;
+         ALTER TABLE worker_nodes DROP COLUMN left_at;
          PRAGMA user_version = 6;",
     )
     .expect("downgrade");
@@ -802,7 +803,8 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
          DROP INDEX tokens_created_at;
          ALTER TABLE tokens DROP COLUMN created_at;
          DROP FUNCTION appproxy_circuit_may_insert(uuid, integer, timestamptz);
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10);",
+         ALTER TABLE worker_nodes DROP COLUMN left_at;
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11);",
     );
     let store = open().await.expect("open and migrate");
     tokens_count_from_the_migration(&store, token).await;

@@ -485,7 +485,9 @@ impl Store {
     }
 
     /// A heartbeat of one named HA node (`node_id` of its registration): that node
-    /// is alive, `nodes` counts the distinct live ones.
+    /// is alive, `nodes` counts the distinct live ones. A node that deregistered is
+    /// not counted again by a heartbeat (a late one, sent before it left): that is a
+    /// conflict until it registers again.
     pub async fn heartbeat_node(
         &self,
         id: uuid::Uuid,
@@ -877,6 +879,14 @@ impl Store {
 
 /// The latest time an idle check is scheduled at (9999-12-31T23:59:59Z).
 const LATEST_IDLE_CHECK: f64 = 253_402_300_799.0;
+
+/// A heartbeat of a node that deregistered: the worker's to fix, by registering
+/// again (`PUT /api/worker`) before its heartbeats count.
+pub(crate) fn node_left(node: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "node {node:?} deregistered; it must register again (PUT /api/worker) before its heartbeats count"
+    ))
+}
 
 /// Now, as the wire writes times.
 pub(crate) fn now() -> String {

@@ -189,6 +189,12 @@ BEGIN
 END
 $$;
 ",
+    // A node that deregistered is kept, marked as left, until it registers again:
+    // a heartbeat of it arriving late (sent just before it left, answered by a
+    // slow or another coordinator) does not count it again.
+    "
+ALTER TABLE worker_nodes ADD COLUMN left_at timestamptz NULL;
+",
 ];
 
 /// The advisory lock route writes take turns under across coordinators ("routes"
@@ -238,12 +244,22 @@ const LOG_CHANGE: &str = "WITH bumped AS (
 /// none) and `updated_at`. Returns whether the worker exists.
 const RECOUNT: &str = "UPDATE workers SET nodes = n.count,
         status = CASE WHEN n.count = 0 THEN 'LOST' ELSE 'ALIVE' END, updated_at = now()
-     FROM (SELECT count(*)::integer AS count FROM worker_nodes WHERE worker = $1) n
+     FROM (SELECT count(*)::integer AS count FROM worker_nodes
+        WHERE worker = $1 AND left_at IS NULL) n
      WHERE id = $1";
 
-/// Records that `node` of worker `id` was just heard from.
+/// Records that `node` of worker `id` registered: it counts again if it had left.
 const NODE_SEEN: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
-     ON CONFLICT (worker, node) DO UPDATE SET seen_at = now()";
+     ON CONFLICT (worker, node) DO UPDATE SET seen_at = now(), left_at = NULL";
+
+/// Records that `node` of worker `id` heartbeated; no row when the node left (it
+/// must register again before its heartbeats count).
+const NODE_HEARD: &str = "INSERT INTO worker_nodes (worker, node) VALUES ($1, $2)
+     ON CONFLICT (worker, node) DO UPDATE SET seen_at = now()
+        WHERE worker_nodes.left_at IS NULL";
+
+/// Tombstones of nodes that left are dropped after this long.
+const LEFT_NODES_KEPT_SECS: f64 = 86_400.0;
 
 /// PostgreSQL's `idle_in_transaction_session_timeout`, set on every session, and the
 /// client socket's `tcp_user_timeout`: a few store deadlines, so that a transaction
@@ -857,16 +873,21 @@ impl PgStore {
             {
                 return Ok(false);
             }
-            tx.execute(NODE_SEEN, &[id, &node]).await?;
+            if tx.execute(NODE_HEARD, &[id, &node]).await? == 0 {
+                return Err(super::node_left(node));
+            }
             tx.execute(RECOUNT, &[id]).await?;
             tx.commit().await?;
             return Ok(true);
         }
+        // Without node names, a worker whose nodes all deregistered (none left) is
+        // not made `ALIVE` by a heartbeat: only a registration does that.
         Ok(self
             .client()
             .await?
             .execute(
-                "UPDATE workers SET updated_at = now(), status = 'ALIVE' WHERE id = $1",
+                "UPDATE workers SET updated_at = now(),
+                    status = CASE WHEN nodes > 0 THEN 'ALIVE' ELSE status END WHERE id = $1",
                 &[id],
             )
             .await?
@@ -882,7 +903,8 @@ impl PgStore {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
             tx.execute(
-                "DELETE FROM worker_nodes WHERE worker = $1 AND node = $2",
+                "UPDATE worker_nodes SET left_at = now()
+                 WHERE worker = $1 AND node = $2 AND left_at IS NULL",
                 &[id, &node],
             )
             .await?;
@@ -913,12 +935,15 @@ impl PgStore {
         client
             .execute(
                 "WITH stale AS (
-                    DELETE FROM worker_nodes WHERE seen_at < now() - make_interval(secs => $1)
+                    DELETE FROM worker_nodes
+                    WHERE (left_at IS NULL AND seen_at < now() - make_interval(secs => $1))
+                       OR left_at < now() - make_interval(secs => $2)
                     RETURNING worker)
                  UPDATE workers w SET nodes = (SELECT count(*) FROM worker_nodes n
-                    WHERE n.worker = w.id AND n.seen_at >= now() - make_interval(secs => $1))
+                    WHERE n.worker = w.id AND n.left_at IS NULL
+                        AND n.seen_at >= now() - make_interval(secs => $1))
                  WHERE w.id IN (SELECT worker FROM stale)",
-                &[&secs],
+                &[&secs, &LEFT_NODES_KEPT_SECS],
             )
             .await?;
         let rows = client

@@ -124,6 +124,11 @@ ALTER TABLE tokens ADD COLUMN created_at TEXT NOT NULL DEFAULT '';
 UPDATE tokens SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now');
 CREATE INDEX tokens_created_at ON tokens(created_at);
 ",
+    // A node that deregistered is kept, marked as left, until it registers again:
+    // a late heartbeat of it does not count it again.
+    "
+ALTER TABLE worker_nodes ADD COLUMN left_at TEXT;
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
@@ -238,14 +243,14 @@ fn recount(
 ) -> Result<usize, rusqlite::Error> {
     match touch {
         Some(now) => tx.execute(
-            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1),
-                status = CASE WHEN (SELECT count(*) FROM worker_nodes WHERE worker = ?1) = 0
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1 AND left_at IS NULL),
+                status = CASE WHEN (SELECT count(*) FROM worker_nodes WHERE worker = ?1 AND left_at IS NULL) = 0
                     THEN 'LOST' ELSE 'ALIVE' END,
                 updated_at = ?2 WHERE id = ?1",
             params![id, now],
         ),
         None => tx.execute(
-            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1) WHERE id = ?1",
+            "UPDATE workers SET nodes = (SELECT count(*) FROM worker_nodes WHERE worker = ?1 AND left_at IS NULL) WHERE id = ?1",
             params![id],
         ),
     }
@@ -446,7 +451,7 @@ impl SqliteStore {
             if let Some(node) = &registration.node_id {
                 tx.execute(
                     "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at, left_at = NULL",
                     params![id, node, now],
                 )?;
                 recount(&tx, &id, Some(&now))?;
@@ -474,17 +479,25 @@ impl SqliteStore {
                 if known.is_none() {
                     return Ok(false);
                 }
-                tx.execute(
+                // A node that left must register again before its heartbeats count.
+                if tx.execute(
                     "INSERT INTO worker_nodes (worker, node, seen_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at",
+                     ON CONFLICT (worker, node) DO UPDATE SET seen_at = excluded.seen_at
+                        WHERE worker_nodes.left_at IS NULL",
                     params![id, node, now],
-                )?;
+                )? == 0
+                {
+                    return Err(super::node_left(node));
+                }
                 recount(&tx, &id, Some(&now))?;
                 tx.commit()?;
                 return Ok(true);
             }
+            // Without node names, a worker whose nodes all deregistered (none left)
+            // is not made `ALIVE` by a heartbeat: only a registration does that.
             Ok(c.execute(
-                "UPDATE workers SET updated_at = ?1, status = 'ALIVE' WHERE id = ?2",
+                "UPDATE workers SET updated_at = ?1,
+                    status = CASE WHEN nodes > 0 THEN 'ALIVE' ELSE status END WHERE id = ?2",
                 params![now, id.to_string()],
             )? == 1)
         })
@@ -501,8 +514,8 @@ impl SqliteStore {
                 let tx = c.unchecked_transaction()?;
                 let id = id.to_string();
                 tx.execute(
-                    "DELETE FROM worker_nodes WHERE worker = ?1 AND node = ?2",
-                    params![id, node],
+                    "UPDATE worker_nodes SET left_at = ?3 WHERE worker = ?1 AND node = ?2 AND left_at IS NULL",
+                    params![id, node, now],
                 )?;
                 let found = recount(&tx, &id, Some(&now))? == 1;
                 tx.commit()?;
@@ -525,13 +538,18 @@ impl SqliteStore {
             std::time::SystemTime::now() - std::time::Duration::from_secs(timeout_secs),
         )
         .to_string();
+        // Nodes that left are forgotten a day later.
+        let left_cutoff = appproxy_shared::telemetry::Rfc3339(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(86_400),
+        )
+        .to_string();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             // Nodes that stopped heartbeating (crashed) no longer count.
             let stale: Vec<String> = {
                 let mut st =
-                    tx.prepare("DELETE FROM worker_nodes WHERE seen_at < ?1 RETURNING worker")?;
-                let rows = st.query_map(params![cutoff], |r| r.get::<_, String>(0))?;
+                    tx.prepare("DELETE FROM worker_nodes WHERE (left_at IS NULL AND seen_at < ?1) OR left_at < ?2 RETURNING worker")?;
+                let rows = st.query_map(params![cutoff, left_cutoff], |r| r.get::<_, String>(0))?;
                 rows.collect::<Result<_, _>>()?
             };
             for id in &stale {
