@@ -362,15 +362,28 @@ pub fn beneath(
 /// of a path listed more than once, and none inside another listed path (the other's
 /// walk has its entries already). A list naming one directory 10 000 times, or a
 /// directory and paths under it, would otherwise archive its tree as many times.
+///
+/// Sorted by components, a path's copies and the paths inside it follow it at once,
+/// so one pass keeps a path unless it starts with the last one kept: O(n log n)
+/// comparisons, each no longer than the shorter path (checking every prefix of
+/// every path was quadratic in a path's depth, and one path of a token can have
+/// 30 000 components).
 pub fn outermost(paths: &[Vec<OsString>]) -> Vec<usize> {
-    let all: std::collections::HashSet<&[OsString]> = paths.iter().map(Vec::as_slice).collect();
-    let mut seen = std::collections::HashSet::new();
-    paths
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| (0..p.len()).all(|n| !all.contains(&p[..n])) && seen.insert(p.as_slice()))
-        .map(|(i, _)| i)
-        .collect()
+    let mut order: Vec<usize> = (0..paths.len()).collect();
+    // Stable: of equal paths, the first listed comes first and is the one kept.
+    order.sort_by(|&a, &b| paths[a].cmp(&paths[b]));
+    let mut kept: Vec<usize> = Vec::new();
+    for i in order {
+        if kept
+            .last()
+            .is_some_and(|&k| paths[i].starts_with(&paths[k]))
+        {
+            continue;
+        }
+        kept.push(i);
+    }
+    kept.sort_unstable();
+    kept
 }
 
 /// Whether the directory `dir` lies strictly inside one of `dirs` (by device and
@@ -1132,6 +1145,15 @@ mod tests {
             .map(|s| p(s))
             .collect();
         assert_eq!(outermost(&list), [0, 4, 6]);
+        // The empty path (the vfolder itself) holds every other.
+        let list: Vec<_> = ["d", ".", "x"].iter().map(|s| p(s)).collect();
+        assert_eq!(outermost(&list), [1]);
+        // One path 30 000 components deep, and prefixes of it: the outermost is the
+        // shortest.
+        let deep: Vec<OsString> = (0..30_000).map(|_| OsString::from("a")).collect();
+        let mut list: Vec<Vec<OsString>> = (0..50).map(|n| deep[..30_000 - n].to_vec()).collect();
+        list.push(p("b"));
+        assert_eq!(outermost(&list), [49, 50]);
         let name = "n".repeat(NAME_MAX);
         assert_eq!(p(&format!("a/{name}")).len(), 2);
         assert!(matches!(
