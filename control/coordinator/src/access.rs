@@ -107,12 +107,14 @@ impl Marks {
         }
     }
 
-    /// The last access (Unix seconds) of each circuit, in order, in one call; an
-    /// error when the marks cannot be read — a caller deciding on idleness must not
-    /// take "unreadable" for "never accessed".
+    /// The last access (Unix seconds) of each circuit, in order, in one call, a mark
+    /// ahead of `now` (the caller's clock) counting as `now`; an error when the marks
+    /// cannot be read — a caller deciding on idleness must not take "unreadable" for
+    /// "never accessed".
     pub async fn last_access_of(
         &self,
         circuits: &[uuid::Uuid],
+        now: f64,
     ) -> redis::RedisResult<Vec<Option<f64>>> {
         match self {
             Self::Redis(_) if circuits.is_empty() => Ok(Vec::new()),
@@ -126,14 +128,14 @@ impl Marks {
                     super::bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
                 Ok(got
                     .into_iter()
-                    .map(|v| v.as_deref().and_then(read_mark))
+                    .map(|v| v.as_deref().and_then(|t| read_mark_at(t, now)))
                     .collect())
             }
             Self::Memory(map) => {
                 let map = map.lock().unwrap_or_else(|p| p.into_inner());
                 Ok(circuits
                     .iter()
-                    .map(|c| map.get(c).map(|(last, _)| *last))
+                    .map(|c| map.get(c).map(|(last, _)| last.min(now)))
                     .collect())
             }
         }
@@ -189,7 +191,7 @@ impl Marks {
             .await?;
             // Anyone who can write the key can write anything: what is no time is
             // written again.
-            let Some(since) = read_mark(&value) else {
+            let Some(since) = read_mark_at(&value, now) else {
                 force = true;
                 continue;
             };
@@ -305,8 +307,13 @@ fn evicted_keys(info: &str) -> Option<u64> {
 /// check scheduled from it is no time the store can hold (the pass failed to
 /// reschedule every circuit it had looked at).
 pub fn read_mark(text: &str) -> Option<f64> {
+    read_mark_at(text, appproxy_shared::jwt::now_epoch())
+}
+
+/// [`read_mark`] against `now` on the caller's clock (the idle pass's: the store's).
+pub fn read_mark_at(text: &str, now: f64) -> Option<f64> {
     let t: f64 = text.trim().parse().ok()?;
-    (t.is_finite() && t >= 0.0).then(|| t.min(appproxy_shared::jwt::now_epoch()))
+    (t.is_finite() && t >= 0.0).then(|| t.min(now))
 }
 
 /// Unix seconds of an RFC 3339 UTC time as the coordinator writes them

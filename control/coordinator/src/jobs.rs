@@ -153,7 +153,18 @@ async fn idle_pass(state: &State) {
     }
     // Marks lost in a gap (see `MarksGap`): every circuit counts as used when it
     // ended.
-    let noticed = appproxy_shared::jwt::now_epoch();
+    // One clock for every time compared: the store's (PostgreSQL's, which workers
+    // and every coordinator share through NTP), not this leader's own — a leader
+    // whose clock runs ahead would take circuits in use for idle.
+    let ahead = match state.store.clock_ahead().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "the store's clock unreadable; idle-circuit check skipped");
+            return;
+        }
+    };
+    let clock = || appproxy_shared::jwt::now_epoch() + ahead;
+    let noticed = clock();
     let mut gap_end = state.marks_gap.taken(noticed);
     // Marks Redis lost (see `Marks::kept_since`): every circuit counts as used
     // when the loss was noticed.
@@ -190,14 +201,14 @@ async fn idle_pass(state: &State) {
         let ids: Vec<uuid::Uuid> = due.iter().map(|c| c.id).collect();
         // One read for every candidate; unreadable marks skip the pass rather than
         // make every circuit look idle.
-        let marks = match state.marks.last_access_of(&ids).await {
+        let now = clock();
+        let marks = match state.marks.last_access_of(&ids, now).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "last-access marks unreadable; idle-circuit check skipped");
                 return;
             }
         };
-        let now = appproxy_shared::jwt::now_epoch();
         let mut next_checks = Vec::with_capacity(due.len());
         for (c, mark) in due.into_iter().zip(marks) {
             let created = c

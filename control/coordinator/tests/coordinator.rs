@@ -1580,6 +1580,11 @@ fn make_old_and_due(dir: &std::path::Path, circuit: &str) {
 /// Waits (bounded) until a pass has looked at `circuit` since [`make_old_and_due`]:
 /// collected (false) or its next check scheduled ahead (true).
 fn idle_outcome(c: &Coordinator, dir: &std::path::Path, circuit: &str) -> bool {
+    idle_outcome_on(&Db::Sqlite, c, dir, circuit)
+}
+
+/// [`idle_outcome`] on `db`.
+fn idle_outcome_on(db: &Db, c: &Coordinator, dir: &std::path::Path, circuit: &str) -> bool {
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         if request(
@@ -1594,10 +1599,15 @@ fn idle_outcome(c: &Coordinator, dir: &std::path::Path, circuit: &str) -> bool {
         {
             return false;
         }
-        let sql = format!(
-            "SELECT count(*) FROM circuits WHERE id = '{circuit}' AND idle_check_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-        );
-        if Db::Sqlite.query(dir, &sql) == "1" {
+        let sql = match db {
+            Db::Sqlite => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{circuit}' AND idle_check_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+            ),
+            Db::Postgres(_) => format!(
+                "SELECT count(*) FROM circuits WHERE id = '{circuit}' AND idle_check_at > now()"
+            ),
+        };
+        if db.query(dir, &sql) == "1" {
             return true;
         }
         assert!(
@@ -1683,6 +1693,73 @@ fn idle_collection_counts_circuits_as_used_when_redis_lost_their_marks() {
         .query(&mut conn)
         .expect("ttl");
     assert_eq!(ttl, -1, "the key has no TTL");
+}
+
+/// A leader whose clock runs ahead of the database's and the workers' took every
+/// circuit's last access as that much older, and collected circuits in use: it
+/// compared the workers' marks and the creation times with its own clock. The idle
+/// pass now reads the time on the database's clock (the offset it measures). Here
+/// the database and the worker marking the circuit agree, 10 minutes behind the
+/// coordinator — as a coordinator 10 minutes ahead sees them.
+#[test]
+fn idle_collection_uses_the_databases_clock_not_the_leaders() {
+    let pg = appproxy_test_support::pg::Pg::start_with_clock_ahead(-600);
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    // Redis has kept its marks all along (no loss to count circuits as used after).
+    let _: () = redis::cmd("SET")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .arg("1000000000")
+        .query(&mut conn)
+        .expect("kept since");
+    let db = Db::Postgres(pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 60\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let busy = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let Db::Postgres(pg) = &db else {
+        unreachable!("started on PostgreSQL")
+    };
+    // The worker marks it now, on its clock (the database's).
+    let worker_now: f64 = pg
+        .psql("appproxy", "SELECT extract(epoch FROM clock_timestamp())")
+        .parse()
+        .expect("the database's time");
+    let _: () = redis::cmd("SET")
+        .arg(format!("circuit.{busy}.last_access"))
+        .arg(format!("{worker_now:.6}"))
+        .arg("EX")
+        .arg(172_800)
+        .query(&mut conn)
+        .expect("mark");
+    // Made long ago, its check due now.
+    pg.psql(
+        "appproxy",
+        &format!(
+            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
+             idle_check_at = '2000-01-01T00:00:00Z' WHERE id = '{busy}'"
+        ),
+    );
+    assert!(
+        idle_outcome_on(&db, &c, dir.path(), &busy),
+        "a circuit in use was collected by a leader whose clock runs ahead"
+    );
 }
 
 /// Single node (no Redis): the marks live in the coordinator's memory and are gone

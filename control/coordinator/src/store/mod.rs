@@ -461,6 +461,16 @@ impl Store {
         }
     }
 
+    /// How far (seconds) the store's clock is ahead of this coordinator's: PostgreSQL's
+    /// as last read (the clock every coordinator and worker shares); 0 for SQLite,
+    /// which has no clock but this process's.
+    pub async fn clock_ahead(&self) -> Result<f64, StoreError> {
+        match self {
+            Self::Sqlite(_) => Ok(0.0),
+            Self::Postgres(p) => deadline(p.clock_ahead()).await,
+        }
+    }
+
     /// Which engine, for logs and `/status`.
     pub fn engine(&self) -> &'static str {
         match self {

@@ -688,6 +688,21 @@ impl PgStore {
         shifted(deadline, ahead)
     }
 
+    /// How far (seconds) the server's clock is ahead of ours, reading it first when
+    /// the last reading is old.
+    pub(super) async fn clock_ahead(&self) -> Result<f64, StoreError> {
+        let stale = self
+            .clock
+            .lock()
+            .map(|c| c.read_at.is_none_or(|at| at.elapsed() >= CLOCK_REREAD))
+            .unwrap_or(true);
+        if stale {
+            let client = self.client().await?;
+            self.read_clock(&client).await;
+        }
+        Ok(self.clock.lock().map(|c| c.ahead_micros).unwrap_or(0) as f64 / 1e6)
+    }
+
     async fn client(&self) -> Result<Conn, StoreError> {
         self.pool
             .get()
