@@ -7,7 +7,10 @@
 //! loading). `max_retries` failures in a row make a route `unhealthy`; one answer with
 //! the expected status makes it `healthy` again. Probe times carry random jitter so
 //! thousands of routes do not probe in step, and at most
-//! `[health_check] max_concurrency` probes are in flight.
+//! `[health_check] max_concurrency` probes are in flight — one endpoint at most its
+//! share of them ([`share_of`]), and no probe waits longer than [`MAX_PROBE_WAIT`],
+//! so an endpoint whose replicas hang cannot hold every slot and starve the
+//! others' probes.
 //!
 //! Each probe runs under a request ID of its own (sent to the model server in
 //! `X-Backend-Request-ID`); a state change is logged under it with the route, the
@@ -23,7 +26,7 @@
 //! Endpoints whose health check is turned off get their routes' stored states cleared.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +48,18 @@ pub static ROUTE_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(
 
 /// Counters: probes sent, probes failed, state changes applied.
 pub static COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The longest one probe waits for an answer, whatever `max_wait_time` says: a
+/// probe holds one of the `max_concurrency` slots while it waits.
+pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(60);
+
+/// Probes one endpoint may have in flight when `endpoints` endpoints are checked:
+/// an equal share of `max_concurrency` with one share left over, so an endpoint
+/// whose replicas all hang holds at most its share, and an endpoint added meanwhile
+/// finds slots free. At least one.
+pub fn share_of(max_concurrency: usize, endpoints: usize) -> usize {
+    (max_concurrency / endpoints.saturating_add(1)).max(1)
+}
 
 /// An endpoint's health-check settings (the original's `ModelHealthCheck`).
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +131,7 @@ impl Settings {
             interval: secs("interval", 10.0)?.max(floor),
             path,
             max_retries: int("max_retries", 10)?.clamp(1, 1_000) as u32,
-            timeout: secs("max_wait_time", 15.0)?.max(floor),
+            timeout: secs("max_wait_time", 15.0)?.min(MAX_PROBE_WAIT).max(floor),
             expected_status: expected as u16,
             initial_delay: secs("initial_delay", 60.0)?,
         }))
@@ -177,6 +192,7 @@ struct Pending {
 enum Report {
     /// A probe ended: `Ok` or why it failed.
     Probed {
+        endpoint: uuid::Uuid,
         key: uuid::Uuid,
         generation: u64,
         id: RequestId,
@@ -201,6 +217,14 @@ struct Scheduler {
     floor: Duration,
     jitter: f64,
     permits: Arc<Semaphore>,
+    /// `[health_check] max_concurrency`.
+    max_concurrency: usize,
+    /// Probes one endpoint may have in flight ([`share_of`]).
+    share: usize,
+    /// Probes in flight per endpoint.
+    busy: HashMap<uuid::Uuid, usize>,
+    /// Due probes of endpoints at their share, in the order they fell due.
+    waiting: HashMap<uuid::Uuid, VecDeque<(uuid::Uuid, u64)>>,
 }
 
 /// The prober's scheduler: runs until the coordinator stops.
@@ -219,6 +243,10 @@ pub(super) async fn run(state: Arc<State>) {
         floor: Duration::from_secs_f64(cfg.min_interval_secs.clamp(0.001, 3600.0)),
         jitter: cfg.jitter.clamp(0.0, 0.5),
         permits: Arc::new(Semaphore::new(cfg.max_concurrency.clamp(1, 100_000))),
+        max_concurrency: cfg.max_concurrency.clamp(1, 100_000),
+        share: cfg.max_concurrency.clamp(1, 100_000),
+        busy: HashMap::new(),
+        waiting: HashMap::new(),
     };
     let mut next_refresh = Instant::now();
     loop {
@@ -245,6 +273,10 @@ impl Scheduler {
     /// Sends the probes whose time has come.
     fn launch_due(&mut self) {
         let now = Instant::now();
+        let endpoints: Vec<uuid::Uuid> = self.waiting.keys().copied().collect();
+        for endpoint in endpoints {
+            self.launch_waiting(endpoint);
+        }
         while let Some(Reverse((t, key, generation))) = self.heap.peek().copied() {
             if t > now {
                 break;
@@ -262,13 +294,52 @@ impl Scheduler {
                     .push(Reverse((now + Duration::from_millis(50), key, generation)));
                 continue;
             }
-            t.in_flight = true;
-            spawn_probe(
-                t.target.clone(),
-                generation,
-                self.permits.clone(),
-                self.tx.clone(),
-            );
+            let endpoint = t.target.endpoint;
+            if self.busy.get(&endpoint).copied().unwrap_or(0) >= self.share {
+                // The endpoint holds its share: its next probe ends lets this go.
+                self.waiting
+                    .entry(endpoint)
+                    .or_default()
+                    .push_back((key, generation));
+                continue;
+            }
+            self.launch(key, generation);
+        }
+    }
+
+    /// Sends the probe of `key` (scheduled as `generation`) if it is still tracked
+    /// under that schedule and none is out.
+    fn launch(&mut self, key: uuid::Uuid, generation: u64) {
+        let Some(t) = self.tracked.get_mut(&key) else {
+            return;
+        };
+        if t.generation != generation || t.in_flight {
+            return;
+        }
+        t.in_flight = true;
+        *self.busy.entry(t.target.endpoint).or_default() += 1;
+        spawn_probe(
+            t.target.clone(),
+            generation,
+            self.permits.clone(),
+            self.tx.clone(),
+        );
+    }
+
+    /// Sends the waiting probes of `endpoint` while it is below its share.
+    fn launch_waiting(&mut self, endpoint: uuid::Uuid) {
+        while self.busy.get(&endpoint).copied().unwrap_or(0) < self.share {
+            let Some((key, generation)) = self
+                .waiting
+                .get_mut(&endpoint)
+                .and_then(VecDeque::pop_front)
+            else {
+                break;
+            };
+            self.launch(key, generation);
+        }
+        if self.waiting.get(&endpoint).is_some_and(VecDeque::is_empty) {
+            self.waiting.remove(&endpoint);
         }
     }
 
@@ -283,6 +354,7 @@ impl Scheduler {
                 );
                 self.tracked.clear();
                 self.heap.clear();
+                self.waiting.clear();
             }
             return;
         }
@@ -398,6 +470,9 @@ impl Scheduler {
             }
         }
         self.tracked.retain(|k, _| seen.contains(k));
+        let checked: HashSet<uuid::Uuid> =
+            self.tracked.values().map(|t| t.target.endpoint).collect();
+        self.share = share_of(self.max_concurrency, checked.len());
         if self.heap.len() > self.tracked.len().saturating_mul(4) + 64 {
             // Drop stale entries left by rescheduling.
             let tracked = &self.tracked;
@@ -437,11 +512,19 @@ impl Scheduler {
                 }
             }
             Report::Probed {
+                endpoint,
                 key,
                 generation,
                 id,
                 outcome,
             } => {
+                if let Some(n) = self.busy.get_mut(&endpoint) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.busy.remove(&endpoint);
+                    }
+                }
+                self.launch_waiting(endpoint);
                 let Some(t) = self.tracked.get_mut(&key) else {
                     return;
                 };
@@ -552,6 +635,7 @@ fn spawn_probe(
             Err(_) => return,
         };
         let _ = tx.send(Report::Probed {
+            endpoint: target.endpoint,
             key: target.route,
             generation,
             id,

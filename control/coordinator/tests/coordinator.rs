@@ -2699,6 +2699,126 @@ fn leader_gauge_follows_the_redis_lease() {
     wait_for(1.0);
 }
 
+/// One endpoint whose replicas accept and never answer, with `max_wait_time` at a
+/// day and more routes than `[health_check] max_concurrency`, held every probe slot
+/// for a day: no other endpoint's route was probed again. Now one endpoint holds at
+/// most its share of the slots (one share left free for an endpoint added) and no
+/// probe waits more than 60 s: another endpoint's route is still probed and found
+/// healthy.
+#[test]
+fn an_endpoint_whose_replicas_hang_does_not_starve_other_endpoints_probes() {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Replicas that accept and never answer (connections kept open).
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hanging_port = hanging.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in hanging.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+    }
+    // A replica that answers 200.
+    let healthy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let healthy_port = healthy.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in healthy.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "[health_check]\nmax_concurrency = 4\nrefresh_interval_secs = 0.1",
+    );
+    register_inference_worker(&c);
+    let endpoint = |id: &str, name: &str, port: u16, routes: usize| {
+        let body = format!(
+            r#"{{"service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"runtime_variant":"vllm","existing_url":null}}}},"health_check":{{"enable":true,"interval":0.5,"path":"/health","max_retries":3,"max_wait_time":86400,"expected_status_code":200,"initial_delay":0}}}}"#
+        );
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{id}"),
+            &[AUTH],
+            &body,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let routes: Vec<String> = (0..routes)
+            .map(|_| {
+                format!(
+                    r#"{{"session_id":"{SESSION}","route_id":"{}","kernel_host":"127.0.0.1","kernel_port":{port}}}"#,
+                    uuid::Uuid::new_v4()
+                )
+            })
+            .collect();
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk/routes/register",
+            &[AUTH],
+            &format!(
+                r#"{{"endpoints":[{{"deployment_id":"{id}","routes":[{}]}}]}}"#,
+                routes.join(",")
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    let hung = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a71";
+    let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a72";
+    endpoint(hung, "hung", hanging_port, 20);
+    // Its probes are out, hanging.
+    let deadline = Instant::now() + HANG_GUARD;
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging replicas were never probed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    endpoint(fine, "fine", healthy_port, 1);
+    let circuit = Db::Sqlite.query(
+        dir.path(),
+        &format!("SELECT id FROM circuits WHERE endpoint_id = '{fine}'"),
+    );
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        if r.json()["route_info"][0]["health_status"] == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "another endpoint's route was never probed (hanging probes: {}): {}",
+            accepted.load(Ordering::SeqCst),
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) <= 2,
+        "the hanging endpoint held more than its share: {}",
+        accepted.load(Ordering::SeqCst)
+    );
+}
+
 /// Health-check settings that the prober cannot read are refused with 400 when an
 /// endpoint is created and when they are replaced, and nothing is stored: stored as
 /// they came, they were answered `health_check_enabled: true` and never probed.
