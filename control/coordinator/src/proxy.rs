@@ -712,7 +712,9 @@ async fn place_and_store(
         if attempt > 1 || !avoid_ports.is_empty() {
             attempt_request.spread = Some(uuid::Uuid::new_v4().as_u64_pair().0);
         }
-        let mut workers = state.store.workers().await?;
+        // Only `ALIVE` workers can take a circuit: the rows of workers long gone are
+        // not read.
+        let mut workers = state.store.alive_workers().await?;
         let before = workers.len();
         workers.retain(|w| {
             !avoid_workers.contains(&w.id)

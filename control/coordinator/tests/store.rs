@@ -102,6 +102,41 @@ async fn suite(store: Store) {
         .expect("register");
     assert_ne!(other, w);
     assert_eq!(store.workers().await.expect("list").len(), 2);
+    // One worker read alone, with its own filters only; placement reads only the
+    // ALIVE ones, each with its filters (grouped once per read).
+    assert_eq!(
+        store
+            .worker(other)
+            .await
+            .expect("read")
+            .expect("worker")
+            .body["app_filters"],
+        json!([{"key": "session.domain_name", "value": "default"}])
+    );
+    assert_eq!(
+        store.worker(uuid::Uuid::new_v4()).await.expect("read"),
+        None
+    );
+    assert!(store.deregister_worker(other).await.expect("leave"));
+    let alive = store.alive_workers().await.expect("alive");
+    assert_eq!(
+        alive.iter().map(|w| w.id).collect::<Vec<_>>(),
+        vec![w],
+        "only ALIVE workers"
+    );
+    assert_eq!(
+        alive[0].body["app_filters"],
+        json!([{"key": "session.access_key", "value": "AK"}, {"key": "session.domain_name", "value": "default"}])
+    );
+    assert_eq!(store.workers().await.expect("list").len(), 2);
+    assert_eq!(
+        store
+            .upsert_worker(&worker_body("worker-2"))
+            .await
+            .expect("back"),
+        other
+    );
+    assert_eq!(store.alive_workers().await.expect("alive").len(), 2);
 
     // Circuits round-trip whole, with the origin request ID or NULL, and the trace
     // context of the creating request (traceparent and tracestate) or none.

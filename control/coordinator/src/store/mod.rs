@@ -537,12 +537,22 @@ impl Store {
 
     /// Every worker, by authority.
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        dispatch!(self, |s| s.workers(), |p| p.workers())
+        dispatch!(self, |s| s.workers(Which::All), |p| p.workers(Which::All))
     }
 
-    /// One worker.
+    /// The `ALIVE` workers, by authority: all placement can use. Worker rows are
+    /// kept once `LOST` (the original's), so a long-running cluster's rows grow with
+    /// every worker that ever registered; placement reads only these.
+    pub async fn alive_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        dispatch!(self, |s| s.workers(Which::Alive), |p| p
+            .workers(Which::Alive))
+    }
+
+    /// One worker (its row and its app filters only).
     pub async fn worker(&self, id: uuid::Uuid) -> Result<Option<WorkerRow>, StoreError> {
-        Ok(self.workers().await?.into_iter().find(|w| w.id == id))
+        let rows = dispatch!(self, |s| s.workers(Which::One(id)), |p| p
+            .workers(Which::One(id)))?;
+        Ok(rows.into_iter().find(|w| w.id == id))
     }
 
     /// Stores a circuit with the ID of the request that created it (or none) and
@@ -889,6 +899,17 @@ impl Store {
 
 /// The latest time an idle check is scheduled at (9999-12-31T23:59:59Z).
 const LATEST_IDLE_CHECK: f64 = 253_402_300_799.0;
+
+/// Which workers a read takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Which {
+    /// Every one.
+    All,
+    /// Those `ALIVE`.
+    Alive,
+    /// This one.
+    One(uuid::Uuid),
+}
 
 /// A heartbeat of a node that deregistered: the worker's to fix, by registering
 /// again (`PUT /api/worker`) before its heartbeats count.

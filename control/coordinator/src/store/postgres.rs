@@ -974,34 +974,50 @@ impl PgStore {
             .collect()
     }
 
-    pub(super) async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+    pub(super) async fn workers(&self, which: super::Which) -> Result<Vec<WorkerRow>, StoreError> {
         let client = self.client().await?;
+        // `$1`: one worker's ID, or NULL; `$2`: only `ALIVE` ones.
+        let (one, alive) = match which {
+            super::Which::All => (None, false),
+            super::Which::Alive => (None, true),
+            super::Which::One(id) => (Some(id), false),
+        };
+        const WHICH: &str = "($1::uuid IS NULL OR w.id = $1) AND (NOT $2 OR w.status = 'ALIVE')";
         let rows = client
             .query(
-                "SELECT id, authority, frontend_mode::text, protocol::text, hostname, tls_listen,
-                    tls_advertised, api_port, port_range, wildcard_domain, wildcard_traffic_port,
-                    accepted_traffics::text[], filtered_apps_only, traefik_last_used_marker_path,
-                    status, nodes, created_at, updated_at
-                 FROM workers ORDER BY authority",
-                &[],
+                &format!(
+                    "SELECT id, authority, frontend_mode::text, protocol::text, hostname, tls_listen,
+                        tls_advertised, api_port, port_range, wildcard_domain, wildcard_traffic_port,
+                        accepted_traffics::text[], filtered_apps_only, traefik_last_used_marker_path,
+                        status, nodes, created_at, updated_at
+                     FROM workers w WHERE {WHICH} ORDER BY authority"
+                ),
+                &[&one, &alive],
             )
             .await?;
         let filters = client
             .query(
-                "SELECT worker, property_name, property_value FROM worker_app_filters ORDER BY property_name, property_value",
-                &[],
+                &format!(
+                    "SELECT f.worker, f.property_name, f.property_value
+                     FROM worker_app_filters f JOIN workers w ON w.id = f.worker
+                     WHERE {WHICH} ORDER BY f.property_name, f.property_value"
+                ),
+                &[&one, &alive],
             )
             .await?;
+        // Each worker's filters, grouped in one pass (not every filter row read again
+        // per worker).
+        let mut by_worker: std::collections::HashMap<uuid::Uuid, Vec<Value>> =
+            std::collections::HashMap::new();
+        for f in &filters {
+            by_worker.entry(f.try_get(0)?).or_default().push(
+                json!({"key": f.try_get::<_, String>(1)?, "value": f.try_get::<_, String>(2)?}),
+            );
+        }
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: uuid::Uuid = r.try_get(0)?;
-            let app_filters: Vec<Value> = filters
-                .iter()
-                .filter(|f| f.try_get::<_, uuid::Uuid>(0).ok() == Some(id))
-                .map(|f| {
-                    Ok(json!({"key": f.try_get::<_, String>(1)?, "value": f.try_get::<_, String>(2)?}))
-                })
-                .collect::<Result<_, StoreError>>()?;
+            let app_filters: Vec<Value> = by_worker.remove(&id).unwrap_or_default();
             let traffics: Vec<String> = r.try_get(11)?;
             let traffics: Vec<Value> = traffics
                 .iter()

@@ -579,12 +579,20 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+    pub(super) fn workers(&self, which: super::Which) -> Result<Vec<WorkerRow>, StoreError> {
+        // `?1`: one worker's ID, or NULL; `?2`: only `ALIVE` ones. Only the rows taken
+        // have their registration parsed.
+        let (one, alive) = match which {
+            super::Which::All => (None, false),
+            super::Which::Alive => (None, true),
+            super::Which::One(id) => (Some(id.to_string()), false),
+        };
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT id, body, status, nodes, created_at, updated_at FROM workers ORDER BY authority",
+            let mut st = c.prepare_cached(
+                "SELECT id, body, status, nodes, created_at, updated_at FROM workers
+                 WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR status = 'ALIVE') ORDER BY authority",
             )?;
-            let rows = st.query_map([], |r| {
+            let rows = st.query_map(params![one, alive], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -601,7 +609,9 @@ impl SqliteStore {
                 let body = serde_json::from_str(&body).map_err(|e| {
                     StoreError::Data(format!("worker {id}: stored registration is not JSON: {e}"))
                 })?;
-                out.push(WorkerRow::new(id, body, status, nodes, created_at, updated_at)?);
+                out.push(WorkerRow::new(
+                    id, body, status, nodes, created_at, updated_at,
+                )?);
             }
             Ok(out)
         })
