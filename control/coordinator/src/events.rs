@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use appproxy_shared::model::{
     BroadcastMessage, Circuit, CircuitsEvent, EventMetadata, RequestIdText, BROADCAST_CHANNEL,
-    EVENT_WORKER_CIRCUIT_ADDED,
+    EVENT_CIRCUIT_REMOVED, EVENT_WORKER_CIRCUIT_ADDED,
 };
 use appproxy_shared::wire::EventBody;
 use appproxy_shared::RequestId;
@@ -372,6 +372,22 @@ pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Br
     acks.resolve_from(&ack.authority, ack.deployed);
 }
 
+/// The circuits a removal event names (by `id` alone: nothing else of them is
+/// needed); none when it does not read.
+fn removed_ids(payload: &str) -> Vec<uuid::Uuid> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        id: uuid::Uuid,
+    }
+    #[derive(serde::Deserialize)]
+    struct Removal {
+        circuits: Vec<Named>,
+    }
+    serde_json::from_str::<Removal>(payload)
+        .map(|r| r.circuits.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default()
+}
+
 /// Listens for workers' acknowledgements on Redis, reconnecting forever.
 pub async fn listen_acks(
     url: String,
@@ -386,6 +402,13 @@ pub async fn listen_acks(
             true
         },
         |envelope| {
+            // A removal published by any coordinator (this one's own included) ends
+            // the creations of those circuits waiting here: their worker, told to
+            // drop them, owes no acknowledgement.
+            if envelope.name == EVENT_CIRCUIT_REMOVED {
+                acks.removed(removed_ids(&envelope.payload));
+                return true;
+            }
             if envelope.name != EVENT_WORKER_CIRCUIT_ADDED {
                 return true;
             }

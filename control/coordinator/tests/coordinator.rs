@@ -637,8 +637,42 @@ fn a_circuit_deleted_while_its_creation_awaits_the_ack_ends_the_creation() {
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     });
-    // Removed elsewhere (another coordinator on the same store): found gone when
-    // the wait ends.
+    // Removed through another coordinator sharing the store and Redis: the removal
+    // it publishes ends the wait (600 s) at once.
+    let url = redis.url();
+    created_then_removed("600", &|_, dir, circuit| {
+        use appproxy_shared::model::{
+            BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_REMOVED,
+        };
+        let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
+        db.busy_timeout(HANG_GUARD).expect("busy timeout");
+        let n = db
+            .execute("DELETE FROM circuits WHERE id = ?1", [circuit])
+            .expect("delete");
+        assert_eq!(n, 1);
+        let body = serde_json::json!({
+            "target_worker_authority": "worker-1",
+            "circuits": [{ "id": circuit }],
+        });
+        let envelope = BroadcastMessage::encode(
+            EVENT_CIRCUIT_REMOVED,
+            "appproxy-coordinator",
+            &body,
+            &EventMetadata::default(),
+        )
+        .expect("envelope");
+        let mut conn = redis::Client::open(url.as_str())
+            .expect("client")
+            .get_connection()
+            .expect("redis");
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(BROADCAST_CHANNEL)
+            .arg(serde_json::to_string(&envelope).expect("json"))
+            .query(&mut conn)
+            .expect("publish");
+    });
+    // Removed where no event tells (the store alone): found gone when the wait
+    // ends.
     created_then_removed("1", &|_, dir, circuit| {
         let db = rusqlite::Connection::open(dir.join("coordinator.sqlite3")).expect("db");
         db.busy_timeout(HANG_GUARD).expect("busy timeout");
