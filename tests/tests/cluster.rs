@@ -708,8 +708,9 @@ fn a_frozen_or_stopped_database_is_a_bounded_503() {
 }
 
 /// Found #2: a worker killed with SIGKILL and started again is the same HA node
-/// (`nodes` stays 1), and its SIGTERM deregistration leaves it `LOST` with no node,
-/// so creations are refused at once instead of waiting for a stopped worker.
+/// (`nodes` stays 1), and its SIGTERM deregistration leaves it `LOST` with no node
+/// counted (the node kept, marked as left), so creations are refused at once
+/// instead of waiting for a stopped worker.
 #[test]
 fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
     let _serial = serial();
@@ -754,9 +755,21 @@ fn a_crashed_and_restarted_worker_counts_once_and_leaves_lost() {
     let c = create(coord, &token, "after-stop");
     assert_eq!(c.status, 503, "{}", c.body);
     assert_eq!(c.body["code"], "no-available-worker", "{}", c.body);
+    // The node is kept, marked as left: a late heartbeat of it does not count it
+    // again until it registers.
     assert_eq!(
-        pg.psql("appproxy", "SELECT count(*) FROM worker_nodes"),
+        pg.psql(
+            "appproxy",
+            "SELECT count(*) FROM worker_nodes WHERE left_at IS NULL"
+        ),
         "0"
+    );
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            "SELECT count(*) FROM worker_nodes WHERE left_at IS NOT NULL"
+        ),
+        "1"
     );
     coordinator.stop();
 }
