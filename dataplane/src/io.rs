@@ -561,6 +561,38 @@ impl TcpConn {
         .await
     }
 
+    /// Waits until the reactor sees the peer's end of stream (`EPOLLRDHUP`, a
+    /// hang-up or an error), however many bytes it sent before that still wait
+    /// unread, or until the connection is revoked or times out: how a wait on
+    /// something else (an app's answer) learns that its client is gone, as nginx's
+    /// check for a broken connection does. Nothing is read. The read readiness is
+    /// cleared while waiting, to wait for the next edge: call
+    /// [`TcpConn::rearm_read`] when done, so that the next read tries the socket.
+    pub async fn peer_gone(&self) {
+        poll_fn(|cx| loop {
+            if self.reg.read_closed() {
+                return Poll::Ready(());
+            }
+            self.reg.clear_ready(Direction::Read);
+            match self
+                .reg
+                .poll_ready(cx, Direction::Read, self.stream.as_fd())
+            {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                // Bytes (or the end) arrived: looked at again.
+                Poll::Ready(Ok(())) => {}
+            }
+        })
+        .await;
+    }
+
+    /// Lets the next read try the socket after [`TcpConn::peer_gone`] (bytes that
+    /// arrived meanwhile announced themselves to it, and no new edge will).
+    pub fn rearm_read(&self) {
+        self.reg.mark_ready(Direction::Read);
+    }
+
     /// Takes `buf.len()` bytes that a [`TcpConn::peek`] saw off the socket; what
     /// follows them is read next, as if they had never been there.
     pub fn take_peeked(&self, buf: &mut [u8]) -> io::Result<()> {

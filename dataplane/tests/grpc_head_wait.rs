@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 
 use appproxy_test_support::h2frames::{
-    self, frame, read_frame, request as req, serve_raw_app, END_HEADERS, END_STREAM, HEADERS,
+    self, frame, read_frame, request as req, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS,
     RST_STREAM,
 };
 use common::{eventually, metric, Client, Worker, WorkerOpts};
@@ -84,6 +84,67 @@ fn a_bridged_grpc_call_whose_client_hangs_up_has_its_app_stream_reset() {
     eventually("the hung-up clients' connections closed", || {
         metric(&w, "appproxy_connections_active") == 0
     });
+}
+
+/// A client that sent a byte more (the start of a pipelined request) before it
+/// hung up is seen to hang up all the same: its end of stream is taken from the
+/// reactor, behind bytes nobody read. Before, the first byte stopped the watch and
+/// the call was held for the tunnel idle timeout (an hour).
+#[test]
+fn a_client_that_sent_more_before_it_hung_up_has_its_app_stream_reset() {
+    let (app, seen) = silent_app();
+    let w = worker(app, "");
+    for n in 1..=3 {
+        let mut c = Client::connect(w.addr());
+        c.send(CALL);
+        eventually("the call reached the app", || {
+            seen.lock().expect("seen").opened == n
+        });
+        c.send(b"G");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(c);
+    }
+    eventually("every hung-up call's app stream reset", || {
+        seen.lock().expect("seen").resets == 3
+    });
+    eventually("the hung-up clients' connections closed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+}
+
+/// A request pipelined behind a bridged call waits in the client's socket while
+/// the call is awaited, and is served once the call is answered: watching for the
+/// client's hang-up takes none of its bytes.
+#[test]
+fn a_request_pipelined_behind_a_bridged_call_is_served_after_it() {
+    // The app answers every stream, the first one a moment late.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+                        if id == 1 {
+                            std::thread::sleep(std::time::Duration::from_millis(400));
+                        }
+                        frame(HEADERS, END_HEADERS | END_STREAM, id, &[0x88])
+                    } else {
+                        Vec::new()
+                    }
+                })
+            });
+        }
+    });
+    let w = worker(app, "");
+    let mut c = Client::connect(w.addr());
+    c.send(CALL);
+    // Sent while the call is awaited: it waits in the socket, not in the buffer.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    c.send(b"GET /second HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(c.response_to("POST").status, 200);
+    assert_eq!(c.response().status, 200);
 }
 
 #[test]

@@ -872,6 +872,10 @@ fn grpc_streams_end_when_a_deployment_no_longer_admits_them() {
     c.send(b"POST /pkg.Svc/Chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n\0\0\0\0\x01b\r\n0\r\n\r\n");
     assert_eq!(c.head().0, 200);
 
+    // A bridged upload still sending its body.
+    let mut u = common::Client::connect(w.addr());
+    u.send(b"POST /pkg.Svc/Upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n\0\0\0\0\x01u\r\n");
+
     // A change that still admits both: the stream goes on.
     deploy(&w, &original, 1, |t| {
         t.replace("10.0.0.0/8, 127.0.0.0/8", "127.0.0.0/8")
@@ -891,8 +895,108 @@ fn grpc_streams_end_when_a_deployment_no_longer_admits_them() {
     };
     assert!(reset, "the HTTP/2 client's stream was not reset");
     common::eventually("the bridged client's connection closed", || c.is_closed());
-    common::eventually("both app streams reset", || {
-        app_resets.load(std::sync::atomic::Ordering::SeqCst) == 2
+    // The upload is cut without an answer: a revocation is no 408.
+    let mut cut = Vec::new();
+    let _ = u.reader.read_to_end(&mut cut);
+    assert!(cut.is_empty(), "{:?}", String::from_utf8_lossy(&cut));
+    common::eventually("the three app streams reset", || {
+        app_resets.load(std::sync::atomic::Ordering::SeqCst) == 3
+    });
+    assert_eq!(revoked(&w), 3);
+}
+
+/// An HTTP/1.1 app streaming server-sent events on every request (chunked, never
+/// ending); the connections it saw end (its write failed) are counted.
+fn sse_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = ended.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                loop {
+                    out.extend_from_slice(b"9\r\ndata: x\n\n\r\n");
+                    if s.write_all(&out).is_err() {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    out.clear();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    (addr, ended)
+}
+
+/// A response of no set length (server-sent events, an inference token stream)
+/// runs for as long as its app writes: a deployment that no longer admits its
+/// client ends it as it does a tunnel, for an HTTP/1.1 client (its connection and
+/// the app's closed) and an HTTP/2 one (its stream reset). Before, both streamed
+/// on after the circuit was narrowed.
+#[test]
+fn event_streams_end_when_a_deployment_no_longer_admits_them() {
+    use appproxy_test_support::h2frames::{
+        self, frame, read_frame, request, END_HEADERS, END_STREAM, HEADERS, RST_STREAM,
+    };
+    let (app, app_ended) = sse_app();
+    let w = Worker::start(WorkerOpts {
+        cores: 1,
+        upstreams: vec![app],
+        circuit_extra: "open_to_public = true\nallowed_client_ips = \"127.0.0.0/8\"".into(),
+        ..Default::default()
+    });
+    let original = config(&w);
+    let mut c = common::Client::connect(w.addr());
+    c.send(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.head().0, 200);
+    let mut h = h2frames::connect(w.addr());
+    h.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &request("GET", "/events", &[]),
+    ))
+    .expect("headers");
+    let mut answered = false;
+    while !answered {
+        match read_frame(&mut h) {
+            Some((HEADERS, _, 1, _)) => answered = true,
+            Some(_) => {}
+            None => panic!("no answer on the HTTP/2 stream"),
+        }
+    }
+    narrow_to_elsewhere_from(&w, &original, "127.0.0.0/8");
+    let reset = loop {
+        match read_frame(&mut h) {
+            Some((RST_STREAM, _, 1, _)) => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(reset, "the HTTP/2 client's event stream was not reset");
+    common::eventually("the HTTP/1.1 client's connection closed", || {
+        let mut buf = [0u8; 4096];
+        matches!(c.reader.read_uninterrupted(&mut buf), Ok(0) | Err(_))
+    });
+    common::eventually("both of the app's streams ended", || {
+        app_ended.load(std::sync::atomic::Ordering::SeqCst) == 2
     });
     assert_eq!(revoked(&w), 2);
+}
+
+/// Deploys the original circuit with its allowlist `from` replaced by 10.0.0.0/8,
+/// which no longer admits the test's loopback clients.
+fn narrow_to_elsewhere_from(w: &Worker, original: &str, from: &str) {
+    deploy(w, original, 1, |t| t.replace(from, "10.0.0.0/8"));
 }

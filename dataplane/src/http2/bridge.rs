@@ -35,18 +35,6 @@ pub struct Bridged {
     pub keep_alive: bool,
 }
 
-/// Ends when the client hangs up (end of stream, or its connection failed) while
-/// the answer is awaited; pends for ever once it sends anything (a pipelined
-/// request, read later), the wait's own bound then ending it. Peeks the socket's
-/// raw bytes: nothing is taken from the client.
-async fn hangup(conn: &TcpConn) {
-    let mut byte = [0u8; 1];
-    match conn.peek(&mut byte).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
-    }
-}
-
 /// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
 /// HTTP/2 app and relays the answer to `conn`.
 #[allow(clippy::too_many_arguments)]
@@ -123,14 +111,17 @@ pub async fn forward(
     conn.set_deadline(None);
     let (resp, sent) = loop {
         let sent = Instant::now();
+        // The client's end of stream is seen even behind bytes it sent ahead
+        // (pipelined, or a TLS close_notify), which stay unread for later.
         let resp = futures_lite::future::or(
             async { Some(within(&core.reactor, bound, &mut response).await) },
             async {
-                hangup(conn).await;
+                conn.peer_gone().await;
                 None
             },
         )
         .await;
+        conn.rearm_read();
         let Some(resp) = resp else {
             up_send.send_reset(h2::Reason::CANCEL);
             return Err(Fail::Abort(
@@ -308,7 +299,8 @@ async fn send_body(
                 ));
             }
             Ok(n) => core.metrics.add(crate::core::counter::BYTES_IN, n as u64),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            // A revocation fails the wait as a timeout does: no 408 for that.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !conn.was_revoked() => {
                 up.send_reset(h2::Reason::CANCEL);
                 return Err(Fail::Answer(ProxyError::Request(if conn.floor_cut() {
                     RequestError::BodyTooSlow

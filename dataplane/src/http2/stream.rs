@@ -329,13 +329,10 @@ async fn serve_stream(
         let _ = respond.send_informational(go_on);
     }
     let h2_app = matches!(circuit.protocol, ProxyProtocol::Http2 | ProxyProtocol::Grpc);
-    // A stream to an HTTP/2 app (a gRPC call may stream for hours) is watched while
-    // it lives: a deployment that no longer admits it resets it, and the
+    // A stream is watched while it lives (a gRPC call or a stream of events may
+    // run for hours): a deployment that no longer admits it resets it, and the
     // connection's other streams go on.
-    let watched = client_ip
-        .ok()
-        .filter(|_| h2_app)
-        .map(|ip| core.stream_open(&route, ip, None));
+    let watched = client_ip.ok().map(|ip| core.stream_open(&route, ip, None));
     let revoked = async {
         match &watched {
             Some((_, signal)) => signal.revoked().await,

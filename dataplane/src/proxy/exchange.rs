@@ -749,6 +749,19 @@ impl Client {
             source_idle: rt.response_idle_timeout,
             buf_limit: BODY_BUF_LIMIT,
         };
+        // A response of no set length (server-sent events, a token stream) may run
+        // for hours: watched while it is relayed, as a tunnel is, so a deployment
+        // that no longer admits its client closes both connections. A response of a
+        // known length ends by itself and costs nothing here.
+        let _watched = match (&mode, &x.route, x.client) {
+            (Mode::Length(_), _, _) => None,
+            (_, Some(admitted), Some(client)) => {
+                let (watched, _) = core.stream_open(admitted, client, Some(&self.conn));
+                watched.watch(&upstream);
+                Some(watched)
+            }
+            _ => None,
+        };
         let relayed = relay::relay_body_counted(
             &upstream,
             &mut self.ubuf,
