@@ -401,8 +401,26 @@ async fn run<L: ControlLink>(
     let beats = async {
         loop {
             heartbeat.tick().await;
-            if let Err(e) = link.heartbeat(worker_id).await {
-                tracing::warn!(error = %e, "heartbeat failed");
+            match link.heartbeat(worker_id).await {
+                Ok(()) => {}
+                // A deregistration of this node arrived after this process had
+                // registered (its previous process's, answered late): its heartbeats
+                // no longer count until it registers again.
+                Err(e) if node_left(&e) => {
+                    tracing::warn!(error = %e, "the coordinator counts this node as left; registering again");
+                    match link.register(&registration).await {
+                        Ok(id) if id == worker_id => {
+                            tracing::info!(worker_id = %id, "registered with the coordinator again")
+                        }
+                        Ok(id) => {
+                            tracing::warn!(worker_id = %id, was = %worker_id, "registered again under another ID")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "registering again failed; trying at the next heartbeat")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
     };
@@ -795,6 +813,12 @@ async fn acknowledge<L: ControlLink>(
     if link.acknowledge(body, tracestate).await {
         tracing::info!(circuits = n, failed = n_failed, "deployment acknowledged");
     }
+}
+
+/// Whether a heartbeat was refused because the coordinator counts this node as
+/// left (`409 node-left`): it must register again.
+fn node_left(e: &LinkError) -> bool {
+    matches!(e, LinkError::Status(409, body) if body.contains("node-left"))
 }
 
 /// Gathers the cores' counts and writes them as last-access marks, with the marks
