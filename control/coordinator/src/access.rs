@@ -189,9 +189,13 @@ impl Marks {
                     .query_async(&mut conn),
             )
             .await?;
-            // Anyone who can write the key can write anything: what is no time is
-            // written again.
-            let Some(since) = read_mark_at(&value, now) else {
+            // Anyone who can write the key can write anything: what is no time, or
+            // a time far ahead, is written again.
+            let ahead = value
+                .trim()
+                .parse::<f64>()
+                .is_ok_and(|t| t > now + KEPT_SINCE_AHEAD_SECS);
+            let Some(since) = read_mark_at(&value, now).filter(|_| !ahead) else {
                 force = true;
                 continue;
             };
@@ -288,10 +292,19 @@ pub const MARKS_KEPT_SINCE_KEY: &str = "appproxy.coordinator.marks_kept_since";
 
 /// Returns the key's value, writing `ARGV[1]` first when it is missing or `ARGV[2]`
 /// is `1`; and whether it wrote.
-const KEPT_SINCE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1])
+/// A key of another type (anyone who can write to Redis can make it one) is
+/// replaced, never a lasting error.
+const KEPT_SINCE_SCRIPT: &str = "local v = redis.pcall('GET', KEYS[1])
+     if type(v) == 'table' and v.err then redis.call('DEL', KEYS[1]); v = false end
      if v and ARGV[2] ~= '1' then return {v, 0} end
      redis.call('SET', KEYS[1], ARGV[1])
      return {ARGV[1], 1}";
+
+/// How far ahead of this coordinator's clock the kept-since time may be (another
+/// coordinator's clock ahead of this one's) before it is taken for no time: a
+/// time in the future would say "kept since now" at every pass, and idle
+/// collection would never collect anything, with no warning.
+const KEPT_SINCE_AHEAD_SECS: f64 = 300.0;
 
 /// `evicted_keys` of an `INFO stats` answer.
 fn evicted_keys(info: &str) -> Option<u64> {

@@ -1727,6 +1727,48 @@ fn idle_collection_counts_circuits_as_used_when_redis_lost_their_marks() {
         .query(&mut conn)
         .expect("ttl");
     assert_eq!(ttl, -1, "the key has no TTL");
+    // What anyone with Redis access may leave there instead, a time far ahead (it
+    // would say "kept since now" at every pass, and nothing would ever be
+    // collected) or a key of another type (every pass would fail on it), is
+    // written again at the next pass, and the loss logged.
+    let wait_rewritten = |what: &str, conn: &mut redis::Connection| {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let kept: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                .arg("appproxy.coordinator.marks_kept_since")
+                .query(conn);
+            if let Ok(Some(t)) = kept {
+                if t.parse::<f64>()
+                    .is_ok_and(|t| t <= appproxy_shared::jwt::now_epoch())
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{what} was never written again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let before = lost();
+    let _: () = redis::cmd("SET")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .arg("99999999999")
+        .query(&mut conn)
+        .expect("set");
+    wait_rewritten("a time far ahead", &mut conn);
+    assert!(lost() > before, "logged");
+    let before = lost();
+    let _: () = redis::cmd("DEL")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .query(&mut conn)
+        .expect("del");
+    let _: () = redis::cmd("HSET")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .arg("f")
+        .arg("v")
+        .query(&mut conn)
+        .expect("hset");
+    wait_rewritten("a key of another type", &mut conn);
+    assert!(lost() > before, "logged");
 }
 
 /// A leader whose clock runs ahead of the database's and the workers' took every
