@@ -8,10 +8,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use appproxy_test_support::net::ReadUninterrupted;
 use common::{conf_token, http, start_coordinator, start_worker, wait_logs};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
@@ -33,21 +32,7 @@ fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
         .expect("url")
         .get_connection()
         .expect("redis");
-    // The app: a TCP echo server.
-    let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let echo_port = echo.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut s in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read_uninterrupted(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_port = common::tcp_echo_app();
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = start_coordinator(&format!(
         "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",

@@ -15,30 +15,7 @@ fn a_node_restarted_on_other_ports_withdraws_the_circuits_it_no_longer_serves() 
     use std::time::{Duration, Instant};
     const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let dir = tempfile::tempdir().expect("tempdir");
-    let start = |port: u16| {
-        let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
-            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
-            dir.path().join("c.sqlite3").display()
-        ))
-        .expect("coordinator config");
-        let config = appproxy_dataplane::config::Config::parse(&format!(
-            "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nembedded = \"c.toml\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
-            common::free_port()
-        ))
-        .expect("worker config");
-        let online: Vec<usize> =
-            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
-        let worker =
-            appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
-                .expect("worker");
-        let agent =
-            appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
-                .expect("agent");
-        let coord = agent
-            .coordinator
-            .expect("the embedded coordinator's address");
-        (worker, agent, coord)
-    };
+    let start = |port: u16| common::start_node(&dir.path().join("c.sqlite3"), port, "");
     let circuit_status = |coord, circuit: &str| {
         common::http(coord, &format!("GET /api/circuit/{circuit} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n")).0
     };

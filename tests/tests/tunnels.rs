@@ -8,7 +8,7 @@ mod common;
 
 use appproxy_test_support::net::ReadUninterrupted;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::http;
@@ -21,44 +21,11 @@ fn stats(coord: SocketAddr, circuit: &str) -> serde_json::Value {
 
 #[test]
 fn open_tunnels_keep_marking_last_access() {
-    // The app: a TCP echo server.
-    let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let echo_port = echo.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut s in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read_uninterrupted(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_port = common::tcp_echo_app();
     let dir = tempfile::tempdir().expect("tempdir");
-    // The embedded coordinator binds a port the kernel picks; the agent says which.
-    let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
-        dir.path().join("c.sqlite3").display()
-    ))
-    .expect("coordinator config");
     let port = common::free_port();
-    let config = appproxy_dataplane::config::Config::parse(&format!(
-        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nembedded = \"c.toml\"\naccess_flush_ms = 100\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
-        common::free_port()
-    ))
-    .expect("worker config");
-    let online: Vec<usize> =
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
-    let worker =
-        appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
-            .expect("worker");
-    let coord =
-        appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
-            .expect("agent")
-            .coordinator
-            .expect("the embedded coordinator's address");
+    let (worker, _agent, coord) =
+        common::start_node(&dir.path().join("c.sqlite3"), port, "access_flush_ms = 100");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
         assert!(Instant::now() < deadline, "worker did not register");

@@ -196,6 +196,20 @@ pub(crate) const DIGIT_PAIRS: [u8; 200] = {
     t
 };
 
+/// Numbers of every decimal width, and each side of every change of width: what a
+/// writer of numbers is tested on.
+#[cfg(test)]
+pub(crate) fn width_edges() -> Vec<u64> {
+    let mut edges = vec![0, 1, 9, u64::MAX, u64::MAX - 1];
+    let mut p = 10u64;
+    while let Some(next) = p.checked_mul(10) {
+        edges.extend([p - 1, p, p + 1]);
+        p = next;
+    }
+    edges.extend([p - 1, p, p + 1]);
+    edges
+}
+
 /// The decimal digits of `n`: `(buffer, start)`, the digits being `buffer[start..]`.
 pub(crate) fn decimal(mut n: u64) -> ([u8; 20], usize) {
     let mut digits = [0u8; 20];
@@ -707,14 +721,7 @@ mod tests {
     /// Every width, and each side of every change of width, as `Display` writes it.
     #[test]
     fn decimal_is_the_display_form_at_every_width() {
-        let mut edges = vec![0, 1, 9, u64::MAX, u64::MAX - 1];
-        let mut p = 10u64;
-        while let Some(next) = p.checked_mul(10) {
-            edges.extend([p - 1, p, p + 1]);
-            p = next;
-        }
-        edges.extend([p - 1, p, p + 1]);
-        for n in edges {
+        for n in width_edges() {
             assert_eq!(decimal_text(n), n.to_string());
         }
     }

@@ -437,6 +437,63 @@ pub fn start_worker(text: &str) -> RunningWorker {
     RunningWorker { worker, agent }
 }
 
+/// A TCP echo app on a free loopback port (a thread per connection); its port.
+pub fn tcp_echo_app() -> u16 {
+    let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = echo.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read_uninterrupted(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A single node as the worker process runs it with `[coordinator] embedded`: one
+/// core whose one frontend port is `port`, and a coordinator in this process on
+/// the SQLite file `sqlite` (kept across restarts), binding a port the kernel picks;
+/// `coordinator_extra` is added to the worker's `[coordinator]` table. Returns the
+/// worker, its agent and the coordinator's address.
+pub fn start_node(
+    sqlite: &std::path::Path,
+    port: u16,
+    coordinator_extra: &str,
+) -> (
+    appproxy_dataplane::worker::Worker,
+    appproxy_dataplane::agent::Agent,
+    SocketAddr,
+) {
+    let cc: appproxy_coordinator::config::CoordinatorConfig = toml::from_str(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
+        sqlite.display()
+    ))
+    .expect("coordinator config");
+    let config = appproxy_dataplane::config::Config::parse(&format!(
+        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nembedded = \"c.toml\"\n{coordinator_extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        free_port()
+    ))
+    .expect("worker config");
+    let online: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let worker =
+        appproxy_dataplane::worker::Worker::start(config.validate(&online).expect("valid"))
+            .expect("worker");
+    let agent =
+        appproxy_node::spawn_agent(config, Some(cc), worker.deployer(), worker.access_marks())
+            .expect("agent");
+    let coord = agent
+        .coordinator
+        .expect("the embedded coordinator's address");
+    (worker, agent, coord)
+}
+
 /// The manager's `/v2/conf` for `session` of `user`, whose kernel listens on
 /// `kernel_port`: the token it answers with.
 pub fn conf_token(coord_addr: SocketAddr, kernel_port: u16, session: &str, user: &str) -> String {
