@@ -8,9 +8,10 @@
 //! the expected status makes it `healthy` again. Probe times carry random jitter so
 //! thousands of routes do not probe in step, and at most
 //! `[health_check] max_concurrency` probes are in flight — one endpoint at most its
-//! share of them ([`share_of`]), and no probe waits longer than [`MAX_PROBE_WAIT`],
-//! so an endpoint whose replicas hang cannot hold every slot and starve the
-//! others' probes.
+//! share of them ([`share_of`]), probes of routes whose last probe failed at most
+//! half of them ([`failing_cap`]), and no probe waits longer than
+//! [`MAX_PROBE_WAIT`], so neither an endpoint whose replicas hang nor many such
+//! endpoints can hold every slot and starve the others' probes.
 //!
 //! Each probe runs under a request ID of its own (sent to the model server in
 //! `X-Backend-Request-ID`); a state change is logged under it with the route, the
@@ -52,6 +53,14 @@ pub static COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), Atomi
 /// The longest one probe waits for an answer, whatever `max_wait_time` says: a
 /// probe holds one of the `max_concurrency` slots while it waits.
 pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(60);
+
+/// Of `max_concurrency` slots, how many probes of routes whose last probe failed
+/// may hold: half (at least one). The rest is kept for routes that answer and new
+/// ones, so however many routes hang (each holding its slot up to
+/// [`MAX_PROBE_WAIT`]), a route that answers finds a slot (from 2 slots on).
+pub fn failing_cap(max_concurrency: usize) -> usize {
+    (max_concurrency / 2).max(1)
+}
 
 /// Probes one endpoint may have in flight when `endpoints` endpoints are checked:
 /// an equal share of `max_concurrency` with one share left over, so an endpoint
@@ -217,6 +226,8 @@ struct Scheduler {
     floor: Duration,
     jitter: f64,
     permits: Arc<Semaphore>,
+    /// Slots probes of failing routes take first ([`failing_cap`]).
+    failing_permits: Arc<Semaphore>,
     /// `[health_check] max_concurrency`.
     max_concurrency: usize,
     /// Probes one endpoint may have in flight ([`share_of`]).
@@ -243,6 +254,9 @@ pub(super) async fn run(state: Arc<State>) {
         floor: Duration::from_secs_f64(cfg.min_interval_secs.clamp(0.001, 3600.0)),
         jitter: cfg.jitter.clamp(0.0, 0.5),
         permits: Arc::new(Semaphore::new(cfg.max_concurrency.clamp(1, 100_000))),
+        failing_permits: Arc::new(Semaphore::new(failing_cap(
+            cfg.max_concurrency.clamp(1, 100_000),
+        ))),
         max_concurrency: cfg.max_concurrency.clamp(1, 100_000),
         share: cfg.max_concurrency.clamp(1, 100_000),
         busy: HashMap::new(),
@@ -318,10 +332,14 @@ impl Scheduler {
         }
         t.in_flight = true;
         *self.busy.entry(t.target.endpoint).or_default() += 1;
+        // A route whose last probe failed (it may hang again) waits for one of the
+        // slots kept for such probes first.
+        let failing = (t.failures > 0).then(|| self.failing_permits.clone());
         spawn_probe(
             t.target.clone(),
             generation,
             self.permits.clone(),
+            failing,
             self.tx.clone(),
         );
     }
@@ -626,10 +644,18 @@ fn spawn_probe(
     target: Target,
     generation: u64,
     permits: Arc<Semaphore>,
+    failing: Option<Arc<Semaphore>>,
     tx: mpsc::UnboundedSender<Report>,
 ) {
     let id = RequestId::generate(IdVersion::V4);
     tokio::spawn(appproxy_shared::scope(Some(id), async move {
+        let _failing_slot = match failing {
+            Some(f) => match f.acquire_owned().await {
+                Ok(slot) => Some(slot),
+                Err(_) => return,
+            },
+            None => None,
+        };
         let outcome = match permits.acquire_owned().await {
             Ok(_permit) => probe(&target, id).await,
             Err(_) => return,

@@ -2820,36 +2820,7 @@ fn an_endpoint_whose_replicas_hang_does_not_starve_other_endpoints_probes() {
     );
     register_inference_worker(&c);
     let endpoint = |id: &str, name: &str, port: u16, routes: usize| {
-        let body = format!(
-            r#"{{"service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"runtime_variant":"vllm","existing_url":null}}}},"health_check":{{"enable":true,"interval":0.5,"path":"/health","max_retries":3,"max_wait_time":86400,"expected_status_code":200,"initial_delay":0}}}}"#
-        );
-        let r = request(
-            c.addr,
-            "POST",
-            &format!("/v2/endpoints/{id}"),
-            &[AUTH],
-            &body,
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let routes: Vec<String> = (0..routes)
-            .map(|_| {
-                format!(
-                    r#"{{"session_id":"{SESSION}","route_id":"{}","kernel_host":"127.0.0.1","kernel_port":{port}}}"#,
-                    uuid::Uuid::new_v4()
-                )
-            })
-            .collect();
-        let r = request(
-            c.addr,
-            "POST",
-            "/v2/endpoints/bulk/routes/register",
-            &[AUTH],
-            &format!(
-                r#"{{"endpoints":[{{"deployment_id":"{id}","routes":[{}]}}]}}"#,
-                routes.join(",")
-            ),
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        checked_endpoint(c.addr, id, name, port, routes)
     };
     let hung = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a71";
     let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a72";
@@ -2891,6 +2862,151 @@ fn an_endpoint_whose_replicas_hang_does_not_starve_other_endpoints_probes() {
     assert!(
         accepted.load(Ordering::SeqCst) <= 2,
         "the hanging endpoint held more than its share: {}",
+        accepted.load(Ordering::SeqCst)
+    );
+}
+
+/// Creates the inference endpoint `id` (`name`) with its health check on (every
+/// 0.5 s, probes waiting as long as allowed) and `routes` routes to `port`.
+fn checked_endpoint(addr: SocketAddr, id: &str, name: &str, port: u16, routes: usize) {
+    let body = format!(
+        r#"{{"service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"runtime_variant":"vllm","existing_url":null}}}},"health_check":{{"enable":true,"interval":0.5,"path":"/health","max_retries":3,"max_wait_time":86400,"expected_status_code":200,"initial_delay":0}}}}"#
+    );
+    let r = request(addr, "POST", &format!("/v2/endpoints/{id}"), &[AUTH], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let routes: Vec<String> = (0..routes)
+            .map(|_| {
+                format!(
+                    r#"{{"session_id":"{SESSION}","route_id":"{}","kernel_host":"127.0.0.1","kernel_port":{port}}}"#,
+                    uuid::Uuid::new_v4()
+                )
+            })
+            .collect();
+    let r = request(
+        addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &format!(
+            r#"{{"endpoints":[{{"deployment_id":"{id}","routes":[{}]}}]}}"#,
+            routes.join(",")
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Many endpoints whose replicas hang, more than `max_concurrency`, do not starve
+/// a route that answers: probes of routes whose last probe failed hold at most half
+/// of the slots (`health::failing_cap`). Here each hanging replica first refuses
+/// connections (its routes fail at once), then accepts and never answers: 6 such
+/// endpoints against 4 slots. Before, their probes took every slot for a minute at
+/// a time, and the other endpoint's route waited about two minutes.
+#[test]
+fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "[health_check]\nmax_concurrency = 4\nrefresh_interval_secs = 0.1",
+    );
+    register_inference_worker(&c);
+    // Nothing listens there yet: the first probes fail at once.
+    let hanging_port = appproxy_test_support::free_port();
+    for n in 0..6 {
+        checked_endpoint(
+            c.addr,
+            &format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5b{n:02}"),
+            &format!("hung{n}"),
+            hanging_port,
+            1,
+        );
+    }
+    // Their routes failed (unhealthy after `max_retries`, 3).
+    let unhealthy = || {
+        Db::Sqlite
+            .query(
+                dir.path(),
+                "SELECT group_concat(id, char(10)) FROM circuits WHERE endpoint_id IS NOT NULL",
+            )
+            .lines()
+            .filter(|id| {
+                request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "").json()
+                    ["route_info"][0]["health_status"]
+                    == "unhealthy"
+            })
+            .count()
+    };
+    let deadline = Instant::now() + HANG_GUARD;
+    while unhealthy() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the refusing routes never failed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Now the replicas accept and never answer.
+    let hanging = std::net::TcpListener::bind(("127.0.0.1", hanging_port)).expect("bind");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in hanging.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+    }
+    let deadline = Instant::now() + HANG_GUARD;
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging replicas were never probed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let healthy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let healthy_port = healthy.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in healthy.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a72";
+    checked_endpoint(c.addr, fine, "fine", healthy_port, 1);
+    let circuit = Db::Sqlite.query(
+        dir.path(),
+        &format!("SELECT id FROM circuits WHERE endpoint_id = '{fine}'"),
+    );
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        if r.json()["route_info"][0]["health_status"] == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the route that answers was never probed (hanging probes: {})",
+            accepted.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) <= 2,
+        "failing routes held more than half the slots: {}",
         accepted.load(Ordering::SeqCst)
     );
 }
