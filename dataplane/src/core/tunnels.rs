@@ -117,6 +117,15 @@ impl Signal {
         }
     }
 
+    /// Resolves once the watched exchange (`Some`) was revoked; never for one not
+    /// watched (`None`: no client address to check).
+    pub async fn revoked_if_watched(watched: Option<&Self>) {
+        match watched {
+            Some(signal) => signal.revoked().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Resolves once the stream was revoked.
     pub async fn revoked(&self) {
         std::future::poll_fn(|cx| {

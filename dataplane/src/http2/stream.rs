@@ -28,6 +28,7 @@ use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{within, BodyFloor, ConnCtx, Stall, StreamGuard};
+use crate::core::tunnels::Signal;
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
 use crate::http::encode::{self, sets_permit_cookie, TraceHeaders};
@@ -334,10 +335,7 @@ async fn serve_stream(
     // connection's other streams go on.
     let watched = client_ip.ok().map(|ip| core.stream_open(&route, ip, None));
     let revoked = async {
-        match &watched {
-            Some((_, signal)) => signal.revoked().await,
-            None => std::future::pending().await,
-        }
+        Signal::revoked_if_watched(watched.as_ref().map(|(_, s)| &**s)).await;
         Err(Fail::Abort(
             "a deployment no longer admits the stream".into(),
         ))

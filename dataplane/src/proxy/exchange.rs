@@ -295,10 +295,8 @@ impl Client {
             _ => None,
         };
         let revoked = async {
-            match &watched {
-                Some((_, signal)) => signal.revoked().await,
-                None => std::future::pending().await,
-            }
+            crate::core::tunnels::Signal::revoked_if_watched(watched.as_ref().map(|(_, s)| &**s))
+                .await;
             Err(crate::http2::stream::Fail::Abort(
                 "a deployment no longer admits the exchange".into(),
             ))
