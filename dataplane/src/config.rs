@@ -411,6 +411,14 @@ pub struct ReactorSection {
     pub glommio_preempt_us: u64,
     /// io_uring buffer memory each executor registers (needs `RLIMIT_MEMLOCK`), KiB.
     pub io_memory_kib: usize,
+    /// The time slice each core's thread asks the kernel's scheduler for, in
+    /// microseconds (100 to 100,000; 0 keeps the kernel's own, about 3 ms on a
+    /// 2-CPU machine). A short slice has a core that shares its CPU with a busy
+    /// process run soon after a request wakes it, instead of after the other
+    /// process's slice: the tail latency under contention, at the same share of the
+    /// CPU (Linux 6.12 and later; earlier kernels keep their own and the worker says
+    /// so at start). docs/dataplane.md, "A short scheduler slice".
+    pub sched_slice_us: u64,
 }
 
 impl Default for ReactorSection {
@@ -421,6 +429,7 @@ impl Default for ReactorSection {
             spin_polls: crate::reactor::ParkPolicy::default().spin_polls,
             glommio_preempt_us: 0,
             io_memory_kib: 512,
+            sched_slice_us: 200,
         }
     }
 }
@@ -864,6 +873,8 @@ pub struct Runtime {
     pub latency_histograms: bool,
     /// glommio's preemption timer (`None`: never; see `worker::NO_PREEMPTION`).
     pub glommio_preempt: Option<Duration>,
+    /// The scheduler slice each core's thread asks for (`None`: the kernel's own).
+    pub sched_slice: Option<Duration>,
     /// glommio io memory per executor, bytes.
     pub io_memory: usize,
     /// Trusted proxy networks.
@@ -1170,6 +1181,12 @@ impl Config {
 
     /// Validates the config against this machine's CPUs and resolves the circuits.
     pub fn validate(&self, online_cpus: &[usize]) -> Result<Runtime, ConfigError> {
+        let slice = self.reactor.sched_slice_us;
+        if slice != 0 && !(100..=100_000).contains(&slice) {
+            return Err(ConfigError::Invalid(format!(
+                "[reactor] sched_slice_us = {slice}: the kernel takes slices of 100 to 100000 microseconds (0 keeps its own)"
+            )));
+        }
         if self.managed() && !self.circuits.is_empty() {
             return Err(ConfigError::Invalid(
                 "[coordinator] url or embedded is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
@@ -1356,6 +1373,8 @@ impl Config {
             latency_histograms: self.admin.latency_histograms,
             glommio_preempt: (self.reactor.glommio_preempt_us > 0)
                 .then(|| Duration::from_micros(self.reactor.glommio_preempt_us)),
+            sched_slice: (self.reactor.sched_slice_us > 0)
+                .then(|| Duration::from_micros(self.reactor.sched_slice_us)),
             io_memory: self.reactor.io_memory_kib.max(64) * 1024,
             trusted_proxies,
             proxy_protocol: self.worker.proxy_protocol,
@@ -1457,6 +1476,16 @@ mod tests {
                     "circuits[0]",
                     "port 9000 is outside [worker] port_range [10205, 10300]",
                 ],
+            ),
+            (
+                "scheduler slice below the kernel's range",
+                circuit("[reactor]\nsched_slice_us = 50\n"),
+                vec!["[reactor] sched_slice_us = 50", "100 to 100000"],
+            ),
+            (
+                "scheduler slice above the kernel's range",
+                circuit("[reactor]\nsched_slice_us = 100001\n"),
+                vec!["[reactor] sched_slice_us = 100001", "0 keeps its own"],
             ),
         ];
         for (what, text, wants) in cases {

@@ -344,6 +344,31 @@ impl Worker {
     }
 }
 
+/// Asks the scheduler for a short time slice for this core's thread (`[reactor]
+/// sched_slice_us`), and says what came of it: once for the whole worker where the
+/// kernel cannot, for each core where the call fails.
+fn ask_for_slice(cpu: usize, row: usize, slice: Duration) {
+    match appproxy_sys::set_current_thread_slice(slice) {
+        Ok(appproxy_sys::SliceOutcome::Set(got)) => {
+            tracing::debug!(
+                cpu,
+                slice_us = got.as_micros() as u64,
+                "core runs with a short scheduler slice"
+            );
+        }
+        Ok(appproxy_sys::SliceOutcome::Unsupported) if row == 0 => {
+            tracing::info!("the kernel keeps its own scheduler slice (custom slices need Linux 6.12): [reactor] sched_slice_us has no effect");
+        }
+        Ok(appproxy_sys::SliceOutcome::NotFair(policy)) if row == 0 => {
+            tracing::info!(policy, "the cores run under a real-time scheduling policy: [reactor] sched_slice_us is left out");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(cpu, error = %e, "cannot set the core's scheduler slice; it keeps the kernel's")
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_core(
     cpu: usize,
@@ -373,6 +398,9 @@ fn run_core(
             return;
         }
     };
+    if let Some(slice) = rt.sched_slice {
+        ask_for_slice(cpu, row, slice);
+    }
     // The main task counts as work for the reactor's park decision, like every task.
     executor.run(counted(async move {
         let reactor = match Reactor::new(rt.park, live.clone()) {

@@ -7,7 +7,8 @@
 //! - bursts of connections, WebSocket sessions and idle gaps against a 1-core worker,
 //!   with and without a CPU hog on its core: after every burst a fresh request is
 //!   answered, `/health` stays ok and the watchdog never had to kick a core;
-//! - `SIGTERM` ends the worker, in a loop, with traffic and idle connections.
+//! - `SIGTERM` ends the worker, in a loop, with traffic and idle connections;
+//! - each core's thread runs with the scheduler slice it is configured to ask for.
 
 mod common;
 
@@ -353,6 +354,80 @@ fn a_worker_starts_and_serves_whatever_its_spin_budget() {
             "spin_polls = {spin}: {status:?}\n{}",
             w.log_text()
         );
+    }
+}
+
+/// Each core's thread runs with the slice `[reactor] sched_slice_us` asks for (the
+/// default, another value, and 0 for the kernel's own), read back from the kernel for
+/// every `appproxy-core-N` thread of the running worker. On a kernel without custom slices
+/// (before 6.12) the threads must report none and the worker must say so.
+#[test]
+fn each_core_runs_with_the_scheduler_slice_it_asks_for() {
+    let up = common::Upstream::start();
+    let kernel_has_slices = appproxy_sys::thread_slice(0)
+        .expect("sched_getattr")
+        .is_some();
+    for (extra, want) in [
+        ("", Some(Duration::from_micros(200))),
+        (
+            "[reactor]\nsched_slice_us = 750\n",
+            Some(Duration::from_micros(750)),
+        ),
+        ("[reactor]\nsched_slice_us = 0\n", None),
+    ] {
+        let mut w = common::Worker::start(common::WorkerOpts {
+            cores: 2,
+            upstreams: vec![up.addr],
+            extra: extra.into(),
+            ..Default::default()
+        });
+        assert_eq!(common::Client::connect(w.addr()).get("/a", "").status, 200);
+        // Each core's executor thread is named `appproxy-core-N`; glommio's blocking
+        // thread, which it starts, inherits the name and keeps the kernel's slice.
+        let mut slices: std::collections::BTreeMap<String, Vec<Option<Duration>>> =
+            Default::default();
+        for task in std::fs::read_dir(format!("/proc/{}/task", w.pid())).expect("tasks") {
+            let task = task.expect("task").path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if !name.starts_with("appproxy-core-") {
+                continue;
+            }
+            let tid: i32 = task
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+                .expect("tid");
+            let got = appproxy_sys::thread_slice(tid).expect("the core's sched_getattr");
+            slices.entry(name.trim().to_string()).or_default().push(got);
+        }
+        assert_eq!(slices.len(), 2, "two cores: {slices:?}");
+        // The kernel's own slice: what the worker's main thread, which never asks, has.
+        let kernel_default =
+            appproxy_sys::thread_slice(w.pid() as i32).expect("the main thread's sched_getattr");
+        for (name, got) in &slices {
+            let expected = if kernel_has_slices { want } else { None };
+            let with = got
+                .iter()
+                .filter(|s| **s == expected.or(kernel_default))
+                .count();
+            match expected {
+                Some(_) => assert_eq!(
+                    with, 1,
+                    "one thread of {name} with {expected:?} ({extra:?}): {got:?}"
+                ),
+                None => assert_eq!(
+                    with,
+                    got.len(),
+                    "{name} keeps the kernel's slice ({extra:?}): {got:?}"
+                ),
+            }
+        }
+        if !kernel_has_slices && want.is_some() {
+            w.wait_log("the kernel's own slice", |v| {
+                v.to_string().contains("custom slices need Linux 6.12")
+            });
+        }
+        assert!(w.terminate().success(), "{}", w.log_text());
     }
 }
 
