@@ -6,7 +6,8 @@
 //! memory stays bounded, it keeps serving others, and its descriptors and gauges
 //! return to where they started. Also, with the same frames, drain on SIGTERM and
 //! the per-connection stream cap (`GOAWAY`, the stream in flight finished, the
-//! connection closed, later streams never reach the app).
+//! connection closed, later streams never reach the app). A stream that announces
+//! a body and sends none holds no app connection.
 
 mod common;
 
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 use common::{metric, open_fds, Upstream, Worker, WorkerOpts};
 
 use appproxy_test_support::h2frames::{
-    client_hello, frame, goaway_code, hpack_int, hpack_str, literal, read_frame, Frame, ACK,
-    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+    client_hello, frame, goaway_code, hpack_int, hpack_str, literal, read_frame, status, Frame,
+    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
     WINDOW_UPDATE,
 };
 
@@ -1023,4 +1024,79 @@ fn finished_frames_between_requests_keep_the_connection() {
     }
     request(&mut s, 3, "/second");
     assert!(answered(&mut s, 3), "the second stream unanswered");
+}
+
+/// As on HTTP/1.1, an app connection is taken only once a body's first bytes are in:
+/// streams that announce a body and send none hold none (before, each took one at
+/// once, so one client connection held `max_concurrent_streams` of them and a few
+/// took a route's whole connection cap). A stream whose bytes arrive reaches the app
+/// whole; the others are answered 408 at the body timeout, never having reached it.
+#[test]
+fn a_stream_that_announces_a_body_holds_no_app_connection_until_its_bytes_arrive() {
+    let up = Upstream::start();
+    let w = worker(&up, "[timeouts]\nbody_idle_secs = 2\n");
+    let mut s = open(&w);
+    let posts: Vec<u32> = (0..20).map(|i| 1 + 2 * i).collect();
+    for id in &posts {
+        let block = appproxy_test_support::h2frames::request(
+            "POST",
+            "/upload",
+            &[(b"content-length", b"5")],
+        );
+        s.write_all(&frame(HEADERS, END_HEADERS, *id, &block))
+            .expect("headers");
+    }
+    // Streams are taken in order: once a GET sent after them is answered, every POST
+    // has been seen by the worker.
+    request(&mut s, 41, "/after");
+    assert!(answered(&mut s, 41), "the GET is answered");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the GET reached the app"
+    );
+    // One stream's body arrives: it reaches the app, whole.
+    s.write_all(&frame(DATA, END_STREAM, 1, b"hello"))
+        .expect("data");
+    assert!(answered(&mut s, 1), "the POST whose body came is answered");
+    let seen = up.seen.lock().expect("seen").clone();
+    assert!(
+        seen.iter().any(|r| r.method == "POST" && r.body_len == 5),
+        "{seen:?}"
+    );
+    // The others: 408 at the body timeout, none having reached the app.
+    let mut statuses = std::collections::BTreeMap::new();
+    while statuses.len() < posts.len() - 1 {
+        let Some((kind, _, id, payload)) = read_frame(&mut s) else {
+            panic!("the connection ended with answers {statuses:?}");
+        };
+        if kind == HEADERS && id != 1 {
+            statuses.insert(id, status(&payload));
+        }
+    }
+    // The first 408 is coded literally, the others refer to it in the HPACK table:
+    // the access log has every status.
+    assert_eq!(statuses.get(&3), Some(&408), "{statuses:?}");
+    let timed_out = || {
+        w.log_json()
+            .iter()
+            .filter(|l| l["status"] == 408 && l["method"] == "POST")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while timed_out() < posts.len() - 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(timed_out(), posts.len() - 1, "{}", w.log_text());
+    assert_eq!(
+        up.seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count(),
+        1
+    );
+    assert!(up.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2);
 }

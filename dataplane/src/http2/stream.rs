@@ -607,8 +607,19 @@ async fn forward_h1(
     let core = &ctx.core;
     let rt = &core.rt;
     let head = req.head;
-    let mut addr = pick(core, route, None)?;
     let has_body = head.framing != BodyFraming::Length(0);
+    // As on the HTTP/1.1 path (`await_body`): an app connection is taken or opened
+    // only once the body's first bytes are in (or it ended empty). A stream that
+    // announces a body and sends none holds its own stream, under the body timers,
+    // and no app connection: else each client connection could hold
+    // `max_concurrent_streams` of them, and a few could take a route's whole cap.
+    let mut floor = BodyFloor::new(core);
+    let first = if has_body {
+        first_body_bytes(ctx, &mut body, &mut floor).await?
+    } else {
+        None
+    };
+    let mut addr = pick(core, route, None)?;
     let (mut upstream, reused) =
         match core
             .pool
@@ -663,7 +674,16 @@ async fn forward_h1(
             return Err(Fail::Answer(err));
         }
         if has_body {
-            match send_body_h1(ctx, &upstream, &mut body, head.framing).await {
+            match send_body_h1(
+                ctx,
+                &upstream,
+                &mut body,
+                head.framing,
+                &mut floor,
+                first.clone(),
+            )
+            .await
+            {
                 Ok(n) => bytes_in = n,
                 // An app that refuses a body (413, 401 …) may answer before it has
                 // read it all, then close (as on the HTTP/1.1 path).
@@ -861,34 +881,67 @@ async fn connect_again(
 
 /// Relays the client's request body to an HTTP/1.1 app (chunked when the client
 /// gave no length), giving each frame's capacity back once the app took it.
+/// How a body that stalled is answered.
+fn stalled(s: Stall) -> Fail {
+    Fail::Answer(ProxyError::Request(match s {
+        Stall::Idle => RequestError::BodyTimeout,
+        Stall::TooSlow => RequestError::BodyTooSlow,
+    }))
+}
+
+/// Waits, under the body timers, for the first bytes of a stream's body: `Some`
+/// with them, `None` when the body ended without any. Empty DATA frames are not
+/// bytes: the whole wait is bounded by the idle timeout, however many come.
+async fn first_body_bytes(
+    ctx: &ConnCtx,
+    body: &mut RecvStream,
+    floor: &mut Option<BodyFloor>,
+) -> Result<Option<Bytes>, Fail> {
+    let core = &ctx.core;
+    let since = core.reactor.now();
+    loop {
+        let waited = core.reactor.now().saturating_duration_since(since);
+        let idle = core.rt.body_idle_timeout.saturating_sub(waited);
+        let next = BodyFloor::wait(floor, &core.reactor, idle, body.data(), super::data_len);
+        match next.await.map_err(stalled)? {
+            None => return Ok(None),
+            Some(Ok(c)) if c.is_empty() => continue,
+            Some(Ok(c)) => return Ok(Some(c)),
+            Some(Err(e)) => return Err(Fail::Abort(format!("client body: {e}"))),
+        }
+    }
+}
+
+/// Sends a stream's body to an HTTP/1.1 app: `first`, the bytes already taken
+/// ([`first_body_bytes`]), then the rest, under `floor` (the HTTP/1.1 rate floor,
+/// per stream: a trickle would hold the app connection).
 async fn send_body_h1(
     ctx: &ConnCtx,
     upstream: &TcpConn,
     body: &mut RecvStream,
     framing: BodyFraming,
+    floor: &mut Option<BodyFloor>,
+    mut first: Option<Bytes>,
 ) -> Result<u64, Fail> {
     let core = &ctx.core;
     let rt = &core.rt;
     let chunked = framing == BodyFraming::Chunked;
     let mut total = 0u64;
     let mut out = Vec::new();
-    // The HTTP/1.1 rate floor, per stream: a trickle would hold the app connection.
-    let mut floor = BodyFloor::new(core);
-    let stalled = |s: Stall| {
-        Fail::Answer(ProxyError::Request(match s {
-            Stall::Idle => RequestError::BodyTimeout,
-            Stall::TooSlow => RequestError::BodyTooSlow,
-        }))
-    };
     loop {
-        let next = BodyFloor::wait(
-            &mut floor,
-            &core.reactor,
-            rt.body_idle_timeout,
-            body.data(),
-            super::data_len,
-        )
-        .await;
+        let next = match first.take() {
+            Some(c) => Ok(Some(Ok(c))),
+            None => {
+                BodyFloor::wait(
+                    floor,
+                    &core.reactor,
+                    rt.body_idle_timeout,
+                    body.data(),
+                    super::data_len,
+                )
+                .await
+            }
+        };
         let chunk = match next.map_err(stalled)? {
             None => break,
             Some(Ok(c)) => c,
@@ -914,7 +967,7 @@ async fn send_body_h1(
     // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused
     // as on the HTTP/1.1 path (the app connection, mid-request, is dropped).
     let trailers = BodyFloor::wait(
-        &mut floor,
+        floor,
         &core.reactor,
         rt.body_idle_timeout,
         body.trailers(),
