@@ -319,17 +319,42 @@ pub fn close_frame_to_app(code: u16, key: [u8; 4]) -> [u8; 8] {
     ]
 }
 
-/// The RSV bits an extension response header allows (`permessage-deflate` → RSV1).
-pub fn allowed_rsv(extensions: Option<&[u8]>) -> u8 {
-    match extensions {
-        Some(v)
-            if v.windows(18)
-                .any(|w| w.eq_ignore_ascii_case(b"permessage-deflate")) =>
-        {
-            0x4
+/// The extension names of a `Sec-WebSocket-Extensions` list: each element's token,
+/// without its parameters.
+fn extension_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list.split(|b| *b == b',').filter_map(|element| {
+        let name = element
+            .split(|b| *b == b';')
+            .next()
+            .unwrap_or(element)
+            .trim_ascii();
+        (!name.is_empty()).then_some(name)
+    })
+}
+
+/// Checks the extensions an app's 101 accepted (its `Sec-WebSocket-Extensions`
+/// values, every field line) against those the client offered (its values, joined
+/// with commas), and returns the RSV bits frames may then carry. A server must accept
+/// only extensions the client offered (RFC 6455 §9.1): else a client that asked for
+/// none would get, say, compressed frames it cannot read. `permessage-deflate`, by
+/// exact name, allows RSV1 (RFC 7692); other extensions allow no RSV bit, so frames
+/// that use one are refused.
+pub fn negotiated_rsv<'a>(
+    offered: &[u8],
+    accepted: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<u8, &'static str> {
+    let mut rsv = 0;
+    for list in accepted {
+        for name in extension_names(list) {
+            if !extension_names(offered).any(|o| o.eq_ignore_ascii_case(name)) {
+                return Err("101 with a WebSocket extension the client did not offer");
+            }
+            if name.eq_ignore_ascii_case(b"permessage-deflate") {
+                rsv |= 0x4;
+            }
         }
-        _ => 0,
     }
+    Ok(rsv)
 }
 
 #[cfg(test)]
@@ -425,7 +450,11 @@ mod tests {
         }
         // RSV1 is fine once permessage-deflate was negotiated, on a message's first
         // frame only.
-        let deflate = allowed_rsv(Some(b"permessage-deflate; client_max_window_bits"));
+        let deflate = negotiated_rsv(
+            b"permessage-deflate; client_max_window_bits",
+            [&b"permessage-deflate"[..]],
+        )
+        .expect("offered");
         let mut f = frame(true, 0x1, b"x", K);
         f[0] |= 0x40;
         assert!(Inspector::new(true, deflate).feed(&f).is_ok());
@@ -868,6 +897,62 @@ mod tests {
             if let Ok(f) = ins.feed(&input) {
                 proptest::prop_assert!(f.consumed <= input.len());
             }
+        }
+    }
+
+    /// An app's 101 may accept only extensions the client offered; only
+    /// `permessage-deflate`, by its exact name, allows RSV1.
+    #[test]
+    fn an_app_accepts_only_the_extensions_the_client_offered() {
+        // Offered, accepted (field lines), the RSV bits allowed (`Err`: refused).
+        type Case = (&'static [u8], &'static [&'static [u8]], Result<u8, ()>);
+        let cases: &[Case] = &[
+            (b"", &[], Ok(0)),
+            (b"permessage-deflate", &[], Ok(0)),
+            (
+                b"permessage-deflate; client_max_window_bits",
+                &[b"permessage-deflate"],
+                Ok(0x4),
+            ),
+            (
+                b"x-foo, Permessage-Deflate;server_no_context_takeover",
+                &[b"permessage-deflate; server_no_context_takeover"],
+                Ok(0x4),
+            ),
+            (b"x-foo", &[b"x-foo"], Ok(0)),
+            (b"permessage-deflate", &[b"x-foo"], Err(())),
+            (b"", &[b"permessage-deflate"], Err(())),
+            (
+                b"x-permessage-deflate-foo",
+                &[b"permessage-deflate"],
+                Err(()),
+            ),
+            (
+                b"permessage-deflate",
+                &[b"x-permessage-deflate-foo"],
+                Err(()),
+            ),
+            (
+                b"permessage-deflate, x-foo",
+                &[b"x-foo", b"permessage-deflate"],
+                Ok(0x4),
+            ),
+            (
+                b"permessage-deflate",
+                &[b"permessage-deflate, x-bar"],
+                Err(()),
+            ),
+            (b"a", &[b" , ;x"], Ok(0)),
+        ];
+        for (offered, accepted, want) in cases {
+            let got = negotiated_rsv(offered, accepted.iter().copied()).map_err(|_| ());
+            assert_eq!(
+                got,
+                *want,
+                "offered {:?}, accepted {:?}",
+                String::from_utf8_lossy(offered),
+                accepted
+            );
         }
     }
 }

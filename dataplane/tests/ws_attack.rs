@@ -132,9 +132,14 @@ fn close_code(bytes: &[u8]) -> Option<u16> {
 /// The handshake of a WebSocket session through `w` offering `upgrade`, with the
 /// request ID `id`; returns the socket and the response head.
 fn handshake(w: &Worker, upgrade: &str, id: &str) -> (TcpStream, String) {
+    handshake_with(w, upgrade, id, "")
+}
+
+/// [`handshake`] with `extra` header lines (each ending in CRLF).
+fn handshake_with(w: &Worker, upgrade: &str, id: &str, extra: &str) -> (TcpStream, String) {
     let mut c = connect(w);
     let head = format!(
-        "GET /ws HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nUpgrade: {upgrade}\r\n{WS_HEADERS}\r\n"
+        "GET /ws HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nUpgrade: {upgrade}\r\n{WS_HEADERS}{extra}\r\n"
     );
     c.write_all(head.as_bytes()).expect("handshake");
     let head = read_head(&mut c);
@@ -472,7 +477,8 @@ fn rsv1_only_on_a_messages_first_frame() {
     // Masked frames with empty payloads: the mask key is all after each header.
     let compressed = [0xC1, 0x80, 1, 2, 3, 4];
     let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
-    let (mut c, head) = handshake(&w, "websocket", "rsv1-first");
+    let deflate = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+    let (mut c, head) = handshake_with(&w, "websocket", "rsv1-first", deflate);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     c.write_all(&[&compressed[..], &close].concat())
         .expect("frames");
@@ -488,7 +494,7 @@ fn rsv1_only_on_a_messages_first_frame() {
         ),
     ];
     for (i, (what, frames)) in cases.into_iter().enumerate() {
-        let (mut c, head) = handshake(&w, "websocket", &format!("rsv1-{i}"));
+        let (mut c, head) = handshake_with(&w, "websocket", &format!("rsv1-{i}"), deflate);
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         c.write_all(&frames).expect("frames");
         let to_client = read_to_close(&mut c);
@@ -499,6 +505,62 @@ fn rsv1_only_on_a_messages_first_frame() {
         let close_at = to_app.strip_prefix(&first_fragment[..]).unwrap_or(&to_app);
         assert_eq!(close_code(close_at), Some(1002), "{what}: {to_app:x?}");
         assert_eq!(close_at.len(), 8, "{what}: {to_app:x?}");
+    }
+}
+
+/// An app's 101 may accept only the extensions the client offered (RFC 6455 §9.1):
+/// `permessage-deflate` accepted for a client that offered none, or another one, is
+/// a 502, never a session whose compressed frames the client cannot read. An
+/// extension whose name only contains `permessage-deflate` allows no RSV bit.
+#[test]
+fn an_extension_the_client_did_not_offer_is_refused() {
+    // The app accepts whatever `X-Accept-Extensions` tells it to.
+    let (app, _got) = scripted_app(|head, s| {
+        let accept = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Accept-Extensions: "))
+            .unwrap_or("");
+        let _ = s.write_all(
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: {accept}\r\n\r\n")
+                .as_bytes(),
+        );
+    });
+    let w = worker(app, "");
+    let cases = [
+        ("", "permessage-deflate", "502"),
+        ("x-foo", "permessage-deflate", "502"),
+        ("permessage-deflate", "permessage-deflate, x-foo", "502"),
+        ("permessage-deflate", "x-permessage-deflate-foo", "502"),
+        (
+            "permessage-deflate; client_max_window_bits, x-foo",
+            "permessage-deflate; server_no_context_takeover",
+            "101",
+        ),
+        (
+            "x-permessage-deflate-foo",
+            "x-permessage-deflate-foo",
+            "101",
+        ),
+    ];
+    for (i, (offer, accept, want)) in cases.iter().enumerate() {
+        let mut extra = format!("X-Accept-Extensions: {accept}\r\n");
+        if !offer.is_empty() {
+            extra.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
+        }
+        let (mut c, head) = handshake_with(&w, "websocket", &format!("ext-{i}"), &extra);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {want}")),
+            "offered {offer:?}, accepted {accept:?}: {head}"
+        );
+        if *want == "101" && accept.starts_with('x') {
+            // A compressed frame under an extension that is not permessage-deflate.
+            c.write_all(&[0xC1, 0x80, 1, 2, 3, 4]).expect("frame");
+            assert_eq!(
+                close_code(&read_to_close(&mut c)),
+                Some(1002),
+                "RSV1 under {accept:?}"
+            );
+        }
     }
 }
 

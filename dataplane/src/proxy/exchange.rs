@@ -190,11 +190,38 @@ struct Sent {
     addr: SocketAddr,
     /// Request bytes read from the client (head and body).
     bytes_in: u64,
-    /// The protocols the request offered to upgrade to (its `Upgrade` value).
-    offered: Option<Vec<u8>>,
+    /// What the request offered to upgrade to, when it asked for an upgrade.
+    offered: Option<Offer>,
     /// Whether the app answered before it took the whole request body: the rest of
     /// the body is still on the client connection, which closes after the answer.
     body_cut: bool,
+}
+
+/// What an upgrade request offered, copied before its head leaves the buffer.
+struct Offer {
+    /// Its `Upgrade` value.
+    protocols: Vec<u8>,
+    /// Its `Sec-WebSocket-Extensions` values, joined with commas.
+    extensions: Vec<u8>,
+}
+
+impl Offer {
+    fn of(head: &RequestHead, buf: &[u8]) -> Option<Self> {
+        let upgrade = head.upgrade.clone()?;
+        let mut extensions = Vec::new();
+        for h in &head.headers {
+            if parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions") {
+                if !extensions.is_empty() {
+                    extensions.push(b',');
+                }
+                extensions.extend_from_slice(&buf[h.value.clone()]);
+            }
+        }
+        Some(Self {
+            protocols: buf[upgrade].to_vec(),
+            extensions,
+        })
+    }
 }
 
 /// A completed exchange.
@@ -441,7 +468,7 @@ impl Client {
         let addr = pick_upstream(&core, route)?;
         let has_body = head.framing != BodyFraming::Length(0);
         // Copied now: the head leaves the buffer before the response comes.
-        let offered = head.upgrade.clone().map(|u| self.buf.filled()[u].to_vec());
+        let offered = Offer::of(head, self.buf.filled());
         if has_body {
             // From here the body is timed: the idle timeout per wait, and the minimum
             // average rate over the whole body. No upstream connection is held until the
@@ -891,8 +918,23 @@ impl Client {
         let core = self.core.clone();
         let req = &x.head;
         let chosen = resp.upgrade.clone().map(|u| &self.ubuf.filled()[u]);
-        let websocket = match switched_to(sent.offered.as_deref(), chosen) {
-            Ok(websocket) => websocket,
+        let offered = sent.offered.as_ref();
+        let switched =
+            switched_to(offered.map(|o| &o.protocols[..]), chosen).and_then(|websocket| {
+                let buf = self.ubuf.filled();
+                let accepted = resp
+                    .headers
+                    .iter()
+                    .filter(|h| parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions"))
+                    .map(|h| &buf[h.value.clone()]);
+                let offered = offered.map_or(&[][..], |o| &o.extensions[..]);
+                match websocket {
+                    true => crate::ws::negotiated_rsv(offered, accepted).map(Some),
+                    false => Ok(None),
+                }
+            });
+        let ws_rsv = match switched {
+            Ok(ws_rsv) => ws_rsv,
             Err(what) => {
                 tracing::warn!(upstream = %sent.addr, error = what, "app's 101 refused");
                 return Err(Failure::Answer(
@@ -911,15 +953,6 @@ impl Client {
             req.version,
             false,
         );
-        let ws_rsv = websocket.then(|| {
-            let buf = self.ubuf.filled();
-            let ext = resp
-                .headers
-                .iter()
-                .find(|h| parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions"))
-                .map(|h| &buf[h.value.clone()]);
-            crate::ws::allowed_rsv(ext)
-        });
         self.ubuf.consume(resp.head_len);
         let circuit = &route.circuit.circuit;
         let ends = TunnelEnds {
