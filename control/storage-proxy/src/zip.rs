@@ -5,20 +5,31 @@
 //! temporary file as it is made and is streamed back at the end, and a directory
 //! is read twice (its names reserved, then archived) rather than held, since a
 //! user with a shell can make a million empty files in seconds. Each file's first
-//! 64 KiB decide its method: deflated when a trial compression of them saves at
-//! least 10 % (text, CSV, JSON, logs), stored otherwise (models, images, archives:
-//! already compressed or incompressible, where deflate only costs CPU). A file that
-//! takes less than half its size on disk is stored whatever it holds: holes read as
-//! zeros, which a user can make free of disk and quota (`truncate -s 8G`) and which
-//! deflate to almost nothing, so the archive would burn a CPU-second for each
-//! megabyte it sends; stored, an archive costs what a download of its bytes does
-//! (the filesystem's own compression also shows as fewer blocks: such a file is
-//! merely sent uncompressed). Zip64 is
-//! used where the classic format ends: for an entry of 4 GiB or more (its size is
-//! known from `fstat` before it is streamed), for an entry whose header starts past
-//! 4 GiB (central directory), and for the end records when the directory, its
-//! offset or the entry count overflow. Empty directories are kept as directory
-//! entries.
+//! 64 KiB decide how it is written: deflated when a trial compression of them saves
+//! at least 10 % (text, CSV, JSON, logs), sent as they are otherwise (models,
+//! images, archives: already compressed or incompressible, where deflate only costs
+//! CPU). A file that takes less than half its size on disk is sent as it is
+//! whatever it holds: holes read as zeros, which a user can make free of disk and
+//! quota (`truncate -s 8G`) and which deflate to almost nothing, so the archive
+//! would burn a CPU-second for each megabyte it sends; sent as they are, an archive
+//! costs what a download of its bytes does (the filesystem's own compression also
+//! shows as fewer blocks: such a file is merely sent uncompressed).
+//!
+//! Every file entry is method 8 (deflate), even one sent as it is: its bytes go in
+//! deflate stored blocks (see `stored_blocks`), which say their own length, so the
+//! entry's data ends where its deflate stream does. Never method 0 (stored) with a
+//! data descriptor: that entry has no length anywhere before its data, and a
+//! streaming extractor (libarchive's `bsdtar` reading a pipe, Windows `tar.exe`)
+//! takes the first `PK\x07\x08` in the file's bytes for its end and reads what
+//! follows as the archive's next entries, so a vfolder user could put a forged
+//! entry (a set-user-ID file, a symlink to `/etc/shadow`) into the archive of
+//! whoever downloads the folder, absent from the central directory that `unzip`
+//! checks. Empty directories are kept as directory entries, method 0 with their
+//! (zero) sizes and CRC in the local header and no data descriptor. Zip64 is
+//! used where the classic format ends: for an entry of 4 GiB or more, less a
+//! margin for what deflate adds (its size is known from `fstat` before it is
+//! streamed), for an entry whose header starts past 4 GiB (central directory), and
+//! for the end records when the directory, its offset or the entry count overflow.
 //!
 //! The walk goes by descriptor from each directory being archived: every
 //! subdirectory and file is opened with `O_NOFOLLOW` beneath its parent, so a
@@ -67,8 +78,42 @@ struct Entry<'n> {
     offset: u64,
     mode: u32,
     zip64: bool,
+    /// Whether its data is a deflate stream (method 8) followed by a data
+    /// descriptor; otherwise it has no data (method 0, sizes in the local header).
     deflate: bool,
 }
+
+/// General-purpose flags: names in UTF-8 (bit 11).
+const FLAG_UTF8: u16 = 0x0800;
+/// General-purpose flags: CRC and sizes in a data descriptor after the data (bit 3).
+/// Only ever with method 8, whose stream delimits itself.
+const FLAG_DESCRIPTOR: u16 = 0x0008;
+
+/// The most bytes one deflate stored block carries (its `LEN` is 16 bits).
+const STORED_BLOCK: usize = u16::MAX as usize;
+
+/// The final, empty stored block that ends a stream of stored blocks.
+const STORED_END: [u8; 5] = [0x01, 0x00, 0x00, 0xff, 0xff];
+
+/// Appends `data` to `out` as deflate stored blocks (RFC 1951 3.2.4), none of them
+/// final (the stream ends with [`STORED_END`]): a header byte `00` (BTYPE 00 puts
+/// the block on a byte boundary), `LEN` and its complement `NLEN` (little-endian),
+/// then up to [`STORED_BLOCK`] bytes as they are. An inflater, and so every
+/// extractor, skips exactly `LEN` bytes: nothing in them is read as a header.
+fn stored_blocks(data: &[u8], out: &mut Vec<u8>) {
+    for block in data.chunks(STORED_BLOCK) {
+        let len = block.len() as u16;
+        out.push(0x00);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+}
+
+/// What deflate may add to an entry of 4 GiB: stored blocks add 5 bytes in 65,535;
+/// a deflated stream of data that does not compress, hardly more. An entry this
+/// close to the classic limit gets zip64 sizes from the start.
+const DEFLATE_MARGIN: u64 = 16 << 20;
 
 /// Raw deflate (no zlib header) at a fast level.
 fn compressor() -> CompressorOxide {
@@ -833,6 +878,16 @@ impl Central {
 /// The buffer of the central directory's file, and the chunks `finish` reads it in.
 const CENTRAL_CHUNK: usize = 64 * 1024;
 
+/// The general-purpose flags of an entry: a data descriptor only after a deflate
+/// stream (see [`Writer::local_header`]).
+fn flags(deflate: bool) -> u16 {
+    if deflate {
+        FLAG_UTF8 | FLAG_DESCRIPTOR
+    } else {
+        FLAG_UTF8
+    }
+}
+
 struct Writer<'a> {
     tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
     offset: u64,
@@ -884,15 +939,20 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// The local header of an entry. A `deflate` entry's CRC and sizes follow its
+    /// data in a descriptor (its deflate stream ends by itself, so no reader needs
+    /// them first); any other entry has no data (method 0, CRC and sizes zero here,
+    /// no descriptor): a method-0 entry with a descriptor would end at the first
+    /// `PK\x07\x08` in its data for a streaming reader.
     fn local_header(&mut self, name: &[u8], zip64: bool, deflate: bool) -> std::io::Result<()> {
         let mut h = Vec::with_capacity(50 + name.len());
         h.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
         h.extend_from_slice(&(if zip64 { 45u16 } else { 20 }).to_le_bytes()); // version needed
-        h.extend_from_slice(&0x0808u16.to_le_bytes()); // data descriptor + UTF-8 names
+        h.extend_from_slice(&flags(deflate).to_le_bytes());
         h.extend_from_slice(&(if deflate { 8u16 } else { 0 }).to_le_bytes()); // method
         h.extend_from_slice(&0u16.to_le_bytes()); // time
         h.extend_from_slice(&0x21u16.to_le_bytes()); // date: 1980-01-01
-        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the descriptor
+        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the descriptor, or none
         let sizes = if zip64 { u32::MAX } else { 0 };
         h.extend_from_slice(&sizes.to_le_bytes());
         h.extend_from_slice(&sizes.to_le_bytes());
@@ -930,8 +990,8 @@ impl<'a> Writer<'a> {
             return Ok(());
         }
         let offset = self.offset;
+        // No data: its sizes (zero) are in the header, and it has no descriptor.
         self.local_header(&name, false, false)?;
-        self.descriptor(0, 0, 0, false)?;
         self.record(&Entry {
             name: &name,
             crc: 0,
@@ -980,13 +1040,12 @@ impl<'a> Writer<'a> {
                 n => first += n,
             }
         }
+        // Compressed, or in stored blocks (`None`): method 8 either way.
         let mut deflater = (may_deflate && compresses(&buf[..first])).then(compressor);
-        let deflate = deflater.is_some();
-        // A deflated entry near the limit could end up a little larger than the file.
-        let margin = if deflate { 16 << 20 } else { 0 };
-        let zip64 = len >= self.zip64_from.saturating_sub(margin);
+        // Either stream can end up a little larger than the file.
+        let zip64 = len >= self.zip64_from.saturating_sub(DEFLATE_MARGIN);
         let offset = self.offset;
-        self.local_header(&name, zip64, deflate)?;
+        self.local_header(&name, zip64, true)?;
         let mut crc = crc32fast::Hasher::new();
         let (mut size, mut csize) = (0u64, 0u64);
         let mut n = first;
@@ -1000,7 +1059,7 @@ impl<'a> Writer<'a> {
             out.clear();
             match deflater.as_mut() {
                 Some(c) => deflate_into(c, &buf[..n], TDEFLFlush::None, &mut out)?,
-                None => out.extend_from_slice(&buf[..n]),
+                None => stored_blocks(&buf[..n], &mut out),
             }
             csize += out.len() as u64;
             if !zip64 && (size > LIMIT || csize > LIMIT) {
@@ -1014,17 +1073,18 @@ impl<'a> Writer<'a> {
             }
             n = file.read(buf)?;
         }
-        if let Some(c) = deflater.as_mut() {
-            out.clear();
-            deflate_into(c, &[], TDEFLFlush::Finish, &mut out)?;
-            csize += out.len() as u64;
-            if !zip64 && csize > LIMIT {
-                return Err(std::io::Error::other(
-                    "a file grew past 4 GiB while archived",
-                ));
-            }
-            self.send(out)?;
+        out.clear();
+        match deflater.as_mut() {
+            Some(c) => deflate_into(c, &[], TDEFLFlush::Finish, &mut out)?,
+            None => out.extend_from_slice(&STORED_END),
         }
+        csize += out.len() as u64;
+        if !zip64 && csize > LIMIT {
+            return Err(std::io::Error::other(
+                "a file grew past 4 GiB while archived",
+            ));
+        }
+        self.send(out)?;
         let crc = crc.finalize();
         self.descriptor(crc, csize, size, zip64)?;
         self.record(&Entry {
@@ -1035,7 +1095,7 @@ impl<'a> Writer<'a> {
             offset,
             mode,
             zip64,
-            deflate,
+            deflate: true,
         })
     }
 
@@ -1143,7 +1203,7 @@ impl<'a> Writer<'a> {
         cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
         cd.extend_from_slice(&(0x0300u16 | version).to_le_bytes()); // made by: Unix
         cd.extend_from_slice(&version.to_le_bytes());
-        cd.extend_from_slice(&0x0808u16.to_le_bytes());
+        cd.extend_from_slice(&flags(e.deflate).to_le_bytes());
         cd.extend_from_slice(&(if e.deflate { 8u16 } else { 0 }).to_le_bytes());
         cd.extend_from_slice(&0u16.to_le_bytes());
         cd.extend_from_slice(&0x21u16.to_le_bytes());
