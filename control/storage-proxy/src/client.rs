@@ -34,9 +34,22 @@ use rustix::fs::{AtFlags, FileType, OFlags};
 
 use super::{blocking, fsx, quota, ApiError, ApiQuery, State};
 
-/// The longest request head the client API reads (what hyper takes by default):
-/// download tokens travel in the query, and an archive token lists its paths.
-pub const MAX_HEAD: usize = 408 << 10;
+/// The longest request head the client API reads: the longest request target it
+/// serves ([`MAX_TARGET`]: download tokens travel in the query, and an archive
+/// token lists its paths) and [`HEAD_ROOM`] for the rest. A head still incomplete
+/// once this many bytes are buffered is answered 431 and the connection closed, so
+/// a caller without a token makes the proxy hold little more than this per
+/// connection for the head timeout (hyper's default, ~408 KiB, let 4096
+/// connections hold 1.7 GiB, though no head past this could be served: a longer
+/// target is answered 414). One read may bring hyper a complete head somewhat past
+/// it: [`bounded_head`] refuses that one too, so the limit holds to the byte.
+pub const MAX_HEAD: usize = MAX_TARGET + HEAD_ROOM;
+
+/// What a client API head has beside its request target: the method, the version
+/// and every header field with their line ends (`Host`, `User-Agent`, `Accept…`,
+/// `Range` and the preconditions, tus's fields, a browser's cookies) — some 1 KiB
+/// from browsers and `curl`; 8 KiB, the line nginx takes by default.
+pub const HEAD_ROOM: usize = 8 << 10;
 
 /// The longest request target (path and query) the client API takes: hyper refuses
 /// a longer one with 414, whatever room the head has (`http::Uri` holds at most
@@ -46,6 +59,63 @@ pub const MAX_TARGET: usize = u16::MAX as usize - 1;
 
 /// The request target of an archive download before its token.
 pub const ARCHIVE_TARGET: &str = "/download-archive?token=";
+
+/// The bytes of `req`'s head in its usual form: the request line, each header
+/// field as `name: value` and its line end, and the blank line.
+fn head_len(req: &axum::extract::Request) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    // `GET <target> HTTP/1.1` and its line end; the blank line.
+    req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len() + fields + 2
+}
+
+/// The length of a head past [`MAX_HEAD`], as it came (measured before the
+/// request-ID layer puts its own header fields in).
+#[derive(Clone, Copy)]
+struct OverlongHead(usize);
+
+/// Measures the head as it came: the outermost layer of the client API. One past
+/// [`MAX_HEAD`] (hyper took it whole in one read that passed its buffer limit) is
+/// marked for [`bounded_head`] to refuse, so that the limit is the same however
+/// the head's bytes arrived.
+pub async fn measure_head(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let len = head_len(&req);
+    if len > MAX_HEAD {
+        req.extensions_mut().insert(OverlongHead(len));
+    }
+    next.run(req).await
+}
+
+/// Refuses a head [`measure_head`] found too long: 431, the connection closed, as
+/// hyper answers one it could not buffer (inside the request-ID layer, so that the
+/// answer carries the request's ID as every other does).
+pub async fn bounded_head(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if let Some(OverlongHead(len)) = req.extensions().get::<OverlongHead>().copied() {
+        let mut resp = ApiError::Rejected {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            message: format!(
+                "request head of {len} bytes, more than the {MAX_HEAD} the client API takes"
+            ),
+        }
+        .into_response();
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
 
 /// The client-facing router.
 pub fn router(state: Arc<State>) -> Router {

@@ -352,6 +352,11 @@ impl ApiError {
             Self::Rejected { status, .. } if *status == StatusCode::GONE => {
                 (*status, "vfolder-not-found")
             }
+            Self::Rejected { status, .. }
+                if *status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE =>
+            {
+                (*status, "request-header-fields-too-large")
+            }
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")
@@ -560,7 +565,9 @@ pub async fn serve(
     let client_app = client::router(state.clone())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
-        .layer(layer);
+        .layer(axum::middleware::from_fn(client::bounded_head))
+        .layer(layer)
+        .layer(axum::middleware::from_fn(client::measure_head));
     let manager = tokio::net::TcpListener::bind(config.storage.manager_bind).await?;
     let client = tokio::net::TcpListener::bind(config.storage.client_bind).await?;
     let addrs = (manager.local_addr()?, client.local_addr()?);
@@ -587,7 +594,8 @@ pub async fn serve(
     );
     limits.problem = PROBLEM;
     // Client heads carry download tokens in the query, and an archive token lists
-    // its files: they may be as long as hyper has always taken.
+    // its files: they may be as long as the longest request target served, and a
+    // little more (see `client::MAX_HEAD`).
     let limits_c = server::Limits {
         max_head: client::MAX_HEAD,
         ..limits.clone()
