@@ -9,9 +9,10 @@
 //! thousands of routes do not probe in step, and at most
 //! `[health_check] max_concurrency` probes are in flight — one endpoint at most its
 //! share of them ([`share_of`]), probes of routes whose last probe failed at most
-//! half of them ([`failing_cap`]), and no probe waits longer than
+//! half of them ([`failing_cap`]), probes of routes not seen to answer (failing or
+//! new) at most three quarters ([`unproven_cap`]), and no probe waits longer than
 //! [`MAX_PROBE_WAIT`], so neither an endpoint whose replicas hang nor many such
-//! endpoints can hold every slot and starve the others' probes.
+//! endpoints, failing or new, can hold every slot and starve the others' probes.
 //!
 //! Each probe runs under a request ID of its own (sent to the model server in
 //! `X-Backend-Request-ID`); a state change is logged under it with the route, the
@@ -60,6 +61,20 @@ pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(60);
 /// [`MAX_PROBE_WAIT`]), a route that answers finds a slot (from 2 slots on).
 pub fn failing_cap(max_concurrency: usize) -> usize {
     (max_concurrency / 2).max(1)
+}
+
+/// Of `max_concurrency` slots, how many probes of routes not seen to answer may
+/// hold: routes whose last probe failed, and routes never seen to answer at their
+/// address (new, moved, or not stored healthy when a leader starts). All but a
+/// quarter (at least one left, from 2 slots on): replicas that accept connections
+/// and hang from their very first probe (a model server still loading) would
+/// otherwise take every slot for [`MAX_PROBE_WAIT`] before they count as failing,
+/// and no route that answers would be probed meanwhile. New endpoints that answer
+/// still find the rest of these slots beside failing routes ([`failing_cap`]).
+pub fn unproven_cap(max_concurrency: usize) -> usize {
+    max_concurrency
+        .saturating_sub((max_concurrency / 4).max(1))
+        .max(1)
 }
 
 /// Probes one endpoint may have in flight when `endpoints` endpoints are checked:
@@ -164,6 +179,8 @@ struct Tracked {
     target: Target,
     /// Failures in a row.
     failures: u32,
+    /// Seen to answer at its current address (or stored healthy when first seen).
+    proven: bool,
     /// The state last decided (and stored, or being stored).
     status: Option<RouteHealth>,
     /// Bumped whenever the route is rescheduled from outside, so stale heap entries
@@ -228,6 +245,8 @@ struct Scheduler {
     permits: Arc<Semaphore>,
     /// Slots probes of failing routes take first ([`failing_cap`]).
     failing_permits: Arc<Semaphore>,
+    /// Slots probes of routes not seen to answer take next ([`unproven_cap`]).
+    unproven_permits: Arc<Semaphore>,
     /// `[health_check] max_concurrency`.
     max_concurrency: usize,
     /// Probes one endpoint may have in flight ([`share_of`]).
@@ -255,6 +274,9 @@ pub(super) async fn run(state: Arc<State>) {
         jitter: cfg.jitter.clamp(0.0, 0.5),
         permits: Arc::new(Semaphore::new(cfg.max_concurrency.clamp(1, 100_000))),
         failing_permits: Arc::new(Semaphore::new(failing_cap(
+            cfg.max_concurrency.clamp(1, 100_000),
+        ))),
+        unproven_permits: Arc::new(Semaphore::new(unproven_cap(
             cfg.max_concurrency.clamp(1, 100_000),
         ))),
         max_concurrency: cfg.max_concurrency.clamp(1, 100_000),
@@ -333,13 +355,17 @@ impl Scheduler {
         t.in_flight = true;
         *self.busy.entry(t.target.endpoint).or_default() += 1;
         // A route whose last probe failed (it may hang again) waits for one of the
-        // slots kept for such probes first.
+        // slots kept for such probes first; it, and a route never seen to answer
+        // (it may hang from the first), then for one of the slots routes that
+        // answer do not need. Always in this order, so no two probes wait on each
+        // other's slots.
         let failing = (t.failures > 0).then(|| self.failing_permits.clone());
+        let unproven = (t.failures > 0 || !t.proven).then(|| self.unproven_permits.clone());
         spawn_probe(
             t.target.clone(),
             generation,
             self.permits.clone(),
-            failing,
+            [failing, unproven],
             self.tx.clone(),
         );
     }
@@ -457,6 +483,7 @@ impl Scheduler {
                             != (target.host.as_str(), target.port)
                         {
                             t.failures = 0;
+                            t.proven = false;
                         }
                         t.generation += 1;
                         let first = self.rng.within(target.settings.interval);
@@ -478,6 +505,7 @@ impl Scheduler {
                             Tracked {
                                 target,
                                 failures: 0,
+                                proven: r.health_status == Some(RouteHealth::Healthy),
                                 status: r.health_status,
                                 generation: 0,
                                 in_flight: false,
@@ -555,6 +583,7 @@ impl Scheduler {
                 let decided = match &outcome {
                     Ok(()) => {
                         t.failures = 0;
+                        t.proven = true;
                         Some(RouteHealth::Healthy)
                     }
                     Err(why) => {
@@ -644,18 +673,18 @@ fn spawn_probe(
     target: Target,
     generation: u64,
     permits: Arc<Semaphore>,
-    failing: Option<Arc<Semaphore>>,
+    classes: [Option<Arc<Semaphore>>; 2],
     tx: mpsc::UnboundedSender<Report>,
 ) {
     let id = RequestId::generate(IdVersion::V4);
     tokio::spawn(appproxy_shared::scope(Some(id), async move {
-        let _failing_slot = match failing {
-            Some(f) => match f.acquire_owned().await {
-                Ok(slot) => Some(slot),
+        let mut _class_slots = Vec::with_capacity(2);
+        for class in classes.into_iter().flatten() {
+            match class.acquire_owned().await {
+                Ok(slot) => _class_slots.push(slot),
                 Err(_) => return,
-            },
-            None => None,
-        };
+            }
+        }
         let outcome = match permits.acquire_owned().await {
             Ok(_permit) => probe(&target, id).await,
             Err(_) => return,

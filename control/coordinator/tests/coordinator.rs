@@ -3011,6 +3011,109 @@ fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
     );
 }
 
+/// Replicas that accept connections but hang from their very first probe (a model
+/// server still loading) do not starve a route that answers: probes of routes not
+/// seen to answer hold at most three quarters of the slots (`health::unproven_cap`).
+/// Here a route is healthy first, then 6 endpoints whose replicas hang from the
+/// start arrive against 4 slots. Before, their first probes took every slot for a
+/// minute (`MAX_PROBE_WAIT`), and the healthy route went unprobed that long.
+#[test]
+fn new_endpoints_whose_replicas_hang_from_the_first_probe_do_not_starve_a_route_that_answers() {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "[health_check]\nmax_concurrency = 4\nrefresh_interval_secs = 0.1",
+    );
+    register_inference_worker(&c);
+    // A listener that counts the connections it is given (each one a probe), and
+    // answers them or holds them open.
+    let serve = |answer: bool| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut conn in listener.incoming().flatten() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if answer {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf);
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                } else {
+                    held.push(conn);
+                }
+            }
+        });
+        (port, count)
+    };
+    let (fine_port, fine_probes) = serve(true);
+    let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a73";
+    checked_endpoint(c.addr, fine, "fine", fine_port, 1);
+    let circuit = Db::Sqlite.query(
+        dir.path(),
+        &format!("SELECT id FROM circuits WHERE endpoint_id = '{fine}'"),
+    );
+    let deadline = Instant::now() + HANG_GUARD;
+    while request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{circuit}"),
+        &[AUTH],
+        "",
+    )
+    .json()["route_info"][0]["health_status"]
+        != "healthy"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the route that answers never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (hanging_port, hanging_probes) = serve(false);
+    for n in 0..6 {
+        checked_endpoint(
+            c.addr,
+            &format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5c{n:02}"),
+            &format!("loading{n}"),
+            hanging_port,
+            1,
+        );
+    }
+    let deadline = Instant::now() + HANG_GUARD;
+    while hanging_probes.load(Ordering::SeqCst) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging replicas were never probed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The route that answers goes on being probed (every 0.5 s) while they hang.
+    let before = fine_probes.load(Ordering::SeqCst);
+    let deadline = Instant::now() + HANG_GUARD;
+    while fine_probes.load(Ordering::SeqCst) < before + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the route that answers was starved (hanging probes out: {})",
+            hanging_probes.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        hanging_probes.load(Ordering::SeqCst),
+        3,
+        "routes never seen to answer held more than three quarters of the slots"
+    );
+}
+
 /// Health-check settings that the prober cannot read are refused with 400 when an
 /// endpoint is created and when they are replaced, and nothing is stored: stored as
 /// they came, they were answered `health_check_enabled: true` and never probed.
