@@ -28,7 +28,7 @@
 //! Redis events when `[redis] url` is set) from [`spawn_remote`], or one a binary
 //! composes (single-node mode: a coordinator in the same process) given to [`spawn`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +41,7 @@ use crossbeam_channel::Receiver;
 use crate::config::{Config, Frontend, ResolvedCircuit};
 pub use crate::link::LinkError as AgentError;
 use crate::link::{ControlLink, Delta, LinkError, Notice as Wake, RemoteLink};
+use crate::lookup::{Found, Lookups};
 use crate::worker::Deployer;
 
 /// Starts the agent thread following the coordinator of `[coordinator] url` (none:
@@ -395,6 +396,7 @@ async fn run<L: ControlLink>(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     let apply_timeout = Duration::from_millis(coordinator.apply_timeout_ms.max(100));
+    let lookups = Lookups::default();
     // Heartbeats go on their own, beside the loop that deploys: a coordinator slow
     // to answer one (frozen, or waiting on its store) holds neither the events
     // other coordinators publish nor their acknowledgements.
@@ -526,8 +528,23 @@ async fn run<L: ControlLink>(
                     }
                 }
             };
+            // Names are looked up off this thread, the whole deployment's at once
+            // within one bound: heartbeats and acknowledgements go on meanwhile.
+            let names = names_to_look_up(&fetched, &state);
+            let found = if names.is_empty() {
+                Found::new()
+            } else {
+                lookups.look_up(names).await
+            };
             let applied = appproxy_shared::with_request_context(None, wake.span, || {
-                apply(&config, &deployer, fetched, &mut state, wake.request_id)
+                apply(
+                    &config,
+                    &deployer,
+                    fetched,
+                    &mut state,
+                    wake.request_id,
+                    &found,
+                )
             })
             .map(|(applied, id, traced)| {
                 // Found by a fetch: the deployment is traced as an event's would be, and
@@ -898,6 +915,32 @@ fn same_circuit(a: &Circuit, b: &Circuit) -> bool {
     a.id == b.id && untimed(a) == untimed(b)
 }
 
+/// The route hosts (and ports) of what was fetched that [`apply`] will resolve: the
+/// routes in rotation of every circuit new or different from what is deployed.
+fn names_to_look_up(fetched: &Fetched, state: &Deployed) -> HashSet<(String, u16)> {
+    let mut names = HashSet::new();
+    for (id, change) in &fetched.changes {
+        let Change::Now((circuit, _, _)) = change else {
+            continue;
+        };
+        if state
+            .circuits
+            .get(id)
+            .is_some_and(|d| same_circuit(&d.circuit, circuit))
+        {
+            continue;
+        }
+        for r in circuit
+            .route_info
+            .iter()
+            .filter(|r| crate::config::in_rotation(r))
+        {
+            names.insert((crate::config::route_host(r).to_string(), r.kernel_port));
+        }
+    }
+    names
+}
+
 /// Turns what was fetched into a change for the cores — only the circuits that are
 /// new, different or gone, each checked and resolved on its own — and sends it
 /// under `preferred` (an event's request ID) when given, and under the current span
@@ -910,6 +953,7 @@ fn apply(
     fetched: Fetched,
     state: &mut Deployed,
     preferred: Option<RequestId>,
+    found: &Found,
 ) -> Option<(crate::worker::Applied, RequestId, Option<Traced>)> {
     let Fetched {
         revision,
@@ -978,7 +1022,9 @@ fn apply(
     for (circuit, origin, trace) in upserts {
         let id = circuit.id;
         let checked = config
-            .resolve_circuit(&circuit)
+            .resolve_circuit_with(&circuit, &mut |host, port| {
+                crate::lookup::address(found, host, port)
+            })
             .map_err(|e| e.to_string())
             .and_then(|r| match state.frontends.get(&r.frontend) {
                 Some(holder) if *holder != id => Err(format!(
@@ -1383,8 +1429,8 @@ mod tests {
                 whole: false,
                 changes,
             };
-            let (_, id, traced) =
-                apply(&config, &deployer, fetched, state, None).expect("a deployment");
+            let (_, id, traced) = apply(&config, &deployer, fetched, state, None, &Found::new())
+                .expect("a deployment");
             (id, traced.map(|(span, _)| span))
         };
         let (creator, remover) = (ctx("00f067aa0ba902b7"), ctx("b7ad6b7169203331"));
@@ -1658,5 +1704,85 @@ mod tests {
         let mut renamed = circuit();
         renamed.subdomain = Some("other".into());
         assert!(!same_circuit(&event_copy, &renamed));
+    }
+
+    /// Only the names a deployment will resolve are looked up: the routes in rotation
+    /// of circuits new or changed, not those of a circuit already deployed as it is
+    /// (a whole re-read of thousands of circuits looks up nothing), and a name
+    /// looked up for a circuit reaches its resolution; one that was not found in
+    /// time refuses its circuit with the reason, and the others deploy.
+    #[test]
+    fn a_deployment_looks_up_only_the_names_it_resolves() {
+        let config = Config::parse(
+            "[worker]\nfrontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\n",
+        )
+        .expect("config");
+        let deployer = Deployer::without_cores();
+        let mut state = Deployed::default();
+        let named = |sub: &str, host: &str| {
+            let mut c = circuit_named(sub);
+            c.route_info[0].kernel_host = host.into();
+            let mut out = c.route_info[0].clone();
+            out.kernel_host = format!("out.{host}");
+            out.traffic_ratio = 0.0;
+            c.route_info.push(out);
+            c
+        };
+        let (a, b, ip) = (
+            named("a", "kernel-a.test"),
+            named("b", "kernel-b.test"),
+            circuit_named("ip"),
+        );
+        let fetched = |cs: &[&Circuit]| Fetched {
+            revision: None,
+            whole: true,
+            changes: cs
+                .iter()
+                .map(|c| (c.id, Change::Now(((*c).clone(), None, None))))
+                .collect(),
+        };
+        let names = names_to_look_up(&fetched(&[&a, &b, &ip]), &state);
+        let want: HashSet<(String, u16)> = [
+            ("kernel-a.test".to_string(), 8000),
+            ("kernel-b.test".to_string(), 8000),
+            ("127.0.0.1".to_string(), 8000),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(names, want, "out-of-rotation routes are not looked up");
+        let mut found = Found::new();
+        found.insert(
+            ("kernel-a.test".into(), 8000),
+            Ok("10.1.2.3:8000".parse().expect("addr")),
+        );
+        found.insert(
+            ("kernel-b.test".into(), 8000),
+            Err("name lookup timed out after 5 s".into()),
+        );
+        apply(
+            &config,
+            &deployer,
+            fetched(&[&a, &b, &ip]),
+            &mut state,
+            None,
+            &found,
+        )
+        .expect("a deployment");
+        assert_eq!(
+            state.circuits[&a.id].upstreams,
+            vec![("10.1.2.3:8000".parse().expect("addr"), 1.0)]
+        );
+        assert!(state.circuits.contains_key(&ip.id));
+        let why = &state.refused[&b.id];
+        assert!(
+            why.contains("kernel-b.test") && why.contains("timed out"),
+            "{why}"
+        );
+        // The whole set again: only the refused circuit's name is looked up again.
+        let names = names_to_look_up(&fetched(&[&a, &b, &ip]), &state);
+        assert_eq!(
+            names,
+            [("kernel-b.test".to_string(), 8000)].into_iter().collect()
+        );
     }
 }

@@ -756,6 +756,24 @@ impl ResolvedCircuit {
     }
 }
 
+/// The host a route's app is reached at (`localhost` when none is given).
+pub fn route_host(r: &appproxy_shared::model::RouteInfo) -> &str {
+    if r.kernel_host.is_empty() {
+        "localhost"
+    } else {
+        r.kernel_host.as_str()
+    }
+}
+
+/// Looks `host` up now, on the calling thread (the system resolver: `/etc/hosts`,
+/// then DNS), and takes its first address. An address literal needs no lookup.
+pub fn look_up_now(host: &str, port: u16) -> Result<SocketAddr, String> {
+    match (host, port).to_socket_addrs() {
+        Ok(mut found) => found.next().ok_or_else(|| "no address".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Whether a route gets traffic: a non-zero ratio and not judged unhealthy by the
 /// coordinator's active health check (out of rotation until it answers again; the
 /// circuit is redeployed then). [`ResolvedCircuit::upstreams`] holds exactly these
@@ -1019,6 +1037,17 @@ impl Config {
     /// subdomains among circuits is the caller's: [`Config::resolve_circuits`] for a
     /// whole set, the control agent for a deployment's changes.
     pub fn resolve_circuit(&self, c: &Circuit) -> Result<ResolvedCircuit, ConfigError> {
+        self.resolve_circuit_with(c, &mut look_up_now)
+    }
+
+    /// [`Config::resolve_circuit`] with the route hosts' addresses from `look_up`
+    /// (host, port → the address, or why there is none): the control agent looks
+    /// names up off its thread first, and passes what it found.
+    pub fn resolve_circuit_with(
+        &self,
+        c: &Circuit,
+        look_up: &mut dyn FnMut(&str, u16) -> Result<SocketAddr, String>,
+    ) -> Result<ResolvedCircuit, ConfigError> {
         {
             let err = |message: String| ConfigError::Circuit {
                 index: None,
@@ -1116,16 +1145,9 @@ impl Config {
                     // sees it answer again (the circuit is redeployed then).
                     continue;
                 }
-                let host = if r.kernel_host.is_empty() {
-                    "localhost"
-                } else {
-                    r.kernel_host.as_str()
-                };
-                let addr = (host, r.kernel_port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| err(format!("cannot resolve route host {host:?}")))?;
+                let host = route_host(r);
+                let addr = look_up(host, r.kernel_port)
+                    .map_err(|why| err(format!("cannot resolve route host {host:?}: {why}")))?;
                 upstreams.push((addr, r.traffic_ratio));
                 if !r.upstream_tls.is_off() {
                     upstream_tls.push((addr, r.upstream_tls, host.to_owned()));
