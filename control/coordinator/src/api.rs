@@ -686,15 +686,21 @@ pub(super) async fn worker_circuits(
 }
 
 /// One page of a worker's set in ID order, after `after`, with its revision: what
-/// `?after=…&limit=N` answers and what an embedded worker reads.
+/// `?after=…&limit=N` answers and what an embedded worker reads. At most `limit`
+/// circuits and at most [`super::store::ANSWER_BYTES`] of JSON (at least one
+/// circuit): a page cut short by either says where the next one starts.
 pub(super) async fn worker_page(
     state: &State,
     id: uuid::Uuid,
     after: Option<uuid::Uuid>,
     limit: usize,
 ) -> Result<CircuitSet, StoreError> {
-    let (revision, page) = state.store.circuits_page(id, after, limit).await?;
-    let next = (page.len() >= limit)
+    let (revision, mut page) = state.store.circuits_page(id, after, limit).await?;
+    let full = page.len() >= limit;
+    let fits = super::store::rows_within(&page, super::store::ANSWER_BYTES);
+    let cut = fits < page.len();
+    page.truncate(fits);
+    let next = (full || cut)
         .then(|| page.last().map(|(c, _)| c.id))
         .flatten();
     let (circuits, origins, traces) = split_origins(page);

@@ -5723,3 +5723,141 @@ fn route_writes_from_two_coordinators_lose_nothing_and_keep_the_limit() {
     );
     assert_eq!(stored(), 150, "the limit holds across coordinators");
 }
+
+/// A worker's pages and change lists are bounded by bytes as well as by count.
+/// Pages were bounded only by count (5,000 circuits), and the agent reads at most
+/// 16 MiB of an answer: 2,600 interactive circuits with a 255-character app name
+/// of `"` and 1,000-character `args` of U+0001 (about 7 KB of JSON each, what end
+/// users may send) made one page of about 19 MB that the agent could never read
+/// (after a restart its worker served nothing). Now every page and change list
+/// stays within `store::ANSWER_BYTES` (4 MiB), and reading them as the agent does
+/// (`?after=…&limit=5000` following `next`; `?since=R` following `more`) brings
+/// every circuit exactly once.
+#[test]
+fn a_workers_pages_and_change_lists_stay_within_their_byte_budget() {
+    use appproxy_coordinator::store::{Store, ANSWER_BYTES};
+    use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+    use appproxy_shared::wire::{CircuitSet, MAX_CIRCUITS_PER_ANSWER};
+    const CIRCUITS: usize = 2_600;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = dir.path().join("coordinator.sqlite3");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = rt.block_on(Store::open(None, &sqlite)).expect("open");
+    let worker = rt
+        .block_on(store.upsert_worker(&serde_json::json!({
+            "authority": "worker-1", "frontend_mode": "wildcard", "protocol": "http",
+            "hostname": "proxy1.test", "tls_listen": false, "tls_advertised": false,
+            "api_port": 10201, "port_range": null, "wildcard_domain": ".apps.test",
+            "wildcard_traffic_port": 10300, "accepted_traffics": ["interactive"],
+            "filtered_apps_only": false, "node_id": "node-1"})))
+        .expect("register");
+    let mut stored = std::collections::HashSet::new();
+    for n in 0..CIRCUITS {
+        let session = uuid::Uuid::new_v4();
+        let circuit = Circuit {
+            id: uuid::Uuid::new_v4(),
+            app: Some(format!("{}{n:05}", "\"".repeat(250))),
+            protocol: ProxyProtocol::Http,
+            worker: Some(worker),
+            app_mode: AppMode::Interactive,
+            frontend_mode: FrontendMode::Wildcard,
+            envs: Default::default(),
+            arguments: Some("\u{1}".repeat(1000)),
+            open_to_public: false,
+            allowed_client_ips: Vec::new(),
+            port: None,
+            subdomain: Some(format!("app-{n}")),
+            user_id: Some(uuid::Uuid::new_v4()),
+            endpoint_id: None,
+            runtime_variant: None,
+            route_info: vec![RouteInfo {
+                route_id: None,
+                session_id: session,
+                session_name: None,
+                kernel_host: "127.0.0.1".into(),
+                kernel_port: 30000,
+                protocol: ProxyProtocol::Http,
+                traffic_ratio: 1.0,
+                health_status: None,
+                upstream_tls: Default::default(),
+            }],
+            session_ids: vec![session],
+            created_at: None,
+            updated_at: None,
+        };
+        rt.block_on(store.insert_circuit(&circuit, Some(&format!("req-{n}")), None))
+            .expect("insert");
+        stored.insert(circuit.id);
+    }
+    drop(store);
+    let c = start_with(dir.path(), &Db::Sqlite, "");
+    let get = |path: &str| {
+        let r = request(c.addr, "GET", path, &[AUTH], "");
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.body.len() <= ANSWER_BYTES,
+            "{path}: an answer of {} bytes, past the budget of {ANSWER_BYTES} (the agent reads at most {})",
+            r.body.len(),
+            16 << 20
+        );
+        let set: CircuitSet = serde_json::from_slice(&r.body).expect("an answer the agent reads");
+        set
+    };
+    // The whole set page by page, as the agent reads it.
+    let mut seen = std::collections::HashSet::new();
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let page = get(&format!(
+            "/api/worker/{worker}/circuits?after={after}&limit={MAX_CIRCUITS_PER_ANSWER}"
+        ));
+        pages += 1;
+        let circuits = page.circuits.as_deref().expect("a page's circuits");
+        assert!(!circuits.is_empty() || page.next_page().is_none());
+        for circuit in circuits {
+            assert!(seen.insert(circuit.id), "{} came twice", circuit.id);
+            assert_eq!(
+                page.origins
+                    .as_ref()
+                    .and_then(|o| o.get(&circuit.id))
+                    .map(|o| o.starts_with("req-")),
+                Some(true),
+                "a circuit's origin comes with it"
+            );
+        }
+        match page.next_page() {
+            Some(next) => after = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, stored, "every circuit, once");
+    assert!(pages >= 5, "{pages} pages for ~19 MB");
+    // The change log from the start, answer by answer.
+    let mut seen = std::collections::HashSet::new();
+    let mut revision = 0;
+    let mut answers = 0;
+    loop {
+        let answer = get(&format!("/api/worker/{worker}/circuits?since={revision}"));
+        answers += 1;
+        assert!(!answer.resync, "the log reaches back to the start");
+        assert!(answer.revision > revision, "each answer moves on");
+        revision = answer.revision;
+        for circuit in answer.circuits.unwrap_or_default() {
+            assert!(seen.insert(circuit.id), "{} came twice", circuit.id);
+        }
+        if !answer.more.unwrap_or(false) {
+            break;
+        }
+    }
+    assert_eq!(seen, stored, "every change, once");
+    assert_eq!(revision, CIRCUITS as u64);
+    assert!(answers >= 5, "{answers} answers for ~19 MB");
+}

@@ -175,7 +175,38 @@ pub enum Changes {
 impl Changes {
     /// Folds log entries (revision, circuit, the circuit now or its removal) read
     /// after `since` into one change per circuit.
+    ///
+    /// The answer stays within [`ANSWER_BYTES`] of JSON: entries past the budget are
+    /// left for the next answer (`more`, from the revision of the last entry taken),
+    /// at least one entry always taken.
     pub(crate) fn from_log(since: u64, current: u64, log: Vec<(u64, uuid::Uuid, Logged)>) -> Self {
+        Self::from_log_within(since, current, log, ANSWER_BYTES)
+    }
+
+    /// [`Changes::from_log`] within `budget` bytes of JSON.
+    fn from_log_within(
+        since: u64,
+        current: u64,
+        mut log: Vec<(u64, uuid::Uuid, Logged)>,
+        budget: usize,
+    ) -> Self {
+        // One entry per revision: cutting the log after any entry leaves a revision
+        // to ask again from. A circuit counts once however many entries it has (each
+        // carries it as it is now, and the answer carries it once).
+        let mut spent = ANSWER_ENVELOPE_BYTES;
+        let mut counted: std::collections::HashSet<uuid::Uuid> = Default::default();
+        let cut = log.iter().enumerate().position(|(i, (_, id, body))| {
+            let cost = match body {
+                Logged::Present(row) if counted.insert(*id) => encoded_row_len(row),
+                Logged::Removed(by) if counted.insert(*id) => encoded_removal_len(by),
+                _ => 0,
+            };
+            spent = spent.saturating_add(cost);
+            i > 0 && spent > budget
+        });
+        if let Some(cut) = cut {
+            log.truncate(cut);
+        }
         let revision = log.last().map_or(current.max(since), |(r, _, _)| *r);
         let mut last: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
         for (i, (_, id, _)) in log.iter().enumerate() {
@@ -200,6 +231,71 @@ impl Changes {
             more: revision < current,
         }
     }
+}
+
+/// The most bytes of JSON one page or change list of a worker's set carries (a
+/// circuit alone larger than this still comes, alone): a quarter of the 16 MiB a
+/// worker's agent reads of one answer, so answers of large circuits (long `args`
+/// and app names, endpoints with many routes) come in more pages, never one the
+/// agent cannot read. The agent follows `next` and `more` as it does for the
+/// count limit ([`appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER`]).
+pub const ANSWER_BYTES: usize = 4 << 20;
+
+/// What an answer's fields besides its circuits take at most (`revision`, `next`,
+/// `more`, keys and brackets).
+const ANSWER_ENVELOPE_BYTES: usize = 256;
+
+/// The JSON bytes `value` encodes to, counted without building the text.
+fn encoded_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Serialising into a counter fails only for values JSON cannot hold (none
+    // here): then it counts what was written.
+    let _ = serde_json::to_writer(&mut n, value);
+    n.0
+}
+
+/// What an `origins` entry and a `traces` entry keyed by a circuit ID take (the
+/// key, quotes, colon, comma: 40 bytes each).
+fn encoded_origin_len(o: &Origin) -> usize {
+    let request = o.request_id.as_ref().map_or(0, |r| 40 + encoded_len(r));
+    let trace = o.trace.as_ref().map_or(0, |t| {
+        40 + encoded_len(&appproxy_shared::wire::ChangeTrace::from(t))
+    });
+    request + trace
+}
+
+/// The bytes a circuit adds to a page or change list: the circuit with its comma,
+/// and its `origins` and `traces` entries.
+pub fn encoded_row_len(row: &CircuitRow) -> usize {
+    1 + encoded_len(&row.0) + encoded_origin_len(&row.1)
+}
+
+/// The bytes a removal adds to a change list: its ID in `removed`, and its
+/// `removed_by` and `traces` entries.
+fn encoded_removal_len(by: &Origin) -> usize {
+    39 + encoded_origin_len(by)
+}
+
+/// How many of `rows`, from the first, a page carries within `budget` bytes of
+/// JSON (at least one, when there is one).
+pub fn rows_within(rows: &[CircuitRow], budget: usize) -> usize {
+    let mut spent = ANSWER_ENVELOPE_BYTES;
+    rows.iter()
+        .position(|row| {
+            spent = spent.saturating_add(encoded_row_len(row));
+            spent > budget
+        })
+        .map_or(rows.len(), |i| i.max(1))
 }
 
 /// How long the change log keeps an entry: a worker that has not asked for that
