@@ -18,6 +18,7 @@ pub mod introspect;
 pub mod io;
 pub mod link;
 pub mod liveness;
+pub mod logout;
 pub mod lookup;
 pub mod metrics;
 pub mod preflight;

@@ -8,11 +8,13 @@
 //!   with and without a CPU hog on its core: after every burst a fresh request is
 //!   answered, `/health` stays ok and the watchdog never had to kick a core;
 //! - `SIGTERM` ends the worker, in a loop, with traffic and idle connections;
-//! - each core's thread runs with the scheduler slice it is configured to ask for.
+//! - each core's thread runs with the scheduler slice it is configured to ask for;
+//! - a stdout nobody reads (a stalled log collector) never stalls the cores.
 
 mod common;
 
 use appproxy_test_support::net::Uninterrupted;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
@@ -429,6 +431,113 @@ fn each_core_runs_with_the_scheduler_slice_it_asks_for() {
         }
         assert!(w.terminate().success(), "{}", w.log_text());
     }
+}
+
+/// A worker whose stdout is a pipe nobody reads (a container's log driver that
+/// stalled) goes on serving: its cores hand their access-log batches and log lines to
+/// a writer thread instead of writing them, what overflows the writer's queue is
+/// dropped and counted, and once the pipe is read again the lines come out whole,
+/// with a warning of how many were lost. Before, the core blocked in `write` once the
+/// pipe's 64 KiB were full: a few hundred requests, then none.
+#[test]
+fn a_stdout_nobody_reads_never_stalls_the_cores() {
+    use std::io::{BufRead as _, BufReader};
+    let up = common::Upstream::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (
+        appproxy_test_support::free_port(),
+        appproxy_test_support::free_port(),
+    );
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\ncores = 1\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n\
+             [admin]\nbind = \"127.0.0.1:{admin}\"\n[logging]\nformat = \"json\"\nfilter = \"info\"\naccess_log = true\n\
+             [[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\napp = \"test\"\nport = {port}\nopen_to_public = true\n\
+             route_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+            up.addr.port()
+        ),
+    )
+    .expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start worker");
+    // Held open and not read until the end.
+    let stdout = child.stdout.take().expect("stdout");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the worker never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Far more access lines than the pipe (64 KiB) and the writer's queue (8 MiB)
+    // hold: every request is still answered.
+    let served = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let served = served.clone();
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                for _ in 0..10_000 {
+                    assert_eq!(
+                        c.get("/a-path-long-enough-to-fill-lines-sooner", "").status,
+                        200
+                    );
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("every request answered");
+    }
+    assert_eq!(served.load(Ordering::Relaxed), 40_000);
+    let metrics = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .expect("metrics");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).expect("metrics");
+        text
+    };
+    let text = metrics();
+    let dropped: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the dropped-lines counter");
+    assert!(dropped > 0, "40,000 lines fit 64 KiB and 8 MiB?");
+    // Read again, to the end (SIGTERM once the loss was told: the worker writes what
+    // it still holds before it exits): the lines come out whole, and the loss is told.
+    let (mut access, mut told) = (0u64, false);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("a line");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        access += u64::from(v["status"] == 200);
+        if !told
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("log lines dropped"))
+        {
+            told = true;
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+    assert!(child.wait().expect("exit").success());
+    assert!(told, "the loss was never told");
+    assert_eq!(
+        access + dropped,
+        40_000,
+        "{access} written, {dropped} dropped"
+    );
 }
 
 /// The safety net, end to end: with glommio's preemption timer brought back (short,

@@ -2,7 +2,6 @@
 //! into a buffer and written at 32 KiB or every reactor tick.
 
 use std::cell::RefCell;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -191,8 +190,10 @@ impl AccessLog {
         if buf.is_empty() {
             return;
         }
-        let _ = std::io::stdout().lock().write_all(buf.as_bytes());
-        buf.clear();
+        // Handed to the stdout writer, never written here: a stalled reader must not
+        // stall the core (`logout`).
+        let lines = std::mem::replace(&mut *buf, String::with_capacity(FLUSH_AT + 1024));
+        crate::logout::write(lines.into_bytes());
     }
 }
 

@@ -48,6 +48,16 @@ fn reload(path: &std::path::Path, worker: &worker::Worker) {
     });
 }
 
+/// Writes what the stdout writer still holds when `run` ends, however it ends (at
+/// most 5 s, for a stdout nobody reads any more).
+struct DrainStdout;
+
+impl Drop for DrainStdout {
+    fn drop(&mut self) {
+        appproxy_dataplane::logout::drain(std::time::Duration::from_secs(5));
+    }
+}
+
 fn online_cpus() -> Vec<usize> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..n).collect()
@@ -115,7 +125,17 @@ fn run() -> anyhow::Result<()> {
     let Some((path, (config, rt, embedded))) = loaded else {
         return Ok(());
     };
-    appproxy_shared::telemetry::init(&config.logging.common, "worker")?;
+    // The cores never write stdout themselves (`logout`): a log reader that stalls
+    // must not stall them. Whatever was queued is written before the process ends.
+    appproxy_dataplane::logout::start().context("cannot start the stdout writer")?;
+    let _drain = DrainStdout;
+    let subscriber = appproxy_shared::telemetry::subscriber(
+        &config.logging.common,
+        "worker",
+        appproxy_dataplane::logout::QueuedStdout,
+    )?;
+    tracing::subscriber::set_global_default(subscriber)
+        .map_err(|_| appproxy_shared::telemetry::TelemetryError::AlreadyInstalled)?;
     appproxy_shared::otlp::install(&config.telemetry, "worker")?;
     // The file's circuits were resolved before logging was set up.
     for c in &rt.circuits {

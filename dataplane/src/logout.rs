@@ -1,0 +1,230 @@
+//! The worker's stdout, written by a thread of its own: what the cores log (their
+//! access-log batches, their log lines) is handed over and never written by them.
+//!
+//! A write to stdout blocks its caller while the reader does not keep up: in a
+//! container, stdout is a pipe drained by the runtime's log driver, and a driver
+//! that stalls fills the pipe's 64 KiB. A core that wrote there itself stopped at
+//! the next batch, with every connection it held (measured: 166 requests, then none,
+//! behind a pipe nobody read). Here a core only queues its bytes, and a thread
+//! (`appproxy-stdout`) writes them in order. The queue holds at most
+//! [`QUEUE_BYTES`]: past that, what a core hands over is dropped and counted
+//! (`appproxy_log_lines_dropped_total`), and once stdout takes writes again a
+//! warning says how many lines were lost. Lines are never split: a chunk is whole
+//! lines, and chunks are written whole, in the order they were queued.
+//!
+//! Until [`start`] runs (and in the library's own tests), writes go to stdout
+//! directly, as before.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bytes queued at most; what would go past is dropped.
+pub const QUEUE_BYTES: usize = 8 << 20;
+
+struct Out {
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    /// Bytes queued and not yet written.
+    queued: AtomicUsize,
+}
+
+static OUT: OnceLock<Out> = OnceLock::new();
+/// Lines dropped since the start.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Lines dropped that no warning has reported yet.
+static UNREPORTED: AtomicU64 = AtomicU64::new(0);
+
+/// Starts the writer thread (once; later calls do nothing). From here on, [`write`]
+/// never blocks.
+pub fn start() -> std::io::Result<()> {
+    start_with(|chunk| std::io::stdout().lock().write_all(chunk))
+}
+
+/// [`start`] with another sink (tests).
+fn start_with(
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()> + Send + 'static,
+) -> std::io::Result<()> {
+    if OUT.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    if OUT
+        .set(Out {
+            tx,
+            queued: AtomicUsize::new(0),
+        })
+        .is_err()
+    {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("appproxy-stdout".into())
+        .spawn(move || {
+            let out = OUT.get().expect("set before the thread starts");
+            for chunk in rx {
+                // A write that fails (stdout closed) drops the chunk: nothing else
+                // can be done with it, and the cores must not wait.
+                let _ = sink(&chunk);
+                out.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+                let lost = UNREPORTED.swap(0, Ordering::AcqRel);
+                if lost > 0 {
+                    tracing::warn!(
+                        lines = lost,
+                        "log lines dropped: stdout did not take them as fast as they came"
+                    );
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Hands `chunk` (whole lines) to the writer thread, or drops it when the queue is
+/// full. Never blocks once [`start`] ran; before, writes it to stdout at once.
+pub fn write(chunk: Vec<u8>) {
+    if chunk.is_empty() {
+        return;
+    }
+    let Some(out) = OUT.get() else {
+        let _ = std::io::stdout().lock().write_all(&chunk);
+        return;
+    };
+    let len = chunk.len();
+    let before = out.queued.fetch_add(len, Ordering::AcqRel);
+    let refused = if before + len > QUEUE_BYTES {
+        Some(chunk)
+    } else {
+        out.tx.send(chunk).err().map(|e| e.into_inner())
+    };
+    if let Some(chunk) = refused {
+        out.queued.fetch_sub(len, Ordering::AcqRel);
+        let lines = chunk_lines(&chunk);
+        DROPPED.fetch_add(lines, Ordering::Relaxed);
+        UNREPORTED.fetch_add(lines, Ordering::Relaxed);
+    }
+}
+
+/// Lines dropped since the start.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Waits, at most `limit`, until everything queued is written (before the process
+/// exits). Returns whether it all was.
+pub fn drain(limit: Duration) -> bool {
+    let Some(out) = OUT.get() else {
+        return true;
+    };
+    let until = Instant::now() + limit;
+    while out.queued.load(Ordering::Acquire) > 0 {
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// The `appproxy_log_lines_dropped_total` family.
+pub fn render_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        "# HELP appproxy_log_lines_dropped_total Log and access-log lines dropped because stdout did not take them as fast as they came ({QUEUE_BYTES} bytes queued at most).\n# TYPE appproxy_log_lines_dropped_total counter\nappproxy_log_lines_dropped_total {}\n",
+        dropped_lines()
+    );
+}
+
+fn chunk_lines(chunk: &[u8]) -> u64 {
+    chunk.iter().filter(|b| **b == b'\n').count().max(1) as u64
+}
+
+/// The `MakeWriter` of the worker's log lines: each line is one [`write`].
+#[derive(Clone, Copy, Default)]
+pub struct QueuedStdout;
+
+impl std::io::Write for QueuedStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStdout {
+    type Writer = QueuedStdout;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueuedStdout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Condvar, Mutex};
+
+    /// Behind a sink that takes nothing (a log reader that stalled), writers never
+    /// wait: what fits the queue waits in it, the rest is dropped and counted, and
+    /// once the sink takes writes again everything queued comes out whole, in order.
+    #[test]
+    fn a_stalled_stdout_never_holds_a_writer_and_loses_only_what_overflows() {
+        let written: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        {
+            let (written, gate) = (written.clone(), gate.clone());
+            start_with(move |chunk| {
+                let (open, turn) = &*gate;
+                let mut open = open.lock().expect("gate");
+                while !*open {
+                    open = turn.wait(open).expect("gate");
+                }
+                written.lock().expect("written").extend_from_slice(chunk);
+                Ok(())
+            })
+            .expect("writer thread");
+        }
+        // 1 KiB lines, numbered; 3 times what the queue holds.
+        let line = |i: usize| format!("{i:08} {}\n", "x".repeat(1014)).into_bytes();
+        let n = 3 * QUEUE_BYTES / 1024;
+        let started = Instant::now();
+        for i in 0..n {
+            write(line(i));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a writer waited"
+        );
+        let dropped = dropped_lines();
+        assert!(
+            dropped as usize >= n - QUEUE_BYTES / 1024 - 1,
+            "dropped {dropped} of {n}"
+        );
+        assert!((dropped as usize) < n, "everything dropped");
+        *gate.0.lock().expect("gate") = true;
+        gate.1.notify_all();
+        assert!(drain(Duration::from_secs(30)), "the queue never drained");
+        let written = written.lock().expect("written").clone();
+        let lines: Vec<&[u8]> = written.split_inclusive(|b| *b == b'\n').collect();
+        assert_eq!(lines.len() + dropped as usize, n);
+        let mut last = None;
+        for l in lines {
+            assert_eq!(l.len(), 1024, "a line cut");
+            let i: usize = std::str::from_utf8(&l[..8])
+                .expect("digits")
+                .parse()
+                .expect("number");
+            assert!(last.is_none_or(|p| i > p), "out of order");
+            last = Some(i);
+        }
+        let mut text = String::new();
+        render_metrics(&mut text);
+        assert!(
+            text.contains(&format!("appproxy_log_lines_dropped_total {dropped}")),
+            "{text}"
+        );
+    }
+}
