@@ -699,12 +699,66 @@ fn spawn_probe(
     }));
 }
 
-/// One probe: `GET path` with the expected status within the timeout.
+/// Name lookups of probed hosts in flight at most, over all probes.
+pub const MAX_LOOKUPS: usize = 16;
+
+/// The slots of [`MAX_LOOKUPS`]: each held by a lookup until `getaddrinfo` really
+/// returns, whether or not its probe still waits for it.
+static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
+
+/// The addresses of a probed host by `deadline`: an IP literal as it is, a name
+/// looked up (`getaddrinfo`, the system's resolver) on a thread of its own — never
+/// on tokio's blocking pool, where SQLite store calls run: a lookup cannot be
+/// cancelled, and while DNS does not answer each one holds its thread for the
+/// resolver's own timeouts (tens of seconds), long after its probe gave up. At most
+/// [`MAX_LOOKUPS`] are under way; a probe that finds none free by its deadline fails
+/// without starting one.
+async fn addresses(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<Vec<std::net::SocketAddr>, String> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+    }
+    let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, LOOKUPS.acquire()).await else {
+        return Err(format!(
+            "name lookup of {host} not started: {MAX_LOOKUPS} lookups already under way (DNS slow or not answering)"
+        ));
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = host.to_owned();
+    std::thread::Builder::new()
+        .name("probe-lookup".into())
+        .spawn(move || {
+            use std::net::ToSocketAddrs as _;
+            let found = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect::<Vec<_>>);
+            drop(slot);
+            let _ = tx.send(found);
+        })
+        .map_err(|e| format!("name lookup of {host} not started: {e}"))?;
+    match tokio::time::timeout_at(deadline, rx).await {
+        Err(_) => Err(format!("name lookup of {host} timed out")),
+        Ok(Err(_)) => Err(format!("name lookup of {host} ended without an answer")),
+        Ok(Ok(Err(e))) => Err(format!("name lookup of {host}: {e}")),
+        Ok(Ok(Ok(found))) if found.is_empty() => {
+            Err(format!("name lookup of {host} found no address"))
+        }
+        Ok(Ok(Ok(found))) => Ok(found),
+    }
+}
+
+/// One probe: `GET path` with the expected status within the timeout (the host
+/// name's lookup included).
 async fn probe(t: &Target, id: RequestId) -> Result<(), String> {
     COUNTS[0].fetch_add(1, Ordering::Relaxed);
     let s = &t.settings;
+    let deadline = Instant::now() + s.timeout;
     let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+        let found = addresses(&t.host, t.port, deadline).await?;
+        let mut conn = tokio::net::TcpStream::connect(&found[..])
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = conn.set_nodelay(true);
@@ -746,7 +800,7 @@ async fn probe(t: &Target, id: RequestId) -> Result<(), String> {
             Err(format!("status {status}, expected {}", s.expected_status))
         }
     };
-    let outcome = match tokio::time::timeout(s.timeout, exchange).await {
+    let outcome = match tokio::time::timeout_at(deadline, exchange).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {:.1}s", s.timeout.as_secs_f64())),
     };

@@ -5861,3 +5861,135 @@ fn a_workers_pages_and_change_lists_stay_within_their_byte_budget() {
     assert_eq!(revision, CIRCUITS as u64);
     assert!(answers >= 5, "{answers} answers for ~19 MB");
 }
+
+/// Health probes of routes named by host name looked their names up on tokio's
+/// blocking pool, where SQLite store calls run, and a lookup is not cancelled by
+/// its probe's timeout: while DNS did not answer, every probe left a thread waiting
+/// for the resolver's own timeouts, the pool's 512 threads filled within seconds,
+/// and every store call (heartbeats, `/readyz`, `/v2/conf`) was answered 503. Now
+/// lookups run on threads of their own, at most `health::MAX_LOOKUPS` at a time,
+/// and a probe whose lookup cannot start or does not end in time fails saying so.
+///
+/// The outage is real: a DNS server that takes queries and never answers, named by
+/// the `/etc/resolv.conf` of a private mount namespace the coordinator runs in
+/// (`unshare -m`, so the test needs root); 450 routes named by host names, probed
+/// every 0.5 s.
+#[test]
+fn a_dns_outage_does_not_starve_the_store_through_health_probes() {
+    use std::process::{Command, Stdio};
+    // A loopback address of its own, so tests running together do not share it.
+    let b = uuid::Uuid::new_v4().into_bytes();
+    let dns_ip = std::net::Ipv4Addr::new(127, b[0] | 1, b[1], b[2].max(2));
+    let _dns = std::net::UdpSocket::bind((dns_ip, 53)).expect("a silent DNS server on port 53");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {dns_ip}\noptions timeout:30 attempts:2\n"),
+    )
+    .expect("resolv.conf");
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n[health_check]\nrefresh_interval_secs = 0.2\n",
+            Db::Sqlite.section(dir.path())
+        ),
+    )
+    .expect("config");
+    let log_path = dir.path().join("coordinator.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\"")
+        .arg("sh")
+        .arg(&resolv)
+        .arg(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg(&config)
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("unshare (util-linux) to start the coordinator in a mount namespace");
+    let addr = appproxy_test_support::serving::addr(
+        &mut child,
+        &log_path,
+        0,
+        "coordinator serving",
+        "addr",
+    );
+    let c = Coordinator { child, addr };
+    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let worker = r.json()["id"].as_str().expect("worker id").to_owned();
+    for e in 0..3 {
+        let id = format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5d{e:02}");
+        let body = format!(
+            r#"{{"service_name":"dns{e}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"runtime_variant":"vllm","existing_url":null}}}},"health_check":{{"enable":true,"interval":0.5,"path":"/health","max_retries":1,"max_wait_time":0.5,"expected_status_code":200,"initial_delay":0}}}}"#
+        );
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{id}"),
+            &[AUTH],
+            &body,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let routes: Vec<String> = (0..150)
+            .map(|i| {
+                format!(
+                    r#"{{"session_id":"{SESSION}","route_id":"{}","kernel_host":"replica-{e}-{i}.models.test","kernel_port":8000}}"#,
+                    uuid::Uuid::new_v4()
+                )
+            })
+            .collect();
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk/routes/register",
+            &[AUTH],
+            &format!(
+                r#"{{"endpoints":[{{"deployment_id":"{id}","routes":[{}]}}]}}"#,
+                routes.join(",")
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // The store keeps answering while the probes' lookups hang.
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut calls = 0;
+    while Instant::now() < until {
+        for (method, path) in [
+            ("PATCH", format!("/api/worker/{worker}?brief=true")),
+            ("GET", "/readyz".to_owned()),
+        ] {
+            let t = Instant::now();
+            let r = request(c.addr, method, &path, &[AUTH], "");
+            assert!(
+                r.status == 200 && t.elapsed() < Duration::from_secs(3),
+                "{method} {path} answered {} in {:?} during the DNS outage: {}",
+                r.status,
+                t.elapsed(),
+                String::from_utf8_lossy(&r.body)
+            );
+            calls += 1;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(calls > 20);
+    // The lookups under way are bounded, and the probes say why they failed.
+    let lookups = std::fs::read_dir(format!("/proc/{}/task", c.child.id()))
+        .expect("the coordinator's threads")
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim() == "probe-lookup")
+        })
+        .count();
+    assert!((1..=16).contains(&lookups), "{lookups} lookups under way");
+    let logged = std::fs::read_to_string(&log_path).expect("log");
+    assert!(
+        logged.contains("name lookup of replica-"),
+        "no probe failed on its lookup: {}",
+        appproxy_test_support::serving::tail(&logged)
+    );
+}
