@@ -476,19 +476,32 @@ impl Scheduler {
                     settings: s.clone(),
                 };
                 match self.tracked.get_mut(&route) {
-                    Some(t) if t.target == target => {}
                     Some(t) => {
-                        // Moved or re-configured: probe on the new terms.
-                        if (t.target.host.as_str(), t.target.port)
-                            != (target.host.as_str(), target.port)
-                        {
-                            t.failures = 0;
-                            t.proven = false;
+                        if t.target != target {
+                            // Moved or re-configured: probe on the new terms.
+                            if (t.target.host.as_str(), t.target.port)
+                                != (target.host.as_str(), target.port)
+                            {
+                                t.failures = 0;
+                                t.proven = false;
+                            }
+                            t.generation += 1;
+                            let first = self.rng.within(target.settings.interval);
+                            t.target = target;
+                            self.heap.push(Reverse((now + first, route, t.generation)));
                         }
-                        t.generation += 1;
-                        let first = self.rng.within(target.settings.interval);
-                        t.target = target;
-                        self.heap.push(Reverse((now + first, route, t.generation)));
+                        // A stored state that is not the one last decided, with no
+                        // change of the circuit queued or being stored: the route
+                        // was written meanwhile (unregistered and registered again,
+                        // its endpoint deleted and created again with the same route
+                        // IDs — its state reset — or written by another leader). The
+                        // stored state is the one to decide from, or a route still
+                        // failing would stay in rotation: its next decision equals
+                        // the one last made and would never be stored.
+                        if t.status != r.health_status && !self.pending.contains_key(&c.id) {
+                            tracing::debug!(route = %route, endpoint = %endpoint, circuit = %c.id, decided = t.status.map_or("none", RouteHealth::as_str), stored = r.health_status.map_or("none", RouteHealth::as_str), "stored route health differs from the last decision; deciding from the stored one");
+                            t.status = r.health_status;
+                        }
                     }
                     None => {
                         // A route with a stored state was checked before (another

@@ -5993,3 +5993,94 @@ fn a_dns_outage_does_not_starve_the_store_through_health_probes() {
         appproxy_test_support::serving::tail(&logged)
     );
 }
+
+/// A failing route unregistered and registered again (same route ID, host and
+/// port) within the leader's refresh interval is taken out of rotation again. The
+/// scheduler kept its own last decision for the route ("unhealthy") and stored a
+/// change only when a decision differed from it, while the stored state had been
+/// reset to none: the route stayed in rotation for as long as it kept failing. Now
+/// a stored state that differs from the last decision, with no change of its
+/// circuit under way, is the one the next decision is made from.
+#[test]
+fn a_failing_route_registered_again_is_taken_out_of_rotation_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "[health_check]\nrefresh_interval_secs = 3",
+    );
+    register_inference_worker(&c);
+    let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5e01";
+    let body = r#"{"service_name":"rereg","tags":{"session":{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"},"endpoint":{"runtime_variant":"vllm","existing_url":null}},"health_check":{"enable":true,"interval":0.5,"path":"/health","max_retries":1,"max_wait_time":0.5,"expected_status_code":200,"initial_delay":0}}"#;
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{endpoint}"),
+        &[AUTH],
+        body,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Nothing listens there: every probe fails at once.
+    let port = appproxy_test_support::free_port();
+    let route = uuid::Uuid::new_v4();
+    let register = || {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk/routes/register",
+            &[AUTH],
+            &format!(
+                r#"{{"endpoints":[{{"deployment_id":"{endpoint}","routes":[{{"session_id":"{SESSION}","route_id":"{route}","kernel_host":"127.0.0.1","kernel_port":{port}}}]}}]}}"#
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    let circuit = || {
+        Db::Sqlite.query(
+            dir.path(),
+            &format!("SELECT id FROM circuits WHERE endpoint_id = '{endpoint}'"),
+        )
+    };
+    let health = || {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{}", circuit()),
+            &[AUTH],
+            "",
+        );
+        r.json()["route_info"]
+            .as_array()
+            .and_then(|routes| routes.iter().find(|x| x["route_id"] == route.to_string()))
+            .map(|x| x["health_status"].clone())
+    };
+    let wait_unhealthy = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while health() != Some(serde_json::json!("unhealthy")) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the failing route is still in rotation ({:?})",
+                health()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    register();
+    wait_unhealthy("registered");
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/unregister",
+        &[AUTH],
+        &format!(r#"{{"endpoints":[{{"deployment_id":"{endpoint}","route_ids":["{route}"]}}]}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    register();
+    assert_eq!(
+        health(),
+        Some(serde_json::Value::Null),
+        "registered again with no stored state"
+    );
+    // Within a refresh (3 s) and a probe or two (0.5 s).
+    wait_unhealthy("registered again");
+}
