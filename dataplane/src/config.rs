@@ -472,9 +472,12 @@ pub struct Http2Section {
     /// same LAN needs little window for full speed, and a connection's window is
     /// this times its streams.
     pub app_stream_window: u32,
-    /// Streams open to HTTP/2 apps at once, per core: with `app_stream_window` it
-    /// bounds what clients that do not read make the core buffer (2048 × 64 KiB =
-    /// 128 MiB). A stream past it is answered 503 `app_stream_limit`.
+    /// Streams from HTTP/2 clients open to apps at once, per core: to HTTP/2 apps,
+    /// and to HTTP/1.1 apps once they hold an app connection. With
+    /// `app_stream_window` it bounds what clients that do not read make the core
+    /// buffer (2048 × 64 KiB = 128 MiB), and it keeps a few client connections from
+    /// holding a route's app connections. A stream past it is answered 503
+    /// `app_stream_limit`.
     pub max_app_streams: usize,
     /// Once half of `max_app_streams` are taken, the most of them one client
     /// address (IPv4, IPv6 /64; trusted proxies exempt) holds; past it its streams

@@ -1100,3 +1100,55 @@ fn a_stream_that_announces_a_body_holds_no_app_connection_until_its_bytes_arrive
     );
     assert!(up.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2);
 }
+
+/// A stream that sends one byte of body then nothing holds an app connection until
+/// the body timer, so streams to HTTP/1.1 apps take a place in the core's budget of
+/// streams to apps (`[http2] max_app_streams`, shared fairly by client address), as
+/// streams to HTTP/2 apps do: one client's connection cannot hold
+/// `max_concurrent_streams` app connections and so a route's whole cap. Here the
+/// budget is 8 (an address holds 2 once 4 are taken) and the route's cap 12: a
+/// client opening 20 such streams gets 4, the rest 503 `app_stream_limit`, and a
+/// client at another address is still served. Before, the 20 streams took 12 app
+/// connections, the route's cap, and the other client got 503.
+#[test]
+fn streams_that_trickle_a_body_hold_no_more_app_connections_than_their_share() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "max_connections_per_route = 12\n[timeouts]\nbody_idle_secs = 5\n[http2]\nmax_app_streams = 8\nmax_app_streams_per_address = 2\n",
+    );
+    let mut s = open(&w);
+    let streams: Vec<u32> = (0..20).map(|i| 1 + 2 * i).collect();
+    for id in &streams {
+        let block = appproxy_test_support::h2frames::request(
+            "POST",
+            "/upload",
+            &[(b"content-length", b"5")],
+        );
+        s.write_all(&frame(HEADERS, END_HEADERS, *id, &block))
+            .expect("headers");
+        s.write_all(&frame(DATA, 0, *id, b"x")).expect("one byte");
+    }
+    // The refused streams are answered at once: 503 (the first coded literally, the
+    // others referring to it; the access log has each).
+    let refused = || {
+        w.log_json()
+            .iter()
+            .filter(|l| l["status"] == 503 && l["method"] == "POST")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused() < 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(refused(), 16, "{}", w.log_text());
+    assert!(w
+        .log_text()
+        .contains("no place for another stream to an app"));
+    let held = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(held <= 4, "{held} app connections for one client");
+    // Another client is served meanwhile.
+    let mut other = common::Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.addr());
+    assert_eq!(other.get("/other", "").status, 200);
+    drop(s);
+}

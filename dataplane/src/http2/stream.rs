@@ -611,14 +611,18 @@ async fn forward_h1(
     // As on the HTTP/1.1 path (`await_body`): an app connection is taken or opened
     // only once the body's first bytes are in (or it ended empty). A stream that
     // announces a body and sends none holds its own stream, under the body timers,
-    // and no app connection: else each client connection could hold
-    // `max_concurrent_streams` of them, and a few could take a route's whole cap.
+    // and no app connection.
     let mut floor = BodyFloor::new(core);
     let first = if has_body {
         first_body_bytes(ctx, &mut body, &mut floor).await?
     } else {
         None
     };
+    // Each stream holding an app connection takes a place in the core's budget of
+    // streams to apps, fairly shared by client address: else one client
+    // connection's streams, each sending a byte of body, could hold
+    // `max_concurrent_streams` app connections, and a few a route's whole cap.
+    let _slot = super::upstream::AppStreamSlot::take(core, &ctx.hop)?;
     let mut addr = pick(core, route, None)?;
     let (mut upstream, reused) =
         match core

@@ -64,12 +64,16 @@ thread_local! {
     static APP_STREAMS: std::cell::OnceCell<std::sync::Arc<FairShare>> = const { std::cell::OnceCell::new() };
 }
 
-/// One stream's place in the core's budget of streams to HTTP/2 apps (`[http2]
-/// max_app_streams`), held for the stream's life. Each such stream may make the
-/// worker buffer its window (`app_stream_window`) from the app while its client
-/// does not read, so the budget bounds the core's memory; once half of it is
-/// taken an address holds at most `max_app_streams_per_address` (a [`FairShare`]),
-/// so that one client's stalled streams leave room for the others.
+/// One stream's place in the core's budget of streams from HTTP/2 clients to apps
+/// (`[http2] max_app_streams`), held for the stream's life: a stream to an HTTP/2
+/// app, and a stream to an HTTP/1.1 app from when it takes an app connection. A
+/// stream to an HTTP/2 app may make the worker buffer its window
+/// (`app_stream_window`) from the app while its client does not read, and one to
+/// an HTTP/1.1 app holds a connection of the route's cap, so the budget bounds the
+/// core's memory and keeps a few client connections (each with up to
+/// `max_concurrent_streams` streams) from taking a route's connections; once half
+/// of it is taken an address holds at most `max_app_streams_per_address` (a
+/// [`FairShare`]), so that one client's stalled streams leave room for the others.
 pub struct AppStreamSlot {
     /// Given back when the stream ends.
     _slot: Slot,
@@ -78,7 +82,7 @@ pub struct AppStreamSlot {
 impl AppStreamSlot {
     /// A place for a stream of `hop`'s client (trusted proxies are held only to
     /// the core's budget: their clients are many), or `AppStreamLimit`.
-    fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
+    pub(super) fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
         let cfg = &core.rt.http2;
         let taken = APP_STREAMS.with(|a| {
             let share = a.get_or_init(|| {
@@ -96,7 +100,7 @@ impl AppStreamSlot {
             Err(taken) => {
                 core.metrics
                     .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-                tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an HTTP/2 app ([http2] max_app_streams, max_app_streams_per_address)");
+                tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an app ([http2] max_app_streams, max_app_streams_per_address)");
                 Err(Fail::Answer(ProxyError::AppStreamLimit))
             }
         }
