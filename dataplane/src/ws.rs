@@ -320,15 +320,38 @@ pub fn close_frame_to_app(code: u16, key: [u8; 4]) -> [u8; 8] {
 }
 
 /// The extension names of a `Sec-WebSocket-Extensions` list: each element's token,
-/// without its parameters.
+/// without its parameters. Elements are split at commas outside quoted strings (a
+/// parameter value may be one, RFC 6455 §9.1), so a quoted comma never makes an
+/// element of its own.
 fn extension_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
-    list.split(|b| *b == b',').filter_map(|element| {
+    let mut rest = list;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut quoted, mut escaped, mut end) = (false, false, rest.len());
+        for (i, b) in rest.iter().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => {
+                    end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let element = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
         let name = element
             .split(|b| *b == b';')
             .next()
             .unwrap_or(element)
             .trim_ascii();
-        (!name.is_empty()).then_some(name)
+        if !name.is_empty() {
+            return Some(name);
+        }
     })
 }
 
@@ -344,11 +367,16 @@ pub fn negotiated_rsv<'a>(
     accepted: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<u8, &'static str> {
     let mut rsv = 0;
+    let mut seen: Vec<&[u8]> = Vec::new();
     for list in accepted {
         for name in extension_names(list) {
             if !extension_names(offered).any(|o| o.eq_ignore_ascii_case(name)) {
                 return Err("101 with a WebSocket extension the client did not offer");
             }
+            if seen.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+                return Err("101 accepting a WebSocket extension twice");
+            }
+            seen.push(name);
             if name.eq_ignore_ascii_case(b"permessage-deflate") {
                 rsv |= 0x4;
             }
@@ -943,6 +971,33 @@ mod tests {
                 Err(()),
             ),
             (b"a", &[b" , ;x"], Ok(0)),
+            // A quoted comma is part of a parameter, not a new element.
+            (
+                br#"x-foo; p=", permessage-deflate;""#,
+                &[b"permessage-deflate"],
+                Err(()),
+            ),
+            (
+                br#"x-foo; p="a\",b", permessage-deflate"#,
+                &[b"permessage-deflate"],
+                Ok(0x4),
+            ),
+            (
+                br#"x-foo; p="a\", permessage-deflate"#,
+                &[b"permessage-deflate"],
+                Err(()),
+            ),
+            // One extension accepted twice (RFC 7692 §5), in one line or two.
+            (
+                b"permessage-deflate",
+                &[b"permessage-deflate, permessage-deflate"],
+                Err(()),
+            ),
+            (
+                b"permessage-deflate",
+                &[b"permessage-deflate", b"Permessage-Deflate"],
+                Err(()),
+            ),
         ];
         for (offered, accepted, want) in cases {
             let got = negotiated_rsv(offered, accepted.iter().copied()).map_err(|_| ());
