@@ -35,10 +35,15 @@ async fn lead_once(state: &State) -> bool {
     };
     let mut conn = conn.clone();
     let me = state.node_id.to_string();
-    // Renew if ours, else take it if free — one atomic script.
-    const SCRIPT: &str = "local v = redis.call('GET', KEYS[1])
+    // Renew if ours, else take it if free — one atomic script. A key of another
+    // type (a hash another client wrote on a shared Redis) is no lease: it is
+    // replaced (2: taken so), never a lasting WRONGTYPE that leaves the cluster
+    // without a leader — no idle collection, no worker-lost check, no health check.
+    const SCRIPT: &str = "local v = redis.pcall('GET', KEYS[1])
+         local replaced = 0
+         if type(v) == 'table' and v.err then redis.call('DEL', KEYS[1]); v = false; replaced = 1 end
          if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-         if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+         if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 + replaced end
          return 0";
     let led = super::bounded(
         redis::cmd("EVAL")
@@ -51,6 +56,13 @@ async fn lead_once(state: &State) -> bool {
     )
     .await;
     match led {
+        Ok(2) => {
+            tracing::warn!(
+                key = LEADER_KEY,
+                "the leader key held a value of another type (written by another client of this Redis); replaced, and this node leads"
+            );
+            true
+        }
         Ok(v) => v == 1,
         Err(e) => {
             tracing::warn!(error = %e, "leadership check failed; skipping this pass");

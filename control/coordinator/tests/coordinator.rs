@@ -6084,3 +6084,59 @@ fn a_failing_route_registered_again_is_taken_out_of_rotation_again() {
     // Within a refresh (3 s) and a probe or two (0.5 s).
     wait_unhealthy("registered again");
 }
+
+/// A leader key of another type (a hash another client of a shared Redis wrote)
+/// made the leadership script fail with WRONGTYPE at every pass: no coordinator
+/// led — no idle collection, no worker-lost check, no health check — for as long as
+/// the key stayed. Now the key is replaced, with a warning, and a coordinator leads.
+#[test]
+fn a_leader_key_of_another_type_is_replaced() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let _: () = redis::cmd("HSET")
+        .arg("leader:appproxy:coordinator")
+        .arg("owner")
+        .arg("another-client")
+        .query(&mut conn)
+        .expect("a hash under the leader key");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "check_worker_lost_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let leader = || {
+        let r = request(c.addr, "GET", "/metrics", &[], "");
+        let e = appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body));
+        e.value("appproxy_coordinator_leader", "")
+            .expect("leader gauge")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader() != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no coordinator leads while the leader key is a hash: {}",
+            appproxy_test_support::serving::tail(
+                &std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
+            )
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kind: String = redis::cmd("TYPE")
+        .arg("leader:appproxy:coordinator")
+        .query(&mut conn)
+        .expect("type");
+    assert_eq!(kind, "string", "the lease is a string again");
+    let logged = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert_eq!(
+        logged
+            .matches("the leader key held a value of another type")
+            .count(),
+        1,
+        "one warning, when the key was replaced"
+    );
+}
