@@ -84,7 +84,10 @@ struct OverlongHead(usize);
 /// Measures the head as it came: the outermost layer of the client API. One past
 /// [`MAX_HEAD`] (hyper took it whole in one read that passed its buffer limit) is
 /// marked for [`bounded_head`] to refuse, so that the limit is the same however
-/// the head's bytes arrived.
+/// the head's bytes arrived. The head is measured as hyper parsed it (see
+/// [`head_len`]): whitespace around a value is not counted, and a field written
+/// without the space after its colon counts one byte more than it came; what a
+/// connection buffers stays bounded by hyper's read buffer either way.
 pub async fn measure_head(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
