@@ -8,8 +8,9 @@
 //! behind a pipe nobody read). Here a core only queues its bytes, and a thread
 //! (`appproxy-stdout`) writes them in order. The queue holds at most
 //! [`QUEUE_BYTES`]: past that, what a core hands over is dropped and counted
-//! (`appproxy_log_lines_dropped_total`), and once stdout takes writes again a
-//! warning says how many lines were lost. Lines are never split: a chunk is whole
+//! (`appproxy_log_lines_dropped_total`, which also counts what a failed write lost,
+//! as to a closed stdout), and once stdout takes writes again a warning says how
+//! many lines were lost. Lines are never split: a chunk is whole
 //! lines, and chunks are written whole, in the order they were queued.
 //!
 //! Until [`start`] runs (and in the library's own tests), writes go to stdout
@@ -63,9 +64,11 @@ fn start_with(
         .spawn(move || {
             let out = OUT.get().expect("set before the thread starts");
             for chunk in rx {
-                // A write that fails (stdout closed) drops the chunk: nothing else
-                // can be done with it, and the cores must not wait.
-                let _ = sink(&chunk);
+                // A write that fails (stdout closed: EPIPE) drops the chunk, counted:
+                // nothing else can be done with it, and the cores must not wait.
+                if sink(&chunk).is_err() {
+                    DROPPED.fetch_add(chunk_lines(&chunk), Ordering::Relaxed);
+                }
                 out.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
                 let lost = UNREPORTED.swap(0, Ordering::AcqRel);
                 if lost > 0 {
@@ -130,7 +133,7 @@ pub fn render_metrics(out: &mut String) {
     use std::fmt::Write as _;
     let _ = write!(
         out,
-        "# HELP appproxy_log_lines_dropped_total Log and access-log lines dropped because stdout did not take them as fast as they came ({QUEUE_BYTES} bytes queued at most).\n# TYPE appproxy_log_lines_dropped_total counter\nappproxy_log_lines_dropped_total {}\n",
+        "# HELP appproxy_log_lines_dropped_total Log and access-log lines dropped because stdout did not take them: not as fast as they came ({QUEUE_BYTES} bytes queued at most), or not at all (closed).\n# TYPE appproxy_log_lines_dropped_total counter\nappproxy_log_lines_dropped_total {}\n",
         dropped_lines()
     );
 }

@@ -9,7 +9,8 @@
 //!   answered, `/health` stays ok and the watchdog never had to kick a core;
 //! - `SIGTERM` ends the worker, in a loop, with traffic and idle connections;
 //! - each core's thread runs with the scheduler slice it is configured to ask for;
-//! - a stdout nobody reads (a stalled log collector) never stalls the cores.
+//! - a stdout nobody reads (a stalled log collector), or one closed, never stalls
+//!   the cores.
 
 mod common;
 
@@ -443,74 +444,13 @@ fn each_core_runs_with_the_scheduler_slice_it_asks_for() {
 fn a_stdout_nobody_reads_never_stalls_the_cores() {
     use std::io::{BufRead as _, BufReader};
     let up = common::Upstream::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (port, admin) = (
-        appproxy_test_support::free_port(),
-        appproxy_test_support::free_port(),
-    );
-    let config = dir.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\ncores = 1\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n\
-             [admin]\nbind = \"127.0.0.1:{admin}\"\n[logging]\nformat = \"json\"\nfilter = \"info\"\naccess_log = true\n\
-             [[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\napp = \"test\"\nport = {port}\nopen_to_public = true\n\
-             route_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
-            up.addr.port()
-        ),
-    )
-    .expect("config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start worker");
+    let mut w = PipedWorker::start(&up);
     // Held open and not read until the end.
-    let stdout = child.stdout.take().expect("stdout");
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "the worker never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let stdout = w.child.stdout.take().expect("stdout");
     // Far more access lines than the pipe (64 KiB) and the writer's queue (8 MiB)
     // hold: every request is still answered.
-    let served = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let served = served.clone();
-            std::thread::spawn(move || {
-                let mut c = common::Client::connect(addr);
-                for _ in 0..10_000 {
-                    assert_eq!(
-                        c.get("/a-path-long-enough-to-fill-lines-sooner", "").status,
-                        200
-                    );
-                    served.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().expect("every request answered");
-    }
-    assert_eq!(served.load(Ordering::Relaxed), 40_000);
-    let metrics = || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("admin");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .expect("metrics");
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut s, &mut text).expect("metrics");
-        text
-    };
-    let text = metrics();
-    let dropped: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("appproxy_log_lines_dropped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the dropped-lines counter");
+    w.serve(4, 10_000);
+    let dropped = w.dropped_lines();
     assert!(dropped > 0, "40,000 lines fit 64 KiB and 8 MiB?");
     // Read again, to the end (SIGTERM once the loss was told: the worker writes what
     // it still holds before it exits): the lines come out whole, and the loss is told.
@@ -527,17 +467,123 @@ fn a_stdout_nobody_reads_never_stalls_the_cores() {
         {
             told = true;
             let _ = std::process::Command::new("kill")
-                .arg(child.id().to_string())
+                .arg(w.child.id().to_string())
                 .status();
         }
     }
-    assert!(child.wait().expect("exit").success());
+    assert!(w.child.wait().expect("exit").success());
     assert!(told, "the loss was never told");
     assert_eq!(
         access + dropped,
         40_000,
         "{access} written, {dropped} dropped"
     );
+}
+
+/// A worker whose stdout was closed by its reader (each write fails with EPIPE) goes
+/// on serving, and counts what it could not write as dropped.
+#[test]
+fn a_closed_stdout_never_stalls_the_cores() {
+    let up = common::Upstream::start();
+    let mut w = PipedWorker::start(&up);
+    drop(w.child.stdout.take());
+    w.serve(2, 500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.dropped_lines() < 1_000 {
+        assert!(
+            Instant::now() < deadline,
+            "{} lines counted as dropped",
+            w.dropped_lines()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .arg(w.child.id().to_string())
+        .status();
+    assert!(w.child.wait().expect("exit").success());
+}
+
+/// A one-core worker with its access log on and its stdout a pipe the test holds.
+struct PipedWorker {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PipedWorker {
+    fn start(up: &common::Upstream) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, admin) = (
+            appproxy_test_support::free_port(),
+            appproxy_test_support::free_port(),
+        );
+        let config = dir.path().join("worker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[worker]\ncores = 1\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n\
+                 [admin]\nbind = \"127.0.0.1:{admin}\"\n[logging]\nformat = \"json\"\nfilter = \"info\"\naccess_log = true\n\
+                 [[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\napp = \"test\"\nport = {port}\nopen_to_public = true\n\
+                 route_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {} }}]\n",
+                up.addr.port()
+            ),
+        )
+        .expect("config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start worker");
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the worker never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// `clients` keep-alive clients, `each` requests each: every one answered 200.
+    fn serve(&self, clients: usize, each: usize) {
+        let addr = self.addr;
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = common::Client::connect(addr);
+                    for _ in 0..each {
+                        assert_eq!(
+                            c.get("/a-path-long-enough-to-fill-lines-sooner", "").status,
+                            200
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("every request answered");
+        }
+    }
+
+    /// `appproxy_log_lines_dropped_total` from the admin endpoint.
+    fn dropped_lines(&self) -> u64 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin)).expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .expect("metrics");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("appproxy_log_lines_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the dropped-lines counter")
+    }
 }
 
 /// The safety net, end to end: with glommio's preemption timer brought back (short,
