@@ -1026,6 +1026,26 @@ fn finished_frames_between_requests_keep_the_connection() {
     assert!(answered(&mut s, 3), "the second stream unanswered");
 }
 
+/// Opens `n` streams (1, 3, 5 …), each a `POST` announcing a 5-byte body and
+/// sending `first` of it (nothing when empty); returns their IDs.
+fn announce_bodies(s: &mut TcpStream, n: u32, first: &[u8]) -> Vec<u32> {
+    let ids: Vec<u32> = (0..n).map(|i| 1 + 2 * i).collect();
+    for id in &ids {
+        let block = appproxy_test_support::h2frames::request(
+            "POST",
+            "/upload",
+            &[(b"content-length", b"5")],
+        );
+        s.write_all(&frame(HEADERS, END_HEADERS, *id, &block))
+            .expect("headers");
+        if !first.is_empty() {
+            s.write_all(&frame(DATA, 0, *id, first))
+                .expect("the first bytes");
+        }
+    }
+    ids
+}
+
 /// As on HTTP/1.1, an app connection is taken only once a body's first bytes are in:
 /// streams that announce a body and send none hold none (before, each took one at
 /// once, so one client connection held `max_concurrent_streams` of them and a few
@@ -1036,16 +1056,7 @@ fn a_stream_that_announces_a_body_holds_no_app_connection_until_its_bytes_arrive
     let up = Upstream::start();
     let w = worker(&up, "[timeouts]\nbody_idle_secs = 2\n");
     let mut s = open(&w);
-    let posts: Vec<u32> = (0..20).map(|i| 1 + 2 * i).collect();
-    for id in &posts {
-        let block = appproxy_test_support::h2frames::request(
-            "POST",
-            "/upload",
-            &[(b"content-length", b"5")],
-        );
-        s.write_all(&frame(HEADERS, END_HEADERS, *id, &block))
-            .expect("headers");
-    }
+    let posts = announce_bodies(&mut s, 20, b"");
     // Streams are taken in order: once a GET sent after them is answered, every POST
     // has been seen by the worker.
     request(&mut s, 41, "/after");
@@ -1118,17 +1129,7 @@ fn streams_that_trickle_a_body_hold_no_more_app_connections_than_their_share() {
         "max_connections_per_route = 12\n[timeouts]\nbody_idle_secs = 5\n[http2]\nmax_app_streams = 8\nmax_app_streams_per_address = 2\n",
     );
     let mut s = open(&w);
-    let streams: Vec<u32> = (0..20).map(|i| 1 + 2 * i).collect();
-    for id in &streams {
-        let block = appproxy_test_support::h2frames::request(
-            "POST",
-            "/upload",
-            &[(b"content-length", b"5")],
-        );
-        s.write_all(&frame(HEADERS, END_HEADERS, *id, &block))
-            .expect("headers");
-        s.write_all(&frame(DATA, 0, *id, b"x")).expect("one byte");
-    }
+    announce_bodies(&mut s, 20, b"x");
     // The refused streams are answered at once: 503 (the first coded literally, the
     // others referring to it; the access log has each).
     let refused = || {

@@ -2730,6 +2730,14 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
     );
 }
 
+/// `appproxy_coordinator_leader` as the coordinator at `addr` exports it.
+fn leader_gauge(addr: SocketAddr) -> f64 {
+    let r = request(addr, "GET", "/metrics", &[], "");
+    let e = appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body));
+    e.value("appproxy_coordinator_leader", "")
+        .expect("leader gauge")
+}
+
 /// With Redis, `appproxy_coordinator_leader` follows the lease: 1 once this node holds
 /// it, 0 while another node's ID holds the key, 1 again once the key is free.
 #[test]
@@ -2744,12 +2752,7 @@ fn leader_gauge_follows_the_redis_lease() {
             redis.url()
         ),
     );
-    let leader = || {
-        let r = request(c.addr, "GET", "/metrics", &[], "");
-        let e = appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body));
-        e.value("appproxy_coordinator_leader", "")
-            .expect("leader gauge")
-    };
+    let leader = || leader_gauge(c.addr);
     let wait_for = |want: f64| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while leader() != want {
@@ -6109,12 +6112,7 @@ fn a_leader_key_of_another_type_is_replaced() {
             redis.url()
         ),
     );
-    let leader = || {
-        let r = request(c.addr, "GET", "/metrics", &[], "");
-        let e = appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body));
-        e.value("appproxy_coordinator_leader", "")
-            .expect("leader gauge")
-    };
+    let leader = || leader_gauge(c.addr);
     let deadline = Instant::now() + Duration::from_secs(30);
     while leader() != 1.0 {
         assert!(
