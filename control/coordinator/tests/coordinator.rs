@@ -2786,35 +2786,10 @@ fn leader_gauge_follows_the_redis_lease() {
 /// healthy.
 #[test]
 fn an_endpoint_whose_replicas_hang_does_not_starve_other_endpoints_probes() {
-    use std::io::{Read as _, Write as _};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    // Replicas that accept and never answer (connections kept open).
-    let hanging = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let hanging_port = hanging.local_addr().expect("addr").port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    {
-        let accepted = accepted.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for conn in hanging.incoming().flatten() {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                held.push(conn);
-            }
-        });
-    }
-    // A replica that answers 200.
-    let healthy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let healthy_port = healthy.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut conn in healthy.incoming().flatten() {
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = [0u8; 1024];
-            let _ = conn.read(&mut buf);
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
+    use std::sync::atomic::Ordering;
+    // Replicas that accept and never answer, and one that answers 200.
+    let (hanging_port, accepted) = replica(false);
+    let (healthy_port, _) = replica(true);
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(
         dir.path(),
@@ -2869,6 +2844,41 @@ fn an_endpoint_whose_replicas_hang_does_not_starve_other_endpoints_probes() {
     );
 }
 
+/// A replica on a port of its own: see [`replica_on`].
+fn replica(answers: bool) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    (port, replica_on(listener, answers))
+}
+
+/// A replica serving `listener`: it answers each connection (a probe) 200, or
+/// accepts it and never answers (held open). Returns the count of connections.
+fn replica_on(
+    listener: std::net::TcpListener,
+    answers: bool,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read as _, Write as _};
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut conn in listener.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if answers {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            } else {
+                held.push(conn);
+            }
+        }
+    });
+    count
+}
+
 /// Creates the inference endpoint `id` (`name`) with its health check on (every
 /// 0.5 s, probes waiting as long as allowed) and `routes` routes to `port`.
 fn checked_endpoint(addr: SocketAddr, id: &str, name: &str, port: u16, routes: usize) {
@@ -2906,9 +2916,7 @@ fn checked_endpoint(addr: SocketAddr, id: &str, name: &str, port: u16, routes: u
 /// a time, and the other endpoint's route waited about two minutes.
 #[test]
 fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
-    use std::io::{Read as _, Write as _};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(
         dir.path(),
@@ -2951,18 +2959,10 @@ fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Now the replicas accept and never answer.
-    let hanging = std::net::TcpListener::bind(("127.0.0.1", hanging_port)).expect("bind");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    {
-        let accepted = accepted.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for conn in hanging.incoming().flatten() {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                held.push(conn);
-            }
-        });
-    }
+    let accepted = replica_on(
+        std::net::TcpListener::bind(("127.0.0.1", hanging_port)).expect("bind"),
+        false,
+    );
     let deadline = Instant::now() + HANG_GUARD;
     while accepted.load(Ordering::SeqCst) < 2 {
         assert!(
@@ -2971,17 +2971,7 @@ fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let healthy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let healthy_port = healthy.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut conn in healthy.incoming().flatten() {
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = [0u8; 1024];
-            let _ = conn.read(&mut buf);
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
+    let (healthy_port, _) = replica(true);
     let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a72";
     checked_endpoint(c.addr, fine, "fine", healthy_port, 1);
     let circuit = Db::Sqlite.query(
@@ -3022,9 +3012,7 @@ fn many_endpoints_whose_replicas_hang_do_not_starve_a_route_that_answers() {
 /// minute (`MAX_PROBE_WAIT`), and the healthy route went unprobed that long.
 #[test]
 fn new_endpoints_whose_replicas_hang_from_the_first_probe_do_not_starve_a_route_that_answers() {
-    use std::io::{Read as _, Write as _};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(
         dir.path(),
@@ -3032,32 +3020,7 @@ fn new_endpoints_whose_replicas_hang_from_the_first_probe_do_not_starve_a_route_
         "[health_check]\nmax_concurrency = 4\nrefresh_interval_secs = 0.1",
     );
     register_inference_worker(&c);
-    // A listener that counts the connections it is given (each one a probe), and
-    // answers them or holds them open.
-    let serve = |answer: bool| {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let count = Arc::new(AtomicUsize::new(0));
-        let counted = count.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for mut conn in listener.incoming().flatten() {
-                counted.fetch_add(1, Ordering::SeqCst);
-                if answer {
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut buf = [0u8; 1024];
-                    let _ = conn.read(&mut buf);
-                    let _ = conn.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
-                } else {
-                    held.push(conn);
-                }
-            }
-        });
-        (port, count)
-    };
-    let (fine_port, fine_probes) = serve(true);
+    let (fine_port, fine_probes) = replica(true);
     let fine = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a73";
     checked_endpoint(c.addr, fine, "fine", fine_port, 1);
     let circuit = Db::Sqlite.query(
@@ -3081,7 +3044,7 @@ fn new_endpoints_whose_replicas_hang_from_the_first_probe_do_not_starve_a_route_
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (hanging_port, hanging_probes) = serve(false);
+    let (hanging_port, hanging_probes) = replica(false);
     for n in 0..6 {
         checked_endpoint(
             c.addr,
