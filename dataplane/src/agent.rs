@@ -530,6 +530,8 @@ async fn run<L: ControlLink>(
             };
             // Names are looked up off this thread, the whole deployment's at once
             // within one bound: heartbeats and acknowledgements go on meanwhile.
+            let mut fetched = fetched;
+            retry_due(&mut fetched, &mut state);
             let names = names_to_look_up(&fetched, &state);
             let found = if names.is_empty() {
                 Found::new()
@@ -695,6 +697,10 @@ struct Deployed {
     origins: HashMap<uuid::Uuid, RequestId>,
     /// Circuits this worker could not take, with why (reported as failed).
     refused: HashMap<uuid::Uuid, String>,
+    /// Circuits refused because a route host's name was not found (a lookup that
+    /// timed out, no lookup slot free, a name not known yet): tried again when due
+    /// ([`Retry`]), until they deploy, change or are removed.
+    retry: HashMap<uuid::Uuid, Retry>,
     /// Deployments that owed no acknowledgement, until every core has applied them:
     /// the frontends each could not listen on (`None`: not applied in time).
     unsettled: Vec<tokio::task::JoinHandle<Option<ListenFailures>>>,
@@ -915,6 +921,54 @@ fn same_circuit(a: &Circuit, b: &Circuit) -> bool {
     a.id == b.id && untimed(a) == untimed(b)
 }
 
+/// A circuit refused for a route host's name not found, to be tried again.
+struct Retry {
+    /// The circuit as last fetched, with its request and trace.
+    circuit: Current,
+    /// When it is due.
+    at: std::time::Instant,
+    /// The wait before this try (doubled after each refusal, up to [`Retry::MOST`]).
+    after: Duration,
+}
+
+impl Retry {
+    /// The wait before the first try again.
+    const FIRST: Duration = Duration::from_secs(5);
+    /// The longest wait between tries.
+    const MOST: Duration = Duration::from_secs(60);
+
+    fn new(circuit: Current, after: Duration) -> Self {
+        let after = after.min(Self::MOST);
+        Self {
+            circuit,
+            at: std::time::Instant::now() + after,
+            after,
+        }
+    }
+}
+
+/// Adds the refused circuits whose names are due to be looked up again to what was
+/// fetched (a circuit the fetch itself carries is left to it): a lookup that timed
+/// out, or found no slot, during a DNS outage or a burst is tried again on later
+/// deployments, every 5 s at first and at most every 60 s, without waiting for the
+/// circuit to change or for the hourly read of the whole set.
+fn retry_due(fetched: &mut Fetched, state: &mut Deployed) {
+    let now = std::time::Instant::now();
+    let due: Vec<uuid::Uuid> = state
+        .retry
+        .iter()
+        .filter(|(id, r)| r.at <= now && !fetched.changes.iter().any(|(c, _)| c == *id))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in due {
+        if let Some(r) = state.retry.get_mut(&id) {
+            // Not due again before its next wait, whatever this try gives.
+            r.at = now + r.after;
+            fetched.changes.push((id, Change::Now(r.circuit.clone())));
+        }
+    }
+}
+
 /// The route hosts (and ports) of what was fetched that [`apply`] will resolve: the
 /// routes in rotation of every circuit new or different from what is deployed.
 fn names_to_look_up(fetched: &Fetched, state: &Deployed) -> HashSet<(String, u16)> {
@@ -992,6 +1046,7 @@ fn apply(
         match change {
             Change::Removed((by, trace)) => {
                 state.refused.remove(&id);
+                state.retry.remove(&id);
                 if let Some(old) = state.circuits.remove(&id) {
                     state.frontends.remove(&old.frontend);
                     state.origins.remove(&id);
@@ -1021,6 +1076,15 @@ fn apply(
     let mut resolved = Vec::with_capacity(upserts.len());
     for (circuit, origin, trace) in upserts {
         let id = circuit.id;
+        // A name of its routes not found now may be found later.
+        let unresolved = circuit
+            .route_info
+            .iter()
+            .filter(|r| crate::config::in_rotation(r))
+            .any(|r| {
+                crate::lookup::address(found, crate::config::route_host(r), r.kernel_port).is_err()
+            });
+        let kept = (circuit.clone(), origin, trace.clone());
         let checked = config
             .resolve_circuit_with(&circuit, &mut |host, port| {
                 crate::lookup::address(found, host, port)
@@ -1057,6 +1121,7 @@ fn apply(
                 }
                 state.frontends.insert(r.frontend.clone(), id);
                 state.refused.remove(&id);
+                state.retry.remove(&id);
                 resolved.push(r);
                 traces.push(trace);
             }
@@ -1065,6 +1130,12 @@ fn apply(
                     tracing::error!(circuit = %id, error = %why, "circuit refused; the running circuits stay");
                 });
                 state.refused.insert(id, why);
+                if unresolved {
+                    let after = state.retry.get(&id).map_or(Retry::FIRST, |r| r.after * 2);
+                    state.retry.insert(id, Retry::new(kept, after));
+                } else {
+                    state.retry.remove(&id);
+                }
             }
         }
     }
@@ -1784,5 +1855,48 @@ mod tests {
             names,
             [("kernel-b.test".to_string(), 8000)].into_iter().collect()
         );
+        // The refused circuit is tried again once due, with no change fetched: its
+        // name found this time, it deploys and is no longer refused or retried.
+        let nothing = || Fetched {
+            revision: None,
+            whole: false,
+            changes: Vec::new(),
+        };
+        let mut polled = nothing();
+        retry_due(&mut polled, &mut state);
+        assert!(polled.changes.is_empty(), "tried again before its wait");
+        state.retry.get_mut(&b.id).expect("kept for a retry").at = std::time::Instant::now();
+        let mut polled = nothing();
+        retry_due(&mut polled, &mut state);
+        assert_eq!(polled.changes.len(), 1);
+        assert_eq!(
+            names_to_look_up(&polled, &state),
+            [("kernel-b.test".to_string(), 8000)].into_iter().collect()
+        );
+        found.insert(
+            ("kernel-b.test".into(), 8000),
+            Ok("10.1.2.4:8000".parse().expect("addr")),
+        );
+        apply(&config, &deployer, polled, &mut state, None, &found).expect("a deployment");
+        assert!(state.circuits.contains_key(&b.id));
+        assert!(!state.refused.contains_key(&b.id) && state.retry.is_empty());
+        // A circuit refused for another reason (not a name) is not tried again.
+        let mut taken = named("a", "kernel-c.test");
+        taken.id = uuid::Uuid::new_v4();
+        found.insert(
+            ("kernel-c.test".into(), 8000),
+            Ok("10.1.2.5:8000".parse().expect("addr")),
+        );
+        let mut change = nothing();
+        change
+            .changes
+            .push((taken.id, Change::Now((taken.clone(), None, None))));
+        let _ = apply(&config, &deployer, change, &mut state, None, &found);
+        assert!(
+            state.refused[&taken.id].contains("used by another circuit"),
+            "{:?}",
+            state.refused
+        );
+        assert!(state.retry.is_empty());
     }
 }
