@@ -355,6 +355,21 @@ fn extension_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Whether every quoted string of `list` is closed (backslash escapes counted): an
+/// open one would hide what follows it from [`extension_names`].
+fn quotes_closed(list: &[u8]) -> bool {
+    let (mut quoted, mut escaped) = (false, false);
+    for b in list {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
+}
+
 /// Checks the extensions an app's 101 accepted (its `Sec-WebSocket-Extensions`
 /// values, every field line) against those the client offered (its values, joined
 /// with commas), and returns the RSV bits frames may then carry. A server must accept
@@ -369,6 +384,9 @@ pub fn negotiated_rsv<'a>(
     let mut rsv = 0;
     let mut seen: Vec<&[u8]> = Vec::new();
     for list in accepted {
+        if !quotes_closed(list) {
+            return Err("101 with a malformed Sec-WebSocket-Extensions (a quote left open)");
+        }
         for name in extension_names(list) {
             if !extension_names(offered).any(|o| o.eq_ignore_ascii_case(name)) {
                 return Err("101 with a WebSocket extension the client did not offer");
@@ -986,6 +1004,17 @@ mod tests {
                 br#"x-foo; p="a\", permessage-deflate"#,
                 &[b"permessage-deflate"],
                 Err(()),
+            ),
+            // A quote the app left open would hide what follows it.
+            (
+                b"permessage-deflate",
+                &[br#"permessage-deflate; x=", bogus"#],
+                Err(()),
+            ),
+            (
+                b"permessage-deflate",
+                &[br#"permessage-deflate; x="a\"b""#],
+                Ok(0x4),
             ),
             // One extension accepted twice (RFC 7692 §5), in one line or two.
             (

@@ -131,7 +131,7 @@ pub enum ProxyError {
     UpstreamBusy,
     /// The core has `[http2] max_app_streams` streams open to HTTP/2 apps, or
     /// (half of them taken) the client's address its share of them.
-    #[error("too many streams to HTTP/2 apps on this worker, retry later")]
+    #[error("too many streams to apps on this worker, retry later")]
     AppStreamLimit,
     /// The core is at its cap of open client connections (`[limits]
     /// max_connections_per_core`): the connection is answered and closed.
