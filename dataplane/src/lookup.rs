@@ -8,7 +8,10 @@
 //! until the resolver returns (even after nobody waits for it any more), so an
 //! outage cannot pile up threads; and a deployment waits at most [`LOOKUP_WAIT`] for
 //! all of its names together. A name not found in time refuses its circuit with the
-//! reason, as an unknown name does; everything else goes on.
+//! reason, as an unknown name does; everything else goes on. A lookup that answers
+//! after its wait ended leaves its answer for the next try (the agent tries such
+//! circuits again), so a resolver that is slow but answers still gets its circuits
+//! deployed; an answer is kept [`LATE_KEPT`] at most and taken once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +24,12 @@ pub const LOOKUPS: usize = 16;
 /// The longest a deployment waits for its route hosts' names.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
+/// How long an answer that came after its wait ended is kept for the next try.
+pub const LATE_KEPT: Duration = Duration::from_secs(60);
+
+/// Answers that came after their wait ended, by name, with when they came.
+type Late = HashMap<(String, u16), (Result<SocketAddr, String>, std::time::Instant)>;
+
 /// What was found for each (host, port): its address, or why there is none.
 pub type Found = HashMap<(String, u16), Result<SocketAddr, String>>;
 
@@ -31,6 +40,7 @@ pub type Resolve = fn(&str, u16) -> Result<SocketAddr, String>;
 #[derive(Clone)]
 pub struct Lookups {
     slots: Arc<tokio::sync::Semaphore>,
+    late: Arc<std::sync::Mutex<Late>>,
     resolve: Resolve,
     wait: Duration,
 }
@@ -46,6 +56,7 @@ impl Lookups {
     pub fn with(resolve: Resolve, slots: usize, wait: Duration) -> Self {
         Self {
             slots: Arc::new(tokio::sync::Semaphore::new(slots.max(1))),
+            late: Arc::default(),
             resolve,
             wait,
         }
@@ -62,18 +73,40 @@ impl Lookups {
                 found.insert((host, port), Ok(SocketAddr::new(ip, port)));
                 continue;
             }
+            let key = (host, port);
+            if let Some(addr) = self.take_late(&key) {
+                found.insert(key, Ok(addr));
+                continue;
+            }
+            let (host, port) = key;
+            let late = self.late.clone();
             let (slots, resolve, wait) = (self.slots.clone(), self.resolve, self.wait);
             pending.spawn(async move {
                 let timed_out = || format!("name lookup timed out after {} s", wait.as_secs());
                 let result = match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
                     Ok(Ok(slot)) => {
                         let name = host.clone();
+                        let kept = late.clone();
                         let job = tokio::task::spawn_blocking(move || {
                             let _slot = slot;
-                            resolve(&name, port)
+                            let result = resolve(&name, port);
+                            // Kept in case nobody waits any more; taken back below
+                            // when somebody does.
+                            if let Ok(mut late) = kept.lock() {
+                                late.insert(
+                                    (name, port),
+                                    (result.clone(), std::time::Instant::now()),
+                                );
+                            }
+                            result
                         });
                         match tokio::time::timeout_at(deadline, job).await {
-                            Ok(Ok(result)) => result,
+                            Ok(Ok(result)) => {
+                                if let Ok(mut late) = late.lock() {
+                                    late.remove(&(host.clone(), port));
+                                }
+                                result
+                            }
                             Ok(Err(_)) => Err("the name lookup failed".into()),
                             Err(_) => Err(timed_out()),
                         }
@@ -96,6 +129,19 @@ impl Lookups {
     }
 }
 
+impl Lookups {
+    /// An address a lookup found after its wait ended, if it came within
+    /// [`LATE_KEPT`]; taken once. Older answers and failures are forgotten.
+    fn take_late(&self, key: &(String, u16)) -> Option<SocketAddr> {
+        let mut late = self.late.lock().ok()?;
+        late.retain(|_, (_, at)| at.elapsed() < LATE_KEPT);
+        match late.remove(key) {
+            Some((Ok(addr), _)) => Some(addr),
+            _ => None,
+        }
+    }
+}
+
 /// The address `found` holds for `host` (an address literal needs none).
 pub fn address(found: &Found, host: &str, port: u16) -> Result<SocketAddr, String> {
     if let Ok(ip) = host.parse::<IpAddr>() {
@@ -114,10 +160,12 @@ mod tests {
 
     static RUNNING: AtomicUsize = AtomicUsize::new(0);
     static MOST: AtomicUsize = AtomicUsize::new(0);
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
 
     /// A resolver whose `*.hung` names never answer within a test (an outage), and
     /// whose other names answer at once; it records how many ran at the same time.
     fn outage(host: &str, port: u16) -> Result<SocketAddr, String> {
+        CALLS.fetch_add(1, Ordering::SeqCst);
         let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
         MOST.fetch_max(now, Ordering::SeqCst);
         if host.ends_with(".hung") {
@@ -182,6 +230,28 @@ mod tests {
             "{} at once",
             MOST.load(Ordering::SeqCst)
         );
-        // Dropping the runtime waits for the hung lookups to return.
+        // A lookup that answers after its wait ended leaves its answer: the next try
+        // finds it without a lookup of its own.
+        let lookups = Lookups::with(outage, 4, Duration::from_millis(300));
+        let name =
+            || -> HashSet<(String, u16)> { [("z.hung".to_string(), 8000)].into_iter().collect() };
+        let found = rt.block_on(lookups.look_up(name()));
+        assert!(
+            found[&("z.hung".to_string(), 8000)].is_err(),
+            "answered in time?"
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        let before = CALLS.load(Ordering::SeqCst);
+        let found = rt.block_on(lookups.look_up(name()));
+        assert_eq!(
+            found[&("z.hung".to_string(), 8000)],
+            Ok(SocketAddr::from(([10, 0, 0, 1], 8000))),
+            "the late answer"
+        );
+        assert_eq!(CALLS.load(Ordering::SeqCst), before, "looked up again");
+        // Taken once: the try after that looks the name up again.
+        let found = rt.block_on(lookups.look_up(name()));
+        assert!(found[&("z.hung".to_string(), 8000)].is_err());
+        assert_eq!(CALLS.load(Ordering::SeqCst), before + 1);
     }
 }
