@@ -1784,6 +1784,11 @@ mod tests {
     /// time refuses its circuit with the reason, and the others deploy.
     #[test]
     fn a_deployment_looks_up_only_the_names_it_resolves() {
+        // Its lines are captured as the other tests' are: a deployment logged here with
+        // no subscriber at all could leave the log call sites it shares with them
+        // marked as unwanted while they run in parallel (tracing caches interest).
+        let lines = appproxy_test_support::logs::Sink::default();
+        let _log = tracing::subscriber::set_default(json_subscriber(&lines));
         let config = Config::parse(
             "[worker]\nfrontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\n",
         )
