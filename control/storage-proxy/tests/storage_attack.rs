@@ -8,7 +8,7 @@
 mod storage_common;
 
 use appproxy_test_support::net::ReadUninterrupted;
-use storage_common::{create_folder, Proxy, VFID};
+use storage_common::{create_folder, incompressible, Proxy, VFID};
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -17,20 +17,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
-
-/// `len` bytes that do not compress (a xorshift stream): an archive stores them,
-/// never deflates them.
-fn incompressible(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Lowers the proxy's descriptor limit to `n` (soft and hard).
 fn lower_nofile(p: &Proxy, n: u64) {

@@ -17,20 +17,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use storage_common::{create_folder, Proxy, VFID};
-
-/// `len` bytes that do not compress (a xorshift stream).
-fn incompressible(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use storage_common::{create_folder, incompressible, Proxy, VFID};
 
 fn le16(b: &[u8], at: usize) -> Result<u16, String> {
     b.get(at..at + 2)

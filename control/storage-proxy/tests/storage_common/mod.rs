@@ -452,3 +452,17 @@ pub fn python(script: &str, path: &std::path::Path) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// `len` bytes that do not compress (a xorshift stream): an archive stores them,
+/// never deflates them.
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
