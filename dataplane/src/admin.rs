@@ -217,7 +217,7 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
             info.liveness.render(&mut text);
             info.board.render_health(&mut text);
             appproxy_shared::otlp::render_metrics(&mut text);
-            crate::logout::render_metrics(&mut text);
+            appproxy_shared::logout::render_metrics(&mut text);
             ("200 OK", "text/plain; version=0.0.4", text)
         }
         ("GET", "/circuits") => (

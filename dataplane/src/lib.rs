@@ -18,7 +18,6 @@ pub mod introspect;
 pub mod io;
 pub mod link;
 pub mod liveness;
-pub mod logout;
 pub mod lookup;
 pub mod metrics;
 pub mod preflight;

@@ -25,6 +25,7 @@ pub mod context;
 pub mod fair_share;
 pub mod header;
 pub mod jwt;
+pub mod logout;
 #[cfg(feature = "tower")]
 pub mod middleware;
 pub mod model;

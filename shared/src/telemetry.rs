@@ -129,11 +129,17 @@ pub enum TelemetryError {
     /// A global subscriber was already installed.
     #[error("a global log subscriber is already installed")]
     AlreadyInstalled,
+    /// The stdout writer thread ([`crate::logout`]) could not be started.
+    #[error("cannot start the stdout writer: {0}")]
+    Writer(#[from] std::io::Error),
 }
 
-/// Installs the global subscriber writing to stdout.
+/// Installs the global subscriber writing to stdout through the writer thread of
+/// [`crate::logout`] (started here): a log reader that stalls never holds the thread
+/// that logs. Call [`crate::logout::drain`] before the process exits.
 pub fn init(config: &LoggingConfig, component: &'static str) -> Result<(), TelemetryError> {
-    let subscriber = subscriber(config, component, std::io::stdout)?;
+    crate::logout::start()?;
+    let subscriber = subscriber(config, component, crate::logout::QueuedStdout)?;
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|_| TelemetryError::AlreadyInstalled)
 }

@@ -15,6 +15,7 @@ pub mod prom;
 pub mod python;
 pub mod redis;
 pub mod serving;
+pub mod stalled_stdout;
 
 /// Ports handed out by [`free_port`] and [`free_range`]: below the kernel's ephemeral
 /// range (32768 and up on Linux), so neither an outgoing connection's source port nor

@@ -34,15 +34,30 @@ pub fn raise_nofile() -> Option<u64> {
 }
 
 /// Raises the descriptor limit ([`raise_nofile`]) and runs `serve(shutdown)` on a
-/// multi-thread runtime until it returns.
+/// multi-thread runtime until it returns; then writes what the stdout writer still
+/// holds (`appproxy_shared::logout`), at most [`STDOUT_DRAIN`], however `serve` ended.
 pub fn run<F, Fut, T>(serve: F) -> anyhow::Result<T>
 where
     F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
     raise_nofile();
+    let _drain = DrainStdout;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(serve(Box::pin(shutdown_signal())))
+}
+
+/// How long the lines still queued for stdout may take to be written at exit: a
+/// stdout nobody reads any more must not hold the process.
+pub const STDOUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Drains the stdout writer when dropped (the end of [`run`], also by a panic).
+struct DrainStdout;
+
+impl Drop for DrainStdout {
+    fn drop(&mut self) {
+        appproxy_shared::logout::drain(STDOUT_DRAIN);
+    }
 }

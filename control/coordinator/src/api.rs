@@ -231,6 +231,7 @@ pub(super) async fn metrics(
 fn render_observed(state: &State, out: &mut String) {
     use crate::metrics::{header, sample};
     appproxy_shared::otlp::render_metrics(out);
+    appproxy_shared::logout::render_metrics(out);
     let o = &state.metrics.observed;
     o.api_requests.render(
         out,

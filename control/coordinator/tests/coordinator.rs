@@ -6101,3 +6101,58 @@ fn a_leader_key_of_another_type_is_replaced() {
         "one warning, when the key was replaced"
     );
 }
+
+/// A coordinator whose stdout is a pipe nobody reads (a container's log driver that
+/// stalled) goes on answering: its log lines are handed to a writer thread, not
+/// written by the runtime's threads. Before, those threads blocked in `write` once
+/// the pipe's 64 KiB were full: 186 requests answered, then none. Read again, the
+/// lines come out whole and in order; with the pipe closed, requests are still
+/// answered and the lines that could not be written are counted.
+#[test]
+fn a_stdout_nobody_reads_never_stalls_the_api() {
+    use appproxy_test_support::prom::Exposition;
+    use appproxy_test_support::stalled_stdout;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("coordinator.toml"),
+        format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
+            Db::Sqlite.section(dir.path())
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(dir.path().join("coordinator.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start coordinator");
+    let mut c = Coordinator {
+        child,
+        addr: "127.0.0.1:9".parse().expect("addr"),
+    };
+    let (addrs, stdout) = stalled_stdout::serving(&mut c.child, "coordinator serving", &["addr"]);
+    c.addr = addrs[0];
+    let within = Duration::from_secs(10);
+    stalled_stdout::never_stalls(
+        stdout,
+        |id| {
+            appproxy_test_support::http::request_within(
+                c.addr,
+                "GET",
+                "/api/worker",
+                &[AUTH, ("X-Backend-Request-ID", id)],
+                b"",
+                within,
+            )
+            .is_some_and(|r| r.status == 200)
+        },
+        || {
+            let r = request(c.addr, "GET", "/metrics", &[], "");
+            Exposition::parse(&String::from_utf8_lossy(&r.body))
+                .value("appproxy_log_lines_dropped_total", "")
+                .expect("appproxy_log_lines_dropped_total") as u64
+        },
+    );
+}

@@ -1463,6 +1463,7 @@ fn render_observed(state: &State, out: &mut String) {
     use crate::metrics::{escape, header, sample};
     use std::sync::atomic::Ordering::Relaxed;
     appproxy_shared::otlp::render_metrics(out);
+    appproxy_shared::logout::render_metrics(out);
     let o = &state.metrics.observed;
     for (family, help, h) in [
         (

@@ -7,7 +7,7 @@
 mod storage_common;
 
 use appproxy_test_support::http::request;
-use storage_common::{create_folder, Proxy, VFID};
+use storage_common::{create_folder, Proxy, TOKEN, VFID};
 
 fn body(extra: serde_json::Value) -> serde_json::Value {
     let mut b = serde_json::json!({"volume": "local", "vfid": VFID});
@@ -461,5 +461,39 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
         env!("CARGO_BIN_EXE_appproxy-storage-proxy"),
         "[storage]\nmanager_bind = \"127.0.0.1:65536\"\n",
         &["storage.manager_bind", "line 2", "socket address"],
+    );
+}
+
+/// A storage-proxy whose stdout is a pipe nobody reads (a container's log driver that
+/// stalled) goes on answering: its log lines are handed to a writer thread, not
+/// written by the runtime's threads. Before, those threads blocked in `write` once
+/// the pipe's 64 KiB were full, and the APIs stopped answering. Read again, the lines
+/// come out whole and in order; with the pipe closed, requests are still answered and
+/// the lines that could not be written are counted.
+#[test]
+fn a_stdout_nobody_reads_never_stalls_the_apis() {
+    let (p, stdout) = Proxy::start_piped();
+    appproxy_test_support::stalled_stdout::never_stalls(
+        stdout,
+        |id| {
+            appproxy_test_support::http::request_within(
+                p.manager,
+                "GET",
+                "/volumes",
+                &[
+                    ("X-BackendAI-Storage-Auth-Token", TOKEN),
+                    ("X-Backend-Request-ID", id),
+                ],
+                b"",
+                std::time::Duration::from_secs(10),
+            )
+            .is_some_and(|r| r.status == 200)
+        },
+        || {
+            let r = request(p.manager, "GET", "/metrics", &[], b"");
+            appproxy_test_support::prom::Exposition::parse(&String::from_utf8_lossy(&r.body))
+                .value("appproxy_log_lines_dropped_total", "")
+                .expect("appproxy_log_lines_dropped_total") as u64
+        },
     );
 }

@@ -193,7 +193,7 @@ impl AccessLog {
         // Handed to the stdout writer, never written here: a stalled reader must not
         // stall the core (`logout`).
         let lines = std::mem::replace(&mut *buf, String::with_capacity(FLUSH_AT + 1024));
-        crate::logout::write(lines.into_bytes());
+        appproxy_shared::logout::write(lines.into_bytes());
     }
 }
 

@@ -54,7 +54,7 @@ struct DrainStdout;
 
 impl Drop for DrainStdout {
     fn drop(&mut self) {
-        appproxy_dataplane::logout::drain(std::time::Duration::from_secs(5));
+        appproxy_shared::logout::drain(std::time::Duration::from_secs(5));
     }
 }
 
@@ -127,12 +127,12 @@ fn run() -> anyhow::Result<()> {
     };
     // The cores never write stdout themselves (`logout`): a log reader that stalls
     // must not stall them. Whatever was queued is written before the process ends.
-    appproxy_dataplane::logout::start().context("cannot start the stdout writer")?;
+    appproxy_shared::logout::start().context("cannot start the stdout writer")?;
     let _drain = DrainStdout;
     let subscriber = appproxy_shared::telemetry::subscriber(
         &config.logging.common,
         "worker",
-        appproxy_dataplane::logout::QueuedStdout,
+        appproxy_shared::logout::QueuedStdout,
     )?;
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|_| appproxy_shared::telemetry::TelemetryError::AlreadyInstalled)?;

@@ -42,6 +42,23 @@ fn spawn(
     log: std::fs::File,
     prefix: &[String],
 ) -> Child {
+    spawn_to(
+        dir,
+        env,
+        Stdio::from(log.try_clone().expect("log")),
+        Stdio::from(log),
+        prefix,
+    )
+}
+
+/// [`spawn`] with stdout and stderr given.
+fn spawn_to(
+    dir: &std::path::Path,
+    env: &[(String, String)],
+    stdout: Stdio,
+    stderr: Stdio,
+    prefix: &[String],
+) -> Child {
     let bin = env!("CARGO_BIN_EXE_appproxy-storage-proxy");
     let mut cmd = match prefix.split_first() {
         Some((first, rest)) => {
@@ -54,13 +71,46 @@ fn spawn(
     cmd.arg("--config")
         .arg(dir.join("storage.toml"))
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::from(log.try_clone().expect("log")))
-        .stderr(Stdio::from(log))
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .expect("start storage-proxy")
 }
 
+/// Writes `dir/storage.toml`: both APIs on ports the kernel picks, one volume in
+/// `dir/vol`, `extra_storage` in `[storage]`, then `extra_tables`.
+fn write_config(dir: &std::path::Path, extra_storage: &str, extra_tables: &str) {
+    let config = format!(
+        "[storage]\nmanager_bind = \"127.0.0.1:0\"\nclient_bind = \"127.0.0.1:0\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
+        dir.join("vol").display()
+    );
+    std::fs::write(dir.join("storage.toml"), config).expect("config");
+}
+
 impl Proxy {
+    /// [`Proxy::start`] with its stdout a pipe the test holds (its stderr goes to the
+    /// log): the proxy and that pipe, read up to the serving line.
+    pub fn start_piped() -> (Self, std::io::BufReader<std::process::ChildStdout>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_config(dir.path(), "", "");
+        let log = std::fs::File::create(dir.path().join("storage.log")).expect("log");
+        let mut child = spawn_to(dir.path(), &[], Stdio::piped(), Stdio::from(log), &[]);
+        let (addrs, stdout) = appproxy_test_support::stalled_stdout::serving(
+            &mut child,
+            "storage-proxy serving",
+            &["manager", "client"],
+        );
+        let proxy = Self {
+            child,
+            manager: addrs[0],
+            client: addrs[1],
+            dir,
+            env: Vec::new(),
+            prefix: Vec::new(),
+        };
+        (proxy, stdout)
+    }
+
     pub fn start(extra_storage: &str) -> Self {
         Self::start_with(extra_storage, "")
     }
@@ -120,11 +170,7 @@ impl Proxy {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let config = format!(
-            "[storage]\nmanager_bind = \"127.0.0.1:0\"\nclient_bind = \"127.0.0.1:0\"\n{extra_storage}\n[secrets]\nmanager_token = \"{TOKEN}\"\nsession_secret = \"session-key\"\n[logging]\nfilter = \"debug\"\n[[volumes]]\nname = \"local\"\npath = \"{}\"\n{extra_tables}\n",
-            dir.path().join("vol").display()
-        );
-        std::fs::write(dir.path().join("storage.toml"), config).expect("config");
+        write_config(dir.path(), extra_storage, extra_tables);
         let log_path = dir.path().join("storage.log");
         let log = std::fs::File::create(&log_path).expect("log");
         let mut child = spawn(dir.path(), &env, log, &prefix);

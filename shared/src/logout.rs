@@ -1,20 +1,23 @@
-//! The worker's stdout, written by a thread of its own: what the cores log (their
-//! access-log batches, their log lines) is handed over and never written by them.
+//! A process's stdout, written by a thread of its own: what the process logs (the
+//! worker's access-log batches, every component's log lines) is handed over and
+//! never written by the thread that made it.
 //!
 //! A write to stdout blocks its caller while the reader does not keep up: in a
 //! container, stdout is a pipe drained by the runtime's log driver, and a driver
-//! that stalls fills the pipe's 64 KiB. A core that wrote there itself stopped at
-//! the next batch, with every connection it held (measured: 166 requests, then none,
-//! behind a pipe nobody read). Here a core only queues its bytes, and a thread
-//! (`appproxy-stdout`) writes them in order. The queue holds at most
-//! [`QUEUE_BYTES`]: past that, what a core hands over is dropped and counted
-//! (`appproxy_log_lines_dropped_total`, which also counts what a failed write lost,
-//! as to a closed stdout), and once stdout takes writes again a warning says how
-//! many lines were lost. Lines are never split: a chunk is whole
-//! lines, and chunks are written whole, in the order they were queued.
+//! that stalls fills the pipe's 64 KiB. A worker core that wrote there itself stopped
+//! at the next batch, with every connection it held (measured: 166 requests, then
+//! none, behind a pipe nobody read); the coordinator, whose runtime threads wrote
+//! their log lines there, stopped answering after 186 requests. Here a thread only
+//! queues its bytes, and a thread (`appproxy-stdout`) writes them in order. The
+//! queue holds at most [`QUEUE_BYTES`]: past that, what is handed over is dropped
+//! and counted (`appproxy_log_lines_dropped_total`, which also counts what a failed
+//! write lost, as to a closed stdout), and once stdout takes writes again a warning
+//! says how many lines were lost. Lines are never split: a chunk is whole lines, and
+//! chunks are written whole, in the order they were queued.
 //!
-//! Until [`start`] runs (and in the library's own tests), writes go to stdout
-//! directly, as before.
+//! Until [`start`] runs (and in the libraries' own tests), writes go to stdout
+//! directly. [`crate::telemetry::init`] starts it for the control-plane services;
+//! the worker starts it itself, before its cores.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 pub const QUEUE_BYTES: usize = 8 << 20;
 
 struct Out {
-    tx: crossbeam_channel::Sender<Vec<u8>>,
+    tx: std::sync::mpsc::Sender<Vec<u8>>,
     /// Bytes queued and not yet written.
     queued: AtomicUsize,
 }
@@ -49,7 +52,7 @@ fn start_with(
     if OUT.get().is_some() {
         return Ok(());
     }
-    let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     if OUT
         .set(Out {
             tx,
@@ -65,7 +68,7 @@ fn start_with(
             let out = OUT.get().expect("set before the thread starts");
             for chunk in rx {
                 // A write that fails (stdout closed: EPIPE) drops the chunk, counted:
-                // nothing else can be done with it, and the cores must not wait.
+                // nothing else can be done with it, and the writers must not wait.
                 if sink(&chunk).is_err() {
                     DROPPED.fetch_add(chunk_lines(&chunk), Ordering::Relaxed);
                 }
@@ -97,7 +100,7 @@ pub fn write(chunk: Vec<u8>) {
     let refused = if before + len > QUEUE_BYTES {
         Some(chunk)
     } else {
-        out.tx.send(chunk).err().map(|e| e.into_inner())
+        out.tx.send(chunk).err().map(|e| e.0)
     };
     if let Some(chunk) = refused {
         out.queued.fetch_sub(len, Ordering::AcqRel);
@@ -142,7 +145,7 @@ fn chunk_lines(chunk: &[u8]) -> u64 {
     chunk.iter().filter(|b| **b == b'\n').count().max(1) as u64
 }
 
-/// The `MakeWriter` of the worker's log lines: each line is one [`write`].
+/// The `MakeWriter` of a process's log lines: each line is one [`write`].
 #[derive(Clone, Copy, Default)]
 pub struct QueuedStdout;
 
