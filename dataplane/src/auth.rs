@@ -306,9 +306,9 @@ pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>
             methods += 1;
         } else if is(name, "upgrade")
             || is(name, "transfer-encoding")
-            || is(name, "x-http-method-override")
-            || is(name, "x-http-method")
-            || is(name, "x-method-override")
+            || crate::http::encode::METHOD_OVERRIDE
+                .iter()
+                .any(|m| is(name, m))
         {
             return false;
         } else if is(name, "content-length") {

@@ -384,3 +384,26 @@ fn spoofable_client_address_headers_are_replaced() {
     assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
 }
+
+/// Fields named with `_` where a client-address, forwarding, request-ID or
+/// method-override name has `-` never reach the app: CGI-style servers (WSGI, Rack,
+/// PHP) read `X_Real_IP` as `X-Real-IP`, so it would sit beside, or be joined to, the
+/// worker's own value. Before, all of these reached the app as sent. Other names with
+/// `_` still go on.
+#[test]
+fn underscored_spellings_of_the_workers_fields_never_reach_the_app() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    let r = c.get(
+        "/who",
+        "X_Real_IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nTrue_Client_IP: 6.6.6.6\r\nX_Forwarded_Proto: 6.6.6.6\r\nx_forwarded_host: 6.6.6.6\r\nX_HTTP_Method_Override: 6.6.6.6\r\nX_Backend_Request_ID: 6.6.6.6\r\nMy_Own_Field: kept\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = app.request("/who");
+    for (n, v) in &seen.headers {
+        assert!(!v.contains("6.6.6.6"), "{n}: {v} reached the app");
+    }
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(seen.header("my_own_field"), Some("kept"));
+}

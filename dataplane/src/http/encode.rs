@@ -86,6 +86,45 @@ pub fn is_client_address_header(name: &[u8]) -> bool {
     ) && CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
 }
 
+/// Method-override fields, which some frameworks honour as the request's method: a
+/// CORS preflight carrying one is no preflight ([`crate::auth::is_cors_preflight`]).
+pub const METHOD_OVERRIDE: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The longest name [`is_underscored_managed_name`] has to recognise, with room.
+const MANAGED_NAME_MAX: usize = 48;
+
+/// Whether a request field is named with `_` where a name the worker strips,
+/// replaces or decides on has `-` (`X_Forwarded_For`, `X_Real_IP`,
+/// `X_HTTP_Method_Override`, `Content_Length`). CGI-style servers (WSGI, Rack, PHP)
+/// read both spellings as one variable (`HTTP_X_FORWARDED_FOR`), so such a field
+/// would reach the app as the worker's own, or joined to it. It is dropped, as nginx
+/// drops every name with `_` by default; other names with `_` go on.
+pub fn is_underscored_managed_name(name: &[u8]) -> bool {
+    if !name.contains(&b'_') {
+        return false;
+    }
+    let mut dashed = [0u8; MANAGED_NAME_MAX];
+    let Some(dashed) = dashed.get_mut(..name.len()) else {
+        return false;
+    };
+    for (d, b) in dashed.iter_mut().zip(name) {
+        *d = if *b == b'_' { b'-' } else { *b };
+    }
+    let d = &*dashed;
+    is_hop_by_hop(d, b"", &[])
+        || ["content-length", "expect", "traceparent", "tracestate"]
+            .iter()
+            .chain(&FORWARDING)
+            .chain(&METHOD_OVERRIDE)
+            .any(|n| name_is(d, n))
+        || header_rank(d).is_some()
+        || is_client_address_header(d)
+}
+
 /// Whether a field is hop-by-hop: one of [`HOP_BY_HOP`] or named in `Connection`
 /// (except `Host`, which is for every recipient: a client listing it must not make
 /// the app get a request without one).
@@ -281,6 +320,7 @@ pub fn upstream_request_traced(
             || name_is(name_b, "expect")
             || header_rank(name_b).is_some()
             || is_client_address_header(name_b)
+            || is_underscored_managed_name(name_b)
         {
             continue;
         }

@@ -435,6 +435,55 @@ mod encoding {
         assert!(!text.contains("6.6.6.6"), "{text}");
     }
 
+    /// A field named with `_` where a name the worker strips, replaces or decides on
+    /// has `-` never reaches the app (CGI-style servers read `X_Real_IP` as
+    /// `X-Real-IP`); other names with `_` go on, as sent.
+    #[test]
+    fn underscored_spellings_of_managed_names_are_dropped() {
+        for (field, dropped) in [
+            ("X_Real_IP", true),
+            ("x_forwarded_for", true),
+            ("X_Forwarded-Proto", true),
+            ("X-Forwarded_Host", true),
+            ("Forwarded_For", true),
+            ("True_Client_IP", true),
+            ("CF_Connecting_IP", true),
+            ("X_HTTP_Method_Override", true),
+            ("X_Method_Override", true),
+            ("X_HTTP_Method", true),
+            ("X_Backend_Request_ID", true),
+            ("X_Request_ID", true),
+            ("Content_Length", true),
+            ("Transfer_Encoding", true),
+            ("Keep_Alive", true),
+            ("Proxy_Authorization", true),
+            ("HTTP2_Settings", true),
+            ("X_Original_Forwarded_For", true),
+            ("X_Envoy_External_Address", true),
+            ("access_token", false),
+            ("X_Custom_Thing", false),
+            ("X_Real_IP_Extra", false),
+            ("_", false),
+            ("x_", false),
+            (
+                "X_Forwarded_For_and_then_a_name_longer_than_any_managed_one",
+                false,
+            ),
+        ] {
+            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}: 6.6.6.6\r\n\r\n");
+            let head = req(input.as_bytes()).expect("valid").expect("complete");
+            let mut out = Vec::new();
+            upstream_request(&mut out, input.as_bytes(), &head, None, hop(false), app());
+            let text = String::from_utf8(out).expect("ascii");
+            assert_eq!(
+                !text.contains(&format!("{field}: 6.6.6.6\r\n")),
+                dropped,
+                "{field}: {text}"
+            );
+            assert_eq!(!text.contains("6.6.6.6"), dropped, "{field}: {text}");
+        }
+    }
+
     /// The proxy's permit cookie never reaches the app (a cookie goes to every port
     /// and subdomain of its domain, so every app a user visits would get the user's
     /// permit); the app's own cookies go on, the field's name and the pairs' order
