@@ -1212,6 +1212,19 @@ impl Config {
                 "[reactor] sched_slice_us = {slice}: the kernel takes slices of 100 to 100000 microseconds (0 keeps its own)"
             )));
         }
+        // An empty key is no secret: anyone can compute a permit or a token with it
+        // (the coordinator refuses empty secrets the same way).
+        for (key, value) in [
+            ("api_secret", &self.secrets.api_secret),
+            ("jwt_secret", &self.secrets.jwt_secret),
+            ("permit_secret", &self.secrets.permit_secret),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "[secrets] {key} is empty: anyone could sign with it; set a secret, or leave {key} out"
+                )));
+            }
+        }
         if self.managed() && !self.circuits.is_empty() {
             return Err(ConfigError::Invalid(
                 "[coordinator] url or embedded is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
@@ -1599,6 +1612,18 @@ mod tests {
             (
                 "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n",
                 "[secrets] permit_secret is not set",
+            ),
+            (
+                "[secrets]\npermit_secret = \"\"\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = 10205\n",
+                "[secrets] permit_secret is empty",
+            ),
+            (
+                "[secrets]\njwt_secret = \" \"\n[coordinator]\nurl = \"http://c\"\n",
+                "[secrets] jwt_secret is empty",
+            ),
+            (
+                "[secrets]\napi_secret = \"\"\n[coordinator]\nurl = \"http://c\"\n",
+                "[secrets] api_secret is empty",
             ),
             (
                 "[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nopen_to_public = true\n",
