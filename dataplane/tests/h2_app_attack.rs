@@ -8,7 +8,8 @@
 //! clients of that app, which share the core's HTTP/2 connection to it; streams
 //! to HTTP/2 apps are held to a per-core budget shared by address (what stalled
 //! clients make the worker buffer); a burst of streams dials one app connection
-//! per `max_concurrent_streams` of them, not one each.
+//! per `max_concurrent_streams` of them, not one each; an HTTP/2 app's complete early
+//! answer, reset with `NO_ERROR` while a bridged client's body goes on, is relayed.
 
 mod common;
 
@@ -632,4 +633,86 @@ fn a_burst_of_streams_to_an_http2_app_dials_one_connection_per_four() {
     assert_eq!(dialed.load(Ordering::SeqCst), N.div_ceil(4));
     up.open_gate();
     drop(open);
+}
+
+/// An HTTP/2 app that answers each stream as soon as its head arrives: with
+/// `answer`, a complete `200` ("early", END_STREAM) first; then, either way,
+/// `RST_STREAM(NO_ERROR)`, the body unread (what Go's servers and gRPC do when a
+/// handler returns without reading the whole body).
+fn early_answering_app(answer: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, _, id, _)| {
+                    let mut out = Vec::new();
+                    if ty == HEADERS {
+                        if answer {
+                            let head = appproxy_test_support::h2frames::block(&[
+                                (b":status", b"200"),
+                                (b"content-length", b"5"),
+                            ]);
+                            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                            out.extend(frame(DATA, END_STREAM, id, b"early"));
+                        }
+                        out.extend(frame(RST_STREAM, 0, id, &[0, 0, 0, 0]));
+                    }
+                    out
+                })
+            });
+        }
+    });
+    addr
+}
+
+/// A complete early answer from an HTTP/2 app, followed by `RST_STREAM(NO_ERROR)`
+/// while an HTTP/1.1 client's body is still going (larger than the app's stream
+/// window), reaches the client (RFC 9113 §8.1: the client must not discard it), and
+/// the connection closes after it since the rest of the body was not read. Before,
+/// the client got 502 `upstream_closed`. A reset with no answer is still a 502.
+#[test]
+fn an_http2_apps_early_answer_before_its_reset_reaches_an_http1_client() {
+    for (answer, want) in [(true, "HTTP/1.1 200"), (false, "HTTP/1.1 502")] {
+        let w = Worker::start(WorkerOpts {
+            upstreams: vec![early_answering_app(answer)],
+            circuit_extra: "protocol = \"http2\"".into(),
+            ..Default::default()
+        });
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        const BODY: usize = 200_000;
+        s.write_all(
+            format!("POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {BODY}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("write");
+        // The body goes from another thread: the worker stops reading it.
+        let mut writer = s.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let _ = writer.write_all(&vec![b'x'; BODY]);
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read_uninterrupted(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                // The lingering close may end with a reset once the answer is read.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&got)),
+            }
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(text.starts_with(want), "{text}");
+        if answer {
+            assert!(text.ends_with("\r\n\r\nearly"), "{text}");
+            assert!(
+                text.to_ascii_lowercase().contains("connection: close\r\n"),
+                "{text}"
+            );
+        }
+    }
 }

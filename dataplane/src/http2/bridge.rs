@@ -33,6 +33,9 @@ pub struct Bridged {
     pub done: Done,
     /// Whether the client connection can take another request.
     pub keep_alive: bool,
+    /// Whether the client may still be sending (its body was left unread after the
+    /// app ended the stream early): the connection closes lingering.
+    pub body_left: bool,
 }
 
 /// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
@@ -86,6 +89,8 @@ pub async fn forward(
         cbuf.consume(head.head_len);
     }
     let mut bytes_in = 0;
+    // The app's answer when it came while the body was still going.
+    let mut early = None;
     if !end && head.expect_continue && cbuf.is_empty() {
         conn.set_timeout(rt.body_idle_timeout);
         conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -96,10 +101,26 @@ pub async fn forward(
         // The HTTP/1.1 body rate floor, as on the HTTP/1.1 app path: a trickle would
         // hold the app stream (and its share of the app connection).
         conn.arm_read_floor(rt.min_body_rate, rt.body_idle_timeout);
-        let sent = send_body(core, conn, cbuf, head.framing, &mut up_send).await;
+        let sent = send_body(core, conn, cbuf, head.framing, &mut up_send, &mut bytes_in).await;
         conn.disarm_read_floor();
-        bytes_in = sent?;
+        match sent {
+            Ok(()) => {}
+            // The app ended its stream while the body was going. When it did so after
+            // a complete answer (RFC 9113 §8.1: an early answer, then
+            // `RST_STREAM(NO_ERROR)`; what Go's servers and gRPC do when a handler
+            // returns without reading the whole body), that answer is relayed: the
+            // client must not lose it. The rest of the client's body is left unread,
+            // so the connection closes after it.
+            Err(Fail::Answer(ProxyError::UpstreamClosed(e))) => {
+                match futures_lite::future::poll_once(&mut response).await {
+                    Some(Ok(r)) => early = Some(r),
+                    _ => return Err(Fail::Answer(ProxyError::UpstreamClosed(e))),
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
+    let body_left = early.is_some();
     // gRPC calls carry their own deadlines (a watch may answer hours later): they
     // wait the tunnel idle timeout; other apps the head timeout. Either wait ends
     // when the client hangs up: its app stream is reset, not held for the bound.
@@ -109,38 +130,44 @@ pub async fn forward(
         rt.upstream_head_timeout
     };
     conn.set_deadline(None);
-    let (resp, sent) = loop {
-        let sent = Instant::now();
-        // The client's end of stream is seen even behind bytes it sent ahead
-        // (pipelined, or a TLS close_notify), which stay unread for later.
-        let resp = futures_lite::future::or(
-            async { Some(within(&core.reactor, bound, &mut response).await) },
-            async {
-                conn.peer_gone().await;
-                None
-            },
-        )
-        .await;
-        conn.rearm_read();
-        let Some(resp) = resp else {
-            up_send.send_reset(h2::Reason::CANCEL);
-            return Err(Fail::Abort(
-                "the client closed its connection before the app answered".into(),
-            ));
-        };
-        match resp {
-            None => {
-                proxy::note_health(core, route, addr, false);
-                return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+    let (resp, sent) = if let Some(r) = early {
+        (r, Instant::now())
+    } else {
+        loop {
+            let sent = Instant::now();
+            // The client's end of stream is seen even behind bytes it sent ahead
+            // (pipelined, or a TLS close_notify), which stay unread for later.
+            let resp = futures_lite::future::or(
+                async { Some(within(&core.reactor, bound, &mut response).await) },
+                async {
+                    conn.peer_gone().await;
+                    None
+                },
+            )
+            .await;
+            conn.rearm_read();
+            let Some(resp) = resp else {
+                up_send.send_reset(h2::Reason::CANCEL);
+                return Err(Fail::Abort(
+                    "the client closed its connection before the app answered".into(),
+                ));
+            };
+            match resp {
+                None => {
+                    proxy::note_health(core, route, addr, false);
+                    return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+                }
+                Some(Err(e))
+                    if retry::may_retry(Fault::Upstream, upstream::retry_of(&e), attempt) =>
+                {
+                    tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
+                    attempt = attempt.again();
+                    (response, up_send, _on_conn, addr) =
+                        upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
+                }
+                Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
+                Some(Ok(r)) => break (r, sent),
             }
-            Some(Err(e)) if retry::may_retry(Fault::Upstream, upstream::retry_of(&e), attempt) => {
-                tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
-                attempt = attempt.again();
-                (response, up_send, _on_conn, addr) =
-                    upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
-            }
-            Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
-            Some(Ok(r)) => break (r, sent),
         }
     };
     if end {
@@ -159,7 +186,7 @@ pub async fn forward(
     let http10 = head.version == Version::Http10;
     let chunked = !bodiless && length.is_none() && !rbody.is_end_stream() && !http10;
     let close_delimited = !bodiless && length.is_none() && !rbody.is_end_stream() && http10;
-    let keep_alive = head.keep_alive && !close_delimited && !core.draining.get();
+    let keep_alive = head.keep_alive && !close_delimited && !body_left && !core.draining.get();
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(&mut out, u64::from(status));
@@ -231,24 +258,26 @@ pub async fn forward(
             upstream: addr,
         },
         keep_alive,
+        body_left,
     })
 }
 
-/// Reads the client's body (length or chunked) and hands it to the app's stream.
+/// Reads the client's body (length or chunked) and hands it to the app's stream,
+/// counting what it handed on in `total`.
 async fn send_body(
     core: &Core,
     conn: &TcpConn,
     cbuf: &mut ReadBuf,
     framing: BodyFraming,
     up: &mut h2::SendStream<Bytes>,
-) -> Result<u64, Fail> {
+    total: &mut u64,
+) -> Result<(), Fail> {
     let rt = &core.rt;
     let mut remaining = match framing {
         BodyFraming::Length(n) => n,
         _ => u64::MAX,
     };
     let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::for_request);
-    let mut total = 0u64;
     let mut done = false;
     let upstream_gone =
         |e: String| Fail::Answer(ProxyError::UpstreamClosed(std::io::Error::other(e)));
@@ -277,8 +306,8 @@ async fn send_body(
             cbuf.consume(consumed);
             progressed = consumed > 0;
             if !data.is_empty() {
-                total += data.len() as u64;
-                if rt.max_body > 0 && total > rt.max_body {
+                *total += data.len() as u64;
+                if rt.max_body > 0 && *total > rt.max_body {
                     up.send_reset(h2::Reason::CANCEL);
                     return Err(Fail::Answer(ProxyError::Request(
                         RequestError::BodyTooLarge,
@@ -315,8 +344,7 @@ async fn send_body(
         }
     }
     up.send_data(Bytes::new(), true)
-        .map_err(|e| upstream_gone(e.to_string()))?;
-    Ok(total)
+        .map_err(|e| upstream_gone(e.to_string()))
 }
 
 /// Relays the app's DATA frames to the client (chunked with the app's trailers, or

@@ -351,6 +351,8 @@ impl Client {
                 core.record(&x.entry(status, (bytes_in, b.done.bytes_out), Some(b.done.upstream)));
                 if b.keep_alive {
                     Next::KeepAlive
+                } else if b.body_left {
+                    Next::Linger
                 } else {
                     Next::Close
                 }
