@@ -10,6 +10,13 @@
 //! - at most `max_connections` connections, clamped below the process's descriptor
 //!   limit with a reserve for the store, Redis and logs; beyond it new connections are
 //!   closed at once, counted, and logged once per burst;
+//! - the connections are shared fairly by client address ([`FairShare`]): once half
+//!   are open, an address (IPv4, or an IPv6 /64) that holds
+//!   its share ([`default_share`]: one in [`CONNECTION_SHARE`] of the cap, at
+//!   least [`MIN_CONNECTION_SHARE`], unless the service sets it) gets no more, its new ones closed at once and counted
+//!   (as refusals, and apart as the address share's), so that one client keeping
+//!   connections alive cannot take every slot; while fewer than half are open,
+//!   one address (an office behind one NAT) gets as many as it asks for;
 //! - accept errors (descriptors exhausted) back off instead of spinning;
 //! - the answers hyper makes itself to a head it cannot take (431 too large, 414,
 //!   400 malformed: an empty body) are sent as the service's own JSON error
@@ -30,6 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use appproxy_shared::fair_share::{FairShare, Refused};
 use appproxy_shared::header::{self, IdPolicy};
 use appproxy_shared::IdVersion;
 use axum::extract::ConnectInfo;
@@ -105,6 +113,23 @@ impl Problem {
 /// incomplete once this much is buffered; one read may take a complete head up to
 /// twice it.)
 pub const MAX_HEAD: usize = 64 << 10;
+
+/// An address's share of the connection cap, unless the service sets one: one in
+/// this many (512 of 4096), as the storage-proxy's archive slots, and never fewer
+/// than [`MIN_CONNECTION_SHARE`].
+pub const CONNECTION_SHARE: usize = 8;
+
+/// The least share of the connection cap an address gets by default: a client
+/// (a browser, a manager making calls in parallel) may need a few connections at
+/// once, and a cap this small (tests, a tight descriptor limit) is shared by no
+/// more than a few clients anyway.
+pub const MIN_CONNECTION_SHARE: usize = 16;
+
+/// An address's share of a connection cap of `max_connections` by default: one in
+/// [`CONNECTION_SHARE`], at least [`MIN_CONNECTION_SHARE`].
+pub fn default_share(max_connections: usize) -> usize {
+    (max_connections / CONNECTION_SHARE).max(MIN_CONNECTION_SHARE)
+}
 
 impl Limits {
     /// The limits from a service's configured keys, each clamped to a sane range
@@ -590,8 +615,12 @@ impl Drop for Busy {
 /// Counters of the server, for `/metrics`.
 #[derive(Default)]
 pub struct ServerMetrics {
-    /// Connections closed at once because the cap was reached.
+    /// Connections closed at once because the cap was reached, or the address's
+    /// share of it (those also counted in `refused_address_share`).
     pub refused: AtomicU64,
+    /// Connections closed at once because their address held its share of the cap
+    /// while half of it or more was taken (also counted in `refused`).
+    pub refused_address_share: AtomicU64,
     /// Connections closed for idleness or a slow head.
     pub timed_out: AtomicU64,
     /// Connections open now.
@@ -599,7 +628,8 @@ pub struct ServerMetrics {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting and
-/// gives open connections up to 5 s to finish.
+/// gives open connections up to 5 s to finish. An address's share of the connection
+/// cap is [`default_share`]'s.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
@@ -607,12 +637,28 @@ pub async fn serve(
     metrics: Arc<ServerMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let cap = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_address = default_share(limits.max_connections);
+    serve_shared(listener, router, (limits, per_address), metrics, shutdown).await
+}
+
+/// [`serve`], an address's share of the connection cap `per_address` (once half
+/// of `limits.max_connections` are open, an address holding that many gets no
+/// more; the cap or more: no share).
+pub async fn serve_shared(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    (limits, per_address): (Limits, usize),
+    metrics: Arc<ServerMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let per_address = per_address.max(1);
+    let cap = FairShare::new(limits.max_connections.max(1), per_address);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     let local = listener.local_addr().ok();
     let mut last_refusal_log: Option<Instant> = None;
+    let mut last_share_log: Option<Instant> = None;
     let mut last_accept_error_log: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -633,18 +679,45 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = cap.clone().try_acquire_owned() else {
-            metrics.refused.fetch_add(1, Ordering::Relaxed);
-            if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                tracing::warn!(
-                    listener = ?local,
-                    cap = limits.max_connections,
-                    "connection cap reached: new connections are closed"
-                );
-                last_refusal_log = Some(Instant::now());
+        let permit = match cap.take(peer.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                metrics.refused.fetch_add(1, Ordering::Relaxed);
+                let quiet = |last: &mut Option<Instant>| {
+                    let due = last.is_none_or(|t| t.elapsed() > Duration::from_secs(5));
+                    if due {
+                        *last = Some(Instant::now());
+                    }
+                    !due
+                };
+                match why {
+                    Refused::Full => {
+                        if !quiet(&mut last_refusal_log) {
+                            tracing::warn!(
+                                listener = ?local,
+                                cap = limits.max_connections,
+                                "connection cap reached: new connections are closed"
+                            );
+                        }
+                    }
+                    Refused::AddressShare => {
+                        metrics
+                            .refused_address_share
+                            .fetch_add(1, Ordering::Relaxed);
+                        if !quiet(&mut last_share_log) {
+                            tracing::warn!(
+                                listener = ?local,
+                                peer = %peer.ip(),
+                                cap = limits.max_connections,
+                                per_address,
+                                "an address holds its share of the connections while half the cap or more is taken: its new connections are closed"
+                            );
+                        }
+                    }
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();

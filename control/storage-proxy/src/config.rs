@@ -74,6 +74,13 @@ pub struct StorageSection {
     pub idle_timeout_secs: u64,
     /// Connections open at most on each API (also kept below the descriptor limit).
     pub max_connections: usize,
+    /// Once half of `max_connections` are open on an API, a client address (IPv4,
+    /// or an IPv6 /64) holding this many of its connections gets no more: new ones
+    /// are closed at once, so that one client keeping connections alive cannot take
+    /// every slot. Unset: one in 8 of `max_connections` (512 of 4096), at least 16.
+    /// Behind a reverse proxy, whose one address every client then has, set it to
+    /// `max_connections` (no share).
+    pub max_connections_per_address: Option<usize>,
     /// A manager API request's body (JSON) must arrive whole within this of its head.
     pub body_read_timeout_secs: u64,
     /// A quota check (session creation, every tus PATCH, a clone) uses the scope's
@@ -115,6 +122,7 @@ impl Default for StorageSection {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 75,
             max_connections: 4096,
+            max_connections_per_address: None,
             max_archive_streams: 64,
             max_archive_streams_per_address: None,
             max_delete_paths: 1000,

@@ -593,6 +593,10 @@ pub async fn serve(
         ),
     );
     limits.problem = PROBLEM;
+    // Each API's cap shared by client address (one in 8 unless configured).
+    let per_address = s
+        .max_connections_per_address
+        .unwrap_or_else(|| server::default_share(limits.max_connections));
     // Client heads carry download tokens in the query, and an archive token lists
     // its files: they may be as long as the longest request target served, and a
     // little more (see `client::MAX_HEAD`).
@@ -602,11 +606,25 @@ pub async fn serve(
     };
     let metrics_m = state.metrics.manager_api.clone();
     let m = tokio::spawn(async move {
-        server::serve(manager, manager_app, limits, metrics_m, wait(rx_m)).await
+        server::serve_shared(
+            manager,
+            manager_app,
+            (limits, per_address),
+            metrics_m,
+            wait(rx_m),
+        )
+        .await
     });
     let metrics_c = state.metrics.client_api.clone();
     let c = tokio::spawn(async move {
-        server::serve(client, client_app, limits_c, metrics_c, wait(rx_c)).await
+        server::serve_shared(
+            client,
+            client_app,
+            (limits_c, per_address),
+            metrics_c,
+            wait(rx_c),
+        )
+        .await
     });
     let cleanup = tokio::spawn(cleanup_loop(
         state.clone(),

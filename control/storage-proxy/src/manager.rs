@@ -1695,9 +1695,15 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
     for (name, help, kind, of) in [
         (
             "storage_proxy_api_connections_refused_total",
-            "API connections closed at once at the connection cap.",
+            "API connections closed at once at the connection cap, or at their address's share of it (counted apart too).",
             "counter",
             (|m| &m.refused) as fn(&server::ServerMetrics) -> &std::sync::atomic::AtomicU64,
+        ),
+        (
+            "storage_proxy_api_connections_refused_address_share_total",
+            "API connections closed at once because their address held its share of the cap (max_connections_per_address) while half of it or more was taken.",
+            "counter",
+            |m| &m.refused_address_share,
         ),
         (
             "storage_proxy_api_connections_timed_out_total",

@@ -1,7 +1,8 @@
 //! Every wait of the storage-proxy's two servers is bounded, against a real process:
 //! a silent connection and a half head are closed after `header_read_timeout_secs`,
 //! the connection cap closes the connection past it and the API serves again once
-//! connections leave, a manager body that stalls is answered 408, and a delete
+//! connections leave, one address gets only its share of the cap once half of it
+//! is taken, a manager body that stalls is answered 408, and a delete
 //! naming more paths than `max_delete_paths` is refused whole. (A tus PATCH whose
 //! body stalls: `storage_attack.rs`.)
 
@@ -162,6 +163,137 @@ fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
         assert!(Instant::now() < deadline, "the client API serves again");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A keep-alive connection from `from` to the client API that was served: one
+/// `GET /` answered 200, the connection left open. `None` when the server closed it
+/// with no answer (refused at accept).
+fn served_from(p: &Proxy, from: std::net::Ipv4Addr) -> Option<TcpStream> {
+    let mut s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
+    s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").is_err() {
+        return None;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The status answer is small JSON with a Content-Length: its head and body.
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("from {from}: neither served nor closed ({e})"),
+        }
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if got.len() >= end + 4 + len {
+                break;
+            }
+        }
+    }
+    if got.is_empty() {
+        return None;
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    Some(s)
+}
+
+/// Found in the third attack round: one tokenless client opened every connection the
+/// client API takes (2,188 under the descriptor limit there) and kept each alive
+/// with a `GET /` every 8 s; every legitimate download was refused meanwhile. The
+/// cap is shared by address now: below half of it one address gets what it asks
+/// for (more than its share); from half on, an address holding its share gets no
+/// more (closed at once, counted), while other addresses still connect and are
+/// served, up to their own share, and the cap still holds for everyone.
+#[test]
+fn one_address_cannot_take_every_client_connection() {
+    use std::net::Ipv4Addr;
+    // The default share: one in 8 of the cap, 16 of 128.
+    const CAP: usize = 128;
+    const SHARE: usize = 16;
+    let p = Proxy::start(&format!(
+        "header_read_timeout_secs = 60\nidle_timeout_secs = 600\nmax_connections = {CAP}"
+    ));
+    let a = Ipv4Addr::new(127, 0, 0, 1);
+    // Below half the cap: `a` gets 64, four times its share (an office behind one
+    // NAT).
+    let mut held: Vec<TcpStream> = (0..CAP / 2)
+        .map(|i| served_from(&p, a).unwrap_or_else(|| panic!("a's connection {i}: below half")))
+        .collect();
+    // Half the cap is taken and `a` holds its share: its next is closed at once,
+    // though half the slots are free.
+    assert!(
+        served_from(&p, a).is_none(),
+        "one address holding its share took a slot past half the cap"
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "storage_proxy_api_connections_refused_address_share_total",
+            "client"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(&p, "storage_proxy_api_connections_refused_total", "client"),
+        1
+    );
+    // Other addresses connect and are served, each up to its share, until the cap.
+    for n in 0..(CAP / 2) / SHARE {
+        let other = Ipv4Addr::new(127, 0, 0, 2 + n as u8);
+        for i in 0..SHARE {
+            held.push(served_from(&p, other).unwrap_or_else(|| panic!("{other}'s connection {i}")));
+        }
+        if n == 0 {
+            assert!(served_from(&p, other).is_none(), "{other} past its share");
+        }
+    }
+    assert_eq!(held.len(), CAP);
+    assert!(
+        served_from(&p, Ipv4Addr::new(127, 0, 0, 99)).is_none(),
+        "past the cap"
+    );
+    assert_eq!(
+        metric(&p, "storage_proxy_api_connections", "client"),
+        CAP as u64
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "storage_proxy_api_connections_refused_address_share_total",
+            "client"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(&p, "storage_proxy_api_connections_refused_total", "client"),
+        3
+    );
+    // The held connections are still served (keep-alive).
+    for s in &mut held {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("send");
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).expect("an answer");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+    }
+    drop((held, p));
+    // The share is configured by `max_connections_per_address`.
+    let p = Proxy::start("max_connections = 4\nmax_connections_per_address = 1");
+    let _held: Vec<TcpStream> = (0..2)
+        .map(|i| served_from(&p, a).unwrap_or_else(|| panic!("connection {i}: below half")))
+        .collect();
+    assert!(served_from(&p, a).is_none(), "past the configured share");
+    assert!(served_from(&p, Ipv4Addr::new(127, 0, 0, 2)).is_some());
 }
 
 #[test]
