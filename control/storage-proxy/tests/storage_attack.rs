@@ -1700,6 +1700,136 @@ fn listing_a_directory_of_many_empty_files_costs_a_few_hundred_bytes_an_entry() 
     );
 }
 
+/// The proxy's resident memory now (`VmRSS`), in KiB.
+fn rss_kib(p: &Proxy) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Found in the third attack round: JSON writes a control character as `\u00XX`
+/// (six bytes), and a user with a shell can make symlinks whose names (255 bytes)
+/// and targets (4,095 bytes) are nothing else, or empty files so named (no quota
+/// counts them): about 26 KB of answer an entry, and the answer was built whole in
+/// one buffer (20,000 such symlinks: a 525 MB answer, a 1.04 GB peak). The answer is
+/// streamed now: a reader that stops holds the writer back, the proxy's memory
+/// stays bounded while tens of MB go out, and the answer is the same JSON, byte for
+/// byte, it always was (serde's compact form of the same items, in the same order).
+#[test]
+fn a_listing_of_control_character_names_streams_in_bounded_memory() {
+    use std::os::unix::ffi::OsStrExt as _;
+    const LINKS: usize = 2_000;
+    const FILES: usize = 2_000;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    let d = vf.join("d");
+    std::fs::create_dir(&d).expect("d");
+    let target = std::ffi::OsStr::from_bytes(&[1u8; 4095]);
+    let mut names = Vec::new();
+    for i in 0..LINKS {
+        let mut name = format!("l{i:05}").into_bytes();
+        name.resize(255, 2);
+        std::os::unix::fs::symlink(target, d.join(std::ffi::OsStr::from_bytes(&name)))
+            .expect("symlink");
+        names.push(name);
+    }
+    for i in 0..FILES {
+        let mut name = format!("f{i:05}").into_bytes();
+        name.resize(255, 0x1b);
+        std::fs::File::create(d.join(std::ffi::OsStr::from_bytes(&name))).expect("file");
+        names.push(name);
+    }
+    names.sort();
+    let before = peak_kib(&p);
+    let rss_before = rss_kib(&p);
+    let body = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}).to_string();
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    write!(
+        s,
+        "POST /folder/file/list HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        storage_common::TOKEN,
+        body.len()
+    )
+    .expect("send");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    // The reader takes 256 KiB and stops for a while: the writer is held back.
+    let mut raw = vec![0u8; 256 << 10];
+    s.read_exact(&mut raw).expect("the answer's start");
+    std::thread::sleep(Duration::from_secs(2));
+    let paused = rss_kib(&p).saturating_sub(rss_before);
+    s.read_to_end(&mut raw).expect("the answer");
+    let grew = peak_kib(&p).saturating_sub(before);
+    let r = appproxy_test_support::http::parse(&raw, false);
+    eprintln!(
+        "answer {} bytes; the proxy's memory grew by {paused} KiB while its reader paused, its peak by {grew} KiB",
+        r.body.len()
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.body.len() > 50_000_000, "{} bytes", r.body.len());
+    assert!(
+        paused < 16 << 10,
+        "grew by {paused} KiB while the reader paused"
+    );
+    assert!(
+        grew < 24 << 10,
+        "the peak grew by {grew} KiB for {} bytes",
+        r.body.len()
+    );
+    // The same entries, in order, names and targets whole.
+    let parsed: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    let items = parsed["items"].as_array().expect("items");
+    assert_eq!(items.len(), LINKS + FILES);
+    let target = String::from_utf8(vec![1u8; 4095]).expect("text");
+    for (item, name) in items.iter().zip(&names) {
+        assert_eq!(
+            item["name"].as_str().map(str::as_bytes),
+            Some(name.as_slice())
+        );
+        if name[0] == b'l' {
+            assert_eq!(item["type"], "SYMLINK");
+            assert_eq!(item["symlink_target"].as_str(), Some(target.as_str()));
+        } else {
+            assert_eq!(item["type"], "FILE");
+            assert_eq!(item["symlink_target"], serde_json::Value::Null);
+            assert_eq!(item["stat"]["size"], 0);
+        }
+    }
+    // Byte for byte the compact JSON of those items (every key of an item and of
+    // its `stat` is written in sorted order, as serde_json's map keeps them).
+    assert!(
+        serde_json::to_vec(&parsed).expect("JSON") == r.body,
+        "the answer is serde_json's compact form"
+    );
+    // And a small directory answers whole, with its length, as it always did.
+    std::fs::create_dir(vf.join("small")).expect("small");
+    std::fs::write(vf.join("small/a.txt"), b"abc").expect("a");
+    std::os::unix::fs::symlink("a.txt", vf.join("small/b")).expect("b");
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "small"}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length").map(str::to_owned),
+        Some(r.body.len().to_string())
+    );
+    let parsed: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert!(serde_json::to_vec(&parsed).expect("JSON") == r.body);
+    assert_eq!(parsed["items"][1]["symlink_target"], "a.txt");
+}
+
 /// A vfolder user can set the set-user-ID, set-group-ID and sticky bits on their
 /// own files. The archive wrote each file's mode whole in its central directory
 /// entry, and extractors that restore modes (libarchive's bsdtar run as root does
