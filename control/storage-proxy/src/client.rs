@@ -762,6 +762,45 @@ fn destination_dir(s: &Session) -> Result<(OwnedFd, &std::ffi::OsStr), ApiError>
     Ok((parent, name.as_os_str()))
 }
 
+/// Whether a completion failed for a reason no retry of it can change: the
+/// destination (or a directory on its way) is a directory, not a directory, out of
+/// the vfolder, in the staging area, a name too long, on another filesystem.
+/// (A full disk, an I/O error, a descriptor limit may pass: those keep the upload.)
+fn final_failure(e: &ApiError) -> bool {
+    use rustix::io::Errno;
+    match e {
+        ApiError::Path(_) | ApiError::Params(_) => true,
+        ApiError::Io(e) => [
+            Errno::ISDIR,
+            Errno::NOTDIR,
+            Errno::NAMETOOLONG,
+            Errno::LOOP,
+            Errno::XDEV,
+        ]
+        .iter()
+        .any(|n| e.raw_os_error() == Some(n.raw_os_error())),
+        _ => false,
+    }
+}
+
+/// A complete upload that can never be put in place: its staged file is removed and
+/// its reservation released at once (before, both stayed until the token expired,
+/// an hour, and the scope's other uploads were refused for want of room). The
+/// session is gone (a later PATCH gets 404); the error says so.
+fn discard(state: &State, s: &Session, e: ApiError) -> ApiError {
+    let _ = rustix::fs::unlinkat(&s.staging, s.id.as_str(), AtFlags::empty());
+    state.reservations.release(&s.id);
+    // Bytes no reservation held were counted as committed: measured again.
+    state.reservations.removed(&s.scope_key);
+    state.folders.changed(&s.folder_key);
+    tracing::info!(session = %s.id, error = %e, "upload cannot be completed: discarded, its reservation released");
+    let why = format!("{e}; the upload was discarded and its reservation released");
+    match e {
+        ApiError::Io(io) => ApiError::Io(std::io::Error::new(io.kind(), why)),
+        _ => ApiError::Params(why),
+    }
+}
+
 /// Moves a complete staging file into `name` of `parent` ([`destination_dir`]; the
 /// caller synced the file and the staging directory, and syncs `parent` after it:
 /// the syncs stay outside the scope's lock, under which this runs) with one
@@ -977,10 +1016,17 @@ async fn patch(
         let st = state.clone();
         let id = blocking(move || {
             fsx::sync(s.staging.as_fd())?;
-            let (parent, name) = destination_dir(&s)?;
-            let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
-                complete(&s, parent.as_fd(), name)
-            })?;
+            let placed = destination_dir(&s).and_then(|(parent, name)| {
+                let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
+                    complete(&s, parent.as_fd(), name)
+                })?;
+                Ok((parent, replaced))
+            });
+            let (parent, replaced) = match placed {
+                Ok(placed) => placed,
+                Err(e) if final_failure(&e) => return Err(discard(&st, &s, e)),
+                Err(e) => return Err(e),
+            };
             // The older file it replaced is gone: the scope is measured again.
             if replaced {
                 st.reservations.removed(&s.scope_key);

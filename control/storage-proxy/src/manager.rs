@@ -1284,15 +1284,40 @@ pub fn mkdirs_outside_staging(
 
 /// Refuses, when an upload session is created, a destination that reaches the
 /// staging area: its deepest directory that exists already must lie outside it and
-/// must not get `.upload` made at the vfolder's root. What is missing is checked
-/// again, level by level, when the upload completes.
+/// must not get `.upload` made at the vfolder's root. A destination that is a
+/// directory, or lies under something that is not one (a regular file, a symlink
+/// to one), is refused too: no completion could put the file there, and before, such
+/// a session reserved its size, took the whole body and failed at completion on
+/// every try. What is missing, or changes meanwhile, is checked again, level by
+/// level, when the upload completes.
 fn destination_outside_staging(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<(), ApiError> {
     for k in (0..parts.len()).rev() {
         match fsx::open_dir(root, &parts[..k]) {
-            Ok(dir) => return guard(root, dir.as_fd(), &parts[k]),
+            Ok(dir) => {
+                guard(root, dir.as_fd(), &parts[k])?;
+                // The destination's own name (never followed: a symlink there is
+                // replaced, as any file is).
+                if k + 1 == parts.len() {
+                    if let Ok(st) =
+                        rustix::fs::statat(&dir, parts[k].as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    {
+                        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                            return Err(ApiError::Params(
+                                "the upload's destination is an existing directory".into(),
+                            ));
+                        }
+                    }
+                }
+                return Ok(());
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            // Not a directory, or out of the vfolder: the completion refuses it.
             Err(e) if fsx::is_escape(&e) => return Err(e.into()),
+            Err(e) if fsx::is_not_dir(&e) => {
+                return Err(ApiError::Params(
+                    "the upload's destination lies under something that is not a directory".into(),
+                ))
+            }
+            // Anything else: the completion refuses it.
             Err(_) => return Ok(()),
         }
     }

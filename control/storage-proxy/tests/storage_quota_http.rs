@@ -1759,3 +1759,96 @@ fn an_if_range_date_never_resumes_a_file_rewritten_within_its_second() {
     assert_eq!(r.status, 206);
     assert_eq!(r.body, [b'B'; 50]);
 }
+
+/// Found in the third attack round: an upload whose destination is an existing
+/// directory, or lies under a regular file, was accepted (200, its size reserved),
+/// took the whole body and failed at completion (400 "Is a directory" / "Not a
+/// directory") on every retry, its reservation holding the scope's room until the
+/// token expired (an hour): other uploads of the scope got 413. Such a destination
+/// is refused when the session is made now, before anything is reserved or staged.
+#[test]
+fn an_upload_onto_a_directory_or_under_a_file_is_refused_before_anything_is_reserved() {
+    let p = Proxy::start("");
+    create_with_limit(&p, 1000);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("data/inner")).expect("data");
+    std::fs::write(vf.join("notes"), b"x").expect("notes");
+    std::os::unix::fs::symlink("notes", vf.join("to-notes")).expect("link");
+    for dest in [
+        "data",
+        "data/inner",
+        "notes/sub.bin",
+        "to-notes/sub.bin",
+        "notes/a/b/c.bin",
+    ] {
+        let r = p.manager(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": dest, "size": 600}),
+            None,
+        );
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{dest}: {text}");
+        assert!(text.contains("directory"), "{dest}: {text}");
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 0, "{dest}");
+    }
+    let staged = std::fs::read_dir(vf.join(".upload"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "nothing staged");
+    // A file in a directory, a new directory, a symlink replaced: taken as before.
+    assert_eq!(p.upload("data/new.bin", b"12345").status, 204);
+    assert_eq!(p.upload("fresh/dir/new.bin", b"12345").status, 204);
+    std::os::unix::fs::symlink("data", vf.join("to-data")).expect("link");
+    assert_eq!(p.upload("to-data", b"12345").status, 204);
+    assert_eq!(std::fs::read(vf.join("to-data")).expect("file"), b"12345");
+    assert!(vf.join("data/inner").is_dir());
+}
+
+/// A destination that becomes a directory after its session was made (or whose
+/// parent becomes a file) cannot be seen when the session is made: its completion
+/// fails, as it would on every retry. The staged upload is removed and its
+/// reservation released at once, so the scope's room comes back (before, it was
+/// held until the token expired, and another upload of the scope got 413); a
+/// later PATCH of the session gets 404.
+#[test]
+fn an_upload_that_can_never_complete_releases_its_reservation_at_once() {
+    // Every check measures: the test removes files behind the proxy's back.
+    let p = Proxy::start("quota_usage_max_age_secs = 0");
+    create_with_limit(&p, 1000);
+    let vf = p.vfolder_path();
+    for (dest, block) in [("later", "later"), ("sub/x.bin", "sub")] {
+        let token = p.token(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": dest, "size": 600}),
+        );
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 600, "{dest}");
+        // The user makes the destination a directory, or its parent a file.
+        if dest == block {
+            std::fs::create_dir(vf.join(block)).expect("dir");
+        } else {
+            std::fs::write(vf.join(block), b"x").expect("file");
+        }
+        let r = p.tus_patch(&token, "0", &[b'A'; 600]);
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{dest}: {text}");
+        assert_eq!(
+            quota_scope(&p)["reserved_bytes"],
+            0,
+            "{dest}: released at once"
+        );
+        assert!(text.contains("discarded"), "{dest}: {text}");
+        let staged = std::fs::read_dir(vf.join(".upload"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(staged, 0, "{dest}: the staged upload is removed");
+        assert_eq!(p.tus_patch(&token, "600", b"").status, 404, "{dest}: gone");
+        // The scope's room is back: another 600-byte upload is taken.
+        assert_eq!(p.upload("other.bin", &[b'B'; 600]).status, 204, "{dest}");
+        std::fs::remove_file(vf.join("other.bin")).expect("other");
+        if dest == block {
+            std::fs::remove_dir(vf.join(block)).expect("dir");
+        } else {
+            std::fs::remove_file(vf.join(block)).expect("file");
+        }
+    }
+}
