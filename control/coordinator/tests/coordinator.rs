@@ -4223,9 +4223,10 @@ fn concurrent_creations_of_one_endpoint_get_its_one_circuit(db: Db) {
 }
 
 /// A TCP relay to PostgreSQL that, once armed, lets through the client's packet
-/// holding `INSERT INTO circuits` (the statement's Parse) and holds the next one
-/// (its Bind/Execute) for `hold` before delivering it: one creation's insert stalls
-/// in transit, before the server starts it, while everything else flows. (The
+/// holding `marker` (`INSERT INTO circuits`: the statement's Parse) and holds the
+/// next one (its Bind/Execute) for `hold` before delivering it — or, with
+/// `hold_marked`, holds the marked packet itself (a `COMMIT`): one call's statement
+/// stalls in transit, before the server starts it, while everything else flows. (The
 /// coordinator closes the connection of a call past its deadline, so the server's
 /// answer to the held packet may find no one to read it: what counts is that it was
 /// delivered.)
@@ -4237,7 +4238,7 @@ struct StallingRelay {
 }
 
 impl StallingRelay {
-    fn start(to: SocketAddr, hold: Duration) -> Self {
+    fn start(to: SocketAddr, hold: Duration, marker: &'static [u8], hold_marked: bool) -> Self {
         use std::io::{Read as _, Write as _};
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
@@ -4264,14 +4265,18 @@ impl StallingRelay {
                         if n == 0 {
                             break;
                         }
-                        let held = std::mem::take(&mut saw_insert);
-                        if held {
-                            std::thread::sleep(hold);
-                        }
-                        if buf[..n].windows(20).any(|w| w == b"INSERT INTO circuits")
+                        let mut held = std::mem::take(&mut saw_insert);
+                        if buf[..n].windows(marker.len()).any(|w| w == marker)
                             && armed.swap(false, Ordering::SeqCst)
                         {
-                            saw_insert = true;
+                            if hold_marked {
+                                held = true;
+                            } else {
+                                saw_insert = true;
+                            }
+                        }
+                        if held {
+                            std::thread::sleep(hold);
                         }
                         if s_out.write_all(&buf[..n]).is_err() {
                             break;
@@ -4380,6 +4385,8 @@ fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
     let relay = StallingRelay::start(
         SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(12),
+        b"INSERT INTO circuits",
+        false,
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(
@@ -4434,6 +4441,114 @@ fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["reuse"], false);
     assert_eq!(db.query(dir.path(), "SELECT count(*) FROM circuits"), "1");
+}
+
+/// A removal's answer matches what the database did, even when the statement that
+/// makes it is held in transit past the caller's answer (503): held either as the
+/// removal's own statement or as a `COMMIT` after it, the circuit is still there once
+/// the held packet has reached the server, and a later removal takes it. Before, the
+/// removal was a transaction of several statements, and a `COMMIT` held past the
+/// answer committed it anyway: answered 503, yet gone, with no removal event sent, so
+/// the worker went on serving it (and refusing its port to new circuits) until its
+/// next poll. A removal not held is answered 200 and made.
+#[test]
+fn a_removal_answered_503_is_never_made_after_its_answer() {
+    use std::sync::atomic::Ordering;
+    for (marker, hold_marked) in [
+        (&b"DELETE FROM circuits"[..], false),
+        (&b"COMMIT"[..], true),
+    ] {
+        let pg = appproxy_test_support::pg::Pg::start();
+        let port: u16 = pg
+            .url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let db = Db::Postgres(pg);
+        let relay = StallingRelay::start(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(8),
+            marker,
+            hold_marked,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"postgres://postgres@{}/appproxy\"\n[logging]\nfilter = \"info\"\n",
+            relay.addr
+        );
+        let c = common::start(dir.path(), &config);
+        let token = setup(&c);
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let circuit = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+        let count = || {
+            db.query(
+                dir.path(),
+                &format!("SELECT count(*) FROM circuits WHERE id = '{circuit}'"),
+            )
+        };
+        relay.armed.store(true, Ordering::SeqCst);
+        let r = request(
+            c.addr,
+            "DELETE",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        let marked = String::from_utf8_lossy(marker);
+        if relay.armed.swap(false, Ordering::SeqCst) {
+            // Nothing was held (no such packet): answered and made.
+            assert_eq!(
+                r.status,
+                200,
+                "{marked}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(count(), "0", "{marked}: answered 200, still stored");
+            continue;
+        }
+        assert_eq!(
+            r.status,
+            503,
+            "{marked}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !relay.delivered.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "{marked}: never delivered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for _ in 0..20 {
+            assert_eq!(
+                count(),
+                "1",
+                "{marked}: a removal answered 503 was made after its answer"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = request(
+            c.addr,
+            "DELETE",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{marked}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(count(), "0");
+    }
 }
 
 /// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server and its backends.

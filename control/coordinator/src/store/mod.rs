@@ -895,6 +895,10 @@ impl Store {
     /// Deletes a circuit, logging the removal with the ID of the request that made
     /// it (or none) and that request's trace context (or none): a worker that finds
     /// the removal by a fetch deploys it under them. False when there was none.
+    ///
+    /// Nothing is removed after the call's deadline ([`CALL_DEADLINE`], when its
+    /// caller is answered 503), as nothing is inserted then
+    /// ([`Store::insert_circuit`]).
     pub async fn delete_circuit(
         &self,
         id: uuid::Uuid,
@@ -902,8 +906,10 @@ impl Store {
         trace: Option<&appproxy_shared::TraceContext>,
     ) -> Result<bool, StoreError> {
         let by: Behind = (request_id.map(str::to_owned), trace_columns(trace));
+        // Taken before the call's own deadline starts: never after the answer.
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(self, |s| s.delete_circuit(&id, &by), |p| p
-            .delete_circuit(&id, &by))
+            .delete_circuit(&id, &by, deadline))
     }
 
     /// Creates or updates a model-serving endpoint's row.

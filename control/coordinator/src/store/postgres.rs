@@ -1347,30 +1347,44 @@ impl PgStore {
         &self,
         id: &uuid::Uuid,
         (request_id, (traceparent, tracestate)): &Behind,
+        deadline: SystemTime,
     ) -> Result<bool, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let worker: Option<uuid::Uuid> = tx
-            .query_opt("DELETE FROM circuits WHERE id = $1 RETURNING worker", &[id])
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
-        if let Some(worker) = worker {
-            tx.execute(
-                "UPDATE workers SET occupied_slots = GREATEST(occupied_slots - 1, 0),
-                    available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots + 1 END
-                 WHERE id = $1",
-                &[&worker],
+        // One statement, as an insert: the row, the worker's slot count and the
+        // change-log entry go together or not at all, and nothing is removed once
+        // the caller's deadline (`$5`) has passed on the server's clock. In a
+        // transaction of several statements, a `COMMIT` held in transit (a paused
+        // server, a stalled path) committed the removal after its caller had been
+        // answered 503: the coordinator sent no removal event, and the worker kept
+        // serving the circuit and holding its port until its next poll.
+        let client = self.client().await?;
+        let deadline = self.on_server_clock(&client, deadline).await;
+        let row = client
+            .query_one(
+                "WITH gone AS (
+                    DELETE FROM circuits WHERE id = $1 AND clock_timestamp() < $5
+                    RETURNING worker)
+                 , bumped AS (
+                    UPDATE workers SET occupied_slots = GREATEST(occupied_slots - 1, 0),
+                        available_slots = CASE WHEN available_slots < 0 THEN -1 ELSE available_slots + 1 END,
+                        revision = revision + 1
+                    FROM gone WHERE workers.id = gone.worker
+                    RETURNING workers.id, workers.revision)
+                 , logged AS (
+                    INSERT INTO circuit_changes (worker, revision, circuit, removal, request_id,
+                        traceparent, tracestate)
+                    SELECT id, revision, $1, true, $2, $3, $4 FROM bumped)
+                 SELECT (SELECT count(*) FROM gone), clock_timestamp() < $5",
+                &[id, request_id, traceparent, tracestate, &deadline],
             )
             .await?;
-            tx.execute(
-                LOG_CHANGE,
-                &[&worker, id, &true, request_id, traceparent, tracestate],
-            )
-            .await?;
+        let removed: i64 = row.try_get(0)?;
+        let in_time: bool = row.try_get(1)?;
+        if removed == 0 && !in_time {
+            return Err(StoreError::Unavailable(
+                "the removal reached the database after its deadline; nothing removed".into(),
+            ));
         }
-        tx.commit().await?;
-        Ok(worker.is_some())
+        Ok(removed > 0)
     }
 
     pub(super) async fn endpoint_circuits(&self) -> Result<Vec<CircuitRow>, StoreError> {
