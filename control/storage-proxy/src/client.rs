@@ -864,6 +864,17 @@ impl Unheld<'_> {
     }
 }
 
+/// An `Upload-Offset` value: a non-negative integer (tus 1.0), digits only — no
+/// sign, which Rust's integer parsing would take — around optional whitespace
+/// (HTTP's own, which a field value never keeps).
+fn tus_offset(v: &str) -> Option<u64> {
+    let v = v.trim_matches([' ', '\t']);
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 /// A tus PATCH; `received` gets the bytes written to the staging file by this call.
 async fn patch(
     state: &Arc<State>,
@@ -879,7 +890,7 @@ async fn patch(
     let offset: u64 = headers
         .get("upload-offset")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(tus_offset)
         .ok_or_else(|| ApiError::Params("Upload-Offset is required".into()))?;
     let _lease = {
         let mut set = state

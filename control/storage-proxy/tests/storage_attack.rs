@@ -724,6 +724,10 @@ fn hostile_headers_get_clean_answers() {
     );
     let patch = |offset: &str, body: &[u8]| p.tus_patch(&token, offset, body);
     assert_eq!(patch("-1", b"abcd").status, 400);
+    // tus: a non-negative integer, digits only (Rust's parse took a sign).
+    assert_eq!(patch("+0", b"abcd").status, 400);
+    assert_eq!(patch("0x0", b"abcd").status, 400);
+    assert_eq!(patch("", b"abcd").status, 400);
     assert_eq!(patch("18446744073709551615", b"abcd").status, 409);
     assert_eq!(patch("18446744073709551616", b"abcd").status, 400);
     assert_eq!(patch("4", b"abcd").status, 409);
