@@ -182,9 +182,15 @@ pub(super) async fn metrics(
     for (name, help, kind, v) in [
         (
             "appproxy_coordinator_api_connections_refused_total",
-            "API connections closed at once at the connection cap.",
+            "API connections closed at once: at the connection cap, or past the address's share of it.",
             "counter",
             &state.server.refused,
+        ),
+        (
+            "appproxy_coordinator_api_connections_refused_address_share_total",
+            "API connections closed at once because their address held its share of the cap while half of it or more was open (also in appproxy_coordinator_api_connections_refused_total).",
+            "counter",
+            &state.server.refused_address_share,
         ),
         (
             "appproxy_coordinator_api_connections_timed_out_total",

@@ -1934,6 +1934,58 @@ fn api_connections_are_bounded_in_time_and_number() {
     assert!(refused >= 1, "{metrics}");
 }
 
+/// The coordinator's connection cap is shared by client address: once half of it is
+/// open, an address holding its share (16 here) gets no more, and another address
+/// is still served; the refusal is counted apart in `/metrics`.
+#[test]
+fn one_address_cannot_take_every_api_connection() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "max_connections = 64\nmetric_access_allowed_hosts = [\"127.0.0.0/8\"]",
+    );
+    // Half the cap from one address: more than its share, taken while the cap was
+    // mostly free.
+    let mut held: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(c.addr).expect("connect"))
+        .collect();
+    for s in &mut held {
+        // A byte each, so all are accepted and counted before the next.
+        s.write_all(b"G").expect("send");
+    }
+    let mut over = TcpStream::connect(c.addr).expect("connect");
+    assert!(
+        closed_by_server(&mut over, HANG_GUARD),
+        "an address past its share once half the cap is open: closed"
+    );
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut s = appproxy_test_support::net::connect_from(other, c.addr).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut raw).expect("an answer");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 200, "another address is served");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    assert_eq!(
+        value("appproxy_coordinator_api_connections_refused_address_share_total"),
+        1
+    );
+    assert_eq!(
+        value("appproxy_coordinator_api_connections_refused_total"),
+        1
+    );
+}
+
 /// A request body must arrive whole within `body_read_timeout_secs` of its head. The
 /// idle timer does not run while a request is in flight, so before this a body that
 /// never came held its connection for ever, without credentials (`POST
