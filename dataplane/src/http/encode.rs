@@ -97,14 +97,15 @@ pub const METHOD_OVERRIDE: [&str; 3] = [
 /// The longest name [`is_underscored_managed_name`] has to recognise, with room.
 const MANAGED_NAME_MAX: usize = 48;
 
-/// Whether a request field is named with `_` where a name the worker strips,
-/// replaces or decides on has `-` (`X_Forwarded_For`, `X_Real_IP`,
-/// `X_HTTP_Method_Override`, `Content_Length`). CGI-style servers (WSGI, Rack, PHP)
-/// read both spellings as one variable (`HTTP_X_FORWARDED_FOR`), so such a field
-/// would reach the app as the worker's own, or joined to it. It is dropped, as nginx
-/// drops every name with `_` by default; other names with `_` go on.
+/// Whether a request field is named with `_` (or `.`) where a name the worker
+/// strips, replaces or decides on has `-` (`X_Forwarded_For`, `X_Real_IP`,
+/// `X_HTTP_Method_Override`, `Content_Length`, `X.Real.IP`). CGI-style servers
+/// (WSGI, Rack, PHP; Apache's PHP folds `.` too) read these spellings as one variable
+/// (`HTTP_X_FORWARDED_FOR`), so such a field would reach the app as the worker's
+/// own, or joined to it. It is dropped, as nginx drops every name with `_` by
+/// default; other names with `_` or `.` go on.
 pub fn is_underscored_managed_name(name: &[u8]) -> bool {
-    if !name.contains(&b'_') {
+    if !name.iter().any(|b| matches!(b, b'_' | b'.')) {
         return false;
     }
     let mut dashed = [0u8; MANAGED_NAME_MAX];
@@ -112,7 +113,7 @@ pub fn is_underscored_managed_name(name: &[u8]) -> bool {
         return false;
     };
     for (d, b) in dashed.iter_mut().zip(name) {
-        *d = if *b == b'_' { b'-' } else { *b };
+        *d = if matches!(b, b'_' | b'.') { b'-' } else { *b };
     }
     let d = &*dashed;
     is_hop_by_hop(d, b"", &[])
