@@ -628,6 +628,9 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
     }
     if routes != circuit.route_info {
         let trace = appproxy_shared::middleware::current_trace_context();
+        // Read before the write: once it is made, no store call may fail the call
+        // (a 503 for routes that were stored, and no event sent).
+        let authority = state.authority_of(circuit.worker).await?;
         state
             .store
             .update_routes(circuit.id, &routes, trace.as_ref())
@@ -635,7 +638,6 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
         let mut updated = circuit.clone();
         updated.session_ids = routes.iter().map(|r| r.session_id).collect();
         updated.route_info = routes;
-        let authority = state.authority_of(circuit.worker).await?;
         tracing::info!(circuit = %circuit.id, routes = updated.route_info.len(), "routes updated");
         let delivered = state
             .publish(CircuitEvent {

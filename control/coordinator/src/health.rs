@@ -857,6 +857,8 @@ async fn apply(
         }
         let trace =
             appproxy_shared::middleware::current_trace_context();
+        // Read before the write: once it is made, no store call may fail it.
+        let authority = state.authority_of(circuit.worker).await?;
         state
             .store
             .update_routes(circuit.id, &routes, trace.as_ref())
@@ -864,7 +866,6 @@ async fn apply(
         COUNTS[2].fetch_add(changes.len() as u64, Ordering::Relaxed);
         let mut updated = circuit.clone();
         updated.route_info = routes;
-        let authority = state.authority_of(circuit.worker).await?;
         tracing::info!(endpoint = %endpoint, circuit = %circuit_id, routes = changes.len(), "route health stored and deployed");
         state
             .publish(CircuitEvent {

@@ -316,6 +316,14 @@ impl State {
     /// deletes, idle collection, a withdrawn creation) comes through here.
     async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
         let found = self.store.circuit(id).await?;
+        // Read before the removal: once it is made, no store call may fail the call.
+        // A lookup failing after it (a store at its deadline) answered 503 for a
+        // removal that was made, and no event went out: the worker served the
+        // circuit, and held its port, until its next poll.
+        let authority = match &found {
+            Some((circuit, _)) => self.authority_of(circuit.worker).await?,
+            None => String::new(),
+        };
         let request_id = appproxy_shared::current_request_id();
         let trace = appproxy_shared::middleware::current_trace_context();
         if !self
@@ -334,7 +342,6 @@ impl State {
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(circuit = %id, "circuit deleted");
         if let Some((circuit, _)) = found {
-            let authority = self.authority_of(circuit.worker).await?;
             self.publish(CircuitEvent {
                 kind: EventKind::Removed,
                 authority,

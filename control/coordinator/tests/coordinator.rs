@@ -4498,17 +4498,36 @@ fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
 /// A removal's answer matches what the database did, even when the statement that
 /// makes it is held in transit past the caller's answer (503): held either as the
 /// removal's own statement or as a `COMMIT` after it, the circuit is still there once
-/// the held packet has reached the server, and a later removal takes it. Before, the
-/// removal was a transaction of several statements, and a `COMMIT` held past the
-/// answer committed it anyway: answered 503, yet gone, with no removal event sent, so
-/// the worker went on serving it (and refusing its port to new circuits) until its
-/// next poll. A removal not held is answered 200 and made.
+/// the held packet has reached the server, and a later removal takes it. The same
+/// when the statement, started late, waits for the worker's row (another session
+/// holds it) until after the answer. Before, the removal was a transaction of
+/// several statements, and a `COMMIT` held past the answer committed it anyway:
+/// answered 503, yet gone, with no removal event sent, so the worker went on serving
+/// it (and refusing its port to new circuits) until its next poll; and as one
+/// statement checking the deadline only before its wait for the row, it committed
+/// once the row was let go. A removal not held is answered 200 and made.
 #[test]
 fn a_removal_answered_503_is_never_made_after_its_answer() {
     use std::sync::atomic::Ordering;
-    for (marker, hold_marked) in [
-        (&b"DELETE FROM circuits"[..], false),
-        (&b"COMMIT"[..], true),
+    // What is held in the relay (marker, the marked packet itself or the next, for
+    // how many seconds; a marker no packet holds: nothing), and what another session
+    // holds until after the answer: the worker's row (the statement waits for it),
+    // or the table the worker's address is read from (the event's lookup waits).
+    for (marker, hold_marked, hold, lock) in [
+        (&b"DELETE FROM circuits"[..], false, 8, None),
+        (&b"COMMIT"[..], true, 8, None),
+        (
+            &b"DELETE FROM circuits"[..],
+            true,
+            2,
+            Some("BEGIN; SELECT 1 FROM workers FOR UPDATE"),
+        ),
+        (
+            &b"no such packet"[..],
+            true,
+            0,
+            Some("BEGIN; LOCK TABLE worker_app_filters"),
+        ),
     ] {
         let pg = appproxy_test_support::pg::Pg::start();
         let port: u16 = pg
@@ -4521,7 +4540,7 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
         let db = Db::Postgres(pg);
         let relay = StallingRelay::start(
             SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(8),
+            Duration::from_secs(hold),
             marker,
             hold_marked,
         );
@@ -4547,6 +4566,18 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
                 &format!("SELECT count(*) FROM circuits WHERE id = '{circuit}'"),
             )
         };
+        // Let go after the answer (5 s), before the statement's own timeout (4 s)
+        // from its late start.
+        let release = lock.map(|sql| {
+            let Db::Postgres(pg) = &db else {
+                unreachable!()
+            };
+            let held = pg.hold("appproxy", sql);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5_500));
+                held.commit();
+            })
+        });
         relay.armed.store(true, Ordering::SeqCst);
         let r = request(
             c.addr,
@@ -4555,18 +4586,11 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
             &[AUTH],
             "",
         );
-        let marked = String::from_utf8_lossy(marker);
-        if relay.armed.swap(false, Ordering::SeqCst) {
-            // Nothing was held (no such packet): answered and made.
-            assert_eq!(
-                r.status,
-                200,
-                "{marked}: {}",
-                String::from_utf8_lossy(&r.body)
-            );
-            assert_eq!(count(), "0", "{marked}: answered 200, still stored");
-            continue;
+        if let Some(release) = release {
+            release.join().expect("the lock let go");
         }
+        let marked = format!("{} {lock:?}", String::from_utf8_lossy(marker));
+        let held = !relay.armed.swap(false, Ordering::SeqCst);
         assert_eq!(
             r.status,
             503,
@@ -4574,7 +4598,7 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
             String::from_utf8_lossy(&r.body)
         );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !relay.delivered.load(Ordering::SeqCst) {
+        while held && !relay.delivered.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "{marked}: never delivered");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -652,8 +652,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "11",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition"
+        "12",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -839,7 +839,9 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
          ALTER TABLE tokens DROP COLUMN created_at;
          DROP FUNCTION appproxy_circuit_may_insert(uuid, integer, timestamptz);
          ALTER TABLE worker_nodes DROP COLUMN left_at;
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11);",
+         DROP TRIGGER circuits_commit_before_deadline ON circuits;
+         DROP FUNCTION appproxy_commit_before_deadline();
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12);",
     );
     let store = open().await.expect("open and migrate");
     tokens_count_from_the_migration(&store, token).await;

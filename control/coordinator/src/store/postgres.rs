@@ -195,6 +195,44 @@ $$;
     "
 ALTER TABLE worker_nodes ADD COLUMN left_at timestamptz NULL;
 ",
+    // A circuit's insert or removal takes effect only if its transaction commits
+    // before its caller's deadline (`appproxy.deadline`, set for the transaction
+    // with `set_config(..., true)`; unset: no deadline). Checked at commit, after
+    // every lock wait: a check made in the statement alone passed before a wait for
+    // the worker's row (another coordinator's heartbeat holding it), and the
+    // removal committed after its caller was answered 503; a `COMMIT` held in
+    // transit is refused too (SQLSTATE AP504, the transaction rolled back).
+    "
+CREATE FUNCTION appproxy_commit_before_deadline() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    d text := current_setting('appproxy.deadline', true);
+BEGIN
+    IF d IS NOT NULL AND d <> '' AND clock_timestamp() >= d::timestamptz THEN
+        RAISE EXCEPTION 'the caller''s deadline (%) passed before the commit', d
+            USING ERRCODE = 'AP504';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE CONSTRAINT TRIGGER circuits_commit_before_deadline
+    AFTER INSERT OR DELETE ON circuits DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION appproxy_commit_before_deadline();
+CREATE OR REPLACE FUNCTION appproxy_circuit_may_insert(p_session uuid, p_limit integer, p_deadline timestamptz)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM set_config('appproxy.deadline', p_deadline::text, true);
+    IF p_session IS NOT NULL AND p_limit > 0 THEN
+        PERFORM pg_advisory_xact_lock(1634758770, hashtext(p_session::text));
+        IF (SELECT count(*) FROM circuits
+            WHERE session_ids @> ARRAY[p_session] AND endpoint_id IS NULL) >= p_limit THEN
+            RAISE EXCEPTION 'session % holds % circuits, its limit', p_session, p_limit
+                USING ERRCODE = 'AP429';
+        END IF;
+    END IF;
+    RETURN clock_timestamp() < p_deadline;
+END
+$$;
+",
 ];
 
 /// The advisory lock route writes take turns under across coordinators ("routes"
@@ -203,6 +241,15 @@ pub(super) const ROUTE_WRITES_KEY: i64 = 0x726f_7574_6573;
 
 /// The SQLSTATE `appproxy_circuit_may_insert` refuses a session's circuit with.
 const SESSION_LIMIT: &str = "AP429";
+
+/// The SQLSTATE of a circuit write whose transaction reached its commit after its
+/// caller's deadline (`appproxy_commit_before_deadline`): rolled back.
+const PAST_DEADLINE: &str = "AP504";
+
+/// Whether `e` is a commit refused for its caller's deadline ([`PAST_DEADLINE`]).
+fn past_deadline(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some(PAST_DEADLINE)
+}
 
 /// [`CIRCUIT_COLUMNS`] of the table aliased `c` (the change log's join), built once.
 static CIRCUIT_COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -1135,6 +1182,10 @@ impl PgStore {
             .map_err(|e| {
                 if e.code().map(|c| c.code()) == Some(SESSION_LIMIT) {
                     StoreError::SessionLimit(limit.map(|(_, n)| n).unwrap_or_default())
+                } else if past_deadline(&e) {
+                    StoreError::Unavailable(
+                        "the insert reached its commit after its deadline; nothing stored".into(),
+                    )
                 } else {
                     conflict_or(e)
                 }
@@ -1351,14 +1402,22 @@ impl PgStore {
     ) -> Result<bool, StoreError> {
         // One statement, as an insert: the row, the worker's slot count and the
         // change-log entry go together or not at all, and nothing is removed once
-        // the caller's deadline (`$5`) has passed on the server's clock. In a
-        // transaction of several statements, a `COMMIT` held in transit (a paused
-        // server, a stalled path) committed the removal after its caller had been
-        // answered 503: the coordinator sent no removal event, and the worker kept
-        // serving the circuit and holding its port until its next poll.
-        let client = self.client().await?;
+        // the caller's deadline (`$5`) has passed on the server's clock, whether
+        // at the statement or at its commit (`appproxy.deadline`, checked by
+        // `appproxy_commit_before_deadline` after every lock wait). As a
+        // transaction of several statements with no deadline, a `COMMIT` held in
+        // transit (a paused server, a stalled path) committed the removal after its
+        // caller had been answered 503: no removal event went out, and the worker
+        // went on serving the circuit and holding its port until its next poll.
+        let mut client = self.client().await?;
         let deadline = self.on_server_clock(&client, deadline).await;
-        let row = client
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT set_config('appproxy.deadline', $1::timestamptz::text, true)",
+            &[&deadline],
+        )
+        .await?;
+        let row = tx
             .query_one(
                 "WITH gone AS (
                     DELETE FROM circuits WHERE id = $1 AND clock_timestamp() < $5
@@ -1377,12 +1436,19 @@ impl PgStore {
                 &[id, request_id, traceparent, tracestate, &deadline],
             )
             .await?;
+        let late = || {
+            StoreError::Unavailable(
+                "the removal reached the database after its deadline; nothing removed".into(),
+            )
+        };
+        match tx.commit().await {
+            Err(e) if past_deadline(&e) => return Err(late()),
+            other => other?,
+        }
         let removed: i64 = row.try_get(0)?;
         let in_time: bool = row.try_get(1)?;
         if removed == 0 && !in_time {
-            return Err(StoreError::Unavailable(
-                "the removal reached the database after its deadline; nothing removed".into(),
-            ));
+            return Err(late());
         }
         Ok(removed > 0)
     }
