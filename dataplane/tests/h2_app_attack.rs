@@ -37,21 +37,25 @@ const INJECTED: &[u8] =
 /// `:status` byte `status` (0x89: 204, 0x8b: 304), then DATA [`INJECTED`] with
 /// END_STREAM: a body a bodiless answer must not have.
 fn bodiless_app(status: u8) -> SocketAddr {
+    raw_app(move |&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            out.extend(frame(HEADERS, END_HEADERS, id, &[status]));
+            out.extend(frame(DATA, END_STREAM, id, INJECTED));
+        }
+        out
+    })
+}
+
+/// An HTTP/2 app on raw frames answering each frame it reads with `answer`'s
+/// frames, one thread per connection.
+fn raw_app(answer: impl Fn(&Frame) -> Vec<u8> + Copy + Send + 'static) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                serve_raw_app(s, |&(ty, flags, id, _)| {
-                    let mut out = Vec::new();
-                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-                        out.extend(frame(HEADERS, END_HEADERS, id, &[status]));
-                        out.extend(frame(DATA, END_STREAM, id, INJECTED));
-                    }
-                    out
-                })
-            });
+            std::thread::spawn(move || serve_raw_app(s, answer));
         }
     });
     addr
@@ -79,27 +83,18 @@ fn read_heads(s: &mut TcpStream, heads: usize) -> Vec<u8> {
 /// framing error or pick another. Before, both fields went out as the app sent them.
 #[test]
 fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                serve_raw_app(s, |&(ty, flags, id, _)| {
-                    let mut out = Vec::new();
-                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-                        let head = appproxy_test_support::h2frames::block(&[
-                            (b":status", b"200"),
-                            (b"content-length", b"005"),
-                            (b"content-length", b"5"),
-                        ]);
-                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
-                        out.extend(frame(DATA, END_STREAM, id, b"hello"));
-                    }
-                    out
-                })
-            });
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let head = appproxy_test_support::h2frames::block(&[
+                (b":status", b"200"),
+                (b"content-length", b"005"),
+                (b"content-length", b"5"),
+            ]);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, b"hello"));
         }
+        out
     });
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
@@ -640,31 +635,21 @@ fn a_burst_of_streams_to_an_http2_app_dials_one_connection_per_four() {
 /// `RST_STREAM(NO_ERROR)`, the body unread (what Go's servers and gRPC do when a
 /// handler returns without reading the whole body).
 fn early_answering_app(answer: bool) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                serve_raw_app(s, |&(ty, _, id, _)| {
-                    let mut out = Vec::new();
-                    if ty == HEADERS {
-                        if answer {
-                            let head = appproxy_test_support::h2frames::block(&[
-                                (b":status", b"200"),
-                                (b"content-length", b"5"),
-                            ]);
-                            out.extend(frame(HEADERS, END_HEADERS, id, &head));
-                            out.extend(frame(DATA, END_STREAM, id, b"early"));
-                        }
-                        out.extend(frame(RST_STREAM, 0, id, &[0, 0, 0, 0]));
-                    }
-                    out
-                })
-            });
+    raw_app(move |&(ty, _, id, _)| {
+        let mut out = Vec::new();
+        if ty == HEADERS {
+            if answer {
+                let head = appproxy_test_support::h2frames::block(&[
+                    (b":status", b"200"),
+                    (b"content-length", b"5"),
+                ]);
+                out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                out.extend(frame(DATA, END_STREAM, id, b"early"));
+            }
+            out.extend(frame(RST_STREAM, 0, id, &[0, 0, 0, 0]));
         }
-    });
-    addr
+        out
+    })
 }
 
 /// A complete early answer from an HTTP/2 app, followed by `RST_STREAM(NO_ERROR)`

@@ -1891,18 +1891,7 @@ fn api_connections_are_bounded_in_time_and_number() {
         "a half head is closed"
     );
     // The cap: four held connections, the fifth is closed at once.
-    let mut held: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(c.addr).expect("connect"))
-        .collect();
-    for s in &mut held {
-        // A byte each, so all four are accepted and counted before the fifth.
-        s.write_all(b"G").expect("send");
-    }
-    let mut fifth = TcpStream::connect(c.addr).expect("connect");
-    assert!(
-        closed_by_server(&mut fifth, HANG_GUARD),
-        "over the cap: closed"
-    );
+    let held = hold_then_refused(c.addr, 4, "over the cap: closed");
     drop(held);
     // Until the server has seen the held connections close, a new one may still be
     // over the cap and reset: that is an attempt to repeat, not a failure.
@@ -1934,6 +1923,22 @@ fn api_connections_are_bounded_in_time_and_number() {
     assert!(refused >= 1, "{metrics}");
 }
 
+/// Opens `n` connections to `addr` and holds them (a byte sent on each, so all are
+/// accepted and counted before the next), then checks that one more is closed at
+/// once (`why` says why it must be). Returns the held connections.
+fn hold_then_refused(addr: SocketAddr, n: usize, why: &str) -> Vec<TcpStream> {
+    use std::io::Write as _;
+    let mut held: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    for s in &mut held {
+        s.write_all(b"G").expect("send");
+    }
+    let mut over = TcpStream::connect(addr).expect("connect");
+    assert!(closed_by_server(&mut over, HANG_GUARD), "{why}");
+    held
+}
+
 /// The coordinator's connection cap is shared by client address: once half of it is
 /// open, an address holding its share (16 here) gets no more, and another address
 /// is still served; the refusal is counted apart in `/metrics`.
@@ -1948,17 +1953,10 @@ fn one_address_cannot_take_every_api_connection() {
     );
     // Half the cap from one address: more than its share, taken while the cap was
     // mostly free.
-    let mut held: Vec<TcpStream> = (0..32)
-        .map(|_| TcpStream::connect(c.addr).expect("connect"))
-        .collect();
-    for s in &mut held {
-        // A byte each, so all are accepted and counted before the next.
-        s.write_all(b"G").expect("send");
-    }
-    let mut over = TcpStream::connect(c.addr).expect("connect");
-    assert!(
-        closed_by_server(&mut over, HANG_GUARD),
-        "an address past its share once half the cap is open: closed"
+    let _held = hold_then_refused(
+        c.addr,
+        32,
+        "an address past its share once half the cap is open: closed",
     );
     let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let mut s = appproxy_test_support::net::connect_from(other, c.addr).expect("connect");
