@@ -2778,6 +2778,12 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
             "did you mean `advertised_url`?",
         ],
     );
+    // A blank signing key is refused: anyone could sign /setup tokens with it.
+    appproxy_test_support::config::assert_binary_refuses(
+        env!("CARGO_BIN_EXE_appproxy-coordinator"),
+        "[coordinator]\nbind = \"192.0.2.1:1\"\n[secrets]\napi_secret = \"a\"\njwt_secret = \" \"\n[database]\nsqlite_path = \"x.sqlite3\"\n",
+        &["jwt_secret", "not blank"],
+    );
 }
 
 /// `appproxy_coordinator_leader` as the coordinator at `addr` exports it.

@@ -462,6 +462,12 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
         "[storage]\nmanager_bind = \"127.0.0.1:65536\"\n",
         &["storage.manager_bind", "line 2", "socket address"],
     );
+    // A blank signing key is refused: anyone could sign session tokens with it.
+    appproxy_test_support::config::assert_binary_refuses(
+        env!("CARGO_BIN_EXE_appproxy-storage-proxy"),
+        "[storage]\nmanager_bind = \"192.0.2.1:1\"\nclient_bind = \"192.0.2.1:2\"\n[secrets]\nmanager_token = \"t\"\nsession_secret = \"\\t\"\n[[volumes]]\nname = \"local\"\npath = \"/tmp\"\n",
+        &["session_secret", "not blank"],
+    );
 }
 
 /// A storage-proxy whose stdout is a pipe nobody reads (a container's log driver that

@@ -85,9 +85,9 @@ fn load(path: &Path) -> anyhow::Result<Loaded> {
         Some(file) => {
             let file = path.parent().unwrap_or(Path::new(".")).join(file);
             let cc = appproxy_coordinator::config::CoordinatorConfig::load(&file)?;
-            if cc.secrets.api_secret.is_empty() || cc.secrets.jwt_secret.is_empty() {
+            if cc.secrets.api_secret.trim().is_empty() || cc.secrets.jwt_secret.trim().is_empty() {
                 anyhow::bail!(
-                    "{}: [secrets] api_secret and jwt_secret must be set",
+                    "{}: [secrets] api_secret and jwt_secret must be set (not blank)",
                     file.display()
                 );
             }

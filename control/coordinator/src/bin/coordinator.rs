@@ -22,9 +22,13 @@ fn run() -> anyhow::Result<()> {
         &CoordinatorConfig::default_toml(),
         |path| {
             let config = CoordinatorConfig::load(path)?;
-            if config.secrets.api_secret.is_empty() || config.secrets.jwt_secret.is_empty() {
+            // A blank key is no secret: a /setup token signed with " " can be made
+            // by anyone.
+            if config.secrets.api_secret.trim().is_empty()
+                || config.secrets.jwt_secret.trim().is_empty()
+            {
                 anyhow::bail!(
-                    "{}: [secrets] api_secret and jwt_secret must be set",
+                    "{}: [secrets] api_secret and jwt_secret must be set (not blank)",
                     path.display()
                 );
             }

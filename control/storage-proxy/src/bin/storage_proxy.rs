@@ -29,9 +29,13 @@ fn run() -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            if config.secrets.manager_token.is_empty() || config.secrets.session_secret.is_empty() {
+            // A blank key is no secret: a session token signed with " " can be made
+            // by anyone.
+            if config.secrets.manager_token.trim().is_empty()
+                || config.secrets.session_secret.trim().is_empty()
+            {
                 anyhow::bail!(
-                    "{}: [secrets] manager_token and session_secret must be set",
+                    "{}: [secrets] manager_token and session_secret must be set (not blank)",
                     path.display()
                 );
             }
