@@ -34,6 +34,17 @@ struct Breaker {
     tripped_at: f64,
 }
 
+/// What a missed acknowledgement did ([`Breakers::missed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// It opened the worker's breaker, for this back-off.
+    Tripped(Duration),
+    /// The breaker was open already: the same outage.
+    AlreadyOpen,
+    /// Not the worker's fault (the event or its acknowledgement was lost).
+    NotItsFault,
+}
+
 /// The most authorities whose breakers are kept (far more than the workers of any
 /// cluster).
 const MAX_TRACKED: usize = 4096;
@@ -135,11 +146,12 @@ impl Breakers {
     }
 
     /// A creation's event published at `published` got no acknowledgement. Returns
-    /// the back-off when this opened the breaker; `None` when the worker was heard
-    /// from after the event went out (the event was lost, the worker is fine) or
-    /// this coordinator's own subscription was renewed since (the acknowledgement
-    /// may have been lost on this side).
-    pub fn missed(&self, authority: &str, published: Instant) -> Option<Duration> {
+    /// what that miss did: opened the breaker (with its back-off); nothing, since it
+    /// was already open (another creation's miss of the same outage opened it: placed
+    /// just before, it waited its own timeout); or nothing, since it was no fault of
+    /// the worker's (heard from after the event went out: the event was lost; or this
+    /// coordinator's own subscription was renewed since).
+    pub fn missed(&self, authority: &str, published: Instant) -> Miss {
         let relistened = self
             .listening_since
             .lock()
@@ -150,12 +162,18 @@ impl Breakers {
             if let Some(b) = map.get_mut(authority) {
                 b.trial_until = None;
             }
-            return None;
+            return Miss::NotItsFault;
         }
         let b = map.entry(authority.to_owned()).or_default();
         if b.last_seen.is_some_and(|seen| seen > published) {
             b.trial_until = None;
-            return None;
+            return Miss::NotItsFault;
+        }
+        // Creations in flight when a worker froze each time out: one outage, one
+        // trip. Counted each, the back-off doubled per creation (eight in flight: 2^7
+        // times the base, up to the ceiling) for a worker that missed once.
+        if b.open_until.is_some_and(|t| t > Instant::now()) {
+            return Miss::AlreadyOpen;
         }
         b.misses = b.misses.saturating_add(1);
         let backoff = self
@@ -165,7 +183,7 @@ impl Breakers {
         b.open_until = Some(Instant::now() + backoff);
         b.trial_until = None;
         b.tripped_at = appproxy_shared::jwt::now_epoch();
-        Some(backoff)
+        Miss::Tripped(backoff)
     }
 
     /// A trial that ended without a verdict (the circuit failed for a reason of its
@@ -199,7 +217,10 @@ mod tests {
         let b = Breakers::new(Duration::from_secs(60), Duration::from_secs(600));
         assert!(b.admits("w1"));
         let before = Instant::now();
-        assert_eq!(b.missed("w1", before), Some(Duration::from_secs(60)));
+        assert_eq!(
+            b.missed("w1", before),
+            Miss::Tripped(Duration::from_secs(60))
+        );
         assert!(!b.admits("w1"));
         assert!(b.admits("w2"));
         assert_eq!(b.open().len(), 1);
@@ -208,9 +229,9 @@ mod tests {
         // This side resubscribed after the event went out: not the worker's fault.
         let published = Instant::now();
         b.listening();
-        assert_eq!(b.missed("w3", published), None);
+        assert_eq!(b.missed("w3", published), Miss::NotItsFault);
         // Heard from after the event went out: the event was lost, not the worker.
-        assert_eq!(b.missed("w1", before), None);
+        assert_eq!(b.missed("w1", before), Miss::NotItsFault);
         assert!(b.admits("w1"));
     }
 
@@ -218,7 +239,10 @@ mod tests {
     fn acknowledgements_naming_endless_authorities_keep_the_map_bounded() {
         let b = Breakers::new(Duration::from_secs(60), Duration::from_secs(600));
         let before = Instant::now();
-        assert_eq!(b.missed("sick", before), Some(Duration::from_secs(60)));
+        assert_eq!(
+            b.missed("sick", before),
+            Miss::Tripped(Duration::from_secs(60))
+        );
         for i in 0..3 * MAX_TRACKED {
             b.alive(&format!("made-up-{i}"));
         }
@@ -234,7 +258,7 @@ mod tests {
     fn back_off_doubles_up_to_the_ceiling_and_half_open_admits_one_trial() {
         let b = Breakers::new(Duration::ZERO, Duration::ZERO);
         let t = Instant::now();
-        assert_eq!(b.missed("w", t), Some(Duration::ZERO));
+        assert_eq!(b.missed("w", t), Miss::Tripped(Duration::ZERO));
         // Back-off over: half-open; the first creation is the trial.
         assert!(b.admits("w"));
         b.begin("w", Duration::from_secs(60));
@@ -245,9 +269,33 @@ mod tests {
         let now = appproxy_shared::jwt::now_epoch();
         assert!(!b.admits_after("w", Some(now - 60.0)));
         assert!(b.admits_after("w", Some(now + 1.0)));
+        // Each miss after a back-off ended (a failed trial) doubles the next.
         let b = Breakers::new(Duration::from_secs(2), Duration::from_secs(5));
-        assert_eq!(b.missed("w", t), Some(Duration::from_secs(2)));
-        assert_eq!(b.missed("w", t), Some(Duration::from_secs(4)));
-        assert_eq!(b.missed("w", t), Some(Duration::from_secs(5)));
+        let over = |b: &Breakers| {
+            if let Some(w) = b.lock().get_mut("w") {
+                w.open_until = Some(Instant::now());
+            }
+        };
+        assert_eq!(b.missed("w", t), Miss::Tripped(Duration::from_secs(2)));
+        over(&b);
+        assert_eq!(b.missed("w", t), Miss::Tripped(Duration::from_secs(4)));
+        over(&b);
+        assert_eq!(b.missed("w", t), Miss::Tripped(Duration::from_secs(5)));
+    }
+
+    /// The creations in flight when a worker froze each time out: the first miss
+    /// opens the breaker, the others are the same outage and neither trip it again
+    /// nor double its back-off.
+    #[test]
+    fn misses_while_open_are_one_outage() {
+        let b = Breakers::new(Duration::from_secs(5), Duration::from_secs(60));
+        let t = Instant::now();
+        assert_eq!(b.missed("w", t), Miss::Tripped(Duration::from_secs(5)));
+        for _ in 0..7 {
+            assert_eq!(b.missed("w", t), Miss::AlreadyOpen);
+        }
+        let left = b.open();
+        assert_eq!(left.len(), 1);
+        assert!(left[0].1 <= Duration::from_secs(5), "{left:?}");
     }
 }

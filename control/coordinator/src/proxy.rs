@@ -910,7 +910,7 @@ async fn announce(
             observed.creations.add("ack_timeout", 1);
             observed.ack_timeouts.add(&authority, 1);
             match state.breakers.missed(&authority, published) {
-                Some(backoff) => {
+                crate::breaker::Miss::Tripped(backoff) => {
                     state.metrics.breaker_trips.fetch_add(1, Ordering::Relaxed);
                     let stopped = state.acks.trip(&authority);
                     tracing::warn!(
@@ -918,7 +918,10 @@ async fn announce(
                         "worker did not acknowledge: skipped by placement for the back-off"
                     );
                 }
-                None => {
+                crate::breaker::Miss::AlreadyOpen => {
+                    tracing::info!(worker = %authority, "worker did not acknowledge: already skipped by placement (the same outage)")
+                }
+                crate::breaker::Miss::NotItsFault => {
                     tracing::info!(worker = %authority, "the event was lost while the worker resubscribed")
                 }
             }
