@@ -4514,23 +4514,42 @@ fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
 fn a_removal_answered_503_is_never_made_after_its_answer() {
     use std::sync::atomic::Ordering;
     // What is held in the relay (marker, the marked packet itself or the next, for
-    // how many seconds; a marker no packet holds: nothing), and what another session
+    // how many seconds; a marker no packet holds: nothing), what another session
     // holds until after the answer: the worker's row (the statement waits for it),
-    // or the table the worker's address is read from (the event's lookup waits).
-    for (marker, hold_marked, hold, lock) in [
-        (&b"DELETE FROM circuits"[..], false, 8, None),
-        (&b"COMMIT"[..], true, 8, None),
+    // or the table the worker's address is read from (the event's lookup waits);
+    // and the database's DateStyle and TimeZone, whose zone abbreviations a
+    // timestamp's text would carry (CST read back as another zone's, 14 h late;
+    // CAT not read back at all: every write failed).
+    for (marker, hold_marked, hold, lock, zone) in [
+        (&b"DELETE FROM circuits"[..], false, 8, None, None),
+        (&b"COMMIT"[..], true, 8, None, None),
         (
             &b"DELETE FROM circuits"[..],
             true,
             2,
             Some("BEGIN; SELECT 1 FROM workers FOR UPDATE"),
+            None,
         ),
         (
             &b"no such packet"[..],
             true,
             0,
             Some("BEGIN; LOCK TABLE worker_app_filters"),
+            None,
+        ),
+        (
+            &b"COMMIT"[..],
+            true,
+            8,
+            None,
+            Some(("SQL, MDY", "Asia/Shanghai")),
+        ),
+        (
+            &b"COMMIT"[..],
+            true,
+            8,
+            None,
+            Some(("SQL, DMY", "Africa/Harare")),
         ),
     ] {
         let pg = appproxy_test_support::pg::Pg::start();
@@ -4541,6 +4560,14 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
             .and_then(|p| p.split('/').next())
             .and_then(|p| p.parse().ok())
             .expect("port");
+        if let Some((style, zone)) = zone {
+            pg.psql(
+                "appproxy",
+                &format!(
+                    "ALTER DATABASE appproxy SET DateStyle = '{style}'; ALTER DATABASE appproxy SET TimeZone = '{zone}'"
+                ),
+            );
+        }
         let db = Db::Postgres(pg);
         let relay = StallingRelay::start(
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -4593,7 +4620,7 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
         if let Some(release) = release {
             release.join().expect("the lock let go");
         }
-        let marked = format!("{} {lock:?}", String::from_utf8_lossy(marker));
+        let marked = format!("{} {lock:?} {zone:?}", String::from_utf8_lossy(marker));
         let held = !relay.armed.swap(false, Ordering::SeqCst);
         assert_eq!(
             r.status,

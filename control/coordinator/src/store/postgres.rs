@@ -196,18 +196,21 @@ $$;
 ALTER TABLE worker_nodes ADD COLUMN left_at timestamptz NULL;
 ",
     // A circuit's insert or removal takes effect only if its transaction commits
-    // before its caller's deadline (`appproxy.deadline`, set for the transaction
-    // with `set_config(..., true)`; unset: no deadline). Checked at commit, after
-    // every lock wait: a check made in the statement alone passed before a wait for
-    // the worker's row (another coordinator's heartbeat holding it), and the
-    // removal committed after its caller was answered 503; a `COMMIT` held in
-    // transit is refused too (SQLSTATE AP504, the transaction rolled back).
+    // before its caller's deadline (`appproxy.deadline`, seconds since the epoch
+    // as text, set for the transaction with `set_config(..., true)`; unset: no
+    // deadline). Checked at commit, after every lock wait: a check made in the
+    // statement alone passed before a wait for the worker's row (another
+    // coordinator's heartbeat holding it), and the removal committed after its
+    // caller was answered 503; a `COMMIT` held in transit is refused too (SQLSTATE
+    // AP504, the transaction rolled back). Seconds, not a timestamp's text: that
+    // text follows the session's DateStyle and TimeZone, whose zone abbreviations
+    // PostgreSQL may not read back (CAT, WIB) or read as another zone's (CST).
     "
 CREATE FUNCTION appproxy_commit_before_deadline() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     d text := current_setting('appproxy.deadline', true);
 BEGIN
-    IF d IS NOT NULL AND d <> '' AND clock_timestamp() >= d::timestamptz THEN
+    IF d IS NOT NULL AND d <> '' AND clock_timestamp() >= to_timestamp(d::double precision) THEN
         RAISE EXCEPTION 'the caller''s deadline (%) passed before the commit', d
             USING ERRCODE = 'AP504';
     END IF;
@@ -220,7 +223,7 @@ CREATE CONSTRAINT TRIGGER circuits_commit_before_deadline
 CREATE OR REPLACE FUNCTION appproxy_circuit_may_insert(p_session uuid, p_limit integer, p_deadline timestamptz)
 RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    PERFORM set_config('appproxy.deadline', p_deadline::text, true);
+    PERFORM set_config('appproxy.deadline', extract(epoch FROM p_deadline)::text, true);
     IF p_session IS NOT NULL AND p_limit > 0 THEN
         PERFORM pg_advisory_xact_lock(1634758770, hashtext(p_session::text));
         IF (SELECT count(*) FROM circuits
@@ -1413,7 +1416,7 @@ impl PgStore {
         let deadline = self.on_server_clock(&client, deadline).await;
         let tx = client.transaction().await?;
         tx.execute(
-            "SELECT set_config('appproxy.deadline', $1::timestamptz::text, true)",
+            "SELECT set_config('appproxy.deadline', extract(epoch FROM $1::timestamptz)::text, true)",
             &[&deadline],
         )
         .await?;
