@@ -4658,6 +4658,95 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
     }
 }
 
+/// A route update whose `COMMIT` is held in transit past its caller's answer (503)
+/// changes nothing when it arrives: the commit-time deadline covers route updates
+/// as it does inserts and removals. Before, the routes were stored after the 503,
+/// and no event went out.
+#[test]
+fn a_route_update_answered_503_is_never_stored_after_its_answer() {
+    use std::sync::atomic::Ordering;
+    let pg = appproxy_test_support::pg::Pg::start();
+    let port: u16 = pg
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let db = Db::Postgres(pg);
+    let relay = StallingRelay::start(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(8),
+        b"COMMIT",
+        true,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"postgres://postgres@{}/appproxy\"\n[logging]\nfilter = \"info\"\n",
+        relay.addr
+    );
+    let c = common::start(dir.path(), &config);
+    register_inference_worker(&c);
+    let e1 = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{e1}"),
+        &[AUTH],
+        &endpoint_body("Held Svc", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let route_id = "0b9e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61";
+    let body = format!(
+        r#"{{"endpoints":[{{"deployment_id":"{e1}","routes":[{{"session_id":"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","route_id":"{route_id}","kernel_host":"10.0.1.7","kernel_port":8000}}]}}]}}"#
+    );
+    let stored = || {
+        db.query(
+            dir.path(),
+            &format!("SELECT count(*) FROM circuits WHERE endpoint_id = '{e1}' AND route_info::text LIKE '%{route_id}%'"),
+        )
+    };
+    relay.armed.store(true, Ordering::SeqCst);
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert!(!relay.armed.load(Ordering::SeqCst), "the COMMIT was held");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        r.status == 503 || r.json()["endpoints"][0]["success"] == false,
+        "{} {text}",
+        r.status
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.delivered.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "never delivered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            stored(),
+            "0",
+            "a route update answered {} was stored after its answer: {text}",
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Sent again, it is stored.
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(stored(), "1");
+}
+
 /// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server and its backends.
 fn signal_pg(pg: &appproxy_test_support::pg::Pg, sig: &str) {
     let root = pg.pid();

@@ -724,8 +724,10 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let routes = routes.to_vec();
         let trace = trace_columns(trace);
+        // Taken before the call's own deadline starts: never after the answer.
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(self, |s| s.update_routes(&id, &routes, &trace), |p| p
-            .update_routes(&id, &routes, &trace))
+            .update_routes(&id, &routes, &trace, deadline))
     }
 
     /// A circuit and its origin request ID.

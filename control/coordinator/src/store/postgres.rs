@@ -195,7 +195,7 @@ $$;
     "
 ALTER TABLE worker_nodes ADD COLUMN left_at timestamptz NULL;
 ",
-    // A circuit's insert or removal takes effect only if its transaction commits
+    // A circuit's insert, removal or route update takes effect only if its transaction commits
     // before its caller's deadline (`appproxy.deadline`, seconds since the epoch
     // as text, set for the transaction with `set_config(..., true)`; unset: no
     // deadline). Checked at commit, after every lock wait: a check made in the
@@ -218,7 +218,8 @@ BEGIN
 END
 $$;
 CREATE CONSTRAINT TRIGGER circuits_commit_before_deadline
-    AFTER INSERT OR DELETE ON circuits DEFERRABLE INITIALLY DEFERRED
+    AFTER INSERT OR DELETE OR UPDATE OF route_info, session_ids ON circuits
+    DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION appproxy_commit_before_deadline();
 CREATE OR REPLACE FUNCTION appproxy_circuit_may_insert(p_session uuid, p_limit integer, p_deadline timestamptz)
 RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
@@ -1206,11 +1207,21 @@ impl PgStore {
         id: &uuid::Uuid,
         routes: &[RouteInfo],
         (traceparent, tracestate): &(Option<String>, Option<String>),
+        deadline: SystemTime,
     ) -> Result<bool, StoreError> {
         let value = serde_json::to_value(routes)?;
         let sessions: Vec<uuid::Uuid> = routes.iter().map(|r| r.session_id).collect();
         let mut client = self.client().await?;
+        // Nothing is changed past the caller's deadline, checked at commit
+        // (`appproxy_commit_before_deadline`): a `COMMIT` held in transit past a
+        // 503 stored the routes, and no event went out.
+        let deadline = self.on_server_clock(&client, deadline).await;
         let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT set_config('appproxy.deadline', extract(epoch FROM $1::timestamptz)::text, true)",
+            &[&deadline],
+        )
+        .await?;
         let worker: Option<uuid::Uuid> = tx
             .query_opt(
                 "UPDATE circuits SET route_info = $1, session_ids = $2, updated_at = now(),
@@ -1226,7 +1237,15 @@ impl PgStore {
             tx.execute(LOG_CHANGE, &[&worker, id, &false, &none, &none, &none])
                 .await?;
         }
-        tx.commit().await?;
+        match tx.commit().await {
+            Err(e) if past_deadline(&e) => {
+                return Err(StoreError::Unavailable(
+                    "the route update reached its commit after its deadline; nothing changed"
+                        .into(),
+                ))
+            }
+            other => other?,
+        }
         Ok(worker.is_some())
     }
 
