@@ -16,8 +16,10 @@
 //! chunks are written whole, in the order they were queued.
 //!
 //! Until [`start`] runs (and in the libraries' own tests), writes go to stdout
-//! directly. [`crate::telemetry::init`] starts it for the control-plane services;
-//! the worker starts it itself, before its cores.
+//! directly. [`crate::telemetry::init`] starts it for the control-plane services
+//! when their stdout is not a regular file (a file takes writes whoever reads it,
+//! and its lines then stay in order with the answers); the worker starts it
+//! itself, before its cores, always.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

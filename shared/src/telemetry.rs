@@ -134,14 +134,31 @@ pub enum TelemetryError {
     Writer(#[from] std::io::Error),
 }
 
-/// Installs the global subscriber writing to stdout through the writer thread of
-/// [`crate::logout`] (started here): a log reader that stalls never holds the thread
-/// that logs. Call [`crate::logout::drain`] before the process exits.
+/// Installs the global subscriber writing to stdout. A pipe, a socket or a terminal
+/// stops taking writes when its reader stalls (a container's log driver): lines go
+/// through the writer thread of [`crate::logout`] (started here), so a stalled
+/// reader never holds the thread that logs. A regular file takes writes whoever
+/// reads it: lines are written at once, each before the answer that follows it.
+/// Call [`crate::logout::drain`] before the process exits.
 pub fn init(config: &LoggingConfig, component: &'static str) -> Result<(), TelemetryError> {
-    crate::logout::start()?;
-    let subscriber = subscriber(config, component, crate::logout::QueuedStdout)?;
-    tracing::subscriber::set_global_default(subscriber)
-        .map_err(|_| TelemetryError::AlreadyInstalled)
+    let installed = if stdout_is_a_file() {
+        tracing::subscriber::set_global_default(subscriber(config, component, std::io::stdout)?)
+    } else {
+        crate::logout::start()?;
+        tracing::subscriber::set_global_default(subscriber(
+            config,
+            component,
+            crate::logout::QueuedStdout,
+        )?)
+    };
+    installed.map_err(|_| TelemetryError::AlreadyInstalled)
+}
+
+/// Whether stdout is a regular file (not a pipe, socket, terminal or device).
+fn stdout_is_a_file() -> bool {
+    rustix::fs::fstat(std::io::stdout()).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    })
 }
 
 /// Builds a subscriber writing to `writer`; tests use it with
