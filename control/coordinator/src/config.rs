@@ -25,6 +25,10 @@ impl CoordinatorConfig {
             &text,
             &[
                 (
+                    "coordinator",
+                    "max_connections_per_address = 512  # default: one in 8 of max_connections, at least 16",
+                ),
+                (
                     "database",
                     "url = \"postgres://appproxy@127.0.0.1/appproxy\"  # instead of SQLite",
                 ),
@@ -164,6 +168,13 @@ pub struct CoordinatorSection {
     pub body_read_timeout_secs: u64,
     /// API connections open at most (also kept below the descriptor limit).
     pub max_connections: usize,
+    /// Once half of `max_connections` are open, a client address (IPv4, or an IPv6
+    /// /64) holding this many of its connections gets no more: new ones are closed
+    /// at once, so that one client keeping connections alive cannot take every
+    /// slot from the manager and the workers. Unset: one in 8 of `max_connections`
+    /// (512 of 4096), at least 16. Behind a reverse proxy or a NAT, whose one
+    /// address every caller then has, set it to `max_connections` (no share).
+    pub max_connections_per_address: Option<usize>,
     /// A worker without a heartbeat for this long is marked `LOST`.
     pub worker_heartbeat_timeout_secs: u64,
     /// Interactive HTTP circuits idle (no request) for this long are removed.
@@ -194,6 +205,7 @@ impl Default for CoordinatorSection {
             idle_timeout_secs: 75,
             body_read_timeout_secs: 30,
             max_connections: 4096,
+            max_connections_per_address: None,
             worker_heartbeat_timeout_secs: 30,
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,
@@ -244,6 +256,43 @@ impl Default for DatabaseSection {
 
 #[cfg(test)]
 mod tests {
+    /// `--print-default-config` shows the keys without a default commented out;
+    /// uncommenting any one of them (or an optional section, header and keys)
+    /// gives a config that reads.
+    #[test]
+    fn every_commented_key_of_the_default_config_reads_once_uncommented() {
+        let text = super::CoordinatorConfig::default_toml();
+        let mut uncommented = 0;
+        for (i, line) in text.lines().enumerate() {
+            let Some(key) = line.strip_prefix("# ") else {
+                continue;
+            };
+            if key.starts_with('[') {
+                continue;
+            }
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines[i] = key;
+            let header = (0..i)
+                .rev()
+                .find(|&h| lines[h].starts_with('[') || lines[h].starts_with("# ["));
+            // A commented section is uncommented whole (a volume needs both keys).
+            if let Some(h) = header.filter(|&h| lines[h].starts_with("# [")) {
+                lines[h] = lines[h].trim_start_matches("# ");
+                for l in lines.iter_mut().skip(h + 1) {
+                    if l.starts_with('[') || l.starts_with("# [") {
+                        break;
+                    }
+                    *l = l.trim_start_matches("# ");
+                }
+            }
+            let one = lines.join("\n");
+            appproxy_shared::config::from_toml::<super::CoordinatorConfig>(&one)
+                .unwrap_or_else(|e| panic!("{key} does not read: {e}\n{one}"));
+            uncommented += 1;
+        }
+        assert!(uncommented >= 3, "{text}");
+    }
+
     #[test]
     fn a_relative_sqlite_path_is_relative_to_its_config_file() {
         let dir = tempfile::tempdir().expect("tempdir");

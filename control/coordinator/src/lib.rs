@@ -1068,8 +1068,19 @@ impl Coordinator {
                 1,
             )
         };
+        // The cap shared by client address (one in 8 unless configured).
+        let per_address = c
+            .max_connections_per_address
+            .unwrap_or_else(|| server::default_share(limits.max_connections));
         let metrics = state.server.clone();
-        let served = server::serve(listener, router(state), limits, metrics, shutdown).await;
+        let served = server::serve_shared(
+            listener,
+            router(state),
+            (limits, per_address),
+            metrics,
+            shutdown,
+        )
+        .await;
         tasks.abort_all();
         served?;
         Ok(())

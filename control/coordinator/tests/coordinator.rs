@@ -1939,12 +1939,43 @@ fn hold_then_refused(addr: SocketAddr, n: usize, why: &str) -> Vec<TcpStream> {
     held
 }
 
+/// The counter `name` of the coordinator at `addr`'s `/metrics`, read from another
+/// address (127.0.0.2) than the connections the tests hold; `None` when that
+/// connection is not answered (closed at once: no slot free).
+fn try_counter_from_another_address(addr: SocketAddr, name: &str) -> Option<u64> {
+    use std::io::Write as _;
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut s = appproxy_test_support::net::connect_from(other, addr).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut raw).ok()?;
+    if raw.is_empty() {
+        return None;
+    }
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 200, "another address is served");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse::<u64>().ok());
+    Some(value.unwrap_or_else(|| panic!("{name} in {text}")))
+}
+
+/// [`try_counter_from_another_address`], which must be answered.
+fn counter_from_another_address(addr: SocketAddr, name: &str) -> u64 {
+    try_counter_from_another_address(addr, name).expect("another address is answered")
+}
+
+const REFUSED_SHARE: &str = "appproxy_coordinator_api_connections_refused_address_share_total";
+
 /// The coordinator's connection cap is shared by client address: once half of it is
 /// open, an address holding its share (16 here) gets no more, and another address
 /// is still served; the refusal is counted apart in `/metrics`.
 #[test]
 fn one_address_cannot_take_every_api_connection() {
-    use std::io::Write as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(
         dir.path(),
@@ -1958,30 +1989,62 @@ fn one_address_cannot_take_every_api_connection() {
         32,
         "an address past its share once half the cap is open: closed",
     );
-    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
-    let mut s = appproxy_test_support::net::connect_from(other, c.addr).expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
-    let mut raw = Vec::new();
-    std::io::Read::read_to_end(&mut s, &mut raw).expect("an answer");
-    let r = appproxy_test_support::http::parse(&raw, false);
-    assert_eq!(r.status, 200, "another address is served");
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{name} in {text}"))
+    assert_eq!(counter_from_another_address(c.addr, REFUSED_SHARE), 1);
+    assert_eq!(
+        counter_from_another_address(c.addr, "appproxy_coordinator_api_connections_refused_total"),
+        1
+    );
+}
+
+/// `max_connections_per_address` sets the share: 2 of a cap of 8 here, where the
+/// default share (16) is the whole cap and would let the address take all 8. Set to
+/// the cap (behind a NAT every caller has one address), nobody is refused below it.
+#[test]
+fn the_address_share_is_configured_by_max_connections_per_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "max_connections = 8\nmax_connections_per_address = 2\nmetric_access_allowed_hosts = [\"127.0.0.0/8\"]",
+    );
+    // Half the cap (4) is taken by one address while it was mostly free; then the
+    // address is past its share of 2.
+    let held = hold_then_refused(c.addr, 4, "an address past a share of 2, half the cap open");
+    assert_eq!(counter_from_another_address(c.addr, REFUSED_SHARE), 1);
+    drop(held);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        "max_connections = 8\nmax_connections_per_address = 8\nmetric_access_allowed_hosts = [\"127.0.0.0/8\"]",
+    );
+    // No share: one address takes the whole cap, and only the cap refuses it.
+    let held = hold_then_refused(c.addr, 8, "past the cap: closed");
+    drop(held);
+    // The cap's refusal, not the share's (read once the held slots are free again).
+    let deadline = Instant::now() + HANG_GUARD;
+    let refused = loop {
+        let share = try_counter_from_another_address(c.addr, REFUSED_SHARE);
+        let all = try_counter_from_another_address(
+            c.addr,
+            "appproxy_coordinator_api_connections_refused_total",
+        );
+        match (share, all) {
+            (Some(share), Some(all)) => break (share, all),
+            _ => {
+                assert!(Instant::now() < deadline, "the held slots are never freed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     };
+    // Every closed connection counts in the total (a read above that found no slot
+    // free too); none was the share's.
     assert_eq!(
-        value("appproxy_coordinator_api_connections_refused_address_share_total"),
-        1
+        refused.0, 0,
+        "no share: the address was never refused for it"
     );
-    assert_eq!(
-        value("appproxy_coordinator_api_connections_refused_total"),
-        1
-    );
+    assert!(refused.1 >= 1, "the connection past the cap was refused");
 }
 
 /// A request body must arrive whole within `body_read_timeout_secs` of its head. The

@@ -12,9 +12,20 @@ impl StorageConfig {
     /// The full default config, the optional keys and a volume shown commented.
     pub fn default_toml() -> String {
         let text = toml::to_string_pretty(&Self::default()).unwrap_or_default();
+        // No volume by default: the empty array would clash with the commented
+        // `[[volumes]]` table below once uncommented.
+        let text: String = text
+            .lines()
+            .filter(|l| *l != "volumes = []")
+            .flat_map(|l| [l, "\n"])
+            .collect();
         appproxy_shared::config::with_optional_keys(
             &text,
             &[
+                (
+                    "storage",
+                    "max_connections_per_address = 512  # default: one in 8 of max_connections, at least 16",
+                ),
                 (
                     "redis",
                     "url = \"redis://127.0.0.1:6379/8\"  # background-task events",
@@ -154,6 +165,43 @@ pub struct Volume {
 
 #[cfg(test)]
 mod tests {
+    /// `--print-default-config` shows the keys without a default commented out;
+    /// uncommenting any one of them (or an optional section, header and keys)
+    /// gives a config that reads.
+    #[test]
+    fn every_commented_key_of_the_default_config_reads_once_uncommented() {
+        let text = super::StorageConfig::default_toml();
+        let mut uncommented = 0;
+        for (i, line) in text.lines().enumerate() {
+            let Some(key) = line.strip_prefix("# ") else {
+                continue;
+            };
+            if key.starts_with('[') {
+                continue;
+            }
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines[i] = key;
+            let header = (0..i)
+                .rev()
+                .find(|&h| lines[h].starts_with('[') || lines[h].starts_with("# ["));
+            // A commented section is uncommented whole (a volume needs both keys).
+            if let Some(h) = header.filter(|&h| lines[h].starts_with("# [")) {
+                lines[h] = lines[h].trim_start_matches("# ");
+                for l in lines.iter_mut().skip(h + 1) {
+                    if l.starts_with('[') || l.starts_with("# [") {
+                        break;
+                    }
+                    *l = l.trim_start_matches("# ");
+                }
+            }
+            let one = lines.join("\n");
+            appproxy_shared::config::from_toml::<super::StorageConfig>(&one)
+                .unwrap_or_else(|e| panic!("{key} does not read: {e}\n{one}"));
+            uncommented += 1;
+        }
+        assert!(uncommented >= 4, "{text}");
+    }
+
     use super::*;
 
     /// The common mistakes, each refused with the file, the key path, what was
