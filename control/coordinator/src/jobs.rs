@@ -221,6 +221,7 @@ async fn idle_pass(state: &State) {
                 return;
             }
         };
+        let read_at = tokio::time::Instant::now();
         let mut next_checks = Vec::with_capacity(due.len());
         for (c, mark) in due.into_iter().zip(marks) {
             let created = c
@@ -228,10 +229,32 @@ async fn idle_pass(state: &State) {
                 .as_deref()
                 .and_then(access::parse_rfc3339)
                 .unwrap_or(now);
-            let last = mark
-                .unwrap_or(created)
-                .max(created)
-                .max(gap_end.unwrap_or(0.0));
+            let last_of = |mark: Option<f64>| {
+                mark.unwrap_or(created)
+                    .max(created)
+                    .max(gap_end.unwrap_or(0.0))
+            };
+            let (mut now, mut last) = (now, last_of(mark));
+            if now - last > timeout && read_at.elapsed() > FRESH_DECISION {
+                // The marks were read a while ago: removals before this one were
+                // slow (a store at its deadline), or this process was paused. The
+                // circuit may have been used since, and another coordinator may
+                // lead by now: both are asked again before it is removed.
+                if !lead(state).await {
+                    // The next leader checks what is left (still due).
+                    tracing::info!("no longer leading: the idle pass stops");
+                    return;
+                }
+                now = clock();
+                match state.marks.last_access_of(&[c.id], now).await {
+                    Ok(fresh) => last = last_of(fresh.into_iter().next().flatten()),
+                    Err(e) => {
+                        tracing::warn!(circuit = %c.id, error = %e, "last-access mark unreadable; not collected");
+                        next_checks.push((c.id, now + retry_in));
+                        continue;
+                    }
+                }
+            }
             if now - last <= timeout {
                 // In use: idle at the earliest one timeout after its last access.
                 next_checks.push((c.id, last + timeout + 1.0));
@@ -261,6 +284,10 @@ async fn idle_pass(state: &State) {
         }
     }
 }
+
+/// How long marks read for an idle check decide a removal: past this, a circuit
+/// found idle has its mark read again (and the lease checked) before it is removed.
+const FRESH_DECISION: Duration = Duration::from_secs(1);
 
 /// Circuits one idle-check read takes.
 const IDLE_BATCH: usize = 2_000;

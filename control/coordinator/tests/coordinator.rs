@@ -1838,6 +1838,105 @@ fn idle_collection_uses_the_databases_clock_not_the_leaders() {
     );
 }
 
+/// An idle pass decided on marks it read once: a removal that waited (a row lock,
+/// a store at its deadline) or a pause of the process, and every circuit after it
+/// was removed on marks read seconds or minutes before, though it had been used
+/// since. Now a circuit found idle on marks older than a second has its mark read
+/// again (and the lease checked) before it is removed.
+#[test]
+fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let _: () = redis::cmd("SET")
+        .arg("appproxy.coordinator.marks_kept_since")
+        .arg("1000000000")
+        .query(&mut conn)
+        .expect("kept since");
+    let db = Db::Postgres(appproxy_test_support::pg::Pg::start());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!(
+            "worker_ack_timeout_secs = 0\nunused_circuit_collection_timeout_secs = 60\ncheck_unused_circuit_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let mut ids = Vec::new();
+    for app in ["jupyter", "vscode"] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        ids.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    let (first, later) = (&ids[0], &ids[1]);
+    let Db::Postgres(pg) = &db else {
+        unreachable!("started on PostgreSQL")
+    };
+    // The first circuit's removal waits: its row is held (a key-share lock stops a
+    // DELETE, not an UPDATE of other columns).
+    let held = pg.hold(
+        "appproxy",
+        &format!("BEGIN; SELECT count(*) FROM (SELECT 1 FROM circuits WHERE id = '{first}' FOR KEY SHARE) locked"),
+    );
+    // Both made long ago and unmarked, the first one's check due first.
+    pg.psql(
+        "appproxy",
+        &format!(
+            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
+             idle_check_at = CASE WHEN id = '{first}' THEN '2000-01-01T00:00:00Z'::timestamptz \
+             ELSE '2000-01-01T00:00:01Z'::timestamptz END WHERE id IN ('{first}', '{later}')"
+        ),
+    );
+    // The pass found both idle and waits on the first one's removal...
+    let deadline = Instant::now() + HANG_GUARD;
+    while db.query(
+        dir.path(),
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM circuits%'",
+    ) != "1"
+    {
+        assert!(Instant::now() < deadline, "the first removal never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...while the later one is used.
+    let now: f64 = pg
+        .psql("appproxy", "SELECT extract(epoch FROM clock_timestamp())")
+        .parse()
+        .expect("the database's time");
+    let _: () = redis::cmd("SET")
+        .arg(format!("circuit.{later}.last_access"))
+        .arg(format!("{now:.6}"))
+        .arg("EX")
+        .arg(172_800)
+        .query(&mut conn)
+        .expect("mark");
+    assert!(
+        idle_outcome_on(&db, &c, dir.path(), later),
+        "a circuit used while the pass waited was collected on the marks read before"
+    );
+    held.commit();
+    // The first one, unused, is collected once its row is free.
+    let deadline = Instant::now() + HANG_GUARD;
+    while request(c.addr, "GET", &format!("/api/circuit/{first}"), &[AUTH], "").status != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle circuit was never collected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        request(c.addr, "GET", &format!("/api/circuit/{later}"), &[AUTH], "").status,
+        200
+    );
+}
+
 /// Single node (no Redis): the marks live in the coordinator's memory and are gone
 /// after a restart, so a circuit used until just before it had none and was
 /// collected by the first pass as idle since its creation. The start now ends a
