@@ -837,6 +837,21 @@ async fn apply(
     // every other one (an endpoint's routes are read, changed and written whole).
     let writes = ROUTE_WRITES.lock().await;
     let turn = state.store.route_turn().await;
+    // Decided by a node that may no longer lead: its lease taken over while the
+    // probe ran or the turn was awaited (this process paused, Redis slow). It
+    // stores nothing and tells the manager nothing; the leader probes and decides.
+    if turn.is_ok() && !super::jobs::lead(&state).await {
+        if let Ok(turn) = turn {
+            turn.end().await;
+        }
+        drop(writes);
+        tracing::info!(endpoint = %endpoint, circuit = %circuit_id, "no longer leading: route health not stored");
+        let _ = tx.send(Report::Applied {
+            circuit: circuit_id,
+            failed: changes,
+        });
+        return;
+    }
     let stored = async {
         if let Err(e) = &turn {
             return Err(super::ApiError::Store(crate::StoreError::Unavailable(

@@ -2996,6 +2996,97 @@ fn leader_gauge_follows_the_redis_lease() {
     wait_for(1.0);
 }
 
+/// A node whose lease was taken over while its probes ran went on storing their
+/// decisions (and telling the manager) until its next refresh noticed: two nodes
+/// wrote route health at once. Now a decision is stored only while the node still
+/// leads, checked once the write's turn is held.
+#[test]
+fn a_node_that_lost_its_lease_stores_no_route_health() {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A replica that answers while `up`, and closes probes unanswered after.
+    let up = std::sync::Arc::new(AtomicBool::new(true));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let serving = up.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            if serving.load(Ordering::SeqCst) {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = conn.read(&mut [0u8; 1024]);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        }
+    });
+    let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5e02";
+    let extra = format!(
+        "worker_ack_timeout_secs = 0\n[health_check]\nrefresh_interval_secs = 600\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let c = start_with(dir.path(), &Db::Sqlite, &extra);
+    register_inference_worker(&c);
+    checked_endpoint(c.addr, endpoint, "lease", port, 1);
+    drop(c);
+    let _: () = redis::cmd("DEL")
+        .arg("leader:appproxy:coordinator")
+        .query(&mut conn)
+        .expect("free the lease");
+    // Started again, it leads and tracks the route at its first refresh; the next
+    // is far off, so only the write's own check can notice a lost lease.
+    let c = start_with(dir.path(), &Db::Sqlite, &extra);
+    let health = || {
+        let circuit = Db::Sqlite.query(
+            dir.path(),
+            &format!("SELECT id FROM circuits WHERE endpoint_id = '{endpoint}'"),
+        );
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        r.json()["route_info"][0]["health_status"].clone()
+    };
+    let deadline = Instant::now() + HANG_GUARD;
+    while health() != "healthy" {
+        assert!(Instant::now() < deadline, "never healthy: {}", health());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Another node takes the lease; then the replica fails its probes.
+    let _: () = redis::cmd("SET")
+        .arg("leader:appproxy:coordinator")
+        .arg("another-node")
+        .arg("PX")
+        .arg(600_000)
+        .query(&mut conn)
+        .expect("take the lease");
+    up.store(false, Ordering::SeqCst);
+    let refused = |l: &serde_json::Value| {
+        l["message"] == "no longer leading: route health not stored" && l["endpoint"] == endpoint
+    };
+    let deadline = Instant::now() + HANG_GUARD;
+    while !log_lines(dir.path()).iter().any(refused) {
+        assert!(
+            Instant::now() < deadline,
+            "the failing replica's decision was never refused (health now {})",
+            health()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        health(),
+        "healthy",
+        "a node that no longer leads stored route health"
+    );
+}
+
 /// One endpoint whose replicas accept and never answer, with `max_wait_time` at a
 /// day and more routes than `[health_check] max_concurrency`, held every probe slot
 /// for a day: no other endpoint's route was probed again. Now one endpoint holds at
