@@ -14,7 +14,7 @@ mod tls_support;
 
 use std::process::{Command, Output};
 
-use common::{Upstream, Worker, WorkerOpts};
+use common::{Client, Upstream, Worker, WorkerOpts};
 use tls_support::{connect, Pki};
 
 /// Runs curl with `args`; panics (naming the tool) when it cannot start.
@@ -486,7 +486,8 @@ fn statuses(verbose: &str) -> Vec<String> {
 }
 
 /// An HTTP/2 app's interim heads reach HTTP/2 clients sanitized as its final
-/// ones: its `Set-Cookie` of the worker's permit and its request ID stay behind.
+/// ones: its `Set-Cookie` of the worker's permit and its request IDs (under every
+/// name of the ID) stay behind; so do the final head's, to HTTP/1.1 clients too.
 #[test]
 fn an_http2_apps_interim_heads_plant_no_permit_cookie() {
     use appproxy_test_support::h2frames::{
@@ -506,8 +507,14 @@ fn an_http2_apps_interim_heads_plant_no_permit_cookie() {
                         (b"link", b"</style.css>; rel=preload"),
                         (b"set-cookie", b"appproxy_permit=planted; Path=/"),
                         (b"x-backend-request-id", b"spoofed-by-app"),
+                        (b"x-request-id", b"spoofed-by-app"),
+                        (b"x-backendai-requestid", b"spoofed-by-app"),
                     ]);
-                    let last = block(&[(b":status", b"200")]);
+                    let last = block(&[
+                        (b":status", b"200"),
+                        (b"x-request-id", b"spoofed-by-app"),
+                        (b"x-backendai-requestid", b"spoofed-by-app"),
+                    ]);
                     [
                         frame(HEADERS, END_HEADERS, id, &early),
                         frame(HEADERS, END_HEADERS | END_STREAM, id, &last),
@@ -529,6 +536,15 @@ fn an_http2_apps_interim_heads_plant_no_permit_cookie() {
         !out.contains("planted") && !out.contains("spoofed-by-app"),
         "{out}"
     );
+    // An HTTP/1.1 client of the same app (the bridge): its final head carries the
+    // worker's request ID only.
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/early", "X-Backend-Request-ID: client-id-7\r\n");
+    assert_eq!(r.status, 200);
+    for name in ["x-request-id", "x-backendai-requestid"] {
+        assert_eq!(r.header(name), None, "{name}: {:?}", r.headers);
+    }
+    assert_eq!(r.headers_named("x-backend-request-id"), vec!["client-id-7"]);
 }
 
 #[test]

@@ -41,19 +41,25 @@ fn a_few_interim_responses_are_relayed_to_http11() {
         assert_eq!(status, 103);
         assert!(headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("link")));
         // Sanitized as a final head: the app plants neither the worker's permit
-        // cookie nor a request ID of its own.
+        // cookie nor a request ID of its own, under any of the ID's names.
         assert!(
             !headers
                 .iter()
                 .any(|(n, v)| n.eq_ignore_ascii_case("set-cookie")
                     || n.eq_ignore_ascii_case("x-backend-request-id")
-                    || v.contains("planted")),
+                    || v.contains("planted")
+                    || v.contains("spoofed-by-app")),
             "{headers:?}"
         );
     }
     let r = c.response();
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "final");
+    // The final head carries the worker's ID only.
+    for name in ["x-request-id", "x-backendai-requestid"] {
+        assert_eq!(r.header(name), None, "{name}: {:?}", r.headers);
+    }
+    assert_eq!(r.headers_named("x-backend-request-id").len(), 1);
     // Keep-alive goes on.
     assert_eq!(c.get("/after", "").json()["path"], "/after");
 }

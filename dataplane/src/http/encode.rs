@@ -529,17 +529,27 @@ pub fn client_response(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Whether `name` is one of the request-ID fields (`X-Backend-Request-ID` and its
+/// aliases `X-BackendAI-RequestID`, `X-Request-ID`). The worker owns them both
+/// ways: a client's are read and replaced by the resolved ID, and an app's are left
+/// out of its answers, where the worker's own ID is the one echoed — else the client
+/// would see two or three request IDs, the app's invented and unchecked.
+#[inline]
+pub fn is_request_id_field(name: &[u8]) -> bool {
+    // Every one starts with `x`: most fields skip the list.
+    matches!(name.first(), Some(b'x' | b'X')) && header_rank(name).is_some()
+}
+
 /// Whether a field of the app's response head `head` (final or interim) reaches
 /// the client: not hop-by-hop, not its length (the worker writes its own; a 1xx
-/// has none, RFC 9110 §8.6), not its request ID (the worker's is the one echoed),
-/// and no `Set-Cookie` of the worker's permit (an app must not plant or replace
-/// it).
+/// has none, RFC 9110 §8.6), not a request ID ([`is_request_id_field`]), and no
+/// `Set-Cookie` of the worker's permit (an app must not plant or replace it).
 // Always inlined: called once per field of every response head.
 #[inline(always)]
 fn relayed(name: &[u8], value: &[u8], buf: &[u8], head: &ResponseHead) -> bool {
     !(is_hop_by_hop(name, buf, &head.connection_tokens)
         || name_is(name, "content-length")
-        || name_is(name, "x-backend-request-id")
+        || is_request_id_field(name)
         || (name_is(name, "set-cookie") && sets_permit_cookie(value)))
 }
 

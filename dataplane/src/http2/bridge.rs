@@ -198,7 +198,7 @@ pub async fn forward(
         // The app's `content-length` fields (two equal ones pass `h2`, and `005`
         // would pass as written) are left out: one canonical value is written below.
         if is_connection_specific(n)
-            || parse::name_is(n, "x-backend-request-id")
+            || crate::http::encode::is_request_id_field(n)
             || parse::name_is(n, "content-length")
             || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
         {

@@ -555,6 +555,14 @@ pub fn is_connection_specific(name: &[u8]) -> bool {
     CONNECTION_SPECIFIC.iter().any(|n| parse::name_is(name, n))
 }
 
+/// Leaves the request-ID fields out of an app's response head
+/// ([`crate::http::encode::is_request_id_field`]): the worker's ID is the one echoed.
+pub fn drop_request_ids(headers: &mut HeaderMap) {
+    for name in appproxy_shared::header::INPUT_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// Leaves out of an app's response head every `Set-Cookie` that sets the worker's
 /// permit cookie ([`sets_permit_cookie`]); the other fields stay as they were.
 pub fn drop_permit_cookies(headers: &mut HeaderMap) {
@@ -847,7 +855,7 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
             .any(|t| rbuf[t.clone()].eq_ignore_ascii_case(name));
         if listed
             || is_connection_specific(name)
-            || parse::name_is(name, "x-backend-request-id")
+            || crate::http::encode::is_request_id_field(name)
             || parse::name_is(name, "content-length")
             || (parse::name_is(name, "set-cookie") && sets_permit_cookie(&rbuf[f.value.clone()]))
         {

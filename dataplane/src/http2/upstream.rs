@@ -729,7 +729,7 @@ pub async fn forward(
                 {
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
-                        info.headers_mut().remove("x-backend-request-id");
+                        super::stream::drop_request_ids(info.headers_mut());
                         super::stream::drop_permit_cookies(info.headers_mut());
                         // A client gone meanwhile shows in poll_reset.
                         let _ = respond.send_informational(info);
@@ -788,7 +788,7 @@ pub async fn forward(
         let mut response = http::Response::new(());
         *response.status_mut() = parts.status;
         let mut headers = parts.headers;
-        headers.remove("x-backend-request-id");
+        super::stream::drop_request_ids(&mut headers);
         // A 204 has no length (RFC 9110 §8.6), as on the HTTP/1.1 app path.
         if status == 204 {
             headers.remove(http::header::CONTENT_LENGTH);

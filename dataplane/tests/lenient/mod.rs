@@ -213,13 +213,14 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>) -> std::io
             }
             "/interim" => {
                 // n interim responses, then the final one. Each also tries to plant
-                // the worker's permit cookie and its own request ID.
+                // the worker's permit cookie and request IDs of its own (under the
+                // primary name and both aliases).
                 for _ in 0..n {
                     w.write_all(
-                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nSet-Cookie: appproxy_permit=planted; Path=/\r\nX-Backend-Request-ID: spoofed-by-app\r\n\r\n",
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nSet-Cookie: appproxy_permit=planted; Path=/\r\nX-Backend-Request-ID: spoofed-by-app\r\nX-Request-ID: spoofed-by-app\r\nX-BackendAI-RequestID: spoofed-by-app\r\n\r\n",
                     )?;
                 }
-                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")?;
+                w.write_all(b"HTTP/1.1 200 OK\r\nX-Request-ID: spoofed-by-app\r\nx-backendai-requestid: spoofed-by-app\r\nContent-Length: 5\r\n\r\nfinal")?;
             }
             "/obs-reason" => {
                 w.write_all(b"HTTP/1.1 200 O\xfbK\r\nContent-Length: 2\r\n\r\nok")?;
