@@ -332,6 +332,81 @@ pub fn is_cors_preflight<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>
     origins == 1 && methods == 1
 }
 
+/// A response field of the worker's own answer to a CORS preflight (its name in
+/// lower case, as HTTP/2 writes it; HTTP/1.1 names are case-insensitive).
+pub type PreflightField = (&'static str, Vec<u8>);
+
+/// The longest `Access-Control-Request-Headers` echoed (the list a browser sends
+/// names the request's non-safelisted fields: short).
+const MAX_REQUEST_HEADERS: usize = 1024;
+
+/// The worker's answer (204) to a genuine CORS preflight ([`is_cors_preflight`]) on a
+/// private circuit. A preflight is the one request such a circuit takes without a
+/// credential, so it never reaches the app: forwarded, an app that does not tell
+/// `OPTIONS` from `GET` (Node's `http`, Express `app.all`, Go's `HandleFunc`) answered
+/// a preflight-shaped request from any client with the data its credential protects.
+///
+/// `credentialed`: the circuit's credential is the permit cookie, so the request the
+/// browser asks about carries it, and only an origin of `allowed` may make it (the
+/// guard refuses every other cross-origin request with the cookie: the preflight of
+/// one gets the same 403 now). Otherwise (a bearer token, which no browser attaches
+/// on its own) any origin may ask. The answer lets the browser send the request it
+/// asked about — the method, the fields it named — and nothing more; whether the
+/// page may read the answer is still the app's to say, on that answer.
+pub fn answer_preflight<'a>(
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    credentialed: bool,
+    allowed: &[Origin],
+) -> Result<Vec<PreflightField>, Refused> {
+    let is = |name: &[u8], want: &str| name.eq_ignore_ascii_case(want.as_bytes());
+    let (mut origin, mut method) = (None, None);
+    let mut requested: Vec<u8> = Vec::new();
+    let mut requested_ok = true;
+    for (name, value) in headers {
+        let value = value.trim_ascii();
+        if is(name, "origin") {
+            origin = Some(value);
+        } else if is(name, "access-control-request-method") {
+            method = Some(value);
+        } else if is(name, "access-control-request-headers") {
+            // A list of field names (token chars, commas, blanks), joined; anything
+            // else is not echoed (the browser then refuses its request).
+            requested_ok &= value
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~, \t".contains(b));
+            if !value.is_empty() {
+                if !requested.is_empty() {
+                    requested.extend_from_slice(b", ");
+                }
+                requested.extend_from_slice(value);
+            }
+        }
+    }
+    // Both are there, one each ([`is_cors_preflight`]); be safe anyway.
+    let (Some(origin), Some(method)) = (origin, method) else {
+        return Err(CROSS_ORIGIN);
+    };
+    let parsed = Origin::parse(origin).ok_or(CROSS_ORIGIN)?;
+    if credentialed && !allowed.contains(&parsed) {
+        return Err(CROSS_ORIGIN);
+    }
+    let mut fields: Vec<PreflightField> = Vec::with_capacity(6);
+    fields.push(("access-control-allow-origin", origin.to_vec()));
+    if credentialed {
+        fields.push(("access-control-allow-credentials", b"true".to_vec()));
+    }
+    fields.push(("access-control-allow-methods", method.to_vec()));
+    if requested_ok && !requested.is_empty() && requested.len() <= MAX_REQUEST_HEADERS {
+        fields.push(("access-control-allow-headers", requested));
+    }
+    fields.push(("access-control-max-age", b"600".to_vec()));
+    fields.push((
+        "vary",
+        b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers".to_vec(),
+    ));
+    Ok(fields)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,5 +723,116 @@ mod tests {
         assert!(!check(&[o, m, ("Content-Length", "00")]));
         assert!(!check(&[o, m, ("X-HTTP-Method-Override", "DELETE")]));
         assert!(!check(&[o, m, ("X-Method-Override", "DELETE")]));
+    }
+
+    /// The worker's answers to preflights, by the circuit's credential.
+    #[test]
+    fn preflights_are_answered_by_the_worker() {
+        let allowed = [Origin::parse(b"https://console.example").expect("origin")];
+        let answer = |fields: &[(&str, &str)], credentialed: bool| {
+            answer_preflight(
+                fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+                credentialed,
+                &allowed,
+            )
+            .map(|f| {
+                f.into_iter()
+                    .map(|(n, v)| (n, String::from_utf8(v).expect("ascii")))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let get = |f: &[(&str, String)], name: &str| {
+            f.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
+        };
+        // Permit-cookie circuits: listed origins only, with credentials.
+        let f = answer(
+            &[
+                ("Origin", "https://console.example"),
+                ("Access-Control-Request-Method", "PUT"),
+                (
+                    "Access-Control-Request-Headers",
+                    "content-type, x-xsrftoken",
+                ),
+            ],
+            true,
+        )
+        .expect("a listed origin");
+        assert_eq!(
+            get(&f, "access-control-allow-origin").as_deref(),
+            Some("https://console.example")
+        );
+        assert_eq!(
+            get(&f, "access-control-allow-credentials").as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            get(&f, "access-control-allow-methods").as_deref(),
+            Some("PUT")
+        );
+        assert_eq!(
+            get(&f, "access-control-allow-headers").as_deref(),
+            Some("content-type, x-xsrftoken")
+        );
+        for origin in [
+            "https://evil.example",
+            "null",
+            "https://console.example.evil",
+            "http://console.example",
+        ] {
+            let refused = answer(
+                &[("Origin", origin), ("Access-Control-Request-Method", "PUT")],
+                true,
+            );
+            assert_eq!(
+                refused.err().map(|r| r.code),
+                Some("cross_origin"),
+                "{origin}"
+            );
+        }
+        // Bearer circuits: any origin, never with credentials.
+        let f = answer(
+            &[
+                ("origin", "https://chat.example"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "authorization"),
+                ("access-control-request-headers", "content-type"),
+            ],
+            false,
+        )
+        .expect("any origin");
+        assert_eq!(
+            get(&f, "access-control-allow-origin").as_deref(),
+            Some("https://chat.example")
+        );
+        assert_eq!(get(&f, "access-control-allow-credentials"), None);
+        assert_eq!(
+            get(&f, "access-control-allow-headers").as_deref(),
+            Some("authorization, content-type")
+        );
+        // `null` or a malformed origin is none.
+        for origin in ["null", "chat.example", "https://a/b"] {
+            assert!(
+                answer(
+                    &[
+                        ("Origin", origin),
+                        ("Access-Control-Request-Method", "POST")
+                    ],
+                    false
+                )
+                .is_err(),
+                "{origin}"
+            );
+        }
+        // A requested-fields list that is not one is not echoed.
+        let f = answer(
+            &[
+                ("Origin", "https://chat.example"),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "x-a; x-b"),
+            ],
+            false,
+        )
+        .expect("answered");
+        assert_eq!(get(&f, "access-control-allow-headers"), None);
     }
 }

@@ -52,12 +52,15 @@ fn interactive_circuits_need_the_permit_from_setup() {
         "E20005",
     );
     assert_eq!(up.count(), 0, "refused requests never reach the app");
-    // A genuine CORS preflight is let through (browsers send it without the cookie);
-    // an OPTIONS that is not one needs the permit like any other request.
+    // A genuine CORS preflight (browsers send it without the cookie) is answered by
+    // the worker, never by the app: from an origin not in `allowed_origins`, 403 as
+    // the request it asks about would get; an OPTIONS that is not one needs the
+    // permit like any other request.
     c.send(b"OPTIONS /lab HTTP/1.1\r\nHost: t\r\nOrigin: http://proxy.test\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
-    assert_eq!(c.response().status, 200);
+    refused(&c.response(), 403, "cross_origin");
     c.send(b"OPTIONS /lab HTTP/1.1\r\nHost: t\r\n\r\n");
     refused(&c.response(), 401, "E20004");
+    assert_eq!(up.count(), 0, "no preflight reaches the app");
 
     // /setup with the coordinator's token: a redirect and the cookie.
     let token = sign_hs256(
@@ -474,9 +477,11 @@ fn permit_requests_from_another_origin_are_refused_before_the_app() {
     );
     // The permit is checked first: without it, the answer is the usual 401.
     refused(&c.get("/", "Origin: http://evil.test\r\n"), 401, "E20004");
-    // A genuine CORS preflight carries no cookie and is still let through.
+    // A genuine CORS preflight carries no cookie: the worker answers it, and from
+    // an origin its guard refuses, with the same 403.
     c.send(b"OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\nOrigin: http://evil.test\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
-    assert_eq!(c.response().status, 200);
+    refused(&c.response(), 403, "cross_origin");
+    refusals += 1;
     // Logged with what was refused, and counted as the proxy's own answers by code.
     let lines = w.wait_log("the refusal line", |v| {
         v["message"] == "cross-origin request refused" && v["origin"] == "http://evil.test"

@@ -1,9 +1,10 @@
 //! Hostile suite, class "unauthenticated side doors": on a private circuit (interactive
 //! with the permit cookie, inference with a bearer JWT) no request reaches the app
-//! without the credential — whatever its method, path, body or `Upgrade` — except a
-//! genuine CORS preflight (`Origin` + `Access-Control-Request-Method`, no body, no
-//! `Upgrade`). The app here answers `101` to every upgrade, so a request that slipped
-//! through would open a tunnel instead of getting the proxy's 401.
+//! without the credential — whatever its method, path, body or `Upgrade`. A genuine
+//! CORS preflight (`Origin` + `Access-Control-Request-Method`, no body, no `Upgrade`)
+//! is answered by the worker itself. The app here answers `101` to every upgrade, so
+//! a request that slipped through would open a tunnel instead of getting the proxy's
+//! 401.
 
 mod common;
 
@@ -118,6 +119,11 @@ struct Private {
 }
 
 fn private(app: &App, mode: &str) -> Private {
+    private_with(app, mode, "")
+}
+
+/// [`private`], with `worker_extra` in the worker's `[worker]` section.
+fn private_with(app: &App, mode: &str, worker_extra: &str) -> Private {
     let circuit_extra = match mode {
         "interactive" => {
             format!("open_to_public = false\napp_mode = \"interactive\"\nuser_id = \"{USER}\"")
@@ -127,6 +133,7 @@ fn private(app: &App, mode: &str) -> Private {
     let worker = Worker::start(WorkerOpts {
         upstreams: vec![app.addr],
         extra: SECRETS.into(),
+        worker_extra: worker_extra.into(),
         circuit_extra,
         ..Default::default()
     });
@@ -343,28 +350,110 @@ fn nothing_but_a_genuine_preflight_passes_without_credentials() {
     }
 }
 
+/// A genuine preflight is answered by the worker itself and never reaches the app:
+/// it is the one request a private circuit takes without a credential, and an app
+/// that answers `OPTIONS` as `GET` (Node's `http`, Express `app.all`, Go's
+/// `HandleFunc`) handed its data to any client that sent a preflight's fields.
+/// Before, the app's whole answer came back. A permit-cookie circuit answers a
+/// listed origin (`allowed_origins`) only, as its guard admits only those
+/// cross-origin; a bearer circuit answers any origin (no browser attaches the token on
+/// its own). The next request on the connection is checked again.
 #[test]
-fn a_genuine_preflight_reaches_the_app_and_the_next_request_is_checked_again() {
+fn a_genuine_preflight_is_answered_by_the_worker_and_never_reaches_the_app() {
     for mode in ["interactive", "inference"] {
         let app = App::start();
-        let p = private(&app, mode);
+        let p = private_with(&app, mode, "allowed_origins = [\"https://lab.example\"]");
         let mut c = Client::connect(p.worker.addr());
         c.send(
-            b"OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\nOrigin: https://lab.example\r\nAccess-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: content-type, x-xsrftoken\r\n\r\n",
+            b"OPTIONS /api/contents/secret.ipynb?content=1 HTTP/1.1\r\nHost: t\r\nOrigin: https://lab.example\r\nAccess-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: content-type, x-xsrftoken\r\nX-Backend-Request-ID: preflight-1\r\n\r\n",
         );
         let r = c.response();
-        assert_eq!(r.status, 200, "{mode}: {}", r.text());
-        assert_eq!(r.text(), "app saw OPTIONS /api/contents HTTP/1.1");
+        assert_eq!(r.status, 204, "{mode}: {}", r.text());
+        assert_eq!(r.text(), "", "{mode}: nothing of the app's");
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("https://lab.example")
+        );
+        assert_eq!(r.header("access-control-allow-methods"), Some("PUT"));
+        assert_eq!(
+            r.header("access-control-allow-headers"),
+            Some("content-type, x-xsrftoken")
+        );
+        let credentials = r.header("access-control-allow-credentials");
+        assert_eq!(
+            credentials,
+            (mode == "interactive").then_some("true"),
+            "{mode}"
+        );
+        assert_eq!(r.header("x-backend-request-id"), Some("preflight-1"));
         // Content-Length: 0 is no body: still a preflight.
         c.send(
-            b"OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\nOrigin: https://lab.example\r\nAccess-Control-Request-Method: DELETE\r\nContent-Length: 0\r\n\r\n",
+            b"OPTIONS /api/contents HTTP/1.1\r\nHost: t\r\nOrigin: https://other.example\r\nAccess-Control-Request-Method: DELETE\r\nContent-Length: 0\r\n\r\n",
         );
-        assert_eq!(c.response().status, 200, "{mode}");
+        let r = c.response();
+        if mode == "interactive" {
+            // An origin the guard would refuse with the cookie: refused here too.
+            assert_eq!(r.status, 403, "{mode}: {}", r.text());
+            assert_eq!(r.json()["code"], "cross_origin");
+        } else {
+            assert_eq!(r.status, 204, "{mode}: {}", r.text());
+            assert_eq!(
+                r.header("access-control-allow-origin"),
+                Some("https://other.example")
+            );
+        }
         // The keep-alive connection that carried a preflight carries no credential.
         let r = c.get("/api/contents", "");
         assert_eq!(r.status, 401, "{mode}: {}", r.text());
         assert_eq!(r.json()["code"], p.missing_code);
-        assert_eq!(app.seen().len(), 2, "{mode}: {:?}", app.seen());
+        assert!(app.seen().is_empty(), "{mode}: {:?}", app.seen());
+        // Logged as the worker's own 204, under the circuit.
+        let line = p.worker.wait_access_line("preflight-1");
+        assert_eq!(line["status"], 204, "{line}");
+        assert_eq!(line["method"], "OPTIONS", "{line}");
+    }
+}
+
+/// The same over HTTP/2 (curl, prior knowledge): answered by the worker, nothing
+/// reaches the app.
+#[test]
+fn a_preflight_over_http2_is_answered_by_the_worker() {
+    for mode in ["interactive", "inference"] {
+        let app = App::start();
+        let p = private_with(&app, mode, "allowed_origins = [\"https://lab.example\"]");
+        for (origin, answered) in [
+            ("https://lab.example", true),
+            ("https://other.example", mode == "inference"),
+        ] {
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-i",
+                    "--max-time",
+                    "20",
+                    "--http2-prior-knowledge",
+                    "-X",
+                    "OPTIONS",
+                ])
+                .args(["-H", &format!("Origin: {origin}")])
+                .args(["-H", "Access-Control-Request-Method: PUT"])
+                .arg(format!(
+                    "http://{}/api/contents/secret.ipynb?content=1",
+                    p.worker.addr()
+                ))
+                .output()
+                .expect("curl");
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            let want = if answered { "HTTP/2 204" } else { "HTTP/2 403" };
+            assert!(answer.starts_with(want), "{mode}, {origin}: {answer}");
+            if answered {
+                assert!(
+                    answer.contains(&format!("access-control-allow-origin: {origin}")),
+                    "{mode}: {answer}"
+                );
+            }
+        }
+        assert!(app.seen().is_empty(), "{mode}: {:?}", app.seen());
     }
 }
 

@@ -589,6 +589,25 @@ pub fn refusal_response(out: &mut Vec<u8>, r: &Refusal, id: &RequestId, close: b
     write_error(out, r.status, r.code, &r.message, id, close, r.retry_after);
 }
 
+/// Appends the worker's own answer to a CORS preflight: `204 No Content` with the
+/// CORS fields ([`crate::auth::answer_preflight`]) and the request ID.
+pub fn preflight_response(
+    out: &mut Vec<u8>,
+    fields: &[crate::auth::PreflightField],
+    id: &RequestId,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
+    for (name, value) in fields {
+        push_field(out, name.as_bytes(), value);
+    }
+    push_field(out, b"X-Backend-Request-ID", id.as_str().as_bytes());
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The JSON body of every proxy-made answer, HTTP/1.1 or HTTP/2:
 /// `{"error":…,"code":…,"request_id":…}`.
 pub fn error_body(body: &mut String, code: &str, message: &str, id: &RequestId) {

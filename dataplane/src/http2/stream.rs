@@ -296,9 +296,14 @@ async fn serve_stream(
                 message: "client address not allowed",
             }))
         }
-        Ok(_) => proxy::admit(core, &ctx.hop, req.buf, head, &route)
-            .err()
-            .map(Refusal::from),
+        Ok(_) => match proxy::admit(core, &ctx.hop, req.buf, head, &route) {
+            Ok(proxy::Admit::Forward) => None,
+            Ok(proxy::Admit::Preflight(fields)) => {
+                answer_preflight(ctx, respond, &fields, &id, circuit, line);
+                return;
+            }
+            Err(r) => Some(Refusal::from(r)),
+        },
     };
     if let Some(r) = refusal {
         refuse(ctx, respond, grpc, &r, &id, Some(circuit), line).await;
@@ -481,6 +486,44 @@ async fn refuse(
         status: r.status,
         bytes_in: 0,
         bytes_out,
+        upstream: None,
+        started: line.started,
+    });
+}
+
+/// Answers a CORS preflight to a private circuit itself: 204 with `fields`
+/// ([`crate::auth::answer_preflight`]) and the request ID, the stream ended.
+fn answer_preflight(
+    ctx: &ConnCtx,
+    respond: &mut SendResponse<Bytes>,
+    fields: &[crate::auth::PreflightField],
+    id: &RequestId,
+    circuit: &appproxy_shared::model::Circuit,
+    line: &Line<'_>,
+) {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::NO_CONTENT;
+    let headers = resp.headers_mut();
+    for (name, value) in fields {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    if let Some(v) = id_header(id) {
+        headers.insert(HeaderName::from_static("x-backend-request-id"), v);
+    }
+    let _ = respond.send_response(resp, true);
+    ctx.core.record(&AccessEntry {
+        request_id: id,
+        circuit: Some(circuit),
+        method: line.method,
+        path: line.path,
+        status: 204,
+        bytes_in: 0,
+        bytes_out: 0,
         upstream: None,
         started: line.started,
     });

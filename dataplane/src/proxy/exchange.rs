@@ -264,7 +264,14 @@ impl Client {
                 message: "client address not allowed",
             })
         } else {
-            super::admit(&core, &self.hop, self.buf.filled(), &x.head, &route).err()
+            match super::admit(&core, &self.hop, self.buf.filled(), &x.head, &route) {
+                Ok(super::Admit::Forward) => None,
+                Ok(super::Admit::Preflight(fields)) => {
+                    x.bytes_in = x.head.head_len as u64;
+                    return self.answer_preflight(x, &fields).await;
+                }
+                Err(refused) => Some(refused),
+            }
         };
         if let Some(refused) = refused {
             x.bytes_in = x.head.head_len as u64;
@@ -412,6 +419,24 @@ impl Client {
         };
         let entry = x.entry(r.status, (x.bytes_in, 0), None);
         self.send_refusal(&entry, &r, next != Next::KeepAlive).await;
+        next
+    }
+
+    /// Answers a CORS preflight to a private circuit itself (204 with `fields`): it is
+    /// bodiless (checked before it was admitted), so the connection goes on.
+    async fn answer_preflight(
+        &mut self,
+        x: &Exchange,
+        fields: &[crate::auth::PreflightField],
+    ) -> Next {
+        let next = self.settle(&x.head, Left::Whole, false);
+        let core = &self.core;
+        self.out.clear();
+        encode::preflight_response(&mut self.out, fields, &x.id, next != Next::KeepAlive);
+        self.conn.set_timeout(core.rt.body_idle_timeout);
+        let _ = self.conn.write_all(&self.out).await;
+        core.metrics.add(counter::BYTES_OUT, self.out.len() as u64);
+        core.record(&x.entry(204, (x.bytes_in, self.out.len() as u64), None));
         next
     }
 

@@ -359,12 +359,24 @@ pub(crate) fn client_ip_of(
 /// How a request was admitted by [`check_credentials`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admitted {
-    /// Without a credential: an `open_to_public` circuit, or a genuine CORS preflight.
+    /// Without a credential: an `open_to_public` circuit.
     Freely,
+    /// A genuine CORS preflight to a private circuit: answered by the worker.
+    Preflight,
     /// By the permit cookie (interactive circuits).
     Permit,
     /// By a bearer JWT (inference circuits).
     Bearer,
+}
+
+/// What [`admit`] decided for a request it let in.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// On to the app.
+    Forward,
+    /// A CORS preflight to a private circuit, answered by the worker (204) with
+    /// these fields ([`crate::auth::answer_preflight`]); nothing reaches the app.
+    Preflight(Vec<crate::auth::PreflightField>),
 }
 
 /// Whether a request may reach the app, once the circuit's allowlist let its client
@@ -376,35 +388,58 @@ enum Admitted {
 /// the guard, a page of any app could open a WebSocket to a user's terminal or
 /// kernel, or post to it, with that user's permit. Bearer tokens are not attached by
 /// browsers, and public circuits hold nothing a credential protects, so neither is
-/// checked. Each refusal is logged here; the caller answers it.
+/// checked. A CORS preflight to a private circuit is answered by the worker (for a
+/// permit-cookie circuit, to a listed origin only). Each refusal is logged here; the
+/// caller answers it.
 pub(crate) fn admit(
     core: &Core,
     hop: &ClientHop,
     buf: &[u8],
     head: &RequestHead,
     route: &Route,
-) -> Result<(), crate::auth::Refused> {
+) -> Result<Admit, crate::auth::Refused> {
     let admitted = check_credentials(core, buf, head, route).inspect_err(|r| {
         tracing::info!(code = r.code, reason = r.message, "credentials refused")
     })?;
-    if admitted != Admitted::Permit {
-        return Ok(());
-    }
     let values = |name| head.values(buf, name);
+    match admitted {
+        Admitted::Freely | Admitted::Bearer => return Ok(Admit::Forward),
+        Admitted::Preflight => {
+            let credentialed =
+                route.circuit.circuit.app_mode == appproxy_shared::model::AppMode::Interactive;
+            let fields = head
+                .headers
+                .iter()
+                .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()]));
+            return crate::auth::answer_preflight(fields, credentialed, &core.rt.allowed_origins)
+                .map(Admit::Preflight)
+                .inspect_err(|_| {
+                    let shown =
+                        |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+                    tracing::info!(
+                        origin = %values("origin").next().map(shown).unwrap_or_default(),
+                        "cross-origin preflight refused"
+                    )
+                });
+        }
+        Admitted::Permit => {}
+    }
     let host = addressed_host(hop, buf, head);
     let host = host.as_deref();
     let fetch_site = single_value(buf, head, "sec-fetch-site");
     let allowed = &core.rt.allowed_origins;
-    crate::auth::check_origin(values("origin"), host, fetch_site, allowed).inspect_err(|_| {
-        // Bounded: these are the client's bytes.
-        let shown = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
-        tracing::info!(
-            origin = %values("origin").next().map(shown).unwrap_or_default(),
-            origin_fields = values("origin").count(),
-            host = %host.map(shown).unwrap_or_default(),
-            "cross-origin request refused"
-        )
-    })
+    crate::auth::check_origin(values("origin"), host, fetch_site, allowed)
+        .map(|()| Admit::Forward)
+        .inspect_err(|_| {
+            // Bounded: these are the client's bytes.
+            let shown = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+            tracing::info!(
+                origin = %values("origin").next().map(shown).unwrap_or_default(),
+                origin_fields = values("origin").count(),
+                host = %host.map(shown).unwrap_or_default(),
+                "cross-origin request refused"
+            )
+        })
 }
 
 /// The authority the client addressed: `Host` (`:authority` over HTTP/2), or, from a
@@ -452,9 +487,9 @@ fn single_value<'b>(buf: &'b [u8], head: &RequestHead, name: &str) -> Option<&'b
 
 /// The circuit's credential check: the permit cookie for interactive apps, a bearer
 /// JWT for inference. Skipped only for `open_to_public` circuits and for a genuine
-/// CORS preflight ([`crate::auth::is_cors_preflight`]); every other request, whatever
-/// its method, path or `Upgrade`, needs the credential before any byte of it reaches
-/// the app.
+/// CORS preflight ([`crate::auth::is_cors_preflight`], which the worker answers
+/// itself); every other request, whatever its method, path or `Upgrade`, needs the
+/// credential before any byte of it reaches the app.
 fn check_credentials(
     core: &Core,
     buf: &[u8],
@@ -474,7 +509,7 @@ fn check_credentials(
                 .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
         )
     {
-        return Ok(Admitted::Freely);
+        return Ok(Admitted::Preflight);
     }
     let secrets = &core.rt.secrets;
     // Validation refuses non-public circuits without their key; be safe anyway.
