@@ -513,13 +513,19 @@ async fn download_archive(
         .and_then(|v| v.as_str())
         .map_or_else(|| "archive.zip".to_owned(), str::to_owned);
     // Every listed path must be a file or a directory now (404 before anything is
-    // streamed); each is opened again when its turn comes, so a long list never
-    // holds a descriptor per entry.
+    // streamed), and none in the staging area (400, a token made before this rule
+    // included); each is opened and checked again when its turn comes, so a long
+    // list never holds a descriptor per entry.
     let items = blocking(move || {
         let root = Arc::new(root);
+        let mut check = super::manager::StagingCheck::new(root.as_fd())?;
         let mut items = Vec::new();
         for parts in files {
-            drop(super::open_for_reading(root.as_fd(), &parts)?);
+            drop(super::open_for_reading_checked(
+                root.as_fd(),
+                &parts,
+                &mut check,
+            )?);
             items.push(super::zip::Item::Beneath(root.clone(), parts));
         }
         Ok(items)

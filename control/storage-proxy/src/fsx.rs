@@ -213,6 +213,98 @@ pub fn open_readable(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Own
     readable(path, true, || open(root, parts, READ, BENEATH))
 }
 
+/// The most symlinks [`locate`] follows at the end of a path: the kernel's own
+/// limit for one resolution (`MAXSYMLINKS`).
+const MAX_LINKS: usize = 40;
+
+/// What a path beneath a vfolder names, found by [`locate`].
+pub struct Located {
+    /// An `O_PATH` descriptor of it (never opened for reading yet).
+    pub path: OwnedFd,
+    /// The directory it is an entry of and its name there (never a symlink), or
+    /// `None` for a directory reached otherwise: the vfolder itself, a path ending
+    /// in `..` (through a symlink's target).
+    pub parent: Option<Parent>,
+}
+
+/// Resolves `parts` beneath `root` as [`open_readable`] does (inner symlinks
+/// followed, never out), but follows a symlink in the last place here, one at a
+/// time, so that what the path names is found as an entry of a directory
+/// descriptor: a regular file has no `..` to climb, and the read routes must know
+/// the directory a file is really in (a symlink `l -> .upload/<session>` names a
+/// staged file from outside the staging area). Every directory on the way is still
+/// resolved by the kernel beneath `root` (`RESOLVE_BENEATH`), so nothing found
+/// leaves the vfolder; an absolute link target is refused as the kernel refuses it
+/// there (`EXDEV`), and more than [`MAX_LINKS`] links as a loop (`ELOOP`).
+pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY;
+    let mut path: Vec<OsString> = parts.to_vec();
+    for _ in 0..=MAX_LINKS {
+        let Some((name, dirs)) = path.split_last() else {
+            return Ok(Located {
+                path: open(root, &[], dir_flags, BENEATH)?,
+                parent: None,
+            });
+        };
+        if name == ".." {
+            return Ok(Located {
+                path: open(root, &path, dir_flags, BENEATH)?,
+                parent: None,
+            });
+        }
+        let dir = open(root, dirs, dir_flags, BENEATH)?;
+        let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            let target = rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())?;
+            let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+            let mut next = dirs.to_vec();
+            for c in target.components() {
+                match c {
+                    Component::Normal(part) => next.push(part.to_owned()),
+                    Component::ParentDir => next.push(OsString::from("..")),
+                    Component::CurDir => {}
+                    Component::RootDir | Component::Prefix(_) => {
+                        return Err(rustix::io::Errno::XDEV.into())
+                    }
+                }
+            }
+            path = next;
+            continue;
+        }
+        // Swapped for a symlink since: this opens the link itself, which
+        // [`open_located`] refuses as it refuses anything but a file or directory.
+        let fd = openat2(
+            &dir,
+            name.as_os_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            STRICT,
+        )?;
+        let name = name.clone();
+        return Ok(Located {
+            path: fd,
+            parent: Some(Parent { dir, name }),
+        });
+    }
+    Err(rustix::io::Errno::LOOP.into())
+}
+
+/// Opens for reading what [`locate`] found: a regular file or a directory, the very
+/// inode located, anything else refused without being opened (see [`readable`]).
+pub fn open_located(root: BorrowedFd<'_>, located: Located) -> io::Result<OwnedFd> {
+    let Located { path, parent } = located;
+    readable(path, true, || match &parent {
+        Some(p) => Ok(openat2(
+            &p.dir,
+            p.name.as_os_str(),
+            READ | OFlags::NOFOLLOW,
+            Mode::empty(),
+            STRICT,
+        )?),
+        None => open(root, &[], READ | OFlags::DIRECTORY, BENEATH),
+    })
+}
+
 /// A directory descriptor and a name in it: where a mutation happens.
 pub struct Parent {
     /// The parent directory.
@@ -347,6 +439,52 @@ pub fn beneath(
             return Ok(false);
         }
         let up = rustix::fs::openat(at, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+        if identity(up.as_fd())? == id {
+            break;
+        }
+        held = Some(up);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not beneath the directory it was resolved in",
+    ))
+}
+
+/// The most directories [`beneath_known`] remembers as found outside: 16 bytes
+/// each, whatever a user makes.
+const MAX_KNOWN: usize = 100_000;
+
+/// [`beneath`], remembering in `known` every directory a climb found outside
+/// `inside` (up to [`MAX_KNOWN`] of them), and stopping at one of them: the read
+/// routes check each of up to 10 000 paths of an archive token, most of them in the
+/// same few directories, and each climb then costs the levels not seen before.
+pub fn beneath_known(
+    dir: BorrowedFd<'_>,
+    inside: (u64, u64),
+    top: (u64, u64),
+    known: &mut std::collections::HashSet<(u64, u64)>,
+) -> io::Result<bool> {
+    let mut held: Option<OwnedFd> = None;
+    let mut seen = Vec::new();
+    for _ in 0..MAX_CLIMB {
+        let at = held.as_ref().map_or(dir, |fd| fd.as_fd());
+        let id = identity(at)?;
+        if id == inside {
+            return Ok(true);
+        }
+        if id == top || known.contains(&id) {
+            let room = MAX_KNOWN.saturating_sub(known.len());
+            known.extend(seen.into_iter().take(room));
+            return Ok(false);
+        }
+        seen.push(id);
+        // `O_PATH`: a climb needs no right to list the directories it passes.
+        let up = rustix::fs::openat(
+            at,
+            "..",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         if identity(up.as_fd())? == id {
             break;
         }

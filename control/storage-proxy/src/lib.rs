@@ -215,16 +215,34 @@ impl Metrics {
 
 /// Opens a regular file or a directory under a vfolder for reading
 /// (`RESOLVE_BENEATH`; special files are never opened, see `fsx::readable`): a
-/// missing entry or one of another type is the API's 404, any other failure its
-/// mapped error.
+/// missing entry or one of another type is the API's 404, one in the vfolder's
+/// staging area (`.upload`, by name or through a symlink: other users' uploads in
+/// progress, see `manager::StagingCheck`) the staging area's 400, any other failure
+/// its mapped error.
 pub fn open_for_reading(
     root: std::os::fd::BorrowedFd<'_>,
     parts: &[std::ffi::OsString],
 ) -> Result<std::os::fd::OwnedFd, ApiError> {
-    fsx::open_readable(root, parts).map_err(|e| match e.kind() {
+    let mut check = manager::StagingCheck::new(root)?;
+    open_for_reading_checked(root, parts, &mut check)
+}
+
+/// [`open_for_reading`] with a staging check made for `root` already, which
+/// remembers the directories it found outside the staging area: an archive checks
+/// each of its listed paths with one.
+pub fn open_for_reading_checked(
+    root: std::os::fd::BorrowedFd<'_>,
+    parts: &[std::ffi::OsString],
+    check: &mut manager::StagingCheck,
+) -> Result<std::os::fd::OwnedFd, ApiError> {
+    let not_found = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => ApiError::NotFound,
         _ => e.into(),
-    })
+    };
+    manager::outside_staging_area(parts)?;
+    let located = fsx::locate(root, parts).map_err(not_found)?;
+    check.refuse(&located)?;
+    fsx::open_located(root, located).map_err(not_found)
 }
 
 /// An API refusal, mapped to a status in one place.

@@ -721,8 +721,16 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
+    outside_staging_area(&parts)?;
     let (dir, entries, at_root) = blocking(move || {
+        // Never the staging area, reached through a symlink either: its entries
+        // name other users' uploads in progress. What the path names is checked
+        // (a staged file is refused as such, not as no directory), then the
+        // directory opened.
+        let mut check = StagingCheck::new(root.as_fd())?;
+        check.refuse(&fsx::locate(root.as_fd(), &parts)?)?;
         let dir = fsx::open_dir(root.as_fd(), &parts)?;
+        check.refuse_dir(dir.as_fd())?;
         let (a, b) = (rustix::fs::fstat(&root)?, rustix::fs::fstat(&dir)?);
         let at_root = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
         let entries = fsx::entries(dir.as_fd())?;
@@ -1205,7 +1213,7 @@ pub fn staging_refused() -> ApiError {
 }
 
 /// Refuses a path in the staging area (its first component is `.upload`).
-fn outside_staging_area(parts: &[OsString]) -> Result<(), ApiError> {
+pub(crate) fn outside_staging_area(parts: &[OsString]) -> Result<(), ApiError> {
     match parts.first() {
         Some(first) if first == STAGING => Err(staging_refused()),
         _ => Ok(()),
@@ -1255,6 +1263,90 @@ pub fn outside_staging_dir(
         fsx::dir_identity(root)?,
     );
     match fsx::beneath(dir, inside, top, known) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(staging_refused()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(PathError::Escape.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the read routes (listings, downloads, archives, `fetch`, `mount` and the
+/// tokens of downloads) check a path against: the vfolder's staging area, where
+/// other users' unfinished uploads are, and the directories found outside it
+/// already. A path reaches it through a symlink as well as by name (`l ->
+/// .upload`, `l -> .upload/<session>`, `d/l -> ../.upload`), so what the path
+/// names is climbed from by `..` as the write routes' [`outside_staging_dir`] does:
+/// a directory from itself, anything else from the directory it was found in
+/// ([`fsx::locate`]). Before, every read route served it: a listing named the
+/// sessions, a download or `fetch` sent a partial upload, an archive zipped them.
+pub struct StagingCheck {
+    /// The vfolder's identity: where a climb ends outside.
+    top: (u64, u64),
+    /// The staging area's identity; `None` when there is none (a `.upload` that is
+    /// not a directory is never followed, so it holds no staged file).
+    staging: Option<(u64, u64)>,
+    /// Directories found outside the staging area (see [`fsx::beneath_known`]).
+    outside: std::collections::HashSet<(u64, u64)>,
+}
+
+impl StagingCheck {
+    /// The check for the vfolder `root`. The staging area is found with `statat`,
+    /// not opened: a `.upload` its user made unreadable is still refused.
+    pub fn new(root: BorrowedFd<'_>) -> std::io::Result<Self> {
+        let staging = match rustix::fs::statat(root, STAGING, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                #[allow(clippy::unnecessary_cast)] // The field types differ between targets.
+                Some((st.st_dev as u64, st.st_ino as u64))
+            }
+            Ok(_) | Err(rustix::io::Errno::NOENT) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            top: fsx::dir_identity(root)?,
+            staging,
+            outside: std::collections::HashSet::new(),
+        })
+    }
+
+    /// The identity of the vfolder this check is for.
+    pub fn top(&self) -> (u64, u64) {
+        self.top
+    }
+
+    /// Whether what `located` names lies in the staging area (is it, or is under
+    /// it). An error when the climb does not lead back to the vfolder
+    /// (`InvalidInput`: moved out of it meanwhile) or a level cannot be opened.
+    pub fn reaches_staging(&mut self, located: &fsx::Located) -> std::io::Result<bool> {
+        let Some(inside) = self.staging else {
+            return Ok(false);
+        };
+        let kind = FileType::from_raw_mode(rustix::fs::fstat(&located.path)?.st_mode);
+        let from = match &located.parent {
+            Some(p) if kind != FileType::Directory => p.dir.as_fd(),
+            _ => located.path.as_fd(),
+        };
+        fsx::beneath_known(from, inside, self.top, &mut self.outside)
+    }
+
+    /// [`Self::reaches_staging`] as the API answers it: 400 naming the staging
+    /// area, as the write routes answer (an escape when the climb left the
+    /// vfolder).
+    pub fn refuse(&mut self, located: &fsx::Located) -> Result<(), ApiError> {
+        staging_answer(self.reaches_staging(located))
+    }
+
+    /// [`Self::refuse`] for a directory opened already.
+    pub fn refuse_dir(&mut self, dir: BorrowedFd<'_>) -> Result<(), ApiError> {
+        let Some(inside) = self.staging else {
+            return Ok(());
+        };
+        staging_answer(fsx::beneath_known(dir, inside, self.top, &mut self.outside))
+    }
+}
+
+/// A staging check's outcome as the API answers it.
+fn staging_answer(reaches: std::io::Result<bool>) -> Result<(), ApiError> {
+    match reaches {
         Ok(false) => Ok(()),
         Ok(true) => Err(staging_refused()),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(PathError::Escape.into()),
@@ -1410,11 +1502,16 @@ async fn download_token(
 ) -> Result<Json<Value>, ApiError> {
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
-    // Refused now when it resolves out of the vfolder; a missing file is a 404 later.
-    match fsx::open(root.as_fd(), &parts, OFlags::PATH, fsx::BENEATH) {
-        Err(e) if fsx::is_escape(&e) => return Err(PathError::Escape.into()),
-        _ => {}
-    }
+    outside_staging_area(&parts)?;
+    // Refused now when it resolves out of the vfolder or into the staging area; a
+    // missing file is a 404 later. The download checks both again: what the path
+    // names may change before it is used.
+    blocking(move || match fsx::locate(root.as_fd(), &parts) {
+        Err(e) if fsx::is_escape(&e) => Err(PathError::Escape.into()),
+        Err(_) => Ok(()),
+        Ok(located) => StagingCheck::new(root.as_fd())?.refuse(&located),
+    })
+    .await?;
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "exp": exp}),
@@ -1464,10 +1561,16 @@ async fn mount(
 ) -> Result<Json<Value>, ApiError> {
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.subpath)?;
+    outside_staging_area(&parts)?;
     let check = parts.clone();
     // The subpath must be a directory beneath the vfolder with no symlink on the way:
-    // the path handed out is followed by someone else later.
-    blocking(move || Ok(fsx::open(root.as_fd(), &check, fsx::DIR, fsx::STRICT)?)).await?;
+    // the path handed out is followed by someone else later. Never in the staging
+    // area: a container mounting it would read other users' uploads in progress.
+    blocking(move || {
+        let dir = fsx::open(root.as_fd(), &check, fsx::DIR, fsx::STRICT)?;
+        StagingCheck::new(root.as_fd())?.refuse_dir(dir.as_fd())
+    })
+    .await?;
     let base = state.volumes.folder(&r.volume, &r.vfid)?;
     let path = if parts.is_empty() {
         base
@@ -1526,7 +1629,7 @@ async fn archive_download_token(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<ArchiveReq>,
 ) -> Result<Json<Value>, ApiError> {
-    state.volumes.open_folder(&r.volume, &r.virtual_folder_id)?;
+    let root = state.volumes.open_folder(&r.volume, &r.virtual_folder_id)?;
     if r.files.is_empty() || r.files.len() > 10_000 {
         return Err(ApiError::Params("files: 1 to 10000 paths".into()));
     }
@@ -1536,14 +1639,28 @@ async fn archive_download_token(
         if p.is_empty() {
             return Err(ApiError::Params("files: the vfolder itself".into()));
         }
+        outside_staging_area(&p)?;
         parts.push(p);
     }
     // Each path once, none inside another listed one: its tree would be archived as
     // many times as it is listed.
-    let files: Vec<&String> = fsx::outermost(&parts)
-        .into_iter()
-        .filter_map(|i| r.files.get(i))
-        .collect();
+    let kept = fsx::outermost(&parts);
+    // None in the staging area, through a symlink either (one missing now is a 404
+    // when the archive is downloaded, where every path is checked again).
+    let listed: Vec<Vec<OsString>> = kept.iter().filter_map(|&i| parts.get(i).cloned()).collect();
+    blocking(move || {
+        let mut check = StagingCheck::new(root.as_fd())?;
+        for p in &listed {
+            if let Ok(located) = fsx::locate(root.as_fd(), p) {
+                if check.reaches_staging(&located).unwrap_or(false) {
+                    return Err(staging_refused());
+                }
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let files: Vec<&String> = kept.into_iter().filter_map(|i| r.files.get(i)).collect();
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": files, "filename": r.filename, "exp": exp}),

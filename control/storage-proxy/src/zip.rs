@@ -54,6 +54,7 @@ use rustix::fs::FileType;
 use tokio::sync::mpsc;
 
 use super::fsx;
+use super::manager::StagingCheck;
 
 /// Where the classic format's 32-bit fields end.
 const LIMIT: u64 = u32::MAX as u64;
@@ -1103,6 +1104,8 @@ impl<'a> Writer<'a> {
         let (items, listed) = outermost(items);
         // Listed directories already archived, by device and inode.
         let mut walked = std::collections::HashSet::new();
+        // The staging check of the listed paths' vfolder, made at the first.
+        let mut staging: Option<StagingCheck> = None;
         for item in items {
             // Whether this item's walk leaves out the staging area at its top.
             let mut skip_staging = skip_staging;
@@ -1111,9 +1114,31 @@ impl<'a> Writer<'a> {
                     // Checked before the answer began, but opened only now: an entry
                     // removed or replaced by a special file meanwhile is left out,
                     // as a walk leaves it out, rather than cutting the archive; any
-                    // other failure to open it cuts the archive.
-                    let fd = match fsx::open_readable(root.as_fd(), &parts) {
-                        Ok(fd) => fd,
+                    // other failure to open it cuts the archive. So is one that
+                    // reaches the staging area now (a symlink swapped in meanwhile):
+                    // other users' uploads in progress are never archived.
+                    let top = fsx::dir_identity(root.as_fd())?;
+                    let check = match &mut staging {
+                        Some(check) if check.top() == top => check,
+                        slot => slot.insert(StagingCheck::new(root.as_fd())?),
+                    };
+                    let opened = fsx::locate(root.as_fd(), &parts).and_then(|located| {
+                        if check.reaches_staging(&located)? {
+                            return Ok(None);
+                        }
+                        fsx::open_located(root.as_fd(), located).map(Some)
+                    });
+                    let fd = match opened {
+                        Ok(Some(fd)) => fd,
+                        Ok(None) => {
+                            if self.names.notes.left_out() {
+                                tracing::warn!(
+                                    entry = %fsx::join(&parts).to_string_lossy(),
+                                    "listed entry reaches the staging area: left out of the archive"
+                                );
+                            }
+                            continue;
+                        }
                         Err(e) if fsx::is_gone(&e) => {
                             if self.names.notes.left_out() {
                                 tracing::warn!(

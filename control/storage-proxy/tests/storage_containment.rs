@@ -752,3 +752,263 @@ fn a_delete_reaching_the_staging_area_is_refused_before_anything_goes() {
         assert!(vf.join(".upload/sub/f.bin").is_file());
     }
 }
+
+/// Every read route refuses the staging area (`.upload` at the vfolder's root,
+/// where other users' uploads in progress are) with the write routes' 400, however
+/// a path reaches it: by name, through a symlink to it or to a staged file, through
+/// `d/up -> ../.upload`, through `here -> .`; `list`, a download's token and the
+/// download itself (a token signed before this rule, or whose path became a
+/// symlink to the staging area after it was issued), a directory's archive,
+/// an archive's token and `/download-archive`, `fetch` and `mount`. Nothing
+/// answered carries the partial upload's bytes. An archive of a directory holding
+/// a symlink to the staging area does not follow it, and paths elsewhere (through
+/// links too) read as before. Before, every one of these read routes served it: a
+/// listing named the sessions, downloads and `fetch` sent the partial upload, the
+/// archives zipped it, `mount` handed out its host path.
+#[test]
+fn the_read_routes_refuse_the_staging_area_however_it_is_reached() {
+    const VICTIM: &[u8] = b"VICTIM-PARTIAL-UPLOAD";
+    let p = Proxy::start("");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "private.bin", "size": 100}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let upload = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(p.tus_patch(&upload, "0", VICTIM).status, 204);
+    let vf = p.vfolder_path();
+    let session = std::fs::read_dir(vf.join(".upload"))
+        .expect("staging area")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.len() == 32)
+        .expect("the staged file");
+    std::fs::write(vf.join("a.txt"), b"mine").expect("a");
+    std::fs::create_dir_all(vf.join("d/.upload")).expect("d");
+    std::fs::write(vf.join("d/f.txt"), b"in d").expect("f");
+    std::fs::write(vf.join("d/.upload/g.txt"), b"ordinary").expect("g");
+    std::os::unix::fs::symlink(".upload", vf.join("link")).expect("link");
+    std::os::unix::fs::symlink(format!(".upload/{session}"), vf.join("staged")).expect("link");
+    std::os::unix::fs::symlink("../.upload", vf.join("d/up")).expect("link");
+    std::os::unix::fs::symlink(".", vf.join("here")).expect("link");
+    std::os::unix::fs::symlink("staged", vf.join("chain")).expect("link");
+    let refused = |what: &str, r: &appproxy_test_support::http::Resp| {
+        assert!(
+            !contains(&r.body, VICTIM) && !contains(&r.body, session.as_bytes()),
+            "{what}: served the staging area: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{what}");
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(title.contains("staging area"), "{what}: {title}");
+    };
+    let staged = format!(".upload/{session}");
+    let through_link = format!("link/{session}");
+    let through_d = format!("d/up/{session}");
+    let through_here = format!("here/.upload/{session}");
+    let files = [
+        staged.as_str(),
+        through_link.as_str(),
+        through_d.as_str(),
+        through_here.as_str(),
+        "staged",
+        "chain",
+    ];
+    let dirs = [".upload", "link", "d/up", "here/.upload", "./.upload/"];
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + 600;
+    // A download token signed as the proxy signed them before (for any path).
+    let old_download = |relpath: &str| {
+        appproxy_shared::jwt::sign_hs256(
+            &serde_json::json!({"op": "download", "volume": "local", "vfid": VFID, "relpath": relpath, "exp": exp}),
+            "session-key",
+        )
+    };
+    let old_archive = |files: &[&str]| {
+        appproxy_shared::jwt::sign_hs256(
+            &serde_json::json!({"operation": "download", "volume": "local", "virtual_folder_id": VFID, "files": files, "filename": null, "exp": exp}),
+            "session-key",
+        )
+    };
+    let wait = Duration::from_secs(60);
+    let get = |path: &str| {
+        appproxy_test_support::http::request_within(p.client, "GET", path, &[], b"", wait)
+            .unwrap_or_else(|| panic!("GET {path}: no answer within {wait:?}"))
+    };
+    for path in dirs.iter().chain(files.iter()) {
+        let what = |route: &str| format!("{route} {path}");
+        refused(
+            &what("list"),
+            &p.manager(
+                "/folder/file/list",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": path}),
+                None,
+            ),
+        );
+        refused(
+            &what("download token"),
+            &p.manager(
+                "/folder/file/download",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": path}),
+                None,
+            ),
+        );
+        let token = old_download(path);
+        refused(&what("download"), &get(&format!("/download?token={token}")));
+        refused(
+            &what("download archive=true"),
+            &get(&format!("/download?token={token}&archive=true")),
+        );
+        for listed in [vec![*path], vec!["a.txt", *path]] {
+            refused(
+                &what("archive token"),
+                &p.manager(
+                    "/folder/file/archive-download-token",
+                    serde_json::json!({"volume": "local", "vfid": VFID, "files": listed}),
+                    None,
+                ),
+            );
+            refused(
+                &what("download-archive"),
+                &p.download_archive(&old_archive(&listed)),
+            );
+        }
+        refused(
+            &what("fetch"),
+            &p.manager(
+                "/folder/file/fetch",
+                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": path}),
+                None,
+            ),
+        );
+    }
+    // `mount` follows no symlink at all: the staging area by name, and below it.
+    for subpath in [".upload", "./.upload"] {
+        refused(
+            &format!("mount {subpath}"),
+            &p.manager_method(
+                "GET",
+                "/folder/mount",
+                serde_json::json!({"volume": "local", "vfid": VFID, "subpath": subpath}),
+            ),
+        );
+    }
+    std::fs::create_dir(vf.join(".upload/sub")).expect("sub");
+    refused(
+        "mount .upload/sub",
+        &p.manager_method(
+            "GET",
+            "/folder/mount",
+            serde_json::json!({"volume": "local", "vfid": VFID, "subpath": ".upload/sub"}),
+        ),
+    );
+    // Tokens issued while the path was ordinary, the path a symlink to the staging
+    // area when the token is used.
+    std::fs::write(vf.join("swap"), b"was ordinary").expect("swap");
+    std::fs::create_dir(vf.join("swapdir")).expect("swapdir");
+    let file_token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "swap"}),
+    );
+    let dir_token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "swapdir"}),
+    );
+    let archive_token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["a.txt", "swapdir"]}),
+    );
+    std::fs::remove_file(vf.join("swap")).expect("swap");
+    std::os::unix::fs::symlink(format!(".upload/{session}"), vf.join("swap")).expect("link");
+    std::fs::remove_dir(vf.join("swapdir")).expect("swapdir");
+    std::os::unix::fs::symlink(".upload", vf.join("swapdir")).expect("link");
+    refused(
+        "download of a path swapped after its token",
+        &get(&format!("/download?token={file_token}")),
+    );
+    refused(
+        "archive of a directory swapped after its token",
+        &get(&format!("/download?token={dir_token}&archive=true")),
+    );
+    refused(
+        "download-archive of a directory swapped after its token",
+        &p.download_archive(&archive_token),
+    );
+    // Elsewhere, through links too, reads work as before.
+    let r = p.download("here/a.txt", "", &[]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"mine"[..]));
+    let r = p.download("d/.upload/g.txt", "", &[]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ordinary"[..]));
+    let r = p.manager(
+        "/folder/file/list",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.manager(
+        "/folder/file/fetch",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d/f.txt"}),
+        None,
+    );
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"in d"[..]));
+    let r = p.manager_method(
+        "GET",
+        "/folder/mount",
+        serde_json::json!({"volume": "local", "vfid": VFID, "subpath": "d/.upload"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // An archive of a directory holding a symlink to the staging area, and of the
+    // vfolder through `here`: the link is not followed, the staging area left out.
+    for (path, expected) in [
+        ("d", vec!["'.upload/g.txt'", "'f.txt'"]),
+        ("here", vec!["'a.txt'", "'d/.upload/g.txt'", "'d/f.txt'"]),
+    ] {
+        let r = p.download(path, "&archive=true", &[]);
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!contains(&r.body, VICTIM), "{path}");
+        let mut names = zip_names(&r.body, p.dir.path());
+        names.sort();
+        assert_eq!(names, expected, "{path}");
+    }
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["d", "here/a.txt"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!contains(&r.body, VICTIM));
+    let mut names = zip_names(&r.body, p.dir.path());
+    names.sort();
+    assert_eq!(names, ["'d/.upload/g.txt'", "'d/f.txt'", "'here/a.txt'"]);
+    // The victim's upload completes as if nothing happened.
+    assert_eq!(
+        std::fs::read(vf.join(".upload").join(&session)).expect("staged"),
+        VICTIM
+    );
+}
+
+/// Python's zipfile: checks every CRC and lists the names (`repr`), one a line.
+fn zip_names(zip: &[u8], dir: &Path) -> Vec<String> {
+    let path = dir.join("read.zip");
+    std::fs::write(&path, zip).expect("zip");
+    storage_common::python(
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nfor n in z.namelist(): print(repr(n))",
+        &path,
+    )
+    .expect("a valid zip")
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
