@@ -1005,7 +1005,15 @@ impl<'a> Writer<'a> {
         })
     }
 
-    fn file(&mut self, mut file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
+    /// Writes `file`'s entry: at most the size `fstat` gives now, which decided its
+    /// method (a file mostly holes is never deflated) and its format (zip64 or
+    /// not). A file can change while it is read: its user can grow it after the
+    /// decision (`truncate -s 3900M` on a dense file whose start compresses), which
+    /// had the proxy deflate gigabytes of zeros, or grow it past 4 GiB, which cut
+    /// every archive holding it; bytes past that size are not read. A file that
+    /// shrinks meanwhile is what was read of it: the entry's CRC and sizes are
+    /// always those of the bytes it holds.
+    fn file(&mut self, file: std::fs::File, name: Vec<u8>) -> std::io::Result<()> {
         let meta = file.metadata()?;
         use std::os::unix::fs::PermissionsExt as _;
         // The type and permission bits, never set-user-ID, set-group-ID or sticky:
@@ -1019,6 +1027,7 @@ impl<'a> Writer<'a> {
             meta.blocks().saturating_mul(512) < meta.len() / 2
         };
         let mut buf = std::mem::take(&mut self.buf);
+        let mut file = file.take(meta.len());
         let result = self.file_body(&mut file, name, meta.len(), mode, !mostly_holes, &mut buf);
         self.buf = buf;
         result
@@ -1026,7 +1035,7 @@ impl<'a> Writer<'a> {
 
     fn file_body(
         &mut self,
-        file: &mut std::fs::File,
+        file: &mut impl std::io::Read,
         name: Vec<u8>,
         len: u64,
         mode: u32,
@@ -1064,9 +1073,11 @@ impl<'a> Writer<'a> {
             }
             csize += out.len() as u64;
             if !zip64 && (size > LIMIT || csize > LIMIT) {
-                // Grown past the classic limit while being read: never corrupt.
+                // Past the classic limit without zip64 (no more than the size at
+                // open is read, so only what deflate adds could take it there):
+                // never corrupt.
                 return Err(std::io::Error::other(
-                    "a file grew past 4 GiB while archived",
+                    "an entry passed 4 GiB without zip64 while archived",
                 ));
             }
             if !out.is_empty() {
@@ -1082,7 +1093,7 @@ impl<'a> Writer<'a> {
         csize += out.len() as u64;
         if !zip64 && csize > LIMIT {
             return Err(std::io::Error::other(
-                "a file grew past 4 GiB while archived",
+                "an entry passed 4 GiB without zip64 while archived",
             ));
         }
         self.send(out)?;

@@ -431,3 +431,149 @@ fn forged_headers_in_a_file_mostly_holes_stay_its_bytes() {
     data.resize(8 << 20, 0);
     check_downloads(&p, &data);
 }
+
+/// The proxy's file offset of its open descriptor of `path` (the archive's writer
+/// reading it), once it has one: `None` if it never opens it within a minute.
+fn proxy_offset(p: &Proxy, path: &Path) -> Option<u64> {
+    let pid = p.child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+            if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if let Some(pos) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("pos:"))
+                .and_then(|v| v.trim().parse().ok())
+            {
+                return Some(pos);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+/// Downloads the archive of `d` (holding `name`) with a client that stops reading
+/// once `name`'s local header has come (the proxy has opened the file and taken its
+/// size then, and waits for the client with the rest of it in hand), calls
+/// `change` on the file, checks that the writer had not read the whole file by
+/// then, and reads the rest: the archive's body.
+fn archive_changed_while_read(
+    p: &Proxy,
+    name: &str,
+    change: impl FnOnce(&std::fs::File),
+) -> Vec<u8> {
+    use appproxy_test_support::net::ReadUninterrupted as _;
+    use std::io::Read as _;
+    let path = p.vfolder_path().join("d").join(name);
+    let len = std::fs::metadata(&path).expect("stat").len();
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
+    );
+    // A small receive buffer (before the connection, so the window stays small):
+    // the writer is held back within the file, its bytes not all in the socket.
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .expect("socket");
+    rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 16 << 10).expect("SO_RCVBUF");
+    rustix::net::connect(&fd, &p.client).expect("connect");
+    let mut s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /download?token={token}&archive=true HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(raw.windows(4).any(|w| w == b"PK\x03\x04")
+        && raw.windows(name.len()).any(|w| w == name.as_bytes()))
+    {
+        let n = s.read_uninterrupted(&mut buf).expect("the archive's start");
+        assert!(n > 0, "closed before {name}'s header");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    change(&file);
+    drop(file);
+    // The writer's offset in the file after the change: short of the size it saw,
+    // so it had not reached the end before the change (else nothing is tested).
+    let pos = proxy_offset(p, &path).expect("the proxy reads the file");
+    assert!(
+        pos < len,
+        "the writer read all {len} bytes of {name} before it changed (offset {pos}): more buffering than the test allows for"
+    );
+    s.read_to_end(&mut raw).expect("the rest of the archive");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.body
+}
+
+/// A file's entry holds at most the size the archive saw when it opened the file.
+/// The archive decides between deflate and sending as it is (a file mostly holes
+/// is never deflated) from that size and the file's blocks; a user who grew the
+/// file after the decision (`truncate -s 3900M` on a dense file whose start
+/// compresses) had the proxy deflate gigabytes of zeros, and growing a file past
+/// 4 GiB cut every archive of a shared folder holding it. Here the file (64 KiB of
+/// text, so deflated, then 8 MiB that do not compress, which keep the writer
+/// waiting for the client within the file) grows by 8 MiB of holes once its header
+/// has come: its entry is its bytes at open, in every reader. A file that shrinks
+/// meanwhile is what the writer read of it, its sizes and CRC those of the bytes
+/// it holds (as before). Before, the grown file's entry held the 8 MiB of holes.
+#[test]
+fn a_file_grown_while_archived_is_archived_at_the_size_seen_at_open() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let d = p.vfolder_path().join("d");
+    std::fs::create_dir_all(&d).expect("d");
+    let text: Vec<u8> = b"the archive deflates what starts like this\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(64 << 10)
+        .collect();
+    let data = [text, incompressible(8 << 20)].concat();
+    std::fs::write(d.join("grow.bin"), &data).expect("grow");
+    let zip = archive_changed_while_read(&p, "grow.bin", |f| {
+        f.set_len(data.len() as u64 + (8 << 20)).expect("grow");
+    });
+    let work = tempfile::tempdir().expect("work");
+    check_archive(&zip, &[("grow.bin", &data)], work.path());
+
+    // Shrunk to 1 MiB: the entry holds what the writer read, a prefix of the file
+    // at least 1 MiB long, short of its size at open, and says so.
+    std::fs::remove_file(d.join("grow.bin")).expect("rm");
+    std::fs::write(d.join("shrink.bin"), &data).expect("shrink");
+    let zip = archive_changed_while_read(&p, "shrink.bin", |f| {
+        f.set_len(1 << 20).expect("shrink");
+    });
+    let streamed = stream_entries(&zip).unwrap_or_else(|e| panic!("streaming read: {e}"));
+    let [(name, got)] = streamed.as_slice() else {
+        panic!(
+            "one entry: {:?}",
+            streamed.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+    };
+    assert_eq!(name, "shrink.bin");
+    assert!(
+        got.len() >= 1 << 20 && got.len() < data.len() && data.starts_with(got),
+        "{} bytes, not a prefix of the file between its sizes",
+        got.len()
+    );
+    check_archive(&zip, &[("shrink.bin", got)], work.path());
+}
