@@ -212,7 +212,8 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
             {
                 let value =
                     crate::auth::permit_value(permit_secret, user, core.rt.secrets.permit_digest);
-                let _ = write!(extra, "Set-Cookie: appproxy_permit=\"{value}\"; HttpOnly; Max-Age=604800; Path=/; SameSite=Lax");
+                let name = crate::http::encode::permit_cookie_name(user);
+                let _ = write!(extra, "Set-Cookie: {name}=\"{value}\"; HttpOnly; Max-Age=604800; Path=/; SameSite=Lax");
                 if core.rt.tls_advertised {
                     extra.push_str("; Secure");
                 }

@@ -87,42 +87,55 @@ pub fn cookie<'a>(header: &'a [u8], name: &'a str) -> Option<&'a [u8]> {
 /// Every value of cookie `name` in a `Cookie` header value, unquoted, in order (a
 /// browser sends each cookie of that name its jar holds for the request's path).
 pub fn cookies<'a>(header: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    header.split(|b| *b == b';').filter_map(move |pair| {
+    cookie_pairs(header)
+        .filter(move |(k, _)| *k == name.as_bytes())
+        .map(|(_, v)| v)
+}
+
+/// Every `(name, value)` pair of a `Cookie` header value, the value unquoted, in
+/// order; a pair without `=` is none.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    header.split(|b| *b == b';').filter_map(|pair| {
         let pair = pair.trim_ascii();
         let eq = pair.iter().position(|b| *b == b'=')?;
         let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
-        if k != name.as_bytes() {
-            return None;
-        }
-        Some(match v {
-            [b'"', inner @ .., b'"'] => inner,
-            v => v,
-        })
+        Some((
+            k,
+            match v {
+                [b'"', inner @ .., b'"'] => inner,
+                v => v,
+            },
+        ))
     })
 }
 
-/// Checks the permit cookie of an interactive circuit owned by `user_id`. Every
-/// cookie of the permit's name counts: the request is the user's when any of them is
-/// the user's permit. A page on the same host (cookies ignore ports) can plant a
-/// cookie of that name under a longer path, which browsers send first; were only
-/// the first tried, it would lock the user out of their own circuits.
+/// Checks the permit cookie of an interactive circuit owned by `user_id`: the
+/// owner's own cookie ([`crate::http::encode::permit_cookie_name`]) or the
+/// original's one name ([`crate::http::encode::PERMIT_COOKIE`]). Every cookie of
+/// those names counts: the request is the user's when any of them is the user's
+/// permit. A page on the same host (cookies ignore ports) can plant a cookie of such
+/// a name under a longer path, which browsers send first; were only the first tried,
+/// it would lock the user out of their own circuits. Another user's permit cookie
+/// (the browser went through that user's `/setup` link) is not the owner's and is
+/// not tried.
 pub fn check_permit(
     cookie_headers: &[&[u8]],
     secret: &str,
     user_id: Option<&uuid::Uuid>,
     digest: PermitDigest,
 ) -> Result<(), Refused> {
-    let permit = crate::http::encode::PERMIT_COOKIE;
-    let mut presented = cookie_headers
-        .iter()
-        .flat_map(|h| cookies(h, permit))
-        .peekable();
-    if presented.peek().is_none() {
+    use crate::http::encode::{is_permit_cookie_name, permit_cookie_name, PERMIT_COOKIE};
+    let pairs = || cookie_headers.iter().flat_map(|h| cookie_pairs(h));
+    if !pairs().any(|(name, _)| is_permit_cookie_name(name)) {
         return Err(refused(401, "E20004", "permit cookie missing"));
     }
     let user = user_id.ok_or(refused(401, "E20005", "permit does not match"))?;
+    let own = permit_cookie_name(user);
     let want = permit_value(secret, user, digest);
-    if presented.any(|v| constant_time_eq(v, want.as_bytes())) {
+    if pairs()
+        .filter(|(name, _)| *name == own.as_bytes() || *name == PERMIT_COOKIE.as_bytes())
+        .any(|(_, v)| constant_time_eq(v, want.as_bytes()))
+    {
         Ok(())
     } else {
         Err(refused(401, "E20005", "permit does not match"))
@@ -494,6 +507,46 @@ mod tests {
             .expect_err("none is the user's")
             .code,
             "E20005"
+        );
+    }
+
+    /// Each user's permit has a cookie of its own (`/setup` sets it): the owner's
+    /// is taken beside the original's one name, another user's is not the owner's.
+    #[test]
+    fn permit_cookies_are_per_user() {
+        let owner = uuid::Uuid::new_v4();
+        let other = uuid::Uuid::new_v4();
+        let name = |u: &uuid::Uuid| crate::http::encode::permit_cookie_name(u);
+        let value = |u: &uuid::Uuid| permit_value("s", u, PermitDigest::Sha256);
+        let check = |cookies: &str| {
+            check_permit(
+                &[cookies.as_bytes()],
+                "s",
+                Some(&owner),
+                PermitDigest::Sha256,
+            )
+            .map_err(|r| r.code)
+        };
+        assert_eq!(name(&owner), format!("appproxy_permit_{}", owner.simple()));
+        // The owner's own cookie, beside another user's (the browser went through
+        // that user's /setup link after the owner's), in either order.
+        let own = format!("{}=\"{}\"", name(&owner), value(&owner));
+        let others = format!("{}=\"{}\"", name(&other), value(&other));
+        assert_eq!(check(&format!("{others}; {own}")), Ok(()));
+        assert_eq!(check(&format!("{own}; {others}")), Ok(()));
+        // Another user's permit alone, or the owner's value under another user's
+        // name, is not the owner's.
+        assert_eq!(check(&others), Err("E20005"));
+        assert_eq!(
+            check(&format!("{}={}", name(&other), value(&owner))),
+            Err("E20005")
+        );
+        // The original's one name still carries a permit.
+        assert_eq!(check(&format!("appproxy_permit={}", value(&owner))), Ok(()));
+        // Names that only contain the permit's are no permit.
+        assert_eq!(
+            check(&format!("appproxy_permitx={}", value(&owner))),
+            Err("E20004")
         );
     }
 

@@ -89,9 +89,13 @@ fn interactive_circuits_need_the_permit_from_setup() {
         "YmZkY2NmYTQ5ZWNjODMwYmIyZTBmOTRiYTFjNGEzYzdkYzAwOGUyZjY3ODY4NTQzNDA5MTlkNzE1YjlmZTg1YQ=="
     );
     let set_cookie = r.header("set-cookie").expect("cookie").to_owned();
+    let user: uuid::Uuid = USER.parse().expect("uuid");
     assert_eq!(
         set_cookie,
-        format!("appproxy_permit=\"{expected}\"; HttpOnly; Max-Age=604800; Path=/; SameSite=Lax")
+        format!(
+            "appproxy_permit_{}=\"{expected}\"; HttpOnly; Max-Age=604800; Path=/; SameSite=Lax",
+            user.simple()
+        )
     );
     // The cookie opens the circuit, quoted (as set) or not.
     let quoted = set_cookie.split(';').next().expect("pair").to_owned();
@@ -125,6 +129,73 @@ fn interactive_circuits_need_the_permit_from_setup() {
     );
     let mut api = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port)));
     assert_eq!(api.get(&format!("/setup?token={other}"), "").status, 404);
+}
+
+/// A page can send a user's browser to another user's `/setup` link (the other
+/// user's own, from a launch of theirs). With one cookie name for every user, that
+/// user's permit replaced the browser's: its user was locked out of their own
+/// circuits (401 E20005) until they went through their own `/setup` again. Now each
+/// user's permit has a cookie of its own, and the link adds the other's beside it.
+#[test]
+fn another_users_setup_link_does_not_lock_a_user_out() {
+    use std::collections::BTreeMap;
+    let up = Upstream::start();
+    let other_port = appproxy_test_support::free_port();
+    let other_circuit = "c0a8f5d2-2222-4222-8333-444455556666";
+    let other_user = "9b2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let w = worker(
+        &up,
+        &format!(
+            "open_to_public = false\napp_mode = \"interactive\"\nuser_id = \"{USER}\"\n\n[[circuits]]\nid = \"{other_circuit}\"\napp = \"test\"\nport = {other_port}\nopen_to_public = false\napp_mode = \"interactive\"\nuser_id = \"{other_user}\"\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"{}\", kernel_port = {} }}]",
+            up.addr.ip(),
+            up.addr.port()
+        ),
+        "hostname = \"proxy.test\"\napi_port = {AUX_PORT}",
+    );
+    // The browser's jar for the worker's host: a cookie of the same name (and the
+    // same path and domain) replaces the one it holds.
+    let mut jar: BTreeMap<String, String> = BTreeMap::new();
+    let mut setup = |circuit: &str| {
+        let token = sign_hs256(
+            &serde_json::json!({"id": "t", "version": "v2", "redirect": "lab", "circuit": circuit}),
+            "jwt-key",
+        );
+        let mut api = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port)));
+        let r = api.get(&format!("/setup?token={token}"), "");
+        assert_eq!(r.status, 302, "{}", r.text());
+        let set = r.header("set-cookie").expect("cookie").to_owned();
+        let pair = set.split(';').next().expect("pair");
+        let (name, value) = pair.split_once('=').expect("name=value");
+        jar.insert(name.to_owned(), value.to_owned());
+        jar.iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let own = setup(CIRCUIT);
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/lab", &format!("Cookie: {own}\r\n")).status, 200);
+    // The other user's link, followed by the same browser.
+    let both = setup(other_circuit);
+    let r = c.get("/lab", &format!("Cookie: {both}\r\n"));
+    assert_eq!(r.status, 200, "the user is locked out: {}", r.text());
+    // Neither permit reaches the app.
+    assert!(
+        up.last().headers_named("cookie").is_empty(),
+        "{:?}",
+        up.last()
+    );
+    // The other user's circuit takes the other permit (the link's purpose), not the
+    // user's own.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], other_port));
+    assert_eq!(
+        Client::connect(addr)
+            .get("/lab", &format!("Cookie: {both}\r\n"))
+            .status,
+        200
+    );
+    let r = Client::connect(addr).get("/lab", &format!("Cookie: {own}\r\n"));
+    refused(&r, 401, "E20005");
 }
 
 #[test]

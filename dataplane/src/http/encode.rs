@@ -673,21 +673,49 @@ pub(crate) fn socket_addr_text(addr: SocketAddr) -> ([u8; 64], usize) {
     (text, len)
 }
 
-/// The cookie that carries a user's permit for interactive circuits (set by the
-/// worker's `/setup`, checked on every request to a private circuit).
+/// The cookie names that carry a user's permit for interactive circuits start with
+/// this: the original's one name, which the worker still accepts, and
+/// [`permit_cookie_name`]'s, one per user, which its `/setup` sets.
 pub const PERMIT_COOKIE: &str = "appproxy_permit";
 
-/// Whether a `Set-Cookie` value sets the [`PERMIT_COOKIE`]. An app's response never
-/// may: the permit is the worker's credential, set by its `/setup` only, and an app
-/// setting a cookie of that name (any path) would replace the user's permit or shadow
-/// it. Such fields are left out of every response the worker relays.
-pub fn sets_permit_cookie(value: &[u8]) -> bool {
-    let name = value.split(|b| *b == b'=').next().unwrap_or(value);
-    name.trim_ascii() == PERMIT_COOKIE.as_bytes()
+/// The cookie `/setup` sets for `user`'s permit: [`PERMIT_COOKIE`], `_`, and the
+/// user's UUID in hex. One name per user: a `/setup` link of another user (a page
+/// that sends the browser to it) adds that user's permit beside this one instead of
+/// replacing it, so nobody can lock a user out of their own circuits with a link.
+pub fn permit_cookie_name(user: &uuid::Uuid) -> String {
+    format!("{PERMIT_COOKIE}_{}", user.simple())
 }
 
-/// Appends a `Cookie` field without its [`PERMIT_COOKIE`] pairs; nothing when no
-/// other pair is left. A field that does not name the permit is copied as it is.
+/// Whether a cookie name is a permit's: [`PERMIT_COOKIE`] or [`PERMIT_COOKIE`]`_…`.
+pub fn is_permit_cookie_name(name: &[u8]) -> bool {
+    let permit = PERMIT_COOKIE.as_bytes();
+    name == permit
+        || name
+            .strip_prefix(permit)
+            .is_some_and(|rest| rest.first() == Some(&b'_'))
+}
+
+/// Whether a `Set-Cookie` value sets a permit cookie ([`is_permit_cookie_name`]). An
+/// app's response never may: the permit is the worker's credential, set by its
+/// `/setup` only, and an app setting a cookie of that name (any path) would replace
+/// the user's permit or shadow it. A nameless cookie (`=appproxy_permit=x`), which
+/// browsers send back as `appproxy_permit=x`, counts too. Such fields are left out
+/// of every response the worker relays.
+pub fn sets_permit_cookie(value: &[u8]) -> bool {
+    let pair = value.split(|b| *b == b';').next().unwrap_or(value);
+    let mut parts = pair.splitn(2, |b| *b == b'=');
+    let name = parts.next().unwrap_or_default().trim_ascii();
+    if name.is_empty() {
+        let inner = parts.next().unwrap_or_default();
+        let inner = inner.split(|b| *b == b'=').next().unwrap_or_default();
+        return is_permit_cookie_name(inner.trim_ascii());
+    }
+    is_permit_cookie_name(name)
+}
+
+/// Appends a `Cookie` field without its permit pairs ([`is_permit_cookie_name`]:
+/// every user's, not only the circuit owner's); nothing when no other pair is left.
+/// A field that does not name a permit is copied as it is.
 fn push_cookie_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     let permit = PERMIT_COOKIE.as_bytes();
     if !value.windows(permit.len()).any(|w| w == permit) {
@@ -705,7 +733,7 @@ fn push_cookie_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
             .next()
             .unwrap_or(pair)
             .trim_ascii();
-        if pair.is_empty() || key == permit {
+        if pair.is_empty() || is_permit_cookie_name(key) {
             continue;
         }
         if kept > 0 {

@@ -512,6 +512,12 @@ mod encoding {
                 "Cookie: s=1; appproxy_permit=p; appproxy_permit=q\r\n",
                 "Cookie: s=1\r\n",
             ),
+            // Every user's permit (a browser holds one per user whose /setup it
+            // went through), not only the circuit owner's.
+            (
+                "Cookie: appproxy_permit_3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b=\"p\"; s=1; appproxy_permit_0000=q\r\n",
+                "Cookie: s=1\r\n",
+            ),
             // Other names that contain the permit's are other cookies.
             (
                 "Cookie: xappproxy_permit=1; appproxy_permitx=2\r\n",
@@ -621,11 +627,12 @@ mod encoding {
         assert_eq!(&input[head.reason], b"Not Found");
     }
 
-    /// An app's `Set-Cookie` of the worker's permit cookie is left out, whatever its
+    /// An app's `Set-Cookie` of a permit cookie (the original's name, a user's own,
+    /// or a nameless cookie a browser sends back as one) is left out, whatever its
     /// spacing or attributes; its other cookies pass.
     #[test]
     fn client_response_leaves_out_the_permit_cookie() {
-        let input = b"HTTP/1.1 200 OK\r\nSet-Cookie: appproxy_permit=planted; Path=/api\r\nSet-Cookie: a=1\r\nset-cookie:  appproxy_permit =x\r\nSet-Cookie: appproxy_permit_other=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n";
+        let input = b"HTTP/1.1 200 OK\r\nSet-Cookie: appproxy_permit=planted; Path=/api\r\nSet-Cookie: a=1\r\nset-cookie:  appproxy_permit =x\r\nSet-Cookie: appproxy_permit_3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b=y\r\nSet-Cookie: =appproxy_permit=z\r\nSet-Cookie: = appproxy_permit_x =z; Path=/\r\nSet-Cookie: appproxy_permitx=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n";
         let head = parse_response(input, Method::Get, 4096)
             .expect("valid")
             .expect("complete");
@@ -641,7 +648,7 @@ mod encoding {
         );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
-            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: appproxy_permit_other=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: appproxy_permitx=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n"
         );
     }
 
