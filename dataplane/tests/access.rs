@@ -123,6 +123,15 @@ fn interactive_circuits_need_the_permit_from_setup() {
     );
     let mut api = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port)));
     assert_eq!(api.get(&format!("/setup?token={forged}"), "").status, 401);
+    // An expired link (the coordinator's carry an `exp`) hands out no permit.
+    let expired = sign_hs256(
+        &serde_json::json!({"id": "t", "version": "v2", "redirect": "lab/tree", "circuit": CIRCUIT, "exp": 1_000_000_000u64}),
+        "jwt-key",
+    );
+    let mut api = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port)));
+    let r = api.get(&format!("/setup?token={expired}"), "");
+    assert_eq!((r.status, r.json()["code"].as_str()), (401, Some("E20008")));
+    assert_eq!(r.header("set-cookie"), None);
     let other = sign_hs256(
         &serde_json::json!({"circuit": uuid::Uuid::new_v4().to_string()}),
         "jwt-key",

@@ -187,6 +187,12 @@ pub struct CoordinatorSection {
     /// deleted this long after they were made, by the idle-circuit pass; 0 keeps
     /// them for ever, as the original did (one row per app launch, for ever).
     pub token_ttl_secs: u64,
+    /// The `/setup` link `/v2/proxy/auth` answers (a token the worker turns into the
+    /// owner's permit cookie, followed by the browser at once) expires this long
+    /// after it was made (its `exp`): a link left in a history, a log or a
+    /// `Referer` no longer hands out the permit for ever. 0: no expiry, as the
+    /// original.
+    pub setup_link_ttl_secs: u64,
     /// Who may read `/metrics`: IPv4 addresses or CIDRs (others get 403), as the
     /// original.
     pub metric_access_allowed_hosts: Vec<String>,
@@ -211,6 +217,7 @@ impl Default for CoordinatorSection {
             check_worker_lost_interval_secs: 15,
             check_unused_circuit_interval_secs: 10,
             token_ttl_secs: 7 * 24 * 3600,
+            setup_link_ttl_secs: 600,
             metric_access_allowed_hosts: vec!["127.0.0.1".into()],
         }
     }

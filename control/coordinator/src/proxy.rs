@@ -380,10 +380,13 @@ async fn proxy_auth(
             (circuit, false, worker)
         }
     };
-    let setup = appproxy_shared::jwt::sign_hs256(
-        &json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id}),
-        &state.config.secrets.jwt_secret,
-    );
+    let mut claims =
+        json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id});
+    let ttl = state.config.coordinator.setup_link_ttl_secs;
+    if ttl > 0 {
+        claims["exp"] = json!(appproxy_shared::jwt::now_epoch() as u64 + ttl);
+    }
+    let setup = appproxy_shared::jwt::sign_hs256(&claims, &state.config.secrets.jwt_secret);
     let tls = worker.https();
     let scheme = if tls { "https" } else { "http" };
     let host = &worker.hostname;

@@ -156,6 +156,43 @@ fn circuit_of(setup_url: &str) -> String {
     claims["circuit"].as_str().expect("circuit").to_owned()
 }
 
+/// The `/setup` link `/v2/proxy/auth` answers expires (`setup_link_ttl_secs`, 600 s
+/// by default): it hands the owner's permit to whoever follows it, and without an
+/// `exp` a link left in a history, a log or a `Referer` did so for ever (the worker
+/// refuses an expired one, `access.rs::interactive_circuits_need_the_permit_from_setup`).
+/// 0 keeps the original's links without expiry.
+#[test]
+fn setup_links_expire() {
+    for (extra, ttl) in [("", Some(600.0)), ("setup_link_ttl_secs = 0", None)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = start_with(dir.path(), &Db::Sqlite, extra);
+        let token = setup(&c);
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+        let link = url.split("token=").nth(1).expect("token");
+        let claims =
+            appproxy_shared::jwt::verify_hs256(link.as_bytes(), "jwt-key").expect("setup token");
+        let now = appproxy_shared::jwt::now_epoch();
+        match ttl {
+            Some(ttl) => {
+                let exp = claims["exp"].as_f64().expect("exp");
+                assert!(
+                    exp > now + ttl - 60.0 && exp <= now + ttl + 1.0,
+                    "exp {exp}, now {now}"
+                );
+            }
+            None => assert!(claims.get("exp").is_none(), "{claims:?}"),
+        }
+    }
+}
+
 fn origin_request_ids_are_stored_never_generated(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
