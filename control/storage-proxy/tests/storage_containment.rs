@@ -1012,3 +1012,61 @@ fn zip_names(zip: &[u8], dir: &Path) -> Vec<String> {
     .map(str::to_owned)
     .collect()
 }
+
+/// A path an archive token lists is checked before the answer begins and opened
+/// only when its turn comes: one swapped for a symlink to the staging area in
+/// between (here while the client holds the writer back within the file listed
+/// before it) is left out, logged, and the archive ends whole without the staging
+/// area's files. Without the check at its turn, the archive zipped another user's
+/// partial upload.
+#[test]
+fn a_listed_path_swapped_for_the_staging_area_before_its_turn_is_left_out() {
+    use std::io::Read as _;
+    const VICTIM: &[u8] = b"VICTIM-PARTIAL-UPLOAD";
+    let p = Proxy::start("");
+    create_folder(&p);
+    let r = p.manager(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "private.bin", "size": 100}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let upload = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(p.tus_patch(&upload, "0", VICTIM).status, 204);
+    let vf = p.vfolder_path();
+    // 8 MiB that do not compress: more than the socket and the body channel hold,
+    // so the writer waits within it for the client.
+    let big = storage_common::incompressible(8 << 20);
+    std::fs::write(vf.join("big.bin"), &big).expect("big");
+    std::fs::create_dir(vf.join("later")).expect("later");
+    std::fs::write(vf.join("later/x.txt"), b"later").expect("x");
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["big.bin", "later"]}),
+    );
+    let (mut s, mut raw) =
+        storage_common::get_until(&p, &format!("/download-archive?token={token}"), b"big.bin");
+    std::fs::remove_dir_all(vf.join("later")).expect("rm later");
+    std::os::unix::fs::symlink(".upload", vf.join("later")).expect("link");
+    let pos = storage_common::proxy_offset(&p, &vf.join("big.bin")).expect("the proxy reads it");
+    assert!(
+        pos < big.len() as u64,
+        "the writer read big.bin whole before the swap (offset {pos}): more buffering than the test allows for"
+    );
+    s.read_to_end(&mut raw).expect("the rest of the archive");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 200);
+    assert!(
+        !contains(&r.body, VICTIM),
+        "the archive carries the staged upload"
+    );
+    assert_eq!(zip_names(&r.body, p.dir.path()), ["'big.bin'"]);
+    assert!(
+        p.log_json().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reaches the staging area"))
+            && l.to_string().contains("later")),
+        "{}",
+        p.log()
+    );
+}

@@ -432,34 +432,6 @@ fn forged_headers_in_a_file_mostly_holes_stay_its_bytes() {
     check_downloads(&p, &data);
 }
 
-/// The proxy's file offset of its open descriptor of `path` (the archive's writer
-/// reading it), once it has one: `None` if it never opens it within a minute.
-fn proxy_offset(p: &Proxy, path: &Path) -> Option<u64> {
-    let pid = p.child.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-            if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
-                continue;
-            }
-            let info = std::fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                e.file_name().to_string_lossy()
-            ))
-            .unwrap_or_default();
-            if let Some(pos) = info
-                .lines()
-                .find_map(|l| l.strip_prefix("pos:"))
-                .and_then(|v| v.trim().parse().ok())
-            {
-                return Some(pos);
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    None
-}
-
 /// Downloads the archive of `d` (holding `name`) with a client that stops reading
 /// once `name`'s local header has come (the proxy has opened the file and taken its
 /// size then, and waits for the client with the rest of it in hand), calls
@@ -470,7 +442,6 @@ fn archive_changed_while_read(
     name: &str,
     change: impl FnOnce(&std::fs::File),
 ) -> Vec<u8> {
-    use appproxy_test_support::net::ReadUninterrupted as _;
     use std::io::Read as _;
     let path = p.vfolder_path().join("d").join(name);
     let len = std::fs::metadata(&path).expect("stat").len();
@@ -478,33 +449,12 @@ fn archive_changed_while_read(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "d"}),
     );
-    // A small receive buffer (before the connection, so the window stays small):
-    // the writer is held back within the file, its bytes not all in the socket.
-    let fd = rustix::net::socket(
-        rustix::net::AddressFamily::INET,
-        rustix::net::SocketType::STREAM,
-        None,
-    )
-    .expect("socket");
-    rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 16 << 10).expect("SO_RCVBUF");
-    rustix::net::connect(&fd, &p.client).expect("connect");
-    let mut s = std::net::TcpStream::from(fd);
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /download?token={token}&archive=true HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !(raw.windows(4).any(|w| w == b"PK\x03\x04")
-        && raw.windows(name.len()).any(|w| w == name.as_bytes()))
-    {
-        let n = s.read_uninterrupted(&mut buf).expect("the archive's start");
-        assert!(n > 0, "closed before {name}'s header");
-        raw.extend_from_slice(&buf[..n]);
-    }
+    // The entry's header carries its name.
+    let (mut s, mut raw) = storage_common::get_until(
+        p,
+        &format!("/download?token={token}&archive=true"),
+        name.as_bytes(),
+    );
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -513,7 +463,7 @@ fn archive_changed_while_read(
     drop(file);
     // The writer's offset in the file after the change: short of the size it saw,
     // so it had not reached the end before the change (else nothing is tested).
-    let pos = proxy_offset(p, &path).expect("the proxy reads the file");
+    let pos = storage_common::proxy_offset(p, &path).expect("the proxy reads the file");
     assert!(
         pos < len,
         "the writer read all {len} bytes of {name} before it changed (offset {pos}): more buffering than the test allows for"

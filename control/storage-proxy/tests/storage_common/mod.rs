@@ -482,6 +482,73 @@ impl Drop for Flipper {
     }
 }
 
+/// Sends `GET path` to the client API on a connection with a small receive buffer
+/// (set before it connects, so that its window stays small) and reads until the
+/// answer has `until` in it (the local header of an archive's entry: its name),
+/// then stops reading: the proxy's writer is soon held back by the client,
+/// whatever it reads stays unsent. The connection and what came.
+pub fn get_until(p: &Proxy, path: &str, until: &[u8]) -> (std::net::TcpStream, Vec<u8>) {
+    use appproxy_test_support::net::ReadUninterrupted as _;
+    use std::io::Write as _;
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .expect("socket");
+    rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 16 << 10).expect("SO_RCVBUF");
+    rustix::net::connect(&fd, &p.client).expect("connect");
+    let mut s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(until.len()).any(|w| w == until) {
+        let n = s.read_uninterrupted(&mut buf).expect("the answer's start");
+        assert!(
+            n > 0,
+            "closed before {}: {}",
+            String::from_utf8_lossy(until),
+            String::from_utf8_lossy(&raw[..raw.len().min(300)])
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    (s, raw)
+}
+
+/// The proxy's offset in its open descriptor of `path` (an archive's writer reading
+/// it), once it has one: `None` if it does not open it within a minute.
+pub fn proxy_offset(p: &Proxy, path: &std::path::Path) -> Option<u64> {
+    let pid = p.child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+            if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if let Some(pos) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("pos:"))
+                .and_then(|v| v.trim().parse().ok())
+            {
+                return Some(pos);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
 /// Runs a Python script on `path` (Python's `zipfile` is the independent reader of
 /// the archives the proxy writes): its standard output, or its error output when it
 /// failed.
