@@ -94,11 +94,23 @@ async fn worker_lost_pass(state: &State) {
     if !lead(state).await {
         return;
     }
-    match state
-        .store
-        .mark_lost(state.config.coordinator.worker_heartbeat_timeout_secs)
-        .await
-    {
+    // Heartbeats the store refused (out of reach, at its deadline) were sent, not
+    // missed: after an outage longer than the timeout every worker would look lost
+    // — its circuits withdrawn on reuse, the manager told, placement refused — while
+    // all of them ran. The check waits until the store has been reachable for a
+    // whole timeout, so every worker has had its turn to heartbeat again.
+    let timeout = state.config.coordinator.worker_heartbeat_timeout_secs;
+    if let Some(ago) = crate::store::unavailable_ago() {
+        if ago < Duration::from_secs(timeout) {
+            tracing::info!(
+                store_unreachable_secs_ago = ago.as_secs(),
+                heartbeat_timeout_secs = timeout,
+                "the store was out of reach within the heartbeat timeout; worker-lost check waits"
+            );
+            return;
+        }
+    }
+    match state.store.mark_lost(timeout).await {
         Ok(lost) => {
             for (id, authority) in &lost {
                 state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);

@@ -5037,6 +5037,83 @@ fn a_route_update_answered_503_is_never_stored_after_its_answer() {
     assert_eq!(stored(), "1");
 }
 
+/// A store outage longer than the heartbeat timeout made every worker look lost once
+/// the store came back, though all of them heartbeated throughout (each heartbeat
+/// answered 503): the leader's worker-lost check found their last stored heartbeats
+/// old before their next one landed. Workers were marked `LOST` — the manager told,
+/// circuits withdrawn on reuse, placement refused — until then. Now the check waits
+/// until the store has been reachable for a whole timeout (and its statements do
+/// nothing past their call's deadline, so a paused server resuming cannot run one
+/// late). A worker that stops heartbeating is still found lost.
+#[test]
+fn workers_heartbeating_through_a_store_outage_are_not_lost() {
+    let pg = appproxy_test_support::pg::Pg::start();
+    let db = Db::Postgres(pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        "worker_heartbeat_timeout_secs = 8\ncheck_worker_lost_interval_secs = 1",
+    );
+    let body = r#"{"authority":"through-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let heartbeat = || request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "").status;
+    let lost = || {
+        db.query(
+            dir.path(),
+            "SELECT count(*) FROM workers WHERE status = 'LOST'",
+        )
+    };
+    // The worker heartbeats every 2 s (the timeout is 8 s); each wait is watched.
+    let watch_then_beat = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            assert_eq!(
+                lost(),
+                "0",
+                "{what}: a worker that heartbeated was marked lost"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        heartbeat()
+    };
+    assert_eq!(heartbeat(), 200);
+    assert_eq!(watch_then_beat("before the outage"), 200);
+    // The store is out of reach for longer than the timeout: the workers table
+    // locked, every call on it cancelled at its statement timeout (4 s). The
+    // worker's heartbeats are refused; none is in flight when the store comes back.
+    let Db::Postgres(pg) = &db else {
+        unreachable!("started on PostgreSQL")
+    };
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; LOCK TABLE workers IN ACCESS EXCLUSIVE MODE",
+    );
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(9) {
+        assert_eq!(heartbeat(), 503, "a heartbeat the store could not take");
+    }
+    held.commit();
+    // The next heartbeat comes 2 s later, as ever, and the ones after.
+    for _ in 0..5 {
+        assert_eq!(watch_then_beat("after the outage"), 200);
+    }
+    assert!(
+        !log_lines(dir.path())
+            .iter()
+            .any(|l| l["message"] == "worker lost"),
+        "a worker lost was announced"
+    );
+    // The check still works: a worker that falls silent is lost.
+    let deadline = Instant::now() + HANG_GUARD;
+    while lost() != "1" {
+        assert!(Instant::now() < deadline, "a silent worker was never lost");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server and its backends.
 fn signal_pg(pg: &appproxy_test_support::pg::Pg, sig: &str) {
     let root = pg.pid();
@@ -5054,12 +5131,20 @@ fn signal_pg(pg: &appproxy_test_support::pg::Pg, sig: &str) {
             pids.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
-    let ok = std::process::Command::new("kill")
-        .arg(sig)
-        .args(&pids)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pids:?}");
+    // The server first (it starts no backend while stopped), then each backend: one
+    // that exited since the list was read is gone, not an error.
+    let kill = |pid: &str| {
+        std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(kill(&pids[0]), "kill {sig} {}", pids[0]);
+    for pid in &pids[1..] {
+        kill(pid);
+    }
 }
 
 /// `/metrics` read the store (workers by status, circuits) before it wrote anything,

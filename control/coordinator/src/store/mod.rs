@@ -351,18 +351,64 @@ pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// Runs a store call under [`CALL_DEADLINE`]. A call past it is dropped with its
 /// PostgreSQL connection closed, never given back to the pool
-/// ([`postgres::abandoning`]): the connection may be the reason it did not end.
+/// ([`postgres::abandoning`]): the connection may be the reason it did not end. A
+/// call that finds the store out of reach is noted ([`unavailable_ago`]).
 async fn deadline<R>(
     call: impl std::future::Future<Output = Result<R, StoreError>>,
 ) -> Result<R, StoreError> {
     let mut call = Box::pin(call);
-    match tokio::time::timeout(CALL_DEADLINE, call.as_mut()).await {
+    let result = match tokio::time::timeout(CALL_DEADLINE, call.as_mut()).await {
         Ok(result) => result,
         Err(_) => {
             postgres::abandoning(move || drop(call));
             Err(StoreError::Unavailable(format!(
                 "no answer within {CALL_DEADLINE:?}"
             )))
+        }
+    };
+    if result.as_ref().is_err_and(StoreError::is_unavailable) {
+        UNAVAILABLE.note();
+    }
+    result
+}
+
+/// When a store call of this process last found the store out of reach.
+static UNAVAILABLE: LastSeen = LastSeen::new();
+
+/// How long ago a store call of this process last found the store out of reach
+/// ([`StoreError::is_unavailable`]); `None`: never. A heartbeat refused then was not
+/// a heartbeat missed, so the worker-lost check waits a heartbeat timeout past it.
+pub fn unavailable_ago() -> Option<std::time::Duration> {
+    UNAVAILABLE.ago()
+}
+
+/// A moment noted by any thread, read as the time since (milliseconds from a
+/// process-wide start; 0: never).
+struct LastSeen(std::sync::atomic::AtomicU64);
+
+/// The process-wide start [`LastSeen`] counts from.
+static STARTED: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl LastSeen {
+    const fn new() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    fn note(&self) {
+        // +1: a note in the very first millisecond is not "never".
+        let at = STARTED.elapsed().as_millis() as u64 + 1;
+        self.0.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ago(&self) -> Option<std::time::Duration> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                STARTED
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(at - 1)),
+            ),
         }
     }
 }
@@ -622,13 +668,18 @@ impl Store {
     }
 
     /// Marks `ALIVE` workers whose last heartbeat is older than `timeout_secs` as
-    /// `LOST`; returns their IDs and authorities.
+    /// `LOST`; returns their IDs and authorities. Nothing is marked after the call's
+    /// deadline ([`CALL_DEADLINE`]): on PostgreSQL the statements carry it, so one
+    /// sent to a server that was paused and runs when it resumes finds every
+    /// heartbeat of the pause missing, and marks nobody.
     pub async fn mark_lost(
         &self,
         timeout_secs: u64,
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        // Taken before the call's own deadline starts.
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(self, |s| s.mark_lost(timeout_secs), |p| p
-            .mark_lost(timeout_secs))
+            .mark_lost(timeout_secs, deadline))
     }
 
     /// Every worker, by authority.

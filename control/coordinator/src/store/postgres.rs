@@ -994,30 +994,37 @@ impl PgStore {
     pub(super) async fn mark_lost(
         &self,
         timeout_secs: u64,
+        deadline: SystemTime,
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
         let secs = timeout_secs as f64;
         let client = self.client().await?;
+        // Each statement does nothing past the call's deadline (`$3`, `$2`): sent
+        // to a paused server, it would run when the server resumes, and every
+        // heartbeat the pause held back would look missed.
+        let deadline = self.on_server_clock(&client, deadline).await;
         // Nodes that stopped heartbeating (crashed) no longer count.
         client
             .execute(
                 "WITH stale AS (
                     DELETE FROM worker_nodes
-                    WHERE (left_at IS NULL AND seen_at < now() - make_interval(secs => $1))
-                       OR left_at < now() - make_interval(secs => $2)
+                    WHERE ((left_at IS NULL AND seen_at < now() - make_interval(secs => $1))
+                       OR left_at < now() - make_interval(secs => $2))
+                       AND clock_timestamp() < $3
                     RETURNING worker)
                  UPDATE workers w SET nodes = (SELECT count(*) FROM worker_nodes n
                     WHERE n.worker = w.id AND n.left_at IS NULL
                         AND n.seen_at >= now() - make_interval(secs => $1))
                  WHERE w.id IN (SELECT worker FROM stale)",
-                &[&secs, &LEFT_NODES_KEPT_SECS],
+                &[&secs, &LEFT_NODES_KEPT_SECS, &deadline],
             )
             .await?;
         let rows = client
             .query(
                 "UPDATE workers SET status = 'LOST'
                  WHERE status = 'ALIVE' AND updated_at < now() - make_interval(secs => $1)
+                   AND clock_timestamp() < $2
                  RETURNING id, authority",
-                &[&secs],
+                &[&secs, &deadline],
             )
             .await?;
         rows.iter()
