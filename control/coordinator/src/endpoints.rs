@@ -289,11 +289,10 @@ async fn created_or_existing(
                 created_at: None,
                 updated_at: None,
             };
-            Ok(
-                super::proxy::create_circuit(state, template, &request, None)
-                    .await?
-                    .0,
-            )
+            let (circuit, _, created) =
+                super::proxy::create_circuit(state, template, &request, None).await?;
+            created.settled();
+            Ok(circuit)
         }
     }
 }

@@ -123,6 +123,9 @@ pub struct Metrics {
     pub placement_retries: AtomicU64,
     /// Circuits a worker reported it could not deploy (frontend not listening).
     pub deploy_failures: AtomicU64,
+    /// Tries at withdrawing a failed or abandoned creation's circuit that the
+    /// store failed (each is tried again, with a back-off, until it is made).
+    pub withdrawal_retries: AtomicU64,
     /// Histograms and labeled counters.
     pub observed: Observed,
 }

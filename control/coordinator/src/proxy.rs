@@ -366,7 +366,7 @@ async fn proxy_auth(
             // At most `[limits] max_circuits_per_session` live circuits per session,
             // decided by the store in the insert itself (a reuse above never counts).
             let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
-            let (circuit, worker) =
+            let (circuit, worker, under_way) =
                 match create_circuit(&state, template.clone(), &request, limit).await {
                     // Circuits on workers that are gone serve nobody: they are
                     // withdrawn rather than counted, and the creation tried again.
@@ -377,6 +377,8 @@ async fn proxy_auth(
                     }
                     created => created?,
                 };
+            // Acknowledged: nothing after this can fail the answer.
+            under_way.settled();
             (circuit, false, worker)
         }
     };
@@ -443,19 +445,25 @@ pub(super) async fn proxy_add(
 pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
 
 /// Marks a circuit as a creation under way from just before it is stored until it
-/// has its outcome (acknowledged, or withdrawn). Dropped before that — the caller
-/// gave up and its request was cancelled mid-wait, or the store did not answer in
-/// time — it withdraws the circuit in a task of its own, under the request's ID:
-/// nobody got an answer with it, and left stored it would be reused, deployed by a
-/// fetch or held for ever without any acknowledgement. Taken before the insert, it
-/// also covers an insert still in flight: one the database commits after its
-/// caller stopped waiting.
-struct Creating {
+/// has its outcome (acknowledged and answered, or withdrawn). Dropped before that —
+/// the caller gave up and its request was cancelled mid-wait, the store did not
+/// answer in time, or what the caller had to do after the acknowledgement failed
+/// ([`Creating::withdraw`]) — it withdraws the circuit in a task of its own, under
+/// the request's ID, through [`withdraw_until_done`]: nobody got an answer with
+/// it, and left stored it would be reused, deployed by a fetch or held for ever
+/// without any acknowledgement. Taken before the insert, it also covers an insert
+/// still in flight: one the database commits after its caller stopped waiting.
+pub(super) struct Creating {
     state: Arc<State>,
     circuit: uuid::Uuid,
     settled: bool,
+    /// Whether the insert came back stored (else it may still commit).
+    stored: bool,
+    /// Whether a withdrawal was tried here and failed (the task waits before it
+    /// tries again).
+    failed_once: bool,
     /// What the withdrawal logs.
-    why: &'static str,
+    why: String,
     /// The creating request's ID (a drop happens outside its polls).
     request_id: Option<appproxy_shared::RequestId>,
 }
@@ -467,21 +475,32 @@ impl Creating {
             state: state.clone(),
             circuit,
             settled: false,
-            why: "creation abandoned by its caller; circuit withdrawn",
+            stored: false,
+            failed_once: false,
+            why: "creation abandoned by its caller; circuit withdrawn".to_owned(),
             request_id: appproxy_shared::current_request_id(),
         }
     }
 
-    /// The creation has its outcome (its announcement acknowledged, the circuit
-    /// withdrawn, or its insert refused: nothing stored).
-    fn settled(mut self) {
+    /// The creation has its outcome (its announcement acknowledged and its caller
+    /// answered, the circuit withdrawn, or its insert refused: nothing stored).
+    pub(super) fn settled(mut self) {
         self.settled = true;
     }
 
     /// The insert's outcome is unknown (the store did not answer in time): whatever
     /// it may still commit is withdrawn.
     fn withdraw_unknown(mut self) {
-        self.why = "circuit store did not answer in time; whatever it commits is withdrawn";
+        self.why =
+            "circuit store did not answer in time; whatever it commits is withdrawn".to_owned();
+    }
+
+    /// The circuit is withdrawn (it was stored, and acknowledged or not): what had
+    /// to follow its creation failed. The withdrawal runs in a task of its own and
+    /// tries again until it is made; the circuit stays a creation under way (no
+    /// answer to another request) until then.
+    pub(super) fn withdraw(mut self, why: impl Into<String>) {
+        self.why = why.into();
     }
 }
 
@@ -491,30 +510,80 @@ impl Drop for Creating {
             self.state.creating().remove(&self.circuit);
             return;
         }
-        let (state, circuit, why) = (self.state.clone(), self.circuit, self.why);
         // (No runtime: the process is going down; nothing to withdraw with.)
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let (state, circuit) = (self.state.clone(), self.circuit);
+        let why = std::mem::take(&mut self.why);
+        let (in_flight, failed_once) = (!self.stored, self.failed_once);
         runtime.spawn(appproxy_shared::scope(self.request_id, async move {
             tracing::warn!(%circuit, "{why}");
-            let mut removed = state.remove_circuit(circuit).await;
-            if !matches!(removed, Ok(true)) {
-                // Not stored (yet): an insert whose caller stopped waiting may still
-                // be running. SQLite's one connection runs it before this removal.
-                // On PostgreSQL an insert stores nothing once its deadline (the
-                // answer) has passed on the server's clock; one the server started
-                // before that ends within its statement timeout, so a second
-                // removal after that finds whatever it committed (also what a
-                // server clock behind the coordinator's let through).
-                tokio::time::sleep(STATEMENT_TIMEOUT + std::time::Duration::from_secs(1)).await;
-                removed = state.remove_circuit(circuit).await;
-            }
-            if let Err(e) = removed {
-                tracing::warn!(%circuit, error = %e, "abandoned circuit not withdrawn");
-            }
+            withdraw_until_done(&state, circuit, in_flight, failed_once).await;
             state.creating().remove(&circuit);
         }));
+    }
+}
+
+/// The first wait before a failed withdrawal is tried again; each next one is
+/// twice as long, up to [`WITHDRAWAL_BACKOFF_MAX`].
+const WITHDRAWAL_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest wait between two tries of a withdrawal.
+const WITHDRAWAL_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes a circuit whose creation failed or was given up (and tells its worker),
+/// trying again — after 1 s, then twice as long each time up to 30 s — for as long
+/// as the process runs, until the removal is made or the circuit is found gone.
+/// Each try is one [`State::remove_circuit`], whose store calls are each bounded by
+/// the store's deadline and whose event by Redis' call timeout. With
+/// `insert_in_flight` the circuit's insert may still commit: a first "not stored"
+/// is looked at again once PostgreSQL's statement timeout has ended that insert
+/// (an insert the server started before its deadline ends within it; SQLite's one
+/// connection runs it before this removal). `failed_once`: a try was just made
+/// and failed; the first one here waits its back-off. Logged under the caller's
+/// request ID (the task runs in its scope).
+async fn withdraw_until_done(
+    state: &State,
+    circuit: uuid::Uuid,
+    insert_in_flight: bool,
+    failed_once: bool,
+) {
+    let mut backoff = WITHDRAWAL_BACKOFF_FIRST;
+    let mut look_again = insert_in_flight.then(|| {
+        tokio::time::Instant::now() + STATEMENT_TIMEOUT + std::time::Duration::from_secs(1)
+    });
+    let mut tries: u64 = 0;
+    if failed_once {
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WITHDRAWAL_BACKOFF_MAX);
+    }
+    loop {
+        tries += 1;
+        match state.remove_circuit(circuit).await {
+            Ok(true) => {
+                if tries > 1 || failed_once {
+                    tracing::info!(%circuit, tries, "circuit withdrawn after the store failed");
+                }
+                return;
+            }
+            Ok(false) => match look_again.take() {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => return,
+            },
+            Err(e) => {
+                state
+                    .metrics
+                    .withdrawal_retries
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    %circuit, error = %e, tries, retry_in_ms = backoff.as_millis() as u64,
+                    "circuit not withdrawn yet; trying again"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(WITHDRAWAL_BACKOFF_MAX);
+            }
+        }
     }
 }
 
@@ -636,7 +705,7 @@ pub(super) async fn create_circuit(
     template: Circuit,
     request: &placement::Request<'_>,
     session_limit: Option<(uuid::Uuid, u32)>,
-) -> Result<(Circuit, WorkerRegistration), ApiError> {
+) -> Result<(Circuit, WorkerRegistration, Creating), ApiError> {
     // Workers that failed this creation, and (worker, port) slots that could not listen.
     let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
     let mut avoid_ports: Vec<(uuid::Uuid, u16)> = Vec::new();
@@ -663,10 +732,8 @@ pub(super) async fn create_circuit(
             Err(ApiError::NoWorker) if last_error.is_some() => break,
             Err(e) => return Err(e),
         };
-        let announced = announce(state, &circuit, &worker_body).await;
-        under_way.settled();
-        match announced {
-            Ok(()) => return Ok((circuit, worker_body)),
+        match announce(state, &circuit, &worker_body, under_way).await {
+            Ok(under_way) => return Ok((circuit, worker_body, under_way)),
             Err(Retry::Elsewhere(e)) => {
                 avoid_workers.extend(circuit.worker);
                 last_error = Some(e);
@@ -802,7 +869,11 @@ async fn place_and_store(
             )
             .await;
         match inserted {
-            Ok(()) => return Ok((circuit, registration, under_way)),
+            Ok(()) => {
+                let mut under_way = under_way;
+                under_way.stored = true;
+                return Ok((circuit, registration, under_way));
+            }
             Err(StoreError::SessionLimit(limit)) => {
                 // Refused by the store: nothing was stored.
                 under_way.settled();
@@ -838,11 +909,16 @@ async fn place_and_store(
 
 /// Tells the circuit's worker and waits for its acknowledgement (when events flow).
 /// Anything but an acknowledgement withdraws the circuit.
+///
+/// Acknowledged, the creation is still under way until its caller settles it
+/// (`under_way` comes back); withdrawn, it is settled here, or left to a withdrawal
+/// that tries again when the store failed it.
 async fn announce(
     state: &State,
     circuit: &Circuit,
     worker: &WorkerRegistration,
-) -> Result<(), Retry> {
+    under_way: Creating,
+) -> Result<Creating, Retry> {
     let origin = appproxy_shared::current_request_id();
     let authority = worker.authority.clone();
     state
@@ -871,7 +947,7 @@ async fn announce(
     let observed = &state.metrics.observed;
     let Some(waiter) = ack else {
         observed.creations.add("created", 1);
-        return Ok(());
+        return Ok(under_way);
     };
     // Nobody got the event, so nobody will answer: no wait (the waiter leaves).
     let outcome = if delivered {
@@ -885,6 +961,7 @@ async fn announce(
             circuit,
             &authority,
             "the event could not be published",
+            under_way,
         )
         .await?;
         return Err(Retry::No(ApiError::WorkerNotResponding {
@@ -900,12 +977,16 @@ async fn announce(
                 .get(&authority)
                 .observe(published.elapsed());
             tracing::info!(circuit = %circuit.id, worker = %authority, "worker acknowledged");
-            return Ok(());
+            return Ok(under_way);
         }
-        AckOutcome::Removed => return Err(removed_meanwhile(state, circuit, &authority)),
+        AckOutcome::Removed => {
+            under_way.settled();
+            return Err(removed_meanwhile(state, circuit, &authority));
+        }
         // Removed through another coordinator (whose hub this creation is not in):
         // the worker owed nothing, so nothing is held against it.
         AckOutcome::TimedOut if matches!(state.store.circuit(circuit.id).await, Ok(None)) => {
+            under_way.settled();
             return Err(removed_meanwhile(state, circuit, &authority));
         }
         AckOutcome::TimedOut => {
@@ -929,7 +1010,14 @@ async fn announce(
                 }
             }
             tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
-            withdraw(state, circuit, &authority, "no acknowledgement in time").await?;
+            withdraw(
+                state,
+                circuit,
+                &authority,
+                "no acknowledgement in time",
+                under_way,
+            )
+            .await?;
             Retry::Elsewhere(ApiError::WorkerNotResponding {
                 authority,
                 cause: "worker",
@@ -944,6 +1032,7 @@ async fn announce(
                 circuit,
                 &authority,
                 "the worker stopped acknowledging",
+                under_way,
             )
             .await?;
             Retry::Elsewhere(ApiError::WorkerNotResponding {
@@ -959,7 +1048,14 @@ async fn announce(
                 .fetch_add(1, Ordering::Relaxed);
             state.breakers.end_trial(&authority);
             tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
-            withdraw(state, circuit, &authority, "the worker could not deploy it").await?;
+            withdraw(
+                state,
+                circuit,
+                &authority,
+                "the worker could not deploy it",
+                under_way,
+            )
+            .await?;
             Retry::OtherPort(ApiError::WorkerNotResponding {
                 authority,
                 cause: "deploy",
@@ -979,17 +1075,39 @@ fn removed_meanwhile(state: &State, circuit: &Circuit, authority: &str) -> Retry
     Retry::No(ApiError::CircuitRemoved)
 }
 
-/// Removes an unacknowledged circuit and tells its worker.
+/// Removes an unacknowledged circuit and tells its worker. When the store fails
+/// the removal, the creation's answer stays that failure (503), and the circuit is
+/// left to a withdrawal of its own that tries again until it is made
+/// ([`withdraw_until_done`]): the answer does not wait for the store to come back,
+/// and the circuit is not left stored (to be deployed by a worker's fetch) once it
+/// does.
 async fn withdraw(
     state: &State,
     circuit: &Circuit,
     authority: &str,
     why: &str,
+    mut under_way: Creating,
 ) -> Result<(), Retry> {
-    tracing::warn!(circuit = %circuit.id, worker = %authority, reason = why, "circuit withdrawn");
-    state
-        .remove_circuit(circuit.id)
-        .await
-        .map(|_| ())
-        .map_err(Retry::No)
+    match state.remove_circuit(circuit.id).await {
+        Ok(_) => {
+            tracing::warn!(circuit = %circuit.id, worker = %authority, reason = why, "circuit withdrawn");
+            under_way.settled();
+            Ok(())
+        }
+        Err(e) => {
+            state
+                .metrics
+                .withdrawal_retries
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                circuit = %circuit.id, worker = %authority, reason = why, error = %e,
+                "circuit not withdrawn: the store failed; withdrawing it in the background"
+            );
+            under_way.failed_once = true;
+            under_way.withdraw(format!(
+                "withdrawing the circuit of a failed creation ({why}) once the store answers"
+            ));
+            Err(Retry::No(e))
+        }
+    }
 }

@@ -1,0 +1,279 @@
+//! A failed creation leaves nothing stored, whatever the store does meanwhile: the
+//! circuit of a creation that was not acknowledged, that its caller gave up on, or
+//! whose endpoint row could not be written is withdrawn — tried again until the
+//! store takes the removal — and a bulk endpoint creation is all or nothing. Each
+//! against the coordinator binary on a throwaway PostgreSQL (and Redis where
+//! acknowledgements are awaited).
+
+mod common;
+
+use common::Coordinator;
+
+use appproxy_test_support::http::Resp;
+use appproxy_test_support::pg::Pg;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// The longest a test waits for what should happen (bounded waits only).
+const PATIENCE: Duration = Duration::from_secs(90);
+
+const SECRET: &str = "api-secret";
+const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
+const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+/// Starts the coordinator on `pg`; `extra`: more `[coordinator]` keys, then any
+/// further tables.
+fn start_with(dir: &std::path::Path, pg: &Pg, extra: &str) -> Coordinator {
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"{}\"\n[logging]\nfilter = \"info\"\n",
+        pg.url()
+    );
+    common::start(dir, &config)
+}
+
+/// A JSON request to the coordinator.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
+    let mut all = headers.to_vec();
+    all.push(("Content-Type", "application/json"));
+    appproxy_test_support::http::request_within(addr, method, path, &all, body.as_bytes(), PATIENCE)
+        .expect("a response")
+}
+
+fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("coordinator.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (bounded) until `done`; panics with `what` otherwise.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Registers the interactive port worker `worker-1` and a `/v2/conf` token.
+fn setup(c: &Coordinator) -> String {
+    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let conf = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+fn count(pg: &Pg, sql: &str) -> u64 {
+    pg.psql("appproxy", sql).parse().expect("a count")
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server, then to its backends
+/// (the server first: it forks no new one meanwhile; a backend that ended since
+/// it was listed is no failure).
+fn signal_pg(pg: &Pg, sig: &str) {
+    let root = pg.pid();
+    let kill = |pid: &str| {
+        std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(kill(&root.to_string()), "kill {sig} {root}");
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: the ppid is the second field after the comm.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(root) {
+            kill(&entry.file_name().to_string_lossy());
+        }
+    }
+}
+
+/// PostgreSQL frozen (SIGSTOP) until dropped: it goes on however the test ends.
+struct Frozen<'a>(&'a Pg);
+
+impl<'a> Frozen<'a> {
+    fn freeze(pg: &'a Pg) -> Self {
+        signal_pg(pg, "-STOP");
+        Self(pg)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        signal_pg(self.0, "-CONT");
+    }
+}
+
+/// Waits until the coordinator listens for acknowledgements on Redis.
+fn listening(dir: &std::path::Path) {
+    wait_for("never listened for acknowledgements", || {
+        log_lines(dir)
+            .iter()
+            .any(|l| l["message"] == "listening for acknowledgements")
+    });
+}
+
+fn logged(dir: &std::path::Path, message: &str, request_id: &str) -> bool {
+    log_lines(dir)
+        .iter()
+        .any(|l| l["message"] == message && l["request_id"] == request_id)
+}
+
+/// A creation the worker did not acknowledge, with PostgreSQL frozen when its
+/// withdrawal ran: the API answered 503, yet the circuit stayed stored (and the
+/// worker deployed it from its next fetch) — the withdrawal was one removal whose
+/// failure became the answer, and nothing tried again. The answer is still 503,
+/// and the withdrawal goes on in the background until the store takes it, under
+/// the creating request's ID.
+#[test]
+fn an_unacknowledged_creation_is_withdrawn_once_the_store_answers_again() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &pg,
+        &format!(
+            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    listening(dir.path());
+    let token = setup(&c);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let (addr, path) = (
+        c.addr,
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+    );
+    // No worker acknowledges.
+    let creation = std::thread::spawn(move || {
+        request(
+            addr,
+            "GET",
+            &path,
+            &[
+                ("Accept", "application/json"),
+                ("X-Backend-Request-ID", "withdraw-fails-1"),
+            ],
+            "",
+        )
+    });
+    wait_for("the circuit was never stored", || circuits() == 1);
+    let frozen = Frozen::freeze(&pg);
+    let r = creation.join().expect("creation thread");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    drop(frozen);
+    wait_for(
+        "the circuit of a creation answered 503 is still stored after the store came back",
+        || circuits() == 0,
+    );
+    assert!(
+        logged(
+            dir.path(),
+            "circuit not withdrawn: the store failed; withdrawing it in the background",
+            "withdraw-fails-1"
+        ),
+        "the failed withdrawal is logged under the request's ID"
+    );
+    wait_for(
+        "the late withdrawal is logged under the request's ID",
+        || {
+            logged(
+                dir.path(),
+                "circuit withdrawn after the store failed",
+                "withdraw-fails-1",
+            )
+        },
+    );
+    // Its removal is in the change log workers poll: the insert, then the removal.
+    assert_eq!(count(&pg, "SELECT count(*) FROM circuit_changes"), 2);
+}
+
+/// A caller that gave up while its creation waited for the acknowledgement, with
+/// PostgreSQL frozen for 20 s: the withdrawal made two tries about 11 s apart and
+/// then only logged "abandoned circuit not withdrawn"; after the thaw the circuit
+/// was stored and deployed. The withdrawal now tries again, with a back-off, until
+/// the store takes it.
+#[test]
+fn an_abandoned_creation_is_withdrawn_once_the_store_answers_again() {
+    use std::io::Write as _;
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &pg,
+        &format!(
+            "worker_ack_timeout_secs = 60\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    listening(dir.path());
+    let token = setup(&c);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.write_all(
+        format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\nX-Backend-Request-ID: abandoned-1\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    wait_for("the circuit was never stored", || circuits() == 1);
+    let frozen = Frozen::freeze(&pg);
+    drop(s);
+    let retried = || {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| {
+                l["message"] == "circuit not withdrawn yet; trying again"
+                    && l["request_id"] == "abandoned-1"
+            })
+            .count()
+    };
+    // Frozen past the two tries the withdrawal used to make (about 15 s), or
+    // until it tried three times.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while retried() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(frozen);
+    wait_for(
+        "an abandoned creation's circuit is still stored after the store came back",
+        || circuits() == 0,
+    );
+    assert!(logged(
+        dir.path(),
+        "creation abandoned by its caller; circuit withdrawn",
+        "abandoned-1"
+    ));
+    wait_for(
+        "the late withdrawal is logged under the request's ID",
+        || {
+            logged(
+                dir.path(),
+                "circuit withdrawn after the store failed",
+                "abandoned-1",
+            )
+        },
+    );
+}
