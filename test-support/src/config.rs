@@ -70,3 +70,36 @@ pub fn assert_binary_refuses(bin: &str, text: &str, wants: &[&str]) {
         "{bin}: {err}"
     );
 }
+
+/// Each way a default config printed by `--print-default-config` can be used with
+/// one of its commented keys (`# key = …`) turned on: that line uncommented, or,
+/// under a commented section header (`# [section]`), the header and every key of
+/// the section (a section's keys may need each other). The text as a reader would
+/// edit it, one per commented key.
+pub fn uncommented_one_by_one(text: &str) -> Vec<(String, String)> {
+    let mut variants = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(key) = line.strip_prefix("# ") else {
+            continue;
+        };
+        if key.starts_with('[') {
+            continue;
+        }
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[i] = key;
+        let header = (0..i)
+            .rev()
+            .find(|&h| lines[h].starts_with('[') || lines[h].starts_with("# ["));
+        if let Some(h) = header.filter(|&h| lines[h].starts_with("# [")) {
+            lines[h] = lines[h].trim_start_matches("# ");
+            for l in lines.iter_mut().skip(h + 1) {
+                if l.starts_with('[') || l.starts_with("# [") {
+                    break;
+                }
+                *l = l.trim_start_matches("# ");
+            }
+        }
+        variants.push((key.to_owned(), lines.join("\n")));
+    }
+    variants
+}

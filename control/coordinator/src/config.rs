@@ -269,35 +269,12 @@ mod tests {
     #[test]
     fn every_commented_key_of_the_default_config_reads_once_uncommented() {
         let text = super::CoordinatorConfig::default_toml();
-        let mut uncommented = 0;
-        for (i, line) in text.lines().enumerate() {
-            let Some(key) = line.strip_prefix("# ") else {
-                continue;
-            };
-            if key.starts_with('[') {
-                continue;
-            }
-            let mut lines: Vec<&str> = text.lines().collect();
-            lines[i] = key;
-            let header = (0..i)
-                .rev()
-                .find(|&h| lines[h].starts_with('[') || lines[h].starts_with("# ["));
-            // A commented section is uncommented whole (a volume needs both keys).
-            if let Some(h) = header.filter(|&h| lines[h].starts_with("# [")) {
-                lines[h] = lines[h].trim_start_matches("# ");
-                for l in lines.iter_mut().skip(h + 1) {
-                    if l.starts_with('[') || l.starts_with("# [") {
-                        break;
-                    }
-                    *l = l.trim_start_matches("# ");
-                }
-            }
-            let one = lines.join("\n");
-            appproxy_shared::config::from_toml::<super::CoordinatorConfig>(&one)
+        let variants = appproxy_test_support::config::uncommented_one_by_one(&text);
+        for (key, one) in &variants {
+            appproxy_shared::config::from_toml::<super::CoordinatorConfig>(one)
                 .unwrap_or_else(|e| panic!("{key} does not read: {e}\n{one}"));
-            uncommented += 1;
         }
-        assert!(uncommented >= 3, "{text}");
+        assert!(variants.len() >= 3, "{text}");
     }
 
     #[test]

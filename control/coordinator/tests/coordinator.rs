@@ -1808,6 +1808,22 @@ fn idle_collection_counts_circuits_as_used_when_redis_lost_their_marks() {
     assert!(lost() > before, "logged");
 }
 
+/// Writes `circuit`'s last-access mark as a worker does when it is used: now, on the
+/// database's clock (the one workers and the leader share).
+fn mark_used_now(pg: &appproxy_test_support::pg::Pg, conn: &mut redis::Connection, circuit: &str) {
+    let now: f64 = pg
+        .psql("appproxy", "SELECT extract(epoch FROM clock_timestamp())")
+        .parse()
+        .expect("the database's time");
+    let _: () = redis::cmd("SET")
+        .arg(format!("circuit.{circuit}.last_access"))
+        .arg(format!("{now:.6}"))
+        .arg("EX")
+        .arg(172_800)
+        .query(conn)
+        .expect("mark");
+}
+
 /// A leader whose clock runs ahead of the database's and the workers' took every
 /// circuit's last access as that much older, and collected circuits in use: it
 /// compared the workers' marks and the creation times with its own clock. The idle
@@ -1850,17 +1866,7 @@ fn idle_collection_uses_the_databases_clock_not_the_leaders() {
         unreachable!("started on PostgreSQL")
     };
     // The worker marks it now, on its clock (the database's).
-    let worker_now: f64 = pg
-        .psql("appproxy", "SELECT extract(epoch FROM clock_timestamp())")
-        .parse()
-        .expect("the database's time");
-    let _: () = redis::cmd("SET")
-        .arg(format!("circuit.{busy}.last_access"))
-        .arg(format!("{worker_now:.6}"))
-        .arg("EX")
-        .arg(172_800)
-        .query(&mut conn)
-        .expect("mark");
+    mark_used_now(pg, &mut conn, &busy);
     // Made long ago, its check due now.
     pg.psql(
         "appproxy",
@@ -1943,17 +1949,7 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // ...while the later one is used.
-    let now: f64 = pg
-        .psql("appproxy", "SELECT extract(epoch FROM clock_timestamp())")
-        .parse()
-        .expect("the database's time");
-    let _: () = redis::cmd("SET")
-        .arg(format!("circuit.{later}.last_access"))
-        .arg(format!("{now:.6}"))
-        .arg("EX")
-        .arg(172_800)
-        .query(&mut conn)
-        .expect("mark");
+    mark_used_now(pg, &mut conn, later);
     assert!(
         idle_outcome_on(&db, &c, dir.path(), later),
         "a circuit used while the pass waited was collected on the marks read before"
