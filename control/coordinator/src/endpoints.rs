@@ -125,44 +125,109 @@ fn validate_endpoint(e: &CreateEndpoint) -> Result<(), ApiError> {
     check_health_settings(&e.health_check)
 }
 
-/// Creates (or finds) the endpoint's circuit; (URL, health check enabled).
-async fn create_one(
+/// An endpoint's circuit as one request found or made it.
+struct Placed {
+    circuit: Circuit,
+    worker: WorkerRegistration,
+    /// Made by this request: its creation is still under way until the answer is
+    /// certain (settled), and withdrawn if anything after it fails.
+    created: Option<super::proxy::Creating>,
+}
+
+impl Placed {
+    /// The answer is certain: the circuit made by this request stays.
+    fn settle(self) {
+        if let Some(created) = self.created {
+            created.settled();
+        }
+    }
+
+    /// What followed failed: the circuit made by this request is withdrawn (in the
+    /// background, tried again until made); one the endpoint already had is kept.
+    fn undo(self, why: &str) {
+        if let Some(created) = self.created {
+            created.withdraw(format!(
+                "endpoint {} not created ({why}); its new circuit is withdrawn",
+                self.circuit.endpoint_id.unwrap_or_default()
+            ));
+        }
+    }
+}
+
+/// The worker and slot of each item's `existing_url` (`None` without one), read
+/// before anything is created: a URL no registered worker serves is a 400 with
+/// nothing created (named `endpoints[i]: …` when `numbered`, as in a bulk call).
+async fn existing_slots(
+    state: &State,
+    items: &[&CreateEndpoint],
+    numbered: bool,
+) -> Result<Vec<Option<(uuid::Uuid, Slot)>>, ApiError> {
+    if items.iter().all(|e| e.tags.endpoint.existing_url.is_none()) {
+        return Ok(items.iter().map(|_| None).collect());
+    }
+    let workers = state.store.workers().await?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match &e.tags.endpoint.existing_url {
+            None => Ok(None),
+            Some(url) => existing_slot(&workers, url).map(Some).ok_or_else(|| {
+                let item = if numbered {
+                    format!("endpoints[{i}]: ")
+                } else {
+                    String::new()
+                };
+                ApiError::BadRequest(format!(
+                    "{item}existing_url {url:?} is not served by any registered worker"
+                ))
+            }),
+        })
+        .collect()
+}
+
+/// Finds or creates the endpoint's circuit. Nothing that can fail comes after the
+/// creation: the worker's registration is the one it was placed on.
+async fn place_one(
     state: &Arc<State>,
     id: uuid::Uuid,
-    e: CreateEndpoint,
-) -> Result<(String, bool), ApiError> {
+    e: &CreateEndpoint,
+    existing: Option<&(uuid::Uuid, Slot)>,
+) -> Result<Placed, ApiError> {
     if let Some(ak) = &e.tags.session.access_key {
         appproxy_shared::middleware::note_access_key(ak);
     }
-    validate_endpoint(&e)?;
-    let enabled = health_enabled(&e.health_check);
-    let health_check = e.health_check.clone();
     // Another request for the endpoint may have made its circuit since the lookup
     // (the manager retries, and several of its nodes may ask at once): the insert
     // then collides on the endpoint's index, and that circuit is the answer.
     let mut collisions = 0;
-    let circuit = loop {
-        match created_or_existing(state, id, &e).await {
+    loop {
+        match created_or_existing(state, id, e, existing).await {
             Err(ApiError::Store(StoreError::Conflict(why)))
                 if collisions < super::proxy::PLACEMENT_ATTEMPTS =>
             {
                 collisions += 1;
                 tracing::debug!(%why, "the endpoint's circuit was made by another request meanwhile");
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    // Written once the circuit stands: a refused creation leaves no endpoint row.
+    }
+}
+
+/// Writes the endpoint's row once its circuit stands (a refused creation leaves
+/// no endpoint row); (URL, health check enabled). Failing, the circuit made for
+/// it is withdrawn: a 503 leaves no circuit deployed without its endpoint.
+async fn write_endpoint(
+    state: &State,
+    id: uuid::Uuid,
+    e: &CreateEndpoint,
+    placed: &Placed,
+) -> Result<(String, bool), ApiError> {
+    let enabled = health_enabled(&e.health_check);
     state
         .store
-        .upsert_endpoint(id, enabled, health_check)
+        .upsert_endpoint(id, enabled, e.health_check.clone())
         .await?;
-    let worker = state
-        .store
-        .worker(circuit.worker.unwrap_or_default())
-        .await?
-        .ok_or(ApiError::NoWorker)?;
-    Ok((endpoint_url(&worker.registration, &circuit), enabled))
+    Ok((endpoint_url(&placed.worker, &placed.circuit), enabled))
 }
 
 /// The endpoint's circuit: the one it has (once any creation of it under way
@@ -171,7 +236,8 @@ async fn created_or_existing(
     state: &Arc<State>,
     id: uuid::Uuid,
     e: &CreateEndpoint,
-) -> Result<Circuit, ApiError> {
+    existing_url: Option<&(uuid::Uuid, Slot)>,
+) -> Result<Placed, ApiError> {
     // A circuit of this endpoint that another request is still creating is no
     // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
     let mut existing = state.store.circuit_of_endpoint(id).await?;
@@ -202,9 +268,16 @@ async fn created_or_existing(
             Some(w) => Some(format!("its worker is {}", w.status)),
             None => Some("its worker is not registered".to_owned()),
         };
-        match why {
-            None => return Ok(c.clone()),
-            Some(why) => {
+        match (why, worker) {
+            (None, Some(w)) => {
+                return Ok(Placed {
+                    circuit: c.clone(),
+                    worker: w.registration,
+                    created: None,
+                })
+            }
+            (why, worker) => {
+                let why = why.unwrap_or_default();
                 tracing::warn!(
                     circuit = %c.id,
                     endpoint = %id,
@@ -217,84 +290,77 @@ async fn created_or_existing(
         }
     }
     let (route_info, session_ids) = carried.unwrap_or_default();
-    {
-        {
-            let s = &e.tags.session;
-            let mut properties = vec![
-                ("session.user_uuid".to_owned(), s.user_uuid.to_string()),
-                ("session.project_id".to_owned(), s.project_id.to_string()),
-                ("session.domain_name".to_owned(), s.domain_name.clone()),
-                (
-                    "endpoint.id".to_owned(),
-                    e.tags.endpoint.id.unwrap_or(id).to_string(),
-                ),
-                (
-                    "endpoint.runtime_variant".to_owned(),
-                    e.tags.endpoint.runtime_variant.clone(),
-                ),
-            ];
-            if let Some(v) = s.id {
-                properties.push(("session.id".into(), v.to_string()));
-            }
-            if let Some(v) = &s.access_key {
-                properties.push(("session.access_key".into(), v.clone()));
-            }
-            if let Some(v) = &e.tags.endpoint.existing_url {
-                properties.push(("endpoint.existing_url".into(), v.clone()));
-            }
-            let mut label = placement::dns_label(&e.service_name);
-            let mut preferred_port = None;
-            let mut only_worker = None;
-            if let Some(url) = &e.tags.endpoint.existing_url {
-                let existing =
-                    existing_slot(&state.store.workers().await?, url).ok_or_else(|| {
-                        ApiError::BadRequest(format!(
-                            "existing_url {url:?} is not served by any registered worker"
-                        ))
-                    })?;
-                only_worker = Some(existing.0);
-                match existing.1 {
-                    Slot::Subdomain(s) => label = s,
-                    Slot::Port(p) => preferred_port = Some(p),
-                }
-            }
-            let request = placement::Request {
-                app_mode: AppMode::Inference,
-                protocol: ProxyProtocol::Http,
-                properties: &properties,
-                preferred_port,
-                preferred_subdomain: Some(&label),
-                default_subdomain: &label,
-                spread: None,
-                only_worker,
-            };
-            let template = Circuit {
-                id: uuid::Uuid::nil(),
-                app: Some(e.service_name.clone()),
-                protocol: ProxyProtocol::Http,
-                worker: None,
-                app_mode: AppMode::Inference,
-                frontend_mode: FrontendMode::Port,
-                envs: Default::default(),
-                arguments: None,
-                open_to_public: e.open_to_public,
-                allowed_client_ips: Vec::new(),
-                port: None,
-                subdomain: None,
-                user_id: Some(s.user_uuid),
-                endpoint_id: Some(id),
-                runtime_variant: Some(e.tags.endpoint.runtime_variant.clone()),
-                route_info,
-                session_ids,
-                created_at: None,
-                updated_at: None,
-            };
-            let (circuit, _, created) =
-                super::proxy::create_circuit(state, template, &request, None).await?;
-            created.settled();
-            Ok(circuit)
+    let s = &e.tags.session;
+    let mut properties = vec![
+        ("session.user_uuid".to_owned(), s.user_uuid.to_string()),
+        ("session.project_id".to_owned(), s.project_id.to_string()),
+        ("session.domain_name".to_owned(), s.domain_name.clone()),
+        (
+            "endpoint.id".to_owned(),
+            e.tags.endpoint.id.unwrap_or(id).to_string(),
+        ),
+        (
+            "endpoint.runtime_variant".to_owned(),
+            e.tags.endpoint.runtime_variant.clone(),
+        ),
+    ];
+    if let Some(v) = s.id {
+        properties.push(("session.id".into(), v.to_string()));
+    }
+    if let Some(v) = &s.access_key {
+        properties.push(("session.access_key".into(), v.clone()));
+    }
+    if let Some(v) = &e.tags.endpoint.existing_url {
+        properties.push(("endpoint.existing_url".into(), v.clone()));
+    }
+    let mut label = placement::dns_label(&e.service_name);
+    let mut preferred_port = None;
+    let mut only_worker = None;
+    if let Some((worker, slot)) = existing_url {
+        only_worker = Some(*worker);
+        match slot {
+            Slot::Subdomain(s) => label = s.clone(),
+            Slot::Port(p) => preferred_port = Some(*p),
         }
     }
+    let request = placement::Request {
+        app_mode: AppMode::Inference,
+        protocol: ProxyProtocol::Http,
+        properties: &properties,
+        preferred_port,
+        preferred_subdomain: Some(&label),
+        default_subdomain: &label,
+        spread: None,
+        only_worker,
+    };
+    let template = Circuit {
+        id: uuid::Uuid::nil(),
+        app: Some(e.service_name.clone()),
+        protocol: ProxyProtocol::Http,
+        worker: None,
+        app_mode: AppMode::Inference,
+        frontend_mode: FrontendMode::Port,
+        envs: Default::default(),
+        arguments: None,
+        open_to_public: e.open_to_public,
+        allowed_client_ips: Vec::new(),
+        port: None,
+        subdomain: None,
+        user_id: Some(s.user_uuid),
+        endpoint_id: Some(id),
+        runtime_variant: Some(e.tags.endpoint.runtime_variant.clone()),
+        route_info,
+        session_ids,
+        created_at: None,
+        updated_at: None,
+    };
+    let (circuit, worker, created) =
+        super::proxy::create_circuit(state, template, &request, None).await?;
+    Ok(Placed {
+        circuit,
+        worker,
+        created: Some(created),
+    })
 }
 
 /// Where an `existing_url` lives.
@@ -326,12 +392,35 @@ fn existing_slot(workers: &[super::store::WorkerRow], url: &str) -> Option<(uuid
     })
 }
 
+/// Creates (or syncs) one endpoint: its circuit found or made, then its row
+/// written; (URL, health check enabled). When the row cannot be written, the
+/// circuit this call made is withdrawn: a failure leaves nothing deployed.
+async fn create_one(
+    state: &Arc<State>,
+    id: uuid::Uuid,
+    e: &CreateEndpoint,
+) -> Result<(String, bool), ApiError> {
+    validate_endpoint(e)?;
+    let slot = existing_slots(state, &[e], false).await?.pop().flatten();
+    let placed = place_one(state, id, e, slot.as_ref()).await?;
+    match write_endpoint(state, id, e, &placed).await {
+        Ok(written) => {
+            placed.settle();
+            Ok(written)
+        }
+        Err(err) => {
+            placed.undo(&format!("its row was not written: {err}"));
+            Err(err)
+        }
+    }
+}
+
 pub(super) async fn create(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
     Body(e): Body<CreateEndpoint>,
 ) -> Result<Json<Value>, ApiError> {
-    let (url, enabled) = create_one(&state, id, e).await?;
+    let (url, enabled) = create_one(&state, id, &e).await?;
     Ok(Json(
         json!({"success": true, "endpoint": url, "health_check_enabled": enabled}),
     ))
@@ -359,7 +448,7 @@ pub(super) async fn create_bulk(
         })?;
     }
     let mut out = Vec::with_capacity(b.endpoints.len());
-    for e in b.endpoints {
+    for e in &b.endpoints {
         let id = e.deployment_id.unwrap_or_default();
         let (url, enabled) = create_one(&state, id, e).await?;
         out.push(json!({"deployment_id": id, "url": url, "health_check_enabled": enabled}));

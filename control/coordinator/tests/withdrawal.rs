@@ -76,6 +76,23 @@ fn setup(c: &Coordinator) -> String {
     r.json()["token"].as_str().expect("token").to_owned()
 }
 
+fn register(c: &Coordinator, worker: &str) {
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A wildcard worker for inference traffic, `inference-1`.
+const INFERENCE_WORKER: &str = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
+
+fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
+    let id = deployment
+        .map(|d| format!(r#""deployment_id":"{d}","#))
+        .unwrap_or_default();
+    format!(
+        r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
+    )
+}
+
 fn count(pg: &Pg, sql: &str) -> u64 {
     pg.psql("appproxy", sql).parse().expect("a count")
 }
@@ -276,4 +293,75 @@ fn an_abandoned_creation_is_withdrawn_once_the_store_answers_again() {
             )
         },
     );
+}
+
+/// `POST /v2/endpoints/{id}` answered 503 when the store failed after the circuit
+/// was created (and acknowledged) — the endpoint row not written — yet left the
+/// circuit stored and deployed with no endpoint row. The circuit this call made is
+/// now withdrawn when its row cannot be written; an endpoint's existing circuit
+/// (a sync) is kept.
+#[test]
+fn an_endpoint_whose_row_cannot_be_written_leaves_no_circuit() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &pg, "");
+    register(&c, INFERENCE_WORKER);
+    let (kept, fresh) = (
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ab1",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ab2",
+    );
+    let create = |id: &str, name: &str| {
+        request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{id}"),
+            &[AUTH, ("X-Backend-Request-ID", "ep-row-1")],
+            &endpoint_body(name, None),
+        )
+    };
+    let r = create(kept, "kept");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let circuits_of = |id: &str| {
+        count(
+            &pg,
+            &format!("SELECT count(*) FROM circuits WHERE endpoint_id = '{id}'"),
+        )
+    };
+    let rows_of = |id: &str| {
+        count(
+            &pg,
+            &format!("SELECT count(*) FROM endpoints WHERE id = '{id}'"),
+        )
+    };
+    // The endpoint rows cannot be written: the circuit is placed (and announced),
+    // then the row's write fails at its deadline.
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; LOCK TABLE endpoints IN ACCESS EXCLUSIVE MODE",
+    );
+    let r = create(fresh, "fresh");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let r = create(kept, "kept");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    drop(held);
+    wait_for(
+        "an endpoint answered 503 left its circuit stored without an endpoint row",
+        || circuits_of(fresh) == 0,
+    );
+    assert_eq!(rows_of(fresh), 0);
+    assert_eq!(circuits_of(kept), 1, "a sync's existing circuit is kept");
+    assert_eq!(rows_of(kept), 1);
+    assert!(
+        log_lines(dir.path())
+            .iter()
+            .any(|l| l["request_id"] == "ep-row-1"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(&format!("endpoint {fresh} not created")))),
+        "the withdrawal is logged under the request's ID"
+    );
+    // Once the store takes writes, the endpoint is created whole.
+    let r = create(fresh, "fresh");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!((circuits_of(fresh), rows_of(fresh)), (1, 1));
 }
