@@ -142,16 +142,24 @@ impl Placed {
         }
     }
 
-    /// What followed failed: the circuit made by this request is withdrawn (in the
-    /// background, tried again until made); one the endpoint already had is kept.
-    fn undo(self, why: &str) {
+    /// What followed failed: the circuit made by this request is withdrawn, a first
+    /// try before this returns (and the answer goes out), then in the background,
+    /// tried again until made; one the endpoint already had is kept.
+    async fn undo(self, why: &str) {
         if let Some(created) = self.created {
-            created.withdraw(format!(
-                "endpoint {} not created ({why}); its new circuit is withdrawn",
-                self.circuit.endpoint_id.unwrap_or_default()
-            ));
+            created
+                .withdraw_now(format!(
+                    "endpoint {} not created ({why}); its new circuit is withdrawn",
+                    self.circuit.endpoint_id.unwrap_or_default()
+                ))
+                .await;
         }
     }
+}
+
+/// Withdraws what a bulk call made ([`Placed::undo`]), the first tries side by side.
+async fn undo_all(placed: Vec<Placed>, why: String) {
+    futures_util::future::join_all(placed.into_iter().map(|p| p.undo(&why))).await;
 }
 
 /// The worker and slot of each item's `existing_url` (`None` without one), read
@@ -409,7 +417,9 @@ async fn create_one(
             Ok(written)
         }
         Err(err) => {
-            placed.undo(&format!("its row was not written: {err}"));
+            placed
+                .undo(&format!("its row was not written: {err}"))
+                .await;
             Err(err)
         }
     }
@@ -431,27 +441,70 @@ pub(super) struct BulkCreate {
     endpoints: Vec<CreateEndpoint>,
 }
 
+/// All or nothing: every item is checked (its fields, its `existing_url`) before
+/// any is created; then every item's circuit is found or made, then every row
+/// written. Whatever fails on the way (no free slot, no acknowledgement, the store)
+/// withdraws the circuits this call made before it answers the failure — as does a
+/// caller that gives up meanwhile; circuits the endpoints already had are kept.
 pub(super) async fn create_bulk(
     Extract(state): Extract<Arc<State>>,
     Body(b): Body<BulkCreate>,
 ) -> Result<Json<Value>, ApiError> {
-    // Every item is checked before any is created.
     if b.endpoints.iter().any(|e| e.deployment_id.is_none()) {
         return Err(ApiError::BadRequest(
             "every bulk item needs deployment_id".into(),
         ));
     }
-    for (i, e) in b.endpoints.iter().enumerate() {
-        validate_endpoint(e).map_err(|err| match err {
+    let item = |i: usize| {
+        move |err| match err {
             ApiError::BadRequest(why) => ApiError::BadRequest(format!("endpoints[{i}]: {why}")),
             other => other,
-        })?;
+        }
+    };
+    for (i, e) in b.endpoints.iter().enumerate() {
+        validate_endpoint(e).map_err(item(i))?;
     }
-    let mut out = Vec::with_capacity(b.endpoints.len());
-    for e in &b.endpoints {
+    let items: Vec<&CreateEndpoint> = b.endpoints.iter().collect();
+    let slots = existing_slots(&state, &items, true).await?;
+    let mut placed: Vec<Placed> = Vec::with_capacity(items.len());
+    let why =
+        |i: usize, err: &ApiError| format!("endpoints[{i}] of its bulk creation failed: {err}");
+    for (i, (e, slot)) in items.iter().zip(&slots).enumerate() {
         let id = e.deployment_id.unwrap_or_default();
-        let (url, enabled) = create_one(&state, id, e).await?;
-        out.push(json!({"deployment_id": id, "url": url, "health_check_enabled": enabled}));
+        // The same endpoint again in this call: the circuit found or made for it
+        // (still under way, so it is not awaited) is the answer, as a sync.
+        if let Some(earlier) = placed.iter().find(|p| p.circuit.endpoint_id == Some(id)) {
+            let again = Placed {
+                circuit: earlier.circuit.clone(),
+                worker: earlier.worker.clone(),
+                created: None,
+            };
+            placed.push(again);
+            continue;
+        }
+        match place_one(&state, id, e, slot.as_ref()).await {
+            Ok(p) => placed.push(p),
+            Err(err) => {
+                undo_all(placed, why(i, &err)).await;
+                return Err(item(i)(err));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, (e, p)) in items.iter().zip(&placed).enumerate() {
+        let id = e.deployment_id.unwrap_or_default();
+        match write_endpoint(&state, id, e, p).await {
+            Ok((url, enabled)) => {
+                out.push(json!({"deployment_id": id, "url": url, "health_check_enabled": enabled}))
+            }
+            Err(err) => {
+                undo_all(placed, why(i, &err)).await;
+                return Err(item(i)(err));
+            }
+        }
+    }
+    for p in placed {
+        p.settle();
     }
     Ok(Json(json!({"endpoints": out})))
 }

@@ -502,6 +502,31 @@ impl Creating {
     pub(super) fn withdraw(mut self, why: impl Into<String>) {
         self.why = why.into();
     }
+
+    /// [`Creating::withdraw`], its first try made before this returns: the caller,
+    /// answered after, leaves the circuit gone unless the store failed that try
+    /// (the withdrawal then goes on in the background, as with `withdraw`).
+    pub(super) async fn withdraw_now(mut self, why: String) {
+        let (state, circuit) = (self.state.clone(), self.circuit);
+        match state.remove_circuit(circuit).await {
+            Ok(_) => {
+                tracing::warn!(%circuit, "{why}");
+                self.settled();
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .withdrawal_retries
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    %circuit, error = %e,
+                    "circuit not withdrawn: the store failed; withdrawing it in the background"
+                );
+                self.failed_once = true;
+                self.withdraw(why);
+            }
+        }
+    }
 }
 
 impl Drop for Creating {

@@ -365,3 +365,136 @@ fn an_endpoint_whose_row_cannot_be_written_leaves_no_circuit() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!((circuits_of(fresh), rows_of(fresh)), (1, 1));
 }
+
+/// `POST /v2/endpoints/bulk` with a good item and one whose `existing_url` no
+/// worker serves answered 400 after creating the first (its circuit and row
+/// stored, deployed): the URL was looked up only when its item's turn came. Every
+/// item's URL is now checked before any is created; and what can only fail
+/// mid-list (no free slot, the store) withdraws the circuits the call made before
+/// it answers: all or nothing. Circuits the endpoints already had are kept.
+#[test]
+fn a_bulk_endpoint_creation_is_all_or_nothing() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &pg, "");
+    register(&c, INFERENCE_WORKER);
+    // One port for inference: a second item wanting it finds no slot.
+    register(
+        &c,
+        r#"{"authority":"inference-p","frontend_mode":"port","protocol":"http","hostname":"proxy3.test","api_port":10201,"port_range":[10301,10301],"accepted_traffics":["inference"]}"#,
+    );
+    let item = |id: &str, name: &str, url: Option<&str>| {
+        let body = endpoint_body(name, Some(id));
+        match url {
+            Some(u) => body.replace(
+                r#""existing_url":null"#,
+                &format!(r#""existing_url":"{u}""#),
+            ),
+            None => body,
+        }
+    };
+    let bulk = |items: &[String]| {
+        request(
+            c.addr,
+            "POST",
+            "/v2/endpoints/bulk",
+            &[AUTH, ("X-Backend-Request-ID", "bulk-1")],
+            &format!(r#"{{"endpoints":[{}]}}"#, items.join(",")),
+        )
+    };
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let rows = || count(&pg, "SELECT count(*) FROM endpoints");
+    let id = |n: u8| format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5c{n:02}");
+
+    // An item whose URL no worker serves: nothing created.
+    let r = bulk(&[
+        item(&id(1), "first", None),
+        item(&id(2), "second", Some("http://nowhere.invalid:1")),
+    ]);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        (circuits(), rows()),
+        (0, 0),
+        "a bulk call answered 400 created its earlier items"
+    );
+    assert!(
+        r.json()["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("endpoints[1]: existing_url")),
+        "the error names the item: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // The second item finds no free slot (the one port is the first's): the
+    // first's circuit is withdrawn before the answer.
+    let one_port = "http://proxy3.test:10301";
+    let r = bulk(&[
+        item(&id(3), "third", Some(one_port)),
+        item(&id(4), "fourth", Some(one_port)),
+    ]);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        circuits(),
+        0,
+        "a bulk call answered 503 left its first item's circuit"
+    );
+    assert_eq!(rows(), 0);
+
+    // An endpoint that already had its circuit (a sync) keeps it.
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{}", id(5)),
+        &[AUTH],
+        &item(&id(5), "fifth", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = bulk(&[
+        item(&id(5), "fifth", None),
+        item(&id(6), "sixth", Some(one_port)),
+        item(&id(7), "seventh", Some(one_port)),
+    ]);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    wait_for("a bulk call answered 503 left a circuit it made", || {
+        circuits() == 1
+    });
+    assert_eq!(
+        count(
+            &pg,
+            &format!(
+                "SELECT count(*) FROM circuits WHERE endpoint_id = '{}'",
+                id(5)
+            )
+        ),
+        1,
+        "the synced endpoint keeps its circuit"
+    );
+
+    // The store fails writing the rows: the circuits made are withdrawn.
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; LOCK TABLE endpoints IN ACCESS EXCLUSIVE MODE",
+    );
+    let r = bulk(&[item(&id(8), "eighth", None), item(&id(9), "ninth", None)]);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    drop(held);
+    wait_for(
+        "a bulk call whose rows were not written left its circuits",
+        || circuits() == 1,
+    );
+    assert_eq!(rows(), 1);
+
+    // The same endpoint twice in one call: one circuit, one answer for both.
+    let r = bulk(&[item(&id(10), "tenth", None), item(&id(10), "tenth", None)]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let urls = r.json()["endpoints"].clone();
+    assert_eq!(urls[0]["url"], urls[1]["url"], "{urls}");
+    assert_eq!(circuits(), 2);
+    // And a good list is created whole.
+    let r = bulk(&[
+        item(&id(3), "third", Some(one_port)),
+        item(&id(4), "fourth", None),
+    ]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!((circuits(), rows()), (4, 4));
+}
