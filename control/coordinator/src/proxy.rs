@@ -564,8 +564,9 @@ const WITHDRAWAL_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_se
 /// the store's deadline and whose event by Redis' call timeout. With
 /// `insert_in_flight` the circuit's insert may still commit: a first "not stored"
 /// is looked at again once PostgreSQL's statement timeout has ended that insert
-/// (an insert the server started before its deadline ends within it; SQLite's one
-/// connection runs it before this removal). `failed_once`: a try was just made
+/// (an insert the server started before its deadline ends within it, counted
+/// from when the store answers again; SQLite's one connection runs it before
+/// this removal). `failed_once`: a try was just made
 /// and failed; the first one here waits its back-off. Logged under the caller's
 /// request ID (the task runs in its scope).
 async fn withdraw_until_done(
@@ -575,9 +576,10 @@ async fn withdraw_until_done(
     failed_once: bool,
 ) {
     let mut backoff = WITHDRAWAL_BACKOFF_FIRST;
-    let mut look_again = insert_in_flight.then(|| {
-        tokio::time::Instant::now() + STATEMENT_TIMEOUT + std::time::Duration::from_secs(1)
-    });
+    // Counted from the first "not stored": a store that was down (or frozen) may
+    // run the insert only once it is back.
+    let mut look_again =
+        insert_in_flight.then_some(STATEMENT_TIMEOUT + std::time::Duration::from_secs(1));
     let mut tries: u64 = 0;
     if failed_once {
         tokio::time::sleep(backoff).await;
@@ -593,7 +595,7 @@ async fn withdraw_until_done(
                 return;
             }
             Ok(false) => match look_again.take() {
-                Some(at) => tokio::time::sleep_until(at).await,
+                Some(wait) => tokio::time::sleep(wait).await,
                 None => return,
             },
             Err(e) => {
