@@ -363,7 +363,7 @@ const MAX_REQUEST_HEADERS: usize = 1024;
 /// browser asks about carries it, and only an origin of `allowed` may make it (the
 /// guard refuses every other cross-origin request with the cookie: the preflight of
 /// one gets the same 403 now). Otherwise (a bearer token, which no browser attaches
-/// on its own) any origin may ask. The answer lets the browser send the request it
+/// on its own) any origin may ask (`*`, `null` included). The answer lets the browser send the request it
 /// asked about — the method, the fields it named — and nothing more; whether the
 /// page may read the answer is still the app's to say, on that answer.
 pub fn answer_preflight<'a>(
@@ -399,14 +399,18 @@ pub fn answer_preflight<'a>(
     let (Some(origin), Some(method)) = (origin, method) else {
         return Err(CROSS_ORIGIN);
     };
-    let parsed = Origin::parse(origin).ok_or(CROSS_ORIGIN)?;
-    if credentialed && !allowed.contains(&parsed) {
-        return Err(CROSS_ORIGIN);
-    }
     let mut fields: Vec<PreflightField> = Vec::with_capacity(6);
-    fields.push(("access-control-allow-origin", origin.to_vec()));
     if credentialed {
+        let parsed = Origin::parse(origin).ok_or(CROSS_ORIGIN)?;
+        if !allowed.contains(&parsed) {
+            return Err(CROSS_ORIGIN);
+        }
+        fields.push(("access-control-allow-origin", origin.to_vec()));
         fields.push(("access-control-allow-credentials", b"true".to_vec()));
+    } else {
+        // Any origin, `null` (a sandboxed frame, a `file:` page) included: a
+        // request without credentials, which `*` allows.
+        fields.push(("access-control-allow-origin", b"*".to_vec()));
     }
     fields.push(("access-control-allow-methods", method.to_vec()));
     if requested_ok && !requested.is_empty() && requested.len() <= MAX_REQUEST_HEADERS {
@@ -853,29 +857,22 @@ mod tests {
             false,
         )
         .expect("any origin");
-        assert_eq!(
-            get(&f, "access-control-allow-origin").as_deref(),
-            Some("https://chat.example")
-        );
+        assert_eq!(get(&f, "access-control-allow-origin").as_deref(), Some("*"));
         assert_eq!(get(&f, "access-control-allow-credentials"), None);
         assert_eq!(
             get(&f, "access-control-allow-headers").as_deref(),
             Some("authorization, content-type")
         );
-        // `null` or a malformed origin is none.
-        for origin in ["null", "chat.example", "https://a/b"] {
-            assert!(
-                answer(
-                    &[
-                        ("Origin", origin),
-                        ("Access-Control-Request-Method", "POST")
-                    ],
-                    false
-                )
-                .is_err(),
-                "{origin}"
-            );
-        }
+        // `null` (a sandboxed frame, a `file:` page) too.
+        let f = answer(
+            &[
+                ("Origin", "null"),
+                ("Access-Control-Request-Method", "POST"),
+            ],
+            false,
+        )
+        .expect("null");
+        assert_eq!(get(&f, "access-control-allow-origin").as_deref(), Some("*"));
         // A requested-fields list that is not one is not echoed.
         let f = answer(
             &[

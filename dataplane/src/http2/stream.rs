@@ -516,6 +516,7 @@ fn answer_preflight(
         headers.insert(HeaderName::from_static("x-backend-request-id"), v);
     }
     let _ = respond.send_response(resp, true);
+    ctx.core.metrics.status(204);
     ctx.core.record(&AccessEntry {
         request_id: id,
         circuit: Some(circuit),

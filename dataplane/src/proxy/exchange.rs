@@ -436,6 +436,7 @@ impl Client {
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(&self.out).await;
         core.metrics.add(counter::BYTES_OUT, self.out.len() as u64);
+        core.metrics.status(204);
         core.record(&x.entry(204, (x.bytes_in, self.out.len() as u64), None));
         next
     }
