@@ -138,6 +138,11 @@ pub(super) async fn metrics(
             &m.circuits_collected,
         ),
         (
+            "appproxy_coordinator_circuit_withdrawal_retries_total",
+            "Tries at withdrawing a failed or abandoned creation's circuit that the store failed (each tried again, with a back-off, until made).",
+            &m.withdrawal_retries,
+        ),
+        (
             "appproxy_coordinator_idle_passes_skipped_total",
             "Idle-collection passes skipped because Redis refused writes (last-access marks not stored).",
             &m.idle_passes_skipped,

@@ -225,6 +225,14 @@ fn an_unacknowledged_creation_is_withdrawn_once_the_store_answers_again() {
     );
     // Its removal is in the change log workers poll: the insert, then the removal.
     assert_eq!(count(&pg, "SELECT count(*) FROM circuit_changes"), 2);
+    // The tries the store failed are counted.
+    let m = request(c.addr, "GET", "/metrics", &[], "");
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    let retries = text
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_coordinator_circuit_withdrawal_retries_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(retries.is_some_and(|n| n >= 1), "{text}");
 }
 
 /// A caller that gave up while its creation waited for the acknowledgement, with
