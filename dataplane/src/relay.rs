@@ -405,6 +405,18 @@ pub async fn pipe(
     buf: &mut [u8],
     idle: Duration,
 ) -> (u64, io::Result<()>) {
+    pipe_inspected(src, dst, buf, idle, |_| Ok(())).await
+}
+
+/// [`pipe`], each chunk read from `src` shown to `inspect` before it is written:
+/// an error from it ends the copy (both connections shut, the chunk not written).
+pub async fn pipe_inspected(
+    src: &TcpConn,
+    dst: &TcpConn,
+    buf: &mut [u8],
+    idle: Duration,
+    mut inspect: impl FnMut(&[u8]) -> io::Result<()>,
+) -> (u64, io::Result<()>) {
     let mut total = 0u64;
     let end = |e: io::Error| {
         src.shutdown_both();
@@ -422,6 +434,9 @@ pub async fn pipe(
             Ok(n) => n,
             Err(e) => return (total, Err(end(e))),
         };
+        if let Err(e) = inspect(&buf[..n]) {
+            return (total, Err(end(e)));
+        }
         dst.set_timeout(idle);
         if let Err(e) = dst.write_all(&buf[..n]).await {
             return (total, Err(end(e)));

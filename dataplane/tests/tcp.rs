@@ -75,6 +75,73 @@ fn tcp_relay_with_half_close() {
     assert!(line[0]["request_id"].is_string());
 }
 
+/// A TCP circuit shares its host name with every user's interactive circuits, and a
+/// browser sends a host's cookies to all of its ports: a page that sent a user to
+/// `http://<worker>:<tcp port>/` handed the app behind that TCP circuit (anyone's:
+/// nothing credentials a TCP circuit) the user's permit to all their circuits, raw.
+/// Now the connection closes before a chunk of an HTTP request that names a permit
+/// cookie is relayed, so its value never reaches the app. HTTP without one, and
+/// other protocols, pass unchanged.
+#[test]
+fn a_permit_cookie_never_reaches_a_tcp_circuits_app() {
+    let app = echo_then_bye();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"tcp\"".into(),
+        ..Default::default()
+    });
+    let closed_unechoed = |chunks: &[&[u8]]| {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        for c in chunks {
+            if s.write_all(c).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: proxy.test\r\nCookie: a=1; appproxy_permit_3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b=\"c2VjcmV0\"\r\n\r\n";
+    assert_eq!(
+        closed_unechoed(&[request]),
+        b"",
+        "the permit reached the app"
+    );
+    // Split inside the cookie's name, across two writes: the first part went on
+    // before the rest came (it names no permit yet); the value never does.
+    let (a, b) = request.split_at(60);
+    let got = closed_unechoed(&[a, b]);
+    assert!(
+        request.starts_with(&got) && got.len() <= 60,
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // The next request on a connection that began without one.
+    let plain = b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n";
+    let got = closed_unechoed(&[
+        plain,
+        b"GET /2 HTTP/1.1\r\nCookie: appproxy_permit=x\r\n\r\n",
+    ]);
+    assert_eq!(got, plain, "only the request without a permit is relayed");
+    w.wait_log("the refusal line", |v| {
+        v["message"].as_str().is_some_and(|m| {
+            m.starts_with("tcp connection closed: an HTTP request carrying a permit cookie")
+        })
+    });
+    // HTTP without a permit, and another protocol that names one, pass unchanged.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    relays_with_half_close(&mut s, plain, plain);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    relays_with_half_close(
+        &mut s,
+        b"SSH-2.0-x appproxy_permit",
+        b"SSH-2.0-x appproxy_permit",
+    );
+}
+
 #[test]
 fn tcp_allowlist_refuses_other_peers() {
     let w = refused_by_allowlist("\"10.0.0.0/8\"");
