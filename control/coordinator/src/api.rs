@@ -565,7 +565,12 @@ pub(super) async fn heartbeat(
     valid_node_id("node", q.node.as_deref())?;
     let heard = match state.store.heartbeat_node(id, q.node.as_deref()).await {
         Err(StoreError::Conflict(why)) => return Err(ApiError::NodeLeft(why)),
-        other => other?,
+        Err(e) => {
+            // Sent, not missed: the worker-lost check waits past it.
+            crate::store::note_heartbeat_failure(&e);
+            return Err(e.into());
+        }
+        Ok(heard) => heard,
     };
     if !heard {
         return Err(ApiError::NotFound("No such worker."));

@@ -97,15 +97,15 @@ async fn worker_lost_pass(state: &State) {
     // Heartbeats the store refused (out of reach, at its deadline) were sent, not
     // missed: after an outage longer than the timeout every worker would look lost
     // — its circuits withdrawn on reuse, the manager told, placement refused — while
-    // all of them ran. The check waits until the store has been reachable for a
-    // whole timeout, so every worker has had its turn to heartbeat again.
+    // all of them ran. The check waits until heartbeats (and this check) have been
+    // stored for a whole timeout, so every worker has had its turn again.
     let timeout = state.config.coordinator.worker_heartbeat_timeout_secs;
-    if let Some(ago) = crate::store::unavailable_ago() {
+    if let Some(ago) = crate::store::heartbeats_unstored_ago() {
         if ago < Duration::from_secs(timeout) {
             tracing::info!(
                 store_unreachable_secs_ago = ago.as_secs(),
                 heartbeat_timeout_secs = timeout,
-                "the store was out of reach within the heartbeat timeout; worker-lost check waits"
+                "heartbeats could not be stored within the heartbeat timeout; worker-lost check waits"
             );
             return;
         }
@@ -124,7 +124,10 @@ async fn worker_lost_pass(state: &State) {
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "worker-lost check failed"),
+        Err(e) => {
+            crate::store::note_heartbeat_failure(&e);
+            tracing::warn!(error = %e, "worker-lost check failed")
+        }
     }
 }
 

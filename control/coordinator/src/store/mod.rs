@@ -351,13 +351,12 @@ pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// Runs a store call under [`CALL_DEADLINE`]. A call past it is dropped with its
 /// PostgreSQL connection closed, never given back to the pool
-/// ([`postgres::abandoning`]): the connection may be the reason it did not end. A
-/// call that finds the store out of reach is noted ([`unavailable_ago`]).
+/// ([`postgres::abandoning`]): the connection may be the reason it did not end.
 async fn deadline<R>(
     call: impl std::future::Future<Output = Result<R, StoreError>>,
 ) -> Result<R, StoreError> {
     let mut call = Box::pin(call);
-    let result = match tokio::time::timeout(CALL_DEADLINE, call.as_mut()).await {
+    match tokio::time::timeout(CALL_DEADLINE, call.as_mut()).await {
         Ok(result) => result,
         Err(_) => {
             postgres::abandoning(move || drop(call));
@@ -365,21 +364,27 @@ async fn deadline<R>(
                 "no answer within {CALL_DEADLINE:?}"
             )))
         }
-    };
-    if result.as_ref().is_err_and(StoreError::is_unavailable) {
-        UNAVAILABLE.note();
     }
-    result
 }
 
-/// When a store call of this process last found the store out of reach.
-static UNAVAILABLE: LastSeen = LastSeen::new();
+/// When this process last found the store out of reach for heartbeats: a
+/// heartbeat it could not store, or a worker-lost check that could not run.
+static HEARTBEATS_UNSTORED: LastSeen = LastSeen::new();
 
-/// How long ago a store call of this process last found the store out of reach
-/// ([`StoreError::is_unavailable`]); `None`: never. A heartbeat refused then was not
-/// a heartbeat missed, so the worker-lost check waits a heartbeat timeout past it.
-pub fn unavailable_ago() -> Option<std::time::Duration> {
-    UNAVAILABLE.ago()
+/// Notes `e` when it says the store was out of reach ([`StoreError::is_unavailable`])
+/// for a heartbeat or for the worker-lost check; other calls failing (a locked
+/// table of their own) say nothing about heartbeats.
+pub fn note_heartbeat_failure(e: &StoreError) {
+    if e.is_unavailable() {
+        HEARTBEATS_UNSTORED.note();
+    }
+}
+
+/// How long ago heartbeats last could not be stored ([`note_heartbeat_failure`]);
+/// `None`: never. A heartbeat refused then was not a heartbeat missed, so the
+/// worker-lost check waits a heartbeat timeout past it.
+pub fn heartbeats_unstored_ago() -> Option<std::time::Duration> {
+    HEARTBEATS_UNSTORED.ago()
 }
 
 /// A moment noted by any thread, read as the time since (milliseconds from a
