@@ -20,6 +20,10 @@ use super::placement::{self, Placement, Used};
 use super::store::{StoreError, STATEMENT_TIMEOUT};
 use super::{api, ApiError, Body, Params, State};
 
+/// The longest a `/setup` link lives ([`crate::config::CoordinatorSection::setup_link_ttl_secs`]
+/// is capped to it).
+pub const MAX_SETUP_LINK_TTL_SECS: u64 = 366 * 24 * 3600;
+
 /// What a refused kernel host is told.
 pub(super) const KERNEL_HOST_RULE: &str =
     "kernel_host must be a host name (labels of letters, digits, '-' and '_') or an IP address";
@@ -384,9 +388,18 @@ async fn proxy_auth(
     };
     let mut claims =
         json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id});
-    let ttl = state.config.coordinator.setup_link_ttl_secs;
+    // At most a year (a larger value, up to u64::MAX, wrapped into the past), on
+    // the store's clock: the one the workers that check `exp` share (NTP), not this
+    // coordinator's, which may run behind or ahead of them by more than the ttl.
+    let ttl = state
+        .config
+        .coordinator
+        .setup_link_ttl_secs
+        .min(MAX_SETUP_LINK_TTL_SECS);
     if ttl > 0 {
-        claims["exp"] = json!(appproxy_shared::jwt::now_epoch() as u64 + ttl);
+        let ahead = state.store.clock_ahead().await.unwrap_or(0.0);
+        let now = (appproxy_shared::jwt::now_epoch() + ahead).max(0.0) as u64;
+        claims["exp"] = json!(now.saturating_add(ttl));
     }
     let setup = appproxy_shared::jwt::sign_hs256(&claims, &state.config.secrets.jwt_secret);
     let tls = worker.https();
