@@ -237,6 +237,7 @@ async fn idle_pass(state: &State) {
             }
         };
         let read_at = tokio::time::Instant::now();
+        let read_at_wall = std::time::SystemTime::now();
         let mut next_checks = Vec::with_capacity(due.len());
         for (c, mark) in due.into_iter().zip(marks) {
             let created = c
@@ -250,6 +251,7 @@ async fn idle_pass(state: &State) {
                     .max(gap_end.unwrap_or(0.0))
             };
             let (mut now, mut last) = (now, last_of(mark));
+            let mut decided_at = read_at_wall;
             if now - last > timeout && read_at.elapsed() > FRESH_DECISION {
                 // The marks were read a while ago: removals before this one were
                 // slow (a store at its deadline), or this process was paused. The
@@ -261,6 +263,7 @@ async fn idle_pass(state: &State) {
                     return;
                 }
                 now = clock();
+                decided_at = std::time::SystemTime::now();
                 match state.marks.last_access_of(&[c.id], now).await {
                     Ok(fresh) => last = last_of(fresh.into_iter().next().flatten()),
                     Err(e) => {
@@ -276,7 +279,11 @@ async fn idle_pass(state: &State) {
                 continue;
             }
             tracing::info!(circuit = %c.id, idle_secs = (now - last) as u64, "idle circuit collected");
-            match state.remove_circuit(c.id).await {
+            // Made within a moment of the mark it was decided on, or not at all
+            // (a removal that waits on the circuit's row, meanwhile used, is not
+            // made once the wait ends; it is looked at again next pass).
+            let removal = state.remove_circuit_by(c.id, Some(decided_at + FRESH_DECISION * 2));
+            match removal.await {
                 Ok(true) => {
                     state
                         .metrics
@@ -301,7 +308,8 @@ async fn idle_pass(state: &State) {
 }
 
 /// How long marks read for an idle check decide a removal: past this, a circuit
-/// found idle has its mark read again (and the lease checked) before it is removed.
+/// found idle has its mark read again (and the lease checked) before it is removed,
+/// and the removal is made within twice this of the read, or not at all.
 const FRESH_DECISION: Duration = Duration::from_secs(1);
 
 /// Circuits one idle-check read takes.

@@ -318,6 +318,16 @@ impl State {
     /// ID and a child of the same span. Every removal (API, bulk and endpoint
     /// deletes, idle collection, a withdrawn creation) comes through here.
     async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
+        self.remove_circuit_by(id, None).await
+    }
+
+    /// [`State::remove_circuit`], the removal itself made before `deadline` or not at
+    /// all ([`store::Store::delete_circuit_by`]).
+    async fn remove_circuit_by(
+        &self,
+        id: uuid::Uuid,
+        deadline: Option<std::time::SystemTime>,
+    ) -> Result<bool, ApiError> {
         let found = self.store.circuit(id).await?;
         // Read before the removal: once it is made, no store call may fail the call.
         // A lookup failing after it (a store at its deadline) answered 503 for a
@@ -329,11 +339,16 @@ impl State {
         };
         let request_id = appproxy_shared::current_request_id();
         let trace = appproxy_shared::middleware::current_trace_context();
-        if !self
-            .store
-            .delete_circuit(id, request_id.as_ref().map(|r| r.as_str()), trace.as_ref())
-            .await?
-        {
+        let by = request_id.as_ref().map(|r| r.as_str());
+        let deleted = match deadline {
+            Some(deadline) => {
+                self.store
+                    .delete_circuit_by(id, by, trace.as_ref(), deadline)
+                    .await?
+            }
+            None => self.store.delete_circuit(id, by, trace.as_ref()).await?,
+        };
+        if !deleted {
             return Ok(false);
         }
         self.marks.forget(id);

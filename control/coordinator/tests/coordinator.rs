@@ -1986,6 +1986,40 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
         request(c.addr, "GET", &format!("/api/circuit/{later}"), &[AUTH], "").status,
         200
     );
+    // A circuit used while its own removal waits on its row: the removal is made
+    // within 2 s of the mark it was decided on, or not at all (before, it waited
+    // up to the call's 5 s and was made once the row was free).
+    pg.psql(
+        "appproxy",
+        &format!(
+            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
+             idle_check_at = '2000-01-01T00:00:00Z' WHERE id = '{later}'"
+        ),
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(format!("circuit.{later}.last_access"))
+        .query(&mut conn)
+        .expect("unmark");
+    let held = pg.hold(
+        "appproxy",
+        &format!("BEGIN; SELECT count(*) FROM (SELECT 1 FROM circuits WHERE id = '{later}' FOR KEY SHARE) locked"),
+    );
+    let deadline = Instant::now() + HANG_GUARD;
+    while db.query(
+        dir.path(),
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM circuits%'",
+    ) != "1"
+    {
+        assert!(Instant::now() < deadline, "its removal never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mark_used_now(pg, &mut conn, later);
+    std::thread::sleep(Duration::from_secs(3));
+    held.commit();
+    assert!(
+        idle_outcome_on(&db, &c, dir.path(), later),
+        "a circuit used while its own removal waited was collected"
+    );
 }
 
 /// Single node (no Redis): the marks live in the coordinator's memory and are gone

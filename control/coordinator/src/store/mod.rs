@@ -963,11 +963,36 @@ impl Store {
         request_id: Option<&str>,
         trace: Option<&appproxy_shared::TraceContext>,
     ) -> Result<bool, StoreError> {
-        let by: Behind = (request_id.map(str::to_owned), trace_columns(trace));
         // Taken before the call's own deadline starts: never after the answer.
         let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
-        dispatch!(self, |s| s.delete_circuit(&id, &by), |p| p
-            .delete_circuit(&id, &by, deadline))
+        self.delete_circuit_by(id, request_id, trace, deadline)
+            .await
+    }
+
+    /// [`Store::delete_circuit`], nothing removed after `deadline` (or the call's
+    /// own, whichever comes first): a removal decided on what was true at one
+    /// moment (idle collection's last-access marks) is not made long after it.
+    pub async fn delete_circuit_by(
+        &self,
+        id: uuid::Uuid,
+        request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+        deadline: std::time::SystemTime,
+    ) -> Result<bool, StoreError> {
+        let by: Behind = (request_id.map(str::to_owned), trace_columns(trace));
+        let deadline = deadline.min(std::time::SystemTime::now() + CALL_DEADLINE);
+        dispatch!(
+            self,
+            |s| {
+                if std::time::SystemTime::now() >= deadline {
+                    return Err(StoreError::Unavailable(
+                        "the removal's deadline passed before it had the database".into(),
+                    ));
+                }
+                s.delete_circuit(&id, &by)
+            },
+            |p| p.delete_circuit(&id, &by, deadline)
+        )
     }
 
     /// Creates or updates a model-serving endpoint's row.
