@@ -274,9 +274,54 @@ impl Pg {
         self.child.id()
     }
 
+    /// The server and its backends frozen (SIGSTOP) until the guard is dropped
+    /// (SIGCONT), however the test ends.
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.signal("-STOP");
+        Frozen(self)
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`, …) to the server, then to each of its
+    /// backends: the server first, so that it forks no new one meanwhile; a backend
+    /// that ended since it was listed is no failure.
+    pub fn signal(&self, sig: &str) {
+        let root = self.pid();
+        let kill = |pid: &str| {
+            Command::new("kill")
+                .arg(sig)
+                .arg(pid)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        assert!(kill(&root.to_string()), "kill {sig} {root}");
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid …: the ppid is the second field after the comm.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(root) {
+                kill(&entry.file_name().to_string_lossy());
+            }
+        }
+    }
+
     /// Whether the server runs as another user (root started it).
     pub fn unprivileged(&self) -> bool {
         self.user.is_some()
+    }
+}
+
+/// A server frozen by [`Pg::freeze`]; thawed when dropped.
+pub struct Frozen<'a>(&'a Pg);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal("-CONT");
     }
 }
 

@@ -646,31 +646,6 @@ fn a_frozen_coordinator_holds_no_events_the_others_send() {
     b.stop();
 }
 
-/// Signals the postmaster and each of its backends.
-fn signal_pg(pg: &common::pg::Pg, sig: &str) {
-    let root = pg.pid();
-    let mut pids = vec![root.to_string()];
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid …: the ppid is the second field after the comm.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(root) {
-            pids.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    let ok = Command::new("kill")
-        .arg(sig)
-        .args(&pids)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pids:?}");
-}
-
 /// Found #5: PostgreSQL frozen (SIGSTOP) or stopped: API calls end within the store
 /// deadline with 503 and the product's JSON error (no pool or driver text), and the
 /// coordinator answers normally once PostgreSQL is back.
@@ -682,7 +657,7 @@ fn a_frozen_or_stopped_database_is_a_bounded_503() {
     let pg = common::pg::Pg::start();
     let (coordinator, coord) = coordinator_on(&format!("url = \"{}\"", pg.url()), &redis.url(), "");
     assert_eq!(get(coord, "/api/worker").0, 200);
-    signal_pg(&pg, "-STOP");
+    pg.signal("-STOP");
     let check = |what: &str| {
         let (status, head, body) = http(
             coord,
@@ -698,7 +673,7 @@ fn a_frozen_or_stopped_database_is_a_bounded_503() {
         );
     };
     check("frozen");
-    signal_pg(&pg, "-CONT");
+    pg.signal("-CONT");
     wait_until("the store answers again", || {
         get(coord, "/api/worker").0 == 200
     });

@@ -5192,39 +5192,6 @@ fn workers_heartbeating_through_a_store_outage_are_not_lost() {
     }
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server and its backends.
-fn signal_pg(pg: &appproxy_test_support::pg::Pg, sig: &str) {
-    let root = pg.pid();
-    let mut pids = vec![root.to_string()];
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid …: the ppid is the second field after the comm.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(root) {
-            pids.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    // The server first (it starts no backend while stopped), then each backend: one
-    // that exited since the list was read is gone, not an error.
-    let kill = |pid: &str| {
-        std::process::Command::new("kill")
-            .arg(sig)
-            .arg(pid)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    assert!(kill(&pids[0]), "kill {sig} {}", pids[0]);
-    for pid in &pids[1..] {
-        kill(pid);
-    }
-}
-
 /// `/metrics` read the store (workers by status, circuits) before it wrote anything,
 /// so a store that was down or frozen made every scrape a 503 after 5 s: the
 /// coordinator's own counters went dark exactly when they mattered. The store's
@@ -5260,15 +5227,8 @@ fn metrics_answer_without_the_store_gauges_while_the_store_is_down() {
         "{text}"
     );
 
-    /// Lets the server go on however the test ends.
-    struct Thaw<'a>(&'a appproxy_test_support::pg::Pg);
-    impl Drop for Thaw<'_> {
-        fn drop(&mut self) {
-            signal_pg(self.0, "-CONT");
-        }
-    }
-    signal_pg(pg, "-STOP");
-    let thaw = Thaw(pg);
+    // Thawed however the test ends.
+    let thaw = pg.freeze();
     for _ in 0..2 {
         let started = Instant::now();
         let (status, text) = scrape();

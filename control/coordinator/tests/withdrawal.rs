@@ -97,51 +97,6 @@ fn count(pg: &Pg, sql: &str) -> u64 {
     pg.psql("appproxy", sql).parse().expect("a count")
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`) to the PostgreSQL server, then to its backends
-/// (the server first: it forks no new one meanwhile; a backend that ended since
-/// it was listed is no failure).
-fn signal_pg(pg: &Pg, sig: &str) {
-    let root = pg.pid();
-    let kill = |pid: &str| {
-        std::process::Command::new("kill")
-            .arg(sig)
-            .arg(pid)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    assert!(kill(&root.to_string()), "kill {sig} {root}");
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid …: the ppid is the second field after the comm.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(root) {
-            kill(&entry.file_name().to_string_lossy());
-        }
-    }
-}
-
-/// PostgreSQL frozen (SIGSTOP) until dropped: it goes on however the test ends.
-struct Frozen<'a>(&'a Pg);
-
-impl<'a> Frozen<'a> {
-    fn freeze(pg: &'a Pg) -> Self {
-        signal_pg(pg, "-STOP");
-        Self(pg)
-    }
-}
-
-impl Drop for Frozen<'_> {
-    fn drop(&mut self) {
-        signal_pg(self.0, "-CONT");
-    }
-}
-
 /// Waits until the coordinator listens for acknowledgements on Redis.
 fn listening(dir: &std::path::Path) {
     wait_for("never listened for acknowledgements", || {
@@ -197,7 +152,7 @@ fn an_unacknowledged_creation_is_withdrawn_once_the_store_answers_again() {
         )
     });
     wait_for("the circuit was never stored", || circuits() == 1);
-    let frozen = Frozen::freeze(&pg);
+    let frozen = pg.freeze();
     let r = creation.join().expect("creation thread");
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     drop(frozen);
@@ -264,7 +219,7 @@ fn an_abandoned_creation_is_withdrawn_once_the_store_answers_again() {
     )
     .expect("send");
     wait_for("the circuit was never stored", || circuits() == 1);
-    let frozen = Frozen::freeze(&pg);
+    let frozen = pg.freeze();
     drop(s);
     let retried = || {
         log_lines(dir.path())
