@@ -516,10 +516,21 @@ impl Creating {
         self.why = why.into();
     }
 
+    /// [`Creating::withdraw`] after a try the store failed (counted): the background
+    /// withdrawal waits its back-off before its first try.
+    fn withdraw_after_a_failed_try(mut self, why: impl Into<String>) {
+        self.state
+            .metrics
+            .withdrawal_retries
+            .fetch_add(1, Ordering::Relaxed);
+        self.failed_once = true;
+        self.withdraw(why);
+    }
+
     /// [`Creating::withdraw`], its first try made before this returns: the caller,
     /// answered after, leaves the circuit gone unless the store failed that try
     /// (the withdrawal then goes on in the background, as with `withdraw`).
-    pub(super) async fn withdraw_now(mut self, why: String) {
+    pub(super) async fn withdraw_now(self, why: String) {
         let (state, circuit) = (self.state.clone(), self.circuit);
         match state.remove_circuit(circuit).await {
             Ok(_) => {
@@ -527,16 +538,11 @@ impl Creating {
                 self.settled();
             }
             Err(e) => {
-                state
-                    .metrics
-                    .withdrawal_retries
-                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     %circuit, error = %e,
                     "circuit not withdrawn: the store failed; withdrawing it in the background"
                 );
-                self.failed_once = true;
-                self.withdraw(why);
+                self.withdraw_after_a_failed_try(why);
             }
         }
     }
@@ -1126,7 +1132,7 @@ async fn withdraw(
     circuit: &Circuit,
     authority: &str,
     why: &str,
-    mut under_way: Creating,
+    under_way: Creating,
 ) -> Result<(), Retry> {
     match state.remove_circuit(circuit.id).await {
         Ok(_) => {
@@ -1135,16 +1141,11 @@ async fn withdraw(
             Ok(())
         }
         Err(e) => {
-            state
-                .metrics
-                .withdrawal_retries
-                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 circuit = %circuit.id, worker = %authority, reason = why, error = %e,
                 "circuit not withdrawn: the store failed; withdrawing it in the background"
             );
-            under_way.failed_once = true;
-            under_way.withdraw(format!(
+            under_way.withdraw_after_a_failed_try(format!(
                 "withdrawing the circuit of a failed creation ({why}) once the store answers"
             ));
             Err(Retry::No(e))
