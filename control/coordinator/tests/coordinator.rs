@@ -1850,6 +1850,42 @@ fn mark_used_now(pg: &appproxy_test_support::pg::Pg, conn: &mut redis::Connectio
         .expect("mark");
 }
 
+/// Waits (at most `within`) until `n` statements of PostgreSQL `db` whose text is
+/// `LIKE` the pattern wait on a lock; `why` says what never happened.
+fn until_waiting_on_a_lock(
+    db: &Db,
+    dir: &std::path::Path,
+    (like, n): (&str, usize),
+    within: Duration,
+    why: &str,
+) {
+    let waiting = || {
+        db.query(
+            dir,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '{like}'"
+            ),
+        )
+    };
+    let deadline = Instant::now() + within;
+    while waiting() != n.to_string() {
+        assert!(Instant::now() < deadline, "{why}: {} waiting", waiting());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Makes PostgreSQL's `circuit` as old as can be and its idle check due now (as
+/// [`make_old_and_due`] does on SQLite).
+fn make_old_and_due_pg(pg: &appproxy_test_support::pg::Pg, circuit: &str) {
+    pg.psql(
+        "appproxy",
+        &format!(
+            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
+             idle_check_at = '2000-01-01T00:00:00Z' WHERE id = '{circuit}'"
+        ),
+    );
+}
+
 /// A leader whose clock runs ahead of the database's and the workers' took every
 /// circuit's last access as that much older, and collected circuits in use: it
 /// compared the workers' marks and the creation times with its own clock. The idle
@@ -1894,13 +1930,7 @@ fn idle_collection_uses_the_databases_clock_not_the_leaders() {
     // The worker marks it now, on its clock (the database's).
     mark_used_now(pg, &mut conn, &busy);
     // Made long ago, its check due now.
-    pg.psql(
-        "appproxy",
-        &format!(
-            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
-             idle_check_at = '2000-01-01T00:00:00Z' WHERE id = '{busy}'"
-        ),
-    );
+    make_old_and_due_pg(pg, &busy);
     assert!(
         idle_outcome_on(&db, &c, dir.path(), &busy),
         "a circuit in use was collected by a leader whose clock runs ahead"
@@ -1965,15 +1995,13 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
         ),
     );
     // The pass found both idle and waits on the first one's removal...
-    let deadline = Instant::now() + HANG_GUARD;
-    while db.query(
+    until_waiting_on_a_lock(
+        &db,
         dir.path(),
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM circuits%'",
-    ) != "1"
-    {
-        assert!(Instant::now() < deadline, "the first removal never waited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ("%DELETE FROM circuits%", 1),
+        HANG_GUARD,
+        "the first removal never waited",
+    );
     // ...while the later one is used.
     mark_used_now(pg, &mut conn, later);
     assert!(
@@ -1997,13 +2025,7 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
     // A circuit used while its own removal waits on its row: the removal is made
     // within 2 s of the mark it was decided on, or not at all (before, it waited
     // up to the call's 5 s and was made once the row was free).
-    pg.psql(
-        "appproxy",
-        &format!(
-            "UPDATE circuits SET created_at = '2000-01-01T00:00:00Z', \
-             idle_check_at = '2000-01-01T00:00:00Z' WHERE id = '{later}'"
-        ),
-    );
+    make_old_and_due_pg(pg, later);
     let _: () = redis::cmd("DEL")
         .arg(format!("circuit.{later}.last_access"))
         .query(&mut conn)
@@ -2012,15 +2034,13 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
         "appproxy",
         &format!("BEGIN; SELECT count(*) FROM (SELECT 1 FROM circuits WHERE id = '{later}' FOR KEY SHARE) locked"),
     );
-    let deadline = Instant::now() + HANG_GUARD;
-    while db.query(
+    until_waiting_on_a_lock(
+        &db,
         dir.path(),
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM circuits%'",
-    ) != "1"
-    {
-        assert!(Instant::now() < deadline, "its removal never waited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ("%DELETE FROM circuits%", 1),
+        HANG_GUARD,
+        "its removal never waited",
+    );
     mark_used_now(pg, &mut conn, later);
     std::thread::sleep(Duration::from_secs(3));
     held.commit();
@@ -4466,15 +4486,13 @@ fn a_creation_dropped_while_its_insert_waits_is_withdrawn(db: Db) {
     // The creation reaches its insert, and waits there.
     match &db {
         Db::Postgres(_) => {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while db.query(
+            until_waiting_on_a_lock(
+                &db,
                 dir.path(),
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
-            ) != "1"
-            {
-                assert!(Instant::now() < deadline, "the insert never waited");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+                ("WITH created AS%", 1),
+                Duration::from_secs(3),
+                "the insert never waited",
+            );
         }
         // (No view of waiters: what precedes the insert only reads.)
         Db::Sqlite => std::thread::sleep(Duration::from_millis(1_000)),
@@ -5373,17 +5391,13 @@ fn simultaneous_calls_for_one_session_and_app_share_one_circuit() {
         })
     };
     let first = call(path.clone());
-    let waiting = || {
-        db.query(
-            dir.path(),
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while waiting() != "1" {
-        assert!(Instant::now() < deadline, "the first insert never waited");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until_waiting_on_a_lock(
+        &db,
+        dir.path(),
+        ("WITH created AS%", 1),
+        Duration::from_secs(3),
+        "the first insert never waited",
+    );
     let others: Vec<_> = (0..3).map(|_| call(path.clone())).collect();
     // Time for the others to reach their own inserts, were they not waiting.
     std::thread::sleep(Duration::from_millis(1_000));
@@ -5664,21 +5678,13 @@ fn circuits_per_session_are_capped(db: Db) {
         .collect();
     if let Some(held) = held {
         // Every call's insert has begun before the first may finish.
-        let waiting = || {
-            db.query(
-                dir.path(),
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
-            )
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while waiting() != CALLS.to_string() {
-            assert!(
-                Instant::now() < deadline,
-                "the inserts never all waited: {}",
-                waiting()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        until_waiting_on_a_lock(
+            &db,
+            dir.path(),
+            ("WITH created AS%", CALLS),
+            Duration::from_secs(60),
+            "the inserts never all waited",
+        );
         held.commit();
     }
     let answers: Vec<_> = calls
