@@ -674,3 +674,104 @@ fn access_lines_name_each_request_on_a_reused_connection() {
         assert_eq!(line["path"], path.as_str(), "{id}");
     }
 }
+
+/// The field lists of request and response heads are recycled from one exchange to
+/// the next on a connection: a head with many fields followed by one with few must
+/// leave nothing of the first in the second, either way, interim heads included.
+#[test]
+fn each_head_on_a_reused_connection_carries_only_its_own_fields() {
+    use std::io::{BufRead, BufReader, Read};
+    let app = std::net::TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app_addr = app.local_addr().expect("app addr");
+    // One keep-alive app connection: the first answer has 40 fields of its own and
+    // an interim head with 20 before it, the second has none of them.
+    let served = std::thread::spawn(move || {
+        let (s, _) = app.accept().expect("accept");
+        let mut r = BufReader::new(s.try_clone().expect("clone"));
+        let mut w = s;
+        let mut heads = Vec::new();
+        for round in 0..2 {
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).expect("read") == 0 {
+                    return heads;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            heads.push(head);
+            let mut out = String::new();
+            if round == 0 {
+                out.push_str("HTTP/1.1 103 Early Hints\r\n");
+                for i in 0..20 {
+                    out.push_str(&format!("Link: </hint-{i}>; rel=preload\r\n"));
+                }
+                out.push_str("\r\nHTTP/1.1 200 OK\r\n");
+                for i in 0..40 {
+                    out.push_str(&format!("X-First-{i}: first\r\n"));
+                }
+            } else {
+                out.push_str("HTTP/1.1 200 OK\r\n");
+            }
+            out.push_str("Content-Length: 2\r\n\r\nok");
+            w.write_all(out.as_bytes()).expect("answer");
+        }
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        heads
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    let mut first = String::from("GET /one HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..40 {
+        first.push_str(&format!("X-Req-{i}: from-the-first\r\n"));
+    }
+    first.push_str("\r\n");
+    c.send(first.as_bytes());
+    let (status, fields) = c.head();
+    assert_eq!(status, 103);
+    let links = fields
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("link"));
+    assert_eq!(links.count(), 20);
+    let one = c.response();
+    assert_eq!(one.status, 200);
+    assert_eq!(one.headers_named("x-first-39"), vec!["first"]);
+    c.send(b"GET /two HTTP/1.1\r\nHost: t\r\n\r\n");
+    let two = c.response();
+    assert_eq!(two.status, 200);
+    assert_eq!(two.text(), "ok");
+    let stale: Vec<_> = two
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            n.to_ascii_lowercase().starts_with("x-first") || n.eq_ignore_ascii_case("link")
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "the first answer's fields in the second: {stale:?}"
+    );
+    drop(c);
+    drop(w);
+    let heads = served.join().expect("app");
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert_eq!(
+        heads[0].matches("from-the-first").count(),
+        40,
+        "{}",
+        heads[0]
+    );
+    assert!(heads[1].starts_with("GET /two "), "{}", heads[1]);
+    assert!(
+        !heads[1].contains("from-the-first") && !heads[1].contains("X-Req-"),
+        "the first request's fields in the second: {}",
+        heads[1]
+    );
+}

@@ -440,7 +440,7 @@ fn fields(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<HeaderField
 /// `Ok(None)` means the head is not complete yet (read more); errors are final and
 /// answer with [`RequestError::status`].
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
-    parse_request_reusing(buf, limits, Vec::new())
+    parse_request_reusing(buf, limits, &mut Vec::new())
 }
 
 /// Whether a request head httparse refused for its version starts (after the empty
@@ -463,11 +463,13 @@ fn names_a_version(buf: &[u8]) -> bool {
     matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
-/// [`parse_request`] storing the header fields in `spare` (a recycled allocation).
+/// [`parse_request`] storing the header fields in `spare`'s allocation (the
+/// previous request's, recycled): a complete head takes it, anything else leaves
+/// it for the next try.
 pub fn parse_request_reusing(
     buf: &[u8],
     limits: &HeadLimits,
-    spare: Vec<HeaderField>,
+    spare: &mut Vec<HeaderField>,
 ) -> Result<Option<RequestHead>, RequestError> {
     // The request line: its end must come within the limit.
     let line_end = match buf
@@ -516,7 +518,7 @@ pub fn parse_request_reusing(
     } else {
         Version::Http10
     };
-    let mut headers = spare;
+    let mut headers = std::mem::take(spare);
     fields(buf, req.headers, &mut headers);
 
     let mut scan = Scan::default();
@@ -618,15 +620,16 @@ pub fn parse_response(
     method: Method,
     max_head: usize,
 ) -> Result<Option<ResponseHead>, ResponseError> {
-    parse_response_reusing(buf, method, max_head, Vec::new())
+    parse_response_reusing(buf, method, max_head, &mut Vec::new())
 }
 
-/// [`parse_response`] storing the header fields in `spare` (a recycled allocation).
+/// [`parse_response`] storing the header fields in `spare`'s allocation (as
+/// [`parse_request_reusing`] does).
 pub fn parse_response_reusing(
     buf: &[u8],
     method: Method,
     max_head: usize,
-    spare: Vec<HeaderField>,
+    spare: &mut Vec<HeaderField>,
 ) -> Result<Option<ResponseHead>, ResponseError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let mut resp = httparse::Response::new(&mut []);
@@ -667,7 +670,7 @@ pub fn parse_response_reusing(
             (start..=end).contains(&(r.as_ptr() as usize)) && r.as_ptr() as usize + r.len() <= end
         })
         .map_or(0..0, |r| offset(buf, r));
-    let mut headers = spare;
+    let mut headers = std::mem::take(spare);
     fields(buf, resp.headers, &mut headers);
     let mut scan = Scan::default();
     for field in &headers {

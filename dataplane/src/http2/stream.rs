@@ -756,7 +756,16 @@ async fn forward_h1(
         // connection, which is not pooled half read) at once.
         let outcome = futures_lite::future::or(
             async {
-                Some(proxy::read_response_head(core, &upstream, &mut ubuf, head.method).await)
+                Some(
+                    proxy::read_response_head(
+                        core,
+                        &upstream,
+                        &mut ubuf,
+                        &mut Vec::new(),
+                        head.method,
+                    )
+                    .await,
+                )
             },
             async {
                 let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
@@ -828,7 +837,7 @@ async fn forward_h1(
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         }
         ubuf.consume(resp.head_len);
-        resp = proxy::read_response_head(core, &upstream, &mut ubuf, head.method)
+        resp = proxy::read_response_head(core, &upstream, &mut ubuf, &mut Vec::new(), head.method)
             .await
             .map_err(|f| Fail::Answer(f.into_error()))?;
     }

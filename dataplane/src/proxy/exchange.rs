@@ -112,7 +112,7 @@ impl Exchange {
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
     /// `text`: the storage of the method and path copies (the previous request's,
-    /// reused; see [`Exchange::into_line_storage`]).
+    /// reused; see [`Exchange::into_storage`]).
     pub(super) fn new(
         core: &Core,
         buf: &[u8],
@@ -142,9 +142,10 @@ impl Exchange {
         }
     }
 
-    /// The storage of the method and path copies, for the next request.
-    pub(super) fn into_line_storage(self) -> Vec<u8> {
-        self.line.text
+    /// The storage of the method and path copies and of the head's field list, for
+    /// the next request.
+    pub(super) fn into_storage(self) -> (Vec<u8>, Vec<parse::HeaderField>) {
+        (self.line.text, self.head.headers)
     }
 
     /// The circuit served, once routed.
@@ -650,7 +651,14 @@ impl Client {
                     // closes after the answer anyway.
                     let mut early = None;
                     for _ in 0..=MAX_INTERIM {
-                        match read_response_head(&core, upstream, &mut self.ubuf, head.method).await
+                        match read_response_head(
+                            &core,
+                            upstream,
+                            &mut self.ubuf,
+                            &mut self.resp_fields,
+                            head.method,
+                        )
+                        .await
                         {
                             Ok(r) if (100..200).contains(&r.status) && r.status != 101 => {
                                 self.ubuf.consume(r.head_len);
@@ -691,7 +699,14 @@ impl Client {
             }
         }
         let sent = core.metrics.histograms().then(Instant::now);
-        let outcome = read_response_head(&core, upstream, &mut self.ubuf, head.method).await;
+        let outcome = read_response_head(
+            &core,
+            upstream,
+            &mut self.ubuf,
+            &mut self.resp_fields,
+            head.method,
+        )
+        .await;
         if let (Ok(_), Some(sent)) = (&outcome, sent) {
             core.metrics.upstream_head.observe(sent.elapsed());
         }
@@ -761,7 +776,7 @@ impl Client {
         resp: ResponseHead,
         sent: Sent,
     ) -> Result<Done, Failure> {
-        let (resp, mut bytes_out) = self.relay_interim(x, &sent, resp).await?;
+        let (mut resp, mut bytes_out) = self.relay_interim(x, &sent, resp).await?;
         if resp.status == 101 {
             return self.upgrade(x, route, resp, sent, bytes_out).await;
         }
@@ -788,6 +803,7 @@ impl Client {
             close,
         );
         self.ubuf.consume(resp.head_len);
+        self.resp_fields = std::mem::take(&mut resp.headers);
         let mode = match framing {
             ClientFraming::Empty => Mode::Length(0),
             ClientFraming::Length(n) => Mode::Length(n),
@@ -917,7 +933,14 @@ impl Client {
                 bytes_out += self.out.len() as u64;
             }
             self.ubuf.consume(resp.head_len);
-            let next = read_response_head(&core, &sent.upstream, &mut self.ubuf, req.method);
+            self.resp_fields = std::mem::take(&mut resp.headers);
+            let next = read_response_head(
+                &core,
+                &sent.upstream,
+                &mut self.ubuf,
+                &mut self.resp_fields,
+                req.method,
+            );
             resp = match next.await {
                 Ok(r) => r,
                 Err(f) if bytes_out == 0 => {

@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::core::{counter, Core, Route};
 use crate::http::encode::ClientHop;
 use crate::http::error::RequestError;
-use crate::http::parse::{self, Authority, BodyFraming, Method, RequestHead};
+use crate::http::parse::{self, Authority, BodyFraming, HeaderField, Method, RequestHead};
 use crate::io::TcpConn;
 use crate::relay::ReadBuf;
 
@@ -80,6 +80,10 @@ pub(crate) struct Client {
     out: Vec<u8>,
     /// Storage for each request's method and path copies (its access line), reused.
     line: Vec<u8>,
+    /// Storage for each request head's field list, reused.
+    fields: Vec<HeaderField>,
+    /// Storage for each response head's field list, reused.
+    resp_fields: Vec<HeaderField>,
 }
 
 /// Serves one accepted connection until it closes. `trust_forwarding` false: the
@@ -129,6 +133,8 @@ async fn serve_conn(
         ubuf: core.read_bufs.take(),
         out: Vec::with_capacity(4096),
         line: Vec::new(),
+        fields: Vec::new(),
+        resp_fields: Vec::new(),
     };
     // The head timeout from the accept (a PROXY protocol header or a TLS handshake
     // took part of it).
@@ -185,7 +191,7 @@ impl Client {
             // request.
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
             let next = scope_traced(Some(id), trace, self.exchange(&mut x)).await;
-            self.line = x.into_line_storage();
+            (self.line, self.fields) = x.into_storage();
             if next != Next::KeepAlive || self.core.draining.get() {
                 break next;
             }
@@ -249,7 +255,10 @@ impl Client {
             }
         }
         loop {
-            if let Some(head) = parse::parse_request(self.buf.filled(), &core.rt.head_limits)? {
+            let limits = &core.rt.head_limits;
+            if let Some(head) =
+                parse::parse_request_reusing(self.buf.filled(), limits, &mut self.fields)?
+            {
                 return Ok(Some(head));
             }
             match self.buf.fill(&self.conn, self.head_limit).await {

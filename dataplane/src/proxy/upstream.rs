@@ -198,16 +198,19 @@ impl HeadFailure {
 pub(crate) const MAX_INTERIM: usize = 5;
 
 /// Reads `upstream` into `ubuf` until a complete response head to `method` is there
-/// (within `[timeouts] upstream_head_secs`).
+/// (within `[timeouts] upstream_head_secs`). The head's field list takes `fields`'
+/// allocation (recycled from the response before).
 pub(crate) async fn read_response_head(
     core: &Core,
     upstream: &TcpConn,
     ubuf: &mut ReadBuf,
+    fields: &mut Vec<parse::HeaderField>,
     method: Method,
 ) -> Result<ResponseHead, HeadFailure> {
     upstream.set_timeout(core.rt.upstream_head_timeout);
+    let max_head = core.rt.max_response_head;
     loop {
-        if let Some(head) = parse::parse_response(ubuf.filled(), method, core.rt.max_response_head)
+        if let Some(head) = parse::parse_response_reusing(ubuf.filled(), method, max_head, fields)
             .map_err(HeadFailure::Invalid)?
         {
             return Ok(head);
