@@ -765,11 +765,9 @@ fn a_delete_reaching_the_staging_area_is_refused_before_anything_goes() {
 /// links too) read as before. Before, every one of these read routes served it: a
 /// listing named the sessions, downloads and `fetch` sent the partial upload, the
 /// archives zipped it, `mount` handed out its host path.
-#[test]
-fn the_read_routes_refuse_the_staging_area_however_it_is_reached() {
-    const VICTIM: &[u8] = b"VICTIM-PARTIAL-UPLOAD";
-    let p = Proxy::start("");
-    create_folder(&p);
+/// Another user's upload, under way with `bytes` of it staged: the name of its
+/// staged file in the vfolder's `.upload`.
+fn stage_a_partial_upload(p: &Proxy, bytes: &[u8]) -> String {
     let r = p.manager(
         "/folder/file/upload",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "private.bin", "size": 100}),
@@ -777,14 +775,22 @@ fn the_read_routes_refuse_the_staging_area_however_it_is_reached() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let upload = r.json()["token"].as_str().expect("token").to_owned();
-    assert_eq!(p.tus_patch(&upload, "0", VICTIM).status, 204);
-    let vf = p.vfolder_path();
-    let session = std::fs::read_dir(vf.join(".upload"))
+    assert_eq!(p.tus_patch(&upload, "0", bytes).status, 204);
+    std::fs::read_dir(p.vfolder_path().join(".upload"))
         .expect("staging area")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.len() == 32)
-        .expect("the staged file");
+        .expect("the staged file")
+}
+
+#[test]
+fn the_read_routes_refuse_the_staging_area_however_it_is_reached() {
+    const VICTIM: &[u8] = b"VICTIM-PARTIAL-UPLOAD";
+    let p = Proxy::start("");
+    create_folder(&p);
+    let session = stage_a_partial_upload(&p, VICTIM);
+    let vf = p.vfolder_path();
     std::fs::write(vf.join("a.txt"), b"mine").expect("a");
     std::fs::create_dir_all(vf.join("d/.upload")).expect("d");
     std::fs::write(vf.join("d/f.txt"), b"in d").expect("f");
@@ -1025,14 +1031,7 @@ fn a_listed_path_swapped_for_the_staging_area_before_its_turn_is_left_out() {
     const VICTIM: &[u8] = b"VICTIM-PARTIAL-UPLOAD";
     let p = Proxy::start("");
     create_folder(&p);
-    let r = p.manager(
-        "/folder/file/upload",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "private.bin", "size": 100}),
-        None,
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let upload = r.json()["token"].as_str().expect("token").to_owned();
-    assert_eq!(p.tus_patch(&upload, "0", VICTIM).status, 204);
+    stage_a_partial_upload(&p, VICTIM);
     let vf = p.vfolder_path();
     // 8 MiB that do not compress: more than the socket and the body channel hold,
     // so the writer waits within it for the client.
