@@ -143,6 +143,11 @@ pub(super) async fn metrics(
             &m.withdrawal_retries,
         ),
         (
+            "appproxy_coordinator_overdue_creations_withdrawn_total",
+            "Circuits withdrawn by the leader's sweep because their creation was still marked under way past its bound (it failed, and its coordinator stopped before withdrawing it).",
+            &m.overdue_creations_withdrawn,
+        ),
+        (
             "appproxy_coordinator_idle_passes_skipped_total",
             "Idle-collection passes skipped because Redis refused writes (last-access marks not stored).",
             &m.idle_passes_skipped,

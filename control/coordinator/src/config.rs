@@ -29,6 +29,10 @@ impl CoordinatorConfig {
                     "max_connections_per_address = 512  # default: one in 8 of max_connections, at least 16",
                 ),
                 (
+                    "coordinator",
+                    "unsettled_creation_timeout_secs = 95  # default: 4 × worker_ack_timeout_secs + 35 s",
+                ),
+                (
                     "database",
                     "url = \"postgres://appproxy@127.0.0.1/appproxy\"  # instead of SQLite",
                 ),
@@ -183,6 +187,18 @@ pub struct CoordinatorSection {
     pub check_worker_lost_interval_secs: u64,
     /// Period of the idle-circuit collection.
     pub check_unused_circuit_interval_secs: u64,
+    /// A circuit is stored marked as a creation under way until this long after its
+    /// insert (on the database's clock); its creation, acknowledged, clears the mark
+    /// before its caller is answered. A circuit still marked past it was left by a
+    /// creation that failed and was not withdrawn (its coordinator stopped first):
+    /// the leader's sweep withdraws it, and no reuse hands it out. It must be longer
+    /// than any creation can take. Unset: the longest a creation can take (every
+    /// placement waiting out its acknowledgement, 4 × `worker_ack_timeout_secs`,
+    /// and 5 s for the store) plus 30 s.
+    pub unsettled_creation_timeout_secs: Option<f64>,
+    /// Period of the sweep of creations left unsettled past
+    /// `unsettled_creation_timeout_secs`.
+    pub check_unsettled_creation_interval_secs: u64,
     /// Setup tokens (`POST /v2/conf`, spent by `/v2/proxy/auth` moments later) are
     /// deleted this long after they were made, by the idle-circuit pass; 0 keeps
     /// them for ever, as the original did (one row per app launch, for ever).
@@ -216,6 +232,8 @@ impl Default for CoordinatorSection {
             unused_circuit_collection_timeout_secs: 3600,
             check_worker_lost_interval_secs: 15,
             check_unused_circuit_interval_secs: 10,
+            unsettled_creation_timeout_secs: None,
+            check_unsettled_creation_interval_secs: 10,
             token_ttl_secs: 7 * 24 * 3600,
             setup_link_ttl_secs: 600,
             metric_access_allowed_hosts: vec!["127.0.0.1".into()],

@@ -223,7 +223,10 @@ async fn place_one(
 
 /// Writes the endpoint's row once its circuit stands (a refused creation leaves
 /// no endpoint row); (URL, health check enabled). Failing, the circuit made for
-/// it is withdrawn: a 503 leaves no circuit deployed without its endpoint.
+/// it is withdrawn: a 503 leaves no circuit deployed without its endpoint. A
+/// circuit made by this request is settled in the store by the same write (its
+/// mark of a creation under way cleared with the row written, or neither); gone
+/// meanwhile (removed, or swept once its mark was past), nothing is written: 409.
 async fn write_endpoint(
     state: &State,
     id: uuid::Uuid,
@@ -231,10 +234,21 @@ async fn write_endpoint(
     placed: &Placed,
 ) -> Result<(String, bool), ApiError> {
     let enabled = health_enabled(&e.health_check);
-    state
-        .store
-        .upsert_endpoint(id, enabled, e.health_check.clone())
-        .await?;
+    if placed.created.is_some() {
+        let written = state
+            .store
+            .upsert_endpoint_settling(id, enabled, e.health_check.clone(), placed.circuit.id)
+            .await?;
+        if !written {
+            tracing::info!(circuit = %placed.circuit.id, endpoint = %id, "circuit removed before its creation was settled");
+            return Err(ApiError::CircuitRemoved);
+        }
+    } else {
+        state
+            .store
+            .upsert_endpoint(id, enabled, e.health_check.clone())
+            .await?;
+    }
     Ok((endpoint_url(&placed.worker, &placed.circuit), enabled))
 }
 
@@ -246,16 +260,21 @@ async fn created_or_existing(
     e: &CreateEndpoint,
     existing_url: Option<&(uuid::Uuid, Slot)>,
 ) -> Result<Placed, ApiError> {
-    // A circuit of this endpoint that another request is still creating is no
-    // answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
+    // A circuit of this endpoint that another request is still creating (on this
+    // coordinator or another: its mark in the store) is no answer yet: its outcome
+    // is awaited (it may be withdrawn), then looked up again. One still marked past
+    // its bound was left by a failed creation: withdrawn and placed again below.
     let mut existing = state.store.circuit_of_endpoint(id).await?;
+    let mut overdue = false;
     for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
-        match &existing {
-            Some((c, _)) if state.is_creating(c.id) => {
-                state.settled(c.id).await;
-                existing = state.store.circuit_of_endpoint(id).await?;
+        let Some((c, _)) = &existing else { break };
+        match state.creation_of(c.id).await? {
+            super::Found::Settled => break,
+            super::Found::Overdue => {
+                overdue = true;
+                break;
             }
-            _ => break,
+            super::Found::LookAgain => existing = state.store.circuit_of_endpoint(id).await?,
         }
     }
     // A circuit whose worker is gone (not `ALIVE`: lost, deregistered, its row
@@ -269,6 +288,10 @@ async fn created_or_existing(
             None => None,
         };
         let why = match &worker {
+            _ if overdue => Some(
+                "its creation was never settled (it failed, and its coordinator stopped before withdrawing it)"
+                    .to_owned(),
+            ),
             Some(w) if w.status == "ALIVE" => {
                 placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
                     .map(|why| format!("its worker no longer serves it ({why})"))

@@ -1,5 +1,6 @@
-//! Leader jobs: worker-lost detection and idle-circuit collection (with the pruning
-//! of the change log and of expired setup tokens). Each pass runs
+//! Leader jobs: worker-lost detection, idle-circuit collection (with the pruning
+//! of the change log and of expired setup tokens) and the sweep of creations left
+//! unsettled past their bound. Each pass runs
 //! under a request ID of its own, so everything a pass does (status changes, removals,
 //! the events it publishes) is found by one ID.
 //!
@@ -316,3 +317,81 @@ const FRESH_DECISION: Duration = Duration::from_secs(1);
 const IDLE_BATCH: usize = 2_000;
 /// Reads one idle pass makes at most (a backlog is worked off over several passes).
 const IDLE_BATCHES_PER_PASS: usize = 5;
+
+/// Withdraws the circuits whose creation is still marked under way past its bound
+/// ([`crate::store::CreationMark::Overdue`]): a creation that failed and whose
+/// withdrawal was not made before its coordinator stopped (a deploy, a crash while
+/// the store was out of reach), or a coordinator that died mid-creation. Nobody was
+/// answered with such a circuit, and left stored it would be deployed for ever
+/// (endpoint circuits are never collected as idle). The in-process withdrawal
+/// ([`crate::proxy`]'s background one) stays the fast path; this is its durable
+/// backstop.
+pub(super) async fn overdue_creations(state: Arc<State>) {
+    let bound = state.creation_bound();
+    if bound < state.longest_creation() {
+        tracing::warn!(
+            unsettled_creation_timeout_secs = bound.as_secs_f64(),
+            longest_creation_secs = state.longest_creation().as_secs_f64(),
+            "unsettled_creation_timeout_secs is shorter than a creation can take: \
+             a slow creation (acknowledged late) may be withdrawn and answered 409"
+        );
+    }
+    let mut tick = ticker(
+        state
+            .config
+            .coordinator
+            .check_unsettled_creation_interval_secs,
+    );
+    loop {
+        tick.tick().await;
+        let id = RequestId::generate(IdVersion::V4);
+        appproxy_shared::scope(Some(id), overdue_pass(&state)).await;
+    }
+}
+
+async fn overdue_pass(state: &State) {
+    if !lead(state).await {
+        return;
+    }
+    let due = match state.store.overdue_creations(OVERDUE_BATCH).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(error = %e, "creations left unsettled not looked for");
+            return;
+        }
+    };
+    for id in due {
+        // This node's own creation: it settles it or withdraws it itself (a bulk
+        // endpoint creation may outlast the bound; a withdrawal that the store
+        // failed is being tried again).
+        if state.is_creating(id) {
+            continue;
+        }
+        // Made only while the creation is still overdue: one settled meanwhile
+        // keeps its circuit.
+        match state.remove_overdue_creation(id).await {
+            Ok(true) => {
+                state
+                    .metrics
+                    .overdue_creations_withdrawn
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    circuit = %id,
+                    "circuit of a creation never settled withdrawn (its coordinator stopped before withdrawing it)"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(
+                    circuit = %id, error = %e,
+                    "circuit of a creation never settled not withdrawn; tried again next pass"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Circuits one sweep of unsettled creations withdraws at most (a backlog is
+/// worked off over several passes).
+const OVERDUE_BATCH: usize = 500;

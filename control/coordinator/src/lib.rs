@@ -126,6 +126,10 @@ pub struct Metrics {
     /// Tries at withdrawing a failed or abandoned creation's circuit that the
     /// store failed (each is tried again, with a back-off, until it is made).
     pub withdrawal_retries: AtomicU64,
+    /// Circuits withdrawn by the sweep because their creation was still marked
+    /// under way past its bound (a creation that failed, its coordinator stopped
+    /// before withdrawing it).
+    pub overdue_creations_withdrawn: AtomicU64,
     /// Histograms and labeled counters.
     pub observed: Observed,
 }
@@ -190,6 +194,19 @@ pub struct State {
     /// `/v2/proxy/auth`: concurrent calls for the same key wait for the first one's
     /// creation and then reuse its circuit instead of creating one each.
     reuse_locks: KeyedLocks,
+}
+
+/// What a request that found a stored circuit learns of its creation
+/// ([`State::creation_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Settled: the circuit may be the answer.
+    Settled,
+    /// A creation that was under way (awaited), or the circuit is gone: look it up
+    /// again.
+    LookAgain,
+    /// Still marked under way past its bound: never the answer; to withdraw.
+    Overdue,
 }
 
 /// Async locks by key, each entry gone once nobody holds or awaits it.
@@ -297,6 +314,44 @@ impl State {
         self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32 + Duration::from_secs(5)
     }
 
+    /// How long after its insert a circuit stays marked as a creation under way in
+    /// the store (`[coordinator] unsettled_creation_timeout_secs`; unset: the
+    /// longest a creation can take and 30 s more).
+    fn creation_bound(&self) -> Duration {
+        match self.config.coordinator.unsettled_creation_timeout_secs {
+            Some(secs) if secs.is_finite() => Duration::from_secs_f64(secs.clamp(0.1, 86_400.0)),
+            _ => self.longest_creation() + Duration::from_secs(30),
+        }
+    }
+
+    /// Whether a stored circuit that a request found (a session's reuse, an
+    /// endpoint's sync) can be its answer, as far as its creation goes. A creation
+    /// still under way is no answer yet: this node's own is awaited in memory
+    /// ([`State::settled`]), another coordinator's through its mark in the store
+    /// (looked at every 100 ms, at most until its bound has passed), and the caller
+    /// looks again ([`Found::LookAgain`]; the circuit may have been withdrawn
+    /// meanwhile). A circuit still marked past its bound is [`Found::Overdue`].
+    async fn creation_of(&self, circuit: uuid::Uuid) -> Result<Found, ApiError> {
+        if self.is_creating(circuit) {
+            self.settled(circuit).await;
+            return Ok(Found::LookAgain);
+        }
+        let deadline = tokio::time::Instant::now() + self.creation_bound() + Duration::from_secs(1);
+        loop {
+            match self.store.creation_mark(circuit).await? {
+                None => return Ok(Found::LookAgain),
+                Some(store::CreationMark::Settled) => return Ok(Found::Settled),
+                Some(store::CreationMark::Overdue) => return Ok(Found::Overdue),
+                Some(store::CreationMark::UnderWay) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(Found::LookAgain);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
     /// Whether creations wait for an acknowledgement.
     fn acks_expected(&self) -> bool {
         self.config.coordinator.worker_ack_timeout_secs > 0.0
@@ -318,7 +373,7 @@ impl State {
     /// ID and a child of the same span. Every removal (API, bulk and endpoint
     /// deletes, idle collection, a withdrawn creation) comes through here.
     async fn remove_circuit(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
-        self.remove_circuit_by(id, None).await
+        self.remove_circuit_when(id, None, false).await
     }
 
     /// [`State::remove_circuit`], the removal itself made before `deadline` or not at
@@ -327,6 +382,22 @@ impl State {
         &self,
         id: uuid::Uuid,
         deadline: Option<std::time::SystemTime>,
+    ) -> Result<bool, ApiError> {
+        self.remove_circuit_when(id, deadline, false).await
+    }
+
+    /// [`State::remove_circuit`] of a circuit whose creation is overdue
+    /// ([`store::CreationMark::Overdue`]), made only while it still is (decided by
+    /// the store in the removal itself): a creation settled meanwhile keeps it.
+    async fn remove_overdue_creation(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
+        self.remove_circuit_when(id, None, true).await
+    }
+
+    async fn remove_circuit_when(
+        &self,
+        id: uuid::Uuid,
+        deadline: Option<std::time::SystemTime>,
+        only_overdue: bool,
     ) -> Result<bool, ApiError> {
         let found = self.store.circuit(id).await?;
         // Read before the removal: once it is made, no store call may fail the call.
@@ -341,6 +412,11 @@ impl State {
         let trace = appproxy_shared::middleware::current_trace_context();
         let by = request_id.as_ref().map(|r| r.as_str());
         let deleted = match deadline {
+            _ if only_overdue => {
+                self.store
+                    .delete_overdue_creation(id, by, trace.as_ref())
+                    .await?
+            }
             Some(deadline) => {
                 self.store
                     .delete_circuit_by(id, by, trace.as_ref(), deadline)
@@ -1072,6 +1148,7 @@ impl Coordinator {
         }
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
+        tasks.spawn(jobs::overdue_creations(state.clone()));
         tasks.spawn(health::run(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;

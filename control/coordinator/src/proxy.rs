@@ -381,8 +381,11 @@ async fn proxy_auth(
                     }
                     created => created?,
                 };
-            // Acknowledged: nothing after this can fail the answer.
-            under_way.settled();
+            // Acknowledged: settled in the store (its mark of a creation under way
+            // cleared) before the caller is answered with it; nothing after this
+            // can fail the answer. That write failing fails the creation: the
+            // circuit is withdrawn.
+            under_way.settle_stored().await?;
             (circuit, false, worker)
         }
     };
@@ -466,6 +469,11 @@ pub(super) const PLACEMENT_ATTEMPTS: usize = 4;
 /// it, and left stored it would be reused, deployed by a fetch or held for ever
 /// without any acknowledgement. Taken before the insert, it also covers an insert
 /// still in flight: one the database commits after its caller stopped waiting.
+///
+/// This is the process's own record; the store keeps one too (the circuit's row
+/// is marked under way by its insert until [`Creating::settle_stored`] clears it),
+/// which other coordinators read before they hand the circuit out, and by which
+/// the leader's sweep withdraws what a process that stopped left undone.
 pub(super) struct Creating {
     state: Arc<State>,
     circuit: uuid::Uuid,
@@ -497,8 +505,38 @@ impl Creating {
 
     /// The creation has its outcome (its announcement acknowledged and its caller
     /// answered, the circuit withdrawn, or its insert refused: nothing stored).
+    /// A success is settled in the store first ([`Creating::settle_stored`], or
+    /// the endpoint row's write that clears the mark too).
     pub(super) fn settled(mut self) {
         self.settled = true;
+    }
+
+    /// The creation succeeded (acknowledged; its caller is answered next): its
+    /// mark of a creation under way is cleared in the store, then it is settled.
+    /// The circuit gone meanwhile (removed by a call, or by the sweep once its
+    /// mark was past): 409, as a removal during the acknowledgement's wait. The
+    /// store failing the write: the creation fails as any other after its
+    /// acknowledgement (the circuit withdrawn, a first try before the answer).
+    pub(super) async fn settle_stored(self) -> Result<(), ApiError> {
+        match self.state.store.settle_creation(self.circuit).await {
+            Ok(true) => {
+                self.settled();
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::info!(circuit = %self.circuit, "circuit removed before its creation was settled");
+                self.state.metrics.observed.creations.add("removed", 1);
+                self.settled();
+                Err(ApiError::CircuitRemoved)
+            }
+            Err(e) => {
+                self.withdraw_now(format!(
+                    "creation not settled (the store failed: {e}); its circuit is withdrawn"
+                ))
+                .await;
+                Err(e.into())
+            }
+        }
     }
 
     /// The insert's outcome is unknown (the store did not answer in time): whatever
@@ -635,7 +673,9 @@ async fn withdraw_until_done(
 
 /// The session's circuit to reuse, found by `reusable`, with its worker: only one
 /// whose worker is `ALIVE`. A circuit another request is still creating is no
-/// answer yet: its outcome is awaited (it may be withdrawn), then looked up again.
+/// answer yet, on this coordinator or another (its mark in the store,
+/// [`State::creation_of`]): its outcome is awaited (it may be withdrawn), then
+/// looked up again; one still marked past its bound is withdrawn, never reused.
 /// A circuit on a worker that is gone (`LOST` by the heartbeat check, deregistered,
 /// `TERMINATED`, its row deleted) would send the user to a dead address until idle
 /// collection: it is withdrawn under this request's ID (its removal logged and
@@ -657,9 +697,17 @@ where
         let Some(c) = reusable().await? else {
             return Ok(None);
         };
-        if state.is_creating(c.id) {
-            state.settled(c.id).await;
-            continue;
+        match state.creation_of(c.id).await? {
+            super::Found::Settled => {}
+            super::Found::LookAgain => continue,
+            super::Found::Overdue => {
+                tracing::warn!(
+                    circuit = %c.id,
+                    "the circuit's creation was never settled (it failed, and its coordinator stopped before withdrawing it); withdrawn instead of reused"
+                );
+                state.remove_overdue_creation(c.id).await?;
+                continue;
+            }
         }
         let worker = match c.worker {
             Some(w) => state.store.worker(w).await?,
@@ -905,13 +953,18 @@ async fn place_and_store(
         // child of the same span.
         let trace = appproxy_shared::middleware::current_trace_context();
         let under_way = Creating::new(state, circuit.id);
+        // Marked in the store as a creation under way, for as long as a creation
+        // can take: no other coordinator hands it out before its outcome, and
+        // should this process stop before it settles or withdraws it, the leader's
+        // sweep withdraws it once the mark is past.
         let inserted = state
             .store
-            .insert_session_circuit(
+            .insert_creating_circuit(
                 &circuit,
                 origin.as_ref().map(|i| i.as_str()),
                 trace.as_ref(),
                 session_limit,
+                state.creation_bound(),
             )
             .await;
         match inserted {

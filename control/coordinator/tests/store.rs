@@ -3,9 +3,11 @@
 //! a change-log entry written before the migration that keeps a removal's request
 //! reads as none. Then checks of the PostgreSQL schema itself: the original's native
 //! enums hold enum names, and rows written by older versions (routes as a JSON
-//! string) still read.
+//! string) still read. A creation's mark in the store (under way, settled, overdue)
+//! on both engines, and circuits stored before the migration that adds it read as
+//! settled.
 
-use appproxy_coordinator::store::{Changes, Origin, Store, StoreError};
+use appproxy_coordinator::store::{Changes, CreationMark, Origin, Store, StoreError};
 use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
 use appproxy_test_support::pg::Pg;
 use serde_json::json;
@@ -652,8 +654,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "12",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit"
+        "13",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit, the creations under way"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -770,6 +772,46 @@ async fn removals_across_the_migration(
     c.id
 }
 
+/// A circuit stored by the version before creations were marked (a settled insert,
+/// its mark's column dropped below): the circuit.
+async fn kept_circuit(store: &Store, worker: uuid::Uuid) -> uuid::Uuid {
+    let c = circuit(worker, 10207);
+    store.insert_circuit(&c, None, None).await.expect("insert");
+    c.id
+}
+
+/// After the migration that marks creations under way: a circuit stored before it
+/// is settled (never overdue, never swept), and a creation marked after it is
+/// under way.
+async fn settled_across_the_migration(store: &Store, worker: uuid::Uuid, kept: uuid::Uuid) {
+    assert_eq!(
+        store.creation_mark(kept).await.expect("mark"),
+        Some(CreationMark::Settled)
+    );
+    assert!(store
+        .overdue_creations(100)
+        .await
+        .expect("overdue")
+        .is_empty());
+    assert!(!store
+        .delete_overdue_creation(kept, None, None)
+        .await
+        .expect("delete"));
+    let c = circuit(worker, 10208);
+    store
+        .insert_creating_circuit(&c, None, None, None, std::time::Duration::from_secs(60))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store.creation_mark(c.id).await.expect("mark"),
+        Some(CreationMark::UnderWay)
+    );
+    assert!(store
+        .delete_circuit(c.id, None, None)
+        .await
+        .expect("delete"));
+}
+
 /// A removal entry whose stored trace context does not read: the removal still
 /// reads, with its request ID and no trace context.
 async fn a_hostile_removal_trace_is_none(store: &Store, worker: uuid::Uuid, removed: uuid::Uuid) {
@@ -794,12 +836,15 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
     let first = Store::open(None, &path).await.expect("open");
     let (worker, old) = removal_logged(&first).await;
     let token = token_made(&first).await;
+    let kept = kept_circuit(&first, worker).await;
     drop(first);
     // Back to the schema before the migration, the entry kept: as a store of the
     // previous version left it.
     let db = rusqlite::Connection::open(&path).expect("open the file");
     db.execute_batch(
-        "ALTER TABLE circuit_changes DROP COLUMN request_id;
+        "DROP INDEX circuits_creating_until;
+         ALTER TABLE circuits DROP COLUMN creating_until;
+         ALTER TABLE circuit_changes DROP COLUMN request_id;
          ALTER TABLE circuit_changes DROP COLUMN traceparent;
          ALTER TABLE circuit_changes DROP COLUMN tracestate;
          ALTER TABLE circuit_changes DROP COLUMN removal;
@@ -818,6 +863,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
     )
     .expect("write");
     a_hostile_removal_trace_is_none(&store, worker, later).await;
+    settled_across_the_migration(&store, worker, kept).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -828,12 +874,15 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
     let first = open().await.expect("open");
     let (worker, old) = removal_logged(&first).await;
     let token = token_made(&first).await;
+    let kept = kept_circuit(&first, worker).await;
     drop(first);
     // Back to the schema before the migration, the entry kept: as a store of the
     // previous version left it.
     pg.psql(
         "appproxy",
-        "ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
+        "DROP INDEX circuits_creating_until;
+         ALTER TABLE circuits DROP COLUMN creating_until;
+         ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
             DROP COLUMN tracestate, DROP COLUMN removal;
          DROP INDEX tokens_created_at;
          ALTER TABLE tokens DROP COLUMN created_at;
@@ -841,7 +890,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
          ALTER TABLE worker_nodes DROP COLUMN left_at;
          DROP TRIGGER circuits_commit_before_deadline ON circuits;
          DROP FUNCTION appproxy_commit_before_deadline();
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12);",
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12, 13);",
     );
     let store = open().await.expect("open and migrate");
     tokens_count_from_the_migration(&store, token).await;
@@ -853,6 +902,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
         ),
     );
     a_hostile_removal_trace_is_none(&store, worker, later).await;
+    settled_across_the_migration(&store, worker, kept).await;
 }
 
 /// The pages of a worker's whole set as a worker reads them at start, in ID order
@@ -1522,4 +1572,150 @@ async fn circuits_per_session_are_capped_on_postgresql() {
         .await
         .expect("open");
     circuits_per_session_are_capped(store, Some(&pg)).await;
+}
+
+/// A creation's mark in the store: under way until its bound (or settled before),
+/// overdue past it; the sweep's read finds only the overdue ones, and its removal
+/// takes only a circuit still overdue; an endpoint row written with the settling
+/// of its circuit is written with it, or not at all when the circuit is gone.
+async fn creations_are_marked_until_settled(store: Store) {
+    let w = store
+        .upsert_worker(&worker_body("worker-marks"))
+        .await
+        .expect("register");
+    let long = std::time::Duration::from_secs(60);
+    let short = std::time::Duration::from_millis(300);
+    let settled = circuit(w, 10205);
+    store
+        .insert_creating_circuit(&settled, Some("r-1"), None, None, long)
+        .await
+        .expect("insert");
+    let mark = |id| {
+        let store = store.clone();
+        async move { store.creation_mark(id).await.expect("mark") }
+    };
+    assert_eq!(mark(settled.id).await, Some(CreationMark::UnderWay));
+    // Under way: read as any circuit (a worker deploys it), not yet overdue.
+    assert!(store.circuit(settled.id).await.expect("read").is_some());
+    assert!(store.settle_creation(settled.id).await.expect("settle"));
+    assert_eq!(mark(settled.id).await, Some(CreationMark::Settled));
+    // Settled twice is still settled; a circuit that is gone is not.
+    assert!(store.settle_creation(settled.id).await.expect("settle"));
+    assert!(!store
+        .settle_creation(uuid::Uuid::new_v4())
+        .await
+        .expect("settle"));
+    assert_eq!(mark(uuid::Uuid::new_v4()).await, None);
+
+    let left = circuit(w, 10206);
+    store
+        .insert_creating_circuit(&left, None, None, None, short)
+        .await
+        .expect("insert");
+    let late = circuit(w, 10207);
+    store
+        .insert_creating_circuit(&late, None, None, None, short)
+        .await
+        .expect("insert");
+    let fresh = circuit(w, 10208);
+    store
+        .insert_creating_circuit(&fresh, None, None, None, long)
+        .await
+        .expect("insert");
+    // Bounded wait until both short marks have passed on the store's clock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mark(late.id).await != Some(CreationMark::Overdue)
+        || mark(left.id).await != Some(CreationMark::Overdue)
+    {
+        assert!(std::time::Instant::now() < deadline, "a mark never passed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut overdue = store.overdue_creations(100).await.expect("overdue");
+    overdue.sort();
+    let mut want = vec![left.id, late.id];
+    want.sort();
+    assert_eq!(overdue, want, "only the overdue ones");
+    assert_eq!(store.overdue_creations(1).await.expect("overdue").len(), 1);
+    // Settled late, before the sweep removes it: kept.
+    assert!(store.settle_creation(late.id).await.expect("settle"));
+    assert!(!store
+        .delete_overdue_creation(late.id, Some("sweep-1"), None)
+        .await
+        .expect("delete"));
+    assert!(!store
+        .delete_overdue_creation(settled.id, Some("sweep-1"), None)
+        .await
+        .expect("delete"));
+    assert!(!store
+        .delete_overdue_creation(fresh.id, Some("sweep-1"), None)
+        .await
+        .expect("delete"));
+    assert!(store
+        .delete_overdue_creation(left.id, Some("sweep-1"), None)
+        .await
+        .expect("delete"));
+    assert!(store.circuit(left.id).await.expect("read").is_none());
+    assert!(store
+        .overdue_creations(100)
+        .await
+        .expect("overdue")
+        .is_empty());
+    // The removal is logged for the worker's fetch, under the sweep's ID.
+    match store.changes_since(w, 0, 100).await.expect("changes") {
+        Changes::Since { removed, .. } => assert_eq!(
+            removed,
+            vec![(
+                left.id,
+                Origin {
+                    request_id: Some("sweep-1".into()),
+                    trace: None
+                }
+            )]
+        ),
+        got => panic!("changes expected, got {got:?}"),
+    }
+
+    // An endpoint's row and its circuit's settling: together.
+    let endpoint = uuid::Uuid::new_v4();
+    let mut of_endpoint = circuit(w, 10209);
+    of_endpoint.app_mode = AppMode::Inference;
+    of_endpoint.endpoint_id = Some(endpoint);
+    store
+        .insert_creating_circuit(&of_endpoint, None, None, None, long)
+        .await
+        .expect("insert");
+    assert!(store
+        .upsert_endpoint_settling(endpoint, false, None, of_endpoint.id)
+        .await
+        .expect("write"));
+    assert_eq!(mark(of_endpoint.id).await, Some(CreationMark::Settled));
+    assert!(store.endpoint(endpoint).await.expect("read").is_some());
+    let gone = uuid::Uuid::new_v4();
+    assert!(!store
+        .upsert_endpoint_settling(gone, false, None, uuid::Uuid::new_v4())
+        .await
+        .expect("write"));
+    assert_eq!(
+        store.endpoint(gone).await.expect("read"),
+        None,
+        "no row for a circuit that is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_are_marked_until_settled_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(None, &dir.path().join("store.sqlite3"))
+        .await
+        .expect("open");
+    creations_are_marked_until_settled(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_are_marked_until_settled_on_postgresql() {
+    let pg = Pg::start();
+    let store = Store::open(Some(&pg.url()), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    creations_are_marked_until_settled(store).await;
 }

@@ -1,7 +1,10 @@
 //! A failed creation leaves nothing stored, whatever the store does meanwhile: the
 //! circuit of a creation that was not acknowledged, that its caller gave up on, or
 //! whose endpoint row could not be written is withdrawn — tried again until the
-//! store takes the removal — and a bulk endpoint creation is all or nothing. Each
+//! store takes the removal — and a bulk endpoint creation is all or nothing. A
+//! creation under way is marked in the store: a withdrawal a stopped process left
+//! undone is made by the sweep of the next leader, another coordinator never hands
+//! out a circuit still being created, and a settled circuit is never swept. Each
 //! against the coordinator binary on a throwaway PostgreSQL (and Redis where
 //! acknowledgements are awaited).
 
@@ -460,4 +463,456 @@ fn a_bulk_endpoint_creation_is_all_or_nothing() {
     ]);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!((circuits(), rows()), (4, 4));
+}
+
+/// An event a stand-in worker saw on the broadcast channel: its name, the IDs of
+/// its circuits and the request ID of its metadata.
+#[derive(Debug, Clone)]
+struct Seen {
+    name: String,
+    circuits: Vec<String>,
+    request_id: Option<String>,
+}
+
+/// A stand-in worker on Redis: records every circuit event and acknowledges the
+/// creations, in the name of the worker each is for, but for the first `skip`
+/// (never acknowledged). Stopped when dropped.
+struct StandIn {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandIn {
+    fn start(url: &str, skip: usize) -> Self {
+        use appproxy_shared::model::{
+            BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
+            EVENT_WORKER_CIRCUIT_ADDED,
+        };
+        let client = redis::Client::open(url).expect("client");
+        let mut sub = client.get_connection().expect("connection");
+        let mut publish = client.get_connection().expect("connection");
+        sub.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stopping, log) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            let mut pubsub = sub.as_pubsub();
+            if pubsub.subscribe(BROADCAST_CHANNEL).is_err() {
+                return;
+            }
+            let _ = ready_tx.send(());
+            let mut skipped = 0;
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg = match pubsub.get_message() {
+                    Ok(m) => m,
+                    Err(e) if e.is_timeout() => continue,
+                    Err(_) => return,
+                };
+                let Ok(text) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let Ok(event) = serde_json::from_str::<BroadcastMessage>(&text) else {
+                    continue;
+                };
+                let Ok(body) = serde_json::from_str::<serde_json::Value>(&event.payload) else {
+                    continue;
+                };
+                let metadata: serde_json::Value =
+                    serde_json::from_str(&event.metadata).unwrap_or_default();
+                let circuits = body["circuits"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Ok(mut seen) = log.lock() {
+                    seen.push(Seen {
+                        name: event.name.clone(),
+                        circuits,
+                        request_id: metadata["request_id"].as_str().map(str::to_owned),
+                    });
+                }
+                if event.name != EVENT_CIRCUIT_CREATED {
+                    continue;
+                }
+                if skipped < skip {
+                    skipped += 1;
+                    continue;
+                }
+                let ack = serde_json::json!({
+                    "target_worker_authority": body["target_worker_authority"],
+                    "circuits": body["circuits"],
+                });
+                let Ok(envelope) = BroadcastMessage::encode(
+                    EVENT_WORKER_CIRCUIT_ADDED,
+                    "appproxy-worker",
+                    &ack,
+                    &EventMetadata::default(),
+                ) else {
+                    continue;
+                };
+                let Ok(text) = serde_json::to_string(&envelope) else {
+                    continue;
+                };
+                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(BROADCAST_CHANNEL)
+                    .arg(text)
+                    .query(&mut publish);
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the stand-in worker subscribed");
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The events seen so far.
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A setup token's claims, read without checking its signature or `exp`.
+fn claims_of(redirect_url: &str) -> serde_json::Value {
+    let token = redirect_url
+        .split("token=")
+        .nth(1)
+        .expect("a setup token in the URL");
+    let payload = token.split('.').nth(1).expect("payload");
+    serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .expect("base64"),
+    )
+    .expect("claims")
+}
+
+/// A counter's value in `/metrics`.
+fn metric(c: &Coordinator, name: &str) -> Option<u64> {
+    let m = request(c.addr, "GET", "/metrics", &[], "");
+    String::from_utf8_lossy(&m.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The sweep's log line for a circuit it withdrew.
+const SWEPT: &str =
+    "circuit of a creation never settled withdrawn (its coordinator stopped before withdrawing it)";
+
+/// A creation the worker did not acknowledge, with PostgreSQL frozen so that its
+/// withdrawal could not be made, and the coordinator stopped (killed) before the
+/// store came back: the in-process withdrawal died with it, and the circuit stayed
+/// stored — and deployed by the worker's next fetch — for ever, though its creation
+/// was answered 503. It was stored marked as a creation under way; a fresh
+/// coordinator on the same store, leading, sweeps it once the mark is past: removed
+/// and announced to the worker under the sweep's request ID, and counted.
+#[test]
+fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let worker = StandIn::start(&redis.url(), usize::MAX);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!(
+        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 5\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let c = start_with(dir.path(), &pg, &extra);
+    listening(dir.path());
+    let token = setup(&c);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let (addr, path) = (
+        c.addr,
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+    );
+    let creation = std::thread::spawn(move || {
+        request(
+            addr,
+            "GET",
+            &path,
+            &[
+                ("Accept", "application/json"),
+                ("X-Backend-Request-ID", "left-undone-1"),
+            ],
+            "",
+        )
+    });
+    wait_for("the circuit was never stored", || circuits() == 1);
+    let circuit = pg.psql("appproxy", "SELECT id FROM circuits");
+    let frozen = pg.freeze();
+    let r = creation.join().expect("creation thread");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    wait_for("the withdrawal never failed", || {
+        logged(
+            dir.path(),
+            "circuit not withdrawn: the store failed; withdrawing it in the background",
+            "left-undone-1",
+        )
+    });
+    // The process stops with its withdrawal pending (a deploy, a crash).
+    drop(c);
+    // Statements it sent before it stopped wait in the frozen server's sockets:
+    // each carries its call's 5 s deadline, passed before the server runs them.
+    std::thread::sleep(Duration::from_secs(6));
+    drop(frozen);
+    assert_eq!(
+        circuits(),
+        1,
+        "the stopped coordinator's withdrawal was made after all (the test shows nothing)"
+    );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NOT NULL"
+        ),
+        1,
+        "the circuit is stored marked as a creation under way"
+    );
+    // A fresh coordinator on the same store: once it leads (the stopped one's
+    // lease runs out) and the mark is past, its sweep withdraws the circuit.
+    let fresh = start_with(dir.path(), &pg, &extra);
+    wait_for(
+        "a circuit whose creation was answered 503 is still stored after a fresh coordinator started",
+        || circuits() == 0,
+    );
+    let swept: Vec<serde_json::Value> = log_lines(dir.path())
+        .into_iter()
+        .filter(|l| l["message"] == SWEPT && l["circuit"] == circuit.as_str())
+        .collect();
+    assert_eq!(swept.len(), 1, "the sweep logs its withdrawal once");
+    let pass = swept[0]["request_id"]
+        .as_str()
+        .expect("the sweep runs under a request ID of its own")
+        .to_owned();
+    assert_ne!(pass, "left-undone-1");
+    // The worker is told, on the channel and in the change log it fetches, under
+    // the sweep's ID.
+    wait_for("the worker was never told of the removal", || {
+        worker.seen().iter().any(|e| {
+            e.name == appproxy_shared::model::EVENT_CIRCUIT_REMOVED
+                && e.circuits == [circuit.clone()]
+                && e.request_id.as_deref() == Some(pass.as_str())
+        })
+    });
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            &format!(
+                "SELECT request_id FROM circuit_changes WHERE circuit = '{circuit}' AND removal"
+            )
+        ),
+        pass
+    );
+    assert_eq!(
+        metric(
+            &fresh,
+            "appproxy_coordinator_overdue_creations_withdrawn_total"
+        ),
+        Some(1)
+    );
+}
+
+/// Two coordinators on one PostgreSQL: while node A's creation of a session's
+/// circuit waits for the worker's acknowledgement (which never comes), node B asked
+/// for the same session and app reused that circuit at once — "a creation under
+/// way" was known only in A's memory — and answered with a circuit A withdrew a
+/// moment later. B now sees the creation under way in the store, waits for its
+/// outcome, and creates a circuit of its own once A's is withdrawn.
+#[test]
+fn another_coordinator_does_not_hand_out_a_circuit_still_being_created() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // Node A's creation (the first) is never acknowledged; B's is.
+    let _worker = StandIn::start(&redis.url(), 1);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let extra = format!(
+        "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let a = start_with(dir_a.path(), &pg, &extra);
+    let b = start_with(dir_b.path(), &pg, &extra);
+    listening(dir_a.path());
+    listening(dir_b.path());
+    let token = setup(&a);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let ask = |addr: SocketAddr, id: &'static str| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            request(
+                addr,
+                "GET",
+                &path,
+                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+                "",
+            )
+        })
+    };
+    let on_a = ask(a.addr, "node-a-1");
+    wait_for("node A's circuit was never stored", || circuits() == 1);
+    let of_a = pg.psql("appproxy", "SELECT id FROM circuits");
+    // Asked while A's creation waits for its acknowledgement (6 s).
+    let on_b = ask(b.addr, "node-b-1");
+    let r = on_a.join().expect("node A's request");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let r = on_b.join().expect("node B's request");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    let claims = claims_of(answer["redirect_url"].as_str().expect("redirect_url"));
+    assert_ne!(
+        claims["circuit"].as_str(),
+        Some(of_a.as_str()),
+        "node B handed out the circuit node A was still creating (and then withdrew)"
+    );
+    assert_eq!(answer["reuse"], false, "{answer}");
+    assert_eq!(
+        count(
+            &pg,
+            &format!("SELECT count(*) FROM circuits WHERE id = '{of_a}'")
+        ),
+        0,
+        "node A's circuit is withdrawn"
+    );
+    // B's own circuit stands, settled.
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NULL"
+        ),
+        1
+    );
+}
+
+/// A settled creation is never swept: a session's circuit and an endpoint's,
+/// each acknowledged and answered, outlive their creation's bound (2 s here) and
+/// any number of sweeps, and a reuse, on another coordinator too, hands the
+/// session's out. The sweep ran meanwhile: a circuit stored marked with a bound
+/// already past (as a coordinator that died mid-creation leaves it) was withdrawn
+/// by the same passes.
+#[test]
+fn a_settled_creation_is_never_swept() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let _worker = StandIn::start(&redis.url(), 0);
+    let (dir, other_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let extra = format!(
+        "worker_ack_timeout_secs = 1\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let c = start_with(dir.path(), &pg, &extra);
+    let other = start_with(other_dir.path(), &pg, &extra);
+    listening(dir.path());
+    listening(other_dir.path());
+    let token = setup(&c);
+    register(&c, INFERENCE_WORKER);
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let r = request(c.addr, "GET", &path, &[("Accept", "application/json")], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let session_circuit = claims_of(r.json()["redirect_url"].as_str().expect("url"))["circuit"]
+        .as_str()
+        .expect("circuit")
+        .to_owned();
+    let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5d01";
+    let r = request(
+        c.addr,
+        "POST",
+        &format!("/v2/endpoints/{endpoint}"),
+        &[AUTH],
+        &endpoint_body("settled", None),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NULL"
+        ),
+        2,
+        "both creations settled in the store"
+    );
+    // Both are past their bound on the database's clock ...
+    wait_for("the bound never passed", || {
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE created_at + interval '2 s' < now()",
+        ) == 2
+    });
+    // ... and a circuit left marked past its bound is swept by the same passes.
+    pg.psql(
+        "appproxy",
+        "INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
+            open_to_public, session_ids, route_info, creating_until)
+         SELECT gen_random_uuid(), 'left', protocol, worker, app_mode, frontend_mode, port + 1,
+            open_to_public, ARRAY[gen_random_uuid()], route_info, now()
+         FROM circuits WHERE endpoint_id IS NULL",
+    );
+    // The pass that withdrew it read every overdue creation (after the bound of
+    // the settled two had passed).
+    wait_for("the circuit left marked was never swept", || {
+        count(&pg, "SELECT count(*) FROM circuits WHERE app = 'left'") == 0
+    });
+    assert_eq!(
+        log_lines(dir.path())
+            .iter()
+            .chain(log_lines(other_dir.path()).iter())
+            .filter(|l| l["message"] == SWEPT)
+            .count(),
+        1
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM circuits"),
+        2,
+        "a settled circuit was swept"
+    );
+    // Reused, by either coordinator.
+    for node in [&c, &other] {
+        let r = request(
+            node.addr,
+            "GET",
+            &path,
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["reuse"], true);
+        assert_eq!(
+            claims_of(r.json()["redirect_url"].as_str().expect("url"))["circuit"],
+            session_circuit.as_str()
+        );
+    }
+    let swept = metric(&c, "appproxy_coordinator_overdue_creations_withdrawn_total")
+        .unwrap_or_default()
+        + metric(
+            &other,
+            "appproxy_coordinator_overdue_creations_withdrawn_total",
+        )
+        .unwrap_or_default();
+    assert_eq!(swept, 1, "only the circuit left marked");
 }

@@ -1,6 +1,6 @@
 //! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
-//! request that created them and the W3C trace context of the request behind their
-//! latest change), each worker's revision and change log (a removal's entry keeps
+//! request that created them, the W3C trace context of the request behind their
+//! latest change, and the mark of a creation still under way, [`CreationMark`]), each worker's revision and change log (a removal's entry keeps
 //! the removing request's ID and trace context), worker app filters and `/v2/conf`
 //! tokens, behind one async interface over two engines:
 //!
@@ -301,6 +301,33 @@ pub fn rows_within(rows: &[CircuitRow], budget: usize) -> usize {
 /// How long the change log keeps an entry: a worker that has not asked for that
 /// long reads its whole set again.
 pub const CHANGE_LOG_RETENTION_SECS: u64 = 600;
+
+/// Where a stored circuit's creation stands (`circuits.creating_until`, on the
+/// store's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreationMark {
+    /// Settled (acknowledged and answered), or stored before creations were
+    /// marked: a circuit to hand out.
+    Settled,
+    /// A creation still under way, on this coordinator or another: no answer to
+    /// give anyone else before its outcome.
+    UnderWay,
+    /// Marked under way past its bound: the creation failed (or its coordinator
+    /// stopped) and its circuit was not withdrawn. Never handed out; the sweep
+    /// withdraws it.
+    Overdue,
+}
+
+impl CreationMark {
+    /// From whether the row is marked, and whether the mark is still ahead.
+    pub(crate) fn of(marked: bool, ahead: bool) -> Self {
+        match (marked, ahead) {
+            (false, _) => Self::Settled,
+            (true, true) => Self::UnderWay,
+            (true, false) => Self::Overdue,
+        }
+    }
+}
 
 /// Whether idle collection applies to a circuit (interactive HTTP): only those get
 /// an idle check scheduled.
@@ -743,6 +770,39 @@ impl Store {
         trace: Option<&appproxy_shared::TraceContext>,
         limit: Option<(uuid::Uuid, u32)>,
     ) -> Result<(), StoreError> {
+        self.insert_marked(circuit, origin_request_id, trace, limit, None)
+            .await
+    }
+
+    /// [`Store::insert_session_circuit`] of a circuit whose creation is under way:
+    /// the row is marked so ([`CreationMark::UnderWay`]) until `under_way_for` past
+    /// the insert on the store's clock, or until [`Store::settle_creation`] (or
+    /// [`Store::upsert_endpoint_settling`]) clears the mark. Past it, still marked,
+    /// the circuit is [`CreationMark::Overdue`]: its creation failed and nothing
+    /// withdrew it (its coordinator stopped), and the sweep does
+    /// ([`Store::overdue_creations`], [`Store::delete_overdue_creation`]).
+    pub async fn insert_creating_circuit(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+        limit: Option<(uuid::Uuid, u32)>,
+        under_way_for: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        // At most a year: a bound any engine's time arithmetic holds.
+        let bound = under_way_for.min(std::time::Duration::from_secs(366 * 86_400));
+        self.insert_marked(circuit, origin_request_id, trace, limit, Some(bound))
+            .await
+    }
+
+    async fn insert_marked(
+        &self,
+        circuit: &Circuit,
+        origin_request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+        limit: Option<(uuid::Uuid, u32)>,
+        creating_for: Option<std::time::Duration>,
+    ) -> Result<(), StoreError> {
         let limit = limit.filter(|(_, n)| *n > 0);
         let circuit = circuit.clone();
         let origin = origin_request_id.map(str::to_owned);
@@ -751,9 +811,40 @@ impl Store {
         let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
         dispatch!(
             self,
-            |s| s.insert_circuit(&circuit, origin.as_deref(), &trace, limit),
-            |p| p.insert_circuit(&circuit, origin.as_deref(), &trace, deadline, limit)
+            |s| s.insert_circuit(&circuit, origin.as_deref(), &trace, limit, creating_for),
+            |p| p.insert_circuit(
+                &circuit,
+                origin.as_deref(),
+                &trace,
+                deadline,
+                limit,
+                creating_for.map(|d| d.as_secs_f64())
+            )
         )
+    }
+
+    /// Settles a creation: the circuit's mark of a creation under way is cleared,
+    /// so the sweep never withdraws it; false when there is no such circuit (it
+    /// was removed meanwhile: the creation cannot be answered with it). Nothing
+    /// changes after the call's deadline ([`CALL_DEADLINE`]), as with an insert.
+    pub async fn settle_creation(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        // Taken before the call's own deadline starts: never after the answer.
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
+        dispatch!(self, |s| s.settle_creation(&id), |p| p
+            .settle_creation(&id, deadline))
+    }
+
+    /// Where the creation of a stored circuit stands (`None`: no such circuit), on
+    /// the store's clock.
+    pub async fn creation_mark(&self, id: uuid::Uuid) -> Result<Option<CreationMark>, StoreError> {
+        dispatch!(self, |s| s.creation_mark(&id), |p| p.creation_mark(&id))
+    }
+
+    /// Circuits whose creation is [`CreationMark::Overdue`], the longest overdue
+    /// first, at most `limit`.
+    pub async fn overdue_creations(&self, limit: usize) -> Result<Vec<uuid::Uuid>, StoreError> {
+        dispatch!(self, |s| s.overdue_creations(limit), |p| p
+            .overdue_creations(limit))
     }
 
     /// A turn at route writes across every coordinator on this store: an endpoint's
@@ -979,6 +1070,32 @@ impl Store {
         trace: Option<&appproxy_shared::TraceContext>,
         deadline: std::time::SystemTime,
     ) -> Result<bool, StoreError> {
+        self.delete_circuit_when(id, request_id, trace, deadline, false)
+            .await
+    }
+
+    /// [`Store::delete_circuit`] of a circuit only while its creation is
+    /// [`CreationMark::Overdue`] (on the store's clock, in the removal itself): a
+    /// creation settled meanwhile keeps its circuit. False when nothing was removed.
+    pub async fn delete_overdue_creation(
+        &self,
+        id: uuid::Uuid,
+        request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+    ) -> Result<bool, StoreError> {
+        let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
+        self.delete_circuit_when(id, request_id, trace, deadline, true)
+            .await
+    }
+
+    async fn delete_circuit_when(
+        &self,
+        id: uuid::Uuid,
+        request_id: Option<&str>,
+        trace: Option<&appproxy_shared::TraceContext>,
+        deadline: std::time::SystemTime,
+        only_overdue: bool,
+    ) -> Result<bool, StoreError> {
         let by: Behind = (request_id.map(str::to_owned), trace_columns(trace));
         let deadline = deadline.min(std::time::SystemTime::now() + CALL_DEADLINE);
         dispatch!(
@@ -989,9 +1106,9 @@ impl Store {
                         "the removal's deadline passed before it had the database".into(),
                     ));
                 }
-                s.delete_circuit(&id, &by)
+                s.delete_circuit(&id, &by, only_overdue)
             },
-            |p| p.delete_circuit(&id, &by, deadline)
+            |p| p.delete_circuit(&id, &by, deadline, only_overdue)
         )
     }
 
@@ -1002,10 +1119,46 @@ impl Store {
         health_check_enabled: bool,
         health_check_config: Option<serde_json::Value>,
     ) -> Result<(), StoreError> {
+        self.upsert_endpoint_with(id, health_check_enabled, health_check_config, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::upsert_endpoint`] together with [`Store::settle_creation`] of the
+    /// endpoint's new circuit `settle`, in one write: both or neither. False (and
+    /// nothing written) when that circuit is gone.
+    pub async fn upsert_endpoint_settling(
+        &self,
+        id: uuid::Uuid,
+        health_check_enabled: bool,
+        health_check_config: Option<serde_json::Value>,
+        settle: uuid::Uuid,
+    ) -> Result<bool, StoreError> {
+        self.upsert_endpoint_with(id, health_check_enabled, health_check_config, Some(settle))
+            .await
+    }
+
+    async fn upsert_endpoint_with(
+        &self,
+        id: uuid::Uuid,
+        health_check_enabled: bool,
+        health_check_config: Option<serde_json::Value>,
+        settle: Option<uuid::Uuid>,
+    ) -> Result<bool, StoreError> {
         dispatch!(
             self,
-            |s| s.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref()),
-            |p| p.upsert_endpoint(&id, health_check_enabled, health_check_config.as_ref())
+            |s| s.upsert_endpoint(
+                &id,
+                health_check_enabled,
+                health_check_config.as_ref(),
+                settle.as_ref()
+            ),
+            |p| p.upsert_endpoint(
+                &id,
+                health_check_enabled,
+                health_check_config.as_ref(),
+                settle.as_ref()
+            )
         )
     }
 

@@ -237,6 +237,17 @@ BEGIN
 END
 $$;
 ",
+    // A creation under way, in the store: until when (the database's clock) the
+    // circuit's creation may still be settled by the coordinator making it. Set by
+    // the creation's insert, cleared once the creation is acknowledged and its
+    // caller about to be answered; a circuit still marked past it was left by a
+    // creation that failed and whose withdrawal has not been made (a process that
+    // stopped meanwhile), and the leader's sweep withdraws it. NULL: settled (every
+    // row written before this migration).
+    "
+ALTER TABLE circuits ADD COLUMN creating_until timestamptz NULL;
+CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_until IS NOT NULL;
+",
 ];
 
 /// The advisory lock route writes take turns under across coordinators ("routes"
@@ -1117,6 +1128,7 @@ impl PgStore {
         (traceparent, tracestate): &(Option<String>, Option<String>),
         deadline: SystemTime,
         limit: Option<(uuid::Uuid, u32)>,
+        creating_for: Option<f64>,
     ) -> Result<(), StoreError> {
         let worker = circuit
             .worker
@@ -1148,10 +1160,11 @@ impl PgStore {
                     INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
                         subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
                         endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
-                        idle_check_at, traceparent, tracestate)
+                        idle_check_at, traceparent, tracestate, creating_until)
                     SELECT $1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                        CASE WHEN $19 THEN now() END, $20, $21
+                        CASE WHEN $19 THEN now() END, $20, $21,
+                        now() + make_interval(secs => $25::float8)
                     WHERE appproxy_circuit_may_insert($23, $24, $22)
                     RETURNING worker)
                  , bumped AS (
@@ -1187,6 +1200,7 @@ impl PgStore {
                     &deadline,
                     &limit_session,
                     &limit_n,
+                    &creating_for,
                 ],
             )
             .await
@@ -1343,16 +1357,92 @@ impl PgStore {
         id: &uuid::Uuid,
         enabled: bool,
         config: Option<&Value>,
-    ) -> Result<(), StoreError> {
-        self.client()
+        settle: Option<&uuid::Uuid>,
+    ) -> Result<bool, StoreError> {
+        // With `settle`, one statement: the creation of that circuit is settled and
+        // the row written together, or neither when the circuit is gone.
+        let written = self
+            .client()
             .await?
             .execute(
-                "INSERT INTO endpoints (id, health_check_enabled, health_check_config) VALUES ($1, $2, $3)
+                "WITH settled AS (
+                    UPDATE circuits SET creating_until = NULL WHERE id = $4 RETURNING id)
+                 INSERT INTO endpoints (id, health_check_enabled, health_check_config)
+                    SELECT $1, $2, $3 WHERE $4::uuid IS NULL OR EXISTS (SELECT 1 FROM settled)
                  ON CONFLICT (id) DO UPDATE SET health_check_enabled = $2, health_check_config = $3, updated_at = now()",
-                &[id, &enabled, &config],
+                &[id, &enabled, &config, &settle],
             )
             .await?;
-        Ok(())
+        Ok(written == 1)
+    }
+
+    pub(super) async fn settle_creation(
+        &self,
+        id: &uuid::Uuid,
+        deadline: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        // Nothing changes past the caller's deadline on the server's clock: a
+        // clearing held in transit past the caller's 503 would leave settled a
+        // circuit whose withdrawal (and sweep) is then due.
+        let deadline = self.on_server_clock(&client, deadline).await;
+        let row = client
+            .query_one(
+                "WITH settled AS (
+                    UPDATE circuits SET creating_until = NULL
+                    WHERE id = $1 AND clock_timestamp() < $2 RETURNING id)
+                 SELECT (SELECT count(*) FROM settled), clock_timestamp() < $2",
+                &[id, &deadline],
+            )
+            .await?;
+        let settled: i64 = row.try_get(0)?;
+        let in_time: bool = row.try_get(1)?;
+        if settled == 0 && !in_time {
+            return Err(StoreError::Unavailable(
+                "the creation's settling reached the database after its deadline; nothing changed"
+                    .into(),
+            ));
+        }
+        Ok(settled > 0)
+    }
+
+    pub(super) async fn creation_mark(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<super::CreationMark>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT creating_until IS NOT NULL, creating_until > now() FROM circuits WHERE id = $1",
+                &[id],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let marked: bool = row.try_get(0)?;
+        let ahead: Option<bool> = row.try_get(1)?;
+        Ok(Some(super::CreationMark::of(
+            marked,
+            ahead.unwrap_or(false),
+        )))
+    }
+
+    pub(super) async fn overdue_creations(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<uuid::Uuid>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id FROM circuits WHERE creating_until IS NOT NULL AND creating_until <= now()
+                 ORDER BY creating_until LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(StoreError::from))
+            .collect()
     }
 
     pub(super) async fn endpoint(
@@ -1428,6 +1518,7 @@ impl PgStore {
         id: &uuid::Uuid,
         (request_id, (traceparent, tracestate)): &Behind,
         deadline: SystemTime,
+        only_overdue: bool,
     ) -> Result<bool, StoreError> {
         // One statement, as an insert: the row, the worker's slot count and the
         // change-log entry go together or not at all, and nothing is removed once
@@ -1450,6 +1541,7 @@ impl PgStore {
             .query_one(
                 "WITH gone AS (
                     DELETE FROM circuits WHERE id = $1 AND clock_timestamp() < $5
+                        AND (NOT $6 OR creating_until <= now())
                     RETURNING worker)
                  , bumped AS (
                     UPDATE workers SET occupied_slots = GREATEST(occupied_slots - 1, 0),
@@ -1462,7 +1554,14 @@ impl PgStore {
                         traceparent, tracestate)
                     SELECT id, revision, $1, true, $2, $3, $4 FROM bumped)
                  SELECT (SELECT count(*) FROM gone), clock_timestamp() < $5",
-                &[id, request_id, traceparent, tracestate, &deadline],
+                &[
+                    id,
+                    request_id,
+                    traceparent,
+                    tracestate,
+                    &deadline,
+                    &only_overdue,
+                ],
             )
             .await?;
         let late = || {

@@ -129,6 +129,16 @@ CREATE INDEX tokens_created_at ON tokens(created_at);
     "
 ALTER TABLE worker_nodes ADD COLUMN left_at TEXT;
 ",
+    // A creation under way, in the store: until when the circuit's creation may
+    // still be settled by the coordinator making it (set by the creation's insert,
+    // cleared once the creation is acknowledged and its caller about to be
+    // answered). A circuit still marked past it was left by a creation whose
+    // withdrawal was not made (the process stopped meanwhile): the sweep withdraws
+    // it. NULL: settled (every row written before this migration).
+    "
+ALTER TABLE circuits ADD COLUMN creating_until TEXT;
+CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_until IS NOT NULL;
+",
 ];
 
 /// Records that `circuit` of `worker` changed (created, updated or removed): the
@@ -623,9 +633,13 @@ impl SqliteStore {
         origin_request_id: Option<&str>,
         (traceparent, tracestate): &(Option<String>, Option<String>),
         limit: Option<(uuid::Uuid, u32)>,
+        creating_for: Option<std::time::Duration>,
     ) -> Result<(), StoreError> {
         // The store stamps the times, as PostgreSQL's `now()` does.
         let now = now();
+        let creating_until = creating_for.map(|d| {
+            appproxy_shared::telemetry::Rfc3339(std::time::SystemTime::now() + d).to_string()
+        });
         let mut circuit = circuit.clone();
         circuit.created_at = Some(now.clone());
         circuit.updated_at = Some(now.clone());
@@ -642,8 +656,8 @@ impl SqliteStore {
             };
             let inserted = tx
                 .execute(
-                    "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at, traceparent, tracestate)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11
+                    "INSERT INTO circuits (id, worker, port, subdomain, body, origin_request_id, created_at, updated_at, endpoint_id, idle_check_at, traceparent, tracestate, creating_until)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?14
                      WHERE ?12 IS NULL OR (SELECT count(*) FROM circuit_sessions s
                          JOIN circuits c ON c.id = s.circuit
                          WHERE s.session = ?12 AND c.endpoint_id IS NULL) < ?13",
@@ -660,7 +674,8 @@ impl SqliteStore {
                         traceparent,
                         tracestate,
                         limit_session,
-                        limit_n
+                        limit_n,
+                        creating_until
                     ],
                 )
                 .map_err(conflict_or)?;
@@ -801,16 +816,74 @@ impl SqliteStore {
         id: &uuid::Uuid,
         enabled: bool,
         config: Option<&serde_json::Value>,
-    ) -> Result<(), StoreError> {
+        settle: Option<&uuid::Uuid>,
+    ) -> Result<bool, StoreError> {
         let now = now();
         self.with(|c| {
-            c.execute(
+            // With `settle`, one transaction: the creation of that circuit settled
+            // and the row written together, or neither when the circuit is gone.
+            let tx = c.unchecked_transaction()?;
+            if let Some(circuit) = settle {
+                let settled = tx.execute(
+                    "UPDATE circuits SET creating_until = NULL WHERE id = ?1",
+                    params![circuit.to_string()],
+                )?;
+                if settled == 0 {
+                    return Ok(false);
+                }
+            }
+            tx.execute(
                 "INSERT INTO endpoints (id, health_check_enabled, health_check_config, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?4)
                  ON CONFLICT (id) DO UPDATE SET health_check_enabled = ?2, health_check_config = ?3, updated_at = ?4",
                 params![id.to_string(), enabled, config.map(|v| v.to_string()), now],
             )?;
-            Ok(())
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    pub(super) fn settle_creation(&self, id: &uuid::Uuid) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE circuits SET creating_until = NULL WHERE id = ?1",
+                params![id.to_string()],
+            )? == 1)
+        })
+    }
+
+    pub(super) fn creation_mark(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<super::CreationMark>, StoreError> {
+        let now = now();
+        self.with(|c| {
+            let row: Option<Option<String>> = c
+                .query_row(
+                    "SELECT creating_until FROM circuits WHERE id = ?1",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(row.map(|until| {
+                super::CreationMark::of(until.is_some(), until.is_some_and(|u| u > now))
+            }))
+        })
+    }
+
+    pub(super) fn overdue_creations(&self, limit: usize) -> Result<Vec<uuid::Uuid>, StoreError> {
+        let now = now();
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id FROM circuits WHERE creating_until IS NOT NULL AND creating_until <= ?1
+                 ORDER BY creating_until LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now, limit as i64], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(parse_id(&row?)?);
+            }
+            Ok(out)
         })
     }
 
@@ -872,14 +945,20 @@ impl SqliteStore {
         self.one_circuit("endpoint_id", endpoint)
     }
 
-    pub(super) fn delete_circuit(&self, id: &uuid::Uuid, by: &Behind) -> Result<bool, StoreError> {
+    pub(super) fn delete_circuit(
+        &self,
+        id: &uuid::Uuid,
+        by: &Behind,
+        only_overdue: bool,
+    ) -> Result<bool, StoreError> {
         let now = now();
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             let worker: Option<String> = tx
                 .query_row(
-                    "DELETE FROM circuits WHERE id = ?1 RETURNING worker",
-                    params![id.to_string()],
+                    "DELETE FROM circuits WHERE id = ?1 AND (NOT ?2 OR creating_until <= ?3)
+                     RETURNING worker",
+                    params![id.to_string(), only_overdue, now],
                     |r| r.get(0),
                 )
                 .optional()?;
