@@ -1098,11 +1098,14 @@ fn usage_capped(
 /// neither followed nor copied); `skip` names top-level entries left out. Calls
 /// `on_dir` for every directory copied. Returns the files and the bytes copied.
 ///
-/// At most `budget` bytes are copied in all: what was measured (and reserved) before
-/// the copy. A source whose files grew past it meanwhile (a user who can write it
-/// can make a file of any size, sparse, in an instant) stops the copy with an error
-/// once the budget is written, so the destination never holds more than was
-/// reserved for it.
+/// At most `budget` bytes are copied in all, in apparent size (a hole counts, as
+/// the quota counts it): what was measured (and reserved) before the copy. A source
+/// whose files grew past it meanwhile (a user who can write it can make a file of
+/// any size, sparse, in an instant) stops the copy with an error, so the
+/// destination never holds more than was reserved for it.
+///
+/// Each file is copied by its data (see [`copy_file`]): its holes stay holes, so a
+/// sparse file costs the copy what it holds, not its apparent size.
 pub fn copy_tree(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
@@ -1117,6 +1120,8 @@ pub fn copy_tree(
         budget: u64,
         files: u64,
         bytes: u64,
+        /// [`copy_file`]'s buffer, made when first needed.
+        buf: Vec<u8>,
     }
     impl Visitor for Copy<'_, '_> {
         fn entry(&mut self, src: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
@@ -1129,7 +1134,7 @@ pub fn copy_tree(
                     // Only a file gone or swapped since it was listed is left out;
                     // any other failure to open it fails the clone, never a copy
                     // that passes for whole without it.
-                    let mut from = match child_file(src, &e.name) {
+                    let from = match child_file(src, &e.name) {
                         Ok(from) => from,
                         Err(err) if is_gone(&err) => return Ok(false),
                         Err(err) => {
@@ -1148,17 +1153,17 @@ pub fn copy_tree(
                         STRICT,
                     )?;
                     let left = self.budget - self.bytes;
-                    let mut to = std::fs::File::from(to);
-                    self.bytes += io::copy(&mut io::Read::take(&mut from, left), &mut to)?;
-                    self.files += 1;
-                    // The budget is spent: one byte more in this file is more than was
-                    // measured.
-                    if self.bytes == self.budget && io::Read::read(&mut from, &mut [0u8])? != 0 {
-                        return Err(io::Error::other(format!(
-                            "the source grew while it was cloned: more than the {} bytes measured and reserved for the copy",
-                            self.budget
-                        )));
+                    let to = std::fs::File::from(to);
+                    match copy_file(&from, &to, left, &mut self.buf)? {
+                        Some(len) => self.bytes += len,
+                        None => {
+                            return Err(io::Error::other(format!(
+                                "the source grew while it was cloned: more than the {} bytes measured and reserved for the copy",
+                                self.budget
+                            )))
+                        }
                     }
+                    self.files += 1;
                     Ok(false)
                 }
                 _ => Ok(false),
@@ -1185,10 +1190,158 @@ pub fn copy_tree(
         budget,
         files: 0,
         bytes: 0,
+        buf: Vec::new(),
     };
     walk(src, &mut c)?;
     (c.on_dir)();
     Ok((c.files, c.bytes))
+}
+
+/// The most bytes one `copy_file_range`, or one read through the buffer, moves: a
+/// bound on each step of a copy, and the buffer's size where there is one.
+const COPY_STEP: usize = 1 << 20;
+
+/// Copies the regular file `from` into `to` (new, empty, opened for writing), at
+/// most `left` bytes of it in apparent size. Answers the destination's length, or
+/// `None` when the file is longer than `left` (it grew past what was measured).
+///
+/// Its size is read once, at the start (`fstat`), and no more than that (nor
+/// `left`) is copied: only its data extents (`SEEK_DATA`, `SEEK_HOLE`), at the same
+/// offsets, by `copy_file_range` (in the kernel; reflinked where the file system
+/// can) or, where that is refused, through `buf` (at most [`COPY_STEP`] bytes);
+/// then the destination is cut or extended to that length, so holes, trailing ones
+/// too, stay holes. A file system that does not report holes has the whole length
+/// copied as data. The file is then looked at again: longer than `left` is growth
+/// past the budget, as one byte more than the budget was before; shorter than the
+/// length copied (it shrank meanwhile) makes the copy its size now, never longer.
+/// Data written into a hole meanwhile may or may not be copied, as with any copy of
+/// a file being written. Every loop moves forward through at most the length
+/// copied, however the file changes under it.
+fn copy_file(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    left: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<u64>> {
+    let len = from.metadata()?.len().min(left);
+    copy_data(from, to, len, buf)?;
+    let now = from.metadata()?.len();
+    if now > left {
+        return Ok(None);
+    }
+    let len = len.min(now);
+    to.set_len(len)?;
+    Ok(Some(len))
+}
+
+/// Copies the data extents of `from` below `len` into `to` at the same offsets; see
+/// [`copy_file`]. Stops early where the file ends before `len`.
+fn copy_data(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    use rustix::fs::SeekFrom;
+    use rustix::io::Errno;
+    // Whether `copy_file_range` is used: until it is refused once.
+    let mut in_kernel = true;
+    let mut pos = 0;
+    while pos < len {
+        let start = match rustix::fs::seek(from, SeekFrom::Data(pos)) {
+            Ok(at) => at,
+            // No data from `pos` on: the rest is a hole, or the file ended before.
+            Err(Errno::NXIO) => return Ok(()),
+            // Holes not reported here: all of it is data.
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => pos,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            return Ok(());
+        }
+        let end = match rustix::fs::seek(from, SeekFrom::Hole(start)) {
+            Ok(at) => at,
+            // The file ended before `start` since.
+            Err(Errno::NXIO) => return Ok(()),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => len,
+            Err(e) => return Err(e.into()),
+        };
+        // A hole made at `start` since it was reported as data: one step is copied
+        // as data, so that the loop moves on however the file changes.
+        let end = if end > start {
+            end
+        } else {
+            start.saturating_add(COPY_STEP as u64)
+        };
+        let end = end.min(len);
+        if !copy_range(from, to, start, end, &mut in_kernel, buf)? {
+            return Ok(());
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// Copies the bytes of `from` in `start..end` into `to` at the same offsets;
+/// answers whether all were there (`false`: the file ends before `end`).
+fn copy_range(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    start: u64,
+    end: u64,
+    in_kernel: &mut bool,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    use rustix::io::Errno;
+    use std::os::unix::fs::FileExt as _;
+    let mut at = start;
+    while at < end {
+        let step = usize::try_from(end - at)
+            .unwrap_or(usize::MAX)
+            .min(COPY_STEP);
+        if *in_kernel {
+            let (mut off_in, mut off_out) = (at, at);
+            match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), step)
+            {
+                // The end of the file, or a file system that copies nothing
+                // without saying why: a read tells which.
+                Ok(0) => match from.read_at(&mut [0u8], at) {
+                    Ok(0) => return Ok(false),
+                    Ok(_) => *in_kernel = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                },
+                Ok(n) => {
+                    at += n as u64;
+                    continue;
+                }
+                Err(Errno::INTR) => continue,
+                // Not between these files here (another file system, an older
+                // kernel, a filter refusing the call): through the buffer from now on.
+                Err(
+                    Errno::XDEV
+                    | Errno::INVAL
+                    | Errno::OPNOTSUPP
+                    | Errno::NOSYS
+                    | Errno::PERM
+                    | Errno::TXTBSY,
+                ) => *in_kernel = false,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if buf.is_empty() {
+            buf.resize(COPY_STEP, 0);
+        }
+        let n = match from.read_at(&mut buf[..step], at) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// `fsync` of a descriptor.
@@ -1542,5 +1695,150 @@ mod tests {
             usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
             Some((200, 400))
         );
+    }
+
+    /// Whether the file system at `dir` keeps and reports holes (an all-hole file
+    /// has no data to seek to).
+    fn holes_at(dir: &Path) -> bool {
+        let f = std::fs::File::create(dir.join(".probe")).expect("probe");
+        f.set_len(1 << 20).expect("size");
+        let holes = matches!(
+            rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)),
+            Err(rustix::io::Errno::NXIO)
+        );
+        std::fs::remove_file(dir.join(".probe")).expect("rm");
+        holes
+    }
+
+    /// A sparse file's apparent size is what the budget counts: one longer than
+    /// the budget stops the copy with the error of a source that grew, the copy
+    /// no longer than the budget; one that fits is copied whole, its holes kept.
+    #[test]
+    fn a_sparse_file_counts_its_apparent_size_against_the_budget() {
+        use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+        let src = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::File::create(src.path().join("big")).expect("big");
+        f.set_len(64 << 20).expect("size");
+        f.write_all_at(b"data", 1 << 20).expect("data");
+        f.write_all_at(b"tail", (64 << 20) - 4).expect("data");
+        drop(f);
+        let holes = holes_at(src.path());
+        for (budget, whole) in [(1 << 20, false), ((64 << 20) - 1, false), (64 << 20, true)] {
+            let dst = tempfile::tempdir().expect("tempdir");
+            let r = copy_tree(
+                fd(src.path()).as_fd(),
+                fd(dst.path()).as_fd(),
+                &[],
+                budget,
+                &mut || {},
+            );
+            let copy = std::fs::metadata(dst.path().join("big")).expect("copy");
+            assert!(copy.len() <= budget, "{} past {budget}", copy.len());
+            if !whole {
+                let e = r.expect_err("past the budget");
+                assert_eq!(
+                    e.to_string(),
+                    format!("the source grew while it was cloned: more than the {budget} bytes measured and reserved for the copy")
+                );
+                continue;
+            }
+            assert_eq!(r.expect("copied"), (1, 64 << 20));
+            assert_eq!(
+                std::fs::read(dst.path().join("big")).expect("read"),
+                std::fs::read(src.path().join("big")).expect("read")
+            );
+            if holes {
+                assert!(copy.blocks() * 512 < 1 << 20, "{}", copy.blocks() * 512);
+            }
+        }
+    }
+
+    /// A file shorter than the length it is copied to (it shrank since its size
+    /// was read) is copied as far as it goes, without an error; the copy through
+    /// the buffer (where `copy_file_range` is refused) is the same, and the buffer
+    /// is one step long.
+    #[test]
+    fn a_file_that_ends_early_is_copied_as_far_as_it_goes() {
+        use std::os::unix::fs::FileExt as _;
+        let d = tempfile::tempdir().expect("tempdir");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(d.path().join("src"), &bytes).expect("src");
+        let from = std::fs::File::open(d.path().join("src")).expect("open");
+        for in_kernel in [true, false] {
+            let path = d.path().join(format!("dst-{in_kernel}"));
+            let to = std::fs::File::create(&path).expect("dst");
+            let mut buf = Vec::new();
+            let mut k = in_kernel;
+            assert!(!copy_range(&from, &to, 0, 10 << 20, &mut k, &mut buf).expect("copy"));
+            assert_eq!(std::fs::read(&path).expect("read"), bytes);
+            assert_eq!(buf.len(), if in_kernel { 0 } else { COPY_STEP });
+            // A range in the middle lands at its offsets.
+            let to = std::fs::File::create(&path).expect("dst");
+            let mut k = in_kernel;
+            assert!(copy_range(&from, &to, 70_000, 200_000, &mut k, &mut buf).expect("copy"));
+            let mut got = vec![0u8; 130_000];
+            to.sync_all().expect("sync");
+            std::fs::File::open(&path)
+                .expect("open")
+                .read_exact_at(&mut got, 70_000)
+                .expect("read");
+            assert!(got == bytes[70_000..200_000]);
+        }
+        let to = std::fs::File::create(d.path().join("whole")).expect("dst");
+        copy_data(&from, &to, 10 << 20, &mut Vec::new()).expect("copy");
+        assert_eq!(std::fs::read(d.path().join("whole")).expect("read"), bytes);
+    }
+
+    /// A file whose blocks turn from data to holes and back while it is copied
+    /// (another thread writing and punching them) is copied to its end every time:
+    /// each loop moves on whatever the seeks answer, and every byte copied is one
+    /// the file held, data or hole.
+    #[test]
+    fn a_file_alternating_data_and_holes_is_copied_to_its_end() {
+        use std::os::unix::fs::FileExt as _;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const LEN: u64 = 8 << 20;
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::File::create(d.path().join("src")).expect("src");
+        f.set_len(LEN).expect("size");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let writer = f.try_clone().expect("clone");
+        let thread = std::thread::spawn(move || {
+            let block = [0xabu8; 4096];
+            let mut i = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let at = (i * 4096 * 7) % LEN;
+                writer.write_all_at(&block, at).expect("write");
+                let punch = ((i + 3) * 4096 * 13) % LEN;
+                if rustix::fs::fallocate(
+                    &writer,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    punch,
+                    4096,
+                )
+                .is_err()
+                {
+                    writer.write_all_at(&[0u8; 4096], punch).expect("zeros");
+                }
+                i += 1;
+            }
+        });
+        let from = std::fs::File::open(d.path().join("src")).expect("open");
+        let mut buf = Vec::new();
+        for n in 0..30 {
+            let path = d.path().join(format!("dst{n}"));
+            let to = std::fs::File::create(&path).expect("dst");
+            assert_eq!(
+                copy_file(&from, &to, LEN, &mut buf).expect("copy"),
+                Some(LEN)
+            );
+            let got = std::fs::read(&path).expect("read");
+            assert_eq!(got.len() as u64, LEN);
+            assert!(got.iter().all(|&b| b == 0 || b == 0xab));
+            std::fs::remove_file(&path).expect("rm");
+        }
+        stop.store(true, Ordering::Relaxed);
+        thread.join().expect("writer");
     }
 }

@@ -1138,6 +1138,109 @@ fn a_clone_copies_no_more_than_it_reserved_when_the_source_grows() {
     panic!("every copy ended before its source grew");
 }
 
+/// A clone keeps a sparse file's holes: only its data is copied, at the same
+/// offsets, and the copy has the source's size. A 1 GiB file holding 64 KiB of data
+/// in the middle and at its very end, and a 256 MiB file that is all hole
+/// (`truncate -s`, no disk, instant), copy as the same bytes taking well under a few
+/// MiB of disk; their apparent sizes still count in the scope, as the originals'
+/// do. Before, every clone wrote the holes out as zeros: 1.25 GiB written and
+/// allocated for files that took none.
+#[test]
+fn a_clone_keeps_a_sparse_files_holes() {
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+    const GIB: u64 = 1 << 30;
+    const DATA: u64 = 64 << 10;
+    let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    create_with_limit(&p, 8 * GIB);
+    let src = p.vfolder_path();
+    let pattern: Vec<u8> = (0..DATA).map(|i| (i * 7 + i / 251) as u8).collect();
+    let sparse = std::fs::File::create(src.join("sparse")).expect("sparse");
+    sparse.set_len(GIB).expect("size");
+    let ranges = [GIB / 2 + 12_345, GIB - DATA];
+    for at in ranges {
+        sparse.write_all_at(&pattern, at).expect("data");
+    }
+    drop(sparse);
+    let hole = std::fs::File::create(src.join("hole")).expect("hole");
+    hole.set_len(GIB / 4).expect("size");
+    // Whether the file system under the test's directory keeps and reports holes
+    // (tmpfs, ext4, xfs, btrfs do): an all-hole file has no data to seek to. Where
+    // it does not, the clone copies through its fallback (every byte as data) and
+    // only sizes and bytes are compared: the source itself takes its full size
+    // there, and so does any copy of it.
+    let holes = matches!(
+        rustix::fs::seek(&hole, rustix::fs::SeekFrom::Data(0)),
+        Err(rustix::io::Errno::NXIO)
+    ) && std::fs::metadata(src.join("sparse"))
+        .expect("meta")
+        .blocks()
+        * 512
+        < 4 << 20;
+    drop(hole);
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/00000000000000000000000000005a5e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
+    // A hang guard, not a timing assertion.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let outcome = loop {
+        let ended = p.log_json().into_iter().find(|l| {
+            l["bgtask_id"] == task.as_str()
+                && (l["message"] == "bgtask done" || l["message"] == "bgtask failed")
+        });
+        if let (Some(l), true) = (ended, quota_scope(&p)["reserved_bytes"] == 0) {
+            break l["message"].as_str().expect("message").to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(outcome, "bgtask done", "{}", p.log());
+    let copy = p
+        .dir
+        .path()
+        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/0000000000000000000000005a5e");
+    for (name, size) in [("sparse", GIB), ("hole", GIB / 4)] {
+        let meta = std::fs::metadata(copy.join(name)).expect("copied");
+        assert_eq!(meta.len(), size, "{name}");
+        if holes {
+            assert!(
+                meta.blocks() * 512 < 4 << 20,
+                "{name}: {} bytes allocated for a copy of a file taking {}",
+                meta.blocks() * 512,
+                std::fs::metadata(src.join(name)).expect("meta").blocks() * 512
+            );
+        }
+    }
+    let sparse = std::fs::File::open(copy.join("sparse")).expect("copy");
+    let mut buf = vec![0u8; DATA as usize];
+    for at in ranges {
+        sparse.read_exact_at(&mut buf, at).expect("read");
+        assert!(buf == pattern, "the data at {at} differs");
+    }
+    // Samples of the holes, the edges of the data included.
+    let hole = std::fs::File::open(copy.join("hole")).expect("copy");
+    let mut zero = vec![0u8; 4096];
+    for (f, at) in [
+        (&sparse, 0),
+        (&sparse, GIB / 4),
+        (&sparse, ranges[0] - 4096),
+        (&sparse, ranges[0] + DATA),
+        (&sparse, ranges[1] - 4096),
+        (&hole, 0),
+        (&hole, GIB / 8 + 1),
+        (&hole, GIB / 4 - 4096),
+    ] {
+        f.read_exact_at(&mut zero, at).expect("read");
+        assert!(zero.iter().all(|&b| b == 0), "a hole at {at} holds data");
+    }
+    // The copies count their apparent sizes, as the originals do.
+    assert_eq!(quota_scope(&p)["used_bytes"], 2 * (GIB + GIB / 4));
+}
+
 /// Deleting a vfolder with an upload in progress frees what the upload's
 /// reservation held at once (its staged file is gone with the folder): a new
 /// upload of the room fits. Before, the reservation held the scope's room until it
