@@ -587,6 +587,48 @@ impl TcpConn {
         .await;
     }
 
+    /// Waits until the reactor sees the connection reset or hung up (`EPOLLERR`,
+    /// `EPOLLHUP`), or until it is revoked or times out: how a wait on something
+    /// else (an app's silent answer) learns that its client is gone, while a client
+    /// that only ended its side (a half-close: it still reads) keeps its answer, as
+    /// HAProxy's default (no `abortonclose`) does. It waits on the write side's
+    /// edges: for the connection's one writer, while it is not writing; call
+    /// [`TcpConn::rearm_write`] when done, so that the next write tries the socket.
+    pub async fn hung_up(&self) {
+        poll_fn(|cx| loop {
+            if self.reg.hung_up() {
+                return Poll::Ready(());
+            }
+            self.reg.clear_ready(Direction::Write);
+            match self
+                .reg
+                .poll_ready(cx, Direction::Write, self.stream.as_fd())
+            {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                // Room to write (an acknowledgement): looked at again.
+                Poll::Ready(Ok(())) => {}
+            }
+        })
+        .await;
+    }
+
+    /// Lets the next write try the socket after [`TcpConn::hung_up`].
+    pub fn rearm_write(&self) {
+        self.reg.mark_ready(Direction::Write);
+    }
+
+    /// Whether the reactor has seen the peer's end of stream (or a hang-up, an error).
+    pub fn peer_ended(&self) -> bool {
+        self.reg.read_closed()
+    }
+
+    /// Whether the reactor has seen the connection reset or hung up (`EPOLLERR`,
+    /// `EPOLLHUP`), not only the peer's end of stream: nothing written will arrive.
+    pub fn peer_reset(&self) -> bool {
+        self.reg.hung_up()
+    }
+
     /// Lets the next read try the socket after [`TcpConn::peer_gone`] (bytes that
     /// arrived meanwhile announced themselves to it, and no new edge will).
     pub fn rearm_read(&self) {

@@ -896,6 +896,12 @@ impl Registration {
         self.with(|s| s.read_closed)
     }
 
+    /// Whether the connection hung up or failed (`EPOLLHUP`/`EPOLLERR`: a reset, or
+    /// both sides shut), not only the peer's side of it.
+    pub fn hung_up(&self) -> bool {
+        self.with(|s| s.write_closed)
+    }
+
     /// The owning reactor.
     pub fn reactor(&self) -> &Rc<Reactor> {
         &self.reactor

@@ -242,6 +242,9 @@ pub struct RelayOpts {
     pub source_idle: Duration,
     /// Buffer capacity limit for the source buffer.
     pub buf_limit: usize,
+    /// Whether a wait on the source ends when the destination closes its connection
+    /// ([`fill_watching`]): for a response relayed to its client.
+    pub watch_dst: bool,
 }
 
 /// Relays one body from `src` (with what is already in `sbuf`) to `dst`.
@@ -365,10 +368,21 @@ pub async fn relay_body_counted(
             break;
         }
         src.set_timeout(opts.source_idle);
-        let n = sbuf
-            .fill(src, opts.buf_limit)
-            .await
-            .map_err(|e| (RelayError::Source(e), written))?;
+        let filled = if opts.watch_dst {
+            fill_watching(sbuf, src, opts.buf_limit, dst).await
+        } else {
+            Some(sbuf.fill(src, opts.buf_limit).await)
+        };
+        let n = match filled {
+            Some(n) => n.map_err(|e| (RelayError::Source(e), written))?,
+            None => {
+                let gone = io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client's connection was reset while the app was silent",
+                );
+                return Err((RelayError::Destination(gone), written));
+            }
+        };
         if n == 0 {
             match mode {
                 Mode::Rechunk => {
@@ -394,18 +408,123 @@ pub async fn relay_body_counted(
     Ok(written)
 }
 
+/// [`ReadBuf::fill`] from `src` while `watched`, the peer this relay writes to (and
+/// alone writes to), is watched: a client whose connection was reset or hung up
+/// while the app is silent ends the wait (`None`), rather than holding both
+/// connections and a slot of the core for as long as the app may stay silent. A
+/// client that only ended its side still reads, and keeps its answer
+/// ([`TcpConn::hung_up`]). `watched`'s deadline is lifted for the wait (it bounds
+/// writes to it, set again before each) and its next write tries the socket again.
+pub async fn fill_watching(
+    sbuf: &mut ReadBuf,
+    src: &TcpConn,
+    limit: usize,
+    watched: &TcpConn,
+) -> Option<io::Result<usize>> {
+    let fill = sbuf.fill(src, limit);
+    futures_lite::pin!(fill);
+    // Most waits end at once (the bytes are there): nothing to watch then.
+    if let Some(filled) = futures_lite::future::poll_once(fill.as_mut()).await {
+        return Some(filled);
+    }
+    watched.set_deadline(None);
+    let filled = futures_lite::future::or(async { Some(fill.await) }, async {
+        watched.hung_up().await;
+        None
+    })
+    .await;
+    watched.rearm_write();
+    filled
+}
+
+/// Writes all of `bytes` to `dst` while `src`, which this task alone reads, is
+/// watched: a write blocked on a peer that does not read must not hide that the
+/// other peer is gone. `src` reset or hung up (`EPOLLERR`, `EPOLLHUP`): the write
+/// ends at once with `ConnectionReset`. `src` only ended its side (a half-close):
+/// what it sent before still goes out, but from then on the write may stall at most
+/// `stalled` between two bytes taken (before, it had the tunnel's idle timeout). A
+/// timeout or revocation of `src` seen while watching ends the write as its own
+/// would. Nothing is lost or repeated when the watch wins: a write is polled only
+/// whole (`poll_write` takes bytes or nothing), then flushed.
+pub async fn write_watching(
+    dst: &TcpConn,
+    mut bytes: &[u8],
+    src: &TcpConn,
+    stalled: Duration,
+) -> io::Result<()> {
+    let mut watching = !src.peer_ended();
+    if !watching {
+        dst.set_timeout(stalled);
+    }
+    loop {
+        let step = async {
+            if bytes.is_empty() {
+                std::future::poll_fn(|cx| dst.poll_flush(cx))
+                    .await
+                    .map(|()| 0)
+            } else {
+                std::future::poll_fn(|cx| dst.poll_write(cx, bytes)).await
+            }
+        };
+        futures_lite::pin!(step);
+        // Most writes are taken at once: nothing to watch then.
+        let now = futures_lite::future::poll_once(step.as_mut()).await;
+        let done = if let Some(r) = now {
+            r
+        } else if watching {
+            let r = futures_lite::future::or(async { Some(step.await) }, async {
+                src.peer_gone().await;
+                None
+            })
+            .await;
+            src.rearm_read();
+            match r {
+                Some(r) => r,
+                None if src.peer_reset() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the other peer is gone",
+                    ))
+                }
+                None if src.peer_ended() => {
+                    watching = false;
+                    dst.set_timeout(stalled);
+                    continue;
+                }
+                None if src.was_revoked() => return Err(io::ErrorKind::ConnectionAborted.into()),
+                None => return Err(io::ErrorKind::TimedOut.into()),
+            }
+        } else {
+            step.await
+        }?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if done == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[done..];
+        if !watching {
+            dst.set_timeout(stalled);
+        }
+    }
+}
+
 /// Copies `src` to `dst` until `src` closes, then half-closes `dst`; for tunnels.
 /// Returns the bytes copied, and how the copy ended (an error, a timeout included,
 /// ends it early: the bytes copied before still count). A revoked tunnel
 /// ([`TcpConn::was_revoked`]) ends at its next read, with `ConnectionAborted`, even
-/// while bytes keep flowing.
+/// while bytes keep flowing. A write to `dst` blocked on a peer that does not read
+/// watches `src` ([`write_watching`]): `src` gone ends the copy, `src` half-closed
+/// bounds each stall of what is left to `stalled`.
 pub async fn pipe(
     src: &TcpConn,
     dst: &TcpConn,
     buf: &mut [u8],
     idle: Duration,
+    stalled: Duration,
 ) -> (u64, io::Result<()>) {
-    pipe_inspected(src, dst, buf, idle, |_| Ok(())).await
+    pipe_inspected(src, dst, buf, idle, stalled, |_| Ok(())).await
 }
 
 /// [`pipe`], each chunk read from `src` shown to `inspect` before it is written:
@@ -415,6 +534,7 @@ pub async fn pipe_inspected(
     dst: &TcpConn,
     buf: &mut [u8],
     idle: Duration,
+    stalled: Duration,
     mut inspect: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> (u64, io::Result<()>) {
     let mut total = 0u64;
@@ -438,7 +558,7 @@ pub async fn pipe_inspected(
             return (total, Err(end(e)));
         }
         dst.set_timeout(idle);
-        if let Err(e) = dst.write_all(&buf[..n]).await {
+        if let Err(e) = write_watching(dst, &buf[..n], src, stalled).await {
             return (total, Err(end(e)));
         }
         total += n as u64;
@@ -657,15 +777,14 @@ pub async fn ws_pipe(
                 stats.close_seen = feed.close;
             }
         }
-        if !pending.is_empty() {
+        // A write blocked on a peer that does not read watches `src`: gone, the
+        // session ends; ended its side, what is left gets the grace period.
+        if !pending.is_empty() || dst.is_tls() {
+            // (Over TLS, with nothing pending: the records `try_write` encrypted
+            // but the socket did not take yet.)
             arm(dst);
-            if dst.write_all(&pending).await.is_err() {
-                break Some(crate::ws::close_code::GOING_AWAY);
-            }
-        } else if dst.is_tls() {
-            // Records `try_write` encrypted but the socket did not take yet.
-            arm(dst);
-            if dst.flush().await.is_err() {
+            let grace = CLOSE_GRACE.min(idle);
+            if write_watching(dst, &pending, src, grace).await.is_err() {
                 break Some(crate::ws::close_code::GOING_AWAY);
             }
         }
@@ -808,7 +927,13 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let (total, end) = drive(
             &reactor,
-            pipe(&src, &dst, &mut buf, Duration::from_secs(10)),
+            pipe(
+                &src,
+                &dst,
+                &mut buf,
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+            ),
         );
         assert_eq!(total, 0, "nothing relayed");
         let end = end.expect_err("ended early");

@@ -81,14 +81,17 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
     upstream.set_idle(true);
     let started = Instant::now();
     let idle = core.rt.tunnel_idle_timeout;
+    // A write to a peer that does not read, once the other peer ended its side, may
+    // stall no longer than a request body's write may.
+    let stalled = core.rt.body_idle_timeout.min(idle);
     let mut up_buf = vec![0u8; 16 * 1024];
     let mut down_buf = vec![0u8; 16 * 1024];
     let mut guard = PermitGuard::default();
     let (up, down) = futures_lite::future::zip(
-        relay::pipe_inspected(&client, &upstream, &mut up_buf, idle, |chunk| {
+        relay::pipe_inspected(&client, &upstream, &mut up_buf, idle, stalled, |chunk| {
             guard.inspect(chunk)
         }),
-        relay::pipe(&upstream, &client, &mut down_buf, idle),
+        relay::pipe(&upstream, &client, &mut down_buf, idle, stalled),
     )
     .await;
     if guard.tripped {

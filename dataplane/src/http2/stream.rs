@@ -1106,7 +1106,27 @@ async fn relay_h1_response(
             continue;
         }
         upstream.set_timeout(rt.response_idle_timeout);
-        match ubuf.fill(upstream, BODY_BUF_LIMIT).await {
+        // While the app is silent, the client resetting the stream or its connection
+        // going away ends the relay at once (the stream's task would otherwise hold
+        // the app's connection until the app writes again).
+        let fill = ubuf.fill(upstream, BODY_BUF_LIMIT);
+        futures_lite::pin!(fill);
+        let filled = match futures_lite::future::poll_once(fill.as_mut()).await {
+            Some(filled) => filled,
+            None => {
+                let reset = async {
+                    let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                    None
+                };
+                match futures_lite::future::or(async { Some(fill.await) }, reset).await {
+                    Some(filled) => filled,
+                    None => {
+                        return Err("the client reset the stream while the app was silent".into())
+                    }
+                }
+            }
+        };
+        match filled {
             Ok(0) if framing == BodyFraming::Eof => done = true,
             Ok(0) => return Err("the app closed before the end of the body".into()),
             Ok(_) => {}

@@ -615,6 +615,7 @@ impl Client {
                 idle: rt.body_idle_timeout,
                 source_idle: rt.body_idle_timeout,
                 buf_limit: BODY_BUF_LIMIT,
+                watch_dst: false,
             };
             relay::relay_body(
                 &self.conn,
@@ -817,6 +818,8 @@ impl Client {
             idle: rt.body_idle_timeout,
             source_idle: rt.response_idle_timeout,
             buf_limit: BODY_BUF_LIMIT,
+            // The client gone while the app is silent ends the relay at once.
+            watch_dst: true,
         };
         // A response of no set length (server-sent events, a token stream) may run
         // for hours: watched while it is relayed, as a tunnel is, so a deployment

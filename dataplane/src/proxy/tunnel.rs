@@ -208,9 +208,10 @@ impl TunnelEnds<'_> {
                 .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
         }
         tracing::info!(upstream = %self.addr, "upgraded connection established");
+        let stalled = core.rt.body_idle_timeout.min(idle);
         let (up, down) = both_ways(conn, &upstream, |src, dst, _| async move {
             let mut buf = vec![0u8; 16 * 1024];
-            relay::pipe(&src, &dst, &mut buf, idle).await
+            relay::pipe(&src, &dst, &mut buf, idle, stalled).await
         })
         .await;
         let end = relay::TunnelEnd::of_pipes(&up.1, &down.1);

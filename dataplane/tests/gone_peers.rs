@@ -1,0 +1,236 @@
+//! Hostile suite, class "a peer gone while the other one stalls": a client whose
+//! connection is reset while the worker waits on the app's side — an event stream
+//! or a download whose app went silent, a tunnel whose app stopped reading — must
+//! free both connections and the core's slot at once, not when the app next writes
+//! or after the hour-long idle timeouts; an HTTP/2 client whose connection closes,
+//! likewise. Before, each such
+//! connection was held: an attacker who holds no socket at all could fill a core
+//! (`max_connections_per_core`) and have every other client refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, metric, Worker, WorkerOpts};
+
+/// A client's key and the answer to it (RFC 6455 §1.3's example).
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// An app that answers by path and then goes silent, counting the connections the
+/// worker closed on it:
+/// - `/events`: an event stream's head and one event;
+/// - `/stall`: 1,000 of a body of 1,000,000 bytes;
+/// - `/ws`: a WebSocket 101, then never reads again.
+///
+/// Where it still reads (the first two), the worker's close is its end of stream.
+struct SilentApp {
+    addr: SocketAddr,
+    closed: Arc<AtomicUsize>,
+}
+
+fn silent_app() -> SilentApp {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let closed = Arc::new(AtomicUsize::new(0));
+    let count = closed.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut r = BufReader::new(s.try_clone().expect("clone"));
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let answer = match path.as_str() {
+                    "/events" => "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n".to_owned(),
+                    "/stall" => format!("HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n{}", "x".repeat(1000)),
+                    "/ws" => format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"),
+                    _ => String::new(),
+                };
+                if s.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                if path == "/events" || path == "/stall" {
+                    // Silent, but reading: the worker's close ends this.
+                    let mut buf = [0u8; 1024];
+                    while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+                    count.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    // Neither reading nor writing, for longer than any test runs.
+                    std::thread::sleep(Duration::from_secs(600));
+                }
+            });
+        }
+    });
+    SilentApp { addr, closed }
+}
+
+/// An app that takes connections and never reads from them (a TCP circuit's).
+fn mute_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// A worker in front of `app`; a write may stall 2 s once the other side ended
+/// (the tunnels' and responses' idle timeouts stay at their hour).
+fn worker(app: SocketAddr, circuit_extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: "[timeouts]\nbody_idle_secs = 2\n".into(),
+        circuit_extra: circuit_extra.into(),
+        ..Default::default()
+    })
+}
+
+/// The client leaves with a reset (`SO_LINGER` 0).
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+}
+
+/// Reads until `needle` has arrived.
+fn read_until(s: &mut TcpStream, needle: &[u8]) {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed before {needle:?}: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Writes to `s` without blocking until the socket takes no more: the worker has
+/// stopped reading it, its write to an app that does not read being blocked.
+fn push_until_blocked(s: &mut TcpStream, chunk: &[u8]) {
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut quiet = 0;
+    // Blocked for a second in a row: every buffer on the way is full.
+    while quiet < 20 {
+        match s.write(chunk) {
+            Ok(_) => quiet = 0,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                quiet += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("push: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_client_gone_from_a_silent_response_frees_it_at_once() {
+    let app = silent_app();
+    let w = worker(app.addr, "");
+    // (A client that only ends its side may still read: it keeps its answer, as
+    // `buffer_reuse.rs`' half-closing probes check; see `docs/limits.md`.)
+    for (expected, path) in [(1, "/events"), (2, "/stall")] {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .expect("request");
+        read_until(
+            &mut s,
+            if path == "/events" {
+                b"data: 1"
+            } else {
+                b"xxxxx"
+            },
+        );
+        eventually(&format!("{path}: counted"), || {
+            metric(&w, "appproxy_connections_active") == 1
+        });
+        reset(s);
+        eventually(&format!("{path}: the app's connection closed"), || {
+            app.closed.load(Ordering::SeqCst) == expected
+        });
+        eventually(&format!("{path}: the slot freed"), || {
+            metric(&w, "appproxy_connections_active") == 0
+        });
+    }
+}
+
+#[test]
+fn a_client_reset_behind_a_tunnel_blocked_on_its_app_frees_it_at_once() {
+    let app = silent_app();
+    // A WebSocket session, inspected frame by frame.
+    let w = worker(app.addr, "");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
+        .expect("handshake");
+    read_until(&mut s, b"\r\n\r\n");
+    // Masked binary frames of 60,000 bytes (a zero mask leaves the payload as is).
+    let mut frame = vec![0x82, 0x80 | 126, 0xEA, 0x60, 0, 0, 0, 0];
+    frame.resize(frame.len() + 60_000, b'w');
+    push_until_blocked(&mut s, &frame);
+    eventually("the session counted", || {
+        metric(&w, "appproxy_tunnels_active") == 1
+    });
+    reset(s);
+    eventually("the WebSocket session ended", || {
+        metric(&w, "appproxy_tunnels_active") == 0 && metric(&w, "appproxy_connections_active") == 0
+    });
+    drop(w);
+
+    // A TCP circuit: raw bytes. Its end is its log line (the harness's readiness
+    // probe, closed at once, stays relayed half-closed to this app, which never
+    // closes, so the gauge does not go back to nought).
+    let w = worker(mute_app(), "protocol = \"tcp\"");
+    let closed = || common::log_count(&w, "tcp connection closed");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    push_until_blocked(&mut s, &[b't'; 65536]);
+    assert_eq!(closed(), 0, "the tunnel is open while its client is");
+    reset(s);
+    eventually("the TCP tunnel ended", || closed() == 1);
+}
+
+#[test]
+fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
+    let app = silent_app();
+    let w = worker(app.addr, "");
+    for round in 1..=2 {
+        // nghttp waits a second for the stream, then exits: its connection closes
+        // with the stream still open.
+        let out = Command::new("nghttp")
+            .args(["-t", "1"])
+            .arg(format!("http://127.0.0.1:{}/events", w.port))
+            .output()
+            .expect("nghttp must be installed (.ci/run installs nghttp2-client)");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("data: 1"),
+            "the event reached the client: {said}"
+        );
+        eventually(
+            &format!("round {round}: the app's connection closed"),
+            || app.closed.load(Ordering::SeqCst) == round,
+        );
+        eventually(&format!("round {round}: the slot freed"), || {
+            metric(&w, "appproxy_connections_active") == 0
+        });
+    }
+}
