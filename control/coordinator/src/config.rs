@@ -30,7 +30,7 @@ impl CoordinatorConfig {
                 ),
                 (
                     "coordinator",
-                    "unsettled_creation_timeout_secs = 95  # default: 4 × worker_ack_timeout_secs + 35 s",
+                    "unsettled_creation_timeout_secs = 20  # renewed every fifth of it (0.1-5 s) while the creation runs",
                 ),
                 (
                     "database",
@@ -188,13 +188,16 @@ pub struct CoordinatorSection {
     /// Period of the idle-circuit collection.
     pub check_unused_circuit_interval_secs: u64,
     /// A circuit is stored marked as a creation under way until this long after its
-    /// insert (on the database's clock); its creation, acknowledged, clears the mark
+    /// insert (on the database's clock); the coordinator making it renews the mark
+    /// (this long ahead again) every fifth of it, between 0.1 s and 5 s, for as
+    /// long as the creation runs, and its creation, acknowledged, clears the mark
     /// before its caller is answered. A circuit still marked past it was left by a
-    /// creation that failed and was not withdrawn (its coordinator stopped first):
-    /// the leader's sweep withdraws it, and no reuse hands it out. It must be longer
-    /// than any creation can take. Unset: the longest a creation can take (every
-    /// placement waiting out its acknowledgement, 4 × `worker_ack_timeout_secs`,
-    /// and 5 s for the store) plus 30 s.
+    /// coordinator that stopped renewing it (stopped, or cut off from the store
+    /// this long): the leader's sweep withdraws it, and no reuse hands it out; a
+    /// reuse on another coordinator waits for it at most until then. It need not
+    /// cover the longest creation, only a few renewals and a store call's 5 s
+    /// deadline (a warning at start says when it is shorter than a renewal may
+    /// take). Unset: 20 s (renewed every 4 s).
     pub unsettled_creation_timeout_secs: Option<f64>,
     /// Period of the sweep of creations left unsettled past
     /// `unsettled_creation_timeout_secs`.

@@ -266,9 +266,10 @@ async fn created_or_existing(
     // its bound was left by a failed creation: withdrawn and placed again below.
     let mut existing = state.store.circuit_of_endpoint(id).await?;
     let mut overdue = false;
+    let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
     for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
         let Some((c, _)) = &existing else { break };
-        match state.creation_of(c.id).await? {
+        match state.creation_of(c.id, deadline).await? {
             super::Found::Settled => break,
             super::Found::Overdue => {
                 overdue = true;

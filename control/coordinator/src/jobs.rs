@@ -1,6 +1,7 @@
 //! Leader jobs: worker-lost detection, idle-circuit collection (with the pruning
 //! of the change log and of expired setup tokens) and the sweep of creations left
-//! unsettled past their bound. Each pass runs
+//! unsettled past their bound; and, on every node, the renewal of the marks of
+//! its own creations under way ([`renew_creations`]). Each pass runs
 //! under a request ID of its own, so everything a pass does (status changes, removals,
 //! the events it publishes) is found by one ID.
 //!
@@ -327,13 +328,15 @@ const IDLE_BATCHES_PER_PASS: usize = 5;
 /// ([`crate::proxy`]'s background one) stays the fast path; this is its durable
 /// backstop.
 pub(super) async fn overdue_creations(state: Arc<State>) {
-    let bound = state.creation_bound();
-    if bound < state.longest_creation() {
+    let (bound, renewal) = (state.creation_bound(), state.creation_renewal());
+    if bound < renewal + crate::store::CALL_DEADLINE {
         tracing::warn!(
             unsettled_creation_timeout_secs = bound.as_secs_f64(),
-            longest_creation_secs = state.longest_creation().as_secs_f64(),
-            "unsettled_creation_timeout_secs is shorter than a creation can take: \
-             a slow creation (acknowledged late) may be withdrawn and answered 409"
+            renewal_interval_secs = renewal.as_secs_f64(),
+            store_call_deadline_secs = crate::store::CALL_DEADLINE.as_secs_f64(),
+            "unsettled_creation_timeout_secs is shorter than a renewal of its marks may take: \
+             a creation under way may be withdrawn by another leader after one slow store call, \
+             and answered 409"
         );
     }
     let mut tick = ticker(
@@ -361,9 +364,9 @@ async fn overdue_pass(state: &State) {
         }
     };
     for id in due {
-        // This node's own creation: it settles it or withdraws it itself (a bulk
-        // endpoint creation may outlast the bound; a withdrawal that the store
-        // failed is being tried again).
+        // This node's own creation: it settles it or withdraws it itself (its
+        // mark, renewed, passed only because the store was out of reach a while;
+        // a withdrawal that the store failed is being tried again).
         if state.is_creating(id) {
             continue;
         }
@@ -395,3 +398,39 @@ async fn overdue_pass(state: &State) {
 /// Circuits one sweep of unsettled creations withdraws at most (a backlog is
 /// worked off over several passes).
 const OVERDUE_BATCH: usize = 500;
+
+/// Keeps the marks of this node's creations under way fresh in the store, on
+/// every node (leading or not): every [`State::creation_renewal`], one bounded
+/// write per [`RENEW_CHUNK`] circuits sets each still-marked one's mark
+/// `unsettled_creation_timeout_secs` ahead on the database's clock. A creation
+/// may then take as long as it takes (a bulk endpoint creation of many slowly
+/// acknowledged items, a withdrawal the store keeps failing): its mark passes,
+/// and the sweep withdraws its circuit, only once its node stops renewing it —
+/// stopped, or cut off from the store for about the bound, in which case the
+/// node's own settle then finds the circuit gone (409) or the store out of reach
+/// (503), never a 200 with a removed circuit.
+pub(super) async fn renew_creations(state: Arc<State>) {
+    let period = state.creation_renewal();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids: Vec<uuid::Uuid> = state.creating().iter().copied().collect();
+        for chunk in ids.chunks(RENEW_CHUNK) {
+            if let Err(e) = state
+                .store
+                .renew_creations(chunk, state.creation_bound())
+                .await
+            {
+                tracing::warn!(
+                    error = %e, circuits = ids.len(),
+                    "marks of creations under way not renewed; tried again next pass"
+                );
+                break;
+            }
+        }
+    }
+}
+
+/// Circuits one renewal write covers at most.
+const RENEW_CHUNK: usize = 1_000;

@@ -196,6 +196,10 @@ pub struct State {
     reuse_locks: KeyedLocks,
 }
 
+/// How long a creation's mark lasts past its insert or last renewal when
+/// `unsettled_creation_timeout_secs` is unset.
+const DEFAULT_CREATION_BOUND: Duration = Duration::from_secs(20);
+
 /// What a request that found a stored circuit learns of its creation
 /// ([`State::creation_of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,29 +318,60 @@ impl State {
         self.ack_timeout() * proxy::PLACEMENT_ATTEMPTS as u32 + Duration::from_secs(5)
     }
 
-    /// How long after its insert a circuit stays marked as a creation under way in
-    /// the store (`[coordinator] unsettled_creation_timeout_secs`; unset: the
-    /// longest a creation can take and 30 s more).
+    /// How long a circuit stays marked as a creation under way in the store past
+    /// its insert or its last renewal (`[coordinator]
+    /// unsettled_creation_timeout_secs`; unset: [`DEFAULT_CREATION_BOUND`]). The
+    /// node making it renews the mark every [`State::creation_renewal`] for as long
+    /// as the creation runs ([`jobs::renew_creations`]), so the mark only passes
+    /// once that node stopped renewing it (stopped, or cut off from the store for
+    /// about this long).
     fn creation_bound(&self) -> Duration {
         match self.config.coordinator.unsettled_creation_timeout_secs {
             Some(secs) if secs.is_finite() => Duration::from_secs_f64(secs.clamp(0.1, 86_400.0)),
-            _ => self.longest_creation() + Duration::from_secs(30),
+            _ => DEFAULT_CREATION_BOUND,
         }
+    }
+
+    /// How often a node renews the marks of its creations under way: a fifth of
+    /// their bound, between 0.1 s and 5 s (4 s by default).
+    fn creation_renewal(&self) -> Duration {
+        (self.creation_bound() / 5).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// The longest a request waits, in all, for another coordinator's creation
+    /// under way that it found (a session's reuse, an endpoint's sync): as long as
+    /// a live creation can take, or until the mark of one whose node stopped has
+    /// passed — whichever is longer.
+    fn foreign_creation_wait(&self) -> Duration {
+        self.longest_creation()
+            .max(self.creation_bound() + self.creation_renewal() + Duration::from_secs(1))
+    }
+
+    /// The longest a `/v2/proxy/auth` call waits for its turn on its reuse key:
+    /// the holder's wait for a creation under way ([`State::foreign_creation_wait`])
+    /// and then its own creation. A call that stopped waiting sooner would go on
+    /// alone and create a circuit of its own beside the holder's.
+    fn reuse_turn_wait(&self) -> Duration {
+        self.foreign_creation_wait() + self.longest_creation()
     }
 
     /// Whether a stored circuit that a request found (a session's reuse, an
     /// endpoint's sync) can be its answer, as far as its creation goes. A creation
     /// still under way is no answer yet: this node's own is awaited in memory
     /// ([`State::settled`]), another coordinator's through its mark in the store
-    /// (looked at every 100 ms, at most until its bound has passed), and the caller
-    /// looks again ([`Found::LookAgain`]; the circuit may have been withdrawn
-    /// meanwhile). A circuit still marked past its bound is [`Found::Overdue`].
-    async fn creation_of(&self, circuit: uuid::Uuid) -> Result<Found, ApiError> {
+    /// (looked at every 100 ms, until `deadline` at most), and the caller looks
+    /// again ([`Found::LookAgain`]; the circuit may have been withdrawn meanwhile).
+    /// A circuit still marked past its bound is [`Found::Overdue`]: its node
+    /// stopped renewing it.
+    async fn creation_of(
+        &self,
+        circuit: uuid::Uuid,
+        deadline: tokio::time::Instant,
+    ) -> Result<Found, ApiError> {
         if self.is_creating(circuit) {
             self.settled(circuit).await;
             return Ok(Found::LookAgain);
         }
-        let deadline = tokio::time::Instant::now() + self.creation_bound() + Duration::from_secs(1);
         loop {
             match self.store.creation_mark(circuit).await? {
                 None => return Ok(Found::LookAgain),
@@ -1149,6 +1184,7 @@ impl Coordinator {
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
         tasks.spawn(jobs::overdue_creations(state.clone()));
+        tasks.spawn(jobs::renew_creations(state.clone()));
         tasks.spawn(health::run(state.clone()));
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;

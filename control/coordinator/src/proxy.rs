@@ -273,8 +273,10 @@ async fn proxy_auth(
     // Concurrent calls for the same reuse key (a double click, a browser retry,
     // several tabs) take turns: the first creates, the others then find its
     // circuit and reuse it. Held until this call's creation has its outcome; the
-    // wait is bounded by the longest a creation can take, past which the call
-    // goes on alone.
+    // wait is bounded by the longest the holder can take (its wait for a creation
+    // under way on another coordinator, then its own creation), past which the
+    // call goes on alone. Shorter, the calls queued behind a holder waiting out an
+    // orphaned creation went on alone and each made a circuit of its own.
     let _turn = if Flag::get(q.no_reuse) {
         None
     } else {
@@ -284,7 +286,7 @@ async fn proxy_auth(
             q.app,
             allowed.join(",")
         );
-        let turn = state.reuse_locks.lock(key, state.longest_creation()).await;
+        let turn = state.reuse_locks.lock(key, state.reuse_turn_wait()).await;
         if turn.is_none() {
             tracing::warn!(session = %q.session_id, "a creation for the same session and app still runs; not waiting longer");
         }
@@ -692,12 +694,14 @@ where
     Fut: std::future::Future<Output = Result<Option<Circuit>, ApiError>>,
 {
     // Each turn either waits out a creation or withdraws a circuit; bounded all
-    // the same, past which a new circuit is created.
+    // the same, past which a new circuit is created. The waits for another
+    // coordinator's creations share one deadline, within the reuse key's turn.
+    let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
     for _ in 0..REUSE_LOOKS {
         let Some(c) = reusable().await? else {
             return Ok(None);
         };
-        match state.creation_of(c.id).await? {
+        match state.creation_of(c.id, deadline).await? {
             super::Found::Settled => {}
             super::Found::LookAgain => continue,
             super::Found::Overdue => {
@@ -953,10 +957,10 @@ async fn place_and_store(
         // child of the same span.
         let trace = appproxy_shared::middleware::current_trace_context();
         let under_way = Creating::new(state, circuit.id);
-        // Marked in the store as a creation under way, for as long as a creation
-        // can take: no other coordinator hands it out before its outcome, and
-        // should this process stop before it settles or withdraws it, the leader's
-        // sweep withdraws it once the mark is past.
+        // Marked in the store as a creation under way (renewed by this node while
+        // it runs, `jobs::renew_creations`): no other coordinator hands it out
+        // before its outcome, and should this process stop before it settles or
+        // withdraws it, the leader's sweep withdraws it once the mark is past.
         let inserted = state
             .store
             .insert_creating_circuit(

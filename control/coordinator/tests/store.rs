@@ -1622,14 +1622,50 @@ async fn creations_are_marked_until_settled(store: Store) {
         .insert_creating_circuit(&fresh, None, None, None, long)
         .await
         .expect("insert");
-    // Bounded wait until both short marks have passed on the store's clock.
+    // A creation still under way renewed by its node: marked `long` ahead again.
+    let renewed = circuit(w, 10210);
+    let renewed_at = std::time::Instant::now();
+    store
+        .insert_creating_circuit(
+            &renewed,
+            None,
+            None,
+            None,
+            std::time::Duration::from_secs(1),
+        )
+        .await
+        .expect("insert");
+    assert_eq!(
+        store
+            .renew_creations(&[renewed.id, settled.id, uuid::Uuid::new_v4()], long)
+            .await
+            .expect("renew"),
+        1,
+        "only the circuit still marked is renewed"
+    );
+    assert_eq!(store.renew_creations(&[], long).await.expect("renew"), 0);
+    // Bounded wait until both short marks, and the renewed one's first, have
+    // passed on the store's clock.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while mark(late.id).await != Some(CreationMark::Overdue)
         || mark(left.id).await != Some(CreationMark::Overdue)
+        || renewed_at.elapsed() < std::time::Duration::from_millis(1_500)
     {
         assert!(std::time::Instant::now() < deadline, "a mark never passed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert_eq!(mark(renewed.id).await, Some(CreationMark::UnderWay));
+    // A mark already past is not renewed (its creation is forfeit: the sweep
+    // may be withdrawing it); a settled one stays settled.
+    assert_eq!(
+        store
+            .renew_creations(&[left.id, settled.id], long)
+            .await
+            .expect("renew"),
+        0
+    );
+    assert_eq!(mark(left.id).await, Some(CreationMark::Overdue));
+    assert_eq!(mark(settled.id).await, Some(CreationMark::Settled));
     let mut overdue = store.overdue_creations(100).await.expect("overdue");
     overdue.sort();
     let mut want = vec![left.id, late.id];

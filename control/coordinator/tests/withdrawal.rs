@@ -485,6 +485,12 @@ struct StandIn {
 
 impl StandIn {
     fn start(url: &str, skip: usize) -> Self {
+        Self::start_slow(url, skip, Duration::ZERO)
+    }
+
+    /// [`StandIn::start`], each acknowledgement sent `delay` after its creation's
+    /// event was seen (one after another).
+    fn start_slow(url: &str, skip: usize, delay: Duration) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -544,6 +550,7 @@ impl StandIn {
                     skipped += 1;
                     continue;
                 }
+                std::thread::sleep(delay);
                 let ack = serde_json::json!({
                     "target_worker_authority": body["target_worker_authority"],
                     "circuits": body["circuits"],
@@ -915,4 +922,206 @@ fn a_settled_creation_is_never_swept() {
         )
         .unwrap_or_default();
     assert_eq!(swept, 1, "only the circuit left marked");
+}
+
+/// Waits until `node` leads the jobs (its leader gauge at 1).
+fn leads(node: &Coordinator) -> bool {
+    metric(node, "appproxy_coordinator_leader") == Some(1)
+}
+
+/// A bulk endpoint creation on a coordinator that does not lead, its items
+/// acknowledged one after another so slowly that the whole call outlasts the
+/// bound of a creation's mark (2 s here): its circuits stay marked until every row
+/// is written, and the leader's sweep withdrew the first ones as left by a stopped
+/// coordinator — the call was answered 409 `circuit-removed`, though every
+/// acknowledgement came in time. The node making a creation now renews its marks
+/// while the creation runs: the call succeeds, every circuit stored and settled,
+/// and nothing is swept.
+#[test]
+fn a_slow_bulk_creation_on_another_node_is_not_swept() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let _worker = StandIn::start_slow(&redis.url(), 0, Duration::from_millis(700));
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let extra = format!(
+        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let a = start_with(dir_a.path(), &pg, &extra);
+    listening(dir_a.path());
+    wait_for("node A never led", || leads(&a));
+    let b = start_with(dir_b.path(), &pg, &extra);
+    listening(dir_b.path());
+    register(&a, INFERENCE_WORKER);
+    const ITEMS: u8 = 8;
+    let items: Vec<String> = (1..=ITEMS)
+        .map(|n| {
+            endpoint_body(
+                &format!("slow{n}"),
+                Some(&format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5e{n:02}")),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let r = request(
+        b.addr,
+        "POST",
+        "/v2/endpoints/bulk",
+        &[AUTH, ("X-Backend-Request-ID", "slow-bulk-1")],
+        &format!(r#"{{"endpoints":[{}]}}"#, items.join(",")),
+    );
+    let took = started.elapsed();
+    assert!(!leads(&b), "node B led: the test shows nothing");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        took > Duration::from_secs(3),
+        "the bulk call did not outlast the bound ({took:?}): the test shows nothing"
+    );
+    assert_eq!(
+        r.json()["endpoints"].as_array().map(Vec::len),
+        Some(usize::from(ITEMS))
+    );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NULL AND endpoint_id IS NOT NULL"
+        ),
+        u64::from(ITEMS),
+        "every circuit stored and settled"
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM circuits"),
+        u64::from(ITEMS)
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM endpoints"),
+        u64::from(ITEMS)
+    );
+    // A few more sweeps: nothing of it is withdrawn.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM circuits"),
+        u64::from(ITEMS)
+    );
+    for node in [&a, &b] {
+        assert_eq!(
+            metric(
+                node,
+                "appproxy_coordinator_overdue_creations_withdrawn_total"
+            ),
+            Some(0)
+        );
+    }
+    assert!(
+        !log_lines(dir_a.path())
+            .iter()
+            .any(|l| l["message"] == SWEPT),
+        "the leader swept a circuit of a creation still under way"
+    );
+}
+
+/// Node A's creation of a session's circuit never acknowledged, and A killed
+/// meanwhile (its circuit left marked under way); several calls for the same
+/// session and app to node B. Each waited out the mark (its bound and 1 s more)
+/// while the reuse key's turn was waited for only as long as a creation takes:
+/// the calls queued behind the first went on alone, all found the mark passed
+/// at once, and each created a circuit of its own (8 for one session) — after
+/// about 93 s each with the defaults. The turn now outlasts the holder's wait:
+/// the first call withdraws A's circuit and creates one, the others reuse it; and
+/// the mark, no longer renewed once A stopped, passes one bound after.
+#[test]
+fn calls_after_an_orphaned_creation_share_one_new_circuit() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // Node A's creation (the first) is never acknowledged; B's are.
+    let _worker = StandIn::start(&redis.url(), 1);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    // A creation takes at most 4 × 2 + 5 = 13 s; the mark lasts 14 s.
+    let extra = format!(
+        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 14\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let a = start_with(dir_a.path(), &pg, &extra);
+    let b = start_with(dir_b.path(), &pg, &extra);
+    listening(dir_a.path());
+    listening(dir_b.path());
+    let token = setup(&a);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    /// Generous: a client gives up after this long.
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+    let ask = |addr: SocketAddr, id: String| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let r = appproxy_test_support::http::request_within(
+                addr,
+                "GET",
+                &path,
+                &[
+                    ("Accept", "application/json"),
+                    ("X-Backend-Request-ID", id.as_str()),
+                    ("Content-Type", "application/json"),
+                ],
+                b"",
+                CLIENT_TIMEOUT,
+            );
+            (r, started.elapsed())
+        })
+    };
+    let _on_a = ask(a.addr, "orphan-a-1".to_owned());
+    wait_for("node A's circuit was never stored", || circuits() == 1);
+    let of_a = pg.psql("appproxy", "SELECT id FROM circuits");
+    // Killed while its creation waits for the acknowledgement: nothing withdraws
+    // its circuit but another node.
+    drop(a);
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NOT NULL"
+        ),
+        1,
+        "node A withdrew its circuit before it was killed: the test shows nothing"
+    );
+    let calls: Vec<_> = (0..6)
+        .map(|n| {
+            if n > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            ask(b.addr, format!("orphan-b-{n}"))
+        })
+        .collect();
+    let mut handed = Vec::new();
+    for call in calls {
+        let (r, took) = call.join().expect("node B's request");
+        let r = r.expect("an answer before the client's timeout");
+        assert!(took < CLIENT_TIMEOUT, "{took:?}");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        handed.push(
+            claims_of(r.json()["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+                .as_str()
+                .expect("circuit")
+                .to_owned(),
+        );
+    }
+    assert!(
+        handed.iter().all(|c| *c != of_a),
+        "node A's orphaned circuit handed out"
+    );
+    assert!(
+        handed.iter().all(|c| *c == handed[0]),
+        "the calls were answered with several circuits: {handed:?}"
+    );
+    assert_eq!(
+        pg.psql("appproxy", "SELECT string_agg(id::text, ',') FROM circuits"),
+        handed[0],
+        "exactly the one circuit handed out is stored for the session"
+    );
 }

@@ -834,6 +834,24 @@ impl Store {
             .settle_creation(&id, deadline))
     }
 
+    /// Renews the marks of creations still under way: each circuit of `ids` still
+    /// marked, its mark not yet past, is marked again until `under_way_for` from
+    /// now on the store's clock. A mark already past is left so (its creation is
+    /// forfeit: the sweep may be withdrawing it). How many marks were renewed.
+    pub async fn renew_creations(
+        &self,
+        ids: &[uuid::Uuid],
+        under_way_for: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let bound = under_way_for.min(std::time::Duration::from_secs(366 * 86_400));
+        let ids = ids.to_vec();
+        dispatch!(self, |s| s.renew_creations(&ids, bound), |p| p
+            .renew_creations(&ids, bound.as_secs_f64()))
+    }
+
     /// Where the creation of a stored circuit stands (`None`: no such circuit), on
     /// the store's clock.
     pub async fn creation_mark(&self, id: uuid::Uuid) -> Result<Option<CreationMark>, StoreError> {

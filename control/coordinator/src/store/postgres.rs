@@ -1406,6 +1406,22 @@ impl PgStore {
         Ok(settled > 0)
     }
 
+    pub(super) async fn renew_creations(
+        &self,
+        ids: &[uuid::Uuid],
+        secs: f64,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE circuits SET creating_until = now() + make_interval(secs => $2::float8)
+                 WHERE id = ANY($1) AND creating_until > now()",
+                &[&ids, &secs],
+            )
+            .await?)
+    }
+
     pub(super) async fn creation_mark(
         &self,
         id: &uuid::Uuid,

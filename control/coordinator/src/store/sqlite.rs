@@ -852,6 +852,31 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn renew_creations(
+        &self,
+        ids: &[uuid::Uuid],
+        under_way_for: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let now = now();
+        let until =
+            appproxy_shared::telemetry::Rfc3339(std::time::SystemTime::now() + under_way_for)
+                .to_string();
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut renewed = 0;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE circuits SET creating_until = ?2 WHERE id = ?1 AND creating_until > ?3",
+                )?;
+                for id in ids {
+                    renewed += st.execute(params![id.to_string(), until, now])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(renewed)
+        })
+    }
+
     pub(super) fn creation_mark(
         &self,
         id: &uuid::Uuid,
