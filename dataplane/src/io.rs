@@ -569,18 +569,23 @@ impl TcpConn {
     /// cleared while waiting, to wait for the next edge: call
     /// [`TcpConn::rearm_read`] when done, so that the next read tries the socket.
     pub async fn peer_gone(&self) {
+        self.until_seen(Direction::Read, Registration::read_closed)
+            .await;
+    }
+
+    /// Waits on the edges of `dir` (clearing its readiness: its one user's to
+    /// restore) until `seen` holds of the registration, or until the connection is
+    /// revoked or times out. Any other edge (bytes to read, room to write) is looked
+    /// at and waited past.
+    async fn until_seen(&self, dir: Direction, seen: fn(&Registration) -> bool) {
         poll_fn(|cx| loop {
-            if self.reg.read_closed() {
+            if seen(&self.reg) {
                 return Poll::Ready(());
             }
-            self.reg.clear_ready(Direction::Read);
-            match self
-                .reg
-                .poll_ready(cx, Direction::Read, self.stream.as_fd())
-            {
+            self.reg.clear_ready(dir);
+            match self.reg.poll_ready(cx, dir, self.stream.as_fd()) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
-                // Bytes (or the end) arrived: looked at again.
                 Poll::Ready(Ok(())) => {}
             }
         })
@@ -595,22 +600,8 @@ impl TcpConn {
     /// edges: for the connection's one writer, while it is not writing; call
     /// [`TcpConn::rearm_write`] when done, so that the next write tries the socket.
     pub async fn hung_up(&self) {
-        poll_fn(|cx| loop {
-            if self.reg.hung_up() {
-                return Poll::Ready(());
-            }
-            self.reg.clear_ready(Direction::Write);
-            match self
-                .reg
-                .poll_ready(cx, Direction::Write, self.stream.as_fd())
-            {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                // Room to write (an acknowledgement): looked at again.
-                Poll::Ready(Ok(())) => {}
-            }
-        })
-        .await;
+        self.until_seen(Direction::Write, Registration::hung_up)
+            .await;
     }
 
     /// Lets the next write try the socket after [`TcpConn::hung_up`].
