@@ -109,6 +109,15 @@ fn listening(dir: &std::path::Path) {
     });
 }
 
+/// A coordinator (a node) on `pg` with `extra` in its config, in a directory of
+/// its own, once it listens.
+fn node(pg: &Pg, extra: &str) -> (tempfile::TempDir, Coordinator) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), pg, extra);
+    listening(dir.path());
+    (dir, c)
+}
+
 fn logged(dir: &std::path::Path, message: &str, request_id: &str) -> bool {
     log_lines(dir)
         .iter()
@@ -751,18 +760,12 @@ fn another_coordinator_does_not_hand_out_a_circuit_still_being_created() {
     let redis = appproxy_test_support::redis::Redis::start();
     // Node A's creation (the first) is never acknowledged; B's is.
     let _worker = StandIn::start(&redis.url(), 1);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
     let extra = format!(
         "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let a = start_with(dir_a.path(), &pg, &extra);
-    let b = start_with(dir_b.path(), &pg, &extra);
-    listening(dir_a.path());
-    listening(dir_b.path());
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
     let token = setup(&a);
     let circuits = || count(&pg, "SELECT count(*) FROM circuits");
     let path =
@@ -825,18 +828,12 @@ fn a_settled_creation_is_never_swept() {
     let pg = Pg::start();
     let redis = appproxy_test_support::redis::Redis::start();
     let _worker = StandIn::start(&redis.url(), 0);
-    let (dir, other_dir) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
     let extra = format!(
         "worker_ack_timeout_secs = 1\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let c = start_with(dir.path(), &pg, &extra);
-    let other = start_with(other_dir.path(), &pg, &extra);
-    listening(dir.path());
-    listening(other_dir.path());
+    let (dir, c) = node(&pg, &extra);
+    let (other_dir, other) = node(&pg, &extra);
     let token = setup(&c);
     register(&c, INFERENCE_WORKER);
     let path =
@@ -942,19 +939,13 @@ fn a_slow_bulk_creation_on_another_node_is_not_swept() {
     let pg = Pg::start();
     let redis = appproxy_test_support::redis::Redis::start();
     let _worker = StandIn::start_slow(&redis.url(), 0, Duration::from_millis(700));
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
     let extra = format!(
         "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let a = start_with(dir_a.path(), &pg, &extra);
-    listening(dir_a.path());
+    let (dir_a, a) = node(&pg, &extra);
     wait_for("node A never led", || leads(&a));
-    let b = start_with(dir_b.path(), &pg, &extra);
-    listening(dir_b.path());
+    let (_dir_b, b) = node(&pg, &extra);
     register(&a, INFERENCE_WORKER);
     const ITEMS: u8 = 8;
     let items: Vec<String> = (1..=ITEMS)
@@ -1038,19 +1029,13 @@ fn calls_after_an_orphaned_creation_share_one_new_circuit() {
     let redis = appproxy_test_support::redis::Redis::start();
     // Node A's creation (the first) is never acknowledged; B's are.
     let _worker = StandIn::start(&redis.url(), 1);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
     // A creation takes at most 4 × 2 + 5 = 13 s; the mark lasts 14 s.
     let extra = format!(
         "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 14\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let a = start_with(dir_a.path(), &pg, &extra);
-    let b = start_with(dir_b.path(), &pg, &extra);
-    listening(dir_a.path());
-    listening(dir_b.path());
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
     let token = setup(&a);
     let circuits = || count(&pg, "SELECT count(*) FROM circuits");
     let path =
