@@ -441,21 +441,29 @@ pub async fn fill_watching(
 /// watched: a write blocked on a peer that does not read must not hide that the
 /// other peer is gone. `src` reset or hung up (`EPOLLERR`, `EPOLLHUP`): the write
 /// ends at once with `ConnectionReset`. `src` only ended its side (a half-close):
-/// what it sent before still goes out, but from then on the write may stall at most
-/// `stalled` between two bytes taken (before, it had the tunnel's idle timeout). A
-/// timeout or revocation of `src` seen while watching ends the write as its own
-/// would. Nothing is lost or repeated when the watch wins: a write is polled only
-/// whole (`poll_write` takes bytes or nothing), then flushed.
+/// what it sent still goes out, and the watch stops (no further edge would come).
+/// A timeout or revocation of `src` seen while watching ends the write as its own
+/// would.
+///
+/// `stalled`: once the write would wait, how long it may go without `dst` taking a
+/// byte (armed on `dst`'s deadline, again at each byte taken); `None` leaves the
+/// deadline the caller armed. A peer that stops reading thus holds a tunnel that
+/// long, not for its idle timeout (nginx's `proxy_send_timeout`): a client that
+/// vanished behind a full window, whose end can never arrive, included. Returns
+/// whether the deadline was so changed: a connection has one deadline for both
+/// directions, so the caller arms its own again (the other direction's read from
+/// `dst` must not keep a write's bound).
+///
+/// Nothing is lost or repeated when the watch wins: a write is polled only whole
+/// (`poll_write` takes bytes or nothing), then flushed.
 pub async fn write_watching(
     dst: &TcpConn,
     mut bytes: &[u8],
     src: &TcpConn,
-    stalled: Duration,
-) -> io::Result<()> {
+    stalled: Option<Duration>,
+) -> io::Result<bool> {
     let mut watching = !src.peer_ended();
-    if !watching {
-        dst.set_timeout(stalled);
-    }
+    let mut bounded = false;
     loop {
         let step = async {
             if bytes.is_empty() {
@@ -467,44 +475,51 @@ pub async fn write_watching(
             }
         };
         futures_lite::pin!(step);
-        // Most writes are taken at once: nothing to watch then.
-        let now = futures_lite::future::poll_once(step.as_mut()).await;
-        let done = if let Some(r) = now {
-            r
-        } else if watching {
-            let r = futures_lite::future::or(async { Some(step.await) }, async {
-                src.peer_gone().await;
-                None
-            })
-            .await;
-            src.rearm_read();
-            match r {
-                Some(r) => r,
-                None if src.peer_reset() => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "the other peer is gone",
-                    ))
-                }
-                None if src.peer_ended() => {
-                    watching = false;
+        // Most writes are taken at once: nothing to watch or bound then.
+        let done = match futures_lite::future::poll_once(step.as_mut()).await {
+            Some(r) => r,
+            None => {
+                if let (false, Some(stalled)) = (bounded, stalled) {
+                    bounded = true;
                     dst.set_timeout(stalled);
-                    continue;
                 }
-                None if src.was_revoked() => return Err(io::ErrorKind::ConnectionAborted.into()),
-                None => return Err(io::ErrorKind::TimedOut.into()),
+                if watching {
+                    let r = futures_lite::future::or(async { Some(step.as_mut().await) }, async {
+                        src.peer_gone().await;
+                        None
+                    })
+                    .await;
+                    src.rearm_read();
+                    match r {
+                        Some(r) => r,
+                        None if src.peer_reset() => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "the other peer is gone",
+                            ))
+                        }
+                        None if src.peer_ended() => {
+                            watching = false;
+                            step.await
+                        }
+                        None if src.was_revoked() => {
+                            return Err(io::ErrorKind::ConnectionAborted.into())
+                        }
+                        None => return Err(io::ErrorKind::TimedOut.into()),
+                    }
+                } else {
+                    step.await
+                }
             }
-        } else {
-            step.await
         }?;
         if bytes.is_empty() {
-            return Ok(());
+            return Ok(bounded);
         }
         if done == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         bytes = &bytes[done..];
-        if !watching {
+        if let (true, Some(stalled)) = (bounded, stalled) {
             dst.set_timeout(stalled);
         }
     }
@@ -515,8 +530,8 @@ pub async fn write_watching(
 /// ends it early: the bytes copied before still count). A revoked tunnel
 /// ([`TcpConn::was_revoked`]) ends at its next read, with `ConnectionAborted`, even
 /// while bytes keep flowing. A write to `dst` blocked on a peer that does not read
-/// watches `src` ([`write_watching`]): `src` gone ends the copy, `src` half-closed
-/// bounds each stall of what is left to `stalled`.
+/// watches `src` ([`write_watching`]: `src` reset ends the copy) and may go
+/// `stalled` without progress.
 pub async fn pipe(
     src: &TcpConn,
     dst: &TcpConn,
@@ -558,8 +573,11 @@ pub async fn pipe_inspected(
             return (total, Err(end(e)));
         }
         dst.set_timeout(idle);
-        if let Err(e) = write_watching(dst, &buf[..n], src, stalled).await {
-            return (total, Err(end(e)));
+        match write_watching(dst, &buf[..n], src, Some(stalled)).await {
+            // The write's bound off `dst` (its other direction reads it).
+            Ok(true) => dst.set_timeout(idle),
+            Ok(false) => {}
+            Err(e) => return (total, Err(end(e))),
         }
         total += n as u64;
     }
@@ -648,6 +666,9 @@ pub struct WsStats {
 /// is in the middle of a frame (the close would be taken for payload) or was already
 /// sent a close frame: that peer sees the connection end.
 ///
+/// A write to a peer that does not read may go `stalled` without progress (and
+/// ends the session at once when its source resets: [`write_watching`]).
+///
 /// No buffer is held while the session is idle: bytes are read into the core's
 /// `scratch` buffer, forwarded from there, and only what the destination does not
 /// take at once (backpressure) or an incomplete frame header is copied aside.
@@ -660,6 +681,7 @@ pub async fn ws_pipe(
     allowed_rsv: u8,
     shared: &WsShared,
     idle: Duration,
+    stalled: Duration,
     on_messages: &dyn Fn(u32),
     scratch: &std::cell::RefCell<Vec<u8>>,
 ) -> WsStats {
@@ -777,15 +799,19 @@ pub async fn ws_pipe(
                 stats.close_seen = feed.close;
             }
         }
-        // A write blocked on a peer that does not read watches `src`: gone, the
-        // session ends; ended its side, what is left gets the grace period.
+        // A write blocked on a peer that does not read watches `src` (reset: the
+        // session ends) and may go `stalled` without progress; once the session
+        // is closing, its one deadline bounds it instead.
         if !pending.is_empty() || dst.is_tls() {
             // (Over TLS, with nothing pending: the records `try_write` encrypted
             // but the socket did not take yet.)
             arm(dst);
-            let grace = CLOSE_GRACE.min(idle);
-            if write_watching(dst, &pending, src, grace).await.is_err() {
-                break Some(crate::ws::close_code::GOING_AWAY);
+            let bound = shared.closing.get().is_none().then_some(stalled);
+            match write_watching(dst, &pending, src, bound).await {
+                // The write's bound off `dst` (the other direction reads it).
+                Ok(true) => arm(dst),
+                Ok(false) => {}
+                Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
             }
         }
         if eof {
@@ -898,6 +924,7 @@ mod tests {
                 0,
                 &shared,
                 Duration::from_secs(10),
+                Duration::from_secs(10),
                 &|_| {},
                 &scratch,
             ),
@@ -956,6 +983,7 @@ mod tests {
                 true,
                 0,
                 &shared,
+                Duration::from_secs(10),
                 Duration::from_secs(10),
                 &|_| {},
                 &scratch,

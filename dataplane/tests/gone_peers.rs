@@ -93,12 +93,12 @@ fn mute_app() -> SocketAddr {
     addr
 }
 
-/// A worker in front of `app`; a write may stall 2 s once the other side ended
-/// (the tunnels' and responses' idle timeouts stay at their hour).
-fn worker(app: SocketAddr, circuit_extra: &str) -> Worker {
+/// A worker in front of `app` whose writes may stall `stall_secs` without progress
+/// (`body_idle_secs`; the tunnels' and responses' idle timeouts stay at their hour).
+fn worker(app: SocketAddr, circuit_extra: &str, stall_secs: u64) -> Worker {
     Worker::start(WorkerOpts {
         upstreams: vec![app],
-        extra: "[timeouts]\nbody_idle_secs = 2\n".into(),
+        extra: format!("[timeouts]\nbody_idle_secs = {stall_secs}\n"),
         circuit_extra: circuit_extra.into(),
         ..Default::default()
     })
@@ -146,7 +146,7 @@ fn push_until_blocked(s: &mut TcpStream, chunk: &[u8]) {
 #[test]
 fn a_client_gone_from_a_silent_response_frees_it_at_once() {
     let app = silent_app();
-    let w = worker(app.addr, "");
+    let w = worker(app.addr, "", 60);
     // (A client that only ends its side may still read: it keeps its answer, as
     // `buffer_reuse.rs`' half-closing probes check; see `docs/limits.md`.)
     for (expected, path) in [(1, "/events"), (2, "/stall")] {
@@ -178,7 +178,7 @@ fn a_client_gone_from_a_silent_response_frees_it_at_once() {
 fn a_client_reset_behind_a_tunnel_blocked_on_its_app_frees_it_at_once() {
     let app = silent_app();
     // A WebSocket session, inspected frame by frame.
-    let w = worker(app.addr, "");
+    let w = worker(app.addr, "", 60);
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
         .expect("handshake");
@@ -199,7 +199,7 @@ fn a_client_reset_behind_a_tunnel_blocked_on_its_app_frees_it_at_once() {
     // A TCP circuit: raw bytes. Its end is its log line (the harness's readiness
     // probe, closed at once, stays relayed half-closed to this app, which never
     // closes, so the gauge does not go back to nought).
-    let w = worker(mute_app(), "protocol = \"tcp\"");
+    let w = worker(mute_app(), "protocol = \"tcp\"", 60);
     let closed = || common::log_count(&w, "tcp connection closed");
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     push_until_blocked(&mut s, &[b't'; 65536]);
@@ -211,7 +211,7 @@ fn a_client_reset_behind_a_tunnel_blocked_on_its_app_frees_it_at_once() {
 #[test]
 fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
     let app = silent_app();
-    let w = worker(app.addr, "");
+    let w = worker(app.addr, "", 60);
     for round in 1..=2 {
         // nghttp waits a second for the stream, then exits: its connection closes
         // with the stream still open.
@@ -233,4 +233,76 @@ fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
             metric(&w, "appproxy_connections_active") == 0
         });
     }
+}
+
+/// A client that stops reading, or vanishes behind its own full window (its end of
+/// stream queued behind bytes the worker will never take), leaves a tunnel write
+/// blocked with no progress: it ends after `body_idle_secs` (2 s here), as nginx's
+/// `proxy_send_timeout` would end it, not after the tunnel's idle hour. Here the
+/// client closes with unsent bytes still queued, so its end never arrives.
+#[test]
+fn a_tunnel_write_that_makes_no_progress_ends_after_the_stall_bound() {
+    let app = silent_app();
+    let w = worker(app.addr, "", 2);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
+        .expect("handshake");
+    read_until(&mut s, b"\r\n\r\n");
+    let mut frame = vec![0x82, 0x80 | 126, 0xEA, 0x60, 0, 0, 0, 0];
+    frame.resize(frame.len() + 60_000, b'w');
+    push_until_blocked(&mut s, &frame);
+    drop(s);
+    eventually("the stalled WebSocket session ended", || {
+        metric(&w, "appproxy_tunnels_active") == 0 && metric(&w, "appproxy_connections_active") == 0
+    });
+    drop(w);
+
+    let w = worker(mute_app(), "protocol = \"tcp\"", 2);
+    let closed = || common::log_count(&w, "tcp connection closed");
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    push_until_blocked(&mut s, &[b't'; 65536]);
+    drop(s);
+    eventually("the stalled TCP tunnel ended", || closed() == 1);
+}
+
+/// The bound is on a write that makes no progress, and only while it waits: a
+/// TCP client that sends its request and ends its side, then waits for an app that
+/// answers later than `body_idle_secs`, still gets the answer (the connection's one
+/// deadline, which its other direction's read shares, is not left at the write's
+/// bound).
+#[test]
+fn a_half_closed_tunnel_client_still_gets_a_late_answer() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut got = Vec::new();
+                // The request, to its end.
+                if s.read_to_end(&mut got).is_err() {
+                    return;
+                }
+                // Later than the stall bound (2 s).
+                std::thread::sleep(Duration::from_secs(4));
+                let _ = s.write_all(format!("ANSWER {}", got.len()).as_bytes());
+            });
+        }
+    });
+    let w = worker(addr, "protocol = \"tcp\"", 2);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    // The tunnel stands (the app is connected) before the request goes.
+    eventually("the tunnel counted", || {
+        metric(&w, "appproxy_tunnels_active") >= 1 || metric(&w, "appproxy_connections_active") >= 1
+    });
+    s.write_all(&[b'r'; 1000]).expect("request");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert_eq!(answer, "ANSWER 1000");
 }
