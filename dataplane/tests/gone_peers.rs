@@ -143,6 +143,20 @@ fn push_until_blocked(s: &mut TcpStream, chunk: &[u8]) {
     }
 }
 
+/// A WebSocket session through `w` to [`silent_app`]'s `/ws`, its client having
+/// pushed masked binary frames of 60,000 bytes (a zero mask leaves the payload as
+/// is) until the worker stopped taking them: its write to the app is blocked.
+fn websocket_blocked_on_its_app(w: &Worker) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
+        .expect("handshake");
+    read_until(&mut s, b"\r\n\r\n");
+    let mut frame = vec![0x82, 0x80 | 126, 0xEA, 0x60, 0, 0, 0, 0];
+    frame.resize(frame.len() + 60_000, b'w');
+    push_until_blocked(&mut s, &frame);
+    s
+}
+
 #[test]
 fn a_client_gone_from_a_silent_response_frees_it_at_once() {
     let app = silent_app();
@@ -179,14 +193,7 @@ fn a_client_reset_behind_a_tunnel_blocked_on_its_app_frees_it_at_once() {
     let app = silent_app();
     // A WebSocket session, inspected frame by frame.
     let w = worker(app.addr, "", 60);
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
-        .expect("handshake");
-    read_until(&mut s, b"\r\n\r\n");
-    // Masked binary frames of 60,000 bytes (a zero mask leaves the payload as is).
-    let mut frame = vec![0x82, 0x80 | 126, 0xEA, 0x60, 0, 0, 0, 0];
-    frame.resize(frame.len() + 60_000, b'w');
-    push_until_blocked(&mut s, &frame);
+    let s = websocket_blocked_on_its_app(&w);
     eventually("the session counted", || {
         metric(&w, "appproxy_tunnels_active") == 1
     });
@@ -244,13 +251,7 @@ fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
 fn a_tunnel_write_that_makes_no_progress_ends_after_the_stall_bound() {
     let app = silent_app();
     let w = worker(app.addr, "", 2);
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
-        .expect("handshake");
-    read_until(&mut s, b"\r\n\r\n");
-    let mut frame = vec![0x82, 0x80 | 126, 0xEA, 0x60, 0, 0, 0, 0];
-    frame.resize(frame.len() + 60_000, b'w');
-    push_until_blocked(&mut s, &frame);
+    let s = websocket_blocked_on_its_app(&w);
     drop(s);
     eventually("the stalled WebSocket session ended", || {
         metric(&w, "appproxy_tunnels_active") == 0 && metric(&w, "appproxy_connections_active") == 0
