@@ -868,6 +868,10 @@ pub struct Runtime {
     pub max_upstream_conns: usize,
     /// Idle tunnels.
     pub tunnel_idle_timeout: Duration,
+    /// How long a tunnel's write to a peer that does not read may go without
+    /// progress: a response body's bound (nginx's `proxy_send_timeout`), never more
+    /// than the tunnel's idle timeout. Derived, not configured.
+    pub tunnel_stall_timeout: Duration,
     /// Drain on SIGTERM.
     pub drain_timeout: Duration,
     /// Longest lingering close (zero: off).
@@ -1389,6 +1393,7 @@ impl Config {
             max_connections_per_client: l.max_connections_per_client,
             max_upstream_conns: self.upstream.max_connections_per_route,
             tunnel_idle_timeout: secs(t.tunnel_idle_secs),
+            tunnel_stall_timeout: secs(t.body_idle_secs).min(secs(t.tunnel_idle_secs)),
             drain_timeout: secs(t.drain_secs),
             lingering_time: secs(t.lingering_secs),
             lingering_idle: secs(t.lingering_idle_secs),
@@ -1546,6 +1551,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tunnel_write_stalls_no_longer_than_the_tunnel_may_idle() {
+        let c = Config::parse("[timeouts]\nbody_idle_secs = 30\ntunnel_idle_secs = 5\n")
+            .expect("short tunnel idle");
+        let rt = c.validate(&[0]).expect("valid");
+        assert_eq!(rt.tunnel_stall_timeout, Duration::from_secs(5));
+        let c = Config::parse("[timeouts]\nbody_idle_secs = 30\n").expect("default idle");
+        let rt = c.validate(&[0]).expect("valid");
+        assert_eq!(rt.tunnel_stall_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
     fn default_config_round_trips_and_validates() {
         let text = Config::default_toml();
         let parsed = Config::parse(&text).expect("default parses");
@@ -1556,6 +1572,7 @@ mod tests {
         assert_eq!(rt.keepalive_timeout, Duration::from_secs(75));
         // The resource bounds are on by default and shown by --print-default-config.
         assert!(rt.body_idle_timeout <= Duration::from_secs(60));
+        assert_eq!(rt.tunnel_stall_timeout, rt.body_idle_timeout);
         assert!(rt.min_body_rate > 0);
         assert!(rt.allowed_origins.is_empty());
         for key in [

@@ -81,9 +81,7 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
     upstream.set_idle(true);
     let started = Instant::now();
     let idle = core.rt.tunnel_idle_timeout;
-    // A write to a peer that does not read may stall as long as a response body's
-    // write to its client may (nginx's `proxy_send_timeout`), not the idle hour.
-    let stalled = core.rt.body_idle_timeout.min(idle);
+    let stalled = core.rt.tunnel_stall_timeout;
     let mut up_buf = vec![0u8; 16 * 1024];
     let mut down_buf = vec![0u8; 16 * 1024];
     let mut guard = PermitGuard::default();

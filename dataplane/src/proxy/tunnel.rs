@@ -106,9 +106,7 @@ impl TunnelEnds<'_> {
         let (from_client, from_app) = early;
         let (session, circuit) = (self.session, self.circuit);
         let idle = core.rt.tunnel_idle_timeout;
-        // A write to a peer that does not read may stall as long as a response
-        // body's write to its client may.
-        let stalled = core.rt.body_idle_timeout.min(idle);
+        let stalled = core.rt.tunnel_stall_timeout;
         let started = Instant::now();
         tracing::info!(upstream = %self.addr, "websocket session opened");
         let upstream = Rc::new(self.upstream);
@@ -212,8 +210,7 @@ impl TunnelEnds<'_> {
                 .map_err(|e| Failure::Abort(format!("upstream write: {e}")))?;
         }
         tracing::info!(upstream = %self.addr, "upgraded connection established");
-        // As a WebSocket session's (above).
-        let stalled = core.rt.body_idle_timeout.min(idle);
+        let stalled = core.rt.tunnel_stall_timeout;
         let (up, down) = both_ways(conn, &upstream, |src, dst, _| async move {
             let mut buf = vec![0u8; 16 * 1024];
             relay::pipe(&src, &dst, &mut buf, idle, stalled).await
