@@ -1045,13 +1045,16 @@ fn usage_capped(
             };
             match held {
                 Some(n) if size <= n => {}
+                // Saturating: sparse files' apparent sizes (up to 2^63 each on
+                // tmpfs or XFS) could otherwise add up past 2^64 and wrap the total
+                // to next to nothing, hiding real data from a quota.
                 Some(n) => {
                     self.files += 1;
-                    self.bytes += size - n;
+                    self.bytes = self.bytes.saturating_add(size - n);
                 }
                 None => {
                     self.files += 1;
-                    self.bytes += size;
+                    self.bytes = self.bytes.saturating_add(size);
                 }
             }
             Ok(false)
@@ -1505,6 +1508,26 @@ mod tests {
             "nothing beside the tree removed"
         );
         assert!(dir.path().join("moved").exists());
+    }
+
+    /// Apparent sizes that add up past 2^64 (two sparse files of 2^63 - 1 bytes, as
+    /// tmpfs and XFS allow, and one more) count as the most there is, never wrapped
+    /// round to the 1,000 bytes they would otherwise show: a user could hide any
+    /// amount of real data in their holes from a quota.
+    #[test]
+    fn sizes_past_two_to_the_64th_count_as_the_most_not_wrapped() {
+        // /dev/shm: a tmpfs, whose files may be 2^63 - 1 bytes long (ext4's end at
+        // 2^44).
+        let dir = tempfile::tempdir_in("/dev/shm").expect("a tempdir on tmpfs");
+        for (name, len) in [("a", i64::MAX as u64), ("b", i64::MAX as u64), ("c", 1002)] {
+            let f = std::fs::File::create(dir.path().join(name)).expect("create");
+            f.set_len(len).expect("sparse length");
+        }
+        let root = fd(dir.path());
+        assert_eq!(
+            usage(root.as_fd(), Links::PerName, &|_, _| true).ok(),
+            Some((3, u64::MAX))
+        );
     }
 
     /// Counted once per inode, a file linked three times in the tree counts once; one

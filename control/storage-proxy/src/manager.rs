@@ -1596,21 +1596,30 @@ async fn fetch(
 ) -> Result<Response, ApiError> {
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
-    let file = blocking(move || {
+    let (file, len) = blocking(move || {
         let fd = super::open_for_reading(root.as_fd(), &parts)?;
-        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+        let stat = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(ApiError::NotFound);
         }
-        Ok(std::fs::File::from(fd))
+        Ok((std::fs::File::from(fd), stat.st_size as u64))
     })
     .await?;
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
+    // The length measured at open, as `/download` sends: a file a user grows while it
+    // is read (to 2^44 bytes, say) does not make the call endless, and one cut short
+    // meanwhile ends the answer short of its `Content-Length`, which the connection's
+    // close makes plain, instead of looking whole.
+    let stream = tokio_util::io::ReaderStream::with_capacity(
+        tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len),
+        64 * 1024,
+    );
     let mut resp = Response::new(axum::body::Body::from_stream(stream));
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         "content-type",
         axum::http::HeaderValue::from_static("application/octet-stream"),
     );
+    h.insert("content-length", axum::http::HeaderValue::from(len));
     Ok(resp)
 }
 

@@ -2554,3 +2554,69 @@ fn an_archive_of_a_link_to_the_vfolder_leaves_out_the_staging_area() {
     let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
     assert_eq!(names, ["'self/a.txt'"], "{names:?}");
 }
+
+/// `/folder/file/fetch` sends a file as long as it was when opened, as `/download`
+/// does: a user who grows it while it is read (to 2^40 bytes, all hole) cannot make
+/// the call endless, and one who cuts it short leaves an answer short of its
+/// `Content-Length` (the connection closes), which never looks whole. Before, the
+/// answer was chunked to the file's end: the first ran on past a gibibyte, the
+/// second ended cleanly with the bytes left.
+#[test]
+fn a_fetched_file_changed_while_it_is_read_is_sent_as_measured() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    let mib = 1u64 << 20;
+    for (name, len, change) in [
+        ("grows.bin", 8 * mib, 1u64 << 40),
+        ("shrinks.bin", 64 * mib, 2 * mib),
+    ] {
+        std::fs::write(vf.join(name), incompressible(len as usize)).expect("file");
+        let body =
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": name}).to_string();
+        let mut s = TcpStream::connect(p.manager).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "POST /folder/file/fetch HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            storage_common::TOKEN,
+            body.len()
+        )
+        .expect("send");
+        // The first mebibyte, then the change.
+        let mut raw = vec![0u8; mib as usize];
+        s.read_exact(&mut raw).expect("the first bytes");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(vf.join(name))
+            .expect("open")
+            .set_len(change)
+            .expect("change the length");
+        // To the close, or (without the bound) well past the length measured.
+        let mut buf = vec![0u8; 1 << 16];
+        while raw.len() < (len + 2 * mib) as usize {
+            match s.read_uninterrupted(&mut buf) {
+                Ok(n @ 1..) => raw.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let head_end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {len}\r\n")),
+            "{name}: the length at open: {head}"
+        );
+        let got = (raw.len() - head_end) as u64;
+        if change > len {
+            assert_eq!(got, len, "{name}: exactly the bytes measured");
+        } else {
+            assert!(got < len, "{name}: {got} bytes, short of {len}");
+        }
+    }
+}
