@@ -565,19 +565,26 @@ impl TcpConn {
     /// hang-up or an error), however many bytes it sent before that still wait
     /// unread, or until the connection is revoked or times out: how a wait on
     /// something else (an app's answer) learns that its client is gone, as nginx's
-    /// check for a broken connection does. Nothing is read. The read readiness is
-    /// cleared while waiting, to wait for the next edge: call
-    /// [`TcpConn::rearm_read`] when done, so that the next read tries the socket.
+    /// check for a broken connection does. Nothing is read; the next read tries the
+    /// socket again, however the wait ended.
     pub async fn peer_gone(&self) {
         self.until_seen(Direction::Read, Registration::read_closed)
             .await;
     }
 
-    /// Waits on the edges of `dir` (clearing its readiness: its one user's to
-    /// restore) until `seen` holds of the registration, or until the connection is
-    /// revoked or times out. Any other edge (bytes to read, room to write) is looked
-    /// at and waited past.
+    /// Waits on the edges of `dir` until `seen` holds of the registration, or until
+    /// the connection is revoked or times out. Any other edge (bytes to read, room to
+    /// write) is looked at and waited past. Waiting clears `dir`'s readiness; however
+    /// the wait ends (done, or dropped by a race it lost), the next use of `dir` tries
+    /// the socket again: an edge the wait took is not lost to it.
     async fn until_seen(&self, dir: Direction, seen: fn(&Registration) -> bool) {
+        struct Rearm<'a>(&'a Registration, Direction);
+        impl Drop for Rearm<'_> {
+            fn drop(&mut self) {
+                self.0.mark_ready(self.1);
+            }
+        }
+        let _rearm = Rearm(&self.reg, dir);
         poll_fn(|cx| loop {
             if seen(&self.reg) {
                 return Poll::Ready(());
@@ -597,16 +604,11 @@ impl TcpConn {
     /// else (an app's silent answer) learns that its client is gone, while a client
     /// that only ended its side (a half-close: it still reads) keeps its answer, as
     /// HAProxy's default (no `abortonclose`) does. It waits on the write side's
-    /// edges: for the connection's one writer, while it is not writing; call
-    /// [`TcpConn::rearm_write`] when done, so that the next write tries the socket.
+    /// edges: for the connection's one writer, while it is not writing (its next
+    /// write tries the socket again, however the wait ended).
     pub async fn hung_up(&self) {
         self.until_seen(Direction::Write, Registration::hung_up)
             .await;
-    }
-
-    /// Lets the next write try the socket after [`TcpConn::hung_up`].
-    pub fn rearm_write(&self) {
-        self.reg.mark_ready(Direction::Write);
     }
 
     /// Whether the reactor has seen the peer's end of stream (or a hang-up, an error).
@@ -618,12 +620,6 @@ impl TcpConn {
     /// `EPOLLHUP`), not only the peer's end of stream: nothing written will arrive.
     pub fn peer_reset(&self) -> bool {
         self.reg.hung_up()
-    }
-
-    /// Lets the next read try the socket after [`TcpConn::peer_gone`] (bytes that
-    /// arrived meanwhile announced themselves to it, and no new edge will).
-    pub fn rearm_read(&self) {
-        self.reg.mark_ready(Direction::Read);
     }
 
     /// Takes `buf.len()` bytes that a [`TcpConn::peek`] saw off the socket; what

@@ -10,7 +10,9 @@
 //! the proxy did not. A `Content-Length` body is copied as is: its framing is the
 //! length the proxy wrote.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::http::chunked::{encode_chunk, encode_chunk_of, ChunkedDecoder};
@@ -408,13 +410,29 @@ pub async fn relay_body_counted(
     Ok(written)
 }
 
+/// Polls `work` once; if it would wait, runs `on_wait`, then races it against
+/// `watch`, which thus starts only when there is a wait to watch (most reads and
+/// writes are done at once). `Err`: the watch ended first, `work` left unfinished
+/// (pinned by the caller, which may go on with it).
+pub async fn or_watch<F: Future, W: Future>(
+    mut work: Pin<&mut F>,
+    on_wait: impl FnOnce(),
+    watch: W,
+) -> Result<F::Output, W::Output> {
+    if let Some(done) = futures_lite::future::poll_once(work.as_mut()).await {
+        return Ok(done);
+    }
+    on_wait();
+    futures_lite::future::or(async { Ok(work.await) }, async { Err(watch.await) }).await
+}
+
 /// [`ReadBuf::fill`] from `src` while `watched`, the peer this relay writes to (and
 /// alone writes to), is watched: a client whose connection was reset or hung up
 /// while the app is silent ends the wait (`None`), rather than holding both
 /// connections and a slot of the core for as long as the app may stay silent. A
 /// client that only ended its side still reads, and keeps its answer
 /// ([`TcpConn::hung_up`]). `watched`'s deadline is lifted for the wait (it bounds
-/// writes to it, set again before each) and its next write tries the socket again.
+/// writes to it, set again before each).
 pub async fn fill_watching(
     sbuf: &mut ReadBuf,
     src: &TcpConn,
@@ -423,18 +441,9 @@ pub async fn fill_watching(
 ) -> Option<io::Result<usize>> {
     let fill = sbuf.fill(src, limit);
     futures_lite::pin!(fill);
-    // Most waits end at once (the bytes are there): nothing to watch then.
-    if let Some(filled) = futures_lite::future::poll_once(fill.as_mut()).await {
-        return Some(filled);
-    }
-    watched.set_deadline(None);
-    let filled = futures_lite::future::or(async { Some(fill.await) }, async {
-        watched.hung_up().await;
-        None
-    })
-    .await;
-    watched.rearm_write();
-    filled
+    or_watch(fill, || watched.set_deadline(None), watched.hung_up())
+        .await
+        .ok()
 }
 
 /// Writes all of `bytes` to `dst` while `src`, which this task alone reads, is
@@ -475,42 +484,33 @@ pub async fn write_watching(
             }
         };
         futures_lite::pin!(step);
-        // Most writes are taken at once: nothing to watch or bound then.
-        let done = match futures_lite::future::poll_once(step.as_mut()).await {
-            Some(r) => r,
-            None => {
-                if let (false, Some(stalled)) = (bounded, stalled) {
-                    bounded = true;
-                    dst.set_timeout(stalled);
-                }
-                if watching {
-                    let r = futures_lite::future::or(async { Some(step.as_mut().await) }, async {
-                        src.peer_gone().await;
-                        None
-                    })
-                    .await;
-                    src.rearm_read();
-                    match r {
-                        Some(r) => r,
-                        None if src.peer_reset() => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::ConnectionReset,
-                                "the other peer is gone",
-                            ))
-                        }
-                        None if src.peer_ended() => {
-                            watching = false;
-                            step.await
-                        }
-                        None if src.was_revoked() => {
-                            return Err(io::ErrorKind::ConnectionAborted.into())
-                        }
-                        None => return Err(io::ErrorKind::TimedOut.into()),
-                    }
-                } else {
-                    step.await
-                }
+        let on_wait = || {
+            if let (false, Some(stalled)) = (bounded, stalled) {
+                bounded = true;
+                dst.set_timeout(stalled);
             }
+        };
+        let watch = async {
+            if watching {
+                src.peer_gone().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let done = match or_watch(step.as_mut(), on_wait, watch).await {
+            Ok(r) => r,
+            Err(()) if src.peer_reset() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the other peer is gone",
+                ))
+            }
+            Err(()) if src.peer_ended() => {
+                watching = false;
+                step.await
+            }
+            Err(()) if src.was_revoked() => return Err(io::ErrorKind::ConnectionAborted.into()),
+            Err(()) => return Err(io::ErrorKind::TimedOut.into()),
         }?;
         if bytes.is_empty() {
             return Ok(bounded);

@@ -1,6 +1,7 @@
 //! Hostile suite, class "a peer gone while the other one stalls": a client whose
 //! connection is reset while the worker waits on the app's side — an event stream
-//! or a download whose app went silent, a tunnel whose app stopped reading — must
+//! or a download whose app went silent, an answer whose head has not come yet, a
+//! tunnel whose app stopped reading — must
 //! free both connections and the core's slot at once, not when the app next writes
 //! or after the hour-long idle timeouts; an HTTP/2 client whose connection closes,
 //! likewise. Before, each such
@@ -26,11 +27,15 @@ const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// worker closed on it:
 /// - `/events`: an event stream's head and one event;
 /// - `/stall`: 1,000 of a body of 1,000,000 bytes;
-/// - `/ws`: a WebSocket 101, then never reads again.
+/// - `/ws`: a WebSocket 101, then never reads again;
+/// - `/hold`: nothing at all (the response head never comes);
+/// - `/late`: a short answer, two seconds after the request.
 ///
-/// Where it still reads (the first two), the worker's close is its end of stream.
+/// Where it still reads (all but `/ws`), the worker's close is its end of stream.
 struct SilentApp {
     addr: SocketAddr,
+    /// Requests whose head it read.
+    received: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
 }
 
@@ -38,10 +43,11 @@ fn silent_app() -> SilentApp {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
     let addr = listener.local_addr().expect("addr");
     let closed = Arc::new(AtomicUsize::new(0));
-    let count = closed.clone();
+    let received = Arc::new(AtomicUsize::new(0));
+    let (count, heads) = (closed.clone(), received.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let count = count.clone();
+            let (count, heads) = (count.clone(), heads.clone());
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut r = BufReader::new(s.try_clone().expect("clone"));
@@ -56,7 +62,12 @@ fn silent_app() -> SilentApp {
                         break;
                     }
                 }
+                heads.fetch_add(1, Ordering::SeqCst);
+                if path == "/late" {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
                 let answer = match path.as_str() {
+                    "/late" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate".to_owned(),
                     "/events" => "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n".to_owned(),
                     "/stall" => format!("HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n{}", "x".repeat(1000)),
                     "/ws" => format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"),
@@ -65,7 +76,7 @@ fn silent_app() -> SilentApp {
                 if s.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
-                if path == "/events" || path == "/stall" {
+                if path != "/ws" {
                     // Silent, but reading: the worker's close ends this.
                     let mut buf = [0u8; 1024];
                     while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
@@ -77,7 +88,11 @@ fn silent_app() -> SilentApp {
             });
         }
     });
-    SilentApp { addr, closed }
+    SilentApp {
+        addr,
+        received,
+        closed,
+    }
 }
 
 /// An app that takes connections and never reads from them (a TCP circuit's).
@@ -186,6 +201,50 @@ fn a_client_gone_from_a_silent_response_frees_it_at_once() {
             metric(&w, "appproxy_connections_active") == 0
         });
     }
+}
+
+/// Before its answer's head, too: the wait for the app's head watches the client
+/// (it was bounded only by `upstream_head_secs`, a minute by default), and a client
+/// that only ended its side still gets the head that comes later.
+#[test]
+fn a_client_gone_before_the_apps_answer_frees_it_at_once() {
+    let app = silent_app();
+    let w = worker(app.addr, "", 60);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("request");
+    eventually("the request reached the app", || {
+        app.received.load(Ordering::SeqCst) == 1
+    });
+    reset(s);
+    eventually("the app's connection closed", || {
+        app.closed.load(Ordering::SeqCst) == 1
+    });
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    let aborted = w
+        .log_json()
+        .iter()
+        .filter(|v| {
+            v["message"] == "exchange aborted"
+                && v["reason"] == "the client left before the app answered"
+        })
+        .count();
+    assert_eq!(aborted, 1, "the exchange's end logged with its reason");
+
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("request");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\nlate"),
+        "the half-closed client's late answer: {answer:?}"
+    );
 }
 
 #[test]

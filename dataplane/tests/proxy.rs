@@ -775,3 +775,50 @@ fn each_head_on_a_reused_connection_carries_only_its_own_fields() {
         heads[1]
     );
 }
+
+/// An answer the app cuts part way (it closes 5,000 bytes into a body of 100,000)
+/// is logged as what it was: the app's status and the bytes that reached the
+/// client, not as an answer that never started (status 0, nothing out), and the
+/// bytes are counted.
+#[test]
+fn an_answer_cut_part_way_is_logged_with_its_status_and_the_bytes_that_went() {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+            let mut s = stream;
+            let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
+            answer.resize(answer.len() + 5000, b'c');
+            let _ = s.write_all(&answer);
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: cut-1\r\n\r\n")
+        .expect("send");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read to the close");
+    let body = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| got.len() - at - 4)
+        .expect("a head");
+    assert_eq!(body, 5000, "what the app sent reached the client");
+    let access = w.wait_access_line("cut-1");
+    assert_eq!(access["status"], 200, "{access}");
+    assert_eq!(access["bytes_out"], got.len() as u64, "{access}");
+    assert_eq!(access["upstream"], app.to_string(), "{access}");
+    assert_eq!(
+        common::metric(&w, "appproxy_bytes_out_total"),
+        got.len() as u64
+    );
+}

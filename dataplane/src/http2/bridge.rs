@@ -22,7 +22,7 @@ use crate::http::error::{Fault, ProxyError, RequestError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, Version};
 use crate::io::TcpConn;
 use crate::proxy::{self, retry, retry::Attempt};
-use crate::relay::ReadBuf;
+use crate::relay::{self, ReadBuf};
 
 /// Largest client read buffer while relaying a body.
 const BODY_BUF_LIMIT: usize = 64 * 1024;
@@ -137,16 +137,11 @@ pub async fn forward(
             let sent = Instant::now();
             // The client's end of stream is seen even behind bytes it sent ahead
             // (pipelined, or a TLS close_notify), which stay unread for later.
-            let resp = futures_lite::future::or(
-                async { Some(within(&core.reactor, bound, &mut response).await) },
-                async {
-                    conn.peer_gone().await;
-                    None
-                },
-            )
-            .await;
-            conn.rearm_read();
-            let Some(resp) = resp else {
+            let answer = {
+                let answer = std::pin::pin!(within(&core.reactor, bound, &mut response));
+                relay::or_watch(answer, || {}, conn.peer_gone()).await
+            };
+            let Ok(resp) = answer else {
                 up_send.send_reset(h2::Reason::CANCEL);
                 return Err(Fail::Abort(
                     "the client closed its connection before the app answered".into(),

@@ -37,6 +37,7 @@ use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
 use crate::proxy::retry::{self, Attempt, Retry};
 use crate::proxy::{self, Failure};
+use crate::relay;
 use crate::relay::ReadBuf;
 
 /// Largest read buffer towards an HTTP/1.1 app.
@@ -54,7 +55,7 @@ impl From<Failure> for Fail {
     fn from(f: Failure) -> Self {
         match f {
             Failure::Answer(e, _) => Fail::Answer(e),
-            Failure::Abort(s) => Fail::Abort(s),
+            Failure::Abort(s) | Failure::Cut(retry::Cut { reason: s, .. }) => Fail::Abort(s),
         }
     }
 }
@@ -1111,20 +1112,9 @@ async fn relay_h1_response(
         // the app's connection until the app writes again).
         let fill = ubuf.fill(upstream, BODY_BUF_LIMIT);
         futures_lite::pin!(fill);
-        let filled = match futures_lite::future::poll_once(fill.as_mut()).await {
-            Some(filled) => filled,
-            None => {
-                let reset = async {
-                    let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
-                    None
-                };
-                match futures_lite::future::or(async { Some(fill.await) }, reset).await {
-                    Some(filled) => filled,
-                    None => {
-                        return Err("the client reset the stream while the app was silent".into())
-                    }
-                }
-            }
+        let reset = std::future::poll_fn(|cx| send.poll_reset(cx));
+        let Ok(filled) = relay::or_watch(fill, || {}, reset).await else {
+            return Err("the client reset the stream while the app was silent".into());
         };
         match filled {
             Ok(0) if framing == BodyFraming::Eof => done = true,

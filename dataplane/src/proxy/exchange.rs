@@ -16,6 +16,7 @@ use appproxy_shared::{scope, RequestId};
 
 use super::retry::{self, Attempt, Retry};
 use super::tunnel::TunnelEnds;
+use super::upstream::HeadFailure;
 use super::{connect, connect_route, note_health, read_response_head, tls_of, MAX_INTERIM};
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::{counter, AccessEntry, Core, Route};
@@ -174,6 +175,9 @@ impl Exchange {
         }
     }
 }
+
+/// Why an exchange ended while the app had not answered yet.
+const CLIENT_LEFT: &str = "the client left before the app answered";
 
 /// How an attempt on an upstream connection failed.
 enum Attempted {
@@ -383,6 +387,7 @@ impl Client {
                 self.refuse(x, (&err).into(), left).await
             }
             Err(Failure::Abort(reason)) => self.abort(x, &reason),
+            Err(Failure::Cut(cut)) => self.cut(x, &cut),
         }
     }
 
@@ -406,6 +411,18 @@ impl Client {
         self.core.metrics.add(counter::PROXY_ERRORS, 1);
         self.core
             .record(&x.entry(0, (x.head.head_len as u64, 0), None));
+        Next::Close
+    }
+
+    /// An answer was cut part way: counted as relayed so far (its status, the bytes
+    /// that went) and as a proxy error; the connection closes.
+    fn cut(&self, x: &Exchange, cut: &retry::Cut) -> Next {
+        tracing::info!(reason = %cut.reason, status = cut.status, "response cut");
+        let core = &self.core;
+        core.metrics.add(counter::PROXY_ERRORS, 1);
+        core.metrics.status(cut.status);
+        core.metrics.add(counter::BYTES_OUT, cut.bytes.1);
+        core.record(&x.entry(cut.status, cut.bytes, Some(cut.upstream)));
         Next::Close
     }
 
@@ -700,14 +717,9 @@ impl Client {
             }
         }
         let sent = core.metrics.histograms().then(Instant::now);
-        let outcome = read_response_head(
-            &core,
-            upstream,
-            &mut self.ubuf,
-            &mut self.resp_fields,
-            head.method,
-        )
-        .await;
+        let Some(outcome) = self.response_head(upstream, head.method).await else {
+            return failed(Failure::Abort(CLIENT_LEFT.into()));
+        };
         if let (Ok(_), Some(sent)) = (&outcome, sent) {
             core.metrics.upstream_head.observe(sent.elapsed());
         }
@@ -737,6 +749,31 @@ impl Client {
                 failed(Failure::Answer(err, Left::Nothing))
             }
         }
+    }
+
+    /// [`read_response_head`] while the client is watched: one whose connection was
+    /// reset or hung up meanwhile ends the wait (`None`; the app's connection, holding
+    /// a request it may still answer, is then closed), rather than holding both for
+    /// as long as the app may take (`upstream_head_secs`). A client that only ended
+    /// its side still gets its answer, as with a response body
+    /// ([`relay::fill_watching`]).
+    async fn response_head(
+        &mut self,
+        upstream: &TcpConn,
+        method: Method,
+    ) -> Option<Result<ResponseHead, HeadFailure>> {
+        let conn = &self.conn;
+        let head = read_response_head(
+            &self.core,
+            upstream,
+            &mut self.ubuf,
+            &mut self.resp_fields,
+            method,
+        );
+        futures_lite::pin!(head);
+        relay::or_watch(head, || conn.set_deadline(None), conn.hung_up())
+            .await
+            .ok()
     }
 
     /// Waits until the first bytes of the request body are buffered, sending
@@ -860,13 +897,22 @@ impl Client {
                     Left::Nothing,
                 ));
             }
-            Err((e, _)) => {
+            Err((e, n)) => {
                 if framing.closes() {
                     // The client's only end-of-body mark is the close: it must not
                     // look like one.
                     self.conn.reset_on_close();
                 }
-                return Err(Failure::Abort(format!("response body: {e}")));
+                if n == 0 {
+                    // Interim heads went out, the final one did not.
+                    return Err(Failure::Abort(format!("response body: {e}")));
+                }
+                return Err(Failure::Cut(retry::Cut {
+                    reason: format!("response body: {e}"),
+                    status: resp.status,
+                    bytes: (bytes_in, bytes_out + n),
+                    upstream: addr,
+                }));
             }
         }
         // Reuse the upstream connection only if the response was fully and exactly read.
@@ -937,14 +983,10 @@ impl Client {
             }
             self.ubuf.consume(resp.head_len);
             self.resp_fields = std::mem::take(&mut resp.headers);
-            let next = read_response_head(
-                &core,
-                &sent.upstream,
-                &mut self.ubuf,
-                &mut self.resp_fields,
-                req.method,
-            );
-            resp = match next.await {
+            let Some(next) = self.response_head(&sent.upstream, req.method).await else {
+                return Err(Failure::Abort(CLIENT_LEFT.into()));
+            };
+            resp = match next {
                 Ok(r) => r,
                 Err(f) if bytes_out == 0 => {
                     return Err(Failure::Answer(f.into_error(), Left::Nothing));

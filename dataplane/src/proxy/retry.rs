@@ -11,6 +11,8 @@
 //! and no response byte may have arrived. A retry goes once, and is not counted
 //! against the upstream's health.
 
+use std::net::SocketAddr;
+
 use crate::http::error::{Fault, ProxyError};
 use crate::http::parse::Method;
 
@@ -29,8 +31,24 @@ pub(crate) enum Left {
 pub(crate) enum Failure {
     /// Nothing was sent to the client yet: answer with this error.
     Answer(ProxyError, Left),
-    /// The response had started (or the client is gone): close without answering.
+    /// No answer can be sent (the client is gone, or an interim head went out):
+    /// close without answering.
     Abort(String),
+    /// The app's answer was relayed part way, then broke off: close without the
+    /// rest, the access line telling what went.
+    Cut(Cut),
+}
+
+/// What of an answer reached the client before it was cut.
+pub(crate) struct Cut {
+    /// Why it was cut.
+    pub reason: String,
+    /// The app's status, whose head went out.
+    pub status: u16,
+    /// The request bytes read from the client; the bytes written to it.
+    pub bytes: (u64, u64),
+    /// The app's address.
+    pub upstream: SocketAddr,
 }
 
 /// What a failure itself says about retrying (pingora's `RetryType`).
