@@ -333,6 +333,18 @@ pub struct TimeoutsSection {
     pub lingering_secs: u64,
     /// Longest silence of the client during that lingering close.
     pub lingering_idle_secs: u64,
+    /// A client connection silent this long is probed by TCP keepalive (0: never),
+    /// again every `client_tcp_keepalive_interval_secs`, and dropped after
+    /// `client_tcp_keepalive_probes` unanswered probes: a client whose host vanished
+    /// (no reset ever comes), or that closed while the worker waits on a silent app
+    /// or an idle tunnel, is then seen gone within minutes instead of after
+    /// `response_idle_secs` or `tunnel_idle_secs`. Set on the listeners, inherited
+    /// by every accepted connection (nginx's `so_keepalive`, HAProxy's `clitcpka`).
+    pub client_tcp_keepalive_secs: u64,
+    /// Between two keepalive probes.
+    pub client_tcp_keepalive_interval_secs: u64,
+    /// Unanswered keepalive probes before the connection is dropped.
+    pub client_tcp_keepalive_probes: u32,
 }
 
 impl Default for TimeoutsSection {
@@ -348,6 +360,9 @@ impl Default for TimeoutsSection {
             drain_secs: 30,
             lingering_secs: 30,
             lingering_idle_secs: 5,
+            client_tcp_keepalive_secs: 60,
+            client_tcp_keepalive_interval_secs: 10,
+            client_tcp_keepalive_probes: 6,
         }
     }
 }
@@ -831,6 +846,17 @@ impl Wildcard {
     }
 }
 
+/// TCP keepalive of a listener's connections (`[timeouts] client_tcp_keepalive_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: u32,
+}
+
 /// Everything the cores need, validated.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -866,6 +892,8 @@ pub struct Runtime {
     pub max_connections_per_client: usize,
     /// Open connections per upstream address, per core.
     pub max_upstream_conns: usize,
+    /// TCP keepalive of client connections (`None`: off).
+    pub client_keepalive: Option<TcpKeepalive>,
     /// Idle tunnels.
     pub tunnel_idle_timeout: Duration,
     /// How long a tunnel's write to a peer that does not read may go without
@@ -1308,6 +1336,16 @@ impl Config {
                 )));
             }
         }
+        // Linux's bounds for TCP_KEEPIDLE, TCP_KEEPINTVL (32,767 s) and TCP_KEEPCNT.
+        if t.client_tcp_keepalive_secs > 0
+            && (t.client_tcp_keepalive_secs > 32_767
+                || !(1..=32_767).contains(&t.client_tcp_keepalive_interval_secs)
+                || !(1..=127).contains(&t.client_tcp_keepalive_probes))
+        {
+            return Err(ConfigError::Invalid(
+                "[timeouts] client_tcp_keepalive_secs must be 0 (off) to 32767, client_tcp_keepalive_interval_secs 1 to 32767 and client_tcp_keepalive_probes 1 to 127".into(),
+            ));
+        }
         // Every duration becomes a deadline (now + it) on a core: one too large for the
         // clock would panic the core at its first use instead of failing here.
         for (name, v) in [
@@ -1392,6 +1430,11 @@ impl Config {
             max_connections_per_core: l.max_connections_per_core,
             max_connections_per_client: l.max_connections_per_client,
             max_upstream_conns: self.upstream.max_connections_per_route,
+            client_keepalive: (t.client_tcp_keepalive_secs > 0).then(|| TcpKeepalive {
+                idle: secs(t.client_tcp_keepalive_secs),
+                interval: secs(t.client_tcp_keepalive_interval_secs),
+                probes: t.client_tcp_keepalive_probes,
+            }),
             tunnel_idle_timeout: secs(t.tunnel_idle_secs),
             tunnel_stall_timeout: secs(t.body_idle_secs).min(secs(t.tunnel_idle_secs)),
             drain_timeout: secs(t.drain_secs),
@@ -1573,6 +1616,14 @@ mod tests {
         // The resource bounds are on by default and shown by --print-default-config.
         assert!(rt.body_idle_timeout <= Duration::from_secs(60));
         assert_eq!(rt.tunnel_stall_timeout, rt.body_idle_timeout);
+        assert_eq!(
+            rt.client_keepalive,
+            Some(TcpKeepalive {
+                idle: Duration::from_secs(60),
+                interval: Duration::from_secs(10),
+                probes: 6
+            })
+        );
         assert!(rt.min_body_rate > 0);
         assert!(rt.allowed_origins.is_empty());
         for key in [
@@ -1611,6 +1662,9 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("[worker]\nnope = 1\n", "unknown field"),
             ("[timeouts]\nhead_secs = 0\n", "head_secs"),
+            ("[timeouts]\nclient_tcp_keepalive_secs = 40000\n", "client_tcp_keepalive_secs"),
+            ("[timeouts]\nclient_tcp_keepalive_probes = 0\n", "client_tcp_keepalive_probes"),
+            ("[timeouts]\nclient_tcp_keepalive_interval_secs = 0\n", "client_tcp_keepalive_interval_secs"),
             ("[worker]\ntrusted_proxies = [\"bogus\"]\n", "trusted_proxies"),
             ("[worker]\nproxy_protocol = true\n", "trusted_proxies"),
             (

@@ -943,8 +943,14 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `addr` with `SO_REUSEPORT` (one listener per core on the same port: the
-    /// kernel spreads connections over the cores).
-    pub fn bind(reactor: &Rc<Reactor>, addr: SocketAddr, backlog: i32) -> io::Result<Self> {
+    /// kernel spreads connections over the cores), its connections probed by TCP
+    /// `keepalive` when given.
+    pub fn bind(
+        reactor: &Rc<Reactor>,
+        addr: SocketAddr,
+        backlog: i32,
+        keepalive: Option<crate::config::TcpKeepalive>,
+    ) -> io::Result<Self> {
         let socket = Socket::new(
             Domain::for_address(addr),
             Type::STREAM.nonblocking().cloexec(),
@@ -955,6 +961,15 @@ impl Listener {
         // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies the
         // listener's TCP state into each child): one setsockopt per connection saved.
         socket.set_tcp_nodelay(true)?;
+        // Inherited likewise, the probes' timings with them: no cost per connection.
+        if let Some(k) = keepalive {
+            socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(k.idle)
+                    .with_interval(k.interval)
+                    .with_retries(k.probes),
+            )?;
+        }
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
@@ -1024,7 +1039,7 @@ pub(crate) mod tests {
     fn accepted_connections_inherit_nodelay() {
         let reactor = reactor();
         let listener =
-            Listener::bind(&reactor, "127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+            Listener::bind(&reactor, "127.0.0.1:0".parse().expect("addr"), 16, None).expect("bind");
         let clients: Vec<TcpStream> = (0..3)
             .map(|_| TcpStream::connect(listener.local_addr()).expect("connect"))
             .collect();

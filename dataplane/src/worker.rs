@@ -600,7 +600,12 @@ fn reconcile_listeners(
             continue;
         }
         let addr = SocketAddr::new(core.rt.bind_host, port);
-        match Listener::bind(&core.reactor, addr, core.rt.backlog) {
+        match Listener::bind(
+            &core.reactor,
+            addr,
+            core.rt.backlog,
+            core.rt.client_keepalive,
+        ) {
             Ok(l) => {
                 map.insert(port, spawn(accept_loop(core.clone(), l)));
             }

@@ -366,3 +366,51 @@ fn a_half_closed_tunnel_client_still_gets_a_late_answer() {
     s.read_to_string(&mut answer).expect("answer");
     assert_eq!(answer, "ANSWER 1000");
 }
+
+/// A client that closed its connection while the app is silent cannot be told by its
+/// end of stream from one that only ended its side and still reads, which keeps its
+/// answer; nor does a client whose host vanished send anything at all. TCP
+/// keepalive finds both: once the client's socket is gone (here its closed socket's
+/// `FIN_WAIT2` is cut to a second, `TCP_LINGER2`), a probe is answered with a reset,
+/// and the worker frees both connections, instead of holding them for
+/// `response_idle_secs` (an hour). The client is Python's: Rust's sockets offer no
+/// `TCP_LINGER2`.
+#[test]
+fn a_client_that_closed_behind_a_silent_app_is_found_by_keepalive_probes() {
+    let app = silent_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nclient_tcp_keepalive_secs = 1\nclient_tcp_keepalive_interval_secs = 1\nclient_tcp_keepalive_probes = 3\n".into(),
+        ..Default::default()
+    });
+    let client = format!(
+        r#"
+import socket
+s = socket.create_connection(("127.0.0.1", {port}))
+s.sendall(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+seen = b""
+while b"data: 1" not in seen:
+    got = s.recv(4096)
+    assert got, seen
+    seen += got
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, 1)
+s.close()
+"#,
+        port = w.port
+    );
+    let out = Command::new("python3")
+        .args(["-c", &client])
+        .output()
+        .expect("python3 runs the client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the app's connection closed", || {
+        app.closed.load(Ordering::SeqCst) == 1
+    });
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+}
