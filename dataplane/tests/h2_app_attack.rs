@@ -701,3 +701,43 @@ fn an_http2_apps_early_answer_before_its_reset_reaches_an_http1_client() {
         }
     }
 }
+
+/// An HTTP/2 app that resets its stream 5,000 bytes into an answer: the bridged
+/// HTTP/1.1 client's connection is closed short of the body's end, and the access
+/// line gives the app's status and the bytes that went (it said status 0, nothing
+/// out, as if no answer had started).
+#[test]
+fn an_http2_apps_answer_cut_part_way_is_logged_with_its_status_and_bytes() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            // :status 200 (static table index 8), 5,000 bytes, then a reset.
+            out.extend(frame(HEADERS, END_HEADERS, id, &[0x88]));
+            out.extend(frame(DATA, 0, id, &[b'c'; 5000]));
+            out.extend(frame(RST_STREAM, 0, id, &[0, 0, 0, 2]));
+        }
+        out
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Backend-Request-ID: cut-3\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.ends_with("\r\n0\r\n\r\n"),
+        "never ended like a whole body"
+    );
+    let access = w.wait_access_line("cut-3");
+    assert_eq!(access["status"], 200, "{access}");
+    assert_eq!(access["bytes_out"], 5000, "{access}");
+    assert_eq!(access["upstream"], app.to_string(), "{access}");
+}

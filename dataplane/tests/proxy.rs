@@ -777,9 +777,9 @@ fn each_head_on_a_reused_connection_carries_only_its_own_fields() {
 }
 
 /// An answer the app cuts part way (it closes 5,000 bytes into a body of 100,000)
-/// is logged as what it was: the app's status and the bytes that reached the
-/// client, not as an answer that never started (status 0, nothing out), and the
-/// bytes are counted.
+/// is logged as what it was, over HTTP/1.1 and HTTP/2: the app's status and the
+/// bytes that went to the client, not as an answer that never started (status 0,
+/// nothing out), and the bytes are counted.
 #[test]
 fn an_answer_cut_part_way_is_logged_with_its_status_and_the_bytes_that_went() {
     use std::io::{BufRead, BufReader, Read};
@@ -821,4 +821,25 @@ fn an_answer_cut_part_way_is_logged_with_its_status_and_the_bytes_that_went() {
         common::metric(&w, "appproxy_bytes_out_total"),
         got.len() as u64
     );
+
+    // An HTTP/2 client's stream (h2c): reset at the cut, the access line the same
+    // (an HTTP/2 line counts the body's bytes).
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-H", "X-Backend-Request-ID: cut-2"])
+        .arg(format!("http://127.0.0.1:{}/cut", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert!(!out.status.success(), "the stream is reset, not ended");
+    let access = w.wait_access_line("cut-2");
+    assert_eq!(access["status"], 200, "{access}");
+    assert_eq!(access["bytes_out"], 5000, "{access}");
+    assert_eq!(access["upstream"], app.to_string(), "{access}");
 }

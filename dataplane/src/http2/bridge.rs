@@ -235,15 +235,20 @@ pub async fn forward(
         }
         0
     } else {
-        relay_response(core, conn, rbody, chunked)
-            .await
-            .map_err(|e| {
-                if close_delimited {
-                    // The close is the body's only end mark: not for a truncated one.
-                    conn.reset_on_close();
-                }
-                Fail::Abort(e)
-            })?
+        let mut sent = 0;
+        if let Err(e) = relay_response(core, conn, rbody, chunked, &mut sent).await {
+            if close_delimited {
+                // The close is the body's only end mark: not for a truncated one.
+                conn.reset_on_close();
+            }
+            return Err(Fail::Cut(retry::Cut {
+                reason: e,
+                status,
+                bytes: (bytes_in, sent),
+                upstream: addr,
+            }));
+        }
+        sent
     };
     Ok(Bridged {
         done: Done {
@@ -343,15 +348,16 @@ async fn send_body(
 }
 
 /// Relays the app's DATA frames to the client (chunked with the app's trailers, or
-/// as is), giving capacity back as the client takes them.
+/// as is), giving capacity back as the client takes them; `total`: the payload bytes
+/// written, however it ends.
 async fn relay_response(
     core: &Core,
     conn: &TcpConn,
     mut body: RecvStream,
     chunked: bool,
-) -> Result<u64, String> {
+    total: &mut u64,
+) -> Result<(), String> {
     let rt = &core.rt;
-    let mut total = 0u64;
     let mut out = Vec::new();
     loop {
         let next = within(&core.reactor, rt.response_idle_timeout, body.data()).await;
@@ -361,7 +367,7 @@ async fn relay_response(
             Some(Some(Ok(c))) => c,
             Some(Some(Err(e))) => return Err(format!("app stream: {e}")),
         };
-        total += chunk.len() as u64;
+        *total += chunk.len() as u64;
         conn.set_timeout(rt.body_idle_timeout);
         let wrote = if chunked {
             out.clear();
@@ -398,5 +404,5 @@ async fn relay_response(
             .await
             .map_err(|e| format!("client write: {e}"))?;
     }
-    Ok(total)
+    Ok(())
 }

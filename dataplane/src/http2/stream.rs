@@ -47,15 +47,20 @@ const BODY_BUF_LIMIT: usize = 64 * 1024;
 pub enum Fail {
     /// Nothing was sent to the client yet: answer with this error.
     Answer(ProxyError),
-    /// The response had started, or the client reset the stream: reset it.
+    /// No answer can be sent (the client reset the stream, or an interim head went
+    /// out): reset it.
     Abort(String),
+    /// The app's answer was relayed part way, then broke off: reset, the access
+    /// line telling what went.
+    Cut(retry::Cut),
 }
 
 impl From<Failure> for Fail {
     fn from(f: Failure) -> Self {
         match f {
             Failure::Answer(e, _) => Fail::Answer(e),
-            Failure::Abort(s) | Failure::Cut(retry::Cut { reason: s, .. }) => Fail::Abort(s),
+            Failure::Abort(s) => Fail::Abort(s),
+            Failure::Cut(c) => Fail::Cut(c),
         }
     }
 }
@@ -386,6 +391,23 @@ async fn serve_stream(
                 bytes_in: 0,
                 bytes_out: 0,
                 upstream: None,
+                started: line.started,
+            });
+        }
+        Err(Fail::Cut(cut)) => {
+            tracing::info!(reason = %cut.reason, status = cut.status, "response cut");
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            core.metrics.add(counter::PROXY_ERRORS, 1);
+            core.metrics.status(cut.status);
+            core.record(&AccessEntry {
+                request_id: &id,
+                circuit: Some(circuit),
+                method: line.method,
+                path: line.path,
+                status: cut.status,
+                bytes_in: cut.bytes.0,
+                bytes_out: cut.bytes.1,
+                upstream: Some(cut.upstream),
                 started: line.started,
             });
         }
@@ -867,12 +889,24 @@ async fn forward_h1(
         .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
     let mut bytes_out = 0;
     if !bodiless {
-        bytes_out = relay_h1_response(ctx, &upstream, &mut ubuf, framing, &mut send)
-            .await
-            .map_err(|e| {
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
-                Fail::Abort(format!("response body: {e}"))
-            })?;
+        let relayed = relay_h1_response(
+            ctx,
+            &upstream,
+            &mut ubuf,
+            framing,
+            &mut send,
+            &mut bytes_out,
+        )
+        .await;
+        if let Err(e) = relayed {
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
+            return Err(Fail::Cut(retry::Cut {
+                reason: format!("response body: {e}"),
+                status,
+                bytes: (bytes_in, bytes_out),
+                upstream: addr,
+            }));
+        }
     }
     // After an early answer the app connection, closed by the app, is not kept (and
     // the h2 crate, the response sent, resets the stream with NO_ERROR: the client
@@ -1061,20 +1095,21 @@ async fn send_body_h1(
 
 /// Relays an HTTP/1.1 response body as DATA frames (chunked trailers as HTTP/2
 /// trailers); the next read from the app waits until the client took the last.
+/// `total`: the payload bytes handed to the client, however it ends.
 async fn relay_h1_response(
     ctx: &ConnCtx,
     upstream: &TcpConn,
     ubuf: &mut ReadBuf,
     framing: BodyFraming,
     send: &mut SendStream<Bytes>,
-) -> Result<u64, String> {
+    total: &mut u64,
+) -> Result<(), String> {
     let rt = &ctx.core.rt;
     let mut remaining = match framing {
         BodyFraming::Length(n) => n,
         _ => u64::MAX,
     };
     let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::new);
-    let mut total = 0u64;
     let mut done = false;
     while !done {
         let mut progressed = false;
@@ -1099,7 +1134,7 @@ async fn relay_h1_response(
             ubuf.consume(consumed);
             progressed = consumed > 0;
             if !data.is_empty() {
-                total += data.len() as u64;
+                *total += data.len() as u64;
                 send_all(&ctx.core, send, data).await?;
             }
         }
@@ -1142,7 +1177,7 @@ async fn relay_h1_response(
         send.send_trailers(trailers)
     }
     .map_err(|e| e.to_string())?;
-    Ok(total)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -817,7 +817,12 @@ pub async fn forward(
                     tracing::info!(upstream = %addr, reason = %e, "app ended the stream early");
                 }
                 Err(RelayEnd::Destination(e)) => {
-                    return Err(Fail::Abort(format!("client: {e}")));
+                    return Err(Fail::Cut(retry::Cut {
+                        reason: format!("client: {e}"),
+                        status,
+                        bytes: (bytes_in.get(), bytes_out.get()),
+                        upstream: addr,
+                    }));
                 }
                 Err(RelayEnd::TooLarge | RelayEnd::ForbiddenTrailer | RelayEnd::TooSlow) => {}
             }

@@ -375,6 +375,7 @@ impl Client {
                 self.conclude(x, Err(failed)).await
             }
             Err(crate::http2::stream::Fail::Abort(reason)) => self.abort(x, &reason),
+            Err(crate::http2::stream::Fail::Cut(cut)) => self.cut(x, &cut),
         }
     }
 

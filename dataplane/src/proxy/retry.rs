@@ -40,7 +40,7 @@ pub(crate) enum Failure {
 }
 
 /// What of an answer reached the client before it was cut.
-pub(crate) struct Cut {
+pub struct Cut {
     /// Why it was cut.
     pub reason: String,
     /// The app's status, whose head went out.
