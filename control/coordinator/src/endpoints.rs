@@ -262,64 +262,99 @@ async fn created_or_existing(
 ) -> Result<Placed, ApiError> {
     // A circuit of this endpoint that another request is still creating (on this
     // coordinator or another: its mark in the store) is no answer yet: its outcome
-    // is awaited (it may be withdrawn), then looked up again. One still marked past
-    // its bound was left by a failed creation: withdrawn and placed again below.
-    let mut existing = state.store.circuit_of_endpoint(id).await?;
-    let mut overdue = false;
+    // is awaited (it may be withdrawn), then looked up again; still under way once
+    // the wait is over, the answer is 503 (never that circuit: it may be withdrawn
+    // the next moment). One still marked past its bound was left by a failed
+    // creation: withdrawn (only while it still is: its node may have settled it
+    // meanwhile, and then it is the answer) and placed again below.
     let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
-    for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
-        let Some((c, _)) = &existing else { break };
-        match state.creation_of(c.id, deadline).await? {
-            super::Found::Settled => break,
-            super::Found::Overdue => {
-                overdue = true;
-                break;
-            }
-            super::Found::LookAgain => existing = state.store.circuit_of_endpoint(id).await?,
-        }
-    }
-    // A circuit whose worker is gone (not `ALIVE`: lost, deregistered, its row
-    // deleted) or no longer serves its slot ([`placement::unserved`]) would hand the
-    // manager a URL nothing serves: it is withdrawn, as interactive reuse does, and
-    // the endpoint placed again with its routes.
     let mut carried = None;
-    if let Some((c, _)) = &existing {
-        let worker = match c.worker {
-            Some(w) => state.store.worker(w).await?,
-            None => None,
-        };
-        let why = match &worker {
-            _ if overdue => Some(
-                "its creation was never settled (it failed, and its coordinator stopped before withdrawing it)"
-                    .to_owned(),
-            ),
-            Some(w) if w.status == "ALIVE" => {
-                placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
-                    .map(|why| format!("its worker no longer serves it ({why})"))
-            }
-            Some(w) => Some(format!("its worker is {}", w.status)),
-            None => Some("its worker is not registered".to_owned()),
-        };
-        match (why, worker) {
-            (None, Some(w)) => {
-                return Ok(Placed {
-                    circuit: c.clone(),
-                    worker: w.registration,
-                    created: None,
-                })
-            }
-            (why, worker) => {
-                let why = why.unwrap_or_default();
-                tracing::warn!(
-                    circuit = %c.id,
-                    endpoint = %id,
-                    worker = worker.as_ref().map(|w| w.registration.authority.as_str()).unwrap_or(""),
-                    "the endpoint's circuit is withdrawn and placed again: {why}"
-                );
-                state.remove_circuit(c.id).await?;
-                carried = Some((c.route_info.clone(), c.session_ids.clone()));
+    let mut looks = 0;
+    'look: loop {
+        looks += 1;
+        let mut existing = state.store.circuit_of_endpoint(id).await?;
+        let mut overdue = false;
+        let mut decided = false;
+        for _ in 0..super::proxy::PLACEMENT_ATTEMPTS {
+            let Some((c, _)) = &existing else {
+                decided = true;
+                break;
+            };
+            match state.creation_of(c.id, deadline).await? {
+                super::Found::Settled => {
+                    decided = true;
+                    break;
+                }
+                super::Found::Overdue => {
+                    overdue = true;
+                    decided = true;
+                    break;
+                }
+                super::Found::LookAgain => existing = state.store.circuit_of_endpoint(id).await?,
             }
         }
+        if let (false, Some((c, _))) = (decided, &existing) {
+            tracing::warn!(
+                circuit = %c.id,
+                endpoint = %id,
+                "the endpoint's circuit is still being created past the longest this request waits for it; not answered with it"
+            );
+            return Err(ApiError::CreationUnderWay);
+        }
+        // A circuit whose worker is gone (not `ALIVE`: lost, deregistered, its row
+        // deleted) or no longer serves its slot ([`placement::unserved`]) would hand
+        // the manager a URL nothing serves: it is withdrawn, as interactive reuse
+        // does, and the endpoint placed again with its routes.
+        if let Some((c, _)) = &existing {
+            let worker = match c.worker {
+                Some(w) => state.store.worker(w).await?,
+                None => None,
+            };
+            let why = match &worker {
+                _ if overdue => Some(
+                    "its creation was never settled (it failed, and its coordinator stopped before withdrawing it)"
+                        .to_owned(),
+                ),
+                Some(w) if w.status == "ALIVE" => {
+                    placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
+                        .map(|why| format!("its worker no longer serves it ({why})"))
+                }
+                Some(w) => Some(format!("its worker is {}", w.status)),
+                None => Some("its worker is not registered".to_owned()),
+            };
+            match (why, worker) {
+                (None, Some(w)) => {
+                    return Ok(Placed {
+                        circuit: c.clone(),
+                        worker: w.registration,
+                        created: None,
+                    })
+                }
+                (why, worker) => {
+                    let why = why.unwrap_or_default();
+                    tracing::warn!(
+                        circuit = %c.id,
+                        endpoint = %id,
+                        worker = worker.as_ref().map(|w| w.registration.authority.as_str()).unwrap_or(""),
+                        "the endpoint's circuit is withdrawn and placed again: {why}"
+                    );
+                    if overdue {
+                        // Removed only while still overdue: settled meanwhile by
+                        // its node (or removed by another), it is looked up again.
+                        if !state.remove_overdue_creation(c.id).await? {
+                            if looks < super::proxy::PLACEMENT_ATTEMPTS {
+                                continue 'look;
+                            }
+                            return Err(ApiError::CreationUnderWay);
+                        }
+                    } else {
+                        state.remove_circuit(c.id).await?;
+                    }
+                    carried = Some((c.route_info.clone(), c.session_ids.clone()));
+                }
+            }
+        }
+        break;
     }
     let (route_info, session_ids) = carried.unwrap_or_default();
     let s = &e.tags.session;

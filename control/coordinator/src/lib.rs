@@ -622,6 +622,12 @@ pub enum ApiError {
     /// asked again makes a new one.
     #[error("The circuit was removed while being created")]
     CircuitRemoved,
+    /// The circuit found for the request is still being created (by another
+    /// request, on this coordinator or another) past the longest this request
+    /// waits for it: 503, retry later. Never answered with: it may yet be
+    /// withdrawn.
+    #[error("E10005: The circuit is still being created; retry later")]
+    CreationUnderWay,
     /// A heartbeat of an HA node that deregistered: 409, the worker's to fix by
     /// registering again.
     #[error("{0}")]
@@ -659,6 +665,7 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
             Self::CircuitRemoved => (StatusCode::CONFLICT, "circuit-removed"),
+            Self::CreationUnderWay => (StatusCode::SERVICE_UNAVAILABLE, "creation-under-way"),
             Self::NodeLeft(_) => (StatusCode::CONFLICT, "node-left"),
             Self::SessionCircuitLimit(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "session-circuit-limit")

@@ -500,6 +500,12 @@ impl StandIn {
     /// [`StandIn::start`], each acknowledgement sent `delay` after its creation's
     /// event was seen (one after another).
     fn start_slow(url: &str, skip: usize, delay: Duration) -> Self {
+        Self::start_acking(url, skip, delay, usize::MAX)
+    }
+
+    /// [`StandIn::start_slow`], acknowledging at most `acks` creations (those after
+    /// them never).
+    fn start_acking(url: &str, skip: usize, delay: Duration, acks: usize) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -519,7 +525,7 @@ impl StandIn {
                 return;
             }
             let _ = ready_tx.send(());
-            let mut skipped = 0;
+            let (mut skipped, mut acked) = (0, 0);
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 let msg = match pubsub.get_message() {
                     Ok(m) => m,
@@ -559,6 +565,10 @@ impl StandIn {
                     skipped += 1;
                     continue;
                 }
+                if acked >= acks {
+                    continue;
+                }
+                acked += 1;
                 std::thread::sleep(delay);
                 let ack = serde_json::json!({
                     "target_worker_authority": body["target_worker_authority"],
@@ -1108,5 +1118,165 @@ fn calls_after_an_orphaned_creation_share_one_new_circuit() {
         pg.psql("appproxy", "SELECT string_agg(id::text, ',') FROM circuits"),
         handed[0],
         "exactly the one circuit handed out is stored for the session"
+    );
+}
+
+/// Node A runs a bulk endpoint creation whose items are acknowledged one after
+/// another, the last one never; meanwhile node B is asked to sync the bulk's first
+/// endpoint. B waited for A's creation under way up to its bound, then answered
+/// 200 with A's circuit all the same (its mark still ahead); A's bulk then failed
+/// and withdrew that circuit: B's caller held a URL nothing served. B now answers
+/// 503 `creation-under-way` when the creation is still running past its wait, and
+/// never with a circuit whose creation has not settled.
+#[test]
+fn a_sync_never_answers_with_a_creation_still_under_way_on_another_node() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // 19 acknowledgements, 0.7 s apart: the bulk's 20th item is never acknowledged.
+    let _worker = StandIn::start_acking(&redis.url(), 0, Duration::from_millis(700), 19);
+    // B waits at most max(4 × 1 + 5, 2 + 0.4 + 1) = 9 s for A's creation; A's bulk
+    // runs about 19 × 0.7 + 1 = 14.3 s.
+    let extra = format!(
+        "worker_ack_timeout_secs = 1\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
+    register(&a, INFERENCE_WORKER);
+    let first = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5f01";
+    let items: Vec<String> = (1..=20u8)
+        .map(|n| {
+            endpoint_body(
+                &format!("bulk{n}"),
+                Some(&format!("e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5f{n:02}")),
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"endpoints":[{}]}}"#, items.join(","));
+    let addr = a.addr;
+    let bulk = std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            "/v2/endpoints/bulk",
+            &[AUTH, ("X-Backend-Request-ID", "under-way-bulk")],
+            &body,
+        )
+    });
+    let of_first = format!("SELECT count(*) FROM circuits WHERE endpoint_id = '{first}'");
+    wait_for("the bulk's first circuit was never stored", || {
+        count(&pg, &of_first) == 1
+    });
+    let sync = request(
+        b.addr,
+        "POST",
+        &format!("/v2/endpoints/{first}"),
+        &[AUTH, ("X-Backend-Request-ID", "under-way-sync")],
+        &endpoint_body("bulk1", None),
+    );
+    let r = bulk.join().expect("the bulk call");
+    assert_eq!(
+        r.status,
+        503,
+        "the bulk did not fail: the test shows nothing: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        count(&pg, &of_first),
+        0,
+        "the failed bulk withdrew its circuits"
+    );
+    assert_eq!(
+        sync.status,
+        503,
+        "node B answered with node A's circuit still being created (withdrawn since): {}",
+        String::from_utf8_lossy(&sync.body)
+    );
+    assert_eq!(
+        sync.json()["code"],
+        "creation-under-way",
+        "{}",
+        String::from_utf8_lossy(&sync.body)
+    );
+}
+
+/// Node A stopped (killed) mid-creation of an endpoint's circuit, its mark past;
+/// node B syncs the endpoint and reads the circuit as overdue, and A's creation
+/// settles it (here: a transaction standing in for A, holding the row) before B's
+/// removal runs. B removed the circuit all the same, settled or not, and placed a
+/// new one. B's removal is now made only while the circuit is still overdue; kept,
+/// the settled circuit is looked up again and is the answer.
+#[test]
+fn an_endpoint_sync_keeps_an_overdue_circuit_settled_meanwhile() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // Node A's creation (the first) is never acknowledged.
+    let _worker = StandIn::start(&redis.url(), 1);
+    let extra = format!(
+        "worker_ack_timeout_secs = 30\nunsettled_creation_timeout_secs = 1\ncheck_unsettled_creation_interval_secs = 3600\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
+    register(&a, INFERENCE_WORKER);
+    let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5f41";
+    let path = format!("/v2/endpoints/{endpoint}");
+    let (addr, on_a_path) = (a.addr, path.clone());
+    let _on_a = std::thread::spawn(move || {
+        appproxy_test_support::http::request_within(
+            addr,
+            "POST",
+            &on_a_path,
+            &[AUTH, ("Content-Type", "application/json")],
+            endpoint_body("overdue", None).as_bytes(),
+            PATIENCE,
+        )
+    });
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    wait_for("node A's circuit was never stored", || circuits() == 1);
+    let of_a = pg.psql("appproxy", "SELECT id FROM circuits");
+    drop(a);
+    wait_for("node A's mark never passed", || {
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until <= now()",
+        ) == 1
+    });
+    // A's settling of the row, not committed yet: B reads the row as overdue.
+    let settling = pg.hold(
+        "appproxy",
+        &format!("BEGIN; UPDATE circuits SET creating_until = NULL WHERE id = '{of_a}'"),
+    );
+    let (addr, on_b_path) = (b.addr, path.clone());
+    let on_b = std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            &on_b_path,
+            &[AUTH, ("X-Backend-Request-ID", "overdue-sync")],
+            &endpoint_body("overdue", None),
+        )
+    });
+    wait_for("node B's removal never waited on the row", || {
+        count(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH gone AS%'",
+        ) == 1
+    });
+    settling.commit();
+    let r = on_b.join().expect("node B's request");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        count(
+            &pg,
+            &format!("SELECT count(*) FROM circuits WHERE id = '{of_a}'")
+        ),
+        1,
+        "node B removed the circuit its node had settled meanwhile"
+    );
+    assert_eq!(
+        circuits(),
+        1,
+        "node B placed a circuit of its own beside it"
     );
 }
