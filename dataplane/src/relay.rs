@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::http::chunked::{encode_chunk, encode_chunk_of, ChunkedDecoder};
@@ -419,11 +420,18 @@ pub async fn or_watch<F: Future, W: Future>(
     on_wait: impl FnOnce(),
     watch: W,
 ) -> Result<F::Output, W::Output> {
-    if let Some(done) = futures_lite::future::poll_once(work.as_mut()).await {
-        return Ok(done);
-    }
-    on_wait();
-    futures_lite::future::or(async { Ok(work.await) }, async { Err(watch.await) }).await
+    let mut on_wait = Some(on_wait);
+    let mut watch = std::pin::pin!(watch);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        if let Some(on_wait) = on_wait.take() {
+            on_wait();
+        }
+        watch.as_mut().poll(cx).map(Err)
+    })
+    .await
 }
 
 /// [`ReadBuf::fill`] from `src` while `watched`, the peer this relay writes to (and
