@@ -683,21 +683,24 @@ async fn forward_h1(
     let rt = &core.rt;
     let head = req.head;
     let has_body = head.framing != BodyFraming::Length(0);
+    // Each stream takes a place in the core's budget of streams to apps, fairly
+    // shared by client address, before it waits for anything: else one client
+    // connection's streams, each sending a byte of body, could hold
+    // `max_concurrent_streams` app connections, and a few a route's whole cap; and
+    // streams that announce a body and never send it, each holding its parsed head
+    // (tens of KiB with HPACK's help, for a few bytes on the wire), could take
+    // gigabytes across a client's connections.
+    let _slot = super::upstream::AppStreamSlot::take(core, &ctx.hop)?;
     // As on the HTTP/1.1 path (`await_body`): an app connection is taken or opened
     // only once the body's first bytes are in (or it ended empty). A stream that
-    // announces a body and sends none holds its own stream, under the body timers,
-    // and no app connection.
+    // announces a body and sends none holds its own stream and its place, under the
+    // body timers, and no app connection.
     let mut floor = BodyFloor::new(core);
     let first = if has_body {
         first_body_bytes(ctx, &mut body, &mut floor).await?
     } else {
         None
     };
-    // Each stream holding an app connection takes a place in the core's budget of
-    // streams to apps, fairly shared by client address: else one client
-    // connection's streams, each sending a byte of body, could hold
-    // `max_concurrent_streams` app connections, and a few a route's whole cap.
-    let _slot = super::upstream::AppStreamSlot::take(core, &ctx.hop)?;
     let mut addr = pick(core, route, None)?;
     let (mut upstream, reused) =
         match core
