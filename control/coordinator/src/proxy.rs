@@ -277,25 +277,31 @@ async fn proxy_auth(
     // under way on another coordinator, then its own creation), past which the
     // call goes on alone. Shorter, the calls queued behind a holder waiting out an
     // orphaned creation went on alone and each made a circuit of its own.
+    let key = format!(
+        "{}\n{}\n{open_to_public}\n{}\n{upstream_tls:?}",
+        q.session_id,
+        q.app,
+        allowed.join(",")
+    );
     let _turn = if Flag::get(q.no_reuse) {
         None
     } else {
-        let key = format!(
-            "{}\n{}\n{open_to_public}\n{}\n{upstream_tls:?}",
-            q.session_id,
-            q.app,
-            allowed.join(",")
-        );
-        let turn = state.reuse_locks.lock(key, state.reuse_turn_wait()).await;
+        let turn = state
+            .reuse_locks
+            .lock(key.clone(), state.reuse_turn_wait())
+            .await;
         if turn.is_none() {
             tracing::warn!(session = %q.session_id, "a creation for the same session and app still runs; not waiting longer");
         }
         turn
     };
-    let reused = if Flag::get(q.no_reuse) {
-        None
+    // A call that met another coordinator's creation for the key also holds the
+    // key's turn in the store until its own creation has its outcome
+    // ([`reuse_on_alive_worker`]).
+    let (reused, store_turn) = if Flag::get(q.no_reuse) {
+        (None, None)
     } else {
-        reuse_on_alive_worker(&state, reusable).await?
+        reuse_on_alive_worker(&state, reusable, &key).await?
     };
     let (circuit, reuse, worker) = match reused {
         Some((c, worker)) => {
@@ -391,6 +397,9 @@ async fn proxy_auth(
             (circuit, false, worker)
         }
     };
+    if let Some(turn) = store_turn {
+        turn.end().await;
+    }
     let mut claims =
         json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id});
     // At most a year (a larger value, up to u64::MAX, wrapped into the past), on
@@ -688,7 +697,14 @@ async fn withdraw_until_done(
 async fn reuse_on_alive_worker<F, Fut>(
     state: &Arc<State>,
     reusable: F,
-) -> Result<Option<(Circuit, WorkerRegistration)>, ApiError>
+    key: &str,
+) -> Result<
+    (
+        Option<(Circuit, WorkerRegistration)>,
+        Option<super::store::ReuseTurn>,
+    ),
+    ApiError,
+>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<Option<Circuit>, ApiError>>,
@@ -697,14 +713,37 @@ where
     // the same, past which a new circuit is created. The waits for another
     // coordinator's creations share one deadline, within the reuse key's turn.
     let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
+    // A call that met a creation under way that then went (withdrawn, or past its
+    // mark) decides what replaces it under the key's turn in the store, held until
+    // its own creation has its outcome, and looks once more under it: of the calls
+    // on several coordinators that met the same orphaned creation (each polling
+    // its mark, each seeing it pass at the same moment), one withdraws it and
+    // creates the replacement, the others wait for the turn and then reuse that.
+    let mut turn: Option<super::store::ReuseTurn> = None;
+    let mut turn_tried = false;
+    let mut contended = false;
     for _ in 0..REUSE_LOOKS {
         let Some(c) = reusable().await? else {
-            return Ok(None);
+            if contended && !turn_tried {
+                turn_tried = true;
+                turn = take_reuse_turn(state, key).await?;
+                continue;
+            }
+            return Ok((None, turn));
         };
         match state.creation_of(c.id, deadline).await? {
             super::Found::Settled => {}
-            super::Found::LookAgain => continue,
+            super::Found::LookAgain => {
+                contended = true;
+                continue;
+            }
             super::Found::Overdue => {
+                contended = true;
+                if !turn_tried {
+                    turn_tried = true;
+                    turn = take_reuse_turn(state, key).await?;
+                    continue;
+                }
                 tracing::warn!(
                     circuit = %c.id,
                     "the circuit's creation was never settled (it failed, and its coordinator stopped before withdrawing it); withdrawn instead of reused"
@@ -722,7 +761,7 @@ where
                 let Some(why) =
                     placement::unserved(&w.registration, c.port, c.subdomain.as_deref())
                 else {
-                    return Ok(Some((c, w.registration)));
+                    return Ok((Some((c, w.registration)), turn));
                 };
                 tracing::warn!(
                     circuit = %c.id,
@@ -742,7 +781,20 @@ where
             }
         }
     }
-    Ok(None)
+    Ok((None, turn))
+}
+
+/// The store's turn at the reuse key `key` ([`store::Store::reuse_turn`]), waited
+/// for as long as its holder may take; `None` past it (the call goes on alone).
+async fn take_reuse_turn(
+    state: &State,
+    key: &str,
+) -> Result<Option<super::store::ReuseTurn>, ApiError> {
+    let turn = state.store.reuse_turn(key, state.reuse_turn_wait()).await?;
+    if turn.is_none() {
+        tracing::warn!("a creation for the same session and app on another coordinator still runs; not waiting longer");
+    }
+    Ok(turn)
 }
 
 /// How many candidates a reuse looks at before creating anew.

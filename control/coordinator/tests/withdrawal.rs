@@ -1280,3 +1280,108 @@ fn an_endpoint_sync_keeps_an_overdue_circuit_settled_meanwhile() {
         "node B placed a circuit of its own beside it"
     );
 }
+
+/// Node A killed mid-creation of a session's circuit; calls for the same session
+/// and app reach nodes B and C. Each node's first call polls A's mark, both see it
+/// pass at the same moment, and each withdrew it and created a replacement: two
+/// circuits for one session, both handed out. Here the removal of A's circuit is
+/// held up (the worker's row locked) so that both calls surely found it overdue
+/// first. The replacement is now decided under the reuse key's turn in the store:
+/// one node withdraws A's circuit and creates the replacement, the other waits for
+/// the turn and reuses it.
+#[test]
+fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // Node A's creation (the first) is never acknowledged; the others are.
+    let _worker = StandIn::start(&redis.url(), 1);
+    let extra = format!(
+        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 3600\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
+    let (_dir_c, c) = node(&pg, &extra);
+    let token = setup(&a);
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let ask = |addr: SocketAddr, id: String| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            request(
+                addr,
+                "GET",
+                &path,
+                &[
+                    ("Accept", "application/json"),
+                    ("X-Backend-Request-ID", id.as_str()),
+                ],
+                "",
+            )
+        })
+    };
+    let (addr, on_a_path) = (a.addr, path.clone());
+    // Killed mid-call: no answer.
+    let _on_a = std::thread::spawn(move || {
+        appproxy_test_support::http::request_within(
+            addr,
+            "GET",
+            &on_a_path,
+            &[("Accept", "application/json")],
+            b"",
+            PATIENCE,
+        )
+    });
+    wait_for("node A's circuit was never stored", || circuits() == 1);
+    let of_a = pg.psql("appproxy", "SELECT id FROM circuits");
+    drop(a);
+    // A removal of A's circuit waits on the worker's row (its slot count).
+    let held = pg.hold("appproxy", "BEGIN; SELECT id FROM workers FOR UPDATE");
+    let calls: Vec<_> = (0..3)
+        .flat_map(|n| {
+            std::thread::sleep(Duration::from_millis(100));
+            [
+                ask(b.addr, format!("orphan2-b-{n}")),
+                ask(c.addr, format!("orphan2-c-{n}")),
+            ]
+        })
+        .collect();
+    let removals = || {
+        count(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH gone AS%'",
+        )
+    };
+    wait_for("no removal of node A's circuit ever came", || {
+        removals() >= 1
+    });
+    // Both nodes poll the mark every 100 ms: a second removal, if any, comes within
+    // this.
+    std::thread::sleep(Duration::from_secs(1));
+    held.commit();
+    let mut handed = Vec::new();
+    for call in calls {
+        let r = call.join().expect("a call");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        handed.push(
+            claims_of(r.json()["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+                .as_str()
+                .expect("circuit")
+                .to_owned(),
+        );
+    }
+    assert!(
+        handed.iter().all(|c| *c != of_a),
+        "node A's orphaned circuit handed out"
+    );
+    assert!(
+        handed.iter().all(|c| *c == handed[0]),
+        "the calls on two nodes were answered with several circuits: {handed:?}"
+    );
+    assert_eq!(
+        pg.psql("appproxy", "SELECT string_agg(id::text, ',') FROM circuits"),
+        handed[0],
+        "exactly the one circuit handed out is stored for the session"
+    );
+}

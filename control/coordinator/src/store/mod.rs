@@ -562,6 +562,47 @@ impl Drop for RouteTurn {
     }
 }
 
+/// A turn at one `/v2/proxy/auth` reuse key across every coordinator on this
+/// store ([`Store::reuse_turn`]): on PostgreSQL, the pooled connection holding the
+/// key's advisory lock. Ended with [`ReuseTurn::end`], which unlocks and gives the
+/// connection back; dropped otherwise (an error, a cancelled request), the
+/// connection is taken out of the pool and closed, and the server lets the lock
+/// go with it (as it does when the process stops).
+pub struct ReuseTurn {
+    pg: Option<deadpool_postgres::Object>,
+    key: String,
+}
+
+impl ReuseTurn {
+    /// Gives the turn back, within [`CALL_DEADLINE`] (past it, the connection is
+    /// closed instead).
+    pub async fn end(mut self) {
+        let unlocked = match self.pg.as_ref() {
+            Some(client) => tokio::time::timeout(
+                CALL_DEADLINE,
+                client.execute(
+                    "SELECT pg_advisory_unlock($1, hashtext($2))",
+                    &[&postgres::REUSE_TURN_CLASS, &self.key],
+                ),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok()),
+            None => return,
+        };
+        if unlocked {
+            drop(self.pg.take());
+        }
+    }
+}
+
+impl Drop for ReuseTurn {
+    fn drop(&mut self) {
+        if let Some(client) = self.pg.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// The store, whichever engine backs it. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {
@@ -875,6 +916,28 @@ impl Store {
         match self {
             Store::Sqlite(_) => Ok(RouteTurn { pg: None }),
             Store::Postgres(p) => p.route_turn().await,
+        }
+    }
+
+    /// A turn at the reuse key `key` of `/v2/proxy/auth` across every coordinator
+    /// on this store, waited for at most `wait` (`None` past it). Taken by a call
+    /// that met another coordinator's creation for the key (under way, overdue or
+    /// withdrawn), and held until its own creation has its outcome: of the calls
+    /// on several coordinators that find an orphaned creation at once, one
+    /// withdraws it and creates the replacement, the others then reuse it. SQLite's
+    /// store serves one coordinator, whose in-process lock of the key suffices:
+    /// the turn is empty.
+    pub async fn reuse_turn(
+        &self,
+        key: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<ReuseTurn>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(Some(ReuseTurn {
+                pg: None,
+                key: key.to_owned(),
+            })),
+            Store::Postgres(p) => p.reuse_turn(key, wait).await,
         }
     }
 

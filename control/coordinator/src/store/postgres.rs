@@ -254,6 +254,10 @@ CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_
 /// in ASCII).
 pub(super) const ROUTE_WRITES_KEY: i64 = 0x726f_7574_6573;
 
+/// The class of the advisory locks `/v2/proxy/auth` reuse keys take turns under
+/// across coordinators ("reus" in ASCII), the key's `hashtext` the other half.
+pub(super) const REUSE_TURN_CLASS: i32 = 0x7265_7573;
+
 /// The SQLSTATE `appproxy_circuit_may_insert` refuses a session's circuit with.
 const SESSION_LIMIT: &str = "AP429";
 
@@ -700,6 +704,55 @@ impl PgStore {
                 return Ok(turn);
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A turn at a reuse key ([`super::Store::reuse_turn`]): a connection holding
+    /// the session advisory lock ([`REUSE_TURN_CLASS`], `hashtext(key)`), tried
+    /// without waiting on the server (a lock wait cancelled by our deadline could
+    /// still be granted later, to a connection back in the pool) every 50 ms until
+    /// `wait`, each try bounded by [`super::CALL_DEADLINE`]. The connection is in
+    /// the turn from the first try, so a turn dropped anywhere closes it.
+    pub(super) async fn reuse_turn(
+        &self,
+        key: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<super::ReuseTurn>, StoreError> {
+        let until = tokio::time::Instant::now() + wait;
+        let unavailable = || {
+            StoreError::Unavailable(format!(
+                "no connection for a reuse turn within {:?}",
+                super::CALL_DEADLINE
+            ))
+        };
+        let client = tokio::time::timeout(super::CALL_DEADLINE, self.client())
+            .await
+            .map_err(|_| unavailable())??;
+        let turn = super::ReuseTurn {
+            pg: Some(client.detach()),
+            key: key.to_owned(),
+        };
+        loop {
+            let Some(client) = turn.pg.as_ref() else {
+                return Err(StoreError::Unavailable("no connection".into()));
+            };
+            let got: bool = tokio::time::timeout(
+                super::CALL_DEADLINE,
+                client.query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&REUSE_TURN_CLASS, &key],
+                ),
+            )
+            .await
+            .map_err(|_| unavailable())??
+            .try_get(0)?;
+            if got {
+                return Ok(Some(turn));
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(None);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
