@@ -4786,6 +4786,65 @@ fn creations_succeed_when_the_database_clock_is_ahead() {
     );
 }
 
+/// A coordinator whose wall clock steps back 10 s (an NTP step) after it read the
+/// database's clock: every deadline it moved onto the database's clock fell 10 s
+/// early, and every creation's insert was refused (503) until the next reading,
+/// up to a minute later. A refusal past a deadline now makes the next call read
+/// the database's clock again: after the step, a creation (at most the first)
+/// fails, the next ones succeed.
+#[test]
+fn creations_succeed_again_right_after_the_coordinators_clock_steps_back() {
+    let lib = ["/usr/lib/faketime", "/usr/lib/x86_64-linux-gnu/faketime"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join("libfaketimeMT.so.1"))
+        .find(|lib| lib.is_file())
+        .expect("libfaketime is not installed (apt-get install faketime; .ci/run does)");
+    let pg = appproxy_test_support::pg::Pg::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").expect("faketime offset");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"{}\"\n[logging]\nfilter = \"info\"\n",
+        pg.url()
+    );
+    let (lib, offset_file) = (lib.to_string_lossy(), offset.to_string_lossy());
+    let c = common::start_with_env(
+        dir.path(),
+        &config,
+        &[
+            ("LD_PRELOAD", lib.as_ref()),
+            ("FAKETIME_TIMESTAMP_FILE", offset_file.as_ref()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let token = setup(&c);
+    let create = |app: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let r = create("before-step");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    std::fs::write(&offset, "-10\n").expect("faketime offset");
+    let after: Vec<u16> = (1..=3)
+        .map(|n| create(&format!("after-step-{n}")).status)
+        .collect();
+    assert!(
+        after[0] == 200 || after[0] == 503,
+        "the first creation after the step: {after:?}"
+    );
+    assert_eq!(
+        after[1..],
+        [200, 200],
+        "creations after the clock stepped back keep failing: {after:?}"
+    );
+}
+
 /// A creation whose insert is held in transit for 12 s, past its caller's answer
 /// (503): nothing of it is stored, and the session then gets its circuit.
 fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {

@@ -784,6 +784,17 @@ impl PgStore {
         }
     }
 
+    /// A write was refused past its deadline on the server's clock: the reading of
+    /// that clock may be stale (our clock stepped since, or the server's), and the
+    /// next call that moves a deadline reads it again rather than up to
+    /// [`CLOCK_REREAD`] later. Else a clock stepped back failed every creation
+    /// until then.
+    fn doubt_clock(&self) {
+        if let Ok(mut clock) = self.clock.lock() {
+            clock.read_at = None;
+        }
+    }
+
     /// `deadline` (a time on our clock) as a time on the server's, reading the
     /// server's clock first on `client` when the last reading is old.
     async fn on_server_clock(
@@ -1261,6 +1272,7 @@ impl PgStore {
                 if e.code().map(|c| c.code()) == Some(SESSION_LIMIT) {
                     StoreError::SessionLimit(limit.map(|(_, n)| n).unwrap_or_default())
                 } else if past_deadline(&e) {
+                    self.doubt_clock();
                     StoreError::Unavailable(
                         "the insert reached its commit after its deadline; nothing stored".into(),
                     )
@@ -1269,6 +1281,7 @@ impl PgStore {
                 }
             })?;
         if inserted == 0 {
+            self.doubt_clock();
             return Err(StoreError::Unavailable(
                 "the insert reached the database after its deadline; nothing stored".into(),
             ));
@@ -1313,10 +1326,11 @@ impl PgStore {
         }
         match tx.commit().await {
             Err(e) if past_deadline(&e) => {
+                self.doubt_clock();
                 return Err(StoreError::Unavailable(
                     "the route update reached its commit after its deadline; nothing changed"
                         .into(),
-                ))
+                ));
             }
             other => other?,
         }
@@ -1451,6 +1465,7 @@ impl PgStore {
         let settled: i64 = row.try_get(0)?;
         let in_time: bool = row.try_get(1)?;
         if settled == 0 && !in_time {
+            self.doubt_clock();
             return Err(StoreError::Unavailable(
                 "the creation's settling reached the database after its deadline; nothing changed"
                     .into(),
@@ -1634,6 +1649,7 @@ impl PgStore {
             )
             .await?;
         let late = || {
+            self.doubt_clock();
             StoreError::Unavailable(
                 "the removal reached the database after its deadline; nothing removed".into(),
             )

@@ -27,6 +27,11 @@ impl Drop for Coordinator {
 /// before the coordinator binds it), from where this run's lines begin, so a
 /// restart in the same directory does not read the last run's line.
 pub fn start(dir: &Path, config: &str) -> Coordinator {
+    start_with_env(dir, config, &[])
+}
+
+/// [`start`] with `env` set for the process (libfaketime's, say).
+pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Coordinator {
     std::fs::write(dir.join("coordinator.toml"), config).expect("config");
     let log_path = dir.join("coordinator.log");
     let log = std::fs::OpenOptions::new()
@@ -38,6 +43,7 @@ pub fn start(dir: &Path, config: &str) -> Coordinator {
     let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
         .arg("--config")
         .arg(dir.join("coordinator.toml"))
+        .envs(env.iter().copied())
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log))
         .spawn()
