@@ -363,6 +363,10 @@ async fn overdue_pass(state: &State) {
             return;
         }
     };
+    // One circuit's failure (its row locked past the statement timeout) does not
+    // end the pass: the others are withdrawn all the same. A store out of reach
+    // fails every one: the pass ends after a few.
+    let mut failures = 0;
     for id in due {
         // This node's own creation: it settles it or withdraws it itself (its
         // mark, renewed, passed only because the store was out of reach a while;
@@ -389,7 +393,10 @@ async fn overdue_pass(state: &State) {
                     circuit = %id, error = %e,
                     "circuit of a creation never settled not withdrawn; tried again next pass"
                 );
-                return;
+                failures += 1;
+                if failures >= OVERDUE_FAILURES_PER_PASS {
+                    return;
+                }
             }
         }
     }
@@ -398,6 +405,10 @@ async fn overdue_pass(state: &State) {
 /// Circuits one sweep of unsettled creations withdraws at most (a backlog is
 /// worked off over several passes).
 const OVERDUE_BATCH: usize = 500;
+
+/// Failed withdrawals after which a sweep pass ends (the store is likely out of
+/// reach; the next pass tries again).
+const OVERDUE_FAILURES_PER_PASS: usize = 3;
 
 /// Keeps the marks of this node's creations under way fresh in the store, on
 /// every node (leading or not): every [`State::creation_renewal`], one bounded

@@ -1755,3 +1755,57 @@ async fn creations_are_marked_until_settled_on_postgresql() {
         .expect("open");
     creations_are_marked_until_settled(store).await;
 }
+
+/// A node renews the marks of its creations under way in one write: with one of
+/// their rows locked by another transaction (a settle or removal under way, an
+/// operator's session), that write waited on the row until the statement timeout
+/// and failed, renewing none of them, and once the marks passed the sweep took
+/// creations still running. The rows locked are now skipped (renewed by the next
+/// pass), the others renewed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_does_not_stall_the_renewal_of_other_marks() {
+    let pg = Pg::start();
+    let store = Store::open(Some(&pg.url()), std::path::Path::new("unused"))
+        .await
+        .expect("open");
+    let w = store
+        .upsert_worker(&worker_body("worker-renewal"))
+        .await
+        .expect("register");
+    let short = std::time::Duration::from_secs(30);
+    let long = std::time::Duration::from_secs(600);
+    let ids: Vec<uuid::Uuid> = {
+        let mut ids = Vec::new();
+        for port in 10205..10208 {
+            let c = circuit(w, port);
+            store
+                .insert_creating_circuit(&c, None, None, None, short)
+                .await
+                .expect("insert");
+            ids.push(c.id);
+        }
+        ids
+    };
+    let held = pg.hold(
+        "appproxy",
+        &format!(
+            "BEGIN; SELECT id FROM circuits WHERE id = '{}' FOR UPDATE",
+            ids[0]
+        ),
+    );
+    let renewed = store
+        .renew_creations(&ids, long)
+        .await
+        .expect("the marks of the rows not locked are renewed");
+    assert_eq!(renewed, 2);
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            "SELECT count(*) FROM circuits WHERE creating_until > now() + interval '500 s'"
+        ),
+        "2"
+    );
+    held.commit();
+    // Once the row is free, the next renewal takes it.
+    assert_eq!(store.renew_creations(&ids, long).await.expect("renew"), 3);
+}

@@ -1385,3 +1385,71 @@ fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
         "exactly the one circuit handed out is stored for the session"
     );
 }
+
+/// Two circuits left marked past their bound (as coordinators that died
+/// mid-creation leave them), the one overdue longest held locked by another
+/// transaction: the leader's sweep took them in order, its removal of the locked
+/// one failed at the statement timeout, and the pass ended there, every pass:
+/// one locked row kept every later one deployed. The sweep now goes on past one
+/// circuit's failure (and leaves rows locked at its read to the next pass).
+#[test]
+fn one_locked_overdue_circuit_does_not_block_the_sweep_of_the_others() {
+    let pg = Pg::start();
+    let extra = "check_unsettled_creation_interval_secs = 1";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(dir.path(), &pg, extra);
+    wait_for("the node never led", || leads(&c));
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The first left longest ago: the sweep reads it first.
+    for (app, port, ago) in [("left-first", 1, 120), ("left-second", 2, 60)] {
+        pg.psql(
+            "appproxy",
+            &format!(
+                "INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
+                    open_to_public, session_ids, route_info, creating_until)
+                 SELECT gen_random_uuid(), '{app}', protocol, worker, app_mode, frontend_mode,
+                    port + {port}, open_to_public, ARRAY[gen_random_uuid()], route_info,
+                    now() - interval '{ago} s'
+                 FROM circuits WHERE app = 'jupyter'"
+            ),
+        );
+    }
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; SELECT id FROM circuits WHERE app = 'left-first' FOR UPDATE",
+    );
+    // Bounded: several passes, each at most one statement timeout (4 s) per
+    // locked row.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(
+        &pg,
+        "SELECT count(*) FROM circuits WHERE app = 'left-second'",
+    ) != 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the circuit after the locked one was never swept"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    held.commit();
+    wait_for("the locked circuit was never swept once free", || {
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE app = 'left-first'",
+        ) == 0
+    });
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM circuits WHERE app = 'jupyter'"),
+        1,
+        "the settled circuit is kept"
+    );
+}

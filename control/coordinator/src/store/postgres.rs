@@ -1483,8 +1483,13 @@ impl PgStore {
             .client()
             .await?
             .execute(
+                // A row locked by another transaction (a settling or a removal
+                // under way, an operator's session) is skipped, renewed by the
+                // next pass: waited for, it held up every other mark's renewal
+                // until the statement timeout, and failed them all.
                 "UPDATE circuits SET creating_until = now() + make_interval(secs => $2::float8)
-                 WHERE id = ANY($1) AND creating_until > now()",
+                 WHERE id IN (SELECT id FROM circuits WHERE id = ANY($1) AND creating_until > now()
+                    FOR UPDATE SKIP LOCKED)",
                 &[&ids, &secs],
             )
             .await?)
@@ -1519,8 +1524,10 @@ impl PgStore {
             .client()
             .await?
             .query(
+                // Rows locked at the read are left to the next pass: their
+                // removal would wait on the lock.
                 "SELECT id FROM circuits WHERE creating_until IS NOT NULL AND creating_until <= now()
-                 ORDER BY creating_until LIMIT $1",
+                 ORDER BY creating_until LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&(limit as i64)],
             )
             .await?;
