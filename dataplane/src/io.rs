@@ -331,7 +331,6 @@ impl TcpConn {
         let Some(tls) = &self.tls else {
             return Ok(());
         };
-        let mut started = false;
         poll_fn(|cx| loop {
             let mut s = tls.session.borrow_mut();
             if !s.is_handshaking() {
@@ -349,12 +348,9 @@ impl TcpConn {
             }
             match s.read_tls(&mut self.sock()) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) if !started => {
-                    // The peer's first bytes: a handshake under way has something in
-                    // hand, and is no longer closed for a new connection at the cap.
-                    started = true;
-                    self.reg.set_reusable(false, false);
-                }
+                // A handshake under way has nothing in hand yet: at the cap it may
+                // still be closed for a new connection, as an unfinished request
+                // head may.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(s);

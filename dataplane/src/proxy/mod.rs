@@ -232,17 +232,23 @@ impl Client {
     /// stayed idle past the keep-alive timeout) with nothing to answer.
     async fn read_head(&mut self, first: bool) -> Result<Option<RequestHead>, RequestError> {
         let core = &self.core;
-        // Nothing of a request yet: the cap may close the connection for a new one
-        // (nginx's reusable connections); drain closes one kept alive at once. A new
+        // Until its head is complete, nothing is in hand: the cap may close the
+        // connection for a new one (nginx's reusable connections; a head that
+        // trickles in is no more, or an attacker's unfinished heads would hold every
+        // place until the head timeout); drain closes one kept alive at once. A new
         // connection has been so since its accept (`serve_conn`).
         let mut waiting = self.buf.is_empty();
+        // Whether it is in the cap's queue now.
+        let mut marked = first || waiting;
         if !(first && waiting) {
             if !waiting && self.conn.was_shed() {
                 // Closed for a new connection while its first bytes came in (sniffed
                 // for the HTTP/2 preface).
                 return Ok(None);
             }
-            self.conn.set_reusable(waiting, waiting && !first);
+            if waiting {
+                self.conn.set_reusable(true, !first);
+            }
             if !first {
                 // A later request: the keep-alive timeout until its first byte, or,
                 // when its first bytes came behind the request before (pipelined),
@@ -256,10 +262,19 @@ impl Client {
         }
         loop {
             let limits = &core.rt.head_limits;
-            if let Some(head) =
-                parse::parse_request_reusing(self.buf.filled(), limits, &mut self.fields)?
-            {
+            let parsed = parse::parse_request_reusing(self.buf.filled(), limits, &mut self.fields);
+            if let Ok(Some(_)) | Err(_) = parsed {
+                if marked {
+                    self.conn.set_reusable(false, false);
+                }
+            }
+            if let Some(head) = parsed? {
                 return Ok(Some(head));
+            }
+            if !marked {
+                // Pipelined bytes of a head not complete yet.
+                marked = true;
+                self.conn.set_reusable(true, false);
             }
             match self.buf.fill(&self.conn, self.head_limit).await {
                 Ok(0) => return Ok(None),
@@ -274,12 +289,17 @@ impl Client {
                             // on a kept-alive connection closed before any answer).
                             return Ok(None);
                         }
-                        self.conn.set_reusable(false, false);
+                        // A request under way: drain lets it come.
+                        self.conn.set_idle(false);
                         if !first {
                             // A new connection's head deadline runs from its accept.
                             self.conn.set_timeout(core.rt.head_timeout);
                         }
                     }
+                }
+                // Closed for a new connection with its head unfinished: as above.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && self.conn.was_shed() => {
+                    return Ok(None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return if self.buf.is_empty() {
