@@ -103,6 +103,19 @@ impl Haproxy {
                 h.wait_port(SocketAddr::from(([127, 0, 0, 1], f.dual_port)));
             }
         }
+        // The stats socket may come after the ports (seen once under load).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(h.dir.path().join("stats.sock")).is_err() {
+            if let Ok(Some(status)) = h.child.try_wait() {
+                panic!("haproxy exited ({status}):\n{}", h.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy never opened its stats socket:\n{}",
+                h.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         h
     }
 
