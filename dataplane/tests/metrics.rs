@@ -624,3 +624,25 @@ fn the_scrape_example_matches_the_dashboards_and_the_default_addresses() {
         );
     }
 }
+
+/// The admin endpoint asks no credential, and `/circuits` and `/connections` name
+/// apps' addresses, sessions and clients: bound off loopback, the worker says so at
+/// start; on loopback (every other test here), it does not.
+#[test]
+fn an_admin_endpoint_off_loopback_is_warned_about() {
+    let warning = "the admin endpoint is not on a loopback address and asks no credential: keep [admin] bind on a loopback or operator network";
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        admin_bind: "0.0.0.0:0".into(),
+        ..Default::default()
+    });
+    w.wait_log("the warning", |v| {
+        v["message"] == warning && v["level"] == "WARN"
+    });
+    let quiet = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    assert_eq!(common::log_count(&quiet, warning), 0);
+}

@@ -333,6 +333,8 @@ pub struct WorkerOpts {
     pub worker_extra: String,
     /// Lines added to the `[admin]` table.
     pub admin_extra: String,
+    /// `[admin] bind` (default `127.0.0.1:0`).
+    pub admin_bind: String,
     /// Run the worker under this descriptor limit (soft and hard, set by
     /// `prlimit(1)` before it starts).
     pub nofile: Option<u64>,
@@ -347,6 +349,7 @@ impl Default for WorkerOpts {
             circuit_extra: String::new(),
             worker_extra: String::new(),
             admin_extra: String::new(),
+            admin_bind: "127.0.0.1:0".into(),
             nofile: None,
         }
     }
@@ -377,7 +380,7 @@ port_range = [1024, 65535]
 {extra_worker}
 
 [admin]
-bind = "127.0.0.1:0"
+bind = "{admin_bind}"
 {admin_extra}
 
 [logging]
@@ -395,6 +398,7 @@ route_info = [{routes}]
 {circuit_extra}
 "#,
             cores = opts.cores,
+            admin_bind = opts.admin_bind,
             extra_worker = opts
                 .worker_extra
                 .replace("{PORT}", &port.to_string())

@@ -174,6 +174,11 @@ fn run() -> anyhow::Result<()> {
         )
         .with_context(|| format!("cannot serve [admin] on {bind}"))?;
         tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
+        if !addr.ip().is_loopback() {
+            // It has no credential: /circuits and /connections name apps' addresses,
+            // sessions and clients.
+            tracing::warn!(admin = %addr, "the admin endpoint is not on a loopback address and asks no credential: keep [admin] bind on a loopback or operator network");
+        }
     }
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
     for sig in signals.forever() {
