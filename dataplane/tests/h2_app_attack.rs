@@ -521,24 +521,7 @@ fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address()
     // The 503 bodies are flow-controlled too: with no window, none came yet.
     assert_eq!(refusals, 0);
     // Another address still gets its whole download through the same app.
-    let other =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    other
-        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
-        .expect("bind 127.0.0.2");
-    other.connect(&w.addr().into()).expect("connect");
-    let mut o: TcpStream = other.into();
-    o.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    o.write_all(b"GET /bytes?n=1000000 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut all = Vec::new();
-    o.read_to_end(&mut all).expect("read");
-    assert!(
-        all.starts_with(b"HTTP/1.1 200 "),
-        "{:?}",
-        String::from_utf8_lossy(&all[..all.len().min(300)])
-    );
+    let all = answered_to_another_address(&w, "/bytes?n=1000000");
     let head_end = all
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -549,6 +532,28 @@ fn streams_to_http2_apps_are_held_to_a_per_core_budget_and_a_share_per_address()
         common::metric(&w, "appproxy_http2_app_stream_limit_total") == 24
     });
     drop(s);
+}
+
+/// A GET of `path` from another address (127.0.0.2), on a connection of its own:
+/// answered 200; all it read, head and body, to the close.
+fn answered_to_another_address(w: &Worker, path: &str) -> Vec<u8> {
+    let mut o =
+        appproxy_test_support::net::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.addr())
+            .expect("connect from 127.0.0.2");
+    o.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    o.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("write");
+    let mut all = Vec::new();
+    o.read_to_end(&mut all).expect("read");
+    assert!(
+        all.starts_with(b"HTTP/1.1 200 "),
+        "{:?}",
+        String::from_utf8_lossy(&all[..all.len().min(300)])
+    );
+    all
 }
 
 /// A TCP relay to `to` that counts the connections made to it.
@@ -794,23 +799,6 @@ fn streams_waiting_for_a_body_that_never_comes_are_held_to_the_stream_budget() {
         "the waiting streams"
     );
     // Another address is still served by the same core.
-    let other =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    other
-        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
-        .expect("bind 127.0.0.2");
-    other.connect(&w.addr().into()).expect("connect");
-    let mut o: TcpStream = other.into();
-    o.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    o.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut all = Vec::new();
-    o.read_to_end(&mut all).expect("read");
-    assert!(
-        all.starts_with(b"HTTP/1.1 200 "),
-        "{:?}",
-        String::from_utf8_lossy(&all)
-    );
+    answered_to_another_address(&w, "/");
     drop(s);
 }
