@@ -191,6 +191,14 @@ impl AckHub {
     }
 }
 
+/// How much later than its timeout an acknowledgement's timer may fire before the
+/// process is taken to have been paused or starved meanwhile.
+const ACK_LATE: Duration = Duration::from_millis(100);
+
+/// How long an acknowledgement whose timer fired late ([`ACK_LATE`]) is still
+/// waited for: one that came meanwhile is read within it.
+const ACK_GRACE: Duration = Duration::from_millis(250);
+
 /// One creation waiting for its acknowledgement.
 pub struct Waiter<'a> {
     /// Where the waiter is registered.
@@ -203,11 +211,23 @@ pub struct Waiter<'a> {
 }
 
 impl Waiter<'_> {
-    /// Waits up to `timeout`.
+    /// Waits up to `timeout`. A timer that fired late (the process was paused or
+    /// starved past the timeout) may fire before an acknowledgement that came
+    /// meanwhile, waiting in its socket, is read: the acknowledgement then gets
+    /// [`ACK_GRACE`] more to be read before the wait is a timeout.
     pub async fn wait(mut self, timeout: Duration) -> AckOutcome {
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(timeout, &mut self.rx).await {
             Ok(Ok(outcome)) => outcome,
-            _ => AckOutcome::TimedOut,
+            Ok(Err(_)) => AckOutcome::TimedOut,
+            Err(_) => {
+                let late = started.elapsed() > timeout + ACK_LATE;
+                let grace = if late { ACK_GRACE } else { Duration::ZERO };
+                match tokio::time::timeout(grace, &mut self.rx).await {
+                    Ok(Ok(outcome)) => outcome,
+                    _ => AckOutcome::TimedOut,
+                }
+            }
         }
     }
 }

@@ -506,6 +506,23 @@ impl StandIn {
     /// [`StandIn::start_slow`], acknowledging at most `acks` creations (those after
     /// them never).
     fn start_acking(url: &str, skip: usize, delay: Duration, acks: usize) -> Self {
+        Self::start_with(url, skip, delay, acks, None)
+    }
+
+    /// [`StandIn::start`], stopping the process `pid` (SIGSTOP) when a creation's
+    /// event comes, acknowledging it meanwhile, and letting the process go on
+    /// (SIGCONT) `pause` later: the acknowledgement waits in its socket.
+    fn start_pausing(url: &str, pid: u32, pause: Duration) -> Self {
+        Self::start_with(url, 0, Duration::ZERO, usize::MAX, Some((pid, pause)))
+    }
+
+    fn start_with(
+        url: &str,
+        skip: usize,
+        delay: Duration,
+        acks: usize,
+        pausing: Option<(u32, Duration)>,
+    ) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -569,6 +586,15 @@ impl StandIn {
                     continue;
                 }
                 acked += 1;
+                let signal = |sig: &str, pid: u32| {
+                    let _ = std::process::Command::new("kill")
+                        .arg(sig)
+                        .arg(pid.to_string())
+                        .status();
+                };
+                if let Some((pid, _)) = pausing {
+                    signal("-STOP", pid);
+                }
                 std::thread::sleep(delay);
                 let ack = serde_json::json!({
                     "target_worker_authority": body["target_worker_authority"],
@@ -589,6 +615,10 @@ impl StandIn {
                     .arg(BROADCAST_CHANNEL)
                     .arg(text)
                     .query(&mut publish);
+                if let Some((pid, pause)) = pausing {
+                    std::thread::sleep(pause);
+                    signal("-CONT", pid);
+                }
                 if sent.is_err() {
                     return;
                 }
@@ -1451,5 +1481,39 @@ fn one_locked_overdue_circuit_does_not_block_the_sweep_of_the_others() {
         count(&pg, "SELECT count(*) FROM circuits WHERE app = 'jupyter'"),
         1,
         "the settled circuit is kept"
+    );
+}
+
+/// A coordinator stopped (SIGSTOP) while its creation waited for the worker's
+/// acknowledgement, for longer than the acknowledgement's timeout; the
+/// acknowledgement came during the pause and waited in its socket. On resuming,
+/// the timer fired before the acknowledgement was read: the creation was
+/// answered 503 and withdrawn though it had been acknowledged. A timer that fires
+/// late now gives the acknowledgement a short grace to be read first.
+#[test]
+fn an_acknowledgement_that_came_during_a_pause_is_not_a_timeout() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let extra = format!(
+        "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir, c) = node(&pg, &extra);
+    let _worker = StandIn::start_pausing(&redis.url(), c.child.id(), Duration::from_secs(3));
+    let token = setup(&c);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NULL"
+        ),
+        1
     );
 }
