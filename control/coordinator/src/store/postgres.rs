@@ -711,8 +711,9 @@ impl PgStore {
     /// the session advisory lock ([`REUSE_TURN_CLASS`], `hashtext(key)`), tried
     /// without waiting on the server (a lock wait cancelled by our deadline could
     /// still be granted later, to a connection back in the pool) every 50 ms until
-    /// `wait`, each try bounded by [`super::CALL_DEADLINE`]. The connection is in
-    /// the turn from the first try, so a turn dropped anywhere closes it.
+    /// `wait`, each try bounded by [`super::CALL_DEADLINE`]. Between tries the
+    /// connection goes back to the pool (a call waiting for its turn holds none);
+    /// during a try it is in the turn, so a try dropped anywhere closes it.
     pub(super) async fn reuse_turn(
         &self,
         key: &str,
@@ -721,18 +722,18 @@ impl PgStore {
         let until = tokio::time::Instant::now() + wait;
         let unavailable = || {
             StoreError::Unavailable(format!(
-                "no connection for a reuse turn within {:?}",
+                "no reuse turn tried within {:?}",
                 super::CALL_DEADLINE
             ))
         };
-        let client = tokio::time::timeout(super::CALL_DEADLINE, self.client())
-            .await
-            .map_err(|_| unavailable())??;
-        let turn = super::ReuseTurn {
-            pg: Some(client.detach()),
-            key: key.to_owned(),
-        };
         loop {
+            let client = tokio::time::timeout(super::CALL_DEADLINE, self.client())
+                .await
+                .map_err(|_| unavailable())??;
+            let mut turn = super::ReuseTurn {
+                pg: Some(client.detach()),
+                key: key.to_owned(),
+            };
             let Some(client) = turn.pg.as_ref() else {
                 return Err(StoreError::Unavailable("no connection".into()));
             };
@@ -749,6 +750,8 @@ impl PgStore {
             if got {
                 return Ok(Some(turn));
             }
+            // Not taken: the connection holds nothing, back to the pool.
+            drop(turn.pg.take());
             if tokio::time::Instant::now() >= until {
                 return Ok(None);
             }
