@@ -789,6 +789,7 @@ async fn forward_h1(
                         &mut ubuf,
                         &mut Vec::new(),
                         head.method,
+                        None,
                     )
                     .await,
                 )
@@ -863,9 +864,16 @@ async fn forward_h1(
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         }
         ubuf.consume(resp.head_len);
-        resp = proxy::read_response_head(core, &upstream, &mut ubuf, &mut Vec::new(), head.method)
-            .await
-            .map_err(|f| Fail::Answer(f.into_error()))?;
+        resp = proxy::read_response_head(
+            core,
+            &upstream,
+            &mut ubuf,
+            &mut Vec::new(),
+            head.method,
+            None,
+        )
+        .await
+        .map_err(|f| Fail::Answer(f.into_error()))?;
     }
     let rbuf = ubuf.filled();
     let bodiless = head.method == Method::Head

@@ -676,6 +676,7 @@ impl Client {
                             &mut self.ubuf,
                             &mut self.resp_fields,
                             head.method,
+                            None,
                         )
                         .await
                         {
@@ -718,9 +719,20 @@ impl Client {
             }
         }
         let sent = core.metrics.histograms().then(Instant::now);
-        let Some(outcome) = self.response_head(upstream, head.method).await else {
+        // The client watched meanwhile: one gone ends the wait (and the app's
+        // connection, holding a request it may still answer, is closed).
+        let outcome = read_response_head(
+            &core,
+            upstream,
+            &mut self.ubuf,
+            &mut self.resp_fields,
+            head.method,
+            Some(&self.conn),
+        )
+        .await;
+        if let Err(HeadFailure::ClientGone) = outcome {
             return failed(Failure::Abort(CLIENT_LEFT.into()));
-        };
+        }
         if let (Ok(_), Some(sent)) = (&outcome, sent) {
             core.metrics.upstream_head.observe(sent.elapsed());
         }
@@ -750,31 +762,6 @@ impl Client {
                 failed(Failure::Answer(err, Left::Nothing))
             }
         }
-    }
-
-    /// [`read_response_head`] while the client is watched: one whose connection was
-    /// reset or hung up meanwhile ends the wait (`None`; the app's connection, holding
-    /// a request it may still answer, is then closed), rather than holding both for
-    /// as long as the app may take (`upstream_head_secs`). A client that only ended
-    /// its side still gets its answer, as with a response body
-    /// ([`relay::fill_watching`]).
-    async fn response_head(
-        &mut self,
-        upstream: &TcpConn,
-        method: Method,
-    ) -> Option<Result<ResponseHead, HeadFailure>> {
-        let conn = &self.conn;
-        let head = read_response_head(
-            &self.core,
-            upstream,
-            &mut self.ubuf,
-            &mut self.resp_fields,
-            method,
-        );
-        futures_lite::pin!(head);
-        relay::or_watch(head, || conn.set_deadline(None), conn.hung_up())
-            .await
-            .ok()
     }
 
     /// Waits until the first bytes of the request body are buffered, sending
@@ -984,11 +971,17 @@ impl Client {
             }
             self.ubuf.consume(resp.head_len);
             self.resp_fields = std::mem::take(&mut resp.headers);
-            let Some(next) = self.response_head(&sent.upstream, req.method).await else {
-                return Err(Failure::Abort(CLIENT_LEFT.into()));
-            };
-            resp = match next {
+            let next = read_response_head(
+                &core,
+                &sent.upstream,
+                &mut self.ubuf,
+                &mut self.resp_fields,
+                req.method,
+                Some(&self.conn),
+            );
+            resp = match next.await {
                 Ok(r) => r,
+                Err(HeadFailure::ClientGone) => return Err(Failure::Abort(CLIENT_LEFT.into())),
                 Err(f) if bytes_out == 0 => {
                     return Err(Failure::Answer(f.into_error(), Left::Nothing));
                 }

@@ -12,7 +12,7 @@ use crate::core::{counter, Core, Route};
 use crate::http::error::{ProxyError, ResponseError};
 use crate::http::parse::{self, Method, ResponseHead};
 use crate::io::TcpConn;
-use crate::relay::ReadBuf;
+use crate::relay::{self, ReadBuf};
 
 /// Records an exchange's outcome in the route's passive health.
 pub(crate) fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool) {
@@ -171,6 +171,8 @@ pub(crate) enum HeadFailure {
     Timeout,
     /// The head is malformed or too large.
     Invalid(ResponseError),
+    /// The client watched during the wait reset or hung up: nobody to answer.
+    ClientGone,
 }
 
 impl HeadFailure {
@@ -179,7 +181,9 @@ impl HeadFailure {
     pub(crate) fn retry(&self) -> Retry {
         match self {
             HeadFailure::Closed(_) => Retry::IfReused,
-            HeadFailure::Timeout | HeadFailure::Invalid(_) => Retry::Never,
+            HeadFailure::Timeout | HeadFailure::Invalid(_) | HeadFailure::ClientGone => {
+                Retry::Never
+            }
         }
     }
 
@@ -189,6 +193,12 @@ impl HeadFailure {
             HeadFailure::Closed(e) => ProxyError::UpstreamClosed(e),
             HeadFailure::Timeout => ProxyError::UpstreamTimeout,
             HeadFailure::Invalid(e) => ProxyError::UpstreamResponse(e),
+            // Never answered (there is no one to answer): what the app's connection
+            // was when the exchange was given up.
+            HeadFailure::ClientGone => ProxyError::UpstreamClosed(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client left before the app answered",
+            )),
         }
     }
 }
@@ -199,13 +209,17 @@ pub(crate) const MAX_INTERIM: usize = 5;
 
 /// Reads `upstream` into `ubuf` until a complete response head to `method` is there
 /// (within `[timeouts] upstream_head_secs`). The head's field list takes `fields`'
-/// allocation (recycled from the response before).
+/// allocation (recycled from the response before). `client`, when given, is watched
+/// while the app is silent ([`relay::fill_watching`]): one that reset or hung up
+/// ends the wait (`ClientGone`), rather than holding both connections for as long
+/// as the app may take; one that only ended its side still gets its answer.
 pub(crate) async fn read_response_head(
     core: &Core,
     upstream: &TcpConn,
     ubuf: &mut ReadBuf,
     fields: &mut Vec<parse::HeaderField>,
     method: Method,
+    client: Option<&TcpConn>,
 ) -> Result<ResponseHead, HeadFailure> {
     upstream.set_timeout(core.rt.upstream_head_timeout);
     let max_head = core.rt.max_response_head;
@@ -215,7 +229,14 @@ pub(crate) async fn read_response_head(
         {
             return Ok(head);
         }
-        match ubuf.fill(upstream, core.rt.max_response_head + 1024).await {
+        let limit = core.rt.max_response_head + 1024;
+        let filled = match client {
+            Some(client) => relay::fill_watching(ubuf, upstream, limit, client)
+                .await
+                .ok_or(HeadFailure::ClientGone)?,
+            None => ubuf.fill(upstream, limit).await,
+        };
+        match filled {
             Ok(0) => {
                 return Err(HeadFailure::Closed(io::ErrorKind::UnexpectedEof.into()));
             }
