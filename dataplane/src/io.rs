@@ -561,38 +561,17 @@ impl TcpConn {
     /// hang-up or an error), however many bytes it sent before that still wait
     /// unread, or until the connection is revoked or times out: how a wait on
     /// something else (an app's answer) learns that its client is gone, as nginx's
-    /// check for a broken connection does. Nothing is read; the next read tries the
-    /// socket again, however the wait ended.
+    /// check for a broken connection does. Nothing is read.
     pub async fn peer_gone(&self) {
-        self.until_seen(Direction::Read, Registration::read_closed)
-            .await;
+        self.until_seen(Direction::Read).await;
     }
 
-    /// Waits on the edges of `dir` until `seen` holds of the registration, or until
-    /// the connection is revoked or times out. Any other edge (bytes to read, room to
-    /// write) is looked at and waited past. Waiting clears `dir`'s readiness; however
-    /// the wait ends (done, or dropped by a race it lost), the next use of `dir` tries
-    /// the socket again: an edge the wait took is not lost to it.
-    async fn until_seen(&self, dir: Direction, seen: fn(&Registration) -> bool) {
-        struct Rearm<'a>(&'a Registration, Direction);
-        impl Drop for Rearm<'_> {
-            fn drop(&mut self) {
-                self.0.mark_ready(self.1);
-            }
-        }
-        let _rearm = Rearm(&self.reg, dir);
-        poll_fn(|cx| loop {
-            if seen(&self.reg) {
-                return Poll::Ready(());
-            }
-            self.reg.clear_ready(dir);
-            match self.reg.poll_ready(cx, dir, self.stream.as_fd()) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => {}
-            }
-        })
-        .await;
+    /// Waits on the edges of `dir` until the reactor has seen the peer's end there
+    /// ([`Registration::poll_peer_end`]), or until the connection is revoked or
+    /// times out. Any other edge (bytes to read, room to write) is looked at and
+    /// waited past; `dir`'s readiness is left as it is, for its one user.
+    async fn until_seen(&self, dir: Direction) {
+        poll_fn(|cx| self.reg.poll_peer_end(cx, dir, self.stream.as_fd())).await;
     }
 
     /// Waits until the reactor sees the connection reset or hung up (`EPOLLERR`,
@@ -600,11 +579,9 @@ impl TcpConn {
     /// else (an app's silent answer) learns that its client is gone, while a client
     /// that only ended its side (a half-close: it still reads) keeps its answer, as
     /// HAProxy's default (no `abortonclose`) does. It waits on the write side's
-    /// edges: for the connection's one writer, while it is not writing (its next
-    /// write tries the socket again, however the wait ended).
+    /// edges: for the connection's one writer, while it is not writing.
     pub async fn hung_up(&self) {
-        self.until_seen(Direction::Write, Registration::hung_up)
-            .await;
+        self.until_seen(Direction::Write).await;
     }
 
     /// Whether the reactor has seen the peer's end of stream (or a hang-up, an error).

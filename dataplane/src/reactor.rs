@@ -801,6 +801,42 @@ impl Registration {
         Poll::Pending
     }
 
+    /// Ready once the reactor has seen the peer's end in `dir` — `Read`: its end of
+    /// stream (or a hang-up, an error); `Write`: a hang-up or an error, so that
+    /// nothing written will arrive — or the descriptor timed out or was revoked.
+    /// Until then `cx` is woken at the next edge in `dir`, whatever it is (the caller
+    /// looks again). Unlike [`Registration::poll_ready`] it neither needs nor takes
+    /// the direction's readiness: a watch beside the direction's one user, at the
+    /// cost of one look at the slot (an arm of the descriptor at most).
+    pub fn poll_peer_end(
+        &self,
+        cx: &mut Context<'_>,
+        dir: Direction,
+        fd: BorrowedFd<'_>,
+    ) -> Poll<()> {
+        let mut slots = self.reactor.slots.borrow_mut();
+        let s = &mut slots[self.index as usize];
+        let seen = match dir {
+            Direction::Read => s.read_closed,
+            Direction::Write => s.write_closed,
+        };
+        if seen || s.timed_out {
+            return Poll::Ready(());
+        }
+        if !s.armed && self.reactor.arm(s, self.index, fd).is_err() {
+            return Poll::Ready(());
+        }
+        let slot = match dir {
+            Direction::Read => &mut s.read_waker,
+            Direction::Write => &mut s.write_waker,
+        };
+        match slot {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     /// Whether the descriptor is in the epoll set, so that an edge would have been
     /// seen: until then [`Registration::is_ready`] only says what the last syscall
     /// left.
