@@ -291,6 +291,10 @@ pub async fn handshake(
     core.metrics.sub(counter::TLS_HANDSHAKING, 1);
     match done {
         Ok(()) => {
+            // Done: what serves it says from now on whether it has anything in
+            // hand (an HTTP connection waiting for its first request has not; a
+            // tunnel always has, and is never closed for a new connection).
+            conn.set_reusable(false, false);
             let resumed = conn.tls_resumed();
             core.metrics.add(
                 if resumed {

@@ -745,6 +745,10 @@ fn an_http2_apps_answer_cut_part_way_is_logged_with_its_status_and_bytes() {
     assert_eq!(access["status"], 200, "{access}");
     assert_eq!(access["bytes_out"], 5000, "{access}");
     assert_eq!(access["upstream"], app.to_string(), "{access}");
+    // The request's head read, as for an answer relayed whole; the bytes out
+    // counted once (the bridge counts them as they go).
+    assert_eq!(access["bytes_in"], 67, "{access}");
+    assert_eq!(common::metric(&w, "appproxy_bytes_out_total"), 5000);
 }
 
 /// Streams to an HTTP/1.1 app that announce a body and never send a byte of it

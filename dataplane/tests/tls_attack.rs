@@ -375,3 +375,55 @@ fn frames_after_an_idle_goaway_over_tls_meet_a_lingering_close() {
         open_fds(w.pid()).0 <= fds
     });
 }
+
+/// A TLS tunnel to a TCP circuit (SSH, VNC) has its session in hand from its
+/// handshake on: at the cap it is never closed for a new connection, as a plain one
+/// is not. Found by a verifier: once a handshake under way became sheddable, the
+/// mark stayed on after it, and a tunnel was closed 460 ms in by bare connections
+/// pushing the core to its cap.
+#[test]
+fn at_the_cap_a_tls_tunnel_is_never_closed_for_a_new_connection() {
+    use std::io::Read;
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: pki.worker_lines(),
+        circuit_extra: "protocol = \"tcp\"".into(),
+        extra: "[limits]\nmax_connections_per_core = 2\n".into(),
+        ..Default::default()
+    });
+    let mut tunnel = connect(w.addr(), &pki.default_client(), "localhost").expect("tls");
+    let mut round_trip = |what: &[u8]| {
+        tunnel.write_all(what).expect("send");
+        let mut got = vec![0u8; what.len()];
+        tunnel.read_exact(&mut got).expect("echo");
+        assert_eq!(got, what);
+    };
+    round_trip(b"first");
+    // Bare connections, each sheddable until its handshake is done, push the core
+    // past its cap again and again.
+    let bare: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(w.addr()).expect("connect"))
+        .collect();
+    eventually("the bare connections made room for each other", || {
+        metric(&w, "appproxy_connections_shed_total")
+            + metric(&w, "appproxy_connections_refused_total")
+            >= 3
+    });
+    round_trip(b"second");
+    drop(bare);
+}

@@ -176,6 +176,13 @@ impl Exchange {
     }
 }
 
+/// Whether a relay counted its bytes out (`appproxy_bytes_out_total`) as they went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Already,
+    Not,
+}
+
 /// Why an exchange ended while the app had not answered yet.
 const CLIENT_LEFT: &str = "the client left before the app answered";
 
@@ -375,7 +382,12 @@ impl Client {
                 self.conclude(x, Err(failed)).await
             }
             Err(crate::http2::stream::Fail::Abort(reason)) => self.abort(x, &reason),
-            Err(crate::http2::stream::Fail::Cut(cut)) => self.cut(x, &cut),
+            // As an answer relayed whole: the head's bytes in, the bytes out already
+            // counted.
+            Err(crate::http2::stream::Fail::Cut(cut)) => {
+                let bytes = (x.head.head_len as u64 + cut.bytes.0, cut.bytes.1);
+                self.cut(x, &retry::Cut { bytes, ..cut }, Counted::Already)
+            }
         }
     }
 
@@ -388,7 +400,7 @@ impl Client {
                 self.refuse(x, (&err).into(), left).await
             }
             Err(Failure::Abort(reason)) => self.abort(x, &reason),
-            Err(Failure::Cut(cut)) => self.cut(x, &cut),
+            Err(Failure::Cut(cut)) => self.cut(x, &cut, Counted::Not),
         }
     }
 
@@ -416,13 +428,16 @@ impl Client {
     }
 
     /// An answer was cut part way: counted as relayed so far (its status, the bytes
-    /// that went) and as a proxy error; the connection closes.
-    fn cut(&self, x: &Exchange, cut: &retry::Cut) -> Next {
+    /// that went, unless the relay `counted` them as they went) and as a proxy
+    /// error; the connection closes.
+    fn cut(&self, x: &Exchange, cut: &retry::Cut, counted: Counted) -> Next {
         tracing::info!(reason = %cut.reason, status = cut.status, "response cut");
         let core = &self.core;
         core.metrics.add(counter::PROXY_ERRORS, 1);
         core.metrics.status(cut.status);
-        core.metrics.add(counter::BYTES_OUT, cut.bytes.1);
+        if counted == Counted::Not {
+            core.metrics.add(counter::BYTES_OUT, cut.bytes.1);
+        }
         core.record(&x.entry(cut.status, cut.bytes, Some(cut.upstream)));
         Next::Close
     }
