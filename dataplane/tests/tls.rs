@@ -79,7 +79,11 @@ fn https_requests_over_tls12_and_tls13_with_alpn() {
     let r = tls_support::read_response(&mut s);
     assert_eq!(r.status, 200);
     assert_eq!(up.last().body_len, 1_000_000);
-    assert!(metric(&w, "appproxy_tls_handshakes_in_progress") == 0);
+    // Every handshake ended (the harness's readiness probe, closed at once, may be
+    // taken by a loaded core only now: its failed handshake ends soon after).
+    common::eventually("no handshake left in progress", || {
+        metric(&w, "appproxy_tls_handshakes_in_progress") == 0
+    });
 }
 
 /// `[worker] proxy_protocol` with TLS: the balancer's header comes before the
