@@ -331,6 +331,7 @@ impl TcpConn {
         let Some(tls) = &self.tls else {
             return Ok(());
         };
+        let mut started = false;
         poll_fn(|cx| loop {
             let mut s = tls.session.borrow_mut();
             if !s.is_handshaking() {
@@ -348,9 +349,13 @@ impl TcpConn {
             }
             match s.read_tls(&mut self.sock()) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                // A handshake under way has nothing in hand yet: at the cap it may
-                // still be closed for a new connection, as an unfinished request
-                // head may.
+                // The peer's first bytes: a handshake under way may still be closed
+                // for a new connection at the cap, as an unfinished request head
+                // may, once no connection with nothing in hand is left.
+                Ok(_) if !started => {
+                    started = true;
+                    self.reg.set_unfinished();
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(s);
@@ -821,6 +826,13 @@ impl TcpConn {
     /// one at the connection cap. `idle`: drain closes it at once too.
     pub fn set_reusable(&self, reusable: bool, idle: bool) {
         self.reg.set_reusable(reusable, idle);
+    }
+
+    /// Marks the connection as having its request head (or TLS handshake) under way
+    /// but unfinished: at the cap it is closed for a new one only once no connection
+    /// with nothing in hand is left ([`Registration::set_unfinished`]).
+    pub fn set_unfinished(&self) {
+        self.reg.set_unfinished();
     }
 
     /// Whether the peer's end of stream has been seen (by the reactor, since the

@@ -148,6 +148,11 @@ pub struct Reactor {
     /// whose slot no longer bears its mark (busy again, released, marked anew) is
     /// stale and passed over.
     reusable: RefCell<std::collections::VecDeque<(u32, u64)>>,
+    /// Likewise, client connections whose request head (or TLS handshake) is under
+    /// way but unfinished: closed only when `reusable` has none. A client pushing
+    /// the core to its cap with connections that send nothing makes them close each
+    /// other, not another client's head that is still coming in.
+    unfinished: RefCell<std::collections::VecDeque<(u32, u64)>>,
     /// The last mark handed out.
     reuse_mark: Cell<u64>,
     /// Sleepers by (deadline, sequence).
@@ -288,6 +293,7 @@ impl Reactor {
             slots: RefCell::new(Vec::with_capacity(1024)),
             free: RefCell::new(Vec::new()),
             reusable: RefCell::new(std::collections::VecDeque::new()),
+            unfinished: RefCell::new(std::collections::VecDeque::new()),
             reuse_mark: Cell::new(0),
             timers: RefCell::new(BTreeMap::new()),
             timer_seq: Cell::new(0),
@@ -412,16 +418,18 @@ impl Reactor {
     /// connection at the cap: what nginx does with its reusable connections. Its
     /// task closes it at its next poll. `false` when there is none.
     pub fn shed_reusable(&self) -> bool {
-        let mut queue = self.reusable.borrow_mut();
         let mut slots = self.slots.borrow_mut();
-        while let Some((index, mark)) = queue.pop_front() {
-            let slot = &mut slots[index as usize];
-            if slot.in_use && slot.reusable == mark {
-                slot.reusable = 0;
-                slot.shed = true;
-                slot.timed_out = true;
-                wake_both(slot);
-                return true;
+        for queue in [&self.reusable, &self.unfinished] {
+            let mut queue = queue.borrow_mut();
+            while let Some((index, mark)) = queue.pop_front() {
+                let slot = &mut slots[index as usize];
+                if slot.in_use && slot.reusable == mark {
+                    slot.reusable = 0;
+                    slot.shed = true;
+                    slot.timed_out = true;
+                    wake_both(slot);
+                    return true;
+                }
             }
         }
         false
@@ -876,6 +884,19 @@ impl Registration {
                 s.reusable = 0;
             });
         }
+        self.queue_reusable(&self.reactor.reusable, idle);
+    }
+
+    /// Marks the descriptor as a client connection whose request head (or TLS
+    /// handshake) is under way but unfinished: at the connection cap it may be
+    /// closed for a new one, but only once no connection with nothing at all in
+    /// hand is left ([`Reactor::shed_reusable`]). Drain lets it finish.
+    pub fn set_unfinished(&self) {
+        self.queue_reusable(&self.reactor.unfinished, false);
+    }
+
+    /// Gives the descriptor a new mark at the back of `queue`.
+    fn queue_reusable(&self, queue: &RefCell<std::collections::VecDeque<(u32, u64)>>, idle: bool) {
         let reactor = &self.reactor;
         let mark = reactor.reuse_mark.get() + 1;
         reactor.reuse_mark.set(mark);
@@ -883,7 +904,7 @@ impl Registration {
             s.idle = idle;
             s.reusable = mark;
         });
-        let mut queue = reactor.reusable.borrow_mut();
+        let mut queue = queue.borrow_mut();
         queue.push_back((self.index, mark));
         // Stale entries are dropped once they could outnumber the slots: the queue
         // stays within twice the registered descriptors, at a cost per mark that is

@@ -891,3 +891,49 @@ fn at_the_cap_unfinished_heads_make_room_too() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+/// Connections with nothing in hand at all make room before unfinished heads do,
+/// however old: a client that churns connections sending nothing, to push the core
+/// to its cap, closes its own, not another client's head that is still coming in
+/// (a verifier's finding on the change above: three such clients on a small cap
+/// cut every legitimate head that took 0.3 s to send).
+#[test]
+fn at_the_cap_silent_connections_make_room_before_unfinished_heads() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 2\n".into(),
+        ..Default::default()
+    });
+    // The older: a head under way.
+    let mut slow = TcpStream::connect(w.addr()).expect("connect");
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n")
+        .expect("part of a head");
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert!(!common::answered_within(&slow, Duration::from_millis(300)));
+    // The newer: nothing sent.
+    let mut silent = None;
+    eventually("a silent connection is admitted", || {
+        silent = admitted(&w);
+        silent.is_some()
+    });
+    let mut silent = silent.expect("admitted");
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/c", "").status, 200, "admitted at the cap");
+    assert!(silent.is_closed(), "the silent connection makes room");
+    slow.write_all(b"\r\n").expect("the rest of the head");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match slow.read_uninterrupted(&mut buf).expect("answer") {
+            0 => break,
+            n => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 "),
+        "the older unfinished head is served: {}",
+        String::from_utf8_lossy(&answer)
+    );
+}

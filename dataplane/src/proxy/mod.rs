@@ -238,8 +238,10 @@ impl Client {
         // place until the head timeout); drain closes one kept alive at once. A new
         // connection has been so since its accept (`serve_conn`).
         let mut waiting = self.buf.is_empty();
-        // Whether it is in the cap's queue now.
+        // Whether it is in one of the cap's queues now, and in that of unfinished
+        // heads.
         let mut marked = first || waiting;
+        let mut unfinished = false;
         if !(first && waiting) {
             if !waiting && self.conn.was_shed() {
                 // Closed for a new connection while its first bytes came in (sniffed
@@ -271,10 +273,10 @@ impl Client {
             if let Some(head) = parsed? {
                 return Ok(Some(head));
             }
-            if !marked {
-                // Pipelined bytes of a head not complete yet.
-                marked = true;
-                self.conn.set_reusable(true, false);
+            if !unfinished && !self.buf.is_empty() {
+                // Part of a head: after connections with nothing in hand at all.
+                (marked, unfinished) = (true, true);
+                self.conn.set_unfinished();
             }
             match self.buf.fill(&self.conn, self.head_limit).await {
                 Ok(0) => return Ok(None),
@@ -289,8 +291,6 @@ impl Client {
                             // on a kept-alive connection closed before any answer).
                             return Ok(None);
                         }
-                        // A request under way: drain lets it come.
-                        self.conn.set_idle(false);
                         if !first {
                             // A new connection's head deadline runs from its accept.
                             self.conn.set_timeout(core.rt.head_timeout);
