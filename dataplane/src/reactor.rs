@@ -124,6 +124,21 @@ struct Slot {
     revoked: bool,
 }
 
+impl Slot {
+    /// Has `cx`'s task woken at the next edge in `dir` (a waker of the same task
+    /// already there is kept, not cloned again).
+    fn wake_on(&mut self, dir: Direction, cx: &Context<'_>) {
+        let waker = match dir {
+            Direction::Read => &mut self.read_waker,
+            Direction::Write => &mut self.write_waker,
+        };
+        match waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+    }
+}
+
 /// A registered descriptor's slot as it is now: its index and generation, so that a
 /// key kept elsewhere never names the slot's next occupant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -798,14 +813,7 @@ impl Registration {
                 return Poll::Ready(Err(e));
             }
         }
-        let slot = match dir {
-            Direction::Read => &mut s.read_waker,
-            Direction::Write => &mut s.write_waker,
-        };
-        match slot {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => *slot = Some(cx.waker().clone()),
-        }
+        s.wake_on(dir, cx);
         Poll::Pending
     }
 
@@ -834,14 +842,7 @@ impl Registration {
         if !s.armed && self.reactor.arm(s, self.index, fd).is_err() {
             return Poll::Ready(());
         }
-        let slot = match dir {
-            Direction::Read => &mut s.read_waker,
-            Direction::Write => &mut s.write_waker,
-        };
-        match slot {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => *slot = Some(cx.waker().clone()),
-        }
+        s.wake_on(dir, cx);
         Poll::Pending
     }
 

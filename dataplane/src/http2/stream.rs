@@ -780,27 +780,20 @@ async fn forward_h1(
         let sent = Instant::now();
         // A client that resets its stream meanwhile ends the exchange (and the app
         // connection, which is not pooled half read) at once.
-        let outcome = futures_lite::future::or(
-            async {
-                Some(
-                    proxy::read_response_head(
-                        core,
-                        &upstream,
-                        &mut ubuf,
-                        &mut Vec::new(),
-                        head.method,
-                        None,
-                    )
-                    .await,
-                )
-            },
-            async {
-                let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-                None
-            },
-        )
-        .await;
-        let Some(outcome) = outcome else {
+        let mut fields = Vec::new();
+        let outcome = {
+            let read = std::pin::pin!(proxy::read_response_head(
+                core,
+                &upstream,
+                &mut ubuf,
+                &mut fields,
+                head.method,
+                None,
+            ));
+            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+            relay::or_watch(read, || {}, reset).await
+        };
+        let Ok(outcome) = outcome else {
             ctx.note_client_reset();
             return Err(Fail::Abort("client reset the stream".into()));
         };
