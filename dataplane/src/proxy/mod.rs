@@ -238,9 +238,7 @@ impl Client {
         // place until the head timeout); drain closes one kept alive at once. A new
         // connection has been so since its accept (`serve_conn`).
         let mut waiting = self.buf.is_empty();
-        // Whether it is in one of the cap's queues now, and in that of unfinished
-        // heads.
-        let mut marked = first || waiting;
+        // Whether it is in the cap's queue of unfinished heads.
         let mut unfinished = false;
         if !(first && waiting) {
             if !waiting && self.conn.was_shed() {
@@ -265,17 +263,16 @@ impl Client {
         loop {
             let limits = &core.rt.head_limits;
             let parsed = parse::parse_request_reusing(self.buf.filled(), limits, &mut self.fields);
-            if let Ok(Some(_)) | Err(_) = parsed {
-                if marked {
-                    self.conn.set_reusable(false, false);
-                }
+            if !matches!(parsed, Ok(None)) {
+                // A head in hand (or refused): no longer closed for a new connection.
+                self.conn.set_reusable(false, false);
             }
             if let Some(head) = parsed? {
                 return Ok(Some(head));
             }
             if !unfinished && !self.buf.is_empty() {
                 // Part of a head: after connections with nothing in hand at all.
-                (marked, unfinished) = (true, true);
+                unfinished = true;
                 self.conn.set_unfinished();
             }
             match self.buf.fill(&self.conn, self.head_limit).await {
