@@ -262,7 +262,8 @@ pub struct DatabaseSection {
     pub url: Option<String>,
     /// The embedded database file.
     pub sqlite_path: PathBuf,
-    /// PostgreSQL connections kept by the pool.
+    /// PostgreSQL connections kept by the pool (3 to 1024; half of them at most
+    /// held by creations' turns at their reuse keys).
     pub pool_size: usize,
     /// The embedded database file grows no larger than this (MiB; 0: no limit):
     /// a write past it is refused as on a full disk (503 `E10003`, `/readyz` not

@@ -295,111 +295,118 @@ async fn proxy_auth(
         }
         turn
     };
-    // A call that met another coordinator's creation for the key also holds the
-    // key's turn in the store until its own creation has its outcome
-    // ([`reuse_on_alive_worker`]).
+    // A call that found nothing settled to reuse also holds the key's turn in the
+    // store until its own creation has its outcome ([`reuse_on_alive_worker`]):
+    // across coordinators, calls for one key create one circuit.
     let (reused, store_turn) = if Flag::get(q.no_reuse) {
         (None, None)
     } else {
         reuse_on_alive_worker(&state, reusable, &key).await?
     };
-    let (circuit, reuse, worker) = match reused {
-        Some((c, worker)) => {
-            tracing::info!(circuit = %c.id, "circuit reused");
-            (c, true, worker)
-        }
-        None => {
-            let session = &token["session"];
-            let mut properties: Vec<(String, String)> = Vec::new();
-            for (key, field) in [
-                ("id", "id"),
-                ("user_uuid", "user_uuid"),
-                ("project_id", "group_id"),
-                ("project_id", "project_id"),
-                ("access_key", "access_key"),
-                ("domain_name", "domain_name"),
-            ] {
-                if let Some(v) = session[field].as_str() {
-                    properties.push((format!("session.{key}"), v.to_owned()));
-                }
+    let outcome = async {
+        Ok::<_, ApiError>(match reused {
+            Some((c, worker)) => {
+                tracing::info!(circuit = %c.id, "circuit reused");
+                (c, true, worker)
             }
-            let default_subdomain = placement::dns_label(&format!(
-                "{}-{}",
-                q.app,
-                &q.session_id.simple().to_string()[..8]
-            ));
-            let request = placement::Request {
-                app_mode: AppMode::Interactive,
-                protocol,
-                properties: &properties,
-                preferred_port: q.port,
-                preferred_subdomain: subdomain.as_deref(),
-                default_subdomain: &default_subdomain,
-                spread: None,
-                only_worker: None,
-            };
-            let route = RouteInfo {
-                route_id: None,
-                session_id: q.session_id,
-                session_name: None,
-                kernel_host: token["kernel_host"].as_str().unwrap_or_default().to_owned(),
-                kernel_port: token["kernel_port"]
-                    .as_u64()
-                    .and_then(|p| u16::try_from(p).ok())
-                    .unwrap_or(0),
-                protocol: route_protocol,
-                traffic_ratio: 1.0,
-                health_status: None,
-                upstream_tls,
-            };
-            let template = Circuit {
-                id: uuid::Uuid::nil(),
-                app: Some(q.app.clone()),
-                protocol,
-                worker: None,
-                app_mode: AppMode::Interactive,
-                frontend_mode: FrontendMode::Port,
-                envs: Default::default(),
-                arguments: q.args.clone(),
-                open_to_public,
-                allowed_client_ips: allowed,
-                port: None,
-                subdomain: None,
-                user_id: token["session"]["user_uuid"]
-                    .as_str()
-                    .and_then(|s| uuid::Uuid::parse_str(s).ok()),
-                endpoint_id: None,
-                runtime_variant: None,
-                route_info: vec![route],
-                session_ids: vec![q.session_id],
-                created_at: None,
-                updated_at: None,
-            };
-            // At most `[limits] max_circuits_per_session` live circuits per session,
-            // decided by the store in the insert itself (a reuse above never counts).
-            let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
-            let (circuit, worker, under_way) =
-                match create_circuit(&state, template.clone(), &request, limit).await {
-                    // Circuits on workers that are gone serve nobody: they are
-                    // withdrawn rather than counted, and the creation tried again.
-                    Err(ApiError::SessionCircuitLimit(_))
-                        if withdraw_dead_circuits(&state, q.session_id).await? > 0 =>
-                    {
-                        create_circuit(&state, template, &request, limit).await?
+            None => {
+                let session = &token["session"];
+                let mut properties: Vec<(String, String)> = Vec::new();
+                for (key, field) in [
+                    ("id", "id"),
+                    ("user_uuid", "user_uuid"),
+                    ("project_id", "group_id"),
+                    ("project_id", "project_id"),
+                    ("access_key", "access_key"),
+                    ("domain_name", "domain_name"),
+                ] {
+                    if let Some(v) = session[field].as_str() {
+                        properties.push((format!("session.{key}"), v.to_owned()));
                     }
-                    created => created?,
+                }
+                let default_subdomain = placement::dns_label(&format!(
+                    "{}-{}",
+                    q.app,
+                    &q.session_id.simple().to_string()[..8]
+                ));
+                let request = placement::Request {
+                    app_mode: AppMode::Interactive,
+                    protocol,
+                    properties: &properties,
+                    preferred_port: q.port,
+                    preferred_subdomain: subdomain.as_deref(),
+                    default_subdomain: &default_subdomain,
+                    spread: None,
+                    only_worker: None,
                 };
-            // Acknowledged: settled in the store (its mark of a creation under way
-            // cleared) before the caller is answered with it; nothing after this
-            // can fail the answer. That write failing fails the creation: the
-            // circuit is withdrawn.
-            under_way.settle_stored().await?;
-            (circuit, false, worker)
-        }
-    };
+                let route = RouteInfo {
+                    route_id: None,
+                    session_id: q.session_id,
+                    session_name: None,
+                    kernel_host: token["kernel_host"].as_str().unwrap_or_default().to_owned(),
+                    kernel_port: token["kernel_port"]
+                        .as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .unwrap_or(0),
+                    protocol: route_protocol,
+                    traffic_ratio: 1.0,
+                    health_status: None,
+                    upstream_tls,
+                };
+                let template = Circuit {
+                    id: uuid::Uuid::nil(),
+                    app: Some(q.app.clone()),
+                    protocol,
+                    worker: None,
+                    app_mode: AppMode::Interactive,
+                    frontend_mode: FrontendMode::Port,
+                    envs: Default::default(),
+                    arguments: q.args.clone(),
+                    open_to_public,
+                    allowed_client_ips: allowed,
+                    port: None,
+                    subdomain: None,
+                    user_id: token["session"]["user_uuid"]
+                        .as_str()
+                        .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+                    endpoint_id: None,
+                    runtime_variant: None,
+                    route_info: vec![route],
+                    session_ids: vec![q.session_id],
+                    created_at: None,
+                    updated_at: None,
+                };
+                // At most `[limits] max_circuits_per_session` live circuits per session,
+                // decided by the store in the insert itself (a reuse above never counts).
+                let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
+                let (circuit, worker, under_way) =
+                    match create_circuit(&state, template.clone(), &request, limit).await {
+                        // Circuits on workers that are gone serve nobody: they are
+                        // withdrawn rather than counted, and the creation tried again.
+                        Err(ApiError::SessionCircuitLimit(_))
+                            if withdraw_dead_circuits(&state, q.session_id).await? > 0 =>
+                        {
+                            create_circuit(&state, template, &request, limit).await?
+                        }
+                        created => created?,
+                    };
+                // Acknowledged: settled in the store (its mark of a creation under way
+                // cleared) before the caller is answered with it; nothing after this
+                // can fail the answer. That write failing fails the creation: the
+                // circuit is withdrawn.
+                under_way.settle_stored().await?;
+                (circuit, false, worker)
+            }
+        })
+    }
+    .await;
+    // Given back whatever the outcome: every creation for a reuse key holds the
+    // turn, and one dropped on a failure (no worker, the session's limit) would
+    // close its connection rather than give it back to the pool.
     if let Some(turn) = store_turn {
         turn.end().await;
     }
+    let (circuit, reuse, worker) = outcome?;
     let mut claims =
         json!({"id": q.token, "version": "v2", "redirect": q.redirect, "circuit": circuit.id});
     // At most a year (a larger value, up to u64::MAX, wrapped into the past), on
@@ -693,7 +700,10 @@ async fn withdraw_until_done(
 /// announced as any other) and the next candidate looked at; with none, the caller
 /// creates a new circuit under the same reuse-key turn. So is a circuit its worker,
 /// as registered now, no longer serves ([`placement::unserved`]: a port outside a
-/// narrowed port range).
+/// narrowed port range). Before anything is created or withdrawn in its place, the
+/// reuse key's turn in the store is taken and the circuits looked at once more
+/// under it; it is returned with the outcome, for the caller to hold until its own
+/// creation has its outcome. A reuse of a settled circuit takes no turn.
 async fn reuse_on_alive_worker<F, Fut>(
     state: &Arc<State>,
     reusable: F,
@@ -713,18 +723,21 @@ where
     // the same, past which a new circuit is created. The waits for another
     // coordinator's creations share one deadline, within the reuse key's turn.
     let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
-    // A call that met a creation under way that then went (withdrawn, or past its
-    // mark) decides what replaces it under the key's turn in the store, held until
-    // its own creation has its outcome, and looks once more under it: of the calls
-    // on several coordinators that met the same orphaned creation (each polling
-    // its mark, each seeing it pass at the same moment), one withdraws it and
-    // creates the replacement, the others wait for the turn and then reuse that.
+    // A call that is about to create (it found nothing, or a creation under way
+    // that then went: withdrawn, or past its mark) decides what is created under
+    // the key's turn in the store, held until its own creation has its outcome,
+    // and looks once more under it: of the calls on several coordinators that
+    // found nothing at the same moment, or met the same orphaned creation (each
+    // polling its mark, each seeing it pass at the same moment), one creates (and
+    // withdraws the orphan), the others wait for the turn and then reuse its
+    // circuit — waiting, as for any creation, until it is settled. Before, only
+    // the second case took the turn, and two nodes asked for a new key at once
+    // each created a circuit. A reuse of a settled circuit never takes it.
     let mut turn: Option<super::store::ReuseTurn> = None;
     let mut turn_tried = false;
-    let mut contended = false;
     for _ in 0..REUSE_LOOKS {
         let Some(c) = reusable().await? else {
-            if contended && !turn_tried {
+            if !turn_tried {
                 turn_tried = true;
                 turn = take_reuse_turn(state, key).await?;
                 continue;
@@ -733,12 +746,8 @@ where
         };
         match state.creation_of(c.id, deadline).await? {
             super::Found::Settled => {}
-            super::Found::LookAgain => {
-                contended = true;
-                continue;
-            }
+            super::Found::LookAgain => continue,
             super::Found::Overdue => {
-                contended = true;
                 if !turn_tried {
                     turn_tried = true;
                     turn = take_reuse_turn(state, key).await?;
@@ -792,7 +801,7 @@ async fn take_reuse_turn(
 ) -> Result<Option<super::store::ReuseTurn>, ApiError> {
     let turn = state.store.reuse_turn(key, state.reuse_turn_wait()).await?;
     if turn.is_none() {
-        tracing::warn!("a creation for the same session and app on another coordinator still runs; not waiting longer");
+        tracing::warn!("no turn at the reuse key in the store in time (a creation for the same session and app on another coordinator still runs, or this one has as many under way as it may); going on alone");
     }
     Ok(turn)
 }

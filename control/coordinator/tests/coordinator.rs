@@ -5697,10 +5697,16 @@ fn circuits_per_session_are_capped(db: Db) {
     const CALLS: usize = 12;
     const OTHER: &str = "7e1d8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
+    // All the calls' inserts wait at once below, each call holding its reuse key's
+    // turn (a pooled connection) while its insert takes another: a pool of 32 (of
+    // the default 16, at most 8 are held by turns, and the other calls would wait
+    // for a turn rather than insert).
+    let c = common::start(
         dir.path(),
-        &db,
-        &format!("[limits]\nmax_circuits_per_session = {LIMIT}\n"),
+        &format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[limits]\nmax_circuits_per_session = {LIMIT}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\npool_size = 32\n[logging]\nfilter = \"info\"\n",
+            db.section(dir.path())
+        ),
     );
     let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10300],"accepted_traffics":["interactive"]}"#;
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);

@@ -1416,6 +1416,88 @@ fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
     );
 }
 
+/// Calls for one session and app reaching two coordinators at the same moment,
+/// with no creation for that key before: each found nothing to reuse, and each
+/// created a circuit of its own — two circuits for one session, both handed out.
+/// Here both calls are surely past their look before either circuit is stored:
+/// the worker's row (whose slot count every insert changes) is held locked until
+/// a first insert waits on it, and a moment longer. A call that finds nothing now
+/// takes the key's turn in the store and looks once more under it: one node
+/// creates, the other waits for the turn and reuses that circuit.
+#[test]
+fn calls_on_two_nodes_at_the_same_moment_share_one_circuit() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let _worker = StandIn::start(&redis.url(), 0);
+    let extra = format!(
+        "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
+    let token = setup(&a);
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let ask = |addr: SocketAddr, id: &'static str| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            request(
+                addr,
+                "GET",
+                &path,
+                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+                "",
+            )
+        })
+    };
+    let held = pg.hold("appproxy", "BEGIN; SELECT id FROM workers FOR UPDATE");
+    let calls = [ask(a.addr, "same-moment-a"), ask(b.addr, "same-moment-b")];
+    let inserts = || {
+        count(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+        )
+    };
+    wait_for("no insert of a circuit ever came", || inserts() >= 1);
+    // The other node's call, sent at the same moment, reaches its own insert (or
+    // the key's turn) within this; well under the insert's statement timeout (4 s).
+    std::thread::sleep(Duration::from_secs(1));
+    held.commit();
+    let mut handed = Vec::new();
+    let mut reused = Vec::new();
+    for call in calls {
+        let r = call.join().expect("a call");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let answer = r.json();
+        handed.push(
+            claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+                .as_str()
+                .expect("circuit")
+                .to_owned(),
+        );
+        reused.push(answer["reuse"].as_bool().expect("reuse"));
+    }
+    assert_eq!(
+        handed[0], handed[1],
+        "the calls on two nodes were answered with two circuits"
+    );
+    assert_eq!(
+        pg.psql("appproxy", "SELECT string_agg(id::text, ',') FROM circuits"),
+        handed[0],
+        "exactly the one circuit handed out is stored for the session"
+    );
+    reused.sort();
+    assert_eq!(reused, [false, true], "one call created, the other reused");
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits WHERE creating_until IS NULL"
+        ),
+        1,
+        "the circuit is settled"
+    );
+}
+
 /// Two circuits left marked past their bound (as coordinators that died
 /// mid-creation leave them), the one overdue longest held locked by another
 /// transaction: the leader's sweep took them in order, its removal of the locked

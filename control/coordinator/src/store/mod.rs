@@ -571,6 +571,9 @@ impl Drop for RouteTurn {
 pub struct ReuseTurn {
     pg: Option<deadpool_postgres::Object>,
     key: String,
+    /// On PostgreSQL, one of the turns this process may hold at once; let go
+    /// after the connection (dropped with the turn).
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ReuseTurn {
@@ -921,12 +924,12 @@ impl Store {
 
     /// A turn at the reuse key `key` of `/v2/proxy/auth` across every coordinator
     /// on this store, waited for at most `wait` (`None` past it). Taken by a call
-    /// that met another coordinator's creation for the key (under way, overdue or
-    /// withdrawn), and held until its own creation has its outcome: of the calls
-    /// on several coordinators that find an orphaned creation at once, one
-    /// withdraws it and creates the replacement, the others then reuse it. SQLite's
-    /// store serves one coordinator, whose in-process lock of the key suffices:
-    /// the turn is empty.
+    /// that found nothing settled to reuse (nothing at all, or another
+    /// coordinator's creation for the key overdue or withdrawn), and held until
+    /// its own creation has its outcome: of the calls on several coordinators that
+    /// find nothing at once, or an orphaned creation, one creates (withdrawing the
+    /// orphan), the others then reuse its circuit. SQLite's store serves one
+    /// coordinator, whose in-process lock of the key suffices: the turn is empty.
     pub async fn reuse_turn(
         &self,
         key: &str,
@@ -936,6 +939,7 @@ impl Store {
             Store::Sqlite(_) => Ok(Some(ReuseTurn {
                 pg: None,
                 key: key.to_owned(),
+                slot: None,
             })),
             Store::Postgres(p) => p.reuse_turn(key, wait).await,
         }

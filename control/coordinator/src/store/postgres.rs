@@ -399,6 +399,12 @@ pub struct PgStore {
     pool: Pool,
     /// How far the server's clock is ahead of ours, for the deadlines it checks.
     clock: std::sync::Arc<std::sync::Mutex<ServerClock>>,
+    /// Turns at reuse keys held at once ([`PgStore::reuse_turn`]): each holds a
+    /// pooled connection for a whole creation (an unacknowledged one: up to the
+    /// longest a creation takes), and every creation takes one. At most half the
+    /// pool, so the store calls of the creations holding them (and a route write's
+    /// turn) always find a connection; past it, calls wait for a turn to end.
+    reuse_turns: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// How often the server's clock is read again (a clock may be stepped).
@@ -649,10 +655,12 @@ impl PgStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // At least three: a route write holds one connection for its turn
+        // ([`PgStore::route_turn`]) and a creation one for its reuse key's
+        // ([`PgStore::reuse_turn`]) while their reads and writes take another.
+        let max_size = pool_size.clamp(3, 1024);
         let pool = Pool::builder(manager)
-            // At least two: a route write holds one connection for its turn
-            // ([`PgStore::route_turn`]) while its reads and writes take another.
-            .max_size(pool_size.clamp(2, 1024))
+            .max_size(max_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(std::time::Duration::from_secs(10)))
             .create_timeout(Some(std::time::Duration::from_secs(10)))
@@ -661,6 +669,7 @@ impl PgStore {
         let store = Self {
             pool,
             clock: Default::default(),
+            reuse_turns: std::sync::Arc::new(tokio::sync::Semaphore::new((max_size / 2).max(1))),
         };
         store.migrate().await?;
         let client = store.client().await?;
@@ -714,6 +723,8 @@ impl PgStore {
     /// `wait`, each try bounded by [`super::CALL_DEADLINE`]. Between tries the
     /// connection goes back to the pool (a call waiting for its turn holds none);
     /// during a try it is in the turn, so a try dropped anywhere closes it.
+    /// A try first waits for one of this process's [`PgStore::reuse_turns`]
+    /// (within `wait` too), held by the turn it yields and let go between tries.
     pub(super) async fn reuse_turn(
         &self,
         key: &str,
@@ -727,12 +738,29 @@ impl PgStore {
             ))
         };
         loop {
+            let slot = match tokio::time::timeout_at(
+                until,
+                self.reuse_turns.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(slot)) => slot,
+                // Never closed.
+                Ok(Err(_)) => return Err(StoreError::Unavailable("no reuse turns".into())),
+                Err(_) => {
+                    tracing::warn!(
+                        "every turn at a reuse key this coordinator may hold is held (as many creations under way as half the database pool); not waiting longer"
+                    );
+                    return Ok(None);
+                }
+            };
             let client = tokio::time::timeout(super::CALL_DEADLINE, self.client())
                 .await
                 .map_err(|_| unavailable())??;
             let mut turn = super::ReuseTurn {
                 pg: Some(client.detach()),
                 key: key.to_owned(),
+                slot: Some(slot),
             };
             let Some(client) = turn.pg.as_ref() else {
                 return Err(StoreError::Unavailable("no connection".into()));
@@ -750,8 +778,10 @@ impl PgStore {
             if got {
                 return Ok(Some(turn));
             }
-            // Not taken: the connection holds nothing, back to the pool.
+            // Not taken: the connection holds nothing, back to the pool, and the
+            // slot to the calls waiting for one.
             drop(turn.pg.take());
+            drop(turn.slot.take());
             if tokio::time::Instant::now() >= until {
                 return Ok(None);
             }
