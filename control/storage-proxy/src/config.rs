@@ -117,6 +117,14 @@ pub struct StorageSection {
     /// of its parent directories each time, so a longer list is refused (400)
     /// instead of costing minutes of CPU.
     pub max_delete_paths: usize,
+    /// Entries one `/folder/file/list` answer carries, at most (the original's
+    /// `scandir-limit`, 1 to 1 000 000; a value out of that range is taken as the
+    /// nearest end). The directory is read up to this many entries and no further,
+    /// and an answer that stops there says so (`"truncated": true`): a user with a
+    /// shell fills a directory with millions of empty files in seconds, and a
+    /// listing of all of them held every name in memory (2 million: 300 MB and
+    /// 24 s per request).
+    pub scandir_limit: usize,
 }
 
 impl Default for StorageSection {
@@ -137,6 +145,7 @@ impl Default for StorageSection {
             max_archive_streams: 64,
             max_archive_streams_per_address: None,
             max_delete_paths: 1000,
+            scandir_limit: 1000,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,
         }

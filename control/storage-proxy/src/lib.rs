@@ -78,6 +78,8 @@ pub struct State {
     pub usage_max_age: Duration,
     /// Paths one delete request may name (`[storage] max_delete_paths`).
     pub max_delete_paths: usize,
+    /// Entries one listing carries at most (`[storage] scandir_limit`).
+    pub scandir_limit: usize,
     /// Last read limit per quota scope directory (scopes without one are absent).
     pub quota_limits: Mutex<std::collections::HashMap<PathBuf, u64>>,
     /// Quota reservations of upload sessions and clones.
@@ -102,6 +104,11 @@ pub const ARCHIVE_DESCRIPTORS: u64 = fsx::HELD as u64 + 5;
 /// open (a download: the file; a tus `PATCH`: the staging file and the directories
 /// it is reached through, four in all, measured).
 const CONNECTION_DESCRIPTORS: u64 = 4;
+
+/// The most `[storage] scandir_limit` may be: a listing holds each entry it
+/// carries until its answer is sorted, up to some 350 bytes each (a 255-byte name
+/// and its status), so 350 MB at this many.
+pub const MAX_SCANDIR_LIMIT: usize = 1_000_000;
 
 /// `[storage] max_archive_streams` (`configured`) fitted to the descriptor limit:
 /// archives hold at most half of what [`server::FD_RESERVE`] leaves, at
@@ -551,6 +558,7 @@ pub fn state_with_events(
         events,
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
         max_delete_paths: config.storage.max_delete_paths,
+        scandir_limit: config.storage.scandir_limit.clamp(1, MAX_SCANDIR_LIMIT),
         quota_limits: Mutex::new(std::collections::HashMap::new()),
         reservations: quota::Reservations::default(),
         folders: usage::Folders::default(),

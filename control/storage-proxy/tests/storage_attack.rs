@@ -1619,9 +1619,10 @@ fn peak_kib(p: &Proxy) -> u64 {
 }
 
 /// A proxy whose folder holds `wide/`: `n` empty files (`f000000`, …) and `z.txt`
-/// (5 bytes). Also gives the folder's path.
+/// (5 bytes). Also gives the folder's path. Its listings carry up to a million
+/// entries (`scandir_limit`), so that a listing of them all can be measured.
 fn folder_of_empty_files(n: usize) -> (Proxy, std::path::PathBuf) {
-    let p = Proxy::start("");
+    let p = Proxy::start("scandir_limit = 1000000");
     create_folder(&p);
     let vf = p.vfolder_path();
     std::fs::create_dir(vf.join("wide")).expect("wide");
@@ -1727,7 +1728,7 @@ fn a_listing_of_control_character_names_streams_in_bounded_memory() {
     use std::os::unix::ffi::OsStrExt as _;
     const LINKS: usize = 2_000;
     const FILES: usize = 2_000;
-    let p = Proxy::start("");
+    let p = Proxy::start("scandir_limit = 4000");
     create_folder(&p);
     let vf = p.vfolder_path();
     let d = vf.join("d");
