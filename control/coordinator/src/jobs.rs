@@ -427,17 +427,29 @@ pub(super) async fn renew_creations(state: Arc<State>) {
     loop {
         tick.tick().await;
         let ids: Vec<uuid::Uuid> = state.creating().iter().copied().collect();
+        // One write's failure does not end the pass: the later writes renew their
+        // marks all the same. Ending it there, as before, left every creation
+        // past the first thousand unrenewed for as long as one write kept failing,
+        // and their marks passed (the sweep withdrew circuits still being made).
+        // A store out of reach fails every write, each after a call's deadline:
+        // the pass ends after a few, so that it still ends well within the marks'
+        // bound and the next pass comes on time.
+        let mut failures = 0;
         for chunk in ids.chunks(RENEW_CHUNK) {
             if let Err(e) = state
                 .store
                 .renew_creations(chunk, state.creation_bound())
                 .await
             {
+                failures += 1;
+                let ending = failures >= RENEW_FAILURES_PER_PASS;
                 tracing::warn!(
-                    error = %e, circuits = ids.len(),
-                    "marks of creations under way not renewed; tried again next pass"
+                    error = %e, circuits = chunk.len(), under_way = ids.len(), pass_ended = ending,
+                    "marks of creations under way not renewed (the store failed the write); tried again next pass"
                 );
-                break;
+                if ending {
+                    break;
+                }
             }
         }
     }
@@ -445,3 +457,8 @@ pub(super) async fn renew_creations(state: Arc<State>) {
 
 /// Circuits one renewal write covers at most.
 const RENEW_CHUNK: usize = 1_000;
+
+/// Failed renewal writes after which a pass ends (the store is likely out of
+/// reach; the next pass tries again). Two: a pass against a store out of reach
+/// takes at most two calls' deadlines (10 s), half the marks' default bound.
+const RENEW_FAILURES_PER_PASS: usize = 2;

@@ -1498,6 +1498,95 @@ fn calls_on_two_nodes_at_the_same_moment_share_one_circuit() {
     );
 }
 
+/// A node with more creations under way than one renewal write covers (1,000),
+/// and the first write of every renewal pass failing (a trigger on the renewal
+/// refuses the first statement after a pause): the pass ended at that failure,
+/// so no mark was renewed, every one passed, and the sweep would withdraw
+/// circuits still being created. A pass now goes on past a failed write: the
+/// marks of the other write stay ahead.
+#[test]
+fn one_failed_renewal_write_does_not_leave_the_other_marks_unrenewed() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    // 1,002 items: the first 1,001 acknowledged, the last never, so the bulk
+    // creation keeps all 1,002 under way (its items settle together) for the
+    // acknowledgement's wait.
+    const ITEMS: usize = 1_002;
+    let _worker = StandIn::start_acking(&redis.url(), 0, Duration::ZERO, ITEMS - 1);
+    let extra = format!(
+        "worker_ack_timeout_secs = 20\nunsettled_creation_timeout_secs = 5\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir, c) = node(&pg, &extra);
+    register(&c, INFERENCE_WORKER);
+    let items: Vec<String> = (0..ITEMS)
+        .map(|n| {
+            endpoint_body(
+                &format!("renewed-{n}"),
+                Some(&format!("e7c08c1e-9a4d-4e6f-8b7a-{n:012}")),
+            )
+        })
+        .collect();
+    let (addr, body) = (c.addr, format!(r#"{{"endpoints":[{}]}}"#, items.join(",")));
+    let bulk = std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            "/v2/endpoints/bulk",
+            &[AUTH, ("X-Backend-Request-ID", "renewed-bulk")],
+            &body,
+        )
+    });
+    let circuits = || count(&pg, "SELECT count(*) FROM circuits");
+    wait_for("the bulk creation never stored all its circuits", || {
+        circuits() == ITEMS as u64
+    });
+    // From now on the first renewal write after a pause of over 0.5 s fails (its
+    // time kept in a sequence, which the failure does not roll back); the
+    // writes of one pass follow each other within milliseconds, the passes 1 s
+    // apart.
+    pg.psql(
+        "appproxy",
+        "CREATE SEQUENCE renewal_seen;
+         CREATE FUNCTION fail_first_renewal() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE
+             now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+             last_ms bigint := (SELECT last_value FROM renewal_seen);
+         BEGIN
+             PERFORM setval('renewal_seen', now_ms);
+             IF now_ms - last_ms > 500 THEN
+                 RAISE EXCEPTION 'the first renewal write of a pass fails';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_first_renewal BEFORE UPDATE ON circuits FOR EACH ROW
+             WHEN (OLD.creating_until IS NOT NULL AND NEW.creating_until IS NOT NULL)
+             EXECUTE FUNCTION fail_first_renewal();",
+    );
+    // Past the bound (5 s) of every mark renewed before the trigger, with passes
+    // every second meanwhile.
+    std::thread::sleep(Duration::from_secs(8));
+    let ahead = count(
+        &pg,
+        "SELECT count(*) FROM circuits WHERE creating_until > now()",
+    );
+    let passed = count(
+        &pg,
+        "SELECT count(*) FROM circuits WHERE creating_until <= now()",
+    );
+    assert!(
+        passed > 0,
+        "no renewal write failed (the test shows nothing): {ahead} marks ahead"
+    );
+    assert!(
+        ahead > 0,
+        "every mark passed: the renewal pass ended at its first failed write ({passed} passed)"
+    );
+    assert_eq!(ahead + passed, ITEMS as u64, "every circuit still marked");
+    let r = bulk.join().expect("the bulk creation");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// Two circuits left marked past their bound (as coordinators that died
 /// mid-creation leave them), the one overdue longest held locked by another
 /// transaction: the leader's sweep took them in order, its removal of the locked
