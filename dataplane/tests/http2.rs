@@ -642,3 +642,42 @@ fn a_stream_refused_early_keeps_the_clients_request_id() {
         "{refused:?}"
     );
 }
+
+/// The worker's own answer to an HTTP/2 `HEAD` is a head that ends the stream,
+/// with no DATA frame (RFC 9110 §9.3.2; a client such as python-h2 treats content
+/// on a `HEAD` as a broken stream), `content-length` naming what a `GET` gets.
+#[test]
+fn a_refused_head_stream_gets_no_data() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        circuit_extra: "allowed_client_ips = [\"10.1.2.0/24\"]".into(),
+        ..Default::default()
+    });
+    let url = format!("http://127.0.0.1:{}/secret", w.port);
+    let head = nghttp_verbose(&["-H", ":method: HEAD", &url]);
+    assert_eq!(statuses(&head), ["403"], "{head}");
+    let frames = |v: &str, kind: &str| {
+        v.lines()
+            .filter(|l| l.contains(&format!("recv {kind} frame")) && l.contains("stream_id=13"))
+            .count()
+    };
+    assert_eq!(frames(&head, "DATA"), 0, "{head}");
+    assert!(
+        head.lines()
+            .skip_while(|l| !(l.contains("recv HEADERS frame") && l.contains("stream_id=13")))
+            .nth(1)
+            .is_some_and(|l| l.contains("END_STREAM")),
+        "the head ends the stream: {head}"
+    );
+    let get = nghttp_verbose(&[&url]);
+    assert_eq!(frames(&get, "DATA"), 1, "{get}");
+    let length = |v: &str| {
+        v.lines()
+            .find_map(|l| l.split_once("content-length: "))
+            .map(|(_, n)| n.trim().to_owned())
+    };
+    assert!(length(&head).is_some(), "{head}");
+    assert_eq!(length(&head), length(&get), "{head}\n{get}");
+    assert_eq!(up.count(), 0, "nothing reached the app");
+}

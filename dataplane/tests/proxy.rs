@@ -843,3 +843,51 @@ fn an_answer_cut_part_way_is_logged_with_its_status_and_the_bytes_that_went() {
     assert_eq!(access["bytes_out"], 5000, "{access}");
     assert_eq!(access["upstream"], app.to_string(), "{access}");
 }
+
+/// The worker's own answers to a `HEAD` have no content (RFC 9110 §9.3.2), as the
+/// app's have: a refused `HEAD` (here by the client-address allowlist, the
+/// refusal every check shares) is its head alone, `Content-Length` naming the JSON
+/// a `GET` gets, and a request pipelined behind it is answered in step. Before,
+/// the JSON body followed the head, and the client read it as the start of its
+/// next answer.
+#[test]
+fn a_refused_head_request_gets_no_body() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        circuit_extra: "allowed_client_ips = [\"10.1.2.0/24\"]".into(),
+        ..Default::default()
+    });
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let mut c = Client::connect(w.addr());
+        c.send(
+            format!(
+                "HEAD /a {version}\r\nHost: t\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let head = c.response_to("HEAD");
+        assert_eq!(head.status, 403, "{version}");
+        assert!(head.body.is_empty(), "{version}");
+        let length: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .expect("the length a GET would get");
+        let get = c.response();
+        assert_eq!(get.status, 403, "{version}: the next answer, in step");
+        assert_eq!(get.body.len(), length, "{version}");
+        assert_eq!(get.json()["code"], "forbidden", "{version}");
+        assert_eq!(
+            w.wait_access_line(head.header("x-backend-request-id").expect("id"))["bytes_out"]
+                .as_u64(),
+            Some(
+                w.wait_access_line(get.header("x-backend-request-id").expect("id"))["bytes_out"]
+                    .as_u64()
+                    .expect("bytes")
+                    - length as u64
+            ),
+            "{version}: the HEAD's line counts its head alone"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing reached the app");
+}

@@ -575,18 +575,50 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
 pub fn error_response(
     out: &mut Vec<u8>,
     status: u16,
-    code: &str,
+    code: &'static str,
     message: &str,
     id: &RequestId,
     close: bool,
 ) {
-    write_error(out, status, code, message, id, close, None);
+    let r = Refusal {
+        status,
+        code,
+        message: message.to_owned(),
+        closes: close,
+        retry_after: None,
+    };
+    refusal_response(out, &r, id, close, false);
 }
 
 /// Appends a [`Refusal`] as an HTTP/1.1 response (with `Retry-After` when it says
-/// so): the one way the proxy's own HTTP/1.1 answers are written.
-pub fn refusal_response(out: &mut Vec<u8>, r: &Refusal, id: &RequestId, close: bool) {
-    write_error(out, r.status, r.code, &r.message, id, close, r.retry_after);
+/// so): the one way the proxy's own HTTP/1.1 answers are written. `bodiless`: the
+/// answer is to a `HEAD`, which has no content (RFC 9110 §9.3.2): its head alone
+/// goes, `Content-Length` naming the body a `GET` would have had. Sent with a body,
+/// the client reads that body as the start of its next answer.
+pub fn refusal_response(
+    out: &mut Vec<u8>,
+    r: &Refusal,
+    id: &RequestId,
+    close: bool,
+    bodiless: bool,
+) {
+    let mut body = String::with_capacity(128);
+    error_body(&mut body, r.code, &r.message, id);
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}",
+        r.status,
+        reason(r.status),
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    if let Some(secs) = r.retry_after {
+        let _ = write!(out, "Retry-After: {secs}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless {
+        out.extend_from_slice(body.as_bytes());
+    }
 }
 
 /// Appends the worker's own answer to a CORS preflight: `204 No Content` with the
@@ -616,31 +648,6 @@ pub fn error_body(body: &mut String, code: &str, message: &str, id: &RequestId) 
     body.push_str("\",\"code\":\"");
     appproxy_shared::telemetry::push_json_escaped(body, code);
     let _ = write!(body, "\",\"request_id\":\"{id}\"}}");
-}
-
-fn write_error(
-    out: &mut Vec<u8>,
-    status: u16,
-    code: &str,
-    message: &str,
-    id: &RequestId,
-    close: bool,
-    retry_after: Option<u32>,
-) {
-    let mut body = String::with_capacity(128);
-    error_body(&mut body, code, message, id);
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}",
-        reason(status),
-        body.len(),
-        if close { "Connection: close\r\n" } else { "" }
-    );
-    if let Some(secs) = retry_after {
-        let _ = write!(out, "Retry-After: {secs}\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
 }
 
 /// Appends `ip:port` (`[ip]:port` for IPv6) without allocating.

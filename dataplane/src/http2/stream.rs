@@ -494,8 +494,12 @@ async fn refuse(
         let mut body = String::with_capacity(128);
         encode::error_body(&mut body, r.code, &r.message, id);
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        bytes_out = body.len() as u64;
-        if let Ok(mut send) = respond.send_response(resp, false) {
+        if line.method == b"HEAD" {
+            // No content to a `HEAD` (RFC 9110 §9.3.2): the head ends the stream,
+            // its `content-length` naming what a `GET` would have had.
+            let _ = respond.send_response(resp, true);
+        } else if let Ok(mut send) = respond.send_response(resp, false) {
+            bytes_out = body.len() as u64;
             // The answer is small: it fits the initial window.
             let _ = send.send_data(Bytes::from(body), true);
         }

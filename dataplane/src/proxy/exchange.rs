@@ -452,7 +452,9 @@ impl Client {
             next => next,
         };
         let entry = x.entry(r.status, (x.bytes_in, 0), None);
-        self.send_refusal(&entry, &r, next != Next::KeepAlive).await;
+        let bodiless = x.head.method == Method::Head;
+        self.send_refusal(&entry, &r, next != Next::KeepAlive, bodiless)
+            .await;
         next
     }
 
@@ -501,18 +503,24 @@ impl Client {
             upstream: None,
             started: Instant::now(),
         };
-        self.send_refusal(&entry, &r, true).await;
+        self.send_refusal(&entry, &r, true, false).await;
         next
     }
 
     /// The one place where the proxy's own HTTP/1 answers are built and sent: the
-    /// JSON error body with the request ID, counted and logged (`entry`'s
-    /// `bytes_out` is filled in here).
-    async fn send_refusal(&mut self, entry: &AccessEntry<'_>, r: &Refusal, close: bool) {
+    /// JSON error body with the request ID (none to a `HEAD`: `bodiless`), counted
+    /// and logged (`entry`'s `bytes_out` is filled in here).
+    async fn send_refusal(
+        &mut self,
+        entry: &AccessEntry<'_>,
+        r: &Refusal,
+        close: bool,
+        bodiless: bool,
+    ) {
         let core = &self.core;
         let out = &mut self.out;
         out.clear();
-        encode::refusal_response(out, r, entry.request_id, close);
+        encode::refusal_response(out, r, entry.request_id, close, bodiless);
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(out).await;
         core.count_refusal(r);
