@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::sync::Arc;
 
 use appproxy_control_common::server;
@@ -684,17 +685,6 @@ fn iso(sec: i64, nsec: u32) -> String {
     appproxy_shared::telemetry::Rfc3339(t).to_string()
 }
 
-/// One item of a `list` answer, written as it is made (no value tree per entry).
-/// Fields in the order the answer always had them (sorted by name).
-#[derive(serde::Serialize)]
-struct ListItem<'a> {
-    name: &'a str,
-    stat: ListStat,
-    symlink_target: Option<String>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
 #[derive(serde::Serialize)]
 struct ListStat {
     created: String,
@@ -860,9 +850,7 @@ fn write_listing(
         let (kind, target) = match e.kind() {
             FileType::Symlink => (
                 "SYMLINK",
-                rustix::fs::readlinkat(dir, e.name.as_os_str(), Vec::new())
-                    .ok()
-                    .map(|p| p.to_string_lossy().into_owned()),
+                rustix::fs::readlinkat(dir, e.name.as_os_str(), Vec::new()).ok(),
             ),
             FileType::Directory => ("DIRECTORY", None),
             _ => ("FILE", None),
@@ -881,18 +869,25 @@ fn write_listing(
             out.push(b',');
         }
         first = false;
-        let item = ListItem {
-            name: &e.name.to_string_lossy(),
-            stat: ListStat {
-                created,
-                mode: e.stat.st_mode,
-                modified: iso(e.stat.st_mtime, e.stat.st_mtime_nsec as u32),
-                size: e.stat.st_size,
-            },
-            symlink_target: target,
-            kind,
+        // Fields in the order the answer always had them (sorted by name).
+        out.extend_from_slice(b"{\"name\":");
+        json_name(&mut out, e.name.as_bytes())?;
+        out.extend_from_slice(b",\"stat\":");
+        let stat = ListStat {
+            created,
+            mode: e.stat.st_mode,
+            modified: iso(e.stat.st_mtime, e.stat.st_mtime_nsec as u32),
+            size: e.stat.st_size,
         };
-        serde_json::to_writer(&mut out, &item).map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut out, &stat).map_err(std::io::Error::other)?;
+        out.extend_from_slice(b",\"symlink_target\":");
+        match &target {
+            Some(t) => json_name(&mut out, t.as_bytes())?,
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\"}");
         if out.len() >= LIST_CHUNK {
             let full = std::mem::replace(&mut out, Vec::with_capacity(LIST_CHUNK + (32 << 10)));
             send(full, false)?;
@@ -904,6 +899,33 @@ fn write_listing(
         b"]}"
     });
     send(out, true)
+}
+
+/// Writes a file name (or a symlink's target) as a JSON string the way the
+/// original's answer has it: Python reads names with `surrogateescape` (PEP 383),
+/// so each byte that is not part of valid UTF-8 is the lone surrogate
+/// `U+DC80`-`U+DCFF` of that byte, `\udcXX`, and the rest is the name's text. A
+/// name a user made from a shell that is not UTF-8 is so listed losslessly and
+/// apart from every other name, where replacing its bytes by U+FFFD made it
+/// collide with others (and with a file really named so, which a delete of the
+/// listed name then removed). JSON parsers of Python and JavaScript read these
+/// escapes (the manager and the web UI); strict ones refuse them.
+fn json_name(out: &mut Vec<u8>, name: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    out.push(b'"');
+    for chunk in name.utf8_chunks() {
+        let text = chunk.valid();
+        if !text.is_empty() {
+            // serde_json's escaping of the text, its quotes left off.
+            let quoted = serde_json::to_string(text).map_err(std::io::Error::other)?;
+            out.extend_from_slice(quoted.as_bytes().get(1..quoted.len() - 1).unwrap_or(&[]));
+        }
+        for b in chunk.invalid() {
+            write!(out, "\\udc{b:02x}")?;
+        }
+    }
+    out.push(b'"');
+    Ok(())
 }
 
 #[derive(Deserialize)]

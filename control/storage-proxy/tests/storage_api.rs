@@ -503,3 +503,105 @@ fn a_stdout_nobody_reads_never_stalls_the_apis() {
         },
     );
 }
+
+/// An entry a listing should carry: its name, its type and its symlink's target.
+type Listed<'a> = (Vec<u8>, &'a str, Option<&'a [u8]>);
+
+/// `bytes` as lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Linux names are bytes, and a user with a shell makes names and symlink targets
+/// that are not UTF-8. The original reads them with Python's `surrogateescape`,
+/// each byte that is not valid UTF-8 a lone surrogate `\udcXX` in its JSON: a
+/// listing carries them so, losslessly, and a name so listed is told apart from
+/// every other. Before, each such byte was replaced by U+FFFD: `a\xff.txt`,
+/// `a\xfe.txt` and a file really named `a\u{fffd}.txt` were listed as three items
+/// of one name, and a delete of that name removed the last whatever the user
+/// meant. A request cannot name them (strict JSON, which the proxy reads, has no
+/// lone surrogates): it is refused whole, nothing touched; a directory holding
+/// them is deleted whole.
+#[test]
+fn names_that_are_not_utf8_are_listed_losslessly_and_apart() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let d = p.vfolder_path().join("d");
+    std::fs::create_dir(&d).expect("d");
+    let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_owned();
+    let target: &[u8] = b"t\x80\xed\xa0\x80x\xe2\x82";
+    let mut expected: Vec<Listed> = Vec::new();
+    for name in [
+        &b"a\xff.txt"[..],
+        b"a\xfe.txt",
+        "a\u{fffd}.txt".as_bytes(),
+        b"\xc3",
+    ] {
+        std::fs::write(d.join(os(name)), name).expect("file");
+        expected.push((name.to_vec(), "FILE", None));
+    }
+    std::os::unix::fs::symlink(os(target), d.join(os(b"l\xe9"))).expect("symlink");
+    expected.push((b"l\xe9".to_vec(), "SYMLINK", Some(target)));
+    std::fs::create_dir(d.join(os(b"sub\xff"))).expect("dir");
+    std::fs::write(d.join(os(b"sub\xff")).join(os(b"in\xff")), b"x").expect("inner");
+    expected.push((b"sub\xff".to_vec(), "DIRECTORY", None));
+    expected.sort();
+
+    let r = p.manager(
+        "/folder/file/list",
+        body(serde_json::json!({"relpath": "d"})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Read as the original's manager reads it (Python), each name given back as
+    // the bytes it stands for.
+    let answer = p.dir.path().join("answer.json");
+    std::fs::write(&answer, &r.body).expect("answer");
+    let read = storage_common::python(
+        "import json, os, sys\nfor i in json.load(open(sys.argv[1], 'rb'))['items']:\n    t = i['symlink_target']\n    print(os.fsencode(i['name']).hex(), i['type'], '-' if t is None else os.fsencode(t).hex())",
+        &answer,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)));
+    let want: Vec<String> = expected
+        .iter()
+        .map(|(n, t, l)| format!("{} {t} {}", hex(n), l.map_or("-".into(), hex)))
+        .collect();
+    assert_eq!(read.lines().collect::<Vec<_>>(), want, "{read}");
+
+    // A request naming one is refused whole, before anything is deleted.
+    let auth = [
+        ("X-BackendAI-Storage-Auth-Token", TOKEN),
+        ("Content-Type", "application/json"),
+    ];
+    let raw = format!(
+        "{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpaths\":[\"d/a\\u{{fffd}}.txt\",\"d/a\\udcff.txt\"]}}"
+    );
+    let r = request(
+        p.manager,
+        "POST",
+        "/folder/file/delete",
+        &auth,
+        raw.as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    for (name, _, _) in &expected {
+        assert!(d.join(os(name)).symlink_metadata().is_ok(), "{}", hex(name));
+    }
+    // The name U+FFFD stands in is that file's alone.
+    let r = p.manager(
+        "/folder/file/delete",
+        body(serde_json::json!({"relpaths": ["d/a\u{fffd}.txt"]})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!d.join("a\u{fffd}.txt").exists());
+    assert!(d.join(os(b"a\xff.txt")).exists() && d.join(os(b"a\xfe.txt")).exists());
+    let r = p.manager(
+        "/folder/file/delete",
+        body(serde_json::json!({"relpaths": ["d"], "recursive": true})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(d.symlink_metadata().is_err(), "d is deleted whole");
+}
