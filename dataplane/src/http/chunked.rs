@@ -97,7 +97,10 @@ pub fn trailer_verdict(name: &[u8]) -> TrailerVerdict {
         || crate::http::encode::is_client_address_header(name)
     {
         TrailerVerdict::Forbidden
-    } else if is(&DROPPED_TRAILERS) || crate::http::encode::is_underscored_managed_name(name) {
+    } else if is(&DROPPED_TRAILERS)
+        || crate::http::encode::is_underscored_managed_name(name)
+        || crate::http::encode::is_proxy_claim(name)
+    {
         TrailerVerdict::Drop
     } else {
         TrailerVerdict::Keep

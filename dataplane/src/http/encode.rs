@@ -57,6 +57,34 @@ const FORWARDING: [&str; 5] = [
     "forwarded",
 ];
 
+/// Fields with which a front proxy tells an app what it saw: the scheme
+/// (`X-Forwarded-Ssl`, `Front-End-Https`, `X-Scheme` …), a path prefix, the
+/// original URL (`X-Original-URL`, which Symfony and IIS read as the request's
+/// path). Frameworks honour them from a proxy they trust (Rack, Werkzeug's
+/// `ProxyFix`, Spring); the worker sets none of them, so one from a client would
+/// reach the app as the worker's word. Kept only from `trusted_proxies`, as
+/// [`FORWARDING`] is; so is every other `X-Forwarded-*` name
+/// ([`is_proxy_claim`]).
+const PROXY_CLAIMS: [&str; 6] = [
+    "front-end-https",
+    "x-url-scheme",
+    "x-scheme",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+];
+
+/// Whether `name` is a field a front proxy sets to tell the app what it saw
+/// ([`PROXY_CLAIMS`], or an `X-Forwarded-*` name beyond [`FORWARDING`]): from a
+/// client that is not a trusted proxy it is dropped.
+pub fn is_proxy_claim(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-forwarded-";
+    // Every such name starts with one of these letters: most headers skip the list.
+    matches!(name.first().map(|b| b | 0x20), Some(b'x' | b'f'))
+        && ((name.len() > PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
+            || PROXY_CLAIMS.iter().any(|h| name_is(name, h)))
+}
+
 /// Headers naming the client's address that other proxies and CDNs set; a client can
 /// send any of them, so none is forwarded (`X-Real-IP` is set by the proxy).
 const CLIENT_ADDRESS: [&str; 15] = [
@@ -124,6 +152,7 @@ pub fn is_underscored_managed_name(name: &[u8]) -> bool {
             .any(|n| name_is(d, n))
         || header_rank(d).is_some()
         || is_client_address_header(d)
+        || is_proxy_claim(d)
 }
 
 /// Whether a field is hop-by-hop: one of [`HOP_BY_HOP`] or named in `Connection`
@@ -351,6 +380,8 @@ pub fn upstream_request_traced(
             } else {
                 continue;
             }
+        } else if !hop.trusted && is_proxy_claim(name_b) {
+            continue;
         }
         if name_is(name_b, "cookie") {
             push_cookie_field(out, name_b, value_b);

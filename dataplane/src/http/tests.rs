@@ -435,6 +435,65 @@ mod encoding {
         assert!(!text.contains("6.6.6.6"), "{text}");
     }
 
+    /// What a front proxy tells an app it saw (the scheme, a prefix, the original
+    /// URL, any `X-Forwarded-*` beyond the four the worker decides on) reaches the
+    /// app only from a trusted proxy; from a client the app would take it as the
+    /// worker's word. Table: field, whether a client's reaches the app.
+    #[test]
+    fn proxy_claims_pass_only_from_trusted_proxies() {
+        #[rustfmt::skip]
+        let table = [
+            ("X-Forwarded-Ssl: on", false),
+            ("X-Forwarded-Scheme: https", false),
+            ("x-forwarded-prefix: /admin", false),
+            ("X-Forwarded-Server: evil", false),
+            ("X-FORWARDED-URI: /x", false),
+            ("Front-End-Https: on", false),
+            ("X-Url-Scheme: https", false),
+            ("X-Scheme: https", false),
+            ("X-Original-URL: /admin", false),
+            ("X-Original-URI: /admin", false),
+            ("X-Rewrite-URL: /admin", false),
+            ("X_Forwarded_Prefix: /admin", false),
+            ("X-Forwarded-Prefixes: a", false),
+            // Look-alikes and ordinary fields go on.
+            ("X-Forwarded-: a", true),
+            ("X-Forwardedx: a", true),
+            ("X-Schemes: a", true),
+            ("X-Original: a", true),
+            ("Via: 1.1 front", true),
+            ("X-Custom: a", true),
+        ];
+        let id: RequestId = "rid-1".parse().expect("valid");
+        for (field, from_clients) in table {
+            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
+            let head = req(input.as_bytes()).expect("valid").expect("complete");
+            for trusted in [false, true] {
+                let mut out = Vec::new();
+                upstream_request(
+                    &mut out,
+                    input.as_bytes(),
+                    &head,
+                    Some(&id),
+                    hop(trusted),
+                    app(),
+                );
+                let text = String::from_utf8(out).expect("ascii");
+                // Underscored spellings are dropped from everyone (CGI folding).
+                let kept = if field.contains('_') {
+                    false
+                } else {
+                    trusted || from_clients
+                };
+                assert_eq!(
+                    text.contains(&format!("\r\n{field}\r\n")),
+                    kept,
+                    "{field}, trusted {trusted}: {text}"
+                );
+            }
+        }
+    }
+
     /// A field named with `_` where a name the worker strips, replaces or decides on
     /// has `-` never reaches the app (CGI-style servers read `X_Real_IP` as
     /// `X-Real-IP`); other names with `_` go on, as sent.
