@@ -146,7 +146,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Verifies an HS256 JWT and returns its claims; `exp`, when present, is enforced.
+/// Verifies an HS256 JWT and returns its claims; `exp` and `nbf`, when present, are
+/// enforced.
 pub fn verify_hs256(
     token: &[u8],
     secret: &str,
@@ -154,6 +155,7 @@ pub fn verify_hs256(
     use appproxy_shared::jwt::JwtError;
     appproxy_shared::jwt::verify_hs256(token, secret).map_err(|e| match e {
         JwtError::Expired => refused(401, "E20008", "token expired"),
+        JwtError::NotYetValid => refused(401, "E20008", "token not yet valid"),
         JwtError::Malformed | JwtError::BadSignature => refused(401, "E20006", "invalid token"),
     })
 }

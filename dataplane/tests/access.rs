@@ -252,6 +252,20 @@ fn inference_circuits_need_a_bearer_token_for_them() {
         401,
         "E20008",
     );
+    // Not valid before its `nbf` (RFC 7519 §4.1.5); valid once it is past.
+    let early = sign_hs256(
+        &serde_json::json!({"id": CIRCUIT, "nbf": 4_000_000_000u64}),
+        "jwt-key",
+    );
+    let r = c.get("/v1/models", &format!("Authorization: Bearer {early}\r\n"));
+    refused(&r, 401, "E20008");
+    assert_eq!(r.json()["error"], "token not yet valid");
+    let begun = sign_hs256(&serde_json::json!({"id": CIRCUIT, "nbf": 1}), "jwt-key");
+    assert_eq!(
+        c.get("/v1/models", &format!("Authorization: Bearer {begun}\r\n"))
+            .status,
+        200
+    );
     // /setup refuses inference circuits.
     let token = sign_hs256(
         &serde_json::json!({"circuit": CIRCUIT, "redirect": ""}),

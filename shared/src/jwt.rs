@@ -1,6 +1,7 @@
 //! HS256 JSON Web Tokens, the only kind the platform signs: `/setup` tokens,
 //! inference bearer tokens and storage session tokens. The signature is checked in
-//! constant time before any claim is read; `exp`, when present, is enforced.
+//! constant time before any claim is read; `exp` and `nbf`, when present, are
+//! enforced.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,9 @@ pub enum JwtError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// `nbf` (not before) is in the future: the token is not valid yet.
+    #[error("token not yet valid")]
+    NotYetValid,
 }
 
 fn mac(secret: &str) -> Hmac<sha2::Sha256> {
@@ -81,6 +85,14 @@ pub fn verify_hs256(token: &[u8], secret: &str) -> Result<Claims, JwtError> {
             return Err(JwtError::Expired);
         }
     }
+    // RFC 7519 §4.1.5: not accepted before `nbf`. No leeway, as `exp` has none: the
+    // signer and the verifier read clocks kept in step.
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf.as_f64().ok_or(JwtError::Malformed)?;
+        if now_epoch() < nbf {
+            return Err(JwtError::NotYetValid);
+        }
+    }
     Ok(claims)
 }
 
@@ -99,6 +111,15 @@ mod tests {
         assert_eq!(verify_hs256(b"a.b", "k"), Err(JwtError::Malformed));
         let old = sign_hs256(&serde_json::json!({"exp": 1}), "k");
         assert_eq!(verify_hs256(old.as_bytes(), "k"), Err(JwtError::Expired));
+        let early = sign_hs256(&serde_json::json!({"nbf": 4_000_000_000u64}), "k");
+        assert_eq!(
+            verify_hs256(early.as_bytes(), "k"),
+            Err(JwtError::NotYetValid)
+        );
+        let begun = sign_hs256(&serde_json::json!({"nbf": 1, "exp": 4e9}), "k");
+        assert!(verify_hs256(begun.as_bytes(), "k").is_ok());
+        let odd = sign_hs256(&serde_json::json!({"nbf": "soon"}), "k");
+        assert_eq!(verify_hs256(odd.as_bytes(), "k"), Err(JwtError::Malformed));
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
