@@ -3,8 +3,11 @@
 //! absent, never generated) and echoed only when present; state survives a restart.
 //! Every scenario runs on both engines: embedded SQLite and a throwaway PostgreSQL.
 
+#[path = "common/api.rs"]
+mod api;
 mod common;
 
+use api::{endpoint_body, log_lines, AUTH, SECRET, SESSION};
 use appproxy_test_support::net::ReadUninterrupted;
 use common::Coordinator;
 
@@ -17,8 +20,6 @@ use appproxy_test_support::http::closed_by_server;
 
 /// How long a test waits for a server to close a connection it should close.
 const HANG_GUARD: Duration = Duration::from_secs(30);
-
-const SECRET: &str = "api-secret";
 
 /// The engine under test.
 enum Db {
@@ -62,11 +63,7 @@ fn start(dir: &std::path::Path, db: &Db) -> Coordinator {
 /// Starts the coordinator on `db`. `extra`: more `[coordinator]` keys, then any
 /// further tables.
 fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
-    let config = format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
-        db.section(dir)
-    );
-    common::start(dir, &config)
+    common::start(dir, &api::config(extra, &db.section(dir)))
 }
 
 /// A JSON request to the coordinator.
@@ -117,9 +114,6 @@ on_both_engines! {
     an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes => an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_sqlite, an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_postgresql;
 }
 
-const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
-const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-
 /// The ID of the first worker `GET /api/worker` lists.
 fn first_worker(c: &Coordinator) -> String {
     request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]
@@ -129,14 +123,16 @@ fn first_worker(c: &Coordinator) -> String {
 }
 
 fn setup(c: &Coordinator) -> String {
-    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
-    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        api::INTERACTIVE_WORKER,
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["available_slots"], 4);
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
-    );
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["token"].as_str().expect("token").to_owned()
 }
@@ -547,14 +543,6 @@ fn upstream_tls_comes_from_the_conf_and_decides_reuse(db: Db) {
     // `off` is plain.
     let (off, _) = circuit_for(&token_of(Some(r#""off""#)));
     assert_eq!(off, plain_id);
-}
-
-fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("coordinator.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// With Redis configured but no worker listening, a creation waits for the
@@ -1103,20 +1091,10 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
 
 /// Registers the wildcard worker `inference-1` (`*.apps.test` on port 80).
 fn register_inference_worker(c: &Coordinator) {
-    let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
     assert_eq!(
-        request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
+        request(c.addr, "PUT", "/api/worker", &[AUTH], api::INFERENCE_WORKER).status,
         200
     );
-}
-
-fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
-    let id = deployment
-        .map(|d| format!(r#""deployment_id":"{d}","#))
-        .unwrap_or_default();
-    format!(
-        r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
-    )
 }
 
 /// `/v2/endpoints`: create (wildcard subdomain from the service name, collision
@@ -5703,9 +5681,9 @@ fn circuits_per_session_are_capped(db: Db) {
     // for a turn rather than insert).
     let c = common::start(
         dir.path(),
-        &format!(
-            "[coordinator]\nbind = \"127.0.0.1:0\"\n[limits]\nmax_circuits_per_session = {LIMIT}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\n{}\npool_size = 32\n[logging]\nfilter = \"info\"\n",
-            db.section(dir.path())
+        &api::config(
+            &format!("[limits]\nmax_circuits_per_session = {LIMIT}\n"),
+            &format!("{}\npool_size = 32", db.section(dir.path())),
         ),
     );
     let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10300],"accepted_traffics":["interactive"]}"#;

@@ -8,8 +8,11 @@
 //! against the coordinator binary on a throwaway PostgreSQL (and Redis where
 //! acknowledgements are awaited).
 
+#[path = "common/api.rs"]
+mod api;
 mod common;
 
+use api::{endpoint_body, log_lines, AUTH, INFERENCE_WORKER, SESSION};
 use common::Coordinator;
 
 use appproxy_test_support::http::Resp;
@@ -21,18 +24,10 @@ use std::time::{Duration, Instant};
 /// The longest a test waits for what should happen (bounded waits only).
 const PATIENCE: Duration = Duration::from_secs(90);
 
-const SECRET: &str = "api-secret";
-const AUTH: (&str, &str) = ("X-BackendAI-Token", SECRET);
-const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-
 /// Starts the coordinator on `pg`; `extra`: more `[coordinator]` keys, then any
 /// further tables.
 fn start_with(dir: &std::path::Path, pg: &Pg, extra: &str) -> Coordinator {
-    let config = format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n{extra}\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nurl = \"{}\"\n[logging]\nfilter = \"info\"\n",
-        pg.url()
-    );
-    common::start(dir, &config)
+    common::start(dir, &api::config(extra, &format!("url = \"{}\"", pg.url())))
 }
 
 /// A JSON request to the coordinator.
@@ -49,14 +44,6 @@ fn request(
         .expect("a response")
 }
 
-fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("coordinator.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Waits (bounded) until `done`; panics with `what` otherwise.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -68,13 +55,15 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 /// Registers the interactive port worker `worker-1` and a `/v2/conf` token.
 fn setup(c: &Coordinator) -> String {
-    let worker = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10208],"accepted_traffics":["interactive"]}"#;
-    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        api::INTERACTIVE_WORKER,
     );
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &conf);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["token"].as_str().expect("token").to_owned()
 }
@@ -82,18 +71,6 @@ fn setup(c: &Coordinator) -> String {
 fn register(c: &Coordinator, worker: &str) {
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], worker);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-}
-
-/// A wildcard worker for inference traffic, `inference-1`.
-const INFERENCE_WORKER: &str = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","wildcard_traffic_port":80,"accepted_traffics":["inference"]}"#;
-
-fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
-    let id = deployment
-        .map(|d| format!(r#""deployment_id":"{d}","#))
-        .unwrap_or_default();
-    format!(
-        r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
-    )
 }
 
 fn count(pg: &Pg, sql: &str) -> u64 {
