@@ -232,6 +232,10 @@ pub enum RelayError {
     /// The body exceeded the limit.
     #[error("body larger than the limit")]
     TooLarge,
+    /// The destination, an app taking a request body, began an answer that ends the
+    /// request ([`DstWatch::Refusal`]): its head is there to be read.
+    #[error("the app answered before taking the whole body")]
+    Answered,
 }
 
 /// Limits and timers of one relay.
@@ -245,9 +249,25 @@ pub struct RelayOpts {
     pub source_idle: Duration,
     /// Buffer capacity limit for the source buffer.
     pub buf_limit: usize,
-    /// Whether a wait on the source ends when the destination closes its connection
-    /// ([`fill_watching`]): for a response relayed to its client.
-    pub watch_dst: bool,
+    /// What of the destination is watched while the relay waits.
+    pub watch_dst: DstWatch,
+}
+
+/// What of a relay's destination is watched while the relay waits on it or on its
+/// source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DstWatch {
+    /// Nothing.
+    None,
+    /// Its hang-up, during waits on the source ([`fill_watching`]): a client a
+    /// response is relayed to.
+    HangUp,
+    /// An answer that ends the request ([`app_refused`]), during every wait: an app
+    /// a request body is relayed to, which may refuse the body (413, 401 …) without
+    /// reading it, and keep its connection open. Its answer then goes to the client
+    /// at once, as nginx and HAProxy relay it, rather than after the write to an
+    /// app that no longer reads stalls out (a 502 a minute later, the answer lost).
+    Refusal,
 }
 
 /// Relays one body from `src` (with what is already in `sbuf`) to `dst`.
@@ -292,6 +312,8 @@ pub async fn relay_body_counted(
         _ => ChunkedDecoder::new(),
     };
     let mut out = std::mem::take(prefix);
+    // Cleared once the app's first bytes turn out not to refuse the request.
+    let mut refusal_watch = opts.watch_dst == DstWatch::Refusal;
     loop {
         let input = sbuf.filled();
         let mut done = false;
@@ -361,9 +383,14 @@ pub async fn relay_body_counted(
         }
         if !out.is_empty() {
             dst.set_timeout(opts.idle);
-            dst.write_all(&out)
-                .await
-                .map_err(|e| (RelayError::Destination(e), written))?;
+            let wrote = if refusal_watch {
+                or_refusal(dst.write_all(&out), dst, &mut refusal_watch)
+                    .await
+                    .map_err(|e| (e, written))?
+            } else {
+                dst.write_all(&out).await
+            };
+            wrote.map_err(|e| (RelayError::Destination(e), written))?;
             written += out.len() as u64;
             out.clear();
         }
@@ -371,8 +398,15 @@ pub async fn relay_body_counted(
             break;
         }
         src.set_timeout(opts.source_idle);
-        let filled = if opts.watch_dst {
+        let filled = if opts.watch_dst == DstWatch::HangUp {
             fill_watching(sbuf, src, opts.buf_limit, dst).await
+        } else if refusal_watch {
+            let fill = sbuf.fill(src, opts.buf_limit);
+            Some(
+                or_refusal(fill, dst, &mut refusal_watch)
+                    .await
+                    .map_err(|e| (e, written))?,
+            )
         } else {
             Some(sbuf.fill(src, opts.buf_limit).await)
         };
@@ -432,6 +466,48 @@ pub async fn or_watch<F: Future, W: Future>(
         watch.as_mut().poll(cx).map(Err)
     })
     .await
+}
+
+/// Awaits `work` (a write of a request body to `app`, or a read of more of it)
+/// while `app` is watched for an answer that ends the request ([`app_refused`]):
+/// `Err(Answered)` when one came first, `work` left unfinished (the relay ends
+/// there). `watching` is cleared when the app's first bytes are no such answer:
+/// the watch is not started again for them.
+async fn or_refusal<F: Future>(
+    work: F,
+    app: &TcpConn,
+    watching: &mut bool,
+) -> Result<F::Output, RelayError> {
+    futures_lite::pin!(work);
+    match or_watch(work.as_mut(), || {}, app_refused(app)).await {
+        Ok(done) => return Ok(done),
+        Err(true) => return Err(RelayError::Answered),
+        Err(false) => *watching = false,
+    }
+    Ok(work.await)
+}
+
+/// Waits for the first bytes `app` sends while it is given a request body, and says
+/// whether they begin an answer that ends the request: a final head that is no
+/// success (3xx–5xx: the app refuses the body, 413 or 401, or sends the client
+/// elsewhere, and will not read on), or bytes that are no HTTP/1 response at all.
+/// `false`: an interim or a successful head (the app may read the body still: it
+/// goes on, and the answer is read after it), the end of its stream or an error
+/// (what the relay meets next tells). Nothing is taken (a peek): the head is read
+/// after, whole. Raw bytes: for plaintext apps only.
+pub async fn app_refused(app: &TcpConn) -> bool {
+    // `HTTP/1.1 413`: the version and the status's first digit decide.
+    const LINE: usize = 12;
+    let mut line = [0u8; LINE];
+    loop {
+        match app.peek(&mut line).await {
+            Ok(LINE) => return !line.starts_with(b"HTTP/1.") || line[9] >= b'3',
+            Ok(0) | Err(_) => return false,
+            // A short peek waits for more bytes the next time.
+            Ok(n) if b"HTTP/1.".starts_with(&line[..n.min(7)]) => {}
+            Ok(_) => return true,
+        }
+    }
 }
 
 /// [`ReadBuf::fill`] from `src` while `watched`, the peer this relay writes to (and

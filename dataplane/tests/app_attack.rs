@@ -930,6 +930,116 @@ fn an_answer_before_the_whole_body_is_relayed() {
     }
 }
 
+/// An app that refuses a request body (413, 401 …) and keeps its connection open
+/// without reading on: its answer reaches the client at once, whether the worker
+/// was writing the body to it (blocked: the app no longer reads) or waiting for
+/// the client's next bytes; the client's connection closes after it (the rest of
+/// the body unread) and the app's is not reused. Before, the answer sat unread: a
+/// body larger than the sockets hold ended a minute later in a 502 for the stalled
+/// write, and a client waiting for the answer before sending on got nothing. A
+/// successful answer begun early is no refusal: the app reads on, the whole body
+/// goes to it, and its answer follows.
+#[test]
+fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
+    let gate = Gate::default();
+    let hold = gate.clone();
+    let app = App::start(move |method, path| match path {
+        "/early-413" => vec![
+            send("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
+            Step::Await(hold.clone()),
+        ],
+        "/early-401" => vec![
+            send("HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?"),
+            Step::Await(hold.clone()),
+        ],
+        // Answers at once, then reads the whole body (until the worker closes).
+        "/early-200" => vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"),
+            Step::Hold,
+        ],
+        _ => honest(path, method),
+    });
+    let w = worker_for(&app);
+    let post = |path: &str, size: usize, extra: &str| {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n{extra}\r\n")
+                .as_bytes(),
+        )
+        .expect("head");
+        s
+    };
+    let answered = |got: &[u8], status: &str, body: &str| {
+        let got = String::from_utf8_lossy(got).into_owned();
+        let (line, fields) = head_fields(&got);
+        assert!(line.starts_with(&format!("HTTP/1.1 {status} ")), "{got}");
+        assert!(got.ends_with(&format!("\r\n\r\n{body}")), "{got}");
+        fields
+            .iter()
+            .any(|(n, v)| n == "connection" && v == "close")
+    };
+    // The body's write blocks: more than the sockets hold, the app reading none.
+    const SIZE: usize = 64 << 20;
+    let mut s = post("/early-413", SIZE, "");
+    let mut body = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let block = vec![b'u'; 1 << 20];
+        for _ in 0..SIZE >> 20 {
+            body.write_all(&block).map_err(|e| e.kind())?;
+        }
+        Ok::<(), ErrorKind>(())
+    });
+    let (got, end) = read_to_end(&mut s);
+    assert_eq!(end, None, "the answer ends cleanly");
+    assert!(
+        answered(&got, "413", "too big!"),
+        "the client's connection closes"
+    );
+    assert_eq!(writer.join().expect("writer"), Ok(()), "the rest is taken");
+    // The worker waits for the client's next bytes: the client waits for an answer.
+    let mut s = post("/early-401", 100_000, "");
+    s.write_all(&[b'u'; 10]).expect("first bytes");
+    let (got, end) = read_to_end(&mut s);
+    assert_eq!(end, None, "the answer ends cleanly");
+    assert!(
+        answered(&got, "401", "who are?"),
+        "the client's connection closes"
+    );
+    set_gate(&gate, true);
+    for path in ["/early-413", "/early-401"] {
+        app.wait_ended(app.conn_of(path));
+    }
+    // A success begun early: the whole body goes on, then the answer (and the
+    // close the client asked for).
+    let mut s = post("/early-200", 8 << 20, "Connection: close\r\n");
+    let mut body = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let block = vec![b'u'; 1 << 20];
+        for _ in 0..8 {
+            body.write_all(&block).map_err(|e| e.kind())?;
+        }
+        Ok::<(), ErrorKind>(())
+    });
+    let (got, _) = read_to_end(&mut s);
+    assert_eq!(writer.join().expect("writer"), Ok(()));
+    answered(&got, "200", "ok");
+    // Logged as an early answer: the two refusals, not the success.
+    let early = "the app answered before taking the whole request body";
+    let lines = w.wait_log(early, |v| v["message"] == early && v["status"] == 401);
+    assert_eq!(lines.len(), 1);
+    let statuses: Vec<_> = w
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == early)
+        .map(|v| v["status"].clone())
+        .collect();
+    assert_eq!(statuses, [413, 401], "{}", w.log_text());
+    let r = Client::connect(w.addr()).get("/after", "");
+    assert!(r.text().starts_with("honest /after "), "{}", r.text());
+}
+
 /// Heads the worker cannot relay faithfully are a 502 `upstream_invalid_response`
 /// (never passed on, never guessed at); the app connection is closed and the client
 /// connection goes on. Table: what the app answers.

@@ -24,7 +24,7 @@ use crate::http::encode::{self, ClientFraming, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
-use crate::relay::{self, Mode, RelayError, RelayOpts, Trailers};
+use crate::relay::{self, DstWatch, Mode, RelayError, RelayOpts, Trailers};
 
 /// Copies of the head's method and path, for logging after the buffer moved on: one
 /// buffer the connection hands from request to request (no allocation per request).
@@ -601,6 +601,44 @@ impl Client {
         Ok((conn, used, false))
     }
 
+    /// The final answer an app sent before it took the whole request body (it
+    /// closed, or it stopped reading): interim heads before it (an unsolicited 100,
+    /// a 103) are passed over, at most [`MAX_INTERIM`] of them, since the client's
+    /// connection closes after the answer anyway. Logged; the caller relays it.
+    async fn early_answer(
+        &mut self,
+        core: &Core,
+        upstream: &TcpConn,
+        method: Method,
+    ) -> Result<ResponseHead, HeadFailure> {
+        for _ in 0..=MAX_INTERIM {
+            let resp = read_response_head(
+                core,
+                upstream,
+                &mut self.ubuf,
+                &mut self.resp_fields,
+                method,
+                None,
+            )
+            .await?;
+            match resp.status {
+                101 => break,
+                100..=199 => self.ubuf.consume(resp.head_len),
+                status => {
+                    tracing::info!(
+                        upstream = %upstream.peer_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+                        status,
+                        "the app answered before taking the whole request body"
+                    );
+                    return Ok(resp);
+                }
+            }
+        }
+        Err(HeadFailure::Invalid(ResponseError::Malformed(
+            "no final answer before the request body was taken",
+        )))
+    }
+
     /// One attempt on `upstream`: the request sent (head, and body as it comes), its
     /// response head read. Returns the head, the request bytes read from the client,
     /// and whether the app answered before it took the whole body; a failure is
@@ -656,7 +694,13 @@ impl Client {
                 idle: rt.body_idle_timeout,
                 source_idle: rt.body_idle_timeout,
                 buf_limit: BODY_BUF_LIMIT,
-                watch_dst: false,
+                // An app's early refusal is watched for by peeking at raw bytes:
+                // not through TLS.
+                watch_dst: if upstream.is_tls() {
+                    DstWatch::None
+                } else {
+                    DstWatch::Refusal
+                },
             };
             relay::relay_body(
                 &self.conn,
@@ -688,37 +732,7 @@ impl Client {
                 // connection being closed); the client's connection closes after it,
                 // the rest of the body unread.
                 if closed && !attempt.replayable() {
-                    // Interim heads before it (an unsolicited 100, a 103) are passed
-                    // over, at most [`MAX_INTERIM`] of them: the client's connection
-                    // closes after the answer anyway.
-                    let mut early = None;
-                    for _ in 0..=MAX_INTERIM {
-                        match read_response_head(
-                            &core,
-                            upstream,
-                            &mut self.ubuf,
-                            &mut self.resp_fields,
-                            head.method,
-                            None,
-                        )
-                        .await
-                        {
-                            Ok(r) if (100..200).contains(&r.status) && r.status != 101 => {
-                                self.ubuf.consume(r.head_len);
-                            }
-                            Ok(r) if r.status >= 200 => {
-                                early = Some(r);
-                                break;
-                            }
-                            _ => break,
-                        }
-                    }
-                    if let Some(resp) = early {
-                        tracing::info!(
-                            upstream = %addr,
-                            status = resp.status,
-                            "the app answered before taking the whole request body"
-                        );
+                    if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
                     }
@@ -730,6 +744,22 @@ impl Client {
                     Left::Partial
                 };
                 return failed(Failure::Answer(err, left));
+            }
+            // The app began an answer that ends the request while it was still
+            // being given the body (it stopped reading, or the client's next bytes
+            // were awaited): relayed at once, the connection to the app not reused
+            // and the client's closed after it, the rest of the body unread.
+            Err(RelayError::Answered) => {
+                return match self.early_answer(&core, upstream, head.method).await {
+                    Ok(resp) => {
+                        note_health(&core, route, addr, true);
+                        Ok((resp, bytes_in, true))
+                    }
+                    Err(f) => {
+                        note_health(&core, route, addr, false);
+                        failed(Failure::Answer(f.into_error(), Left::Partial))
+                    }
+                };
             }
             Err(RelayError::Source(e)) => return failed(body_read_failure(e, floor_cut)),
             Err(RelayError::Framing(what)) => {
@@ -867,7 +897,7 @@ impl Client {
             source_idle: rt.response_idle_timeout,
             buf_limit: BODY_BUF_LIMIT,
             // The client gone while the app is silent ends the relay at once.
-            watch_dst: true,
+            watch_dst: DstWatch::HangUp,
         };
         // A response of no set length (server-sent events, a token stream) may run
         // for hours: watched while it is relayed, as a tunnel is, so a deployment
