@@ -681,3 +681,31 @@ fn a_refused_head_stream_gets_no_data() {
     assert_eq!(length(&head), length(&get), "{head}\n{get}");
     assert_eq!(up.count(), 0, "nothing reached the app");
 }
+
+/// A stream's `:scheme` is its target's scheme (RFC 9113 §8.3.1): one the worker
+/// does not serve (`javascript`, `ftp`) is a malformed request, refused before the
+/// app as an HTTP/1.1 absolute-form target of another scheme is; `http` and
+/// `https` (a TLS front in between) pass. Before, any scheme was taken.
+#[test]
+fn a_stream_of_another_scheme_is_refused() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    let url = format!("http://127.0.0.1:{}/a", w.port);
+    for (scheme, status) in [
+        ("javascript", "400"),
+        ("ftp", "400"),
+        ("http", "200"),
+        ("https", "200"),
+    ] {
+        let v = nghttp_verbose(&["-H", &format!(":scheme: {scheme}"), &url]);
+        assert_eq!(statuses(&v), [status], "{scheme}: {v}");
+    }
+    assert_eq!(
+        up.count(),
+        2,
+        "only the http and https streams reach the app"
+    );
+}

@@ -170,9 +170,12 @@ pub async fn handle(
     // `:path` must be origin-form (`*` only for OPTIONS): `h2` takes any bytes, and
     // an absolute-form or bare target would reach the app as something else than
     // what routed (RFC 9113 §8.3.1). CONNECT has no `:path` and is not served.
+    // `:scheme` is the target URI's scheme (RFC 9113 §8.3.1): the worker serves
+    // `http` and `https` ones, and another (`javascript`, `ftp`) is malformed here,
+    // as in an HTTP/1.1 absolute-form target.
     let target_ok = parts.uri.path_and_query().is_some_and(|p| {
         p.as_str().starts_with('/') || (p.as_str() == "*" && parts.method == http::Method::OPTIONS)
-    });
+    }) && matches!(parts.uri.scheme_str(), Some("http" | "https"));
     // Refused before its head is rendered and parsed: under the client's request
     // ID all the same (its fields are parsed already), logged as HTTP/1.1's are.
     let refused_early = |e: RequestError| {
