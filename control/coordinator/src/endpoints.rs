@@ -422,7 +422,7 @@ async fn created_or_existing(
         updated_at: None,
     };
     let (circuit, worker, created) =
-        super::proxy::create_circuit(state, template, &request, None).await?;
+        super::proxy::create_circuit(state, template, &request, None, None).await?;
     Ok(Placed {
         circuit,
         worker,

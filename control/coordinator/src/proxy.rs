@@ -295,13 +295,16 @@ async fn proxy_auth(
         }
         turn
     };
-    // A call that found nothing settled to reuse also holds the key's turn in the
-    // store until its own creation has its outcome ([`reuse_on_alive_worker`]):
-    // across coordinators, calls for one key create one circuit.
-    let (reused, store_turn) = if Flag::get(q.no_reuse) {
+    // A call that found nothing settled to reuse also takes the key's turn in the
+    // store, held until its new circuit is stored (marked as a creation under way,
+    // which the other coordinators' calls then wait on) and again while an
+    // unacknowledged attempt is replaced ([`KeyTurn`]): across coordinators, calls
+    // for one key create one circuit.
+    let (reused, mut store_turn) = if Flag::get(q.no_reuse) {
         (None, None)
     } else {
-        reuse_on_alive_worker(&state, reusable, &key).await?
+        let (reused, turn) = reuse_on_alive_worker(&state, reusable, &key).await?;
+        (reused, Some(turn))
     };
     let outcome = async {
         Ok::<_, ApiError>(match reused {
@@ -379,17 +382,26 @@ async fn proxy_auth(
                 // At most `[limits] max_circuits_per_session` live circuits per session,
                 // decided by the store in the insert itself (a reuse above never counts).
                 let limit = Some((q.session_id, state.config.limits.max_circuits_per_session));
-                let (circuit, worker, under_way) =
-                    match create_circuit(&state, template.clone(), &request, limit).await {
-                        // Circuits on workers that are gone serve nobody: they are
-                        // withdrawn rather than counted, and the creation tried again.
-                        Err(ApiError::SessionCircuitLimit(_))
-                            if withdraw_dead_circuits(&state, q.session_id).await? > 0 =>
-                        {
-                            create_circuit(&state, template, &request, limit).await?
-                        }
-                        created => created?,
-                    };
+                let (circuit, worker, under_way) = match create_circuit(
+                    &state,
+                    template.clone(),
+                    &request,
+                    limit,
+                    store_turn.as_mut(),
+                )
+                .await
+                {
+                    // Circuits on workers that are gone serve nobody: they are
+                    // withdrawn rather than counted, and the creation tried again
+                    // (still under the key's turn: nothing was stored).
+                    Err(ApiError::SessionCircuitLimit(_))
+                        if withdraw_dead_circuits(&state, q.session_id).await? > 0 =>
+                    {
+                        create_circuit(&state, template, &request, limit, store_turn.as_mut())
+                            .await?
+                    }
+                    created => created?,
+                };
                 // Acknowledged: settled in the store (its mark of a creation under way
                 // cleared) before the caller is answered with it; nothing after this
                 // can fail the answer. That write failing fails the creation: the
@@ -400,11 +412,12 @@ async fn proxy_auth(
         })
     }
     .await;
-    // Given back whatever the outcome: every creation for a reuse key holds the
-    // turn, and one dropped on a failure (no worker, the session's limit) would
-    // close its connection rather than give it back to the pool.
-    if let Some(turn) = store_turn {
-        turn.end().await;
+    // Given back whatever the outcome, if still held (a creation gives it back as
+    // soon as its circuit is stored; a failure before that, such as no worker or
+    // the session's limit, leaves it held): a turn dropped would close its
+    // connection rather than give it back to the pool.
+    if let Some(turn) = store_turn.as_mut() {
+        turn.give_back().await;
     }
     let (circuit, reuse, worker) = outcome?;
     let mut claims =
@@ -700,21 +713,17 @@ async fn withdraw_until_done(
 /// announced as any other) and the next candidate looked at; with none, the caller
 /// creates a new circuit under the same reuse-key turn. So is a circuit its worker,
 /// as registered now, no longer serves ([`placement::unserved`]: a port outside a
-/// narrowed port range). Before anything is created or withdrawn in its place, the
-/// reuse key's turn in the store is taken and the circuits looked at once more
-/// under it; it is returned with the outcome, for the caller to hold until its own
-/// creation has its outcome. A reuse of a settled circuit takes no turn.
+/// narrowed port range). Before anything is created or an orphaned creation
+/// withdrawn in its place, the reuse key's turn in the store is taken and the
+/// circuits looked at once more under it; it is returned with the outcome, for the
+/// caller's creation to give back once its circuit is stored ([`KeyTurn`]). A
+/// creation under way found under the turn is waited for without it. A reuse of
+/// a settled circuit takes no turn.
 async fn reuse_on_alive_worker<F, Fut>(
     state: &Arc<State>,
     reusable: F,
     key: &str,
-) -> Result<
-    (
-        Option<(Circuit, WorkerRegistration)>,
-        Option<super::store::ReuseTurn>,
-    ),
-    ApiError,
->
+) -> Result<(Option<(Circuit, WorkerRegistration)>, KeyTurn), ApiError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<Option<Circuit>, ApiError>>,
@@ -725,32 +734,37 @@ where
     let deadline = tokio::time::Instant::now() + state.foreign_creation_wait();
     // A call that is about to create (it found nothing, or a creation under way
     // that then went: withdrawn, or past its mark) decides what is created under
-    // the key's turn in the store, held until its own creation has its outcome,
-    // and looks once more under it: of the calls on several coordinators that
-    // found nothing at the same moment, or met the same orphaned creation (each
-    // polling its mark, each seeing it pass at the same moment), one creates (and
-    // withdraws the orphan), the others wait for the turn and then reuse its
-    // circuit — waiting, as for any creation, until it is settled. Before, only
-    // the second case took the turn, and two nodes asked for a new key at once
-    // each created a circuit. A reuse of a settled circuit never takes it.
-    let mut turn: Option<super::store::ReuseTurn> = None;
-    let mut turn_tried = false;
+    // the key's turn in the store, held until its new circuit is stored, and
+    // looks once more under it: of the calls on several coordinators that found
+    // nothing at the same moment, or met the same orphaned creation (each polling
+    // its mark, each seeing it pass at the same moment), one creates (and
+    // withdraws the orphan), the others wait for the turn and then find its
+    // circuit under way — and wait, as for any creation, until it is settled,
+    // having given the turn back. Before, only the second case took the turn, and
+    // two nodes asked for a new key at once each created a circuit. A reuse of a
+    // settled circuit never takes it.
+    let mut turn = KeyTurn::new(key);
     for _ in 0..REUSE_LOOKS {
         let Some(c) = reusable().await? else {
-            if !turn_tried {
-                turn_tried = true;
-                turn = take_reuse_turn(state, key).await?;
+            if !turn.decided() {
+                turn.take(state).await?;
                 continue;
             }
             return Ok((None, turn));
         };
+        // A creation under way is waited for without the turn: its creator may
+        // need it again (to replace an unacknowledged attempt), and a pooled
+        // connection held for a whole acknowledgement's wait would let a hung
+        // worker stall other creations. Taken again should it come to nothing.
+        if turn.is_held() && under_way(state, c.id).await? {
+            turn.give_back().await;
+        }
         match state.creation_of(c.id, deadline).await? {
             super::Found::Settled => {}
             super::Found::LookAgain => continue,
             super::Found::Overdue => {
-                if !turn_tried {
-                    turn_tried = true;
-                    turn = take_reuse_turn(state, key).await?;
+                if !turn.decided() {
+                    turn.take(state).await?;
                     continue;
                 }
                 tracing::warn!(
@@ -793,17 +807,75 @@ where
     Ok((None, turn))
 }
 
-/// The store's turn at the reuse key `key` ([`store::Store::reuse_turn`]), waited
-/// for as long as its holder may take; `None` past it (the call goes on alone).
-async fn take_reuse_turn(
-    state: &State,
-    key: &str,
-) -> Result<Option<super::store::ReuseTurn>, ApiError> {
-    let turn = state.store.reuse_turn(key, state.reuse_turn_wait()).await?;
-    if turn.is_none() {
-        tracing::warn!("no turn at the reuse key in the store in time (a creation for the same session and app on another coordinator still runs, or this one has as many under way as it may); going on alone");
+/// Whether `circuit` is a creation still under way, on this coordinator or another
+/// (its mark in the store), as of now.
+async fn under_way(state: &State, circuit: uuid::Uuid) -> Result<bool, ApiError> {
+    Ok(state.is_creating(circuit)
+        || matches!(
+            state.store.creation_mark(circuit).await?,
+            Some(super::store::CreationMark::UnderWay)
+        ))
+}
+
+/// A `/v2/proxy/auth` call's turn at its reuse key in the store, across every
+/// coordinator ([`store::Store::reuse_turn`]). Held only while the call changes
+/// what the key's circuits are: from its look that found nothing to reuse (or an
+/// orphaned creation to withdraw) until its new circuit's row, marked as a
+/// creation under way, is stored; and again from the withdrawal of an attempt its
+/// worker did not acknowledge until the next attempt's row is stored (or the
+/// creation gives up). A call on another coordinator that takes the turn and looks
+/// again thus always finds the circuit under way, never the moment between two,
+/// and waits for it without the turn. Never held through an acknowledgement's
+/// wait: a worker that hangs would hold every turn a coordinator may have for that
+/// long, and stall its other creations.
+pub(super) struct KeyTurn {
+    key: String,
+    held: Option<super::store::ReuseTurn>,
+    /// Not had in time once: the call went on alone, and takes it no more.
+    alone: bool,
+}
+
+impl KeyTurn {
+    fn new(key: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            held: None,
+            alone: false,
+        }
     }
-    Ok(turn)
+
+    fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Whether the call may create: it holds the turn, or went on alone.
+    fn decided(&self) -> bool {
+        self.held.is_some() || self.alone
+    }
+
+    /// Takes the turn unless held or given up on, waited for as long as its holder
+    /// may take; past it, the call goes on alone (logged).
+    async fn take(&mut self, state: &State) -> Result<(), ApiError> {
+        if self.decided() {
+            return Ok(());
+        }
+        self.held = state
+            .store
+            .reuse_turn(&self.key, state.reuse_turn_wait())
+            .await?;
+        if self.held.is_none() {
+            self.alone = true;
+            tracing::warn!("no turn at the reuse key in the store in time (a creation for the same session and app on another coordinator still runs, or this one has as many under way as it may); going on alone");
+        }
+        Ok(())
+    }
+
+    /// Gives the turn back, if held (it can be taken again).
+    pub(super) async fn give_back(&mut self) {
+        if let Some(turn) = self.held.take() {
+            turn.end().await;
+        }
+    }
 }
 
 /// How many candidates a reuse looks at before creating anew.
@@ -858,12 +930,16 @@ async fn withdraw_dead_circuits(
 /// circuit that is not acknowledged is removed again (nothing is left half-done); when
 /// no attempt succeeds the answer is 503 `E10001` naming the cause. With
 /// `session_limit = Some((session, n))` (n > 0) the store refuses the insert once the
-/// session holds `n` live circuits: 429 `E10004`, nothing stored.
+/// session holds `n` live circuits: 429 `E10004`, nothing stored. A `turn` held
+/// (a reuse key's, [`KeyTurn`]) is given back as soon as a circuit is stored, and
+/// taken again before an unacknowledged attempt is withdrawn for another; on a
+/// failure it may be left held, for the caller to give back.
 pub(super) async fn create_circuit(
     state: &Arc<State>,
     template: Circuit,
     request: &placement::Request<'_>,
     session_limit: Option<(uuid::Uuid, u32)>,
+    mut turn: Option<&mut KeyTurn>,
 ) -> Result<(Circuit, WorkerRegistration, Creating), ApiError> {
     // Workers that failed this creation, and (worker, port) slots that could not listen.
     let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
@@ -891,7 +967,20 @@ pub(super) async fn create_circuit(
             Err(ApiError::NoWorker) if last_error.is_some() => break,
             Err(e) => return Err(e),
         };
-        match announce(state, &circuit, &worker_body, under_way).await {
+        // Stored, marked under way: a call on another coordinator now finds it and
+        // waits for it. The turn is not held through the acknowledgement's wait.
+        if let Some(turn) = turn.as_deref_mut() {
+            turn.give_back().await;
+        }
+        match announce(
+            state,
+            &circuit,
+            &worker_body,
+            under_way,
+            turn.as_deref_mut(),
+        )
+        .await
+        {
             Ok(under_way) => return Ok((circuit, worker_body, under_way)),
             Err(Retry::Elsewhere(e)) => {
                 avoid_workers.extend(circuit.worker);
@@ -1076,12 +1165,16 @@ async fn place_and_store(
 ///
 /// Acknowledged, the creation is still under way until its caller settles it
 /// (`under_way` comes back); withdrawn, it is settled here, or left to a withdrawal
-/// that tries again when the store failed it.
+/// that tries again when the store failed it. Withdrawn for another attempt, the
+/// reuse key's `turn` is taken first ([`KeyTurn`]): between the withdrawal and
+/// the next attempt's insert, a call on another coordinator would find nothing
+/// and create a circuit of its own.
 async fn announce(
     state: &State,
     circuit: &Circuit,
     worker: &WorkerRegistration,
     under_way: Creating,
+    turn: Option<&mut KeyTurn>,
 ) -> Result<Creating, Retry> {
     let origin = appproxy_shared::current_request_id();
     let authority = worker.authority.clone();
@@ -1174,6 +1267,7 @@ async fn announce(
                 }
             }
             tracing::warn!(circuit = %circuit.id, worker = %authority, "worker did not acknowledge; circuit withdrawn");
+            retake(state, turn).await;
             withdraw(
                 state,
                 circuit,
@@ -1191,6 +1285,7 @@ async fn announce(
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
             observed.creations.add("worker_tripped", 1);
             observed.ack_timeouts.add(&authority, 1);
+            retake(state, turn).await;
             withdraw(
                 state,
                 circuit,
@@ -1212,6 +1307,7 @@ async fn announce(
                 .fetch_add(1, Ordering::Relaxed);
             state.breakers.end_trial(&authority);
             tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
+            retake(state, turn).await;
             withdraw(
                 state,
                 circuit,
@@ -1227,6 +1323,17 @@ async fn announce(
         }
     };
     Err(retry)
+}
+
+/// Takes the reuse key's turn again, if the creation has one, before an attempt is
+/// withdrawn for another ([`announce`]). Not had (in time, or the store failing),
+/// the withdrawal goes on all the same.
+async fn retake(state: &State, turn: Option<&mut KeyTurn>) {
+    if let Some(turn) = turn {
+        if let Err(e) = turn.take(state).await {
+            tracing::warn!(error = %e, "no turn at the reuse key in the store to replace an attempt; going on alone");
+        }
+    }
 }
 
 /// The circuit was removed while its creation waited for the acknowledgement: the

@@ -483,14 +483,20 @@ impl StandIn {
     /// [`StandIn::start_slow`], acknowledging at most `acks` creations (those after
     /// them never).
     fn start_acking(url: &str, skip: usize, delay: Duration, acks: usize) -> Self {
-        Self::start_with(url, skip, delay, acks, None)
+        Self::start_with(url, skip, delay, acks, None, None)
+    }
+
+    /// [`StandIn::start`], never acknowledging a creation for the worker `hung`
+    /// (one that takes the deployment and then hangs).
+    fn start_hung_for(url: &str, hung: &'static str) -> Self {
+        Self::start_with(url, 0, Duration::ZERO, usize::MAX, None, Some(hung))
     }
 
     /// [`StandIn::start`], stopping the process `pid` (SIGSTOP) when a creation's
     /// event comes, acknowledging it meanwhile, and letting the process go on
     /// (SIGCONT) `pause` later: the acknowledgement waits in its socket.
     fn start_pausing(url: &str, pid: u32, pause: Duration) -> Self {
-        Self::start_with(url, 0, Duration::ZERO, usize::MAX, Some((pid, pause)))
+        Self::start_with(url, 0, Duration::ZERO, usize::MAX, Some((pid, pause)), None)
     }
 
     fn start_with(
@@ -499,6 +505,7 @@ impl StandIn {
         delay: Duration,
         acks: usize,
         pausing: Option<(u32, Duration)>,
+        hung: Option<&'static str>,
     ) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
@@ -553,6 +560,9 @@ impl StandIn {
                     });
                 }
                 if event.name != EVENT_CIRCUIT_CREATED {
+                    continue;
+                }
+                if hung.is_some() && body["target_worker_authority"].as_str() == hung {
                     continue;
                 }
                 if skipped < skip {
@@ -1562,6 +1572,204 @@ fn one_failed_renewal_write_does_not_leave_the_other_marks_unrenewed() {
     assert_eq!(ahead + passed, ITEMS as u64, "every circuit still marked");
     let r = bulk.join().expect("the bulk creation");
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A worker that takes deployments and never acknowledges them (hung) does not
+/// stall the coordinator's other creations. Every creation for a reuse key held
+/// the key's turn in the store (a pooled connection) until its acknowledgement,
+/// and a coordinator holds at most half its pool (8 of 16) in such turns: ten
+/// creations for ten sessions placed on the hung worker held all eight for the
+/// whole acknowledgement wait, and a creation for another session, bound for a
+/// healthy worker, waited for a turn until the hung worker's timed out. The turn
+/// is now held only until the new circuit's row is stored: the other session's
+/// creation is answered while the hung ones still wait.
+#[test]
+fn a_hung_worker_does_not_stall_creations_for_other_sessions() {
+    const HUNG: usize = 10;
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let _workers = StandIn::start_hung_for(&redis.url(), "worker-1");
+    // Long enough for the other session's creation to be answered well before it.
+    let extra = format!(
+        "worker_ack_timeout_secs = 30\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir, c) = node(&pg, &extra);
+    // Each worker takes only the sessions of its own domain: the hung one,
+    // `worker-1`, those of `hung`; the healthy one, `worker-2`, those of `healthy`.
+    let worker = |authority: &str, host: &str, domain: &str| {
+        format!(
+            r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"{host}","api_port":10201,"port_range":[10205,10300],"accepted_traffics":["interactive"],"filtered_apps_only":true,"app_filters":[{{"key":"session.domain_name","value":"{domain}"}}]}}"#
+        )
+    };
+    register(&c, &worker("worker-1", "proxy1.test", "hung"));
+    register(&c, &worker("worker-2", "proxy2.test", "healthy"));
+    let path_for = |domain: &str| {
+        let session = uuid::Uuid::new_v4();
+        let body = format!(
+            r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"session":{{"id":"{session}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"{domain}"}}}}"#
+        );
+        let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        format!("/v2/proxy/auth?token={token}&session_id={session}&app=jupyter&protocol=http")
+    };
+    let ask = |path: String| {
+        let addr = c.addr;
+        std::thread::spawn(move || {
+            request(addr, "GET", &path, &[("Accept", "application/json")], "")
+        })
+    };
+    let hung: Vec<_> = (0..HUNG).map(|_| ask(path_for("hung"))).collect();
+    let on_hung = || {
+        count(
+            &pg,
+            "SELECT count(*) FROM circuits c JOIN workers w ON w.id = c.worker WHERE w.authority = 'worker-1'",
+        )
+    };
+    // As many as the turns a coordinator may hold (half its pool of 16) are stored,
+    // each waiting for the hung worker's acknowledgement.
+    wait_for("the creations on the hung worker were never stored", || {
+        on_hung() >= 8
+    });
+    let healthy = ask(path_for("healthy"));
+    let r = healthy.join().expect("the other session's call");
+    let pending = hung.iter().filter(|h| !h.is_finished()).count();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        pending, HUNG,
+        "the other session's creation, on a healthy worker, waited for the hung worker's acknowledgements to time out"
+    );
+    let answer = r.json();
+    let circuit = claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+        .as_str()
+        .expect("circuit")
+        .to_owned();
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            &format!(
+                "SELECT w.authority FROM circuits c JOIN workers w ON w.id = c.worker WHERE c.id = '{circuit}' AND c.creating_until IS NULL"
+            )
+        ),
+        "worker-2",
+        "the other session's circuit is settled on the healthy worker"
+    );
+    // All ten were under way at once, none waiting for a turn.
+    wait_for(
+        "the creations on the hung worker were not all under way at once",
+        || on_hung() == HUNG as u64,
+    );
+    // The hung worker's creations end as before: not acknowledged, withdrawn, and
+    // nowhere else to go (503).
+    for h in hung {
+        let r = h.join().expect("a call for the hung worker");
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(on_hung(), 0, "the unacknowledged circuits are withdrawn");
+}
+
+/// A creation's turn at its reuse key ends once its circuit is stored, not at its
+/// acknowledgement; a creation whose worker does not acknowledge replaces the
+/// circuit with another on another worker. Between that withdrawal and the
+/// replacement's insert, a call for the same key on another node found nothing and
+/// created a circuit of its own. Here node A's first circuit is on a worker that
+/// never acknowledges, and the insert of its replacement waits (the healthy
+/// worker's row held locked) while node B's call, asked meanwhile, looks: A takes
+/// the key's turn again before it withdraws, so B, waiting for it, finds the
+/// replacement and reuses it.
+#[test]
+fn a_call_on_another_node_reuses_the_circuit_that_replaces_an_unacknowledged_one() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let _workers = StandIn::start_hung_for(&redis.url(), "worker-1");
+    let extra = format!(
+        "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (_dir_a, a) = node(&pg, &extra);
+    let (_dir_b, b) = node(&pg, &extra);
+    // The hung worker has the more free ports: placement tries it first.
+    register(
+        &a,
+        r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10300],"accepted_traffics":["interactive"]}"#,
+    );
+    register(
+        &a,
+        r#"{"authority":"worker-2","frontend_mode":"port","protocol":"http","hostname":"proxy2.test","api_port":10201,"port_range":[10305,10310],"accepted_traffics":["interactive"]}"#,
+    );
+    let r = request(a.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    let ask = |addr: SocketAddr, id: &'static str| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            request(
+                addr,
+                "GET",
+                &path,
+                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+                "",
+            )
+        })
+    };
+    let on = |authority: &str| {
+        count(
+            &pg,
+            &format!("SELECT count(*) FROM circuits c JOIN workers w ON w.id = c.worker WHERE w.authority = '{authority}'"),
+        )
+    };
+    let on_a = ask(a.addr, "replaced-a");
+    wait_for("node A's first circuit was never stored", || {
+        on("worker-1") == 1
+    });
+    let held = pg.hold(
+        "appproxy",
+        "BEGIN; SELECT id FROM workers WHERE authority = 'worker-2' FOR UPDATE",
+    );
+    // Asked while A's creation waits for its acknowledgement (6 s): B waits for it.
+    let on_b = ask(b.addr, "replaced-b");
+    wait_for("node A's replacement was never inserted", || {
+        count(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH created AS%'",
+        ) >= 1
+    });
+    // A's first circuit is withdrawn; B, polling its mark every 100 ms, looks again
+    // within this (well under the insert's statement timeout, 4 s).
+    std::thread::sleep(Duration::from_secs(1));
+    held.commit();
+    let mut handed = Vec::new();
+    let mut reused = Vec::new();
+    for call in [on_a, on_b] {
+        let r = call.join().expect("a call");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let answer = r.json();
+        handed.push(
+            claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+                .as_str()
+                .expect("circuit")
+                .to_owned(),
+        );
+        reused.push(answer["reuse"].as_bool().expect("reuse"));
+    }
+    assert_eq!(
+        handed[0], handed[1],
+        "the calls on two nodes were answered with two circuits"
+    );
+    assert_eq!(reused, [false, true], "A created, B reused");
+    assert_eq!(
+        pg.psql("appproxy", "SELECT string_agg(id::text, ',') FROM circuits"),
+        handed[0],
+        "exactly the one circuit handed out is stored for the session"
+    );
+    assert_eq!(
+        on("worker-2"),
+        1,
+        "the replacement is on the healthy worker"
+    );
 }
 
 /// Two circuits left marked past their bound (as coordinators that died

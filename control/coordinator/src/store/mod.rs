@@ -926,9 +926,11 @@ impl Store {
     /// on this store, waited for at most `wait` (`None` past it). Taken by a call
     /// that found nothing settled to reuse (nothing at all, or another
     /// coordinator's creation for the key overdue or withdrawn), and held until
-    /// its own creation has its outcome: of the calls on several coordinators that
-    /// find nothing at once, or an orphaned creation, one creates (withdrawing the
-    /// orphan), the others then reuse its circuit. SQLite's store serves one
+    /// its new circuit is stored, marked as a creation under way (and again while
+    /// an unacknowledged attempt is replaced by another): of the calls on several
+    /// coordinators that find nothing at once, or an orphaned creation, one
+    /// creates (withdrawing the orphan), the others then find its circuit under
+    /// way and wait for it without the turn. SQLite's store serves one
     /// coordinator, whose in-process lock of the key suffices: the turn is empty.
     pub async fn reuse_turn(
         &self,

@@ -400,10 +400,12 @@ pub struct PgStore {
     /// How far the server's clock is ahead of ours, for the deadlines it checks.
     clock: std::sync::Arc<std::sync::Mutex<ServerClock>>,
     /// Turns at reuse keys held at once ([`PgStore::reuse_turn`]): each holds a
-    /// pooled connection for a whole creation (an unacknowledged one: up to the
-    /// longest a creation takes), and every creation takes one. At most half the
-    /// pool, so the store calls of the creations holding them (and a route write's
-    /// turn) always find a connection; past it, calls wait for a turn to end.
+    /// pooled connection while its creation decides and stores its circuit (never
+    /// through the worker's acknowledgement), and every creation takes one. At
+    /// most half the pool, so the store calls of the creations holding them (each
+    /// needs another connection while it holds its own), and a route write's turn,
+    /// always find a connection; past it, calls wait for a turn to end (a matter
+    /// of a few store calls).
     reuse_turns: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
