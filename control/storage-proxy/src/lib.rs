@@ -456,6 +456,16 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, ApiError> {
+        if let Some(query) = parts.uri.query() {
+            if !query_is_utf8(query) {
+                // Decoded lossily, `%FF` would name `U+FFFD` (another entry, made
+                // if missing) rather than the byte: refused, as a body naming one is.
+                return Err(ApiError::Rejected {
+                    status: StatusCode::BAD_REQUEST,
+                    message: "the query string decodes to bytes that are not UTF-8".into(),
+                });
+            }
+        }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
             Err(e) => Err(ApiError::Rejected {
@@ -464,6 +474,38 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
             }),
         }
     }
+}
+
+/// Whether every name and value of a query string (`+` a space, `%XX` a byte)
+/// decodes to UTF-8. axum's `Query` decodes lossily, so without this a query
+/// naming a byte that is not UTF-8 (`dst_dir=%FF`, a name made from a shell)
+/// would name another path, `U+FFFD` in its place.
+fn query_is_utf8(query: &str) -> bool {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    query.split(['&', '=']).all(|part| {
+        let raw = part.as_bytes();
+        let mut bytes = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'%' => match (
+                    raw.get(i + 1).copied().and_then(hex),
+                    raw.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(h), Some(l)) => {
+                        bytes.push(h << 4 | l);
+                        i += 3;
+                        continue;
+                    }
+                    // Not an escape: kept as it is, as the decoder keeps it.
+                    _ => bytes.push(b'%'),
+                },
+                b => bytes.push(b),
+            }
+            i += 1;
+        }
+        std::str::from_utf8(&bytes).is_ok()
+    })
 }
 
 /// The answer to a route that does not exist.

@@ -712,6 +712,47 @@ fn an_empty_dst_dir_is_the_vfolder_root() {
     assert_eq!(r.status, 400);
 }
 
+/// A query naming bytes that are not UTF-8 (`dst_dir=%FF`) is refused (400),
+/// nothing made: decoded lossily, as it was, `%FF` named `U+FFFD`, and the upload
+/// landed in a directory of that name, made for it, rather than the one meant. A
+/// UTF-8 name, escaped, is taken as before.
+#[test]
+fn a_query_that_is_not_utf8_is_refused() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    for (dst_dir, status) in [
+        ("%FF", 400),
+        ("d%2Fa%FF", 400),
+        ("%ED%B3%BF", 400),
+        ("%C0%AE%C0%AE", 400),
+        ("d%C3%A9", 204),
+    ] {
+        let token = p.token(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "u.txt", "size": 3}),
+        );
+        let url = format!("/upload?token={token}&dst_dir={dst_dir}");
+        let r = request(p.client, "PATCH", &url, &[("Upload-Offset", "0")], b"abc");
+        assert_eq!(
+            r.status,
+            status,
+            "{dst_dir}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let mut made: Vec<String> = std::fs::read_dir(p.vfolder_path())
+        .expect("vfolder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".upload")
+        .collect();
+    made.sort();
+    assert_eq!(made, ["dé"], "nothing else was made");
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("dé/u.txt")).expect("u.txt"),
+        b"abc"
+    );
+}
+
 /// The cleanup pass opens a vfolder's staging area by name and never lists the
 /// vfolder itself (a user can fill it with millions of entries, which a listing
 /// would hold in memory at each pass): here the proxy may enter the vfolder but
