@@ -343,6 +343,20 @@ fn exchange_to_close(w: &Worker, req: &[u8]) -> (String, Option<ErrorKind>) {
     (String::from_utf8_lossy(&got).into_owned(), err)
 }
 
+/// Writes `mib` MiB of body to `s` from another thread (more than the sockets
+/// hold, so that the worker is still sending when the app answers); its outcome
+/// when joined: every byte taken, or how the writes failed.
+fn send_body(s: &TcpStream, mib: usize) -> std::thread::JoinHandle<Result<(), ErrorKind>> {
+    let mut body = s.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let block = vec![b'u'; 1 << 20];
+        for _ in 0..mib {
+            body.write_all(&block).map_err(|e| e.kind())?;
+        }
+        Ok(())
+    })
+}
+
 /// The head of a raw response: its status line and fields, lowercase names.
 fn head_fields(raw: &str) -> (String, Vec<(String, String)>) {
     let head = raw.split("\r\n\r\n").next().unwrap_or("");
@@ -887,14 +901,7 @@ fn an_answer_before_the_whole_body_is_relayed() {
         )
         .expect("head");
         // More than the sockets hold: the worker is still sending when the app closes.
-        let mut body = s.try_clone().expect("clone");
-        let writer = std::thread::spawn(move || {
-            let block = vec![b'u'; 1 << 20];
-            for _ in 0..SIZE >> 20 {
-                body.write_all(&block).map_err(|e| e.kind())?;
-            }
-            Ok::<(), ErrorKind>(())
-        });
+        let writer = send_body(&s, SIZE >> 20);
         let (got, end) = read_to_end(&mut s);
         let wrote = writer.join().expect("writer");
         let got = String::from_utf8_lossy(&got).into_owned();
@@ -983,14 +990,7 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     // The body's write blocks: more than the sockets hold, the app reading none.
     const SIZE: usize = 64 << 20;
     let mut s = post("/early-413", SIZE, "");
-    let mut body = s.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || {
-        let block = vec![b'u'; 1 << 20];
-        for _ in 0..SIZE >> 20 {
-            body.write_all(&block).map_err(|e| e.kind())?;
-        }
-        Ok::<(), ErrorKind>(())
-    });
+    let writer = send_body(&s, SIZE >> 20);
     let (got, end) = read_to_end(&mut s);
     assert_eq!(end, None, "the answer ends cleanly");
     assert!(
@@ -1014,14 +1014,7 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     // A success begun early: the whole body goes on, then the answer (and the
     // close the client asked for).
     let mut s = post("/early-200", 8 << 20, "Connection: close\r\n");
-    let mut body = s.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || {
-        let block = vec![b'u'; 1 << 20];
-        for _ in 0..8 {
-            body.write_all(&block).map_err(|e| e.kind())?;
-        }
-        Ok::<(), ErrorKind>(())
-    });
+    let writer = send_body(&s, 8);
     let (got, _) = read_to_end(&mut s);
     assert_eq!(writer.join().expect("writer"), Ok(()));
     answered(&got, "200", "ok");

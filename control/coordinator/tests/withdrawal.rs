@@ -650,6 +650,14 @@ fn claims_of(redirect_url: &str) -> serde_json::Value {
     .expect("claims")
 }
 
+/// The circuit a `/v2/proxy/auth` answer hands out: its redirect token's claim.
+fn handed_circuit(answer: &serde_json::Value) -> String {
+    claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
+        .as_str()
+        .expect("circuit")
+        .to_owned()
+}
+
 /// A counter's value in `/metrics`.
 fn metric(c: &Coordinator, name: &str) -> Option<u64> {
     let m = request(c.addr, "GET", "/metrics", &[], "");
@@ -867,10 +875,7 @@ fn a_settled_creation_is_never_swept() {
         format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
     let r = request(c.addr, "GET", &path, &[("Accept", "application/json")], "");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let session_circuit = claims_of(r.json()["redirect_url"].as_str().expect("url"))["circuit"]
-        .as_str()
-        .expect("circuit")
-        .to_owned();
+    let session_circuit = handed_circuit(&r.json());
     let endpoint = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5d01";
     let r = request(
         c.addr,
@@ -933,10 +938,7 @@ fn a_settled_creation_is_never_swept() {
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["reuse"], true);
-        assert_eq!(
-            claims_of(r.json()["redirect_url"].as_str().expect("url"))["circuit"],
-            session_circuit.as_str()
-        );
+        assert_eq!(handed_circuit(&r.json()), session_circuit);
     }
     let swept = metric(&c, "appproxy_coordinator_overdue_creations_withdrawn_total")
         .unwrap_or_default()
@@ -1116,12 +1118,7 @@ fn calls_after_an_orphaned_creation_share_one_new_circuit() {
         let r = r.expect("an answer before the client's timeout");
         assert!(took < CLIENT_TIMEOUT, "{took:?}");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        handed.push(
-            claims_of(r.json()["redirect_url"].as_str().expect("redirect_url"))["circuit"]
-                .as_str()
-                .expect("circuit")
-                .to_owned(),
-        );
+        handed.push(handed_circuit(&r.json()));
     }
     assert!(
         handed.iter().all(|c| *c != of_a),
@@ -1381,12 +1378,7 @@ fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
     for call in calls {
         let r = call.join().expect("a call");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        handed.push(
-            claims_of(r.json()["redirect_url"].as_str().expect("redirect_url"))["circuit"]
-                .as_str()
-                .expect("circuit")
-                .to_owned(),
-        );
+        handed.push(handed_circuit(&r.json()));
     }
     assert!(
         handed.iter().all(|c| *c != of_a),
@@ -1456,12 +1448,7 @@ fn calls_on_two_nodes_at_the_same_moment_share_one_circuit() {
         let r = call.join().expect("a call");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let answer = r.json();
-        handed.push(
-            claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
-                .as_str()
-                .expect("circuit")
-                .to_owned(),
-        );
+        handed.push(handed_circuit(&answer));
         reused.push(answer["reuse"].as_bool().expect("reuse"));
     }
     assert_eq!(
@@ -1641,10 +1628,7 @@ fn a_hung_worker_does_not_stall_creations_for_other_sessions() {
         "the other session's creation, on a healthy worker, waited for the hung worker's acknowledgements to time out"
     );
     let answer = r.json();
-    let circuit = claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
-        .as_str()
-        .expect("circuit")
-        .to_owned();
+    let circuit = handed_circuit(&answer);
     assert_eq!(
         pg.psql(
             "appproxy",
@@ -1747,12 +1731,7 @@ fn a_call_on_another_node_reuses_the_circuit_that_replaces_an_unacknowledged_one
         let r = call.join().expect("a call");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let answer = r.json();
-        handed.push(
-            claims_of(answer["redirect_url"].as_str().expect("redirect_url"))["circuit"]
-                .as_str()
-                .expect("circuit")
-                .to_owned(),
-        );
+        handed.push(handed_circuit(&answer));
         reused.push(answer["reuse"].as_bool().expect("reuse"));
     }
     assert_eq!(
