@@ -488,24 +488,59 @@ async fn or_refusal<F: Future>(
 }
 
 /// Waits for the first bytes `app` sends while it is given a request body, and says
-/// whether they begin an answer that ends the request: a final head that is no
-/// success (3xx–5xx: the app refuses the body, 413 or 401, or sends the client
-/// elsewhere, and will not read on), or bytes that are no HTTP/1 response at all.
-/// `false`: an interim or a successful head (the app may read the body still: it
-/// goes on, and the answer is read after it), the end of its stream or an error
-/// (what the relay meets next tells). Nothing is taken (a peek): the head is read
-/// after, whole. Raw bytes: for plaintext apps only.
+/// whether they begin an answer that ends the request: past any interim heads (an
+/// unsolicited 100, a 103), a final head that is no success (3xx–5xx: the app
+/// refuses the body, 413 or 401, or sends the client elsewhere, and will not read
+/// on), bytes that are no HTTP/1 response at all, or a head the app's stream ended
+/// in the middle of. `false`: a successful head (the app may read the body still:
+/// it goes on, and the answer is read after it), interim heads past what is peeked
+/// at, the end of its stream before any byte, or an error (what the relay meets
+/// next tells). Nothing is taken (a peek): the heads are read after, whole. Raw
+/// bytes: for plaintext apps only.
 pub async fn app_refused(app: &TcpConn) -> bool {
+    // Room for the status line after a few interim heads.
+    let mut seen = [0u8; 512];
+    loop {
+        let n = match app.peek(&mut seen).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        match refusal_in(&seen[..n]) {
+            Some(refused) => return refused,
+            // A head the app ended its stream in the middle of is an answer that
+            // ends the request too (a broken one: read, it is a 502). Checked
+            // before peeking again: once the end is seen, a peek returns the same
+            // bytes at once, for ever.
+            None if app.peer_ended() => return true,
+            None if n == seen.len() => return false,
+            // A short peek waits for more bytes the next time.
+            None => {}
+        }
+    }
+}
+
+/// What the bytes an app sent so far say ([`app_refused`]): `None` while they are
+/// the start of a response that could go either way.
+fn refusal_in(mut bytes: &[u8]) -> Option<bool> {
     // `HTTP/1.1 413`: the version and the status's first digit decide.
     const LINE: usize = 12;
-    let mut line = [0u8; LINE];
     loop {
-        match app.peek(&mut line).await {
-            Ok(LINE) => return !line.starts_with(b"HTTP/1.") || line[9] >= b'3',
-            Ok(0) | Err(_) => return false,
-            // A short peek waits for more bytes the next time.
-            Ok(n) if b"HTTP/1.".starts_with(&line[..n.min(7)]) => {}
-            Ok(_) => return true,
+        if bytes.len() < LINE {
+            let k = bytes.len().min(7);
+            return (bytes[..k] != b"HTTP/1."[..k]).then_some(true);
+        }
+        if !bytes.starts_with(b"HTTP/1.") {
+            return Some(true);
+        }
+        match &bytes[9..LINE] {
+            b"101" => return Some(false),
+            [b'1', ..] => {
+                // An interim head: the answer that matters follows it.
+                let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+                bytes = &bytes[end + 4..];
+            }
+            [digit, ..] => return Some(*digit >= b'3'),
+            [] => return None,
         }
     }
 }
@@ -948,6 +983,44 @@ pub async fn ws_pipe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an app's first bytes during a request body say. Table: bytes, the
+    /// verdict (`None`: undecided yet).
+    #[test]
+    fn an_apps_first_bytes_refuse_the_body_or_not() {
+        #[rustfmt::skip]
+        let table: &[(&[u8], Option<bool>)] = &[
+            (b"HTTP/1.1 413 Payload Too Large\r\n", Some(true)),
+            (b"HTTP/1.1 401", Some(true)),
+            (b"HTTP/1.0 307 T", Some(true)),
+            (b"HTTP/1.1 503", Some(true)),
+            (b"HTTP/1.1 200 OK\r\n", Some(false)),
+            (b"HTTP/1.1 204", Some(false)),
+            (b"HTTP/1.1 101 Switching", Some(false)),
+            // Interim heads are passed over, to the answer after them.
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 X\r\n", Some(true)),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 E\r\nLink: <a>\r\n\r\nHTTP/1.1 401 ", Some(true)),
+            (b"HTTP/1.1 103 E\r\n\r\nHTTP/1.1 200 OK", Some(false)),
+            (b"HTTP/1.1 100 Continue\r\n\r\n", None),
+            (b"HTTP/1.1 100 Continue\r\n", None),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 4", None),
+            // Undecided yet, or no HTTP/1 response at all.
+            (b"H", None),
+            (b"HTTP/1.1 4", None),
+            (b"HTTP/1.", None),
+            (b"X", Some(true)),
+            (b"HTTP/2 200 OK", Some(true)),
+            (b"ICY 200 OK\r\n", Some(true)),
+        ];
+        for (bytes, want) in table {
+            assert_eq!(
+                refusal_in(bytes),
+                *want,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 
     #[test]
     fn a_recycled_buffer_shows_nothing_of_its_previous_connection() {

@@ -950,7 +950,8 @@ fn an_answer_before_the_whole_body_is_relayed() {
 fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     let gate = Gate::default();
     let hold = gate.clone();
-    let app = App::start(move |method, path| match path {
+    let app = App::start(move |method, path| {
+        match path {
         "/early-413" => vec![
             send("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
             Step::Await(hold.clone()),
@@ -959,12 +960,20 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
             send("HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?"),
             Step::Await(hold.clone()),
         ],
+        // The refusal behind an interim head.
+        "/early-100-413" => vec![
+            send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"),
+            Step::Await(hold.clone()),
+        ],
+        // A status line cut off by the app's end: a broken answer, at once.
+        "/early-cut" => vec![send("HTTP/1.1 4"), Step::Close],
         // Answers at once, then reads the whole body (until the worker closes).
         "/early-200" => vec![
             send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"),
             Step::Hold,
         ],
         _ => honest(path, method),
+    }
     });
     let w = worker_for(&app);
     let post = |path: &str, size: usize, extra: &str| {
@@ -1007,8 +1016,25 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
         answered(&got, "401", "who are?"),
         "the client's connection closes"
     );
+    let mut s = post("/early-100-413", SIZE, "");
+    let writer = send_body(&s, SIZE >> 20);
+    let (got, end) = read_to_end(&mut s);
+    assert_eq!(end, None, "the answer ends cleanly");
+    assert!(
+        answered(&got, "413", "too big!"),
+        "the client's connection closes"
+    );
+    assert_eq!(writer.join().expect("writer"), Ok(()), "the rest is taken");
+    // The app's end seen behind a cut status line ends the wait too (before, the
+    // watch saw the same bytes again at once, for ever, and the core spun: the
+    // request below was never answered).
+    let mut s = post("/early-cut", 100_000, "");
+    s.write_all(&[b'u'; 10]).expect("first bytes");
+    let (got, _) = read_to_end(&mut s);
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with("HTTP/1.1 502 "), "{got}");
     set_gate(&gate, true);
-    for path in ["/early-413", "/early-401"] {
+    for path in ["/early-413", "/early-401", "/early-100-413"] {
         app.wait_ended(app.conn_of(path));
     }
     // A success begun early: the whole body goes on, then the answer (and the
@@ -1028,7 +1054,7 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
         .filter(|v| v["message"] == early)
         .map(|v| v["status"].clone())
         .collect();
-    assert_eq!(statuses, [413, 401], "{}", w.log_text());
+    assert_eq!(statuses, [413, 401, 413], "{}", w.log_text());
     let r = Client::connect(w.addr()).get("/after", "");
     assert!(r.text().starts_with("honest /after "), "{}", r.text());
 }

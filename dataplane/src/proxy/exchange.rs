@@ -503,7 +503,10 @@ impl Client {
             upstream: None,
             started: Instant::now(),
         };
-        self.send_refusal(&entry, &r, true, false).await;
+        // A `HEAD` whose head was refused still gets no content: its request line
+        // is read as far as the method.
+        let bodiless = self.buf.filled().starts_with(b"HEAD ");
+        self.send_refusal(&entry, &r, true, bodiless).await;
         next
     }
 
@@ -750,6 +753,10 @@ impl Client {
             // were awaited): relayed at once, the connection to the app not reused
             // and the client's closed after it, the rest of the body unread.
             Err(RelayError::Answered) => {
+                // The body ends here for the app too: one that answered early but
+                // reads on (full duplex) sees its end rather than waiting for bytes
+                // that never come while the worker waits for its answer.
+                upstream.shutdown_write();
                 return match self.early_answer(&core, upstream, head.method).await {
                     Ok(resp) => {
                         note_health(&core, route, addr, true);
