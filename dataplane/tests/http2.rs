@@ -699,13 +699,15 @@ fn a_stream_of_another_scheme_is_refused() {
         ("ftp", "400"),
         ("http", "200"),
         ("https", "200"),
+        // Schemes are case-insensitive (RFC 3986 §3.1).
+        ("Https", "200"),
     ] {
         let v = nghttp_verbose(&["-H", &format!(":scheme: {scheme}"), &url]);
         assert_eq!(statuses(&v), [status], "{scheme}: {v}");
     }
     assert_eq!(
         up.count(),
-        2,
+        3,
         "only the http and https streams reach the app"
     );
 }

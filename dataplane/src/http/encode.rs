@@ -65,13 +65,28 @@ const FORWARDING: [&str; 5] = [
 /// reach the app as the worker's word. Kept only from `trusted_proxies`, as
 /// [`FORWARDING`] is; so is every other `X-Forwarded-*` name
 /// ([`is_proxy_claim`]).
-const PROXY_CLAIMS: [&str; 6] = [
+const PROXY_CLAIMS: [&str; 19] = [
     "front-end-https",
     "x-url-scheme",
     "x-scheme",
+    "x-real-scheme",
+    "x-arr-ssl",
     "x-original-url",
     "x-original-uri",
+    "x-original-host",
     "x-rewrite-url",
+    "x-envoy-original-path",
+    // The path prefix (gunicorn before 22 reads `SCRIPT_NAME` from a header).
+    "script-name",
+    "x-script-name",
+    // A client certificate the front proxy checked.
+    "x-ssl-client-verify",
+    "ssl-client-verify",
+    "x-client-verify",
+    "x-ssl-client-cert",
+    "ssl-client-cert",
+    "x-client-cert",
+    "x-ssl-client-s-dn",
 ];
 
 /// Whether `name` is a field a front proxy sets to tell the app what it saw
@@ -80,7 +95,7 @@ const PROXY_CLAIMS: [&str; 6] = [
 pub fn is_proxy_claim(name: &[u8]) -> bool {
     const PREFIX: &[u8] = b"x-forwarded-";
     // Every such name starts with one of these letters: most headers skip the list.
-    matches!(name.first().map(|b| b | 0x20), Some(b'x' | b'f'))
+    matches!(name.first().map(|b| b | 0x20), Some(b'x' | b'f' | b's'))
         && ((name.len() > PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
             || PROXY_CLAIMS.iter().any(|h| name_is(name, h)))
 }

@@ -175,7 +175,10 @@ pub async fn handle(
     // as in an HTTP/1.1 absolute-form target.
     let target_ok = parts.uri.path_and_query().is_some_and(|p| {
         p.as_str().starts_with('/') || (p.as_str() == "*" && parts.method == http::Method::OPTIONS)
-    }) && matches!(parts.uri.scheme_str(), Some("http" | "https"));
+    }) && parts
+        .uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"));
     // Refused before its head is rendered and parsed: under the client's request
     // ID all the same (its fields are parsed already), logged as HTTP/1.1's are.
     let refused_early = |e: RequestError| {
