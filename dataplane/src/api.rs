@@ -3,7 +3,10 @@
 //! original computes it and redirects to the circuit; plus `GET /status`.
 //!
 //! One request per connection (`Connection: close`): these are browser redirects, not
-//! a hot path.
+//! a hot path. `HEAD` is answered as `GET` is, without the body (RFC 9110 §9.3.2);
+//! another method gets 405 with `Allow`. A request that sent more than its head (a
+//! body, a second request) is closed through the lingering close, so its answer is
+//! not destroyed by a reset.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use appproxy_shared::{scope, RequestId};
 
 use crate::core::{Core, Route};
 use crate::http::encode;
-use crate::http::parse::{self, Method};
+use crate::http::parse::{self, BodyFraming, Method};
 use crate::io::TcpConn;
 use crate::relay::ReadBuf;
 
@@ -33,8 +36,14 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
             Err(e) => {
                 let id = RequestId::generate(core.rt.id_version);
                 let mut out = Vec::new();
-                encode::error_response(&mut out, e.status(), e.code(), &e.to_string(), &id, true);
-                let _ = conn.write_all(&out).await;
+                // A HEAD refused before its head was whole gets no body either.
+                let bodiless = buf.filled().starts_with(b"HEAD ");
+                let (status, code) = (e.status(), e.code());
+                encode::error_response(&mut out, status, code, &e.to_string(), &id, true, bodiless);
+                if conn.write_all(&out).await.is_ok() {
+                    // The rest of the head, or more, may still be on its way.
+                    crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;
+                }
                 return;
             }
         }
@@ -53,8 +62,14 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
         .0
         .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
     let out = scope(Some(id), async { respond(&core, bytes, &head, &id) }).await;
+    // What the client sent past its head is never read: a body, or a request behind.
+    let unread = bytes.len() > head.head_len
+        || matches!(head.framing, BodyFraming::Chunked)
+        || matches!(head.framing, BodyFraming::Length(n) if n > 0);
     conn.set_timeout(core.rt.body_idle_timeout);
-    let _ = conn.write_all(&out).await;
+    if conn.write_all(&out).await.is_ok() && unread {
+        crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;
+    }
 }
 
 /// A response of the API port.
@@ -81,15 +96,25 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
     let target = String::from_utf8_lossy(&buf[head.target.clone()]).into_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let answer = match (head.method, path) {
-        (Method::Get, "/setup") => setup(core, query, id),
-        (Method::Get, "/status") => Answer {
+        (Method::Get | Method::Head, "/setup") => setup(core, query, id),
+        (Method::Get | Method::Head, "/status") => Answer {
             status: 200,
             extra_headers: String::new(),
             content_type: "application/json",
             body: "{\"api_version\":\"v2\"}".into(),
         },
-        (Method::Get, _) => json_error(404, "not_found", "no such endpoint", id),
-        _ => json_error(405, "method_not_allowed", "method not allowed", id),
+        (Method::Get | Method::Head, _) => json_error(404, "not_found", "no such endpoint", id),
+        _ => {
+            let mut a = json_error(405, "method_not_allowed", "method not allowed", id);
+            a.extra_headers.push_str("Allow: GET, HEAD\r\n");
+            a
+        }
+    };
+    // HEAD: the head a GET gets, Content-Length naming its body, and no body.
+    let body = if head.method == Method::Head {
+        ""
+    } else {
+        answer.body.as_str()
     };
     tracing::info!(path, status = answer.status, "api request");
     let mut out = String::with_capacity(512 + answer.body.len());
@@ -101,7 +126,7 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
         answer.content_type,
         answer.body.len(),
         answer.extra_headers,
-        answer.body
+        body
     );
     out.into_bytes()
 }

@@ -868,3 +868,78 @@ fn http2_streams_get_the_same_origin_guard() {
         assert_eq!(up.count(), before + reached, "{host:?} {origin}");
     }
 }
+
+/// The API port answers `HEAD` as `GET` without the body (a client pipelining or
+/// reusing the bytes after the head would take the JSON for its next answer), names
+/// the methods it takes in its 405, and does not destroy its answer with a reset when
+/// the client sent a body it never reads: a request larger than the sockets hold got
+/// an RST in place of its 405.
+#[test]
+fn the_api_port_answers_head_without_a_body_and_other_methods_with_allow() {
+    let up = Upstream::start();
+    let w = worker(&up, "", "api_port = {AUX_PORT}");
+    let api = std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port));
+
+    for (path, status) in [("/status", 200), ("/nowhere", 404), ("/setup", 400)] {
+        let get = Client::connect(api).get(path, "");
+        assert_eq!(get.status, status, "GET {path}: {}", get.text());
+        assert!(!get.body.is_empty());
+        let mut c = Client::connect(api);
+        c.send(format!("HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let (got, headers) = c.head();
+        assert_eq!(got, status, "HEAD {path}");
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.clone());
+        assert_eq!(
+            length,
+            Some(get.body.len().to_string()),
+            "HEAD {path} names the length a GET gets"
+        );
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut c.reader, &mut rest).expect("read to close");
+        assert!(rest.is_empty(), "HEAD {path} got a body: {rest:?}");
+    }
+
+    // A HEAD refused before its head is whole (a bad field name) gets no body either.
+    let mut c = Client::connect(api);
+    c.send(b"HEAD /status HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n");
+    let (got, _) = c.head();
+    assert_eq!(got, 400);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut c.reader, &mut rest).expect("read to close");
+    assert!(rest.is_empty(), "a refused HEAD got a body: {rest:?}");
+
+    for method in ["OPTIONS", "DELETE", "PUT"] {
+        let mut c = Client::connect(api);
+        c.send(format!("{method} /status HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 405, "{method}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method}");
+        assert_eq!(r.json()["code"], "method_not_allowed");
+    }
+
+    // A POST of 8 MiB: the worker answers after the head and never reads the body;
+    // the client writes it all, then reads. Closed with the body unread, the kernel
+    // answered the rest with a reset that destroyed the 405.
+    let mut s = std::net::TcpStream::connect(api).expect("connect");
+    s.set_write_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let body = vec![b'x'; 8 << 20];
+    let head = format!(
+        "POST /status HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    std::io::Write::write_all(&mut s, head.as_bytes()).expect("head");
+    std::io::Write::write_all(&mut s, &body).expect("the body is taken, read or not");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let got = common::read_until_closed(&mut s);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 405 "),
+        "the answer survives the unread body: {text:?}"
+    );
+    assert!(text.contains("\r\nAllow: GET, HEAD\r\n"), "{text}");
+    assert_eq!(up.count(), 0);
+}

@@ -617,7 +617,8 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
 }
 
 /// Appends one of the proxy's own error responses: a small JSON body
-/// `{"error","code","request_id"}` with the request-ID header.
+/// `{"error","code","request_id"}` with the request-ID header (the head alone when
+/// `bodiless`, as [`refusal_response`]).
 pub fn error_response(
     out: &mut Vec<u8>,
     status: u16,
@@ -625,6 +626,7 @@ pub fn error_response(
     message: &str,
     id: &RequestId,
     close: bool,
+    bodiless: bool,
 ) {
     let r = Refusal {
         status,
@@ -633,7 +635,7 @@ pub fn error_response(
         closes: close,
         retry_after: None,
     };
-    refusal_response(out, &r, id, close, false);
+    refusal_response(out, &r, id, close, bodiless);
 }
 
 /// Appends a [`Refusal`] as an HTTP/1.1 response (with `Retry-After` when it says

@@ -766,6 +766,7 @@ mod encoding {
             "say \"no\"",
             &id,
             true,
+            false,
         );
         let text = String::from_utf8(out).expect("ascii");
         let (head, body) = text.split_once("\r\n\r\n").expect("head");
@@ -777,6 +778,19 @@ mod encoding {
         assert_eq!(v["error"], "say \"no\"");
         assert_eq!(v["code"], "upstream_connect_failed");
         assert_eq!(v["request_id"], "rid-3");
+
+        // To a HEAD: the same head, no body.
+        let mut bare = Vec::new();
+        error_response(
+            &mut bare,
+            502,
+            "upstream_connect_failed",
+            "say \"no\"",
+            &id,
+            true,
+            true,
+        );
+        assert_eq!(bare, format!("{head}\r\n\r\n").into_bytes());
     }
 }
 
