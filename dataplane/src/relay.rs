@@ -487,6 +487,20 @@ async fn or_refusal<F: Future>(
     Ok(work.await)
 }
 
+/// [`or_refusal`] while `watching`, else `work` alone: for relays of their own (an
+/// HTTP/2 stream's body to an HTTP/1.1 app) that watch as [`relay_body`] does.
+pub(crate) async fn or_refusal_while<F: Future>(
+    work: F,
+    app: &TcpConn,
+    watching: &mut bool,
+) -> Result<F::Output, RelayError> {
+    if *watching {
+        or_refusal(work, app, watching).await
+    } else {
+        Ok(work.await)
+    }
+}
+
 /// Waits for the first bytes `app` sends while it is given a request body, and says
 /// whether they begin an answer that ends the request: past any interim heads (an
 /// unsolicited 100, a 103), a final head that is no success (3xx–5xx: the app

@@ -711,3 +711,97 @@ fn a_stream_of_another_scheme_is_refused() {
         "only the http and https streams reach the app"
     );
 }
+
+/// An HTTP/1.1 app that refuses a request body (413, 401 …) right after the head and
+/// keeps its connection open, reading none of the body, behind an HTTP/2 client: its
+/// answer reaches the client at once, whether the worker was writing the body to it
+/// (blocked: the app no longer reads) or waiting for the client's next bytes, as on
+/// the HTTP/1.1 path. Before, the answer sat unread in the socket: the stalled write
+/// or the wait ended at the body timeout in a 502 (a minute later by default).
+#[test]
+fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let kept = held.clone();
+    std::thread::spawn(move || {
+        for conn in app.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let answer: &[u8] = if line.contains("/early-401") {
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?"
+            } else {
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
+            };
+            let _ = conn.write_all(answer);
+            // Open, and not read from again.
+            kept.lock().expect("lock").push(conn);
+        }
+    });
+    // A short body timeout: before, each request below was a 502 after it.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: "[timeouts]\nbody_idle_secs = 5\n".into(),
+        ..Default::default()
+    });
+
+    // The body's write blocks: more than the sockets hold, the app reading none.
+    // (nghttp: curl 7.88 fails a stream its server ends, as RFC 9113 §8.1 allows,
+    // with RST_STREAM(NO_ERROR) while it still uploads.)
+    let big = file_with(&vec![b'x'; 64 << 20]);
+    let out = nghttp_verbose(&[
+        "-d",
+        &big.path().display().to_string(),
+        &format!("http://127.0.0.1:{}/early-413", w.port),
+    ]);
+    assert_eq!(statuses(&out), ["413"], "{out}");
+    assert!(out.contains("too big!"), "{out}");
+
+    // The worker waits for the client's next bytes; the client waits for an answer
+    // before it sends more.
+    use appproxy_test_support::h2frames::{
+        connect, frame, read_frame, request, status, DATA, END_HEADERS, END_STREAM, HEADERS,
+    };
+    let mut s = connect(w.addr());
+    let block = request("POST", "/early-401", &[(b"content-length", b"100000")]);
+    s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+        .expect("headers");
+    s.write_all(&frame(DATA, 0, 1, &[b'u'; 10]))
+        .expect("first bytes");
+    let (mut head, mut body, mut ended) = (None, Vec::new(), false);
+    while !ended {
+        let (ty, flags, stream, payload) =
+            read_frame(&mut s).expect("the answer, before the body timeout");
+        match (ty, stream) {
+            (HEADERS, 1) => head = Some(status(&payload)),
+            (DATA, 1) => {
+                body.extend_from_slice(&payload);
+                ended = flags & END_STREAM != 0;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(head, Some(401));
+    assert_eq!(body, b"who are?");
+
+    let early = "the app answered before taking the whole request body";
+    w.wait_log(early, |v| v["message"] == early && v["status"] == 401);
+    let statuses: Vec<_> = w
+        .log_json()
+        .into_iter()
+        .filter(|v| v["message"] == early)
+        .map(|v| v["status"].clone())
+        .collect();
+    assert_eq!(statuses, [413, 401], "{}", w.log_text());
+    assert_eq!(
+        held.lock().expect("lock").len(),
+        2,
+        "one app connection each"
+    );
+}

@@ -776,7 +776,22 @@ async fn forward_h1(
             )
             .await
             {
-                Ok(n) => bytes_in = n,
+                Ok(BodySent::Whole(n)) => bytes_in = n,
+                // The app began an answer that ends the request while it was given
+                // the body (it stopped reading, or the client's next bytes were
+                // awaited): the answer is read and relayed at once, the connection
+                // to the app not reused, and the h2 crate resets the client's
+                // stream with NO_ERROR after it (the client stops sending). The
+                // body ends here for the app too: one that answered early but reads
+                // on (full duplex) sees its end rather than waiting for bytes that
+                // never come while the worker waits for its answer.
+                Ok(BodySent::Answered(n)) => {
+                    bytes_in = n;
+                    upstream.shutdown_write();
+                    body_cut = Some(std::io::Error::other(
+                        "the app answered before taking the whole request body",
+                    ));
+                }
                 // An app that refuses a body (413, 401 …) may answer before it has
                 // read it all, then close (as on the HTTP/1.1 path).
                 Err(Fail::Answer(ProxyError::UpstreamClosed(e)))
@@ -1026,9 +1041,22 @@ async fn first_body_bytes(
     }
 }
 
+/// How a stream's body went to an HTTP/1.1 app; the payload bytes sent either way.
+enum BodySent {
+    /// All of it.
+    Whole(u64),
+    /// Part of it: the app began an answer that ends the request first
+    /// ([`relay::app_refused`]).
+    Answered(u64),
+}
+
 /// Sends a stream's body to an HTTP/1.1 app: `first`, the bytes already taken
 /// ([`first_body_bytes`]), then the rest, under `floor` (the HTTP/1.1 rate floor,
-/// per stream: a trickle would hold the app connection).
+/// per stream: a trickle would hold the app connection). Each wait, on the client's
+/// next bytes or on an app that does not take them, watches a plaintext app for an
+/// early refusal (413, 401 … with its connection kept open and the body unread), as
+/// the HTTP/1.1 relay does: its answer then goes to the client at once rather than
+/// after the write stalls out, a 502 a minute later.
 async fn send_body_h1(
     ctx: &ConnCtx,
     upstream: &TcpConn,
@@ -1036,25 +1064,33 @@ async fn send_body_h1(
     framing: BodyFraming,
     floor: &mut Option<BodyFloor>,
     mut first: Option<Bytes>,
-) -> Result<u64, Fail> {
+) -> Result<BodySent, Fail> {
     let core = &ctx.core;
     let rt = &core.rt;
     let chunked = framing == BodyFraming::Chunked;
     let mut total = 0u64;
     let mut out = Vec::new();
+    // Raw bytes are peeked at: not through TLS. Cleared once the app's first bytes
+    // turn out not to refuse the request.
+    let mut watching = !upstream.is_tls();
+    macro_rules! watched {
+        ($work:expr) => {
+            match relay::or_refusal_while($work, upstream, &mut watching).await {
+                Ok(done) => done,
+                Err(_) => return Ok(BodySent::Answered(total)),
+            }
+        };
+    }
     loop {
         let next = match first.take() {
             Some(c) => Ok(Some(Ok(c))),
-            None => {
-                BodyFloor::wait(
-                    floor,
-                    &core.reactor,
-                    rt.body_idle_timeout,
-                    body.data(),
-                    super::data_len,
-                )
-                .await
-            }
+            None => watched!(BodyFloor::wait(
+                floor,
+                &core.reactor,
+                rt.body_idle_timeout,
+                body.data(),
+                super::data_len,
+            )),
         };
         let chunk = match next.map_err(stalled)? {
             None => break,
@@ -1071,23 +1107,22 @@ async fn send_body_h1(
         let wrote = if chunked {
             out.clear();
             encode_chunk(&mut out, &chunk);
-            upstream.write_all(&out).await
+            watched!(upstream.write_all(&out))
         } else {
-            upstream.write_all(&chunk).await
+            watched!(upstream.write_all(&chunk))
         };
         wrote.map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(e)))?;
         let _ = body.flow_control().release_capacity(chunk.len());
     }
     // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused
     // as on the HTTP/1.1 path (the app connection, mid-request, is dropped).
-    let trailers = BodyFloor::wait(
+    let trailers = watched!(BodyFloor::wait(
         floor,
         &core.reactor,
         rt.body_idle_timeout,
         body.trailers(),
         |_| 0,
-    )
-    .await;
+    ));
     match trailers.map_err(stalled)? {
         Err(e) => return Err(Fail::Abort(format!("client trailers: {e}"))),
         Ok(Some(t)) if filter_trailers(&t, true).is_none() => {
@@ -1104,7 +1139,7 @@ async fn send_body_h1(
             .await
             .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(e)))?;
     }
-    Ok(total)
+    Ok(BodySent::Whole(total))
 }
 
 /// Relays an HTTP/1.1 response body as DATA frames (chunked trailers as HTTP/2
