@@ -624,7 +624,10 @@ fn upstream_https_checked_against_the_ca_or_not_when_the_circuit_says_so() {
     let mut c = common::Client::connect(w2.addr());
     let r = c.get("/unknown-ca", "");
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(w2.log_text().contains("upstream TLS handshake failed"));
+    // Logged by the core's writer, which may come after the answer.
+    w2.wait_log("the failed handshake", |v| {
+        v["message"] == "upstream TLS handshake failed"
+    });
     // The circuit says not to check: served.
     route_tls(&w2, "insecure");
     let mut c = common::Client::connect(w2.addr());
@@ -718,7 +721,10 @@ fn a_stalled_upstream_tls_handshake_is_counted_as_a_timeout() {
     let mut hello = [0u8; 1];
     held.read_exact(&mut hello).expect("a ClientHello arrived");
     assert_eq!(hello[0], 0x16, "a TLS handshake record");
-    assert!(w.log_text().contains("upstream TLS handshake failed"));
+    // Logged by the core's writer, which may come after the answer.
+    w.wait_log("the failed handshake", |v| {
+        v["message"] == "upstream TLS handshake failed"
+    });
     // Counted by kind: the TLS handshake to the app, not the TCP connect.
     let line = |kind: &str| format!("appproxy_timeouts_total{{core=\"0\",kind=\"{kind}\"}} ");
     let value = |text: &str, kind: &str| -> Option<u64> {
