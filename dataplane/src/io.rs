@@ -538,16 +538,15 @@ impl TcpConn {
     }
 
     /// Waits for bytes and copies what the socket holds without taking it
-    /// (`MSG_PEEK`; raw bytes, before any TLS): `Ok(0)` is end of stream. A short
-    /// peek clears the ready flag, so the next one waits for more bytes.
+    /// (`MSG_PEEK`; raw bytes, before any TLS): `Ok(0)` is end of stream. The socket
+    /// stays readable (its bytes are still there, and the reactor's edges do not come
+    /// again for them): a caller that needs more than it saw says so with
+    /// [`TcpConn::await_more`], so that the next peek waits for them.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         poll_fn(|cx| loop {
             if self.reg.is_ready(Direction::Read) {
                 match rustix::net::recv(&self.stream, &mut *buf, rustix::net::RecvFlags::PEEK) {
                     Ok((n, _)) => {
-                        if n > 0 && n < buf.len() {
-                            self.reg.clear_ready(Direction::Read);
-                        }
                         return Poll::Ready(Ok(n));
                     }
                     Err(rustix::io::Errno::AGAIN) => self.reg.clear_ready(Direction::Read),
@@ -598,6 +597,14 @@ impl TcpConn {
     /// `EPOLLHUP`), not only the peer's end of stream: nothing written will arrive.
     pub fn peer_reset(&self) -> bool {
         self.reg.hung_up()
+    }
+
+    /// The bytes the last [`TcpConn::peek`] showed are not enough: the next one waits
+    /// for more (the reactor's next edge). Only then: a peek that left the socket
+    /// marked as not readable while its bytes wait would leave the next read waiting
+    /// for an edge that never comes (edge-triggered epoll), when no more bytes follow.
+    pub fn await_more(&self) {
+        self.reg.clear_ready(Direction::Read);
     }
 
     /// Takes `buf.len()` bytes that a [`TcpConn::peek`] saw off the socket; what

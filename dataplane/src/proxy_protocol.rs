@@ -416,9 +416,9 @@ pub async fn read(conn: &TcpConn) -> Result<Option<SocketAddr>, Error> {
             Parsed::Incomplete if conn.peer_closed() => {
                 return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()))
             }
-            // The peek was short, so the next one waits for more bytes (the
-            // parser's bounds refuse a header before it could fill the buffer).
-            Parsed::Incomplete => {}
+            // The next peek waits for more bytes (the parser's bounds refuse a
+            // header before it could fill the buffer).
+            Parsed::Incomplete => conn.await_more(),
         }
     }
 }

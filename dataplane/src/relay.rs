@@ -527,8 +527,9 @@ pub async fn app_refused(app: &TcpConn) -> bool {
             // bytes at once, for ever.
             None if app.peer_ended() => return true,
             None if n == seen.len() => return false,
-            // A short peek waits for more bytes the next time.
-            None => {}
+            // The next peek waits for more bytes. A verdict leaves the socket
+            // readable: its bytes are read next, and no edge comes again for them.
+            None => app.await_more(),
         }
     }
 }

@@ -1204,3 +1204,40 @@ fn an_answer_before_the_whole_body_reaches_http2_clients() {
     assert!(r.text().starts_with("honest /next "), "{}", r.text());
     assert_ne!(app.conn_of("/next"), conn, "connection reused");
 }
+
+/// A short successful answer an app begins while the worker waits for more of the
+/// client's body (a chunked one, whose end the app cannot know) is read once the
+/// body is over: the early-answer watch's peek at it leaves the socket readable.
+/// Before, a peek that saw fewer bytes than its room marked the socket unreadable
+/// with those bytes still in it, and the reactor's epoll being edge-triggered, no
+/// edge came again for them: the request waited for its answer until
+/// `upstream_head_secs`, a 504 in place of the app's 200.
+#[test]
+fn a_short_success_seen_by_the_watch_is_read_after_the_body() {
+    let app = App::start(|method, path| match path {
+        "/early-ok" => vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            Step::Hold,
+        ],
+        _ => honest(path, method),
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nupstream_head_secs = 5\n".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(
+        b"POST /early-ok HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n",
+    )
+    .expect("head and a chunk");
+    // The worker waits for the rest, watching the app, which answers meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    s.write_all(b"0\r\n\r\n").expect("the last chunk");
+    let (got, _) = read_to_end(&mut s);
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(got.ends_with("\r\n\r\nok"), "{got}");
+}

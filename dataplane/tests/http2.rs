@@ -805,3 +805,71 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
         "one app connection each"
     );
 }
+
+/// The HTTP/2 form of `app_attack.rs::a_short_success_seen_by_the_watch_is_read_after_the_body`:
+/// a stream whose whole body came, its end (`END_STREAM`) not yet, while the app has
+/// answered a short 200. The watch peeks at the answer while the worker waits for
+/// the end; the answer is read after it. Before, the peek left the socket marked
+/// unreadable with the answer in it: no edge came again, and the stream waited for
+/// `upstream_head_secs` (a 504; in CI, under load, a two-worker end-to-end upload
+/// whose `END_STREAM` came in a frame of its own hung so).
+#[test]
+fn an_http1_apps_short_answer_seen_before_the_streams_end_is_relayed() {
+    use appproxy_test_support::h2frames::{
+        connect, frame, read_frame, request, status, DATA, END_HEADERS, END_STREAM, HEADERS,
+    };
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    let (kept_tx, kept_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = app.accept() else {
+            return;
+        };
+        // The head and the 5 bytes of body, then the answer at once.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.ends_with(b"hello") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let _ = kept_tx.send(conn);
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: "[timeouts]\nupstream_head_secs = 5\n".into(),
+        ..Default::default()
+    });
+    let mut s = connect(w.addr());
+    let block = request("POST", "/upload", &[(b"content-length", b"5")]);
+    s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+        .expect("headers");
+    s.write_all(&frame(DATA, 0, 1, b"hello")).expect("the body");
+    // The app has the body and answers; the worker waits for the stream's end,
+    // watching the app.
+    let _app_conn = kept_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the app got the body");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    s.write_all(&frame(DATA, END_STREAM, 1, b""))
+        .expect("the end");
+    let (mut head, mut body, mut ended) = (None, Vec::new(), false);
+    while !ended {
+        let (ty, flags, stream, payload) = read_frame(&mut s).expect("the answer");
+        match (ty, stream) {
+            (HEADERS, 1) => head = Some(status(&payload)),
+            (DATA, 1) => {
+                body.extend_from_slice(&payload);
+                ended = flags & END_STREAM != 0;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(head, Some(200));
+    assert_eq!(body, b"ok");
+}
