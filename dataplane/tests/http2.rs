@@ -873,3 +873,123 @@ fn an_http1_apps_short_answer_seen_before_the_streams_end_is_relayed() {
     assert_eq!(head, Some(200));
     assert_eq!(body, b"ok");
 }
+
+/// An HTTP/2 app that refuses an HTTP/1.1 client's body (413 at once) and keeps its
+/// stream open without granting window beyond the first 64 KiB: its answer reaches
+/// the bridged client at once, whether the worker was waiting for the app's window
+/// or for the client's next bytes; the client's connection closes after it, the rest
+/// of the body unread. Before, the answer waited for the end of the body timeout
+/// (here 300 s: past the client's 20 s guard). A success the app begins early is no
+/// refusal: the whole body goes on, then its answer.
+#[test]
+fn an_http2_app_refusing_a_bridged_body_is_answered_at_once() {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, WINDOW_UPDATE,
+    };
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    // What the app took of the body it answered with success; whether it does.
+    let ok_bytes = Arc::new(AtomicUsize::new(0));
+    let took = ok_bytes.clone();
+    let succeed = Arc::new(AtomicBool::new(false));
+    let succeeds = succeed.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let (took, succeeds) = (took.clone(), succeeds.clone());
+            std::thread::spawn(move || {
+                let mut ok_stream = None;
+                serve_raw_app(s, |(ty, flags, id, payload)| {
+                    let path_ok = *ty == HEADERS && succeeds.load(Ordering::Relaxed);
+                    if *ty == HEADERS && !path_ok {
+                        // Refused at once; the stream is left open, no window given.
+                        let head = block(&[(b":status", b"413"), (b"content-length", b"8")]);
+                        return [
+                            frame(HEADERS, END_HEADERS, *id, &head),
+                            frame(DATA, END_STREAM, *id, b"too big!"),
+                        ]
+                        .concat();
+                    }
+                    if path_ok {
+                        // A success at once; the app reads on, granting window.
+                        ok_stream = Some(*id);
+                        let head = block(&[(b":status", b"200")]);
+                        return frame(HEADERS, END_HEADERS, *id, &head);
+                    }
+                    let mut out = Vec::new();
+                    if *ty == DATA && !payload.is_empty() {
+                        // The connection's window is given back for every stream's
+                        // DATA; a stream's own only to the stream read on.
+                        let n = (payload.len() as u32).to_be_bytes();
+                        out.extend(frame(WINDOW_UPDATE, 0, 0, &n));
+                        if Some(*id) == ok_stream {
+                            took.fetch_add(payload.len(), Ordering::Relaxed);
+                            out.extend(frame(WINDOW_UPDATE, 0, *id, &n));
+                        }
+                    }
+                    if *ty == DATA && Some(*id) == ok_stream && flags & END_STREAM != 0 {
+                        out.extend(frame(DATA, END_STREAM, *id, b"ok"));
+                    }
+                    out
+                })
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        extra: "[timeouts]\nbody_idle_secs = 300\n".into(),
+        ..Default::default()
+    });
+    let answer_of = |s: &mut std::net::TcpStream| {
+        let got = common::read_until_closed(s);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // The worker waits for the app's window: 1 MiB, all of it sent at once.
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    let size = 1 << 20;
+    s.write_all(
+        format!("POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+    )
+    .expect("head");
+    let mut writer = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || writer.write_all(&vec![b'x'; size]).is_ok());
+    let got = answer_of(&mut s);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+    assert!(got.ends_with("\r\n\r\ntoo big!"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
+    let _ = sender.join();
+    // The worker waits for the client's next bytes.
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"POST /some HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nuuuuuuuuuu")
+        .expect("head and ten bytes");
+    let got = answer_of(&mut s);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+    // A success begun early: the whole body goes to the app, then the answer.
+    succeed.store(true, Ordering::Relaxed);
+    let mut c = Client::connect(w.addr());
+    c.send(format!("POST /ok HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n").as_bytes());
+    let mut writer = c.stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || writer.write_all(&vec![b'y'; size]).is_ok());
+    let r = c.response();
+    assert!(sender.join().expect("sender"), "the whole body is taken");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ok");
+    assert_eq!(ok_bytes.load(Ordering::Relaxed), size);
+    let mut rest = [0u8; 1];
+    c.stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .expect("timeout");
+    assert!(
+        !matches!(c.stream.read(&mut rest), Ok(0)),
+        "the connection stays open after a success"
+    );
+    let early = "the app answered before taking the whole request body";
+    w.wait_log(early, |v| v["message"] == early);
+}

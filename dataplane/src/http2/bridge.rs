@@ -89,8 +89,11 @@ pub async fn forward(
         cbuf.consume(head.head_len);
     }
     let mut bytes_in = 0;
-    // The app's answer when it came while the body was still going.
+    // The app's answer when it came while the body was still going: one that
+    // ends the request (`early`: the rest of the body is left unread), or a
+    // success begun early (`answered`: the app read on, and took the whole body).
     let mut early = None;
+    let mut answered = None;
     if !end && head.expect_continue && cbuf.is_empty() {
         conn.set_timeout(rt.body_idle_timeout);
         conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -101,10 +104,36 @@ pub async fn forward(
         // The HTTP/1.1 body rate floor, as on the HTTP/1.1 app path: a trickle would
         // hold the app stream (and its share of the app connection).
         conn.arm_read_floor(rt.min_body_rate, rt.body_idle_timeout);
-        let sent = send_body(core, conn, cbuf, head.framing, &mut up_send, &mut bytes_in).await;
+        let sent = send_body(
+            core,
+            conn,
+            cbuf,
+            head.framing,
+            &mut up_send,
+            &mut response,
+            &mut bytes_in,
+        )
+        .await;
         conn.disarm_read_floor();
         match sent {
-            Ok(()) => {}
+            Ok(BodyEnd::Whole(None)) => {}
+            Ok(BodyEnd::Whole(Some(r))) => answered = Some(r),
+            // The app answered, no success, before it took the whole body, and
+            // keeps its stream open: its answer is relayed at once, the rest of
+            // the body left unread (the connection closes after it, lingering),
+            // and the app's stream reset once the answer is read (the h2 crate
+            // does so when its last handle goes).
+            Ok(BodyEnd::Answered(r)) => {
+                tracing::info!(
+                    upstream = %addr,
+                    status = r.status().as_u16(),
+                    "the app answered before taking the whole request body"
+                );
+                early = Some(r);
+            }
+            Ok(BodyEnd::Failed(e)) => {
+                return Err(upstream::response_failure(core, route, addr, e));
+            }
             // The app ended its stream while the body was going. When it did so after
             // a complete answer (RFC 9113 §8.1: an early answer, then
             // `RST_STREAM(NO_ERROR)`; what Go's servers and gRPC do when a handler
@@ -130,7 +159,7 @@ pub async fn forward(
         rt.upstream_head_timeout
     };
     conn.set_deadline(None);
-    let (resp, sent) = if let Some(r) = early {
+    let (resp, sent) = if let Some(r) = early.or(answered) {
         (r, Instant::now())
     } else {
         loop {
@@ -262,25 +291,81 @@ pub async fn forward(
     })
 }
 
+/// How a client's body to an HTTP/2 app ended.
+enum BodyEnd {
+    /// All of it went; with the app's answer when it came meanwhile (a success begun
+    /// early: the app read on).
+    Whole(Option<http::Response<RecvStream>>),
+    /// The app answered before it took all of it: no success (3xx–5xx), or a success
+    /// and then the end of its stream. The rest stays unread.
+    Answered(http::Response<RecvStream>),
+    /// The app failed the stream while it was given the body.
+    Failed(h2::Error),
+}
+
 /// Reads the client's body (length or chunked) and hands it to the app's stream,
-/// counting what it handed on in `total`.
+/// counting what it handed on in `total`. Each wait, on the client's next bytes or
+/// on the app's window, also watches for the app's answer (`response`), as the
+/// HTTP/1.1 relay watches an HTTP/1.1 app: an app that refuses the body (413, 401
+/// …) and keeps its stream open without granting more window is answered at once,
+/// rather than when the wait times out.
 async fn send_body(
     core: &Core,
     conn: &TcpConn,
     cbuf: &mut ReadBuf,
     framing: BodyFraming,
     up: &mut h2::SendStream<Bytes>,
+    response: &mut h2::client::ResponseFuture,
     total: &mut u64,
-) -> Result<(), Fail> {
+) -> Result<BodyEnd, Fail> {
     let rt = &core.rt;
+    let upstream_gone =
+        |e: String| Fail::Answer(ProxyError::UpstreamClosed(std::io::Error::other(e)));
+    // A success that came early: the body goes on, unwatched.
+    let mut answered: Option<http::Response<RecvStream>> = None;
+    macro_rules! watched {
+        ($work:expr) => {{
+            let work = $work;
+            futures_lite::pin!(work);
+            let raced = if answered.is_none() {
+                match relay::or_watch(work.as_mut(), || {}, &mut *response).await {
+                    Ok(done) => Some(done),
+                    Err(Ok(r)) if r.status().as_u16() >= 300 => {
+                        return Ok(BodyEnd::Answered(r));
+                    }
+                    Err(Ok(r)) => {
+                        answered = Some(r);
+                        None
+                    }
+                    Err(Err(e)) => return Ok(BodyEnd::Failed(e)),
+                }
+            } else {
+                None
+            };
+            match raced {
+                Some(done) => done,
+                None => work.await,
+            }
+        }};
+    }
+    // The app's stream ended while the body was going: after a success it
+    // answered, that answer is the exchange's (the app needed no more); otherwise
+    // the caller looks for an answer still to come.
+    macro_rules! gone {
+        ($e:expr) => {{
+            let e: String = $e;
+            match answered.take() {
+                Some(r) => return Ok(BodyEnd::Answered(r)),
+                None => upstream_gone(e),
+            }
+        }};
+    }
     let mut remaining = match framing {
         BodyFraming::Length(n) => n,
         _ => u64::MAX,
     };
     let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::for_request);
     let mut done = false;
-    let upstream_gone =
-        |e: String| Fail::Answer(ProxyError::UpstreamClosed(std::io::Error::other(e)));
     while !done {
         let mut progressed = false;
         if !cbuf.is_empty() {
@@ -313,14 +398,16 @@ async fn send_body(
                         RequestError::BodyTooLarge,
                     )));
                 }
-                send_all(core, up, data).await.map_err(upstream_gone)?;
+                if let Err(e) = watched!(send_all(core, up, data)) {
+                    return Err(gone!(e));
+                }
             }
         }
         if done || (progressed && !cbuf.is_empty()) {
             continue;
         }
         conn.set_timeout(rt.body_idle_timeout);
-        match cbuf.fill(conn, BODY_BUF_LIMIT).await {
+        match watched!(cbuf.fill(conn, BODY_BUF_LIMIT)) {
             Ok(0) => {
                 up.send_reset(h2::Reason::CANCEL);
                 return Err(Fail::Abort(
@@ -343,8 +430,10 @@ async fn send_body(
             }
         }
     }
-    up.send_data(Bytes::new(), true)
-        .map_err(|e| upstream_gone(e.to_string()))
+    if let Err(e) = up.send_data(Bytes::new(), true) {
+        return Err(gone!(e.to_string()));
+    }
+    Ok(BodyEnd::Whole(answered))
 }
 
 /// Relays the app's DATA frames to the client (chunked with the app's trailers, or
