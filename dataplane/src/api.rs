@@ -37,7 +37,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
                 let id = RequestId::generate(core.rt.id_version);
                 let mut out = Vec::new();
                 // A HEAD refused before its head was whole gets no body either.
-                let bodiless = buf.filled().starts_with(b"HEAD ");
+                let bodiless = parse::is_head_request(buf.filled());
                 let (status, code) = (e.status(), e.code());
                 encode::error_response(&mut out, status, code, &e.to_string(), &id, true, bodiless);
                 if conn.write_all(&out).await.is_ok() {

@@ -443,15 +443,28 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     parse_request_reusing(buf, limits, &mut Vec::new())
 }
 
-/// Whether a request head httparse refused for its version starts (after the empty
-/// lines it skips) with method, target and a well-formed `HTTP/x.y` of another
-/// version (505), rather than with no request line at all (400).
-fn names_a_version(buf: &[u8]) -> bool {
+/// `buf` from its request line on: the empty lines a client may send before it,
+/// which the parser skips (RFC 9112 §2.2), left out.
+fn after_empty_lines(buf: &[u8]) -> &[u8] {
     let start = buf
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
         .unwrap_or(buf.len());
-    let rest = &buf[start..];
+    &buf[start..]
+}
+
+/// Whether `buf`, the start of a request head that may be cut short or refused
+/// before it was parsed whole, is a `HEAD` request: the refusal then carries no
+/// body (read as far as the method, past the empty lines the parser skips).
+pub fn is_head_request(buf: &[u8]) -> bool {
+    after_empty_lines(buf).starts_with(b"HEAD ")
+}
+
+/// Whether a request head httparse refused for its version starts (after the empty
+/// lines it skips) with method, target and a well-formed `HTTP/x.y` of another
+/// version (505), rather than with no request line at all (400).
+fn names_a_version(buf: &[u8]) -> bool {
+    let rest = after_empty_lines(buf);
     let line = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|&b| b == b' ');

@@ -7,6 +7,34 @@ fn req(input: &[u8]) -> Result<Option<super::parse::RequestHead>, RequestError> 
     parse_request(input, &HeadLimits::default())
 }
 
+/// What a refusal of an unparsed head takes for a `HEAD` (its answer then has no
+/// body): the method as the parser would read it, past the empty lines it skips.
+#[test]
+fn head_requests_are_known_before_their_head_is_parsed() {
+    use super::parse::is_head_request;
+    let table: &[(&[u8], bool)] = &[
+        (b"HEAD / HTTP/1.1\r\n", true),
+        (b"HEAD /", true),
+        (b"\r\nHEAD / HTTP/1.1\r\nBad Name: x\r\n\r\n", true),
+        (b"\n\r\n\nHEAD /", true),
+        (b"HEAD", false),
+        (b"HEADER / HTTP/1.1\r\n", false),
+        (b"head / HTTP/1.1\r\n", false),
+        (b" HEAD / HTTP/1.1\r\n", false),
+        (b"GET / HTTP/1.1\r\n", false),
+        (b"\r\n\r\n", false),
+        (b"", false),
+    ];
+    for (input, head) in table {
+        assert_eq!(
+            is_head_request(input),
+            *head,
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
 #[test]
 fn request_framing_table() {
     use BodyFraming::*;

@@ -505,7 +505,7 @@ impl Client {
         };
         // A `HEAD` whose head was refused still gets no content: its request line
         // is read as far as the method.
-        let bodiless = self.buf.filled().starts_with(b"HEAD ");
+        let bodiless = parse::is_head_request(self.buf.filled());
         self.send_refusal(&entry, &r, true, bodiless).await;
         next
     }
