@@ -45,6 +45,11 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// or the connection cap shed it) has to flush its `GOAWAY` before it is cut.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a stream the worker reset is remembered, so that frames the client sent
+/// before it saw the reset are dropped rather than answered with a reset of their
+/// own (round trips of far clients, and bodies queued behind other streams' frames).
+const RESET_STREAM_MEMORY: Duration = Duration::from_secs(10);
+
 /// What the streams of one client connection share.
 pub struct ConnCtx {
     /// The core.
@@ -179,7 +184,18 @@ pub async fn serve(
         .max_frame_size(cfg.max_frame_size)
         .max_send_buffer_size(cfg.max_send_buffer)
         .max_pending_accept_reset_streams(cfg.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams));
+        .max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams))
+        // Streams the worker resets are remembered a while, so that the frames the
+        // client sent before it saw the reset are dropped quietly: a stream answered
+        // before its whole body came (the worker's 413, an app's early 401) ends
+        // with `RST_STREAM(NO_ERROR)` while its DATA is still in flight. Forgotten
+        // (h2's defaults: 50 streams, 1 s), such a frame draws a `STREAM_CLOSED`
+        // reset that counts against `max_local_error_reset_streams`, and a burst of
+        // refused uploads on one connection (a front proxy's, a client far away)
+        // had the connection cut with `ENHANCE_YOUR_CALM`, its other streams lost.
+        // At most a connection's concurrent streams are remembered at once.
+        .max_concurrent_reset_streams(cfg.max_concurrent_streams as usize)
+        .reset_stream_duration(RESET_STREAM_MEMORY);
     let io = io::H2Io::new(conn.clone(), prefix, Some(core.clone())).between(ctx.between.clone());
     let mut h2c = match builder.handshake::<_, Bytes>(io).await {
         Ok(c) => c,
