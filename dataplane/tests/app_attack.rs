@@ -1048,13 +1048,12 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     let early = "the app answered before taking the whole request body";
     let lines = w.wait_log(early, |v| v["message"] == early && v["status"] == 401);
     assert_eq!(lines.len(), 1);
-    let statuses: Vec<_> = w
-        .log_json()
-        .into_iter()
-        .filter(|v| v["message"] == early)
-        .map(|v| v["status"].clone())
-        .collect();
-    assert_eq!(statuses, [413, 401, 413], "{}", w.log_text());
+    assert_eq!(
+        w.logged_statuses(early),
+        [413, 401, 413],
+        "{}",
+        w.log_text()
+    );
     let r = Client::connect(w.addr()).get("/after", "");
     assert!(r.text().starts_with("honest /after "), "{}", r.text());
 }

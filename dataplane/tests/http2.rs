@@ -485,6 +485,27 @@ fn statuses(verbose: &str) -> Vec<String> {
         .collect()
 }
 
+/// Reads raw frames until stream `id` ends its answer (a DATA frame with
+/// `END_STREAM`): the `:status` of its last head and its body. Panics when the
+/// connection ends or nothing comes within the read timeout.
+fn stream_answer(s: &mut std::net::TcpStream, id: u32) -> (Option<u16>, Vec<u8>) {
+    use appproxy_test_support::h2frames::{read_frame, status, DATA, END_STREAM, HEADERS};
+    let (mut head, mut body) = (None, Vec::new());
+    loop {
+        let (ty, flags, stream, payload) = read_frame(s).expect("the stream's answer");
+        match ty {
+            HEADERS if stream == id => head = Some(status(&payload)),
+            DATA if stream == id => {
+                body.extend_from_slice(&payload);
+                if flags & END_STREAM != 0 {
+                    return (head, body);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// An HTTP/2 app's interim heads reach HTTP/2 clients sanitized as its final
 /// ones: its `Set-Cookie` of the worker's permit and its request IDs (under every
 /// name of the ID) stay behind; so do the final head's, to HTTP/1.1 clients too.
@@ -765,40 +786,20 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
 
     // The worker waits for the client's next bytes; the client waits for an answer
     // before it sends more.
-    use appproxy_test_support::h2frames::{
-        connect, frame, read_frame, request, status, DATA, END_HEADERS, END_STREAM, HEADERS,
-    };
+    use appproxy_test_support::h2frames::{connect, frame, request, DATA, END_HEADERS, HEADERS};
     let mut s = connect(w.addr());
     let block = request("POST", "/early-401", &[(b"content-length", b"100000")]);
     s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
         .expect("headers");
     s.write_all(&frame(DATA, 0, 1, &[b'u'; 10]))
         .expect("first bytes");
-    let (mut head, mut body, mut ended) = (None, Vec::new(), false);
-    while !ended {
-        let (ty, flags, stream, payload) =
-            read_frame(&mut s).expect("the answer, before the body timeout");
-        match (ty, stream) {
-            (HEADERS, 1) => head = Some(status(&payload)),
-            (DATA, 1) => {
-                body.extend_from_slice(&payload);
-                ended = flags & END_STREAM != 0;
-            }
-            _ => {}
-        }
-    }
+    let (head, body) = stream_answer(&mut s, 1);
     assert_eq!(head, Some(401));
     assert_eq!(body, b"who are?");
 
     let early = "the app answered before taking the whole request body";
     w.wait_log(early, |v| v["message"] == early && v["status"] == 401);
-    let statuses: Vec<_> = w
-        .log_json()
-        .into_iter()
-        .filter(|v| v["message"] == early)
-        .map(|v| v["status"].clone())
-        .collect();
-    assert_eq!(statuses, [413, 401], "{}", w.log_text());
+    assert_eq!(w.logged_statuses(early), [413, 401], "{}", w.log_text());
     assert_eq!(
         held.lock().expect("lock").len(),
         2,
@@ -816,7 +817,7 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
 #[test]
 fn an_http1_apps_short_answer_seen_before_the_streams_end_is_relayed() {
     use appproxy_test_support::h2frames::{
-        connect, frame, read_frame, request, status, DATA, END_HEADERS, END_STREAM, HEADERS,
+        connect, frame, request, DATA, END_HEADERS, END_STREAM, HEADERS,
     };
     use std::io::{Read, Write};
     use std::net::TcpListener;
@@ -858,18 +859,7 @@ fn an_http1_apps_short_answer_seen_before_the_streams_end_is_relayed() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     s.write_all(&frame(DATA, END_STREAM, 1, b""))
         .expect("the end");
-    let (mut head, mut body, mut ended) = (None, Vec::new(), false);
-    while !ended {
-        let (ty, flags, stream, payload) = read_frame(&mut s).expect("the answer");
-        match (ty, stream) {
-            (HEADERS, 1) => head = Some(status(&payload)),
-            (DATA, 1) => {
-                body.extend_from_slice(&payload);
-                ended = flags & END_STREAM != 0;
-            }
-            _ => {}
-        }
-    }
+    let (head, body) = stream_answer(&mut s, 1);
     assert_eq!(head, Some(200));
     assert_eq!(body, b"ok");
 }

@@ -490,6 +490,15 @@ route_info = [{routes}]
             .collect()
     }
 
+    /// The `status` of every log line whose message is `message`, in order.
+    pub fn logged_statuses(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_json()
+            .into_iter()
+            .filter(|v| v["message"] == message)
+            .map(|v| v["status"].clone())
+            .collect()
+    }
+
     /// Waits (bounded) until the access log holds a line for `request_id`.
     pub fn wait_access_line(&self, request_id: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
