@@ -874,7 +874,8 @@ fn an_http1_apps_short_answer_seen_before_the_streams_end_is_relayed() {
 #[test]
 fn an_http2_app_refusing_a_bridged_body_is_answered_at_once() {
     use appproxy_test_support::h2frames::{
-        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, WINDOW_UPDATE,
+        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, RST_STREAM,
+        WINDOW_UPDATE,
     };
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -887,12 +888,25 @@ fn an_http2_app_refusing_a_bridged_body_is_answered_at_once() {
     let took = ok_bytes.clone();
     let succeed = Arc::new(AtomicBool::new(false));
     let succeeds = succeed.clone();
+    // Whether the app answers whole, then resets the stream (gRPC's trailers-only
+    // answers, a handler that returns without reading the body).
+    let then_reset = Arc::new(AtomicBool::new(false));
+    let resets = then_reset.clone();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            let (took, succeeds) = (took.clone(), succeeds.clone());
+            let (took, succeeds, resets) = (took.clone(), succeeds.clone(), resets.clone());
             std::thread::spawn(move || {
                 let mut ok_stream = None;
                 serve_raw_app(s, |(ty, flags, id, payload)| {
+                    if *ty == HEADERS && resets.load(Ordering::Relaxed) {
+                        let head = block(&[(b":status", b"200"), (b"content-length", b"4")]);
+                        return [
+                            frame(HEADERS, END_HEADERS, *id, &head),
+                            frame(DATA, END_STREAM, *id, b"done"),
+                            frame(RST_STREAM, 0, *id, &0u32.to_be_bytes()),
+                        ]
+                        .concat();
+                    }
                     let path_ok = *ty == HEADERS && succeeds.load(Ordering::Relaxed);
                     if *ty == HEADERS && !path_ok {
                         // Refused at once; the stream is left open, no window given.
@@ -980,6 +994,15 @@ fn an_http2_app_refusing_a_bridged_body_is_answered_at_once() {
         !matches!(c.stream.read(&mut rest), Ok(0)),
         "the connection stays open after a success"
     );
+    // A whole success, then the app's reset, while the worker waits for the
+    // client's next bytes: relayed at once (before, when the client next sent).
+    then_reset.store(true, Ordering::Relaxed);
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"POST /some HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nuuuuuuuuuu")
+        .expect("head and ten bytes");
+    let got = answer_of(&mut s);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(got.ends_with("\r\n\r\ndone"), "{got}");
     let early = "the app answered before taking the whole request body";
     w.wait_log(early, |v| v["message"] == early);
 }

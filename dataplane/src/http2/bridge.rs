@@ -323,22 +323,31 @@ async fn send_body(
         |e: String| Fail::Answer(ProxyError::UpstreamClosed(std::io::Error::other(e)));
     // A success that came early: the body goes on, unwatched.
     let mut answered: Option<http::Response<RecvStream>> = None;
+    // Races a pinned wait against the app's answer: `Some` when the wait ended
+    // first, `None` when a success came (held in `answered`); an answer that ends
+    // the request, or a failed stream, ends the body.
+    macro_rules! race_answer {
+        ($work:expr) => {
+            match relay::or_watch($work, || {}, &mut *response).await {
+                Ok(done) => Some(done),
+                Err(Ok(r)) if r.status().as_u16() >= 300 => {
+                    return Ok(BodyEnd::Answered(r));
+                }
+                Err(Ok(r)) => {
+                    answered = Some(r);
+                    None
+                }
+                Err(Err(e)) => return Ok(BodyEnd::Failed(e)),
+            }
+        };
+    }
+    // A wait watched for the app's answer until one came, then awaited alone.
     macro_rules! watched {
         ($work:expr) => {{
             let work = $work;
             futures_lite::pin!(work);
             let raced = if answered.is_none() {
-                match relay::or_watch(work.as_mut(), || {}, &mut *response).await {
-                    Ok(done) => Some(done),
-                    Err(Ok(r)) if r.status().as_u16() >= 300 => {
-                        return Ok(BodyEnd::Answered(r));
-                    }
-                    Err(Ok(r)) => {
-                        answered = Some(r);
-                        None
-                    }
-                    Err(Err(e)) => return Ok(BodyEnd::Failed(e)),
-                }
+                race_answer!(work.as_mut())
             } else {
                 None
             };
@@ -407,7 +416,28 @@ async fn send_body(
             continue;
         }
         conn.set_timeout(rt.body_idle_timeout);
-        match watched!(cbuf.fill(conn, BODY_BUF_LIMIT)) {
+        // The client's next bytes, watched as the window is; after a success begun
+        // early (then or meanwhile), for the app's end of its stream instead: a
+        // reset after its complete answer (gRPC's trailers-only answers do so)
+        // makes that answer the exchange's at once, the rest of the body unread,
+        // not when the client next sends.
+        let mut fill = std::pin::pin!(cbuf.fill(conn, BODY_BUF_LIMIT));
+        let filled = if answered.is_none() {
+            race_answer!(fill.as_mut())
+        } else {
+            None
+        };
+        let filled = match filled {
+            Some(filled) => filled,
+            None => {
+                let reset = std::future::poll_fn(|cx| up.poll_reset(cx));
+                match relay::or_watch(fill.as_mut(), || {}, reset).await {
+                    Ok(filled) => filled,
+                    Err(_) => return Err(gone!("the app reset its stream".to_owned())),
+                }
+            }
+        };
+        match filled {
             Ok(0) => {
                 up.send_reset(h2::Reason::CANCEL);
                 return Err(Fail::Abort(
