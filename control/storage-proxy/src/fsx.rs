@@ -607,26 +607,9 @@ impl Entry {
 }
 
 /// The entries of a directory (without `.` and `..`), sorted by name; an entry that
-/// vanishes while listed is left out.
+/// vanishes while listed is left out. All of them: [`first_entries`] with no limit.
 pub fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<Entry>> {
-    let mut out = Vec::new();
-    for e in Dir::read_from(dir)? {
-        let e = e?;
-        let name = OsStr::from_bytes(e.file_name().to_bytes());
-        if name == "." || name == ".." {
-            continue;
-        }
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => out.push(Entry {
-                name: name.to_owned(),
-                stat: Meta::from(&stat),
-            }),
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    first_entries(dir, usize::MAX, |_| false).map(|(all, _)| all)
 }
 
 /// At most `limit` entries of a directory (without `.`, `..` and those `skip`
