@@ -13,7 +13,7 @@ mod common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -299,6 +299,102 @@ fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
             metric(&w, "appproxy_connections_active") == 0
         });
     }
+}
+
+/// An HTTP/1.1 client of an `http2` circuit (the bridge): a client whose connection
+/// is reset while its app's stream is silent (an event stream never ended) frees the
+/// slot and has the app's stream reset at once; before, both were held for
+/// `response_idle_secs` (an hour). A client that only ended its side still gets the
+/// rest, which the app sends a second later.
+#[test]
+fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, RST_STREAM,
+    };
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    // The streams the worker reset; whether the next stream ends a second later.
+    let resets = Arc::new(AtomicUsize::new(0));
+    let late_end = Arc::new(AtomicBool::new(false));
+    let (counted, ends_late) = (resets.clone(), late_end.clone());
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let (counted, ends_late) = (counted.clone(), ends_late.clone());
+            let Ok(late) = s.try_clone() else { continue };
+            std::thread::spawn(move || {
+                serve_raw_app(s, |(ty, _, id, _)| {
+                    if *ty == RST_STREAM {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if *ty != HEADERS {
+                        return Vec::new();
+                    }
+                    if let (Ok(mut late), true) =
+                        (late.try_clone(), ends_late.load(Ordering::SeqCst))
+                    {
+                        let id = *id;
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_secs(1));
+                            let _ = late.write_all(&frame(DATA, END_STREAM, id, b"data: 2\n\n"));
+                        });
+                    }
+                    let head = block(&[
+                        (b":status", b"200"),
+                        (b"content-type", b"text/event-stream"),
+                    ]);
+                    [
+                        frame(HEADERS, END_HEADERS, *id, &head),
+                        frame(DATA, 0, *id, b"data: 1\n\n"),
+                    ]
+                    .concat()
+                })
+            });
+        }
+    });
+    let w = worker(addr, "protocol = \"http2\"", 60);
+    for round in 1..=2 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("request");
+        read_until(&mut s, b"data: 1");
+        eventually(&format!("round {round}: counted"), || {
+            metric(&w, "appproxy_connections_active") == 1
+        });
+        reset(s);
+        eventually(&format!("round {round}: the app's stream reset"), || {
+            resets.load(Ordering::SeqCst) == round
+        });
+        eventually(&format!("round {round}: the slot freed"), || {
+            metric(&w, "appproxy_connections_active") == 0
+        });
+        if round == 2 {
+            break;
+        }
+        late_end.store(true, Ordering::SeqCst);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("request");
+        read_until(&mut s, b"data: 1");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        read_until(&mut s, b"data: 2\n\n\r\n0\r\n\r\n");
+        assert_eq!(
+            resets.load(Ordering::SeqCst),
+            1,
+            "a stream ended whole is not reset"
+        );
+        late_end.store(false, Ordering::SeqCst);
+    }
+    let cut = w
+        .log_json()
+        .iter()
+        .filter(|v| {
+            v["reason"].as_str().is_some_and(|r| {
+                r.contains("the client's connection was reset while the app was silent")
+            })
+        })
+        .count();
+    assert_eq!(cut, 2, "each cut logged with its reason");
 }
 
 /// A client that stops reading, or vanishes behind its own full window (its end of

@@ -469,6 +469,13 @@ async fn send_body(
 /// Relays the app's DATA frames to the client (chunked with the app's trailers, or
 /// as is), giving capacity back as the client takes them; `total`: the payload bytes
 /// written, however it ends.
+///
+/// While the app is silent (an event stream, a token stream, a stalled download)
+/// the client is watched, as the HTTP/1.1 relay watches it ([`TcpConn::hung_up`]):
+/// a client whose connection was reset ends the relay at once, and the app's stream
+/// is reset as its handles go, rather than both being held for as long as the app
+/// may stay silent (`response_idle_secs`). A client that only ended its side still
+/// reads, and keeps its answer.
 async fn relay_response(
     core: &Core,
     conn: &TcpConn,
@@ -479,7 +486,18 @@ async fn relay_response(
     let rt = &core.rt;
     let mut out = Vec::new();
     loop {
-        let next = within(&core.reactor, rt.response_idle_timeout, body.data()).await;
+        let next = {
+            let data = std::pin::pin!(within(&core.reactor, rt.response_idle_timeout, body.data()));
+            // The client's deadline bounds writes to it, set again before each.
+            relay::or_watch(data, || conn.set_deadline(None), conn.hung_up()).await
+        };
+        let Ok(next) = next else {
+            return Err(if conn.was_revoked() {
+                "the client's access was revoked".into()
+            } else {
+                "the client's connection was reset while the app was silent".into()
+            });
+        };
         let chunk = match next {
             None => return Err("the app sent nothing within the idle timeout".into()),
             Some(None) => break,
