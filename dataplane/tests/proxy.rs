@@ -844,6 +844,106 @@ fn an_answer_cut_part_way_is_logged_with_its_status_and_the_bytes_that_went() {
     assert_eq!(access["upstream"], app.to_string(), "{access}");
 }
 
+/// A 502 or 504 of the worker's own, after it went to an app, names that app in
+/// its access line and counts the request body bytes the app was given, as nginx's
+/// `$upstream_addr` does: over HTTP/1.1 and HTTP/2, to HTTP/1.1 and HTTP/2 apps.
+/// Before, such a line named no app and counted the request head alone (HTTP/2:
+/// nothing), and an operator could not tell which app failed.
+#[test]
+fn a_failed_exchanges_access_line_names_the_app_and_what_it_was_given() {
+    use std::io::{BufRead, BufReader, Read};
+    // Reads a request head and its `Content-Length` body, then closes without a word
+    // (`/close`) or stays silent past the head timeout (`/silent`).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream);
+                let (mut first, mut length) = (String::new(), 0usize);
+                if r.read_line(&mut first).unwrap_or(0) == 0 {
+                    return;
+                }
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                if first.contains("/silent") {
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            });
+        }
+    });
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], appproxy_test_support::free_port()));
+    let start = |to: std::net::SocketAddr, circuit_extra: &str| {
+        Worker::start(WorkerOpts {
+            upstreams: vec![to],
+            circuit_extra: circuit_extra.into(),
+            extra: "[timeouts]\nupstream_head_secs = 1\n".into(),
+            ..Default::default()
+        })
+    };
+    let body = vec![b'b'; 1000];
+    // HTTP/1.1 client, HTTP/1.1 app: (request ID, path, expected status).
+    let w = start(app, "");
+    for (id, path, status) in [("closed-1", "/close", 502), ("silent-1", "/silent", 504)] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nContent-Length: 1000\r\n\r\n"
+        );
+        let mut c = Client::connect(w.addr());
+        c.send(&[head.as_bytes(), &body].concat());
+        assert_eq!(c.response().status, status, "{id}");
+        let access = w.wait_access_line(id);
+        assert_eq!(access["status"], status, "{access}");
+        assert_eq!(access["upstream"], app.to_string(), "{access}");
+        assert_eq!(access["bytes_in"], (head.len() + 1000) as u64, "{access}");
+    }
+    // HTTP/2 client (h2c), HTTP/1.1 app: an HTTP/2 line counts the body alone.
+    let h2_post = |w: &Worker, id: &str, path: &str| {
+        let file = tempfile::NamedTempFile::new().expect("body file");
+        std::fs::write(file.path(), &body).expect("write body");
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--http2-prior-knowledge"])
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", &format!("X-Backend-Request-ID: {id}")])
+            .args(["--data-binary", &format!("@{}", file.path().display())])
+            .arg(format!("http://127.0.0.1:{}{path}", w.port))
+            .output()
+            .expect("curl must be installed (.ci/run installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (id, path, status) in [("closed-2", "/close", 502), ("silent-2", "/silent", 504)] {
+        assert_eq!(h2_post(&w, id, path), status.to_string(), "{id}");
+        let access = w.wait_access_line(id);
+        assert_eq!(access["status"], status, "{access}");
+        assert_eq!(access["upstream"], app.to_string(), "{access}");
+        assert_eq!(access["bytes_in"], 1000, "{access}");
+    }
+    drop(w);
+    // An app nobody listens on, HTTP/1.1 and HTTP/2 clients: the app tried is named.
+    for extra in ["", "protocol = \"http2\""] {
+        let w = start(dead, extra);
+        let mut c = Client::connect(w.addr());
+        let r = c.get("/x", "X-Backend-Request-ID: dead-1\r\n");
+        assert_eq!(r.status, 502, "{extra}");
+        assert_eq!(h2_post(&w, "dead-2", "/x"), "502", "{extra}");
+        for id in ["dead-1", "dead-2"] {
+            let access = w.wait_access_line(id);
+            assert_eq!(access["status"], 502, "{extra}: {access}");
+            assert_eq!(access["upstream"], dead.to_string(), "{extra}: {access}");
+        }
+    }
+}
+
 /// The worker's own answers to a `HEAD` have no content (RFC 9110 §9.3.2), as the
 /// app's have: a refused `HEAD` (here by the client-address allowlist, the
 /// refusal every check shares) is its head alone, `Content-Length` naming the JSON

@@ -21,7 +21,7 @@ use crate::http::encode::{push_u64, sets_permit_cookie, ClientHop};
 use crate::http::error::{Fault, ProxyError, RequestError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, Version};
 use crate::io::TcpConn;
-use crate::proxy::{self, retry, retry::Attempt};
+use crate::proxy::{self, retry, retry::Attempt, AppSide};
 use crate::relay::{self, ReadBuf};
 
 /// Largest client read buffer while relaying a body.
@@ -39,7 +39,8 @@ pub struct Bridged {
 }
 
 /// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
-/// HTTP/2 app and relays the answer to `conn`.
+/// HTTP/2 app and relays the answer to `conn`; `side` is told the app tried and the
+/// body bytes it took, for the access line of a failure.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     core: &Core,
@@ -50,6 +51,7 @@ pub async fn forward(
     route: &Route,
     id: RequestId,
     trace: Option<crate::trace::Hop>,
+    side: &AppSide,
 ) -> Result<Bridged, Fail> {
     let rt = &core.rt;
     let (authority, path, te_trailers) = {
@@ -76,6 +78,7 @@ pub async fn forward(
                 authority: authority.as_deref(),
                 path: &path,
                 te_trailers,
+                side,
             }
         };
     }
@@ -115,6 +118,7 @@ pub async fn forward(
         )
         .await;
         conn.disarm_read_floor();
+        side.body_in.set(bytes_in);
         match sent {
             Ok(BodyEnd::Whole(None)) => {}
             Ok(BodyEnd::Whole(Some(r))) => answered = Some(r),

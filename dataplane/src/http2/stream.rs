@@ -36,7 +36,7 @@ use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
 use crate::proxy::retry::{self, Attempt, Retry};
-use crate::proxy::{self, Failure};
+use crate::proxy::{self, AppSide, Failure};
 use crate::relay;
 use crate::relay::ReadBuf;
 
@@ -89,6 +89,9 @@ pub struct Req<'a> {
     pub path: &'a str,
     /// The client asked for trailers (`te: trailers`).
     pub te_trailers: bool,
+    /// Told the app tried and the body bytes it took, for the access line however
+    /// the exchange ends.
+    pub side: &'a AppSide,
 }
 
 /// Writes the stream's head as an HTTP/1.1 head into `out`.
@@ -237,14 +240,15 @@ pub async fn handle(
         .get(http::header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let path_str = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let line = Line::new(&method, &path, started);
     let request = Req {
         buf: &buf,
         head: &head,
         authority: authority.as_deref(),
         path: path_str,
         te_trailers,
+        side: &line.side,
     };
-    let line = Line::new(&method, &path, started);
     scope_traced(
         Some(id),
         trace.map(|t| t.span),
@@ -253,11 +257,13 @@ pub async fn handle(
     .await;
 }
 
-/// Method and path for the access line.
+/// Method and path for the access line, and what it says of the app side when the
+/// app's answer does not reach the client.
 struct Line<'a> {
     method: &'a [u8],
     path: &'a [u8],
     started: Instant,
+    side: AppSide,
 }
 
 impl<'a> Line<'a> {
@@ -266,6 +272,7 @@ impl<'a> Line<'a> {
             method,
             path,
             started,
+            side: AppSide::default(),
         }
     }
 }
@@ -394,9 +401,9 @@ async fn serve_stream(
                 method: line.method,
                 path: line.path,
                 status: 0,
-                bytes_in: 0,
+                bytes_in: line.side.body_in.get(),
                 bytes_out: 0,
-                upstream: None,
+                upstream: line.side.addr.get(),
                 started: line.started,
             });
         }
@@ -517,9 +524,9 @@ async fn refuse(
         method: line.method,
         path: line.path,
         status: r.status,
-        bytes_in: 0,
+        bytes_in: line.side.body_in.get(),
         bytes_out,
-        upstream: None,
+        upstream: line.side.addr.get(),
         started: line.started,
     });
 }
@@ -692,6 +699,7 @@ async fn forward_h1(
     let core = &ctx.core;
     let rt = &core.rt;
     let head = req.head;
+    let side = req.side;
     let has_body = head.framing != BodyFraming::Length(0);
     // Each stream takes a place in the core's budget of streams to apps, fairly
     // shared by client address, before it waits for anything: else one client
@@ -712,6 +720,7 @@ async fn forward_h1(
         None
     };
     let mut addr = pick(core, route, None)?;
+    side.tried(addr);
     let (mut upstream, reused) =
         match core
             .pool
@@ -723,7 +732,7 @@ async fn forward_h1(
             }
             None => {
                 core.metrics.add(counter::POOL_MISS, 1);
-                let (c, used) = proxy::connect_route(core, route, addr).await?;
+                let (c, used) = proxy::connect_route(core, route, addr, side).await?;
                 addr = used;
                 (c, false)
             }
@@ -773,6 +782,7 @@ async fn forward_h1(
                 head.framing,
                 &mut floor,
                 first.clone(),
+                side,
             )
             .await
             {
@@ -1056,7 +1066,8 @@ enum BodySent {
 /// next bytes or on an app that does not take them, watches a plaintext app for an
 /// early refusal (413, 401 … with its connection kept open and the body unread), as
 /// the HTTP/1.1 relay does: its answer then goes to the client at once rather than
-/// after the write stalls out, a 502 a minute later.
+/// after the write stalls out, a 502 a minute later. `side` is told the payload
+/// bytes the app took, as they go.
 async fn send_body_h1(
     ctx: &ConnCtx,
     upstream: &TcpConn,
@@ -1064,6 +1075,7 @@ async fn send_body_h1(
     framing: BodyFraming,
     floor: &mut Option<BodyFloor>,
     mut first: Option<Bytes>,
+    side: &AppSide,
 ) -> Result<BodySent, Fail> {
     let core = &ctx.core;
     let rt = &core.rt;
@@ -1097,8 +1109,8 @@ async fn send_body_h1(
             Some(Ok(c)) => c,
             Some(Err(e)) => return Err(Fail::Abort(format!("client body: {e}"))),
         };
-        total += chunk.len() as u64;
-        if rt.max_body > 0 && total > rt.max_body {
+        let taken = total + chunk.len() as u64;
+        if rt.max_body > 0 && taken > rt.max_body {
             return Err(Fail::Answer(ProxyError::Request(
                 RequestError::BodyTooLarge,
             )));
@@ -1112,6 +1124,10 @@ async fn send_body_h1(
             watched!(upstream.write_all(&chunk))
         };
         wrote.map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(e)))?;
+        // Counted once the app took it: an early answer that cuts a write leaves
+        // that chunk out.
+        total = taken;
+        side.body_in.set(total);
         let _ = body.flow_control().release_capacity(chunk.len());
     }
     // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused

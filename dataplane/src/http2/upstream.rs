@@ -45,7 +45,7 @@ use crate::http::error::Fault;
 use crate::http::error::{ProxyError, RequestError};
 use crate::http::parse::{self, HeadLimits};
 use crate::proxy::retry::{self, Attempt, Retry};
-use crate::proxy::{self, ConnectError};
+use crate::proxy::{self, AppSide, ConnectError};
 
 /// An HTTP/2 connection to an app in the core's set (connecting or open), with
 /// its generation.
@@ -401,12 +401,15 @@ fn forget(addr: SocketAddr, generation: u64) {
 }
 
 /// [`sender`] with the HTTP/1.1 path's failover: a failed connect counts against
-/// the route's health and one other upstream is tried.
+/// the route's health and one other upstream is tried. `side` is told each app
+/// tried.
 async fn sender_route(
     core: &Core,
     route: &Route,
     addr: SocketAddr,
+    side: &AppSide,
 ) -> Result<(SendRequest<Bytes>, UpStreamGuard, SocketAddr), Fail> {
+    side.tried(addr);
     let first = match sender(core, route, addr).await {
         Ok((s, guard)) => return Ok((s, guard, addr)),
         Err(e) => e,
@@ -418,15 +421,18 @@ async fn sender_route(
         proxy::note_health(core, route, addr, false);
     }
     match pick(core, route, Some(addr)) {
-        Ok(alt) if alt != addr => match sender(core, route, alt).await {
-            Ok((s, guard)) => Ok((s, guard, alt)),
-            Err(e) => {
-                if matches!(e, ConnectError::Upstream(_)) {
-                    proxy::note_health(core, route, alt, false);
+        Ok(alt) if alt != addr => {
+            side.tried(alt);
+            match sender(core, route, alt).await {
+                Ok((s, guard)) => Ok((s, guard, alt)),
+                Err(e) => {
+                    if matches!(e, ConnectError::Upstream(_)) {
+                        proxy::note_health(core, route, alt, false);
+                    }
+                    Err(Fail::from(proxy::Failure::from(e)))
                 }
-                Err(Fail::from(proxy::Failure::from(e)))
             }
-        },
+        }
         _ => Err(Fail::from(proxy::Failure::from(first))),
     }
 }
@@ -621,7 +627,7 @@ pub async fn open_stream(
 ) -> Result<Opened, Fail> {
     let slot = AppStreamSlot::take(core, &hop)?;
     let addr = pick(core, route, None)?;
-    let (mut sender, guard, addr) = sender_route(core, route, addr).await?;
+    let (mut sender, guard, addr) = sender_route(core, route, addr, req.side).await?;
     let tls = proxy::tls_of(route, addr).is_some();
     let request = build_request(core, hop, req, addr, tls, id, trace)?;
     let (response, send) = sender
@@ -668,7 +674,7 @@ pub async fn forward(
     let end = body.is_end_stream();
     let (response, mut up_send, _on_conn, addr) =
         open_stream(core, ctx.hop, route, req, &id, trace, end).await?;
-    let bytes_in = Cell::new(0u64);
+    let bytes_in = &req.side.body_in;
     let too_large = Cell::new(false);
     let too_slow = Cell::new(false);
     let forbidden_trailer = Cell::new(false);
@@ -688,7 +694,7 @@ pub async fn forward(
                 &mut body,
                 &mut up_send,
                 core.rt.max_body,
-                &bytes_in,
+                bytes_in,
                 true,
                 floor,
             )

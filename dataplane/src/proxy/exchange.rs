@@ -17,7 +17,9 @@ use appproxy_shared::{scope, RequestId};
 use super::retry::{self, Attempt, Retry};
 use super::tunnel::TunnelEnds;
 use super::upstream::HeadFailure;
-use super::{connect, connect_route, note_health, read_response_head, tls_of, MAX_INTERIM};
+use super::{
+    connect, connect_route, note_health, read_response_head, tls_of, AppSide, MAX_INTERIM,
+};
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::{counter, AccessEntry, Core, Route};
 use crate::http::encode::{self, ClientFraming, TraceHeaders};
@@ -66,8 +68,11 @@ pub(super) struct Exchange {
     /// The client's address as the circuit's allowlist saw it, once admitted (a
     /// tunnel is re-checked with it when a deployment changes the circuit).
     client: Option<std::net::IpAddr>,
-    /// Request bytes the access line of a refusal counts.
+    /// Request head bytes the access line of a refusal counts.
     bytes_in: u64,
+    /// The app tried and the body bytes it was given, for a refusal's or an
+    /// abort's access line.
+    side: AppSide,
 }
 
 /// A request's ID (taken from its header when valid, else generated; `-` when IDs are
@@ -140,6 +145,7 @@ impl Exchange {
             route: None,
             client: None,
             bytes_in: 0,
+            side: AppSide::default(),
         }
     }
 
@@ -173,6 +179,14 @@ impl Exchange {
             upstream,
             started: self.started,
         }
+    }
+
+    /// The access entry of this exchange when the app's answer did not reach the
+    /// client (a refusal of `status`, or an abort: 0): the request's `head_bytes`
+    /// and the body bytes the app was given, the app tried last, nothing out.
+    fn unanswered_entry(&self, status: u16, head_bytes: u64) -> AccessEntry<'_> {
+        let bytes_in = head_bytes + self.side.body_in.get();
+        self.entry(status, (bytes_in, 0), self.side.addr.get())
     }
 }
 
@@ -357,6 +371,7 @@ impl Client {
                 route,
                 x.id,
                 x.trace,
+                &x.side,
             ),
             revoked,
         )
@@ -423,7 +438,7 @@ impl Client {
         tracing::info!(reason = %reason, "exchange aborted");
         self.core.metrics.add(counter::PROXY_ERRORS, 1);
         self.core
-            .record(&x.entry(0, (x.head.head_len as u64, 0), None));
+            .record(&x.unanswered_entry(0, x.head.head_len as u64));
         Next::Close
     }
 
@@ -451,7 +466,7 @@ impl Client {
             Next::Linger if r.status == 408 => Next::Close,
             next => next,
         };
-        let entry = x.entry(r.status, (x.bytes_in, 0), None);
+        let entry = x.unanswered_entry(r.status, x.bytes_in);
         let bodiless = x.head.method == Method::Head;
         self.send_refusal(&entry, &r, next != Next::KeepAlive, bodiless)
             .await;
@@ -553,7 +568,7 @@ impl Client {
                 return Err(f);
             }
         }
-        let (mut upstream, addr, reused) = match self.open_upstream(route, addr).await {
+        let (mut upstream, addr, reused) = match self.open_upstream(route, addr, &x.side).await {
             Ok(opened) => opened,
             Err(f) => {
                 self.conn.disarm_read_floor();
@@ -586,12 +601,15 @@ impl Client {
 
     /// A pooled connection to `addr`, or a new one (to `addr` or, when that fails,
     /// another upstream of the route): the connection, its address, whether reused.
+    /// `side` is told the apps tried.
     async fn open_upstream(
         &mut self,
         route: &Route,
         addr: SocketAddr,
+        side: &AppSide,
     ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
         let core = &self.core;
+        side.tried(addr);
         if let Some(c) = core
             .pool
             .take(addr, tls_of(route, addr), core.reactor.now())
@@ -600,7 +618,7 @@ impl Client {
             return Ok((c, addr, true));
         }
         core.metrics.add(counter::POOL_MISS, 1);
-        let (conn, used) = connect_route(core, route, addr).await?;
+        let (conn, used) = connect_route(core, route, addr, side).await?;
         Ok((conn, used, false))
     }
 
@@ -684,7 +702,7 @@ impl Client {
                 .write_all(&self.out)
                 .await
                 .map(|()| 0)
-                .map_err(RelayError::Destination)
+                .map_err(|e| (RelayError::Destination(e), 0))
         } else {
             self.buf.consume(head.head_len);
             let mode = match head.framing {
@@ -705,7 +723,7 @@ impl Client {
                     DstWatch::Refusal
                 },
             };
-            relay::relay_body(
+            relay::relay_body_counted(
                 &self.conn,
                 &mut self.buf,
                 upstream,
@@ -715,6 +733,12 @@ impl Client {
             )
             .await
         };
+        // What the app was given, for the access line however the exchange ends.
+        let (Ok(written) | Err((_, written))) = send;
+        x.side
+            .body_in
+            .set(written.saturating_sub(upstream_head_len));
+        let send = send.map_err(|(e, _)| e);
         let floor_cut = has_body && self.conn.floor_cut();
         if has_body {
             self.conn.disarm_read_floor();

@@ -41,8 +41,8 @@ pub mod upstream;
 
 pub(crate) use retry::{Failure, Left};
 pub(crate) use upstream::{
-    connect, connect_alpn, connect_route, note_health, read_response_head, tls_of, ConnectError,
-    MAX_INTERIM,
+    connect, connect_alpn, connect_route, note_health, read_response_head, tls_of, AppSide,
+    ConnectError, MAX_INTERIM,
 };
 
 /// Initial size of each read buffer; heads grow it up to the head limit.

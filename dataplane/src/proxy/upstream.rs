@@ -2,6 +2,7 @@
 //! upstream on a failed connect, TLS to an app that serves it), passive health, and
 //! reading a response head. Shared with the HTTP/2 paths.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -13,6 +14,26 @@ use crate::http::error::{ProxyError, ResponseError};
 use crate::http::parse::{self, Method, ResponseHead};
 use crate::io::TcpConn;
 use crate::relay::{self, ReadBuf};
+
+/// What an exchange's access line says of its app side however the exchange ends:
+/// the app it went to last (connected to, or tried and not reached) and the request
+/// body bytes handed to it. A 502 or 504 line thus names the app that failed and
+/// counts what it was given, as nginx's `$upstream_addr` does, rather than only the
+/// request head.
+#[derive(Debug, Default)]
+pub struct AppSide {
+    /// The app tried last.
+    pub(crate) addr: Cell<Option<SocketAddr>>,
+    /// The request body's payload bytes the app was given.
+    pub(crate) body_in: Cell<u64>,
+}
+
+impl AppSide {
+    /// `addr` is tried next.
+    pub(crate) fn tried(&self, addr: SocketAddr) {
+        self.addr.set(Some(addr));
+    }
+}
 
 /// Records an exchange's outcome in the route's passive health.
 pub(crate) fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool) {
@@ -27,11 +48,14 @@ pub(crate) fn note_health(core: &Core, route: &Route, addr: SocketAddr, ok: bool
 /// its connection cap is skipped the same way, without counting against its health;
 /// a local failure (out of descriptors …) is answered at once: it is nobody's health
 /// and another upstream would fail the same way.
+/// `side` is told each app tried.
 pub(crate) async fn connect_route(
     core: &Core,
     route: &Route,
     addr: SocketAddr,
+    side: &AppSide,
 ) -> Result<(TcpConn, SocketAddr), Failure> {
+    side.tried(addr);
     match connect(core, route, addr).await {
         Ok(c) => Ok((c, addr)),
         Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
@@ -40,15 +64,18 @@ pub(crate) async fn connect_route(
                 note_health(core, route, addr, false);
             }
             match route.pick(core.draw(), core.reactor.now(), Some(addr)) {
-                Some(alt) if alt != addr => match connect(core, route, alt).await {
-                    Ok(c) => Ok((c, alt)),
-                    Err(e) => {
-                        if matches!(e, ConnectError::Upstream(_)) {
-                            note_health(core, route, alt, false);
+                Some(alt) if alt != addr => {
+                    side.tried(alt);
+                    match connect(core, route, alt).await {
+                        Ok(c) => Ok((c, alt)),
+                        Err(e) => {
+                            if matches!(e, ConnectError::Upstream(_)) {
+                                note_health(core, route, alt, false);
+                            }
+                            Err(e.into())
                         }
-                        Err(e.into())
                     }
-                },
+                }
                 _ => Err(first.into()),
             }
         }
