@@ -13,7 +13,7 @@ mod common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -301,6 +301,109 @@ fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
     }
 }
 
+/// An HTTP/2 app on raw frames, for an `http2` circuit (the bridge), answering each
+/// stream as its `mode` says when the stream's head comes ([`H2App::EVENTS`] …),
+/// and counting the heads it got and the streams the worker reset.
+struct H2App {
+    addr: SocketAddr,
+    heads: Arc<AtomicUsize>,
+    resets: Arc<AtomicUsize>,
+    mode: Arc<AtomicU8>,
+}
+
+impl H2App {
+    /// An event stream's head and one event, then silence.
+    const EVENTS: u8 = 0;
+    /// As `EVENTS`, then a second event and the stream's end a second later.
+    const EVENTS_THEN_END: u8 = 1;
+    /// Nothing at all.
+    const HOLD: u8 = 2;
+    /// A whole answer (`late`), a second later.
+    const LATE: u8 = 3;
+
+    fn start() -> Self {
+        use appproxy_test_support::h2frames::{
+            block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, RST_STREAM,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        let app = Self {
+            addr,
+            heads: Arc::new(AtomicUsize::new(0)),
+            resets: Arc::new(AtomicUsize::new(0)),
+            mode: Arc::new(AtomicU8::new(Self::EVENTS)),
+        };
+        let (heads, resets, mode) = (app.heads.clone(), app.resets.clone(), app.mode.clone());
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let (heads, resets, mode) = (heads.clone(), resets.clone(), mode.clone());
+                let Ok(later) = s.try_clone() else { continue };
+                std::thread::spawn(move || {
+                    serve_raw_app(s, |(ty, _, id, _)| {
+                        if *ty == RST_STREAM {
+                            resets.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if *ty != HEADERS {
+                            return Vec::new();
+                        }
+                        heads.fetch_add(1, Ordering::SeqCst);
+                        let events = block(&[
+                            (b":status", b"200"),
+                            (b"content-type", b"text/event-stream"),
+                        ]);
+                        let id = *id;
+                        let after_a_second = |bytes: Vec<u8>| {
+                            if let Ok(mut later) = later.try_clone() {
+                                std::thread::spawn(move || {
+                                    std::thread::sleep(Duration::from_secs(1));
+                                    let _ = later.write_all(&bytes);
+                                });
+                            }
+                        };
+                        match mode.load(Ordering::SeqCst) {
+                            Self::HOLD => return Vec::new(),
+                            Self::LATE => {
+                                let head =
+                                    block(&[(b":status", b"200"), (b"content-length", b"4")]);
+                                after_a_second(
+                                    [
+                                        frame(HEADERS, END_HEADERS, id, &head),
+                                        frame(DATA, END_STREAM, id, b"late"),
+                                    ]
+                                    .concat(),
+                                );
+                                return Vec::new();
+                            }
+                            Self::EVENTS_THEN_END => {
+                                after_a_second(frame(DATA, END_STREAM, id, b"data: 2\n\n"));
+                            }
+                            _ => {}
+                        }
+                        [
+                            frame(HEADERS, END_HEADERS, id, &events),
+                            frame(DATA, 0, id, b"data: 1\n\n"),
+                        ]
+                        .concat()
+                    })
+                });
+            }
+        });
+        app
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+/// The number of log lines whose `reason` holds `reason`.
+fn logged_reasons(w: &Worker, reason: &str) -> usize {
+    w.log_json()
+        .iter()
+        .filter(|v| v["reason"].as_str().is_some_and(|r| r.contains(reason)))
+        .count()
+}
+
 /// An HTTP/1.1 client of an `http2` circuit (the bridge): a client whose connection
 /// is reset while its app's stream is silent (an event stream never ended) frees the
 /// slot and has the app's stream reset at once; before, both were held for
@@ -308,52 +411,10 @@ fn an_http2_client_gone_from_a_silent_response_frees_its_stream() {
 /// rest, which the app sends a second later.
 #[test]
 fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
-    use appproxy_test_support::h2frames::{
-        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS, RST_STREAM,
-    };
-
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
-    let addr = listener.local_addr().expect("addr");
-    // The streams the worker reset; whether the next stream ends a second later.
-    let resets = Arc::new(AtomicUsize::new(0));
-    let late_end = Arc::new(AtomicBool::new(false));
-    let (counted, ends_late) = (resets.clone(), late_end.clone());
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let (counted, ends_late) = (counted.clone(), ends_late.clone());
-            let Ok(late) = s.try_clone() else { continue };
-            std::thread::spawn(move || {
-                serve_raw_app(s, |(ty, _, id, _)| {
-                    if *ty == RST_STREAM {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                    }
-                    if *ty != HEADERS {
-                        return Vec::new();
-                    }
-                    if let (Ok(mut late), true) =
-                        (late.try_clone(), ends_late.load(Ordering::SeqCst))
-                    {
-                        let id = *id;
-                        std::thread::spawn(move || {
-                            std::thread::sleep(Duration::from_secs(1));
-                            let _ = late.write_all(&frame(DATA, END_STREAM, id, b"data: 2\n\n"));
-                        });
-                    }
-                    let head = block(&[
-                        (b":status", b"200"),
-                        (b"content-type", b"text/event-stream"),
-                    ]);
-                    [
-                        frame(HEADERS, END_HEADERS, *id, &head),
-                        frame(DATA, 0, *id, b"data: 1\n\n"),
-                    ]
-                    .concat()
-                })
-            });
-        }
-    });
-    let w = worker(addr, "protocol = \"http2\"", 60);
+    let app = H2App::start();
+    let w = worker(app.addr, "protocol = \"http2\"", 60);
     for round in 1..=2 {
+        app.set(H2App::EVENTS);
         let mut s = TcpStream::connect(w.addr()).expect("connect");
         s.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
             .expect("request");
@@ -363,7 +424,7 @@ fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
         });
         reset(s);
         eventually(&format!("round {round}: the app's stream reset"), || {
-            resets.load(Ordering::SeqCst) == round
+            app.resets.load(Ordering::SeqCst) == round
         });
         eventually(&format!("round {round}: the slot freed"), || {
             metric(&w, "appproxy_connections_active") == 0
@@ -371,7 +432,7 @@ fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
         if round == 2 {
             break;
         }
-        late_end.store(true, Ordering::SeqCst);
+        app.set(H2App::EVENTS_THEN_END);
         let mut s = TcpStream::connect(w.addr()).expect("connect");
         s.write_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
             .expect("request");
@@ -379,22 +440,76 @@ fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
         read_until(&mut s, b"data: 2\n\n\r\n0\r\n\r\n");
         assert_eq!(
-            resets.load(Ordering::SeqCst),
+            app.resets.load(Ordering::SeqCst),
             1,
             "a stream ended whole is not reset"
         );
-        late_end.store(false, Ordering::SeqCst);
     }
-    let cut = w
-        .log_json()
-        .iter()
-        .filter(|v| {
-            v["reason"].as_str().is_some_and(|r| {
-                r.contains("the client's connection was reset while the app was silent")
-            })
-        })
-        .count();
-    assert_eq!(cut, 2, "each cut logged with its reason");
+    let reason = "the client's connection was reset while the app was silent";
+    assert_eq!(
+        logged_reasons(&w, reason),
+        2,
+        "each cut logged with its reason"
+    );
+}
+
+/// The bridge's wait for an `http2` app's answer watches the client as the HTTP/1.1
+/// path's does (a `grpc` circuit's, which may last hours, ends at the client's end
+/// of stream: `grpc_head_wait.rs`): a client whose connection is reset frees its slot and has the app's
+/// stream reset at once; a client that only ended its side after its requests (`nc
+/// -N`, HTTP/1.0 tools) still gets every answer, pipelined ones included. Before,
+/// the client's end of stream alone cancelled the app's stream and closed the
+/// connection with no answer at all.
+#[test]
+fn an_http1_client_waiting_on_an_http2_app_is_answered_unless_it_reset() {
+    let app = H2App::start();
+    let w = worker(app.addr, "protocol = \"http2\"", 60);
+    app.set(H2App::HOLD);
+    let s = TcpStream::connect(w.addr()).expect("connect");
+    (&s).write_all(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("request");
+    eventually("the request reached the app", || {
+        app.heads.load(Ordering::SeqCst) == 1
+    });
+    reset(s);
+    eventually("the app's stream reset", || {
+        app.resets.load(Ordering::SeqCst) == 1
+    });
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    assert_eq!(
+        logged_reasons(&w, "the client left before the app answered"),
+        1
+    );
+
+    app.set(H2App::LATE);
+    for requests in [
+        "GET /a HTTP/1.1\r\nHost: t\r\n\r\n",
+        "GET /a HTTP/1.0\r\nHost: t\r\n\r\n",
+        "POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody",
+        "GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(requests.as_bytes()).expect("requests");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut answers = String::new();
+        s.read_to_string(&mut answers).expect("answers");
+        let expected = requests.matches(" HTTP/1.").count();
+        assert_eq!(
+            answers.matches("HTTP/1.1 200").count(),
+            expected,
+            "{requests:?}: {answers:?}"
+        );
+        assert!(answers.ends_with("late"), "{requests:?}: {answers:?}");
+    }
+    assert_eq!(
+        app.resets.load(Ordering::SeqCst),
+        1,
+        "no answered stream was reset"
+    );
 }
 
 /// A client that stops reading, or vanishes behind its own full window (its end of

@@ -156,8 +156,17 @@ pub async fn forward(
     let body_left = early.is_some();
     // gRPC calls carry their own deadlines (a watch may answer hours later): they
     // wait the tunnel idle timeout; other apps the head timeout. Either wait ends
-    // when the client hangs up: its app stream is reset, not held for the bound.
-    let bound = if route.circuit.circuit.protocol == ProxyProtocol::Grpc {
+    // when the client is gone: its app stream is reset, not held for the bound.
+    // Gone, for a wait bounded by the head timeout, is the HTTP/1.1 path's rule
+    // (`fill_watching`): a connection reset or hung up, while a client that only
+    // ended its side after its requests (`nc -N`, HTTP/1.0 tools) still reads and
+    // keeps its answers, pipelined ones too. A gRPC wait may last hours, and a
+    // client that closed cannot be told from one that half-closed: its end of
+    // stream ends the wait (seen even behind bytes it sent ahead, pipelined or a
+    // TLS close_notify, which stay unread), as it would hold a place of the core's
+    // app-stream budget for as long.
+    let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
+    let bound = if grpc {
         rt.tunnel_idle_timeout
     } else {
         rt.upstream_head_timeout
@@ -168,17 +177,20 @@ pub async fn forward(
     } else {
         loop {
             let sent = Instant::now();
-            // The client's end of stream is seen even behind bytes it sent ahead
-            // (pipelined, or a TLS close_notify), which stay unread for later.
             let answer = {
                 let answer = std::pin::pin!(within(&core.reactor, bound, &mut response));
-                relay::or_watch(answer, || {}, conn.peer_gone()).await
+                let gone = async {
+                    if grpc {
+                        conn.peer_gone().await
+                    } else {
+                        conn.hung_up().await
+                    }
+                };
+                relay::or_watch(answer, || {}, gone).await
             };
             let Ok(resp) = answer else {
                 up_send.send_reset(h2::Reason::CANCEL);
-                return Err(Fail::Abort(
-                    "the client closed its connection before the app answered".into(),
-                ));
+                return Err(Fail::Abort(crate::proxy::exchange::CLIENT_LEFT.into()));
             };
             match resp {
                 None => {

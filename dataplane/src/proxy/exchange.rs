@@ -198,7 +198,7 @@ enum Counted {
 }
 
 /// Why an exchange ended while the app had not answered yet.
-const CLIENT_LEFT: &str = "the client left before the app answered";
+pub(crate) const CLIENT_LEFT: &str = "the client left before the app answered";
 
 /// How an attempt on an upstream connection failed.
 enum Attempted {
