@@ -122,19 +122,12 @@ fn first_worker(c: &Coordinator) -> String {
         .to_owned()
 }
 
+/// [`api::setup`]: the interactive worker registered, its four slots free, and a
+/// `/v2/conf` token; each answer awaited as long as [`request`] awaits one (60 s).
 fn setup(c: &Coordinator) -> String {
-    let r = request(
-        c.addr,
-        "PUT",
-        "/api/worker",
-        &[AUTH],
-        api::INTERACTIVE_WORKER,
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["available_slots"], 4);
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["token"].as_str().expect("token").to_owned()
+    api::setup(c, Duration::from_secs(60), |r| {
+        assert_eq!(r.json()["available_slots"], 4);
+    })
 }
 
 fn origin_of(db: &Db, dir: &std::path::Path, circuit: &str) -> Option<String> {

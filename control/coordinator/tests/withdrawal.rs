@@ -53,19 +53,10 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Registers the interactive port worker `worker-1` and a `/v2/conf` token.
+/// [`api::setup`]: the interactive port worker `worker-1` registered and a
+/// `/v2/conf` token, each answer awaited [`PATIENCE`] at most (as [`request`]'s).
 fn setup(c: &Coordinator) -> String {
-    let r = request(
-        c.addr,
-        "PUT",
-        "/api/worker",
-        &[AUTH],
-        api::INTERACTIVE_WORKER,
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["token"].as_str().expect("token").to_owned()
+    api::setup(c, PATIENCE, |_| {})
 }
 
 fn register(c: &Coordinator, worker: &str) {
@@ -93,6 +84,40 @@ fn node(pg: &Pg, extra: &str) -> (tempfile::TempDir, Coordinator) {
     let c = start_with(dir.path(), pg, extra);
     listening(dir.path());
     (dir, c)
+}
+
+/// `N` coordinators (nodes) on `pg` with `extra` in their config, started one after
+/// another as [`node`] starts them (each in a directory of its own, once it
+/// listens), then the interactive worker and a `/v2/conf` token set up through the
+/// first ([`setup`]): the nodes, and the `/v2/proxy/auth` path of [`SESSION`]'s
+/// `jupyter` app with that token.
+fn nodes_with_token<const N: usize>(
+    pg: &Pg,
+    extra: &str,
+) -> ([(tempfile::TempDir, Coordinator); N], String) {
+    let nodes: [(tempfile::TempDir, Coordinator); N] = std::array::from_fn(|_| node(pg, extra));
+    let token = setup(&nodes[0].1);
+    let path =
+        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
+    (nodes, path)
+}
+
+/// A `GET` of `path` on the coordinator at `addr` (asking for JSON) under the
+/// request ID `id`, sent from a thread of its own: its answer when joined.
+fn ask(addr: SocketAddr, path: &str, id: &str) -> std::thread::JoinHandle<Resp> {
+    let (path, id) = (path.to_owned(), id.to_owned());
+    std::thread::spawn(move || {
+        request(
+            addr,
+            "GET",
+            &path,
+            &[
+                ("Accept", "application/json"),
+                ("X-Backend-Request-ID", id.as_str()),
+            ],
+            "",
+        )
+    })
 }
 
 fn logged(dir: &std::path::Path, message: &str, request_id: &str) -> bool {
@@ -799,29 +824,13 @@ fn another_coordinator_does_not_hand_out_a_circuit_still_being_created() {
         "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let (_dir_a, a) = node(&pg, &extra);
-    let (_dir_b, b) = node(&pg, &extra);
-    let token = setup(&a);
+    let ([(_dir_a, a), (_dir_b, b)], path) = nodes_with_token(&pg, &extra);
     let circuits = || count(&pg, "SELECT count(*) FROM circuits");
-    let path =
-        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
-    let ask = |addr: SocketAddr, id: &'static str| {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &path,
-                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
-                "",
-            )
-        })
-    };
-    let on_a = ask(a.addr, "node-a-1");
+    let on_a = ask(a.addr, &path, "node-a-1");
     wait_for("node A's circuit was never stored", || circuits() == 1);
     let of_a = pg.psql("appproxy", "SELECT id FROM circuits");
     // Asked while A's creation waits for its acknowledgement (6 s).
-    let on_b = ask(b.addr, "node-b-1");
+    let on_b = ask(b.addr, &path, "node-b-1");
     let r = on_a.join().expect("node A's request");
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let r = on_b.join().expect("node B's request");
@@ -867,12 +876,8 @@ fn a_settled_creation_is_never_swept() {
         "worker_ack_timeout_secs = 1\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let (dir, c) = node(&pg, &extra);
-    let (other_dir, other) = node(&pg, &extra);
-    let token = setup(&c);
+    let ([(dir, c), (other_dir, other)], path) = nodes_with_token(&pg, &extra);
     register(&c, INFERENCE_WORKER);
-    let path =
-        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
     let r = request(c.addr, "GET", &path, &[("Accept", "application/json")], "");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let session_circuit = handed_circuit(&r.json());
@@ -1063,12 +1068,8 @@ fn calls_after_an_orphaned_creation_share_one_new_circuit() {
         "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 14\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let (_dir_a, a) = node(&pg, &extra);
-    let (_dir_b, b) = node(&pg, &extra);
-    let token = setup(&a);
+    let ([(_dir_a, a), (_dir_b, b)], path) = nodes_with_token(&pg, &extra);
     let circuits = || count(&pg, "SELECT count(*) FROM circuits");
-    let path =
-        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
     /// Generous: a client gives up after this long.
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
     let ask = |addr: SocketAddr, id: String| {
@@ -1313,28 +1314,8 @@ fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
         "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 2\ncheck_unsettled_creation_interval_secs = 3600\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let (_dir_a, a) = node(&pg, &extra);
-    let (_dir_b, b) = node(&pg, &extra);
-    let (_dir_c, c) = node(&pg, &extra);
-    let token = setup(&a);
+    let ([(_dir_a, a), (_dir_b, b), (_dir_c, c)], path) = nodes_with_token(&pg, &extra);
     let circuits = || count(&pg, "SELECT count(*) FROM circuits");
-    let path =
-        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
-    let ask = |addr: SocketAddr, id: String| {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &path,
-                &[
-                    ("Accept", "application/json"),
-                    ("X-Backend-Request-ID", id.as_str()),
-                ],
-                "",
-            )
-        })
-    };
     let (addr, on_a_path) = (a.addr, path.clone());
     // Killed mid-call: no answer.
     let _on_a = std::thread::spawn(move || {
@@ -1356,8 +1337,8 @@ fn calls_on_two_nodes_after_an_orphaned_creation_share_one_new_circuit() {
         .flat_map(|n| {
             std::thread::sleep(Duration::from_millis(100));
             [
-                ask(b.addr, format!("orphan2-b-{n}")),
-                ask(c.addr, format!("orphan2-c-{n}")),
+                ask(b.addr, &path, &format!("orphan2-b-{n}")),
+                ask(c.addr, &path, &format!("orphan2-c-{n}")),
             ]
         })
         .collect();
@@ -1412,25 +1393,12 @@ fn calls_on_two_nodes_at_the_same_moment_share_one_circuit() {
         "worker_ack_timeout_secs = 6\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    let (_dir_a, a) = node(&pg, &extra);
-    let (_dir_b, b) = node(&pg, &extra);
-    let token = setup(&a);
-    let path =
-        format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
-    let ask = |addr: SocketAddr, id: &'static str| {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &path,
-                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
-                "",
-            )
-        })
-    };
+    let ([(_dir_a, a), (_dir_b, b)], path) = nodes_with_token(&pg, &extra);
     let held = pg.hold("appproxy", "BEGIN; SELECT id FROM workers FOR UPDATE");
-    let calls = [ask(a.addr, "same-moment-a"), ask(b.addr, "same-moment-b")];
+    let calls = [
+        ask(a.addr, &path, "same-moment-a"),
+        ask(b.addr, &path, "same-moment-b"),
+    ];
     let inserts = || {
         count(
             &pg,
@@ -1687,25 +1655,13 @@ fn a_call_on_another_node_reuses_the_circuit_that_replaces_an_unacknowledged_one
     let token = r.json()["token"].as_str().expect("token").to_owned();
     let path =
         format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http");
-    let ask = |addr: SocketAddr, id: &'static str| {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &path,
-                &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
-                "",
-            )
-        })
-    };
     let on = |authority: &str| {
         count(
             &pg,
             &format!("SELECT count(*) FROM circuits c JOIN workers w ON w.id = c.worker WHERE w.authority = '{authority}'"),
         )
     };
-    let on_a = ask(a.addr, "replaced-a");
+    let on_a = ask(a.addr, &path, "replaced-a");
     wait_for("node A's first circuit was never stored", || {
         on("worker-1") == 1
     });
@@ -1714,7 +1670,7 @@ fn a_call_on_another_node_reuses_the_circuit_that_replaces_an_unacknowledged_one
         "BEGIN; SELECT id FROM workers WHERE authority = 'worker-2' FOR UPDATE",
     );
     // Asked while A's creation waits for its acknowledgement (6 s): B waits for it.
-    let on_b = ask(b.addr, "replaced-b");
+    let on_b = ask(b.addr, &path, "replaced-b");
     wait_for("node A's replacement was never inserted", || {
         count(
             &pg,

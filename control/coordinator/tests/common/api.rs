@@ -1,12 +1,18 @@
 //! What the coordinator's API scenarios share (`coordinator.rs`, `withdrawal.rs`):
 //! the API secret and its header, the session their `/v2/conf` token is for, the
 //! workers they register, the config they start the binary with, the bodies they
-//! send and the log they read. A module of its own, included (`#[path]`) only by
+//! send, the set-up most of them begin with (the interactive worker and a token)
+//! and the log they read. A module of its own, included (`#[path]`) only by
 //! the tests that use all of it: `common/mod.rs`, the start-up every black-box
 //! test shares, is also compiled by tests that call none of this, and would warn
 //! of dead code there.
 
 use std::path::Path;
+use std::time::Duration;
+
+use appproxy_test_support::http::Resp;
+
+use crate::common::Coordinator;
 
 /// The coordinator's API secret in these tests.
 pub const SECRET: &str = "api-secret";
@@ -46,6 +52,29 @@ pub fn endpoint_body(name: &str, deployment: Option<&str>) -> String {
     format!(
         r#"{{{id}"version":"v2","service_name":"{name}","tags":{{"session":{{"user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","project_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","domain_name":"default"}},"endpoint":{{"id":null,"runtime_variant":"vllm","existing_url":null}}}},"open_to_public":false,"health_check":{{"enable":true,"interval":10.0,"path":"/health","max_retries":10,"max_wait_time":15.0,"expected_status_code":200,"initial_delay":60.0}}}}"#
     )
+}
+
+/// Registers [`INTERACTIVE_WORKER`] on `c`, hands its answer (200) to
+/// `registered`, then takes a `/v2/conf` token for [`SESSION`] ([`conf_body`]) and
+/// returns it. Each a JSON request with [`AUTH`], its answer awaited `wait` at most.
+pub fn setup(c: &Coordinator, wait: Duration, registered: impl FnOnce(&Resp)) -> String {
+    let send = |method: &str, path: &str, body: &str| {
+        appproxy_test_support::http::request_within(
+            c.addr,
+            method,
+            path,
+            &[AUTH, ("Content-Type", "application/json")],
+            body.as_bytes(),
+            wait,
+        )
+        .expect("a response")
+    };
+    let r = send("PUT", "/api/worker", INTERACTIVE_WORKER);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    registered(&r);
+    let r = send("POST", "/v2/conf", &conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
 }
 
 /// The JSON lines of the coordinator's log in `dir` (others skipped).
