@@ -1006,3 +1006,71 @@ fn an_http2_app_refusing_a_bridged_body_is_answered_at_once() {
     let early = "the app answered before taking the whole request body";
     w.wait_log(early, |v| v["message"] == early);
 }
+
+/// An HTTP/2 app that sends all of the length it announced and then resets its
+/// stream `NO_ERROR` in place of ending it (RFC 9113 §8.1 allows it once the answer
+/// is complete) gave its whole answer: the bridge relays it as such, and the
+/// HTTP/1.1 client's connection goes on. Before, the answer was logged cut and the
+/// connection closed. A reset before the announced length is still a cut.
+#[test]
+fn an_http2_apps_whole_answer_then_a_reset_keeps_the_bridged_connection() {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, HEADERS, RST_STREAM,
+    };
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    // Whether the app announces 8 bytes (and sends 4).
+    let cut_short = Arc::new(AtomicBool::new(false));
+    let shorts = cut_short.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let shorts = shorts.clone();
+            std::thread::spawn(move || {
+                serve_raw_app(s, |(ty, _, id, _)| {
+                    if *ty != HEADERS {
+                        return Vec::new();
+                    }
+                    let short = shorts.load(Ordering::SeqCst);
+                    let length: &[u8] = if short { b"8" } else { b"4" };
+                    let head = block(&[(b":status", b"200"), (b"content-length", length)]);
+                    [
+                        frame(HEADERS, END_HEADERS, *id, &head),
+                        frame(DATA, 0, *id, b"done"),
+                        frame(RST_STREAM, 0, *id, &0u32.to_be_bytes()),
+                    ]
+                    .concat()
+                })
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    for n in 1..=2 {
+        let r = c.get("/whole", &format!("X-Backend-Request-ID: whole-{n}\r\n"));
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"done"[..]), "{n}");
+        assert_eq!(r.header("connection"), None, "{n}: kept alive");
+        let access = w.wait_access_line(&format!("whole-{n}"));
+        assert_eq!(access["status"], 200, "{access}");
+        assert_eq!(access["bytes_out"], 4, "{access}");
+    }
+    assert!(w.logged_statuses("response cut").is_empty());
+    cut_short.store(true, Ordering::SeqCst);
+    c.send(b"GET /short HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: short-1\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(
+        got.ends_with("\r\n\r\ndone"),
+        "four bytes of eight, then the close: {got}"
+    );
+    w.wait_log("response cut", |v| v["message"] == "response cut");
+}

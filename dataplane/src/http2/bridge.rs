@@ -281,7 +281,7 @@ pub async fn forward(
         0
     } else {
         let mut sent = 0;
-        if let Err(e) = relay_response(core, conn, rbody, chunked, &mut sent).await {
+        if let Err(e) = relay_response(core, conn, rbody, chunked, length, &mut sent).await {
             if close_delimited {
                 // The close is the body's only end mark: not for a truncated one.
                 conn.reset_on_close();
@@ -492,11 +492,17 @@ async fn send_body(
 /// is reset as its handles go, rather than both being held for as long as the app
 /// may stay silent (`response_idle_secs`). A client that only ended its side still
 /// reads, and keeps its answer.
+///
+/// An app that sent all of the `length` it announced and then reset its stream
+/// with `NO_ERROR` in place of ending it (RFC 9113 §8.1 allows it once the answer
+/// is complete) gave the whole answer: it is not a cut, and the client's connection
+/// goes on.
 async fn relay_response(
     core: &Core,
     conn: &TcpConn,
     mut body: RecvStream,
     chunked: bool,
+    length: Option<u64>,
     total: &mut u64,
 ) -> Result<(), String> {
     let rt = &core.rt;
@@ -518,6 +524,11 @@ async fn relay_response(
             None => return Err("the app sent nothing within the idle timeout".into()),
             Some(None) => break,
             Some(Some(Ok(c))) => c,
+            Some(Some(Err(e)))
+                if length == Some(*total) && e.reason() == Some(h2::Reason::NO_ERROR) =>
+            {
+                break
+            }
             Some(Some(Err(e))) => return Err(format!("app stream: {e}")),
         };
         *total += chunk.len() as u64;
