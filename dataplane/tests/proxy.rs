@@ -908,26 +908,45 @@ fn a_failed_exchanges_access_line_names_the_app_and_what_it_was_given() {
         assert_eq!(access["bytes_in"], (head.len() + 1000) as u64, "{access}");
     }
     // HTTP/2 client (h2c), HTTP/1.1 app: an HTTP/2 line counts the body alone.
-    let h2_post = |w: &Worker, id: &str, path: &str| {
-        let file = tempfile::NamedTempFile::new().expect("body file");
-        std::fs::write(file.path(), &body).expect("write body");
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--max-time", "30", "--http2-prior-knowledge"])
-            .args(["-o", "/dev/null", "-w", "%{http_code}"])
-            .args(["-H", &format!("X-Backend-Request-ID: {id}")])
-            .args(["--data-binary", &format!("@{}", file.path().display())])
-            .arg(format!("http://127.0.0.1:{}{path}", w.port))
-            .output()
-            .expect("curl must be installed (.ci/run installs it)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     for (id, path, status) in [("closed-2", "/close", 502), ("silent-2", "/silent", 504)] {
-        assert_eq!(h2_post(&w, id, path), status.to_string(), "{id}");
+        assert_eq!(h2_post_of(&w, id, path, &body), status.to_string(), "{id}");
         let access = w.wait_access_line(id);
         assert_eq!(access["status"], status, "{access}");
         assert_eq!(access["upstream"], app.to_string(), "{access}");
         assert_eq!(access["bytes_in"], 1000, "{access}");
     }
+    drop(w);
+    // A body past `max_body` to an HTTP/2 app (silent; the window it grants is
+    // the default): counted up to what the app's stream took, never past the limit.
+    let h2_app = std::net::TcpListener::bind("127.0.0.1:0").expect("bind h2 app");
+    let h2_addr = h2_app.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in h2_app.incoming().flatten() {
+            std::thread::spawn(move || {
+                appproxy_test_support::h2frames::serve_raw_app(s, |_| Vec::new())
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![h2_addr],
+        circuit_extra: "protocol = \"http2\"".into(),
+        extra: "[limits]\nmax_body = 5000\n".into(),
+        ..Default::default()
+    });
+    let head = "POST /big HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: big-1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunk = [b"bb8\r\n".as_slice(), &[b'c'; 3000], b"\r\n"].concat();
+    let mut c = Client::connect(w.addr());
+    c.send(&[head.as_bytes(), &chunk, &chunk, b"0\r\n\r\n"].concat());
+    assert_eq!(c.response().status, 413);
+    let access = w.wait_access_line("big-1");
+    assert_eq!(access["upstream"], h2_addr.to_string(), "{access}");
+    assert_eq!(access["bytes_in"], (head.len() + 3000) as u64, "{access}");
+    assert_eq!(h2_post_of(&w, "big-2", "/big", &[b'd'; 6000]), "413");
+    let access = w.wait_access_line("big-2");
+    assert!(
+        access["bytes_in"].as_u64().is_some_and(|n| n <= 5000),
+        "{access}"
+    );
     drop(w);
     // An app nobody listens on, HTTP/1.1 and HTTP/2 clients: the app tried is named.
     for extra in ["", "protocol = \"http2\""] {
@@ -935,13 +954,29 @@ fn a_failed_exchanges_access_line_names_the_app_and_what_it_was_given() {
         let mut c = Client::connect(w.addr());
         let r = c.get("/x", "X-Backend-Request-ID: dead-1\r\n");
         assert_eq!(r.status, 502, "{extra}");
-        assert_eq!(h2_post(&w, "dead-2", "/x"), "502", "{extra}");
+        assert_eq!(h2_post_of(&w, "dead-2", "/x", &body), "502", "{extra}");
         for id in ["dead-1", "dead-2"] {
             let access = w.wait_access_line(id);
             assert_eq!(access["status"], 502, "{extra}: {access}");
             assert_eq!(access["upstream"], dead.to_string(), "{extra}: {access}");
         }
     }
+}
+
+/// The status curl got for an h2c (prior knowledge) POST of `body` to `path` on
+/// `w`, under the request ID `id`.
+fn h2_post_of(w: &Worker, id: &str, path: &str, body: &[u8]) -> String {
+    let file = tempfile::NamedTempFile::new().expect("body file");
+    std::fs::write(file.path(), body).expect("write body");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", &format!("X-Backend-Request-ID: {id}")])
+        .args(["--data-binary", &format!("@{}", file.path().display())])
+        .arg(format!("http://127.0.0.1:{}{path}", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The worker's own answers to a `HEAD` have no content (RFC 9110 §9.3.2), as the

@@ -416,8 +416,8 @@ async fn send_body(
             cbuf.consume(consumed);
             progressed = consumed > 0;
             if !data.is_empty() {
-                *total += data.len() as u64;
-                if rt.max_body > 0 && *total > rt.max_body {
+                let taken = *total + data.len() as u64;
+                if rt.max_body > 0 && taken > rt.max_body {
                     up.send_reset(h2::Reason::CANCEL);
                     return Err(Fail::Answer(ProxyError::Request(
                         RequestError::BodyTooLarge,
@@ -426,6 +426,8 @@ async fn send_body(
                 if let Err(e) = watched!(send_all(core, up, data)) {
                     return Err(gone!(e));
                 }
+                // Counted once the app's stream took it (the access line's "given").
+                *total = taken;
             }
         }
         if done || (progressed && !cbuf.is_empty()) {

@@ -577,14 +577,16 @@ async fn relay(
             }
         };
         let n = chunk.len();
-        total.set(total.get() + n as u64);
-        if max > 0 && total.get() > max {
+        let taken = total.get() + n as u64;
+        if max > 0 && taken > max {
             dst.send_reset(h2::Reason::CANCEL);
             return Err(RelayEnd::TooLarge);
         }
         send_all(core, dst, chunk)
             .await
             .map_err(RelayEnd::Destination)?;
+        // Counted once `dst` took it: an access line never counts what did not go.
+        total.set(taken);
         let _ = src.flow_control().release_capacity(n);
     }
     match src.trailers().await {
