@@ -490,6 +490,9 @@ struct Seen {
 /// (never acknowledged). Stopped when dropped.
 struct StandIn {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    /// Why it stopped listening before it was dropped (a Redis error), if it did:
+    /// events published after that are not seen.
+    lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -544,10 +547,17 @@ impl StandIn {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stopping, log) = (stop.clone(), seen.clone());
+        let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (stopping, log, losing) = (stop.clone(), seen.clone(), lost.clone());
         let thread = std::thread::spawn(move || {
+            let lose = |why: String| {
+                if let Ok(mut l) = losing.lock() {
+                    *l = Some(why);
+                }
+            };
             let mut pubsub = sub.as_pubsub();
-            if pubsub.subscribe(BROADCAST_CHANNEL).is_err() {
+            if let Err(e) = pubsub.subscribe(BROADCAST_CHANNEL) {
+                lose(format!("subscribe: {e}"));
                 return;
             }
             let _ = ready_tx.send(());
@@ -556,7 +566,10 @@ impl StandIn {
                 let msg = match pubsub.get_message() {
                     Ok(m) => m,
                     Err(e) if e.is_timeout() => continue,
-                    Err(_) => return,
+                    Err(e) => {
+                        lose(format!("read: {e} ({:?})", e.kind()));
+                        return;
+                    }
                 };
                 let Ok(text) = msg.get_payload::<String>() else {
                     continue;
@@ -631,7 +644,8 @@ impl StandIn {
                     std::thread::sleep(pause);
                     signal("-CONT", pid);
                 }
-                if sent.is_err() {
+                if let Err(e) = sent {
+                    lose(format!("acknowledgement: {e}"));
                     return;
                 }
             }
@@ -641,6 +655,7 @@ impl StandIn {
             .expect("the stand-in worker subscribed");
         Self {
             seen,
+            lost,
             stop,
             thread: Some(thread),
         }
@@ -649,6 +664,11 @@ impl StandIn {
     /// The events seen so far.
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Why it stopped listening, if it did (see [`StandIn::lost`]).
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
     }
 }
 
@@ -783,13 +803,34 @@ fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
     assert_ne!(pass, "left-undone-1");
     // The worker is told, on the channel and in the change log it fetches, under
     // the sweep's ID.
-    wait_for("the worker was never told of the removal", || {
+    let told = || {
         worker.seen().iter().any(|e| {
             e.name == appproxy_shared::model::EVENT_CIRCUIT_REMOVED
                 && e.circuits == [circuit.clone()]
                 && e.request_id.as_deref() == Some(pass.as_str())
         })
-    });
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !told() {
+        // Said on failure: whether the coordinator published the event (its
+        // lines about events and Redis), and what the stand-in saw.
+        assert!(
+            Instant::now() < deadline,
+            "the worker was never told of the removal; stand-in stopped listening: {:?}; \
+             it saw {:?}; the coordinators said {:#?}",
+            worker.lost(),
+            worker.seen(),
+            log_lines(dir.path())
+                .into_iter()
+                .filter(
+                    |l| l["message"].as_str().is_some_and(|m| m.contains("event")
+                        || m.contains("redis")
+                        || m.contains("never settled"))
+                )
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         pg.psql(
             "appproxy",
