@@ -996,35 +996,36 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
             .iter()
             .any(|(n, v)| n == "connection" && v == "close")
     };
-    // The body's write blocks: more than the sockets hold, the app reading none.
+    // More than the sockets hold: the body's write blocks, the app reading none.
     const SIZE: usize = 64 << 20;
-    let mut s = post("/early-413", SIZE, "");
-    let writer = send_body(&s, SIZE >> 20);
-    let (got, end) = read_to_end(&mut s);
-    assert_eq!(end, None, "the answer ends cleanly");
-    assert!(
-        answered(&got, "413", "too big!"),
-        "the client's connection closes"
-    );
-    assert_eq!(writer.join().expect("writer"), Ok(()), "the rest is taken");
-    // The worker waits for the client's next bytes: the client waits for an answer.
-    let mut s = post("/early-401", 100_000, "");
-    s.write_all(&[b'u'; 10]).expect("first bytes");
-    let (got, end) = read_to_end(&mut s);
-    assert_eq!(end, None, "the answer ends cleanly");
-    assert!(
-        answered(&got, "401", "who are?"),
-        "the client's connection closes"
-    );
-    let mut s = post("/early-100-413", SIZE, "");
-    let writer = send_body(&s, SIZE >> 20);
-    let (got, end) = read_to_end(&mut s);
-    assert_eq!(end, None, "the answer ends cleanly");
-    assert!(
-        answered(&got, "413", "too big!"),
-        "the client's connection closes"
-    );
-    assert_eq!(writer.join().expect("writer"), Ok(()), "the rest is taken");
+    // A refusal while the worker's write of the body blocks (`blocking`: the rest
+    // is taken after the answer), or while it waits for the client's next bytes
+    // (ten of 100,000 sent, the client waiting for an answer): answered whole, at
+    // once, and the client's connection closed.
+    let refused = |path: &str, blocking: bool, status: &str, body: &str| {
+        let (mut s, writer) = if blocking {
+            let s = post(path, SIZE, "");
+            let writer = send_body(&s, SIZE >> 20);
+            (s, Some(writer))
+        } else {
+            let mut s = post(path, 100_000, "");
+            s.write_all(&[b'u'; 10]).expect("first bytes");
+            (s, None)
+        };
+        let (got, end) = read_to_end(&mut s);
+        assert_eq!(end, None, "{path}: the answer ends cleanly");
+        assert!(
+            answered(&got, status, body),
+            "{path}: the client's connection closes"
+        );
+        if let Some(writer) = writer {
+            let sent = writer.join().expect("writer");
+            assert_eq!(sent, Ok(()), "{path}: the rest is taken");
+        }
+    };
+    refused("/early-413", true, "413", "too big!");
+    refused("/early-401", false, "401", "who are?");
+    refused("/early-100-413", true, "413", "too big!");
     // The app's end seen behind a cut status line ends the wait too (before, the
     // watch saw the same bytes again at once, for ever, and the core spun: the
     // request below was never answered).
