@@ -941,7 +941,9 @@ fn a_failed_exchanges_access_line_names_the_app_and_what_it_was_given() {
     let access = w.wait_access_line("big-1");
     assert_eq!(access["upstream"], h2_addr.to_string(), "{access}");
     assert_eq!(access["bytes_in"], (head.len() + 3000) as u64, "{access}");
-    assert_eq!(h2_post_of(&w, "big-2", "/big", &[b'd'; 6000]), "413");
+    // What curl reports varies: curl 7.88 may fail a stream its server answers
+    // while it still uploads. The worker's line is what is checked.
+    let _ = h2_post_of(&w, "big-2", "/big", &[b'd'; 6000]);
     let access = w.wait_access_line("big-2");
     assert!(
         access["bytes_in"].as_u64().is_some_and(|n| n <= 5000),
@@ -954,7 +956,8 @@ fn a_failed_exchanges_access_line_names_the_app_and_what_it_was_given() {
         let mut c = Client::connect(w.addr());
         let r = c.get("/x", "X-Backend-Request-ID: dead-1\r\n");
         assert_eq!(r.status, 502, "{extra}");
-        assert_eq!(h2_post_of(&w, "dead-2", "/x", &body), "502", "{extra}");
+        // Its line is checked (curl may fail a stream answered mid-upload).
+        let _ = h2_post_of(&w, "dead-2", "/x", &body);
         for id in ["dead-1", "dead-2"] {
             let access = w.wait_access_line(id);
             assert_eq!(access["status"], 502, "{extra}: {access}");
