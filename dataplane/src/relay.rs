@@ -270,29 +270,15 @@ pub enum DstWatch {
     Refusal,
 }
 
+/// Payload runs of one read gathered into one chunk before it is written.
+const RUNS: usize = 32;
+
 /// Relays one body from `src` (with what is already in `sbuf`) to `dst`.
 ///
 /// `prefix` holds bytes to send before the body (a head): it is sent together with
 /// the first body bytes in one write, and emptied. Returns the bytes written to `dst`
-/// (prefix included).
-pub async fn relay_body(
-    src: &TcpConn,
-    sbuf: &mut ReadBuf,
-    dst: &TcpConn,
-    prefix: &mut Vec<u8>,
-    mode: Mode,
-    opts: RelayOpts,
-) -> Result<u64, RelayError> {
-    relay_body_counted(src, sbuf, dst, prefix, mode, opts)
-        .await
-        .map_err(|(e, _)| e)
-}
-
-/// Payload runs of one read gathered into one chunk before it is written.
-const RUNS: usize = 32;
-
-/// [`relay_body`], telling on failure how many bytes had been written to `dst` (0:
-/// nothing, not even the prefix, so the receiver can still get an error response).
+/// (prefix included), and on failure how many had been written (0: nothing, not even
+/// the prefix, so the receiver can still get an error response).
 pub async fn relay_body_counted(
     src: &TcpConn,
     sbuf: &mut ReadBuf,
@@ -488,7 +474,7 @@ async fn or_refusal<F: Future>(
 }
 
 /// [`or_refusal`] while `watching`, else `work` alone: for relays of their own (an
-/// HTTP/2 stream's body to an HTTP/1.1 app) that watch as [`relay_body`] does.
+/// HTTP/2 stream's body to an HTTP/1.1 app) that watch as [`relay_body_counted`] does.
 pub(crate) async fn or_refusal_while<F: Future>(
     work: F,
     app: &TcpConn,

@@ -720,13 +720,13 @@ async fn forward_h1(
         None
     };
     let mut addr = pick(core, route, None)?;
-    side.tried(addr);
     let (mut upstream, reused) =
         match core
             .pool
             .take(addr, proxy::tls_of(route, addr), core.reactor.now())
         {
             Some(c) => {
+                side.tried(addr);
                 core.metrics.add(counter::POOL_HIT, 1);
                 (c, true)
             }

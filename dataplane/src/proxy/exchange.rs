@@ -609,11 +609,11 @@ impl Client {
         side: &AppSide,
     ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
         let core = &self.core;
-        side.tried(addr);
         if let Some(c) = core
             .pool
             .take(addr, tls_of(route, addr), core.reactor.now())
         {
+            side.tried(addr);
             core.metrics.add(counter::POOL_HIT, 1);
             return Ok((c, addr, true));
         }
