@@ -32,6 +32,7 @@ use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
 
 use rustix::fs::{AtFlags, FileType, OFlags};
 
+use super::wirename::WirePath;
 use super::{blocking, fsx, quota, ApiError, ApiQuery, State};
 
 /// The longest request head the client API reads: the longest request target it
@@ -153,6 +154,16 @@ fn claim<'a>(
     key: &str,
 ) -> Result<&'a str, ApiError> {
     c.get(key).and_then(|v| v.as_str()).ok_or(ApiError::Session)
+}
+
+/// A path claim, in either form [`WirePath::to_claim`] gives it.
+fn claim_path(
+    c: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<WirePath, ApiError> {
+    c.get(key)
+        .and_then(WirePath::from_claim)
+        .ok_or(ApiError::Session)
 }
 
 /// A range position: ASCII digits only (no sign), a value past `u64` taken as
@@ -334,7 +345,7 @@ async fn download(
         claim(&c, "volume")?.to_owned(),
         claim(&c, "vfid")?.to_owned(),
     );
-    let parts = fsx::components(claim(&c, "relpath")?)?;
+    let parts = fsx::components(claim_path(&c, "relpath")?)?;
     let name = parts
         .last()
         .map(|n| n.to_string_lossy().into_owned())
@@ -502,7 +513,7 @@ async fn download_archive(
         .ok_or(ApiError::Session)?
         .iter()
         .map(|f| {
-            f.as_str()
+            WirePath::from_claim(f)
                 .ok_or(ApiError::Session)
                 .and_then(|f| Ok(fsx::components(f)?))
         })
@@ -654,12 +665,17 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::Session);
     }
-    let relpath = claim(&c, "relpath")?;
+    let relpath = claim_path(&c, "relpath")?;
     // An empty `dst_dir` is the vfolder's root, as the original's path join makes
     // it (joined as `/<relpath>` it would be absolute, refused as an escape).
     let relpath = match q.get("dst_dir").filter(|d| !d.is_empty()) {
-        Some(d) => format!("{d}/{relpath}"),
-        None => relpath.to_owned(),
+        Some(d) => {
+            let mut joined = std::ffi::OsString::from(d);
+            joined.push("/");
+            joined.push(relpath.as_os_str());
+            joined
+        }
+        None => relpath.as_os_str().to_owned(),
     };
     let destination = fsx::components(&relpath)?;
     if destination.is_empty() {

@@ -34,7 +34,8 @@ pub const NAME_MAX: usize = 255;
 /// route refuses such a path before it acts (an upload before it reserves anything),
 /// never when the kernel says `ENAMETOOLONG` at the end. An empty result is the
 /// vfolder itself.
-pub fn components(rel: &str) -> Result<Vec<OsString>, PathError> {
+pub fn components(rel: impl AsRef<OsStr>) -> Result<Vec<OsString>, PathError> {
+    let rel = rel.as_ref();
     if rel.as_bytes().contains(&0) {
         return Err(PathError::Escape);
     }
@@ -1472,7 +1473,7 @@ mod tests {
         let name = "n".repeat(NAME_MAX);
         assert_eq!(p(&format!("a/{name}")).len(), 2);
         assert!(matches!(
-            components(&format!("a/{name}x/b")),
+            components(format!("a/{name}x/b")),
             Err(PathError::NameTooLong(256))
         ));
         let e = mkdirs(root.as_fd(), &p("out/new/dir"), BENEATH).expect_err("out");

@@ -14,6 +14,7 @@ pub mod manager;
 pub mod quota;
 pub mod usage;
 pub mod volume;
+pub mod wirename;
 pub mod zip;
 
 use std::collections::HashSet;
@@ -434,7 +435,29 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
+        // The body is read first, to be checked whole: JSON is UTF-8 (RFC 8259
+        // §8.1). Paths are read as bytes (`wirename`), where serde_json passes raw
+        // bytes through, so a raw surrogate's bytes would otherwise pass for the
+        // escape `\udcXX` of a name's byte.
+        let (parts, body) = req.into_parts();
+        let (headers, extensions) = (parts.headers.clone(), parts.extensions.clone());
+        let bytes =
+            axum::body::Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
+                .await
+                .map_err(|e| ApiError::Rejected {
+                    status: e.status(),
+                    message: e.body_text(),
+                })?;
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(ApiError::Rejected {
+                status: StatusCode::BAD_REQUEST,
+                message: "the body is not UTF-8, as JSON must be".into(),
+            });
+        }
+        let mut again = axum::extract::Request::new(axum::body::Body::from(bytes));
+        *again.headers_mut() = headers;
+        *again.extensions_mut() = extensions;
+        match axum::Json::<T>::from_request(again, state).await {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(e) => Err(ApiError::Rejected {
                 status: e.status(),

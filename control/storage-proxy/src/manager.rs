@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use super::volume::{PathError, Vfid, Volumes};
+use super::wirename::{self, OneOrMany, WirePath};
 use super::{blocking, fsx, quota, ApiError, ApiJson, State};
 
 /// The manager-facing router.
@@ -672,8 +673,8 @@ async fn usage(
 struct PathReq {
     volume: String,
     vfid: String,
-    #[serde(default = "dot")]
-    relpath: String,
+    #[serde(default = "WirePath::dot")]
+    relpath: WirePath,
 }
 
 fn dot() -> String {
@@ -871,7 +872,7 @@ fn write_listing(
         first = false;
         // Fields in the order the answer always had them (sorted by name).
         out.extend_from_slice(b"{\"name\":");
-        json_name(&mut out, e.name.as_bytes())?;
+        wirename::write_json(&mut out, e.name.as_bytes());
         out.extend_from_slice(b",\"stat\":");
         let stat = ListStat {
             created,
@@ -882,7 +883,7 @@ fn write_listing(
         serde_json::to_writer(&mut out, &stat).map_err(std::io::Error::other)?;
         out.extend_from_slice(b",\"symlink_target\":");
         match &target {
-            Some(t) => json_name(&mut out, t.as_bytes())?,
+            Some(t) => wirename::write_json(&mut out, t.as_bytes()),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"type\":\"");
@@ -901,40 +902,6 @@ fn write_listing(
     send(out, true)
 }
 
-/// Writes a file name (or a symlink's target) as a JSON string the way the
-/// original's answer has it: Python reads names with `surrogateescape` (PEP 383),
-/// so each byte that is not part of valid UTF-8 is the lone surrogate
-/// `U+DC80`-`U+DCFF` of that byte, `\udcXX`, and the rest is the name's text. A
-/// name a user made from a shell that is not UTF-8 is so listed losslessly and
-/// apart from every other name, where replacing its bytes by U+FFFD made it
-/// collide with others (and with a file really named so, which a delete of the
-/// listed name then removed). JSON parsers of Python and JavaScript read these
-/// escapes (the manager and the web UI); strict ones refuse them.
-fn json_name(out: &mut Vec<u8>, name: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    out.push(b'"');
-    for chunk in name.utf8_chunks() {
-        let text = chunk.valid();
-        if !text.is_empty() {
-            // serde_json's escaping of the text, its quotes left off.
-            let quoted = serde_json::to_string(text).map_err(std::io::Error::other)?;
-            out.extend_from_slice(quoted.as_bytes().get(1..quoted.len() - 1).unwrap_or(&[]));
-        }
-        for b in chunk.invalid() {
-            write!(out, "\\udc{b:02x}")?;
-        }
-    }
-    out.push(b'"');
-    Ok(())
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
 #[derive(Deserialize)]
 struct MkdirReq {
     volume: String,
@@ -950,7 +917,12 @@ struct MkdirReq {
 /// names it or reaches it through a symlink (each level is checked on the very
 /// descriptor the next one is created in, see [`mkdirs_outside_staging`]); an
 /// existing directory there is not "made" either.
-fn make_dir(root: BorrowedFd<'_>, p: &str, parents: bool, exist_ok: bool) -> Result<(), String> {
+fn make_dir(
+    root: BorrowedFd<'_>,
+    p: &WirePath,
+    parents: bool,
+    exist_ok: bool,
+) -> Result<(), String> {
     let parts = fsx::components(p).map_err(|e| e.to_string())?;
     outside_staging_area(&parts).map_err(|e| e.to_string())?;
     let exists = || ApiError::from(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
@@ -987,10 +959,7 @@ async fn mkdir(
     ApiJson(r): ApiJson<MkdirReq>,
 ) -> Result<Response, ApiError> {
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let paths = match r.relpath {
-        OneOrMany::One(p) => vec![p],
-        OneOrMany::Many(v) => v,
-    };
+    let paths = r.relpath.into_vec();
     if paths.len() > 50 {
         return Err(ApiError::Params("at most 50 paths".into()));
     }
@@ -999,8 +968,8 @@ async fn mkdir(
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
         for p in paths {
             match make_dir(root.as_fd(), &p, parents, exist_ok) {
-                Ok(()) => ok.push(json!({"msg": null, "item": p})),
-                Err(msg) => failed.push(json!({"msg": msg, "item": p})),
+                Ok(()) => ok.push((None, p)),
+                Err(msg) => failed.push((Some(msg), p)),
             }
         }
         Ok((ok, failed))
@@ -1011,30 +980,59 @@ async fn mkdir(
         (false, false) => StatusCode::MULTI_STATUS,
         (true, false) => StatusCode::UNPROCESSABLE_ENTITY,
     };
+    let mut body = b"{\"results\":{\"success\":".to_vec();
+    outcomes_json(&mut body, &ok);
+    body.extend_from_slice(b",\"failed\":");
+    outcomes_json(&mut body, &failed);
+    body.extend_from_slice(b"}}");
     Ok((
         status,
-        Json(json!({"results": {"success": ok, "failed": failed}})).into_response(),
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
     )
         .into_response())
+}
+
+/// `mkdir`'s outcomes as a JSON array of `{"msg": …, "item": path}`, each path as
+/// the request named it (a name that is not UTF-8 with its `\udcXX` escapes, which
+/// a `serde_json::Value` cannot hold).
+fn outcomes_json(out: &mut Vec<u8>, outcomes: &[(Option<String>, WirePath)]) {
+    out.push(b'[');
+    for (i, (msg, item)) in outcomes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"msg\":");
+        // Serializing an optional string cannot fail.
+        out.extend_from_slice(serde_json::to_string(msg).unwrap_or_default().as_bytes());
+        out.extend_from_slice(b",\"item\":");
+        wirename::write_json(out, item.as_os_str().as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
 }
 
 #[derive(Deserialize)]
 struct RenameReq {
     volume: String,
     vfid: String,
-    relpath: String,
-    new_name: String,
+    relpath: WirePath,
+    new_name: WirePath,
 }
 
 async fn rename(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<RenameReq>,
 ) -> Result<StatusCode, ApiError> {
-    if r.new_name.is_empty()
-        || r.new_name.contains('/')
-        || r.new_name.contains('\0')
-        || r.new_name == ".."
-        || r.new_name == "."
+    let new_name = r.new_name.as_os_str().as_bytes();
+    if new_name.is_empty()
+        || new_name.contains(&b'/')
+        || new_name.contains(&0)
+        || new_name == b".."
+        || new_name == b"."
     {
         return Err(ApiError::Params("new_name must be a plain name".into()));
     }
@@ -1047,8 +1045,13 @@ async fn rename(
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
         guard(root.as_fd(), p.dir.as_fd(), &p.name)?;
-        guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_ref())?;
-        let renamed = fsx::rename_over(p.dir.as_fd(), &p.name, p.dir.as_fd(), r.new_name.as_ref());
+        guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_os_str())?;
+        let renamed = fsx::rename_over(
+            p.dir.as_fd(),
+            &p.name,
+            p.dir.as_fd(),
+            r.new_name.as_os_str(),
+        );
         replaced(&st, &key, &renamed);
         folder_changed(&st, &r.volume, &r.vfid);
         Ok(renamed.map(drop)?)
@@ -1070,8 +1073,8 @@ fn replaced(state: &State, scope: &std::path::Path, renamed: &std::io::Result<bo
 struct MoveReq {
     volume: String,
     vfid: String,
-    src_relpath: String,
-    dst_relpath: String,
+    src_relpath: WirePath,
+    dst_relpath: WirePath,
 }
 
 async fn move_file(
@@ -1104,7 +1107,7 @@ async fn move_file(
 struct DeleteReq {
     volume: String,
     vfid: String,
-    relpaths: Vec<String>,
+    relpaths: Vec<WirePath>,
     #[serde(default)]
     recursive: bool,
 }
@@ -1122,7 +1125,7 @@ fn deletion_targets(r: &DeleteReq, max: usize) -> Result<Vec<Vec<OsString>>, Api
     let paths = r
         .relpaths
         .iter()
-        .map(|p| fsx::components(p))
+        .map(fsx::components)
         .collect::<Result<Vec<_>, _>>()?;
     if paths.iter().any(Vec::is_empty) {
         return Err(ApiError::Params(
@@ -1233,7 +1236,7 @@ async fn delete_files_async(
 struct UploadReq {
     volume: String,
     vfid: String,
-    relpath: String,
+    relpath: WirePath,
     size: u64,
 }
 
@@ -1521,7 +1524,7 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     hold.keep();
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
-        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "size": r.size, "session": session, "exp": exp}),
+        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath.to_claim(), "size": r.size, "session": session, "exp": exp}),
         &state.session_secret,
     );
     // No PATCH can use the reservation once the token has expired (the instant is
@@ -1551,7 +1554,7 @@ async fn download_token(
     .await?;
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
-        &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath, "exp": exp}),
+        &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath.to_claim(), "exp": exp}),
         &state.session_secret,
     );
     Ok(Json(json!({"token": token})))
@@ -1665,7 +1668,7 @@ struct ArchiveReq {
     volume: String,
     #[serde(alias = "vfid")]
     virtual_folder_id: String,
-    files: Vec<String>,
+    files: Vec<WirePath>,
     #[serde(default)]
     filename: Option<String>,
 }
@@ -1706,7 +1709,11 @@ async fn archive_download_token(
         Ok(())
     })
     .await?;
-    let files: Vec<&String> = kept.into_iter().filter_map(|i| r.files.get(i)).collect();
+    let files: Vec<Value> = kept
+        .into_iter()
+        .filter_map(|i| r.files.get(i))
+        .map(WirePath::to_claim)
+        .collect();
     let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
     let token = appproxy_shared::jwt::sign_hs256(
         &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": files, "filename": r.filename, "exp": exp}),

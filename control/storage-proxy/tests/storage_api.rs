@@ -569,22 +569,17 @@ fn names_that_are_not_utf8_are_listed_losslessly_and_apart() {
         .collect();
     assert_eq!(read.lines().collect::<Vec<_>>(), want, "{read}");
 
-    // A request naming one is refused whole, before anything is deleted.
-    let auth = [
-        ("X-BackendAI-Storage-Auth-Token", TOKEN),
-        ("Content-Type", "application/json"),
-    ];
-    let raw = format!(
-        "{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpaths\":[\"d/a\\u{{fffd}}.txt\",\"d/a\\udcff.txt\"]}}"
-    );
-    let r = request(
-        p.manager,
-        "POST",
+    // What a name is listed as names it in a request (see
+    // `names_that_are_not_utf8_are_reached_by_the_names_listed`); a request naming
+    // one never reaches the file U+FFFD would stand for.
+    let r = p.manager_raw(
         "/folder/file/delete",
-        &auth,
-        raw.as_bytes(),
+        format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpaths\":[\"d/a\\udcff.txt\"]}}")
+            .as_bytes(),
     );
-    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(d.join(os(b"a\xff.txt")).symlink_metadata().is_err());
+    expected.retain(|(n, _, _)| n != b"a\xff.txt");
     for (name, _, _) in &expected {
         assert!(d.join(os(name)).symlink_metadata().is_ok(), "{}", hex(name));
     }
@@ -596,7 +591,7 @@ fn names_that_are_not_utf8_are_listed_losslessly_and_apart() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(!d.join("a\u{fffd}.txt").exists());
-    assert!(d.join(os(b"a\xff.txt")).exists() && d.join(os(b"a\xfe.txt")).exists());
+    assert!(d.join(os(b"a\xfe.txt")).exists());
     let r = p.manager(
         "/folder/file/delete",
         body(serde_json::json!({"relpaths": ["d"], "recursive": true})),
@@ -604,4 +599,158 @@ fn names_that_are_not_utf8_are_listed_losslessly_and_apart() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(d.symlink_metadata().is_err(), "d is deleted whole");
+}
+
+/// Every request naming a path takes the name a listing gives an entry whose name
+/// is not UTF-8 (`\udcXX` for each such byte, PEP 383, as the original reads and
+/// writes names): it can be downloaded, renamed, moved, deleted, made, uploaded to
+/// and archived. An escape that stands for no byte, and a body that is not UTF-8,
+/// are refused whole, nothing touched.
+#[test]
+fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let root = p.vfolder_path();
+    let os = |b: &[u8]| root.join(std::ffi::OsStr::from_bytes(b));
+    std::fs::create_dir(os(b"d")).expect("d");
+    std::fs::write(os(b"d/a\xff.txt"), b"ff").expect("a\\xff");
+    std::fs::write(os(b"d/a\xfe.txt"), b"fe").expect("a\\xfe");
+    std::fs::write(os("d/a\u{fffd}.txt".as_bytes()), b"fffd").expect("a U+FFFD");
+    std::fs::create_dir(os(b"d/sub\xff")).expect("sub");
+    std::fs::write(os(b"d/sub\xff/in\xff"), b"in").expect("in");
+    let call = |path: &str, fields: &str| {
+        let raw = format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",{fields}}}");
+        p.manager_raw(path, raw.as_bytes())
+    };
+    let untouched = || {
+        for name in [
+            &b"d/a\xff.txt"[..],
+            b"d/a\xfe.txt",
+            "d/a\u{fffd}.txt".as_bytes(),
+            b"d/sub\xff/in\xff",
+        ] {
+            assert!(os(name).exists(), "{}", String::from_utf8_lossy(name));
+        }
+    };
+
+    // Escapes that name no byte (ASCII, a surrogate outside \udc80-\udcff, a
+    // lone high surrogate) are refused as any field of the wrong kind is (422);
+    // raw bytes that are not UTF-8 (one that a listing escapes, and a raw
+    // surrogate's own bytes) are no JSON (400). Nothing is deleted.
+    for fields in [
+        r#""relpaths":["d/a\udc41"]"#,
+        r#""relpaths":["d/a\udc00"]"#,
+        r#""relpaths":["d/a\ud800.txt"]"#,
+    ] {
+        let r = call("/folder/file/delete", fields);
+        assert_eq!(
+            r.status,
+            422,
+            "{fields}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(String::from_utf8_lossy(&r.body).contains("names no byte"));
+    }
+    for raw in [&b"d/a\xff.txt"[..], b"d/a\xed\xb3\xbf.txt"] {
+        let mut body =
+            format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpaths\":[\"").into_bytes();
+        body.extend_from_slice(raw);
+        body.extend_from_slice(b"\"]}");
+        let r = p.manager_raw("/folder/file/delete", &body);
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert!(String::from_utf8_lossy(&r.body).contains("not UTF-8"));
+    }
+    untouched();
+
+    // A download of the listed name gets that file, not another of its lossy name.
+    let r = call("/folder/file/download", r#""relpath":"d/a\udcfe.txt""#);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let got = request(
+        p.client,
+        "GET",
+        &format!("/download?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!((got.status, got.body.as_slice()), (200, &b"fe"[..]));
+
+    // Renamed and moved, source and destination named so.
+    let r = call(
+        "/folder/file/rename",
+        r#""relpath":"d/a\udcfe.txt","new_name":"b\udcfe\udcfd""#,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(os(b"d/b\xfe\xfd")).expect("renamed"), b"fe");
+    let r = call(
+        "/folder/file/move",
+        r#""src_relpath":"d/sub\udcff/in\udcff","dst_relpath":"d/out\udcff""#,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(os(b"d/out\xff")).expect("moved"), b"in");
+    // A new name with an escaped `/` beside a name's byte is still no plain name.
+    let r = call(
+        "/folder/file/rename",
+        r#""relpath":"d/out\udcff","new_name":"x\udcff\u002f..""#,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+
+    // Made, and each made path given back as it was named.
+    let r = call(
+        "/folder/file/mkdir",
+        r#""relpath":["d/m\udcff","d/m\udcff/n"],"parents":true"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(os(b"d/m\xff/n").is_dir());
+    let text = String::from_utf8(r.body.clone()).expect("an answer in UTF-8");
+    assert!(
+        text.contains(r#""item":"d/m\udcff""#) && text.contains(r#""item":"d/m\udcff/n""#),
+        "{text}"
+    );
+    let r = call("/folder/file/mkdir", r#""relpath":"d/m\udcff""#);
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains(r#""item":"d/m\udcff""#));
+
+    // Uploaded to, through a tus session whose token carries the name's bytes.
+    let r = call(
+        "/folder/file/upload",
+        r#""relpath":"d/m\udcff/up\udcfe.bin","size":3"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    assert_eq!(p.tus_patch(&token, "0", b"up!").status, 204);
+    assert_eq!(
+        std::fs::read(os(b"d/m\xff/up\xfe.bin")).expect("uploaded"),
+        b"up!"
+    );
+
+    // Archived: the zip holds the file named (its entry name made readable).
+    let r = call(
+        "/folder/file/archive-download-token",
+        r#""files":["d/b\udcfe\udcfd"]"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let zip = p.download_archive(r.json()["token"].as_str().expect("token"));
+    assert_eq!(zip.status, 200, "{}", String::from_utf8_lossy(&zip.body));
+    let archive = p.dir.path().join("a.zip");
+    std::fs::write(&archive, &zip.body).expect("zip");
+    let inside = storage_common::python(
+        "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nprint([z.read(n).decode() for n in z.namelist()])",
+        &archive,
+    )
+    .expect("a zip");
+    assert_eq!(inside.trim(), "['fe']");
+
+    // Deleted: only the entry named, not the one whose name is U+FFFD.
+    let r = call(
+        "/folder/file/delete",
+        r#""relpaths":["d/a\udcff.txt","d/b\udcfe\udcfd"]"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!os(b"d/a\xff.txt").exists() && !os(b"d/b\xfe\xfd").exists());
+    assert_eq!(
+        std::fs::read(os("d/a\u{fffd}.txt".as_bytes())).expect("kept"),
+        b"fffd"
+    );
 }

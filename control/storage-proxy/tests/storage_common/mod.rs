@@ -265,6 +265,21 @@ impl Proxy {
         )
     }
 
+    /// A manager call whose body is the bytes given, as they are: JSON no
+    /// `serde_json::Value` can hold (lone surrogates), or no JSON at all.
+    pub fn manager_raw(&self, path: &str, raw: &[u8]) -> Resp {
+        request(
+            self.manager,
+            "POST",
+            path,
+            &[
+                ("X-BackendAI-Storage-Auth-Token", TOKEN),
+                ("Content-Type", "application/json"),
+            ],
+            raw,
+        )
+    }
+
     /// A session token from the manager API (`/folder/file/upload` or `download`).
     pub fn token(&self, path: &str, body: serde_json::Value) -> String {
         let r = self.manager(path, body, None);
