@@ -61,6 +61,11 @@ pub enum RequestError {
     /// A malformed chunked body.
     #[error("malformed chunked body: {0}")]
     BadChunk(&'static str),
+    /// An HTTP/2 request trailer of a framing, routing, auth or forwarding field
+    /// (the rule of `http::chunked`; over HTTP/1.1 the trailer is part of the
+    /// chunked body, and such a field is a [`RequestError::BadChunk`]).
+    #[error("forbidden trailer field")]
+    ForbiddenTrailer,
     /// The body is larger than `max_body`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -159,7 +164,8 @@ impl RequestError {
             | Self::LengthAndTransferEncoding
             | Self::BadTransferEncoding
             | Self::BadHost
-            | Self::BadChunk(_) => 400,
+            | Self::BadChunk(_)
+            | Self::ForbiddenTrailer => 400,
         }
     }
 
@@ -178,6 +184,7 @@ impl RequestError {
             Self::BadHost => "bad_host",
             Self::ExpectationFailed => "expectation_failed",
             Self::BadChunk(_) => "bad_chunk",
+            Self::ForbiddenTrailer => "forbidden_trailer",
             Self::BodyTooLarge => "body_too_large",
             Self::HeadTimeout => "request_timeout",
             Self::BodyTimeout => "request_body_timeout",

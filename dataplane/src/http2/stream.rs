@@ -1142,9 +1142,9 @@ async fn send_body_h1(
     match trailers.map_err(stalled)? {
         Err(e) => return Err(Fail::Abort(format!("client trailers: {e}"))),
         Ok(Some(t)) if filter_trailers(&t, true).is_none() => {
-            return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
-                "forbidden trailer field",
-            ))));
+            return Err(Fail::Answer(ProxyError::Request(
+                RequestError::ForbiddenTrailer,
+            )));
         }
         Ok(_) => {}
     }

@@ -772,9 +772,9 @@ pub async fn forward(
                         return Err(Fail::Answer(ProxyError::Request(RequestError::BodyTooSlow)));
                     }
                     if forbidden_trailer.get() {
-                        return Err(Fail::Answer(ProxyError::Request(RequestError::BadChunk(
-                            "forbidden trailer field",
-                        ))));
+                        return Err(Fail::Answer(ProxyError::Request(
+                            RequestError::ForbiddenTrailer,
+                        )));
                     }
                     if retry::may_retry(Fault::Upstream, retry_of(&e), attempt) {
                         tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
