@@ -60,6 +60,10 @@ pub const MAX_TARGET: usize = u16::MAX as usize - 1;
 
 /// The request target of an archive download before its token.
 pub const ARCHIVE_TARGET: &str = "/download-archive?token=";
+/// The request target a download token is used in, before the token.
+pub const DOWNLOAD_TARGET: &str = "/download?token=";
+/// The request target a tus upload token is used in, before the token.
+pub const UPLOAD_TARGET: &str = "/upload?token=";
 
 /// The bytes of `req`'s head in its usual form: the request line, each header
 /// field as `name: value` and its line end, and the blank line.

@@ -435,34 +435,36 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        // The body is read first, to be checked whole: JSON is UTF-8 (RFC 8259
-        // §8.1). Paths are read as bytes (`wirename`), where serde_json passes raw
-        // bytes through, so a raw surrogate's bytes would otherwise pass for the
-        // escape `\udcXX` of a name's byte.
+        let rejected = |status, message| ApiError::Rejected { status, message };
+        // Paths are read as bytes (`wirename`), where serde_json takes a string's
+        // raw bytes as they are: a raw control character, a byte that is not UTF-8
+        // or a raw surrogate's bytes would pass for what only an escape may carry.
+        // So the body is first held to strict JSON whole: the content type and the
+        // syntax as `axum::Json` checks them (control characters in strings
+        // refused; lone surrogate escapes, which names need, let through), and
+        // UTF-8 (RFC 8259 §8.1). Only then is it read into `T`.
         let (parts, body) = req.into_parts();
         let (headers, extensions) = (parts.headers.clone(), parts.extensions.clone());
         let bytes =
             axum::body::Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
                 .await
-                .map_err(|e| ApiError::Rejected {
-                    status: e.status(),
-                    message: e.body_text(),
-                })?;
-        if std::str::from_utf8(&bytes).is_err() {
-            return Err(ApiError::Rejected {
-                status: StatusCode::BAD_REQUEST,
-                message: "the body is not UTF-8, as JSON must be".into(),
-            });
-        }
-        let mut again = axum::extract::Request::new(axum::body::Body::from(bytes));
+                .map_err(|e| rejected(e.status(), e.body_text()))?;
+        let mut again = axum::extract::Request::new(axum::body::Body::from(bytes.clone()));
         *again.headers_mut() = headers;
         *again.extensions_mut() = extensions;
-        match axum::Json::<T>::from_request(again, state).await {
+        let axum::Json(serde::de::IgnoredAny) =
+            axum::Json::<serde::de::IgnoredAny>::from_request(again, state)
+                .await
+                .map_err(|e| rejected(e.status(), e.body_text()))?;
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(rejected(
+                StatusCode::BAD_REQUEST,
+                "the body is not UTF-8, as JSON must be".into(),
+            ));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(e) => Err(ApiError::Rejected {
-                status: e.status(),
-                message: e.body_text(),
-            }),
+            Err(e) => Err(rejected(e.status(), e.body_text())),
         }
     }
 }

@@ -1500,6 +1500,18 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     let key = state.volumes.scope_of(&r.volume, &r.vfid)?;
     let scope_name = Vfid::parse(&r.vfid)?.scope_name();
     let session = uuid::Uuid::new_v4().simple().to_string();
+    // Made first: one too long to be used is refused before anything is reserved.
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
+    let token = appproxy_shared::jwt::sign_hs256(
+        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath.to_claim(), "size": r.size, "session": session, "exp": exp}),
+        &state.session_secret,
+    );
+    fits_in_target(
+        &token,
+        super::client::UPLOAD_TARGET,
+        "relpath",
+        "name a shorter path",
+    )?;
     // Released if anything fails (or the request goes) before the staging file is
     // there.
     let hold = quota::Hold::new(&state, &session);
@@ -1522,13 +1534,8 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         .await?;
     }
     hold.keep();
-    let exp = appproxy_shared::jwt::now_epoch() as u64 + state.session_expire.as_secs();
-    let token = appproxy_shared::jwt::sign_hs256(
-        &json!({"op": "upload", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath.to_claim(), "size": r.size, "session": session, "exp": exp}),
-        &state.session_secret,
-    );
     // No PATCH can use the reservation once the token has expired (the instant is
-    // at or after `exp`, which is rounded down).
+    // at or after `exp`, which is rounded down and was taken before it).
     state
         .reservations
         .usable_until(&session, std::time::Instant::now() + state.session_expire);
@@ -1557,6 +1564,12 @@ async fn download_token(
         &json!({"op": "download", "volume": r.volume, "vfid": r.vfid, "relpath": r.relpath.to_claim(), "exp": exp}),
         &state.session_secret,
     );
+    fits_in_target(
+        &token,
+        super::client::DOWNLOAD_TARGET,
+        "relpath",
+        "name a shorter path",
+    )?;
     Ok(Json(json!({"token": token})))
 }
 
@@ -1719,18 +1732,31 @@ async fn archive_download_token(
         &json!({"operation": "download", "volume": r.volume, "virtual_folder_id": r.virtual_folder_id, "files": files, "filename": r.filename, "exp": exp}),
         &state.session_secret,
     );
-    // The token travels in the download's query: one whose request target would not
-    // fit what the client API takes is refused here, with a reason, rather than with
-    // a 414 when it is used.
-    let room = super::client::MAX_TARGET - super::client::ARCHIVE_TARGET.len();
+    fits_in_target(
+        &token,
+        super::client::ARCHIVE_TARGET,
+        "files",
+        "list fewer paths or their parent directory",
+    )?;
+    Ok(Json(json!({"token": token})))
+}
+
+/// A session token travels in the query of the client API's request: one whose
+/// request target (`target`, then the token) would not fit what that API takes
+/// ([`super::client::MAX_TARGET`]) is refused when asked for, with a reason, rather
+/// than with a 414 when it is used. The paths it carries make its length (a name
+/// that is not UTF-8 takes about four characters a byte, see
+/// [`WirePath::to_claim`]); `field` names them, `instead` says what would fit.
+fn fits_in_target(token: &str, target: &str, field: &str, instead: &str) -> Result<(), ApiError> {
+    let room = super::client::MAX_TARGET.saturating_sub(target.len());
     if token.len() > room {
         return Err(ApiError::Params(format!(
-            "files: the token for these paths would be {} bytes, more than the {room} a download URL may carry (the client API takes request targets of up to {} bytes); list fewer paths or their parent directory",
+            "{field}: the token would be {} bytes, more than the {room} its URL may carry (the client API takes request targets of up to {} bytes); {instead}",
             token.len(),
             super::client::MAX_TARGET
         )));
     }
-    Ok(Json(json!({"token": token})))
+    Ok(())
 }
 
 /// The vfs backend reports itself healthy, as the original's does.

@@ -661,7 +661,54 @@ fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
         assert!(String::from_utf8_lossy(&r.body).contains("not UTF-8"));
     }
+    // Raw control characters, which JSON carries only as escapes: 400, as in any
+    // other field, where a path read as bytes took them.
+    for raw in [&b"d/ctl\nname"[..], b"d/ctl\x1fname"] {
+        let mut body =
+            format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpath\":[\"").into_bytes();
+        body.extend_from_slice(raw);
+        body.extend_from_slice(b"\"]}");
+        let r = p.manager_raw("/folder/file/mkdir", &body);
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    }
     untouched();
+    assert_eq!(
+        std::fs::read_dir(os(b"d")).expect("d").count(),
+        4,
+        "nothing made"
+    );
+
+    // A token whose URL the client API would refuse (414) is refused when asked
+    // for, before anything is reserved: a name that is not UTF-8 takes about four
+    // characters a byte in a token. 60 levels of 250 such bytes (15,000 bytes)
+    // would not fit; the same as text does.
+    let level = "\\udcff".repeat(250);
+    let long = vec![level.as_str(); 60].join("/");
+    for (route, size) in [
+        ("/folder/file/upload", ",\"size\":1"),
+        ("/folder/file/download", ""),
+    ] {
+        let r = call(route, &format!("\"relpath\":\"{long}\"{size}"));
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(
+            r.status,
+            400,
+            "{route}: {}",
+            text.get(..300).unwrap_or(&text)
+        );
+        assert!(
+            text.contains("name a shorter path") && text.contains("65534"),
+            "{text}"
+        );
+    }
+    let staged = std::fs::read_dir(root.join(".upload")).map_or(0, Iterator::count);
+    assert_eq!(staged, 0, "nothing staged, nothing reserved");
+    let text = vec!["a".repeat(250); 60].join("/");
+    let r = call(
+        "/folder/file/upload",
+        &format!("\"relpath\":\"{text}\",\"size\":1"),
+    );
+    assert_eq!(r.status, 200, "a path as text fits");
 
     // A download of the listed name gets that file, not another of its lossy name.
     let r = call("/folder/file/download", r#""relpath":"d/a\udcfe.txt""#);
