@@ -1,6 +1,8 @@
 //! Hostile suite, class "one connection's bytes in another's": a closed connection's
 //! client and app read buffers go back to its core's pool and the next connection
-//! takes them without zeroing. Here, on one core, every probe connection comes right
+//! takes them without zeroing, as it takes the rest of the connection's storage
+//! (what it writes, its heads' field lists and access-line copies: `ConnStorage`,
+//! cleared when kept). Here, on one core, every probe connection comes right
 //! after a poisoning one that filled both buffers with secrets (the client's in its
 //! head, body and pipelined garbage; the app's in its response head, body and bytes
 //! after the body; the pool is last in, first out, so a probe's client buffer was the

@@ -66,6 +66,8 @@ pub struct Core {
     /// Client and upstream read buffers of closed HTTP/1.1 connections, reused by
     /// new ones (no zeroed allocation per connection).
     pub read_bufs: crate::relay::BufPool,
+    /// The other storage of closed HTTP/1.1 connections, reused by new ones.
+    pub conn_storage: crate::proxy::StoragePool,
     /// Requests per circuit since the last hand-off to the control agent
     /// (managed mode only): the last-access marks, batched per core.
     pub access_marks: RefCell<FastMap<uuid::Uuid, u64>>,
@@ -162,6 +164,7 @@ impl Core {
             tunnels: Tunnels::default(),
             scratch: RefCell::new(vec![0; 64 * 1024]),
             read_bufs: crate::relay::BufPool::new(crate::proxy::BUF_SIZE, READ_BUFS_KEPT),
+            conn_storage: crate::proxy::StoragePool::new(READ_BUFS_KEPT / 2),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
             rt,

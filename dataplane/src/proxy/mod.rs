@@ -62,6 +62,84 @@ enum Next {
     Linger,
 }
 
+/// What a client connection reuses from request to request besides its read
+/// buffers: the bytes being written and the storage of its heads' field lists and
+/// access line. Handed from closed connections to new ones on the same core
+/// ([`StoragePool`]), as read buffers are ([`crate::relay::BufPool`]).
+#[derive(Default)]
+pub struct ConnStorage {
+    out: Vec<u8>,
+    line: Vec<u8>,
+    fields: Vec<HeaderField>,
+    resp_fields: Vec<HeaderField>,
+}
+
+impl ConnStorage {
+    /// The bytes this storage holds allocated.
+    fn bytes(&self) -> usize {
+        self.out.capacity()
+            + self.line.capacity()
+            + (self.fields.capacity() + self.resp_fields.capacity())
+                * std::mem::size_of::<HeaderField>()
+    }
+}
+
+/// [`ConnStorage`] of closed connections, waiting for new ones on the same core.
+/// With a new connection per request, a connection's storage was allocated, grown
+/// and freed for each request: five allocations and their frees, some through
+/// `realloc`'s copies. Kept storage is empty (each vector cleared: nothing of a
+/// closed connection's request is visible to the next), at most `cap` of them, and
+/// none that grew past [`StoragePool::KEPT_BYTES`] for a large head: the pool holds
+/// at most `cap` × 16 KiB per core.
+pub struct StoragePool {
+    free: std::cell::RefCell<Vec<ConnStorage>>,
+    cap: usize,
+}
+
+impl StoragePool {
+    /// The most bytes a kept storage may hold allocated.
+    const KEPT_BYTES: usize = 16 << 10;
+
+    /// A pool keeping at most `cap` storages.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            free: std::cell::RefCell::new(Vec::new()),
+            cap,
+        }
+    }
+
+    /// Empty storage, recycled when some is free.
+    fn take(&self) -> ConnStorage {
+        self.free.borrow_mut().pop().unwrap_or_else(|| ConnStorage {
+            out: Vec::with_capacity(4096),
+            ..ConnStorage::default()
+        })
+    }
+
+    /// Hands `kept` back for another connection, emptied (dropped when the pool is
+    /// full or it grew too large).
+    fn give(&self, mut kept: ConnStorage) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < self.cap && kept.bytes() <= Self::KEPT_BYTES {
+            kept.out.clear();
+            kept.line.clear();
+            kept.fields.clear();
+            kept.resp_fields.clear();
+            free.push(kept);
+        }
+    }
+
+    /// Storages waiting to be reused.
+    pub fn len(&self) -> usize {
+        self.free.borrow().len()
+    }
+
+    /// Whether none waits to be reused.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One client connection and what it reuses from request to request.
 pub(crate) struct Client {
     /// The core serving it.
@@ -124,6 +202,7 @@ async fn serve_conn(
             .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
     let tls = conn.is_tls();
+    let kept = core.conn_storage.take();
     let mut client = Client {
         core: core.clone(),
         conn: Rc::new(conn),
@@ -131,10 +210,10 @@ async fn serve_conn(
         hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
         ubuf: core.read_bufs.take(),
-        out: Vec::with_capacity(4096),
-        line: Vec::new(),
-        fields: Vec::new(),
-        resp_fields: Vec::new(),
+        out: kept.out,
+        line: kept.line,
+        fields: kept.fields,
+        resp_fields: kept.resp_fields,
     };
     // The head timeout from the accept (a PROXY protocol header or a TLS handshake
     // took part of it).
@@ -151,14 +230,12 @@ async fn serve_conn(
         if alpn_h2 || client.sniff_preface().await {
             if client.conn.was_shed() {
                 // Closed for a new connection before it asked anything.
-                core.read_bufs.give(&mut client.buf);
-                core.read_bufs.give(&mut client.ubuf);
+                client.give_back();
                 core.metrics.sub(counter::ACTIVE, 1);
                 return;
             }
             let prefix = client.buf.filled().to_vec();
-            core.read_bufs.give(&mut client.buf);
-            core.read_bufs.give(&mut client.ubuf);
+            client.give_back();
             let hop = client.hop;
             crate::http2::serve(core.clone(), client.conn, hop, prefix, conn_id).await;
             core.metrics.sub(counter::ACTIVE, 1);
@@ -166,12 +243,24 @@ async fn serve_conn(
         }
     }
     client.run().await;
-    core.read_bufs.give(&mut client.buf);
-    core.read_bufs.give(&mut client.ubuf);
+    client.give_back();
     core.metrics.sub(counter::ACTIVE, 1);
 }
 
 impl Client {
+    /// Hands the connection's buffers and storage back to the core for new
+    /// connections, leaving it empty ones.
+    fn give_back(&mut self) {
+        self.core.read_bufs.give(&mut self.buf);
+        self.core.read_bufs.give(&mut self.ubuf);
+        self.core.conn_storage.give(ConnStorage {
+            out: std::mem::take(&mut self.out),
+            line: std::mem::take(&mut self.line),
+            fields: std::mem::take(&mut self.fields),
+            resp_fields: std::mem::take(&mut self.resp_fields),
+        });
+    }
+
     /// Serves HTTP/1.x requests in order until the connection closes.
     async fn run(&mut self) {
         let mut first = true;
@@ -616,4 +705,43 @@ pub(crate) async fn lingering_close(
     conn.set_reusable(false, false);
     core.metrics.add(counter::BYTES_IN, dropped);
     tracing::debug!(dropped, "lingering close");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_storage_is_handed_on_empty_and_bounded() {
+        let pool = StoragePool::new(2);
+        let mut used = pool.take();
+        used.out.extend_from_slice(b"secret of a closed connection");
+        used.line.extend_from_slice(b"GET /secret");
+        used.fields.push(HeaderField {
+            name: 0..1,
+            value: 2..3,
+        });
+        used.resp_fields.push(HeaderField {
+            name: 0..1,
+            value: 2..3,
+        });
+        pool.give(used);
+        assert_eq!(pool.len(), 1);
+        // The next connection gets the allocations, not what they held.
+        let next = pool.take();
+        assert!(next.out.capacity() >= 4096 && next.line.capacity() >= 11);
+        assert!(next.out.is_empty() && next.line.is_empty());
+        assert!(next.fields.is_empty() && next.resp_fields.is_empty());
+        assert!(pool.is_empty());
+        // Storage that grew for a large head is dropped, not kept.
+        let mut grown = next;
+        grown.out.reserve(StoragePool::KEPT_BYTES + 1);
+        pool.give(grown);
+        assert!(pool.is_empty());
+        // At most `cap` are kept.
+        for _ in 0..5 {
+            pool.give(ConnStorage::default());
+        }
+        assert_eq!(pool.len(), 2);
+    }
 }
