@@ -40,6 +40,27 @@ impl Redis {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open and nothing is
+    /// answered, as a Redis that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {sig}");
+        }
+    }
+
     /// (Re)starts the server on the same port.
     pub fn restart(&mut self) {
         self.stop();

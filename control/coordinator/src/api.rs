@@ -365,7 +365,8 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
         Ok(r) => r,
         Err(e) => return bad(&format!("invalid worker registration: {e}")),
     };
-    if r.authority.is_empty() || r.authority.len() > 255 {
+    // Characters, as the message and the store's column count them (not bytes).
+    if r.authority.is_empty() || r.authority.chars().count() > 255 {
         return bad("authority is required (1-255 characters)");
     }
     match r.frontend_mode {
@@ -403,6 +404,12 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     let not_in_a_host = |c: char| c.is_whitespace() || matches!(c, '/' | '\\' | '?' | '#' | '@');
     if r.hostname.is_empty() || r.hostname.chars().any(not_in_a_host) {
         return bad("hostname must be a host name or address (no spaces, '/', '?', '#', '@')");
+    }
+    // The host goes into URLs as it is (`http://{hostname}:{port}`): a bare IPv6
+    // address (or a port) there makes a URL nobody can use.
+    let bracketed = r.hostname.starts_with('[') && r.hostname.ends_with(']');
+    if r.hostname.contains(':') && !bracketed {
+        return bad("hostname must not hold ':': write an IPv6 address in brackets ([2001:db8::5]), and no port");
     }
     if r.wildcard_domain
         .as_deref()
@@ -883,9 +890,14 @@ pub(super) async fn bulk_delete(
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
             .circuit_ids
     };
-    for id in ids {
-        state.remove_circuit(id).await?;
-    }
+    // While Redis is out of reach, one failed publish, not one per circuit.
+    super::one_publishing_call(async {
+        for id in ids {
+            state.remove_circuit(id).await?;
+        }
+        Ok::<_, ApiError>(())
+    })
+    .await?;
     Ok(Json(json!({"success": true})))
 }
 
@@ -1027,7 +1039,27 @@ pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json
 
 #[cfg(test)]
 mod tests {
-    use super::{held_by_worker, port_slots};
+    use super::{held_by_worker, port_slots, validate_worker};
+
+    /// Registration limits count characters, as their messages and the store's
+    /// columns do, and a host goes into URLs only in a form a URL can carry.
+    #[test]
+    fn registrations_count_characters_and_refuse_hosts_no_url_can_carry() {
+        let body = |authority: &str, hostname: &str| {
+            serde_json::json!({"authority": authority, "frontend_mode": "port",
+                "hostname": hostname, "api_port": 10201, "port_range": [21000, 21001]})
+        };
+        let fine = |b: serde_json::Value| validate_worker(&b).map(drop).map_err(|e| e.to_string());
+        // 200 characters, 400 bytes: within the 255 characters.
+        assert_eq!(fine(body(&"é".repeat(200), "w.example")), Ok(()));
+        assert!(fine(body(&"é".repeat(256), "w.example")).is_err());
+        assert_eq!(fine(body("w", "[2001:db8::5]")), Ok(()));
+        assert_eq!(fine(body("w", "192.0.2.7")), Ok(()));
+        for host in ["2001:db8::5", "w.example:8080", "[2001:db8::5"] {
+            let e = fine(body("w", host)).expect_err(host);
+            assert!(e.contains("in brackets"), "{host}: {e}");
+        }
+    }
 
     #[test]
     fn held_slots_are_grouped_by_worker_in_their_order() {

@@ -455,7 +455,10 @@ fn existing_slot(workers: &[super::store::WorkerRow], url: &str) -> Option<(uuid
         }
         let (lo, hi) = placement::port_range(b)?;
         let port = port?;
-        (b.hostname == host && (lo..=hi).contains(&port)).then_some((w.id, Slot::Port(port)))
+        // Host names are compared as DNS compares them: the URL's was lowercased,
+        // a worker may have registered `Proxy1.Example.COM`.
+        (b.hostname.eq_ignore_ascii_case(&host) && (lo..=hi).contains(&port))
+            .then_some((w.id, Slot::Port(port)))
     })
 }
 
@@ -872,14 +875,16 @@ async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Val
     // applied under the same turn: nothing changes between.
     let _writes = super::health::ROUTE_WRITES.lock().await;
     let turn = state.store.route_turn().await?;
-    let applied = async {
+    // The turn is held across each item's event: while Redis is out of reach, one
+    // failed publish, not one per item.
+    let applied = super::one_publishing_call(async {
         within_route_limit(state, &body, op).await?;
         let mut out = Vec::with_capacity(body.endpoints.len());
         for item in &body.endpoints {
             out.push(routes_one(state, item, op).await?);
         }
         Ok(Json(json!({"endpoints": out})))
-    }
+    })
     .await;
     turn.end().await;
     applied
@@ -956,6 +961,38 @@ pub(super) async fn unregister_routes(
 #[cfg(test)]
 mod tls_url_tests {
     use super::*;
+
+    /// A URL names its worker by host name as DNS does, whatever the case the
+    /// worker registered it in (found by a verifier: `Proxy1.Example.COM` never
+    /// matched, and an endpoint synced with the URL it was given got 400).
+    #[test]
+    fn an_existing_url_finds_its_worker_whatever_the_case() {
+        let registration: WorkerRegistration = serde_json::from_value(serde_json::json!({
+            "authority": "w", "frontend_mode": "port", "hostname": "Proxy1.Example.COM",
+            "port_range": [29100, 29110]
+        }))
+        .expect("registration");
+        let row = crate::store::WorkerRow {
+            id: uuid::Uuid::from_u128(7),
+            body: serde_json::Value::Null,
+            registration,
+            status: "ALIVE".into(),
+            nodes: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let workers = [row];
+        for url in [
+            "http://Proxy1.Example.COM:29100",
+            "http://proxy1.example.com:29100/",
+            "https://PROXY1.example.com:29110",
+        ] {
+            let found = existing_slot(&workers, url).map(|(id, _)| id);
+            assert_eq!(found, Some(uuid::Uuid::from_u128(7)), "{url}");
+        }
+        assert!(existing_slot(&workers, "http://proxy2.example.com:29100").is_none());
+        assert!(existing_slot(&workers, "http://proxy1.example.com:29111").is_none());
+    }
 
     #[test]
     fn a_worker_listening_with_tls_gets_https_urls() {

@@ -271,6 +271,27 @@ impl Drop for KeyedGuard<'_> {
     }
 }
 
+tokio::task_local! {
+    /// Whether a publish of the call running ([`one_publishing_call`]) failed on
+    /// Redis.
+    static CALL_PUBLISH_FAILED: std::cell::Cell<bool>;
+}
+
+/// Runs `call`, one API call that may publish an event per item (a bulk removal, a
+/// bulk route change), so that once one of its publishes fails on Redis the rest
+/// of the call does not try Redis again: each is counted as failed at once, and the
+/// workers' periodic fetch repairs them, as it repairs any lost event. With Redis
+/// out of reach a publish costs two calls' deadlines (its retry on a fresh
+/// connection): a 5-item bulk removal took 18 s, and a 4-item route change held
+/// the cluster's route turn 14.5 s, so that another coordinator's route change was
+/// refused 503 (its store call's deadline passed waiting for the turn). Now such a
+/// call pays one failed publish, whatever its size.
+pub(crate) async fn one_publishing_call<F: std::future::Future>(call: F) -> F::Output {
+    CALL_PUBLISH_FAILED
+        .scope(std::cell::Cell::new(false), call)
+        .await
+}
+
 impl State {
     /// Sends `event` to workers: on the in-process bus and on Redis. Returns whether
     /// anyone can acknowledge it (an embedded worker listens, or Redis took it).
@@ -278,7 +299,19 @@ impl State {
         let local = self.local.send(event.clone()).is_ok();
         let remote = match &self.redis {
             Some(conn) => {
-                let ok = events::publish_redis(conn, &event).await;
+                let given_up = CALL_PUBLISH_FAILED.try_with(|f| f.get()).unwrap_or(false);
+                let ok = if given_up {
+                    tracing::warn!(
+                        event = event.kind.name(),
+                        "event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"
+                    );
+                    false
+                } else {
+                    events::publish_redis(conn, &event).await
+                };
+                if !ok {
+                    let _ = CALL_PUBLISH_FAILED.try_with(|f| f.set(true));
+                }
                 let counter = if ok {
                     &self.metrics.events_published
                 } else {

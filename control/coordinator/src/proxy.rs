@@ -107,7 +107,7 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
     if !(body["login_session_token"].is_null()
         || body["login_session_token"]
             .as_str()
-            .is_some_and(|t| t.len() <= 127))
+            .is_some_and(|t| t.chars().count() <= 127))
     {
         return Err(ApiError::BadRequest(
             "login_session_token must be null or a string of at most 127 characters".into(),

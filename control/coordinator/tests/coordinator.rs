@@ -811,6 +811,147 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
     );
 }
 
+/// While Redis does not answer, a publish costs two calls' deadlines (it is tried
+/// again on a fresh connection). A bulk removal paid that for every circuit (5
+/// circuits took 18 s, a verifier found); now it tries Redis once, and the other
+/// removals' events count as failed at once (the workers' poll repairs them, as
+/// any lost event). Every circuit is removed all the same.
+#[test]
+fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let mut circuits = Vec::new();
+    for port in [10205, 10206, 10207, 10208] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true&port={port}"),
+            &[("Accept", "application/json")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+    }
+    redis.pause();
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/_/bulk?circuit_ids={}", circuits.join(",")),
+        &[AUTH, ("X-Backend-Request-ID", "bulk-while-redis-hangs")],
+        "",
+    );
+    redis.resume();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for id in &circuits {
+        let r = request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "");
+        assert_eq!(r.status, 404, "{id} is removed");
+    }
+    let of_the_call = |message: &str| {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["request_id"] == "bulk-while-redis-hangs" && l["message"] == message)
+            .count()
+    };
+    assert_eq!(of_the_call("event not published"), 1, "Redis is tried once");
+    assert_eq!(
+        of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"),
+        3,
+        "the other three are not tried"
+    );
+}
+
+/// The same for a bulk route change, which holds the cluster's route turn (and
+/// this coordinator's route lock) while it applies its items: a 4-item change
+/// held them 14.5 s while Redis hung, and another coordinator's route change was
+/// refused 503 waiting for the turn. Now one failed publish; each item is stored,
+/// and says its event was not delivered.
+#[test]
+fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    register_inference_worker(&c);
+    let endpoints = [
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ac1",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ac2",
+        "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ac3",
+    ];
+    for (i, e) in endpoints.iter().enumerate() {
+        let r = request(
+            c.addr,
+            "POST",
+            &format!("/v2/endpoints/{e}"),
+            &[AUTH],
+            &endpoint_body(&format!("svc-hang-{i}"), None),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let items: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                r#"{{"deployment_id":"{e}","routes":[{{"session_id":"{SESSION}","route_id":"{}","kernel_host":"127.0.0.1","kernel_port":9000}}]}}"#,
+                uuid::Uuid::new_v4()
+            )
+        })
+        .collect();
+    redis.pause();
+    let r = request(
+        c.addr,
+        "POST",
+        "/v2/endpoints/bulk/routes/register",
+        &[AUTH, ("X-Backend-Request-ID", "routes-while-redis-hangs")],
+        &format!(r#"{{"endpoints":[{}]}}"#, items.join(",")),
+    );
+    redis.resume();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answers = r.json()["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    for a in &answers {
+        assert_eq!(
+            a["registered_route_ids"].as_array().map(Vec::len),
+            Some(1),
+            "{a}"
+        );
+        assert!(
+            a["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not delivered")),
+            "{a}"
+        );
+    }
+    let of_the_call = |message: &str| {
+        log_lines(dir.path())
+            .iter()
+            .filter(|l| l["request_id"] == "routes-while-redis-hangs" && l["message"] == message)
+            .count()
+    };
+    assert_eq!(of_the_call("event not published"), 1, "Redis is tried once");
+    assert_eq!(
+        of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"),
+        2
+    );
+}
+
 /// Slots, statistics, bulk delete, readiness and the health status, on one worker.
 #[test]
 fn slots_statistics_and_bulk_delete() {
@@ -5610,6 +5751,17 @@ fn kernel_hosts_are_host_names_or_addresses() {
             String::from_utf8_lossy(&r.body)
         );
     }
+    // `login_session_token` is at most 127 characters, counted as characters (100
+    // "é" are 200 bytes: refused before, as a verifier found).
+    let with_token = |t: &str| {
+        let body = serde_json::json!({"login_session_token": t, "kernel_host": "10.0.1.7", "kernel_port": 30512,
+            "session": {"id": SESSION, "user_uuid": "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+            "group_id": "9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "access_key": "AKIA", "domain_name": "default"}});
+        request(c.addr, "POST", "/v2/conf", &[AUTH], &body.to_string()).status
+    };
+    assert_eq!(with_token(&"é".repeat(100)), 200);
+    assert_eq!(with_token(&"é".repeat(127)), 200);
+    assert_eq!(with_token(&"é".repeat(128)), 400);
     // Endpoint routes follow the same rule.
     register_inference_worker(&c);
     let e = "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ab9";
