@@ -811,13 +811,13 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
     );
 }
 
-/// While Redis does not answer, a publish costs two calls' deadlines (it is tried
-/// again on a fresh connection). A bulk removal paid that for every circuit (5
-/// circuits took 18 s, a verifier found); now it tries Redis once, and the other
-/// removals' events count as failed at once (the workers' poll repairs them, as
-/// any lost event). Every circuit is removed all the same.
-#[test]
-fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
+/// A coordinator on SQLite and a Redis of its own, not waiting for acknowledgements
+/// (no worker listens): the Redis, the coordinator's directory, the coordinator.
+fn with_redis_unacknowledged() -> (
+    appproxy_test_support::redis::Redis,
+    tempfile::TempDir,
+    Coordinator,
+) {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_with(
@@ -828,6 +828,25 @@ fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
             redis.url()
         ),
     );
+    (redis, dir, c)
+}
+
+/// How many log lines of the request `request_id` say `message`.
+fn lines_of(dir: &std::path::Path, request_id: &str, message: &str) -> usize {
+    log_lines(dir)
+        .iter()
+        .filter(|l| l["request_id"] == request_id && l["message"] == message)
+        .count()
+}
+
+/// While Redis does not answer, a publish costs two calls' deadlines (it is tried
+/// again on a fresh connection). A bulk removal paid that for every circuit (5
+/// circuits took 18 s, a verifier found); now it tries Redis once, and the other
+/// removals' events count as failed at once (the workers' poll repairs them, as
+/// any lost event). Every circuit is removed all the same.
+#[test]
+fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
+    let (redis, dir, c) = with_redis_unacknowledged();
     let token = setup(&c);
     let mut circuits = Vec::new();
     for port in [10205, 10206, 10207, 10208] {
@@ -855,12 +874,7 @@ fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
         let r = request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "");
         assert_eq!(r.status, 404, "{id} is removed");
     }
-    let of_the_call = |message: &str| {
-        log_lines(dir.path())
-            .iter()
-            .filter(|l| l["request_id"] == "bulk-while-redis-hangs" && l["message"] == message)
-            .count()
-    };
+    let of_the_call = |message: &str| lines_of(dir.path(), "bulk-while-redis-hangs", message);
     assert_eq!(of_the_call("event not published"), 1, "Redis is tried once");
     assert_eq!(
         of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"),
@@ -876,16 +890,7 @@ fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
 /// and says its event was not delivered.
 #[test]
 fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
-    let redis = appproxy_test_support::redis::Redis::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 0\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let (redis, dir, c) = with_redis_unacknowledged();
     register_inference_worker(&c);
     let endpoints = [
         "e7c08c1e-9a4d-4e6f-8b7a-1c2d3e4f5ac1",
@@ -939,12 +944,7 @@ fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
             "{a}"
         );
     }
-    let of_the_call = |message: &str| {
-        log_lines(dir.path())
-            .iter()
-            .filter(|l| l["request_id"] == "routes-while-redis-hangs" && l["message"] == message)
-            .count()
-    };
+    let of_the_call = |message: &str| lines_of(dir.path(), "routes-while-redis-hangs", message);
     assert_eq!(of_the_call("event not published"), 1, "Redis is tried once");
     assert_eq!(
         of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"),

@@ -652,23 +652,23 @@ fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
         );
         assert!(String::from_utf8_lossy(&r.body).contains("names no byte"));
     }
-    for raw in [&b"d/a\xff.txt"[..], b"d/a\xed\xb3\xbf.txt"] {
+    // A request whose one path field holds `raw` as it is, inside the JSON text.
+    let raw_call = |route: &str, field: &str, raw: &[u8]| {
         let mut body =
-            format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpaths\":[\"").into_bytes();
+            format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"{field}\":[\"").into_bytes();
         body.extend_from_slice(raw);
         body.extend_from_slice(b"\"]}");
-        let r = p.manager_raw("/folder/file/delete", &body);
+        p.manager_raw(route, &body)
+    };
+    for raw in [&b"d/a\xff.txt"[..], b"d/a\xed\xb3\xbf.txt"] {
+        let r = raw_call("/folder/file/delete", "relpaths", raw);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
         assert!(String::from_utf8_lossy(&r.body).contains("not UTF-8"));
     }
     // Raw control characters, which JSON carries only as escapes: 400, as in any
     // other field, where a path read as bytes took them.
     for raw in [&b"d/ctl\nname"[..], b"d/ctl\x1fname"] {
-        let mut body =
-            format!("{{\"volume\":\"local\",\"vfid\":\"{VFID}\",\"relpath\":[\"").into_bytes();
-        body.extend_from_slice(raw);
-        body.extend_from_slice(b"\"]}");
-        let r = p.manager_raw("/folder/file/mkdir", &body);
+        let r = raw_call("/folder/file/mkdir", "relpath", raw);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     }
     untouched();
