@@ -811,6 +811,20 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
     );
 }
 
+/// A new circuit (`no_reuse`) of jupyter for [`SESSION`] with `token`, `extra` added
+/// to the query: its ID.
+fn new_circuit(addr: SocketAddr, token: &str, extra: &str) -> String {
+    let r = request(
+        addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true{extra}"),
+        &[("Accept", "application/json")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+}
+
 /// A coordinator on SQLite and a Redis of its own, not waiting for acknowledgements
 /// (no worker listens): the Redis, the coordinator's directory, the coordinator.
 fn with_redis_unacknowledged() -> (
@@ -850,15 +864,7 @@ fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
     let token = setup(&c);
     let mut circuits = Vec::new();
     for port in [10205, 10206, 10207, 10208] {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true&port={port}"),
-            &[("Accept", "application/json")],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+        circuits.push(new_circuit(c.addr, &token, &format!("&port={port}")));
     }
     redis.pause();
     let r = request(
@@ -960,15 +966,7 @@ fn slots_statistics_and_bulk_delete() {
     let token = setup(&c);
     let mut circuits = Vec::new();
     for port in [10207, 10205] {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true&port={port}"),
-            &[("Accept", "application/json")],
-            "",
-        );
-        assert_eq!(r.status, 200);
-        circuits.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+        circuits.push(new_circuit(c.addr, &token, &format!("&port={port}")));
     }
     let r = request(
         c.addr,
@@ -1093,15 +1091,7 @@ fn a_worker_reads_what_changed_by_revision_and_its_set_by_page(db: Db) {
     assert_eq!(whole["circuits"], serde_json::json!([]));
     let mut created = Vec::new();
     for _ in 0..3 {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
-            &[("Accept", "application/json")],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        created.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
+        created.push(new_circuit(c.addr, &token, ""));
     }
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
