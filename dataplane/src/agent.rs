@@ -185,10 +185,7 @@ pub fn registration(config: &Config) -> WorkerRegistration {
         authority: w.authority.clone(),
         frontend_mode: w.frontend_mode,
         protocol: appproxy_shared::model::ProxyProtocol::Http,
-        hostname: w
-            .hostname
-            .clone()
-            .unwrap_or_else(|| w.bind_host.to_string()),
+        hostname: w.advertised_host(),
         tls_listen: w.tls_listen,
         tls_advertised: w.tls_advertised,
         api_port: w.api_port.map(u64::from),

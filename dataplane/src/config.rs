@@ -123,6 +123,17 @@ pub enum WsMessageIds {
     PerMessage,
 }
 
+impl WorkerSection {
+    /// The host clients and the coordinator are told this worker is at, as URLs
+    /// carry it: `hostname`, or else `bind_host` (an IPv6 address in brackets: a
+    /// worker bound to `::` registered `"::"`, which the coordinator refuses).
+    pub fn advertised_host(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| appproxy_shared::wire::url_host_of(self.bind_host))
+    }
+}
+
 impl Default for WorkerSection {
     fn default() -> Self {
         Self {
@@ -1257,6 +1268,16 @@ impl Config {
                 )));
             }
         }
+        if let Some(host) = self
+            .worker
+            .hostname
+            .as_deref()
+            .filter(|h| !appproxy_shared::wire::url_host_ok(h))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "[worker] hostname = {host:?} goes into URLs as it is: no ':' in it, and an IPv6 address in brackets ([2001:db8::5])"
+            )));
+        }
         if self.managed() && !self.circuits.is_empty() {
             return Err(ConfigError::Invalid(
                 "[coordinator] url or embedded is set (managed mode: circuits come from the coordinator) and [[circuits]] are listed too: keep one".into(),
@@ -1477,11 +1498,7 @@ impl Config {
             wildcard,
             secrets: self.secrets.clone(),
             api_port: self.worker.api_port,
-            advertised_host: self
-                .worker
-                .hostname
-                .clone()
-                .unwrap_or_else(|| self.worker.bind_host.to_string()),
+            advertised_host: self.worker.advertised_host(),
             tls_advertised: self.worker.tls_advertised || self.worker.tls_listen,
             tls,
             upstream_tls,
@@ -1573,6 +1590,11 @@ mod tests {
                 circuit("[reactor]\nsched_slice_us = 100001\n"),
                 vec!["[reactor] sched_slice_us = 100001", "0 keeps its own"],
             ),
+            (
+                "bare IPv6 host name",
+                "[worker]\nhostname = \"2001:db8::5\"\n".into(),
+                vec!["[worker] hostname = \"2001:db8::5\"", "in brackets"],
+            ),
         ];
         for (what, text, wants) in cases {
             let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
@@ -1591,6 +1613,21 @@ mod tests {
             err.contains("absent.toml") && err.contains("cannot read"),
             "{err}"
         );
+    }
+
+    /// A worker bound to an IPv6 address and given no `hostname` advertises the
+    /// address in brackets, as URLs carry it: it registered `"::"`, which the
+    /// coordinator refuses, and retried forever.
+    #[test]
+    fn the_advertised_host_defaults_to_the_bind_address_as_urls_carry_it() {
+        let c = Config::parse("[worker]\nbind_host = \"::\"\n").expect("v6");
+        assert_eq!(c.worker.advertised_host(), "[::]");
+        assert!(c.validate(&[0]).is_ok());
+        let c = Config::parse("[worker]\nbind_host = \"127.0.0.1\"\n").expect("v4");
+        assert_eq!(c.worker.advertised_host(), "127.0.0.1");
+        let c = Config::parse("[worker]\nhostname = \"[2001:db8::5]\"\n").expect("bracketed");
+        assert_eq!(c.worker.advertised_host(), "[2001:db8::5]");
+        assert!(c.validate(&[0]).is_ok());
     }
 
     #[test]

@@ -88,6 +88,26 @@ fn traffics_or_every<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<AppMo
     Ok(Option::<Vec<AppMode>>::deserialize(d)?.unwrap_or_else(every_traffic))
 }
 
+/// Whether `host` (a worker's `hostname`) can stand as the host of a URL as it is
+/// (`http://{host}:{port}`): a name or an IPv4 address holds no `:`, and an IPv6
+/// address is written in brackets (`[2001:db8::5]`). A bare one made
+/// `http://2001:db8::5:26999/…`, a URL nobody can use. The one rule the worker's
+/// configuration and the coordinator's registration check.
+pub fn url_host_ok(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.contains(':'),
+    }
+}
+
+/// The host a URL names `addr` by: an IPv6 address in brackets.
+pub fn url_host_of(addr: std::net::IpAddr) -> String {
+    match addr {
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+        std::net::IpAddr::V4(a) => a.to_string(),
+    }
+}
+
 impl WorkerRegistration {
     /// A port worker's frontend ports (`None` when absent or reversed).
     pub fn ports(&self) -> Option<(u16, u16)> {
@@ -567,6 +587,31 @@ pub fn add_marks(pipe: &mut redis::Pipeline, marks: &[AccessMark]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_hosts_are_names_v4_addresses_or_bracketed_v6_addresses() {
+        for ok in [
+            "proxy1.example.com",
+            "192.0.2.7",
+            "[2001:db8::5]",
+            "[::1]",
+            "localhost",
+        ] {
+            assert!(url_host_ok(ok), "{ok}");
+        }
+        for bad in [
+            "2001:db8::5",
+            "::",
+            "host:8080",
+            "[not-an-ip]",
+            "[a:b]",
+            "[2001:db8::5",
+        ] {
+            assert!(!url_host_ok(bad), "{bad}");
+        }
+        assert_eq!(url_host_of("::1".parse().expect("v6")), "[::1]");
+        assert_eq!(url_host_of("10.0.0.1".parse().expect("v4")), "10.0.0.1");
+    }
 
     #[test]
     fn a_registration_without_traffics_takes_every_kind_and_an_empty_list_none() {

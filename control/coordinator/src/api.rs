@@ -341,6 +341,15 @@ pub(super) async fn withdraw_unserved(
     worker: uuid::Uuid,
     registration: &WorkerRegistration,
 ) -> Result<(), ApiError> {
+    // While Redis is out of reach, one failed publish, not one per circuit.
+    super::one_publishing_call(withdraw_each_unserved(state, worker, registration)).await
+}
+
+async fn withdraw_each_unserved(
+    state: &State,
+    worker: uuid::Uuid,
+    registration: &WorkerRegistration,
+) -> Result<(), ApiError> {
     for (_, circuit, port, subdomain) in state.store.held_slots(Some(worker)).await? {
         let Some(why) = super::placement::unserved(registration, port, subdomain.as_deref()) else {
             continue;
@@ -405,10 +414,8 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     if r.hostname.is_empty() || r.hostname.chars().any(not_in_a_host) {
         return bad("hostname must be a host name or address (no spaces, '/', '?', '#', '@')");
     }
-    // The host goes into URLs as it is (`http://{hostname}:{port}`): a bare IPv6
-    // address (or a port) there makes a URL nobody can use.
-    let bracketed = r.hostname.starts_with('[') && r.hostname.ends_with(']');
-    if r.hostname.contains(':') && !bracketed {
+    // The host goes into URLs as it is (`http://{hostname}:{port}`).
+    if !appproxy_shared::wire::url_host_ok(&r.hostname) {
         return bad("hostname must not hold ':': write an IPv6 address in brackets ([2001:db8::5]), and no port");
     }
     if r.wildcard_domain
@@ -1055,7 +1062,12 @@ mod tests {
         assert!(fine(body(&"é".repeat(256), "w.example")).is_err());
         assert_eq!(fine(body("w", "[2001:db8::5]")), Ok(()));
         assert_eq!(fine(body("w", "192.0.2.7")), Ok(()));
-        for host in ["2001:db8::5", "w.example:8080", "[2001:db8::5"] {
+        for host in [
+            "2001:db8::5",
+            "w.example:8080",
+            "[2001:db8::5",
+            "[not-an-ip]",
+        ] {
             let e = fine(body("w", host)).expect_err(host);
             assert!(e.contains("in brackets"), "{host}: {e}");
         }

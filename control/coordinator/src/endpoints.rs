@@ -603,14 +603,19 @@ pub(super) async fn delete_bulk(
     Extract(state): Extract<Arc<State>>,
     Body(b): Body<BulkDelete>,
 ) -> Json<Value> {
-    let mut out = Vec::with_capacity(b.endpoints.len());
-    for e in b.endpoints {
-        let result = delete_one(&state, e.deployment_id).await;
-        out.push(
-            json!({"deployment_id": e.deployment_id, "success": result.is_ok(),
-            "error": result.err().map(|e| e.to_string())}),
-        );
-    }
+    // While Redis is out of reach, one failed publish, not one per endpoint.
+    let out = super::one_publishing_call(async {
+        let mut out = Vec::with_capacity(b.endpoints.len());
+        for e in b.endpoints {
+            let result = delete_one(&state, e.deployment_id).await;
+            out.push(
+                json!({"deployment_id": e.deployment_id, "success": result.is_ok(),
+                "error": result.err().map(|e| e.to_string())}),
+            );
+        }
+        out
+    })
+    .await;
     Json(json!({"endpoints": out}))
 }
 

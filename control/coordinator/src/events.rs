@@ -254,9 +254,21 @@ pub(crate) fn count_command_reconnect() {
     reconnected(1);
 }
 
+/// Why an event was not published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpublished {
+    /// It has nothing to send or could not be encoded: Redis was not asked.
+    Unencodable,
+    /// Redis did not take it (after a retry on a fresh connection).
+    Redis,
+}
+
 /// Publishes `event` on Redis in the broadcast envelope. Errors are logged: the
 /// worker's periodic fetch repairs a lost event.
-pub async fn publish_redis(conn: &crate::redis_link::RedisConn, event: &CircuitEvent) -> bool {
+pub async fn publish_redis(
+    conn: &crate::redis_link::RedisConn,
+    event: &CircuitEvent,
+) -> Result<(), Unpublished> {
     // The request's tracestate goes with its traceparent (published from the
     // request's own task; an event of another span gets none).
     let trace = event
@@ -272,14 +284,14 @@ pub async fn publish_redis(conn: &crate::redis_link::RedisConn, event: &CircuitE
         ..Default::default()
     };
     let Some(body) = event.body() else {
-        return false;
+        return Err(Unpublished::Unencodable);
     };
     let Ok(msg) = BroadcastMessage::encode(event.kind.name(), "appproxy-coordinator", &body, &meta)
     else {
-        return false;
+        return Err(Unpublished::Unencodable);
     };
     let Ok(text) = serde_json::to_string(&msg) else {
-        return false;
+        return Err(Unpublished::Unencodable);
     };
     let mut conn = conn.clone();
     let mut sent = super::bounded(
@@ -305,11 +317,11 @@ pub async fn publish_redis(conn: &crate::redis_link::RedisConn, event: &CircuitE
     match sent {
         Ok(_) => {
             tracing::info!(event = event.kind.name(), worker = %event.authority, "event published");
-            true
+            Ok(())
         }
         Err(e) => {
             tracing::warn!(event = event.kind.name(), error = %e, "event not published");
-            false
+            Err(Unpublished::Redis)
         }
     }
 }

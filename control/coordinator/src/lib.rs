@@ -300,18 +300,20 @@ impl State {
         let remote = match &self.redis {
             Some(conn) => {
                 let given_up = CALL_PUBLISH_FAILED.try_with(|f| f.get()).unwrap_or(false);
-                let ok = if given_up {
+                let sent = if given_up {
                     tracing::warn!(
                         event = event.kind.name(),
                         "event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"
                     );
-                    false
+                    Err(events::Unpublished::Redis)
                 } else {
                     events::publish_redis(conn, &event).await
                 };
-                if !ok {
+                // Only Redis' own failure gives up on it for the rest of the call.
+                if sent == Err(events::Unpublished::Redis) {
                     let _ = CALL_PUBLISH_FAILED.try_with(|f| f.set(true));
                 }
+                let ok = sent.is_ok();
                 let counter = if ok {
                     &self.metrics.events_published
                 } else {

@@ -956,6 +956,39 @@ fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
         of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)"),
         2
     );
+    // The endpoints removed in bulk the same way: each is removed, Redis tried once.
+    let refs: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!(r#"{{"deployment_id":"{e}"}}"#))
+        .collect();
+    redis.pause();
+    let r = request(
+        c.addr,
+        "DELETE",
+        "/v2/endpoints/bulk",
+        &[
+            AUTH,
+            ("X-Backend-Request-ID", "endpoints-while-redis-hangs"),
+        ],
+        &format!(r#"{{"endpoints":[{}]}}"#, refs.join(",")),
+    );
+    redis.resume();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let removed = r.json()["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        removed.len() == 3 && removed.iter().all(|e| e["success"] == true),
+        "{removed:?}"
+    );
+    let of_the_removal =
+        |message: &str| lines_of(dir.path(), "endpoints-while-redis-hangs", message);
+    assert_eq!(
+        of_the_removal("event not published"),
+        1,
+        "Redis is tried once"
+    );
 }
 
 /// Slots, statistics, bulk delete, readiness and the health status, on one worker.

@@ -436,25 +436,26 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         let rejected = |status, message| ApiError::Rejected { status, message };
+        // The content type first, as `axum::Json` checks it: a body of another
+        // kind is not read.
+        if !json_content_type(req.headers()) {
+            return Err(rejected(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`".into(),
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| rejected(e.status(), e.body_text()))?;
         // Paths are read as bytes (`wirename`), where serde_json takes a string's
         // raw bytes as they are: a raw control character, a byte that is not UTF-8
         // or a raw surrogate's bytes would pass for what only an escape may carry.
-        // So the body is first held to strict JSON whole: the content type and the
-        // syntax as `axum::Json` checks them (control characters in strings
-        // refused; lone surrogate escapes, which names need, let through), and
-        // UTF-8 (RFC 8259 §8.1). Only then is it read into `T`.
-        let (parts, body) = req.into_parts();
-        let (headers, extensions) = (parts.headers.clone(), parts.extensions.clone());
-        let bytes =
-            axum::body::Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
-                .await
-                .map_err(|e| rejected(e.status(), e.body_text()))?;
-        let mut again = axum::extract::Request::new(axum::body::Body::from(bytes.clone()));
-        *again.headers_mut() = headers;
-        *again.extensions_mut() = extensions;
+        // So the body is held to strict JSON whole before it is read into `T`: the
+        // syntax as `axum::Json` checks it (control characters in strings refused;
+        // lone surrogate escapes, which names need, let through), and UTF-8 (RFC
+        // 8259 §8.1).
         let axum::Json(serde::de::IgnoredAny) =
-            axum::Json::<serde::de::IgnoredAny>::from_request(again, state)
-                .await
+            axum::Json::<serde::de::IgnoredAny>::from_bytes(&bytes)
                 .map_err(|e| rejected(e.status(), e.body_text()))?;
         if std::str::from_utf8(&bytes).is_err() {
             return Err(rejected(
@@ -467,6 +468,25 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
             Err(e) => Err(rejected(e.status(), e.body_text())),
         }
     }
+}
+
+/// Whether `headers` say the body is JSON (`application/json`, or
+/// `application/…+json`), as `axum::Json` decides it.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Query parameters whose rejections are the product's JSON error.
