@@ -328,15 +328,15 @@ fn an_endpoint_whose_row_cannot_be_written_leaves_no_circuit() {
     assert_eq!(rows_of(fresh), 0);
     assert_eq!(circuits_of(kept), 1, "a sync's existing circuit is kept");
     assert_eq!(rows_of(kept), 1);
-    assert!(
-        log_lines(dir.path())
-            .iter()
-            .any(|l| l["request_id"] == "ep-row-1"
+    // Lines reach the log file through a writer thread: waited for (bounded).
+    wait_for("the withdrawal is logged under the request's ID", || {
+        log_lines(dir.path()).iter().any(|l| {
+            l["request_id"] == "ep-row-1"
                 && l["message"]
                     .as_str()
-                    .is_some_and(|m| m.starts_with(&format!("endpoint {fresh} not created")))),
-        "the withdrawal is logged under the request's ID"
-    );
+                    .is_some_and(|m| m.starts_with(&format!("endpoint {fresh} not created")))
+        })
+    });
     // Once the store takes writes, the endpoint is created whole.
     let r = create(fresh, "fresh");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -791,10 +791,18 @@ fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
         "a circuit whose creation was answered 503 is still stored after a fresh coordinator started",
         || circuits() == 0,
     );
-    let swept: Vec<serde_json::Value> = log_lines(dir.path())
-        .into_iter()
-        .filter(|l| l["message"] == SWEPT && l["circuit"] == circuit.as_str())
-        .collect();
+    // The sweep logs its withdrawal once the removal has been announced, after
+    // the store's delete this test saw: its line is waited for (bounded).
+    let swept = || -> Vec<serde_json::Value> {
+        log_lines(dir.path())
+            .into_iter()
+            .filter(|l| l["message"] == SWEPT && l["circuit"] == circuit.as_str())
+            .collect()
+    };
+    wait_for("the sweep never logged its withdrawal", || {
+        !swept().is_empty()
+    });
+    let swept = swept();
     assert_eq!(swept.len(), 1, "the sweep logs its withdrawal once");
     let pass = swept[0]["request_id"]
         .as_str()
@@ -960,14 +968,16 @@ fn a_settled_creation_is_never_swept() {
     wait_for("the circuit left marked was never swept", || {
         count(&pg, "SELECT count(*) FROM circuits WHERE app = 'left'") == 0
     });
-    assert_eq!(
+    // The sweep's line follows the delete seen above (bounded wait), once.
+    let swept = || {
         log_lines(dir.path())
             .iter()
             .chain(log_lines(other_dir.path()).iter())
             .filter(|l| l["message"] == SWEPT)
-            .count(),
-        1
-    );
+            .count()
+    };
+    wait_for("the sweep never logged its withdrawal", || swept() > 0);
+    assert_eq!(swept(), 1);
     assert_eq!(
         count(&pg, "SELECT count(*) FROM circuits"),
         2,
