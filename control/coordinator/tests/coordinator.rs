@@ -845,6 +845,22 @@ fn with_redis_unacknowledged() -> (
     (redis, dir, c)
 }
 
+/// Asserts that the call `request_id` tried Redis once (one publish failed) and
+/// skipped it for its other `skipped` events. The skipped ones are logged last:
+/// once they are in the file, so is the rest.
+fn tried_redis_once(dir: &std::path::Path, request_id: &str, skipped: usize) {
+    assert_eq!(
+        lines_of(dir, request_id, "event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)", skipped),
+        skipped,
+        "the others are not tried"
+    );
+    assert_eq!(
+        lines_of(dir, request_id, "event not published", 1),
+        1,
+        "Redis is tried once"
+    );
+}
+
 /// How many log lines of the request `request_id` say `message`, once `want` of
 /// them are there: lines reach the file through a writer thread, so they are
 /// waited for (bounded; more than `want` are returned as they are).
@@ -889,19 +905,7 @@ fn a_bulk_removal_while_redis_hangs_tries_redis_once() {
         let r = request(c.addr, "GET", &format!("/api/circuit/{id}"), &[AUTH], "");
         assert_eq!(r.status, 404, "{id} is removed");
     }
-    let of_the_call =
-        |message: &str, want: usize| lines_of(dir.path(), "bulk-while-redis-hangs", message, want);
-    // The skipped ones come last: once they are in the file, so is the rest.
-    assert_eq!(
-        of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)", 3),
-        3,
-        "the other three are not tried"
-    );
-    assert_eq!(
-        of_the_call("event not published", 1),
-        1,
-        "Redis is tried once"
-    );
+    tried_redis_once(dir.path(), "bulk-while-redis-hangs", 3);
 }
 
 /// The same for a bulk route change, which holds the cluster's route turn (and
@@ -965,15 +969,7 @@ fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
             "{a}"
         );
     }
-    let of_the_call = |message: &str, want: usize| {
-        lines_of(dir.path(), "routes-while-redis-hangs", message, want)
-    };
-    assert_eq!(of_the_call("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)", 2), 2);
-    assert_eq!(
-        of_the_call("event not published", 1),
-        1,
-        "Redis is tried once"
-    );
+    tried_redis_once(dir.path(), "routes-while-redis-hangs", 2);
     // The endpoints removed in bulk the same way: each is removed, Redis tried once.
     let refs: Vec<String> = endpoints
         .iter()
@@ -1000,15 +996,7 @@ fn a_bulk_route_change_while_redis_hangs_tries_redis_once() {
         removed.len() == 3 && removed.iter().all(|e| e["success"] == true),
         "{removed:?}"
     );
-    let of_the_removal = |message: &str, want: usize| {
-        lines_of(dir.path(), "endpoints-while-redis-hangs", message, want)
-    };
-    assert_eq!(of_the_removal("event not published: an earlier publish of this call failed on Redis (the worker's poll will pick the change up)", 2), 2);
-    assert_eq!(
-        of_the_removal("event not published", 1),
-        1,
-        "Redis is tried once"
-    );
+    tried_redis_once(dir.path(), "endpoints-while-redis-hangs", 2);
 }
 
 /// Slots, statistics, bulk delete, readiness and the health status, on one worker.
