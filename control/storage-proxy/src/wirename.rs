@@ -214,6 +214,7 @@ pub fn decode(wtf8: &[u8]) -> Result<OsString, DecodeError> {
 /// Python and JavaScript read these escapes (the manager and the web UI); strict
 /// ones refuse them.
 pub fn write_json(out: &mut Vec<u8>, name: &[u8]) {
+    use std::io::Write as _;
     out.push(b'"');
     for chunk in name.utf8_chunks() {
         let text = chunk.valid();
@@ -229,7 +230,8 @@ pub fn write_json(out: &mut Vec<u8>, name: &[u8]) {
             );
         }
         for b in chunk.invalid() {
-            out.extend_from_slice(format!("\\udc{b:02x}").as_bytes());
+            // Writing to a `Vec` cannot fail.
+            let _ = write!(out, "\\udc{b:02x}");
         }
     }
     out.push(b'"');
