@@ -150,13 +150,25 @@ impl fmt::Debug for SpanId {
 #[derive(Clone, Copy)]
 pub struct HexBuf<const N: usize>([u8; N]);
 
+/// The two lowercase hex digits of every byte, in byte order: a byte's digits are
+/// one look-up (every request writes three IDs in hex, for its `traceparent` and its
+/// access line).
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+        b += 1;
+    }
+    pairs
+};
+
 impl<const N: usize> HexBuf<N> {
     fn encode(bytes: &[u8]) -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b'0'; N];
-        for (i, b) in bytes.iter().enumerate().take(N / 2) {
-            out[2 * i] = DIGITS[(b >> 4) as usize];
-            out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
         }
         Self(out)
     }
@@ -594,6 +606,21 @@ mod tests {
             TraceParent::parse(unsampled.as_bytes()).expect("ok").flags,
             0
         );
+    }
+
+    /// Every byte value, at every position, is written as `{:02x}` writes it.
+    #[test]
+    fn hex_digits_are_the_formatters_for_every_byte() {
+        for b in 0..=255u8 {
+            let trace = TraceId([b, 0x5a, b, b, b, b, b, b, b, b, b, b, b, b, b, b]);
+            let want: String = trace.0.iter().map(|x| format!("{x:02x}")).collect();
+            assert_eq!(trace.hex().as_str(), want, "{b:#04x}");
+            let span = SpanId([1, b, b, b, b, b, b, b]);
+            let want: String = span.0.iter().map(|x| format!("{x:02x}")).collect();
+            assert_eq!(span.hex().as_str(), want, "{b:#04x}");
+        }
+        let flags: HexBuf<2> = HexBuf::encode(&[0xc3]);
+        assert_eq!(flags.as_str(), "c3");
     }
 
     #[test]

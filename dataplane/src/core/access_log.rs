@@ -46,6 +46,8 @@ pub struct AccessLog {
     core: usize,
     /// The timestamp's text to the second.
     clock: RefCell<Clock>,
+    /// The text of the circuit and the app address the last line named.
+    names: RefCell<Names>,
 }
 
 const FLUSH_AT: usize = 32 * 1024;
@@ -59,6 +61,7 @@ impl AccessLog {
             enabled,
             core,
             clock: RefCell::default(),
+            names: RefCell::default(),
         }
     }
 
@@ -105,42 +108,19 @@ impl AccessLog {
             buf.push_str(" core=");
             push_u64(buf, self.core as u64);
         }
-        let text = |buf: &mut String, key: &str, value: &str| {
-            if json {
-                buf.push('"');
-                buf.push_str(key);
-                buf.push_str("\":\"");
-                buf.push_str(value);
-                buf.push_str("\",");
-            } else {
-                buf.push(' ');
-                buf.push_str(key);
-                buf.push('=');
-                buf.push_str(value);
-            }
-        };
         if let Some(s) = span {
-            text(buf, "trace_id", s.trace_id.hex().as_str());
-            text(buf, "span_id", s.span_id.hex().as_str());
+            push_text(buf, json, "trace_id", s.trace_id.hex().as_str());
+            push_text(buf, json, "span_id", s.span_id.hex().as_str());
             if let Some(p) = s.parent_span_id {
-                text(buf, "parent_span_id", p.hex().as_str());
+                push_text(buf, json, "parent_span_id", p.hex().as_str());
             }
         }
-        let mut uuid = uuid::Uuid::encode_buffer();
+        let mut names = self.names.borrow_mut();
         if let Some(c) = e.circuit {
-            text(buf, "circuit", c.id.hyphenated().encode_lower(&mut uuid));
-            if let Some(u) = c.user_id {
-                text(buf, "user_id", u.hyphenated().encode_lower(&mut uuid));
-            }
-            if let Some(s) = c.session_ids.first() {
-                text(buf, "session_id", s.hyphenated().encode_lower(&mut uuid));
-            }
-            if let Some(ep) = c.endpoint_id {
-                text(buf, "endpoint_id", ep.hyphenated().encode_lower(&mut uuid));
-            }
+            buf.push_str(names.circuit(c, json));
         }
-        let method = String::from_utf8_lossy(e.method);
-        let path = String::from_utf8_lossy(e.path);
+        let method = lossy(e.method);
+        let path = lossy(e.path);
         let path = path.split('?').next().unwrap_or("");
         if json {
             buf.push_str("\"method\":\"");
@@ -165,12 +145,7 @@ impl AccessLog {
             push_u64(buf, e.bytes_out);
         }
         if let Some(u) = e.upstream {
-            let (at, len) = socket_addr_text(u);
-            text(
-                buf,
-                "upstream",
-                std::str::from_utf8(&at[..len]).unwrap_or(""),
-            );
+            buf.push_str(names.upstream(u, json));
         }
         let duration_us = duration.as_micros() as u64;
         if json {
@@ -194,6 +169,108 @@ impl AccessLog {
         // stall the core (`logout`).
         let lines = std::mem::replace(&mut *buf, String::with_capacity(FLUSH_AT + 1024));
         appproxy_shared::logout::write(lines.into_bytes());
+    }
+}
+
+/// Appends `key` and its `value` (which needs no escape) as a field of the line.
+fn push_text(buf: &mut String, json: bool, key: &str, value: &str) {
+    if json {
+        buf.push('"');
+        buf.push_str(key);
+        buf.push_str("\":\"");
+        buf.push_str(value);
+        buf.push_str("\",");
+    } else {
+        buf.push(' ');
+        buf.push_str(key);
+        buf.push('=');
+        buf.push_str(value);
+    }
+}
+
+/// `bytes` as text, borrowed when they are UTF-8 (a method and a path nearly always
+/// are: ASCII), each invalid sequence replaced by U+FFFD otherwise.
+fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// The fields the last line wrote for its circuit and for its app's address, kept
+/// with what they were written from: a core's lines mostly name the same few
+/// circuits and apps, and formatting their UUIDs and address for every line cost a
+/// small GET about 500 of its 17,300 instructions. A line whose circuit or address
+/// differs in anything written writes its fields anew.
+#[derive(Default)]
+struct Names {
+    /// The circuit's ID, user, first session and endpoint, and their fields.
+    circuit: Option<(CircuitKey, String)>,
+    /// The app's address and its field.
+    upstream: Option<(SocketAddr, String)>,
+}
+
+/// What a circuit's fields on a line are written from.
+type CircuitKey = (
+    uuid::Uuid,
+    Option<uuid::Uuid>,
+    Option<uuid::Uuid>,
+    Option<uuid::Uuid>,
+);
+
+impl Names {
+    /// The fields naming `c` (`circuit`, and `user_id`, `session_id`, `endpoint_id`
+    /// when it has them).
+    fn circuit(&mut self, c: &appproxy_shared::model::Circuit, json: bool) -> &str {
+        let key = (
+            c.id,
+            c.user_id,
+            c.session_ids.first().copied(),
+            c.endpoint_id,
+        );
+        if self.circuit.as_ref().is_none_or(|(kept, _)| *kept != key) {
+            let mut text = String::new();
+            let mut uuid = uuid::Uuid::encode_buffer();
+            let (id, user, session, endpoint) = key;
+            push_text(
+                &mut text,
+                json,
+                "circuit",
+                id.hyphenated().encode_lower(&mut uuid),
+            );
+            for (name, id) in [
+                ("user_id", user),
+                ("session_id", session),
+                ("endpoint_id", endpoint),
+            ] {
+                if let Some(id) = id {
+                    push_text(
+                        &mut text,
+                        json,
+                        name,
+                        id.hyphenated().encode_lower(&mut uuid),
+                    );
+                }
+            }
+            self.circuit = Some((key, text));
+        }
+        self.circuit.as_ref().map_or("", |(_, text)| text)
+    }
+
+    /// The `upstream` field naming `addr`.
+    fn upstream(&mut self, addr: SocketAddr, json: bool) -> &str {
+        if self.upstream.as_ref().is_none_or(|(kept, _)| *kept != addr) {
+            let mut text = String::new();
+            let (at, len) = socket_addr_text(addr);
+            push_text(
+                &mut text,
+                json,
+                "upstream",
+                std::str::from_utf8(&at[..len]).unwrap_or(""),
+            );
+            self.upstream = Some((addr, text));
+        }
+        self.upstream.as_ref().map_or("", |(_, text)| text)
     }
 }
 
@@ -470,13 +547,20 @@ mod tests {
             parts in any::<(bool, bool, bool)>(),
             span in 0..3u8,
             duration_us in any::<u32>(),
-            times in prop::collection::vec((0u64..4_000_000_000, 0u32..1_000_000_000, 0..3u8), 1..6),
+            other_upstream in upstream(),
+            times in prop::collection::vec(
+                (0u64..4_000_000_000, 0u32..1_000_000_000, 0..3u8, any::<(bool, bool)>()),
+                1..6,
+            ),
         ) {
             let format = if json { LogFormat::Json } else { LogFormat::Logfmt };
             let log = AccessLog::new(format, true, core);
             let id = RequestId::generate(IdVersion::V4);
             let c = circuit(parts.0, parts.1, parts.2);
-            let e = AccessEntry {
+            // The same circuit with its session changed, as a route change makes it.
+            let mut moved = c.clone();
+            moved.session_ids.insert(0, uuid::Uuid::new_v4());
+            let mut e = AccessEntry {
                 request_id: &id,
                 circuit: with_circuit.then_some(&c),
                 method: &method,
@@ -495,7 +579,11 @@ mod tests {
             };
             let duration = Duration::from_micros(u64::from(duration_us));
             let mut last = UNIX_EPOCH;
-            for (secs, nanos, how) in times {
+            // Lines of one log name the circuit and the app, or others: each line
+            // writes the fields of its own.
+            for (secs, nanos, how, (other_circuit, other_app)) in times {
+                e.circuit = with_circuit.then_some(if other_circuit { &moved } else { &c });
+                e.upstream = if other_app { other_upstream } else { upstream };
                 let now = match how {
                     0 => last + Duration::from_nanos(u64::from(nanos % 1_000)),
                     1 => last + Duration::from_secs(1),
