@@ -77,6 +77,12 @@ pub struct StorageSection {
     /// archive download (its writer holds a blocking thread while it waits) and a
     /// tus PATCH body (the session is locked while its PATCH runs).
     pub stall_timeout_secs: u64,
+    /// A tus PATCH body must keep up this many bytes per second on average, with up
+    /// to `stall_timeout_secs` of waiting banked (each byte earns back `1 /
+    /// min_body_rate` s of it); below it the PATCH ends with 408, keeping what
+    /// arrived. 0 turns the floor off (the stall timeout and the token's expiry
+    /// still bound a PATCH).
+    pub min_body_rate: u64,
     /// A request head must arrive within this (also a keep-alive connection's wait
     /// for its next request), on both APIs.
     pub header_read_timeout_secs: u64,
@@ -138,6 +144,7 @@ impl Default for StorageSection {
             upload_expire_secs: 24 * 3600,
             cleanup_interval_secs: 300,
             stall_timeout_secs: 60,
+            min_body_rate: 500,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 75,
             max_connections: 4096,

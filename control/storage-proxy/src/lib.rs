@@ -63,6 +63,9 @@ pub struct State {
     /// How long a transfer waits for a client that moves no byte (an archive
     /// download, a tus PATCH body).
     pub stall: Duration,
+    /// Bytes per second a tus PATCH body must keep up on average (`[storage]
+    /// min_body_rate`; 0: no floor).
+    pub min_body_rate: u64,
     /// A manager API body must arrive whole within this.
     pub body_read: Duration,
     /// Archive downloads streaming now hold a slot each (`[storage]
@@ -632,6 +635,7 @@ pub fn state_with_events(
         max_upload_size: config.storage.max_upload_size,
         upload_expire: Duration::from_secs(config.storage.upload_expire_secs),
         stall: Duration::from_secs(config.storage.stall_timeout_secs.max(1)),
+        min_body_rate: config.storage.min_body_rate,
         body_read: Duration::from_secs(config.storage.body_read_timeout_secs.clamp(1, 3600)),
         archives: {
             let max = archive_slots(config.storage.max_archive_streams);

@@ -879,6 +879,42 @@ fn a_stalled_patch_body_never_keeps_the_session_locked() {
     );
 }
 
+/// A tus PATCH whose body trickles (a byte every 300 ms, never long enough apart
+/// for the stall timeout) is cut when it falls below `min_body_rate` (1,000 B/s
+/// here, with the stall timeout's 2 s of waiting banked), keeping what arrived.
+/// Before, only the stall timeout bounded a PATCH: a byte every 59 s held the
+/// session, and its whole quota reservation, for as long as the client liked.
+#[test]
+fn a_trickling_patch_body_is_cut_at_the_rate_floor() {
+    let p = Proxy::start("stall_timeout_secs = 2\nmin_body_rate = 1000\n");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "t.bin", "size": 100}),
+    );
+    let (r, sent) = p.trickled_patch(&token, 100, Duration::from_millis(300));
+    assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "request-timeout");
+    assert_eq!(
+        r.json()["title"],
+        "the body came slower than 1000 bytes/s: what arrived is kept, resume from HEAD's offset"
+    );
+    assert!(sent < 100, "cut before the whole body came: {sent}");
+    // Every byte sent before the answer was written, and the upload resumes.
+    let head = p.tus_head(&token);
+    assert_eq!(
+        head.header("upload-offset"),
+        Some(sent.to_string().as_str())
+    );
+    let r = p.tus_patch(&token, &sent.to_string(), &vec![b't'; 100 - sent]);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("t.bin")).expect("complete"),
+        vec![b't'; 100]
+    );
+    p.log_holding("the body came slower than 1000 bytes/s");
+}
+
 /// Slow and silent clients on both APIs: a request head that never completes, a
 /// keep-alive connection that sends nothing more, a file download whose client
 /// stops reading. Each connection is closed after `header_read_timeout_secs` or

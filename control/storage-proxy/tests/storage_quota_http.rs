@@ -1456,6 +1456,35 @@ fn a_reservation_is_let_go_once_its_token_has_expired() {
     assert_eq!(upload_token(&p, "b.bin", 900).status, 200);
 }
 
+/// A PATCH still running when its token expires ends then (401, as any use of an
+/// expired token), and the reservation is let go. Before, a PATCH whose body came
+/// a byte at a time, never slow enough for the stall timeout, kept the session's
+/// whole reservation after its token expired: every other upload of the scope got
+/// 413 for as long as the client went on.
+#[test]
+fn a_patch_never_outlives_its_token() {
+    let p = Proxy::start(
+        "session_expire_secs = 3\nstall_timeout_secs = 5\nmin_body_rate = 0\nupload_expire_secs = 3600\ncleanup_interval_secs = 1\n",
+    );
+    create_with_limit(&p, 1_000);
+    let r = upload_token(&p, "a.bin", 900);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    // A byte a second, to 900 bytes: 15 minutes, were the PATCH not cut.
+    let (r, sent) = p.trickled_patch(&token, 900, std::time::Duration::from_secs(1));
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-token");
+    assert!(sent < 900, "cut at the token's expiry: {sent}");
+    // A hang guard, not a timing assertion: the cleanup runs every second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while quota_scope(&p)["reserved_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(upload_token(&p, "b.bin", 900).status, 200, "{}", p.log());
+    p.log_holding("upload token expired during the body");
+}
+
 /// Puts a directory's mode back when dropped (a test that fails part way still
 /// leaves a tree its temporary directory's removal can read).
 struct Mode(std::path::PathBuf, u32);

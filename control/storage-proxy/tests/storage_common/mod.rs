@@ -219,6 +219,24 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("storage.log")).unwrap_or_default()
     }
 
+    /// The log once it holds `text`, waited for up to 30 s (lines reach the file
+    /// through a writer thread, so one written just before an answer may come
+    /// after it); panics with the log when it never does.
+    pub fn log_holding(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} in the log: {log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn log_json(&self) -> Vec<serde_json::Value> {
         self.log()
             .lines()
@@ -361,6 +379,51 @@ impl Proxy {
             body,
             std::time::Duration::from_secs(20),
         )
+    }
+
+    /// A tus `PATCH` at offset 0 announcing `length` bytes, whose body comes one
+    /// byte per `every` until the answer comes (the wait for it is the pause between
+    /// bytes, so no byte is sent after the server answered) or `length` bytes were
+    /// sent. Returns the answer (read within 60 s) and the bytes sent.
+    pub fn trickled_patch(
+        &self,
+        token: &str,
+        length: usize,
+        every: std::time::Duration,
+    ) -> (Resp, usize) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(self.client).expect("connect");
+        write!(
+            s,
+            "PATCH /upload?token={token} HTTP/1.1\r\nHost: test\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Length: {length}\r\n\r\n"
+        )
+        .expect("head");
+        let mut raw = Vec::new();
+        let mut sent = 0;
+        s.set_read_timeout(Some(every)).expect("timeout");
+        let mut buf = [0u8; 4096];
+        while sent < length {
+            match s.read(&mut buf) {
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the answer: {e}"),
+            }
+            s.write_all(b"t").expect("a byte of the body");
+            sent += 1;
+        }
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        raw.extend_from_slice(&rest);
+        (appproxy_test_support::http::parse(&raw, false), sent)
     }
 
     /// A tus `HEAD` of the session of `token`, answered within 20 s.
