@@ -28,7 +28,12 @@
 //!   answer is taken for hyper's own only while hyper can be writing nothing else:
 //!   every response of the connection so far has ended and been flushed, and no
 //!   request has been handed to the service since ([`Exchanges`]). A response body
-//!   that happens to hold such bytes (a file in a vfolder) goes out untouched.
+//!   that happens to hold such bytes (a file in a vfolder) goes out untouched;
+//! - a request whose framing is in doubt never reaches a handler
+//!   ([`framing_refusal`]): `Content-Length` beside `Transfer-Encoding`, or
+//!   `Transfer-Encoding` in an HTTP/1.0 request, or codings other than one `chunked`
+//!   (400, or 501 for codings before a final `chunked`, which would be passed on
+//!   undecoded), answered as the service's JSON error and the connection closed.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -250,7 +255,20 @@ struct Exchanges {
     ended: AtomicU64,
     /// A response switched protocols: what follows is a tunnel's bytes.
     upgraded: std::sync::atomic::AtomicBool,
+    /// Whether the last request head scanned had a `Content-Length` line
+    /// ([`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], or [`HEAD_UNSEEN`]). hyper drops
+    /// `Content-Length` from a head that also has `Transfer-Encoding`, so the
+    /// handler cannot see the pair; the head's bytes can.
+    head_length: std::sync::atomic::AtomicU8,
 }
+
+/// The head scanned had a `Content-Length` line.
+const HEAD_LENGTH: u8 = 1;
+/// The head scanned had none.
+const HEAD_NO_LENGTH: u8 = 0;
+/// The head was not scanned whole: it came in the same read as the previous
+/// request (pipelined), which the scan cannot tell from a body.
+const HEAD_UNSEEN: u8 = 2;
 
 impl Tracked {
     fn new(
@@ -264,7 +282,7 @@ impl Tracked {
             inner,
             last,
             epoch,
-            ids: IdLines::default(),
+            ids: IdLines::new(exchanges.clone()),
             pending: None,
             ids_rule,
             problem,
@@ -314,8 +332,16 @@ impl Tracked {
 
 /// The request-ID header lines of the head being read: a short line at a time is
 /// kept (an ID line is short), so this costs a scan of the head's bytes and at most
-/// a few hundred bytes per connection. A body is not scanned: the empty line that
-/// ends a head ends the scan until the next answer goes out.
+/// a few hundred bytes per connection. A body is not scanned: one of a known length
+/// is passed over, and the empty line that ends a head ends the scan until the next
+/// answer goes out.
+///
+/// The scan also notes whether each head has a `Content-Length` line
+/// ([`Exchanges::head_length`]), for [`framing_fault`]. It knows where a head
+/// starts only while it can follow the requests' boundaries: once a chunked body
+/// is followed by more bytes, or a request comes before the previous one was
+/// answered (pipelined, read ahead by hyper), it is out of step for the rest of the
+/// connection, and says so ([`HEAD_UNSEEN`]).
 struct IdLines {
     /// The current line, while it is short enough to be an ID line.
     line: Vec<u8>,
@@ -323,17 +349,41 @@ struct IdLines {
     skipping: bool,
     /// Request-ID lines found (name, value), a few at most.
     found: Vec<(Vec<u8>, Vec<u8>)>,
-    /// A head is being read (not yet its empty line).
+    /// A head is being read (not yet its empty line), or awaited.
     in_head: bool,
+    /// The head being read: whether it has a `Content-Length` line, and its value
+    /// (`None`: not a plain number), and whether it has `Transfer-Encoding`.
+    length_line: Option<Option<u64>>,
+    coded: bool,
+    /// The last head's body still to come.
+    body: Body,
+    /// The scan no longer knows where heads start.
+    out_of_step: bool,
+    /// Where each head's `Content-Length` finding goes.
+    exchanges: Arc<Exchanges>,
 }
 
-impl Default for IdLines {
-    fn default() -> Self {
+/// What is left of a head's body, as the scan sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// This many bytes.
+    Known(u64),
+    /// An end the scan cannot find (chunked, or a length it could not read).
+    Unknown,
+}
+
+impl IdLines {
+    fn new(exchanges: Arc<Exchanges>) -> Self {
         Self {
             line: Vec::new(),
             skipping: false,
             found: Vec::new(),
             in_head: true,
+            length_line: None,
+            coded: false,
+            body: Body::Known(0),
+            out_of_step: false,
+            exchanges,
         }
     }
 }
@@ -343,13 +393,54 @@ const ID_LINE_MAX: usize = 200;
 
 impl IdLines {
     fn scan(&mut self, bytes: &[u8]) {
-        if !self.in_head {
-            return;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if self.out_of_step {
+                // Heads are still scanned for their request IDs from each answer on,
+                // as far as their end; their framing is not known.
+                if self.in_head {
+                    self.scan_head(rest);
+                }
+                return;
+            }
+            // The last head's body, passed over.
+            if let Body::Known(left) = self.body {
+                let taken = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                rest = &rest[taken..];
+                self.body = Body::Known(left - taken as u64);
+                if rest.is_empty() {
+                    return;
+                }
+            }
+            // Bytes past a body whose end is unknown, or past a body while its
+            // request is unanswered (the next request, pipelined).
+            // (What was found for the request in hand stands; the requests after it
+            // are unseen, from its answer on.)
+            if self.body == Body::Unknown || !self.in_head {
+                self.out_of_step = true;
+                continue;
+            }
+            rest = self.scan_head(rest);
         }
-        for part in bytes.split_inclusive(|&b| b == b'\n') {
+    }
+
+    /// Scans head bytes up to the head's end; returns what follows it.
+    fn scan_head<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let cut = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| i + 1);
+            let (part, after) = rest.split_at(cut);
+            rest = after;
             let ends = part.last() == Some(&b'\n');
             if !self.skipping {
                 if self.line.len() + part.len() > ID_LINE_MAX + 2 {
+                    // Too long for an ID line; a framing line padded with white
+                    // space is still known by its start (its value is not read).
+                    self.line.extend_from_slice(&part[..part.len().min(32)]);
+                    self.note_framing(false);
                     self.skipping = true;
                     self.line.clear();
                 } else {
@@ -359,16 +450,58 @@ impl IdLines {
             if ends {
                 if !self.skipping {
                     if self.line.trim_ascii().is_empty() {
-                        // The head's end: what follows is its body.
-                        self.line.clear();
-                        self.in_head = false;
-                        return;
+                        self.head_ended();
+                        return rest;
                     }
+                    self.note_framing(true);
                     self.take_line();
                 }
                 self.line.clear();
                 self.skipping = false;
             }
+        }
+        rest
+    }
+
+    /// The head's end: its finding published, its body to be passed over.
+    fn head_ended(&mut self) {
+        self.line.clear();
+        self.in_head = false;
+        let found = if self.out_of_step {
+            HEAD_UNSEEN
+        } else if self.length_line.is_some() {
+            HEAD_LENGTH
+        } else {
+            HEAD_NO_LENGTH
+        };
+        self.exchanges.head_length.store(found, Ordering::SeqCst);
+        self.body = match (self.coded, self.length_line) {
+            (false, None) => Body::Known(0),
+            (false, Some(Some(n))) => Body::Known(n),
+            _ => Body::Unknown,
+        };
+        self.length_line = None;
+        self.coded = false;
+    }
+
+    /// Notes a `Content-Length` or `Transfer-Encoding` line (the line kept so far
+    /// starts with its name; `whole`: the line is all there, its value readable).
+    fn note_framing(&mut self, whole: bool) {
+        fn named<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+            let start = line.get(..name.len())?;
+            start
+                .eq_ignore_ascii_case(name)
+                .then(|| &line[name.len()..])
+        }
+        if let Some(value) = named(&self.line, b"content-length:") {
+            let value = value.trim_ascii();
+            let n = (whole && !value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(value).ok()?.parse().ok())
+                .flatten();
+            // A second line with another value makes hyper refuse the head.
+            self.length_line = Some(self.length_line.unwrap_or(n));
+        } else if named(&self.line, b"transfer-encoding:").is_some() {
+            self.coded = true;
         }
     }
 
@@ -384,12 +517,20 @@ impl IdLines {
         }
     }
 
-    /// Another answer went out: the next head starts afresh.
+    /// Another answer went out: the next head starts afresh (after what is left of
+    /// the last one's body, when it was answered before it was read).
     fn reset(&mut self) {
         self.found.clear();
         self.line.clear();
         self.skipping = false;
         self.in_head = true;
+        self.length_line = None;
+        self.coded = false;
+        if self.out_of_step {
+            self.exchanges
+                .head_length
+                .store(HEAD_UNSEEN, Ordering::SeqCst);
+        }
     }
 
     /// What the lines found say of the request ID.
@@ -740,12 +881,18 @@ pub async fn serve_shared(
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();
+            let (ids, problem) = (limits.ids, limits.problem);
+            let scanned = exchanges.clone();
             let routed = hyper_util::service::TowerToHyperService::new(router.layer(
                 axum::middleware::from_fn(
                     move |mut req: axum::extract::Request, next: axum::middleware::Next| {
                         let in_flight = in_flight.clone();
                         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        let refused = framing_refusal(&req, &scanned, ids, &problem);
                         async move {
+                            if let Some(refusal) = refused {
+                                return refusal;
+                            }
                             let _busy = Busy::enter(in_flight);
                             next.run(req).await
                         }
@@ -879,6 +1026,90 @@ pub fn secret_matches(presented: &[u8], secret: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// What is wrong with a request's body framing, if anything: `(status, text, code)`.
+/// hyper frames a body by `Transfer-Encoding` when it is there, and ignores
+/// `Content-Length` then; a peer in front of the service (a balancer, a cache) may
+/// frame the same bytes by `Content-Length`, and the two would disagree on where
+/// the next request starts (RFC 9112 §6.1: such a request must be treated as an
+/// error). Codings before a final `chunked` would be handed to the handler
+/// undecoded, as if they were the body.
+fn framing_fault(
+    version: axum::http::Version,
+    headers: &axum::http::HeaderMap,
+    head_length: u8,
+) -> Option<(axum::http::StatusCode, &'static str, &'static str)> {
+    use axum::http::{header, StatusCode};
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .peekable();
+    codings.peek()?;
+    let bad = |text| Some((StatusCode::BAD_REQUEST, text, "bad-framing"));
+    // hyper leaves `Content-Length` out of a head that has `Transfer-Encoding`:
+    // the head's bytes tell. A head the scan could not delimit keeps hyper's own
+    // rule (framed by `Transfer-Encoding`, the connection closed after it).
+    if headers.contains_key(header::CONTENT_LENGTH) || head_length == HEAD_LENGTH {
+        return bad("Content-Length and Transfer-Encoding together");
+    }
+    if version < axum::http::Version::HTTP_11 {
+        return bad("Transfer-Encoding in an HTTP/1.0 request");
+    }
+    let codings: Vec<&[u8]> = codings.collect();
+    let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
+    match codings.split_last() {
+        Some((last, [])) if chunked(last) => None,
+        Some((last, before)) if chunked(last) && !before.iter().any(chunked) => Some((
+            StatusCode::NOT_IMPLEMENTED,
+            "Transfer-Encoding with codings other than chunked",
+            "unsupported-transfer-coding",
+        )),
+        _ => bad("invalid Transfer-Encoding"),
+    }
+}
+
+/// The answer to a request whose framing is in doubt ([`framing_fault`]): the
+/// service's JSON error with the request ID its rule gives, the connection closed
+/// after it (its body is never read, so where the next request starts is unknown).
+fn framing_refusal(
+    req: &axum::extract::Request,
+    exchanges: &Exchanges,
+    (policy, version): (IdPolicy, IdVersion),
+    problem: &Problem,
+) -> Option<axum::response::Response> {
+    let head_length = exchanges.head_length.load(Ordering::SeqCst);
+    let (status, text, code) = framing_fault(req.version(), req.headers(), head_length)?;
+    let id = header::resolve(
+        policy,
+        header::extract(
+            req.headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        ),
+        version,
+    )
+    .0;
+    appproxy_shared::with_request_context(id, None, || {
+        tracing::info!(status = status.as_u16(), "request refused: {text}");
+    });
+    let mut resp = axum::response::Response::new(axum::body::Body::from(problem.body(
+        text,
+        code,
+        id.as_ref().map(|i| i.as_str()),
+    )));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(value) = id.and_then(|i| axum::http::HeaderValue::from_str(i.as_str()).ok()) {
+        headers.insert(appproxy_shared::PRIMARY_HEADER, value);
+    }
+    Some(closing(resp))
+}
+
 /// Marks a refusal made before the body was read whole: the connection cannot be
 /// reused.
 pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
@@ -891,7 +1122,12 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{header, json_for_hyper_error, secret_matches, IdLines, Problem};
+    use super::{
+        framing_fault, header, json_for_hyper_error, secret_matches, Exchanges, IdLines, Problem,
+        HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN,
+    };
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
 
     #[test]
     fn only_hypers_exact_answer_is_rewritten() {
@@ -938,6 +1174,124 @@ mod tests {
         }
     }
 
+    /// What the scan of `reads` (`None`: an answer goes out) published for the last
+    /// head.
+    fn head_length(reads: &[Option<&[u8]>]) -> u8 {
+        let exchanges = Arc::new(Exchanges::default());
+        let mut lines = IdLines::new(exchanges.clone());
+        for read in reads {
+            match read {
+                Some(bytes) => lines.scan(bytes),
+                None => lines.reset(),
+            }
+        }
+        exchanges.head_length.load(Ordering::SeqCst)
+    }
+
+    /// Whether each head has a `Content-Length` line (which hyper leaves out of a
+    /// head that has `Transfer-Encoding`) is known while the scan can follow the
+    /// requests' boundaries: bodies of a known length are passed over, however they
+    /// are cut into reads and whether they come before or after the answer. Once a
+    /// chunked body is followed by more, or a request is read before the one before
+    /// it was answered, the heads after are unseen.
+    #[test]
+    fn a_heads_length_line_is_known_while_the_scan_keeps_step() {
+        let both: &[u8] =
+            b"POST /a HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let padded = format!(
+            "POST /a HTTP/1.1\r\ncontent-LENGTH:{}5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            " ".repeat(300)
+        );
+        let coded: &[u8] = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let sized: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n";
+        let body_then_both = [b"0123456789".as_slice(), both].concat();
+        let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
+        // `None`: an answer goes out.
+        type Reads<'a> = Vec<Option<&'a [u8]>>;
+        let cases: &[(&str, Reads<'_>, u8)] = &[
+            ("one head with both", vec![Some(both)], HEAD_LENGTH),
+            ("one head, its body in the same read", vec![Some(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")], HEAD_LENGTH),
+            ("padded and in capitals", vec![Some(padded.as_bytes())], HEAD_LENGTH),
+            ("chunked alone", vec![Some(coded)], HEAD_NO_LENGTH),
+            ("after a sized body in the same read", vec![Some(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"), None, Some(both)], HEAD_LENGTH),
+            ("after a sized body cut into reads", vec![Some(sized), Some(b"0123"), Some(b"456789"), None, Some(coded)], HEAD_NO_LENGTH),
+            ("after a body read after its answer", vec![Some(sized), None, Some(b"0123456789"), Some(both)], HEAD_LENGTH),
+            ("a body and the next head in one read, after the answer", vec![Some(sized), None, Some(&body_then_both)], HEAD_LENGTH),
+            ("pipelined before the answer", vec![Some(&pipelined), None], HEAD_UNSEEN),
+            ("after a chunked body", vec![Some(coded), Some(b"0\r\n\r\n"), None, Some(both)], HEAD_UNSEEN),
+            ("out of step for good", vec![Some(coded), Some(b"0\r\n\r\n"), None, Some(coded), None, Some(b"GET / HTTP/1.1\r\n\r\n")], HEAD_UNSEEN),
+        ];
+        for (what, reads, want) in cases {
+            assert_eq!(head_length(reads), *want, "{what}");
+        }
+        // However the head is cut into reads.
+        for cut in 1..both.len() {
+            assert_eq!(
+                head_length(&[Some(&both[..cut]), Some(&both[cut..])]),
+                HEAD_LENGTH,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    /// Framing in doubt, refused before a handler sees it.
+    #[test]
+    fn framing_in_doubt_is_refused() {
+        use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
+        let headers = |fields: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let te = |v| headers(&[("transfer-encoding", v)]);
+        let code =
+            |v: Version, h: &HeaderMap, length| framing_fault(v, h, length).map(|(s, _, c)| (s, c));
+        let v11 = Version::HTTP_11;
+        let bad = Some((StatusCode::BAD_REQUEST, "bad-framing"));
+        assert_eq!(code(v11, &te("chunked"), HEAD_NO_LENGTH), None);
+        assert_eq!(code(v11, &te("Chunked"), HEAD_NO_LENGTH), None);
+        assert_eq!(
+            code(v11, &headers(&[("content-length", "5")]), HEAD_LENGTH),
+            None,
+            "no coding"
+        );
+        assert_eq!(
+            code(v11, &te("chunked"), HEAD_LENGTH),
+            bad,
+            "the length line hyper left out"
+        );
+        assert_eq!(
+            code(
+                v11,
+                &headers(&[("transfer-encoding", "chunked"), ("content-length", "5")]),
+                HEAD_NO_LENGTH
+            ),
+            bad
+        );
+        assert_eq!(code(v11, &te("chunked"), HEAD_UNSEEN), None, "hyper's rule");
+        assert_eq!(code(Version::HTTP_10, &te("chunked"), HEAD_NO_LENGTH), bad);
+        assert_eq!(
+            code(v11, &te("gzip, chunked"), HEAD_NO_LENGTH),
+            Some((StatusCode::NOT_IMPLEMENTED, "unsupported-transfer-coding"))
+        );
+        assert_eq!(code(v11, &te("chunked, chunked"), HEAD_NO_LENGTH), bad);
+        assert_eq!(
+            code(
+                v11,
+                &headers(&[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked")
+                ]),
+                HEAD_NO_LENGTH
+            ),
+            bad
+        );
+        assert_eq!(code(v11, &te("gzip"), HEAD_NO_LENGTH), bad);
+        assert_eq!(code(v11, &te(""), HEAD_NO_LENGTH), bad);
+    }
+
     fn id_of(lines: &IdLines) -> Option<String> {
         match lines.extracted() {
             header::Extracted::Valid(id) => Some(id.as_str().to_owned()),
@@ -952,13 +1306,13 @@ mod tests {
         let head = b"PATCH /upload HTTP/1.1\r\nHost: t\r\nX-Request-ID: in-head-1\r\nContent-Length: 40\r\n\r\n";
         let body = b"X-Backend-Request-ID: in-body-2\r\n\r\nmore";
         for cut in 1..head.len() {
-            let mut lines = IdLines::default();
+            let mut lines = IdLines::new(Arc::default());
             lines.scan(&head[..cut]);
             lines.scan(&head[cut..]);
             lines.scan(body);
             assert_eq!(id_of(&lines).as_deref(), Some("in-head-1"), "cut at {cut}");
         }
-        let mut lines = IdLines::default();
+        let mut lines = IdLines::new(Arc::default());
         lines.scan(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\n\r\n");
         lines.scan(body);
         assert_eq!(id_of(&lines), None, "a body's lines are not a head's");

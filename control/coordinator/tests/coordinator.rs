@@ -5696,6 +5696,52 @@ fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
     let text =
         exchange(b"GET /status HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n").expect("an answer");
     check(&text, "400", "bad-request", None);
+    // Framing in doubt never reaches a handler: 400 (501 for codings before a
+    // final `chunked`), and the connection closes with the body unread, so the
+    // request smuggled in it is never answered.
+    let smuggled = "GET /status HTTP/1.1\r\nHost: t\r\n\r\n";
+    for (framing, status, code) in [
+        (
+            "Content-Length: 50\r\nTransfer-Encoding: chunked\r\n",
+            "400",
+            "bad-framing",
+        ),
+        (
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "501",
+            "unsupported-transfer-coding",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "400",
+            "bad-framing",
+        ),
+    ] {
+        let text = exchange(
+            format!("POST /v2/conf HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: framing-1\r\n{framing}\r\n0\r\n\r\n{smuggled}").as_bytes(),
+        )
+        .expect("an answer");
+        check(&text, status, code, Some("framing-1"));
+        assert_eq!(
+            text.matches("HTTP/1.1").count(),
+            1,
+            "one answer only: {text}"
+        );
+    }
+    let text = exchange(
+        format!("POST /v2/conf HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}").as_bytes(),
+    )
+    .expect("an answer");
+    assert!(text.starts_with("HTTP/1."), "{text}");
+    assert!(
+        text.contains("bad-framing") || text.contains("bad-request"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("HTTP/1.").count(),
+        1,
+        "one answer only: {text}"
+    );
     // A head over the limit: 431 (an ID that is not valid is not echoed).
     for (id_line, id) in [
         ("X-Request-ID: big-head-1\r\n", Some("big-head-1")),

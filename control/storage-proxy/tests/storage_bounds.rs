@@ -296,6 +296,77 @@ fn one_address_cannot_take_every_client_connection() {
     assert!(served_from(&p, Ipv4Addr::new(127, 0, 0, 2)).is_some());
 }
 
+/// A request whose body framing is in doubt — `Content-Length` beside
+/// `Transfer-Encoding`, or a coding the server would pass on undecoded — is refused
+/// on both APIs before a handler sees it (DESIGN's limits table: 400, or 501, and
+/// the connection closed), with the request ID. Before, hyper framed the body by
+/// `Transfer-Encoding` and ignored `Content-Length`: the PATCH wrote `abc` (204),
+/// the listing answered 200, and `gzip, chunked` stored the bytes as they came.
+#[test]
+fn bodies_framed_two_ways_are_refused_on_both_apis() {
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 3}),
+    );
+    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    let chunked_list = format!("{:x}\r\n{list}\r\n0\r\n\r\n", list.len());
+    for (framing, status, code) in [
+        (
+            "Content-Length: 50\r\nTransfer-Encoding: chunked\r\n",
+            "400",
+            "bad-framing",
+        ),
+        (
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "501",
+            "unsupported-transfer-coding",
+        ),
+        (
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "400",
+            "bad-framing",
+        ),
+    ] {
+        for (addr, head, body) in [
+            (
+                p.client,
+                format!("PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\n"),
+                "3\r\nabc\r\n0\r\n\r\n".to_owned(),
+            ),
+            (
+                p.manager,
+                format!("POST /folder/file/list HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\n"),
+                chunked_list.clone(),
+            ),
+        ] {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            // A second request behind the body: never answered.
+            s.write_all(
+                format!("{head}X-Backend-Request-ID: framing-2\r\n{framing}\r\n{body}GET /status HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+            )
+            .expect("send");
+            let text = answer(&mut s);
+            assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{framing:?}: {text}");
+            assert!(
+                text.contains(&format!(r#""code":"{code}""#))
+                    && text.contains(r#""request_id":"framing-2""#),
+                "{text}"
+            );
+            let lower = text.to_ascii_lowercase();
+            assert!(lower.contains("connection: close"), "{text}");
+            assert!(lower.contains("x-backend-request-id: framing-2"), "{text}");
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "one answer only: {text}");
+        }
+    }
+    assert!(!p.vfolder_path().join("f.bin").exists(), "nothing written");
+    assert_eq!(p.tus_head(&token).header("upload-offset"), Some("0"));
+    // A body framed one way passes as before.
+    let r = p.tus_patch(&token, "0", b"abc");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
 #[test]
 fn a_manager_body_that_stalls_is_answered_408_and_closed() {
     let p = Proxy::start("body_read_timeout_secs = 1\nidle_timeout_secs = 600");
