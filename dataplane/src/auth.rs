@@ -163,16 +163,29 @@ pub fn verify_hs256(
 pub use appproxy_shared::jwt::sign_hs256;
 
 /// Checks the bearer JWT of an inference circuit: `Authorization: Bearer <jwt>` or
-/// `BackendAI <jwt>`, whose `id` claim names the circuit.
-pub fn check_bearer(
-    authorization: Option<&[u8]>,
+/// `BackendAI <jwt>` (the scheme in any case, RFC 9110 §11.1), whose `id` claim
+/// names the circuit. `authorization` is every `Authorization` field of the
+/// request: more than one is refused, since the app would get them all and might
+/// read one the worker never checked.
+pub fn check_bearer<'a>(
+    mut authorization: impl Iterator<Item = &'a [u8]>,
     secret: &str,
     circuit: &uuid::Uuid,
 ) -> Result<(), Refused> {
-    let value = authorization.ok_or(refused(401, "E20006", "authorization missing"))?;
-    let token = value
-        .strip_prefix(b"Bearer ")
-        .or_else(|| value.strip_prefix(b"BackendAI "))
+    let value = authorization
+        .next()
+        .ok_or(refused(401, "E20006", "authorization missing"))?;
+    if authorization.next().is_some() {
+        return Err(refused(401, "E20006", "more than one Authorization field"));
+    }
+    let scheme = |name: &[u8]| {
+        value
+            .split_at_checked(name.len() + 1)
+            .filter(|(s, _)| s[..name.len()].eq_ignore_ascii_case(name) && s[name.len()] == b' ')
+            .map(|(_, token)| token)
+    };
+    let token = scheme(b"Bearer")
+        .or_else(|| scheme(b"BackendAI"))
         .ok_or(refused(401, "E20006", "unsupported authorization scheme"))?;
     let claims = verify_hs256(token.trim_ascii(), secret)?;
     let id = claims.get("id").and_then(|v| v.as_str()).unwrap_or("");
@@ -561,24 +574,62 @@ mod tests {
         let circuit = uuid::Uuid::new_v4();
         let good = sign_hs256(&serde_json::json!({"id": circuit.to_string()}), "k");
         assert_eq!(
-            check_bearer(Some(format!("Bearer {good}").as_bytes()), "k", &circuit),
+            check_bearer(
+                std::iter::once(format!("Bearer {good}").as_bytes()),
+                "k",
+                &circuit
+            ),
             Ok(())
         );
         assert_eq!(
-            check_bearer(Some(format!("BackendAI {good}").as_bytes()), "k", &circuit),
+            check_bearer(
+                std::iter::once(format!("BackendAI {good}").as_bytes()),
+                "k",
+                &circuit
+            ),
             Ok(())
         );
         let code = |auth: Option<&str>| {
-            check_bearer(auth.map(str::as_bytes), "k", &circuit)
+            check_bearer(auth.map(str::as_bytes).into_iter(), "k", &circuit)
                 .expect_err("refused")
                 .code
         };
         assert_eq!(code(None), "E20006");
+        // The scheme in any case (RFC 9110 §11.1; the original took only `Bearer`
+        // and `BackendAI` as written).
+        for scheme in ["bearer", "BEARER", "backendai", "BackendAi"] {
+            assert_eq!(
+                check_bearer(
+                    std::iter::once(format!("{scheme} {good}").as_bytes()),
+                    "k",
+                    &circuit
+                ),
+                Ok(()),
+                "{scheme}"
+            );
+        }
+        assert_eq!(code(Some("Bearer")), "E20006", "no token");
+        for other in ["Bearerx", "Basic", "Bear", ""] {
+            assert_eq!(code(Some(&format!("{other} {good}"))), "E20006", "{other}");
+        }
+        assert_eq!(code(Some(&format!("Bearer{good}"))), "E20006", "no space");
+        // A second field, checked or not, refuses the request: the app would get
+        // both, and might read the one the worker did not check.
+        let two = |a: &str, b: &str| {
+            check_bearer([a.as_bytes(), b.as_bytes()].into_iter(), "k", &circuit)
+                .expect_err("refused")
+                .message
+        };
+        let checked = format!("Bearer {good}");
         assert_eq!(
-            code(Some(&format!("bearer {good}"))),
-            "E20006",
-            "the scheme is case-sensitive"
+            two(&checked, "Basic YWRtaW46YWRtaW4="),
+            "more than one Authorization field"
         );
+        assert_eq!(
+            two("Basic YWRtaW46YWRtaW4=", &checked),
+            "more than one Authorization field"
+        );
+        assert_eq!(two(&checked, &checked), "more than one Authorization field");
         assert_eq!(
             code(Some(&format!(
                 "Bearer {}",

@@ -157,7 +157,17 @@ impl PermitGuard {
     /// Checks one chunk before it is relayed.
     pub fn inspect(&mut self, chunk: &[u8]) -> std::io::Result<()> {
         let name = crate::http::encode::PERMIT_COOKIE.as_bytes();
-        let http = *self.http.get_or_insert_with(|| looks_like_http(chunk));
+        let http = match self.http {
+            Some(http) => http,
+            None => {
+                // Empty lines before a request line are skipped (RFC 9112 §2.2), as
+                // the worker's own parser skips them: the first other byte decides.
+                let Some(start) = chunk.iter().position(|b| !matches!(b, b'\r' | b'\n')) else {
+                    return Ok(());
+                };
+                *self.http.insert(looks_like_http(&chunk[start..]))
+            }
+        };
         if !http {
             return Ok(());
         }
@@ -237,5 +247,20 @@ mod tests {
             !run(&[b"PO", b"ST / HTTP/1.1\r\nCookie: appproxy_permit=x\r\n"]),
             "the method split"
         );
+        // Empty lines before the request line (which HTTP servers skip) do not
+        // hide it; before, a leading CRLF made the stream "not HTTP".
+        assert!(
+            !run(&[b"\r\n", &cookie[..]]),
+            "after an empty line of its own"
+        );
+        assert!(
+            !run(&[b"\r\n\n\r\n", b"\r\n", &[b"\n".as_slice(), cookie].concat()]),
+            "after empty lines"
+        );
+        assert!(run(&[
+            b"\r\n",
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            b"appproxy_permit"
+        ]));
     }
 }

@@ -541,6 +541,52 @@ fn pseudo_header_tricks_are_refused() {
     still_clean(&w, &app, "/after");
 }
 
+/// A request that names its host in `host` and has no `:authority` (RFC 9113
+/// §8.3.1 allows it; a client translating HTTP/1.1 sends one) is served as an
+/// origin-form HTTP/1.1 request, its `host` the app's `Host`. Before, it was
+/// refused 400: the `h2` crate leaves `:scheme` out of a URI without an authority,
+/// and the worker took the missing scheme for a malformed target. A request with
+/// neither is still refused.
+#[test]
+fn a_request_naming_its_host_without_authority_is_served() {
+    let app = Recorder::start();
+    let w = worker(&app);
+    let fields: Vec<Field> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/hostonly"),
+        (b"host", b"named.example"),
+    ];
+    let got = one(
+        &w,
+        &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block(&fields)),
+    );
+    assert_eq!(got, Outcome::Status(200));
+    let all = app.requests();
+    let r = all
+        .iter()
+        .find(|r| r.contains("/hostonly"))
+        .expect("forwarded");
+    assert!(r.starts_with("GET /hostonly HTTP/1.1\r\n"), "{r}");
+    assert_eq!(
+        r.to_ascii_lowercase().matches("\r\nhost: ").count(),
+        1,
+        "{r}"
+    );
+    assert!(r.contains("\r\nhost: named.example\r\n"), "{r}");
+    let neither: Vec<Field> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/nohost"),
+    ];
+    let got = one(
+        &w,
+        &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block(&neither)),
+    );
+    assert!(got.refused(), "{got:?}");
+    assert!(app.requests().iter().all(|r| !r.contains("/nohost")));
+}
+
 #[test]
 fn authority_routes_and_a_disagreeing_host_is_not_forwarded() {
     let app = Recorder::start();

@@ -100,6 +100,11 @@ pub fn trailer_verdict(name: &[u8]) -> TrailerVerdict {
     } else if is(&DROPPED_TRAILERS)
         || crate::http::encode::is_underscored_managed_name(name)
         || crate::http::encode::is_proxy_claim(name)
+        // Nor after the content: the trace context (the worker's replaces the
+        // client's in a head), `Proxy` (left out of every head) and method
+        // overrides (a method cannot change once the content is in).
+        || is(&["traceparent", "tracestate", crate::http::encode::HTTPOXY])
+        || is(&crate::http::encode::METHOD_OVERRIDE)
     {
         TrailerVerdict::Drop
     } else {
@@ -662,6 +667,20 @@ mod tests {
         let d = decode_with(
             ChunkedDecoder::new(),
             b"0\r\nContent-Length: 5\r\nX-Sum:  7 \r\nHost: h\r\nContent-Type: a\r\n\r\n",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(d.encoded, b"0\r\nX-Sum: 7\r\n\r\n");
+    }
+
+    /// Trailers the worker drops, as it drops or replaces the same fields in heads:
+    /// a client's trace context, `Proxy`, method overrides, front-proxy claims.
+    /// Others go on.
+    #[test]
+    fn trailers_of_fields_managed_in_heads_are_dropped() {
+        let d = decode_with(
+            ChunkedDecoder::for_request(),
+            b"0\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: a=b\r\nProxy: http://evil:1\r\nX-HTTP-Method-Override: DELETE\r\nX-Method-Override: DELETE\r\nX-Remote-User: admin\r\nX-Sum: 7\r\n\r\n",
         )
         .expect("valid")
         .expect("complete");

@@ -65,7 +65,7 @@ const FORWARDING: [&str; 5] = [
 /// reach the app as the worker's word. Kept only from `trusted_proxies`, as
 /// [`FORWARDING`] is; so is every other `X-Forwarded-*` name
 /// ([`is_proxy_claim`]).
-const PROXY_CLAIMS: [&str; 19] = [
+const PROXY_CLAIMS: [&str; 32] = [
     "front-end-https",
     "x-url-scheme",
     "x-scheme",
@@ -87,6 +87,24 @@ const PROXY_CLAIMS: [&str; 19] = [
     "ssl-client-cert",
     "x-client-cert",
     "x-ssl-client-s-dn",
+    // ASP.NET Core's certificate forwarding reads this one.
+    "x-arr-clientcert",
+    // The user an authenticating front proxy vouches for: Apache's and nginx's
+    // `REMOTE_USER` (JupyterHub's remote-user authenticator), Grafana's auth proxy,
+    // oauth2-proxy's `X-Auth-Request-*`.
+    "remote-user",
+    "x-remote-user",
+    "x-webauth-user",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    // The host, method and port before a front proxy rewrote them.
+    "x-host",
+    "x-http-host-override",
+    "x-original-method",
+    "x-real-port",
 ];
 
 /// Whether `name` is a field a front proxy sets to tell the app what it saw
@@ -95,9 +113,11 @@ const PROXY_CLAIMS: [&str; 19] = [
 pub fn is_proxy_claim(name: &[u8]) -> bool {
     const PREFIX: &[u8] = b"x-forwarded-";
     // Every such name starts with one of these letters: most headers skip the list.
-    matches!(name.first().map(|b| b | 0x20), Some(b'x' | b'f' | b's'))
-        && ((name.len() > PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
-            || PROXY_CLAIMS.iter().any(|h| name_is(name, h)))
+    matches!(
+        name.first().map(|b| b | 0x20),
+        Some(b'x' | b'f' | b's' | b'r')
+    ) && ((name.len() > PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
+        || PROXY_CLAIMS.iter().any(|h| name_is(name, h)))
 }
 
 /// Headers naming the client's address that other proxies and CDNs set; a client can
@@ -128,6 +148,12 @@ pub fn is_client_address_header(name: &[u8]) -> bool {
         Some(b'x' | b't' | b'c' | b'f')
     ) && CLIENT_ADDRESS.iter().any(|h| name_is(name, h))
 }
+
+/// `Proxy`, never forwarded: no client needs to send it, and CGI-style servers
+/// (WSGI, PHP, Go's `net/http/cgi`) read it as `HTTP_PROXY`, the proxy their own
+/// outgoing requests take ("httpoxy", CVE-2016-5385), as nginx's usual
+/// `proxy_set_header Proxy ""` drops it.
+pub const HTTPOXY: &str = "proxy";
 
 /// Method-override fields, which some frameworks honour as the request's method: a
 /// CORS preflight carrying one is no preflight ([`crate::auth::is_cors_preflight`]).
@@ -363,6 +389,7 @@ pub fn upstream_request_traced(
         if is_hop_by_hop(name_b, buf, &head.connection_tokens)
             || name_is(name_b, "content-length")
             || name_is(name_b, "expect")
+            || name_is(name_b, HTTPOXY)
             || header_rank(name_b).is_some()
             || is_client_address_header(name_b)
             || is_underscored_managed_name(name_b)

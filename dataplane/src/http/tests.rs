@@ -495,7 +495,24 @@ mod encoding {
             ("X-Client-Verify: SUCCESS", false),
             ("X-Client-Cert: a", false),
             ("X-Forwarded-Prefixes: a", false),
+            ("X-ARR-ClientCert: MIIB", false),
+            ("Remote-User: admin", false),
+            ("REMOTE_USER: admin", false),
+            ("X-Remote-User: admin", false),
+            ("X-WEBAUTH-USER: admin", false),
+            ("X-Auth-Request-User: admin", false),
+            ("X-Auth-Request-Email: admin@example.com", false),
+            ("X-Auth-Request-Preferred-Username: admin", false),
+            ("X-Auth-Request-Groups: admins", false),
+            ("X-Auth-Request-Access-Token: t", false),
+            ("X-Host: evil", false),
+            ("X-HTTP-Host-Override: evil", false),
+            ("X-Original-Method: DELETE", false),
+            ("X-Real-Port: 443", false),
             // Look-alikes and ordinary fields go on.
+            ("Remote-Users: a", true),
+            ("X-Auth-Request: a", true),
+            ("Referer: http://a/", true),
             ("X-Forwarded-: a", true),
             ("X-Forwardedx: a", true),
             ("X-Schemes: a", true),
@@ -528,6 +545,41 @@ mod encoding {
                     text.contains(&format!("\r\n{field}\r\n")),
                     kept,
                     "{field}, trusted {trusted}: {text}"
+                );
+            }
+        }
+    }
+
+    /// `Proxy` never reaches an app, from any client, trusted proxies included: CGI
+    /// servers read it as `HTTP_PROXY`, the proxy of the app's own requests
+    /// (httpoxy). Look-alikes go on.
+    #[test]
+    fn the_proxy_field_never_reaches_the_app() {
+        let id: RequestId = "rid-1".parse().expect("valid");
+        for (field, kept) in [
+            ("Proxy: http://evil:1", false),
+            ("PROXY: http://evil:1", false),
+            ("Proxy_: x", true),
+            ("Proxy-Status: a", true),
+            ("Proxyx: a", true),
+        ] {
+            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
+            let head = req(input.as_bytes()).expect("valid").expect("complete");
+            for trusted in [false, true] {
+                let mut out = Vec::new();
+                upstream_request(
+                    &mut out,
+                    input.as_bytes(),
+                    &head,
+                    Some(&id),
+                    hop(trusted),
+                    app(),
+                );
+                let text = String::from_utf8(out).expect("ascii");
+                assert_eq!(
+                    text.contains(&format!("\r\n{field}\r\n")),
+                    kept,
+                    "{field}: {text}"
                 );
             }
         }

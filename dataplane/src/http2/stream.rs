@@ -176,12 +176,18 @@ pub async fn handle(
     // `:scheme` is the target URI's scheme (RFC 9113 §8.3.1): the worker serves
     // `http` and `https` ones, and another (`javascript`, `ftp`) is malformed here,
     // as in an HTTP/1.1 absolute-form target.
+    // Without `:authority` the `h2` crate checks `:scheme` and leaves it out of the
+    // URI (a URI cannot hold a scheme without an authority): the request names its
+    // host in `host`, which RFC 9113 §8.3.1 allows, and is taken as an origin-form
+    // HTTP/1.1 request is.
     let target_ok = parts.uri.path_and_query().is_some_and(|p| {
         p.as_str().starts_with('/') || (p.as_str() == "*" && parts.method == http::Method::OPTIONS)
     }) && parts
         .uri
         .scheme_str()
-        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"));
+        .map_or(parts.uri.authority().is_none(), |s| {
+            s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
+        });
     // Refused before its head is rendered and parsed: under the client's request
     // ID all the same (its fields are parsed already), logged as HTTP/1.1's are.
     let refused_early = |e: RequestError| {

@@ -648,7 +648,7 @@ fn check_credentials(
         }
         appproxy_shared::model::AppMode::Inference => {
             let key = secrets.jwt_secret.as_deref().ok_or(NO_KEY)?;
-            crate::auth::check_bearer(values("authorization").next(), key, &circuit.id)
+            crate::auth::check_bearer(values("authorization"), key, &circuit.id)
                 .map(|()| Admitted::Bearer)
         }
     }
