@@ -351,6 +351,9 @@ struct IdLines {
     found: Vec<(Vec<u8>, Vec<u8>)>,
     /// A head is being read (not yet its empty line), or awaited.
     in_head: bool,
+    /// The head being read has a line (its request line): empty lines before one
+    /// are skipped, as the parser skips them, not taken for the head's end.
+    started: bool,
     /// The head being read: whether it has a `Content-Length` line, and its value
     /// (`None`: not a plain number), and whether it has `Transfer-Encoding`.
     length_line: Option<Option<u64>>,
@@ -379,6 +382,7 @@ impl IdLines {
             skipping: false,
             found: Vec::new(),
             in_head: true,
+            started: false,
             length_line: None,
             coded: false,
             body: Body::Known(0),
@@ -414,6 +418,18 @@ impl IdLines {
             }
             // Bytes past a body whose end is unknown, or past a body while its
             // request is unanswered (the next request, pipelined).
+            // Empty lines after a body (some clients end a POST with an extra CRLF)
+            // are skipped, as the parser skips them before the next request line.
+            if !self.in_head && self.body == Body::Known(0) {
+                let blank = rest
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                rest = &rest[blank..];
+                if rest.is_empty() {
+                    return;
+                }
+            }
             // (What was found for the request in hand stands; the requests after it
             // are unseen, from its answer on.)
             if self.body == Body::Unknown || !self.in_head {
@@ -442,6 +458,7 @@ impl IdLines {
                     self.line.extend_from_slice(&part[..part.len().min(32)]);
                     self.note_framing(false);
                     self.skipping = true;
+                    self.started = true;
                     self.line.clear();
                 } else {
                     self.line.extend_from_slice(part);
@@ -450,9 +467,15 @@ impl IdLines {
             if ends {
                 if !self.skipping {
                     if self.line.trim_ascii().is_empty() {
-                        self.head_ended();
-                        return rest;
+                        if self.started {
+                            self.head_ended();
+                            return rest;
+                        }
+                        // An empty line before the request line (RFC 9112 §2.2).
+                        self.line.clear();
+                        continue;
                     }
+                    self.started = true;
                     self.note_framing(true);
                     self.take_line();
                 }
@@ -467,6 +490,7 @@ impl IdLines {
     fn head_ended(&mut self) {
         self.line.clear();
         self.in_head = false;
+        self.started = false;
         let found = if self.out_of_step {
             HEAD_UNSEEN
         } else if self.length_line.is_some() {
@@ -524,6 +548,7 @@ impl IdLines {
         self.line.clear();
         self.skipping = false;
         self.in_head = true;
+        self.started = false;
         self.length_line = None;
         self.coded = false;
         if self.out_of_step {
@@ -1205,11 +1230,17 @@ mod tests {
         let coded: &[u8] = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         let sized: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n";
         let body_then_both = [b"0123456789".as_slice(), both].concat();
+        let after_empty = [b"\r\n".as_slice(), both].concat();
+        let sized_crlf = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789\r\n".to_vec();
+        let sized_crlf_both = [sized_crlf.as_slice(), both].concat();
         let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
         // `None`: an answer goes out.
         type Reads<'a> = Vec<Option<&'a [u8]>>;
         let cases: &[(&str, Reads<'_>, u8)] = &[
             ("one head with both", vec![Some(both)], HEAD_LENGTH),
+            ("after empty lines, which the parser skips", vec![Some(b"\r\n\n"), Some(&after_empty)], HEAD_LENGTH),
+            ("after a body and an extra CRLF", vec![Some(&sized_crlf), None, Some(both)], HEAD_LENGTH),
+            ("pipelined after a body and an extra CRLF", vec![Some(&sized_crlf_both), None], HEAD_UNSEEN),
             ("one head, its body in the same read", vec![Some(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")], HEAD_LENGTH),
             ("padded and in capitals", vec![Some(padded.as_bytes())], HEAD_LENGTH),
             ("chunked alone", vec![Some(coded)], HEAD_NO_LENGTH),

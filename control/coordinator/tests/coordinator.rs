@@ -5728,6 +5728,12 @@ fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
             "one answer only: {text}"
         );
     }
+    // Empty lines before the request line (which the parser skips) hide nothing.
+    let text = exchange(
+        format!("\r\n\r\nPOST /v2/conf HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: framing-1\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}").as_bytes(),
+    )
+    .expect("an answer");
+    check(&text, "400", "bad-framing", Some("framing-1"));
     let text = exchange(
         format!("POST /v2/conf HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}").as_bytes(),
     )
