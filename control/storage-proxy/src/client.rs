@@ -682,7 +682,7 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
         }
         None => relpath.as_os_str().to_owned(),
     };
-    let destination = fsx::components(&relpath)?;
+    let destination = fsx::to_make(fsx::components(&relpath)?)?;
     if destination.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }

@@ -29,6 +29,28 @@ pub const DIR: OFlags = OFlags::RDONLY
 /// The most bytes of one file name (`NAME_MAX` of the Linux file systems).
 pub const NAME_MAX: usize = 255;
 
+/// The most bytes of a path the proxy makes within a vfolder (its components and
+/// the `/` between them): `PATH_MAX` less its terminating NUL ([`to_make`]).
+pub const PATH_MAX: usize = 4095;
+
+/// `parts`, a path the proxy is to make (an upload's destination, `mkdir`, the new
+/// path of a move or rename), refused when it is longer than [`PATH_MAX`]. The
+/// proxy opens a path a component at a time, so the kernel's own limit never
+/// applies to it: such a path could be named whole by no tool, and an upload's
+/// `dst_dir` of 65 KB made 32,577 nested directories for one empty file. A longer
+/// path a user made from a shell is still reached (listed, read, deleted).
+pub fn to_make(parts: Vec<OsString>) -> Result<Vec<OsString>, PathError> {
+    let len = parts
+        .iter()
+        .map(|p| p.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    if len > PATH_MAX {
+        return Err(PathError::PathTooLong(len));
+    }
+    Ok(parts)
+}
+
 /// Splits a client path into plain components; refuses absolute paths, `..` and NUL,
 /// and a component longer than [`NAME_MAX`] bytes, which no file system takes: every
 /// route refuses such a path before it acts (an upload before it reserves anything),
@@ -770,9 +792,9 @@ pub trait Visitor {
 
 /// Walks the tree under `top` depth first, without recursion and never following a
 /// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent. Memory
-/// is the subdirectories of each level it is in, descriptors at most `HELD + 2`,
-/// whatever the depth or width; a user can make a tree deeper than any stack and
-/// wider than the descriptor limit.
+/// is the names of the subdirectories of each level it is in ([`Subdirs`]),
+/// descriptors at most `HELD + 2`, whatever the depth or width; a user can make a
+/// tree deeper than any stack and wider than the descriptor limit.
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
     let reserves = v.reserves();
     let mut trail = Trail::new(top);
@@ -780,14 +802,13 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
         read_ahead(top, v)?;
     }
     let first = visit_files(Dir::read_from(top)?, top, v, 0)?;
-    let mut pending: Vec<(OsString, std::vec::IntoIter<Entry>)> =
-        vec![(OsString::new(), first.into_iter())];
+    let mut pending: Vec<(OsString, Subdirs)> = vec![(OsString::new(), first)];
     loop {
         let depth = pending.len().saturating_sub(1);
         let Some((_, list)) = pending.last_mut() else {
             break;
         };
-        let Some(e) = list.next() else {
+        let Some(name) = list.next() else {
             let Some((name, _)) = pending.pop() else {
                 break;
             };
@@ -799,6 +820,16 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
             continue;
         };
         let dir = trail.current();
+        // Looked at again now: the walk sees the entry as it is when its turn comes
+        // (gone, or no longer a directory, it is what it has become).
+        let e = match rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Entry {
+                name,
+                stat: Meta::from(&stat),
+            },
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(err) => return Err(err.into()),
+        };
         if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
             continue;
         }
@@ -819,7 +850,7 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
         }
         trail.push(sub)?;
         let dirs = visit_files(reader, trail.current(), v, depth + 1)?;
-        pending.push((e.name, dirs.into_iter()));
+        pending.push((e.name, dirs));
     }
     Ok(())
 }
@@ -860,20 +891,68 @@ pub fn is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(true)
 }
 
+/// The subdirectories of one level waiting to be walked: their names, sorted, in
+/// one buffer. A user can fill a directory with a million empty subdirectories;
+/// held as entries with their status, 200,000 of them cost each archive being made
+/// of it some 34 MB (about 170 bytes each, where an empty file costs 15), now their
+/// names' bytes and 8 each.
+#[derive(Default)]
+struct Subdirs {
+    /// The names, back to back.
+    bytes: Vec<u8>,
+    /// Where each name starts in `bytes`, and its length (at most `NAME_MAX`).
+    spans: Vec<(u32, u8)>,
+    /// The next to walk.
+    next: usize,
+}
+
+impl Subdirs {
+    fn push(&mut self, name: &[u8]) -> io::Result<()> {
+        let (Ok(start), Ok(len)) = (u32::try_from(self.bytes.len()), u8::try_from(name.len()))
+        else {
+            return Err(io::Error::other(
+                "a directory whose subdirectories' names pass 4 GiB",
+            ));
+        };
+        self.bytes.extend_from_slice(name);
+        self.spans.push((start, len));
+        Ok(())
+    }
+
+    fn name(&self, (start, len): (u32, u8)) -> &[u8] {
+        let start = start as usize;
+        &self.bytes[start..start + usize::from(len)]
+    }
+
+    /// In byte order, as the names were sorted as entries before.
+    fn sort(&mut self) {
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.sort_by(|a, b| self.name(*a).cmp(self.name(*b)));
+        self.spans = spans;
+    }
+
+    /// The next name to walk.
+    fn next(&mut self) -> Option<OsString> {
+        let span = *self.spans.get(self.next)?;
+        self.next += 1;
+        Some(OsStr::from_bytes(self.name(span)).to_owned())
+    }
+}
+
 /// Reads `dir` through `reader`, visiting each entry that is not a directory as it
 /// comes, or sorted when there are no more than [`Visitor::sorted_up_to`] (`depth`
-/// below the walk's top); returns the directories, sorted by name, for the walk to
+/// below the walk's top); returns the directories' names, sorted, for the walk to
 /// visit and descend into. An entry that vanishes while read is left out.
 fn visit_files(
     reader: Dir,
     dir: BorrowedFd<'_>,
     v: &mut dyn Visitor,
     depth: usize,
-) -> io::Result<Vec<Entry>> {
+) -> io::Result<Subdirs> {
     let keep = v.sorted_up_to();
     let mut held = Vec::new();
     let mut streaming = keep == 0;
-    let mut dirs = Vec::new();
+    let mut dirs = Subdirs::default();
     for e in reader {
         let e = e?;
         let name = OsStr::from_bytes(e.file_name().to_bytes());
@@ -889,7 +968,7 @@ fn visit_files(
             Err(e) => return Err(e.into()),
         };
         if entry.kind() == FileType::Directory {
-            dirs.push(entry);
+            dirs.push(entry.name.as_bytes())?;
         } else if streaming {
             v.entry(dir, &entry, depth)?;
         } else {
@@ -906,7 +985,7 @@ fn visit_files(
     for e in &held {
         v.entry(dir, e, depth)?;
     }
-    dirs.sort_by(|a, b| a.name.cmp(&b.name));
+    dirs.sort();
     Ok(dirs)
 }
 
@@ -1438,6 +1517,34 @@ mod tests {
         assert_eq!(list[1].kind(), FileType::Symlink);
     }
 
+    /// A level's subdirectories come back in the byte order their entries were
+    /// sorted in, whatever bytes the names hold, each once.
+    #[test]
+    fn subdirectory_names_are_walked_in_byte_order() {
+        let names: Vec<Vec<u8>> = vec![
+            b"b".to_vec(),
+            b"a\xff".to_vec(),
+            b"a".to_vec(),
+            vec![b'z'; NAME_MAX],
+            b"A".to_vec(),
+            "é".as_bytes().to_vec(),
+            b"a\x00x".to_vec(),
+        ];
+        let mut subdirs = Subdirs::default();
+        for n in &names {
+            subdirs.push(n).expect("pushed");
+        }
+        subdirs.sort();
+        let mut want: Vec<OsString> = names
+            .iter()
+            .map(|n| OsStr::from_bytes(n).to_owned())
+            .collect();
+        want.sort();
+        let got: Vec<OsString> = std::iter::from_fn(|| subdirs.next()).collect();
+        assert_eq!(got, want);
+        assert!(subdirs.next().is_none());
+    }
+
     #[test]
     fn outward_symlinks_are_refused_by_the_kernel() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1476,6 +1583,35 @@ mod tests {
             components(format!("a/{name}x/b")),
             Err(PathError::NameTooLong(256))
         ));
+        // A whole path of `PATH_MAX` bytes at most, counted as joined (`./` and
+        // doubled slashes are not part of it).
+        let longest = "ab/".repeat(PATH_MAX / 3 - 1) + "abc";
+        assert_eq!(longest.len(), PATH_MAX);
+        let made = |path: &str| components(path).map_err(|_| ()).map(to_make);
+        assert_eq!(
+            made(&longest).expect("valid").expect("at the limit").len(),
+            PATH_MAX / 3
+        );
+        assert_eq!(
+            made(&format!("./{}", longest.replace('/', "//")))
+                .expect("valid")
+                .expect("spelt longer")
+                .len(),
+            PATH_MAX / 3
+        );
+        assert!(matches!(
+            made(&format!("{longest}d")),
+            Ok(Err(PathError::PathTooLong(4096)))
+        ));
+        assert!(matches!(
+            made(&"a/".repeat(32_768)),
+            Ok(Err(PathError::PathTooLong(65_535)))
+        ));
+        // A longer path is still a path (one a user made is still reached).
+        assert_eq!(
+            components("a/".repeat(32_768)).expect("valid").len(),
+            32_768
+        );
         let e = mkdirs(root.as_fd(), &p("out/new/dir"), BENEATH).expect_err("out");
         assert!(is_escape(&e));
         assert!(!outside.path().join("new").exists());

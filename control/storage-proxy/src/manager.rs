@@ -152,11 +152,24 @@ async fn create(
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let root = st.volumes.root_fd(&r.volume)?;
-        // The volume's own levels are never symlinks: STRICT all the way.
-        let dir = fsx::mkdirs(root, &parts, fsx::STRICT)?;
-        if let Some(mode) = mode {
-            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777))?;
+        // The volume's own levels are never symlinks: STRICT all the way. The
+        // vfolder itself is made with `mode` as the original's `makedirs(mode=…)`
+        // makes it: through the process's umask (a service's 022: never writable by
+        // others), with no set-user-ID or set-group-ID bit, which a directory's
+        // `mkdir` never takes (the sticky bit it does take, as the original's), and
+        // only when it is made; an existing one keeps its mode. (It was `fchmod`ed to `mode & 0o7777`, past the umask, each time:
+        // `0o7777` gave a world-writable, set-ID, sticky vfolder.)
+        let (name, parents) = parts
+            .split_last()
+            .ok_or_else(|| ApiError::Params("empty vfid".into()))?;
+        let parent = fsx::mkdirs(root, parents, fsx::STRICT)?;
+        let mode = Mode::from_raw_mode(mode.unwrap_or(0o755) & 0o7777);
+        match rustix::fs::mkdirat(&parent, name.as_os_str(), mode) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
         }
+        // A directory, reached without a symlink.
+        fsx::mkdirs(root, &parts, fsx::STRICT)?;
         if let Some(limit) = limit {
             let scope = fsx::child_dir(root, &parts[0])?;
             if quota::limit(scope.as_fd()).is_none() {
@@ -923,7 +936,9 @@ fn make_dir(
     parents: bool,
     exist_ok: bool,
 ) -> Result<(), String> {
-    let parts = fsx::components(p).map_err(|e| e.to_string())?;
+    let parts = fsx::components(p)
+        .and_then(fsx::to_make)
+        .map_err(|e| e.to_string())?;
     outside_staging_area(&parts).map_err(|e| e.to_string())?;
     let exists = || ApiError::from(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
     // What is there already (a symlink to a directory of the staging area too).
@@ -1041,6 +1056,12 @@ async fn rename(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     outside_staging_area(&parts)?;
+    // The new path: the entry's parent and `new_name`.
+    let mut renamed = parts.clone();
+    if let Some(last) = renamed.last_mut() {
+        *last = r.new_name.as_os_str().to_owned();
+    }
+    fsx::to_make(renamed)?;
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
@@ -1084,7 +1105,7 @@ async fn move_file(
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let (src, dst) = (
         fsx::components(&r.src_relpath)?,
-        fsx::components(&r.dst_relpath)?,
+        fsx::to_make(fsx::components(&r.dst_relpath)?)?,
     );
     outside_staging_area(&src)?;
     outside_staging_area(&dst)?;
@@ -1487,7 +1508,7 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
         return Err(ApiError::TooLarge);
     }
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
-    let parts = fsx::components(&r.relpath)?;
+    let parts = fsx::to_make(fsx::components(&r.relpath)?)?;
     if parts.is_empty() {
         return Err(ApiError::Params("relpath names the vfolder itself".into()));
     }

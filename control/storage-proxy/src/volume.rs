@@ -25,6 +25,9 @@ pub enum PathError {
     /// A path component longer than any file system takes.
     #[error("a path component is {0} bytes long, more than the 255 bytes a file name may have")]
     NameTooLong(usize),
+    /// A path longer than any file system path may be.
+    #[error("the path is {0} bytes long, more than the 4095 bytes a path may have")]
+    PathTooLong(usize),
     /// The vfolder does not exist.
     #[error("no such vfolder")]
     NoFolder,

@@ -712,6 +712,46 @@ fn an_empty_dst_dir_is_the_vfolder_root() {
     assert_eq!(r.status, 400);
 }
 
+/// A `dst_dir` that makes the destination longer than a path may be (4095 bytes)
+/// is refused before anything is made. Before, a 65 KB `dst_dir` of `a/a/a/…` made
+/// 32,577 nested directories (127 MB of blocks, counted in no quota) for one empty
+/// upload, and every upload token was good for as many.
+#[test]
+fn a_dst_dir_longer_than_a_path_makes_nothing() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "z.bin", "size": 0}),
+    );
+    let deep = "a/".repeat(32_000);
+    let r = request(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}&dst_dir={deep}"),
+        &[("Upload-Offset", "0")],
+        b"",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("more than the 4095 bytes a path may have"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(!p.vfolder_path().join("a").exists(), "no directory made");
+    // Within the limit, the directories are made as before.
+    let within = "a/".repeat(1_000);
+    let r = request(
+        p.client,
+        "PATCH",
+        &format!("/upload?token={token}&dst_dir={within}"),
+        &[("Upload-Offset", "0")],
+        b"",
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert!(p.vfolder_path().join(within).join("z.bin").is_file());
+}
+
 /// A query naming bytes that are not UTF-8 (`dst_dir=%FF`) is refused (400),
 /// nothing made: decoded lossily, as it was, `%FF` named `U+FFFD`, and the upload
 /// landed in a directory of that name, made for it, rather than the one meant. A

@@ -193,7 +193,20 @@ fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
         .expect("vfolder")
         .permissions()
         .mode();
-    assert_eq!(mode & 0o7777, 0o750);
+    assert_eq!(mode & 0o7777, 0o750 & !umask());
+    // An existing vfolder keeps its mode (the original's `makedirs` with
+    // `exist_ok`); before, each create `fchmod`ed it anew.
+    let r = p.manager(
+        "/folder/create",
+        body(serde_json::json!({"mode": 0o700})),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let again = std::fs::metadata(p.vfolder_path())
+        .expect("vfolder")
+        .permissions()
+        .mode();
+    assert_eq!(again & 0o7777, mode & 0o7777);
     let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
     assert_eq!(r.status, 202);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -204,6 +217,44 @@ fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
     let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
     assert_eq!(r.status, 410, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.json()["request_id"].is_string());
+}
+
+/// The umask this process (and so the proxy it starts) has: what a directory made
+/// with every permission bit asked for gets left out.
+fn umask() -> u32 {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probe = dir.path().join("probe");
+    std::fs::DirBuilder::new()
+        .mode(0o777)
+        .create(&probe)
+        .expect("probe");
+    let mode = std::fs::metadata(&probe)
+        .expect("probe")
+        .permissions()
+        .mode();
+    0o777 & !mode
+}
+
+/// A vfolder asked for with every mode bit is made through the umask, with no
+/// set-user-ID or set-group-ID bit. Before, `mode` was applied with `fchmod`, past
+/// the umask: `0o7777` gave a world-writable, set-ID, sticky vfolder.
+#[test]
+fn a_vfolders_mode_goes_through_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start("");
+    let r = p.manager(
+        "/folder/create",
+        body(serde_json::json!({"mode": 0o7777})),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let mode = std::fs::metadata(p.vfolder_path())
+        .expect("vfolder")
+        .permissions()
+        .mode();
+    // No set-ID bit; the sticky bit is kept, as the original's `makedirs` keeps it.
+    assert_eq!(mode & 0o7777, 0o1777 & !umask(), "{mode:o}");
 }
 
 /// Puts a directory's mode back when dropped (a test that fails part way still
@@ -678,15 +729,20 @@ fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
         "nothing made"
     );
 
-    // A token whose URL the client API would refuse (414) is refused when asked
-    // for, before anything is reserved: a name that is not UTF-8 takes about four
-    // characters a byte in a token. 60 levels of 250 such bytes (15,000 bytes)
-    // would not fit; the same as text does.
+    // A path longer than the proxy makes one (4095 bytes) is refused when an upload
+    // token is asked for, and a download token whose URL the client API would
+    // refuse (414) when it is asked for: a name that is not UTF-8 takes about four
+    // characters a byte in a token. 60 levels of 250 such bytes (15,059 bytes).
+    // Both before anything is reserved.
     let level = "\\udcff".repeat(250);
     let long = vec![level.as_str(); 60].join("/");
-    for (route, size) in [
-        ("/folder/file/upload", ",\"size\":1"),
-        ("/folder/file/download", ""),
+    for (route, size, said) in [
+        (
+            "/folder/file/upload",
+            ",\"size\":1",
+            "the path is 15059 bytes long, more than the 4095 bytes a path may have",
+        ),
+        ("/folder/file/download", "", "name a shorter path"),
     ] {
         let r = call(route, &format!("\"relpath\":\"{long}\"{size}"));
         let text = String::from_utf8_lossy(&r.body);
@@ -696,19 +752,27 @@ fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
             "{route}: {}",
             text.get(..300).unwrap_or(&text)
         );
-        assert!(
-            text.contains("name a shorter path") && text.contains("65534"),
-            "{text}"
-        );
+        assert!(text.contains(said), "{text}");
     }
     let staged = std::fs::read_dir(root.join(".upload")).map_or(0, Iterator::count);
     assert_eq!(staged, 0, "nothing staged, nothing reserved");
-    let text = vec!["a".repeat(250); 60].join("/");
+    // The longest path of bytes that are not UTF-8 (about four characters a byte
+    // in a token) gets a token whose URL the client API takes.
+    let longest = vec![level.as_str(); 16].join("/");
     let r = call(
         "/folder/file/upload",
-        &format!("\"relpath\":\"{text}\",\"size\":1"),
+        &format!("\"relpath\":\"{longest}\",\"size\":1"),
     );
-    assert_eq!(r.status, 200, "a path as text fits");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let head = request(
+        p.client,
+        "HEAD",
+        &format!("/upload?token={token}"),
+        &[],
+        b"",
+    );
+    assert_eq!(head.status, 200, "the token's URL is taken");
 
     // A download of the listed name gets that file, not another of its lossy name.
     let r = call("/folder/file/download", r#""relpath":"d/a\udcfe.txt""#);
