@@ -181,32 +181,12 @@ fn fetch_archive_tokens_and_metrics() {
 
 #[test]
 fn create_honours_mode_and_delete_of_a_missing_vfolder_is_gone() {
-    use std::os::unix::fs::PermissionsExt as _;
     let p = Proxy::start("");
-    let r = p.manager(
-        "/folder/create",
-        body(serde_json::json!({"mode": 0o750})),
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let mode = std::fs::metadata(p.vfolder_path())
-        .expect("vfolder")
-        .permissions()
-        .mode();
+    let mode = created_with(&p, 0o750);
     assert_eq!(mode & 0o7777, 0o750 & !umask());
     // An existing vfolder keeps its mode (the original's `makedirs` with
     // `exist_ok`); before, each create `fchmod`ed it anew.
-    let r = p.manager(
-        "/folder/create",
-        body(serde_json::json!({"mode": 0o700})),
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let again = std::fs::metadata(p.vfolder_path())
-        .expect("vfolder")
-        .permissions()
-        .mode();
-    assert_eq!(again & 0o7777, mode & 0o7777);
+    assert_eq!(created_with(&p, 0o700) & 0o7777, mode & 0o7777);
     let r = p.manager("/folder/delete", body(serde_json::json!({})), None);
     assert_eq!(r.status, 202);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -236,23 +216,28 @@ fn umask() -> u32 {
     0o777 & !mode
 }
 
+/// `/folder/create` with `mode`: the vfolder's mode after it.
+fn created_with(p: &Proxy, mode: u32) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    let r = p.manager(
+        "/folder/create",
+        body(serde_json::json!({ "mode": mode })),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    std::fs::metadata(p.vfolder_path())
+        .expect("vfolder")
+        .permissions()
+        .mode()
+}
+
 /// A vfolder asked for with every mode bit is made through the umask, with no
 /// set-user-ID or set-group-ID bit. Before, `mode` was applied with `fchmod`, past
 /// the umask: `0o7777` gave a world-writable, set-ID, sticky vfolder.
 #[test]
 fn a_vfolders_mode_goes_through_the_umask() {
-    use std::os::unix::fs::PermissionsExt as _;
     let p = Proxy::start("");
-    let r = p.manager(
-        "/folder/create",
-        body(serde_json::json!({"mode": 0o7777})),
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let mode = std::fs::metadata(p.vfolder_path())
-        .expect("vfolder")
-        .permissions()
-        .mode();
+    let mode = created_with(&p, 0o7777);
     // No set-ID bit; the sticky bit is kept, as the original's `makedirs` keeps it.
     assert_eq!(mode & 0o7777, 0o1777 & !umask(), "{mode:o}");
 }

@@ -520,21 +520,9 @@ mod encoding {
             ("Via: 1.1 front", true),
             ("X-Custom: a", true),
         ];
-        let id: RequestId = "rid-1".parse().expect("valid");
         for (field, from_clients) in table {
-            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
-            let head = req(input.as_bytes()).expect("valid").expect("complete");
             for trusted in [false, true] {
-                let mut out = Vec::new();
-                upstream_request(
-                    &mut out,
-                    input.as_bytes(),
-                    &head,
-                    Some(&id),
-                    hop(trusted),
-                    app(),
-                );
-                let text = String::from_utf8(out).expect("ascii");
+                let text = forwarded_with(field, trusted);
                 // Underscored spellings are dropped from everyone (CGI folding).
                 let kept = if field.contains('_') {
                     false
@@ -550,12 +538,29 @@ mod encoding {
         }
     }
 
+    /// The head the app gets for a `GET /` carrying `field`, from a client that is a
+    /// trusted proxy or not.
+    fn forwarded_with(field: &str, trusted: bool) -> String {
+        let id: RequestId = "rid-1".parse().expect("valid");
+        let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
+        let head = req(input.as_bytes()).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(
+            &mut out,
+            input.as_bytes(),
+            &head,
+            Some(&id),
+            hop(trusted),
+            app(),
+        );
+        String::from_utf8(out).expect("ascii")
+    }
+
     /// `Proxy` never reaches an app, from any client, trusted proxies included: CGI
     /// servers read it as `HTTP_PROXY`, the proxy of the app's own requests
     /// (httpoxy). Look-alikes go on.
     #[test]
     fn the_proxy_field_never_reaches_the_app() {
-        let id: RequestId = "rid-1".parse().expect("valid");
         for (field, kept) in [
             ("Proxy: http://evil:1", false),
             ("PROXY: http://evil:1", false),
@@ -563,19 +568,8 @@ mod encoding {
             ("Proxy-Status: a", true),
             ("Proxyx: a", true),
         ] {
-            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
-            let head = req(input.as_bytes()).expect("valid").expect("complete");
             for trusted in [false, true] {
-                let mut out = Vec::new();
-                upstream_request(
-                    &mut out,
-                    input.as_bytes(),
-                    &head,
-                    Some(&id),
-                    hop(trusted),
-                    app(),
-                );
-                let text = String::from_utf8(out).expect("ascii");
+                let text = forwarded_with(field, trusted);
                 assert_eq!(
                     text.contains(&format!("\r\n{field}\r\n")),
                     kept,
