@@ -52,10 +52,10 @@ impl TraceId {
         (bytes != [0; 16]).then_some(Self(bytes))
     }
 
-    /// A random ID (from the per-thread generator behind `uuid`'s `fast-rng`).
+    /// A random ID (from a per-thread wyrand, as request IDs' random bits are).
     pub fn random() -> Self {
         loop {
-            if let Some(id) = Self::from_bytes(uuid::Uuid::new_v4().into_bytes()) {
+            if let Some(id) = Self::from_bytes(fastrand::u128(..).to_le_bytes()) {
                 return id;
             }
         }
@@ -95,10 +95,7 @@ impl SpanId {
     /// A random, non-zero span ID.
     pub fn random() -> Self {
         loop {
-            // Bytes 0..6 and 10..12 of a v4 UUID carry no version or variant bits.
-            let r = uuid::Uuid::new_v4().into_bytes();
-            let b = [r[0], r[1], r[2], r[3], r[4], r[5], r[10], r[11]];
-            if let Some(id) = Self::from_bytes(b) {
+            if let Some(id) = Self::from_bytes(fastrand::u64(..).to_le_bytes()) {
                 return id;
             }
         }
