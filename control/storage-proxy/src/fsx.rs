@@ -34,11 +34,13 @@ pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4095;
 
 /// `parts`, a path the proxy is to make (an upload's destination, `mkdir`, the new
-/// path of a move or rename), refused when it is longer than [`PATH_MAX`]. The
-/// proxy opens a path a component at a time, so the kernel's own limit never
-/// applies to it: such a path could be named whole by no tool, and an upload's
-/// `dst_dir` of 65 KB made 32,577 nested directories for one empty file. A longer
-/// path a user made from a shell is still reached (listed, read, deleted).
+/// path of a move or rename), refused when it is longer than [`PATH_MAX`]. Making a
+/// path goes a component at a time ([`mkdirs_checked`]), so the kernel's own limit
+/// did not apply to it: an upload's `dst_dir` of 65 KB made 32,577 nested
+/// directories for one empty file, under which nothing could be opened again,
+/// by the proxy ([`open`] resolves a path whole, within `PATH_MAX`) or by any tool.
+/// A deeper tree a user made from a shell is reached through an ancestor within
+/// the limit (archived, measured, deleted whole).
 pub fn to_make(parts: Vec<OsString>) -> Result<Vec<OsString>, PathError> {
     let len = parts
         .iter()

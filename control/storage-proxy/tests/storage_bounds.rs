@@ -328,6 +328,8 @@ fn bodies_framed_two_ways_are_refused_on_both_apis() {
             "400",
             "bad-framing",
         ),
+        // No coding at all: hyper's own refusal, as the service's JSON error.
+        ("Transfer-Encoding: \r\n", "400", "bad-request"),
     ] {
         for (addr, head, body) in [
             (
