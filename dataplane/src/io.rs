@@ -18,6 +18,7 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use appproxy_shared::rate_floor::RateFloor;
 use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -53,12 +54,8 @@ impl Drop for CountGuard {
 /// at [`TcpConn::set_timeout`].
 #[derive(Debug, Clone, Copy)]
 struct ReadFloor {
-    /// Bytes per second the peer must keep up on average.
-    rate: u64,
-    /// Largest budget (and the budget at the start).
-    cap: Duration,
-    /// Waiting time left.
-    budget: Duration,
+    /// The budget of waiting time.
+    budget: RateFloor,
     /// When the current wait started.
     since: Instant,
     /// Whether the current deadline is the floor's (the budget was shorter than the
@@ -418,13 +415,12 @@ impl TcpConn {
     /// read it cuts fails with `TimedOut` and [`TcpConn::floor_cut`] is true.
     /// `rate` 0 leaves only the idle timeout.
     pub fn arm_read_floor(&self, rate: u64, cap: Duration) {
-        self.floor.set((rate > 0).then(|| ReadFloor {
-            rate,
-            cap,
-            budget: cap,
-            since: self.reg.reactor().now(),
-            binding: false,
-        }));
+        self.floor
+            .set(RateFloor::new(rate, cap).map(|budget| ReadFloor {
+                budget,
+                since: self.reg.reactor().now(),
+                binding: false,
+            }));
     }
 
     /// Disarms the read-rate floor.
@@ -442,12 +438,7 @@ impl TcpConn {
     fn book_read(&self, n: usize) {
         if let Some(mut f) = self.floor.get() {
             let now = self.reg.reactor().now();
-            let earned = Duration::from_secs_f64(n as f64 / f.rate as f64);
-            f.budget = (f
-                .budget
-                .saturating_sub(now.saturating_duration_since(f.since))
-                + earned)
-                .min(f.cap);
+            f.budget.book(now.saturating_duration_since(f.since), n);
             f.since = now;
             self.floor.set(Some(f));
         }
@@ -816,8 +807,7 @@ impl TcpConn {
         let mut timeout = timeout;
         if let Some(mut f) = self.floor.get() {
             f.since = now;
-            f.binding = f.budget < timeout;
-            timeout = timeout.min(f.budget);
+            (timeout, f.binding) = f.budget.bound(timeout);
             self.floor.set(Some(f));
         }
         self.reg.set_deadline(Some(now + timeout));

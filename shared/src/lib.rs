@@ -34,6 +34,7 @@ pub mod nofile;
 pub mod otlp;
 #[cfg(feature = "redis")]
 pub mod pubsub;
+pub mod rate_floor;
 pub mod request_id;
 pub mod telemetry;
 #[cfg(feature = "tls-roots")]

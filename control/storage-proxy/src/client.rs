@@ -19,7 +19,8 @@ use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
+
+use appproxy_shared::rate_floor::RateFloor;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State as Extract};
@@ -891,52 +892,6 @@ impl Unheld<'_> {
     }
 }
 
-/// The rate floor of a tus PATCH body: a budget of waiting time that starts at the
-/// stall timeout, is drained by the time spent waiting for the body's next bytes
-/// and earned back by each byte (`1 / rate` s, up to the start): a client must keep
-/// up `rate` bytes per second on average, with one stall timeout's worth of waiting
-/// banked. The worker's request bodies follow the same rule (`[limits]
-/// min_body_rate`).
-struct BodyFloor {
-    /// Bytes per second; 0: no floor.
-    rate: u64,
-    /// The budget's start and ceiling.
-    cap: Duration,
-    /// Waiting time left.
-    budget: Duration,
-}
-
-impl BodyFloor {
-    fn new(rate: u64, cap: Duration) -> Self {
-        Self {
-            rate,
-            cap,
-            budget: cap,
-        }
-    }
-
-    /// How long the next wait may last (the stall timeout, or the budget left when
-    /// the floor is on and that is shorter), and whether it is the floor's budget.
-    fn wait_bound(&self, stall: Duration) -> (Duration, bool) {
-        if self.rate > 0 && self.budget < stall {
-            (self.budget, true)
-        } else {
-            (stall, false)
-        }
-    }
-
-    fn waited(&mut self, waited: Duration) {
-        self.budget = self.budget.saturating_sub(waited);
-    }
-
-    fn received(&mut self, bytes: usize) {
-        if self.rate > 0 {
-            let earned = Duration::from_secs_f64(bytes as f64 / self.rate as f64);
-            self.budget = (self.budget + earned).min(self.cap);
-        }
-    }
-}
-
 /// An `Upload-Offset` value: a non-negative integer (tus 1.0), digits only — no
 /// sign, which Rust's integer parsing would take — around optional whitespace
 /// (HTTP's own, which a field value never keeps).
@@ -1065,7 +1020,9 @@ async fn patch(
     let mut file = tokio::fs::File::from_std(file);
     let mut written = offset;
     let mut stream = body.into_data_stream();
-    let mut floor = BodyFloor::new(state.min_body_rate, state.stall);
+    // The request-body rate floor (`appproxy_shared::rate_floor`), with one stall
+    // timeout of waiting banked.
+    let mut floor = RateFloor::new(state.min_body_rate, state.stall);
     // An interrupted body keeps what arrived: the client resumes from HEAD's offset.
     // A body on which no byte comes for the stall timeout, or that comes slower than
     // the floor, ends the PATCH (408), so a stalled or trickling client never keeps
@@ -1073,41 +1030,46 @@ async fn patch(
     // is let go at its expiry.
     loop {
         let waited = tokio::time::Instant::now();
-        let (wait, floor_binds) = floor.wait_bound(state.stall);
+        let (wait, floor_binds) = floor.map_or((state.stall, false), |f| f.bound(state.stall));
         let expires = tokio::time::Instant::from_std(s.until);
         let next = tokio::select! {
-            next = tokio::time::timeout(wait, stream.next()) => next.ok(),
-            () = tokio::time::sleep_until(expires) => {
+            next = tokio::time::timeout(wait, stream.next()) => next.map_err(|_| {
+                ApiError::TimedOut(if floor_binds {
+                    format!(
+                        "the body came slower than {} bytes/s: what arrived is kept, resume from HEAD's offset",
+                        state.min_body_rate
+                    )
+                } else {
+                    format!(
+                        "no byte of the body came for {} s: what arrived is kept, resume from HEAD's offset",
+                        state.stall.as_secs()
+                    )
+                })
+            }),
+            () = tokio::time::sleep_until(expires) => Err(ApiError::Session),
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(cut) => {
                 *received = Some(written - offset);
                 file.flush().await?;
                 unheld.wrote(written - offset).await;
                 super::Metrics::add(&state.metrics.upload_bytes, written - offset);
-                tracing::info!(bytes = written - offset, "upload token expired during the body");
-                return Err(ApiError::Session);
+                if matches!(cut, ApiError::Session) {
+                    tracing::info!(
+                        bytes = written - offset,
+                        "upload token expired during the body"
+                    );
+                } else {
+                    tracing::info!(bytes = written - offset, reason = %cut, "upload body stalled");
+                }
+                return Err(cut);
             }
         };
-        let stalled = match next {
-            None if floor_binds => Some(format!(
-                "the body came slower than {} bytes/s: what arrived is kept, resume from HEAD's offset",
-                state.min_body_rate
-            )),
-            None => Some(format!(
-                "no byte of the body came for {} s: what arrived is kept, resume from HEAD's offset",
-                state.stall.as_secs()
-            )),
-            Some(_) => None,
-        };
-        if let Some(why) = stalled {
-            *received = Some(written - offset);
-            file.flush().await?;
-            unheld.wrote(written - offset).await;
-            super::Metrics::add(&state.metrics.upload_bytes, written - offset);
-            tracing::info!(bytes = written - offset, reason = %why, "upload body stalled");
-            return Err(ApiError::TimedOut(why));
+        let Some(Ok(chunk)) = next else { break };
+        if let Some(f) = floor.as_mut() {
+            f.book(waited.elapsed(), chunk.len());
         }
-        floor.waited(waited.elapsed());
-        let Some(Some(Ok(chunk))) = next else { break };
-        floor.received(chunk.len());
         if written + chunk.len() as u64 > s.size {
             *received = Some(written - offset);
             file.flush().await?;
@@ -1160,30 +1122,6 @@ async fn patch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The floor's budget: drained by waiting, earned back by bytes up to its
-    /// start, binding only once below the stall timeout; off at rate 0.
-    #[test]
-    fn the_body_floor_banks_one_stall_timeout_of_waiting() {
-        let stall = Duration::from_secs(2);
-        let mut floor = BodyFloor::new(1000, stall);
-        assert_eq!(floor.wait_bound(stall), (stall, false), "a full budget");
-        floor.waited(Duration::from_millis(300));
-        assert_eq!(floor.wait_bound(stall), (Duration::from_millis(1700), true));
-        floor.received(200);
-        assert_eq!(floor.wait_bound(stall), (Duration::from_millis(1900), true));
-        floor.received(1_000_000);
-        assert_eq!(
-            floor.wait_bound(stall),
-            (stall, false),
-            "never past the start"
-        );
-        floor.waited(Duration::from_secs(5));
-        assert_eq!(floor.wait_bound(stall), (Duration::ZERO, true), "ran out");
-        let mut off = BodyFloor::new(0, stall);
-        off.waited(Duration::from_secs(5));
-        assert_eq!(off.wait_bound(stall), (stall, false), "no floor");
-    }
 
     /// RFC 9110 §14.1.2: a last-byte-pos past the end (past `u64` too) is the
     /// end, a suffix longer than the file is the whole file, the unit is

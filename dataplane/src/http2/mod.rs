@@ -22,6 +22,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use appproxy_shared::rate_floor::RateFloor;
 use appproxy_shared::RequestId;
 use bytes::Bytes;
 
@@ -356,14 +357,7 @@ pub async fn within<F: Future>(reactor: &Rc<Reactor>, d: Duration, fut: F) -> Op
 /// for the next frame. Time the proxy spends handing a frame on (the app's window)
 /// is not counted. Without it a stream that sends one byte per idle timeout holds
 /// its app connection (or app stream) for ever.
-pub struct BodyFloor {
-    /// Bytes per second the client must keep up on average.
-    rate: u64,
-    /// Largest budget (and the budget at the start).
-    cap: Duration,
-    /// Waiting time left.
-    budget: Duration,
-}
+pub struct BodyFloor(RateFloor);
 
 /// Why waiting for a body's next frame ended without one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,12 +371,7 @@ pub enum Stall {
 impl BodyFloor {
     /// The core's floor, or `None` when `min_body_rate` is 0.
     pub fn new(core: &Core) -> Option<Self> {
-        let rate = core.rt.min_body_rate;
-        (rate > 0).then(|| Self {
-            rate,
-            cap: core.rt.body_idle_timeout,
-            budget: core.rt.body_idle_timeout,
-        })
+        RateFloor::new(core.rt.min_body_rate, core.rt.body_idle_timeout).map(Self)
     }
 
     /// Runs `fut` (a wait for the body's next frame) for at most `idle`, or the
@@ -395,18 +384,13 @@ impl BodyFloor {
         fut: F,
         n: impl FnOnce(&F::Output) -> usize,
     ) -> Result<F::Output, Stall> {
-        let (limit, binding) = match floor {
-            Some(f) if f.budget < idle => (f.budget, true),
-            _ => (idle, false),
-        };
+        let (limit, binding) = floor.as_ref().map_or((idle, false), |f| f.0.bound(idle));
         let since = reactor.now();
         let Some(out) = within(reactor, limit, fut).await else {
             return Err(if binding { Stall::TooSlow } else { Stall::Idle });
         };
         if let Some(f) = floor {
-            let waited = reactor.now().saturating_duration_since(since);
-            let earned = Duration::from_secs_f64(n(&out) as f64 / f.rate as f64);
-            f.budget = (f.budget.saturating_sub(waited) + earned).min(f.cap);
+            f.0.book(reactor.now().saturating_duration_since(since), n(&out));
         }
         Ok(out)
     }
