@@ -395,6 +395,17 @@ impl IdLines {
 /// The longest line that can be a request-ID line (name, `: `, 128-byte value).
 const ID_LINE_MAX: usize = 200;
 
+/// The framing fields' names as a head line starts with them.
+const CONTENT_LENGTH: &[u8] = b"content-length:";
+const TRANSFER_ENCODING: &[u8] = b"transfer-encoding:";
+
+/// What follows `name` (`content-length:`, say, in any case) when `line` starts
+/// with it.
+fn field_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let (start, value) = line.split_at_checked(name.len())?;
+    start.eq_ignore_ascii_case(name).then_some(value)
+}
+
 /// The longest `Content-Length` or `Transfer-Encoding` line whose value the scan
 /// reads (white space may pad it): past it, the body's end is unknown to the scan,
 /// which then falls out of step for the connection.
@@ -421,8 +432,6 @@ impl IdLines {
                     return;
                 }
             }
-            // Bytes past a body whose end is unknown, or past a body while its
-            // request is unanswered (the next request, pipelined).
             // Empty lines after a body (some clients end a POST with an extra CRLF)
             // are skipped, as the parser skips them before the next request line.
             if !self.in_head && self.body == Body::Known(0) {
@@ -435,8 +444,10 @@ impl IdLines {
                     return;
                 }
             }
-            // (What was found for the request in hand stands; the requests after it
-            // are unseen, from its answer on.)
+            // Bytes past a body whose end is unknown, or past a body while its
+            // request is unanswered (the next request, pipelined). What was found
+            // for the request in hand stands; the requests after it are unseen,
+            // from its answer on.
             if self.body == Body::Unknown || !self.in_head {
                 self.out_of_step = true;
                 continue;
@@ -520,33 +531,28 @@ impl IdLines {
     /// Whether the line being read, `part` added, starts with a framing field's
     /// name: such a line is kept whole, padded or not, for its value.
     fn framing_line_starts(&self, part: &[u8]) -> bool {
-        let start: Vec<u8> = self.line.iter().chain(part).take(18).copied().collect();
-        [&b"content-length:"[..], b"transfer-encoding:"]
+        let mut start = [0u8; TRANSFER_ENCODING.len()];
+        let mut len = 0;
+        for (to, from) in start.iter_mut().zip(self.line.iter().chain(part)) {
+            *to = *from;
+            len += 1;
+        }
+        [CONTENT_LENGTH, TRANSFER_ENCODING]
             .iter()
-            .any(|name| {
-                start
-                    .get(..name.len())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(name))
-            })
+            .any(|name| field_value(&start[..len], name).is_some())
     }
 
     /// Notes a `Content-Length` or `Transfer-Encoding` line (the line kept so far
     /// starts with its name; `whole`: the line is all there, its value readable).
     fn note_framing(&mut self, whole: bool) {
-        fn named<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-            let start = line.get(..name.len())?;
-            start
-                .eq_ignore_ascii_case(name)
-                .then(|| &line[name.len()..])
-        }
-        if let Some(value) = named(&self.line, b"content-length:") {
+        if let Some(value) = field_value(&self.line, CONTENT_LENGTH) {
             let value = value.trim_ascii();
             let n = (whole && !value.is_empty() && value.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(value).ok()?.parse().ok())
                 .flatten();
             // A second line with another value makes hyper refuse the head.
             self.length_line = Some(self.length_line.unwrap_or(n));
-        } else if named(&self.line, b"transfer-encoding:").is_some() {
+        } else if field_value(&self.line, TRANSFER_ENCODING).is_some() {
             self.coded = true;
         }
     }

@@ -625,6 +625,19 @@ impl From<&rustix::fs::Stat> for Meta {
 }
 
 impl Entry {
+    /// The entry `name` of `dir` as it is now (`AT_SYMLINK_NOFOLLOW`), or `None` when
+    /// it is gone (removed since it was read, or since its name was kept).
+    fn at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Self>> {
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(Self {
+                name: name.to_owned(),
+                stat: Meta::from(&stat),
+            })),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The entry's type.
     pub fn kind(&self) -> FileType {
         FileType::from_raw_mode(self.stat.st_mode)
@@ -658,17 +671,13 @@ pub fn first_entries(
         if name == "." || name == ".." || skip(name) {
             continue;
         }
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(_) if out.len() == limit => {
+        match Entry::at(dir, name)? {
+            Some(_) if out.len() == limit => {
                 out.sort_by(|a: &Entry, b| a.name.cmp(&b.name));
                 return Ok((out, true));
             }
-            Ok(stat) => out.push(Entry {
-                name: name.to_owned(),
-                stat: Meta::from(&stat),
-            }),
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
+            Some(entry) => out.push(entry),
+            None => {}
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -824,13 +833,8 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
         let dir = trail.current();
         // Looked at again now: the walk sees the entry as it is when its turn comes
         // (gone, or no longer a directory, it is what it has become).
-        let e = match rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => Entry {
-                name,
-                stat: Meta::from(&stat),
-            },
-            Err(rustix::io::Errno::NOENT) => continue,
-            Err(err) => return Err(err.into()),
+        let Some(e) = Entry::at(dir, &name)? else {
+            continue;
         };
         if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
             continue;
@@ -866,15 +870,8 @@ fn read_ahead(dir: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
         if name == "." || name == ".." {
             continue;
         }
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => {
-                v.reserve(&Entry {
-                    name: name.to_owned(),
-                    stat: Meta::from(&stat),
-                })?;
-            }
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
+        if let Some(entry) = Entry::at(dir, name)? {
+            v.reserve(&entry)?;
         }
     }
     Ok(())
@@ -961,13 +958,8 @@ fn visit_files(
         if name == "." || name == ".." {
             continue;
         }
-        let entry = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => Entry {
-                name: name.to_owned(),
-                stat: Meta::from(&stat),
-            },
-            Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err(e.into()),
+        let Some(entry) = Entry::at(dir, name)? else {
+            continue;
         };
         if entry.kind() == FileType::Directory {
             dirs.push(entry.name.as_bytes())?;

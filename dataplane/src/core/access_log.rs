@@ -189,7 +189,9 @@ fn push_text(buf: &mut String, json: bool, key: &str, value: &str) {
 }
 
 /// `bytes` as text, borrowed when they are UTF-8 (a method and a path nearly always
-/// are: ASCII), each invalid sequence replaced by U+FFFD otherwise.
+/// are: ASCII), each invalid sequence replaced by U+FFFD otherwise: what
+/// `String::from_utf8_lossy` gives, with `from_utf8`'s check first, about half the
+/// instructions of its chunk-by-chunk walk on a line's short ASCII texts.
 fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     match std::str::from_utf8(bytes) {
         Ok(text) => std::borrow::Cow::Borrowed(text),
