@@ -255,19 +255,85 @@ struct Exchanges {
     ended: AtomicU64,
     /// A response switched protocols: what follows is a tunnel's bytes.
     upgraded: std::sync::atomic::AtomicBool,
-    /// Whether the last request head scanned had a `Content-Length` line
-    /// ([`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], or [`HEAD_UNSEEN`]). hyper drops
-    /// `Content-Length` from a head that also has `Transfer-Encoding`, so the
-    /// handler cannot see the pair; the head's bytes can.
-    head_length: std::sync::atomic::AtomicU8,
+    /// The request heads the scan has read whole and hyper has not yet handed to
+    /// the service, in order.
+    heads: std::sync::Mutex<Heads>,
 }
+
+/// The heads read ahead of the service, each with what the scan found in it: for
+/// the first, hyper's own error answer if it cannot take it, and for each, when it
+/// is handed, whether it had a `Content-Length` line (hyper drops `Content-Length`
+/// from a head that also has `Transfer-Encoding`, so the handler cannot see the
+/// pair; the head's bytes can).
+#[derive(Default)]
+struct Heads {
+    queue: std::collections::VecDeque<Head>,
+    /// hyper handed a request the scan had not read whole (the two no longer agree
+    /// on where heads start): every head from now on is unseen.
+    lost: bool,
+}
+
+/// What the scan found in one request head.
+#[derive(Clone, Copy)]
+struct Head {
+    /// [`HEAD_LENGTH`] or [`HEAD_NO_LENGTH`].
+    length: u8,
+    /// Its request-ID lines, as [`header::extract`] reads them.
+    id: header::Extracted,
+}
+
+/// The most heads read ahead of the service that the scan keeps: past them (a
+/// client pipelining requests by the dozen), it falls out of step.
+const HEADS_AHEAD: usize = 16;
+
+impl Exchanges {
+    fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
+        self.heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a head the scan read whole; `false` when the scan is to fall out of
+    /// step instead (too many ahead, or hyper and the scan no longer agree).
+    fn read_ahead(&self, head: Head) -> bool {
+        let mut heads = self.heads();
+        if heads.lost || heads.queue.len() >= HEADS_AHEAD {
+            return false;
+        }
+        heads.queue.push_back(head);
+        true
+    }
+
+    /// What the scan found in the head hyper hands to the service now.
+    fn handed_head(&self) -> u8 {
+        let mut heads = self.heads();
+        match heads.queue.pop_front() {
+            Some(head) if !heads.lost => head.length,
+            _ => {
+                heads.lost = true;
+                heads.queue.clear();
+                HEAD_UNSEEN
+            }
+        }
+    }
+
+    /// The request-ID lines of the first head read whole and not yet handed.
+    fn next_head_id(&self) -> Option<header::Extracted> {
+        self.heads().queue.front().map(|head| head.id)
+    }
+}
+
+/// What the scan found in the head of the request a handler is given
+/// ([`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], or [`HEAD_UNSEEN`]), for [`framing_fault`].
+#[derive(Clone, Copy)]
+struct HeadLength(u8);
 
 /// The head scanned had a `Content-Length` line.
 const HEAD_LENGTH: u8 = 1;
 /// The head scanned had none.
 const HEAD_NO_LENGTH: u8 = 0;
-/// The head was not scanned whole: it came in the same read as the previous
-/// request (pipelined), which the scan cannot tell from a body.
+/// The head was not delimited by the scan: it came after a body whose end the scan
+/// could not find (chunked), or too far ahead of the service.
 const HEAD_UNSEEN: u8 = 2;
 
 impl Tracked {
@@ -330,18 +396,19 @@ impl Tracked {
     }
 }
 
-/// The request-ID header lines of the head being read: a short line at a time is
-/// kept (an ID line is short), so this costs a scan of the head's bytes and at most
-/// a few hundred bytes per connection. A body is not scanned: one of a known length
-/// is passed over, and the empty line that ends a head ends the scan until the next
-/// answer goes out.
+/// The request-ID header lines of each request head: a short line at a time is
+/// kept (an ID line is short), so this costs a scan of the head's bytes and a few
+/// hundred bytes per connection (with [`HEADS_AHEAD`] findings at most). A body is
+/// not scanned: one of a known length is passed over.
 ///
-/// The scan also notes whether each head has a `Content-Length` line
-/// ([`Exchanges::head_length`]), for [`framing_fault`]. It knows where a head
-/// starts only while it can follow the requests' boundaries: once a chunked body
-/// is followed by more bytes, or a request comes before the previous one was
-/// answered (pipelined, read ahead by hyper), it is out of step for the rest of the
-/// connection, and says so ([`HEAD_UNSEEN`]).
+/// The scan also notes whether each head has a `Content-Length` line, for
+/// [`framing_fault`], and queues what it found per head ([`Heads`]), in the order
+/// hyper hands the requests on, whether they come one at a time, pipelined, or
+/// after an interim `100 Continue`. It knows where a head starts only while it can
+/// follow the requests' boundaries: once a chunked body is followed by more bytes,
+/// it is out of step for the rest of the connection, and says so
+/// ([`HEAD_UNSEEN`]). Out of step, heads are still scanned for their request IDs
+/// from each answer on, as far as their end.
 struct IdLines {
     /// The current line, while it is short enough to be an ID line.
     line: Vec<u8>,
@@ -349,7 +416,9 @@ struct IdLines {
     skipping: bool,
     /// Request-ID lines found (name, value), a few at most.
     found: Vec<(Vec<u8>, Vec<u8>)>,
-    /// A head is being read (not yet its empty line), or awaited.
+    /// A head is being read (not yet its empty line), or awaited: in step, once
+    /// the last one's body has been passed over; out of step, once an answer went
+    /// out.
     in_head: bool,
     /// The head being read has a line (its request line): empty lines before one
     /// are skipped, as the parser skips them, not taken for the head's end.
@@ -423,36 +492,24 @@ impl IdLines {
                 }
                 return;
             }
-            // The last head's body, passed over.
-            if let Body::Known(left) = self.body {
-                let taken = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                rest = &rest[taken..];
-                self.body = Body::Known(left - taken as u64);
-                if rest.is_empty() {
-                    return;
-                }
-            }
-            // Empty lines after a body (some clients end a POST with an extra CRLF)
-            // are skipped, as the parser skips them before the next request line.
-            if !self.in_head && self.body == Body::Known(0) {
-                let blank = rest
-                    .iter()
-                    .take_while(|&&b| b == b'\r' || b == b'\n')
-                    .count();
-                rest = &rest[blank..];
-                if rest.is_empty() {
-                    return;
-                }
-            }
-            // Bytes past a body whose end is unknown, or past a body while its
-            // request is unanswered (the next request, pipelined). What was found
-            // for the request in hand stands; the requests after it are unseen,
-            // from its answer on.
-            if self.body == Body::Unknown || !self.in_head {
-                self.out_of_step = true;
+            if self.in_head {
+                rest = self.scan_head(rest);
                 continue;
             }
-            rest = self.scan_head(rest);
+            match self.body {
+                // The last head's body, passed over; the next head follows it (empty
+                // lines before its request line, such as the extra CRLF some clients
+                // send after a POST, are skipped as the parser skips them).
+                Body::Known(left) => {
+                    let taken = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    rest = &rest[taken..];
+                    self.body = Body::Known(left - taken as u64);
+                    self.in_head = left == taken as u64;
+                }
+                // Bytes past a body whose end is unknown: what was found for the
+                // heads before stands; those after are unseen.
+                Body::Unknown => self.out_of_step = true,
+            }
         }
     }
 
@@ -506,24 +563,31 @@ impl IdLines {
         rest
     }
 
-    /// The head's end: its finding published, its body to be passed over.
+    /// The head's end: in step, what was found queued for when hyper hands it on,
+    /// and its body to be passed over.
     fn head_ended(&mut self) {
         self.line.clear();
         self.in_head = false;
         self.started = false;
-        let found = if self.out_of_step {
-            HEAD_UNSEEN
-        } else if self.length_line.is_some() {
-            HEAD_LENGTH
-        } else {
-            HEAD_NO_LENGTH
-        };
-        self.exchanges.head_length.store(found, Ordering::SeqCst);
-        self.body = match (self.coded, self.length_line) {
-            (false, None) => Body::Known(0),
-            (false, Some(Some(n))) => Body::Known(n),
-            _ => Body::Unknown,
-        };
+        if !self.out_of_step {
+            let head = Head {
+                length: if self.length_line.is_some() {
+                    HEAD_LENGTH
+                } else {
+                    HEAD_NO_LENGTH
+                },
+                id: self.extracted(),
+            };
+            self.found.clear();
+            self.out_of_step = !self.exchanges.read_ahead(head);
+            self.body = match (self.coded, self.length_line) {
+                (false, None) => Body::Known(0),
+                (false, Some(Some(n))) => Body::Known(n),
+                _ => Body::Unknown,
+            };
+            // A head without a body: the next one starts at once.
+            self.in_head = self.body == Body::Known(0);
+        }
         self.length_line = None;
         self.coded = false;
     }
@@ -569,9 +633,13 @@ impl IdLines {
         }
     }
 
-    /// Another answer went out: the next head starts afresh (after what is left of
-    /// the last one's body, when it was answered before it was read).
-    fn reset(&mut self) {
+    /// Another answer went out. Out of step, the next head is taken to start now,
+    /// and is read afresh for its request ID; in step, the scan knows where it
+    /// starts.
+    fn answered(&mut self) {
+        if !self.out_of_step {
+            return;
+        }
         self.found.clear();
         self.line.clear();
         self.skipping = false;
@@ -579,16 +647,19 @@ impl IdLines {
         self.started = false;
         self.length_line = None;
         self.coded = false;
-        if self.out_of_step {
-            self.exchanges
-                .head_length
-                .store(HEAD_UNSEEN, Ordering::SeqCst);
-        }
     }
 
-    /// What the lines found say of the request ID.
+    /// What the lines found in the head being read say of the request ID.
     fn extracted(&self) -> header::Extracted {
         header::extract(self.found.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+    }
+
+    /// What the request ID is of the first head hyper has not yet handed on (the
+    /// one its own error answer would be for).
+    fn next_id(&self) -> header::Extracted {
+        self.exchanges
+            .next_head_id()
+            .unwrap_or_else(|| self.extracted())
     }
 }
 
@@ -659,7 +730,10 @@ impl AsyncRead for Tracked {
         if buf.filled().len() > before {
             self.touch();
             let this = &mut *self;
-            this.ids.scan(&buf.filled()[before..]);
+            // A tunnel's bytes are no requests.
+            if !this.exchanges.upgraded.load(Ordering::SeqCst) {
+                this.ids.scan(&buf.filled()[before..]);
+            }
         }
         polled
     }
@@ -683,10 +757,10 @@ impl AsyncWrite for Tracked {
         // body chunk of the same shape) are never taken for it.
         if data.starts_with(b"HTTP/1.1 4") && data.len() < 512 && this.only_hyper_writes() {
             let (policy, version) = this.ids_rule;
-            let id = header::resolve(policy, this.ids.extracted(), version).0;
+            let id = header::resolve(policy, this.ids.next_id(), version).0;
             if let Some(answer) = json_for_hyper_error(data, id, &this.problem) {
                 this.pending = Some((answer, 0));
-                this.ids.reset();
+                this.ids.answered();
                 if let Poll::Ready(Err(e)) = this.drain(cx) {
                     return Poll::Ready(Err(e));
                 }
@@ -696,7 +770,7 @@ impl AsyncWrite for Tracked {
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.touch();
-            this.ids.reset();
+            this.ids.answered();
         }
         polled
     }
@@ -738,8 +812,10 @@ where
     type Future =
         Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
-    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         self.exchanges.handed.fetch_add(1, Ordering::SeqCst);
+        req.extensions_mut()
+            .insert(HeadLength(self.exchanges.handed_head()));
         let answered = self.inner.call(req);
         let exchanges = self.exchanges.clone();
         Box::pin(async move {
@@ -935,13 +1011,12 @@ pub async fn serve_shared(
             let busy = Arc::new(AtomicU64::new(0));
             let in_flight = busy.clone();
             let (ids, problem) = (limits.ids, limits.problem);
-            let scanned = exchanges.clone();
             let routed = hyper_util::service::TowerToHyperService::new(router.layer(
                 axum::middleware::from_fn(
                     move |mut req: axum::extract::Request, next: axum::middleware::Next| {
                         let in_flight = in_flight.clone();
                         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                        let refused = framing_refusal(&req, &scanned, ids, &problem);
+                        let refused = framing_refusal(&req, ids, &problem);
                         async move {
                             if let Some(refusal) = refused {
                                 return refusal;
@@ -1129,11 +1204,13 @@ fn framing_fault(
 /// after it (its body is never read, so where the next request starts is unknown).
 fn framing_refusal(
     req: &axum::extract::Request,
-    exchanges: &Exchanges,
     (policy, version): (IdPolicy, IdVersion),
     problem: &Problem,
 ) -> Option<axum::response::Response> {
-    let head_length = exchanges.head_length.load(Ordering::SeqCst);
+    let head_length = req
+        .extensions()
+        .get::<HeadLength>()
+        .map_or(HEAD_UNSEEN, |h| h.0);
     let (status, text, code) = framing_fault(req.version(), req.headers(), head_length)?;
     let id = header::resolve(
         policy,
@@ -1181,7 +1258,6 @@ mod tests {
         framing_fault, header, json_for_hyper_error, secret_matches, Exchanges, IdLines, Problem,
         HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN,
     };
-    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     #[test]
@@ -1229,26 +1305,39 @@ mod tests {
         }
     }
 
-    /// What the scan of `reads` (`None`: an answer goes out) published for the last
-    /// head.
-    fn head_length(reads: &[Option<&[u8]>]) -> u8 {
+    /// What happens on a connection, as the scan sees it.
+    #[derive(Clone, Copy)]
+    enum Ev<'a> {
+        /// Bytes read.
+        R(&'a [u8]),
+        /// An answer (interim or final) written.
+        A,
+        /// hyper hands the next request to the service.
+        H,
+    }
+    use Ev::{A, H, R};
+
+    /// What the scan found for each request handed, over `events`.
+    fn handed(events: &[Ev<'_>]) -> Vec<u8> {
         let exchanges = Arc::new(Exchanges::default());
         let mut lines = IdLines::new(exchanges.clone());
-        for read in reads {
-            match read {
-                Some(bytes) => lines.scan(bytes),
-                None => lines.reset(),
+        let mut found = Vec::new();
+        for event in events {
+            match event {
+                R(bytes) => lines.scan(bytes),
+                A => lines.answered(),
+                H => found.push(exchanges.handed_head()),
             }
         }
-        exchanges.head_length.load(Ordering::SeqCst)
+        found
     }
 
     /// Whether each head has a `Content-Length` line (which hyper leaves out of a
     /// head that has `Transfer-Encoding`) is known while the scan can follow the
     /// requests' boundaries: bodies of a known length are passed over, however they
-    /// are cut into reads and whether they come before or after the answer. Once a
-    /// chunked body is followed by more, or a request is read before the one before
-    /// it was answered, the heads after are unseen.
+    /// are cut into reads, whether they come before or after the answer or an
+    /// interim `100 Continue`, and whether the requests are pipelined. Once a
+    /// chunked body is followed by more, the heads after are unseen.
     #[test]
     fn a_heads_length_line_is_known_while_the_scan_keeps_step() {
         let both: &[u8] =
@@ -1267,39 +1356,46 @@ mod tests {
             " ".repeat(9000)
         );
         let sized: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n";
+        let expecting: &[u8] =
+            b"POST /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n";
         let body_then_both = [b"0123456789".as_slice(), both].concat();
         let after_empty = [b"\r\n".as_slice(), both].concat();
         let sized_crlf = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789\r\n".to_vec();
         let sized_crlf_both = [sized_crlf.as_slice(), both].concat();
         let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
-        // `None`: an answer goes out.
-        type Reads<'a> = Vec<Option<&'a [u8]>>;
-        let cases: &[(&str, Reads<'_>, u8)] = &[
-            ("one head with both", vec![Some(both)], HEAD_LENGTH),
-            ("after empty lines, which the parser skips", vec![Some(b"\r\n\n"), Some(&after_empty)], HEAD_LENGTH),
-            ("after a body and an extra CRLF", vec![Some(&sized_crlf), None, Some(both)], HEAD_LENGTH),
-            ("pipelined after a body and an extra CRLF", vec![Some(&sized_crlf_both), None], HEAD_UNSEEN),
-            ("one head, its body in the same read", vec![Some(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")], HEAD_LENGTH),
-            ("padded and in capitals", vec![Some(padded.as_bytes())], HEAD_LENGTH),
-            ("after a body whose length line is padded", vec![Some(padded_sized.as_bytes()), Some(b"0123456789"), None, Some(both)], HEAD_LENGTH),
-            ("after a length line padded past reading", vec![Some(overlong.as_bytes()), Some(b"0123456789"), None, Some(both)], HEAD_UNSEEN),
-            ("chunked alone", vec![Some(coded)], HEAD_NO_LENGTH),
-            ("after a sized body in the same read", vec![Some(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"), None, Some(both)], HEAD_LENGTH),
-            ("after a sized body cut into reads", vec![Some(sized), Some(b"0123"), Some(b"456789"), None, Some(coded)], HEAD_NO_LENGTH),
-            ("after a body read after its answer", vec![Some(sized), None, Some(b"0123456789"), Some(both)], HEAD_LENGTH),
-            ("a body and the next head in one read, after the answer", vec![Some(sized), None, Some(&body_then_both)], HEAD_LENGTH),
-            ("pipelined before the answer", vec![Some(&pipelined), None], HEAD_UNSEEN),
-            ("after a chunked body", vec![Some(coded), Some(b"0\r\n\r\n"), None, Some(both)], HEAD_UNSEEN),
-            ("out of step for good", vec![Some(coded), Some(b"0\r\n\r\n"), None, Some(coded), None, Some(b"GET / HTTP/1.1\r\n\r\n")], HEAD_UNSEEN),
+        let deep = [b"GET /a HTTP/1.1\r\n\r\n".repeat(20).as_slice(), both].concat();
+        let (l, n, u) = (HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN);
+        let cases: &[(&str, Vec<Ev<'_>>, Vec<u8>)] = &[
+            ("one head with both", vec![R(both), H], vec![l]),
+            ("after empty lines, which the parser skips", vec![R(b"\r\n\n"), R(&after_empty), H], vec![l]),
+            ("after a body and an extra CRLF", vec![R(&sized_crlf), H, A, R(both), H], vec![l, l]),
+            ("pipelined after a body and an extra CRLF", vec![R(&sized_crlf_both), H, A, H], vec![l, l]),
+            ("one head, its body in the same read", vec![R(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), H], vec![l]),
+            ("padded and in capitals", vec![R(padded.as_bytes()), H], vec![l]),
+            ("after a body whose length line is padded", vec![R(padded_sized.as_bytes()), H, R(b"0123456789"), A, R(both), H], vec![l, l]),
+            ("after a length line padded past reading", vec![R(overlong.as_bytes()), H, R(b"0123456789"), A, R(both), H], vec![l, u]),
+            ("chunked alone", vec![R(coded), H], vec![n]),
+            ("after a sized body in the same read", vec![R(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"), H, A, R(both), H], vec![l, l]),
+            ("after a sized body cut into reads", vec![R(sized), H, R(b"0123"), R(b"456789"), A, R(coded), H], vec![l, n]),
+            ("after a body read after its answer", vec![R(sized), H, A, R(b"0123456789"), R(both), H], vec![l, l]),
+            ("a body and the next head in one read, after the answer", vec![R(sized), H, A, R(&body_then_both), H], vec![l, l]),
+            ("pipelined before the answer", vec![R(&pipelined), H, A, H], vec![n, l]),
+            ("after an interim 100, in the read of the body", vec![R(expecting), H, A, R(&body_then_both), A, H], vec![l, l]),
+            ("after an interim 100 and the final answer", vec![R(expecting), H, A, A, R(&body_then_both), H], vec![l, l]),
+            ("after a chunked body", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(both), H], vec![n, u]),
+            ("out of step for good", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(coded), H, A, R(b"GET / HTTP/1.1\r\n\r\n"), H], vec![n, u, u]),
+            ("pipelined deeper than the scan keeps", [vec![R(&deep)], vec![H; 21]].concat(), [vec![n; 16], vec![u; 5]].concat()),
+            ("a request the scan had not read whole", vec![R(b"GET / HTTP/1.1\r\n"), H, R(b"\r\n"), R(both), H, H], vec![u, u, u]),
         ];
-        for (what, reads, want) in cases {
-            assert_eq!(head_length(reads), *want, "{what}");
+        for (what, events, want) in cases {
+            assert_eq!(&handed(events), want, "{what}");
         }
-        // However the head is cut into reads.
-        for cut in 1..both.len() {
+        // However the heads are cut into reads.
+        let two = [expecting, b"0123456789", both].concat();
+        for cut in 1..two.len() {
             assert_eq!(
-                head_length(&[Some(&both[..cut]), Some(&both[cut..])]),
-                HEAD_LENGTH,
+                handed(&[R(&two[..cut]), R(&two[cut..]), H, H]),
+                vec![l, l],
                 "cut at {cut}"
             );
         }
@@ -1373,14 +1469,15 @@ mod tests {
     }
 
     fn id_of(lines: &IdLines) -> Option<String> {
-        match lines.extracted() {
+        match lines.next_id() {
             header::Extracted::Valid(id) => Some(id.as_str().to_owned()),
             _ => None,
         }
     }
 
     /// Only a head's lines are scanned for the request ID, however its bytes are cut
-    /// into reads; its body (a tus upload, say) is not, until the next answer.
+    /// into reads; its body (a tus upload, say) is not. The ID given is that of the
+    /// first head hyper has not handed on.
     #[test]
     fn request_id_lines_are_taken_from_heads_and_never_from_bodies() {
         let head = b"PATCH /upload HTTP/1.1\r\nHost: t\r\nX-Request-ID: in-head-1\r\nContent-Length: 40\r\n\r\n";
@@ -1392,14 +1489,25 @@ mod tests {
             lines.scan(body);
             assert_eq!(id_of(&lines).as_deref(), Some("in-head-1"), "cut at {cut}");
         }
-        let mut lines = IdLines::new(Arc::default());
+        let exchanges = Arc::new(Exchanges::default());
+        let mut lines = IdLines::new(exchanges.clone());
         lines.scan(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\n\r\n");
         lines.scan(body);
         assert_eq!(id_of(&lines), None, "a body's lines are not a head's");
-        // After an answer, the next head is read afresh.
-        lines.reset();
-        lines.scan(b"GET / HTTP/1.1\r\nX-Request-ID: next-3\r\n\r\n");
-        assert_eq!(id_of(&lines).as_deref(), Some("next-3"));
+        // Handed on, its body's last byte and the next head read.
+        exchanges.handed_head();
+        lines.scan(b"!GET / HTTP/1.1\r\nX-Request-ID: next-3\r\n");
+        assert_eq!(
+            id_of(&lines).as_deref(),
+            Some("next-3"),
+            "a head being read"
+        );
+        lines.scan(b"\r\nGET / HTTP/1.1\r\nX-Request-ID: next-4\r\n\r\n");
+        assert_eq!(id_of(&lines).as_deref(), Some("next-3"), "pipelined");
+        exchanges.handed_head();
+        assert_eq!(id_of(&lines).as_deref(), Some("next-4"));
+        exchanges.handed_head();
+        assert_eq!(id_of(&lines), None, "none ahead");
     }
 
     #[test]

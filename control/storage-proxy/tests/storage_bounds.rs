@@ -369,6 +369,72 @@ fn bodies_framed_two_ways_are_refused_on_both_apis() {
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// A request whose framing is in doubt is refused however it comes: pipelined
+/// behind a request the service has not answered yet, or in the same write as the
+/// body of a request answered `100 Continue`. The server keeps what it found per
+/// head in order; before, such a request was judged by hyper's rule alone (framed
+/// by `Transfer-Encoding`) and reached the handler.
+#[test]
+fn framing_in_doubt_is_refused_behind_a_pipelined_or_continued_request() {
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    let chunked_list = format!("{:x}\r\n{list}\r\n0\r\n\r\n", list.len());
+    let head = |id: &str, extra: &str| {
+        format!("POST /folder/file/list HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nX-Backend-Request-ID: {id}\r\n{extra}\r\n")
+    };
+    let first = head(
+        "framing-first",
+        &format!("Content-Length: {}\r\n", list.len()),
+    );
+    let continued = head(
+        "framing-first",
+        &format!("Expect: 100-continue\r\nContent-Length: {}\r\n", list.len()),
+    );
+    let smuggled = format!(
+        "{}{chunked_list}GET /status HTTP/1.1\r\nHost: t\r\n\r\n",
+        head(
+            "framing-second",
+            "Content-Length: 50\r\nTransfer-Encoding: chunked\r\n"
+        )
+    );
+    for continue_first in [false, true] {
+        let mut s = TcpStream::connect(p.manager).expect("connect");
+        if continue_first {
+            s.write_all(continued.as_bytes()).expect("send");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut interim = [0u8; 25];
+            s.read_exact(&mut interim).expect("interim answer");
+            assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+            s.write_all(format!("{list}{smuggled}").as_bytes())
+                .expect("send");
+        } else {
+            s.write_all(format!("{first}{list}{smuggled}").as_bytes())
+                .expect("send");
+        }
+        let text = answer(&mut s);
+        let what = if continue_first {
+            "after 100"
+        } else {
+            "pipelined"
+        };
+        assert!(text.starts_with("HTTP/1.1 200 "), "{what}: {text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{what}: {text}");
+        let second = &text[text.rfind("HTTP/1.1 ").expect("second")..];
+        assert!(second.starts_with("HTTP/1.1 400 "), "{what}: {text}");
+        assert!(
+            second.contains(r#""code":"bad-framing""#)
+                && second.contains(r#""request_id":"framing-second""#),
+            "{what}: {text}"
+        );
+        assert!(
+            second.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {text}"
+        );
+    }
+}
+
 #[test]
 fn a_manager_body_that_stalls_is_answered_408_and_closed() {
     let p = Proxy::start("body_read_timeout_secs = 1\nidle_timeout_secs = 600");
