@@ -762,6 +762,14 @@ impl TcpConn {
         !self.reg.is_armed() || self.reg.is_ready(Direction::Read)
     }
 
+    /// Whether the peer has sent bytes not yet read, or ended its stream, as the
+    /// socket says now: nothing is taken and nothing waited for (TLS records count,
+    /// whatever they hold).
+    pub fn has_unread(&self) -> bool {
+        let mut byte = [0u8; 1];
+        rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK).is_ok()
+    }
+
     /// Checks with one non-blocking read that an idle connection is still open and
     /// silent.
     pub fn probe_idle(&self) -> bool {

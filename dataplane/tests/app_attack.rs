@@ -488,8 +488,8 @@ fn http2_clients_can_read_what_the_app_framed_loosely() {
 }
 
 /// A response whose framing is in doubt is relayed, but its app connection is closed
-/// after it, never handed to the next request (from another client) with bytes of
-/// it possibly still to come; one whose framing is clear is reused. Table: request,
+/// after it, never handed to the next request (its client's, or another's) with
+/// bytes of it possibly still to come; one whose framing is clear is reused. Table: request,
 /// the app's answer, whether the connection may be reused.
 #[test]
 fn an_app_connection_whose_framing_was_in_doubt_is_not_reused() {
@@ -529,10 +529,11 @@ fn an_app_connection_whose_framing_was_in_doubt_is_not_reused() {
         if !reusable {
             app.wait_ended(conn);
         }
-        // The next request, from another client.
+        // The next request, from the same client: an app connection after a
+        // bodiless answer is its own client's for a while
+        // (`an_app_connection_after_a_bodiless_answer_is_its_clients_for_a_while`).
         let next = format!("/next-{i}");
-        let mut second = Client::connect(w.addr());
-        let r = second.get(&next, "");
+        let r = first.get(&next, "");
         assert_eq!(r.status, 200, "after {path}: {}", r.text());
         assert!(
             r.text().starts_with(&format!("honest {next} ")),
@@ -639,6 +640,136 @@ fn bytes_after_a_response_never_reach_the_next_client() {
             );
         }
     }
+}
+
+/// An app that sends a body on an answer that has none (a `HEAD`, a 204, a 304)
+/// in a later write — a moment after the answer, once the next client's request
+/// may already be on its way over that connection — never has it read as another
+/// client's response: such a connection is kept for its own client for a while
+/// (`pool::SETTLE`). The test holds the stray bytes back until the next client's
+/// request was sent; before, that request took the pooled connection and was
+/// answered with them.
+#[test]
+fn a_body_sent_late_on_a_bodiless_answer_never_reaches_another_client() {
+    let poison = String::from_utf8_lossy(POISON).into_owned();
+    let gate: Gate = Arc::default();
+    let written = Arc::new(AtomicUsize::new(0));
+    #[rustfmt::skip]
+    let table: Vec<(&str, &str, &str)> = vec![
+        ("HEAD", "/late-head", "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n"),
+        ("GET", "/late-204", "HTTP/1.1 204 No Content\r\n\r\n"),
+        ("GET", "/late-304", "HTTP/1.1 304 Not Modified\r\n\r\n"),
+    ];
+    let answers: std::collections::HashMap<String, String> = table
+        .iter()
+        .map(|(_, p, r)| (p.to_string(), r.to_string()))
+        .collect();
+    let (g, w2) = (gate.clone(), written.clone());
+    let app = App::start(move |method, path| match answers.get(path) {
+        Some(resp) => vec![
+            send(resp),
+            Step::Await(g.clone()),
+            send(&poison),
+            Step::Mark(w2.clone()),
+        ],
+        None => honest(path, method),
+    });
+    let w = worker_for(&app);
+    for (method, path, _) in &table {
+        set_gate(&gate, false);
+        let before = written.load(Ordering::SeqCst);
+        let mut first = Client::connect(w.addr());
+        first.send(format!("{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = first.response_to(method);
+        assert!(r.status < 400, "{path}: {} {}", r.status, r.text());
+        let conn = app.conn_of(path);
+        // The next client asks at once; the stray bytes go out only after (the
+        // pause lets its request reach the app connection, were it taken).
+        let next = format!("/next{path}");
+        let mut second = Client::connect(w.addr());
+        second.send(format!("GET {next} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+        set_gate(&gate, true);
+        let r = second.response();
+        assert_eq!(r.header("x-attacker"), None, "after {path}");
+        assert!(
+            r.text().starts_with(&format!("honest {next} ")),
+            "after {path}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert_ne!(app.conn_of(&next), conn, "after {path}: connection reused");
+        eventually("the app wrote its stray bytes", || {
+            written.load(Ordering::SeqCst) > before
+        });
+        // Its own client goes on with its own answers: the connection, which holds
+        // the stray bytes, is not used again.
+        let r = first.get(&format!("{next}-same"), "");
+        assert_eq!(r.header("x-attacker"), None, "after {path}");
+        assert!(
+            r.text().starts_with("honest "),
+            "after {path}: {}",
+            r.text()
+        );
+    }
+}
+
+/// An app connection that last answered a bodiless request goes on at once for its
+/// own client, is not taken by another client during `pool::SETTLE` (250 ms), and
+/// is after it; at the per-route connection cap, a held connection is closed to
+/// make room rather than the other client refused.
+#[test]
+fn an_app_connection_after_a_bodiless_answer_is_its_clients_for_a_while() {
+    let head_only = |method: &str, path: &str| {
+        if method == "HEAD" {
+            vec![send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")]
+        } else {
+            honest(path, method)
+        }
+    };
+    let app = App::start(head_only);
+    let w = worker_for(&app);
+    let mut first = Client::connect(w.addr());
+    first.send(b"HEAD /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response_to("HEAD").status, 200);
+    let conn = app.conn_of("/a");
+    assert_eq!(first.get("/a-again", "").status, 200);
+    assert_eq!(app.conn_of("/a-again"), conn, "its own client, at once");
+    // Past the hold, another client has it.
+    first.send(b"HEAD /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response_to("HEAD").status, 200);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(Client::connect(w.addr()).get("/later", "").status, 200);
+    assert_eq!(
+        app.conn_of("/later"),
+        conn,
+        "another client, after the hold"
+    );
+    // Within it, another client gets a connection of its own.
+    let mut first = Client::connect(w.addr());
+    first.send(b"HEAD /c HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response_to("HEAD").status, 200);
+    let conn = app.conn_of("/c");
+    assert_eq!(Client::connect(w.addr()).get("/other", "").status, 200);
+    assert_ne!(app.conn_of("/other"), conn, "another client, at once");
+
+    // One connection per route: another client is served on a new one, the held
+    // one closed for it.
+    let app = App::start(head_only);
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[upstream]\nmax_connections_per_route = 1\n".into(),
+        ..Default::default()
+    });
+    let mut first = Client::connect(w.addr());
+    first.send(b"HEAD /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response_to("HEAD").status, 200);
+    let conn = app.conn_of("/a");
+    let r = Client::connect(w.addr()).get("/other", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(app.conn_of("/other"), conn);
+    app.wait_ended(conn);
 }
 
 /// A head the app dribbles one byte at a time gets no more than
@@ -1055,6 +1186,58 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
         "{}",
         w.log_text()
     );
+    let r = Client::connect(w.addr()).get("/after", "");
+    assert!(r.text().starts_with("honest /after "), "{}", r.text());
+}
+
+/// An app that answers a success before it has the whole body and then stops
+/// reading has its answer relayed once the body's write stalls for
+/// `body_idle_secs`. Before, it was a 502 `upstream_closed` ("timed out"), the
+/// success thrown away.
+#[test]
+fn a_success_answered_before_a_body_the_app_stopped_taking_is_relayed() {
+    let gate = Gate::default();
+    let hold = gate.clone();
+    let app = App::start(move |method, path| match path {
+        "/early-200-stop" => vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsaved"),
+            Step::Await(hold.clone()),
+        ],
+        _ => honest(path, method),
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nbody_idle_secs = 1\n".into(),
+        ..Default::default()
+    });
+    const SIZE: usize = 64 << 20;
+    let (path, status, body) = ("/early-200-stop", "200", "saved");
+    {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes(),
+        )
+        .expect("head");
+        let writer = send_body(&s, SIZE >> 20);
+        let (got, _) = read_to_end(&mut s);
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{path}: {got}"
+        );
+        assert!(got.ends_with(&format!("\r\n\r\n{body}")), "{path}: {got}");
+        let (line, fields) = head_fields(&got);
+        assert!(
+            fields
+                .iter()
+                .any(|(n, v)| n == "connection" && v == "close"),
+            "{path}: {line}"
+        );
+        let _ = writer.join();
+    }
+    set_gate(&gate, true);
     let r = Client::connect(w.addr()).get("/after", "");
     assert!(r.text().starts_with("honest /after "), "{}", r.text());
 }

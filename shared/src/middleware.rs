@@ -121,7 +121,7 @@ where
             req.extensions_mut().insert(state.clone());
         }
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let path = shown_path(req.uri().path());
         let started = Instant::now();
         let notes = Arc::new(Mutex::new(Notes {
             access_key: None,
@@ -385,6 +385,50 @@ fn normalize_trace_headers<B>(
             if let Ok(value) = HeaderValue::from_str(state.as_str()) {
                 req.headers_mut().insert(TRACESTATE, value);
             }
+        }
+    }
+}
+
+/// A request's path as it is logged: a segment that is a JWT (a bearer capability:
+/// the deprecated `/v2/proxy/{token}/{session}/add` carries one) is `***`, so that
+/// whoever reads the logs cannot use it.
+pub fn shown_path(path: &str) -> String {
+    if !path.contains("eyJ") {
+        return path.to_owned();
+    }
+    path.split('/')
+        .map(|segment| {
+            let jwt = segment.starts_with("eyJ")
+                && segment.bytes().filter(|&b| b == b'.').count() == 2
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='));
+            if jwt {
+                "***"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod shown_path_tests {
+    use super::shown_path;
+
+    #[test]
+    fn a_token_in_a_path_is_never_logged() {
+        for (path, shown) in [
+            ("/v2/conf", "/v2/conf"),
+            (
+                "/v2/proxy/eyJhbGciOiJIUzI1NiJ9.eyJzIjoxfQ.c2ln-_x/sess-1/add",
+                "/v2/proxy/***/sess-1/add",
+            ),
+            ("/files/eyJnot-a-token", "/files/eyJnot-a-token"),
+            ("/a/eyJ.b.c%2F/d", "/a/eyJ.b.c%2F/d"),
+        ] {
+            assert_eq!(shown_path(path), shown, "{path}");
         }
     }
 }

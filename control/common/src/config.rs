@@ -55,3 +55,69 @@ pub struct RedisSection {
     /// `redis://…`; absent → single node, no events.
     pub url: Option<String>,
 }
+
+/// `url` as it may be shown (an error, a log line): the credentials of its user
+/// part (`redis://user:secret@host`, `redis://:secret@host`) and the values of
+/// `password=` or `pass=` in its query replaced by `***`.
+pub fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _))
+                        if name.eq_ignore_ascii_case("password")
+                            || name.eq_ignore_ascii_case("pass") =>
+                    {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    if url.contains("://") {
+        format!("{scheme}://{authority}{tail}")
+    } else {
+        format!("{authority}{tail}")
+    }
+}
+
+#[cfg(test)]
+mod shown_url_tests {
+    use super::shown_url;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+            (
+                "redis://:s3cret@127.0.0.1:6379/",
+                "redis://***@127.0.0.1:6379/",
+            ),
+            ("redis://app:s3cret@h:6379/0", "redis://***@h:6379/0"),
+            ("rediss://app:p@ss@h", "rediss://***@h"),
+            (
+                "redis://h?password=s3cret&db=1",
+                "redis://h?password=***&db=1",
+            ),
+            (
+                "redis+unix:///run/r.sock?db=2&pass=s3cret",
+                "redis+unix:///run/r.sock?db=2&pass=***",
+            ),
+            ("redis://h/?x=@y", "redis://h/?x=@y"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+            assert!(!shown_url(url).contains("s3cret"));
+        }
+    }
+}

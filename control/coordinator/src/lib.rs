@@ -1133,8 +1133,12 @@ impl Coordinator {
         .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
         let redis = match &config.redis.url {
             Some(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+                let client = redis::Client::open(url.as_str()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "[redis] url {:?}: {e}",
+                        appproxy_control_common::config::shown_url(url)
+                    )
+                })?;
                 // Reconnects quickly after an outage; calls are bounded anyway.
                 let cfg = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(REDIS_CALL_TIMEOUT)
@@ -1145,7 +1149,10 @@ impl Coordinator {
                     redis_link::RedisConn::connect(client, cfg)
                         .await
                         .map_err(|e| {
-                            anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}")
+                            anyhow::anyhow!(
+                                "cannot connect to [redis] url {:?}: {e}",
+                                appproxy_control_common::config::shown_url(url)
+                            )
                         })?,
                 )
             }

@@ -664,11 +664,20 @@ pub async fn serve(
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let events = match &config.redis.url {
         Some(url) => {
-            let client = redis::Client::open(url.as_str())
-                .map_err(|e| anyhow::anyhow!("[redis] url {url:?}: {e}"))?;
+            let client = redis::Client::open(url.as_str()).map_err(|e| {
+                anyhow::anyhow!(
+                    "[redis] url {:?}: {e}",
+                    appproxy_control_common::config::shown_url(url)
+                )
+            })?;
             let conn = redis::aio::ConnectionManager::new(client)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to [redis] url {url:?}: {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot connect to [redis] url {:?}: {e}",
+                        appproxy_control_common::config::shown_url(url)
+                    )
+                })?;
             Some(conn)
         }
         None => None,

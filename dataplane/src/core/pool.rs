@@ -5,6 +5,14 @@
 //! another route to the same address made without checking, or under another name.
 //! Plain and TLS connections are kept apart: the plain ones (the usual case) go
 //! in and out as they did before TLS was told apart, with no name to compare.
+//!
+//! A connection whose last response had no body by rule (an answer to `HEAD`, a
+//! 204 or a 304) is held for its last client for [`SETTLE`] before another client
+//! may have it: an app that sends such a response's body anyway, in a later write,
+//! would otherwise have those bytes read as the next client's response (and every
+//! answer after it shifted by one), since a connection taken a moment after it was
+//! put back has nothing to show yet. Its own client reuses it at once, as it would
+//! on a direct connection to the app.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -33,6 +41,32 @@ struct Idle {
     conn: TcpConn,
     /// When it went idle.
     since: Instant,
+    /// The client connection its last request came from.
+    owner: u64,
+    /// Until then only `owner` may take it.
+    held_until: Instant,
+}
+
+/// How long a connection whose last response had no body by rule is kept for its
+/// own client before another may take it: longer than a delayed ACK (40 ms to
+/// 200 ms on Linux) that holds back an app's second small write.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Who put a connection back, and whether it is to be held for them ([`SETTLE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The client connection (a per-core number) the last request came from.
+    pub owner: u64,
+    /// The last response had no body by rule (`HEAD`, 204, 304).
+    pub bodiless: bool,
+}
+
+impl Idle {
+    /// Whether `owner` may take it now.
+    #[inline]
+    fn open_to(&self, owner: u64, now: Instant) -> bool {
+        self.owner == owner || self.held_until <= now
+    }
 }
 
 /// Per-core keep-alive pool of upstream connections.
@@ -67,19 +101,47 @@ impl Pool {
 
     /// One unit of `addr`'s open-connection count for a new connection, or `None`
     /// when the upstream already has `max_open` connections on this core (pool
-    /// misses only: a pooled connection already holds its unit).
+    /// misses only: a pooled connection already holds its unit). At the cap, an
+    /// idle connection to `addr` that could not be taken (held for another client,
+    /// or made with other TLS) is closed to make room.
     pub fn reserve(&self, addr: SocketAddr) -> Option<CountGuard> {
-        let mut open = self.open.borrow_mut();
-        CountGuard::take(open.entry(addr).or_default(), self.max_open)
+        let count = self.open.borrow_mut().entry(addr).or_default().clone();
+        if let Some(unit) = CountGuard::take(&count, self.max_open) {
+            return Some(unit);
+        }
+        // The oldest idle one closes (its unit goes back as it drops).
+        let closed = match self.idle.borrow_mut().get_mut(&addr) {
+            Some(list) if !list.is_empty() => Some(list.remove(0).conn),
+            _ => None,
+        }
+        .or_else(|| match self.idle_tls.borrow_mut().get_mut(&addr) {
+            Some(list) if !list.is_empty() => Some(list.remove(0).idle.conn),
+            _ => None,
+        });
+        drop(closed?);
+        CountGuard::take(&count, self.max_open)
     }
 
-    /// A live idle connection to `addr` made with `tls`, if one is pooled (`now`:
-    /// the reactor's clock).
-    pub fn take(&self, addr: SocketAddr, tls: Tls<'_>, now: Instant) -> Option<TcpConn> {
+    /// A live idle connection to `addr` made with `tls` that `owner` may take, if
+    /// one is pooled (`now`: the reactor's clock).
+    pub fn take(
+        &self,
+        addr: SocketAddr,
+        tls: Tls<'_>,
+        now: Instant,
+        owner: u64,
+    ) -> Option<TcpConn> {
         let Some((mode, name)) = tls else {
             let mut idle = self.idle.borrow_mut();
             let list = idle.get_mut(&addr)?;
-            while let Some(entry) = list.pop() {
+            // Most recent first; dead ones are dropped on the way.
+            let mut i = list.len();
+            while i > 0 {
+                i -= 1;
+                if !list[i].open_to(owner, now) {
+                    continue;
+                }
+                let entry = list.remove(i);
                 if self.usable(&entry, now) {
                     return Some(entry.conn);
                 }
@@ -98,7 +160,7 @@ impl Pool {
                 list.drain(..=i);
                 return None;
             }
-            if e.mode != mode || &*e.name != name {
+            if e.mode != mode || &*e.name != name || !e.idle.open_to(owner, now) {
                 continue;
             }
             let entry = list.remove(i);
@@ -122,8 +184,13 @@ impl Pool {
     }
 
     /// Returns a connection made with `tls` for reuse.
-    pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant) {
-        let idle = Idle { conn, since: now };
+    pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant, lease: Lease) {
+        let idle = Idle {
+            conn,
+            since: now,
+            owner: lease.owner,
+            held_until: if lease.bodiless { now + SETTLE } else { now },
+        };
         let Some((mode, name)) = tls else {
             let mut all = self.idle.borrow_mut();
             let list = all.entry(addr).or_default();

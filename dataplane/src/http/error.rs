@@ -115,7 +115,8 @@ pub enum ProxyError {
     /// Connecting to the app failed or timed out.
     #[error("upstream connect failed: {0}")]
     UpstreamConnect(std::io::Error),
-    /// The app did not answer the head in time.
+    /// The app did not answer the head in time, or stopped taking the request body
+    /// for `[timeouts] body_idle_secs` without answering.
     #[error("upstream response timed out")]
     UpstreamTimeout,
     /// The app's response was malformed or the connection broke before a response.

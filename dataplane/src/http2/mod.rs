@@ -76,6 +76,9 @@ pub struct ConnCtx {
     lingering_held: Cell<bool>,
     /// The timeouts between requests, shared with the connection's [`io::H2Io`].
     between: Rc<io::Between>,
+    /// The connection's per-core number (the pool holds some app connections for
+    /// the client they last served).
+    pub conn_id: u64,
 }
 
 impl ConnCtx {
@@ -170,6 +173,7 @@ pub async fn serve(
         ended: Cell::new(false),
         lingering_held: Cell::new(false),
         between: Rc::new(io::Between::default()),
+        conn_id,
     });
     // The preface, the SETTINGS and the first complete request head within the head
     // timeout from the accept (a connection that sends the preface and nothing else

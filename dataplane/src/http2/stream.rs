@@ -28,6 +28,7 @@ use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{within, BodyFloor, ConnCtx, Stall, StreamGuard};
+use crate::core::pool::Lease;
 use crate::core::tunnels::Signal;
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
@@ -726,23 +727,24 @@ async fn forward_h1(
         None
     };
     let mut addr = pick(core, route, None)?;
-    let (mut upstream, reused) =
-        match core
-            .pool
-            .take(addr, proxy::tls_of(route, addr), core.reactor.now())
-        {
-            Some(c) => {
-                side.tried(addr);
-                core.metrics.add(counter::POOL_HIT, 1);
-                (c, true)
-            }
-            None => {
-                core.metrics.add(counter::POOL_MISS, 1);
-                let (c, used) = proxy::connect_route(core, route, addr, side).await?;
-                addr = used;
-                (c, false)
-            }
-        };
+    let (mut upstream, reused) = match core.pool.take(
+        addr,
+        proxy::tls_of(route, addr),
+        core.reactor.now(),
+        ctx.conn_id,
+    ) {
+        Some(c) => {
+            side.tried(addr);
+            core.metrics.add(counter::POOL_HIT, 1);
+            (c, true)
+        }
+        None => {
+            core.metrics.add(counter::POOL_MISS, 1);
+            let (c, used) = proxy::connect_route(core, route, addr, side).await?;
+            addr = used;
+            (c, false)
+        }
+    };
     let mut out = Vec::with_capacity(1024);
     let traceparent = trace.map(|t| t.span.traceparent());
     encode::upstream_request_traced(
@@ -910,10 +912,11 @@ async fn forward_h1(
         .map_err(|f| Fail::Answer(f.into_error()))?;
     }
     let rbuf = ubuf.filled();
-    let bodiless = head.method == Method::Head
-        || resp.status == 204
-        || resp.status == 304
-        || resp.framing == BodyFraming::Length(0);
+    let lease = Lease {
+        owner: ctx.conn_id,
+        bodiless: head.method == Method::Head || resp.status == 204 || resp.status == 304,
+    };
+    let bodiless = lease.bodiless || resp.framing == BodyFraming::Length(0);
     let mut response = http::Response::new(());
     *response.status_mut() = http::StatusCode::from_u16(resp.status).map_err(|_| {
         Fail::Answer(ProxyError::UpstreamResponse(ResponseError::Malformed(
@@ -962,6 +965,7 @@ async fn forward_h1(
             proxy::tls_of(route, addr),
             upstream,
             core.reactor.now(),
+            lease,
         );
     }
     Ok(Done {

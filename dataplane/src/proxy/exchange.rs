@@ -21,6 +21,7 @@ use super::{
     connect, connect_route, note_health, read_response_head, tls_of, AppSide, MAX_INTERIM,
 };
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
+use crate::core::pool::Lease;
 use crate::core::{counter, AccessEntry, Core, Route};
 use crate::http::encode::{self, ClientFraming, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
@@ -611,7 +612,7 @@ impl Client {
         let core = &self.core;
         if let Some(c) = core
             .pool
-            .take(addr, tls_of(route, addr), core.reactor.now())
+            .take(addr, tls_of(route, addr), core.reactor.now(), self.conn_id)
         {
             side.tried(addr);
             core.metrics.add(counter::POOL_HIT, 1);
@@ -746,8 +747,26 @@ impl Client {
         let failed = |f| Err(Attempted::Failed(f));
         match send {
             Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
+            // The app stopped taking the body for `body_idle_secs`. It may have
+            // answered first: a success, which the relay lets the body go on past
+            // (an app that answers early and reads on), is relayed now; else 504.
+            Err(RelayError::Destination(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                if !self.ubuf.is_empty() || upstream.has_unread() {
+                    if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
+                        note_health(&core, route, addr, true);
+                        return Ok((resp, bytes_in, true));
+                    }
+                }
+                self.ubuf.consume(usize::MAX);
+                tracing::warn!(upstream = %addr, error = %e, "the app stopped taking the request body");
+                let left = if attempt.replayable() {
+                    Left::Whole
+                } else {
+                    Left::Partial
+                };
+                return failed(Failure::Answer(ProxyError::UpstreamTimeout, left));
+            }
             Err(RelayError::Destination(e)) => {
-                let closed = e.kind() != io::ErrorKind::TimedOut;
                 let err = ProxyError::UpstreamClosed(e);
                 if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
                     let what = "pooled upstream connection was dead; retrying on a new one";
@@ -758,7 +777,7 @@ impl Client {
                 // Its answer, if any, is already in the socket (read at once, the
                 // connection being closed); the client's connection closes after it,
                 // the rest of the body unread.
-                if closed && !attempt.replayable() {
+                if !attempt.replayable() {
                     if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
@@ -993,8 +1012,17 @@ impl Client {
             && self.ubuf.is_empty()
             && !matches!(mode, Mode::Rechunk | Mode::UntilClose)
         {
-            core.pool
-                .put(addr, tls_of(route, addr), upstream, core.reactor.now());
+            let lease = Lease {
+                owner: self.conn_id,
+                bodiless: req.method == Method::Head || resp.status == 204 || resp.status == 304,
+            };
+            core.pool.put(
+                addr,
+                tls_of(route, addr),
+                upstream,
+                core.reactor.now(),
+                lease,
+            );
         }
         Ok(Done {
             status: resp.status,

@@ -162,6 +162,9 @@ pub(crate) struct Client {
     fields: Vec<HeaderField>,
     /// Storage for each response head's field list, reused.
     resp_fields: Vec<HeaderField>,
+    /// The connection's per-core number (the pool holds some app connections for
+    /// the client they last served).
+    conn_id: u64,
 }
 
 /// Serves one accepted connection until it closes. `trust_forwarding` false: the
@@ -214,6 +217,7 @@ async fn serve_conn(
         line: kept.line,
         fields: kept.fields,
         resp_fields: kept.resp_fields,
+        conn_id,
     };
     // The head timeout from the accept (a PROXY protocol header or a TLS handshake
     // took part of it).
