@@ -68,15 +68,22 @@ fn a_few_interim_responses_are_relayed_to_http11() {
 fn an_interim_flood_is_cut_after_a_few() {
     let app = LenientApp::start();
     let w = worker_for(&app);
-    let raw = exchange_to_close(&w, b"GET /interim?n=20000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let raw = exchange_to_close(
+        &w,
+        b"GET /interim?n=20000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
     let interim = raw.matches("HTTP/1.1 103").count();
     assert!(
         (1..=5).contains(&interim),
         "{interim} interim responses relayed"
     );
+    assert!(!raw.contains("final"), "the app's answer is not relayed");
+    // Interim heads commit to nothing: a final answer follows them.
+    let last = &raw[raw.rfind("HTTP/1.1 ").expect("a head")..];
+    assert!(last.starts_with("HTTP/1.1 502 "), "{raw}");
     assert!(
-        !raw.contains("final"),
-        "the exchange is ended, not completed"
+        last.contains("\"code\":\"upstream_invalid_response\""),
+        "{raw}"
     );
     // The worker is fine for the next client.
     let mut c = Client::connect(w.addr());

@@ -2,11 +2,14 @@
 //! manager and client APIs): every wait bounded and the connection count capped, so
 //! idle or slow clients cannot exhaust a service's descriptors.
 //!
-//! - a request head must arrive within `header_read_timeout_secs` (hyper's header
-//!   timer, which also runs while a keep-alive connection waits for its next request);
+//! - a request head must arrive within `header_read_timeout_secs`: the first from
+//!   the accept, each later one from its first byte ([`HeadTimer`]; hyper's own
+//!   header timer, which would also run while a kept-alive connection waits for its
+//!   next request, is set to the idle timeout);
 //! - a connection on which no byte moves either way for `idle_timeout_secs` while no
 //!   request is in flight is closed (a creation waiting for acknowledgements is never
-//!   cut; its own waits are bounded);
+//!   cut; its own waits are bounded): a kept-alive connection waits that long for
+//!   its next request, as clients that keep connections idle for 15-60 s expect;
 //! - at most `max_connections` connections, clamped below the process's descriptor
 //!   limit with a reserve for the store, Redis and logs; beyond it new connections are
 //!   closed at once, counted, and logged once per burst;
@@ -225,6 +228,28 @@ pub fn fitted_cap(
     }
 }
 
+/// When the request head being read began, for the head timeout: the first head's
+/// at the accept, each later one's at its first byte (empty lines before a request
+/// line count: a client sending only those is slow all the same).
+#[derive(Default)]
+struct HeadTimer {
+    /// Milliseconds since the accept.
+    since: AtomicU64,
+    /// A head is being read: begun, not yet ended.
+    running: std::sync::atomic::AtomicBool,
+    /// A head began: the connection's loop looks at the deadline again.
+    began: tokio::sync::Notify,
+}
+
+impl HeadTimer {
+    /// When the head being read is overdue, if one is being read.
+    fn deadline(&self, epoch: Instant, limit: Duration) -> Option<Instant> {
+        self.running
+            .load(Ordering::Relaxed)
+            .then(|| epoch + Duration::from_millis(self.since.load(Ordering::Relaxed)) + limit)
+    }
+}
+
 /// Counts the bytes' last movement on a connection.
 struct Tracked {
     inner: TcpStream,
@@ -245,6 +270,9 @@ struct Tracked {
     /// every response ended (`None`: the last flush did not); all bytes of those
     /// responses had been written by then.
     settled: Option<u64>,
+    /// The head timer, and the count of heads begun it was last set for.
+    head_timer: Arc<HeadTimer>,
+    heads_timed: u64,
 }
 
 /// What the service did on one connection, counted where hyper calls it: the
@@ -343,7 +371,9 @@ impl Tracked {
         epoch: Instant,
         (ids_rule, problem): ((IdPolicy, IdVersion), Problem),
         exchanges: Arc<Exchanges>,
+        head_timer: Arc<HeadTimer>,
     ) -> Self {
+        head_timer.running.store(true, Ordering::Relaxed);
         Self {
             inner,
             last,
@@ -354,7 +384,27 @@ impl Tracked {
             problem,
             exchanges,
             settled: Some(0),
+            head_timer,
+            heads_timed: 0,
         }
+    }
+
+    /// Sets the head timer after a scan: a head begun since runs from now (the
+    /// first from the accept), one ended stops it.
+    fn time_heads(&mut self) {
+        let begun = self.ids.heads_begun;
+        if begun != self.heads_timed {
+            if self.heads_timed > 0 {
+                self.head_timer
+                    .since
+                    .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.head_timer.began.notify_one();
+            }
+            self.heads_timed = begun;
+        }
+        self.head_timer
+            .running
+            .store(self.ids.head_open, Ordering::Relaxed);
     }
 
     /// Whether what hyper writes now can only be its own answer to a head it could
@@ -431,6 +481,10 @@ struct IdLines {
     body: Body,
     /// The scan no longer knows where heads start.
     out_of_step: bool,
+    /// A head's first byte has been read and not yet its end.
+    head_open: bool,
+    /// Heads whose first byte has been read.
+    heads_begun: u64,
     /// Where each head's `Content-Length` finding goes.
     exchanges: Arc<Exchanges>,
 }
@@ -456,6 +510,8 @@ impl IdLines {
             coded: false,
             body: Body::Known(0),
             out_of_step: false,
+            head_open: false,
+            heads_begun: 0,
             exchanges,
         }
     }
@@ -515,6 +571,10 @@ impl IdLines {
 
     /// Scans head bytes up to the head's end; returns what follows it.
     fn scan_head<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        if !bytes.is_empty() && !self.head_open {
+            self.head_open = true;
+            self.heads_begun += 1;
+        }
         let mut rest = bytes;
         while !rest.is_empty() {
             let cut = rest
@@ -569,6 +629,7 @@ impl IdLines {
         self.line.clear();
         self.in_head = false;
         self.started = false;
+        self.head_open = false;
         if !self.out_of_step {
             let head = Head {
                 length: if self.length_line.is_some() {
@@ -733,6 +794,9 @@ impl AsyncRead for Tracked {
             // A tunnel's bytes are no requests.
             if !this.exchanges.upgraded.load(Ordering::SeqCst) {
                 this.ids.scan(&buf.filled()[before..]);
+                this.time_heads();
+            } else {
+                this.head_timer.running.store(false, Ordering::Relaxed);
             }
         }
         polled
@@ -1000,12 +1064,14 @@ pub async fn serve_shared(
             let epoch = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
             let exchanges = Arc::new(Exchanges::default());
+            let head_timer = Arc::new(HeadTimer::default());
             let io = TokioIo::new(Tracked::new(
                 stream,
                 last.clone(),
                 epoch,
                 (limits.ids, limits.problem),
                 exchanges.clone(),
+                head_timer.clone(),
             ));
             // Requests in flight on this connection: the idle timer never cuts one.
             let busy = Arc::new(AtomicU64::new(0));
@@ -1034,7 +1100,9 @@ pub async fn serve_shared(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read)
+                // The head timeout is the loop's (`HeadTimer`); hyper's would run
+                // between requests too.
+                .header_read_timeout(limits.idle.max(limits.header_read))
                 .max_buf_size(limits.max_head.max(8192))
                 .keep_alive(true);
             let conn = builder.serve_connection(io, service).with_upgrades();
@@ -1044,8 +1112,23 @@ pub async fn serve_shared(
             loop {
                 let since = Duration::from_millis(last.load(Ordering::Relaxed));
                 let idle_for = epoch.elapsed().saturating_sub(since);
-                let wake_in = idle.saturating_sub(idle_for);
+                let mut wake_in = idle.saturating_sub(idle_for);
+                // A head being read while no request is in flight (hyper reads the
+                // next head only then) is due within the head timeout.
+                let head_due = head_timer
+                    .deadline(epoch, limits.header_read)
+                    .filter(|_| busy.load(Ordering::Relaxed) == 0);
+                if let Some(due) = head_due {
+                    let now = Instant::now();
+                    if due <= now {
+                        metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "request head not received in time");
+                        break;
+                    }
+                    wake_in = wake_in.min(due - now);
+                }
                 tokio::select! {
+                    () = head_timer.began.notified() => {}
                     served = conn.as_mut() => {
                         // hyper's header timer ends a slow head with a timeout error.
                         if served.is_err_and(|e| e.is_timeout()) {

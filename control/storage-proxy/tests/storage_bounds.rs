@@ -165,6 +165,48 @@ fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
     }
 }
 
+/// A kept-alive connection waits for its next request for `idle_timeout_secs`, not
+/// for the head timeout: hyper's header timer, which also ran between requests,
+/// closed it after `header_read_timeout_secs` (10 s), and a client reusing a
+/// connection it had kept for 15 s (aiohttp's default) found it closed under a
+/// request it may not repeat. A later head still has the head timeout from its
+/// first byte, empty lines before it included.
+#[test]
+fn a_kept_alive_connection_waits_for_the_idle_timeout_and_a_later_head_for_the_head_timeout() {
+    let p = Proxy::start("header_read_timeout_secs = 1\nidle_timeout_secs = 3600");
+    let get = b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n";
+    let read_answer = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            let n = s.read(&mut buf).expect("an answer");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    for addr in [p.manager, p.client] {
+        let mut kept = TcpStream::connect(addr).expect("connect");
+        kept.write_all(get).expect("send");
+        let first = read_answer(&mut kept);
+        assert!(first.starts_with("HTTP/1.1 "), "{first}");
+        // Three head timeouts of waiting between requests.
+        std::thread::sleep(Duration::from_millis(3000));
+        kept.write_all(get).expect("send again");
+        let second = read_answer(&mut kept);
+        assert!(second.starts_with("HTTP/1.1 "), "{addr}: {second}");
+        // A later head that never ends (empty lines, then part of a request line)
+        // is cut at the head timeout, not held for the idle one.
+        // (The idle timeout is an hour: only the head timeout can close it.)
+        kept.write_all(b"\r\nGET /sta").expect("send part");
+        assert!(
+            closed_by_server(&mut kept, HANG_GUARD),
+            "{addr}: a half head is closed"
+        );
+    }
+}
+
 /// A keep-alive connection from `from` to the client API that was served: one
 /// `GET /` answered 200, the connection left open. `None` when the server closed it
 /// with no answer (refused at accept).

@@ -1060,16 +1060,14 @@ impl Client {
                     limit = MAX_INTERIM,
                     "too many interim responses; closing"
                 );
-                return Err(if bytes_out == 0 {
-                    Failure::Answer(
-                        ProxyError::UpstreamResponse(ResponseError::Malformed(
-                            "too many interim responses",
-                        )),
-                        Left::Nothing,
-                    )
-                } else {
-                    Failure::Abort("too many interim responses".into())
-                });
+                // Interim heads commit to nothing: the client still gets a
+                // final answer (RFC 9110 §15.2), as nginx gives one.
+                return Err(Failure::Answer(
+                    ProxyError::UpstreamResponse(ResponseError::Malformed(
+                        "too many interim responses",
+                    )),
+                    Left::Nothing,
+                ));
             }
             if req.version == parse::Version::Http11 {
                 self.out.clear();
@@ -1094,14 +1092,8 @@ impl Client {
             resp = match next.await {
                 Ok(r) => r,
                 Err(HeadFailure::ClientGone) => return Err(Failure::Abort(CLIENT_LEFT.into())),
-                Err(f) if bytes_out == 0 => {
-                    return Err(Failure::Answer(f.into_error(), Left::Nothing));
-                }
-                Err(_) => {
-                    return Err(Failure::Abort(
-                        "upstream failed after an interim response".into(),
-                    ))
-                }
+                // After interim heads too: they commit to nothing.
+                Err(f) => return Err(Failure::Answer(f.into_error(), Left::Nothing)),
             };
         }
         Ok((resp, bytes_out))
