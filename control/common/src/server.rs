@@ -36,7 +36,8 @@
 //!   ([`framing_refusal`]): `Content-Length` beside `Transfer-Encoding`, or
 //!   `Transfer-Encoding` in an HTTP/1.0 request, or codings other than one `chunked`
 //!   (400, or 501 for codings before a final `chunked`, which would be passed on
-//!   undecoded), answered as the service's JSON error and the connection closed.
+//!   undecoded), answered as the service's JSON error and the connection closed;
+//!   so is an HTTP/1.1 request without `Host` or with two ([`host_fault`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -1222,19 +1223,40 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-/// Whether a presented credential equals the configured `secret`, in time that does
-/// not depend on where they first differ (only on the length). An empty secret
+/// Whether a presented credential equals the configured `secret`, in time that
+/// depends on neither where they first differ nor the secret's length (only on the
+/// presented length). An empty secret
 /// matches nothing: a service whose secret is unset admits no caller, whatever
 /// header it sends.
 pub fn secret_matches(presented: &[u8], secret: &[u8]) -> bool {
-    if secret.is_empty() || presented.len() != secret.len() {
+    if secret.is_empty() {
         return false;
     }
-    let diff = presented
+    // Every presented byte is compared (with the secret's bytes over again when it
+    // is longer), so the time taken depends on the presented length only, never on
+    // the secret's: its length does not show.
+    let differs = presented
         .iter()
-        .zip(secret)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    std::hint::black_box(diff) == 0
+        .zip(secret.iter().cycle())
+        .fold(u8::from(presented.len() != secret.len()), |acc, (a, b)| {
+            acc | (a ^ b)
+        });
+    std::hint::black_box(differs) == 0
+}
+
+/// What is wrong with an HTTP/1.1 request's `Host`, if anything: RFC 9112 §3.2 asks
+/// for a 400 to one without it or with more than one (which a peer in front may
+/// read otherwise than the service).
+fn host_fault(
+    version: axum::http::Version,
+    headers: &axum::http::HeaderMap,
+) -> Option<(axum::http::StatusCode, &'static str, &'static str)> {
+    let hosts = headers.get_all(axum::http::header::HOST).iter().count();
+    (version == axum::http::Version::HTTP_11 && hosts != 1).then_some((
+        axum::http::StatusCode::BAD_REQUEST,
+        "an HTTP/1.1 request needs exactly one Host field",
+        "bad-request",
+    ))
 }
 
 /// What is wrong with a request's body framing, if anything: `(status, text, code)`.
@@ -1294,7 +1316,8 @@ fn framing_refusal(
         .extensions()
         .get::<HeadLength>()
         .map_or(HEAD_UNSEEN, |h| h.0);
-    let (status, text, code) = framing_fault(req.version(), req.headers(), head_length)?;
+    let (status, text, code) = host_fault(req.version(), req.headers())
+        .or_else(|| framing_fault(req.version(), req.headers(), head_length))?;
     let id = header::resolve(
         policy,
         header::extract(
@@ -1600,6 +1623,8 @@ mod tests {
             ("s3cret", "s3creT", false),
             ("s3cre", "s3cret", false),
             ("s3crett", "s3cret", false),
+            ("s3crets3cret", "s3cret", false),
+            ("s3c", "s3cs3c", false),
             ("", "s3cret", false),
             ("", "", false),
             ("anything", "", false),

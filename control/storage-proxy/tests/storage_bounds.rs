@@ -165,6 +165,38 @@ fn silent_connections_and_half_heads_are_closed_and_the_cap_holds() {
     }
 }
 
+/// An HTTP/1.1 request without `Host`, or with two, is refused 400 on both APIs
+/// (RFC 9112 §3.2), as the service's JSON error with its request ID, the
+/// connection closed; an HTTP/1.0 request needs none.
+#[test]
+fn an_http11_request_needs_exactly_one_host() {
+    let p = Proxy::start("");
+    for addr in [p.manager, p.client] {
+        for head in [
+            "GET /status HTTP/1.1\r\nX-Backend-Request-ID: no-host-1\r\n\r\n",
+            "GET /status HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Backend-Request-ID: no-host-1\r\n\r\n",
+        ] {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(format!("{head}GET /status HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                .expect("send");
+            let text = answer(&mut s);
+            assert!(text.starts_with("HTTP/1.1 400 "), "{head:?}: {text}");
+            assert!(
+                text.contains(r#""code":"bad-request""#)
+                    && text.contains(r#""request_id":"no-host-1""#)
+                    && text.to_ascii_lowercase().contains("connection: close"),
+                "{text}"
+            );
+            let heads = text.lines().filter(|l| l.starts_with("HTTP/1.1 ")).count();
+            assert_eq!(heads, 1, "the request behind is not answered: {text}");
+        }
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(b"GET /status HTTP/1.0\r\n\r\n").expect("send");
+        let text = answer(&mut s);
+        assert!(!text.starts_with("HTTP/1.1 400 "), "{text}");
+    }
+}
+
 /// A kept-alive connection waits for its next request for `idle_timeout_secs`, not
 /// for the head timeout: hyper's header timer, which also ran between requests,
 /// closed it after `header_read_timeout_secs` (10 s), and a client reusing a
