@@ -61,11 +61,17 @@ pub struct RedisSection {
 /// `password=` or `pass=` in its query replaced by `***`.
 pub fn shown_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
-        None => authority.to_owned(),
+    // A password may hold `/`, `?` or `#` (base64): everything up to the last `@`
+    // is taken for the user part, at worst hiding more than it must.
+    let (authority, tail) = match rest.rsplit_once('@') {
+        Some((_, after)) => {
+            let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            (format!("***@{}", &after[..end]), &after[end..])
+        }
+        None => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            (rest[..end].to_owned(), &rest[end..])
+        }
     };
     let tail = match tail.split_once('?') {
         Some((path, query)) => {
@@ -114,7 +120,11 @@ mod shown_url_tests {
                 "redis+unix:///run/r.sock?db=2&pass=s3cret",
                 "redis+unix:///run/r.sock?db=2&pass=***",
             ),
-            ("redis://h/?x=@y", "redis://h/?x=@y"),
+            ("redis://:ab/cd?e#f@h:6379/0", "redis://***@h:6379/0"),
+            (
+                "redis://:s3cret/x@h?password=s3cret",
+                "redis://***@h?password=***",
+            ),
         ] {
             assert_eq!(shown_url(url), shown, "{url}");
             assert!(!shown_url(url).contains("s3cret"));

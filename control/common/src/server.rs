@@ -231,7 +231,8 @@ pub fn fitted_cap(
 
 /// When the request head being read began, for the head timeout: the first head's
 /// at the accept, each later one's at its first byte (empty lines before a request
-/// line count: a client sending only those is slow all the same).
+/// line count past [`BLANK_ALLOWANCE`]: a client sending only those is slow all the
+/// same).
 #[derive(Default)]
 struct HeadTimer {
     /// Milliseconds since the accept.
@@ -362,7 +363,7 @@ const HEAD_LENGTH: u8 = 1;
 /// The head scanned had none.
 const HEAD_NO_LENGTH: u8 = 0;
 /// The head was not delimited by the scan: it came after a body whose end the scan
-/// could not find (chunked), or too far ahead of the service.
+/// could not find, or too far ahead of the service.
 const HEAD_UNSEEN: u8 = 2;
 
 impl Tracked {
@@ -456,9 +457,11 @@ impl Tracked {
 /// [`framing_fault`], and queues what it found per head ([`Heads`]), in the order
 /// hyper hands the requests on, whether they come one at a time, pipelined, or
 /// after an interim `100 Continue`. It knows where a head starts only while it can
-/// follow the requests' boundaries: once a chunked body is followed by more bytes,
-/// it is out of step for the rest of the connection, and says so
-/// ([`HEAD_UNSEEN`]). Out of step, heads are still scanned for their request IDs
+/// follow the requests' boundaries (bodies of a known length, chunked bodies as
+/// hyper's decoder reads them: [`Chunked`]): past framing hyper would refuse, a
+/// length line it cannot read or [`HEADS_AHEAD`], it is out of step for the rest
+/// of the connection, and says so ([`HEAD_UNSEEN`]: a request with
+/// `Transfer-Encoding` is then refused). Out of step, heads are still scanned for their request IDs
 /// from each answer on, as far as their end.
 struct IdLines {
     /// The current line, while it is short enough to be an ID line.
@@ -482,8 +485,11 @@ struct IdLines {
     body: Body,
     /// The scan no longer knows where heads start.
     out_of_step: bool,
-    /// A head's first byte has been read and not yet its end.
+    /// A head's first byte has been read and not yet its end (empty lines before
+    /// its request line count past [`BLANK_ALLOWANCE`]).
     head_open: bool,
+    /// CR and LF bytes read before the head being awaited.
+    blank_before: usize,
     /// Heads whose first byte has been read.
     heads_begun: u64,
     /// Where each head's `Content-Length` finding goes.
@@ -495,8 +501,92 @@ struct IdLines {
 enum Body {
     /// This many bytes.
     Known(u64),
-    /// An end the scan cannot find (chunked, or a length it could not read).
+    /// A chunked body, followed as hyper's decoder reads it.
+    Chunked(Chunked),
+    /// An end the scan cannot find (a length it could not read, chunked framing
+    /// hyper's decoder would read otherwise or refuse).
     Unknown,
+}
+
+/// Where in a chunked body the scan is: the states of hyper's decoder
+/// (`proto/h1/decode.rs`), byte for byte, so that the scan ends the body where
+/// hyper does. Whatever hyper would refuse puts the scan out of step (hyper then
+/// closes the connection anyway).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chunked {
+    /// The first hex digit of a size.
+    Start,
+    /// More hex digits of `size`.
+    Size(u64),
+    /// White space after the size.
+    SizeLws(u64),
+    /// A chunk extension, to its CR.
+    Extension(u64),
+    /// The LF of a size line.
+    SizeLf(u64),
+    /// This many bytes of chunk data.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// A trailer line, to its CR (anything else, LF included, is part of it).
+    Trailer,
+    TrailerLf,
+    /// The CRLF that ends the body, or the first byte of a trailer.
+    EndCr,
+    EndLf,
+}
+
+impl Chunked {
+    /// The state after `bytes` (data bytes are passed over whole), and how many of
+    /// them it took: `Ok(None)` when the body ended there, `Err` when hyper's
+    /// decoder would refuse them.
+    fn step(mut self, bytes: &[u8]) -> Result<(Option<Self>, usize), ()> {
+        let hex = |b: u8| (b as char).to_digit(16).map(u64::from);
+        let mut at = 0;
+        while at < bytes.len() {
+            let b = bytes[at];
+            if let Chunked::Data(left) = self {
+                let taken = (bytes.len() - at).min(usize::try_from(left).unwrap_or(usize::MAX));
+                at += taken;
+                let left = left - taken as u64;
+                self = if left == 0 {
+                    Chunked::DataCr
+                } else {
+                    Chunked::Data(left)
+                };
+                continue;
+            }
+            at += 1;
+            self = match (self, b) {
+                (Chunked::Start, b) => Chunked::Size(hex(b).ok_or(())?),
+                (Chunked::Size(n), b) if hex(b).is_some() => Chunked::Size(
+                    n.checked_mul(16)
+                        .and_then(|n| n.checked_add(hex(b).unwrap_or(0)))
+                        .ok_or(())?,
+                ),
+                (Chunked::Size(n) | Chunked::SizeLws(n), b'\t' | b' ') => Chunked::SizeLws(n),
+                (Chunked::Size(n) | Chunked::SizeLws(n), b';') => Chunked::Extension(n),
+                (Chunked::Size(n) | Chunked::SizeLws(n) | Chunked::Extension(n), b'\r') => {
+                    Chunked::SizeLf(n)
+                }
+                (Chunked::Extension(_), b'\n') => return Err(()),
+                (Chunked::Extension(n), _) => Chunked::Extension(n),
+                (Chunked::SizeLf(0), b'\n') => Chunked::EndCr,
+                (Chunked::SizeLf(n), b'\n') => Chunked::Data(n),
+                (Chunked::DataCr, b'\r') => Chunked::DataLf,
+                (Chunked::DataLf, b'\n') => Chunked::Start,
+                (Chunked::Trailer, b'\r') => Chunked::TrailerLf,
+                (Chunked::Trailer, _) => Chunked::Trailer,
+                (Chunked::TrailerLf, b'\n') => Chunked::EndCr,
+                (Chunked::EndCr, b'\r') => Chunked::EndLf,
+                (Chunked::EndCr, _) => Chunked::Trailer,
+                (Chunked::EndLf, b'\n') => return Ok((None, at)),
+                _ => return Err(()),
+            };
+        }
+        Ok((Some(self), at))
+    }
 }
 
 impl IdLines {
@@ -512,11 +602,16 @@ impl IdLines {
             body: Body::Known(0),
             out_of_step: false,
             head_open: false,
+            blank_before: 0,
             heads_begun: 0,
             exchanges,
         }
     }
 }
+
+/// The empty-line bytes (CR, LF) before a request line that do not yet start its
+/// head's timer: the extra CRLF after a body, twice.
+const BLANK_ALLOWANCE: usize = 4;
 
 /// The longest line that can be a request-ID line (name, `: `, 128-byte value).
 const ID_LINE_MAX: usize = 200;
@@ -563,6 +658,18 @@ impl IdLines {
                     self.body = Body::Known(left - taken as u64);
                     self.in_head = left == taken as u64;
                 }
+                Body::Chunked(state) => match state.step(rest) {
+                    Ok((Some(state), _)) => {
+                        self.body = Body::Chunked(state);
+                        return;
+                    }
+                    Ok((None, taken)) => {
+                        rest = &rest[taken..];
+                        self.body = Body::Known(0);
+                        self.in_head = true;
+                    }
+                    Err(()) => self.body = Body::Unknown,
+                },
                 // Bytes past a body whose end is unknown: what was found for the
                 // heads before stands; those after are unseen.
                 Body::Unknown => self.out_of_step = true,
@@ -572,9 +679,18 @@ impl IdLines {
 
     /// Scans head bytes up to the head's end; returns what follows it.
     fn scan_head<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
-        if !bytes.is_empty() && !self.head_open {
-            self.head_open = true;
-            self.heads_begun += 1;
+        if !self.head_open {
+            // The CRLF some clients send after a body does not start the next head's
+            // timer; a client sending nothing but empty lines is timed all the same.
+            let blank = bytes
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            self.blank_before += blank;
+            if blank < bytes.len() || self.blank_before > BLANK_ALLOWANCE {
+                self.head_open = true;
+                self.heads_begun += 1;
+            }
         }
         let mut rest = bytes;
         while !rest.is_empty() {
@@ -631,6 +747,7 @@ impl IdLines {
         self.in_head = false;
         self.started = false;
         self.head_open = false;
+        self.blank_before = 0;
         if !self.out_of_step {
             let head = Head {
                 length: if self.length_line.is_some() {
@@ -645,6 +762,9 @@ impl IdLines {
             self.body = match (self.coded, self.length_line) {
                 (false, None) => Body::Known(0),
                 (false, Some(Some(n))) => Body::Known(n),
+                // Codings other than one final `chunked`, or a length beside them,
+                // are refused before a handler sees them, the connection closed.
+                (true, None) => Body::Chunked(Chunked::Start),
                 _ => Body::Unknown,
             };
             // A head without a body: the next one starts at once.
@@ -835,7 +955,10 @@ impl AsyncWrite for Tracked {
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.touch();
-            this.ids.answered();
+            // An interim `100 Continue` is no answer: the body follows it.
+            if !data.starts_with(b"HTTP/1.1 1") {
+                this.ids.answered();
+            }
         }
         polled
     }
@@ -1094,6 +1217,7 @@ pub async fn serve_shared(
                     },
                 ),
             ));
+            let answering = exchanges.clone();
             let service = Counted {
                 inner: routed,
                 exchanges,
@@ -1114,12 +1238,18 @@ pub async fn serve_shared(
                 let since = Duration::from_millis(last.load(Ordering::Relaxed));
                 let idle_for = epoch.elapsed().saturating_sub(since);
                 let mut wake_in = idle.saturating_sub(idle_for);
-                // A head being read while no request is in flight (hyper reads the
-                // next head only then) is due within the head timeout.
-                let head_due = head_timer
-                    .deadline(epoch, limits.header_read)
-                    .filter(|_| busy.load(Ordering::Relaxed) == 0);
-                if let Some(due) = head_due {
+                // A head being read while no request is in flight and every
+                // response has ended (hyper reads the next head only then) is due
+                // within the head timeout; while one is, the loop looks again every
+                // head timeout.
+                let head_due = head_timer.deadline(epoch, limits.header_read);
+                let answering_now = busy.load(Ordering::Relaxed) > 0
+                    || answering.ended.load(Ordering::SeqCst)
+                        < answering.handed.load(Ordering::SeqCst);
+                if head_due.is_some() && answering_now {
+                    wake_in = wake_in.min(limits.header_read);
+                }
+                if let Some(due) = head_due.filter(|_| !answering_now) {
                     let now = Instant::now();
                     if due <= now {
                         metrics.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -1283,10 +1413,16 @@ fn framing_fault(
     codings.peek()?;
     let bad = |text| Some((StatusCode::BAD_REQUEST, text, "bad-framing"));
     // hyper leaves `Content-Length` out of a head that has `Transfer-Encoding`:
-    // the head's bytes tell. A head the scan could not delimit keeps hyper's own
-    // rule (framed by `Transfer-Encoding`, the connection closed after it).
+    // the head's bytes tell. A head the scan could not delimit may have had one:
+    // refused (behind a peer framing by `Content-Length`, its chunked body would
+    // take in the requests that follow).
     if headers.contains_key(header::CONTENT_LENGTH) || head_length == HEAD_LENGTH {
         return bad("Content-Length and Transfer-Encoding together");
+    }
+    if head_length == HEAD_UNSEEN {
+        return bad(
+            "Transfer-Encoding on a request the server could not delimit from the one before",
+        );
     }
     if version < axum::http::Version::HTTP_11 {
         return bad("Transfer-Encoding in an HTTP/1.0 request");
@@ -1488,21 +1624,34 @@ mod tests {
             ("pipelined before the answer", vec![R(&pipelined), H, A, H], vec![n, l]),
             ("after an interim 100, in the read of the body", vec![R(expecting), H, A, R(&body_then_both), A, H], vec![l, l]),
             ("after an interim 100 and the final answer", vec![R(expecting), H, A, A, R(&body_then_both), H], vec![l, l]),
-            ("after a chunked body", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(both), H], vec![n, u]),
-            ("out of step for good", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(coded), H, A, R(b"GET / HTTP/1.1\r\n\r\n"), H], vec![n, u, u]),
+            ("after a chunked body", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(both), H], vec![n, l]),
+            ("chunked bodies one after another", vec![R(coded), H, R(b"0\r\n\r\n"), A, R(coded), H, R(b"1\r\nx\r\n0\r\n\r\n"), A, R(b"GET / HTTP/1.1\r\n\r\n"), H], vec![n, n, n]),
+            ("after extensions and trailers", vec![R(coded), H, R(b"5 ;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"), A, R(both), H], vec![n, l]),
+            ("a trailer holding a bare LF, as hyper reads it", vec![R(coded), H, R(b"0\r\nX: 1\nGET /x HTTP/1.1\r\n\r\n"), A, R(both), H], vec![n, l]),
+            ("after chunked framing hyper refuses", vec![R(coded), H, R(b"5\nhello\r\n0\r\n\r\n"), A, R(both), H], vec![n, u]),
+            ("after a chunk size past 64 bits", vec![R(coded), H, R(b"10000000000000000\r\n"), A, R(both), H], vec![n, u]),
+            ("out of step for good", vec![R(coded), H, R(b"0\r\n\n"), A, R(coded), H, A, R(b"GET / HTTP/1.1\r\n\r\n"), H], vec![n, u, u]),
             ("pipelined deeper than the scan keeps", [vec![R(&deep)], vec![H; 21]].concat(), [vec![n; 16], vec![u; 5]].concat()),
             ("a request the scan had not read whole", vec![R(b"GET / HTTP/1.1\r\n"), H, R(b"\r\n"), R(both), H, H], vec![u, u, u]),
         ];
         for (what, events, want) in cases {
             assert_eq!(&handed(events), want, "{what}");
         }
-        // However the heads are cut into reads.
+        // However the heads and bodies are cut into reads.
         let two = [expecting, b"0123456789", both].concat();
         for cut in 1..two.len() {
             assert_eq!(
                 handed(&[R(&two[..cut]), R(&two[cut..]), H, H]),
                 vec![l, l],
                 "cut at {cut}"
+            );
+        }
+        let chunked_then = [coded, b"3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n", both].concat();
+        for cut in 1..chunked_then.len() {
+            assert_eq!(
+                handed(&[R(&chunked_then[..cut]), R(&chunked_then[cut..]), H, H]),
+                vec![n, l],
+                "chunked, cut at {cut}"
             );
         }
     }
@@ -1543,7 +1692,11 @@ mod tests {
             ),
             bad
         );
-        assert_eq!(code(v11, &te("chunked"), HEAD_UNSEEN), None, "hyper's rule");
+        assert_eq!(
+            code(v11, &te("chunked"), HEAD_UNSEEN),
+            bad,
+            "a head the scan could not delimit may have had a length line"
+        );
         assert_eq!(code(Version::HTTP_10, &te("chunked"), HEAD_NO_LENGTH), bad);
         assert_eq!(
             code(v11, &te("gzip, chunked"), HEAD_NO_LENGTH),

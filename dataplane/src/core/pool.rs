@@ -43,8 +43,8 @@ struct Idle {
     since: Instant,
     /// The client connection its last request came from.
     owner: u64,
-    /// Until then only `owner` may take it.
-    held_until: Instant,
+    /// Only `owner` may take it until [`SETTLE`] after `since`.
+    held: bool,
 }
 
 /// How long a connection whose last response had no body by rule is kept for its
@@ -65,7 +65,7 @@ impl Idle {
     /// Whether `owner` may take it now.
     #[inline]
     fn open_to(&self, owner: u64, now: Instant) -> bool {
-        self.owner == owner || self.held_until <= now
+        !self.held || self.owner == owner || now.saturating_duration_since(self.since) >= SETTLE
     }
 }
 
@@ -135,6 +135,13 @@ impl Pool {
             let mut idle = self.idle.borrow_mut();
             let list = idle.get_mut(&addr)?;
             // Most recent first; dead ones are dropped on the way.
+            while list.last().is_some_and(|e| e.open_to(owner, now)) {
+                let entry = list.pop()?;
+                if self.usable(&entry, now) {
+                    return Some(entry.conn);
+                }
+            }
+            // The most recent is held for another client: an older one, if any.
             let mut i = list.len();
             while i > 0 {
                 i -= 1;
@@ -189,7 +196,7 @@ impl Pool {
             conn,
             since: now,
             owner: lease.owner,
-            held_until: if lease.bodiless { now + SETTLE } else { now },
+            held: lease.bodiless,
         };
         let Some((mode, name)) = tls else {
             let mut all = self.idle.borrow_mut();

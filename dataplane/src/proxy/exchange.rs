@@ -750,8 +750,14 @@ impl Client {
             // The app stopped taking the body for `body_idle_secs`. It may have
             // answered first: a success, which the relay lets the body go on past
             // (an app that answers early and reads on), is relayed now; else 504.
+            // (A TLS app's socket may hold records that are no answer, a session
+            // ticket: only a plaintext one is looked at. A request without a body
+            // was sent whole before any wait.)
             Err(RelayError::Destination(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                if !self.ubuf.is_empty() || upstream.has_unread() {
+                let answered = !attempt.replayable()
+                    && !upstream.is_tls()
+                    && (!self.ubuf.is_empty() || upstream.has_unread());
+                if answered {
                     if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
