@@ -90,6 +90,26 @@ fn an_interim_flood_is_cut_after_a_few() {
     assert_eq!(c.get("/next", "").json()["path"], "/next");
 }
 
+/// An app that fails after an interim head (it closes) gets its client a final
+/// answer all the same: interim heads commit to nothing. Before, the client got the
+/// 103 and then the end of its connection.
+#[test]
+fn an_app_failing_after_an_interim_head_is_a_final_502() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /interim-then-close HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("\"code\":\"upstream_closed\""),
+        "{}",
+        r.text()
+    );
+    // The client's connection goes on.
+    assert_eq!(c.get("/after", "").json()["path"], "/after");
+}
+
 #[test]
 fn http10_clients_get_no_interim_responses() {
     let app = LenientApp::start();

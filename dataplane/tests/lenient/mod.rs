@@ -222,6 +222,11 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>) -> std::io
                 }
                 w.write_all(b"HTTP/1.1 200 OK\r\nX-Request-ID: spoofed-by-app\r\nx-backendai-requestid: spoofed-by-app\r\nContent-Length: 5\r\n\r\nfinal")?;
             }
+            "/interim-then-close" => {
+                // An interim head, then the app's end.
+                w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")?;
+                return Ok(());
+            }
             "/obs-reason" => {
                 w.write_all(b"HTTP/1.1 200 O\xfbK\r\nContent-Length: 2\r\n\r\nok")?;
             }
