@@ -270,6 +270,18 @@ fn honest(path: &str, method: &str) -> Vec<Step> {
     ))]
 }
 
+/// Asserts `r` is the app's honest answer (its text starts with `start`) with
+/// nothing of the attacker's: no bytes of another exchange reached it.
+fn assert_honest(r: &common::Response, start: &str, what: &str) {
+    assert_eq!(r.header("x-attacker"), None, "{what}");
+    assert!(
+        r.text().starts_with(start),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
+}
+
 /// A whole response the attacker wants some other client to receive.
 const POISON: &[u8] = b"HTTP/1.1 200 OK\r\nX-Attacker: yes\r\nContent-Length: 8\r\n\r\npoisoned";
 
@@ -619,12 +631,7 @@ fn bytes_after_a_response_never_reach_the_next_client() {
             let mut second = Client::connect(w.addr());
             let r = second.get(&next, "");
             assert_eq!(r.status, 200, "after {target}: {}", r.text());
-            assert_eq!(r.header("x-attacker"), None, "after {target}");
-            assert!(
-                r.text().starts_with(&format!("honest {next} ")),
-                "after {target}: {}",
-                r.text()
-            );
+            assert_honest(&r, &format!("honest {next} "), &format!("after {target}"));
             assert_ne!(
                 app.conn_of(&next),
                 conn,
@@ -632,12 +639,7 @@ fn bytes_after_a_response_never_reach_the_next_client() {
             );
             // The first client's connection goes on with its own answers too.
             let r = first.get(&format!("{next}-same"), "");
-            assert_eq!(r.header("x-attacker"), None, "after {target}");
-            assert!(
-                r.text().starts_with("honest "),
-                "after {target}: {}",
-                r.text()
-            );
+            assert_honest(&r, "honest ", &format!("after {target}"));
         }
     }
 }
@@ -691,13 +693,7 @@ fn a_body_sent_late_on_a_bodiless_answer_never_reaches_another_client() {
         std::thread::sleep(Duration::from_millis(100));
         set_gate(&gate, true);
         let r = second.response();
-        assert_eq!(r.header("x-attacker"), None, "after {path}");
-        assert!(
-            r.text().starts_with(&format!("honest {next} ")),
-            "after {path}: {} {}",
-            r.status,
-            r.text()
-        );
+        assert_honest(&r, &format!("honest {next} "), &format!("after {path}"));
         assert_ne!(app.conn_of(&next), conn, "after {path}: connection reused");
         eventually("the app wrote its stray bytes", || {
             written.load(Ordering::SeqCst) > before
@@ -705,12 +701,7 @@ fn a_body_sent_late_on_a_bodiless_answer_never_reaches_another_client() {
         // Its own client goes on with its own answers: the connection, which holds
         // the stray bytes, is not used again.
         let r = first.get(&format!("{next}-same"), "");
-        assert_eq!(r.header("x-attacker"), None, "after {path}");
-        assert!(
-            r.text().starts_with("honest "),
-            "after {path}: {}",
-            r.text()
-        );
+        assert_honest(&r, "honest ", &format!("after {path}"));
     }
 }
 
