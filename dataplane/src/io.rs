@@ -762,6 +762,12 @@ impl TcpConn {
         !self.reg.is_armed() || self.reg.is_ready(Direction::Read)
     }
 
+    /// The socket's descriptor number, as an identity while the connection is open.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
+    }
+
     /// Whether the peer has sent bytes not yet read, or ended its stream, as the
     /// socket says now: nothing is taken and nothing waited for (TLS records count,
     /// whatever they hold).

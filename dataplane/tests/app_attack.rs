@@ -705,6 +705,52 @@ fn a_body_sent_late_on_a_bodiless_answer_never_reaches_another_client() {
     }
 }
 
+/// The hold goes on through its own client's reuse: a body sent late on a `HEAD`
+/// answer is read as that client's next response (as on a direct connection), and
+/// that next request's real answer, still to come on the connection, never reaches
+/// another client. Before, the connection went back to the pool unheld after the
+/// next answer, and the next client got the first client's answer.
+#[test]
+fn a_late_body_read_by_its_own_client_shifts_no_answer_to_another() {
+    let poison = String::from_utf8_lossy(POISON).into_owned();
+    let gate: Gate = Arc::default();
+    let g = gate.clone();
+    let app = App::start(move |method, path| match path {
+        "/held-head" => vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n"),
+            Step::Await(g.clone()),
+            send(&poison),
+        ],
+        // Answered a moment later: not there yet when the next client asks.
+        "/a2" => [
+            vec![Step::Pause(Duration::from_millis(150))],
+            honest(path, method),
+        ]
+        .concat(),
+        _ => honest(path, method),
+    });
+    let w = worker_for(&app);
+    let mut first = Client::connect(w.addr());
+    first.send(b"HEAD /held-head HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(first.response_to("HEAD").status, 200);
+    // Its next request goes out on the same app connection; the late body comes
+    // after it and is taken for its answer.
+    first.send(b"GET /a2 HTTP/1.1\r\nHost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(50));
+    set_gate(&gate, true);
+    let r = first.response();
+    assert_eq!(
+        r.header("x-attacker"),
+        Some("yes"),
+        "its own client: {}",
+        r.text()
+    );
+    // `/a2`'s own answer is still on that connection: another client asking now
+    // gets its own.
+    let r = Client::connect(w.addr()).get("/b", "");
+    assert_honest(&r, "honest /b ", "another client");
+}
+
 /// An app connection that last answered a bodiless request goes on at once for its
 /// own client, is not taken by another client during `pool::SETTLE` (250 ms), and
 /// is after it; at the per-route connection cap, a held connection is closed to

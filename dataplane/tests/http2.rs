@@ -757,6 +757,10 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
             let _ = reader.read_line(&mut line);
             let answer: &[u8] = if line.contains("/early-401") {
                 b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\n\r\nwho are?"
+            } else if line.contains("/early-200") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsaved"
+            } else if line.contains("/early-silent") {
+                b""
             } else {
                 b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
             };
@@ -805,6 +809,23 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
         2,
         "one app connection each"
     );
+
+    // A success answered early by an app that then stops reading is relayed once
+    // the body's write stalls for `body_idle_secs`; an app that stops reading
+    // without answering is a 504. Before, both were a 502 `upstream_closed`.
+    let out = nghttp_verbose(&[
+        "-d",
+        &big.path().display().to_string(),
+        &format!("http://127.0.0.1:{}/early-200", w.port),
+    ]);
+    assert_eq!(statuses(&out), ["200"], "{out}");
+    assert!(out.contains("saved"), "{out}");
+    let out = nghttp_verbose(&[
+        "-d",
+        &big.path().display().to_string(),
+        &format!("http://127.0.0.1:{}/early-silent", w.port),
+    ]);
+    assert_eq!(statuses(&out), ["504"], "{out}");
 }
 
 /// The HTTP/2 form of `app_attack.rs::a_short_success_seen_by_the_watch_is_read_after_the_body`:

@@ -400,13 +400,15 @@ impl Tracked {
                 self.head_timer
                     .since
                     .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                self.head_timer.began.notify_one();
             }
             self.heads_timed = begun;
         }
-        self.head_timer
-            .running
-            .store(self.ids.head_open, Ordering::Relaxed);
+        // The first head runs from the accept until it ends, empty lines or not.
+        let running = self.ids.head_open || begun == 0;
+        let was = self.head_timer.running.swap(running, Ordering::Relaxed);
+        if running && !was {
+            self.head_timer.began.notify_one();
+        }
     }
 
     /// Whether what hyper writes now can only be its own answer to a head it could
@@ -829,6 +831,12 @@ impl IdLines {
         self.started = false;
         self.length_line = None;
         self.coded = false;
+        // Bytes read ahead of this answer (a pipelined head, maybe partial) were
+        // not scanned: the next head is timed from now, until the scan sees one end.
+        if !self.head_open {
+            self.head_open = true;
+            self.heads_begun += 1;
+        }
     }
 
     /// What the lines found in the head being read say of the request ID.
@@ -958,6 +966,7 @@ impl AsyncWrite for Tracked {
             // An interim `100 Continue` is no answer: the body follows it.
             if !data.starts_with(b"HTTP/1.1 1") {
                 this.ids.answered();
+                this.time_heads();
             }
         }
         polled
@@ -1381,12 +1390,24 @@ fn host_fault(
     version: axum::http::Version,
     headers: &axum::http::HeaderMap,
 ) -> Option<(axum::http::StatusCode, &'static str, &'static str)> {
-    let hosts = headers.get_all(axum::http::header::HOST).iter().count();
-    (version == axum::http::Version::HTTP_11 && hosts != 1).then_some((
-        axum::http::StatusCode::BAD_REQUEST,
-        "an HTTP/1.1 request needs exactly one Host field",
-        "bad-request",
-    ))
+    let bad = |text| Some((axum::http::StatusCode::BAD_REQUEST, text, "bad-request"));
+    let mut hosts = headers.get_all(axum::http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == axum::http::Version::HTTP_11 => {
+            bad("an HTTP/1.1 request needs exactly one Host field")
+        }
+        (Some(_), Some(_)) => bad("a request has at most one Host field"),
+        // A host and port, as a URI's authority has them (an empty one is allowed:
+        // a target without an authority); no list, no user part.
+        (Some(host), None)
+            if !host.is_empty()
+                && (host.as_bytes().contains(&b'@')
+                    || axum::http::uri::Authority::try_from(host.as_bytes()).is_err()) =>
+        {
+            bad("the Host field is no host and port")
+        }
+        _ => None,
+    }
 }
 
 /// What is wrong with a request's body framing, if anything: `(status, text, code)`.

@@ -12,7 +12,9 @@
 //! would otherwise have those bytes read as the next client's response (and every
 //! answer after it shifted by one), since a connection taken a moment after it was
 //! put back has nothing to show yet. Its own client reuses it at once, as it would
-//! on a direct connection to the app.
+//! on a direct connection to the app, and the hold goes on through that reuse (the
+//! bytes may still come after the own client's next answer, and shift it): it ends
+//! [`SETTLE`] after the bodiless answer, whatever the connection carried since.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -43,8 +45,9 @@ struct Idle {
     since: Instant,
     /// The client connection its last request came from.
     owner: u64,
-    /// Only `owner` may take it until [`SETTLE`] after `since`.
-    held: bool,
+    /// Only `owner` may take it until this many milliseconds after `since` (the
+    /// rest of a hold: [`SETTLE`] from the last bodiless answer).
+    held_ms: u16,
 }
 
 /// How long a connection whose last response had no body by rule is kept for its
@@ -65,7 +68,15 @@ impl Idle {
     /// Whether `owner` may take it now.
     #[inline]
     fn open_to(&self, owner: u64, now: Instant) -> bool {
-        !self.held || self.owner == owner || now.saturating_duration_since(self.since) >= SETTLE
+        self.held_ms == 0
+            || self.owner == owner
+            || now.saturating_duration_since(self.since).as_millis() >= u128::from(self.held_ms)
+    }
+
+    /// When its hold ends, if it is held.
+    fn hold_end(&self) -> Option<Instant> {
+        (self.held_ms > 0)
+            .then(|| self.since + std::time::Duration::from_millis(u64::from(self.held_ms)))
     }
 }
 
@@ -84,6 +95,10 @@ pub struct Pool {
     open: RefCell<FastMap<SocketAddr, Rc<Cell<usize>>>>,
     /// Cap on `open` per address.
     max_open: usize,
+    /// Held connections their own client took during the hold (by descriptor), and
+    /// when the hold ends: put back, they are held until then still. A few at most,
+    /// each forgotten once its hold has ended.
+    lent: RefCell<Vec<(std::os::fd::RawFd, Instant)>>,
 }
 
 impl Pool {
@@ -96,6 +111,7 @@ impl Pool {
             idle_timeout,
             open: RefCell::new(FastMap::default()),
             max_open: max_open.max(1),
+            lent: RefCell::new(Vec::new()),
         }
     }
 
@@ -138,7 +154,7 @@ impl Pool {
             while list.last().is_some_and(|e| e.open_to(owner, now)) {
                 let entry = list.pop()?;
                 if self.usable(&entry, now) {
-                    return Some(entry.conn);
+                    return Some(self.lend(entry, now));
                 }
             }
             // The most recent is held for another client: an older one, if any.
@@ -150,7 +166,7 @@ impl Pool {
                 }
                 let entry = list.remove(i);
                 if self.usable(&entry, now) {
-                    return Some(entry.conn);
+                    return Some(self.lend(entry, now));
                 }
             }
             return None;
@@ -172,10 +188,22 @@ impl Pool {
             }
             let entry = list.remove(i);
             if self.usable(&entry.idle, now) {
-                return Some(entry.idle.conn);
+                return Some(self.lend(entry.idle, now));
             }
         }
         None
+    }
+
+    /// The connection of `entry`, taken; one still held (by its own client) has its
+    /// hold's end noted for when it is put back.
+    #[inline]
+    fn lend(&self, entry: Idle, now: Instant) -> TcpConn {
+        if let Some(end) = entry.hold_end().filter(|end| *end > now) {
+            let mut lent = self.lent.borrow_mut();
+            lent.retain(|(_, e)| *e > now);
+            lent.push((entry.conn.raw_fd(), end));
+        }
+        entry.conn
     }
 
     /// Whether an idle connection can serve again: not past its lifetime, and not
@@ -192,11 +220,25 @@ impl Pool {
 
     /// Returns a connection made with `tls` for reuse.
     pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant, lease: Lease) {
+        // Held from a bodiless answer now, or still from one before it.
+        let mut hold_end = lease.bodiless.then(|| now + SETTLE);
+        if hold_end.is_none() {
+            let mut lent = self.lent.borrow_mut();
+            if !lent.is_empty() {
+                let fd = conn.raw_fd();
+                if let Some(i) = lent.iter().position(|(f, _)| *f == fd) {
+                    hold_end = Some(lent.swap_remove(i).1).filter(|end| *end > now);
+                }
+            }
+        }
+        let held_ms = hold_end.map_or(0, |end| {
+            u16::try_from(end.saturating_duration_since(now).as_millis().max(1)).unwrap_or(u16::MAX)
+        });
         let idle = Idle {
             conn,
             since: now,
             owner: lease.owner,
-            held: lease.bodiless,
+            held_ms,
         };
         let Some((mode, name)) = tls else {
             let mut all = self.idle.borrow_mut();

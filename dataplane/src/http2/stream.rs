@@ -817,6 +817,18 @@ async fn forward_h1(
                 {
                     body_cut = Some(e);
                 }
+                // The app stopped taking the body for `body_idle_secs`: an answer
+                // already there (a success sent early) is relayed, else 504 (as on
+                // the HTTP/1.1 path; a TLS app's socket may hold records that are
+                // no answer).
+                Err(Fail::Answer(ProxyError::UpstreamClosed(e)))
+                    if !upstream.is_tls() && (!ubuf.is_empty() || upstream.has_unread()) =>
+                {
+                    body_cut = Some(e);
+                }
+                Err(Fail::Answer(ProxyError::UpstreamClosed(_))) => {
+                    return Err(Fail::Answer(ProxyError::UpstreamTimeout));
+                }
                 Err(f) => return Err(f),
             }
         }
