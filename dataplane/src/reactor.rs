@@ -187,9 +187,9 @@ pub struct Reactor {
     earliest_deadline: Cell<Option<Instant>>,
     /// When the tick hooks next need to run (`None`: not until there is activity).
     next_tick: Cell<Option<Instant>>,
-    /// Tasks were woken (by I/O, the bridge or a timer) since the last tick, or in
-    /// the turn it ran in, before they ran: one more tick is due to publish what they
-    /// did.
+    /// Tasks were woken (by I/O, the bridge or a timer) or ran since the last tick,
+    /// or in the turn it ran in, before they ran: one more tick is due to publish
+    /// what they did.
     active: Cell<bool>,
     /// What this core publishes for the admin thread.
     liveness: Arc<CoreLiveness>,
@@ -525,6 +525,13 @@ impl Reactor {
             // that did run may have woken more tasks, queued behind us (and before the
             // first yield there has been no such yield at all).
             let idle_yield = polls_at_yield == Some(task_polls());
+            // Tasks ran during the yield, however they were woken (one task waking
+            // another: a connection shed for a new one): one more tick publishes
+            // what they did. Else a change made after the last tick (a gauge) could
+            // wait unpublished until the core next had I/O or a timer.
+            if polls_at_yield.is_some() && !idle_yield {
+                self.active.set(true);
+            }
             let parked_at = if !idle_yield || empty_polls < spin.budget() {
                 None
             } else {
