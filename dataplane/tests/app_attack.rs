@@ -1299,6 +1299,9 @@ fn malformed_heads_are_a_502_and_their_connection_is_dropped() {
         ("status-000", "HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n".into()),
         ("status-1000", "HTTP/1.1 1000 X\r\nContent-Length: 0\r\n\r\n".into()),
         ("status-99", "HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n".into()),
+        // RFC 9110 §15: past 599 a status is invalid (a library's internal code).
+        ("status-600", "HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n".into()),
+        ("status-999", "HTTP/1.1 999 X\r\nContent-Length: 0\r\n\r\n".into()),
         ("version-2", "HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n".into()),
         ("not-http", "ICY 200 OK\r\nContent-Length: 0\r\n\r\n".into()),
         ("nul-in-value", "HTTP/1.1 200 OK\r\nX-A: a\0b\r\nContent-Length: 0\r\n\r\n".into()),

@@ -118,6 +118,90 @@ fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
     assert_eq!(lengths, ["5"], "{head}");
 }
 
+/// An HTTP/2 app's status past 599 (invalid, RFC 9110 §15) is the relay's 502 to
+/// HTTP/1.1 and HTTP/2 clients alike, as on the HTTP/1.1 app path; 599 is relayed.
+/// Before, 600 to 999 went out as the app sent them.
+#[test]
+fn an_http2_apps_status_past_599_is_a_502() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            // Answers in turn: 600, 999, 599 (HTTP/1.1 clients), 600, 599 (HTTP/2).
+            static ANSWERED: AtomicUsize = AtomicUsize::new(0);
+            let code: &[u8] = match ANSWERED.fetch_add(1, Ordering::SeqCst) {
+                0 | 3 => b"600",
+                1 => b"999",
+                _ => b"599",
+            };
+            let head = appproxy_test_support::h2frames::block(&[
+                (b":status", code),
+                (b"content-length", b"2"),
+            ]);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, b"ok"));
+        }
+        out
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        // A connection each: the bridge's refusal closes its client's connection.
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One answer: its head, then the body its length gives.
+        let whole = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got).to_ascii_lowercase();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return None;
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())?;
+            (body.len() >= len).then(|| head.to_owned())
+        };
+        let head = loop {
+            if let Some(head) = whole(&got) {
+                break head;
+            }
+            match s.read_uninterrupted(&mut buf) {
+                Ok(0) => panic!("closed: {:?}", String::from_utf8_lossy(&got)),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&got)),
+            }
+        };
+        statuses.push(head.lines().next().unwrap_or_default().to_owned());
+        if head.starts_with("http/1.1 502") {
+            assert!(
+                String::from_utf8_lossy(&got).contains("upstream_invalid_response"),
+                "{got:?}"
+            );
+        }
+    }
+    assert!(statuses[0].starts_with("http/1.1 502"), "{statuses:?}");
+    assert!(statuses[1].starts_with("http/1.1 502"), "{statuses:?}");
+    assert!(statuses[2].starts_with("http/1.1 599"), "{statuses:?}");
+    // An HTTP/2 client's streams, through the same connection to the app.
+    for want in ["502", "599"] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://127.0.0.1:{}/", w.port))
+            .output()
+            .expect("curl must be installed (.ci/run installs it)");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{out:?}");
+    }
+}
+
 #[test]
 fn data_after_a_bodiless_answer_of_an_http2_app_never_reaches_the_client() {
     for (status, code) in [(0x89u8, "204 No Content"), (0x8b, "304 Not Modified")] {

@@ -665,7 +665,10 @@ pub fn parse_response_reusing(
     let (Some(code), Some(version)) = (resp.code, resp.version) else {
         return Err(ResponseError::Malformed("incomplete status line"));
     };
-    if !(100..=999).contains(&code) {
+    // RFC 9110 §15: a status outside 100..=599 is invalid, and a client is to read
+    // it as a 5xx; the relay says so itself (502) rather than pass on a code that
+    // some clients and front proxies refuse and others take for success.
+    if !(100..=599).contains(&code) {
         return Err(ResponseError::Malformed("status code out of range"));
     }
     let version = if version == 1 {

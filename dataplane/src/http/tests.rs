@@ -408,6 +408,26 @@ fn response_framing_table() {
             Method::Get,
             Err(ResponseError::Malformed("invalid response head")),
         ),
+        (
+            b"HTTP/1.1 599 Last\r\nContent-Length: 0\r\n\r\n",
+            Method::Get,
+            Ok((599, Length(0), true)),
+        ),
+        (
+            b"HTTP/1.1 600 Internal\r\nContent-Length: 0\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::Malformed("status code out of range")),
+        ),
+        (
+            b"HTTP/1.1 999 Internal\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::Malformed("status code out of range")),
+        ),
+        (
+            b"HTTP/1.1 099 Low\r\n\r\n",
+            Method::Get,
+            Err(ResponseError::Malformed("status code out of range")),
+        ),
     ];
     for (input, method, want) in cases {
         let got = parse_response(input, *method, 64 * 1024)

@@ -213,6 +213,7 @@ pub async fn forward(
     if end {
         cbuf.consume(head.head_len);
     }
+    upstream::status_in_range(resp.status())?;
     proxy::note_health(core, route, addr, true);
     core.metrics.upstream_head.observe(sent.elapsed());
     let (parts, rbody) = resp.into_parts();

@@ -42,7 +42,7 @@ use crate::core::{Core, Route};
 use crate::http::encode::ClientHop;
 use crate::http::encode::{self, TraceHeaders};
 use crate::http::error::Fault;
-use crate::http::error::{ProxyError, RequestError};
+use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, HeadLimits};
 use crate::proxy::retry::{self, Attempt, Retry};
 use crate::proxy::{self, AppSide, ConnectError};
@@ -662,6 +662,21 @@ pub fn response_failure(core: &Core, route: &Route, addr: SocketAddr, e: h2::Err
     Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e)))
 }
 
+/// An HTTP/2 app's final status, refused past 599 as the HTTP/1.1 path refuses it
+/// (RFC 9110 §15: invalid, to be read as a 5xx): the client gets the relay's 502.
+pub fn status_in_range(status: http::StatusCode) -> Result<(), Fail> {
+    if status.as_u16() <= 599 {
+        return Ok(());
+    }
+    tracing::warn!(
+        status = status.as_u16(),
+        "HTTP/2 app answered a status past 599"
+    );
+    Err(Fail::Answer(ProxyError::UpstreamResponse(
+        ResponseError::Malformed("status code out of range"),
+    )))
+}
+
 /// Forwards a stream to an `http2`/`grpc` app and relays the answer.
 pub async fn forward(
     ctx: &Rc<ConnCtx>,
@@ -789,6 +804,7 @@ pub async fn forward(
                 Some(Head::Response(Ok(r))) => break (r, sent),
             }
         };
+        status_in_range(resp.status())?;
         proxy::note_health(core, route, addr, true);
         core.metrics.upstream_head.observe(sent.elapsed());
         let (parts, mut rbody) = resp.into_parts();
