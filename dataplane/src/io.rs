@@ -768,12 +768,17 @@ impl TcpConn {
         self.stream.as_raw_fd()
     }
 
-    /// Whether the peer has sent bytes not yet read, or ended its stream, as the
-    /// socket says now: nothing is taken and nothing waited for (TLS records count,
-    /// whatever they hold).
-    pub fn has_unread(&self) -> bool {
+    /// Whether an answer from the peer may be waiting, `buffered` saying whether the
+    /// caller's buffer already holds bytes read from it: else whether the socket
+    /// holds bytes not yet read, or the peer's end of stream (a peek: nothing is
+    /// taken and nothing waited for). Only a plaintext connection is looked at: a
+    /// TLS one's socket may hold records that are no answer (a session ticket).
+    pub fn answer_may_wait(&self, buffered: bool) -> bool {
+        if self.is_tls() {
+            return false;
+        }
         let mut byte = [0u8; 1];
-        rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK).is_ok()
+        buffered || rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK).is_ok()
     }
 
     /// Checks with one non-blocking read that an idle connection is still open and

@@ -819,10 +819,9 @@ async fn forward_h1(
                 }
                 // The app stopped taking the body for `body_idle_secs`: an answer
                 // already there (a success sent early) is relayed, else 504 (as on
-                // the HTTP/1.1 path; a TLS app's socket may hold records that are
-                // no answer).
+                // the HTTP/1.1 path).
                 Err(Fail::Answer(ProxyError::UpstreamClosed(e)))
-                    if !upstream.is_tls() && (!ubuf.is_empty() || upstream.has_unread()) =>
+                    if upstream.answer_may_wait(!ubuf.is_empty()) =>
                 {
                     body_cut = Some(e);
                 }

@@ -747,49 +747,37 @@ impl Client {
         let failed = |f| Err(Attempted::Failed(f));
         match send {
             Ok(n) => bytes_in += n.saturating_sub(upstream_head_len),
-            // The app stopped taking the body for `body_idle_secs`. It may have
-            // answered first: a success, which the relay lets the body go on past
-            // (an app that answers early and reads on), is relayed now; else 504.
-            // (A TLS app's socket may hold records that are no answer, a session
-            // ticket: only a plaintext one is looked at. A request without a body
-            // was sent whole before any wait.)
-            Err(RelayError::Destination(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                let answered = !attempt.replayable()
-                    && !upstream.is_tls()
-                    && (!self.ubuf.is_empty() || upstream.has_unread());
-                if answered {
+            // The app closed the connection, or stopped taking the body for
+            // `body_idle_secs` (504). Either way it may have answered first: an app
+            // that refuses a body (413, 401 …) before it has read it all, then
+            // closes, or a success the relay let the body go on past (an app that
+            // answers early and reads on). That answer is relayed, not a 502 or 504,
+            // and the client's connection closes after it, the rest of the body
+            // unread. A closed app's answer, if any, is already in the socket (read
+            // at once); a stalled one's is looked for only where it may be waiting.
+            // (A request without a body was sent whole before any wait.)
+            Err(RelayError::Destination(e)) => {
+                let stalled = e.kind() == io::ErrorKind::TimedOut;
+                if stalled {
+                    tracing::warn!(upstream = %addr, error = %e, "the app stopped taking the request body");
+                }
+                let err = if stalled {
+                    ProxyError::UpstreamTimeout
+                } else {
+                    ProxyError::UpstreamClosed(e)
+                };
+                if !stalled && retry::may_retry(err.fault(), Retry::IfReused, attempt) {
+                    let what = "pooled upstream connection was dead; retrying on a new one";
+                    return Err(Attempted::Retry(err, what));
+                }
+                let look = !stalled || upstream.answer_may_wait(!self.ubuf.is_empty());
+                if !attempt.replayable() && look {
                     if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
                     }
                 }
                 self.ubuf.consume(usize::MAX);
-                tracing::warn!(upstream = %addr, error = %e, "the app stopped taking the request body");
-                let left = if attempt.replayable() {
-                    Left::Whole
-                } else {
-                    Left::Partial
-                };
-                return failed(Failure::Answer(ProxyError::UpstreamTimeout, left));
-            }
-            Err(RelayError::Destination(e)) => {
-                let err = ProxyError::UpstreamClosed(e);
-                if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
-                    let what = "pooled upstream connection was dead; retrying on a new one";
-                    return Err(Attempted::Retry(err, what));
-                }
-                // An app that refuses a body (413, 401 …) may answer before it has
-                // read it all, then close: what it answered is relayed, not a 502.
-                // Its answer, if any, is already in the socket (read at once, the
-                // connection being closed); the client's connection closes after it,
-                // the rest of the body unread.
-                if !attempt.replayable() {
-                    if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
-                        note_health(&core, route, addr, true);
-                        return Ok((resp, bytes_in, true));
-                    }
-                    self.ubuf.consume(usize::MAX);
-                }
                 let left = if attempt.replayable() {
                     Left::Whole
                 } else {
