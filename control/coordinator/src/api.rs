@@ -12,7 +12,8 @@ use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::placement::port_range;
@@ -328,7 +329,7 @@ pub(super) async fn register_worker(
     if q.brief {
         return Ok(Json(Registered { id }).into_response());
     }
-    Ok(Json(worker_response(&state, id).await?).into_response())
+    worker_response(&state, id).await
 }
 
 /// Withdraws a re-registered worker's circuits its new registration cannot serve
@@ -450,38 +451,87 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
 }
 
 /// The wire's `WorkerResponseModel`: registration fields, status, times, slot counts
-/// and the slot list (the worker's slots only: no circuit body is read).
-pub(super) async fn worker_response(state: &State, id: uuid::Uuid) -> Result<Value, ApiError> {
+/// and the slot list (the worker's slots only: no circuit body is read), rendered
+/// as JSON text one slot at a time ([`Described`]).
+pub(super) async fn worker_response(state: &State, id: uuid::Uuid) -> Result<Response, ApiError> {
     let worker = state
         .store
         .worker(id)
         .await?
         .ok_or(ApiError::NotFound("No such worker."))?;
     let held = state.store.held_slots(Some(id)).await?;
-    Ok(describe_worker(&worker, &held.iter().collect::<Vec<_>>()))
+    Ok(Json(describe_worker(&worker, &held.iter().collect::<Vec<_>>())).into_response())
 }
 
-fn describe_worker(w: &WorkerRow, held: &[&HeldSlot]) -> Value {
-    let mut out = summarise_worker(w, held.len() as u64);
-    out["slots"] = json!(slot_list(w, held, false));
-    out
+/// One slot of a worker answer (`/api/worker`, `/api/worker/{id}`, `/api/slots`).
+/// Its fields in the order these answers have always had them (a `serde_json`
+/// map's: sorted by key), written straight to the answer's text: a
+/// `serde_json::Value` per slot cost several hundred bytes, for each of the 65,535
+/// ports of a port worker.
+#[derive(Serialize, Debug, PartialEq)]
+struct Slot<'a> {
+    circuit_id: Option<uuid::Uuid>,
+    frontend_mode: &'static str,
+    in_use: bool,
+    port: Option<u16>,
+    subdomain: Option<&'a str>,
+}
+
+/// A worker's `WorkerResponseModel` as it is written: the keys of its summary in
+/// their order, the slot list ([`slots_of`]) written in place of `slots` one slot at
+/// a time, never held as a list.
+struct Described<'a> {
+    summary: serde_json::Map<String, Value>,
+    worker: &'a WorkerRow,
+    held: &'a [&'a HeldSlot],
+}
+
+impl Serialize for Described<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.summary.len()))?;
+        for (key, value) in &self.summary {
+            if key == "slots" {
+                map.serialize_entry(key, &SlotsOf::one(self.worker, self.held, false))?;
+            } else {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.end()
+    }
+}
+
+fn describe_worker<'a>(w: &'a WorkerRow, held: &'a [&'a HeldSlot]) -> Described<'a> {
+    let mut summary = summarise_worker(w, held.len() as u64);
+    // A placeholder in the key's place among the others (a registration's own
+    // `slots` key included: it is replaced, as it always was).
+    summary.insert("slots".to_owned(), Value::Null);
+    Described {
+        summary,
+        worker: w,
+        held,
+    }
 }
 
 /// The `WorkerResponseModel` without its slot list: what a count of the worker's
 /// circuits (`occupied`) is enough for.
-fn summarise_worker(w: &WorkerRow, occupied: u64) -> Value {
-    let mut out = w.body.clone();
-    out["id"] = json!(w.id);
-    out["status"] = json!(w.status);
-    out["nodes"] = json!(w.nodes);
-    out["created_at"] = json!(w.created_at);
-    out["updated_at"] = json!(w.updated_at);
-    out["occupied_slots"] = json!(occupied);
-    out["available_slots"] = json!(match port_range(&w.registration) {
-        Some((lo, hi)) if w.registration.frontend_mode == FrontendMode::Port =>
-            i64::from(hi - lo) + 1 - occupied as i64,
-        _ => -1,
-    });
+fn summarise_worker(w: &WorkerRow, occupied: u64) -> serde_json::Map<String, Value> {
+    // A registration is stored only once it read as one, an object; anything else
+    // (which indexing by key would panic on) leaves the registration's keys out.
+    let mut out = w.body.as_object().cloned().unwrap_or_default();
+    out.insert("id".to_owned(), json!(w.id));
+    out.insert("status".to_owned(), json!(w.status));
+    out.insert("nodes".to_owned(), json!(w.nodes));
+    out.insert("created_at".to_owned(), json!(w.created_at));
+    out.insert("updated_at".to_owned(), json!(w.updated_at));
+    out.insert("occupied_slots".to_owned(), json!(occupied));
+    out.insert(
+        "available_slots".to_owned(),
+        json!(match port_range(&w.registration) {
+            Some((lo, hi)) if w.registration.frontend_mode == FrontendMode::Port =>
+                i64::from(hi - lo) + 1 - occupied as i64,
+            _ => -1,
+        }),
+    );
     out
 }
 
@@ -496,29 +546,68 @@ fn held_by_worker(held: &[HeldSlot]) -> std::collections::HashMap<uuid::Uuid, Ve
 }
 
 /// Every port of a port worker (free ones too unless `in_use_only`); the occupied
-/// subdomains of a wildcard worker.
-fn slot_list(w: &WorkerRow, held: &[&HeldSlot], in_use_only: bool) -> Vec<Value> {
-    let mut out = Vec::new();
+/// subdomains of a wildcard worker. Made as they are written.
+fn slots_of<'a>(
+    w: &WorkerRow,
+    held: &'a [&'a HeldSlot],
+    in_use_only: bool,
+) -> Box<dyn Iterator<Item = Slot<'a>> + 'a> {
     if w.registration.frontend_mode == FrontendMode::Port {
         let Some((lo, hi)) = port_range(&w.registration) else {
-            return out;
+            return Box::new(std::iter::empty());
         };
         let occupants = held.iter().map(|(_, id, port, _)| (*port, *id));
-        for (port, circuit) in port_slots(lo, hi, occupants, in_use_only) {
-            out.push(
-                json!({"frontend_mode": "port", "in_use": circuit.is_some(), "port": port,
-                "subdomain": null, "circuit_id": circuit}),
-            );
-        }
+        Box::new(
+            port_slots(lo, hi, occupants, in_use_only)
+                .into_iter()
+                .map(|(port, circuit)| Slot {
+                    circuit_id: circuit,
+                    frontend_mode: "port",
+                    in_use: circuit.is_some(),
+                    port: Some(port),
+                    subdomain: None,
+                }),
+        )
     } else {
-        for (_, id, _, subdomain) in held.iter().filter(|(.., s)| s.is_some()) {
-            out.push(
-                json!({"frontend_mode": "wildcard", "in_use": true, "port": null,
-                "subdomain": subdomain, "circuit_id": id}),
-            );
+        Box::new(held.iter().filter_map(|(_, id, _, subdomain)| {
+            subdomain.as_deref().map(|subdomain| Slot {
+                circuit_id: Some(*id),
+                frontend_mode: "wildcard",
+                in_use: true,
+                port: None,
+                subdomain: Some(subdomain),
+            })
+        }))
+    }
+}
+
+/// The slot lists of `workers` written as one JSON array, one slot at a time: a
+/// worker's slots ([`slots_of`]) with the rows it holds in `held`, each worker's in
+/// turn.
+struct SlotsOf<'a> {
+    workers: Vec<(&'a WorkerRow, &'a [&'a HeldSlot])>,
+    in_use_only: bool,
+}
+
+impl<'a> SlotsOf<'a> {
+    fn one(worker: &'a WorkerRow, held: &'a [&'a HeldSlot], in_use_only: bool) -> Self {
+        SlotsOf {
+            workers: vec![(worker, held)],
+            in_use_only,
         }
     }
-    out
+}
+
+impl Serialize for SlotsOf<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(None)?;
+        for (worker, held) in &self.workers {
+            for slot in slots_of(worker, held, self.in_use_only) {
+                seq.serialize_element(&slot)?;
+            }
+        }
+        seq.end()
+    }
 }
 
 /// The slots of the port range `lo..=hi`, in port order: each port with the first
@@ -549,8 +638,8 @@ fn port_slots<T: Copy>(
 pub(super) async fn get_worker(
     Extract(state): Extract<Arc<State>>,
     Id(id): Id<uuid::Uuid>,
-) -> Result<Json<Value>, ApiError> {
-    worker_response(&state, id).await.map(Json)
+) -> Result<Response, ApiError> {
+    worker_response(&state, id).await
 }
 
 /// The rule for an HA node's name, the same wherever one is given (`node_id` of a
@@ -620,7 +709,7 @@ pub(super) async fn heartbeat(
     if q.brief {
         return Ok(Json(Heartbeat { success: true, id }).into_response());
     }
-    Ok(Json(worker_response(&state, id).await?).into_response())
+    worker_response(&state, id).await
 }
 
 pub(super) async fn deregister_worker(
@@ -636,33 +725,51 @@ pub(super) async fn deregister_worker(
     Ok(Json(Success::YES))
 }
 
+/// `GET /api/worker`: `{"workers":[...]}`, every worker's `WorkerResponseModel`
+/// ([`describe_worker`]). The workers and the slots held are read before the head
+/// (a store failure is answered with its status, as anywhere); the body is then
+/// written one worker at a time, each rendered when the body is polled for it, so
+/// one answer holds about one worker's text (some 6 MB for a range of 65,535 ports)
+/// and the rows read, never the whole answer (242 MB for 42 such workers, built as
+/// a `Value` tree, took 5 GB).
 pub(super) async fn list_workers(
     Extract(state): Extract<Arc<State>>,
-) -> Result<Json<Value>, ApiError> {
-    let out: Vec<Value> = described_workers(&state)
-        .await?
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect();
-    Ok(Json(json!({"workers": out})))
-}
-
-/// Every worker with its `WorkerResponseModel` (the slots held, not the circuits).
-async fn described_workers(state: &State) -> Result<Vec<(WorkerRow, Value)>, ApiError> {
+) -> Result<Response, ApiError> {
     let workers = state.store.workers().await?;
-    let held = state.store.held_slots(None).await?;
-    let mut by_worker: std::collections::HashMap<uuid::Uuid, Vec<&HeldSlot>> =
-        std::collections::HashMap::new();
-    for slot in &held {
+    let mut by_worker = std::collections::HashMap::<uuid::Uuid, Vec<HeldSlot>>::new();
+    for slot in state.store.held_slots(None).await? {
         by_worker.entry(slot.0).or_default().push(slot);
     }
-    Ok(workers
-        .into_iter()
-        .map(|w| {
-            let d = describe_worker(&w, by_worker.get(&w.id).map_or(&[][..], Vec::as_slice));
-            (w, d)
-        })
-        .collect())
+    let rendered = workers.into_iter().enumerate().map(move |(i, w)| {
+        let held = by_worker.remove(&w.id).unwrap_or_default();
+        let mut text = Vec::new();
+        if i > 0 {
+            text.push(b',');
+        }
+        match serde_json::to_writer(
+            &mut text,
+            &describe_worker(&w, &held.iter().collect::<Vec<_>>()),
+        ) {
+            Ok(()) => Ok(text),
+            Err(e) => {
+                // Nothing valid can follow: the answer is cut off (the client sees a
+                // body that ends early, never a list short of a worker).
+                tracing::warn!(worker = %w.id, error = %e, "worker list not written");
+                Err(std::io::Error::other(e))
+            }
+        }
+    });
+    let text = std::iter::once(Ok(br#"{"workers":["#.to_vec()))
+        .chain(rendered)
+        .chain(std::iter::once(Ok(b"]}".to_vec())));
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        axum::body::Body::from_stream(futures_util::stream::iter(text)),
+    )
+        .into_response())
 }
 
 /// How a worker reads its circuit set: the whole list (the original's call), one
@@ -934,7 +1041,7 @@ pub(super) struct SlotsQuery {
 pub(super) async fn slots(
     Extract(state): Extract<Arc<State>>,
     Params(q): Params<SlotsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let in_use_only = !matches!(q.in_use.as_deref(), Some("false" | "False" | "0"));
     let workers = state.store.workers().await?;
     let named: Vec<&WorkerRow> = workers
@@ -952,12 +1059,18 @@ pub(super) async fn slots(
         _ => state.store.held_slots(None).await?,
     };
     let by_worker = held_by_worker(&held);
-    let mut out = Vec::new();
-    for w in named {
-        let held = by_worker.get(&w.id).map_or(&[][..], Vec::as_slice);
-        out.extend(slot_list(w, held, in_use_only));
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        slots: SlotsOf<'a>,
     }
-    Ok(Json(json!({"slots": out})))
+    let slots = SlotsOf {
+        workers: named
+            .into_iter()
+            .map(|w| (w, by_worker.get(&w.id).map_or(&[][..], Vec::as_slice)))
+            .collect(),
+        in_use_only,
+    };
+    Ok(Json(Answer { slots }).into_response())
 }
 
 pub(super) async fn health_status(
@@ -970,8 +1083,9 @@ pub(super) async fn health_status(
         .iter()
         .map(|w| {
             let d = summarise_worker(w, counts.get(&w.id).copied().unwrap_or(0));
-            json!({"authority": d["authority"], "available_slots": d["available_slots"],
-                "occupied_slots": d["occupied_slots"], "ha_setup": w.nodes > 1, "status": w.status})
+            let key = |k: &str| d.get(k).cloned().unwrap_or(Value::Null);
+            json!({"authority": key("authority"), "available_slots": key("available_slots"),
+                "occupied_slots": key("occupied_slots"), "ha_setup": w.nodes > 1, "status": w.status})
         })
         .collect();
     Ok(Json(json!({
@@ -1060,7 +1174,104 @@ pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json
 
 #[cfg(test)]
 mod tests {
-    use super::{held_by_worker, port_slots, validate_worker};
+    use super::{describe_worker, held_by_worker, port_slots, validate_worker, SlotsOf};
+    use crate::store::{HeldSlot, WorkerRow};
+    use serde_json::json;
+
+    /// The worker answer as it was built before it was written slot by slot: a
+    /// `serde_json::Value` per slot, in the summary's map. The text written now is
+    /// byte for byte that one's.
+    fn as_values(w: &WorkerRow, held: &[HeldSlot]) -> serde_json::Value {
+        let mut out = w.body.clone();
+        for (k, v) in [
+            ("id", json!(w.id)),
+            ("status", json!(w.status)),
+            ("nodes", json!(w.nodes)),
+            ("created_at", json!(w.created_at)),
+            ("updated_at", json!(w.updated_at)),
+            ("occupied_slots", json!(held.len())),
+        ] {
+            out[k] = v;
+        }
+        let mut slots = Vec::new();
+        if w.registration.frontend_mode == appproxy_shared::model::FrontendMode::Port {
+            let [lo, hi] = w.registration.port_range.expect("range");
+            out["available_slots"] = json!(i64::from(hi - lo) + 1 - held.len() as i64);
+            for port in lo..=hi {
+                let circuit = held.iter().find(|h| h.2 == Some(port)).map(|h| h.1);
+                slots.push(json!({"frontend_mode": "port", "in_use": circuit.is_some(),
+                    "port": port, "subdomain": null, "circuit_id": circuit}));
+            }
+        } else {
+            out["available_slots"] = json!(-1);
+            for (_, id, _, subdomain) in held.iter().filter(|h| h.3.is_some()) {
+                slots.push(
+                    json!({"frontend_mode": "wildcard", "in_use": true, "port": null,
+                    "subdomain": subdomain, "circuit_id": id}),
+                );
+            }
+        }
+        out["slots"] = json!(slots);
+        out
+    }
+
+    #[test]
+    fn worker_answers_are_written_as_their_value_trees_were() {
+        let id = uuid::Uuid::from_u128(7);
+        let row = |body: serde_json::Value| {
+            WorkerRow::new(
+                id,
+                body,
+                "ALIVE".into(),
+                2,
+                "2026-01-01T00:00:00Z".into(),
+                "2026-01-02T00:00:00Z".into(),
+            )
+            .expect("row")
+        };
+        let c = |n: u128| uuid::Uuid::from_u128(100 + n);
+        // A key of the registration's own (`zz_unknown`, and `slots`, replaced as it
+        // always was) keeps its place among the others.
+        let port = row(
+            json!({"authority": "w", "frontend_mode": "port", "hostname": "h",
+            "api_port": 1, "port_range": [20, 29], "slots": "theirs", "zz_unknown": [1]}),
+        );
+        let held: Vec<HeldSlot> = vec![
+            (id, c(1), Some(22), None),
+            (id, c(2), Some(29), None),
+            (id, c(3), Some(99), None),
+        ];
+        let wildcard = row(json!({"authority": "w", "frontend_mode": "wildcard",
+            "hostname": "h", "api_port": 1, "wildcard_domain": ".apps.test"}));
+        let held_wildcard: Vec<HeldSlot> = vec![
+            (id, c(4), None, Some("a".into())),
+            (id, c(5), None, None),
+            (id, c(6), None, Some("b\"c".into())),
+        ];
+        for (w, held) in [(&port, &held), (&wildcard, &held_wildcard)] {
+            let refs: Vec<&HeldSlot> = held.iter().collect();
+            let written = serde_json::to_string(&describe_worker(w, &refs)).expect("written");
+            let before = serde_json::to_string(&as_values(w, held)).expect("before");
+            assert_eq!(written, before);
+        }
+        // `/api/slots`: the workers' slots in one list, in turn.
+        let (p, wc): (Vec<&HeldSlot>, Vec<&HeldSlot>) =
+            (held.iter().collect(), held_wildcard.iter().collect());
+        let both = SlotsOf {
+            workers: vec![(&port, &p[..]), (&wildcard, &wc[..])],
+            in_use_only: true,
+        };
+        let mut expected: Vec<serde_json::Value> = Vec::new();
+        for (w, held) in [(&port, &held), (&wildcard, &held_wildcard)] {
+            let all = as_values(w, held);
+            let slots = all["slots"].as_array().expect("slots");
+            expected.extend(slots.iter().filter(|s| s["in_use"] == true).cloned());
+        }
+        assert_eq!(
+            serde_json::to_string(&both).expect("written"),
+            serde_json::to_string(&expected).expect("expected")
+        );
+    }
 
     /// Registration limits count characters, as their messages and the store's
     /// columns do, and a host goes into URLs only in a form a URL can carry.

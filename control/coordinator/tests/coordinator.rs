@@ -112,6 +112,113 @@ on_both_engines! {
     a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused => a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_sqlite, a_circuit_on_a_worker_that_is_gone_is_replaced_not_reused_postgresql;
     a_circuit_its_worker_no_longer_serves_is_replaced_not_reused => a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_sqlite, a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_postgresql;
     an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes => an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_sqlite, an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_postgresql;
+    a_whole_port_range_is_listed_slot_by_slot => a_whole_port_range_is_listed_slot_by_slot_sqlite, a_whole_port_range_is_listed_slot_by_slot_postgresql;
+}
+
+/// A worker with the whole port range (65,535 ports) and a wildcard worker: the
+/// worker answers (`GET /api/worker`, written one worker at a time;
+/// `GET /api/worker/{id}`; a heartbeat without `brief`; `/api/slots`) list every
+/// port in order, the occupied ones with their circuits, in the shape and key order
+/// they always had.
+fn a_whole_port_range_is_listed_slot_by_slot(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let whole = r#"{"authority":"worker-1","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[1,65535],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], whole);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["slots"].as_array().map(Vec::len), Some(65_535));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker?brief=true",
+        &[AUTH],
+        api::INFERENCE_WORKER,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let placed: Vec<(u64, String)> = [7u64, 40_000, 65_535]
+        .into_iter()
+        .map(|port| (port, new_circuit(c.addr, &token, &format!("&port={port}"))))
+        .collect();
+
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let text = String::from_utf8(r.body.clone()).expect("UTF-8");
+    // The keys in the order they always had (sorted), the slots' too.
+    assert!(
+        text.starts_with(r#"{"workers":[{"accepted_traffics":["#),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(
+        text.ends_with("]}"),
+        "{}",
+        &text[text.len().saturating_sub(200)..]
+    );
+    assert!(text.contains(
+        r#""slots":[{"circuit_id":null,"frontend_mode":"port","in_use":false,"port":1,"subdomain":null},"#
+    ));
+    assert!(text.contains(&format!(
+        r#"{{"circuit_id":"{}","frontend_mode":"port","in_use":true,"port":7,"subdomain":null}}"#,
+        placed[0].1
+    )));
+    let listed = r.json();
+    let workers = listed["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2);
+    let w = workers
+        .iter()
+        .find(|w| w["authority"] == "worker-1")
+        .expect("worker-1");
+    let wildcard = workers
+        .iter()
+        .find(|w| w["authority"] == "inference-1")
+        .expect("inference-1");
+    assert_eq!(wildcard["slots"], serde_json::json!([]));
+    assert_eq!(wildcard["available_slots"], -1);
+    assert_eq!(w["id"], id.as_str());
+    assert_eq!(w["occupied_slots"], 3);
+    assert_eq!(w["available_slots"], 65_532);
+    assert_eq!(w["port_range"], serde_json::json!([1, 65535]));
+    let slots = w["slots"].as_array().expect("slots");
+    assert_eq!(slots.len(), 65_535);
+    for (i, slot) in slots.iter().enumerate() {
+        let port = i as u64 + 1;
+        let circuit = placed.iter().find(|(p, _)| *p == port).map(|(_, c)| c);
+        assert_eq!(
+            slot,
+            &serde_json::json!({"circuit_id": circuit, "frontend_mode": "port",
+                "in_use": circuit.is_some(), "port": port, "subdomain": null}),
+            "slot {i}"
+        );
+    }
+
+    // The one worker's answer is its entry of the list.
+    let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(&r.json(), w);
+    // A heartbeat without `brief`: the same, but for the time it moved.
+    let r = request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (mut beat, mut listed_one) = (r.json(), w.clone());
+    for v in [&mut beat, &mut listed_one] {
+        v.as_object_mut().expect("object").remove("updated_at");
+    }
+    assert_eq!(beat, listed_one);
+    // `/api/slots`: the same slots, free ones on request.
+    let r = request(c.addr, "GET", "/api/slots?in_use=false", &[AUTH], "");
+    assert_eq!(r.json()["slots"].as_array().expect("slots"), slots);
+    let r = request(c.addr, "GET", "/api/slots", &[AUTH], "");
+    let used: Vec<serde_json::Value> = slots
+        .iter()
+        .filter(|s| s["in_use"] == true)
+        .cloned()
+        .collect();
+    assert_eq!(r.json()["slots"].as_array().expect("slots"), &used);
 }
 
 /// The ID of the first worker `GET /api/worker` lists.
