@@ -1349,6 +1349,66 @@ fn malformed_heads_are_a_502_and_their_connection_is_dropped() {
     }
 }
 
+/// An app's cookies reach the client without `Domain` when its circuit is served on
+/// a subdomain of the wildcard domain: with it, the app at `alpha.apps.test` could
+/// set cookies for every circuit under `apps.test` (another user's app's session,
+/// or a cookie bomb that makes every circuit refuse the browser's requests). The
+/// cookie stays host-only, its other attributes as sent; on a circuit with a port of
+/// its own cookies are as sent (cookies do not tell ports apart). Before, `Domain`
+/// went out as the app wrote it, to HTTP/1.1 and HTTP/2 clients alike.
+#[test]
+fn an_apps_cookies_stay_with_its_own_subdomain() {
+    const SET: &str = "HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Domain=apps.test; Path=/\r\nSet-Cookie: t=2;domain=.APPS.test\r\nSet-Cookie: u=3; Path=/; HttpOnly\r\nSet-Cookie: v=Domain=x; Secure; DOMAIN = apps.test ; SameSite=Lax\r\nContent-Length: 2\r\n\r\nok";
+    const HOST_ONLY: [&str; 4] = [
+        "s=1; Path=/",
+        "t=2",
+        "u=3; Path=/; HttpOnly",
+        "v=Domain=x; Secure; SameSite=Lax",
+    ];
+    const AS_SENT: [&str; 4] = [
+        "s=1; Domain=apps.test; Path=/",
+        "t=2;domain=.APPS.test",
+        "u=3; Path=/; HttpOnly",
+        "v=Domain=x; Secure; DOMAIN = apps.test ; SameSite=Lax",
+    ];
+    let app = App::start(|method, path| match path {
+        "/cookie" => vec![send(SET)],
+        _ => honest(path, method),
+    });
+    let wildcard = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: "open_to_public = true\nfrontend_mode = \"wildcard\"\nsubdomain = \"alpha\"\n".into(),
+        ..Default::default()
+    });
+    let by_port = worker_for(&app);
+    for (w, host, want) in [
+        (&wildcard, "alpha.apps.test", HOST_ONLY),
+        (&by_port, "127.0.0.1", AS_SENT),
+    ] {
+        let mut c = Client::connect(w.addr());
+        c.send(format!("GET /cookie HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+        assert_eq!(r.headers_named("set-cookie"), want, "{host}, HTTP/1.1");
+        // HTTP/2 clients, through the same circuit.
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+            .args(["-o", "/dev/null", "-D", "-", "-H"])
+            .arg(format!("Host: {host}"))
+            .arg(format!("http://127.0.0.1:{}/cookie", w.port))
+            .output()
+            .expect("curl must be installed (.ci/run installs it)");
+        let head = String::from_utf8_lossy(&out.stdout).into_owned();
+        let got: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("set-cookie: "))
+            .map(str::trim_end)
+            .collect();
+        assert_eq!(got, want, "{host}, HTTP/2: {head}");
+    }
+}
+
 /// Hop-by-hop fields of the app's answer, and the fields its `Connection` names, stay
 /// on the app's hop; the worker's own framing and request ID replace the app's (and
 /// the app's IDs under the ID's aliases, `X-Request-ID` and `X-BackendAI-RequestID`,

@@ -160,9 +160,7 @@ fn an_http2_apps_status_past_599_is_a_502() {
         // One answer: its head, then the body its length gives.
         let whole = |got: &[u8]| {
             let text = String::from_utf8_lossy(got).to_ascii_lowercase();
-            let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                return None;
-            };
+            let (head, body) = text.split_once("\r\n\r\n")?;
             let len: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
@@ -200,6 +198,61 @@ fn an_http2_apps_status_past_599_is_a_502() {
             .expect("curl must be installed (.ci/run installs it)");
         assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{out:?}");
     }
+}
+
+/// An HTTP/2 app's cookies on a circuit served on a subdomain lose their `Domain`
+/// (they would reach every circuit of the wildcard domain), for HTTP/1.1 clients
+/// (the bridge) and HTTP/2 ones, as an HTTP/1.1 app's do (`app_attack.rs`).
+#[test]
+fn an_http2_apps_cookies_stay_with_its_own_subdomain() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let head = appproxy_test_support::h2frames::block(&[
+                (b":status", b"200"),
+                (b"set-cookie", b"s=1; Domain=apps.test; Path=/"),
+                (b"set-cookie", b"t=2; Secure"),
+                (b"content-length", b"2"),
+            ]);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, b"ok"));
+        }
+        out
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: "protocol = \"http2\"\nopen_to_public = true\nfrontend_mode = \"wildcard\"\nsubdomain = \"alpha\"\n".into(),
+        ..Default::default()
+    });
+    let want = ["s=1; Path=/", "t=2; Secure"];
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: alpha.apps.test\r\n\r\n")
+        .expect("write");
+    let got = read_heads(&mut s, 1);
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .collect();
+    assert_eq!(cookies, want, "HTTP/1.1: {head}");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-D", "-", "-H", "Host: alpha.apps.test"])
+        .arg(format!("http://127.0.0.1:{}/", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .map(str::trim_end)
+        .collect();
+    assert_eq!(cookies, want, "HTTP/2: {head}");
 }
 
 #[test]

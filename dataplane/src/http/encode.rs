@@ -545,6 +545,7 @@ impl ClientFraming {
 }
 
 /// Appends the response head relayed to the client.
+#[allow(clippy::too_many_arguments)]
 pub fn client_response(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -553,18 +554,14 @@ pub fn client_response(
     id: Option<&RequestId>,
     client: Version,
     close: bool,
+    cookies: Cookies,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
     out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
-    for HeaderField { name, value } in &head.headers {
-        let (name, value) = (&buf[name.clone()], &buf[value.clone()]);
-        if relayed(name, value, buf, head) {
-            push_field(out, name, value);
-        }
-    }
+    push_relayed_fields(out, buf, head, cookies);
     match framing {
         ClientFraming::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
@@ -628,19 +625,30 @@ fn relayed(name: &[u8], value: &[u8], buf: &[u8], head: &ResponseHead) -> bool {
 
 /// Appends an interim (1xx) response head relayed to the client, its fields
 /// sanitized as a final head's ([`relayed`]).
-pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, cookies: Cookies) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
     out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
+    push_relayed_fields(out, buf, head, cookies);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the fields of the app's head `head` that reach the client ([`relayed`]),
+/// its cookies as `cookies` says.
+// Always inlined: one loop per response head, in its two callers.
+#[inline(always)]
+fn push_relayed_fields(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, cookies: Cookies) {
     for HeaderField { name, value } in &head.headers {
         let (name, value) = (&buf[name.clone()], &buf[value.clone()]);
         if relayed(name, value, buf, head) {
-            push_field(out, name, value);
+            match cookies.rewrite(name, value) {
+                Some(value) => push_field(out, name, &value),
+                None => push_field(out, name, value),
+            }
         }
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends one of the proxy's own error responses: a small JSON body
@@ -768,6 +776,66 @@ pub fn permit_cookie_name(user: &uuid::Uuid) -> String {
     format!("{PERMIT_COOKIE}_{}", user.simple())
 }
 
+/// How an app's `Set-Cookie` fields reach the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cookies {
+    /// As the app sent them: a circuit on a port of its own. Cookies do not tell
+    /// ports apart (RFC 6265 §8.5), so the circuits of one host share them
+    /// whatever `Domain` says.
+    AsSent,
+    /// Without their `Domain` attributes ([`host_only_cookie`]): a circuit on a
+    /// subdomain of the wildcard domain, whose cookies must stay with its own host.
+    HostOnly,
+}
+
+impl Cookies {
+    /// The rule for a circuit reached at `frontend`.
+    pub fn of(frontend: &crate::config::Frontend) -> Self {
+        match frontend {
+            crate::config::Frontend::Port(_) => Self::AsSent,
+            crate::config::Frontend::Subdomain(_) => Self::HostOnly,
+        }
+    }
+
+    /// What to relay for the app's field `name: value` when it is not `value`
+    /// itself: a `Set-Cookie` with a `Domain` attribute, under [`Cookies::HostOnly`].
+    #[inline]
+    pub fn rewrite(self, name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
+        if self == Self::AsSent || !name_is(name, "set-cookie") {
+            return None;
+        }
+        host_only_cookie(value)
+    }
+}
+
+/// A `Set-Cookie` value without its `Domain` attributes (`None` when it has none),
+/// everything else as it was. A cookie without `Domain` is host-only (RFC 6265
+/// §5.3 step 6): it goes back to the host that set it and to no other. With one, an
+/// app at `a.apps.example.com` could set cookies for every circuit under
+/// `apps.example.com`, other users' apps included: a session of its choosing
+/// planted in another app (cookie tossing), or so many cookies that every circuit
+/// of the domain refuses the browser's requests as too large (a cookie bomb).
+/// The cookie's name and value end at its first `;` (§5.2), which an attribute
+/// cannot hide behind.
+pub fn host_only_cookie(value: &[u8]) -> Option<Vec<u8>> {
+    let is_domain = |attr: &&[u8]| {
+        let name = attr.split(|b| *b == b'=').next().unwrap_or(attr);
+        name.trim_ascii().eq_ignore_ascii_case(b"domain")
+    };
+    let mut parts = value.split(|b| *b == b';');
+    let pair = parts.next().unwrap_or(value);
+    if !parts.clone().any(|a| is_domain(&a)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(value.len());
+    out.extend_from_slice(pair);
+    for attr in parts.filter(|a| !is_domain(a)) {
+        out.push(b';');
+        out.extend_from_slice(attr);
+    }
+    Some(out)
+}
+
 /// Whether a cookie name is a permit's: [`PERMIT_COOKIE`] or [`PERMIT_COOKIE`]`_…`.
 pub fn is_permit_cookie_name(name: &[u8]) -> bool {
     let permit = PERMIT_COOKIE.as_bytes();
@@ -842,6 +910,51 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `Domain` attributes are left out of a cookie of a circuit on a subdomain,
+    /// whatever their case and spacing; the cookie's name and value (which may hold
+    /// `Domain=`) and its other attributes are as sent.
+    #[test]
+    fn host_only_cookies_lose_their_domain_only() {
+        #[rustfmt::skip]
+        let table: &[(&str, Option<&str>)] = &[
+            ("a=1", None),
+            ("a=1; Path=/; HttpOnly", None),
+            ("a=1; Domain=apps.test", Some("a=1")),
+            ("a=1; Domain=apps.test; Path=/", Some("a=1; Path=/")),
+            ("a=1;domain=.APPS.test;Secure", Some("a=1;Secure")),
+            ("a=1; DOMAIN = apps.test ; Max-Age=5", Some("a=1; Max-Age=5")),
+            ("a=1; Domain", Some("a=1")),
+            ("a=1; Domain=; Path=/", Some("a=1; Path=/")),
+            ("a=1; Domain=x; Domain=y", Some("a=1")),
+            ("domain=x", None),
+            ("Domain=x; Path=/", None),
+            ("v=Domain=x; Secure", None),
+            ("a=1; Domains=x", None),
+            ("a=1; X-Domain=x", None),
+        ];
+        for (value, want) in table {
+            let got = host_only_cookie(value.as_bytes());
+            assert_eq!(
+                got.as_deref(),
+                want.map(str::as_bytes),
+                "{value}: {:?}",
+                got.as_deref().map(String::from_utf8_lossy)
+            );
+        }
+        assert_eq!(
+            Cookies::AsSent.rewrite(b"Set-Cookie", b"a=1; Domain=x"),
+            None
+        );
+        assert_eq!(
+            Cookies::HostOnly.rewrite(b"X-Cookie", b"a=1; Domain=x"),
+            None
+        );
+        assert_eq!(
+            Cookies::HostOnly.rewrite(b"SET-COOKIE", b"a=1; Domain=x"),
+            Some(b"a=1".to_vec())
+        );
+    }
 
     fn text(ip: IpAddr) -> String {
         let (bytes, len) = ip_text(ip);

@@ -234,6 +234,7 @@ pub async fn forward(
     out.push(b' ');
     out.extend_from_slice(crate::http::error::reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
+    let cookies = crate::http::encode::Cookies::of(&route.circuit.frontend);
     for (name, value) in &parts.headers {
         let n = name.as_str().as_bytes();
         // The app's `content-length` fields (two equal ones pass `h2`, and `005`
@@ -245,9 +246,10 @@ pub async fn forward(
         {
             continue;
         }
+        let rewritten = cookies.rewrite(n, value.as_bytes());
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(rewritten.as_deref().unwrap_or(value.as_bytes()));
         out.extend_from_slice(b"\r\n");
     }
     if chunked {

@@ -32,7 +32,7 @@ use crate::core::pool::Lease;
 use crate::core::tunnels::Signal;
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
-use crate::http::encode::{self, sets_permit_cookie, TraceHeaders};
+use crate::http::encode::{self, sets_permit_cookie, Cookies, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
@@ -654,14 +654,16 @@ pub fn drop_request_ids(headers: &mut HeaderMap) {
     }
 }
 
-/// Leaves out of an app's response head every `Set-Cookie` that sets the worker's
-/// permit cookie ([`sets_permit_cookie`]); the other fields stay as they were.
-pub fn drop_permit_cookies(headers: &mut HeaderMap) {
+/// An app's response head's `Set-Cookie` fields as they reach the client: every one
+/// that sets the worker's permit cookie ([`sets_permit_cookie`]) left out, the others
+/// as `cookies` says (in order); the other fields stay as they were.
+pub fn filter_cookies(headers: &mut HeaderMap, cookies: Cookies) {
     let set_cookie = http::header::SET_COOKIE;
+    let rewritten = |v: &HeaderValue| cookies.rewrite(b"set-cookie", v.as_bytes());
     if !headers
         .get_all(&set_cookie)
         .iter()
-        .any(|v| sets_permit_cookie(v.as_bytes()))
+        .any(|v| sets_permit_cookie(v.as_bytes()) || rewritten(v).is_some())
     {
         return;
     }
@@ -669,7 +671,11 @@ pub fn drop_permit_cookies(headers: &mut HeaderMap) {
         .get_all(&set_cookie)
         .iter()
         .filter(|v| !sets_permit_cookie(v.as_bytes()))
-        .cloned()
+        .map(|v| {
+            rewritten(v)
+                .and_then(|r| HeaderValue::from_bytes(&r).ok())
+                .unwrap_or_else(|| v.clone())
+        })
         .collect();
     headers.remove(&set_cookie);
     for v in kept {
@@ -892,6 +898,7 @@ async fn forward_h1(
         }
     };
     let mut resp = resp;
+    let cookies = Cookies::of(&route.circuit.frontend);
     let mut interim = 0;
     while (100..200).contains(&resp.status) {
         interim += 1;
@@ -905,7 +912,7 @@ async fn forward_h1(
         if let Ok(code) = http::StatusCode::from_u16(resp.status) {
             let mut info = http::Response::new(());
             *info.status_mut() = code;
-            copy_fields(ubuf.filled(), &resp, true, info.headers_mut());
+            copy_fields(ubuf.filled(), &resp, true, cookies, info.headers_mut());
             respond
                 .send_informational(info)
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
@@ -935,7 +942,7 @@ async fn forward_h1(
         )))
     })?;
     let headers = response.headers_mut();
-    copy_fields(rbuf, &resp, bodiless, headers);
+    copy_fields(rbuf, &resp, bodiless, cookies, headers);
     if let Some(v) = proxy::forwarded_id(core, &id).and_then(id_header) {
         headers.insert(HeaderName::from_static("x-backend-request-id"), v);
     }
@@ -994,7 +1001,13 @@ async fn forward_h1(
 /// app gave one valid length; never on an interim head or a 204 (an HTTP/2 client
 /// refuses a stream whose `content-length` is repeated, not a number, or not 0 on a
 /// 204).
-fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers: &mut HeaderMap) {
+fn copy_fields(
+    rbuf: &[u8],
+    resp: &parse::ResponseHead,
+    bodiless: bool,
+    cookies: Cookies,
+    headers: &mut HeaderMap,
+) {
     for f in &resp.headers {
         let name = &rbuf[f.name.clone()];
         let listed = resp
@@ -1009,9 +1022,11 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
         {
             continue;
         }
+        let value = &rbuf[f.value.clone()];
+        let rewritten = cookies.rewrite(name, value);
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name),
-            HeaderValue::from_bytes(&rbuf[f.value.clone()]),
+            HeaderValue::from_bytes(rewritten.as_deref().unwrap_or(value)),
         ) {
             headers.append(n, v);
         }
@@ -1288,7 +1303,7 @@ mod tests {
             .expect("valid")
             .expect("complete");
         let mut copied = HeaderMap::new();
-        copy_fields(raw, &head, false, &mut copied);
+        copy_fields(raw, &head, false, Cookies::AsSent, &mut copied);
         assert_eq!(set_cookies(&copied), vec!["a=1", "b=2"]);
 
         let mut passed = HeaderMap::new();
@@ -1301,8 +1316,24 @@ mod tests {
             passed.append(http::header::SET_COOKIE, HeaderValue::from_static(v));
         }
         passed.insert(http::header::SERVER, HeaderValue::from_static("app"));
-        drop_permit_cookies(&mut passed);
+        let mut host_only = passed.clone();
+        filter_cookies(&mut passed, Cookies::AsSent);
         assert_eq!(set_cookies(&passed), vec!["a=1", "b=2"]);
+        // A circuit on a subdomain: `Domain` left out too, the order kept.
+        host_only.append(
+            http::header::SET_COOKIE,
+            HeaderValue::from_static("c=3; Domain=apps.test; Path=/"),
+        );
+        filter_cookies(&mut host_only, Cookies::HostOnly);
+        assert_eq!(set_cookies(&host_only), vec!["a=1", "b=2", "c=3; Path=/"]);
+        let raw =
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; domain=apps.test\r\nContent-Length: 0\r\n\r\n";
+        let head = parse::parse_response(raw, Method::Get, 4096)
+            .expect("valid")
+            .expect("complete");
+        let mut copied = HeaderMap::new();
+        copy_fields(raw, &head, false, Cookies::HostOnly, &mut copied);
+        assert_eq!(set_cookies(&copied), vec!["a=1"]);
         assert_eq!(
             passed.get(http::header::SERVER).map(|v| v.as_bytes()),
             Some(&b"app"[..])

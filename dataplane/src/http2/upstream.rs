@@ -40,7 +40,7 @@ use super::stream::{is_connection_specific, pick, send_all, Done, Fail, Req};
 use super::{within, BodyFloor, ConnCtx, Stall};
 use crate::core::{Core, Route};
 use crate::http::encode::ClientHop;
-use crate::http::encode::{self, TraceHeaders};
+use crate::http::encode::{self, Cookies, TraceHeaders};
 use crate::http::error::Fault;
 use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, HeadLimits};
@@ -726,6 +726,7 @@ pub async fn forward(
         std::future::pending::<Result<Done, Fail>>().await
     };
     let method_head = req.head.method == parse::Method::Head;
+    let cookies = Cookies::of(&route.circuit.frontend);
     let response_side = async {
         enum Head {
             Response(Result<http::Response<RecvStream>, h2::Error>),
@@ -753,7 +754,7 @@ pub async fn forward(
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
                         super::stream::drop_request_ids(info.headers_mut());
-                        super::stream::drop_permit_cookies(info.headers_mut());
+                        super::stream::filter_cookies(info.headers_mut(), cookies);
                         // A client gone meanwhile shows in poll_reset.
                         let _ = respond.send_informational(info);
                     }
@@ -817,7 +818,7 @@ pub async fn forward(
         if status == 204 {
             headers.remove(http::header::CONTENT_LENGTH);
         }
-        super::stream::drop_permit_cookies(&mut headers);
+        super::stream::filter_cookies(&mut headers, cookies);
         if let Some(v) =
             proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
         {

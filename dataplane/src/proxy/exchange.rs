@@ -23,7 +23,7 @@ use super::{
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
 use crate::core::{counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, TraceHeaders};
+use crate::http::encode::{self, ClientFraming, Cookies, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -116,6 +116,14 @@ pub(crate) fn request_id<'a>(
 }
 
 impl Exchange {
+    /// How the app's cookies reach the client: by the circuit's frontend, once
+    /// routed ([`Cookies::of`]).
+    fn cookies(&self) -> Cookies {
+        self.route
+            .as_ref()
+            .map_or(Cookies::AsSent, |r| Cookies::of(&r.circuit.frontend))
+    }
+
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
     /// `text`: the storage of the method and path copies (the previous request's,
@@ -924,6 +932,7 @@ impl Client {
             forwarded_id(&core, &x.id),
             req.version,
             close,
+            Cookies::of(&route.circuit.frontend),
         );
         self.ubuf.consume(resp.head_len);
         self.resp_fields = std::mem::take(&mut resp.headers);
@@ -1065,7 +1074,7 @@ impl Client {
             }
             if req.version == parse::Version::Http11 {
                 self.out.clear();
-                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp);
+                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp, x.cookies());
                 self.conn.set_timeout(core.rt.body_idle_timeout);
                 self.conn
                     .write_all(&self.out)
@@ -1140,6 +1149,7 @@ impl Client {
             forwarded_id(&core, &x.id),
             req.version,
             false,
+            Cookies::of(&route.circuit.frontend),
         );
         self.ubuf.consume(resp.head_len);
         let circuit = &route.circuit.circuit;
