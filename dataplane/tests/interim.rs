@@ -139,6 +139,28 @@ fn an_interim_flood_to_http10_is_a_502() {
     );
 }
 
+/// The worker's own answer to an HTTP/1.0 client whose connection goes on says
+/// `Connection: keep-alive`, as a relayed answer does: without it the client takes
+/// the connection to end with the answer (and the worker waits the idle timeout on
+/// a connection its client left). Before, the 502 said nothing.
+#[test]
+fn an_http10_keep_alive_client_is_told_its_connection_goes_on_after_a_refusal() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /interim?n=20000 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.headers);
+    c.send(b"GET /after HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.headers);
+    // Without keep-alive, the refusal closes the connection, and says so.
+    let raw = exchange_to_close(&w, b"GET /interim?n=20000 HTTP/1.0\r\n\r\n");
+    assert!(raw.contains("\r\nConnection: close\r\n"), "{raw}");
+}
+
 /// RFC 9110 §10.1.1: an HTTP/1.0 request's `Expect: 100-continue` is ignored. The
 /// worker's own `100 Continue` is an interim response too: an HTTP/1.0 client never
 /// gets it (a 1.0 peer would take it for the final answer); the worker waits for

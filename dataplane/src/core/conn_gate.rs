@@ -295,7 +295,7 @@ impl Core {
         let id = RequestId::generate(self.rt.id_version);
         let r = Refusal::from(err);
         let mut answer = Vec::with_capacity(256);
-        encode::refusal_response(&mut answer, &r, &id, true, false);
+        encode::refusal_response(&mut answer, &r, &id, encode::Keep::Close, false);
         let sent = std::io::Write::write(&mut &*stream, &answer).unwrap_or(0);
         self.count_refusal(&r);
         self.metrics.add(counter::BYTES_OUT, sent as u64);

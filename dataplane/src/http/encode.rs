@@ -591,10 +591,8 @@ pub fn client_response(
         if let Some(up) = &head.upgrade {
             push_field(out, b"Upgrade", &buf[up.clone()]);
         }
-    } else if close || framing.closes() {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if client == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    } else {
+        Keep::of(close || framing.closes(), client).push_field(out);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -670,7 +668,38 @@ pub fn error_response(
         closes: close,
         retry_after: None,
     };
-    refusal_response(out, &r, id, close, bodiless);
+    refusal_response(out, &r, id, Keep::of(close, Version::Http11), bodiless);
+}
+
+/// What one of the proxy's own answers says of its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// The connection closes after the answer: `Connection: close`.
+    Close,
+    /// It goes on, with a client of this version: an HTTP/1.0 client is told
+    /// `Connection: keep-alive` (without it, it takes the connection to end with
+    /// the answer, and the proxy would wait the idle timeout on a connection its
+    /// client left), as a relayed answer tells it.
+    Open(Version),
+}
+
+impl Keep {
+    /// `Close` when `close`, else `Open(client)`.
+    pub fn of(close: bool, client: Version) -> Self {
+        if close {
+            Self::Close
+        } else {
+            Self::Open(client)
+        }
+    }
+
+    fn push_field(self, out: &mut Vec<u8>) {
+        match self {
+            Self::Close => out.extend_from_slice(b"Connection: close\r\n"),
+            Self::Open(Version::Http10) => out.extend_from_slice(b"Connection: keep-alive\r\n"),
+            Self::Open(Version::Http11) => {}
+        }
+    }
 }
 
 /// Appends a [`Refusal`] as an HTTP/1.1 response (with `Retry-After` when it says
@@ -682,19 +711,19 @@ pub fn refusal_response(
     out: &mut Vec<u8>,
     r: &Refusal,
     id: &RequestId,
-    close: bool,
+    keep: Keep,
     bodiless: bool,
 ) {
     let mut body = String::with_capacity(128);
     error_body(&mut body, r.code, &r.message, id);
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n{}",
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Backend-Request-ID: {id}\r\n",
         r.status,
         reason(r.status),
         body.len(),
-        if close { "Connection: close\r\n" } else { "" }
     );
+    keep.push_field(out);
     if let Some(secs) = r.retry_after {
         let _ = write!(out, "Retry-After: {secs}\r\n");
     }
@@ -710,16 +739,14 @@ pub fn preflight_response(
     out: &mut Vec<u8>,
     fields: &[crate::auth::PreflightField],
     id: &RequestId,
-    close: bool,
+    keep: Keep,
 ) {
     out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
     for (name, value) in fields {
         push_field(out, name.as_bytes(), value);
     }
     push_field(out, b"X-Backend-Request-ID", id.as_str().as_bytes());
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
+    keep.push_field(out);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -23,7 +23,7 @@ use super::{
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
 use crate::core::{counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, Cookies, TraceHeaders};
+use crate::http::encode::{self, ClientFraming, Cookies, Keep, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -477,8 +477,8 @@ impl Client {
         };
         let entry = x.unanswered_entry(r.status, x.bytes_in);
         let bodiless = x.head.method == Method::Head;
-        self.send_refusal(&entry, &r, next != Next::KeepAlive, bodiless)
-            .await;
+        let keep = Keep::of(next != Next::KeepAlive, x.head.version);
+        self.send_refusal(&entry, &r, keep, bodiless).await;
         next
     }
 
@@ -492,7 +492,8 @@ impl Client {
         let next = self.settle(&x.head, Left::Whole, false);
         let core = &self.core;
         self.out.clear();
-        encode::preflight_response(&mut self.out, fields, &x.id, next != Next::KeepAlive);
+        let keep = Keep::of(next != Next::KeepAlive, x.head.version);
+        encode::preflight_response(&mut self.out, fields, &x.id, keep);
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(&self.out).await;
         core.metrics.add(counter::BYTES_OUT, self.out.len() as u64);
@@ -530,7 +531,7 @@ impl Client {
         // A `HEAD` whose head was refused still gets no content: its request line
         // is read as far as the method.
         let bodiless = parse::is_head_request(self.buf.filled());
-        self.send_refusal(&entry, &r, true, bodiless).await;
+        self.send_refusal(&entry, &r, Keep::Close, bodiless).await;
         next
     }
 
@@ -541,13 +542,13 @@ impl Client {
         &mut self,
         entry: &AccessEntry<'_>,
         r: &Refusal,
-        close: bool,
+        keep: Keep,
         bodiless: bool,
     ) {
         let core = &self.core;
         let out = &mut self.out;
         out.clear();
-        encode::refusal_response(out, r, entry.request_id, close, bodiless);
+        encode::refusal_response(out, r, entry.request_id, keep, bodiless);
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(out).await;
         core.count_refusal(r);
