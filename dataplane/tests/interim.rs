@@ -151,11 +151,21 @@ fn an_http10_keep_alive_client_is_told_its_connection_goes_on_after_a_refusal() 
     c.send(b"GET /interim?n=20000 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
     let r = c.response();
     assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.headers);
+    assert_eq!(
+        r.header("connection"),
+        Some("keep-alive"),
+        "{:?}",
+        r.headers
+    );
     c.send(b"GET /after HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
     let r = c.response();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.headers);
+    assert_eq!(
+        r.header("connection"),
+        Some("keep-alive"),
+        "{:?}",
+        r.headers
+    );
     // Without keep-alive, the refusal closes the connection, and says so.
     let raw = exchange_to_close(&w, b"GET /interim?n=20000 HTTP/1.0\r\n\r\n");
     assert!(raw.contains("\r\nConnection: close\r\n"), "{raw}");
