@@ -39,7 +39,15 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
                 // A HEAD refused before its head was whole gets no body either.
                 let bodiless = parse::is_head_request(buf.filled());
                 let (status, code) = (e.status(), e.code());
-                encode::error_response(&mut out, status, code, &e.to_string(), &id, true, bodiless);
+                encode::error_response(
+                    &mut out,
+                    status,
+                    code,
+                    &e.to_string(),
+                    &id,
+                    encode::Keep::Close,
+                    bodiless,
+                );
                 if conn.write_all(&out).await.is_ok() {
                     // The rest of the head, or more, may still be on its way.
                     crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;

@@ -768,17 +768,18 @@ impl TcpConn {
         self.stream.as_raw_fd()
     }
 
-    /// Whether an answer from the peer may be waiting, `buffered` saying whether the
-    /// caller's buffer already holds bytes read from it: else whether the socket
-    /// holds bytes not yet read, or the peer's end of stream (a peek: nothing is
-    /// taken and nothing waited for). Only a plaintext connection is looked at: a
-    /// TLS one's socket may hold records that are no answer (a session ticket).
+    /// Whether an answer from the peer may be waiting: `buffered`, the caller's
+    /// buffer already holds bytes read from it; else whether the socket holds bytes
+    /// not yet read, or the peer's end of stream (a peek: nothing is taken and
+    /// nothing waited for), looked at on a plaintext connection only: a TLS one's
+    /// socket may hold records that are no answer (a session ticket).
     pub fn answer_may_wait(&self, buffered: bool) -> bool {
-        if self.is_tls() {
-            return false;
+        if buffered {
+            return true;
         }
         let mut byte = [0u8; 1];
-        buffered || rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK).is_ok()
+        !self.is_tls()
+            && rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK).is_ok()
     }
 
     /// Checks with one non-blocking read that an idle connection is still open and

@@ -1349,27 +1349,23 @@ fn malformed_heads_are_a_502_and_their_connection_is_dropped() {
     }
 }
 
-/// An app's cookies reach the client without `Domain` when its circuit is served on
-/// a subdomain of the wildcard domain: with it, the app at `alpha.apps.test` could
-/// set cookies for every circuit under `apps.test` (another user's app's session,
-/// or a cookie bomb that makes every circuit refuse the browser's requests). The
-/// cookie stays host-only, its other attributes as sent; on a circuit with a port of
-/// its own cookies are as sent (cookies do not tell ports apart). Before, `Domain`
-/// went out as the app wrote it, to HTTP/1.1 and HTTP/2 clients alike.
+/// An app's cookies reach the client without `Domain`, host-only: with it, the app
+/// at `alpha.apps.test` could set cookies for every circuit under `apps.test`, and
+/// one on a port of `proxy1.example.com` for every host under `example.com`
+/// (another user's app's session, or a cookie bomb that makes them refuse the
+/// browser's requests). The cookie's other attributes are as sent, on a wildcard
+/// circuit and a port circuit alike. Before, `Domain` went out as the app wrote
+/// it, to HTTP/1.1 and HTTP/2 clients.
 #[test]
-fn an_apps_cookies_stay_with_its_own_subdomain() {
-    const SET: &str = "HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Domain=apps.test; Path=/\r\nSet-Cookie: t=2;domain=.APPS.test\r\nSet-Cookie: u=3; Path=/; HttpOnly\r\nSet-Cookie: v=Domain=x; Secure; DOMAIN = apps.test ; SameSite=Lax\r\nContent-Length: 2\r\n\r\nok";
-    const HOST_ONLY: [&str; 4] = [
+fn an_apps_cookies_are_host_only() {
+    const SET: &str = "HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Domain=apps.test; Path=/\r\nSet-Cookie: t=2;domain=.APPS.test\r\nSet-Cookie: u=3; Path=/; HttpOnly\r\nSet-Cookie: v=Domain=x; Secure; DOMAIN = apps.test ; SameSite=Lax\r\nSet-Cookie: w=4 ; Domain=apps.test\r\nContent-Length: 2\r\n\r\nok";
+    const HOST_ONLY: [&str; 5] = [
         "s=1; Path=/",
         "t=2",
         "u=3; Path=/; HttpOnly",
         "v=Domain=x; Secure; SameSite=Lax",
-    ];
-    const AS_SENT: [&str; 4] = [
-        "s=1; Domain=apps.test; Path=/",
-        "t=2;domain=.APPS.test",
-        "u=3; Path=/; HttpOnly",
-        "v=Domain=x; Secure; DOMAIN = apps.test ; SameSite=Lax",
+        // Never a value ending in a space, which HTTP/2 clients refuse.
+        "w=4",
     ];
     let app = App::start(|method, path| match path {
         "/cookie" => vec![send(SET)],
@@ -1384,7 +1380,7 @@ fn an_apps_cookies_stay_with_its_own_subdomain() {
     let by_port = worker_for(&app);
     for (w, host, want) in [
         (&wildcard, "alpha.apps.test", HOST_ONLY),
-        (&by_port, "127.0.0.1", AS_SENT),
+        (&by_port, "127.0.0.1", HOST_ONLY),
     ] {
         let mut c = Client::connect(w.addr());
         c.send(format!("GET /cookie HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
@@ -1403,7 +1399,7 @@ fn an_apps_cookies_stay_with_its_own_subdomain() {
         let got: Vec<&str> = head
             .lines()
             .filter_map(|l| l.strip_prefix("set-cookie: "))
-            .map(str::trim_end)
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
             .collect();
         assert_eq!(got, want, "{host}, HTTP/2: {head}");
     }

@@ -822,8 +822,14 @@ fn drain_still_serves_a_connection_waiting_for_its_first_request() {
     });
     let mut sniffed = sniffed.expect("admitted");
     sniffed.send(b"P");
-    eventually("both waiting", || {
-        metric(&w, "appproxy_connections_active") == 3
+    let mut refused = None;
+    eventually("a third silent connection is admitted", || {
+        refused = admitted(&w);
+        refused.is_some()
+    });
+    let mut refused = refused.expect("admitted");
+    eventually("all three waiting", || {
+        metric(&w, "appproxy_connections_active") == 4
     });
     w.signal("-TERM");
     assert!(
@@ -836,6 +842,14 @@ fn drain_still_serves_a_connection_waiting_for_its_first_request() {
     sniffed.send(b"OST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi");
     let r = sniffed.response();
     assert_eq!(r.status, 200, "{}", r.text());
+    // The worker's own answer says the connection closes too (before, a refusal
+    // while draining said nothing, or keep-alive to an HTTP/1.0 client, and the
+    // connection closed after it).
+    refused.send(b"GET /malformed HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = refused.response();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(refused.is_closed());
     assert!(w.terminate().success());
 }
 

@@ -200,11 +200,11 @@ fn an_http2_apps_status_past_599_is_a_502() {
     }
 }
 
-/// An HTTP/2 app's cookies on a circuit served on a subdomain lose their `Domain`
-/// (they would reach every circuit of the wildcard domain), for HTTP/1.1 clients
-/// (the bridge) and HTTP/2 ones, as an HTTP/1.1 app's do (`app_attack.rs`).
+/// An HTTP/2 app's cookies lose their `Domain` (on a wildcard circuit they would
+/// reach every circuit of the domain), for HTTP/1.1 clients (the bridge) and HTTP/2
+/// ones, as an HTTP/1.1 app's do (`app_attack.rs`).
 #[test]
-fn an_http2_apps_cookies_stay_with_its_own_subdomain() {
+fn an_http2_apps_cookies_are_host_only() {
     let app = raw_app(|&(ty, flags, id, _)| {
         let mut out = Vec::new();
         if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
@@ -253,6 +253,44 @@ fn an_http2_apps_cookies_stay_with_its_own_subdomain() {
         .map(str::trim_end)
         .collect();
     assert_eq!(cookies, want, "HTTP/2: {head}");
+}
+
+/// An HTTP/1.0 keep-alive client of an HTTP/2 app is told its connection goes on
+/// (`Connection: keep-alive`), as on the HTTP/1.1 app path, and is served again on
+/// it. Before, the bridge said nothing, and such a client took the connection to
+/// end with the answer.
+#[test]
+fn an_http10_keep_alive_client_of_an_http2_app_is_told_its_connection_goes_on() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let head = appproxy_test_support::h2frames::block(&[
+                (b":status", b"200"),
+                (b"content-length", b"2"),
+            ]);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, b"ok"));
+        }
+        out
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let mut c = common::Client::connect(w.addr());
+    for path in ["/one", "/two"] {
+        c.send(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.text(), "ok", "{path}");
+        assert_eq!(
+            r.header("connection"),
+            Some("keep-alive"),
+            "{path}: {:?}",
+            r.headers
+        );
+    }
 }
 
 #[test]

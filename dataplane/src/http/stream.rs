@@ -152,7 +152,7 @@ pub struct DecodedResponse {
 /// relays it to an HTTP/1.1 client; `input` ending is the upstream closing. `None`:
 /// refused, incomplete, or not a final response.
 pub fn decode_response(input: &[u8], max_head: usize) -> Option<DecodedResponse> {
-    use super::encode::{client_response, ClientFraming, Cookies};
+    use super::encode::{client_response, ClientFraming};
     use super::parse::{parse_response, Version};
     let head = parse_response(input, Method::Get, max_head).ok()??;
     if head.status < 200 {
@@ -168,7 +168,6 @@ pub fn decode_response(input: &[u8], max_head: usize) -> Option<DecodedResponse>
         None,
         Version::Http11,
         false,
-        Cookies::AsSent,
     );
     let rest = &input[head.head_len..];
     let (body, trailers, body_len) = match head.framing {

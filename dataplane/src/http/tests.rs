@@ -448,7 +448,7 @@ fn response_framing_table() {
 
 mod encoding {
     use super::super::encode::{
-        client_response, error_response, upstream_request, ClientFraming, ClientHop, Cookies,
+        client_response, error_response, upstream_request, ClientFraming, ClientHop, Keep,
     };
     use super::*;
     use appproxy_shared::RequestId;
@@ -781,7 +781,6 @@ mod encoding {
                 None,
                 Version::Http11,
                 false,
-                Cookies::AsSent,
             );
             assert!(out.starts_with(b"HTTP/1.1 200 \r\n"), "{out:?}");
         }
@@ -810,14 +809,13 @@ mod encoding {
             None,
             Version::Http11,
             false,
-            Cookies::AsSent,
         );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
             "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: appproxy_permitx=2\r\nSet-Cookie: xappproxy_permit=3\r\nContent-Length: 0\r\n\r\n"
         );
-        // On a subdomain circuit, `Domain` is left out too; a permit cookie with
-        // `Domain` is still left out whole.
+        // `Domain` is left out too; a permit cookie with `Domain` is still left
+        // out whole.
         let input = b"HTTP/1.1 200 OK\r\nSet-Cookie: appproxy_permit=p; Domain=apps.test\r\nSet-Cookie: a=1; Domain=apps.test; Path=/\r\nContent-Length: 0\r\n\r\n";
         let head = parse_response(input, Method::Get, 4096)
             .expect("valid")
@@ -831,7 +829,6 @@ mod encoding {
             None,
             Version::Http11,
             false,
-            Cookies::HostOnly,
         );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
@@ -857,7 +854,6 @@ mod encoding {
             Some(&id),
             Version::Http11,
             false,
-            Cookies::AsSent,
         );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
@@ -883,7 +879,7 @@ mod encoding {
             "upstream_connect_failed",
             "say \"no\"",
             &id,
-            true,
+            Keep::Close,
             false,
         );
         let text = String::from_utf8(out).expect("ascii");
@@ -905,7 +901,7 @@ mod encoding {
             "upstream_connect_failed",
             "say \"no\"",
             &id,
-            true,
+            Keep::Close,
             true,
         );
         assert_eq!(bare, format!("{head}\r\n\r\n").into_bytes());

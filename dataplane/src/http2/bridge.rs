@@ -213,7 +213,7 @@ pub async fn forward(
     if end {
         cbuf.consume(head.head_len);
     }
-    upstream::status_in_range(resp.status())?;
+    upstream::status_in_range(core, route, addr, resp.status())?;
     proxy::note_health(core, route, addr, true);
     core.metrics.upstream_head.observe(sent.elapsed());
     let (parts, rbody) = resp.into_parts();
@@ -234,7 +234,6 @@ pub async fn forward(
     out.push(b' ');
     out.extend_from_slice(crate::http::error::reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    let cookies = crate::http::encode::Cookies::of(&route.circuit.frontend);
     for (name, value) in &parts.headers {
         let n = name.as_str().as_bytes();
         // The app's `content-length` fields (two equal ones pass `h2`, and `005`
@@ -246,7 +245,9 @@ pub async fn forward(
         {
             continue;
         }
-        let rewritten = cookies.rewrite(n, value.as_bytes());
+        let rewritten = parse::name_is(n, "set-cookie")
+            .then(|| crate::http::encode::host_only_cookie(value.as_bytes()))
+            .flatten();
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         out.extend_from_slice(rewritten.as_deref().unwrap_or(value.as_bytes()));
@@ -266,9 +267,7 @@ pub async fn forward(
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    crate::http::encode::Keep::of(!keep_alive, head.version).push_field(&mut out);
     out.extend_from_slice(b"\r\n");
     conn.set_timeout(rt.body_idle_timeout);
     conn.write_all(&out)

@@ -32,7 +32,7 @@ use crate::core::pool::Lease;
 use crate::core::tunnels::Signal;
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
-use crate::http::encode::{self, sets_permit_cookie, Cookies, TraceHeaders};
+use crate::http::encode::{self, host_only_cookie, sets_permit_cookie, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
@@ -656,14 +656,13 @@ pub fn drop_request_ids(headers: &mut HeaderMap) {
 
 /// An app's response head's `Set-Cookie` fields as they reach the client: every one
 /// that sets the worker's permit cookie ([`sets_permit_cookie`]) left out, the others
-/// as `cookies` says (in order); the other fields stay as they were.
-pub fn filter_cookies(headers: &mut HeaderMap, cookies: Cookies) {
+/// host-only ([`host_only_cookie`]), in order; the other fields stay as they were.
+pub fn filter_cookies(headers: &mut HeaderMap) {
     let set_cookie = http::header::SET_COOKIE;
-    let rewritten = |v: &HeaderValue| cookies.rewrite(b"set-cookie", v.as_bytes());
     if !headers
         .get_all(&set_cookie)
         .iter()
-        .any(|v| sets_permit_cookie(v.as_bytes()) || rewritten(v).is_some())
+        .any(|v| sets_permit_cookie(v.as_bytes()) || encode::has_domain_attribute(v.as_bytes()))
     {
         return;
     }
@@ -671,10 +670,10 @@ pub fn filter_cookies(headers: &mut HeaderMap, cookies: Cookies) {
         .get_all(&set_cookie)
         .iter()
         .filter(|v| !sets_permit_cookie(v.as_bytes()))
-        .map(|v| {
-            rewritten(v)
-                .and_then(|r| HeaderValue::from_bytes(&r).ok())
-                .unwrap_or_else(|| v.clone())
+        .filter_map(|v| match host_only_cookie(v.as_bytes()) {
+            None => Some(v.clone()),
+            // Fails closed: a rewrite that were no field value is left out.
+            Some(r) => HeaderValue::from_bytes(&r).ok(),
         })
         .collect();
     headers.remove(&set_cookie);
@@ -898,7 +897,6 @@ async fn forward_h1(
         }
     };
     let mut resp = resp;
-    let cookies = Cookies::of(&route.circuit.frontend);
     let mut interim = 0;
     while (100..200).contains(&resp.status) {
         interim += 1;
@@ -912,7 +910,7 @@ async fn forward_h1(
         if let Ok(code) = http::StatusCode::from_u16(resp.status) {
             let mut info = http::Response::new(());
             *info.status_mut() = code;
-            copy_fields(ubuf.filled(), &resp, true, cookies, info.headers_mut());
+            copy_fields(ubuf.filled(), &resp, true, info.headers_mut());
             respond
                 .send_informational(info)
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
@@ -942,7 +940,7 @@ async fn forward_h1(
         )))
     })?;
     let headers = response.headers_mut();
-    copy_fields(rbuf, &resp, bodiless, cookies, headers);
+    copy_fields(rbuf, &resp, bodiless, headers);
     if let Some(v) = proxy::forwarded_id(core, &id).and_then(id_header) {
         headers.insert(HeaderName::from_static("x-backend-request-id"), v);
     }
@@ -1001,13 +999,7 @@ async fn forward_h1(
 /// app gave one valid length; never on an interim head or a 204 (an HTTP/2 client
 /// refuses a stream whose `content-length` is repeated, not a number, or not 0 on a
 /// 204).
-fn copy_fields(
-    rbuf: &[u8],
-    resp: &parse::ResponseHead,
-    bodiless: bool,
-    cookies: Cookies,
-    headers: &mut HeaderMap,
-) {
+fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers: &mut HeaderMap) {
     for f in &resp.headers {
         let name = &rbuf[f.name.clone()];
         let listed = resp
@@ -1023,7 +1015,9 @@ fn copy_fields(
             continue;
         }
         let value = &rbuf[f.value.clone()];
-        let rewritten = cookies.rewrite(name, value);
+        let rewritten = parse::name_is(name, "set-cookie")
+            .then(|| host_only_cookie(value))
+            .flatten();
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name),
             HeaderValue::from_bytes(rewritten.as_deref().unwrap_or(value)),
@@ -1303,7 +1297,7 @@ mod tests {
             .expect("valid")
             .expect("complete");
         let mut copied = HeaderMap::new();
-        copy_fields(raw, &head, false, Cookies::AsSent, &mut copied);
+        copy_fields(raw, &head, false, &mut copied);
         assert_eq!(set_cookies(&copied), vec!["a=1", "b=2"]);
 
         let mut passed = HeaderMap::new();
@@ -1316,23 +1310,20 @@ mod tests {
             passed.append(http::header::SET_COOKIE, HeaderValue::from_static(v));
         }
         passed.insert(http::header::SERVER, HeaderValue::from_static("app"));
-        let mut host_only = passed.clone();
-        filter_cookies(&mut passed, Cookies::AsSent);
-        assert_eq!(set_cookies(&passed), vec!["a=1", "b=2"]);
-        // A circuit on a subdomain: `Domain` left out too, the order kept.
-        host_only.append(
+        passed.append(
             http::header::SET_COOKIE,
             HeaderValue::from_static("c=3; Domain=apps.test; Path=/"),
         );
-        filter_cookies(&mut host_only, Cookies::HostOnly);
-        assert_eq!(set_cookies(&host_only), vec!["a=1", "b=2", "c=3; Path=/"]);
+        filter_cookies(&mut passed);
+        // `Domain` left out too, the order kept.
+        assert_eq!(set_cookies(&passed), vec!["a=1", "b=2", "c=3; Path=/"]);
         let raw =
             b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; domain=apps.test\r\nContent-Length: 0\r\n\r\n";
         let head = parse::parse_response(raw, Method::Get, 4096)
             .expect("valid")
             .expect("complete");
         let mut copied = HeaderMap::new();
-        copy_fields(raw, &head, false, Cookies::HostOnly, &mut copied);
+        copy_fields(raw, &head, false, &mut copied);
         assert_eq!(set_cookies(&copied), vec!["a=1"]);
         assert_eq!(
             passed.get(http::header::SERVER).map(|v| v.as_bytes()),

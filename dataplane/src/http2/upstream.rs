@@ -40,7 +40,7 @@ use super::stream::{is_connection_specific, pick, send_all, Done, Fail, Req};
 use super::{within, BodyFloor, ConnCtx, Stall};
 use crate::core::{Core, Route};
 use crate::http::encode::ClientHop;
-use crate::http::encode::{self, Cookies, TraceHeaders};
+use crate::http::encode::{self, TraceHeaders};
 use crate::http::error::Fault;
 use crate::http::error::{ProxyError, RequestError, ResponseError};
 use crate::http::parse::{self, HeadLimits};
@@ -662,16 +662,19 @@ pub fn response_failure(core: &Core, route: &Route, addr: SocketAddr, e: h2::Err
     Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e)))
 }
 
-/// An HTTP/2 app's final status, refused past 599 as the HTTP/1.1 path refuses it
-/// (RFC 9110 §15: invalid, to be read as a 5xx): the client gets the relay's 502.
-pub fn status_in_range(status: http::StatusCode) -> Result<(), Fail> {
+/// An HTTP/2 app's final status, refused past 599 as the HTTP/1.1 path refuses a
+/// malformed head (RFC 9110 §15: invalid, to be read as a 5xx), the app's health
+/// noted as failing: the client gets the relay's 502, the app's stream is reset.
+pub fn status_in_range(
+    core: &Core,
+    route: &Route,
+    addr: SocketAddr,
+    status: http::StatusCode,
+) -> Result<(), Fail> {
     if status.as_u16() <= 599 {
         return Ok(());
     }
-    tracing::warn!(
-        status = status.as_u16(),
-        "HTTP/2 app answered a status past 599"
-    );
+    proxy::note_health(core, route, addr, false);
     Err(Fail::Answer(ProxyError::UpstreamResponse(
         ResponseError::Malformed("status code out of range"),
     )))
@@ -726,7 +729,6 @@ pub async fn forward(
         std::future::pending::<Result<Done, Fail>>().await
     };
     let method_head = req.head.method == parse::Method::Head;
-    let cookies = Cookies::of(&route.circuit.frontend);
     let response_side = async {
         enum Head {
             Response(Result<http::Response<RecvStream>, h2::Error>),
@@ -754,7 +756,7 @@ pub async fn forward(
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
                         super::stream::drop_request_ids(info.headers_mut());
-                        super::stream::filter_cookies(info.headers_mut(), cookies);
+                        super::stream::filter_cookies(info.headers_mut());
                         // A client gone meanwhile shows in poll_reset.
                         let _ = respond.send_informational(info);
                     }
@@ -805,7 +807,7 @@ pub async fn forward(
                 Some(Head::Response(Ok(r))) => break (r, sent),
             }
         };
-        status_in_range(resp.status())?;
+        status_in_range(core, route, addr, resp.status())?;
         proxy::note_health(core, route, addr, true);
         core.metrics.upstream_head.observe(sent.elapsed());
         let (parts, mut rbody) = resp.into_parts();
@@ -818,7 +820,7 @@ pub async fn forward(
         if status == 204 {
             headers.remove(http::header::CONTENT_LENGTH);
         }
-        super::stream::filter_cookies(&mut headers, cookies);
+        super::stream::filter_cookies(&mut headers);
         if let Some(v) =
             proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
         {

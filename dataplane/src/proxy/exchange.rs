@@ -23,7 +23,7 @@ use super::{
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
 use crate::core::{counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, Cookies, Keep, TraceHeaders};
+use crate::http::encode::{self, ClientFraming, Keep, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -116,14 +116,6 @@ pub(crate) fn request_id<'a>(
 }
 
 impl Exchange {
-    /// How the app's cookies reach the client: by the circuit's frontend, once
-    /// routed ([`Cookies::of`]).
-    fn cookies(&self) -> Cookies {
-        self.route
-            .as_ref()
-            .map_or(Cookies::AsSent, |r| Cookies::of(&r.circuit.frontend))
-    }
-
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
     /// `text`: the storage of the method and path copies (the previous request's,
@@ -767,9 +759,6 @@ impl Client {
             // (A request without a body was sent whole before any wait.)
             Err(RelayError::Destination(e)) => {
                 let stalled = e.kind() == io::ErrorKind::TimedOut;
-                if stalled {
-                    tracing::warn!(upstream = %addr, error = %e, "the app stopped taking the request body");
-                }
                 let err = if stalled {
                     ProxyError::UpstreamTimeout
                 } else {
@@ -779,12 +768,16 @@ impl Client {
                     let what = "pooled upstream connection was dead; retrying on a new one";
                     return Err(Attempted::Retry(err, what));
                 }
-                let look = !stalled || upstream.answer_may_wait(!self.ubuf.is_empty());
-                if !attempt.replayable() && look {
+                if !attempt.replayable()
+                    && (!stalled || upstream.answer_may_wait(!self.ubuf.is_empty()))
+                {
                     if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
                     }
+                }
+                if stalled {
+                    tracing::warn!(upstream = %addr, "the app stopped taking the request body");
                 }
                 self.ubuf.consume(usize::MAX);
                 let left = if attempt.replayable() {
@@ -933,7 +926,6 @@ impl Client {
             forwarded_id(&core, &x.id),
             req.version,
             close,
-            Cookies::of(&route.circuit.frontend),
         );
         self.ubuf.consume(resp.head_len);
         self.resp_fields = std::mem::take(&mut resp.headers);
@@ -1075,7 +1067,7 @@ impl Client {
             }
             if req.version == parse::Version::Http11 {
                 self.out.clear();
-                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp, x.cookies());
+                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp);
                 self.conn.set_timeout(core.rt.body_idle_timeout);
                 self.conn
                     .write_all(&self.out)
@@ -1150,7 +1142,6 @@ impl Client {
             forwarded_id(&core, &x.id),
             req.version,
             false,
-            Cookies::of(&route.circuit.frontend),
         );
         self.ubuf.consume(resp.head_len);
         let circuit = &route.circuit.circuit;

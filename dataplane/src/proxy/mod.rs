@@ -408,7 +408,7 @@ impl Client {
 
     /// After a failed exchange: whether the connection can go on, consuming the head
     /// of a bodiless request the exchange left in the buffer. `closes`: the failure
-    /// leaves the framing in doubt.
+    /// leaves the framing in doubt. A draining worker closes it (its answer says so).
     fn settle(&mut self, head: &RequestHead, left: Left, closes: bool) -> Next {
         let bodiless = head.framing == BodyFraming::Length(0);
         // Part of the request is still unread (or its framing is in doubt): the
@@ -417,7 +417,7 @@ impl Client {
         if unread {
             return Next::Linger;
         }
-        if !head.keep_alive {
+        if !head.keep_alive || self.core.draining.get() {
             return Next::Close;
         }
         match left {
