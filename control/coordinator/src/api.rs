@@ -479,7 +479,8 @@ struct Slot<'a> {
 
 /// A worker's `WorkerResponseModel` as it is written: the keys of its summary in
 /// their order, the slot list ([`slots_of`]) written in place of `slots` one slot at
-/// a time, never held as a list.
+/// a time, never held as JSON values (a port worker's ports and occupants are, as
+/// `(port, circuit)` pairs: 24 bytes a port).
 struct Described<'a> {
     summary: serde_json::Map<String, Value>,
     worker: &'a WorkerRow,

@@ -4,6 +4,11 @@
 //! can carry its protocol (TCP needs a port of its own) and, when
 //! `filtered_apps_only`, have an app filter matching the session or endpoint. Among
 //! them: a matching filter first, then wildcard workers, then the most free ports.
+//!
+//! In two steps, so that a creation reads little: [`choose`] ranks the workers from
+//! a count of free ports per port worker (no port read), then [`slot`] picks the
+//! port or subdomain from the slots in use on the one worker chosen. [`place`] is
+//! the two together over the slots of every worker.
 
 use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
 use appproxy_shared::wire::WorkerRegistration;
@@ -97,14 +102,49 @@ pub fn unserved(
 
 /// Picks a worker and a slot, or `None` when no worker can take the circuit.
 /// `used` gives the slots in use on a worker; `suffix` makes collision suffixes.
+/// [`choose`] then [`slot`], with the free ports counted from `used`: what the
+/// coordinator does with a count per worker from the store and the used ports of
+/// the chosen worker alone.
 pub fn place(
     workers: &[WorkerRow],
     used: impl Fn(&uuid::Uuid) -> Used,
     req: &Request<'_>,
-    mut suffix: impl FnMut() -> String,
+    suffix: impl FnMut() -> String,
 ) -> Option<Placement> {
+    let chosen = choose(
+        workers,
+        |w, lo, hi| free_ports(lo, hi, &used(&w.id).ports),
+        req,
+    )?;
+    slot(chosen, &used(&chosen.id), req, suffix)
+}
+
+/// How many ports from `lo` to `hi` are not in `taken` (repeats and ports outside
+/// the range in `taken` count for nothing).
+pub fn free_ports(lo: u16, hi: u16, taken: &[u16]) -> u64 {
+    let mut inside: Vec<u16> = taken
+        .iter()
+        .copied()
+        .filter(|p| (lo..=hi).contains(p))
+        .collect();
+    inside.sort_unstable();
+    inside.dedup();
+    (u64::from(hi) - u64::from(lo) + 1).saturating_sub(inside.len() as u64)
+}
+
+/// The worker a circuit goes to, or `None` when no worker can take it: the
+/// eligible worker ranking highest by (filter match, wildcard, free ports), the
+/// first of equals in `workers`' order. `free(worker, lo, hi)` is how many ports
+/// of a port worker's range `lo..=hi` are free (ports to avoid count as taken); a
+/// port worker with none is not eligible. Needs no worker's used slots: only
+/// [`slot`] does, for the worker chosen.
+pub fn choose<'w>(
+    workers: &'w [WorkerRow],
+    free: impl Fn(&WorkerRow, u16, u16) -> u64,
+    req: &Request<'_>,
+) -> Option<&'w WorkerRow> {
     // (filter match, wildcard, free ports) — larger is better.
-    let mut best: Option<((bool, bool, i64), Placement)> = None;
+    let mut best: Option<((bool, bool, u64), &WorkerRow)> = None;
     for w in workers {
         let body = &w.registration;
         if w.status != "ALIVE"
@@ -117,54 +157,72 @@ pub fn place(
         if body.filtered_apps_only && !matched {
             continue;
         }
-        let taken = used(&w.id);
-        let wildcard = body.frontend_mode == FrontendMode::Wildcard;
-        let (rank, placement) = if wildcard {
+        let rank = if body.frontend_mode == FrontendMode::Wildcard {
             if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
                 continue;
             }
-            let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
-            let mut subdomain = base.to_owned();
-            while taken.subdomains.contains(&subdomain) {
-                subdomain = with_suffix(base, &suffix());
-            }
-            (
-                (matched, true, i64::MAX),
-                Placement {
-                    worker: w.id,
-                    port: None,
-                    subdomain: Some(subdomain),
-                },
-            )
+            (matched, true, u64::MAX)
         } else {
             let Some((lo, hi)) = port_range(body) else {
                 continue;
             };
-            let taken_ports: std::collections::HashSet<u16> = taken.ports.iter().copied().collect();
-            let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
-            let count = free.clone().count() as i64;
-            let port = req
-                .preferred_port
-                .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
-                .or_else(|| match req.spread {
-                    Some(n) if count > 0 => free.clone().nth((n % count as u64) as usize),
-                    _ => free.clone().next(),
-                });
-            let Some(port) = port else { continue };
-            (
-                (matched, false, count),
-                Placement {
-                    worker: w.id,
-                    port: Some(port),
-                    subdomain: None,
-                },
-            )
+            let count = free(w, lo, hi);
+            if count == 0 {
+                continue;
+            }
+            (matched, false, count)
         };
         if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-            best = Some((rank, placement));
+            best = Some((rank, w));
         }
     }
-    best.map(|(_, p)| p)
+    best.map(|(_, w)| w)
+}
+
+/// The slot on `worker` (as [`choose`] chose it): on a port worker, the preferred
+/// port if it is in the range and free, else the first free port, or with `spread
+/// = Some(n)` the free port at `n` modulo their count; on a wildcard worker, the
+/// preferred or default subdomain, suffixed while it collides. `taken` gives the
+/// worker's slots in use (ports to avoid among its ports). `None`: no port is free
+/// (taken meanwhile), or the worker cannot take the circuit at all.
+pub fn slot(
+    worker: &WorkerRow,
+    taken: &Used,
+    req: &Request<'_>,
+    mut suffix: impl FnMut() -> String,
+) -> Option<Placement> {
+    let body = &worker.registration;
+    if body.frontend_mode == FrontendMode::Wildcard {
+        if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
+            return None;
+        }
+        let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
+        let mut subdomain = base.to_owned();
+        while taken.subdomains.contains(&subdomain) {
+            subdomain = with_suffix(base, &suffix());
+        }
+        return Some(Placement {
+            worker: worker.id,
+            port: None,
+            subdomain: Some(subdomain),
+        });
+    }
+    let (lo, hi) = port_range(body)?;
+    let taken_ports: std::collections::HashSet<u16> = taken.ports.iter().copied().collect();
+    let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
+    let count = free.clone().count() as u64;
+    let port = req
+        .preferred_port
+        .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
+        .or_else(|| match req.spread {
+            Some(n) if count > 0 => free.clone().nth((n % count) as usize),
+            _ => free.clone().next(),
+        })?;
+    Some(Placement {
+        worker: worker.id,
+        port: Some(port),
+        subdomain: None,
+    })
 }
 
 /// `name` as one DNS label: lowercase, characters outside `[a-z0-9-]` become `-`,
@@ -361,6 +419,151 @@ mod tests {
         assert_eq!(dns_label("--"), "app");
         assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
         assert_eq!(with_suffix(&"b".repeat(63), "12345678").len(), 63);
+    }
+
+    /// The rule by definition, as placement read it when it saw every worker's
+    /// used slots: every eligible worker's slot worked out, the best-ranked kept.
+    fn place_by_definition(
+        workers: &[WorkerRow],
+        used: impl Fn(&uuid::Uuid) -> Used,
+        req: &Request<'_>,
+        mut suffix: impl FnMut() -> String,
+    ) -> Option<Placement> {
+        let mut best: Option<((bool, bool, i64), Placement)> = None;
+        for w in workers {
+            let body = &w.registration;
+            if w.status != "ALIVE"
+                || !body.accepted_traffics.contains(&req.app_mode)
+                || req.only_worker.is_some_and(|only| only != w.id)
+            {
+                continue;
+            }
+            let matched = filter_matches(body, req.properties);
+            if body.filtered_apps_only && !matched {
+                continue;
+            }
+            let taken = used(&w.id);
+            let (rank, placement) = if body.frontend_mode == FrontendMode::Wildcard {
+                if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
+                    continue;
+                }
+                let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
+                let mut subdomain = base.to_owned();
+                while taken.subdomains.contains(&subdomain) {
+                    subdomain = with_suffix(base, &suffix());
+                }
+                let p = Placement {
+                    worker: w.id,
+                    port: None,
+                    subdomain: Some(subdomain),
+                };
+                ((matched, true, i64::MAX), p)
+            } else {
+                let Some((lo, hi)) = port_range(body) else {
+                    continue;
+                };
+                let taken_ports: std::collections::HashSet<u16> =
+                    taken.ports.iter().copied().collect();
+                let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
+                let count = free.clone().count() as i64;
+                let port = req
+                    .preferred_port
+                    .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
+                    .or_else(|| match req.spread {
+                        Some(n) if count > 0 => free.clone().nth((n % count as u64) as usize),
+                        _ => free.clone().next(),
+                    });
+                let Some(port) = port else { continue };
+                let p = Placement {
+                    worker: w.id,
+                    port: Some(port),
+                    subdomain: None,
+                };
+                ((matched, false, count), p)
+            };
+            if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                best = Some((rank, placement));
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    proptest::proptest! {
+        /// Choosing by free-port counts, then reading the chosen worker's slots
+        /// alone, places exactly where the rule by definition does — counts taken
+        /// as the coordinator takes them (ports in use inside the range, plus ports
+        /// to avoid there that are not in use), whatever the workers, their slots
+        /// (some outside the range), filters, preferred port and spread.
+        #[test]
+        fn choosing_by_counts_places_as_the_rule_does(
+            specs in proptest::collection::vec((0u16..40, 0u16..8, 0u8..4, 0u8..3), 1..6),
+            used_ports in proptest::collection::vec((0usize..6, 0u16..50), 0..60),
+            avoid in proptest::collection::vec((0usize..6, 0u16..50), 0..4),
+            preferred in proptest::option::of(0u16..50),
+            spread in proptest::option::of(proptest::num::u64::ANY),
+            keyed in proptest::bool::ANY,
+        ) {
+            let workers: Vec<WorkerRow> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, (lo, width, kind, filter))| {
+                    let mut body = match kind {
+                        0 => json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}),
+                        _ => json!({"frontend_mode": "port", "port_range": [lo, lo + width]}),
+                    };
+                    match filter {
+                        1 => body["app_filters"] = json!([{"key": "session.access_key", "value": "AK"}]),
+                        2 => {
+                            body["app_filters"] = json!([{"key": "session.access_key", "value": "AK"}]);
+                            body["filtered_apps_only"] = json!(true);
+                        }
+                        _ => {}
+                    }
+                    let mut w = worker(&format!("w{i}"), body);
+                    if *kind == 3 {
+                        w.status = "LOST".into();
+                    }
+                    w
+                })
+                .collect();
+            let index = |id: &uuid::Uuid| workers.iter().position(|w| w.id == *id).unwrap_or(usize::MAX);
+            // What the store holds: distinct ports per worker (its unique index).
+            let mut stored: Vec<(usize, u16)> = used_ports.clone();
+            stored.sort_unstable();
+            stored.dedup();
+            let used = |id: &uuid::Uuid| {
+                let i = index(id);
+                let ports = stored
+                    .iter()
+                    .chain(avoid.iter())
+                    .filter(|(w, _)| *w == i)
+                    .map(|(_, p)| *p)
+                    .collect();
+                Used { ports, subdomains: vec!["jupyter-5d6c".to_owned(), "jupyter-5d6c-x".to_owned()] }
+            };
+            let props = if keyed { vec![("session.access_key".to_owned(), "AK".to_owned())] } else { vec![] };
+            let mut r = req(&props);
+            r.preferred_port = preferred;
+            r.spread = spread;
+            let expected = place_by_definition(&workers, used, &r, || "y".into());
+            proptest::prop_assert_eq!(&place(&workers, used, &r, || "y".into()), &expected);
+            // As the coordinator counts: in use inside the range, plus the ports to
+            // avoid there not in use.
+            let free = |w: &WorkerRow, lo: u16, hi: u16| {
+                let i = index(&w.id);
+                let in_use = stored.iter().filter(|(x, p)| *x == i && (lo..=hi).contains(p)).count() as u64;
+                let mut extra: Vec<u16> = avoid
+                    .iter()
+                    .filter(|(x, p)| *x == i && (lo..=hi).contains(p) && !stored.contains(&(i, *p)))
+                    .map(|(_, p)| *p)
+                    .collect();
+                extra.sort_unstable();
+                extra.dedup();
+                (u64::from(hi) - u64::from(lo) + 1).saturating_sub(in_use + extra.len() as u64)
+            };
+            let placed = choose(&workers, free, &r).and_then(|w| slot(w, &used(&w.id), &r, || "y".into()));
+            proptest::prop_assert_eq!(placed, expected);
+        }
     }
 
     proptest::proptest! {

@@ -1047,48 +1047,75 @@ async fn place_and_store(
                 "workers skipped by placement (breaker open or failed this creation)"
             );
         }
-        // Only what placement can use: the ports of port workers (bounded by their
-        // ranges) and whoever holds the wanted subdomain; a suffixed subdomain that
-        // collides is caught by the unique index and placed again.
-        let port_workers: Vec<uuid::Uuid> = workers
+        // Only what placement can use, by index and bounded by the port ranges:
+        // how many ports each port worker has in use (a count, no port read), to
+        // rank them; then the slots of the one worker chosen — its used ports, or
+        // whoever holds the wanted subdomain. A slot taken meanwhile is caught by
+        // the unique indexes and placed again.
+        let ranges: Vec<(uuid::Uuid, u16, u16)> = workers
             .iter()
             .filter(|w| w.registration.frontend_mode != FrontendMode::Wildcard)
-            .map(|w| w.id)
+            .filter_map(|w| placement::port_range(&w.registration).map(|(lo, hi)| (w.id, lo, hi)))
             .collect();
-        let wanted_subdomain = request
-            .preferred_subdomain
-            .unwrap_or(request.default_subdomain);
-        let slots = state
-            .store
-            .used_slots(&port_workers, wanted_subdomain)
-            .await?;
-        let used = |w: &uuid::Uuid| {
-            let mut u = Used::default();
-            for (_, port, sub) in slots.iter().filter(|(worker, _, _)| worker == w) {
-                u.ports.extend(*port);
-                u.subdomains.extend(sub.clone());
+        let in_use = state.store.used_port_counts(&ranges).await?;
+        // Ports to avoid count as taken: those inside their worker's range and not
+        // in use already (each a lookup on the index; a few at most, after a worker
+        // could not listen).
+        let mut avoided: std::collections::HashMap<uuid::Uuid, Vec<u16>> = Default::default();
+        for &(w, p) in avoid_ports {
+            let inside = ranges
+                .iter()
+                .any(|&(id, lo, hi)| id == w && (lo..=hi).contains(&p));
+            let counted = avoided.get(&w).is_some_and(|ports| ports.contains(&p));
+            if inside && !counted && state.store.used_ports(w, p, p).await?.is_empty() {
+                avoided.entry(w).or_default().push(p);
             }
-            u.ports.extend(
+        }
+        let free = |w: &super::store::WorkerRow, lo: u16, hi: u16| {
+            let taken = in_use.get(&w.id).copied().unwrap_or(0)
+                + avoided.get(&w.id).map_or(0, |ports| ports.len() as u64);
+            (u64::from(hi) - u64::from(lo) + 1).saturating_sub(taken)
+        };
+        let chosen =
+            placement::choose(&workers, free, &attempt_request).ok_or(ApiError::NoWorker)?;
+        let mut taken = Used::default();
+        if chosen.registration.frontend_mode == FrontendMode::Wildcard {
+            let wanted_subdomain = request
+                .preferred_subdomain
+                .unwrap_or(request.default_subdomain);
+            taken.subdomains = state
+                .store
+                .used_slots(&[], wanted_subdomain)
+                .await?
+                .into_iter()
+                .filter(|(w, _, _)| *w == chosen.id)
+                .filter_map(|(_, _, sub)| sub)
+                .collect();
+        } else if let Some((lo, hi)) = placement::port_range(&chosen.registration) {
+            taken.ports = state.store.used_ports(chosen.id, lo, hi).await?;
+            taken.ports.extend(
                 avoid_ports
                     .iter()
-                    .filter(|(worker, _)| worker == w)
+                    .filter(|(w, _)| *w == chosen.id)
                     .map(|(_, p)| *p),
             );
-            u
-        };
-        let Placement {
+        }
+        let Some(Placement {
             worker,
             port,
             subdomain,
-        } = placement::place(&workers, used, &attempt_request, || {
+        }) = placement::slot(chosen, &taken, &attempt_request, || {
             uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
         })
-        .ok_or(ApiError::NoWorker)?;
-        let registration = workers
-            .iter()
-            .find(|w| w.id == worker)
-            .map(|w| w.registration.clone())
-            .ok_or(ApiError::NoWorker)?;
+        else {
+            // Its free ports were taken between the count and the read: placed again.
+            if attempt < 16 {
+                tracing::debug!(attempt, "the chosen worker filled meanwhile; placing again");
+                continue;
+            }
+            return Err(ApiError::NoWorker);
+        };
+        let registration = chosen.registration.clone();
         let now = super::store::now();
         let mut circuit = template.clone();
         circuit.id = uuid::Uuid::new_v4();

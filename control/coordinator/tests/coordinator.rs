@@ -113,6 +113,7 @@ on_both_engines! {
     a_circuit_its_worker_no_longer_serves_is_replaced_not_reused => a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_sqlite, a_circuit_its_worker_no_longer_serves_is_replaced_not_reused_postgresql;
     an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes => an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_sqlite, an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_postgresql;
     a_whole_port_range_is_listed_slot_by_slot => a_whole_port_range_is_listed_slot_by_slot_sqlite, a_whole_port_range_is_listed_slot_by_slot_postgresql;
+    placement_follows_the_rule_across_partly_filled_workers => placement_follows_the_rule_across_partly_filled_workers_sqlite, placement_follows_the_rule_across_partly_filled_workers_postgresql;
 }
 
 /// A worker with the whole port range (65,535 ports) and a wildcard worker: the
@@ -219,6 +220,65 @@ fn a_whole_port_range_is_listed_slot_by_slot(db: Db) {
         .cloned()
         .collect();
     assert_eq!(r.json()["slots"].as_array().expect("slots"), &used);
+}
+
+/// Three port workers (3, 8 and 6 ports), filled step by step: each creation goes
+/// to the worker with the most free ports (of equals, the first by authority), on
+/// its preferred port when that is in the winner's range and free, else on the
+/// winner's first free port — skipping ports in use, an occupied preferred port
+/// included.
+fn placement_follows_the_rule_across_partly_filled_workers(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let mut ids = std::collections::HashMap::new();
+    for (name, lo, hi) in [
+        ("place-a", 20001, 20003),
+        ("place-b", 20101, 20108),
+        ("place-c", 20201, 20206),
+    ] {
+        let body = format!(
+            r#"{{"authority":"{name}","frontend_mode":"port","protocol":"http","hostname":"{name}.test","api_port":10201,"port_range":[{lo},{hi}],"accepted_traffics":["interactive"]}}"#
+        );
+        let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        ids.insert(r.json()["id"].as_str().expect("id").to_owned(), name);
+    }
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    // (preferred port, where the rule puts it); free ports before each, a b c.
+    let steps: [(Option<u16>, &str, u64); 11] = [
+        (Some(20105), "place-b", 20105), // 3 8 6: b, its preferred port
+        (None, "place-b", 20101),        // 3 7 6: b, its first free port
+        (Some(20203), "place-b", 20102), // 3 6 6: b first of equals; 20203 not its own
+        (Some(20203), "place-c", 20203), // 3 5 6: c, its preferred port
+        (None, "place-b", 20103),        // 3 5 5: b first of equals
+        (None, "place-c", 20201),        // 3 4 5
+        (Some(20105), "place-b", 20104), // 3 4 4: b; 20105 occupied, its first free port
+        (None, "place-c", 20202),        // 3 3 4
+        (None, "place-a", 20001),        // 3 3 3: a first of equals
+        (None, "place-b", 20106),        // 2 3 3
+        (None, "place-c", 20204),        // 2 2 3: c, 20203 skipped
+    ];
+    for (i, (preferred, worker, port)) in steps.into_iter().enumerate() {
+        let extra = preferred.map(|p| format!("&port={p}")).unwrap_or_default();
+        let circuit = new_circuit(c.addr, &token, &extra);
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let got = r.json();
+        let placed_on = got["worker"].as_str().and_then(|w| ids.get(w)).copied();
+        assert_eq!(
+            (placed_on, got["port"].as_u64()),
+            (Some(worker), Some(port)),
+            "step {i}: {got}"
+        );
+    }
 }
 
 /// The ID of the first worker `GET /api/worker` lists.

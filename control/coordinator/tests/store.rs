@@ -191,6 +191,41 @@ async fn suite(store: Store) {
         .expect("slots")
         .is_empty());
 
+    // Placement's reads: the ports in use counted per worker inside the range given
+    // (a worker with none absent), and one worker's ports in a range, ascending.
+    assert_eq!(
+        store
+            .used_port_counts(&[(w, 10205, 10300), (other, 10205, 10300)])
+            .await
+            .expect("counts"),
+        [(w, 2)].into_iter().collect()
+    );
+    assert_eq!(
+        store
+            .used_port_counts(&[(w, 10206, 10206)])
+            .await
+            .expect("counts"),
+        [(w, 1)].into_iter().collect()
+    );
+    assert!(store
+        .used_port_counts(&[(w, 10207, 10300)])
+        .await
+        .expect("counts")
+        .is_empty());
+    assert_eq!(
+        store.used_ports(w, 10200, 10300).await.expect("ports"),
+        vec![10205, 10206]
+    );
+    assert_eq!(
+        store.used_ports(w, 10206, 10210).await.expect("ports"),
+        vec![10206]
+    );
+    assert!(store
+        .used_ports(other, 1, 65535)
+        .await
+        .expect("ports")
+        .is_empty());
+
     // Every change counts in the worker's revision; what changed after a revision is
     // read from the log, in bounded answers, and the whole set page by page.
     assert_eq!(store.revision(w).await.expect("revision"), Some(2));
@@ -395,6 +430,15 @@ async fn suite(store: Store) {
         .await
         .expect("delete again"));
     assert!(store.circuit(c2.id).await.expect("read").is_none());
+    // The worker's count of ports in use follows the removal (a second, refused,
+    // removes nothing).
+    assert_eq!(
+        store
+            .used_port_counts(&[(w, 10205, 10300)])
+            .await
+            .expect("counts"),
+        [(w, 1)].into_iter().collect()
+    );
     // The two route updates and the removal since revision 2, each circuit once,
     // as it is now.
     match store.changes_since(w, 2, 100).await.expect("changes") {
@@ -654,8 +698,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "13",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit, the creations under way"
+        "14",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit, the creations under way, the workers' port counts"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -780,6 +824,28 @@ async fn kept_circuit(store: &Store, worker: uuid::Uuid) -> uuid::Uuid {
     c.id
 }
 
+/// After the migration that keeps each worker's count of circuits holding a port:
+/// the count is the circuits stored before it.
+async fn port_counts_from_the_migration(store: &Store, worker: uuid::Uuid) {
+    let held = store
+        .held_slots(Some(worker))
+        .await
+        .expect("slots")
+        .iter()
+        .filter(|(_, _, port, _)| port.is_some())
+        .count() as u64;
+    assert!(held > 0, "a circuit holding a port before the migration");
+    assert_eq!(
+        store
+            .used_port_counts(&[(worker, 1, 65535)])
+            .await
+            .expect("counts")
+            .get(&worker)
+            .copied(),
+        Some(held)
+    );
+}
+
 /// After the migration that marks creations under way: a circuit stored before it
 /// is settled (never overdue, never swept), and a creation marked after it is
 /// under way.
@@ -851,10 +917,15 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_sqlite() {
          DROP INDEX tokens_created_at;
          ALTER TABLE tokens DROP COLUMN created_at;
          ALTER TABLE worker_nodes DROP COLUMN left_at;
+         DROP TRIGGER circuits_port_circuits_insert;
+         DROP TRIGGER circuits_port_circuits_delete;
+         DROP TRIGGER circuits_port_circuits_update;
+         ALTER TABLE workers DROP COLUMN port_circuits;
          PRAGMA user_version = 6;",
     )
     .expect("downgrade");
     let store = Store::open(None, &path).await.expect("open and migrate");
+    port_counts_from_the_migration(&store, worker).await;
     tokens_count_from_the_migration(&store, token).await;
     let later = removals_across_the_migration(&store, worker, old).await;
     db.execute(
@@ -890,9 +961,13 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
          ALTER TABLE worker_nodes DROP COLUMN left_at;
          DROP TRIGGER circuits_commit_before_deadline ON circuits;
          DROP FUNCTION appproxy_commit_before_deadline();
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12, 13);",
+         DROP TRIGGER circuits_port_circuits ON circuits;
+         DROP FUNCTION appproxy_count_port_circuits();
+         ALTER TABLE workers DROP COLUMN port_circuits;
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12, 13, 14);",
     );
     let store = open().await.expect("open and migrate");
+    port_counts_from_the_migration(&store, worker).await;
     tokens_count_from_the_migration(&store, token).await;
     let later = removals_across_the_migration(&store, worker, old).await;
     pg.psql(

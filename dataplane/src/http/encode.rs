@@ -930,9 +930,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// `Domain` attributes are left out of a cookie of a circuit on a subdomain,
-    /// whatever their case and spacing; the cookie's name and value (which may hold
-    /// `Domain=`) and its other attributes are as sent.
+    /// `Domain` attributes are left out of an app's cookie, whatever their case and
+    /// spacing; the cookie's name and value (which may hold `Domain=`) and its other
+    /// attributes are as sent, and what is left never ends in whitespace.
     #[test]
     fn host_only_cookies_lose_their_domain_only() {
         #[rustfmt::skip]

@@ -1,7 +1,8 @@
 //! The circuit store: workers, circuits (with the nullable `origin_request_id` of the
 //! request that created them, the W3C trace context of the request behind their
 //! latest change, and the mark of a creation still under way, [`CreationMark`]), each worker's revision and change log (a removal's entry keeps
-//! the removing request's ID and trace context), worker app filters and `/v2/conf`
+//! the removing request's ID and trace context) and count of circuits holding a
+//! port, worker app filters and `/v2/conf`
 //! tokens, behind one async interface over two engines:
 //!
 //! - [`postgres`]: PostgreSQL through a `deadpool-postgres` pool, on the original
@@ -1008,9 +1009,10 @@ impl Store {
             .held_slots(worker.as_ref()))
     }
 
-    /// The slots placement needs to see, by index: every port in use on the port
-    /// workers `port_workers` (bounded by their port ranges) and any circuit already
-    /// holding `subdomain` — never a read of every circuit.
+    /// Slots in use, by index: every port in use on the port workers `port_workers`
+    /// and any circuit already holding `subdomain` — never a read of every circuit.
+    /// Placement asks with no port workers, for whoever holds the wanted subdomain
+    /// ([`Store::used_port_counts`] and [`Store::used_ports`] serve its ports).
     pub async fn used_slots(
         &self,
         port_workers: &[uuid::Uuid],
@@ -1020,6 +1022,34 @@ impl Store {
         let subdomain = subdomain.to_owned();
         dispatch!(self, |s| s.used_slots(&port_workers, &subdomain), |p| p
             .used_slots(&port_workers, &subdomain))
+    }
+
+    /// How many ports each port worker of `ranges` (worker, lowest, highest port)
+    /// has in use inside that range, for placement to rank them by free ports: one
+    /// count per worker on the `(worker, port)` index, no circuit row read. A worker
+    /// with none in use is absent.
+    pub async fn used_port_counts(
+        &self,
+        ranges: &[(uuid::Uuid, u16, u16)],
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        if ranges.is_empty() {
+            return Ok(Default::default());
+        }
+        let ranges = ranges.to_vec();
+        dispatch!(self, |s| s.used_port_counts(&ranges), |p| p
+            .used_port_counts(&ranges))
+    }
+
+    /// The ports in use on `worker` from `lo` to `hi`, ascending: the `(worker,
+    /// port)` index only, for the one worker placement chose.
+    pub async fn used_ports(
+        &self,
+        worker: uuid::Uuid,
+        lo: u16,
+        hi: u16,
+    ) -> Result<Vec<u16>, StoreError> {
+        dispatch!(self, |s| s.used_ports(&worker, lo, hi), |p| p
+            .used_ports(&worker, lo, hi))
     }
 
     /// A worker's revision: it goes up by one with every change to its circuits

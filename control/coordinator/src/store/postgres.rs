@@ -5,7 +5,9 @@
 //! context of the request behind each circuit's latest change
 //! (`circuits.traceparent`, `circuits.tracestate`); each worker's change log keeps
 //! the request behind a removal (`circuit_changes.request_id`, `traceparent`,
-//! `tracestate`) and which entries are removals (`circuit_changes.removal`).
+//! `tracestate`) and which entries are removals (`circuit_changes.removal`); each
+//! worker counts the circuits holding a port on it (`workers.port_circuits`, kept
+//! by a trigger).
 //!
 //! Migrations are numbered, recorded in `appproxy_schema_migrations` and applied at
 //! open inside one transaction holding an advisory lock, so coordinators starting
@@ -247,6 +249,34 @@ $$;
     "
 ALTER TABLE circuits ADD COLUMN creating_until timestamptz NULL;
 CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_until IS NOT NULL;
+",
+    // Placement ranks port workers by their free ports: each worker keeps the count
+    // of the circuits holding a port on it, kept by a trigger on every insert,
+    // removal or move of a circuit (whoever writes it), so a creation reads a
+    // count, not every port in use (the few ports outside a worker's range are
+    // subtracted, by index). `occupied_slots`, the original's, counts every circuit
+    // and is kept only by this program's writes.
+    "
+ALTER TABLE workers ADD COLUMN port_circuits bigint NOT NULL DEFAULT 0;
+UPDATE workers SET port_circuits =
+    (SELECT count(*) FROM circuits WHERE circuits.worker = workers.id AND circuits.port IS NOT NULL);
+CREATE FUNCTION appproxy_count_port_circuits() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' THEN
+        IF OLD.port IS NOT NULL THEN
+            UPDATE workers SET port_circuits = port_circuits - 1 WHERE id = OLD.worker;
+        END IF;
+    END IF;
+    IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN
+        IF NEW.port IS NOT NULL THEN
+            UPDATE workers SET port_circuits = port_circuits + 1 WHERE id = NEW.worker;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER circuits_port_circuits AFTER INSERT OR DELETE OR UPDATE OF worker, port
+    ON circuits FOR EACH ROW EXECUTE FUNCTION appproxy_count_port_circuits();
 ",
 ];
 
@@ -1437,6 +1467,61 @@ impl PgStore {
                 ))
             })
             .collect()
+    }
+
+    pub(super) async fn used_port_counts(
+        &self,
+        ranges: &[(uuid::Uuid, u16, u16)],
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        let workers: Vec<uuid::Uuid> = ranges.iter().map(|r| r.0).collect();
+        let lows: Vec<i32> = ranges.iter().map(|r| i32::from(r.1)).collect();
+        let highs: Vec<i32> = ranges.iter().map(|r| i32::from(r.2)).collect();
+        // Each worker's kept count, less its ports outside the range (two range
+        // reads of the `(worker, port)` index, empty but for a worker whose range
+        // changed): no read of the ports inside it.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT r.worker, w.port_circuits
+                     - (SELECT count(*) FROM circuits c WHERE c.worker = r.worker AND c.port < r.lo)
+                     - (SELECT count(*) FROM circuits c WHERE c.worker = r.worker AND c.port > r.hi)
+                 FROM unnest($1::uuid[], $2::int4[], $3::int4[]) AS r(worker, lo, hi)
+                 JOIN workers w ON w.id = r.worker",
+                &[&workers, &lows, &highs],
+            )
+            .await?;
+        let mut out = std::collections::HashMap::new();
+        for r in &rows {
+            let n: i64 = r.try_get(1)?;
+            if n > 0 {
+                out.insert(r.try_get(0)?, n as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn used_ports(
+        &self,
+        worker: &uuid::Uuid,
+        lo: u16,
+        hi: u16,
+    ) -> Result<Vec<u16>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT port FROM circuits WHERE worker = $1 AND port BETWEEN $2 AND $3
+                 ORDER BY port",
+                &[worker, &i32::from(lo), &i32::from(hi)],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let port: i32 = r.try_get(0)?;
+            out.extend(u16::try_from(port).ok());
+        }
+        Ok(out)
     }
 
     pub(super) async fn circuits_of_session(

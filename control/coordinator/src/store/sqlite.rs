@@ -2,8 +2,9 @@
 //! writers anyway), WAL journal, foreign keys on, migrations counted in
 //! `PRAGMA user_version`. Workers and circuits keep their wire JSON in `body`, with
 //! the columns that queries and unique keys need beside it; each worker's change log
-//! marks its removals and keeps the request behind each (its ID and trace context).
-//! Calls are synchronous;
+//! marks its removals and keeps the request behind each (its ID and trace context);
+//! each worker counts the circuits holding a port on it (`workers.port_circuits`,
+//! kept by triggers). Calls are synchronous;
 //! [`super::Store`] runs them on tokio's blocking pool.
 
 use std::path::Path;
@@ -138,6 +139,30 @@ ALTER TABLE worker_nodes ADD COLUMN left_at TEXT;
     "
 ALTER TABLE circuits ADD COLUMN creating_until TEXT;
 CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_until IS NOT NULL;
+",
+    // Placement ranks port workers by their free ports: each worker keeps the count
+    // of the circuits holding a port on it, kept by triggers on every insert,
+    // removal or move of a circuit, so a creation reads a count, not every port in
+    // use (the few ports outside a worker's range are subtracted, by index).
+    "
+ALTER TABLE workers ADD COLUMN port_circuits INTEGER NOT NULL DEFAULT 0;
+UPDATE workers SET port_circuits =
+    (SELECT count(*) FROM circuits WHERE circuits.worker = workers.id AND circuits.port IS NOT NULL);
+CREATE TRIGGER circuits_port_circuits_insert AFTER INSERT ON circuits WHEN NEW.port IS NOT NULL
+BEGIN
+    UPDATE workers SET port_circuits = port_circuits + 1 WHERE id = NEW.worker;
+END;
+CREATE TRIGGER circuits_port_circuits_delete AFTER DELETE ON circuits WHEN OLD.port IS NOT NULL
+BEGIN
+    UPDATE workers SET port_circuits = port_circuits - 1 WHERE id = OLD.worker;
+END;
+CREATE TRIGGER circuits_port_circuits_update AFTER UPDATE OF worker, port ON circuits
+BEGIN
+    UPDATE workers SET port_circuits = port_circuits - 1
+        WHERE id = OLD.worker AND OLD.port IS NOT NULL;
+    UPDATE workers SET port_circuits = port_circuits + 1
+        WHERE id = NEW.worker AND NEW.port IS NOT NULL;
+END;
 ",
 ];
 
@@ -792,6 +817,54 @@ impl SqliteStore {
                 "SELECT worker, port, subdomain FROM circuits WHERE subdomain = ?1",
             )?;
             push(st.query_map(params![subdomain], columns)?)?;
+            Ok(out)
+        })
+    }
+
+    pub(super) fn used_port_counts(
+        &self,
+        ranges: &[(uuid::Uuid, u16, u16)],
+    ) -> Result<std::collections::HashMap<uuid::Uuid, u64>, StoreError> {
+        self.with(|c| {
+            // The worker's kept count, less its ports outside the range (two range
+            // reads of the `(worker, port)` index, empty but for a worker whose
+            // range changed): no read of the ports inside it.
+            let mut st = c.prepare_cached(
+                "SELECT port_circuits
+                     - (SELECT count(*) FROM circuits WHERE worker = ?1 AND port < ?2)
+                     - (SELECT count(*) FROM circuits WHERE worker = ?1 AND port > ?3)
+                 FROM workers WHERE id = ?1",
+            )?;
+            let mut out = std::collections::HashMap::new();
+            for (w, lo, hi) in ranges {
+                let n: i64 = st
+                    .query_row(params![w.to_string(), lo, hi], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                if n > 0 {
+                    out.insert(*w, n as u64);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn used_ports(
+        &self,
+        worker: &uuid::Uuid,
+        lo: u16,
+        hi: u16,
+    ) -> Result<Vec<u16>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT port FROM circuits WHERE worker = ?1 AND port BETWEEN ?2 AND ?3
+                 ORDER BY port",
+            )?;
+            let rows = st.query_map(params![worker.to_string(), lo, hi], |r| r.get::<_, i64>(0))?;
+            let mut out = Vec::new();
+            for port in rows {
+                out.extend(u16::try_from(port?).ok());
+            }
             Ok(out)
         })
     }
