@@ -474,7 +474,7 @@ struct Slot<'a> {
     frontend_mode: &'static str,
     in_use: bool,
     port: Option<u16>,
-    subdomain: Option<&'a str>,
+    subdomain: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A worker's `WorkerResponseModel` as it is written: the keys of its summary in
@@ -510,6 +510,171 @@ fn describe_worker<'a>(w: &'a WorkerRow, held: &'a [&'a HeldSlot]) -> Described<
         summary,
         worker: w,
         held,
+    }
+}
+
+/// Slots per piece of a streamed worker answer ([`WorkerText`]): about 200 KB of
+/// JSON.
+const SLOTS_PER_PIECE: usize = 2048;
+
+/// One worker's `WorkerResponseModel` ([`describe_worker`], the same bytes) written
+/// in pieces as the answer's body is polled for them: the summary's keys before
+/// `slots` and the list's opening, then [`SLOTS_PER_PIECE`] slots at a time, then
+/// the list's end and the keys after it. A reader that stops reading holds one
+/// piece and the worker's occupied ports, not its whole text (some 6 MB for a range
+/// of 65,535 ports).
+struct WorkerText {
+    summary: serde_json::Map<String, Value>,
+    slots: SlotCursor,
+    /// A comma before it: not the list's first worker.
+    lead: bool,
+    stage: Stage,
+}
+
+/// Where a [`WorkerText`] is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Head,
+    Slots { written: bool },
+    Done,
+}
+
+/// The slots of a [`WorkerText`] still to write.
+enum SlotCursor {
+    /// A port worker's ports from `next` to `hi`, each with its first occupant in
+    /// `on` (as [`port_slots`] gives them).
+    Ports {
+        next: u32,
+        hi: u16,
+        on: std::collections::HashMap<u16, uuid::Uuid>,
+    },
+    /// A wildcard worker's held subdomains (those without one are passed over).
+    Held(std::vec::IntoIter<HeldSlot>),
+}
+
+impl WorkerText {
+    fn new(w: &WorkerRow, held: Vec<HeldSlot>, lead: bool) -> Self {
+        let mut summary = summarise_worker(w, held.len() as u64);
+        summary.insert("slots".to_owned(), Value::Null);
+        let slots = match (w.registration.frontend_mode, port_range(&w.registration)) {
+            (FrontendMode::Port, Some((lo, hi))) => {
+                let mut on = std::collections::HashMap::new();
+                for (_, id, port, _) in held {
+                    if let Some(port) = port.filter(|p| (lo..=hi).contains(p)) {
+                        on.entry(port).or_insert(id);
+                    }
+                }
+                SlotCursor::Ports {
+                    next: u32::from(lo),
+                    hi,
+                    on,
+                }
+            }
+            (FrontendMode::Port, None) => SlotCursor::Held(Vec::new().into_iter()),
+            (FrontendMode::Wildcard, _) => SlotCursor::Held(held.into_iter()),
+        };
+        WorkerText {
+            summary,
+            slots,
+            lead,
+            stage: Stage::Head,
+        }
+    }
+
+    /// Writes `"key":value` for the summary's keys on one side of `slots`, each
+    /// preceded (`after`) or followed by a comma.
+    fn keys(&self, out: &mut Vec<u8>, after: bool) -> serde_json::Result<()> {
+        let mut past = false;
+        for (key, value) in &self.summary {
+            if key == "slots" {
+                past = true;
+                continue;
+            }
+            if past != after {
+                continue;
+            }
+            if after {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut *out, key)?;
+            out.push(b':');
+            serde_json::to_writer(&mut *out, value)?;
+            if !after {
+                out.push(b',');
+            }
+        }
+        Ok(())
+    }
+
+    /// The next slot, if any.
+    fn next_slot(&mut self) -> Option<Slot<'static>> {
+        match &mut self.slots {
+            SlotCursor::Ports { next, hi, on } => {
+                let port = u16::try_from(*next).ok().filter(|p| p <= hi)?;
+                *next += 1;
+                let circuit = on.get(&port).copied();
+                Some(Slot {
+                    circuit_id: circuit,
+                    frontend_mode: "port",
+                    in_use: circuit.is_some(),
+                    port: Some(port),
+                    subdomain: None,
+                })
+            }
+            SlotCursor::Held(held) => held.find_map(|(_, id, _, subdomain)| {
+                subdomain.map(|subdomain| Slot {
+                    circuit_id: Some(id),
+                    frontend_mode: "wildcard",
+                    in_use: true,
+                    port: None,
+                    subdomain: Some(std::borrow::Cow::Owned(subdomain)),
+                })
+            }),
+        }
+    }
+}
+
+impl Iterator for WorkerText {
+    type Item = serde_json::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut out = Vec::new();
+        let wrote = match self.stage {
+            Stage::Done => return None,
+            Stage::Head => {
+                if self.lead {
+                    out.push(b',');
+                }
+                out.push(b'{');
+                let wrote = self.keys(&mut out, false);
+                out.extend_from_slice(br#""slots":["#);
+                self.stage = Stage::Slots { written: false };
+                wrote
+            }
+            Stage::Slots { mut written } => (|| {
+                for _ in 0..SLOTS_PER_PIECE {
+                    let Some(slot) = self.next_slot() else {
+                        out.push(b']');
+                        self.keys(&mut out, true)?;
+                        out.push(b'}');
+                        self.stage = Stage::Done;
+                        return Ok(());
+                    };
+                    if written {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut out, &slot)?;
+                    written = true;
+                }
+                self.stage = Stage::Slots { written };
+                Ok(())
+            })(),
+        };
+        if let Err(e) = wrote {
+            self.stage = Stage::Done;
+            return Some(Err(e));
+        }
+        Some(Ok(out))
     }
 }
 
@@ -576,7 +741,7 @@ fn slots_of<'a>(
                 frontend_mode: "wildcard",
                 in_use: true,
                 port: None,
-                subdomain: Some(subdomain),
+                subdomain: Some(std::borrow::Cow::Borrowed(subdomain)),
             })
         }))
     }
@@ -729,10 +894,11 @@ pub(super) async fn deregister_worker(
 /// `GET /api/worker`: `{"workers":[...]}`, every worker's `WorkerResponseModel`
 /// ([`describe_worker`]). The workers and the slots held are read before the head
 /// (a store failure is answered with its status, as anywhere); the body is then
-/// written one worker at a time, each rendered when the body is polled for it, so
-/// one answer holds about one worker's text (some 6 MB for a range of 65,535 ports)
-/// and the rows read, never the whole answer (242 MB for 42 such workers, built as
-/// a `Value` tree, took 5 GB).
+/// written a piece at a time ([`WorkerText`]), each rendered when the body is
+/// polled for it, so one answer holds one piece (about 200 KB) and the rows read,
+/// never a worker's whole text (some 6 MB for a range of 65,535 ports), let alone
+/// the whole answer (242 MB for 42 such workers, built as a `Value` tree, took
+/// 5 GB).
 pub(super) async fn list_workers(
     Extract(state): Extract<Arc<State>>,
 ) -> Result<Response, ApiError> {
@@ -741,28 +907,28 @@ pub(super) async fn list_workers(
     for slot in state.store.held_slots(None).await? {
         by_worker.entry(slot.0).or_default().push(slot);
     }
-    let rendered = workers.into_iter().enumerate().map(move |(i, w)| {
+    let rendered = workers.into_iter().enumerate().flat_map(move |(i, w)| {
         let held = by_worker.remove(&w.id).unwrap_or_default();
-        let mut text = Vec::new();
-        if i > 0 {
-            text.push(b',');
-        }
-        match serde_json::to_writer(
-            &mut text,
-            &describe_worker(&w, &held.iter().collect::<Vec<_>>()),
-        ) {
-            Ok(()) => Ok(text),
-            Err(e) => {
-                // Nothing valid can follow: the answer is cut off (the client sees a
-                // body that ends early, never a list short of a worker).
-                tracing::warn!(worker = %w.id, error = %e, "worker list not written");
-                Err(std::io::Error::other(e))
-            }
-        }
+        let id = w.id;
+        WorkerText::new(&w, held, i > 0).map(move |piece| {
+            piece.map_err(|e| {
+                tracing::warn!(worker = %id, error = %e, "worker list not written");
+                std::io::Error::other(e)
+            })
+        })
     });
+    // Nothing valid can follow a piece not written: the answer is cut off there (the
+    // client sees a body that ends early, never a list short of a worker).
     let text = std::iter::once(Ok(br#"{"workers":["#.to_vec()))
         .chain(rendered)
-        .chain(std::iter::once(Ok(b"]}".to_vec())));
+        .chain(std::iter::once(Ok(b"]}".to_vec())))
+        .scan(false, |failed, piece| {
+            if *failed {
+                return None;
+            }
+            *failed = piece.is_err();
+            Some(piece)
+        });
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -1175,7 +1341,9 @@ pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json
 
 #[cfg(test)]
 mod tests {
-    use super::{describe_worker, held_by_worker, port_slots, validate_worker, SlotsOf};
+    use super::{
+        describe_worker, held_by_worker, port_slots, validate_worker, SlotsOf, WorkerText,
+    };
     use crate::store::{HeldSlot, WorkerRow};
     use serde_json::json;
 
@@ -1254,6 +1422,39 @@ mod tests {
             let written = serde_json::to_string(&describe_worker(w, &refs)).expect("written");
             let before = serde_json::to_string(&as_values(w, held)).expect("before");
             assert_eq!(written, before);
+            // In pieces, as `GET /api/worker` streams it: the same bytes.
+            let mut pieces = Vec::new();
+            for piece in WorkerText::new(w, held.clone(), false) {
+                pieces.extend(piece.expect("piece"));
+            }
+            assert_eq!(String::from_utf8(pieces).expect("utf-8"), before);
+        }
+        // A whole range, past one piece; a range of one port; no range.
+        let whole = row(
+            json!({"authority": "w", "frontend_mode": "port", "hostname": "h",
+            "api_port": 1, "port_range": [1, 65535]}),
+        );
+        let one = row(
+            json!({"authority": "w", "frontend_mode": "port", "hostname": "h",
+            "api_port": 1, "port_range": [65535, 65535]}),
+        );
+        let held_whole: Vec<HeldSlot> = vec![
+            (id, c(7), Some(1), None),
+            (id, c(8), Some(4096), None),
+            (id, c(9), Some(65535), None),
+            (id, c(10), Some(4096), None),
+        ];
+        for (w, held) in [(&whole, &held_whole), (&one, &held_whole), (&port, &vec![])] {
+            let refs: Vec<&HeldSlot> = held.iter().collect();
+            let written = serde_json::to_string(&describe_worker(w, &refs)).expect("written");
+            let pieces: Vec<Vec<u8>> = WorkerText::new(w, held.clone(), true)
+                .map(|p| p.expect("piece"))
+                .collect();
+            assert!(pieces.iter().all(|p| p.len() < 300_000));
+            assert_eq!(
+                String::from_utf8(pieces.concat()).expect("utf-8"),
+                format!(",{written}")
+            );
         }
         // `/api/slots`: the workers' slots in one list, in turn.
         let (p, wc): (Vec<&HeldSlot>, Vec<&HeldSlot>) =
