@@ -47,6 +47,23 @@ fn bodiless_app(status: u8) -> SocketAddr {
     })
 }
 
+/// An HTTP/2 app on raw frames answering every stream, once its request has ended,
+/// with the head `fields` (HPACK literals, as written) and the body `body`.
+fn answering_app(
+    fields: &'static [(&'static [u8], &'static [u8])],
+    body: &'static [u8],
+) -> SocketAddr {
+    raw_app(move |&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let head = appproxy_test_support::h2frames::block(fields);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, body));
+        }
+        out
+    })
+}
+
 /// An HTTP/2 app on raw frames answering each frame it reads with `answer`'s
 /// frames, one thread per connection.
 fn raw_app(answer: impl Fn(&Frame) -> Vec<u8> + Copy + Send + 'static) -> SocketAddr {
@@ -83,19 +100,14 @@ fn read_heads(s: &mut TcpStream, heads: usize) -> Vec<u8> {
 /// framing error or pick another. Before, both fields went out as the app sent them.
 #[test]
 fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
-    let app = raw_app(|&(ty, flags, id, _)| {
-        let mut out = Vec::new();
-        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-            let head = appproxy_test_support::h2frames::block(&[
-                (b":status", b"200"),
-                (b"content-length", b"005"),
-                (b"content-length", b"5"),
-            ]);
-            out.extend(frame(HEADERS, END_HEADERS, id, &head));
-            out.extend(frame(DATA, END_STREAM, id, b"hello"));
-        }
-        out
-    });
+    let app = answering_app(
+        &[
+            (b":status", b"200"),
+            (b"content-length", b"005"),
+            (b"content-length", b"5"),
+        ],
+        b"hello",
+    );
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
         circuit_extra: "protocol = \"http2\"".into(),
@@ -205,20 +217,15 @@ fn an_http2_apps_status_past_599_is_a_502() {
 /// ones, as an HTTP/1.1 app's do (`app_attack.rs`).
 #[test]
 fn an_http2_apps_cookies_are_host_only() {
-    let app = raw_app(|&(ty, flags, id, _)| {
-        let mut out = Vec::new();
-        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-            let head = appproxy_test_support::h2frames::block(&[
-                (b":status", b"200"),
-                (b"set-cookie", b"s=1; Domain=apps.test; Path=/"),
-                (b"set-cookie", b"t=2; Secure"),
-                (b"content-length", b"2"),
-            ]);
-            out.extend(frame(HEADERS, END_HEADERS, id, &head));
-            out.extend(frame(DATA, END_STREAM, id, b"ok"));
-        }
-        out
-    });
+    let app = answering_app(
+        &[
+            (b":status", b"200"),
+            (b"set-cookie", b"s=1; Domain=apps.test; Path=/"),
+            (b"set-cookie", b"t=2; Secure"),
+            (b"content-length", b"2"),
+        ],
+        b"ok",
+    );
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
         worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
@@ -261,18 +268,7 @@ fn an_http2_apps_cookies_are_host_only() {
 /// end with the answer.
 #[test]
 fn an_http10_keep_alive_client_of_an_http2_app_is_told_its_connection_goes_on() {
-    let app = raw_app(|&(ty, flags, id, _)| {
-        let mut out = Vec::new();
-        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-            let head = appproxy_test_support::h2frames::block(&[
-                (b":status", b"200"),
-                (b"content-length", b"2"),
-            ]);
-            out.extend(frame(HEADERS, END_HEADERS, id, &head));
-            out.extend(frame(DATA, END_STREAM, id, b"ok"));
-        }
-        out
-    });
+    let app = answering_app(&[(b":status", b"200"), (b"content-length", b"2")], b"ok");
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
         circuit_extra: "protocol = \"http2\"".into(),
