@@ -1024,6 +1024,10 @@ async fn place_and_store(
     // The manager's ID, or NULL: the coordinator never makes one up.
     let origin = appproxy_shared::current_request_id();
     let mut attempt = 0;
+    // Workers found full by their port read though their count said otherwise
+    // (filled meanwhile, or a count an outside write put wrong): not chosen again
+    // for this creation, so the next best is.
+    let mut found_full: Vec<uuid::Uuid> = Vec::new();
     loop {
         attempt += 1;
         let mut attempt_request = request.clone();
@@ -1036,6 +1040,7 @@ async fn place_and_store(
         let before = workers.len();
         workers.retain(|w| {
             !avoid_workers.contains(&w.id)
+                && !found_full.contains(&w.id)
                 && state.breakers.admits_after(
                     &w.registration.authority,
                     super::access::parse_rfc3339(&w.updated_at),
@@ -1108,7 +1113,9 @@ async fn place_and_store(
             uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
         })
         else {
-            // Its free ports were taken between the count and the read: placed again.
+            // Its free ports were taken between the count and the read: placed again,
+            // elsewhere.
+            found_full.push(chosen.id);
             if attempt < 16 {
                 tracing::debug!(attempt, "the chosen worker filled meanwhile; placing again");
                 continue;

@@ -281,6 +281,68 @@ fn placement_follows_the_rule_across_partly_filled_workers(db: Db) {
     }
 }
 
+/// A worker whose kept count of circuits is wrong (an outside write put it wrong:
+/// on SQLite, `INSERT OR REPLACE` fires no delete trigger) says it has a free port
+/// it does not have: placement finds it full when it reads its ports, and places
+/// the creation on the next best worker rather than choosing it again until it gives
+/// up (a verifier's find: 503 after 16 tries, where the old placement found the
+/// other worker's free port).
+#[test]
+fn a_worker_found_full_despite_its_count_is_passed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let mut ids = std::collections::HashMap::new();
+    for (name, lo, hi) in [("full-a", 30001, 30001), ("full-b", 30101, 30102)] {
+        let body = format!(
+            r#"{{"authority":"{name}","frontend_mode":"port","protocol":"http","hostname":"{name}.test","api_port":10201,"port_range":[{lo},{hi}],"accepted_traffics":["interactive"]}}"#
+        );
+        let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        ids.insert(r.json()["id"].as_str().expect("id").to_owned(), name);
+    }
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let placed = |circuit: &str| {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/circuit/{circuit}"),
+            &[AUTH],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let got = r.json();
+        (
+            got["worker"].as_str().and_then(|w| ids.get(w)).copied(),
+            got["port"].as_u64(),
+        )
+    };
+    // b (2 free), then a (1 free each, a first of equals): a is full, b has 30102.
+    assert_eq!(
+        placed(&new_circuit(c.addr, &token, "")),
+        (Some("full-b"), Some(30101))
+    );
+    assert_eq!(
+        placed(&new_circuit(c.addr, &token, "")),
+        (Some("full-a"), Some(30001))
+    );
+    let db = rusqlite::Connection::open(dir.path().join("coordinator.sqlite3")).expect("db");
+    db.busy_timeout(HANG_GUARD).expect("busy timeout");
+    let n = db
+        .execute(
+            "UPDATE workers SET port_circuits = 0 WHERE authority = 'full-a'",
+            [],
+        )
+        .expect("update");
+    assert_eq!(n, 1);
+    // a's count says 1 free, as b's: a is chosen, found full, and b takes it.
+    assert_eq!(
+        placed(&new_circuit(c.addr, &token, "")),
+        (Some("full-b"), Some(30102))
+    );
+}
+
 /// The ID of the first worker `GET /api/worker` lists.
 fn first_worker(c: &Coordinator) -> String {
     request(c.addr, "GET", "/api/worker", &[AUTH], "").json()["workers"][0]["id"]

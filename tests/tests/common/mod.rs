@@ -7,7 +7,37 @@
 
 pub mod traced;
 
-pub use appproxy_test_support::http::raw as http;
+/// [`appproxy_test_support::http::raw`], with a chunked body decoded: the
+/// coordinator streams `GET /api/worker` (chunked), and the callers here read bodies
+/// as JSON.
+pub fn http(addr: std::net::SocketAddr, req: &str) -> (u16, String, String) {
+    let (status, head, body) = appproxy_test_support::http::raw(addr, req);
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if !chunked {
+        return (status, head, body);
+    }
+    let mut rest = body.as_bytes();
+    let mut out = Vec::new();
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let line = String::from_utf8_lossy(&rest[..end]);
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let Ok(n) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        let after = &rest[end + 2..];
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.extend_from_slice(&after[..n]);
+        rest = after[n..].strip_prefix(b"\r\n").unwrap_or(&after[n..]);
+    }
+    (status, head, String::from_utf8_lossy(&out).into_owned())
+}
 pub use appproxy_test_support::logs::Sink;
 #[allow(unused_imports)]
 pub use appproxy_test_support::{free_port, pg, redis};

@@ -255,8 +255,12 @@ CREATE INDEX circuits_creating_until ON circuits(creating_until) WHERE creating_
     // removal or move of a circuit (whoever writes it), so a creation reads a
     // count, not every port in use (the few ports outside a worker's range are
     // subtracted, by index). `occupied_slots`, the original's, counts every circuit
-    // and is kept only by this program's writes.
+    // and is kept only by this program's writes. The circuits are locked first, as
+    // a creation locks them (circuits, then workers): the count and the trigger see
+    // every circuit write, and an older node's creation in flight during a rolling
+    // upgrade is waited for rather than deadlocked with.
     "
+LOCK TABLE circuits IN SHARE ROW EXCLUSIVE MODE;
 ALTER TABLE workers ADD COLUMN port_circuits bigint NOT NULL DEFAULT 0;
 UPDATE workers SET port_circuits =
     (SELECT count(*) FROM circuits WHERE circuits.worker = workers.id AND circuits.port IS NOT NULL);
@@ -902,7 +906,28 @@ impl PgStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
+    /// Applies the migrations not yet applied, in one transaction; one that
+    /// deadlocks with another node's writes (PostgreSQL aborts one of the two) is
+    /// tried again, a few times.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.migrate_once().await {
+                Err(StoreError::Postgres(e))
+                    if tries < 5
+                        && e.code()
+                            == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    tracing::warn!(error = %e, tries, "store migration deadlocked; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // One migrator at a time across coordinators (key: "appproxy" in ASCII).
