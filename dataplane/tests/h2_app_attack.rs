@@ -78,6 +78,19 @@ fn raw_app(answer: impl Fn(&Frame) -> Vec<u8> + Copy + Send + 'static) -> Socket
     addr
 }
 
+/// The head of the worker's answer to an HTTP/1.1 `GET /` with `Host: host`, on a
+/// connection of its own.
+fn answer_head(w: &Worker, host: &str) -> String {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .expect("write");
+    let got = read_heads(&mut s, 1);
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+}
+
 /// Reads from `s` until `heads` response heads are in; returns everything read.
 fn read_heads(s: &mut TcpStream, heads: usize) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -113,14 +126,7 @@ fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
         circuit_extra: "protocol = \"http2\"".into(),
         ..Default::default()
     });
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("write");
-    let got = read_heads(&mut s, 1);
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
-    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let head = answer_head(&w, "127.0.0.1").to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     let lengths: Vec<&str> = head
         .lines()
@@ -233,14 +239,7 @@ fn an_http2_apps_cookies_are_host_only() {
         ..Default::default()
     });
     let want = ["s=1; Path=/", "t=2; Secure"];
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: alpha.apps.test\r\n\r\n")
-        .expect("write");
-    let got = read_heads(&mut s, 1);
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let head = answer_head(&w, "alpha.apps.test");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let cookies: Vec<&str> = head
         .lines()

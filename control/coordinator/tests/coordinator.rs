@@ -230,22 +230,14 @@ fn a_whole_port_range_is_listed_slot_by_slot(db: Db) {
 fn placement_follows_the_rule_across_partly_filled_workers(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
-    let mut ids = std::collections::HashMap::new();
-    for (name, lo, hi) in [
-        ("place-a", 20001, 20003),
-        ("place-b", 20101, 20108),
-        ("place-c", 20201, 20206),
-    ] {
-        let body = format!(
-            r#"{{"authority":"{name}","frontend_mode":"port","protocol":"http","hostname":"{name}.test","api_port":10201,"port_range":[{lo},{hi}],"accepted_traffics":["interactive"]}}"#
-        );
-        let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], &body);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        ids.insert(r.json()["id"].as_str().expect("id").to_owned(), name);
-    }
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let (ids, token) = port_workers(
+        c.addr,
+        &[
+            ("place-a", 20001, 20003),
+            ("place-b", 20101, 20108),
+            ("place-c", 20201, 20206),
+        ],
+    );
     // (preferred port, where the rule puts it); free ports before each, a b c.
     let steps: [(Option<u16>, &str, u64); 11] = [
         (Some(20105), "place-b", 20105), // 3 8 6: b, its preferred port
@@ -263,22 +255,48 @@ fn placement_follows_the_rule_across_partly_filled_workers(db: Db) {
     for (i, (preferred, worker, port)) in steps.into_iter().enumerate() {
         let extra = preferred.map(|p| format!("&port={p}")).unwrap_or_default();
         let circuit = new_circuit(c.addr, &token, &extra);
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/api/circuit/{circuit}"),
-            &[AUTH],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let got = r.json();
-        let placed_on = got["worker"].as_str().and_then(|w| ids.get(w)).copied();
         assert_eq!(
-            (placed_on, got["port"].as_u64()),
+            placed(c.addr, &ids, &circuit),
             (Some(worker), Some(port)),
-            "step {i}: {got}"
+            "step {i}"
         );
     }
+}
+
+/// Registers a port worker for each `(authority, low, high)` and makes a `/v2/conf`
+/// token: the workers' authorities by ID, and the token.
+fn port_workers(
+    addr: SocketAddr,
+    workers: &[(&'static str, u16, u16)],
+) -> (std::collections::HashMap<String, &'static str>, String) {
+    let mut ids = std::collections::HashMap::new();
+    for (name, lo, hi) in workers {
+        let body = format!(
+            r#"{{"authority":"{name}","frontend_mode":"port","protocol":"http","hostname":"{name}.test","api_port":10201,"port_range":[{lo},{hi}],"accepted_traffics":["interactive"]}}"#
+        );
+        let r = request(addr, "PUT", "/api/worker?brief=true", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        ids.insert(r.json()["id"].as_str().expect("id").to_owned(), *name);
+    }
+    let r = request(addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    (ids, token)
+}
+
+/// Where `circuit` was placed: its worker's authority (by `ids`) and its port.
+fn placed(
+    addr: SocketAddr,
+    ids: &std::collections::HashMap<String, &'static str>,
+    circuit: &str,
+) -> (Option<&'static str>, Option<u64>) {
+    let r = request(addr, "GET", &format!("/api/circuit/{circuit}"), &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = r.json();
+    (
+        got["worker"].as_str().and_then(|w| ids.get(w)).copied(),
+        got["port"].as_u64(),
+    )
 }
 
 /// A worker whose kept count of circuits is wrong (an outside write put it wrong:
@@ -291,33 +309,11 @@ fn placement_follows_the_rule_across_partly_filled_workers(db: Db) {
 fn a_worker_found_full_despite_its_count_is_passed_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &Db::Sqlite);
-    let mut ids = std::collections::HashMap::new();
-    for (name, lo, hi) in [("full-a", 30001, 30001), ("full-b", 30101, 30102)] {
-        let body = format!(
-            r#"{{"authority":"{name}","frontend_mode":"port","protocol":"http","hostname":"{name}.test","api_port":10201,"port_range":[{lo},{hi}],"accepted_traffics":["interactive"]}}"#
-        );
-        let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], &body);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        ids.insert(r.json()["id"].as_str().expect("id").to_owned(), name);
-    }
-    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &api::conf_body());
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
-    let placed = |circuit: &str| {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/api/circuit/{circuit}"),
-            &[AUTH],
-            "",
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let got = r.json();
-        (
-            got["worker"].as_str().and_then(|w| ids.get(w)).copied(),
-            got["port"].as_u64(),
-        )
-    };
+    let (ids, token) = port_workers(
+        c.addr,
+        &[("full-a", 30001, 30001), ("full-b", 30101, 30102)],
+    );
+    let placed = |circuit: &str| placed(c.addr, &ids, circuit);
     // b (2 free), then a (1 free each, a first of equals): a is full, b has 30102.
     assert_eq!(
         placed(&new_circuit(c.addr, &token, "")),

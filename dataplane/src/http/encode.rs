@@ -825,6 +825,15 @@ pub fn host_only_cookie(value: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// What to relay for an app's field `name: value` when it is not `value` itself: a
+/// `Set-Cookie` with a `Domain` attribute, host-only ([`host_only_cookie`]).
+pub fn host_only_field(name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
+    if !name_is(name, "set-cookie") {
+        return None;
+    }
+    host_only_cookie(value)
+}
+
 /// Whether a `Set-Cookie` value has a `Domain` attribute ([`host_only_cookie`]).
 pub fn has_domain_attribute(value: &[u8]) -> bool {
     value.split(|b| *b == b';').skip(1).any(is_domain_attribute)

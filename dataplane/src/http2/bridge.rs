@@ -245,9 +245,7 @@ pub async fn forward(
         {
             continue;
         }
-        let rewritten = parse::name_is(n, "set-cookie")
-            .then(|| crate::http::encode::host_only_cookie(value.as_bytes()))
-            .flatten();
+        let rewritten = crate::http::encode::host_only_field(n, value.as_bytes());
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         out.extend_from_slice(rewritten.as_deref().unwrap_or(value.as_bytes()));

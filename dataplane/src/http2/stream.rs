@@ -1015,9 +1015,7 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
             continue;
         }
         let value = &rbuf[f.value.clone()];
-        let rewritten = parse::name_is(name, "set-cookie")
-            .then(|| host_only_cookie(value))
-            .flatten();
+        let rewritten = encode::host_only_field(name, value);
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name),
             HeaderValue::from_bytes(rewritten.as_deref().unwrap_or(value)),
