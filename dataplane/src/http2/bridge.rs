@@ -12,6 +12,7 @@ use appproxy_shared::RequestId;
 use bytes::Bytes;
 use h2::RecvStream;
 
+use super::h1_body::H1Body;
 use super::stream::{is_connection_specific, send_all, Done, Fail, Req};
 use super::upstream;
 use super::within;
@@ -385,52 +386,26 @@ async fn send_body(
             }
         }};
     }
-    let mut remaining = match framing {
-        BodyFraming::Length(n) => n,
-        _ => u64::MAX,
-    };
-    let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::for_request);
-    let mut done = false;
-    while !done {
-        let mut progressed = false;
-        if !cbuf.is_empty() {
-            let filled = cbuf.filled();
-            let (data, consumed) = match &mut dec {
-                Some(d) => {
-                    let step = d.decode(filled).map_err(|e| {
-                        Fail::Answer(ProxyError::Request(RequestError::BadChunk(e)))
-                    })?;
-                    done = step.done;
-                    (
-                        Bytes::copy_from_slice(&filled[step.data.clone()]),
-                        step.consumed,
-                    )
-                }
-                None => {
-                    let n = (filled.len() as u64).min(remaining) as usize;
-                    remaining -= n as u64;
-                    done = remaining == 0;
-                    (Bytes::copy_from_slice(&filled[..n]), n)
-                }
-            };
-            cbuf.consume(consumed);
-            progressed = consumed > 0;
-            if !data.is_empty() {
-                let taken = *total + data.len() as u64;
-                if rt.max_body > 0 && taken > rt.max_body {
-                    up.send_reset(h2::Reason::CANCEL);
-                    return Err(Fail::Answer(ProxyError::Request(
-                        RequestError::BodyTooLarge,
-                    )));
-                }
-                if let Err(e) = watched!(send_all(core, up, data)) {
-                    return Err(gone!(e));
-                }
-                // Counted once the app's stream took it (the access line's "given").
-                *total = taken;
+    let mut body = H1Body::new(framing, ChunkedDecoder::for_request);
+    while !body.done() {
+        let (data, progressed) = body
+            .take(cbuf)
+            .map_err(|e| Fail::Answer(ProxyError::Request(RequestError::BadChunk(e))))?;
+        if !data.is_empty() {
+            let taken = *total + data.len() as u64;
+            if rt.max_body > 0 && taken > rt.max_body {
+                up.send_reset(h2::Reason::CANCEL);
+                return Err(Fail::Answer(ProxyError::Request(
+                    RequestError::BodyTooLarge,
+                )));
             }
+            if let Err(e) = watched!(send_all(core, up, data)) {
+                return Err(gone!(e));
+            }
+            // Counted once the app's stream took it (the access line's "given").
+            *total = taken;
         }
-        if done || (progressed && !cbuf.is_empty()) {
+        if body.done() || (progressed && !cbuf.is_empty()) {
             continue;
         }
         conn.set_timeout(rt.body_idle_timeout);

@@ -11,6 +11,7 @@
 //! log line naming its streams.
 
 pub mod bridge;
+mod h1_body;
 pub mod io;
 pub mod stream;
 pub mod upstream;

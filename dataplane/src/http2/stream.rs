@@ -27,6 +27,7 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use super::h1_body::H1Body;
 use super::{within, BodyFloor, ConnCtx, Stall, StreamGuard};
 use crate::core::pool::Lease;
 use crate::core::tunnels::Signal;
@@ -1198,40 +1199,14 @@ async fn relay_h1_response(
     total: &mut u64,
 ) -> Result<(), String> {
     let rt = &ctx.core.rt;
-    let mut remaining = match framing {
-        BodyFraming::Length(n) => n,
-        _ => u64::MAX,
-    };
-    let mut dec = (framing == BodyFraming::Chunked).then(ChunkedDecoder::new);
-    let mut done = false;
-    while !done {
-        let mut progressed = false;
-        if !ubuf.is_empty() {
-            let filled = ubuf.filled();
-            let (data, consumed) = match &mut dec {
-                Some(d) => {
-                    let step = d.decode(filled).map_err(|e| format!("chunked: {e}"))?;
-                    done = step.done;
-                    (
-                        Bytes::copy_from_slice(&filled[step.data.clone()]),
-                        step.consumed,
-                    )
-                }
-                None => {
-                    let n = (filled.len() as u64).min(remaining) as usize;
-                    remaining -= n as u64;
-                    done = remaining == 0;
-                    (Bytes::copy_from_slice(&filled[..n]), n)
-                }
-            };
-            ubuf.consume(consumed);
-            progressed = consumed > 0;
-            if !data.is_empty() {
-                *total += data.len() as u64;
-                send_all(&ctx.core, send, data).await?;
-            }
+    let mut body = H1Body::new(framing, ChunkedDecoder::new);
+    while !body.done() {
+        let (data, progressed) = body.take(ubuf).map_err(|e| format!("chunked: {e}"))?;
+        if !data.is_empty() {
+            *total += data.len() as u64;
+            send_all(&ctx.core, send, data).await?;
         }
-        if done || (progressed && !ubuf.is_empty()) {
+        if body.done() || (progressed && !ubuf.is_empty()) {
             continue;
         }
         upstream.set_timeout(rt.response_idle_timeout);
@@ -1245,22 +1220,20 @@ async fn relay_h1_response(
             return Err("the client reset the stream while the app was silent".into());
         };
         match filled {
-            Ok(0) if framing == BodyFraming::Eof => done = true,
+            Ok(0) if framing == BodyFraming::Eof => body.end(),
             Ok(0) => return Err("the app closed before the end of the body".into()),
             Ok(_) => {}
             Err(e) => return Err(e.to_string()),
         }
     }
     let mut trailers = HeaderMap::new();
-    if let Some(d) = &dec {
-        for (name, value) in d.trailers() {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name),
-                HeaderValue::from_bytes(value.trim_ascii()),
-            ) {
-                if !is_connection_specific(name) {
-                    trailers.append(n, v);
-                }
+    for (name, value) in body.trailers() {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(value.trim_ascii()),
+        ) {
+            if !is_connection_specific(name) {
+                trailers.append(n, v);
             }
         }
     }
