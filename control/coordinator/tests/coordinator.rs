@@ -2009,13 +2009,15 @@ fn idle_collection_skips_while_redis_refuses_writes() {
     assert!(exists(&busy), "a circuit in use was collected");
     let r = ready();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    assert!(
-        r.json()["redis"]
-            .as_str()
-            .is_some_and(|s| s.contains("OOM")),
-        "{}",
-        String::from_utf8_lossy(&r.body)
+    // Fixed words in the body; Redis's refusal in the log.
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"status": "unavailable", "store": "ok", "redis": "unavailable"})
     );
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "readyz: Redis is not ready"
+            && l["error"].as_str().is_some_and(|e| e.contains("OOM"))));
     let metrics =
         String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
     assert!(
@@ -6705,7 +6707,8 @@ fn routes_per_endpoint_are_capped() {
 /// A SQLite store that cannot take writes (here its file at `[database]
 /// sqlite_max_size_mib`, which SQLite refuses as it refuses a full disk:
 /// `SQLITE_FULL`) answers 503 `E10003` store-unavailable, not 500, and `/readyz`
-/// says not ready, naming the cause, though reads still answer; once room is made
+/// says not ready (the cause in the log, never in its body: it answers anyone),
+/// though reads still answer; once room is made
 /// (an operator deletes rows from another connection) `/readyz` finds the store
 /// takes writes again by itself, and so do the API's calls.
 #[test]
@@ -6740,14 +6743,15 @@ fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
     }
     let r = ready();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["status"], "unavailable");
-    assert!(
-        r.json()["store"]
-            .as_str()
-            .is_some_and(|s| s.contains("full")),
-        "{}",
-        String::from_utf8_lossy(&r.body)
+    // Fixed words in the body (no path, no driver text); the cause in the log.
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"status": "unavailable", "store": "unavailable", "redis": null})
     );
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "readyz: the store is not ready"
+            && l["error"].as_str().is_some_and(|e| e.contains("full"))));
     // Reads still answer meanwhile.
     let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -6777,7 +6781,7 @@ fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
 
 /// A PostgreSQL server that takes no writes (`default_transaction_read_only`, as a
 /// standby or a demoted primary is set; SQLSTATE 25006) answers writes 503 `E10003`
-/// store-unavailable, not 500, `/readyz` says not ready naming the cause, and the
+/// store-unavailable, not 500, `/readyz` says not ready (in fixed words), and the
 /// log names the server's SQLSTATE and message (the driver's own text is only "db
 /// error"); once the server takes writes again, both recover by themselves.
 #[test]
@@ -6819,13 +6823,16 @@ fn a_read_only_postgresql_answers_503_and_is_not_ready_until_it_takes_writes() {
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let r = ready();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    assert!(
-        r.json()["store"]
-            .as_str()
-            .is_some_and(|s| s.contains("read-only")),
-        "{}",
-        String::from_utf8_lossy(&r.body)
+    // Fixed words in the body, never the server's text; that is in the log.
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(
+        text,
+        r#"{"redis":null,"status":"unavailable","store":"unavailable"}"#
     );
+    assert!(log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "readyz: the store is not ready"
+            && l["error"].as_str().is_some_and(|e| e.contains("read-only"))));
     let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
     assert!(
         log.lines()
@@ -7409,4 +7416,103 @@ fn a_stdout_nobody_reads_never_stalls_the_api() {
                 .expect("appproxy_log_lines_dropped_total") as u64
         },
     );
+}
+
+/// The worker answers are written in pieces, never built whole: each is byte for
+/// byte the `serde_json::Value` rendering it always was (sorted keys, no spaces),
+/// the one worker's answer is its entry of the list, an answer that ends within
+/// one piece (a worker of four ports; the slots in use) still goes out with a
+/// Content-Length, as a buffered answer did, and a longer one (65,535 slots) is
+/// streamed, chunked.
+#[test]
+fn worker_answers_keep_their_length_when_short_and_stream_when_long() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let token = setup(&c);
+    let used = new_circuit(c.addr, &token, "&port=10206");
+    // Whole (a Content-Length, no chunks) or streamed (chunked, no length).
+    let whole = |r: &Resp| {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        match (r.header("content-length"), r.header("transfer-encoding")) {
+            (Some(n), None) => {
+                assert_eq!(n.parse::<usize>().ok(), Some(r.body.len()));
+                true
+            }
+            (None, Some("chunked")) => false,
+            other => panic!("neither a length nor chunks: {other:?}"),
+        }
+    };
+    let text = |r: &Resp| String::from_utf8(r.body.clone()).expect("UTF-8");
+    // As a `Value` tree renders it.
+    let as_value = |r: &Resp| serde_json::to_string(&r.json()).expect("JSON");
+    let all_ports = r#"{"authority":"worker-all","frontend_mode":"port","protocol":"http","hostname":"proxy3.test","api_port":10201,"port_range":[1,65535],"accepted_traffics":["interactive"]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], all_ports);
+    assert!(!whole(&r), "65,535 slots are streamed");
+    assert_eq!(text(&r), as_value(&r));
+    assert_eq!(r.json()["slots"].as_array().map(Vec::len), Some(65_535));
+    let big = r.json()["id"].as_str().expect("id").to_owned();
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        api::INTERACTIVE_WORKER,
+    );
+    assert!(whole(&r), "four slots go out whole");
+    assert_eq!(text(&r), as_value(&r));
+    let small = r.json()["id"].as_str().expect("id").to_owned();
+
+    let one = |id: &str| request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+    let (small_text, big_text) = (one(&small), one(&big));
+    assert!(whole(&small_text));
+    assert!(!whole(&big_text));
+    for r in [&small_text, &big_text] {
+        assert_eq!(text(r), as_value(r));
+    }
+    let slot = &small_text.json()["slots"][1];
+    assert_eq!(
+        slot,
+        &serde_json::json!({"circuit_id": used, "frontend_mode": "port", "in_use": true,
+            "port": 10206, "subdomain": null})
+    );
+    // The list: the same texts, in the list's order.
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert!(!whole(&r));
+    let listed = text(&r);
+    let (small_text, big_text) = (text(&small_text), text(&big_text));
+    assert!(
+        listed == format!(r#"{{"workers":[{small_text},{big_text}]}}"#)
+            || listed == format!(r#"{{"workers":[{big_text},{small_text}]}}"#),
+        "the list holds other texts"
+    );
+    // A heartbeat without `brief` answers the worker too.
+    let r = request(c.addr, "PATCH", &format!("/api/worker/{big}"), &[AUTH], "");
+    assert!(!whole(&r));
+    assert_eq!(text(&r), as_value(&r));
+    assert_eq!(r.json()["slots"].as_array().map(Vec::len), Some(65_535));
+
+    // `/api/slots`: the one slot in use, whole; every slot, streamed; one small
+    // worker's every slot, whole.
+    let slots = |query: &str| request(c.addr, "GET", &format!("/api/slots{query}"), &[AUTH], "");
+    let r = slots("");
+    assert!(whole(&r));
+    assert_eq!(
+        text(&r),
+        serde_json::to_string(&serde_json::json!({"slots": [slot]})).expect("JSON")
+    );
+    let r = slots("?in_use=false");
+    assert!(!whole(&r));
+    assert_eq!(text(&r), as_value(&r));
+    assert_eq!(r.json()["slots"].as_array().map(Vec::len), Some(65_539));
+    let r = slots("?in_use=false&wsproxy_host=worker-1");
+    assert!(whole(&r));
+    let small_slots = serde_json::from_str::<serde_json::Value>(&small_text).expect("JSON");
+    assert_eq!(
+        text(&r),
+        serde_json::to_string(&serde_json::json!({"slots": small_slots["slots"]})).expect("JSON")
+    );
+    let r = slots("?wsproxy_host=nobody");
+    assert!(whole(&r));
+    assert_eq!(text(&r), r#"{"slots":[]}"#);
 }
