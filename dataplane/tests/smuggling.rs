@@ -151,6 +151,42 @@ fn forbidden_trailer_fields_are_refused_and_never_forwarded() {
     next_user_is_safe(&w, &app);
 }
 
+/// A bare LF ends a line for httparse (RFC 9112 §2.2 allows it) but not for a peer
+/// in front of the worker that keeps it inside a field's value: there
+/// `X: y\nContent-Length: 35` is one field, the POST has no body, and its body is
+/// a request of its own, which the worker would take in as the POST's body. Every
+/// head with a bare LF is refused, and nothing of it reaches the app.
+#[test]
+fn a_bare_lf_anywhere_in_a_request_head_is_refused() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let heads = [
+        format!(
+            "POST /a HTTP/1.1\r\nHost: a\r\nX: y\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        ),
+        "POST /a HTTP/1.1\nHost: a\r\nContent-Length: 0\r\n\r\n".to_owned(),
+        "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\n".to_owned(),
+        "POST /a HTTP/1.1\nHost: a\nContent-Length: 0\n\n".to_owned(),
+        "\nPOST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n".to_owned(),
+    ];
+    for head in heads {
+        let mut c = Client::connect(w.addr());
+        c.send(format!("{head}{smuggled}").as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 400, "{head:?}: {}", r.text());
+        assert_eq!(r.json()["code"], "malformed_request", "{head:?}");
+        assert!(c.is_closed(), "{head:?}: the connection goes on");
+    }
+    next_user_is_safe(&w, &app);
+    assert!(
+        !app.saw_path("/a"),
+        "a refused head reached the app: {:?}",
+        app.seen()
+    );
+}
+
 #[test]
 fn options_with_a_smuggled_delete_is_refused() {
     let app = LenientApp::start();

@@ -476,6 +476,25 @@ fn names_a_version(buf: &[u8]) -> bool {
     matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
+/// Whether every line of a request head that httparse took ends in CRLF. httparse
+/// also ends a line at a bare LF (RFC 9112 §2.2 allows either), but a peer in front
+/// of the worker that keeps a bare LF inside a field's value reads
+/// `X: y\nContent-Length: 35` as one field: it frames the request without a body,
+/// and the body as a request of its own, which the worker would then take in as
+/// this one's body — a request smuggled past that peer (strict parsers, llhttp
+/// among them, refuse such a head). So a bare LF anywhere in
+/// a request head is refused (400, close), as it is in a chunked body. httparse
+/// takes a CR only as the start of a CRLF, so a head has no bare LF exactly when it
+/// holds as many CRs as LFs; counting both is one pass that vectorises.
+fn lines_end_in_crlf(head: &[u8]) -> bool {
+    let (mut cr, mut lf) = (0usize, 0usize);
+    for &b in head {
+        cr += usize::from(b == b'\r');
+        lf += usize::from(b == b'\n');
+    }
+    cr == lf
+}
+
 /// [`parse_request`] storing the header fields in `spare`'s allocation (the
 /// previous request's, recycled): a complete head takes it, anything else leaves
 /// it for the next try.
@@ -522,6 +541,9 @@ pub fn parse_request_reusing(
     };
     if head_len - line_end > limits.max_header_bytes {
         return Err(RequestError::HeadersTooLarge);
+    }
+    if !lines_end_in_crlf(&buf[..head_len]) {
+        return Err(RequestError::Malformed("a line ending in a bare LF"));
     }
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(RequestError::Malformed("incomplete request line"));

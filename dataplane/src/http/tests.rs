@@ -40,7 +40,6 @@ fn request_framing_table() {
     use BodyFraming::*;
     let ok: &[(&[u8], BodyFraming, bool)] = &[
         (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Length(0), true),
-        (b"GET / HTTP/1.1\nHost: a\n\n", Length(0), true),
         (
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
             Length(5),
@@ -131,6 +130,12 @@ fn request_refusal_table() {
         (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", RequestError::BadTransferEncoding, 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n  b\r\n\r\n", RequestError::Malformed("invalid header name"), 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX-Bare: a\rb\r\n\r\n", RequestError::Malformed("invalid header value"), 400),
+        (b"GET / HTTP/1.1\nHost: a\n\n", RequestError::Malformed("a line ending in a bare LF"), 400),
+        (b"GET / HTTP/1.1\nHost: a\r\n\r\n", RequestError::Malformed("a line ending in a bare LF"), 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\n", RequestError::Malformed("a line ending in a bare LF"), 400),
+        (b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", RequestError::Malformed("a line ending in a bare LF"), 400),
+        (b"POST /a HTTP/1.1\r\nHost: a\r\nX: y\nContent-Length: 35\r\n\r\n", RequestError::Malformed("a line ending in a bare LF"), 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\nY: b\r\n\r\n", RequestError::Malformed("a line ending in a bare LF"), 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX-Nul: a\0b\r\n\r\n", RequestError::Malformed("invalid header value"), 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n", RequestError::Malformed("invalid header name"), 400),
         (b"GET / HTTP/1.1\r\n\r\n", RequestError::BadHost, 400),
