@@ -306,7 +306,7 @@ struct Heads {
 /// What the scan found in one request head.
 #[derive(Clone, Copy)]
 struct Head {
-    /// [`HEAD_LENGTH`] or [`HEAD_NO_LENGTH`].
+    /// [`HEAD_LENGTH`], [`HEAD_NO_LENGTH`] or [`HEAD_BARE_LF`].
     length: u8,
     /// Its request-ID lines, as [`header::extract`] reads them.
     id: header::Extracted,
@@ -365,6 +365,8 @@ const HEAD_NO_LENGTH: u8 = 0;
 /// The head was not delimited by the scan: it came after a body whose end the scan
 /// could not find, or too far ahead of the service.
 const HEAD_UNSEEN: u8 = 2;
+/// A line of the head scanned ended in a bare LF ([`framing_fault`]).
+const HEAD_BARE_LF: u8 = 3;
 
 impl Tracked {
     fn new(
@@ -483,6 +485,11 @@ struct IdLines {
     /// (`None`: not a plain number), and whether it has `Transfer-Encoding`.
     length_line: Option<Option<u64>>,
     coded: bool,
+    /// A line of the head being read (an empty one before its request line too)
+    /// ended in a bare LF.
+    bare_lf: bool,
+    /// The last head byte scanned: the one before an LF that starts a read.
+    last: u8,
     /// The last head's body still to come.
     body: Body,
     /// The scan no longer knows where heads start.
@@ -601,6 +608,8 @@ impl IdLines {
             started: false,
             length_line: None,
             coded: false,
+            bare_lf: false,
+            last: 0,
             body: Body::Known(0),
             out_of_step: false,
             head_open: false,
@@ -703,6 +712,11 @@ impl IdLines {
             let (part, after) = rest.split_at(cut);
             rest = after;
             let ends = part.last() == Some(&b'\n');
+            if ends {
+                let before = part.len().checked_sub(2).map_or(self.last, |i| part[i]);
+                self.bare_lf |= before != b'\r';
+            }
+            self.last = part.last().copied().unwrap_or(self.last);
             if !self.skipping {
                 let long = self.line.len() + part.len();
                 if long > ID_LINE_MAX + 2
@@ -752,7 +766,9 @@ impl IdLines {
         self.blank_before = 0;
         if !self.out_of_step {
             let head = Head {
-                length: if self.length_line.is_some() {
+                length: if self.bare_lf {
+                    HEAD_BARE_LF
+                } else if self.length_line.is_some() {
                     HEAD_LENGTH
                 } else {
                     HEAD_NO_LENGTH
@@ -774,6 +790,8 @@ impl IdLines {
         }
         self.length_line = None;
         self.coded = false;
+        self.bare_lf = false;
+        self.last = 0;
     }
 
     /// Whether the line being read, `part` added, starts with a framing field's
@@ -1003,6 +1021,7 @@ where
         Response = hyper::Response<B>,
     >,
     S::Future: Send + 'static,
+    B: hyper::body::Body,
 {
     type Response = hyper::Response<EndCounted<B>>;
     type Error = S::Error;
@@ -1013,12 +1032,37 @@ where
         self.exchanges.handed.fetch_add(1, Ordering::SeqCst);
         req.extensions_mut()
             .insert(HeadLength(self.exchanges.handed_head()));
+        let http10_body =
+            req.version() == hyper::Version::HTTP_10 && req.method() != hyper::Method::HEAD;
         let answered = self.inner.call(req);
         let exchanges = self.exchanges.clone();
         Box::pin(async move {
-            let response = answered.await?;
+            let mut response = answered.await?;
             if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 exchanges.upgraded.store(true, Ordering::SeqCst);
+            }
+            // A streamed body (no length known before it is sent) can reach an
+            // HTTP/1.0 client only by closing the connection after it; hyper then
+            // closes it, but to a client that asked to keep it, still adds
+            // `keep-alive` to an HTTP/1.1 response (its `fix_keep_alive`), and the
+            // client waits for more on a connection about to end. Answered as
+            // HTTP/1.0, which it is anyway on the wire, hyper lets the connection
+            // go; `close` says so.
+            let status = response.status();
+            if http10_body
+                && response.body().size_hint().exact().is_none()
+                && !response
+                    .headers()
+                    .contains_key(hyper::header::CONTENT_LENGTH)
+                && !(status.is_informational()
+                    || status == hyper::StatusCode::NO_CONTENT
+                    || status == hyper::StatusCode::NOT_MODIFIED)
+            {
+                *response.version_mut() = hyper::Version::HTTP_10;
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
             }
             Ok(response.map(|body| EndCounted {
                 body,
@@ -1423,6 +1467,16 @@ fn framing_fault(
     head_length: u8,
 ) -> Option<(axum::http::StatusCode, &'static str, &'static str)> {
     use axum::http::{header, StatusCode};
+    // hyper ends a line at a bare LF (RFC 9112 §2.2 allows it); a peer in front
+    // that keeps it inside a field's value reads `X: y\nContent-Length: 35` as one
+    // field, and the body as a request of its own.
+    if head_length == HEAD_BARE_LF {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "a line of the request head ends in a bare LF",
+            "bad-framing",
+        ));
+    }
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
@@ -1519,7 +1573,7 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 mod tests {
     use super::{
         framing_fault, header, json_for_hyper_error, secret_matches, Exchanges, IdLines, Problem,
-        HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN,
+        HEAD_BARE_LF, HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN,
     };
     use std::sync::Arc;
 
@@ -1627,10 +1681,17 @@ mod tests {
         let sized_crlf_both = [sized_crlf.as_slice(), both].concat();
         let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
         let deep = [b"GET /a HTTP/1.1\r\n\r\n".repeat(20).as_slice(), both].concat();
-        let (l, n, u) = (HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN);
+        let (l, n, u, b) = (HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN, HEAD_BARE_LF);
         let cases: &[(&str, Vec<Ev<'_>>, Vec<u8>)] = &[
             ("one head with both", vec![R(both), H], vec![l]),
-            ("after empty lines, which the parser skips", vec![R(b"\r\n\n"), R(&after_empty), H], vec![l]),
+            ("after empty lines, which the parser skips", vec![R(b"\r\n\r\n"), R(&after_empty), H], vec![l]),
+            ("a bare LF ending a field", vec![R(b"POST /a HTTP/1.1\r\nX: y\nContent-Length: 3\r\n\r\nabc"), H], vec![b]),
+            ("a bare LF ending the request line", vec![R(b"GET /a HTTP/1.1\nX: y\r\n\r\n"), H], vec![b]),
+            ("a bare LF ending the head", vec![R(b"GET /a HTTP/1.1\r\nX: y\r\n\n"), H], vec![b]),
+            ("a bare LF in an empty line before it", vec![R(b"\r\n\n"), R(&after_empty), H], vec![b]),
+            ("a bare LF starting a read", vec![R(b"GET /a HTTP/1.1\r\nX: y"), R(b"\n\r\n"), H], vec![b]),
+            ("a CRLF cut between reads", vec![R(b"GET /a HTTP/1.1\r"), R(b"\nX: y\r"), R(b"\n\r"), R(b"\n"), H], vec![n]),
+            ("a bare LF in the head before, not this one", vec![R(b"GET /a HTTP/1.1\nX: y\r\n\r\nGET /b HTTP/1.1\r\n\r\n"), H, A, H], vec![b, n]),
             ("after a body and an extra CRLF", vec![R(&sized_crlf), H, A, R(both), H], vec![l, l]),
             ("pipelined after a body and an extra CRLF", vec![R(&sized_crlf_both), H, A, H], vec![l, l]),
             ("one head, its body in the same read", vec![R(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), H], vec![l]),
@@ -1694,6 +1755,9 @@ mod tests {
         let v11 = Version::HTTP_11;
         let bad = Some((StatusCode::BAD_REQUEST, "bad-framing"));
         assert_eq!(code(v11, &te("chunked"), HEAD_NO_LENGTH), None);
+        // A line ending in a bare LF, whatever the framing.
+        assert_eq!(code(v11, &headers(&[]), HEAD_BARE_LF), bad);
+        assert_eq!(code(v11, &te("chunked"), HEAD_BARE_LF), bad);
         assert_eq!(code(v11, &te("Chunked"), HEAD_NO_LENGTH), None);
         assert_eq!(
             code(v11, &headers(&[("content-length", "5")]), HEAD_LENGTH),

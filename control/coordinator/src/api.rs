@@ -726,7 +726,8 @@ where
         axum::http::HeaderValue::from_static("application/json"),
     )];
     let mut first = Vec::new();
-    while first.len() < WHOLE_ANSWER_BYTES {
+    // An answer of exactly the limit still ends within it.
+    while first.len() <= WHOLE_ANSWER_BYTES {
         match pieces.next() {
             None => return Ok((json, first).into_response()),
             Some(Ok(piece)) => first.extend(piece),
@@ -1489,6 +1490,19 @@ mod tests {
 
     /// A piece that cannot be written before the head is sent is answered as an
     /// error; after it, the body is cut off there, never closed as valid JSON.
+    /// An answer that ends within [`WHOLE_ANSWER_BYTES`] goes out whole, one of
+    /// exactly that size too; one byte more is streamed.
+    #[test]
+    fn an_answer_of_exactly_the_limit_goes_out_whole() {
+        let of = |n: usize| {
+            vec![Ok(b"[".to_vec()), Ok(vec![b' '; n - 2]), Ok(b"]".to_vec())].into_iter()
+        };
+        let (text, whole) = answered(of(WHOLE_ANSWER_BYTES));
+        assert_eq!((text.len(), whole), (WHOLE_ANSWER_BYTES, true));
+        let (text, whole) = answered(of(WHOLE_ANSWER_BYTES + 1));
+        assert_eq!((text.len(), whole), (WHOLE_ANSWER_BYTES + 1, false));
+    }
+
     #[test]
     fn a_piece_not_written_fails_the_answer_or_cuts_it_off() {
         let broken = || serde_json::from_str::<serde_json::Value>("{").expect_err("broken");

@@ -7515,4 +7515,59 @@ fn worker_answers_keep_their_length_when_short_and_stream_when_long() {
     let r = slots("?wsproxy_host=nobody");
     assert!(whole(&r));
     assert_eq!(text(&r), r#"{"slots":[]}"#);
+
+    // An HTTP/1.0 client that asks to keep its connection: a streamed answer ends
+    // with the connection, and says so (`close`, never `keep-alive`); a whole one
+    // has its length, and the connection goes on.
+    let ask = |s: &mut std::net::TcpStream, id: &str| {
+        use std::io::Write;
+        s.write_all(
+            format!(
+                "GET /api/worker/{id} HTTP/1.0\r\nConnection: keep-alive\r\n{}: {}\r\n\r\n",
+                AUTH.0, AUTH.1
+            )
+            .as_bytes(),
+        )
+        .expect("send");
+    };
+    let mut s = std::net::TcpStream::connect(c.addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    ask(&mut s, &big);
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut raw).expect("the answer, then the end");
+    let raw = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a head");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    // As an HTTP/1.1 client is answered now (the heartbeat above moved its times).
+    assert_eq!(
+        body,
+        text(&one(&big)),
+        "the whole answer, to the connection's end"
+    );
+    let mut s = std::net::TcpStream::connect(c.addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let small_text = text(&one(&small));
+    for _ in 0..2 {
+        ask(&mut s, &small);
+        let mut reader = std::io::BufReader::new(&s);
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut line).expect("a head line");
+            let line = line.trim_end().to_ascii_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(n) = line.strip_prefix("content-length: ") {
+                length = n.parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0; length.expect("a length")];
+        std::io::Read::read_exact(&mut reader, &mut body).expect("the body");
+        assert_eq!(String::from_utf8(body).expect("UTF-8"), small_text);
+    }
 }

@@ -481,6 +481,59 @@ fn bodies_framed_two_ways_are_refused_on_both_apis() {
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// A line of a request head that ends in a bare LF is refused on both APIs, before
+/// a handler sees it (400 `bad-framing`, the connection closed): hyper ends the
+/// line there, but a peer in front of the service that keeps the LF inside a
+/// field's value reads `X: y\nContent-Length: N` as one field, frames the request
+/// without a body, and sends the body on as a request of its own. Before, the
+/// upload below wrote `abc` (204).
+#[test]
+fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 3}),
+    );
+    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    for (addr, head, body) in [
+        (
+            p.client,
+            format!("PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nX: y\nContent-Length: 3\r\n"),
+            "abc".to_owned(),
+        ),
+        (
+            p.manager,
+            format!("POST /folder/file/list HTTP/1.1\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", list.len()),
+            list.clone(),
+        ),
+        (
+            p.manager,
+            format!("POST /folder/file/list HTTP/1.1\r\nHost: t\r\nX-BackendAI-Storage-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", list.len()),
+            // The head's last line: an empty line that is a bare LF.
+            format!("\n{list}"),
+        ),
+    ] {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let head = head.replacen("Host: t\r\n", "Host: t\r\nX-Backend-Request-ID: bare-lf\r\n", 1);
+        let end = if body.starts_with('\n') { "" } else { "\r\n" };
+        s.write_all(format!("{head}{end}{body}GET /status HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .expect("send");
+        let text = answer(&mut s);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{head:?}: {text}");
+        assert!(
+            text.contains(r#""code":"bad-framing""#) && text.contains("bare LF"),
+            "{text}"
+        );
+        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "one answer only: {text}");
+    }
+    assert!(!p.vfolder_path().join("f.bin").exists(), "nothing written");
+    assert_eq!(p.tus_head(&token).header("upload-offset"), Some("0"));
+    let r = p.tus_patch(&token, "0", b"abc");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// A request whose framing is in doubt is refused however it comes: pipelined
 /// behind a request the service has not answered yet, in the same write as the
 /// body of a request answered `100 Continue`, or behind a chunked body (which the
