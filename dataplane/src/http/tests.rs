@@ -957,6 +957,42 @@ proptest::proptest! {
             .collect();
         proptest::prop_assert_eq!(got, sent);
     }
+
+    /// The line ends are checked where httparse found the lines, not byte by byte:
+    /// a head is refused for a bare LF exactly when, counted byte by byte, it has
+    /// one (as many CRs as LFs, httparse taking a CR only before an LF), whichever
+    /// lines end so: empty ones before the request line, the request line, field
+    /// lines with values that end in white space, the empty line.
+    #[test]
+    fn a_head_is_refused_for_a_bare_lf_exactly_when_it_has_one(
+        lead in proptest::collection::vec(proptest::bool::ANY, 0..3),
+        fields in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,8}", "[ -~]{0,12}", proptest::bool::ANY), 0..6),
+        line_crlf in proptest::bool::ANY,
+        empty_crlf in proptest::bool::ANY,
+    ) {
+        let end = |crlf: bool| if crlf { "\r\n" } else { "\n" };
+        let mut text: String = lead.iter().map(|&crlf| end(crlf)).collect();
+        text.push_str("GET / HTTP/1.1");
+        text.push_str(end(line_crlf));
+        text.push_str("Host: h\r\n");
+        for (n, v, crlf) in &fields {
+            if ["host", "content-length", "transfer-encoding", "expect"].contains(&n.to_ascii_lowercase().as_str()) {
+                continue;
+            }
+            text.push_str(&format!("{n}: {v}{}", end(*crlf)));
+        }
+        text.push_str(end(empty_crlf));
+        let bytes = text.as_bytes();
+        let bare = bytes.iter().filter(|&&b| b == b'\r').count() != bytes.iter().filter(|&&b| b == b'\n').count();
+        match req(bytes) {
+            Err(RequestError::Malformed("a line ending in a bare LF")) => proptest::prop_assert!(bare, "{text:?}"),
+            Ok(Some(head)) => {
+                proptest::prop_assert!(!bare, "{text:?}");
+                proptest::prop_assert_eq!(head.head_len, bytes.len());
+            }
+            other => proptest::prop_assert!(false, "{text:?}: {other:?}"),
+        }
+    }
 }
 
 /// One reading of `host[:port]` for `Host`, absolute-form targets and origins.
