@@ -306,7 +306,8 @@ struct Heads {
 /// What the scan found in one request head.
 #[derive(Clone, Copy)]
 struct Head {
-    /// [`HEAD_LENGTH`], [`HEAD_NO_LENGTH`] or [`HEAD_BARE_LF`].
+    /// [`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], [`HEAD_BARE_LF`] or
+    /// [`HEAD_LENGTH_UNREAD`].
     length: u8,
     /// Its request-ID lines, as [`header::extract`] reads them.
     id: header::Extracted,
@@ -354,7 +355,8 @@ impl Exchanges {
 }
 
 /// What the scan found in the head of the request a handler is given
-/// ([`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], or [`HEAD_UNSEEN`]), for [`framing_fault`].
+/// ([`HEAD_LENGTH`], [`HEAD_NO_LENGTH`], [`HEAD_UNSEEN`], [`HEAD_BARE_LF`] or
+/// [`HEAD_LENGTH_UNREAD`]), for [`framing_fault`].
 #[derive(Clone, Copy)]
 struct HeadLength(u8);
 
@@ -367,6 +369,9 @@ const HEAD_NO_LENGTH: u8 = 0;
 const HEAD_UNSEEN: u8 = 2;
 /// A line of the head scanned ended in a bare LF ([`framing_fault`]).
 const HEAD_BARE_LF: u8 = 3;
+/// The head scanned had a `Content-Length` line too long for the scan to read
+/// ([`FRAMING_LINE_MAX`]).
+const HEAD_LENGTH_UNREAD: u8 = 4;
 
 impl Tracked {
     fn new(
@@ -488,6 +493,8 @@ struct IdLines {
     /// A line of the head being read (an empty one before its request line too)
     /// ended in a bare LF.
     bare_lf: bool,
+    /// The head being read has a `Content-Length` line too long to read.
+    length_unread: bool,
     /// The last head byte scanned: the one before an LF that starts a read.
     last: u8,
     /// The last head's body still to come.
@@ -609,6 +616,7 @@ impl IdLines {
             length_line: None,
             coded: false,
             bare_lf: false,
+            length_unread: false,
             last: 0,
             body: Body::Known(0),
             out_of_step: false,
@@ -768,6 +776,8 @@ impl IdLines {
             let head = Head {
                 length: if self.bare_lf {
                     HEAD_BARE_LF
+                } else if self.length_unread {
+                    HEAD_LENGTH_UNREAD
                 } else if self.length_line.is_some() {
                     HEAD_LENGTH
                 } else {
@@ -791,6 +801,7 @@ impl IdLines {
         self.length_line = None;
         self.coded = false;
         self.bare_lf = false;
+        self.length_unread = false;
         self.last = 0;
     }
 
@@ -816,6 +827,9 @@ impl IdLines {
             let n = (whole && !value.is_empty() && value.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(value).ok()?.parse().ok())
                 .flatten();
+            // A length line too long to read: hyper frames the body by it, the
+            // scan cannot follow.
+            self.length_unread |= !whole;
             // A second line with another value makes hyper refuse the head.
             self.length_line = Some(self.length_line.unwrap_or(n));
         } else if field_value(&self.line, TRANSFER_ENCODING).is_some() {
@@ -1477,6 +1491,16 @@ fn framing_fault(
             "bad-framing",
         ));
     }
+    // A length line padded past the scan's reading: hyper frames the body by it,
+    // but the scan would lose the heads' boundaries from here on, and the heads
+    // after it would be served unjudged (a bare LF among them).
+    if head_length == HEAD_LENGTH_UNREAD {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "a Content-Length line too long to read",
+            "bad-framing",
+        ));
+    }
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
@@ -1573,7 +1597,7 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 mod tests {
     use super::{
         framing_fault, header, json_for_hyper_error, secret_matches, Exchanges, IdLines, Problem,
-        HEAD_BARE_LF, HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN,
+        HEAD_BARE_LF, HEAD_LENGTH, HEAD_LENGTH_UNREAD, HEAD_NO_LENGTH, HEAD_UNSEEN,
     };
     use std::sync::Arc;
 
@@ -1681,7 +1705,13 @@ mod tests {
         let sized_crlf_both = [sized_crlf.as_slice(), both].concat();
         let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
         let deep = [b"GET /a HTTP/1.1\r\n\r\n".repeat(20).as_slice(), both].concat();
-        let (l, n, u, b) = (HEAD_LENGTH, HEAD_NO_LENGTH, HEAD_UNSEEN, HEAD_BARE_LF);
+        let (l, n, u, b, r) = (
+            HEAD_LENGTH,
+            HEAD_NO_LENGTH,
+            HEAD_UNSEEN,
+            HEAD_BARE_LF,
+            HEAD_LENGTH_UNREAD,
+        );
         let cases: &[(&str, Vec<Ev<'_>>, Vec<u8>)] = &[
             ("one head with both", vec![R(both), H], vec![l]),
             ("after empty lines, which the parser skips", vec![R(b"\r\n\r\n"), R(&after_empty), H], vec![l]),
@@ -1691,13 +1721,14 @@ mod tests {
             ("a bare LF in an empty line before it", vec![R(b"\r\n\n"), R(&after_empty), H], vec![b]),
             ("a bare LF starting a read", vec![R(b"GET /a HTTP/1.1\r\nX: y"), R(b"\n\r\n"), H], vec![b]),
             ("a CRLF cut between reads", vec![R(b"GET /a HTTP/1.1\r"), R(b"\nX: y\r"), R(b"\n\r"), R(b"\n"), H], vec![n]),
+            ("a bare LF behind a length given twice", vec![R(b"GET /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabcPOST /x HTTP/1.1\r\nX: y\nContent-Length: 3\r\n\r\nabc"), H, A, H], vec![l, b]),
             ("a bare LF in the head before, not this one", vec![R(b"GET /a HTTP/1.1\nX: y\r\n\r\nGET /b HTTP/1.1\r\n\r\n"), H, A, H], vec![b, n]),
             ("after a body and an extra CRLF", vec![R(&sized_crlf), H, A, R(both), H], vec![l, l]),
             ("pipelined after a body and an extra CRLF", vec![R(&sized_crlf_both), H, A, H], vec![l, l]),
             ("one head, its body in the same read", vec![R(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), H], vec![l]),
             ("padded and in capitals", vec![R(padded.as_bytes()), H], vec![l]),
             ("after a body whose length line is padded", vec![R(padded_sized.as_bytes()), H, R(b"0123456789"), A, R(both), H], vec![l, l]),
-            ("after a length line padded past reading", vec![R(overlong.as_bytes()), H, R(b"0123456789"), A, R(both), H], vec![l, u]),
+            ("after a length line padded past reading", vec![R(overlong.as_bytes()), H, R(b"0123456789"), A, R(both), H], vec![r, u]),
             ("chunked alone", vec![R(coded), H], vec![n]),
             ("after a sized body in the same read", vec![R(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"), H, A, R(both), H], vec![l, l]),
             ("after a sized body cut into reads", vec![R(sized), H, R(b"0123"), R(b"456789"), A, R(coded), H], vec![l, n]),
@@ -1782,6 +1813,10 @@ mod tests {
             bad,
             "a head the scan could not delimit may have had a length line"
         );
+        assert_eq!(code(v11, &headers(&[]), HEAD_UNSEEN), None, "served");
+        // A length line too long to read: refused, since the heads after it
+        // would go unjudged.
+        assert_eq!(code(v11, &headers(&[]), HEAD_LENGTH_UNREAD), bad);
         assert_eq!(code(Version::HTTP_10, &te("chunked"), HEAD_NO_LENGTH), bad);
         assert_eq!(
             code(v11, &te("gzip, chunked"), HEAD_NO_LENGTH),

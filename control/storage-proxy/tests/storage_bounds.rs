@@ -408,6 +408,18 @@ fn one_address_cannot_take_every_client_connection() {
     assert!(served_from(&p, Ipv4Addr::new(127, 0, 0, 2)).is_some());
 }
 
+/// A vfolder made on `p`, a token for a 3-byte upload of `f.bin` into it, and the
+/// body of a listing of it.
+fn upload_and_listing(p: &Proxy) -> (String, String) {
+    storage_common::create_folder(p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 3}),
+    );
+    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    (token, list)
+}
+
 /// A request whose body framing is in doubt — `Content-Length` beside
 /// `Transfer-Encoding`, or a coding the server would pass on undecoded — is refused
 /// on both APIs before a handler sees it (DESIGN's limits table: 400, or 501, and
@@ -417,12 +429,7 @@ fn one_address_cannot_take_every_client_connection() {
 #[test]
 fn bodies_framed_two_ways_are_refused_on_both_apis() {
     let p = Proxy::start("");
-    storage_common::create_folder(&p);
-    let token = p.token(
-        "/folder/file/upload",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 3}),
-    );
-    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    let (token, list) = upload_and_listing(&p);
     let chunked_list = format!("{:x}\r\n{list}\r\n0\r\n\r\n", list.len());
     for (framing, status, code) in [
         (
@@ -490,12 +497,7 @@ fn bodies_framed_two_ways_are_refused_on_both_apis() {
 #[test]
 fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
     let p = Proxy::start("");
-    storage_common::create_folder(&p);
-    let token = p.token(
-        "/folder/file/upload",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.bin", "size": 3}),
-    );
-    let list = serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}).to_string();
+    let (token, list) = upload_and_listing(&p);
     for (addr, head, body) in [
         (
             p.client,
@@ -532,6 +534,46 @@ fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
     assert_eq!(p.tus_head(&token).header("upload-offset"), Some("0"));
     let r = p.tus_patch(&token, "0", b"abc");
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // Behind a request whose length is given twice (hyper serves it), the next
+    // head is judged: refused for its bare LF.
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    s.write_all(
+        b"GET /status HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n\
+          GET /status HTTP/1.1\nHost: t\r\nX-Backend-Request-ID: behind\r\n\r\n",
+    )
+    .expect("send");
+    let text = answer(&mut s);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+    let second = &text[text.rfind("HTTP/1.1 ").expect("second")..];
+    assert!(
+        second.starts_with("HTTP/1.1 400 ")
+            && second.contains(r#""code":"bad-framing""#)
+            && second.contains("bare LF")
+            && second.contains(r#""request_id":"behind""#),
+        "{text}"
+    );
+    // A length line padded past the scan's reading would put it out of step, and
+    // the heads after it would go unjudged: it is refused itself.
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    s.write_all(
+        format!(
+            "GET /status HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: padded\r\nContent-Length:{}0\r\n\r\n\
+             GET /status HTTP/1.1\nHost: t\r\n\r\n",
+            " ".repeat(9000)
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let text = answer(&mut s);
+    assert!(
+        text.starts_with("HTTP/1.1 400 ")
+            && text.contains(r#""code":"bad-framing""#)
+            && text.contains("too long to read")
+            && text.contains(r#""request_id":"padded""#),
+        "{text}"
+    );
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
 }
 
 /// A request whose framing is in doubt is refused however it comes: pipelined

@@ -99,7 +99,9 @@ mod tests {
 
     #[test]
     fn a_body_is_taken_whole_and_no_further_in_any_pieces() {
-        let rows: &[(&str, BodyFraming, &[u8], &[u8], &[u8])] = &[
+        // What it is, its framing, the bytes sent, the payload taken, what stays.
+        type Row<'a> = (&'a str, BodyFraming, &'a [u8], &'a [u8], &'a [u8]);
+        let rows: &[Row<'_>] = &[
             ("length", BodyFraming::Length(5), b"hello", b"hello", b""),
             (
                 "length, pipelined after",
