@@ -351,7 +351,8 @@ fn metrics_histograms_add_up_to_the_transfers() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // A download is counted when the server drops its body, and the task when it
-    // ends: wait for both (a hang guard, not a timing assertion).
+    // ends (finished, then no longer running, as its guard drops after): wait for
+    // all of it (a hang guard, not a timing assertion).
     let deadline = Instant::now() + Duration::from_secs(30);
     let (text, e) = loop {
         let r = request(p.manager, "GET", "/metrics", &[], b"");
@@ -363,7 +364,8 @@ fn metrics_histograms_add_up_to_the_transfers() {
             "storage_proxy_bgtasks_finished_total",
             "task=\"clone_vfolder\",state=\"done\"",
         );
-        if downloads == Some(3.0) && done == Some(1.0) {
+        let running = e.value("storage_proxy_bgtasks_running", "");
+        if downloads == Some(3.0) && done == Some(1.0) && running == Some(0.0) {
             break (text, e);
         }
         assert!(Instant::now() < deadline, "{text}");
