@@ -298,6 +298,10 @@ struct Exchanges {
 #[derive(Default)]
 struct Heads {
     queue: std::collections::VecDeque<Head>,
+    /// The heads read past the first [`HEADS_AHEAD`], in order behind `queue`: what
+    /// was found in each but its request ID (one byte a head), at most
+    /// [`CODES_AHEAD`].
+    codes: std::collections::VecDeque<u8>,
     /// hyper handed a request the scan had not read whole (the two no longer agree
     /// on where heads start): every head from now on is unseen.
     lost: bool,
@@ -313,9 +317,15 @@ struct Head {
     id: header::Extracted,
 }
 
-/// The most heads read ahead of the service that the scan keeps: past them (a
-/// client pipelining requests by the dozen), it falls out of step.
+/// The most heads read ahead of the service that the scan keeps whole, request IDs
+/// included; past them (a client pipelining requests by the dozen) it keeps their
+/// framing findings only ([`CODES_AHEAD`]).
 const HEADS_AHEAD: usize = 16;
+
+/// The most heads past [`HEADS_AHEAD`] whose framing findings the scan keeps (a
+/// byte each): past them it falls out of step. Before, it did so past 16, and a
+/// head with a bare LF behind 16 pipelined ones was served unjudged.
+const CODES_AHEAD: usize = 4096;
 
 impl Exchanges {
     fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
@@ -324,33 +334,50 @@ impl Exchanges {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a head the scan read whole; `false` when the scan is to fall out of
+    /// Queues a head the scan read whole (its findings alone once [`HEADS_AHEAD`]
+    /// are queued, behind them in order); `false` when the scan is to fall out of
     /// step instead (too many ahead, or hyper and the scan no longer agree).
     fn read_ahead(&self, head: Head) -> bool {
         let mut heads = self.heads();
-        if heads.lost || heads.queue.len() >= HEADS_AHEAD {
+        if heads.lost {
             return false;
         }
-        heads.queue.push_back(head);
+        if heads.codes.is_empty() && heads.queue.len() < HEADS_AHEAD {
+            heads.queue.push_back(head);
+        } else if heads.codes.len() < CODES_AHEAD {
+            heads.codes.push_back(head.length);
+        } else {
+            return false;
+        }
         true
     }
 
     /// What the scan found in the head hyper hands to the service now.
     fn handed_head(&self) -> u8 {
         let mut heads = self.heads();
-        match heads.queue.pop_front() {
-            Some(head) if !heads.lost => head.length,
-            _ => {
-                heads.lost = true;
-                heads.queue.clear();
-                HEAD_UNSEEN
+        if !heads.lost {
+            if let Some(head) = heads.queue.pop_front() {
+                return head.length;
+            }
+            if let Some(code) = heads.codes.pop_front() {
+                return code;
             }
         }
+        heads.lost = true;
+        heads.queue.clear();
+        heads.codes.clear();
+        HEAD_UNSEEN
     }
 
-    /// The request-ID lines of the first head read whole and not yet handed.
+    /// The request-ID lines of the first head read whole and not yet handed (none
+    /// kept for one past [`HEADS_AHEAD`]).
     fn next_head_id(&self) -> Option<header::Extracted> {
-        self.heads().queue.front().map(|head| head.id)
+        let heads = self.heads();
+        match heads.queue.front() {
+            Some(head) => Some(head.id),
+            None if !heads.codes.is_empty() => Some(header::Extracted::Absent),
+            None => None,
+        }
     }
 }
 
@@ -459,7 +486,8 @@ impl Tracked {
 
 /// The request-ID header lines of each request head: a short line at a time is
 /// kept (an ID line is short), so this costs a scan of the head's bytes and a few
-/// hundred bytes per connection (with [`HEADS_AHEAD`] findings at most). A body is
+/// hundred bytes per connection (with [`HEADS_AHEAD`] findings at most, and a byte
+/// for each of at most [`CODES_AHEAD`] heads read past them). A body is
 /// not scanned: one of a known length is passed over.
 ///
 /// The scan also notes whether each head has a `Content-Length` line, for
@@ -469,8 +497,8 @@ impl Tracked {
 /// follow the requests' boundaries (bodies of a known length, chunked bodies as
 /// hyper's decoder reads them: [`Chunked`]): past framing hyper would refuse, a
 /// length line it cannot read or [`HEADS_AHEAD`], it is out of step for the rest
-/// of the connection, and says so ([`HEAD_UNSEEN`]: a request with
-/// `Transfer-Encoding` is then refused). Out of step, heads are still scanned for their request IDs
+/// of the connection, and says so ([`HEAD_UNSEEN`]: every request is then refused,
+/// and its connection closed). Out of step, heads are still scanned for their request IDs
 /// from each answer on, as far as their end.
 struct IdLines {
     /// The current line, while it is short enough to be an ID line.
@@ -1501,6 +1529,17 @@ fn framing_fault(
             "bad-framing",
         ));
     }
+    // A head the scan could not delimit (behind chunked framing hyper refuses, or
+    // more than `HEADS_AHEAD` and `CODES_AHEAD` pipelined) may have had a bare LF
+    // or a length line beside `Transfer-Encoding`: refused whatever it holds, not
+    // served unjudged.
+    if head_length == HEAD_UNSEEN {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "a request the server could not delimit from the one before",
+            "bad-framing",
+        ));
+    }
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
@@ -1517,11 +1556,6 @@ fn framing_fault(
     // take in the requests that follow).
     if headers.contains_key(header::CONTENT_LENGTH) || head_length == HEAD_LENGTH {
         return bad("Content-Length and Transfer-Encoding together");
-    }
-    if head_length == HEAD_UNSEEN {
-        return bad(
-            "Transfer-Encoding on a request the server could not delimit from the one before",
-        );
     }
     if version < axum::http::Version::HTTP_11 {
         return bad("Transfer-Encoding in an HTTP/1.0 request");
@@ -1597,7 +1631,8 @@ pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
 mod tests {
     use super::{
         framing_fault, header, json_for_hyper_error, secret_matches, Exchanges, IdLines, Problem,
-        HEAD_BARE_LF, HEAD_LENGTH, HEAD_LENGTH_UNREAD, HEAD_NO_LENGTH, HEAD_UNSEEN,
+        CODES_AHEAD, HEADS_AHEAD, HEAD_BARE_LF, HEAD_LENGTH, HEAD_LENGTH_UNREAD, HEAD_NO_LENGTH,
+        HEAD_UNSEEN,
     };
     use std::sync::Arc;
 
@@ -1705,6 +1740,7 @@ mod tests {
         let sized_crlf_both = [sized_crlf.as_slice(), both].concat();
         let pipelined = [b"GET /a HTTP/1.1\r\n\r\n".as_slice(), both].concat();
         let deep = [b"GET /a HTTP/1.1\r\n\r\n".repeat(20).as_slice(), both].concat();
+        let deeper = b"GET /a HTTP/1.1\r\n\r\n".repeat(HEADS_AHEAD + CODES_AHEAD + 3);
         let (l, n, u, b, r) = (
             HEAD_LENGTH,
             HEAD_NO_LENGTH,
@@ -1744,7 +1780,8 @@ mod tests {
             ("after chunked framing hyper refuses", vec![R(coded), H, R(b"5\nhello\r\n0\r\n\r\n"), A, R(both), H], vec![n, u]),
             ("after a chunk size past 64 bits", vec![R(coded), H, R(b"10000000000000000\r\n"), A, R(both), H], vec![n, u]),
             ("out of step for good", vec![R(coded), H, R(b"0\r\n\n"), A, R(coded), H, A, R(b"GET / HTTP/1.1\r\n\r\n"), H], vec![n, u, u]),
-            ("pipelined deeper than the scan keeps", [vec![R(&deep)], vec![H; 21]].concat(), [vec![n; 16], vec![u; 5]].concat()),
+            ("pipelined past the heads kept whole", [vec![R(&deep)], vec![H; 21]].concat(), [vec![n; 20], vec![l]].concat()),
+            ("pipelined deeper than the scan keeps", [vec![R(&deeper)], vec![H; HEADS_AHEAD + CODES_AHEAD + 3]].concat(), [vec![n; HEADS_AHEAD + CODES_AHEAD], vec![u; 3]].concat()),
             ("a request the scan had not read whole", vec![R(b"GET / HTTP/1.1\r\n"), H, R(b"\r\n"), R(both), H, H], vec![u, u, u]),
         ];
         for (what, events, want) in cases {
@@ -1813,7 +1850,11 @@ mod tests {
             bad,
             "a head the scan could not delimit may have had a length line"
         );
-        assert_eq!(code(v11, &headers(&[]), HEAD_UNSEEN), None, "served");
+        assert_eq!(
+            code(v11, &headers(&[]), HEAD_UNSEEN),
+            bad,
+            "or a bare LF: refused whatever it holds"
+        );
         // A length line too long to read: refused, since the heads after it
         // would go unjudged.
         assert_eq!(code(v11, &headers(&[]), HEAD_LENGTH_UNREAD), bad);

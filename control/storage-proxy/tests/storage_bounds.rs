@@ -250,8 +250,9 @@ fn a_kept_alive_connection_waits_for_the_idle_timeout_and_a_later_head_for_the_h
             closed_by_server(&mut blank, HANG_GUARD),
             "{addr}: a first head of empty lines is closed"
         );
-        // Pipelined deeper than the scan follows, a partial head behind: timed
-        // from the last answer.
+        // Pipelined past the heads the scan keeps whole (their framing findings
+        // are kept past them), a partial head behind: every whole request
+        // answered, the partial head cut at the head timeout.
         let mut deep = TcpStream::connect(addr).expect("connect");
         deep.write_all(&[get.repeat(18).as_slice(), b"GET /sta"].concat())
             .expect("send");
@@ -551,6 +552,28 @@ fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
             && second.contains(r#""code":"bad-framing""#)
             && second.contains("bare LF")
             && second.contains(r#""request_id":"behind""#),
+        "{text}"
+    );
+    // Behind 20 pipelined requests (past the 16 heads the scan keeps whole), the
+    // next head is judged all the same.
+    let mut s = TcpStream::connect(p.manager).expect("connect");
+    s.write_all(
+        [
+            b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n".repeat(20),
+            b"GET /status HTTP/1.1\nHost: t\r\nX-Backend-Request-ID: deep\r\n\r\n".to_vec(),
+        ]
+        .concat()
+        .as_slice(),
+    )
+    .expect("send");
+    let text = answer(&mut s);
+    assert_eq!(text.matches("HTTP/1.1 200 ").count(), 20, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 21, "{text}");
+    let last = &text[text.rfind("HTTP/1.1 ").expect("last")..];
+    assert!(
+        last.starts_with("HTTP/1.1 400 ")
+            && last.contains("bare LF")
+            && last.contains(r#""request_id":"deep""#),
         "{text}"
     );
     // A length line padded past the scan's reading would put it out of step, and
