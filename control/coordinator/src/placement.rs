@@ -132,6 +132,30 @@ pub fn free_ports(lo: u16, hi: u16, taken: &[u16]) -> u64 {
     (u64::from(hi) - u64::from(lo) + 1).saturating_sub(inside.len() as u64)
 }
 
+/// Whether `w` may take the circuit whatever its room: alive, for the app's mode,
+/// the one asked for (if any), its app filters passed (when it takes filtered apps
+/// only), and, as a wildcard worker, with a domain and the circuit not TCP. `Some`
+/// says whether its filters matched, the first of the ranking's keys.
+fn eligible(w: &WorkerRow, req: &Request<'_>) -> Option<bool> {
+    let body = &w.registration;
+    if w.status != "ALIVE"
+        || !body.accepted_traffics.contains(&req.app_mode)
+        || req.only_worker.is_some_and(|only| only != w.id)
+    {
+        return None;
+    }
+    let matched = filter_matches(body, req.properties);
+    if body.filtered_apps_only && !matched {
+        return None;
+    }
+    if body.frontend_mode == FrontendMode::Wildcard
+        && (req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none())
+    {
+        return None;
+    }
+    Some(matched)
+}
+
 /// The worker a circuit goes to, or `None` when no worker can take it: the
 /// eligible worker ranking highest by (filter match, wildcard, free ports), the
 /// first of equals in `workers`' order. `free(worker, lo, hi)` is how many ports
@@ -146,21 +170,11 @@ pub fn choose<'w>(
     // (filter match, wildcard, free ports) — larger is better.
     let mut best: Option<((bool, bool, u64), &WorkerRow)> = None;
     for w in workers {
+        let Some(matched) = eligible(w, req) else {
+            continue;
+        };
         let body = &w.registration;
-        if w.status != "ALIVE"
-            || !body.accepted_traffics.contains(&req.app_mode)
-            || req.only_worker.is_some_and(|only| only != w.id)
-        {
-            continue;
-        }
-        let matched = filter_matches(body, req.properties);
-        if body.filtered_apps_only && !matched {
-            continue;
-        }
         let rank = if body.frontend_mode == FrontendMode::Wildcard {
-            if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
-                continue;
-            }
             (matched, true, u64::MAX)
         } else {
             let Some((lo, hi)) = port_range(body) else {
@@ -431,22 +445,14 @@ mod tests {
     ) -> Option<Placement> {
         let mut best: Option<((bool, bool, i64), Placement)> = None;
         for w in workers {
+            // Which workers may take it is not what this reference checks: the
+            // rule's own test (`eligible`) is shared.
+            let Some(matched) = super::eligible(w, req) else {
+                continue;
+            };
             let body = &w.registration;
-            if w.status != "ALIVE"
-                || !body.accepted_traffics.contains(&req.app_mode)
-                || req.only_worker.is_some_and(|only| only != w.id)
-            {
-                continue;
-            }
-            let matched = filter_matches(body, req.properties);
-            if body.filtered_apps_only && !matched {
-                continue;
-            }
             let taken = used(&w.id);
             let (rank, placement) = if body.frontend_mode == FrontendMode::Wildcard {
-                if req.protocol == ProxyProtocol::Tcp || body.wildcard_domain.is_none() {
-                    continue;
-                }
                 let base = req.preferred_subdomain.unwrap_or(req.default_subdomain);
                 let mut subdomain = base.to_owned();
                 while taken.subdomains.contains(&subdomain) {
