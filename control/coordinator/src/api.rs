@@ -1380,13 +1380,16 @@ mod tests {
             "as the buffered answers said"
         );
         let whole = response.body().size_hint().exact().is_some();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let body = runtime
-            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
-            .expect("body");
+        let body = read_body(response).expect("body");
         (String::from_utf8(body.to_vec()).expect("utf-8"), whole)
+    }
+
+    /// An answer's body read to its end, or the error that cut it off.
+    fn read_body(response: axum::response::Response) -> Result<axum::body::Bytes, axum::Error> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
     }
 
     #[test]
@@ -1518,10 +1521,7 @@ mod tests {
             Ok(b"]".to_vec()),
         ];
         let response = answer_in_pieces(late.into_iter(), "test").expect("streamed");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let body = runtime.block_on(axum::body::to_bytes(response.into_body(), usize::MAX));
+        let body = read_body(response);
         assert!(body.is_err(), "the body ends with the failed piece");
     }
 

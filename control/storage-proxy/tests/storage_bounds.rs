@@ -409,6 +409,18 @@ fn one_address_cannot_take_every_client_connection() {
     assert!(served_from(&p, Ipv4Addr::new(127, 0, 0, 2)).is_some());
 }
 
+/// The last answer in `text` refuses its request, of request ID `id`, for a bare LF.
+fn last_refused_for_a_bare_lf(text: &str, id: &str) {
+    let last = &text[text.rfind("HTTP/1.1 ").expect("an answer")..];
+    assert!(
+        last.starts_with("HTTP/1.1 400 ")
+            && last.contains(r#""code":"bad-framing""#)
+            && last.contains("bare LF")
+            && last.contains(&format!(r#""request_id":"{id}""#)),
+        "{text}"
+    );
+}
+
 /// A vfolder made on `p`, a token for a 3-byte upload of `f.bin` into it, and the
 /// body of a listing of it.
 fn upload_and_listing(p: &Proxy) -> (String, String) {
@@ -546,14 +558,7 @@ fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
     let text = answer(&mut s);
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
-    let second = &text[text.rfind("HTTP/1.1 ").expect("second")..];
-    assert!(
-        second.starts_with("HTTP/1.1 400 ")
-            && second.contains(r#""code":"bad-framing""#)
-            && second.contains("bare LF")
-            && second.contains(r#""request_id":"behind""#),
-        "{text}"
-    );
+    last_refused_for_a_bare_lf(&text, "behind");
     // Behind 20 pipelined requests (past the 16 heads the scan keeps whole), the
     // next head is judged all the same.
     let mut s = TcpStream::connect(p.manager).expect("connect");
@@ -569,13 +574,7 @@ fn a_bare_lf_in_a_request_head_is_refused_on_both_apis() {
     let text = answer(&mut s);
     assert_eq!(text.matches("HTTP/1.1 200 ").count(), 20, "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 21, "{text}");
-    let last = &text[text.rfind("HTTP/1.1 ").expect("last")..];
-    assert!(
-        last.starts_with("HTTP/1.1 400 ")
-            && last.contains("bare LF")
-            && last.contains(r#""request_id":"deep""#),
-        "{text}"
-    );
+    last_refused_for_a_bare_lf(&text, "deep");
     // A length line padded past the scan's reading would put it out of step, and
     // the heads after it would go unjudged: it is refused itself.
     let mut s = TcpStream::connect(p.manager).expect("connect");
