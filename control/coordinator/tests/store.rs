@@ -1884,3 +1884,97 @@ async fn a_locked_row_does_not_stall_the_renewal_of_other_marks() {
     // Once the row is free, the next renewal takes it.
     assert_eq!(store.renew_creations(&ids, long).await.expect("renew"), 3);
 }
+
+/// A circuit stored, the store then marked as migrated once more than this build
+/// knows (as a newer build would leave it): opening it fails naming both counts,
+/// and the store is left as it was (the circuit still there once the mark is gone).
+async fn a_newer_schema_is_refused<F: std::future::Future<Output = Result<Store, StoreError>>>(
+    open: impl Fn() -> F,
+    mark_newer: impl Fn() -> i64,
+    unmark: impl Fn(),
+) {
+    let store = open().await.expect("open");
+    let worker = store
+        .upsert_worker(&worker_body("proxy-newer"))
+        .await
+        .expect("register");
+    let c = circuit(worker, 10210);
+    store.insert_circuit(&c, None, None).await.expect("insert");
+    drop(store);
+    let known = mark_newer() - 1;
+    match open().await {
+        Err(e @ StoreError::SchemaNewer { found, known: k }) => {
+            assert_eq!((found, k as i64), (known + 1, known));
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("migration {}", known + 1))
+                    && text.contains(&format!("({known})")),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a store migrated by a newer build was opened"),
+    }
+    unmark();
+    let store = open().await.expect("open once the mark is gone");
+    let (kept, _) = store
+        .circuit(c.id)
+        .await
+        .expect("read")
+        .expect("the circuit is still there");
+    same(&kept, &c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_migrated_by_a_newer_build_is_not_opened_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.sqlite3");
+    let version = |db: &rusqlite::Connection| -> i64 {
+        db.pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version")
+    };
+    a_newer_schema_is_refused(
+        || Store::open(None, &path),
+        || {
+            let db = rusqlite::Connection::open(&path).expect("open the file");
+            let newer = version(&db) + 1;
+            db.pragma_update(None, "user_version", newer).expect("mark");
+            newer
+        },
+        || {
+            let db = rusqlite::Connection::open(&path).expect("open the file");
+            let known = version(&db) - 1;
+            db.pragma_update(None, "user_version", known)
+                .expect("unmark");
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_migrated_by_a_newer_build_is_not_opened_on_postgresql() {
+    let pg = Pg::start();
+    let url = pg.url();
+    a_newer_schema_is_refused(
+        || Store::open(Some(&url), std::path::Path::new("unused")),
+        || {
+            let out = pg.psql(
+                "appproxy",
+                "INSERT INTO appproxy_schema_migrations (version)
+                   SELECT MAX(version) + 1 FROM appproxy_schema_migrations
+                 RETURNING version",
+            );
+            out.lines()
+                .find_map(|l| l.trim().parse().ok())
+                .expect("the new version")
+        },
+        || {
+            pg.psql(
+                "appproxy",
+                "DELETE FROM appproxy_schema_migrations
+                   WHERE version = (SELECT MAX(version) FROM appproxy_schema_migrations)",
+            );
+        },
+    )
+    .await;
+}

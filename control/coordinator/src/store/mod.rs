@@ -367,6 +367,28 @@ pub enum StoreError {
     /// had: the caller answers 503 and may retry.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The store was migrated by a newer build than this one (`found` migrations
+    /// applied, this build knows `known`): its tables may mean what this build does
+    /// not know, so it is left untouched and the coordinator does not start.
+    #[error(
+        "the store's schema is at migration {found}, newer than this build knows \
+         ({known}): run a build that knows it (a newer appproxy-coordinator)"
+    )]
+    SchemaNewer {
+        /// Migrations the store records as applied.
+        found: i64,
+        /// Migrations this build has.
+        known: usize,
+    },
+}
+
+/// Whether a store that records `found` migrations as applied may be opened by a
+/// build that has `known`: `found` above `known` is a newer build's schema.
+pub(crate) fn schema_known(found: i64, known: usize) -> Result<(), StoreError> {
+    if found > known as i64 {
+        return Err(StoreError::SchemaNewer { found, known });
+    }
+    Ok(())
 }
 
 /// Every store call ends within this (a hung database costs a call at most this

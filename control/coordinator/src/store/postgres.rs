@@ -946,6 +946,7 @@ impl PgStore {
             )
             .await?
             .try_get(0)?;
+        super::schema_known(i64::from(done), MIGRATIONS.len())?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
             tx.batch_execute(m).await?;
             let version = (i + 1) as i32;

@@ -362,6 +362,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        super::schema_known(version, MIGRATIONS.len())?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(m)?;
