@@ -183,6 +183,14 @@ pub struct CoordinatorSection {
     pub worker_heartbeat_timeout_secs: u64,
     /// Interactive HTTP circuits idle (no request) for this long are removed.
     pub unused_circuit_collection_timeout_secs: u64,
+    /// With Redis: how long the leadership lease lasts unrenewed. Every pass of the
+    /// leader's jobs renews it; the leader runs the worker-lost check, the idle
+    /// collection, the unsettled-creation sweep and the health check. A node that
+    /// stops gracefully gives the lease up as it stops; one killed or cut off from
+    /// Redis is succeeded once this has run out. At least 2 s; a lease no longer
+    /// than the shortest of those jobs' periods lapses between passes (warned at
+    /// start).
+    pub leader_lease_secs: u64,
     /// Period of the worker-lost check.
     pub check_worker_lost_interval_secs: u64,
     /// Period of the idle-circuit collection.
@@ -233,6 +241,7 @@ impl Default for CoordinatorSection {
             max_connections_per_address: None,
             worker_heartbeat_timeout_secs: 30,
             unused_circuit_collection_timeout_secs: 3600,
+            leader_lease_secs: 30,
             check_worker_lost_interval_secs: 15,
             check_unused_circuit_interval_secs: 10,
             unsettled_creation_timeout_secs: None,

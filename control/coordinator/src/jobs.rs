@@ -18,7 +18,68 @@ use appproxy_shared::{IdVersion, RequestId};
 use super::{access, State};
 
 const LEADER_KEY: &str = "leader:appproxy:coordinator";
-const LEASE_MS: u64 = 30_000;
+
+/// The leadership lease, as configured (`[coordinator] leader_lease_secs`, at least
+/// 2 s).
+fn lease(state: &State) -> Duration {
+    Duration::from_secs(state.config.coordinator.leader_lease_secs.max(2))
+}
+
+/// Warns at start when the lease lapses between the leader's passes: no longer
+/// than the shortest period of the jobs that renew it.
+pub(super) fn warn_if_lease_lapses(state: &State) {
+    if state.redis.is_none() {
+        return;
+    }
+    let c = &state.config.coordinator;
+    let shortest = [
+        c.check_worker_lost_interval_secs,
+        c.check_unused_circuit_interval_secs,
+        c.check_unsettled_creation_interval_secs,
+    ]
+    .into_iter()
+    .map(|s| s.max(1))
+    .min()
+    .unwrap_or(1);
+    if lease(state) <= Duration::from_secs(shortest) {
+        tracing::warn!(
+            leader_lease_secs = lease(state).as_secs(),
+            shortest_job_interval_secs = shortest,
+            "leader_lease_secs is no longer than the shortest job interval: the lease \
+             lapses between passes, and leadership may pass from node to node"
+        );
+    }
+}
+
+/// Gives the lease up if this node holds it (a node that stops gracefully): the
+/// next node to run a pass leads at once, not once the lease has run out. Bounded
+/// like every Redis call; a failure only leaves the lease to run out.
+pub(super) async fn step_down(state: &State) {
+    let Some(conn) = &state.redis else {
+        return;
+    };
+    let mut conn = conn.clone();
+    const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then
+             return redis.call('DEL', KEYS[1]) end
+         return 0";
+    let released = super::bounded(
+        redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg(LEADER_KEY)
+            .arg(state.node_id.to_string())
+            .query_async::<i64>(&mut conn),
+    )
+    .await;
+    state.metrics.observed.leader.store(0, Ordering::Relaxed);
+    match released {
+        Ok(1) => tracing::info!(key = LEADER_KEY, "leadership given up"),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "leadership could not be given up; it runs out by itself")
+        }
+    }
+}
 
 /// Takes or renews the lease; true when this node leads.
 pub(super) async fn lead(state: &State) -> bool {
@@ -53,7 +114,7 @@ async fn lead_once(state: &State) -> bool {
             .arg(1)
             .arg(LEADER_KEY)
             .arg(&me)
-            .arg(LEASE_MS)
+            .arg(lease(state).as_millis() as u64)
             .query_async::<i64>(&mut conn),
     )
     .await;

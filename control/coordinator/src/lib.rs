@@ -1235,6 +1235,8 @@ impl Coordinator {
         tasks.spawn(jobs::overdue_creations(state.clone()));
         tasks.spawn(jobs::renew_creations(state.clone()));
         tasks.spawn(health::run(state.clone()));
+        jobs::warn_if_lease_lapses(&state);
+        let leader = state.clone();
         tracing::info!(%addr, store = state.store.engine(), events = if state.redis.is_some() { "redis" } else { "in-process" }, "coordinator serving");
         let c = &state.config.coordinator;
         let limits = server::Limits {
@@ -1261,7 +1263,11 @@ impl Coordinator {
             shutdown,
         )
         .await;
+        // The jobs end first (an aborted task ends at its next await), so none
+        // renews the lease after it is given up.
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        jobs::step_down(&leader).await;
         served?;
         Ok(())
     }

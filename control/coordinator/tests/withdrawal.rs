@@ -730,7 +730,7 @@ fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
     let worker = StandIn::start(&redis.url(), usize::MAX);
     let dir = tempfile::tempdir().expect("tempdir");
     let extra = format!(
-        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 5\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        "worker_ack_timeout_secs = 2\nunsettled_creation_timeout_secs = 5\ncheck_unsettled_creation_interval_secs = 1\nleader_lease_secs = 3\n[redis]\nurl = \"{}\"",
         redis.url()
     );
     let c = start_with(dir.path(), &pg, &extra);
@@ -1857,5 +1857,71 @@ fn an_acknowledgement_that_came_during_a_pause_is_not_a_timeout() {
             "SELECT count(*) FROM circuits WHERE creating_until IS NULL"
         ),
         1
+    );
+}
+
+/// The leadership lease (`leader_lease_secs`): a coordinator that stops gracefully
+/// (SIGTERM) gives it up as it stops, so the next node leads at its next pass; one
+/// killed keeps it until it runs out, at most the configured lease later.
+#[test]
+fn a_stopping_coordinator_gives_up_its_lease_and_a_killed_ones_runs_out() {
+    let pg = Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+    let holder = |conn: &mut redis::Connection| -> Option<String> {
+        redis::cmd("GET")
+            .arg("leader:appproxy:coordinator")
+            .query(conn)
+            .expect("GET")
+    };
+    let extra = format!(
+        "leader_lease_secs = 7\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    // Stopped gracefully: the lease is given up.
+    let (dir, mut c) = node(&pg, &extra);
+    wait_for("the coordinator never took the lease", || {
+        holder(&mut conn).is_some()
+    });
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(c.child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + PATIENCE;
+    while c.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the coordinator never stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        holder(&mut conn),
+        None,
+        "a coordinator that stopped gracefully still holds the lease"
+    );
+    assert!(
+        log_lines(dir.path())
+            .iter()
+            .any(|l| l["message"] == "leadership given up"),
+        "the coordinator did not say it gave up the lease"
+    );
+    // Killed: the lease stays, for at most the lease configured.
+    let (_dir, c) = node(&pg, &extra);
+    wait_for("the second coordinator never took the lease", || {
+        holder(&mut conn).is_some()
+    });
+    drop(c);
+    assert!(
+        holder(&mut conn).is_some(),
+        "a killed coordinator gave up its lease"
+    );
+    let left: i64 = redis::cmd("PTTL")
+        .arg("leader:appproxy:coordinator")
+        .query(&mut conn)
+        .expect("PTTL");
+    assert!(
+        (0..=7_000).contains(&left),
+        "the lease lasts {left} ms, not the 7 s configured"
     );
 }
