@@ -6,7 +6,30 @@
 //! (an invalid raw value is removed, never forwarded), stores the [`RequestId`] in the
 //! request extensions, binds it around the handler (and everything the handler spawns
 //! with [`crate::context::inherit`]), echoes it on the response when there is one, and
-//! logs `target: "access"` with method, path, status, bytes, duration and request_id.
+//! logs `target: "access"` with method, path, status, bytes, head_us, duration_us,
+//! complete and request_id.
+//!
+//! **The access line is written when the response body ends**, not when its head is
+//! ready: the response body is wrapped in an [`AccessBody`], which counts the data
+//! bytes handed on to the connection and owns the line until it writes it, exactly
+//! once, at the first of
+//! - the body's end (`poll_frame` gave `None`, the body reports `is_end_stream`, or
+//!   all the bytes of its `Content-Length` went out): `complete: true`;
+//! - a body error: `complete: false` and `error` (the error's text, at most
+//!   [`MAX_ERROR_LEN`] bytes); a body that ends short of the `Content-Length` it
+//!   announced counts as one (`error: "body ended short of its Content-Length: …"`);
+//! - the body being dropped before its end (the client went away, the connection
+//!   closed): `complete: false`.
+//!
+//! `bytes` is what was handed on (for a cut answer, what was sent up to the cut),
+//! `head_us` the time from the request's arrival to the response head, `duration_us`
+//! from the arrival to the line (the body's end). An answer with nothing to send (a
+//! `HEAD`, a 1xx, 204 or 304, a body already at its end) is logged at once with
+//! `bytes: 0`, `complete: true` and `duration_us` equal to `head_us`. hyper polls
+//! and drops the body in its connection task, outside the request's scope, so the
+//! body re-binds the request's ID and span and re-enters its line span (which holds
+//! the `access_key` note) to write the line. When the service fails (`Err`), the line
+//! is written at once with `status: "error"`, as there is no body.
 //!
 //! It also opens one span per request (W3C Trace Context, [`crate::trace`]): a valid
 //! `traceparent` makes the span a child of the caller's; otherwise the span is a root
@@ -21,20 +44,24 @@
 //! A handler may add what it learns about the caller with [`note_access_key`] (the
 //! manager's access key): it goes on every later line of the request (the access line
 //! too) and, with OTLP export on (feature `otlp`), on the request's exported span.
+//! The exported span ends with the access line (at the body's end), so its duration
+//! is the line's `duration_us`.
 
 use std::cell::RefCell;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response};
-use http_body::Body;
+use bytes::Buf;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::context::scope_traced;
+use crate::context::{scope_traced, with_request_context};
 use crate::header::{self, IdPolicy, Origin, INPUT_HEADERS, PRIMARY_HEADER};
 use crate::request_id::{IdVersion, RequestId};
 use crate::trace::{
@@ -93,7 +120,7 @@ where
     ReqB: Send + 'static,
     ResB: Body + Send + 'static,
 {
-    type Response = Response<ResB>;
+    type Response = Response<AccessBody<ResB>>;
     type Error = S::Error;
     type Future = ResponseFuture<Self::Response, Self::Error>;
 
@@ -134,8 +161,8 @@ where
         // The service that was made ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        #[cfg(feature = "otlp")]
-        let notes_for_export = notes.clone();
+        let request_notes = notes.clone();
+        let request_line_span = line_span.clone();
         let fut = async move {
             if origin == Origin::Replaced {
                 tracing::debug!("invalid request id replaced by a generated one");
@@ -147,18 +174,7 @@ where
                 tracing::debug!(reason = %reason, "invalid tracestate dropped");
             }
             let result = inner.call(req).await;
-            let elapsed = started.elapsed();
-            let duration_us = elapsed.as_micros() as u64;
-            #[cfg(feature = "otlp")]
-            export_span(
-                &span,
-                id.as_ref(),
-                &method,
-                &path,
-                result.as_ref().map_or(0, |r| r.status().as_u16()),
-                &notes_for_export,
-                elapsed,
-            );
+            let head = started.elapsed();
             match result {
                 Ok(mut resp) => {
                     if let Some(id) = id {
@@ -169,25 +185,36 @@ where
                     if let Ok(value) = HeaderValue::from_bytes(traceparent.as_bytes()) {
                         resp.headers_mut().insert(TRACEPARENT, value);
                     }
-                    let bytes = resp.body().size_hint().exact();
-                    tracing::info!(
-                        target: "access",
-                        method = %method,
-                        path = %path,
-                        status = resp.status().as_u16(),
-                        bytes = bytes,
-                        duration_us,
-                        "request"
-                    );
-                    Ok(resp)
+                    let status = resp.status();
+                    let nothing_to_send = method == Method::HEAD
+                        || status.is_informational()
+                        || status == StatusCode::NO_CONTENT
+                        || status == StatusCode::NOT_MODIFIED
+                        || resp.body().is_end_stream();
+                    let expected =
+                        content_length(resp.headers()).or_else(|| resp.body().size_hint().exact());
+                    let line = AccessLine {
+                        id,
+                        span,
+                        line_span: request_line_span,
+                        notes: request_notes,
+                        method,
+                        path,
+                        status: status.as_u16(),
+                        started,
+                        head_us: micros(head),
+                    };
+                    Ok(resp.map(|body| AccessBody::new(body, line, expected, nothing_to_send)))
                 }
                 Err(e) => {
+                    #[cfg(feature = "otlp")]
+                    export_span(&span, id.as_ref(), &method, &path, 0, &request_notes, head);
                     tracing::info!(
                         target: "access",
                         method = %method,
                         path = %path,
                         status = "error",
-                        duration_us,
+                        duration_us = micros(head),
                         "request"
                     );
                     Err(e)
@@ -199,6 +226,255 @@ where
             Some(span),
             tracing::Instrument::instrument(WithNotes { notes, inner: fut }, line_span),
         ))
+    }
+}
+
+/// A duration in whole microseconds (saturating).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The response's `Content-Length`, when it has exactly one that is a number: hyper
+/// frames the answer by it, and stops polling the body once that many bytes went out.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().ok()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The longest `error` text an access line carries, in bytes (cut at a character
+/// boundary).
+pub const MAX_ERROR_LEN: usize = 256;
+
+/// Everything the access line of a request needs once its head is out: owned by the
+/// [`AccessBody`] until the line is written.
+struct AccessLine {
+    /// The request's ID, re-bound when the line is written.
+    id: Option<RequestId>,
+    /// The request's span, re-bound when the line is written.
+    span: SpanContext,
+    /// The request's line span (it holds the `access_key` field), re-entered when the
+    /// line is written.
+    line_span: tracing::Span,
+    /// What the handler noted (the OTLP span's access key).
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+    notes: Arc<Mutex<Notes>>,
+    /// The request's method.
+    method: Method,
+    /// The request's path as logged ([`shown_path`]).
+    path: String,
+    /// The response's status code.
+    status: u16,
+    /// When the request arrived.
+    started: Instant,
+    /// Arrival to response head, in microseconds.
+    head_us: u64,
+}
+
+/// How a response body ended, for its access line.
+enum BodyEnd {
+    /// It reached its end: everything was handed on.
+    Complete,
+    /// It was dropped before its end (client gone, connection closed).
+    Dropped,
+    /// It failed; the error's text, bounded.
+    Error(String),
+}
+
+impl AccessLine {
+    /// Writes the access line (and, OTLP on, exports the span) inside the request's
+    /// context: its ID and span bound, its line span entered. `bytes` were handed on.
+    fn write(self, bytes: u64, end: BodyEnd, at_head: bool) {
+        let elapsed = if at_head {
+            Duration::from_micros(self.head_us)
+        } else {
+            self.started.elapsed()
+        };
+        let duration_us = micros(elapsed).max(self.head_us);
+        let (complete, error) = match &end {
+            BodyEnd::Complete => (true, None),
+            BodyEnd::Dropped => (false, None),
+            BodyEnd::Error(text) => (false, Some(text.as_str())),
+        };
+        with_request_context(self.id, Some(self.span), || {
+            self.line_span.in_scope(|| {
+                tracing::info!(
+                    target: "access",
+                    method = %self.method,
+                    path = %self.path,
+                    status = self.status,
+                    bytes,
+                    head_us = self.head_us,
+                    duration_us,
+                    complete,
+                    error,
+                    "request"
+                );
+            });
+        });
+        #[cfg(feature = "otlp")]
+        export_span(
+            &self.span,
+            self.id.as_ref(),
+            &self.method,
+            &self.path,
+            self.status,
+            &self.notes,
+            elapsed,
+        );
+    }
+}
+
+/// `text` cut to at most [`MAX_ERROR_LEN`] bytes at a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+pin_project_lite::pin_project! {
+    /// The response body of [`RequestIdService`]: the handler's body `B`, unchanged
+    /// on the wire (same frames, same `size_hint` and `is_end_stream`, so hyper still
+    /// sends `Content-Length` for a fixed-length answer), counting the data bytes it
+    /// hands on. It owns the request's access line until it writes it, exactly once:
+    /// at the body's end (`complete: true`), at a body error (`complete: false` and
+    /// `error`) or when dropped before its end (`complete: false`); see the module
+    /// documentation.
+    pub struct AccessBody<B> {
+        // The handler's body.
+        #[pin]
+        inner: B,
+        // Data bytes handed on so far.
+        bytes: u64,
+        // The `Content-Length` the answer is framed by (or the body's exact size):
+        // once that many bytes went out the body is complete, even if hyper drops it
+        // without polling it to its end.
+        expected: Option<u64>,
+        // The access line, until it is written.
+        line: Option<Box<AccessLine>>,
+    }
+
+    impl<B> PinnedDrop for AccessBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(line) = this.line.take() {
+                let end = if this.expected.is_some_and(|n| *this.bytes >= n) {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::Dropped
+                };
+                line.write(*this.bytes, end, false);
+            }
+        }
+    }
+}
+
+impl<B> AccessBody<B> {
+    /// Wraps `inner`; with `nothing_to_send` the line is written now (`bytes: 0`,
+    /// `complete: true`).
+    fn new(inner: B, line: AccessLine, expected: Option<u64>, nothing_to_send: bool) -> Self {
+        let line = if nothing_to_send {
+            line.write(0, BodyEnd::Complete, true);
+            None
+        } else {
+            Some(Box::new(line))
+        };
+        Self {
+            inner,
+            bytes: 0,
+            expected,
+            line,
+        }
+    }
+
+    /// The data bytes handed on so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The handler's body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B> fmt::Debug for AccessBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessBody")
+            .field("bytes", &self.bytes)
+            .field("expected", &self.expected)
+            .field("logged", &self.line.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for AccessBody<B>
+where
+    B: Body,
+    B::Error: fmt::Display,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(polled) => polled,
+            Poll::Pending => return Poll::Pending,
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.remaining() as u64;
+                }
+                if this.line.is_some()
+                    && (this.expected.is_some_and(|n| *this.bytes >= n)
+                        || this.inner.is_end_stream())
+                {
+                    if let Some(line) = this.line.take() {
+                        line.write(*this.bytes, BodyEnd::Complete, false);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                if let Some(line) = this.line.take() {
+                    line.write(*this.bytes, BodyEnd::Error(bounded(e.to_string())), false);
+                }
+            }
+            None => {
+                if let Some(line) = this.line.take() {
+                    let end = match *this.expected {
+                        // The answer ends short of the `Content-Length` it announced
+                        // (a file cut while read): the client sees it cut.
+                        Some(n) if *this.bytes < n => BodyEnd::Error(format!(
+                            "body ended short of its Content-Length: {} of {n} bytes",
+                            this.bytes
+                        )),
+                        _ => BodyEnd::Complete,
+                    };
+                    line.write(*this.bytes, end, false);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

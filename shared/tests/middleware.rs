@@ -10,6 +10,7 @@ use appproxy_shared::middleware::RequestIdLayer;
 use appproxy_shared::telemetry::{subscriber, LogFormat, LoggingConfig};
 use appproxy_shared::{current_request_id, current_span, IdVersion, RequestId, SpanContext};
 use http::{Request, Response};
+use http_body::Body;
 use tower::{Layer, Service, ServiceExt};
 
 use appproxy_test_support::logs::Sink;
@@ -72,10 +73,20 @@ fn run(policy: IdPolicy, headers: &[(&str, &str)]) -> (http::HeaderMap, Seen, Ve
         builder = builder.header(*n, *v);
     }
     let req = builder.body(String::new()).expect("request");
+    // The access line is written at the body's end: read the body (as hyper would)
+    // under the test's subscriber.
     let resp = tracing::subscriber::with_default(sub, || {
         futures_lite::future::block_on(async {
             svc.ready().await.expect("ready");
-            svc.call(req).await.expect("infallible")
+            let resp = svc.call(req).await.expect("infallible");
+            let (parts, body) = resp.into_parts();
+            let mut body = std::pin::pin!(body);
+            while let Some(frame) =
+                futures_lite::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+            {
+                frame.expect("infallible");
+            }
+            Response::from_parts(parts, ())
         })
     });
     let lines = String::from_utf8(sink.0.lock().expect("sink").clone())
@@ -119,7 +130,18 @@ fn absent_is_generated_and_echoed() {
     );
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], 5);
+    assert_eq!(access["complete"], true);
+    assert!(access.get("error").is_none());
     assert!(access["duration_us"].is_u64());
+    assert!(access["head_us"].as_u64() <= access["duration_us"].as_u64());
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .count(),
+        1,
+        "one access line"
+    );
     let handler_line = lines
         .iter()
         .find(|l| l.contains("handler ran"))

@@ -127,3 +127,91 @@ fn traceparent_reaches_the_logs_and_the_timeline() {
     );
     assert!(derived.iter().any(|e| e.target == "access"), "{log}");
 }
+
+/// The access lines of request `rid` in the proxy's log, once there is one (waited
+/// for up to 30 s: lines reach the file through a writer thread).
+fn access_lines_of(p: &Proxy, rid: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines: Vec<serde_json::Value> = p
+            .log_json()
+            .into_iter()
+            .filter(|v| v["target"] == "access" && v["request_id"] == rid)
+            .collect();
+        if !lines.is_empty() {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for {rid}: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A download's access line is written at the body's end: the bytes of the file and
+/// `complete: true` for a whole one; `complete: false` and fewer bytes for one the
+/// client cut.
+#[test]
+fn a_downloads_access_line_tells_what_was_sent() {
+    use std::io::{Read, Write};
+    let p = Proxy::start("");
+    storage_common::create_folder(&p);
+    let small = storage_common::incompressible(300_000);
+    let r = p.upload("small.bin", &small);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let big_len: u64 = 256 << 20;
+    let big = std::fs::File::create(p.vfolder_path().join("big.bin")).expect("big file");
+    big.set_len(big_len).expect("sparse 256 MiB");
+    drop(big);
+
+    // Whole.
+    let r = p.download("small.bin", "", &[("X-Backend-Request-ID", "dl-whole-1")]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, small);
+    let lines = access_lines_of(&p, "dl-whole-1");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["path"], "/download", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["bytes"], small.len() as u64, "{line}");
+    assert_eq!(line["complete"], true, "{line}");
+    assert!(
+        line["duration_us"].as_u64() >= line["head_us"].as_u64(),
+        "{line}"
+    );
+    assert!(
+        line["trace_id"].is_string() && line["span_id"].is_string(),
+        "{line}"
+    );
+
+    // Cut by the client after 1 MiB.
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": storage_common::VFID, "relpath": "big.bin"}),
+    );
+    let mut s = std::net::TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /download?token={token} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: dl-cut-1\r\n\r\n"
+    )
+    .expect("send");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < (1 << 20) {
+        let n = s.read(&mut buf).expect("the download's start");
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+    }
+    drop(s);
+    let lines = access_lines_of(&p, "dl-cut-1");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["path"], "/download", "{line}");
+    assert_eq!(line["complete"], false, "{line}");
+    let bytes = line["bytes"].as_u64().expect("bytes");
+    assert!(bytes > 0 && bytes < big_len, "{line}");
+}
