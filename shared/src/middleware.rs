@@ -13,8 +13,9 @@
 //! ready: the response body is wrapped in an [`AccessBody`], which counts the data
 //! bytes handed on to the connection and owns the line until it writes it, exactly
 //! once, at the first of
-//! - the body's end (`poll_frame` gave `None`, the body reports `is_end_stream`, or
-//!   all the bytes of its `Content-Length` went out): `complete: true`;
+//! - the body's end (`poll_frame` gave `None` or a trailers frame, the body reports
+//!   `is_end_stream`, or all the bytes of its `Content-Length` went out):
+//!   `complete: true`, unless it ended short of that length (below);
 //! - a body error: `complete: false` and `error` (the error's text, at most
 //!   [`MAX_ERROR_LEN`] bytes); a body that ends short of the `Content-Length` it
 //!   announced counts as one (`error: "body ended short of its Content-Length: …"`);
@@ -29,7 +30,11 @@
 //! and drops the body in its connection task, outside the request's scope, so the
 //! body re-binds the request's ID and span and re-enters its line span (which holds
 //! the `access_key` note) to write the line. When the service fails (`Err`), the line
-//! is written at once with `status: "error"`, as there is no body.
+//! is written at once with `status: "error"`, as there is no body. A request whose
+//! connection closes before the service answers (the client went away, the server
+//! stopped) is logged as its future is dropped: status 499 (nginx's "client closed
+//! request"), `bytes: 0`, `complete: false` and the reason. So every request has
+//! exactly one line.
 //!
 //! It also opens one span per request (W3C Trace Context, [`crate::trace`]): a valid
 //! `traceparent` makes the span a child of the caller's; otherwise the span is a root
@@ -161,8 +166,20 @@ where
         // The service that was made ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let request_notes = notes.clone();
-        let request_line_span = line_span.clone();
+        // The line exists from the start: a request whose connection closes before
+        // its answer (the client went away, the server stopped) is logged as the
+        // future is dropped (499, as nginx logs it).
+        let mut unanswered = Unanswered(Some(AccessLine {
+            id,
+            span,
+            line_span: line_span.clone(),
+            notes: notes.clone(),
+            method: req.method().clone(),
+            path: path.clone(),
+            status: 0,
+            started,
+            head_us: 0,
+        }));
         let fut = async move {
             if origin == Origin::Replaced {
                 tracing::debug!("invalid request id replaced by a generated one");
@@ -175,6 +192,11 @@ where
             }
             let result = inner.call(req).await;
             let head = started.elapsed();
+            // Only this line takes it, once: the future ends here.
+            let Some(mut line) = unanswered.0.take() else {
+                unreachable!("the access line is taken only once the service answered");
+            };
+            line.head_us = micros(head);
             match result {
                 Ok(mut resp) => {
                     if let Some(id) = id {
@@ -193,22 +215,13 @@ where
                         || resp.body().is_end_stream();
                     let expected =
                         content_length(resp.headers()).or_else(|| resp.body().size_hint().exact());
-                    let line = AccessLine {
-                        id,
-                        span,
-                        line_span: request_line_span,
-                        notes: request_notes,
-                        method,
-                        path,
-                        status: status.as_u16(),
-                        started,
-                        head_us: micros(head),
-                    };
+                    line.status = status.as_u16();
                     Ok(resp.map(|body| AccessBody::new(body, line, expected, nothing_to_send)))
                 }
                 Err(e) => {
                     #[cfg(feature = "otlp")]
-                    export_span(&span, id.as_ref(), &method, &path, 0, &request_notes, head);
+                    export_span(&span, id.as_ref(), &method, &path, 0, &line.notes, head);
+                    drop(line);
                     tracing::info!(
                         target: "access",
                         method = %method,
@@ -327,6 +340,26 @@ impl AccessLine {
     }
 }
 
+/// The access line of a request not answered yet: written, if the request's future
+/// is dropped before the service answers (its connection closed: the client went
+/// away, or the server stopped), with status 499 (nginx's "client closed request"),
+/// `bytes: 0`, `complete: false` and the reason.
+struct Unanswered(Option<AccessLine>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut line) = self.0.take() {
+            line.status = 499;
+            line.head_us = micros(line.started.elapsed());
+            line.write(
+                0,
+                BodyEnd::Error("the connection closed before the answer".into()),
+                true,
+            );
+        }
+    }
+}
+
 /// `text` cut to at most [`MAX_ERROR_LEN`] bytes at a character boundary.
 fn bounded(mut text: String) -> String {
     if text.len() > MAX_ERROR_LEN {
@@ -370,9 +403,21 @@ pin_project_lite::pin_project! {
                 } else {
                     BodyEnd::Dropped
                 };
-                line.write(*this.bytes, end, false);
+                let sent = this.expected.map_or(*this.bytes, |n| (*this.bytes).min(n));
+                line.write(sent, end, false);
             }
         }
+    }
+}
+
+/// How a body that ended after `bytes` ended: complete, or short of the
+/// `Content-Length` it announced (a file cut while read: the client sees it cut).
+fn ended_at(bytes: u64, expected: Option<u64>) -> BodyEnd {
+    match expected {
+        Some(n) if bytes < n => BodyEnd::Error(format!(
+            "body ended short of its Content-Length: {bytes} of {n} bytes"
+        )),
+        _ => BodyEnd::Complete,
     }
 }
 
@@ -432,37 +477,34 @@ where
             Poll::Ready(polled) => polled,
             Poll::Pending => return Poll::Pending,
         };
+        let sent = |bytes: u64, expected: Option<u64>| expected.map_or(bytes, |n| bytes.min(n));
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.remaining() as u64;
                 }
-                if this.line.is_some()
-                    && (this.expected.is_some_and(|n| *this.bytes >= n)
-                        || this.inner.is_end_stream())
-                {
+                // Trailers are the last frame (hyper drops the body after them);
+                // a body may also say it has ended with its last frame. Either
+                // ends the answer, as `None` does. hyper also stops at the
+                // `Content-Length`: all of it sent is the end too.
+                let ended = frame.is_trailers() || this.inner.is_end_stream();
+                if ended || this.expected.is_some_and(|n| *this.bytes >= n) {
                     if let Some(line) = this.line.take() {
-                        line.write(*this.bytes, BodyEnd::Complete, false);
+                        let end = ended_at(*this.bytes, *this.expected);
+                        line.write(sent(*this.bytes, *this.expected), end, false);
                     }
                 }
             }
             Some(Err(e)) => {
                 if let Some(line) = this.line.take() {
-                    line.write(*this.bytes, BodyEnd::Error(bounded(e.to_string())), false);
+                    let end = BodyEnd::Error(bounded(e.to_string()));
+                    line.write(sent(*this.bytes, *this.expected), end, false);
                 }
             }
             None => {
                 if let Some(line) = this.line.take() {
-                    let end = match *this.expected {
-                        // The answer ends short of the `Content-Length` it announced
-                        // (a file cut while read): the client sees it cut.
-                        Some(n) if *this.bytes < n => BodyEnd::Error(format!(
-                            "body ended short of its Content-Length: {} of {n} bytes",
-                            this.bytes
-                        )),
-                        _ => BodyEnd::Complete,
-                    };
-                    line.write(*this.bytes, end, false);
+                    let end = ended_at(*this.bytes, *this.expected);
+                    line.write(sent(*this.bytes, *this.expected), end, false);
                 }
             }
         }

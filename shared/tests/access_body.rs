@@ -31,6 +31,11 @@ static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
 const LONG: u64 = 1 << 30;
 /// The data a `/fail` body sends before its error.
 const BEFORE_FAILURE: u64 = 3 * 1000;
+/// The data a `/trailers` body sends before its trailers.
+const TRAILED: u64 = 4_500;
+/// What `/short` announces in its `Content-Length`, and what it sends.
+const SHORT_ANNOUNCED: u64 = 10_000;
+const SHORT_SENT: u64 = 4_000;
 
 /// A test response body: `left` bytes in chunks of `chunk`, then the end, or an
 /// error after `fail_after` chunks.
@@ -42,6 +47,8 @@ struct Chunks {
     /// Chunks sent before the error, for a failing body.
     fail_after: Option<u32>,
     sent: u32,
+    /// Ends with a trailers frame (still to send), never saying it has ended.
+    trailers: bool,
 }
 
 impl Chunks {
@@ -52,6 +59,7 @@ impl Chunks {
             sized: false,
             fail_after: None,
             sent: 0,
+            trailers: false,
         }
     }
 }
@@ -70,6 +78,12 @@ impl Body for Chunks {
             return Poll::Ready(Some(Err(std::io::Error::other(text))));
         }
         if self.left == 0 {
+            if self.trailers {
+                self.trailers = false;
+                let mut fields = http::HeaderMap::new();
+                fields.insert("x-checksum", http::HeaderValue::from_static("abc"));
+                return Poll::Ready(Some(Ok(Frame::trailers(fields))));
+            }
             return Poll::Ready(None);
         }
         let n = self.left.min(self.chunk as u64) as usize;
@@ -111,6 +125,22 @@ fn answer(path: &str) -> Response<Chunks> {
             },
         ),
         "/nocontent" => (StatusCode::NO_CONTENT, Chunks::streamed(100, 10)),
+        "/trailers" => (
+            StatusCode::OK,
+            Chunks {
+                trailers: true,
+                ..Chunks::streamed(TRAILED, 1000)
+            },
+        ),
+        "/short" => {
+            // Announces more than it sends (a file cut while read).
+            let mut resp = Response::new(Chunks::streamed(SHORT_SENT, 1000));
+            resp.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(SHORT_ANNOUNCED),
+            );
+            return resp;
+        }
         other => match other.strip_prefix("/stream/").and_then(|n| n.parse().ok()) {
             Some(n) => (StatusCode::OK, Chunks::streamed(n, 10_000)),
             None => (StatusCode::NOT_FOUND, Chunks::streamed(0, 1)),
@@ -152,6 +182,12 @@ impl Server {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let handler = tower::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/hang" {
+                        // An answer that never comes (while its client goes away).
+                        note_access_key(ACCESS_KEY);
+                        tracing::info!("hanging");
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
                     Ok::<_, Infallible>(answer(req.uri().path()))
                 });
                 let svc =
@@ -202,6 +238,24 @@ impl Server {
             assert!(
                 Instant::now() < deadline,
                 "no access line for {rid}:\n{}",
+                self.sink.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (30 s at most) until the handler holds request `rid` of `/hang`.
+    fn wait_hanging(&self, rid: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .sink
+            .json_lines()
+            .iter()
+            .any(|v| v["message"] == "hanging" && v["request_id"] == rid)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the handler never had {rid}:\n{}",
                 self.sink.text()
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -409,4 +463,81 @@ fn several_requests_on_one_connection_each_get_one_line() {
         assert_eq!(line["complete"], true, "{line}");
     }
     server.stop_and_count(&["ka-1", "ka-2", "ka-3"]);
+}
+
+#[test]
+fn a_body_ending_with_trailers_is_complete() {
+    let server = Server::start();
+    let r = request(
+        server.addr,
+        "GET",
+        "/trailers",
+        &[("X-Backend-Request-ID", "trailers-1"), ("TE", "trailers")],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len() as u64, TRAILED);
+    let line = server.wait_line("trailers-1");
+    assert_context(&line, "trailers-1");
+    assert_eq!(line["bytes"], TRAILED, "{line}");
+    assert_eq!(line["complete"], true, "{line}");
+    assert!(line.get("error").is_none(), "{line}");
+    server.stop_and_count(&["trailers-1"]);
+}
+
+#[test]
+fn a_body_short_of_its_content_length_is_logged_as_cut() {
+    let server = Server::start();
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"GET /short HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: short-1\r\n\r\n")
+        .expect("send");
+    // hyper closes the connection when the body ends short: read to the end.
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let line = server.wait_line("short-1");
+    assert_context(&line, "short-1");
+    assert_eq!(line["complete"], false, "{line}");
+    assert_eq!(line["bytes"], SHORT_SENT, "{line}");
+    assert_eq!(
+        line["error"],
+        format!("body ended short of its Content-Length: {SHORT_SENT} of {SHORT_ANNOUNCED} bytes"),
+        "{line}"
+    );
+    server.stop_and_count(&["short-1"]);
+}
+
+#[test]
+fn a_request_whose_client_leaves_before_the_answer_is_logged_as_499() {
+    let server = Server::start();
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(b"GET /hang HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: gone-1\r\n\r\n")
+        .expect("send");
+    // The client goes away while the handler waits.
+    server.wait_hanging("gone-1");
+    drop(s);
+    let line = server.wait_line("gone-1");
+    assert_context(&line, "gone-1");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes"], 0, "{line}");
+    assert_eq!(line["complete"], false, "{line}");
+    assert_eq!(
+        line["error"], "the connection closed before the answer",
+        "{line}"
+    );
+    // A request still unanswered when the server stops is logged so too.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(b"GET /hang HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: gone-2\r\n\r\n")
+        .expect("send");
+    server.wait_hanging("gone-2");
+    let sink = server.sink.clone();
+    server.stop_and_count(&["gone-1", "gone-2"]);
+    let stopped = sink
+        .json_lines()
+        .into_iter()
+        .find(|v| v["target"] == "access" && v["request_id"] == "gone-2")
+        .expect("a line for the request the stop cut");
+    assert_eq!(stopped["status"], 499, "{stopped}");
+    drop(s);
 }

@@ -187,7 +187,7 @@ pub struct CoordinatorSection {
     /// leader's jobs renews it; the leader runs the worker-lost check, the idle
     /// collection, the unsettled-creation sweep and the health check. A node that
     /// stops gracefully gives the lease up as it stops; one killed or cut off from
-    /// Redis is succeeded once this has run out. At least 2 s; a lease no longer
+    /// Redis is succeeded once this has run out. 2 s to a day; a lease no longer
     /// than the shortest of those jobs' periods lapses between passes (warned at
     /// start).
     pub leader_lease_secs: u64,

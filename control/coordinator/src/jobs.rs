@@ -20,9 +20,9 @@ use super::{access, State};
 const LEADER_KEY: &str = "leader:appproxy:coordinator";
 
 /// The leadership lease, as configured (`[coordinator] leader_lease_secs`, at least
-/// 2 s).
+/// 2 s, at most a day).
 fn lease(state: &State) -> Duration {
-    Duration::from_secs(state.config.coordinator.leader_lease_secs.max(2))
+    Duration::from_secs(state.config.coordinator.leader_lease_secs.clamp(2, 86_400))
 }
 
 /// Warns at start when the lease lapses between the leader's passes: no longer
@@ -32,10 +32,18 @@ pub(super) fn warn_if_lease_lapses(state: &State) {
         return;
     }
     let c = &state.config.coordinator;
+    // The health check's refresh renews it too (`health::run`, clamped so).
+    let refresh = state
+        .config
+        .health_check
+        .refresh_interval_secs
+        .clamp(0.05, 3600.0)
+        .ceil() as u64;
     let shortest = [
         c.check_worker_lost_interval_secs,
         c.check_unused_circuit_interval_secs,
         c.check_unsettled_creation_interval_secs,
+        refresh,
     ]
     .into_iter()
     .map(|s| s.max(1))
@@ -96,6 +104,9 @@ async fn lead_once(state: &State) -> bool {
     let Some(conn) = &state.redis else {
         return true;
     };
+    if state.stopping.load(Ordering::SeqCst) {
+        return false;
+    }
     let mut conn = conn.clone();
     let me = state.node_id.to_string();
     // Renew if ours, else take it if free — one atomic script. A key of another

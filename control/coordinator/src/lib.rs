@@ -187,6 +187,10 @@ pub struct State {
     pub metrics: Metrics,
     /// This process's node ID, for leadership.
     pub node_id: uuid::Uuid,
+    /// Set once the coordinator stops: it no longer takes or renews the leadership
+    /// lease (a pass still running, such as a health decision spawned before the
+    /// stop, cannot take back the lease it gave up).
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
     /// Circuits stored by a creation still under way (announced, waiting for the
     /// acknowledgement, or being withdrawn): not yet an answer to give anyone else.
     creating: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
@@ -1193,6 +1197,7 @@ impl Coordinator {
             server: Arc::default(),
             metrics: Metrics::default(),
             node_id: uuid::Uuid::new_v4(),
+            stopping: Default::default(),
             creating: Default::default(),
             reuse_locks: KeyedLocks::default(),
         });
@@ -1263,8 +1268,10 @@ impl Coordinator {
             shutdown,
         )
         .await;
-        // The jobs end first (an aborted task ends at its next await), so none
-        // renews the lease after it is given up.
+        // No pass takes or renews the lease from now on (one spawned outside the
+        // jobs, a health decision, may still be running); the jobs end (an aborted
+        // task ends at its next await); then the lease is given up.
+        leader.stopping.store(true, Ordering::SeqCst);
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         jobs::step_down(&leader).await;

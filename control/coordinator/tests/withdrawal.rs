@@ -1861,8 +1861,8 @@ fn an_acknowledgement_that_came_during_a_pause_is_not_a_timeout() {
 }
 
 /// The leadership lease (`leader_lease_secs`): a coordinator that stops gracefully
-/// (SIGTERM) gives it up as it stops, so the next node leads at its next pass; one
-/// killed keeps it until it runs out, at most the configured lease later.
+/// (SIGTERM) gives it up as it stops, and the other node leads at its next pass;
+/// one killed keeps it until it runs out, at most the configured lease later.
 #[test]
 fn a_stopping_coordinator_gives_up_its_lease_and_a_killed_ones_runs_out() {
     let pg = Pg::start();
@@ -1879,25 +1879,29 @@ fn a_stopping_coordinator_gives_up_its_lease_and_a_killed_ones_runs_out() {
         "leader_lease_secs = 7\ncheck_unsettled_creation_interval_secs = 1\n[redis]\nurl = \"{}\"",
         redis.url()
     );
-    // Stopped gracefully: the lease is given up.
-    let (dir, mut c) = node(&pg, &extra);
-    wait_for("the coordinator never took the lease", || {
-        holder(&mut conn).is_some()
+    let (dir, mut first) = node(&pg, &extra);
+    let mut led = None;
+    wait_for("the first coordinator never took the lease", || {
+        led = holder(&mut conn);
+        led.is_some()
     });
+    let first_id = led.expect("the first node's lease");
+    let (_second_dir, second) = node(&pg, &extra);
+    // Stopped gracefully: the lease is given up, and the second node takes it.
     let status = std::process::Command::new("kill")
         .arg("-TERM")
-        .arg(c.child.id().to_string())
+        .arg(first.child.id().to_string())
         .status()
         .expect("kill");
     assert!(status.success());
     let deadline = Instant::now() + PATIENCE;
-    while c.child.try_wait().expect("wait").is_none() {
+    while first.child.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "the coordinator never stopped");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        holder(&mut conn),
-        None,
+    assert_ne!(
+        holder(&mut conn).as_deref(),
+        Some(first_id.as_str()),
         "a coordinator that stopped gracefully still holds the lease"
     );
     assert!(
@@ -1906,14 +1910,17 @@ fn a_stopping_coordinator_gives_up_its_lease_and_a_killed_ones_runs_out() {
             .any(|l| l["message"] == "leadership given up"),
         "the coordinator did not say it gave up the lease"
     );
-    // Killed: the lease stays, for at most the lease configured.
-    let (_dir, c) = node(&pg, &extra);
+    let mut next = None;
     wait_for("the second coordinator never took the lease", || {
-        holder(&mut conn).is_some()
+        next = holder(&mut conn);
+        next.is_some()
     });
-    drop(c);
-    assert!(
-        holder(&mut conn).is_some(),
+    assert_ne!(next.as_deref(), Some(first_id.as_str()));
+    // Killed: the lease stays, for at most the lease configured.
+    drop(second);
+    assert_eq!(
+        holder(&mut conn),
+        next,
         "a killed coordinator gave up its lease"
     );
     let left: i64 = redis::cmd("PTTL")

@@ -353,6 +353,9 @@ impl SqliteStore {
     /// fails as on a full disk.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
+        // A newer build's store is left as it is: checked before anything is set.
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        super::schema_known(version, MIGRATIONS.len())?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         if max_bytes > 0 {
             let page: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
@@ -361,8 +364,6 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        super::schema_known(version, MIGRATIONS.len())?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(m)?;
