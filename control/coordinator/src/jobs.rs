@@ -66,19 +66,10 @@ pub(super) async fn step_down(state: &State) {
     let Some(conn) = &state.redis else {
         return;
     };
-    let mut conn = conn.clone();
     const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then
              return redis.call('DEL', KEYS[1]) end
          return 0";
-    let released = super::bounded(
-        redis::cmd("EVAL")
-            .arg(SCRIPT)
-            .arg(1)
-            .arg(LEADER_KEY)
-            .arg(state.node_id.to_string())
-            .query_async::<i64>(&mut conn),
-    )
-    .await;
+    let released = on_lease(state, conn, SCRIPT, None).await;
     state.metrics.observed.leader.store(0, Ordering::Relaxed);
     match released {
         Ok(1) => tracing::info!(key = LEADER_KEY, "leadership given up"),
@@ -87,6 +78,26 @@ pub(super) async fn step_down(state: &State) {
             tracing::warn!(error = %e, "leadership could not be given up; it runs out by itself")
         }
     }
+}
+
+/// Runs `script` on the leader key with this node's ID as `ARGV[1]` (and `px`, the
+/// lease in milliseconds, as `ARGV[2]`), bounded like every Redis call.
+async fn on_lease(
+    state: &State,
+    conn: &super::redis_link::RedisConn,
+    script: &str,
+    px: Option<u64>,
+) -> redis::RedisResult<i64> {
+    let mut conn = conn.clone();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script)
+        .arg(1)
+        .arg(LEADER_KEY)
+        .arg(state.node_id.to_string());
+    if let Some(px) = px {
+        cmd.arg(px);
+    }
+    super::bounded(cmd.query_async::<i64>(&mut conn)).await
 }
 
 /// Takes or renews the lease; true when this node leads.
@@ -107,8 +118,6 @@ async fn lead_once(state: &State) -> bool {
     if state.stopping.load(Ordering::SeqCst) {
         return false;
     }
-    let mut conn = conn.clone();
-    let me = state.node_id.to_string();
     // Renew if ours, else take it if free — one atomic script. A key of another
     // type (a hash another client wrote on a shared Redis) is no lease: it is
     // replaced (2: taken so), never a lasting WRONGTYPE that leaves the cluster
@@ -119,16 +128,7 @@ async fn lead_once(state: &State) -> bool {
          if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
          if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 + replaced end
          return 0";
-    let led = super::bounded(
-        redis::cmd("EVAL")
-            .arg(SCRIPT)
-            .arg(1)
-            .arg(LEADER_KEY)
-            .arg(&me)
-            .arg(lease(state).as_millis() as u64)
-            .query_async::<i64>(&mut conn),
-    )
-    .await;
+    let led = on_lease(state, conn, SCRIPT, Some(lease(state).as_millis() as u64)).await;
     match led {
         Ok(2) => {
             tracing::warn!(
