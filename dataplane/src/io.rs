@@ -487,6 +487,7 @@ impl TcpConn {
     /// Polls a read into `buf` (plaintext over TLS); `Ok(0)` is end of stream. For
     /// the async I/O traits ([`crate::h2::io`]): one task polls a connection.
     pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        ready!(crate::reactor::poll_read_turn(cx));
         if let Some(tls) = &self.tls {
             return loop {
                 let r = self.tls_read_now(&mut tls.session.borrow_mut(), buf);
@@ -620,7 +621,11 @@ impl TcpConn {
     /// Reads what the peer sends to drop it (a lingering close): the socket's bytes as
     /// they are, without TLS; `Ok(0)` is end of stream.
     pub async fn discard(&self, buf: &mut [u8]) -> io::Result<usize> {
-        poll_fn(|cx| self.poll_recv(cx, buf)).await
+        poll_fn(|cx| {
+            ready!(crate::reactor::poll_read_turn(cx));
+            self.poll_recv(cx, buf)
+        })
+        .await
     }
 
     /// Writes some of `buf`.
@@ -681,6 +686,7 @@ impl TcpConn {
     /// Waits until a read may make progress (data, end of stream or an error), without
     /// holding a buffer meanwhile: idle connections then cost no buffer memory.
     pub async fn readable(&self) -> io::Result<()> {
+        poll_fn(crate::reactor::poll_read_turn).await;
         if let Some(tls) = &self.tls {
             // Plaintext (or an error) rustls already holds is ready without the socket.
             let buffered = match tls.session.borrow_mut().process_new_packets() {
@@ -1150,6 +1156,48 @@ pub(crate) mod tests {
         assert_eq!(in_epoll_set(&reactor), before + 1);
         drop(conn);
         assert_eq!(in_epoll_set(&reactor), before, "closing leaves the set");
+    }
+
+    /// A task whose reads always find bytes still lets the core's other tasks run:
+    /// after [`crate::reactor::READS_PER_POLL`] reads in one poll its read yields,
+    /// whether it reads through `read`, `readable` or `discard`. Before, a relay fed
+    /// faster than it could empty its source ran in one poll for as long as the feed
+    /// lasted. Here the reader is polled first and the bytes are all there: without
+    /// the turn it would make every read before the other task ran once.
+    #[test]
+    fn a_read_that_always_finds_bytes_still_lets_other_tasks_run() {
+        use crate::reactor::READS_PER_POLL;
+        let reactor = reactor();
+        let (conn, mut client) = accepted(&reactor);
+        conn.set_timeout(Duration::from_secs(10));
+        client.write_all(&[b'x'; 64 * 1024]).expect("send");
+        for way in ["read", "readable", "discard"] {
+            let other_ran = Cell::new(false);
+            let reader = async {
+                let mut buf = [0u8; 16];
+                for i in 0..(4 * READS_PER_POLL) {
+                    let n = match way {
+                        "read" => conn.read(&mut buf).await,
+                        "discard" => conn.discard(&mut buf).await,
+                        _ => conn.readable().await.and_then(|()| conn.try_read(&mut buf)),
+                    }
+                    .expect("read");
+                    assert_eq!(n, buf.len(), "{way}: the bytes are all there");
+                    if other_ran.get() {
+                        return Some(i);
+                    }
+                }
+                None
+            };
+            let other = async { other_ran.set(true) };
+            let (first_seen, ()) = drive(&reactor, futures_lite::future::zip(reader, other));
+            // (The count goes on from the way before: this thread's polls are
+            // not a counted task's, which starts each poll afresh.)
+            assert!(
+                first_seen.is_some_and(|i| i <= READS_PER_POLL),
+                "{way}: the reader did not let the other task run within its turn: {first_seen:?}"
+            );
+        }
     }
 
     /// Readiness that arrives after a syscall said `EAGAIN` and before the socket

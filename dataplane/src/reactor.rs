@@ -50,6 +50,36 @@ pub const DEADLINE_SCAN: Duration = Duration::from_millis(50);
 thread_local! {
     /// Polls of tasks spawned with [`spawn`] on this thread (wrapping).
     static TASK_POLLS: Cell<u64> = const { Cell::new(0) };
+    /// Reads the task being polled has begun in this poll ([`poll_read_turn`]).
+    static READS_THIS_POLL: Cell<u32> = const { Cell::new(0) };
+}
+
+/// How many reads a task may begin in one of its polls before it lets the core's
+/// other tasks run. A relay whose source always has bytes and whose destination
+/// always takes them never waits, so without a bound it would run in one poll for
+/// as long as its peers keep up, and every other connection of the core would wait
+/// for it: a client flooding 7-byte WebSocket frames held a core for 2.3 s (the
+/// watchdog's "core stalled" line), 64 KiB frames for 0.4 s. 32 reads are at most
+/// 2 MiB of a relay's 64 KiB buffers, or about 300,000 inspected tiny frames; a
+/// small request takes two or three.
+pub const READS_PER_POLL: u32 = 32;
+
+/// A task's turn on its core, taken before each read (every read of a
+/// [`crate::io::TcpConn`] passes here): `Pending`, the task woken to run again
+/// after the core's other tasks, once it has begun [`READS_PER_POLL`] reads in this
+/// poll ([`counted`] starts each poll with a fresh count; so does the yield).
+pub fn poll_read_turn(cx: &mut Context<'_>) -> Poll<()> {
+    READS_THIS_POLL.with(|reads| {
+        let n = reads.get();
+        if n >= READS_PER_POLL {
+            reads.set(0);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            reads.set(n + 1);
+            Poll::Ready(())
+        }
+    })
 }
 
 fn task_polls() -> u64 {
@@ -72,6 +102,7 @@ pub async fn counted<F: Future>(fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
         TASK_POLLS.with(|p| p.set(p.get().wrapping_add(1)));
+        READS_THIS_POLL.with(|r| r.set(0));
         fut.as_mut().poll(cx)
     })
     .await
