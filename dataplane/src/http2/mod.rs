@@ -289,6 +289,25 @@ pub async fn serve(
                 crate::reactor::spawn(stream::handle(ctx.clone(), guard, req, respond)).detach();
             }
             Some(Err(e)) => {
+                // The `h2` library's own cuts for abuse (resets before accept past
+                // its cap, a CONTINUATION or empty-DATA flood: `GOAWAY` with
+                // ENHANCE_YOUR_CALM) are cuts for abuse as the worker's own are:
+                // counted, and no lingering close (such a client was read for
+                // `lingering_secs` after it, at up to 40 % of a core).
+                if e.is_go_away()
+                    && e.is_library()
+                    && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                    && !cut
+                {
+                    cut = true;
+                    core.metrics.add(counter::H2_ABUSE, 1);
+                    tracing::warn!(
+                        conn = conn_id,
+                        peer = %hop.peer,
+                        error = %e,
+                        "HTTP/2 client cut for abuse by the protocol's own limits; closing the connection"
+                    );
+                }
                 end = Some(e.to_string());
                 break;
             }
