@@ -840,6 +840,9 @@ pub async fn ws_pipe(
         }
         let mut pending = Vec::new();
         let mut eof = false;
+        // A protocol violation: the session ends with its close code once the
+        // frames sent whole before it are forwarded.
+        let mut violated = None;
         {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 break Some(crate::ws::close_code::GOING_AWAY);
@@ -884,7 +887,14 @@ pub async fn ws_pipe(
                         from_client,
                         "websocket protocol violation"
                     );
-                    break 'relay Some(v.code);
+                    violated = Some(v.code);
+                    // What came whole before the violating frame goes on, and
+                    // the bytes from it on are dropped (not carried).
+                    let before = inspector.before_violation().clone();
+                    crate::ws::Feed {
+                        dropped: total - before.consumed,
+                        ..before
+                    }
                 }
             };
             at_boundary = inspector.at_frame_boundary();
@@ -904,7 +914,7 @@ pub async fn ws_pipe(
             }
             pending.extend_from_slice(&buf[written..feed.consumed]);
             carry.extend_from_slice(&buf[feed.consumed + feed.dropped..total]);
-            if feed.dropped > 0 {
+            if feed.dropped > 0 && violated.is_none() {
                 if stats.dropped_after_close == 0 {
                     tracing::info!(from_client, "websocket data after a close frame dropped");
                 }
@@ -933,6 +943,9 @@ pub async fn ws_pipe(
                 Ok(false) => {}
                 Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
             }
+        }
+        if violated.is_some() {
+            break violated;
         }
         if eof {
             break None;

@@ -78,6 +78,9 @@ pub struct Inspector {
     in_message: bool,
     /// The peer sent its close frame: whatever it sends after is dropped.
     closed: bool,
+    /// What the last [`Inspector::feed`] that found a violation found whole and
+    /// valid before it.
+    before_violation: Feed,
 }
 
 impl Inspector {
@@ -89,7 +92,17 @@ impl Inspector {
             state: State::Header,
             in_message: false,
             closed: false,
+            before_violation: Feed::default(),
         }
+    }
+
+    /// What the last [`Inspector::feed`] that returned a violation found whole and
+    /// valid before the violating frame: frames the peer sent in full, which the
+    /// relay forwards before it closes the session (they end at a frame boundary,
+    /// so the close frame that follows them is a frame of its own). Before, they
+    /// were lost whenever the violation came in the same read.
+    pub fn before_violation(&self) -> &Feed {
+        &self.before_violation
     }
 
     /// Whether the peer sent its close frame (everything after it is dropped).
@@ -110,6 +123,20 @@ impl Inspector {
     /// frame a peer has nothing more to say, whatever the bytes are.
     pub fn feed(&mut self, input: &[u8]) -> Result<Feed, Violation> {
         let mut out = Feed::default();
+        match self.scan(input, &mut out) {
+            Ok(()) => Ok(out),
+            Err(v) => {
+                // `out` stops at the violating frame: its header is where the
+                // last whole frame ended, and nothing of it was counted.
+                self.before_violation = out;
+                Err(v)
+            }
+        }
+    }
+
+    /// [`Inspector::feed`]'s scan: `out` holds what was found whole and valid so
+    /// far (`consumed` up to the frame being looked at) when a violation is found.
+    fn scan(&mut self, input: &[u8], out: &mut Feed) -> Result<(), Violation> {
         let mut pos = 0;
         while pos < input.len() {
             if self.closed {
@@ -203,7 +230,7 @@ impl Inspector {
             out.consumed = pos;
         }
         out.consumed = pos;
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -727,7 +754,7 @@ mod tests {
 
     /// What a relay makes of a stream read in `pieces`: it forwards what each feed
     /// consumed, drops what came after the close, and feeds the rest again with
-    /// the next read.
+    /// the next read; at a violation it forwards the frames whole before it.
     #[derive(Debug, PartialEq, Eq)]
     struct Outcome {
         forwarded: Vec<u8>,
@@ -773,6 +800,13 @@ mod tests {
                     pending.drain(..f.consumed + f.dropped);
                 }
                 Err(e) => {
+                    // The frames whole before the violating one go on (the
+                    // relay forwards them, then closes).
+                    let f = ins.before_violation();
+                    out.forwarded.extend_from_slice(&pending[..f.consumed]);
+                    out.messages += f.messages;
+                    out.payload += f.payload;
+                    out.close = out.close.or(f.close);
                     out.error = Some(e);
                     break;
                 }
@@ -837,6 +871,11 @@ mod tests {
                 Some(e) => {
                     proptest::prop_assert_eq!(cut.error.as_ref(), Some(e));
                     proptest::prop_assert_eq!(bytewise.error.as_ref(), Some(e));
+                    // What goes on before the violation (every frame before the
+                    // violating one) is the same however the stream was read.
+                    proptest::prop_assert_eq!(&cut.forwarded, &whole.forwarded);
+                    proptest::prop_assert_eq!(&bytewise.forwarded, &whole.forwarded);
+                    proptest::prop_assert_eq!(cut.messages, whole.messages);
                 }
                 None => {
                     proptest::prop_assert_eq!(&cut, &whole);

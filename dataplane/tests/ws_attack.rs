@@ -500,9 +500,15 @@ fn rsv1_only_on_a_messages_first_frame() {
         let to_client = read_to_close(&mut c);
         assert_eq!(close_code(&to_client), Some(1002), "{what}: {to_client:x?}");
         let to_app = app_got(&got, i + 1);
-        // The valid first fragment may pass (or not, when it came in the same read
-        // as the violation); the offending frame never does.
-        let close_at = to_app.strip_prefix(&first_fragment[..]).unwrap_or(&to_app);
+        // The valid first fragment passes, even in the same read as the
+        // violation; the offending frame never does.
+        let close_at = if what.starts_with("continuation") {
+            to_app.strip_prefix(&first_fragment[..]).unwrap_or_else(|| {
+                panic!("{what}: the whole fragment before it was lost: {to_app:x?}")
+            })
+        } else {
+            &to_app[..]
+        };
         assert_eq!(close_code(close_at), Some(1002), "{what}: {to_app:x?}");
         assert_eq!(close_at.len(), 8, "{what}: {to_app:x?}");
     }
@@ -713,5 +719,79 @@ fn nothing_a_peer_sends_after_its_close_frame_is_relayed() {
         common::log_count(&w, "websocket data after a close frame dropped"),
         2
     );
+    released(&w, before);
+}
+
+/// Frames a peer sent whole before a violating one reach the other peer, then the
+/// close (1002), whichever side sent them and however the bytes were read: before,
+/// a valid frame that came in the same read as the violation was lost (a small one
+/// whole; a large one cut short, with no close frame after it).
+#[test]
+fn whole_frames_before_a_violation_are_forwarded_first() {
+    // App to client: a 1 MiB binary frame and a masked (server) frame, one write.
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| i as u8).collect();
+    let mut from_app = vec![0x82, 127];
+    from_app.extend((big.len() as u64).to_be_bytes());
+    from_app.extend(&big);
+    let valid_len = from_app.len();
+    from_app.extend([0x81, 0x81, 1, 2, 3, 4, b'x' ^ 1]);
+    let sent = from_app.clone();
+    let (app, got) = scripted_app(move |_, s| {
+        let _ = s.write_all(&[SWITCH_TO_WS, &sent[..]].concat());
+    });
+    let w = worker(app, "");
+    let before = common::resting_fds(&w);
+    let (mut c, head) = handshake(&w, "websocket", "ws-before-violation-app");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let to_client = read_to_close(&mut c);
+    assert!(
+        to_client.len() >= valid_len && to_client[..valid_len] == from_app[..valid_len],
+        "the whole frame before the violation did not reach the client: {} of {valid_len} bytes",
+        to_client.len()
+    );
+    let after = &to_client[valid_len..];
+    assert_eq!(
+        close_code(after),
+        Some(1002),
+        "{} bytes after the frame, starting {:x?}",
+        after.len(),
+        &after[..after.len().min(16)]
+    );
+    assert_eq!(close_code(&app_got(&got, 0)), Some(1002));
+    drop(c);
+    released(&w, before);
+
+    // Client to app: a masked text frame and an unmasked one, one write (an app
+    // that only answers the handshake).
+    let (app, got) = scripted_app(|_, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+    });
+    let w = worker(app, "");
+    let before = common::resting_fds(&w);
+    let hello = [
+        0x81,
+        0x85,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'e' ^ 2,
+        b'l' ^ 3,
+        b'l' ^ 4,
+        b'o' ^ 1,
+    ];
+    let (mut c, head) = handshake(&w, "websocket", "ws-before-violation-client");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[&hello[..], &UNMASKED].concat())
+        .expect("frames");
+    let to_client = read_to_close(&mut c);
+    assert_eq!(close_code(&to_client), Some(1002), "{to_client:x?}");
+    let to_app = app_got(&got, 0);
+    let close_at = to_app
+        .strip_prefix(&hello[..])
+        .unwrap_or_else(|| panic!("the whole frame before the violation was lost: {to_app:x?}"));
+    assert_eq!(close_code(close_at), Some(1002), "{to_app:x?}");
+    assert_eq!(close_at.len(), 8, "{to_app:x?}");
     released(&w, before);
 }
