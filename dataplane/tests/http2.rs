@@ -568,6 +568,47 @@ fn an_http2_apps_interim_heads_plant_no_permit_cookie() {
     assert_eq!(r.headers_named("x-backend-request-id"), vec!["client-id-7"]);
 }
 
+/// A 101 from an HTTP/2 app (HTTP/2 has none, RFC 9113 §8.6) is refused as one
+/// from an HTTP/1.1 app is: the HTTP/2 client gets the relay's 502, never an
+/// interim 101 it would take for a malformed answer (before, it was relayed, and
+/// curl and nghttp failed the stream with PROTOCOL_ERROR).
+#[test]
+fn a_101_from_an_http2_app_is_refused() {
+    use appproxy_test_support::h2frames::{
+        block, frame, serve_raw_app, DATA, END_HEADERS, END_STREAM, HEADERS,
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    if !((ty == HEADERS || ty == DATA) && flags & END_STREAM != 0) {
+                        return Vec::new();
+                    }
+                    [
+                        frame(HEADERS, END_HEADERS, id, &block(&[(b":status", b"101")])),
+                        frame(
+                            HEADERS,
+                            END_HEADERS | END_STREAM,
+                            id,
+                            &block(&[(b":status", b"200")]),
+                        ),
+                    ]
+                    .concat()
+                })
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let out = nghttp_verbose(&[&format!("http://127.0.0.1:{}/switch", w.port)]);
+    assert_eq!(statuses(&out), ["502"], "{out}");
+}
+
 #[test]
 fn interim_responses_reach_http2_clients() {
     let app = lenient::LenientApp::start();

@@ -733,6 +733,8 @@ pub async fn forward(
         enum Head {
             Response(Result<http::Response<RecvStream>, h2::Error>),
             ClientReset,
+            /// A 101: HTTP/2 has none (RFC 9113 §8.6).
+            Switching,
         }
         let mut response = response;
         let mut addr = addr;
@@ -753,6 +755,9 @@ pub async fn forward(
                 while let std::task::Poll::Ready(Some(Ok(mut info))) =
                     response.poll_informational(cx)
                 {
+                    if info.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        return std::task::Poll::Ready(Head::Switching);
+                    }
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
                         super::stream::drop_request_ids(info.headers_mut());
@@ -779,6 +784,15 @@ pub async fn forward(
                 Some(Head::ClientReset) => {
                     ctx.note_client_reset();
                     return Err(Fail::Abort("client reset the stream".into()));
+                }
+                // Refused as a 101 from an HTTP/1.1 app is: never relayed (an
+                // HTTP/2 client takes it for a malformed answer), the app's health
+                // noted as failing.
+                Some(Head::Switching) => {
+                    proxy::note_health(core, route, addr, false);
+                    return Err(Fail::Answer(ProxyError::UpstreamResponse(
+                        ResponseError::Malformed("a 101 from an HTTP/2 app"),
+                    )));
                 }
                 Some(Head::Response(Err(e))) => {
                     if too_large.get() {
