@@ -188,7 +188,7 @@ impl Counter {
             Counter::Http2Streams => spec("appproxy_http2_streams_total", Kind::Counter, "HTTP/2 streams accepted from clients."),
             Counter::Http2StreamsActive => spec("appproxy_http2_streams_active", Kind::Gauge, "HTTP/2 streams being handled now."),
             Counter::Http2AppStreamLimit => spec("appproxy_http2_app_stream_limit_total", Kind::Counter, "Streams from HTTP/2 clients to apps refused (503 app_stream_limit): the core had [http2] max_app_streams open, or the client's address its share (max_app_streams_per_address) once half were taken."),
-            Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487), or flooded CONTINUATION or empty DATA frames."),
+            Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487), or met one of h2's own ENHANCE_YOUR_CALM limits: streams reset before they were accepted, a CONTINUATION flood, a header list past the abuse limit, many small DATA frames, many streams reset for errors."),
             Counter::TimeoutClientHead => spec_timeout("client_head"),
             Counter::TimeoutClientBody => spec_timeout("client_body"),
             Counter::TimeoutClientBodyRate => spec_timeout("client_body_rate"),

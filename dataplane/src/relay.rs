@@ -843,6 +843,9 @@ pub async fn ws_pipe(
         // A protocol violation: the session ends with its close code once the
         // frames sent whole before it are forwarded.
         let mut violated = None;
+        // Where what this turn forwards ends (at a frame boundary or not), taken
+        // as `at_boundary` once all of it is written.
+        let ends_at_boundary;
         {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 break Some(crate::ws::close_code::GOING_AWAY);
@@ -897,7 +900,7 @@ pub async fn ws_pipe(
                     }
                 }
             };
-            at_boundary = inspector.at_frame_boundary();
+            ends_at_boundary = inspector.at_frame_boundary();
             if feed.consumed > 0 {
                 // Bytes flowing either way keep the tunnel alive: the other
                 // direction's wait on `dst` (its source) gets a new idle period, as
@@ -909,8 +912,18 @@ pub async fn ws_pipe(
                 match dst.try_write(&buf[written..feed.consumed]) {
                     Ok(k) => written += k,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => break 'relay Some(crate::ws::close_code::GOING_AWAY),
+                    Err(_) => {
+                        // Part of this turn's bytes went out: `dst` may be inside
+                        // a frame, where no close frame may go.
+                        at_boundary &= written == 0;
+                        break 'relay Some(crate::ws::close_code::GOING_AWAY);
+                    }
                 }
+            }
+            if written == feed.consumed {
+                at_boundary = ends_at_boundary;
+            } else if written > 0 {
+                at_boundary = false;
             }
             pending.extend_from_slice(&buf[written..feed.consumed]);
             carry.extend_from_slice(&buf[feed.consumed + feed.dropped..total]);
@@ -939,8 +952,16 @@ pub async fn ws_pipe(
             let bound = shared.closing.get().is_none().then_some(stalled);
             match write_watching(dst, &pending, src, bound).await {
                 // The write's bound off `dst` (the other direction reads it).
-                Ok(true) => arm(dst),
-                Ok(false) => {}
+                Ok(true) => {
+                    arm(dst);
+                    at_boundary = ends_at_boundary;
+                }
+                Ok(false) => at_boundary = ends_at_boundary,
+                // Some of it may have gone out: `dst` may be inside a frame.
+                Err(_) if !pending.is_empty() => {
+                    at_boundary = false;
+                    break Some(crate::ws::close_code::GOING_AWAY);
+                }
                 Err(_) => break Some(crate::ws::close_code::GOING_AWAY),
             }
         }

@@ -289,11 +289,15 @@ pub async fn serve(
                 crate::reactor::spawn(stream::handle(ctx.clone(), guard, req, respond)).detach();
             }
             Some(Err(e)) => {
-                // The `h2` library's own cuts for abuse (resets before accept past
-                // its cap, a CONTINUATION or empty-DATA flood: `GOAWAY` with
-                // ENHANCE_YOUR_CALM) are cuts for abuse as the worker's own are:
+                // The `h2` library's own cuts (`GOAWAY` with ENHANCE_YOUR_CALM:
+                // resets before accept past its cap, a CONTINUATION flood, a header
+                // list past its abuse limit, many small DATA frames, many streams
+                // reset for errors) are cuts for abuse as the worker's own are:
                 // counted, and no lingering close (such a client was read for
-                // `lingering_secs` after it, at up to 40 % of a core).
+                // `lingering_secs` after it, at up to 40 % of a core). The error
+                // `h2` reports once its `GOAWAY` is sent no longer names the cause
+                // (its debug data), so the two an honest client can meet are
+                // counted with the rest.
                 if e.is_go_away()
                     && e.is_library()
                     && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
