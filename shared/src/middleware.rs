@@ -397,16 +397,32 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for AccessBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(line) = this.line.take() {
-                let end = if this.expected.is_some_and(|n| *this.bytes >= n) {
+            finish(this.line, *this.bytes, *this.expected, |sent, expected| {
+                if expected.is_some_and(|n| sent >= n) {
                     BodyEnd::Complete
                 } else {
                     BodyEnd::Dropped
-                };
-                let sent = this.expected.map_or(*this.bytes, |n| (*this.bytes).min(n));
-                line.write(sent, end, false);
-            }
+                }
+            });
         }
+    }
+}
+
+/// Writes the access line, if it is still to be written, for a body that handed on
+/// `bytes` (logged as at most `expected`: hyper cuts a frame that runs past the
+/// `Content-Length`), ended as `end` says of them.
+fn finish(
+    line: &mut Option<Box<AccessLine>>,
+    bytes: u64,
+    expected: Option<u64>,
+    end: impl FnOnce(u64, Option<u64>) -> BodyEnd,
+) {
+    if let Some(line) = line.take() {
+        line.write(
+            expected.map_or(bytes, |n| bytes.min(n)),
+            end(bytes, expected),
+            false,
+        );
     }
 }
 
@@ -438,16 +454,6 @@ impl<B> AccessBody<B> {
             line,
         }
     }
-
-    /// The data bytes handed on so far.
-    pub fn bytes_sent(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The handler's body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
 }
 
 impl<B> fmt::Debug for AccessBody<B> {
@@ -477,7 +483,6 @@ where
             Poll::Ready(polled) => polled,
             Poll::Pending => return Poll::Pending,
         };
-        let sent = |bytes: u64, expected: Option<u64>| expected.map_or(bytes, |n| bytes.min(n));
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -489,24 +494,13 @@ where
                 // `Content-Length`: all of it sent is the end too.
                 let ended = frame.is_trailers() || this.inner.is_end_stream();
                 if ended || this.expected.is_some_and(|n| *this.bytes >= n) {
-                    if let Some(line) = this.line.take() {
-                        let end = ended_at(*this.bytes, *this.expected);
-                        line.write(sent(*this.bytes, *this.expected), end, false);
-                    }
+                    finish(this.line, *this.bytes, *this.expected, ended_at);
                 }
             }
-            Some(Err(e)) => {
-                if let Some(line) = this.line.take() {
-                    let end = BodyEnd::Error(bounded(e.to_string()));
-                    line.write(sent(*this.bytes, *this.expected), end, false);
-                }
-            }
-            None => {
-                if let Some(line) = this.line.take() {
-                    let end = ended_at(*this.bytes, *this.expected);
-                    line.write(sent(*this.bytes, *this.expected), end, false);
-                }
-            }
+            Some(Err(e)) => finish(this.line, *this.bytes, *this.expected, |_, _| {
+                BodyEnd::Error(bounded(e.to_string()))
+            }),
+            None => finish(this.line, *this.bytes, *this.expected, ended_at),
         }
         Poll::Ready(polled)
     }
