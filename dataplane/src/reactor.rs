@@ -58,9 +58,10 @@ thread_local! {
 /// other tasks run. A relay whose source always has bytes and whose destination
 /// always takes them never waits, so without a bound it would run in one poll for
 /// as long as its peers keep up, and every other connection of the core would wait
-/// for it: a client flooding 7-byte WebSocket frames held a core for 2.3 s (the
-/// watchdog's "core stalled" line), and an HTTP/2 client flooding PINGs held one
-/// for the whole flood (20 s). 64 reads are at most 4 MiB of a relay's 64 KiB
+/// for it: an HTTP/2 client flooding PINGs held one for the whole flood (20 s).
+/// (A client flooding 7-byte WebSocket frames also showed the watchdog's "core
+/// stalled" line, 2.3 s; that stall is still seen with the turn, so it has another
+/// cause: see `docs/dataplane.md`.) 64 reads are at most 4 MiB of a relay's 64 KiB
 /// buffers; a small request takes two or three. A turn given up costs a yield and
 /// the reactor's turn: an SSE relay fed without pause gives one up every 64 reads
 /// (with 32 it cost 54 more user-space instructions an event in one callgrind run,
