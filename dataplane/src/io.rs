@@ -131,6 +131,7 @@ fn recv_when_ready(stream: &TcpStream, reg: &Registration, buf: &mut [u8]) -> io
     loop {
         match sys_recv(stream, buf) {
             Ok(n) => {
+                crate::reactor::read_bytes(n);
                 if n > 0 && n < buf.len() {
                     reg.clear_ready(Direction::Read);
                 }
@@ -1198,6 +1199,68 @@ pub(crate) mod tests {
                 "{way}: the reader did not let the other task run within its turn: {first_seen:?}"
             );
         }
+    }
+
+    /// A task's turn also ends after [`crate::reactor::BYTES_PER_POLL`] bytes, however
+    /// few reads carried them: a relay reading full buffers does what its bytes ask
+    /// (a flood of 7-byte WebSocket frames is 9,000 frames to inspect a read), and
+    /// held the core for 64 of them. Enough connections to hold more than the bound
+    /// each hold 48 KiB, all there before the task starts; the task, counted as
+    /// every connection task is, reads them one after the other, fewer reads than
+    /// [`READS_PER_POLL`]: the other task runs once the bound is read, not after
+    /// all of them.
+    #[test]
+    fn a_turn_ends_after_its_bytes_however_few_reads_carried_them() {
+        use crate::reactor::{counted, BYTES_PER_POLL, READS_PER_POLL};
+        const EACH: usize = 48 * 1024;
+        let reactor = reactor();
+        let conns: Vec<(TcpConn, TcpStream)> = (0..BYTES_PER_POLL / EACH + 2)
+            .map(|_| {
+                let (conn, mut client) = accepted(&reactor);
+                conn.set_timeout(Duration::from_secs(10));
+                client.write_all(&[b'x'; EACH]).expect("send");
+                (conn, client)
+            })
+            .collect();
+        let total = conns.len() * EACH;
+        assert!(total > BYTES_PER_POLL + EACH && conns.len() < READS_PER_POLL as usize);
+        // Every byte is in the reader's socket before the task starts, so no read
+        // waits: only the turn can let the other task in.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (conn, _) in &conns {
+            while rustix::io::ioctl_fionread(&conn.stream).expect("FIONREAD") < EACH as u64 {
+                assert!(Instant::now() < deadline, "the loopback never delivered");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let other_ran = Cell::new(false);
+        let reader = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut read, mut reads) = (0usize, 0u32);
+            for (conn, _) in &conns {
+                let mut left = EACH;
+                while left > 0 {
+                    let n = conn.read(&mut buf[..left]).await.expect("read");
+                    assert!(n > 0, "the bytes are all there");
+                    if other_ran.get() {
+                        return Some((read, reads));
+                    }
+                    left -= n;
+                    read += n;
+                    reads += 1;
+                }
+            }
+            None
+        };
+        let other = async { other_ran.set(true) };
+        let (first_seen, ()) = drive(&reactor, counted(futures_lite::future::zip(reader, other)));
+        let Some((read, reads)) = first_seen else {
+            panic!("the reader read all {total} bytes before the other task ran");
+        };
+        assert!(
+            (BYTES_PER_POLL..BYTES_PER_POLL + EACH).contains(&read) && reads < READS_PER_POLL,
+            "the other task ran after {read} bytes in {reads} reads"
+        );
     }
 
     /// Readiness that arrives after a syscall said `EAGAIN` and before the socket

@@ -52,6 +52,8 @@ thread_local! {
     static TASK_POLLS: Cell<u64> = const { Cell::new(0) };
     /// Reads the task being polled has begun in this poll ([`poll_read_turn`]).
     static READS_THIS_POLL: Cell<u32> = const { Cell::new(0) };
+    /// Bytes the task being polled has read in this poll ([`read_bytes`]).
+    static BYTES_THIS_POLL: Cell<usize> = const { Cell::new(0) };
 }
 
 /// How many reads a task may begin in one of its polls before it lets the core's
@@ -59,24 +61,34 @@ thread_local! {
 /// always takes them never waits, so without a bound it would run in one poll for
 /// as long as its peers keep up, and every other connection of the core would wait
 /// for it: an HTTP/2 client flooding PINGs held one for the whole flood (20 s).
-/// (A client flooding 7-byte WebSocket frames also showed the watchdog's "core
-/// stalled" line, 2.3 s; that stall is still seen with the turn, so it has another
-/// cause: see `docs/dataplane.md`.) 64 reads are at most 4 MiB of a relay's 64 KiB
-/// buffers; a small request takes two or three. A turn given up costs a yield and
+/// 64 reads of a relay's 64 KiB buffers would be 4 MiB: [`BYTES_PER_POLL`] ends
+/// such a turn sooner. A small request takes two or three. A turn given up costs a yield and
 /// the reactor's turn: an SSE relay fed without pause gives one up every 64 reads
 /// (with 32 it cost 54 more user-space instructions an event in one callgrind run,
 /// 405 against 459; with 64, none in another, 237 against 237).
 pub const READS_PER_POLL: u32 = 64;
 
+/// How many bytes a task may read in one of its polls before it lets the core's
+/// other tasks run, whatever the count of reads. What a relay does with what it
+/// reads grows with the bytes: a client flooding 7-byte WebSocket frames fills
+/// every 64 KiB read with 9,000 frames to inspect, so 64 full reads were 4 MiB
+/// and ~5 ms of one task, and another session's echo, which needs the core four
+/// times, waited 16-26 ms behind it; with 1 MiB, 4-5 ms. 256 KiB gave 1-2 ms but
+/// cost 1 MiB uploads 8 % in two harness runs (a yield every 256 KiB of a body);
+/// 1 MiB cost them nothing measurable.
+pub const BYTES_PER_POLL: usize = 1024 * 1024;
+
 /// A task's turn on its core, taken before each read (every read of a
 /// [`crate::io::TcpConn`] passes here): `Pending`, the task woken to run again
-/// after the core's other tasks, once it has begun [`READS_PER_POLL`] reads in this
-/// poll ([`counted`] starts each poll with a fresh count; so does the yield).
+/// after the core's other tasks, once it has begun [`READS_PER_POLL`] reads or
+/// read [`BYTES_PER_POLL`] bytes in this poll ([`counted`] starts each poll with
+/// fresh counts; so does the yield).
 pub fn poll_read_turn(cx: &mut Context<'_>) -> Poll<()> {
     READS_THIS_POLL.with(|reads| {
         let n = reads.get();
-        if n >= READS_PER_POLL {
+        if n >= READS_PER_POLL || BYTES_THIS_POLL.with(Cell::get) >= BYTES_PER_POLL {
             reads.set(0);
+            BYTES_THIS_POLL.with(|b| b.set(0));
             cx.waker().wake_by_ref();
             Poll::Pending
         } else {
@@ -84,6 +96,12 @@ pub fn poll_read_turn(cx: &mut Context<'_>) -> Poll<()> {
             Poll::Ready(())
         }
     })
+}
+
+/// Charges `n` bytes read to the task being polled (its turn: [`poll_read_turn`]).
+#[inline]
+pub fn read_bytes(n: usize) {
+    BYTES_THIS_POLL.with(|b| b.set(b.get().saturating_add(n)));
 }
 
 fn task_polls() -> u64 {
@@ -107,6 +125,7 @@ pub async fn counted<F: Future>(fut: F) -> F::Output {
     std::future::poll_fn(|cx| {
         TASK_POLLS.with(|p| p.set(p.get().wrapping_add(1)));
         READS_THIS_POLL.with(|r| r.set(0));
+        BYTES_THIS_POLL.with(|b| b.set(0));
         fut.as_mut().poll(cx)
     })
     .await
