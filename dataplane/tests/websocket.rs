@@ -351,6 +351,112 @@ fn every_way_a_tunnel_ends_releases_both_connections() {
     all_released(&w, before, "raw upgrade");
 }
 
+/// Once its 101 is out, a session is relayed by a task of its own and the
+/// connection's task ends (an idle session no longer keeps the ~6 KiB a connection's
+/// HTTP/1.1 future takes); what that task owed is kept whole. While the session is
+/// open it counts as an open connection and tunnel and has no access line; when it
+/// ends it has exactly one, in its request's context, with status 101 and the session's bytes beside the handshake's; the counts fall back.
+/// For WebSocket sessions and raw upgrades alike.
+#[test]
+fn a_handed_off_session_is_counted_until_it_ends_and_logged_once_with_its_bytes() {
+    let access_lines = |w: &Worker, id: &str| {
+        w.log_json()
+            .into_iter()
+            .filter(|v| v["target"] == "access" && v["request_id"] == id)
+            .collect::<Vec<_>>()
+    };
+    let open_counts = |w: &Worker| {
+        (
+            common::metric(w, "appproxy_connections_active"),
+            common::metric(w, "appproxy_tunnels_active"),
+        )
+    };
+    let app = echo_app();
+    let w = worker_for(&app, "");
+    let (mut ws, _) = connect(&w, "/ws", None).expect("handshake");
+    let payload = vec![b'x'; 1000];
+    ws.send(Message::Binary(payload.clone().into()))
+        .expect("send");
+    assert_eq!(read_data(&mut ws), Message::Binary(payload.into()));
+    // (Gauges are published by the core's next tick.)
+    common::eventually("the open session counted", || open_counts(&w) == (1, 1));
+    assert!(
+        access_lines(&w, "ws-session-1").is_empty(),
+        "no access line while the session is open"
+    );
+    ws.close(None).expect("close");
+    while ws.read().is_ok() {}
+    let line = w.wait_access_line("ws-session-1");
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    let closed = w.wait_log("session close line", |v| {
+        v["message"] == "websocket session closed"
+    });
+    assert_eq!(
+        (&closed[0]["request_id"], &closed[0]["span_id"]),
+        (&line["request_id"], &line["span_id"]),
+        "the session and its access line in the request's context: {line}"
+    );
+    assert!(line["span_id"].is_string(), "{line}");
+    // The 1000-byte message (with its masked frame's 8-byte header) on top of the
+    // handshake, each way.
+    let (bytes_in, bytes_out) = (
+        line["bytes_in"].as_u64().expect("bytes_in"),
+        line["bytes_out"].as_u64().expect("bytes_out"),
+    );
+    assert!(bytes_in > 1008 + 100, "{line}");
+    assert!(bytes_out > 1004 + 100, "{line}");
+    common::eventually(
+        "the session's connection and tunnel no longer counted",
+        || open_counts(&w) == (0, 0),
+    );
+    assert_eq!(
+        access_lines(&w, "ws-session-1").len(),
+        1,
+        "one line per session"
+    );
+    drop(w);
+
+    let app = common::upgrade::raw_upgrade_app(None);
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        ..Default::default()
+    });
+    let mut s = common::upgrade::raw_upgrade(w.port, "raw 1");
+    common::eventually("the open raw tunnel counted", || open_counts(&w) == (1, 1));
+    s.write_all(&[b'y'; 5000]).expect("bytes");
+    let mut echoed = vec![0u8; 5000];
+    s.read_exact(&mut echoed).expect("echo");
+    assert_eq!(echoed, vec![b'y'; 5000]);
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("end of stream");
+    common::eventually("the raw tunnel's access line", || {
+        w.log_json()
+            .iter()
+            .any(|v| v["target"] == "access" && v["status"] == 101)
+    });
+    let lines: Vec<_> = w
+        .log_json()
+        .into_iter()
+        .filter(|v| v["target"] == "access" && v["status"] == 101)
+        .collect();
+    assert_eq!(lines.len(), 1, "one line per tunnel: {lines:?}");
+    assert!(
+        lines[0]["bytes_in"].as_u64().expect("bytes_in") > 5000,
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0]["bytes_out"].as_u64().expect("bytes_out") > 5000,
+        "{}",
+        lines[0]
+    );
+    common::eventually("the raw tunnel no longer counted", || {
+        open_counts(&w) == (0, 0)
+    });
+}
+
 /// Every line of a session carries its own connection's fields (`conn`, `peer`), even
 /// while other sessions on the same core relay in between: a connection's span is
 /// entered around each poll of its tasks, never held across an await.

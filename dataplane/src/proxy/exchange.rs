@@ -156,6 +156,12 @@ impl Exchange {
         (self.line.text, self.head.headers)
     }
 
+    /// The storage of the head's field list, taken for the next connection (an
+    /// exchange kept for a tunnel's access line needs none of its fields).
+    pub(super) fn take_fields(&mut self) -> Vec<parse::HeaderField> {
+        std::mem::take(&mut self.head.headers)
+    }
+
     /// The circuit served, once routed.
     fn circuit(&self) -> Option<&appproxy_shared::model::Circuit> {
         self.route.as_deref().map(|r| &r.circuit.circuit)
@@ -420,9 +426,17 @@ impl Client {
         }
     }
 
-    /// An answer was relayed: counted and logged.
+    /// An answer was relayed: counted and logged (a tunnel handed to a task of its
+    /// own, once it ends: [`super::tunnel::Handoff`]).
     fn finish(&self, x: &Exchange, done: &Done) -> Next {
-        let core = &self.core;
+        if done.next != Next::Tunnel {
+            Self::finished(&self.core, x, done);
+        }
+        done.next
+    }
+
+    /// Counts and logs an exchange whose answer was relayed.
+    pub(super) fn finished(core: &Core, x: &Exchange, done: &Done) {
         core.metrics.status(done.status);
         core.metrics.add(counter::BYTES_OUT, done.bytes_out);
         core.record(&x.entry(
@@ -430,17 +444,20 @@ impl Client {
             (done.bytes_in, done.bytes_out),
             Some(done.upstream),
         ));
-        done.next
     }
 
     /// The exchange ended without an answer (the response had started, or the
     /// client is gone): logged with status 0, and the connection closes.
     fn abort(&self, x: &Exchange, reason: &str) -> Next {
-        tracing::info!(reason = %reason, "exchange aborted");
-        self.core.metrics.add(counter::PROXY_ERRORS, 1);
-        self.core
-            .record(&x.unanswered_entry(0, x.head.head_len as u64));
+        Self::aborted(&self.core, x, reason);
         Next::Close
+    }
+
+    /// Counts and logs an exchange that ended without an answer.
+    pub(super) fn aborted(core: &Core, x: &Exchange, reason: &str) {
+        tracing::info!(reason = %reason, "exchange aborted");
+        core.metrics.add(counter::PROXY_ERRORS, 1);
+        core.record(&x.unanswered_entry(0, x.head.head_len as u64));
     }
 
     /// An answer was cut part way: counted as relayed so far (its status, the bytes
@@ -1144,7 +1161,6 @@ impl Client {
             false,
         );
         self.ubuf.consume(resp.head_len);
-        let circuit = &route.circuit.circuit;
         let ends = TunnelEnds {
             upstream: sent.upstream,
             addr: sent.addr,
@@ -1152,7 +1168,7 @@ impl Client {
             bytes_out,
             ws_rsv,
             session: x.id,
-            circuit,
+            circuit: route.circuit.clone(),
         };
         // Watched from here: a deployment that removes the circuit, or makes it
         // refuse this client, closes the tunnel.
@@ -1161,7 +1177,7 @@ impl Client {
         };
         let open = core.tunnel_open(route, client, &self.conn);
         open.watch(&ends.upstream);
-        self.tunnel(ends).await
+        self.tunnel(ends, open).await
     }
 }
 

@@ -60,6 +60,9 @@ enum Next {
     /// Close it after an answer while the client may still be sending (the request
     /// body unread, or a head refused mid-way): [`Client::linger`] first.
     Linger,
+    /// A 101 is out: hand the tunnel in [`Client::handoff`] to a task of its own
+    /// and end the connection's task, without closing the connection.
+    Tunnel,
 }
 
 /// What a client connection reuses from request to request besides its read
@@ -165,6 +168,8 @@ pub(crate) struct Client {
     /// The connection's per-core number (the pool holds some app connections for
     /// the client they last served).
     conn_id: u64,
+    /// A tunnel whose 101 is out, for [`Next::Tunnel`].
+    handoff: Option<tunnel::Handoff>,
 }
 
 /// Serves one accepted connection until it closes. `trust_forwarding` false: the
@@ -218,6 +223,7 @@ async fn serve_conn(
         fields: kept.fields,
         resp_fields: kept.resp_fields,
         conn_id,
+        handoff: None,
     };
     // The head timeout from the accept (a PROXY protocol header or a TLS handshake
     // took part of it).
@@ -246,9 +252,12 @@ async fn serve_conn(
             return;
         }
     }
-    client.run().await;
+    let handed_off = client.run().await;
     client.give_back();
-    core.metrics.sub(counter::ACTIVE, 1);
+    // A tunnel's task counts the connection until the tunnel ends.
+    if !handed_off {
+        core.metrics.sub(counter::ACTIVE, 1);
+    }
 }
 
 impl Client {
@@ -265,8 +274,9 @@ impl Client {
         });
     }
 
-    /// Serves HTTP/1.x requests in order until the connection closes.
-    async fn run(&mut self) {
+    /// Serves HTTP/1.x requests in order until the connection closes, or becomes a
+    /// tunnel handed to a task of its own (then true).
+    async fn run(&mut self) -> bool {
         let mut first = true;
         let last = loop {
             let head = match self.read_head(first).await {
@@ -284,6 +294,14 @@ impl Client {
             // request.
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
             let next = scope_traced(Some(id), trace, self.exchange(&mut x)).await;
+            if next == Next::Tunnel {
+                if let Some(tunnel) = self.handoff.take() {
+                    self.fields = x.take_fields();
+                    tunnel.spawn(x);
+                    return true;
+                }
+                break Next::Close;
+            }
             (self.line, self.fields) = x.into_storage();
             if next != Next::KeepAlive || self.core.draining.get() {
                 break next;
@@ -292,6 +310,7 @@ impl Client {
         if last == Next::Linger {
             self.linger().await;
         }
+        false
     }
 
     /// The lingering close ([`lingering_close`]) after an answer that closes the

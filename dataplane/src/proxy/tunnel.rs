@@ -1,22 +1,30 @@
 //! Tunnels after a `101 Switching Protocols`: a WebSocket session relayed frame by
 //! frame (inspected, never changed, message IDs logged), or any other upgrade relayed
 //! as raw bytes, until both sides close or the tunnel idles out.
+//!
+//! Once the 101 is out, a tunnel is handed to a task of its own ([`Handoff`]) and the
+//! connection's task ends: that task's future is sized for every way an HTTP/1.1
+//! exchange can go (about 6 KiB), and an idle session kept it for hours. The
+//! handed-off task keeps only what the tunnel needs and the exchange's access entry,
+//! written when the tunnel ends.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
-use appproxy_shared::RequestId;
+use appproxy_shared::{scope_traced, RequestId};
 use tracing::Instrument;
 
-use super::exchange::Done;
+use super::exchange::{Done, Exchange};
 use super::{Client, Failure, Next};
-use crate::core::Core;
+use crate::config::ResolvedCircuit;
+use crate::core::{counter, Core, TunnelGuard};
 use crate::io::TcpConn;
 use crate::relay;
 
 /// What a tunnel starts with.
-pub(super) struct TunnelEnds<'a> {
+pub(super) struct TunnelEnds {
     /// The app's connection, after its 101.
     pub(super) upstream: TcpConn,
     /// The app's address.
@@ -30,14 +38,31 @@ pub(super) struct TunnelEnds<'a> {
     /// The upgrade request's ID: it names the session.
     pub(super) session: RequestId,
     /// The circuit (its user context goes on the session line).
-    pub(super) circuit: &'a appproxy_shared::model::Circuit,
+    pub(super) circuit: Arc<ResolvedCircuit>,
+}
+
+/// A tunnel whose 101 is out, to be relayed by a task of its own
+/// ([`Handoff::spawn`]).
+pub(super) struct Handoff {
+    core: Rc<Core>,
+    /// The client's connection.
+    conn: Rc<TcpConn>,
+    ends: TunnelEnds,
+    /// What the client and the app sent right behind the handshake.
+    early: (Vec<u8>, Vec<u8>),
+    /// Watches the tunnel for deployments that revoke it, while it lives.
+    open: TunnelGuard,
 }
 
 impl Client {
-    /// After a 101: relays both ways until both sides close or the tunnel idles out.
-    /// WebSocket sessions are relayed frame by frame (inspected, unchanged); anything
-    /// else as raw bytes.
-    pub(super) async fn tunnel(&mut self, ends: TunnelEnds<'_>) -> Result<Done, Failure> {
+    /// After a 101: sends it (with what the app sent behind it, for a raw tunnel)
+    /// and leaves the tunnel in `self.handoff`, for the connection's task to hand to
+    /// a task of its own ([`Next::Tunnel`]).
+    pub(super) async fn tunnel(
+        &mut self,
+        ends: TunnelEnds,
+        open: TunnelGuard,
+    ) -> Result<Done, Failure> {
         let core = self.core.clone();
         let Client {
             conn,
@@ -71,28 +96,71 @@ impl Client {
         *out = Vec::new();
         // Drain closes tunnels like idle keep-alive connections.
         conn.set_idle(true);
-        let (bytes_in, addr) = (ends.bytes_in, ends.addr);
-        let (up_bytes, down_bytes) = match ends.ws_rsv {
-            Some(rsv) => {
-                let early = (from_client, from_app);
-                ends.websocket(&core, conn, rsv, early).await
-            }
-            None => {
-                let early_app = from_app.len() as u64;
-                ends.raw(&core, conn, &from_client, early_app).await?
-            }
-        };
-        Ok(Done {
+        let done = Done {
             status: 101,
-            bytes_in: bytes_in + up_bytes,
-            bytes_out: bytes_out + down_bytes,
-            upstream: addr,
-            next: Next::Close,
-        })
+            bytes_in: ends.bytes_in,
+            bytes_out,
+            upstream: ends.addr,
+            next: Next::Tunnel,
+        };
+        self.handoff = Some(Handoff {
+            core,
+            conn: self.conn.clone(),
+            ends: TunnelEnds { bytes_out, ..ends },
+            early: (from_client, from_app),
+            open,
+        });
+        Ok(done)
     }
 }
 
-impl TunnelEnds<'_> {
+impl Handoff {
+    /// Relays the tunnel in a task of its own, in the exchange's request context and
+    /// the connection's span, then counts the exchange and writes its access line
+    /// (status 101, the tunnel's bytes with the handshake's). `x`: the upgrade's
+    /// exchange, kept for that line. The connection counts as active until then.
+    pub(super) fn spawn(self, x: Exchange) {
+        let (id, trace) = (x.id, x.trace.map(|t| t.span));
+        let task = async move {
+            let Handoff {
+                core,
+                conn,
+                ends,
+                early,
+                open,
+            } = self;
+            let (bytes_in, bytes_out, addr) = (ends.bytes_in, ends.bytes_out, ends.addr);
+            let relayed = match ends.ws_rsv {
+                Some(rsv) => Ok(ends.websocket(&core, &conn, rsv, early).await),
+                None => {
+                    let (from_client, from_app) = early;
+                    ends.raw(&core, &conn, &from_client, from_app.len() as u64)
+                        .await
+                }
+            };
+            drop(open);
+            match relayed {
+                Ok((up, down)) => {
+                    let done = Done {
+                        status: 101,
+                        bytes_in: bytes_in + up,
+                        bytes_out: bytes_out + down,
+                        upstream: addr,
+                        next: Next::Close,
+                    };
+                    Client::finished(&core, &x, &done);
+                }
+                Err(Failure::Abort(reason)) => Client::aborted(&core, &x, &reason),
+                Err(_) => Client::aborted(&core, &x, "tunnel failed"),
+            }
+            core.metrics.sub(counter::ACTIVE, 1);
+        };
+        let scoped = scope_traced(Some(id), trace, task);
+        crate::reactor::spawn(scoped.instrument(tracing::Span::current())).detach();
+    }
+}
+
+impl TunnelEnds {
     /// Relays a WebSocket session frame by frame until both sides close or it idles
     /// out; `early`: what the client and the app sent right behind the handshake.
     /// Returns the bytes to the app and to the client.
@@ -104,7 +172,8 @@ impl TunnelEnds<'_> {
         early: (Vec<u8>, Vec<u8>),
     ) -> (u64, u64) {
         let (from_client, from_app) = early;
-        let (session, circuit) = (self.session, self.circuit);
+        let session = self.session;
+        let circuit = &self.circuit.circuit;
         let idle = core.rt.tunnel_idle_timeout;
         let stalled = core.rt.tunnel_stall_timeout;
         let started = Instant::now();
