@@ -82,7 +82,9 @@ pub const BYTES_PER_POLL: usize = 1024 * 1024;
 /// [`crate::io::TcpConn`] passes here): `Pending`, the task woken to run again
 /// after the core's other tasks, once it has begun [`READS_PER_POLL`] reads or
 /// read [`BYTES_PER_POLL`] bytes in this poll ([`counted`] starts each poll with
-/// fresh counts; so does the yield).
+/// fresh counts; so does the yield). The bytes are charged once read, so the read
+/// that crosses the bound completes (over TLS, with the records it took to find
+/// plaintext) and the next one yields.
 pub fn poll_read_turn(cx: &mut Context<'_>) -> Poll<()> {
     READS_THIS_POLL.with(|reads| {
         let n = reads.get();
@@ -141,9 +143,15 @@ impl<F: Future> Future for Counted<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         TASK_POLLS.with(|p| p.set(p.get().wrapping_add(1)));
-        READS_THIS_POLL.with(|r| r.set(0));
-        BYTES_THIS_POLL.with(|b| b.set(0));
-        self.project().inner.poll(cx)
+        // glommio polls a task it spawns at once, inside the spawning task's poll:
+        // the spawner's turn goes on where it was once the new task's first poll
+        // is over, and the new task does not start with what the spawner read.
+        let reads = READS_THIS_POLL.with(|r| r.replace(0));
+        let bytes = BYTES_THIS_POLL.with(|b| b.replace(0));
+        let polled = self.project().inner.poll(cx);
+        READS_THIS_POLL.with(|r| r.set(reads));
+        BYTES_THIS_POLL.with(|b| b.set(bytes));
+        polled
     }
 }
 
@@ -1173,6 +1181,40 @@ mod tests {
                 body(live.cores[0].clone()).await;
             }));
         })
+    }
+
+    /// glommio polls a task it spawns at once, inside the spawner's poll: the new
+    /// task starts its turn afresh, and the spawner's goes on where it was, neither
+    /// lengthened nor cut short by the reads the new task made.
+    #[test]
+    fn a_task_polled_inside_another_neither_takes_nor_resets_its_turn() {
+        use futures_lite::future::{block_on, poll_once};
+        use std::future::poll_fn;
+        block_on(counted(async {
+            for _ in 1..READS_PER_POLL {
+                poll_fn(poll_read_turn).await;
+            }
+            let inner = counted(async {
+                for _ in 0..READS_PER_POLL {
+                    poll_fn(poll_read_turn).await;
+                }
+            });
+            assert_eq!(
+                poll_once(inner).await,
+                Some(()),
+                "the new task starts afresh"
+            );
+            assert_eq!(
+                poll_once(poll_fn(poll_read_turn)).await,
+                Some(()),
+                "the last read of the turn"
+            );
+            assert_eq!(
+                poll_once(poll_fn(poll_read_turn)).await,
+                None,
+                "the turn is over"
+            );
+        }));
     }
 
     /// Counting a task's polls adds nothing to its size: every task of a core is

@@ -424,6 +424,16 @@ fn a_handed_off_session_is_counted_until_it_ends_and_logged_once_with_its_bytes(
     });
     let mut s = common::upgrade::raw_upgrade(w.port, "raw 1");
     common::eventually("the open raw tunnel counted", || open_counts(&w) == (1, 1));
+    let tunnel_lines = |w: &Worker| {
+        w.log_json()
+            .into_iter()
+            .filter(|v| v["target"] == "access" && v["status"] == 101)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        tunnel_lines(&w).is_empty(),
+        "no access line while the tunnel is open"
+    );
     s.write_all(&[b'y'; 5000]).expect("bytes");
     let mut echoed = vec![0u8; 5000];
     s.read_exact(&mut echoed).expect("echo");
@@ -432,16 +442,17 @@ fn a_handed_off_session_is_counted_until_it_ends_and_logged_once_with_its_bytes(
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("end of stream");
     common::eventually("the raw tunnel's access line", || {
-        w.log_json()
-            .iter()
-            .any(|v| v["target"] == "access" && v["status"] == 101)
+        !tunnel_lines(&w).is_empty()
     });
-    let lines: Vec<_> = w
-        .log_json()
-        .into_iter()
-        .filter(|v| v["target"] == "access" && v["status"] == 101)
-        .collect();
+    let lines = tunnel_lines(&w);
     assert_eq!(lines.len(), 1, "one line per tunnel: {lines:?}");
+    let closed = w.wait_log("tunnel close line", |v| {
+        v["message"] == "upgraded connection closed"
+    });
+    assert_eq!(
+        closed[0]["request_id"], lines[0]["request_id"],
+        "the tunnel and its access line in the request's context"
+    );
     assert!(
         lines[0]["bytes_in"].as_u64().expect("bytes_in") > 5000,
         "{}",

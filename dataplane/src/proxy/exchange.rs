@@ -427,12 +427,17 @@ impl Client {
     }
 
     /// An answer was relayed: counted and logged (a tunnel handed to a task of its
-    /// own, once it ends: [`super::tunnel::Handoff`]).
+    /// own, once it ends: [`super::tunnel::Handoff`]; without one to hand, the
+    /// exchange is logged now and the connection closes).
     fn finish(&self, x: &Exchange, done: &Done) -> Next {
-        if done.next != Next::Tunnel {
-            Self::finished(&self.core, x, done);
+        if done.next == Next::Tunnel && self.handoff.is_some() {
+            return Next::Tunnel;
         }
-        done.next
+        Self::finished(&self.core, x, done);
+        match done.next {
+            Next::Tunnel => Next::Close,
+            next => next,
+        }
     }
 
     /// Counts and logs an exchange whose answer was relayed.

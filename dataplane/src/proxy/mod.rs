@@ -294,13 +294,16 @@ impl Client {
             // request.
             let (id, trace) = (x.id, x.trace.map(|t| t.span));
             let next = scope_traced(Some(id), trace, self.exchange(&mut x)).await;
-            if next == Next::Tunnel {
-                if let Some(tunnel) = self.handoff.take() {
+            // `finish` answers `Tunnel` only with a tunnel to hand; one left by an
+            // exchange that ended otherwise goes (its guard, the app's connection).
+            match (next, self.handoff.take()) {
+                (Next::Tunnel, Some(tunnel)) => {
                     self.fields = x.take_fields();
                     tunnel.spawn(x);
                     return true;
                 }
-                break Next::Close;
+                (Next::Tunnel, None) => break Next::Close,
+                (_, _) => {}
             }
             (self.line, self.fields) = x.into_storage();
             if next != Next::KeepAlive || self.core.draining.get() {

@@ -93,7 +93,8 @@ impl Client {
             .await
             .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
         let bytes_out = ends.bytes_out + out.len() as u64;
-        *out = Vec::new();
+        // (Kept for the next connection: this one's task ends with the hand-off.)
+        out.clear();
         // Drain closes tunnels like idle keep-alive connections.
         conn.set_idle(true);
         let done = Done {
@@ -302,9 +303,8 @@ impl TunnelEnds {
 /// Runs the two directions of a tunnel, `direction(src, dst, from_client)`, as tasks of
 /// their own (in the request's context and the connection's span) and waits for both: a message wakes only the
 /// direction it travels, and the task it wakes is that direction's relay alone, not
-/// the connection's whole stack of futures (client, exchange, response relay, tunnel)
-/// with the other direction beside it. Dropping the returned future (the connection's
-/// task cancelled) cancels both.
+/// the tunnel's task with the other direction beside it. Dropping the returned future
+/// (the tunnel's task cancelled) cancels both.
 async fn both_ways<F>(
     client: &Rc<TcpConn>,
     app: &Rc<TcpConn>,
