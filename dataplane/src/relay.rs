@@ -754,6 +754,43 @@ pub struct WsShared {
     /// Set when one direction ended cleanly (a close frame, then end of stream): the
     /// other relays until then at most ([`CLOSE_GRACE`] later), for its peer's answer.
     pub closing: std::cell::Cell<Option<std::time::Instant>>,
+    /// The session's first close and who sent it: a peer's close frame relayed, or
+    /// the proxy's own ([`WsShared::close`]), whichever came first. The session's
+    /// close line reports it: a client that closed with 1000 to an app that never
+    /// answered was logged with the proxy's 1001 at the end of the grace period.
+    pub first_close: std::cell::Cell<Option<(u16, Closer)>>,
+}
+
+/// Who began a WebSocket session's closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    /// The client's close frame.
+    Client,
+    /// The app's close frame.
+    App,
+    /// The proxy's own close (a violation, the idle timeout, a drain, a revocation,
+    /// a peer gone).
+    Proxy,
+}
+
+impl Closer {
+    /// As the close line names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::App => "app",
+            Self::Proxy => "proxy",
+        }
+    }
+}
+
+impl WsShared {
+    /// Records `code` from `by` as the session's first close, unless one came before.
+    fn closed_first(&self, code: u16, by: Closer) {
+        if self.first_close.get().is_none() {
+            self.first_close.set(Some((code, by)));
+        }
+    }
 }
 
 /// How long a WebSocket session whose one side closed cleanly waits for the other
@@ -938,8 +975,14 @@ pub async fn ws_pipe(
             if feed.messages > 0 {
                 on_messages(feed.messages);
             }
-            if feed.close.is_some() {
-                stats.close_seen = feed.close;
+            if let Some(code) = feed.close {
+                stats.close_seen = Some(code);
+                let by = if from_client {
+                    Closer::Client
+                } else {
+                    Closer::App
+                };
+                shared.closed_first(code, by);
             }
         }
         // A write blocked on a peer that does not read watches `src` (reset: the
@@ -977,6 +1020,7 @@ pub async fn ws_pipe(
         if shared.close.get().is_none() {
             shared.close.set(Some(code));
         }
+        shared.closed_first(code, Closer::Proxy);
     }
     if end_code.is_none() && stats.close_seen.is_some() {
         // A clean close (a close frame, then end of stream): `dst` is told below

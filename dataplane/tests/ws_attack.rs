@@ -609,6 +609,59 @@ fn an_unanswered_close_is_bounded() {
     assert_eq!(read_to_close(&mut c), [0x88, 2, 0x03, 0xe9]);
 }
 
+/// The session's close line names the close that began its end and who sent it: a
+/// client's 1000 to an app that never answers is the client's 1000 (the line named
+/// the proxy's 1001, sent at the end of the grace period), an app's 1000 the app's,
+/// an unmasked client frame the proxy's 1002.
+#[test]
+fn the_close_line_names_the_first_close_and_who_sent_it() {
+    let (app, _) = scripted_app(|head, s| {
+        let _ = s.write_all(SWITCH_TO_WS);
+        if head.contains("ws-app-closes") {
+            let _ = s.write_all(&[0x88, 2, 0x03, 0xe8]);
+        }
+    });
+    let w = worker(app, "[timeouts]\ntunnel_idle_secs = 1");
+    let (mut c, head) = handshake(&w, "websocket", "ws-client-closes");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .expect("close frame");
+    assert_eq!(
+        read_to_close(&mut c),
+        [0x88, 2, 0x03, 0xe9],
+        "told 1001 at the end"
+    );
+    let (mut c, head) = handshake(&w, "websocket", "ws-app-closes");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        read_to_close(&mut c),
+        [0x88, 2, 0x03, 0xe8],
+        "the app's close"
+    );
+    let (mut c, head) = handshake(&w, "websocket", "ws-violation");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&UNMASKED).expect("frame");
+    assert_eq!(close_code(&read_to_close(&mut c)), Some(1002));
+    for (id, code, by) in [
+        ("ws-client-closes", 1000, "client"),
+        ("ws-app-closes", 1000, "app"),
+        ("ws-violation", 1002, "proxy"),
+    ] {
+        let line = w.wait_log(&format!("{id}'s close line"), |v| {
+            v["message"] == "websocket session closed" && v["request_id"] == id
+        });
+        assert_eq!(
+            (
+                line[0]["close_code"].as_u64(),
+                line[0]["closed_by"].as_str()
+            ),
+            (Some(code), Some(by)),
+            "{id}: {}",
+            line[0]
+        );
+    }
+}
+
 /// The grace period after a clean close is one deadline: an app that goes on sending
 /// after the client's close frame and end of stream is cut when it ends (the client
 /// told 1001), not kept on by every message.

@@ -232,6 +232,11 @@ impl TunnelEnds {
             relay::TunnelEnd::Closed
         };
         end.count(&core.metrics);
+        // The close that began the session's end, and who sent it (1006: none).
+        let (close_code, closed_by) = shared
+            .first_close
+            .get()
+            .map_or((1006, "none"), |(code, by)| (code, by.as_str()));
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
             messages_to_app = up.messages,
@@ -240,12 +245,8 @@ impl TunnelEnds {
             bytes_to_client = down.bytes,
             dropped_after_close_from_client = up.dropped_after_close,
             dropped_after_close_from_app = down.dropped_after_close,
-            close_code = shared
-                .close
-                .get()
-                .or(up.close_seen)
-                .or(down.close_seen)
-                .unwrap_or(1006),
+            close_code,
+            closed_by,
             user_id = circuit.user_id.map(tracing::field::display),
             session_id = circuit.session_ids.first().map(tracing::field::display),
             endpoint_id = circuit.endpoint_id.map(tracing::field::display),
