@@ -1568,6 +1568,14 @@ mod tests {
                 vec!["circuits[0].route_info[0].route_id", "UUID"],
             ),
             (
+                "a route weight that is not a number",
+                circuit("").replace(
+                    "kernel_port = 8080",
+                    "kernel_port = 8080, traffic_ratio = nan",
+                ),
+                vec!["circuits[0].route_info[0].traffic_ratio", "finite number"],
+            ),
+            (
                 "missing required key",
                 "[[circuits]]\napp = \"demo\"\n".into(),
                 vec!["circuits[0]", "missing field `id`"],

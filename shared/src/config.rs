@@ -8,13 +8,51 @@
 use serde::de::DeserializeOwned;
 
 /// Parses `text` into `T`; the error names the key path, its position and the fix.
+/// A float that is not a finite number (`nan`, `inf`) is refused whatever the key:
+/// no setting takes one, and a duration made of it panics (`Duration::from_secs_f64`),
+/// which a clamp does not prevent for `nan`.
 pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     let de = toml::Deserializer::parse(text).map_err(|e| describe(text, "", &e))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         describe(text, &path, e.inner())
-    })
+    })?;
+    if let Some((path, value)) = text
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|t| non_finite(&t))
+    {
+        return Err(format!(
+            "{path}: {value} is not a value a setting takes; give a finite number"
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The first float of `table` that is not finite, with its key path.
+fn non_finite(table: &toml::Table) -> Option<(String, f64)> {
+    fn walk(value: &toml::Value, path: String) -> Option<(String, f64)> {
+        match value {
+            toml::Value::Float(f) if !f.is_finite() => Some((path, *f)),
+            toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+                walk(
+                    v,
+                    if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    },
+                )
+            }),
+            toml::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, format!("{path}[{i}]"))),
+            _ => None,
+        }
+    }
+    walk(&toml::Value::Table(table.clone()), String::new())
 }
 
 /// Shows a default config's optional keys (those without a default, which a
@@ -143,6 +181,42 @@ mod tests {
     #[allow(dead_code)]
     struct Item {
         id: uuid::Uuid,
+    }
+
+    /// `nan` and `inf` are TOML floats, and no setting takes one: a duration made of
+    /// one panics, and a clamp keeps `nan`. Refused wherever they are, by key path.
+    #[test]
+    fn a_float_that_is_not_finite_is_refused_by_its_key() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Timing {
+            every_secs: f64,
+            #[serde(default)]
+            steps: Vec<f64>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            timing: Timing,
+        }
+        for (text, path) in [
+            ("[timing]\nevery_secs = nan\n", "timing.every_secs"),
+            ("[timing]\nevery_secs = inf\n", "timing.every_secs"),
+            ("[timing]\nevery_secs = -inf\n", "timing.every_secs"),
+            (
+                "[timing]\nevery_secs = 1.5\nsteps = [0.5, nan]\n",
+                "timing.steps[1]",
+            ),
+        ] {
+            let err = from_toml::<File>(text).expect_err(text);
+            assert!(
+                err.starts_with(path) && err.contains("finite"),
+                "{text}: {err}"
+            );
+        }
+        let ok =
+            from_toml::<File>("[timing]\nevery_secs = 0.25\nsteps = [1e300]\n").expect("finite");
+        assert_eq!(ok.timing.every_secs, 0.25);
     }
 
     #[test]

@@ -103,3 +103,35 @@ pub fn uncommented_one_by_one(text: &str) -> Vec<(String, String)> {
     }
     variants
 }
+
+/// Each float setting of a default config (a `key = value` line whose value reads as
+/// a float with a point or an exponent) with its value made `nan`: `(section.key,
+/// text)`, one per setting, for checking that each is refused by name.
+pub fn floats_made_nan(text: &str) -> Vec<(String, String)> {
+    let mut variants = Vec::new();
+    let mut section = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let Some((key, value)) = line.split_once(" = ") else {
+            continue;
+        };
+        let value = value.trim();
+        let float = value.contains(['.', 'e', 'E']) && value.parse::<f64>().is_ok();
+        if !float || key.starts_with('#') {
+            continue;
+        }
+        let mut lines: Vec<&str> = text.lines().collect();
+        let made = format!("{key} = nan");
+        lines[i] = &made;
+        let path = if section.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{section}.{key}")
+        };
+        variants.push((path, lines.join("\n")));
+    }
+    variants
+}

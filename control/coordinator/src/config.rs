@@ -119,6 +119,14 @@ pub struct HealthCheckSection {
     pub event_envelope: EventEnvelope,
 }
 
+impl HealthCheckSection {
+    /// How often the checked routes are re-read (and the leadership lease renewed
+    /// with them): `refresh_interval_secs`, between 50 ms and an hour.
+    pub fn refresh_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.refresh_interval_secs.clamp(0.05, 3600.0))
+    }
+}
+
 impl Default for HealthCheckSection {
     fn default() -> Self {
         Self {
@@ -306,6 +314,20 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{key} does not read: {e}\n{one}"));
         }
         assert!(variants.len() >= 3, "{text}");
+    }
+
+    /// Every float setting set to `nan` is refused, naming it: a clamp keeps `nan`,
+    /// and the durations made of these panicked at start (or at the first ack).
+    #[test]
+    fn every_float_setting_refuses_nan_by_name() {
+        let text = super::CoordinatorConfig::default_toml();
+        let variants = appproxy_test_support::config::floats_made_nan(&text);
+        for (key, one) in &variants {
+            let err =
+                appproxy_shared::config::from_toml::<super::CoordinatorConfig>(one).expect_err(key);
+            assert!(err.starts_with(key.as_str()), "{key}: {err}");
+        }
+        assert!(variants.len() >= 5, "{text}");
     }
 
     #[test]

@@ -260,7 +260,7 @@ struct Scheduler {
 /// The prober's scheduler: runs until the coordinator stops.
 pub(super) async fn run(state: Arc<State>) {
     let cfg = state.config.health_check.clone();
-    let refresh_every = Duration::from_secs_f64(cfg.refresh_interval_secs.clamp(0.05, 3600.0));
+    let refresh_every = cfg.refresh_every();
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let mut s = Scheduler {
         state,

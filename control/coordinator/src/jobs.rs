@@ -32,12 +32,12 @@ pub(super) fn warn_if_lease_lapses(state: &State) {
         return;
     }
     let c = &state.config.coordinator;
-    // The health check's refresh renews it too (`health::run`, clamped so).
+    // The health check's refresh renews it too (`health::run`).
     let refresh = state
         .config
         .health_check
-        .refresh_interval_secs
-        .clamp(0.05, 3600.0)
+        .refresh_every()
+        .as_secs_f64()
         .ceil() as u64;
     let shortest = [
         c.check_worker_lost_interval_secs,
