@@ -3282,7 +3282,7 @@ impl AckingWorker {
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 let msg = match pubsub.get_message() {
                     Ok(m) => m,
-                    Err(e) if e.is_timeout() => continue,
+                    Err(e) if common::read_again(&e) => continue,
                     Err(_) => return,
                 };
                 let Ok(text) = msg.get_payload::<String>() else {

@@ -565,7 +565,7 @@ impl StandIn {
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 let msg = match pubsub.get_message() {
                     Ok(m) => m,
-                    Err(e) if e.is_timeout() => continue,
+                    Err(e) if common::read_again(&e) => continue,
                     Err(e) => {
                         lose(format!("read: {e} ({:?})", e.kind()));
                         return;

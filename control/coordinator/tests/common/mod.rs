@@ -51,3 +51,16 @@ pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Coordin
     let addr = serving::addr(&mut child, &log_path, from, "coordinator serving", "addr");
     Coordinator { child, addr }
 }
+
+/// Whether a blocking Redis read failed only for now: its read timeout ran out, or
+/// a signal interrupted it. A socket read under `SO_RCVTIMEO` is never restarted
+/// after a signal, even with `SA_RESTART` (signal(7)), and a test that starts and
+/// stops coordinators gets `SIGCHLD`s: a stand-in worker that took that for a lost
+/// connection stopped listening and missed the events after it.
+#[allow(dead_code)]
+pub fn read_again(e: &redis::RedisError) -> bool {
+    let interrupted = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::Interrupted);
+    e.is_timeout() || interrupted
+}
