@@ -246,6 +246,49 @@ fn h2_over_tls_by_alpn() {
     assert_eq!(text(&out), "1.1 200");
 }
 
+/// Over TLS, HTTP/2 is what ALPN agreed on, never a preface sent after it (RFC
+/// 9113 §3.3, as nginx does): a connection that agreed on http/1.1, or on nothing,
+/// is HTTP/1.1, and the preface is a request line naming version 2.0 (505).
+#[test]
+fn over_tls_a_preface_after_alpn_chose_http1_is_an_http1_request() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: pki.worker_lines(),
+        ..Default::default()
+    });
+    let offers: [&[&[u8]]; 2] = [&[b"http/1.1"], &[]];
+    for alpn in offers {
+        let config = pki.client(&[&rustls::version::TLS13], alpn);
+        let mut s = connect(w.addr(), &config, "localhost").expect("handshake");
+        let agreed = s.conn.alpn_protocol().map(<[u8]>::to_vec);
+        assert_ne!(agreed.as_deref(), Some(&b"h2"[..]));
+        // The preface and an empty SETTINGS frame, as an h2 client with prior
+        // knowledge sends them.
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        s.write_all(&wire).expect("send");
+        s.flush().expect("flush");
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Until the worker closes (it does after a 505), or a head is in hand.
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&got[..got.len().min(200)]).into_owned();
+        assert!(
+            head.starts_with("HTTP/1.1 505"),
+            "ALPN {agreed:?}: answered {head:?}"
+        );
+        assert_eq!(up.count(), 0, "nothing reaches the app");
+    }
+}
+
 #[test]
 fn access_control_applies_per_stream() {
     let up = Upstream::start();

@@ -32,19 +32,22 @@ pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
 
 /// The first float of `table` that is not finite, with its key path.
 fn non_finite(table: &toml::Table) -> Option<(String, f64)> {
+    fn in_table(table: &toml::Table, path: &str) -> Option<(String, f64)> {
+        table.iter().find_map(|(k, v)| {
+            walk(
+                v,
+                if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                },
+            )
+        })
+    }
     fn walk(value: &toml::Value, path: String) -> Option<(String, f64)> {
         match value {
             toml::Value::Float(f) if !f.is_finite() => Some((path, *f)),
-            toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
-                walk(
-                    v,
-                    if path.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{path}.{k}")
-                    },
-                )
-            }),
+            toml::Value::Table(t) => in_table(t, &path),
             toml::Value::Array(a) => a
                 .iter()
                 .enumerate()
@@ -52,7 +55,7 @@ fn non_finite(table: &toml::Table) -> Option<(String, f64)> {
             _ => None,
         }
     }
-    walk(&toml::Value::Table(table.clone()), String::new())
+    in_table(table, "")
 }
 
 /// Shows a default config's optional keys (those without a default, which a

@@ -231,13 +231,20 @@ async fn serve_conn(
     // Nothing in hand until the first bytes: the cap may close it for a new one.
     client.conn.set_reusable(true, false);
     if core.rt.http2.enabled {
-        // HTTP/2: agreed by ALPN over TLS, or the client's prior-knowledge preface.
-        let alpn_h2 = client
-            .conn
-            .tls_info()
-            .and_then(|i| i.alpn)
-            .is_some_and(|a| a == b"h2");
-        if alpn_h2 || client.sniff_preface().await {
+        // HTTP/2: agreed by ALPN over TLS, or the client's prior-knowledge preface
+        // over cleartext only (RFC 9113 §3.3; nginx sniffs no preface over TLS
+        // either): a TLS connection that agreed on http/1.1, or on nothing, is
+        // HTTP/1.1 whatever it sends.
+        let h2 = if tls {
+            client
+                .conn
+                .tls_info()
+                .and_then(|i| i.alpn)
+                .is_some_and(|a| a == b"h2")
+        } else {
+            client.sniff_preface().await
+        };
+        if h2 {
             if client.conn.was_shed() {
                 // Closed for a new connection before it asked anything.
                 client.give_back();
