@@ -532,12 +532,18 @@ async fn download_archive(
     // Every listed path must be a file or a directory now (404 before anything is
     // streamed), and none in the staging area (400, a token made before this rule
     // included); each is opened and checked again when its turn comes, so a long
-    // list never holds a descriptor per entry.
-    let items = blocking(move || {
+    // list never holds a descriptor per entry. The check holds the archive's slot
+    // until it ends, however the request ends, and stops at its next path once the
+    // client is gone: before, a client that hung up gave its slot back at once while
+    // its check ran on, so checks made costly by a user's links (seconds each) ran
+    // as many at once as clients asked, past `max_archive_streams`.
+    let (abandoned, _abandon) = super::Abandoned::new();
+    let (items, permit) = blocking(move || {
         let root = Arc::new(root);
         let mut check = super::manager::StagingCheck::new(root.as_fd())?;
         let mut items = Vec::new();
         for parts in files {
+            abandoned.check()?;
             drop(super::open_for_reading_checked(
                 root.as_fd(),
                 &parts,
@@ -545,7 +551,7 @@ async fn download_archive(
             )?);
             items.push(super::zip::Item::Beneath(root.clone(), parts));
         }
-        Ok(items)
+        Ok((items, permit))
     })
     .await?;
     super::Metrics::add(&state.metrics.downloads, 1);

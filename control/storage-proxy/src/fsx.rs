@@ -123,6 +123,8 @@ pub fn open(
     flags: OFlags,
     resolve: ResolveFlags,
 ) -> io::Result<OwnedFd> {
+    #[cfg(test)]
+    tests::RESOLUTIONS.with(|n| n.set(n.get() + 1));
     Ok(openat2(
         root,
         join(parts).as_path(),
@@ -150,6 +152,31 @@ pub fn child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The deepest directory of `parts` beneath `root` that exists, with how many of
+/// `parts` lead to it. Walked down a level at a time: a plain directory is one step
+/// from the last level, and only a symlink is resolved from `root` again, by the
+/// kernel (inner links followed, never out). Trying each prefix from the deepest
+/// up, as a destination check did, resolved a costly prefix (a user's nested
+/// links) once per missing level below it: 2,000 missing levels under one cost 6
+/// CPU-seconds for one request.
+pub fn deepest_dir(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<(OwnedFd, usize)> {
+    let mut cur = open(root, &[], DIR, BENEATH)?;
+    for i in 0..parts.len() {
+        let step = match child_dir(cur.as_fd(), &parts[i]) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                open_dir(root, &parts[..=i])
+            }
+            step => step,
+        };
+        match step {
+            Ok(fd) => cur = fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((cur, i)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((cur, parts.len()))
 }
 
 /// Opens the regular file `name` of `dir` for reading without following a symlink;
@@ -238,64 +265,43 @@ pub fn open_readable(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Own
     readable(path, true, || open(root, parts, READ, BENEATH))
 }
 
-/// The most symlinks [`locate`] follows at the end of a path: the kernel's own
-/// limit for one resolution (`MAXSYMLINKS`).
-const MAX_LINKS: usize = 40;
-
 /// What a path beneath a vfolder names, found by [`locate`].
 pub struct Located {
     /// An `O_PATH` descriptor of it (never opened for reading yet).
     pub path: OwnedFd,
     /// The directory it is an entry of and its name there (never a symlink), or
-    /// `None` for a directory reached otherwise: the vfolder itself, a path ending
-    /// in `..` (through a symlink's target).
+    /// `None` for the vfolder itself (a path naming it, or a symlink leading to it).
     pub parent: Option<Parent>,
 }
 
 /// Resolves `parts` beneath `root` as [`open_readable`] does (inner symlinks
-/// followed, never out), but follows a symlink in the last place here, one at a
-/// time, so that what the path names is found as an entry of a directory
+/// followed, never out), and finds what the path names as an entry of a directory
 /// descriptor: a regular file has no `..` to climb, and the read routes must know
 /// the directory a file is really in (a symlink `l -> .upload/<session>` names a
-/// staged file from outside the staging area). Every directory on the way is still
-/// resolved by the kernel beneath `root` (`RESOLVE_BENEATH`), so nothing found
-/// leaves the vfolder; an absolute link target is refused as the kernel refuses it
-/// there (`EXDEV`), and more than [`MAX_LINKS`] links as a loop (`ELOOP`).
+/// staged file from outside the staging area).
+///
+/// A path whose last component is no symlink is that entry of its directory. One
+/// that ends in a symlink is resolved whole by the kernel, beneath `root`, in one
+/// resolution (every link on the way counted against its `MAXSYMLINKS` of 40, an
+/// absolute target refused as `EXDEV`); where that led is then named by its
+/// link-free path beneath `root` ([`path_beneath`]), its directory opened by that
+/// path with no symlink followed, and the entry there must be the very inode
+/// resolved. Before, each link at the end was followed here, one at a time,
+/// resolving the path's directories again from `root` for each: a user's 40 links,
+/// at the end of a directory path made of 38 nested links of 4 KB `a/../a/…`
+/// targets, cost 41 resolutions of some 78,000 components each, 0.1 s of CPU for
+/// one path and minutes for an archive token naming thousands.
 pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
     let dir_flags = OFlags::PATH | OFlags::DIRECTORY;
-    let mut path: Vec<OsString> = parts.to_vec();
-    for _ in 0..=MAX_LINKS {
-        let Some((name, dirs)) = path.split_last() else {
-            return Ok(Located {
-                path: open(root, &[], dir_flags, BENEATH)?,
-                parent: None,
-            });
-        };
-        if name == ".." {
-            return Ok(Located {
-                path: open(root, &path, dir_flags, BENEATH)?,
-                parent: None,
-            });
-        }
-        let dir = open(root, dirs, dir_flags, BENEATH)?;
-        let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-            let target = rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())?;
-            let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
-            let mut next = dirs.to_vec();
-            for c in target.components() {
-                match c {
-                    Component::Normal(part) => next.push(part.to_owned()),
-                    Component::ParentDir => next.push(OsString::from("..")),
-                    Component::CurDir => {}
-                    Component::RootDir | Component::Prefix(_) => {
-                        return Err(rustix::io::Errno::XDEV.into())
-                    }
-                }
-            }
-            path = next;
-            continue;
-        }
+    let Some((name, dirs)) = parts.split_last() else {
+        return Ok(Located {
+            path: open(root, &[], dir_flags, BENEATH)?,
+            parent: None,
+        });
+    };
+    let dir = open(root, dirs, dir_flags, BENEATH)?;
+    let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
         // Swapped for a symlink since: this opens the link itself, which
         // [`open_located`] refuses as it refuses anything but a file or directory.
         let fd = openat2(
@@ -305,13 +311,73 @@ pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
             Mode::empty(),
             STRICT,
         )?;
-        let name = name.clone();
         return Ok(Located {
             path: fd,
-            parent: Some(Parent { dir, name }),
+            parent: Some(Parent {
+                dir,
+                name: name.clone(),
+            }),
         });
     }
-    Err(rustix::io::Errno::LOOP.into())
+    let found = open(root, parts, OFlags::PATH, BENEATH)?;
+    let real = path_beneath(root, found.as_fd())?;
+    let Some((name, dirs)) = real.split_last() else {
+        return Ok(Located {
+            path: found,
+            parent: None,
+        });
+    };
+    let dir = open(root, dirs, dir_flags, STRICT)?;
+    let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+    if (st.st_dev as u64, st.st_ino as u64) != identity(found.as_fd())? {
+        return Err(moved());
+    }
+    Ok(Located {
+        path: found,
+        parent: Some(Parent {
+            dir,
+            name: name.clone(),
+        }),
+    })
+}
+
+/// The error of something moved or removed while it was being resolved.
+fn moved() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        "moved or removed while it was resolved",
+    )
+}
+
+/// The link-free path of `fd` beneath `root`, as its components: the kernel's own
+/// name of each (`/proc/self/fd`), the one's a prefix of the other's. Something no
+/// longer beneath `root` (moved out, removed: the kernel then adds ` (deleted)`,
+/// and no entry has the inode) or named past `PATH_MAX` is an error; a caller
+/// finds the entry again by this path and checks it is the same inode.
+pub fn path_beneath(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    fn name_of(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        Ok(rustix::fs::readlink(link.as_str(), Vec::new())?.into_bytes())
+    }
+    let top = name_of(root)?;
+    let here = name_of(fd)?;
+    let rest = if top == b"/" {
+        here.strip_prefix(b"/")
+    } else {
+        here.strip_prefix(top.as_slice()).and_then(|r| {
+            if r.is_empty() {
+                Some(r)
+            } else {
+                r.strip_prefix(b"/")
+            }
+        })
+    };
+    let rest = rest.ok_or_else(moved)?;
+    Ok(rest
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(|c| OsStr::from_bytes(c).to_owned())
+        .collect())
 }
 
 /// Opens for reading what [`locate`] found: a regular file or a directory, the very
@@ -442,6 +508,65 @@ pub fn dir_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 /// can have (`PATH_MAX` allows about 2 048 components; symlinks inside may add a few).
 const MAX_CLIMB: usize = 8_192;
 
+/// The most levels the climbs of one request take in all ([`Climbs`]): each is an
+/// `openat` of `..` and an `fstat`, some 3 µs, so about 0.8 CPU-seconds. A request
+/// of paths inside a user's tree climbs each directory once (the climbs remember
+/// what they found), far below this; what it bounds is a user's chains of
+/// directories deeper than a path can name, reached through short links: each
+/// climb from their bottom is 8,000 levels, and once a request's memory of
+/// directories is full (13 such chains fill it), a request naming 1,000 paths at
+/// their bottom climbed 8 million levels, 28 CPU-seconds for one delete that then
+/// failed and could be sent again.
+pub const CLIMB_BUDGET: usize = 1 << 18;
+
+/// What the climbs of one request may still take ([`CLIMB_BUDGET`]); past it, a
+/// climb fails with [`TooDeep`] and the request is refused (400, naming it).
+#[derive(Debug)]
+pub struct Climbs(usize);
+
+impl Default for Climbs {
+    fn default() -> Self {
+        Self(CLIMB_BUDGET)
+    }
+}
+
+impl Climbs {
+    /// A budget of `levels` (tests: the real one is large to reach).
+    #[cfg(test)]
+    pub(crate) fn with(levels: usize) -> Self {
+        Self(levels)
+    }
+
+    /// Takes one level, or fails once the budget is spent.
+    fn step(&mut self) -> io::Result<()> {
+        self.0 = self
+            .0
+            .checked_sub(1)
+            .ok_or_else(|| io::Error::other(TooDeep))?;
+        Ok(())
+    }
+}
+
+/// The error of a request whose climbs spent their [`CLIMB_BUDGET`].
+#[derive(Debug)]
+pub struct TooDeep;
+
+impl std::fmt::Display for TooDeep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the paths of this request lie too deep to be checked: more than {CLIMB_BUDGET} directory levels climbed in all"
+        )
+    }
+}
+
+impl std::error::Error for TooDeep {}
+
+/// Whether `e` is a [`TooDeep`].
+pub fn is_too_deep(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<TooDeep>())
+}
+
 /// Where a directory lies, found by climbing its ancestors by `..` (the kernel's
 /// own parent links, never a path or a symlink): `Ok(true)` when one of them (or
 /// itself) is `inside`, `Ok(false)` when the climb reaches `top` or a directory in
@@ -488,6 +613,7 @@ pub fn beneath_known(
     inside: (u64, u64),
     top: (u64, u64),
     known: &mut std::collections::HashSet<(u64, u64)>,
+    climbs: &mut Climbs,
 ) -> io::Result<bool> {
     let mut held: Option<OwnedFd> = None;
     let mut seen = Vec::new();
@@ -503,6 +629,7 @@ pub fn beneath_known(
             return Ok(false);
         }
         seen.push(id);
+        climbs.step()?;
         // `O_PATH`: a climb needs no right to list the directories it passes.
         let up = rustix::fs::openat(
             at,
@@ -557,6 +684,7 @@ pub fn inside_any(
     dir: BorrowedFd<'_>,
     dirs: &std::collections::HashSet<(u64, u64)>,
     top: (u64, u64),
+    climbs: &mut Climbs,
 ) -> io::Result<bool> {
     let mut held: Option<OwnedFd> = None;
     let mut id = identity(dir)?;
@@ -564,6 +692,7 @@ pub fn inside_any(
         if id == top {
             return Ok(false);
         }
+        climbs.step()?;
         let at = held.as_ref().map_or(dir, |fd| fd.as_fd());
         let up = rustix::fs::openat(at, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
         let up_id = identity(up.as_fd())?;
@@ -1486,8 +1615,187 @@ pub fn is_not_dir(e: &io::Error) -> bool {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// How many paths [`open`] resolved on this thread (each a kernel
+        /// resolution from a directory descriptor, the cost the bounds below count).
+        pub(crate) static RESOLUTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The paths [`open`] resolved while `f` ran.
+    pub(crate) fn resolutions<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let before = RESOLUTIONS.with(|n| n.get());
+        let out = f();
+        (out, RESOLUTIONS.with(|n| n.get()) - before)
+    }
+
     fn fd(p: &Path) -> OwnedFd {
         rustix::fs::open(p, DIR, Mode::empty()).expect("open")
+    }
+
+    fn os(parts: &[&str]) -> Vec<OsString> {
+        parts.iter().map(OsString::from).collect()
+    }
+
+    /// A chain of 39 links at the end of a path is followed by the kernel in one
+    /// resolution, and the file found as the entry of its real directory: a user's
+    /// links cost a bounded number of resolutions, not one of the whole directory
+    /// path per link (each of those can be 40 links of 4 KB targets).
+    #[test]
+    fn links_at_the_end_of_a_path_cost_one_resolution_not_one_each() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let top = tmp.path();
+        std::fs::create_dir_all(top.join("d/real")).expect("dirs");
+        std::fs::write(top.join("d/real/f"), b"x").expect("file");
+        std::os::unix::fs::symlink("real/f", top.join("d/l39")).expect("link");
+        for i in (0..39).rev() {
+            std::os::unix::fs::symlink(format!("l{}", i + 1), top.join(format!("d/l{i}")))
+                .expect("link");
+        }
+        let root = fd(top);
+        let (located, n) = resolutions(|| locate(root.as_fd(), &os(&["d", "l0"])));
+        let located = located.expect("located");
+        assert!(n <= 3, "{n} resolutions for 40 links at the end of a path");
+        let parent = located.parent.expect("an entry of a directory");
+        assert_eq!(parent.name, OsString::from("f"));
+        assert_eq!(
+            identity(parent.dir.as_fd()).ok(),
+            identity(fd(&top.join("d/real")).as_fd()).ok()
+        );
+        assert_eq!(identity(located.path.as_fd()).ok(), {
+            let f = std::fs::File::open(top.join("d/real/f")).expect("file");
+            identity(f.as_fd()).ok()
+        });
+        // One link more than the kernel follows in a resolution is a loop, as before.
+        std::fs::remove_file(top.join("d/l39")).expect("rm");
+        std::os::unix::fs::symlink("l40", top.join("d/l39")).expect("link");
+        std::os::unix::fs::symlink("real/f", top.join("d/l40")).expect("link");
+        let err = locate(root.as_fd(), &os(&["d", "l0"]))
+            .err()
+            .expect("a loop");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
+    }
+
+    /// What a link at the end leads to is found where it really is: through `..`,
+    /// to the vfolder itself (no parent), to a directory, and never out (an absolute
+    /// target, or `..` past the top).
+    #[test]
+    fn a_link_at_the_end_is_found_where_it_leads_and_never_out() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let top = tmp.path().join("vf");
+        std::fs::create_dir_all(top.join("a/b")).expect("dirs");
+        std::fs::write(top.join("a/g"), b"x").expect("file");
+        std::os::unix::fs::symlink("../g", top.join("a/b/up")).expect("link");
+        std::os::unix::fs::symlink("../..", top.join("a/b/top")).expect("link");
+        std::os::unix::fs::symlink("..", top.join("a/b/dir")).expect("link");
+        std::os::unix::fs::symlink("../../..", top.join("a/b/out")).expect("link");
+        std::os::unix::fs::symlink("/etc/passwd", top.join("a/b/abs")).expect("link");
+        let root = fd(&top);
+        let up = locate(root.as_fd(), &os(&["a", "b", "up"])).expect("up");
+        let p = up.parent.expect("parent");
+        assert_eq!(p.name, OsString::from("g"));
+        assert_eq!(
+            identity(p.dir.as_fd()).ok(),
+            identity(fd(&top.join("a")).as_fd()).ok()
+        );
+        let at_top = locate(root.as_fd(), &os(&["a", "b", "top"])).expect("top");
+        assert!(at_top.parent.is_none());
+        assert_eq!(
+            identity(at_top.path.as_fd()).ok(),
+            identity(root.as_fd()).ok()
+        );
+        let dir = locate(root.as_fd(), &os(&["a", "b", "dir"])).expect("dir");
+        assert_eq!(dir.parent.map(|p| p.name), Some(OsString::from("a")));
+        for escape in ["out", "abs"] {
+            let err = locate(root.as_fd(), &os(&["a", "b", escape]))
+                .err()
+                .expect("refused");
+            assert!(is_escape(&err), "{escape}: {err}");
+        }
+    }
+
+    /// Makes `depth` nested directories `n0/n1/…` under `at`; returns the deepest.
+    fn chain(at: &Path, depth: usize) -> PathBuf {
+        let mut p = at.to_path_buf();
+        for i in 0..depth {
+            p.push(format!("n{i}"));
+        }
+        std::fs::create_dir_all(&p).expect("chain");
+        p
+    }
+
+    /// A request's climbs are bounded in all, however its paths spread them: a
+    /// directory found outside is not climbed again, and once the budget is spent
+    /// every climb fails as too deep, for the staging check and for an archive's
+    /// check of its listed directories alike.
+    #[test]
+    fn a_requests_climbs_are_bounded_in_all() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let top = tmp.path();
+        std::fs::create_dir(top.join(".upload")).expect("staging");
+        let inside = identity(fd(&top.join(".upload")).as_fd()).expect("id");
+        let top_id = identity(fd(top).as_fd()).expect("id");
+        let deep = chain(&top.join("a"), 60);
+        std::fs::create_dir(deep.join("x")).expect("x");
+        let mut known = std::collections::HashSet::new();
+        let mut climbs = Climbs::with(100);
+        // 61 levels up to the top, then 1 from a sibling below: the memory holds.
+        assert!(
+            !beneath_known(fd(&deep).as_fd(), inside, top_id, &mut known, &mut climbs)
+                .expect("first")
+        );
+        assert!(!beneath_known(
+            fd(&deep.join("x")).as_fd(),
+            inside,
+            top_id,
+            &mut known,
+            &mut climbs
+        )
+        .expect("again"));
+        assert!(climbs.0 >= 100 - 63, "{climbs:?}");
+        // Another chain as deep spends what is left.
+        let other = chain(&top.join("b"), 60);
+        let err = beneath_known(fd(&other).as_fd(), inside, top_id, &mut known, &mut climbs)
+            .expect_err("past the budget");
+        assert!(is_too_deep(&err), "{err}");
+        assert!(err.to_string().contains("too deep"), "{err}");
+        // The archive's check of listed directories is bounded the same way.
+        let listed = std::collections::HashSet::from([inside]);
+        let mut climbs = Climbs::with(30);
+        let err = inside_any(fd(&deep).as_fd(), &listed, top_id, &mut climbs)
+            .expect_err("past the budget");
+        assert!(is_too_deep(&err), "{err}");
+        let mut climbs = Climbs::with(100);
+        assert!(!inside_any(fd(&deep).as_fd(), &listed, top_id, &mut climbs).expect("within"));
+    }
+
+    /// The deepest existing directory of a path with many missing levels below a
+    /// link is found in a bounded number of resolutions from the top (one per link
+    /// on the way), not one per missing level.
+    #[test]
+    fn the_deepest_existing_directory_costs_a_resolution_per_link_not_per_level() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let top = tmp.path();
+        std::fs::create_dir_all(top.join("a/real/b")).expect("dirs");
+        std::os::unix::fs::symlink("real", top.join("a/l")).expect("link");
+        let root = fd(top);
+        let mut parts = os(&["a", "l", "b"]);
+        parts.extend((0..1000).map(|i| OsString::from(format!("m{i}"))));
+        let (found, n) = resolutions(|| deepest_dir(root.as_fd(), &parts));
+        let (dir, k) = found.expect("found");
+        assert_eq!(k, 3, "a, l and b exist; m0 does not");
+        assert_eq!(
+            identity(dir.as_fd()).ok(),
+            identity(fd(&top.join("a/real/b")).as_fd()).ok()
+        );
+        assert!(n <= 2, "{n} resolutions");
+        // Under a file: not a directory.
+        std::fs::write(top.join("a/real/b/file"), b"x").expect("file");
+        let err =
+            deepest_dir(root.as_fd(), &os(&["a", "l", "b", "file", "x"])).expect_err("refused");
+        assert!(is_not_dir(&err), "{err}");
     }
 
     /// A listing keeps 80 bytes per entry besides its name (it kept 168 with the

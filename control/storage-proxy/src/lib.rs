@@ -583,6 +583,40 @@ where
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
 }
 
+/// Set when the request that started blocking work is gone (its handler's future
+/// dropped: the client hung up), for the work to stop at its next step rather than
+/// run to its end for nobody ([`Abandoned::new`]).
+#[derive(Clone)]
+pub struct Abandoned(Arc<std::sync::atomic::AtomicBool>);
+
+/// Sets its [`Abandoned`] when dropped: held by the request's future across the
+/// blocking work.
+pub struct AbandonOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Abandoned {
+    /// A flag and the guard that sets it.
+    pub fn new() -> (Self, AbandonOnDrop) {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (Self(flag.clone()), AbandonOnDrop(flag))
+    }
+
+    /// `Err` once the request is gone.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ApiError::Io(std::io::Error::other(
+                "the request is gone; its work stopped",
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The channel bgtask events are broadcast on.
 pub const EVENT_CHANNEL: &str = "events_all";
 

@@ -1163,19 +1163,16 @@ fn deletion_targets(r: &DeleteReq, max: usize) -> Result<Vec<Vec<OsString>>, Api
 /// reaches the staging area through a symlink (or leaves the vfolder): the paths
 /// that resolve now are checked as [`delete_paths`] checks each again when its
 /// turn comes (a path missing now fails then, as before).
-/// A parent directory already found outside the staging area is not climbed again
-/// for the next path in it (each is climbed again when its turn comes).
+/// The directories a climb found outside the staging area are not climbed again
+/// for the next path (nor when each path's turn comes), and the climbs of the
+/// request are bounded in all ([`fsx::CLIMB_BUDGET`]): a delete naming 1,000
+/// paths at the bottom of a user's chain of directories deeper than a path can
+/// name climbed it whole for each, 28 CPU-seconds, and failed.
 fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiError> {
-    let mut checked = std::collections::HashSet::new();
+    let mut check = StagingCheck::new(root)?;
     for parts in paths {
         match fsx::parent(root, parts) {
-            Ok(p) => {
-                let id = fsx::dir_identity(p.dir.as_fd())?;
-                if p.name == STAGING || !checked.contains(&id) {
-                    guard(root, p.dir.as_fd(), &p.name)?;
-                    checked.insert(id);
-                }
-            }
+            Ok(p) => guard_checked(&mut check, root, p.dir.as_fd(), &p.name)?,
             Err(e) if fsx::is_escape(&e) => return Err(e.into()),
             Err(_) => {}
         }
@@ -1187,9 +1184,10 @@ fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiErr
 /// each from its parent's descriptor, a symlink as the link itself.
 fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> std::io::Result<u64> {
     let mut n = 0;
+    let mut check = StagingCheck::new(root.as_fd())?;
     for parts in paths {
         let p = fsx::parent(root.as_fd(), &parts)?;
-        guard(root.as_fd(), p.dir.as_fd(), &p.name).map_err(|e| {
+        guard_checked(&mut check, root.as_fd(), p.dir.as_fd(), &p.name).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
         })?;
         let stat = rustix::fs::statat(&p.dir, p.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
@@ -1289,6 +1287,20 @@ pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// [`guard`] with a request's [`StagingCheck`]: its memory of directories found
+/// outside the staging area, and its bound on climbing.
+fn guard_checked(
+    check: &mut StagingCheck,
+    root: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<(), ApiError> {
+    if name == STAGING && same_dir(root, dir) {
+        return Err(staging_refused());
+    }
+    check.refuse_dir(dir)
+}
+
 /// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
 /// would touch the staging area, which a path can reach through a symlink: an entry
 /// of the staging area or of any directory under it, or the staging area itself.
@@ -1348,6 +1360,8 @@ pub struct StagingCheck {
     staging: Option<(u64, u64)>,
     /// Directories found outside the staging area (see [`fsx::beneath_known`]).
     outside: std::collections::HashSet<(u64, u64)>,
+    /// What the request's climbs may still take.
+    climbs: fsx::Climbs,
 }
 
 impl StagingCheck {
@@ -1366,6 +1380,7 @@ impl StagingCheck {
             top: fsx::dir_identity(root)?,
             staging,
             outside: std::collections::HashSet::new(),
+            climbs: fsx::Climbs::default(),
         })
     }
 
@@ -1386,7 +1401,7 @@ impl StagingCheck {
             Some(p) if kind != FileType::Directory => p.dir.as_fd(),
             _ => located.path.as_fd(),
         };
-        fsx::beneath_known(from, inside, self.top, &mut self.outside)
+        fsx::beneath_known(from, inside, self.top, &mut self.outside, &mut self.climbs)
     }
 
     /// [`Self::reaches_staging`] as the API answers it: 400 naming the staging
@@ -1401,7 +1416,13 @@ impl StagingCheck {
         let Some(inside) = self.staging else {
             return Ok(());
         };
-        staging_answer(fsx::beneath_known(dir, inside, self.top, &mut self.outside))
+        staging_answer(fsx::beneath_known(
+            dir,
+            inside,
+            self.top,
+            &mut self.outside,
+            &mut self.climbs,
+        ))
     }
 }
 
@@ -1444,37 +1465,34 @@ pub fn mkdirs_outside_staging(
 /// every try. What is missing, or changes meanwhile, is checked again, level by
 /// level, when the upload completes.
 fn destination_outside_staging(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<(), ApiError> {
-    for k in (0..parts.len()).rev() {
-        match fsx::open_dir(root, &parts[..k]) {
-            Ok(dir) => {
-                guard(root, dir.as_fd(), &parts[k])?;
-                // The destination's own name (never followed: a symlink there is
-                // replaced, as any file is).
-                if k + 1 == parts.len() {
-                    if let Ok(st) =
-                        rustix::fs::statat(&dir, parts[k].as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
-                    {
-                        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-                            return Err(ApiError::Params(
-                                "the upload's destination is an existing directory".into(),
-                            ));
-                        }
+    let Some((_, dirs)) = parts.split_last() else {
+        return Ok(());
+    };
+    match fsx::deepest_dir(root, dirs) {
+        Ok((dir, k)) => {
+            guard(root, dir.as_fd(), &parts[k])?;
+            // The destination's own name (never followed: a symlink there is
+            // replaced, as any file is).
+            if k + 1 == parts.len() {
+                if let Ok(st) =
+                    rustix::fs::statat(&dir, parts[k].as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                        return Err(ApiError::Params(
+                            "the upload's destination is an existing directory".into(),
+                        ));
                     }
                 }
-                return Ok(());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) if fsx::is_escape(&e) => return Err(e.into()),
-            Err(e) if fsx::is_not_dir(&e) => {
-                return Err(ApiError::Params(
-                    "the upload's destination lies under something that is not a directory".into(),
-                ))
-            }
-            // Anything else: the completion refuses it.
-            Err(_) => return Ok(()),
+            Ok(())
         }
+        Err(e) if fsx::is_escape(&e) => Err(e.into()),
+        Err(e) if fsx::is_not_dir(&e) => Err(ApiError::Params(
+            "the upload's destination lies under something that is not a directory".into(),
+        )),
+        // Anything else: the completion refuses it.
+        Err(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Opens (creating if missing) a vfolder's staging directory; a `.upload` that is a

@@ -1115,6 +1115,9 @@ impl<'a> Writer<'a> {
         let (items, listed) = outermost(items);
         // Listed directories already archived, by device and inode.
         let mut walked = std::collections::HashSet::new();
+        // What the climbs from listed directories may still take (see
+        // `fsx::CLIMB_BUDGET`).
+        let mut climbs = fsx::Climbs::default();
         // The staging check of the listed paths' vfolder, made at the first.
         let mut staging: Option<StagingCheck> = None;
         for item in items {
@@ -1169,9 +1172,13 @@ impl<'a> Writer<'a> {
                         let top = fsx::dir_identity(root.as_fd())?;
                         // A directory listed again through another path (a symlink),
                         // or inside another listed one, is archived by that one.
-                        if walked.contains(&id)
-                            || fsx::inside_any(fd.as_fd(), &listed, top).unwrap_or(false)
-                        {
+                        let inside = match fsx::inside_any(fd.as_fd(), &listed, top, &mut climbs) {
+                            Ok(inside) => inside,
+                            // Spent on a user's deep chains: the archive ends here.
+                            Err(e) if fsx::is_too_deep(&e) => return Err(e),
+                            Err(_) => false,
+                        };
+                        if walked.contains(&id) || inside {
                             tracing::debug!(
                                 entry = %fsx::join(&parts).to_string_lossy(),
                                 "listed directory archived already by another listed path"
