@@ -1528,3 +1528,153 @@ fn a_short_success_seen_by_the_watch_is_read_after_the_body() {
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
     assert!(got.ends_with("\r\n\r\nok"), "{got}");
 }
+
+/// The head of the worker's answer to `GET path` from an HTTP/2 client (curl, with
+/// prior knowledge), which must read the response.
+fn h2_answer_head(w: &Worker, path: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-D", "-"])
+        .arg(format!("http://127.0.0.1:{}{path}", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let head = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "HTTP/2 client refused the answer: {} {head}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    head
+}
+
+/// Whether the head `head` has a field named `name`.
+fn has_field(head: &str, name: &str) -> bool {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .any(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+}
+
+/// `Proxy-Authenticate`, `Proxy-Authorization` and `HTTP2-Settings` from the app
+/// stay on its hop for HTTP/2 clients too (on interim heads and the final one), as
+/// for HTTP/1.1 clients: one hop-by-hop rule on every path. Before, they reached
+/// HTTP/2 clients.
+#[test]
+fn the_apps_proxy_auth_fields_stay_on_its_hop_for_http2_clients() {
+    const FIELDS: &str = "Proxy-Authenticate: Basic realm=\"app\"\r\nProxy-Authorization: Basic eDp5\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nX-Kept: yes\r\n";
+    let app = App::start(|method, path| {
+        match path {
+        "/proxy-auth" => vec![send(format!(
+            "HTTP/1.1 103 Early Hints\r\n{FIELDS}\r\nHTTP/1.1 200 OK\r\n{FIELDS}Content-Length: 2\r\n\r\nok"
+        ))],
+        _ => honest(path, method),
+    }
+    });
+    let w = worker_for(&app);
+    let head = h2_answer_head(&w, "/proxy-auth");
+    assert!(head.contains("HTTP/2 103"), "{head}");
+    assert!(head.contains("HTTP/2 200"), "{head}");
+    assert_eq!(head.matches("x-kept: yes").count(), 2, "{head}");
+    for name in [
+        "proxy-authenticate",
+        "proxy-authorization",
+        "http2-settings",
+    ] {
+        assert!(!has_field(&head, name), "{name} relayed: {head}");
+    }
+    let r = Client::connect(w.addr()).get("/proxy-auth", "");
+    assert_eq!(r.text(), "ok");
+    for name in [
+        "proxy-authenticate",
+        "proxy-authorization",
+        "http2-settings",
+    ] {
+        assert_eq!(r.header(name), None, "{name} relayed: {:?}", r.headers);
+    }
+}
+
+/// The app's `Clear-Site-Data` never reaches the client (HTTP/1.1 or HTTP/2): over
+/// HTTPS a browser clears the cookies of the whole registrable domain, among them
+/// every user's permit cookie for the other apps (`Domain=` the wildcard domain):
+/// one app must not reach the others' cookies (as with `Domain` on its
+/// `Set-Cookie`). Before, it was relayed.
+#[test]
+fn an_apps_clear_site_data_never_reaches_the_client() {
+    let app = App::start(|method, path| {
+        match path {
+        "/clear" => vec![send(
+            "HTTP/1.1 200 OK\r\nClear-Site-Data: \"cookies\", \"storage\"\r\nclear-site-data: \"*\"\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        )],
+        _ => honest(path, method),
+    }
+    });
+    let w = worker_for(&app);
+    let r = Client::connect(w.addr()).get("/clear", "");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(r.header("clear-site-data"), None, "{:?}", r.headers);
+    assert_eq!(r.header("x-kept"), Some("yes"), "{:?}", r.headers);
+    let head = h2_answer_head(&w, "/clear");
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(!has_field(&head, "clear-site-data"), "relayed: {head}");
+    assert!(has_field(&head, "x-kept"), "{head}");
+}
+
+/// Waits (bounded) for the HEADERS of an interim answer on stream `id` of `s` (the
+/// app sends nothing else: the first HEADERS on the stream, which does not end it).
+fn await_interim(s: &mut TcpStream, id: u32) {
+    use appproxy_test_support::h2frames::{read_frame, END_STREAM, HEADERS};
+    loop {
+        let f = read_frame(s).expect("an interim head before the read timeout");
+        if f.0 == HEADERS && f.2 == id {
+            assert_eq!(f.1 & END_STREAM, 0, "{f:?}");
+            return;
+        }
+    }
+}
+
+/// An HTTP/2 client that resets its stream, or closes its connection, while the app
+/// is silent after an interim head (`103`) frees the app connection at once, as it
+/// does before the first head: the app sees its connection closed well before the
+/// head timeout (`upstream_head_secs`, set long here, restarted by each interim
+/// head). Before, the wait for the next head did not watch the client, and the app
+/// connection was held until the timeout.
+#[test]
+fn an_http2_client_leaving_after_an_interim_head_frees_the_app_connection() {
+    use appproxy_test_support::h2frames::{connect, frame, request, END_HEADERS, END_STREAM};
+    use appproxy_test_support::h2frames::{HEADERS, RST_STREAM};
+    let app = App::start(|method, path| {
+        if path.starts_with("/interim") {
+            vec![
+                send("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+                Step::Hold,
+            ]
+        } else {
+            honest(path, method)
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nupstream_head_secs = 600\n".into(),
+        ..Default::default()
+    });
+    // The stream reset (CANCEL), the connection kept open.
+    let mut s = connect(w.addr());
+    let open = |s: &mut TcpStream, id: u32, path: &str| {
+        s.write_all(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            id,
+            &request("GET", path, &[]),
+        ))
+        .expect("request");
+    };
+    open(&mut s, 1, "/interim-reset");
+    await_interim(&mut s, 1);
+    s.write_all(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .expect("reset");
+    app.wait_ended(app.conn_of("/interim-reset"));
+    // The connection closed.
+    open(&mut s, 3, "/interim-close");
+    await_interim(&mut s, 3);
+    drop(s);
+    app.wait_ended(app.conn_of("/interim-close"));
+}

@@ -976,3 +976,134 @@ fn streams_waiting_for_a_body_that_never_comes_are_held_to_the_stream_budget() {
     answered_to_another_address(&w, "/");
     drop(s);
 }
+
+/// The head of the worker's answer to `GET /` with `Host: host` from an HTTP/2 client
+/// (curl, with prior knowledge), which must read the response: its nghttp2 refuses
+/// a whole response with one malformed field.
+fn h2_answer_head(w: &Worker, host: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-D", "-", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg(format!("http://127.0.0.1:{}/", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let head = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "HTTP/2 client refused the answer: {} {head}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    head
+}
+
+/// The values of the fields named `name` (lowercase) in the head `head`.
+fn fields_named<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+/// An HTTP/2 app's hop-by-hop fields (`Proxy-Authenticate`, `Proxy-Authorization`,
+/// `HTTP2-Settings`) stay on its hop, for HTTP/1.1 clients (the bridge) and HTTP/2
+/// ones, as an HTTP/1.1 app's do (`app_attack.rs`): one rule on every path. Before,
+/// they reached HTTP/2 clients, and `Proxy-Authenticate` HTTP/1.1 ones.
+#[test]
+fn an_http2_apps_hop_by_hop_fields_stay_on_its_hop() {
+    let app = answering_app(
+        &[
+            (b":status", b"200"),
+            (b"proxy-authenticate", b"Basic realm=\"app\""),
+            (b"proxy-authorization", b"Basic eDp5"),
+            (b"http2-settings", b"AAMAAABkAARAAAAAAAIAAAAA"),
+            (b"x-kept", b"yes"),
+            (b"content-length", b"2"),
+        ],
+        b"ok",
+    );
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    for (what, head) in [
+        ("HTTP/1.1", answer_head(&w, "127.0.0.1")),
+        ("HTTP/2", h2_answer_head(&w, "127.0.0.1")),
+    ] {
+        assert!(head.starts_with("HTTP/"), "{what}: {head}");
+        assert_eq!(fields_named(&head, "x-kept"), ["yes"], "{what}: {head}");
+        for name in [
+            "proxy-authenticate",
+            "proxy-authorization",
+            "http2-settings",
+        ] {
+            assert!(
+                fields_named(&head, name).is_empty(),
+                "{what}: {name} relayed: {head}"
+            );
+        }
+    }
+}
+
+/// An HTTP/2 app's field value with whitespace around it (malformed in HTTP/2, RFC
+/// 9113 §8.2.1) reaches clients trimmed, as an HTTP/1.1 app's does: an HTTP/2
+/// client reads the response. Before, the value went on as sent and the client
+/// refused the whole response.
+#[test]
+fn an_http2_apps_padded_field_values_reach_http2_clients_trimmed() {
+    let app = answering_app(
+        &[
+            (b":status", b"200"),
+            (b"x-a", b" spaced "),
+            (b"x-b", b"\ttabbed"),
+            (b"content-length", b"2"),
+        ],
+        b"ok",
+    );
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let head = h2_answer_head(&w, "127.0.0.1");
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(head.contains("\nx-a: spaced\n"), "{head:?}");
+    assert!(head.contains("\nx-b: tabbed\n"), "{head:?}");
+    let head = answer_head(&w, "127.0.0.1");
+    assert!(head.contains("\r\nx-a: spaced\r\n"), "{head:?}");
+}
+
+/// An HTTP/2 app's `Clear-Site-Data` never reaches the client (HTTP/1.1 or HTTP/2):
+/// over HTTPS a browser would clear the cookies of the whole registrable domain,
+/// every user's permit cookie for the other apps among them (as an HTTP/1.1 app's,
+/// `app_attack.rs`). Before, it was relayed.
+#[test]
+fn an_http2_apps_clear_site_data_never_reaches_the_client() {
+    let app = answering_app(
+        &[
+            (b":status", b"200"),
+            (b"clear-site-data", b"\"cookies\", \"storage\""),
+            (b"x-kept", b"yes"),
+            (b"content-length", b"2"),
+        ],
+        b"ok",
+    );
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: "protocol = \"http2\"\nopen_to_public = true\nfrontend_mode = \"wildcard\"\nsubdomain = \"alpha\"\n".into(),
+        ..Default::default()
+    });
+    for (what, head) in [
+        ("HTTP/1.1", answer_head(&w, "alpha.apps.test")),
+        ("HTTP/2", h2_answer_head(&w, "alpha.apps.test")),
+    ] {
+        assert_eq!(fields_named(&head, "x-kept"), ["yes"], "{what}: {head}");
+        assert!(
+            fields_named(&head, "clear-site-data").is_empty(),
+            "{what}: relayed: {head}"
+        );
+    }
+}

@@ -196,6 +196,26 @@ pub fn is_underscored_managed_name(name: &[u8]) -> bool {
         || is_proxy_claim(d)
 }
 
+/// Whether `name` is one of the hop-by-hop fields [`HOP_BY_HOP`], never passed on
+/// by any path (HTTP/1.1 or HTTP/2, either way): the one list, of which HTTP/2's
+/// connection-specific fields (RFC 9113 §8.2.2) are a part.
+#[inline]
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    is_hop_by_hop(name, b"", &[])
+}
+
+/// Whether an app's response field `name` is withheld from the client on every
+/// path (HTTP/1.1 or HTTP/2 app, HTTP/1.1 or HTTP/2 client), besides the hop-by-hop
+/// ones: `Clear-Site-Data`, with which a browser over HTTPS clears the cookies of
+/// the whole registrable domain (RFC 6265's "site"), among them every user's permit
+/// cookie for the other apps (`Domain=` the wildcard domain in wildcard mode). One
+/// app must not reach the others' cookies, as with `Domain` on its `Set-Cookie`
+/// (docs/dataplane.md, "cookie tossing").
+#[inline]
+pub fn is_withheld_response_field(name: &[u8]) -> bool {
+    matches!(name.first(), Some(b'c' | b'C')) && name_is(name, "clear-site-data")
+}
+
 /// Whether a field is hop-by-hop: one of [`HOP_BY_HOP`] or named in `Connection`
 /// (except `Host`, which is for every recipient: a client listing it must not make
 /// the app get a request without one).
@@ -619,16 +639,18 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
 }
 
 /// Appends the fields of the app's response head `head` (final or interim) that
-/// reach the client: not hop-by-hop, not its length (the worker writes its own; a
-/// 1xx has none, RFC 9110 §8.6), not a request ID ([`is_request_id_field`]), no
-/// `Set-Cookie` of the worker's permit (an app must not plant or replace it), and
-/// every other `Set-Cookie` host-only ([`host_only_cookie`]).
+/// reach the client: not hop-by-hop nor withheld ([`is_withheld_response_field`]),
+/// not its length (the worker writes its own; a 1xx has none, RFC 9110 §8.6), not
+/// a request ID ([`is_request_id_field`]), no `Set-Cookie` of the worker's permit
+/// (an app must not plant or replace it), and every other `Set-Cookie` host-only
+/// ([`host_only_cookie`]).
 // Always inlined: one loop per response head, in its two callers.
 #[inline(always)]
 fn push_relayed_fields(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     for HeaderField { name, value } in &head.headers {
         let (name, value) = (&buf[name.clone()], &buf[value.clone()]);
         if is_hop_by_hop(name, buf, &head.connection_tokens)
+            || is_withheld_response_field(name)
             || name_is(name, "content-length")
             || is_request_id_field(name)
         {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use h2::RecvStream;
 
 use super::h1_body::H1Body;
-use super::stream::{is_connection_specific, send_all, Done, Fail, Req};
+use super::stream::{send_all, Done, Fail, Req};
 use super::upstream;
 use super::within;
 use crate::core::{Core, Route};
@@ -217,7 +217,9 @@ pub async fn forward(
     upstream::status_in_range(core, route, addr, resp.status())?;
     proxy::note_health(core, route, addr, true);
     core.metrics.upstream_head.observe(sent.elapsed());
-    let (parts, rbody) = resp.into_parts();
+    let (mut parts, rbody) = resp.into_parts();
+    // Hop-by-hop and withheld fields left out, values trimmed, as on every path.
+    super::stream::sanitize_app_fields(&mut parts.headers);
     let status = parts.status.as_u16();
     let length: Option<u64> = parts
         .headers
@@ -239,8 +241,7 @@ pub async fn forward(
         let n = name.as_str().as_bytes();
         // The app's `content-length` fields (two equal ones pass `h2`, and `005`
         // would pass as written) are left out: one canonical value is written below.
-        if is_connection_specific(n)
-            || crate::http::encode::is_request_id_field(n)
+        if crate::http::encode::is_request_id_field(n)
             || parse::name_is(n, "content-length")
             || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
         {

@@ -629,22 +629,54 @@ pub async fn send_all(
     Ok(())
 }
 
-/// Header fields that are not HTTP/2's (RFC 9113 §8.2.2), besides those named in
-/// `Connection`.
-const CONNECTION_SPECIFIC: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "trailers",
-];
-
-/// Whether `name` must not be sent in an HTTP/2 message.
+/// Whether `name` must not be sent in an HTTP/2 message nor passed on from one:
+/// the hop-by-hop fields of the HTTP/1.1 path ([`encode::is_hop_by_hop_name`], one
+/// rule for every path), which hold HTTP/2's connection-specific ones (RFC 9113
+/// §8.2.2) and also `Proxy-Authenticate`, `Proxy-Authorization` and
+/// `HTTP2-Settings`. Fields named in an HTTP/1.1 `Connection` are the caller's.
+#[inline]
 pub fn is_connection_specific(name: &[u8]) -> bool {
-    CONNECTION_SPECIFIC.iter().any(|n| parse::name_is(name, n))
+    encode::is_hop_by_hop_name(name)
+}
+
+/// `value` without the whitespace around it: an HTTP/2 field value that begins or
+/// ends with a space or tab is malformed (RFC 9113 §8.2.1; an HTTP/2 client refuses
+/// the whole response), and the HTTP/1.1 path's parser trims it as optional
+/// whitespace.
+fn trimmed(value: &HeaderValue) -> HeaderValue {
+    let bytes = value.as_bytes();
+    let t = bytes.trim_ascii();
+    if t.len() == bytes.len() {
+        return value.clone();
+    }
+    // A part of a valid value is one.
+    HeaderValue::from_bytes(t).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// An HTTP/2 app's response head (final or interim) sanitized as an HTTP/1.1 app's
+/// is ([`encode::client_response`]): its hop-by-hop fields ([`is_connection_specific`])
+/// and withheld ones ([`encode::is_withheld_response_field`]) left out, each value
+/// [`trimmed`]. Request IDs and cookies are [`drop_request_ids`]' and
+/// [`filter_cookies`]'.
+pub fn sanitize_app_fields(headers: &mut HeaderMap) {
+    let drop = |n: &HeaderName| {
+        let n = n.as_str().as_bytes();
+        is_connection_specific(n) || encode::is_withheld_response_field(n)
+    };
+    let padded = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        b.trim_ascii().len() != b.len()
+    };
+    if !headers.iter().any(|(n, v)| drop(n) || padded(v)) {
+        return;
+    }
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (n, v) in headers.iter() {
+        if !drop(n) {
+            kept.append(n.clone(), trimmed(v));
+        }
+    }
+    *headers = kept;
 }
 
 /// Leaves the request-ID fields out of an app's response head
@@ -691,7 +723,7 @@ pub fn filter_trailers(trailers: &HeaderMap, request: bool) -> Option<HeaderMap>
     let mut kept = HeaderMap::new();
     for (name, value) in trailers {
         match trailer_verdict(name.as_str().as_bytes()) {
-            TrailerVerdict::Keep => kept.append(name.clone(), value.clone()),
+            TrailerVerdict::Keep => kept.append(name.clone(), trimmed(value)),
             TrailerVerdict::Forbidden if request => return None,
             TrailerVerdict::Drop | TrailerVerdict::Forbidden => continue,
         };
@@ -917,16 +949,27 @@ async fn forward_h1(
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         }
         ubuf.consume(resp.head_len);
-        resp = proxy::read_response_head(
-            core,
-            &upstream,
-            &mut ubuf,
-            &mut Vec::new(),
-            head.method,
-            None,
-        )
-        .await
-        .map_err(|f| Fail::Answer(f.into_error()))?;
+        // The client resetting its stream ends the wait for the next head at once,
+        // as it does the first's (the app's connection would otherwise be held until
+        // `upstream_head_secs`, restarted by each interim head).
+        let mut fields = Vec::new();
+        let outcome = {
+            let read = std::pin::pin!(proxy::read_response_head(
+                core,
+                &upstream,
+                &mut ubuf,
+                &mut fields,
+                head.method,
+                None,
+            ));
+            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+            relay::or_watch(read, || {}, reset).await
+        };
+        let Ok(outcome) = outcome else {
+            ctx.note_client_reset();
+            return Err(Fail::Abort("client reset the stream".into()));
+        };
+        resp = outcome.map_err(|f| Fail::Answer(f.into_error()))?;
     }
     let rbuf = ubuf.filled();
     let lease = Lease {
@@ -994,7 +1037,8 @@ async fn forward_h1(
 }
 
 /// The fields of an HTTP/1.1 app's response head `resp` (in `rbuf`) as HTTP/2 fields:
-/// without hop-by-hop and `Connection`-listed ones and the app's request ID (the
+/// without hop-by-hop ([`is_connection_specific`]), `Connection`-listed and withheld
+/// ([`encode::is_withheld_response_field`]) ones and the app's request ID (the
 /// worker sets its own). `content-length` is the worker's, one canonical value: the
 /// body's length, or on a bodiless response (HEAD, 304) the representation's when the
 /// app gave one valid length; never on an interim head or a 204 (an HTTP/2 client
@@ -1009,6 +1053,7 @@ fn copy_fields(rbuf: &[u8], resp: &parse::ResponseHead, bodiless: bool, headers:
             .any(|t| rbuf[t.clone()].eq_ignore_ascii_case(name));
         if listed
             || is_connection_specific(name)
+            || encode::is_withheld_response_field(name)
             || crate::http::encode::is_request_id_field(name)
             || parse::name_is(name, "content-length")
             || (parse::name_is(name, "set-cookie") && sets_permit_cookie(&rbuf[f.value.clone()]))
@@ -1299,6 +1344,46 @@ mod tests {
         assert_eq!(
             passed.get(http::header::SERVER).map(|v| v.as_bytes()),
             Some(&b"app"[..])
+        );
+    }
+
+    /// One hop-by-hop rule on every path: HTTP/2's connection-specific fields (RFC
+    /// 9113 §8.2.2) are among the HTTP/1.1 path's hop-by-hop ones, and an HTTP/2
+    /// app's head loses those, `Clear-Site-Data`, and the whitespace around values.
+    #[test]
+    fn http2_paths_share_the_hop_by_hop_rule() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "http2-settings",
+        ] {
+            assert!(is_connection_specific(name.as_bytes()), "{name}");
+        }
+        assert!(!is_connection_specific(b"content-type"));
+        let mut headers = HeaderMap::new();
+        for (n, v) in [
+            ("proxy-authenticate", "Basic"),
+            ("clear-site-data", "\"cookies\""),
+            ("x-a", " spaced "),
+            ("x-a", "two"),
+            ("x-b", "kept"),
+        ] {
+            headers.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        sanitize_app_fields(&mut headers);
+        let got: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            got,
+            [("x-a", &b"spaced"[..]), ("x-a", b"two"), ("x-b", b"kept")]
         );
     }
 }

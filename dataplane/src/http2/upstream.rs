@@ -760,6 +760,7 @@ pub async fn forward(
                     }
                     interim += 1;
                     if interim <= proxy::MAX_INTERIM {
+                        super::stream::sanitize_app_fields(info.headers_mut());
                         super::stream::drop_request_ids(info.headers_mut());
                         super::stream::filter_cookies(info.headers_mut());
                         // A client gone meanwhile shows in poll_reset.
@@ -829,6 +830,7 @@ pub async fn forward(
         let mut response = http::Response::new(());
         *response.status_mut() = parts.status;
         let mut headers = parts.headers;
+        super::stream::sanitize_app_fields(&mut headers);
         super::stream::drop_request_ids(&mut headers);
         // A 204 has no length (RFC 9110 §8.6), as on the HTTP/1.1 app path.
         if status == 204 {
