@@ -1268,36 +1268,117 @@ pub(super) async fn v1_workers(
     Ok(Json(Value::Array(out)))
 }
 
-/// `GET /v1/api/slots` (older managers): one row per circuit, flattened.
-pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Json<Value>, ApiError> {
-    let workers = state.store.workers().await?;
-    let circuits = state.store.circuits(None).await?;
-    let out: Vec<Value> = circuits
-        .iter()
-        .map(|(c, _)| {
-            let authority = workers
-                .iter()
-                .find(|w| Some(w.id) == c.worker)
-                .map(|w| Value::from(w.registration.authority.as_str()))
-                .unwrap_or(Value::Null);
-            json!({
-                "rel": c.id,
-                "port": c.port,
-                "subdomain": c.subdomain,
-                "wsproxy_version": "v2",
-                "worker__authority": authority,
-                "circuit__app": c.app,
-                "circuit__session_id": c.session_ids.first(),
-                "circuit__open_to_public": c.open_to_public,
-                "circuit__allowed_client_ips": (!c.allowed_client_ips.is_empty()).then(|| c.allowed_client_ips.join(",")),
-                "circuit__envs": serde_json::to_string(&c.envs).unwrap_or_else(|_| "{}".into()),
-                "circuit__arguments": c.arguments,
-                "circuit__created": c.created_at,
-                "circuit__modified": c.updated_at,
-            })
-        })
+/// One row of `GET /v1/api/slots`, written straight to the answer's text — never a
+/// `serde_json::Value` (the rows were built as a `Vec<Value>` and the whole answer
+/// in memory: 40,000 circuits with 1,000-character `args` made a 257 MB answer and
+/// a 628 MB peak). The keys in the order the answer always had them: sorted, as a
+/// `Value`'s are.
+#[derive(Serialize)]
+struct V1Slot<'a> {
+    #[serde(rename = "circuit__allowed_client_ips")]
+    allowed_client_ips: Option<String>,
+    #[serde(rename = "circuit__app")]
+    app: &'a Option<String>,
+    #[serde(rename = "circuit__arguments")]
+    arguments: &'a Option<String>,
+    #[serde(rename = "circuit__created")]
+    created: &'a Option<String>,
+    #[serde(rename = "circuit__envs")]
+    envs: String,
+    #[serde(rename = "circuit__modified")]
+    modified: &'a Option<String>,
+    #[serde(rename = "circuit__open_to_public")]
+    open_to_public: bool,
+    #[serde(rename = "circuit__session_id")]
+    session_id: Option<&'a uuid::Uuid>,
+    port: Option<u16>,
+    rel: uuid::Uuid,
+    subdomain: &'a Option<String>,
+    #[serde(rename = "worker__authority")]
+    worker_authority: Option<&'a str>,
+    wsproxy_version: &'static str,
+}
+
+impl<'a> V1Slot<'a> {
+    fn of(
+        c: &'a appproxy_shared::model::Circuit,
+        authorities: &'a std::collections::HashMap<uuid::Uuid, String>,
+    ) -> Self {
+        Self {
+            allowed_client_ips: (!c.allowed_client_ips.is_empty())
+                .then(|| c.allowed_client_ips.join(",")),
+            app: &c.app,
+            arguments: &c.arguments,
+            created: &c.created_at,
+            envs: serde_json::to_string(&c.envs).unwrap_or_else(|_| "{}".into()),
+            modified: &c.updated_at,
+            open_to_public: c.open_to_public,
+            session_id: c.session_ids.first(),
+            port: c.port,
+            rel: c.id,
+            subdomain: &c.subdomain,
+            worker_authority: c
+                .worker
+                .and_then(|w| authorities.get(&w))
+                .map(String::as_str),
+            wsproxy_version: "v2",
+        }
+    }
+}
+
+/// Rows of `/v1/api/slots` rendered into one piece of its answer.
+const V1_SLOTS_PER_PIECE: usize = 256;
+
+/// `rows` as the text of `/v1/api/slots`' JSON array, [`V1_SLOTS_PER_PIECE`] rows a
+/// piece, each rendered when it is asked for; a row is dropped once written.
+fn v1_slot_pieces(
+    rows: Vec<super::store::CircuitRow>,
+    authorities: std::collections::HashMap<uuid::Uuid, String>,
+) -> impl Iterator<Item = serde_json::Result<Vec<u8>>> + Send + 'static {
+    let mut rows = rows.into_iter();
+    let (mut written, mut ended) = (0usize, false);
+    std::iter::from_fn(move || {
+        if ended {
+            return None;
+        }
+        let mut piece = Vec::new();
+        if written == 0 {
+            piece.push(b'[');
+        }
+        for (n, (c, _)) in rows.by_ref().enumerate() {
+            if written > 0 {
+                piece.push(b',');
+            }
+            written += 1;
+            if let Err(e) = serde_json::to_writer(&mut piece, &V1Slot::of(&c, &authorities)) {
+                ended = true;
+                return Some(Err(e));
+            }
+            if n + 1 == V1_SLOTS_PER_PIECE {
+                return Some(Ok(piece));
+            }
+        }
+        piece.push(b']');
+        ended = true;
+        Some(Ok(piece))
+    })
+}
+
+/// `GET /v1/api/slots` (older managers): one row per circuit, flattened, oldest
+/// first. Written in pieces ([`answer_in_pieces`]) as `/api/slots` is: the rows are
+/// read before the head (a store failure is still answered with its status), each
+/// worker's authority found in a map (a linear search per circuit before), then
+/// the text made a piece at a time — the answer is never whole in memory.
+pub(super) async fn v1_slots(Extract(state): Extract<Arc<State>>) -> Result<Response, ApiError> {
+    let authorities: std::collections::HashMap<uuid::Uuid, String> = state
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .map(|w| (w.id, w.registration.authority))
         .collect();
-    Ok(Json(Value::Array(out)))
+    let circuits = state.store.circuits(None).await?;
+    answer_in_pieces(v1_slot_pieces(circuits, authorities), "v1 slots")
 }
 
 #[cfg(test)]
@@ -1309,6 +1390,89 @@ mod tests {
     use crate::store::{HeldSlot, WorkerRow};
     use axum::body::HttpBody as _;
     use serde_json::json;
+
+    /// `/v1/api/slots` as it was built before it was written in pieces: a `Value`
+    /// per row, found its worker by a linear search.
+    fn v1_as_values(
+        rows: &[crate::store::CircuitRow],
+        workers: &[(uuid::Uuid, String)],
+    ) -> Vec<u8> {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(c, _)| {
+                let authority = workers
+                    .iter()
+                    .find(|w| Some(w.0) == c.worker)
+                    .map(|w| serde_json::Value::from(w.1.as_str()))
+                    .unwrap_or(serde_json::Value::Null);
+                json!({
+                    "rel": c.id,
+                    "port": c.port,
+                    "subdomain": c.subdomain,
+                    "wsproxy_version": "v2",
+                    "worker__authority": authority,
+                    "circuit__app": c.app,
+                    "circuit__session_id": c.session_ids.first(),
+                    "circuit__open_to_public": c.open_to_public,
+                    "circuit__allowed_client_ips": (!c.allowed_client_ips.is_empty()).then(|| c.allowed_client_ips.join(",")),
+                    "circuit__envs": serde_json::to_string(&c.envs).unwrap_or_else(|_| "{}".into()),
+                    "circuit__arguments": c.arguments,
+                    "circuit__created": c.created_at,
+                    "circuit__modified": c.updated_at,
+                })
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::Value::Array(out)).expect("json")
+    }
+
+    /// The rows written in pieces make the bytes the `Value` array made, across
+    /// piece boundaries, for circuits with and without a known worker, fields set
+    /// and unset; no answer is one piece larger than its share of rows.
+    #[test]
+    fn v1_slots_are_written_as_their_value_trees_were() {
+        let workers = vec![
+            (uuid::Uuid::from_u128(1), "worker-1".to_owned()),
+            (uuid::Uuid::from_u128(2), "worker-2".to_owned()),
+        ];
+        let row = |i: u128| -> crate::store::CircuitRow {
+            let circuit = match i % 3 {
+                0 => json!({"id": uuid::Uuid::from_u128(1000 + i)}),
+                1 => json!({"id": uuid::Uuid::from_u128(1000 + i), "worker": workers[0].0,
+                    "app": "jupyter", "port": 10205, "open_to_public": true,
+                    "allowed_client_ips": ["10.0.0.1", "10.0.1.0/24"],
+                    "envs": {"B": "2", "A": 1}, "arguments": "--x \"y\"\n",
+                    "session_ids": [uuid::Uuid::from_u128(7)],
+                    "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-02T00:00:00Z"}),
+                _ => {
+                    json!({"id": uuid::Uuid::from_u128(1000 + i), "worker": uuid::Uuid::from_u128(9),
+                    "subdomain": "svc", "app_mode": "inference"})
+                }
+            };
+            (
+                serde_json::from_value(circuit).expect("circuit"),
+                Default::default(),
+            )
+        };
+        let map: std::collections::HashMap<uuid::Uuid, String> = workers.iter().cloned().collect();
+        for n in [0u128, 1, 3, 255, 256, 257, 600] {
+            let rows: Vec<_> = (0..n).map(row).collect();
+            let before = v1_as_values(&rows, &workers);
+            let pieces: Vec<Vec<u8>> = super::v1_slot_pieces(rows, map.clone())
+                .collect::<Result<_, _>>()
+                .expect("pieces");
+            assert_eq!(
+                pieces.len(),
+                n as usize / super::V1_SLOTS_PER_PIECE + 1,
+                "{n}"
+            );
+            let text: Vec<u8> = pieces.concat();
+            assert_eq!(
+                String::from_utf8_lossy(&text),
+                String::from_utf8_lossy(&before),
+                "{n}"
+            );
+        }
+    }
 
     /// The worker answer as it was built before it was written slot by slot: a
     /// `serde_json::Value` per slot, in the summary's map. The text written now is

@@ -14,8 +14,55 @@ impl CoordinatorConfig {
     /// default one too) is taken relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load(path)?;
+        config.check().map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })?;
         config.database.sqlite_path = relative_to(path, &config.database.sqlite_path);
         Ok(config)
+    }
+
+    /// Refuses, naming the key, a `[coordinator]` duration in whole seconds that is
+    /// used as it is (not clamped) and is longer than [`MAX_DURATION_SECS`]: the
+    /// worker-lost pass subtracted `worker_heartbeat_timeout_secs` from the clock
+    /// (u64::MAX panicked every pass on SQLite, and was an interval PostgreSQL
+    /// refuses every pass), a job's period is added to the clock, and the idle
+    /// timeout and the token TTL become intervals and signed seconds. The settings
+    /// that are clamped (`leader_lease_secs`, `setup_link_ttl_secs`, the connection
+    /// timeouts, the float ones) keep their documented caps.
+    pub fn check(&self) -> Result<(), String> {
+        let c = &self.coordinator;
+        for (key, secs) in [
+            (
+                "worker_heartbeat_timeout_secs",
+                c.worker_heartbeat_timeout_secs,
+            ),
+            (
+                "unused_circuit_collection_timeout_secs",
+                c.unused_circuit_collection_timeout_secs,
+            ),
+            (
+                "check_worker_lost_interval_secs",
+                c.check_worker_lost_interval_secs,
+            ),
+            (
+                "check_unused_circuit_interval_secs",
+                c.check_unused_circuit_interval_secs,
+            ),
+            (
+                "check_unsettled_creation_interval_secs",
+                c.check_unsettled_creation_interval_secs,
+            ),
+            ("token_ttl_secs", c.token_ttl_secs),
+        ] {
+            if secs > MAX_DURATION_SECS {
+                return Err(format!(
+                    "coordinator.{key}: {secs} s is longer than the longest duration \
+                     a setting takes, {MAX_DURATION_SECS} s (366 days)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The full default config, the optional keys shown commented.
@@ -44,6 +91,12 @@ impl CoordinatorConfig {
         )
     }
 }
+
+/// The longest a `[coordinator]` duration in whole seconds may be (366 days):
+/// longer than any timeout, period or TTL a deployment needs, and far from where
+/// the clock arithmetic made of it overflows (a `SystemTime` or `Instant` moved
+/// by it, a PostgreSQL interval, signed seconds).
+pub const MAX_DURATION_SECS: u64 = 366 * 24 * 3600;
 
 /// The coordinator's config file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -220,7 +273,10 @@ pub struct CoordinatorSection {
     pub check_unsettled_creation_interval_secs: u64,
     /// Setup tokens (`POST /v2/conf`, spent by `/v2/proxy/auth` moments later) are
     /// deleted this long after they were made, by the idle-circuit pass; 0 keeps
-    /// them for ever, as the original did (one row per app launch, for ever).
+    /// them for ever, as the original did (one row per app launch, for ever). One
+    /// past it is refused by `/v2/proxy/auth` as an unknown one at once, deleted or
+    /// not. At most 366 days ([`MAX_DURATION_SECS`], as the other durations used
+    /// unclamped: [`CoordinatorConfig::check`]).
     pub token_ttl_secs: u64,
     /// The `/setup` link `/v2/proxy/auth` answers (a token the worker turns into the
     /// owner's permit cookie, followed by the browser at once) expires this long
@@ -346,6 +402,42 @@ mod tests {
     }
 
     use super::*;
+
+    /// A duration past [`MAX_DURATION_SECS`] is refused at load, naming its key:
+    /// `worker_heartbeat_timeout_secs = 18446744073709551615` was accepted, then
+    /// every worker-lost pass panicked (SQLite) or failed (PostgreSQL). The bound
+    /// itself is accepted, and so is the default config.
+    #[test]
+    fn every_unclamped_duration_refuses_more_than_a_year_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("coordinator.toml");
+        for key in [
+            "worker_heartbeat_timeout_secs",
+            "unused_circuit_collection_timeout_secs",
+            "check_worker_lost_interval_secs",
+            "check_unused_circuit_interval_secs",
+            "check_unsettled_creation_interval_secs",
+            "token_ttl_secs",
+        ] {
+            for huge in [u64::MAX, MAX_DURATION_SECS + 1] {
+                std::fs::write(&file, format!("[coordinator]\n{key} = {huge}\n")).expect("write");
+                let err = CoordinatorConfig::load(&file).expect_err(key).to_string();
+                assert!(
+                    err.contains(&format!("coordinator.{key}: {huge} s")),
+                    "{err}"
+                );
+                assert!(err.contains("coordinator.toml"), "{err}");
+            }
+            std::fs::write(
+                &file,
+                format!("[coordinator]\n{key} = {MAX_DURATION_SECS}\n"),
+            )
+            .expect("write");
+            CoordinatorConfig::load(&file).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+        std::fs::write(&file, CoordinatorConfig::default_toml()).expect("write");
+        CoordinatorConfig::load(&file).expect("the default config");
+    }
 
     #[test]
     fn defaults_round_trip() {

@@ -498,6 +498,31 @@ pub(super) async fn create(
     ))
 }
 
+/// The most endpoints one bulk route call (`/v2/endpoints/bulk/routes`, `…/register`,
+/// `…/unregister`) names. The whole call holds the route turn — this process's and,
+/// through the store, every coordinator's — and each item costs a few store calls
+/// and an event (about 2 ms on PostgreSQL): 8,000 items held it 17 s, and other
+/// coordinators' route calls gave up meanwhile with 503 after the store's 5 s
+/// deadline. 1,024 items hold it about 2 s, well inside that deadline; the
+/// endpoints whose routes change at one time are far fewer.
+pub(super) const MAX_BULK_ROUTE_ITEMS: usize = 1024;
+
+/// The most endpoints one bulk creation or removal (`/v2/endpoints/bulk`) names:
+/// each item costs store calls and an event, and the call has no deadline of its
+/// own (34,000 removals took 17 s). The same bound as a bulk removal of circuits
+/// ([`super::api::MAX_BULK_REMOVALS`], about 2 s).
+pub(super) const MAX_BULK_ENDPOINTS: usize = super::api::MAX_BULK_REMOVALS;
+
+/// Refuses (400, before any work) a bulk body naming more than `max` endpoints.
+fn within_bulk_cap(items: usize, max: usize) -> Result<(), ApiError> {
+    if items > max {
+        return Err(ApiError::BadRequest(format!(
+            "the call names {items} endpoints; one call takes at most {max}"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 pub(super) struct BulkCreate {
     endpoints: Vec<CreateEndpoint>,
@@ -512,6 +537,7 @@ pub(super) async fn create_bulk(
     Extract(state): Extract<Arc<State>>,
     Body(b): Body<BulkCreate>,
 ) -> Result<Json<Value>, ApiError> {
+    within_bulk_cap(b.endpoints.len(), MAX_BULK_ENDPOINTS)?;
     if b.endpoints.iter().any(|e| e.deployment_id.is_none()) {
         return Err(ApiError::BadRequest(
             "every bulk item needs deployment_id".into(),
@@ -602,7 +628,8 @@ struct DeploymentRef {
 pub(super) async fn delete_bulk(
     Extract(state): Extract<Arc<State>>,
     Body(b): Body<BulkDelete>,
-) -> Json<Value> {
+) -> Result<Json<Value>, ApiError> {
+    within_bulk_cap(b.endpoints.len(), MAX_BULK_ENDPOINTS)?;
     // While Redis is out of reach, one failed publish, not one per endpoint.
     let out = super::one_publishing_call(async {
         let mut out = Vec::with_capacity(b.endpoints.len());
@@ -616,7 +643,7 @@ pub(super) async fn delete_bulk(
         out
     })
     .await;
-    Json(json!({"endpoints": out}))
+    Ok(Json(json!({"endpoints": out})))
 }
 
 #[derive(Deserialize)]
@@ -864,6 +891,8 @@ async fn routes_one(state: &State, item: &RoutesItem, op: RouteOp) -> Result<Val
 }
 
 async fn routes(state: &State, body: RoutesBody, op: RouteOp) -> Result<Json<Value>, ApiError> {
+    // Before the route turn is taken: the cap is what bounds how long it is held.
+    within_bulk_cap(body.endpoints.len(), MAX_BULK_ROUTE_ITEMS)?;
     // Checked whole before any item is applied: a route ID twice in one item's
     // list is ambiguous (which one keeps the health state, which one goes).
     for (i, item) in body.endpoints.iter().enumerate() {

@@ -217,9 +217,11 @@ async fn proxy_auth(
     headers: HeaderMap,
     q: AuthQuery,
 ) -> Result<Response, ApiError> {
+    // A token past `token_ttl_secs` is answered as an unknown one, whether or not
+    // the leader's pass has deleted it yet.
     let token = state
         .store
-        .token(q.token)
+        .token(q.token, state.config.coordinator.token_ttl_secs)
         .await?
         .ok_or(ApiError::NotFound("E00001: No such token."))?;
     appproxy_shared::middleware::note_access_key(
@@ -467,11 +469,19 @@ async fn proxy_auth(
 
 /// `GET /v2/proxy/{token}/{session_id}/add` (deprecated): where to call
 /// `/v2/proxy/auth` with the same query.
+/// The token is not in the path this handler sees ([`super::hide_add_token`] moved
+/// it into [`super::AddToken`] so that it is never logged); a token that is no UUID
+/// is refused without being repeated.
 pub(super) async fn proxy_add(
     Extract(state): Extract<Arc<State>>,
-    super::Id((token, session_id)): super::Id<(uuid::Uuid, uuid::Uuid)>,
+    super::Id((_, session_id)): super::Id<(String, uuid::Uuid)>,
+    token: Option<axum::Extension<super::AddToken>>,
     uri: axum::http::Uri,
 ) -> Response {
+    let Some(token) = token.and_then(|t| uuid::Uuid::parse_str(&t.0 .0).ok()) else {
+        return ApiError::BadRequest("invalid path: the token is not a UUID".into())
+            .into_response();
+    };
     let query = uri.query().map(|q| format!("{q}&")).unwrap_or_default();
     let base = state
         .config

@@ -547,18 +547,21 @@ async fn suite(store: Store) {
         "session": {"id": uuid::Uuid::new_v4(), "user_uuid": uuid::Uuid::new_v4(), "group_id": uuid::Uuid::new_v4(),
             "access_key": "AKIA", "domain_name": "default"}});
     store.insert_token(t, &body).await.expect("token");
-    assert_eq!(store.token(t).await.expect("read"), Some(body.clone()));
+    assert_eq!(store.token(t, 0).await.expect("read"), Some(body.clone()));
     // A kernel serving HTTPS: the mode comes back with the token.
     let mut tls = body;
     tls["upstream_tls"] = json!("verify");
     let t2 = uuid::Uuid::new_v4();
     store.insert_token(t2, &tls).await.expect("token");
-    assert_eq!(store.token(t2).await.expect("read"), Some(tls));
-    assert_eq!(store.token(uuid::Uuid::new_v4()).await.expect("read"), None);
+    assert_eq!(store.token(t2, 0).await.expect("read"), Some(tls));
+    assert_eq!(
+        store.token(uuid::Uuid::new_v4(), 0).await.expect("read"),
+        None
+    );
     // Tokens made a moment ago are within any age limit; past a limit of 0 (made
     // before now) they go.
     assert_eq!(store.prune_tokens(3600).await.expect("prune"), 0);
-    assert!(store.token(t).await.expect("read").is_some());
+    assert!(store.token(t, 0).await.expect("read").is_some());
 
     // Heartbeats, deregistration and the lost check.
     assert!(store.heartbeat(w).await.expect("heartbeat"));
@@ -567,6 +570,13 @@ async fn suite(store: Store) {
         .await
         .expect("heartbeat"));
     assert!(store.mark_lost(3600).await.expect("check").is_empty());
+    // A timeout reaching back before the epoch marks nobody (it panicked on SQLite,
+    // and PostgreSQL refused its interval).
+    assert!(store
+        .mark_lost(u64::MAX)
+        .await
+        .expect("a timeout past the epoch")
+        .is_empty());
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     store.heartbeat(w).await.expect("heartbeat");
     let lost = store.mark_lost(1).await.expect("check");
@@ -765,11 +775,11 @@ async fn token_made(store: &Store) -> uuid::Uuid {
 /// A token made before the migration that stamps tokens counts from the migration:
 /// kept by an age limit, and gone past a limit of 0 (it has a time, and it is past).
 async fn tokens_count_from_the_migration(store: &Store, token: uuid::Uuid) {
-    assert!(store.token(token).await.expect("read").is_some());
+    assert!(store.token(token, 0).await.expect("read").is_some());
     assert_eq!(store.prune_tokens(3600).await.expect("prune"), 0);
     std::thread::sleep(std::time::Duration::from_millis(5));
     assert_eq!(store.prune_tokens(0).await.expect("prune"), 1);
-    assert_eq!(store.token(token).await.expect("read"), None);
+    assert_eq!(store.token(token, 0).await.expect("read"), None);
 }
 
 /// The removals of what changed in `worker`'s set since revision 0.

@@ -777,6 +777,9 @@ impl Store {
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
         // Taken before the call's own deadline starts.
         let deadline = std::time::SystemTime::now() + CALL_DEADLINE;
+        // The config refuses longer ones; a longer interval PostgreSQL refuses, and
+        // a time before the epoch SQLite's cutoff cannot be.
+        let timeout_secs = timeout_secs.min(crate::config::MAX_DURATION_SECS);
         dispatch!(self, |s| s.mark_lost(timeout_secs), |p| p
             .mark_lost(timeout_secs, deadline))
     }
@@ -1343,8 +1346,26 @@ impl Store {
     }
 
     /// A `/v2/conf` token.
-    pub async fn token(&self, id: uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
-        dispatch!(self, |s| s.token(&id), |p| p.token(&id))
+    ///
+    /// One made more than `ttl_secs` ago (0: any age) is none: the leader's pass
+    /// deletes such tokens only at its next turn (never without a leader), and
+    /// until then `/v2/proxy/auth` accepted them.
+    pub async fn token(
+        &self,
+        id: uuid::Uuid,
+        ttl_secs: u64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let ttl_secs = ttl_secs.min(crate::config::MAX_DURATION_SECS);
+        let made_since = (ttl_secs > 0).then(|| {
+            appproxy_shared::telemetry::Rfc3339(
+                std::time::SystemTime::now()
+                    .checked_sub(std::time::Duration::from_secs(ttl_secs))
+                    .unwrap_or(std::time::UNIX_EPOCH),
+            )
+            .to_string()
+        });
+        dispatch!(self, |s| s.token(&id, made_since.as_deref()), |p| p
+            .token(&id, ttl_secs))
     }
 
     /// A cheap round trip, for `/readyz`.

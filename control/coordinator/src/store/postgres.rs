@@ -2100,14 +2100,21 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn token(&self, id: &uuid::Uuid) -> Result<Option<Value>, StoreError> {
+    /// The token `id`, unless it was made more than `ttl_secs` ago (on the
+    /// database's clock; 0: any age).
+    pub(super) async fn token(
+        &self,
+        id: &uuid::Uuid,
+        ttl_secs: u64,
+    ) -> Result<Option<Value>, StoreError> {
         let row = self
             .client()
             .await?
             .query_opt(
                 "SELECT login_session_token, kernel_host, kernel_port, session_id, user_uuid,
-                    group_id, access_key, domain_name, upstream_tls FROM tokens WHERE id = $1",
-                &[id],
+                    group_id, access_key, domain_name, upstream_tls FROM tokens WHERE id = $1
+                    AND ($2::float8 = 0 OR created_at >= now() - make_interval(secs => $2))",
+                &[id, &(ttl_secs as f64)],
             )
             .await?;
         let Some(r) = row else { return Ok(None) };

@@ -571,8 +571,12 @@ impl SqliteStore {
         &self,
         timeout_secs: u64,
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
+        // Checked: a timeout reaching back before the epoch (u64::MAX panicked here
+        // every pass) finds no heartbeat older.
         let cutoff = appproxy_shared::telemetry::Rfc3339(
-            std::time::SystemTime::now() - std::time::Duration::from_secs(timeout_secs),
+            std::time::SystemTime::now()
+                .checked_sub(std::time::Duration::from_secs(timeout_secs))
+                .unwrap_or(std::time::UNIX_EPOCH),
         )
         .to_string();
         // Nodes that left are forgotten a day later.
@@ -1296,12 +1300,17 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn token(&self, id: &uuid::Uuid) -> Result<Option<serde_json::Value>, StoreError> {
+    /// The token `id`, unless it was made before `made_since` (`None`: any age).
+    pub(super) fn token(
+        &self,
+        id: &uuid::Uuid,
+        made_since: Option<&str>,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
         self.with(|c| {
             let body: Option<String> = c
                 .query_row(
-                    "SELECT body FROM tokens WHERE id = ?1",
-                    params![id.to_string()],
+                    "SELECT body FROM tokens WHERE id = ?1 AND (?2 IS NULL OR created_at >= ?2)",
+                    params![id.to_string(), made_since],
                     |r| r.get(0),
                 )
                 .optional()?;
