@@ -320,14 +320,31 @@ pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
         });
     }
     let found = open(root, parts, OFlags::PATH, BENEATH)?;
-    let real = path_beneath(root, found.as_fd())?;
+    let real = match path_beneath(root, found.as_fd()) {
+        Ok(real) => real,
+        // No `/proc` to name it by (a mount namespace without one): the links at
+        // the end are followed here, as they were before.
+        Err(e) if !Path::new("/proc/self/fd").exists() => {
+            tracing::debug!(error = %e, "no /proc: a path's last links followed one at a time");
+            return locate_link_by_link(root, parts);
+        }
+        Err(e) => return Err(e),
+    };
     let Some((name, dirs)) = real.split_last() else {
         return Ok(Located {
             path: found,
             parent: None,
         });
     };
-    let dir = open(root, dirs, dir_flags, STRICT)?;
+    // A link there now is a directory swapped since it was resolved (a race of
+    // the user's, not an escape): as anything moved meanwhile.
+    let dir = open(root, dirs, dir_flags, STRICT).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            moved()
+        } else {
+            e
+        }
+    })?;
     let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
     if (st.st_dev as u64, st.st_ino as u64) != identity(found.as_fd())? {
         return Err(moved());
@@ -339,6 +356,64 @@ pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
             name: name.clone(),
         }),
     })
+}
+
+/// [`locate`] without `/proc`: a symlink in the last place is followed here, one at
+/// a time (at most 40, the kernel's `MAXSYMLINKS`), each time resolving the path's
+/// directories again beneath `root`, until an entry that is no link is found in a
+/// directory descriptor. Costlier than [`locate`] through a user's nested links
+/// (a resolution per link), and so only where `/proc` cannot name what the kernel
+/// resolved.
+fn locate_link_by_link(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
+    const MAX_LINKS: usize = 40;
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY;
+    let mut path: Vec<OsString> = parts.to_vec();
+    for _ in 0..=MAX_LINKS {
+        let Some((name, dirs)) = path.split_last() else {
+            return Ok(Located {
+                path: open(root, &[], dir_flags, BENEATH)?,
+                parent: None,
+            });
+        };
+        if name == ".." {
+            return Ok(Located {
+                path: open(root, &path, dir_flags, BENEATH)?,
+                parent: None,
+            });
+        }
+        let dir = open(root, dirs, dir_flags, BENEATH)?;
+        let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            let target = rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())?;
+            let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+            let mut next = dirs.to_vec();
+            for c in target.components() {
+                match c {
+                    Component::Normal(part) => next.push(part.to_owned()),
+                    Component::ParentDir => next.push(OsString::from("..")),
+                    Component::CurDir => {}
+                    Component::RootDir | Component::Prefix(_) => {
+                        return Err(rustix::io::Errno::XDEV.into())
+                    }
+                }
+            }
+            path = next;
+            continue;
+        }
+        let fd = openat2(
+            &dir,
+            name.as_os_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            STRICT,
+        )?;
+        let name = name.clone();
+        return Ok(Located {
+            path: fd,
+            parent: Some(Parent { dir, name }),
+        });
+    }
+    Err(rustix::io::Errno::LOOP.into())
 }
 
 /// The error of something moved or removed while it was being resolved.
@@ -1670,6 +1745,44 @@ mod tests {
         std::os::unix::fs::symlink("l40", top.join("d/l39")).expect("link");
         std::os::unix::fs::symlink("real/f", top.join("d/l40")).expect("link");
         let err = locate(root.as_fd(), &os(&["d", "l0"]))
+            .err()
+            .expect("a loop");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
+    }
+
+    /// Without `/proc` (which this test cannot unmount, so it calls the fallback
+    /// itself), the links at the end are followed one at a time to the same entry,
+    /// never out, and 41 are a loop.
+    #[test]
+    fn without_proc_the_links_at_the_end_are_followed_one_at_a_time() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let top = tmp.path().join("vf");
+        std::fs::create_dir_all(top.join("d/real")).expect("dirs");
+        std::fs::write(top.join("d/real/f"), b"x").expect("file");
+        std::os::unix::fs::symlink("real/f", top.join("d/l2")).expect("link");
+        std::os::unix::fs::symlink("l2", top.join("d/l1")).expect("link");
+        std::os::unix::fs::symlink("../../..", top.join("d/out")).expect("link");
+        let root = fd(&top);
+        let located = locate_link_by_link(root.as_fd(), &os(&["d", "l1"])).expect("located");
+        let parent = located.parent.expect("parent");
+        assert_eq!(parent.name, OsString::from("f"));
+        assert_eq!(
+            identity(parent.dir.as_fd()).ok(),
+            identity(fd(&top.join("d/real")).as_fd()).ok()
+        );
+        let err = locate_link_by_link(root.as_fd(), &os(&["d", "out"]))
+            .err()
+            .expect("refused");
+        assert!(is_escape(&err), "{err}");
+        for i in 0..41 {
+            std::os::unix::fs::symlink(format!("k{}", i + 1), top.join(format!("d/k{i}")))
+                .expect("link");
+        }
+        std::os::unix::fs::symlink("real/f", top.join("d/k41")).expect("link");
+        let err = locate_link_by_link(root.as_fd(), &os(&["d", "k0"]))
             .err()
             .expect("a loop");
         assert_eq!(

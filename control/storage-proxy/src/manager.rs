@@ -1753,8 +1753,11 @@ async fn archive_download_token(
         let mut check = StagingCheck::new(root.as_fd())?;
         for p in &listed {
             if let Ok(located) = fsx::locate(root.as_fd(), p) {
-                if check.reaches_staging(&located).unwrap_or(false) {
-                    return Err(staging_refused());
+                match check.reaches_staging(&located) {
+                    Ok(true) => return Err(staging_refused()),
+                    // The request's climbs spent: refused, not passed unchecked.
+                    Err(e) if fsx::is_too_deep(&e) => return Err(e.into()),
+                    Ok(false) | Err(_) => {}
                 }
             }
         }

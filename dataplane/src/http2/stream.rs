@@ -870,25 +870,7 @@ async fn forward_h1(
             }
         }
         let sent = Instant::now();
-        // A client that resets its stream meanwhile ends the exchange (and the app
-        // connection, which is not pooled half read) at once.
-        let mut fields = Vec::new();
-        let outcome = {
-            let read = std::pin::pin!(proxy::read_response_head(
-                core,
-                &upstream,
-                &mut ubuf,
-                &mut fields,
-                head.method,
-                None,
-            ));
-            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
-            relay::or_watch(read, || {}, reset).await
-        };
-        let Ok(outcome) = outcome else {
-            ctx.note_client_reset();
-            return Err(Fail::Abort("client reset the stream".into()));
-        };
+        let outcome = head_unless_reset(ctx, &upstream, &mut ubuf, head.method, respond).await?;
         if let Ok(r) = &outcome {
             core.metrics.upstream_head.observe(sent.elapsed());
             if r.status >= 100 {
@@ -949,27 +931,12 @@ async fn forward_h1(
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         }
         ubuf.consume(resp.head_len);
-        // The client resetting its stream ends the wait for the next head at once,
-        // as it does the first's (the app's connection would otherwise be held until
-        // `upstream_head_secs`, restarted by each interim head).
-        let mut fields = Vec::new();
-        let outcome = {
-            let read = std::pin::pin!(proxy::read_response_head(
-                core,
-                &upstream,
-                &mut ubuf,
-                &mut fields,
-                head.method,
-                None,
-            ));
-            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
-            relay::or_watch(read, || {}, reset).await
-        };
-        let Ok(outcome) = outcome else {
-            ctx.note_client_reset();
-            return Err(Fail::Abort("client reset the stream".into()));
-        };
-        resp = outcome.map_err(|f| Fail::Answer(f.into_error()))?;
+        // The wait for the next head ends at the client's reset as the first's does
+        // (the app's connection was held until `upstream_head_secs`, restarted by
+        // each interim head).
+        resp = head_unless_reset(ctx, &upstream, &mut ubuf, head.method, respond)
+            .await?
+            .map_err(|f| Fail::Answer(f.into_error()))?;
     }
     let rbuf = ubuf.filled();
     let lease = Lease {
@@ -1034,6 +1001,36 @@ async fn forward_h1(
         bytes_out,
         upstream: addr,
     })
+}
+
+/// The HTTP/1.1 app's next response head (final or interim), unless the client
+/// resets its stream first: that ends the exchange at once, and the app's
+/// connection with it (never pooled half read), rather than at
+/// `upstream_head_secs`.
+async fn head_unless_reset(
+    ctx: &ConnCtx,
+    upstream: &TcpConn,
+    ubuf: &mut ReadBuf,
+    method: Method,
+    respond: &mut SendResponse<Bytes>,
+) -> Result<Result<parse::ResponseHead, proxy::upstream::HeadFailure>, Fail> {
+    let mut fields = Vec::new();
+    let read = std::pin::pin!(proxy::read_response_head(
+        &ctx.core,
+        upstream,
+        ubuf,
+        &mut fields,
+        method,
+        None,
+    ));
+    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    match relay::or_watch(read, || {}, reset).await {
+        Ok(outcome) => Ok(outcome),
+        Err(_) => {
+            ctx.note_client_reset();
+            Err(Fail::Abort("client reset the stream".into()))
+        }
+    }
 }
 
 /// The fields of an HTTP/1.1 app's response head `resp` (in `rbuf`) as HTTP/2 fields:
