@@ -334,11 +334,50 @@ pub(super) async fn register_worker(
     // The registration is stored as sent: keys this version does not know are kept.
     let id = state.store.upsert_worker(&body).await?;
     tracing::info!(worker = %id, authority = registration.authority, "worker registered");
+    warn_of_shared_ports(&state, id, &registration).await;
     withdraw_unserved(&state, id, &registration).await?;
     if q.brief {
         return Ok(Json(Registered { id }).into_response());
     }
     worker_response(&state, id).await
+}
+
+/// Warns when another `ALIVE` port worker answers for the same host with ports in
+/// common: placement then gives one host:port to two sessions, and two worker
+/// processes listening on it with `SO_REUSEPORT` share its connections between
+/// two users' apps. Not refused: a worker that replaces one not yet found lost,
+/// under a new authority, registers so until the other is. A store failure costs
+/// only the warning.
+async fn warn_of_shared_ports(state: &State, id: uuid::Uuid, r: &WorkerRegistration) {
+    let port_range = |r: &WorkerRegistration| {
+        r.port_range
+            .filter(|_| r.frontend_mode == appproxy_shared::model::FrontendMode::Port)
+    };
+    let Some([lo, hi]) = port_range(r) else {
+        return;
+    };
+    let Ok(alive) = state.store.alive_workers().await else {
+        return;
+    };
+    for w in alive {
+        let other = &w.registration;
+        if w.id == id || !other.hostname.eq_ignore_ascii_case(&r.hostname) {
+            continue;
+        }
+        let Some([olo, ohi]) = port_range(other) else {
+            continue;
+        };
+        if lo <= ohi && olo <= hi {
+            tracing::warn!(
+                worker = r.authority,
+                other = other.authority,
+                host = r.hostname,
+                from = lo.max(olo),
+                to = hi.min(ohi),
+                "two workers answer for the same host with ports in common: one host:port may be given to two sessions"
+            );
+        }
+    }
 }
 
 /// Withdraws a re-registered worker's circuits its new registration cannot serve

@@ -6543,6 +6543,57 @@ fn circuits_per_session_are_capped(db: Db) {
     );
 }
 
+/// Two workers registered for the same host with ports in common are both taken
+/// (one may replace the other under a new authority before it is found lost), and
+/// the second's registration is warned of, naming both and the ports they share;
+/// one on another host, or with ports apart, is not.
+#[test]
+fn workers_sharing_ports_on_one_host_are_warned_of() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    register_worker(c.addr, "w-one", "10.0.0.5", [20000, 20010]);
+    register_worker(c.addr, "w-apart", "10.0.0.5", [20011, 20020]);
+    register_worker(c.addr, "w-elsewhere", "10.0.0.6", [20000, 20010]);
+    register_worker(c.addr, "w-two", "10.0.0.5", [20005, 20030]);
+    let warned = |deadline: Instant| loop {
+        let found: Vec<serde_json::Value> = log_lines(dir.path())
+            .into_iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("two workers answer for the same host"))
+            })
+            .collect();
+        if found.len() >= 2 || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let found = warned(Instant::now() + Duration::from_secs(10));
+    let pairs: Vec<(String, String, u64, u64)> = found
+        .iter()
+        .map(|l| {
+            (
+                l["worker"].as_str().unwrap_or_default().to_owned(),
+                l["other"].as_str().unwrap_or_default().to_owned(),
+                l["from"].as_u64().unwrap_or_default(),
+                l["to"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut pairs = pairs;
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [
+            ("w-two".to_owned(), "w-apart".to_owned(), 20011, 20020),
+            ("w-two".to_owned(), "w-one".to_owned(), 20005, 20010),
+        ],
+        "{found:?}"
+    );
+    assert!(found.iter().all(|l| l["host"] == "10.0.0.5"), "{found:?}");
+}
+
 /// Registers (or registers again) the port-mode worker `authority` at `host`, taking
 /// interactive traffic on the ports `ports[0]` to `ports[1]`; its ID.
 fn register_worker(addr: SocketAddr, authority: &str, host: &str, ports: [u16; 2]) -> String {
