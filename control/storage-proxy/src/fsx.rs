@@ -302,22 +302,7 @@ pub fn locate(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Located> {
     let dir = open(root, dirs, dir_flags, BENEATH)?;
     let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
-        // Swapped for a symlink since: this opens the link itself, which
-        // [`open_located`] refuses as it refuses anything but a file or directory.
-        let fd = openat2(
-            &dir,
-            name.as_os_str(),
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            STRICT,
-        )?;
-        return Ok(Located {
-            path: fd,
-            parent: Some(Parent {
-                dir,
-                name: name.clone(),
-            }),
-        });
+        return entry(dir, name);
     }
     let found = open(root, parts, OFlags::PATH, BENEATH)?;
     let real = match path_beneath(root, found.as_fd()) {
@@ -400,20 +385,29 @@ fn locate_link_by_link(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<L
             path = next;
             continue;
         }
-        let fd = openat2(
-            &dir,
-            name.as_os_str(),
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            STRICT,
-        )?;
-        let name = name.clone();
-        return Ok(Located {
-            path: fd,
-            parent: Some(Parent { dir, name }),
-        });
+        return entry(dir, name);
     }
     Err(rustix::io::Errno::LOOP.into())
+}
+
+/// The entry `name` of `dir`, found no symlink a moment ago, as [`Located`]. One
+/// swapped for a symlink since is opened as the link itself, which
+/// [`open_located`] refuses as it refuses anything but a file or directory.
+fn entry(dir: OwnedFd, name: &OsStr) -> io::Result<Located> {
+    let fd = openat2(
+        &dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        STRICT,
+    )?;
+    Ok(Located {
+        path: fd,
+        parent: Some(Parent {
+            dir,
+            name: name.to_owned(),
+        }),
+    })
 }
 
 /// The error of something moved or removed while it was being resolved.
