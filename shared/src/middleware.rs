@@ -701,21 +701,29 @@ fn normalize_trace_headers<B>(
     }
 }
 
-/// A request's path as it is logged: a segment that is a JWT (a bearer capability:
-/// the deprecated `/v2/proxy/{token}/{session}/add` carries one) is `***`, so that
-/// whoever reads the logs cannot use it.
+/// A request's path as it is logged, with the bearer capabilities a path can carry
+/// shown as `***`, so that whoever reads the logs cannot use them:
+/// - the token of the deprecated `/v2/proxy/{token}/{session}/add` (a setup token,
+///   a UUID: with the session ID, all `/v2/proxy/auth` needs): the segment after
+///   `/v2/proxy/` of any path with more after it;
+/// - any segment that is a JWT.
 pub fn shown_path(path: &str) -> String {
-    if !path.contains("eyJ") {
+    let add_token = path
+        .strip_prefix("/v2/proxy/")
+        .is_some_and(|rest| rest.contains('/'));
+    if !add_token && !path.contains("eyJ") {
         return path.to_owned();
     }
     path.split('/')
-        .map(|segment| {
+        .enumerate()
+        .map(|(i, segment)| {
             let jwt = segment.starts_with("eyJ")
                 && segment.bytes().filter(|&b| b == b'.').count() == 2
                 && segment
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='));
-            if jwt {
+            // Segment 3 of "/v2/proxy/{token}/...": "", "v2", "proxy", token.
+            if jwt || (add_token && i == 3) {
                 "***"
             } else {
                 segment
@@ -739,6 +747,14 @@ mod shown_path_tests {
             ),
             ("/files/eyJnot-a-token", "/files/eyJnot-a-token"),
             ("/a/eyJ.b.c%2F/d", "/a/eyJ.b.c%2F/d"),
+            (
+                "/v2/proxy/5f1c3a9e-8c1e-4d2a-9a57-0b6f1f3c2d10/sess-1/add",
+                "/v2/proxy/***/sess-1/add",
+            ),
+            ("/v2/proxy/not-a-token/x", "/v2/proxy/***/x"),
+            ("/v2/proxy/auth", "/v2/proxy/auth"),
+            ("/v2/proxy/", "/v2/proxy/"),
+            ("/v1/proxy/a/b", "/v1/proxy/a/b"),
         ] {
             assert_eq!(shown_path(path), shown, "{path}");
         }

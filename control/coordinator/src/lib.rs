@@ -953,52 +953,6 @@ pub fn router(state: Arc<State>) -> Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(observed, observe_api))
         .layer(RequestIdLayer::new(REQUEST_IDS.0, REQUEST_IDS.1))
-        // Outermost: the path is changed before the request-ID layer records it.
-        .layer(axum::middleware::from_fn(hide_add_token))
-}
-
-/// The token of a `/v2/proxy/{token}/{session_id}/add` request, taken out of its
-/// path by [`hide_add_token`].
-#[derive(Clone)]
-pub(crate) struct AddToken(pub String);
-
-/// The deprecated `/v2/proxy/{token}/{session_id}/add` carries a setup token in its
-/// path — with the session ID, all `/v2/proxy/auth` needs — and the access line and
-/// the request's span record the path (the shared middleware hides only JWT-shaped
-/// segments; this token is a UUID). So, before the request is logged, the segment
-/// after `/v2/proxy/` of a path with more after it is moved into the request's
-/// [`AddToken`] and replaced by `***`, in the path logged and the path routed (the
-/// handler reads the token from the extension). `/v2/proxy/auth` is left as it is.
-async fn hide_add_token(mut req: Request, next: Next) -> Response {
-    let hidden = {
-        let path = req.uri().path();
-        match path
-            .strip_prefix("/v2/proxy/")
-            .and_then(|r| r.split_once('/'))
-        {
-            Some((token, rest)) => {
-                let query = req
-                    .uri()
-                    .query()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default();
-                format!("/v2/proxy/***/{rest}{query}")
-                    .parse::<axum::http::uri::PathAndQuery>()
-                    .ok()
-                    .map(|shown| (token.to_owned(), shown))
-            }
-            None => None,
-        }
-    };
-    if let Some((token, shown)) = hidden {
-        let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(shown);
-        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-            req.extensions_mut().insert(AddToken(token));
-        }
-    }
-    next.run(req).await
 }
 
 /// Times every API request under its method and route template (the pattern, never

@@ -469,18 +469,25 @@ async fn proxy_auth(
 
 /// `GET /v2/proxy/{token}/{session_id}/add` (deprecated): where to call
 /// `/v2/proxy/auth` with the same query.
-/// The token is not in the path this handler sees ([`super::hide_add_token`] moved
-/// it into [`super::AddToken`] so that it is never logged); a token that is no UUID
-/// is refused without being repeated.
+/// The token is a bearer capability: the logged path never shows it
+/// (`appproxy_shared::middleware::shown_path`), and a path whose token or session
+/// ID is no UUID is refused without repeating either.
 pub(super) async fn proxy_add(
     Extract(state): Extract<Arc<State>>,
-    super::Id((_, session_id)): super::Id<(String, uuid::Uuid)>,
-    token: Option<axum::Extension<super::AddToken>>,
+    path: Result<axum::extract::Path<(String, String)>, axum::extract::rejection::PathRejection>,
     uri: axum::http::Uri,
 ) -> Response {
-    let Some(token) = token.and_then(|t| uuid::Uuid::parse_str(&t.0 .0).ok()) else {
-        return ApiError::BadRequest("invalid path: the token is not a UUID".into())
-            .into_response();
+    let ids = path.ok().and_then(|axum::extract::Path((token, session))| {
+        Some((
+            uuid::Uuid::parse_str(&token).ok()?,
+            uuid::Uuid::parse_str(&session).ok()?,
+        ))
+    });
+    let Some((token, session_id)) = ids else {
+        return ApiError::BadRequest(
+            "invalid path: the token and the session ID must be UUIDs".into(),
+        )
+        .into_response();
     };
     let query = uri.query().map(|q| format!("{q}&")).unwrap_or_default();
     let base = state

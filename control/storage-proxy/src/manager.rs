@@ -955,7 +955,7 @@ fn make_dir(
         fsx::parent(root, &parts)
             .map_err(ApiError::from)
             .and_then(|p| {
-                guard(root, p.dir.as_fd(), &p.name)?;
+                guard(root, p.dir.as_fd(), &p.name, None)?;
                 match rustix::fs::mkdirat(&p.dir, p.name.as_os_str(), Mode::from_raw_mode(0o755)) {
                     Err(rustix::io::Errno::EXIST) => existing(),
                     other => Ok(other?),
@@ -1065,8 +1065,8 @@ async fn rename(
     let (st, key) = (state.clone(), state.volumes.scope_of(&r.volume, &r.vfid)?);
     blocking(move || {
         let p = fsx::parent(root.as_fd(), &parts)?;
-        guard(root.as_fd(), p.dir.as_fd(), &p.name)?;
-        guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_os_str())?;
+        guard(root.as_fd(), p.dir.as_fd(), &p.name, None)?;
+        guard(root.as_fd(), p.dir.as_fd(), r.new_name.as_os_str(), None)?;
         let renamed = fsx::rename_over(
             p.dir.as_fd(),
             &p.name,
@@ -1113,8 +1113,8 @@ async fn move_file(
     blocking(move || {
         let from = fsx::parent(root.as_fd(), &src)?;
         let to = fsx::parent(root.as_fd(), &dst)?;
-        guard(root.as_fd(), from.dir.as_fd(), &from.name)?;
-        guard(root.as_fd(), to.dir.as_fd(), &to.name)?;
+        guard(root.as_fd(), from.dir.as_fd(), &from.name, None)?;
+        guard(root.as_fd(), to.dir.as_fd(), &to.name, None)?;
         let moved = fsx::rename_over(from.dir.as_fd(), &from.name, to.dir.as_fd(), &to.name);
         replaced(&st, &key, &moved);
         folder_changed(&st, &r.volume, &r.vfid);
@@ -1172,7 +1172,7 @@ fn deletable(root: BorrowedFd<'_>, paths: &[Vec<OsString>]) -> Result<(), ApiErr
     let mut check = StagingCheck::new(root)?;
     for parts in paths {
         match fsx::parent(root, parts) {
-            Ok(p) => guard_checked(&mut check, root, p.dir.as_fd(), &p.name)?,
+            Ok(p) => guard(root, p.dir.as_fd(), &p.name, Some(&mut check))?,
             Err(e) if fsx::is_escape(&e) => return Err(e.into()),
             Err(_) => {}
         }
@@ -1187,7 +1187,7 @@ fn delete_paths(root: OwnedFd, paths: Vec<Vec<OsString>>, recursive: bool) -> st
     let mut check = StagingCheck::new(root.as_fd())?;
     for parts in paths {
         let p = fsx::parent(root.as_fd(), &parts)?;
-        guard_checked(&mut check, root.as_fd(), p.dir.as_fd(), &p.name).map_err(|e| {
+        guard(root.as_fd(), p.dir.as_fd(), &p.name, Some(&mut check)).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
         })?;
         let stat = rustix::fs::statat(&p.dir, p.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
@@ -1287,32 +1287,25 @@ pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// [`guard`] with a request's [`StagingCheck`]: its memory of directories found
-/// outside the staging area, and its bound on climbing.
-fn guard_checked(
-    check: &mut StagingCheck,
-    root: BorrowedFd<'_>,
-    dir: BorrowedFd<'_>,
-    name: &std::ffi::OsStr,
-) -> Result<(), ApiError> {
-    if name == STAGING && same_dir(root, dir) {
-        return Err(staging_refused());
-    }
-    check.refuse_dir(dir)
-}
-
 /// Refuses a mutation of `name` in `dir` (a parent resolved beneath `root`) that
 /// would touch the staging area, which a path can reach through a symlink: an entry
 /// of the staging area or of any directory under it, or the staging area itself.
+/// `dir` is climbed with the request's [`StagingCheck`] when it has one (its memory
+/// of directories found outside the staging area, and its bound on climbing), else
+/// by [`outside_staging_dir`].
 fn guard(
     root: BorrowedFd<'_>,
     dir: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
+    check: Option<&mut StagingCheck>,
 ) -> Result<(), ApiError> {
     if name == STAGING && same_dir(root, dir) {
         return Err(staging_refused());
     }
-    outside_staging_dir(root, dir, None)
+    match check {
+        Some(check) => check.refuse_dir(dir),
+        None => outside_staging_dir(root, dir, None),
+    }
 }
 
 /// Refuses `dir` (a directory resolved beneath the vfolder `root`) when it is the
@@ -1470,7 +1463,7 @@ fn destination_outside_staging(root: BorrowedFd<'_>, parts: &[OsString]) -> Resu
     };
     match fsx::deepest_dir(root, dirs) {
         Ok((dir, k)) => {
-            guard(root, dir.as_fd(), &parts[k])?;
+            guard(root, dir.as_fd(), &parts[k], None)?;
             // The destination's own name (never followed: a symlink there is
             // replaced, as any file is).
             if k + 1 == parts.len() {
