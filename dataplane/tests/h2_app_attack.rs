@@ -1107,3 +1107,154 @@ fn an_http2_apps_clear_site_data_never_reaches_the_client() {
         );
     }
 }
+
+/// An HTTP/2 app's interim heads are held to the limit an HTTP/1.1 app's are: the
+/// first five are relayed, and a sixth ends the exchange with a 502, for HTTP/1.1
+/// clients (the bridge) and HTTP/2 ones alike. Before, the heads past the fifth
+/// were read and dropped without end (each decoded, for as long as the head
+/// timeout: an app sending them without end held a core at 80 % for 60 s per
+/// request), and the app's final answer went out after any number of them. The
+/// app's connection is closed (an HTTP/1.1 app's is): kept open, it was read for
+/// as long as the app sent frames on the stream the worker had reset.
+#[test]
+fn an_http2_apps_interim_heads_are_held_to_the_limit() {
+    // Counts the app's connections, opened and closed.
+    let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    let (o, c) = (opened.clone(), closed.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    let mut out = Vec::new();
+                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+                        let early = appproxy_test_support::h2frames::block(&[
+                            (b":status", b"103"),
+                            (b"link", b"</a.css>; rel=preload"),
+                        ]);
+                        for _ in 0..20 {
+                            out.extend(frame(HEADERS, END_HEADERS, id, &early));
+                        }
+                        let head = appproxy_test_support::h2frames::block(&[
+                            (b":status", b"200"),
+                            (b"content-length", b"2"),
+                        ]);
+                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                        out.extend(frame(DATA, END_STREAM, id, b"ok"));
+                    }
+                    out
+                });
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    // An idle app connection would stay open for ten minutes: the one closed
+    // below is closed for what its app did.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        extra: "[upstream]\nidle_timeout_secs = 600\n".into(),
+        ..Default::default()
+    });
+    // An HTTP/1.1 client: interim heads, then the first head that is none.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("write");
+    let final_head = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got).into_owned();
+        let mut heads: Vec<String> = text.split("\r\n\r\n").map(str::to_owned).collect();
+        heads.pop(); // Not yet ended by a blank line.
+        heads
+            .iter()
+            .position(|h| !h.starts_with("HTTP/1.1 1"))
+            .map(|at| (at, heads[at].clone()))
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (interim, head) = loop {
+        if let Some(found) = final_head(&got) {
+            break found;
+        }
+        match s.read_uninterrupted(&mut buf) {
+            Ok(0) => panic!("closed: {:?}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&got)),
+        }
+    };
+    assert_eq!(interim, 5, "{got:?}");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    // The app broke the protocol on its connection: it is closed, as an HTTP/1.1
+    // app's would be, and the next stream gets a new one.
+    common::eventually("the app's connection closed", || {
+        closed.load(Ordering::SeqCst) == 1
+    });
+    // An HTTP/2 client's stream.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "502", "{out:?}");
+    common::eventually("the second connection closed", || {
+        closed.load(Ordering::SeqCst) == 2
+    });
+    assert_eq!(opened.load(Ordering::SeqCst), 2);
+}
+
+/// A bridged HTTP/1.1 client gets an HTTP/2 app's interim heads as an HTTP/1.1
+/// app's (RFC 9110 §15.2: a proxy forwards them), sanitized as the final head is:
+/// no length, no request ID of the app's. An HTTP/1.0 client gets none. Before,
+/// the bridge dropped them all.
+#[test]
+fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        let mut out = Vec::new();
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let early = appproxy_test_support::h2frames::block(&[
+                (b":status", b"103"),
+                (b"link", b"</a.css>; rel=preload"),
+                (b"content-length", b"50"),
+                (b"x-backend-request-id", b"spoofed-by-app"),
+            ]);
+            for _ in 0..2 {
+                out.extend(frame(HEADERS, END_HEADERS, id, &early));
+            }
+            let head = appproxy_test_support::h2frames::block(&[
+                (b":status", b"200"),
+                (b"content-length", b"2"),
+            ]);
+            out.extend(frame(HEADERS, END_HEADERS, id, &head));
+            out.extend(frame(DATA, END_STREAM, id, b"ok"));
+        }
+        out
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    for (version, relayed) in [("1.1", 2), ("1.0", 0)] {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(format!("GET / HTTP/{version}\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .expect("write");
+        let got = read_heads(&mut s, relayed + 1);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let heads: Vec<&str> = text.split("\r\n\r\n").collect();
+        for early in &heads[..relayed] {
+            assert!(early.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");
+            assert!(early.contains("link: </a.css>; rel=preload"), "{text}");
+            assert!(!early.contains("content-length"), "{text}");
+        }
+        assert!(heads[relayed].starts_with("HTTP/1.1 200"), "{text}");
+        assert!(!text.contains("spoofed-by-app"), "{text}");
+    }
+}

@@ -14,7 +14,7 @@ use h2::RecvStream;
 
 use super::h1_body::H1Body;
 use super::stream::{send_all, Done, Fail, Req};
-use super::upstream;
+use super::upstream::{self, Answer, NextHead};
 use super::within;
 use crate::core::{Core, Route};
 use crate::http::chunked::{encode_chunk, ChunkedDecoder};
@@ -139,6 +139,7 @@ pub async fn forward(
             Ok(BodyEnd::Failed(e)) => {
                 return Err(upstream::response_failure(core, route, addr, e));
             }
+            Ok(BodyEnd::Refused(r)) => return Err(r.fail(core, route, addr)),
             // The app ended its stream while the body was going. When it did so after
             // a complete answer (RFC 9113 §8.1: an early answer, then
             // `RST_STREAM(NO_ERROR)`; what Go's servers and gRPC do when a handler
@@ -146,8 +147,9 @@ pub async fn forward(
             // client must not lose it. The rest of the client's body is left unread,
             // so the connection closes after it.
             Err(Fail::Answer(ProxyError::UpstreamClosed(e))) => {
-                match futures_lite::future::poll_once(&mut response).await {
-                    Some(Ok(r)) => early = Some(r),
+                match futures_lite::future::poll_once(response.past_interim()).await {
+                    Some(Ok(Ok(r))) => early = Some(r),
+                    Some(Err(r)) => return Err(r.fail(core, route, addr)),
                     _ => return Err(Fail::Answer(ProxyError::UpstreamClosed(e))),
                 }
             }
@@ -179,7 +181,8 @@ pub async fn forward(
         loop {
             let sent = Instant::now();
             let answer = {
-                let answer = std::pin::pin!(within(&core.reactor, bound, &mut response));
+                let next = std::future::poll_fn(|cx| response.poll_next_head(cx));
+                let answer = std::pin::pin!(within(&core.reactor, bound, next));
                 let gone = async {
                     if grpc {
                         conn.peer_gone().await
@@ -198,7 +201,22 @@ pub async fn forward(
                     proxy::note_health(core, route, addr, false);
                     return Err(Fail::Answer(ProxyError::UpstreamTimeout));
                 }
-                Some(Err(e))
+                Some(NextHead::Refused(r)) => return Err(r.fail(core, route, addr)),
+                // Relayed to an HTTP/1.1 client as it comes (an HTTP/1.0 one gets
+                // none, RFC 9110 §15.2); the next head has its own wait.
+                Some(NextHead::Interim(info)) => {
+                    if head.version == Version::Http11 {
+                        let mut out = Vec::with_capacity(256);
+                        status_line(&mut out, info.status().as_u16());
+                        app_fields(&mut out, info.headers());
+                        out.extend_from_slice(b"\r\n");
+                        conn.set_timeout(rt.body_idle_timeout);
+                        conn.write_all(&out)
+                            .await
+                            .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
+                    }
+                }
+                Some(NextHead::Final(Err(e)))
                     if retry::may_retry(Fault::Upstream, upstream::retry_of(&e), attempt) =>
                 {
                     tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
@@ -206,8 +224,10 @@ pub async fn forward(
                     (response, up_send, _on_conn, addr) =
                         upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
                 }
-                Some(Err(e)) => return Err(upstream::response_failure(core, route, addr, e)),
-                Some(Ok(r)) => break (r, sent),
+                Some(NextHead::Final(Err(e))) => {
+                    return Err(upstream::response_failure(core, route, addr, e))
+                }
+                Some(NextHead::Final(Ok(r))) => break (r, sent),
             }
         }
     };
@@ -232,27 +252,8 @@ pub async fn forward(
     let close_delimited = !bodiless && length.is_none() && !rbody.is_end_stream() && http10;
     let keep_alive = head.keep_alive && !close_delimited && !body_left && !core.draining.get();
     let mut out = Vec::with_capacity(1024);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_u64(&mut out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(crate::http::error::reason(status).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        let n = name.as_str().as_bytes();
-        // The app's `content-length` fields (two equal ones pass `h2`, and `005`
-        // would pass as written) are left out: one canonical value is written below.
-        if crate::http::encode::is_request_id_field(n)
-            || parse::name_is(n, "content-length")
-            || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
-        {
-            continue;
-        }
-        let rewritten = crate::http::encode::host_only_field(n, value.as_bytes());
-        out.extend_from_slice(n);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(rewritten.as_deref().unwrap_or(value.as_bytes()));
-        out.extend_from_slice(b"\r\n");
-    }
+    status_line(&mut out, status);
+    app_fields(&mut out, &parts.headers);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     } else if let Some(n) = length.filter(|_| status != 204) {
@@ -309,6 +310,37 @@ pub async fn forward(
     })
 }
 
+/// An HTTP/1.1 status line with the status's reason.
+fn status_line(out: &mut Vec<u8>, status: u16) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(crate::http::error::reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An HTTP/2 app's head fields (sanitized already, hop-by-hop ones gone) as
+/// HTTP/1.1 lines: the app's request ID and `content-length` fields (two equal
+/// ones pass `h2`, and `005` would pass as written; a final head gets one
+/// canonical value of its own, an interim head none) and the worker's permit
+/// cookie left out, cookies host-only.
+fn app_fields(out: &mut Vec<u8>, fields: &http::HeaderMap) {
+    for (name, value) in fields {
+        let n = name.as_str().as_bytes();
+        if crate::http::encode::is_request_id_field(n)
+            || parse::name_is(n, "content-length")
+            || (parse::name_is(n, "set-cookie") && sets_permit_cookie(value.as_bytes()))
+        {
+            continue;
+        }
+        let rewritten = crate::http::encode::host_only_field(n, value.as_bytes());
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(rewritten.as_deref().unwrap_or(value.as_bytes()));
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// How a client's body to an HTTP/2 app ended.
 enum BodyEnd {
     /// All of it went; with the app's answer when it came meanwhile (a success begun
@@ -319,6 +351,8 @@ enum BodyEnd {
     Answered(http::Response<RecvStream>),
     /// The app failed the stream while it was given the body.
     Failed(h2::Error),
+    /// The app sent a head that ends the exchange while it was given the body.
+    Refused(upstream::Refusal),
 }
 
 /// Reads the client's body (length or chunked) and hands it to the app's stream,
@@ -333,7 +367,7 @@ async fn send_body(
     cbuf: &mut ReadBuf,
     framing: BodyFraming,
     up: &mut h2::SendStream<Bytes>,
-    response: &mut h2::client::ResponseFuture,
+    response: &mut Answer,
     total: &mut u64,
 ) -> Result<BodyEnd, Fail> {
     let rt = &core.rt;
@@ -346,16 +380,17 @@ async fn send_body(
     // the request, or a failed stream, ends the body.
     macro_rules! race_answer {
         ($work:expr) => {
-            match relay::or_watch($work, || {}, &mut *response).await {
+            match relay::or_watch($work, || {}, response.past_interim()).await {
                 Ok(done) => Some(done),
-                Err(Ok(r)) if r.status().as_u16() >= 300 => {
+                Err(Ok(Ok(r))) if r.status().as_u16() >= 300 => {
                     return Ok(BodyEnd::Answered(r));
                 }
-                Err(Ok(r)) => {
+                Err(Ok(Ok(r))) => {
                     answered = Some(r);
                     None
                 }
-                Err(Err(e)) => return Ok(BodyEnd::Failed(e)),
+                Err(Ok(Err(e))) => return Ok(BodyEnd::Failed(e)),
+                Err(Err(r)) => return Ok(BodyEnd::Refused(r)),
             }
         };
     }

@@ -158,9 +158,27 @@ pub struct UpConn {
     /// Its TLS mode and server name (`None`: plain TCP): only routes that would
     /// make the same connection use it ([`proxy::tls_of`]).
     tls: Option<(UpstreamTls, Box<str>)>,
+    /// Where it is in the core's set: the app's address and its generation.
+    key: (SocketAddr, u64),
+    /// The app broke the protocol on it ([`UpStreamGuard::retire`]): closed once
+    /// no stream of ours is left on it, never idle.
+    retired: Cell<bool>,
 }
 
 impl UpConn {
+    /// The app broke the protocol on this connection (it sent what ends an
+    /// exchange, a [`Refusal`]): new streams go to another one, and it is closed
+    /// once the streams on it end, as an HTTP/1.1 app's connection is closed at
+    /// once. Kept open, it would be read for as long as the app sends: frames on
+    /// a stream we reset are decoded and dropped, and an app sending them without
+    /// end held a core busy until the pool's idle timeout, restarted by every
+    /// stream.
+    fn retire(&self) {
+        if !self.retired.replace(true) {
+            forget(self.key.0, self.key.1);
+        }
+    }
+
     /// Its state is final: waiters are woken to read it.
     fn settle(&self, state: State) {
         *self.state.borrow_mut() = state;
@@ -207,7 +225,11 @@ impl Drop for UpStreamGuard {
         self.0.streams.set(n);
         if n == 0 {
             if let Some(c) = &*self.0.conn.borrow() {
-                c.set_timeout(self.0.idle);
+                if self.0.retired.get() {
+                    c.set_timeout(std::time::Duration::ZERO);
+                } else {
+                    c.set_timeout(self.0.idle);
+                }
             }
         }
     }
@@ -300,6 +322,8 @@ async fn sender(
         state: RefCell::new(State::Connecting),
         waiters: RefCell::new(Vec::new()),
         tls: tls.map(|(m, n)| (m, n.into())),
+        key: (addr, generation),
+        retired: Cell::new(false),
     });
     UPSTREAMS.with(|u| {
         u.borrow_mut()
@@ -607,11 +631,113 @@ async fn relay(
     .map_err(|e| RelayEnd::Destination(e.to_string()))
 }
 
+/// What came next on an app's stream.
+pub enum NextHead {
+    /// An interim head (103 Early Hints, …), its fields sanitized as a final
+    /// head's: hop-by-hop and withheld fields, the app's request ID and the
+    /// worker's permit cookie left out, cookies host-only.
+    Interim(http::Response<()>),
+    /// The final head, or the stream's failure.
+    Final(Result<http::Response<RecvStream>, h2::Error>),
+    /// A head that ends the exchange.
+    Refused(Refusal),
+}
+
+/// A head of an HTTP/2 app's answer that ends the exchange (a 502; interim heads
+/// commit to nothing, so the client still gets a final answer, RFC 9110 §15.2).
+pub enum Refusal {
+    /// A 101: HTTP/2 has none (RFC 9113 §8.6), and an HTTP/2 client would take it
+    /// for a malformed answer. The app's health is noted as failing, as for a 101
+    /// from an HTTP/1.1 app to an HTTP/2 client.
+    Switching,
+    /// More than [`proxy::MAX_INTERIM`] interim heads, as with an HTTP/1.1 app:
+    /// each one is decoded, and an app sending them without end would hold the
+    /// core busy for the whole head timeout.
+    TooManyInterim,
+}
+
+impl Refusal {
+    /// The exchange's error.
+    pub(crate) fn fail(self, core: &Core, route: &Route, addr: SocketAddr) -> Fail {
+        let why = match self {
+            Self::Switching => {
+                proxy::note_health(core, route, addr, false);
+                "a 101 from an HTTP/2 app"
+            }
+            Self::TooManyInterim => {
+                tracing::warn!(
+                    upstream = %addr,
+                    limit = proxy::MAX_INTERIM,
+                    "too many interim responses; closing"
+                );
+                "too many interim responses"
+            }
+        };
+        Fail::Answer(ProxyError::UpstreamResponse(ResponseError::Malformed(why)))
+    }
+}
+
+/// An HTTP/2 app's answer to come on a stream, with the interim heads it sent
+/// so far: the one wait for an HTTP/2 app's answer, for HTTP/2 clients and
+/// bridged HTTP/1.1 ones alike.
+pub struct Answer {
+    response: h2::client::ResponseFuture,
+    interim: usize,
+    /// The connection it comes on, retired when the app breaks the protocol.
+    conn: Rc<UpConn>,
+}
+
+impl Answer {
+    /// Polls for the answer's next head.
+    pub(crate) fn poll_next_head(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<NextHead> {
+        use std::task::Poll;
+        if let Poll::Ready(Some(Ok(mut info))) = self.response.poll_informational(cx) {
+            let refused = if info.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                Some(Refusal::Switching)
+            } else {
+                self.interim += 1;
+                (self.interim > proxy::MAX_INTERIM).then_some(Refusal::TooManyInterim)
+            };
+            if let Some(refused) = refused {
+                self.conn.retire();
+                return Poll::Ready(NextHead::Refused(refused));
+            }
+            super::stream::sanitize_app_fields(info.headers_mut());
+            super::stream::drop_request_ids(info.headers_mut());
+            super::stream::filter_cookies(info.headers_mut());
+            return Poll::Ready(NextHead::Interim(info));
+        }
+        std::future::Future::poll(std::pin::Pin::new(&mut self.response), cx).map(NextHead::Final)
+    }
+
+    /// The answer's final head (or the stream's failure), the interim heads
+    /// before it dropped but counted: for waits while a bridged client's body is
+    /// still going.
+    pub(crate) async fn past_interim(
+        &mut self,
+    ) -> Result<Result<http::Response<RecvStream>, h2::Error>, Refusal> {
+        poll_fn(|cx| loop {
+            match self.poll_next_head(cx) {
+                std::task::Poll::Ready(NextHead::Interim(_)) => {}
+                std::task::Poll::Ready(NextHead::Final(r)) => return std::task::Poll::Ready(Ok(r)),
+                std::task::Poll::Ready(NextHead::Refused(r)) => {
+                    return std::task::Poll::Ready(Err(r))
+                }
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
 /// A stream opened on the app's HTTP/2 connection: the response to come, the
 /// request body's sender, the connection's use and the stream's place in the
 /// core's budget, and the app's address.
 pub type Opened = (
-    h2::client::ResponseFuture,
+    Answer,
     SendStream<Bytes>,
     (UpStreamGuard, AppStreamSlot),
     SocketAddr,
@@ -635,7 +761,12 @@ pub async fn open_stream(
     let (response, send) = sender
         .send_request(request, end)
         .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e))))?;
-    Ok((response, send, (guard, slot), addr))
+    let answer = Answer {
+        response,
+        interim: 0,
+        conn: guard.0.clone(),
+    };
+    Ok((answer, send, (guard, slot), addr))
 }
 
 /// What an HTTP/2 app's failure of a stream says about sending it again: a stream
@@ -731,10 +862,8 @@ pub async fn forward(
     let method_head = req.head.method == parse::Method::Head;
     let response_side = async {
         enum Head {
-            Response(Result<http::Response<RecvStream>, h2::Error>),
+            Next(NextHead),
             ClientReset,
-            /// A 101: HTTP/2 has none (RFC 9113 §8.6).
-            Switching,
         }
         let mut response = response;
         let mut addr = addr;
@@ -742,32 +871,13 @@ pub async fn forward(
         // ([`retry_of`]); the retry's send half and places live as long as it.
         let mut attempt = Attempt::first(req.head.method, !end, false);
         let mut _again = None;
-        let mut interim = 0usize;
         let (resp, sent) = loop {
             let sent = Instant::now();
             let wait = poll_fn(|cx| {
                 if respond.poll_reset(cx).is_ready() {
                     return std::task::Poll::Ready(Head::ClientReset);
                 }
-                // Interim heads (103 Early Hints, …) are relayed as they come, the
-                // first MAX_INTERIM of them; the app's request ID and permit cookies
-                // are not passed on.
-                while let std::task::Poll::Ready(Some(Ok(mut info))) =
-                    response.poll_informational(cx)
-                {
-                    if info.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        return std::task::Poll::Ready(Head::Switching);
-                    }
-                    interim += 1;
-                    if interim <= proxy::MAX_INTERIM {
-                        super::stream::sanitize_app_fields(info.headers_mut());
-                        super::stream::drop_request_ids(info.headers_mut());
-                        super::stream::filter_cookies(info.headers_mut());
-                        // A client gone meanwhile shows in poll_reset.
-                        let _ = respond.send_informational(info);
-                    }
-                }
-                std::future::Future::poll(std::pin::Pin::new(&mut response), cx).map(Head::Response)
+                response.poll_next_head(cx).map(Head::Next)
             });
             // gRPC calls carry their own deadlines (a watch may answer hours later):
             // they wait the tunnel idle timeout; other apps the head timeout.
@@ -786,16 +896,14 @@ pub async fn forward(
                     ctx.note_client_reset();
                     return Err(Fail::Abort("client reset the stream".into()));
                 }
-                // Refused as a 101 from an HTTP/1.1 app is: never relayed (an
-                // HTTP/2 client takes it for a malformed answer), the app's health
-                // noted as failing.
-                Some(Head::Switching) => {
-                    proxy::note_health(core, route, addr, false);
-                    return Err(Fail::Answer(ProxyError::UpstreamResponse(
-                        ResponseError::Malformed("a 101 from an HTTP/2 app"),
-                    )));
+                Some(Head::Next(NextHead::Refused(r))) => return Err(r.fail(core, route, addr)),
+                // Relayed as it comes; the next head has its own wait, as from an
+                // HTTP/1.1 app. A client gone meanwhile shows in poll_reset.
+                Some(Head::Next(NextHead::Interim(info))) => {
+                    let _ = respond.send_informational(info);
+                    continue;
                 }
-                Some(Head::Response(Err(e))) => {
+                Some(Head::Next(NextHead::Final(Err(e)))) => {
                     if too_large.get() {
                         return Err(Fail::Answer(ProxyError::Request(
                             RequestError::BodyTooLarge,
@@ -819,7 +927,7 @@ pub async fn forward(
                     }
                     return Err(response_failure(core, route, addr, e));
                 }
-                Some(Head::Response(Ok(r))) => break (r, sent),
+                Some(Head::Next(NextHead::Final(Ok(r)))) => break (r, sent),
             }
         };
         status_in_range(core, route, addr, resp.status())?;
