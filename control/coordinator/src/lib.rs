@@ -1143,12 +1143,12 @@ impl Coordinator {
                         appproxy_control_common::config::shown_url(url)
                     )
                 })?;
-                // Reconnects quickly after an outage; calls are bounded anyway.
+                // Each reconnection is one attempt, without back-off (`RedisConn::connect`):
+                // every call awaits it, so a refused Redis costs a call milliseconds;
+                // an attempt or a call that hangs is bounded.
                 let cfg = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(REDIS_CALL_TIMEOUT)
-                    .set_response_timeout(REDIS_CALL_TIMEOUT)
-                    .set_number_of_retries(1)
-                    .set_max_delay(500);
+                    .set_response_timeout(REDIS_CALL_TIMEOUT);
                 Some(
                     redis_link::RedisConn::connect(client, cfg)
                         .await

@@ -10,6 +10,21 @@
 //! a relay that keeps the connection open). A call without an answer within
 //! [`ANSWER_WITHIN`] now has a fresh manager opened in the background, which
 //! the following calls use once it is connected.
+//!
+//! A Redis that refuses connections (stopped, not hanging) costs a call one
+//! refused attempt, a few milliseconds. Every call awaits the manager's
+//! reconnection, and the manager's reconnection slept its back-off between
+//! attempts (1-2 s whatever `max_delay`: the first delay is the back-off's
+//! minimum, 1 s, plus up to as much again of jitter): a heartbeat took 1.5 s, a
+//! removal (its publish and the publish's retry) 3 s, a failed creation (that, and
+//! its withdrawal's) 6 s, for a refusal known at once. The manager now makes one
+//! attempt per reconnection ([`connect`](RedisConn::connect) sets no retries).
+//! Its failure stays in the manager until a call comes, and that call only
+//! starts the next attempt: the first call once Redis is back met the refusal
+//! left by the outage's last call and failed too. A call that meets a refusal is
+//! sent once more, on the attempt its failure started — a refusal means the command
+//! was never sent, so it is never run twice. Both are within [`ANSWER_WITHIN`], as
+//! is an attempt that hangs (each is bounded by the connection timeout too).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +36,9 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 /// A call's answer must come within this, a little under the callers' own bound
 /// ([`crate::REDIS_CALL_TIMEOUT`]), so that it is this layer that sees the timeout.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1_800);
+
+/// How long [`RedisConn::connect`] waits before its second attempt.
+const FIRST_CONNECTION_RETRY: Duration = Duration::from_secs(1);
 
 /// A Redis command connection, cheap to clone (every clone uses the current
 /// manager).
@@ -36,12 +54,24 @@ struct Link {
 }
 
 impl RedisConn {
-    /// Connects to `client` with `config`.
+    /// Connects to `client` with `config`, its reconnections made of one attempt
+    /// each (any number of retries in `config` is overridden: their back-off was
+    /// awaited by every call while Redis refused). The first connection is
+    /// attempted twice, [`FIRST_CONNECTION_RETRY`] apart, as the manager's own
+    /// retry did: a Redis starting with the coordinator may be a moment late.
     pub async fn connect(
         client: redis::Client,
         config: ConnectionManagerConfig,
     ) -> RedisResult<Self> {
-        let manager = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+        let config = config.set_number_of_retries(0);
+        let manager = match ConnectionManager::new_with_config(client.clone(), config.clone()).await
+        {
+            Ok(manager) => manager,
+            Err(_) => {
+                tokio::time::sleep(FIRST_CONNECTION_RETRY).await;
+                ConnectionManager::new_with_config(client.clone(), config.clone()).await?
+            }
+        };
         Ok(Self(Arc::new(Link {
             client,
             config,
@@ -85,11 +115,20 @@ impl RedisConn {
         });
     }
 
-    /// Runs one call on the current manager within [`ANSWER_WITHIN`].
-    async fn call<T>(
-        &self,
-        call: impl std::future::Future<Output = RedisResult<T>>,
-    ) -> RedisResult<T> {
+    /// Runs one call (`send` on the current manager) within [`ANSWER_WITHIN`],
+    /// sent once more if the connection it met was refused: that refusal may be
+    /// an earlier call's (a failed reconnection stays in the manager until a call
+    /// comes), and the manager started a fresh attempt on it.
+    async fn call<T, F>(&self, send: impl Fn(ConnectionManager) -> F) -> RedisResult<T>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
+        let call = async {
+            match send(self.current()).await {
+                Err(e) if e.is_connection_refusal() => send(self.current()).await,
+                other => other,
+            }
+        };
         let answered = tokio::time::timeout(ANSWER_WITHIN, call).await;
         let result = answered
             .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
@@ -103,8 +142,8 @@ impl RedisConn {
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let mut manager = self.current();
-            self.call(manager.req_packed_command(cmd)).await
+            self.call(|mut manager| async move { manager.req_packed_command(cmd).await })
+                .await
         })
     }
 
@@ -115,9 +154,10 @@ impl ConnectionLike for RedisConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let mut manager = self.current();
-            self.call(manager.req_packed_commands(cmd, offset, count))
-                .await
+            self.call(
+                |mut manager| async move { manager.req_packed_commands(cmd, offset, count).await },
+            )
+            .await
         })
     }
 

@@ -4661,6 +4661,123 @@ fn a_silent_redis_command_connection_is_replaced() {
         .any(|l| l["message"] == "redis command connection replaced"));
 }
 
+/// While Redis refuses connections (stopped, not hanging), creations answer 503
+/// `E10001` with cause `redis` (and are withdrawn), and removals and heartbeats are
+/// served without it. Each call cost the connection manager's back-off (1-2 s
+/// between two refused attempts: a creation took about 6 s, a removal 3 s, a
+/// heartbeat 1.5 s, measured by hand); now one refused attempt, milliseconds — not
+/// asserted here, as no timing is. What is: once Redis is back, the first call is
+/// served, though the connection it meets is the one refused at the outage's last
+/// call (a failed reconnection stays in the manager until a call comes): a
+/// heartbeat's `proxy-worker.last_seen` mark is written (it was not), and a
+/// creation is acknowledged.
+#[test]
+fn a_refused_redis_fails_calls_and_the_first_call_once_it_is_back_is_served() {
+    let mut redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        // No job runs meanwhile (each pass checks the lease on Redis): the calls
+        // made are the test's own.
+        &format!(
+            "worker_ack_timeout_secs = 20\nleader_lease_secs = 7200\ncheck_worker_lost_interval_secs = 3600\ncheck_unused_circuit_interval_secs = 3600\ncheck_unsettled_creation_interval_secs = 3600\n[redis]\nurl = \"{}\"\n[health_check]\nrefresh_interval_secs = 3600",
+            redis.url()
+        ),
+    );
+    let wait_listening = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while log_lines(dir.path())
+            .iter()
+            .filter(|l| l["message"] == "listening for acknowledgements")
+            .count()
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not listening for acknowledgements ({n})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_listening(1);
+    let acking = AckingWorker::start(&redis.url(), "worker-1");
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let create = || {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http&no_reuse=true"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    let beat = || {
+        request(
+            c.addr,
+            "PATCH",
+            &format!("/api/worker/{worker}?brief=true"),
+            &[AUTH],
+            "",
+        )
+        .status
+    };
+    let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let kept = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    drop(acking);
+
+    redis.stop();
+    for _ in 0..3 {
+        let r = create();
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["msg"], "E10001: Proxy worker not responding");
+        assert_eq!(r.json()["data"]["worker"], "worker-1");
+        assert_eq!(r.json()["data"]["cause"], "redis");
+    }
+    assert_eq!(circuits(), "1", "the unpublished creations are withdrawn");
+    assert_eq!(beat(), 200);
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/circuit/{kept}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(circuits(), "0");
+    // The outage outlasts any reconnection still under way (the manager's back-off
+    // was 1-2 s): the connection the next call meets is a refused one.
+    std::thread::sleep(Duration::from_secs(3));
+
+    redis.restart();
+    assert_eq!(beat(), 200);
+    // The restarted Redis kept nothing: a mark there is this heartbeat's.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_connection()
+        .expect("redis");
+    let seen: Option<String> = redis::cmd("HGET")
+        .arg("proxy-worker.last_seen")
+        .arg("worker-1")
+        .query(&mut conn)
+        .expect("HGET");
+    assert!(
+        seen.is_some(),
+        "the first heartbeat once Redis is back wrote no mark: {:?}",
+        log_lines(dir.path())
+            .iter()
+            .rfind(|l| l["message"] == "proxy-worker.last_seen not written")
+    );
+    wait_listening(2);
+    let _acking = AckingWorker::start(&redis.url(), "worker-1");
+    let r = create();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(circuits(), "1");
+}
+
 /// A registration whose fields cannot go where the coordinator puts them is a 400
 /// and stores nothing: a hostname or domain with a line break or a path in it (it
 /// goes into every `/setup` URL and redirect `Location` of the worker's circuits —
