@@ -948,18 +948,109 @@ pub struct Listener {
     listener: TcpListener,
     /// The bound address (the real port when 0 was asked).
     local: SocketAddr,
+    /// Its place among this process's listeners on the address ([`claimed`]).
+    _claim: Option<Claim>,
+}
+
+/// The addresses this process listens on, with how many of its listeners (one
+/// per core) each has.
+static CLAIMED: std::sync::Mutex<Vec<(SocketAddr, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// One of this process's listeners on an address, counted in [`CLAIMED`] while
+/// it lives.
+struct Claim(SocketAddr);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut all = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = all.iter().position(|(a, _)| *a == self.0) {
+            all[at].1 -= 1;
+            if all[at].1 == 0 {
+                all.swap_remove(at);
+            }
+        }
+    }
+}
+
+/// Binds `bind` as one of this process's listeners on `addr`: the first of them
+/// only once no other socket holds the address. `SO_REUSEPORT` lets every socket
+/// of the same user with the option join a port and take a share of its new
+/// connections, so a second worker (or any process of the user) listening there
+/// would silently take some of a circuit's clients to its own circuit — another
+/// user's app. A probe without the option binds the address first: it fails while
+/// any other socket listens there (or a connection holds it as its local port).
+/// The probe and the bind happen under the lock, so this process's cores do not
+/// race each other; another process binding between the probe and the bind is
+/// not seen (a window of two system calls).
+fn claimed(
+    addr: SocketAddr,
+    bind: impl FnOnce() -> io::Result<Socket>,
+) -> io::Result<(Socket, Option<Claim>)> {
+    if addr.port() == 0 {
+        return Ok((bind()?, None));
+    }
+    let mut all = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    let at = all.iter().position(|(a, _)| *a == addr);
+    if at.is_none() {
+        let probe = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        if let Err(e) = probe.bind(&addr.into()) {
+            return Err(if e.kind() == io::ErrorKind::AddrInUse {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another socket holds the address (a process listening on it, \
+                     which SO_REUSEPORT would let share its connections, or a \
+                     connection using it as its local port)",
+                )
+            } else {
+                e
+            });
+        }
+    }
+    let socket = bind()?;
+    match at {
+        Some(at) => all[at].1 += 1,
+        None => all.push((addr, 1)),
+    }
+    Ok((socket, Some(Claim(addr))))
 }
 
 impl Listener {
     /// Binds `addr` with `SO_REUSEPORT` (one listener per core on the same port: the
     /// kernel spreads connections over the cores), its connections probed by TCP
-    /// `keepalive` when given.
+    /// `keepalive` when given. Another process's socket on the address is refused
+    /// ([`claimed`]): the cores of this process share a port, no one else.
     pub fn bind(
         reactor: &Rc<Reactor>,
         addr: SocketAddr,
         backlog: i32,
         keepalive: Option<crate::config::TcpKeepalive>,
     ) -> io::Result<Self> {
+        let (socket, claim) = claimed(addr, || Self::socket(addr, backlog, keepalive))?;
+        let listener: TcpListener = socket.into();
+        let local = listener.local_addr()?;
+        let reg = reactor.register();
+        Ok(Self {
+            reg,
+            listener,
+            local,
+            _claim: claim,
+        })
+    }
+
+    /// A listening socket on `addr` with `SO_REUSEPORT`.
+    fn socket(
+        addr: SocketAddr,
+        backlog: i32,
+        keepalive: Option<crate::config::TcpKeepalive>,
+    ) -> io::Result<Socket> {
         let socket = Socket::new(
             Domain::for_address(addr),
             Type::STREAM.nonblocking().cloexec(),
@@ -984,14 +1075,7 @@ impl Listener {
         }
         socket.bind(&addr.into())?;
         socket.listen(backlog)?;
-        let listener: TcpListener = socket.into();
-        let local = listener.local_addr()?;
-        let reg = reactor.register();
-        Ok(Self {
-            reg,
-            listener,
-            local,
-        })
+        Ok(socket)
     }
 
     /// The bound address.

@@ -283,3 +283,107 @@ fn silent_admin_clients_do_not_queue_health_behind_them() {
         );
     }
 }
+
+/// Runs a second worker whose one circuit listens on `port` (its admin endpoint on
+/// a port of its own): its exit status and output, or `None` when it was still
+/// running after 20 s (then it is stopped).
+fn second_worker_on(port: u16) -> Option<(std::process::ExitStatus, String)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        r#"
+[worker]
+cores = 1
+bind_host = "127.0.0.1"
+port_range = [1024, 65535]
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[circuits]]
+id = "c0a8f5d2-9999-4222-8333-444455556666"
+app = "other"
+port = {port}
+open_to_public = true
+route_info = [{{ session_id = "6d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_host = "127.0.0.1", kernel_port = 9, traffic_ratio = 1.0 }}]
+"#
+    );
+    let path = dir.path().join("worker.toml");
+    std::fs::write(&path, config).expect("write config");
+    let log = dir.path().join("worker.log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("start worker");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some((status, std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A circuit's port is this worker's alone. Every listener has `SO_REUSEPORT` (one
+/// per core, the kernel spreading connections over them), which lets any other
+/// socket of the same user with the option join the port and take a share of its
+/// new connections: a second worker on the host (two workers' ranges overlapping,
+/// or a standalone one) silently took some of a circuit's clients to its own
+/// circuit, another user's app. A worker now refuses a port another socket holds
+/// (here: a process listening with `SO_REUSEPORT`, and a running worker with two
+/// cores), and the first worker keeps every connection.
+#[test]
+fn a_port_another_process_listens_on_is_never_shared() {
+    // A listener of another process, with SO_REUSEPORT as a worker's would have.
+    let holder = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    holder.set_reuse_address(true).expect("reuseaddr");
+    holder.set_reuse_port(true).expect("reuseport");
+    holder
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    holder.listen(16).expect("listen");
+    let held = holder
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet")
+        .port();
+    let (status, log) = second_worker_on(held).expect("the worker kept the held port");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{held}")),
+        "{log}"
+    );
+    drop(holder);
+
+    // A running worker, two cores on its circuit's port.
+    let app = echo_app();
+    let first = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        cores: 2,
+        circuit_extra: "protocol = \"tcp\"".into(),
+        ..Default::default()
+    });
+    let (status, log) = second_worker_on(first.port).expect("the second worker shared the port");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{}", first.port)),
+        "{log}"
+    );
+    // Every new connection still reaches the first worker's circuit.
+    for _ in 0..20 {
+        assert!(relayed(&first).is_some());
+    }
+}
