@@ -1258,3 +1258,57 @@ fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
         assert!(!text.contains("spoofed-by-app"), "{text}");
     }
 }
+
+/// After relaying an interim head to a bridged HTTP/1.1 client, the wait for the
+/// app's next head is bounded by the head timeout, as the first was, not by the
+/// client's write timeout (`body_idle_secs`) armed for the interim head's write:
+/// an app that answers a while after its `103` is relayed. Before, the client's
+/// deadline passed during the wait, which took the client for gone.
+#[test]
+fn the_head_after_an_interim_one_is_awaited_as_the_first_was() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let Ok(mut w) = s.try_clone() else { continue };
+            std::thread::spawn(move || {
+                serve_raw_app(s, |&(ty, flags, id, _)| {
+                    let mut out = Vec::new();
+                    if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+                        let early = appproxy_test_support::h2frames::block(&[
+                            (b":status", b"103"),
+                            (b"link", b"</a.css>; rel=preload"),
+                        ]);
+                        let _ = w.write_all(&frame(HEADERS, END_HEADERS, id, &early));
+                        // Longer than the client's write timeout below.
+                        std::thread::sleep(Duration::from_millis(2500));
+                        let head = appproxy_test_support::h2frames::block(&[
+                            (b":status", b"200"),
+                            (b"content-length", b"2"),
+                        ]);
+                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                        out.extend(frame(DATA, END_STREAM, id, b"ok"));
+                    }
+                    out
+                });
+            });
+        }
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        extra: "[timeouts]\nbody_idle_secs = 1\nupstream_head_secs = 30\n".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("write");
+    let got = read_heads(&mut s, 2);
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");
+    let finals: Vec<&str> = text.split("\r\n\r\n").collect();
+    assert!(finals[1].starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -214,6 +214,9 @@ pub async fn forward(
                         conn.write_all(&out)
                             .await
                             .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
+                        // The wait for the next head is bounded by its own
+                        // timeout, not the client's (as before the first).
+                        conn.set_deadline(None);
                     }
                 }
                 Some(NextHead::Final(Err(e)))
