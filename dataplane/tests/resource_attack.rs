@@ -338,7 +338,8 @@ route_info = [{{ session_id = "6d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", kernel_hos
 /// or a standalone one) silently took some of a circuit's clients to its own
 /// circuit, another user's app. A worker now refuses a port another socket holds
 /// (here: a process listening with `SO_REUSEPORT`, and a running worker with two
-/// cores), and the first worker keeps every connection.
+/// cores), and the first worker keeps every connection. A range that overlaps the
+/// kernel's ports for outgoing connections is warned of at start.
 #[test]
 fn a_port_another_process_listens_on_is_never_shared() {
     // A listener of another process, with SO_REUSEPORT as a worker's would have.
@@ -385,5 +386,18 @@ fn a_port_another_process_listens_on_is_never_shared() {
     // Every new connection still reaches the first worker's circuit.
     for _ in 0..20 {
         assert!(relayed(&first).is_some());
+    }
+    // Its range (the test's 1024-65535) holds ports the kernel may give the
+    // host's own connections as their local port, which would keep a circuit from
+    // listening there: it says so at start.
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .is_ok_and(|r| r.trim().is_empty())
+    {
+        let log = first.log_text();
+        assert!(
+            log.contains("kernel's range for outgoing connections' local ports")
+                && log.contains("\"ports\":\"[worker] port_range\""),
+            "{log}"
+        );
     }
 }

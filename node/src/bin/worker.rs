@@ -142,6 +142,20 @@ fn run() -> anyhow::Result<()> {
         c.log_allowlist_problems();
     }
     preflight::check(rt.cpus.len(), rt.io_memory)?;
+    let w = &config.worker;
+    let mut ports = Vec::new();
+    if let Some([first, last]) = w.port_range {
+        ports.push(("[worker] port_range", first, last));
+    }
+    for (what, port) in [
+        ("[worker] api_port", w.api_port),
+        ("[worker] wildcard_traffic_port", w.wildcard_traffic_port),
+    ] {
+        if let Some(p) = port {
+            ports.push((what, p, p));
+        }
+    }
+    preflight::warn_of_ephemeral_ports(&ports);
     let cores = rt.cpus.len();
     let circuits = rt.circuits.len();
     // Signals are taken before the cores start so none is lost in between.
