@@ -64,13 +64,16 @@ pub fn check(cores: usize, io_memory: usize) -> Result<Report, PreflightError> {
     Ok(Report { nofile })
 }
 
+/// A span of ports, first and last (inclusive).
+type Ports = (u16, u16);
+
 /// The ports of `ports` (inclusive) that lie in the kernel's range for the local
 /// ports of outgoing connections (`ephemeral`, inclusive) and are not among its
 /// `reserved` ones: how many, and the first and the last.
 fn unreserved_ephemeral(
-    ports: (u16, u16),
-    ephemeral: (u16, u16),
-    reserved: &[(u16, u16)],
+    ports: Ports,
+    ephemeral: Ports,
+    reserved: &[Ports],
 ) -> Option<(usize, u16, u16)> {
     let (lo, hi) = (ports.0.max(ephemeral.0), ports.1.min(ephemeral.1));
     let mut found: Option<(usize, u16, u16)> = None;
@@ -88,7 +91,7 @@ fn unreserved_ephemeral(
 
 /// `net.ipv4.ip_local_port_range` (two numbers) and `ip_local_reserved_ports` (a
 /// comma-separated list of ports and ranges) as read from `/proc`.
-fn parse_ephemeral(range: &str, reserved: &str) -> Option<((u16, u16), Vec<(u16, u16)>)> {
+fn parse_ephemeral(range: &str, reserved: &str) -> Option<(Ports, Vec<Ports>)> {
     let mut r = range.split_whitespace().map(|n| n.parse::<u16>().ok());
     let ephemeral = (r.next()??, r.next()??);
     let reserved = reserved
@@ -137,7 +140,9 @@ mod tests {
 
     #[test]
     fn ports_in_the_ephemeral_range_are_found_unless_reserved() {
-        let cases: &[((u16, u16), &[(u16, u16)], Option<(usize, u16, u16)>)] = &[
+        // The ports, the reserved ones, what is found.
+        type Case = (Ports, &'static [Ports], Option<(usize, u16, u16)>);
+        let cases: &[Case] = &[
             // The default range lies below the kernel's default one.
             ((10205, 10300), &[], None),
             ((40000, 40010), &[], Some((11, 40000, 40010))),
