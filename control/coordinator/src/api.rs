@@ -915,6 +915,7 @@ pub(super) async fn deregister_worker(
         return Err(ApiError::NotFound("No such worker."));
     }
     tracing::info!(worker = %id, "worker deregistered");
+    state.failed_ports.forget(id);
     Ok(Json(Success::YES))
 }
 

@@ -223,6 +223,12 @@ pub struct CoordinatorSection {
     pub worker_breaker_backoff_secs: f64,
     /// The longest such back-off.
     pub worker_breaker_max_backoff_secs: f64,
+    /// A port a worker reported it could not listen on (its acknowledgement's
+    /// `failed`, another process holding the port, say) is offered to that worker
+    /// again only when none of its other ports is free, for this long after the
+    /// failure (remembered by this coordinator process only); 0 = not remembered.
+    /// At most a day.
+    pub worker_failed_port_backoff_secs: f64,
     /// An API request head must arrive within this (also bounds a keep-alive
     /// connection's wait for its next request).
     pub header_read_timeout_secs: u64,
@@ -298,6 +304,7 @@ impl Default for CoordinatorSection {
             worker_ack_timeout_secs: 15.0,
             worker_breaker_backoff_secs: 5.0,
             worker_breaker_max_backoff_secs: 60.0,
+            worker_failed_port_backoff_secs: 300.0,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 75,
             body_read_timeout_secs: 30,

@@ -188,6 +188,7 @@ async fn worker_lost_pass(state: &State) {
         Ok(lost) => {
             for (id, authority) in &lost {
                 state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);
+                state.failed_ports.forget(*id);
                 tracing::warn!(worker = %id, %authority, reason = "heartbeat timeout", "worker lost");
                 if let Some(conn) = &state.redis {
                     // The original's anycast form, for a manager or coordinator that listens.

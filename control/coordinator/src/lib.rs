@@ -17,6 +17,7 @@ pub mod breaker;
 pub mod config;
 mod endpoints;
 pub mod events;
+pub mod failed_ports;
 pub mod health;
 mod jobs;
 pub mod placement;
@@ -177,6 +178,8 @@ pub struct State {
     pub acks: Arc<AckHub>,
     /// Per-worker circuit breakers of placement.
     pub breakers: Arc<Breakers>,
+    /// Ports workers could not listen on lately, offered last by placement.
+    pub failed_ports: failed_ports::FailedPorts,
     /// The API server's connection counters.
     pub server: Arc<server::ServerMetrics>,
     /// Last-access marks: Redis, or memory fed by an embedded worker.
@@ -1186,6 +1189,12 @@ impl Coordinator {
                         .worker_breaker_max_backoff_secs
                         .clamp(0.0, 86400.0),
                 ),
+            )),
+            failed_ports: failed_ports::FailedPorts::new(Duration::from_secs_f64(
+                config
+                    .coordinator
+                    .worker_failed_port_backoff_secs
+                    .clamp(0.0, 86400.0),
             )),
             // Marks in memory are gone with the previous process: circuits used
             // until it stopped count as used at this start.

@@ -58,6 +58,10 @@ pub struct Used {
     pub ports: Vec<u16>,
     /// Subdomains taken.
     pub subdomains: Vec<String>,
+    /// Free ports to offer only when no other port is free (the worker could not
+    /// listen on them lately, [`crate::failed_ports`]); a preferred port is still
+    /// taken if it is one of them.
+    pub avoid: Vec<u16>,
 }
 
 fn filter_matches(worker: &WorkerRegistration, properties: &[(String, String)]) -> bool {
@@ -195,10 +199,12 @@ pub fn choose<'w>(
 
 /// The slot on `worker` (as [`choose`] chose it): on a port worker, the preferred
 /// port if it is in the range and free, else the first free port, or with `spread
-/// = Some(n)` the free port at `n` modulo their count; on a wildcard worker, the
-/// preferred or default subdomain, suffixed while it collides. `taken` gives the
-/// worker's slots in use (ports to avoid among its ports). `None`: no port is free
-/// (taken meanwhile), or the worker cannot take the circuit at all.
+/// = Some(n)` the free port at `n` modulo their count — first among the free ports
+/// not in `taken.avoid`, and among those only when there is none other; on a
+/// wildcard worker, the preferred or default subdomain, suffixed while it collides.
+/// `taken` gives the worker's slots in use (ports to avoid among its ports).
+/// `None`: no port is free (taken meanwhile), or the worker cannot take the circuit
+/// at all.
 pub fn slot(
     worker: &WorkerRow,
     taken: &Used,
@@ -223,14 +229,23 @@ pub fn slot(
     }
     let (lo, hi) = port_range(body)?;
     let taken_ports: std::collections::HashSet<u16> = taken.ports.iter().copied().collect();
-    let free = (lo..=hi).filter(|p| !taken_ports.contains(p));
-    let count = free.clone().count() as u64;
+    let avoid: std::collections::HashSet<u16> = taken.avoid.iter().copied().collect();
+    let pick = |shunned: &std::collections::HashSet<u16>| {
+        let free = (lo..=hi).filter(|p| !taken_ports.contains(p) && !shunned.contains(p));
+        let count = free.clone().count() as u64;
+        match req.spread {
+            Some(n) if count > 0 => free.clone().nth((n % count) as usize),
+            _ => free.clone().next(),
+        }
+    };
     let port = req
         .preferred_port
         .filter(|p| (lo..=hi).contains(p) && !taken_ports.contains(p))
-        .or_else(|| match req.spread {
-            Some(n) if count > 0 => free.clone().nth((n % count) as usize),
-            _ => free.clone().next(),
+        .or_else(|| pick(&avoid))
+        .or_else(|| {
+            (!avoid.is_empty())
+                .then(|| pick(&Default::default()))
+                .flatten()
         })?;
     Some(Placement {
         worker: worker.id,
@@ -325,6 +340,36 @@ mod tests {
             place(&ws, used, &r, || "x".into()).expect("placed").port,
             Some(25)
         );
+    }
+
+    /// Ports to avoid are offered last: the first (or `spread`th) free port among
+    /// the others, one of them only when no other is free; a preferred port is
+    /// taken all the same.
+    #[test]
+    fn ports_to_avoid_are_taken_only_when_no_other_is_free() {
+        let w = worker(
+            "w",
+            json!({"frontend_mode": "port", "port_range": [20, 23]}),
+        );
+        let at = |ports: Vec<u16>, avoid: Vec<u16>, r: &Request<'_>| {
+            let taken = Used {
+                ports,
+                avoid,
+                ..Default::default()
+            };
+            slot(&w, &taken, r, || "x".into()).and_then(|p| p.port)
+        };
+        let r = req(&[]);
+        assert_eq!(at(vec![], vec![20], &r), Some(21));
+        assert_eq!(at(vec![21], vec![20, 22], &r), Some(23));
+        assert_eq!(at(vec![21, 23], vec![20, 22], &r), Some(20), "the fallback");
+        assert_eq!(at(vec![20, 21, 22, 23], vec![20], &r), None);
+        let mut spread = req(&[]);
+        spread.spread = Some(1);
+        assert_eq!(at(vec![], vec![20], &spread), Some(22));
+        let mut preferred = req(&[]);
+        preferred.preferred_port = Some(20);
+        assert_eq!(at(vec![], vec![20], &preferred), Some(20));
     }
 
     #[test]
@@ -545,7 +590,7 @@ mod tests {
                     .filter(|(w, _)| *w == i)
                     .map(|(_, p)| *p)
                     .collect();
-                Used { ports, subdomains: vec!["jupyter-5d6c".to_owned(), "jupyter-5d6c-x".to_owned()] }
+                Used { ports, subdomains: vec!["jupyter-5d6c".to_owned(), "jupyter-5d6c-x".to_owned()], avoid: vec![] }
             };
             let props = if keyed { vec![("session.access_key".to_owned(), "AK".to_owned())] } else { vec![] };
             let mut r = req(&props);
@@ -600,7 +645,7 @@ mod tests {
             let used = |id: &uuid::Uuid| {
                 let i = workers.iter().position(|w| w.id == *id).unwrap_or(usize::MAX);
                 let ports: Vec<u16> = taken.iter().filter(|(w, _)| *w == i).map(|(_, p)| *p).collect();
-                Used { subdomains: ports.iter().map(|p| format!("jupyter-5d6c-{p}")).chain(["jupyter-5d6c".to_owned()]).collect(), ports }
+                Used { subdomains: ports.iter().map(|p| format!("jupyter-5d6c-{p}")).chain(["jupyter-5d6c".to_owned()]).collect(), ports, avoid: vec![] }
             };
             let mut r = req(&[]);
             r.preferred_port = preferred;

@@ -1054,6 +1054,13 @@ async fn place_and_store(
         // Only `ALIVE` workers can take a circuit: the rows of workers long gone are
         // not read.
         let mut workers = state.store.alive_workers().await?;
+        // Workers no longer `ALIVE` (deregistered, lost, through any coordinator):
+        // the ports they could not listen on are forgotten.
+        if state.failed_ports.workers() > 0 {
+            let alive: std::collections::HashSet<uuid::Uuid> =
+                workers.iter().map(|w| w.id).collect();
+            state.failed_ports.retain_workers(|id| alive.contains(id));
+        }
         let before = workers.len();
         workers.retain(|w| {
             !avoid_workers.contains(&w.id)
@@ -1098,8 +1105,38 @@ async fn place_and_store(
                 + avoided.get(&w.id).map_or(0, |ports| ports.len() as u64);
             (u64::from(hi) - u64::from(lo) + 1).saturating_sub(taken)
         };
-        let chosen =
-            placement::choose(&workers, free, &attempt_request).ok_or(ApiError::NoWorker)?;
+        // Ports a worker could not listen on lately (an earlier creation's
+        // acknowledgement, remembered by this process) are offered last: ranked
+        // first as if taken (no index read: one also in use counts twice, which
+        // can only rank its worker lower), and when that leaves no worker, as they
+        // are. The chosen worker's slot takes one of them only when no other port
+        // of it is free.
+        let recent: std::collections::HashMap<uuid::Uuid, Vec<u16>> = ranges
+            .iter()
+            .map(|&(w, lo, hi)| (w, state.failed_ports.avoided(w, lo, hi)))
+            .filter(|(_, ports)| !ports.is_empty())
+            .collect();
+        let free_of_recent = |w: &super::store::WorkerRow, lo: u16, hi: u16| {
+            let shunned = recent.get(&w.id).map_or(0, |ports| {
+                let hard = avoided.get(&w.id);
+                ports
+                    .iter()
+                    .filter(|p| hard.is_none_or(|h| !h.contains(p)))
+                    .count() as u64
+            });
+            free(w, lo, hi).saturating_sub(shunned)
+        };
+        let chosen = if recent.is_empty() {
+            None
+        } else {
+            placement::choose(&workers, free_of_recent, &attempt_request)
+        };
+        let chosen = match chosen {
+            Some(w) => w,
+            None => {
+                placement::choose(&workers, free, &attempt_request).ok_or(ApiError::NoWorker)?
+            }
+        };
         let mut taken = Used::default();
         if chosen.registration.frontend_mode == FrontendMode::Wildcard {
             let wanted_subdomain = request
@@ -1121,6 +1158,13 @@ async fn place_and_store(
                     .filter(|(w, _)| *w == chosen.id)
                     .map(|(_, p)| *p),
             );
+            taken.avoid = recent.get(&chosen.id).cloned().unwrap_or_default();
+            if !taken.avoid.is_empty() {
+                tracing::debug!(
+                    worker = %chosen.registration.authority, ports = ?taken.avoid,
+                    "ports the worker could not listen on lately: offered only if no other is free"
+                );
+            }
         }
         let Some(Placement {
             worker,
@@ -1279,6 +1323,9 @@ async fn announce(
     };
     let retry = match outcome {
         AckOutcome::Deployed => {
+            if let (Some(w), Some(p)) = (circuit.worker, circuit.port) {
+                state.failed_ports.deployed(w, p);
+            }
             observed.creations.add("created", 1);
             observed
                 .ack_latency
@@ -1358,6 +1405,11 @@ async fn announce(
                 .fetch_add(1, Ordering::Relaxed);
             state.breakers.end_trial(&authority);
             tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
+            // Not offered to the worker again for a while, unless no other port of
+            // it is free: the next creations do not try it first.
+            if let (Some(w), Some(p)) = (circuit.worker, circuit.port) {
+                state.failed_ports.failed(w, p);
+            }
             retake(state, turn).await;
             withdraw(
                 state,

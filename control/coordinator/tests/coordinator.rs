@@ -3438,6 +3438,8 @@ fn store_latency_is_recorded_per_engine(db: Db) {
 struct AckingWorker {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The port of every circuit of the events for `authority`, in their order.
+    ports: std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
 }
 
 impl AckingWorker {
@@ -3448,6 +3450,21 @@ impl AckingWorker {
     /// Acknowledges the events for `authority` in the name of `sender` (another
     /// worker, when they differ).
     fn start_as(url: &str, authority: &'static str, sender: &'static str) -> Self {
+        Self::start_failing_as(url, authority, sender, &[])
+    }
+
+    /// Acknowledges the circuits on `failing` ports as a worker that could not
+    /// listen there (in `failed`, with a reason), the others as deployed.
+    fn start_failing(url: &str, authority: &'static str, failing: &'static [u16]) -> Self {
+        Self::start_failing_as(url, authority, authority, failing)
+    }
+
+    fn start_failing_as(
+        url: &str,
+        authority: &'static str,
+        sender: &'static str,
+        failing: &'static [u16],
+    ) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
             EVENT_WORKER_CIRCUIT_ADDED,
@@ -3460,6 +3477,8 @@ impl AckingWorker {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = stop.clone();
+        let ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ports.clone();
         let thread = std::thread::spawn(move || {
             let mut pubsub = sub.as_pubsub();
             if pubsub.subscribe(BROADCAST_CHANNEL).is_err() {
@@ -3487,9 +3506,22 @@ impl AckingWorker {
                 if body["target_worker_authority"] != authority {
                     continue;
                 }
+                let circuits = body["circuits"].as_array().cloned().unwrap_or_default();
+                let port = |c: &serde_json::Value| c["port"].as_u64().map(|p| p as u16);
+                seen.lock()
+                    .expect("ports")
+                    .extend(circuits.iter().filter_map(port));
+                let (failed, deployed): (Vec<_>, Vec<_>) = circuits
+                    .into_iter()
+                    .partition(|c| port(c).is_some_and(|p| failing.contains(&p)));
+                let failed: Vec<serde_json::Value> = failed
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c["id"], "reason": "Address already in use (os error 98)"}))
+                    .collect();
                 let ack = serde_json::json!({
                     "target_worker_authority": sender,
-                    "circuits": body["circuits"],
+                    "circuits": deployed,
+                    "failed": failed,
                 });
                 let Ok(envelope) = BroadcastMessage::encode(
                     EVENT_WORKER_CIRCUIT_ADDED,
@@ -3517,7 +3549,13 @@ impl AckingWorker {
         Self {
             stop,
             thread: Some(thread),
+            ports,
         }
+    }
+
+    /// The ports of the circuits sent so far, in order.
+    fn ports(&self) -> Vec<u16> {
+        self.ports.lock().expect("ports").clone()
     }
 }
 
@@ -3528,6 +3566,84 @@ impl Drop for AckingWorker {
             let _ = t.join();
         }
     }
+}
+
+/// A port the worker could not listen on (another process holds it) is not offered
+/// to it again at once: the creations after the one that learned it are placed on
+/// its other ports at their first attempt — before, every creation first took the
+/// lowest free port, the held one, and paid a deploy-and-acknowledge round more
+/// (and more of them ended 503). Once no other port is free, the held one is
+/// tried all the same (503 `deploy` when it fails again, not refused unplaced).
+#[test]
+fn a_port_the_worker_could_not_listen_on_is_not_tried_first_again() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 10\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // worker-1 has 10205-10208; another process holds 10205.
+    let worker = AckingWorker::start_failing(&redis.url(), "worker-1", &[10205]);
+    let token = setup(&c);
+    let create = |app: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    // The first creation learns it: 10205 first, then another port.
+    let r = create("app0");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let first = worker.ports();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0], 10205, "{first:?}");
+    // The next two: one event each, on the other free ports.
+    for app in ["app1", "app2"] {
+        let before = worker.ports().len();
+        let r = create(app);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let sent = worker.ports()[before..].to_vec();
+        assert_eq!(
+            sent.len(),
+            1,
+            "{app}: placed at its first attempt, not on the held port first: {sent:?} (all: {:?})",
+            worker.ports()
+        );
+        assert_ne!(sent[0], 10205, "{sent:?}");
+    }
+    let mut placed: Vec<u16> = worker.ports();
+    placed.retain(|p| *p != 10205);
+    placed.sort_unstable();
+    assert_eq!(placed, vec![10206, 10207, 10208]);
+    // Full but for the held port: tried all the same, and it fails again.
+    let before = worker.ports().len();
+    let r = create("app3");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["data"]["cause"], "deploy", "{:?}", r.json());
+    assert_eq!(worker.ports()[before..].to_vec(), vec![10205]);
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "3",
+        "the failed circuits are withdrawn"
+    );
 }
 
 /// Acknowledged creations are timed: the worker's acknowledgement-latency histogram
