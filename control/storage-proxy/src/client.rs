@@ -909,6 +909,34 @@ fn tus_offset(v: &str) -> Option<u64> {
     v.parse().ok()
 }
 
+/// The most bytes of a tus PATCH body gathered before they are written: one write
+/// per this many bytes (or fewer, at the body's end), whatever the body's framing.
+pub const UPLOAD_WRITE: usize = 64 << 10;
+
+/// The longest bytes of a tus PATCH body wait, gathered, for more before they are
+/// written: a body that is still arriving shows on disk (in HEAD's offset) this
+/// long after its bytes came at most, and a client framing its body in tiny
+/// chunks makes at most one write per this long (or per [`UPLOAD_WRITE`] bytes).
+pub const UPLOAD_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Writes the bytes `gathered` from a PATCH body (one write, counted at `/metrics`)
+/// and adds them to `written`.
+async fn write_gathered(
+    state: &State,
+    file: &mut tokio::fs::File,
+    gathered: &mut Vec<u8>,
+    written: &mut u64,
+) -> std::io::Result<()> {
+    if gathered.is_empty() {
+        return Ok(());
+    }
+    file.write_all(gathered).await?;
+    super::Metrics::add(&state.metrics.upload_writes, 1);
+    *written += gathered.len() as u64;
+    gathered.clear();
+    Ok(())
+}
+
 /// A tus PATCH; `received` gets the bytes written to the staging file by this call.
 async fn patch(
     state: &Arc<State>,
@@ -1024,7 +1052,16 @@ async fn patch(
     state.reservations.usable_until(&s.id, s.until);
     unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
+    // Bytes on disk (`written`) and gathered, not yet written (`gathered`): the body's
+    // frames are gathered into one buffer of up to `UPLOAD_WRITE` bytes, written in
+    // one call, so that how the client frames the body (a chunked body of 1-byte
+    // chunks) never multiplies the work per byte: no timer, no write, no trip
+    // through the blocking pool per frame. Bytes gathered wait `UPLOAD_GATHER` at
+    // most for more (one timer per buffer), so a body still arriving shows on disk
+    // (HEAD's offset) as before; whatever ends the body writes what was gathered
+    // first, so the offset answered is always the bytes on disk.
     let mut written = offset;
+    let mut gathered: Vec<u8> = Vec::new();
     let mut stream = body.into_data_stream();
     // The request-body rate floor (`appproxy_shared::rate_floor`), with one stall
     // timeout of waiting banked.
@@ -1034,13 +1071,41 @@ async fn patch(
     // the floor, ends the PATCH (408), so a stalled or trickling client never keeps
     // the session locked; nor does any PATCH outlive its token, whose reservation
     // is let go at its expiry.
-    loop {
-        let waited = tokio::time::Instant::now();
-        let (wait, floor_binds) = floor.map_or((state.stall, false), |f| f.bound(state.stall));
-        let expires = tokio::time::Instant::from_std(s.until);
+    //
+    // The wait for the next frame began at `waiting`; it may last `bound` (the stall
+    // timeout, or the floor's budget when shorter). The deadline this gives only
+    // moves later as frames come (a frame's bytes earn budget back), so one timer
+    // serves every wait: when it fires, the deadline is worked out again and the
+    // timer moved to it if it has not passed.
+    let bound =
+        |floor: &Option<RateFloor>| floor.map_or((state.stall, false), |f| f.bound(state.stall));
+    let mut waiting = tokio::time::Instant::now();
+    let stalled = tokio::time::sleep_until(waiting + bound(&floor).0);
+    let expired = tokio::time::sleep_until(tokio::time::Instant::from_std(s.until));
+    let gather = tokio::time::sleep(UPLOAD_GATHER);
+    tokio::pin!(stalled, expired, gather);
+    let end = loop {
         let next = tokio::select! {
-            next = tokio::time::timeout(wait, stream.next()) => next.map_err(|_| {
-                ApiError::TimedOut(if floor_binds {
+            // In this order: a token that expired ends the body even while frames
+            // keep coming; the stall timer matters only while none is waiting.
+            biased;
+            () = &mut expired => Err(ApiError::Session),
+            next = stream.next() => Ok(next),
+            () = &mut gather, if !gathered.is_empty() => {
+                // The write's time is not the client's: the wait is that much longer.
+                let began = tokio::time::Instant::now();
+                write_gathered(state, &mut file, &mut gathered, &mut written).await?;
+                waiting += began.elapsed();
+                continue;
+            }
+            () = &mut stalled => {
+                let (wait, floor_binds) = bound(&floor);
+                let due = waiting + wait;
+                if tokio::time::Instant::now() < due {
+                    stalled.as_mut().reset(due);
+                    continue;
+                }
+                Err(ApiError::TimedOut(if floor_binds {
                     format!(
                         "the body came slower than {} bytes/s: what arrived is kept, resume from HEAD's offset",
                         state.min_body_rate
@@ -1050,40 +1115,59 @@ async fn patch(
                         "no byte of the body came for {} s: what arrived is kept, resume from HEAD's offset",
                         state.stall.as_secs()
                     )
-                })
-            }),
-            () = tokio::time::sleep_until(expires) => Err(ApiError::Session),
-        };
-        let next = match next {
-            Ok(next) => next,
-            Err(cut) => {
-                *received = Some(written - offset);
-                file.flush().await?;
-                unheld.wrote(written - offset).await;
-                super::Metrics::add(&state.metrics.upload_bytes, written - offset);
-                if matches!(cut, ApiError::Session) {
-                    tracing::info!(
-                        bytes = written - offset,
-                        "upload token expired during the body"
-                    );
-                } else {
-                    tracing::info!(bytes = written - offset, reason = %cut, "upload body stalled");
-                }
-                return Err(cut);
+                }))
             }
         };
-        let Some(Ok(chunk)) = next else { break };
+        let chunk = match next {
+            Ok(Some(Ok(chunk))) => chunk,
+            // The body's end, or the client gone mid-body: what arrived is kept.
+            Ok(_) => break None,
+            Err(cut) => break Some(cut),
+        };
+        let now = tokio::time::Instant::now();
         if let Some(f) = floor.as_mut() {
-            f.book(waited.elapsed(), chunk.len());
+            f.book(now - waiting, chunk.len());
         }
-        if written + chunk.len() as u64 > s.size {
+        if gathered.is_empty() {
+            gather.as_mut().reset(now + UPLOAD_GATHER);
+        }
+        let pending = written + gathered.len() as u64;
+        if pending + chunk.len() as u64 > s.size {
+            write_gathered(state, &mut file, &mut gathered, &mut written).await?;
             *received = Some(written - offset);
             file.flush().await?;
             unheld.wrote(written - offset).await;
             return Err(ApiError::TooLarge);
         }
-        file.write_all(&chunk).await?;
-        written += chunk.len() as u64;
+        if gathered.is_empty() && chunk.len() >= UPLOAD_WRITE {
+            // A frame as large as a buffer is written as it came, not copied.
+            file.write_all(&chunk).await?;
+            super::Metrics::add(&state.metrics.upload_writes, 1);
+            written += chunk.len() as u64;
+        } else {
+            gathered.extend_from_slice(&chunk);
+            if gathered.len() >= UPLOAD_WRITE {
+                write_gathered(state, &mut file, &mut gathered, &mut written).await?;
+            }
+        }
+        // The write's time (if any) is not the client's: the wait begins after it.
+        waiting = tokio::time::Instant::now();
+    };
+    write_gathered(state, &mut file, &mut gathered, &mut written).await?;
+    if let Some(cut) = end {
+        *received = Some(written - offset);
+        file.flush().await?;
+        unheld.wrote(written - offset).await;
+        super::Metrics::add(&state.metrics.upload_bytes, written - offset);
+        if matches!(cut, ApiError::Session) {
+            tracing::info!(
+                bytes = written - offset,
+                "upload token expired during the body"
+            );
+        } else {
+            tracing::info!(bytes = written - offset, reason = %cut, "upload body stalled");
+        }
+        return Err(cut);
     }
     *received = Some(written - offset);
     file.flush().await?;

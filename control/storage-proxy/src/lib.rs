@@ -152,6 +152,9 @@ pub static ESCAPES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::At
 pub struct Metrics {
     /// Bytes written to staging files by tus PATCHes.
     pub upload_bytes: std::sync::atomic::AtomicU64,
+    /// Writes to staging files by tus PATCHes: one per gathered buffer (up to
+    /// `client::UPLOAD_WRITE` bytes), however the client framed the body.
+    pub upload_writes: std::sync::atomic::AtomicU64,
     /// Uploads moved into place.
     pub uploads_completed: std::sync::atomic::AtomicU64,
     /// File downloads started (whole or ranged) and archives streamed.

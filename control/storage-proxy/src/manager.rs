@@ -2009,6 +2009,12 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             m.upload_bytes.load(Relaxed),
         ),
         (
+            "storage_proxy_upload_writes_total",
+            "Writes to staging files by tus PATCHes (a body's frames are gathered into buffers of up to 64 KiB, one write each).",
+            "counter",
+            m.upload_writes.load(Relaxed),
+        ),
+        (
             "storage_proxy_uploads_completed_total",
             "Uploads moved into place.",
             "counter",

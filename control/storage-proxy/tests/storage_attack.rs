@@ -2657,3 +2657,119 @@ fn a_fetched_file_changed_while_it_is_read_is_sent_as_measured() {
         }
     }
 }
+
+/// The body `data` in chunked coding, one chunk per byte (`1\r\nx\r\n`).
+fn one_byte_chunks(data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(data.len() * 6 + 5);
+    for &b in data {
+        body.extend_from_slice(b"1\r\n");
+        body.push(b);
+        body.extend_from_slice(b"\r\n");
+    }
+    body
+}
+
+/// The storage-proxy's `/metrics` value of `name` (unlabeled), 0 when absent.
+fn metric(p: &Proxy, name: &str) -> f64 {
+    let r = appproxy_test_support::http::request(p.manager, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    appproxy_test_support::prom::Exposition::parse(&text)
+        .value(name, "")
+        .unwrap_or(0.0)
+}
+
+/// A tus upload token for `relpath` of `size` bytes.
+fn upload_token(p: &Proxy, relpath: &str, size: usize) -> String {
+    p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath, "size": size}),
+    )
+}
+
+/// A tus PATCH's head at offset 0 with a chunked body.
+fn chunked_patch_head(token: &str) -> String {
+    format!(
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// A PATCH body of 200 000 one-byte chunks (the framing an attacker used to make
+/// each byte cost a timer, a write and a trip through the blocking pool) is stored
+/// byte for byte, answered 204 with its offset, and written in a handful of writes
+/// of gathered frames, not one per chunk (`storage_proxy_upload_writes_total`).
+#[test]
+fn a_body_of_one_byte_chunks_is_gathered_into_few_writes() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let n = 200_000;
+    let data = incompressible(n);
+    let token = upload_token(&p, "chunky.bin", n);
+    let writes_before = metric(&p, "storage_proxy_upload_writes_total");
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    s.write_all(chunked_patch_head(&token).as_bytes())
+        .expect("head");
+    s.write_all(&one_byte_chunks(&data)).expect("chunks");
+    s.write_all(b"0\r\n\r\n").expect("last chunk");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("the answer");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(r.header("Upload-Offset"), Some(n.to_string().as_str()));
+    let stored = std::fs::read(p.vfolder_path().join("chunky.bin")).expect("the upload");
+    assert!(stored == data, "the stored bytes differ from those sent");
+    assert_eq!(metric(&p, "storage_proxy_upload_bytes_total"), n as f64);
+    let writes = metric(&p, "storage_proxy_upload_writes_total") - writes_before;
+    assert!(
+        writes >= 1.0 && writes <= (n / 100) as f64,
+        "{writes} writes for {n} one-byte chunks: the frames were not gathered"
+    );
+}
+
+/// A client that hangs up in the middle of a body of one-byte chunks: every byte
+/// that arrived is kept (tus), gathered into few writes; HEAD's offset is the bytes
+/// on disk, and the upload resumes from it to the exact file.
+#[test]
+fn a_body_of_one_byte_chunks_cut_off_keeps_what_arrived() {
+    use std::time::Instant;
+    let p = Proxy::start("");
+    create_folder(&p);
+    let n = 300_000;
+    let sent = 150_001;
+    let data = incompressible(n);
+    let token = upload_token(&p, "cut.bin", n);
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.write_all(chunked_patch_head(&token).as_bytes())
+        .expect("head");
+    s.write_all(&one_byte_chunks(&data[..sent]))
+        .expect("chunks");
+    drop(s);
+    // The PATCH ends once the proxy has read what was sent (a hang guard, not a
+    // timing assertion).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(&p, "storage_proxy_upload_bytes_total") != sent as f64
+        || metric(&p, "storage_proxy_uploads_in_progress") != 0.0
+    {
+        assert!(Instant::now() < deadline, "the cut PATCH never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let writes = metric(&p, "storage_proxy_upload_writes_total");
+    assert!(
+        writes >= 1.0 && writes <= (sent / 100) as f64,
+        "{writes} writes for {sent} one-byte chunks: the frames were not gathered"
+    );
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("Upload-Offset"),
+        Some(sent.to_string().as_str())
+    );
+    let offset = sent.to_string();
+    let r = p.tus_patch(&token, &offset, &data[sent..]);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("Upload-Offset"), Some(n.to_string().as_str()));
+    let stored = std::fs::read(p.vfolder_path().join("cut.bin")).expect("the upload");
+    assert!(stored == data, "the stored bytes differ from those sent");
+}
