@@ -973,15 +973,19 @@ impl Drop for Claim {
 }
 
 /// Binds `bind` as one of this process's listeners on `addr`: the first of them
-/// only once no other socket holds the address. `SO_REUSEPORT` lets every socket
-/// of the same user with the option join a port and take a share of its new
-/// connections, so a second worker (or any process of the user) listening there
+/// only once no other process listens there. `SO_REUSEPORT` lets every socket of
+/// the same user with the option join a port and take a share of its new
+/// connections, so a worker joining another worker's port (overlapping ranges)
 /// would silently take some of a circuit's clients to its own circuit — another
 /// user's app. A probe without the option binds the address first: it fails while
-/// any other socket listens there (or a connection holds it as its local port).
-/// The probe and the bind happen under the lock, so this process's cores do not
-/// race each other; another process binding between the probe and the bind is
-/// not seen (a window of two system calls).
+/// another socket listens there (or an outgoing connection holds it as its local
+/// port); connections left from a listener that closed, and TIME-WAIT, do not stop
+/// it. The probe and the bind happen under the lock, so this process's cores do
+/// not race each other; another process binding between the probe and the bind is
+/// not seen (a window of two system calls). This keeps a worker off another's
+/// port; it cannot keep a process that joins without probing (any program of the
+/// same user setting `SO_REUSEPORT`) off this one: workers of different users
+/// are kept apart by the kernel itself.
 fn claimed(
     addr: SocketAddr,
     bind: impl FnOnce() -> io::Result<Socket>,

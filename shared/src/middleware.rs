@@ -705,12 +705,14 @@ fn normalize_trace_headers<B>(
 /// shown as `***`, so that whoever reads the logs cannot use them:
 /// - the token of the deprecated `/v2/proxy/{token}/{session}/add` (a setup token,
 ///   a UUID: with the session ID, all `/v2/proxy/auth` needs): the segment after
-///   `/v2/proxy/` of any path with more after it;
+///   `/v2/proxy/` of any path but `/v2/proxy/auth` (a cut or mangled add path is
+///   hidden too);
 /// - any segment that is a JWT.
 pub fn shown_path(path: &str) -> String {
     let add_token = path
         .strip_prefix("/v2/proxy/")
-        .is_some_and(|rest| rest.contains('/'));
+        .and_then(|rest| rest.split('/').next())
+        .is_some_and(|segment| !segment.is_empty() && segment != "auth");
     if !add_token && !path.contains("eyJ") {
         return path.to_owned();
     }
@@ -752,7 +754,17 @@ mod shown_path_tests {
                 "/v2/proxy/***/sess-1/add",
             ),
             ("/v2/proxy/not-a-token/x", "/v2/proxy/***/x"),
+            // Cut short, or its slashes encoded: a 404, logged without the token.
+            (
+                "/v2/proxy/5f1c3a9e-8c1e-4d2a-9a57-0b6f1f3c2d10",
+                "/v2/proxy/***",
+            ),
+            (
+                "/v2/proxy/5f1c3a9e-8c1e-4d2a-9a57-0b6f1f3c2d10%2Fs%2Fadd",
+                "/v2/proxy/***",
+            ),
             ("/v2/proxy/auth", "/v2/proxy/auth"),
+            ("/v2/proxy/auth/x", "/v2/proxy/auth/x"),
             ("/v2/proxy/", "/v2/proxy/"),
             ("/v1/proxy/a/b", "/v1/proxy/a/b"),
         ] {

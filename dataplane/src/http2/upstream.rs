@@ -868,9 +868,11 @@ pub async fn forward(
         let mut response = response;
         let mut addr = addr;
         // A bodiless stream the app never processed goes again, once
-        // ([`retry_of`]); the retry's send half and places live as long as it.
+        // ([`retry_of`]); the retry's send half lives as long as it, and its
+        // places replace the first stream's (as the bridge's do).
         let mut attempt = Attempt::first(req.head.method, !end, false);
         let mut _again = None;
+        let mut _on_conn = _on_conn;
         let (resp, sent) = loop {
             let sent = Instant::now();
             let wait = poll_fn(|cx| {
@@ -922,7 +924,7 @@ pub async fn forward(
                         attempt = attempt.again();
                         let (r, send, places, a) =
                             open_stream(core, ctx.hop, route, req, &id, trace, end).await?;
-                        (response, addr, _again) = (r, a, Some((send, places)));
+                        (response, addr, _again, _on_conn) = (r, a, Some(send), places);
                         continue;
                     }
                     return Err(response_failure(core, route, addr, e));
