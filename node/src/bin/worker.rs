@@ -142,20 +142,7 @@ fn run() -> anyhow::Result<()> {
         c.log_allowlist_problems();
     }
     preflight::check(rt.cpus.len(), rt.io_memory)?;
-    let w = &config.worker;
-    let mut ports = Vec::new();
-    if let Some([first, last]) = w.port_range {
-        ports.push(("[worker] port_range", first, last));
-    }
-    for (what, port) in [
-        ("[worker] api_port", w.api_port),
-        ("[worker] wildcard_traffic_port", w.wildcard_traffic_port),
-    ] {
-        if let Some(p) = port {
-            ports.push((what, p, p));
-        }
-    }
-    preflight::warn_of_ephemeral_ports(&ports);
+    preflight::warn_of_ephemeral_ports(&listened_ports(&config, &rt));
     let cores = rt.cpus.len();
     let circuits = rt.circuits.len();
     // Signals are taken before the cores start so none is lost in between.
@@ -227,4 +214,37 @@ fn print_single_node_help(
         cc.database.sqlite_path.display(),
         cc.secrets.api_secret,
     );
+}
+
+/// The ports the worker listens on, as the ephemeral-port warning names them:
+/// the range, the API and wildcard ports, and the first few of the file's
+/// circuits on ports outside the range.
+fn listened_ports(
+    config: &appproxy_dataplane::config::Config,
+    rt: &appproxy_dataplane::config::Runtime,
+) -> Vec<(&'static str, u16, u16)> {
+    let w = &config.worker;
+    let mut ports = Vec::new();
+    if let Some([first, last]) = w.port_range {
+        ports.push(("[worker] port_range", first, last));
+    }
+    for (what, port) in [
+        ("[worker] api_port", w.api_port),
+        ("[worker] wildcard_traffic_port", w.wildcard_traffic_port),
+    ] {
+        if let Some(p) = port {
+            ports.push((what, p, p));
+        }
+    }
+    let range = w.port_range.map(|[first, last]| first..=last);
+    let outside = rt.circuits.iter().filter_map(|c| match c.frontend {
+        appproxy_dataplane::config::Frontend::Port(p)
+            if !range.as_ref().is_some_and(|r| r.contains(&p)) =>
+        {
+            Some(("a [[circuits]] port", p, p))
+        }
+        _ => None,
+    });
+    ports.extend(outside.take(16));
+    ports
 }
