@@ -16,8 +16,10 @@
 //!   core's "deployment applied";
 //! - once every core applied a set, the circuits an event announced are acknowledged
 //!   (`appproxy_worker_circuit_added_event`), which the coordinator waits for, with
-//!   the frontends no core could listen on as failed — also when an earlier
-//!   deployment (a poll's fetch, ahead of the event) carried the circuit;
+//!   the frontends no core could listen on as failed with `listen` — also when an
+//!   earlier deployment (a poll's fetch, ahead of the event) carried the circuit —
+//!   and the circuits this worker refused as failed without it (their port says
+//!   nothing: the coordinator avoids only the ports of listen failures);
 //! - the cores' per-circuit request counts become last-access marks (Redis keys of
 //!   the original), one batch per flush interval;
 //! - heartbeats run beside the deploying loop, and a poll's fetch gives way to an
@@ -592,17 +594,17 @@ async fn run<L: ControlLink>(
             }
             // Acknowledge what the event announced once every core has it (it may have
             // arrived with an earlier poll: the acknowledgement is still owed), each
-            // circuit as deployed or failed (its frontend could not listen, or this
-            // worker refused it).
+            // circuit as deployed or failed (its frontend could not listen, flagged
+            // `listen`, or this worker refused it, not flagged).
             let mut deployment = None;
-            let mut failed = Vec::new();
+            let mut listen_failed = Vec::new();
             if let Some((applied, id)) = applied {
                 let outcome = tokio::task::spawn_blocking(move || applied.outcome(apply_timeout))
                     .await
                     .ok()
                     .flatten();
                 match outcome {
-                    Some(f) => failed = f,
+                    Some(f) => listen_failed = f,
                     None => {
                         appproxy_shared::with_request_id(Some(id), || {
                             tracing::warn!(
@@ -623,27 +625,10 @@ async fn run<L: ControlLink>(
             } else {
                 std::mem::take(&mut wake.created)
             };
-            for id in &owed {
-                let why = state
-                    .refused
-                    .get(id)
-                    .or_else(|| state.listen_failed.get(id).map(|(why, _)| why));
-                if let Some(why) = why {
-                    if !failed.iter().any(|(f, _)| f == id) {
-                        failed.push((*id, why.clone()));
-                    }
-                }
-            }
-            for id in &owed {
-                state.listen_failed.remove(id);
-            }
-            let failed: Vec<(uuid::Uuid, String)> = failed
-                .into_iter()
-                .filter(|(id, _)| owed.contains(id))
-                .collect();
+            let failed = state.failed_of(&owed, listen_failed);
             let present: Vec<Circuit> = owed
                 .iter()
-                .filter(|id| !failed.iter().any(|(f, _)| f == *id))
+                .filter(|id| !failed.iter().any(|f| f.id == **id))
                 .filter_map(|id| state.circuits.get(id).map(|c| c.circuit.clone()))
                 .collect();
             if !present.is_empty() || !failed.is_empty() || wake.resync {
@@ -790,6 +775,48 @@ impl Deployed {
         }
     }
 
+    /// What the acknowledgement of `owed` reports as failed: those whose frontend
+    /// could not listen — in `listen_failed` (the outcome of the deployment
+    /// acknowledged) or kept from an earlier deployment — with `listen` set, and
+    /// those this worker refused (an app host it could not resolve, a frontend
+    /// another circuit holds) without it: a refusal says nothing about the port, and
+    /// the coordinator avoids only the ports of listen failures. The listen failures
+    /// kept for `owed` are forgotten (they are answered now).
+    fn failed_of(
+        &mut self,
+        owed: &[uuid::Uuid],
+        listen_failed: ListenFailures,
+    ) -> Vec<FailedCircuit> {
+        let mut failed: Vec<FailedCircuit> = listen_failed
+            .into_iter()
+            .map(|(id, reason)| FailedCircuit {
+                id,
+                reason,
+                listen: true,
+            })
+            .collect();
+        for id in owed {
+            let why = match self.refused.get(id) {
+                Some(why) => Some((why, false)),
+                None => self.listen_failed.get(id).map(|(why, _)| (why, true)),
+            };
+            if let Some((why, listen)) = why {
+                if !failed.iter().any(|f| f.id == *id) {
+                    failed.push(FailedCircuit {
+                        id: *id,
+                        reason: why.clone(),
+                        listen,
+                    });
+                }
+            }
+        }
+        for id in owed {
+            self.listen_failed.remove(id);
+        }
+        failed.retain(|f| owed.contains(&f.id));
+        failed
+    }
+
     /// The circuits deployed within [`RECENT`] that are still deployed.
     fn recent_ids(&mut self) -> Vec<uuid::Uuid> {
         self.forget_old();
@@ -807,7 +834,7 @@ async fn acknowledge<L: ControlLink>(
     link: &L,
     authority: &str,
     circuits: Vec<Circuit>,
-    failed: Vec<(uuid::Uuid, String)>,
+    failed: Vec<FailedCircuit>,
     origins: &HashMap<uuid::Uuid, RequestId>,
     tracestate: Option<&appproxy_shared::TraceState>,
 ) {
@@ -816,19 +843,16 @@ async fn acknowledge<L: ControlLink>(
     let origin_request_ids: std::collections::BTreeMap<uuid::Uuid, String> = circuits
         .iter()
         .map(|c| c.id)
-        .chain(failed.iter().map(|(id, _)| *id))
+        .chain(failed.iter().map(|f| f.id))
         .filter_map(|id| origins.get(&id).map(|o| (id, o.to_string())))
         .collect();
-    for (circuit, why) in &failed {
-        appproxy_shared::with_request_id(origins.get(circuit).copied(), || {
-            tracing::warn!(%circuit, reason = %why, "circuit not deployed: reported as failed");
+    for f in &failed {
+        appproxy_shared::with_request_id(origins.get(&f.id).copied(), || {
+            tracing::warn!(circuit = %f.id, reason = %f.reason, listen = f.listen, "circuit not deployed: reported as failed");
         });
     }
     let mut body = CircuitsEvent::new(authority, circuits);
-    body.failed = failed
-        .into_iter()
-        .map(|(id, reason)| FailedCircuit { id, reason })
-        .collect();
+    body.failed = failed;
     body.origin_request_ids = origin_request_ids;
     if link.acknowledge(body, tracestate).await {
         tracing::info!(circuits = n, failed = n_failed, "deployment acknowledged");
@@ -1779,6 +1803,51 @@ mod tests {
     /// (a whole re-read of thousands of circuits looks up nothing), and a name
     /// looked up for a circuit reaches its resolution; one that was not found in
     /// time refuses its circuit with the reason, and the others deploy.
+    /// The acknowledgement's failed circuits say which could not listen: those of the
+    /// deployment's outcome and those kept from an earlier one, with `listen`; those
+    /// this worker refused (an app host it could not resolve) without it, so the
+    /// coordinator avoids no port for them. Before, both went out alike and a tenant
+    /// creating circuits with a bad app host marked healthy ports as held.
+    #[test]
+    fn refused_circuits_are_acknowledged_failed_without_the_listen_flag() {
+        let mut state = Deployed::default();
+        let [refused, kept, listening, deployed, not_owed] =
+            std::array::from_fn(|_| uuid::Uuid::new_v4());
+        state
+            .refused
+            .insert(refused, "app host kernel.test: name not found".into());
+        state.listen_failed.insert(
+            kept,
+            (
+                "Address already in use (os error 98)".into(),
+                std::time::Instant::now(),
+            ),
+        );
+        let outcome = vec![
+            (
+                listening,
+                "Address already in use (os error 98)".to_string(),
+            ),
+            (not_owed, "Address already in use (os error 98)".to_string()),
+        ];
+        let owed = [refused, kept, listening, deployed];
+        let failed = state.failed_of(&owed, outcome);
+        let got: Vec<(uuid::Uuid, bool)> = failed.iter().map(|f| (f.id, f.listen)).collect();
+        assert_eq!(
+            got,
+            vec![(listening, true), (refused, false), (kept, true)],
+            "{failed:?}"
+        );
+        assert!(failed[1].reason.contains("name not found"), "{failed:?}");
+        assert!(state.listen_failed.is_empty(), "answered, so forgotten");
+        // On the wire: `listen` only when set (an older coordinator ignores it).
+        let mut body = CircuitsEvent::new("w", Vec::new());
+        body.failed = failed;
+        let wire = serde_json::to_value(&body).expect("json");
+        assert_eq!(wire["failed"][0]["listen"], true, "{wire}");
+        assert!(wire["failed"][1].get("listen").is_none(), "{wire}");
+    }
+
     #[test]
     fn a_deployment_looks_up_only_the_names_it_resolves() {
         // Its lines are captured as the other tests' are: a deployment logged here with

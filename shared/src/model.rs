@@ -434,6 +434,13 @@ pub struct FailedCircuit {
     /// What failed (e.g. the frontend port is held by another process).
     #[serde(default = "not_deployed")]
     pub reason: String,
+    /// Whether it failed because its frontend could not listen (the port is held by
+    /// another process, say), not because the worker refused the circuit (an app
+    /// host it could not resolve, a frontend another circuit holds): only such a
+    /// failure says anything about the port. Absent (false) from an older worker,
+    /// whose failures therefore mark no port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub listen: bool,
 }
 
 fn not_deployed() -> String {

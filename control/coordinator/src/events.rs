@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use appproxy_shared::model::{
-    BroadcastMessage, Circuit, CircuitsEvent, EventMetadata, RequestIdText, BROADCAST_CHANNEL,
-    EVENT_CIRCUIT_REMOVED, EVENT_WORKER_CIRCUIT_ADDED,
+    BroadcastMessage, Circuit, CircuitsEvent, EventMetadata, FailedCircuit, RequestIdText,
+    BROADCAST_CHANNEL, EVENT_CIRCUIT_REMOVED, EVENT_WORKER_CIRCUIT_ADDED,
 };
 use appproxy_shared::wire::EventBody;
 use appproxy_shared::RequestId;
@@ -55,8 +55,16 @@ pub type LocalBus = broadcast::Sender<CircuitEvent>;
 pub enum AckOutcome {
     /// Every core of the worker has the circuit and its frontend listens.
     Deployed,
-    /// The worker could not deploy it (e.g. its port is held by another process).
-    Failed(String),
+    /// The worker could not deploy it, and why.
+    Failed {
+        /// What failed, in the worker's words.
+        reason: String,
+        /// Its frontend could not listen (the port is held by another process, say),
+        /// rather than the worker refusing the circuit (an app host it could not
+        /// resolve): only then is the port remembered as failed
+        /// ([`crate::failed_ports`]). False when an older worker does not say.
+        listen: bool,
+    },
     /// Another creation found the worker unresponsive meanwhile: stop waiting.
     WorkerTripped,
     /// The circuit was removed meanwhile (a delete, an endpoint's removal): its
@@ -116,16 +124,18 @@ impl AckHub {
 
     /// The worker `authority` could not deploy these circuits: only creations that
     /// sent their circuit to it are answered.
-    pub fn reject_from(
-        &self,
-        authority: &str,
-        circuits: impl IntoIterator<Item = (uuid::Uuid, String)>,
-    ) {
+    pub fn reject_from(&self, authority: &str, circuits: impl IntoIterator<Item = FailedCircuit>) {
         self.tell(
             Some(authority),
-            circuits
-                .into_iter()
-                .map(|(id, why)| (id, AckOutcome::Failed(why))),
+            circuits.into_iter().map(|f| {
+                (
+                    f.id,
+                    AckOutcome::Failed {
+                        reason: f.reason,
+                        listen: f.listen,
+                    },
+                )
+            }),
         );
     }
 
@@ -355,8 +365,9 @@ pub struct Acknowledgement {
     pub authority: String,
     /// Deployed circuits.
     pub deployed: Vec<uuid::Uuid>,
-    /// Circuits it could not deploy, and why.
-    pub failed: Vec<(uuid::Uuid, String)>,
+    /// Circuits it could not deploy, why, and whether their frontend could not
+    /// listen.
+    pub failed: Vec<FailedCircuit>,
     /// The creating request of each circuit, when the worker says.
     pub origins: Vec<(uuid::Uuid, String)>,
 }
@@ -366,7 +377,7 @@ impl From<CircuitsEvent> for Acknowledgement {
         Self {
             authority: body.target_worker_authority,
             deployed: body.circuits.iter().map(|c| c.id).collect(),
-            failed: body.failed.into_iter().map(|f| (f.id, f.reason)).collect(),
+            failed: body.failed,
             origins: body.origin_request_ids.into_iter().collect(),
         }
     }
@@ -397,7 +408,7 @@ pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Br
     } else {
         ack.failed
             .iter()
-            .map(|(id, why)| (id, why.as_str()))
+            .map(|f| (&f.id, f.reason.as_str()))
             .collect()
     };
     for (circuit, origin) in &ack.origins {
@@ -531,7 +542,11 @@ mod tests {
             deployed: deployed.to_vec(),
             failed: failed
                 .iter()
-                .map(|id| (*id, format!("port of {id} held")))
+                .map(|id| FailedCircuit {
+                    id: *id,
+                    reason: format!("port of {id} held"),
+                    listen: true,
+                })
                 .collect(),
             origins: ids
                 .iter()
@@ -541,7 +556,10 @@ mod tests {
         settle(ack, &hub, &breakers);
         assert_eq!(
             wf.wait(Duration::from_secs(5)).await,
-            AckOutcome::Failed(format!("port of {f0} held"))
+            AckOutcome::Failed {
+                reason: format!("port of {f0} held"),
+                listen: true
+            }
         );
         assert_eq!(wd.wait(Duration::from_secs(5)).await, AckOutcome::Deployed);
         assert_eq!(hub.pending(), 0);
@@ -560,10 +578,15 @@ mod tests {
         let wc = hub.expect(c, "fine");
         assert_eq!(hub.trip("sick"), 2);
         // Another worker's word on a circuit answers none of its waiters.
-        hub.reject_from("sick", [(c, "port held".to_owned())]);
+        let held = || FailedCircuit {
+            id: c,
+            reason: "port held".into(),
+            listen: true,
+        };
+        hub.reject_from("sick", [held()]);
         hub.resolve_from("sick", [c]);
         assert_eq!(hub.pending(), 1);
-        hub.reject_from("fine", [(c, "port held".to_owned())]);
+        hub.reject_from("fine", [held()]);
         assert_eq!(
             wa.wait(Duration::from_secs(5)).await,
             AckOutcome::WorkerTripped
@@ -574,17 +597,35 @@ mod tests {
         );
         assert_eq!(
             wc.wait(Duration::from_secs(5)).await,
-            AckOutcome::Failed("port held".into())
+            AckOutcome::Failed {
+                reason: "port held".into(),
+                listen: true
+            }
         );
+        // `listen` is read when the worker says so; an older worker's failure (no
+        // `listen`) is not taken as one to listen.
         let body = serde_json::json!({"target_worker_authority": "w1",
-            "circuits": [{"id": a.to_string()}], "failed": [{"id": b.to_string(), "reason": "x"}],
+            "circuits": [{"id": a.to_string()}],
+            "failed": [{"id": b.to_string(), "reason": "x"},
+                       {"id": c.to_string(), "reason": "y", "listen": true}],
             "origin_request_ids": {a.to_string(): "R1"}});
         assert_eq!(
             Acknowledgement::parse(&body.to_string()),
             Some(Acknowledgement {
                 authority: "w1".into(),
                 deployed: vec![a],
-                failed: vec![(b, "x".into())],
+                failed: vec![
+                    FailedCircuit {
+                        id: b,
+                        reason: "x".into(),
+                        listen: false
+                    },
+                    FailedCircuit {
+                        id: c,
+                        reason: "y".into(),
+                        listen: true
+                    }
+                ],
                 origins: vec![(a, "R1".into())],
             })
         );

@@ -1,10 +1,14 @@
 //! Ports a worker could not listen on, remembered per worker for a while so that
 //! placement does not offer them again at once.
 //!
-//! A worker acknowledges a deployment with `failed: [{id, reason}]` for the
-//! circuits whose frontend could not listen (another process holds the port, say).
-//! Within one creation the port is avoided at once (`proxy::create_circuit`); this
-//! memory carries it over to the creations that follow: for
+//! A worker acknowledges a deployment with `failed: [{id, reason, listen}]` for the
+//! circuits it could not deploy; `listen: true` marks those whose frontend could not
+//! listen (another process holds the port, say). Only those are remembered here: a
+//! circuit the worker refused (an app host it could not resolve, say; `listen`
+//! absent, as from an older worker) says nothing about its port, and a tenant
+//! creating such circuits would otherwise mark healthy ports. Within one creation
+//! the port of any failure is avoided at once (`proxy::create_circuit`); this
+//! memory carries a listen failure over to the creations that follow: for
 //! `worker_failed_port_backoff_secs` such a port is offered to that worker only
 //! when none of its other ports is free. Before, every creation's first attempt
 //! took the lowest free port, the held one included: a deploy-and-acknowledge round

@@ -1397,17 +1397,22 @@ async fn announce(
                 cause: "worker",
             })
         }
-        AckOutcome::Failed(why) => {
+        AckOutcome::Failed {
+            reason: why,
+            listen,
+        } => {
             observed.creations.add("deploy_failed", 1);
             state
                 .metrics
                 .deploy_failures
                 .fetch_add(1, Ordering::Relaxed);
             state.breakers.end_trial(&authority);
-            tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, "worker could not deploy the circuit");
-            // Not offered to the worker again for a while, unless no other port of
-            // it is free: the next creations do not try it first.
-            if let (Some(w), Some(p)) = (circuit.worker, circuit.port) {
+            tracing::warn!(circuit = %circuit.id, worker = %authority, reason = %why, listen, "worker could not deploy the circuit");
+            // A port the worker could not listen on is not offered to it again for a
+            // while, unless no other port of it is free: the next creations do not try
+            // it first. A circuit the worker refused (an app host it could not
+            // resolve, say) marks no port: its port is as good as any.
+            if let (true, Some(w), Some(p)) = (listen, circuit.worker, circuit.port) {
                 state.failed_ports.failed(w, p);
             }
             retake(state, turn).await;

@@ -3454,9 +3454,21 @@ impl AckingWorker {
     }
 
     /// Acknowledges the circuits on `failing` ports as a worker that could not
-    /// listen there (in `failed`, with a reason), the others as deployed.
+    /// listen there (in `failed`, with a reason and `listen: true`), the others as
+    /// deployed.
     fn start_failing(url: &str, authority: &'static str, failing: &'static [u16]) -> Self {
         Self::start_failing_as(url, authority, authority, failing)
+    }
+
+    /// Acknowledges the first circuit of each of the `refusing` apps as a worker that
+    /// refused it (an app host it could not resolve, found when tried again: in
+    /// `failed`, with a reason, no `listen`), the others as deployed.
+    fn start_refusing(
+        url: &str,
+        authority: &'static str,
+        refusing: &'static [&'static str],
+    ) -> Self {
+        Self::start_with(url, authority, authority, &[], refusing)
     }
 
     fn start_failing_as(
@@ -3464,6 +3476,16 @@ impl AckingWorker {
         authority: &'static str,
         sender: &'static str,
         failing: &'static [u16],
+    ) -> Self {
+        Self::start_with(url, authority, sender, failing, &[])
+    }
+
+    fn start_with(
+        url: &str,
+        authority: &'static str,
+        sender: &'static str,
+        failing: &'static [u16],
+        refusing: &'static [&'static str],
     ) -> Self {
         use appproxy_shared::model::{
             BroadcastMessage, EventMetadata, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
@@ -3480,6 +3502,8 @@ impl AckingWorker {
         let ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = ports.clone();
         let thread = std::thread::spawn(move || {
+            // The apps whose circuit was refused once.
+            let mut refused_apps: Vec<String> = Vec::new();
             let mut pubsub = sub.as_pubsub();
             if pubsub.subscribe(BROADCAST_CHANNEL).is_err() {
                 return;
@@ -3511,12 +3535,27 @@ impl AckingWorker {
                 seen.lock()
                     .expect("ports")
                     .extend(circuits.iter().filter_map(port));
+                let mut refused_ids = Vec::new();
+                for c in &circuits {
+                    let Some(app) = c["app"].as_str() else {
+                        continue;
+                    };
+                    if refusing.contains(&app) && !refused_apps.iter().any(|a| a == app) {
+                        refused_apps.push(app.to_owned());
+                        refused_ids.push(c["id"].clone());
+                    }
+                }
+                let refused = |c: &serde_json::Value| refused_ids.contains(&c["id"]);
                 let (failed, deployed): (Vec<_>, Vec<_>) = circuits
                     .into_iter()
-                    .partition(|c| port(c).is_some_and(|p| failing.contains(&p)));
+                    .partition(|c| refused(c) || port(c).is_some_and(|p| failing.contains(&p)));
                 let failed: Vec<serde_json::Value> = failed
                     .iter()
-                    .map(|c| serde_json::json!({"id": c["id"], "reason": "Address already in use (os error 98)"}))
+                    .map(|c| if refused(c) {
+                        serde_json::json!({"id": c["id"], "reason": "app host kernel.invalid: name not found"})
+                    } else {
+                        serde_json::json!({"id": c["id"], "reason": "Address already in use (os error 98)", "listen": true})
+                    })
                     .collect();
                 let ack = serde_json::json!({
                     "target_worker_authority": sender,
@@ -3643,6 +3682,70 @@ fn a_port_the_worker_could_not_listen_on_is_not_tried_first_again() {
         Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
         "3",
         "the failed circuits are withdrawn"
+    );
+}
+
+/// A circuit the worker refused (an app host it could not resolve: `failed` without
+/// `listen`) says nothing about its port: the port is not avoided afterwards, and
+/// the next creation's first attempt takes it again. Before, any failed
+/// acknowledgement marked the port, so a tenant creating circuits with a bad app
+/// host marked the worker's healthy ports as held and skewed placement (here the
+/// next creation went to another port first).
+#[test]
+fn a_port_of_a_refused_circuit_is_not_avoided() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 10\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "listening for acknowledgements")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never listened for acknowledgements"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // worker-1 has 10205-10208, all listening; it refuses the first circuit of "bad".
+    let worker = AckingWorker::start_refusing(&redis.url(), "worker-1", &["bad"]);
+    let token = setup(&c);
+    let create = |app: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    // Refused on 10205, then placed on another port within the call (as before).
+    let r = create("bad");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let first = worker.ports();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0], 10205, "{first:?}");
+    assert_ne!(first[1], 10205, "{first:?}");
+    // The next creation's first attempt takes 10205 again: not avoided.
+    let r = create("good");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        worker.ports()[2..].to_vec(),
+        vec![10205],
+        "placed on the refused circuit's port at its first attempt (all: {:?})",
+        worker.ports()
+    );
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "2",
+        "the refused circuit is withdrawn"
     );
 }
 
