@@ -10,9 +10,11 @@
 //! the proxy did not. A `Content-Length` body is copied as is: its framing is the
 //! length the proxy wrote.
 
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -28,42 +30,90 @@ use crate::io::TcpConn;
 /// pushed since it was taken, and the storage is not reachable otherwise. Only
 /// buffers of the pool's size are kept (one that grew for a large head is dropped),
 /// at most `cap` of them: the pool holds at most `cap × size` bytes per core.
+///
+/// A buffer is storage only while there are bytes to read into it: a [`ReadBuf`]
+/// from [`BufPool::lazy`] takes its storage at its first read, and
+/// [`ReadBuf::fill_idle`] gives it back while it waits (an accepted connection that
+/// has sent nothing, one idle between keep-alive requests; part of a head waits
+/// copied aside).
 pub struct BufPool {
-    free: std::cell::RefCell<Vec<Vec<u8>>>,
+    shared: Rc<Shared>,
+}
+
+/// What a pool and the buffers it lends share.
+struct Shared {
+    free: RefCell<Vec<Vec<u8>>>,
     size: usize,
     cap: usize,
+    /// Storages handed out and not given back yet (or dropped with their buffer).
+    out: Cell<usize>,
+}
+
+impl Shared {
+    /// Storage of the pool's size, recycled when some is free.
+    fn storage(&self) -> Vec<u8> {
+        self.out.set(self.out.get() + 1);
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0; self.size])
+    }
+
+    /// Takes `data` back (dropped when the pool is full or it is not of the pool's
+    /// size).
+    fn put(&self, data: Vec<u8>) {
+        if data.capacity() == 0 {
+            return;
+        }
+        self.out.set(self.out.get().saturating_sub(1));
+        let mut free = self.free.borrow_mut();
+        if data.capacity() == self.size && free.len() < self.cap {
+            free.push(data);
+        }
+    }
 }
 
 impl BufPool {
     /// A pool of buffers of `size` bytes, keeping at most `cap` of them.
     pub fn new(size: usize, cap: usize) -> Self {
         Self {
-            free: std::cell::RefCell::new(Vec::new()),
-            size,
-            cap,
+            shared: Rc::new(Shared {
+                free: RefCell::new(Vec::new()),
+                size,
+                cap,
+                out: Cell::new(0),
+            }),
         }
     }
 
     /// An empty read buffer of the pool's size, recycled when one is free.
     pub fn take(&self) -> ReadBuf {
-        match self.free.borrow_mut().pop() {
-            Some(data) => ReadBuf {
-                data,
-                start: 0,
-                end: 0,
-            },
-            None => ReadBuf::new(self.size),
+        ReadBuf {
+            data: self.shared.storage(),
+            start: 0,
+            end: 0,
+            pool: Some(self.shared.clone()),
+            parked: false,
+        }
+    }
+
+    /// An empty read buffer without storage yet: it takes the pool's at its first
+    /// read ([`ReadBuf::fill`], [`ReadBuf::fill_idle`]), push or scratch use.
+    pub fn lazy(&self) -> ReadBuf {
+        ReadBuf {
+            data: Vec::new(),
+            start: 0,
+            end: 0,
+            pool: Some(self.shared.clone()),
+            parked: false,
         }
     }
 
     /// Hands `buf` back for another connection (dropped if the pool is full or the
     /// buffer is not of the pool's size). Leaves an empty buffer in its place.
     pub fn give(&self, buf: &mut ReadBuf) {
-        let buf = std::mem::replace(buf, ReadBuf::new(0));
-        let mut free = self.free.borrow_mut();
-        if buf.data.len() == self.size && free.len() < self.cap {
-            free.push(buf.data);
-        }
+        let data = buf.storage_out();
+        self.shared.put(data);
     }
 
     /// A buffer from the pool that goes back to it when the guard is dropped (for a
@@ -77,12 +127,18 @@ impl BufPool {
 
     /// Buffers waiting to be reused.
     pub fn len(&self) -> usize {
-        self.free.borrow().len()
+        self.shared.free.borrow().len()
     }
 
     /// Whether no buffer waits to be reused.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Storages taken from the pool and not given back: the buffers held by
+    /// connections now (one dropped without being given back stays counted).
+    pub fn held(&self) -> usize {
+        self.shared.out.get()
     }
 }
 
@@ -113,12 +169,18 @@ impl Drop for Lent<'_> {
 
 /// A read buffer with a consumed prefix.
 pub struct ReadBuf {
-    /// Storage; `data.len()` is the capacity in use.
+    /// Storage; `data.len()` is the capacity in use (initialized bytes).
     data: Vec<u8>,
     /// First unconsumed byte.
     start: usize,
     /// End of the bytes read.
     end: usize,
+    /// The pool its storage comes from and goes back to (none: its own storage).
+    pool: Option<Rc<Shared>>,
+    /// `data` is not storage but a copy of the bytes buffered (`start` 0), made
+    /// when a read waited with part of a head ([`ReadBuf::fill_idle`]): the storage
+    /// is back with the pool until the next read.
+    parked: bool,
 }
 
 impl ReadBuf {
@@ -128,6 +190,8 @@ impl ReadBuf {
             data: vec![0; capacity],
             start: 0,
             end: 0,
+            pool: None,
+            parked: false,
         }
     }
 
@@ -141,8 +205,75 @@ impl ReadBuf {
         self.start == self.end
     }
 
+    /// Whether it holds storage (a buffer from [`BufPool::lazy`] holds none until
+    /// its first read, nor after [`ReadBuf::release`]).
+    pub fn has_storage(&self) -> bool {
+        self.data.capacity() > 0 && !self.parked
+    }
+
+    /// Takes storage from its pool when it has none (with the parked bytes, if
+    /// any, at its start).
+    #[inline]
+    fn ensure_storage(&mut self) {
+        if self.parked {
+            self.unpark();
+        } else if self.data.capacity() == 0 {
+            if let Some(pool) = &self.pool {
+                self.data = pool.storage();
+            }
+        }
+    }
+
+    /// Storage from the pool again, with the bytes parked in it.
+    #[cold]
+    fn unpark(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        let bytes = std::mem::replace(&mut self.data, pool.storage());
+        self.parked = false;
+        self.data[..bytes.len()].copy_from_slice(&bytes);
+        self.start = 0;
+        self.end = bytes.len();
+    }
+
+    /// Copies the bytes buffered aside and gives the storage back to the pool (a
+    /// read waits with part of a head: it holds as many bytes as it has).
+    #[cold]
+    fn park(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        let bytes = self.filled().to_vec();
+        pool.put(std::mem::replace(&mut self.data, bytes));
+        self.end -= self.start;
+        self.start = 0;
+        self.parked = true;
+    }
+
+    /// Its storage, for the pool; it is left empty, without storage (parked bytes
+    /// are dropped: they are no storage).
+    fn storage_out(&mut self) -> Vec<u8> {
+        self.start = 0;
+        self.end = 0;
+        let data = std::mem::take(&mut self.data);
+        if std::mem::take(&mut self.parked) {
+            Vec::new()
+        } else {
+            data
+        }
+    }
+
+    /// Gives the storage back to its pool, dropping what is buffered; the next read
+    /// takes storage again. Nothing for a buffer without a pool.
+    pub fn release(&mut self) {
+        if self.pool.is_some() {
+            let data = self.storage_out();
+            if let Some(pool) = &self.pool {
+                pool.put(data);
+            }
+        }
+    }
+
     /// Appends bytes read elsewhere (grows the buffer if needed).
     pub fn push(&mut self, bytes: &[u8]) {
+        self.ensure_storage();
         if self.data.len() - self.end < bytes.len() {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -169,12 +300,24 @@ impl ReadBuf {
     pub fn scratch(&mut self) -> &mut [u8] {
         self.start = 0;
         self.end = 0;
+        self.ensure_storage();
         &mut self.data
     }
 
     /// Reads more from `conn`, growing up to `limit` bytes of capacity. `Ok(0)` is end
     /// of stream; a full buffer at `limit` is an `OutOfMemory` error.
     pub async fn fill(&mut self, conn: &TcpConn, limit: usize) -> io::Result<usize> {
+        self.make_room(limit)?;
+        let n = conn.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Room for a read behind the bytes buffered: storage, then compaction or
+    /// growth up to `limit` (`OutOfMemory` beyond).
+    #[inline]
+    fn make_room(&mut self, limit: usize) -> io::Result<()> {
+        self.ensure_storage();
         if self.end == self.data.len() {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -187,9 +330,58 @@ impl ReadBuf {
                 return Err(io::ErrorKind::OutOfMemory.into());
             }
         }
-        let n = conn.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+        Ok(())
+    }
+
+    /// [`ReadBuf::fill`] for a wait that may be long (a new connection's first
+    /// bytes, the next request on a kept-alive one, the rest of a head): the buffer
+    /// holds no storage while it waits. The storage is taken from the pool for each
+    /// try of the read and given back when the read would wait, as an idle tunnel
+    /// borrows the core's scratch buffer only between a readiness edge and the end
+    /// of its forward; bytes buffered (part of a head) are copied aside meanwhile,
+    /// so they cost what they are, not the buffer. `on_wait` runs at each wait (for
+    /// the caller's own storage). A buffer without a pool, or grown past its pool's
+    /// size by part of a large head, reads as `fill` does (an empty one that grew
+    /// is dropped at the wait).
+    pub async fn fill_idle(
+        &mut self,
+        conn: &TcpConn,
+        limit: usize,
+        mut on_wait: impl FnMut(),
+    ) -> io::Result<usize> {
+        let Some(size) = self.pool.as_ref().map(|p| p.size) else {
+            return self.fill(conn, limit).await;
+        };
+        if self.data.capacity() > size && !self.parked && !self.is_empty() {
+            return self.fill(conn, limit).await;
+        }
+        std::future::poll_fn(|cx| {
+            if let Err(e) = self.make_room(limit) {
+                return Poll::Ready(Err(e));
+            }
+            match conn.poll_read(cx, &mut self.data[self.end..]) {
+                Poll::Ready(Ok(n)) => {
+                    self.end += n;
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => {
+                    if self.is_empty() {
+                        self.release();
+                    }
+                    Poll::Ready(Err(e))
+                }
+                Poll::Pending => {
+                    if self.is_empty() {
+                        self.release();
+                    } else if self.data.capacity() == size {
+                        self.park();
+                    }
+                    on_wait();
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -1249,6 +1441,70 @@ mod tests {
             pool.is_empty(),
             "a buffer not of the pool's size is dropped"
         );
+    }
+
+    /// A lazy buffer holds storage only while it has bytes: none before its first
+    /// read, none while `fill_idle` waits (the storage is back with the pool; part
+    /// of a head waits copied aside).
+    #[test]
+    fn a_lazy_buffer_holds_storage_only_while_it_has_bytes() {
+        use crate::io::tests::{accepted, drive, reactor};
+        use std::io::Write as _;
+        let reactor = reactor();
+        let (conn, mut client) = accepted(&reactor);
+        let pool = BufPool::new(16 * 1024, 4);
+        let mut buf = pool.lazy();
+        assert!(!buf.has_storage());
+        assert_eq!(pool.held(), 0);
+
+        // Nothing to read: the read waits without storage, and `on_wait` ran.
+        let mut waited = 0;
+        let polled = drive(&reactor, async {
+            futures_lite::future::poll_once(buf.fill_idle(&conn, 64 * 1024, || waited += 1)).await
+        });
+        assert!(polled.is_none(), "nothing to read yet");
+        assert_eq!(waited, 1);
+        assert!(!buf.has_storage(), "no storage while waiting");
+        assert_eq!((pool.held(), pool.len()), (0, 1), "back with the pool");
+
+        // A small head: storage of the pool's.
+        client.write_all(&[b'a'; 100]).expect("send");
+        let n = drive(&reactor, buf.fill_idle(&conn, 64 * 1024, || {})).expect("read");
+        assert_eq!(n, 100);
+        assert_eq!(buf.filled(), &[b'a'; 100][..]);
+        assert_eq!(pool.held(), 1);
+        buf.consume(100);
+        buf.release();
+        assert_eq!((pool.held(), pool.len()), (0, 1));
+
+        // Part of a head, then a wait: the bytes are copied aside, the storage is
+        // back with the pool; the next read has them at its start.
+        client.write_all(b"GET / HT").expect("send");
+        drive(&reactor, buf.fill_idle(&conn, 64 * 1024, || {})).expect("read");
+        let polled = drive(&reactor, async {
+            futures_lite::future::poll_once(buf.fill_idle(&conn, 64 * 1024, || {})).await
+        });
+        assert!(polled.is_none(), "nothing more yet");
+        assert!(!buf.has_storage(), "parked");
+        assert_eq!(buf.filled(), b"GET / HT");
+        assert_eq!((pool.held(), pool.len()), (0, 1));
+        client.write_all(b"TP/1.1\r\n").expect("send");
+        drive(&reactor, buf.fill_idle(&conn, 64 * 1024, || {})).expect("read");
+        assert_eq!(buf.filled(), b"GET / HTTP/1.1\r\n");
+        assert!(buf.has_storage());
+        assert_eq!((pool.held(), pool.len()), (1, 0));
+        buf.consume(3);
+        drive(&reactor, async {
+            futures_lite::future::poll_once(buf.fill_idle(&conn, 64 * 1024, || {})).await
+        });
+        assert_eq!(
+            buf.filled(),
+            b" / HTTP/1.1\r\n",
+            "a consumed prefix stays consumed"
+        );
+        buf.release();
+        assert!(buf.is_empty() && !buf.has_storage());
+        assert_eq!((pool.held(), pool.len()), (0, 1));
     }
 
     #[test]

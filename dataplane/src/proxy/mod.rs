@@ -165,6 +165,10 @@ pub(crate) struct Client {
     fields: Vec<HeaderField>,
     /// Storage for each response head's field list, reused.
     resp_fields: Vec<HeaderField>,
+    /// Whether `out`, `line`, `fields` and `resp_fields` are a [`ConnStorage`]
+    /// taken from the core's pool: from the connection's first bytes until it waits
+    /// idle again (a silent connection holds none).
+    stored: bool,
     /// The connection's per-core number (the pool holds some app connections for
     /// the client they last served).
     conn_id: u64,
@@ -210,18 +214,22 @@ async fn serve_conn(
             .any(|n| n.contains(peer.ip()));
     let limits = core.rt.head_limits;
     let tls = conn.is_tls();
-    let kept = core.conn_storage.take();
+    // No buffer and no storage until the client sends something: the read buffer
+    // is taken for each try of a read and given back while the read waits
+    // (`ReadBuf::fill_idle`), the app's read buffer at the first read from an app,
+    // the storage with the first bytes (`Client::read_head`).
     let mut client = Client {
         core: core.clone(),
         conn: Rc::new(conn),
-        buf: core.read_bufs.take(),
+        buf: core.read_bufs.lazy(),
         hop: ClientHop::new(peer, local_port, trusted).over_tls(tls),
         head_limit: limits.max_request_line + limits.max_header_bytes + 4,
-        ubuf: core.read_bufs.take(),
-        out: kept.out,
-        line: kept.line,
-        fields: kept.fields,
-        resp_fields: kept.resp_fields,
+        ubuf: core.read_bufs.lazy(),
+        out: Vec::new(),
+        line: Vec::new(),
+        fields: Vec::new(),
+        resp_fields: Vec::new(),
+        stored: false,
         conn_id,
         handoff: None,
     };
@@ -273,12 +281,12 @@ impl Client {
     fn give_back(&mut self) {
         self.core.read_bufs.give(&mut self.buf);
         self.core.read_bufs.give(&mut self.ubuf);
-        self.core.conn_storage.give(ConnStorage {
-            out: std::mem::take(&mut self.out),
-            line: std::mem::take(&mut self.line),
-            fields: std::mem::take(&mut self.fields),
-            resp_fields: std::mem::take(&mut self.resp_fields),
-        });
+        park_storage(
+            &self.core,
+            &mut self.stored,
+            [&mut self.out, &mut self.line],
+            [&mut self.fields, &mut self.resp_fields],
+        );
     }
 
     /// Serves HTTP/1.x requests in order until the connection closes, or becomes a
@@ -313,6 +321,9 @@ impl Client {
                 (_, _) => {}
             }
             (self.line, self.fields) = x.into_storage();
+            // The app's read buffer goes back until the next request reads from an
+            // app (its bytes are done with: each exchange starts it empty).
+            self.ubuf.release();
             if next != Next::KeepAlive || self.core.draining.get() {
                 break next;
             }
@@ -343,7 +354,7 @@ impl Client {
             if n == preface.len() {
                 return true;
             }
-            match self.buf.fill(&self.conn, self.head_limit).await {
+            match self.buf.fill_idle(&self.conn, self.head_limit, || ()).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => self.core.metrics.add(counter::BYTES_IN, n as u64),
             }
@@ -384,6 +395,13 @@ impl Client {
         }
         loop {
             let limits = &core.rt.head_limits;
+            if !self.stored && !self.buf.is_empty() {
+                // Its first bytes: the storage their head is parsed into.
+                let kept = core.conn_storage.take();
+                (self.out, self.line) = (kept.out, kept.line);
+                (self.fields, self.resp_fields) = (kept.fields, kept.resp_fields);
+                self.stored = true;
+            }
             let parsed = parse::parse_request_reusing(self.buf.filled(), limits, &mut self.fields);
             if !matches!(parsed, Ok(None)) {
                 // A head in hand (or refused): no longer closed for a new connection.
@@ -397,7 +415,18 @@ impl Client {
                 unfinished = true;
                 self.conn.set_unfinished();
             }
-            match self.buf.fill(&self.conn, self.head_limit).await {
+            // Waiting with nothing buffered holds neither the read buffer nor the
+            // storage (a new connection's first bytes, a kept-alive one's next
+            // request).
+            let filled = self.buf.fill_idle(&self.conn, self.head_limit, || {
+                park_storage(
+                    core,
+                    &mut self.stored,
+                    [&mut self.out, &mut self.line],
+                    [&mut self.fields, &mut self.resp_fields],
+                )
+            });
+            match filled.await {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
                     core.metrics.add(counter::BYTES_IN, n as u64);
@@ -468,6 +497,24 @@ impl Client {
     /// The client's address ([`client_ip_of`] for this connection).
     fn client_ip(&self, head: &RequestHead) -> Result<std::net::IpAddr, ()> {
         client_ip_of(&self.hop, self.buf.filled(), head)
+    }
+}
+
+/// Gives a connection's storage back to the core's pool (when it holds it: `stored`),
+/// leaving it empty vectors that hold nothing.
+fn park_storage(
+    core: &Core,
+    stored: &mut bool,
+    [out, line]: [&mut Vec<u8>; 2],
+    [fields, resp_fields]: [&mut Vec<HeaderField>; 2],
+) {
+    if std::mem::take(stored) {
+        core.conn_storage.give(ConnStorage {
+            out: std::mem::take(out),
+            line: std::mem::take(line),
+            fields: std::mem::take(fields),
+            resp_fields: std::mem::take(resp_fields),
+        });
     }
 }
 
