@@ -1108,6 +1108,30 @@ fn an_http2_apps_clear_site_data_never_reaches_the_client() {
     }
 }
 
+/// An app's answer on stream `id`: `n` interim heads of `fields` (a `:status`
+/// first), then `200` with the body `ok`.
+fn interim_then_ok(fields: &[(&[u8], &[u8])], n: usize, id: u32) -> Vec<u8> {
+    let early = appproxy_test_support::h2frames::block(fields);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.extend(frame(HEADERS, END_HEADERS, id, &early));
+    }
+    out.extend(ok_answer(id));
+    out
+}
+
+/// `200` with the body `ok` on stream `id`.
+fn ok_answer(id: u32) -> Vec<u8> {
+    let head =
+        appproxy_test_support::h2frames::block(&[(b":status", b"200"), (b"content-length", b"2")]);
+    let mut out = frame(HEADERS, END_HEADERS, id, &head);
+    out.extend(frame(DATA, END_STREAM, id, b"ok"));
+    out
+}
+
+/// An early hint.
+const EARLY: &[(&[u8], &[u8])] = &[(b":status", b"103"), (b"link", b"</a.css>; rel=preload")];
+
 /// An HTTP/2 app's interim heads are held to the limit an HTTP/1.1 app's are: the
 /// first five are relayed, and a sixth ends the exchange with a 502, for HTTP/1.1
 /// clients (the bridge) and HTTP/2 ones alike. Before, the heads past the fifth
@@ -1130,23 +1154,11 @@ fn an_http2_apps_interim_heads_are_held_to_the_limit() {
             let c = c.clone();
             std::thread::spawn(move || {
                 serve_raw_app(s, |&(ty, flags, id, _)| {
-                    let mut out = Vec::new();
                     if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-                        let early = appproxy_test_support::h2frames::block(&[
-                            (b":status", b"103"),
-                            (b"link", b"</a.css>; rel=preload"),
-                        ]);
-                        for _ in 0..20 {
-                            out.extend(frame(HEADERS, END_HEADERS, id, &early));
-                        }
-                        let head = appproxy_test_support::h2frames::block(&[
-                            (b":status", b"200"),
-                            (b"content-length", b"2"),
-                        ]);
-                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
-                        out.extend(frame(DATA, END_STREAM, id, b"ok"));
+                        interim_then_ok(EARLY, 20, id)
+                    } else {
+                        Vec::new()
                     }
-                    out
                 });
                 c.fetch_add(1, Ordering::SeqCst);
             });
@@ -1215,25 +1227,17 @@ fn an_http2_apps_interim_heads_are_held_to_the_limit() {
 #[test]
 fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
     let app = raw_app(|&(ty, flags, id, _)| {
-        let mut out = Vec::new();
         if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-            let early = appproxy_test_support::h2frames::block(&[
+            let early: &[(&[u8], &[u8])] = &[
                 (b":status", b"103"),
                 (b"link", b"</a.css>; rel=preload"),
                 (b"content-length", b"50"),
                 (b"x-backend-request-id", b"spoofed-by-app"),
-            ]);
-            for _ in 0..2 {
-                out.extend(frame(HEADERS, END_HEADERS, id, &early));
-            }
-            let head = appproxy_test_support::h2frames::block(&[
-                (b":status", b"200"),
-                (b"content-length", b"2"),
-            ]);
-            out.extend(frame(HEADERS, END_HEADERS, id, &head));
-            out.extend(frame(DATA, END_STREAM, id, b"ok"));
+            ];
+            interim_then_ok(early, 2, id)
+        } else {
+            Vec::new()
         }
-        out
     });
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app],
@@ -1274,23 +1278,15 @@ fn the_head_after_an_interim_one_is_awaited_as_the_first_was() {
             let Ok(mut w) = s.try_clone() else { continue };
             std::thread::spawn(move || {
                 serve_raw_app(s, |&(ty, flags, id, _)| {
-                    let mut out = Vec::new();
                     if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
-                        let early = appproxy_test_support::h2frames::block(&[
-                            (b":status", b"103"),
-                            (b"link", b"</a.css>; rel=preload"),
-                        ]);
+                        let early = appproxy_test_support::h2frames::block(EARLY);
                         let _ = w.write_all(&frame(HEADERS, END_HEADERS, id, &early));
                         // Longer than the client's write timeout below.
                         std::thread::sleep(Duration::from_millis(2500));
-                        let head = appproxy_test_support::h2frames::block(&[
-                            (b":status", b"200"),
-                            (b"content-length", b"2"),
-                        ]);
-                        out.extend(frame(HEADERS, END_HEADERS, id, &head));
-                        out.extend(frame(DATA, END_STREAM, id, b"ok"));
+                        ok_answer(id)
+                    } else {
+                        Vec::new()
                     }
-                    out
                 });
             });
         }
