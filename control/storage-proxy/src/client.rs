@@ -919,8 +919,10 @@ pub const UPLOAD_WRITE: usize = 64 << 10;
 /// chunks makes at most one write per this long (or per [`UPLOAD_WRITE`] bytes).
 pub const UPLOAD_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Writes the bytes `gathered` from a PATCH body (one write, counted at `/metrics`)
-/// and adds them to `written`.
+/// Hands the bytes `gathered` from a PATCH body to one write (counted at `/metrics`)
+/// and adds them to `written`, the bytes handed to the file's writes (see
+/// [`land`]: before the write, so that a write cut short still bounds what may
+/// have landed).
 async fn write_gathered(
     state: &State,
     file: &mut tokio::fs::File,
@@ -930,11 +932,82 @@ async fn write_gathered(
     if gathered.is_empty() {
         return Ok(());
     }
-    file.write_all(gathered).await?;
-    super::Metrics::add(&state.metrics.upload_writes, 1);
     *written += gathered.len() as u64;
+    let wrote = file.write_all(gathered).await;
     gathered.clear();
+    wrote?;
+    super::Metrics::add(&state.metrics.upload_writes, 1);
     Ok(())
+}
+
+/// Ends a PATCH body's writes, however the body ended: writes what is still
+/// `gathered` (unless a write failed already: `failed`) and flushes `file`, then
+/// sets `written` to the bytes on disk. Those are the bytes handed to its writes
+/// once every one succeeded. tokio's file hands each write to the blocking pool
+/// and reports its failure at the next call or the flush, and a write cut short
+/// (`ENOSPC` midway) landed part of its bytes: after a failure they are the
+/// staged file's size, read again (between `offset` and the bytes handed; the
+/// bytes handed when it cannot be read).
+async fn land(
+    state: &State,
+    file: &mut tokio::fs::File,
+    gathered: &mut Vec<u8>,
+    offset: u64,
+    written: &mut u64,
+    failed: Option<std::io::Error>,
+) -> std::io::Result<()> {
+    let failed = match failed {
+        Some(e) => e,
+        None => match write_gathered(state, file, gathered, written).await {
+            Ok(()) => match file.flush().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        },
+    };
+    match file.metadata().await {
+        Ok(m) => *written = m.len().clamp(offset, *written),
+        Err(e) => {
+            tracing::warn!(error = %e, "the staged file's size could not be read after a failed write")
+        }
+    }
+    Err(failed)
+}
+
+/// The answer to a PATCH whose write failed after `kept` bytes landed (the upload
+/// now at `at` of `size`): 507 when the filesystem is full or its quota spent, 500
+/// otherwise, saying what was kept and where to resume.
+fn write_failed(e: &std::io::Error, kept: u64, at: u64, size: u64) -> ApiError {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    let (status, resume) = match e.kind() {
+        StorageFull | QuotaExceeded => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "resume from HEAD's offset once there is room",
+        ),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "resume from HEAD's offset",
+        ),
+    };
+    ApiError::Rejected {
+        status,
+        message: format!(
+            "the upload could not be written ({e}): the {kept} bytes of this PATCH written before it are kept, the upload is at offset {at} of {size}: {resume}"
+        ),
+    }
+}
+
+/// How a tus PATCH body ended (see [`patch`]).
+enum BodyEnd {
+    /// At its end, or the client gone mid-body: what arrived is kept.
+    Done,
+    /// Cut by the proxy (a stall, the rate floor, the token's expiry, a body past
+    /// `Upload-Length`): what arrived is kept, the PATCH answers the error.
+    Cut(ApiError),
+    /// A write of the staged file failed (`ENOSPC`, `EDQUOT`, `EIO`, `EFBIG`): what
+    /// landed before it is kept.
+    Failed(std::io::Error),
 }
 
 /// A tus PATCH; `received` gets the bytes written to the staging file by this call.
@@ -1052,7 +1125,8 @@ async fn patch(
     state.reservations.usable_until(&s.id, s.until);
     unheld.wrote(0).await;
     let mut file = tokio::fs::File::from_std(file);
-    // Bytes on disk (`written`) and gathered, not yet written (`gathered`): the body's
+    // Bytes handed to the file's writes (`written`; the bytes on disk once the body
+    // ended, see `land`) and gathered, not yet written (`gathered`): the body's
     // frames are gathered into one buffer of up to `UPLOAD_WRITE` bytes, written in
     // one call, so that how the client frames the body (a chunked body of 1-byte
     // chunks) never multiplies the work per byte: no timer, no write, no trip
@@ -1084,6 +1158,8 @@ async fn patch(
     let expired = tokio::time::sleep_until(tokio::time::Instant::from_std(s.until));
     let gather = tokio::time::sleep(UPLOAD_GATHER);
     tokio::pin!(stalled, expired, gather);
+    // Every way the body ends leaves this loop (no `?` in it), for the one exit
+    // below that accounts for the bytes on disk.
     let end = loop {
         let next = tokio::select! {
             // In this order: a token that expired ends the body even while frames
@@ -1094,7 +1170,10 @@ async fn patch(
             () = &mut gather, if !gathered.is_empty() => {
                 // The write's time is not the client's: the wait is that much longer.
                 let began = tokio::time::Instant::now();
-                write_gathered(state, &mut file, &mut gathered, &mut written).await?;
+                let wrote = write_gathered(state, &mut file, &mut gathered, &mut written).await;
+                if let Err(e) = wrote {
+                    break BodyEnd::Failed(e);
+                }
                 waiting += began.elapsed();
                 continue;
             }
@@ -1121,8 +1200,8 @@ async fn patch(
         let chunk = match next {
             Ok(Some(Ok(chunk))) => chunk,
             // The body's end, or the client gone mid-body: what arrived is kept.
-            Ok(_) => break None,
-            Err(cut) => break Some(cut),
+            Ok(_) => break BodyEnd::Done,
+            Err(cut) => break BodyEnd::Cut(cut),
         };
         let now = tokio::time::Instant::now();
         if let Some(f) = floor.as_mut() {
@@ -1131,48 +1210,68 @@ async fn patch(
         if gathered.is_empty() {
             gather.as_mut().reset(now + UPLOAD_GATHER);
         }
-        let pending = written + gathered.len() as u64;
-        if pending + chunk.len() as u64 > s.size {
-            write_gathered(state, &mut file, &mut gathered, &mut written).await?;
-            *received = Some(written - offset);
-            file.flush().await?;
-            unheld.wrote(written - offset).await;
-            return Err(ApiError::TooLarge);
+        if written + gathered.len() as u64 + chunk.len() as u64 > s.size {
+            break BodyEnd::Cut(ApiError::TooLarge);
         }
-        if gathered.is_empty() && chunk.len() >= UPLOAD_WRITE {
+        let wrote = if gathered.is_empty() && chunk.len() >= UPLOAD_WRITE {
             // A frame as large as a buffer is written as it came, not copied.
-            file.write_all(&chunk).await?;
-            super::Metrics::add(&state.metrics.upload_writes, 1);
             written += chunk.len() as u64;
+            let wrote = file.write_all(&chunk).await;
+            if wrote.is_ok() {
+                super::Metrics::add(&state.metrics.upload_writes, 1);
+            }
+            wrote
         } else {
             gathered.extend_from_slice(&chunk);
             if gathered.len() >= UPLOAD_WRITE {
-                write_gathered(state, &mut file, &mut gathered, &mut written).await?;
+                write_gathered(state, &mut file, &mut gathered, &mut written).await
+            } else {
+                Ok(())
             }
+        };
+        if let Err(e) = wrote {
+            break BodyEnd::Failed(e);
         }
         // The write's time (if any) is not the client's: the wait begins after it.
         waiting = tokio::time::Instant::now();
     };
-    write_gathered(state, &mut file, &mut gathered, &mut written).await?;
-    if let Some(cut) = end {
-        *received = Some(written - offset);
-        file.flush().await?;
-        unheld.wrote(written - offset).await;
-        super::Metrics::add(&state.metrics.upload_bytes, written - offset);
-        if matches!(cut, ApiError::Session) {
-            tracing::info!(
-                bytes = written - offset,
-                "upload token expired during the body"
-            );
-        } else {
-            tracing::info!(bytes = written - offset, reason = %cut, "upload body stalled");
+    // The one exit of the body, however it ended: what was gathered is written, the
+    // bytes on disk are accounted for (the quota's, when no reservation holds them,
+    // the folder's usage, `/metrics`), and then the error, if any, is answered.
+    let (cut, failed) = match end {
+        BodyEnd::Done => (None, None),
+        BodyEnd::Cut(cut) => (Some(cut), None),
+        BodyEnd::Failed(e) => (None, Some(e)),
+    };
+    let landed = land(
+        state,
+        &mut file,
+        &mut gathered,
+        offset,
+        &mut written,
+        failed,
+    )
+    .await;
+    let kept = written - offset;
+    *received = Some(kept);
+    unheld.wrote(kept).await;
+    super::Metrics::add(&state.metrics.upload_bytes, kept);
+    if let Err(e) = landed {
+        tracing::warn!(bytes = kept, error = %e, "upload write failed: what landed is kept");
+        return Err(write_failed(&e, kept, written, s.size));
+    }
+    if let Some(cut) = cut {
+        match &cut {
+            ApiError::Session => {
+                tracing::info!(bytes = kept, "upload token expired during the body");
+            }
+            ApiError::TimedOut(_) => {
+                tracing::info!(bytes = kept, reason = %cut, "upload body stalled");
+            }
+            _ => {}
         }
         return Err(cut);
     }
-    *received = Some(written - offset);
-    file.flush().await?;
-    unheld.wrote(written - offset).await;
-    super::Metrics::add(&state.metrics.upload_bytes, written - offset);
     if written == s.size {
         file.sync_all().await?;
         drop(file);

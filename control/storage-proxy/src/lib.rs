@@ -389,6 +389,10 @@ impl ApiError {
             {
                 (*status, "request-header-fields-too-large")
             }
+            Self::Rejected { status, .. } if *status == StatusCode::INSUFFICIENT_STORAGE => {
+                (*status, "insufficient-storage")
+            }
+            Self::Rejected { status, .. } if status.is_server_error() => (*status, "server-error"),
             Self::Rejected { status, .. } => (*status, "invalid-api-params"),
             Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (StatusCode::NOT_FOUND, "file-not-found")

@@ -2694,6 +2694,56 @@ fn chunked_patch_head(token: &str) -> String {
     )
 }
 
+/// The test vfolder made on `p`, `n` incompressible bytes and an upload token for
+/// them at `relpath`.
+fn chunky_session(p: &Proxy, relpath: &str, n: usize) -> (Vec<u8>, String) {
+    create_folder(p);
+    let data = incompressible(n);
+    let token = upload_token(p, relpath, n);
+    (data, token)
+}
+
+/// Sends a tus PATCH at offset 0 to the session of `token` on a new connection, its
+/// body `data` in one-byte chunks, then the last chunk when `end`: the connection
+/// (to read the answer from with [`chunked_answer`], or to drop, hanging up) and
+/// whether every byte could be sent (not when the proxy answered and closed the
+/// connection before the body's end).
+fn send_one_byte_chunks(
+    p: &Proxy,
+    token: &str,
+    data: &[u8],
+    end: bool,
+) -> (TcpStream, std::io::Result<()>) {
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let sent = s
+        .write_all(chunked_patch_head(token).as_bytes())
+        .and_then(|()| s.write_all(&one_byte_chunks(data)))
+        .and_then(|()| {
+            if end {
+                s.write_all(b"0\r\n\r\n")
+            } else {
+                Ok(())
+            }
+        });
+    (s, sent)
+}
+
+/// The answer read from `s` to its end. A proxy that answers before the body's end
+/// closes the connection with bytes of it unread, which resets the connection once
+/// the answer came: the reset ends the answer then.
+fn chunked_answer(mut s: TcpStream) -> (appproxy_test_support::http::Resp, String) {
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => {}
+        Err(e) => panic!("the answer: {e} after {raw:?}"),
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    (appproxy_test_support::http::parse(&raw, false), text)
+}
+
 /// A PATCH body of 200 000 one-byte chunks (the framing an attacker used to make
 /// each byte cost a timer, a write and a trip through the blocking pool) is stored
 /// byte for byte, answered 204 with its offset, and written in a handful of writes
@@ -2701,22 +2751,13 @@ fn chunked_patch_head(token: &str) -> String {
 #[test]
 fn a_body_of_one_byte_chunks_is_gathered_into_few_writes() {
     let p = Proxy::start("");
-    create_folder(&p);
     let n = 200_000;
-    let data = incompressible(n);
-    let token = upload_token(&p, "chunky.bin", n);
+    let (data, token) = chunky_session(&p, "chunky.bin", n);
     let writes_before = metric(&p, "storage_proxy_upload_writes_total");
-    let mut s = TcpStream::connect(p.client).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("timeout");
-    s.write_all(chunked_patch_head(&token).as_bytes())
-        .expect("head");
-    s.write_all(&one_byte_chunks(&data)).expect("chunks");
-    s.write_all(b"0\r\n\r\n").expect("last chunk");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("the answer");
-    let r = appproxy_test_support::http::parse(&raw, false);
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&raw));
+    let (s, sent) = send_one_byte_chunks(&p, &token, &data, true);
+    sent.expect("the body");
+    let (r, raw) = chunked_answer(s);
+    assert_eq!(r.status, 204, "{raw}");
     assert_eq!(r.header("Upload-Offset"), Some(n.to_string().as_str()));
     let stored = std::fs::read(p.vfolder_path().join("chunky.bin")).expect("the upload");
     assert!(stored == data, "the stored bytes differ from those sent");
@@ -2735,16 +2776,11 @@ fn a_body_of_one_byte_chunks_is_gathered_into_few_writes() {
 fn a_body_of_one_byte_chunks_cut_off_keeps_what_arrived() {
     use std::time::Instant;
     let p = Proxy::start("");
-    create_folder(&p);
     let n = 300_000;
     let sent = 150_001;
-    let data = incompressible(n);
-    let token = upload_token(&p, "cut.bin", n);
-    let mut s = TcpStream::connect(p.client).expect("connect");
-    s.write_all(chunked_patch_head(&token).as_bytes())
-        .expect("head");
-    s.write_all(&one_byte_chunks(&data[..sent]))
-        .expect("chunks");
+    let (data, token) = chunky_session(&p, "cut.bin", n);
+    let (s, all_sent) = send_one_byte_chunks(&p, &token, &data[..sent], false);
+    all_sent.expect("chunks");
     drop(s);
     // The PATCH ends once the proxy has read what was sent (a hang guard, not a
     // timing assertion).
@@ -2772,4 +2808,139 @@ fn a_body_of_one_byte_chunks_cut_off_keeps_what_arrived() {
     assert_eq!(r.header("Upload-Offset"), Some(n.to_string().as_str()));
     let stored = std::fs::read(p.vfolder_path().join("cut.bin")).expect("the upload");
     assert!(stored == data, "the stored bytes differ from those sent");
+}
+
+/// A tmpfs mounted on a directory for as long as it lives, unmounted when dropped
+/// (a failing test's too), lazily: the proxy may still hold files in it.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=`) on `dir`, made if missing. The
+    /// tests run as root, here and in CI: a mount refused fails the test.
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("the mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs of {size} on {} as its volume, which needs root \
+             (CAP_SYS_ADMIN): mount failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A write of the staged file that fails midway through a PATCH body (the volume
+/// full: `ENOSPC`, after some gathered writes landed and halfway through one) ends
+/// the PATCH with 507, saying what was kept; what landed is kept and counted as
+/// every other end of the body counts it: HEAD's offset is the bytes on disk, and
+/// the folder's usage, the scope's committed bytes (no reservation holds them: the
+/// scope has no limit) and `storage_proxy_upload_bytes_total` count them. Once
+/// there is room again the upload resumes from that offset to the exact file.
+/// Before, the failed write returned at once (400 `filesystem-error`): none of
+/// them counted the bytes on disk.
+#[test]
+fn a_write_that_fails_mid_body_keeps_and_counts_what_landed() {
+    let mut p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+    // The volume: a tmpfs of 1 MiB (256 pages), where the proxy finds it once
+    // restarted. Declared after the proxy, it is unmounted before the proxy goes.
+    let vol = p.dir.path().join("vol");
+    let _tmpfs = Tmpfs::mount(&vol, "1m");
+    p.restart();
+    let n = 600_000;
+    let (data, token) = chunky_session(&p, "full.bin", n);
+    let folder = serde_json::json!({"volume": "local", "vfid": VFID});
+    let scope = serde_json::json!({"volume": "local", "qsid": VFID.split('/').next()});
+    let used = |path: &str, body: &serde_json::Value| {
+        let r = p.manager_method("GET", path, body.clone());
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["used_bytes"].as_u64().expect("used_bytes")
+    };
+    // The figures the reports keep (for an hour) before the PATCH.
+    assert_eq!(used("/folder/usage", &folder), 0);
+    assert_eq!(used("/quota-scope", &scope), 0);
+    // Outside the vfolder and its scope, as the host would: 147 pages, leaving 109
+    // (446 464 bytes), not a whole number of 64 KiB writes.
+    let ballast = vol.join("ballast");
+    std::fs::write(&ballast, vec![7u8; 600_000]).expect("the ballast");
+    let (s, _) = send_one_byte_chunks(&p, &token, &data, true);
+    let (r, raw) = chunked_answer(s);
+
+    let staged: Vec<_> = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("the staging area")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let on_disk = std::fs::read(&staged[0]).expect("the staged file");
+    let kept = on_disk.len();
+    assert!(
+        kept > 0 && kept < n && kept % (64 << 10) != 0,
+        "{kept} bytes on disk: the volume did not fill midway through a write"
+    );
+    assert!(
+        on_disk == data[..kept],
+        "the staged bytes differ from those sent"
+    );
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("Upload-Offset"),
+        Some(kept.to_string().as_str())
+    );
+    assert_eq!(
+        metric(&p, "storage_proxy_upload_bytes_total"),
+        kept as f64,
+        "the bytes on disk in /metrics"
+    );
+    assert_eq!(
+        used("/folder/usage", &folder),
+        kept as u64,
+        "the folder's usage"
+    );
+    assert_eq!(used("/folder/used-bytes", &folder), kept as u64);
+    assert_eq!(
+        used("/quota-scope", &scope),
+        kept as u64,
+        "the committed bytes"
+    );
+    assert_eq!(r.status, 507, "{raw}");
+    assert_eq!(r.json()["code"], "insufficient-storage", "{raw}");
+    let message = r.json()["error"].as_str().expect("a message").to_owned();
+    for said in [
+        format!("{kept} bytes of this PATCH"),
+        format!("at offset {kept} of {n}"),
+        "resume from HEAD's offset".to_owned(),
+    ] {
+        assert!(message.contains(&said), "{said:?} not in {message:?}");
+    }
+
+    // Room again: the upload resumes from HEAD's offset to the exact file.
+    std::fs::remove_file(&ballast).expect("the ballast away");
+    let r = p.tus_patch(&token, &kept.to_string(), &data[kept..]);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("Upload-Offset"), Some(n.to_string().as_str()));
+    let stored = std::fs::read(p.vfolder_path().join("full.bin")).expect("the upload");
+    assert!(stored == data, "the stored bytes differ from those sent");
+    assert_eq!(metric(&p, "storage_proxy_upload_bytes_total"), n as f64);
+    assert_eq!(used("/folder/usage", &folder), n as u64);
+    assert_eq!(used("/quota-scope", &scope), n as u64);
 }
