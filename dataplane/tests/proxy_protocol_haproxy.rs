@@ -209,6 +209,16 @@ fn through(via: SocketAddr, from: Option<Ipv4Addr>, path: &str) -> u16 {
     status
 }
 
+/// The last request the app saw for `path` (HAProxy's checks reach it meanwhile,
+/// so the last request of all may be a check).
+fn last_at(up: &Upstream, path: &str) -> common::Seen {
+    let seen = up.seen.lock().expect("seen").clone();
+    seen.into_iter()
+        .rev()
+        .find(|s| s.path == path)
+        .unwrap_or_else(|| panic!("{path} did not reach the app"))
+}
+
 #[test]
 fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
     let up = Upstream::start();
@@ -269,13 +279,8 @@ fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
         for round in 0..2 {
             let path = format!("/{}/v4/{round}", f.name);
             assert_eq!(through(via, Some(Ipv4Addr::new(127, 0, 0, 5)), &path), 200);
-            let seen = up.seen.lock().expect("seen").clone();
             for p in [path.clone(), format!("{path}/again")] {
-                let s = seen
-                    .iter()
-                    .rev()
-                    .find(|s| s.path == p)
-                    .unwrap_or_else(|| panic!("{p} did not reach the app"));
+                let s = last_at(&up, &p);
                 assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.5"), "{s:?}");
             }
         }
@@ -284,16 +289,14 @@ fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
             let path = format!("/{}/v6", f.name);
             let mut c = Client::connect(via);
             assert_eq!(c.get(&path, "").status, 200);
-            let s = up.last();
-            assert_eq!(s.path, path);
+            let s = last_at(&up, &path);
             assert_eq!(s.header("x-forwarded-for"), Some("::1"), "{s:?}");
             // An IPv4 client of the dual-stack port: relayed as an IPv4-mapped IPv6
             // address, it is the IPv4 client.
             let via = SocketAddr::from(([127, 0, 0, 1], f.dual_port));
             let path = format!("/{}/dual", f.name);
             assert_eq!(through(via, Some(Ipv4Addr::new(127, 0, 0, 6)), &path), 200);
-            let s = up.last();
-            assert_eq!(s.path, format!("{path}/again"));
+            let s = last_at(&up, &format!("{path}/again"));
             assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.6"), "{s:?}");
         }
     }
@@ -314,8 +317,7 @@ fn haproxy_in_front_relays_each_client_and_its_checks_keep_the_server_up() {
         let _ = s.read_to_end(&mut got);
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-        let seen = up.last();
-        assert_eq!(seen.path, path);
+        let seen = last_at(&up, &path);
         assert_eq!(
             seen.header("x-forwarded-for"),
             Some("127.0.0.1"),
