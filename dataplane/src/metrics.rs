@@ -89,6 +89,10 @@ pub enum Counter {
     /// Streams to HTTP/2 apps refused: the core's `max_app_streams` budget, or the
     /// client address's share of it, was taken (503).
     Http2AppStreamLimit,
+    /// Read buffers held by connections and streams now (gauge, set at the tick).
+    ReadBuffersHeld,
+    /// Read buffers kept by the core's pool for reuse (gauge, set at the tick).
+    ReadBuffersPooled,
     /// A client's request head did not arrive in `[timeouts] head_secs` (408).
     TimeoutClientHead,
     /// A client's request body stalled past `[timeouts] body_idle_secs` (408).
@@ -145,6 +149,8 @@ impl Counter {
         Counter::Http2StreamsActive,
         Counter::Http2Abuse,
         Counter::Http2AppStreamLimit,
+        Counter::ReadBuffersHeld,
+        Counter::ReadBuffersPooled,
         Counter::TimeoutClientHead,
         Counter::TimeoutClientBody,
         Counter::TimeoutClientBodyRate,
@@ -189,6 +195,8 @@ impl Counter {
             Counter::Http2StreamsActive => spec("appproxy_http2_streams_active", Kind::Gauge, "HTTP/2 streams being handled now."),
             Counter::Http2AppStreamLimit => spec("appproxy_http2_app_stream_limit_total", Kind::Counter, "Streams from HTTP/2 clients to apps refused (503 app_stream_limit): the core had [http2] max_app_streams open, or the client's address its share (max_app_streams_per_address) once half were taken."),
             Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487), or met one of h2's own ENHANCE_YOUR_CALM limits: streams reset before they were accepted, a CONTINUATION flood, a header list past the abuse limit, many small DATA frames, many streams reset for errors."),
+            Counter::ReadBuffersHeld => spec("appproxy_read_buffers_held", Kind::Gauge, "Read buffers (16 KiB each) held by client connections, app connections and HTTP/2 streams now: a connection holds one only while it has bytes to read, none while it waits idle."),
+            Counter::ReadBuffersPooled => spec("appproxy_read_buffers_pooled", Kind::Gauge, "Read buffers (16 KiB each) the core keeps for reuse, at most 8,192."),
             Counter::TimeoutClientHead => spec_timeout("client_head"),
             Counter::TimeoutClientBody => spec_timeout("client_body"),
             Counter::TimeoutClientBodyRate => spec_timeout("client_body_rate"),
@@ -523,6 +531,11 @@ impl CoreMetrics {
     pub fn add(&self, i: usize, n: u64) {
         let c = &self.counters[i];
         c.set(c.get().wrapping_add(n));
+    }
+
+    /// Sets counter `i` to `v` (gauges read from elsewhere at the tick).
+    pub fn set(&self, i: usize, v: u64) {
+        self.counters[i].set(v);
     }
 
     /// Subtracts `n` from counter `i` (gauges).

@@ -29,7 +29,10 @@ use crate::io::TcpConn;
 /// it did not read itself: [`ReadBuf::filled`] is `start..end` of what was read or
 /// pushed since it was taken, and the storage is not reachable otherwise. Only
 /// buffers of the pool's size are kept (one that grew for a large head is dropped),
-/// at most `cap` of them: the pool holds at most `cap × size` bytes per core.
+/// at most `cap` of them: the pool holds at most `cap × size` bytes per core. A
+/// buffer's storage goes back to its pool when the buffer is dropped or released,
+/// so [`BufPool::held`] is exactly the storage connections hold now (published as
+/// `appproxy_read_buffers_held`).
 ///
 /// A buffer is storage only while there are bytes to read into it: a [`ReadBuf`]
 /// from [`BufPool::lazy`] takes its storage at its first read, and
@@ -45,7 +48,7 @@ struct Shared {
     free: RefCell<Vec<Vec<u8>>>,
     size: usize,
     cap: usize,
-    /// Storages handed out and not given back yet (or dropped with their buffer).
+    /// Storages handed out and not given back yet.
     out: Cell<usize>,
 }
 
@@ -60,14 +63,14 @@ impl Shared {
     }
 
     /// Takes `data` back (dropped when the pool is full or it is not of the pool's
-    /// size).
+    /// size: one that grew for a large head, whose length and capacity both changed).
     fn put(&self, data: Vec<u8>) {
         if data.capacity() == 0 {
             return;
         }
         self.out.set(self.out.get().saturating_sub(1));
         let mut free = self.free.borrow_mut();
-        if data.capacity() == self.size && free.len() < self.cap {
+        if data.len() == self.size && data.capacity() == self.size && free.len() < self.cap {
             free.push(data);
         }
     }
@@ -109,22 +112,6 @@ impl BufPool {
         }
     }
 
-    /// Hands `buf` back for another connection (dropped if the pool is full or the
-    /// buffer is not of the pool's size). Leaves an empty buffer in its place.
-    pub fn give(&self, buf: &mut ReadBuf) {
-        let data = buf.storage_out();
-        self.shared.put(data);
-    }
-
-    /// A buffer from the pool that goes back to it when the guard is dropped (for a
-    /// holder that may end on any path, e.g. an HTTP/2 stream).
-    pub fn lend(&self) -> Lent<'_> {
-        Lent {
-            pool: self,
-            buf: self.take(),
-        }
-    }
-
     /// Buffers waiting to be reused.
     pub fn len(&self) -> usize {
         self.shared.free.borrow().len()
@@ -135,35 +122,18 @@ impl BufPool {
         self.len() == 0
     }
 
-    /// Storages taken from the pool and not given back: the buffers held by
-    /// connections now (one dropped without being given back stays counted).
+    /// Storages taken from the pool and not given back: the read buffers held by
+    /// connections and streams now.
     pub fn held(&self) -> usize {
         self.shared.out.get()
     }
 }
 
-/// A buffer lent by a [`BufPool`], given back when dropped.
-pub struct Lent<'a> {
-    pool: &'a BufPool,
-    buf: ReadBuf,
-}
-
-impl std::ops::Deref for Lent<'_> {
-    type Target = ReadBuf;
-    fn deref(&self) -> &ReadBuf {
-        &self.buf
-    }
-}
-
-impl std::ops::DerefMut for Lent<'_> {
-    fn deref_mut(&mut self) -> &mut ReadBuf {
-        &mut self.buf
-    }
-}
-
-impl Drop for Lent<'_> {
+/// A pool's buffer gives its storage back when dropped, on whatever path its holder
+/// ends (an HTTP/2 stream reset, a connection task dropped at drain).
+impl Drop for ReadBuf {
     fn drop(&mut self) {
-        self.pool.give(&mut self.buf);
+        self.release();
     }
 }
 
@@ -1299,7 +1269,7 @@ mod tests {
         let mut first = pool.take();
         first.push(b"secret of the first connection");
         first.consume(3);
-        pool.give(&mut first);
+        first.release();
         assert!(first.is_empty(), "the giver keeps an empty buffer");
         assert_eq!(pool.len(), 1);
 
@@ -1426,17 +1396,19 @@ mod tests {
     fn the_pool_keeps_at_most_its_cap_and_only_buffers_of_its_size() {
         let pool = BufPool::new(64, 2);
         let mut bufs: Vec<ReadBuf> = (0..5).map(|_| pool.take()).collect();
+        assert_eq!(pool.held(), 5);
         for b in &mut bufs {
-            pool.give(b);
+            b.release();
         }
         assert_eq!(pool.len(), 2, "the cap bounds what the pool holds");
+        assert_eq!(pool.held(), 0, "every one counted back");
 
         let pool = BufPool::new(64, 8);
         let mut grown = pool.take();
         grown.push(&[7u8; 100]);
-        pool.give(&mut grown);
+        grown.release();
         let mut small = ReadBuf::new(16);
-        pool.give(&mut small);
+        small.release();
         assert!(
             pool.is_empty(),
             "a buffer not of the pool's size is dropped"
@@ -1508,15 +1480,17 @@ mod tests {
     }
 
     #[test]
-    fn a_lent_buffer_goes_back_when_dropped_and_shows_nothing_of_its_last_use() {
+    fn a_buffer_goes_back_when_dropped_and_shows_nothing_of_its_last_use() {
         let pool = BufPool::new(64, 4);
         {
-            let mut lent = pool.lend();
+            let mut lent = pool.take();
             lent.push(b"unread bytes of a stream that ended early");
             assert!(pool.is_empty());
+            assert_eq!(pool.held(), 1);
         }
         assert_eq!(pool.len(), 1, "back with the pool on drop");
-        let lent = pool.lend();
+        assert_eq!(pool.held(), 0, "counted back");
+        let lent = pool.take();
         assert!(pool.is_empty(), "the buffer was reused");
         assert!(lent.filled().is_empty());
     }

@@ -429,6 +429,7 @@ fn run_core(
             let last_flush = Cell::new(Instant::now());
             let board = board.clone();
             reactor.on_tick(Box::new(move |now| {
+                core.note_read_buffers();
                 metrics.publish(core.row, &core.metrics);
                 if crate::introspect::take_health_changed() {
                     board.publish_unhealthy(core.row, core.out_of_rotation(now));
@@ -532,6 +533,7 @@ fn run_core(
             );
         }
         tracing::info!(core = cpu, "core stopped");
+        core.note_read_buffers();
         metrics.publish(core.row, &core.metrics);
         core.access.flush();
         reactor.stop();

@@ -8,8 +8,8 @@
 //! waits idle, and part of a head waits copied aside (what was sent, not 16 KiB).
 //!
 //! The assertions are on the worker's resident memory, with bounds far from both
-//! sides: the old cost per connection was over twice the bound, the new one is well
-//! under it.
+//! sides (the old cost per connection was over twice the bound, the new one is well
+//! under it), and on what the worker says it holds (`appproxy_read_buffers_held`).
 
 mod common;
 
@@ -17,7 +17,7 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{eventually, metric, Client, Upstream, Worker, WorkerOpts};
+use common::{eventually, metric, metric_all_cores, Client, Upstream, Worker, WorkerOpts};
 
 /// Connections opened by each test.
 const N: usize = 2000;
@@ -52,19 +52,29 @@ fn warm_worker(up: &Upstream) -> Worker {
     w
 }
 
-/// KiB of worker RSS per connection while `conns` are open (`before`: RSS with none).
-fn per_conn_kib(w: &Worker, before: u64, conns: usize) -> f64 {
-    // The worker has accepted (and polled) every one of them.
-    eventually("every connection accepted", || active(w) == conns as u64);
-    std::thread::sleep(Duration::from_millis(300));
-    let after = rss_kib(w);
-    after.saturating_sub(before) as f64 / conns as f64
-}
-
 /// The bound on KiB of RSS per idle connection: the old cost was 27 KB (release
 /// build) and more in the test's debug build; what is left now is the connection's
 /// task and its registration (a few KiB).
 const BOUND_KIB: f64 = 12.0;
+
+fn buffers_held(w: &Worker) -> u64 {
+    metric_all_cores(w, "appproxy_read_buffers_held")
+}
+
+/// Asserts that the `conns` connections open now (`what` they are) cost the worker
+/// less than [`BOUND_KIB`] of RSS each over `before` (its RSS with none), and that
+/// none of them holds a read buffer.
+fn assert_light(w: &Worker, before: u64, conns: usize, what: &str) {
+    // The worker has accepted (and polled) every one of them.
+    eventually("every connection accepted", || active(w) == conns as u64);
+    std::thread::sleep(Duration::from_millis(300));
+    let per = rss_kib(w).saturating_sub(before) as f64 / conns as f64;
+    eprintln!("{conns} {what}: RSS {before} KiB + {per:.1} KiB each");
+    assert!(per < BOUND_KIB, "{what}: {per:.1} KiB of worker RSS each");
+    eventually("no read buffer held while they wait", || {
+        buffers_held(w) == 0
+    });
+}
 
 #[test]
 fn silent_connections_hold_no_read_buffers() {
@@ -74,19 +84,22 @@ fn silent_connections_hold_no_read_buffers() {
     let conns: Vec<TcpStream> = (0..N)
         .map(|_| TcpStream::connect(w.addr()).expect("connect"))
         .collect();
-    let per = per_conn_kib(&w, before, N);
-    eprintln!("{N} silent connections: RSS {before} KiB + {per:.1} KiB each");
-    assert!(
-        per < BOUND_KIB,
-        "a silent connection costs {per:.1} KiB of worker RSS"
-    );
+    assert_light(&w, before, N, "silent connections");
     drop(conns);
     eventually("every connection closed", || active(&w) == 0);
     // The worker still serves, and a connection sends its head after a silence.
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    let s = TcpStream::connect(w.addr()).expect("connect");
     std::thread::sleep(Duration::from_millis(200));
-    s.write_all(b"GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("send");
+    send_the_rest_and_expect_200(
+        s,
+        b"GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+}
+
+/// Sends what is left of a head ending with `Connection: close` on `s`, and checks
+/// that the answer is a 200 (the connection is read to its close).
+fn send_the_rest_and_expect_200(mut s: TcpStream, rest: &[u8]) {
+    s.write_all(rest).expect("send");
     let mut got = Vec::new();
     s.read_to_end(&mut got).expect("read");
     assert!(
@@ -107,12 +120,7 @@ fn kept_alive_connections_give_their_buffers_back_between_requests() {
         assert_eq!(c.get("/one", "").status, 200);
         conns.push(c);
     }
-    let per = per_conn_kib(&w, before, N);
-    eprintln!("{N} kept-alive idle connections: RSS {before} KiB + {per:.1} KiB each");
-    assert!(
-        per < BOUND_KIB,
-        "a kept-alive idle connection costs {per:.1} KiB of worker RSS"
-    );
+    assert_light(&w, before, N, "kept-alive idle connections");
     // Each goes on with its next request.
     for c in conns.iter_mut().take(50) {
         assert_eq!(c.get("/two", "").status, 200);
@@ -137,23 +145,10 @@ fn connections_with_part_of_a_head_hold_what_they_sent() {
             s
         })
         .collect();
-    let per = per_conn_kib(&w, before, N);
-    eprintln!("{N} connections with part of a head: RSS {before} KiB + {per:.1} KiB each");
-    assert!(
-        per < BOUND_KIB,
-        "a connection with part of a head costs {per:.1} KiB of worker RSS"
-    );
+    assert_light(&w, before, N, "connections with part of a head");
     // Each still completes its head and is answered.
-    for mut s in conns.into_iter().take(20) {
-        s.write_all(b"1\r\nConnection: close\r\n\r\n")
-            .expect("send");
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).expect("read");
-        assert!(
-            got.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&got)
-        );
+    for s in conns.into_iter().take(20) {
+        send_the_rest_and_expect_200(s, b"1\r\nConnection: close\r\n\r\n");
     }
     eventually("every connection closed", || active(&w) == 0);
 }
@@ -189,4 +184,28 @@ fn heads_in_pieces_large_and_pipelined_are_read_whole() {
     assert_eq!(c.response().status, 200);
     assert_eq!(c.response().status, 200);
     assert_eq!(up.last().path, "/p2");
+}
+
+/// The gauge counts what is held, not what was: a connection in the middle of a
+/// body holds its read buffer, and gives it back once its exchange is over.
+#[test]
+fn a_connection_holds_a_read_buffer_only_while_it_has_bytes_to_read() {
+    let up = Upstream::start();
+    let w = warm_worker(&up);
+    eventually("nothing held after the warm-up", || buffers_held(&w) == 0);
+    let mut c = Client::connect(w.addr());
+    c.send(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345");
+    eventually("a buffer held mid-body", || buffers_held(&w) >= 1);
+    c.send(b"67890");
+    assert_eq!(c.response().status, 200);
+    assert_eq!(up.last().body_len, 10);
+    eventually("none held once the exchange is over", || {
+        buffers_held(&w) == 0
+    });
+    assert!(
+        metric_all_cores(&w, "appproxy_read_buffers_pooled") >= 1,
+        "what was held is back with the pool"
+    );
+    drop(c);
+    eventually("the connection closed", || active(&w) == 0);
 }

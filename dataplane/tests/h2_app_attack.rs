@@ -81,14 +81,34 @@ fn raw_app(answer: impl Fn(&Frame) -> Vec<u8> + Copy + Send + 'static) -> Socket
 /// The head of the worker's answer to an HTTP/1.1 `GET /` with `Host: host`, on a
 /// connection of its own.
 fn answer_head(w: &Worker, host: &str) -> String {
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-        .expect("write");
+    let mut s = sent(
+        w,
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+    );
     let got = read_heads(&mut s, 1);
     let text = String::from_utf8_lossy(&got).into_owned();
     text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+}
+
+/// A worker whose one circuit is `protocol = "http2"` to `app`, with `extra` in its
+/// config.
+fn http2_worker(app: SocketAddr, extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        circuit_extra: "protocol = \"http2\"".into(),
+        extra: extra.into(),
+        ..Default::default()
+    })
+}
+
+/// A connection to the worker on which `request` was sent (reads time out after
+/// 20 s).
+fn sent(w: &Worker, request: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(request).expect("write");
+    s
 }
 
 /// Reads from `s` until `heads` response heads are in; returns everything read.
@@ -121,11 +141,7 @@ fn an_http2_apps_content_length_reaches_http1_clients_as_one_canonical_field() {
         ],
         b"hello",
     );
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     let head = answer_head(&w, "127.0.0.1").to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     let lengths: Vec<&str> = head
@@ -160,19 +176,11 @@ fn an_http2_apps_status_past_599_is_a_502() {
         }
         out
     });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     let mut statuses = Vec::new();
     for _ in 0..3 {
         // A connection each: the bridge's refusal closes its client's connection.
-        let mut s = TcpStream::connect(w.addr()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            .expect("write");
+        let mut s = sent(&w, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         // One answer: its head, then the body its length gives.
@@ -268,11 +276,7 @@ fn an_http2_apps_cookies_are_host_only() {
 #[test]
 fn an_http10_keep_alive_client_of_an_http2_app_is_told_its_connection_goes_on() {
     let app = answering_app(&[(b":status", b"200"), (b"content-length", b"2")], b"ok");
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     let mut c = common::Client::connect(w.addr());
     for path in ["/one", "/two"] {
         c.send(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes());
@@ -292,11 +296,7 @@ fn an_http10_keep_alive_client_of_an_http2_app_is_told_its_connection_goes_on() 
 fn data_after_a_bodiless_answer_of_an_http2_app_never_reaches_the_client() {
     for (status, code) in [(0x89u8, "204 No Content"), (0x8b, "304 Not Modified")] {
         let app = bodiless_app(status);
-        let w = Worker::start(WorkerOpts {
-            upstreams: vec![app],
-            circuit_extra: "protocol = \"http2\"".into(),
-            ..Default::default()
-        });
+        let w = http2_worker(app, "");
         // HTTP/1.1 client, kept alive: the second answer is the app's second answer,
         // never the DATA that followed the first.
         let mut s = TcpStream::connect(w.addr()).expect("connect");
@@ -893,16 +893,11 @@ fn an_http2_apps_answer_cut_part_way_is_logged_with_its_status_and_bytes() {
         }
         out
     });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /cut HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Backend-Request-ID: cut-3\r\n\r\n")
-        .expect("write");
+    let w = http2_worker(app, "");
+    let mut s = sent(
+        &w,
+        b"GET /cut HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Backend-Request-ID: cut-3\r\n\r\n",
+    );
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     let text = String::from_utf8_lossy(&got);
@@ -1023,11 +1018,7 @@ fn an_http2_apps_hop_by_hop_fields_stay_on_its_hop() {
         ],
         b"ok",
     );
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     for (what, head) in [
         ("HTTP/1.1", answer_head(&w, "127.0.0.1")),
         ("HTTP/2", h2_answer_head(&w, "127.0.0.1")),
@@ -1062,11 +1053,7 @@ fn an_http2_apps_padded_field_values_reach_http2_clients_trimmed() {
         ],
         b"ok",
     );
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     let head = h2_answer_head(&w, "127.0.0.1");
     assert!(head.starts_with("HTTP/2 200"), "{head}");
     assert!(head.contains("\nx-a: spaced\n"), "{head:?}");
@@ -1166,18 +1153,9 @@ fn an_http2_apps_interim_heads_are_held_to_the_limit() {
     });
     // An idle app connection would stay open for ten minutes: the one closed
     // below is closed for what its app did.
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        extra: "[upstream]\nidle_timeout_secs = 600\n".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "[upstream]\nidle_timeout_secs = 600\n");
     // An HTTP/1.1 client: interim heads, then the first head that is none.
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("write");
+    let mut s = sent(&w, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     let final_head = |got: &[u8]| {
         let text = String::from_utf8_lossy(got).into_owned();
         let mut heads: Vec<String> = text.split("\r\n\r\n").map(str::to_owned).collect();
@@ -1239,17 +1217,12 @@ fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
             Vec::new()
         }
     });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = http2_worker(app, "");
     for (version, relayed) in [("1.1", 2), ("1.0", 0)] {
-        let mut s = TcpStream::connect(w.addr()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        s.write_all(format!("GET / HTTP/{version}\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .expect("write");
+        let mut s = sent(
+            &w,
+            format!("GET / HTTP/{version}\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        );
         let got = read_heads(&mut s, relayed + 1);
         let text = String::from_utf8_lossy(&got).into_owned();
         let heads: Vec<&str> = text.split("\r\n\r\n").collect();
@@ -1291,17 +1264,11 @@ fn the_head_after_an_interim_one_is_awaited_as_the_first_was() {
             });
         }
     });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app],
-        circuit_extra: "protocol = \"http2\"".into(),
-        extra: "[timeouts]\nbody_idle_secs = 1\nupstream_head_secs = 30\n".into(),
-        ..Default::default()
-    });
-    let mut s = TcpStream::connect(w.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("write");
+    let w = http2_worker(
+        app,
+        "[timeouts]\nbody_idle_secs = 1\nupstream_head_secs = 30\n",
+    );
+    let mut s = sent(&w, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     let got = read_heads(&mut s, 2);
     let text = String::from_utf8_lossy(&got).into_owned();
     assert!(text.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");

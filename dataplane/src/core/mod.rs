@@ -93,6 +93,17 @@ pub struct Core {
 }
 
 impl Core {
+    /// Sets the read-buffer gauges from the pool (at the tick, before publishing:
+    /// the pool counts on its own cells, nothing per request here).
+    pub fn note_read_buffers(&self) {
+        use crate::metrics::Counter;
+        let (held, pooled) = (self.read_bufs.held(), self.read_bufs.len());
+        self.metrics
+            .set(Counter::ReadBuffersHeld as usize, held as u64);
+        self.metrics
+            .set(Counter::ReadBuffersPooled as usize, pooled as u64);
+    }
+
     /// Counts a request (or a tunnel) for `circuit`'s last-access marks; nothing
     /// when nobody reads them.
     pub fn mark_access(&self, circuit: uuid::Uuid) {

@@ -204,8 +204,9 @@ pub async fn forward(
                 Some(NextHead::Refused(r)) => return Err(r.fail(core, route, addr)),
                 // Relayed to an HTTP/1.1 client as it comes (an HTTP/1.0 one gets
                 // none, RFC 9110 §15.2); the next head has its own wait.
-                Some(NextHead::Interim(info)) => {
+                Some(NextHead::Interim(mut info)) => {
                     if head.version == Version::Http11 {
+                        super::stream::sanitize_app_fields(info.headers_mut());
                         let mut out = Vec::with_capacity(256);
                         status_line(&mut out, info.status().as_u16());
                         app_fields(&mut out, info.headers());

@@ -349,7 +349,7 @@ pub async fn serve(
     if cut || (closing_idle && ctx.streams.get() == 0) {
         return;
     }
-    let mut scratch = core.read_bufs.lend();
+    let mut scratch = core.read_bufs.take();
     // Streams still being handled hold the socket: closing the connection at the
     // cap would free nothing and admit the new one over it (the last of them to end
     // makes it sheddable).

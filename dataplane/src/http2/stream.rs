@@ -679,9 +679,19 @@ pub fn sanitize_app_fields(headers: &mut HeaderMap) {
     *headers = kept;
 }
 
+/// An HTTP/2 app's head (final or interim) as an HTTP/2 client gets it:
+/// [`sanitize_app_fields`], then the request IDs and cookies as
+/// [`drop_request_ids`] and [`filter_cookies`] leave them (the bridge writes an
+/// HTTP/1.1 client's lines with its own `app_fields` instead).
+pub fn sanitize_app_head(headers: &mut HeaderMap) {
+    sanitize_app_fields(headers);
+    drop_request_ids(headers);
+    filter_cookies(headers);
+}
+
 /// Leaves the request-ID fields out of an app's response head
 /// ([`crate::http::encode::is_request_id_field`]): the worker's ID is the one echoed.
-pub fn drop_request_ids(headers: &mut HeaderMap) {
+fn drop_request_ids(headers: &mut HeaderMap) {
     for name in appproxy_shared::header::INPUT_HEADERS {
         headers.remove(name);
     }
@@ -690,7 +700,7 @@ pub fn drop_request_ids(headers: &mut HeaderMap) {
 /// An app's response head's `Set-Cookie` fields as they reach the client: every one
 /// that sets the worker's permit cookie ([`sets_permit_cookie`]) left out, the others
 /// host-only ([`host_only_cookie`]), in order; the other fields stay as they were.
-pub fn filter_cookies(headers: &mut HeaderMap) {
+fn filter_cookies(headers: &mut HeaderMap) {
     let set_cookie = http::header::SET_COOKIE;
     if !headers
         .get_all(&set_cookie)
@@ -799,7 +809,7 @@ async fn forward_h1(
     );
     // From the core's pool of read buffers (shared with HTTP/1.1 connections), back
     // to it when the stream ends, whichever way.
-    let mut ubuf = core.read_bufs.lend();
+    let mut ubuf = core.read_bufs.take();
     let mut bytes_in = 0u64;
     // The retry rule is the HTTP/1.1 exchange's ([`retry::may_retry`]): the head is
     // kept in `out` until the response head arrived, so a bodiless idempotent request

@@ -633,9 +633,9 @@ async fn relay(
 
 /// What came next on an app's stream.
 pub enum NextHead {
-    /// An interim head (103 Early Hints, …), its fields sanitized as a final
-    /// head's: hop-by-hop and withheld fields, the app's request ID and the
-    /// worker's permit cookie left out, cookies host-only.
+    /// An interim head (103 Early Hints, …) as the app sent it: each path
+    /// sanitizes it as it does the final head, for the client's protocol
+    /// ([`super::stream::sanitize_app_head`], the bridge's own lines).
     Interim(http::Response<()>),
     /// The final head, or the stream's failure.
     Final(Result<http::Response<RecvStream>, h2::Error>),
@@ -694,7 +694,7 @@ impl Answer {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<NextHead> {
         use std::task::Poll;
-        if let Poll::Ready(Some(Ok(mut info))) = self.response.poll_informational(cx) {
+        if let Poll::Ready(Some(Ok(info))) = self.response.poll_informational(cx) {
             let refused = if info.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 Some(Refusal::Switching)
             } else {
@@ -705,9 +705,6 @@ impl Answer {
                 self.conn.retire();
                 return Poll::Ready(NextHead::Refused(refused));
             }
-            super::stream::sanitize_app_fields(info.headers_mut());
-            super::stream::drop_request_ids(info.headers_mut());
-            super::stream::filter_cookies(info.headers_mut());
             return Poll::Ready(NextHead::Interim(info));
         }
         std::future::Future::poll(std::pin::Pin::new(&mut self.response), cx).map(NextHead::Final)
@@ -901,7 +898,8 @@ pub async fn forward(
                 Some(Head::Next(NextHead::Refused(r))) => return Err(r.fail(core, route, addr)),
                 // Relayed as it comes; the next head has its own wait, as from an
                 // HTTP/1.1 app. A client gone meanwhile shows in poll_reset.
-                Some(Head::Next(NextHead::Interim(info))) => {
+                Some(Head::Next(NextHead::Interim(mut info))) => {
+                    super::stream::sanitize_app_head(info.headers_mut());
                     let _ = respond.send_informational(info);
                     continue;
                 }
@@ -940,13 +938,11 @@ pub async fn forward(
         let mut response = http::Response::new(());
         *response.status_mut() = parts.status;
         let mut headers = parts.headers;
-        super::stream::sanitize_app_fields(&mut headers);
-        super::stream::drop_request_ids(&mut headers);
+        super::stream::sanitize_app_head(&mut headers);
         // A 204 has no length (RFC 9110 §8.6), as on the HTTP/1.1 app path.
         if status == 204 {
             headers.remove(http::header::CONTENT_LENGTH);
         }
-        super::stream::filter_cookies(&mut headers);
         if let Some(v) =
             proxy::forwarded_id(core, &id).and_then(|i| HeaderValue::from_bytes(i.as_bytes()).ok())
         {

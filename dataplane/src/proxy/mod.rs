@@ -279,8 +279,8 @@ impl Client {
     /// Hands the connection's buffers and storage back to the core for new
     /// connections, leaving it empty ones.
     fn give_back(&mut self) {
-        self.core.read_bufs.give(&mut self.buf);
-        self.core.read_bufs.give(&mut self.ubuf);
+        self.buf.release();
+        self.ubuf.release();
         park_storage(
             &self.core,
             &mut self.stored,

@@ -86,8 +86,8 @@ impl Client {
             out.extend_from_slice(&from_app);
         }
         // The HTTP buffers are done with: a long-lived tunnel should not keep them.
-        core.read_bufs.give(ubuf);
-        core.read_bufs.give(buf);
+        ubuf.release();
+        buf.release();
         conn.set_timeout(idle);
         conn.write_all(out)
             .await
