@@ -62,6 +62,24 @@ fn start(dir: &std::path::Path, db: &Db) -> Coordinator {
 
 /// Starts the coordinator on `db`. `extra`: more `[coordinator]` keys, then any
 /// further tables.
+/// Waits (40 s at most) until the coordinator's log says `n` times that it listens
+/// for acknowledgements on Redis (once more at each resubscription).
+fn wait_listening(dir: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while log_lines(dir)
+        .iter()
+        .filter(|l| l["message"] == "listening for acknowledgements")
+        .count()
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not listening for acknowledgements ({n} times) within 40 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
     common::start(dir, &api::config(extra, &db.section(dir)))
 }
@@ -3625,17 +3643,7 @@ fn a_port_the_worker_could_not_listen_on_is_not_tried_first_again() {
             redis.url()
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "listening for acknowledgements")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never listened for acknowledgements"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(dir.path(), 1);
     // worker-1 has 10205-10208; another process holds 10205.
     let worker = AckingWorker::start_failing(&redis.url(), "worker-1", &[10205]);
     let token = setup(&c);
@@ -3703,17 +3711,7 @@ fn a_port_of_a_refused_circuit_is_not_avoided() {
             redis.url()
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "listening for acknowledgements")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never listened for acknowledgements"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(dir.path(), 1);
     // worker-1 has 10205-10208, all listening; it refuses the first circuit of "bad".
     let worker = AckingWorker::start_refusing(&redis.url(), "worker-1", &["bad"]);
     let token = setup(&c);
@@ -3765,20 +3763,7 @@ fn ack_latency_counts_acknowledged_creations_and_redis_reconnects_are_counted() 
             redis.url()
         ),
     );
-    let listening = || {
-        log_lines(dir.path())
-            .iter()
-            .filter(|l| l["message"] == "listening for acknowledgements")
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while listening() < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "never listened for acknowledgements"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(dir.path(), 1);
     let worker = AckingWorker::start(&redis.url(), "worker-1");
     let token = setup(&c);
     let scrape = || {
@@ -3831,14 +3816,8 @@ fn ack_latency_counts_acknowledged_creations_and_redis_reconnects_are_counted() 
     let before = reconnects(&e);
     redis.stop();
     redis.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while listening() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription never came back after the restart"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The subscription comes back after the restart.
+    wait_listening(dir.path(), 2);
     let (text, e, _) = scrape();
     assert!(reconnects(&e) > before, "{before} → {text}");
 }
@@ -4572,17 +4551,7 @@ fn only_the_circuits_worker_can_acknowledge_it() {
             redis.url()
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "listening for acknowledgements")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never listened for acknowledgements"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(dir.path(), 1);
     // Another registered worker (inference only: interactive circuits go to
     // worker-1) acknowledges worker-1's circuits as its own.
     let other = r#"{"authority":"worker-2","frontend_mode":"port","protocol":"http","hostname":"proxy2.test","api_port":10201,"port_range":[10305,10308],"accepted_traffics":["inference"]}"#;
@@ -4758,23 +4727,7 @@ fn a_silent_acknowledgement_subscription_is_noticed_and_opened_again() {
             relay.addr
         ),
     );
-    let listening = || {
-        log_lines(dir.path())
-            .iter()
-            .filter(|l| l["message"] == "listening for acknowledgements")
-            .count()
-    };
-    let wait_listening = |n: usize, within: Duration| {
-        let deadline = Instant::now() + within;
-        while listening() < n {
-            assert!(
-                Instant::now() < deadline,
-                "not listening for acknowledgements ({n}) within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_listening(1, Duration::from_secs(20));
+    wait_listening(dir.path(), 1);
     let _worker = AckingWorker::start(&redis.url(), "worker-1");
     let token = setup(&c);
     let create = || {
@@ -4790,7 +4743,7 @@ fn a_silent_acknowledgement_subscription_is_noticed_and_opened_again() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(relay.silence_subscribers(), 1);
     // A PING every 10 s, answered within 5 s: subscribed again well within 40 s.
-    wait_listening(2, Duration::from_secs(40));
+    wait_listening(dir.path(), 2);
     assert!(log_lines(dir.path())
         .iter()
         .any(|l| l["message"] == "event subscription silent (no answer to PING); reconnecting"));
@@ -4822,17 +4775,7 @@ fn a_silent_redis_command_connection_is_replaced() {
             relay.addr
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "listening for acknowledgements")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never listened for acknowledgements"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(dir.path(), 1);
     let _worker = AckingWorker::start(&redis.url(), "worker-1");
     let token = setup(&c);
     let worker = first_worker(&c);
@@ -4904,22 +4847,7 @@ fn a_refused_redis_fails_calls_and_the_first_call_once_it_is_back_is_served() {
             redis.url()
         ),
     );
-    let wait_listening = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while log_lines(dir.path())
-            .iter()
-            .filter(|l| l["message"] == "listening for acknowledgements")
-            .count()
-            < n
-        {
-            assert!(
-                Instant::now() < deadline,
-                "not listening for acknowledgements ({n})"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_listening(1);
+    wait_listening(dir.path(), 1);
     let acking = AckingWorker::start(&redis.url(), "worker-1");
     let token = setup(&c);
     let worker = first_worker(&c);
@@ -4990,7 +4918,7 @@ fn a_refused_redis_fails_calls_and_the_first_call_once_it_is_back_is_served() {
             .iter()
             .rfind(|l| l["message"] == "proxy-worker.last_seen not written")
     );
-    wait_listening(2);
+    wait_listening(dir.path(), 2);
     let _acking = AckingWorker::start(&redis.url(), "worker-1");
     let r = create();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
