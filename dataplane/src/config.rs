@@ -400,6 +400,21 @@ pub struct UpstreamSection {
     /// `upstream_tls = "verify"`); the system roots when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// Who may reuse a pooled app connection.
+    pub reuse: Reuse,
+}
+
+/// Who may reuse a pooled app connection (`[upstream] reuse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reuse {
+    /// Any client connection of the core (nginx's and HAProxy's default).
+    #[default]
+    Shared,
+    /// Only the client connection whose request opened it (HAProxy's
+    /// `http-reuse never`); closed when that connection closes. An app that
+    /// answers a request twice, or late, shifts only its own client's answers.
+    Client,
 }
 
 impl Default for UpstreamSection {
@@ -412,6 +427,7 @@ impl Default for UpstreamSection {
             probe_interval_secs: 2,
             max_connections_per_route: 10_240,
             tls_ca: None,
+            reuse: Reuse::Shared,
         }
     }
 }
@@ -903,6 +919,8 @@ pub struct Runtime {
     pub max_connections_per_client: usize,
     /// Open connections per upstream address, per core.
     pub max_upstream_conns: usize,
+    /// Who may reuse a pooled app connection.
+    pub pool_reuse: Reuse,
     /// TCP keepalive of client connections (`None`: off).
     pub client_keepalive: Option<TcpKeepalive>,
     /// Idle tunnels.
@@ -1451,6 +1469,7 @@ impl Config {
             max_connections_per_core: l.max_connections_per_core,
             max_connections_per_client: l.max_connections_per_client,
             max_upstream_conns: self.upstream.max_connections_per_route,
+            pool_reuse: self.upstream.reuse,
             client_keepalive: (t.client_tcp_keepalive_secs > 0).then(|| TcpKeepalive {
                 idle: secs(t.client_tcp_keepalive_secs),
                 interval: secs(t.client_tcp_keepalive_interval_secs),

@@ -751,6 +751,71 @@ fn a_late_body_read_by_its_own_client_shifts_no_answer_to_another() {
     assert_honest(&r, "honest /b ", "another client");
 }
 
+/// With `[upstream] reuse = "client"`, an app connection is reused only by the
+/// client connection whose request opened it, and closed with it: an app that
+/// answers a request twice (the second answer late, once another client's request
+/// may be on its way) shifts only its own client's answers. With connections
+/// shared (the default, as in nginx and HAProxy), the other client's request here
+/// took the pooled connection and was answered with the stray one.
+#[test]
+fn with_reuse_by_client_an_app_answering_twice_reaches_no_other_client() {
+    let poison = String::from_utf8_lossy(POISON).into_owned();
+    let gate: Gate = Arc::default();
+    let written = Arc::new(AtomicUsize::new(0));
+    let (g, w2) = (gate.clone(), written.clone());
+    let app = App::start(move |method, path| match path {
+        "/twice" => [
+            honest(path, method),
+            vec![
+                Step::Await(g.clone()),
+                send(&poison),
+                Step::Mark(w2.clone()),
+            ],
+        ]
+        .concat(),
+        _ => honest(path, method),
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[upstream]\nreuse = \"client\"\n".into(),
+        ..Default::default()
+    });
+    // Its own client keeps its connection across requests.
+    let mut first = Client::connect(w.addr());
+    assert_honest(&first.get("/one", ""), "honest /one ", "first");
+    assert_honest(&first.get("/twice", ""), "honest /twice ", "first");
+    let conn = app.conn_of("/twice");
+    assert_eq!(app.conn_of("/one"), conn, "its own client reuses it");
+    // Another client, while the stray answer is still to come: a connection of its
+    // own, and its own answer.
+    let mut second = Client::connect(w.addr());
+    second.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    set_gate(&gate, true);
+    assert_honest(&second.response(), "honest /next ", "the other client");
+    assert_ne!(app.conn_of("/next"), conn, "another client's connection");
+    assert_honest(
+        &second.get("/next-again", ""),
+        "honest /next-again ",
+        "again",
+    );
+    eventually("the app wrote its stray answer", || {
+        written.load(Ordering::SeqCst) == 1
+    });
+    // The first client goes on; whatever it gets, its connection closes with it.
+    assert_eq!(first.get("/mine", "").status, 200);
+    let mine = app.conn_of("/mine");
+    drop(first);
+    app.wait_ended(mine);
+    // The other client's connection stays its own.
+    assert_honest(
+        &second.get("/last", ""),
+        "honest /last ",
+        "the other client",
+    );
+    assert_eq!(app.conn_of("/last"), app.conn_of("/next"));
+}
+
 /// An app connection that last answered a bodiless request goes on at once for its
 /// own client, is not taken by another client during `pool::SETTLE` (250 ms), and
 /// is after it; at the per-route connection cap, a held connection is closed to

@@ -65,12 +65,14 @@ pub struct Lease {
 }
 
 impl Idle {
-    /// Whether `owner` may take it now.
+    /// Whether `owner` may take it now (`private`: only its own client may).
     #[inline]
-    fn open_to(&self, owner: u64, now: Instant) -> bool {
-        self.held_ms == 0
-            || self.owner == owner
-            || now.saturating_duration_since(self.since).as_millis() >= u128::from(self.held_ms)
+    fn open_to(&self, owner: u64, now: Instant, private: bool) -> bool {
+        self.owner == owner
+            || (!private
+                && (self.held_ms == 0
+                    || now.saturating_duration_since(self.since).as_millis()
+                        >= u128::from(self.held_ms)))
     }
 
     /// When its hold ends, if it is held.
@@ -99,6 +101,9 @@ pub struct Pool {
     /// when the hold ends: put back, they are held until then still. A few at most,
     /// each forgotten once its hold has ended.
     lent: RefCell<Vec<(std::os::fd::RawFd, Instant)>>,
+    /// `[upstream] reuse = "client"`: a connection is reused only by the client
+    /// connection that put it back, and closed when that one closes.
+    private: bool,
 }
 
 impl Pool {
@@ -112,6 +117,29 @@ impl Pool {
             open: RefCell::new(FastMap::default()),
             max_open: max_open.max(1),
             lent: RefCell::new(Vec::new()),
+            private: false,
+        }
+    }
+
+    /// The pool with `reuse` as its rule for who may take a connection.
+    #[must_use]
+    pub fn reused_by(mut self, reuse: crate::config::Reuse) -> Self {
+        self.private = reuse == crate::config::Reuse::Client;
+        self
+    }
+
+    /// Closes the idle connections client connection `owner` put back, now that it
+    /// has closed: with `reuse = "client"` nobody else may take them. Nothing to do
+    /// when connections are shared.
+    pub fn release_owner(&self, owner: u64) {
+        if !self.private {
+            return;
+        }
+        for list in self.idle.borrow_mut().values_mut() {
+            list.retain(|e| e.owner != owner);
+        }
+        for list in self.idle_tls.borrow_mut().values_mut() {
+            list.retain(|e| e.idle.owner != owner);
         }
     }
 
@@ -154,7 +182,10 @@ impl Pool {
             // would do this too, but a `pop` loop is what keeps a keep-alive reuse
             // cheap: folded into the scan, `take` cost 77 more instructions a
             // request (`benches/callgrind.sh small`, 424 against 347).
-            while list.last().is_some_and(|e| e.open_to(owner, now)) {
+            while list
+                .last()
+                .is_some_and(|e| e.open_to(owner, now, self.private))
+            {
                 let entry = list.pop()?;
                 if self.usable(&entry, now) {
                     return Some(self.lend(entry, now));
@@ -164,7 +195,7 @@ impl Pool {
             let mut i = list.len();
             while i > 0 {
                 i -= 1;
-                if !list[i].open_to(owner, now) {
+                if !list[i].open_to(owner, now, self.private) {
                     continue;
                 }
                 let entry = list.remove(i);
@@ -186,7 +217,7 @@ impl Pool {
                 list.drain(..=i);
                 return None;
             }
-            if e.mode != mode || &*e.name != name || !e.idle.open_to(owner, now) {
+            if e.mode != mode || &*e.name != name || !e.idle.open_to(owner, now, self.private) {
                 continue;
             }
             let entry = list.remove(i);

@@ -196,6 +196,19 @@ pub async fn serve(
         .await
 }
 
+/// Closes, when dropped, the pooled app connections only client connection `owner`
+/// may reuse ([`crate::core::Pool::release_owner`]).
+struct OwnedUpstreams<'a> {
+    core: &'a Core,
+    owner: u64,
+}
+
+impl Drop for OwnedUpstreams<'_> {
+    fn drop(&mut self) {
+        self.core.pool.release_owner(self.owner);
+    }
+}
+
 async fn serve_conn(
     core: Rc<Core>,
     conn: TcpConn,
@@ -206,6 +219,12 @@ async fn serve_conn(
 ) {
     core.metrics.add(counter::ACCEPTED, 1);
     core.metrics.add(counter::ACTIVE, 1);
+    // However the connection ends (its task dropped at drain too): app connections
+    // only it may reuse (`[upstream] reuse = "client"`) are closed with it.
+    let _owned = OwnedUpstreams {
+        core: &core,
+        owner: conn_id,
+    };
     let trusted = trust_forwarding
         && core
             .rt
