@@ -210,6 +210,11 @@ pub fn registration(config: &Config) -> WorkerRegistration {
 /// page by page: no size ceiling) when `since` is `None` or the coordinator no longer
 /// remembers that far back. Each circuit comes with the ID of the request that
 /// created it, each removal with the request that removed it.
+/// A new ID for one call (or fetch) to the coordinator.
+fn call_id() -> RequestId {
+    RequestId::generate(IdVersion::V4)
+}
+
 async fn fetch<L: ControlLink>(
     link: &L,
     id: uuid::Uuid,
@@ -372,14 +377,27 @@ async fn run<L: ControlLink>(
     let coordinator = config.coordinator.clone().unwrap_or_default();
     let w = &config.worker;
     let registration = registration(&config);
+    // Each call to the coordinator goes under an ID of its own, sent with it and on
+    // the lines about it here, so the coordinator's lines and the worker's meet.
     let worker_id = loop {
-        match link.register(&registration).await {
-            Ok(id) => break id,
-            Err(e) => tracing::warn!(error = %e, "worker registration failed; retrying"),
+        let registered = appproxy_shared::scope(Some(call_id()), async {
+            match link.register(&registration).await {
+                Ok(id) => {
+                    tracing::info!(worker_id = %id, "registered with the coordinator");
+                    Some(id)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "worker registration failed; retrying");
+                    None
+                }
+            }
+        })
+        .await;
+        if let Some(id) = registered {
+            break id;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    tracing::info!(worker_id = %worker_id, "registered with the coordinator");
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Wake>();
     link.follow(&w.authority, wake_tx);
     let mut poll =
@@ -402,6 +420,7 @@ async fn run<L: ControlLink>(
     let beats = async {
         loop {
             heartbeat.tick().await;
+            appproxy_shared::scope(Some(call_id()), async {
             match link.heartbeat(worker_id).await {
                 Ok(()) => {}
                 // A deregistration of this node arrived after this process had
@@ -423,6 +442,8 @@ async fn run<L: ControlLink>(
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
+            })
+            .await;
         }
     };
     let mut state = Deployed::default();
@@ -490,6 +511,8 @@ async fn run<L: ControlLink>(
             // The first read of the whole set gets a line once it is handed to the cores:
             // from then on the worker follows the coordinator's set.
             let initial = state.revision.is_none() && deltas.is_none();
+            // The ID a fetch goes under: the event's that asked for it, or its own.
+            let mut fetch_id = None;
             let fetched = match deltas {
                 Some(deltas) => Fetched::of_deltas(deltas),
                 // Once an hour the whole set is read again, whatever the revision says: a
@@ -501,7 +524,9 @@ async fn run<L: ControlLink>(
                             .last_whole
                             .is_some_and(|at| at.elapsed() < WHOLE_SET_EVERY)
                     });
-                    let fetched = fetch(&link, worker_id, since);
+                    let id = wake.request_id.unwrap_or_else(call_id);
+                    fetch_id = Some(id);
+                    let fetched = appproxy_shared::scope(Some(id), fetch(&link, worker_id, since));
                     // A poll's fetch (nothing owed to anyone) gives way to an event that
                     // arrives meanwhile: the event carries its circuits, and a
                     // coordinator slow to answer the poll must not hold it; the next
@@ -521,7 +546,9 @@ async fn run<L: ControlLink>(
                     match fetched {
                         Ok(f) => f,
                         Err(e) => {
-                            tracing::warn!(error = %e, "circuit fetch failed");
+                            appproxy_shared::with_request_id(Some(id), || {
+                                tracing::warn!(error = %e, "circuit fetch failed");
+                            });
                             continue;
                         }
                     }
@@ -558,11 +585,13 @@ async fn run<L: ControlLink>(
             });
             state.forget_old();
             if initial {
-                tracing::info!(
-                    circuits = state.circuits.len(),
-                    revision = state.revision,
-                    "circuit set read from the coordinator"
-                );
+                appproxy_shared::with_request_id(fetch_id, || {
+                    tracing::info!(
+                        circuits = state.circuits.len(),
+                        revision = state.revision,
+                        "circuit set read from the coordinator"
+                    );
+                });
             }
             state.settle_finished().await;
             if wake.created.is_empty() && !wake.resync {

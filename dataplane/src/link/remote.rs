@@ -302,8 +302,10 @@ impl Client {
     /// One exchange; the body of a 2xx answer.
     async fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, LinkError> {
         let (mut stream, authority) = self.connect().await?;
-        // The coordinator records our calls under their own ID, as the original does.
-        let id = RequestId::generate(IdVersion::V4);
+        // The coordinator records our calls under the ID the caller's lines carry
+        // (each call's own, see `agent`), else one of their own.
+        let id = appproxy_shared::current_request_id()
+            .unwrap_or_else(|| RequestId::generate(IdVersion::V4));
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nX-BackendAI-Token: {}\r\nX-Backend-Request-ID: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             authority,
