@@ -206,15 +206,45 @@ pub fn registration(config: &Config) -> WorkerRegistration {
     }
 }
 
-/// What changed in this worker's set after revision `since`, or the whole set (read
-/// page by page: no size ceiling) when `since` is `None` or the coordinator no longer
-/// remembers that far back. Each circuit comes with the ID of the request that
-/// created it, each removal with the request that removed it.
+/// One heartbeat (the caller binds its ID); a node the coordinator counts as left
+/// registers again, under an ID of its own.
+async fn beat<L: ControlLink>(link: &L, worker_id: uuid::Uuid, registration: &WorkerRegistration) {
+    match link.heartbeat(worker_id).await {
+        Ok(()) => {}
+        // A deregistration of this node arrived after this process had
+        // registered (its previous process's, answered late): its heartbeats
+        // no longer count until it registers again.
+        Err(e) if node_left(&e) => {
+            tracing::warn!(error = %e, "the coordinator counts this node as left; registering again");
+            // A call of its own, under its own ID.
+            appproxy_shared::scope(Some(call_id()), async {
+                match link.register(registration).await {
+                    Ok(id) if id == worker_id => {
+                        tracing::info!(worker_id = %id, "registered with the coordinator again")
+                    }
+                    Ok(id) => {
+                        tracing::warn!(worker_id = %id, was = %worker_id, "registered again under another ID")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registering again failed; trying at the next heartbeat")
+                    }
+                }
+            })
+            .await;
+        }
+        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
+}
+
 /// A new ID for one call (or fetch) to the coordinator.
 fn call_id() -> RequestId {
     RequestId::generate(IdVersion::V4)
 }
 
+/// What changed in this worker's set after revision `since`, or the whole set (read
+/// page by page: no size ceiling) when `since` is `None` or the coordinator no longer
+/// remembers that far back. Each circuit comes with the ID of the request that
+/// created it, each removal with the request that removed it.
 async fn fetch<L: ControlLink>(
     link: &L,
     id: uuid::Uuid,
@@ -420,30 +450,7 @@ async fn run<L: ControlLink>(
     let beats = async {
         loop {
             heartbeat.tick().await;
-            appproxy_shared::scope(Some(call_id()), async {
-            match link.heartbeat(worker_id).await {
-                Ok(()) => {}
-                // A deregistration of this node arrived after this process had
-                // registered (its previous process's, answered late): its heartbeats
-                // no longer count until it registers again.
-                Err(e) if node_left(&e) => {
-                    tracing::warn!(error = %e, "the coordinator counts this node as left; registering again");
-                    match link.register(&registration).await {
-                        Ok(id) if id == worker_id => {
-                            tracing::info!(worker_id = %id, "registered with the coordinator again")
-                        }
-                        Ok(id) => {
-                            tracing::warn!(worker_id = %id, was = %worker_id, "registered again under another ID")
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "registering again failed; trying at the next heartbeat")
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-            }
-            })
-            .await;
+            appproxy_shared::scope(Some(call_id()), beat(&link, worker_id, &registration)).await;
         }
     };
     let mut state = Deployed::default();
@@ -460,11 +467,14 @@ async fn run<L: ControlLink>(
             } else {
                 tokio::select! {
                 _ = &mut stopped => {
-                    match tokio::time::timeout(Duration::from_secs(3), link.deregister(worker_id)).await {
-                        Ok(Ok(())) => tracing::info!(worker_id = %worker_id, "deregistered from the coordinator"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
-                        Err(_) => tracing::warn!("deregistration timed out"),
-                    }
+                    appproxy_shared::scope(Some(call_id()), async {
+                        match tokio::time::timeout(Duration::from_secs(3), link.deregister(worker_id)).await {
+                            Ok(Ok(())) => tracing::info!(worker_id = %worker_id, "deregistered from the coordinator"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed"),
+                            Err(_) => tracing::warn!("deregistration timed out"),
+                        }
+                    })
+                    .await;
                     return;
                 }
                 _ = poll.tick() => Wake::default(),

@@ -802,9 +802,11 @@ fn with_reuse_by_client_an_app_answering_twice_reaches_no_other_client() {
     eventually("the app wrote its stray answer", || {
         written.load(Ordering::SeqCst) == 1
     });
-    // The first client goes on; whatever it gets, its connection closes with it.
+    // The first client goes on (whatever it gets at first: the stray answer was
+    // its own); its last request's connection, clean and pooled, closes with it.
     assert_eq!(first.get("/mine", "").status, 200);
-    let mine = app.conn_of("/mine");
+    assert_honest(&first.get("/mine-last", ""), "honest /mine-last ", "first");
+    let mine = app.conn_of("/mine-last");
     drop(first);
     app.wait_ended(mine);
     // The other client's connection stays its own.

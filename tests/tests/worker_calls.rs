@@ -80,8 +80,21 @@ fn the_workers_calls_are_logged_on_both_sides_under_one_id() {
             .is_some_and(|p| p.contains("/circuits")),
         "{access}"
     );
-    // Heartbeats: with the coordinator gone, each failure is on a line with the ID
-    // the call would have been sent under, one per heartbeat.
+    // Heartbeats reach the coordinator under IDs of their own.
+    let mut beats: Vec<String> = Vec::new();
+    wait_until("two heartbeats at the coordinator", || {
+        beats = text(&sink)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == "request" && l["method"] == "PATCH")
+            .map(|l| l["request_id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        beats.len() >= 2
+    });
+    assert!(beats.iter().all(|i| !i.is_empty()), "{beats:?}");
+    assert_ne!(beats[0], beats[1], "one ID per heartbeat");
+    // With the coordinator gone, each failure is on a line with the ID the call
+    // would have been sent under, one per heartbeat.
     coordinator.stop();
     wait_until("two failed heartbeats", || {
         worker.assert_running();

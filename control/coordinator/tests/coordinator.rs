@@ -60,8 +60,6 @@ fn start(dir: &std::path::Path, db: &Db) -> Coordinator {
     start_with(dir, db, "")
 }
 
-/// Starts the coordinator on `db`. `extra`: more `[coordinator]` keys, then any
-/// further tables.
 /// Waits (40 s at most) until the coordinator's log says `n` times that it listens
 /// for acknowledgements on Redis (once more at each resubscription).
 fn wait_listening(dir: &std::path::Path, n: usize) {
@@ -80,6 +78,8 @@ fn wait_listening(dir: &std::path::Path, n: usize) {
     }
 }
 
+/// Starts the coordinator on `db`. `extra`: more `[coordinator]` keys, then any
+/// further tables.
 fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
     common::start(dir, &api::config(extra, &db.section(dir)))
 }

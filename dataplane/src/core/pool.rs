@@ -104,6 +104,9 @@ pub struct Pool {
     /// `[upstream] reuse = "client"`: a connection is reused only by the client
     /// connection that put it back, and closed when that one closes.
     private: bool,
+    /// With `private`: the addresses each client connection put connections back
+    /// for, so that its close looks at those lists only.
+    owned: RefCell<FastMap<u64, Vec<SocketAddr>>>,
 }
 
 impl Pool {
@@ -118,6 +121,7 @@ impl Pool {
             max_open: max_open.max(1),
             lent: RefCell::new(Vec::new()),
             private: false,
+            owned: RefCell::new(FastMap::default()),
         }
     }
 
@@ -135,11 +139,16 @@ impl Pool {
         if !self.private {
             return;
         }
-        for list in self.idle.borrow_mut().values_mut() {
-            list.retain(|e| e.owner != owner);
-        }
-        for list in self.idle_tls.borrow_mut().values_mut() {
-            list.retain(|e| e.idle.owner != owner);
+        let Some(addrs) = self.owned.borrow_mut().remove(&owner) else {
+            return;
+        };
+        for addr in addrs {
+            if let Some(list) = self.idle.borrow_mut().get_mut(&addr) {
+                list.retain(|e| e.owner != owner);
+            }
+            if let Some(list) = self.idle_tls.borrow_mut().get_mut(&addr) {
+                list.retain(|e| e.idle.owner != owner);
+            }
         }
     }
 
@@ -268,6 +277,13 @@ impl Pool {
         let held_ms = hold_end.map_or(0, |end| {
             u16::try_from(end.saturating_duration_since(now).as_millis().max(1)).unwrap_or(u16::MAX)
         });
+        if self.private {
+            let mut owned = self.owned.borrow_mut();
+            let addrs = owned.entry(lease.owner).or_default();
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
         let idle = Idle {
             conn,
             since: now,
@@ -325,5 +341,53 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum::<usize>()
             + self.idle_tls.borrow().values().map(Vec::len).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::tests::{accepted, reactor};
+
+    const APP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+    fn lease(owner: u64) -> Lease {
+        Lease {
+            owner,
+            bodiless: false,
+        }
+    }
+
+    /// With `reuse = "client"` only the client connection that put a connection
+    /// back takes it again, plain or TLS, and its close closes them.
+    #[test]
+    fn with_reuse_by_client_only_its_owner_takes_a_connection() {
+        let reactor = reactor();
+        let now = Instant::now();
+        let pool = Pool::new(8, std::time::Duration::from_secs(60), 2)
+            .reused_by(crate::config::Reuse::Client);
+        let (conn, _peer) = accepted(&reactor);
+        pool.put(APP, None, conn, now, lease(1));
+        assert!(pool.take(APP, None, now, 2).is_none(), "another client");
+        let conn = pool.take(APP, None, now, 1).expect("its owner");
+        pool.put(APP, None, conn, now, lease(1));
+        let tls = Some((UpstreamTls::Verify, "app.test"));
+        let (conn, _tls_peer) = accepted(&reactor);
+        pool.put(APP, tls, conn, now, lease(1));
+        assert!(pool.take(APP, tls, now, 2).is_none(), "another client, TLS");
+        assert_eq!(pool.idle_count(), 2);
+        // Another client's close leaves them; the owner's closes both.
+        pool.release_owner(2);
+        assert_eq!(pool.idle_count(), 2);
+        pool.release_owner(1);
+        assert_eq!(pool.idle_count(), 0);
+
+        // Shared (the default): another client takes it, and a close releases
+        // nothing.
+        let pool = Pool::new(8, std::time::Duration::from_secs(60), 2);
+        let (conn, _peer) = accepted(&reactor);
+        pool.put(APP, None, conn, now, lease(1));
+        pool.release_owner(1);
+        assert!(pool.take(APP, None, now, 2).is_some(), "shared");
     }
 }
