@@ -1236,6 +1236,48 @@ fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
     }
 }
 
+/// An HTTP/2 client gets an HTTP/2 app's interim head sanitized as the final head
+/// is: no request ID of the app's, no permit cookie, cookies host-only. (Each path
+/// sanitizes interim heads for its client's protocol; this is the HTTP/2 one.)
+#[test]
+fn an_http2_client_gets_an_http2_apps_interim_head_sanitized() {
+    let app = raw_app(|&(ty, flags, id, _)| {
+        if (ty == HEADERS || ty == DATA) && flags & END_STREAM != 0 {
+            let early: &[(&[u8], &[u8])] = &[
+                (b":status", b"103"),
+                (b"link", b"</a.css>; rel=preload"),
+                (b"x-backend-request-id", b"spoofed-by-app"),
+                (b"set-cookie", b"appproxy_permit=stolen; Path=/"),
+                (b"set-cookie", b"s=1; Domain=apps.test; Path=/"),
+            ];
+            interim_then_ok(early, 1, id)
+        } else {
+            Vec::new()
+        }
+    });
+    let w = http2_worker(app, "");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-D", "-"])
+        .arg(format!("http://127.0.0.1:{}/", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let heads = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    let early = heads
+        .split("\n\n")
+        .find(|h| h.starts_with("HTTP/2 103"))
+        .unwrap_or_else(|| panic!("no 103 relayed: {heads}"));
+    assert!(early.contains("link: </a.css>; rel=preload"), "{early}");
+    assert!(!early.contains("spoofed-by-app"), "{early}");
+    assert!(!early.contains("appproxy_permit"), "{early}");
+    let cookies: Vec<&str> = early
+        .lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .collect();
+    assert_eq!(cookies, ["s=1; Path=/"], "{early}");
+    assert!(heads.contains("HTTP/2 200"), "{heads}");
+}
+
 /// After relaying an interim head to a bridged HTTP/1.1 client, the wait for the
 /// app's next head is bounded by the head timeout, as the first was, not by the
 /// client's write timeout (`body_idle_secs`) armed for the interim head's write:
