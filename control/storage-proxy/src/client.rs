@@ -381,7 +381,7 @@ async fn download(
             let archive =
                 super::zip::first_bytes(super::zip::stream_dir(fd, at_root, state.stall, permit))
                     .await
-                    .map_err(ApiError::Archive)?;
+                    .map_err(ApiError::archive)?;
             let mut resp = Response::new(Body::from_stream(Metered::new(&state, archive)));
             resp.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/zip"));
@@ -558,7 +558,7 @@ async fn download_archive(
     let archive =
         super::zip::first_bytes(super::zip::stream_items(items, false, state.stall, permit))
             .await
-            .map_err(ApiError::Archive)?;
+            .map_err(ApiError::archive)?;
     let mut resp = Response::new(Body::from_stream(Metered::new(&state, archive)));
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/zip"));

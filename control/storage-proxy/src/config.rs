@@ -27,6 +27,10 @@ impl StorageConfig {
                     "max_connections_per_address = 512  # default: one in 8 of max_connections, at least 16",
                 ),
                 (
+                    "storage",
+                    "max_walk_names_bytes_per_walk = 67108864  # default: a quarter of max_walk_names_bytes",
+                ),
+                (
                     "redis",
                     "url = \"redis://127.0.0.1:6379/8\"  # background-task events",
                 ),
@@ -131,6 +135,16 @@ pub struct StorageSection {
     /// listing of all of them held every name in memory (2 million: 300 MB and
     /// 24 s per request).
     pub scandir_limit: usize,
+    /// Bytes of subdirectory names all walks (archives, usage and quota
+    /// measurements, recursive deletes, clones) may hold at once: a walk holds the
+    /// names of the subdirectories of each level it is in, which a user makes by the
+    /// hundred thousand at no cost in quota. A walk that would pass it is refused
+    /// (503, retryable; an archive already streaming is cut off). Shown at
+    /// `/metrics` as `storage_proxy_walk_names_bytes`.
+    pub max_walk_names_bytes: u64,
+    /// What of `max_walk_names_bytes` one walk may hold, so that one walk cannot
+    /// take it all. Unset: a quarter of it.
+    pub max_walk_names_bytes_per_walk: Option<u64>,
 }
 
 impl Default for StorageSection {
@@ -153,6 +167,8 @@ impl Default for StorageSection {
             max_archive_streams_per_address: None,
             max_delete_paths: 1000,
             scandir_limit: 1000,
+            max_walk_names_bytes: crate::fsx::WALK_NAMES_BYTES,
+            max_walk_names_bytes_per_walk: None,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,
         }

@@ -1001,16 +1001,29 @@ pub trait Visitor {
 
 /// Walks the tree under `top` depth first, without recursion and never following a
 /// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent. Memory
-/// is the names of the subdirectories of each level it is in ([`Subdirs`]),
-/// descriptors at most `HELD + 2`, whatever the depth or width; a user can make a
-/// tree deeper than any stack and wider than the descriptor limit.
+/// is the names of the subdirectories of each level it is in ([`Subdirs`]), held
+/// to [`WALK_NAMES`] (past it the walk fails with [`WalkLimit`]), descriptors at
+/// most `HELD + 2`, whatever the depth or width; a user can make a tree deeper
+/// than any stack and wider than the descriptor limit.
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
+    walk_within(top, v, &WALK_NAMES)
+}
+
+/// [`walk`], the names it holds charged to `budget`.
+fn walk_within(top: BorrowedFd<'_>, v: &mut dyn Visitor, budget: &NamesBudget) -> io::Result<()> {
+    // What this walk holds of `budget` (the sum of its levels' `Subdirs`); each
+    // gives back its own charge when dropped, however the walk ends.
+    let held = std::cell::Cell::new(0u64);
+    let names = Names {
+        budget,
+        walk: &held,
+    };
     let reserves = v.reserves();
     let mut trail = Trail::new(top);
     if reserves {
         read_ahead(top, v)?;
     }
-    let first = visit_files(Dir::read_from(top)?, top, v, 0)?;
+    let first = visit_files(Dir::read_from(top)?, top, v, 0, names)?;
     let mut pending: Vec<(OsString, Subdirs)> = vec![(OsString::new(), first)];
     loop {
         let depth = pending.len().saturating_sub(1);
@@ -1053,7 +1066,7 @@ pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
             read_ahead(sub.as_fd(), v)?;
         }
         trail.push(sub)?;
-        let dirs = visit_files(reader, trail.current(), v, depth + 1)?;
+        let dirs = visit_files(reader, trail.current(), v, depth + 1, names)?;
         pending.push((e.name, dirs));
     }
     Ok(())
@@ -1088,22 +1101,184 @@ pub fn is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Bytes of subdirectory names all walks together may hold at once, by default
+/// (`[storage] max_walk_names_bytes`; see [`NamesBudget`]).
+pub const WALK_NAMES_BYTES: u64 = 256 << 20;
+
+/// What of [`WALK_NAMES_BYTES`] one walk may hold by default: a quarter
+/// (`[storage] max_walk_names_bytes_per_walk`).
+pub const WALK_NAMES_SHARE: u64 = WALK_NAMES_BYTES / 4;
+
+/// The budget of every walk of the process ([`walk`]): set from the config at
+/// start ([`NamesBudget::configure`]), shown at `/metrics` as
+/// `storage_proxy_walk_names_bytes`.
+pub static WALK_NAMES: NamesBudget = NamesBudget::new(WALK_NAMES_BYTES, WALK_NAMES_SHARE);
+
+/// The memory walks hold for the subdirectories waiting to be walked
+/// ([`Subdirs`]: their names' bytes and 8 bytes each, as allocated), bounded for
+/// all walks at once and for each. A user makes 300,000 empty subdirectories with
+/// 255-byte names in one directory at no cost in quota; each walk of it (an
+/// archive, a usage or quota measurement, a delete, a clone) held some 80 MB of
+/// them, and 32 archives at once took a proxy from 7.6 MB to 1.72 GB. A walk that
+/// would pass its share or the total fails with [`WalkLimit`]; every byte it
+/// took is given back when its levels are dropped, however it ends.
+pub struct NamesBudget {
+    /// Bytes held by all walks now.
+    held: std::sync::atomic::AtomicU64,
+    /// The most all walks may hold at once.
+    total: std::sync::atomic::AtomicU64,
+    /// The most one walk may hold.
+    per_walk: std::sync::atomic::AtomicU64,
+}
+
+impl NamesBudget {
+    /// A budget of `total` bytes, `per_walk` of them at most for one walk.
+    pub const fn new(total: u64, per_walk: u64) -> Self {
+        Self {
+            held: std::sync::atomic::AtomicU64::new(0),
+            total: std::sync::atomic::AtomicU64::new(total),
+            per_walk: std::sync::atomic::AtomicU64::new(per_walk),
+        }
+    }
+
+    /// Sets the bounds (at start, from the config); a share larger than the total
+    /// is the total.
+    pub fn configure(&self, total: u64, per_walk: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.store(total, Relaxed);
+        self.per_walk.store(per_walk.min(total), Relaxed);
+    }
+
+    /// Bytes held by all walks now.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes `n` more bytes for the walk holding `walk` bytes, or fails, taking
+    /// nothing, when that walk or all of them would hold more than allowed.
+    fn take(&self, walk: &std::cell::Cell<u64>, n: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let per_walk = self.per_walk.load(Relaxed);
+        if walk.get().saturating_add(n) > per_walk {
+            return Err(io::Error::other(WalkLimit {
+                setting: "max_walk_names_bytes_per_walk",
+                bytes: per_walk,
+            }));
+        }
+        let total = self.total.load(Relaxed);
+        self.held
+            .fetch_update(Relaxed, Relaxed, |held| {
+                held.checked_add(n).filter(|&after| after <= total)
+            })
+            .map_err(|_| {
+                io::Error::other(WalkLimit {
+                    setting: "max_walk_names_bytes",
+                    bytes: total,
+                })
+            })?;
+        walk.set(walk.get() + n);
+        Ok(())
+    }
+
+    /// Gives back `n` bytes the walk holding `walk` bytes took.
+    fn give(&self, walk: &std::cell::Cell<u64>, n: u64) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        walk.set(walk.get().saturating_sub(n));
+    }
+}
+
+/// The error of a walk that would hold more subdirectory names than
+/// [`NamesBudget`] allows: the request is refused (503, retryable), an archive
+/// already streaming is cut off.
+#[derive(Debug)]
+pub struct WalkLimit {
+    /// The setting that bounds it.
+    setting: &'static str,
+    /// Its value.
+    bytes: u64,
+}
+
+impl std::fmt::Display for WalkLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.setting == "max_walk_names_bytes" {
+            write!(
+                f,
+                "the walks under way hold the most subdirectory names allowed for all at once ([storage] max_walk_names_bytes = {} bytes); try again later",
+                self.bytes
+            )
+        } else {
+            write!(
+                f,
+                "the tree has more subdirectories than one walk may hold: their names pass [storage] max_walk_names_bytes_per_walk = {} bytes",
+                self.bytes
+            )
+        }
+    }
+}
+
+impl std::error::Error for WalkLimit {}
+
+/// Whether `e` is a [`WalkLimit`].
+pub fn is_walk_limit(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<WalkLimit>())
+}
+
+/// A walk's account with its budget, handed to each of its levels' [`Subdirs`].
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    budget: &'a NamesBudget,
+    /// What the walk holds now.
+    walk: &'a std::cell::Cell<u64>,
+}
+
+/// Bytes of one name's place in [`Subdirs::spans`].
+const SPAN: usize = std::mem::size_of::<(u32, u8)>();
+
 /// The subdirectories of one level waiting to be walked: their names, sorted, in
 /// one buffer. A user can fill a directory with a million empty subdirectories;
 /// held as entries with their status, 200,000 of them cost each archive being made
 /// of it some 34 MB (about 170 bytes each, where an empty file costs 15), now their
-/// names' bytes and 8 each.
-#[derive(Default)]
-struct Subdirs {
+/// names' bytes and 8 each, charged to the walk's [`NamesBudget`] as allocated
+/// (before the allocation) and given back when dropped.
+struct Subdirs<'a> {
     /// The names, back to back.
     bytes: Vec<u8>,
     /// Where each name starts in `bytes`, and its length (at most `NAME_MAX`).
     spans: Vec<(u32, u8)>,
     /// The next to walk.
     next: usize,
+    /// The budget charged.
+    names: Names<'a>,
+    /// What this level took of it: the capacity of `bytes` and `spans`.
+    charged: u64,
 }
 
-impl Subdirs {
+impl Drop for Subdirs<'_> {
+    fn drop(&mut self) {
+        self.names.budget.give(self.names.walk, self.charged);
+    }
+}
+
+/// The capacity a buffer of `cap` grows to for `need` (doubling, as `Vec` does).
+fn grown(cap: usize, need: usize, least: usize) -> usize {
+    if need <= cap {
+        cap
+    } else {
+        need.max(cap.saturating_mul(2)).max(least)
+    }
+}
+
+impl<'a> Subdirs<'a> {
+    fn new(names: Names<'a>) -> Self {
+        Self {
+            bytes: Vec::new(),
+            spans: Vec::new(),
+            next: 0,
+            names,
+            charged: 0,
+        }
+    }
+
     fn push(&mut self, name: &[u8]) -> io::Result<()> {
         let (Ok(start), Ok(len)) = (u32::try_from(self.bytes.len()), u8::try_from(name.len()))
         else {
@@ -1111,8 +1286,31 @@ impl Subdirs {
                 "a directory whose subdirectories' names pass 4 GiB",
             ));
         };
+        self.room(name.len())?;
         self.bytes.extend_from_slice(name);
         self.spans.push((start, len));
+        Ok(())
+    }
+
+    /// Makes room for one more name of `len` bytes, the growth charged to the
+    /// budget before anything is allocated.
+    fn room(&mut self, len: usize) -> io::Result<()> {
+        let bytes = grown(self.bytes.capacity(), self.bytes.len() + len, 0);
+        let spans = grown(self.spans.capacity(), self.spans.len() + 1, 4);
+        let want = (bytes as u64).saturating_add((spans as u64).saturating_mul(SPAN as u64));
+        if want > self.charged {
+            self.names
+                .budget
+                .take(self.names.walk, want - self.charged)?;
+            self.charged = want;
+        }
+        let full = |_| io::Error::from(io::ErrorKind::OutOfMemory);
+        self.bytes
+            .try_reserve_exact(bytes - self.bytes.len())
+            .map_err(full)?;
+        self.spans
+            .try_reserve_exact(spans - self.spans.len())
+            .map_err(full)?;
         Ok(())
     }
 
@@ -1121,10 +1319,11 @@ impl Subdirs {
         &self.bytes[start..start + usize::from(len)]
     }
 
-    /// In byte order, as the names were sorted as entries before.
+    /// In byte order, as the names were sorted as entries before (no two are
+    /// equal: unstable, it allocates nothing).
     fn sort(&mut self) {
         let mut spans = std::mem::take(&mut self.spans);
-        spans.sort_by(|a, b| self.name(*a).cmp(self.name(*b)));
+        spans.sort_unstable_by(|a, b| self.name(*a).cmp(self.name(*b)));
         self.spans = spans;
     }
 
@@ -1140,16 +1339,17 @@ impl Subdirs {
 /// comes, or sorted when there are no more than [`Visitor::sorted_up_to`] (`depth`
 /// below the walk's top); returns the directories' names, sorted, for the walk to
 /// visit and descend into. An entry that vanishes while read is left out.
-fn visit_files(
+fn visit_files<'a>(
     reader: Dir,
     dir: BorrowedFd<'_>,
     v: &mut dyn Visitor,
     depth: usize,
-) -> io::Result<Subdirs> {
+    names: Names<'a>,
+) -> io::Result<Subdirs<'a>> {
     let keep = v.sorted_up_to();
     let mut held = Vec::new();
     let mut streaming = keep == 0;
-    let mut dirs = Subdirs::default();
+    let mut dirs = Subdirs::new(names);
     for e in reader {
         let e = e?;
         let name = OsStr::from_bytes(e.file_name().to_bytes());
@@ -1939,7 +2139,12 @@ mod tests {
             "é".as_bytes().to_vec(),
             b"a\x00x".to_vec(),
         ];
-        let mut subdirs = Subdirs::default();
+        let budget = NamesBudget::new(1 << 20, 1 << 20);
+        let held = std::cell::Cell::new(0);
+        let mut subdirs = Subdirs::new(Names {
+            budget: &budget,
+            walk: &held,
+        });
         for n in &names {
             subdirs.push(n).expect("pushed");
         }
@@ -1952,6 +2157,95 @@ mod tests {
         let got: Vec<OsString> = std::iter::from_fn(|| subdirs.next()).collect();
         assert_eq!(got, want);
         assert!(subdirs.next().is_none());
+    }
+
+    /// Counts the directories a walk enters.
+    struct Dirs(usize);
+    impl Visitor for Dirs {
+        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+            Ok(e.kind() == FileType::Directory)
+        }
+        fn enter(&mut self, _: BorrowedFd<'_>, _: &OsStr, _: bool) -> io::Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    /// What a level holds is charged as allocated: each name's bytes and its
+    /// span, within twice that for the doubling; all of it given back at the end.
+    #[test]
+    fn a_walks_names_are_charged_as_allocated_and_given_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..100 {
+            std::fs::create_dir(dir.path().join(format!("{i:0>200}"))).expect("mkdir");
+        }
+        let top = std::fs::File::open(dir.path()).expect("open");
+        let budget = NamesBudget::new(1 << 20, 1 << 20);
+        struct Peak<'a>(&'a NamesBudget, u64);
+        impl Visitor for Peak<'_> {
+            fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+                self.1 = self.1.max(self.0.held());
+                Ok(e.kind() == FileType::Directory)
+            }
+        }
+        let mut peak = Peak(&budget, 0);
+        walk_within(top.as_fd(), &mut peak, &budget).expect("walked");
+        let exact = 100 * (200 + SPAN as u64);
+        assert!(peak.1 >= exact && peak.1 <= 2 * exact, "{}", peak.1);
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// One walk past its share fails, naming the setting, and gives back all it
+    /// took; two walks that fit their share apart but not the total together: the
+    /// second fails while the first holds its names, and walks once it is done.
+    #[test]
+    fn walks_are_held_to_their_share_and_to_the_total() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..64 {
+            std::fs::create_dir(dir.path().join(format!("{i:0>100}"))).expect("mkdir");
+        }
+        let top = std::fs::File::open(dir.path()).expect("open");
+        // 64 names of 100 bytes: 6,400 bytes and 512 of spans, 8 KiB at most.
+        let small = NamesBudget::new(1 << 20, 4096);
+        let err = walk_within(top.as_fd(), &mut Dirs(0), &small).expect_err("past the share");
+        assert!(is_walk_limit(&err), "{err}");
+        assert!(
+            err.to_string()
+                .contains("max_walk_names_bytes_per_walk = 4096"),
+            "{err}"
+        );
+        assert_eq!(small.held(), 0);
+
+        let shared = NamesBudget::new(10 << 10, 8 << 10);
+        struct Nested<'a>(
+            &'a NamesBudget,
+            std::os::fd::BorrowedFd<'a>,
+            Option<io::Error>,
+        );
+        impl Visitor for Nested<'_> {
+            fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+                if self.2.is_none() {
+                    // The first walk holds its level's names now.
+                    assert!(self.0.held() > 4096);
+                    let second = walk_within(self.1, &mut Dirs(0), self.0);
+                    self.2 = Some(second.expect_err("the total is held"));
+                }
+                Ok(e.kind() == FileType::Directory)
+            }
+        }
+        let mut first = Nested(&shared, top.as_fd(), None);
+        walk_within(top.as_fd(), &mut first, &shared).expect("the first walks");
+        let err = first.2.expect("the second tried");
+        assert!(is_walk_limit(&err), "{err}");
+        assert!(
+            err.to_string().contains("max_walk_names_bytes = 10240"),
+            "{err}"
+        );
+        assert_eq!(shared.held(), 0);
+        let mut dirs = Dirs(0);
+        walk_within(top.as_fd(), &mut dirs, &shared).expect("the second walks alone");
+        assert_eq!(dirs.0, 64);
+        assert_eq!(shared.held(), 0);
     }
 
     #[test]

@@ -166,6 +166,8 @@ pub struct Metrics {
     pub quota_walks: std::sync::atomic::AtomicU64,
     /// Walks of a vfolder for `/folder/usage` and `/folder/used-bytes`.
     pub usage_walks_folder: std::sync::atomic::AtomicU64,
+    /// Expired staging files removed by the cleanup.
+    pub expired_uploads_removed: std::sync::atomic::AtomicU64,
     /// Histograms, gauges and labeled counters.
     pub observed: Observed,
     /// The manager API server's connection counters.
@@ -319,6 +321,12 @@ pub enum ApiError {
         /// What was wrong.
         message: String,
     },
+    /// A walk (a recursive delete, an archive before its first byte) that would
+    /// hold more subdirectory names than `[storage] max_walk_names_bytes` (for all
+    /// walks) or `max_walk_names_bytes_per_walk` allow: 503 `walk-limit` with
+    /// `Retry-After`, the message naming the setting.
+    #[error("{0}")]
+    WalkLimit(String),
     /// A filesystem error.
     #[error("filesystem error: {0}")]
     Io(std::io::Error),
@@ -339,6 +347,8 @@ impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
         if fsx::is_escape(&e) {
             Self::Path(PathError::Escape)
+        } else if fsx::is_walk_limit(&e) {
+            Self::WalkLimit(e.to_string())
         } else {
             Self::Io(e)
         }
@@ -352,6 +362,16 @@ impl From<rustix::io::Errno> for ApiError {
 }
 
 impl ApiError {
+    /// An archive that failed before its first byte: 500 `archive-failed`, or 503
+    /// `walk-limit` when its walk would pass the names budget (see `fsx::WalkLimit`).
+    pub fn archive(e: std::io::Error) -> Self {
+        if fsx::is_walk_limit(&e) {
+            Self::WalkLimit(e.to_string())
+        } else {
+            Self::Archive(e)
+        }
+    }
+
     fn status_and_kind(&self) -> (StatusCode, &'static str) {
         match self {
             Self::MissingToken | Self::InvalidToken => (StatusCode::FORBIDDEN, "forbidden"),
@@ -364,6 +384,7 @@ impl ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Self::WalkLimit(_) => (StatusCode::SERVICE_UNAVAILABLE, "walk-limit"),
             Self::Unmeasured(_) => (StatusCode::SERVICE_UNAVAILABLE, "usage-unmeasured"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -429,7 +450,7 @@ impl IntoResponse for ApiError {
             "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
         });
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::Busy(_)) {
+        if matches!(self, Self::Busy(_) | Self::WalkLimit(_)) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("5"));
         }
@@ -668,6 +689,14 @@ pub fn state_with_events(
         .iter()
         .map(|v| (v.name.clone(), v.path.clone()))
         .collect();
+    let walk_names = config.storage.max_walk_names_bytes;
+    fsx::WALK_NAMES.configure(
+        walk_names,
+        config
+            .storage
+            .max_walk_names_bytes_per_walk
+            .unwrap_or(walk_names / 4),
+    );
     Ok(Arc::new(State {
         volumes: Volumes::new(&volumes)?,
         manager_token: config.secrets.manager_token.clone(),
@@ -844,6 +873,8 @@ pub fn remove_expired_uploads(state: &State) -> usize {
     use rustix::fs::FileType;
     use std::os::fd::AsFd as _;
     let mut removed = 0;
+    // Removals logged one by one so far in this pass (see `LOGGED_REMOVALS`).
+    let mut logged = 0;
     for name in state.volumes.names() {
         let (Ok(root), Ok(path)) = (state.volumes.root_fd(name), state.volumes.root(name)) else {
             continue;
@@ -878,7 +909,7 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                     // are never listed.
                     let parts = [e.name.clone(), manager::STAGING.into()];
                     let staging = fsx::open(dir.as_fd(), &parts, fsx::DIR, fsx::STRICT);
-                    removed += remove_expired_in(state, staging, &key, &at);
+                    removed += remove_expired_in(state, staging, &key, &at, &mut logged);
                 } else {
                     stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key, at));
                 }
@@ -899,18 +930,29 @@ pub fn remove_expired_uploads(state: &State) -> usize {
     removed
 }
 
+/// Removals of one cleanup pass logged one by one (as an archive logs its first 16
+/// entries renamed or left out); each staging area's removals are summed in one
+/// line, and all of them counted in `storage_proxy_expired_uploads_removed_total`.
+/// A user fills their own staging area with 100,000 empty files named as sessions
+/// and dated back (`touch -d 2000-01-01`), at no cost in quota, before every pass:
+/// a line each wrote some 25 MB of log per pass.
+pub const LOGGED_REMOVALS: usize = 16;
+
 /// Removes the expired staging files of the vfolder at `at` (in the quota scope
 /// `key`), given its staging area as opened; returns how many. The staging area
 /// is writable by the vfolder's user, who can put a million names there at no
 /// cost in quota: it is read as a stream, never held or sorted, and only a
 /// session's name (32 hex digits, see `quota::session_name`) is looked at
 /// further; any other name is passed over without a `stat`, and never removed.
-/// A pass holds one directory buffer, however many entries there are.
+/// A pass holds one directory buffer, however many entries there are. `logged`
+/// counts the removals of the pass logged one by one, at most
+/// [`LOGGED_REMOVALS`]; the rest are in the staging area's summary line.
 fn remove_expired_in(
     state: &State,
     staging: std::io::Result<std::os::fd::OwnedFd>,
     key: &std::path::Path,
     at: &std::path::Path,
+    logged: &mut usize,
 ) -> usize {
     use rustix::fs::{AtFlags, FileType};
     use std::os::fd::AsFd as _;
@@ -930,7 +972,7 @@ fn remove_expired_in(
     let Ok(names) = rustix::fs::Dir::read_from(staging.as_fd()) else {
         return 0;
     };
-    let mut removed = 0;
+    let (mut removed, mut bytes) = (0, 0u64);
     for e in names {
         // A directory that cannot be read on is left for the next pass.
         let Ok(e) = e else { break };
@@ -960,13 +1002,28 @@ fn remove_expired_in(
             // file in any staging area they write to after any session (the ID is
             // in its token).
             quota::release_staged(state, at, session);
-            // Counted as committed (and in the folder's usage) unless a
-            // reservation held it.
-            state.reservations.removed(key);
-            state.folders.changed(at);
-            tracing::info!(session = %session, "expired upload removed");
+            if *logged < LOGGED_REMOVALS {
+                *logged += 1;
+                tracing::info!(session = %session, "expired upload removed");
+            }
             removed += 1;
+            bytes = bytes.saturating_add(u64::try_from(stat.st_size).unwrap_or(0));
         }
+    }
+    if removed > 0 {
+        // Counted as committed (and in the folder's usage) unless a reservation
+        // held them: the scope is measured again and the folder's figure walked
+        // again, once for all (each only marks them so; a measurement or a figure
+        // taken during the pass may count a file removed since, the safe side).
+        state.reservations.removed(key);
+        state.folders.changed(at);
+        Metrics::add(&state.metrics.expired_uploads_removed, removed as u64);
+        tracing::info!(
+            folder = %at.display(),
+            removed,
+            bytes,
+            "expired uploads removed from a staging area"
+        );
     }
     removed
 }

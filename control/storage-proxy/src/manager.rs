@@ -2045,6 +2045,18 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             m.quota_walks.load(Relaxed),
         ),
         (
+            "storage_proxy_expired_uploads_removed_total",
+            "Expired staging files removed by the cleanup (the first 16 of a pass logged one by one, each staging area's in one line).",
+            "counter",
+            m.expired_uploads_removed.load(Relaxed),
+        ),
+        (
+            "storage_proxy_walk_names_bytes",
+            "Bytes of subdirectory names held by the tree walks under way (archives, usage and quota measurements, deletes, clones), bounded by [storage] max_walk_names_bytes.",
+            "gauge",
+            super::fsx::WALK_NAMES.held(),
+        ),
+        (
             "storage_proxy_quota_reserved_bytes",
             "Bytes reserved by upload sessions and clones.",
             "gauge",

@@ -284,7 +284,13 @@ pub fn measured<T>(
         tries += 1;
         match walk() {
             Ok(v) => return Ok(v),
-            Err(e) if tries < WALK_TRIES && e.kind() != std::io::ErrorKind::PermissionDenied => {
+            // Past the names budget (see `fsx::WalkLimit`) it is not tried again at
+            // once: answered 503 with the setting named, to be asked again later.
+            Err(e)
+                if tries < WALK_TRIES
+                    && e.kind() != std::io::ErrorKind::PermissionDenied
+                    && !fsx::is_walk_limit(&e) =>
+            {
                 tracing::debug!(error = %e, what, tries, "usage walk incomplete: walked again");
             }
             Err(e) => {

@@ -2944,3 +2944,225 @@ fn a_write_that_fails_mid_body_keeps_and_counts_what_landed() {
     assert_eq!(used("/folder/usage", &folder), n as u64);
     assert_eq!(used("/quota-scope", &scope), n as u64);
 }
+
+/// A user fills their own staging area with files named as sessions and dated
+/// back (`touch -d 2000-01-01`), at no cost in quota, before every cleanup pass:
+/// each removal wrote a log line of its own (100,000 files: some 25 MB of log a
+/// pass). A pass now logs its first 16 removals one by one and each staging
+/// area's removals in one line with their count and bytes, and counts them at
+/// `/metrics`.
+#[test]
+fn the_cleanup_logs_a_few_removals_and_sums_the_rest() {
+    const N: u64 = 2_000;
+    let p = Proxy::start("upload_expire_secs = 1\ncleanup_interval_secs = 1\n");
+    create_folder(&p);
+    // Made aside and put in place at once, so that one pass finds them all.
+    let prep = p.vfolder_path().join(".upload-prep");
+    std::fs::create_dir(&prep).expect("prep");
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800);
+    let mut bytes = 0;
+    for i in 0..N {
+        let f = std::fs::File::create(prep.join(format!("{i:032x}"))).expect("staged");
+        f.set_len(i % 7).expect("length");
+        bytes += i % 7;
+        f.set_modified(old).expect("dated back");
+    }
+    let staging = p.vfolder_path().join(".upload");
+    std::fs::rename(&prep, &staging).expect("in place");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_dir(&staging)
+        .expect("staging")
+        .next()
+        .is_some()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired files were never removed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let summary = "expired uploads removed from a staging area";
+    p.log_holding(summary);
+    let log = p.log_json();
+    let apart = log
+        .iter()
+        .filter(|v| v["message"] == "expired upload removed")
+        .count();
+    let sums: Vec<&serde_json::Value> = log.iter().filter(|v| v["message"] == summary).collect();
+    assert_eq!(apart, 16, "removals logged one by one");
+    assert_eq!(sums.len(), 1, "one line for the staging area: {sums:?}");
+    assert_eq!(sums[0]["removed"], N, "{}", sums[0]);
+    assert_eq!(sums[0]["bytes"], bytes, "{}", sums[0]);
+    assert_eq!(
+        metric(&p, "storage_proxy_expired_uploads_removed_total"),
+        N as f64
+    );
+}
+
+/// A user makes many subdirectories with long names in one directory at no cost
+/// in quota; every walk of it (an archive, a usage measurement, a delete, a
+/// clone) held all their names (300,000 of 255 bytes: some 53 MB an archive, 32
+/// archives from one address took the proxy from 7.6 MB to 1.72 GB). A walk is
+/// now held to its share of `[storage] max_walk_names_bytes`: past it, the call
+/// is answered 503, naming the setting, and what it took is given back; a tree
+/// within it walks as before.
+#[test]
+fn a_walk_past_its_share_of_subdirectory_names_is_refused_and_gives_them_back() {
+    // The share unset: a quarter of the total, 16 KiB.
+    let p = Proxy::start("max_walk_names_bytes = 65536\n");
+    create_folder(&p);
+    let wide = p.vfolder_path().join("wide");
+    // 200 names of 100 bytes: 20,000 bytes and 1,600 of spans, past 16 KiB.
+    for i in 0..200 {
+        std::fs::create_dir_all(wide.join(format!("{i:0>100}"))).expect("mkdir");
+    }
+    std::fs::write(wide.join(format!("{:0>100}", 7)).join("f.txt"), b"x").expect("file");
+    let names = "storage_proxy_walk_names_bytes";
+
+    let r = p.download("wide", "&archive=true", &[]);
+    assert_eq!(
+        r.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+    );
+    assert_eq!(r.json()["code"], "walk-limit");
+    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        msg.contains("max_walk_names_bytes_per_walk = 16384"),
+        "{msg}"
+    );
+    assert!(r.header("retry-after").is_some(), "retryable");
+    assert_eq!(metric(&p, names), 0.0, "the archive's names given back");
+
+    let usage = serde_json::json!({"volume": "local", "vfid": VFID});
+    let r = p.manager("/folder/usage", usage.clone(), None);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("max_walk_names_bytes_per_walk"), "{msg}");
+    assert_eq!(metric(&p, names), 0.0, "the usage walk's names given back");
+
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["wide"], "recursive": true}),
+        None,
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "walk-limit");
+    assert_eq!(metric(&p, names), 0.0, "the delete's names given back");
+
+    // A tree within the share archives, measures and deletes as before.
+    std::fs::remove_dir_all(&wide).expect("the user removes it");
+    let tree = p.vfolder_path().join("tree");
+    for d in ["a/b", "a/c", "d", "e/f/g"] {
+        std::fs::create_dir_all(tree.join(d)).expect("mkdir");
+    }
+    std::fs::write(tree.join("a/b/one.txt"), b"one").expect("file");
+    std::fs::write(tree.join("d/two.txt"), b"two!").expect("file");
+    std::fs::write(tree.join("top.txt"), b"top").expect("file");
+    let r = p.download("tree", "&archive=true", &[]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut got = zip_names(&r.body, p.dir.path()).expect("a whole zip");
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "'a/b/one.txt'",
+            "'a/c/'",
+            "'d/two.txt'",
+            "'e/f/g/'",
+            "'top.txt'"
+        ],
+        "every file and empty directory"
+    );
+    let r = p.manager("/folder/usage", usage, None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["used_bytes"],
+        10,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(metric(&p, names), 0.0);
+}
+
+/// Walks share `[storage] max_walk_names_bytes`: while an archive whose client
+/// reads nothing holds its directory's names (within its share), a usage walk
+/// that would pass the total with its own is refused naming that setting; once
+/// the archive is read to its end, the names are given back and the usage walks.
+#[test]
+fn walks_at_once_share_the_subdirectory_names_budget() {
+    let p = Proxy::start("max_walk_names_bytes = 20480\nmax_walk_names_bytes_per_walk = 16384\n");
+    create_folder(&p);
+    let wide = p.vfolder_path().join("wide");
+    // 120 names of 100 bytes: some 13 KiB held by each walk of it.
+    for i in 0..120 {
+        std::fs::create_dir_all(wide.join(format!("{i:0>100}"))).expect("mkdir");
+    }
+    // The first subdirectory walked holds a file the archive stops in.
+    let big = incompressible(16 << 20);
+    std::fs::write(wide.join(format!("{:0>100}", 0)).join("big.bin"), &big).expect("file");
+    let names = "storage_proxy_walk_names_bytes";
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
+    );
+    let (mut s, mut raw) = storage_common::get_until(
+        &p,
+        &format!("/download?archive=true&token={token}"),
+        b"big.bin",
+    );
+    let held = metric(&p, names);
+    assert!(
+        held > 12000.0 && held <= 16384.0,
+        "the archive holds {held}"
+    );
+    let usage = serde_json::json!({"volume": "local", "vfid": VFID});
+    let r = p.manager("/folder/usage", usage.clone(), None);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("max_walk_names_bytes = 20480"), "{msg}");
+    assert_eq!(metric(&p, names), held, "the refused walk kept nothing");
+    // The archive goes on to its end, whole.
+    s.read_to_end(&mut raw).expect("the rest of the archive");
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| raw[at + 4..].to_vec())
+        .expect("a head");
+    let entries = zip_names(&dechunk(&body), p.dir.path()).expect("a whole zip");
+    assert_eq!(entries.len(), 120, "the file and 119 empty directories");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(&p, names) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the archive's names were never given back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = p.manager("/folder/usage", usage, None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["used_bytes"], 16 << 20);
+}
+
+/// The body of a chunked answer (`Transfer-Encoding: chunked`), whole: its last
+/// chunk must be there.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk's size line");
+        let size = std::str::from_utf8(&body[..line])
+            .ok()
+            .and_then(|t| usize::from_str_radix(t.split(';').next().unwrap_or(""), 16).ok())
+            .expect("a chunk size");
+        body = &body[line + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
