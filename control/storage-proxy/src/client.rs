@@ -1273,7 +1273,13 @@ async fn patch(
         return Err(cut);
     }
     if written == s.size {
-        file.sync_all().await?;
+        // The bytes are counted already; a flush to disk that fails (`EIO`, or a
+        // full disk found at write-back, as NFS reports it) is answered as a write
+        // is: 507 or 500, the upload resumed (and completed) by a PATCH at its end.
+        if let Err(e) = file.sync_all().await {
+            tracing::warn!(bytes = kept, error = %e, "upload could not be flushed to disk");
+            return Err(write_failed(&e, kept, written, s.size));
+        }
         drop(file);
         let st = state.clone();
         let id = blocking(move || {
