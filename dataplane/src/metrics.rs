@@ -93,6 +93,8 @@ pub enum Counter {
     ReadBuffersHeld,
     /// Read buffers kept by the core's pool for reuse (gauge, set at the tick).
     ReadBuffersPooled,
+    /// Ports the core accepts on now: its accept loops still running (gauge).
+    Listeners,
     /// A client's request head did not arrive in `[timeouts] head_secs` (408).
     TimeoutClientHead,
     /// A client's request body stalled past `[timeouts] body_idle_secs` (408).
@@ -151,6 +153,7 @@ impl Counter {
         Counter::Http2AppStreamLimit,
         Counter::ReadBuffersHeld,
         Counter::ReadBuffersPooled,
+        Counter::Listeners,
         Counter::TimeoutClientHead,
         Counter::TimeoutClientBody,
         Counter::TimeoutClientBodyRate,
@@ -195,8 +198,9 @@ impl Counter {
             Counter::Http2StreamsActive => spec("appproxy_http2_streams_active", Kind::Gauge, "HTTP/2 streams being handled now."),
             Counter::Http2AppStreamLimit => spec("appproxy_http2_app_stream_limit_total", Kind::Counter, "Streams from HTTP/2 clients to apps refused (503 app_stream_limit): the core had [http2] max_app_streams open, or the client's address its share (max_app_streams_per_address) once half were taken."),
             Counter::Http2Abuse => spec("appproxy_http2_connections_cut_total", Kind::Counter, "HTTP/2 connections closed with ENHANCE_YOUR_CALM: the client kept more streams in flight than max_concurrent_streams by resetting them (rapid reset, CVE-2023-44487), or met one of h2's own ENHANCE_YOUR_CALM limits: streams reset before they were accepted, a CONTINUATION flood, a header list past the abuse limit, many small DATA frames, many streams reset for errors."),
-            Counter::ReadBuffersHeld => spec("appproxy_read_buffers_held", Kind::Gauge, "Read buffers (16 KiB each) held by client connections, app connections and HTTP/2 streams now: a connection holds one only while it has bytes to read, none while it waits idle."),
+            Counter::ReadBuffersHeld => spec("appproxy_read_buffers_held", Kind::Gauge, "Read buffers (16 KiB each, more for one grown for a large head) held by client connections, app connections and HTTP/2 streams now: a connection holds one only while it has bytes to read, none while it waits idle."),
             Counter::ReadBuffersPooled => spec("appproxy_read_buffers_pooled", Kind::Gauge, "Read buffers (16 KiB each) the core keeps for reuse, at most 8,192."),
+            Counter::Listeners => spec("appproxy_listeners", Kind::Gauge, "Ports (frontends and the API port) the core accepts on now: one accept loop each, ended when its port's last circuit goes."),
             Counter::TimeoutClientHead => spec_timeout("client_head"),
             Counter::TimeoutClientBody => spec_timeout("client_body"),
             Counter::TimeoutClientBodyRate => spec_timeout("client_body_rate"),
@@ -295,6 +299,8 @@ pub mod counter {
     pub const LOCAL_ERRORS: usize = Counter::LocalErrors as usize;
     /// Requests refused because their upstream was at its connection cap.
     pub const UPSTREAM_LIMIT: usize = Counter::UpstreamLimit as usize;
+    /// Ports the core accepts on (accept loops running).
+    pub const LISTENERS: usize = Counter::Listeners as usize;
     /// Open tunnels.
     pub const TUNNELS_ACTIVE: usize = Counter::TunnelsActive as usize;
     /// Tunnels opened.
