@@ -84,6 +84,28 @@ fn start_with(dir: &std::path::Path, db: &Db, extra: &str) -> Coordinator {
     common::start(dir, &api::config(extra, &db.section(dir)))
 }
 
+/// A coordinator on SQLite whose events go through the Redis at `redis_url`,
+/// waiting `ack_secs` for a worker's acknowledgement.
+fn start_on_redis(dir: &std::path::Path, redis_url: &str, ack_secs: u32) -> Coordinator {
+    start_with(
+        dir,
+        &Db::Sqlite,
+        &format!("worker_ack_timeout_secs = {ack_secs}\n[redis]\nurl = \"{redis_url}\""),
+    )
+}
+
+/// `/v2/proxy/auth` for [`SESSION`]'s `app` with `token`, asked for JSON: the
+/// creation (or reuse) of its circuit, answered as it came.
+fn create_app(addr: SocketAddr, token: &str, app: &str) -> Resp {
+    request(
+        addr,
+        "GET",
+        &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
+        &[("Accept", "application/json")],
+        "",
+    )
+}
+
 /// A JSON request to the coordinator.
 fn request(
     addr: SocketAddr,
@@ -1078,14 +1100,7 @@ fn with_redis_unacknowledged() -> (
 ) {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 0\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 0);
     (redis, dir, c)
 }
 
@@ -2568,13 +2583,7 @@ fn a_circuit_used_while_the_idle_pass_waits_is_not_collected() {
     let token = setup(&c);
     let mut ids = Vec::new();
     for app in ["jupyter", "vscode"] {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json")],
-            "",
-        );
+        let r = create_app(c.addr, &token, app);
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         ids.push(circuit_of(r.json()["redirect_url"].as_str().expect("url")));
     }
@@ -3635,27 +3644,12 @@ impl Drop for AckingWorker {
 fn a_port_the_worker_could_not_listen_on_is_not_tried_first_again() {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 10\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 10);
     wait_listening(dir.path(), 1);
     // worker-1 has 10205-10208; another process holds 10205.
     let worker = AckingWorker::start_failing(&redis.url(), "worker-1", &[10205]);
     let token = setup(&c);
-    let create = |app: &str| {
-        request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json")],
-            "",
-        )
-    };
+    let create = |app: &str| create_app(c.addr, &token, app);
     // The first creation learns it: 10205 first, then another port.
     let r = create("app0");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -3703,27 +3697,12 @@ fn a_port_the_worker_could_not_listen_on_is_not_tried_first_again() {
 fn a_port_of_a_refused_circuit_is_not_avoided() {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 10\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 10);
     wait_listening(dir.path(), 1);
     // worker-1 has 10205-10208, all listening; it refuses the first circuit of "bad".
     let worker = AckingWorker::start_refusing(&redis.url(), "worker-1", &["bad"]);
     let token = setup(&c);
-    let create = |app: &str| {
-        request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json")],
-            "",
-        )
-    };
+    let create = |app: &str| create_app(c.addr, &token, app);
     // Refused on 10205, then placed on another port within the call (as before).
     let r = create("bad");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -3755,14 +3734,7 @@ fn ack_latency_counts_acknowledged_creations_and_redis_reconnects_are_counted() 
     use appproxy_test_support::prom::Exposition;
     let mut redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 20\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 20);
     wait_listening(dir.path(), 1);
     let worker = AckingWorker::start(&redis.url(), "worker-1");
     let token = setup(&c);
@@ -4543,14 +4515,7 @@ fn idle_checks_survive_last_access_marks_that_are_no_time(db: Db) {
 fn only_the_circuits_worker_can_acknowledge_it() {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 2);
     wait_listening(dir.path(), 1);
     // Another registered worker (inference only: interactive circuits go to
     // worker-1) acknowledges worker-1's circuits as its own.
@@ -5169,14 +5134,7 @@ fn route_lists_with_port_0_or_a_route_twice_are_refused_whole() {
 fn a_circuit_still_being_created_is_no_answer_to_another_request() {
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 2\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 2);
     let worker = r#"{"authority":"inference-1","frontend_mode":"wildcard","protocol":"http","hostname":"proxy2.test","api_port":10201,"wildcard_domain":".apps.test","accepted_traffics":["inference"]}"#;
     assert_eq!(
         request(c.addr, "PUT", "/api/worker", &[AUTH], worker).status,
@@ -5259,14 +5217,7 @@ fn a_creation_its_caller_gave_up_on_is_withdrawn() {
     use std::io::Write as _;
     let redis = appproxy_test_support::redis::Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &Db::Sqlite,
-        &format!(
-            "worker_ack_timeout_secs = 30\n[redis]\nurl = \"{}\"",
-            redis.url()
-        ),
-    );
+    let c = start_on_redis(dir.path(), &redis.url(), 30);
     let token = setup(&c);
     let circuits = || Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits");
     let mut s = TcpStream::connect(c.addr).expect("connect");
@@ -5664,13 +5615,7 @@ fn creations_succeed_when_the_database_clock_is_ahead() {
     let c = common::start(dir.path(), &config);
     let token = setup(&c);
     for app in ["jupyter", "vscode"] {
-        let r = request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json")],
-            "",
-        );
+        let r = create_app(c.addr, &token, app);
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["reuse"], false);
     }
@@ -5717,15 +5662,7 @@ fn creations_succeed_again_right_after_the_coordinators_clock_steps_back() {
         ],
     );
     let token = setup(&c);
-    let create = |app: &str| {
-        request(
-            c.addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app={app}&protocol=http"),
-            &[("Accept", "application/json")],
-            "",
-        )
-    };
+    let create = |app: &str| create_app(c.addr, &token, app);
     let r = create("before-step");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     std::fs::write(&offset, "-10\n").expect("faketime offset");
