@@ -2,8 +2,10 @@
 //!
 //! Served by plain threads with blocking sockets: it is off the data path, answers
 //! a handful of requests per scrape, and must keep answering while the cores are busy.
-//! `/health` answers 503 naming the cores that hold waiting work without turning (see
-//! [`crate::liveness`]), so an operator's health check catches a stuck core.
+//! `/health` and `/livez` answer 503 naming the cores that hold waiting work without
+//! turning (see [`crate::liveness`]), so an operator's health check catches a stuck
+//! core; `/readyz` also answers 503 while the worker is starting or stopping (see
+//! [`crate::readiness`]), so a load balancer sends it traffic only while it serves.
 //! It keeps a small reserve of descriptors, so that it still answers when the process
 //! is at its descriptor limit: when an accept fails with `EMFILE`/`ENFILE`, one
 //! reserved descriptor is closed and the accept retried (as HAProxy and nginx do), and
@@ -32,6 +34,8 @@ pub struct HealthInfo {
     pub liveness: Arc<Liveness>,
     /// What the cores publish for `/circuits`.
     pub board: Arc<crate::introspect::Board>,
+    /// Whether the worker should be sent new traffic (`/readyz`).
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 /// Binds `addr` and serves on a background thread.
@@ -194,17 +198,24 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
         ("GET", "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz" | "/") => {
+            // Liveness (every path): no core is stalled. Readiness (`/readyz` only):
+            // alive, and serving what it is meant to serve, and not stopping.
             let stalled = info.liveness.check();
-            let (status, word) = if stalled.is_empty() {
-                ("200 OK", "ok")
-            } else {
+            let ready = info.readiness.state();
+            let asks_ready = matches!(path, "/readyz" | "/health/readyz");
+            let (status, word) = if !stalled.is_empty() {
                 ("503 Service Unavailable", "stalled")
+            } else if asks_ready && ready != crate::readiness::State::Ready {
+                ("503 Service Unavailable", ready.as_str())
+            } else {
+                ("200 OK", "ok")
             };
             (
                 status,
                 "application/json",
                 format!(
-                    "{{\"status\":\"{word}\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{},\"stalled_cores\":{:?}}}",
+                    "{{\"status\":\"{word}\",\"ready\":\"{}\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"cores\":{},\"circuits\":{},\"stalled_cores\":{:?}}}",
+                    ready.as_str(),
                     env!("CARGO_PKG_VERSION"),
                     info.cores,
                     metrics.circuits.load(std::sync::atomic::Ordering::Relaxed),

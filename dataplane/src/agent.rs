@@ -87,6 +87,8 @@ pub fn spawn<L: ControlLink>(
     deployer: Deployer,
     marks: Option<Receiver<Vec<(uuid::Uuid, u64)>>>,
 ) -> Result<Agent, AgentError> {
+    // Not ready until the coordinator's first circuit set is applied on every core.
+    deployer.readiness().expect_sync();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), AgentError>>();
@@ -454,6 +456,10 @@ async fn run<L: ControlLink>(
         }
     };
     let mut state = Deployed::default();
+    // The first whole set was handed to the cores: from then on, until the worker is
+    // ready, any deployment every core applies makes it ready (the first one's
+    // outcome may have come too late to count).
+    let mut first_set_handed = false;
     // Marks a flush could not write (Redis out of memory, restarting): written with
     // the next, so no access is forgotten.
     let mut unwritten: HashMap<uuid::Uuid, AccessMark> = HashMap::new();
@@ -591,8 +597,19 @@ async fn run<L: ControlLink>(
                     wake.span = Some(span);
                     wake.tracestate = tracestate;
                 }
-                (applied, id)
+                // The first set makes the worker ready once every core applied it.
+                let readiness = deployer.readiness();
+                match (initial || first_set_handed) && !readiness.is_synced() {
+                    true => (applied.marking_ready(readiness.clone()), id),
+                    false => (applied, id),
+                }
             });
+            if initial {
+                first_set_handed = true;
+                if applied.is_none() {
+                    deployer.readiness().mark_synced();
+                }
+            }
             state.forget_old();
             if initial {
                 appproxy_shared::with_request_id(fetch_id, || {

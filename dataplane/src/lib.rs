@@ -24,6 +24,7 @@ pub mod preflight;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reactor;
+pub mod readiness;
 pub mod relay;
 pub mod tcp;
 pub mod tls;

@@ -25,6 +25,7 @@ use crate::introspect::Board;
 use crate::io::Listener;
 use crate::liveness::{CoreLiveness, Liveness};
 use crate::reactor::{counted, spawn, Reactor, RemoteWaker, DEADLINE_SCAN};
+use crate::readiness::Readiness;
 
 /// glommio's preemption timer, set so long that it never fires.
 ///
@@ -83,9 +84,16 @@ pub enum StartError {
 pub struct Deployer {
     /// Bridge senders and wakers, one per core.
     cores: Arc<Vec<(Sender<Command>, RemoteWaker)>>,
+    /// The worker's readiness: the control agent marks its first set applied.
+    readiness: Arc<Readiness>,
 }
 
 impl Deployer {
+    /// The worker's readiness (`/readyz`).
+    pub fn readiness(&self) -> &Arc<Readiness> {
+        &self.readiness
+    }
+
     /// Sends a new circuit set to every core; the answer tells when all applied it.
     pub fn deploy(&self, circuits: Vec<ResolvedCircuit>, request_id: RequestId) -> Applied {
         self.change(Change::replace(circuits), request_id)
@@ -110,6 +118,7 @@ impl Deployer {
         Applied {
             rx,
             cores: self.cores.len(),
+            ready: None,
         }
     }
 }
@@ -120,6 +129,7 @@ impl Deployer {
     pub(crate) fn without_cores() -> Self {
         Self {
             cores: Arc::new(Vec::new()),
+            readiness: Arc::new(Readiness::new()),
         }
     }
 }
@@ -130,9 +140,17 @@ pub struct Applied {
     rx: Receiver<(usize, Vec<(uuid::Uuid, String)>)>,
     /// How many cores were sent the deployment.
     cores: usize,
+    /// Marked ready once every core applied it (the first circuit set).
+    ready: Option<Arc<Readiness>>,
 }
 
 impl Applied {
+    /// The worker is ready once every core applied this deployment (its first set).
+    pub fn marking_ready(mut self, readiness: Arc<Readiness>) -> Self {
+        self.ready = Some(readiness);
+        self
+    }
+
     /// Blocks until every core applied the deployment (true) or `timeout` passed.
     pub fn wait(&self, timeout: Duration) -> bool {
         self.outcome(timeout).is_some()
@@ -150,6 +168,9 @@ impl Applied {
                     failed.push((id, why));
                 }
             }
+        }
+        if let Some(ready) = &self.ready {
+            ready.mark_synced();
         }
         Some(failed)
     }
@@ -171,6 +192,8 @@ pub struct Worker {
     pub liveness: Arc<Liveness>,
     /// What the cores publish for admin introspection (`/circuits`).
     pub board: Arc<Board>,
+    /// Whether it should be sent new traffic (`/readyz`).
+    pub readiness: Arc<Readiness>,
     /// Closed (every sender dropped) once every core thread has exited.
     exited: Receiver<()>,
     /// The drain timeout (how long `stop` waits, plus a margin).
@@ -270,6 +293,7 @@ impl Worker {
             access_marks: marks_rx,
             liveness,
             board,
+            readiness: Arc::new(Readiness::new()),
             exited,
             drain_timeout: rt.drain_timeout,
             tls: rt.tls.clone(),
@@ -296,10 +320,21 @@ impl Worker {
         self.access_marks.clone()
     }
 
+    /// What the admin endpoint reports: health, readiness, circuits.
+    pub fn health_info(&self) -> crate::admin::HealthInfo {
+        crate::admin::HealthInfo {
+            cores: self.liveness.cores.len(),
+            liveness: self.liveness.clone(),
+            board: self.board.clone(),
+            readiness: self.readiness.clone(),
+        }
+    }
+
     /// A handle for deploying from other threads (the control agent).
     pub fn deployer(&self) -> Deployer {
         Deployer {
             cores: self.cores.clone(),
+            readiness: self.readiness.clone(),
         }
     }
 

@@ -52,11 +52,7 @@ fn a_redis_restart_is_counted_as_a_reconnect() {
     let admin = appproxy_dataplane::admin::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         worker.worker.metrics.clone(),
-        appproxy_dataplane::admin::HealthInfo {
-            cores: 1,
-            liveness: worker.worker.liveness.clone(),
-            board: worker.worker.board.clone(),
-        },
+        worker.worker.health_info(),
     )
     .expect("admin");
     wait_logs(

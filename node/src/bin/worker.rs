@@ -164,16 +164,8 @@ fn run() -> anyhow::Result<()> {
         print_single_node_help(addr, &config, cc);
     }
     if let Some(bind) = config.admin.bind {
-        let addr = admin::spawn(
-            bind,
-            worker.metrics.clone(),
-            admin::HealthInfo {
-                cores,
-                liveness: worker.liveness.clone(),
-                board: worker.board.clone(),
-            },
-        )
-        .with_context(|| format!("cannot serve [admin] on {bind}"))?;
+        let addr = admin::spawn(bind, worker.metrics.clone(), worker.health_info())
+            .with_context(|| format!("cannot serve [admin] on {bind}"))?;
         tracing::info!(admin = %addr, "admin endpoint serving /health and /metrics");
         if !addr.ip().is_loopback() {
             // It has no credential: /circuits and /connections name apps' addresses,
@@ -187,6 +179,7 @@ fn run() -> anyhow::Result<()> {
             reload(&path, &worker);
             continue;
         }
+        worker.readiness.mark_stopping();
         tracing::info!(signal = sig, "draining");
         break;
     }

@@ -316,11 +316,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
     let admin = appproxy_dataplane::admin::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         worker.metrics.clone(),
-        appproxy_dataplane::admin::HealthInfo {
-            cores,
-            liveness: worker.liveness.clone(),
-            board: worker.board.clone(),
-        },
+        worker.health_info(),
     )
     .expect("admin");
     let (_, _, health) = http(
