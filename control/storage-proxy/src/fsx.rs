@@ -1381,49 +1381,386 @@ fn visit_files<'a>(
     Ok(dirs)
 }
 
+/// Bytes of directory entries a recursive delete reads at a time ([`remove_tree`]):
+/// one `getdents` buffer, shared by every level (some 120 entries with 255-byte
+/// names, about a thousand with short ones).
+pub const DELETE_BATCH: usize = 32 << 10;
+
+/// The least a delete's batch may be: one entry with the longest name
+/// (`linux_dirent64`: 19 bytes, the name and its NUL, 8-aligned).
+const DELETE_BATCH_LEAST: usize = 280;
+
+/// How many times a recursive delete starts reading one directory again from its
+/// start (or empties one subdirectory again that was found refilled) in one visit
+/// before it gives up: a directory needs two reads (one removing what is there,
+/// one finding it empty), a third where the file system's order moved under the
+/// removals; more only while someone keeps adding entries to it. Past it, the
+/// delete stops with [`StillFilled`], what it removed gone, the rest left.
+pub const DELETE_ROUNDS: u32 = 8;
+
+/// The most levels below its top a recursive delete remembers (64 bytes each,
+/// 4 MiB). A deeper chain has its oldest levels forgotten, and once the delete has
+/// climbed back to the oldest it remembers, it goes down again from the top (its
+/// levels removed so far are gone): some more work for a tree deeper than 65,536
+/// levels (each a directory, a block of its user's quota), never more memory.
+const DELETE_LEVELS: usize = 1 << 16;
+
+/// The error of a recursive delete that found a directory refilled as fast as it
+/// emptied it ([`DELETE_ROUNDS`] reads from its start in one visit): what it
+/// removed is gone, `path` (below the vfolder) and what is in it is left.
+#[derive(Debug)]
+pub struct StillFilled {
+    /// The directory, from the top of the tree being deleted.
+    pub path: PathBuf,
+}
+
+impl std::fmt::Display for StillFilled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "entries are being added to {:?} as fast as they are removed ({DELETE_ROUNDS} reads of it from its start): the delete stopped, that directory and what is in it left; try again once nothing writes there",
+            self.path
+        )
+    }
+}
+
+impl std::error::Error for StillFilled {}
+
+/// Whether `e` is a [`StillFilled`].
+pub fn is_still_filled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StillFilled>())
+}
+
 /// Removes `name` in `dir`: a directory with everything under it, anything else
 /// (symlinks included) by unlinking the entry itself. Returns the entries removed.
+///
+/// Nothing is held of a directory's entries but one batch of them
+/// ([`DELETE_BATCH`] bytes, read by `getdents`): each entry is removed as it is
+/// read (a file or symlink unlinked, an empty directory removed), and a
+/// subdirectory that is not empty is descended into there and then, depth first;
+/// back in the directory, the read goes on from that entry (its `getdents`
+/// position), and once it reaches the end, the directory is read again from its
+/// start until a read from the start finds nothing (removed entries do not come
+/// back). A directory of any width is so removed in the memory of one batch and,
+/// for each level it is in, 64 bytes; a walk held the names of its
+/// subdirectories and refused a directory wider than its share of
+/// [`WALK_NAMES`] (503, for ever). The names budget is not charged.
+///
+/// Never a symlink followed: every directory is opened `O_NOFOLLOW` beneath the one
+/// it was read in ([`child_dir`]), every removal is an `*at` call on the directory
+/// the name was read in, and an entry swapped for another kind meanwhile (a
+/// directory for a symlink to anywhere) is removed as what it is now: the link,
+/// never its target. Descriptors: the top and the `HELD` deepest levels; a level
+/// above them is reached again by `..` and must be the very directory the delete
+/// came down through (a tree moved meanwhile stops it, [`Trail`]'s check).
+///
+/// A directory someone keeps filling while it is deleted is read from its start at
+/// most [`DELETE_ROUNDS`] times in one visit; past that, the delete stops with
+/// [`StillFilled`] naming it.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
-    struct Remove(u64);
-    impl Visitor for Remove {
-        fn entry(&mut self, dir: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
-            if e.kind() == FileType::Directory {
-                return Ok(true);
-            }
-            rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
-            self.0 += 1;
-            Ok(false)
-        }
-        fn unopened(&mut self, dir: BorrowedFd<'_>, e: &Entry, err: io::Error) -> io::Result<()> {
-            // Swapped for a symlink or a file since it was listed: the entry goes.
-            if is_not_dir(&err) {
-                rustix::fs::unlinkat(dir, e.name.as_os_str(), AtFlags::empty())?;
-                self.0 += 1;
-                return Ok(());
-            }
-            Err(err)
-        }
-        fn leave(&mut self, parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-            rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
-            self.0 += 1;
-            Ok(())
-        }
-    }
-    match child_dir(dir, name) {
-        Ok(sub) => {
-            let mut r = Remove(0);
-            walk(sub.as_fd(), &mut r)?;
-            drop(sub);
-            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
-            Ok(r.0 + 1)
-        }
+    remove_tree_with(dir, name, DELETE_BATCH, DELETE_LEVELS)
+}
+
+/// [`remove_tree`] with a batch of `batch` bytes and `levels` levels remembered
+/// (tests: small ones).
+fn remove_tree_with(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    batch: usize,
+    levels: usize,
+) -> io::Result<u64> {
+    let top = match child_dir(dir, name) {
+        Ok(top) => top,
         // A symlink (ELOOP) or a non-directory (ENOTDIR): the entry itself goes.
         Err(e) if is_not_dir(&e) => {
             rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
-            Ok(1)
+            return Ok(1);
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let id = identity(top.as_fd())?;
+    let mut buf: Vec<u8> = Vec::with_capacity(batch.max(DELETE_BATCH_LEAST));
+    let mut removed = 0;
+    let mut refilled = 0;
+    loop {
+        empty_tree(top.as_fd(), &mut buf, levels.max(1), &mut removed).map_err(|e| {
+            if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<StillFilled>()) {
+                let path = Path::new(name).join(&inner.path);
+                tracing::warn!(path = %path.display(), removed, "recursive delete stopped: a directory refilled as fast as it was emptied");
+                return io::Error::other(StillFilled { path });
+            }
+            e
+        })?;
+        match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+            Ok(()) => return Ok(removed + 1),
+            // Filled again since it was read empty: emptied again while it is
+            // still the directory deleted (a bounded number of times).
+            Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST)
+                if refilled + 1 < DELETE_ROUNDS
+                    && rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(
+                        |s| {
+                            let m = Meta::from(&s);
+                            (m.st_dev, m.st_ino) == id
+                        },
+                    ) =>
+            {
+                refilled += 1;
+            }
+            Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST) => {
+                return Err(io::Error::other(StillFilled {
+                    path: PathBuf::from(name),
+                }))
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+}
+
+/// Where a delete is in one directory.
+#[derive(Default)]
+struct Cursor {
+    /// The `getdents` position its next read starts at (0: its start).
+    at: u64,
+    /// Whether the read since it last started from the start met an entry.
+    met: bool,
+    /// Times it was read from its start again, or a subdirectory found refilled.
+    rounds: u32,
+    /// The subdirectory it last went down into.
+    below: Option<(u64, u64)>,
+}
+
+impl Cursor {
+    /// Counts one more round; past [`DELETE_ROUNDS`], the delete stops.
+    fn again(&mut self) -> io::Result<()> {
+        self.rounds += 1;
+        if self.rounds >= DELETE_ROUNDS {
+            return Err(io::Error::other(StillFilled {
+                path: PathBuf::new(),
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// A level below the top of a delete.
+struct Level {
+    /// Its descriptor, for the `HELD` deepest levels.
+    fd: Option<OwnedFd>,
+    /// Its device and inode.
+    id: (u64, u64),
+    cursor: Cursor,
+}
+
+/// What reading a directory came to.
+enum Read {
+    /// It read empty from its start.
+    Empty,
+    /// It has a subdirectory that is not empty, opened.
+    Down(OwnedFd),
+}
+
+/// Empties the directory `top` (see [`remove_tree`]), adding the entries removed to
+/// `removed`; done when a read of `top` from its start finds nothing.
+fn empty_tree(
+    top: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max_levels: usize,
+    removed: &mut u64,
+) -> io::Result<()> {
+    let mut top_cursor = Cursor::default();
+    let mut levels: std::collections::VecDeque<Level> = std::collections::VecDeque::new();
+    // Whether levels above the oldest in `levels` were forgotten.
+    let mut forgot = false;
+    loop {
+        let read = match levels.back_mut() {
+            Some(level) => {
+                let fd = level.fd.as_ref().map(|fd| fd.as_fd());
+                let fd =
+                    fd.ok_or_else(|| io::Error::other("a delete's level without its descriptor"))?;
+                read_level(fd, &mut level.cursor, buf, removed)
+            }
+            None => read_level(top, &mut top_cursor, buf, removed),
+        };
+        let read = read.map_err(|e| {
+            // Named where it happened, from the top.
+            if is_still_filled(&e) {
+                let here: PathBuf = levels
+                    .back()
+                    .and_then(|l| l.fd.as_ref())
+                    .and_then(|fd| path_beneath(top, fd.as_fd()).ok())
+                    .unwrap_or_default()
+                    .iter()
+                    .collect();
+                let below = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<StillFilled>())
+                    .map(|f| f.path.clone())
+                    .unwrap_or_default();
+                return io::Error::other(StillFilled {
+                    path: here.join(below),
+                });
+            }
+            e
+        })?;
+        match read {
+            Read::Down(sub) => {
+                let id = identity(sub.as_fd())?;
+                if levels.len() >= max_levels {
+                    levels.pop_front();
+                    forgot = true;
+                }
+                if levels.len() >= HELD {
+                    let at = levels.len() - HELD;
+                    levels[at].fd = None;
+                }
+                levels.push_back(Level {
+                    fd: Some(sub),
+                    id,
+                    cursor: Cursor::default(),
+                });
+            }
+            Read::Empty => {
+                let Some(child) = levels.pop_back() else {
+                    // The top read empty from its start: done.
+                    return Ok(());
+                };
+                match levels.back_mut() {
+                    Some(parent) if parent.fd.is_none() => {
+                        let Some(fd) = child.fd.as_ref() else {
+                            return Err(io::Error::other(
+                                "a delete's level without its descriptor",
+                            ));
+                        };
+                        let up =
+                            rustix::fs::openat(fd, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+                        if identity(up.as_fd())? != parent.id {
+                            return Err(io::Error::other("a directory moved while it was deleted"));
+                        }
+                        parent.fd = Some(up);
+                    }
+                    Some(_) => {}
+                    // Its parent was forgotten: down again from the top, which
+                    // reads on from the subdirectory it went down into (what was
+                    // removed below it is gone; going down into it again is no
+                    // refilling).
+                    None if forgot => {
+                        forgot = false;
+                        top_cursor.below = None;
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Reads the directory `dir` from where `cursor` says, removing each entry as it is
+/// read, until a subdirectory that is not empty (opened, to go down into; the
+/// cursor left at its entry, which is read again when the delete comes back) or a
+/// read from the start that finds nothing.
+fn read_level(
+    dir: BorrowedFd<'_>,
+    cursor: &mut Cursor,
+    buf: &mut Vec<u8>,
+    removed: &mut u64,
+) -> io::Result<Read> {
+    loop {
+        rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(cursor.at))?;
+        let mut entries = rustix::fs::RawDir::new(dir, buf.spare_capacity_mut());
+        while let Some(e) = entries.next() {
+            let e = e?;
+            let next = e.next_entry_cookie();
+            let name = OsStr::from_bytes(e.file_name().to_bytes());
+            if name == "." || name == ".." {
+                cursor.at = next;
+                continue;
+            }
+            cursor.met = true;
+            #[cfg(test)]
+            tests::before_removal(dir, name, false);
+            match remove_entry(dir, name, e.file_type())? {
+                Removal::Removed => *removed += 1,
+                Removal::Left => {}
+                Removal::Down(sub) => {
+                    let id = identity(sub.as_fd())?;
+                    // The same subdirectory again: filled since it was emptied.
+                    if cursor.below == Some(id) {
+                        cursor.again().map_err(|_| {
+                            io::Error::other(StillFilled {
+                                path: PathBuf::from(name),
+                            })
+                        })?;
+                    }
+                    cursor.below = Some(id);
+                    return Ok(Read::Down(sub));
+                }
+            }
+            cursor.at = next;
+        }
+        // The end: empty when nothing was met since the read began at the start
+        // (a read resumed past it met the entry it resumed at, at least).
+        if !cursor.met {
+            return Ok(Read::Empty);
+        }
+        cursor.again()?;
+        cursor.at = 0;
+        cursor.met = false;
+    }
+}
+
+/// What became of one entry a delete read.
+enum Removal {
+    /// It was removed.
+    Removed,
+    /// It was gone already, or changed kind as often as it was tried (left for the
+    /// next read of its directory).
+    Left,
+    /// A directory that is not empty, opened.
+    Down(OwnedFd),
+}
+
+/// Removes the entry `name` of `dir`, `kind` as its directory entry says (a hint
+/// only: it is removed as what it is when removed). A directory that is not empty
+/// is opened (`O_NOFOLLOW`) for the delete to go down into; one swapped for a
+/// symlink or a file meanwhile is unlinked as what it has become.
+fn remove_entry(dir: BorrowedFd<'_>, name: &OsStr, kind: FileType) -> io::Result<Removal> {
+    use rustix::io::Errno;
+    let mut as_dir = match kind {
+        FileType::Directory => true,
+        FileType::Unknown => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory),
+        _ => false,
+    };
+    // Each try acts on the entry as it is then; an entry that changes kind between
+    // every try is left for the next read.
+    for _ in 0..4 {
+        if !as_dir {
+            match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                Ok(()) => return Ok(Removal::Removed),
+                Err(Errno::NOENT) => return Ok(Removal::Left),
+                Err(Errno::ISDIR) => as_dir = true,
+                Err(e) => return Err(e.into()),
+            }
+            continue;
+        }
+        match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+            Ok(()) => return Ok(Removal::Removed),
+            Err(Errno::NOENT) => return Ok(Removal::Left),
+            Err(Errno::NOTDIR) => as_dir = false,
+            Err(Errno::NOTEMPTY | Errno::EXIST) => {
+                #[cfg(test)]
+                tests::before_removal(dir, name, true);
+                match child_dir(dir, name) {
+                    Ok(sub) => return Ok(Removal::Down(sub)),
+                    Err(e) if is_not_dir(&e) => as_dir = false,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Left),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Removal::Left)
 }
 
 /// How a usage walk counts a file with several hard links.
@@ -1895,6 +2232,190 @@ mod tests {
         let before = RESOLUTIONS.with(|n| n.get());
         let out = f();
         (out, RESOLUTIONS.with(|n| n.get()) - before)
+    }
+
+    thread_local! {
+        /// What a test does in a delete between reading an entry and removing it
+        /// (`false`), or between finding a directory not empty and opening it
+        /// (`true`): a user's shell racing the delete, made deterministic.
+        #[allow(clippy::type_complexity)]
+        static BEFORE_REMOVAL: std::cell::RefCell<Option<Box<dyn FnMut(BorrowedFd<'_>, &OsStr, bool)>>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// Runs the test's hook, if any (see [`BEFORE_REMOVAL`]).
+    pub(crate) fn before_removal(dir: BorrowedFd<'_>, name: &OsStr, opening: bool) {
+        BEFORE_REMOVAL.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(dir, name, opening);
+            }
+        });
+    }
+
+    /// Sets the hook a delete calls before each removal on this thread.
+    fn race(f: impl FnMut(BorrowedFd<'_>, &OsStr, bool) + 'static) {
+        BEFORE_REMOVAL.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// The entries under `p` (not followed), counted as a delete counts them.
+    fn count_under(p: &Path) -> u64 {
+        let mut n = 0;
+        for e in std::fs::read_dir(p).expect("read") {
+            let e = e.expect("entry");
+            n += 1;
+            if e.file_type().expect("type").is_dir() {
+                n += count_under(&e.path());
+            }
+        }
+        n
+    }
+
+    /// A delete reading one entry at a time and remembering 5 levels removes
+    /// nested wide levels, files, a chain deeper than its descriptors and its
+    /// memory of levels, and symlinks to a file and a directory outside (the links
+    /// go, their targets stay), counting every entry.
+    #[test]
+    fn a_delete_in_batches_of_one_entry_removes_wide_deep_trees_and_never_follows_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).expect("outside");
+        std::fs::write(outside.join("secret.txt"), "secret").expect("secret");
+        std::fs::write(outside.join("sub/inner.txt"), "inner").expect("inner");
+        let t = dir.path().join("t");
+        for i in 0..40 {
+            for j in 0..12 {
+                let d = t.join(format!("w{i:03}")).join(format!("x{j:02}"));
+                std::fs::create_dir_all(&d).expect("wide");
+                if j % 3 == 0 {
+                    std::fs::write(d.join("f"), "f").expect("file");
+                }
+                if j == 5 {
+                    std::fs::create_dir_all(d.join("empty/deeper")).expect("nested");
+                }
+            }
+            std::fs::write(t.join(format!("w{i:03}/g{i}")), "gg").expect("file");
+        }
+        let deep: PathBuf = std::iter::repeat_n("d", HELD * 2 + 7).collect();
+        std::fs::create_dir_all(t.join(&deep)).expect("deep");
+        std::fs::write(t.join(&deep).join("bottom"), "b").expect("bottom");
+        std::os::unix::fs::symlink("../outside/secret.txt", t.join("to-file")).expect("link");
+        std::os::unix::fs::symlink(outside.join("sub"), t.join("to-dir")).expect("link");
+        std::os::unix::fs::symlink(&outside, t.join("w003/x04/to-outside")).expect("link");
+        std::os::unix::fs::symlink(&outside, t.join(&deep).join("up")).expect("link");
+        let expected = count_under(&t) + 1;
+        assert!(std::mem::size_of::<Level>() <= 64, "a level as documented");
+        let root = fd(dir.path());
+        let n = remove_tree_with(root.as_fd(), OsStr::new("t"), DELETE_BATCH_LEAST, 5)
+            .expect("removed");
+        assert_eq!(n, expected);
+        assert!(!t.exists());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("secret.txt"))
+                .ok()
+                .as_deref(),
+            Some("secret")
+        );
+        assert!(outside.join("sub/inner.txt").exists());
+    }
+
+    /// Entries swapped for symlinks to a directory outside while the delete runs,
+    /// after the entry was read and before its removal, and after a directory was
+    /// found not empty and before it is opened, are removed as the links they have
+    /// become: the directory outside keeps everything, and what was moved aside
+    /// too.
+    #[test]
+    fn a_delete_removes_directories_swapped_for_symlinks_as_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).expect("outside");
+        std::fs::write(outside.join("keep"), "keep").expect("keep");
+        let t = dir.path().join("t");
+        for name in ["a", "b", "c"] {
+            std::fs::create_dir_all(t.join(name)).expect("dir");
+            std::fs::write(t.join(name).join("in"), "in").expect("in");
+        }
+        let (top, swapped) = (
+            dir.path().to_owned(),
+            std::rc::Rc::new(std::cell::Cell::new(0)),
+        );
+        let seen = swapped.clone();
+        race(move |d, name, opening| {
+            let swap = |aside: &str| {
+                rustix::fs::renameat(d, name, fd(&top), aside).expect("aside");
+                rustix::fs::symlinkat(top.join("outside"), d, name).expect("link");
+                seen.set(seen.get() + 1);
+            };
+            match (name.to_str(), opening) {
+                (Some("a"), false) => swap("a-aside"),
+                (Some("b"), true) => swap("b-aside"),
+                _ => {}
+            }
+        });
+        let root = fd(dir.path());
+        // `t`, `a` and `b` (links now), `c` and its file.
+        assert_eq!(
+            remove_tree_with(root.as_fd(), OsStr::new("t"), DELETE_BATCH_LEAST, 8).expect("rm"),
+            5
+        );
+        assert_eq!(swapped.get(), 2, "both swaps happened");
+        assert!(!t.exists());
+        assert!(outside.join("keep").exists());
+        assert!(dir.path().join("a-aside/in").exists());
+        assert!(dir.path().join("b-aside/in").exists());
+    }
+
+    /// A directory refilled each time the delete is about to remove it stops the
+    /// delete after `DELETE_ROUNDS` tries, naming it; what was removed is gone.
+    #[test]
+    fn a_delete_of_a_directory_refilled_as_fast_as_it_is_emptied_stops_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        std::fs::create_dir_all(t.join("r")).expect("r");
+        std::fs::create_dir_all(t.join("s")).expect("s");
+        std::fs::write(t.join("s/gone"), "x").expect("file");
+        let refills = std::rc::Rc::new(std::cell::Cell::new(0u32));
+        let count = refills.clone();
+        let r = t.join("r");
+        race(move |_, name, opening| {
+            if name == "r" && !opening {
+                std::fs::write(r.join(format!("new{}", count.get())), "x").expect("refill");
+                count.set(count.get() + 1);
+            }
+        });
+        let root = fd(dir.path());
+        let e = remove_tree(root.as_fd(), OsStr::new("t")).expect_err("stops");
+        assert!(is_still_filled(&e), "{e}");
+        assert!(e.to_string().contains("\"t/r\""), "{e}");
+        assert!(refills.get() <= DELETE_ROUNDS + 1, "{}", refills.get());
+        assert!(t.join("r").exists());
+    }
+
+    /// Below `HELD` levels a delete goes back up by `..`; a directory moved out
+    /// from under it meanwhile stops it rather than leading it up into another
+    /// directory, whose entries it would remove.
+    #[test]
+    fn a_delete_that_climbs_by_dotdot_stops_when_its_path_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep: PathBuf = std::iter::repeat_n("d", HELD + 8).collect();
+        std::fs::create_dir_all(dir.path().join("t").join(&deep)).expect("tree");
+        std::fs::write(dir.path().join("t").join(&deep).join("f"), "f").expect("f");
+        std::fs::write(dir.path().join("keep"), "keep").expect("keep");
+        // Above the `HELD` levels the delete holds descriptors of, when at the bottom.
+        let moved: PathBuf = std::iter::repeat_n("d", 4).collect();
+        let (from, to) = (dir.path().join("t").join(&moved), dir.path().join("moved"));
+        race(move |_, name, _| {
+            if name == "f" && from.exists() {
+                std::fs::rename(&from, &to).expect("moved away");
+            }
+        });
+        let root = fd(dir.path());
+        let e = remove_tree(root.as_fd(), OsStr::new("t")).expect_err("stops");
+        assert!(e.to_string().contains("moved"), "{e}");
+        assert!(
+            dir.path().join("keep").exists(),
+            "nothing beside the tree removed"
+        );
+        assert!(dir.path().join("moved").exists());
     }
 
     fn fd(p: &Path) -> OwnedFd {

@@ -294,8 +294,9 @@ pub enum ApiError {
     #[error("{0}")]
     TimedOut(String),
     /// Too many transfers of this kind at once (archive downloads past `[storage]
-    /// max_archive_streams`): 503 `busy` with `Retry-After`, the message saying
-    /// which.
+    /// max_archive_streams`), or a recursive delete of a directory refilled as
+    /// fast as it is emptied (`fsx::StillFilled`): 503 `busy` with `Retry-After`,
+    /// the message saying which.
     #[error("{0}")]
     Busy(String),
     /// A usage (a quota scope's committed bytes, a vfolder's or a clone source's
@@ -349,6 +350,10 @@ impl From<std::io::Error> for ApiError {
             Self::Path(PathError::Escape)
         } else if fsx::is_walk_limit(&e) {
             Self::WalkLimit(e.to_string())
+        } else if fsx::is_still_filled(&e) {
+            // A recursive delete of a directory refilled as fast as it is emptied
+            // (see `fsx::StillFilled`): 503 `busy`, worth another try later.
+            Self::Busy(e.to_string())
         } else {
             Self::Io(e)
         }
