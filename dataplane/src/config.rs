@@ -400,22 +400,14 @@ pub struct UpstreamSection {
     /// `upstream_tls = "verify"`); the system roots when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
-    /// Who may reuse a pooled app connection.
+    /// Who may reuse a pooled app connection, for circuits that do not say
+    /// (a circuit's `upstream_reuse` overrides it).
     pub reuse: Reuse,
 }
 
-/// Who may reuse a pooled app connection (`[upstream] reuse`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reuse {
-    /// Any client connection of the core (nginx's and HAProxy's default).
-    #[default]
-    Shared,
-    /// Only the client connection whose request opened it (HAProxy's
-    /// `http-reuse never`); closed when that connection closes. An app that
-    /// answers a request twice, or late, shifts only its own client's answers.
-    Client,
-}
+/// Who may reuse a pooled app connection (`[upstream] reuse`, and a circuit's own
+/// `upstream_reuse`, which overrides it for that circuit): the wire's type.
+pub use appproxy_shared::model::Reuse;
 
 impl Default for UpstreamSection {
     fn default() -> Self {
@@ -762,6 +754,10 @@ pub struct ResolvedCircuit {
     pub upstreams: Vec<(SocketAddr, f64)>,
     /// The upstreams that serve HTTPS: how to check them and the name to check.
     pub upstream_tls: Vec<(SocketAddr, appproxy_shared::model::UpstreamTls, String)>,
+    /// Its HTTP/1.1 app connections are reused only by the client connection that
+    /// opened them, and closed with it: the circuit's `upstream_reuse`, else the
+    /// worker's `[upstream] reuse`, is `"client"` ([`crate::core::pool`]).
+    pub reuse_by_client: bool,
     /// Parsed allowlist (invalid entries left out); see [`Self::admits`].
     pub allowed: Vec<IpNet>,
     /// The circuit names an allowlist (`allowed_client_ips` holds an entry): only
@@ -919,8 +915,6 @@ pub struct Runtime {
     pub max_connections_per_client: usize,
     /// Open connections per upstream address, per core.
     pub max_upstream_conns: usize,
-    /// Who may reuse a pooled app connection.
-    pub pool_reuse: Reuse,
     /// TCP keepalive of client connections (`None`: off).
     pub client_keepalive: Option<TcpKeepalive>,
     /// Idle tunnels.
@@ -1229,6 +1223,7 @@ impl Config {
                 frontend,
                 upstreams,
                 upstream_tls,
+                reuse_by_client: c.upstream_reuse.unwrap_or(self.upstream.reuse) == Reuse::Client,
                 allowed,
                 restricted: !entries.is_empty(),
             };
@@ -1469,7 +1464,6 @@ impl Config {
             max_connections_per_core: l.max_connections_per_core,
             max_connections_per_client: l.max_connections_per_client,
             max_upstream_conns: self.upstream.max_connections_per_route,
-            pool_reuse: self.upstream.reuse,
             client_keepalive: (t.client_tcp_keepalive_secs > 0).then(|| TcpKeepalive {
                 idle: secs(t.client_tcp_keepalive_secs),
                 interval: secs(t.client_tcp_keepalive_interval_secs),
@@ -1618,6 +1612,16 @@ mod tests {
                 vec!["[reactor] sched_slice_us = 100001", "0 keeps its own"],
             ),
             (
+                "unknown app-connection reuse of a circuit",
+                circuit("upstream_reuse = \"never\"\n"),
+                vec![
+                    "circuits[0].upstream_reuse",
+                    "unknown variant `never`",
+                    "`shared`",
+                    "`client`",
+                ],
+            ),
+            (
                 "bare IPv6 host name",
                 "[worker]\nhostname = \"2001:db8::5\"\n".into(),
                 vec!["[worker] hostname = \"2001:db8::5\"", "in brackets"],
@@ -1655,6 +1659,41 @@ mod tests {
         let c = Config::parse("[worker]\nhostname = \"[2001:db8::5]\"\n").expect("bracketed");
         assert_eq!(c.worker.advertised_host(), "[2001:db8::5]");
         assert!(c.validate(&[0]).is_ok());
+    }
+
+    /// A circuit's `upstream_reuse` decides for its own app connections, whatever
+    /// `[upstream] reuse` says; a circuit without one follows `[upstream] reuse`.
+    #[test]
+    fn a_circuits_upstream_reuse_overrides_the_workers() {
+        let text = |worker: &str, first: &str| {
+            format!(
+                "[secrets]\njwt_secret = \"j\"\npermit_secret = \"p\"\n[upstream]\n{worker}\n\n\
+                 [[circuits]]\nid = \"00000000-0000-4000-8000-000000000001\"\nport = 10205\n{first}\nroute_info = []\n\n\
+                 [[circuits]]\nid = \"00000000-0000-4000-8000-000000000002\"\nport = 10206\nroute_info = []\n"
+            )
+        };
+        let reuse_by_client = |worker: &str, first: &str| {
+            let c = Config::parse(&text(worker, first)).expect("config");
+            let r = c.resolve_circuits(&c.circuits).expect("resolve");
+            (r[0].reuse_by_client, r[1].reuse_by_client)
+        };
+        assert_eq!(reuse_by_client("", ""), (false, false));
+        assert_eq!(
+            reuse_by_client("", "upstream_reuse = \"client\""),
+            (true, false)
+        );
+        assert_eq!(
+            reuse_by_client("", "upstream_reuse = \"shared\""),
+            (false, false)
+        );
+        assert_eq!(reuse_by_client("reuse = \"client\"", ""), (true, true));
+        assert_eq!(
+            reuse_by_client("reuse = \"client\"", "upstream_reuse = \"shared\""),
+            (false, true)
+        );
+        let c = Config::parse(&text("", "upstream_reuse = \"client\"")).expect("config");
+        assert_eq!(c.circuits[0].upstream_reuse, Some(Reuse::Client));
+        assert_eq!(c.circuits[1].upstream_reuse, None);
     }
 
     #[test]

@@ -147,6 +147,89 @@ fn recv_when_ready(stream: &TcpStream, reg: &Registration, buf: &mut [u8]) -> io
     }
 }
 
+/// Largest first handshake message (a ClientHello) a TLS client may announce. Real
+/// ones are a few kilobytes (about 1.8 KB with a post-quantum key share, a few more
+/// with several shares and tickets); rustls would take up to 64 KiB, holding what
+/// came of it until the handshake deadline: one address's unfinished 64 KiB
+/// ClientHellos on thousands of connections cost the worker about 77 KiB each.
+pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// Follows a TLS client's first bytes, through its records, to the header of its
+/// first handshake message, and refuses a ClientHello announced past
+/// [`MAX_CLIENT_HELLO`] before rustls buffers it. Pure: fed the bytes as read.
+#[derive(Debug, Default)]
+pub struct FirstHello {
+    /// The record header being read, and how much of it came.
+    record: [u8; 5],
+    record_have: usize,
+    /// Payload bytes of the current record still to pass.
+    record_left: usize,
+    /// The handshake message header (type, 24-bit length), and how much of it came.
+    header: [u8; 4],
+    header_have: usize,
+}
+
+impl FirstHello {
+    /// Follows `bytes`, the next ones the client sent; an error once its first
+    /// handshake message is a ClientHello announced past [`MAX_CLIENT_HELLO`].
+    /// Anything else (another record type first, say) is left to rustls to judge.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() && self.header_have < self.header.len() {
+            if self.record_left == 0 {
+                let take = (self.record.len() - self.record_have).min(bytes.len());
+                self.record[self.record_have..self.record_have + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.record_have += take;
+                bytes = &bytes[take..];
+                if self.record_have == self.record.len() {
+                    self.record_have = 0;
+                    if self.record[0] != 0x16 {
+                        // Not a handshake record: not ours to judge.
+                        self.header_have = self.header.len();
+                        return Ok(());
+                    }
+                    self.record_left =
+                        usize::from(u16::from_be_bytes([self.record[3], self.record[4]]));
+                }
+                continue;
+            }
+            let take = (self.header.len() - self.header_have)
+                .min(bytes.len())
+                .min(self.record_left);
+            self.header[self.header_have..self.header_have + take].copy_from_slice(&bytes[..take]);
+            self.header_have += take;
+            self.record_left -= take;
+            bytes = &bytes[take..];
+        }
+        if self.header_have == self.header.len() && self.header[0] == 0x01 {
+            let announced = u32::from_be_bytes([0, self.header[1], self.header[2], self.header[3]]);
+            if announced as usize > MAX_CLIENT_HELLO {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "TLS ClientHello announced at {announced} bytes, past {MAX_CLIENT_HELLO}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The socket as the handshake reads it: its bytes followed by a [`FirstHello`].
+struct HelloIo<'a> {
+    sock: SockIo<'a>,
+    hello: &'a mut FirstHello,
+}
+
+impl Read for HelloIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.hello.feed(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 impl Write for SockIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write_vectored(&[IoSlice::new(buf)])
@@ -330,6 +413,7 @@ impl TcpConn {
             return Ok(());
         };
         let mut started = false;
+        let mut hello = FirstHello::default();
         poll_fn(|cx| loop {
             let mut s = tls.session.borrow_mut();
             if !s.is_handshaking() {
@@ -345,7 +429,11 @@ impl TcpConn {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
             }
-            match s.read_tls(&mut self.sock()) {
+            let mut io = HelloIo {
+                sock: self.sock(),
+                hello: &mut hello,
+            };
+            match s.read_tls(&mut io) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 // The peer's first bytes: a handshake under way may still be closed
                 // for a new connection at the cap, as an unfinished request head
@@ -1128,6 +1216,68 @@ pub(crate) mod tests {
     pub(crate) fn reactor() -> Rc<Reactor> {
         let live = Liveness::new(&[0], Duration::from_secs(5));
         Reactor::new(Default::default(), live.cores[0].clone()).expect("reactor")
+    }
+
+    /// A handshake record carrying the start of a handshake message of type `kind`
+    /// announced at `announced` bytes, with `body` after its header.
+    fn hello_record(kind: u8, announced: u32, body: &[u8]) -> Vec<u8> {
+        let len = (4 + body.len()) as u16;
+        let a = announced.to_be_bytes();
+        let mut r = vec![
+            0x16,
+            0x03,
+            0x01,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            a[1],
+            a[2],
+            a[3],
+        ];
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn a_clienthello_announced_past_the_bound_is_refused_however_it_is_cut() {
+        let table: [(&str, Vec<u8>, bool); 5] = [
+            ("a real size", hello_record(1, 1800, &[0; 32]), true),
+            (
+                "at the bound",
+                hello_record(1, MAX_CLIENT_HELLO as u32, &[]),
+                true,
+            ),
+            (
+                "past it",
+                hello_record(1, MAX_CLIENT_HELLO as u32 + 1, &[]),
+                false,
+            ),
+            ("64 KiB", hello_record(1, 65_000, &[0; 100]), false),
+            // Not a ClientHello, or not a handshake record: rustls judges those.
+            ("another message", hello_record(2, 65_000, &[]), true),
+        ];
+        for (what, bytes, ok) in table {
+            // Whole, byte by byte, and in records of one byte each.
+            let mut whole = FirstHello::default();
+            assert_eq!(whole.feed(&bytes).is_ok(), ok, "{what}: whole");
+            let mut bytewise = FirstHello::default();
+            let fed = bytes.iter().try_for_each(|b| bytewise.feed(&[*b]));
+            assert_eq!(fed.is_ok(), ok, "{what}: byte by byte");
+            let mut split = FirstHello::default();
+            let records: Vec<u8> = bytes[5..]
+                .iter()
+                .flat_map(|b| [0x16, 0x03, 0x01, 0x00, 0x01, *b])
+                .collect();
+            assert_eq!(split.feed(&records).is_ok(), ok, "{what}: one-byte records");
+        }
+        let mut alert = FirstHello::default();
+        assert!(alert
+            .feed(&[0x15, 0x03, 0x03, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff])
+            .is_ok());
+        assert!(
+            alert.feed(&hello_record(1, 65_000, &[])).is_ok(),
+            "judged once, at the start"
+        );
     }
 
     /// An accepted connection has TCP_NODELAY without a setsockopt of its own: the

@@ -430,9 +430,106 @@ pub fn negotiated_rsv<'a>(
     Ok(rsv)
 }
 
+/// The GUID a server appends to the client's key (RFC 6455 §1.3).
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The `Sec-WebSocket-Accept` value that answers the `Sec-WebSocket-Key` `key`
+/// (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID.
+pub fn accept_for(key: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let mut h = sha1::Sha1::new();
+    h.update(key);
+    h.update(ACCEPT_GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Checks that an app's 101 to a WebSocket upgrade answers the client's handshake:
+/// the request carried one `Sec-WebSocket-Key` (`keys`: its field values), and the 101
+/// one `Sec-WebSocket-Accept` (`accepts`) derived from it (RFC 6455 §4.1, §4.2.2). A
+/// 101 that does not is no WebSocket server's answer to this request: a client that
+/// checks would fail the connection anyway, and one that does not (a script, a
+/// hostile client working with an app that answers 101 to anything) would get a
+/// tunnel to an app that never agreed to speak WebSocket, past the proxy's checks of
+/// every later request on it.
+pub fn check_accept<'a>(
+    keys: impl IntoIterator<Item = &'a [u8]>,
+    accepts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), &'static str> {
+    let mut keys = keys.into_iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return Err("101 to a WebSocket request without exactly one Sec-WebSocket-Key");
+    };
+    let mut accepts = accepts.into_iter();
+    let (Some(accept), None) = (accepts.next(), accepts.next()) else {
+        return Err("101 without exactly one Sec-WebSocket-Accept");
+    };
+    if accept != accept_for(key).as_bytes() {
+        return Err("101 with a Sec-WebSocket-Accept that does not answer the request's key");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accept_value_is_the_rfcs_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_for(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn a_101_must_answer_the_one_key_the_request_sent() {
+        let key: &[u8] = b"dGhlIHNhbXBsZSBub25jZQ==";
+        let good: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        let none: [&[u8]; 0] = [];
+        type Case<'a> = (&'a [&'a [u8]], &'a [&'a [u8]], Result<(), &'a str>);
+        let table: [Case; 7] = [
+            (&[key], &[good], Ok(())),
+            (
+                &[key],
+                &none,
+                Err("101 without exactly one Sec-WebSocket-Accept"),
+            ),
+            (
+                &[key],
+                &[good, good],
+                Err("101 without exactly one Sec-WebSocket-Accept"),
+            ),
+            (
+                &[key],
+                &[b"s3pPLMBiTxaQ9kYGzzhZRbK+xOA="],
+                Err("101 with a Sec-WebSocket-Accept that does not answer the request's key"),
+            ),
+            (
+                &[key],
+                &[b"S3PPLMBITXAQ9KYGZZHZRBK+XOO="],
+                Err("101 with a Sec-WebSocket-Accept that does not answer the request's key"),
+            ),
+            (
+                &none,
+                &[good],
+                Err("101 to a WebSocket request without exactly one Sec-WebSocket-Key"),
+            ),
+            (
+                &[key, key],
+                &[good],
+                Err("101 to a WebSocket request without exactly one Sec-WebSocket-Key"),
+            ),
+        ];
+        for (keys, accepts, want) in table {
+            assert_eq!(
+                check_accept(keys.iter().copied(), accepts.iter().copied()),
+                want,
+                "keys {keys:?} accepts {accepts:?}"
+            );
+        }
+    }
 
     /// Builds a frame; `mask` adds a masking key (and masks the payload).
     fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {

@@ -818,6 +818,119 @@ fn with_reuse_by_client_an_app_answering_twice_reaches_no_other_client() {
     assert_eq!(app.conn_of("/last"), app.conn_of("/next"));
 }
 
+/// A circuit's own `upstream_reuse` decides for it, beside a circuit of the worker's
+/// default to the same app address (the pool's key): on the `"client"` circuit an
+/// app that answers twice shifts only its own client's answers, on the shared one
+/// the stray answer reaches the next client (as nginx's); and neither circuit's
+/// clients take the other's connections. Before the field, the worker's
+/// `[upstream] reuse` decided for both, and the `"client"` circuit's other client
+/// got the stray answer.
+#[test]
+fn a_circuits_upstream_reuse_isolates_its_clients_beside_a_shared_circuit() {
+    let poison = String::from_utf8_lossy(POISON).into_owned();
+    let gate: Gate = Arc::default();
+    let written = Arc::new(AtomicUsize::new(0));
+    let (g, w2) = (gate.clone(), written.clone());
+    let app = App::start(move |method, path| match path {
+        "/twice" | "/twice-b" => [
+            honest(path, method),
+            vec![
+                Step::Await(g.clone()),
+                send(&poison),
+                Step::Mark(w2.clone()),
+            ],
+        ]
+        .concat(),
+        _ => honest(path, method),
+    });
+    let shared_port = TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // The worker's first circuit reuses by client; its second, to the same app,
+    // follows the worker (shared).
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        circuit_extra: format!(
+            "open_to_public = true\nupstream_reuse = \"client\"\n\n\
+             [[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556667\"\napp = \"shared\"\n\
+             port = {shared_port}\nopen_to_public = true\n\
+             route_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", \
+             kernel_host = \"{}\", kernel_port = {}, traffic_ratio = 1.0 }}]\n",
+            app.addr.ip(),
+            app.addr.port()
+        ),
+        ..Default::default()
+    });
+    let private = w.addr();
+    let shared = SocketAddr::new(private.ip(), shared_port);
+    eventually("the shared circuit listens", || {
+        TcpStream::connect(shared).is_ok()
+    });
+
+    // The "client" circuit: its own client keeps its connection.
+    let mut first = Client::connect(private);
+    assert_honest(&first.get("/one", ""), "honest /one ", "first");
+    assert_honest(&first.get("/twice", ""), "honest /twice ", "first");
+    let conn = app.conn_of("/twice");
+    assert_eq!(app.conn_of("/one"), conn, "its own client reuses it");
+    // A client of the shared circuit, the stray answer still to come: not that
+    // connection.
+    let r = Client::connect(shared).get("/between", "");
+    assert_honest(&r, "honest /between ", "the shared circuit's client");
+    let between = app.conn_of("/between");
+    assert_ne!(
+        between, conn,
+        "a shared circuit's client took a private connection"
+    );
+    // Another client of the "client" circuit: a connection of its own (neither the
+    // first client's nor the shared circuit's), and its own answer.
+    let mut second = Client::connect(private);
+    second.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    set_gate(&gate, true);
+    assert_honest(&second.response(), "honest /next ", "the other client");
+    let next = app.conn_of("/next");
+    assert!(
+        next != conn && next != between,
+        "{next}: another's connection"
+    );
+    eventually("the app wrote its stray answer", || {
+        written.load(Ordering::SeqCst) == 1
+    });
+    // The first client's connection closes with it.
+    assert_eq!(first.get("/mine", "").status, 200);
+    assert_honest(&first.get("/mine-last", ""), "honest /mine-last ", "first");
+    let mine = app.conn_of("/mine-last");
+    drop(first);
+    app.wait_ended(mine);
+
+    // The shared circuit: the next client's request goes out on the connection a
+    // stray answer is still to come on, and is answered with it.
+    set_gate(&gate, false);
+    let mut first = Client::connect(shared);
+    assert_honest(
+        &first.get("/twice-b", ""),
+        "honest /twice-b ",
+        "first, shared",
+    );
+    let conn = app.conn_of("/twice-b");
+    let mut second = Client::connect(shared);
+    second.send(b"GET /next-b HTTP/1.1\r\nHost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    set_gate(&gate, true);
+    let r = second.response();
+    assert_eq!(app.conn_of("/next-b"), conn, "shared: the same connection");
+    assert_eq!(
+        r.header("x-attacker"),
+        Some("yes"),
+        "shared: the stray answer reaches the other client: {}",
+        r.text()
+    );
+    drop(first);
+}
+
 /// An app connection that last answered a bodiless request goes on at once for its
 /// own client, is not taken by another client during `pool::SETTLE` (250 ms), and
 /// is after it; at the per-route connection cap, a held connection is closed to

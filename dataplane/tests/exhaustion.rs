@@ -642,14 +642,17 @@ fn the_issue_scenario_300_slow_posts_under_512_descriptors_with_default_limits()
         nofile: Some(512),
         ..Default::default()
     });
-    // The default cap, derived from the 512 descriptors: (512 - 128) / 2 on one core.
+    // The default cap, derived from the 512 descriptors: 512 - 128 on one core, a
+    // quarter of them (96) for streams from HTTP/2 clients to apps (HTTP/2 is on by
+    // default), the rest at two a connection: (384 - 96) / 2.
     let derived = w.wait_log("derived cap", |v| {
         v["message"]
             == "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
     });
     assert_eq!(derived[0]["nofile"], 512);
+    assert_eq!(derived[0]["app_streams"], 96);
     let cap = derived[0]["cap"].as_u64().expect("cap");
-    assert_eq!(cap, 192);
+    assert_eq!(cap, 144);
     let mut slow = Vec::new();
     for _ in 0..300 {
         let mut s = TcpStream::connect(w.addr()).expect("connect");

@@ -323,6 +323,55 @@ fn continuation_flood_is_refused() {
 }
 
 #[test]
+fn a_header_block_announced_past_max_header_list_size_is_cut_before_it_is_buffered() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let rest = common::resting_fds(&w);
+    // Under the bound (40 KB), whole, in three frames: answered (431, the HTTP/1.1
+    // head limits), the connection going on.
+    let mut s = open(&w);
+    let mut block = request_block("/big");
+    literal(&mut block, b"x-big", &[b'a'; 40_000]);
+    let pieces: Vec<&[u8]> = block.chunks(16_000).collect();
+    s.write_all(&frame(HEADERS, END_STREAM, 1, pieces[0]))
+        .expect("headers");
+    for (i, piece) in pieces.iter().enumerate().skip(1) {
+        let flags = if i + 1 == pieces.len() {
+            END_HEADERS
+        } else {
+            0
+        };
+        s.write_all(&frame(CONTINUATION, flags, 1, piece))
+            .expect("continuation");
+    }
+    assert!(answered(&mut s, 1), "a block under the bound is answered");
+    // Past it (65,536 bytes by default): frames announcing more, never finished. The
+    // connection is closed as the frame that passes it is read, not held to the head
+    // timeout with the block buffered.
+    let mut past = open(&w);
+    past.write_all(&frame(HEADERS, 0, 1, &request_block("/past")))
+        .expect("headers");
+    for _ in 0..5 {
+        if past
+            .write_all(&frame(CONTINUATION, 0, 1, &[b'a'; 16_000]))
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert!(closed_by_worker(&mut past), "the block was not cut");
+    let log = w.log_text();
+    assert!(
+        log.contains("HTTP/2 header block of") && log.contains("past 65536"),
+        "cut for its size, not by the head timeout:\n{log}"
+    );
+    assert_eq!(up.count(), 0);
+    drop((s, past));
+    still_serves(&w);
+    settles(&w, rest);
+}
+
+#[test]
 fn hpack_bomb_is_refused() {
     let up = Upstream::start();
     let w = worker(&up, "");

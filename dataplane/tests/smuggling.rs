@@ -187,6 +187,44 @@ fn a_bare_lf_anywhere_in_a_request_head_is_refused() {
     );
 }
 
+/// A head refused before it was parsed whole (framing in doubt, two `Host` fields, a
+/// bare LF, too large) is answered under the request ID the client sent, when a
+/// valid one is among the lines read: the client and the access line name the same
+/// request. An invalid one is replaced, as always.
+#[test]
+fn a_refused_head_answers_under_the_clients_request_id() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    let pad = "a".repeat(17_000);
+    let heads = [
+        ("id-clte", "POST /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-clte\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(), 400),
+        ("id-hosts", "GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-ID: id-hosts\r\n\r\n".to_owned(), 400),
+        ("id-lf", "GET /a HTTP/1.1\r\nX-Backend-Request-ID: id-lf\nHost: a\r\n\r\n".to_owned(), 400),
+        ("id-big", format!("GET /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-big\r\nX-Pad: {pad}\r\n\r\n"), 431),
+    ];
+    for (id, head, status) in heads {
+        let mut c = Client::connect(w.addr());
+        c.send(head.as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, status, "{id}: {}", r.text());
+        assert_eq!(r.header("X-Backend-Request-ID"), Some(id), "{id}");
+        assert_eq!(r.json()["request_id"], id, "{id}: {}", r.text());
+        assert_eq!(w.wait_access_line(id)["status"], status, "{id}");
+    }
+    // Not a valid ID: replaced by one of the worker's.
+    let mut c = Client::connect(w.addr());
+    c.send(b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Backend-Request-ID: not valid\r\n\r\n");
+    let r = c.response();
+    assert_eq!(r.status, 400);
+    let given = r.header("X-Backend-Request-ID").expect("an ID").to_owned();
+    assert!(uuid::Uuid::parse_str(&given).is_ok(), "{given}");
+    assert!(
+        !app.saw_path("/a"),
+        "a refused head reached the app: {:?}",
+        app.seen()
+    );
+}
+
 #[test]
 fn options_with_a_smuggled_delete_is_refused() {
     let app = LenientApp::start();

@@ -90,6 +90,30 @@ fn garbage_plaintext_and_oversized_records_are_refused() {
 }
 
 #[test]
+fn a_clienthello_announced_past_16_kib_is_refused_before_it_is_buffered() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = worker(&pki, &up);
+    let fds = common::resting_fds(&w);
+    let before = failures(&w);
+    // A record of 16 KiB whose handshake message announces 65,000 bytes: rustls would
+    // buffer up to 64 KiB of it until the handshake deadline; a few hundred bytes come.
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"\x16\x03\x01\x40\x00\x01\x00\xfd\xe8")
+        .expect("send");
+    s.write_all(&[0u8; 300]).expect("send");
+    let got = read_until_closed(&mut s);
+    assert!(got.len() <= 7, "at most an alert: {got:?}");
+    eventually("the handshake counted as failed", || failures(&w) > before);
+    let log = w.log_text();
+    assert!(
+        log.contains("TLS ClientHello announced at 65000 bytes, past 16384"),
+        "refused for its announced size, not cut by the deadline:\n{log}"
+    );
+    settled(&w, &pki, fds);
+}
+
+#[test]
 fn handshakes_that_never_finish_are_cut_by_the_head_timeout() {
     let pki = Pki::new();
     let up = Upstream::start();

@@ -193,6 +193,70 @@ fn the_protocol_the_101_names_decides_the_tunnel() {
     assert!(app_got(&got, 1).is_empty());
 }
 
+/// A 101 that does not answer the client's WebSocket handshake (no
+/// `Sec-WebSocket-Accept`, one for another key, two) is no WebSocket server's
+/// answer: an app that answers 101 to anything would otherwise open a tunnel whose
+/// later bytes it reads as it pleases, past the proxy's checks of each request. It
+/// is refused (502 with the request ID), the app's connection dropped with nothing
+/// of the client's; the same request without a key never gets a tunnel either, and
+/// the right answer still does.
+#[test]
+fn a_101_that_does_not_answer_the_websocket_key_is_refused() {
+    let (app, got) = scripted_app(|head, s| {
+        let accept = if head.contains("/no-accept") {
+            ""
+        } else if head.contains("/other-key") {
+            "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOA=\r\n"
+        } else if head.contains("/twice") {
+            "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        } else {
+            "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        };
+        let _ = s.write_all(
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n").as_bytes(),
+        );
+    });
+    let w = worker(app, "");
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        ("/no-accept", key, 502),
+        ("/other-key", key, 502),
+        ("/twice", key, 502),
+        ("/no-key", "", 502),
+        ("/right", key, 101),
+    ];
+    for (i, (path, key, status)) in cases.into_iter().enumerate() {
+        let id = format!("ws-accept-{i}");
+        let mut c = connect(&w);
+        c.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("handshake");
+        let head = read_head(&mut c);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {head}"
+        );
+        assert!(
+            head.contains(&format!("X-Backend-Request-ID: {id}\r\n")),
+            "{path}: {head}"
+        );
+        if status == 502 {
+            // What the client sends next never reaches the app, whose connection goes.
+            let _ = c.write_all(b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n");
+            assert!(app_got(&got, i).is_empty(), "{path}");
+            assert!(
+                w.log_text().contains("app's 101 refused"),
+                "{path}: {}",
+                w.log_text()
+            );
+        }
+    }
+}
+
 /// An `h2c` switch is never passed on (deprecated by RFC 9113 §3.1): through a byte
 /// tunnel, every later request on the connection would reach an app that accepts it
 /// as HTTP/2 with no field rule applied (client addresses, request IDs, permit

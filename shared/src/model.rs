@@ -65,6 +65,40 @@ pub enum UpstreamTls {
     Insecure,
 }
 
+/// Who may reuse a pooled HTTP/1.1 app connection: a worker's `[upstream] reuse`,
+/// or a circuit's own [`Circuit::upstream_reuse`], which overrides it for that
+/// circuit. Any other value is refused where it is read (`unknown variant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reuse {
+    /// Any client connection of the core (nginx's and HAProxy's default).
+    #[default]
+    Shared,
+    /// Only the client connection whose request opened it (HAProxy's
+    /// `http-reuse never`); closed when that connection closes. An app that
+    /// answers a request twice, or late, shifts only its own client's answers.
+    Client,
+}
+
+impl Reuse {
+    /// The wire and config value (`shared` / `client`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Client => "client",
+        }
+    }
+
+    /// Reads a wire or config value; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "shared" => Some(Self::Shared),
+            "client" => Some(Self::Client),
+            _ => None,
+        }
+    }
+}
+
 impl UpstreamTls {
     /// Plain TCP (left out when serialized).
     pub fn is_off(&self) -> bool {
@@ -199,6 +233,13 @@ pub struct Circuit {
     /// RFC 3339 update time, as the coordinator wrote it.
     #[serde(default)]
     pub updated_at: Option<String>,
+    /// Who may reuse the circuit's pooled HTTP/1.1 app connections: overrides the
+    /// worker's `[upstream] reuse` for this circuit (absent or `null`: the
+    /// worker's). Left out of the JSON when unset, so a circuit without it reads
+    /// as it always did to peers that do not know the field; a value other than
+    /// `shared` or `client` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_reuse: Option<Reuse>,
 }
 
 fn ser_ip_list<S: Serializer>(list: &[String], s: S) -> Result<S::Ok, S::Error> {
@@ -515,6 +556,47 @@ mod tests {
         assert_eq!(json["frontend_mode"], "port");
         let back: Circuit = serde_json::from_value(json).expect("again");
         assert_eq!(back, c);
+    }
+
+    /// `upstream_reuse` is left out when unset (the circuit reads as before to an
+    /// older peer), round-trips when set, and refuses unknown values by name.
+    #[test]
+    fn upstream_reuse_is_on_the_wire_only_when_set() {
+        let c: Circuit = serde_json::from_str(WIRE_CIRCUIT).expect("wire circuit");
+        assert_eq!(c.upstream_reuse, None);
+        let json = serde_json::to_value(&c).expect("serialize");
+        assert!(json.get("upstream_reuse").is_none(), "{json}");
+        for (reuse, text) in [(Reuse::Client, "client"), (Reuse::Shared, "shared")] {
+            let set = Circuit {
+                upstream_reuse: Some(reuse),
+                ..c.clone()
+            };
+            let json = serde_json::to_value(&set).expect("serialize");
+            assert_eq!(json["upstream_reuse"], text);
+            assert_eq!(Reuse::parse(text), Some(reuse));
+            assert_eq!(reuse.as_str(), text);
+            let back: Circuit = serde_json::from_value(json).expect("again");
+            assert_eq!(back, set);
+        }
+        let mut json = serde_json::to_value(&c).expect("serialize");
+        json["upstream_reuse"] = serde_json::Value::Null;
+        let null: Circuit = serde_json::from_value(json.clone()).expect("null");
+        assert_eq!(null.upstream_reuse, None);
+        for bad in ["never", "Client", ""] {
+            json["upstream_reuse"] = bad.into();
+            let err = serde_json::from_value::<Circuit>(json.clone())
+                .expect_err("an unknown value")
+                .to_string();
+            assert!(
+                err.contains("unknown variant")
+                    && err.contains("`shared`")
+                    && err.contains("`client`"),
+                "{bad}: {err}"
+            );
+        }
+        json["upstream_reuse"] = 1.into();
+        assert!(serde_json::from_value::<Circuit>(json).is_err());
+        assert_eq!(Reuse::parse("never"), None);
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn circuit(worker: uuid::Uuid, n: usize, ratio: f64) -> Circuit {
         session_ids: vec![session],
         created_at: None,
         updated_at: None,
+        upstream_reuse: None,
     }
 }
 

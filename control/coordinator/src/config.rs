@@ -1,11 +1,13 @@
 //! The coordinator's config file: `[coordinator]`, `[secrets]`, `[database]`,
-//! `[redis]`, `[logging]`, `[health_check]`, `[limits]`.
+//! `[redis]`, `[logging]`, `[health_check]`, `[limits]`, `[circuits]`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use appproxy_control_common::config::RedisSection;
 use appproxy_control_common::config::{load, relative_to, ConfigError};
+use appproxy_shared::model::Reuse;
 use appproxy_shared::telemetry::{LoggingConfig, TelemetryConfig};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +89,14 @@ impl CoordinatorConfig {
                     "redis",
                     "url = \"redis://127.0.0.1:6379/\"  # events to remote workers, marks, leadership",
                 ),
+                (
+                    "circuits",
+                    "upstream_reuse = \"shared\"  # or \"client\"; default: unset, each worker's [upstream] reuse",
+                ),
+                (
+                    "circuits",
+                    "upstream_reuse_by_app = { jupyter = \"client\" }  # by app name, over upstream_reuse",
+                ),
             ],
         )
     }
@@ -118,6 +128,34 @@ pub struct CoordinatorConfig {
     pub health_check: HealthCheckSection,
     /// `[limits]`: what one session or endpoint may hold.
     pub limits: LimitsSection,
+    /// `[circuits]`: what the coordinator decides for the circuits it creates.
+    pub circuits: CircuitsSection,
+}
+
+/// `[circuits]`: settings the coordinator writes into each circuit it creates (and
+/// stores), which workers then follow for it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitsSection {
+    /// Who may reuse a new circuit's pooled HTTP/1.1 app connections (`"shared"`
+    /// or `"client"`), written into the circuit as its `upstream_reuse`, which
+    /// overrides the worker's `[upstream] reuse`. Unset (the default): circuits
+    /// carry none, and each worker's own setting decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_reuse: Option<Reuse>,
+    /// The same by app name (a circuit's `app`: the app of `/v2/proxy/auth`, an
+    /// endpoint's service name), over `upstream_reuse`: e.g. `{ jupyter =
+    /// "client" }` for the interactive apps of individual users.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream_reuse_by_app: BTreeMap<String, Reuse>,
+}
+
+impl CircuitsSection {
+    /// The `upstream_reuse` of a new circuit of `app` (`None`: the workers').
+    pub fn upstream_reuse_for(&self, app: Option<&str>) -> Option<Reuse> {
+        app.and_then(|a| self.upstream_reuse_by_app.get(a).copied())
+            .or(self.upstream_reuse)
+    }
 }
 
 /// `[limits]`: what one session, or one endpoint, may hold of the coordinator's
@@ -471,6 +509,44 @@ mod tests {
         assert_eq!(read.limits.max_routes_per_endpoint, 1024);
     }
 
+    /// `[circuits]`: nothing by default (each worker decides), shown commented by
+    /// `--print-default-config`, each line valid uncommented; an app's own value
+    /// over the default one.
+    #[test]
+    fn circuits_upstream_reuse_by_default_and_by_app() {
+        let text = CoordinatorConfig::default_toml();
+        assert!(text.contains("# upstream_reuse = \"shared\""), "{text}");
+        assert!(
+            text.contains("# upstream_reuse_by_app = { jupyter = \"client\" }"),
+            "{text}"
+        );
+        let read: CoordinatorConfig = toml::from_str(&text).expect("parse");
+        assert_eq!(read.circuits, CircuitsSection::default());
+        assert_eq!(read.circuits.upstream_reuse_for(Some("jupyter")), None);
+        let uncommented = text
+            .replace("# upstream_reuse = ", "upstream_reuse = ")
+            .replace("# upstream_reuse_by_app", "upstream_reuse_by_app")
+            .replace("# [circuits]", "[circuits]");
+        let read: CoordinatorConfig = toml::from_str(&uncommented).expect(&uncommented);
+        let c = &read.circuits;
+        assert_eq!(c.upstream_reuse_for(Some("jupyter")), Some(Reuse::Client));
+        assert_eq!(c.upstream_reuse_for(Some("vscode")), Some(Reuse::Shared));
+        assert_eq!(c.upstream_reuse_for(None), Some(Reuse::Shared));
+        let again = toml::to_string_pretty(&read).expect("toml");
+        assert_eq!(
+            toml::from_str::<CoordinatorConfig>(&again).expect("parse"),
+            read
+        );
+        let by_app: CoordinatorConfig =
+            toml::from_str("[circuits]\nupstream_reuse_by_app = { jupyter = \"client\" }\n")
+                .expect("parse");
+        assert_eq!(
+            by_app.circuits.upstream_reuse_for(Some("jupyter")),
+            Some(Reuse::Client)
+        );
+        assert_eq!(by_app.circuits.upstream_reuse_for(Some("vscode")), None);
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let err =
@@ -513,6 +589,15 @@ mod tests {
                 "a negative circuit limit",
                 "[limits]\nmax_circuits_per_session = -1\n",
                 &["limits.max_circuits_per_session", "line 2", "expected"],
+            ),
+            (
+                "an unknown app-connection reuse",
+                "[circuits]\nupstream_reuse_by_app = { jupyter = \"never\" }\n",
+                &[
+                    "circuits.upstream_reuse_by_app.jupyter",
+                    "unknown variant `never`",
+                    "`client`",
+                ],
             ),
             (
                 "wrong table type",

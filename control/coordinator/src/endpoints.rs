@@ -420,6 +420,8 @@ async fn created_or_existing(
         session_ids,
         created_at: None,
         updated_at: None,
+        // `create_circuit` decides it.
+        upstream_reuse: None,
     };
     let (circuit, worker, created) =
         super::proxy::create_circuit(state, template, &request, None, None).await?;

@@ -380,6 +380,8 @@ async fn proxy_auth(
                     session_ids: vec![q.session_id],
                     created_at: None,
                     updated_at: None,
+                    // `create_circuit` decides it.
+                    upstream_reuse: None,
                 };
                 // At most `[limits] max_circuits_per_session` live circuits per session,
                 // decided by the store in the insert itself (a reuse above never counts).
@@ -953,11 +955,20 @@ async fn withdraw_dead_circuits(
 /// failure it may be left held, for the caller to give back.
 pub(super) async fn create_circuit(
     state: &Arc<State>,
-    template: Circuit,
+    mut template: Circuit,
     request: &placement::Request<'_>,
     session_limit: Option<(uuid::Uuid, u32)>,
     mut turn: Option<&mut KeyTurn>,
 ) -> Result<(Circuit, WorkerRegistration, Creating), ApiError> {
+    // Who may reuse its app connections, decided here for every creation
+    // (interactive and endpoint) and stored with it: workers follow the circuit's
+    // value over their own `[upstream] reuse`.
+    if template.upstream_reuse.is_none() {
+        template.upstream_reuse = state
+            .config
+            .circuits
+            .upstream_reuse_for(template.app.as_deref());
+    }
     // Workers that failed this creation, and (worker, port) slots that could not listen.
     let mut avoid_workers: Vec<uuid::Uuid> = Vec::new();
     let mut avoid_ports: Vec<(uuid::Uuid, u16)> = Vec::new();

@@ -155,6 +155,7 @@ on_both_engines! {
     an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes => an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_sqlite, an_endpoint_on_a_worker_that_is_gone_is_placed_again_with_its_routes_postgresql;
     a_whole_port_range_is_listed_slot_by_slot => a_whole_port_range_is_listed_slot_by_slot_sqlite, a_whole_port_range_is_listed_slot_by_slot_postgresql;
     placement_follows_the_rule_across_partly_filled_workers => placement_follows_the_rule_across_partly_filled_workers_sqlite, placement_follows_the_rule_across_partly_filled_workers_postgresql;
+    upstream_reuse_is_decided_by_app_and_handed_to_the_worker => upstream_reuse_is_decided_by_app_and_handed_to_the_worker_sqlite, upstream_reuse_is_decided_by_app_and_handed_to_the_worker_postgresql;
 }
 
 /// A worker with the whole port range (65,535 ports) and a wildcard worker: the
@@ -802,6 +803,126 @@ fn upstream_tls_comes_from_the_conf_and_decides_reuse(db: Db) {
     // `off` is plain.
     let (off, _) = circuit_for(&token_of(Some(r#""off""#)));
     assert_eq!(off, plain_id);
+}
+
+/// `[circuits]` decides a new circuit's `upstream_reuse` by its app's name, over
+/// the default: stored with the circuit and handed with it to its worker (the
+/// worker's change list and whole set, `/api/circuit/{id}`), on both engines. A
+/// circuit of an app the section does not name, with no default, carries no field
+/// at all (the workers' own `[upstream] reuse` decides).
+fn upstream_reuse_is_decided_by_app_and_handed_to_the_worker(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        "\n[circuits]\nupstream_reuse_by_app = { jupyter = \"client\", vscode = \"shared\" }",
+    );
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let created = |app: &str| {
+        let r = create_app(c.addr, &token, app);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        circuit_of(r.json()["redirect_url"].as_str().expect("url"))
+    };
+    let jupyter = created("jupyter");
+    let vscode = created("vscode");
+    let ttyd = created("ttyd");
+    let get = |path: &str| {
+        let r = request(c.addr, "GET", path, &[AUTH], "");
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    };
+    let by_id = |list: &serde_json::Value, id: &str| -> serde_json::Value {
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in {list}"))
+            .clone()
+    };
+    let changes = get(&format!("/api/worker/{worker}/circuits?since=0"));
+    let set = get(&format!("/api/worker/{worker}/circuits?after=&limit=10"));
+    for list in [&changes["circuits"], &set["circuits"]] {
+        assert_eq!(by_id(list, &jupyter)["upstream_reuse"], "client", "{list}");
+        assert_eq!(by_id(list, &vscode)["upstream_reuse"], "shared", "{list}");
+        assert!(
+            by_id(list, &ttyd).get("upstream_reuse").is_none(),
+            "no field for an app the section does not name: {list}"
+        );
+    }
+    let one = get(&format!("/api/circuit/{jupyter}"));
+    assert_eq!(one["upstream_reuse"], "client", "{one}");
+    // Read back by a worker as the wire's type.
+    let circuits: Vec<appproxy_shared::model::Circuit> =
+        serde_json::from_value(changes["circuits"].clone()).expect("circuits");
+    let reuse_of = |id: &str| {
+        circuits
+            .iter()
+            .find(|c| c.id.to_string() == id)
+            .expect("circuit")
+            .upstream_reuse
+    };
+    assert_eq!(
+        reuse_of(&jupyter),
+        Some(appproxy_shared::model::Reuse::Client)
+    );
+    assert_eq!(reuse_of(&ttyd), None);
+}
+
+/// `[circuits] upstream_reuse`, the default for every app, goes out with the
+/// circuit in the worker's creation event on Redis.
+#[test]
+fn the_default_upstream_reuse_goes_out_in_the_creation_event() {
+    use appproxy_shared::model::{
+        BroadcastMessage, CircuitsEvent, BROADCAST_CHANNEL, EVENT_CIRCUIT_CREATED,
+    };
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &Db::Sqlite,
+        &format!(
+            "worker_ack_timeout_secs = 0\n[redis]\nurl = \"{}\"\n[circuits]\nupstream_reuse = \"client\"",
+            redis.url()
+        ),
+    );
+    let token = setup(&c);
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut sub = client.get_connection().expect("connection");
+    sub.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe(BROADCAST_CHANNEL).expect("subscribe");
+    let r = create_app(c.addr, &token, "jupyter");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = circuit_of(r.json()["redirect_url"].as_str().expect("url"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let created = loop {
+        assert!(Instant::now() < deadline, "no creation event for {id}");
+        let msg = match pubsub.get_message() {
+            Ok(m) => m,
+            Err(e) if common::read_again(&e) => continue,
+            Err(e) => panic!("redis: {e}"),
+        };
+        let text: String = msg.get_payload().expect("text");
+        let event: BroadcastMessage = serde_json::from_str(&text).expect("envelope");
+        if event.name != EVENT_CIRCUIT_CREATED {
+            continue;
+        }
+        let body: CircuitsEvent = event.body().expect("body");
+        if let Some(c) = body.circuits.into_iter().find(|c| c.id.to_string() == id) {
+            break c;
+        }
+    };
+    assert_eq!(
+        created.upstream_reuse,
+        Some(appproxy_shared::model::Reuse::Client)
+    );
 }
 
 /// With Redis configured but no worker listening, a creation waits for the
@@ -7502,6 +7623,7 @@ fn a_workers_pages_and_change_lists_stay_within_their_byte_budget() {
             session_ids: vec![session],
             created_at: None,
             updated_at: None,
+            upstream_reuse: None,
         };
         rt.block_on(store.insert_circuit(&circuit, Some(&format!("req-{n}")), None))
             .expect("insert");

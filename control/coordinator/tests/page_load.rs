@@ -78,6 +78,7 @@ fn circuit(worker: uuid::Uuid, n: usize) -> Circuit {
         session_ids: vec![session],
         created_at: None,
         updated_at: None,
+        upstream_reuse: None,
     }
 }
 

@@ -53,6 +53,8 @@ fn circuit(worker: uuid::Uuid, port: u16) -> Circuit {
         session_ids: vec![session],
         created_at: Some("2026-08-20T01:02:03.456789Z".into()),
         updated_at: Some("2026-08-20T01:02:03.456789Z".into()),
+        // Stored and read back on both engines, set or not.
+        upstream_reuse: (port % 2 == 0).then_some(appproxy_shared::model::Reuse::Client),
     }
 }
 
@@ -708,8 +710,8 @@ async fn store_suite_on_postgresql() {
             "appproxy",
             "SELECT count(*) FROM appproxy_schema_migrations"
         ),
-        "14",
-        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit, the creations under way, the workers' port counts"
+        "15",
+        "the schema, the endpoint index, the worker nodes, the scale indexes and change log, the tokens' upstream_tls, the changes' trace context, the removals' request, the removal marker, the tokens' creation time, the session limit's condition, the nodes that left, the deadline at commit, the creations under way, the workers' port counts, the circuits' upstream_reuse"
     );
     // Trace contexts stored by someone else, hostile: they read as none (or without
     // their tracestate), the circuit itself still reads and answers.
@@ -961,7 +963,8 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
     // previous version left it.
     pg.psql(
         "appproxy",
-        "DROP INDEX circuits_creating_until;
+        "ALTER TABLE circuits DROP COLUMN upstream_reuse;
+         DROP INDEX circuits_creating_until;
          ALTER TABLE circuits DROP COLUMN creating_until;
          ALTER TABLE circuit_changes DROP COLUMN request_id, DROP COLUMN traceparent,
             DROP COLUMN tracestate, DROP COLUMN removal;
@@ -974,7 +977,7 @@ async fn a_removal_logged_before_the_migration_reads_as_none_on_postgresql() {
          DROP TRIGGER circuits_port_circuits ON circuits;
          DROP FUNCTION appproxy_count_port_circuits();
          ALTER TABLE workers DROP COLUMN port_circuits;
-         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12, 13, 14);",
+         DELETE FROM appproxy_schema_migrations WHERE version IN (7, 8, 9, 10, 11, 12, 13, 14, 15);",
     );
     let store = open().await.expect("open and migrate");
     port_counts_from_the_migration(&store, worker).await;

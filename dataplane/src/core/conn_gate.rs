@@ -27,6 +27,11 @@ pub struct ConnGate {
     open: Rc<Cell<usize>>,
     /// The cap.
     pub cap: usize,
+    /// Streams from HTTP/2 clients to apps the core may have open at once
+    /// (`[http2] max_app_streams`, held within the descriptor limit when the cap is
+    /// derived from it): a stream to an HTTP/1.1 app holds an app connection of its
+    /// own, which no client connection's place in the cap counts.
+    pub app_streams: usize,
     /// Connections refused since the cap was last left.
     refused_in_burst: Cell<u64>,
     /// Open connections per client address on every core of the worker, with
@@ -57,29 +62,38 @@ const DESCRIPTOR_HEADROOM: u64 = 128;
 
 impl ConnGate {
     /// The gate of one of `cores` cores; `cap` 0 derives the cap from the descriptor
-    /// limit: each proxied connection costs two descriptors, the limit is shared by
-    /// every core, and [`DESCRIPTOR_HEADROOM`] stays free. `clients` is the worker's
-    /// one count per client address.
-    pub(super) fn new(cap: usize, cores: usize, cpu: usize, clients: Arc<ClientTable>) -> Self {
-        let cap = if cap > 0 {
-            cap
+    /// limit: the limit is shared by every core, [`DESCRIPTOR_HEADROOM`] stays free,
+    /// each proxied connection costs two descriptors, and with HTTP/2 on (`h2`) the
+    /// streams from HTTP/2 clients to apps (`app_streams`, one app connection each at
+    /// most) take their place first, at most a quarter of the core's share. `clients`
+    /// is the worker's one count per client address.
+    pub(super) fn new(
+        cap: usize,
+        (app_streams, h2): (usize, bool),
+        cores: usize,
+        cpu: usize,
+        clients: Arc<ClientTable>,
+    ) -> Self {
+        let (cap, app_streams) = if cap > 0 {
+            (cap, app_streams)
         } else {
             let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
                 .current
                 .unwrap_or(1 << 20);
-            let per_core = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / 2 / cores.max(1) as u64;
-            let cap = per_core.clamp(16, 1 << 20) as usize;
+            let (cap, app_streams) = derived_cap(nofile, cores, app_streams, h2);
             tracing::info!(
                 core = cpu,
                 cap,
+                app_streams,
                 nofile,
                 "connection cap per core derived from the descriptor limit ([limits] max_connections_per_core = 0)"
             );
-            cap
+            (cap, app_streams)
         };
         Self {
             open: Rc::new(Cell::new(0)),
             cap,
+            app_streams,
             refused_in_burst: Cell::new(0),
             shed_in_burst: Cell::new(0),
             clients,
@@ -94,6 +108,26 @@ impl ConnGate {
     pub fn open(&self) -> usize {
         self.open.get()
     }
+}
+
+/// The connection cap and the budget of streams to apps of one of `cores` cores under
+/// the descriptor limit `nofile` ([`ConnGate::new`]): `app_streams` as configured,
+/// within a quarter of the core's share when HTTP/2 is on (`h2`), the rest of the
+/// share at two descriptors a connection. Together they never pass the share: a few
+/// HTTP/2 clients' streams to a silent app once took the descriptors the cap had
+/// promised to client connections.
+fn derived_cap(nofile: u64, cores: usize, app_streams: usize, h2: bool) -> (usize, usize) {
+    let share = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / cores.max(1) as u64;
+    let streams = match h2 {
+        true => (app_streams as u64).min(share / 4).max(1),
+        false => app_streams as u64,
+    };
+    let for_connections = match h2 {
+        true => share.saturating_sub(streams),
+        false => share,
+    };
+    let cap = (for_connections / 2).clamp(16, 1 << 20) as usize;
+    (cap, streams as usize)
 }
 
 /// Counts one more event in `count` (modulo 1024): whether it is the first of a run
@@ -369,4 +403,33 @@ pub fn is_local_error(e: &std::io::Error) -> bool {
         ]
         .iter()
         .any(|c| e.raw_os_error() == Some(c.raw_os_error()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::derived_cap;
+
+    #[test]
+    fn the_derived_cap_and_app_streams_stay_within_the_descriptor_limit() {
+        // (nofile, cores, max_app_streams, h2) → (cap, app streams)
+        let table = [
+            // HTTP/2 off: two descriptors a connection, streams as configured.
+            (4096, 2, 2048, false, (992, 2048)),
+            // On, a small limit: streams within a quarter of the core's share.
+            (4096, 2, 2048, true, (744, 496)),
+            // On, a large limit: streams as configured, the rest for connections.
+            (1 << 20, 2, 2048, true, (261_088, 2048)),
+            (1 << 20, 1, 2048, true, (523_200, 2048)),
+            // Tiny: the floors.
+            (130, 1, 2048, true, (16, 1)),
+        ];
+        for (nofile, cores, streams, h2, want) in table {
+            let (cap, app) = derived_cap(nofile, cores, streams, h2);
+            assert_eq!((cap, app), want, "nofile {nofile}, {cores} cores, h2 {h2}");
+            if h2 && cap > 16 {
+                let used = (cap as u64 * 2 + app as u64) * cores as u64;
+                assert!(used + 128 <= nofile, "{used} descriptors of {nofile}");
+            }
+        }
+    }
 }

@@ -172,9 +172,14 @@ impl Core {
                 rt.max_idle_per_route,
                 rt.pool_idle_timeout,
                 rt.max_upstream_conns,
-            )
-            .reused_by(rt.pool_reuse),
-            conns: ConnGate::new(rt.max_connections_per_core, rt.cpus.len(), cpu, clients),
+            ),
+            conns: ConnGate::new(
+                rt.max_connections_per_core,
+                (rt.http2.max_app_streams, rt.http2.enabled),
+                rt.cpus.len(),
+                cpu,
+                clients,
+            ),
             metrics: CoreMetrics::new(rt.per_circuit_metrics)
                 .with_histograms(rt.latency_histograms),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),

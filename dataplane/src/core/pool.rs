@@ -15,6 +15,20 @@
 //! on a direct connection to the app, and the hold goes on through that reuse (the
 //! bytes may still come after the own client's next answer, and shift it): it ends
 //! [`SETTLE`] after the bodiless answer, whatever the connection carried since.
+//!
+//! A route whose circuit reuses app connections by client (`upstream_reuse =
+//! "client"`, or the worker's `[upstream] reuse`: [`Kind::private`]) keeps its
+//! connections apart from everyone else's, though the pool is keyed by address and
+//! circuits of either kind may share an app's: such a route puts a connection back
+//! held for its client for good (until the client connection closes,
+//! [`Pool::release_owner`], or the connection expires), and takes only a
+//! connection so held for its own client. A shared route takes no such connection,
+//! not even its own client's, and a private route no shared one, even its own
+//! client's (another client's request may have gone out on it before): so a
+//! connection that ever carried a private route's request carries no other
+//! client's, and one opened for a shared route is never held back by a private
+//! one. A client connection using both kinds of circuit to one app has a
+//! connection for each.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -26,9 +40,20 @@ use appproxy_shared::model::UpstreamTls;
 use super::FastMap;
 use crate::io::{CountGuard, TcpConn};
 
-/// How a connection to an app was made beyond its address: its TLS mode and
-/// server name, `None` for plain TCP.
-pub type Tls<'a> = Option<(UpstreamTls, &'a str)>;
+/// What a pooled connection to an address must have been made with to serve a
+/// route, and who may reuse it ([`crate::proxy::kind_of`] gives a route's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind<'a> {
+    /// TLS mode and server name, `None` for plain TCP.
+    pub tls: Option<(UpstreamTls, &'a str)>,
+    /// Reused only by the client connection that opened it (the circuit reuses
+    /// app connections by client).
+    pub private: bool,
+}
+
+/// `held_ms` of a connection held for its client for good: one a private route
+/// put back ([`Kind::private`]). Ordinary holds are far shorter ([`SETTLE`]).
+const PRIVATE: u16 = u16::MAX;
 
 /// An idle TLS connection, with the mode and server name it was made with.
 struct TlsIdle {
@@ -46,7 +71,8 @@ struct Idle {
     /// The client connection its last request came from.
     owner: u64,
     /// Only `owner` may take it until this many milliseconds after `since` (the
-    /// rest of a hold: [`SETTLE`] from the last bodiless answer).
+    /// rest of a hold: [`SETTLE`] from the last bodiless answer); [`PRIVATE`]: only
+    /// `owner`, through a private route, ever.
     held_ms: u16,
 }
 
@@ -65,19 +91,25 @@ pub struct Lease {
 }
 
 impl Idle {
-    /// Whether `owner` may take it now (`private`: only its own client may).
+    /// Whether `owner` may take it now for a route that is `private` or not: a
+    /// private route only its own private connection; a shared route any shared
+    /// one not held for another client (the usual case, `held_ms == 0`, decided by
+    /// the first two comparisons).
     #[inline]
     fn open_to(&self, owner: u64, now: Instant, private: bool) -> bool {
-        self.owner == owner
-            || (!private
-                && (self.held_ms == 0
+        if private {
+            return self.owner == owner && self.held_ms == PRIVATE;
+        }
+        self.held_ms == 0
+            || (self.held_ms != PRIVATE
+                && (self.owner == owner
                     || now.saturating_duration_since(self.since).as_millis()
                         >= u128::from(self.held_ms)))
     }
 
-    /// When its hold ends, if it is held.
+    /// When its hold ends, if it is held for a while (not for good).
     fn hold_end(&self) -> Option<Instant> {
-        (self.held_ms > 0)
+        (self.held_ms > 0 && self.held_ms != PRIVATE)
             .then(|| self.since + std::time::Duration::from_millis(u64::from(self.held_ms)))
     }
 }
@@ -101,11 +133,9 @@ pub struct Pool {
     /// when the hold ends: put back, they are held until then still. A few at most,
     /// each forgotten once its hold has ended.
     lent: RefCell<Vec<(std::os::fd::RawFd, Instant)>>,
-    /// `[upstream] reuse = "client"`: a connection is reused only by the client
-    /// connection that put it back, and closed when that one closes.
-    private: bool,
-    /// With `private`: the addresses each client connection put connections back
-    /// for, so that its close looks at those lists only.
+    /// The addresses each client connection put private connections back for
+    /// ([`Kind::private`]), so that its close looks at those lists only; empty
+    /// while no circuit reuses by client.
     owned: RefCell<FastMap<u64, Vec<SocketAddr>>>,
 }
 
@@ -120,34 +150,31 @@ impl Pool {
             open: RefCell::new(FastMap::default()),
             max_open: max_open.max(1),
             lent: RefCell::new(Vec::new()),
-            private: false,
             owned: RefCell::new(FastMap::default()),
         }
     }
 
-    /// The pool with `reuse` as its rule for who may take a connection.
-    #[must_use]
-    pub fn reused_by(mut self, reuse: crate::config::Reuse) -> Self {
-        self.private = reuse == crate::config::Reuse::Client;
-        self
-    }
-
-    /// Closes the idle connections client connection `owner` put back, now that it
-    /// has closed: with `reuse = "client"` nobody else may take them. Nothing to do
-    /// when connections are shared.
+    /// Closes the private idle connections ([`Kind::private`]) client connection
+    /// `owner` put back, now that it has closed: nobody else may take them. Its
+    /// shared ones stay for others. Nothing to do while no route is private.
     pub fn release_owner(&self, owner: u64) {
-        if !self.private {
-            return;
-        }
-        let Some(addrs) = self.owned.borrow_mut().remove(&owner) else {
-            return;
+        let addrs = {
+            let mut owned = self.owned.borrow_mut();
+            if owned.is_empty() {
+                return;
+            }
+            let Some(addrs) = owned.remove(&owner) else {
+                return;
+            };
+            addrs
         };
+        let own = |e: &Idle| e.owner == owner && e.held_ms == PRIVATE;
         for addr in addrs {
             if let Some(list) = self.idle.borrow_mut().get_mut(&addr) {
-                list.retain(|e| e.owner != owner);
+                list.retain(|e| !own(e));
             }
             if let Some(list) = self.idle_tls.borrow_mut().get_mut(&addr) {
-                list.retain(|e| e.idle.owner != owner);
+                list.retain(|e| !own(&e.idle));
             }
         }
     }
@@ -175,26 +202,24 @@ impl Pool {
         CountGuard::take(&count, self.max_open)
     }
 
-    /// A live idle connection to `addr` made with `tls` that `owner` may take, if
-    /// one is pooled (`now`: the reactor's clock).
+    /// A live idle connection to `addr` made as `kind` says that `owner` may take
+    /// for a route of that kind, if one is pooled (`now`: the reactor's clock).
     pub fn take(
         &self,
         addr: SocketAddr,
-        tls: Tls<'_>,
+        kind: Kind<'_>,
         now: Instant,
         owner: u64,
     ) -> Option<TcpConn> {
-        let Some((mode, name)) = tls else {
+        let private = kind.private;
+        let Some((mode, name)) = kind.tls else {
             let mut idle = self.idle.borrow_mut();
             let list = idle.get_mut(&addr)?;
             // Most recent first; dead ones are dropped on the way. The scan below
             // would do this too, but a `pop` loop is what keeps a keep-alive reuse
             // cheap: folded into the scan, `take` cost 77 more instructions a
             // request (`benches/callgrind.sh small`, 424 against 347).
-            while list
-                .last()
-                .is_some_and(|e| e.open_to(owner, now, self.private))
-            {
+            while list.last().is_some_and(|e| e.open_to(owner, now, private)) {
                 let entry = list.pop()?;
                 if self.usable(&entry, now) {
                     return Some(self.lend(entry, now));
@@ -204,7 +229,7 @@ impl Pool {
             let mut i = list.len();
             while i > 0 {
                 i -= 1;
-                if !list[i].open_to(owner, now, self.private) {
+                if !list[i].open_to(owner, now, private) {
                     continue;
                 }
                 let entry = list.remove(i);
@@ -226,7 +251,7 @@ impl Pool {
                 list.drain(..=i);
                 return None;
             }
-            if e.mode != mode || &*e.name != name || !e.idle.open_to(owner, now, self.private) {
+            if e.mode != mode || &*e.name != name || !e.idle.open_to(owner, now, private) {
                 continue;
             }
             let entry = list.remove(i);
@@ -261,8 +286,25 @@ impl Pool {
         !entry.conn.has_pending_input() || entry.conn.probe_idle()
     }
 
-    /// Returns a connection made with `tls` for reuse.
-    pub fn put(&self, addr: SocketAddr, tls: Tls<'_>, conn: TcpConn, now: Instant, lease: Lease) {
+    /// Returns a connection made as `kind` says for reuse: a private one held for
+    /// its client for good.
+    pub fn put(&self, addr: SocketAddr, kind: Kind<'_>, conn: TcpConn, now: Instant, lease: Lease) {
+        if kind.private {
+            let idle = Idle {
+                conn,
+                since: now,
+                owner: lease.owner,
+                held_ms: PRIVATE,
+            };
+            if self.keep(addr, kind.tls, idle) {
+                let mut owned = self.owned.borrow_mut();
+                let addrs = owned.entry(lease.owner).or_default();
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+            return;
+        }
         // Held from a bodiless answer now, or still from one before it.
         let mut hold_end = lease.bodiless.then(|| now + SETTLE);
         if hold_end.is_none() {
@@ -275,28 +317,30 @@ impl Pool {
             }
         }
         let held_ms = hold_end.map_or(0, |end| {
-            u16::try_from(end.saturating_duration_since(now).as_millis().max(1)).unwrap_or(u16::MAX)
+            let ms = end.saturating_duration_since(now).as_millis();
+            u16::try_from(ms.clamp(1, u128::from(PRIVATE - 1))).unwrap_or(PRIVATE - 1)
         });
-        if self.private {
-            let mut owned = self.owned.borrow_mut();
-            let addrs = owned.entry(lease.owner).or_default();
-            if !addrs.contains(&addr) {
-                addrs.push(addr);
-            }
-        }
         let idle = Idle {
             conn,
             since: now,
             owner: lease.owner,
             held_ms,
         };
+        self.keep(addr, kind.tls, idle);
+    }
+
+    /// Pools `idle`, made with `tls`, unless `addr` has `max_idle` already (then it
+    /// closes); whether it was kept.
+    #[inline]
+    fn keep(&self, addr: SocketAddr, tls: Option<(UpstreamTls, &str)>, idle: Idle) -> bool {
         let Some((mode, name)) = tls else {
             let mut all = self.idle.borrow_mut();
             let list = all.entry(addr).or_default();
             if list.len() < self.max_idle {
                 list.push(idle);
+                return true;
             }
-            return;
+            return false;
         };
         let mut all = self.idle_tls.borrow_mut();
         let list = all.entry(addr).or_default();
@@ -306,7 +350,9 @@ impl Pool {
                 mode,
                 name: name.into(),
             });
+            return true;
         }
+        false
     }
 
     /// Closes idle connections past their lifetime (run from the reactor tick).
@@ -351,6 +397,17 @@ mod tests {
 
     const APP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
 
+    /// Plain TCP, for a shared route.
+    const SHARED: Kind<'static> = Kind {
+        tls: None,
+        private: false,
+    };
+    /// Plain TCP, for a route that reuses by client.
+    const PRIVATE_PLAIN: Kind<'static> = Kind {
+        tls: None,
+        private: true,
+    };
+
     fn lease(owner: u64) -> Lease {
         Lease {
             owner,
@@ -358,20 +415,25 @@ mod tests {
         }
     }
 
-    /// With `reuse = "client"` only the client connection that put a connection
-    /// back takes it again, plain or TLS, and its close closes them.
+    /// A private route's connection is taken again only by the client connection
+    /// that put it back, plain or TLS, and its close closes them.
     #[test]
     fn with_reuse_by_client_only_its_owner_takes_a_connection() {
         let reactor = reactor();
         let now = Instant::now();
-        let pool = Pool::new(8, std::time::Duration::from_secs(60), 2)
-            .reused_by(crate::config::Reuse::Client);
+        let pool = Pool::new(8, std::time::Duration::from_secs(60), 2);
         let (conn, _peer) = accepted(&reactor);
-        pool.put(APP, None, conn, now, lease(1));
-        assert!(pool.take(APP, None, now, 2).is_none(), "another client");
-        let conn = pool.take(APP, None, now, 1).expect("its owner");
-        pool.put(APP, None, conn, now, lease(1));
-        let tls = Some((UpstreamTls::Verify, "app.test"));
+        pool.put(APP, PRIVATE_PLAIN, conn, now, lease(1));
+        assert!(
+            pool.take(APP, PRIVATE_PLAIN, now, 2).is_none(),
+            "another client"
+        );
+        let conn = pool.take(APP, PRIVATE_PLAIN, now, 1).expect("its owner");
+        pool.put(APP, PRIVATE_PLAIN, conn, now, lease(1));
+        let tls = Kind {
+            tls: Some((UpstreamTls::Verify, "app.test")),
+            private: true,
+        };
         let (conn, _tls_peer) = accepted(&reactor);
         pool.put(APP, tls, conn, now, lease(1));
         assert!(pool.take(APP, tls, now, 2).is_none(), "another client, TLS");
@@ -386,8 +448,67 @@ mod tests {
         // nothing.
         let pool = Pool::new(8, std::time::Duration::from_secs(60), 2);
         let (conn, _peer) = accepted(&reactor);
-        pool.put(APP, None, conn, now, lease(1));
+        pool.put(APP, SHARED, conn, now, lease(1));
         pool.release_owner(1);
-        assert!(pool.take(APP, None, now, 2).is_some(), "shared");
+        assert!(pool.take(APP, SHARED, now, 2).is_some(), "shared");
+    }
+
+    /// Two circuits, one reusing by client and one shared, on one app address (the
+    /// pool's key): a private connection is never taken by another client, nor by
+    /// a shared route even for its own client; a private route takes no shared
+    /// connection, even its own client's; a shared connection is never held back;
+    /// and a client's close closes its private connections only.
+    #[test]
+    fn private_and_shared_routes_to_one_address_keep_their_connections_apart() {
+        let reactor = reactor();
+        let now = Instant::now();
+        let pool = Pool::new(8, std::time::Duration::from_secs(60), 8);
+        let (private, _p) = accepted(&reactor);
+        let private_fd = private.raw_fd();
+        let (shared, _s) = accepted(&reactor);
+        let shared_fd = shared.raw_fd();
+        pool.put(APP, PRIVATE_PLAIN, private, now, lease(1));
+        pool.put(APP, SHARED, shared, now, lease(1));
+        // The private route of another client: nothing (the shared one is not its).
+        assert!(pool.take(APP, PRIVATE_PLAIN, now, 2).is_none());
+        // A shared route, its owner's client or another: the shared one only, the
+        // most recent though the private one is older.
+        let conn = pool.take(APP, SHARED, now, 1).expect("the shared one");
+        assert_eq!(conn.raw_fd(), shared_fd);
+        assert!(
+            pool.take(APP, SHARED, now, 1).is_none(),
+            "not the private one"
+        );
+        assert!(
+            pool.take(APP, SHARED, now, 2).is_none(),
+            "not the private one"
+        );
+        pool.put(APP, SHARED, conn, now, lease(1));
+        let conn = pool
+            .take(APP, SHARED, now, 2)
+            .expect("another client, shared");
+        assert_eq!(conn.raw_fd(), shared_fd);
+        pool.put(APP, SHARED, conn, now, lease(2));
+        // The private route of the owner: its private one, never the shared one,
+        // which client 1's close leaves for others.
+        let conn = pool.take(APP, PRIVATE_PLAIN, now, 1).expect("its own");
+        assert_eq!(conn.raw_fd(), private_fd);
+        assert!(
+            pool.take(APP, PRIVATE_PLAIN, now, 1).is_none(),
+            "not shared"
+        );
+        pool.put(APP, PRIVATE_PLAIN, conn, now, lease(1));
+        // Past any hold a short one would have: still held.
+        let later = now + std::time::Duration::from_secs(59);
+        assert!(pool
+            .take(APP, SHARED, later, 2)
+            .is_some_and(|c| c.raw_fd() == shared_fd));
+        assert!(pool.take(APP, SHARED, later, 2).is_none(), "held for good");
+        let (shared, _s2) = accepted(&reactor);
+        pool.put(APP, SHARED, shared, now, lease(1));
+        pool.release_owner(1);
+        assert_eq!(pool.idle_count(), 1, "its shared one stays");
+        assert!(pool.take(APP, SHARED, now, 2).is_some());
+        assert!(pool.take(APP, PRIVATE_PLAIN, now, 1).is_none(), "closed");
     }
 }

@@ -405,10 +405,12 @@ route_info = [
                 session_ids: vec![session],
                 created_at: None,
                 updated_at: None,
+                upstream_reuse: None,
             },
             frontend,
             upstreams: vec![(SocketAddr::from(([127, 0, 0, 1], upstream)), 1.0)],
             upstream_tls: Vec::new(),
+            reuse_by_client: false,
             allowed: Vec::new(),
             restricted: false,
         })

@@ -460,6 +460,31 @@ pub fn is_head_request(buf: &[u8]) -> bool {
     after_empty_lines(buf).starts_with(b"HEAD ")
 }
 
+/// The request ID a refused request head carries, read from its bytes as far as
+/// they go (`buf`: a head cut short, too large, or malformed, which the parser gave
+/// up on): its field lines up to the first empty line, each split at its first
+/// colon, and the ID taken as [`appproxy_shared::header::extract`] takes it from
+/// parsed fields (a valid one only: the value is never echoed unchecked). So the
+/// client finds its refusal under its own ID, as it would any other answer.
+pub fn refused_head_id(buf: &[u8]) -> Option<appproxy_shared::RequestId> {
+    let rest = after_empty_lines(buf);
+    let fields = rest
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let (name, value) = (&line[..colon], &line[colon + 1..]);
+            (!name.is_empty() && name.iter().all(|&b| super::chunked::is_tchar(b)))
+                .then_some((name, value))
+        });
+    match appproxy_shared::header::extract(fields) {
+        appproxy_shared::header::Extracted::Valid(id) => Some(id),
+        _ => None,
+    }
+}
+
 /// Whether a request head httparse refused for its version starts (after the empty
 /// lines it skips) with method, target and a well-formed `HTTP/x.y` of another
 /// version (505), rather than with no request line at all (400).

@@ -35,6 +35,42 @@ fn head_requests_are_known_before_their_head_is_parsed() {
     }
 }
 
+/// The ID a refusal of an unparsed head answers under: the client's own, when a
+/// valid one is among the field lines read, by the rules of parsed fields.
+#[test]
+fn a_refused_heads_request_id_is_read_from_its_bytes() {
+    use super::parse::refused_head_id;
+    let table: &[(&[u8], Option<&str>)] = &[
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\nX-Backend-Request-ID: id-clte\r\n\r\n",
+            Some("id-clte"),
+        ),
+        // Cut short (too large), the field read whole before the cut.
+        (b"GET / HTTP/1.1\r\nx-request-id:  id-cut \r\nX-Pad: aaaa", Some("id-cut")),
+        // The primary header wins over an alias, as for parsed fields.
+        (
+            b"GET / HTTP/1.1\r\nX-Request-ID: alias\r\nX-Backend-Request-ID: primary\r\n\r\n",
+            Some("primary"),
+        ),
+        // Bare LF lines and empty lines before the request line.
+        (b"\r\nGET / HTTP/1.1\nX-BackendAI-RequestID: id-lf\nBad\0: x\n\n", Some("id-lf")),
+        // Not a valid ID, in the body, on the request line, or in a malformed name.
+        (b"GET / HTTP/1.1\r\nX-Backend-Request-ID: a b\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\n\r\nX-Backend-Request-ID: body\r\n", None),
+        (b"GET /X-Backend-Request-ID:x HTTP/1.1\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nX-Backend-Request-ID : sp\r\n\r\n", None),
+        (b"", None),
+    ];
+    for (input, want) in table {
+        assert_eq!(
+            refused_head_id(input).map(|id| id.as_str().to_owned()),
+            want.map(str::to_owned),
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
 #[test]
 fn request_framing_table() {
     use BodyFraming::*;

@@ -58,6 +58,9 @@ pub struct Frames {
     /// A header block is open: a HEADERS or PUSH_PROMISE without END_HEADERS, until
     /// the CONTINUATION that ends it.
     in_block: bool,
+    /// Bytes of the current (or last) header block's frames, as their headers
+    /// announce them.
+    block: usize,
 }
 
 impl Default for Frames {
@@ -68,6 +71,7 @@ impl Default for Frames {
             have: 0,
             payload: 0,
             in_block: false,
+            block: 0,
         }
     }
 }
@@ -93,14 +97,26 @@ impl Frames {
                 self.have = 0;
                 let h = self.head;
                 let (kind, flags) = (h[3], h[4]);
+                self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                 match kind {
-                    HEADERS | PUSH_PROMISE => self.in_block = flags & END_HEADERS == 0,
-                    CONTINUATION if flags & END_HEADERS != 0 => self.in_block = false,
+                    HEADERS | PUSH_PROMISE => {
+                        self.in_block = flags & END_HEADERS == 0;
+                        self.block = self.payload;
+                    }
+                    CONTINUATION => {
+                        self.in_block &= flags & END_HEADERS == 0;
+                        self.block = self.block.saturating_add(self.payload);
+                    }
                     _ => {}
                 }
-                self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
             }
         }
+    }
+
+    /// Bytes the last header block's frames announced so far (HEADERS and its
+    /// CONTINUATIONs, padding and priority fields included).
+    pub fn block(&self) -> usize {
+        self.block
     }
 
     /// Whether the client stopped inside something: the preface, a frame, or a
@@ -121,6 +137,8 @@ pub struct Between {
     /// Where the client's bytes stand in the framing.
     frames: Cell<Frames>,
     phase: Cell<Phase>,
+    /// Largest header block the connection takes, in bytes as sent (0: no bound).
+    max_block: usize,
 }
 
 /// Which timeout the connection is under between requests.
@@ -136,6 +154,21 @@ enum Phase {
 }
 
 impl Between {
+    /// A connection whose header blocks may take at most `max_block` bytes as sent.
+    pub fn new(max_block: usize) -> Self {
+        Self {
+            max_block,
+            ..Self::default()
+        }
+    }
+
+    /// A header block past the bound, in bytes as sent: the connection is closed
+    /// before `h2` buffers more of it.
+    fn block_past_bound(&self) -> Option<usize> {
+        let block = self.frames.get().block();
+        (self.max_block > 0 && block > self.max_block).then_some(block)
+    }
+
     /// The last stream ended: the keep-alive timeout runs from now, or, when the
     /// client is already inside its next frame, the head timeout.
     pub fn now_idle(&self, conn: &TcpConn, keepalive: Duration, head: Duration) {
@@ -175,6 +208,18 @@ impl Between {
     }
 }
 
+/// The largest header block a client connection takes, as its frames announce it:
+/// `[http2] max_header_list_size`. A block's HPACK encoding, as clients write it
+/// (a string Huffman-coded only where that is shorter), is no longer than the list
+/// it decodes to as HTTP/2 counts it (each field's name and value and 32), so a
+/// larger block is a list past that bound too, refused either way (by `h2` with a
+/// 431 once the whole block is in, and buffered until then: `h2` holds up to several
+/// times the bound of one block, across its CONTINUATIONs, with the head timeout
+/// as the only limit of how long). Past it the connection is closed at once.
+pub fn max_block(cfg: &crate::config::Http2Section) -> usize {
+    cfg.max_header_list_size as usize
+}
+
 /// The smallest and largest read offered to the socket.
 const READ_MIN: usize = 2048;
 const READ_MAX: usize = 64 * 1024;
@@ -200,11 +245,28 @@ impl H2Io {
 }
 
 /// Bytes `h2` got from the client: followed in the framing, and the
-/// between-requests timeouts applied (client connections only).
-fn took(between: Option<&Rc<Between>>, core: Option<&Rc<Core>>, conn: &TcpConn, bytes: &[u8]) {
+/// between-requests timeouts applied (client connections only). A header block
+/// announced past its bound is an error: `h2` sees the connection fail before it
+/// buffers the block (which it would up to several times `max_header_list_size`).
+fn took(
+    between: Option<&Rc<Between>>,
+    core: Option<&Rc<Core>>,
+    conn: &TcpConn,
+    bytes: &[u8],
+) -> io::Result<()> {
     if let (Some(between), Some(core)) = (between, core) {
         between.took(conn, bytes, core.rt.keepalive_timeout, core.rt.head_timeout);
+        if let Some(block) = between.block_past_bound() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "HTTP/2 header block of {block} bytes as sent, past {} ([http2] max_header_list_size and framing)",
+                    between.max_block
+                ),
+            ));
+        }
     }
+    Ok(())
 }
 
 impl AsyncRead for H2Io {
@@ -218,13 +280,13 @@ impl AsyncRead for H2Io {
             let n = buf.remaining().min(this.prefix.len() - this.taken);
             let given = &this.prefix[this.taken..this.taken + n];
             buf.put_slice(given);
-            took(this.between.as_ref(), this.core.as_ref(), &this.conn, given);
+            let took = took(this.between.as_ref(), this.core.as_ref(), &this.conn, given);
             this.taken += n;
             if this.taken == this.prefix.len() {
                 this.prefix = Vec::new();
                 this.taken = 0;
             }
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(took);
         }
         let offer = buf.remaining().min(this.read_size);
         let dst = buf.initialize_unfilled_to(offer);
@@ -240,13 +302,12 @@ impl AsyncRead for H2Io {
                     core.metrics.add(counter::BYTES_IN, n as u64);
                 }
                 let filled = buf.filled();
-                took(
+                Poll::Ready(took(
                     this.between.as_ref(),
                     this.core.as_ref(),
                     &this.conn,
                     &filled[filled.len() - n..],
-                );
-                Poll::Ready(Ok(()))
+                ))
             }
             other => other.map(|r| r.map(|_| ())),
         }

@@ -173,7 +173,7 @@ pub async fn serve(
         client_resets: Cell::new(0),
         ended: Cell::new(false),
         lingering_held: Cell::new(false),
-        between: Rc::new(io::Between::default()),
+        between: Rc::new(io::Between::new(io::max_block(&core.rt.http2))),
         conn_id,
     });
     // The preface, the SETTINGS and the first complete request head within the head

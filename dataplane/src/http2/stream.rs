@@ -777,7 +777,7 @@ async fn forward_h1(
     let mut addr = pick(core, route, None)?;
     let (mut upstream, reused) = match core.pool.take(
         addr,
-        proxy::tls_of(route, addr),
+        proxy::kind_of(route, addr),
         core.reactor.now(),
         ctx.conn_id,
     ) {
@@ -999,7 +999,7 @@ async fn forward_h1(
     if body_cut.is_none() && keep_alive && ubuf.is_empty() && framing != BodyFraming::Eof {
         core.pool.put(
             addr,
-            proxy::tls_of(route, addr),
+            proxy::kind_of(route, addr),
             upstream,
             core.reactor.now(),
             lease,

@@ -85,8 +85,9 @@ impl AppStreamSlot {
     pub(super) fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
         let cfg = &core.rt.http2;
         let taken = APP_STREAMS.with(|a| {
+            // The core's budget: `max_app_streams`, within the descriptor limit.
             let share = a.get_or_init(|| {
-                FairShare::new(cfg.max_app_streams, cfg.max_app_streams_per_address)
+                FairShare::new(core.conns.app_streams, cfg.max_app_streams_per_address)
             });
             if hop.trusted {
                 share.take_unshared()
@@ -156,7 +157,7 @@ pub struct UpConn {
     /// Streams waiting for it to connect.
     waiters: RefCell<Vec<std::task::Waker>>,
     /// Its TLS mode and server name (`None`: plain TCP): only routes that would
-    /// make the same connection use it ([`proxy::tls_of`]).
+    /// make the same connection use it ([`proxy::kind_of`]).
     tls: Option<(UpstreamTls, Box<str>)>,
     /// Where it is in the core's set: the app's address and its generation.
     key: (SocketAddr, u64),
@@ -273,7 +274,7 @@ async fn sender(
         State::Ready(s) => cap.min(s.current_max_send_streams()),
         State::Failed(_) => 0,
     };
-    let tls = proxy::tls_of(route, addr);
+    let tls = proxy::kind_of(route, addr).tls;
     let made_as = |up: &UpConn| up.tls.as_ref().map(|(m, n)| (*m, &**n)) == tls;
     loop {
         let open = UPSTREAMS.with(|u| {
@@ -753,7 +754,7 @@ pub async fn open_stream(
     let slot = AppStreamSlot::take(core, &hop)?;
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr, req.side).await?;
-    let tls = proxy::tls_of(route, addr).is_some();
+    let tls = proxy::kind_of(route, addr).tls.is_some();
     let request = build_request(core, hop, req, addr, tls, id, trace)?;
     let (response, send) = sender
         .send_request(request, end)

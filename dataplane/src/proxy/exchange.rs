@@ -18,7 +18,7 @@ use super::retry::{self, Attempt, Retry};
 use super::tunnel::TunnelEnds;
 use super::upstream::HeadFailure;
 use super::{
-    connect, connect_route, note_health, read_response_head, tls_of, AppSide, MAX_INTERIM,
+    connect, connect_route, kind_of, note_health, read_response_head, AppSide, MAX_INTERIM,
 };
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
@@ -236,23 +236,30 @@ struct Offer {
     protocols: Vec<u8>,
     /// Its `Sec-WebSocket-Extensions` values, joined with commas.
     extensions: Vec<u8>,
+    /// Its `Sec-WebSocket-Key` values (one, in a WebSocket handshake).
+    keys: Vec<Vec<u8>>,
 }
 
 impl Offer {
     fn of(head: &RequestHead, buf: &[u8]) -> Option<Self> {
         let upgrade = head.upgrade.clone()?;
         let mut extensions = Vec::new();
+        let mut keys = Vec::new();
         for h in &head.headers {
-            if parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions") {
+            let name = &buf[h.name.clone()];
+            if parse::name_is(name, "sec-websocket-extensions") {
                 if !extensions.is_empty() {
                     extensions.push(b',');
                 }
                 extensions.extend_from_slice(&buf[h.value.clone()]);
+            } else if parse::name_is(name, "sec-websocket-key") {
+                keys.push(buf[h.value.clone()].to_vec());
             }
         }
         Some(Self {
             protocols: buf[upgrade].to_vec(),
             extensions,
+            keys,
         })
     }
 }
@@ -524,7 +531,9 @@ impl Client {
         } else {
             Next::Linger
         };
-        let id = RequestId::generate(self.core.rt.id_version);
+        // The client's own ID when its head carried a valid one, as far as it was read.
+        let id = parse::refused_head_id(self.buf.filled())
+            .unwrap_or_else(|| RequestId::generate(self.core.rt.id_version));
         let err = ProxyError::Request(e);
         scope(Some(id), async {
             tracing::info!(error = %err, "request refused");
@@ -633,9 +642,9 @@ impl Client {
         side: &AppSide,
     ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
         let core = &self.core;
-        if let Some(c) = core
-            .pool
-            .take(addr, tls_of(route, addr), core.reactor.now(), self.conn_id)
+        if let Some(c) =
+            core.pool
+                .take(addr, kind_of(route, addr), core.reactor.now(), self.conn_id)
         {
             side.tried(addr);
             core.metrics.add(counter::POOL_HIT, 1);
@@ -1036,7 +1045,7 @@ impl Client {
             };
             core.pool.put(
                 addr,
-                tls_of(route, addr),
+                kind_of(route, addr),
                 upstream,
                 core.reactor.now(),
                 lease,
@@ -1133,17 +1142,23 @@ impl Client {
         let offered = sent.offered.as_ref();
         let switched =
             switched_to(offered.map(|o| &o.protocols[..]), chosen).and_then(|websocket| {
-                let buf = self.ubuf.filled();
-                let accepted = resp
-                    .headers
-                    .iter()
-                    .filter(|h| parse::name_is(&buf[h.name.clone()], "sec-websocket-extensions"))
-                    .map(|h| &buf[h.value.clone()]);
-                let offered = offered.map_or(&[][..], |o| &o.extensions[..]);
-                match websocket {
-                    true => crate::ws::negotiated_rsv(offered, accepted).map(Some),
-                    false => Ok(None),
+                if !websocket {
+                    return Ok(None);
                 }
+                let buf = self.ubuf.filled();
+                let named = |name: &'static str| {
+                    resp.headers
+                        .iter()
+                        .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+                        .map(|h| &buf[h.value.clone()])
+                };
+                let keys = offered.map_or(&[][..], |o| &o.keys[..]);
+                crate::ws::check_accept(
+                    keys.iter().map(|k| &k[..]),
+                    named("sec-websocket-accept"),
+                )?;
+                let extensions = offered.map_or(&[][..], |o| &o.extensions[..]);
+                crate::ws::negotiated_rsv(extensions, named("sec-websocket-extensions")).map(Some)
             });
         let ws_rsv = match switched {
             Ok(ws_rsv) => ws_rsv,

@@ -41,7 +41,7 @@ pub mod upstream;
 
 pub(crate) use retry::{Failure, Left};
 pub(crate) use upstream::{
-    connect, connect_alpn, connect_route, note_health, read_response_head, tls_of, AppSide,
+    connect, connect_alpn, connect_route, kind_of, note_health, read_response_head, AppSide,
     ConnectError, MAX_INTERIM,
 };
 
@@ -197,7 +197,8 @@ pub async fn serve(
 }
 
 /// Closes, when dropped, the pooled app connections only client connection `owner`
-/// may reuse ([`crate::core::Pool::release_owner`]).
+/// may reuse: those of circuits that reuse app connections by client
+/// ([`crate::core::Pool::release_owner`]).
 struct OwnedUpstreams<'a> {
     core: &'a Core,
     owner: u64,
@@ -220,7 +221,8 @@ async fn serve_conn(
     core.metrics.add(counter::ACCEPTED, 1);
     core.metrics.add(counter::ACTIVE, 1);
     // However the connection ends (its task dropped at drain too): app connections
-    // only it may reuse (`[upstream] reuse = "client"`) are closed with it.
+    // only it may reuse (a circuit's `upstream_reuse = "client"`, or the worker's
+    // `[upstream] reuse`) are closed with it.
     let _owned = OwnedUpstreams {
         core: &core,
         owner: conn_id,

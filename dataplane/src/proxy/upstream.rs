@@ -128,15 +128,20 @@ pub(crate) async fn connect(
 }
 
 /// How `route` connects to its app at `addr`: TLS mode and server name, or `None`
-/// for plain TCP. Also what a pooled connection must have been made with to be
-/// reused for the route ([`crate::core::pool`]).
-pub(crate) fn tls_of(route: &Route, addr: SocketAddr) -> crate::core::pool::Tls<'_> {
-    route
-        .circuit
-        .upstream_tls
-        .iter()
-        .find(|(a, _, _)| *a == addr)
-        .map(|(_, mode, name)| (*mode, name.as_str()))
+/// for plain TCP, and whether its HTTP/1.1 app connections are reused by client
+/// (the circuit's `upstream_reuse`, else `[upstream] reuse`). Also what a pooled
+/// connection must have been made with, and who may take it, to be reused for the
+/// route ([`crate::core::pool`]).
+pub(crate) fn kind_of(route: &Route, addr: SocketAddr) -> crate::core::pool::Kind<'_> {
+    let circuit = &*route.circuit;
+    crate::core::pool::Kind {
+        tls: circuit
+            .upstream_tls
+            .iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, mode, name)| (*mode, name.as_str())),
+        private: circuit.reuse_by_client,
+    }
 }
 
 /// [`connect`], offering ALPN `h2` instead of `http/1.1` to an app that serves TLS
@@ -157,7 +162,7 @@ pub(crate) async fn connect_alpn(
             conn.count_in(slot);
             core.connect_succeeded();
             // An app that serves HTTPS: the handshake is part of the connect.
-            if let Some((mode, name)) = tls_of(route, addr) {
+            if let Some((mode, name)) = kind_of(route, addr).tls {
                 let session = core
                     .rt
                     .upstream_tls

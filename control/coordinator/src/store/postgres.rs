@@ -15,7 +15,7 @@
 
 use std::time::SystemTime;
 
-use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, RouteInfo};
+use appproxy_shared::model::{AppMode, Circuit, FrontendMode, ProxyProtocol, Reuse, RouteInfo};
 use appproxy_shared::telemetry::Rfc3339;
 use appproxy_shared::wire::WorkerRegistration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -281,6 +281,13 @@ END
 $$;
 CREATE TRIGGER circuits_port_circuits AFTER INSERT OR DELETE OR UPDATE OF worker, port
     ON circuits FOR EACH ROW EXECUTE FUNCTION appproxy_count_port_circuits();
+",
+    // Who may reuse a circuit's HTTP/1.1 app connections (`shared` / `client`),
+    // decided at its creation from `[circuits]`; NULL: the workers' own setting
+    // (every row written before this migration). SQLite keeps it in the circuit's
+    // JSON body, which needs no migration.
+    "
+ALTER TABLE circuits ADD COLUMN upstream_reuse varchar(16) NULL;
 ",
 ];
 
@@ -568,7 +575,7 @@ fn as_i32(v: &Value) -> Option<i32> {
     v.as_i64().and_then(|n| i32::try_from(n).ok())
 }
 
-const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id, traceparent, tracestate";
+const CIRCUIT_COLUMNS: &str = "id, app, protocol::text, worker, app_mode::text, frontend_mode::text, port, subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id, endpoint_id, runtime_variant, session_ids, route_info, created_at, updated_at, origin_request_id, traceparent, tracestate, upstream_reuse";
 
 /// A circuit's `route_info` column read straight into its routes, in one pass over
 /// the column's bytes (no intermediate `Value`). Older rows hold the routes as a JSON
@@ -610,6 +617,10 @@ fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
     let Json(Routes(routes)) = row.try_get(at + 16)?;
     let allowed: Option<String> = row.try_get(at + 11)?;
     let port: Option<i32> = row.try_get(at + 6)?;
+    let reuse: Option<&str> = row.try_get(at + 22)?;
+    let upstream_reuse = reuse
+        .map(|r| Reuse::parse(r).ok_or_else(|| StoreError::Data(format!("upstream_reuse {r:?}"))))
+        .transpose()?;
     let circuit = Circuit {
         id: row.try_get(at)?,
         app: row.try_get(at + 1)?,
@@ -641,6 +652,7 @@ fn circuit_of_at(row: &Row, at: usize) -> Result<CircuitRow, StoreError> {
         route_info: routes,
         created_at: Some(time(row.try_get(at + 17)?)),
         updated_at: Some(time(row.try_get(at + 18)?)),
+        upstream_reuse,
     };
     let traceparent: Option<&str> = row.try_get(at + 20)?;
     let tracestate: Option<&str> = row.try_get(at + 21)?;
@@ -1315,11 +1327,11 @@ impl PgStore {
                     INSERT INTO circuits (id, app, protocol, worker, app_mode, frontend_mode, port,
                         subdomain, envs, arguments, open_to_public, allowed_client_ips, user_id,
                         endpoint_id, runtime_variant, session_ids, route_info, origin_request_id,
-                        idle_check_at, traceparent, tracestate, creating_until)
+                        idle_check_at, traceparent, tracestate, creating_until, upstream_reuse)
                     SELECT $1, $2, $3::text::proxyprotocol, $4, $5::text::appmode,
                         $6::text::frontendmode, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
                         CASE WHEN $19 THEN now() END, $20, $21,
-                        now() + make_interval(secs => $25::float8)
+                        now() + make_interval(secs => $25::float8), $26
                     WHERE appproxy_circuit_may_insert($23, $24, $22)
                     RETURNING worker)
                  , bumped AS (
@@ -1356,6 +1368,7 @@ impl PgStore {
                     &limit_session,
                     &limit_n,
                     &creating_for,
+                    &circuit.upstream_reuse.map(Reuse::as_str),
                 ],
             )
             .await
