@@ -336,6 +336,11 @@ pub struct TimeoutsSection {
     pub tunnel_idle_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_secs: u64,
+    /// After a stop signal, how long the worker goes on accepting and serving while
+    /// `/readyz` answers 503 (HAProxy's `grace`): time for a load balancer or an
+    /// orchestrator to stop sending it clients before its listeners close. A second
+    /// stop signal ends it at once. 0: the drain begins at once.
+    pub stop_grace_secs: u64,
     /// After an answer that closes the connection while the client may still be
     /// sending (a 413 before the body, an app's early answer, a refused head), what
     /// it sends is read and dropped for at most this long, so that the kernel does
@@ -369,6 +374,7 @@ impl Default for TimeoutsSection {
             response_idle_secs: 3600,
             tunnel_idle_secs: 3600,
             drain_secs: 30,
+            stop_grace_secs: 0,
             lingering_secs: 30,
             lingering_idle_secs: 5,
             client_tcp_keepalive_secs: 60,
@@ -1391,6 +1397,7 @@ impl Config {
             ("[timeouts] response_idle_secs", t.response_idle_secs),
             ("[timeouts] tunnel_idle_secs", t.tunnel_idle_secs),
             ("[timeouts] drain_secs", t.drain_secs),
+            ("[timeouts] stop_grace_secs", t.stop_grace_secs),
             ("[timeouts] lingering_secs", t.lingering_secs),
             ("[timeouts] lingering_idle_secs", t.lingering_idle_secs),
             (

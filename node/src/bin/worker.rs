@@ -2,6 +2,7 @@
 //! coordinator, or with a coordinator in the same process (single-node mode).
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use appproxy_control_common::cli::ConfigArgs;
@@ -180,6 +181,11 @@ fn run() -> anyhow::Result<()> {
             continue;
         }
         worker.readiness.mark_stopping();
+        let grace = Duration::from_secs(config.timeouts.stop_grace_secs);
+        if !grace.is_zero() {
+            tracing::info!(signal = sig, grace_secs = grace.as_secs(), "stopping: /readyz answers 503; serving on for [timeouts] stop_grace_secs (another stop signal ends it)");
+            serve_through_grace(&mut signals, grace, &path, &worker);
+        }
         tracing::info!(signal = sig, "draining");
         break;
     }
@@ -188,6 +194,28 @@ fn run() -> anyhow::Result<()> {
     worker.stop();
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The grace after a stop signal: the worker serves on (reloads included) until
+/// `grace` has passed or another stop signal comes.
+fn serve_through_grace(
+    signals: &mut signal_hook::iterator::Signals,
+    grace: Duration,
+    path: &std::path::Path,
+    worker: &worker::Worker,
+) {
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until {
+        for sig in signals.pending() {
+            if sig == signal_hook::consts::SIGHUP {
+                reload(path, worker);
+            } else {
+                tracing::info!(signal = sig, "another stop signal: the grace ends");
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// What to do next with a single node: create a circuit as the manager would and send
