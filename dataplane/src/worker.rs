@@ -119,6 +119,7 @@ impl Deployer {
             rx,
             cores: self.cores.len(),
             ready: None,
+            heard: std::cell::Cell::new(0),
         }
     }
 }
@@ -142,6 +143,33 @@ pub struct Applied {
     cores: usize,
     /// Marked ready once every core applied it (the first circuit set).
     ready: Option<Arc<Readiness>>,
+    /// Cores whose answer was taken so far.
+    heard: std::cell::Cell<usize>,
+}
+
+impl Drop for Applied {
+    /// A first set whose outcome was not waited for whole (the wait's deadline passed,
+    /// or the caller gave up on it) still makes the worker ready once every core
+    /// applied it: a thread waits for the rest of the answers, with no deadline, and
+    /// ends when they came or every core let go of its sender (a core that exited).
+    /// Else a quiet cluster, with no later deployment, would leave it unready.
+    fn drop(&mut self) {
+        let Some(ready) = self.ready.take().filter(|r| !r.is_synced()) else {
+            return;
+        };
+        let rx = self.rx.clone();
+        let rest = self.cores.saturating_sub(self.heard.get());
+        let waiter = std::thread::Builder::new()
+            .name("appproxy-ready".into())
+            .spawn(move || {
+                if (0..rest).all(|_| rx.recv().is_ok()) {
+                    ready.mark_synced();
+                }
+            });
+        if let Err(e) = waiter {
+            tracing::warn!(error = %e, "cannot wait for the first circuit set off the agent; readiness waits for the next deployment");
+        }
+    }
 }
 
 impl Applied {
@@ -161,8 +189,9 @@ impl Applied {
     pub fn outcome(&self, timeout: Duration) -> Option<Vec<(uuid::Uuid, String)>> {
         let deadline = Instant::now() + timeout;
         let mut failed: Vec<(uuid::Uuid, String)> = Vec::new();
-        for _ in 0..self.cores {
+        for _ in self.heard.get()..self.cores {
             let (_, list) = self.rx.recv_deadline(deadline).ok()?;
+            self.heard.set(self.heard.get() + 1);
             for (id, why) in list {
                 if !failed.iter().any(|(f, _)| *f == id) {
                     failed.push((id, why));
@@ -888,5 +917,55 @@ fn explain_executor_error(error: &str, io_memory: usize) -> String {
         )
     } else {
         format!("cannot create the executor: {error}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A first set whose answers came after the wait gave up still makes the worker
+    /// ready once every core answered, and not before.
+    #[test]
+    fn a_first_set_applied_after_its_wait_gave_up_still_makes_the_worker_ready() {
+        let readiness = Arc::new(Readiness::new());
+        readiness.expect_sync();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let applied = Applied {
+            rx,
+            cores: 2,
+            ready: None,
+            heard: std::cell::Cell::new(0),
+        }
+        .marking_ready(readiness.clone());
+        tx.send((0, Vec::new())).expect("send");
+        assert!(
+            applied.outcome(Duration::from_millis(20)).is_none(),
+            "one core of two"
+        );
+        drop(applied);
+        assert!(!readiness.is_synced(), "not before the last core");
+        tx.send((1, Vec::new())).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !readiness.is_synced() {
+            assert!(Instant::now() < deadline, "never ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A deployment whose cores went away (their senders dropped) leaves it as it is.
+        let other = Arc::new(Readiness::new());
+        other.expect_sync();
+        let (tx, rx) = crossbeam_channel::unbounded::<(usize, Vec<(uuid::Uuid, String)>)>();
+        drop(
+            Applied {
+                rx,
+                cores: 1,
+                ready: None,
+                heard: std::cell::Cell::new(0),
+            }
+            .marking_ready(other.clone()),
+        );
+        drop(tx);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!other.is_synced());
     }
 }

@@ -248,11 +248,9 @@ fn a_101_that_does_not_answer_the_websocket_key_is_refused() {
             // What the client sends next never reaches the app, whose connection goes.
             let _ = c.write_all(b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n");
             assert!(app_got(&got, i).is_empty(), "{path}");
-            assert!(
-                w.log_text().contains("app's 101 refused"),
-                "{path}: {}",
-                w.log_text()
-            );
+            w.wait_log("the refusal of this 101", |v| {
+                v["message"] == "app's 101 refused" && v["request_id"] == id.as_str()
+            });
         }
     }
 }

@@ -131,10 +131,17 @@ fn status_events(redis_port: u16) -> Vec<serde_json::Value> {
 
 /// (name, JSON payload) of every entry of `stream`, read with redis-cli.
 fn stream_payloads(redis_port: u16, stream: &str) -> Vec<(String, serde_json::Value)> {
+    stream_payloads_in(redis_port, 0, stream)
+}
+
+/// [`stream_payloads`] in database `db`.
+fn stream_payloads_in(redis_port: u16, db: u8, stream: &str) -> Vec<(String, serde_json::Value)> {
     let out = std::process::Command::new("redis-cli")
         .args([
             "-p",
             &redis_port.to_string(),
+            "-n",
+            &db.to_string(),
             "--raw",
             "XRANGE",
             stream,
@@ -412,6 +419,72 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
     );
 
     worker.stop();
+    coordinator.stop();
+}
+
+/// As the platform keeps its Redis — keys in database 2, streams in database 4, each
+/// read there by the manager — with `[redis] url = …/2` and `stream_db = 4`: a
+/// heartbeat's `proxy-worker.last_seen` is written in database 2, and the lost
+/// worker's `worker_lost` goes to database 4's stream, none to 2's or 0's.
+#[test]
+fn with_stream_db_the_streams_go_to_their_database_and_the_keys_stay_in_the_urls() {
+    let redis = common::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = start_coordinator(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\nworker_heartbeat_timeout_secs = 1\ncheck_worker_lost_interval_secs = 1\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}2\"\nstream_db = 4\n",
+        dir.path().join("c.sqlite3").display(),
+        redis.url()
+    ));
+    let coord = coordinator.addr;
+    let body = r#"{"authority":"gone-2","frontend_mode":"port","protocol":"http","hostname":"127.0.0.1","tls_listen":false,"tls_advertised":false,"api_port":10201,"port_range":[30000,30010],"accepted_traffics":["interactive","inference"],"filtered_apps_only":false}"#;
+    let (status, _, text) = http(coord, &format!("PUT /api/worker?brief=true HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
+    assert_eq!(status, 200, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // One heartbeat, then none: the leader finds it lost.
+    let (status, _, text) = http(coord, &format!("PATCH /api/worker/{id} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if stream_payloads_in(redis.port, 4, "events-appproxy")
+            .iter()
+            .any(|(n, p)| n == "worker_lost" && p["worker_id"] == "gone-2")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no worker_lost in database 4");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for db in [0, 2] {
+        assert!(
+            stream_payloads_in(redis.port, db, "events-appproxy").is_empty(),
+            "a stream entry in database {db}"
+        );
+    }
+    let last_seen = |db: u8| {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "-n",
+                &db.to_string(),
+                "--raw",
+                "HGET",
+                "proxy-worker.last_seen",
+                "gone-2",
+            ])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        last_seen(2).parse::<f64>().is_ok_and(|t| t > 1.0e9),
+        "last_seen in database 2: {:?}",
+        last_seen(2)
+    );
+    assert_eq!(last_seen(4), "", "no key in the streams' database");
     coordinator.stop();
 }
 

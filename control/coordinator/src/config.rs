@@ -5,11 +5,26 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use appproxy_control_common::config::RedisSection;
 use appproxy_control_common::config::{load, relative_to, ConfigError};
 use appproxy_shared::model::Reuse;
 use appproxy_shared::telemetry::{LoggingConfig, TelemetryConfig};
 use serde::{Deserialize, Serialize};
+
+/// `[redis]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://…`; absent → single node, no events. Its database (the URL's path,
+    /// `/2` as the platform has it) holds the keys: last-access marks, workers' last
+    /// heartbeats, leadership.
+    pub url: Option<String>,
+    /// The database the event streams are written to (`XADD`: `events-appproxy`'s
+    /// `worker_lost`, the manager's `events`), when not the URL's: the platform
+    /// keeps its keys in database 2 and its streams in database 4, on one server,
+    /// and the manager reads each where it keeps it. Channels (`PUBLISH`) reach every
+    /// database's subscribers.
+    pub stream_db: Option<u8>,
+}
 
 impl CoordinatorConfig {
     /// Reads the coordinator's config file; a relative `[database] sqlite_path` (the
@@ -88,6 +103,10 @@ impl CoordinatorConfig {
                 (
                     "redis",
                     "url = \"redis://127.0.0.1:6379/\"  # events to remote workers, marks, leadership",
+                ),
+                (
+                    "redis",
+                    "stream_db = 4  # event streams (XADD) to this database, the keys staying in the URL's (the platform: keys 2, streams 4)",
                 ),
                 (
                     "circuits",

@@ -914,9 +914,12 @@ async fn apply(
         failed: Vec::new(),
     });
     // A circuit gone meanwhile has nothing to report; the next refresh forgets it.
-    let Some(conn) = state.redis.as_ref().filter(|_| stored) else {
+    let (Some(conn), Some(streams)) = (state.redis.as_ref(), state.streams.as_ref()) else {
         return;
     };
+    if !stored {
+        return;
+    }
     let envelope = state.config.health_check.event_envelope;
     for c in changes {
         let Some(new) = c.new.filter(|n| c.previous != Some(*n)) else {
@@ -924,7 +927,7 @@ async fn apply(
         };
         let event = status_event(c.session, new, c.route, endpoint, circuit_id, &c.reason);
         appproxy_shared::scope(c.id, async {
-            anycast::xadd(conn, anycast::MANAGER_STREAM, &event, envelope).await;
+            anycast::xadd(streams, anycast::MANAGER_STREAM, &event, envelope).await;
             anycast::publish(conn, anycast::MANAGER_CHANNEL, &event, envelope).await;
         })
         .await;

@@ -190,7 +190,7 @@ async fn worker_lost_pass(state: &State) {
                 state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);
                 state.failed_ports.forget(*id);
                 tracing::warn!(worker = %id, %authority, reason = "heartbeat timeout", "worker lost");
-                if let Some(conn) = &state.redis {
+                if let Some(conn) = &state.streams {
                     // The original's anycast form, for a manager or coordinator that listens.
                     let event = super::anycast::worker_lost(authority, "heartbeat timeout");
                     let envelope = state.config.health_check.event_envelope;

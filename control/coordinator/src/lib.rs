@@ -172,6 +172,9 @@ pub struct State {
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
     pub redis: Option<redis_link::RedisConn>,
+    /// Where event streams are written (`XADD`): `[redis] stream_db` of the same
+    /// server, else the same connection as `redis`.
+    pub streams: Option<redis_link::RedisConn>,
     /// The in-process event bus (single-node mode).
     pub local: LocalBus,
     /// Waiters for workers' acknowledgements.
@@ -1138,7 +1141,7 @@ impl Coordinator {
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?;
-        let redis = match &config.redis.url {
+        let (redis, streams) = match &config.redis.url {
             Some(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(|e| {
                     anyhow::anyhow!(
@@ -1152,18 +1155,38 @@ impl Coordinator {
                 let cfg = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(REDIS_CALL_TIMEOUT)
                     .set_response_timeout(REDIS_CALL_TIMEOUT);
-                Some(
-                    redis_link::RedisConn::connect(client, cfg)
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "cannot connect to [redis] url {:?}: {e}",
-                                appproxy_control_common::config::shown_url(url)
-                            )
-                        })?,
-                )
+                // The streams' database, when `[redis] stream_db` names another one.
+                let stream_client = match config.redis.stream_db.map(i64::from) {
+                    Some(db) if db != client.get_connection_info().redis.db => {
+                        let mut info = client.get_connection_info().clone();
+                        info.redis.db = db;
+                        Some((db, redis::Client::open(info)?))
+                    }
+                    _ => None,
+                };
+                let connect = |client, what: String| {
+                    let cfg = cfg.clone();
+                    async move {
+                        redis_link::RedisConn::connect(client, cfg)
+                            .await
+                            .map_err(|e| {
+                                anyhow::anyhow!(
+                                    "cannot connect to [redis] url {:?}{what}: {e}",
+                                    appproxy_control_common::config::shown_url(url)
+                                )
+                            })
+                    }
+                };
+                let conn = connect(client, String::new()).await?;
+                let streams = match stream_client {
+                    Some((db, client)) => {
+                        connect(client, format!(", database {db} ([redis] stream_db)")).await?
+                    }
+                    None => conn.clone(),
+                };
+                (Some(conn), Some(streams))
             }
-            None => None,
+            None => (None, None),
         };
         let marks = match &redis {
             Some(conn) => Marks::Redis(conn.clone()),
@@ -1174,6 +1197,7 @@ impl Coordinator {
             store,
             config: config.clone(),
             redis,
+            streams,
             local,
             acks: Arc::default(),
             breakers: Arc::new(Breakers::new(

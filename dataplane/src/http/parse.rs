@@ -468,7 +468,9 @@ pub fn is_head_request(buf: &[u8]) -> bool {
 /// client finds its refusal under its own ID, as it would any other answer.
 pub fn refused_head_id(buf: &[u8]) -> Option<appproxy_shared::RequestId> {
     let rest = after_empty_lines(buf);
-    let fields = rest
+    // Whole lines only: the last one of a head cut short may end inside a value.
+    let whole = &rest[..rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
+    let fields = whole
         .split(|&b| b == b'\n')
         .skip(1)
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))

@@ -47,6 +47,8 @@ fn a_refused_heads_request_id_is_read_from_its_bytes() {
         ),
         // Cut short (too large), the field read whole before the cut.
         (b"GET / HTTP/1.1\r\nx-request-id:  id-cut \r\nX-Pad: aaaa", Some("id-cut")),
+        // Cut inside the ID's own line: not taken (it may be another ID's start).
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-cu", None),
         // The primary header wins over an alias, as for parsed fields.
         (
             b"GET / HTTP/1.1\r\nX-Request-ID: alias\r\nX-Backend-Request-ID: primary\r\n\r\n",

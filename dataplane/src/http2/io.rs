@@ -209,7 +209,8 @@ impl Between {
 }
 
 /// The largest header block a client connection takes, as its frames announce it:
-/// `[http2] max_header_list_size`. A block's HPACK encoding, as clients write it
+/// `[http2] max_header_list_size`, and what a HEADERS frame may add around its
+/// fragment (a pad length, 255 bytes of padding, 5 of priority). A block's HPACK encoding, as clients write it
 /// (a string Huffman-coded only where that is shorter), is no longer than the list
 /// it decodes to as HTTP/2 counts it (each field's name and value and 32), so a
 /// larger block is a list past that bound too, refused either way (by `h2` with a
@@ -217,7 +218,7 @@ impl Between {
 /// times the bound of one block, across its CONTINUATIONs, with the head timeout
 /// as the only limit of how long). Past it the connection is closed at once.
 pub fn max_block(cfg: &crate::config::Http2Section) -> usize {
-    cfg.max_header_list_size as usize
+    cfg.max_header_list_size as usize + 1 + 255 + 5
 }
 
 /// The smallest and largest read offered to the socket.

@@ -85,9 +85,13 @@ impl AppStreamSlot {
     pub(super) fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
         let cfg = &core.rt.http2;
         let taken = APP_STREAMS.with(|a| {
-            // The core's budget: `max_app_streams`, within the descriptor limit.
+            // The core's budget: `max_app_streams`, within the descriptor limit; an
+            // address's share at most an eighth of it (the defaults' ratio), so that
+            // a budget cut down to the limit still leaves room for others.
             let share = a.get_or_init(|| {
-                FairShare::new(core.conns.app_streams, cfg.max_app_streams_per_address)
+                let budget = core.conns.app_streams;
+                let per_address = cfg.max_app_streams_per_address.min((budget / 8).max(1));
+                FairShare::new(budget, per_address)
             });
             if hop.trusted {
                 share.take_unshared()
