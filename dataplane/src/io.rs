@@ -97,6 +97,12 @@ pub struct TcpConn {
     tls: Option<Box<TlsState>>,
     /// Whether the close is abortive ([`TcpConn::reset_on_close`]).
     abortive: Cell<bool>,
+    /// While a write to this connection waits for the peer to take bytes: when it
+    /// may wait no longer ([`TcpConn::bound_write`]). No deadline set meanwhile
+    /// comes later: the other direction of a tunnel re-arms its reads of the same
+    /// connection, and a peer that never reads but sends a byte now and then must
+    /// not stretch the write's bound to the read's idle timeout.
+    write_bound: Cell<Option<Instant>>,
 }
 
 /// The TLS side of a connection: a rustls session (server side towards clients,
@@ -292,6 +298,7 @@ impl TcpConn {
             client_unit: None,
             tls: None,
             abortive: Cell::new(false),
+            write_bound: Cell::new(None),
         })
     }
 
@@ -900,7 +907,26 @@ impl TcpConn {
 
     /// Sets (or clears) the deadline of the operations that follow.
     pub fn set_deadline(&self, deadline: Option<Instant>) {
+        let deadline = match self.write_bound.get() {
+            Some(bound) => Some(deadline.map_or(bound, |d| d.min(bound))),
+            None => deadline,
+        };
         self.reg.set_deadline(deadline);
+    }
+
+    /// A write to this connection waits for its peer: it may wait `stalled` from
+    /// now, and no deadline set meanwhile comes later (see `write_bound`); called
+    /// again at each byte the peer takes. [`TcpConn::unbound_write`] ends it.
+    pub fn bound_write(&self, stalled: Duration) {
+        self.write_bound.set(None);
+        self.set_timeout(stalled);
+        self.write_bound
+            .set(Some(self.reg.reactor().now() + stalled));
+    }
+
+    /// The write's wait is over (see [`TcpConn::bound_write`]).
+    pub fn unbound_write(&self) {
+        self.write_bound.set(None);
     }
 
     /// Sets the deadline `timeout` from now, unless the one already set comes
@@ -925,7 +951,9 @@ impl TcpConn {
             (timeout, f.binding) = f.budget.bound(timeout);
             self.floor.set(Some(f));
         }
-        self.reg.set_deadline(Some(now + timeout));
+        let deadline = now + timeout;
+        let deadline = self.write_bound.get().map_or(deadline, |b| deadline.min(b));
+        self.reg.set_deadline(Some(deadline));
     }
 
     /// Marks the connection as idle (drain closes it at once): a tunnel.

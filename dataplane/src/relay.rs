@@ -740,10 +740,13 @@ pub async fn fill_watching(
 /// byte (armed on `dst`'s deadline, again at each byte taken); `None` leaves the
 /// deadline the caller armed. A peer that stops reading thus holds a tunnel that
 /// long, not for its idle timeout (nginx's `proxy_send_timeout`): a client that
-/// vanished behind a full window, whose end can never arrive, included. Returns
-/// whether the deadline was so changed: a connection has one deadline for both
-/// directions, so the caller arms its own again (the other direction's read from
-/// `dst` must not keep a write's bound).
+/// vanished behind a full window, whose end can never arrive, included. While the
+/// write waits no deadline set on `dst` comes later than its bound
+/// ([`TcpConn::bound_write`]): a connection has one deadline for both directions,
+/// and the other direction of a tunnel re-arms its reads of `dst` at each byte
+/// `dst`'s peer sends — a peer that never reads but sends a frame every few seconds
+/// held the write for `tunnel_idle_secs` (an hour). Returns whether the deadline
+/// was so changed, so the caller arms its own again once the write is done.
 ///
 /// Nothing is lost or repeated when the watch wins: a write is polled only whole
 /// (`poll_write` takes bytes or nothing), then flushed.
@@ -755,6 +758,8 @@ pub async fn write_watching(
 ) -> io::Result<bool> {
     let mut watching = !src.peer_ended();
     let mut bounded = false;
+    // The bound ends with the write, however it ends (done, failed, or dropped).
+    let _bound = WriteBound(dst);
     loop {
         let step = async {
             if bytes.is_empty() {
@@ -769,7 +774,7 @@ pub async fn write_watching(
         let on_wait = || {
             if let (false, Some(stalled)) = (bounded, stalled) {
                 bounded = true;
-                dst.set_timeout(stalled);
+                dst.bound_write(stalled);
             }
         };
         let watch = async {
@@ -802,8 +807,17 @@ pub async fn write_watching(
         }
         bytes = &bytes[done..];
         if let (true, Some(stalled)) = (bounded, stalled) {
-            dst.set_timeout(stalled);
+            dst.bound_write(stalled);
         }
+    }
+}
+
+/// A write's bound on its connection, ended when the write is ([`write_watching`]).
+struct WriteBound<'a>(&'a TcpConn);
+
+impl Drop for WriteBound<'_> {
+    fn drop(&mut self) {
+        self.0.unbound_write();
     }
 }
 

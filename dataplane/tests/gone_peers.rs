@@ -536,6 +536,68 @@ fn a_tunnel_write_that_makes_no_progress_ends_after_the_stall_bound() {
     eventually("the stalled TCP tunnel ended", || closed() == 1);
 }
 
+/// A client that never reads, facing an app that floods it, cannot stretch the
+/// write's bound by sending now and then: each of its frames is a read of the same
+/// connection, and a read re-arms the connection's one deadline to the tunnel's
+/// idle timeout (an hour), which kept the session (its app connection, megabytes
+/// queued in the socket) as long as the pings went on. The write's bound is the
+/// latest any deadline set meanwhile may be: the session ends `body_idle_secs` (1 s
+/// here) after the last byte the client took, its pings notwithstanding.
+#[test]
+fn a_client_that_never_reads_cannot_stretch_the_stall_bound_by_sending() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n");
+                if s.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                // Binary frames of 60,000 bytes for as long as anyone takes them.
+                let mut frame = vec![0x82, 126, 0xEA, 0x60];
+                frame.resize(frame.len() + 60_000, b'f');
+                while s.write_all(&frame).is_ok() {}
+            });
+        }
+    });
+    let w = worker(app, "", 1);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n").as_bytes())
+        .expect("handshake");
+    read_until(&mut s, b"\r\n\r\n");
+    eventually("the session counted", || {
+        metric(&w, "appproxy_tunnels_active") == 1
+    });
+    // A masked ping every 200 ms, never a read: until the worker closes.
+    let stop = Arc::new(AtomicU8::new(0));
+    let pinger = {
+        let (mut s, stop) = (s.try_clone().expect("clone"), stop.clone());
+        std::thread::spawn(move || {
+            while stop.load(Ordering::SeqCst) == 0 {
+                if s.write_all(&[0x89, 0x80, 0, 0, 0, 0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    // Ended by the stall bound (the tunnel's idle timeout is an hour).
+    eventually("the stalled session ended, pings and all", || {
+        metric(&w, "appproxy_tunnels_active") == 0
+    });
+    stop.store(1, Ordering::SeqCst);
+    let _ = pinger.join();
+}
+
 /// The bound is on a write that makes no progress, and only while it waits: a
 /// TCP client that sends its request and ends its side, then waits for an app that
 /// answers later than `body_idle_secs`, still gets the answer (the connection's one

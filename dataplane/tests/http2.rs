@@ -115,6 +115,7 @@ fn h2c_prior_knowledge_streams_get_the_http1_treatment() {
     let line = w.wait_access_line(given);
     assert_eq!(line["status"], 200);
     assert_eq!(line["path"], "/hello");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
 
     // Two streams on one connection: one ID each, both named on the connection line.
     // (nghttp: curl 7.88 fails its second prior-knowledge transfer on a reused

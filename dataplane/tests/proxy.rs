@@ -37,6 +37,10 @@ fn request_ids_are_preserved_generated_and_echoed() {
     assert_eq!(access["method"], "GET");
     assert_eq!(access["path"], "/a", "the query is not logged");
     assert_eq!(access["circuit"], "c0a8f5d2-1111-4222-8333-444455556666");
+    assert_eq!(
+        access["client"], "127.0.0.1",
+        "the client's address: {access}"
+    );
     assert!(access["duration_us"].is_u64());
     assert!(access["bytes_out"].as_u64().unwrap_or(0) > 0);
 

@@ -45,11 +45,13 @@ fn the_client_named_by_the_header_is_the_one_forwarded() {
     let w = worker(&up, "127.0.0.1", "");
     // Version 1, the request in the same write.
     let mut c = Client::connect(w.addr());
-    c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 443\r\nGET /v1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 443\r\nGET /v1 HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: pp-v1\r\n\r\n");
     assert_eq!(c.response().status, 200);
     let seen = up.last();
     assert_eq!(seen.path, "/v1");
     assert_eq!(seen.header("x-forwarded-for"), Some("192.0.2.7"));
+    // The access line names the client the header named, not the balancer.
+    assert_eq!(w.wait_access_line("pp-v1")["client"], "192.0.2.7");
     // The connection goes on: the next request is the same client's.
     assert_eq!(c.get("/again", "").status, 200);
     assert_eq!(up.last().header("x-forwarded-for"), Some("192.0.2.7"));

@@ -129,6 +129,7 @@ fn handing_a_finished_hop_to_the_otlp_exporter_does_not_allocate() {
     let entry = appproxy_dataplane::core::AccessEntry {
         request_id: &id,
         circuit: None,
+        client: Some([127, 0, 0, 1].into()),
         method: b"GET",
         path: b"/small?q=1",
         status: 200,
@@ -175,6 +176,7 @@ fn an_access_line_does_not_allocate() {
             let entry = AccessEntry {
                 request_id: &id,
                 circuit: Some(&circuit),
+                client: Some(upstream.parse::<std::net::SocketAddr>().expect("addr").ip()),
                 method: b"GET",
                 path: b"/small?token=x",
                 status: 200,

@@ -255,6 +255,39 @@ fn a_101_that_does_not_answer_the_websocket_key_is_refused() {
     }
 }
 
+/// A 101 naming `websocket` on one `Upgrade` line and another offered protocol on
+/// the next is refused: taken by its last line, it was relayed as the other
+/// protocol's raw tunnel, the app's frames uninspected. On one line it was always
+/// refused (two protocols); a 101 naming one on one line still switches.
+#[test]
+fn a_101_whose_upgrade_is_split_over_two_lines_is_refused() {
+    let (app, got) = scripted_app(|head, s| {
+        let upgrade = if head.contains("/split") {
+            "Upgrade: websocket\r\nUpgrade: x-raw\r\n"
+        } else {
+            "Upgrade: websocket\r\n"
+        };
+        let _ = s.write_all(
+            format!("HTTP/1.1 101 Switching Protocols\r\n{upgrade}Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").as_bytes(),
+        );
+    });
+    let w = worker(app, "");
+    let mut c = connect(&w);
+    c.write_all(format!("GET /split HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: ws-split\r\nUpgrade: websocket, x-raw\r\n{WS_HEADERS}\r\n").as_bytes())
+        .expect("handshake");
+    let head = read_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let _ = c.write_all(&UNMASKED);
+    assert!(app_got(&got, 0).is_empty());
+    w.wait_log("the refusal", |v| {
+        v["message"] == "app's 101 refused"
+            && v["request_id"] == "ws-split"
+            && v["error"] == "101 with more than one Upgrade field line"
+    });
+    let (_, head) = handshake(&w, "websocket, x-raw", "ws-one-line");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
 /// An `h2c` switch is never passed on (deprecated by RFC 9113 §3.1): through a byte
 /// tunnel, every later request on the connection would reach an app that accepts it
 /// as HTTP/2 with no field rule applied (client addresses, request IDs, permit

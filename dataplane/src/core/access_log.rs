@@ -17,6 +17,9 @@ pub struct AccessEntry<'a> {
     /// The circuit served (absent for errors before routing): its ID and user
     /// context (`user_id`, first `session_id`, `endpoint_id`) go on the line.
     pub circuit: Option<&'a appproxy_shared::model::Circuit>,
+    /// The client's address: the one a trusted proxy or load balancer named (its
+    /// `X-Forwarded-For`, a PROXY protocol header), else the connection's peer.
+    pub client: Option<std::net::IpAddr>,
     /// Method token.
     pub method: &'a [u8],
     /// Path (query left out: it may hold tokens).
@@ -119,6 +122,9 @@ impl AccessLog {
         if let Some(c) = e.circuit {
             buf.push_str(names.circuit(c, json));
         }
+        if let Some(ip) = e.client {
+            buf.push_str(names.client(ip, json));
+        }
         let method = lossy(e.method);
         let path = lossy(e.path);
         let path = path.split('?').next().unwrap_or("");
@@ -210,6 +216,8 @@ struct Names {
     circuit: Option<(CircuitKey, String)>,
     /// The app's address and its field.
     upstream: Option<(SocketAddr, String)>,
+    /// The client's address and its field.
+    client: Option<(std::net::IpAddr, String)>,
 }
 
 /// What a circuit's fields on a line are written from.
@@ -257,6 +265,22 @@ impl Names {
             self.circuit = Some((key, text));
         }
         self.circuit.as_ref().map_or("", |(_, text)| text)
+    }
+
+    /// The `client` field naming `ip`.
+    fn client(&mut self, ip: std::net::IpAddr, json: bool) -> &str {
+        if self.client.as_ref().is_none_or(|(kept, _)| *kept != ip) {
+            let mut text = String::new();
+            let (at, len) = crate::http::encode::ip_text(ip);
+            push_text(
+                &mut text,
+                json,
+                "client",
+                std::str::from_utf8(&at[..usize::from(len)]).unwrap_or(""),
+            );
+            self.client = Some((ip, text));
+        }
+        self.client.as_ref().map_or("", |(_, text)| text)
     }
 
     /// The `upstream` field naming `addr`.
@@ -374,6 +398,7 @@ mod tests {
         let path = path.split('?').next().unwrap_or("");
         let circuit = e.circuit.map(|c| c.id.to_string());
         let upstream = e.upstream.map(|a| a.to_string());
+        let client = e.client.map(|ip| ip.to_string());
         match log.format {
             LogFormat::Json => {
                 let _ = write!(
@@ -403,6 +428,9 @@ mod tests {
                 }
                 if let Some(ep) = endpoint {
                     let _ = write!(buf, "\"endpoint_id\":\"{ep}\",");
+                }
+                if let Some(c) = &client {
+                    let _ = write!(buf, "\"client\":\"{c}\",");
                 }
                 buf.push_str("\"method\":\"");
                 push_json_escaped(&mut buf, &method);
@@ -441,6 +469,9 @@ mod tests {
                 }
                 if let Some(ep) = endpoint {
                     let _ = write!(buf, " endpoint_id={ep}");
+                }
+                if let Some(c) = &client {
+                    let _ = write!(buf, " client={c}");
                 }
                 push_logfmt_pair(&mut buf, "method", &method);
                 push_logfmt_pair(&mut buf, "path", path);
@@ -545,6 +576,8 @@ mod tests {
             bytes_in in any::<u64>(),
             bytes_out in any::<u64>(),
             upstream in upstream(),
+            client in upstream(),
+            other_client in upstream(),
             with_circuit in any::<bool>(),
             parts in any::<(bool, bool, bool)>(),
             span in 0..3u8,
@@ -565,6 +598,7 @@ mod tests {
             let mut e = AccessEntry {
                 request_id: &id,
                 circuit: with_circuit.then_some(&c),
+                client: client.map(|a| a.ip()),
                 method: &method,
                 path: &path,
                 status,
@@ -586,6 +620,7 @@ mod tests {
             for (secs, nanos, how, (other_circuit, other_app)) in times {
                 e.circuit = with_circuit.then_some(if other_circuit { &moved } else { &c });
                 e.upstream = if other_app { other_upstream } else { upstream };
+                e.client = if other_app { other_client } else { client }.map(|a| a.ip());
                 let now = match how {
                     0 => last + Duration::from_nanos(u64::from(nanos % 1_000)),
                     1 => last + Duration::from_secs(1),

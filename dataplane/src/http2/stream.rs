@@ -209,7 +209,7 @@ pub async fn handle(
     };
     if !target_ok {
         let (id, err) = refused_early(RequestError::Malformed("request target"));
-        let line = Line::new(&method, &path, started);
+        let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
         refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
         return;
     }
@@ -219,13 +219,13 @@ pub async fn handle(
         Ok(Some(h)) => h,
         Ok(None) => {
             let (id, err) = refused_early(RequestError::Malformed("request head incomplete"));
-            let line = Line::new(&method, &path, started);
+            let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
             refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
             return;
         }
         Err(e) => {
             let (id, err) = refused_early(e);
-            let line = Line::new(&method, &path, started);
+            let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
             refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
             return;
         }
@@ -248,7 +248,7 @@ pub async fn handle(
         .get(http::header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let path_str = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let line = Line::new(&method, &path, started);
+    let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
     let request = Req {
         buf: &buf,
         head: &head,
@@ -272,15 +272,19 @@ struct Line<'a> {
     path: &'a [u8],
     started: Instant,
     side: AppSide,
+    /// The client's address for the access line: the connection's peer, then the
+    /// one the circuit's allowlist saw once it is read.
+    client: std::cell::Cell<std::net::IpAddr>,
 }
 
 impl<'a> Line<'a> {
-    fn new(method: &'a [u8], path: &'a [u8], started: Instant) -> Self {
+    fn new(method: &'a [u8], path: &'a [u8], started: Instant, peer: std::net::IpAddr) -> Self {
         Self {
             method,
             path,
             started,
             side: AppSide::default(),
+            client: std::cell::Cell::new(peer),
         }
     }
 }
@@ -311,6 +315,9 @@ async fn serve_stream(
     let circuit = &route.circuit.circuit;
     let grpc = grpc || circuit.protocol == ProxyProtocol::Grpc;
     let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
+    if let Ok(ip) = client_ip {
+        line.client.set(ip);
+    }
     let refusal = match client_ip {
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
             "X-Forwarded-For from a trusted proxy must hold exactly one address",
@@ -386,6 +393,7 @@ async fn serve_stream(
             core.record(&AccessEntry {
                 request_id: &id,
                 circuit: Some(circuit),
+                client: Some(line.client.get()),
                 method: line.method,
                 path: line.path,
                 status: done.status,
@@ -406,6 +414,7 @@ async fn serve_stream(
             core.record(&AccessEntry {
                 request_id: &id,
                 circuit: Some(circuit),
+                client: Some(line.client.get()),
                 method: line.method,
                 path: line.path,
                 status: 0,
@@ -423,6 +432,7 @@ async fn serve_stream(
             core.record(&AccessEntry {
                 request_id: &id,
                 circuit: Some(circuit),
+                client: Some(line.client.get()),
                 method: line.method,
                 path: line.path,
                 status: cut.status,
@@ -529,6 +539,7 @@ async fn refuse(
     core.record(&AccessEntry {
         request_id: id,
         circuit,
+        client: Some(line.client.get()),
         method: line.method,
         path: line.path,
         status: r.status,
@@ -568,6 +579,7 @@ fn answer_preflight(
     ctx.core.record(&AccessEntry {
         request_id: id,
         circuit: Some(circuit),
+        client: Some(line.client.get()),
         method: line.method,
         path: line.path,
         status: 204,

@@ -69,6 +69,9 @@ pub(super) struct Exchange {
     /// The client's address as the circuit's allowlist saw it, once admitted (a
     /// tunnel is re-checked with it when a deployment changes the circuit).
     client: Option<std::net::IpAddr>,
+    /// The client's address as the connection knows it (the peer, or the one a
+    /// PROXY protocol header named), for the access line until `client` is known.
+    peer: std::net::IpAddr,
     /// Request head bytes the access line of a refusal counts.
     bytes_in: u64,
     /// The app tried and the body bytes it was given, for a refusal's or an
@@ -126,6 +129,7 @@ impl Exchange {
         head: RequestHead,
         started: Instant,
         mut text: Vec<u8>,
+        peer: std::net::IpAddr,
     ) -> Self {
         let (id, trace) = identify(core, buf, &head);
         let method = &buf[head.method_raw.clone()];
@@ -145,6 +149,7 @@ impl Exchange {
             started,
             route: None,
             client: None,
+            peer,
             bytes_in: 0,
             side: AppSide::default(),
         }
@@ -178,6 +183,7 @@ impl Exchange {
         AccessEntry {
             request_id: &self.id,
             circuit: self.circuit(),
+            client: Some(self.client.unwrap_or(self.peer)),
             method: self.line.method(),
             path: self.line.path(),
             status,
@@ -543,6 +549,7 @@ impl Client {
         let entry = AccessEntry {
             request_id: &id,
             circuit: None,
+            client: Some(self.hop.peer.ip()),
             method: b"-",
             path: b"-",
             status: r.status,
@@ -1140,26 +1147,35 @@ impl Client {
         let req = &x.head;
         let chosen = resp.upgrade.clone().map(|u| &self.ubuf.filled()[u]);
         let offered = sent.offered.as_ref();
-        let switched =
-            switched_to(offered.map(|o| &o.protocols[..]), chosen).and_then(|websocket| {
-                if !websocket {
-                    return Ok(None);
-                }
-                let buf = self.ubuf.filled();
-                let named = |name: &'static str| {
-                    resp.headers
-                        .iter()
-                        .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
-                        .map(|h| &buf[h.value.clone()])
-                };
-                let keys = offered.map_or(&[][..], |o| &o.keys[..]);
-                crate::ws::check_accept(
-                    keys.iter().map(|k| &k[..]),
-                    named("sec-websocket-accept"),
-                )?;
-                let extensions = offered.map_or(&[][..], |o| &o.extensions[..]);
-                crate::ws::negotiated_rsv(extensions, named("sec-websocket-extensions")).map(Some)
-            });
+        // One `Upgrade` field line: the parser keeps the last of several, and a 101
+        // naming `websocket` on one line and another offered protocol on the next
+        // would be relayed as that other protocol's raw tunnel, its frames uninspected
+        // (RFC 9110 §5.3 reads the lines as one list naming both: not one protocol).
+        let lines = resp
+            .headers
+            .iter()
+            .filter(|h| parse::name_is(&self.ubuf.filled()[h.name.clone()], "upgrade"))
+            .count();
+        let switched = match lines {
+            0 | 1 => switched_to(offered.map(|o| &o.protocols[..]), chosen),
+            _ => Err("101 with more than one Upgrade field line"),
+        };
+        let switched = switched.and_then(|websocket| {
+            if !websocket {
+                return Ok(None);
+            }
+            let buf = self.ubuf.filled();
+            let named = |name: &'static str| {
+                resp.headers
+                    .iter()
+                    .filter(move |h| parse::name_is(&buf[h.name.clone()], name))
+                    .map(|h| &buf[h.value.clone()])
+            };
+            let keys = offered.map_or(&[][..], |o| &o.keys[..]);
+            crate::ws::check_accept(keys.iter().map(|k| &k[..]), named("sec-websocket-accept"))?;
+            let extensions = offered.map_or(&[][..], |o| &o.extensions[..]);
+            crate::ws::negotiated_rsv(extensions, named("sec-websocket-extensions")).map(Some)
+        });
         let ws_rsv = match switched {
             Ok(ws_rsv) => ws_rsv,
             Err(what) => {

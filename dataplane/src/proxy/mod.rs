@@ -323,7 +323,14 @@ impl Client {
             let started = Instant::now();
             first = false;
             let line = std::mem::take(&mut self.line);
-            let mut x = exchange::Exchange::new(&self.core, self.buf.filled(), head, started, line);
+            let mut x = exchange::Exchange::new(
+                &self.core,
+                self.buf.filled(),
+                head,
+                started,
+                line,
+                self.hop.peer.ip(),
+            );
             // The request's ID and span are bound around each poll of the exchange
             // (every line names the request), without a tracing span of its own:
             // wrapping the exchange's large future once more costs a copy of it per
