@@ -661,7 +661,8 @@ struct Session {
     destination: Vec<std::ffi::OsString>,
     size: u64,
     volume: String,
-    scope_name: String,
+    /// `None` for an old-style vfolder: no quota scope (see `quota::reserve`).
+    scope_name: Option<String>,
     scope_key: std::path::PathBuf,
     /// The vfolder's path (the key of its usage figure).
     folder_key: std::path::PathBuf,
@@ -1092,11 +1093,15 @@ async fn patch(
                     "Upload-Offset does not match the server's offset",
                 ));
             }
-            let scope = st.volumes.open_scope(&s.volume, &s.scope_name)?;
+            let scope = s
+                .scope_name
+                .as_ref()
+                .map(|n| st.volumes.open_scope(&s.volume, n))
+                .transpose()?;
             let checked = quota::try_reserve(
                 &st,
                 &s.scope_key,
-                scope.as_fd(),
+                scope.as_ref().map(|f| f.as_fd()),
                 (&s.id, Some(&s.folder_key)),
                 (s.size, offset),
             )
@@ -1112,7 +1117,8 @@ async fn patch(
         (s, file, false) => {
             let sizes = (s.size, offset);
             let holder = (s.id.as_str(), Some(s.folder_key.as_path()));
-            quota::reserve(state, &s.scope_key, &s.volume, &s.scope_name, holder, sizes)
+            let name = s.scope_name.as_deref();
+            quota::reserve(state, &s.scope_key, &s.volume, name, holder, sizes)
                 .await
                 // A reservation let go: the staged file counts in the folder's
                 // usage from now on.

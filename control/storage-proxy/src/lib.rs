@@ -884,8 +884,13 @@ pub fn remove_expired_uploads(state: &State) -> usize {
         let (Ok(root), Ok(path)) = (state.volumes.root_fd(name), state.volumes.root(name)) else {
             continue;
         };
-        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>`; `key` is the
-        // scope's path, `at` the directory's.
+        // Staging lives in `<scope>/<xx>/<yy>/<rest>/.upload/<session>` (the scope's
+        // directory the scope UUID's 32 hex digits) and, for old-style vfolders, in
+        // `<xx>/<yy>/<rest>/.upload/<session>` directly under the root, as the
+        // platform lays them out (see `volume::Vfid::parts`); `key` is the scope's
+        // path (the root's for old-style vfolders, as `Volumes::scope_of` has it),
+        // `at` the directory's. `depth` counts the levels below the root as a
+        // scoped vfolder has them: an old-style `<xx>` starts at 2.
         let mut stack = vec![(
             fsx::open(root, &[], fsx::DIR, fsx::STRICT),
             0,
@@ -901,10 +906,15 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                 if e.kind() != FileType::Directory {
                     continue;
                 }
-                let key = if depth == 0 {
-                    key.join(&e.name)
+                let (key, next) = if depth != 0 {
+                    (key.clone(), depth + 1)
+                } else if volume::is_scope_dir(&e.name) {
+                    (key.join(&e.name), 1)
+                } else if volume::is_unscoped_level(&e.name) {
+                    (key.clone(), 2)
                 } else {
-                    key.clone()
+                    // Neither a scope nor an old-style level: no vfolder there.
+                    continue;
                 };
                 let at = at.join(&e.name);
                 if depth == 3 {
@@ -916,7 +926,7 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                     let staging = fsx::open(dir.as_fd(), &parts, fsx::DIR, fsx::STRICT);
                     removed += remove_expired_in(state, staging, &key, &at, &mut logged);
                 } else {
-                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), depth + 1, key, at));
+                    stack.push((fsx::child_dir(dir.as_fd(), &e.name), next, key, at));
                 }
             }
         }

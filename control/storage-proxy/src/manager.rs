@@ -145,7 +145,11 @@ async fn create(
     Extract(state): Extract<Arc<State>>,
     ApiJson(r): ApiJson<CreateReq>,
 ) -> Result<StatusCode, ApiError> {
-    let parts = Vfid::parse(&r.vfid)?.parts();
+    let vfid = Vfid::parse(&r.vfid)?;
+    let parts = vfid.parts();
+    // An old-style vfid has no quota scope (it lies directly under the volume
+    // root): a limit asked for it has nowhere to go, and is not set on the root.
+    let scope_name = vfid.scope_name();
     state.volumes.root_fd(&r.volume)?;
     let limit = r.options.and_then(|o| o.initial_max_size_for_quota_scope);
     let mode = r.mode;
@@ -170,8 +174,8 @@ async fn create(
         }
         // A directory, reached without a symlink.
         fsx::mkdirs(root, &parts, fsx::STRICT)?;
-        if let Some(limit) = limit {
-            let scope = fsx::child_dir(root, &parts[0])?;
+        if let (Some(limit), Some(name)) = (limit, scope_name) {
+            let scope = fsx::child_dir(root, std::ffi::OsStr::new(&name))?;
             if quota::limit(scope.as_fd()).is_none() {
                 quota::set_limit(scope.as_fd(), Some(limit))?;
                 limit_set(&st, &key);
@@ -512,7 +516,8 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     let holder = format!("clone-{}", uuid::Uuid::new_v4().simple());
     let (src, size) = {
         let (st, volume) = (state.clone(), dst_volume.clone());
-        let scope = vec![OsString::from(&scope_name)];
+        // No scope directory for an old-style vfid: its levels are made below.
+        let scope: Vec<OsString> = scope_name.iter().map(OsString::from).collect();
         blocking(move || {
             // A source that cannot be measured whole is not cloned on a smaller
             // reservation.
@@ -520,7 +525,9 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
                 fsx::usage(src.as_fd(), fsx::Links::PerName, &outside_staging)
             })?
             .1;
-            fsx::mkdirs(st.volumes.root_fd(&volume)?, &scope, fsx::STRICT)?;
+            if !scope.is_empty() {
+                fsx::mkdirs(st.volumes.root_fd(&volume)?, &scope, fsx::STRICT)?;
+            }
             Ok((src, size))
         })
         .await?
@@ -528,7 +535,15 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     // Released if anything fails (or the request goes) before the copy starts.
     let hold = quota::Hold::new(&state, &holder);
     let clone = (holder.as_str(), None);
-    quota::reserve(&state, &key, &dst_volume, &scope_name, clone, (size, 0)).await?;
+    quota::reserve(
+        &state,
+        &key,
+        &dst_volume,
+        scope_name.as_deref(),
+        clone,
+        (size, 0),
+    )
+    .await?;
     let dst = {
         let (st, volume) = (state.clone(), dst_volume.clone());
         blocking(move || {
@@ -1549,7 +1564,15 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     let hold = quota::Hold::new(&state, &session);
     let folder = state.volumes.folder(&r.volume, &r.vfid)?;
     let holder = (session.as_str(), Some(folder.as_path()));
-    quota::reserve(&state, &key, &r.volume, &scope_name, holder, (r.size, 0)).await?;
+    quota::reserve(
+        &state,
+        &key,
+        &r.volume,
+        scope_name.as_deref(),
+        holder,
+        (r.size, 0),
+    )
+    .await?;
     {
         let session = session.clone();
         blocking(move || {

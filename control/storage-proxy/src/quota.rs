@@ -10,6 +10,13 @@
 //! oversubscribe the limit. Scope directories are opened by descriptor from the
 //! volume root (no symlink followed); usage walks never follow a symlink.
 //!
+//! A scope's directory is `<volume root>/<scope UUID, 32 hex>`, as the platform's
+//! vfs backend names it (see `volume::Vfid::scope_name`). An old-style vfolder (a
+//! vfid with no scope) lies directly under the volume root, as on the platform, and
+//! belongs to no scope: no limit, nothing reserved, nothing measured (unlimited, as
+//! the platform has it). The volume root is never opened, limited or walked as a
+//! scope: that would walk every scope of the volume.
+//!
 //! **Committed bytes are measured, not walked per check.** A walk of the scope costs
 //! one `stat` per entry, and a user with a shell can put a million empty files in a
 //! scope; walking on every PATCH would make every upload of the scope pay for them,
@@ -834,11 +841,12 @@ fn let_go(r: &Reservations, s: &Scope, ledger: &mut Ledger, holder: &str, staged
 /// (0 for a new session or a clone): when the check lets an existing reservation
 /// go, those bytes count as committed from then on. `Ok(false)`: no measurement
 /// young enough (or, with `any_age`, none at all); nothing was reserved or released.
-/// `folder` is the vfolder of an upload session (see [`Held`]).
+/// `folder` is the vfolder of an upload session (see [`Held`]). `scope` is `None`
+/// for an old-style vfolder, which has no quota scope: no limit, as on the platform.
 fn check(
     state: &State,
     key: &Path,
-    scope: BorrowedFd<'_>,
+    scope: Option<BorrowedFd<'_>>,
     (holder, folder): (&str, Option<&Path>),
     (bytes, staged): (u64, u64),
     any_age: bool,
@@ -846,7 +854,7 @@ fn check(
     let r = &state.reservations;
     let s = r.scope(key);
     let mut ledger = s.ledger();
-    let limit = limit(scope);
+    let limit = scope.and_then(limit);
     remember_limit(state, key, limit);
     let Some(limit) = limit else {
         let_go(r, &s, &mut ledger, holder, staged);
@@ -905,10 +913,11 @@ fn check(
 /// bytes counts as committed from then on. Blocking, but never walks: `Ok(false)`
 /// says a measurement is needed first, which [`reserve`] makes. `holder` is
 /// `(name, vfolder)`, the vfolder an upload session's (`None` for a clone).
+/// `scope` is `None` for an old-style vfolder (no quota scope: nothing is held).
 pub fn try_reserve(
     state: &State,
     key: &Path,
-    scope: BorrowedFd<'_>,
+    scope: Option<BorrowedFd<'_>>,
     holder: (&str, Option<&Path>),
     sizes: (u64, u64),
 ) -> Result<bool, ApiError> {
@@ -918,12 +927,15 @@ pub fn try_reserve(
 /// Reserves (or re-checks) `bytes` in the scope named `scope_name` of `volume` for
 /// `holder` (`(name, vfolder)` as for [`try_reserve`]; its staged file holds
 /// `staged` bytes now), measuring the scope first when its measurement is too old
-/// (see [`measure`]).
+/// (see [`measure`]). `scope_name` is `None` for an old-style vfolder: it has no
+/// quota scope (as on the platform, where it lies directly under the volume root),
+/// so no limit, nothing held and nothing measured; the volume root is never opened
+/// or walked as a scope.
 pub async fn reserve(
     state: &Arc<State>,
     key: &Path,
     volume: &str,
-    scope_name: &str,
+    scope_name: Option<&str>,
     (holder, folder): (&str, Option<&Path>),
     (bytes, staged): (u64, u64),
 ) -> Result<(), ApiError> {
@@ -932,16 +944,16 @@ pub async fn reserve(
             state.clone(),
             key.to_path_buf(),
             volume.to_owned(),
-            scope_name.to_owned(),
+            scope_name.map(str::to_owned),
             holder.to_owned(),
             folder.map(Path::to_path_buf),
         );
         let done = super::blocking(move || {
-            let scope = st.volumes.open_scope(&v, &n)?;
+            let scope = n.map(|n| st.volumes.open_scope(&v, &n)).transpose()?;
             check(
                 &st,
                 &k,
-                scope.as_fd(),
+                scope.as_ref().map(|s| s.as_fd()),
                 (&h, f.as_deref()),
                 (bytes, staged),
                 any_age,
@@ -951,8 +963,9 @@ pub async fn reserve(
         if done {
             return Ok(());
         }
-        if !any_age {
-            measure(state, key, volume, scope_name).await?;
+        // Without a scope the check never asks for a measurement (no limit).
+        if let (false, Some(name)) = (any_age, scope_name) {
+            measure(state, key, volume, name).await?;
         }
     }
     // A measurement, once made, is only ever replaced: the second check has one.
@@ -964,6 +977,9 @@ pub async fn reserve(
 /// One usage-sync pass over every scope of every volume (blocking); returns how
 /// many scopes were walked. A scope whose measurement is still young enough, or
 /// whose walk (for a check) ends while the pass waits for it, is not walked again.
+/// Only scope directories (32 hex digits, see `Vfid::scope_name`) are walked: the
+/// old-style vfolders' levels (`<root>/<xx>`) and anything else at the volume root
+/// belong to no scope, and the root itself is never walked.
 pub fn sync(state: &State) -> usize {
     let mut walked = 0;
     for name in state.volumes.names() {
@@ -974,7 +990,8 @@ pub fn sync(state: &State) -> usize {
             continue;
         };
         for e in scopes {
-            if e.kind() != rustix::fs::FileType::Directory {
+            if e.kind() != rustix::fs::FileType::Directory || !super::volume::is_scope_dir(&e.name)
+            {
                 continue;
             }
             let Ok(fd) = fsx::child_dir(root, &e.name) else {

@@ -16,7 +16,7 @@ pub enum PathError {
     /// No such volume.
     #[error("unknown volume {0:?}")]
     UnknownVolume(String),
-    /// Not `<user|project>:<uuid>/<32 hex>` (or legacy 32 hex).
+    /// Not `<user|project>:<uuid>/<32 hex>` (or an old-style 32 hex).
     #[error("invalid vfid {0:?}")]
     InvalidVfid(String),
     /// The path would leave the vfolder.
@@ -36,7 +36,7 @@ pub enum PathError {
 /// A parsed vfolder ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vfid {
-    /// `user` or `project` with its UUID, or none for legacy IDs.
+    /// `user` or `project` with its UUID, or none for old-style IDs (no quota scope).
     pub scope: Option<(String, uuid::Uuid)>,
     /// The folder's UUID.
     pub folder: uuid::Uuid,
@@ -64,24 +64,37 @@ impl Vfid {
         Ok(Self { scope, folder })
     }
 
-    /// The quota scope's directory name (`user-<hex>`, `project-<hex>` or `legacy`).
-    pub fn scope_name(&self) -> String {
-        match &self.scope {
-            Some((kind, id)) => format!("{kind}-{}", id.simple()),
-            None => "legacy".into(),
-        }
+    /// The quota scope's directory name: the scope UUID's 32-hex simple form, as
+    /// the platform's vfs backend names it (`QuotaScopeID.pathname`, no `user-` or
+    /// `project-` prefix: a user and a project scope with the same UUID share one
+    /// directory there too). `None` for an old-style vfid, which has no quota scope.
+    pub fn scope_name(&self) -> Option<String> {
+        self.scope.as_ref().map(|(_, id)| id.simple().to_string())
     }
 
-    /// The folder's directory below a volume root, as components.
+    /// The folder's directory below a volume root, as components, laid out as the
+    /// platform's vfs backend lays it out (`mangle_vfpath`):
+    /// `<scope hex>/<xx>/<yy>/<rest>`, and an old-style vfid's directly under the
+    /// root, `<xx>/<yy>/<rest>`.
     pub fn parts(&self) -> Vec<OsString> {
         let hex = self.folder.simple().to_string();
-        vec![
-            self.scope_name().into(),
-            hex[0..2].into(),
-            hex[2..4].into(),
-            hex[4..].into(),
-        ]
+        let mut parts: Vec<OsString> = self.scope_name().into_iter().map(Into::into).collect();
+        parts.extend([hex[0..2].into(), hex[2..4].into(), hex[4..].into()]);
+        parts
     }
+}
+
+/// Whether `name`, an entry of a volume root, is a quota scope's directory (32 hex
+/// digits, see [`Vfid::scope_name`]), rather than the first level (`<xx>`, two hex
+/// digits) of old-style vfolders or anything else.
+pub fn is_scope_dir(name: &std::ffi::OsStr) -> bool {
+    name.len() == 32 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `name`, an entry of a volume root, is the first level of old-style
+/// vfolders (`<xx>` of `<root>/<xx>/<yy>/<rest>`: two hex digits).
+pub fn is_unscoped_level(name: &std::ffi::OsStr) -> bool {
+    name.len() == 2 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit)
 }
 
 /// One configured volume: its canonical root and a directory descriptor of it that
@@ -148,7 +161,8 @@ impl Volumes {
     }
 
     /// Parses a quota scope named `user:<uuid>` or `project:<uuid>` into its
-    /// directory name.
+    /// directory name: the UUID's 32-hex simple form, whatever the kind (see
+    /// [`Vfid::scope_name`]).
     pub fn scope_name(qsid: &str) -> Result<String, PathError> {
         let bad = || PathError::InvalidVfid(qsid.chars().take(100).collect());
         let (kind, id) = qsid.split_once(':').ok_or_else(bad)?;
@@ -156,7 +170,7 @@ impl Volumes {
             return Err(bad());
         }
         let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
-        Ok(format!("{kind}-{}", id.simple()))
+        Ok(id.simple().to_string())
     }
 
     /// The directory of a quota scope named `user:<uuid>` or `project:<uuid>` (a
@@ -165,9 +179,17 @@ impl Volumes {
         Ok(self.root(volume)?.join(Self::scope_name(qsid)?))
     }
 
-    /// The scope directory of a vfolder (a key for caches and reservations).
+    /// The scope directory of a vfolder (a key for caches and reservations). An
+    /// old-style vfid has no quota scope: its key is the volume's root, which is
+    /// never a scope's (nothing is ever reserved, measured or limited under it: see
+    /// `quota::reserve`, which takes no scope name for it, and `quota::sync`, which
+    /// walks only scope directories).
     pub fn scope_of(&self, volume: &str, vfid: &str) -> Result<PathBuf, PathError> {
-        Ok(self.root(volume)?.join(Vfid::parse(vfid)?.scope_name()))
+        let root = self.root(volume)?;
+        Ok(match Vfid::parse(vfid)?.scope_name() {
+            Some(name) => root.join(name),
+            None => root.to_path_buf(),
+        })
     }
 
     /// Opens a scope directory by its directory name, no symlink followed.
@@ -218,6 +240,44 @@ mod tests {
         ] {
             assert!(Vfid::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The platform's layout (`QuotaScopeID.pathname`, `mangle_vfpath`): the scope
+    /// UUID's 32 hex digits, whatever its kind, and an old-style vfid directly under
+    /// the root.
+    #[test]
+    fn layout_is_the_platforms() {
+        let names = |v: &Vfid| -> Vec<String> {
+            v.parts()
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect()
+        };
+        let folder = "5d6c8c1e9a4d4e6f8b7a1c2d3e4f5a6b";
+        let scope = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+        let want = [
+            "3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b",
+            "5d",
+            "6c",
+            "8c1e9a4d4e6f8b7a1c2d3e4f5a6b",
+        ];
+        for kind in ["user", "project"] {
+            let v = Vfid::parse(&format!("{kind}:{scope}/{folder}")).expect("valid");
+            assert_eq!(names(&v), want);
+            assert_eq!(v.scope_name().as_deref(), Some(want[0]));
+            assert_eq!(
+                Volumes::scope_name(&format!("{kind}:{scope}")).expect("valid"),
+                want[0]
+            );
+        }
+        let v = Vfid::parse(folder).expect("valid");
+        assert_eq!(names(&v), &want[1..]);
+        assert_eq!(v.scope_name(), None);
+        assert!(is_scope_dir(std::ffi::OsStr::new(want[0])));
+        assert!(!is_scope_dir(std::ffi::OsStr::new("5d")));
+        assert!(is_unscoped_level(std::ffi::OsStr::new("5d")));
+        assert!(!is_unscoped_level(std::ffi::OsStr::new(want[0])));
+        assert!(!is_unscoped_level(std::ffi::OsStr::new("..")));
     }
 
     #[test]

@@ -264,7 +264,7 @@ fn clone_runs_under_the_initiating_request_id() {
     let cloned = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
     assert_eq!(
         std::fs::read_to_string(cloned.join("a/b/c/3.txt")).expect("cloned"),
         "a/b/c/3.txt"

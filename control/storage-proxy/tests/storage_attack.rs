@@ -2435,7 +2435,7 @@ fn what_cannot_be_opened_fails_a_clone_and_cuts_an_archive() {
     let copy = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00")
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00")
         .join(&dst[dst.len() - 28..]);
     assert!(!copy.exists(), "the failed clone's partial copy is removed");
     assert!(copy.parent().is_some_and(Path::exists), "{}", p.log());

@@ -288,9 +288,10 @@ fn cleanup_never_deletes_through_a_symlinked_staging_directory() {
         None,
     );
     assert_eq!(r.status, 204);
-    let staging = p.dir.path().join(
-        "vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000f00d/.upload",
-    );
+    let staging = p
+        .dir
+        .path()
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000f00d/.upload");
     std::fs::create_dir_all(&staging).expect("staging");
     std::fs::write(staging.join("0123456789abcdef0123456789abcdef"), "x").expect("staged");
     std::fs::File::options()

@@ -137,7 +137,7 @@ fn reservations_hold_across_sessions_and_a_lowered_limit_stops_a_patch() {
     assert!(!p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e")
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e")
         .exists());
     // Into a scope with exactly enough room it goes through, and then the scope is
     // full: its bytes were reserved while copying and are committed after.
@@ -396,8 +396,8 @@ fn quota_metrics_show_limits_beside_usage_per_scope() {
         None,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let user = "volume=\"local\",scope=\"user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
-    let proj = "volume=\"local\",scope=\"project-0b1c2d3e4f5a4b6c8d7e9f0a1b2c3d4e\"";
+    let user = "volume=\"local\",scope=\"3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
+    let proj = "volume=\"local\",scope=\"0b1c2d3e4f5a4b6c8d7e9f0a1b2c3d4e\"";
     let scrape = || {
         let r = request(p.manager, "GET", "/metrics", &[], b"");
         assert_eq!(r.status, 200);
@@ -563,7 +563,7 @@ fn a_file_hard_linked_in_a_scope_counts_once() {
     let other_path = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000beef");
     std::fs::write(vf.join("data.bin"), vec![1u8; 6_000]).expect("file");
     std::fs::create_dir(vf.join("sub")).expect("sub");
     for link in [
@@ -647,7 +647,7 @@ fn the_sync_pass_measures_scopes_no_check_did() {
     let p = Proxy::start("cleanup_interval_secs = 1\n");
     create_with_limit(&p, 10_000);
     std::fs::write(p.vfolder_path().join("shell.bin"), vec![0u8; 4_321]).expect("file");
-    let user = "volume=\"local\",scope=\"user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
+    let user = "volume=\"local\",scope=\"3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b\"";
     // A hang guard, not a timing assertion: the pass runs every second.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -1041,7 +1041,7 @@ fn a_finished_clone_counts_the_bytes_it_copied() {
     let copy = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e");
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e");
     assert_eq!(
         std::fs::read(copy.join("a.bin")).expect("copied").len(),
         400
@@ -1103,7 +1103,7 @@ fn a_clone_copies_no_more_than_it_reserved_when_the_source_grows() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         let copy = p.dir.path().join(format!(
-            "vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/0000000000000000000000{attempt:02}c10e"
+            "vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/0000000000000000000000{attempt:02}c10e"
         ));
         if outcome == "bgtask done" {
             // Copied whole before the growth: no more than was measured.
@@ -1202,7 +1202,7 @@ fn a_clone_keeps_a_sparse_files_holes() {
     let copy = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/0000000000000000000000005a5e");
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/0000000000000000000000005a5e");
     for (name, size) in [("sparse", GIB), ("hole", GIB / 4)] {
         let meta = std::fs::metadata(copy.join(name)).expect("copied");
         assert_eq!(meta.len(), size, "{name}");
@@ -1367,9 +1367,10 @@ fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // The decoy: a file of the session's name, old, in the other vfolder's
     // staging area.
-    let staging = p.dir.path().join(
-        "vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef/.upload",
-    );
+    let staging = p
+        .dir
+        .path()
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef/.upload");
     std::fs::create_dir(&staging).expect("staging area");
     let decoy = std::fs::File::create(staging.join(&session)).expect("decoy");
     decoy
@@ -1646,7 +1647,7 @@ fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
     let other_path = p
         .dir
         .path()
-        .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef");
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/01/23/456789abcdef0123456789abcdef");
     std::fs::create_dir(other_path.join(".upload")).expect("staging area");
     for s in &sessions {
         std::fs::write(other_path.join(".upload").join(s), b"").expect("decoy");

@@ -18,7 +18,7 @@ use appproxy_storage_proxy::{quota, state};
 #[test]
 fn a_check_needing_a_measurement_does_not_block_the_runtime_during_a_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let scope_name = format!("user-{}", uuid::Uuid::new_v4().simple());
+    let scope_name = uuid::Uuid::new_v4().simple().to_string();
     std::fs::create_dir(dir.path().join(&scope_name)).expect("scope");
     let config = StorageConfig {
         volumes: vec![Volume {

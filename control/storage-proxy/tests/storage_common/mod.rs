@@ -308,7 +308,7 @@ impl Proxy {
     pub fn vfolder_path(&self) -> std::path::PathBuf {
         self.dir
             .path()
-            .join("vol/user-3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/5d/6c/8c1e9a4d4e6f8b7a1c2d3e4f5a6b")
+            .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/5d/6c/8c1e9a4d4e6f8b7a1c2d3e4f5a6b")
     }
 }
 
