@@ -939,15 +939,25 @@ impl<'a> Trail<'a> {
         };
         if let Some(parent) = self.levels.last_mut() {
             if parent.0.is_none() {
-                let up = rustix::fs::openat(&child, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
-                if identity(up.as_fd())? != parent.1 {
-                    return Err(io::Error::other("a directory moved while it was walked"));
-                }
-                parent.0 = Some(up);
+                parent.0 = Some(climb(child.as_fd(), parent.1, "walked")?);
             }
         }
         Ok(())
     }
+}
+
+/// The parent of `child`, opened as its `..`, which must be the directory `id` (a
+/// walk's or a delete's level whose descriptor was let go): a tree moved meanwhile
+/// stops the walk (`what` it was: "walked", "deleted") instead of leading it
+/// anywhere else.
+fn climb(child: BorrowedFd<'_>, id: (u64, u64), what: &str) -> io::Result<OwnedFd> {
+    let up = rustix::fs::openat(child, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
+    if identity(up.as_fd())? != id {
+        return Err(io::Error::other(format!(
+            "a directory moved while it was {what}"
+        )));
+    }
+    Ok(up)
 }
 
 /// What a walk does at each step (see [`walk`]).
@@ -1652,12 +1662,7 @@ fn empty_tree(
                                 "a delete's level without its descriptor",
                             ));
                         };
-                        let up =
-                            rustix::fs::openat(fd, "..", DIR | OFlags::NOFOLLOW, Mode::empty())?;
-                        if identity(up.as_fd())? != parent.id {
-                            return Err(io::Error::other("a directory moved while it was deleted"));
-                        }
-                        parent.fd = Some(up);
+                        parent.fd = Some(climb(fd.as_fd(), parent.id, "deleted")?);
                     }
                     Some(_) => {}
                     // Its parent was forgotten: down again from the top, read
