@@ -26,6 +26,7 @@ use crate::io::Listener;
 use crate::liveness::{CoreLiveness, Liveness};
 use crate::reactor::{counted, spawn, Reactor, RemoteWaker, DEADLINE_SCAN};
 use crate::readiness::Readiness;
+use crate::signal::Signal;
 
 /// glommio's preemption timer, set so long that it never fires.
 ///
@@ -663,54 +664,20 @@ type Listeners = RefCell<HashMap<u16, AcceptLoop>>;
 /// bytes a core in a release build): 0.7 kB per circuit created and deleted on a
 /// two-core worker, for as long as the process lived.
 struct AcceptLoop {
-    stop: Rc<StopSignal>,
-}
-
-/// Between an [`AcceptLoop`] handle and its task.
-#[derive(Default)]
-struct StopSignal {
-    /// Set once the handle is dropped.
-    stopped: Cell<bool>,
-    /// The loop's task, while it waits.
-    waker: RefCell<Option<std::task::Waker>>,
-}
-
-impl StopSignal {
-    /// Runs `fut` until it finishes (`Some`) or the loop is told to stop (`None`).
-    async fn unless_stopped<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if self.stopped.get() {
-                self.waker.borrow_mut().take();
-                return std::task::Poll::Ready(None);
-            }
-            {
-                let mut waker = self.waker.borrow_mut();
-                match waker.as_ref() {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-            }
-            fut.as_mut().poll(cx).map(Some)
-        })
-        .await
-    }
+    /// Fired when the handle is dropped.
+    stop: Rc<Signal>,
 }
 
 impl Drop for AcceptLoop {
     fn drop(&mut self) {
-        self.stop.stopped.set(true);
-        let waker = self.stop.waker.borrow_mut().take();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.stop.fire();
     }
 }
 
 impl AcceptLoop {
     /// Starts accepting on `listener` in a task of its own.
     fn spawn(core: Rc<Core>, listener: Listener) -> Self {
-        let stop = Rc::new(StopSignal::default());
+        let stop = Rc::new(Signal::default());
         spawn(accept_loop(core, listener, stop.clone())).detach();
         Self { stop }
     }
@@ -755,16 +722,16 @@ fn reconcile_listeners(core: &Rc<Core>, listeners: &Listeners) -> Result<(), Vec
 
 /// Accepts on `listener` until `stop` says its port is gone; counted in
 /// `appproxy_listeners` while it runs.
-async fn accept_loop(core: Rc<Core>, listener: Listener, stop: Rc<StopSignal>) {
+async fn accept_loop(core: Rc<Core>, listener: Listener, stop: Rc<Signal>) {
     core.metrics.add(counter::LISTENERS, 1);
     accept_until_stopped(&core, &listener, &stop).await;
     core.metrics.sub(counter::LISTENERS, 1);
 }
 
-async fn accept_until_stopped(core: &Rc<Core>, listener: &Listener, stop: &StopSignal) {
+async fn accept_until_stopped(core: &Rc<Core>, listener: &Listener, stop: &Signal) {
     let port = listener.local_addr().port();
     loop {
-        let Some(accepted) = stop.unless_stopped(listener.accept()).await else {
+        let Some(accepted) = stop.unless_fired(listener.accept()).await else {
             return;
         };
         match accepted {
@@ -830,11 +797,7 @@ async fn accept_until_stopped(core: &Rc<Core>, listener: &Listener, stop: &StopS
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
                 let pause = core.accept_failed(port, &e);
-                if stop
-                    .unless_stopped(core.reactor.sleep(pause))
-                    .await
-                    .is_none()
-                {
+                if stop.unless_fired(core.reactor.sleep(pause)).await.is_none() {
                     return;
                 }
             }

@@ -101,43 +101,10 @@ struct Tunnel {
     signal: Option<Rc<Signal>>,
 }
 
-/// A revocation told to a stream that owns no connection of its own: an HTTP/2
-/// stream shares its client's connection with other streams, which go on.
-#[derive(Default)]
-pub struct Signal {
-    fired: Cell<bool>,
-    waker: std::cell::RefCell<Option<std::task::Waker>>,
-}
-
-impl Signal {
-    fn fire(&self) {
-        self.fired.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    /// Resolves once the watched exchange (`Some`) was revoked; never for one not
-    /// watched (`None`: no client address to check).
-    pub async fn revoked_if_watched(watched: Option<&Self>) {
-        match watched {
-            Some(signal) => signal.revoked().await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Resolves once the stream was revoked.
-    pub async fn revoked(&self) {
-        std::future::poll_fn(|cx| {
-            if self.fired.get() {
-                return std::task::Poll::Ready(());
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            std::task::Poll::Pending
-        })
-        .await;
-    }
-}
+/// A revocation told to a stream that owns no connection of its own (an HTTP/2
+/// stream shares its client's connection with other streams, which go on): fired
+/// when the stream is revoked.
+pub use crate::signal::Signal;
 
 /// The open tunnels of one core, by circuit, then by a sequence number of the core.
 #[derive(Default)]

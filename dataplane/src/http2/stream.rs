@@ -374,7 +374,7 @@ async fn serve_stream(
     // connection's other streams go on.
     let watched = client_ip.ok().map(|ip| core.stream_open(&route, ip, None));
     let revoked = async {
-        Signal::revoked_if_watched(watched.as_ref().map(|(_, s)| &**s)).await;
+        Signal::fired_if(watched.as_ref().map(|(_, s)| &**s)).await;
         Err(Fail::Abort(
             "a deployment no longer admits the stream".into(),
         ))

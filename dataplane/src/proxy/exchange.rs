@@ -375,8 +375,7 @@ impl Client {
             _ => None,
         };
         let revoked = async {
-            crate::core::tunnels::Signal::revoked_if_watched(watched.as_ref().map(|(_, s)| &**s))
-                .await;
+            crate::core::tunnels::Signal::fired_if(watched.as_ref().map(|(_, s)| &**s)).await;
             Err(crate::http2::stream::Fail::Abort(
                 "a deployment no longer admits the exchange".into(),
             ))
