@@ -238,12 +238,11 @@ impl Names {
             c.session_ids.first().copied(),
             c.endpoint_id,
         );
-        if self.circuit.as_ref().is_none_or(|(kept, _)| *kept != key) {
-            let mut text = String::new();
+        kept(&mut self.circuit, key, |text| {
             let mut uuid = uuid::Uuid::encode_buffer();
             let (id, user, session, endpoint) = key;
             push_text(
-                &mut text,
+                text,
                 json,
                 "circuit",
                 id.hyphenated().encode_lower(&mut uuid),
@@ -254,50 +253,44 @@ impl Names {
                 ("endpoint_id", endpoint),
             ] {
                 if let Some(id) = id {
-                    push_text(
-                        &mut text,
-                        json,
-                        name,
-                        id.hyphenated().encode_lower(&mut uuid),
-                    );
+                    push_text(text, json, name, id.hyphenated().encode_lower(&mut uuid));
                 }
             }
-            self.circuit = Some((key, text));
-        }
-        self.circuit.as_ref().map_or("", |(_, text)| text)
+        })
     }
 
     /// The `client` field naming `ip`.
     fn client(&mut self, ip: std::net::IpAddr, json: bool) -> &str {
-        if self.client.as_ref().is_none_or(|(kept, _)| *kept != ip) {
-            let mut text = String::new();
+        kept(&mut self.client, ip, |text| {
             let (at, len) = crate::http::encode::ip_text(ip);
-            push_text(
-                &mut text,
-                json,
-                "client",
-                std::str::from_utf8(&at[..usize::from(len)]).unwrap_or(""),
-            );
-            self.client = Some((ip, text));
-        }
-        self.client.as_ref().map_or("", |(_, text)| text)
+            let ip = std::str::from_utf8(&at[..usize::from(len)]).unwrap_or("");
+            push_text(text, json, "client", ip);
+        })
     }
 
     /// The `upstream` field naming `addr`.
     fn upstream(&mut self, addr: SocketAddr, json: bool) -> &str {
-        if self.upstream.as_ref().is_none_or(|(kept, _)| *kept != addr) {
-            let mut text = String::new();
+        kept(&mut self.upstream, addr, |text| {
             let (at, len) = socket_addr_text(addr);
-            push_text(
-                &mut text,
-                json,
-                "upstream",
-                std::str::from_utf8(&at[..len]).unwrap_or(""),
-            );
-            self.upstream = Some((addr, text));
-        }
-        self.upstream.as_ref().map_or("", |(_, text)| text)
+            let addr = std::str::from_utf8(&at[..len]).unwrap_or("");
+            push_text(text, json, "upstream", addr);
+        })
     }
+}
+
+/// The text `slot` keeps for `key`, written anew by `write` when the slot kept
+/// another key's (or none).
+fn kept<K: PartialEq>(
+    slot: &mut Option<(K, String)>,
+    key: K,
+    write: impl FnOnce(&mut String),
+) -> &str {
+    if slot.as_ref().is_none_or(|(k, _)| *k != key) {
+        let mut text = String::new();
+        write(&mut text);
+        *slot = Some((key, text));
+    }
+    slot.as_ref().map_or("", |(_, text)| text)
 }
 
 /// The timestamp's text up to its second, kept for the second it names: the lines of
