@@ -643,6 +643,14 @@ pub enum ApiError {
     /// The caller may not read this (metrics from a host not allowed).
     #[error("Forbidden")]
     Forbidden,
+    /// `Authorization` with a scheme other than `Bearer` (the scheme, as
+    /// [`shown_scheme`] shows it).
+    #[error("Unsupported authorization method {0}")]
+    UnsupportedAuthorization(String),
+    /// `Authorization: Bearer` with a token that is not an HS256 JWT signed with
+    /// the API secret, or one expired or not yet valid.
+    #[error("Invalid API token: {0}")]
+    BadApiToken(appproxy_shared::jwt::JwtError),
     /// The token's session is not this session.
     #[error("E20007: Session ID mismatch")]
     SessionMismatch,
@@ -696,9 +704,10 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
-            Self::Unauthorized | Self::SessionMismatch => {
-                (StatusCode::UNAUTHORIZED, "unauthorized")
-            }
+            Self::Unauthorized
+            | Self::UnsupportedAuthorization(_)
+            | Self::BadApiToken(_)
+            | Self::SessionMismatch => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "object-not-found"),
@@ -808,18 +817,65 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
     }
 }
 
-fn secret_ok(headers: &HeaderMap, secret: &str) -> bool {
-    let Some(v) = headers
-        .get("x-backendai-token")
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
+/// The API's check (§1.1 of the wire), in the platform's order:
+///
+/// 1. `X-BackendAI-Token` present: the secret as it is, or after `Bearer ` or
+///    `BackendAI `; anything else is refused, whatever `Authorization` says.
+/// 2. Else `Authorization` with the scheme `Bearer` (any case, RFC 9110 §11.1):
+///    an HS256 JWT signed with the API secret (no claim required; `exp` and `nbf`
+///    enforced when present). Another scheme is refused and named.
+/// 3. Neither: refused.
+///
+/// A field given twice is refused: which one a check read would be a guess. An
+/// empty secret accepts nothing (a token signed with an empty key would pass).
+fn authorize(headers: &HeaderMap, secret: &str) -> Result<(), ApiError> {
+    let mut tokens = headers.get_all("x-backendai-token").iter();
+    if let Some(v) = tokens.next() {
+        let v = v.as_bytes();
+        let v = v
+            .strip_prefix(b"Bearer ")
+            .or_else(|| v.strip_prefix(b"BackendAI "))
+            .unwrap_or(v);
+        return if tokens.next().is_none() && server::secret_matches(v, secret.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        };
+    }
+    let mut fields = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let (Some(field), None) = (fields.next(), fields.next()) else {
+        return Err(ApiError::Unauthorized);
     };
-    let v = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("BackendAI "))
-        .unwrap_or(v);
-    server::secret_matches(v.as_bytes(), secret.as_bytes())
+    let field = field.as_bytes();
+    let (scheme, credential) = match field.iter().position(|&b| b == b' ') {
+        Some(at) => (&field[..at], field[at + 1..].trim_ascii()),
+        None => (field, &[][..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(ApiError::UnsupportedAuthorization(shown_scheme(scheme)));
+    }
+    if secret.is_empty() {
+        return Err(ApiError::Unauthorized);
+    }
+    appproxy_shared::jwt::verify_hs256(credential, secret)
+        .map(drop)
+        .map_err(ApiError::BadApiToken)
+}
+
+/// An `Authorization` scheme as a refusal names it: at most 32 of its characters,
+/// and only if they are a token's (RFC 9110 §5.6.2), else `?`.
+fn shown_scheme(scheme: &[u8]) -> String {
+    const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~";
+    let shown = &scheme[..scheme.len().min(32)];
+    if !shown.is_empty()
+        && shown
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(b))
+    {
+        String::from_utf8_lossy(shown).into_owned()
+    } else {
+        "?".to_owned()
+    }
 }
 
 /// `POST /v2/conf`'s own check (§2.1 of the wire: `X-BackendAI-Token` equal to the
@@ -844,10 +900,9 @@ async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next
 }
 
 async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    if secret_ok(req.headers(), &state.config.secrets.api_secret) {
-        next.run(req).await
-    } else {
-        ApiError::Unauthorized.into_response()
+    match authorize(req.headers(), &state.config.secrets.api_secret) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -730,6 +730,131 @@ fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
 
 /// A `/v2/conf` body for [`SESSION`] with `upstream_tls` set to `tls` (JSON text;
 /// `None`: left out).
+/// The API takes the platform's second credential (§1.1 of the wire): without
+/// `X-BackendAI-Token`, `Authorization: Bearer <jwt>` signed with the API secret.
+/// Every other form is a 401 in the API's error shape, and none reaches the route.
+#[test]
+fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
+    use appproxy_shared::jwt::sign_hs256;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let now = appproxy_shared::jwt::now_epoch();
+    let signed =
+        |claims: serde_json::Value, key: &str| format!("Bearer {}", sign_hs256(&claims, key));
+    let bare = signed(serde_json::json!({}), SECRET);
+    let timed = signed(serde_json::json!({"iat": now, "exp": now + 60.0}), SECRET);
+    let lower = bare.replacen("Bearer", "bearer", 1);
+    let expired = signed(serde_json::json!({"exp": now - 1.0}), SECRET);
+    let early = signed(serde_json::json!({"nbf": now + 3600.0}), SECRET);
+    let other_key = signed(serde_json::json!({}), "jwt-key");
+    let raw_secret = format!("Bearer {SECRET}");
+    // `alg: none` with no signature: never taken.
+    let unsigned = {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "Bearer {}.{}.",
+            b.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b.encode(b"{}")
+        )
+    };
+    let auth = |v: &str| ("Authorization", v.to_owned());
+    // The fields sent, the status, and the refusal's `msg`.
+    type Case<'a> = (Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec![auth(&bare)], 200, ""),
+        (vec![auth(&timed)], 200, ""),
+        (vec![auth(&lower)], 200, ""),
+        (vec![auth(&format!("Bearer   {}", &bare[7..]))], 200, ""),
+        (
+            vec![auth(&expired)],
+            401,
+            "Invalid API token: token expired",
+        ),
+        (
+            vec![auth(&early)],
+            401,
+            "Invalid API token: token not yet valid",
+        ),
+        (
+            vec![auth(&other_key)],
+            401,
+            "Invalid API token: bad token signature",
+        ),
+        (
+            vec![auth(&raw_secret)],
+            401,
+            "Invalid API token: malformed token",
+        ),
+        (
+            vec![auth(&unsigned)],
+            401,
+            "Invalid API token: malformed token",
+        ),
+        (
+            vec![auth("Bearer")],
+            401,
+            "Invalid API token: malformed token",
+        ),
+        (
+            vec![auth(&format!("Basic {SECRET}"))],
+            401,
+            "Unsupported authorization method Basic",
+        ),
+        (
+            vec![auth(&format!("BackendAI {}", &bare[7..]))],
+            401,
+            "Unsupported authorization method BackendAI",
+        ),
+        (
+            vec![auth("<script>x</script> y")],
+            401,
+            "Unsupported authorization method ?",
+        ),
+        // Two `Authorization` fields, both valid: which would be checked is a guess.
+        (vec![auth(&bare), auth(&bare)], 401, "Unauthorized access"),
+        // A wrong `X-BackendAI-Token` is refused whatever `Authorization` says.
+        (
+            vec![("X-BackendAI-Token", "wrong".to_owned()), auth(&bare)],
+            401,
+            "Unauthorized access",
+        ),
+        (
+            vec![
+                ("X-BackendAI-Token", SECRET.to_owned()),
+                ("X-BackendAI-Token", "wrong".to_owned()),
+            ],
+            401,
+            "Unauthorized access",
+        ),
+        (
+            vec![("X-BackendAI-Token", format!("BackendAI {SECRET}"))],
+            200,
+            "",
+        ),
+        (vec![], 401, "Unauthorized access"),
+    ];
+    for (headers, status, msg) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let r = request(c.addr, "GET", "/api/worker", &headers, "");
+        assert_eq!(
+            r.status,
+            status,
+            "{headers:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        if status == 200 {
+            assert!(
+                r.json()["workers"].is_array(),
+                "{headers:?}: the route answered"
+            );
+        } else {
+            assert_eq!(r.json()["msg"], msg, "{headers:?}");
+            assert_eq!(r.json()["code"], "unauthorized", "{headers:?}");
+        }
+    }
+}
+
 fn conf_with_tls(tls: Option<&str>) -> String {
     let field = tls
         .map(|t| format!(r#""upstream_tls":{t},"#))
