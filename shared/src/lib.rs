@@ -36,6 +36,7 @@ pub mod otlp;
 pub mod pubsub;
 pub mod rate_floor;
 pub mod request_id;
+pub mod secret;
 pub mod telemetry;
 #[cfg(feature = "tls-roots")]
 pub mod tls_roots;

@@ -52,7 +52,10 @@ pub fn relative_to(config: &Path, path: &Path) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
-    /// `redis://…`; absent → single node, no events.
+    /// `redis://…`; absent → single node, no events. May be given as a secret is
+    /// (`{ file = … }`, `{ env = … }`, [`appproxy_shared::secret`]): it may hold a
+    /// password.
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize_opt")]
     pub url: Option<String>,
 }
 

@@ -385,17 +385,40 @@ impl Default for CoordinatorSection {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorSecrets {
-    /// Shared secret of the API (`X-BackendAI-Token`).
+    /// Shared secret of the API (`X-BackendAI-Token`, or the key of an
+    /// `Authorization: Bearer` JWT). Each secret here may be given inline, as `{ file
+    /// = "/abs/path" }` or as `{ env = "VAR" }` ([`appproxy_shared::secret`]).
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize")]
     pub api_secret: String,
+    /// The API secret before the current one, still accepted while callers move to
+    /// the new one: set it to the old secret, restart, move the manager and the
+    /// workers to `api_secret`, then remove it. Absent: only `api_secret`.
+    #[serde(default, deserialize_with = "appproxy_shared::secret::deserialize_opt")]
+    pub api_secret_previous: Option<String>,
     /// HS256 key of circuit JWTs.
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize")]
     pub jwt_secret: String,
+}
+
+impl CoordinatorSecrets {
+    /// The API secrets a caller may present: the current one, then the previous one
+    /// while it is set and not blank.
+    pub fn api_secrets(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.api_secret.as_str()).chain(
+            self.api_secret_previous
+                .as_deref()
+                .filter(|s| !s.trim().is_empty()),
+        )
+    }
 }
 
 /// `[database]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSection {
-    /// A `postgres://…` URL; absent → embedded SQLite at `sqlite_path`.
+    /// A `postgres://…` URL; absent → embedded SQLite at `sqlite_path`. May be
+    /// given as a secret is (`{ file = … }`, `{ env = … }`): it holds the password.
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize_opt")]
     pub url: Option<String>,
     /// The embedded database file.
     pub sqlite_path: PathBuf,

@@ -51,7 +51,7 @@ use access::{AccessMark, Marks};
 use appproxy_control_common::metrics::{self, Histogram, Labeled};
 use appproxy_control_common::server;
 use breaker::Breakers;
-use config::CoordinatorConfig;
+use config::{CoordinatorConfig, CoordinatorSecrets};
 use events::{AckHub, CircuitEvent, EventKind, LocalBus};
 use store::{CircuitRow, Store, StoreError};
 
@@ -826,9 +826,10 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
 ///    enforced when present). Another scheme is refused and named.
 /// 3. Neither: refused.
 ///
-/// A field given twice is refused: which one a check read would be a guess. An
-/// empty secret accepts nothing (a token signed with an empty key would pass).
-fn authorize(headers: &HeaderMap, secret: &str) -> Result<(), ApiError> {
+/// Either secret is taken while `api_secret_previous` is set (a rotation). A field
+/// given twice is refused: which one a check read would be a guess. An empty
+/// secret accepts nothing (a token signed with an empty key would pass).
+fn authorize(headers: &HeaderMap, secrets: &CoordinatorSecrets) -> Result<(), ApiError> {
     let mut tokens = headers.get_all("x-backendai-token").iter();
     if let Some(v) = tokens.next() {
         let v = v.as_bytes();
@@ -836,7 +837,11 @@ fn authorize(headers: &HeaderMap, secret: &str) -> Result<(), ApiError> {
             .strip_prefix(b"Bearer ")
             .or_else(|| v.strip_prefix(b"BackendAI "))
             .unwrap_or(v);
-        return if tokens.next().is_none() && server::secret_matches(v, secret.as_bytes()) {
+        return if tokens.next().is_none()
+            && secrets
+                .api_secrets()
+                .any(|s| server::secret_matches(v, s.as_bytes()))
+        {
             Ok(())
         } else {
             Err(ApiError::Unauthorized)
@@ -854,12 +859,20 @@ fn authorize(headers: &HeaderMap, secret: &str) -> Result<(), ApiError> {
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(ApiError::UnsupportedAuthorization(shown_scheme(scheme)));
     }
-    if secret.is_empty() {
-        return Err(ApiError::Unauthorized);
+    // Checked against each secret in turn: the current one's refusal is the one
+    // told when neither takes it.
+    let mut refusal = ApiError::Unauthorized;
+    for (i, secret) in secrets.api_secrets().enumerate() {
+        if secret.is_empty() {
+            continue;
+        }
+        match appproxy_shared::jwt::verify_hs256(credential, secret) {
+            Ok(_) => return Ok(()),
+            Err(e) if i == 0 => refusal = ApiError::BadApiToken(e),
+            Err(_) => {}
+        }
     }
-    appproxy_shared::jwt::verify_hs256(credential, secret)
-        .map(drop)
-        .map_err(ApiError::BadApiToken)
+    Err(refusal)
 }
 
 /// An `Authorization` scheme as a refusal names it: at most 32 of its characters,
@@ -891,7 +904,11 @@ async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next
         .config
         .coordinator
         .allow_unauthorized_configure_request
-        || server::secret_matches(presented, state.config.secrets.api_secret.as_bytes())
+        || state
+            .config
+            .secrets
+            .api_secrets()
+            .any(|s| server::secret_matches(presented, s.as_bytes()))
     {
         next.run(req).await
     } else {
@@ -900,7 +917,7 @@ async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next
 }
 
 async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    match authorize(req.headers(), &state.config.secrets.api_secret) {
+    match authorize(req.headers(), &state.config.secrets) {
         Ok(()) => next.run(req).await,
         Err(refused) => refused.into_response(),
     }

@@ -855,6 +855,94 @@ fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
     }
 }
 
+/// Secrets held where operators keep them: the API secret in a file, its previous
+/// value in an environment variable during a rotation. The coordinator takes both
+/// (as the raw secret and as a JWT's key, on the API and on `/v2/conf`) and no
+/// other; a secret file it cannot read stops it before it serves, naming the key.
+#[test]
+fn secrets_come_from_files_and_the_environment_and_a_rotation_takes_both() {
+    use appproxy_shared::jwt::sign_hs256;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = dir.path().join("api-secret");
+    let jwt = dir.path().join("jwt-secret");
+    std::fs::write(&api, "new-api-secret\n").expect("write");
+    std::fs::write(&jwt, "jwt-key").expect("write");
+    let config = |api: &std::path::Path| {
+        format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = {{ file = {:?} }}\n\
+             api_secret_previous = {{ env = \"APPPROXY_TEST_OLD_API_SECRET\" }}\n\
+             jwt_secret = {{ file = {:?} }}\n[database]\n{}\n[logging]\nfilter = \"info\"\n",
+            api.display().to_string(),
+            jwt.display().to_string(),
+            Db::Sqlite.section(dir.path()),
+        )
+    };
+    let c = common::start_with_env(
+        dir.path(),
+        &config(&api),
+        &[("APPPROXY_TEST_OLD_API_SECRET", "old-api-secret")],
+    );
+    let bearer = |key: &str| format!("Bearer {}", sign_hs256(&serde_json::json!({}), key));
+    for (name, value, status) in [
+        // The file's line break is not part of the secret (compared whole).
+        ("X-BackendAI-Token", "new-api-secret".to_owned(), 200),
+        ("X-BackendAI-Token", "old-api-secret".to_owned(), 200),
+        ("Authorization", bearer("new-api-secret"), 200),
+        ("Authorization", bearer("old-api-secret"), 200),
+        ("X-BackendAI-Token", "api-secret".to_owned(), 401),
+        ("Authorization", bearer("jwt-key"), 401),
+    ] {
+        let r = request(c.addr, "GET", "/api/worker", &[(name, value.as_str())], "");
+        assert_eq!(
+            r.status,
+            status,
+            "{name}: {value:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // `/v2/conf`'s own check takes the previous secret too (a 400 for the body, not
+    // a 401), and only a secret.
+    for (value, status) in [
+        ("old-api-secret", 400),
+        ("new-api-secret", 400),
+        ("jwt-key", 401),
+    ] {
+        let r = request(
+            c.addr,
+            "POST",
+            "/v2/conf",
+            &[("X-BackendAI-Token", value)],
+            "{}",
+        );
+        assert_eq!(
+            r.status,
+            status,
+            "{value}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    drop(c);
+    // A secret file that is not there: no start, the key and the file named.
+    std::fs::write(
+        dir.path().join("coordinator.toml"),
+        config(&dir.path().join("gone")),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(dir.path().join("coordinator.toml"))
+        .env("APPPROXY_TEST_OLD_API_SECRET", "old-api-secret")
+        .output()
+        .expect("run");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("secrets.api_secret") && text.contains("gone"),
+        "{text}"
+    );
+}
+
 fn conf_with_tls(tls: Option<&str>) -> String {
     let field = tls
         .map(|t| format!(r#""upstream_tls":{t},"#))
