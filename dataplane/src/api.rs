@@ -1,6 +1,9 @@
 //! The worker API port (`[worker] api_port`): `GET /setup?token=…`, which validates
 //! the coordinator's HS256 token, sets the `appproxy_permit` cookie exactly as the
-//! original computes it and redirects to the circuit; plus `GET /status`.
+//! original computes it and redirects to the circuit; `GET /status`; and the
+//! original's probes there (`/`, `/health`, `/livez`, `/readyz`, `/health/livez`,
+//! `/health/readyz`), so an orchestrator's checks written for it keep working. The
+//! admin endpoint (`[admin] bind`) answers them too, with the stalled cores.
 //!
 //! One request per connection (`Connection: close`): these are browser redirects, not
 //! a hot path. `HEAD` is answered as `GET` is, without the body (RFC 9110 §9.3.2);
@@ -88,6 +91,30 @@ struct Answer {
     body: String,
 }
 
+/// A probe's answer. Liveness is this core answering (a stalled core answers
+/// nothing, and its share of the probes, spread by `SO_REUSEPORT`, times out); the
+/// admin endpoint also names stalled cores. Readiness (`ready`): serving the
+/// circuits it is meant to, and not stopping ([`crate::readiness`]), else 503
+/// naming why.
+fn probe(core: &Core, ready: bool) -> Answer {
+    let state = core.readiness.state();
+    let (status, word) = if ready && state != crate::readiness::State::Ready {
+        (503, state.as_str())
+    } else {
+        (200, "ok")
+    };
+    Answer {
+        status,
+        extra_headers: String::new(),
+        content_type: "application/json",
+        body: format!(
+            "{{\"status\":\"{word}\",\"ready\":\"{}\",\"component\":\"appproxy-worker\",\"version\":\"{}\"}}",
+            state.as_str(),
+            env!("CARGO_PKG_VERSION"),
+        ),
+    }
+}
+
 fn json_error(status: u16, code: &str, message: &str, id: &RequestId) -> Answer {
     let mut body = String::from("{\"error\":\"");
     appproxy_shared::telemetry::push_json_escaped(&mut body, message);
@@ -111,6 +138,10 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
             content_type: "application/json",
             body: "{\"api_version\":\"v2\"}".into(),
         },
+        (
+            Method::Get | Method::Head,
+            "/" | "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz",
+        ) => probe(core, matches!(path, "/readyz" | "/health/readyz")),
         (Method::Get | Method::Head, _) => json_error(404, "not_found", "no such endpoint", id),
         _ => {
             let mut a = json_error(405, "method_not_allowed", "method not allowed", id);

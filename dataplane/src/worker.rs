@@ -255,6 +255,8 @@ impl Worker {
         let liveness = Liveness::new(&rt.cpus, rt.core_stall);
         let board = Board::new(&rt.cpus, rt.circuits.clone(), rt.per_circuit_metrics);
         let clients = Arc::new(ClientTable::default());
+        // Shared with the cores, which answer the API port's probes from it.
+        let readiness = Arc::new(Readiness::new());
         let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -268,12 +270,13 @@ impl Worker {
             let live = liveness.cores[row].clone();
             let board = board.clone();
             let clients = clients.clone();
+            let readiness = readiness.clone();
             let exit_tx = exit_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
                 .spawn(move || {
                     run_core(
-                        cpu, row, rt, metrics, rx, ready, marks, live, board, clients,
+                        cpu, row, rt, metrics, rx, ready, marks, live, board, clients, readiness,
                     );
                     drop(exit_tx);
                 })
@@ -323,7 +326,7 @@ impl Worker {
             access_marks: marks_rx,
             liveness,
             board,
-            readiness: Arc::new(Readiness::new()),
+            readiness,
             exited,
             drain_timeout: rt.drain_timeout,
             tls: rt.tls.clone(),
@@ -445,6 +448,7 @@ fn run_core(
     live: Arc<CoreLiveness>,
     board: Arc<Board>,
     clients: Arc<ClientTable>,
+    readiness: Arc<Readiness>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -474,7 +478,7 @@ fn run_core(
                 return;
             }
         };
-        let core = Core::new(cpu, row, rt.clone(), reactor.clone(), clients);
+        let core = Core::new(cpu, row, rt.clone(), reactor.clone(), clients, readiness);
         let listeners: Listeners = RefCell::new(HashMap::new());
         if let Err(failures) = reconcile_listeners(&core, &listeners) {
             let first = failures.into_iter().next().map(|(_, e)| e);

@@ -880,7 +880,13 @@ fn the_api_port_answers_head_without_a_body_and_other_methods_with_allow() {
     let w = worker(&up, "", "api_port = {AUX_PORT}");
     let api = std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port));
 
-    for (path, status) in [("/status", 200), ("/nowhere", 404), ("/setup", 400)] {
+    for (path, status) in [
+        ("/status", 200),
+        ("/nowhere", 404),
+        ("/setup", 400),
+        ("/health/livez", 200),
+        ("/readyz", 200),
+    ] {
         let get = Client::connect(api).get(path, "");
         assert_eq!(get.status, status, "GET {path}: {}", get.text());
         assert!(!get.body.is_empty());

@@ -2,7 +2,8 @@
 //! with its coordinator away the worker is alive but not ready (it has no circuit set
 //! yet, so a load balancer must not send it clients); once the coordinator answers
 //! and every core applied the first set, it is ready. Real coordinator (SQLite), real
-//! worker and agent, the admin endpoint over a real socket.
+//! worker and agent, the admin endpoint and the API port (which answers the
+//! original's probes) over real sockets.
 
 mod common;
 
@@ -35,9 +36,11 @@ fn a_managed_worker_is_ready_only_once_its_first_circuit_set_is_applied() {
     let coord = first.addr;
     first.stop();
     let port = free_port();
+    let api_port = free_port();
+    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let worker = start_worker(&format!(
         "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 200\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
-        free_port()
+        api_port
     ));
     let admin_addr = appproxy_dataplane::admin::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -58,6 +61,18 @@ fn a_managed_worker_is_ready_only_once_its_first_circuit_set_is_applied() {
         assert!(body.contains("\"ready\":\"starting\""), "{body}");
         let (status, _) = admin(admin_addr, "/health/readyz");
         assert_eq!(status, 503);
+        // The API port answers the same probes (the original's orchestrator checks
+        // point there).
+        for path in ["/readyz", "/health/readyz"] {
+            let (status, body) = admin(api, path);
+            assert_eq!(status, 503, "API port {path}: {body}");
+            assert!(body.contains("\"status\":\"starting\""), "{body}");
+        }
+        for path in ["/", "/health", "/livez", "/health/livez"] {
+            let (status, body) = admin(api, path);
+            assert_eq!(status, 200, "API port {path}: {body}");
+            assert!(body.contains("\"ready\":\"starting\""), "{body}");
+        }
         asked += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -70,6 +85,9 @@ fn a_managed_worker_is_ready_only_once_its_first_circuit_set_is_applied() {
         let (status, body) = admin(admin_addr, "/readyz");
         if status == 200 {
             assert!(body.contains("\"status\":\"ok\""), "{body}");
+            assert!(body.contains("\"ready\":\"ready\""), "{body}");
+            let (status, body) = admin(api, "/health/readyz");
+            assert_eq!(status, 200, "API port: {body}");
             assert!(body.contains("\"ready\":\"ready\""), "{body}");
             break;
         }
@@ -85,6 +103,10 @@ fn a_managed_worker_is_ready_only_once_its_first_circuit_set_is_applied() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"status\":\"stopping\""), "{body}");
     assert_eq!(admin(admin_addr, "/livez").0, 200);
+    let (status, body) = admin(api, "/readyz");
+    assert_eq!(status, 503, "API port: {body}");
+    assert!(body.contains("\"status\":\"stopping\""), "{body}");
+    assert_eq!(admin(api, "/health/livez").0, 200);
     worker.stop();
     again.stop();
 }

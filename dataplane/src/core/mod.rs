@@ -90,6 +90,8 @@ pub struct Core {
     rng: Cell<u64>,
     /// Connection IDs for log spans.
     next_conn: Cell<u64>,
+    /// The worker's readiness, which the API port's probes answer with.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl Core {
@@ -148,13 +150,15 @@ impl Core {
     }
 
     /// Builds the state of core `cpu`; `clients` is the worker's one count of open
-    /// connections per client address, shared by its cores.
+    /// connections per client address, shared by its cores; `readiness`, the
+    /// worker's.
     pub fn new(
         cpu: usize,
         row: usize,
         rt: Arc<Runtime>,
         reactor: Rc<Reactor>,
         clients: Arc<crate::client_table::ClientTable>,
+        readiness: Arc<crate::readiness::Readiness>,
     ) -> Rc<Self> {
         let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
         Rc::new(Self {
@@ -191,6 +195,7 @@ impl Core {
             conn_storage: crate::proxy::StoragePool::new(READ_BUFS_KEPT / 2),
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
+            readiness,
             rt,
             reactor,
         })
