@@ -91,14 +91,27 @@ struct Answer {
     body: String,
 }
 
-/// A probe's answer. Liveness is this core answering (a stalled core answers
-/// nothing, and its share of the probes, spread by `SO_REUSEPORT`, times out); the
-/// admin endpoint also names stalled cores. Readiness (`ready`): serving the
-/// circuits it is meant to, and not stopping ([`crate::readiness`]), else 503
-/// naming why.
+/// The original's probe paths on this port.
+const PROBES: [&str; 6] = [
+    "/",
+    "/health",
+    "/livez",
+    "/readyz",
+    "/health/livez",
+    "/health/readyz",
+];
+
+/// A probe's answer, as the admin endpoint's: liveness, no core stalled (this one
+/// answers; another that holds waiting work without turning makes every probe 503
+/// `stalled`, not only the share `SO_REUSEPORT` sends to it, which would time out);
+/// readiness (`ready`): alive, serving the circuits it is meant to, and not
+/// stopping ([`crate::readiness`]), else 503 naming why.
 fn probe(core: &Core, ready: bool) -> Answer {
     let state = core.readiness.state();
-    let (status, word) = if ready && state != crate::readiness::State::Ready {
+    let stalled = core.liveness.looks_stalled();
+    let (status, word) = if !stalled.is_empty() {
+        (503, "stalled")
+    } else if ready && state != crate::readiness::State::Ready {
         (503, state.as_str())
     } else {
         (200, "ok")
@@ -108,7 +121,7 @@ fn probe(core: &Core, ready: bool) -> Answer {
         extra_headers: String::new(),
         content_type: "application/json",
         body: format!(
-            "{{\"status\":\"{word}\",\"ready\":\"{}\",\"component\":\"appproxy-worker\",\"version\":\"{}\"}}",
+            "{{\"status\":\"{word}\",\"ready\":\"{}\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"stalled_cores\":{stalled:?}}}",
             state.as_str(),
             env!("CARGO_PKG_VERSION"),
         ),
@@ -138,10 +151,9 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
             content_type: "application/json",
             body: "{\"api_version\":\"v2\"}".into(),
         },
-        (
-            Method::Get | Method::Head,
-            "/" | "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz",
-        ) => probe(core, matches!(path, "/readyz" | "/health/readyz")),
+        (Method::Get | Method::Head, p) if PROBES.contains(&p) => {
+            probe(core, matches!(path, "/readyz" | "/health/readyz"))
+        }
         (Method::Get | Method::Head, _) => json_error(404, "not_found", "no such endpoint", id),
         _ => {
             let mut a = json_error(405, "method_not_allowed", "method not allowed", id);
@@ -155,7 +167,12 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
     } else {
         answer.body.as_str()
     };
-    tracing::info!(path, status = answer.status, "api request");
+    // Probes come every few seconds from each checker: logged only at debug.
+    if PROBES.contains(&path) {
+        tracing::debug!(path, status = answer.status, "api request");
+    } else {
+        tracing::info!(path, status = answer.status, "api request");
+    }
     let mut out = String::with_capacity(512 + answer.body.len());
     let _ = write!(
         out,

@@ -280,6 +280,18 @@ impl Liveness {
         stalled
     }
 
+    /// The CPUs of the cores that look stalled now, without [`Self::check`]'s pause,
+    /// kick or log: for a core answering a probe, which must not sleep (the
+    /// watchdog's check kicks and counts).
+    pub fn looks_stalled(&self) -> Vec<usize> {
+        let now = Instant::now();
+        self.cores
+            .iter()
+            .filter(|c| c.stalled(now, self.bound))
+            .map(|c| c.cpu)
+            .collect()
+    }
+
     /// Prometheus families for the cores' liveness.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
@@ -367,4 +379,23 @@ impl Liveness {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core that has not turned for longer than the bound while running is named;
+    /// one that just turned is not; looking neither kicks nor counts.
+    #[test]
+    fn a_core_not_turning_past_the_bound_looks_stalled_without_a_kick() {
+        let l = Liveness::new(&[3, 5], Duration::from_millis(50));
+        assert!(l.looks_stalled().is_empty(), "both just started");
+        std::thread::sleep(Duration::from_millis(120));
+        l.cores[0].turned(Instant::now());
+        assert_eq!(l.looks_stalled(), vec![5]);
+        assert_eq!(l.stalls(), 0, "only the watchdog's check counts a stall");
+        l.cores[1].turned(Instant::now());
+        assert!(l.looks_stalled().is_empty());
+    }
 }

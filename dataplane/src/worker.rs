@@ -271,12 +271,14 @@ impl Worker {
             let board = board.clone();
             let clients = clients.clone();
             let readiness = readiness.clone();
+            let liveness = liveness.clone();
             let exit_tx = exit_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("appproxy-core-{cpu}"))
                 .spawn(move || {
                     run_core(
                         cpu, row, rt, metrics, rx, ready, marks, live, board, clients, readiness,
+                        liveness,
                     );
                     drop(exit_tx);
                 })
@@ -449,6 +451,7 @@ fn run_core(
     board: Arc<Board>,
     clients: Arc<ClientTable>,
     readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
 ) {
     let fail = |message: String| StartError::Core { cpu, message };
     let executor = match glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -478,7 +481,15 @@ fn run_core(
                 return;
             }
         };
-        let core = Core::new(cpu, row, rt.clone(), reactor.clone(), clients, readiness);
+        let core = Core::new(
+            cpu,
+            row,
+            rt.clone(),
+            reactor.clone(),
+            clients,
+            readiness,
+            liveness,
+        );
         let listeners: Listeners = RefCell::new(HashMap::new());
         if let Err(failures) = reconcile_listeners(&core, &listeners) {
             let first = failures.into_iter().next().map(|(_, e)| e);

@@ -82,13 +82,27 @@ pub fn from_file(path: &Path) -> Result<String, String> {
              from wherever the service started)"
         ));
     }
-    let meta = std::fs::metadata(path).map_err(|e| format!("secret file {shown}: {e}"))?;
+    // Opened without waiting (a FIFO put there opens at once instead of blocking
+    // the start until a writer comes), then checked as opened: what the path named
+    // a moment before does not count. Symlinks are followed: a Kubernetes secret
+    // volume is made of them.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
+    }
+    .map_err(|e| format!("secret file {shown}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("secret file {shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("secret file {shown}: not a regular file"));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes))
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| format!("secret file {shown}: {e}"))?;
     if bytes.len() as u64 > MAX_SECRET_FILE {
         return Err(format!(
@@ -111,6 +125,25 @@ pub fn from_env(var: &str) -> Result<String, String> {
             Err(format!("environment variable {var} is not UTF-8 text"))
         }
     }
+}
+
+/// A credential derived from `key` for `name`: the lowercase hex of
+/// HMAC-SHA256(`key`, `name`), as `printf %s NAME | openssl dgst -sha256 -hmac KEY`
+/// prints it. The coordinator derives each worker's own credential from its
+/// `[secrets] worker_key` and the worker's authority, so it holds one key for a
+/// fleet and a worker's credential is good for that worker only.
+pub fn derived(key: &str, name: &str) -> String {
+    use hmac::Mac as _;
+    use std::fmt::Write as _;
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(name.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for b in mac.finalize().into_bytes() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 /// `text` without one trailing `\n` or `\r\n`.
@@ -173,6 +206,19 @@ other = "o""#,
         assert_eq!(
             (got.key.as_str(), got.other.as_deref()),
             ("from-env", Some("o"))
+        );
+    }
+
+    #[test]
+    fn a_derived_credential_is_hmac_sha256_in_lowercase_hex() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        assert_eq!(
+            super::derived("Jefe", "what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_ne!(
+            super::derived("k", "worker-1"),
+            super::derived("k", "worker-2")
         );
     }
 

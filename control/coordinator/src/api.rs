@@ -11,13 +11,13 @@ use appproxy_shared::wire::{
 use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::placement::port_range;
 use super::store::{HeldSlot, StoreError, WorkerRow};
-use super::{access, ApiError, Body, Id, Params, State};
+use super::{access, ApiError, Body, Caller, Id, Params, State};
 
 pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
     Json(json!({"api_version": "v2", "advertise_address": state.config.coordinator.advertised_url}))
@@ -327,10 +327,12 @@ pub(super) struct BriefQuery {
 
 pub(super) async fn register_worker(
     Extract(state): Extract<Arc<State>>,
+    Extension(caller): Extension<Caller>,
     Params(q): Params<BriefQuery>,
     Body(body): Body<Value>,
 ) -> Result<Response, ApiError> {
     let registration = validate_worker(&body)?;
+    caller.may_act_for(&state.config.secrets, &registration.authority)?;
     // The registration is stored as sent: keys this version does not know are kept.
     let id = state.store.upsert_worker(&body).await?;
     tracing::info!(worker = %id, authority = registration.authority, "worker registered");
@@ -858,12 +860,26 @@ pub(super) struct NodeQuery {
     brief: bool,
 }
 
+/// Whether `caller` may act for the worker `id` ([`Caller::may_act_for`]); the
+/// store is read only for a worker's own credential. A worker unknown to the store
+/// has no authority, and no worker credential acts for it: 401, as for another
+/// worker's, so a credential does not tell which IDs exist.
+async fn acting_for(state: &State, caller: &Caller, id: uuid::Uuid) -> Result<(), ApiError> {
+    if let Caller::Manager = caller {
+        return Ok(());
+    }
+    let authority = state.authority_of(Some(id)).await?;
+    caller.may_act_for(&state.config.secrets, &authority)
+}
+
 pub(super) async fn heartbeat(
     Extract(state): Extract<Arc<State>>,
+    Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Response, ApiError> {
     valid_node_id("node", q.node.as_deref())?;
+    acting_for(&state, &caller, id).await?;
     let heard = match state.store.heartbeat_node(id, q.node.as_deref()).await {
         Err(StoreError::Conflict(why)) => return Err(ApiError::NodeLeft(why)),
         Err(e) => {
@@ -907,10 +923,12 @@ pub(super) async fn heartbeat(
 
 pub(super) async fn deregister_worker(
     Extract(state): Extract<Arc<State>>,
+    Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Json<Success>, ApiError> {
     valid_node_id("node", q.node.as_deref())?;
+    acting_for(&state, &caller, id).await?;
     if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }
@@ -967,9 +985,11 @@ use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
 /// (the trace context behind each circuit's latest change).
 pub(super) async fn worker_circuits(
     Extract(state): Extract<Arc<State>>,
+    Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<CircuitsQuery>,
 ) -> Result<Response, ApiError> {
+    acting_for(&state, &caller, id).await?;
     let limit = q
         .limit
         .unwrap_or(MAX_CIRCUITS_PER_ANSWER)

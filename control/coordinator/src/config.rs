@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct RedisSection {
     /// `redis://…`; absent → single node, no events. Its database (the URL's path,
     /// `/2` as the platform has it) holds the keys: last-access marks, workers' last
-    /// heartbeats, leadership.
+    /// heartbeats, leadership. May be given as a secret is (`{ file = … }`, `{ env =
+    /// … }`): it may hold a password.
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize_opt")]
     pub url: Option<String>,
     /// The database the event streams are written to (`XADD`: `events-appproxy`'s
     /// `worker_lost`, the manager's `events`), when not the URL's: the platform
@@ -79,7 +81,7 @@ impl CoordinatorConfig {
                 ));
             }
         }
-        Ok(())
+        self.secrets.check()
     }
 
     /// The full default config, the optional keys shown commented.
@@ -95,6 +97,14 @@ impl CoordinatorConfig {
                 (
                     "coordinator",
                     "unsettled_creation_timeout_secs = 20  # renewed every fifth of it (0.1-5 s) while the creation runs",
+                ),
+                (
+                    "secrets",
+                    "api_secret_previous = \"…\"  # the secret being replaced, taken too during a rotation",
+                ),
+                (
+                    "secrets",
+                    "worker_key = \"…\"  # or { file = \"/run/secrets/worker-key\" }: workers' own credentials, HMAC-SHA256(key, authority) in hex",
                 ),
                 (
                     "database",
@@ -398,17 +408,89 @@ pub struct CoordinatorSecrets {
     /// HS256 key of circuit JWTs.
     #[serde(deserialize_with = "appproxy_shared::secret::deserialize")]
     pub jwt_secret: String,
+    /// The key each worker's own credential is derived from
+    /// ([`appproxy_shared::secret::derived`] of the worker's authority). A worker
+    /// whose `[secrets] api_secret` is its derived credential reaches only the
+    /// worker routes (register, heartbeat, leave, its circuit set), each only for its
+    /// own authority: a worker host no longer holds the manager's rights. Absent:
+    /// workers use `api_secret`, as in the original (still taken when set).
+    #[serde(default, deserialize_with = "appproxy_shared::secret::deserialize_opt")]
+    pub worker_key: Option<String>,
 }
 
 impl CoordinatorSecrets {
+    /// Refuses secrets that would open more than they should: the API secret (or
+    /// the previous one) equal to the JWT key makes every token the coordinator
+    /// signs — a `/setup` link in a browser's history, a user's inference token — a
+    /// key to the whole API (a bearer JWT signed with the API secret is one); the
+    /// worker key equal to either; a previous secret that is blank or the current
+    /// one (a mistake that would read as a rotation under way); an API secret with
+    /// white space at an end or a control character, which no header can carry
+    /// (every caller would be refused with no hint why). Blank current secrets are
+    /// the binary's to refuse (`--check-config` of a file without them still
+    /// parses).
+    pub fn check(&self) -> Result<(), String> {
+        let set = |s: &str| !s.trim().is_empty();
+        for (key, value) in [
+            ("api_secret", Some(self.api_secret.as_str())),
+            ("api_secret_previous", self.api_secret_previous.as_deref()),
+        ] {
+            let Some(value) = value else { continue };
+            if key == "api_secret_previous" && !set(value) {
+                return Err(format!(
+                    "secrets.{key}: blank; remove it when no rotation is under way"
+                ));
+            }
+            if value.trim() != value || value.chars().any(char::is_control) {
+                return Err(format!(
+                    "secrets.{key}: white space at an end or a control character, \
+                     which no X-BackendAI-Token field can carry"
+                ));
+            }
+            if set(value) && value == self.jwt_secret {
+                return Err(format!(
+                    "secrets.{key} equals secrets.jwt_secret: every token signed with \
+                     the JWT key would open the API; give them different values"
+                ));
+            }
+        }
+        if self.api_secret_previous.as_deref() == Some(self.api_secret.as_str()) {
+            return Err(
+                "secrets.api_secret_previous equals secrets.api_secret: set it to the \
+                 secret being replaced, or remove it"
+                    .to_owned(),
+            );
+        }
+        if let Some(key) = &self.worker_key {
+            if !set(key) {
+                return Err("secrets.worker_key: blank; remove it or give a key".to_owned());
+            }
+            let others = [
+                Some(self.api_secret.as_str()),
+                self.api_secret_previous.as_deref(),
+                Some(self.jwt_secret.as_str()),
+            ];
+            if others.contains(&Some(key.as_str())) {
+                return Err(
+                    "secrets.worker_key equals another secret: give it a value of its own"
+                        .to_owned(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker key, when set and not blank.
+    pub fn worker_key(&self) -> Option<&str> {
+        self.worker_key.as_deref().filter(|k| !k.trim().is_empty())
+    }
+
     /// The API secrets a caller may present: the current one, then the previous one
     /// while it is set and not blank.
     pub fn api_secrets(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.api_secret.as_str()).chain(
-            self.api_secret_previous
-                .as_deref()
-                .filter(|s| !s.trim().is_empty()),
-        )
+        std::iter::once(self.api_secret.as_str())
+            .chain(self.api_secret_previous.as_deref())
+            .filter(|s| !s.trim().is_empty())
     }
 }
 
@@ -445,6 +527,67 @@ impl Default for DatabaseSection {
 
 #[cfg(test)]
 mod tests {
+    /// Secrets that would open more than they should are refused at load, naming
+    /// the key; the usual ones read.
+    #[test]
+    fn secrets_that_open_too_much_are_refused() {
+        let parse = |secrets: &str| {
+            let text = format!("[secrets]\n{secrets}\n");
+            let config: super::CoordinatorConfig =
+                appproxy_shared::config::from_toml(&text).expect("parses");
+            config.check()
+        };
+        for ok in [
+            "api_secret = \"a\"\njwt_secret = \"j\"",
+            "api_secret = \"a\"\njwt_secret = \"j\"\napi_secret_previous = \"old\"\nworker_key = \"w\"",
+            // Blank current secrets are the binary's to refuse.
+            "",
+        ] {
+            assert_eq!(parse(ok), Ok(()), "{ok}");
+        }
+        for (bad, named) in [
+            (
+                "api_secret = \"same\"\njwt_secret = \"same\"",
+                "secrets.api_secret equals secrets.jwt_secret",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\napi_secret_previous = \"j\"",
+                "secrets.api_secret_previous equals secrets.jwt_secret",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\napi_secret_previous = \"a\"",
+                "secrets.api_secret_previous equals secrets.api_secret",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\napi_secret_previous = \" \"",
+                "secrets.api_secret_previous: blank",
+            ),
+            (
+                "api_secret = \"a \"\njwt_secret = \"j\"",
+                "secrets.api_secret: white space",
+            ),
+            (
+                "api_secret = \"a\\nb\"\njwt_secret = \"j\"",
+                "secrets.api_secret: white space at an end or a control",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\nworker_key = \"a\"",
+                "secrets.worker_key equals another secret",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\nworker_key = \"j\"",
+                "secrets.worker_key equals another secret",
+            ),
+            (
+                "api_secret = \"a\"\njwt_secret = \"j\"\nworker_key = \"\"",
+                "secrets.worker_key: blank",
+            ),
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.starts_with(named), "{bad}: {err}");
+        }
+    }
+
     /// `--print-default-config` shows the keys without a default commented out;
     /// uncommenting any one of them (or an optional section, header and keys)
     /// gives a config that reads.

@@ -857,7 +857,14 @@ fn authorize(headers: &HeaderMap, secrets: &CoordinatorSecrets) -> Result<(), Ap
         None => (field, &[][..]),
     };
     if !scheme.eq_ignore_ascii_case(b"bearer") {
-        return Err(ApiError::UnsupportedAuthorization(shown_scheme(scheme)));
+        // Named only when a credential follows it: a value without one may be a
+        // credential itself (a raw secret sent as `Authorization`), never echoed.
+        let shown = if credential.is_empty() {
+            "?".to_owned()
+        } else {
+            shown_scheme(scheme)
+        };
+        return Err(ApiError::UnsupportedAuthorization(shown));
     }
     // Checked against each secret in turn: the current one's refusal is the one
     // told when neither takes it.
@@ -875,12 +882,13 @@ fn authorize(headers: &HeaderMap, secrets: &CoordinatorSecrets) -> Result<(), Ap
     Err(refusal)
 }
 
-/// An `Authorization` scheme as a refusal names it: at most 32 of its characters,
-/// and only if they are a token's (RFC 9110 §5.6.2), else `?`.
+/// An `Authorization` scheme as a refusal names it: only if it is a token (RFC 9110
+/// §5.6.2) of at most 16 characters (schemes are short words), else `?`.
 fn shown_scheme(scheme: &[u8]) -> String {
     const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~";
-    let shown = &scheme[..scheme.len().min(32)];
+    let shown = scheme;
     if !shown.is_empty()
+        && shown.len() <= 16
         && shown
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(b))
@@ -896,10 +904,12 @@ fn shown_scheme(scheme: &[u8]) -> String {
 /// without the secret never makes the coordinator buffer one; skipped only under
 /// `allow_unauthorized_configure_request` (development).
 async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get("x-backendai-token")
-        .map_or(&[][..], |v| v.as_bytes());
+    // One field only, as on the other routes.
+    let mut fields = req.headers().get_all("x-backendai-token").iter();
+    let presented = match (fields.next(), fields.next()) {
+        (Some(v), None) => v.as_bytes(),
+        _ => &[][..],
+    };
     if state
         .config
         .coordinator
@@ -916,11 +926,78 @@ async fn conf_auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next
     }
 }
 
-async fn auth(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    match authorize(req.headers(), &state.config.secrets) {
-        Ok(()) => next.run(req).await,
-        Err(refused) => refused.into_response(),
+/// Who a request on the authenticated API comes from, as [`auth`] found it (an
+/// extension of the request, read by the routes a worker may call).
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// The API secret: every route, for every worker.
+    Manager,
+    /// A credential presented on a worker route while `[secrets] worker_key` is set
+    /// and not the API secret: the route takes it only for the worker it was
+    /// derived for ([`Caller::may_act_for`]), once it knows that worker.
+    Worker(Arc<[u8]>),
+}
+
+impl Caller {
+    /// Whether this caller may act for the worker `authority`: the manager for any,
+    /// a worker only with the credential derived for it (compared in constant time).
+    pub(crate) fn may_act_for(
+        &self,
+        secrets: &CoordinatorSecrets,
+        authority: &str,
+    ) -> Result<(), ApiError> {
+        match self {
+            Self::Manager => Ok(()),
+            Self::Worker(presented) => match secrets.worker_key() {
+                Some(key)
+                    if !authority.is_empty()
+                        && server::secret_matches(
+                            presented,
+                            appproxy_shared::secret::derived(key, authority).as_bytes(),
+                        ) =>
+                {
+                    Ok(())
+                }
+                _ => Err(ApiError::Unauthorized),
+            },
+        }
     }
+}
+
+/// Whether `method` on the route `path` (its template) is one a worker calls:
+/// register, heartbeat, leave, read its circuit set.
+fn is_worker_route(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    matches!(
+        (method, path),
+        (&Method::PUT, "/api/worker")
+            | (&Method::PATCH | &Method::DELETE, "/api/worker/{id}")
+            | (&Method::GET, "/api/worker/{id}/circuits")
+    )
+}
+
+async fn auth(Extract(state): Extract<Arc<State>>, mut req: Request, next: Next) -> Response {
+    let secrets = &state.config.secrets;
+    let caller = match authorize(req.headers(), secrets) {
+        Ok(()) => Caller::Manager,
+        Err(refused) => {
+            // Not the API secret: on a worker route, with a worker key, the one token
+            // is kept for the route to check against the worker it names.
+            let worker_route = req
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .is_some_and(|p| is_worker_route(req.method(), p.as_str()));
+            let mut tokens = req.headers().get_all("x-backendai-token").iter();
+            match (tokens.next(), tokens.next()) {
+                (Some(token), None) if worker_route && secrets.worker_key().is_some() => {
+                    Caller::Worker(Arc::from(token.as_bytes()))
+                }
+                _ => return refused.into_response(),
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 /// Builds the API router.

@@ -811,6 +811,17 @@ fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
             401,
             "Unsupported authorization method ?",
         ),
+        // A raw secret sent as `Authorization` is no scheme to name: never echoed.
+        (
+            vec![auth(SECRET)],
+            401,
+            "Unsupported authorization method ?",
+        ),
+        (
+            vec![auth(&format!("{SECRET}-and-more-than-sixteen x"))],
+            401,
+            "Unsupported authorization method ?",
+        ),
         // Two `Authorization` fields, both valid: which would be checked is a guess.
         (vec![auth(&bare), auth(&bare)], 401, "Unauthorized access"),
         // A wrong `X-BackendAI-Token` is refused whatever `Authorization` says.
@@ -851,8 +862,19 @@ fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
         } else {
             assert_eq!(r.json()["msg"], msg, "{headers:?}");
             assert_eq!(r.json()["code"], "unauthorized", "{headers:?}");
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains(SECRET),
+                "{headers:?}: the secret is echoed"
+            );
         }
     }
+    // Nor is it written to the log, where the refusals are.
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("log");
+    assert!(
+        log.contains("Unsupported authorization method ?"),
+        "refusals are logged"
+    );
+    assert!(!log.contains(SECRET), "the secret is in the log");
 }
 
 /// Secrets held where operators keep them: the API secret in a file, its previous
@@ -941,6 +963,100 @@ fn secrets_come_from_files_and_the_environment_and_a_rotation_takes_both() {
         text.contains("secrets.api_secret") && text.contains("gone"),
         "{text}"
     );
+}
+
+/// With `[secrets] worker_key`, a worker's own credential (derived from the key and
+/// its authority) reaches the worker routes for that worker only: it registers,
+/// heartbeats, reads its circuit set and leaves as itself, and can neither act for
+/// another worker nor call a manager route. The API secret still reaches everything.
+#[test]
+fn a_workers_own_credential_acts_for_that_worker_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = api::config("", &Db::Sqlite.section(dir.path())).replace(
+        "jwt_secret = \"jwt-key\"",
+        "jwt_secret = \"jwt-key\"\nworker_key = \"fleet-key\"",
+    );
+    assert!(config.contains("worker_key"), "{config}");
+    let c = common::start(dir.path(), &config);
+    let cred = appproxy_shared::secret::derived("fleet-key", "worker-1");
+    let as_w1 = ("X-BackendAI-Token", cred.as_str());
+    let other = api::INTERACTIVE_WORKER.replace("worker-1", "worker-2");
+    // Registering as itself: taken; as another authority: refused, nothing stored.
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker?brief=true",
+        &[as_w1],
+        api::INTERACTIVE_WORKER,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let w1 = r.json()["id"].as_str().expect("id").to_owned();
+    let r = request(c.addr, "PUT", "/api/worker?brief=true", &[as_w1], &other);
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    // The manager registers worker-2.
+    let r = request(c.addr, "PUT", "/api/worker?brief=true", &[AUTH], &other);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let w2 = r.json()["id"].as_str().expect("id").to_owned();
+    let unknown = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    for (method, path, status) in [
+        ("PATCH", format!("/api/worker/{w1}?brief=true"), 200),
+        ("GET", format!("/api/worker/{w1}/circuits"), 200),
+        ("PATCH", format!("/api/worker/{w2}?brief=true"), 401),
+        ("GET", format!("/api/worker/{w2}/circuits"), 401),
+        ("DELETE", format!("/api/worker/{w2}"), 401),
+        // An ID no worker has: the same 401, so a credential tells nothing of IDs.
+        ("PATCH", format!("/api/worker/{unknown}"), 401),
+        // Manager routes, whatever the worker: refused before the route runs.
+        ("GET", "/api/worker".to_owned(), 401),
+        ("GET", format!("/api/worker/{w1}"), 401),
+        ("GET", "/api/slots".to_owned(), 401),
+        ("DELETE", format!("/api/circuit/{unknown}"), 401),
+        ("POST", format!("/v2/endpoints/{unknown}/token"), 401),
+        ("POST", "/v2/conf".to_owned(), 401),
+        ("DELETE", format!("/api/worker/{w1}"), 200),
+    ] {
+        let r = request(c.addr, method, &path, &[as_w1], "{}");
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // worker-2's own credential is not worker-1's; a credential from another key is
+    // no credential.
+    let w2_cred = appproxy_shared::secret::derived("fleet-key", "worker-2");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{w2}/circuits"),
+        &[("X-BackendAI-Token", w2_cred.as_str())],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let forged = appproxy_shared::secret::derived("other-key", "worker-2");
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/worker/{w2}/circuits"),
+        &[("X-BackendAI-Token", forged.as_str())],
+        "",
+    );
+    assert_eq!(r.status, 401);
+    // The API secret reaches every route, worker routes too.
+    for (method, path) in [
+        ("GET", "/api/worker".to_owned()),
+        ("PATCH", format!("/api/worker/{w2}?brief=true")),
+        ("GET", format!("/api/worker/{w2}/circuits")),
+    ] {
+        let r = request(c.addr, method, &path, &[AUTH], "");
+        assert_eq!(
+            r.status,
+            200,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
 }
 
 fn conf_with_tls(tls: Option<&str>) -> String {

@@ -92,6 +92,8 @@ pub struct Core {
     next_conn: Cell<u64>,
     /// The worker's readiness, which the API port's probes answer with.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// Every core's liveness, which they answer with too.
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 impl Core {
@@ -150,8 +152,8 @@ impl Core {
     }
 
     /// Builds the state of core `cpu`; `clients` is the worker's one count of open
-    /// connections per client address, shared by its cores; `readiness`, the
-    /// worker's.
+    /// connections per client address, shared by its cores; `readiness` and
+    /// `liveness`, the worker's.
     pub fn new(
         cpu: usize,
         row: usize,
@@ -159,6 +161,7 @@ impl Core {
         reactor: Rc<Reactor>,
         clients: Arc<crate::client_table::ClientTable>,
         readiness: Arc<crate::readiness::Readiness>,
+        liveness: Arc<crate::liveness::Liveness>,
     ) -> Rc<Self> {
         let seed = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
         Rc::new(Self {
@@ -196,6 +199,7 @@ impl Core {
             rng: Cell::new(seed),
             next_conn: Cell::new(0),
             readiness,
+            liveness,
             rt,
             reactor,
         })

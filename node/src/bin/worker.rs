@@ -233,9 +233,18 @@ fn print_single_node_help(
          (the script calls POST /v2/conf and GET /v2/proxy/auth with X-Backend-Request-ID: R, follows the\n\
          worker's /setup redirect, then requests the app with the same ID; grep R in this log.)\n",
         cc.database.sqlite_path.display(),
-        cc.secrets.api_secret,
+        // The sample files' secret is printed for a first run to copy; a real one
+        // (perhaps kept in a file or the environment for that reason) never is.
+        if cc.secrets.api_secret == SAMPLE_API_SECRET {
+            SAMPLE_API_SECRET
+        } else {
+            "\"$API_SECRET\"  # your [secrets] api_secret"
+        },
     );
 }
+
+/// The API secret of the sample configs in `deploy/` (no secret: it is public).
+const SAMPLE_API_SECRET: &str = "change-me-api-secret";
 
 /// The ports the worker listens on, as the ephemeral-port warning names them:
 /// the range, the API and wildcard ports, and the first few of the file's
