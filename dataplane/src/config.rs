@@ -409,6 +409,12 @@ pub struct UpstreamSection {
     /// Who may reuse a pooled app connection, for circuits that do not say
     /// (a circuit's `upstream_reuse` overrides it).
     pub reuse: Reuse,
+    /// An HTTP/1.1 client's end of stream (a FIN, after its whole request) while
+    /// the worker waits for the app's response head, or for a silent app's next
+    /// response body bytes, ends the exchange: the app's connection is closed, so
+    /// the app sees the client leave (nginx's and Envoy's default). `false` keeps a
+    /// half-closed client's answer coming (HAProxy's default, no `abortonclose`).
+    pub abort_on_client_close: bool,
 }
 
 /// Who may reuse a pooled app connection (`[upstream] reuse`, and a circuit's own
@@ -426,6 +432,7 @@ impl Default for UpstreamSection {
             max_connections_per_route: 10_240,
             tls_ca: None,
             reuse: Reuse::Shared,
+            abort_on_client_close: true,
         }
     }
 }
@@ -939,6 +946,9 @@ pub struct Runtime {
     pub max_idle_per_route: usize,
     /// Pooled connection idle lifetime.
     pub pool_idle_timeout: Duration,
+    /// An HTTP/1.1 client's end of stream ends a wait on its app
+    /// (`[upstream] abort_on_client_close`).
+    pub abort_on_client_close: bool,
     /// Passive health threshold.
     pub failure_threshold: u32,
     /// Passive health back-off.
@@ -1483,6 +1493,7 @@ impl Config {
             lingering_idle: secs(t.lingering_idle_secs),
             max_idle_per_route: self.upstream.max_idle_per_route,
             pool_idle_timeout: secs(self.upstream.idle_timeout_secs),
+            abort_on_client_close: self.upstream.abort_on_client_close,
             failure_threshold: self.upstream.failure_threshold.max(1),
             unhealthy_backoff: secs(self.upstream.unhealthy_secs),
             probe_interval: (self.upstream.probe_interval_secs > 0)

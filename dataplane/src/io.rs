@@ -676,6 +676,15 @@ impl TcpConn {
         self.until_seen(Direction::Write).await;
     }
 
+    /// [`TcpConn::hung_up`] or [`TcpConn::peer_gone`], as `gone` says.
+    pub async fn gone(&self, gone: crate::relay::Gone) {
+        let dir = match gone {
+            crate::relay::Gone::HungUp => Direction::Write,
+            crate::relay::Gone::Ended => Direction::Read,
+        };
+        self.until_seen(dir).await;
+    }
+
     /// Whether the reactor has seen the peer's end of stream (or a hang-up, an error).
     pub fn peer_ended(&self) -> bool {
         self.reg.read_closed()

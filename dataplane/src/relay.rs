@@ -421,15 +421,41 @@ pub struct RelayOpts {
 pub enum DstWatch {
     /// Nothing.
     None,
-    /// Its hang-up, during waits on the source ([`fill_watching`]): a client a
-    /// response is relayed to.
-    HangUp,
+    /// Its being gone, as [`Gone`] says, during waits on the source
+    /// ([`fill_watching`]): a client a response is relayed to.
+    Gone(Gone),
     /// An answer that ends the request ([`app_refused`]), during every wait: an app
     /// a request body is relayed to, which may refuse the body (413, 401 …) without
     /// reading it, and keep its connection open. Its answer then goes to the client
     /// at once, as nginx and HAProxy relay it, rather than after the write to an
     /// app that no longer reads stalls out (a 502 a minute later, the answer lost).
     Refusal,
+}
+
+/// When a client watched while its app is silent ([`fill_watching`]) is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Reset or hung up ([`TcpConn::hung_up`]): a client that only ended its side
+    /// (a half-close: it may still read) keeps its answer, as HAProxy's default (no
+    /// `abortonclose`) does.
+    HungUp,
+    /// Its end of stream too ([`TcpConn::peer_gone`], seen behind bytes it sent
+    /// ahead and left unread): a client that closed, which cannot be told from one
+    /// that half-closed, is not held (`[upstream] abort_on_client_close`, nginx's
+    /// and Envoy's default). For a client whose request was read whole only: a
+    /// request body's end of stream is no leaving.
+    Ended,
+}
+
+impl Gone {
+    /// The rule `[upstream] abort_on_client_close` sets.
+    pub fn on_close(abort: bool) -> Self {
+        if abort {
+            Gone::Ended
+        } else {
+            Gone::HungUp
+        }
+    }
 }
 
 /// Payload runs of one read gathered into one chunk before it is written.
@@ -546,8 +572,8 @@ pub async fn relay_body_counted(
             break;
         }
         src.set_timeout(opts.source_idle);
-        let filled = if opts.watch_dst == DstWatch::HangUp {
-            fill_watching(sbuf, src, opts.buf_limit, dst).await
+        let filled = if let DstWatch::Gone(gone) = opts.watch_dst {
+            fill_watching(sbuf, src, opts.buf_limit, dst, gone).await
         } else if refusal_watch {
             let fill = sbuf.fill(src, opts.buf_limit);
             Some(
@@ -563,7 +589,11 @@ pub async fn relay_body_counted(
             None => {
                 let gone = io::Error::new(
                     io::ErrorKind::ConnectionAborted,
-                    "the client's connection was reset while the app was silent",
+                    if dst.peer_ended() && !dst.peer_reset() {
+                        "the client closed its connection while the app was silent"
+                    } else {
+                        "the client's connection was reset while the app was silent"
+                    },
                 );
                 return Err((RelayError::Destination(gone), written));
             }
@@ -709,21 +739,23 @@ fn refusal_in(mut bytes: &[u8]) -> Option<bool> {
 }
 
 /// [`ReadBuf::fill`] from `src` while `watched`, the peer this relay writes to (and
-/// alone writes to), is watched: a client whose connection was reset or hung up
-/// while the app is silent ends the wait (`None`), rather than holding both
-/// connections and a slot of the core for as long as the app may stay silent. A
-/// client that only ended its side still reads, and keeps its answer
-/// ([`TcpConn::hung_up`]). `watched`'s deadline is lifted for the wait (it bounds
-/// writes to it, set again before each).
+/// alone writes to), is watched: a client gone while the app is silent (`gone`:
+/// reset or hung up, or its end of stream too) ends the wait (`None`), rather than
+/// holding both connections and a slot of the core for as long as the app may stay
+/// silent. With [`Gone::HungUp`] a client that only ended its side still reads,
+/// and keeps its answer. `watched`'s deadline is lifted for the wait (it bounds
+/// writes to it, set again before each). The watch's end of stream is seen on the
+/// read side's edges: nobody reads `watched` meanwhile.
 pub async fn fill_watching(
     sbuf: &mut ReadBuf,
     src: &TcpConn,
     limit: usize,
     watched: &TcpConn,
+    gone: Gone,
 ) -> Option<io::Result<usize>> {
     let fill = sbuf.fill(src, limit);
     futures_lite::pin!(fill);
-    or_watch(fill, || watched.set_deadline(None), watched.hung_up())
+    or_watch(fill, || watched.set_deadline(None), watched.gone(gone))
         .await
         .ok()
 }

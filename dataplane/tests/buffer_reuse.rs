@@ -666,7 +666,9 @@ fn worker_opts(app: &App) -> WorkerOpts {
     WorkerOpts {
         cores: 1,
         upstreams: vec![app.addr],
-        extra: "[timeouts]\nhead_secs = 2\n[limits]\nmax_body = 100000\n".into(),
+        // The probes half-close after their requests and read every answer: a
+        // client's end of stream must not end its exchange here.
+        extra: "[timeouts]\nhead_secs = 2\n[limits]\nmax_body = 100000\n[upstream]\nabort_on_client_close = false\n".into(),
         ..Default::default()
     }
 }

@@ -111,9 +111,23 @@ fn mute_app() -> SocketAddr {
 /// A worker in front of `app` whose writes may stall `stall_secs` without progress
 /// (`body_idle_secs`; the tunnels' and responses' idle timeouts stay at their hour).
 fn worker(app: SocketAddr, circuit_extra: &str, stall_secs: u64) -> Worker {
+    worker_with(app, circuit_extra, stall_secs, true)
+}
+
+/// [`worker`] with `[upstream] abort_on_client_close` as given (on by default):
+/// off, a client that only ended its side keeps its answer (HAProxy's default).
+fn worker_with(app: SocketAddr, circuit_extra: &str, stall_secs: u64, abort: bool) -> Worker {
+    // On is left to the default (which the tests below thus check).
+    let upstream = if abort {
+        ""
+    } else {
+        "\n[upstream]\nabort_on_client_close = false\n"
+    };
     Worker::start(WorkerOpts {
         upstreams: vec![app],
-        extra: format!("[timeouts]\nbody_idle_secs = {stall_secs}\n"),
+        extra: format!(
+            "[timeouts]\nbody_idle_secs = {stall_secs}\nupstream_head_secs = 60\n{upstream}"
+        ),
         circuit_extra: circuit_extra.into(),
         ..Default::default()
     })
@@ -232,7 +246,16 @@ fn a_client_gone_before_the_apps_answer_frees_it_at_once() {
         })
         .count();
     assert_eq!(aborted, 1, "the exchange's end logged with its reason");
+}
 
+/// With `[upstream] abort_on_client_close = false` (HAProxy's default), a client
+/// that only ended its side after its request (a FIN) still gets the head that
+/// comes later; on (the default), the same client's FIN ends the exchange
+/// (`a_client_that_closed_before_the_apps_answer_has_the_apps_connection_closed`).
+#[test]
+fn a_half_closed_client_keeps_its_late_answer_with_abort_on_close_off() {
+    let app = silent_app();
+    let w = worker_with(app.addr, "", 60, false);
     let mut s = TcpStream::connect(w.addr()).expect("connect");
     s.write_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("request");
@@ -245,6 +268,156 @@ fn a_client_gone_before_the_apps_answer_frees_it_at_once() {
         answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\nlate"),
         "the half-closed client's late answer: {answer:?}"
     );
+}
+
+/// The request ID a test client sends, numbered.
+fn test_id(n: u32) -> String {
+    format!("7f3e9a10-2b4c-4d5e-8f60-{n:012}")
+}
+
+/// Ends the client's side (a FIN, as a client that closed sends) and reads what the
+/// worker still sends until it closes: nothing, once the exchange was given up.
+fn close_and_drain(mut s: TcpStream) -> Vec<u8> {
+    s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    rest
+}
+
+/// With `[upstream] abort_on_client_close` on (the default, as nginx and Envoy do),
+/// a client that closed (its FIN, after its whole request) while the app has not
+/// answered yet ends the exchange at once: the app's connection is closed (the app
+/// sees the client leave and can stop its work), well before `upstream_head_secs`
+/// (60 s here), nothing is written to the client, and the access line records it as
+/// a client gone (status 0, its request ID). Pipelined requests behind it, or a
+/// request's body read whole, change nothing.
+#[test]
+fn a_client_that_closed_before_the_apps_answer_has_the_apps_connection_closed() {
+    let app = silent_app();
+    let w = worker(app.addr, "", 60);
+    for (n, request) in [
+        "GET /hold HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\n",
+        "POST /hold HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nContent-Length: 4\r\n\r\nbody",
+        "GET /hold HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\nGET /late HTTP/1.1\r\nHost: t\r\n\r\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = n + 1;
+        let id = test_id(n as u32);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(request.replace("{id}", &id).as_bytes())
+            .expect("request");
+        eventually(&format!("{n}: the request reached the app"), || {
+            app.received.load(Ordering::SeqCst) == n
+        });
+        let rest = close_and_drain(s);
+        assert!(
+            rest.is_empty(),
+            "{n}: nothing written after the client closed: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        eventually(&format!("{n}: the app's connection closed"), || {
+            app.closed.load(Ordering::SeqCst) == n
+        });
+        let line = w.wait_access_line(&id);
+        assert_eq!(line["status"], 0, "{n}: logged as a client gone: {line}");
+        w.wait_log("the abort's reason", |v| {
+            v["message"] == "exchange aborted"
+                && v["reason"] == "the client left before the app answered"
+                && v["request_id"] == id.as_str()
+        });
+    }
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    assert_eq!(
+        app.received.load(Ordering::SeqCst),
+        3,
+        "a pipelined request behind the abort never went"
+    );
+}
+
+/// The same while a response body's app is silent (an event stream, a stalled
+/// download): the client's FIN ends the relay at once, the app's connection is
+/// closed (not pooled), nothing more goes to the client, and the access line keeps
+/// the answer's status and request ID as for a client whose connection was reset.
+#[test]
+fn a_client_that_closed_behind_a_silent_response_body_has_the_apps_connection_closed() {
+    let app = silent_app();
+    let w = worker(app.addr, "", 60);
+    for (n, path) in [(1, "/events"), (2, "/stall")] {
+        let id = test_id(100 + n);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("request");
+        let until: &[u8] = if path == "/events" {
+            b"data: 1\n\n\r\n"
+        } else {
+            &[b'x'; 1000]
+        };
+        read_until(&mut s, until);
+        let rest = close_and_drain(s);
+        assert!(
+            rest.is_empty(),
+            "{path}: nothing written after the client closed: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        eventually(&format!("{path}: the app's connection closed"), || {
+            app.closed.load(Ordering::SeqCst) == n as usize
+        });
+        let line = w.wait_access_line(&id);
+        assert_eq!(line["status"], 200, "{path}: {line}");
+        w.wait_log("the cut's reason", |v| {
+            v["request_id"] == id.as_str()
+                && v["reason"].as_str().is_some_and(|r| {
+                    r.contains("the client closed its connection while the app was silent")
+                })
+        });
+    }
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+}
+
+/// The bridge to an `http2` app follows the same rule for an HTTP/1.1 client: its
+/// FIN while the app's answer has not come, or while its event stream is silent,
+/// has the app's stream reset at once (with the switch off, it keeps its answers:
+/// `an_http1_client_waiting_on_an_http2_app_is_answered_unless_it_reset`).
+#[test]
+fn an_http1_client_that_closed_has_its_http2_apps_stream_reset() {
+    let app = H2App::start();
+    let w = worker(app.addr, "protocol = \"http2\"", 60);
+    for (round, mode) in [(1, H2App::HOLD), (2, H2App::EVENTS)] {
+        app.set(mode);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("request");
+        if mode == H2App::EVENTS {
+            read_until(&mut s, b"data: 1\n\n\r\n");
+        } else {
+            eventually("the request reached the app", || {
+                app.heads.load(Ordering::SeqCst) == round
+            });
+        }
+        let rest = close_and_drain(s);
+        assert!(
+            rest.is_empty(),
+            "round {round}: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        eventually(&format!("round {round}: the app's stream reset"), || {
+            app.resets.load(Ordering::SeqCst) == round
+        });
+    }
+    eventually("the slot freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
 }
 
 #[test]
@@ -407,12 +580,12 @@ fn logged_reasons(w: &Worker, reason: &str) -> usize {
 /// An HTTP/1.1 client of an `http2` circuit (the bridge): a client whose connection
 /// is reset while its app's stream is silent (an event stream never ended) frees the
 /// slot and has the app's stream reset at once; before, both were held for
-/// `response_idle_secs` (an hour). A client that only ended its side still gets the
-/// rest, which the app sends a second later.
+/// `response_idle_secs` (an hour). With `abort_on_client_close = false`, a client
+/// that only ended its side still gets the rest, which the app sends a second later.
 #[test]
 fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
     let app = H2App::start();
-    let w = worker(app.addr, "protocol = \"http2\"", 60);
+    let w = worker_with(app.addr, "protocol = \"http2\"", 60, false);
     for round in 1..=2 {
         app.set(H2App::EVENTS);
         let mut s = TcpStream::connect(w.addr()).expect("connect");
@@ -456,14 +629,15 @@ fn an_http1_client_gone_from_a_silent_http2_app_frees_its_stream() {
 /// The bridge's wait for an `http2` app's answer watches the client as the HTTP/1.1
 /// path's does (a `grpc` circuit's, which may last hours, ends at the client's end
 /// of stream: `grpc_head_wait.rs`): a client whose connection is reset frees its slot and has the app's
-/// stream reset at once; a client that only ended its side after its requests (`nc
-/// -N`, HTTP/1.0 tools) still gets every answer, pipelined ones included. Before,
+/// stream reset at once; with `abort_on_client_close = false`, a client that only
+/// ended its side after its requests (`nc -N`, HTTP/1.0 tools) still gets every
+/// answer, pipelined ones included. Before,
 /// the client's end of stream alone cancelled the app's stream and closed the
 /// connection with no answer at all.
 #[test]
 fn an_http1_client_waiting_on_an_http2_app_is_answered_unless_it_reset() {
     let app = H2App::start();
-    let w = worker(app.addr, "protocol = \"http2\"", 60);
+    let w = worker_with(app.addr, "protocol = \"http2\"", 60, false);
     app.set(H2App::HOLD);
     let s = TcpStream::connect(w.addr()).expect("connect");
     (&s).write_all(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -653,7 +827,9 @@ fn a_client_that_closed_behind_a_silent_app_is_found_by_keepalive_probes() {
     let app = silent_app();
     let w = Worker::start(WorkerOpts {
         upstreams: vec![app.addr],
-        extra: "[timeouts]\nclient_tcp_keepalive_secs = 1\nclient_tcp_keepalive_interval_secs = 1\nclient_tcp_keepalive_probes = 3\n".into(),
+        // The client's end of stream alone would end the relay with the default
+        // `abort_on_client_close`: off, only the probes find it.
+        extra: "[timeouts]\nclient_tcp_keepalive_secs = 1\nclient_tcp_keepalive_interval_secs = 1\nclient_tcp_keepalive_probes = 3\n\n[upstream]\nabort_on_client_close = false\n".into(),
         ..Default::default()
     });
     let client = format!(

@@ -161,13 +161,15 @@ pub async fn forward(
     // wait the tunnel idle timeout; other apps the head timeout. Either wait ends
     // when the client is gone: its app stream is reset, not held for the bound.
     // Gone, for a wait bounded by the head timeout, is the HTTP/1.1 path's rule
-    // (`fill_watching`): a connection reset or hung up, while a client that only
-    // ended its side after its requests (`nc -N`, HTTP/1.0 tools) still reads and
-    // keeps its answers, pipelined ones too. A gRPC wait may last hours, and a
-    // client that closed cannot be told from one that half-closed: its end of
-    // stream ends the wait (seen even behind bytes it sent ahead, pipelined or a
-    // TLS close_notify, which stay unread), as it would hold a place of the core's
-    // app-stream budget for as long.
+    // (`fill_watching`): its end of stream too with `[upstream]
+    // abort_on_client_close` (the default; its body is whole here, an early
+    // answer is not waited for), else a connection reset or hung up, while a
+    // client that only ended its side after its requests (`nc -N`, HTTP/1.0
+    // tools) still reads and keeps its answers, pipelined ones too. A gRPC wait
+    // may last hours, and a client that closed cannot be told from one that
+    // half-closed: its end of stream ends the wait (seen even behind bytes it sent
+    // ahead, pipelined or a TLS close_notify, which stay unread), as it would hold
+    // a place of the core's app-stream budget for as long.
     let grpc = route.circuit.circuit.protocol == ProxyProtocol::Grpc;
     let bound = if grpc {
         rt.tunnel_idle_timeout
@@ -187,7 +189,8 @@ pub async fn forward(
                     if grpc {
                         conn.peer_gone().await
                     } else {
-                        conn.hung_up().await
+                        conn.gone(relay::Gone::on_close(rt.abort_on_client_close))
+                            .await
                     }
                 };
                 relay::or_watch(answer, || {}, gone).await
@@ -288,7 +291,9 @@ pub async fn forward(
         0
     } else {
         let mut sent = 0;
-        if let Err(e) = relay_response(core, conn, rbody, chunked, length, &mut sent).await {
+        // A client's end of stream is its leaving unless its body's rest is unread.
+        let gone = relay::Gone::on_close(rt.abort_on_client_close && !body_left);
+        if let Err(e) = relay_response(core, conn, rbody, chunked, length, gone, &mut sent).await {
             if close_delimited {
                 // The close is the body's only end mark: not for a truncated one.
                 conn.reset_on_close();
@@ -504,11 +509,12 @@ async fn send_body(
 /// written, however it ends.
 ///
 /// While the app is silent (an event stream, a token stream, a stalled download)
-/// the client is watched, as the HTTP/1.1 relay watches it ([`TcpConn::hung_up`]):
-/// a client whose connection was reset ends the relay at once, and the app's stream
-/// is reset as its handles go, rather than both being held for as long as the app
-/// may stay silent (`response_idle_secs`). A client that only ended its side still
-/// reads, and keeps its answer.
+/// the client is watched, as the HTTP/1.1 relay watches it (`gone`): a client
+/// whose connection was reset (or, with [`relay::Gone::Ended`], that closed) ends
+/// the relay at once, and the app's stream is reset as its handles go, rather than
+/// both being held for as long as the app may stay silent (`response_idle_secs`).
+/// With [`relay::Gone::HungUp`] a client that only ended its side still reads, and
+/// keeps its answer.
 ///
 /// An app that sent all of the `length` it announced and then reset its stream
 /// with `NO_ERROR` in place of ending it (RFC 9113 §8.1 allows it once the answer
@@ -520,6 +526,7 @@ async fn relay_response(
     mut body: RecvStream,
     chunked: bool,
     length: Option<u64>,
+    gone: relay::Gone,
     total: &mut u64,
 ) -> Result<(), String> {
     let rt = &core.rt;
@@ -528,11 +535,13 @@ async fn relay_response(
         let next = {
             let data = std::pin::pin!(within(&core.reactor, rt.response_idle_timeout, body.data()));
             // The client's deadline bounds writes to it, set again before each.
-            relay::or_watch(data, || conn.set_deadline(None), conn.hung_up()).await
+            relay::or_watch(data, || conn.set_deadline(None), conn.gone(gone)).await
         };
         let Ok(next) = next else {
             return Err(if conn.was_revoked() {
                 "the client's access was revoked".into()
+            } else if conn.peer_ended() && !conn.peer_reset() {
+                "the client closed its connection while the app was silent".into()
             } else {
                 "the client's connection was reset while the app was silent".into()
             });

@@ -856,14 +856,16 @@ impl Client {
         }
         let sent = core.metrics.histograms().then(Instant::now);
         // The client watched meanwhile: one gone ends the wait (and the app's
-        // connection, holding a request it may still answer, is closed).
+        // connection, holding a request it may still answer, is closed). Its
+        // request was read whole: its end of stream is its leaving, with
+        // `[upstream] abort_on_client_close`.
         let outcome = read_response_head(
             &core,
             upstream,
             &mut self.ubuf,
             &mut self.resp_fields,
             head.method,
-            Some(&self.conn),
+            Some((&self.conn, relay::Gone::on_close(rt.abort_on_client_close))),
         )
         .await;
         if let Err(HeadFailure::ClientGone) = outcome {
@@ -979,8 +981,11 @@ impl Client {
             idle: rt.body_idle_timeout,
             source_idle: rt.response_idle_timeout,
             buf_limit: BODY_BUF_LIMIT,
-            // The client gone while the app is silent ends the relay at once.
-            watch_dst: DstWatch::HangUp,
+            // The client gone while the app is silent ends the relay at once. Its
+            // end of stream too (`[upstream] abort_on_client_close`), unless the
+            // rest of its body is still unread after an early answer: that end
+            // may be the body's.
+            watch_dst: DstWatch::Gone(relay::Gone::on_close(rt.abort_on_client_close && !body_cut)),
         };
         // A response of no set length (server-sent events, a token stream) may run
         // for hours: watched while it is relayed, as a tunnel is, so a deployment
@@ -1120,7 +1125,10 @@ impl Client {
                 &mut self.ubuf,
                 &mut self.resp_fields,
                 req.method,
-                Some(&self.conn),
+                Some((
+                    &self.conn,
+                    relay::Gone::on_close(core.rt.abort_on_client_close),
+                )),
             );
             resp = match next.await {
                 Ok(r) => r,

@@ -203,7 +203,8 @@ pub(crate) enum HeadFailure {
     Timeout,
     /// The head is malformed or too large.
     Invalid(ResponseError),
-    /// The client watched during the wait reset or hung up: nobody to answer.
+    /// The client watched during the wait is gone (reset or hung up, or closed
+    /// with `[upstream] abort_on_client_close`): nobody to answer.
     ClientGone,
 }
 
@@ -242,16 +243,18 @@ pub(crate) const MAX_INTERIM: usize = 5;
 /// Reads `upstream` into `ubuf` until a complete response head to `method` is there
 /// (within `[timeouts] upstream_head_secs`). The head's field list takes `fields`'
 /// allocation (recycled from the response before). `client`, when given, is watched
-/// while the app is silent ([`relay::fill_watching`]): one that reset or hung up
-/// ends the wait (`ClientGone`), rather than holding both connections for as long
-/// as the app may take; one that only ended its side still gets its answer.
+/// while the app is silent ([`relay::fill_watching`]): one gone as its
+/// [`relay::Gone`] says (reset or hung up; or its end of stream too, with
+/// `[upstream] abort_on_client_close`) ends the wait (`ClientGone`), rather than
+/// holding both connections for as long as the app may take; otherwise one that
+/// only ended its side still gets its answer.
 pub(crate) async fn read_response_head(
     core: &Core,
     upstream: &TcpConn,
     ubuf: &mut ReadBuf,
     fields: &mut Vec<parse::HeaderField>,
     method: Method,
-    client: Option<&TcpConn>,
+    client: Option<(&TcpConn, relay::Gone)>,
 ) -> Result<ResponseHead, HeadFailure> {
     upstream.set_timeout(core.rt.upstream_head_timeout);
     let max_head = core.rt.max_response_head;
@@ -263,7 +266,7 @@ pub(crate) async fn read_response_head(
         }
         let limit = core.rt.max_response_head + 1024;
         let filled = match client {
-            Some(client) => relay::fill_watching(ubuf, upstream, limit, client)
+            Some((client, gone)) => relay::fill_watching(ubuf, upstream, limit, client, gone)
                 .await
                 .ok_or(HeadFailure::ClientGone)?,
             None => ubuf.fill(upstream, limit).await,
