@@ -72,12 +72,7 @@ pub fn spawn_remote(
 
 /// `[redis] url`, when set.
 fn redis_url(config: &Config) -> Option<String> {
-    config
-        .redis
-        .as_ref()
-        .and_then(|t| t.get("url"))
-        .and_then(|v| v.as_str())
-        .map(str::to_owned)
+    config.redis.as_ref().and_then(|r| r.url.clone())
 }
 
 /// Starts the agent thread following the coordinator behind `link`.

@@ -45,7 +45,7 @@ pub struct Config {
     pub secrets: SecretsSection,
     /// `[redis]`: used when managed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis: Option<toml::Table>,
+    pub redis: Option<RedisSection>,
     /// `[[circuits]]`: standalone circuits.
     pub circuits: Vec<Circuit>,
 }
@@ -640,18 +640,43 @@ impl Default for WorkerLogging {
     }
 }
 
-/// `[secrets]`.
+/// `[redis]` of a managed worker.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://…`: circuit events, acknowledgements, last-access marks. May be
+    /// given as a secret is (`{ file = … }`, `{ env = … }`): it may hold a
+    /// password.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "appproxy_shared::secret::deserialize_opt"
+    )]
+    pub url: Option<String>,
+}
+
+/// `[secrets]`. Each key may be given inline, as `{ file = "/abs/path" }` or as
+/// `{ env = "VAR" }` ([`appproxy_shared::secret`]).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecretsSection {
-    /// Shared secret towards the coordinator (managed mode).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Secret towards the coordinator (managed mode): the API secret, or this
+    /// worker's own credential (the coordinator's `worker_key`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "appproxy_shared::secret::deserialize_opt"
+    )]
     pub api_secret: Option<String>,
     /// HS256 key of `/setup` tokens and inference bearer tokens.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "appproxy_shared::secret::deserialize_opt"
+    )]
     pub jwt_secret: Option<String>,
     /// HMAC key of the `appproxy_permit` cookie.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "appproxy_shared::secret::deserialize_opt"
+    )]
     pub permit_secret: Option<String>,
     /// Digest of the permit HMAC.
     pub permit_digest: crate::auth::PermitDigest,
@@ -1572,6 +1597,47 @@ mod default_config_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The worker's secrets and its Redis URL are read where operators keep them:
+    /// a file, the environment; `[redis]` takes only `url` (before, it was any
+    /// table, and a `url` given as a table was no URL: the worker ran without Redis
+    /// and said nothing).
+    #[test]
+    fn secrets_and_the_redis_url_come_from_files_and_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("permit");
+        std::fs::write(&key, "permit-from-file\n").expect("write");
+        std::env::set_var("APPPROXY_WORKER_TEST_API_SECRET", "api-from-env");
+        std::env::set_var("APPPROXY_WORKER_TEST_REDIS", "redis://:pw@127.0.0.1:6390/2");
+        let config = Config::parse(&format!(
+            "[worker]\ncores = 1\n[secrets]\napi_secret = {{ env = \"APPPROXY_WORKER_TEST_API_SECRET\" }}\n\
+             jwt_secret = \"inline\"\npermit_secret = {{ file = {:?} }}\n\
+             [redis]\nurl = {{ env = \"APPPROXY_WORKER_TEST_REDIS\" }}\n",
+            key.display().to_string()
+        ))
+        .expect("parses");
+        assert_eq!(config.secrets.api_secret.as_deref(), Some("api-from-env"));
+        assert_eq!(config.secrets.jwt_secret.as_deref(), Some("inline"));
+        assert_eq!(
+            config.secrets.permit_secret.as_deref(),
+            Some("permit-from-file")
+        );
+        assert_eq!(
+            config.redis.and_then(|r| r.url).as_deref(),
+            Some("redis://:pw@127.0.0.1:6390/2")
+        );
+        for (text, named) in [
+            (
+                "[secrets]\njwt_secret = { env = \"APPPROXY_WORKER_TEST_UNSET\" }\n",
+                "secrets.jwt_secret",
+            ),
+            ("[redis]\nurl = { file = \"relative\" }\n", "redis.url"),
+            ("[redis]\nurl = \"redis://h\"\nhost = \"h\"\n", "redis.host"),
+        ] {
+            let err = Config::parse(&format!("[worker]\ncores = 1\n{text}")).expect_err(text);
+            assert!(err.to_string().contains(named), "{text}: {err}");
+        }
+    }
 
     /// The common mistakes, each refused with the file, the key path and the fix.
     #[test]
