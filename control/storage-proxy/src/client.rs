@@ -977,10 +977,18 @@ async fn land(
 }
 
 /// The answer to a PATCH whose write failed after `kept` bytes landed (the upload
-/// now at `at` of `size`): 507 when the filesystem is full or its quota spent, 500
-/// otherwise, saying what was kept and where to resume.
+/// now at `at` of `size`): 413 `file-too-large` past the file's size limit
+/// (`EFBIG`), 507 when the filesystem is full or its quota spent, 500 otherwise,
+/// saying what was kept and where to resume.
 fn write_failed(e: &std::io::Error, kept: u64, at: u64, size: u64) -> ApiError {
-    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+    if e.kind() == FileTooLarge {
+        // The file's own limit (`EFBIG`): no retry of it passes, 413.
+        return ApiError::FileTooLarge(format!(
+            "{}: the {kept} bytes of this PATCH written before it are kept, the upload is at offset {at} of {size} and cannot go further here",
+            super::file_too_large(e)
+        ));
+    }
     let (status, resume) = match e.kind() {
         StorageFull | QuotaExceeded => (
             StatusCode::INSUFFICIENT_STORAGE,

@@ -28,7 +28,7 @@ impl StorageConfig {
                 ),
                 (
                     "storage",
-                    "max_walk_names_bytes_per_walk = 67108864  # default: a quarter of max_walk_names_bytes",
+                    "max_walk_names_bytes_per_walk = 67108864  # no longer used: walks hold no names",
                 ),
                 (
                     "redis",
@@ -135,15 +135,13 @@ pub struct StorageSection {
     /// listing of all of them held every name in memory (2 million: 300 MB and
     /// 24 s per request).
     pub scandir_limit: usize,
-    /// Bytes of subdirectory names all walks (archives, usage and quota
-    /// measurements, recursive deletes, clones) may hold at once: a walk holds the
-    /// names of the subdirectories of each level it is in, which a user makes by the
-    /// hundred thousand at no cost in quota. A walk that would pass it is refused
-    /// (503, retryable; an archive already streaming is cut off). Shown at
-    /// `/metrics` as `storage_proxy_walk_names_bytes`.
+    /// No longer used, accepted so that config files that set it still load: walks
+    /// (archives, usage and quota measurements, recursive deletes, clones) hold no
+    /// names of subdirectories any more (see `fsx::walk`), so there is no budget of
+    /// them to bound (it was 256 MiB by default).
     pub max_walk_names_bytes: u64,
-    /// What of `max_walk_names_bytes` one walk may hold, so that one walk cannot
-    /// take it all. Unset: a quarter of it.
+    /// No longer used, accepted so that config files that set it still load (see
+    /// `max_walk_names_bytes`).
     pub max_walk_names_bytes_per_walk: Option<u64>,
 }
 
@@ -167,7 +165,7 @@ impl Default for StorageSection {
             max_archive_streams_per_address: None,
             max_delete_paths: 1000,
             scandir_limit: 1000,
-            max_walk_names_bytes: crate::fsx::WALK_NAMES_BYTES,
+            max_walk_names_bytes: 256 << 20,
             max_walk_names_bytes_per_walk: None,
             body_read_timeout_secs: 30,
             quota_usage_max_age_secs: 60,

@@ -786,9 +786,10 @@ pub struct Entry {
 }
 
 /// The part of an entry's status the walks read, under `stat`'s own field names.
-/// A directory is listed whole before it is walked, and a user with a shell can fill
-/// one with a million empty files in seconds: `Stat` itself is 144 bytes, most of
-/// them never read, so a listing keeps this (56 bytes) instead.
+/// A listing ([`first_entries`]) or an archive sorting a directory's files holds
+/// entries, and a user with a shell can fill a directory with a million empty
+/// files in seconds: `Stat` itself is 144 bytes, most of them never read, so they
+/// keep this (56 bytes) instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
     /// The device it is on.
@@ -946,6 +947,39 @@ impl<'a> Trail<'a> {
     }
 }
 
+impl Trail<'_> {
+    /// Checks that the directories the walk is in are still where the walk came
+    /// down through: the `..` of each whose descriptor it holds (the current one,
+    /// and the `HELD` first below the top) is the directory above it (the top for
+    /// the first level). One moved meanwhile (out of the top, say) stops the walk
+    /// instead of leading it on from wherever it is now. A level deeper than those,
+    /// whose descriptor was let go, is checked when the walk climbs through it
+    /// ([`climb`]).
+    fn still_beneath(&self) -> io::Result<()> {
+        let top = identity(self.top)?;
+        for (i, (fd, _)) in self.levels.iter().enumerate().rev() {
+            let Some(fd) = fd else {
+                continue;
+            };
+            let above = match i.checked_sub(1).and_then(|i| self.levels.get(i)) {
+                Some((_, id)) => *id,
+                None => top,
+            };
+            let up = match rustix::fs::statat(fd, "..", AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(up) => Meta::from(&up),
+                // Removed meanwhile: it holds nothing and can be given nothing
+                // more, so leads nowhere (those above it are checked apart).
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if (up.st_dev, up.st_ino) != above {
+                return Err(io::Error::other("a directory moved while it was walked"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The parent of `child`, opened as its `..`, which must be the directory `id` (a
 /// walk's or a delete's level whose descriptor was let go): a tree moved meanwhile
 /// stops the walk (`what` it was: "walked", "deleted") instead of leading it
@@ -975,13 +1009,13 @@ pub trait Visitor {
         }
         Err(unopenable("directory", &e.name.to_string_lossy(), &err))
     }
-    /// Whether the walk reads each directory twice: first handing each of its
-    /// entries to [`Visitor::reserve`], then visiting them. Either way the entries
-    /// that are not directories are visited as the directory is read, and only its
-    /// subdirectories are kept, to be visited (sorted) and descended into after: a
-    /// walk's memory is then the subdirectories of the levels it is in, never their
-    /// files, of which a user with a shell can make millions in seconds at no cost
-    /// in quota (a directory costs a block).
+    /// Whether the walk reads each directory once more first, handing each of its
+    /// entries to [`Visitor::reserve`] before any is visited. Either way the
+    /// entries that are not directories are visited as the directory is read,
+    /// then its subdirectories one by one as a second read meets them (see
+    /// [`walk`]): a walk holds no names, neither of files, of which a user with a
+    /// shell can make millions in seconds at no cost in quota, nor of
+    /// subdirectories (a block each).
     fn reserves(&self) -> bool {
         false
     }
@@ -1010,56 +1044,113 @@ pub trait Visitor {
 }
 
 /// Walks the tree under `top` depth first, without recursion and never following a
-/// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent. Memory
-/// is the names of the subdirectories of each level it is in ([`Subdirs`]), held
-/// to [`WALK_NAMES`] (past it the walk fails with [`WalkLimit`]), descriptors at
-/// most `HELD + 2`, whatever the depth or width; a user can make a tree deeper
-/// than any stack and wider than the descriptor limit.
+/// symlink: every directory is opened with `O_NOFOLLOW` beneath its parent.
+///
+/// Nothing is held of a directory's entries (but the few a visitor asks to have
+/// sorted, [`Visitor::sorted_up_to`]): each directory is read twice, in batches
+/// (`getdents`; the second's of at most [`WALK_BATCH`] bytes, shared by every
+/// level). The first read visits the entries that are not directories; the second
+/// goes down into each subdirectory as it meets it, remembering for each level only its read position (`getdents`
+/// offset), the inode of the subdirectory gone down into and that one's name (at
+/// most 255 bytes), as [`remove_tree`] does. Back from a subdirectory, the read
+/// goes on from its position: the entry there is skipped if it is that
+/// subdirectory (by inode), and read as the next one otherwise (the walk removes
+/// nothing, so positions stay valid, ordinals as on a ramfs or tmpfs before Linux
+/// 6.6 included; only someone else's removals and additions can move them, and a
+/// measurement is then approximate, as any of a tree being written is). Memory is
+/// one batch and some 300 bytes per level, whatever the width; descriptors at most
+/// `HELD + 2`, whatever the depth: a user can make a tree deeper than any stack,
+/// wider than any buffer and than the descriptor limit.
+///
+/// Before going down and when back, the `..` of each directory it is in (whose
+/// descriptor it holds) must still be the one it came down from
+/// ([`Trail::still_beneath`]): a directory moved meanwhile (out of the top, say)
+/// stops the walk instead of leading it on outside. A directory someone keeps
+/// filling while it is walked is read at most [`WALK_READS`] times its first read's
+/// entries (and 1,024 more) in its second read; past that the walk stops with an
+/// error: it never goes on for ever.
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
-    walk_within(top, v, &WALK_NAMES)
+    walk_with(top, v, WALK_BATCH)
 }
 
-/// [`walk`], the names it holds charged to `budget`.
-fn walk_within(top: BorrowedFd<'_>, v: &mut dyn Visitor, budget: &NamesBudget) -> io::Result<()> {
-    // What this walk holds of `budget` (the sum of its levels' `Subdirs`); each
-    // gives back its own charge when dropped, however the walk ends.
-    let held = std::cell::Cell::new(0u64);
-    let names = Names {
-        budget,
-        walk: &held,
-    };
+/// Bytes of directory entries a walk reads at a time ([`walk`]), as a delete does.
+pub const WALK_BATCH: usize = DELETE_BATCH;
+
+/// The first read of a directory the walk comes back to: small, for its next
+/// subdirectory is most often its next entry; doubled while none is met.
+const WALK_BATCH_FIRST: usize = 1 << 10;
+
+/// How many times its first read's entries the second read of a directory may
+/// read (plus 1,024): more only while someone keeps adding entries to it.
+pub const WALK_READS: u64 = 2;
+
+/// Where a walk is in the subdirectories of one directory (its second read).
+struct Place {
+    /// The directory's name in its parent (empty for the top).
+    name: OsString,
+    /// The `getdents` position the next read starts at.
+    at: u64,
+    /// The inode of the subdirectory gone down into, whose entry is at `at`.
+    below: Option<u64>,
+    /// Entries read so far, and the most that may be read.
+    read: u64,
+    most: u64,
+}
+
+impl Place {
+    fn new(name: OsString, first_read: u64) -> Self {
+        Self {
+            name,
+            at: 0,
+            below: None,
+            read: 0,
+            most: first_read.saturating_mul(WALK_READS).saturating_add(1024),
+        }
+    }
+}
+
+/// [`walk`] reading `batch` bytes at a time (tests: small ones).
+fn walk_with(top: BorrowedFd<'_>, v: &mut dyn Visitor, batch: usize) -> io::Result<()> {
     let reserves = v.reserves();
+    let keep = v.sorted_up_to();
+    let batch = batch.max(DELETE_BATCH_LEAST);
+    let mut buf: Vec<u8> = Vec::with_capacity(batch);
     let mut trail = Trail::new(top);
     if reserves {
         read_ahead(top, v)?;
     }
-    let first = visit_files(Dir::read_from(top)?, top, v, 0, names)?;
-    let mut pending: Vec<(OsString, Subdirs)> = vec![(OsString::new(), first)];
+    let first = visit_files(Dir::read_from(top)?, top, v, 0, keep)?;
+    let mut places = vec![Place::new(OsString::new(), first)];
     loop {
-        let depth = pending.len().saturating_sub(1);
-        let Some((_, list)) = pending.last_mut() else {
+        let depth = places.len().saturating_sub(1);
+        let dir = trail.current();
+        let Some(place) = places.last_mut() else {
             break;
         };
-        let Some(name) = list.next() else {
-            let Some((name, _)) = pending.pop() else {
+        let Some((name, ino, next)) = next_subdir(dir, place, &mut buf, batch)? else {
+            let Some(done) = places.pop() else {
                 break;
             };
-            if pending.is_empty() {
+            if places.is_empty() {
                 break;
             }
             trail.pop()?;
-            v.leave(trail.current(), &name)?;
+            trail.still_beneath()?;
+            v.leave(trail.current(), &done.name)?;
             continue;
         };
-        let dir = trail.current();
-        // Looked at again now: the walk sees the entry as it is when its turn comes
-        // (gone, or no longer a directory, it is what it has become).
+        // Looked at now: the walk sees the entry as it is when its turn comes
+        // (gone, or no longer a directory, it is what it has become). Not gone
+        // into, the read goes on past it.
         let Some(e) = Entry::at(dir, &name)? else {
+            place.at = next;
             continue;
         };
         if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
+            place.at = next;
             continue;
         }
+        trail.still_beneath()?;
         let opened = child_dir(dir, &e.name).and_then(|sub| {
             let empty = reserves && is_empty(sub.as_fd())?;
             Ok((Dir::read_from(&sub)?, sub, empty))
@@ -1067,19 +1158,83 @@ fn walk_within(top: BorrowedFd<'_>, v: &mut dyn Visitor, budget: &NamesBudget) -
         let (reader, sub, empty) = match opened {
             Ok(opened) => opened,
             Err(err) => {
+                place.at = next;
                 v.unopened(dir, &e, err)?;
                 continue;
             }
         };
+        // Back here, the read goes on from the subdirectory's own entry, skipped
+        // if it is still this subdirectory.
+        place.below = Some(ino);
         v.enter(sub.as_fd(), &e.name, empty)?;
         if reserves {
             read_ahead(sub.as_fd(), v)?;
         }
         trail.push(sub)?;
-        let dirs = visit_files(reader, trail.current(), v, depth + 1, names)?;
-        pending.push((e.name, dirs));
+        let first = visit_files(reader, trail.current(), v, depth + 1, keep)?;
+        places.push(Place::new(e.name, first));
     }
     Ok(())
+}
+
+/// The next entry of `dir` that is (or may be: its type unknown) a directory,
+/// read from where `place` is: its name, inode and the position past it; `place`
+/// is left at its entry. `None` at the end of the directory.
+fn next_subdir(
+    dir: BorrowedFd<'_>,
+    place: &mut Place,
+    buf: &mut Vec<u8>,
+    batch: usize,
+) -> io::Result<Option<(OsString, u64, u64)>> {
+    let mut want = WALK_BATCH_FIRST.clamp(DELETE_BATCH_LEAST, batch);
+    loop {
+        match rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(place.at)) {
+            Ok(_) => {}
+            // Removed meanwhile (while the walk was below it): nothing is left.
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let spare = buf.spare_capacity_mut();
+        let len = want.min(spare.len());
+        let mut entries = rustix::fs::RawDir::new(dir, &mut spare[..len]);
+        let mut any = false;
+        while let Some(e) = entries.next() {
+            let e = match e {
+                Ok(e) => e,
+                Err(rustix::io::Errno::NOENT) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            any = true;
+            let next = e.next_entry_cookie();
+            let name = e.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                place.at = next;
+                continue;
+            }
+            // The subdirectory the walk came back from, where it was left: done.
+            // Anything else there (it was moved or removed, or the positions moved
+            // under someone else's changes) is read as the next entry.
+            if place.below.take() == Some(e.ino()) {
+                place.at = next;
+                continue;
+            }
+            place.read += 1;
+            if place.read > place.most {
+                return Err(io::Error::other(format!(
+                    "entries are being added to the directory {:?} as fast as it is walked (more than {} read): the walk stopped; try again once nothing writes there",
+                    place.name, place.most
+                )));
+            }
+            if matches!(e.file_type(), FileType::Directory | FileType::Unknown) {
+                return Ok(Some((OsStr::from_bytes(name).to_owned(), e.ino(), next)));
+            }
+            place.at = next;
+        }
+        if !any {
+            return Ok(None);
+        }
+        want = want.saturating_mul(2).min(batch);
+    }
 }
 
 /// Reads `dir` once, handing each entry to [`Visitor::reserve`]. An entry that
@@ -1111,266 +1266,40 @@ pub fn is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Bytes of subdirectory names all walks together may hold at once, by default
-/// (`[storage] max_walk_names_bytes`; see [`NamesBudget`]).
-pub const WALK_NAMES_BYTES: u64 = 256 << 20;
-
-/// What of [`WALK_NAMES_BYTES`] one walk may hold by default: a quarter
-/// (`[storage] max_walk_names_bytes_per_walk`).
-pub const WALK_NAMES_SHARE: u64 = WALK_NAMES_BYTES / 4;
-
-/// The budget of every walk of the process ([`walk`]): set from the config at
-/// start ([`NamesBudget::configure`]), shown at `/metrics` as
-/// `storage_proxy_walk_names_bytes`.
-pub static WALK_NAMES: NamesBudget = NamesBudget::new(WALK_NAMES_BYTES, WALK_NAMES_SHARE);
-
-/// The memory walks hold for the subdirectories waiting to be walked
-/// ([`Subdirs`]: their names' bytes and 8 bytes each, as allocated), bounded for
-/// all walks at once and for each. A user makes 300,000 empty subdirectories with
-/// 255-byte names in one directory at no cost in quota; each walk of it (an
-/// archive, a usage or quota measurement, a delete, a clone) held some 80 MB of
-/// them, and 32 archives at once took a proxy from 7.6 MB to 1.72 GB. A walk that
-/// would pass its share or the total fails with [`WalkLimit`]; every byte it
-/// took is given back when its levels are dropped, however it ends.
-pub struct NamesBudget {
-    /// Bytes held by all walks now.
-    held: std::sync::atomic::AtomicU64,
-    /// The most all walks may hold at once.
-    total: std::sync::atomic::AtomicU64,
-    /// The most one walk may hold.
-    per_walk: std::sync::atomic::AtomicU64,
-}
-
-impl NamesBudget {
-    /// A budget of `total` bytes, `per_walk` of them at most for one walk.
-    pub const fn new(total: u64, per_walk: u64) -> Self {
-        Self {
-            held: std::sync::atomic::AtomicU64::new(0),
-            total: std::sync::atomic::AtomicU64::new(total),
-            per_walk: std::sync::atomic::AtomicU64::new(per_walk),
-        }
-    }
-
-    /// Sets the bounds (at start, from the config); a share larger than the total
-    /// is the total.
-    pub fn configure(&self, total: u64, per_walk: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.total.store(total, Relaxed);
-        self.per_walk.store(per_walk.min(total), Relaxed);
-    }
-
-    /// Bytes held by all walks now.
-    pub fn held(&self) -> u64 {
-        self.held.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Takes `n` more bytes for the walk holding `walk` bytes, or fails, taking
-    /// nothing, when that walk or all of them would hold more than allowed.
-    fn take(&self, walk: &std::cell::Cell<u64>, n: u64) -> io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let per_walk = self.per_walk.load(Relaxed);
-        if walk.get().saturating_add(n) > per_walk {
-            return Err(io::Error::other(WalkLimit {
-                setting: "max_walk_names_bytes_per_walk",
-                bytes: per_walk,
-            }));
-        }
-        let total = self.total.load(Relaxed);
-        self.held
-            .fetch_update(Relaxed, Relaxed, |held| {
-                held.checked_add(n).filter(|&after| after <= total)
-            })
-            .map_err(|_| {
-                io::Error::other(WalkLimit {
-                    setting: "max_walk_names_bytes",
-                    bytes: total,
-                })
-            })?;
-        walk.set(walk.get() + n);
-        Ok(())
-    }
-
-    /// Gives back `n` bytes the walk holding `walk` bytes took.
-    fn give(&self, walk: &std::cell::Cell<u64>, n: u64) {
-        self.held.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-        walk.set(walk.get().saturating_sub(n));
-    }
-}
-
-/// The error of a walk that would hold more subdirectory names than
-/// [`NamesBudget`] allows: the request is refused (503, retryable), an archive
-/// already streaming is cut off.
-#[derive(Debug)]
-pub struct WalkLimit {
-    /// The setting that bounds it.
-    setting: &'static str,
-    /// Its value.
-    bytes: u64,
-}
-
-impl std::fmt::Display for WalkLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.setting == "max_walk_names_bytes" {
-            write!(
-                f,
-                "the walks under way hold the most subdirectory names allowed for all at once ([storage] max_walk_names_bytes = {} bytes); try again later",
-                self.bytes
-            )
-        } else {
-            write!(
-                f,
-                "the tree has more subdirectories than one walk may hold: their names pass [storage] max_walk_names_bytes_per_walk = {} bytes",
-                self.bytes
-            )
-        }
-    }
-}
-
-impl std::error::Error for WalkLimit {}
-
-/// Whether `e` is a [`WalkLimit`].
-pub fn is_walk_limit(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<WalkLimit>())
-}
-
-/// A walk's account with its budget, handed to each of its levels' [`Subdirs`].
-#[derive(Clone, Copy)]
-struct Names<'a> {
-    budget: &'a NamesBudget,
-    /// What the walk holds now.
-    walk: &'a std::cell::Cell<u64>,
-}
-
-/// Bytes of one name's place in [`Subdirs::spans`].
-const SPAN: usize = std::mem::size_of::<(u32, u8)>();
-
-/// The subdirectories of one level waiting to be walked: their names, sorted, in
-/// one buffer. A user can fill a directory with a million empty subdirectories;
-/// held as entries with their status, 200,000 of them cost each archive being made
-/// of it some 34 MB (about 170 bytes each, where an empty file costs 15), now their
-/// names' bytes and 8 each, charged to the walk's [`NamesBudget`] as allocated
-/// (before the allocation) and given back when dropped.
-struct Subdirs<'a> {
-    /// The names, back to back.
-    bytes: Vec<u8>,
-    /// Where each name starts in `bytes`, and its length (at most `NAME_MAX`).
-    spans: Vec<(u32, u8)>,
-    /// The next to walk.
-    next: usize,
-    /// The budget charged.
-    names: Names<'a>,
-    /// What this level took of it: the capacity of `bytes` and `spans`.
-    charged: u64,
-}
-
-impl Drop for Subdirs<'_> {
-    fn drop(&mut self) {
-        self.names.budget.give(self.names.walk, self.charged);
-    }
-}
-
-/// The capacity a buffer of `cap` grows to for `need` (doubling, as `Vec` does).
-fn grown(cap: usize, need: usize, least: usize) -> usize {
-    if need <= cap {
-        cap
-    } else {
-        need.max(cap.saturating_mul(2)).max(least)
-    }
-}
-
-impl<'a> Subdirs<'a> {
-    fn new(names: Names<'a>) -> Self {
-        Self {
-            bytes: Vec::new(),
-            spans: Vec::new(),
-            next: 0,
-            names,
-            charged: 0,
-        }
-    }
-
-    fn push(&mut self, name: &[u8]) -> io::Result<()> {
-        let (Ok(start), Ok(len)) = (u32::try_from(self.bytes.len()), u8::try_from(name.len()))
-        else {
-            return Err(io::Error::other(
-                "a directory whose subdirectories' names pass 4 GiB",
-            ));
-        };
-        self.room(name.len())?;
-        self.bytes.extend_from_slice(name);
-        self.spans.push((start, len));
-        Ok(())
-    }
-
-    /// Makes room for one more name of `len` bytes, the growth charged to the
-    /// budget before anything is allocated.
-    fn room(&mut self, len: usize) -> io::Result<()> {
-        let bytes = grown(self.bytes.capacity(), self.bytes.len() + len, 0);
-        let spans = grown(self.spans.capacity(), self.spans.len() + 1, 4);
-        let want = (bytes as u64).saturating_add((spans as u64).saturating_mul(SPAN as u64));
-        if want > self.charged {
-            self.names
-                .budget
-                .take(self.names.walk, want - self.charged)?;
-            self.charged = want;
-        }
-        let full = |_| io::Error::from(io::ErrorKind::OutOfMemory);
-        self.bytes
-            .try_reserve_exact(bytes - self.bytes.len())
-            .map_err(full)?;
-        self.spans
-            .try_reserve_exact(spans - self.spans.len())
-            .map_err(full)?;
-        Ok(())
-    }
-
-    fn name(&self, (start, len): (u32, u8)) -> &[u8] {
-        let start = start as usize;
-        &self.bytes[start..start + usize::from(len)]
-    }
-
-    /// In byte order, as the names were sorted as entries before (no two are
-    /// equal: unstable, it allocates nothing).
-    fn sort(&mut self) {
-        let mut spans = std::mem::take(&mut self.spans);
-        spans.sort_unstable_by(|a, b| self.name(*a).cmp(self.name(*b)));
-        self.spans = spans;
-    }
-
-    /// The next name to walk.
-    fn next(&mut self) -> Option<OsString> {
-        let span = *self.spans.get(self.next)?;
-        self.next += 1;
-        Some(OsStr::from_bytes(self.name(span)).to_owned())
-    }
-}
-
 /// Reads `dir` through `reader`, visiting each entry that is not a directory as it
 /// comes, or sorted when there are no more than [`Visitor::sorted_up_to`] (`depth`
-/// below the walk's top); returns the directories' names, sorted, for the walk to
-/// visit and descend into. An entry that vanishes while read is left out.
-fn visit_files<'a>(
+/// below the walk's top); directories are left for the second read ([`walk`]).
+/// Answers how many entries it read. An entry that vanishes while read is left out.
+fn visit_files(
     reader: Dir,
     dir: BorrowedFd<'_>,
     v: &mut dyn Visitor,
     depth: usize,
-    names: Names<'a>,
-) -> io::Result<Subdirs<'a>> {
-    let keep = v.sorted_up_to();
+    keep: usize,
+) -> io::Result<u64> {
     let mut held = Vec::new();
     let mut streaming = keep == 0;
-    let mut dirs = Subdirs::new(names);
+    let mut read = 0u64;
     for e in reader {
-        let e = e?;
+        let e = match e {
+            Ok(e) => e,
+            // Removed while it was read: nothing more is in it.
+            Err(rustix::io::Errno::NOENT) => break,
+            Err(e) => return Err(e.into()),
+        };
         let name = OsStr::from_bytes(e.file_name().to_bytes());
         if name == "." || name == ".." {
+            continue;
+        }
+        read += 1;
+        if e.file_type() == FileType::Directory {
             continue;
         }
         let Some(entry) = Entry::at(dir, name)? else {
             continue;
         };
         if entry.kind() == FileType::Directory {
-            dirs.push(entry.name.as_bytes())?;
+            continue;
         } else if streaming {
             v.entry(dir, &entry, depth)?;
         } else {
@@ -1387,8 +1316,7 @@ fn visit_files<'a>(
     for e in &held {
         v.entry(dir, e, depth)?;
     }
-    dirs.sort();
-    Ok(dirs)
+    Ok(read)
 }
 
 /// Bytes of directory entries a recursive delete reads at a time ([`remove_tree`]):
@@ -1461,9 +1389,7 @@ pub fn is_still_filled(e: &io::Error) -> bool {
 /// left). Once a read reaches the end, the directory is read again from its
 /// start until a read from the start finds nothing (removed entries do not come
 /// back). A directory of any width is so removed in the memory of one batch and,
-/// for each level it is in, 64 bytes; a walk held the names of its
-/// subdirectories and refused a directory wider than its share of
-/// [`WALK_NAMES`] (503, for ever). The names budget is not charged.
+/// for each level it is in, 64 bytes ([`walk`] now works the same way).
 ///
 /// Never a symlink followed: every directory is opened `O_NOFOLLOW` beneath the one
 /// it was read in ([`child_dir`]), every removal is an `*at` call on the directory
@@ -2828,126 +2754,229 @@ mod tests {
         assert_eq!(list[1].kind(), FileType::Symlink);
     }
 
-    /// A level's subdirectories come back in the byte order their entries were
-    /// sorted in, whatever bytes the names hold, each once.
-    #[test]
-    fn subdirectory_names_are_walked_in_byte_order() {
-        let names: Vec<Vec<u8>> = vec![
-            b"b".to_vec(),
-            b"a\xff".to_vec(),
-            b"a".to_vec(),
-            vec![b'z'; NAME_MAX],
-            b"A".to_vec(),
-            "é".as_bytes().to_vec(),
-            b"a\x00x".to_vec(),
-        ];
-        let budget = NamesBudget::new(1 << 20, 1 << 20);
-        let held = std::cell::Cell::new(0);
-        let mut subdirs = Subdirs::new(Names {
-            budget: &budget,
-            walk: &held,
-        });
-        for n in &names {
-            subdirs.push(n).expect("pushed");
-        }
-        subdirs.sort();
-        let mut want: Vec<OsString> = names
-            .iter()
-            .map(|n| OsStr::from_bytes(n).to_owned())
-            .collect();
-        want.sort();
-        let got: Vec<OsString> = std::iter::from_fn(|| subdirs.next()).collect();
-        assert_eq!(got, want);
-        assert!(subdirs.next().is_none());
+    /// Records what a walk visits: each entry's path from the top, and its kind.
+    #[derive(Default)]
+    struct Seen {
+        path: Vec<OsString>,
+        next: Option<OsString>,
+        seen: Vec<(PathBuf, FileType)>,
+        /// Run once at the first file visited at depth `hook.0`.
+        hook: Option<(usize, Box<dyn FnMut()>)>,
     }
-
-    /// Counts the directories a walk enters.
-    struct Dirs(usize);
-    impl Visitor for Dirs {
-        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
-            Ok(e.kind() == FileType::Directory)
+    impl Visitor for Seen {
+        fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
+            let mut p: PathBuf = self.path.iter().collect();
+            p.push(&e.name);
+            self.seen.push((p, e.kind()));
+            if e.kind() == FileType::Directory {
+                self.next = Some(e.name.clone());
+                return Ok(true);
+            }
+            if self.hook.as_ref().is_some_and(|(d, _)| *d == depth) {
+                if let Some((_, mut f)) = self.hook.take() {
+                    f();
+                }
+            }
+            Ok(false)
         }
-        fn enter(&mut self, _: BorrowedFd<'_>, _: &OsStr, _: bool) -> io::Result<()> {
-            self.0 += 1;
+        fn enter(&mut self, _: BorrowedFd<'_>, name: &OsStr, _: bool) -> io::Result<()> {
+            assert_eq!(self.next.take().as_deref(), Some(name));
+            self.path.push(name.to_owned());
+            Ok(())
+        }
+        fn leave(&mut self, _: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+            assert_eq!(self.path.pop().as_deref(), Some(name));
             Ok(())
         }
     }
 
-    /// What a level holds is charged as allocated: each name's bytes and its
-    /// span, within twice that for the doubling; all of it given back at the end.
-    #[test]
-    fn a_walks_names_are_charged_as_allocated_and_given_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for i in 0..100 {
-            std::fs::create_dir(dir.path().join(format!("{i:0>200}"))).expect("mkdir");
-        }
-        let top = std::fs::File::open(dir.path()).expect("open");
-        let budget = NamesBudget::new(1 << 20, 1 << 20);
-        struct Peak<'a>(&'a NamesBudget, u64);
-        impl Visitor for Peak<'_> {
-            fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
-                self.1 = self.1.max(self.0.held());
-                Ok(e.kind() == FileType::Directory)
+    /// Every entry under `p` (not followed), as paths from `p`, sorted.
+    fn listed(p: &Path, under: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(p).expect("read") {
+            let e = e.expect("entry");
+            out.push(under.join(e.file_name()));
+            if e.file_type().expect("type").is_dir() {
+                listed(&e.path(), &under.join(e.file_name()), out);
             }
         }
-        let mut peak = Peak(&budget, 0);
-        walk_within(top.as_fd(), &mut peak, &budget).expect("walked");
-        let exact = 100 * (200 + SPAN as u64);
-        assert!(peak.1 >= exact && peak.1 <= 2 * exact, "{}", peak.1);
-        assert_eq!(budget.held(), 0);
     }
 
-    /// One walk past its share fails, naming the setting, and gives back all it
-    /// took; two walks that fit their share apart but not the total together: the
-    /// second fails while the first holds its names, and walks once it is done.
-    #[test]
-    fn walks_are_held_to_their_share_and_to_the_total() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for i in 0..64 {
-            std::fs::create_dir(dir.path().join(format!("{i:0>100}"))).expect("mkdir");
+    /// A wide directory of non-empty subdirectories, files among them, and a chain
+    /// deeper than the descriptors held.
+    fn wide_tree(t: &Path, width: usize) {
+        for i in 0..width {
+            let d = t.join(format!("{i:0>200}"));
+            std::fs::create_dir(&d).expect("mkdir");
+            if i % 7 == 0 {
+                std::fs::create_dir(d.join("inner")).expect("inner");
+                std::fs::write(d.join("inner").join("f"), "f").expect("f");
+            }
+            std::fs::write(t.join(format!("file{i}")), "x").expect("file");
         }
-        let top = std::fs::File::open(dir.path()).expect("open");
-        // 64 names of 100 bytes: 6,400 bytes and 512 of spans, 8 KiB at most.
-        let small = NamesBudget::new(1 << 20, 4096);
-        let err = walk_within(top.as_fd(), &mut Dirs(0), &small).expect_err("past the share");
-        assert!(is_walk_limit(&err), "{err}");
-        assert!(
-            err.to_string()
-                .contains("max_walk_names_bytes_per_walk = 4096"),
-            "{err}"
-        );
-        assert_eq!(small.held(), 0);
+        let deep: PathBuf = std::iter::repeat_n("d", HELD + 8).collect();
+        std::fs::create_dir_all(t.join(&deep)).expect("deep");
+        std::fs::write(t.join(&deep).join("end"), "e").expect("end");
+    }
 
-        let shared = NamesBudget::new(10 << 10, 8 << 10);
-        struct Nested<'a>(
-            &'a NamesBudget,
-            std::os::fd::BorrowedFd<'a>,
-            Option<io::Error>,
-        );
-        impl Visitor for Nested<'_> {
-            fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
-                if self.2.is_none() {
-                    // The first walk holds its level's names now.
-                    assert!(self.0.held() > 4096);
-                    let second = walk_within(self.1, &mut Dirs(0), self.0);
-                    self.2 = Some(second.expect_err("the total is held"));
+    /// Walks `t` (batches of `batch` bytes) and checks it visited every entry
+    /// once, each subdirectory entered under the name it was visited by.
+    fn walks_whole(t: &Path, batch: usize) {
+        let top = fd(t);
+        let mut v = Seen::default();
+        walk_with(top.as_fd(), &mut v, batch).expect("walked");
+        let mut got: Vec<PathBuf> = v.seen.into_iter().map(|(p, _)| p).collect();
+        got.sort();
+        let mut want = Vec::new();
+        listed(t, Path::new(""), &mut want);
+        want.sort();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "every entry once");
+    }
+
+    /// A walk reading one entry at a time (and one of 32 KiB) visits every entry
+    /// of a wide directory of subdirectories once, holding none of their names
+    /// (the walk had to hold all 2,000 names of 200 bytes before).
+    #[test]
+    fn a_walk_in_batches_of_one_entry_visits_a_wide_tree_whole_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        wide_tree(dir.path(), 2_000);
+        walks_whole(dir.path(), 1);
+        walks_whole(dir.path(), WALK_BATCH);
+    }
+
+    /// Where positions are ordinals (a ramfs), nothing the walk does moves them: a
+    /// wide tree is walked whole, every entry once.
+    #[test]
+    fn a_walk_where_positions_are_ordinals_visits_a_wide_tree_whole_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ram = Ramfs::mount(dir.path());
+        wide_tree(dir.path(), 2_000);
+        walks_whole(dir.path(), 1);
+        walks_whole(dir.path(), WALK_BATCH);
+        drop(ram);
+    }
+
+    /// A tree `t/a/{h, b/f, c/g}` beside `outside/{b,c}/secret`.
+    fn tree_and_outside(root: &Path) -> (PathBuf, PathBuf) {
+        let t = root.join("t");
+        for (d, f) in [("a/b", "f"), ("a/c", "g"), ("a", "h")] {
+            std::fs::create_dir_all(t.join(d)).expect("mkdir");
+            std::fs::write(t.join(d).join(f), f).expect("file");
+        }
+        let outside = root.join("outside");
+        std::fs::create_dir_all(outside.join("b")).expect("outside");
+        std::fs::create_dir_all(outside.join("c")).expect("outside");
+        std::fs::write(outside.join("c").join("secret"), "s").expect("secret");
+        std::fs::write(outside.join("b").join("secret"), "s").expect("secret");
+        std::fs::create_dir(root.join("away")).expect("away");
+        (t, outside)
+    }
+
+    /// The directory a walk is in swapped for a symlink to outside the top while
+    /// it is read (`t/a` moved away, a link in its place): the walk stops, never
+    /// reading on in the directory moved away nor following the link.
+    #[test]
+    fn a_walk_in_a_directory_swapped_for_a_symlink_stops_and_never_leaves_the_top() {
+        for depth in [1, 2] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (t, outside) = tree_and_outside(dir.path());
+            let top = fd(&t);
+            let (a, away) = (t.join("a"), dir.path().join("away").join("a"));
+            let mut v = Seen {
+                hook: Some((
+                    depth,
+                    Box::new(move || {
+                        std::fs::rename(&a, &away).expect("moved away");
+                        std::os::unix::fs::symlink(&outside, &a).expect("link");
+                    }),
+                )),
+                ..Seen::default()
+            };
+            let e = walk(top.as_fd(), &mut v).expect_err("the walk stops");
+            assert!(e.to_string().contains("moved"), "{e}");
+            assert!(v.hook.is_none(), "swapped");
+            let names: Vec<_> = v.seen.iter().map(|(p, _)| p.clone()).collect();
+            assert!(!names.iter().any(|p| p.ends_with("secret")), "{names:?}");
+            // Whichever of `b` and `c` came first, the other was not read on.
+            let files = names
+                .iter()
+                .filter(|p| p.ends_with("f") || p.ends_with("g"))
+                .count();
+            assert!(files <= 1, "{names:?}");
+        }
+    }
+
+    /// A directory above the one a walk is in, moved out of the top while it is
+    /// read: the walk stops before it goes down anywhere else in it.
+    #[test]
+    fn a_walk_stops_when_a_directory_it_is_in_is_moved_out_of_the_top() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (t, _) = tree_and_outside(dir.path());
+        // One level more: `t/x/a/{h, b/f, c/g}`, `t/x` moved away at `f` or `g`.
+        std::fs::create_dir(dir.path().join("x")).expect("x");
+        std::fs::rename(t.join("a"), dir.path().join("x").join("a")).expect("a");
+        std::fs::rename(dir.path().join("x"), t.join("x")).expect("x");
+        let top = fd(&t);
+        let (x, away) = (t.join("x"), dir.path().join("away").join("x"));
+        let mut v = Seen {
+            hook: Some((
+                3,
+                Box::new(move || std::fs::rename(&x, &away).expect("moved away")),
+            )),
+            ..Seen::default()
+        };
+        let e = walk(top.as_fd(), &mut v).expect_err("the walk stops");
+        assert!(e.to_string().contains("moved"), "{e}");
+        let files = v
+            .seen
+            .iter()
+            .filter(|(p, _)| p.ends_with("f") || p.ends_with("g"))
+            .count();
+        assert_eq!(files, 1, "{:?}", v.seen);
+    }
+
+    /// A directory someone keeps filling with subdirectories while it is walked
+    /// (a thread making them as fast as it can): the walk ends, whole or stopped
+    /// for it, within its bound of reads.
+    #[test]
+    fn a_walk_of_a_directory_refilled_for_ever_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        std::fs::create_dir(&t).expect("t");
+        for i in 0..200 {
+            std::fs::create_dir(t.join(format!("s{i}"))).expect("mkdir");
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filler = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 5_000_000 {
+                    let _ = std::fs::create_dir(t.join(format!("n{i}")));
+                    i += 1;
                 }
+            })
+        };
+        struct Slow(u64);
+        impl Visitor for Slow {
+            fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, _: usize) -> io::Result<bool> {
+                self.0 += 1;
+                // Slower than the filler: each subdirectory costs a little.
+                std::thread::sleep(std::time::Duration::from_micros(200));
                 Ok(e.kind() == FileType::Directory)
             }
         }
-        let mut first = Nested(&shared, top.as_fd(), None);
-        walk_within(top.as_fd(), &mut first, &shared).expect("the first walks");
-        let err = first.2.expect("the second tried");
-        assert!(is_walk_limit(&err), "{err}");
-        assert!(
-            err.to_string().contains("max_walk_names_bytes = 10240"),
-            "{err}"
-        );
-        assert_eq!(shared.held(), 0);
-        let mut dirs = Dirs(0);
-        walk_within(top.as_fd(), &mut dirs, &shared).expect("the second walks alone");
-        assert_eq!(dirs.0, 64);
-        assert_eq!(shared.held(), 0);
+        let top = fd(&t);
+        let mut v = Slow(0);
+        let started = std::time::Instant::now();
+        let out = walk(top.as_fd(), &mut v);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        filler.join().expect("filler");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        if let Err(e) = out {
+            assert!(e.to_string().contains("as fast as it is walked"), "{e}");
+        }
+        assert!(v.0 >= 200, "{}", v.0);
     }
 
     #[test]

@@ -322,12 +322,11 @@ pub enum ApiError {
         /// What was wrong.
         message: String,
     },
-    /// A walk (a recursive delete, an archive before its first byte) that would
-    /// hold more subdirectory names than `[storage] max_walk_names_bytes` (for all
-    /// walks) or `max_walk_names_bytes_per_walk` allow: 503 `walk-limit` with
-    /// `Retry-After`, the message naming the setting.
+    /// A write past the largest size a file may have (`EFBIG`: the filesystem's
+    /// limit, or the proxy's `RLIMIT_FSIZE`): 413 `file-too-large`, the message
+    /// naming the limit (see [`file_too_large`]). Before, 500.
     #[error("{0}")]
-    WalkLimit(String),
+    FileTooLarge(String),
     /// A filesystem error.
     #[error("filesystem error: {0}")]
     Io(std::io::Error),
@@ -348,8 +347,8 @@ impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
         if fsx::is_escape(&e) {
             Self::Path(PathError::Escape)
-        } else if fsx::is_walk_limit(&e) {
-            Self::WalkLimit(e.to_string())
+        } else if e.kind() == std::io::ErrorKind::FileTooLarge {
+            Self::FileTooLarge(file_too_large(&e))
         } else if fsx::is_still_filled(&e) {
             // A recursive delete of a directory refilled as fast as it is emptied
             // (see `fsx::StillFilled`): 503 `busy`, worth another try later.
@@ -360,6 +359,21 @@ impl From<std::io::Error> for ApiError {
     }
 }
 
+/// What a write that failed with `EFBIG` (`e`) reached: the proxy's
+/// `RLIMIT_FSIZE` when one is set (named with its bytes), else the largest file
+/// the filesystem allows.
+pub fn file_too_large(e: &std::io::Error) -> String {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+    match limit {
+        Some(bytes) => format!(
+            "the file would pass the largest size a file may have here: the proxy's file size limit (RLIMIT_FSIZE = {bytes} bytes) or the filesystem's ({e})"
+        ),
+        None => format!(
+            "the file would pass the largest size the filesystem allows for a file ({e})"
+        ),
+    }
+}
+
 impl From<rustix::io::Errno> for ApiError {
     fn from(e: rustix::io::Errno) -> Self {
         std::io::Error::from(e).into()
@@ -367,14 +381,9 @@ impl From<rustix::io::Errno> for ApiError {
 }
 
 impl ApiError {
-    /// An archive that failed before its first byte: 500 `archive-failed`, or 503
-    /// `walk-limit` when its walk would pass the names budget (see `fsx::WalkLimit`).
+    /// An archive that failed before its first byte: 500 `archive-failed`.
     pub fn archive(e: std::io::Error) -> Self {
-        if fsx::is_walk_limit(&e) {
-            Self::WalkLimit(e.to_string())
-        } else {
-            Self::Archive(e)
-        }
+        Self::Archive(e)
     }
 
     fn status_and_kind(&self) -> (StatusCode, &'static str) {
@@ -387,9 +396,9 @@ impl ApiError {
             Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            Self::FileTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "file-too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            Self::WalkLimit(_) => (StatusCode::SERVICE_UNAVAILABLE, "walk-limit"),
             Self::Unmeasured(_) => (StatusCode::SERVICE_UNAVAILABLE, "usage-unmeasured"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
             Self::Rejected { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -455,7 +464,7 @@ impl IntoResponse for ApiError {
             "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
         });
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::Busy(_) | Self::WalkLimit(_)) {
+        if matches!(self, Self::Busy(_)) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("5"));
         }
@@ -694,14 +703,6 @@ pub fn state_with_events(
         .iter()
         .map(|v| (v.name.clone(), v.path.clone()))
         .collect();
-    let walk_names = config.storage.max_walk_names_bytes;
-    fsx::WALK_NAMES.configure(
-        walk_names,
-        config
-            .storage
-            .max_walk_names_bytes_per_walk
-            .unwrap_or(walk_names / 4),
-    );
     Ok(Arc::new(State {
         volumes: Volumes::new(&volumes)?,
         manager_token: config.secrets.manager_token.clone(),

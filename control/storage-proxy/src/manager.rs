@@ -2074,12 +2074,6 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             m.expired_uploads_removed.load(Relaxed),
         ),
         (
-            "storage_proxy_walk_names_bytes",
-            "Bytes of subdirectory names held by the tree walks under way (archives, usage and quota measurements, deletes, clones), bounded by [storage] max_walk_names_bytes.",
-            "gauge",
-            super::fsx::WALK_NAMES.held(),
-        ),
-        (
             "storage_proxy_quota_reserved_bytes",
             "Bytes reserved by upload sessions and clones.",
             "gauge",

@@ -291,13 +291,7 @@ pub fn measured<T>(
         tries += 1;
         match walk() {
             Ok(v) => return Ok(v),
-            // Past the names budget (see `fsx::WalkLimit`) it is not tried again at
-            // once: answered 503 with the setting named, to be asked again later.
-            Err(e)
-                if tries < WALK_TRIES
-                    && e.kind() != std::io::ErrorKind::PermissionDenied
-                    && !fsx::is_walk_limit(&e) =>
-            {
+            Err(e) if tries < WALK_TRIES && e.kind() != std::io::ErrorKind::PermissionDenied => {
                 tracing::debug!(error = %e, what, tries, "usage walk incomplete: walked again");
             }
             Err(e) => {

@@ -3002,98 +3002,121 @@ fn the_cleanup_logs_a_few_removals_and_sums_the_rest() {
 /// A user makes many subdirectories with long names in one directory at no cost
 /// in quota; every walk of it (an archive, a usage measurement, a clone) held all
 /// their names (300,000 of 255 bytes: some 53 MB an archive, 32 archives from one
-/// address took the proxy from 7.6 MB to 1.72 GB). A walk is now held to its
-/// share of `[storage] max_walk_names_bytes`: past it, the call is answered 503,
-/// naming the setting, and what it took is given back; a tree within it walks as
-/// before. A recursive delete is no walk: it holds no names, and deletes it.
+/// address took the proxy from 7.6 MB to 1.72 GB), then was held to a share of
+/// `[storage] max_walk_names_bytes` and refused past it (503 `walk-limit`, for
+/// ever). A walk now holds no names (one batch of entries, a position per level):
+/// a directory wider than the old share (16 KiB here, the setting still accepted)
+/// is archived with every entry, measured and cloned through the API.
 #[test]
-fn a_walk_past_its_share_of_subdirectory_names_is_refused_and_gives_them_back() {
-    // The share unset: a quarter of the total, 16 KiB.
-    let p = Proxy::start("max_walk_names_bytes = 65536\n");
+fn a_directory_wider_than_a_walks_old_share_is_archived_measured_and_cloned() {
+    let p = Proxy::start("max_walk_names_bytes = 65536\nquota_usage_max_age_secs = 3600\n");
     create_folder(&p);
     let wide = p.vfolder_path().join("wide");
-    // 200 names of 100 bytes: 20,000 bytes and 1,600 of spans, past 16 KiB.
-    for i in 0..200 {
-        std::fs::create_dir_all(wide.join(format!("{i:0>100}"))).expect("mkdir");
+    // 300 names of 100 bytes: 30,000 bytes, past the old 16 KiB share; a nested
+    // level past it too.
+    let mut want = Vec::new();
+    for i in 0..300 {
+        let d = wide.join(format!("{i:0>100}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        if i == 7 {
+            std::fs::write(d.join("f.txt"), b"x").expect("file");
+            want.push(format!("'{i:0>100}/f.txt'"));
+        } else if i % 20 == 0 {
+            std::fs::create_dir(d.join("inner")).expect("inner");
+            std::fs::write(d.join("inner").join("g.txt"), b"0123456789").expect("file");
+            want.push(format!("'{i:0>100}/inner/g.txt'"));
+        } else {
+            want.push(format!("'{i:0>100}/'"));
+        }
     }
-    std::fs::write(wide.join(format!("{:0>100}", 7)).join("f.txt"), b"x").expect("file");
-    let names = "storage_proxy_walk_names_bytes";
+    for j in 0..250 {
+        std::fs::create_dir(
+            wide.join(format!("{:0>100}", 20))
+                .join(format!("{j:0>100}")),
+        )
+        .expect("mkdir");
+        want.push(format!("'{:0>100}/{j:0>100}/'", 20));
+    }
+    std::fs::write(wide.join("top.txt"), b"top").expect("file");
+    want.push("'top.txt'".to_owned());
+    want.sort();
+    let bytes = 1 + 15 * 10 + 3;
 
     let r = p.download("wide", "&archive=true", &[]);
     assert_eq!(
         r.status,
-        503,
+        200,
         "{}",
         String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
     );
-    assert_eq!(r.json()["code"], "walk-limit");
-    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
-    assert!(
-        msg.contains("max_walk_names_bytes_per_walk = 16384"),
-        "{msg}"
-    );
-    assert!(r.header("retry-after").is_some(), "retryable");
-    assert_eq!(metric(&p, names), 0.0, "the archive's names given back");
-
-    let usage = serde_json::json!({"volume": "local", "vfid": VFID});
-    let r = p.manager("/folder/usage", usage.clone(), None);
-    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
-    assert!(msg.contains("max_walk_names_bytes_per_walk"), "{msg}");
-    assert_eq!(metric(&p, names), 0.0, "the usage walk's names given back");
-
-    // A delete holds no names (see
-    // `a_directory_wider_than_a_walks_share_is_deleted_through_the_api`).
-    let r = p.manager(
-        "/folder/file/delete",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["wide"], "recursive": true}),
-        None,
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert!(!wide.exists());
-    assert_eq!(metric(&p, names), 0.0);
-
-    // A tree within the share archives and measures as before.
-    let tree = p.vfolder_path().join("tree");
-    for d in ["a/b", "a/c", "d", "e/f/g"] {
-        std::fs::create_dir_all(tree.join(d)).expect("mkdir");
-    }
-    std::fs::write(tree.join("a/b/one.txt"), b"one").expect("file");
-    std::fs::write(tree.join("d/two.txt"), b"two!").expect("file");
-    std::fs::write(tree.join("top.txt"), b"top").expect("file");
-    let r = p.download("tree", "&archive=true", &[]);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let mut got = zip_names(&r.body, p.dir.path()).expect("a whole zip");
     got.sort();
-    assert_eq!(
-        got,
-        [
-            "'a/b/one.txt'",
-            "'a/c/'",
-            "'d/two.txt'",
-            "'e/f/g/'",
-            "'top.txt'"
-        ],
-        "every file and empty directory"
-    );
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "every file and empty directory, once");
+
+    let usage = serde_json::json!({"volume": "local", "vfid": VFID});
     let r = p.manager("/folder/usage", usage, None);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         r.json()["used_bytes"],
-        10,
+        bytes,
         "{}",
         String::from_utf8_lossy(&r.body)
     );
-    assert_eq!(metric(&p, names), 0.0);
+    assert_eq!(
+        r.json()["file_count"],
+        17,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10e";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = p.log_json();
+        if log.iter().any(|v| v["message"] == "bgtask failed") {
+            panic!("the clone failed: {}", p.log());
+        }
+        if log.iter().any(|v| v["message"] == "bgtask done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "clone never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = p.manager(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": dst}),
+        None,
+    );
+    assert_eq!(r.json()["used_bytes"], bytes, "{}", p.log());
+    let copy = p
+        .dir
+        .path()
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/00/00/000000000000000000000000c10e")
+        .join("wide");
+    let subdirs = std::fs::read_dir(&copy)
+        .expect("the copy")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+        .count();
+    assert_eq!(subdirs, 300, "every subdirectory copied");
+    let nested = std::fs::read_dir(copy.join(format!("{:0>100}", 20)))
+        .expect("the nested copy")
+        .count();
+    assert_eq!(nested, 251);
 }
 
-/// A directory with more subdirectories than a walk may hold the names of (its
-/// share of `[storage] max_walk_names_bytes`, past which an archive or a usage
-/// walk of it is refused) is deleted through the API all the same, by a path and
-/// with its vfolder: a delete reads a batch of entries at a time and holds no
-/// names. Before, its delete was a walk and was refused (503 `walk-limit`) for
-/// ever: what a user made could not be deleted. Afterwards the names budget is
-/// back at 0 and the usage and the quota scope count what is left.
+/// A directory with more subdirectories than a walk once held the names of (its
+/// share of `[storage] max_walk_names_bytes`) is measured, and deleted through
+/// the API by a path and with its vfolder: a delete reads a batch of entries at a
+/// time and holds no names. Before, its delete was a walk and was refused (503
+/// `walk-limit`) for ever: what a user made could not be deleted. Afterwards the
+/// usage and the quota scope count what is left.
 #[test]
 fn a_directory_wider_than_a_walks_share_is_deleted_through_the_api() {
     // A share of 16 KiB: 300 names of 100 bytes pass it about twice.
@@ -3116,17 +3139,16 @@ fn a_directory_wider_than_a_walks_share_is_deleted_through_the_api() {
     };
     make_wide(&wide);
     std::fs::write(p.vfolder_path().join("keep.txt"), b"keep!").expect("file");
-    let names = "storage_proxy_walk_names_bytes";
     let usage = serde_json::json!({"volume": "local", "vfid": VFID});
     let r = p.manager("/folder/usage", usage.clone(), None);
     assert_eq!(
         r.status,
-        503,
-        "past a walk's share: {}",
+        200,
+        "past a walk's old share: {}",
         String::from_utf8_lossy(&r.body)
     );
-    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
-    assert!(msg.contains("max_walk_names_bytes_per_walk"), "{msg}");
+    // The files, the link (its target's path) and keep.txt.
+    assert_eq!(r.json()["used_bytes"], 300 * 10 + 13 + 5);
 
     let r = p.manager(
         "/folder/file/delete",
@@ -3136,7 +3158,6 @@ fn a_directory_wider_than_a_walks_share_is_deleted_through_the_api() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(!wide.exists());
     assert!(Path::new("/etc/hostname").exists());
-    assert_eq!(metric(&p, names), 0.0);
     let r = p.manager("/folder/usage", usage, None);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
@@ -3171,7 +3192,6 @@ fn a_directory_wider_than_a_walks_share_is_deleted_through_the_api() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(p.log().contains("bgtask done"), "{}", p.log());
-    assert_eq!(metric(&p, names), 0.0);
     let r = p.manager_method("GET", "/quota-scope", scope);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
@@ -3182,23 +3202,22 @@ fn a_directory_wider_than_a_walks_share_is_deleted_through_the_api() {
     );
 }
 
-/// Walks share `[storage] max_walk_names_bytes`: while an archive whose client
-/// reads nothing holds its directory's names (within its share), a usage walk
-/// that would pass the total with its own is refused naming that setting; once
-/// the archive is read to its end, the names are given back and the usage walks.
+/// Walks held names from one shared budget (`[storage] max_walk_names_bytes`),
+/// and one walk stalled in a wide directory (an archive whose client reads
+/// nothing) made others fail. They hold none now: while such an archive is
+/// stalled, a usage walk of the same directory is answered at once, and the
+/// archive then goes on to its end, whole.
 #[test]
-fn walks_at_once_share_the_subdirectory_names_budget() {
+fn a_stalled_archive_of_a_wide_directory_holds_back_no_other_walk() {
     let p = Proxy::start("max_walk_names_bytes = 20480\nmax_walk_names_bytes_per_walk = 16384\n");
     create_folder(&p);
     let wide = p.vfolder_path().join("wide");
-    // 120 names of 100 bytes: some 13 KiB held by each walk of it.
-    for i in 0..120 {
+    // 200 names of 100 bytes: some 21 KiB held by each walk of it before.
+    for i in 0..200 {
         std::fs::create_dir_all(wide.join(format!("{i:0>100}"))).expect("mkdir");
     }
-    // The first subdirectory walked holds a file the archive stops in.
     let big = incompressible(16 << 20);
     std::fs::write(wide.join(format!("{:0>100}", 0)).join("big.bin"), &big).expect("file");
-    let names = "storage_proxy_walk_names_bytes";
     let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "wide"}),
@@ -3208,18 +3227,10 @@ fn walks_at_once_share_the_subdirectory_names_budget() {
         &format!("/download?archive=true&token={token}"),
         b"big.bin",
     );
-    let held = metric(&p, names);
-    assert!(
-        held > 12000.0 && held <= 16384.0,
-        "the archive holds {held}"
-    );
     let usage = serde_json::json!({"volume": "local", "vfid": VFID});
-    let r = p.manager("/folder/usage", usage.clone(), None);
-    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
-    assert!(msg.contains("max_walk_names_bytes = 20480"), "{msg}");
-    assert_eq!(metric(&p, names), held, "the refused walk kept nothing");
-    // The archive goes on to its end, whole.
+    let r = p.manager("/folder/usage", usage, None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["used_bytes"], 16 << 20);
     s.read_to_end(&mut raw).expect("the rest of the archive");
     let body = raw
         .windows(4)
@@ -3227,18 +3238,7 @@ fn walks_at_once_share_the_subdirectory_names_budget() {
         .map(|at| raw[at + 4..].to_vec())
         .expect("a head");
     let entries = zip_names(&dechunk(&body), p.dir.path()).expect("a whole zip");
-    assert_eq!(entries.len(), 120, "the file and 119 empty directories");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while metric(&p, names) != 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the archive's names were never given back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let r = p.manager("/folder/usage", usage, None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["used_bytes"], 16 << 20);
+    assert_eq!(entries.len(), 200, "the file and 199 empty directories");
 }
 
 /// The body of a chunked answer (`Transfer-Encoding: chunked`), whole: its last
@@ -3261,4 +3261,33 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&body[..size]);
         body = &body[size + 2..];
     }
+}
+
+/// A write past the largest size a file may have (`EFBIG`: here the proxy's
+/// `RLIMIT_FSIZE`, set by `prlimit`, `SIGXFSZ` ignored by a shell's `trap`
+/// before they exec the proxy) was answered 500, as if the proxy had
+/// failed; it is the file's limit: 413 `file-too-large`, naming the limit, the
+/// bytes written before it kept.
+#[test]
+fn a_write_past_the_file_size_limit_is_413_naming_the_limit() {
+    let p = Proxy::start_under(
+        &[
+            "sh",
+            "-c",
+            "trap '' XFSZ; exec prlimit --fsize=1048576 \"$0\" \"$@\"",
+        ],
+        "",
+    );
+    create_folder(&p);
+    // Past the limit by less than the sockets buffer: the whole body is sent
+    // before the answer (the proxy stops reading at the failed write).
+    let data = incompressible((1 << 20) + (32 << 10));
+    let r = p.upload("big.bin", &data);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "file-too-large", "{}", r.json());
+    let msg = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("RLIMIT_FSIZE = "), "{msg}");
+    assert!(msg.contains("are kept"), "{msg}");
+    assert!(alive(&p), "the proxy outlived the write: {}", p.log());
+    assert!(!p.vfolder_path().join("big.bin").exists());
 }
