@@ -177,9 +177,12 @@ impl Default for StorageSection {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSecrets {
-    /// Manager-facing auth token.
+    /// Manager-facing auth token. Each secret here may be given inline, as `{ file
+    /// = "/abs/path" }` or as `{ env = "VAR" }` ([`appproxy_shared::secret`]).
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize")]
     pub manager_token: String,
     /// Key of client session JWTs.
+    #[serde(deserialize_with = "appproxy_shared::secret::deserialize")]
     pub session_secret: String,
 }
 
@@ -195,6 +198,27 @@ pub struct Volume {
 
 #[cfg(test)]
 mod tests {
+    /// The secrets come from where operators keep them, as the other services'.
+    #[test]
+    fn the_secrets_come_from_files_and_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "manager-token\n").expect("write");
+        std::env::set_var("APPPROXY_STORAGE_TEST_SESSION_SECRET", "session-from-env");
+        let config: super::StorageConfig = appproxy_shared::config::from_toml(&format!(
+            "[secrets]\nmanager_token = {{ file = {:?} }}\nsession_secret = {{ env = \"APPPROXY_STORAGE_TEST_SESSION_SECRET\" }}\n",
+            token.display().to_string()
+        ))
+        .expect("parses");
+        assert_eq!(config.secrets.manager_token, "manager-token");
+        assert_eq!(config.secrets.session_secret, "session-from-env");
+        let err = appproxy_shared::config::from_toml::<super::StorageConfig>(
+            "[secrets]\nmanager_token = { env = \"APPPROXY_STORAGE_TEST_UNSET\" }\n",
+        )
+        .expect_err("unset");
+        assert!(err.contains("secrets.manager_token"), "{err}");
+    }
+
     /// `--print-default-config` shows the keys without a default commented out;
     /// uncommenting any one of them (or an optional section, header and keys)
     /// gives a config that reads.
