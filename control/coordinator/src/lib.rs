@@ -832,11 +832,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
 fn authorize(headers: &HeaderMap, secrets: &CoordinatorSecrets) -> Result<(), ApiError> {
     let mut tokens = headers.get_all("x-backendai-token").iter();
     if let Some(v) = tokens.next() {
-        let v = v.as_bytes();
-        let v = v
-            .strip_prefix(b"Bearer ")
-            .or_else(|| v.strip_prefix(b"BackendAI "))
-            .unwrap_or(v);
+        let v = token_credential(v.as_bytes());
         return if tokens.next().is_none()
             && secrets
                 .api_secrets()
@@ -882,18 +878,26 @@ fn authorize(headers: &HeaderMap, secrets: &CoordinatorSecrets) -> Result<(), Ap
     Err(refusal)
 }
 
+/// The credential of an `X-BackendAI-Token` value: the value, or what follows a
+/// `Bearer ` or `BackendAI ` prefix.
+fn token_credential(value: &[u8]) -> &[u8] {
+    value
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.strip_prefix(b"BackendAI "))
+        .unwrap_or(value)
+}
+
 /// An `Authorization` scheme as a refusal names it: only if it is a token (RFC 9110
 /// §5.6.2) of at most 16 characters (schemes are short words), else `?`.
 fn shown_scheme(scheme: &[u8]) -> String {
     const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~";
-    let shown = scheme;
-    if !shown.is_empty()
-        && shown.len() <= 16
-        && shown
+    if !scheme.is_empty()
+        && scheme.len() <= 16
+        && scheme
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(b))
     {
-        String::from_utf8_lossy(shown).into_owned()
+        String::from_utf8_lossy(scheme).into_owned()
     } else {
         "?".to_owned()
     }
@@ -990,7 +994,7 @@ async fn auth(Extract(state): Extract<Arc<State>>, mut req: Request, next: Next)
             let mut tokens = req.headers().get_all("x-backendai-token").iter();
             match (tokens.next(), tokens.next()) {
                 (Some(token), None) if worker_route && secrets.worker_key().is_some() => {
-                    Caller::Worker(Arc::from(token.as_bytes()))
+                    Caller::Worker(Arc::from(token_credential(token.as_bytes())))
                 }
                 _ => return refused.into_response(),
             }

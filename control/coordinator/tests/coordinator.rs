@@ -1023,17 +1023,34 @@ fn a_workers_own_credential_acts_for_that_worker_only() {
             String::from_utf8_lossy(&r.body)
         );
     }
-    // worker-2's own credential is not worker-1's; a credential from another key is
-    // no credential.
-    let w2_cred = appproxy_shared::secret::derived("fleet-key", "worker-2");
+    // With the token field's prefixes, as the API secret is taken.
+    let prefixed = format!("BackendAI {cred}");
     let r = request(
         c.addr,
         "GET",
         &format!("/api/worker/{w2}/circuits"),
-        &[("X-BackendAI-Token", w2_cred.as_str())],
+        &[("X-BackendAI-Token", prefixed.as_str())],
         "",
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 401, "another worker's, prefixed or not");
+    // worker-2's own credential is not worker-1's; a credential from another key is
+    // no credential.
+    let w2_cred = appproxy_shared::secret::derived("fleet-key", "worker-2");
+    for token in [w2_cred.clone(), format!("Bearer {w2_cred}")] {
+        let r = request(
+            c.addr,
+            "GET",
+            &format!("/api/worker/{w2}/circuits"),
+            &[("X-BackendAI-Token", token.as_str())],
+            "",
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{token}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     let forged = appproxy_shared::secret::derived("other-key", "worker-2");
     let r = request(
         c.addr,
