@@ -409,7 +409,7 @@ pub struct UpstreamSection {
     /// Who may reuse a pooled app connection, for circuits that do not say
     /// (a circuit's `upstream_reuse` overrides it).
     pub reuse: Reuse,
-    /// An HTTP/1.1 client's end of stream (a FIN, after its whole request) while
+    /// An HTTP/1.x client's end of stream (a FIN, after its whole request) while
     /// the worker waits for the app's response head, or for a silent app's next
     /// response body bytes, ends the exchange: the app's connection is closed, so
     /// the app sees the client leave (nginx's and Envoy's default). `false` keeps a
@@ -971,7 +971,7 @@ pub struct Runtime {
     pub max_idle_per_route: usize,
     /// Pooled connection idle lifetime.
     pub pool_idle_timeout: Duration,
-    /// An HTTP/1.1 client's end of stream ends a wait on its app
+    /// An HTTP/1.x client's end of stream ends a wait on its app
     /// (`[upstream] abort_on_client_close`).
     pub abort_on_client_close: bool,
     /// Passive health threshold.

@@ -385,6 +385,53 @@ fn a_client_that_closed_behind_a_silent_response_body_has_the_apps_connection_cl
     });
 }
 
+/// An early answer (the app refuses a request body without reading it) is no
+/// silence to abort on: the client's end of stream then may be its body's (a
+/// client told 413 stops sending and half-closes), and it keeps the whole answer,
+/// however long the app pauses in it, with `abort_on_client_close` on.
+#[test]
+fn an_early_answer_is_relayed_whole_to_a_client_that_stopped_its_body() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let app = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Some(Ok(mut s)) = listener.incoming().next() else {
+            return;
+        };
+        // The head only, byte by byte: the body is never read.
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && matches!(s.read(&mut b), Ok(1)) {
+            head.push(b[0]);
+        }
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n",
+        );
+        // A pause in the answer, long after the client's end of stream.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = s.write_all(b"4\r\nhalf\r\n0\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let w = worker(app, "", 60);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n")
+        .expect("head");
+    // Some of the body (the worker reads it all, the rest never comes): the
+    // app's refusal arrives while the worker waits for more of it.
+    s.write_all(&[b'b'; 8192]).expect("body");
+    // Told 413, the client stops its body and ends its side, mid-answer.
+    read_until(&mut s, b"first \r\n");
+    s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "4\r\nhalf\r\n0\r\n\r\n",
+        "the rest of the early answer, after the pause"
+    );
+}
+
 /// The bridge to an `http2` app follows the same rule for an HTTP/1.1 client: its
 /// FIN while the app's answer has not come, or while its event stream is silent,
 /// has the app's stream reset at once (with the switch off, it keeps its answers:
