@@ -1069,8 +1069,47 @@ pub trait Visitor {
 /// filling while it is walked is read at most [`WALK_READS`] times its first read's
 /// entries (and 1,024 more) in its second read; past that the walk stops with an
 /// error: it never goes on for ever.
+///
+/// A walk goes down at most [`WALK_LEVELS`] levels below its top: what it holds
+/// grows with the depth it is at (some 350 bytes a level, its own and its
+/// visitor's), and a user makes a chain of 100,000 directories from a shell in
+/// seconds at no cost in quota. A deeper directory stops the walk with
+/// [`WalkTooDeep`] (a measurement fails closed, an archive is cut off, a clone is
+/// refused), never a walk that forgets levels and goes down again (it would count
+/// what it saw twice).
 pub fn walk(top: BorrowedFd<'_>, v: &mut dyn Visitor) -> io::Result<()> {
-    walk_with(top, v, WALK_BATCH)
+    walk_with(top, v, WALK_BATCH, WALK_LEVELS)
+}
+
+/// The most levels below its top a walk goes down ([`walk`]), as many as a delete
+/// remembers: some 1.4 MiB a walk at most (a level's place, 64 bytes and a name of
+/// up to 255, its descriptor and identity, the visitor's few bytes). A path can
+/// name about 2,048 levels (`PATH_MAX`), so no tree made through the API is
+/// deeper.
+pub const WALK_LEVELS: usize = 1 << 12;
+
+/// The error of a walk that met a directory deeper than it goes ([`WALK_LEVELS`]).
+#[derive(Debug)]
+pub struct WalkTooDeep {
+    /// The levels it goes down at most.
+    pub levels: usize,
+}
+
+impl std::fmt::Display for WalkTooDeep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the tree is deeper than the {} directory levels a walk goes down: it cannot be measured, archived or cloned until what lies deeper is deleted",
+            self.levels
+        )
+    }
+}
+
+impl std::error::Error for WalkTooDeep {}
+
+/// Whether `e` is a [`WalkTooDeep`].
+pub fn is_walk_too_deep(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<WalkTooDeep>())
 }
 
 /// Bytes of directory entries a walk reads at a time ([`walk`]), as a delete does.
@@ -1109,8 +1148,14 @@ impl Place {
     }
 }
 
-/// [`walk`] reading `batch` bytes at a time (tests: small ones).
-fn walk_with(top: BorrowedFd<'_>, v: &mut dyn Visitor, batch: usize) -> io::Result<()> {
+/// [`walk`] reading `batch` bytes at a time and going down at most `levels` levels
+/// (tests: small ones).
+fn walk_with(
+    top: BorrowedFd<'_>,
+    v: &mut dyn Visitor,
+    batch: usize,
+    levels: usize,
+) -> io::Result<()> {
     let reserves = v.reserves();
     let keep = v.sorted_up_to();
     let batch = batch.max(DELETE_BATCH_LEAST);
@@ -1149,6 +1194,9 @@ fn walk_with(top: BorrowedFd<'_>, v: &mut dyn Visitor, batch: usize) -> io::Resu
         if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
             place.at = next;
             continue;
+        }
+        if depth >= levels {
+            return Err(io::Error::other(WalkTooDeep { levels }));
         }
         trail.still_beneath()?;
         let opened = child_dir(dir, &e.name).and_then(|sub| {
@@ -1191,7 +1239,7 @@ fn next_subdir(
         match rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(place.at)) {
             Ok(_) => {}
             // Removed meanwhile (while the walk was below it): nothing is left.
-            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(_) if removed_dir(dir) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
         let spare = buf.spare_capacity_mut();
@@ -1347,6 +1395,11 @@ pub const DELETE_ROUNDS: u32 = 8;
 /// 4,096 levels (each a directory, a block of its user's quota), never more memory.
 const DELETE_LEVELS: usize = 1 << 12;
 
+/// How many times one delete goes down again from its top because a level it
+/// left, deeper than the descriptors it holds, was removed by someone else and its
+/// `..` led nowhere (see [`remove_tree`]); past it, [`StillFilled`].
+const DELETE_VANISHED: usize = 1 << 10;
+
 /// The error of a recursive delete that found a directory refilled as fast as it
 /// emptied it ([`DELETE_ROUNDS`] reads from its start in one visit): what it
 /// removed is gone, `path` (below the vfolder) and what is in it is left.
@@ -1446,6 +1499,9 @@ fn remove_tree_with(
         })?;
         match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
             Ok(()) => return Ok(removed + 1),
+            // Removed by someone else while it was emptied (it was there when the
+            // delete began: only a top gone from the start is an error).
+            Err(rustix::io::Errno::NOENT) => return Ok(removed),
             // Filled again since it was read empty: emptied again while it is
             // still the directory deleted (a bounded number of times).
             Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST)
@@ -1528,6 +1584,8 @@ fn empty_tree(
     let mut levels: std::collections::VecDeque<Level> = std::collections::VecDeque::new();
     // Whether levels above the oldest in `levels` were forgotten.
     let mut forgot = false;
+    // Times a level's `..` led nowhere, the level removed by someone else.
+    let mut vanished = 0usize;
     loop {
         let read = match levels.back_mut() {
             Some(level) => {
@@ -1588,7 +1646,28 @@ fn empty_tree(
                                 "a delete's level without its descriptor",
                             ));
                         };
-                        parent.fd = Some(climb(fd.as_fd(), parent.id, "deleted")?);
+                        match climb(fd.as_fd(), parent.id, "deleted") {
+                            Ok(up) => parent.fd = Some(up),
+                            // The level left was removed by someone else and its
+                            // `..` leads nowhere: down again from the top, as when
+                            // levels were forgotten (what was removed is gone), a
+                            // bounded number of times.
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                                vanished += 1;
+                                if vanished > DELETE_VANISHED {
+                                    return Err(io::Error::other(StillFilled {
+                                        path: PathBuf::new(),
+                                    }));
+                                }
+                                levels.clear();
+                                forgot = false;
+                                top_cursor = Cursor {
+                                    rounds: top_cursor.rounds,
+                                    ..Cursor::default()
+                                };
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     Some(_) => {}
                     // Its parent was forgotten: down again from the top, read
@@ -1628,12 +1707,23 @@ fn read_level(
     removed: &mut u64,
 ) -> io::Result<Read> {
     loop {
-        rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(cursor.at))?;
+        match rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(cursor.at)) {
+            Ok(_) => {}
+            // Removed by someone else while the delete was in it: done.
+            Err(_) if removed_dir(dir) => return Ok(Read::Empty),
+            Err(e) => return Err(e.into()),
+        }
         let mut entries = rustix::fs::RawDir::new(dir, buf.spare_capacity_mut());
         let mut resuming = std::mem::take(&mut cursor.resuming);
         let mut moved = false;
         while let Some(e) = entries.next() {
-            let e = e?;
+            let e = match e {
+                Ok(e) => e,
+                // Removed by someone else while the delete was in it (`getdents`
+                // of a removed directory): nothing is left in it, it is done.
+                Err(_) if removed_dir(dir) => return Ok(Read::Empty),
+                Err(e) => return Err(e.into()),
+            };
             let next = e.next_entry_cookie();
             let name = OsStr::from_bytes(e.file_name().to_bytes());
             if name == "." || name == ".." {
@@ -1683,6 +1773,13 @@ fn read_level(
         cursor.at = 0;
         cursor.met = false;
     }
+}
+
+/// Whether the directory `dir` was removed (its link count 0): `getdents` of it
+/// fails with ENOENT, and on ext4 `lseek` to a position read before fails with
+/// EINVAL.
+fn removed_dir(dir: BorrowedFd<'_>) -> bool {
+    rustix::fs::fstat(dir).is_ok_and(|s| s.st_nlink == 0)
 }
 
 /// What became of one entry a delete read.
@@ -1785,6 +1882,56 @@ pub struct Covered<'a> {
     /// its bytes past `n`, only when it is larger). Asked only of files the walk
     /// counts (a further link of an inode already counted is not asked about).
     pub file: &'a mut dyn FnMut(&Entry) -> Option<u64>,
+    /// Whether the walk must see a tree that did not change under it (a quota
+    /// measurement): see [`Unsettled`].
+    pub settled: bool,
+}
+
+/// How long a settled walk waits between noting when it begins and reading
+/// anything ([`Unsettled`]): the kernel stamps a directory's change with a coarse
+/// clock, up to a tick (at most 10 ms) behind the one the walk reads, so a change
+/// made once it reads is stamped at or after that start, and one made before that
+/// start is stamped before it (never taken for one made during the walk).
+pub const SETTLE_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The error of a settled usage walk ([`Covered::settled`]: a quota measurement)
+/// that met a directory changed since the walk began (an entry made, removed or
+/// renamed in it: its `mtime` or `ctime` later than the walk's start, or it was
+/// removed or replaced), looked at as the walk entered it and as it left it, and
+/// the top when it ends. A file renamed back and forth between two directories as
+/// the walk reads them (the one it goes to read before, the one it comes from
+/// after) is missed by a walk that reads each once: one of the two, read after the
+/// rename, changed since the walk began, so such a walk counts for nothing and is
+/// made again (a quota measurement is tried 3 times, then refused as unmeasured).
+#[derive(Debug)]
+pub struct Unsettled {
+    /// The directory that changed (its name; empty for the top).
+    pub name: OsString,
+}
+
+impl std::fmt::Display for Unsettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the directory {:?} changed while it was measured (entries made, removed or renamed): a measurement that may have missed what moved counts for nothing",
+            self.name
+        )
+    }
+}
+
+impl std::error::Error for Unsettled {}
+
+/// Whether `e` is an [`Unsettled`].
+pub fn is_unsettled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unsettled>())
+}
+
+/// Whether `st` changed at or after `since` (its `mtime` or `ctime`).
+#[allow(clippy::unnecessary_cast)] // The field types differ between targets.
+fn changed_since(st: &rustix::fs::Stat, since: (i64, i64)) -> bool {
+    let m = (st.st_mtime as i64, st.st_mtime_nsec as i64);
+    let c = (st.st_ctime as i64, st.st_ctime_nsec as i64);
+    m >= since || c >= since
 }
 
 /// [`usage`], with the files `covered` says counted only in part.
@@ -1817,6 +1964,21 @@ fn usage_capped(
         next: bool,
         /// For each directory entered below the top, whether it holds covered files.
         levels: Vec<bool>,
+        /// When the walk began (less [`SETTLE_MARGIN`]), for a settled walk: each
+        /// directory's device and inode as entered, below the top.
+        since: Option<(i64, i64)>,
+        dirs: Vec<(u64, u64)>,
+    }
+    impl Usage<'_, '_> {
+        /// A settled walk's check of the directory `name`, `st` as it is now.
+        fn settled(&self, st: &rustix::fs::Stat, name: &OsStr) -> io::Result<()> {
+            match self.since {
+                Some(since) if changed_since(st, since) => Err(io::Error::other(Unsettled {
+                    name: name.to_owned(),
+                })),
+                _ => Ok(()),
+            }
+        }
     }
     impl Visitor for Usage<'_, '_> {
         fn entry(&mut self, _: BorrowedFd<'_>, e: &Entry, depth: usize) -> io::Result<bool> {
@@ -1881,15 +2043,50 @@ fn usage_capped(
                 ),
             ))
         }
-        fn enter(&mut self, _: BorrowedFd<'_>, _: &OsStr, _: bool) -> io::Result<()> {
+        fn enter(&mut self, dir: BorrowedFd<'_>, name: &OsStr, _: bool) -> io::Result<()> {
             self.levels.push(std::mem::take(&mut self.next));
+            if self.since.is_some() {
+                let st = rustix::fs::fstat(dir)?;
+                self.settled(&st, name)?;
+                let m = Meta::from(&st);
+                self.dirs.push((m.st_dev, m.st_ino));
+            }
             Ok(())
         }
-        fn leave(&mut self, _: BorrowedFd<'_>, _: &OsStr) -> io::Result<()> {
+        fn leave(&mut self, parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
             self.levels.pop();
+            if self.since.is_some() {
+                let was = self.dirs.pop();
+                // Looked at again by its name, now that it was read: removed,
+                // replaced or changed meanwhile, it may have sent entries where
+                // the walk had been already.
+                let now = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).ok();
+                let same = now.as_ref().is_some_and(|st| {
+                    let m = Meta::from(st);
+                    Some((m.st_dev, m.st_ino)) == was
+                });
+                match now {
+                    Some(st) if same => self.settled(&st, name)?,
+                    _ => {
+                        return Err(io::Error::other(Unsettled {
+                            name: name.to_owned(),
+                        }))
+                    }
+                }
+            }
             Ok(())
         }
     }
+    let since = covered.as_ref().is_some_and(|c| c.settled).then(|| {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        std::thread::sleep(SETTLE_MARGIN);
+        (
+            i64::try_from(at.as_secs()).unwrap_or(i64::MAX),
+            i64::from(at.subsec_nanos()),
+        )
+    });
     let mut u = Usage {
         files: 0,
         bytes: 0,
@@ -1899,8 +2096,14 @@ fn usage_capped(
         covered,
         next: false,
         levels: Vec::new(),
+        since,
+        dirs: Vec::new(),
     };
     walk(dir, &mut u)?;
+    // The top, once the walk is done with it.
+    if u.since.is_some() {
+        u.settled(&rustix::fs::fstat(dir)?, OsStr::new(""))?;
+    }
     Ok((u.files, u.bytes))
 }
 
@@ -2497,6 +2700,76 @@ mod tests {
         assert!(!t.exists());
     }
 
+    /// A subdirectory removed by someone else (`rm -rf`) while the delete is in
+    /// it, between two of its batches, is done: the delete goes on with the rest
+    /// and removes the whole tree, never an error (before: `getdents` of the
+    /// removed directory failed with ENOENT, the delete answered 404 and left the
+    /// tree). So too a chain removed below the delete deeper than the descriptors
+    /// it holds, and a top removed while it is emptied.
+    #[test]
+    fn a_delete_goes_on_when_a_directory_it_is_in_is_removed_by_someone_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        for i in 0..6 {
+            let e = t.join(format!("d{i}/e"));
+            std::fs::create_dir_all(&e).expect("dir");
+            for j in 0..20 {
+                std::fs::write(e.join(format!("f{j:02}")), "f").expect("file");
+            }
+        }
+        let deep: PathBuf = std::iter::repeat_n("c", HELD + 8).collect();
+        std::fs::create_dir_all(t.join("chain").join(&deep)).expect("deep");
+        std::fs::write(t.join("chain").join(&deep).join("bottom"), "b").expect("bottom");
+        let removed = std::rc::Rc::new(std::cell::Cell::new(0));
+        let count = removed.clone();
+        let chain = t.join("chain/c/c");
+        race(move |d, name, opening| {
+            if opening {
+                return;
+            }
+            let here = std::fs::read_link(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&d)
+            ))
+            .expect("the directory read");
+            if name == "f05" && here.ends_with("d2/e") || name == "bottom" {
+                let gone = if name == "bottom" {
+                    chain.clone()
+                } else {
+                    here
+                };
+                std::fs::remove_dir_all(&gone).expect("rm -rf");
+                count.set(count.get() + 1);
+            }
+        });
+        let root = fd(dir.path());
+        remove_tree_with(root.as_fd(), OsStr::new("t"), DELETE_BATCH_LEAST, 8).expect("removed");
+        assert_eq!(
+            removed.get(),
+            2,
+            "both removed while the delete was in them"
+        );
+        assert!(!t.exists());
+        // The top itself removed while it is emptied.
+        let e = t.join("e");
+        std::fs::create_dir_all(&e).expect("dir");
+        for j in 0..20 {
+            std::fs::write(e.join(format!("f{j:02}")), "f").expect("file");
+        }
+        let top = t.clone();
+        race(move |_, name, opening| {
+            if !opening && name == "f05" {
+                std::fs::remove_dir_all(&top).expect("rm -rf the top");
+            }
+        });
+        remove_tree_with(root.as_fd(), OsStr::new("t"), DELETE_BATCH_LEAST, 8).expect("removed");
+        assert!(!t.exists());
+        // Gone from the start: an error (404 through the API).
+        let e = remove_tree_with(root.as_fd(), OsStr::new("t"), DELETE_BATCH_LEAST, 8)
+            .expect_err("nothing to delete");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
     /// Below `HELD` levels a delete goes back up by `..`; a directory moved out
     /// from under it meanwhile stops it rather than leading it up into another
     /// directory, whose entries it would remove.
@@ -2818,12 +3091,125 @@ mod tests {
         std::fs::write(t.join(&deep).join("end"), "e").expect("end");
     }
 
+    /// A walk goes down no more than its levels: a chain exactly that deep is
+    /// walked whole, one a level deeper stops the walk with `WalkTooDeep` (and a
+    /// usage measurement of it fails, never a count of its top levels), and what
+    /// the walk held never grew past those levels.
+    #[test]
+    fn a_walk_deeper_than_its_levels_stops_with_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        let levels = HELD + 8;
+        let deep: PathBuf = std::iter::repeat_n("d", levels).collect();
+        std::fs::create_dir_all(t.join(&deep)).expect("deep");
+        std::fs::write(t.join(&deep).join("f"), "f").expect("f");
+        let top = fd(&t);
+        let mut v = Seen::default();
+        walk_with(top.as_fd(), &mut v, WALK_BATCH, levels).expect("exactly as deep");
+        assert_eq!(v.seen.len(), levels + 1);
+        let mut v = Seen::default();
+        let e = walk_with(top.as_fd(), &mut v, WALK_BATCH, levels - 1).expect_err("too deep");
+        assert!(is_walk_too_deep(&e), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("{} directory levels", levels - 1)),
+            "{e}"
+        );
+        assert!(v.path.len() < levels, "never below its levels");
+        // The real bound: a chain past it, made by a user's shell.
+        let deeper: PathBuf = std::iter::repeat_n("e", WALK_LEVELS + 1).collect();
+        let mut at = fd(&t);
+        for part in deeper.iter() {
+            rustix::fs::mkdirat(&at, part, Mode::from_raw_mode(0o755)).expect("mkdir");
+            at = child_dir(at.as_fd(), part).expect("open");
+        }
+        let e = usage(top.as_fd(), Links::Once, &|_, _| true).expect_err("not measured");
+        assert!(is_walk_too_deep(&e), "{e}");
+        drop(at);
+        remove_tree(fd(dir.path()).as_fd(), OsStr::new("t")).expect("deleted");
+    }
+
+    /// A file renamed back and forth between two directories while a quota
+    /// measurement (a settled walk) reads them (the attack's shape: `a/big` and
+    /// `z/big` flipped by a loop in C): each walk counts it or is refused as
+    /// `Unsettled`, never a count without it. Before, many walks missed it (read
+    /// `a/` while it was in `z/` and `z/` while it was in `a/`), and uploads were
+    /// admitted into a full scope.
+    #[test]
+    fn a_settled_walk_never_misses_a_file_renamed_back_and_forth_as_it_walks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        for i in 0..20 {
+            std::fs::create_dir_all(t.join(format!("m{i:02}"))).expect("dir");
+            std::fs::write(t.join(format!("m{i:02}/f")), "f").expect("file");
+        }
+        std::fs::create_dir_all(t.join("a")).expect("a");
+        std::fs::create_dir_all(t.join("z")).expect("z");
+        let big: u64 = 1 << 40;
+        std::fs::File::create(t.join("a/big"))
+            .and_then(|f| f.set_len(big))
+            .expect("sparse");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (stop, t) = (stop.clone(), t.clone());
+            std::thread::spawn(move || {
+                let (a, z) = (t.join("a/big"), t.join("z/big"));
+                for _ in 0..50_000_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let _ = std::fs::rename(&a, &z);
+                    let _ = std::fs::rename(&z, &a);
+                }
+            })
+        };
+        let top = fd(&t);
+        let (mut counted, mut missed, mut refused) = (0, 0, 0);
+        for _ in 0..1_000 {
+            let mut file = |_: &Entry| None;
+            let r = usage_covered(
+                top.as_fd(),
+                Links::Once,
+                &|_, _| true,
+                Covered {
+                    dir: &|_, _| false,
+                    file: &mut file,
+                    settled: true,
+                },
+            );
+            match r {
+                Ok((_, bytes)) if bytes >= big => counted += 1,
+                Ok(_) => missed += 1,
+                Err(e) if is_unsettled(&e) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().expect("flipper");
+        assert_eq!(missed, 0, "counted {counted}, refused {refused}");
+        assert!(refused > 0, "the flips were seen: counted {counted}");
+        // Settled, the same tree is measured whole.
+        let mut file = |_: &Entry| None;
+        let (_, bytes) = usage_covered(
+            top.as_fd(),
+            Links::Once,
+            &|_, _| true,
+            Covered {
+                dir: &|_, _| false,
+                file: &mut file,
+                settled: true,
+            },
+        )
+        .expect("measured");
+        assert!(bytes >= big);
+    }
+
     /// Walks `t` (batches of `batch` bytes) and checks it visited every entry
     /// once, each subdirectory entered under the name it was visited by.
     fn walks_whole(t: &Path, batch: usize) {
         let top = fd(t);
         let mut v = Seen::default();
-        walk_with(top.as_fd(), &mut v, batch).expect("walked");
+        walk_with(top.as_fd(), &mut v, batch, WALK_LEVELS).expect("walked");
         let mut got: Vec<PathBuf> = v.seen.into_iter().map(|(p, _)| p).collect();
         got.sort();
         let mut want = Vec::new();
@@ -3214,6 +3600,7 @@ mod tests {
             Covered {
                 dir: &|e, depth| depth == 0 && e.name == "stage",
                 file: &mut file,
+                settled: false,
             },
         );
         // stage/a held whole (not a file any more), stage/b past 4 bytes, the rest whole.

@@ -50,8 +50,10 @@
 //! (concurrent checks still share one walk).
 //!
 //! A walk that did not see the whole scope (a directory it could not open, one
-//! moved while it was below it: a user can cause both from a shell) counts for
-//! nothing: it is made again, at most `WALK_TRIES` times in all ([`measured`]),
+//! moved while it was below it, one changed since the walk began, where a file
+//! renamed back and forth could hide from it (`fsx::Unsettled`), a tree deeper
+//! than a walk goes (`fsx::WALK_LEVELS`): a user can cause each from a shell)
+//! counts for nothing: it is made again, at most `WALK_TRIES` times in all ([`measured`]),
 //! and when no try saw everything nothing is stored, and the check (and the checks
 //! that waited for that walk) answers 503 `usage-unmeasured` rather than admitting
 //! anything on a partial count. The usage reports follow the same rule.
@@ -211,6 +213,7 @@ pub fn vfolder_usage(vfolder: BorrowedFd<'_>, live: &Live) -> std::io::Result<(u
         fsx::Covered {
             dir: &|e, depth| depth == 0 && e.name == STAGING,
             file: &mut file,
+            settled: false,
         },
     )
 }
@@ -266,6 +269,9 @@ pub fn committed(
         fsx::Covered {
             dir: &|e, depth| depth == STAGING_DEPTH && e.name == STAGING,
             file: &mut file,
+            // A rename back and forth during the walk must not hide a file
+            // from the quota (see `fsx::Unsettled`; tried again by `measured`).
+            settled: true,
         },
     )?
     .1;
@@ -273,8 +279,10 @@ pub fn committed(
 }
 
 /// Tries a usage walk gets in all: one stopped by a directory moved (or swapped)
-/// while it ran is made again, at most this many times; one refused by file
-/// permissions is not (it would be refused again).
+/// while it ran, or for a quota measurement one that met a directory changed
+/// while it ran (`fsx::Unsettled`), is made again, at most this many times; one refused by file
+/// permissions, or stopped by a tree deeper than a walk goes, is not (it would be
+/// refused again).
 const WALK_TRIES: usize = 3;
 
 /// Runs `walk`, a usage walk of `what`, until it sees the whole tree, at most
@@ -291,7 +299,13 @@ pub fn measured<T>(
         tries += 1;
         match walk() {
             Ok(v) => return Ok(v),
-            Err(e) if tries < WALK_TRIES && e.kind() != std::io::ErrorKind::PermissionDenied => {
+            // Refused by file permissions, or a tree deeper than a walk goes
+            // (`fsx::WALK_LEVELS`): it would be refused again.
+            Err(e)
+                if tries < WALK_TRIES
+                    && e.kind() != std::io::ErrorKind::PermissionDenied
+                    && !crate::fsx::is_walk_too_deep(&e) =>
+            {
                 tracing::debug!(error = %e, what, tries, "usage walk incomplete: walked again");
             }
             Err(e) => {

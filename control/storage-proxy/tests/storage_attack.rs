@@ -264,12 +264,19 @@ fn fifos_and_sockets_in_the_vfolder_never_block_reads() {
     );
 }
 
-/// A tree far deeper than a thread's stack or the descriptor limit (a user can make
-/// one from a shell, one `mkdir` and `cd` at a time): usage, the quota check,
-/// clone and a recursive delete walk it all, count the file at the bottom, and the
-/// process survives.
+/// A tree almost as deep as a walk goes (4,000 levels; `fsx::WALK_LEVELS` is
+/// 4,096 below the walk's top, and a quota scope's walk starts 3 levels above the
+/// vfolder: deeper than a path can name, than the descriptor limit; a user can make
+/// one from a shell, one `mkdir` and `cd` at a time): usage, the quota check, clone
+/// and a recursive delete walk it all, count the file at the bottom, and the
+/// process survives. A chain deeper than a walk goes (a walk holds some 350 bytes a level: 100,000 levels
+/// were 30 MB a walk, times every walk at once) is refused cleanly, naming the
+/// limit: usage and the quota admission answer 503 `usage-unmeasured` (never an
+/// upload admitted on a count of the levels above), a clone is refused, an archive
+/// cut off; a recursive delete removes it. Before, every walk went down the whole
+/// chain.
 #[test]
-fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
+fn a_tree_4000_deep_is_measured_cloned_and_deleted_a_deeper_one_refused() {
     // The kernel's work per level grows with the depth: on a loaded machine each
     // walk of this tree takes up to a minute in a debug build.
     const DEEP_WAIT: Duration = Duration::from_secs(300);
@@ -277,8 +284,7 @@ fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
     create_folder(&p);
     let _flatten = Flatten(p.dir.path().join("vol"));
     let vf = p.vfolder_path();
-    let depth = 25_000;
-    chain(&vf, "d", depth, "bottom.bin", &[7u8; 1000]);
+    chain(&vf, "d", 4_000, "bottom.bin", &[7u8; 1000]);
     let r = p.manager_within(
         "/folder/usage",
         serde_json::json!({"volume": "local", "vfid": VFID}),
@@ -351,6 +357,82 @@ fn a_tree_deeper_than_any_stack_is_measured_cloned_and_deleted() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(!vf.join("d").exists());
+    // One level deeper than a walk goes.
+    chain(&vf, "e", 4_097, "bottom.bin", &[7u8; 1000]);
+    let unmeasured = |r: &appproxy_test_support::http::Resp| {
+        r.status == 503
+            && r.json()["code"] == "usage-unmeasured"
+            && String::from_utf8_lossy(&r.body).contains("4096 directory levels")
+    };
+    let r = p.manager_within(
+        "/folder/usage",
+        serde_json::json!({"volume": "local", "vfid": VFID}),
+        DEEP_WAIT,
+    );
+    assert!(
+        unmeasured(&r),
+        "{} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = p.manager_within(
+        "/quota-scope",
+        serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 1500}}),
+        DEEP_WAIT,
+    );
+    assert!(
+        r.status == 200 || unmeasured(&r),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = p.manager_within(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 600}),
+        DEEP_WAIT,
+    );
+    assert!(
+        unmeasured(&r),
+        "{} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10f";
+    let r = p.manager_within(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        DEEP_WAIT,
+    );
+    assert!(
+        unmeasured(&r),
+        "{} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let token = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
+    );
+    let (whole, _) = get_raw(&p, &format!("/download?token={token}&archive=true"));
+    assert!(
+        !whole,
+        "no whole-looking archive without the bottom of the chain"
+    );
+    assert!(
+        p.log_json()
+            .iter()
+            .any(|l| l["message"] == "archive stream failed"
+                && l.to_string().contains("4096 directory levels")),
+        "{}",
+        p.log()
+    );
+    assert!(alive(&p), "{}", p.log());
+    let r = p.manager_within(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": ["e"], "recursive": true}),
+        DEEP_WAIT,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!vf.join("e").exists());
 }
 
 /// A directory with more subdirectories than the process may hold descriptors: the
