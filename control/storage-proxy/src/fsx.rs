@@ -1123,6 +1123,10 @@ const WALK_BATCH_FIRST: usize = 1 << 10;
 /// read (plus 1,024): more only while someone keeps adding entries to it.
 pub const WALK_READS: u64 = 2;
 
+/// How many more directories a walk may go into than its reads listed (made
+/// after their parent was read, or met again under a new name) before it stops.
+pub const WALK_AGAIN: u64 = 256;
+
 /// Where a walk is in the subdirectories of one directory (its second read).
 struct Place {
     /// The directory's name in its parent (empty for the top).
@@ -1164,15 +1168,24 @@ fn walk_with(
     if reserves {
         read_ahead(top, v)?;
     }
-    let first = visit_files(Dir::read_from(top)?, top, v, 0, keep)?;
+    let (first, mut listed) = visit_files(Dir::read_from(top)?, top, v, 0, keep)?;
     let mut places = vec![Place::new(OsString::new(), first)];
+    // Directories gone into, against those the first reads listed: in a tree
+    // that holds still they are equal. Each directory made after its parent's
+    // first read, or met again under a new name (renamed, within its parent, while
+    // the walk was in it: its entry comes again later), adds one; past
+    // `WALK_AGAIN` the walk stops. Else a user renaming directories as they are
+    // walked had each walked again, and again below, per level: work exponential
+    // in the depth. So bounded, a walk does at most `WALK_AGAIN + 1` times the
+    // tree's work.
+    let mut entered = 0u64;
     loop {
         let depth = places.len().saturating_sub(1);
         let dir = trail.current();
         let Some(place) = places.last_mut() else {
             break;
         };
-        let Some((name, ino, next)) = next_subdir(dir, place, &mut buf, batch)? else {
+        let Some((name, ino, next, listed_dir)) = next_subdir(dir, place, &mut buf, batch)? else {
             let Some(done) = places.pop() else {
                 break;
             };
@@ -1191,12 +1204,30 @@ fn walk_with(
             place.at = next;
             continue;
         };
-        if !v.entry(dir, &e, depth)? || e.kind() != FileType::Directory {
+        if e.kind() != FileType::Directory {
+            // Not a directory now. Listed as one, the first read left it to this
+            // one: it is visited as what it has become. Listed with its type
+            // unknown (NFS without `READDIRPLUS`, XFS without `ftype`, some FUSE),
+            // the first read looked at it and visited it already: not twice.
+            if listed_dir {
+                v.entry(dir, &e, depth)?;
+            }
+            place.at = next;
+            continue;
+        }
+        if !v.entry(dir, &e, depth)? {
             place.at = next;
             continue;
         }
         if depth >= levels {
             return Err(io::Error::other(WalkTooDeep { levels }));
+        }
+        entered += 1;
+        if entered > listed.saturating_add(WALK_AGAIN) {
+            return Err(io::Error::other(format!(
+                "directories are being made or renamed under {:?} as fast as it is walked ({entered} gone into, {listed} listed): the walk stopped; try again once nothing changes there",
+                place.name
+            )));
         }
         trail.still_beneath()?;
         let opened = child_dir(dir, &e.name).and_then(|sub| {
@@ -1219,21 +1250,23 @@ fn walk_with(
             read_ahead(sub.as_fd(), v)?;
         }
         trail.push(sub)?;
-        let first = visit_files(reader, trail.current(), v, depth + 1, keep)?;
+        let (first, dirs) = visit_files(reader, trail.current(), v, depth + 1, keep)?;
+        listed = listed.saturating_add(dirs);
         places.push(Place::new(e.name, first));
     }
     Ok(())
 }
 
 /// The next entry of `dir` that is (or may be: its type unknown) a directory,
-/// read from where `place` is: its name, inode and the position past it; `place`
-/// is left at its entry. `None` at the end of the directory.
+/// read from where `place` is: its name, inode, the position past it and whether
+/// it was listed as a directory (not of unknown type); `place` is left at its
+/// entry. `None` at the end of the directory.
 fn next_subdir(
     dir: BorrowedFd<'_>,
     place: &mut Place,
     buf: &mut Vec<u8>,
     batch: usize,
-) -> io::Result<Option<(OsString, u64, u64)>> {
+) -> io::Result<Option<(OsString, u64, u64, bool)>> {
     let mut want = WALK_BATCH_FIRST.clamp(DELETE_BATCH_LEAST, batch);
     loop {
         match rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(place.at)) {
@@ -1273,8 +1306,15 @@ fn next_subdir(
                     place.name, place.most
                 )));
             }
-            if matches!(e.file_type(), FileType::Directory | FileType::Unknown) {
-                return Ok(Some((OsStr::from_bytes(name).to_owned(), e.ino(), next)));
+            let listed = listed_type(e.file_type());
+            let listed_dir = listed == FileType::Directory;
+            if listed_dir || listed == FileType::Unknown {
+                return Ok(Some((
+                    OsStr::from_bytes(name).to_owned(),
+                    e.ino(),
+                    next,
+                    listed_dir,
+                )));
             }
             place.at = next;
         }
@@ -1283,6 +1323,17 @@ fn next_subdir(
         }
         want = want.saturating_mul(2).min(batch);
     }
+}
+
+/// The type a walk's read of a directory gives an entry: as listed (tests may list
+/// every entry's as unknown, as NFS without `READDIRPLUS` and XFS without `ftype`
+/// do).
+fn listed_type(listed: FileType) -> FileType {
+    #[cfg(test)]
+    if tests::TYPES_HIDDEN.with(std::cell::Cell::get) {
+        return FileType::Unknown;
+    }
+    listed
 }
 
 /// Reads `dir` once, handing each entry to [`Visitor::reserve`]. An entry that
@@ -1317,17 +1368,18 @@ pub fn is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
 /// Reads `dir` through `reader`, visiting each entry that is not a directory as it
 /// comes, or sorted when there are no more than [`Visitor::sorted_up_to`] (`depth`
 /// below the walk's top); directories are left for the second read ([`walk`]).
-/// Answers how many entries it read. An entry that vanishes while read is left out.
+/// Answers how many entries it read, and how many of them were directories. An
+/// entry that vanishes while read is left out.
 fn visit_files(
     reader: Dir,
     dir: BorrowedFd<'_>,
     v: &mut dyn Visitor,
     depth: usize,
     keep: usize,
-) -> io::Result<u64> {
+) -> io::Result<(u64, u64)> {
     let mut held = Vec::new();
     let mut streaming = keep == 0;
-    let mut read = 0u64;
+    let (mut read, mut dirs) = (0u64, 0u64);
     for e in reader {
         let e = match e {
             Ok(e) => e,
@@ -1340,13 +1392,15 @@ fn visit_files(
             continue;
         }
         read += 1;
-        if e.file_type() == FileType::Directory {
+        if listed_type(e.file_type()) == FileType::Directory {
+            dirs += 1;
             continue;
         }
         let Some(entry) = Entry::at(dir, name)? else {
             continue;
         };
         if entry.kind() == FileType::Directory {
+            dirs += 1;
             continue;
         } else if streaming {
             v.entry(dir, &entry, depth)?;
@@ -1364,7 +1418,7 @@ fn visit_files(
     for e in &held {
         v.entry(dir, e, depth)?;
     }
-    Ok(read)
+    Ok((read, dirs))
 }
 
 /// Bytes of directory entries a recursive delete reads at a time ([`remove_tree`]):
@@ -2638,8 +2692,13 @@ mod tests {
     impl Ramfs {
         /// Mounts a ramfs on `dir`; a mount refused fails the test.
         fn mount(dir: &Path) -> Self {
+            Self::mount_as(dir, "ramfs")
+        }
+
+        /// Mounts a filesystem of type `kind` (ramfs, tmpfs) on `dir`.
+        fn mount_as(dir: &Path, kind: &str) -> Self {
             let out = std::process::Command::new("mount")
-                .args(["-t", "ramfs", "ramfs"])
+                .args(["-t", kind, kind])
                 .arg(dir)
                 .output()
                 .expect("run mount");
@@ -3217,6 +3276,75 @@ mod tests {
         want.sort();
         assert_eq!(got.len(), want.len());
         assert!(got == want, "every entry once");
+    }
+
+    thread_local! {
+        /// Whether this thread's walks list every entry's type as unknown.
+        pub(super) static TYPES_HIDDEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A directory renamed within its parent while the walk is in it is met again
+    /// under its new name (on tmpfs a new name lands at the end of the listing) and
+    /// walked again; renamed at each visit it would be walked as often as its
+    /// parent's reads allow, and each level below as often again: the walk stops
+    /// once it went into `WALK_AGAIN` more directories than it listed.
+    #[test]
+    fn a_walk_through_directories_renamed_as_it_goes_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount = Ramfs::mount_as(dir.path(), "tmpfs");
+        for d in ["s0", "s1", "s2", "s3"] {
+            std::fs::create_dir_all(dir.path().join("t").join(d)).expect("mkdir");
+            std::fs::write(dir.path().join("t").join(d).join("f"), "f").expect("f");
+        }
+        struct Renamer {
+            top: PathBuf,
+            entered: u64,
+        }
+        impl Visitor for Renamer {
+            fn entry(&mut self, _: BorrowedFd<'_>, _: &Entry, _: usize) -> io::Result<bool> {
+                Ok(true)
+            }
+            fn enter(&mut self, _: BorrowedFd<'_>, name: &OsStr, _: bool) -> io::Result<()> {
+                self.entered += 1;
+                let mut to = name.to_owned();
+                to.push("x");
+                std::fs::rename(self.top.join(name), self.top.join(to))
+            }
+        }
+        let top = fd(&dir.path().join("t"));
+        let mut v = Renamer {
+            top: dir.path().join("t"),
+            entered: 0,
+        };
+        let e = walk(top.as_fd(), &mut v).expect_err("the walk stops");
+        assert!(e.to_string().contains("renamed"), "{e}");
+        assert_eq!(
+            v.entered,
+            4 + WALK_AGAIN,
+            "the 4 listed, then again and again"
+        );
+        drop(mount);
+    }
+
+    /// Where a listing gives no entry's type (NFS without `READDIRPLUS`, XFS without
+    /// `ftype`), a walk visits every entry once, as where it does: the first read
+    /// looks such entries up and visits the files, the second goes down into the
+    /// directories and leaves the rest (both visited them before: usage counted
+    /// twice, an archive held each file twice, a clone failed on the second copy).
+    #[test]
+    fn a_walk_where_listings_give_no_types_visits_every_entry_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (t, _) = tree_and_outside(dir.path());
+        std::fs::create_dir(t.join("wide")).expect("mkdir");
+        wide_tree(&t.join("wide"), 50);
+        TYPES_HIDDEN.with(|h| h.set(true));
+        walks_whole(&t, 1);
+        walks_whole(&t, WALK_BATCH);
+        let top = fd(&t);
+        let hidden = usage(top.as_fd(), Links::Once, &|_, _| true).expect("usage");
+        TYPES_HIDDEN.with(|h| h.set(false));
+        let listed = usage(top.as_fd(), Links::Once, &|_, _| true).expect("usage");
+        assert_eq!(hidden, listed, "counted once, types listed or not");
     }
 
     /// A walk reading one entry at a time (and one of 32 KiB) visits every entry
