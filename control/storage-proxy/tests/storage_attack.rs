@@ -364,17 +364,7 @@ fn a_tree_4000_deep_is_measured_cloned_and_deleted_a_deeper_one_refused() {
             && r.json()["code"] == "usage-unmeasured"
             && String::from_utf8_lossy(&r.body).contains("4096 directory levels")
     };
-    let r = p.manager_within(
-        "/folder/usage",
-        serde_json::json!({"volume": "local", "vfid": VFID}),
-        DEEP_WAIT,
-    );
-    assert!(
-        unmeasured(&r),
-        "{} {}",
-        r.status,
-        String::from_utf8_lossy(&r.body)
-    );
+    // A limit on the scope, so that an upload needs a measurement.
     let r = p.manager_within(
         "/quota-scope",
         serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b", "options": {"limit_bytes": 1500}}),
@@ -385,29 +375,29 @@ fn a_tree_4000_deep_is_measured_cloned_and_deleted_a_deeper_one_refused() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
-    let r = p.manager_within(
-        "/folder/file/upload",
-        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 600}),
-        DEEP_WAIT,
-    );
-    assert!(
-        unmeasured(&r),
-        "{} {}",
-        r.status,
-        String::from_utf8_lossy(&r.body)
-    );
     let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000c10f";
-    let r = p.manager_within(
-        "/folder/clone",
-        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
-        DEEP_WAIT,
-    );
-    assert!(
-        unmeasured(&r),
-        "{} {}",
-        r.status,
-        String::from_utf8_lossy(&r.body)
-    );
+    for (path, body) in [
+        (
+            "/folder/usage",
+            serde_json::json!({"volume": "local", "vfid": VFID}),
+        ),
+        (
+            "/folder/file/upload",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "x.bin", "size": 600}),
+        ),
+        (
+            "/folder/clone",
+            serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        ),
+    ] {
+        let r = p.manager_within(path, body, DEEP_WAIT);
+        assert!(
+            unmeasured(&r),
+            "{path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "."}),
@@ -3159,18 +3149,11 @@ fn a_directory_wider_than_a_walks_old_share_is_archived_measured_and_cloned() {
         None,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = p.log_json();
-        if log.iter().any(|v| v["message"] == "bgtask failed") {
-            panic!("the clone failed: {}", p.log());
-        }
-        if log.iter().any(|v| v["message"] == "bgtask done") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "clone never ended");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        p.wait_bgtask(Duration::from_secs(60)),
+        "the clone failed: {}",
+        p.log()
+    );
     let r = p.manager(
         "/folder/usage",
         serde_json::json!({"volume": "local", "vfid": dst}),

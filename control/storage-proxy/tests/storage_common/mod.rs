@@ -237,6 +237,27 @@ impl Proxy {
         }
     }
 
+    /// Waits (`within` at most, else the test fails) until a background task ended
+    /// in the log: `true` if it was done, `false` if it failed.
+    pub fn wait_bgtask(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let log = self.log_json();
+            if log.iter().any(|v| v["message"] == "bgtask done") {
+                return true;
+            }
+            if log.iter().any(|v| v["message"] == "bgtask failed") {
+                return false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no background task ended within {within:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn log_json(&self) -> Vec<serde_json::Value> {
         self.log()
             .lines()
