@@ -1955,12 +1955,23 @@ pub const SETTLE_MARGIN: std::time::Duration = std::time::Duration::from_millis(
 /// the top when it ends. A file renamed back and forth between two directories as
 /// the walk reads them (the one it goes to read before, the one it comes from
 /// after) is missed by a walk that reads each once: one of the two, read after the
-/// rename, changed since the walk began, so such a walk counts for nothing and is
-/// made again (a quota measurement is tried 3 times, then refused as unmeasured).
+/// rename, changed since the walk began, so such a walk's count may be short. The
+/// walk goes on to its end and gives what it counted (`counted`): a quota
+/// measurement walks again and takes the largest of its tries (see
+/// `quota::committed`).
 #[derive(Debug)]
 pub struct Unsettled {
-    /// The directory that changed (its name; empty for the top).
+    /// The first directory found changed (its name; empty for the top).
     pub name: OsString,
+    /// What the walk counted, files and bytes, though the tree changed under it.
+    pub counted: (u64, u64),
+}
+
+/// What an [`Unsettled`] walk counted, if `e` is one.
+pub fn unsettled_count(e: &io::Error) -> Option<(u64, u64)> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Unsettled>())
+        .map(|u| u.counted)
 }
 
 impl std::fmt::Display for Unsettled {
@@ -2022,16 +2033,20 @@ fn usage_capped(
         /// directory's device and inode as entered, below the top.
         since: Option<(i64, i64)>,
         dirs: Vec<(u64, u64)>,
+        /// The first directory a settled walk found changed.
+        changed: Option<OsString>,
     }
     impl Usage<'_, '_> {
         /// A settled walk's check of the directory `name`, `st` as it is now.
-        fn settled(&self, st: &rustix::fs::Stat, name: &OsStr) -> io::Result<()> {
-            match self.since {
-                Some(since) if changed_since(st, since) => Err(io::Error::other(Unsettled {
-                    name: name.to_owned(),
-                })),
-                _ => Ok(()),
+        fn settled(&mut self, st: &rustix::fs::Stat, name: &OsStr) {
+            if self.since.is_some_and(|since| changed_since(st, since)) {
+                self.unsettled(name);
             }
+        }
+
+        /// Notes `name` changed under a settled walk (the first one is named).
+        fn unsettled(&mut self, name: &OsStr) {
+            self.changed.get_or_insert_with(|| name.to_owned());
         }
     }
     impl Visitor for Usage<'_, '_> {
@@ -2101,7 +2116,7 @@ fn usage_capped(
             self.levels.push(std::mem::take(&mut self.next));
             if self.since.is_some() {
                 let st = rustix::fs::fstat(dir)?;
-                self.settled(&st, name)?;
+                self.settled(&st, name);
                 let m = Meta::from(&st);
                 self.dirs.push((m.st_dev, m.st_ino));
             }
@@ -2120,12 +2135,8 @@ fn usage_capped(
                     Some((m.st_dev, m.st_ino)) == was
                 });
                 match now {
-                    Some(st) if same => self.settled(&st, name)?,
-                    _ => {
-                        return Err(io::Error::other(Unsettled {
-                            name: name.to_owned(),
-                        }))
-                    }
+                    Some(st) if same => self.settled(&st, name),
+                    _ => self.unsettled(name),
                 }
             }
             Ok(())
@@ -2152,13 +2163,20 @@ fn usage_capped(
         levels: Vec::new(),
         since,
         dirs: Vec::new(),
+        changed: None,
     };
     walk(dir, &mut u)?;
     // The top, once the walk is done with it.
     if u.since.is_some() {
-        u.settled(&rustix::fs::fstat(dir)?, OsStr::new(""))?;
+        u.settled(&rustix::fs::fstat(dir)?, OsStr::new(""));
     }
-    Ok((u.files, u.bytes))
+    match u.changed {
+        Some(name) => Err(io::Error::other(Unsettled {
+            name,
+            counted: (u.files, u.bytes),
+        })),
+        None => Ok((u.files, u.bytes)),
+    }
 }
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
