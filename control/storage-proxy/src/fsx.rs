@@ -2469,6 +2469,74 @@ pub fn is_not_dir(e: &io::Error) -> bool {
         || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
 }
 
+/// The attack on a measurement's walk, for the tests of the walks that must not
+/// be fooled by it (here and in `quota`).
+#[cfg(test)]
+pub(crate) mod flipping {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// The size of the file flipped: a sparse file no count can miss unseen.
+    pub(crate) const FLIPPED_BYTES: u64 = 1 << 40;
+
+    /// Under `t` (made): 20 small directories `m00`..`m19` (a file each), `a/` and
+    /// `z/`, and a sparse file of [`FLIPPED_BYTES`] a thread renames between
+    /// `a/big` and `z/big` as fast as it can (the attack report's shape: a loop in
+    /// C); with `writer`, the thread also makes and removes `m05/w` beside it (a
+    /// busy scope). Until dropped.
+    pub(crate) struct Flipping {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Flipping {
+        pub(crate) fn start(t: &Path, writer: bool) -> Self {
+            for i in 0..20 {
+                std::fs::create_dir_all(t.join(format!("m{i:02}"))).expect("dir");
+                std::fs::write(t.join(format!("m{i:02}/f")), "f").expect("file");
+            }
+            std::fs::create_dir_all(t.join("a")).expect("a");
+            std::fs::create_dir_all(t.join("z")).expect("z");
+            std::fs::File::create(t.join("a/big"))
+                .and_then(|f| f.set_len(FLIPPED_BYTES))
+                .expect("sparse");
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (stop, t) = (stop.clone(), t.to_owned());
+                std::thread::spawn(move || {
+                    let (a, z, w) = (t.join("a/big"), t.join("z/big"), t.join("m05/w"));
+                    for i in 0..50_000_000u64 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let _ = std::fs::rename(&a, &z);
+                        let _ = std::fs::rename(&z, &a);
+                        if writer && i % 2 == 0 {
+                            let _ = std::fs::write(&w, "w");
+                        } else if writer {
+                            let _ = std::fs::remove_file(&w);
+                        }
+                    }
+                })
+            };
+            Self {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Flipping {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -3214,32 +3282,10 @@ mod tests {
     /// admitted into a full scope.
     #[test]
     fn a_settled_walk_never_misses_a_file_renamed_back_and_forth_as_it_walks() {
+        use super::flipping::{Flipping, FLIPPED_BYTES as big};
         let dir = tempfile::tempdir().expect("tempdir");
         let t = dir.path().join("t");
-        for i in 0..20 {
-            std::fs::create_dir_all(t.join(format!("m{i:02}"))).expect("dir");
-            std::fs::write(t.join(format!("m{i:02}/f")), "f").expect("file");
-        }
-        std::fs::create_dir_all(t.join("a")).expect("a");
-        std::fs::create_dir_all(t.join("z")).expect("z");
-        let big: u64 = 1 << 40;
-        std::fs::File::create(t.join("a/big"))
-            .and_then(|f| f.set_len(big))
-            .expect("sparse");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flipper = {
-            let (stop, t) = (stop.clone(), t.clone());
-            std::thread::spawn(move || {
-                let (a, z) = (t.join("a/big"), t.join("z/big"));
-                for _ in 0..50_000_000u64 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let _ = std::fs::rename(&a, &z);
-                    let _ = std::fs::rename(&z, &a);
-                }
-            })
-        };
+        let flipping = Flipping::start(&t, false);
         let top = fd(&t);
         let (mut counted, mut missed, mut refused) = (0, 0, 0);
         for _ in 0..1_000 {
@@ -3261,8 +3307,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        flipper.join().expect("flipper");
+        drop(flipping);
         assert_eq!(missed, 0, "counted {counted}, refused {refused}");
         assert!(refused > 0, "the flips were seen: counted {counted}");
         // Settled, the same tree is measured whole.

@@ -1129,40 +1129,13 @@ mod tests {
     /// counted: of the tries, the largest count is taken.
     #[test]
     fn a_scope_changing_under_its_measurement_is_measured_and_a_flipped_file_counted() {
+        use crate::fsx::flipping::{Flipping, FLIPPED_BYTES as big};
         use std::os::fd::AsFd as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let t = dir.path();
-        for i in 0..20 {
-            std::fs::create_dir_all(t.join(format!("m{i:02}"))).expect("dir");
-            std::fs::write(t.join(format!("m{i:02}/f")), "f").expect("file");
-        }
-        std::fs::create_dir_all(t.join("a")).expect("a");
-        std::fs::create_dir_all(t.join("z")).expect("z");
-        let big: u64 = 1 << 40;
-        std::fs::File::create(t.join("a/big"))
-            .and_then(|f| f.set_len(big))
-            .expect("sparse");
+        // And a writer beside it, making and removing a file.
+        let flipping = Flipping::start(t, true);
         let scope = std::fs::File::open(t).expect("open");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flipper = {
-            let (stop, t) = (stop.clone(), t.to_owned());
-            std::thread::spawn(move || {
-                let (a, z, w) = (t.join("a/big"), t.join("z/big"), t.join("m05/w"));
-                for i in 0..50_000_000u64 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let _ = std::fs::rename(&a, &z);
-                    let _ = std::fs::rename(&z, &a);
-                    // And a writer beside it, making and removing a file.
-                    if i % 2 == 0 {
-                        let _ = std::fs::write(&w, "w");
-                    } else {
-                        let _ = std::fs::remove_file(&w);
-                    }
-                }
-            })
-        };
         let mut low = 0;
         for _ in 0..200 {
             let (bytes, _) =
@@ -1171,8 +1144,7 @@ mod tests {
                 low += 1;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        flipper.join().expect("flipper");
+        drop(flipping);
         assert_eq!(low, 0, "the flipped file was missed by every try");
     }
 
