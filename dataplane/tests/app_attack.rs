@@ -921,6 +921,10 @@ fn a_circuits_upstream_reuse_isolates_its_clients_beside_a_shared_circuit() {
     std::thread::sleep(Duration::from_millis(100));
     set_gate(&gate, true);
     let r = second.response();
+    // The stray answer was written before the app read `/next-b`: wait for it.
+    eventually("the app reads /next-b", || {
+        app.seen().iter().any(|s| s.path == "/next-b")
+    });
     assert_eq!(app.conn_of("/next-b"), conn, "shared: the same connection");
     assert_eq!(
         r.header("x-attacker"),
