@@ -4,7 +4,8 @@
 //! held against the app's health; once descriptors are back, the same app is used.
 //! And the admin endpoint, which answers one request at a time, cannot be held by a
 //! client that trickles its request head, or takes its answer a few bytes at a time:
-//! `/health` keeps answering.
+//! `/health` keeps answering. And a log file at its size limit loses lines, never the
+//! worker.
 
 mod common;
 
@@ -13,7 +14,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{eventually, log_count, metric, open_fds, set_nofile, Worker, WorkerOpts};
+use common::{
+    eventually, log_count, metric, open_fds, set_nofile, Client, Upstream, Worker, WorkerOpts,
+};
 
 /// An echo app: one thread per connection.
 fn echo_app() -> SocketAddr {
@@ -400,4 +403,60 @@ fn a_port_another_process_listens_on_is_never_shared() {
             "{log}"
         );
     }
+}
+
+/// A worker whose log goes to a file it may not grow past `RLIMIT_FSIZE` (a unit's
+/// `LimitFSIZE`, a stdout redirected to a size-limited file) died at the limit, from
+/// `SIGXFSZ`, with every connection it held. It now loses the lines that do not fit
+/// (counted) and goes on answering, on the same client connection.
+#[test]
+fn a_log_file_at_its_size_limit_loses_lines_not_the_worker() {
+    let app = Upstream::start();
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        ..Default::default()
+    });
+    let log_len = |w: &Worker| std::fs::metadata(&w.log).expect("the log").len();
+    let limit = log_len(&w) + 8192;
+    rustix::process::prlimit(
+        rustix::process::Pid::from_raw(w.pid() as i32),
+        rustix::process::Resource::Fsize,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .expect("prlimit on the worker");
+    // Requests until the log is full, then as many again.
+    let mut client = Client::connect(w.addr());
+    let mut past_the_limit = 0;
+    for i in 0..20_000 {
+        let r = client.get(&format!("/r{i}"), "");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        if log_len(&w) >= limit {
+            past_the_limit += 1;
+            if past_the_limit == 200 {
+                break;
+            }
+        }
+    }
+    assert_eq!(past_the_limit, 200, "the log never reached its limit");
+    assert_eq!(log_len(&w), limit, "the log grew past its limit");
+    assert!(
+        w.child
+            .as_mut()
+            .expect("the worker")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the worker died at the limit"
+    );
+    let metrics = w.admin_get("/metrics").text();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-lines count:\n{metrics}"));
+    assert!(dropped > 0, "the lost lines are counted");
+    assert_eq!(client.get("/after", "").status, 200);
 }

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod context;
 pub mod fair_share;
+pub mod fsize;
 pub mod header;
 pub mod jwt;
 pub mod logout;

@@ -138,7 +138,7 @@ pub fn render_metrics(out: &mut String) {
     use std::fmt::Write as _;
     let _ = write!(
         out,
-        "# HELP appproxy_log_lines_dropped_total Log and access-log lines dropped because stdout did not take them: not as fast as they came ({QUEUE_BYTES} bytes queued at most), or not at all (closed).\n# TYPE appproxy_log_lines_dropped_total counter\nappproxy_log_lines_dropped_total {}\n",
+        "# HELP appproxy_log_lines_dropped_total Log and access-log lines dropped because stdout did not take them: not as fast as they came ({QUEUE_BYTES} bytes queued at most), or not at all (closed, a file at its size limit).\n# TYPE appproxy_log_lines_dropped_total counter\nappproxy_log_lines_dropped_total {}\n",
         dropped_lines()
     );
 }

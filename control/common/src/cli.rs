@@ -46,8 +46,13 @@ impl ConfigArgs {
 }
 
 /// Runs a binary's `run`, and on an error prints `<name>: <error and its causes>`
-/// on stderr and exits with code 2.
+/// on stderr and exits with code 2. `SIGXFSZ` is caught first
+/// (`appproxy_shared::fsize`): a write past the file-size limit fails, it does
+/// not end the service.
 pub fn main(name: &str, run: impl FnOnce() -> anyhow::Result<()>) {
+    if let Err(e) = appproxy_shared::fsize::catch_limit_signal() {
+        eprintln!("{name}: warning: cannot catch SIGXFSZ ({e}): a write past RLIMIT_FSIZE ends the process");
+    }
     if let Err(e) = run() {
         eprintln!("{name}: {e:#}");
         std::process::exit(2);
