@@ -66,6 +66,11 @@ pub fn spawn_remote(
         config.secrets.api_secret.clone().unwrap_or_default(),
         node_id(&config),
         redis_url(&config),
+        config
+            .redis
+            .as_ref()
+            .map(|r| r.circuits_from)
+            .unwrap_or_default(),
     )?;
     spawn(config, link, deployer, marks)
 }

@@ -652,6 +652,28 @@ pub struct RedisSection {
         deserialize_with = "appproxy_shared::secret::deserialize_opt"
     )]
     pub url: Option<String>,
+    /// Where the circuits a circuit event names are read from (`circuits_from`).
+    pub circuits_from: CircuitsFrom,
+}
+
+/// Where the agent reads the circuits a circuit event names (`[redis] circuits_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CircuitsFrom {
+    /// The circuits the event carries are deployed as they are (the original's
+    /// behaviour, the default): a deployment needs nothing but the event, so a
+    /// worker whose coordinator is frozen still deploys what another coordinator
+    /// publishes. Anything that can publish on the Redis can deploy, reroute and
+    /// remove circuits: for a Redis only the coordinators can publish on.
+    #[default]
+    Event,
+    /// The event only wakes the agent, which reads what changed from the
+    /// coordinator's API, authenticated: an event forged on Redis (by anything else
+    /// that can publish there: another service sharing it, a compromised host)
+    /// deploys, reroutes and removes nothing. It costs a read of what changed per
+    /// event, and deployments wait for the worker's coordinator (list every
+    /// coordinator in `[coordinator] url`).
+    Coordinator,
 }
 
 /// `[secrets]`. Each key may be given inline, as `{ file = "/abs/path" }` or as
@@ -1086,6 +1108,10 @@ impl Config {
         optional.push((
             "redis",
             "url = \"redis://127.0.0.1:6379/\"  # events, acknowledgements, last-access marks",
+        ));
+        optional.push((
+            "redis",
+            "circuits_from = \"coordinator\"  # an event is a sign to read the change from the coordinator (default \"event\": deploy what it carries)",
         ));
         appproxy_shared::config::with_optional_keys(&text, &optional)
     }
@@ -1637,6 +1663,29 @@ mod tests {
             let err = Config::parse(&format!("[worker]\ncores = 1\n{text}")).expect_err(text);
             assert!(err.to_string().contains(named), "{text}: {err}");
         }
+    }
+
+    /// An event's circuits are deployed as it carries them unless `circuits_from`
+    /// says `coordinator`; another value is refused naming the key.
+    #[test]
+    fn circuits_from_defaults_to_the_event() {
+        let from = |text: &str| {
+            Config::parse(&format!(
+                "[worker]\ncores = 1\n[redis]\nurl = \"redis://h\"\n{text}"
+            ))
+            .map(|c| c.redis.map(|r| r.circuits_from))
+        };
+        assert_eq!(from("").expect("parses"), Some(CircuitsFrom::Event));
+        assert_eq!(
+            from("circuits_from = \"coordinator\"").expect("parses"),
+            Some(CircuitsFrom::Coordinator)
+        );
+        assert_eq!(
+            from("circuits_from = \"event\"").expect("parses"),
+            Some(CircuitsFrom::Event)
+        );
+        let err = from("circuits_from = \"carried\"").expect_err("refused");
+        assert!(err.to_string().contains("redis.circuits_from"), "{err}");
     }
 
     /// The common mistakes, each refused with the file, the key path and the fix.

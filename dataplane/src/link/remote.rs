@@ -1,8 +1,9 @@
 //! The remote [`ControlLink`]: the coordinator's HTTP API (a minimal JSON-over-HTTP/1.1
 //! client that moves to the next coordinator of an HA pair when one cannot be
 //! reached), and Redis when `[redis] url` is set — circuit events heard on the
-//! broadcast channel, acknowledgements published there, last-access marks written with
-//! the original's keys.
+//! broadcast channel (with `[redis] circuits_from = "coordinator"` only as a sign to
+//! read what changed from the coordinator), acknowledgements published there,
+//! last-access marks written with the original's keys.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use appproxy_shared::{IdVersion, RequestId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{ControlLink, LinkError, Notice};
+use crate::config::CircuitsFrom;
 
 /// Every Redis call the worker makes is bounded by this: an outage costs a call at
 /// most this long, never a hang.
@@ -41,22 +43,28 @@ pub struct RemoteLink {
     redis_url: Option<String>,
     /// The connection acknowledgements and marks use (one caller at a time).
     redis: tokio::sync::Mutex<RedisLink>,
+    /// Where an event's circuits are read from.
+    circuits_from: CircuitsFrom,
 }
 
 impl RemoteLink {
     /// A link to the coordinators of `urls` (one URL, or several separated by
     /// commas) with the shared API `secret`; `node` names this process among the
-    /// worker's HA nodes; `redis_url` enables events, acknowledgements and marks.
+    /// worker's HA nodes; `redis_url` enables events, acknowledgements and marks;
+    /// `circuits_from` says whether an event's circuits are deployed as it carries
+    /// them or read from the coordinator.
     pub fn new(
         urls: &str,
         secret: String,
         node: String,
         redis_url: Option<String>,
+        circuits_from: CircuitsFrom,
     ) -> Result<Self, LinkError> {
         Ok(Self {
             client: Client::new(urls, secret, node)?,
             redis: tokio::sync::Mutex::new(RedisLink::new(redis_url.as_deref())),
             redis_url,
+            circuits_from,
         })
     }
 }
@@ -104,7 +112,12 @@ impl ControlLink for RemoteLink {
 
     fn follow(&self, authority: &str, tx: tokio::sync::mpsc::UnboundedSender<Notice>) {
         if let Some(url) = &self.redis_url {
-            tokio::spawn(subscribe(url.clone(), authority.to_owned(), tx));
+            tokio::spawn(subscribe(
+                url.clone(),
+                authority.to_owned(),
+                self.circuits_from,
+                tx,
+            ));
         }
     }
 
@@ -381,7 +394,12 @@ impl RedisLink {
 /// backoff, [`appproxy_shared::pubsub`]); every circuit event for this worker, and
 /// every (re)subscription (which may have missed some), becomes a [`Notice`]; every
 /// reconnection is counted (`appproxy_worker_redis_reconnects_total`).
-async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::UnboundedSender<Notice>) {
+async fn subscribe(
+    url: String,
+    authority: String,
+    circuits_from: CircuitsFrom,
+    tx: tokio::sync::mpsc::UnboundedSender<Notice>,
+) {
     appproxy_shared::pubsub::Follow::new(&url, &[BROADCAST_CHANNEL], "circuit events")
         .run(
             || {
@@ -392,7 +410,7 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
                 let Ok(envelope) = serde_json::from_str::<BroadcastMessage>(&text) else {
                     return true;
                 };
-                match heard(&envelope, &authority) {
+                match heard(&envelope, &authority, circuits_from) {
                     Some(notice) => tx.send(notice).is_ok(),
                     None => true,
                 }
@@ -403,8 +421,15 @@ async fn subscribe(url: String, authority: String, tx: tokio::sync::mpsc::Unboun
 }
 
 /// The notice a coordinator's event for this worker gives; `None` for anything else.
-/// An event whose body does not read still asks for a fetch.
-fn heard(envelope: &BroadcastMessage, authority: &str) -> Option<Notice> {
+/// With `circuits_from` the coordinator, the notice carries no circuits: the agent
+/// reads what changed from the coordinator's API, and an event anyone could have
+/// published on Redis decides only when it does. An event whose body does not read
+/// asks for that read too.
+fn heard(
+    envelope: &BroadcastMessage,
+    authority: &str,
+    circuits_from: CircuitsFrom,
+) -> Option<Notice> {
     if envelope.source != "appproxy-coordinator" {
         return None;
     }
@@ -430,11 +455,13 @@ fn heard(envelope: &BroadcastMessage, authority: &str) -> Option<Notice> {
         tracing::info!(event = %envelope.name, "circuit event received");
     });
     let kind = EventKind::of_name(&envelope.name);
-    let read = kind.and_then(|k| {
-        EventBody::read(k, &envelope.payload)
-            .ok()
-            .map(|(_, circuits)| (k, circuits))
-    });
+    let read = kind
+        .filter(|_| circuits_from == CircuitsFrom::Event)
+        .and_then(|k| {
+            EventBody::read(k, &envelope.payload)
+                .ok()
+                .map(|(_, circuits)| (k, circuits))
+        });
     let mut notice = match read {
         Some((kind, circuits)) => Notice::event(kind, circuits, request_id, span),
         None => Notice {
@@ -519,7 +546,7 @@ mod tests {
             )
             .expect("envelope")
         };
-        let notice = heard(&event(TP), "w1").expect("for this worker");
+        let notice = heard(&event(TP), "w1", CircuitsFrom::Coordinator).expect("for this worker");
         let span = notice.span.expect("a span");
         assert_eq!(
             span.trace_id.to_string(),
@@ -534,10 +561,58 @@ mod tests {
             Some("rojo=1")
         );
         for bad in ["00-zz", &format!("01{}-{}", &TP[2..], "x".repeat(600))] {
-            let notice = heard(&event(bad), "w1").expect("for this worker");
+            let notice =
+                heard(&event(bad), "w1", CircuitsFrom::Coordinator).expect("for this worker");
             let span = notice.span.expect("derived from the request ID");
             assert_eq!(span.parent_span_id, None, "{bad}");
             assert_eq!(notice.tracestate, None, "{bad}");
+        }
+    }
+
+    /// With `circuits_from = "coordinator"` an event's circuits are never deployed
+    /// as it carries them: its notice asks the agent to read what changed from the
+    /// coordinator, keeping what the event says of its request, its trace and the
+    /// creations owed an acknowledgement; with `"event"` the notice carries the
+    /// change.
+    #[test]
+    fn an_events_circuits_are_read_from_the_coordinator_when_configured() {
+        let circuit: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c0a8f5d2-1111-4222-8333-444455556666",
+            "protocol": "http", "app_mode": "interactive", "frontend_mode": "port",
+            "port": 10250, "open_to_public": true,
+            "route_info": [{"session_id": "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+                "kernel_host": "203.0.113.9", "kernel_port": 8000}],
+        }))
+        .expect("a circuit");
+        let meta = EventMetadata {
+            request_id: Some(appproxy_shared::model::RequestIdText("R-7".into())),
+            ..Default::default()
+        };
+        for kind in [
+            EventKind::Created,
+            EventKind::Removed,
+            EventKind::RouteUpdated,
+        ] {
+            let body = EventBody::new(kind, "w1", vec![circuit.clone()]).expect("a body");
+            let event = BroadcastMessage::encode(kind.name(), "appproxy-coordinator", &body, &meta)
+                .expect("envelope");
+            let notice = heard(&event, "w1", CircuitsFrom::Coordinator).expect("for this worker");
+            assert!(notice.delta.is_none(), "{kind:?}: carried a change");
+            assert_eq!(
+                notice.request_id.map(|r| r.to_string()).as_deref(),
+                Some("R-7")
+            );
+            assert!(notice.span.is_some(), "{kind:?}");
+            let owed = if kind == EventKind::Created {
+                vec![circuit.id]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(notice.created, owed, "{kind:?}");
+            let notice = heard(&event, "w1", CircuitsFrom::Event).expect("for this worker");
+            assert!(notice.delta.is_some(), "{kind:?}: the carried change");
+            assert_eq!(notice.created, owed, "{kind:?}");
+            assert!(heard(&event, "w2", CircuitsFrom::Coordinator).is_none());
         }
     }
 
