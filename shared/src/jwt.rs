@@ -69,6 +69,11 @@ pub fn verify_hs256(token: &[u8], secret: &str) -> Result<Claims, JwtError> {
     if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
         return Err(JwtError::Malformed);
     }
+    // RFC 7515 §4.1.11: extensions the token says must be understood are refused,
+    // as none is.
+    if header.get("crit").is_some() {
+        return Err(JwtError::Malformed);
+    }
     let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed)?;
     let mut m = mac(secret);
     m.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
@@ -99,6 +104,35 @@ pub fn verify_hs256(token: &[u8], secret: &str) -> Result<Claims, JwtError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header naming extensions that must be understood is refused, signed or
+    /// not; one without `crit` is taken.
+    #[test]
+    fn a_critical_extension_is_refused() {
+        let signed = |header: &str| {
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode("{}")
+            );
+            let mut m = mac("k");
+            m.update(input.as_bytes());
+            format!(
+                "{input}.{}",
+                URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+            )
+        };
+        let plain = signed(r#"{"alg":"HS256","x-ext":1}"#);
+        assert!(verify_hs256(plain.as_bytes(), "k").is_ok());
+        for crit in [r#"["x-ext"]"#, "[]", "null"] {
+            let t = signed(&format!(r#"{{"alg":"HS256","crit":{crit},"x-ext":1}}"#));
+            assert_eq!(
+                verify_hs256(t.as_bytes(), "k"),
+                Err(JwtError::Malformed),
+                "{crit}"
+            );
+        }
+    }
 
     #[test]
     fn round_trip_and_refusals() {

@@ -331,6 +331,12 @@ pub(super) async fn register_worker(
     Params(q): Params<BriefQuery>,
     Body(body): Body<Value>,
 ) -> Result<Response, ApiError> {
+    // A worker's own credential first, for the authority the body names: a caller
+    // without one learns nothing of what the registration checks.
+    if let Caller::Worker(_) = caller {
+        let named = body.get("authority").and_then(Value::as_str);
+        caller.may_act_for(&state.config.secrets, named.unwrap_or_default())?;
+    }
     let registration = validate_worker(&body)?;
     caller.may_act_for(&state.config.secrets, &registration.authority)?;
     // The registration is stored as sent: keys this version does not know are kept.
@@ -878,8 +884,8 @@ pub(super) async fn heartbeat(
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Response, ApiError> {
-    valid_node_id("node", q.node.as_deref())?;
     acting_for(&state, &caller, id).await?;
+    valid_node_id("node", q.node.as_deref())?;
     let heard = match state.store.heartbeat_node(id, q.node.as_deref()).await {
         Err(StoreError::Conflict(why)) => return Err(ApiError::NodeLeft(why)),
         Err(e) => {
@@ -927,8 +933,8 @@ pub(super) async fn deregister_worker(
     Id(id): Id<uuid::Uuid>,
     Params(q): Params<NodeQuery>,
 ) -> Result<Json<Success>, ApiError> {
-    valid_node_id("node", q.node.as_deref())?;
     acting_for(&state, &caller, id).await?;
+    valid_node_id("node", q.node.as_deref())?;
     if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
     }

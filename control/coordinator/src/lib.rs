@@ -775,6 +775,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // A worker's own credential is checked against the worker the body names: a
+        // body that names none cannot be the worker's, and its caller learns nothing
+        // of why it does not read.
+        let unproven = matches!(req.extensions().get::<Caller>(), Some(Caller::Worker(_)));
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| {
@@ -784,9 +788,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                     ApiError::BadRequest(format!("unreadable body: {e}"))
                 }
             })?;
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| {
+            if unproven {
+                ApiError::Unauthorized
+            } else {
+                ApiError::BadRequest(format!("invalid JSON body: {e}"))
+            }
+        })
     }
 }
 
@@ -887,20 +895,34 @@ fn token_credential(value: &[u8]) -> &[u8] {
         .unwrap_or(value)
 }
 
-/// An `Authorization` scheme as a refusal names it: only if it is a token (RFC 9110
-/// §5.6.2) of at most 16 characters (schemes are short words), else `?`.
+/// An `Authorization` scheme as a refusal names it: only a scheme of IANA's HTTP
+/// authentication scheme registry (or the platform's `BackendAI` and the common
+/// `Token`), as registered; anything else is `?`. Any word the client sent could be
+/// a secret sent in the scheme's place (a short API secret followed by anything was
+/// echoed, in the answer and the log).
 fn shown_scheme(scheme: &[u8]) -> String {
-    const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~";
-    if !scheme.is_empty()
-        && scheme.len() <= 16
-        && scheme
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(b))
-    {
-        String::from_utf8_lossy(scheme).into_owned()
-    } else {
-        "?".to_owned()
-    }
+    const KNOWN: &[&str] = &[
+        "Basic",
+        "Bearer",
+        "Concealed",
+        "Digest",
+        "DPoP",
+        "GNAP",
+        "HOBA",
+        "Mutual",
+        "Negotiate",
+        "OAuth",
+        "PrivateToken",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-256",
+        "vapid",
+        "BackendAI",
+        "Token",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(scheme))
+        .map_or_else(|| "?".to_owned(), |k| (*k).to_owned())
 }
 
 /// `POST /v2/conf`'s own check (§2.1 of the wire: `X-BackendAI-Token` equal to the
@@ -953,16 +975,20 @@ impl Caller {
         match self {
             Self::Manager => Ok(()),
             Self::Worker(presented) => match secrets.worker_key() {
-                Some(key)
-                    if !authority.is_empty()
-                        && server::secret_matches(
-                            presented,
-                            appproxy_shared::secret::derived(key, authority).as_bytes(),
-                        ) =>
-                {
-                    Ok(())
+                Some(key) => {
+                    // Derived and compared for an unknown worker (no authority) too,
+                    // so that the refusal takes as long either way.
+                    let matches = server::secret_matches(
+                        presented,
+                        appproxy_shared::secret::derived(key, authority).as_bytes(),
+                    );
+                    if matches && !authority.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(ApiError::Unauthorized)
+                    }
                 }
-                _ => Err(ApiError::Unauthorized),
+                None => Err(ApiError::Unauthorized),
             },
         }
     }
@@ -1182,6 +1208,16 @@ fn announced_over(req: &Request, max: usize) -> bool {
 /// handlers read the buffered copy. Late: 408; over the limit: 413; cut off: 400;
 /// each closes the connection.
 async fn body_in_time(Extract(rule): Extract<BodyRule>, req: Request, next: Next) -> Response {
+    // A worker's own credential is checked by the route, once it knows the worker
+    // (a registration names it in its body): until then the caller may hold no
+    // credential at all, and gets no more than a public route's body.
+    let rule = match req.extensions().get::<Caller>() {
+        Some(Caller::Worker(_)) => BodyRule {
+            max: rule.max.min(MAX_PUBLIC_BODY),
+            ..rule
+        },
+        _ => rule,
+    };
     // A body announced longer than the route's limit is refused before any of it is
     // read (as `announced_size` does for the API's largest).
     let refused = if announced_over(&req, rule.max) {

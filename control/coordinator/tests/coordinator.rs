@@ -748,6 +748,20 @@ fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
     let early = signed(serde_json::json!({"nbf": now + 3600.0}), SECRET);
     let other_key = signed(serde_json::json!({}), "jwt-key");
     let raw_secret = format!("Bearer {SECRET}");
+    // Signed with the secret, naming an extension as critical.
+    let crit = {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let input = format!(
+            "{}.{}",
+            b.encode(br#"{"alg":"HS256","typ":"JWT","crit":["x-ext"],"x-ext":1}"#),
+            b.encode(b"{}")
+        );
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+        m.update(input.as_bytes());
+        format!("Bearer {input}.{}", b.encode(m.finalize().into_bytes()))
+    };
     // `alg: none` with no signature: never taken.
     let unsigned = {
         use base64::Engine as _;
@@ -822,6 +836,25 @@ fn the_api_takes_a_bearer_jwt_signed_with_its_secret_and_nothing_else() {
             401,
             "Unsupported authorization method ?",
         ),
+        // A short secret in the scheme's place, something after it: a registered
+        // scheme is named (as registered), any other word is not.
+        (
+            vec![auth(&format!("{SECRET} x"))],
+            401,
+            "Unsupported authorization method ?",
+        ),
+        (
+            vec![auth("Foo x")],
+            401,
+            "Unsupported authorization method ?",
+        ),
+        (
+            vec![auth("digest x")],
+            401,
+            "Unsupported authorization method Digest",
+        ),
+        // An extension the token says must be understood (RFC 7515 §4.1.11).
+        (vec![auth(&crit)], 401, "Invalid API token: malformed token"),
         // Two `Authorization` fields, both valid: which would be checked is a guess.
         (vec![auth(&bare), auth(&bare)], 401, "Unauthorized access"),
         // A wrong `X-BackendAI-Token` is refused whatever `Authorization` says.
@@ -1060,6 +1093,53 @@ fn a_workers_own_credential_acts_for_that_worker_only() {
         "",
     );
     assert_eq!(r.status, 401);
+    // A caller without a credential learns nothing of what the worker routes check
+    // (their 400s come after the credential's 401), and cannot make the coordinator
+    // hold more body than a public route does: a 2 MB body announced on a worker
+    // route was read whole (for up to the body timeout) before its 401.
+    let garbage = ("X-BackendAI-Token", "garbage");
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/api/worker".to_owned(),
+            r#"{"authority":"worker-2"}"#,
+        ),
+        ("PUT", "/api/worker".to_owned(), "not JSON"),
+        ("PATCH", format!("/api/worker/{w2}?node=bad%20node"), ""),
+        ("DELETE", format!("/api/worker/{w2}?node=bad%20node"), ""),
+    ] {
+        let r = request(c.addr, method, &path, &[garbage], body);
+        assert_eq!(
+            r.status,
+            401,
+            "{method} {path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for method in ["PUT", "PATCH"] {
+        let path = if method == "PUT" {
+            "/api/worker".to_owned()
+        } else {
+            format!("/api/worker/{w2}")
+        };
+        let mut s = std::net::TcpStream::connect(c.addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .expect("timeout");
+        std::io::Write::write_all(
+            &mut s,
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: garbage\r\n\
+                 Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .expect("send");
+        // Answered at once, the body unread: nothing more is sent.
+        let mut raw = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut raw);
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 413"), "{method}: {raw}");
+    }
     // The API secret reaches every route, worker routes too.
     for (method, path) in [
         ("GET", "/api/worker".to_owned()),
