@@ -14,15 +14,16 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Locks the table is split into (a power of two).
-const SHARDS: usize = 64;
+/// Locks the table is split into (a power of two; `request_rate`'s table uses the
+/// same split).
+pub(crate) const SHARDS: usize = 64;
 
 pub use appproxy_shared::fair_share::ClientKey;
 
 /// The shard `key` lives in. Clients choose their addresses and so can crowd one
 /// shard; that costs them lock waits of their own cores, never a wrong count (each
 /// shard's map hashes with SipHash).
-fn shard_of(key: ClientKey) -> usize {
+pub(crate) fn shard_of(key: ClientKey) -> usize {
     let bits = match key {
         ClientKey::V4(a) => u64::from(u32::from(a)),
         ClientKey::V6Prefix(p) => p,

@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use appproxy_shared::model::{Circuit, FrontendMode, IpNet, ProxyProtocol};
@@ -285,10 +286,41 @@ pub struct LimitsSection {
     /// `[worker] trusted_proxies` are not limited (every client behind them shares
     /// their address). 0 (the default) turns the limit off.
     pub max_connections_per_client: usize,
+    /// Requests per second the worker takes from one client address (counted as
+    /// `max_connections_per_client` counts addresses, over all cores together; from
+    /// behind a trusted proxy, the address it forwards), HTTP/1.x requests and
+    /// HTTP/2 streams alike; a request past it is refused with 429 and
+    /// `Retry-After` before it is routed, counted in
+    /// `appproxy_requests_refused_per_client_rate_total`. Fractions are allowed
+    /// (0.5: one every two seconds). 0 (the default) turns the limit off.
+    pub max_request_rate_per_client: f64,
+    /// Requests one client address may send at once past its rate after a quiet
+    /// while (a page loading its assets): the bucket's size. 0 (the default) takes
+    /// one second's worth of the rate, at least 1.
+    pub max_request_burst_per_client: u32,
     /// Lowest average rate, in bytes per second, at which a client must send a
     /// request body; a body that falls below it (after the first `body_idle_secs`
     /// of waiting are used up) gets 408. 0 turns the floor off.
     pub min_body_rate: u64,
+}
+
+/// The worker's one table of request rates per client address, when `[limits]
+/// max_request_rate_per_client` turns it on (a rate that is no number, or below 0,
+/// is refused naming the key).
+fn request_rates(
+    l: &LimitsSection,
+) -> Result<Option<Arc<crate::request_rate::RequestRates>>, ConfigError> {
+    let rate = l.max_request_rate_per_client;
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(ConfigError::Invalid(format!(
+            "[limits] max_request_rate_per_client = {rate}: requests per second, 0 or more (0: no limit)"
+        )));
+    }
+    let burst = match l.max_request_burst_per_client {
+        0 => rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+        n => n,
+    };
+    Ok(crate::request_rate::RequestRates::new(rate, burst).map(Arc::new))
 }
 
 impl Default for LimitsSection {
@@ -302,6 +334,8 @@ impl Default for LimitsSection {
             max_response_head: 64 * 1024,
             max_connections_per_core: 0,
             max_connections_per_client: 0,
+            max_request_rate_per_client: 0.0,
+            max_request_burst_per_client: 0,
             min_body_rate: 500,
         }
     }
@@ -973,6 +1007,9 @@ pub struct Runtime {
     pub max_connections_per_core: usize,
     /// Client connections per client address, per core (0: no limit).
     pub max_connections_per_client: usize,
+    /// Requests per second per client address, shared by every core (`None`: no
+    /// limit).
+    pub request_rates: Option<Arc<crate::request_rate::RequestRates>>,
     /// Open connections per upstream address, per core.
     pub max_upstream_conns: usize,
     /// TCP keepalive of client connections (`None`: off).
@@ -1531,6 +1568,7 @@ impl Config {
             min_body_rate: l.min_body_rate,
             max_connections_per_core: l.max_connections_per_core,
             max_connections_per_client: l.max_connections_per_client,
+            request_rates: request_rates(l)?,
             max_upstream_conns: self.upstream.max_connections_per_route,
             client_keepalive: (t.client_tcp_keepalive_secs > 0).then(|| TcpKeepalive {
                 idle: secs(t.client_tcp_keepalive_secs),
@@ -1686,6 +1724,30 @@ mod tests {
         );
         let err = from("circuits_from = \"carried\"").expect_err("refused");
         assert!(err.to_string().contains("redis.circuits_from"), "{err}");
+    }
+
+    /// A request rate that is no number of requests per second is refused, naming
+    /// the key; 0 (the default) turns the limit off; a burst of 0 is a second's
+    /// worth of the rate.
+    #[test]
+    fn a_request_rate_that_is_no_rate_is_refused() {
+        let validated = |limits: &str| {
+            Config::parse(&format!("[worker]\ncores = 1\n[limits]\n{limits}\n"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate(&[0]).map_err(|e| e.to_string()))
+        };
+        for rate in ["-1.0", "nan", "inf"] {
+            let err = validated(&format!("max_request_rate_per_client = {rate}")).expect_err(rate);
+            assert!(err.contains("max_request_rate_per_client"), "{rate}: {err}");
+        }
+        let off = validated("max_request_rate_per_client = 0").expect("off");
+        assert!(off.request_rates.is_none());
+        let on = validated("max_request_rate_per_client = 2.5").expect("on");
+        let rates = on.request_rates.expect("a table");
+        // A burst of a second's worth (3): two intervals of 400 ms ahead allowed.
+        let shown = format!("{rates:?}");
+        assert!(shown.contains("interval_ns: 400000000"), "{shown}");
+        assert!(shown.contains("tolerance_ns: 800000000"), "{shown}");
     }
 
     /// The common mistakes, each refused with the file, the key path and the fix.

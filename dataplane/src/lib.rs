@@ -26,6 +26,7 @@ pub mod proxy_protocol;
 pub mod reactor;
 pub mod readiness;
 pub mod relay;
+pub mod request_rate;
 pub mod signal;
 pub mod tcp;
 pub mod tls;

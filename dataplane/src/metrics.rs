@@ -55,6 +55,8 @@ pub enum Counter {
     ConnShed,
     /// Connections closed at accept: their client address was at its cap.
     ConnRefusedPerClient,
+    /// Requests refused (429): their client address was past its request rate.
+    RequestsRefusedPerClientRate,
     /// Connections closed without a valid PROXY protocol header.
     ProxyProtocolRefused,
     /// Connections waiting for their PROXY protocol header (gauge).
@@ -135,6 +137,7 @@ impl Counter {
         Counter::ConnRefused,
         Counter::ConnShed,
         Counter::ConnRefusedPerClient,
+        Counter::RequestsRefusedPerClientRate,
         Counter::ProxyProtocolRefused,
         Counter::ProxyProtocolWaiting,
         Counter::AcceptErrors,
@@ -180,6 +183,7 @@ impl Counter {
             Counter::BytesOut => spec("appproxy_bytes_out_total", Kind::Counter, "Bytes written to clients."),
             Counter::ProxyErrors => spec("appproxy_proxy_errors_total", Kind::Counter, "Responses the proxy made itself (see appproxy_proxy_errors_by_code_total)."),
             Counter::ConnRefusedPerClient => spec("appproxy_connections_refused_per_client_total", Kind::Counter, "Connections closed at accept because their client address was at [limits] max_connections_per_client."),
+            Counter::RequestsRefusedPerClientRate => spec("appproxy_requests_refused_per_client_rate_total", Kind::Counter, "Requests refused (429) because their client address was past [limits] max_request_rate_per_client."),
             Counter::ProxyProtocolRefused => spec("appproxy_proxy_protocol_refused_total", Kind::Counter, "Connections closed unserved with [worker] proxy_protocol on: not from a trusted proxy, or no valid PROXY header within the head timeout."),
             Counter::ProxyProtocolWaiting => spec("appproxy_proxy_protocol_headers_waiting", Kind::Gauge, "Connections with [worker] proxy_protocol on still waiting for their PROXY header (not yet in appproxy_connections_active)."),
             Counter::ConnShed => spec("appproxy_connections_shed_total", Kind::Counter, "Connections with nothing in hand (waiting for a request, or lingering) closed to admit a new one at [limits] max_connections_per_core."),
@@ -289,6 +293,8 @@ pub mod counter {
     pub const CONN_SHED: usize = Counter::ConnShed as usize;
     /// Connections closed at accept because their client address was at its cap.
     pub const CONN_REFUSED_PER_CLIENT: usize = Counter::ConnRefusedPerClient as usize;
+    /// Requests refused because their client address was past its request rate.
+    pub const REQUESTS_REFUSED_RATE: usize = Counter::RequestsRefusedPerClientRate as usize;
     /// Connections closed without a valid PROXY protocol header.
     pub const PROXY_PROTOCOL_REFUSED: usize = Counter::ProxyProtocolRefused as usize;
     /// Connections waiting for their PROXY protocol header.

@@ -398,3 +398,103 @@ fn a_pipelined_partial_head_gets_the_head_timeout_not_the_keepalive_one() {
     assert!(c.is_closed());
     assert_eq!(up.count(), 1);
 }
+
+/// `[limits] max_request_rate_per_client`: a client address gets its burst, then a
+/// 429 with `Retry-After` and its request ID for each request past its rate, on
+/// every connection it opens, over HTTP/1.1 and HTTP/2 alike, and its connection
+/// goes on; nothing refused reaches the app; another address has its own rate, and
+/// behind a trusted proxy each forwarded address has its own. The rate is one
+/// request in 1,000 s: how fast the test runs cannot matter.
+#[test]
+fn a_client_past_its_request_rate_gets_429_and_other_clients_are_served() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_request_rate_per_client = 0.001\nmax_request_burst_per_client = 3\n"
+            .into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.9/32\"]".into(),
+        ..Default::default()
+    });
+    let mut c = Client::connect(w.addr());
+    for i in 0..3 {
+        assert_eq!(c.get(&format!("/ok{i}"), "").status, 200, "request {i}");
+    }
+    let r = c.get("/past", "");
+    assert_json_error(&r, 429, "request_rate_limit");
+    let secs: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((990..=1000).contains(&secs), "Retry-After: {secs}");
+    let id = r.header("x-backend-request-id").expect("an ID").to_owned();
+    let line = w.wait_access_line(&id);
+    assert_eq!(line["status"], 429, "{line}");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    // The connection goes on; the address's other connections are refused too (one
+    // whose refused request had a body is closed after it, as for any refusal
+    // that leaves a body unread).
+    assert_eq!(c.get("/again", "").status, 429);
+    let mut other_conn = Client::connect(w.addr());
+    other_conn.send(b"POST /post HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(other_conn.response().status, 429);
+    assert_eq!(up.count(), 3, "nothing refused reached the app");
+
+    // Another address: a burst of its own.
+    let mut second = Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.addr());
+    for i in 0..3 {
+        assert_eq!(second.get(&format!("/second{i}"), "").status, 200);
+    }
+    assert_eq!(second.get("/second-past", "").status, 429);
+
+    // HTTP/2 streams count as requests: four from a third address (a connection
+    // each: curl 7.88 cannot reuse a prior-knowledge connection, with any server).
+    let url = format!("http://127.0.0.1:{}/h2", w.port);
+    let mut heads = String::new();
+    for _ in 0..4 {
+        let out = std::process::Command::new("curl")
+            .args([
+                "--http2-prior-knowledge",
+                "--interface",
+                "127.0.0.3",
+                "-sS",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "20",
+                &url,
+            ])
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        heads.push_str(&String::from_utf8_lossy(&out.stdout).to_ascii_lowercase());
+    }
+    assert_eq!(heads.matches("http/2 200").count(), 3, "{heads}");
+    assert_eq!(heads.matches("http/2 429").count(), 1, "{heads}");
+    assert!(heads.contains("retry-after: "), "{heads}");
+
+    // Behind a trusted proxy, each forwarded address is a client of its own.
+    let mut proxy = Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 9), w.addr());
+    for client in ["10.0.0.1", "10.0.0.2"] {
+        for i in 0..3 {
+            let r = proxy.get(
+                &format!("/fwd{i}"),
+                &format!("X-Forwarded-For: {client}\r\n"),
+            );
+            assert_eq!(r.status, 200, "{client} request {i}");
+        }
+        let r = proxy.get("/fwd-past", &format!("X-Forwarded-For: {client}\r\n"));
+        assert_eq!(r.status, 429, "{client}");
+    }
+    assert_eq!(up.count(), 3 + 3 + 3 + 6);
+    // The cores publish their counters at their tick.
+    let refused = 1 + 1 + 1 + 1 + 1 + 2;
+    common::eventually("the refusals are counted", || {
+        common::metric_all_cores(&w, "appproxy_requests_refused_per_client_rate_total") == refused
+    });
+}

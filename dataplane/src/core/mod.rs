@@ -140,6 +140,23 @@ impl Core {
         self.metrics.error_code(r.code);
     }
 
+    /// Admits one request of `client` under `[limits] max_request_rate_per_client`
+    /// (the worker's one table, shared by its cores), or the refusal to answer,
+    /// counted; nothing to do while the limit is off.
+    pub fn take_request(
+        &self,
+        client: std::net::IpAddr,
+    ) -> Result<(), crate::http::error::ProxyError> {
+        let Some(rates) = &self.rt.request_rates else {
+            return Ok(());
+        };
+        rates.take(client).map_err(|limited| {
+            self.metrics.add(counter::REQUESTS_REFUSED_RATE, 1);
+            tracing::debug!(client = %client, "request refused: its address is past its request rate");
+            crate::http::error::ProxyError::RequestRateLimit(limited.retry_after_secs())
+        })
+    }
+
     /// Records a finished exchange: metrics (duration, per-circuit row) and the
     /// access line.
     pub fn record(&self, e: &AccessEntry<'_>) {

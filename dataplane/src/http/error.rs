@@ -147,6 +147,11 @@ pub enum ProxyError {
     /// max_connections_per_client` allows: the connection is answered and closed.
     #[error("too many connections from this address, retry later")]
     ClientConnectionLimit,
+    /// The client's address sent requests faster than `[limits]
+    /// max_request_rate_per_client` allows: the request is refused before it is
+    /// routed, `Retry-After` saying when the next one would be admitted (seconds).
+    #[error("too many requests from this address, retry later")]
+    RequestRateLimit(u32),
 }
 
 impl RequestError {
@@ -198,7 +203,10 @@ impl ProxyError {
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::Request(_) | Self::UnknownCircuit | Self::ClientConnectionLimit => Fault::Client,
+            Self::Request(_)
+            | Self::UnknownCircuit
+            | Self::ClientConnectionLimit
+            | Self::RequestRateLimit(_) => Fault::Client,
             Self::NoRoute
             | Self::NoHealthyRoute
             | Self::UpstreamConnect(_)
@@ -233,6 +241,7 @@ impl ProxyError {
             Self::AppStreamLimit => (503, "app_stream_limit"),
             Self::ConnectionLimit => (503, "connection_limit"),
             Self::ClientConnectionLimit => (429, "client_connection_limit"),
+            Self::RequestRateLimit(_) => (429, "request_rate_limit"),
         }
     }
 
@@ -241,6 +250,7 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             Self::ConnectionLimit | Self::ClientConnectionLimit | Self::AppStreamLimit => Some(1),
+            Self::RequestRateLimit(secs) => Some(*secs),
             _ => None,
         }
     }

@@ -318,11 +318,13 @@ async fn serve_stream(
     if let Ok(ip) = client_ip {
         line.client.set(ip);
     }
-    let refusal = match client_ip {
+    // The client's request rate (429) first, then the allowlist and credentials.
+    let refusal = match client_ip.map(|ip| (ip, core.take_request(ip))) {
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
             "X-Forwarded-For from a trusted proxy must hold exactly one address",
         )))),
-        Ok(ip) if !route.circuit.admits(ip) => {
+        Ok((_, Err(limited))) => Some(Refusal::from(&limited)),
+        Ok((ip, Ok(()))) if !route.circuit.admits(ip) => {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
             Some(Refusal::from(crate::auth::Refused {
                 status: 403,
@@ -330,7 +332,7 @@ async fn serve_stream(
                 message: "client address not allowed",
             }))
         }
-        Ok(_) => match proxy::admit(core, &ctx.hop, req.buf, head, &route) {
+        Ok((_, Ok(()))) => match proxy::admit(core, &ctx.hop, req.buf, head, &route) {
             Ok(proxy::Admit::Forward) => None,
             Ok(proxy::Admit::Preflight(fields)) => {
                 answer_preflight(ctx, respond, &fields, &id, circuit, line);

@@ -300,6 +300,12 @@ impl Client {
             ));
             return self.refuse(x, (&err).into(), Left::Whole).await;
         };
+        // The client's request rate (429), before anything else is looked at.
+        if let Err(err) = core.take_request(peer_ip) {
+            x.client = Some(peer_ip);
+            x.bytes_in = x.head.head_len as u64;
+            return self.refuse(x, (&err).into(), Left::Whole).await;
+        }
         // Access control: the allowlist (403), then credentials (401) and, for the
         // permit, the request's origin (403). Nothing about the circuit is in the answer.
         let refused = if !route.circuit.admits(peer_ip) {
