@@ -197,18 +197,16 @@ fn serve_one(stream: TcpStream, metrics: &SharedMetrics, info: &HealthInfo) -> s
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/health" | "/livez" | "/readyz" | "/health/livez" | "/health/readyz" | "/") => {
-            // Liveness (every path): no core is stalled. Readiness (`/readyz` only):
-            // alive, and serving what it is meant to serve, and not stopping.
+        ("GET", p) if crate::readiness::PROBES.contains(&p) => {
+            // The watchdog's check (it kicks and counts a stalled core, as this
+            // endpoint is where stalls are reported).
             let stalled = info.liveness.check();
             let ready = info.readiness.state();
-            let asks_ready = matches!(path, "/readyz" | "/health/readyz");
-            let (status, word) = if !stalled.is_empty() {
-                ("503 Service Unavailable", "stalled")
-            } else if asks_ready && ready != crate::readiness::State::Ready {
-                ("503 Service Unavailable", ready.as_str())
+            let (ok, word) = crate::readiness::verdict(path, &stalled, ready);
+            let status = if ok {
+                "200 OK"
             } else {
-                ("200 OK", "ok")
+                "503 Service Unavailable"
             };
             (
                 status,

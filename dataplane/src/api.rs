@@ -23,6 +23,7 @@ use crate::core::{Core, Route};
 use crate::http::encode;
 use crate::http::parse::{self, BodyFraming, Method};
 use crate::io::TcpConn;
+use crate::readiness::PROBES;
 use crate::relay::ReadBuf;
 
 /// Serves one API connection.
@@ -91,31 +92,16 @@ struct Answer {
     body: String,
 }
 
-/// The original's probe paths on this port.
-const PROBES: [&str; 6] = [
-    "/",
-    "/health",
-    "/livez",
-    "/readyz",
-    "/health/livez",
-    "/health/readyz",
-];
-
 /// A probe's answer, as the admin endpoint's: liveness, no core stalled (this one
 /// answers; another that holds waiting work without turning makes every probe 503
 /// `stalled`, not only the share `SO_REUSEPORT` sends to it, which would time out);
-/// readiness (`ready`): alive, serving the circuits it is meant to, and not
-/// stopping ([`crate::readiness`]), else 503 naming why.
-fn probe(core: &Core, ready: bool) -> Answer {
+/// readiness (`/readyz`): alive, serving the circuits it is meant to, and not
+/// stopping, else 503 naming why ([`crate::readiness::verdict`]).
+fn probe(core: &Core, path: &str) -> Answer {
     let state = core.readiness.state();
     let stalled = core.liveness.looks_stalled();
-    let (status, word) = if !stalled.is_empty() {
-        (503, "stalled")
-    } else if ready && state != crate::readiness::State::Ready {
-        (503, state.as_str())
-    } else {
-        (200, "ok")
-    };
+    let (ok, word) = crate::readiness::verdict(path, &stalled, state);
+    let status = if ok { 200 } else { 503 };
     Answer {
         status,
         extra_headers: String::new(),
@@ -151,9 +137,7 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
             content_type: "application/json",
             body: "{\"api_version\":\"v2\"}".into(),
         },
-        (Method::Get | Method::Head, p) if PROBES.contains(&p) => {
-            probe(core, matches!(path, "/readyz" | "/health/readyz"))
-        }
+        (Method::Get | Method::Head, p) if PROBES.contains(&p) => probe(core, path),
         (Method::Get | Method::Head, _) => json_error(404, "not_found", "no such endpoint", id),
         _ => {
             let mut a = json_error(405, "method_not_allowed", "method not allowed", id);

@@ -37,6 +37,32 @@ impl State {
     }
 }
 
+/// The probe paths the admin endpoint and the API port answer (the original
+/// worker's, on its API port).
+pub const PROBES: [&str; 6] = [
+    "/",
+    "/health",
+    "/livez",
+    "/readyz",
+    "/health/livez",
+    "/health/readyz",
+];
+
+/// What the probe on `path` answers, one rule for the admin endpoint and the API
+/// port: whether it is a success (200, else 503) and the word its `status` says.
+/// Every probe is a liveness probe (`stalled` while some core holds waiting work
+/// without turning: `stalled` lists them); `/readyz` and `/health/readyz` ask for
+/// readiness too (the `state`'s word while it is not ready).
+pub fn verdict(path: &str, stalled: &[usize], state: State) -> (bool, &'static str) {
+    if !stalled.is_empty() {
+        (false, "stalled")
+    } else if matches!(path, "/readyz" | "/health/readyz") && state != State::Ready {
+        (false, state.as_str())
+    } else {
+        (true, "ok")
+    }
+}
+
 /// The worker's readiness, shared by the threads that change and read it.
 #[derive(Debug)]
 pub struct Readiness {
@@ -100,6 +126,33 @@ impl Readiness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One rule for every probe path: a stalled core fails them all, readiness
+    /// fails only the readiness paths.
+    #[test]
+    fn a_probe_fails_for_a_stalled_core_and_readiness_probes_while_not_ready() {
+        use State::{Ready, Starting, Stopping};
+        // (path, stalled cores, state, verdict)
+        type Case<'a> = (&'a str, &'a [usize], State, (bool, &'a str));
+        let table: &[Case] = &[
+            ("/health", &[], Ready, (true, "ok")),
+            ("/", &[], Starting, (true, "ok")),
+            ("/livez", &[], Stopping, (true, "ok")),
+            ("/health/livez", &[1], Ready, (false, "stalled")),
+            ("/readyz", &[], Ready, (true, "ok")),
+            ("/readyz", &[], Starting, (false, "starting")),
+            ("/health/readyz", &[], Stopping, (false, "stopping")),
+            ("/health/readyz", &[0, 2], Starting, (false, "stalled")),
+        ];
+        for (path, stalled, state, want) in table {
+            assert!(PROBES.contains(path), "{path}");
+            assert_eq!(
+                verdict(path, stalled, *state),
+                *want,
+                "{path} {stalled:?} {state:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_worker_is_ready_between_its_first_set_and_its_stop() {
