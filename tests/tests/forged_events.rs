@@ -43,11 +43,7 @@ fn app(body: &'static str) -> u16 {
 fn served(port: u16) -> Option<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect(addr).ok()?;
-    let cookie = appproxy_dataplane::auth::permit_value(
-        "permit",
-        &USER.parse().expect("uuid"),
-        appproxy_dataplane::auth::PermitDigest::Sha256,
-    );
+    let cookie = common::permit_cookie(USER);
     let (status, _, body) = http(
         addr,
         &format!("GET / HTTP/1.1\r\nHost: t\r\nCookie: appproxy_permit=\"{cookie}\"\r\nConnection: close\r\n\r\n"),

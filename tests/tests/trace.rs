@@ -135,11 +135,7 @@ fn one_trace_from_the_managers_call_through_redis_and_the_worker_to_the_app() {
         worker.assert_running();
         TcpStream::connect(circuit_addr).is_ok()
     });
-    let cookie = appproxy_dataplane::auth::permit_value(
-        "permit",
-        &USER.parse().expect("uuid"),
-        appproxy_dataplane::auth::PermitDigest::Sha256,
-    );
+    let cookie = common::permit_cookie(USER);
     let (status, _, body) = http(
         circuit_addr,
         &format!("GET /lab HTTP/1.1\r\nHost: t\r\nCookie: appproxy_permit=\"{cookie}\"\r\nX-Backend-Request-ID: client-1\r\ntraceparent: {incoming}\r\nConnection: close\r\n\r\n"),

@@ -266,11 +266,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         format!("polling every {poll_ms} ms")
     };
     eprintln!("deployment latency (API call -> routable, through {path}): {latency:?}; the call itself took {api_call:?}");
-    let cookie = appproxy_dataplane::auth::permit_value(
-        "permit",
-        &user.parse().expect("uuid"),
-        appproxy_dataplane::auth::PermitDigest::Sha256,
-    );
+    let cookie = permit_cookie(user);
     let (status, _, body) = http(
         circuit_addr,
         &format!("GET /lab HTTP/1.1\r\nHost: t\r\nCookie: appproxy_permit=\"{cookie}\"\r\nX-Backend-Request-ID: client-1\r\nConnection: close\r\n\r\n"),
@@ -518,6 +514,16 @@ pub fn start_node(
         .coordinator
         .expect("the embedded coordinator's address");
     (worker, agent, coord)
+}
+
+/// The permit cookie's value for `user` under the tests' `permit_secret`
+/// (`"permit"`, SHA-256): what a browser that went through `/setup` sends.
+pub fn permit_cookie(user: &str) -> String {
+    appproxy_dataplane::auth::permit_value(
+        "permit",
+        &user.parse().expect("a user UUID"),
+        appproxy_dataplane::auth::PermitDigest::Sha256,
+    )
 }
 
 /// The manager's `/v2/conf` for `session` of `user`, whose kernel listens on
