@@ -289,8 +289,8 @@ pub struct LimitsSection {
     /// Requests per second the worker takes from one client address (counted as
     /// `max_connections_per_client` counts addresses, over all cores together; from
     /// behind a trusted proxy, the address it forwards), HTTP/1.x requests and
-    /// HTTP/2 streams alike; a request past it is refused with 429 and
-    /// `Retry-After` before it is routed, counted in
+    /// HTTP/2 streams alike, a request for no circuit included; a request past it
+    /// is refused with 429 and `Retry-After` before it is routed, counted in
     /// `appproxy_requests_refused_per_client_rate_total`. Fractions are allowed
     /// (0.5: one every two seconds). 0 (the default) turns the limit off.
     pub max_request_rate_per_client: f64,

@@ -498,3 +498,33 @@ fn a_client_past_its_request_rate_gets_429_and_other_clients_are_served() {
         common::metric_all_cores(&w, "appproxy_requests_refused_per_client_rate_total") == refused
     });
 }
+
+/// A request for no circuit (a wildcard host nothing serves) costs its client as much
+/// as any: a scan of host names is limited too, and the budget it used is the one
+/// the client's requests to a real circuit draw on.
+#[test]
+fn requests_for_no_circuit_count_against_the_request_rate() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_request_rate_per_client = 0.001\nmax_request_burst_per_client = 2\n"
+            .into(),
+        worker_extra: "frontend_mode = \"wildcard\"\nwildcard_domain = \".apps.test\"\nwildcard_traffic_port = {PORT}".into(),
+        circuit_extra: "frontend_mode = \"wildcard\"\nsubdomain = \"app\"".into(),
+        ..Default::default()
+    });
+    let port = w.port;
+    let ask = |c: &mut Client, host: &str| {
+        c.send(format!("GET / HTTP/1.1\r\nHost: {host}.apps.test:{port}\r\n\r\n").as_bytes());
+        c.response()
+    };
+    let mut c = Client::connect(w.addr());
+    assert_json_error(&ask(&mut c, "nope1"), 404, "unknown_circuit");
+    assert_json_error(&ask(&mut c, "nope2"), 404, "unknown_circuit");
+    assert_json_error(&ask(&mut c, "nope3"), 429, "request_rate_limit");
+    assert_json_error(&ask(&mut c, "app"), 429, "request_rate_limit");
+    // Another address reaches the circuit.
+    let mut other = Client::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), w.addr());
+    assert_eq!(ask(&mut other, "app").status, 200);
+    assert_eq!(up.count(), 1);
+}

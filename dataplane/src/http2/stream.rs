@@ -305,6 +305,25 @@ async fn serve_stream(
         t.log_rejection();
     }
     let head = req.head;
+    // The client's request rate (429) first, a request for no circuit included;
+    // then the circuit, the allowlist and credentials.
+    let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
+    if let Ok(ip) = client_ip {
+        line.client.set(ip);
+        if let Err(limited) = core.take_request(ip) {
+            refuse(
+                ctx,
+                respond,
+                grpc,
+                &Refusal::from(&limited),
+                &id,
+                None,
+                line,
+            )
+            .await;
+            return;
+        }
+    }
     let host = head.host.clone().map(|h| &req.buf[h]);
     let Some(route) = core.route_for(ctx.hop.local_port, host) else {
         let err = ProxyError::UnknownCircuit;
@@ -314,17 +333,11 @@ async fn serve_stream(
     };
     let circuit = &route.circuit.circuit;
     let grpc = grpc || circuit.protocol == ProxyProtocol::Grpc;
-    let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
-    if let Ok(ip) = client_ip {
-        line.client.set(ip);
-    }
-    // The client's request rate (429) first, then the allowlist and credentials.
-    let refusal = match client_ip.map(|ip| (ip, core.take_request(ip))) {
+    let refusal = match client_ip {
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
             "X-Forwarded-For from a trusted proxy must hold exactly one address",
         )))),
-        Ok((_, Err(limited))) => Some(Refusal::from(&limited)),
-        Ok((ip, Ok(()))) if !route.circuit.admits(ip) => {
+        Ok(ip) if !route.circuit.admits(ip) => {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
             Some(Refusal::from(crate::auth::Refused {
                 status: 403,
@@ -332,7 +345,7 @@ async fn serve_stream(
                 message: "client address not allowed",
             }))
         }
-        Ok((_, Ok(()))) => match proxy::admit(core, &ctx.hop, req.buf, head, &route) {
+        Ok(_) => match proxy::admit(core, &ctx.hop, req.buf, head, &route) {
             Ok(proxy::Admit::Forward) => None,
             Ok(proxy::Admit::Preflight(fields)) => {
                 answer_preflight(ctx, respond, &fields, &id, circuit, line);

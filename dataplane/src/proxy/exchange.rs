@@ -286,6 +286,16 @@ impl Client {
         if let Some(t) = &x.trace {
             t.log_rejection();
         }
+        // The client's request rate (429), before anything else is looked at: a
+        // request for no circuit costs its client as much as any.
+        let client_ip = self.client_ip(&x.head);
+        if let Ok(ip) = client_ip {
+            if let Err(err) = core.take_request(ip) {
+                x.client = Some(ip);
+                x.bytes_in = x.head.head_len as u64;
+                return self.refuse(x, (&err).into(), Left::Whole).await;
+            }
+        }
         let head = &x.head;
         let host = head.host.clone().map(|h| &self.buf.filled()[h]);
         let Some(route) = core.route_for(self.hop.local_port, host) else {
@@ -294,18 +304,12 @@ impl Client {
             return self.refuse(x, (&err).into(), Left::Whole).await;
         };
         x.route = Some(route.clone());
-        let Ok(peer_ip) = self.client_ip(&x.head) else {
+        let Ok(peer_ip) = client_ip else {
             let err = ProxyError::Request(RequestError::Malformed(
                 "X-Forwarded-For from a trusted proxy must hold exactly one address",
             ));
             return self.refuse(x, (&err).into(), Left::Whole).await;
         };
-        // The client's request rate (429), before anything else is looked at.
-        if let Err(err) = core.take_request(peer_ip) {
-            x.client = Some(peer_ip);
-            x.bytes_in = x.head.head_len as u64;
-            return self.refuse(x, (&err).into(), Left::Whole).await;
-        }
         // Access control: the allowlist (403), then credentials (401) and, for the
         // permit, the request's origin (403). Nothing about the circuit is in the answer.
         let refused = if !route.circuit.admits(peer_ip) {
