@@ -110,10 +110,30 @@ struct Outcome {
     removed: Option<String>,
 }
 
+/// One forgery run at a time: the tests of this file share one process under
+/// `cargo test`, and with it the log sink their waits read.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process's log lines (one subscriber per process).
+fn logs() -> &'static common::Sink {
+    static SINK: std::sync::OnceLock<common::Sink> = std::sync::OnceLock::new();
+    SINK.get_or_init(common::capture_logs)
+}
+
+/// Waits (bounded) until `line` was logged `n` more times than `before`.
+fn wait_more(sink: &common::Sink, line: &str, before: usize, n: usize) {
+    common::wait_logs(sink, line, before + n, Duration::from_secs(10));
+}
+
 /// Runs the forgeries against a worker with `redis_extra` in its `[redis]` table.
 fn forgeries(redis_extra: &str) -> Outcome {
+    let _serial = serial();
+    let sink = logs();
+    let count = |line: &str| sink.text().matches(line).count();
     let redis = appproxy_test_support::redis::Redis::start();
-    let sink = common::capture_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = common::start_coordinator(&format!(
         "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
@@ -138,12 +158,14 @@ fn forgeries(redis_extra: &str) -> Outcome {
             break p;
         }
     };
+    let subscribed = count("subscribed to circuit events");
     let worker = common::start_worker(&format!(
         "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {api}\nport_range = [{first}, {}]\n[admin]\nbind = \"127.0.0.1:{admin}\"\n[coordinator]\nurl = \"http://{coord}\"\npoll_interval_ms = 60000\n[redis]\nurl = \"{}\"\n{redis_extra}\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
         first + 3,
         redis.url()
     ));
-    common::wait_log(&sink, "subscribed to circuit events");
+    wait_more(sink, "subscribed to circuit events", subscribed, 1);
+    let heard = count("circuit event received");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, _, body) = http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
@@ -192,7 +214,7 @@ fn forgeries(redis_extra: &str) -> Outcome {
         &serde_json::json!({"target_worker_authority": "w1", "circuits": [planted]}),
         "forged-2",
     );
-    common::wait_logs(&sink, "circuit event received", 3, Duration::from_secs(10));
+    wait_more(sink, "circuit event received", heard, 3);
     // A real creation after them: answered once the worker acknowledged it, that is
     // once it dealt with every event before it.
     let (_, second) = create(coord, honest, "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a62");
@@ -207,7 +229,7 @@ fn forgeries(redis_extra: &str) -> Outcome {
         &serde_json::json!({"target_worker_authority": "w1", "circuits": [circuit]}),
         "forged-3",
     );
-    common::wait_logs(&sink, "circuit event received", 5, Duration::from_secs(10));
+    wait_more(sink, "circuit event received", heard, 5);
     let (_, third) = create(coord, honest, "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a63");
     assert_ne!(third, planted_port);
     assert_eq!(served(third).as_deref(), Some("200 honest"));

@@ -775,10 +775,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        // A worker's own credential is checked against the worker the body names: a
-        // body that names none cannot be the worker's, and its caller learns nothing
-        // of why it does not read.
-        let unproven = matches!(req.extensions().get::<Caller>(), Some(Caller::Worker(_)));
+        let unproven = unproven(req.extensions());
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| {
@@ -788,13 +785,32 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                     ApiError::BadRequest(format!("unreadable body: {e}"))
                 }
             })?;
-        serde_json::from_slice(&bytes).map(Body).map_err(|e| {
-            if unproven {
-                ApiError::Unauthorized
-            } else {
-                ApiError::BadRequest(format!("invalid JSON body: {e}"))
-            }
-        })
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| refusal(unproven, format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Whether the request comes with a worker's own credential not yet checked
+/// against a worker ([`Caller::Worker`]): it is checked once the route knows the
+/// worker (from its path or its body).
+fn unproven(extensions: &axum::http::Extensions) -> bool {
+    matches!(extensions.get::<Caller>(), Some(Caller::Worker(_)))
+}
+
+/// The refusal of a request whose query, path or body does not read: a 400 saying
+/// why, or, for a credential not yet checked, the 401 the credential would get (a
+/// request that names no worker cannot be the worker's, and a caller without a
+/// credential learns nothing of what the route checks).
+fn refusal(unproven: bool, why: String) -> ApiError {
+    if unproven {
+        tracing::debug!(
+            reason = why,
+            "unreadable request with an unchecked worker credential"
+        );
+        ApiError::Unauthorized
+    } else {
+        ApiError::BadRequest(why)
     }
 }
 
@@ -807,7 +823,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|q| Params(q.0))
-            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+            .map_err(|e| {
+                refusal(
+                    unproven(&parts.extensions),
+                    format!("invalid query: {}", e.body_text()),
+                )
+            })
     }
 }
 
@@ -818,10 +839,11 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Id<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let unproven = unproven(&parts.extensions);
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Id(p.0))
-            .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))
+            .map_err(|e| refusal(unproven, format!("invalid path: {}", e.body_text())))
     }
 }
 

@@ -1107,6 +1107,12 @@ fn a_workers_own_credential_acts_for_that_worker_only() {
         ("PUT", "/api/worker".to_owned(), "not JSON"),
         ("PATCH", format!("/api/worker/{w2}?node=bad%20node"), ""),
         ("DELETE", format!("/api/worker/{w2}?node=bad%20node"), ""),
+        (
+            "PUT",
+            "/api/worker?brief=maybe".to_owned(),
+            r#"{"authority":"worker-1"}"#,
+        ),
+        ("PATCH", "/api/worker/not-a-uuid".to_owned(), ""),
     ] {
         let r = request(c.addr, method, &path, &[garbage], body);
         assert_eq!(

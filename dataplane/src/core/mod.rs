@@ -140,16 +140,23 @@ impl Core {
         self.metrics.error_code(r.code);
     }
 
-    /// Admits one request of `client` under `[limits] max_request_rate_per_client`
-    /// (the worker's one table, shared by its cores), or the refusal to answer,
-    /// counted; nothing to do while the limit is off.
+    /// Admits one request of `client` (come through `hop`) under `[limits]
+    /// max_request_rate_per_client` (the worker's one table, shared by its cores), or
+    /// the refusal to answer, counted; nothing to do while the limit is off. A
+    /// trusted proxy's own requests (it forwarded no address: its health checks, a
+    /// balancer that adds none) are not limited, as its connections are not: every
+    /// client behind it would share its address's rate.
     pub fn take_request(
         &self,
+        hop: &crate::http::encode::ClientHop,
         client: std::net::IpAddr,
     ) -> Result<(), crate::http::error::ProxyError> {
         let Some(rates) = &self.rt.request_rates else {
             return Ok(());
         };
+        if hop.trusted && client == hop.peer.ip() {
+            return Ok(());
+        }
         rates.take(client).map_err(|limited| {
             self.metrics.add(counter::REQUESTS_REFUSED_RATE, 1);
             tracing::debug!(client = %client, "request refused: its address is past its request rate");

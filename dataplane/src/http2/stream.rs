@@ -310,7 +310,7 @@ async fn serve_stream(
     let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
     if let Ok(ip) = client_ip {
         line.client.set(ip);
-        if let Err(limited) = core.take_request(ip) {
+        if let Err(limited) = core.take_request(&ctx.hop, ip) {
             refuse(
                 ctx,
                 respond,

@@ -290,7 +290,7 @@ impl Client {
         // request for no circuit costs its client as much as any.
         let client_ip = self.client_ip(&x.head);
         if let Ok(ip) = client_ip {
-            if let Err(err) = core.take_request(ip) {
+            if let Err(err) = core.take_request(&self.hop, ip) {
                 x.client = Some(ip);
                 x.bytes_in = x.head.head_len as u64;
                 return self.refuse(x, (&err).into(), Left::Whole).await;

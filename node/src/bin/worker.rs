@@ -126,9 +126,6 @@ fn run() -> anyhow::Result<()> {
     let Some((path, (config, rt, embedded))) = loaded else {
         return Ok(());
     };
-    // A write past the file-size limit (a log on a stdout redirected to a file)
-    // fails; it does not end the worker (`appproxy_shared::fsize`).
-    appproxy_shared::fsize::catch_limit_signal().context("cannot catch SIGXFSZ")?;
     // The cores never write stdout themselves (`logout`): a log reader that stalls
     // must not stall them. Whatever was queued is written before the process ends.
     appproxy_shared::logout::start().context("cannot start the stdout writer")?;
