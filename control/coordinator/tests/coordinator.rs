@@ -7829,6 +7829,60 @@ fn a_full_sqlite_store_answers_503_and_is_not_ready_until_room_is_made() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// A coordinator whose files may not grow past `RLIMIT_FSIZE` (a unit's
+/// `LimitFSIZE`) died from `SIGXFSZ` the moment its SQLite file, its write-ahead log
+/// or its log reached the limit, with every call it served. It catches the signal
+/// now: the write fails (`EFBIG`), the call is a 503 store-unavailable as for a full
+/// disk, and the coordinator goes on answering.
+#[test]
+fn a_store_at_the_file_size_limit_answers_503_and_the_coordinator_lives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("coordinator.sqlite3");
+    let config = format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"{SECRET}\"\njwt_secret = \"jwt-key\"\n[database]\nsqlite_path = \"{}\"\n[logging]\nfilter = \"info\"\n",
+        db_path.display()
+    );
+    let mut c = common::start(dir.path(), &config);
+    setup(&c);
+    // Every file it writes may grow by 512 KiB more.
+    let largest = [
+        "coordinator.sqlite3",
+        "coordinator.sqlite3-wal",
+        "coordinator.log",
+    ]
+    .iter()
+    .map(|n| std::fs::metadata(dir.path().join(n)).map_or(0, |m| m.len()))
+    .max()
+    .unwrap_or(0);
+    let limit = largest + (512 << 10);
+    let set = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", c.child.id()))
+        .arg(format!("--fsize={limit}:{limit}"))
+        .status()
+        .expect("prlimit");
+    assert!(set.success(), "prlimit on the coordinator");
+    let body = format!(
+        r#"{{"login_session_token":null,"kernel_host":"10.0.1.7","kernel_port":30512,"filler":"{}","session":{{"id":"{SESSION}","user_uuid":"3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","group_id":"9a1e8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b","access_key":"AKIA","domain_name":"default"}}}}"#,
+        "x".repeat(50_000)
+    );
+    let full = (0..200)
+        .map(|_| request(c.addr, "POST", "/v2/conf", &[AUTH], &body))
+        .find(|r| r.status != 200)
+        .expect("the limit was never reached");
+    let answer = full.json();
+    assert_eq!(full.status, 503, "{answer}");
+    assert_eq!(answer["code"], "store-unavailable", "{answer}");
+    assert!(
+        c.child.try_wait().expect("wait").is_none(),
+        "the coordinator died at the limit"
+    );
+    // It goes on answering: reads, and the same refusal for writes.
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &body);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// A PostgreSQL server that takes no writes (`default_transaction_read_only`, as a
 /// standby or a demoted primary is set; SQLSTATE 25006) answers writes 503 `E10003`
 /// store-unavailable, not 500, `/readyz` says not ready (in fixed words), and the
