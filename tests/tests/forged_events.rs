@@ -12,7 +12,7 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appproxy_shared::model::{BroadcastMessage, EventMetadata, RequestIdText, BROADCAST_CHANNEL};
 use appproxy_test_support::net::ReadUninterrupted;
@@ -166,15 +166,7 @@ fn forgeries(redis_extra: &str) -> Outcome {
     ));
     wait_more(sink, "subscribed to circuit events", subscribed, 1);
     let heard = count("circuit event received");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, body) = http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
-        if body.contains("\"authority\":\"w1\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "worker did not register: {body}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_registered(coord, "w1");
     let (honest, attacker) = (app("honest"), app("attacker"));
     let (id, port) = create(coord, honest, "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a61");
     assert_eq!(served(port).as_deref(), Some("200 honest"));

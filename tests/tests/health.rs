@@ -233,11 +233,7 @@ fn health_checks_take_failing_and_hanging_replicas_out_and_bring_them_back() {
         common::free_port(),
         redis.url()
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
-        assert!(Instant::now() < deadline, "worker did not register");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_registered(coord, "w1");
     // The agent listens for circuit events before any is sent.
     common::wait_log(&sink, "subscribed to circuit events");
 

@@ -26,11 +26,7 @@ fn open_tunnels_keep_marking_last_access() {
     let port = common::free_port();
     let (worker, _agent, coord) =
         common::start_node(&dir.path().join("c.sqlite3"), port, "access_flush_ms = 100");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n").2.contains("\"w1\"") {
-        assert!(Instant::now() < deadline, "worker did not register");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_registered(coord, "w1");
     let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let conf = format!(
         r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{echo_port},"session":{{"id":"{session}","user_uuid":"{session}","group_id":"{session}","access_key":"AK","domain_name":"default"}}}}"#

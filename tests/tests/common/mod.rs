@@ -216,15 +216,7 @@ pub fn manager_call_to_app_request(flow: Flow<'_>) -> Observed {
         wait_log(&sink, line);
     }
     // Wait for the registration, then act as the manager.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, body) = http(coord_addr, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
-        if body.contains("\"authority\":\"w1\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "worker did not register: {body}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_registered(coord_addr, "w1");
     let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let user = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let token = conf_token(coord_addr, app_addr.port(), session, user);
@@ -514,6 +506,24 @@ pub fn start_node(
         .coordinator
         .expect("the embedded coordinator's address");
     (worker, agent, coord)
+}
+
+/// Waits (within 10 s) until the coordinator at `coord` lists the worker
+/// `authority` (API secret `api`); panics with its last answer if it does not.
+pub fn wait_registered(coord: SocketAddr, authority: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = format!("\"authority\":\"{authority}\"");
+    loop {
+        let (_, _, body) = http(coord, "GET /api/worker HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n");
+        if body.contains(&listed) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {authority} did not register: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The permit cookie's value for `user` under the tests' `permit_secret`
