@@ -252,11 +252,8 @@ impl Liveness {
     /// after a short pause (it may have been woken a moment ago): only one that made
     /// no turn in between counts. Each stalled core is logged, counted and kicked.
     pub fn check(&self) -> Vec<usize> {
-        let now = Instant::now();
         let suspects: Vec<(&Arc<CoreLiveness>, u64)> = self
-            .cores
-            .iter()
-            .filter(|c| c.stalled(now, self.bound))
+            .stalled_now(Instant::now())
             .map(|c| (c, c.turns()))
             .collect();
         if suspects.is_empty() {
@@ -284,12 +281,14 @@ impl Liveness {
     /// kick or log: for a core answering a probe, which must not sleep (the
     /// watchdog's check kicks and counts).
     pub fn looks_stalled(&self) -> Vec<usize> {
-        let now = Instant::now();
+        self.stalled_now(Instant::now()).map(|c| c.cpu).collect()
+    }
+
+    /// The cores that [look stalled](CoreLiveness::stalled) at `now`.
+    fn stalled_now(&self, now: Instant) -> impl Iterator<Item = &Arc<CoreLiveness>> {
         self.cores
             .iter()
-            .filter(|c| c.stalled(now, self.bound))
-            .map(|c| c.cpu)
-            .collect()
+            .filter(move |c| c.stalled(now, self.bound))
     }
 
     /// Prometheus families for the cores' liveness.

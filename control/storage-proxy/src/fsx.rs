@@ -631,9 +631,11 @@ impl std::fmt::Display for TooDeep {
 
 impl std::error::Error for TooDeep {}
 
-/// Whether `e` is a [`TooDeep`].
-pub fn is_too_deep(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<TooDeep>())
+/// The error of type `T` that `e` carries ([`TooDeep`], [`WalkTooDeep`],
+/// [`StillFilled`], [`Unsettled`]: the walks' own refusals, which their callers
+/// answer apart from other I/O errors), if it carries one.
+pub fn carried<T: std::error::Error + 'static>(e: &io::Error) -> Option<&T> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<T>())
 }
 
 /// Where a directory lies, found by climbing its ancestors by `..` (the kernel's
@@ -1107,11 +1109,6 @@ impl std::fmt::Display for WalkTooDeep {
 
 impl std::error::Error for WalkTooDeep {}
 
-/// Whether `e` is a [`WalkTooDeep`].
-pub fn is_walk_too_deep(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<WalkTooDeep>())
-}
-
 /// Bytes of directory entries a walk reads at a time ([`walk`]), as a delete does.
 pub const WALK_BATCH: usize = DELETE_BATCH;
 
@@ -1475,11 +1472,6 @@ impl std::fmt::Display for StillFilled {
 
 impl std::error::Error for StillFilled {}
 
-/// Whether `e` is a [`StillFilled`].
-pub fn is_still_filled(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<StillFilled>())
-}
-
 /// Removes `name` in `dir`: a directory with everything under it, anything else
 /// (symlinks included) by unlinking the entry itself. Returns the entries removed.
 ///
@@ -1540,7 +1532,7 @@ fn remove_tree_with(
     let mut refilled = 0;
     loop {
         empty_tree(top.as_fd(), &mut buf, levels.max(1), &mut removed).map_err(|e| {
-            if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<StillFilled>()) {
+            if let Some(inner) = carried::<StillFilled>(&e) {
                 let path = if inner.path.as_os_str().is_empty() {
                     PathBuf::from(name)
                 } else {
@@ -1652,7 +1644,7 @@ fn empty_tree(
         };
         let read = read.map_err(|e| {
             // Named where it happened, from the top.
-            if is_still_filled(&e) {
+            if carried::<StillFilled>(&e).is_some() {
                 let here: PathBuf = levels
                     .back()
                     .and_then(|l| l.fd.as_ref())
@@ -1660,9 +1652,7 @@ fn empty_tree(
                     .unwrap_or_default()
                     .iter()
                     .collect();
-                let below = e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<StillFilled>())
+                let below = carried::<StillFilled>(&e)
                     .map(|f| f.path.clone())
                     .unwrap_or_default();
                 return io::Error::other(StillFilled {
@@ -1969,9 +1959,7 @@ pub struct Unsettled {
 
 /// What an [`Unsettled`] walk counted, if `e` is one.
 pub fn unsettled_count(e: &io::Error) -> Option<(u64, u64)> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<Unsettled>())
-        .map(|u| u.counted)
+    carried::<Unsettled>(e).map(|u| u.counted)
 }
 
 impl std::fmt::Display for Unsettled {
@@ -1985,11 +1973,6 @@ impl std::fmt::Display for Unsettled {
 }
 
 impl std::error::Error for Unsettled {}
-
-/// Whether `e` is an [`Unsettled`].
-pub fn is_unsettled(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Unsettled>())
-}
 
 /// Whether `st` changed at or after `since` (its `mtime` or `ctime`).
 #[allow(clippy::unnecessary_cast)] // The field types differ between targets.
@@ -2705,7 +2688,7 @@ mod tests {
         });
         let root = fd(dir.path());
         let e = remove_tree(root.as_fd(), OsStr::new("t")).expect_err("stops");
-        assert!(is_still_filled(&e), "{e}");
+        assert!(carried::<StillFilled>(&e).is_some(), "{e}");
         assert!(e.to_string().contains("\"t/r\""), "{e}");
         assert_eq!(refills.get(), DELETE_ROUNDS + 1);
         assert!(t.join("r").exists());
@@ -3112,14 +3095,14 @@ mod tests {
         let other = chain(&top.join("b"), 60);
         let err = beneath_known(fd(&other).as_fd(), inside, top_id, &mut known, &mut climbs)
             .expect_err("past the budget");
-        assert!(is_too_deep(&err), "{err}");
+        assert!(carried::<TooDeep>(&err).is_some(), "{err}");
         assert!(err.to_string().contains("too deep"), "{err}");
         // The archive's check of listed directories is bounded the same way.
         let listed = std::collections::HashSet::from([inside]);
         let mut climbs = Climbs::with(30);
         let err = inside_any(fd(&deep).as_fd(), &listed, top_id, &mut climbs)
             .expect_err("past the budget");
-        assert!(is_too_deep(&err), "{err}");
+        assert!(carried::<TooDeep>(&err).is_some(), "{err}");
         let mut climbs = Climbs::with(100);
         assert!(!inside_any(fd(&deep).as_fd(), &listed, top_id, &mut climbs).expect("within"));
     }
@@ -3254,7 +3237,7 @@ mod tests {
         assert_eq!(v.seen.len(), levels + 1);
         let mut v = Seen::default();
         let e = walk_with(top.as_fd(), &mut v, WALK_BATCH, levels - 1).expect_err("too deep");
-        assert!(is_walk_too_deep(&e), "{e}");
+        assert!(carried::<WalkTooDeep>(&e).is_some(), "{e}");
         assert!(
             e.to_string()
                 .contains(&format!("{} directory levels", levels - 1)),
@@ -3269,7 +3252,7 @@ mod tests {
             at = child_dir(at.as_fd(), part).expect("open");
         }
         let e = usage(top.as_fd(), Links::Once, &|_, _| true).expect_err("not measured");
-        assert!(is_walk_too_deep(&e), "{e}");
+        assert!(carried::<WalkTooDeep>(&e).is_some(), "{e}");
         drop(at);
         remove_tree(fd(dir.path()).as_fd(), OsStr::new("t")).expect("deleted");
     }
@@ -3303,7 +3286,7 @@ mod tests {
             match r {
                 Ok((_, bytes)) if bytes >= big => counted += 1,
                 Ok(_) => missed += 1,
-                Err(e) if is_unsettled(&e) => refused += 1,
+                Err(e) if carried::<Unsettled>(&e).is_some() => refused += 1,
                 Err(e) => panic!("{e}"),
             }
         }

@@ -349,7 +349,7 @@ impl From<std::io::Error> for ApiError {
             Self::Path(PathError::Escape)
         } else if e.kind() == std::io::ErrorKind::FileTooLarge {
             Self::FileTooLarge(file_too_large(&e))
-        } else if fsx::is_still_filled(&e) {
+        } else if fsx::carried::<fsx::StillFilled>(&e).is_some() {
             // A recursive delete of a directory refilled as fast as it is emptied
             // (see `fsx::StillFilled`): 503 `busy`, worth another try later.
             Self::Busy(e.to_string())

@@ -1772,7 +1772,7 @@ async fn archive_download_token(
                 match check.reaches_staging(&located) {
                     Ok(true) => return Err(staging_refused()),
                     // The request's climbs spent: refused, not passed unchecked.
-                    Err(e) if fsx::is_too_deep(&e) => return Err(e.into()),
+                    Err(e) if fsx::carried::<fsx::TooDeep>(&e).is_some() => return Err(e.into()),
                     Ok(false) | Err(_) => {}
                 }
             }

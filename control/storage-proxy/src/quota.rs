@@ -343,7 +343,7 @@ pub fn measured<T>(
             Err(e)
                 if tries < WALK_TRIES
                     && e.kind() != std::io::ErrorKind::PermissionDenied
-                    && !crate::fsx::is_walk_too_deep(&e) =>
+                    && crate::fsx::carried::<crate::fsx::WalkTooDeep>(&e).is_none() =>
             {
                 tracing::debug!(error = %e, what, tries, "usage walk incomplete: walked again");
             }

@@ -1175,7 +1175,7 @@ impl<'a> Writer<'a> {
                         let inside = match fsx::inside_any(fd.as_fd(), &listed, top, &mut climbs) {
                             Ok(inside) => inside,
                             // Spent on a user's deep chains: the archive ends here.
-                            Err(e) if fsx::is_too_deep(&e) => return Err(e),
+                            Err(e) if fsx::carried::<fsx::TooDeep>(&e).is_some() => return Err(e),
                             Err(_) => false,
                         };
                         if walked.contains(&id) || inside {
