@@ -57,7 +57,9 @@ struct Args {
     baseline_worker: Option<PathBuf>,
     /// Idle WebSocket sessions held for the memory scenario (each costs the proxy two
     /// descriptors: 9,000 fits a 20,000-descriptor hard limit; use 10,000 where the
-    /// limit allows).
+    /// limit allows). The worker's connection cap is set to hold them: the cap it
+    /// derives from a 20,000-descriptor limit on one core, with its HTTP/2 streams'
+    /// share set aside, is 8,912.
     #[arg(long, default_value_t = 9_000)]
     idle_sessions: usize,
     /// Also measure the relay probe (`probes/relay`: one byte relay driven by epoll,
@@ -496,9 +498,12 @@ fn start(args: &Args, worker_bin: &Path) -> anyhow::Result<Setup> {
     std::fs::write(
         &worker_conf,
         format!(
-            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = {access_log}\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550004\"\nport = {WORKER_GRPC_PORT}\nprotocol = \"grpc\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {GRPC_APP_PORT} }}]\n",
+            "[worker]\ncores = \"{cpus}\"\nbind_host = \"127.0.0.1\"\nport_range = [1024, 65535]\n[admin]\nbind = \"127.0.0.1:{WORKER_ADMIN}\"\n[logging]\nfilter = \"warn\"\naccess_log = {access_log}\n[limits]\nmax_connections_per_core = {cap}\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455556666\"\nport = {WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {UPSTREAM_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550001\"\nport = {WS_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {WS_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550002\"\nport = {IDLE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {IDLE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550003\"\nport = {SSE_WORKER_PORT}\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {SSE_APP_PORT} }}]\n[[circuits]]\nid = \"c0a8f5d2-1111-4222-8333-444455550004\"\nport = {WORKER_GRPC_PORT}\nprotocol = \"grpc\"\nopen_to_public = true\nroute_info = [{{ session_id = \"5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\", kernel_host = \"127.0.0.1\", kernel_port = {GRPC_APP_PORT} }}]\n",
             cpus = cpu_list(&proxy_cpus),
             access_log = args.access_logs,
+            // Every idle session of the memory scenario on one core, with room for
+            // the other scenarios' connections.
+            cap = args.idle_sessions + 1_024,
         ),
     )?;
     let w = spawn(
