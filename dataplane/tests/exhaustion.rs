@@ -30,6 +30,18 @@ fn assert_json_error(r: &common::Response, status: u16, code: &str) {
 }
 
 /// Whether a connection is waiting in `app`'s accept queue (non-blocking check).
+/// `r`, a refusal at accept, has the access line its request ID finds: `status`,
+/// `client`, the circuit of the port, and `-` for the request it never read.
+fn assert_refusal_logged(w: &Worker, r: &common::Response, status: u16, client: &str) {
+    let id = r.header("x-backend-request-id").expect("an ID");
+    let line = w.wait_access_line(id);
+    assert_eq!(line["status"], status, "{line}");
+    assert_eq!(line["client"], client, "{line}");
+    assert_eq!(line["method"], "-", "{line}");
+    assert_eq!(line["path"], "-", "{line}");
+    assert!(line["circuit"].is_string(), "{line}");
+}
+
 fn pending_connection(app: &TcpListener) -> Option<TcpStream> {
     app.set_nonblocking(true).expect("nonblocking");
     let got = match app.accept() {
@@ -359,6 +371,9 @@ fn one_client_address_cannot_take_more_than_its_share() {
     assert_json_error(&r, 429, "client_connection_limit");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(c.is_closed());
+    // The ID it was answered under finds its access line (no byte of a request was
+    // read: no method or path), though the warning is logged once per burst.
+    assert_refusal_logged(&w, &r, 429, "127.0.0.1");
     eventually("the refusal is counted", || {
         metric(&w, "appproxy_connections_refused_per_client_total") == 1
     });
@@ -476,6 +491,7 @@ fn the_cap_refusal_is_the_proxys_usual_answer_and_counted_like_one() {
     assert_json_error(&r, 503, "connection_limit");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.header("connection"), Some("close"));
+    assert_refusal_logged(&w, &r, 503, "127.0.0.1");
     let names = |r: &common::Response| {
         let mut n: Vec<String> = r
             .headers

@@ -913,6 +913,35 @@ impl IdLines {
     }
 }
 
+/// The access line of a head hyper refused (`answer`, the product's JSON error sent
+/// in its place), under the ID the answer names: the middleware never saw the
+/// request, so without it the ID echoed to the client found nothing in the log.
+/// Method and path are `-` (the head was not taken); `bytes` is the error's body.
+fn log_refused_head(id: Option<appproxy_shared::RequestId>, answer: &[u8]) {
+    let status = answer
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(400);
+    let bytes = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |end| answer.len() - end - 4);
+    appproxy_shared::with_request_id(id, || {
+        tracing::info!(
+            target: "access",
+            method = "-",
+            path = "-",
+            status,
+            bytes,
+            head_us = 0u64,
+            duration_us = 0u64,
+            complete = true,
+            "request"
+        )
+    });
+}
+
 /// hyper's own answer to a head it could not take — its status line, then exactly
 /// `connection: close`, `content-length: 0` and `date` — rewritten as the product's
 /// JSON error, keeping the status and the date. `None` for any other bytes.
@@ -1012,6 +1041,7 @@ impl AsyncWrite for Tracked {
             let (policy, version) = this.ids_rule;
             let id = header::resolve(policy, this.ids.next_id(), version).0;
             if let Some(answer) = json_for_hyper_error(data, id, &this.problem) {
+                log_refused_head(id, &answer);
                 this.pending = Some((answer, 0));
                 this.ids.answered();
                 if let Poll::Ready(Err(e)) = this.drain(cx) {

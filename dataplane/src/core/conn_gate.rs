@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use appproxy_shared::RequestId;
 
+use super::access_log::AccessEntry;
 use super::{counter, Core};
 use crate::client_table::{ClientTable, ClientUnit};
 use crate::http::encode;
@@ -171,7 +172,7 @@ impl Core {
                 return None;
             }
         };
-        let guard = self.admission(&stream, port)?;
+        let guard = self.admission(&stream, port, peer.ip())?;
         Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
             conn.count_in(guard);
             if let Some(unit) = per_client {
@@ -232,7 +233,7 @@ impl Core {
                 "a client address is at its connection limit: refusing its new connections ([limits] max_connections_per_client; logged once per 1024 refusals)"
             );
         }
-        self.answer_at_accept(stream, port, ProxyError::ClientConnectionLimit);
+        self.answer_at_accept(stream, port, client, ProxyError::ClientConnectionLimit);
     }
 
     /// Counts and logs (once per 1024) a connection closed unserved for its PROXY
@@ -261,7 +262,12 @@ impl Core {
         self.conns.clients.take(ip, limit).map(Some).ok_or(())
     }
 
-    fn admission(&self, stream: &std::net::TcpStream, port: u16) -> Option<CountGuard> {
+    fn admission(
+        &self,
+        stream: &std::net::TcpStream,
+        port: u16,
+        client: IpAddr,
+    ) -> Option<CountGuard> {
         let gate = &self.conns;
         let failed = gate.failed_in_burst.replace(0);
         if failed > 0 {
@@ -311,16 +317,26 @@ impl Core {
                 "connection cap reached: refusing new connections until some close ([limits] max_connections_per_core)"
             );
         }
-        self.answer_at_accept(stream, port, ProxyError::ConnectionLimit);
+        self.answer_at_accept(stream, port, client, ProxyError::ConnectionLimit);
         None
     }
 
-    /// The answer of a connection refused at accept: the proxy's own JSON refusal on
-    /// a plain HTTP frontend (one non-blocking write into an empty send buffer, never
-    /// waited on), nothing on a TLS or TCP one, where plaintext would be garbage to
-    /// the client; it is then closed.
-    fn answer_at_accept(&self, stream: &std::net::TcpStream, port: u16, err: ProxyError) {
-        let raw_tcp = self.route_for_port(port).is_some_and(|r| {
+    /// The answer of a connection of `client` refused at accept: the proxy's own JSON
+    /// refusal on a plain HTTP frontend (one non-blocking write into an empty send
+    /// buffer, never waited on), nothing on a TLS or TCP one, where plaintext would
+    /// be garbage to the client; it is then closed. An answer names a request ID, so
+    /// it gets the access line that ID finds (method and path `-`: no byte of the
+    /// request was read), as a refused head does; the warning above it is logged
+    /// once per burst.
+    fn answer_at_accept(
+        &self,
+        stream: &std::net::TcpStream,
+        port: u16,
+        client: IpAddr,
+        err: ProxyError,
+    ) {
+        let route = self.route_for_port(port);
+        let raw_tcp = route.as_ref().is_some_and(|r| {
             r.circuit.circuit.protocol == appproxy_shared::model::ProxyProtocol::Tcp
         });
         if raw_tcp || self.rt.tls.is_some() {
@@ -333,6 +349,19 @@ impl Core {
         let sent = std::io::Write::write(&mut &*stream, &answer).unwrap_or(0);
         self.count_refusal(&r);
         self.metrics.add(counter::BYTES_OUT, sent as u64);
+        self.record(&AccessEntry {
+            request_id: &id,
+            // A port frontend's circuit; a wildcard frontend's is in the unread head.
+            circuit: route.as_deref().map(|r| &r.circuit.circuit),
+            client: Some(client),
+            method: b"-",
+            path: b"-",
+            status: r.status,
+            bytes_in: 0,
+            bytes_out: sent as u64,
+            upstream: None,
+            started: std::time::Instant::now(),
+        });
     }
 
     /// Records an upstream connect that failed for a local reason (counted, logged
