@@ -87,12 +87,27 @@ pub fn parse_line(line: &str, source: &str) -> Option<Entry> {
         trace_id: text("trace_id"),
         span_id: text("span_id"),
         parent_span_id: text("parent_span_id"),
-        duration_us: obj.get("duration_us").and_then(Value::as_u64),
+        duration_us: obj
+            .get("duration_us")
+            .and_then(Value::as_u64)
+            .map(|d| d.min(MAX_DURATION_US)),
         route,
         status: text("status"),
         source: source.to_owned(),
     })
 }
+
+/// The longest duration a line is taken to state (a century): a larger one is taken
+/// as this. Every time the tool works out lies between the years 0 and 9999 (what
+/// a timestamp can say) and this far before them, so no difference of two overflows.
+pub const MAX_DURATION_US: u64 = 100 * 365 * 86_400 * 1_000_000;
+
+/// Nesting shown by indentation, at most: a hop deeper than this is indented as far
+/// and names its depth (`[depth N]`). Any client can nest its requests as deep as it
+/// likes (each carrying the `traceparent` the last answer echoed), and an indentation
+/// per level made the text grow with the square of the depth: a chain of 20,000
+/// requests rendered 800 MB.
+pub const MAX_INDENT: usize = 32;
 
 /// Parses every line of `text`, tagging entries with `name:line`.
 pub fn parse_text(text: &str, name: &str) -> Vec<Entry> {
@@ -311,7 +326,7 @@ pub fn timeline(entries: &[Entry]) -> Timeline {
             let access = lines.iter().rev().find(|e| e.is_access());
             let (start_us, end_us, measured) = match access {
                 Some(a) => {
-                    let d = a.duration_us.unwrap_or(0).min(i64::MAX as u64) as i64;
+                    let d = a.duration_us.unwrap_or(0).min(MAX_DURATION_US) as i64;
                     let start = a.ts_us.saturating_sub(d).min(first.ts_us);
                     (start, a.ts_us, true)
                 }
@@ -437,7 +452,11 @@ pub fn render_text(t: &Timeline, verbose: bool) -> String {
         .collect();
     let mut previous_end: Option<i64> = None;
     for h in &t.hops {
-        let indent = "  ".repeat(h.depth);
+        let indent = if h.depth > MAX_INDENT {
+            format!("{}[depth {}] ", "  ".repeat(MAX_INDENT), h.depth)
+        } else {
+            "  ".repeat(h.depth)
+        };
         let gap = match h.parent_span_id.as_deref().and_then(|p| spans.get(p)) {
             Some(parent) => format!("+{} after parent start", ms(h.start_us - parent.start_us)),
             None => match previous_end {
@@ -549,7 +568,7 @@ pub fn render_svg(t: &Timeline) -> String {
         let _ = writeln!(
             out,
             r#"<text x="{}" y="{}">{}</text>"#,
-            8.0 + 12.0 * h.depth as f64,
+            8.0 + 12.0 * h.depth.min(MAX_INDENT) as f64,
             y + 15.0,
             xml(&format!("{} {}", h.component, h.name))
         );
@@ -703,6 +722,60 @@ mod tests {
         assert_eq!(parse_line("plain text", "x"), None);
         assert_eq!(parse_line("{not json", "x"), None);
         assert_eq!(parse_line(r#"{"level":"INFO"}"#, "x"), None);
+    }
+
+    /// A line of `component` in trace `t`: span `span` under `parent`, at `ts`.
+    fn hop_line(ts: &str, span: &str, parent: Option<&str>, duration_us: u64) -> String {
+        let parent = parent.map_or(String::new(), |p| format!(r#","parent_span_id":"{p}""#));
+        format!(
+            r#"{{"timestamp":"{ts}","level":"INFO","component":"svc","target":"access","request_id":"r","trace_id":"t","span_id":"{span}"{parent},"method":"GET","path":"/","status":200,"duration_us":{duration_us}}}"#
+        )
+    }
+
+    #[test]
+    fn a_deep_chain_renders_in_bounded_width() {
+        let depth = 2_000;
+        let lines: Vec<String> = (0..depth)
+            .map(|i| {
+                let parent = (i > 0).then(|| format!("s{}", i - 1));
+                hop_line(
+                    &format!("2026-12-06T00:00:{:02}.{:06}Z", i / 1000, i % 1000),
+                    &format!("s{i}"),
+                    parent.as_deref(),
+                    1,
+                )
+            })
+            .collect();
+        let entries = parse_text(&lines.join("\n"), "chain");
+        let t = timeline(&select(&entries, &Query::Request("r".to_owned())));
+        assert_eq!(t.hops.len(), depth);
+        assert_eq!(t.hops.iter().map(|h| h.depth).max(), Some(depth - 1));
+        let text = render_text(&t, false);
+        let widest = text.lines().map(str::len).max().unwrap_or(0);
+        assert!(widest < 2 * MAX_INDENT + 200, "{widest}");
+        assert!(text.contains(&format!("[depth {}] ", depth - 1)), "{text}");
+        assert!(!text.contains(&format!("[depth {MAX_INDENT}] ")));
+        assert!(text.contains(&format!("[depth {}] ", MAX_INDENT + 1)));
+    }
+
+    #[test]
+    fn extreme_durations_and_timestamps_do_not_wrap() {
+        let lines = [
+            hop_line("0000-01-01T00:00:00Z", "a", None, u64::MAX),
+            hop_line("9999-12-31T23:59:59.999999Z", "b", Some("a"), u64::MAX),
+        ];
+        let entries = parse_text(&lines.join("\n"), "x");
+        assert!(entries
+            .iter()
+            .all(|e| e.duration_us == Some(MAX_DURATION_US)));
+        let t = timeline(&select(&entries, &Query::Request("r".to_owned())));
+        assert!(t.end_us >= t.start_us);
+        assert!(t.hops.iter().all(|h| h.duration_us() >= 0));
+        let text = render_text(&t, true);
+        assert!(!text.contains("total -"), "{text}");
+        let _ = render_svg(&t);
+        let worst = slowest(&entries, 2);
+        assert!(worst.iter().all(|s| s.duration_us >= 0));
     }
 
     #[test]
