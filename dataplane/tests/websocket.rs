@@ -228,6 +228,17 @@ fn per_message_ids_and_drain_with_1001() {
         .filter_map(|v| v["request_id"].as_str())
         .collect();
     assert!(ids.contains(&"ws-session-1-msg-00000001"), "{ids:?}");
+    // A message's line is in the session's span, so the trace tool finds each from
+    // the other.
+    let opened = w.wait_log("session line", |v| {
+        v["message"] == "websocket session opened"
+    });
+    let session = &opened[0];
+    assert!(session["trace_id"].is_string(), "{session}");
+    for m in &lines {
+        assert_eq!(m["trace_id"], session["trace_id"], "{m}");
+        assert_eq!(m["span_id"], session["span_id"], "{m}");
+    }
     // SIGTERM: the client is told 1001 (going away) and the worker exits 0.
     let status_thread = std::thread::spawn(move || {
         let status = w.terminate();

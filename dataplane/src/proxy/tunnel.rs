@@ -199,8 +199,11 @@ impl TunnelEnds {
                     for i in 1..=count {
                         let seq = last.wrapping_add(i);
                         if per_message {
+                            // The message's own ID, in the session's span: a query
+                            // by either ID finds the other through the trace.
                             let id = session.message_id(seq);
-                            appproxy_shared::with_request_id(Some(id), || {
+                            let span = appproxy_shared::current_span();
+                            appproxy_shared::with_request_context(Some(id), span, || {
                                 tracing::debug!(direction, seq, "websocket message")
                             });
                         } else {
