@@ -426,32 +426,77 @@ fn push_json_value(line: &mut String, value: &FieldValue) {
     }
 }
 
-/// Appends `s` escaped for a JSON string body.
+/// Whether `c` changes how the text around it is shown: DEL and the C1 controls,
+/// the line and paragraph separators, and the bidirectional marks, embeddings,
+/// overrides and isolates. A log line writes them escaped (`\uXXXX`, which a JSON
+/// reader decodes back), so that a client's path or header cannot disguise itself,
+/// or the rest of its line, in an operator's terminal or editor (a right-to-left
+/// override reverses what follows it; a C1 CSI begins a terminal command).
+pub fn hides_text(c: char) -> bool {
+    matches!(
+        c,
+        '\u{7f}'..='\u{9f}'
+            | '\u{61c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// The bytes where [`push_json_escaped`] stops to look: `"`, `\`, the C0 controls,
+/// DEL, and the lead bytes of every character [`hides_text`] names (0xC2: U+0080 to
+/// U+00BF, 0xD8: U+0600 to U+063F, 0xE2: U+2000 to U+2FFF). Lead bytes and ASCII
+/// are never inside a character, so every stop is at a character's start.
+const JSON_STOPS: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t[0xc2] = true;
+    t[0xd8] = true;
+    t[0xe2] = true;
+    t
+};
+
+/// Appends `s` escaped for a JSON string body: `"` and `\`, the controls, and the
+/// characters that [hide text](hides_text).
 pub fn push_json_escaped(line: &mut String, s: &str) {
-    // Runs that need no escape go in whole: a character that needs one is ASCII,
-    // so every cut falls on a character boundary.
+    // Runs that need no escape go in whole; the scan stops only at a character's
+    // first byte (`JSON_STOPS`), and most stops of non-ASCII text are kept as they are.
     let mut rest = s;
-    while let Some(at) = rest
-        .bytes()
-        .position(|b| b == b'"' || b == b'\\' || b < 0x20)
-    {
+    while let Some(at) = rest.bytes().position(|b| JSON_STOPS[usize::from(b)]) {
         line.push_str(&rest[..at]);
-        match rest.as_bytes()[at] {
-            b'"' => line.push_str("\\\""),
-            b'\\' => line.push_str("\\\\"),
-            b'\n' => line.push_str("\\n"),
-            b'\r' => line.push_str("\\r"),
-            b'\t' => line.push_str("\\t"),
-            control => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                line.push_str("\\u00");
-                line.push(char::from(HEX[usize::from(control >> 4)]));
-                line.push(char::from(HEX[usize::from(control & 0xf)]));
-            }
+        let Some(c) = rest[at..].chars().next() else {
+            break;
+        };
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c if c < ' ' || hides_text(c) => push_unicode_escape(line, c),
+            c => line.push(c),
         }
-        rest = &rest[at + 1..];
+        rest = &rest[at + c.len_utf8()..];
     }
     line.push_str(rest);
+}
+
+/// Appends `\uXXXX` for `c`, a character of the Basic Multilingual Plane.
+fn push_unicode_escape(line: &mut String, c: char) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let v = c as u32;
+    line.push_str("\\u");
+    for shift in [12, 8, 4, 0] {
+        line.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+    }
 }
 
 /// Appends ` key=value`, quoting the value when it needs it.
@@ -460,9 +505,9 @@ pub fn push_logfmt_pair(line: &mut String, key: &str, value: &str) {
     line.push_str(key);
     line.push('=');
     let needs_quotes = value.is_empty()
-        || value
-            .chars()
-            .any(|c| c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control());
+        || value.chars().any(|c| {
+            c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control() || hides_text(c)
+        });
     if !needs_quotes {
         line.push_str(value);
         return;
@@ -475,7 +520,7 @@ pub fn push_logfmt_pair(line: &mut String, key: &str, value: &str) {
             '\n' => line.push_str("\\n"),
             '\r' => line.push_str("\\r"),
             '\t' => line.push_str("\\t"),
-            c if c.is_control() => {
+            c if c.is_control() || hides_text(c) => {
                 let _ = write!(line, "\\u{:04x}", c as u32);
             }
             c => line.push(c),
@@ -532,7 +577,17 @@ mod tests {
         #[test]
         fn json_escaping_by_runs_matches_by_characters(
             chars in proptest::collection::vec(
-                proptest::prop_oneof![(0u8..0x80).prop_map(char::from), proptest::arbitrary::any::<char>()],
+                proptest::prop_oneof![
+                    (0u8..0x80).prop_map(char::from),
+                    proptest::arbitrary::any::<char>(),
+                    // Each lead byte the scan stops at, harmful or not.
+                    proptest::sample::select(vec![
+                        '\u{7f}', '\u{80}', '\u{9b}', '\u{9f}', '\u{a0}', '\u{e9}', '\u{61c}',
+                        '\u{600}', '\u{200b}', '\u{200e}', '\u{200f}', '\u{2014}', '\u{2028}',
+                        '\u{2029}', '\u{202a}', '\u{202e}', '\u{202f}', '\u{2066}', '\u{2069}',
+                        '\u{206a}', '\u{2fff}',
+                    ]),
+                ],
                 0..40,
             )
         ) {
@@ -545,7 +600,9 @@ mod tests {
                     '\n' => by_chars.push_str("\\n"),
                     '\r' => by_chars.push_str("\\r"),
                     '\t' => by_chars.push_str("\\t"),
-                    c if (c as u32) < 0x20 => by_chars.push_str(&format!("\\u{:04x}", c as u32)),
+                    c if (c as u32) < 0x20 || hides_text(c) => {
+                        by_chars.push_str(&format!("\\u{:04x}", c as u32))
+                    }
                     c => by_chars.push(c),
                 }
             }
@@ -575,5 +632,23 @@ mod tests {
         push_logfmt_pair(&mut s, "c", "");
         push_logfmt_pair(&mut s, "d", "q\"uote\nline");
         assert_eq!(s, " a=plain b=\"has space\" c=\"\" d=\"q\\\"uote\\nline\"");
+        let mut s = String::new();
+        push_logfmt_pair(&mut s, "path", "/a\u{202e}txt.exe\u{9b}31m\u{2028}é");
+        assert_eq!(s, " path=\"/a\\u202etxt.exe\\u009b31m\\u2028é\"");
+    }
+
+    #[test]
+    fn text_hiding_characters_are_escaped_and_read_back() {
+        let raw = "/a\u{202e}gpj.exe\u{9b}2J\u{2028}\u{2066}x\u{2069}\u{7f} — é";
+        let mut line = String::from("{\"path\":\"");
+        push_json_escaped(&mut line, raw);
+        line.push_str("\"}");
+        assert_eq!(
+            line,
+            "{\"path\":\"/a\\u202egpj.exe\\u009b2J\\u2028\\u2066x\\u2069\\u007f — é\"}"
+        );
+        assert!(line.chars().all(|c| !hides_text(c)));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(v["path"], raw);
     }
 }
