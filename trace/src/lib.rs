@@ -311,12 +311,30 @@ pub struct Timeline {
 /// Groups selected entries into hops.
 pub fn timeline(entries: &[Entry]) -> Timeline {
     let mut groups: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut untraced: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
     for e in entries {
-        let key = match &e.span_id {
-            Some(s) => format!("s:{s}"),
-            None => format!("c:{}", e.component),
-        };
-        groups.entry(key).or_default().push(e.clone());
+        match &e.span_id {
+            Some(s) => groups.entry(format!("s:{s}")).or_default().push(e.clone()),
+            None => untraced.entry(&e.component).or_default().push(e),
+        }
+    }
+    // A component's lines without a span (trace context off) are cut into one hop
+    // per request, each ending at its access line: two requests of one ID (a client
+    // may send any ID twice) are two hops, not one named after the last of them.
+    for (component, mut lines) in untraced {
+        lines.sort_by_key(|e| e.ts_us);
+        let mut hop = Vec::new();
+        let mut n = 0usize;
+        for e in lines {
+            hop.push(e.clone());
+            if e.is_access() {
+                groups.insert(format!("c:{component}:{n:010}"), std::mem::take(&mut hop));
+                n += 1;
+            }
+        }
+        if !hop.is_empty() {
+            groups.insert(format!("c:{component}:{n:010}"), hop);
+        }
     }
     let mut hops: Vec<Hop> = groups
         .into_values()
@@ -776,6 +794,31 @@ mod tests {
         let _ = render_svg(&t);
         let worst = slowest(&entries, 2);
         assert!(worst.iter().all(|s| s.duration_us >= 0));
+    }
+
+    #[test]
+    fn untraced_requests_of_one_id_are_hops_of_their_own() {
+        let line = |ts: &str, target: &str, message: &str, path: &str| {
+            format!(
+                r#"{{"timestamp":"{ts}","level":"INFO","component":"worker","target":"{target}","request_id":"r","message":"{message}","method":"POST","path":"{path}","status":200,"duration_us":5}}"#
+            )
+        };
+        let lines = [
+            line("2026-12-06T00:00:00.000001Z", "app", "forwarding", "/a"),
+            line(
+                "2026-12-06T00:00:00.000010Z",
+                "access",
+                "",
+                "/delete-everything",
+            ),
+            line("2026-12-06T00:00:01.000001Z", "app", "forwarding", "/b"),
+            line("2026-12-06T00:00:01.000010Z", "access", "", "/harmless"),
+        ];
+        let entries = parse_text(&lines.join("\n"), "x");
+        let t = timeline(&select(&entries, &Query::Request("r".to_owned())));
+        let names: Vec<&str> = t.hops.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["POST /delete-everything", "POST /harmless"]);
+        assert!(t.hops.iter().all(|h| h.lines.len() == 2));
     }
 
     #[test]
