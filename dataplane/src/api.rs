@@ -19,6 +19,7 @@ use appproxy_shared::header::{self, IdPolicy};
 use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
 use appproxy_shared::{scope, RequestId};
 
+use crate::core::access_log::AccessEntry;
 use crate::core::{Core, Route};
 use crate::http::encode;
 use crate::http::parse::{self, BodyFraming, Method};
@@ -27,18 +28,22 @@ use crate::readiness::PROBES;
 use crate::relay::ReadBuf;
 
 /// Serves one API connection.
-pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
+pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
     let mut buf = ReadBuf::new(8 * 1024);
     let limit = core.rt.head_limits.max_request_line + core.rt.head_limits.max_header_bytes + 4;
     // The head timeout from the accept: a TLS handshake took part of it (one
     // timeout through both, as on the frontends).
     conn.set_timeout_within(core.rt.head_timeout);
+    let started = std::time::Instant::now();
     let head = loop {
         match parse::parse_request(buf.filled(), &core.rt.head_limits) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
             Err(e) => {
-                let id = RequestId::generate(core.rt.id_version);
+                // The client's own ID when its head carried a valid one, as on the
+                // frontends.
+                let id = parse::refused_head_id(buf.filled())
+                    .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
                 let mut out = Vec::new();
                 // A HEAD refused before its head was whole gets no body either.
                 let bodiless = parse::is_head_request(buf.filled());
@@ -52,7 +57,24 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
                     encode::Keep::Close,
                     bodiless,
                 );
-                if conn.write_all(&out).await.is_ok() {
+                let sent = conn.write_all(&out).await.is_ok();
+                scope(Some(id), async {
+                    tracing::info!(error = %e, "api request refused");
+                })
+                .await;
+                core.record(&AccessEntry {
+                    request_id: &id,
+                    circuit: None,
+                    client: Some(peer.ip()),
+                    method: b"-",
+                    path: b"-",
+                    status,
+                    bytes_in: 0,
+                    bytes_out: if sent { out.len() as u64 } else { 0 },
+                    upstream: None,
+                    started,
+                });
+                if sent {
                     // The rest of the head, or more, may still be on its way.
                     crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;
                 }
@@ -73,13 +95,35 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, _peer: SocketAddr) {
     let id = header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
         .0
         .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
-    let out = scope(Some(id), async { respond(&core, bytes, &head, &id) }).await;
+    let (out, status, probed) = scope(Some(id), async { respond(&core, bytes, &head, &id) }).await;
     // What the client sent past its head is never read: a body, or a request behind.
     let unread = bytes.len() > head.head_len
         || matches!(head.framing, BodyFraming::Chunked)
         || matches!(head.framing, BodyFraming::Length(n) if n > 0);
     conn.set_timeout(core.rt.body_idle_timeout);
-    if conn.write_all(&out).await.is_ok() && unread {
+    let sent = conn.write_all(&out).await.is_ok();
+    let path = &bytes[head.target.clone()];
+    // Probes come every few seconds from each checker: their lines are at debug
+    // (`respond`). Every other request has its access line (the query, which holds
+    // the `/setup` token, is left out as on every line).
+    if !probed {
+        scope(Some(id), async {
+            core.record(&AccessEntry {
+                request_id: &id,
+                circuit: None,
+                client: Some(peer.ip()),
+                method: bytes[..head.target.start].trim_ascii(),
+                path,
+                status,
+                bytes_in: head.head_len as u64,
+                bytes_out: if sent { out.len() as u64 } else { 0 },
+                upstream: None,
+                started,
+            })
+        })
+        .await;
+    }
+    if sent && unread {
         crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;
     }
 }
@@ -126,7 +170,14 @@ fn json_error(status: u16, code: &str, message: &str, id: &RequestId) -> Answer 
     }
 }
 
-fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -> Vec<u8> {
+/// The answer to the request `head` (in `buf`) under `id`, its status, and whether
+/// it was a probe's.
+fn respond(
+    core: &Core,
+    buf: &[u8],
+    head: &parse::RequestHead,
+    id: &RequestId,
+) -> (Vec<u8>, u16, bool) {
     let target = String::from_utf8_lossy(&buf[head.target.clone()]).into_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let answer = match (head.method, path) {
@@ -151,11 +202,11 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
     } else {
         answer.body.as_str()
     };
-    // Probes come every few seconds from each checker: logged only at debug.
-    if PROBES.contains(&path) {
+    // Probes come every few seconds from each checker: logged only at debug (the
+    // others get their access lines).
+    let probed = PROBES.contains(&path);
+    if probed {
         tracing::debug!(path, status = answer.status, "api request");
-    } else {
-        tracing::info!(path, status = answer.status, "api request");
     }
     let mut out = String::with_capacity(512 + answer.body.len());
     let _ = write!(
@@ -168,7 +219,7 @@ fn respond(core: &Core, buf: &[u8], head: &parse::RequestHead, id: &RequestId) -
         answer.extra_headers,
         body
     );
-    out.into_bytes()
+    (out.into_bytes(), answer.status, probed)
 }
 
 fn reason(status: u16) -> &'static str {

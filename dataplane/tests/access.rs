@@ -79,6 +79,30 @@ fn interactive_circuits_need_the_permit_from_setup() {
     );
     assert_eq!(r.header("x-backend-request-id"), Some("setup-1"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
+    // Its access line, without the token (the query is never on a line).
+    let line = w.wait_access_line("setup-1");
+    assert_eq!(line["status"], 302, "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["path"], "/setup", "{line}");
+    assert!(!w.log_text().contains(&token), "the token was logged");
+    // A head the API port cannot take is answered under the client's ID, with its
+    // access line, as on the frontends.
+    let mut big = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port)));
+    let refused_big = big.get(
+        "/setup",
+        &format!(
+            "X-Backend-Request-ID: setup-431\r\nX-Pad: {}\r\n",
+            "a".repeat(20_000)
+        ),
+    );
+    assert_eq!(refused_big.status, 431, "{}", refused_big.text());
+    assert_eq!(
+        refused_big.header("x-backend-request-id"),
+        Some("setup-431")
+    );
+    let line = w.wait_access_line("setup-431");
+    assert_eq!(line["status"], 431, "{line}");
+    assert_eq!(line["path"], "-", "{line}");
     let expected = permit_value(
         "PERMIT_HASH_SECRET",
         &USER.parse().expect("uuid"),
