@@ -289,6 +289,159 @@ fn rapid_reset_is_cut_with_bounded_work() {
     settles(&w, rest);
 }
 
+/// An app that counts the request heads it is sent (a body may never end) and
+/// answers none of them: each connection is read until the worker closes it.
+fn head_counting_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::Read as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        seen.drain(..end + 4);
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Opens streams one at a time, each reset only once `reached()` says its request
+/// reached the app, after `before(id)`'s frames (a stream of its own, `id` below
+/// the one reset): returns the GOAWAY code the
+/// worker closed with and how many streams were reset. At most 400 rounds.
+fn reset_each_once_it_reached_the_app(
+    s: &mut TcpStream,
+    open_stream: impl Fn(u32) -> Vec<u8>,
+    before: impl Fn(u32) -> Vec<u8>,
+    reached: impl Fn() -> usize,
+) -> (Option<u32>, u32) {
+    let mut resets = 0u32;
+    let start = reached();
+    for i in 0..400u32 {
+        let id = 4 * i + 3;
+        let mut frames = before(id - 2);
+        frames.extend(open_stream(id));
+        if s.write_all(&frames).is_err() {
+            break;
+        }
+        // Bounded wait (a hang guard): a cut connection's request never arrives.
+        let guard = Instant::now() + Duration::from_secs(5);
+        while reached() < start + i as usize + 1 && Instant::now() < guard {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if reached() < start + i as usize + 1 {
+            break;
+        }
+        if s.write_all(&frame(RST_STREAM, 0, id, &8u32.to_be_bytes()))
+            .is_err()
+        {
+            break;
+        }
+        resets += 1;
+    }
+    (read_to_close(s).0, resets)
+}
+
+/// Rapid reset while the request's body is being sent: a client that resets each
+/// stream once its head and part of its body reached the app (on a new app
+/// connection each time) is cut. Before, only a reset while the app's head was
+/// awaited was counted: 5,900 such streams reached an app uncut.
+#[test]
+fn rapid_reset_while_the_body_is_sent_is_cut() {
+    // A POST whose body never ends.
+    let (app, heads) = head_counting_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: "[upstream]\nidle_timeout_secs = 1\n".into(),
+        ..Default::default()
+    });
+    let mut post = Vec::new();
+    literal(&mut post, b":method", b"POST");
+    literal(&mut post, b":scheme", b"http");
+    literal(&mut post, b":path", b"/upload");
+    literal(&mut post, b":authority", b"127.0.0.1");
+    let mut s = open(&w);
+    let (goaway, resets) = reset_each_once_it_reached_the_app(
+        &mut s,
+        |id| {
+            let mut f = frame(HEADERS, END_HEADERS, id, &post);
+            f.extend(frame(DATA, 0, id, b"x"));
+            f
+        },
+        |_| Vec::new(),
+        || heads.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    eprintln!("reset while the body is sent: GOAWAY {goaway:?} after {resets} resets");
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{resets} resets");
+    assert!(resets <= 128 + 16, "{resets} resets before the cut");
+}
+
+/// Rapid reset while the app's answer is being relayed (its head and a first
+/// event sent, then silent): cut as a reset while the head is awaited is.
+#[test]
+fn rapid_reset_while_the_answer_is_relayed_is_cut() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let sse = request_block("/sse");
+    let mut s = open(&w);
+    let (goaway, resets) = reset_each_once_it_reached_the_app(
+        &mut s,
+        |id| frame(HEADERS, END_HEADERS | END_STREAM, id, &sse),
+        |_| Vec::new(),
+        || up.count(),
+    );
+    eprintln!("reset while the answer is relayed: GOAWAY {goaway:?} after {resets} resets");
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{resets} resets");
+    assert!(resets <= 128 + 16, "{resets} resets before the cut");
+    drop(s);
+    up.open_gate();
+    still_serves(&w);
+}
+
+/// Rapid reset padded with streams that cost nothing: before each stream the app
+/// gets (and that is reset), one the worker answers itself (`GET *`: 400). The
+/// resets are weighed against the streams whose work began, so the padding does
+/// not dilute them. Before, they were weighed against every stream opened: 5,600
+/// streams reached an app uncut.
+#[test]
+fn rapid_reset_padded_with_cheap_streams_is_cut() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let nowhere = request_block("*");
+    let slow = request_block("/wait?ms=10000");
+    let mut s = open(&w);
+    let (goaway, resets) = reset_each_once_it_reached_the_app(
+        &mut s,
+        |id| frame(HEADERS, END_HEADERS | END_STREAM, id, &slow),
+        |id| frame(HEADERS, END_HEADERS | END_STREAM, id, &nowhere),
+        || up.count(),
+    );
+    eprintln!("padded reset: GOAWAY {goaway:?} after {resets} resets");
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{resets} resets");
+    assert!(resets <= 128 + 16, "{resets} resets before the cut");
+    drop(s);
+    still_serves(&w);
+}
+
 #[test]
 fn continuation_flood_is_refused() {
     let up = Upstream::start();

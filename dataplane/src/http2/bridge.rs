@@ -445,7 +445,7 @@ async fn send_body(
                 )));
             }
             if let Err(e) = watched!(send_all(core, up, data)) {
-                return Err(gone!(e));
+                return Err(gone!(e.to_string()));
             }
             // Counted once the app's stream took it (the access line's "given").
             *total = taken;

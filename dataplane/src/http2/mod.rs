@@ -66,7 +66,11 @@ pub struct ConnCtx {
     streams: Cell<u64>,
     /// The first [`LOGGED_IDS`] streams' request IDs.
     ids: RefCell<Vec<RequestId>>,
-    /// Streams the client reset while the worker was working on them.
+    /// Streams whose work began: routed, admitted and handed to an app.
+    worked: Cell<u64>,
+    /// Of those, the streams the client reset (or whose client stopped taking their
+    /// answer) while the worker was working on them, in any phase: waiting for the
+    /// app's head, sending the request's body, relaying the answer.
     client_resets: Cell<u64>,
     /// The connection is over (its `h2` driver gone, maybe lingering): a stream
     /// whose handling ends after it leaves the socket's deadline and reusability to
@@ -122,17 +126,35 @@ impl ConnCtx {
         }
     }
 
-    /// A stream was reset by the client while its request was being worked on.
+    /// A stream's work began: it goes to an app.
+    pub fn note_work(&self) {
+        self.worked.set(self.worked.get() + 1);
+    }
+
+    /// A stream was reset by the client while its request was being worked on
+    /// (once per stream: the stream's work ends with it).
     pub fn note_client_reset(&self) {
         self.client_resets.set(self.client_resets.get() + 1);
     }
 
+    /// Notes `e`, an error of the client's side of a stream whose work began, as the
+    /// client's reset when the client sent it (`RST_STREAM`, or a `GOAWAY` ending the
+    /// stream).
+    pub fn note_client_error(&self, e: &h2::Error) {
+        if e.is_remote() {
+            self.note_client_reset();
+        }
+    }
+
     /// Whether the client resets streams like an attacker: more than the streams it
-    /// may have open at once, and more than half of all it opened.
+    /// may have open at once, and more than half of the streams whose work began.
+    /// Streams the worker answers itself (a refusal, a preflight) are not in the
+    /// count: a client padding its resets with such cheap streams kept the ratio
+    /// under half and was never cut.
     fn resets_too_many(&self) -> bool {
         let resets = self.client_resets.get();
         resets > u64::from(self.core.rt.http2.max_concurrent_streams)
-            && resets * 2 > self.streams.get()
+            && resets * 2 > self.worked.get()
     }
 
     /// Names a stream's request ID on the connection line.
@@ -170,6 +192,7 @@ pub async fn serve(
         active: Cell::new(0),
         streams: Cell::new(0),
         ids: RefCell::new(Vec::new()),
+        worked: Cell::new(0),
         client_resets: Cell::new(0),
         ended: Cell::new(false),
         lingering_held: Cell::new(false),
@@ -242,6 +265,7 @@ pub async fn serve(
                     conn = conn_id,
                     peer = %hop.peer,
                     resets = ctx.client_resets.get(),
+                    worked = ctx.worked.get(),
                     streams = ctx.streams.get(),
                     "HTTP/2 client resets most of its streams once their work started (rapid reset); closing the connection"
                 );

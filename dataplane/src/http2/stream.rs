@@ -384,6 +384,7 @@ async fn serve_stream(
         let _ = respond.send_informational(go_on);
     }
     let h2_app = matches!(circuit.protocol, ProxyProtocol::Http2 | ProxyProtocol::Grpc);
+    ctx.note_work();
     // A stream is watched while it lives (a gRPC call or a stream of events may
     // run for hours): a deployment that no longer admits it resets it, and the
     // connection's other streams go on.
@@ -626,13 +627,31 @@ pub fn pick(
         })
 }
 
+/// Why [`send_all`] stopped short.
+#[derive(Debug)]
+pub enum SendEnd {
+    /// The receiver took nothing within the body idle timeout.
+    Idle,
+    /// The stream takes no more: its receiver reset it (or the connection ended).
+    Closed(String),
+}
+
+impl std::fmt::Display for SendEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Idle => f.write_str("the receiver took nothing within the idle timeout"),
+            Self::Closed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Sends `data` on `send` as the peer's flow control allows, waiting at most the
 /// body idle timeout for each grant of capacity.
 pub async fn send_all(
     core: &crate::core::Core,
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
-) -> Result<(), String> {
+) -> Result<(), SendEnd> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let cap = within(
@@ -642,16 +661,18 @@ pub async fn send_all(
         )
         .await;
         let cap = match cap {
-            None => return Err("the receiver took nothing within the idle timeout".into()),
-            Some(None) => return Err("stream closed".into()),
-            Some(Some(Err(e))) => return Err(e.to_string()),
+            None => return Err(SendEnd::Idle),
+            // No capacity for a stream that is no longer open for sending: reset.
+            Some(None) => return Err(SendEnd::Closed("stream closed".into())),
+            Some(Some(Err(e))) => return Err(SendEnd::Closed(e.to_string())),
             Some(Some(Ok(n))) => n,
         };
         if cap == 0 {
             continue;
         }
         let part = data.split_to(cap.min(data.len()));
-        send.send_data(part, false).map_err(|e| e.to_string())?;
+        send.send_data(part, false)
+            .map_err(|e| SendEnd::Closed(e.to_string()))?;
     }
     Ok(())
 }
@@ -1154,7 +1175,10 @@ async fn first_body_bytes(
             None => return Ok(None),
             Some(Ok(c)) if c.is_empty() => continue,
             Some(Ok(c)) => return Ok(Some(c)),
-            Some(Err(e)) => return Err(Fail::Abort(format!("client body: {e}"))),
+            Some(Err(e)) => {
+                ctx.note_client_error(&e);
+                return Err(Fail::Abort(format!("client body: {e}")));
+            }
         }
     }
 }
@@ -1215,7 +1239,10 @@ async fn send_body_h1(
         let chunk = match next.map_err(stalled)? {
             None => break,
             Some(Ok(c)) => c,
-            Some(Err(e)) => return Err(Fail::Abort(format!("client body: {e}"))),
+            Some(Err(e)) => {
+                ctx.note_client_error(&e);
+                return Err(Fail::Abort(format!("client body: {e}")));
+            }
         };
         let taken = total + chunk.len() as u64;
         if rt.max_body > 0 && taken > rt.max_body {
@@ -1248,7 +1275,10 @@ async fn send_body_h1(
         |_| 0,
     ));
     match trailers.map_err(stalled)? {
-        Err(e) => return Err(Fail::Abort(format!("client trailers: {e}"))),
+        Err(e) => {
+            ctx.note_client_error(&e);
+            return Err(Fail::Abort(format!("client trailers: {e}")));
+        }
         Ok(Some(t)) if filter_trailers(&t, true).is_none() => {
             return Err(Fail::Answer(ProxyError::Request(
                 RequestError::ForbiddenTrailer,
@@ -1283,7 +1313,12 @@ async fn relay_h1_response(
         let (data, progressed) = body.take(ubuf).map_err(|e| format!("chunked: {e}"))?;
         if !data.is_empty() {
             *total += data.len() as u64;
-            send_all(&ctx.core, send, data).await?;
+            if let Err(e) = send_all(&ctx.core, send, data).await {
+                if matches!(e, SendEnd::Closed(_)) {
+                    ctx.note_client_reset();
+                }
+                return Err(e.to_string());
+            }
         }
         if body.done() || (progressed && !ubuf.is_empty()) {
             continue;
@@ -1296,6 +1331,7 @@ async fn relay_h1_response(
         futures_lite::pin!(fill);
         let reset = std::future::poll_fn(|cx| send.poll_reset(cx));
         let Ok(filled) = relay::or_watch(fill, || {}, reset).await else {
+            ctx.note_client_reset();
             return Err("the client reset the stream while the app was silent".into());
         };
         match filled {

@@ -543,8 +543,10 @@ fn build_request(
 enum RelayEnd {
     /// The source failed or reset (its reason went on to the destination).
     Source(String),
-    /// The destination reset or stopped taking data.
+    /// The destination stopped taking data (its idle timeout passed).
     Destination(String),
+    /// The destination reset the stream (or its connection ended).
+    DestinationReset(String),
     /// The request body passed `[limits] max_body_bytes`.
     TooLarge,
     /// The request's trailers carried a field that must never be a trailer.
@@ -599,7 +601,7 @@ async fn relay(
                 return Err(RelayEnd::Source(e.to_string()));
             }
             Ok(Next::Reset(r)) => {
-                return Err(RelayEnd::Destination(match r {
+                return Err(RelayEnd::DestinationReset(match r {
                     Ok(reason) => format!("reset: {reason}"),
                     Err(e) => e.to_string(),
                 }))
@@ -611,9 +613,10 @@ async fn relay(
             dst.send_reset(h2::Reason::CANCEL);
             return Err(RelayEnd::TooLarge);
         }
-        send_all(core, dst, chunk)
-            .await
-            .map_err(RelayEnd::Destination)?;
+        send_all(core, dst, chunk).await.map_err(|e| match e {
+            super::stream::SendEnd::Idle => RelayEnd::Destination(e.to_string()),
+            super::stream::SendEnd::Closed(why) => RelayEnd::DestinationReset(why),
+        })?;
         // Counted once `dst` took it: an access line never counts what did not go.
         total.set(taken);
         let _ = src.flow_control().release_capacity(n);
@@ -633,7 +636,7 @@ async fn relay(
             return Err(RelayEnd::Source(e.to_string()));
         }
     }
-    .map_err(|e| RelayEnd::Destination(e.to_string()))
+    .map_err(|e| RelayEnd::DestinationReset(e.to_string()))
 }
 
 /// What came next on an app's stream.
@@ -964,13 +967,18 @@ pub async fn forward(
             .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
         let bytes_out = Cell::new(0u64);
         if !rend {
-            match relay(core, &mut rbody, &mut send, 0, &bytes_out, false, None).await {
+            let relayed = relay(core, &mut rbody, &mut send, 0, &bytes_out, false, None).await;
+            if let Err(RelayEnd::DestinationReset(_)) = relayed {
+                // The client reset the stream as its answer went out.
+                ctx.note_client_reset();
+            }
+            match relayed {
                 Ok(()) => {}
                 Err(RelayEnd::Source(e)) => {
                     // The app's reset went on to the client as is.
                     tracing::info!(upstream = %addr, reason = %e, "app ended the stream early");
                 }
-                Err(RelayEnd::Destination(e)) => {
+                Err(RelayEnd::Destination(e) | RelayEnd::DestinationReset(e)) => {
                     return Err(Fail::Cut(retry::Cut {
                         reason: format!("client: {e}"),
                         status,
