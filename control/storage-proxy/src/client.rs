@@ -743,17 +743,114 @@ fn staged(s: &Session) -> Result<u64, ApiError> {
     }
 }
 
+/// The most tus sessions [`Completed`] remembers: some 100 bytes each, a few MiB
+/// in all.
+pub const MAX_COMPLETED: usize = 1 << 16;
+
+/// The longest [`Completed`] remembers a session: the original's offset record
+/// lived 24 h after its last change.
+pub const COMPLETED_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// tus sessions completed lately: their size, until their token expires (at most
+/// [`COMPLETED_FOR`]), the `max` latest at most (the oldest forgotten first). A
+/// client whose last PATCH's answer was lost asks HEAD where its upload stands;
+/// with the staged file renamed into place there was nothing to answer from (404,
+/// and a tus client uploaded the file again). HEAD answers their offset as
+/// complete, a PATCH at it 204 (see [`tus_head`], [`patch`]). Kept in memory: a
+/// restart forgets them.
+pub struct Completed {
+    max: usize,
+    sessions: std::sync::Mutex<CompletedSessions>,
+}
+
+#[derive(Default)]
+struct CompletedSessions {
+    /// Size and the instant the record lapses, by session ID (32 hex digits).
+    by_id: HashMap<u128, (u64, std::time::Instant)>,
+    /// The IDs in the order they completed, to forget the oldest first.
+    order: std::collections::VecDeque<u128>,
+}
+
+impl Completed {
+    /// An empty record of at most `max` sessions.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            sessions: std::sync::Mutex::default(),
+        }
+    }
+
+    fn key(id: &str) -> Option<u128> {
+        u128::from_str_radix(id, 16).ok()
+    }
+
+    /// Records session `id` completed with `size` bytes, its token valid `until`.
+    pub fn record(&self, id: &str, size: u64, until: std::time::Instant) {
+        let Some(key) = Self::key(id) else { return };
+        let now = std::time::Instant::now();
+        let until = until.min(now + COMPLETED_FOR);
+        let mut c = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        // The oldest go while past the bound or lapsed (a later one may lapse
+        // first: it waits its turn, the bound holding either way).
+        while let Some(&old) = c.order.front() {
+            let lapsed = c.by_id.get(&old).is_none_or(|&(_, u)| u <= now);
+            if c.order.len() < self.max && !lapsed {
+                break;
+            }
+            c.order.pop_front();
+            c.by_id.remove(&old);
+        }
+        if self.max == 0 {
+            return;
+        }
+        if c.by_id.insert(key, (size, until)).is_none() {
+            c.order.push_back(key);
+        }
+    }
+
+    /// The size session `id` completed with, while it is remembered.
+    pub fn size_of(&self, id: &str) -> Option<u64> {
+        let key = Self::key(id)?;
+        let c = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        c.by_id
+            .get(&key)
+            .filter(|&&(_, until)| until > std::time::Instant::now())
+            .map(|&(size, _)| size)
+    }
+}
+
+/// `HEAD`: the upload's offset, the bytes staged. Every byte staged (`Upload-Offset`
+/// would equal `Upload-Length`) while the file is not in place (its completion
+/// failed, a full disk or an I/O error; the proxy stopped before it) completes it
+/// first, as a PATCH at that offset does: a tus client takes that offset for a
+/// finished upload and sends nothing more, and its upload was left staged, to be
+/// cleaned up unseen. A session completed lately ([`Completed`]) answers its size.
 async fn tus_head(
     Extract(state): Extract<Arc<State>>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let st = state.clone();
+    let query = q.clone();
     let (s, offset) = blocking(move || {
-        let s = session(&st, &q)?;
-        let offset = staged(&s)?;
+        let s = session(&st, &query)?;
+        let offset = match staged(&s) {
+            Ok(offset) => Some(offset),
+            Err(ApiError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
         Ok((s, offset))
     })
     .await?;
+    let offset = match offset {
+        Some(offset) if offset == s.size => {
+            let mut headers = HeaderMap::new();
+            headers.insert("upload-offset", HeaderValue::from(offset));
+            patch(&state, q, headers, Body::empty(), &mut None).await?;
+            offset
+        }
+        Some(offset) => offset,
+        None => state.completed.size_of(&s.id).ok_or(ApiError::NotFound)?,
+    };
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     tus_headers(h);
@@ -829,10 +926,17 @@ fn discard(state: &State, s: &Session, e: ApiError) -> ApiError {
     state.reservations.removed(&s.scope_key);
     state.folders.changed(&s.folder_key);
     tracing::info!(session = %s.id, error = %e, "upload cannot be completed: discarded, its reservation released");
-    let why = format!("{e}; the upload was discarded and its reservation released");
+    const DISCARDED: &str = "the upload was discarded and its reservation released";
+    // The refusal keeps its kind and gets the note: its message is not wrapped in
+    // another refusal's, whose prefix it already carries ("Invalid API
+    // parameters: Invalid API parameters: …", "filesystem error: filesystem
+    // error: …").
     match e {
-        ApiError::Io(io) => ApiError::Io(std::io::Error::new(io.kind(), why)),
-        _ => ApiError::Params(why),
+        ApiError::Io(io) => {
+            ApiError::Io(std::io::Error::new(io.kind(), format!("{io}; {DISCARDED}")))
+        }
+        ApiError::Params(why) => ApiError::Params(format!("{why}; {DISCARDED}")),
+        e => ApiError::Params(format!("{e}; {DISCARDED}")),
     }
 }
 
@@ -1009,10 +1113,12 @@ fn write_failed(e: &std::io::Error, kept: u64, at: u64, size: u64) -> ApiError {
 
 /// How a tus PATCH body ended (see [`patch`]).
 enum BodyEnd {
-    /// At its end, or the client gone mid-body: what arrived is kept.
+    /// At its end.
     Done,
     /// Cut by the proxy (a stall, the rate floor, the token's expiry, a body past
-    /// `Upload-Length`): what arrived is kept, the PATCH answers the error.
+    /// `Upload-Length`) or by its reader (a framing hyper refuses, the client gone
+    /// mid-body): what arrived is kept, the PATCH answers the error (and completes
+    /// the upload first when every byte of it is on disk).
     Cut(ApiError),
     /// A write of the staged file failed (`ENOSPC`, `EDQUOT`, `EIO`, `EFBIG`): what
     /// landed before it is kept.
@@ -1036,6 +1142,24 @@ async fn patch(
         .and_then(|v| v.to_str().ok())
         .and_then(tus_offset)
         .ok_or_else(|| ApiError::Params("Upload-Offset is required".into()))?;
+    // A session completed lately takes nothing more: a PATCH at its end (a client
+    // that lost the last answer, asking again) is answered as that one was; one
+    // carrying bytes (`Content-Length`) gets 413, any other offset 409.
+    if let Some(size) = state.completed.size_of(&s.id) {
+        if offset != size {
+            return Err(ApiError::Conflict(
+                "the upload is complete: Upload-Offset does not match the server's offset",
+            ));
+        }
+        let carries = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+        if carries {
+            return Err(ApiError::TooLarge);
+        }
+        return Ok(patched(size));
+    }
     let _lease = {
         let mut set = state
             .uploading
@@ -1213,8 +1337,10 @@ async fn patch(
         };
         let chunk = match next {
             Ok(Some(Ok(chunk))) => chunk,
-            // The body's end, or the client gone mid-body: what arrived is kept.
-            Ok(_) => break BodyEnd::Done,
+            Ok(None) => break BodyEnd::Done,
+            // A framing hyper refuses, or the client gone mid-body: what arrived
+            // is kept, and the error answered (to a client still there).
+            Ok(Some(Err(e))) => break BodyEnd::Cut(bad_body(&e)),
             Err(cut) => break BodyEnd::Cut(cut),
         };
         let now = tokio::time::Instant::now();
@@ -1274,58 +1400,101 @@ async fn patch(
         tracing::warn!(bytes = kept, error = %e, "upload write failed: what landed is kept");
         return Err(write_failed(&e, kept, written, s.size));
     }
-    if let Some(cut) = cut {
-        match &cut {
-            ApiError::Session => {
-                tracing::info!(bytes = kept, "upload token expired during the body");
-            }
-            ApiError::TimedOut(_) => {
-                tracing::info!(bytes = kept, reason = %cut, "upload body stalled");
-            }
-            _ => {}
+    match &cut {
+        Some(ApiError::Session) => {
+            tracing::info!(bytes = kept, "upload token expired during the body");
         }
-        return Err(cut);
-    }
-    if written == s.size {
-        // The bytes are counted already; a flush to disk that fails (`EIO`, or a
-        // full disk found at write-back, as NFS reports it) is answered as a write
-        // is: 507 or 500, the upload resumed (and completed) by a PATCH at its end.
-        if let Err(e) = file.sync_all().await {
-            tracing::warn!(bytes = kept, error = %e, "upload could not be flushed to disk");
-            return Err(write_failed(&e, kept, written, s.size));
+        Some(cut @ ApiError::TimedOut(_)) => {
+            tracing::info!(bytes = kept, reason = %cut, "upload body stalled");
         }
-        drop(file);
-        let st = state.clone();
-        let id = blocking(move || {
-            fsx::sync(s.staging.as_fd())?;
-            let placed = destination_dir(&s).and_then(|(parent, name)| {
-                let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
-                    complete(&s, parent.as_fd(), name)
-                })?;
-                Ok((parent, replaced))
-            });
-            let (parent, replaced) = match placed {
-                Ok(placed) => placed,
-                Err(e) if final_failure(&e) => return Err(discard(&st, &s, e)),
-                Err(e) => return Err(e),
-            };
-            // The older file it replaced is gone: the scope is measured again.
-            if replaced {
-                st.reservations.removed(&s.scope_key);
-            }
-            st.folders.changed(&s.folder_key);
-            fsx::sync(parent.as_fd())?;
-            Ok(s.id)
-        })
-        .await?;
-        super::Metrics::add(&state.metrics.uploads_completed, 1);
-        tracing::info!(session = %id, bytes = written, "upload complete");
+        Some(cut @ ApiError::BadBody(_)) => {
+            tracing::info!(bytes = kept, reason = %cut, "upload body could not be read");
+        }
+        _ => {}
     }
+    // Every byte on disk completes the upload, whatever ended the body: its end, or
+    // a cut after the last byte (a frame past `Upload-Length`, a stall or a broken
+    // framing before the body's end, the token's expiry). Before, a cut was answered
+    // first and the upload left staged at its full offset: HEAD said it was done, a
+    // tus client resuming sent nothing more, and it was never put in place.
+    if written != s.size {
+        return match cut {
+            Some(cut) => Err(cut),
+            None => Ok(patched(written)),
+        };
+    }
+    // The bytes are counted already; a flush to disk that fails (`EIO`, or a full
+    // disk found at write-back, as NFS reports it) is answered as a write is: 507
+    // or 500, the upload resumed (and completed) by a PATCH at its end, or a HEAD.
+    if let Err(e) = file.sync_all().await {
+        tracing::warn!(bytes = kept, error = %e, "upload could not be flushed to disk");
+        return Err(write_failed(&e, kept, written, s.size));
+    }
+    drop(file);
+    let size = s.size;
+    let st = state.clone();
+    let id = blocking(move || {
+        fsx::sync(s.staging.as_fd())?;
+        let placed = destination_dir(&s).and_then(|(parent, name)| {
+            let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
+                complete(&s, parent.as_fd(), name)
+            })?;
+            Ok((parent, replaced))
+        });
+        let (parent, replaced) = match placed {
+            Ok(placed) => placed,
+            Err(e) if final_failure(&e) => return Err(discard(&st, &s, e)),
+            Err(e) => return Err(e),
+        };
+        // The older file it replaced is gone: the scope is measured again.
+        if replaced {
+            st.reservations.removed(&s.scope_key);
+        }
+        st.folders.changed(&s.folder_key);
+        // Remembered before the directory's sync, which may fail: the file is in
+        // place either way.
+        st.completed.record(&s.id, s.size, s.until);
+        fsx::sync(parent.as_fd())?;
+        Ok(s.id)
+    })
+    .await?;
+    super::Metrics::add(&state.metrics.uploads_completed, 1);
+    tracing::info!(session = %id, bytes = written, "upload complete");
+    match cut {
+        Some(cut) => Err(ApiError::CompletedDespite {
+            cut: Box::new(cut),
+            size,
+        }),
+        None => Ok(patched(written)),
+    }
+}
+
+/// A PATCH's answer: 204 with the upload's offset.
+fn patched(offset: u64) -> Response {
     let mut resp = StatusCode::NO_CONTENT.into_response();
     tus_headers(resp.headers_mut());
     resp.headers_mut()
-        .insert("upload-offset", HeaderValue::from(written));
-    Ok(resp)
+        .insert("upload-offset", HeaderValue::from(offset));
+    resp
+}
+
+/// The answer to a PATCH body its reader refused (`e`, with its causes: hyper's
+/// "error reading a body from connection" says little, its cause what was wrong):
+/// 400 `bad-framing`. Before, it was taken for the body's end and answered 204.
+fn bad_body(e: &axum::Error) -> ApiError {
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !why.ends_with(&text) {
+            why.push_str(": ");
+            why.push_str(&text);
+        }
+        source = cause.source();
+    }
+    ApiError::BadBody(format!(
+        "the request body could not be read ({why}): what arrived before it is kept, resume from HEAD's offset"
+    ))
 }
 
 #[cfg(test)]
@@ -1432,6 +1601,26 @@ mod tests {
             evaluate(&h, "\"t\"", last_modified(-1)),
             Conditional::Serve { range: false }
         );
+    }
+
+    /// The record of completed sessions holds at most its bound, forgetting the
+    /// oldest first, and never a session whose token has expired.
+    #[test]
+    fn completed_sessions_are_bounded_oldest_forgotten_first() {
+        let c = Completed::new(3);
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let id = |n: u32| format!("{n:032x}");
+        for n in 0..5 {
+            c.record(&id(n), u64::from(n) * 10, later);
+        }
+        let known: Vec<Option<u64>> = (0..5).map(|n| c.size_of(&id(n))).collect();
+        assert_eq!(known, [None, None, Some(20), Some(30), Some(40)]);
+        let sessions = c.sessions.lock().expect("lock");
+        assert_eq!((sessions.by_id.len(), sessions.order.len()), (3, 3));
+        drop(sessions);
+        c.record(&id(9), 1, std::time::Instant::now());
+        assert_eq!(c.size_of(&id(9)), None, "its token expired");
+        assert_eq!(c.size_of("not hex"), None);
     }
 
     #[test]

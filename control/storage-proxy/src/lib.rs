@@ -75,6 +75,9 @@ pub struct State {
     pub archives: Arc<appproxy_shared::fair_share::FairShare>,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
+    /// tus sessions completed lately, so that a client which lost the last answer
+    /// learns from HEAD that its upload is in place (see [`client::Completed`]).
+    pub completed: client::Completed,
     /// Where bgtask events go (`[redis] url`), if anywhere.
     pub events: Option<redis::aio::ConnectionManager>,
     /// How old a quota scope's measurement of committed bytes may be for a check to
@@ -288,6 +291,23 @@ pub enum ApiError {
     /// Too large.
     #[error("upload larger than the limit")]
     TooLarge,
+    /// A request body whose framing is broken (a chunk size that is not hex, a
+    /// chunk line ended by a bare LF, chunk data past its size, a chunk extension
+    /// past hyper's limit) or that ended before its `Content-Length`: 400
+    /// `bad-framing`, the message naming what the body's reader met.
+    #[error("{0}")]
+    BadBody(String),
+    /// A tus PATCH whose body was cut (`cut`: a stall, the token's expiry, a body
+    /// past `Upload-Length`, a broken framing) after every byte of the upload had
+    /// arrived: the upload was completed and is in place all the same. Answered as
+    /// `cut` is, the message saying so.
+    #[error("{cut}; yet all {size} bytes of the upload had arrived: it is complete and in place")]
+    CompletedDespite {
+        /// What cut the body.
+        cut: Box<ApiError>,
+        /// The upload's size.
+        size: u64,
+    },
     /// A request body that did not come in time (a tus PATCH body on which no byte
     /// came for the stall timeout, a manager API body not whole within its
     /// deadline): 408 `request-timeout`, the message saying which.
@@ -398,6 +418,8 @@ impl ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::FileTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "file-too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
+            Self::BadBody(_) => (StatusCode::BAD_REQUEST, "bad-framing"),
+            Self::CompletedDespite { cut, .. } => cut.status_and_kind(),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unmeasured(_) => (StatusCode::SERVICE_UNAVAILABLE, "usage-unmeasured"),
             Self::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota-exceeded"),
@@ -722,6 +744,7 @@ pub fn state_with_events(
             appproxy_shared::fair_share::FairShare::new(max, per_address)
         },
         uploading: Mutex::new(HashSet::new()),
+        completed: client::Completed::new(client::MAX_COMPLETED),
         events,
         usage_max_age: Duration::from_secs(config.storage.quota_usage_max_age_secs),
         max_delete_paths: config.storage.max_delete_paths,

@@ -818,9 +818,10 @@ fn hostile_headers_get_clean_answers() {
     assert_eq!(r.status, 204);
     assert_eq!(r.header("upload-offset"), Some("8"));
     assert_eq!(std::fs::read(vf.join("up.bin")).expect("done").len(), 8);
-    // After completion the session is gone.
-    assert_eq!(patch("8", b"").status, 404);
-    assert_eq!(patch("0", b"x").status, 404);
+    // After completion the session takes nothing more: a PATCH at its end is
+    // answered as the last one was, any other offset 409.
+    assert_eq!(patch("8", b"").status, 204);
+    assert_eq!(patch("0", b"x").status, 409);
     // A download token is not an upload token, and the reverse.
     let dl = p.token(
         "/folder/file/download",
@@ -3348,4 +3349,304 @@ fn a_write_past_the_file_size_limit_is_413_naming_the_limit() {
     assert!(msg.contains("are kept"), "{msg}");
     assert!(alive(&p), "the proxy outlived the write: {}", p.log());
     assert!(!p.vfolder_path().join("big.bin").exists());
+}
+
+/// Sends a tus PATCH to the session of `token` on a new connection: its head at
+/// offset 0 with the framing fields `framing` (`Transfer-Encoding: chunked\r\n`,
+/// `Content-Length: 101\r\n`), then `body` as it is, then, when `shut`, the end of
+/// the connection's sending side. Returns the answer (see [`chunked_answer`]).
+fn raw_patch(
+    p: &Proxy,
+    token: &str,
+    framing: &str,
+    body: &[u8],
+    shut: bool,
+) -> (appproxy_test_support::http::Resp, String) {
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nConnection: close\r\n{framing}\r\n"
+    )
+    .expect("head");
+    s.write_all(body).expect("body");
+    if shut {
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    }
+    chunked_answer(s)
+}
+
+/// `data` as one chunk of a chunked body (no last chunk).
+fn one_chunk(data: &[u8]) -> Vec<u8> {
+    let mut body = format!("{:x}\r\n", data.len()).into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(b"\r\n");
+    body
+}
+
+/// The staging area's entries (the staged files of uploads not complete).
+fn staged_files(p: &Proxy) -> usize {
+    std::fs::read_dir(p.vfolder_path().join(".upload")).map_or(0, |d| d.count())
+}
+
+/// The answer `r` to a PATCH whose body was cut after every byte of its upload
+/// arrived: `status` and `code` (what cut it), the title saying the upload is
+/// complete; `relpath` holds `data`, nothing is staged.
+fn assert_completed_despite(
+    p: &Proxy,
+    r: &appproxy_test_support::http::Resp,
+    text: &str,
+    (status, code): (u16, &str),
+    relpath: &str,
+    data: &[u8],
+) {
+    assert_eq!(r.status, status, "{text}");
+    assert_eq!(r.json()["code"], code, "{text}");
+    let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        title.ends_with(&format!(
+            "; yet all {} bytes of the upload had arrived: it is complete and in place",
+            data.len()
+        )),
+        "{title}"
+    );
+    let stored = std::fs::read(p.vfolder_path().join(relpath));
+    assert!(
+        stored.as_deref().ok() == Some(data),
+        "{relpath} is not in place: {:?}",
+        stored.map(|s| s.len())
+    );
+    assert_eq!(staged_files(p), 0, "the staged file is left");
+}
+
+/// A chunked PATCH body whose chunks fill the upload exactly and then bring one
+/// more: the chunk past `Upload-Length` is not written (413: the client sent more
+/// than the token allows), and the upload, every byte of it on disk, is completed
+/// and put in place; HEAD says so. Before, the 413 was answered before the
+/// completion: the upload stayed staged at its full offset, HEAD said it was done
+/// (a tus client resuming sent nothing more), and it never reached its destination.
+#[test]
+fn a_chunk_past_the_length_after_every_byte_still_completes_the_upload() {
+    let p = Proxy::start("");
+    let (data, token) = chunky_session(&p, "over.bin", 100);
+    let mut body = one_chunk(&data);
+    body.extend_from_slice(&one_chunk(b"extra"));
+    body.extend_from_slice(b"0\r\n\r\n");
+    let (r, text) = raw_patch(&p, &token, "Transfer-Encoding: chunked\r\n", &body, false);
+    assert_completed_despite(&p, &r, &text, (413, "too-large"), "over.bin", &data);
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some("100"));
+    assert_eq!(head.header("upload-length"), Some("100"));
+}
+
+/// A PATCH announcing one byte more than the upload lacks (`Content-Length: 101`
+/// for 100), sending the 100, then nothing: the body stalls (408), and the upload,
+/// every byte on disk, is completed and put in place. Before, it stayed staged at
+/// its full offset, never put in place.
+#[test]
+fn a_body_stalled_after_every_byte_still_completes_the_upload() {
+    let p = Proxy::start("stall_timeout_secs = 1\n");
+    let (data, token) = chunky_session(&p, "stalled.bin", 100);
+    let (r, text) = raw_patch(&p, &token, "Content-Length: 101\r\n", &data, false);
+    assert_completed_despite(
+        &p,
+        &r,
+        &text,
+        (408, "request-timeout"),
+        "stalled.bin",
+        &data,
+    );
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some("100"));
+}
+
+/// A chunked PATCH body whose chunks bring every byte of the upload, but not its
+/// last chunk, while the token expires: the PATCH ends at the expiry (401), and
+/// the upload, every byte on disk, is completed and put in place. Before, it
+/// stayed staged, never put in place, and was cleaned up later.
+#[test]
+fn a_token_expiring_after_every_byte_still_completes_the_upload() {
+    let p = Proxy::start("session_expire_secs = 2\nstall_timeout_secs = 60\nmin_body_rate = 0\n");
+    let (data, token) = chunky_session(&p, "expired.bin", 100);
+    let (r, text) = raw_patch(
+        &p,
+        &token,
+        "Transfer-Encoding: chunked\r\n",
+        &one_chunk(&data),
+        false,
+    );
+    assert_completed_despite(&p, &r, &text, (401, "invalid-token"), "expired.bin", &data);
+}
+
+/// PATCH bodies whose framing hyper refuses, or that end before their
+/// `Content-Length` (the client's FIN), are answered 400 `bad-framing` naming what
+/// was wrong; the bytes before the fault are kept (HEAD's offset), and the upload
+/// resumes from there to the exact file. Before, the fault was taken for the
+/// body's end: 204.
+#[test]
+fn a_malformed_or_truncated_patch_body_is_refused_keeping_what_came_before() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let chunked = "Transfer-Encoding: chunked\r\n";
+    let mut extension = b"3;".to_vec();
+    extension.extend_from_slice(&[b'e'; 100_000]);
+    extension.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+    // What each case is, its framing fields, its body, whether the client then
+    // ends its sending side, what the refusal names, the bytes kept.
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<u8>,
+        bool,
+        &'static str,
+        usize,
+    );
+    let cases: [Case; 5] = [
+        (
+            "bare LF",
+            chunked,
+            b"3\nabc\n0\n\n".to_vec(),
+            false,
+            "chunk size",
+            0,
+        ),
+        (
+            "a size not hex",
+            chunked,
+            b"3\r\nabc\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(),
+            false,
+            "chunk size",
+            3,
+        ),
+        (
+            "data past its size",
+            chunked,
+            b"3\r\nabcdef\r\n0\r\n\r\n".to_vec(),
+            false,
+            "chunk",
+            3,
+        ),
+        (
+            "an extension of 100 KB",
+            chunked,
+            extension,
+            false,
+            "extension",
+            0,
+        ),
+        (
+            "a Content-Length body cut by the client's FIN",
+            "Content-Length: 50\r\n",
+            b"abcdefghijklmnopqrst".to_vec(),
+            true,
+            "",
+            20,
+        ),
+    ];
+    for (i, (case, framing, body, shut, names, kept)) in cases.into_iter().enumerate() {
+        let relpath = format!("bad{i}.bin");
+        let token = upload_token(&p, &relpath, 100);
+        let (r, text) = raw_patch(&p, &token, framing, &body, shut);
+        assert_eq!(r.status, 400, "{case}: {text}");
+        assert_eq!(r.json()["code"], "bad-framing", "{case}: {text}");
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            title.starts_with("the request body could not be read (") && title.contains(names),
+            "{case}: {title}"
+        );
+        let head = p.tus_head(&token);
+        assert_eq!(
+            head.header("upload-offset"),
+            Some(kept.to_string().as_str()),
+            "{case}"
+        );
+        // What was kept is the start of the body: the upload resumes to the file.
+        let data = incompressible(100);
+        let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
+            .expect("staging")
+            .flatten()
+            .map(|e| std::fs::read(e.path()).expect("staged"))
+            .next()
+            .expect("the staged file");
+        assert_eq!(staged.len(), kept, "{case}");
+        let r = p.tus_patch(&token, &kept.to_string(), &data[kept..]);
+        assert_eq!(
+            r.status,
+            204,
+            "{case}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let mut want = staged;
+        want.extend_from_slice(&data[kept..]);
+        assert!(
+            std::fs::read(p.vfolder_path().join(&relpath)).ok() == Some(want),
+            "{case}: the stored file differs"
+        );
+    }
+}
+
+/// A client that lost the answer to its last PATCH asks HEAD where its upload
+/// stands: while its token is valid HEAD answers the upload's size as its offset
+/// (as the original did, its offset record kept 24 h), and a PATCH at that offset
+/// is answered 204 again; one at another offset gets 409, one bringing bytes 413,
+/// the file untouched. Before, both got 404: a tus client raised, and the user
+/// uploaded the file again.
+#[test]
+fn a_completed_upload_answers_head_and_a_patch_at_its_end() {
+    let p = Proxy::start("");
+    let (data, token) = chunky_session(&p, "done.bin", 100);
+    let r = p.tus_patch(&token, "0", &data);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    for _ in 0..2 {
+        let head = p.tus_head(&token);
+        assert_eq!(head.status, 200);
+        assert_eq!(head.header("upload-offset"), Some("100"));
+        assert_eq!(head.header("upload-length"), Some("100"));
+        assert_eq!(head.header("tus-resumable"), Some("1.0.0"));
+        let r = p.tus_patch(&token, "100", b"");
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("upload-offset"), Some("100"));
+    }
+    let r = p.tus_patch(&token, "0", &data);
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.tus_patch(&token, "100", b"more");
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert!(std::fs::read(p.vfolder_path().join("done.bin")).ok() == Some(data));
+    assert_eq!(staged_files(&p), 0);
+}
+
+/// An upload whose every byte is staged but whose completion failed (its
+/// destination's directory not writable to the proxy: kept for a retry) is never
+/// reported complete by HEAD while it is not in place: HEAD tries the completion
+/// itself, answering its error, and once it can, completes it and answers the
+/// full offset. Before, HEAD answered the full offset at once: a tus client took
+/// the upload for done, and it was never put in place.
+#[test]
+fn head_never_reports_complete_an_upload_not_in_place() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start_bound_by_permissions("");
+    let (data, token) = chunky_session(&p, "ro/late.bin", 100);
+    let ro = p.vfolder_path().join("ro");
+    std::fs::create_dir(&ro).expect("dir");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let r = p.tus_patch(&token, "0", &data);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(staged_files(&p), 1, "kept for a retry");
+    let head = p.tus_head(&token);
+    assert!(
+        !(head.status == 200 && head.header("upload-offset") == Some("100")),
+        "HEAD reports complete an upload not in place: {} {:?}",
+        head.status,
+        head.header("upload-offset")
+    );
+    assert!(!ro.join("late.bin").exists());
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some("100"));
+    assert!(std::fs::read(ro.join("late.bin")).ok() == Some(data));
+    assert_eq!(staged_files(&p), 0);
 }

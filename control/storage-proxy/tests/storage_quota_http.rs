@@ -1969,7 +1969,16 @@ fn an_upload_that_can_never_complete_releases_its_reservation_at_once() {
             0,
             "{dest}: released at once"
         );
-        assert!(text.contains("discarded"), "{dest}: {text}");
+        // The refusal's own message and the note, once each (before, the message
+        // was wrapped in a second refusal: "Invalid API parameters: Invalid API
+        // parameters: …", "filesystem error: filesystem error: …").
+        let title = r.json()["title"].as_str().unwrap_or_default().to_owned();
+        let note = "; the upload was discarded and its reservation released";
+        assert_eq!(title.matches(note).count(), 1, "{dest}: {title}");
+        assert!(title.ends_with(note), "{dest}: {title}");
+        for prefix in ["Invalid API parameters: ", "filesystem error: "] {
+            assert!(title.matches(prefix).count() <= 1, "{dest}: {title}");
+        }
         let staged = std::fs::read_dir(vf.join(".upload"))
             .map(|d| d.count())
             .unwrap_or(0);
