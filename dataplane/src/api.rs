@@ -34,7 +34,6 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
     // The head timeout from the accept: a TLS handshake took part of it (one
     // timeout through both, as on the frontends).
     conn.set_timeout_within(core.rt.head_timeout);
-    let started = std::time::Instant::now();
     let head = loop {
         match parse::parse_request(buf.filled(), &core.rt.head_limits) {
             Ok(Some(h)) => break h,
@@ -72,7 +71,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
                     bytes_in: 0,
                     bytes_out: if sent { out.len() as u64 } else { 0 },
                     upstream: None,
-                    started,
+                    started: std::time::Instant::now(),
                 });
                 if sent {
                     // The rest of the head, or more, may still be on its way.
@@ -86,6 +85,8 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
             Ok(_) => {}
         }
     };
+    // As on the frontends, a request's time is from its head's completion.
+    let started = std::time::Instant::now();
     let bytes = buf.filled();
     let found = header::extract(
         head.headers

@@ -427,7 +427,8 @@ fn push_json_value(line: &mut String, value: &FieldValue) {
 }
 
 /// Whether `c` changes how the text around it is shown: DEL and the C1 controls,
-/// the line and paragraph separators, and the bidirectional marks, embeddings,
+/// the zero-width characters (two paths that differ by one look the same), the
+/// line and paragraph separators, and the bidirectional marks, embeddings,
 /// overrides and isolates. A log line writes them escaped (`\uXXXX`, which a JSON
 /// reader decodes back), so that a client's path or header cannot disguise itself,
 /// or the rest of its line, in an operator's terminal or editor (a right-to-left
@@ -437,17 +438,19 @@ pub fn hides_text(c: char) -> bool {
         c,
         '\u{7f}'..='\u{9f}'
             | '\u{61c}'
-            | '\u{200e}'
-            | '\u{200f}'
+            | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
     )
 }
 
 /// The bytes where [`push_json_escaped`] stops to look: `"`, `\`, the C0 controls,
 /// DEL, and the lead bytes of every character [`hides_text`] names (0xC2: U+0080 to
-/// U+00BF, 0xD8: U+0600 to U+063F, 0xE2: U+2000 to U+2FFF). Lead bytes and ASCII
-/// are never inside a character, so every stop is at a character's start.
+/// U+00BF, 0xD8: U+0600 to U+063F, 0xE2: U+2000 to U+2FFF, 0xEF: U+F000 to
+/// U+FFFF). Lead bytes and ASCII are never inside a character, so every stop is at
+/// a character's start.
 const JSON_STOPS: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
@@ -461,6 +464,7 @@ const JSON_STOPS: [bool; 256] = {
     t[0xc2] = true;
     t[0xd8] = true;
     t[0xe2] = true;
+    t[0xef] = true;
     t
 };
 
@@ -585,7 +589,8 @@ mod tests {
                         '\u{7f}', '\u{80}', '\u{9b}', '\u{9f}', '\u{a0}', '\u{e9}', '\u{61c}',
                         '\u{600}', '\u{200b}', '\u{200e}', '\u{200f}', '\u{2014}', '\u{2028}',
                         '\u{2029}', '\u{202a}', '\u{202e}', '\u{202f}', '\u{2066}', '\u{2069}',
-                        '\u{206a}', '\u{2fff}',
+                        '\u{206a}', '\u{2fff}', '\u{200a}', '\u{200b}', '\u{2060}', '\u{2064}',
+                        '\u{2065}', '\u{feff}', '\u{fefe}', '\u{f000}', '\u{ffff}', '\u{ff21}',
                     ]),
                 ],
                 0..40,
@@ -639,13 +644,13 @@ mod tests {
 
     #[test]
     fn text_hiding_characters_are_escaped_and_read_back() {
-        let raw = "/a\u{202e}gpj.exe\u{9b}2J\u{2028}\u{2066}x\u{2069}\u{7f} — é";
+        let raw = "/a\u{202e}gpj.exe\u{9b}2J\u{2028}\u{2066}x\u{2069}\u{7f}\u{200b}\u{feff} — é ｆ";
         let mut line = String::from("{\"path\":\"");
         push_json_escaped(&mut line, raw);
         line.push_str("\"}");
         assert_eq!(
             line,
-            "{\"path\":\"/a\\u202egpj.exe\\u009b2J\\u2028\\u2066x\\u2069\\u007f — é\"}"
+            "{\"path\":\"/a\\u202egpj.exe\\u009b2J\\u2028\\u2066x\\u2069\\u007f\\u200b\\ufeff — é ｆ\"}"
         );
         assert!(line.chars().all(|c| !hides_text(c)));
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");

@@ -311,29 +311,37 @@ pub struct Timeline {
 /// Groups selected entries into hops.
 pub fn timeline(entries: &[Entry]) -> Timeline {
     let mut groups: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-    let mut untraced: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+    let mut untraced: BTreeMap<(&str, &str), Vec<&Entry>> = BTreeMap::new();
     for e in entries {
         match &e.span_id {
             Some(s) => groups.entry(format!("s:{s}")).or_default().push(e.clone()),
-            None => untraced.entry(&e.component).or_default().push(e),
+            None => untraced
+                .entry((&e.component, e.request_id.as_deref().unwrap_or("")))
+                .or_default()
+                .push(e),
         }
     }
-    // A component's lines without a span (trace context off) are cut into one hop
-    // per request, each ending at its access line: two requests of one ID (a client
-    // may send any ID twice) are two hops, not one named after the last of them.
-    for (component, mut lines) in untraced {
+    // A component's lines without a span (trace context off) of one request ID are
+    // cut into one hop per request, each ending at its access line: two requests of
+    // one ID (a client may send any ID twice) are two hops, not one named after the
+    // last of them. Lines after the last access line (a task the request left
+    // running) are a hop of their own.
+    for ((component, request), mut lines) in untraced {
         lines.sort_by_key(|e| e.ts_us);
         let mut hop = Vec::new();
         let mut n = 0usize;
         for e in lines {
             hop.push(e.clone());
             if e.is_access() {
-                groups.insert(format!("c:{component}:{n:010}"), std::mem::take(&mut hop));
+                groups.insert(
+                    format!("c:{component}:{request}:{n:010}"),
+                    std::mem::take(&mut hop),
+                );
                 n += 1;
             }
         }
         if !hop.is_empty() {
-            groups.insert(format!("c:{component}:{n:010}"), hop);
+            groups.insert(format!("c:{component}:{request}:{n:010}"), hop);
         }
     }
     let mut hops: Vec<Hop> = groups
@@ -530,7 +538,41 @@ pub fn render_text(t: &Timeline, verbose: bool) -> String {
             m.child_components.join(", ")
         );
     }
+    shown(&out)
+}
+
+/// `text` as it may be shown in a terminal: line breaks kept, every other control
+/// and every character that changes how the text around it is shown written as
+/// `\u{…}`. The logs write them escaped, and their JSON decodes them back; a
+/// client's path holding a right-to-left override, a C1 control or a zero-width
+/// space would otherwise disguise itself, or the rows around it, on the operator's
+/// screen. (The set is the logs' own, `appproxy_shared::telemetry::hides_text`.)
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (c.is_control() && c != '\n') || hides_text(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
     out
+}
+
+/// Whether `c` changes how the text around it is shown (as the logs' writer
+/// decides: DEL and C1, the zero-width characters, the line and paragraph
+/// separators, the bidirectional marks, embeddings, overrides and isolates).
+fn hides_text(c: char) -> bool {
+    matches!(
+        c,
+        '\u{7f}'..='\u{9f}'
+            | '\u{61c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 fn join_or_dash(v: &[String]) -> String {
@@ -541,9 +583,11 @@ fn join_or_dash(v: &[String]) -> String {
     }
 }
 
-/// Escapes text for SVG.
+/// Escapes text for SVG (and [`shown`] as in a terminal: a browser honours a
+/// right-to-left override as a terminal does).
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
+    shown(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
@@ -696,7 +740,7 @@ pub fn render_slowest(rows: &[Summary]) -> String {
             join_or_dash(&r.request_ids)
         );
     }
-    out
+    shown(&out)
 }
 
 #[cfg(test)]
@@ -819,6 +863,26 @@ mod tests {
         let names: Vec<&str> = t.hops.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["POST /delete-everything", "POST /harmless"]);
         assert!(t.hops.iter().all(|h| h.lines.len() == 2));
+    }
+
+    #[test]
+    fn text_hiding_characters_are_shown_escaped() {
+        let line = r#"{"timestamp":"2026-12-06T00:00:00Z","level":"INFO","component":"worker","target":"access","request_id":"r","method":"GET","path":"/a\u202egpj.exe\u009b2J\u200bx\ufeff","status":200,"duration_us":1}"#;
+        let entries = parse_text(line, "x");
+        let t = timeline(&select(&entries, &Query::Request("r".to_owned())));
+        for text in [render_text(&t, true), render_slowest(&slowest(&entries, 1))] {
+            assert!(
+                text.chars()
+                    .all(|c| !hides_text(c) && (c == '\n' || !c.is_control())),
+                "{text:?}"
+            );
+        }
+        let text = render_text(&t, false);
+        assert!(
+            text.contains("GET /a\\u{202e}gpj.exe\\u{9b}2J\\u{200b}x\\u{feff}"),
+            "{text}"
+        );
+        assert!(!render_svg(&t).contains('\u{202e}'));
     }
 
     #[test]

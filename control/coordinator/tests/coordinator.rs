@@ -7019,9 +7019,10 @@ fn heads_the_server_cannot_take_get_json_errors_with_the_request_id() {
         }
         assert!(answered > 0, "no 431 came through");
         // Each answer has the access line its ID finds (the middleware never saw
-        // the request: method and path `-`).
+        // the request: method and path `-`); an answer a reset took with it was
+        // logged too, so there may be more lines than answers read.
         if let Some(id) = id {
-            assert_eq!(lines_of(dir.path(), id, "request", answered), answered);
+            assert!(lines_of(dir.path(), id, "request", answered) >= answered);
             for l in log_lines(dir.path())
                 .iter()
                 .filter(|l| l["request_id"] == id && l["message"] == "request")

@@ -841,14 +841,35 @@ async fn tus_head(
         Ok((s, offset))
     })
     .await?;
+    // A PATCH in progress may be completing the upload (between its last write and
+    // the rename, or between the rename and the record of it): where the answer
+    // hangs on it, the client is told to ask again (423). The record is made before
+    // the PATCH lets go, so once it has, the record says.
+    const FINISHING: &str = "a PATCH to this upload is finishing; ask again";
+    let leased = || {
+        state
+            .uploading
+            .lock()
+            .map_or(true, |set| set.contains(&s.id))
+    };
     let offset = match offset {
         Some(offset) if offset == s.size => {
+            if leased() {
+                return Err(ApiError::Locked(FINISHING));
+            }
             let mut headers = HeaderMap::new();
             headers.insert("upload-offset", HeaderValue::from(offset));
-            patch(&state, q, headers, Body::empty(), &mut None).await?;
-            offset
+            match patch(&state, q, headers, Body::empty(), &mut None).await {
+                Ok(_) => offset,
+                // A PATCH that began meanwhile.
+                Err(ApiError::Conflict(_)) if leased() => {
+                    return Err(ApiError::Locked(FINISHING));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Some(offset) => offset,
+        None if leased() => return Err(ApiError::Locked(FINISHING)),
         None => state.completed.size_of(&s.id).ok_or(ApiError::NotFound)?,
     };
     let mut resp = StatusCode::OK.into_response();
@@ -1437,7 +1458,12 @@ async fn patch(
         fsx::sync(s.staging.as_fd())?;
         let placed = destination_dir(&s).and_then(|(parent, name)| {
             let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
-                complete(&s, parent.as_fd(), name)
+                let replaced = complete(&s, parent.as_fd(), name)?;
+                // Remembered as soon as the file is in place (a HEAD that finds the
+                // staged file gone asks this record), and before the directory's
+                // sync, which may fail: the file is in place either way.
+                st.completed.record(&s.id, s.size, s.until);
+                Ok(replaced)
             })?;
             Ok((parent, replaced))
         });
@@ -1451,9 +1477,6 @@ async fn patch(
             st.reservations.removed(&s.scope_key);
         }
         st.folders.changed(&s.folder_key);
-        // Remembered before the directory's sync, which may fail: the file is in
-        // place either way.
-        st.completed.record(&s.id, s.size, s.until);
         fsx::sync(parent.as_fd())?;
         Ok(s.id)
     })

@@ -288,6 +288,11 @@ pub enum ApiError {
     /// A tus offset mismatch or a concurrent PATCH.
     #[error("conflict: {0}")]
     Conflict(&'static str),
+    /// A tus `HEAD` while a `PATCH` to the upload is finishing: 423 `locked` with
+    /// `Retry-After` (tus clients retry a locked upload; any other 4xx makes them
+    /// forget it and begin again).
+    #[error("locked: {0}")]
+    Locked(&'static str),
     /// Too large.
     #[error("upload larger than the limit")]
     TooLarge,
@@ -415,6 +420,7 @@ impl ApiError {
             Self::Path(_) | Self::Params(_) => (StatusCode::BAD_REQUEST, "invalid-api-params"),
             Self::Session => (StatusCode::UNAUTHORIZED, "invalid-token"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Locked(_) => (StatusCode::LOCKED, "locked"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             Self::FileTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "file-too-large"),
             Self::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
@@ -489,6 +495,10 @@ impl IntoResponse for ApiError {
         if matches!(self, Self::Busy(_)) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("5"));
+        }
+        if matches!(self, Self::Locked(_)) {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
         resp
     }

@@ -3463,13 +3463,73 @@ fn a_body_stalled_after_every_byte_still_completes_the_upload() {
     assert_eq!(head.header("upload-offset"), Some("100"));
 }
 
+/// A `HEAD` while a `PATCH` holds every byte of the upload but has not ended (its
+/// body stalled one byte short of its `Content-Length`) is told to ask again: 423
+/// `locked` with `Retry-After`, the answer tus clients retry. Reporting the upload
+/// complete would be early (it is not in place yet), and the `HEAD`'s own attempt
+/// to complete it met the `PATCH`'s lease: 409, which a tus client takes for an
+/// upload gone, and begins again.
+#[test]
+fn a_head_while_a_patch_finishes_is_told_to_ask_again() {
+    let p = Proxy::start("stall_timeout_secs = 5\n");
+    let (data, token) = chunky_session(&p, "finishing.bin", 100);
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nConnection: close\r\nContent-Length: 101\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&data).expect("body");
+    // Until the bytes are on disk, HEAD says how many; then it is locked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let locked = loop {
+        let head = p.tus_head(&token);
+        if head.status != 200 {
+            break head;
+        }
+        assert_ne!(
+            head.header("upload-offset"),
+            Some("100"),
+            "complete too early"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lock while the PATCH runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        locked.status,
+        423,
+        "{}",
+        String::from_utf8_lossy(&locked.body)
+    );
+    assert_eq!(locked.header("retry-after"), Some("1"));
+    // The PATCH ends at its stall, the upload in place; HEAD says so.
+    let (r, text) = chunked_answer(s);
+    assert_completed_despite(
+        &p,
+        &r,
+        &text,
+        (408, "request-timeout"),
+        "finishing.bin",
+        &data,
+    );
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some("100"));
+}
+
 /// A chunked PATCH body whose chunks bring every byte of the upload, but not its
 /// last chunk, while the token expires: the PATCH ends at the expiry (401), and
 /// the upload, every byte on disk, is completed and put in place. Before, it
 /// stayed staged, never put in place, and was cleaned up later.
 #[test]
 fn a_token_expiring_after_every_byte_still_completes_the_upload() {
-    let p = Proxy::start("session_expire_secs = 2\nstall_timeout_secs = 60\nmin_body_rate = 0\n");
+    // Long enough for the body to begin before the expiry on a loaded machine.
+    let p = Proxy::start("session_expire_secs = 5\nstall_timeout_secs = 60\nmin_body_rate = 0\n");
     let (data, token) = chunky_session(&p, "expired.bin", 100);
     let (r, text) = raw_patch(
         &p,

@@ -52,6 +52,35 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// own (round trips of far clients, and bodies queued behind other streams' frames).
 const RESET_STREAM_MEMORY: Duration = Duration::from_secs(10);
 
+/// How long the resets a client makes are weighed together ([`ConnCtx`]'s
+/// `resets_too_many`). A client that resets streams once their work began faster
+/// than its stream cap per window is cut; one that cancels streams now and then (a
+/// video player seeking, map tiles scrolled past, gRPC calls cancelled, an
+/// `EventSource` closed) is weighed afresh each window rather than over the
+/// connection's whole life, where its cancellations added up. An attacker kept
+/// below the rule makes at most about twice the stream cap of app requests per
+/// window this way: as many as an honest client's.
+const RESET_WINDOW: Duration = Duration::from_secs(60);
+
+/// Streams whose work began (routed, admitted, handed to an app) and those of them
+/// the client reset, counted since `since`.
+#[derive(Debug, Clone, Copy)]
+struct ResetWindow {
+    since: Instant,
+    worked: u64,
+    resets: u64,
+}
+
+impl ResetWindow {
+    fn new(since: Instant) -> Self {
+        Self {
+            since,
+            worked: 0,
+            resets: 0,
+        }
+    }
+}
+
 /// What the streams of one client connection share.
 pub struct ConnCtx {
     /// The core.
@@ -66,12 +95,8 @@ pub struct ConnCtx {
     streams: Cell<u64>,
     /// The first [`LOGGED_IDS`] streams' request IDs.
     ids: RefCell<Vec<RequestId>>,
-    /// Streams whose work began: routed, admitted and handed to an app.
-    worked: Cell<u64>,
-    /// Of those, the streams the client reset (or whose client stopped taking their
-    /// answer) while the worker was working on them, in any phase: waiting for the
-    /// app's head, sending the request's body, relaying the answer.
-    client_resets: Cell<u64>,
+    /// Streams whose work began and those the client reset, this window's.
+    resets: Cell<ResetWindow>,
     /// The connection is over (its `h2` driver gone, maybe lingering): a stream
     /// whose handling ends after it leaves the socket's deadline and reusability to
     /// the lingering close.
@@ -126,15 +151,34 @@ impl ConnCtx {
         }
     }
 
+    /// The reset window as of now, begun again once [`RESET_WINDOW`] has passed.
+    fn reset_window(&self) -> ResetWindow {
+        let now = self.core.reactor.now();
+        let w = self.resets.get();
+        if now.saturating_duration_since(w.since) >= RESET_WINDOW {
+            ResetWindow::new(now)
+        } else {
+            w
+        }
+    }
+
     /// A stream's work began: it goes to an app.
     pub fn note_work(&self) {
-        self.worked.set(self.worked.get() + 1);
+        let mut w = self.reset_window();
+        w.worked += 1;
+        self.resets.set(w);
     }
 
     /// A stream was reset by the client while its request was being worked on
-    /// (once per stream: the stream's work ends with it).
+    /// (once per stream: the stream's work ends with it), in any phase: waiting for
+    /// the app's head, sending the request's body, relaying the answer (the client's
+    /// stream reset or closed as DATA goes out, or while the app is silent; a reset
+    /// the `h2` library made for the client's own protocol error on the stream
+    /// counts as the client's).
     pub fn note_client_reset(&self) {
-        self.client_resets.set(self.client_resets.get() + 1);
+        let mut w = self.reset_window();
+        w.resets += 1;
+        self.resets.set(w);
     }
 
     /// Notes `e`, an error of the client's side of a stream whose work began, as the
@@ -146,15 +190,14 @@ impl ConnCtx {
         }
     }
 
-    /// Whether the client resets streams like an attacker: more than the streams it
-    /// may have open at once, and more than half of the streams whose work began.
-    /// Streams the worker answers itself (a refusal, a preflight) are not in the
-    /// count: a client padding its resets with such cheap streams kept the ratio
-    /// under half and was never cut.
+    /// Whether the client resets streams like an attacker: within one
+    /// [`RESET_WINDOW`], more than the streams it may have open at once, and more
+    /// than half of the streams whose work began. Streams the worker answers itself
+    /// (a refusal, a preflight) are not in the count: a client padding its resets
+    /// with such cheap streams kept the ratio under half and was never cut.
     fn resets_too_many(&self) -> bool {
-        let resets = self.client_resets.get();
-        resets > u64::from(self.core.rt.http2.max_concurrent_streams)
-            && resets * 2 > self.worked.get()
+        let w = self.reset_window();
+        w.resets > u64::from(self.core.rt.http2.max_concurrent_streams) && w.resets * 2 > w.worked
     }
 
     /// Names a stream's request ID on the connection line.
@@ -192,8 +235,7 @@ pub async fn serve(
         active: Cell::new(0),
         streams: Cell::new(0),
         ids: RefCell::new(Vec::new()),
-        worked: Cell::new(0),
-        client_resets: Cell::new(0),
+        resets: Cell::new(ResetWindow::new(core.reactor.now())),
         ended: Cell::new(false),
         lingering_held: Cell::new(false),
         between: Rc::new(io::Between::new(io::max_block(&core.rt.http2))),
@@ -264,8 +306,8 @@ pub async fn serve(
                 tracing::warn!(
                     conn = conn_id,
                     peer = %hop.peer,
-                    resets = ctx.client_resets.get(),
-                    worked = ctx.worked.get(),
+                    resets = ctx.resets.get().resets,
+                    worked = ctx.resets.get().worked,
                     streams = ctx.streams.get(),
                     "HTTP/2 client resets most of its streams once their work started (rapid reset); closing the connection"
                 );
