@@ -479,27 +479,31 @@ pub fn push_json_escaped(line: &mut String, s: &str) {
         let Some(c) = rest[at..].chars().next() else {
             break;
         };
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            '\t' => line.push_str("\\t"),
-            c if c < ' ' || hides_text(c) => push_unicode_escape(line, c),
-            c => line.push(c),
-        }
+        push_escaped_char(line, c);
         rest = &rest[at + c.len_utf8()..];
     }
     line.push_str(rest);
 }
 
-/// Appends `\uXXXX` for `c`, a character of the Basic Multilingual Plane.
-fn push_unicode_escape(line: &mut String, c: char) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let v = c as u32;
-    line.push_str("\\u");
-    for shift in [12, 8, 4, 0] {
-        line.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+/// Appends `c` as a JSON string (and a quoted logfmt value) holds it: `"` and `\`
+/// escaped, the controls and the characters that [hide text](hides_text) as
+/// `\uXXXX` (every one of them in the Basic Multilingual Plane), others as they are.
+fn push_escaped_char(line: &mut String, c: char) {
+    match c {
+        '"' => line.push_str("\\\""),
+        '\\' => line.push_str("\\\\"),
+        '\n' => line.push_str("\\n"),
+        '\r' => line.push_str("\\r"),
+        '\t' => line.push_str("\\t"),
+        c if c.is_control() || hides_text(c) => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let v = c as u32;
+            line.push_str("\\u");
+            for shift in [12, 8, 4, 0] {
+                line.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+            }
+        }
+        c => line.push(c),
     }
 }
 
@@ -518,17 +522,7 @@ pub fn push_logfmt_pair(line: &mut String, key: &str, value: &str) {
     }
     line.push('"');
     for c in value.chars() {
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            '\t' => line.push_str("\\t"),
-            c if c.is_control() || hides_text(c) => {
-                let _ = write!(line, "\\u{:04x}", c as u32);
-            }
-            c => line.push(c),
-        }
+        push_escaped_char(line, c);
     }
     line.push('"');
 }

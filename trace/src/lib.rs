@@ -561,8 +561,10 @@ pub fn shown(text: &str) -> String {
 
 /// Whether `c` changes how the text around it is shown (as the logs' writer
 /// decides: DEL and C1, the zero-width characters, the line and paragraph
-/// separators, the bidirectional marks, embeddings, overrides and isolates).
-fn hides_text(c: char) -> bool {
+/// separators, the bidirectional marks, embeddings, overrides and isolates). The
+/// tool reads logs without the product's crates; a test holds this set to the
+/// writer's, `appproxy_shared::telemetry::hides_text`, character by character.
+pub fn hides_text(c: char) -> bool {
     matches!(
         c,
         '\u{7f}'..='\u{9f}'
@@ -883,6 +885,16 @@ mod tests {
             "{text}"
         );
         assert!(!render_svg(&t).contains('\u{202e}'));
+    }
+
+    #[test]
+    fn the_hidden_characters_are_the_log_writers() {
+        let differ: Vec<u32> = (0..=0x10_ffffu32)
+            .filter_map(char::from_u32)
+            .filter(|&c| hides_text(c) != appproxy_shared::telemetry::hides_text(c))
+            .map(|c| c as u32)
+            .collect();
+        assert!(differ.is_empty(), "{differ:x?}");
     }
 
     #[test]
