@@ -62,7 +62,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         entries.extend(parse_text(&read_stdin()?, "stdin"));
     }
     if let Some(n) = args.slowest {
-        print!("{}", render_slowest(&slowest(&entries, n)));
+        out(&render_slowest(&slowest(&entries, n)))?;
         return Ok(ExitCode::SUCCESS);
     }
     let query = match (&args.request_id, &args.trace_id) {
@@ -79,7 +79,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     let t = timeline(&selected);
-    print!("{}", render_text(&t, args.verbose));
+    out(&render_text(&t, args.verbose))?;
     if let Some(path) = &args.svg {
         std::fs::write(path, render_svg(&t))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -93,4 +93,15 @@ fn read_stdin() -> anyhow::Result<String> {
         .read_to_end(&mut bytes)
         .context("reading stdin")?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Writes `text` to stdout. A reader that stopped reading (`| head`) ends the
+/// output quietly, as for any filter: `print!` panicked on the closed pipe.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

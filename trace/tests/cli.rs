@@ -268,3 +268,26 @@ fn unknown_ids_and_bad_usage_fail_clearly() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/log"));
 }
+
+/// A reader that stops reading (`appproxy-trace … | head -1`) ends the output
+/// quietly, exit 0: it panicked on the closed pipe ("failed printing to stdout").
+#[test]
+fn a_reader_that_stops_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = write_logs(dir.path());
+    let mut args: Vec<&str> = paths.iter().map(|p| p.to_str().expect("utf8")).collect();
+    args.extend(["--trace-id", TRACE, "-v"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-trace"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run appproxy-trace");
+    // The reader is gone before the tool has read its logs.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
