@@ -427,9 +427,11 @@ fn push_json_value(line: &mut String, value: &FieldValue) {
 }
 
 /// Whether `c` changes how the text around it is shown: DEL and the C1 controls,
-/// the zero-width characters (two paths that differ by one look the same), the
-/// line and paragraph separators, and the bidirectional marks, embeddings,
-/// overrides and isolates. A log line writes them escaped (`\uXXXX`, which a JSON
+/// the characters that show as nothing (zero-width spaces and joiners, the soft
+/// hyphen, fillers, variation selectors, invisible operators, the tags that can
+/// carry a whole hidden text: two paths that differ by one look the same), the line
+/// and paragraph separators, and the bidirectional marks, embeddings, overrides and
+/// isolates. A log line writes them escaped (`\uXXXX`, which a JSON
 /// reader decodes back), so that a client's path or header cannot disguise itself,
 /// or the rest of its line, in an operator's terminal or editor (a right-to-left
 /// override reverses what follows it; a C1 CSI begins a terminal command).
@@ -437,20 +439,30 @@ pub fn hides_text(c: char) -> bool {
     matches!(
         c,
         '\u{7f}'..='\u{9f}'
+            | '\u{ad}'
+            | '\u{34f}'
             | '\u{61c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}'
     )
 }
 
 /// The bytes where [`push_json_escaped`] stops to look: `"`, `\`, the C0 controls,
 /// DEL, and the lead bytes of every character [`hides_text`] names (0xC2: U+0080 to
-/// U+00BF, 0xD8: U+0600 to U+063F, 0xE2: U+2000 to U+2FFF, 0xEF: U+F000 to
-/// U+FFFF). Lead bytes and ASCII are never inside a character, so every stop is at
-/// a character's start.
+/// U+00BF, 0xCD: U+0340 to U+037F, 0xD8: U+0600 to U+063F, 0xE1: U+1000 to U+1FFF,
+/// 0xE2: U+2000 to U+2FFF, 0xE3: U+3000 to U+3FFF, 0xEF: U+F000 to U+FFFF, 0xF3:
+/// U+C0000 to U+FFFFF). Lead bytes and ASCII are never inside a character, so every
+/// stop is at a character's start.
 const JSON_STOPS: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
@@ -462,9 +474,13 @@ const JSON_STOPS: [bool; 256] = {
     t[b'\\' as usize] = true;
     t[0x7f] = true;
     t[0xc2] = true;
+    t[0xcd] = true;
     t[0xd8] = true;
+    t[0xe1] = true;
     t[0xe2] = true;
+    t[0xe3] = true;
     t[0xef] = true;
+    t[0xf3] = true;
     t
 };
 
@@ -487,8 +503,16 @@ pub fn push_json_escaped(line: &mut String, s: &str) {
 
 /// Appends `c` as a JSON string (and a quoted logfmt value) holds it: `"` and `\`
 /// escaped, the controls and the characters that [hide text](hides_text) as
-/// `\uXXXX` (every one of them in the Basic Multilingual Plane), others as they are.
+/// `\uXXXX` (a tag, past the Basic Multilingual Plane, as its UTF-16 surrogate
+/// pair, as JSON writes it), others as they are.
 fn push_escaped_char(line: &mut String, c: char) {
+    fn push_u16(line: &mut String, v: u32) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        line.push_str("\\u");
+        for shift in [12, 8, 4, 0] {
+            line.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+        }
+    }
     match c {
         '"' => line.push_str("\\\""),
         '\\' => line.push_str("\\\\"),
@@ -496,11 +520,9 @@ fn push_escaped_char(line: &mut String, c: char) {
         '\r' => line.push_str("\\r"),
         '\t' => line.push_str("\\t"),
         c if c.is_control() || hides_text(c) => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let v = c as u32;
-            line.push_str("\\u");
-            for shift in [12, 8, 4, 0] {
-                line.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                push_u16(line, u32::from(*unit));
             }
         }
         c => line.push(c),
@@ -585,6 +607,10 @@ mod tests {
                         '\u{2029}', '\u{202a}', '\u{202e}', '\u{202f}', '\u{2066}', '\u{2069}',
                         '\u{206a}', '\u{2fff}', '\u{200a}', '\u{200b}', '\u{2060}', '\u{2064}',
                         '\u{2065}', '\u{feff}', '\u{fefe}', '\u{f000}', '\u{ffff}', '\u{ff21}',
+                        '\u{ad}', '\u{34f}', '\u{350}', '\u{115f}', '\u{17b4}', '\u{180e}',
+                        '\u{3164}', '\u{3042}', '\u{fe0f}', '\u{ffa0}', '\u{fff9}', '\u{fffc}',
+                        '\u{e0001}', '\u{e0041}', '\u{e007f}', '\u{e0080}', '\u{f0000}',
+                        '\u{1f600}',
                     ]),
                 ],
                 0..40,
@@ -600,7 +626,10 @@ mod tests {
                     '\r' => by_chars.push_str("\\r"),
                     '\t' => by_chars.push_str("\\t"),
                     c if (c as u32) < 0x20 || hides_text(c) => {
-                        by_chars.push_str(&format!("\\u{:04x}", c as u32))
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            by_chars.push_str(&format!("\\u{unit:04x}"));
+                        }
                     }
                     c => by_chars.push(c),
                 }
@@ -638,13 +667,13 @@ mod tests {
 
     #[test]
     fn text_hiding_characters_are_escaped_and_read_back() {
-        let raw = "/a\u{202e}gpj.exe\u{9b}2J\u{2028}\u{2066}x\u{2069}\u{7f}\u{200b}\u{feff} — é ｆ";
+        let raw = "/a\u{202e}gpj.exe\u{9b}2J\u{2028}\u{2066}x\u{2069}\u{7f}\u{200b}\u{feff} — é ｆ/ad\u{ad}min\u{e0041}あ";
         let mut line = String::from("{\"path\":\"");
         push_json_escaped(&mut line, raw);
         line.push_str("\"}");
         assert_eq!(
             line,
-            "{\"path\":\"/a\\u202egpj.exe\\u009b2J\\u2028\\u2066x\\u2069\\u007f\\u200b\\ufeff — é ｆ\"}"
+            "{\"path\":\"/a\\u202egpj.exe\\u009b2J\\u2028\\u2066x\\u2069\\u007f\\u200b\\ufeff — é ｆ/ad\\u00admin\\udb40\\udc41あ\"}"
         );
         assert!(line.chars().all(|c| !hides_text(c)));
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");

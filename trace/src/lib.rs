@@ -560,7 +560,7 @@ pub fn shown(text: &str) -> String {
 }
 
 /// Whether `c` changes how the text around it is shown (as the logs' writer
-/// decides: DEL and C1, the zero-width characters, the line and paragraph
+/// decides: DEL and C1, the characters that show as nothing, the line and paragraph
 /// separators, the bidirectional marks, embeddings, overrides and isolates). The
 /// tool reads logs without the product's crates; a test holds this set to the
 /// writer's, `appproxy_shared::telemetry::hides_text`, character by character.
@@ -568,12 +568,21 @@ pub fn hides_text(c: char) -> bool {
     matches!(
         c,
         '\u{7f}'..='\u{9f}'
+            | '\u{ad}'
+            | '\u{34f}'
             | '\u{61c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}'
     )
 }
 

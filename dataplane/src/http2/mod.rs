@@ -53,13 +53,16 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 const RESET_STREAM_MEMORY: Duration = Duration::from_secs(10);
 
 /// How long the resets a client makes are weighed together ([`ConnCtx`]'s
-/// `resets_too_many`). A client that resets streams once their work began faster
-/// than its stream cap per window is cut; one that cancels streams now and then (a
-/// video player seeking, map tiles scrolled past, gRPC calls cancelled, an
-/// `EventSource` closed) is weighed afresh each window rather than over the
-/// connection's whole life, where its cancellations added up. An attacker kept
-/// below the rule makes at most about twice the stream cap of app requests per
-/// window this way: as many as an honest client's.
+/// `resets_too_many`). A client that resets more streams once their work began
+/// than its stream cap within a window, and more than half of those streams, is
+/// cut; one that cancels streams now and then (a video player seeking, map tiles
+/// scrolled past, gRPC calls cancelled, an `EventSource` closed) is weighed afresh
+/// each window rather than over the connection's whole life, where its
+/// cancellations added up. What the rule does not stop, and the in-flight cap
+/// bounds: a client that pads each reset with an app request it reads whole, or
+/// opens a new connection every stream cap's worth of resets, costs an app
+/// connection per reset, in proportion to what it sends (the per-client request
+/// rate, when set, bounds that too).
 const RESET_WINDOW: Duration = Duration::from_secs(60);
 
 /// Streams whose work began (routed, admitted, handed to an app) and those of them
