@@ -61,18 +61,8 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
                     tracing::info!(error = %e, "api request refused");
                 })
                 .await;
-                core.record(&AccessEntry {
-                    request_id: &id,
-                    circuit: None,
-                    client: Some(peer.ip()),
-                    method: b"-",
-                    path: b"-",
-                    status,
-                    bytes_in: 0,
-                    bytes_out: if sent { out.len() as u64 } else { 0 },
-                    upstream: None,
-                    started: std::time::Instant::now(),
-                });
+                let bytes_out = if sent { out.len() as u64 } else { 0 };
+                core.record(&AccessEntry::unread(&id, peer.ip(), status, bytes_out));
                 if sent {
                     // The rest of the head, or more, may still be on its way.
                     crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;

@@ -80,8 +80,8 @@ impl ClientTable {
 
 /// A map whose every change is one complete statement: a core that panicked while
 /// holding the lock left no half-made change, so the poison is not worth a second
-/// panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// panic. (`request_rate`'s table's shards are such maps too.)
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

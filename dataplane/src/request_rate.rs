@@ -19,12 +19,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use appproxy_shared::fair_share::ClientKey;
 
-use crate::client_table::{shard_of, SHARDS};
+use crate::client_table::{lock, shard_of, SHARDS};
 
 /// Addresses one shard holds at most (`SHARDS` times this in all: about 10 MiB).
 pub const SHARD_ENTRIES: usize = 4096;
@@ -136,11 +136,6 @@ fn make_room(shard: &mut HashMap<ClientKey, u64>, now: u64, entries: usize) {
     let (_, &mut cut, _) = times.select_nth_unstable(evict - 1);
     // Those at or before the cut: at least `evict` of them (ties go together).
     shard.retain(|_, tat| *tat > cut);
-}
-
-/// A map whose every change is one complete statement (see `client_table::lock`).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -36,6 +36,32 @@ pub struct AccessEntry<'a> {
     pub started: Instant,
 }
 
+impl<'a> AccessEntry<'a> {
+    /// The entry of a refusal answered under `request_id` to `client` before any
+    /// request head was taken (a head that could not be read, a connection refused
+    /// at accept): method and path `-`, no circuit, nothing read, the answer's
+    /// `bytes_out`, timed from now.
+    pub fn unread(
+        request_id: &'a RequestId,
+        client: std::net::IpAddr,
+        status: u16,
+        bytes_out: u64,
+    ) -> Self {
+        Self {
+            request_id,
+            circuit: None,
+            client: Some(client),
+            method: b"-",
+            path: b"-",
+            status,
+            bytes_in: 0,
+            bytes_out,
+            upstream: None,
+            started: Instant::now(),
+        }
+    }
+}
+
 /// The per-core access log: lines are formatted into a buffer and written in batches
 /// (at 32 KiB or every reactor tick), so logging stays off the hot path's syscalls.
 pub struct AccessLog {

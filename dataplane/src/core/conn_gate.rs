@@ -350,17 +350,9 @@ impl Core {
         self.count_refusal(&r);
         self.metrics.add(counter::BYTES_OUT, sent as u64);
         self.record(&AccessEntry {
-            request_id: &id,
             // A port frontend's circuit; a wildcard frontend's is in the unread head.
             circuit: route.as_deref().map(|r| &r.circuit.circuit),
-            client: Some(client),
-            method: b"-",
-            path: b"-",
-            status: r.status,
-            bytes_in: 0,
-            bytes_out: sent as u64,
-            upstream: None,
-            started: std::time::Instant::now(),
+            ..AccessEntry::unread(&id, client, r.status, sent as u64)
         });
     }
 

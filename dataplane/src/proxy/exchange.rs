@@ -555,18 +555,7 @@ impl Client {
         })
         .await;
         let r = Refusal::from(&err);
-        let entry = AccessEntry {
-            request_id: &id,
-            circuit: None,
-            client: Some(self.hop.peer.ip()),
-            method: b"-",
-            path: b"-",
-            status: r.status,
-            bytes_in: 0,
-            bytes_out: 0,
-            upstream: None,
-            started: Instant::now(),
-        };
+        let entry = AccessEntry::unread(&id, self.hop.peer.ip(), r.status, 0);
         // A `HEAD` whose head was refused still gets no content: its request line
         // is read as far as the method.
         let bodiless = parse::is_head_request(self.buf.filled());
