@@ -128,7 +128,7 @@ async fn follow_local(
 }
 
 /// A coordinator running on a thread of its own (`appproxy-coordinator`, with its own
-/// runtime) in this process.
+/// runtime) in this process; its log lines say `component: coordinator`.
 pub struct EmbeddedCoordinator {
     /// Its shared state: what [`EmbeddedLink`] calls.
     pub state: Arc<State>,
@@ -150,8 +150,13 @@ impl EmbeddedCoordinator {
         std::thread::Builder::new()
             .name("appproxy-coordinator".into())
             .spawn(move || {
+                // Its lines, and those of its blocking threads, are the coordinator's.
+                appproxy_shared::telemetry::set_thread_component("coordinator");
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_start(|| {
+                        appproxy_shared::telemetry::set_thread_component("coordinator")
+                    })
                     .build()
                 {
                     Ok(rt) => rt,

@@ -143,6 +143,10 @@ pub struct SpanRecord {
     pub access_key: Inline<64>,
     /// The worker core that served the request (`core`).
     pub core: Option<u16>,
+    /// The component whose thread made the record, when not the process's own (a
+    /// coordinator embedded in the worker: [`crate::telemetry::set_thread_component`]);
+    /// its spans are exported under `appproxy-<component>`.
+    pub component: Option<&'static str>,
 }
 
 impl SpanRecord {
@@ -164,6 +168,7 @@ impl SpanRecord {
             endpoint_id: None,
             access_key: Inline::EMPTY,
             core: None,
+            component: crate::telemetry::thread_component(),
         }
     }
 
@@ -703,27 +708,44 @@ pub fn to_otlp(r: &SpanRecord) -> Span {
     }
 }
 
-/// The protobuf body of one export request.
+/// The protobuf body of one export request: the spans of the process's own component
+/// under `service_name`, those a thread made for another component (an embedded
+/// coordinator) under `appproxy-<component>`, one resource each.
 pub fn encode(service_name: &str, batch: &[SpanRecord]) -> Vec<u8> {
-    let request = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![kv_str("service.name", service_name)],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "appproxy".to_owned(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
+    let mut components: Vec<Option<&'static str>> = Vec::new();
+    for r in batch {
+        if !components.contains(&r.component) {
+            components.push(r.component);
+        }
+    }
+    let resource_spans = components
+        .into_iter()
+        .map(|component| {
+            let service =
+                component.map_or_else(|| service_name.to_owned(), |c| format!("appproxy-{c}"));
+            ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv_str("service.name", &service)],
                     ..Default::default()
                 }),
-                spans: batch.iter().map(to_otlp).collect(),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "appproxy".to_owned(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        ..Default::default()
+                    }),
+                    spans: batch
+                        .iter()
+                        .filter(|r| r.component == component)
+                        .map(to_otlp)
+                        .collect(),
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
-    request.encode_to_vec()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest { resource_spans }.encode_to_vec()
 }
 
 /// `data` as one gzip member (RFC 1952): a 10-byte header without optional fields,

@@ -7,7 +7,7 @@
 //! span of their own: it is read from the context ([`crate::context`]) at the moment
 //! the event is emitted, and falls back to a `request_id` field of an enclosing span.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -237,7 +237,8 @@ impl Visit for Collector<'_> {
 pub struct LineLayer<W> {
     /// Output format.
     format: LogFormat,
-    /// The `component` field on every line (`worker`, `coordinator`, …).
+    /// The `component` field on every line (`worker`, `coordinator`, …) unless the
+    /// thread names its own ([`set_thread_component`]).
     component: &'static str,
     /// Where lines go.
     writer: W,
@@ -257,6 +258,27 @@ impl<W> LineLayer<W> {
 thread_local! {
     /// Reused line buffer, so formatting an event does not allocate a fresh string.
     static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    /// The component this thread works for, when it is not the process's own.
+    static THREAD_COMPONENT: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+/// Names the component the calling thread works for: its lines say `component`
+/// instead of the process's (a coordinator embedded in the worker's process runs on
+/// threads of its own, and its lines are the coordinator's, not the worker's: the
+/// trace tool tells hops apart by component). Lasts for the thread's life.
+pub fn set_thread_component(component: &'static str) {
+    THREAD_COMPONENT.with(|c| c.set(Some(component)));
+}
+
+/// The component the calling thread works for, if it named one
+/// ([`set_thread_component`]); `None`: the process's own.
+pub fn thread_component() -> Option<&'static str> {
+    THREAD_COMPONENT.with(Cell::get)
+}
+
+/// The component the calling thread's lines name: its own or `process`.
+fn line_component(process: &'static str) -> &'static str {
+    thread_component().unwrap_or(process)
 }
 
 impl<S, W> Layer<S> for LineLayer<W>
@@ -317,10 +339,11 @@ where
             line.clear();
             let level = meta.level().as_str();
             let ts = Rfc3339(SystemTime::now());
+            let component = line_component(self.component);
             match self.format {
                 LogFormat::Json => {
                     let _ = write!(line, "{{\"timestamp\":\"{ts}\",\"level\":\"{level}\"");
-                    push_json_pair(&mut line, "component", self.component);
+                    push_json_pair(&mut line, "component", component);
                     push_json_pair(&mut line, "target", meta.target());
                     if let Some(rid) = &request_id {
                         push_json_pair(&mut line, "request_id", rid);
@@ -348,7 +371,7 @@ where
                         line,
                         "ts={ts} level={} component={}",
                         level.to_ascii_lowercase(),
-                        self.component
+                        component
                     );
                     push_logfmt_pair(&mut line, "target", meta.target());
                     if let Some(rid) = &request_id {

@@ -210,6 +210,39 @@ fn without_compression_the_protobuf_is_sent_as_it_is() {
 }
 
 #[test]
+fn spans_made_for_another_component_are_exported_under_its_name() {
+    // A coordinator embedded in the worker's process: its threads name their
+    // component, and their spans go out as the coordinator's service, not the worker's.
+    let rx = Receiver::start_refusing(0);
+    let exporter =
+        Exporter::start(settings(&rx.url(), 64, Duration::from_secs(10))).expect("exporter");
+    let own = record(1);
+    let other = std::thread::spawn(|| {
+        appproxy_shared::telemetry::set_thread_component("coordinator");
+        record(2)
+    })
+    .join()
+    .expect("coordinator thread");
+    assert_eq!(own.component, None);
+    assert_eq!(other.component, Some("coordinator"));
+    exporter.push(&own);
+    exporter.push(&other);
+    eventually("both spans exported", || {
+        exporter.stats().exported.load(Ordering::Relaxed) == 2
+    });
+    let spans = rx.spans();
+    let service_of = |r: &SpanRecord| {
+        spans
+            .iter()
+            .find(|g| g.span_id() == r.span.span_id.hex().as_str())
+            .map(|g| g.service.clone())
+            .unwrap_or_else(|| panic!("span not received: {spans:#?}"))
+    };
+    assert_eq!(service_of(&own), "appproxy-test");
+    assert_eq!(service_of(&other), "appproxy-coordinator");
+}
+
+#[test]
 fn the_system_gzip_reads_the_exporters_gzip() {
     // A third implementation: gzip(1) checks the CRC-32 and length itself.
     let batch: Vec<SpanRecord> = (0..50).map(record).collect();
