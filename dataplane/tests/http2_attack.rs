@@ -1508,3 +1508,44 @@ fn late_frames_of_refused_uploads_do_not_cut_the_connection() {
     assert_eq!(last_goaway(&frames), None);
     assert_eq!(up.last().body_len, 5);
 }
+
+/// HPACK lets a client name a long method once and then with one byte a stream: the
+/// access line keeps the method's first 32 bytes, so each stream's line stays the
+/// size of an ordinary one whatever the client's table holds (before, every line held
+/// the whole 4,000-byte method: ~300 times the bytes the client sent for it).
+#[test]
+fn a_method_indexed_once_does_not_grow_every_access_line() {
+    let up = Upstream::start();
+    let w = worker(&up, "");
+    let mut s = open(&w);
+    let method = "M".repeat(4000);
+    // Ten streams: the test app's answers (some 4 KB, the method echoed) fit the
+    // connection's window unread.
+    for i in 0..10u32 {
+        let mut b = Vec::new();
+        if i == 0 {
+            // `:method` (the static table's name 2) with incremental indexing: the
+            // first dynamic entry, 62.
+            hpack_int(&mut b, 6, 0x40, 2);
+            hpack_str(&mut b, method.as_bytes());
+        } else {
+            hpack_int(&mut b, 7, 0x80, 62);
+        }
+        literal(&mut b, b":scheme", b"http");
+        literal(&mut b, b":path", b"/m");
+        literal(&mut b, b":authority", b"127.0.0.1");
+        literal(
+            &mut b,
+            b"x-backend-request-id",
+            format!("long-method-{i}").as_bytes(),
+        );
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1 + 2 * i, &b))
+            .expect("headers");
+    }
+    for i in 0..10u32 {
+        let line = w.wait_access_line(&format!("long-method-{i}"));
+        assert_eq!(line["method"], "M".repeat(32), "{line}");
+        let text = line.to_string();
+        assert!(text.len() < 1024, "{} bytes: {text}", text.len());
+    }
+}

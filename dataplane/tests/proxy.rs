@@ -207,13 +207,21 @@ fn bodiless_responses_and_expect_continue() {
         assert_eq!(r.status, code);
         assert!(r.body.is_empty());
     }
-    // Expect: 100-continue: the proxy says 100 before the client sends the body.
-    c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n");
-    let (status, _) = c.head();
+    // Expect: 100-continue: the proxy says 100 before the client sends the body,
+    // under the request's ID (a client that gives up after it has the ID to quote).
+    c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\nX-Backend-Request-ID: expecting-1\r\n\r\n");
+    let (status, headers) = c.head();
     assert_eq!(status, 100);
+    let ids: Vec<&str> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-backend-request-id"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(ids, vec!["expecting-1"], "{headers:?}");
     c.send(b"body");
     let r = c.response();
     assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-backend-request-id"), Some("expecting-1"));
     assert_eq!(r.json()["body_len"], 4);
     assert_eq!(up.last().header("expect"), None);
 }

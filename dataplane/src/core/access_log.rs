@@ -10,6 +10,15 @@ use appproxy_shared::telemetry::{push_json_escaped, push_logfmt_pair, LogFormat,
 use crate::http::encode::{socket_addr_text, DIGIT_PAIRS};
 use appproxy_shared::RequestId;
 
+/// The most of a request's method an access line keeps: the longest registered
+/// method is 17 bytes (`UPDATEREDIRECTREF`). An HTTP/2 client names a method once in
+/// its HPACK table and then with one byte a stream, so a line holding the whole of a
+/// 4,000-byte method was ~300 times what the client sent for it.
+pub const METHOD_MAX: usize = 32;
+
+/// The most of a request's target an access line keeps (the query is left out too).
+pub const PATH_MAX: usize = 512;
+
 /// One access-log entry.
 pub struct AccessEntry<'a> {
     /// The request's ID.
@@ -20,9 +29,10 @@ pub struct AccessEntry<'a> {
     /// The client's address: the one a trusted proxy or load balancer named (its
     /// `X-Forwarded-For`, a PROXY protocol header), else the connection's peer.
     pub client: Option<std::net::IpAddr>,
-    /// Method token.
+    /// Method token (the line keeps its first [`METHOD_MAX`] bytes).
     pub method: &'a [u8],
-    /// Path (query left out: it may hold tokens).
+    /// Path (query left out: it may hold tokens; the line keeps at most the target's
+    /// first [`PATH_MAX`] bytes).
     pub path: &'a [u8],
     /// Status sent.
     pub status: u16,
@@ -151,8 +161,8 @@ impl AccessLog {
         if let Some(ip) = e.client {
             buf.push_str(names.client(ip, json));
         }
-        let method = lossy(e.method);
-        let path = lossy(e.path);
+        let method = lossy(&e.method[..e.method.len().min(METHOD_MAX)]);
+        let path = lossy(&e.path[..e.path.len().min(PATH_MAX)]);
         let path = path.split('?').next().unwrap_or("");
         if json {
             buf.push_str("\"method\":\"");
@@ -412,8 +422,9 @@ mod tests {
         let endpoint = e.circuit.and_then(|c| c.endpoint_id);
         let duration_us = duration.as_micros() as u64;
         let ts = Rfc3339(now);
-        let method = String::from_utf8_lossy(e.method);
-        let path = String::from_utf8_lossy(e.path);
+        // What a line keeps of each: the first bytes, as the writer's cut.
+        let method = String::from_utf8_lossy(e.method.get(..METHOD_MAX).unwrap_or(e.method));
+        let path = String::from_utf8_lossy(e.path.get(..PATH_MAX).unwrap_or(e.path));
         let path = path.split('?').next().unwrap_or("");
         let circuit = e.circuit.map(|c| c.id.to_string());
         let upstream = e.upstream.map(|a| a.to_string());

@@ -627,14 +627,28 @@ pub fn is_request_id_field(name: &[u8]) -> bool {
 }
 
 /// Appends an interim (1xx) response head relayed to the client, its fields
-/// sanitized as a final head's ([`push_relayed_fields`]).
-pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+/// sanitized as a final head's ([`push_relayed_fields`]), with the request ID (a
+/// client that stops at a `100` or `103` has the ID to quote too).
+pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, id: Option<&[u8]>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
     out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     push_relayed_fields(out, buf, head);
+    if let Some(id) = id {
+        push_field(out, b"X-Backend-Request-ID", id);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the worker's own `100 Continue` to a client that waits for it before its
+/// body, with the request ID.
+pub fn continue_response(out: &mut Vec<u8>, id: Option<&[u8]>) {
+    out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n");
+    if let Some(id) = id {
+        push_field(out, b"X-Backend-Request-ID", id);
+    }
     out.extend_from_slice(b"\r\n");
 }
 

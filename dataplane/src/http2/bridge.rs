@@ -100,7 +100,12 @@ pub async fn forward(
     let mut answered = None;
     if !end && head.expect_continue && cbuf.is_empty() {
         conn.set_timeout(rt.body_idle_timeout);
-        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        let mut out = Vec::with_capacity(64);
+        crate::http::encode::continue_response(
+            &mut out,
+            crate::proxy::forwarded_id(core, &id).map(|i| i.as_bytes()),
+        );
+        conn.write_all(&out)
             .await
             .map_err(|e| Fail::Abort(format!("client write: {e}")))?;
     }

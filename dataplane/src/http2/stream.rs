@@ -169,7 +169,7 @@ pub async fn handle(
         .path_and_query()
         .map_or(&b"/"[..], |p| p.as_str().as_bytes())
         .iter()
-        .take(512)
+        .take(crate::core::access_log::PATH_MAX)
         .copied()
         .collect();
     // `:path` must be origin-form (`*` only for OPTIONS): `h2` takes any bytes, and

@@ -22,7 +22,7 @@ use super::{
 };
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
-use crate::core::{counter, AccessEntry, Core, Route};
+use crate::core::{access_log, counter, AccessEntry, Core, Route};
 use crate::http::encode::{self, ClientFraming, Keep, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
@@ -32,16 +32,14 @@ use crate::relay::{self, DstWatch, Mode, RelayError, RelayOpts, Trailers};
 /// Copies of the head's method and path, for logging after the buffer moved on: one
 /// buffer the connection hands from request to request (no allocation per request).
 pub(super) struct LogLine {
-    /// The method token, then the request target (at most 512 bytes).
+    /// The method token (at most [`access_log::METHOD_MAX`] bytes), then the request
+    /// target (at most [`access_log::PATH_MAX`] bytes): what the line keeps.
     text: Vec<u8>,
     /// Where the method ends in `text`.
     method_len: usize,
 }
 
 impl LogLine {
-    /// Longest request target kept for the access line.
-    const PATH_MAX: usize = 512;
-
     fn method(&self) -> &[u8] {
         &self.text[..self.method_len]
     }
@@ -135,8 +133,9 @@ impl Exchange {
         let method = &buf[head.method_raw.clone()];
         let path = &buf[head.target.clone()];
         text.clear();
+        let method = &method[..method.len().min(access_log::METHOD_MAX)];
         text.extend_from_slice(method);
-        text.extend_from_slice(&path[..path.len().min(LogLine::PATH_MAX)]);
+        text.extend_from_slice(&path[..path.len().min(access_log::PATH_MAX)]);
         let line = LogLine {
             text,
             method_len: method.len(),
@@ -601,7 +600,7 @@ impl Client {
             // first body bytes are in.
             self.conn
                 .arm_read_floor(core.rt.min_body_rate, core.rt.body_idle_timeout);
-            if let Err(f) = self.await_body(head).await {
+            if let Err(f) = self.await_body(head, &x.id).await {
                 self.conn.disarm_read_floor();
                 return Err(f);
             }
@@ -905,15 +904,17 @@ impl Client {
     /// `100 Continue` first when the client waits for it, so that an upstream
     /// connection is opened only once a body is really coming. The body timers
     /// (armed by the caller) apply.
-    async fn await_body(&mut self, head: &RequestHead) -> Result<(), Failure> {
+    async fn await_body(&mut self, head: &RequestHead, id: &RequestId) -> Result<(), Failure> {
         let core = &self.core;
         if self.buf.filled().len() > head.head_len {
             return Ok(());
         }
         if head.expect_continue {
+            self.out.clear();
+            encode::continue_response(&mut self.out, forwarded_id(core, id).map(|i| i.as_bytes()));
             self.conn.set_timeout(core.rt.body_idle_timeout);
             self.conn
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .write_all(&self.out)
                 .await
                 .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
         }
@@ -1108,7 +1109,12 @@ impl Client {
             }
             if req.version == parse::Version::Http11 {
                 self.out.clear();
-                encode::interim_response(&mut self.out, self.ubuf.filled(), &resp);
+                encode::interim_response(
+                    &mut self.out,
+                    self.ubuf.filled(),
+                    &resp,
+                    forwarded_id(&core, &x.id).map(|i| i.as_bytes()),
+                );
                 self.conn.set_timeout(core.rt.body_idle_timeout);
                 self.conn
                     .write_all(&self.out)
