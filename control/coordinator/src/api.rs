@@ -492,6 +492,12 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     if r.api_port.is_none_or(|p| p == 0 || p > 65535) {
         return bad("api_port must be a port number");
     }
+    let filters = r.app_filters.as_ref().map_or(0, Vec::len);
+    if filters > MAX_APP_FILTERS {
+        return bad(&format!(
+            "app_filters has {filters} entries; a worker has at most {MAX_APP_FILTERS}"
+        ));
+    }
     for f in r.app_filters.iter().flatten() {
         if f.value.is_null() {
             return bad("app_filters entries need key and value");
@@ -1180,6 +1186,11 @@ pub(super) struct BulkQuery {
 /// PostgreSQL, unknown ones too), and the call has no deadline of its own. A session
 /// holds at most 32 circuits, an endpoint's routes far fewer than this.
 pub(super) const MAX_BULK_REMOVALS: usize = 4096;
+
+/// The most app filters one worker registers: every placement reads the filters of
+/// every ALIVE worker (a filter names a domain, a group or an access key: a worker
+/// has a few).
+pub(super) const MAX_APP_FILTERS: usize = 64;
 
 /// `DELETE /api/circuit/_/bulk`: `{"circuit_ids": [...]}`, or `?circuit_ids=a,b`.
 /// Every ID is checked before anything is removed (at most [`MAX_BULK_REMOVALS`]

@@ -80,7 +80,8 @@ fn same(a: &Circuit, b: &Circuit) {
 }
 
 async fn suite(store: Store) {
-    // Workers: upsert by authority, filters only added, HA node count.
+    // Workers: upsert by authority, filters replaced by the registration's, HA node
+    // count.
     let w = store
         .upsert_worker(&worker_body("worker-1"))
         .await
@@ -98,7 +99,7 @@ async fn suite(store: Store) {
     assert_eq!(row.status, "ALIVE");
     assert_eq!(
         row.body["app_filters"],
-        json!([{"key": "session.access_key", "value": "AK"}, {"key": "session.domain_name", "value": "default"}])
+        json!([{"key": "session.access_key", "value": "AK"}])
     );
     let other = store
         .upsert_worker(&worker_body("worker-2"))
@@ -130,7 +131,7 @@ async fn suite(store: Store) {
     );
     assert_eq!(
         alive[0].body["app_filters"],
-        json!([{"key": "session.access_key", "value": "AK"}, {"key": "session.domain_name", "value": "default"}])
+        json!([{"key": "session.access_key", "value": "AK"}])
     );
     assert_eq!(store.workers().await.expect("list").len(), 2);
     assert_eq!(
@@ -141,6 +142,21 @@ async fn suite(store: Store) {
         other
     );
     assert_eq!(store.alive_workers().await.expect("alive").len(), 2);
+    // A registration without filters leaves the worker none.
+    let mut bare = worker_body("worker-2");
+    bare["app_filters"] = json!([]);
+    assert_eq!(
+        store.upsert_worker(&bare).await.expect("re-register"),
+        other
+    );
+    let row = store.worker(other).await.expect("read").expect("worker");
+    assert_eq!(row.body["app_filters"], json!([]));
+    assert!(store
+        .alive_workers()
+        .await
+        .expect("alive")
+        .iter()
+        .all(|a| a.id != other || a.body["app_filters"] == json!([])));
 
     // Circuits round-trip whole, with the origin request ID or NULL, and the trace
     // context of the creating request (traceparent and tracestate) or none.

@@ -721,7 +721,9 @@ impl Store {
     }
 
     /// Inserts or updates a worker by authority (status back to `ALIVE`, one more HA
-    /// node); new app filters are added, existing ones kept. Returns its ID.
+    /// node); its app filters become the registration's (the original only ever
+    /// added to them: a worker could grow the set every placement reads without
+    /// bound, and an operator had no way to remove one). Returns its ID.
     pub async fn upsert_worker(&self, body: &serde_json::Value) -> Result<uuid::Uuid, StoreError> {
         let registration = WorkerRegistration::deserialize(body)
             .map_err(|e| StoreError::Data(format!("worker registration does not read: {e}")))?;
@@ -1431,11 +1433,11 @@ pub(crate) fn filter_value(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// App filters are only ever added: the union of the stored and the new ones, as
-/// `[{key, value}]` with string values, sorted.
-pub(crate) fn merge_filters(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+/// A registration's app filters as stored: `[{key, value}]` with string values,
+/// sorted, each once.
+pub(crate) fn stored_filters(filters: &serde_json::Value) -> serde_json::Value {
     let mut all: Vec<(String, String)> = Vec::new();
-    for f in old.as_array().into_iter().chain(new.as_array()).flatten() {
+    for f in filters.as_array().into_iter().flatten() {
         if let (Some(k), Some(v)) = (f["key"].as_str(), filter_value(&f["value"])) {
             all.push((k.to_owned(), v));
         }

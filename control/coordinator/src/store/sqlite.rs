@@ -461,11 +461,12 @@ impl SqliteStore {
             let id = match existing {
                 Some((id, old)) => {
                     // As the original: every field updated but `accepted_traffics`;
-                    // app filters only ever added.
+                    // the app filters are the registration's (not accumulated: see
+                    // `Store::upsert_worker`).
                     let old: serde_json::Value = serde_json::from_str(&old)?;
                     let mut new = body.clone();
                     new["accepted_traffics"] = old["accepted_traffics"].clone();
-                    new["app_filters"] = super::merge_filters(&old["app_filters"], &body["app_filters"]);
+                    new["app_filters"] = super::stored_filters(&body["app_filters"]);
                     tx.execute(
                         "UPDATE workers SET body = ?1, status = 'ALIVE', nodes = nodes + 1, updated_at = ?2 WHERE id = ?3",
                         params![new.to_string(), now, id],
@@ -475,7 +476,7 @@ impl SqliteStore {
                 None => {
                     let id = uuid::Uuid::new_v4().to_string();
                     let mut new = body.clone();
-                    new["app_filters"] = super::merge_filters(&serde_json::Value::Null, &body["app_filters"]);
+                    new["app_filters"] = super::stored_filters(&body["app_filters"]);
                     tx.execute(
                         "INSERT INTO workers (id, authority, body, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
                         params![id, authority, new.to_string(), now],
