@@ -946,6 +946,17 @@ pub(super) async fn deregister_worker(
     }
     tracing::info!(worker = %id, "worker deregistered");
     state.failed_ports.forget(id);
+    // Its last node gone, the worker deploys nothing more: creations waiting for its
+    // acknowledgement stop waiting and are placed elsewhere (they waited out the
+    // whole `worker_ack_timeout_secs` for a worker that had said it was leaving).
+    if let Ok(Some(w)) = state.store.worker(id).await {
+        if w.status != "ALIVE" {
+            let stopped = state.acks.trip(&w.registration.authority);
+            if stopped > 0 {
+                tracing::info!(worker = %id, waiting = stopped, "creations waiting on the worker that left are placed elsewhere");
+            }
+        }
+    }
     Ok(Json(Success::YES))
 }
 

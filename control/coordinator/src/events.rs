@@ -72,6 +72,9 @@ pub enum AckOutcome {
     Removed,
     /// No answer in time.
     TimedOut,
+    /// The coordinator is stopping: the caller is answered (and the circuit
+    /// withdrawn) within the drain, not cut off when it ends.
+    Stopping,
 }
 
 /// One registered waiter.
@@ -86,6 +89,9 @@ struct Entry {
 pub struct AckHub {
     /// Every waiter of a circuit is told once; entries leave on ack or timeout.
     waiters: Mutex<HashMap<uuid::Uuid, Vec<Entry>>>,
+    /// Set (under the waiters' lock) once the coordinator stops: a waiter is told
+    /// [`AckOutcome::Stopping`] at once.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl AckHub {
@@ -94,15 +100,41 @@ impl AckHub {
     /// (acknowledged, timed out, or the caller gone): no entry outlives its request.
     pub fn expect(&self, circuit: uuid::Uuid, worker: &str) -> Waiter<'_> {
         let (tx, rx) = oneshot::channel();
-        self.lock().entry(circuit).or_default().push(Entry {
-            worker: worker.to_owned(),
-            tx,
-        });
+        let mut waiters = self.lock();
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = tx.send(AckOutcome::Stopping);
+        } else {
+            waiters.entry(circuit).or_default().push(Entry {
+                worker: worker.to_owned(),
+                tx,
+            });
+        }
+        drop(waiters);
         Waiter {
             hub: self,
             circuit,
             rx,
         }
+    }
+
+    /// The coordinator is stopping: every creation waiting, and every one that
+    /// begins to wait from now on, stops waiting ([`AckOutcome::Stopping`]), so it
+    /// withdraws its circuit and answers its caller while the server drains (a wait
+    /// of `worker_ack_timeout_secs`, 15 s, outlasted the 5 s drain: the caller's
+    /// connection was cut without an answer and the circuit stayed deployed until
+    /// another coordinator's sweep). Returns how many were waiting.
+    pub fn stop(&self) -> usize {
+        let mut waiters = self.lock();
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut told = 0;
+        for (_, list) in waiters.drain() {
+            for e in list {
+                told += 1;
+                let _ = e.tx.send(AckOutcome::Stopping);
+            }
+        }
+        told
     }
 
     /// A worker acknowledged these circuits (the embedded worker: whoever waits).

@@ -675,6 +675,10 @@ pub enum ApiError {
     /// asked again makes a new one.
     #[error("The circuit was removed while being created")]
     CircuitRemoved,
+    /// The coordinator is stopping (its drain): the creation was withdrawn; 503,
+    /// retry (another coordinator, or this one once it is back).
+    #[error("E10006: The coordinator is stopping; retry")]
+    Stopping,
     /// The circuit found for the request is still being created (by another
     /// request, on this coordinator or another) past the longest this request
     /// waits for it: 503, retry later. Never answered with: it may yet be
@@ -720,6 +724,7 @@ impl IntoResponse for ApiError {
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
             Self::CircuitRemoved => (StatusCode::CONFLICT, "circuit-removed"),
             Self::CreationUnderWay => (StatusCode::SERVICE_UNAVAILABLE, "creation-under-way"),
+            Self::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "coordinator-stopping"),
             Self::NodeLeft(_) => (StatusCode::CONFLICT, "node-left"),
             Self::SessionCircuitLimit(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "session-circuit-limit")
@@ -1504,6 +1509,19 @@ impl Coordinator {
             .max_connections_per_address
             .unwrap_or_else(|| server::default_share(limits.max_connections));
         let metrics = state.server.clone();
+        // As the drain begins, creations waiting for an acknowledgement stop waiting:
+        // they withdraw their circuits and answer within it.
+        let acks = state.acks.clone();
+        let shutdown = async move {
+            shutdown.await;
+            let waiting = acks.stop();
+            if waiting > 0 {
+                tracing::info!(
+                    waiting,
+                    "stopping: creations waiting for their worker's acknowledgement withdraw their circuits and answer 503"
+                );
+            }
+        };
         let served = server::serve_shared(
             listener,
             router(state),

@@ -253,8 +253,14 @@ async fn proxy_auth(
     // Stored tokens were checked when registered; one from before the field existed
     // has none (plain TCP).
     let upstream_tls = conf_upstream_tls(&token).unwrap_or_default();
+    // The user the token was issued for: its circuit is theirs.
+    let user = token["session"]["user_uuid"]
+        .as_str()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
     // Reuse, as the original: the same session, app, openness and allowlist, and
-    // (not in the original) the same way to reach the app.
+    // (not in the original) the same way to reach the app and the same user: a
+    // token issued for another user of the session is never handed the first one's
+    // circuit, whose `/setup` sets a permit for that first user's other circuits.
     let reusable = || async {
         Ok::<_, ApiError>(
             state
@@ -269,6 +275,7 @@ async fn proxy_auth(
                         && c.allowed_client_ips == allowed
                         && c.app_mode == AppMode::Interactive
                         && c.route_info.iter().all(|r| r.upstream_tls == upstream_tls)
+                        && c.user_id == user
                 }),
         )
     };
@@ -280,7 +287,7 @@ async fn proxy_auth(
     // call goes on alone. Shorter, the calls queued behind a holder waiting out an
     // orphaned creation went on alone and each made a circuit of its own.
     let key = format!(
-        "{}\n{}\n{open_to_public}\n{}\n{upstream_tls:?}",
+        "{}\n{}\n{open_to_public}\n{}\n{upstream_tls:?}\n{user:?}",
         q.session_id,
         q.app,
         allowed.join(",")
@@ -371,9 +378,7 @@ async fn proxy_auth(
                     allowed_client_ips: allowed,
                     port: None,
                     subdomain: None,
-                    user_id: token["session"]["user_uuid"]
-                        .as_str()
-                        .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+                    user_id: user,
                     endpoint_id: None,
                     runtime_variant: None,
                     route_info: vec![route],
@@ -1389,6 +1394,19 @@ async fn announce(
                 authority,
                 cause: "worker",
             })
+        }
+        AckOutcome::Stopping => {
+            observed.creations.add("stopping", 1);
+            state.breakers.end_trial(&authority);
+            withdraw(
+                state,
+                circuit,
+                &authority,
+                "the coordinator is stopping",
+                under_way,
+            )
+            .await?;
+            Retry::No(ApiError::Stopping)
         }
         AckOutcome::WorkerTripped => {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);

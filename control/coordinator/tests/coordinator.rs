@@ -1460,6 +1460,164 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
     ));
 }
 
+/// A coordinator stopped (`SIGTERM`) while a creation waits for its worker's
+/// acknowledgement answers it within its drain — 503 `coordinator-stopping` under the
+/// caller's ID — and withdraws the circuit: before, the 15 s wait outlasted the 5 s
+/// drain, the connection was cut without an answer, and the circuit stayed stored
+/// and deployed.
+#[test]
+fn a_stopping_coordinator_answers_and_withdraws_its_waiting_creations() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No worker listens on Redis: the creation waits its whole minute unless told.
+    let mut c = start_on_redis(dir.path(), &redis.url(), 60);
+    let token = setup(&c);
+    let addr = c.addr;
+    let caller = std::thread::spawn(move || {
+        request(
+            addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[
+                ("Accept", "application/json"),
+                ("X-Backend-Request-ID", "mgr-stopping"),
+            ],
+            "",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "event published" && l["request_id"] == "mgr-stopping")
+    {
+        assert!(Instant::now() < deadline, "the creation never published");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(c.child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let r = caller.join().expect("the caller");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["msg"],
+        "E10006: The coordinator is stopping; retry"
+    );
+    assert_eq!(r.json()["request_id"], "mgr-stopping", "{:?}", r.json());
+    let exited = Instant::now() + Duration::from_secs(20);
+    while c.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < exited, "the coordinator never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0",
+        "the circuit was withdrawn before the coordinator exited"
+    );
+    let lines = log_lines(dir.path());
+    assert!(
+        lines.iter().any(|l| l["message"] == "circuit withdrawn"
+            && l["reason"] == "the coordinator is stopping"
+            && l["request_id"] == "mgr-stopping"),
+        "the withdrawal is logged under the caller's ID"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["message"] == "creation abandoned by its caller; circuit withdrawn"),
+        "the caller is not blamed"
+    );
+}
+
+/// A creation waiting for the acknowledgement of a worker that deregisters (its
+/// last node stopping) stops waiting and is placed elsewhere — here nowhere: 503 at
+/// once, nothing stored. Before, it waited out the whole acknowledgement timeout
+/// for a worker that had said it was leaving.
+#[test]
+fn a_creation_waiting_on_a_worker_that_leaves_stops_waiting() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No worker listens on Redis; the wait is longer than the test's hang guard.
+    let c = start_on_redis(dir.path(), &redis.url(), 600);
+    let token = setup(&c);
+    let worker = first_worker(&c);
+    let addr = c.addr;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(request(
+            addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[
+                ("Accept", "application/json"),
+                ("X-Backend-Request-ID", "mgr-left"),
+            ],
+            "",
+        ));
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir.path())
+        .iter()
+        .any(|l| l["message"] == "event published" && l["request_id"] == "mgr-left")
+    {
+        assert!(Instant::now() < deadline, "the creation never published");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = request(
+        c.addr,
+        "DELETE",
+        &format!("/api/worker/{worker}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A hang guard only: the answer comes as the worker leaves.
+    let r = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the creation is answered once its worker left");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["request_id"], "mgr-left");
+    assert_eq!(
+        Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
+        "0"
+    );
+}
+
+/// Reuse is per user: a token issued for another user of the same session gets a
+/// circuit of its own, never the first user's (whose `/setup` sets a permit for that
+/// user's other circuits); the same user's token reuses as before.
+#[test]
+fn a_circuit_is_reused_for_its_own_user_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let first = setup(&c);
+    let (circuit, _, reused) = proxy_auth(c.addr, &first, "jupyter", "user-a-1");
+    assert!(!reused);
+    let (again, _, reused) = proxy_auth(c.addr, &first, "jupyter", "user-a-2");
+    assert!(reused);
+    assert_eq!(again, circuit);
+    let other_user = conf_with_tls(None).replace(
+        "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b",
+        "7d1e2c3b-4a5f-4e6d-8c7b-9a0f1e2d3c4b",
+    );
+    let r = request(c.addr, "POST", "/v2/conf", &[AUTH], &other_user);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let second = r.json()["token"].as_str().expect("token").to_owned();
+    let (theirs, _, reused) = proxy_auth(c.addr, &second, "jupyter", "user-b-1");
+    assert!(!reused, "another user's circuit is not reused");
+    assert_ne!(theirs, circuit);
+    let r = request(
+        c.addr,
+        "GET",
+        &format!("/api/circuit/{theirs}"),
+        &[AUTH],
+        "",
+    );
+    assert_eq!(r.json()["user_id"], "7d1e2c3b-4a5f-4e6d-8c7b-9a0f1e2d3c4b");
+}
+
 /// A circuit deleted while its creation waits for the worker's acknowledgement:
 /// the worker, told to drop it, owes nothing and sends nothing, so the creation
 /// waited out the whole acknowledgement timeout, answered 503 `E10001` blaming the
