@@ -1221,7 +1221,8 @@ fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
     for (version, relayed) in [("1.1", 2), ("1.0", 0)] {
         let mut s = sent(
             &w,
-            format!("GET / HTTP/{version}\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+            format!("GET / HTTP/{version}\r\nHost: 127.0.0.1\r\nX-Backend-Request-ID: bridged-1\r\n\r\n")
+                .as_bytes(),
         );
         let got = read_heads(&mut s, relayed + 1);
         let text = String::from_utf8_lossy(&got).into_owned();
@@ -1230,6 +1231,8 @@ fn a_bridged_http11_client_gets_an_http2_apps_interim_heads() {
             assert!(early.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");
             assert!(early.contains("link: </a.css>; rel=preload"), "{text}");
             assert!(!early.contains("content-length"), "{text}");
+            // The worker's ID, not the app's.
+            assert!(early.contains("X-Backend-Request-ID: bridged-1"), "{text}");
         }
         assert!(heads[relayed].starts_with("HTTP/1.1 200"), "{text}");
         assert!(!text.contains("spoofed-by-app"), "{text}");
@@ -1259,6 +1262,7 @@ fn an_http2_client_gets_an_http2_apps_interim_head_sanitized() {
     let out = std::process::Command::new("curl")
         .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
         .args(["-o", "/dev/null", "-D", "-"])
+        .args(["-H", "x-backend-request-id: h2-early-1"])
         .arg(format!("http://127.0.0.1:{}/", w.port))
         .output()
         .expect("curl must be installed (.ci/run installs it)");
@@ -1268,6 +1272,10 @@ fn an_http2_client_gets_an_http2_apps_interim_head_sanitized() {
         .find(|h| h.starts_with("HTTP/2 103"))
         .unwrap_or_else(|| panic!("no 103 relayed: {heads}"));
     assert!(early.contains("link: </a.css>; rel=preload"), "{early}");
+    assert!(
+        early.contains("x-backend-request-id: h2-early-1"),
+        "{early}"
+    );
     assert!(!early.contains("spoofed-by-app"), "{early}");
     assert!(!early.contains("appproxy_permit"), "{early}");
     let cookies: Vec<&str> = early

@@ -519,6 +519,15 @@ fn nghttp_verbose(args: &[&str]) -> String {
     text(&out)
 }
 
+/// How many of the heads nghttp received name `id` as their request ID.
+fn heads_naming(verbose: &str, id: &str) -> usize {
+    verbose
+        .lines()
+        .filter(|l| l.contains("recv (stream_id="))
+        .filter(|l| l.ends_with(&format!("x-backend-request-id: {id}")))
+        .count()
+}
+
 /// The `:status` values of the response heads nghttp received, in order.
 fn statuses(verbose: &str) -> Vec<String> {
     verbose
@@ -660,9 +669,15 @@ fn interim_responses_reach_http2_clients() {
         upstreams: vec![app.addr],
         ..Default::default()
     });
-    // Two 103 Early Hints from the HTTP/1.1 app, then the final answer.
-    let out = nghttp_verbose(&[&format!("http://127.0.0.1:{}/interim?n=2", w.port)]);
+    // Two 103 Early Hints from the HTTP/1.1 app, then the final answer: each under
+    // the request's ID (a client that stops at an interim head has it to quote).
+    let out = nghttp_verbose(&[
+        "-H",
+        "x-backend-request-id: h2-interim-1",
+        &format!("http://127.0.0.1:{}/interim?n=2", w.port),
+    ]);
     assert_eq!(statuses(&out), ["103", "103", "200"], "{out}");
+    assert_eq!(heads_naming(&out, "h2-interim-1"), 3, "{out}");
     assert_eq!(
         out.matches("link: </style.css>; rel=preload").count(),
         2,
@@ -686,11 +701,14 @@ fn interim_responses_reach_http2_clients() {
     let path = body.path().to_string_lossy().into_owned();
     let out = nghttp_verbose(&[
         "--expect-continue",
+        "-H",
+        "x-backend-request-id: h2-continue-1",
         "-d",
         &path,
         &format!("http://127.0.0.1:{}/upload", w.port),
     ]);
     assert_eq!(statuses(&out), ["100", "200"], "{out}");
+    assert_eq!(heads_naming(&out, "h2-continue-1"), 2, "{out}");
     assert_eq!(app.request("/upload").body.len(), 3000);
     assert!(out.contains("\"body_len\":3000"), "{out}");
     // From an HTTP/2 app (here the worker above, serving h2c and relaying the
@@ -700,8 +718,13 @@ fn interim_responses_reach_http2_clients() {
         circuit_extra: "protocol = \"http2\"".into(),
         ..Default::default()
     });
-    let out = nghttp_verbose(&[&format!("http://127.0.0.1:{}/interim?n=2", front.port)]);
+    let out = nghttp_verbose(&[
+        "-H",
+        "x-backend-request-id: h2-front-1",
+        &format!("http://127.0.0.1:{}/interim?n=2", front.port),
+    ]);
     assert_eq!(statuses(&out), ["103", "103", "200"], "{out}");
+    assert_eq!(heads_naming(&out, "h2-front-1"), 3, "{out}");
     assert_eq!(
         out.matches("link: </style.css>; rel=preload").count(),
         2,

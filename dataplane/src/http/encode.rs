@@ -963,7 +963,8 @@ fn push_cookie_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     }
 }
 
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Appends the field line `name: value` and its CRLF.
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

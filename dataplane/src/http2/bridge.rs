@@ -218,6 +218,13 @@ pub async fn forward(
                         let mut out = Vec::with_capacity(256);
                         status_line(&mut out, info.status().as_u16());
                         app_fields(&mut out, info.headers());
+                        if let Some(id) = crate::proxy::forwarded_id(core, &id) {
+                            crate::http::encode::push_field(
+                                &mut out,
+                                b"X-Backend-Request-ID",
+                                id.as_bytes(),
+                            );
+                        }
                         out.extend_from_slice(b"\r\n");
                         conn.set_timeout(rt.body_idle_timeout);
                         conn.write_all(&out)

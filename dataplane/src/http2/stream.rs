@@ -163,7 +163,9 @@ pub async fn handle(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let method = parts.method.as_str().as_bytes().to_vec();
+    // What the access line keeps of it (the request goes on with the whole method).
+    let method = parts.method.as_str().as_bytes();
+    let method = method[..method.len().min(crate::core::access_log::METHOD_MAX)].to_vec();
     let path: Vec<u8> = parts
         .uri
         .path_and_query()
@@ -380,6 +382,7 @@ async fn serve_stream(
     if head.expect_continue && head.framing != BodyFraming::Length(0) {
         let mut go_on = http::Response::new(());
         *go_on.status_mut() = http::StatusCode::CONTINUE;
+        name_request(core, &id, go_on.headers_mut());
         // A stream the client already reset fails on its first DATA instead.
         let _ = respond.send_informational(go_on);
     }
@@ -490,6 +493,18 @@ fn grpc_message(text: &str) -> String {
 /// The request-ID header.
 fn id_header(id: &RequestId) -> Option<HeaderValue> {
     HeaderValue::from_bytes(id.as_bytes()).ok()
+}
+
+/// Names the request's ID in an answer's `headers` (final or interim), unless IDs are
+/// off ([`proxy::forwarded_id`]).
+pub(super) fn name_request(
+    core: &crate::core::Core,
+    id: &RequestId,
+    headers: &mut http::HeaderMap,
+) {
+    if let Some(v) = proxy::forwarded_id(core, id).and_then(id_header) {
+        headers.insert(HeaderName::from_static("x-backend-request-id"), v);
+    }
 }
 
 /// Sends one of the proxy's own answers (the HTTP/1.1 path's [`Refusal`] and JSON
@@ -984,6 +999,7 @@ async fn forward_h1(
             let mut info = http::Response::new(());
             *info.status_mut() = code;
             copy_fields(ubuf.filled(), &resp, true, info.headers_mut());
+            name_request(core, &id, info.headers_mut());
             respond
                 .send_informational(info)
                 .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
@@ -1010,9 +1026,7 @@ async fn forward_h1(
     })?;
     let headers = response.headers_mut();
     copy_fields(rbuf, &resp, bodiless, headers);
-    if let Some(v) = proxy::forwarded_id(core, &id).and_then(id_header) {
-        headers.insert(HeaderName::from_static("x-backend-request-id"), v);
-    }
+    name_request(core, &id, headers);
     let status = resp.status;
     let framing = resp.framing;
     let keep_alive = resp.keep_alive;

@@ -908,6 +908,7 @@ pub async fn forward(
                 // HTTP/1.1 app. A client gone meanwhile shows in poll_reset.
                 Some(Head::Next(NextHead::Interim(mut info))) => {
                     super::stream::sanitize_app_head(info.headers_mut());
+                    super::stream::name_request(core, &id, info.headers_mut());
                     let _ = respond.send_informational(info);
                     continue;
                 }
