@@ -492,7 +492,14 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     if r.api_port.is_none_or(|p| p == 0 || p > 65535) {
         return bad("api_port must be a port number");
     }
-    let filters = r.app_filters.as_ref().map_or(0, Vec::len);
+    // Counted as stored: each (key, value) once.
+    let filters = r
+        .app_filters
+        .iter()
+        .flatten()
+        .map(|f| (&f.key, super::store::filter_value(&f.value)))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     if filters > MAX_APP_FILTERS {
         return bad(&format!(
             "app_filters has {filters} entries; a worker has at most {MAX_APP_FILTERS}"
@@ -951,7 +958,10 @@ pub(super) async fn deregister_worker(
     // whole `worker_ack_timeout_secs` for a worker that had said it was leaving).
     if let Ok(Some(w)) = state.store.worker(id).await {
         if w.status != "ALIVE" {
-            let stopped = state.acks.trip(&w.registration.authority);
+            let stopped = state.acks.trip_with(
+                &w.registration.authority,
+                &crate::events::AckOutcome::WorkerLeft,
+            );
             if stopped > 0 {
                 tracing::info!(worker = %id, waiting = stopped, "creations waiting on the worker that left are placed elsewhere");
             }

@@ -67,6 +67,8 @@ pub enum AckOutcome {
     },
     /// Another creation found the worker unresponsive meanwhile: stop waiting.
     WorkerTripped,
+    /// The worker's last node deregistered meanwhile: it deploys nothing more.
+    WorkerLeft,
     /// The circuit was removed meanwhile (a delete, an endpoint's removal): its
     /// worker, told to drop it, owes no acknowledgement.
     Removed,
@@ -208,6 +210,11 @@ impl AckHub {
     /// The worker's breaker opened: every creation still waiting on it stops
     /// waiting (and goes elsewhere) instead of serving out its own timeout.
     pub fn trip(&self, worker: &str) -> usize {
+        self.trip_with(worker, &AckOutcome::WorkerTripped)
+    }
+
+    /// Every creation still waiting on `worker` stops waiting with `outcome`.
+    pub fn trip_with(&self, worker: &str, outcome: &AckOutcome) -> usize {
         let mut waiters = self.lock();
         let ids: Vec<uuid::Uuid> = waiters
             .iter()
@@ -216,10 +223,16 @@ impl AckHub {
             .collect();
         for id in &ids {
             for e in waiters.remove(id).unwrap_or_default() {
-                let _ = e.tx.send(AckOutcome::WorkerTripped);
+                let _ = e.tx.send(outcome.clone());
             }
         }
         ids.len()
+    }
+
+    /// Whether the coordinator is stopping ([`AckHub::stop`]).
+    pub fn is_stopping(&self) -> bool {
+        let _waiters = self.lock();
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Vec<Entry>>> {

@@ -979,6 +979,11 @@ pub(super) async fn create_circuit(
     let mut avoid_ports: Vec<(uuid::Uuid, u16)> = Vec::new();
     let mut last_error = None;
     for attempt in 0..PLACEMENT_ATTEMPTS {
+        // A coordinator stopping places nothing more: a circuit stored and
+        // announced now would only be withdrawn again within the drain.
+        if state.acks.is_stopping() {
+            return Err(ApiError::Stopping);
+        }
         if attempt > 0 {
             state
                 .metrics
@@ -1407,6 +1412,18 @@ async fn announce(
             )
             .await?;
             Retry::No(ApiError::Stopping)
+        }
+        // Its last node deregistered: no timeout of the worker's, nothing held
+        // against it; placed elsewhere.
+        AckOutcome::WorkerLeft => {
+            observed.creations.add("worker_left", 1);
+            state.breakers.end_trial(&authority);
+            retake(state, turn).await;
+            withdraw(state, circuit, &authority, "the worker left", under_way).await?;
+            Retry::Elsewhere(ApiError::WorkerNotResponding {
+                authority,
+                cause: "worker",
+            })
         }
         AckOutcome::WorkerTripped => {
             state.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);

@@ -1583,6 +1583,17 @@ fn a_creation_waiting_on_a_worker_that_leaves_stops_waiting() {
         Db::Sqlite.query(dir.path(), "SELECT count(*) FROM circuits"),
         "0"
     );
+    // A worker that said it was leaving missed no acknowledgement.
+    let metrics =
+        String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    assert!(
+        metrics.contains("appproxy_coordinator_circuit_creations_total{outcome=\"worker_left\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("appproxy_coordinator_worker_ack_timeouts_total 0"),
+        "{metrics}"
+    );
 }
 
 /// Reuse is per user: a token issued for another user of the same session gets a

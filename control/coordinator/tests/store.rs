@@ -157,6 +157,25 @@ async fn suite(store: Store) {
         .expect("alive")
         .iter()
         .all(|a| a.id != other || a.body["app_filters"] == json!([])));
+    // One naming filters has them; one that does not name the key keeps them.
+    let mut named = worker_body("worker-2");
+    named["app_filters"] = json!([{"key": "session.access_key", "value": "AK2"}]);
+    store.upsert_worker(&named).await.expect("re-register");
+    let mut silent = worker_body("worker-2");
+    silent
+        .as_object_mut()
+        .expect("object")
+        .remove("app_filters");
+    store.upsert_worker(&silent).await.expect("re-register");
+    assert_eq!(
+        store
+            .worker(other)
+            .await
+            .expect("read")
+            .expect("worker")
+            .body["app_filters"],
+        json!([{"key": "session.access_key", "value": "AK2"}])
+    );
 
     // Circuits round-trip whole, with the origin request ID or NULL, and the trace
     // context of the creating request (traceparent and tracestate) or none.

@@ -721,7 +721,8 @@ impl Store {
     }
 
     /// Inserts or updates a worker by authority (status back to `ALIVE`, one more HA
-    /// node); its app filters become the registration's (the original only ever
+    /// node); its app filters become the registration's when it names them, `[]`
+    /// included, and stay as they were when it does not (the original only ever
     /// added to them: a worker could grow the set every placement reads without
     /// bound, and an operator had no way to remove one). Returns its ID.
     pub async fn upsert_worker(&self, body: &serde_json::Value) -> Result<uuid::Uuid, StoreError> {

@@ -1083,9 +1083,11 @@ impl PgStore {
         let id: uuid::Uuid = row.try_get(0)?;
         // The registration's filters replace the worker's (its config is the truth;
         // accumulated, a worker's filters grew without bound, and every placement
-        // reads them all).
-        tx.execute("DELETE FROM worker_app_filters WHERE worker = $1", &[&id])
-            .await?;
+        // reads them all); a registration without the key keeps them.
+        if r.app_filters.is_some() {
+            tx.execute("DELETE FROM worker_app_filters WHERE worker = $1", &[&id])
+                .await?;
+        }
         for f in r.app_filters.iter().flatten() {
             let (k, Some(v)) = (&f.key, super::filter_value(&f.value)) else {
                 continue;

@@ -462,11 +462,15 @@ impl SqliteStore {
                 Some((id, old)) => {
                     // As the original: every field updated but `accepted_traffics`;
                     // the app filters are the registration's (not accumulated: see
-                    // `Store::upsert_worker`).
+                    // `Store::upsert_worker`), kept when it names none.
                     let old: serde_json::Value = serde_json::from_str(&old)?;
                     let mut new = body.clone();
                     new["accepted_traffics"] = old["accepted_traffics"].clone();
-                    new["app_filters"] = super::stored_filters(&body["app_filters"]);
+                    new["app_filters"] = if body["app_filters"].is_null() {
+                        old["app_filters"].clone()
+                    } else {
+                        super::stored_filters(&body["app_filters"])
+                    };
                     tx.execute(
                         "UPDATE workers SET body = ?1, status = 'ALIVE', nodes = nodes + 1, updated_at = ?2 WHERE id = ?3",
                         params![new.to_string(), now, id],
