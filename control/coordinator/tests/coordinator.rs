@@ -1460,6 +1460,37 @@ fn unacknowledged_creation_is_503_and_withdrawn() {
     ));
 }
 
+/// Starts a creation of [`SESSION`]'s jupyter with `token` under the request ID `id`
+/// on a thread, and returns once its event is published (it then waits for the
+/// worker's acknowledgement); its answer comes through the receiver.
+fn creation_waiting(
+    c: &Coordinator,
+    dir: &std::path::Path,
+    token: String,
+    id: &'static str,
+) -> std::sync::mpsc::Receiver<Resp> {
+    let addr = c.addr;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(request(
+            addr,
+            "GET",
+            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
+            &[("Accept", "application/json"), ("X-Backend-Request-ID", id)],
+            "",
+        ));
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_lines(dir)
+        .iter()
+        .any(|l| l["message"] == "event published" && l["request_id"] == id)
+    {
+        assert!(Instant::now() < deadline, "the creation never published");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rx
+}
+
 /// A coordinator stopped (`SIGTERM`) while a creation waits for its worker's
 /// acknowledgement answers it within its drain — 503 `coordinator-stopping` under the
 /// caller's ID — and withdraws the circuit: before, the 15 s wait outlasted the 5 s
@@ -1472,34 +1503,17 @@ fn a_stopping_coordinator_answers_and_withdraws_its_waiting_creations() {
     // No worker listens on Redis: the creation waits its whole minute unless told.
     let mut c = start_on_redis(dir.path(), &redis.url(), 60);
     let token = setup(&c);
-    let addr = c.addr;
-    let caller = std::thread::spawn(move || {
-        request(
-            addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
-            &[
-                ("Accept", "application/json"),
-                ("X-Backend-Request-ID", "mgr-stopping"),
-            ],
-            "",
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "event published" && l["request_id"] == "mgr-stopping")
-    {
-        assert!(Instant::now() < deadline, "the creation never published");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let caller = creation_waiting(&c, dir.path(), token, "mgr-stopping");
     let status = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(c.child.id().to_string())
         .status()
         .expect("kill");
     assert!(status.success());
-    let r = caller.join().expect("the caller");
+    // A hang guard only: the answer comes as the drain begins.
+    let r = caller
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the creation is answered");
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         r.json()["msg"],
@@ -1543,28 +1557,7 @@ fn a_creation_waiting_on_a_worker_that_leaves_stops_waiting() {
     let c = start_on_redis(dir.path(), &redis.url(), 600);
     let token = setup(&c);
     let worker = first_worker(&c);
-    let addr = c.addr;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(request(
-            addr,
-            "GET",
-            &format!("/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http"),
-            &[
-                ("Accept", "application/json"),
-                ("X-Backend-Request-ID", "mgr-left"),
-            ],
-            "",
-        ));
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "event published" && l["request_id"] == "mgr-left")
-    {
-        assert!(Instant::now() < deadline, "the creation never published");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let rx = creation_waiting(&c, dir.path(), token, "mgr-left");
     let r = request(
         c.addr,
         "DELETE",

@@ -142,7 +142,7 @@ async fn suite(store: Store) {
         other
     );
     assert_eq!(store.alive_workers().await.expect("alive").len(), 2);
-    // A registration without filters leaves the worker none.
+    // A registration naming an empty list of filters leaves the worker none.
     let mut bare = worker_body("worker-2");
     bare["app_filters"] = json!([]);
     assert_eq!(
