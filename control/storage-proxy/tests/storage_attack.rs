@@ -3678,6 +3678,41 @@ fn a_completed_upload_answers_head_and_a_patch_at_its_end() {
     assert_eq!(staged_files(&p), 0);
 }
 
+/// An empty upload is complete before any byte: the first HEAD puts the empty file
+/// in place and answers the full offset, 0 (a tus client then sends nothing), and a
+/// PATCH at 0 without a body completes one as well; either way the upload then
+/// answers as any completed one (HEAD 200, a PATCH at its end 204, bytes past it
+/// 413) and nothing stays staged.
+#[test]
+fn an_empty_upload_is_completed_by_its_first_head_or_patch() {
+    let p = Proxy::start("");
+    let (_, by_head) = chunky_session(&p, "empty-head.bin", 0);
+    let head = p.tus_head(&by_head);
+    assert_eq!(head.status, 200, "{}", String::from_utf8_lossy(&head.body));
+    assert_eq!(head.header("upload-offset"), Some("0"));
+    assert_eq!(head.header("upload-length"), Some("0"));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("empty-head.bin")).ok(),
+        Some(Vec::new())
+    );
+    let r = p.tus_patch(&by_head, "0", b"");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let r = p.tus_patch(&by_head, "0", b"x");
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let (_, by_patch) = chunky_session(&p, "empty-patch.bin", 0);
+    let r = p.tus_patch(&by_patch, "0", b"");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("upload-offset"), Some("0"));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("empty-patch.bin")).ok(),
+        Some(Vec::new())
+    );
+    let head = p.tus_head(&by_patch);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some("0"));
+    assert_eq!(staged_files(&p), 0);
+}
+
 /// An upload whose every byte is staged but whose completion failed (its
 /// destination's directory not writable to the proxy: kept for a retry) is never
 /// reported complete by HEAD while it is not in place: HEAD tries the completion
