@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
+use appproxy_shared::telemetry::hides_text;
 use serde_json::Value;
 
 /// One log line, reduced to what a timeline needs.
@@ -546,7 +547,7 @@ pub fn render_text(t: &Timeline, verbose: bool) -> String {
 /// `\u{…}`. The logs write them escaped, and their JSON decodes them back; a
 /// client's path holding a right-to-left override, a C1 control or a zero-width
 /// space would otherwise disguise itself, or the rows around it, on the operator's
-/// screen. (The set is the logs' own, `appproxy_shared::telemetry::hides_text`.)
+/// screen. (The set is the log writer's own: [`hides_text`].)
 pub fn shown(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -557,33 +558,6 @@ pub fn shown(text: &str) -> String {
         }
     }
     out
-}
-
-/// Whether `c` changes how the text around it is shown (as the logs' writer
-/// decides: DEL and C1, the characters that show as nothing, the line and paragraph
-/// separators, the bidirectional marks, embeddings, overrides and isolates). The
-/// tool reads logs without the product's crates; a test holds this set to the
-/// writer's, `appproxy_shared::telemetry::hides_text`, character by character.
-pub fn hides_text(c: char) -> bool {
-    matches!(
-        c,
-        '\u{7f}'..='\u{9f}'
-            | '\u{ad}'
-            | '\u{34f}'
-            | '\u{61c}'
-            | '\u{115f}'..='\u{1160}'
-            | '\u{17b4}'..='\u{17b5}'
-            | '\u{180b}'..='\u{180f}'
-            | '\u{200b}'..='\u{200f}'
-            | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{206f}'
-            | '\u{3164}'
-            | '\u{fe00}'..='\u{fe0f}'
-            | '\u{feff}'
-            | '\u{ffa0}'
-            | '\u{fff0}'..='\u{fffb}'
-            | '\u{e0000}'..='\u{e007f}'
-    )
 }
 
 fn join_or_dash(v: &[String]) -> String {
@@ -894,16 +868,6 @@ mod tests {
             "{text}"
         );
         assert!(!render_svg(&t).contains('\u{202e}'));
-    }
-
-    #[test]
-    fn the_hidden_characters_are_the_log_writers() {
-        let differ: Vec<u32> = (0..=0x10_ffffu32)
-            .filter_map(char::from_u32)
-            .filter(|&c| hides_text(c) != appproxy_shared::telemetry::hides_text(c))
-            .map(|c| c as u32)
-            .collect();
-        assert!(differ.is_empty(), "{differ:x?}");
     }
 
     #[test]
