@@ -313,7 +313,7 @@ fn ip_allowlist_with_and_without_trusted_proxies() {
         "forbidden",
     );
     drop(w);
-    // Through a trusted proxy, its one X-Forwarded-For address is the client.
+    // Through a trusted proxy, the X-Forwarded-For address it gave is the client.
     let w = worker(
         &up,
         "allowed_client_ips = \"10.1.2.0/24\"",
@@ -330,12 +330,76 @@ fn ip_allowlist_with_and_without_trusted_proxies() {
         403,
         "forbidden",
     );
-    let mut c = Client::connect(w.addr());
-    let r = c.get("/", "X-Forwarded-For: 10.1.2.3, 10.1.2.4\r\n");
-    assert_eq!(
-        r.status, 400,
-        "a chain from a trusted one-hop proxy is refused"
+}
+
+/// Behind a chain of proxies the client is the address the nearest untrusted hop
+/// gave: `X-Forwarded-For` read from its right end past every trusted proxy's
+/// address (a CDN before the balancer; a client behind its own forward proxy, whose
+/// balancer appended what it saw), never the entries left of it (the client's own
+/// words). The allowlist, `X-Real-IP` and the access line name that client; the
+/// whole list goes on to the app. A list that cannot be read that far is refused.
+/// Table: the trusted peer's fields, the client named (`None`: 400, nothing sent).
+#[test]
+fn x_forwarded_for_is_read_from_its_right_end_past_trusted_proxies() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "allowed_client_ips = \"10.1.2.0/24\"",
+        "trusted_proxies = [\"127.0.0.1/32\", \"192.0.2.0/24\"]",
     );
+    let cdn_chain = |n: usize| vec!["192.0.2.7"; n].join(", ");
+    let table: Vec<(String, Option<&str>)> = vec![
+        ("10.1.2.3".into(), Some("10.1.2.3")),
+        ("10.9.9.9, 10.1.2.3".into(), Some("10.1.2.3")),
+        // A spoofed entry on the left does not get past the allowlist.
+        ("10.1.2.3, 10.9.9.9".into(), Some("10.9.9.9")),
+        ("junk, 10.1.2.3".into(), Some("10.1.2.3")),
+        // Through a trusted CDN, on one line or two.
+        ("10.1.2.3, 192.0.2.7".into(), Some("10.1.2.3")),
+        (
+            "10.1.2.3\r\nX-Forwarded-For: 192.0.2.7".into(),
+            Some("10.1.2.3"),
+        ),
+        ("::ffff:10.1.2.3, 192.0.2.7".into(), Some("10.1.2.3")),
+        // Sixteen trusted addresses are read past; a seventeenth is too many.
+        (format!("10.1.2.3, {}", cdn_chain(15)), Some("10.1.2.3")),
+        (format!("10.1.2.3, {}", cdn_chain(16)), None),
+        // Every address a trusted proxy's: the leftmost (not admitted here).
+        (cdn_chain(2), Some("192.0.2.7")),
+        ("10.1.2.3, unknown".into(), None),
+        ("10.1.2.3:5000".into(), None),
+        ("10.1.2.3,".into(), None),
+        ("[2001:db8::1]".into(), None),
+    ];
+    for (i, (list, client)) in table.iter().enumerate() {
+        let id = format!("xff-{i}");
+        let before = up.count();
+        let r = Client::connect(w.addr()).get(
+            "/",
+            &format!("X-Backend-Request-ID: {id}\r\nX-Forwarded-For: {list}\r\n"),
+        );
+        let Some(client) = client else {
+            assert_eq!(r.status, 400, "{list}: {}", r.text());
+            assert_eq!(up.count(), before, "{list}: nothing reaches the app");
+            continue;
+        };
+        assert_eq!(w.wait_access_line(&id)["client"], *client, "{list}");
+        if !client.starts_with("10.1.2.") {
+            refused(&r, 403, "forbidden");
+            continue;
+        }
+        assert_eq!(r.status, 200, "{list}: {}", r.text());
+        let seen = up.last();
+        assert_eq!(seen.header("x-real-ip"), Some(*client), "{list}");
+        assert_eq!(
+            seen.headers_named("x-forwarded-for"),
+            vec![format!(
+                "{}, 127.0.0.1",
+                list.replace("\r\nX-Forwarded-For: ", ", ")
+            )],
+            "{list}"
+        );
+    }
 }
 
 /// An allowlist whose every entry is invalid (a typo, a hostname) admits nobody:

@@ -65,6 +65,53 @@ fn dead_port() -> u16 {
     appproxy_test_support::free_port()
 }
 
+/// An HTTP/2 stream from a trusted proxy names its client as an HTTP/1.1 request
+/// does: `X-Forwarded-For` read from its right end past the trusted addresses (here
+/// a CDN's), `X-Real-IP` and the access line that client, the whole list forwarded;
+/// a list that names no client is refused before the app.
+#[test]
+fn an_http2_stream_from_a_trusted_proxy_names_the_client_its_chain_gives() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: "trusted_proxies = [\"127.0.0.1/32\", \"192.0.2.0/24\"]".into(),
+        ..Default::default()
+    });
+    let url = format!("http://127.0.0.1:{}/chain", w.port);
+    let send = |id: &str, list: &str| {
+        curl(&[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("x-backend-request-id: {id}"),
+            "-H",
+            &format!("x-forwarded-for: {list}"),
+            &url,
+        ])
+    };
+    let out = send("h2-chain-1", "6.6.6.6, 7.7.7.7, 192.0.2.7");
+    assert_eq!(
+        text(&out),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = up.last();
+    assert_eq!(seen.header("x-real-ip"), Some("7.7.7.7"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("6.6.6.6, 7.7.7.7, 192.0.2.7, 127.0.0.1")
+    );
+    assert_eq!(w.wait_access_line("h2-chain-1")["client"], "7.7.7.7");
+    let before = up.count();
+    let out = send("h2-chain-2", "7.7.7.7, unknown");
+    assert_eq!(text(&out), "400");
+    assert_eq!(up.count(), before, "nothing reaches the app");
+}
+
 #[test]
 fn h2c_prior_knowledge_streams_get_the_http1_treatment() {
     let up = Upstream::start();

@@ -246,6 +246,9 @@ pub struct ClientHop {
     ip_text: [u8; 46],
     /// Length of `ip_text`.
     ip_len: u8,
+    /// The client a trusted proxy's `X-Forwarded-For` named, when it is not the peer
+    /// (`X-Real-IP`; set per request by [`ClientHop::with_client`]).
+    client: Option<IpAddr>,
 }
 
 impl ClientHop {
@@ -259,13 +262,26 @@ impl ClientHop {
             tls: false,
             ip_text,
             ip_len,
+            client: None,
         }
+    }
+
+    /// The same hop for a request whose client is `client` (the peer, or the address
+    /// a trusted proxy's `X-Forwarded-For` named: [`crate::proxy::client_ip_of`]).
+    pub fn with_client(mut self, client: IpAddr) -> Self {
+        self.client = (client != self.peer.ip()).then_some(client);
+        self
     }
 
     /// The same hop, reached over TLS when `tls`.
     pub fn over_tls(mut self, tls: bool) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// The request's client: the peer, or the address [`ClientHop::with_client`] named.
+    pub fn client_ip(&self) -> IpAddr {
+        self.client.unwrap_or(self.peer.ip())
     }
 
     fn ip(&self) -> &[u8] {
@@ -400,7 +416,6 @@ pub fn upstream_request_traced(
     out.push(b' ');
     out.extend_from_slice(&buf[head.target.clone()]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut prior_xff: Option<&[u8]> = None;
     let mut fwd_proto: Option<&[u8]> = None;
     let mut fwd_host: Option<&[u8]> = None;
     for HeaderField { name, value } in &head.headers {
@@ -426,7 +441,7 @@ pub fn upstream_request_traced(
         if FORWARDING.iter().any(|f| name_is(name_b, f)) {
             if hop.trusted {
                 if name_is(name_b, "x-forwarded-for") {
-                    prior_xff = Some(value_b);
+                    // Every line goes on, joined in order, before the peer.
                     continue;
                 } else if name_is(name_b, "x-forwarded-proto") {
                     fwd_proto = Some(value_b);
@@ -472,16 +487,28 @@ pub fn upstream_request_traced(
         push_field(out, b"traceparent", t.traceparent);
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
-    if let Some(prior) = prior_xff {
-        out.extend_from_slice(prior);
-        out.extend_from_slice(b", ");
+    if hop.trusted {
+        // A trusted proxy's list (its lines joined: RFC 9110 §5.3), then its address.
+        for prior in head.values(buf, "x-forwarded-for") {
+            let prior = prior.trim_ascii();
+            if !prior.is_empty() {
+                out.extend_from_slice(prior);
+                out.extend_from_slice(b", ");
+            }
+        }
     }
     out.extend_from_slice(hop.ip());
     out.extend_from_slice(b"\r\n");
-    // The client's address: from a trusted proxy its one `X-Forwarded-For` address
-    // (the handler refuses anything else), otherwise the TCP peer.
+    // The client's address: the one a trusted proxy's `X-Forwarded-For` named (the
+    // handler refuses a list it cannot read), otherwise the TCP peer.
     out.extend_from_slice(b"X-Real-IP: ");
-    out.extend_from_slice(prior_xff.map_or(hop.ip(), <[u8]>::trim_ascii));
+    match hop.client {
+        None => out.extend_from_slice(hop.ip()),
+        Some(client) => {
+            let (text, len) = ip_text(client);
+            out.extend_from_slice(&text[..usize::from(len)]);
+        }
+    }
     out.extend_from_slice(b"\r\n");
     let proto = fwd_proto.unwrap_or(if hop.tls { b"https" } else { b"http" });
     push_field(out, b"X-Forwarded-Proto", proto);

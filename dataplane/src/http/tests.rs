@@ -516,14 +516,30 @@ mod encoding {
             assert!(!text.contains("6.6.6.6"), "{text}");
             assert_eq!(text.matches("X-Real-IP: 10.1.2.3\r\n").count(), 1, "{text}");
         }
-        // From a trusted proxy, the client is the one address it forwarded.
-        let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For:  7.7.7.7 \r\n\r\n";
+        // From a trusted proxy, `X-Real-IP` is the client its list named (read by
+        // the handler), the list goes on whole (its lines joined), then the peer.
+        let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For:  5.5.5.5 , 7.7.7.7 \r\nX-Forwarded-For: 10.0.0.5\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
+        let client = "7.7.7.7".parse().expect("ip");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(true), app());
+        let from = hop(true).with_client(client);
+        upstream_request(&mut out, input, &head, Some(&id), from, app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(text.contains("X-Real-IP: 7.7.7.7\r\n"), "{text}");
+        assert!(
+            text.contains("X-Forwarded-For: 5.5.5.5 , 7.7.7.7, 10.0.0.5, 10.1.2.3\r\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("X-Forwarded-For").count(), 1, "{text}");
         assert!(!text.contains("6.6.6.6"), "{text}");
+        // From an untrusted peer nothing of its list goes on.
+        let mut out = Vec::new();
+        upstream_request(&mut out, input, &head, Some(&id), hop(false), app());
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(
+            text.contains("X-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\n"),
+            "{text}"
+        );
     }
 
     /// What a front proxy tells an app it saw (the scheme, a prefix, the original

@@ -70,6 +70,9 @@ pub async fn forward(
         (authority, path, te)
     };
     let end = head.framing == BodyFraming::Length(0);
+    // The request as a stream's (its head in the client buffer), from the client
+    // `hop` names.
+    let client = std::cell::Cell::new(hop.client_ip());
     // The request as a stream's (its head in the client buffer).
     macro_rules! req {
         () => {
@@ -80,6 +83,7 @@ pub async fn forward(
                 path: &path,
                 te_trailers,
                 side,
+                client: &client,
             }
         };
     }

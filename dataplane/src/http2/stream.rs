@@ -33,7 +33,7 @@ use crate::core::pool::Lease;
 use crate::core::tunnels::Signal;
 use crate::core::{counter, AccessEntry, Route};
 use crate::http::chunked::{encode_chunk, trailer_verdict, ChunkedDecoder, TrailerVerdict};
-use crate::http::encode::{self, host_only_cookie, sets_permit_cookie, TraceHeaders};
+use crate::http::encode::{self, host_only_cookie, sets_permit_cookie, ClientHop, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead};
 use crate::io::TcpConn;
@@ -94,6 +94,16 @@ pub struct Req<'a> {
     /// Told the app tried and the body bytes it took, for the access line however
     /// the exchange ends.
     pub side: &'a AppSide,
+    /// The client: the connection's peer, or the address a trusted proxy's
+    /// `X-Forwarded-For` named once the stream's admission read it.
+    pub client: &'a std::cell::Cell<std::net::IpAddr>,
+}
+
+impl Req<'_> {
+    /// The connection's hop for this stream's client.
+    pub fn hop(&self, hop: ClientHop) -> ClientHop {
+        hop.with_client(self.client.get())
+    }
 }
 
 /// Writes the stream's head as an HTTP/1.1 head into `out`.
@@ -258,6 +268,7 @@ pub async fn handle(
         path: path_str,
         te_trailers,
         side: &line.side,
+        client: &line.client,
     };
     scope_traced(
         Some(id),
@@ -309,7 +320,7 @@ async fn serve_stream(
     let head = req.head;
     // The client's request rate (429) first, a request for no circuit included;
     // then the circuit, the allowlist and credentials.
-    let client_ip = proxy::client_ip_of(&ctx.hop, req.buf, head);
+    let client_ip = proxy::client_ip_of(&ctx.hop, &core.rt.trusted_proxies, req.buf, head);
     if let Ok(ip) = client_ip {
         line.client.set(ip);
         if let Err(limited) = core.take_request(&ctx.hop, ip) {
@@ -337,7 +348,7 @@ async fn serve_stream(
     let grpc = grpc || circuit.protocol == ProxyProtocol::Grpc;
     let refusal = match client_ip {
         Err(()) => Some(Refusal::from(ProxyError::Request(RequestError::Malformed(
-            "X-Forwarded-For from a trusted proxy must hold exactly one address",
+            proxy::UNREAD_FORWARDED_FOR,
         )))),
         Ok(ip) if !route.circuit.admits(ip) => {
             tracing::info!(peer = %ip, "client address not in the circuit's allowlist");
@@ -867,7 +878,7 @@ async fn forward_h1(
             traceparent: h.as_bytes(),
             keep_tracestate: t.keep_tracestate,
         }),
-        ctx.hop,
+        req.hop(ctx.hop),
         addr,
     );
     // From the core's pool of read buffers (shared with HTTP/1.1 connections), back

@@ -23,7 +23,7 @@ use super::{
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
 use crate::core::{access_log, counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, Keep, TraceHeaders};
+use crate::http::encode::{self, ClientFraming, ClientHop, Keep, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -64,8 +64,9 @@ pub(super) struct Exchange {
     started: Instant,
     /// The circuit, once routed.
     route: Option<Rc<Route>>,
-    /// The client's address as the circuit's allowlist saw it, once admitted (a
-    /// tunnel is re-checked with it when a deployment changes the circuit).
+    /// The client's address as the request rate and the circuit's allowlist see it,
+    /// once read (a tunnel is re-checked with it when a deployment changes the
+    /// circuit; an exchange past admission always has it).
     client: Option<std::net::IpAddr>,
     /// The client's address as the connection knows it (the peer, or the one a
     /// PROXY protocol header named), for the access line until `client` is known.
@@ -117,6 +118,11 @@ pub(crate) fn request_id<'a>(
 }
 
 impl Exchange {
+    /// The connection's hop naming the client this exchange's admission read.
+    fn hop(&self, hop: ClientHop) -> ClientHop {
+        self.client.map_or(hop, |ip| hop.with_client(ip))
+    }
+
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
     /// `text`: the storage of the method and path copies (the previous request's,
@@ -289,8 +295,9 @@ impl Client {
         // request for no circuit costs its client as much as any.
         let client_ip = self.client_ip(&x.head);
         if let Ok(ip) = client_ip {
+            // Named on the access line from here, refused or not.
+            x.client = Some(ip);
             if let Err(err) = core.take_request(&self.hop, ip) {
-                x.client = Some(ip);
                 x.bytes_in = x.head.head_len as u64;
                 return self.refuse(x, (&err).into(), Left::Whole).await;
             }
@@ -304,9 +311,7 @@ impl Client {
         };
         x.route = Some(route.clone());
         let Ok(peer_ip) = client_ip else {
-            let err = ProxyError::Request(RequestError::Malformed(
-                "X-Forwarded-For from a trusted proxy must hold exactly one address",
-            ));
+            let err = ProxyError::Request(RequestError::Malformed(super::UNREAD_FORWARDED_FOR));
             return self.refuse(x, (&err).into(), Left::Whole).await;
         };
         // Access control: the allowlist (403), then credentials (401) and, for the
@@ -332,7 +337,6 @@ impl Client {
             x.bytes_in = x.head.head_len as u64;
             return self.refuse(x, refused.into(), Left::Whole).await;
         }
-        x.client = Some(peer_ip);
         core.mark_access(route.circuit.circuit.id);
         if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
             // An upgrade offered on a request with a body is ignored (RFC 9110 §7.8
@@ -394,7 +398,7 @@ impl Client {
                 &core,
                 &self.conn,
                 &mut self.buf,
-                self.hop,
+                x.hop(self.hop),
                 &x.head,
                 route,
                 x.id,
@@ -727,7 +731,7 @@ impl Client {
                     traceparent: h.as_bytes(),
                     keep_tracestate: t.keep_tracestate,
                 }),
-            self.hop,
+            x.hop(self.hop),
             addr,
         );
         let upstream_head_len = self.out.len() as u64;

@@ -524,7 +524,12 @@ impl Client {
 
     /// The client's address ([`client_ip_of`] for this connection).
     fn client_ip(&self, head: &RequestHead) -> Result<std::net::IpAddr, ()> {
-        client_ip_of(&self.hop, self.buf.filled(), head)
+        client_ip_of(
+            &self.hop,
+            &self.core.rt.trusted_proxies,
+            self.buf.filled(),
+            head,
+        )
     }
 }
 
@@ -555,12 +560,27 @@ pub(crate) fn forwarded_id<'a>(
     core.rt.request_ids.then_some(id)
 }
 
-/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the one
-/// address of its single `X-Forwarded-For` (anything else from a trusted proxy is
-/// refused, as the original's strict one-hop rule does). `head` lies in `buf`
-/// (HTTP/2 streams use this too).
+/// How many `X-Forwarded-For` entries are read from a trusted proxy's list, from its
+/// right end, to find the client: a chain of more trusted proxies than this is
+/// refused as a list that names no client.
+pub(crate) const MAX_FORWARDED_HOPS: usize = 16;
+
+/// Why a trusted proxy's `X-Forwarded-For` named no client (400).
+pub(crate) const UNREAD_FORWARDED_FOR: &str =
+    "X-Forwarded-For from a trusted proxy must end in the client's address";
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the
+/// address its `X-Forwarded-For` names, read from the right end (the address the
+/// nearest proxy saw) past every address that is itself in `trusted` (a chain of
+/// trusted proxies), as nginx's `real_ip_recursive` reads it; when every address is a
+/// trusted proxy's, the leftmost. Entries left of the client are the client's own
+/// words and are never read. Refused (`Err`): an entry read on the way that is not a
+/// bare address (`unknown`, a port, an empty entry), or more than
+/// [`MAX_FORWARDED_HOPS`] trusted addresses. A trusted proxy that sends no
+/// `X-Forwarded-For` is the client. `head` lies in `buf` (HTTP/2 streams use this too).
 pub(crate) fn client_ip_of(
     hop: &ClientHop,
+    trusted: &[appproxy_shared::model::IpNet],
     buf: &[u8],
     head: &RequestHead,
 ) -> Result<std::net::IpAddr, ()> {
@@ -568,15 +588,28 @@ pub(crate) fn client_ip_of(
     if !hop.trusted {
         return Ok(peer);
     }
-    let mut xff = head.values(buf, "x-forwarded-for");
-    match (xff.next(), xff.next()) {
-        (None, _) => Ok(peer),
-        (Some(v), None) => std::str::from_utf8(v)
+    let lines = head
+        .headers
+        .iter()
+        .rev()
+        .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-for"))
+        .map(|h| &buf[h.value.clone()]);
+    let mut client = peer;
+    let entries = lines.flat_map(|line| line.rsplit(|&b| b == b','));
+    for (read, entry) in entries.enumerate() {
+        if read == MAX_FORWARDED_HOPS {
+            return Err(());
+        }
+        client = std::str::from_utf8(entry.trim_ascii())
             .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or(()),
-        _ => Err(()),
+            .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+            .ok_or(())?
+            .to_canonical();
+        if !trusted.iter().any(|n| n.contains(client)) {
+            return Ok(client);
+        }
     }
+    Ok(client)
 }
 
 /// How a request was admitted by [`check_credentials`].
@@ -818,6 +851,52 @@ pub(crate) async fn lingering_close(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `client_ip_of` over a table: the fields a peer sends, whether the peer is
+    /// trusted, the client read (`None`: refused). Trusted: 10.0.0.0/8, 192.0.2.0/24.
+    #[test]
+    fn the_client_is_read_from_the_right_end_of_a_trusted_chain() {
+        let trusted: Vec<_> = ["10.0.0.0/8", "192.0.2.0/24"]
+            .into_iter()
+            .map(|n| appproxy_shared::model::IpNet::parse(n).expect("net"))
+            .collect();
+        let many = |n: usize| vec!["10.0.0.9"; n].join(", ");
+        #[rustfmt::skip]
+        let table: Vec<(String, bool, Option<&str>)> = vec![
+            ("".into(), true, Some("10.1.2.3")),
+            ("X-Forwarded-For: 7.7.7.7\r\n".into(), false, Some("10.1.2.3")),
+            ("X-Forwarded-For: 7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For:  7.7.7.7 \r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: 6.6.6.6, 7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: 7.7.7.7,10.0.0.5 ,\t192.0.2.1\r\n".into(), true, Some("7.7.7.7")),
+            ("x-forwarded-for: 7.7.7.7\r\nX-Forwarded-For: 10.0.0.5\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: 10.0.0.5\r\nX-Forwarded-For: 7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: not read, [::1]:1, 7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n".into(), true, Some("10.0.0.1")),
+            ("X-Forwarded-For: ::ffff:7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
+            ("X-Forwarded-For: 2001:db8::7\r\n".into(), true, Some("2001:db8::7")),
+            (format!("X-Forwarded-For: {}\r\n", many(16)), true, Some("10.0.0.9")),
+            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(15)), true, Some("7.7.7.7")),
+            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(16)), true, None),
+            ("X-Forwarded-For: 7.7.7.7, unknown\r\n".into(), true, None),
+            ("X-Forwarded-For: 7.7.7.7:80\r\n".into(), true, None),
+            ("X-Forwarded-For: [2001:db8::7]\r\n".into(), true, None),
+            ("X-Forwarded-For: 7.7.7.7,\r\n".into(), true, None),
+            ("X-Forwarded-For: 7.7.7.7, ,10.0.0.5\r\n".into(), true, None),
+            ("X-Forwarded-For: 7.7.7.7\r\nX-Forwarded-For: \r\n".into(), true, None),
+            ("X-Forwarded-For: 07.7.7.7\r\n".into(), true, None),
+        ];
+        for (fields, is_trusted, want) in table {
+            let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{fields}\r\n");
+            let limits = parse::HeadLimits::default();
+            let head = parse::parse_request(input.as_bytes(), &limits)
+                .expect("valid")
+                .expect("complete");
+            let hop = ClientHop::new("10.1.2.3:5555".parse().expect("addr"), 80, is_trusted);
+            let got = client_ip_of(&hop, &trusted, input.as_bytes(), &head).ok();
+            assert_eq!(got, want.map(|w| w.parse().expect("ip")), "{fields:?}");
+        }
+    }
 
     #[test]
     fn kept_storage_is_handed_on_empty_and_bounded() {
