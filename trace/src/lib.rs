@@ -9,13 +9,17 @@
 //! - [`timeline`] groups them into [`Hop`]s (one per span), with start, duration (the
 //!   access line's `duration_us`), parent, and the spans named as parents that have no
 //!   line anywhere (missing hops);
-//! - [`render_text`], [`render_svg`] and [`slowest`] print the results.
+//! - [`render_text`], [`render_svg`] and [`slowest`] print the results;
+//! - [`read`] reads the logs line by line, a line at most [`read::MAX_LINE_BYTES`]
+//!   long, and a second time for a query's second pass ([`Selection`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use appproxy_shared::telemetry::hides_text;
 use serde_json::Value;
+
+pub mod read;
 
 /// One log line, reduced to what a timeline needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,44 +212,100 @@ pub fn trace_id_of_request(request_id: &str) -> Option<String> {
         .then(|| hex.to_ascii_lowercase())
 }
 
-/// The entries of `query`, in time order.
-pub fn select(entries: &[Entry], query: &Query) -> Vec<Entry> {
-    let mut traces: BTreeSet<String> = BTreeSet::new();
-    let mut requests: BTreeSet<String> = BTreeSet::new();
-    match query {
-        Query::Request(r) => {
-            requests.insert(r.clone());
-            for e in entries {
-                if e.request_id.as_deref() == Some(r) {
-                    if let Some(t) = &e.trace_id {
-                        traces.insert(t.clone());
-                    }
-                }
+/// Which lines belong to a query, found in two passes over the same lines: every
+/// line is first [`observe`](Selection::observe)d (a request ID's lines name its
+/// traces, a trace's lines name its requests), then each is [`keeps`](Selection::keeps)
+/// asked. Both [`select`] (entries in memory) and the command line's streaming read
+/// (each pass a read of the logs, holding only what is kept) go through it, so the two
+/// agree on every input.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    query: Query,
+    traces: BTreeSet<String>,
+    requests: BTreeSet<String>,
+}
+
+impl Selection {
+    /// Nothing seen yet: the query's own ID only.
+    pub fn new(query: &Query) -> Self {
+        let (query, traces, requests) = match query {
+            Query::Request(r) => (query.clone(), BTreeSet::new(), BTreeSet::from([r.clone()])),
+            Query::Trace(t) => {
+                let t = t.to_ascii_lowercase();
+                (
+                    Query::Trace(t.clone()),
+                    BTreeSet::from([t]),
+                    BTreeSet::new(),
+                )
             }
-        }
-        Query::Trace(t) => {
-            let t = t.to_ascii_lowercase();
-            for e in entries {
-                let derived = e.request_id.as_deref().and_then(trace_id_of_request);
-                if e.trace_id.as_deref() == Some(&t) || derived.as_deref() == Some(&t) {
-                    if let Some(r) = &e.request_id {
-                        requests.insert(r.clone());
-                    }
-                }
-            }
-            traces.insert(t);
+        };
+        Selection {
+            query,
+            traces,
+            requests,
         }
     }
-    let mut out: Vec<Entry> = entries
-        .iter()
-        .filter(|e| match &e.trace_id {
-            Some(t) => traces.contains(t),
-            None => e.request_id.as_ref().is_some_and(|r| requests.contains(r)),
-        })
-        .cloned()
-        .collect();
-    out.sort_by_key(|e| e.ts_us);
-    out
+
+    /// First pass: notes the traces of the request (its lines' `trace_id`s), or the
+    /// requests of the trace (the `request_id`s of its lines and of the lines whose
+    /// UUID request ID it was derived from).
+    pub fn observe(&mut self, e: &Entry) {
+        match &self.query {
+            Query::Request(r) => {
+                if e.request_id.as_deref() == Some(r) {
+                    if let Some(t) = &e.trace_id {
+                        if !self.traces.contains(t) {
+                            self.traces.insert(t.clone());
+                        }
+                    }
+                }
+            }
+            Query::Trace(t) => {
+                let Some(r) = &e.request_id else { return };
+                if self.requests.contains(r) {
+                    return;
+                }
+                if e.trace_id.as_deref() == Some(t) || trace_id_of_request(r).as_deref() == Some(t)
+                {
+                    self.requests.insert(r.clone());
+                }
+            }
+        }
+    }
+
+    /// Second pass, after every line was observed: whether `e` belongs (a line with a
+    /// trace by its trace, one without by its request ID).
+    pub fn keeps(&self, e: &Entry) -> bool {
+        match &e.trace_id {
+            Some(t) => self.traces.contains(t),
+            None => e
+                .request_id
+                .as_ref()
+                .is_some_and(|r| self.requests.contains(r)),
+        }
+    }
+}
+
+/// Selected entries in time order; lines of the same microsecond keep the order they
+/// were read in.
+pub fn in_time_order(mut entries: Vec<Entry>) -> Vec<Entry> {
+    entries.sort_by_key(|e| e.ts_us);
+    entries
+}
+
+/// The entries of `query`, in time order.
+pub fn select(entries: &[Entry], query: &Query) -> Vec<Entry> {
+    let mut selection = Selection::new(query);
+    for e in entries {
+        selection.observe(e);
+    }
+    in_time_order(
+        entries
+            .iter()
+            .filter(|e| selection.keeps(e))
+            .cloned()
+            .collect(),
+    )
 }
 
 /// One hop: the lines of one span (or, for lines without a span, of one component).
@@ -678,32 +738,153 @@ pub struct Summary {
 
 /// The `n` slowest traces (lines without a trace are grouped by request ID).
 pub fn slowest(entries: &[Entry], n: usize) -> Vec<Summary> {
-    let mut groups: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut all = Slowest::default();
     for e in entries {
+        all.add(e);
+    }
+    all.finish(n)
+}
+
+/// The `--slowest` list gathered line by line, keeping per trace only what its row
+/// needs instead of its lines: its request IDs and components, and per hop its first
+/// and last time and its access line's time and duration. (Lines without a span are
+/// kept as a time and a duration each: they are cut into hops in time order.) The
+/// rows are those [`timeline`] would give each trace's lines.
+#[derive(Debug, Default)]
+pub struct Slowest {
+    groups: BTreeMap<String, TraceSoFar>,
+}
+
+#[derive(Debug, Default)]
+struct TraceSoFar {
+    request_ids: BTreeSet<String>,
+    components: BTreeSet<String>,
+    spans: HashMap<String, SpanSoFar>,
+    /// Lines without a span by component and request ID (`""` for none).
+    untraced: BTreeMap<(String, String), Vec<UntracedLine>>,
+}
+
+/// A line without a span: its time and, for an access line, its duration.
+type UntracedLine = (i64, Option<u64>);
+
+#[derive(Debug)]
+struct SpanSoFar {
+    first_us: i64,
+    last_us: i64,
+    /// The access line that ends the hop: the latest (of one microsecond, the last
+    /// read), as [`timeline`] takes the last in time order.
+    access: Option<(i64, u64)>,
+}
+
+/// A hop's start and end from its first line's time and its access line (time and
+/// duration), else its last line's time, as [`timeline`] works them out.
+fn hop_bounds(first_us: i64, last_us: i64, access: Option<(i64, u64)>) -> (i64, i64) {
+    match access {
+        Some((ts, d)) => {
+            let d = d.min(MAX_DURATION_US) as i64;
+            (ts.saturating_sub(d).min(first_us), ts)
+        }
+        None => (first_us, last_us),
+    }
+}
+
+impl Slowest {
+    /// Adds one line.
+    pub fn add(&mut self, e: &Entry) {
         let key = match (&e.trace_id, &e.request_id) {
             (Some(t), _) => t.clone(),
             (None, Some(r)) => format!("request:{r}"),
-            (None, None) => continue,
+            (None, None) => return,
         };
-        groups.entry(key).or_default().push(e.clone());
-    }
-    let mut out: Vec<Summary> = groups
-        .into_iter()
-        .map(|(key, lines)| {
-            let t = timeline(&lines);
-            let components: BTreeSet<String> = lines.iter().map(|e| e.component.clone()).collect();
-            Summary {
-                key,
-                request_ids: t.request_ids.clone(),
-                components: components.into_iter().collect(),
-                hops: t.hops.len(),
-                duration_us: t.end_us - t.start_us,
+        let g = self.groups.entry(key).or_default();
+        if let Some(r) = &e.request_id {
+            if !g.request_ids.contains(r) {
+                g.request_ids.insert(r.clone());
             }
-        })
-        .collect();
-    out.sort_by(|a, b| b.duration_us.cmp(&a.duration_us).then(a.key.cmp(&b.key)));
-    out.truncate(n);
-    out
+        }
+        if !g.components.contains(&e.component) {
+            g.components.insert(e.component.clone());
+        }
+        let access = e.is_access().then(|| e.duration_us.unwrap_or(0));
+        match &e.span_id {
+            Some(s) => {
+                let span = g.spans.entry(s.clone()).or_insert(SpanSoFar {
+                    first_us: e.ts_us,
+                    last_us: e.ts_us,
+                    access: None,
+                });
+                span.first_us = span.first_us.min(e.ts_us);
+                span.last_us = span.last_us.max(e.ts_us);
+                if let Some(d) = access {
+                    if span.access.is_none_or(|(ts, _)| e.ts_us >= ts) {
+                        span.access = Some((e.ts_us, d));
+                    }
+                }
+            }
+            None => g
+                .untraced
+                .entry((
+                    e.component.clone(),
+                    e.request_id.clone().unwrap_or_default(),
+                ))
+                .or_default()
+                .push((e.ts_us, access)),
+        }
+    }
+
+    /// The `n` slowest of the traces added.
+    pub fn finish(self, n: usize) -> Vec<Summary> {
+        let mut out: Vec<Summary> = self
+            .groups
+            .into_iter()
+            .map(|(key, g)| {
+                let mut bounds: Vec<(i64, i64)> = g
+                    .spans
+                    .values()
+                    .map(|s| hop_bounds(s.first_us, s.last_us, s.access))
+                    .collect();
+                // As in `timeline`: one hop per access line in time order, the lines
+                // after the last one a hop of their own; hops named alike (a component
+                // or request ID holding `:`) are one, the later.
+                let mut untraced_hops: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+                for ((component, request), mut lines) in g.untraced {
+                    lines.sort_by_key(|&(ts, _)| ts);
+                    let mut n = 0usize;
+                    let mut first: Option<i64> = None;
+                    let mut last = 0;
+                    for (ts, access) in lines {
+                        let start = *first.get_or_insert(ts);
+                        last = ts;
+                        if let Some(d) = access {
+                            untraced_hops.insert(
+                                format!("c:{component}:{request}:{n:010}"),
+                                hop_bounds(start, ts, Some((ts, d))),
+                            );
+                            n += 1;
+                            first = None;
+                        }
+                    }
+                    if let Some(start) = first {
+                        untraced_hops
+                            .insert(format!("c:{component}:{request}:{n:010}"), (start, last));
+                    }
+                }
+                bounds.extend(untraced_hops.into_values());
+                let start_us = bounds.iter().map(|b| b.0).min().unwrap_or(0);
+                let end_us = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+                Summary {
+                    key,
+                    request_ids: g.request_ids.into_iter().collect(),
+                    components: g.components.into_iter().collect(),
+                    hops: bounds.len(),
+                    duration_us: end_us - start_us,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.duration_us.cmp(&a.duration_us).then(a.key.cmp(&b.key)));
+        out.truncate(n);
+        out
+    }
 }
 
 /// The `--slowest` table.

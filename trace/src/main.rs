@@ -1,13 +1,14 @@
 //! The `appproxy-trace` command line: reads log files (or stdin) and prints a request's
-//! or a trace's timeline, an SVG waterfall, or the slowest traces.
+//! or a trace's timeline, an SVG waterfall, or the slowest traces, reading the logs
+//! line by line (twice for a timeline) and holding only what it shows.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use appproxy_trace::read::{Found, Input, MAX_LINE_BYTES};
 use appproxy_trace::{
-    parse_text, render_slowest, render_svg, render_text, select, slowest, timeline, Query,
+    in_time_order, render_slowest, render_svg, render_text, timeline, Query, Selection, Slowest,
 };
 use clap::Parser;
 
@@ -47,22 +48,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let mut entries = Vec::new();
-    let stdin_only = args.files.is_empty();
-    for path in &args.files {
-        if path.as_os_str() == "-" {
-            entries.extend(parse_text(&read_stdin()?, "stdin"));
-            continue;
-        }
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let name = path.display().to_string();
-        entries.extend(parse_text(&String::from_utf8_lossy(&bytes), &name));
-    }
-    if stdin_only {
-        entries.extend(parse_text(&read_stdin()?, "stdin"));
-    }
+    let mut inputs = Input::list(&args.files);
     if let Some(n) = args.slowest {
-        out(&render_slowest(&slowest(&entries, n)))?;
+        // One pass, each line added as read: what a row needs is kept, not the line.
+        let mut all = Slowest::default();
+        for input in &mut inputs {
+            let found = input.read(false, &mut |e, _| all.add(&e))?;
+            report_too_long(input, found);
+        }
+        out(&render_slowest(&all.finish(n)))?;
         return Ok(ExitCode::SUCCESS);
     }
     let query = match (&args.request_id, &args.trace_id) {
@@ -70,12 +64,29 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (None, Some(t)) => Query::Trace(t.clone()),
         _ => anyhow::bail!("give --request-id, --trace-id or --slowest N"),
     };
-    let selected = select(&entries, &query);
+    // Two passes, as `select` makes over entries in memory: the first finds the
+    // request's traces (or the trace's requests) wherever their lines are, the
+    // second keeps the lines that belong. Only those are held.
+    let mut selection = Selection::new(&query);
+    let mut parsed = 0;
+    for input in &mut inputs {
+        let found = input.read(true, &mut |e, _| selection.observe(&e))?;
+        report_too_long(input, found);
+        parsed += found.parsed;
+    }
+    let mut selected = Vec::new();
+    for input in &mut inputs {
+        let name = input.name().to_owned();
+        input.read(true, &mut |mut e, line| {
+            if selection.keeps(&e) {
+                e.source = format!("{name}:{line}");
+                selected.push(e);
+            }
+        })?;
+    }
+    let selected = in_time_order(selected);
     if selected.is_empty() {
-        eprintln!(
-            "appproxy-trace: no line of {query:?} in {} parsed line(s)",
-            entries.len()
-        );
+        eprintln!("appproxy-trace: no line of {query:?} in {parsed} parsed line(s)");
         return Ok(ExitCode::from(1));
     }
     let t = timeline(&selected);
@@ -87,12 +98,15 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_stdin() -> anyhow::Result<String> {
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut bytes)
-        .context("reading stdin")?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+/// Says on stderr how many lines of `input` were too long to read.
+fn report_too_long(input: &Input, found: Found) {
+    if found.too_long > 0 {
+        eprintln!(
+            "appproxy-trace: {}: {} line(s) longer than {MAX_LINE_BYTES} bytes skipped",
+            input.name(),
+            found.too_long
+        );
+    }
 }
 
 /// Writes `text` to stdout. A reader that stopped reading (`| head`) ends the

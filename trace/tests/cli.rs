@@ -1,6 +1,8 @@
 //! The `appproxy-trace` binary on log files it is given: timelines by trace and by
 //! request ID, hop order and nesting, missing hops, journald prefixes on stdin, the SVG
-//! waterfall and the slowest list.
+//! waterfall and the slowest list; on these logs, the same as reading them whole.
+
+mod common;
 
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
@@ -290,4 +292,45 @@ fn a_reader_that_stops_ends_the_output_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The tool reads its logs line by line, twice for a timeline: on these logs (files
+/// and stdin) it prints what it printed reading them whole.
+#[test]
+fn streaming_gives_what_reading_whole_gives_on_these_logs() {
+    use common::{whole_input, Ask};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = write_logs(dir.path());
+    let inputs: Vec<(String, Vec<u8>)> = paths
+        .iter()
+        .map(|p| (p.display().to_string(), std::fs::read(p).expect("read log")))
+        .collect();
+    let files: Vec<&str> = paths.iter().map(|p| p.to_str().expect("utf8")).collect();
+    for ask in [
+        Ask::Request("req-1".to_owned()),
+        Ask::Request("slow-1".to_owned()),
+        Ask::Request("app-req-9".to_owned()),
+        Ask::Trace(TRACE.to_owned()),
+        Ask::Slowest(5),
+    ] {
+        let mut args = files.clone();
+        let n;
+        match &ask {
+            Ask::Request(r) => args.extend(["--request-id", r, "-v"]),
+            Ask::Trace(t) => args.extend(["--trace-id", t, "-v"]),
+            Ask::Slowest(k) => {
+                n = k.to_string();
+                args.extend(["--slowest", &n]);
+            }
+        }
+        let (want, _) = whole_input(&inputs, &ask).expect("found");
+        assert_eq!(stdout(&run(&args, None)), want, "{ask:?}");
+        // All of it on stdin.
+        let text: Vec<u8> = inputs.iter().flat_map(|(_, b)| b.clone()).collect();
+        let stdin_inputs = [("stdin".to_owned(), text.clone())];
+        let (want, _) = whole_input(&stdin_inputs, &ask).expect("found");
+        let args = &args[files.len()..];
+        let text = String::from_utf8(text).expect("utf8");
+        assert_eq!(stdout(&run(args, Some(&text))), want, "{ask:?}");
+    }
 }
