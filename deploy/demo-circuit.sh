@@ -2,7 +2,8 @@
 # Acts as the platform's manager against a coordinator: registers a kernel address
 # (POST /v2/conf), creates a circuit (GET /v2/proxy/auth) under one request ID, follows
 # the worker's /setup redirect (permit cookie), then sends a request through the new
-# circuit with the same ID. The "app" is the worker's own admin endpoint (/health).
+# circuit with the same ID. The "app" is the worker's own admin endpoint (/health);
+# a single node prints the command with its own addresses when it starts.
 #
 #   deploy/demo-circuit.sh [coordinator-url] [api-secret] [app-host:port]
 set -euo pipefail
@@ -25,9 +26,10 @@ echo "token:      $token"
 setup="$(curl -fsS "$COORD/v2/proxy/auth?token=$token&session_id=$SESSION&app=demo&protocol=http&redirect=/health" \
   -H 'Accept: application/json' -H "X-Backend-Request-ID: $ID" | field redirect_url)"
 echo "setup URL:  $setup"
-app_url="$(curl -fsS -o /dev/null -c "$jar" -w '%{redirect_url}' "$setup")"
+app_url="$(curl -fsS -o /dev/null -c "$jar" -w '%{redirect_url}' -H "X-Backend-Request-ID: $ID" "$setup")"
 echo "app URL:    $app_url"
 echo
-curl -sS -i -b "$jar" -H "X-Backend-Request-ID: $ID" "$app_url"
+# The answer is shown whatever it is; one that is not a success fails the script.
+curl -sS -i --fail-with-body -b "$jar" -H "X-Backend-Request-ID: $ID" "$app_url"
 echo
 echo "every log line of this flow carries request_id $ID (coordinator, each core's deployment, the access line)"

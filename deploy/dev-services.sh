@@ -33,6 +33,6 @@ for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" && break
 "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" || { cat "$DIR/postgres.log"; exit 1; }
 "$BIN/psql" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE ROLE appproxy LOGIN" -c "CREATE DATABASE appproxy OWNER appproxy"
 echo "PostgreSQL: postgres://appproxy@127.0.0.1:$PG_PORT/appproxy"
-echo "Redis:      redis://127.0.0.1:$REDIS_PORT/"
+echo "Redis:      redis://127.0.0.1:$REDIS_PORT/2 (keys; stream_db = 4 for the streams)"
 echo "data in $DIR (deleted on exit); Ctrl-C to stop"
 wait

@@ -61,7 +61,11 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let query = match (&args.request_id, &args.trace_id) {
         (Some(r), None) => Query::Request(r.clone()),
-        (None, Some(t)) => Query::Trace(t.clone()),
+        (None, Some(t)) if t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Query::Trace(t.clone())
+        }
+        // A typo is a usage error (2), not a trace that left no line (1).
+        (None, Some(t)) => anyhow::bail!("--trace-id takes 32 hex digits, not {t:?}"),
         _ => anyhow::bail!("give --request-id, --trace-id or --slowest N"),
     };
     // Two passes, as `select` makes over entries in memory: the first finds the

@@ -269,6 +269,15 @@ fn unknown_ids_and_bad_usage_fail_clearly() {
     let o = run(&["/nonexistent/log", "--slowest", "1"], None);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/log"));
+    // A trace ID that is not one (a typo) is a usage error, not "no line"; a valid
+    // one that left no line is.
+    for bad in ["zz", &"a".repeat(31), &"g".repeat(32)] {
+        let o = run(&[file, "--trace-id", bad], None);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("32 hex digits"));
+    }
+    let o = run(&[file, "--trace-id", &"0".repeat(32)], None);
+    assert_eq!(o.status.code(), Some(1));
 }
 
 /// A reader that stops reading (`appproxy-trace … | head -1`) ends the output

@@ -1345,6 +1345,10 @@ pub struct Coordinator {
     listener: tokio::net::TcpListener,
 }
 
+/// The secrets of the sample configs in `deploy/`: public, so a coordinator others
+/// can reach warns when it runs with one.
+pub const SAMPLE_SECRETS: [&str; 2] = ["change-me-api-secret", "change-me-jwt-secret"];
+
 impl Coordinator {
     /// Opens the store (migrating it), connects to Redis when configured and binds
     /// the API port.
@@ -1459,6 +1463,21 @@ impl Coordinator {
                 )
             })?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            for (key, value) in [
+                ("api_secret", &config.secrets.api_secret),
+                ("jwt_secret", &config.secrets.jwt_secret),
+            ] {
+                if SAMPLE_SECRETS.contains(&value.as_str()) {
+                    tracing::warn!(
+                        key,
+                        bind = %addr,
+                        "[secrets] {key} is the published sample's on an address others can reach: \
+                         anyone who knows it can create circuits and sign tokens; set your own"
+                    );
+                }
+            }
+        }
         Ok(Self {
             state,
             addr,

@@ -4583,6 +4583,84 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
     );
 }
 
+/// The coordinator configs in `deploy/` are ones the coordinator takes as they are,
+/// the cluster's with the platform's Redis databases (keys in 2, streams in 4, where
+/// the manager reads them).
+#[test]
+fn the_sample_coordinator_configs_pass_their_check() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for name in ["coordinator.single-node.toml", "coordinator.cluster.toml"] {
+        let path = deploy.join(name);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {said}");
+        assert!(said.contains("config ok"), "{name}: {said}");
+    }
+    let cluster = appproxy_coordinator::config::CoordinatorConfig::load(
+        &deploy.join("coordinator.cluster.toml"),
+    )
+    .expect("the cluster sample");
+    let url = cluster.redis.url.expect("the cluster sample names Redis");
+    assert!(url.ends_with("/2"), "{url}");
+    assert_eq!(cluster.redis.stream_db, Some(4));
+}
+
+/// A coordinator others can reach that runs with a sample config's published secret
+/// says so at start, naming the key; on the loopback (the single-node sample) it
+/// does not.
+#[test]
+fn the_samples_public_secrets_are_warned_of_on_a_reachable_address() {
+    for (host, warned) in [("0.0.0.0", true), ("127.0.0.1", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = appproxy_test_support::free_port();
+        let config = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[coordinator]\nbind = \"{host}:{port}\"\n[secrets]\napi_secret = \"change-me-api-secret\"\njwt_secret = \"a-secret-of-its-own\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"
+            ),
+        )
+        .expect("write");
+        let log = dir.path().join("log");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run");
+        // The warning comes before "coordinator serving", logged once it serves.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("coordinator serving") {
+                break text;
+            }
+            assert!(std::time::Instant::now() < deadline, "never served: {text}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let warnings: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["level"] == "WARN" && v["key"].is_string())
+            .collect();
+        if warned {
+            assert_eq!(warnings.len(), 1, "{text}");
+            assert_eq!(warnings[0]["key"], "api_secret", "{text}");
+        } else {
+            assert!(warnings.is_empty(), "{text}");
+        }
+    }
+}
+
 /// `appproxy_coordinator_leader` as the coordinator at `addr` exports it.
 fn leader_gauge(addr: SocketAddr) -> f64 {
     let r = request(addr, "GET", "/metrics", &[], "");

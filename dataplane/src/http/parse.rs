@@ -541,14 +541,15 @@ pub fn parse_request_reusing(
     limits: &HeadLimits,
     spare: &mut Vec<HeaderField>,
 ) -> Result<Option<RequestHead>, RequestError> {
-    // The request line: its end must come within the limit.
+    // The request line: its end must come within the limit (the line itself, its
+    // CRLF not counted: a line of exactly `max_request_line` bytes is taken).
     let line_end = match buf
         .iter()
-        .take(limits.max_request_line + 1)
+        .take(limits.max_request_line + 2)
         .position(|b| *b == b'\n')
     {
         Some(i) => i + 1,
-        None if buf.len() > limits.max_request_line => return Err(RequestError::UriTooLong),
+        None if buf.len() > limits.max_request_line + 1 => return Err(RequestError::UriTooLong),
         None => return Ok(None),
     };
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];

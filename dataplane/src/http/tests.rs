@@ -134,6 +134,29 @@ fn request_framing_table() {
     }
 }
 
+/// The request line's limit is the line's own length, its CRLF not counted: 8 KiB
+/// is served, a byte more is 414, however the bytes arrive.
+#[test]
+fn the_request_line_limit_is_exact() {
+    let limits = HeadLimits::default();
+    assert_eq!(limits.max_request_line, 8192);
+    let line = |len: usize| {
+        let target = "a".repeat(len - "GET / HTTP/1.1".len());
+        format!("GET /{target} HTTP/1.1\r\nHost: a\r\n\r\n")
+    };
+    let at = line(8192);
+    assert_eq!(at.find("\r\n"), Some(8192));
+    assert!(matches!(req(at.as_bytes()), Ok(Some(_))));
+    let over = line(8193);
+    assert_eq!(req(over.as_bytes()).err(), Some(RequestError::UriTooLong));
+    // Without its end yet: incomplete at the limit, refused past it.
+    assert!(matches!(req(&at.as_bytes()[..8193]), Ok(None)));
+    assert_eq!(
+        req(&over.as_bytes()[..8194]).err(),
+        Some(RequestError::UriTooLong)
+    );
+}
+
 #[test]
 fn request_refusal_table() {
     let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(8 * 1024));

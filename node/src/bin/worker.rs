@@ -226,12 +226,18 @@ fn print_single_node_help(
     cc: &appproxy_coordinator::config::CoordinatorConfig,
 ) {
     let api = config.worker.api_port.unwrap_or(0);
+    // The demo's app is the worker's own admin endpoint; without one, the script's
+    // default (the sample's) is named, to be replaced by any HTTP app's address.
+    let app = config
+        .admin
+        .bind
+        .map_or_else(|| "127.0.0.1:10202".to_owned(), |a| a.to_string());
     eprintln!(
         "\nappproxy single node: coordinator http://{addr} (SQLite {}), worker API port {api}.\n\
          Create a circuit and send a traced request (one ID, R, from the manager's call to the app):\n\n  \
-         deploy/demo-circuit.sh http://{addr} {}\n\n\
+         deploy/demo-circuit.sh http://{addr} {} {app}\n\n\
          (the script calls POST /v2/conf and GET /v2/proxy/auth with X-Backend-Request-ID: R, follows the\n\
-         worker's /setup redirect, then requests the app with the same ID; grep R in this log.)\n",
+         worker's /setup redirect and requests the app ({app}) with the same ID; grep R in this log.)\n",
         cc.database.sqlite_path.display(),
         // The sample files' secret is printed for a first run to copy; a real one
         // (perhaps kept in a file or the environment for that reason) never is.
