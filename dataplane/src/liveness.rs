@@ -58,6 +58,9 @@ pub struct CoreLiveness {
     /// Since when the checks have seen events waiting in the parked core's epoll set,
     /// with the turn count then (reset by a turn or an empty set).
     pending_since: Mutex<Option<(u64, Instant)>>,
+    /// The core finished its drain and stopped: it takes no work any more, so it is
+    /// never stalled (another core may drain on for a long while).
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl CoreLiveness {
@@ -76,7 +79,13 @@ impl CoreLiveness {
             wake_fd: Mutex::new(None),
             kick: Mutex::new(None),
             pending_since: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the core stopped (its drain done): from now on it is never stalled.
+    pub fn mark_stopped(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
     }
 
     fn ms(&self, at: Instant) -> u64 {
@@ -165,7 +174,7 @@ impl CoreLiveness {
 
     /// Whether work is waiting that the core has not taken for longer than `bound`.
     pub fn stalled(&self, now: Instant, bound: Duration) -> bool {
-        if self.since_last_turn(now) <= bound {
+        if self.stopped.load(Ordering::Relaxed) || self.since_last_turn(now) <= bound {
             return false;
         }
         match self.parked_until.load(Ordering::Relaxed) {
@@ -395,6 +404,19 @@ mod tests {
         assert_eq!(l.looks_stalled(), vec![5]);
         assert_eq!(l.stalls(), 0, "only the watchdog's check counts a stall");
         l.cores[1].turned(Instant::now());
+        assert!(l.looks_stalled().is_empty());
+    }
+
+    /// A core that finished its drain turns no more and is not stalled, however long
+    /// another core drains on (it was named, `/health` answered 503 and the watchdog
+    /// kicked it every check until the last core stopped).
+    #[test]
+    fn a_stopped_core_is_never_stalled() {
+        let l = Liveness::new(&[3, 5], Duration::from_millis(50));
+        l.cores[1].mark_stopped();
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(l.looks_stalled(), vec![3]);
+        l.cores[0].mark_stopped();
         assert!(l.looks_stalled().is_empty());
     }
 }

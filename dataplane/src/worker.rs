@@ -612,6 +612,9 @@ fn run_core(
             );
         }
         tracing::info!(core = cpu, "core stopped");
+        // Its reactor turns no more: the watchdog and `/health` must not take that
+        // for a stall while another core drains on.
+        live.mark_stopped();
         core.note_read_buffers();
         metrics.publish(core.row, &core.metrics);
         core.access.flush();

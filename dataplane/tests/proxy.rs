@@ -362,6 +362,38 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     );
 }
 
+/// While one core drains a long request, the core that has stopped is not stalled:
+/// liveness (`/health`) answers 200 and no stall is logged. Before, every graceful
+/// stop with one long connection open answered 503 (a liveness probe could kill the
+/// worker mid-drain) and logged a stall at every check.
+#[test]
+fn a_drain_does_not_make_stopped_cores_look_stalled() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 2,
+        upstreams: vec![up.addr],
+        admin_extra: "core_stall_ms = 100".into(),
+        ..Default::default()
+    });
+    let mut busy = Client::connect(w.addr());
+    busy.send(b"GET /wait?ms=2500 HTTP/1.1\r\nHost: t\r\n\r\n");
+    common::eventually("the request reached the app", || {
+        up.seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .any(|s| s.path.starts_with("/wait"))
+    });
+    w.signal("-TERM");
+    w.wait_log("a core stopped", |v| v["message"] == "core stopped");
+    // Well past the stall bound, with the other core still draining.
+    std::thread::sleep(Duration::from_millis(800));
+    let r = w.admin_get("/health");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!w.log_text().contains("core stalled"), "{}", w.log_text());
+    assert_eq!(busy.response().status, 200);
+}
+
 #[test]
 fn retries_once_when_a_pooled_connection_died() {
     let up = Upstream::start();
@@ -458,9 +490,24 @@ fn reload_moves_circuits_without_cutting_connections() {
     assert_eq!(fresh.get("/moved", "").status, 200);
     assert!(std::net::TcpStream::connect(w.addr()).is_err());
     // A broken file is refused and the running circuits stay.
+    let text = std::fs::read_to_string(w.dir.path().join("worker.toml")).expect("config");
     w.reload(|_| "this is [not toml".into());
     w.wait_log("refused reload", |v| {
-        v["message"] == "reload refused; the running circuits stay"
+        v["message"] == "reload refused; everything running stays"
+    });
+    assert_eq!(fresh.get("/still", "").status, 200);
+    // So is an empty one (a file being written when the signal came): it used to be
+    // taken as a config of no circuits, and every app of the node went down.
+    w.reload(|_| String::new());
+    w.wait_log("refused empty reload", |v| {
+        v["message"] == "reload refused; everything running stays"
+            && v["error"].as_str().is_some_and(|e| e.contains("is empty"))
+    });
+    assert_eq!(fresh.get("/still", "").status, 200);
+    // A setting a reload does not apply is named, and the circuits are applied.
+    w.reload(|_| text.replace("[admin]", "[limits]\nmax_headers = 50\n\n[admin]"));
+    w.wait_log("the section that needs a restart", |v| {
+        v["level"] == "WARN" && v["section"] == "limits"
     });
     assert_eq!(fresh.get("/still", "").status, 200);
 }

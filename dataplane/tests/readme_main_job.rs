@@ -37,9 +37,10 @@ fn wait_for(path: &Path, what: &str, found: impl Fn(&str) -> bool) -> String {
     }
 }
 
-#[test]
-fn the_printed_demo_command_works_and_its_id_is_on_every_hop() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A single node started as the README says, from copies of the samples in `dir`
+/// with their ports moved to free ones: the process, its log (stdout) and the demo
+/// command its start-up hint prints.
+fn start_single_node(dir: &Path) -> (Node, PathBuf, Vec<String>) {
     let base = appproxy_test_support::free_range(8);
     let port = |i: u16| (base + i).to_string();
     let moved = |text: String| {
@@ -50,13 +51,13 @@ fn the_printed_demo_command_works_and_its_id_is_on_every_hop() {
     };
     for name in ["single-node.toml", "coordinator.single-node.toml"] {
         let text = std::fs::read_to_string(repo().join("deploy").join(name)).expect("sample");
-        std::fs::write(dir.path().join(name), moved(text)).expect("copy");
+        std::fs::write(dir.join(name), moved(text)).expect("copy");
     }
-    let (out, err) = (dir.path().join("out.log"), dir.path().join("err.log"));
-    let _node = Node(
+    let (out, err) = (dir.join("out.log"), dir.join("err.log"));
+    let node = Node(
         Command::new(env!("CARGO_BIN_EXE_appproxy-worker"))
             .arg("--config")
-            .arg(dir.path().join("single-node.toml"))
+            .arg(dir.join("single-node.toml"))
             .stdout(std::fs::File::create(&out).expect("out"))
             .stderr(std::fs::File::create(&err).expect("err"))
             .spawn()
@@ -79,14 +80,23 @@ fn the_printed_demo_command_works_and_its_id_is_on_every_hop() {
         "{hint}"
     );
     assert_eq!(command[2], format!("127.0.0.1:{}", port(2)), "{hint}");
-    let demo = |args: &[String]| {
-        Command::new("bash")
-            .arg("deploy/demo-circuit.sh")
-            .args(args)
-            .current_dir(repo())
-            .output()
-            .expect("bash and curl must be installed (.ci/run installs curl)")
-    };
+    (node, out, command)
+}
+
+/// Runs `deploy/demo-circuit.sh` with `args` from the repository's root.
+fn demo(args: &[String]) -> std::process::Output {
+    Command::new("bash")
+        .arg("deploy/demo-circuit.sh")
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("bash and curl must be installed (.ci/run installs curl)")
+}
+
+#[test]
+fn the_printed_demo_command_works_and_its_id_is_on_every_hop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_node, out, command) = start_single_node(dir.path());
     let ran = demo(&command);
     let said = String::from_utf8_lossy(&ran.stdout).into_owned();
     assert!(
@@ -124,6 +134,69 @@ fn the_printed_demo_command_works_and_its_id_is_on_every_hop() {
     let said = String::from_utf8_lossy(&ran.stdout);
     assert!(!ran.status.success(), "{said}");
     assert!(said.contains("HTTP/1.1 502"), "{said}");
+}
+
+/// A reload (SIGHUP, the systemd unit's `ExecReload`, the way a managed worker's
+/// certificates are renewed) keeps the circuits the coordinator deployed: the file
+/// of a managed worker lists none, and taking its circuits for the whole set closed
+/// every app of the node, for good.
+#[test]
+fn a_reload_keeps_the_coordinators_circuits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, out, command) = start_single_node(dir.path());
+    let ran = demo(&command);
+    let said = String::from_utf8_lossy(&ran.stdout).into_owned();
+    assert!(ran.status.success(), "{said}");
+    let app_url = said
+        .lines()
+        .find_map(|l| l.strip_prefix("app URL:"))
+        .expect("the demo names the app's URL")
+        .trim()
+        .to_owned();
+    // Without the permit: the circuit answers (401), so it is there.
+    let status = || {
+        let o = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+            ])
+            .arg(&app_url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(status(), "401");
+    let killed = Command::new("kill")
+        .args(["-HUP", &node.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let reloaded = |text: &str| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("reload"))
+            })
+    };
+    wait_for(&out, "the reload's line", reloaded);
+    // Whatever a reload would deploy has reached the cores by the next turn of each;
+    // the circuit answers on, several times over a second.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            status(),
+            "401",
+            "{}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+    }
 }
 
 /// Every worker config in `deploy/` is one the worker takes as it is (what a

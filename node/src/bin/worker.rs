@@ -22,31 +22,79 @@ fn main() {
     appproxy_control_common::cli::main("appproxy-worker", run);
 }
 
-/// SIGHUP: re-reads the circuits and deploys them to every core under a fresh request
-/// ID, and swaps in the TLS certificates read anew (new handshakes get them). A bad
-/// file (config, certificate or key) is logged and the running set stays.
-fn reload(path: &std::path::Path, worker: &worker::Worker) {
+/// SIGHUP: re-reads the file under a fresh request ID, swaps in the TLS certificates
+/// read anew (new handshakes get them) and, on a worker whose circuits come from its
+/// file, deploys them to every core. On a managed worker the circuits are the
+/// coordinator's: they stay as deployed (the file lists none, and replacing the
+/// cores' tables with it took every app of the node down until a restart). Every
+/// other setting needs a restart: each section that changed is named in a warning.
+/// A bad or empty file (one being written) is refused and everything running stays.
+fn reload(path: &std::path::Path, running: &Config, worker: &worker::Worker) {
     let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
     appproxy_shared::with_request_id(Some(id), || {
-        match Config::load(path).and_then(|c| c.validate(&online_cpus())) {
-            Ok(rt) => {
-                tracing::info!(
-                    circuits = rt.circuits.len(),
-                    "reloading circuits (other settings need a restart)"
-                );
-                match (&worker.tls, &rt.tls) {
-                    (Some(serving), Some(loaded)) => {
-                        serving.adopt(loaded);
-                        tracing::info!("TLS certificates reloaded; open connections keep theirs");
-                    }
-                    (None, None) => {}
-                    _ => tracing::warn!("[worker] tls_listen changed: that needs a restart"),
-                }
-                worker.deploy(rt.circuits, id);
+        let read = match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => Err(format!(
+                "{} is empty (being written?): a worker config names at least its [worker]",
+                path.display()
+            )),
+            _ => Config::load(path)
+                .and_then(|c| c.validate(&online_cpus()).map(|rt| (c, rt)))
+                .map_err(|e| e.to_string()),
+        };
+        let (config, rt) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; everything running stays");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "reload refused; the running circuits stay"),
+        };
+        for section in sections_needing_a_restart(running, &config) {
+            tracing::warn!(
+                section,
+                "reload: [{section}] changed, which needs a restart; its running settings stay"
+            );
         }
+        match (&worker.tls, &rt.tls) {
+            (Some(serving), Some(loaded)) => {
+                serving.adopt(loaded);
+                tracing::info!("TLS certificates reloaded; open connections keep theirs");
+            }
+            (None, None) => {}
+            _ => tracing::warn!("[worker] tls_listen changed: that needs a restart"),
+        }
+        if running.managed() || config.managed() {
+            tracing::info!("reloaded; the circuits are the coordinator's and stay as deployed");
+            return;
+        }
+        tracing::info!(circuits = rt.circuits.len(), "reloading circuits");
+        worker.deploy(rt.circuits, id);
     });
+}
+
+/// The sections of `new` that differ from the running `old` and that a reload does
+/// not apply: everything but the circuits and the TLS certificate files.
+fn sections_needing_a_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut worker = new.worker.clone();
+    worker.tls_cert.clone_from(&old.worker.tls_cert);
+    worker.tls_privkey.clone_from(&old.worker.tls_privkey);
+    worker.tls_sni_certs.clone_from(&old.worker.tls_sni_certs);
+    [
+        ("worker", old.worker != worker),
+        ("limits", old.limits != new.limits),
+        ("timeouts", old.timeouts != new.timeouts),
+        ("upstream", old.upstream != new.upstream),
+        ("reactor", old.reactor != new.reactor),
+        ("http2", old.http2 != new.http2),
+        ("admin", old.admin != new.admin),
+        ("logging", old.logging != new.logging),
+        ("telemetry", old.telemetry != new.telemetry),
+        ("coordinator", old.coordinator != new.coordinator),
+        ("secrets", old.secrets != new.secrets),
+        ("redis", old.redis != new.redis),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// Writes what the stdout writer still holds when `run` ends, however it ends (at
@@ -177,14 +225,14 @@ fn run() -> anyhow::Result<()> {
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
-            reload(&path, &worker);
+            reload(&path, &config, &worker);
             continue;
         }
         worker.readiness.mark_stopping();
         let grace = Duration::from_secs(config.timeouts.stop_grace_secs);
         if !grace.is_zero() {
             tracing::info!(signal = sig, grace_secs = grace.as_secs(), "stopping: /readyz answers 503; serving on for [timeouts] stop_grace_secs (another stop signal ends it)");
-            serve_through_grace(&mut signals, grace, &path, &worker);
+            serve_through_grace(&mut signals, grace, &path, &config, &worker);
         }
         tracing::info!(signal = sig, "draining");
         break;
@@ -202,13 +250,14 @@ fn serve_through_grace(
     signals: &mut signal_hook::iterator::Signals,
     grace: Duration,
     path: &std::path::Path,
+    running: &Config,
     worker: &worker::Worker,
 ) {
     let until = std::time::Instant::now() + grace;
     while std::time::Instant::now() < until {
         for sig in signals.pending() {
             if sig == signal_hook::consts::SIGHUP {
-                reload(path, worker);
+                reload(path, running, worker);
             } else {
                 tracing::info!(signal = sig, "another stop signal: the grace ends");
                 return;
