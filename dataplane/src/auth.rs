@@ -156,7 +156,7 @@ pub fn verify_hs256(
     appproxy_shared::jwt::verify_hs256(token, secret).map_err(|e| match e {
         JwtError::Expired => refused(401, "E20008", "token expired"),
         JwtError::NotYetValid => refused(401, "E20008", "token not yet valid"),
-        JwtError::Malformed | JwtError::BadSignature => refused(401, "E20006", "invalid token"),
+        JwtError::Malformed | JwtError::BadSignature => refused(401, "E20008", "invalid token"),
     })
 }
 
@@ -186,7 +186,7 @@ pub fn check_bearer<'a>(
     };
     let token = scheme(b"Bearer")
         .or_else(|| scheme(b"BackendAI"))
-        .ok_or(refused(401, "E20006", "unsupported authorization scheme"))?;
+        .ok_or(refused(401, "E20007", "unsupported authorization scheme"))?;
     let claims = verify_hs256(token.trim_ascii(), secret)?;
     let id = claims.get("id").and_then(|v| v.as_str()).unwrap_or("");
     if uuid::Uuid::parse_str(id).ok().as_ref() == Some(circuit) {
@@ -594,6 +594,8 @@ mod tests {
                 .expect_err("refused")
                 .code
         };
+        // The original's codes: E20006 no `Authorization`, E20007 a scheme it does
+        // not take, E20008 a token that is not valid, E20009 one for another circuit.
         assert_eq!(code(None), "E20006");
         // The scheme in any case (RFC 9110 §11.1; the original took only `Bearer`
         // and `BackendAI` as written).
@@ -608,11 +610,11 @@ mod tests {
                 "{scheme}"
             );
         }
-        assert_eq!(code(Some("Bearer")), "E20006", "no token");
+        assert_eq!(code(Some("Bearer")), "E20007", "no token");
         for other in ["Bearerx", "Basic", "Bear", ""] {
-            assert_eq!(code(Some(&format!("{other} {good}"))), "E20006", "{other}");
+            assert_eq!(code(Some(&format!("{other} {good}"))), "E20007", "{other}");
         }
-        assert_eq!(code(Some(&format!("Bearer{good}"))), "E20006", "no space");
+        assert_eq!(code(Some(&format!("Bearer{good}"))), "E20007", "no space");
         // A second field, checked or not, refuses the request: the app would get
         // both, and might read the one the worker did not check.
         let two = |a: &str, b: &str| {
@@ -635,7 +637,7 @@ mod tests {
                 "Bearer {}",
                 sign_hs256(&serde_json::json!({"id": circuit.to_string()}), "other")
             ))),
-            "E20006"
+            "E20008"
         );
         assert_eq!(
             code(Some(&format!(
@@ -657,14 +659,14 @@ mod tests {
             ))),
             "E20008"
         );
-        assert_eq!(code(Some("Bearer not.a.jwt")), "E20006");
+        assert_eq!(code(Some("Bearer not.a.jwt")), "E20008");
         // alg=none is refused even with a valid-looking body.
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(format!("{{\"id\":\"{circuit}\"}}").as_bytes())
         );
-        assert_eq!(code(Some(&format!("Bearer {none}"))), "E20006");
+        assert_eq!(code(Some(&format!("Bearer {none}"))), "E20008");
     }
 
     #[test]

@@ -1150,6 +1150,7 @@ impl Config {
             "redis",
             "circuits_from = \"coordinator\"  # an event is a sign to read the change from the coordinator (default \"event\": deploy what it carries)",
         ));
+        optional.extend(appproxy_shared::telemetry::TelemetryConfig::OPTIONAL_KEYS);
         appproxy_shared::config::with_optional_keys(&text, &optional)
     }
 
@@ -1639,6 +1640,15 @@ impl Config {
 #[cfg(test)]
 mod default_config_tests {
     use super::*;
+
+    /// `--print-default-config` shows every key the worker takes, set or commented
+    /// (the OTLP keys were taken but not shown).
+    #[test]
+    fn the_default_config_shows_every_key() {
+        appproxy_test_support::config::assert_every_key_shown(&Config::default_toml(), &|text| {
+            Config::parse(text).map(drop)
+        });
+    }
 
     #[test]
     fn every_optional_key_of_the_default_config_reads_once_uncommented() {

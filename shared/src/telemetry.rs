@@ -88,6 +88,25 @@ pub struct TelemetryConfig {
     pub otlp_ca_file: Option<PathBuf>,
 }
 
+impl TelemetryConfig {
+    /// The keys without a default, as `--print-default-config` shows them commented
+    /// (section, line) under `[telemetry]`.
+    pub const OPTIONAL_KEYS: [(&'static str, &'static str); 3] = [
+        (
+            "telemetry",
+            "otlp_endpoint = \"http://127.0.0.1:4318\"  # export spans over OTLP/HTTP (docs/tracing.md); absent: none",
+        ),
+        (
+            "telemetry",
+            "service_name = \"appproxy\"  # the resource's service.name (default: appproxy-<component>)",
+        ),
+        (
+            "telemetry",
+            "otlp_ca_file = \"/etc/appproxy/otlp-ca.pem\"  # roots for an https:// collector (default: the system bundle)",
+        ),
+    ];
+}
+
 /// `[telemetry] otlp_compression`: the body encoding of OTLP export requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

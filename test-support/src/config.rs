@@ -135,3 +135,60 @@ pub fn floats_made_nan(text: &str) -> Vec<(String, String)> {
     }
     variants
 }
+
+/// Asserts that a default config printed by `--print-default-config` shows every
+/// key its service takes: for each section it prints (`[s]`, `[[s]]`, or commented
+/// `# [s]`), an unknown key is written into that section alone and `parse`'s
+/// refusal lists the keys the section takes (serde's "expected one of `a`, `b`";
+/// a section that flattens another struct lists none and is passed over);
+/// each must appear in the section's block of `text`, set or commented (`key =`,
+/// `# key =`). A key added to a config struct and not to its printed default fails.
+pub fn assert_every_key_shown(text: &str, parse: &dyn Fn(&str) -> Result<(), String>) {
+    let header = |line: &str| -> Option<(String, bool)> {
+        let l = line.strip_prefix("# ").unwrap_or(line).trim();
+        let array = l.starts_with("[[");
+        let name = l.trim_start_matches('[').trim_end_matches(']');
+        (l.starts_with('[') && l.ends_with(']') && !name.contains(' ') && !name.is_empty())
+            .then(|| (name.to_owned(), array))
+    };
+    let mut blocks: Vec<(String, bool, Vec<&str>)> = Vec::new();
+    for line in text.lines() {
+        if let Some((name, array)) = header(line) {
+            blocks.push((name, array, Vec::new()));
+        } else if let Some(block) = blocks.last_mut() {
+            block.2.push(line);
+        }
+    }
+    assert!(!blocks.is_empty(), "no section in:\n{text}");
+    let mut checked = 0;
+    for (name, array, lines) in &blocks {
+        let probe = if *array {
+            format!("[[{name}]]\nzz_not_a_key = 1\n")
+        } else {
+            format!("[{name}]\nzz_not_a_key = 1\n")
+        };
+        let err = parse(&probe).expect_err("an unknown key is refused");
+        // serde lists them (`a`; `a` or `b`; one of `a`, `b`, …), except for a
+        // section whose struct flattens another: those cannot be checked this way.
+        let Some((_, expected)) = err.split_once("`, expected ") else {
+            assert!(err.contains("unknown field"), "[{name}]: {err:?}");
+            continue;
+        };
+        let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(!keys.is_empty(), "[{name}]: {err:?}");
+        checked += 1;
+        for key in keys {
+            let shown = lines.iter().any(|l| {
+                let l = l.strip_prefix("# ").unwrap_or(l);
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+            assert!(shown, "[{name}] {key} is taken but not shown in:\n{text}");
+        }
+    }
+    assert!(
+        checked * 2 > blocks.len(),
+        "most sections list their keys when refusing one ({checked} of {})",
+        blocks.len()
+    );
+}

@@ -87,9 +87,7 @@ impl CoordinatorConfig {
     /// The full default config, the optional keys shown commented.
     pub fn default_toml() -> String {
         let text = toml::to_string_pretty(&Self::default()).unwrap_or_default();
-        appproxy_shared::config::with_optional_keys(
-            &text,
-            &[
+        let optional = [
                 (
                     "coordinator",
                     "max_connections_per_address = 512  # default: one in 8 of max_connections, at least 16",
@@ -112,7 +110,7 @@ impl CoordinatorConfig {
                 ),
                 (
                     "redis",
-                    "url = \"redis://127.0.0.1:6379/\"  # events to remote workers, marks, leadership",
+                    "url = \"redis://127.0.0.1:6379/2\"  # events to remote workers, marks, leadership (the platform's keys: database 2)",
                 ),
                 (
                     "redis",
@@ -126,8 +124,12 @@ impl CoordinatorConfig {
                     "circuits",
                     "upstream_reuse_by_app = { jupyter = \"client\" }  # by app name, over upstream_reuse",
                 ),
-            ],
-        )
+            ];
+        let optional: Vec<_> = optional
+            .into_iter()
+            .chain(appproxy_shared::telemetry::TelemetryConfig::OPTIONAL_KEYS)
+            .collect();
+        appproxy_shared::config::with_optional_keys(&text, &optional)
     }
 }
 
@@ -600,6 +602,16 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{key} does not read: {e}\n{one}"));
         }
         assert!(variants.len() >= 3, "{text}");
+    }
+
+    /// `--print-default-config` shows every key the coordinator takes, set or
+    /// commented (the OTLP keys were taken but not shown).
+    #[test]
+    fn the_default_config_shows_every_key() {
+        appproxy_test_support::config::assert_every_key_shown(
+            &super::CoordinatorConfig::default_toml(),
+            &|text| appproxy_shared::config::from_toml::<super::CoordinatorConfig>(text).map(drop),
+        );
     }
 
     /// Every float setting set to `nan` is refused, naming it: a clamp keeps `nan`,

@@ -28,6 +28,10 @@ impl StorageConfig {
                 ),
                 (
                     "storage",
+                    "max_archive_streams_per_address = 8  # default: one in 8 of max_archive_streams, at least 1",
+                ),
+                (
+                    "storage",
                     "max_walk_names_bytes_per_walk = 67108864  # no longer used: walks hold no names",
                 ),
                 (
@@ -36,7 +40,10 @@ impl StorageConfig {
                 ),
                 ("[volumes]", "name = \"local\"  # at least one volume"),
                 ("[volumes]", "path = \"/vfroot/local\""),
-            ],
+            ]
+            .into_iter()
+            .chain(appproxy_shared::telemetry::TelemetryConfig::OPTIONAL_KEYS)
+            .collect::<Vec<_>>(),
         )
     }
 }
@@ -217,6 +224,17 @@ mod tests {
         )
         .expect_err("unset");
         assert!(err.contains("secrets.manager_token"), "{err}");
+    }
+
+    /// `--print-default-config` shows every key the storage-proxy takes, set or
+    /// commented (the OTLP keys and the archive share per address were taken but
+    /// not shown).
+    #[test]
+    fn the_default_config_shows_every_key() {
+        appproxy_test_support::config::assert_every_key_shown(
+            &super::StorageConfig::default_toml(),
+            &|text| appproxy_shared::config::from_toml::<super::StorageConfig>(text).map(drop),
+        );
     }
 
     /// `--print-default-config` shows the keys without a default commented out;
