@@ -363,7 +363,8 @@ fn sigterm_drains_in_flight_requests_then_exits() {
 }
 
 /// While one core drains a long request, the core that has stopped is not stalled:
-/// liveness (`/health`) answers 200 and no stall is logged. Before, every graceful
+/// liveness (`/health`) answers 200 and no stall is logged; a second stop signal is
+/// logged. Before, every graceful
 /// stop with one long connection open answered 503 (a liveness probe could kill the
 /// worker mid-drain) and logged a stall at every check.
 #[test]
@@ -391,6 +392,15 @@ fn a_drain_does_not_make_stopped_cores_look_stalled() {
     let r = w.admin_get("/health");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!w.log_text().contains("core stalled"), "{}", w.log_text());
+    // A second stop signal is said to have come (it was ignored without a word);
+    // the drain goes on and the request in flight is answered.
+    w.signal("-TERM");
+    w.wait_log("the second signal's warning", |v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a signal during the drain"))
+    });
     assert_eq!(busy.response().status, 200);
 }
 

@@ -1,23 +1,53 @@
 //! What both control-plane binaries do after reading their config: the descriptor
 //! limit raised as far as allowed, a multi-thread tokio runtime, and a shutdown
-//! future that resolves on SIGINT or SIGTERM.
+//! future that resolves on SIGINT or SIGTERM (a SIGHUP is logged, not obeyed).
 
 use std::future::Future;
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending::<()>().await,
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// The signals a control-plane service answers, their handlers installed as soon as
+/// it is made (before the service starts: a signal during its start is taken too).
+pub struct StopSignals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers; must run within a tokio runtime.
+    pub fn install() -> Self {
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminated => {}
+    }
+}
+
+/// The next delivery of `signal` (never, without a handler).
+async fn next(signal: &mut Option<Signal>) {
+    if let Some(s) = signal.as_mut() {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// Resolves on SIGINT or SIGTERM. SIGHUP (`systemctl reload`, a terminal closed) is
+/// logged and the service serves on: its config is read at start only, and the
+/// signal's default action ended the process at once, without its drain or a log
+/// line.
+pub async fn shutdown_signal(mut signals: StopSignals) {
+    loop {
+        tokio::select! {
+            _ = next(&mut signals.term) => break,
+            _ = next(&mut signals.int) => break,
+            _ = next(&mut signals.hup) => tracing::warn!(
+                "SIGHUP: the config is read at start only; restart to apply a change (serving on)"
+            ),
+        }
     }
     tracing::info!("shutting down");
 }
@@ -46,7 +76,11 @@ where
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(Box::pin(shutdown_signal())))
+    let signals = {
+        let _in = rt.enter();
+        StopSignals::install()
+    };
+    rt.block_on(serve(Box::pin(shutdown_signal(signals))))
 }
 
 /// How long the lines still queued for stdout may take to be written at exit: a

@@ -4661,6 +4661,64 @@ fn the_samples_public_secrets_are_warned_of_on_a_reachable_address() {
     }
 }
 
+/// A SIGHUP (`systemctl reload`, a closed terminal) is logged and the coordinator
+/// serves on; it ended the process at once (status 129), without its drain or a
+/// line. SIGTERM then stops it as ever. (The storage-proxy runs under the same
+/// service runner.)
+#[test]
+fn a_sighup_is_logged_and_the_coordinator_serves_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = appproxy_test_support::free_port();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"an-api-secret\"\njwt_secret = \"a-jwt-secret\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"
+        ),
+    )
+    .expect("write");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !read().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} in:\n{}", read());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("coordinator serving");
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    kill("-HUP");
+    wait_for("SIGHUP: the config is read at start only");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(request(addr, "GET", "/status", &[], "").status, 200);
+    assert!(child.try_wait().expect("status").is_none(), "still running");
+    kill("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("status") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", read());
+}
+
 /// `appproxy_coordinator_leader` as the coordinator at `addr` exports it.
 fn leader_gauge(addr: SocketAddr) -> f64 {
     let r = request(addr, "GET", "/metrics", &[], "");

@@ -237,6 +237,18 @@ fn run() -> anyhow::Result<()> {
         tracing::info!(signal = sig, "draining");
         break;
     }
+    // Signals during the drain are said to have come: a stop signal does not cut it
+    // (it ends at `drain_secs` at the latest), a SIGHUP reloads nothing now.
+    let drain_secs = config.timeouts.drain_secs;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            tracing::warn!(
+                signal = sig,
+                drain_secs,
+                "a signal during the drain: the drain goes on and ends within [timeouts] drain_secs (SIGKILL ends it now)"
+            );
+        }
+    });
     // Leave the coordinator first, so no new circuit is placed on a draining worker.
     agent.stop();
     worker.stop();
