@@ -116,7 +116,9 @@ pub fn openat2<P: rustix::path::Arg + Copy>(
     }
 }
 
-/// Opens `parts` beneath `root` with the given flags and containment.
+/// Opens `parts` beneath `root` with the given flags and containment. A resolution
+/// that may follow symlinks is charged to the work's [`RESOLVE_BUDGET`] (see
+/// [`resolving`]).
 pub fn open(
     root: BorrowedFd<'_>,
     parts: &[OsString],
@@ -125,14 +127,103 @@ pub fn open(
 ) -> io::Result<OwnedFd> {
     #[cfg(test)]
     tests::RESOLUTIONS.with(|n| n.set(n.get() + 1));
-    Ok(openat2(
-        root,
-        join(parts).as_path(),
-        flags | OFlags::CLOEXEC,
-        Mode::empty(),
-        resolve,
-    )?)
+    let once = || {
+        Ok(openat2(
+            root,
+            join(parts).as_path(),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        )?)
+    };
+    if resolve.contains(ResolveFlags::NO_SYMLINKS) {
+        // No link followed: the kernel's work is bounded by the path's own length.
+        once()
+    } else {
+        charged(once)
+    }
 }
+
+/// The most CPU time the path resolutions that may follow symlinks take in one
+/// piece of a request's blocking work ([`resolving`]): what the kernel spends
+/// walking a user's links is charged, measured on the thread's CPU clock, and once
+/// it is spent the next such resolution fails with [`LinksTooCostly`] (400, naming
+/// this limit). The kernel bounds one resolution (40 links, each target under 4 KB)
+/// but not what a link's target holds: 38 nested links of `a/../a/…` targets make
+/// some 76,000 components, 10 ms of kernel time for each path through them, and an
+/// archive token lists thousands of paths (38 CPU-seconds a download). A path
+/// through ordinary links costs a few microseconds: a token's 4,600 paths spend
+/// some 1 % of this.
+pub const RESOLVE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// What the current work may still spend on resolutions through links; `None`
+    /// outside [`resolving`] (background jobs, whose paths are the proxy's own).
+    static RESOLVING: std::cell::Cell<Option<std::time::Duration>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with a fresh [`RESOLVE_BUDGET`] on this thread (the previous one, if
+/// any, back afterwards): every request's blocking work runs in one.
+pub fn resolving<T>(f: impl FnOnce() -> T) -> T {
+    resolving_with(RESOLVE_BUDGET, f)
+}
+
+/// [`resolving`] with a budget of `budget` (tests).
+pub fn resolving_with<T>(budget: std::time::Duration, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<std::time::Duration>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RESOLVING.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(RESOLVING.with(|r| r.replace(Some(budget))));
+    f()
+}
+
+/// This thread's CPU time so far (user and system: the kernel's path walk is
+/// system time).
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Runs the resolution `f`, charging its CPU time to the thread's budget; refused
+/// without running once the budget is spent (the last one may pass it by one
+/// resolution, at most some 10 ms).
+fn charged<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let Some(left) = RESOLVING.with(|r| r.get()) else {
+        return f();
+    };
+    if left.is_zero() {
+        return Err(io::Error::other(LinksTooCostly));
+    }
+    let start = thread_cpu();
+    let r = f();
+    let spent = thread_cpu().saturating_sub(start);
+    RESOLVING.with(|r| r.set(Some(left.saturating_sub(spent))));
+    r
+}
+
+/// The error of work whose resolutions through symlinks spent their
+/// [`RESOLVE_BUDGET`].
+#[derive(Debug)]
+pub struct LinksTooCostly;
+
+impl std::fmt::Display for LinksTooCostly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the paths of this request go through symlinks too costly to resolve: their resolution took more than the {} ms of CPU a request may spend on it (the storage-proxy's path resolution budget); name the files by paths with fewer or simpler links, or fewer paths at once",
+            RESOLVE_BUDGET.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for LinksTooCostly {}
 
 /// Opens a directory beneath `root` (inner symlinks followed, never out).
 pub fn open_dir(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<OwnedFd> {

@@ -646,13 +646,14 @@ pub async fn no_method() -> ApiError {
     }
 }
 
-/// Runs blocking filesystem work on the blocking pool under the caller's request ID.
+/// Runs blocking filesystem work on the blocking pool under the caller's request ID,
+/// its resolutions through symlinks within one `fsx::RESOLVE_BUDGET`.
 pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     T: Send + 'static,
 {
-    appproxy_shared::context::spawn_blocking(f)
+    appproxy_shared::context::spawn_blocking(move || fsx::resolving(f))
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
 }

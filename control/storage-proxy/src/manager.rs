@@ -1768,7 +1768,13 @@ async fn archive_download_token(
     blocking(move || {
         let mut check = StagingCheck::new(root.as_fd())?;
         for p in &listed {
-            if let Ok(located) = fsx::locate(root.as_fd(), p) {
+            let located = match fsx::locate(root.as_fd(), p) {
+                Ok(located) => Some(located),
+                // Links too costly to resolve: refused now, not at every download.
+                Err(e) if fsx::carried::<fsx::LinksTooCostly>(&e).is_some() => return Err(e.into()),
+                Err(_) => None,
+            };
+            if let Some(located) = located {
                 match check.reaches_staging(&located) {
                     Ok(true) => return Err(staging_refused()),
                     // The request's climbs spent: refused, not passed unchecked.

@@ -209,7 +209,12 @@ pub fn stream_items(
     let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
         let _permit = permit;
-        match Writer::new(&tx, LIMIT, stall).and_then(|mut w| w.archive(items, skip_staging)) {
+        // The listed paths are resolved again as their turn comes: within a budget
+        // of their own, as the check before the first byte was.
+        let written = fsx::resolving(|| {
+            Writer::new(&tx, LIMIT, stall).and_then(|mut w| w.archive(items, skip_staging))
+        });
+        match written {
             Ok(()) => done.store(true, Ordering::Release),
             Err(e) => {
                 tracing::warn!(error = %e, "archive stream failed");

@@ -3745,3 +3745,83 @@ fn head_never_reports_complete_an_upload_not_in_place() {
     assert!(std::fs::read(ro.join("late.bin")).ok() == Some(data));
     assert_eq!(staged_files(&p), 0);
 }
+
+/// Makes in `dir` a directory `a` of `files` one-byte files `f0…` and the links
+/// `l1`…`l{links}`, each `l_k -> a/../a/../…/l_{k-1}` (4 KB of `a/..`), `l1` leading
+/// to `a`: a path `l{links}/f0` is legal and stays in the vfolder, but the kernel
+/// walks some 2,000 components a link to resolve it.
+fn costly_links(dir: &Path, links: usize, files: usize) {
+    std::fs::create_dir_all(dir.join("a")).expect("a");
+    for i in 0..files {
+        std::fs::write(dir.join(format!("a/f{i}")), b"x").expect("f");
+    }
+    let pad = format!("a/..{}", "/a/..".repeat(799));
+    for k in 1..=links {
+        let target = if k == 1 {
+            format!("{pad}/a")
+        } else {
+            format!("{pad}/l{}", k - 1)
+        };
+        std::os::unix::fs::symlink(target, dir.join(format!("l{k}"))).expect("link");
+    }
+}
+
+/// Paths through a user's nested links cost the kernel some 10 ms each to resolve;
+/// an archive token listing hundreds of them cost seconds of CPU to issue and again
+/// at every download (38 CPU-seconds for 4,000 paths). A request's resolutions
+/// through links are bounded (`fsx::RESOLVE_BUDGET`): past it, 400 naming the
+/// limit, at once. The same links in a few paths, and many paths through a plain
+/// link, still work.
+#[test]
+fn paths_through_costly_links_are_refused_past_the_resolution_budget() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    costly_links(&vf.join("ch"), 38, 1500);
+    std::os::unix::fs::symlink("ch/l38", vf.join("L")).expect("L");
+    std::os::unix::fs::symlink("ch/a", vf.join("plain")).expect("plain");
+    let many: Vec<String> = (0..1500).map(|i| format!("L/f{i}")).collect();
+    let started = std::time::Instant::now();
+    let r = p.manager(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": many}),
+        None,
+    );
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 400, "{body}");
+    assert!(body.contains("path resolution budget"), "{body}");
+    assert!(body.contains("request_id"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // A delete of as many paths through them: refused alike, nothing deleted.
+    let r = p.manager(
+        "/folder/file/delete",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpaths": many[..1000]}),
+        None,
+    );
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 400, "{body}");
+    assert!(body.contains("path resolution budget"), "{body}");
+    assert!(vf.join("ch/a/f1499").exists());
+    // A few paths through the same links: within the budget, archived.
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": ["L/f0", "L/f1"]}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let names = zip_names(&r.body, p.dir.path()).expect("a valid zip");
+    assert_eq!(names, vec!["'L/f0'".to_owned(), "'L/f1'".to_owned()]);
+    // Every file through a plain link: cheap, archived whole.
+    let plain: Vec<String> = (0..600).map(|i| format!("plain/f{i}")).collect();
+    let token = p.token(
+        "/folder/file/archive-download-token",
+        serde_json::json!({"volume": "local", "vfid": VFID, "files": plain}),
+    );
+    let r = p.download_archive(&token);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(zip_names(&r.body, p.dir.path()).expect("zip").len(), 600);
+}
