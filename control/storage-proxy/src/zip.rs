@@ -13,7 +13,12 @@
 //! quota (`truncate -s 8G`) and which deflate to almost nothing, so the archive
 //! would burn a CPU-second for each megabyte it sends; sent as they are, an archive
 //! costs what a download of its bytes does (the filesystem's own compression also
-//! shows as fewer blocks: such a file is merely sent uncompressed).
+//! shows as fewer blocks: such a file is merely sent uncompressed). Blocks do not
+//! tell zeros from data (`fallocate -l 8G` allocates them, and they read as zeros),
+//! so deflate is also held to the bytes sent: an archive gives it at most
+//! `DEFLATE_RATIO` (20) bytes for each it has sent, beyond a few MiB; past that an
+//! entry's rest goes in stored blocks of the same deflate stream, and the next
+//! files are sent as they are until the ratio allows deflating again.
 //!
 //! Every file entry is method 8 (deflate), even one sent as it is: its bytes go in
 //! deflate stored blocks (see `stored_blocks`), which say their own length, so the
@@ -120,6 +125,20 @@ const DEFLATE_MARGIN: u64 = 16 << 20;
 fn compressor() -> CompressorOxide {
     CompressorOxide::new(create_comp_flags_from_zip_params(1, -15, 0))
 }
+
+/// How many bytes an archive may give deflate for each byte it has sent, beyond
+/// [`DEFLATE_SLACK`]: the CPU an archive costs is bounded by the bytes its client
+/// takes, whatever its files hold. Text, CSV, JSON and logs deflate 3:1 to 10:1
+/// and are never near it; zeros deflate about 1,000:1, and a user makes gigabytes
+/// of them free of time (`fallocate -l 8G`: blocks allocated, so no file "mostly
+/// holes", every read zeros), which had an archive read and deflate some 200 bytes
+/// for each it sent (1.3 of 2 cores for a client taking 10 MB/s).
+const DEFLATE_RATIO: u64 = 20;
+
+/// What an archive may give deflate before [`DEFLATE_RATIO`] applies: a few
+/// milliseconds of CPU, so a small archive of very compressible files is deflated
+/// whole.
+const DEFLATE_SLACK: u64 = 4 << 20;
 
 /// Whether deflating pays for data that starts with `sample`.
 fn compresses(sample: &[u8]) -> bool {
@@ -905,6 +924,9 @@ struct Writer<'a> {
     stall: Duration,
     /// The names given so far.
     names: Names,
+    /// The bytes given to deflate so far (trials included), held to
+    /// [`DEFLATE_RATIO`] times the bytes sent plus [`DEFLATE_SLACK`].
+    deflated: u64,
 }
 
 impl<'a> Writer<'a> {
@@ -924,7 +946,23 @@ impl<'a> Writer<'a> {
             zip64_from,
             stall,
             names: Names::default(),
+            deflated: 0,
         })
+    }
+
+    /// Whether `n` more bytes may be given to deflate ([`DEFLATE_RATIO`]): counted
+    /// when they may.
+    fn may_deflate(&mut self, n: usize) -> bool {
+        let allowed = self
+            .offset
+            .saturating_mul(DEFLATE_RATIO)
+            .saturating_add(DEFLATE_SLACK);
+        let after = self.deflated.saturating_add(n as u64);
+        if after > allowed {
+            return false;
+        }
+        self.deflated = after;
+        true
     }
 
     /// Hands a chunk to the response body, waiting at most `stall` for room.
@@ -1056,7 +1094,8 @@ impl<'a> Writer<'a> {
             }
         }
         // Compressed, or in stored blocks (`None`): method 8 either way.
-        let mut deflater = (may_deflate && compresses(&buf[..first])).then(compressor);
+        let mut deflater =
+            (may_deflate && self.may_deflate(first) && compresses(&buf[..first])).then(compressor);
         // Either stream can end up a little larger than the file.
         let zip64 = len >= self.zip64_from.saturating_sub(DEFLATE_MARGIN);
         let offset = self.offset;
@@ -1072,6 +1111,15 @@ impl<'a> Writer<'a> {
             crc.update(&buf[..n]);
             size += n as u64;
             out.clear();
+            if deflater.is_some() && !self.may_deflate(n) {
+                // Deflated far better than any file of data does, for long enough
+                // to pass the archive's ratio: the rest goes in stored blocks, in
+                // the same deflate stream. A sync flush ends the deflated blocks on
+                // a byte boundary, where a stored block may begin.
+                if let Some(mut c) = deflater.take() {
+                    deflate_into(&mut c, &[], TDEFLFlush::Sync, &mut out)?;
+                }
+            }
             match deflater.as_mut() {
                 Some(c) => deflate_into(c, &buf[..n], TDEFLFlush::None, &mut out)?,
                 None => stored_blocks(&buf[..n], &mut out),
@@ -1425,7 +1473,8 @@ mod tests {
 
     /// A sparse file (holes, no disk) is stored, not deflated: deflating its zeros
     /// cost a CPU-second for each megabyte the archive sent. The same zeros written
-    /// out are deflated as before.
+    /// out are deflated as before, up to the archive's deflate ratio (a MiB is within
+    /// its slack; see `zeros_are_deflated_no_more_than_the_ratio_allows`).
     #[test]
     fn files_mostly_holes_are_stored_and_written_zeros_deflated() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1441,6 +1490,72 @@ mod tests {
             "zeros.bin was deflated: {}",
             zip.len()
         );
+    }
+
+    /// Zeros in allocated blocks (`fallocate`: not "mostly holes", every read zeros)
+    /// deflate about 1,000:1: an archive read and deflated some 200 bytes for each
+    /// it sent. Past `DEFLATE_RATIO` bytes given to deflate for each sent (beyond
+    /// the slack), the rest goes in stored blocks of the same deflate stream: the
+    /// archive sends at least its file's size over the ratio, and reads back whole.
+    /// Text before and after the zeros is deflated as ever.
+    #[test]
+    fn zeros_are_deflated_no_more_than_the_ratio_allows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size: u64 = 64 << 20;
+        let zeros = std::fs::File::create(dir.path().join("b-zeros.bin")).expect("zeros");
+        if rustix::fs::fallocate(&zeros, rustix::fs::FallocateFlags::empty(), 0, size).is_err() {
+            // No `fallocate` here: the zeros written out are the same case.
+            std::io::Write::write_all(&mut &zeros, &vec![0u8; size as usize]).expect("write");
+        }
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = zeros.metadata().expect("meta");
+            assert!(meta.blocks() * 512 >= size, "allocated: {}", meta.blocks());
+        }
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("{i},row {i},{}\n", i * 7).into_bytes())
+            .collect();
+        std::fs::write(dir.path().join("a.csv"), &text).expect("a");
+        std::fs::write(dir.path().join("c.csv"), &text).expect("c");
+        let zip = archive(dir.path(), LIMIT);
+        let want = size + 2 * text.len() as u64;
+        assert_eq!(
+            python_lists(&zip),
+            format!("a.csv|b-zeros.bin|c.csv\n{want}\n")
+        );
+        // Every 20 bytes deflated sent at least one, beyond the slack (and the
+        // last 64 KiB read before the ratio was checked).
+        let sent = zip.len() as u64;
+        assert!(
+            sent * DEFLATE_RATIO + DEFLATE_SLACK + (64 << 10) >= want,
+            "{sent} bytes sent for {want} read"
+        );
+        // Before, 64 MiB of zeros deflated to some 64 KB.
+        assert!(sent > size / (DEFLATE_RATIO + 1), "{sent}");
+        // The text files deflated: the first within the slack, the last because
+        // the stored zeros sent allow it.
+        assert!(sent < size + text.len() as u64, "{sent}");
+        let deflated = python_sizes(&zip);
+        assert!(deflated.contains("a.csv deflated"), "{deflated}");
+        assert!(deflated.contains("c.csv deflated"), "{deflated}");
+    }
+
+    /// Each entry's name and whether its data deflated to less than half its size.
+    fn python_sizes(zip: &[u8]) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.zip"), zip).expect("zip");
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sys,zipfile\nfor i in zipfile.ZipFile(sys.argv[1]).infolist(): print(i.filename, 'deflated' if i.compress_size * 2 < i.file_size else 'stored')")
+            .arg(dir.path().join("a.zip"))
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
     }
 
     /// Names that are all made one safe name are numbered 1, 2, 3, … each trying
