@@ -1451,11 +1451,25 @@ async fn patch(
         tracing::warn!(bytes = kept, error = %e, "upload could not be flushed to disk");
         return Err(write_failed(&e, kept, written, s.size));
     }
-    drop(file);
+    let file = file.into_std().await;
     let size = s.size;
     let st = state.clone();
     let id = blocking(move || {
         fsx::sync(s.staging.as_fd())?;
+        // The staged file must hold exactly the upload's bytes, by its descriptor,
+        // just before it is put in place: its name is the session ID, and whoever
+        // has a shell in the vfolder can append to it while a PATCH runs. Before, a
+        // file of another size (10 MiB spliced in between two PATCH writes) was put
+        // in place and answered 204, its declared size counted against the quota.
+        let on_disk = file.metadata()?.len();
+        drop(file);
+        if on_disk != s.size {
+            tracing::warn!(session = %s.id, on_disk, declared = s.size, "staged file changed by someone else during the upload");
+            drop(discard(&st, &s, ApiError::Conflict("staged file of another size")));
+            return Err(ApiError::Conflict(
+                "the upload's staged file is not its Upload-Length: it was changed by someone else (a shell in the vfolder) while the upload ran; nothing was put in place, the upload was discarded and its reservation released",
+            ));
+        }
         let placed = destination_dir(&s).and_then(|(parent, name)| {
             let replaced = st.reservations.commit(&s.scope_key, &s.id, s.size, || {
                 let replaced = complete(&s, parent.as_fd(), name)?;

@@ -3825,3 +3825,60 @@ fn paths_through_costly_links_are_refused_past_the_resolution_budget() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(zip_names(&r.body, p.dir.path()).expect("zip").len(), 600);
 }
+
+/// A shell in the vfolder appends to an upload's staged file (its name is the
+/// session ID) while a PATCH writes it: the staged file is then not the upload's
+/// `Upload-Length`. Before, it was put in place anyway (10 MiB of the shell's
+/// bytes between the client's) and answered 204; now 409 naming the cause, nothing
+/// put in place, the upload discarded.
+#[test]
+fn a_staged_file_grown_during_its_patch_is_never_put_in_place() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let size = 200_000usize;
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "grown.bin", "size": size}),
+    );
+    let staging = p.vfolder_path().join(".upload");
+    let session = std::fs::read_dir(&staging)
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .next()
+        .expect("a staging file");
+    let staged = staging.join(&session);
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: test\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&vec![b'P'; size / 2]).expect("first half");
+    // Once the first half is on disk, the shell adds its bytes.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&staged).map_or(0, |m| m.len()) < (size / 2) as u64 {
+        assert!(std::time::Instant::now() < until, "the first half landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&staged)
+            .expect("staged");
+        f.write_all(&vec![b'S'; 1 << 20]).expect("append");
+    }
+    s.write_all(&vec![b'P'; size / 2]).expect("second half");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("the answer");
+    let r = appproxy_test_support::http::parse(&raw, false);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 409, "{body}");
+    assert!(body.contains("changed by someone else"), "{body}");
+    assert!(body.contains("request_id"), "{body}");
+    assert!(!p.vfolder_path().join("grown.bin").exists(), "put in place");
+    assert!(!staged.exists(), "the upload was discarded");
+    assert!(alive(&p));
+}
