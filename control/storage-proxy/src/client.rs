@@ -274,6 +274,69 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Refuses a field that may be given once (`Range`, `Upload-Offset`, tus's own)
+/// when the request has it twice: 400 naming it. Before, the first copy was taken,
+/// and a front proxy, cache or log that reads the other saw another request than
+/// the one served (and two `Upload-Offset`s answered 204 or 409 by their order).
+fn once(h: &HeaderMap, name: &str) -> Result<(), ApiError> {
+    if h.get_all(name).iter().nth(1).is_some() {
+        return Err(ApiError::Rejected {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("the {name} field is given more than once; it may be given once"),
+        });
+    }
+    Ok(())
+}
+
+/// The one media type a tus PATCH body may have (tus 1.0).
+const TUS_BODY: &str = "application/offset+octet-stream";
+
+/// tus 1.0's preconditions of a PATCH, as far as the original's clients allow: a
+/// `Tus-Resumable` of another version is 412 (with `Tus-Version`), a
+/// `Content-Type` other than [`TUS_BODY`] is 415. The original checks neither, and
+/// a client that sends no such field (a raw `curl -T`) is still served: only a
+/// field that says something else is refused. Every tus client sends both.
+/// The answer to a PATCH that fails them, `None` when it passes.
+fn tus_refusal(h: &HeaderMap) -> Option<Response> {
+    for name in ["Tus-Resumable", "Content-Type"] {
+        if let Err(e) = once(h, name) {
+            return Some(e.into_response());
+        }
+    }
+    if let Some(v) = h.get("tus-resumable") {
+        if v.as_bytes().trim_ascii() != b"1.0.0" {
+            let mut resp = ApiError::Rejected {
+                status: StatusCode::PRECONDITION_FAILED,
+                message: "Tus-Resumable names a protocol version this server does not speak: only 1.0.0 (Tus-Version)".into(),
+            }
+            .into_response();
+            tus_headers(resp.headers_mut());
+            resp.headers_mut()
+                .insert("tus-version", HeaderValue::from_static("1.0.0"));
+            return Some(resp);
+        }
+    }
+    if let Some(v) = h.get(axum::http::header::CONTENT_TYPE) {
+        let essence = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .map(str::trim);
+        if !essence.is_some_and(|e| e.eq_ignore_ascii_case(TUS_BODY)) {
+            return Some(
+                ApiError::Rejected {
+                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    message: format!(
+                        "a tus PATCH body is {TUS_BODY}; the request's Content-Type says otherwise"
+                    ),
+                }
+                .into_response(),
+            );
+        }
+    }
+    None
+}
+
 fn date(v: &str) -> Option<i64> {
     let t = httpdate::parse_http_date(v.trim()).ok()?;
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
@@ -346,6 +409,7 @@ async fn download(
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    once(&headers, "Range")?;
     let c = claims(&state, &q, "download")?;
     let (volume, vfid) = (
         claim(&c, "volume")?.to_owned(),
@@ -1154,6 +1218,10 @@ async fn patch(
     body: Body,
     received: &mut Option<u64>,
 ) -> Result<Response, ApiError> {
+    if let Some(refused) = tus_refusal(&headers) {
+        return Ok(refused);
+    }
+    once(&headers, "Upload-Offset")?;
     let s = {
         let st = state.clone();
         blocking(move || session(&st, &q)).await?

@@ -588,6 +588,22 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
                 });
             }
         }
+        // A parameter given twice (`?token=a&token=b`) is refused, 400 naming it:
+        // before, the last copy was taken, and a front proxy or log reading the
+        // first saw another request than the one served.
+        if let Ok(axum::extract::Query(pairs)) =
+            axum::extract::Query::<Vec<(String, String)>>::from_request_parts(parts, state).await
+        {
+            let mut seen = HashSet::new();
+            if let Some((name, _)) = pairs.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+                return Err(ApiError::Rejected {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!(
+                        "the query parameter {name:?} is given more than once; it may be given once"
+                    ),
+                });
+            }
+        }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
             Err(e) => Err(ApiError::Rejected {

@@ -3882,3 +3882,114 @@ fn a_staged_file_grown_during_its_patch_is_never_put_in_place() {
     assert!(!staged.exists(), "the upload was discarded");
     assert!(alive(&p));
 }
+
+/// Fields and parameters that may be given once are refused when given twice
+/// (400 JSON naming them), not served by one copy while a front proxy or log
+/// reads the other; a tus PATCH declaring another protocol version is 412 with
+/// `Tus-Version`, one declaring another body type 415. A PATCH as tus clients send
+/// it, and one with neither field (as the original takes), are served.
+#[test]
+fn duplicated_fields_and_tus_preconditions_are_refused() {
+    use appproxy_test_support::http::request;
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::write(p.vfolder_path().join("f.txt"), b"hello world\n").expect("f");
+    let dl = p.token(
+        "/folder/file/download",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "f.txt"}),
+    );
+    let refused = |r: appproxy_test_support::http::Resp, status: u16, names: &str| {
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, status, "{names}: {body}");
+        assert!(body.contains(names), "{names}: {body}");
+        assert!(body.contains("request_id"), "{body}");
+        r
+    };
+    let path = format!("/download?token={dl}");
+    let r = request(
+        p.client,
+        "GET",
+        &path,
+        &[("Range", "bytes=0-1"), ("Range", "bytes=3-4")],
+        b"",
+    );
+    refused(r, 400, "Range");
+    let r = request(p.client, "GET", &path, &[("Range", "bytes=0-1")], b"");
+    assert_eq!(r.status, 206);
+    let r = request(
+        p.client,
+        "GET",
+        &format!("/download?token=junk&token={dl}"),
+        &[],
+        b"",
+    );
+    refused(r, 400, "token");
+
+    let up = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "u.bin", "size": 10}),
+    );
+    let path = format!("/upload?token={up}");
+    let tus = [
+        ("Tus-Resumable", "1.0.0"),
+        ("Content-Type", "application/offset+octet-stream"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        tus.iter().chain(extra).copied().collect()
+    };
+    let r = request(
+        p.client,
+        "PATCH",
+        &path,
+        &with(&[("Upload-Offset", "0"), ("Upload-Offset", "5")]),
+        b"01",
+    );
+    refused(r, 400, "Upload-Offset");
+    let r = request(
+        p.client,
+        "PATCH",
+        &path,
+        &[
+            ("Tus-Resumable", "0.2.2"),
+            ("Content-Type", "application/offset+octet-stream"),
+            ("Upload-Offset", "0"),
+        ],
+        b"01",
+    );
+    let r = refused(r, 412, "Tus-Resumable");
+    assert_eq!(r.header("tus-version"), Some("1.0.0"));
+    let r = request(
+        p.client,
+        "PATCH",
+        &path,
+        &[
+            ("Tus-Resumable", "1.0.0"),
+            ("Content-Type", "text/plain"),
+            ("Upload-Offset", "0"),
+        ],
+        b"01",
+    );
+    refused(r, 415, "Content-Type");
+    // Nothing was written by the refused ones.
+    let r = request(
+        p.client,
+        "PATCH",
+        &path,
+        &with(&[("Upload-Offset", "0")]),
+        b"01234",
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("upload-offset"), Some("5"));
+    let r = request(
+        p.client,
+        "PATCH",
+        &path,
+        &[("Upload-Offset", "5")],
+        b"56789",
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("u.bin")).expect("placed"),
+        b"0123456789"
+    );
+}
