@@ -3,16 +3,16 @@
 //! query (a file re-opened, stdin or a pipe held as read).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 
 use crate::{parse_line, Entry};
 
-/// The longest line read, in bytes (its line break not counted): a longer one is
-/// skipped and counted, never held, so a file without line breaks (a binary, a core
-/// dump) is not taken whole into memory.
+/// The longest line read, in bytes (its line break not counted, a `\r` before it
+/// counted): a longer one is skipped and counted, never held as a line. (Stdin and
+/// pipes are held as read for the second pass, raw; files are read again.)
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// One input: a log file, or stdin.
@@ -25,9 +25,13 @@ pub struct Input {
 
 #[derive(Debug)]
 enum How {
-    /// A file, with the bytes read from it by the first pass (the second pass reads
-    /// as many: lines written meanwhile are not taken).
-    File { path: PathBuf, read: Option<u64> },
+    /// A file, and once the first pass read it for a second, the file as opened
+    /// then with the bytes read (the second pass reads the same file, rotated or
+    /// not, as far: lines written meanwhile are not taken).
+    File {
+        path: PathBuf,
+        read: Option<(File, u64)>,
+    },
     /// Stdin, not read yet.
     Stdin,
     /// What stdin (or a file that is a pipe) gave, held for the second pass.
@@ -83,8 +87,9 @@ impl Input {
     /// Reads every line, handing each log entry to `each` with its line number (from
     /// 1; its `source` is left empty). With `again`, this input will be read a second
     /// time: what cannot be re-read (stdin, a file that is a pipe) is held as read,
-    /// raw; a file is re-opened and read as far as the first read went, and one
-    /// that is gone or shorter meanwhile is an error.
+    /// raw; a file is kept open and read again from its start as far as the first
+    /// read went (renamed or removed meanwhile, it is the same file), and one made
+    /// shorter meanwhile is an error.
     pub fn read(
         &mut self,
         again: bool,
@@ -105,12 +110,14 @@ impl Input {
                 self.how = How::Held(bytes);
                 self.read(again, each)
             }
-            How::File { path, read } => match *read {
-                Some(len) => {
-                    let file = File::open(&*path)
-                        .with_context(|| format!("re-opening {name} for the second pass"))?;
-                    let (found, bytes) = read_lines(&mut BufReader::new(file.take(len)), each)
-                        .with_context(|| format!("reading {name} again"))?;
+            How::File { path, read } => match read {
+                Some((file, len)) => {
+                    let len = *len;
+                    file.seek(SeekFrom::Start(0))
+                        .with_context(|| format!("rewinding {name} for the second pass"))?;
+                    let (found, bytes) =
+                        read_lines(&mut BufReader::new(file.by_ref().take(len)), each)
+                            .with_context(|| format!("reading {name} again"))?;
                     anyhow::ensure!(
                         bytes == len,
                         "{name} is shorter on the second pass ({bytes} bytes) than on \
@@ -125,10 +132,11 @@ impl Input {
                         self.how = How::Held(bytes);
                         return self.read(again, each);
                     }
-                    let (found, bytes) = read_lines(&mut BufReader::new(file), each)
-                        .with_context(|| format!("reading {name}"))?;
+                    let mut reader = BufReader::new(file);
+                    let (found, bytes) =
+                        read_lines(&mut reader, each).with_context(|| format!("reading {name}"))?;
                     if again {
-                        *read = Some(bytes);
+                        *read = Some((reader.into_inner(), bytes));
                     }
                     Ok(found)
                 }

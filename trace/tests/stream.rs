@@ -1,7 +1,7 @@
 //! `appproxy-trace` reading its inputs line by line: the same output as reading them
 //! whole (on a generated log of many requests and traces spread over files and
 //! stdin), over-long lines skipped and counted, a trace's lines found before the
-//! request's own, and a file gone before the second pass.
+//! request's own, and a file rotated or cut short between the passes.
 
 mod common;
 
@@ -420,40 +420,54 @@ fn a_trace_s_lines_before_the_request_s_are_found() {
     );
 }
 
+/// Between the two passes a file may be rotated (renamed, removed: the file read
+/// first is read again, whole) or cut short (an error, exit 2: the first pass's
+/// findings would not hold).
 #[test]
-fn a_file_gone_before_the_second_pass_is_an_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("rotated.log");
-    std::fs::write(
-        &log,
-        json_line(&[
-            ("timestamp", "2026-11-30T16:00:00Z".into()),
-            ("component", "worker".into()),
-            ("request_id", "req-1".into()),
-        ]) + "\n",
-    )
-    .expect("write log");
-    let log_name = log.display().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-trace"))
-        .args([&log_name, "-", "--request-id", "req-1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run appproxy-trace");
-    let mut input = child.stdin.take().expect("stdin");
-    // The tool reads stdin after the file: once it has taken most of these 4 MiB
-    // (far more than a pipe holds), its first pass is past the file.
-    input
-        .write_all("not a log line\n".repeat(4 << 16).as_bytes())
-        .expect("write stdin");
-    std::fs::remove_file(&log).expect("remove log");
-    drop(input);
-    let o = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains(&format!("re-opening {log_name} for the second pass")),
-        "{stderr}"
-    );
+fn a_file_rotated_between_passes_is_read_again_and_one_cut_short_is_an_error() {
+    for cut in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("rotated.log");
+        std::fs::write(
+            &log,
+            json_line(&[
+                ("timestamp", "2026-11-30T16:00:00Z".into()),
+                ("component", "worker".into()),
+                ("request_id", "req-1".into()),
+            ]) + "\n",
+        )
+        .expect("write log");
+        let log_name = log.display().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_appproxy-trace"))
+            .args([&log_name, "-", "--request-id", "req-1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run appproxy-trace");
+        let mut input = child.stdin.take().expect("stdin");
+        // The tool reads stdin after the file: once it has taken most of these 4 MiB
+        // (far more than a pipe holds), its first pass is past the file.
+        input
+            .write_all("not a log line\n".repeat(4 << 16).as_bytes())
+            .expect("write stdin");
+        if cut {
+            std::fs::File::create(&log).expect("truncate the log");
+        } else {
+            std::fs::rename(&log, dir.path().join("rotated.log.1")).expect("rotate");
+        }
+        drop(input);
+        let o = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if cut {
+            assert_eq!(o.status.code(), Some(2), "{stderr}");
+            assert!(
+                stderr.contains(&format!("{log_name} is shorter on the second pass")),
+                "{stderr}"
+            );
+        } else {
+            assert_eq!(o.status.code(), Some(0), "{stderr}");
+            assert!(String::from_utf8_lossy(&o.stdout).contains("req-1"));
+        }
+    }
 }
