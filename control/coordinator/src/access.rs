@@ -245,7 +245,15 @@ struct GapState {
     end: Option<f64>,
     /// Redis' `evicted_keys` when last read.
     evicted: Option<u64>,
+    /// The last idle pass's clock reading (epoch seconds, the store's clock) and
+    /// the monotonic instant it was read at.
+    last_pass: Option<(f64, std::time::Instant)>,
 }
+
+/// How far the clock the idle passes read may run ahead of the monotonic clock
+/// between two passes before it is taken for a step (NTP, a VM resumed, the
+/// database host's clock fixed), seconds: above the drift and the time a pass takes.
+pub const CLOCK_STEP_SECS: f64 = 60.0;
 
 impl MarksGap {
     /// A gap that ended at `start`: marks held in process memory are gone after a
@@ -271,6 +279,24 @@ impl MarksGap {
             gap.end = Some(now);
         }
         gap.end
+    }
+
+    /// Notes a pass's clock reading `now` taken at the monotonic `at`. When the clock
+    /// ran ahead of the monotonic one by more than [`CLOCK_STEP_SECS`] since the last
+    /// pass, it stepped forward: every mark written before the step looks that much
+    /// older, and circuits in use would be collected as idle; so a gap ends `now`
+    /// (every circuit counts as used then), and the step's size is returned.
+    pub fn clock_stepped(&self, now: f64, at: std::time::Instant) -> Option<f64> {
+        let mut gap = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let step = gap
+            .last_pass
+            .map(|(then, mono)| (now - then) - at.saturating_duration_since(mono).as_secs_f64())
+            .filter(|ahead| *ahead > CLOCK_STEP_SECS);
+        gap.last_pass = Some((now, at));
+        if step.is_some() {
+            gap.end = Some(gap.end.map_or(now, |end| end.max(now)));
+        }
+        step
     }
 
     /// Redis' count of evicted keys now: whether it grew since the last count (the
@@ -384,6 +410,26 @@ mod tests {
         assert!(gap.evicted(9));
         assert!(!gap.evicted(0), "a reset");
         assert!(gap.evicted(1));
+    }
+
+    /// A clock that runs ahead of the monotonic one between two passes by more than
+    /// [`CLOCK_STEP_SECS`] stepped: a gap ends at the pass that saw it (marks written
+    /// before the step would make circuits in use look idle); drift, a slow pass or
+    /// a step back are no gap.
+    #[test]
+    fn a_forward_clock_step_ends_a_gap() {
+        let gap = MarksGap::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        assert_eq!(gap.clock_stepped(1000.0, at(0)), None, "a first pass");
+        assert_eq!(gap.clock_stepped(1010.0, at(10)), None);
+        assert_eq!(gap.clock_stepped(1050.0, at(20)), None, "30 s ahead: drift");
+        assert_eq!(gap.clock_stepped(900.0, at(30)), None, "a step back");
+        assert_eq!(gap.taken(900.0), None);
+        let step = gap.clock_stepped(8110.0, at(40)).expect("a step");
+        assert!((step - 7200.0).abs() < 1.0, "{step}");
+        assert_eq!(gap.taken(8120.0), Some(8110.0));
+        assert_eq!(gap.clock_stepped(8130.0, at(60)), None);
     }
 
     /// Marks in memory: the start ends a gap; a refused write ends one later.

@@ -267,6 +267,15 @@ async fn idle_pass(state: &State) {
     };
     let clock = || appproxy_shared::jwt::now_epoch() + ahead;
     let noticed = clock();
+    if let Some(step) = state
+        .marks_gap
+        .clock_stepped(noticed, std::time::Instant::now())
+    {
+        tracing::warn!(
+            step_secs = step as u64,
+            "the clock stepped forward since the last idle pass: every circuit counts as used now"
+        );
+    }
     let mut gap_end = state.marks_gap.taken(noticed);
     // Marks Redis lost (see `Marks::kept_since`): every circuit counts as used
     // when the loss was noticed.
