@@ -13,7 +13,7 @@ APP="${3:-127.0.0.1:10202}"
 ID="demo-$(date +%s)"
 SESSION="$(cat /proc/sys/kernel/random/uuid)"
 USER_ID="$(cat /proc/sys/kernel/random/uuid)"
-jar="$(mktemp)"; trap 'rm -f "$jar"' EXIT
+jar="$(mktemp)"; answer="$(mktemp)"; trap 'rm -f "$jar" "$answer"' EXIT
 field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
 
 echo "request ID: $ID"
@@ -30,6 +30,7 @@ app_url="$(curl -fsS -o /dev/null -c "$jar" -w '%{redirect_url}' -H "X-Backend-R
 echo "app URL:    $app_url"
 echo
 # The answer is shown whatever it is; one that is not a success fails the script.
-curl -sS -i --fail-with-body -b "$jar" -H "X-Backend-Request-ID: $ID" "$app_url"
-echo
+curl -sS -i -b "$jar" -H "X-Backend-Request-ID: $ID" "$app_url" > "$answer"
+cat "$answer"; echo
+head -n 1 "$answer" | grep -q '^HTTP/[0-9.]* 2' || { echo "the app's answer is no success" >&2; exit 1; }
 echo "every log line of this flow carries request_id $ID (coordinator, each core's deployment, the access line)"

@@ -362,8 +362,8 @@ fn x_forwarded_for_is_read_from_its_right_end_past_trusted_proxies() {
         ),
         ("::ffff:10.1.2.3, 192.0.2.7".into(), Some("10.1.2.3")),
         // Sixteen trusted addresses are read past; a seventeenth is too many.
-        (format!("10.1.2.3, {}", cdn_chain(15)), Some("10.1.2.3")),
-        (format!("10.1.2.3, {}", cdn_chain(16)), None),
+        (format!("10.1.2.3, {}", cdn_chain(16)), Some("10.1.2.3")),
+        (format!("10.1.2.3, {}", cdn_chain(17)), None),
         // Every address a trusted proxy's: the leftmost (not admitted here).
         (cdn_chain(2), Some("192.0.2.7")),
         ("10.1.2.3, unknown".into(), None),
@@ -400,6 +400,16 @@ fn x_forwarded_for_is_read_from_its_right_end_past_trusted_proxies() {
             "{list}"
         );
     }
+    // A WebSocket handshake names the same client (the app answers it with a 200
+    // here; what matters is the head it got).
+    let r = Client::connect(w.addr()).get(
+        "/ws",
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: 10.9.9.9, 10.1.2.3, 192.0.2.7\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.last();
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert_eq!(seen.header("x-real-ip"), Some("10.1.2.3"));
 }
 
 /// An allowlist whose every entry is invalid (a typo, a hostname) admits nobody:

@@ -404,6 +404,61 @@ fn a_drain_does_not_make_stopped_cores_look_stalled() {
     assert_eq!(busy.response().status, 200);
 }
 
+/// A circuit whose app is `rstudio` tells the app the URL the browser asked for
+/// (`X-RStudio-Request`, `X-RStudio-Proto`, as the original does), over HTTP/1.1
+/// and HTTP/2 alike; what a client sends under those names never reaches it.
+#[test]
+fn an_rstudio_circuit_gets_the_url_the_browser_asked_for() {
+    let up = Upstream::start();
+    let w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    let mut ask = || {
+        let r = c.get(
+            "/auth-sign-in?appUri=%2F",
+            "X-RStudio-Request: http://evil/\r\n",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        up.last()
+    };
+    // Not an RStudio circuit: a client's field never reaches the app.
+    assert!(ask().headers_named("x-rstudio-request").is_empty());
+    w.reload(|text| text.replace("app = \"test\"", "app = \"rstudio\""));
+    common::eventually("the reload applied", || {
+        !ask().headers_named("x-rstudio-request").is_empty()
+    });
+    let seen = ask();
+    // The test client names its host `test`.
+    assert_eq!(
+        seen.headers_named("x-rstudio-request"),
+        vec!["http://test/auth-sign-in"]
+    );
+    let host = format!("127.0.0.1:{}", w.port);
+    assert_eq!(seen.headers_named("x-rstudio-proto"), vec!["http"]);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-H", "x-rstudio-request: http://evil/"])
+        .arg(format!("http://{host}/s/1/?x=1"))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = up.last();
+    assert_eq!(
+        seen.headers_named("x-rstudio-request"),
+        vec![format!("http://{host}/s/1/")]
+    );
+}
+
 #[test]
 fn retries_once_when_a_pooled_connection_died() {
     let up = Upstream::start();
@@ -506,14 +561,22 @@ fn reload_moves_circuits_without_cutting_connections() {
         v["message"] == "reload refused; everything running stays"
     });
     assert_eq!(fresh.get("/still", "").status, 200);
-    // So is an empty one (a file being written when the signal came): it used to be
-    // taken as a config of no circuits, and every app of the node went down.
-    w.reload(|_| String::new());
-    w.wait_log("refused empty reload", |v| {
-        v["message"] == "reload refused; everything running stays"
-            && v["error"].as_str().is_some_and(|e| e.contains("is empty"))
-    });
-    assert_eq!(fresh.get("/still", "").status, 200);
+    // So is an empty one, or one of comments only (a file being written when the
+    // signal came): each used to be taken as a config of no circuits, and every app
+    // of the node went down.
+    for (i, written) in ["", "\n", "# appproxy-worker\n"].into_iter().enumerate() {
+        w.reload(|_| written.into());
+        common::eventually("the refusal", || {
+            let refusals = w.log_json().into_iter().filter(|v| {
+                v["message"] == "reload refused; everything running stays"
+                    && v["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("names no [worker]"))
+            });
+            refusals.count() > i
+        });
+        assert_eq!(fresh.get("/still", "").status, 200);
+    }
     // A setting a reload does not apply is named, and the circuits are applied.
     w.reload(|_| text.replace("[admin]", "[limits]\nmax_headers = 50\n\n[admin]"));
     w.wait_log("the section that needs a restart", |v| {

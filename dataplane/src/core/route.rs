@@ -48,6 +48,12 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether the circuit's app is an RStudio Server (`app = "rstudio"`, as the
+    /// original names it), told the URL the browser asked for.
+    pub fn is_rstudio(&self) -> bool {
+        self.circuit.circuit.app.as_deref() == Some("rstudio")
+    }
+
     /// Prepares `circuit` for routing (outside any table: nobody is told of its
     /// unhealthy upstreams).
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {

@@ -65,7 +65,7 @@ const FORWARDING: [&str; 5] = [
 /// reach the app as the worker's word. Kept only from `trusted_proxies`, as
 /// [`FORWARDING`] is; so is every other `X-Forwarded-*` name
 /// ([`is_proxy_claim`]).
-const PROXY_CLAIMS: [&str; 32] = [
+const PROXY_CLAIMS: [&str; 35] = [
     "front-end-https",
     "x-url-scheme",
     "x-scheme",
@@ -105,6 +105,11 @@ const PROXY_CLAIMS: [&str; 32] = [
     "x-http-host-override",
     "x-original-method",
     "x-real-port",
+    // The URL the browser asked for, by which RStudio Server builds its redirects
+    // and its origin check (set by the worker for `app = "rstudio"` circuits).
+    "x-rstudio-request",
+    "x-rstudio-proto",
+    "x-rstudio-root-path",
 ];
 
 /// Whether `name` is a field a front proxy sets to tell the app what it saw
@@ -118,6 +123,13 @@ pub fn is_proxy_claim(name: &[u8]) -> bool {
         Some(b'x' | b'f' | b's' | b'r')
     ) && ((name.len() > PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
         || PROXY_CLAIMS.iter().any(|h| name_is(name, h)))
+}
+
+/// Whether `name` is one of the fields the worker sets for an RStudio Server
+/// (`X-RStudio-Request`, `X-RStudio-Proto`; `X-RStudio-Root-Path` is a trusted
+/// proxy's to give).
+fn is_rstudio_field(name: &[u8]) -> bool {
+    name_is(name, "x-rstudio-request") || name_is(name, "x-rstudio-proto")
 }
 
 /// Headers naming the client's address that other proxies and CDNs set; a client can
@@ -249,6 +261,9 @@ pub struct ClientHop {
     /// The client a trusted proxy's `X-Forwarded-For` named, when it is not the peer
     /// (`X-Real-IP`; set per request by [`ClientHop::with_client`]).
     client: Option<IpAddr>,
+    /// The request goes to an RStudio Server (a circuit's `app = "rstudio"`), which is
+    /// told the URL the browser asked for ([`ClientHop::to_rstudio`]).
+    rstudio: bool,
 }
 
 impl ClientHop {
@@ -263,7 +278,16 @@ impl ClientHop {
             ip_text,
             ip_len,
             client: None,
+            rstudio: false,
         }
+    }
+
+    /// The same hop for a request to an RStudio Server when `rstudio` (the original's
+    /// `X-RStudio-Proto` and `X-RStudio-Request: <proto>://<host><path>`, by which it
+    /// builds its redirects and checks origins behind a proxy).
+    pub fn to_rstudio(mut self, rstudio: bool) -> Self {
+        self.rstudio = rstudio;
+        self
     }
 
     /// The same hop for a request whose client is `client` (the peer, or the address
@@ -457,7 +481,9 @@ pub fn upstream_request_traced(
             } else {
                 continue;
             }
-        } else if !hop.trusted && is_proxy_claim(name_b) {
+        } else if (!hop.trusted && is_proxy_claim(name_b))
+            || (hop.rstudio && is_rstudio_field(name_b))
+        {
             continue;
         }
         if name_is(name_b, "cookie") {
@@ -515,6 +541,21 @@ pub fn upstream_request_traced(
     let host = fwd_host.or(head.host.clone().map(|h| &buf[h]));
     if let Some(host) = host {
         push_field(out, b"X-Forwarded-Host", host);
+    }
+    if hop.rstudio {
+        // The worker's own, whoever sent others (they are proxy claims: dropped from
+        // clients, and from a trusted proxy replaced by these made of its word).
+        push_field(out, b"X-RStudio-Proto", proto);
+        if let Some(host) = host {
+            let target = &buf[head.target.clone()];
+            let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+            out.extend_from_slice(b"X-RStudio-Request: ");
+            out.extend_from_slice(proto);
+            out.extend_from_slice(b"://");
+            out.extend_from_slice(host);
+            out.extend_from_slice(path);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if !hop.trusted {
         out.extend_from_slice(b"X-Forwarded-Port: ");

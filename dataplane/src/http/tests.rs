@@ -565,6 +565,58 @@ mod encoding {
         );
     }
 
+    /// An RStudio Server is told the URL the browser asked for, as the original does
+    /// for `app = "rstudio"` (it builds its redirects and its origin check from it):
+    /// the worker's own fields, one each, whatever a client sent; a trusted proxy's
+    /// scheme and host are the URL's. Other apps get no such field from a client.
+    #[test]
+    fn an_rstudio_server_is_told_the_url_the_browser_asked_for() {
+        let input = b"GET /auth-sign-in?appUri=%2F HTTP/1.1\r\nHost: rs.example:8787\r\nX-RStudio-Request: http://evil/\r\nx-rstudio-proto: gopher\r\nX-RStudio-Root-Path: /evil\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let encode = |hop: ClientHop| {
+            let mut out = Vec::new();
+            upstream_request(&mut out, input, &head, None, hop, app());
+            String::from_utf8(out).expect("ascii")
+        };
+        let text = encode(hop(false).to_rstudio(true));
+        assert_eq!(
+            text.matches("X-RStudio-Request: http://rs.example:8787/auth-sign-in\r\n")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("X-RStudio-Proto: http\r\n").count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.to_ascii_lowercase().contains("evil"), "{text}");
+        assert!(!text.contains("gopher"), "{text}");
+        // Through a trusted proxy: its scheme and host; its root path stands.
+        let input = b"GET /s/1/ HTTP/1.1\r\nHost: internal\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: apps.example.com\r\nX-RStudio-Root-Path: /rstudio\r\nX-RStudio-Request: http://evil/\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(
+            &mut out,
+            input,
+            &head,
+            None,
+            hop(true).to_rstudio(true),
+            app(),
+        );
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(
+            text.contains("X-RStudio-Request: https://apps.example.com/s/1/\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("X-RStudio-Proto: https\r\n"), "{text}");
+        assert!(text.contains("X-RStudio-Root-Path: /rstudio\r\n"), "{text}");
+        assert!(!text.contains("evil"), "{text}");
+        // Another app: nothing of the kind from a client, and none added.
+        let text = encode(hop(false));
+        assert!(!text.to_ascii_lowercase().contains("x-rstudio"), "{text}");
+    }
+
     /// What a front proxy tells an app it saw (the scheme, a prefix, the original
     /// URL, any `X-Forwarded-*` beyond the four the worker decides on) reaches the
     /// app only from a trusted proxy; from a client the app would take it as the

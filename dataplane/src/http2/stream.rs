@@ -100,9 +100,10 @@ pub struct Req<'a> {
 }
 
 impl Req<'_> {
-    /// The connection's hop for this stream's client.
-    pub fn hop(&self, hop: ClientHop) -> ClientHop {
+    /// The connection's hop for this stream's client, to `route`'s app.
+    pub fn hop(&self, hop: ClientHop, route: &Route) -> ClientHop {
         hop.with_client(self.client.get())
+            .to_rstudio(route.is_rstudio())
     }
 }
 
@@ -878,7 +879,7 @@ async fn forward_h1(
             traceparent: h.as_bytes(),
             keep_tracestate: t.keep_tracestate,
         }),
-        req.hop(ctx.hop),
+        req.hop(ctx.hop, route),
         addr,
     );
     // From the core's pool of read buffers (shared with HTTP/1.1 connections), back

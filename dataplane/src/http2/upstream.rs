@@ -829,7 +829,7 @@ pub async fn forward(
     let core = &ctx.core;
     let end = body.is_end_stream();
     let (response, mut up_send, _on_conn, addr) =
-        open_stream(core, req.hop(ctx.hop), route, req, &id, trace, end).await?;
+        open_stream(core, req.hop(ctx.hop, route), route, req, &id, trace, end).await?;
     let bytes_in = &req.side.body_in;
     let too_large = Cell::new(false);
     let too_slow = Cell::new(false);
@@ -930,7 +930,7 @@ pub async fn forward(
                         tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
                         attempt = attempt.again();
                         let (r, send, places, a) =
-                            open_stream(core, req.hop(ctx.hop), route, req, &id, trace, end)
+                            open_stream(core, req.hop(ctx.hop, route), route, req, &id, trace, end)
                                 .await?;
                         (response, addr, _again, _on_conn) = (r, a, Some(send), places);
                         continue;

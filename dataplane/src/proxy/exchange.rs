@@ -118,9 +118,11 @@ pub(crate) fn request_id<'a>(
 }
 
 impl Exchange {
-    /// The connection's hop naming the client this exchange's admission read.
+    /// The connection's hop naming the client this exchange's admission read (and
+    /// whether its app is an RStudio Server).
     fn hop(&self, hop: ClientHop) -> ClientHop {
-        self.client.map_or(hop, |ip| hop.with_client(ip))
+        let hop = self.client.map_or(hop, |ip| hop.with_client(ip));
+        hop.to_rstudio(self.route.as_ref().is_some_and(|r| r.is_rstudio()))
     }
 
     /// A request whose head was just parsed from `buf`: its ID resolved (or

@@ -595,11 +595,8 @@ pub(crate) fn client_ip_of(
         .filter(|h| parse::name_is(&buf[h.name.clone()], "x-forwarded-for"))
         .map(|h| &buf[h.value.clone()]);
     let mut client = peer;
-    let entries = lines.flat_map(|line| line.rsplit(|&b| b == b','));
-    for (read, entry) in entries.enumerate() {
-        if read == MAX_FORWARDED_HOPS {
-            return Err(());
-        }
+    let mut proxies = 0;
+    for entry in lines.flat_map(|line| line.rsplit(|&b| b == b',')) {
         client = std::str::from_utf8(entry.trim_ascii())
             .ok()
             .and_then(|s| s.parse::<std::net::IpAddr>().ok())
@@ -607,6 +604,10 @@ pub(crate) fn client_ip_of(
             .to_canonical();
         if !trusted.iter().any(|n| n.contains(client)) {
             return Ok(client);
+        }
+        proxies += 1;
+        if proxies > MAX_FORWARDED_HOPS {
+            return Err(());
         }
     }
     Ok(client)
@@ -876,8 +877,9 @@ mod tests {
             ("X-Forwarded-For: ::ffff:7.7.7.7\r\n".into(), true, Some("7.7.7.7")),
             ("X-Forwarded-For: 2001:db8::7\r\n".into(), true, Some("2001:db8::7")),
             (format!("X-Forwarded-For: {}\r\n", many(16)), true, Some("10.0.0.9")),
-            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(15)), true, Some("7.7.7.7")),
-            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(16)), true, None),
+            (format!("X-Forwarded-For: {}\r\n", many(17)), true, None),
+            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(16)), true, Some("7.7.7.7")),
+            (format!("X-Forwarded-For: 7.7.7.7, {}\r\n", many(17)), true, None),
             ("X-Forwarded-For: 7.7.7.7, unknown\r\n".into(), true, None),
             ("X-Forwarded-For: 7.7.7.7:80\r\n".into(), true, None),
             ("X-Forwarded-For: [2001:db8::7]\r\n".into(), true, None),

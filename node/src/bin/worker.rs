@@ -28,13 +28,22 @@ fn main() {
 /// coordinator's: they stay as deployed (the file lists none, and replacing the
 /// cores' tables with it took every app of the node down until a restart). Every
 /// other setting needs a restart: each section that changed is named in a warning.
-/// A bad or empty file (one being written) is refused and everything running stays.
+/// A bad file, or one naming no `[worker]` (an empty one being written), is refused
+/// and everything running stays.
 fn reload(path: &std::path::Path, running: &Config, worker: &worker::Worker) {
     let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
     appproxy_shared::with_request_id(Some(id), || {
-        let read = match std::fs::metadata(path) {
-            Ok(m) if m.len() == 0 => Err(format!(
-                "{} is empty (being written?): a worker config names at least its [worker]",
+        let names_worker = |text: &str| {
+            text.lines().map(str::trim_start).any(|l| {
+                l.starts_with("[worker]") || l.starts_with("worker.") || l.starts_with("worker =")
+            })
+        };
+        let read = match std::fs::read_to_string(path) {
+            // Every key has a default, so an empty file, or one of comments only (a
+            // file being written when the signal came), would read as a worker of
+            // no circuits.
+            Ok(text) if !names_worker(&text) => Err(format!(
+                "{} names no [worker] (being written?): a reload takes a whole config",
                 path.display()
             )),
             _ => Config::load(path)
@@ -289,10 +298,14 @@ fn print_single_node_help(
     let api = config.worker.api_port.unwrap_or(0);
     // The demo's app is the worker's own admin endpoint; without one, the script's
     // default (the sample's) is named, to be replaced by any HTTP app's address.
-    let app = config
-        .admin
-        .bind
-        .map_or_else(|| "127.0.0.1:10202".to_owned(), |a| a.to_string());
+    let app = config.admin.bind.map_or_else(
+        || "127.0.0.1:10202".to_owned(),
+        // An admin endpoint on every address is reached on the loopback.
+        |a| match a.ip().is_unspecified() {
+            true => format!("127.0.0.1:{}", a.port()),
+            false => a.to_string(),
+        },
+    );
     eprintln!(
         "\nappproxy single node: coordinator http://{addr} (SQLite {}), worker API port {api}.\n\
          Create a circuit and send a traced request (one ID, R, from the manager's call to the app):\n\n  \
