@@ -4611,6 +4611,32 @@ fn the_sample_coordinator_configs_pass_their_check() {
     assert_eq!(cluster.redis.stream_db, Some(4));
 }
 
+/// The coordinator binary on SQLite in `dir`, bound to `bind` with `api_secret`:
+/// the process and the file its log (stdout) goes to.
+fn start_on_sqlite(
+    dir: &std::path::Path,
+    bind: &str,
+    api_secret: &str,
+) -> (std::process::Child, std::path::PathBuf) {
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nbind = \"{bind}\"\n[secrets]\napi_secret = \"{api_secret}\"\njwt_secret = \"a-jwt-secret-of-its-own\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"
+        ),
+    )
+    .expect("write");
+    let log = dir.join("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    (child, log)
+}
+
 /// A coordinator others can reach that runs with a sample config's published secret
 /// says so at start, naming the key; on the loopback (the single-node sample) it
 /// does not.
@@ -4619,22 +4645,11 @@ fn the_samples_public_secrets_are_warned_of_on_a_reachable_address() {
     for (host, warned) in [("0.0.0.0", true), ("127.0.0.1", false)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = appproxy_test_support::free_port();
-        let config = dir.path().join("coordinator.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[coordinator]\nbind = \"{host}:{port}\"\n[secrets]\napi_secret = \"change-me-api-secret\"\njwt_secret = \"a-secret-of-its-own\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"
-            ),
-        )
-        .expect("write");
-        let log = dir.path().join("log");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-            .arg("--config")
-            .arg(&config)
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run");
+        let (mut child, log) = start_on_sqlite(
+            dir.path(),
+            &format!("{host}:{port}"),
+            "change-me-api-secret",
+        );
         // The warning comes before "coordinator serving", logged once it serves.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let text = loop {
@@ -4669,22 +4684,8 @@ fn the_samples_public_secrets_are_warned_of_on_a_reachable_address() {
 fn a_sighup_is_logged_and_the_coordinator_serves_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = appproxy_test_support::free_port();
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[coordinator]\nbind = \"127.0.0.1:{port}\"\n[secrets]\napi_secret = \"an-api-secret\"\njwt_secret = \"a-jwt-secret\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"
-        ),
-    )
-    .expect("write");
-    let log = dir.path().join("log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run");
+    let (mut child, log) =
+        start_on_sqlite(dir.path(), &format!("127.0.0.1:{port}"), "an-api-secret");
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_for = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(20);
