@@ -583,6 +583,29 @@ fn reload_moves_circuits_without_cutting_connections() {
         v["level"] == "WARN" && v["section"] == "limits"
     });
     assert_eq!(fresh.get("/still", "").status, 200);
+    // A file cut short after its header lists no circuits: refused, the circuit
+    // stays (a reload never empties a worker).
+    w.reload(|_| "[worker]\n".into());
+    w.wait_log("the refusal of a file of no circuits", |v| {
+        v["message"] == "reload refused; everything running stays"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("lists no circuits where 1 run"))
+    });
+    assert_eq!(fresh.get("/still", "").status, 200);
+    // The file's circuits are checked against the running settings, which stay: a
+    // port range the file narrows is warned of and not applied, and its circuit,
+    // outside it, is served on.
+    w.reload(|_| text.replace("port_range = [1024, 65535]", "port_range = [1024, 1025]"));
+    w.wait_log("the [worker] change warned of", |v| {
+        v["level"] == "WARN" && v["section"] == "worker"
+    });
+    assert_eq!(fresh.get("/still", "").status, 200);
+    assert!(
+        !w.log_text().contains("is outside [worker] port_range"),
+        "{}",
+        w.log_text()
+    );
 }
 
 #[test]

@@ -28,9 +28,11 @@ fn main() {
 /// coordinator's: they stay as deployed (the file lists none, and replacing the
 /// cores' tables with it took every app of the node down until a restart). Every
 /// other setting needs a restart: each section that changed is named in a warning.
-/// A bad file, or one naming no `[worker]` (an empty one being written), is refused
-/// and everything running stays.
-fn reload(path: &std::path::Path, running: &Config, worker: &worker::Worker) {
+/// The file's circuits are checked against the running settings, which stay. A bad
+/// file, one naming no `[worker]` (an empty one being written) or one listing no
+/// circuits where some run (one cut short) is refused and everything running stays;
+/// write the file whole and rename it into place.
+fn reload(path: &std::path::Path, running: &mut Config, worker: &worker::Worker) {
     let id = appproxy_shared::RequestId::generate(appproxy_shared::IdVersion::V4);
     appproxy_shared::with_request_id(Some(id), || {
         let names_worker = |text: &str| {
@@ -47,8 +49,37 @@ fn reload(path: &std::path::Path, running: &Config, worker: &worker::Worker) {
                 path.display()
             )),
             _ => Config::load(path)
-                .and_then(|c| c.validate(&online_cpus()).map(|rt| (c, rt)))
-                .map_err(|e| e.to_string()),
+                .and_then(|config| {
+                    // What a reload applies, the file's circuits and TLS files, is
+                    // checked against the settings that stay: the running ones.
+                    let mut applied = running.clone();
+                    applied.circuits.clone_from(&config.circuits);
+                    applied.worker.tls_cert.clone_from(&config.worker.tls_cert);
+                    applied
+                        .worker
+                        .tls_privkey
+                        .clone_from(&config.worker.tls_privkey);
+                    applied
+                        .worker
+                        .tls_sni_certs
+                        .clone_from(&config.worker.tls_sni_certs);
+                    applied.validate(&online_cpus()).map(|rt| (config, rt))
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|(config, rt)| {
+                    // A file cut short while written (a header and nothing more) reads
+                    // as a worker of no circuits: a reload never empties a worker.
+                    let standalone = !running.managed() && !config.managed();
+                    match standalone && rt.circuits.is_empty() && !running.circuits.is_empty() {
+                        true => Err(format!(
+                            "{} lists no circuits where {} run (being written?): a reload never \
+                             empties a worker; restart it to run without circuits",
+                            path.display(),
+                            running.circuits.len()
+                        )),
+                        false => Ok((config, rt)),
+                    }
+                }),
         };
         let (config, rt) = match read {
             Ok(read) => read,
@@ -77,6 +108,7 @@ fn reload(path: &std::path::Path, running: &Config, worker: &worker::Worker) {
         }
         tracing::info!(circuits = rt.circuits.len(), "reloading circuits");
         worker.deploy(rt.circuits, id);
+        running.circuits = config.circuits;
     });
 }
 
@@ -180,7 +212,7 @@ fn run() -> anyhow::Result<()> {
                 }
             )
         })?;
-    let Some((path, (config, rt, embedded))) = loaded else {
+    let Some((path, (mut config, rt, embedded))) = loaded else {
         return Ok(());
     };
     // The cores never write stdout themselves (`logout`): a log reader that stalls
@@ -234,14 +266,14 @@ fn run() -> anyhow::Result<()> {
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
-            reload(&path, &config, &worker);
+            reload(&path, &mut config, &worker);
             continue;
         }
         worker.readiness.mark_stopping();
         let grace = Duration::from_secs(config.timeouts.stop_grace_secs);
         if !grace.is_zero() {
             tracing::info!(signal = sig, grace_secs = grace.as_secs(), "stopping: /readyz answers 503; serving on for [timeouts] stop_grace_secs (another stop signal ends it)");
-            serve_through_grace(&mut signals, grace, &path, &config, &worker);
+            serve_through_grace(&mut signals, grace, &path, &mut config, &worker);
         }
         tracing::info!(signal = sig, "draining");
         break;
@@ -271,7 +303,7 @@ fn serve_through_grace(
     signals: &mut signal_hook::iterator::Signals,
     grace: Duration,
     path: &std::path::Path,
-    running: &Config,
+    running: &mut Config,
     worker: &worker::Worker,
 ) {
     let until = std::time::Instant::now() + grace;
