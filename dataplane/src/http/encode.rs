@@ -544,11 +544,21 @@ pub fn upstream_request_traced(
     }
     if hop.rstudio {
         // The worker's own, whoever sent others (they are proxy claims: dropped from
-        // clients, and from a trusted proxy replaced by these made of its word).
+        // clients, and from a trusted proxy replaced by these made of its word). A URL
+        // is made only of a scheme that is a word and a host that is only a host.
+        let scheme: &[u8] = if hop.tls { b"https" } else { b"http" };
+        let proto = Some(proto)
+            .filter(|p| !p.is_empty() && p.iter().all(u8::is_ascii_alphanumeric))
+            .unwrap_or(scheme);
         push_field(out, b"X-RStudio-Proto", proto);
-        if let Some(host) = host {
-            let target = &buf[head.target.clone()];
-            let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+        let host = host.filter(|h| {
+            !h.is_empty()
+                && h.iter()
+                    .all(|b| b.is_ascii_graphic() && !b"/?#@\"\\".contains(b))
+        });
+        let target = &buf[head.target.clone()];
+        let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+        if let Some(host) = host.filter(|_| path.starts_with(b"/")) {
             out.extend_from_slice(b"X-RStudio-Request: ");
             out.extend_from_slice(proto);
             out.extend_from_slice(b"://");

@@ -615,6 +615,36 @@ mod encoding {
         // Another app: nothing of the kind from a client, and none added.
         let text = encode(hop(false));
         assert!(!text.to_ascii_lowercase().contains("x-rstudio"), "{text}");
+        // A trusted proxy's scheme that is no word, or a host that is more than a
+        // host, makes no URL of it: the connection's scheme, and no request field.
+        let input = b"GET /a HTTP/1.1\r\nHost: internal\r\nX-Forwarded-Proto: javascript:alert(1)//\r\nX-Forwarded-Host: front.example/evil?x=\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(
+            &mut out,
+            input,
+            &head,
+            None,
+            hop(true).to_rstudio(true),
+            app(),
+        );
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.contains("X-RStudio-Proto: http\r\n"), "{text}");
+        assert!(!text.contains("X-RStudio-Request"), "{text}");
+        // Nor of a target that is no path (`OPTIONS *`).
+        let input = b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n";
+        let head = req(input).expect("valid").expect("complete");
+        let mut out = Vec::new();
+        upstream_request(
+            &mut out,
+            input,
+            &head,
+            None,
+            hop(false).to_rstudio(true),
+            app(),
+        );
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(!text.contains("X-RStudio-Request"), "{text}");
     }
 
     /// What a front proxy tells an app it saw (the scheme, a prefix, the original
