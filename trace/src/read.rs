@@ -11,8 +11,9 @@ use anyhow::Context as _;
 use crate::{parse_line, Entry};
 
 /// The longest line read, in bytes (its line break not counted, a `\r` before it
-/// counted): a longer one is skipped and counted, never held as a line. (Stdin and
-/// pipes are held as read for the second pass, raw; files are read again.)
+/// counted): a longer one is skipped and counted, never held (stdin and pipes are
+/// held line by line for the second pass, such a line as an empty one; files are
+/// read again).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// One input: a log file, or stdin.
@@ -97,18 +98,17 @@ impl Input {
     ) -> anyhow::Result<Found> {
         let name = &self.name;
         match &mut self.how {
-            How::Held(bytes) => Ok(read_lines(&mut &bytes[..], each)
+            How::Held(bytes) => Ok(read_lines(&mut &bytes[..], each, None)
                 .with_context(|| format!("reading {name}"))?
                 .0),
-            How::Stdin if !again => {
-                let (found, _) =
-                    read_lines(&mut std::io::stdin().lock(), each).context("reading stdin")?;
-                Ok(found)
-            }
             How::Stdin => {
-                let bytes = read_all(std::io::stdin().lock()).context("reading stdin")?;
-                self.how = How::Held(bytes);
-                self.read(again, each)
+                let mut held = again.then(Vec::new);
+                let (found, _) = read_lines(&mut std::io::stdin().lock(), each, held.as_mut())
+                    .context("reading stdin")?;
+                if let Some(held) = held {
+                    self.how = How::Held(held);
+                }
+                Ok(found)
             }
             How::File { path, read } => match read {
                 Some((file, len)) => {
@@ -116,7 +116,7 @@ impl Input {
                     file.seek(SeekFrom::Start(0))
                         .with_context(|| format!("rewinding {name} for the second pass"))?;
                     let (found, bytes) =
-                        read_lines(&mut BufReader::new(file.by_ref().take(len)), each)
+                        read_lines(&mut BufReader::new(file.by_ref().take(len)), each, None)
                             .with_context(|| format!("reading {name} again"))?;
                     anyhow::ensure!(
                         bytes == len,
@@ -128,13 +128,16 @@ impl Input {
                 None => {
                     let file = File::open(&*path).with_context(|| format!("reading {name}"))?;
                     if again && !is_regular(&file) {
-                        let bytes = read_all(file).with_context(|| format!("reading {name}"))?;
-                        self.how = How::Held(bytes);
-                        return self.read(again, each);
+                        let mut held = Vec::new();
+                        let (found, _) =
+                            read_lines(&mut BufReader::new(file), each, Some(&mut held))
+                                .with_context(|| format!("reading {name}"))?;
+                        self.how = How::Held(held);
+                        return Ok(found);
                     }
                     let mut reader = BufReader::new(file);
-                    let (found, bytes) =
-                        read_lines(&mut reader, each).with_context(|| format!("reading {name}"))?;
+                    let (found, bytes) = read_lines(&mut reader, each, None)
+                        .with_context(|| format!("reading {name}"))?;
                     if again {
                         *read = Some((reader.into_inner(), bytes));
                     }
@@ -149,17 +152,14 @@ fn is_regular(file: &File) -> bool {
     file.metadata().map(|m| m.is_file()).unwrap_or(false)
 }
 
-fn read_all(mut r: impl Read) -> std::io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    r.read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
-
 /// Reads `r` line by line (at `\n`; a `\r` before it dropped, as `str::lines` does),
-/// handing each log entry to `each`; returns what it found and the bytes read.
+/// handing each log entry to `each`; returns what it found and the bytes read. With
+/// `hold`, each line read is also kept there for a second pass (an over-long one as
+/// an empty line, so the line numbers stay).
 fn read_lines(
     r: &mut dyn BufRead,
     each: &mut dyn FnMut(Entry, usize),
+    mut hold: Option<&mut Vec<u8>>,
 ) -> std::io::Result<(Found, u64)> {
     let mut found = Found::default();
     let mut bytes = 0u64;
@@ -167,6 +167,10 @@ fn read_lines(
     let mut number = 0usize;
     while let Some(fits) = next_line(r, &mut line, MAX_LINE_BYTES, &mut bytes)? {
         number += 1;
+        if let Some(held) = hold.as_deref_mut() {
+            held.extend_from_slice(&line);
+            held.push(b'\n');
+        }
         if !fits {
             found.too_long += 1;
             continue;
