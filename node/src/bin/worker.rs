@@ -231,6 +231,14 @@ fn run() -> anyhow::Result<()> {
     for c in &rt.circuits {
         c.log_allowlist_problems();
     }
+    for key in published_secrets(&config) {
+        tracing::warn!(
+            key,
+            bind = %config.worker.bind_host,
+            "[secrets] {key} is a sample config's published one on an address others can reach: \
+             anyone who knows it can sign tokens or permits for this worker; set your own"
+        );
+    }
     preflight::check(rt.cpus.len(), rt.io_memory)?;
     preflight::warn_of_ephemeral_ports(&listened_ports(&config, &rt));
     let cores = rt.cpus.len();
@@ -355,6 +363,24 @@ fn print_single_node_help(
     );
 }
 
+/// The `[secrets]` keys that hold a sample config's published value (each begins
+/// with `change-me-`) while the frontends listen on an address others can reach.
+fn published_secrets(config: &Config) -> Vec<&'static str> {
+    if config.worker.bind_host.is_loopback() {
+        return Vec::new();
+    }
+    let s = &config.secrets;
+    [
+        ("api_secret", &s.api_secret),
+        ("jwt_secret", &s.jwt_secret),
+        ("permit_secret", &s.permit_secret),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.as_deref().is_some_and(|v| v.starts_with("change-me-")))
+    .map(|(key, _)| key)
+    .collect()
+}
+
 /// The API secret of the sample configs in `deploy/` (no secret: it is public).
 const SAMPLE_API_SECRET: &str = "change-me-api-secret";
 
@@ -389,4 +415,27 @@ fn listened_ports(
     });
     ports.extend(outside.take(16));
     ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The published sample secrets are named when the worker listens where others
+    /// reach it, and not on the loopback (the single-node sample's).
+    #[test]
+    fn published_sample_secrets_are_named_on_a_reachable_address() {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let secured = Config::load(&deploy.join("worker.secured.toml")).expect("sample");
+        assert_eq!(
+            published_secrets(&secured),
+            vec!["jwt_secret", "permit_secret"]
+        );
+        let single = Config::load(&deploy.join("single-node.toml")).expect("sample");
+        assert!(published_secrets(&single).is_empty());
+        let mut own = secured;
+        own.secrets.jwt_secret = Some("a secret of its own".into());
+        own.secrets.permit_secret = None;
+        assert!(published_secrets(&own).is_empty());
+    }
 }
