@@ -297,6 +297,14 @@ impl ClientHop {
         self
     }
 
+    /// Names, in place, an admitted request's client and whether its app is an
+    /// RStudio Server ([`ClientHop::with_client`], [`ClientHop::to_rstudio`] without
+    /// a copy of the hop per request).
+    pub fn admitted(&mut self, client: IpAddr, rstudio: bool) {
+        self.client = (client != self.peer.ip()).then_some(client);
+        self.rstudio = rstudio;
+    }
+
     /// The same hop, reached over TLS when `tls`.
     pub fn over_tls(mut self, tls: bool) -> Self {
         self.tls = tls;

@@ -23,7 +23,7 @@ use super::{
 use super::{forwarded_id, Client, Failure, Left, Next, BODY_BUF_LIMIT};
 use crate::core::pool::Lease;
 use crate::core::{access_log, counter, AccessEntry, Core, Route};
-use crate::http::encode::{self, ClientFraming, ClientHop, Keep, TraceHeaders};
+use crate::http::encode::{self, ClientFraming, Keep, TraceHeaders};
 use crate::http::error::{ProxyError, Refusal, RequestError, ResponseError};
 use crate::http::parse::{self, BodyFraming, Method, RequestHead, ResponseHead};
 use crate::io::TcpConn;
@@ -118,13 +118,6 @@ pub(crate) fn request_id<'a>(
 }
 
 impl Exchange {
-    /// The connection's hop naming the client this exchange's admission read (and
-    /// whether its app is an RStudio Server).
-    fn hop(&self, hop: ClientHop) -> ClientHop {
-        let hop = self.client.map_or(hop, |ip| hop.with_client(ip));
-        hop.to_rstudio(self.route.as_ref().is_some_and(|r| r.is_rstudio()))
-    }
-
     /// A request whose head was just parsed from `buf`: its ID resolved (or
     /// generated) and its trace context read.
     /// `text`: the storage of the method and path copies (the previous request's,
@@ -340,6 +333,9 @@ impl Client {
             return self.refuse(x, refused.into(), Left::Whole).await;
         }
         core.mark_access(route.circuit.circuit.id);
+        // The hop names this request's client (and whether its app is an RStudio
+        // Server) for what is forwarded, set in place: every admitted request sets it.
+        self.hop.admitted(peer_ip, route.is_rstudio());
         if x.head.upgrade.is_some() && x.head.framing != BodyFraming::Length(0) {
             // An upgrade offered on a request with a body is ignored (RFC 9110 §7.8
             // lets a server do so): apps disagree on where such a body ends, some
@@ -400,7 +396,7 @@ impl Client {
                 &core,
                 &self.conn,
                 &mut self.buf,
-                x.hop(self.hop),
+                self.hop,
                 &x.head,
                 route,
                 x.id,
@@ -733,7 +729,7 @@ impl Client {
                     traceparent: h.as_bytes(),
                     keep_tracestate: t.keep_tracestate,
                 }),
-            x.hop(self.hop),
+            self.hop,
             addr,
         );
         let upstream_head_len = self.out.len() as u64;
