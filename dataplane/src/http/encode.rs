@@ -259,10 +259,10 @@ pub struct ClientHop {
     /// Length of `ip_text`.
     ip_len: u8,
     /// The client a trusted proxy's `X-Forwarded-For` named, when it is not the peer
-    /// (`X-Real-IP`; set per request by [`ClientHop::with_client`]).
+    /// (`X-Real-IP`; set per request by [`ClientHop::admitted`]).
     client: Option<IpAddr>,
     /// The request goes to an RStudio Server (a circuit's `app = "rstudio"`), which is
-    /// told the URL the browser asked for ([`ClientHop::to_rstudio`]).
+    /// told the URL the browser asked for ([`ClientHop::admitted`]).
     rstudio: bool,
 }
 
@@ -282,24 +282,10 @@ impl ClientHop {
         }
     }
 
-    /// The same hop for a request to an RStudio Server when `rstudio` (the original's
-    /// `X-RStudio-Proto` and `X-RStudio-Request: <proto>://<host><path>`, by which it
-    /// builds its redirects and checks origins behind a proxy).
-    pub fn to_rstudio(mut self, rstudio: bool) -> Self {
-        self.rstudio = rstudio;
-        self
-    }
-
-    /// The same hop for a request whose client is `client` (the peer, or the address
-    /// a trusted proxy's `X-Forwarded-For` named: [`crate::proxy::client_ip_of`]).
-    pub fn with_client(mut self, client: IpAddr) -> Self {
-        self.client = (client != self.peer.ip()).then_some(client);
-        self
-    }
-
-    /// Names, in place, an admitted request's client and whether its app is an
-    /// RStudio Server ([`ClientHop::with_client`], [`ClientHop::to_rstudio`] without
-    /// a copy of the hop per request).
+    /// Names, in place, an admitted request's client (the peer, or the address a
+    /// trusted proxy's `X-Forwarded-For` named: [`crate::proxy::client_ip_of`]) and
+    /// whether its app is an RStudio Server, told the URL the browser asked for (the
+    /// original's `X-RStudio-Proto` and `X-RStudio-Request: <proto>://<host><path>`).
     pub fn admitted(&mut self, client: IpAddr, rstudio: bool) {
         self.client = (client != self.peer.ip()).then_some(client);
         self.rstudio = rstudio;
@@ -311,7 +297,7 @@ impl ClientHop {
         self
     }
 
-    /// The request's client: the peer, or the address [`ClientHop::with_client`] named.
+    /// The request's client: the peer, or the address [`ClientHop::admitted`] named.
     pub fn client_ip(&self) -> IpAddr {
         self.client.unwrap_or(self.peer.ip())
     }

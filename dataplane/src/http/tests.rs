@@ -543,9 +543,9 @@ mod encoding {
         // the handler), the list goes on whole (its lines joined), then the peer.
         let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For:  5.5.5.5 , 7.7.7.7 \r\nX-Forwarded-For: 10.0.0.5\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
-        let client = "7.7.7.7".parse().expect("ip");
+        let mut from = hop(true);
+        from.admitted("7.7.7.7".parse().expect("ip"), false);
         let mut out = Vec::new();
-        let from = hop(true).with_client(client);
         upstream_request(&mut out, input, &head, Some(&id), from, app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(text.contains("X-Real-IP: 7.7.7.7\r\n"), "{text}");
@@ -571,14 +571,18 @@ mod encoding {
     /// scheme and host are the URL's. Other apps get no such field from a client.
     #[test]
     fn an_rstudio_server_is_told_the_url_the_browser_asked_for() {
-        let input = b"GET /auth-sign-in?appUri=%2F HTTP/1.1\r\nHost: rs.example:8787\r\nX-RStudio-Request: http://evil/\r\nx-rstudio-proto: gopher\r\nX-RStudio-Root-Path: /evil\r\n\r\n";
-        let head = req(input).expect("valid").expect("complete");
-        let encode = |hop: ClientHop| {
+        // The head `input` forwarded from a peer (`trusted` or not) to an app that is
+        // an RStudio Server (`rstudio`) or not.
+        let forwarded = |input: &[u8], trusted: bool, rstudio: bool| {
+            let head = req(input).expect("valid").expect("complete");
+            let mut to = hop(trusted);
+            to.admitted(to.peer.ip(), rstudio);
             let mut out = Vec::new();
-            upstream_request(&mut out, input, &head, None, hop, app());
+            upstream_request(&mut out, input, &head, None, to, app());
             String::from_utf8(out).expect("ascii")
         };
-        let text = encode(hop(false).to_rstudio(true));
+        let input = b"GET /auth-sign-in?appUri=%2F HTTP/1.1\r\nHost: rs.example:8787\r\nX-RStudio-Request: http://evil/\r\nx-rstudio-proto: gopher\r\nX-RStudio-Root-Path: /evil\r\n\r\n";
+        let text = forwarded(input, false, true);
         assert_eq!(
             text.matches("X-RStudio-Request: http://rs.example:8787/auth-sign-in\r\n")
                 .count(),
@@ -592,19 +596,12 @@ mod encoding {
         );
         assert!(!text.to_ascii_lowercase().contains("evil"), "{text}");
         assert!(!text.contains("gopher"), "{text}");
+        // Another app: nothing of the kind from a client, and none added.
+        let text = forwarded(input, false, false);
+        assert!(!text.to_ascii_lowercase().contains("x-rstudio"), "{text}");
         // Through a trusted proxy: its scheme and host; its root path stands.
         let input = b"GET /s/1/ HTTP/1.1\r\nHost: internal\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: apps.example.com\r\nX-RStudio-Root-Path: /rstudio\r\nX-RStudio-Request: http://evil/\r\n\r\n";
-        let head = req(input).expect("valid").expect("complete");
-        let mut out = Vec::new();
-        upstream_request(
-            &mut out,
-            input,
-            &head,
-            None,
-            hop(true).to_rstudio(true),
-            app(),
-        );
-        let text = String::from_utf8(out).expect("ascii");
+        let text = forwarded(input, true, true);
         assert!(
             text.contains("X-RStudio-Request: https://apps.example.com/s/1/\r\n"),
             "{text}"
@@ -612,38 +609,14 @@ mod encoding {
         assert!(text.contains("X-RStudio-Proto: https\r\n"), "{text}");
         assert!(text.contains("X-RStudio-Root-Path: /rstudio\r\n"), "{text}");
         assert!(!text.contains("evil"), "{text}");
-        // Another app: nothing of the kind from a client, and none added.
-        let text = encode(hop(false));
-        assert!(!text.to_ascii_lowercase().contains("x-rstudio"), "{text}");
         // A trusted proxy's scheme that is no word, or a host that is more than a
         // host, makes no URL of it: the connection's scheme, and no request field.
         let input = b"GET /a HTTP/1.1\r\nHost: internal\r\nX-Forwarded-Proto: javascript:alert(1)//\r\nX-Forwarded-Host: front.example/evil?x=\r\n\r\n";
-        let head = req(input).expect("valid").expect("complete");
-        let mut out = Vec::new();
-        upstream_request(
-            &mut out,
-            input,
-            &head,
-            None,
-            hop(true).to_rstudio(true),
-            app(),
-        );
-        let text = String::from_utf8(out).expect("ascii");
+        let text = forwarded(input, true, true);
         assert!(text.contains("X-RStudio-Proto: http\r\n"), "{text}");
         assert!(!text.contains("X-RStudio-Request"), "{text}");
         // Nor of a target that is no path (`OPTIONS *`).
-        let input = b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n";
-        let head = req(input).expect("valid").expect("complete");
-        let mut out = Vec::new();
-        upstream_request(
-            &mut out,
-            input,
-            &head,
-            None,
-            hop(false).to_rstudio(true),
-            app(),
-        );
-        let text = String::from_utf8(out).expect("ascii");
+        let text = forwarded(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", false, true);
         assert!(!text.contains("X-RStudio-Request"), "{text}");
     }
 

@@ -101,9 +101,9 @@ pub struct Req<'a> {
 
 impl Req<'_> {
     /// The connection's hop for this stream's client, to `route`'s app.
-    pub fn hop(&self, hop: ClientHop, route: &Route) -> ClientHop {
-        hop.with_client(self.client.get())
-            .to_rstudio(route.is_rstudio())
+    pub fn hop(&self, mut hop: ClientHop, route: &Route) -> ClientHop {
+        hop.admitted(self.client.get(), route.is_rstudio());
+        hop
     }
 }
 
