@@ -1422,11 +1422,16 @@ mod tests {
 
     /// Python's zipfile checks every CRC and lists the names.
     fn python_lists(zip: &[u8]) -> String {
+        python_on(zip, "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(sum(len(z.read(n)) for n in z.namelist()))")
+    }
+
+    /// What Python's `script` prints given the archive `zip` as a file (`sys.argv[1]`).
+    fn python_on(zip: &[u8], script: &str) -> String {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.zip"), zip).expect("zip");
         let out = std::process::Command::new("python3")
             .arg("-c")
-            .arg("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(sum(len(z.read(n)) for n in z.namelist()))")
+            .arg(script)
             .arg(dir.path().join("a.zip"))
             .output()
             .expect("python3");
@@ -1542,20 +1547,7 @@ mod tests {
 
     /// Each entry's name and whether its data deflated to less than half its size.
     fn python_sizes(zip: &[u8]) -> String {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("a.zip"), zip).expect("zip");
-        let out = std::process::Command::new("python3")
-            .arg("-c")
-            .arg("import sys,zipfile\nfor i in zipfile.ZipFile(sys.argv[1]).infolist(): print(i.filename, 'deflated' if i.compress_size * 2 < i.file_size else 'stored')")
-            .arg(dir.path().join("a.zip"))
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf8")
+        python_on(zip, "import sys,zipfile\nfor i in zipfile.ZipFile(sys.argv[1]).infolist(): print(i.filename, 'deflated' if i.compress_size * 2 < i.file_size else 'stored')")
     }
 
     /// Names that are all made one safe name are numbered 1, 2, 3, … each trying
