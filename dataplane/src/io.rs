@@ -1008,8 +1008,14 @@ impl TcpConn {
         self.reg.key()
     }
 
+    /// Marks the connection as a client's: a drain's deadline cuts it after the
+    /// apps' ([`crate::reactor::Reactor::revoke_apps`]).
+    pub fn mark_client(&self) {
+        self.reg.set_client()
+    }
+
     /// Whether the connection was revoked: its tunnel's circuit was removed or no
-    /// longer admits its client.
+    /// longer admits its client, or the drain's deadline passed.
     pub fn was_revoked(&self) -> bool {
         self.reg.was_revoked()
     }

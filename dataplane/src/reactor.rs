@@ -200,6 +200,10 @@ struct Slot {
     /// ([`Reactor::revoke`]): every wait on it fails at once, whatever deadline is
     /// set later, and the relays end at their next turn.
     revoked: bool,
+    /// A client's connection ([`Registration::set_client`]): a drain's deadline cuts
+    /// the apps' connections first ([`Reactor::revoke_apps`]), so that an answer to
+    /// a client can still go out.
+    client: bool,
 }
 
 impl Slot {
@@ -439,6 +443,7 @@ impl Reactor {
             slot.reusable = 0;
             slot.shed = false;
             slot.revoked = false;
+            slot.client = false;
         }
         Registration {
             reactor: self.clone(),
@@ -545,6 +550,31 @@ impl Reactor {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Revokes every registered descriptor that is not a client's connection
+    /// ([`Reactor::revoke`] for each): the first step of cutting what is still open
+    /// when the drain's deadline passes. An exchange waiting on its app fails at
+    /// once and can still tell its client so, over HTTP/1.1 or HTTP/2.
+    pub fn revoke_apps(&self) {
+        self.revoke_where(|s| !s.client)
+    }
+
+    /// Revokes every registered descriptor: the second step, for exchanges waiting
+    /// on their clients (a body still coming, an answer not read). Each ends through
+    /// its own failure path (its answer or cut, its access line) rather than being
+    /// dropped with the core.
+    pub fn revoke_all(&self) {
+        self.revoke_where(|_| true)
+    }
+
+    fn revoke_where(&self, which: impl Fn(&Slot) -> bool) {
+        let mut slots = self.slots.borrow_mut();
+        for slot in slots.iter_mut().filter(|s| s.in_use && which(s)) {
+            slot.revoked = true;
+            slot.timed_out = true;
+            wake_both(slot);
         }
     }
 
@@ -951,6 +981,11 @@ impl Registration {
                 earliest.set(Some(d));
             }
         }
+    }
+
+    /// Marks the descriptor as a client's connection (see [`Reactor::revoke_apps`]).
+    pub fn set_client(&self) {
+        self.with(|s| s.client = true)
     }
 
     /// Marks the descriptor as an idle client connection (drain closes it at once).

@@ -608,8 +608,30 @@ fn run_core(
             tracing::warn!(
                 core = cpu,
                 connections = left,
-                "drain timeout: closing connections still open"
+                "drain timeout: cutting the exchanges still open"
             );
+            // Each ends through its own failure path, with its access line and ID (a
+            // request nothing went out for is told 503): first every wait on an app
+            // fails, so that a client can still be answered, then every wait at
+            // all; what does not block still goes out. Bounded: a task that has not
+            // ended by then is dropped with the core.
+            core.cut_off.set(true);
+            let active = || core.metrics.counters[counter::ACTIVE].get();
+            for revoke in [Reactor::revoke_apps, Reactor::revoke_all] {
+                revoke(&reactor);
+                let deadline = Instant::now() + CUT_GRACE / 2;
+                while active() > 0 && Instant::now() < deadline {
+                    reactor.sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let left = active();
+            if left > 0 {
+                tracing::warn!(
+                    core = cpu,
+                    connections = left,
+                    "connections closed without their exchanges' lines"
+                );
+            }
         }
         tracing::info!(core = cpu, "core stopped");
         // Its reactor turns no more: the watchdog and `/health` must not take that
@@ -622,6 +644,11 @@ fn run_core(
         let _ = reactor_task.await;
     }));
 }
+
+/// How long the exchanges a drain's deadline cuts have to end through their own
+/// failure paths (they wait on nothing by then): well within the margin
+/// [`Worker::stop`] gives a core past the drain timeout.
+const CUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Applies the change to the route table, then opens and closes listeners to match
 /// it. Returns the circuits whose frontend port could not listen, with why.

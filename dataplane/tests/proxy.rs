@@ -404,6 +404,123 @@ fn a_drain_does_not_make_stopped_cores_look_stalled() {
     assert_eq!(busy.response().status, 200);
 }
 
+/// Requests still in flight when the drain's deadline passes are cut, each with its
+/// access line and request ID: one the app had not answered is told 503 (the
+/// worker is stopping; another may serve it), one whose body was still coming too,
+/// a response under way is cut (its status, the bytes that went), an HTTP/2
+/// stream likewise. Before, the core stopped with them open: the connections were
+/// closed by the process's exit and nothing said which requests they were.
+#[test]
+fn requests_cut_at_the_drain_deadline_keep_their_access_lines() {
+    let up = Upstream::start();
+    let mut w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\ndrain_secs = 1\n".into(),
+        ..Default::default()
+    });
+    let mut waiting = Client::connect(w.addr());
+    waiting.send(
+        b"GET /wait?ms=20000 HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: cut-waiting\r\n\r\n",
+    );
+    let mut streaming = Client::connect(w.addr());
+    streaming.send(b"GET /sse HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: cut-streaming\r\n\r\n");
+    let (status, _) = streaming.head();
+    assert_eq!(status, 200);
+    let mut uploading = Client::connect(w.addr());
+    uploading.send(
+        b"POST /wait?ms=20000 HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: cut-uploading\r\nContent-Length: 100000\r\n\r\npart of the body",
+    );
+    let h2 = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--http2-prior-knowledge"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", "x-backend-request-id: cut-h2"])
+        .arg(format!("http://{}/wait?ms=20000", w.addr()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl must be installed (.ci/run installs it)");
+    // The upload's head reached the app (its body never will: the app records a
+    // request once it has read the body).
+    common::eventually("every request reached the app", || {
+        let seen = up.seen.lock().expect("seen");
+        seen.iter().filter(|s| s.path.starts_with("/wait")).count() == 2
+            && up.connections.load(Ordering::SeqCst) == 4
+    });
+    let status = w.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    // Told why, where nothing had gone out yet.
+    assert_eq!(waiting.response().status, 503);
+    let h2 = h2.wait_with_output().expect("curl");
+    assert_eq!(String::from_utf8_lossy(&h2.stdout), "503");
+    let line = |id: &str| {
+        w.log_json()
+            .into_iter()
+            .find(|v| v["target"] == "access" && v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{}", w.log_text()))
+    };
+    assert_eq!(line("cut-waiting")["status"], 503);
+    assert_eq!(line("cut-uploading")["status"], 503);
+    assert_eq!(line("cut-h2")["status"], 503);
+    let cut = line("cut-streaming");
+    assert_eq!(cut["status"], 200);
+    assert!(cut["bytes_out"].as_u64().unwrap_or(0) > 0, "{cut}");
+    // Each cut says why, under its request ID.
+    let said = w
+        .log_json()
+        .into_iter()
+        .filter(|v| {
+            v["request_id"] == "cut-streaming"
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("drain deadline"))
+        })
+        .count();
+    assert_eq!(said, 1, "{}", w.log_text());
+    assert!(w.log_text().contains("drain timeout"), "{}", w.log_text());
+}
+
+/// `SIGUSR1` and `SIGUSR2` (nginx's log reopening and binary upgrade, which
+/// logrotate scripts and habit send) are logged and the worker serves on: their
+/// default action ended it at once, connections and all. `SIGQUIT` (nginx's
+/// graceful stop, its images' stop signal) drains as `SIGTERM` does.
+#[test]
+fn unused_signals_are_logged_and_sigquit_drains() {
+    let up = Upstream::start();
+    let mut w = worker_for(&up);
+    let mut c = Client::connect(w.addr());
+    assert_eq!(c.get("/before", "").status, 200);
+    for sig in ["-USR1", "-USR2"] {
+        w.signal(sig);
+    }
+    common::eventually("both signals said", || {
+        let said =
+            "a signal the worker does not use (logs go to stdout; no binary upgrade): serving on";
+        common::log_count(&w, said) == 2
+    });
+    assert_eq!(c.get("/after", "").status, 200, "the same connection");
+    let mut busy = Client::connect(w.addr());
+    busy.send(b"GET /wait?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
+    common::eventually("the request reached the app", || {
+        up.seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .any(|s| s.path.starts_with("/wait"))
+    });
+    w.signal("-QUIT");
+    assert_eq!(busy.response().status, 200, "drained, not killed");
+    let child = w.child.as_mut().expect("running");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}\n{}", w.log_text());
+}
+
 /// A circuit whose app is `rstudio` tells the app the URL the browser asked for
 /// (`X-RStudio-Request`, `X-RStudio-Proto`, as the original does), over HTTP/1.1
 /// and HTTP/2 alike; what a client sends under those names never reaches it.

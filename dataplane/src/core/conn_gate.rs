@@ -174,6 +174,7 @@ impl Core {
         };
         let guard = self.admission(&stream, port, peer.ip())?;
         Some(TcpConn::new(&self.reactor, stream).map(|mut conn| {
+            conn.mark_client();
             conn.count_in(guard);
             if let Some(unit) = per_client {
                 conn.count_client_in(unit);

@@ -66,6 +66,10 @@ pub struct Core {
     pub access: AccessLog,
     /// Set on SIGTERM: stop accepting, close after the current request.
     pub draining: Cell<bool>,
+    /// Set when the drain's deadline passes: every exchange still open is being cut
+    /// ([`crate::reactor::Reactor::revoke_all`]), and says so (503 where nothing went
+    /// out yet, "cut at the drain deadline" otherwise).
+    pub cut_off: Cell<bool>,
     /// Read buffer shared by every tunnel on this core: a tunnel borrows it only
     /// between a readiness edge and the end of the synchronous forward, so idle
     /// sessions hold no buffer.
@@ -215,6 +219,7 @@ impl Core {
                 .with_histograms(rt.latency_histograms),
             access: AccessLog::new(rt.log_format, rt.access_log, cpu),
             draining: Cell::new(false),
+            cut_off: Cell::new(false),
             access_marks: RefCell::new(FastMap::default()),
             tunnels: Tunnels::default(),
             scratch: RefCell::new(vec![0; 64 * 1024]),

@@ -67,6 +67,19 @@ impl From<Failure> for Fail {
     }
 }
 
+impl Fail {
+    /// This failure as the drain's deadline leaves it ([`Failure::at_deadline`]).
+    pub(crate) fn at_deadline(self) -> Self {
+        // A stream's body is read as it goes: none of it is left to keep.
+        let failure = match self {
+            Fail::Answer(e) => Failure::Answer(e, crate::proxy::retry::Left::Partial),
+            Fail::Abort(s) => Failure::Abort(s),
+            Fail::Cut(c) => Failure::Cut(c),
+        };
+        failure.at_deadline().into()
+    }
+}
+
 /// A completed exchange.
 pub struct Done {
     /// The app's status.
@@ -417,7 +430,10 @@ async fn serve_stream(
             forward_h1(ctx, &route, req, body, respond, id, trace).await
         }
     };
-    let outcome = futures_lite::future::or(exchange, revoked).await;
+    let outcome = match futures_lite::future::or(exchange, revoked).await {
+        Err(failure) if core.cut_off.get() => Err(failure.at_deadline()),
+        outcome => outcome,
+    };
     match outcome {
         Ok(done) => {
             core.metrics.status(done.status);

@@ -406,6 +406,10 @@ impl Client {
             revoked,
         )
         .await;
+        let bridged = match bridged {
+            Err(failure) if core.cut_off.get() => Err(failure.at_deadline()),
+            bridged => bridged,
+        };
         match bridged {
             // The bridge counted its bytes out itself.
             Ok(b) => {
@@ -438,6 +442,10 @@ impl Client {
 
     /// Ends an exchange by its outcome: a relayed answer, a refusal or an abort.
     async fn conclude(&mut self, x: &Exchange, outcome: Result<Done, Failure>) -> Next {
+        let outcome = match outcome {
+            Err(failure) if self.core.cut_off.get() => Err(failure.at_deadline()),
+            outcome => outcome,
+        };
         match outcome {
             Ok(done) => self.finish(x, &done),
             Err(Failure::Answer(err, left)) => {

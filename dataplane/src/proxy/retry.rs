@@ -39,6 +39,26 @@ pub(crate) enum Failure {
     Cut(Cut),
 }
 
+impl Failure {
+    /// This failure as the drain's deadline leaves it: once a core cuts what is still
+    /// open ([`crate::core::Core::cut_off`]), a failure is the deadline's, whatever
+    /// wait it broke (the app's answer, the client's body): a request nothing was
+    /// sent for is told 503 (another worker may serve it), one cut part way says why.
+    pub(crate) fn at_deadline(self) -> Self {
+        match self {
+            Failure::Answer(_, left) => Failure::Answer(ProxyError::Draining, left),
+            Failure::Abort(_) => Failure::Abort(DRAIN_DEADLINE.into()),
+            Failure::Cut(cut) => Failure::Cut(Cut {
+                reason: DRAIN_DEADLINE.into(),
+                ..cut
+            }),
+        }
+    }
+}
+
+/// Why an exchange still open when the drain's deadline passed ended.
+pub(crate) const DRAIN_DEADLINE: &str = "cut at the drain deadline";
+
 /// What of an answer reached the client before it was cut.
 pub struct Cut {
     /// Why it was cut.
