@@ -1,6 +1,7 @@
 //! What both control-plane binaries do after reading their config: the descriptor
 //! limit raised as far as allowed, a multi-thread tokio runtime, and a shutdown
-//! future that resolves on SIGINT or SIGTERM (a SIGHUP is logged, not obeyed).
+//! future that resolves on SIGINT, SIGTERM or SIGQUIT (a SIGHUP, SIGUSR1 or
+//! SIGUSR2 is logged, not obeyed).
 
 use std::future::Future;
 
@@ -11,7 +12,10 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub struct StopSignals {
     term: Option<Signal>,
     int: Option<Signal>,
+    quit: Option<Signal>,
     hup: Option<Signal>,
+    usr1: Option<Signal>,
+    usr2: Option<Signal>,
 }
 
 impl StopSignals {
@@ -20,7 +24,10 @@ impl StopSignals {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            quit: signal(SignalKind::quit()).ok(),
             hup: signal(SignalKind::hangup()).ok(),
+            usr1: signal(SignalKind::user_defined1()).ok(),
+            usr2: signal(SignalKind::user_defined2()).ok(),
         }
     }
 }
@@ -35,17 +42,26 @@ async fn next(signal: &mut Option<Signal>) {
     std::future::pending::<()>().await;
 }
 
-/// Resolves on SIGINT or SIGTERM. SIGHUP (`systemctl reload`, a terminal closed) is
-/// logged and the service serves on: its config is read at start only, and the
-/// signal's default action ended the process at once, without its drain or a log
-/// line.
+/// Resolves on SIGINT, SIGTERM or SIGQUIT (nginx's graceful stop, and the stop
+/// signal of its container images). SIGHUP (`systemctl reload`, a terminal closed)
+/// is logged and the service serves on: its config is read at start only; so are
+/// SIGUSR1 and SIGUSR2 (nginx's log reopening and binary upgrade: logs go to
+/// stdout). Each one's default action ended the process at once, without its drain
+/// or a log line.
 pub async fn shutdown_signal(mut signals: StopSignals) {
     loop {
         tokio::select! {
             _ = next(&mut signals.term) => break,
             _ = next(&mut signals.int) => break,
+            _ = next(&mut signals.quit) => break,
             _ = next(&mut signals.hup) => tracing::warn!(
                 "SIGHUP: the config is read at start only; restart to apply a change (serving on)"
+            ),
+            _ = next(&mut signals.usr1) => tracing::warn!(
+                "SIGUSR1: logs go to stdout, there is no file to reopen (serving on)"
+            ),
+            _ = next(&mut signals.usr2) => tracing::warn!(
+                "SIGUSR2: not used (serving on)"
             ),
         }
     }

@@ -4676,12 +4676,12 @@ fn the_samples_public_secrets_are_warned_of_on_a_reachable_address() {
     }
 }
 
-/// A SIGHUP (`systemctl reload`, a closed terminal) is logged and the coordinator
-/// serves on; it ended the process at once (status 129), without its drain or a
-/// line. SIGTERM then stops it as ever. (The storage-proxy runs under the same
-/// service runner.)
+/// A SIGHUP (`systemctl reload`, a closed terminal), a SIGUSR1 or a SIGUSR2 is
+/// logged and the coordinator serves on; each ended the process at once (status
+/// 129, 138, 140), without its drain or a line. SIGQUIT stops it as SIGTERM does.
+/// (The storage-proxy runs under the same service runner.)
 #[test]
-fn a_sighup_is_logged_and_the_coordinator_serves_on() {
+fn sighup_and_sigusr_are_logged_and_sigquit_stops_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = appproxy_test_support::free_port();
     let (mut child, log) =
@@ -4705,10 +4705,17 @@ fn a_sighup_is_logged_and_the_coordinator_serves_on() {
     };
     kill("-HUP");
     wait_for("SIGHUP: the config is read at start only");
+    // What nginx's operators send for log reopening and binary upgrades ended the
+    // process at once.
+    kill("-USR1");
+    wait_for("SIGUSR1: logs go to stdout");
+    kill("-USR2");
+    wait_for("SIGUSR2: not used");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     assert_eq!(request(addr, "GET", "/status", &[], "").status, 200);
     assert!(child.try_wait().expect("status").is_none(), "still running");
-    kill("-TERM");
+    // nginx's graceful stop (its images' stop signal) stops it as SIGTERM does.
+    kill("-QUIT");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().expect("status") {

@@ -247,7 +247,10 @@ fn run() -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGQUIT,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
     ])
     .context("cannot install signal handlers")?;
     let worker = worker::Worker::start(rt)?;
@@ -273,9 +276,16 @@ fn run() -> anyhow::Result<()> {
     }
     tracing::info!(cores, circuits, frontends = ?worker.bound, "worker started");
     for sig in signals.forever() {
-        if sig == signal_hook::consts::SIGHUP {
-            reload(&path, &mut config, &worker);
-            continue;
+        match Signal::of(sig) {
+            Signal::Reload => {
+                reload(&path, &mut config, &worker);
+                continue;
+            }
+            Signal::Unused => {
+                Signal::note_unused(sig);
+                continue;
+            }
+            Signal::Stop => {}
         }
         worker.readiness.mark_stopping();
         let grace = Duration::from_secs(config.timeouts.stop_grace_secs);
@@ -305,6 +315,37 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a signal the worker takes asks of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// `SIGTERM`, `SIGINT`, `SIGQUIT` (nginx's graceful stop, and the stop signal of
+    /// its container images): drain and exit.
+    Stop,
+    /// `SIGHUP`: re-read the file ([`reload`]).
+    Reload,
+    /// `SIGUSR1`, `SIGUSR2` (nginx's log reopening and binary upgrade, sent by
+    /// logrotate scripts and habit): nothing to do, said in the log. Their default
+    /// action ended the worker at once, without a drain or a line.
+    Unused,
+}
+
+impl Signal {
+    fn of(sig: i32) -> Self {
+        match sig {
+            signal_hook::consts::SIGHUP => Self::Reload,
+            signal_hook::consts::SIGUSR1 | signal_hook::consts::SIGUSR2 => Self::Unused,
+            _ => Self::Stop,
+        }
+    }
+
+    fn note_unused(sig: i32) {
+        tracing::warn!(
+            signal = sig,
+            "a signal the worker does not use (logs go to stdout; no binary upgrade): serving on"
+        );
+    }
+}
+
 /// The grace after a stop signal: the worker serves on (reloads included) until
 /// `grace` has passed or another stop signal comes.
 fn serve_through_grace(
@@ -317,11 +358,13 @@ fn serve_through_grace(
     let until = std::time::Instant::now() + grace;
     while std::time::Instant::now() < until {
         for sig in signals.pending() {
-            if sig == signal_hook::consts::SIGHUP {
-                reload(path, running, worker);
-            } else {
-                tracing::info!(signal = sig, "another stop signal: the grace ends");
-                return;
+            match Signal::of(sig) {
+                Signal::Reload => reload(path, running, worker),
+                Signal::Unused => Signal::note_unused(sig),
+                Signal::Stop => {
+                    tracing::info!(signal = sig, "another stop signal: the grace ends");
+                    return;
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
