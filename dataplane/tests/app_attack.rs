@@ -1788,6 +1788,11 @@ fn an_apps_clear_site_data_never_reaches_the_client() {
         "/clear" => vec![send(
             "HTTP/1.1 200 OK\r\nClear-Site-Data: \"cookies\", \"storage\"\r\nclear-site-data: \"*\"\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
         )],
+        // Nor as a trailer (a client or gateway that folds trailers into the head
+        // would act on it).
+        "/clear-trailer" => vec![send(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nClear-Site-Data: \"cookies\"\r\nX-Kept-Trailer: yes\r\n\r\n",
+        )],
         _ => honest(path, method),
     }
     });
@@ -1800,6 +1805,19 @@ fn an_apps_clear_site_data_never_reaches_the_client() {
     assert!(head.starts_with("HTTP/2 200"), "{head}");
     assert!(!has_field(&head, "clear-site-data"), "relayed: {head}");
     assert!(has_field(&head, "x-kept"), "{head}");
+    let mut s = std::net::TcpStream::connect(w.addr()).expect("connect");
+    s.write_all(b"GET /clear-trailer HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let answer = String::from_utf8_lossy(&common::read_until_closed(&mut s)).to_lowercase();
+    assert!(
+        answer.contains("\r\n0\r\nx-kept-trailer: yes\r\n"),
+        "{answer}"
+    );
+    assert!(!answer.contains("clear-site-data"), "relayed: {answer}");
+    // curl writes an HTTP/2 answer's trailers after its head.
+    let fields = h2_answer_head(&w, "/clear-trailer");
+    assert!(has_field(&fields, "x-kept-trailer"), "{fields}");
+    assert!(!has_field(&fields, "clear-site-data"), "relayed: {fields}");
 }
 
 /// Waits (bounded) for the HEADERS of an interim answer on stream `id` of `s` (the

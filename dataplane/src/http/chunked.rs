@@ -100,6 +100,8 @@ pub fn trailer_verdict(name: &[u8]) -> TrailerVerdict {
     } else if is(&DROPPED_TRAILERS)
         || crate::http::encode::is_underscored_managed_name(name)
         || crate::http::encode::is_proxy_claim(name)
+        // An app's `Clear-Site-Data` is withheld from its client as a head field is.
+        || crate::http::encode::is_withheld_response_field(name)
         // Nor after the content: the trace context (the worker's replaces the
         // client's in a head), `Proxy` (left out of every head) and method
         // overrides (a method cannot change once the content is in).
