@@ -210,9 +210,18 @@ pub fn registration(config: &Config) -> WorkerRegistration {
 
 /// One heartbeat (the caller binds its ID); a node the coordinator counts as left
 /// registers again, under an ID of its own.
-async fn beat<L: ControlLink>(link: &L, worker_id: uuid::Uuid, registration: &WorkerRegistration) {
+async fn beat<L: ControlLink>(
+    link: &L,
+    worker_id: uuid::Uuid,
+    registration: &WorkerRegistration,
+    clock: &MarkClock,
+) {
     match link.heartbeat(worker_id).await {
-        Ok(()) => {}
+        Ok(offset) => {
+            if let Some(offset) = offset {
+                clock.note(offset);
+            }
+        }
         // A deregistration of this node arrived after this process had
         // registered (its previous process's, answered late): its heartbeats
         // no longer count until it registers again.
@@ -235,6 +244,61 @@ async fn beat<L: ControlLink>(link: &L, worker_id: uuid::Uuid, registration: &Wo
             .await;
         }
         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
+}
+
+/// Offsets of the store's clock from this worker's within this are taken for the
+/// measurement's noise: marks stay on the worker's own clock.
+const CLOCK_TOLERANCE_SECS: f64 = 1.0;
+
+/// The clock last-access marks are written on: the one idle collection compares
+/// them with (the store's), as heartbeats measure its offset from this worker's.
+/// Marks on a clock 10 minutes behind looked 10 minutes old, and the coordinator
+/// collected the worker's circuits that much early (circuits in use, once the lag
+/// passed the idle timeout). Shared by the heartbeat task and the deploy loop.
+#[derive(Debug, Default)]
+pub(crate) struct MarkClock {
+    /// The offset applied, in microseconds (0 while within the tolerance).
+    offset_micros: std::sync::atomic::AtomicI64,
+}
+
+impl MarkClock {
+    /// Takes a measured offset (seconds the store's clock is ahead of this
+    /// worker's); a lag past the tolerance is said when it starts, changes by more
+    /// than the tolerance, or ends.
+    pub(crate) fn note(&self, measured: f64) {
+        use std::sync::atomic::Ordering;
+        let applied = self.offset();
+        let next = if measured.abs() > CLOCK_TOLERANCE_SECS {
+            measured
+        } else {
+            0.0
+        };
+        if next == 0.0 && applied != 0.0 {
+            tracing::info!(
+                store_ahead_secs = measured,
+                "this worker's clock agrees with the store's again: last-access marks are written on its own"
+            );
+        } else if next != 0.0 && (next - applied).abs() > CLOCK_TOLERANCE_SECS {
+            tracing::warn!(
+                store_ahead_secs = next,
+                "this worker's clock differs from the store's, which idle collection reads: last-access marks are written on the store's clock (keep the clocks in step)"
+            );
+        }
+        self.offset_micros
+            .store((next * 1e6) as i64, Ordering::Relaxed);
+    }
+
+    /// Seconds the store's clock is taken to be ahead of this worker's.
+    fn offset(&self) -> f64 {
+        self.offset_micros
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e6
+    }
+
+    /// Now on the store's clock, as far as it is known.
+    pub(crate) fn now(&self) -> f64 {
+        appproxy_shared::jwt::now_epoch() + self.offset()
     }
 }
 
@@ -449,10 +513,12 @@ async fn run<L: ControlLink>(
     // Heartbeats go on their own, beside the loop that deploys: a coordinator slow
     // to answer one (frozen, or waiting on its store) holds neither the events
     // other coordinators publish nor their acknowledgements.
+    let mark_clock = MarkClock::default();
     let beats = async {
         loop {
             heartbeat.tick().await;
-            appproxy_shared::scope(Some(call_id()), beat(&link, worker_id, &registration)).await;
+            let beat = beat(&link, worker_id, &registration, &mark_clock);
+            appproxy_shared::scope(Some(call_id()), beat).await;
         }
     };
     let mut state = Deployed::default();
@@ -490,7 +556,7 @@ async fn run<L: ControlLink>(
                 }
                 _ = flush.tick() => {
                     if let Some(rx) = &marks {
-                        write_marks(&link, &state, rx, &mut unwritten).await;
+                        write_marks(&link, &state, rx, &mut unwritten, &mark_clock).await;
                     }
                     continue;
                 }
@@ -903,7 +969,7 @@ async fn acknowledge<L: ControlLink>(
         .filter_map(|id| origins.get(&id).map(|o| (id, o.to_string())))
         .collect();
     for f in &failed {
-        appproxy_shared::with_request_id(origins.get(&f.id).copied(), || {
+        appproxy_shared::with_origin_request(origins.get(&f.id).copied(), || {
             tracing::warn!(circuit = %f.id, reason = %f.reason, listen = f.listen, "circuit not deployed: reported as failed");
         });
     }
@@ -923,15 +989,16 @@ fn node_left(e: &LinkError) -> bool {
 
 /// Gathers the cores' counts and writes them as last-access marks, with the marks
 /// of earlier flushes that could not be written (`unwritten`, one per circuit still
-/// deployed: their counts added up, their last access the latest). Those that are
-/// not written now stay in `unwritten`.
+/// deployed: their counts added up, their last access the latest), at the time on
+/// `clock` (the store's). Those that are not written now stay in `unwritten`.
 async fn write_marks<L: ControlLink>(
     link: &L,
     state: &Deployed,
     rx: &Receiver<Vec<(uuid::Uuid, u64)>>,
     unwritten: &mut HashMap<uuid::Uuid, AccessMark>,
+    clock: &MarkClock,
 ) {
-    let now = appproxy_shared::jwt::now_epoch();
+    let now = clock.now();
     for batch in rx.try_iter() {
         for (circuit, n) in batch {
             let mark = unwritten.entry(circuit).or_insert_with(|| AccessMark {

@@ -48,11 +48,12 @@ impl ControlLink for EmbeddedLink {
             .map_err(store_error)
     }
 
-    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<(), LinkError> {
+    /// In process, over the embedded store: one clock.
+    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<Option<f64>, LinkError> {
         self.state
             .local_heartbeat(worker)
             .await
-            .map(|_| ())
+            .map(|_| None)
             .map_err(store_error)
     }
 

@@ -150,6 +150,15 @@ pub fn with_request_id<R>(id: Option<RequestId>, f: impl FnOnce() -> R) -> R {
     enter(id.as_ref(), None, f)
 }
 
+/// Runs `f` under `id` with the current span when `id` is the current request's,
+/// with none otherwise: a line about one circuit of a deployment, logged under the
+/// request that created it, is traced when the deployment is that request's (a
+/// warning that says why a creation failed is then found by its trace ID too).
+pub fn with_origin_request<R>(id: Option<RequestId>, f: impl FnOnce() -> R) -> R {
+    let span = current_span().filter(|_| id.is_some() && id == current_request_id());
+    enter(id.as_ref(), span, f)
+}
+
 /// Runs `f` with `id` and `span` bound, restoring the previous binding afterwards.
 pub fn with_request_context<R>(
     id: Option<RequestId>,
@@ -416,6 +425,26 @@ mod tests {
 
     fn both() -> (Option<RequestId>, Option<SpanContext>) {
         (current_request_id(), current_span())
+    }
+
+    /// A line about one circuit of a deployment, under the request that created it:
+    /// traced by the deployment's span when the deployment is that request's, not
+    /// when it is another's (the span would name the wrong trace), and the binding
+    /// before is back after.
+    #[test]
+    fn an_origin_request_keeps_the_span_only_when_it_is_the_current_one() {
+        let (creating, other) = (id("creating"), id("another"));
+        with_request_context(Some(creating), Some(span(3)), || {
+            with_origin_request(Some(creating), || {
+                assert_eq!(both(), (Some(creating), Some(span(3))));
+            });
+            with_origin_request(Some(other), || assert_eq!(both(), (Some(other), None)));
+            with_origin_request(None, || assert_eq!(both(), (None, None)));
+            assert_eq!(both(), (Some(creating), Some(span(3))));
+        });
+        with_origin_request(Some(creating), || {
+            assert_eq!(both(), (Some(creating), None));
+        });
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub mod wire;
 
 pub use context::{
     current_request_id, current_span, inherit, inherit_child, scope, scope_traced,
-    with_request_context, with_request_id, RequestScope,
+    with_origin_request, with_request_context, with_request_id, RequestScope,
 };
 pub use header::{IdPolicy, PRIMARY_HEADER};
 pub use request_id::{IdVersion, InvalidRequestId, RequestId};

@@ -146,6 +146,13 @@ pub struct Heartbeat {
     pub success: bool,
     /// The worker's ID.
     pub id: Uuid,
+    /// The time on the clock idle collection compares last-access marks with (the
+    /// store's: PostgreSQL's, or the coordinator's own over SQLite), Unix seconds,
+    /// when the coordinator could read it. A worker writes its marks on this clock
+    /// (its own, corrected by the offset it measures), so that a worker whose clock
+    /// is behind does not have its circuits collected early by the lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<f64>,
 }
 
 /// `{"success": true}` (deregistration, deletions).

@@ -48,6 +48,16 @@ fn find_bin() -> PathBuf {
 
 /// libfaketime's library, which moves a process's wall clock (`FAKETIME`).
 fn faketime_library() -> PathBuf {
+    faketime_file("libfaketime.so.1")
+}
+
+/// libfaketime's library for processes of several threads (a worker: `FAKETIME`,
+/// with `FAKETIME_DONT_FAKE_MONOTONIC=1` so that only its wall clock moves).
+pub fn faketime_library_mt() -> PathBuf {
+    faketime_file("libfaketimeMT.so.1")
+}
+
+fn faketime_file(name: &str) -> PathBuf {
     let dirs = std::fs::read_dir("/usr/lib")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -57,9 +67,9 @@ fn faketime_library() -> PathBuf {
         .unwrap_or_default();
     std::iter::once(PathBuf::from("/usr/lib/faketime"))
         .chain(dirs)
-        .map(|d| d.join("libfaketime.so.1"))
+        .map(|d| d.join(name))
         .find(|lib| lib.is_file())
-        .expect("libfaketime is not installed: a test moves the database's clock (apt-get install faketime; .ci/run does)")
+        .expect("libfaketime is not installed: a test moves a clock (apt-get install faketime; .ci/run does)")
 }
 
 /// (uid, gid) of the `postgres` user when we are root.

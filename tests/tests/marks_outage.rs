@@ -139,3 +139,116 @@ fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
     worker.stop();
     coordinator.stop();
 }
+
+/// A worker whose clock is 10 minutes behind the store's writes its marks on the
+/// store's clock, as its heartbeats measure it, and says so: its marks looked 10
+/// minutes old, and idle collection removed its circuits that much early (circuits
+/// in use, once the lag passed the idle timeout). The worker is a process of its
+/// own under libfaketime (its wall clock only); Redis and the coordinator (SQLite:
+/// the store's clock is the coordinator's) keep the real time.
+#[test]
+fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
+    const BEHIND_SECS: f64 = 600.0;
+    let redis = common::redis::Redis::start();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_connection()
+        .expect("redis");
+    let echo_port = common::tcp_echo_app();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = start_coordinator(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        dir.path().join("c.sqlite3").display(),
+        redis.url()
+    ));
+    let coord = coordinator.addr;
+    let port = common::free_port();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\naccess_flush_ms = 100\nheartbeat_secs = 1\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+            common::free_port(),
+            redis.url()
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("worker.log");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
+        .arg("--config")
+        .arg(&config)
+        .env(
+            "LD_PRELOAD",
+            appproxy_test_support::pg::faketime_library_mt(),
+        )
+        .env("FAKETIME", format!("-{BEHIND_SECS}s"))
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start the worker process");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !logs().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} in:\n{}", logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("subscribed to circuit events");
+    // Its heartbeats measured the lag, and it said so.
+    wait_for("this worker's clock differs from the store's");
+    let token = conf_token(coord, echo_port, SESSION, SESSION);
+    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{body}");
+    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let setup = url.split("token=").nth(1).expect("token");
+    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
+        ["circuit"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let used_at = appproxy_shared::jwt::now_epoch();
+    {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "never deployed: {e}\n{}", logs());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(b"ping").expect("write");
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).expect("echo");
+        assert_eq!(&got, b"ping");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        let got: Option<String> = redis::cmd("GET")
+            .arg(format!("circuit.{circuit}.last_access"))
+            .query(&mut conn)
+            .expect("GET");
+        if let Some(at) = got {
+            break at.parse::<f64>().expect("epoch seconds");
+        }
+        assert!(Instant::now() < deadline, "never marked:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let now = appproxy_shared::jwt::now_epoch();
+    assert!(
+        at >= used_at - 2.0 && at <= now + 2.0,
+        "marked at {at}, {:.0} s before its use at {used_at}",
+        used_at - at
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    coordinator.stop();
+}

@@ -935,7 +935,19 @@ pub(super) async fn heartbeat(
         }
     }
     if q.brief {
-        return Ok(Json(Heartbeat { success: true, id }).into_response());
+        // The idle pass's clock, for the worker's marks (see `Heartbeat::clock`).
+        let clock = state
+            .store
+            .clock_ahead()
+            .await
+            .ok()
+            .map(|ahead| appproxy_shared::jwt::now_epoch() + ahead);
+        return Ok(Json(Heartbeat {
+            success: true,
+            id,
+            clock,
+        })
+        .into_response());
     }
     worker_response(&state, id).await
 }

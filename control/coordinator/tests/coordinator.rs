@@ -3322,6 +3322,35 @@ fn idle_collection_uses_the_databases_clock_not_the_leaders() {
     );
 }
 
+/// A heartbeat's brief answer tells the worker the time on the clock idle
+/// collection compares its marks with: the database's, here 10 minutes behind the
+/// coordinator's (so a worker can write its marks on it; `marks_outage.rs` in the
+/// end-to-end tests shows one 10 minutes behind doing so).
+#[test]
+fn a_heartbeat_tells_the_worker_the_stores_clock() {
+    let pg = appproxy_test_support::pg::Pg::start_with_clock_ahead(-600);
+    let db = Db::Postgres(pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let id = register_worker(c.addr, "worker-1", "proxy1.test", [10000, 10010]);
+    let before = appproxy_shared::jwt::now_epoch();
+    let r = request(
+        c.addr,
+        "PATCH",
+        &format!("/api/worker/{id}?brief=true"),
+        &[AUTH],
+        "",
+    );
+    let after = appproxy_shared::jwt::now_epoch();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let clock = r.json()["clock"].as_f64().expect("the store's clock");
+    assert!(
+        clock >= before - 600.0 - 2.0 && clock <= after - 600.0 + 2.0,
+        "clock {clock}, {:.0} s from the coordinator's",
+        clock - before
+    );
+}
+
 /// An idle pass decided on marks it read once: a removal that waited (a row lock,
 /// a store at its deadline) or a pause of the process, and every circuit after it
 /// was removed on marks read seconds or minutes before, though it had been used

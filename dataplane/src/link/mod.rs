@@ -45,8 +45,10 @@ pub trait ControlLink: Send + 'static {
     /// Registers (or re-registers) this worker; its ID.
     async fn register(&self, registration: &WorkerRegistration) -> Result<uuid::Uuid, LinkError>;
 
-    /// Tells the coordinator this worker (node) is alive.
-    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<(), LinkError>;
+    /// Tells the coordinator this worker (node) is alive; how far the clock idle
+    /// collection compares marks with is ahead of this worker's (seconds, negative
+    /// behind), when the answer says so and came quickly enough to tell.
+    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<Option<f64>, LinkError>;
 
     /// This node leaves (at no node left the worker is `LOST`: nothing new is placed
     /// on it).

@@ -13,8 +13,8 @@ use appproxy_shared::model::{
     EVENT_WORKER_CIRCUIT_ADDED,
 };
 use appproxy_shared::wire::{
-    AccessMark, CircuitSet, EventBody, EventKind, EventTarget, Registered, WorkerRegistration,
-    MAX_CIRCUITS_PER_ANSWER,
+    AccessMark, CircuitSet, EventBody, EventKind, EventTarget, Heartbeat, Registered,
+    WorkerRegistration, MAX_CIRCUITS_PER_ANSWER,
 };
 use appproxy_shared::{IdVersion, RequestId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -25,6 +25,10 @@ use crate::config::CircuitsFrom;
 /// Every Redis call the worker makes is bounded by this: an outage costs a call at
 /// most this long, never a hang.
 const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A heartbeat slower than this says nothing of the clocks' offset (it is known to
+/// within half the round trip).
+const MAX_CLOCK_ROUND_TRIP: Duration = Duration::from_millis(500);
 
 /// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
 async fn bounded<T>(
@@ -80,11 +84,19 @@ impl ControlLink for RemoteLink {
         Ok(answer.id)
     }
 
-    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<(), LinkError> {
+    async fn heartbeat(&self, worker: uuid::Uuid) -> Result<Option<f64>, LinkError> {
         let path = format!("/api/worker/{worker}?node={}&brief=true", self.client.node);
+        let sent = appproxy_shared::jwt::now_epoch();
+        let took = std::time::Instant::now();
         let raw = self.client.call("PATCH", &path, &[]).await?;
-        serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|_| LinkError::Response)?;
-        Ok(())
+        let took = took.elapsed();
+        let answer: Heartbeat = serde_json::from_slice(&raw).map_err(|_| LinkError::Response)?;
+        // The coordinator read its clock between the call's start and end: taken as
+        // the middle, an offset is known to within half the round trip.
+        Ok(answer
+            .clock
+            .filter(|c| c.is_finite() && took < MAX_CLOCK_ROUND_TRIP)
+            .map(|clock| clock - (sent + took.as_secs_f64() / 2.0)))
     }
 
     async fn deregister(&self, worker: uuid::Uuid) -> Result<(), LinkError> {
