@@ -439,7 +439,8 @@ impl Acknowledgement {
 }
 
 /// Hands an acknowledgement to the waiters and the worker's breaker, logging each
-/// circuit under the request that created it.
+/// circuit under the request that created it (traced when the acknowledgement, the
+/// context this runs in, is that request's).
 pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Breakers) {
     if !ack.authority.is_empty() {
         breakers.alive(&ack.authority);
@@ -458,7 +459,7 @@ pub fn settle(ack: Acknowledgement, acks: &AckHub, breakers: &super::breaker::Br
     };
     for (circuit, origin) in &ack.origins {
         let origin = appproxy_shared::RequestId::parse(origin.as_bytes()).ok();
-        appproxy_shared::with_request_id(origin, || match failed.get(circuit) {
+        appproxy_shared::with_origin_request(origin, || match failed.get(circuit) {
             Some(why) => {
                 tracing::warn!(%circuit, worker = %ack.authority, reason = %why, "worker could not deploy the circuit")
             }
@@ -529,8 +530,8 @@ pub async fn listen_acks(
                     failed = ack.failed.len(),
                     "worker acknowledged"
                 );
+                settle(ack, &acks, &breakers);
             });
-            settle(ack, &acks, &breakers);
             true
         },
     )

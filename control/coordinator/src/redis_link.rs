@@ -25,6 +25,17 @@
 //! sent once more, on the attempt its failure started — a refusal means the command
 //! was never sent, so it is never run twice. Both are within [`ANSWER_WITHIN`], as
 //! is an attempt that hangs (each is bounded by the connection timeout too).
+//!
+//! A Redis restarted (or failed over) leaves the manager's connection stale: the
+//! first command after it fails with a broken pipe, a reset or an end of stream, and
+//! the manager reconnects only then. Every caller but the circuit events took that
+//! failure as final: the first event after a restart (a `worker_lost` entry, a
+//! route-health broadcast) was lost, never sent again. A call that meets a dropped
+//! connection is now sent once more, on the fresh one. Redis closed the stale
+//! connection before the command reached it, so it did not run it; only a server
+//! that ran a command and then died before answering could see it twice, which
+//! every caller's command tolerates (a mark set again, an event the manager
+//! receives twice rather than never).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -125,7 +136,9 @@ impl RedisConn {
     {
         let call = async {
             match send(self.current()).await {
-                Err(e) if e.is_connection_refusal() => send(self.current()).await,
+                Err(e) if e.is_connection_refusal() || e.is_connection_dropped() => {
+                    send(self.current()).await
+                }
                 other => other,
             }
         };
@@ -163,5 +176,49 @@ impl ConnectionLike for RedisConn {
 
     fn get_db(&self) -> i64 {
         self.current().get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first command after Redis restarted is carried out: it met the stale
+    /// connection (a broken pipe or an end of stream) and was sent once more on a
+    /// fresh one. Before, it failed, and an event sent then was lost.
+    #[test]
+    fn the_first_call_after_a_restart_is_carried_out() {
+        let mut redis = appproxy_test_support::redis::Redis::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = redis::Client::open(redis.url()).expect("url");
+            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new())
+                .await
+                .expect("connect");
+            let _: () = redis::cmd("SET")
+                .arg("before")
+                .arg("1")
+                .query_async(&mut conn)
+                .await
+                .expect("SET before the restart");
+            redis.restart();
+            let added: RedisResult<String> = redis::cmd("XADD")
+                .arg("events")
+                .arg("*")
+                .arg("event")
+                .arg("worker_lost")
+                .query_async(&mut conn)
+                .await;
+            assert!(added.is_ok(), "{added:?}");
+            let len: usize = redis::cmd("XLEN")
+                .arg("events")
+                .query_async(&mut conn)
+                .await
+                .expect("XLEN");
+            assert_eq!(len, 1, "added once");
+        });
     }
 }

@@ -726,16 +726,30 @@ pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
     let Ok(text) = serde_json::to_string(&msg) else {
         return;
     };
-    let mut conn = conn.clone();
-    if let Err(e) = redis::cmd("PUBLISH")
-        .arg(EVENT_CHANNEL)
-        .arg(text)
-        .query_async::<i64>(&mut conn)
-        .await
-    {
+    let publish = || async {
+        let mut conn = conn.clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(EVENT_CHANNEL).arg(&text);
+        tokio::time::timeout(EVENT_CALL_TIMEOUT, cmd.query_async::<i64>(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
+    };
+    let mut sent = publish().await;
+    // A Redis restarted since the last call left the connection stale: the first
+    // command fails (a broken pipe), never having reached it, and the manager
+    // reconnects. Sent once more on the fresh connection; before, the event was
+    // lost.
+    if sent.as_ref().is_err_and(|e| e.is_connection_dropped()) {
+        sent = publish().await;
+    }
+    if let Err(e) = sent {
         tracing::warn!(event = name, error = %e, "event not published");
     }
 }
+
+/// How long one event's publication may take: a Redis that hangs costs a task's
+/// progress no more than this per event.
+const EVENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Builds the state from the config (without an event bus).
 pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
