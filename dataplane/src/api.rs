@@ -15,9 +15,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use appproxy_shared::header::{self, IdPolicy};
 use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
-use appproxy_shared::{scope, RequestId};
+use appproxy_shared::{scope, scope_traced, RequestId};
 
 use crate::core::access_log::AccessEntry;
 use crate::core::{Core, Route};
@@ -78,15 +77,18 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
     // As on the frontends, a request's time is from its head's completion.
     let started = std::time::Instant::now();
     let bytes = buf.filled();
-    let found = header::extract(
-        head.headers
-            .iter()
-            .map(|h| (&bytes[h.name.clone()], &bytes[h.value.clone()])),
-    );
-    let id = header::resolve(IdPolicy::GenerateIfMissing, found, core.rt.id_version)
-        .0
-        .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
-    let (out, status, probed) = scope(Some(id), async { respond(&core, bytes, &head, &id) }).await;
+    // The ID and, with `[tracing] trace_context`, the hop's trace position, as on
+    // the frontends: `/setup` is the step between the manager's creation and the
+    // app's first request.
+    let (id, trace) = crate::proxy::exchange::identify(&core, bytes, &head);
+    let span = trace.map(|t| t.span);
+    let (out, status, probed, route) = scope_traced(Some(id), span, async {
+        if let Some(t) = &trace {
+            t.log_rejection();
+        }
+        respond(&core, bytes, &head, &id)
+    })
+    .await;
     // What the client sent past its head is never read: a body, or a request behind.
     let unread = bytes.len() > head.head_len
         || matches!(head.framing, BodyFraming::Chunked)
@@ -98,10 +100,12 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
     // (`respond`). Every other request has its access line (the query, which holds
     // the `/setup` token, is left out as on every line).
     if !probed {
-        scope(Some(id), async {
+        scope_traced(Some(id), span, async {
             core.record(&AccessEntry {
                 request_id: &id,
-                circuit: None,
+                // The circuit a `/setup` token named, found here: its line says
+                // whose app it was for.
+                circuit: route.as_deref().map(|r| &r.circuit.circuit),
                 client: Some(peer.ip()),
                 method: bytes[..head.target.start].trim_ascii(),
                 path,
@@ -125,6 +129,9 @@ struct Answer {
     extra_headers: String,
     content_type: &'static str,
     body: String,
+    /// The circuit the request named (a `/setup` token's, once found), for its
+    /// access line.
+    route: Option<Rc<Route>>,
 }
 
 /// A probe's answer, as the admin endpoint's: liveness, no core stalled (this one
@@ -141,6 +148,7 @@ fn probe(core: &Core, path: &str) -> Answer {
         status,
         extra_headers: String::new(),
         content_type: "application/json",
+        route: None,
         body: format!(
             "{{\"status\":\"{word}\",\"ready\":\"{}\",\"component\":\"appproxy-worker\",\"version\":\"{}\",\"stalled_cores\":{stalled:?}}}",
             state.as_str(),
@@ -149,7 +157,10 @@ fn probe(core: &Core, path: &str) -> Answer {
     }
 }
 
+/// A refusal of the API port, logged with why (a `/setup` refused is where "I
+/// cannot get into my app" fails: the line says which token check it failed).
 fn json_error(status: u16, code: &str, message: &str, id: &RequestId) -> Answer {
+    tracing::info!(status, code, error = message, "api request refused");
     let mut body = String::from("{\"error\":\"");
     appproxy_shared::telemetry::push_json_escaped(&mut body, message);
     let _ = write!(body, "\",\"code\":\"{code}\",\"request_id\":\"{id}\"}}");
@@ -158,17 +169,18 @@ fn json_error(status: u16, code: &str, message: &str, id: &RequestId) -> Answer 
         extra_headers: String::new(),
         content_type: "application/json",
         body,
+        route: None,
     }
 }
 
-/// The answer to the request `head` (in `buf`) under `id`, its status, and whether
-/// it was a probe's.
+/// The answer to the request `head` (in `buf`) under `id`, its status, whether it
+/// was a probe's, and the circuit it named.
 fn respond(
     core: &Core,
     buf: &[u8],
     head: &parse::RequestHead,
     id: &RequestId,
-) -> (Vec<u8>, u16, bool) {
+) -> (Vec<u8>, u16, bool, Option<Rc<Route>>) {
     let target = String::from_utf8_lossy(&buf[head.target.clone()]).into_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let answer = match (head.method, path) {
@@ -178,6 +190,7 @@ fn respond(
             extra_headers: String::new(),
             content_type: "application/json",
             body: "{\"api_version\":\"v2\"}".into(),
+            route: None,
         },
         (Method::Get | Method::Head, p) if PROBES.contains(&p) => probe(core, path),
         (Method::Get | Method::Head, _) => json_error(404, "not_found", "no such endpoint", id),
@@ -210,7 +223,7 @@ fn respond(
         answer.extra_headers,
         body
     );
-    (out.into_bytes(), answer.status, probed)
+    (out.into_bytes(), answer.status, probed, answer.route)
 }
 
 fn reason(status: u16) -> &'static str {
@@ -273,6 +286,19 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
     let Some(route) = circuit_id.and_then(|c| find_circuit(core, &c)) else {
         return json_error(404, "unknown_circuit", "no such circuit on this worker", id);
     };
+    let mut answer = setup_circuit(core, &route, &claims, &token, id);
+    answer.route = Some(route);
+    answer
+}
+
+/// `/setup` for the circuit `route` its verified token (`claims`) names.
+fn setup_circuit(
+    core: &Core,
+    route: &Route,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    token: &str,
+    id: &RequestId,
+) -> Answer {
     let circuit = &route.circuit.circuit;
     if circuit.app_mode == AppMode::Inference {
         return json_error(400, "E20011", "Not supported for inference apps", id);
@@ -336,6 +362,7 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
                 extra_headers: extra,
                 content_type: "application/json",
                 body: "{}".into(),
+                route: None,
             }
         }
         ProxyProtocol::Tcp => {
@@ -355,6 +382,7 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
                     extra_headers: String::new(),
                     content_type: "application/json",
                     body,
+                    route: None,
                 }
             } else {
                 Answer {
@@ -362,6 +390,7 @@ fn setup(core: &Core, query: &str, id: &RequestId) -> Answer {
                     extra_headers: format!("Location: {url}\r\n"),
                     content_type: "application/json",
                     body: "{}".into(),
+                    route: None,
                 }
             }
         }

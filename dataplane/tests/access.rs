@@ -36,6 +36,57 @@ fn refused(r: &common::Response, status: u16, code: &str) {
     );
 }
 
+/// `/setup`, the step between the manager's creation and the app's first request,
+/// is traced as the frontends are (the client's `traceparent` continued), its access
+/// line names the circuit and user its token named, and a refusal says why under
+/// its ID. Before, the line had neither circuit nor trace, and a refused token
+/// left only a status.
+#[test]
+fn setup_is_traced_names_its_circuit_and_says_why_it_refused() {
+    const INCOMING: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        &format!("open_to_public = false\napp_mode = \"interactive\"\nuser_id = \"{USER}\""),
+        "hostname = \"proxy.test\"\napi_port = {AUX_PORT}",
+    );
+    let api = std::net::SocketAddr::from(([127, 0, 0, 1], w.aux_port));
+    let token = sign_hs256(
+        &serde_json::json!({"id": "t", "version": "v2", "redirect": "lab", "circuit": CIRCUIT}),
+        "jwt-key",
+    );
+    let r = Client::connect(api).get(
+        &format!("/setup?token={token}"),
+        &format!("X-Backend-Request-ID: setup-traced\r\ntraceparent: {INCOMING}\r\n"),
+    );
+    assert_eq!(r.status, 302, "{}", r.text());
+    let line = w.wait_access_line("setup-traced");
+    assert_eq!(
+        line["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{line}"
+    );
+    assert_eq!(line["parent_span_id"], "b7ad6b7169203331", "{line}");
+    assert_eq!(line["circuit"], CIRCUIT, "{line}");
+    assert_eq!(line["user_id"], USER, "{line}");
+    // A token another key signed: refused, and the line says why.
+    let forged = sign_hs256(
+        &serde_json::json!({"id": "t", "version": "v2", "circuit": CIRCUIT}),
+        "another-key",
+    );
+    let r = Client::connect(api).get(
+        &format!("/setup?token={forged}"),
+        "X-Backend-Request-ID: setup-forged\r\n",
+    );
+    refused(&r, 401, "E20008");
+    assert_eq!(w.wait_access_line("setup-forged")["status"], 401);
+    let why = w.wait_log("the refusal's reason", |v| {
+        v["request_id"] == "setup-forged" && v["message"] == "api request refused"
+    });
+    assert_eq!(why[0]["code"], "E20008", "{}", why[0]);
+    assert!(why[0]["error"].is_string(), "{}", why[0]);
+    assert!(!w.log_text().contains(&forged), "the token was logged");
+}
+
 #[test]
 fn interactive_circuits_need_the_permit_from_setup() {
     let up = Upstream::start();
