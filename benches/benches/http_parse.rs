@@ -42,7 +42,7 @@ fn parsing(c: &mut Criterion) {
                 REQUEST,
                 &head,
                 Some(&id),
-                hop,
+                &hop,
                 "10.0.0.2:8080".parse().expect("addr"),
             );
             black_box(out.len())

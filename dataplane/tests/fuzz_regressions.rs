@@ -40,7 +40,7 @@ fn request_head_inputs() {
                 &data,
                 &head,
                 Some(&id),
-                ClientHop::new("127.0.0.1:1".parse().expect("addr"), 80, false),
+                &ClientHop::new("127.0.0.1:1".parse().expect("addr"), 80, false),
                 "127.0.0.1:2".parse().expect("addr"),
             );
             assert!(out.ends_with(b"\r\n\r\n"));

@@ -78,7 +78,7 @@ fn trace_work_per_request_does_not_allocate() {
                 traceparent: tp.as_bytes(),
                 keep_tracestate: t.keep_tracestate,
             }),
-            hop,
+            &hop,
             app,
         );
         appproxy_shared::with_request_context(Some(id), Some(t.span), || {

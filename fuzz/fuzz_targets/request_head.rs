@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
             data,
             &head,
             Some(&id),
-            hop,
+            &hop,
             "127.0.0.1:2".parse().expect("addr"),
         );
         assert!(out.ends_with(b"\r\n\r\n"));

@@ -45,19 +45,23 @@ pub struct Route {
     /// list, `None` outside a table or once removed from it (a request still in
     /// flight on a removed circuit reports nothing).
     suspects: RefCell<Option<Suspects>>,
+    /// Whether the circuit's app is an RStudio Server, read once per deployment
+    /// rather than compared per request.
+    rstudio: bool,
 }
 
 impl Route {
     /// Whether the circuit's app is an RStudio Server (`app = "rstudio"`, as the
     /// original names it), told the URL the browser asked for.
     pub fn is_rstudio(&self) -> bool {
-        self.circuit.circuit.app.as_deref() == Some("rstudio")
+        self.rstudio
     }
 
     /// Prepares `circuit` for routing (outside any table: nobody is told of its
     /// unhealthy upstreams).
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
         Self {
+            rstudio: circuit.circuit.app.as_deref() == Some("rstudio"),
             circuit,
             health: RefCell::new(Vec::new()),
             suspects: RefCell::new(None),

@@ -403,7 +403,7 @@ pub fn upstream_request(
     buf: &[u8],
     head: &RequestHead,
     id: Option<&RequestId>,
-    hop: ClientHop,
+    hop: &ClientHop,
     app: SocketAddr,
 ) {
     upstream_request_traced(out, buf, head, id, None, hop, app);
@@ -427,7 +427,7 @@ pub fn upstream_request_traced(
     head: &RequestHead,
     id: Option<&RequestId>,
     trace: Option<TraceHeaders<'_>>,
-    hop: ClientHop,
+    hop: &ClientHop,
     app: SocketAddr,
 ) {
     out.extend_from_slice(&buf[head.method_raw.clone()]);

@@ -76,7 +76,7 @@ pub fn decode_requests(input: &[u8], limits: &HeadLimits) -> (Vec<DecodedRequest
             );
         }
         let mut forwarded = Vec::new();
-        upstream_request(&mut forwarded, rest, &head, None, hop, app);
+        upstream_request(&mut forwarded, rest, &head, None, &hop, app);
         let body_start = head.head_len;
         let (body, trailers, body_len) = match head.framing {
             BodyFraming::Length(n) => {

@@ -534,7 +534,7 @@ mod encoding {
         let id: RequestId = "rid-1".parse().expect("valid");
         for trusted in [false, true] {
             let mut out = Vec::new();
-            upstream_request(&mut out, input, &head, Some(&id), hop(trusted), app());
+            upstream_request(&mut out, input, &head, Some(&id), &hop(trusted), app());
             let text = String::from_utf8(out).expect("ascii");
             assert!(!text.contains("6.6.6.6"), "{text}");
             assert_eq!(text.matches("X-Real-IP: 10.1.2.3\r\n").count(), 1, "{text}");
@@ -546,7 +546,7 @@ mod encoding {
         let mut from = hop(true);
         from.admitted("7.7.7.7".parse().expect("ip"), false);
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), from, app());
+        upstream_request(&mut out, input, &head, Some(&id), &from, app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(text.contains("X-Real-IP: 7.7.7.7\r\n"), "{text}");
         assert!(
@@ -557,7 +557,7 @@ mod encoding {
         assert!(!text.contains("6.6.6.6"), "{text}");
         // From an untrusted peer nothing of its list goes on.
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(false), app());
+        upstream_request(&mut out, input, &head, Some(&id), &hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(
             text.contains("X-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\n"),
@@ -578,7 +578,7 @@ mod encoding {
             let mut to = hop(trusted);
             to.admitted(to.peer.ip(), rstudio);
             let mut out = Vec::new();
-            upstream_request(&mut out, input, &head, None, to, app());
+            upstream_request(&mut out, input, &head, None, &to, app());
             String::from_utf8(out).expect("ascii")
         };
         let input = b"GET /auth-sign-in?appUri=%2F HTTP/1.1\r\nHost: rs.example:8787\r\nX-RStudio-Request: http://evil/\r\nx-rstudio-proto: gopher\r\nX-RStudio-Root-Path: /evil\r\n\r\n";
@@ -707,7 +707,7 @@ mod encoding {
             input.as_bytes(),
             &head,
             Some(&id),
-            hop(trusted),
+            &hop(trusted),
             app(),
         );
         String::from_utf8(out).expect("ascii")
@@ -778,7 +778,7 @@ mod encoding {
             let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{field}: 6.6.6.6\r\n\r\n");
             let head = req(input.as_bytes()).expect("valid").expect("complete");
             let mut out = Vec::new();
-            upstream_request(&mut out, input.as_bytes(), &head, None, hop(false), app());
+            upstream_request(&mut out, input.as_bytes(), &head, None, &hop(false), app());
             let text = String::from_utf8(out).expect("ascii");
             assert_eq!(
                 !text.contains(&format!("{field}: 6.6.6.6\r\n")),
@@ -829,7 +829,7 @@ mod encoding {
             let input = format!("GET / HTTP/1.1\r\nHost: h\r\n{cookies}X-After: 1\r\n\r\n");
             let head = req(input.as_bytes()).expect("valid").expect("complete");
             let mut out = Vec::new();
-            upstream_request(&mut out, input.as_bytes(), &head, None, hop(false), app());
+            upstream_request(&mut out, input.as_bytes(), &head, None, &hop(false), app());
             let text = String::from_utf8(out).expect("ascii");
             assert!(
                 text.starts_with(&format!(
@@ -847,7 +847,7 @@ mod encoding {
         let input = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Host, X-Drop\r\nX-Drop: 1\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, None, hop(false), app());
+        upstream_request(&mut out, input, &head, None, &hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(text.contains("\r\nHost: h\r\n"), "{text}");
         assert!(!text.contains("X-Drop"), "{text}");
@@ -858,7 +858,7 @@ mod encoding {
         let input = b"GET /x HTTP/1.0\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, None, hop(false), app());
+        upstream_request(&mut out, input, &head, None, &hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(
             text.starts_with("GET /x HTTP/1.1\r\nHost: 10.9.9.9:8888\r\n"),
@@ -867,7 +867,7 @@ mod encoding {
         let input = b"GET /x HTTP/1.0\r\nHost: given\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, None, hop(false), app());
+        upstream_request(&mut out, input, &head, None, &hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
         assert_eq!(text.matches("\r\nHost: ").count(), 1, "{text}");
         assert!(text.contains("Host: given\r\n"), "{text}");
@@ -879,7 +879,7 @@ mod encoding {
         let head = req(input).expect("valid").expect("complete");
         let id: RequestId = "rid-1".parse().expect("valid");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(false), app());
+        upstream_request(&mut out, input, &head, Some(&id), &hop(false), app());
         let text = String::from_utf8(out).expect("ascii");
         let want = "POST /x HTTP/1.1\r\nHost: app.local\r\nX-Keep: a\r\nx-keep: b\r\nContent-Length: 3\r\nX-Backend-Request-ID: rid-1\r\nX-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.local\r\nX-Forwarded-Port: 8080\r\nForwarded: for=10.1.2.3;host=\"app.local\";proto=http\r\n\r\n";
         assert_eq!(text, want);
@@ -887,7 +887,7 @@ mod encoding {
         let input = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\r\n";
         let head = req(input).expect("valid").expect("complete");
         let mut out = Vec::new();
-        upstream_request(&mut out, input, &head, Some(&id), hop(true), app());
+        upstream_request(&mut out, input, &head, Some(&id), &hop(true), app());
         let text = String::from_utf8(out).expect("ascii");
         assert!(
             text.contains("X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n"),

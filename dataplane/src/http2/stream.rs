@@ -895,7 +895,7 @@ async fn forward_h1(
             traceparent: h.as_bytes(),
             keep_tracestate: t.keep_tracestate,
         }),
-        req.hop(ctx.hop, route),
+        &req.hop(ctx.hop, route),
         addr,
     );
     // From the core's pool of read buffers (shared with HTTP/1.1 connections), back

@@ -489,7 +489,7 @@ fn build_request(
             traceparent: h.as_bytes(),
             keep_tracestate: t.keep_tracestate,
         }),
-        hop,
+        &hop,
         addr,
     );
     let limits = HeadLimits {

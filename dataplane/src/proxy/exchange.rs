@@ -737,7 +737,7 @@ impl Client {
                     traceparent: h.as_bytes(),
                     keep_tracestate: t.keep_tracestate,
                 }),
-            self.hop,
+            &self.hop,
             addr,
         );
         let upstream_head_len = self.out.len() as u64;
