@@ -277,8 +277,8 @@ impl Client {
 
     /// A connection to a coordinator: the one that answered last first, then the
     /// others in order; each address a name resolves to is tried, each attempt
-    /// bounded.
-    async fn connect(&self) -> Result<(tokio::net::TcpStream, &str), LinkError> {
+    /// bounded. With the coordinator's index.
+    async fn connect(&self) -> Result<(tokio::net::TcpStream, usize, &str), LinkError> {
         let n = self.authorities.len();
         let start = self.current.load(Ordering::Relaxed) % n;
         let mut last = None;
@@ -312,7 +312,7 @@ impl Client {
                             tracing::info!(coordinator = %authority, "switched to another coordinator");
                         }
                         self.current.store(i, Ordering::Relaxed);
-                        return Ok((stream, authority));
+                        return Ok((stream, i, authority));
                     }
                     Ok(Err(e)) => last = Some(e),
                     Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
@@ -324,9 +324,49 @@ impl Client {
         })))
     }
 
-    /// One exchange; the body of a 2xx answer.
+    /// One call; the body of a 2xx answer. A coordinator that takes the connection
+    /// but does not answer (hung, frozen) or cuts it off is passed over: the call is
+    /// made again on the next one at once, each at most once. Every call the agent
+    /// makes may be made twice (a registration is an upsert, a heartbeat and a
+    /// deregistration name their node, the others read).
     async fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, LinkError> {
-        let (mut stream, authority) = self.connect().await?;
+        let n = self.authorities.len();
+        let mut tries = 0;
+        loop {
+            let (stream, i, authority) = self.connect().await?;
+            match self.exchange(stream, authority, method, path, body).await {
+                Err(Exchanged::Silent(e)) => {
+                    // The next call starts with the next coordinator, unless another
+                    // call has moved on already: two calls that hung on the same one
+                    // moved twice, back onto it with two coordinators, and a late
+                    // failure moved off one that answered.
+                    let _ = self.current.compare_exchange(
+                        i,
+                        (i + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tries += 1;
+                    if tries >= n {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(coordinator = %authority, error = %e, "the coordinator did not answer; calling the next one");
+                }
+                Err(Exchanged::Failed(e)) => return Err(e),
+                Ok(body) => return Ok(body),
+            }
+        }
+    }
+
+    /// One exchange on `stream` with the coordinator at `authority`.
+    async fn exchange(
+        &self,
+        mut stream: tokio::net::TcpStream,
+        authority: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, Exchanged> {
         // The coordinator records our calls under the ID the caller's lines carry
         // (each call's own, see `agent`), else one of their own.
         let id = appproxy_shared::current_request_id()
@@ -345,25 +385,33 @@ impl Client {
         })
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-        if let Err(e) = exchanged {
-            // Connected but silent (hung) or cut off: the next call starts with the
-            // next coordinator.
-            self.current.fetch_add(1, Ordering::Relaxed);
-            return Err(e.into());
-        }
+        // Connected but silent (hung) or cut off.
+        exchanged.map_err(Exchanged::Silent)?;
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {
-            return Err(LinkError::Response);
+            return Err(Exchanged::Failed(LinkError::Response));
         };
         let status = resp.code.unwrap_or(0);
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&raw[n..]);
-            return Err(LinkError::Status(status, text.chars().take(300).collect()));
+            return Err(Exchanged::Failed(LinkError::Status(
+                status,
+                text.chars().take(300).collect(),
+            )));
         }
         raw.drain(..n);
         Ok(raw)
     }
+}
+
+/// How an exchange with a coordinator failed.
+enum Exchanged {
+    /// It took the connection but gave no whole answer in time, or cut it off: the
+    /// next coordinator may answer.
+    Silent(std::io::Error),
+    /// It answered, with an error or something that does not read.
+    Failed(LinkError),
 }
 
 /// A lazily (re)connected Redis connection for acknowledgements and marks.
