@@ -405,11 +405,12 @@ fn a_drain_does_not_make_stopped_cores_look_stalled() {
 }
 
 /// Requests still in flight when the drain's deadline passes are cut, each with its
-/// access line and request ID: one the app had not answered is told 503 (the
-/// worker is stopping; another may serve it), one whose body was still coming too,
-/// a response under way is cut (its status, the bytes that went), an HTTP/2
-/// stream likewise. Before, the core stopped with them open: the connections were
-/// closed by the process's exit and nothing said which requests they were.
+/// access line and request ID: one the app had and had not answered is told 504
+/// `drain_deadline` (the app may have acted on it: not the 503 that invites sending
+/// it again), one whose body was still coming too, a response under way is cut
+/// (its status, the bytes that went), an HTTP/2 stream likewise. Before, the core
+/// stopped with them open: the connections were closed by the process's exit and
+/// nothing said which requests they were.
 #[test]
 fn requests_cut_at_the_drain_deadline_keep_their_access_lines() {
     let up = Upstream::start();
@@ -448,19 +449,21 @@ fn requests_cut_at_the_drain_deadline_keep_their_access_lines() {
     });
     let status = w.terminate();
     assert!(status.success(), "exit status {status:?}");
-    // Told why, where nothing had gone out yet.
-    assert_eq!(waiting.response().status, 503);
+    // Told why, where nothing had gone out to the client yet.
+    let told = waiting.response();
+    assert_eq!(told.status, 504);
+    assert_eq!(told.json()["code"], "drain_deadline", "{}", told.text());
     let h2 = h2.wait_with_output().expect("curl");
-    assert_eq!(String::from_utf8_lossy(&h2.stdout), "503");
+    assert_eq!(String::from_utf8_lossy(&h2.stdout), "504");
     let line = |id: &str| {
         w.log_json()
             .into_iter()
             .find(|v| v["target"] == "access" && v["request_id"] == id)
             .unwrap_or_else(|| panic!("no access line for {id}:\n{}", w.log_text()))
     };
-    assert_eq!(line("cut-waiting")["status"], 503);
-    assert_eq!(line("cut-uploading")["status"], 503);
-    assert_eq!(line("cut-h2")["status"], 503);
+    assert_eq!(line("cut-waiting")["status"], 504);
+    assert_eq!(line("cut-uploading")["status"], 504);
+    assert_eq!(line("cut-h2")["status"], 504);
     let cut = line("cut-streaming");
     assert_eq!(cut["status"], 200);
     assert!(cut["bytes_out"].as_u64().unwrap_or(0) > 0, "{cut}");

@@ -125,9 +125,15 @@ pub enum ProxyError {
     /// The app closed or reset the connection before a complete response head.
     #[error("upstream closed the connection: {0}")]
     UpstreamClosed(std::io::Error),
-    /// The worker is shutting down.
+    /// The worker is shutting down: the drain's deadline passed before any app was
+    /// given the request (another worker may serve it).
     #[error("worker is draining")]
     Draining,
+    /// The drain's deadline passed while an app had the request and had not
+    /// answered: it may have acted on it, so the answer is no invitation to send it
+    /// again (a 504, as for an app that did not answer in time).
+    #[error("the worker stopped before the app answered (drain deadline)")]
+    CutAtDeadline,
     /// The proxy itself is out of descriptors, memory or local ports (never the
     /// upstream's fault).
     #[error("the proxy is out of local resources: {0}")]
@@ -214,6 +220,7 @@ impl ProxyError {
             | Self::UpstreamResponse(_)
             | Self::UpstreamClosed(_) => Fault::Upstream,
             Self::Draining
+            | Self::CutAtDeadline
             | Self::LocalResources(_)
             | Self::UpstreamBusy
             | Self::AppStreamLimit
@@ -233,6 +240,7 @@ impl ProxyError {
             Self::UpstreamResponse(_) => (502, "upstream_invalid_response"),
             Self::UpstreamClosed(_) => (502, "upstream_closed"),
             Self::Draining => (503, "draining"),
+            Self::CutAtDeadline => (504, "drain_deadline"),
             Self::LocalResources(e) if crate::core::is_out_of_descriptors(e) => {
                 (503, "out_of_descriptors")
             }

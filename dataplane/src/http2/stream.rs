@@ -69,14 +69,14 @@ impl From<Failure> for Fail {
 
 impl Fail {
     /// This failure as the drain's deadline leaves it ([`Failure::at_deadline`]).
-    pub(crate) fn at_deadline(self) -> Self {
+    pub(crate) fn at_deadline(self, app_tried: bool) -> Self {
         // A stream's body is read as it goes: none of it is left to keep.
         let failure = match self {
             Fail::Answer(e) => Failure::Answer(e, crate::proxy::retry::Left::Partial),
             Fail::Abort(s) => Failure::Abort(s),
             Fail::Cut(c) => Failure::Cut(c),
         };
-        failure.at_deadline().into()
+        failure.at_deadline(app_tried).into()
     }
 }
 
@@ -431,7 +431,9 @@ async fn serve_stream(
         }
     };
     let outcome = match futures_lite::future::or(exchange, revoked).await {
-        Err(failure) if core.cut_off.get() => Err(failure.at_deadline()),
+        Err(failure) if core.cut_off.get() => {
+            Err(failure.at_deadline(line.side.addr.get().is_some()))
+        }
         outcome => outcome,
     };
     match outcome {

@@ -407,7 +407,9 @@ impl Client {
         )
         .await;
         let bridged = match bridged {
-            Err(failure) if core.cut_off.get() => Err(failure.at_deadline()),
+            Err(failure) if core.cut_off.get() => {
+                Err(failure.at_deadline(x.side.addr.get().is_some()))
+            }
             bridged => bridged,
         };
         match bridged {
@@ -443,7 +445,9 @@ impl Client {
     /// Ends an exchange by its outcome: a relayed answer, a refusal or an abort.
     async fn conclude(&mut self, x: &Exchange, outcome: Result<Done, Failure>) -> Next {
         let outcome = match outcome {
-            Err(failure) if self.core.cut_off.get() => Err(failure.at_deadline()),
+            Err(failure) if self.core.cut_off.get() => {
+                Err(failure.at_deadline(x.side.addr.get().is_some()))
+            }
             outcome => outcome,
         };
         match outcome {

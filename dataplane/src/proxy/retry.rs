@@ -42,10 +42,16 @@ pub(crate) enum Failure {
 impl Failure {
     /// This failure as the drain's deadline leaves it: once a core cuts what is still
     /// open ([`crate::core::Core::cut_off`]), a failure is the deadline's, whatever
-    /// wait it broke (the app's answer, the client's body): a request nothing was
-    /// sent for is told 503 (another worker may serve it), one cut part way says why.
-    pub(crate) fn at_deadline(self) -> Self {
+    /// wait it broke (the app's answer, the client's body). A request no app was
+    /// given (`app_tried` false) is told 503 (another worker may serve it); one an
+    /// app was given, or was being given, 504 (`drain_deadline`: the app may have
+    /// acted on it, and a 503 invites sending a POST again); one cut part way says
+    /// why.
+    pub(crate) fn at_deadline(self, app_tried: bool) -> Self {
         match self {
+            Failure::Answer(_, left) if app_tried => {
+                Failure::Answer(ProxyError::CutAtDeadline, left)
+            }
             Failure::Answer(_, left) => Failure::Answer(ProxyError::Draining, left),
             Failure::Abort(_) => Failure::Abort(DRAIN_DEADLINE.into()),
             Failure::Cut(cut) => Failure::Cut(Cut {
@@ -194,6 +200,30 @@ mod tests {
             assert_eq!(may_retry(fault, retry, attempt), want, "row {i}");
             // Once only: the retry itself is never retried.
             assert!(!may_retry(fault, retry, attempt.again()), "row {i} again");
+        }
+    }
+
+    /// At the drain's deadline a request no app was given is told 503 (another
+    /// worker may serve it), one an app was given 504 (it may have acted on it);
+    /// a cut says the deadline.
+    #[test]
+    fn a_failure_at_the_drain_deadline_says_whether_an_app_had_the_request() {
+        let answer = |f: Failure| match f {
+            Failure::Answer(e, _) => e.status_and_code(),
+            _ => (0, "not an answer"),
+        };
+        let timeout = || Failure::Answer(ProxyError::UpstreamTimeout, Left::Nothing);
+        assert_eq!(answer(timeout().at_deadline(false)), (503, "draining"));
+        assert_eq!(answer(timeout().at_deadline(true)), (504, "drain_deadline"));
+        let cut = Failure::Cut(Cut {
+            reason: "the app closed".into(),
+            status: 200,
+            bytes: (10, 20),
+            upstream: "127.0.0.1:1".parse().expect("addr"),
+        });
+        match cut.at_deadline(true) {
+            Failure::Cut(c) => assert_eq!((c.reason.as_str(), c.status), (DRAIN_DEADLINE, 200)),
+            _ => panic!("a cut stays a cut"),
         }
     }
 }

@@ -59,6 +59,9 @@ pub(crate) async fn connect_route(
     match connect(core, route, addr).await {
         Ok(c) => Ok((c, addr)),
         Err(ConnectError::Local(e)) => Err(ConnectError::Local(e).into()),
+        // A connect the drain's deadline cut: no other app is tried, and the app is
+        // not held against its health.
+        Err(first) if core.cut_off.get() => Err(first.into()),
         Err(first) => {
             if matches!(first, ConnectError::Upstream(_)) {
                 note_health(core, route, addr, false);
