@@ -251,6 +251,14 @@ async fn beat<L: ControlLink>(
 /// measurement's noise: marks stay on the worker's own clock.
 const CLOCK_TOLERANCE_SECS: f64 = 1.0;
 
+/// An offset applied is dropped once measured within this (below the tolerance, so
+/// that a lag near it does not switch on and off at every heartbeat).
+const CLOCK_AGREES_SECS: f64 = 0.5;
+
+/// An offset past this is no clock's lag but a broken answer (milliseconds taken
+/// for seconds, a clock at 0): not applied, and said once.
+const MAX_CLOCK_OFFSET_SECS: f64 = 86_400.0;
+
 /// The clock last-access marks are written on: the one idle collection compares
 /// them with (the store's), as heartbeats measure its offset from this worker's.
 /// Marks on a clock 10 minutes behind looked 10 minutes old, and the coordinator
@@ -260,16 +268,34 @@ const CLOCK_TOLERANCE_SECS: f64 = 1.0;
 pub(crate) struct MarkClock {
     /// The offset applied, in microseconds (0 while within the tolerance).
     offset_micros: std::sync::atomic::AtomicI64,
+    /// An implausible offset was said (until a plausible one comes).
+    implausible: std::sync::atomic::AtomicBool,
 }
 
 impl MarkClock {
     /// Takes a measured offset (seconds the store's clock is ahead of this
-    /// worker's); a lag past the tolerance is said when it starts, changes by more
-    /// than the tolerance, or ends.
+    /// worker's): applied once past the tolerance, dropped once within
+    /// [`CLOCK_AGREES_SECS`]; said when it starts, changes by more than the
+    /// tolerance, or ends. One past [`MAX_CLOCK_OFFSET_SECS`] is not taken.
     pub(crate) fn note(&self, measured: f64) {
         use std::sync::atomic::Ordering;
+        if !measured.is_finite() || measured.abs() > MAX_CLOCK_OFFSET_SECS {
+            if !self.implausible.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    store_ahead_secs = measured,
+                    "the coordinator's clock differs from this worker's by more than a day: taken for a broken answer, not applied to last-access marks"
+                );
+            }
+            return;
+        }
+        self.implausible.store(false, Ordering::Relaxed);
         let applied = self.offset();
-        let next = if measured.abs() > CLOCK_TOLERANCE_SECS {
+        let bound = if applied == 0.0 {
+            CLOCK_TOLERANCE_SECS
+        } else {
+            CLOCK_AGREES_SECS
+        };
+        let next = if measured.abs() > bound {
             measured
         } else {
             0.0
@@ -1969,6 +1995,33 @@ mod tests {
         let wire = serde_json::to_value(&body).expect("json");
         assert_eq!(wire["failed"][0]["listen"], true, "{wire}");
         assert!(wire["failed"][1].get("listen").is_none(), "{wire}");
+    }
+
+    /// The offset marks are written with: applied past 1 s, kept until within
+    /// 0.5 s (a lag near 1 s does not switch on and off at every heartbeat), and
+    /// an answer more than a day off (a broken coordinator's) never taken.
+    #[test]
+    fn the_mark_clock_applies_a_lag_with_hysteresis_and_refuses_a_broken_answer() {
+        let clock = MarkClock::default();
+        clock.note(0.3);
+        assert_eq!(clock.offset(), 0.0, "noise");
+        clock.note(1.5);
+        assert_eq!(clock.offset(), 1.5);
+        clock.note(0.8);
+        assert_eq!(clock.offset(), 0.8, "still lagging: kept");
+        clock.note(0.3);
+        assert_eq!(clock.offset(), 0.0, "agrees again");
+        clock.note(0.9);
+        assert_eq!(clock.offset(), 0.0, "not past the tolerance from agreement");
+        clock.note(-600.0);
+        assert_eq!(clock.offset(), -600.0);
+        for broken in [1.7e12, -1.7e9, f64::NAN, f64::INFINITY] {
+            clock.note(broken);
+            assert_eq!(clock.offset(), -600.0, "{broken} taken");
+        }
+        let before = appproxy_shared::jwt::now_epoch();
+        let now = clock.now();
+        assert!((now - (before - 600.0)).abs() < 5.0, "{now} vs {before}");
     }
 
     #[test]
