@@ -32,10 +32,12 @@
 //! failure as final: the first event after a restart (a `worker_lost` entry, a
 //! route-health broadcast) was lost, never sent again. A call that meets a dropped
 //! connection is now sent once more, on the fresh one. Redis closed the stale
-//! connection before the command reached it, so it did not run it; only a server
-//! that ran a command and then died before answering could see it twice, which
-//! every caller's command tolerates (a mark set again, an event the manager
-//! receives twice rather than never).
+//! connection before the command reached it, so it did not run it. A command Redis
+//! ran just before its connection broke (a crash or failover between running it and
+//! answering) may run twice: a mark or a lease set again is the same, a request
+//! count is added twice and an event (`XADD`, `PUBLISH`: a circuit event may go
+//! out up to four times with its own retry) reaches the manager twice rather than
+//! never — the trade this makes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
