@@ -36,10 +36,36 @@ struct Out {
 }
 
 static OUT: OnceLock<Out> = OnceLock::new();
-/// Lines dropped since the start.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-/// Lines dropped that no warning has reported yet.
-static UNREPORTED: AtomicU64 = AtomicU64::new(0);
+/// The lines dropped.
+static TALLY: Tally = Tally::new();
+
+/// Lines dropped: since the start, and those no warning has told yet.
+struct Tally {
+    dropped: AtomicU64,
+    unreported: AtomicU64,
+}
+
+impl Tally {
+    const fn new() -> Self {
+        Self {
+            dropped: AtomicU64::new(0),
+            unreported: AtomicU64::new(0),
+        }
+    }
+
+    /// `lines` were dropped: refused at a full queue, or a write that failed.
+    fn lost(&self, lines: u64) {
+        self.dropped.fetch_add(lines, Ordering::Relaxed);
+        self.unreported.fetch_add(lines, Ordering::Relaxed);
+    }
+
+    /// A write went out: the lines lost since the last one told, to be told now
+    /// (taken only once stdout takes writes again, so that a warning about lines
+    /// a closed stdout refused is not itself refused, and told again, for ever).
+    fn written(&self) -> Option<u64> {
+        Some(self.unreported.swap(0, Ordering::AcqRel)).filter(|n| *n > 0)
+    }
+}
 
 /// Starts the writer thread (once; later calls do nothing). From here on, [`write`]
 /// never blocks.
@@ -69,17 +95,19 @@ fn start_with(
         .spawn(move || {
             let out = OUT.get().expect("set before the thread starts");
             for chunk in rx {
-                // A write that fails (stdout closed: EPIPE) drops the chunk, counted:
-                // nothing else can be done with it, and the writers must not wait.
-                if sink(&chunk).is_err() {
-                    DROPPED.fetch_add(chunk_lines(&chunk), Ordering::Relaxed);
+                // A write that fails (stdout closed: EPIPE; a file at its size
+                // limit) drops the chunk, counted: nothing else can be done with it,
+                // and the writers must not wait. Told once stdout takes writes again
+                // (before, only the lines a full queue refused were).
+                let written = sink(&chunk).is_ok();
+                if !written {
+                    TALLY.lost(chunk_lines(&chunk));
                 }
                 out.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
-                let lost = UNREPORTED.swap(0, Ordering::AcqRel);
-                if lost > 0 {
+                if let Some(lost) = written.then(|| TALLY.written()).flatten() {
                     tracing::warn!(
                         lines = lost,
-                        "log lines dropped: stdout did not take them as fast as they came"
+                        "log lines dropped: stdout did not take them (not as fast as they came, or not at all)"
                     );
                 }
             }
@@ -106,15 +134,13 @@ pub fn write(chunk: Vec<u8>) {
     };
     if let Some(chunk) = refused {
         out.queued.fetch_sub(len, Ordering::AcqRel);
-        let lines = chunk_lines(&chunk);
-        DROPPED.fetch_add(lines, Ordering::Relaxed);
-        UNREPORTED.fetch_add(lines, Ordering::Relaxed);
+        TALLY.lost(chunk_lines(&chunk));
     }
 }
 
 /// Lines dropped since the start.
 pub fn dropped_lines() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
+    TALLY.dropped.load(Ordering::Relaxed)
 }
 
 /// Waits, at most `limit`, until everything queued is written (before the process
@@ -173,6 +199,23 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStdout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines a failed write lost are told, as a full queue's are, but only once a
+    /// write goes out again: a warning about a closed stdout would be refused too,
+    /// and told again, for ever. Before, a failed write's lines were counted and
+    /// never told.
+    #[test]
+    fn lines_lost_are_told_once_a_write_goes_out() {
+        let tally = Tally::new();
+        tally.lost(3);
+        tally.lost(2);
+        assert_eq!(tally.dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(tally.written(), Some(5));
+        assert_eq!(tally.written(), None, "told once");
+        tally.lost(1);
+        assert_eq!(tally.dropped.load(Ordering::Relaxed), 6);
+        assert_eq!(tally.written(), Some(1));
+    }
     use std::sync::{Arc, Condvar, Mutex};
 
     /// Behind a sink that takes nothing (a log reader that stalled), writers never
