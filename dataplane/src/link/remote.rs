@@ -325,8 +325,11 @@ impl Client {
     }
 
     /// One call; the body of a 2xx answer. A coordinator that takes the connection
-    /// but does not answer (hung, frozen) or cuts it off is passed over: the call is
-    /// made again on the next one at once, each at most once. Every call the agent
+    /// but does not answer (hung, frozen), cuts it off, or answers a server error (a
+    /// 5xx: its store out of its reach, say) is passed over: the call is made again
+    /// on the next one at once, each at most once. Before, a coordinator answering
+    /// 503 held the worker to it while another could have served it, until the
+    /// worker was taken for lost. Every call the agent
     /// makes may be made twice (a registration is an upsert, a heartbeat and a
     /// deregistration name their node, the others read).
     async fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, LinkError> {
@@ -335,7 +338,7 @@ impl Client {
         loop {
             let (stream, i, authority) = self.connect().await?;
             match self.exchange(stream, authority, method, path, body).await {
-                Err(Exchanged::Silent(e)) => {
+                Err(Exchanged::Unserved(e)) => {
                     // The next call starts with the next coordinator, unless another
                     // call has moved on already: two calls that hung on the same one
                     // moved twice, back onto it with two coordinators, and a late
@@ -348,9 +351,9 @@ impl Client {
                     );
                     tries += 1;
                     if tries >= n {
-                        return Err(e.into());
+                        return Err(e);
                     }
-                    tracing::warn!(coordinator = %authority, error = %e, "the coordinator did not answer; calling the next one");
+                    tracing::warn!(coordinator = %authority, error = %e, "the coordinator did not serve the call; calling the next one");
                 }
                 Err(Exchanged::Failed(e)) => return Err(e),
                 Ok(body) => return Ok(body),
@@ -386,7 +389,7 @@ impl Client {
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
         // Connected but silent (hung) or cut off.
-        exchanged.map_err(Exchanged::Silent)?;
+        exchanged.map_err(|e| Exchanged::Unserved(e.into()))?;
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {
@@ -395,10 +398,14 @@ impl Client {
         let status = resp.code.unwrap_or(0);
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&raw[n..]);
-            return Err(Exchanged::Failed(LinkError::Status(
-                status,
-                text.chars().take(300).collect(),
-            )));
+            let e = LinkError::Status(status, text.chars().take(300).collect());
+            // A server error is this coordinator's trouble; another may serve the
+            // call. Any other answer is the call's own (a 409 `node-left`, a 404).
+            return Err(if status >= 500 {
+                Exchanged::Unserved(e)
+            } else {
+                Exchanged::Failed(e)
+            });
         }
         raw.drain(..n);
         Ok(raw)
@@ -407,10 +414,11 @@ impl Client {
 
 /// How an exchange with a coordinator failed.
 enum Exchanged {
-    /// It took the connection but gave no whole answer in time, or cut it off: the
-    /// next coordinator may answer.
-    Silent(std::io::Error),
-    /// It answered, with an error or something that does not read.
+    /// It took the connection but gave no whole answer in time, cut it off, or
+    /// answered a server error: the next coordinator may serve the call.
+    Unserved(LinkError),
+    /// It answered, with an error of the call's own or something that does not
+    /// read.
     Failed(LinkError),
 }
 
@@ -560,6 +568,35 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A coordinator that answers every call with `status` and a short body.
+    fn answering_with(status: &'static str) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        addr
+    }
+
+    /// A coordinator whose store is out of its reach.
+    fn unavailable() -> std::net::SocketAddr {
+        answering_with("503 Service Unavailable")
+    }
+
+    /// A coordinator that counts this node as left.
+    fn refusing() -> std::net::SocketAddr {
+        answering_with("409 Conflict")
     }
 
     /// A coordinator that answers every call with `{}`.
@@ -718,6 +755,34 @@ mod tests {
         );
     }
 
+    /// A coordinator that answers 503 (its store out of its reach) is passed over as
+    /// a silent one is: the call is made again on the next, and the calls after it
+    /// stay there. Before, the worker kept calling the one answering 503 until it
+    /// was taken for lost.
+    #[test]
+    fn a_coordinator_answering_server_errors_is_passed_over() {
+        let (a, b) = (unavailable(), answering());
+        let client =
+            Client::new(&format!("http://{a}, http://{b}"), "s".into(), "n".into()).expect("urls");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (first, second) = rt.block_on(async {
+            let first = client.call("GET", "/api/x", b"").await;
+            (first, client.call("GET", "/api/x", b"").await)
+        });
+        assert_eq!(first.expect("made again on the next coordinator"), b"{}");
+        assert_eq!(second.expect("the next coordinator answers"), b"{}");
+        // A 4xx is the call's own answer: not passed over.
+        let c =
+            Client::new(&format!("http://{}", refusing()), "s".into(), "n".into()).expect("url");
+        match rt.block_on(c.call("GET", "/api/x", b"")) {
+            Err(LinkError::Status(409, _)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// A call cut off by the coordinator it went to is made again on the next
     /// coordinator at once, and the calls after it stay there; the switch is logged
     /// like one after a refused connect.
@@ -745,13 +810,14 @@ mod tests {
         assert_eq!(second.expect("the next coordinator answers"), b"{}");
         let text = lines.text();
         assert!(
-            text.contains("the coordinator did not answer; calling the next one")
+            text.contains("the coordinator did not serve the call; calling the next one")
                 && text.contains("switched to another coordinator")
                 && text.contains(&b.to_string()),
             "{text}"
         );
         assert_eq!(
-            text.matches("the coordinator did not answer").count(),
+            text.matches("the coordinator did not serve the call")
+                .count(),
             1,
             "the second call went to the coordinator that answers: {text}"
         );
