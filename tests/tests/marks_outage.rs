@@ -174,7 +174,7 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
     )
     .expect("config");
     let log = dir.path().join("worker.log");
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
+    let worker = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-e2e-worker"))
         .arg("--config")
         .arg(&config)
         .env(
@@ -187,6 +187,8 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("start the worker process");
+    // Killed however the test ends (a failed assertion included).
+    let _worker = Killed(worker);
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_for = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -248,7 +250,15 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
         "marked at {at}, {:.0} s before its use at {used_at}",
         used_at - at
     );
-    let _ = worker.kill();
-    let _ = worker.wait();
     coordinator.stop();
+}
+
+/// A child process killed and reaped when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
